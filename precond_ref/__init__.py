@@ -1,0 +1,13 @@
+"""precond_ref: reference implementations of structured preconditioned optimizers.
+
+One pure core written against the Python array API standard (NumPy, CuPy, PyTorch, JAX,
+``array_api_strict``); adapters in :mod:`precond_ref.adapters` make each method a
+``torch.optim.Optimizer`` and an optax ``GradientTransformation``.
+"""
+
+from .methods import agd
+from .transform import PrecondState, Transform, apply_updates
+
+__version__ = "0.1.0"
+
+__all__ = ["PrecondState", "Transform", "agd", "apply_updates", "__version__"]

@@ -1,0 +1,423 @@
+"""The core contract: the :class:`Transform` type, per-group method assembly, schedules, validation.
+
+Every method in :mod:`precond_ref.methods` is built by :func:`build_transform` from two pure
+functions on one *group* of leaves (a single parameter, or a weight with its bias):
+
+``init_group(leaves, paths, xp) -> dict[str, array]`` and
+``update_group(grads, state, params, ctx) -> (updates, new_state)``.
+
+:func:`build_transform` maps them over a tree and owns what every method shares: the step counter,
+the non-finite-gradient policy (README of the specs, rule 6), structure/shape/dtype checks that name
+the offending leaf, casting updates to the parameter dtype, and the guard that a state array never
+silently changes shape or dtype.
+
+The state is a :class:`PrecondState` of arrays only (no Python scalars), so it is a JAX pytree that
+``jax.jit`` can carry, and its per-group dictionaries map one-to-one onto a torch ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from typing import Any, Callable, Hashable, Iterable, NamedTuple, Sequence, Union
+
+from array_api_compat import array_namespace, device as array_device, is_jax_namespace
+
+from .tree import Path, path_str, tree_flatten, tree_map, tree_unflatten
+
+__all__ = [
+    "Transform",
+    "PrecondState",
+    "LeafGroup",
+    "StepContext",
+    "Schedule",
+    "build_transform",
+    "apply_updates",
+    "schedule_value",
+    "compute_dtype",
+    "scalar_array",
+    "cond",
+    "singleton_groups",
+    "check_interval",
+    "check_positive",
+    "check_nonnegative",
+    "check_unit_interval",
+    "check_choice",
+    "check_positive_int",
+    "check_learning_rate",
+    "check_bool",
+]
+
+Array = Any
+Schedule = Callable[[Array], Any]
+ScalarOrSchedule = Union[float, Schedule]
+
+
+class Transform(NamedTuple):
+    """A pure optimizer: ``state = init(params)``; ``updates, state = update(grads, state, params)``.
+
+    ``updates`` are *added* to the parameters (learning rate and sign included), as in optax.
+    Methods that need more than gradients take it as keyword arguments of ``update``
+    (e.g. ``batch_size=`` for the root-free methods).
+    """
+
+    init: Callable[[Any], Any]
+    update: Callable[..., tuple[Any, Any]]
+
+
+class PrecondState(NamedTuple):
+    """State of every method.
+
+    Attributes
+    ----------
+    count:
+        0-D int32 array, the number of updates applied (skipped non-finite steps excluded).
+    nonfinite_count:
+        0-D int32 array, the number of updates skipped because a gradient was not finite.
+    groups:
+        ``{group key: {name: array}}``; the key is the path string of the group's first leaf.
+    """
+
+    count: Array
+    nonfinite_count: Array
+    groups: dict[str, dict[str, Array]]
+
+
+class LeafGroup(NamedTuple):
+    """Leaves that one method treats as one block (usually a single parameter)."""
+
+    key: str
+    indices: tuple[int, ...]
+    paths: tuple[Path, ...]
+
+
+class StepContext(NamedTuple):
+    """What ``update_group`` receives besides arrays.
+
+    ``count`` is the number of updates applied *before* this one (0 on the first update), as a
+    0-D int32 array; ``extra`` holds the keyword arguments given to ``update``.
+    """
+
+    xp: Any
+    count: Array
+    extra: dict[str, Any]
+
+    def value(self, hyperparameter: ScalarOrSchedule) -> Any:
+        """A hyperparameter at this step (constants pass through; schedules get ``count``)."""
+        return schedule_value(hyperparameter, self.count)
+
+    def every(self, interval: int | Callable[[Array], Any]) -> Any:
+        """0-D bool array: does the periodic work run on this step?
+
+        ``count % interval == 0``, so the first update always runs it; a callable interval is a
+        predicate ``count -> bool`` evaluated on the counter.
+        """
+        if callable(interval):
+            return interval(self.count)
+        return self.count % interval == 0
+
+
+def schedule_value(hyperparameter: ScalarOrSchedule, count: Array) -> Any:
+    """Evaluate a constant-or-schedule hyperparameter at ``count``."""
+    return hyperparameter(count) if callable(hyperparameter) else hyperparameter
+
+
+def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
+    """A Python number or 0-D array (e.g. a scheduled hyperparameter) as a 0-D array of ``dtype``."""
+    if hasattr(value, "shape"):
+        return xp.astype(value, dtype)
+    return xp.asarray(value, dtype=dtype, device=device)
+
+
+def compute_dtype(xp: Any, dtype: Any) -> Any:
+    """float32 for floating dtypes of fewer than 32 bits (bf16, fp16), else ``dtype`` itself."""
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+def _is_tracer(x: Any) -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, jax.core.Tracer)
+
+
+def cond(xp: Any, pred: Array, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
+    """``true_fn(*operands) if pred else false_fn(*operands)``, without re-tracing under ``jax.jit``.
+
+    On JAX the branch is a ``lax.cond`` (JAX is already imported when its arrays are here, so the core
+    does not import it); elsewhere arrays are concrete and the predicate is read once on the host.
+    Both branches must return arrays of identical shapes and dtypes.
+    """
+    if is_jax_namespace(xp):
+        return sys.modules["jax"].lax.cond(pred, true_fn, false_fn, *operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+
+def singleton_groups(paths: Sequence[Path], leaves: Sequence[Array]) -> list[LeafGroup]:
+    """The default grouping: every leaf is its own block."""
+    return [LeafGroup(path_str(p), (i,), (p,)) for i, p in enumerate(paths)]
+
+
+# --------------------------------------------------------------------------------------------
+# Hyperparameter validation: a bad value raises ValueError naming the argument and the range.
+# Values that are arrays (optax.inject_hyperparams passes them, possibly traced) are not checked.
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_interval(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_closed: bool = True,
+    high_closed: bool = False,
+) -> None:
+    """``value`` in the interval between ``low`` and ``high`` (closed ends as flagged)."""
+    if isinstance(value, bool) or (not _is_number(value) and not hasattr(value, "shape")):
+        _fail(name, value, "a real number")
+    if not _is_number(value):
+        return
+    ok = (value >= low if low_closed else value > low) and (value <= high if high_closed else value < high)
+    if not ok or math.isnan(value):
+        lo = "[" if low_closed else "("
+        hi = "]" if high_closed else ")"
+        _fail(name, value, f"in {lo}{low}, {high}{hi}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    check_interval(name, value, 0.0, math.inf, low_closed=False)
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    check_interval(name, value, 0.0, math.inf)
+
+
+def check_unit_interval(name: str, value: Any) -> None:
+    """A decay or momentum coefficient in [0, 1)."""
+    check_interval(name, value, 0.0, 1.0)
+
+
+def check_learning_rate(name: str, value: Any) -> None:
+    """A positive number or a schedule ``count -> value``."""
+    if not callable(value):
+        check_positive(name, value)
+
+
+def check_positive_int(name: str, value: Any, *, allow_callable: bool = False) -> None:
+    if allow_callable and callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        extra = " or a callable count -> bool" if allow_callable else ""
+        _fail(name, value, f"an integer >= 1{extra}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Hashable]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(name, value, "True or False")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def apply_updates(params: Any, updates: Any) -> Any:
+    """``params + updates`` leaf-wise, each result in its parameter's dtype."""
+
+    def add(p: Array, u: Array) -> Array:
+        xp = array_namespace(p, u)
+        return p + (u if u.dtype == p.dtype else xp.astype(u, p.dtype))
+
+    return tree_map(add, params, updates)
+
+
+def _check_leaves(leaves: Sequence[Array], paths: Sequence[Path], what: str) -> Any:
+    if not leaves:
+        raise ValueError(f"{what} has no array leaves")
+    try:
+        xp = array_namespace(*leaves)
+    except TypeError as err:
+        raise TypeError(f"{what}: every leaf must be an array of one namespace ({err})") from None
+    for path, leaf in zip(paths, leaves):
+        if not xp.isdtype(leaf.dtype, "real floating"):
+            raise TypeError(
+                f"{what} leaf {path_str(path)!r} has dtype {leaf.dtype}; only real floating dtypes "
+                "are supported (mask integer, boolean and complex leaves out)"
+            )
+    return xp
+
+
+def _first_nonfinite(xp: Any, leaves: Sequence[Array], paths: Sequence[Path]) -> str:
+    for path, leaf in zip(paths, leaves):
+        if not bool(xp.all(xp.isfinite(leaf))):
+            return path_str(path)
+    return "?"  # pragma: no cover
+
+
+def build_transform(
+    *,
+    name: str,
+    init_group: Callable[[tuple[Array, ...], tuple[Path, ...], Any], dict[str, Array]],
+    update_group: Callable[..., tuple[tuple[Array, ...], dict[str, Array]]],
+    group_leaves: Callable[[Sequence[Path], Sequence[Array]], list[LeafGroup]] = singleton_groups,
+    on_nonfinite: str = "skip",
+    needs_params: bool = False,
+) -> Transform:
+    """Assemble a tree-level :class:`Transform` from a method's per-group functions.
+
+    Parameters
+    ----------
+    name:
+        The method's name, used in error messages.
+    init_group:
+        ``(leaves, paths, xp) -> {name: array}``: the state of one group. Zero-size groups are not
+        passed to it (they get an empty state and zero updates).
+    update_group:
+        ``(grads, state, params, ctx) -> (updates, new_state)`` for one group; ``params`` is the
+        group's tuple of parameters, or ``None`` when ``update`` was called without them.
+        ``new_state`` must have the same names, shapes and dtypes as ``state``.
+    group_leaves:
+        ``(paths, leaves) -> [LeafGroup]``: which leaves form one block; singletons by default.
+    on_nonfinite:
+        ``"skip"``: a step whose gradient tree holds a NaN or Inf returns zero updates, leaves the
+        state unchanged (the counter does not advance) and increments ``nonfinite_count``.
+        ``"raise"``: ``FloatingPointError`` naming the first offending leaf (needs concrete arrays,
+        so it is refused under ``jax.jit``).
+    needs_params:
+        Whether ``update`` requires ``params`` (e.g. for weight decay).
+    """
+    check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
+
+    def init(params: Any) -> PrecondState:
+        leaves, treedef = tree_flatten(params)
+        xp = _check_leaves(leaves, treedef.paths, f"{name}: params")
+        dev = array_device(leaves[0])
+        groups = {}
+        for group in group_leaves(treedef.paths, leaves):
+            members = tuple(leaves[i] for i in group.indices)
+            if all(math.prod(leaf.shape) == 0 for leaf in members):
+                groups[group.key] = {}
+            else:
+                groups[group.key] = init_group(members, group.paths, xp)
+        zero = xp.zeros((), dtype=xp.int32, device=dev)
+        return PrecondState(count=zero, nonfinite_count=zero, groups=groups)
+
+    def update(
+        grads: Any, state: PrecondState, params: Any = None, **extra: Any
+    ) -> tuple[Any, PrecondState]:
+        if not isinstance(state, PrecondState):
+            raise TypeError(f"{name}: state must be the PrecondState returned by init, got {type(state)}")
+        grad_leaves, treedef = tree_flatten(grads)
+        xp = _check_leaves(grad_leaves, treedef.paths, f"{name}: grads")
+        param_leaves = None
+        if params is not None:
+            param_leaves, param_def = tree_flatten(params)
+            if param_def.paths != treedef.paths:
+                raise ValueError(
+                    f"{name}: grads and params have different tree structures: grads leaves "
+                    f"{[path_str(p) for p in treedef.paths]}, params leaves "
+                    f"{[path_str(p) for p in param_def.paths]}"
+                )
+            for path, g, p in zip(treedef.paths, grad_leaves, param_leaves):
+                if tuple(g.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"{name}: gradient of {path_str(path)!r} has shape {tuple(g.shape)}, "
+                        f"parameter has shape {tuple(p.shape)}"
+                    )
+                if g.dtype != p.dtype:
+                    raise TypeError(
+                        f"{name}: gradient of {path_str(path)!r} has dtype {g.dtype}, "
+                        f"parameter has dtype {p.dtype}"
+                    )
+        elif needs_params:
+            raise ValueError(f"{name}: update needs params (pass update(grads, state, params))")
+
+        groups = group_leaves(treedef.paths, grad_leaves)
+        expected, found = {g.key for g in groups}, set(state.groups)
+        if expected != found:
+            raise ValueError(
+                f"{name}: grads do not match the optimizer state: leaves missing from the state "
+                f"{sorted(expected - found)}, state entries with no gradient {sorted(found - expected)}"
+            )
+
+        finite = None
+        for leaf in grad_leaves:
+            leaf_finite = xp.all(xp.isfinite(leaf))
+            finite = leaf_finite if finite is None else xp.logical_and(finite, leaf_finite)
+        if on_nonfinite == "raise":
+            if _is_tracer(finite):
+                raise ValueError(
+                    f"{name}: on_nonfinite='raise' needs concrete arrays and cannot run under "
+                    "jax.jit; use on_nonfinite='skip'"
+                )
+            if not bool(finite):
+                bad = _first_nonfinite(xp, grad_leaves, treedef.paths)
+                raise FloatingPointError(f"{name}: non-finite gradient in leaf {bad!r}")
+
+        ctx = StepContext(xp=xp, count=state.count, extra=extra)
+        updates: list[Any] = [None] * len(grad_leaves)
+        new_groups = {}
+        for group in groups:
+            g = tuple(grad_leaves[i] for i in group.indices)
+            p = None if param_leaves is None else tuple(param_leaves[i] for i in group.indices)
+            old = state.groups[group.key]
+            if all(math.prod(leaf.shape) == 0 for leaf in g):
+                upd, new = tuple(xp.zeros_like(leaf) for leaf in g), {}
+            else:
+                upd, new = update_group(g, old, p, ctx)
+            _check_group(name, group, g, upd, old, new)
+            for i, u in zip(group.indices, upd):
+                target = grad_leaves[i].dtype
+                updates[i] = u if u.dtype == target else xp.astype(u, target)
+            new_groups[group.key] = new
+
+        step = xp.astype(finite, xp.int32)
+        if on_nonfinite == "skip":
+            updates = [xp.where(finite, u, xp.zeros_like(u)) for u in updates]
+            new_groups = {
+                key: {k: xp.where(finite, v, state.groups[key][k]) for k, v in entries.items()}
+                for key, entries in new_groups.items()
+            }
+        new_state = PrecondState(
+            count=state.count + step,
+            nonfinite_count=state.nonfinite_count + (1 - step),
+            groups=new_groups,
+        )
+        return tree_unflatten(treedef, updates), new_state
+
+    return Transform(init, update)
+
+
+def _check_group(
+    name: str,
+    group: LeafGroup,
+    grads: tuple[Array, ...],
+    updates: tuple[Array, ...],
+    old: dict[str, Array],
+    new: dict[str, Array],
+) -> None:
+    """Refuse, by name, any update that would change the layout of the state (e.g. broadcasting)."""
+    where = path_str(group.paths[0])
+    for g, u in zip(grads, updates):
+        if tuple(u.shape) != tuple(g.shape):
+            raise ValueError(f"{name}: update of {where!r} has shape {tuple(u.shape)}, gradient {tuple(g.shape)}")
+    if set(new) != set(old):
+        raise ValueError(f"{name}: state of {where!r} changed its entries {sorted(old)} -> {sorted(new)}")
+    for key, value in new.items():
+        if tuple(value.shape) != tuple(old[key].shape) or value.dtype != old[key].dtype:
+            raise ValueError(
+                f"{name}: the gradient of {where!r} (shape {tuple(grads[0].shape)}, dtype "
+                f"{grads[0].dtype}) does not fit the optimizer state: {key!r} would change from "
+                f"{tuple(old[key].shape)}/{old[key].dtype} to {tuple(value.shape)}/{value.dtype}"
+            )

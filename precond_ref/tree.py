@@ -1,0 +1,105 @@
+"""Trees of arrays: nested ``dict`` / ``list`` / ``tuple`` (``NamedTuple`` included).
+
+The core needs exactly three things from a tree: its leaves in a fixed order, each leaf's *path*
+(the tuple of keys and indices from the root, used for weight/bias pairing and error messages), and
+a way to put new leaves back into the same structure. ``None`` is an empty subtree, as in optax.
+Adapters with richer tree types (JAX pytrees, torch param groups) translate to this form.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, NamedTuple
+
+__all__ = [
+    "Path",
+    "TreeDef",
+    "tree_flatten",
+    "tree_unflatten",
+    "tree_map",
+    "path_str",
+]
+
+Path = tuple[Hashable, ...]
+
+
+class _Leaf:
+    __slots__ = ()
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return "*"
+
+
+_LEAF = _Leaf()
+
+
+class TreeDef(NamedTuple):
+    """The structure of a tree with its leaves replaced by a marker."""
+
+    skeleton: Any
+    paths: tuple[Path, ...]
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _skeleton(tree: Any, path: Path, out: list[tuple[Path, Any]]) -> Any:
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return {k: _skeleton(v, path + (k,), out) for k, v in tree.items()}
+    if _is_namedtuple(tree):
+        return type(tree)(*(_skeleton(v, path + (f,), out) for f, v in zip(tree._fields, tree)))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_skeleton(v, path + (i,), out) for i, v in enumerate(tree))
+    out.append((path, tree))
+    return _LEAF
+
+
+def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:
+    """Leaves of ``tree`` in depth-first order and the structure to rebuild it.
+
+    Dict keys keep their insertion order; ``NamedTuple`` fields are path keys by name.
+    """
+    pairs: list[tuple[Path, Any]] = []
+    skeleton = _skeleton(tree, (), pairs)
+    return [leaf for _, leaf in pairs], TreeDef(skeleton, tuple(p for p, _ in pairs))
+
+
+def _fill(skeleton: Any, leaves: Any) -> Any:
+    if skeleton is None:
+        return None
+    if skeleton is _LEAF:
+        return next(leaves)
+    if isinstance(skeleton, dict):
+        return {k: _fill(v, leaves) for k, v in skeleton.items()}
+    if _is_namedtuple(skeleton):
+        return type(skeleton)(*(_fill(v, leaves) for v in skeleton))
+    return type(skeleton)(_fill(v, leaves) for v in skeleton)
+
+
+def tree_unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
+    """Inverse of :func:`tree_flatten`."""
+    if len(leaves) != len(treedef.paths):
+        raise ValueError(f"expected {len(treedef.paths)} leaves, got {len(leaves)}")
+    return _fill(treedef.skeleton, iter(leaves))
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """Apply ``fn`` leaf-wise to trees of identical structure."""
+    leaves, treedef = tree_flatten(tree)
+    others = []
+    for other in rest:
+        other_leaves, other_def = tree_flatten(other)
+        if other_def.paths != treedef.paths:
+            raise ValueError(
+                "tree structures differ: "
+                f"{[path_str(p) for p in treedef.paths]} vs {[path_str(p) for p in other_def.paths]}"
+            )
+        others.append(other_leaves)
+    return tree_unflatten(treedef, [fn(*args) for args in zip(leaves, *others)])
+
+
+def path_str(path: Path) -> str:
+    """``('layer1', 'weight')`` -> ``'layer1/weight'``; the root leaf is ``'.'``."""
+    return "/".join(str(k) for k in path) if path else "."
