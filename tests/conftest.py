@@ -1,0 +1,43 @@
+"""Test configuration: JAX in float64 mode, backend fixtures, hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from backends import BACKENDS, PROPERTY_BACKENDS  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    derandomize=True,
+)
+settings.register_profile(
+    "dev",
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda b: b.name)
+def backend(request):
+    """Every backend the core must run on (CuPy only where a GPU is usable)."""
+    return request.param
+
+
+@pytest.fixture(params=PROPERTY_BACKENDS, ids=lambda b: b.name)
+def property_backend(request):
+    """The float64 backends property tests run on: numpy and array_api_strict."""
+    return request.param
