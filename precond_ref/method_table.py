@@ -48,7 +48,9 @@ class MethodEntry:
     reference:
         Where the values come from (paper, table, or authors' code) and what was adapted.
     bench_hyperparameters:
-        Overrides of ``hyperparameters["*"]`` for ``bench`` (large layers), if any.
+        Overrides, for ``bench`` (large layers), of the hyperparameters of the ``"cnn"`` model.
+    bench_max_size:
+        ``bench`` skips (with a note) layers with more parameters than this, if set.
     """
 
     name: str
@@ -59,14 +61,15 @@ class MethodEntry:
     update_kwargs: tuple[str, ...] = ()
     torch_class: Optional[str] = None
     bench_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    bench_max_size: Optional[int] = None
 
     def kwargs_for(self, model: str) -> dict[str, Any]:
         """The core keyword arguments of this method for ``model``."""
         return {**self.hyperparameters.get("*", {}), **self.hyperparameters.get(model, {})}
 
     def bench_kwargs(self) -> dict[str, Any]:
-        """The core keyword arguments used by ``bench``."""
-        return {**self.hyperparameters.get("*", {}), **self.bench_hyperparameters}
+        """The core keyword arguments used by ``bench``: the CNN's, with the bench overrides."""
+        return {**self.kwargs_for("cnn"), **self.bench_hyperparameters}
 
     @property
     def is_baseline(self) -> bool:
@@ -138,7 +141,10 @@ METHODS = BASELINES + (
         reference="Feinberg et al., NeurIPS 2023, Appendix A protocol (OCO code, precondition 239a8cd): "
         "delta 0 and AdaGrad sums (b2 = 1); lr 0.1 picked from the authors' log grid [1e-6, 1]; rank 16",
         torch_class="SAdaGrad",
-        bench_hyperparameters={"rank": 128, "block_size": 4096},
+        # Full-matrix FD on the flattened layer: (rank + 1) x size state; an OCO method, so bench
+        # stops at 1M parameters (4096x1024 would need 285 MB of sketch per layer at rank 16).
+        bench_hyperparameters={"block_size": 4096},
+        bench_max_size=1 << 20,
     ),
     MethodEntry(
         name="rf_rmsprop",
