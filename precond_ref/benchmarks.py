@@ -460,7 +460,7 @@ def run(args: argparse.Namespace) -> int:
             rows = bench_case(
                 entries, shape, frameworks, dtype=args.dtype, warmup=warmup, repeats=repeats, torch_device=torch_device, progress=progress
             )
-            if "torch" in frameworks:
+            if "torch" in frameworks and any(e.name == "if_shampoo" for e in entries):
                 authors, authors_skipped = _authors_rows(shape, args.dtype, warmup, repeats, torch_device)
                 baseline = next(r for r in rows if r["framework"] == "torch" and r["method"] == "baseline")
                 for row in authors:
