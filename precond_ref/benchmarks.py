@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=_positive_int, default=7, help="timed steps (default 7; the median is reported)")
     parser.add_argument("--quick", action="store_true", help="small cases and few repeats (for tests)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--out", default=os.path.join("results", "bench"), help="output directory for bench.json")
+    parser.add_argument("--out", default="results", help="output directory for bench.json (default results)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -36,7 +36,7 @@ BACKENDS = ("numpy", "torch", "jax", "cupy")
 DTYPES = ("float32", "float64")
 DEFAULT_EPOCHS = 40
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_OUT = os.path.join("results", "compare")
+DEFAULT_OUT = "results"
 
 
 # ---------------------------------------------------------------------------------------------
