@@ -186,8 +186,10 @@ def compare_trajectories(
         raise ValueError("cannot compare an empty trajectory")
     ref_paths = [p for p, _ in ref_steps[0]]
     cand_paths = [p for p, _ in cand_steps[0]]
-    if ref_paths != cand_paths:
+    if sorted(ref_paths) != sorted(cand_paths):
         raise ValueError(f"the trajectories have different parameters: reference {ref_paths}, candidate {cand_paths}")
+    if ref_paths != cand_paths:  # same leaves in another order (e.g. JAX's sorted dict keys)
+        cand_steps = [sorted(step, key=lambda item: ref_paths.index(item[0])) for step in cand_steps]
     precisions = {_precision(reference, ref_steps[0][0][1]), _precision(candidate, cand_steps[0][0][1])}
     default = default_tolerances("float64" if precisions == {"float64"} else "float32")
     rtol = default[0] if rtol is None else float(rtol)

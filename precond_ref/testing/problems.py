@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from typing import Any, Callable
 
-from array_api_compat import array_namespace, device as array_device
+from array_api_compat import array_namespace, device as array_device, is_jax_namespace
 
 from ..tree import path_str, tree_flatten, tree_unflatten
 
@@ -43,6 +44,11 @@ __all__ = [
 ]
 
 Array = Any
+
+
+def _is_tracer(x: Any) -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, jax.core.Tracer)
 
 
 class _Values:
@@ -87,6 +93,7 @@ class Problem:
         self._params: dict = {}
         self._data: dict[str, _Values] = {}
         self._cache: dict[tuple, dict[str, Array]] = {}
+        self._jitted: Any = None
 
     # ------------------------------------------------------------------ public interface
 
@@ -123,17 +130,33 @@ class Problem:
         """``(loss, grad)`` in one pass."""
         leaves, treedef = tree_flatten(params)
         expected_leaves, expected = tree_flatten(self._params)
-        if treedef.paths != expected.paths:
+        shapes = {p: v.shape for p, v in zip(expected.paths, expected_leaves)}
+        if sorted(map(path_str, treedef.paths)) != sorted(map(path_str, expected.paths)):
             raise ValueError(
                 f"{self.name}: params must have the leaves {[path_str(p) for p in expected.paths]}, "
                 f"got {[path_str(p) for p in treedef.paths]}"
             )
-        for path, leaf, ref in zip(treedef.paths, leaves, expected_leaves):
-            if tuple(leaf.shape) != ref.shape:
-                raise ValueError(f"{self.name}: {path_str(path)!r} must have shape {ref.shape}, got {tuple(leaf.shape)}")
+        for path, leaf in zip(treedef.paths, leaves):
+            if tuple(leaf.shape) != shapes[path]:
+                raise ValueError(f"{self.name}: {path_str(path)!r} must have shape {shapes[path]}, got {tuple(leaf.shape)}")
         xp = array_namespace(*leaves)
-        data = self._converted(xp, leaves[0].dtype, array_device(leaves[0]))
-        return self._value_and_grad(params, data, int(step), xp)
+        step = step if hasattr(step, "shape") else int(step)
+        if is_jax_namespace(xp) and not any(_is_tracer(leaf) for leaf in leaves):
+            # Eager JAX compiles every small operation separately; one jit of the whole
+            # loss-and-gradient is far faster. ``step`` stays dynamic, so it compiles once.
+            data = self._converted(xp, leaves[0].dtype, array_device(leaves[0]))
+            if self._jitted is None:
+                self._jitted = sys.modules["jax"].jit(self._value_and_grad, static_argnums=(3,))
+            loss, grads = self._jitted(params, data, step, xp)
+            # jit returns dicts with sorted keys; give the gradient the parameters' leaf order.
+            grad_leaves, grad_def = tree_flatten(grads)
+            by_path = dict(zip(grad_def.paths, grad_leaves))
+            return loss, tree_unflatten(treedef, [by_path[p] for p in treedef.paths])
+        if _is_tracer(leaves[0]):  # inside a user's jax.jit: constants must not outlive the trace
+            data = {k: v.to(xp, leaves[0].dtype, None) for k, v in self._data.items()}
+        else:
+            data = self._converted(xp, leaves[0].dtype, array_device(leaves[0]))
+        return self._value_and_grad(params, data, step, xp)
 
     @property
     def param_paths(self) -> list[str]:

@@ -273,13 +273,15 @@ def transform_trajectory(
     update_kwargs: Optional[dict] = None,
     name: str = "custom",
     config: Optional[dict] = None,
+    jit: Optional[bool] = None,
 ) -> Trajectory:
     """Run any ``init``/``update`` pair on ``problem`` for ``steps`` updates.
 
     ``transform`` is a :class:`precond_ref.Transform` or an optax ``GradientTransformation``
     (for JAX pass ``xp="jax"``): ``state = transform.init(params)``, then per step
     ``updates, state = transform.update(grads, state, params, **update_kwargs)`` and
-    ``params = params + updates``.
+    ``params = params + updates``. ``jit`` (default: on JAX) runs ``update`` under ``jax.jit``.
+    ``name`` and ``config`` are recorded in the trajectory.
     """
     from ..transform import apply_updates
 
@@ -290,12 +292,20 @@ def transform_trajectory(
     dtype = resolve_dtype(xp, dtype)
     params = problem.init_params(xp, dtype, device)
     state = transform.init(params)
+    kwargs = dict(update_kwargs or {})
+    update = transform.update
+    if jit is None:
+        jit = _backend_name(xp) == "jax" and (config or {}).get("on_nonfinite") != "raise"
+    if jit:
+        jax = importlib.import_module("jax")
+        update = jax.jit(lambda g, s, p: transform.update(g, s, p, **kwargs))
+        kwargs = {}
     history, losses, grads_seen = [params], [], []
     for t in range(steps):
         loss, grads = problem.value_and_grad(params, t)
         losses.append(float(loss))
-        updates, state = transform.update(grads, state, params, **(update_kwargs or {}))
-        params = apply_updates(params, updates)
+        updates, state = update(grads, state, params, **kwargs)
+        params = apply_updates(params, _like(updates, params))
         history.append(params)
         grads_seen.append(grads)
     losses.append(float(problem.loss(params, steps)))
@@ -402,6 +412,16 @@ def torch_trajectory(
         problem_options=problem.options(),
         version=_version(),
     )
+
+
+def _like(tree: Any, reference: Any) -> Any:
+    """``tree`` rebuilt with ``reference``'s leaf order (JAX returns dicts with sorted keys)."""
+    leaves, treedef = tree_flatten(tree)
+    ref_def = tree_flatten(reference)[1]
+    if treedef.paths == ref_def.paths:
+        return tree
+    by_path = dict(zip(treedef.paths, leaves))
+    return tree_unflatten(ref_def, [by_path[p] for p in ref_def.paths])
 
 
 def _version() -> str:
