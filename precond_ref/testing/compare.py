@@ -188,8 +188,14 @@ def compare_trajectories(
     cand_paths = [p for p, _ in cand_steps[0]]
     if sorted(ref_paths) != sorted(cand_paths):
         raise ValueError(f"the trajectories have different parameters: reference {ref_paths}, candidate {cand_paths}")
-    if ref_paths != cand_paths:  # same leaves in another order (e.g. JAX's sorted dict keys)
-        cand_steps = [sorted(step, key=lambda item: ref_paths.index(item[0])) for step in cand_steps]
+    # Match leaves by path: the order may differ between steps (JAX rebuilds dicts with sorted keys).
+    reordered = []
+    for t, step in enumerate(cand_steps):
+        by_path = dict(step)
+        if sorted(by_path) != sorted(ref_paths):
+            raise ValueError(f"step {t}: the candidate has parameters {sorted(by_path)}, the reference {sorted(ref_paths)}")
+        reordered.append([(p, by_path[p]) for p in ref_paths])
+    cand_steps = reordered
     precisions = {_precision(reference, ref_steps[0][0][1]), _precision(candidate, cand_steps[0][0][1])}
     default = default_tolerances("float64" if precisions == {"float64"} else "float32")
     rtol = default[0] if rtol is None else float(rtol)
