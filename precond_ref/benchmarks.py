@@ -22,6 +22,7 @@ same settings; what is not installed is listed as skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -82,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small cases and few repeats (for tests)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--out", default="results", help="output directory for bench.json (default results)")
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None,
+        help="limit BLAS and torch CPU threads (default: the libraries' own; 1 gives steadier numbers on a busy machine)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -419,7 +424,7 @@ def _check_frameworks(text: Optional[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .compare import _machine, _prepare_out_dir, resolve_methods
+    from .compare import _machine, _prepare_out_dir, _thread_limit, resolve_methods
 
     entries, skipped = resolve_methods(args.methods)
     entries = [e for e in entries if not e.is_baseline]
@@ -453,21 +458,23 @@ def run(args: argparse.Namespace) -> int:
     results: dict = {}
     authors_skipped: list[str] = []
     started = time.perf_counter()
+    limit = contextlib.nullcontext() if args.threads is None else _thread_limit(args.threads, "torch")
     try:
-        for case, shape in cases.items():
-            if bar is not None:
-                bar.set_postfix(case=case)
-            rows = bench_case(
-                entries, shape, frameworks, dtype=args.dtype, warmup=warmup, repeats=repeats, torch_device=torch_device, progress=progress
-            )
-            if "torch" in frameworks and any(e.name == "if_shampoo" for e in entries):
-                authors, authors_skipped = _authors_rows(shape, args.dtype, warmup, repeats, torch_device)
-                baseline = next(r for r in rows if r["framework"] == "torch" and r["method"] == "baseline")
-                for row in authors:
-                    row["time_ratio"] = row["median_ms"] / baseline["median_ms"]
-                    row["state_ratio"] = row["state_bytes"] / baseline["state_bytes"]
-                rows.extend(authors)
-            results[case] = rows
+        with limit:
+            for case, shape in cases.items():
+                if bar is not None:
+                    bar.set_postfix(case=case)
+                rows = bench_case(
+                    entries, shape, frameworks, dtype=args.dtype, warmup=warmup, repeats=repeats, torch_device=torch_device, progress=progress
+                )
+                if "torch" in frameworks and any(e.name == "if_shampoo" for e in entries):
+                    authors, authors_skipped = _authors_rows(shape, args.dtype, warmup, repeats, torch_device)
+                    baseline = next(r for r in rows if r["framework"] == "torch" and r["method"] == "baseline")
+                    for row in authors:
+                        row["time_ratio"] = row["median_ms"] / baseline["median_ms"]
+                        row["state_ratio"] = row["state_bytes"] / baseline["state_bytes"]
+                    rows.extend(authors)
+                results[case] = rows
     finally:
         if bar is not None:
             bar.close()
@@ -502,7 +509,7 @@ def run(args: argparse.Namespace) -> int:
         "command": "bench",
         "settings": {
             "cases": {k: list(v) for k, v in cases.items()}, "frameworks": frameworks, "dtype": args.dtype,
-            "warmup": warmup, "repeats": repeats, "batch_size_for_root_free": _BATCH_SIZE,
+            "warmup": warmup, "repeats": repeats, "threads": args.threads, "batch_size_for_root_free": _BATCH_SIZE,
             "hyperparameters": {e.name: e.bench_kwargs() for e in entries},
         },
         "machine": machine,

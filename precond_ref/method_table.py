@@ -143,9 +143,9 @@ METHODS = BASELINES + (
         "here; the paper reports no single value); rank 16",
         torch_class="SAdaGrad",
         # Full-matrix FD on the flattened layer: (rank + 1) x size state; an OCO method, so bench
-        # stops at 1M parameters (4096x1024 would need 285 MB of sketch per layer at rank 16).
+        # stops at 2M parameters (4096x1024 would need 285 MB of sketch per layer at rank 16).
         bench_hyperparameters={"block_size": 4096},
-        bench_max_size=1 << 20,
+        bench_max_size=2_000_000,
     ),
     MethodEntry(
         name="rf_rmsprop",
