@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import types
 
 import pytest
 
@@ -42,19 +42,25 @@ def test_default_cases_include_the_issue_shapes():
 
 
 def test_timing_uses_the_median_and_respects_the_budget(monkeypatch):
-    durations = iter([0.0, 0.0, 0.03, 0.001, 0.002] + [0.0] * 10)
+    """With a fake clock: the first step is warm-up, the median of the timed steps is reported, and a
+    slow first step cuts the number of steps to fit the budget."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(benchmarks, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
 
-    def step(i):
-        time.sleep(next(durations))
+    def stepper(durations):
+        def step(i):
+            clock["now"] += durations[i]
 
-    result = benchmarks._timed(step, lambda: None, warmup=2, repeats=3)
-    assert result["repeats"] == 3
-    assert result["median_ms"] == pytest.approx(2.0, abs=1.5)
-    assert result["mean_ms"] > result["median_ms"]
+        return step
 
-    monkeypatch.setattr(benchmarks, "_BUDGET_S", 0.05)
-    slow = benchmarks._timed(lambda i: time.sleep(0.02), lambda: None, warmup=2, repeats=7)
-    assert slow["repeats"] == 1
+    result = benchmarks._timed(stepper([0.5, 0.5, 0.030, 0.001, 0.002]), lambda: None, warmup=2, repeats=3)
+    assert result["repeats"] == 3 and result["times_ms"] == pytest.approx([30.0, 1.0, 2.0])
+    assert result["median_ms"] == pytest.approx(2.0) and result["mean_ms"] == pytest.approx(11.0)
+    assert result["first_step_ms"] == pytest.approx(500.0)
+
+    monkeypatch.setattr(benchmarks, "_BUDGET_S", 1.0)
+    slow = benchmarks._timed(stepper([0.4] * 10), lambda: None, warmup=2, repeats=7)
+    assert slow["repeats"] == 1 and len(slow["times_ms"]) == 1
 
 
 def test_entries_over_their_size_limit_are_skipped():
