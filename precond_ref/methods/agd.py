@@ -18,6 +18,7 @@ from ..transform import (
     check_positive,
     check_unit_interval,
     compute_dtype,
+    is_zero,
     scalar_array,
 )
 
@@ -151,7 +152,7 @@ def agd(
             theta = xp.astype(theta, dtype)
         lr = ctx.value(learning_rate)
         dlt = ctx.value(delta)
-        decay = weight_decay != 0.0 and not win
+        decay = not is_zero(weight_decay) and not win
         if decay and weight_decay_mode == "l2":
             g = g + weight_decay * theta
 
@@ -221,5 +222,5 @@ def agd(
         init_group=init_group,
         update_group=update_group,
         on_nonfinite=on_nonfinite,
-        needs_params=win or weight_decay != 0.0,
+        needs_params=win or not is_zero(weight_decay),
     )
