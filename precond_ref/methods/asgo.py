@@ -172,6 +172,13 @@ def _adam_update(
     return update, {"mu": mu, "nu": nu}
 
 
+def _finite_or_zero(xp: Any, g: Array) -> Array:
+    """The gradient with non-finite entries zeroed. On a step with a non-finite gradient the
+    transform discards this group's results (README rule 6); zeroing keeps the discarded
+    computation away from decompositions that would raise on NaN."""
+    return xp.where(xp.isfinite(g), g, xp.zeros_like(g))
+
+
 def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float]) -> Array:
     """``u · r·sqrt(mn)/max(‖u‖_F, tiny)``: RMS(u) = r exactly, and a zero u stays zero (D2)."""
     if rms_target is None:
@@ -420,8 +427,12 @@ def asgo(
 
     def refresh(xp, p: Array, previous: Array) -> tuple[Array, Array]:
         """(root, number of failed matrices): a non-finite root is replaced (D6)."""
-        z = new_root(xp, p)
-        ok = xp.all(xp.isfinite(z), axis=(-2, -1))
+        # A non-finite statistic never reaches the decomposition (NumPy and torch eigh raise on it,
+        # JAX returns NaN): root the identity instead and count the failure.
+        p_ok = xp.all(xp.isfinite(p), axis=(-2, -1))
+        p_ok_b = xp.expand_dims(xp.expand_dims(p_ok, axis=-1), axis=-1)
+        z = new_root(xp, xp.where(p_ok_b, p, xp.zeros_like(p) + identity_like(p)))
+        ok = xp.logical_and(xp.all(xp.isfinite(z), axis=(-2, -1)), p_ok)
         ok_b = xp.expand_dims(xp.expand_dims(ok, axis=-1), axis=-1)
         z = xp.where(ok_b, z, previous)
         return z, xp.sum(xp.astype(xp.logical_not(ok), xp.int32), dtype=xp.int32)
@@ -443,7 +454,7 @@ def asgo(
         stat_dtype = state["statistic"].dtype
         product_dtype = compute_dtype(xp, g.dtype)  # faithful products; = state dtype if principled
         dev = array_device(g)
-        g_mat = xp.astype(xp.reshape(g, (m, n)), product_dtype)
+        g_mat = xp.astype(xp.reshape(_finite_or_zero(xp, g), (m, n)), product_dtype)
 
         momentum = _ema(xp, state["momentum"], xp.astype(g_mat, state["momentum"].dtype), b1, faithful)
         new_state = {"momentum": momentum}
@@ -663,7 +674,7 @@ def dasgo(
         left = _resolve_side(m, n, side) == "left"
         product_dtype = compute_dtype(xp, g.dtype)
         dev = array_device(g)
-        g_mat = xp.astype(xp.reshape(g, (m, n)), product_dtype)
+        g_mat = xp.astype(xp.reshape(_finite_or_zero(xp, g), (m, n)), product_dtype)
         momentum = _ema(xp, state["momentum"], xp.astype(g_mat, state["momentum"].dtype), b1, faithful)
         squares = xp.sum(g_mat * g_mat, axis=1 if left else 0)
         v = _ema(xp, state["statistic"], xp.astype(squares, state["statistic"].dtype), b2, faithful)
