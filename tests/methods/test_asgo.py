@@ -9,7 +9,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import precond_ref as pr
@@ -464,3 +464,309 @@ def test_damped_low_rank_polar_express_matches_eigh():
         out[method], state = opt.update(g, opt.init(p), p)
         assert np.all(np.isfinite(out[method]["w"]))
     assert rel(out["polar_express"]["w"], out["eigh"]["w"]) < 2e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# property tests (spec §6), float64 on numpy and array_api_strict
+
+seeds = st.integers(0, 2**32 - 1)
+dims = st.integers(1, 5)
+decays = st.sampled_from([0.0, 0.5, 0.9])
+root_methods = st.sampled_from(["eigh", "polar_express", "newton_schulz"])
+
+
+def ortho(rng, k):
+    q, r = np.linalg.qr(rng.standard_normal((k, k)))
+    return q * np.sign(np.diag(r))
+
+
+def idealised(**kwargs):
+    """Algorithm 1 of the paper without projection (spec §2.2)."""
+    return pr.asgo(b1=0.0, accumulator="sum", rms_target=None, weight_decay=0.0, **kwargs)
+
+
+def sqrt_psd(v):
+    w, q = np.linalg.eigh((v + v.T) / 2)
+    return (q * np.sqrt(np.maximum(w, 0.0))) @ q.T
+
+
+@given(seed=seeds, m=dims, n=dims, b1=decays, b2=decays, wd=st.sampled_from([0.0, 0.1]),
+       rms=st.sampled_from([None, 0.2]), acc=st.sampled_from(["ema", "sum"]), method=root_methods)
+def test_I1_orthogonal_equivariance(property_backend, seed, m, n, b1, b2, wd, rms, acc, method):
+    """I1 [derived]: gradients Q G_t R from Q W_0 R give iterates Q W_t R (Q, R orthogonal), since
+    P -> Q P Qᵀ (left) and every root is an orthogonal similarity-equivariant matrix function;
+    relative damping (eps = 0) keeps it exact."""
+    rng = np.random.default_rng(seed)
+    q, r = ortho(rng, m), ortho(rng, n)
+    w0 = rng.standard_normal((m, n))
+    grads = [rng.standard_normal((m, n)) for _ in range(3)]
+    make = lambda: pr.asgo(learning_rate=0.1, b1=b1, b2=b2, weight_decay=wd, rms_target=rms,  # noqa: E731
+                           accumulator=acc, root_method=method, damping=1e-3, eps=0.0)
+    h, _, _ = run(property_backend, make(), {"w": w0}, [{"w": g} for g in grads])
+    h2, _, _ = run(property_backend, make(), {"w": q @ w0 @ r}, [{"w": q @ g @ r} for g in grads])
+    for a, b in zip(h, h2):
+        assert rel(b["w"], q @ a["w"] @ r) < 1e-9
+
+
+@given(seed=seeds, m=dims, n=dims, log_c=st.floats(-3, 3), b1=decays, wd=st.sampled_from([0.0, 0.1]),
+       method=root_methods)
+def test_I2_gradient_scale_invariance(property_backend, seed, m, n, log_c, b1, wd, method):
+    """I2 [derived]: G_t -> c G_t leaves the trajectory unchanged: M scales by c, P by c², the
+    relatively damped root by 1/c, and the RMS renormalisation removes any remaining scale."""
+    rng = np.random.default_rng(seed)
+    c = 10.0**log_c
+    w0 = rng.standard_normal((m, n))
+    grads = [rng.standard_normal((m, n)) for _ in range(3)]
+    make = lambda: pr.asgo(learning_rate=0.1, b1=b1, weight_decay=wd, root_method=method,  # noqa: E731
+                           damping=1e-3, eps=0.0)
+    h, _, _ = run(property_backend, make(), {"w": w0}, [{"w": g} for g in grads])
+    h2, _, _ = run(property_backend, make(), {"w": w0}, [{"w": c * g} for g in grads])
+    for a, b in zip(h, h2):
+        assert rel(b["w"], a["w"]) < 1e-9
+
+
+@given(seed=seeds, m=dims, n=dims, b1=decays, b2=decays, wd=st.sampled_from([0.0, 0.1]))
+def test_I3_first_step_is_the_polar_factor(property_backend, seed, m, n, b1, b2, wd):
+    """I3 [derived]: at the first step P = (1-β₂)GGᵀ and M = (1-μ)G, so with no damping
+    P^{-1/2}M ∝ (GGᵀ)^{-1/2}G = UVᵀ (thin SVD G = UΣVᵀ): a Muon step rescaled to RMS r,
+    update = -η r sqrt(mn/k) UVᵀ - ηλW."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((m, n))
+    u, s, vt = np.linalg.svd(g, full_matrices=False)
+    if s[-1] < 1e-2 * s[0]:
+        return  # nearly rank-deficient: the undamped statement needs rank k
+    w0 = rng.standard_normal((m, n))
+    opt = pr.asgo(learning_rate=0.1, b1=b1, b2=b2, weight_decay=wd, damping=0.0, eps=0.0)
+    _, updates, _ = run(property_backend, opt, {"w": w0}, [{"w": g}])
+    k = min(m, n)
+    expected = -0.1 * 0.2 * math.sqrt(m * n / k) * (u @ vt) - 0.1 * wd * w0
+    assert rel(updates[0]["w"], expected) < 1e-9
+
+
+@given(seed=seeds, m=dims, n=dims, steps=st.integers(1, 8), damping=st.sampled_from([1e-12, 1e-4, 1e-1]))
+def test_I4_matrix_adagrad_lemma(property_backend, seed, m, n, steps, damping):
+    """I4 [proven] (one-sided matrix-AdaGrad lemma, cf. Gupta, Koren, Singer 2018):
+    Σ_t tr(G_tᵀ V_t^{-1/2} G_t) ≤ 2 tr(V_T^{1/2}) with V_t = Σ_{s≤t} G_s G_sᵀ, checked on the
+    optimizer's own statistic and root (accumulator="sum", left side; damping only lowers the left
+    side)."""
+    rng = np.random.default_rng(seed)
+    opt = pr.asgo(accumulator="sum", side="left", damping=damping, weight_decay=0.0)
+    backend = property_backend
+    p = backend.tree({"w": np.zeros((m, n))})
+    state = opt.init(p)
+    lhs = 0.0
+    for _ in range(steps):
+        g = rng.standard_normal((m, n)) * 10.0 ** rng.uniform(-3, 3)
+        _, state = opt.update(backend.tree({"w": g}), state, p)
+        z = backend.to_numpy(state.groups["w"]["root"])
+        lhs += np.trace(g.T @ z @ g)
+    v = backend.to_numpy(state.groups["w"]["statistic"])
+    assert lhs <= 2.0 * np.trace(sqrt_psd(v)) * (1 + 1e-9)
+
+
+@given(seed=seeds, m=dims, n=dims, steps=st.integers(1, 10), log_lr=st.floats(-2, 1))
+@example(seed=4, m=1, n=4, steps=9, log_lr=0.0)  # violates the bound when the root is refreshed every 4th step only
+def test_I5_regret_bound_of_idealised_asgo(property_backend, seed, m, n, steps, log_lr):
+    """I5 [derived] (telescoping in the V_t^{1/2} norm, tr(XᵀAX) ≤ ‖X‖²_op tr(A), then I4):
+    idealised ASGO on online convex losses f_t(W) = ½‖A_t W - B_t‖² satisfies
+    Σ_t ⟨G_t, W_t - W*⟩ ≤ (D²/(2η) + η) tr(V_T^{1/2}), D = max_t ‖W_t - W*‖_op, for every W*;
+    checked for the least-squares minimiser of Σ_t f_t (the tightest of those tried), W_0 and a
+    random W*."""
+    rng = np.random.default_rng(seed)
+    eta = 10.0**log_lr
+    w0 = rng.standard_normal((m, n))
+    problems = [(rng.standard_normal((m + 1, m)), rng.standard_normal((m + 1, n))) for _ in range(steps)]
+    iterates, grads = [w0], []
+
+    def gradient_at(t):
+        def g(params):
+            a, b = problems[t]
+            grads.append(a.T @ (a @ params["w"] - b))
+            return {"w": grads[-1]}
+
+        return g
+
+    opt = idealised(learning_rate=eta, side="left", damping=1e-14, eps=0.0)
+    history, _, _ = run(property_backend, opt, {"w": w0}, [gradient_at(t) for t in range(steps)])
+    iterates += [h["w"] for h in history[:-1]]
+    v = sum(g @ g.T for g in grads)
+    a_all = np.concatenate([a for a, _ in problems])
+    b_all = np.concatenate([b for _, b in problems])
+    for w_star in (np.linalg.lstsq(a_all, b_all, rcond=None)[0], w0, rng.standard_normal((m, n))):
+        regret = sum(np.sum(g * (w - w_star)) for g, w in zip(grads, iterates))
+        d = max(np.linalg.norm(w - w_star, ord=2) for w in iterates)
+        bound = (d**2 / (2 * eta) + eta) * np.trace(sqrt_psd(v))
+        assert regret <= bound * (1 + 1e-6) + 1e-12
+
+
+@given(seed=seeds, m=dims, n=dims, b1=decays, b2=decays, rms=st.sampled_from([None, 0.2]),
+       wd=st.sampled_from([0.0, 0.1]), method=root_methods)
+def test_I6_transpose_consistency(property_backend, seed, m, n, b1, b2, rms, wd, method):
+    """I6 [derived]: ASGO with side="left" on Wᵀ (gradients G_tᵀ) is the transpose of ASGO with
+    side="right" on W: both keep P = EMA(GᵀG) and step along (Z Mᵀ)ᵀ = M Z."""
+    rng = np.random.default_rng(seed)
+    w0 = rng.standard_normal((m, n))
+    grads = [rng.standard_normal((m, n)) for _ in range(3)]
+    kw = dict(learning_rate=0.1, b1=b1, b2=b2, rms_target=rms, weight_decay=wd, root_method=method)
+    h, _, _ = run(property_backend, pr.asgo(side="right", **kw), {"w": w0}, [{"w": g} for g in grads])
+    h2, _, _ = run(property_backend, pr.asgo(side="left", **kw), {"w": w0.T}, [{"w": g.T} for g in grads])
+    for a, b in zip(h, h2):
+        assert rel(b["w"].T, a["w"]) < 1e-9
+
+
+@given(seed=seeds, n=st.integers(1, 6), steps=st.integers(1, 5))
+def test_I7_vector_reductions(property_backend, seed, n, steps):
+    """I7 [derived]: idealised ASGO on a row (m = 1, left) is AdaGrad-Norm,
+    Δw_t = -η g_t / sqrt(Σ_{s≤t} ‖g_s‖²); on a column (n = 1) with side="left" it is full-matrix
+    AdaGrad, Δx_t = -η (Σ_{s≤t} g_s g_sᵀ + s_t I)^{-1/2} g_t with the same relative damping s_t;
+    practical ASGO on a 1×n row (side auto, λ = 0) has ‖Δw‖₂ = 0.2 η sqrt(n)."""
+    rng = np.random.default_rng(seed)
+    gs = [rng.standard_normal(n) * 10.0 ** rng.uniform(-2, 2) for _ in range(steps)]
+    # AdaGrad-Norm on an unmasked 1-D leaf (a 1×n row)
+    opt = idealised(learning_rate=0.3, side="left", damping=1e-14, eps=0.0, fallback_mask=lambda p, x: False)
+    _, updates, _ = run(property_backend, opt, {"w": np.zeros(n)}, [{"w": g} for g in gs])
+    total = 0.0
+    for g, u in zip(gs, updates):
+        total += g @ g
+        assert rel(u["w"], -0.3 * g / math.sqrt(total)) < 1e-9
+    # full-matrix AdaGrad on a column
+    damping = 1e-6
+    opt = idealised(learning_rate=0.3, side="left", damping=damping, eps=0.0)
+    _, updates, _ = run(property_backend, opt, {"x": np.zeros((n, 1))}, [{"x": g[:, None]} for g in gs])
+    h = np.zeros((n, n))
+    for g, u in zip(gs, updates):
+        h = h + np.outer(g, g)
+        w, q = np.linalg.eigh(h)
+        shift = damping * np.trace(h) / n
+        expected = -0.3 * (q * (np.maximum(w, 0) + shift) ** -0.5) @ q.T @ g
+        assert rel(u["x"][:, 0], expected) < 1e-9
+    # practical ASGO on a row
+    opt = pr.asgo(learning_rate=0.3, weight_decay=0.0, b1=0.5)
+    _, updates, _ = run(property_backend, opt, {"w": np.zeros((1, n))}, [{"w": g[None, :]} for g in gs])
+    for u in updates:
+        assert abs(np.linalg.norm(u["w"]) - 0.3 * 0.2 * math.sqrt(n)) < 1e-12
+
+
+@given(seed=seeds, m=st.integers(2, 5), n=dims, steps=st.integers(1, 5))
+def test_I8_shared_left_singular_vector(property_backend, seed, m, n, steps):
+    """I8 [derived]: if G_t = u a_tᵀ with a fixed unit u, then V_t = (Σ‖a_s‖²) u uᵀ and idealised
+    left ASGO steps by -η u a_tᵀ / sqrt(Σ_{s≤t} ‖a_s‖²)."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(m)
+    u /= np.linalg.norm(u)
+    a_s = [rng.standard_normal(n) for _ in range(steps)]
+    opt = idealised(learning_rate=0.2, side="left", damping=1e-12, eps=0.0)
+    _, updates, _ = run(property_backend, opt, {"w": np.zeros((m, n))}, [{"w": np.outer(u, a)} for a in a_s])
+    total = 0.0
+    for a, upd in zip(a_s, updates):
+        total += a @ a
+        assert rel(upd["w"], -0.2 * np.outer(u, a) / math.sqrt(total)) < 1e-7
+
+
+@given(seed=seeds, n=dims, steps=st.integers(1, 5), side=st.sampled_from(["left", "right"]))
+def test_I9_diagonal_gradients_give_diagonal_adagrad(property_backend, seed, n, steps, side):
+    """I9 [derived]: diagonal G_t make V_t diagonal, so idealised ASGO is diagonal AdaGrad on the
+    diagonal entries: Δw_ii = -η g_ii / sqrt(Σ_s g_ii,s²)."""
+    rng = np.random.default_rng(seed)
+    ds = [rng.uniform(0.1, 2.0, n) * rng.choice([-1.0, 1.0], n) for _ in range(steps)]
+    opt = idealised(learning_rate=0.2, side=side, damping=1e-14, eps=0.0)
+    _, updates, _ = run(property_backend, opt, {"w": np.zeros((n, n))}, [{"w": np.diag(d)} for d in ds])
+    total = np.zeros(n)
+    for d, upd in zip(ds, updates):
+        total += d * d
+        assert rel(upd["w"], np.diag(-0.2 * d / np.sqrt(total))) < 1e-9
+
+
+@given(seed=seeds, m=dims, n=dims, rms=st.floats(0.01, 2.0), wd=st.sampled_from([0.0, 0.1]),
+       config=st.sampled_from(["eigh", "polar_express", "newton_schulz", "blocked", "faithful", "dasgo",
+                               "dasgo-faithful"]))
+def test_I10_update_rms(property_backend, seed, m, n, rms, wd, config):
+    """I10 [derived]: with U ≠ 0, ‖updates + ηλW‖_F = η r sqrt(mn) (the RMS renormalisation of step 6)."""
+    rng = np.random.default_rng(seed)
+    eta = 0.1
+    kw = dict(learning_rate=eta, rms_target=rms, weight_decay=wd)
+    if config in ("eigh", "polar_express", "newton_schulz"):
+        opt = pr.asgo(root_method=config, **kw)
+    elif config == "blocked":
+        opt = pr.asgo(block_size=2, **kw)
+    elif config == "faithful":
+        opt = pr.asgo(mode="faithful", **kw)
+    elif config == "dasgo":
+        opt = pr.dasgo(side="auto", **kw)
+    else:
+        opt = pr.dasgo(mode="faithful", **kw)
+    w0 = rng.standard_normal((m, n))
+    history, updates, _ = run(property_backend, opt, {"w": w0}, [{"w": rng.standard_normal((m, n))} for _ in range(3)])
+    params = [w0] + [h["w"] for h in history]
+    tol = 1e-6 if "faithful" in config else 1e-12
+    for w, u in zip(params, updates):
+        assert abs(np.linalg.norm(u["w"] + eta * wd * w) / (eta * rms * math.sqrt(m * n)) - 1) < tol
+
+
+@given(seed=seeds, m=dims, n=dims, b1=decays, b2=decays, wd=st.sampled_from([0.0, 0.1]))
+def test_I11_dasgo_column_scaling_and_left_rotation(property_backend, seed, m, n, b1, b2, wd):
+    """I11 [derived]: with eps = 0 (here 1e-300), DASGO's U_ij = M_ij / sqrt(v_j) is unchanged by
+    G_t -> G_t diag(d) (d > 0), and G_t -> Q G_t, W_0 -> Q W_0 (Q orthogonal) gives Q W_t:
+    column sums of squares are invariant under left rotations."""
+    rng = np.random.default_rng(seed)
+    d = 10.0 ** rng.uniform(-2, 2, n)
+    q = ortho(rng, m)
+    w0 = rng.standard_normal((m, n))
+    grads = [rng.standard_normal((m, n)) for _ in range(3)]
+    make = lambda: pr.dasgo(learning_rate=0.1, b1=b1, b2=b2, weight_decay=wd, eps=1e-300)  # noqa: E731
+    h, _, _ = run(property_backend, make(), {"w": w0}, [{"w": g} for g in grads])
+    h2, _, _ = run(property_backend, make(), {"w": w0}, [{"w": g * d} for g in grads])
+    h3, _, _ = run(property_backend, make(), {"w": q @ w0}, [{"w": q @ g} for g in grads])
+    for a, b, c in zip(h, h2, h3):
+        assert rel(b["w"], a["w"]) < 1e-9
+        assert rel(c["w"], q @ a["w"]) < 1e-9
+
+
+@given(seed=seeds, n=dims, extra=st.integers(0, 3), b1=decays, b2=decays, rms=st.sampled_from([None, 0.2]))
+def test_I12_dasgo_is_asgo_on_orthogonal_columns(property_backend, seed, n, extra, b1, b2, rms):
+    """I12 [derived]: if every G_t has mutually orthogonal columns, GᵀG and hence P are diagonal,
+    so ASGO (right side, damping 0, absolute eps ε) steps by M diag(v + ε)^{-1/2}: DASGO."""
+    rng = np.random.default_rng(seed)
+    m = n + extra
+    eps = 1e-8
+    grads = [ortho(rng, m)[:, :n] * rng.uniform(0.1, 3.0, n) for _ in range(4)]
+    w0 = rng.standard_normal((m, n))
+    kw = dict(learning_rate=0.1, b1=b1, b2=b2, rms_target=rms, eps=eps)
+    h, _, _ = run(property_backend, pr.asgo(side="right", damping=0.0, **kw), {"w": w0}, [{"w": g} for g in grads])
+    h2, _, _ = run(property_backend, pr.dasgo(side="right", **kw), {"w": w0}, [{"w": g} for g in grads])
+    for a, b in zip(h, h2):
+        assert rel(b["w"], a["w"]) < 1e-9
+
+
+@given(seed=seeds, sizes=st.lists(st.integers(1, 3), min_size=2, max_size=3), extra=st.integers(0, 2),
+       b2=decays)
+def test_I13_blocking_is_exact_when_it_does_nothing(property_backend, seed, sizes, extra, b2):
+    """I13 [derived]: block_size ≥ k reproduces the unblocked method; with block_size = b < k and
+    row chunks in mutually orthogonal subspaces (G_i G_jᵀ = 0), P is block diagonal, so the blocked
+    root (damping 0, absolute eps) equals the unblocked one."""
+    rng = np.random.default_rng(seed)
+    b = max(sizes)
+    # k rows in chunks of b (the last may be shorter); chunk c lives in its own columns of Q.
+    k = b * (len(sizes) - 1) + sizes[-1]
+    chunk_sizes = [b] * (len(sizes) - 1) + [sizes[-1]]
+    n = k + extra
+    kw = dict(learning_rate=0.1, b2=b2, damping=0.0, eps=1e-8, side="left")
+
+    def gradient():
+        q = ortho(rng, n)
+        rows, start = [], 0
+        for size in chunk_sizes:
+            rows.append(rng.standard_normal((size, size)) @ q[:, start : start + size].T)
+            start += size
+        return np.concatenate(rows, axis=0)
+
+    grads = [gradient() for _ in range(3)]
+    w0 = rng.standard_normal((k, n))
+    h, _, _ = run(property_backend, pr.asgo(**kw), {"w": w0}, [{"w": g} for g in grads])
+    h_big, _, _ = run(property_backend, pr.asgo(block_size=k, **kw), {"w": w0}, [{"w": g} for g in grads])
+    h_blocked, _, s = run(property_backend, pr.asgo(block_size=b, **kw), {"w": w0}, [{"w": g} for g in grads])
+    if b < k:
+        assert "statistic_tail" in s.groups["w"] or k % b == 0
+    for a, c, d in zip(h, h_big, h_blocked):
+        np.testing.assert_array_equal(c["w"], a["w"])
+        assert rel(d["w"], a["w"]) < 1e-9
