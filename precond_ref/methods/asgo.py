@@ -22,6 +22,7 @@ rest) in the out-first layout, or (all but the last axis, last axis) for an out-
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Optional, Union
 
 from array_api_compat import device as array_device
@@ -85,10 +86,16 @@ def _resolve_side(m: int, n: int, side: str) -> str:
     return side
 
 
-def _lerp(start: Array, end: Array, weight: float) -> Array:
+def _nonzero(value: Any) -> bool:
+    """Is a hyperparameter possibly non-zero? Arrays (``optax.inject_hyperparams``, possibly traced)
+    count as non-zero, so the term is computed rather than branched on."""
+    return not isinstance(value, numbers.Real) or value != 0.0
+
+
+def _lerp(start: Array, end: Array, weight: Any) -> Array:
     """``start + weight (end - start)`` in the two-branch form of ``torch.lerp`` (the authors' EMA),
-    so faithful mode rounds as their ``lerp_`` does."""
-    if abs(weight) < 0.5:
+    so faithful mode rounds as their ``lerp_`` does (one form for an array weight)."""
+    if hasattr(weight, "shape") or abs(weight) < 0.5:
         return start + weight * (end - start)
     return end - (end - start) * (1.0 - weight)
 
@@ -158,7 +165,7 @@ def _adam_update(
     dev = array_device(state["mu"])
     g = xp.astype(g, dtype)
     w = None if param is None else xp.astype(param, dtype)
-    if faithful and weight_decay != 0.0:
+    if faithful and _nonzero(weight_decay):
         g = g + weight_decay * w
     mu = _ema(xp, state["mu"], g, b1, faithful)
     nu = b2 * state["nu"] + (1.0 - b2) * (g * g)
@@ -167,7 +174,7 @@ def _adam_update(
     bc2 = 1.0 - b2**t
     lr = _learning_rate(ctx, learning_rate, dtype, dev)
     update = -(lr / bc1) * (mu / (xp.sqrt(nu) / xp.sqrt(bc2) + eps))
-    if not faithful and weight_decay != 0.0:
+    if not faithful and _nonzero(weight_decay):
         update = update - (lr * weight_decay) * w
     return update, {"mu": mu, "nu": nu}
 
@@ -199,7 +206,7 @@ def _finish(
 ) -> Array:
     """``-η (U + λ W)`` in the leaf's shape."""
     u = xp.reshape(u, shape)
-    if weight_decay != 0.0:
+    if _nonzero(weight_decay):
         u = u + weight_decay * xp.astype(param, u.dtype)
     return -lr * u
 
@@ -543,7 +550,7 @@ def asgo(
         init_group=init_group,
         update_group=update_group,
         on_nonfinite=on_nonfinite,
-        needs_params=weight_decay != 0.0 or fallback_weight_decay != 0.0,
+        needs_params=_nonzero(weight_decay) or _nonzero(fallback_weight_decay),
     )
 
 
@@ -690,5 +697,5 @@ def dasgo(
         init_group=init_group,
         update_group=update_group,
         on_nonfinite=on_nonfinite,
-        needs_params=weight_decay != 0.0 or fallback_weight_decay != 0.0,
+        needs_params=_nonzero(weight_decay) or _nonzero(fallback_weight_decay),
     )

@@ -770,3 +770,36 @@ def test_I13_blocking_is_exact_when_it_does_nothing(property_backend, seed, size
     for a, c, d in zip(h, h_big, h_blocked):
         np.testing.assert_array_equal(c["w"], a["w"])
         assert rel(d["w"], a["w"]) < 1e-9
+
+
+def test_jax_root_runs_inside_cond_only():
+    """Under jit the root (eigh) is traced only inside the lax.cond of the refresh interval, so
+    steps between refreshes never compute it (spec §2.4 step 3, README rule 10)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    opt = pr.asgo(precondition_every=4)
+    params = {"w": jnp.ones((3, 5), dtype=jnp.float32)}
+    state = opt.init(params)
+    jaxpr = jax.make_jaxpr(opt.update)(params, state, params).jaxpr
+
+    def primitives(jaxpr, skip_cond):
+        """Primitive names in ``jaxpr`` and its sub-jaxprs (jit, custom calls), optionally not
+        descending into ``cond`` branches."""
+        names = set()
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            if skip_cond and eqn.primitive.name == "cond":
+                continue
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else [value]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        names |= primitives(inner, skip_cond)
+        return names
+
+    outside = primitives(jaxpr, skip_cond=True)
+    everywhere = primitives(jaxpr, skip_cond=False)
+    assert "cond" in outside
+    assert not any("eigh" in name for name in outside)
+    assert any("eigh" in name for name in everywhere)
