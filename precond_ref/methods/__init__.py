@@ -1,5 +1,6 @@
 """One module per paper; each exports its factories."""
 
 from .agd import agd
+from .mbf import mbf
 
-__all__ = ["agd"]
+__all__ = ["agd", "mbf"]
