@@ -410,7 +410,10 @@ def mbf(
             ema = momentum * state["ema"] + (1.0 - momentum) * g
             tracked = ema if diagonal_second_moment == "momentum" else g
             second = diagonal_b2 * state["second_moment"] + (1.0 - diagonal_b2) * (tracked * tracked)
-            correction = 1.0 - diagonal_b2 ** xp.astype(count + 1, dtype)
+            # 1 - b^t as -expm1(t log b): no cancellation for b near 1 in float32 (the authors form
+            # it in float64 on the host); log(0) = -inf gives 1 for diagonal_b2 = 0.
+            log_b2 = math.log(diagonal_b2) if diagonal_b2 > 0.0 else -math.inf
+            correction = -xp.expm1(xp.astype(count + 1, dtype) * log_b2)
             directions = (ema / (diagonal_eps + xp.sqrt(second / correction)),)
             new_state = {"ema": ema, "second_moment": second}
         else:
