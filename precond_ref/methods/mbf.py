@@ -90,6 +90,11 @@ def weight_bias_groups(
     return groups
 
 
+def _hyper(xp: Any, value: Any, dtype: Any) -> Any:
+    """A numeric hyperparameter in ``dtype`` if it is an array (optax.inject_hyperparams)."""
+    return xp.astype(value, dtype) if hasattr(value, "shape") else value
+
+
 def _to_out_first_perm(ndim: int) -> tuple[int, ...]:
     """Out-last (s..., I, O) -> out-first (O, I, s...); (I, O) -> (O, I)."""
     return (ndim - 1, ndim - 2) + tuple(range(ndim - 2))
@@ -316,6 +321,8 @@ def mbf(
     if max_block_dim is None and not faithful:
         max_block_dim = 4096
     chunks = fc_blocks == "official_chunks"
+    # An array weight decay (optax.inject_hyperparams) may be traced: always apply it then.
+    decays = hasattr(weight_decay, "shape") or weight_decay != 0.0
     t1, t2 = statistics_every, precondition_every
 
     # -- the block statistic, its inverse, and the preconditioned direction, per kind ------------
@@ -342,17 +349,17 @@ def mbf(
             return xp.reshape(xp.matmul(rows, inverse.mT), tuple(m_block.shape))
         return xp.matmul(inverse, m_block)
 
-    def refresh_inverse(xp, kind, statistic, inverse, failures):
+    def refresh_inverse(xp, kind, statistic, inverse, failures, lam):
         if kind == _ELEMENTWISE:
             finite = xp.isfinite(statistic)
             safe = xp.where(finite, statistic, xp.zeros_like(statistic))
-            new = 1.0 / (safe + damping)
+            new = 1.0 / (safe + lam)
             failed = xp.astype(xp.logical_not(xp.all(finite)), failures.dtype)
             return xp.where(finite, new, inverse), failures + failed
-        return damped_inverse(statistic, damping, inverse, failures, symmetrize=not faithful)
+        return damped_inverse(statistic, lam, inverse, failures, symmetrize=not faithful)
 
-    def refresh_statistic(xp, kind, statistic, failures, g_block):
-        new = b2 * statistic + (1.0 - b2) * block_statistic(xp, kind, g_block)
+    def refresh_statistic(xp, kind, statistic, failures, g_block, rho):
+        new = rho * statistic + (1.0 - rho) * block_statistic(xp, kind, g_block)
         # A finite gradient can still overflow its square (float32); never store Inf.
         ok = xp.all(xp.isfinite(new))
         new = xp.where(ok, new, statistic)
@@ -366,10 +373,10 @@ def mbf(
         key = (id(xp), kind)
         if key not in branch_cache:
             branch_cache[key] = (
-                lambda f, n, g: refresh_statistic(xp, kind, f, n, g),
-                lambda f, n, g: (f, n),
-                lambda f, inv, n: refresh_inverse(xp, kind, f, inv, n),
-                lambda f, inv, n: (inv, n),
+                lambda f, n, g, rho: refresh_statistic(xp, kind, f, n, g, rho),
+                lambda f, n, g, rho: (f, n),
+                lambda f, inv, n, lam: refresh_inverse(xp, kind, f, inv, n, lam),
+                lambda f, inv, n, lam: (inv, n),
             )
         return branch_cache[key]
 
@@ -386,14 +393,14 @@ def mbf(
         zeros = xp.zeros(shape, dtype=dtype, device=dev)
         failures = xp.zeros((), dtype=xp.int32, device=dev)
         if kind == _ELEMENTWISE:
-            inverse = xp.full(shape, 1.0 / damping, dtype=dtype, device=dev)
+            inverse = xp.ones(shape, dtype=dtype, device=dev) / _hyper(xp, damping, dtype)
             return {"momentum": zeros, "statistic": zeros, "inverse": inverse, "failures": failures}
         stat_shape = shape + (shape[-1],) if kind == _CONV else (shape[0], shape[0])
         statistic = xp.zeros(stat_shape, dtype=dtype, device=dev)
         return {
             "momentum": zeros,
             "statistic": statistic,
-            "inverse": damped_inverse_init(statistic, damping),
+            "inverse": damped_inverse_init(statistic, _hyper(xp, damping, dtype)),
             "failures": failures,
         }
 
@@ -404,36 +411,43 @@ def mbf(
         dtype = state["ema"].dtype if kind == _DIAGONAL else state["momentum"].dtype
         grads = tuple(xp.astype(g, dtype) for g in grads)
         lr = scalar_array(xp, ctx.value(learning_rate), dtype, array_device(grads[0]))
+        mu = _hyper(xp, momentum, dtype)
 
         if kind == _DIAGONAL:
             (g,) = grads
-            ema = momentum * state["ema"] + (1.0 - momentum) * g
+            beta = _hyper(xp, diagonal_b2, dtype)
+            ema = mu * state["ema"] + (1.0 - mu) * g
             tracked = ema if diagonal_second_moment == "momentum" else g
-            second = diagonal_b2 * state["second_moment"] + (1.0 - diagonal_b2) * (tracked * tracked)
+            second = beta * state["second_moment"] + (1.0 - beta) * (tracked * tracked)
             # 1 - b^t as -expm1(t log b): no cancellation for b near 1 in float32 (the authors form
             # it in float64 on the host); log(0) = -inf gives 1 for diagonal_b2 = 0.
-            log_b2 = math.log(diagonal_b2) if diagonal_b2 > 0.0 else -math.inf
-            correction = -xp.expm1(xp.astype(count + 1, dtype) * log_b2)
-            directions = (ema / (diagonal_eps + xp.sqrt(second / correction)),)
+            if hasattr(beta, "shape"):
+                log_beta = xp.log(beta)
+            else:
+                log_beta = math.log(beta) if beta > 0.0 else -math.inf
+            correction = -xp.expm1(xp.astype(count + 1, dtype) * log_beta)
+            eps = _hyper(xp, diagonal_eps, dtype)
+            directions = (ema / (eps + xp.sqrt(second / correction)),)
             new_state = {"ema": ema, "second_moment": second}
         else:
             g_block = _to_block(xp, grads)
-            m_block = momentum * state["momentum"] + g_block
+            m_block = mu * state["momentum"] + g_block
             with_stats, keep_stats, with_inverse, keep_inverse = branches(xp, kind)
+            rho, lam = _hyper(xp, b2, dtype), _hyper(xp, damping, dtype)
             statistic, failures = cond(
-                xp, count % t1 == 0, with_stats, keep_stats, state["statistic"], state["failures"], g_block
+                xp, count % t1 == 0, with_stats, keep_stats, state["statistic"], state["failures"], g_block, rho
             )
             # mbngd_if_inverse: every statistics step up to T2, then every T2 steps.
             refresh = xp.logical_or(xp.logical_and(count <= t2, count % t1 == 0), count % t2 == 0)
             inverse, failures = cond(
-                xp, refresh, with_inverse, keep_inverse, statistic, state["inverse"], failures
+                xp, refresh, with_inverse, keep_inverse, statistic, state["inverse"], failures, lam
             )
             direction = precondition(xp, kind, inverse, m_block)
             directions = _from_block(xp, direction, grads)
             new_state = {"momentum": m_block, "statistic": statistic, "inverse": inverse, "failures": failures}
 
-        if weight_decay != 0.0:
-            decay = lr * weight_decay
+        if decays:
+            decay = lr * _hyper(xp, weight_decay, dtype)
             updates = tuple(-lr * d - decay * xp.astype(p, dtype) for d, p in zip(directions, params))
         else:
             updates = tuple(-lr * d for d in directions)
@@ -449,7 +463,7 @@ def mbf(
         update_group=update_group,
         group_leaves=canonical_groups,
         on_nonfinite=on_nonfinite,
-        needs_params=weight_decay != 0.0,
+        needs_params=decays,
     )
 
     def init(params: Any) -> PrecondState:
