@@ -19,7 +19,7 @@ import optax
 import precond_ref as pr
 from precond_ref.transform import Transform
 
-__all__ = ["to_optax", "optax_factory", "agd", "mbf", "mbf_warm_start"]
+__all__ = ["to_optax", "optax_factory", "agd", "asgo", "dasgo", "mbf", "mbf_warm_start"]
 
 
 def _key(entry: Any) -> Any:
@@ -111,3 +111,7 @@ def mbf_warm_start(state: Any, grads_batches: Any, **mbf_kwargs: Any) -> Any:
     """
     core = pr.mbf(**mbf_kwargs)
     return core.warm_start(state, (_as_core_tree(g)[0] for g in grads_batches))
+
+
+asgo = optax_factory(pr.asgo)
+dasgo = optax_factory(pr.dasgo)

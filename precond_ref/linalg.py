@@ -11,6 +11,9 @@ Reference:
   at a floor, add a shift, apply the power to the eigenvalues. Exact up to rounding; the oracle of
   every iterative root.
 
+Batched damped inverses and solves of many small SPD blocks (:func:`damped_inverse`,
+:func:`damped_solve`): one batched call for a whole stack, with a finiteness fallback.
+
 Iterative roots (matmul only, fixed step counts, so they jit and run on GPUs without host syncs):
 
 * :func:`inverse_sqrt_polar_express`: the coupled Polar-Express iteration of the ASGO code
@@ -45,8 +48,8 @@ __all__ = [
     "inverse_sqrt_newton_schulz",
     "inverse_root_newton",
     "damped_inverse",
-    "damped_inverse_init",
     "damped_solve",
+    "damped_inverse_init",
 ]
 
 Array = Any
@@ -61,6 +64,10 @@ def symmetrize(a: Array) -> Array:
     read one triangle), so every decomposition here starts from this.
     """
     return (a + a.mT) / 2.0
+
+
+# The damped solvers below take a ``symmetrize`` flag, which shadows the function there.
+_symmetric_part = symmetrize
 
 
 def identity_like(a: Array) -> Array:
@@ -331,10 +338,6 @@ def inverse_root_newton(
 # conv blocks cheap; per-block eigendecompositions would cost about ten times more.
 
 
-# The keyword ``symmetrize`` of the functions below shadows the function of that name.
-_symmetrize = symmetrize
-
-
 def _blockwise_finite(xp: Any, x: Array) -> Array:
     """(...,) bool: is every entry of each trailing (n, m) block finite?"""
     return xp.all(xp.isfinite(x), axis=(-2, -1))
@@ -383,7 +386,7 @@ def damped_inverse(
     """
     xp = array_namespace(matrices, previous)
     if symmetrize:
-        matrices = _symmetrize(matrices)
+        matrices = _symmetric_part(matrices)
     eye = identity_like(matrices)
     # A non-finite block is replaced by I before the call: inv maps Inf entries to finite
     # garbage (inv([[inf, 0], [0, 1]]) = [[0, 0], [0, 1]]) and NaN may make NumPy/torch raise.
@@ -391,7 +394,7 @@ def damped_inverse(
     damped = xp.where(finite_in[..., None, None], matrices + damping * eye, eye)
     inverse = xp.linalg.inv(damped)
     if symmetrize:
-        inverse = _symmetrize(inverse)
+        inverse = _symmetric_part(inverse)
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))
     inverse = xp.where(ok[..., None, None], inverse, previous)
     failed = xp.astype(xp.logical_not(xp.all(ok)), failures.dtype)
@@ -426,7 +429,7 @@ def damped_solve(
     """
     xp = array_namespace(matrices, rhs)
     if symmetrize:
-        matrices = _symmetrize(matrices)
+        matrices = _symmetric_part(matrices)
     eye = identity_like(matrices)
     finite_in = _blockwise_finite(xp, matrices)
     damped = xp.where(finite_in[..., None, None], matrices + damping * eye, eye)

@@ -61,8 +61,10 @@ def agd(
     learning_rate:
         :math:`\eta`, a positive number or a schedule ``count -> value``. The authors advise about a
         tenth of the AdamW learning rate for the same task.
-    b1, b2:
-        EMA coefficients of the gradient and of the squared stepwise difference, in [0, 1).
+    b1:
+        EMA coefficient of the gradient, in [0, 1).
+    b2:
+        EMA coefficient of the squared stepwise difference, in [0, 1).
     delta:
         The switch threshold :math:`\delta > 0`, in gradient units (AGD is not invariant to the
         gradient scale). The authors' code default is 1e-5; their README suggests 1e-14 for

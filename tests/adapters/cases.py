@@ -67,6 +67,14 @@ TORCH_CASES = [
         lr=3e-3,
         kwargs=dict(mode="faithful", damping=0.1, weight_decay=1e-3, statistics_every=2, precondition_every=3),
     ),
+    TorchCase("asgo", pt.ASGO, lr=3e-2, kwargs=dict(weight_decay=1e-3)),
+    TorchCase("asgo-faithful", pt.ASGO, lr=3e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
+    TorchCase(
+        "asgo-pe-interval", pt.ASGO, lr=3e-2,
+        kwargs=dict(root_method="polar_express", precondition_every=3, weight_decay=1e-3),
+    ),
+    TorchCase("dasgo", pt.DASGO, lr=3e-2, kwargs=dict(weight_decay=1e-3)),
+    TorchCase("dasgo-faithful", pt.DASGO, lr=3e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
 ]
 
 JAX_CASES = [
@@ -86,4 +94,12 @@ JAX_CASES = [
         kwargs=dict(mode="faithful", damping=1.0, weight_decay=1e-3, statistics_every=2, precondition_every=3),
         static_args=("statistics_every", "precondition_every", "max_block_dim"),
     ),
+        "asgo", pj.asgo, lr=5e-2, kwargs=dict(weight_decay=1e-3, precondition_every=3),
+        static_args=("root_steps", "precondition_every", "block_size"),
+    ),
+    JaxCase(
+        "asgo-faithful", pj.asgo, lr=5e-2, kwargs=dict(mode="faithful", weight_decay=1e-3),
+        static_args=("root_steps", "precondition_every", "block_size"),
+    ),
+    JaxCase("dasgo", pj.dasgo, lr=5e-2, kwargs=dict(weight_decay=1e-3)),
 ]
