@@ -94,6 +94,7 @@ JAX_CASES = [
         kwargs=dict(mode="faithful", damping=1.0, weight_decay=1e-3, statistics_every=2, precondition_every=3),
         static_args=("statistics_every", "precondition_every", "max_block_dim"),
     ),
+    JaxCase(
         "asgo", pj.asgo, lr=5e-2, kwargs=dict(weight_decay=1e-3, precondition_every=3),
         static_args=("root_steps", "precondition_every", "block_size"),
     ),
