@@ -2,5 +2,6 @@
 
 from .agd import agd
 from .asgo import asgo, dasgo
+from .mbf import mbf
 
-__all__ = ["agd", "asgo", "dasgo"]
+__all__ = ["agd", "asgo", "dasgo", "mbf"]
