@@ -126,9 +126,9 @@ def schedule_value(hyperparameter: ScalarOrSchedule, count: Array) -> Any:
 
 def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
     """A Python number or 0-D array (e.g. a scheduled hyperparameter) as a 0-D array of ``dtype``."""
-    if hasattr(value, "shape"):
-        return xp.astype(value, dtype)
-    return xp.asarray(value, dtype=dtype, device=device)
+    if isinstance(value, numbers.Real):  # Python and NumPy scalars alike
+        return xp.asarray(float(value), dtype=dtype, device=device)
+    return xp.astype(value, dtype)
 
 
 def is_zero(value: Any) -> bool:
