@@ -204,7 +204,7 @@ def test_numpy_scalar_hyperparameters_on_strict():
     """A NumPy scalar learning rate is a number, not an array of another namespace."""
     import array_api_strict as xs
 
-    opt = pr.agd(learning_rate=np.float64(0.1), delta=np.float32(1e-5))
+    opt = pr.agd(learning_rate=np.float64(0.1), delta=np.float32(1e-5), weight_decay=np.float64(0.0))
     params = {"w": xs.asarray([1.0, 2.0])}
     updates, _ = opt.update({"w": xs.asarray([0.5, -0.5])}, opt.init(params), params)
     np.testing.assert_allclose(np.asarray(updates["w"]), [-0.1, 0.1])
