@@ -19,7 +19,7 @@ import optax
 import precond_ref as pr
 from precond_ref.transform import Transform
 
-__all__ = ["to_optax", "optax_factory", "agd"]
+__all__ = ["to_optax", "optax_factory", "agd", "asgo", "dasgo", "mbf", "mbf_warm_start"]
 
 
 def _key(entry: Any) -> Any:
@@ -96,3 +96,22 @@ def optax_factory(core_factory: Callable[..., Transform]) -> Callable[..., optax
 
 
 agd = optax_factory(pr.agd)
+
+mbf = optax_factory(pr.mbf)
+
+
+def mbf_warm_start(state: Any, grads_batches: Any, **mbf_kwargs: Any) -> Any:
+    """MBF's warm start (spec ``mbf.md`` 2.5) for the state of :func:`mbf`.
+
+    ``grads_batches`` is a finite iterable of gradient pytrees (same structure as the parameters)
+    computed at the initial parameters with labels sampled from the model's predictive
+    distribution; ``mbf_kwargs`` are the arguments the optimizer was built with. Returns the
+    state with every block statistic replaced by the mean of the batches' block statistics. For
+    an ``optax.inject_hyperparams`` state, pass its ``inner_state``.
+    """
+    core = pr.mbf(**mbf_kwargs)
+    return core.warm_start(state, (_as_core_tree(g)[0] for g in grads_batches))
+
+
+asgo = optax_factory(pr.asgo)
+dasgo = optax_factory(pr.dasgo)

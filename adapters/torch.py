@@ -9,15 +9,18 @@ in place. ``state_dict`` / ``load_state_dict`` therefore work as for any torch o
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+from torch.optim.optimizer import required
 
 import precond_ref as pr
 from precond_ref.transform import PrecondState, Transform
 from precond_ref.tree import path_str, tree_flatten
 
-__all__ = ["CoreOptimizer", "AGD"]
+__all__ = ["CoreOptimizer", "AGD", "ASGO", "DASGO", "MBF"]
 
 _STEP, _NONFINITE = "step", "nonfinite_count"
 # Host-side bookkeeping stored beside the core state: calls taken part in, and "holds a core group".
@@ -255,6 +258,336 @@ class AGD(CoreOptimizer):
         )
 
 
+class _FallbackByName:
+    """Core ``fallback_mask``: ``ndim < 2``, or the user's ``fallback_filter(name, tensor)`` on the
+    dotted parameter name. A class (not a closure) so that its repr, which keys the cached core
+    transform, is stable across steps."""
+
+    def __init__(self, fallback_filter: Optional[Callable[[str, torch.Tensor], bool]]) -> None:
+        self.fallback_filter = fallback_filter
+
+    def __call__(self, path: tuple, leaf: Any) -> bool:
+        if leaf.ndim < 2:
+            return True
+        return self.fallback_filter is not None and bool(
+            self.fallback_filter(".".join(str(k) for k in path), leaf)
+        )
+
+    def __repr__(self) -> str:
+        return f"_FallbackByName({self.fallback_filter!r})"
+
+
+class ASGO(CoreOptimizer):
+    """ASGO (An et al., arXiv 2503.20762) as a ``torch.optim.Optimizer``; see :func:`precond_ref.asgo`.
+
+    ``betas=(b1, b2)``: momentum and statistic EMA. ``damping``, ``eps`` and ``root_method`` set
+    to ``None`` mean the mode's default. Parameters with fewer than 2 dimensions go to the built-in
+    Adam (``fallback_betas``, ``fallback_eps``, ``fallback_weight_decay``, same ``lr``); pass
+    named parameters (``model.named_parameters()``) and ``fallback_filter=lambda name, p: "emb" in
+    name`` to route more by name, as the authors' trainer does for embeddings.
+    """
+
+    core_factory = staticmethod(pr.asgo)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.8),
+        weight_decay: float = 0.1,
+        damping: Optional[float] = None,
+        eps: Optional[float] = None,
+        root_method: Optional[str] = None,
+        root_steps: int = 10,
+        precondition_every: int = 1,
+        rms_target: Optional[float] = 0.2,
+        accumulator: str = "ema",
+        side: str = "auto",
+        block_size: Optional[int] = None,
+        fallback_betas: tuple[float, float] = (0.9, 0.95),
+        fallback_eps: float = 1e-8,
+        fallback_weight_decay: float = 0.0,
+        fallback_filter: Optional[Callable[[str, torch.Tensor], bool]] = None,
+        mode: str = "principled",
+        on_nonfinite: str = "skip",
+        *,
+        model: Optional[torch.nn.Module] = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, weight_decay=weight_decay, damping=damping, eps=eps,
+            root_method=root_method, root_steps=root_steps, precondition_every=precondition_every,
+            rms_target=rms_target, accumulator=accumulator, side=side, block_size=block_size,
+            fallback_betas=fallback_betas, fallback_eps=fallback_eps,
+            fallback_weight_decay=fallback_weight_decay, fallback_filter=fallback_filter,
+            mode=mode, on_nonfinite=on_nonfinite,
+        )
+        super().__init__(params, defaults, model=model)
+
+    def core_kwargs(self, group: dict) -> dict:
+        b1, b2 = group["betas"]
+        fb1, fb2 = group["fallback_betas"]
+        return dict(
+            learning_rate=_float(group["lr"]), b1=b1, b2=b2, weight_decay=group["weight_decay"],
+            damping=group["damping"], eps=group["eps"], root_method=group["root_method"],
+            root_steps=group["root_steps"], precondition_every=group["precondition_every"],
+            rms_target=group["rms_target"], accumulator=group["accumulator"], side=group["side"],
+            block_size=group["block_size"], fallback_mask=_FallbackByName(group["fallback_filter"]),
+            fallback_b1=fb1, fallback_b2=fb2, fallback_eps=group["fallback_eps"],
+            fallback_weight_decay=group["fallback_weight_decay"], mode=group["mode"],
+            on_nonfinite=group["on_nonfinite"],
+        )
+
+
+class DASGO(CoreOptimizer):
+    """DASGO (diagonal ASGO) as a ``torch.optim.Optimizer``; see :func:`precond_ref.dasgo`.
+
+    Arguments as :class:`ASGO`; ``eps`` sits inside the square root of the column statistic.
+    """
+
+    core_factory = staticmethod(pr.dasgo)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        rms_target: Optional[float] = 0.2,
+        side: str = "right",
+        fallback_betas: tuple[float, float] = (0.9, 0.95),
+        fallback_eps: float = 1e-8,
+        fallback_weight_decay: float = 0.0,
+        fallback_filter: Optional[Callable[[str, torch.Tensor], bool]] = None,
+        mode: str = "principled",
+        on_nonfinite: str = "skip",
+        *,
+        model: Optional[torch.nn.Module] = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rms_target=rms_target, side=side,
+            fallback_betas=fallback_betas, fallback_eps=fallback_eps,
+            fallback_weight_decay=fallback_weight_decay, fallback_filter=fallback_filter,
+            mode=mode, on_nonfinite=on_nonfinite,
+        )
+        super().__init__(params, defaults, model=model)
+
+    def core_kwargs(self, group: dict) -> dict:
+        b1, b2 = group["betas"]
+        fb1, fb2 = group["fallback_betas"]
+        return dict(
+            learning_rate=_float(group["lr"]), b1=b1, b2=b2, eps=group["eps"],
+            weight_decay=group["weight_decay"], rms_target=group["rms_target"], side=group["side"],
+            fallback_mask=_FallbackByName(group["fallback_filter"]), fallback_b1=fb1, fallback_b2=fb2,
+            fallback_eps=group["fallback_eps"], fallback_weight_decay=group["fallback_weight_decay"],
+            mode=group["mode"], on_nonfinite=group["on_nonfinite"],
+        )
+
+
 def _float(value: Any) -> Any:
     """A learning rate stored as a tensor by some schedulers becomes a Python float."""
     return float(value) if isinstance(value, torch.Tensor) else value
+
+
+# --------------------------------------------------------------------------------------------
+# MBF
+
+
+class MBF(CoreOptimizer):
+    """MBF, mini-block Fisher (Bahamou, Goldfarb, Ren, AISTATS 2023); see :func:`precond_ref.mbf`.
+
+    Pass ``model.named_parameters()`` (or plain parameters with ``model=``) so that each Linear's
+    ``weight`` is paired with its ``bias`` (the bias becomes the homogeneous column of the layer's
+    block); conv weights are recognised by their shape (ndim >= 3), everything 1-D (conv biases,
+    norm scales and shifts) uses the authors' diagonal rule. With unnamed parameters every 2-D
+    weight is a layer without a bias column (a warning says so).
+
+    When only one of a paired weight and bias has a gradient, the other takes part in the step
+    with a zero gradient, is left unchanged, and keeps its own step counter.
+
+    :meth:`warm_start` initialises the block statistics before training (spec ``mbf.md`` 2.5).
+    ``lr`` has no default (the authors' values range from 1e-5 to 3e-5 with damping 3e-4 to 3e-3;
+    ``lr/damping`` is the effective heavy-ball rate): give it here or in every param group.
+    """
+
+    core_factory = staticmethod(pr.mbf)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Any = required,
+        damping: float = 1e-3,
+        momentum: float = 0.9,
+        beta2: float = 0.9,
+        weight_decay: float = 0.0,
+        statistics_every: int = 10,
+        precondition_every: int = 100,
+        fc_blocks: Optional[str] = None,
+        diagonal_beta2: float = 0.999,
+        diagonal_eps: float = 1e-8,
+        diagonal_second_moment: str = "momentum",
+        max_block_dim: Optional[int] = None,
+        model: Optional[torch.nn.Module] = None,
+        mode: str = "principled",
+        on_nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            damping=damping,
+            momentum=momentum,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            statistics_every=statistics_every,
+            precondition_every=precondition_every,
+            fc_blocks=fc_blocks,
+            diagonal_beta2=diagonal_beta2,
+            diagonal_eps=diagonal_eps,
+            diagonal_second_moment=diagonal_second_moment,
+            max_block_dim=max_block_dim,
+            mode=mode,
+            on_nonfinite=on_nonfinite,
+        )
+        super().__init__(params, defaults, model=model)
+        unnamed = sum(1 for g in self.param_groups for p in g["params"] if self._param_names.get(p) is None)
+        if unnamed:
+            warnings.warn(
+                f"MBF: {unnamed} parameter(s) have no names, so Linear weights cannot be paired with "
+                "their biases (each 2-D weight is a layer without a bias column, each 1-D tensor uses "
+                "the diagonal rule); pass model.named_parameters() or model=",
+                stacklevel=2,
+            )
+
+    def core_kwargs(self, group: dict) -> dict:
+        return dict(
+            learning_rate=_float(group["lr"]),
+            damping=group["damping"],
+            momentum=group["momentum"],
+            b2=group["beta2"],
+            weight_decay=group["weight_decay"],
+            statistics_every=group["statistics_every"],
+            precondition_every=group["precondition_every"],
+            fc_blocks=group["fc_blocks"],
+            diagonal_b2=group["diagonal_beta2"],
+            diagonal_eps=group["diagonal_eps"],
+            diagonal_second_moment=group["diagonal_second_moment"],
+            max_block_dim=group["max_block_dim"],
+            mode=group["mode"],
+            on_nonfinite=group["on_nonfinite"],
+        )
+
+    def _group_paths(self) -> list[list[tuple]]:
+        """Each group's leaf paths, numbered as :meth:`CoreOptimizer.step` numbers unnamed ones."""
+        out, index = [], 0
+        for group in self.param_groups:
+            out.append([self._path(p, index + k) for k, p in enumerate(group["params"])])
+            index += len(group["params"])
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        filled = self._fill_partner_grads()
+        try:
+            super().step(None, **extra)
+        finally:
+            for p, value, counters in filled:
+                p.grad = None
+                p.copy_(value)
+                self.state[p].update(counters)
+        return loss
+
+    def _fill_partner_grads(self) -> list:
+        """Zero gradients for a paired weight/bias whose partner has one (see the class docstring)."""
+        from precond_ref.methods.mbf import weight_bias_groups
+
+        filled = []
+        for group, paths in zip(self.param_groups, self._group_paths()):
+            tensors = group["params"]
+            for leaf_group in weight_bias_groups(paths, tensors):
+                members = [tensors[i] for i in leaf_group.indices]
+                if len(members) != 2 or sum(p.grad is None for p in members) != 1:
+                    continue
+                p = members[0] if members[0].grad is None else members[1]
+                entries = self.state[p]
+                counters = {
+                    key: entries[key].clone() if key in entries else torch.zeros((), dtype=torch.int32, device=p.device)
+                    for key in (_STEP, _NONFINITE)
+                }
+                filled.append((p, p.detach().clone(), counters))
+                p.grad = torch.zeros_like(p)
+        return filled
+
+    def warm_start(self, source: Any, num_batches: Optional[int] = None) -> None:
+        """Initialise every block statistic F with the mean of per-batch block statistics.
+
+        Call once before the first :meth:`step`, at the initial parameters (spec ``mbf.md`` 2.5).
+
+        Parameters
+        ----------
+        source:
+            Either an iterable of gradient dicts (keys: parameter names or the parameter tensors;
+            values: gradients computed with labels sampled from the model's predictive
+            distribution; a missing entry counts as zero), or a callable that runs one
+            forward/backward pass with sampled labels, e.g.
+            ``lambda: F.cross_entropy(logits := model(x), torch.multinomial(logits.softmax(-1), 1)[:, 0]).backward()``
+            with ``x`` the next mini-batch; it is called ``num_batches`` times, the gradients are
+            zeroed before each call and left as ``None`` afterwards.
+        num_batches:
+            Number of calls of a callable ``source`` (required then, not allowed otherwise).
+        """
+        if any(self.state[p] for group in self.param_groups for p in group["params"]):
+            raise RuntimeError("MBF.warm_start must be called before the first step")
+        if callable(source):
+            if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+                raise ValueError(f"num_batches must be an integer >= 1 with a callable source, got {num_batches!r}")
+            stream = self._run_batches(source, num_batches)
+        else:
+            if num_batches is not None:
+                raise ValueError("num_batches is only used with a callable source")
+            stream = (self._by_tensor(batch) for batch in source)
+        # One pass over the source; several param groups share it (itertools.tee buffers).
+        streams = itertools.tee(stream, len(self.param_groups))
+        for group, paths, batches in zip(self.param_groups, self._group_paths(), streams):
+            tensors = group["params"]
+            transform = self._transform(group)
+            state = transform.init(self._tree(paths, [p.detach() for p in tensors]))
+            trees = (
+                self._tree(paths, [g.get(p, None) if g.get(p, None) is not None else torch.zeros_like(p) for p in tensors])
+                for g in batches
+            )
+            state = transform.warm_start(state, trees)
+            by_key = {path_str(path): p for path, p in zip(paths, tensors)}
+            for p in tensors:
+                # calls = 1: the next step loads this state instead of initialising a fresh one.
+                self.state[p] = {_STEP: state.count, _NONFINITE: state.nonfinite_count, _CALLS: 1}
+            for key, entries in state.groups.items():
+                head = self.state[by_key[key]]
+                head[_HEAD] = True
+                head.update(entries)
+
+    def _run_batches(self, source: Callable[[], Any], num_batches: int):
+        params = [p for group in self.param_groups for p in group["params"]]
+        try:
+            for _ in range(num_batches):
+                for p in params:
+                    p.grad = None
+                with torch.enable_grad():
+                    source()
+                yield {p: p.grad.detach().clone() for p in params if p.grad is not None}
+        finally:
+            for p in params:
+                p.grad = None
+
+    def _by_tensor(self, batch: dict) -> dict:
+        by_name = {name: p for p, name in self._param_names.items()}
+        out = {}
+        for key, grad in batch.items():
+            if isinstance(key, str):
+                if key not in by_name:
+                    raise KeyError(f"MBF.warm_start: no parameter named {key!r}")
+                key = by_name[key]
+            out[key] = grad
+        return out

@@ -5,9 +5,9 @@ One pure core written against the Python array API standard (NumPy, CuPy, PyTorc
 ``torch.optim.Optimizer`` and an optax ``GradientTransformation``.
 """
 
-from .methods import agd
+from .methods import agd, asgo, dasgo, mbf
 from .transform import PrecondState, Transform, apply_updates
 
 __version__ = "0.1.0"
 
-__all__ = ["PrecondState", "Transform", "agd", "apply_updates", "__version__"]
+__all__ = ["PrecondState", "Transform", "agd", "apply_updates", "asgo", "dasgo", "mbf", "__version__"]

@@ -120,15 +120,22 @@ class StepContext(NamedTuple):
 
 
 def schedule_value(hyperparameter: ScalarOrSchedule, count: Array) -> Any:
-    """Evaluate a constant-or-schedule hyperparameter at ``count``."""
-    return hyperparameter(count) if callable(hyperparameter) else hyperparameter
+    """Evaluate a constant-or-schedule hyperparameter at ``count``.
+
+    NumPy scalars become Python floats: as operands they would try to absorb arrays of other
+    namespaces (``np.float64(0.1) * x`` fails for an ``array_api_strict`` array).
+    """
+    value = hyperparameter(count) if callable(hyperparameter) else hyperparameter
+    if isinstance(value, numbers.Real) and type(value) not in (int, float):  # np.float64 is a float
+        return float(value)
+    return value
 
 
 def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
     """A Python number or 0-D array (e.g. a scheduled hyperparameter) as a 0-D array of ``dtype``."""
-    if hasattr(value, "shape"):
-        return xp.astype(value, dtype)
-    return xp.asarray(value, dtype=dtype, device=device)
+    if isinstance(value, numbers.Real):  # Python and NumPy scalars alike
+        return xp.asarray(float(value), dtype=dtype, device=device)
+    return xp.astype(value, dtype)
 
 
 def is_zero(value: Any) -> bool:

@@ -39,6 +39,15 @@ class TreeDef(NamedTuple):
     paths: tuple[Path, ...]
 
 
+def _sorted_keys(tree: dict) -> list:
+    """Dict keys in sorted order, as JAX orders them, so a dict returned by ``jax.jit`` (sorted)
+    has the structure of the one passed in; keys that do not sort keep their insertion order."""
+    try:
+        return sorted(tree)
+    except TypeError:
+        return list(tree)
+
+
 def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
@@ -47,7 +56,7 @@ def _skeleton(tree: Any, path: Path, out: list[tuple[Path, Any]]) -> Any:
     if tree is None:
         return None
     if isinstance(tree, dict):
-        return {k: _skeleton(v, path + (k,), out) for k, v in tree.items()}
+        return {k: _skeleton(tree[k], path + (k,), out) for k in _sorted_keys(tree)}
     if _is_namedtuple(tree):
         return type(tree)(*(_skeleton(v, path + (f,), out) for f, v in zip(tree._fields, tree)))
     if isinstance(tree, (list, tuple)):
@@ -59,7 +68,7 @@ def _skeleton(tree: Any, path: Path, out: list[tuple[Path, Any]]) -> Any:
 def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:
     """Leaves of ``tree`` in depth-first order and the structure to rebuild it.
 
-    Dict keys keep their insertion order; ``NamedTuple`` fields are path keys by name.
+    Dict keys are visited in sorted order (JAX's order); ``NamedTuple`` fields are path keys by name.
     """
     pairs: list[tuple[Path, Any]] = []
     skeleton = _skeleton(tree, (), pairs)

@@ -189,3 +189,22 @@ def test_validators():
             check_positive_int("every", bad)
     assert is_zero(0.0) and is_zero(0) and not is_zero(1e-9)
     assert not is_zero(np.asarray(0.0))  # an injected hyperparameter may change: never static zero
+
+
+def test_dict_order_does_not_matter():
+    """jax.jit returns dicts with sorted keys; apply_updates must accept them for any params order."""
+    params = {"z": np.ones(2), "a": np.zeros(3)}
+    updates = {"a": np.ones(3), "z": np.ones(2)}
+    out = pr.apply_updates(params, updates)
+    np.testing.assert_array_equal(out["z"], 2.0)
+    np.testing.assert_array_equal(out["a"], 1.0)
+
+
+def test_numpy_scalar_hyperparameters_on_strict():
+    """A NumPy scalar learning rate is a number, not an array of another namespace."""
+    import array_api_strict as xs
+
+    opt = pr.agd(learning_rate=np.float64(0.1), delta=np.float32(1e-5), weight_decay=np.float64(0.0))
+    params = {"w": xs.asarray([1.0, 2.0])}
+    updates, _ = opt.update({"w": xs.asarray([0.5, -0.5])}, opt.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), [-0.1, 0.1])

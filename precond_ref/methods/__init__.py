@@ -1,5 +1,7 @@
 """One module per paper; each exports its factories."""
 
 from .agd import agd
+from .asgo import asgo, dasgo
+from .mbf import mbf
 
-__all__ = ["agd"]
+__all__ = ["agd", "asgo", "dasgo", "mbf"]

@@ -154,9 +154,10 @@ def agd(
             theta = xp.astype(theta, dtype)
         lr = ctx.value(learning_rate)
         dlt = ctx.value(delta)
+        wd = ctx.value(weight_decay)
         decay = not is_zero(weight_decay) and not win
         if decay and weight_decay_mode == "l2":
-            g = g + weight_decay * theta
+            g = g + wd * theta
 
         if faithful:
             # The authors' bias corrections are float32 scalars whatever the parameter dtype.
@@ -212,23 +213,23 @@ def agd(
             if faithful:
                 # The authors' Win scalars are float32 tensors too, applied in this order.
                 eta32 = f32(lr) * sqrt_bc2 / bc1
-                shrink = xp.astype(1.0 / (1.0 + f32(weight_decay) * eta32), dtype)
-                tau = 1.0 / (3.0 + (2.0 * eta32) * f32(weight_decay))
+                shrink = xp.astype(1.0 / (1.0 + f32(wd) * eta32), dtype)
+                tau = 1.0 / (3.0 + (2.0 * eta32) * f32(wd))
                 z_new = (z - step) * shrink
                 new_theta = theta * xp.astype(tau, dtype) + xp.astype(-tau * (2.0 * eta32), dtype) * ratio
                 new_theta = new_theta + xp.astype(2.0 * tau, dtype) * z_new
             else:
-                z_new = (z - step) / (1.0 + weight_decay * eta)
-                tau = 1.0 / (3.0 + 2.0 * eta * weight_decay)
+                z_new = (z - step) / (1.0 + wd * eta)
+                tau = 1.0 / (3.0 + 2.0 * eta * wd)
                 new_theta = tau * (theta - 2.0 * step + 2.0 * z_new)
             new_state["z"] = z_new
             return (new_theta - theta,), new_state
 
         updates = -step
         if decay and weight_decay_mode == "decoupled":
-            updates = updates - (lr * weight_decay) * theta
+            updates = updates - (lr * wd) * theta
         elif decay and weight_decay_mode == "fixed":
-            updates = updates - weight_decay * theta
+            updates = updates - wd * theta
         return (updates,), new_state
 
     return build_transform(

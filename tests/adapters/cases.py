@@ -60,9 +60,47 @@ TORCH_CASES = [
     TorchCase("agd", pt.AGD, lr=3e-2),
     TorchCase("agd-faithful-wd", pt.AGD, lr=3e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
     TorchCase("agd-amsgrad-clip", pt.AGD, lr=3e-2, kwargs=dict(amsgrad=True, clip=5.0)),
+    TorchCase("mbf", pt.MBF, lr=3e-3, kwargs=dict(damping=0.1, statistics_every=1, precondition_every=5)),
+    TorchCase(
+        "mbf-faithful-wd",
+        pt.MBF,
+        lr=3e-3,
+        kwargs=dict(mode="faithful", damping=0.1, weight_decay=1e-3, statistics_every=2, precondition_every=3),
+    ),
+    TorchCase("asgo", pt.ASGO, lr=3e-2, kwargs=dict(weight_decay=1e-3)),
+    TorchCase("asgo-faithful", pt.ASGO, lr=3e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
+    TorchCase(
+        "asgo-pe-interval", pt.ASGO, lr=3e-2,
+        kwargs=dict(root_method="polar_express", precondition_every=3, weight_decay=1e-3),
+    ),
+    TorchCase("dasgo", pt.DASGO, lr=3e-2, kwargs=dict(weight_decay=1e-3)),
+    TorchCase("dasgo-faithful", pt.DASGO, lr=3e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
 ]
 
 JAX_CASES = [
     JaxCase("agd", pj.agd, lr=5e-2),
     JaxCase("agd-faithful-wd", pj.agd, lr=5e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
+    JaxCase(
+        "mbf",
+        pj.mbf,
+        lr=5e-2,
+        kwargs=dict(damping=1.0, statistics_every=1, precondition_every=5),
+        static_args=("statistics_every", "precondition_every", "max_block_dim"),
+    ),
+    JaxCase(
+        "mbf-faithful-wd",
+        pj.mbf,
+        lr=5e-2,
+        kwargs=dict(mode="faithful", damping=1.0, weight_decay=1e-3, statistics_every=2, precondition_every=3),
+        static_args=("statistics_every", "precondition_every", "max_block_dim"),
+    ),
+    JaxCase(
+        "asgo", pj.asgo, lr=5e-2, kwargs=dict(weight_decay=1e-3, precondition_every=3),
+        static_args=("root_steps", "precondition_every", "block_size"),
+    ),
+    JaxCase(
+        "asgo-faithful", pj.asgo, lr=5e-2, kwargs=dict(mode="faithful", weight_decay=1e-3),
+        static_args=("root_steps", "precondition_every", "block_size"),
+    ),
+    JaxCase("dasgo", pj.dasgo, lr=5e-2, kwargs=dict(weight_decay=1e-3)),
 ]

@@ -1,0 +1,214 @@
+"""MBF-specific adapter behaviour: weight/bias pairing from names, conv detection, warm start."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import precond_ref as pr
+import precond_ref.adapters.jax as pj
+import precond_ref.adapters.torch as pt
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1),
+        torch.nn.BatchNorm2d(3),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 4 * 4, 5),
+    ).double()
+
+
+def _batch(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 2, 4, 4, generator=gen, dtype=torch.float64), torch.randint(0, 5, (8,), generator=gen)
+
+
+def _backward(model, x, y):
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+
+
+def test_torch_pairs_linear_and_finds_convs():
+    model = _cnn()
+    opt = pt.MBF(model.named_parameters(), lr=1e-3, statistics_every=1, precondition_every=1)
+    _backward(model, *_batch())
+    opt.step()
+    conv_w, conv_b, bn_w, bn_b, fc_w, fc_b = model.parameters()
+    assert opt.state[fc_w]["momentum"].shape == (5, 49)  # [W | b]: bias as homogeneous column
+    assert opt.state[fc_w]["statistic"].shape == (5, 5)
+    assert "momentum" not in opt.state[fc_b]  # the weight holds the pair's state
+    assert opt.state[conv_w]["statistic"].shape == (3, 2, 9, 9)
+    for p in (conv_b, bn_w, bn_b):
+        assert set(opt.state[p]) >= {"ema", "second_moment"}
+
+
+def test_torch_model_argument_names_plain_parameters_and_unnamed_warns():
+    model = _cnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = pt.MBF(model.parameters(), lr=1e-3, model=model)
+    _backward(model, *_batch())
+    opt.step()
+    assert opt.state[model[3].weight]["momentum"].shape == (5, 49)
+    with pytest.warns(UserWarning, match="no names"):
+        unnamed = pt.MBF(_cnn().parameters(), lr=1e-3)
+    assert unnamed.defaults["lr"] == 1e-3
+
+
+def test_torch_lr_is_required():
+    with pytest.raises(ValueError, match="lr"):
+        pt.MBF([{"params": list(_cnn().parameters())}])
+
+
+def test_torch_matches_core_on_the_same_tree():
+    model = _cnn()
+    opt = pt.MBF(model.named_parameters(), lr=1e-2, weight_decay=1e-2, statistics_every=2, precondition_every=3)
+    core = pr.mbf(learning_rate=1e-2, weight_decay=1e-2, statistics_every=2, precondition_every=3)
+    tree = {}
+    for name, p in model.named_parameters():
+        layer, leaf = name.split(".")
+        tree.setdefault(layer, {})[leaf] = p.detach().clone()
+    state = core.init(tree)
+    for seed in range(4):
+        opt.zero_grad()
+        _backward(model, *_batch(seed))
+        grads = {layer: {leaf: getattr(model[int(layer)], leaf).grad.clone() for leaf in d} for layer, d in tree.items()}
+        opt.step()
+        updates, state = core.update(grads, state, tree)
+        tree = pr.apply_updates(tree, updates)
+    for name, p in model.named_parameters():
+        layer, leaf = name.split(".")
+        torch.testing.assert_close(p.detach(), tree[layer][leaf], rtol=1e-13, atol=1e-15)
+
+
+def test_torch_missing_weight_gradient_keeps_weight_and_its_counter():
+    model = _cnn()
+    opt = pt.MBF(model.named_parameters(), lr=1e-2)
+    x, y = _batch()
+    for _ in range(2):
+        opt.zero_grad()
+        _backward(model, x, y)
+        opt.step()
+    fc_w, fc_b = model[3].weight, model[3].bias
+    before_w, before_b = fc_w.detach().clone(), fc_b.detach().clone()
+    opt.zero_grad()
+    _backward(model, x, y)
+    fc_w.grad = None
+    opt.step()
+    assert torch.equal(fc_w.detach(), before_w) and fc_w.grad is None
+    assert not torch.equal(fc_b.detach(), before_b)
+    assert int(opt.state[fc_w]["step"]) == 2 and int(opt.state[fc_b]["step"]) == 3
+    opt.zero_grad()
+    _backward(model, x, y)
+    opt.step()  # the pair steps together again
+    assert int(opt.state[fc_b]["step"]) == 4
+
+
+def _sampled_label_closure(model, batches):
+    it = iter(batches)
+
+    def closure():
+        x, _ = next(it)
+        logits = model(x)
+        labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=torch.Generator().manual_seed(0))[:, 0]
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+
+    return closure
+
+
+def test_torch_warm_start_from_dicts_and_from_a_closure_agree_with_core():
+    model = _cnn()
+    batches = [_batch(s) for s in range(3)]
+    # Gradients with sampled labels, collected by hand (names as keys) ...
+    closure = _sampled_label_closure(model, batches)
+    grad_dicts = []
+    for _ in batches:
+        model.zero_grad()
+        closure()
+        grad_dicts.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    model.zero_grad(set_to_none=True)
+    opt_dicts = pt.MBF(model.named_parameters(), lr=1e-3)
+    opt_dicts.warm_start(grad_dicts)
+    # ... and by the closure form.
+    opt_closure = pt.MBF(model.named_parameters(), lr=1e-3)
+    opt_closure.warm_start(_sampled_label_closure(model, batches), num_batches=3)
+    assert all(p.grad is None for p in model.parameters())
+    core = pr.mbf(learning_rate=1e-3)
+    trees = []
+    for d in grad_dicts:
+        tree = {}
+        for name, g in d.items():
+            layer, leaf = name.split(".")
+            tree.setdefault(layer, {})[leaf] = g
+        trees.append(tree)
+    state = core.warm_start(core.init(trees[0]), trees)
+    fc_w, conv_w = model[3].weight, model[0].weight
+    for opt in (opt_dicts, opt_closure):
+        torch.testing.assert_close(opt.state[fc_w]["statistic"], state.groups["3/weight"]["statistic"], rtol=1e-14, atol=0)
+        torch.testing.assert_close(opt.state[conv_w]["statistic"], state.groups["0/weight"]["statistic"], rtol=1e-14, atol=0)
+    # Training continues from the warm-started state.
+    opt_dicts.zero_grad()
+    _backward(model, *_batch())
+    opt_dicts.step()
+    assert int(opt_dicts.state[fc_w]["step"]) == 1
+    expected = 0.9 * state.groups["3/weight"]["statistic"]
+    assert not torch.allclose(opt_dicts.state[fc_w]["statistic"], expected)  # plus (1 - rho) stat(g)
+    with pytest.raises(RuntimeError, match="before the first step"):
+        opt_dicts.warm_start(grad_dicts)
+
+
+def test_torch_warm_start_bad_input():
+    model = _cnn()
+    opt = pt.MBF(model.named_parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="num_batches"):
+        opt.warm_start(lambda: None)
+    with pytest.raises(ValueError, match="num_batches"):
+        opt.warm_start([], num_batches=2)
+    with pytest.raises(KeyError, match="nope"):
+        opt.warm_start([{"nope": torch.zeros(1)}])
+
+
+def test_jax_pairs_flax_kernel_and_bias_like_torch_layout():
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((3, 4)), rng.standard_normal(3)
+    conv = rng.standard_normal((2, 3, 3, 3))
+    flax_params = {"Conv_0": {"kernel": jnp.asarray(np.transpose(conv, (2, 3, 1, 0)))},
+                   "Dense_0": {"bias": jnp.asarray(b), "kernel": jnp.asarray(w.T)}}
+    torch_tree = {"Conv_0": {"weight": conv}, "Dense_0": {"bias": b, "weight": w}}
+    opt = pj.mbf(learning_rate=1e-2, statistics_every=1, precondition_every=1)
+    core = pr.mbf(learning_rate=1e-2, statistics_every=1, precondition_every=1)
+    state, core_state = opt.init(flax_params), core.init(torch_tree)
+    assert state.groups["Dense_0/kernel"]["momentum"].shape == (3, 5)
+    step = jax.jit(opt.update)
+    for _ in range(3):
+        gw, gb, gc = rng.standard_normal((3, 4)), rng.standard_normal(3), rng.standard_normal((2, 3, 3, 3))
+        grads = {"Conv_0": {"kernel": jnp.asarray(np.transpose(gc, (2, 3, 1, 0)))},
+                 "Dense_0": {"bias": jnp.asarray(gb), "kernel": jnp.asarray(gw.T)}}
+        updates, state = step(grads, state, flax_params)
+        core_updates, core_state = core.update({"Conv_0": {"weight": gc}, "Dense_0": {"bias": gb, "weight": gw}},
+                                               core_state, torch_tree)
+        np.testing.assert_allclose(np.asarray(updates["Dense_0"]["kernel"]), core_updates["Dense_0"]["weight"].T, rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(np.asarray(updates["Dense_0"]["bias"]), core_updates["Dense_0"]["bias"], rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(np.asarray(updates["Conv_0"]["kernel"]),
+                                   np.transpose(core_updates["Conv_0"]["weight"], (2, 3, 1, 0)), rtol=1e-9, atol=1e-13)
+
+
+def test_jax_warm_start_helper():
+    rng = np.random.default_rng(1)
+    params = {"Dense_0": {"bias": jnp.zeros(3), "kernel": jnp.zeros((4, 3))}}
+    kwargs = dict(learning_rate=1e-2)
+    opt = pj.mbf(**kwargs)
+    grads = [{"Dense_0": {"bias": jnp.asarray(rng.standard_normal(3)), "kernel": jnp.asarray(rng.standard_normal((4, 3)))}}
+             for _ in range(3)]
+    state = pj.mbf_warm_start(opt.init(params), grads, **kwargs)
+    h = [np.concatenate([np.asarray(g["Dense_0"]["kernel"]).T, np.asarray(g["Dense_0"]["bias"])[:, None]], 1) for g in grads]
+    expected = np.mean([x @ x.T / 5 for x in h], axis=0)
+    np.testing.assert_allclose(np.asarray(state.groups["Dense_0/kernel"]["statistic"]), expected, rtol=1e-12)
+    updates, _ = opt.update(grads[0], state, params)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree_util.tree_leaves(updates))
