@@ -160,11 +160,12 @@ def _is_tracer(x: Any) -> bool:
 def cond(xp: Any, pred: Array, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
     """``true_fn(*operands) if pred else false_fn(*operands)``, without re-tracing under ``jax.jit``.
 
-    On JAX the branch is a ``lax.cond`` (JAX is already imported when its arrays are here, so the core
-    does not import it); elsewhere arrays are concrete and the predicate is read once on the host.
+    Under JAX tracing the branch is a ``lax.cond`` (JAX is already imported when its arrays are
+    here, so the core does not import it); with concrete arrays, on any backend, the predicate is
+    read once on the host (an eager ``lax.cond`` would trace both branches again on every call).
     Both branches must return arrays of identical shapes and dtypes.
     """
-    if is_jax_namespace(xp):
+    if is_jax_namespace(xp) and _is_tracer(pred):
         return sys.modules["jax"].lax.cond(pred, true_fn, false_fn, *operands)
     return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
