@@ -1,5 +1,6 @@
 """One module per paper; each exports its factories."""
 
 from .agd import agd
+from .root_free import if_shampoo, prototype_lr_scale, prototype_schedule, rf_adamw, rf_rmsprop
 
-__all__ = ["agd"]
+__all__ = ["agd", "if_shampoo", "prototype_lr_scale", "prototype_schedule", "rf_adamw", "rf_rmsprop"]
