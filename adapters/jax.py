@@ -19,7 +19,7 @@ import optax
 import precond_ref as pr
 from precond_ref.transform import Transform
 
-__all__ = ["to_optax", "optax_factory", "agd"]
+__all__ = ["to_optax", "optax_factory", "agd", "asgo", "dasgo"]
 
 
 def _key(entry: Any) -> Any:
@@ -96,3 +96,5 @@ def optax_factory(core_factory: Callable[..., Transform]) -> Callable[..., optax
 
 
 agd = optax_factory(pr.agd)
+asgo = optax_factory(pr.asgo)
+dasgo = optax_factory(pr.dasgo)

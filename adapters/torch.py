@@ -17,7 +17,7 @@ import precond_ref as pr
 from precond_ref.transform import PrecondState, Transform
 from precond_ref.tree import path_str, tree_flatten
 
-__all__ = ["CoreOptimizer", "AGD"]
+__all__ = ["CoreOptimizer", "AGD", "ASGO", "DASGO"]
 
 _STEP, _NONFINITE = "step", "nonfinite_count"
 # Host-side bookkeeping stored beside the core state: calls taken part in, and "holds a core group".
@@ -252,6 +252,132 @@ class AGD(CoreOptimizer):
             win=group["win"],
             mode=group["mode"],
             on_nonfinite=group["on_nonfinite"],
+        )
+
+
+class _FallbackByName:
+    """Core ``fallback_mask``: ``ndim < 2``, or the user's ``fallback_filter(name, tensor)`` on the
+    dotted parameter name. A class (not a closure) so that its repr, which keys the cached core
+    transform, is stable across steps."""
+
+    def __init__(self, fallback_filter: Optional[Callable[[str, torch.Tensor], bool]]) -> None:
+        self.fallback_filter = fallback_filter
+
+    def __call__(self, path: tuple, leaf: Any) -> bool:
+        if leaf.ndim < 2:
+            return True
+        return self.fallback_filter is not None and bool(
+            self.fallback_filter(".".join(str(k) for k in path), leaf)
+        )
+
+    def __repr__(self) -> str:
+        return f"_FallbackByName({self.fallback_filter!r})"
+
+
+class ASGO(CoreOptimizer):
+    """ASGO (An et al., arXiv 2503.20762) as a ``torch.optim.Optimizer``; see :func:`precond_ref.asgo`.
+
+    ``betas=(b1, b2)``: momentum and statistic EMA. ``damping``, ``eps`` and ``root_method`` set
+    to ``None`` mean the mode's default. Parameters with fewer than 2 dimensions go to the built-in
+    Adam (``fallback_betas``, ``fallback_eps``, ``fallback_weight_decay``, same ``lr``); pass
+    named parameters (``model.named_parameters()``) and ``fallback_filter=lambda name, p: "emb" in
+    name`` to route more by name, as the authors' trainer does for embeddings.
+    """
+
+    core_factory = staticmethod(pr.asgo)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.8),
+        weight_decay: float = 0.1,
+        damping: Optional[float] = None,
+        eps: Optional[float] = None,
+        root_method: Optional[str] = None,
+        root_steps: int = 10,
+        precondition_every: int = 1,
+        rms_target: Optional[float] = 0.2,
+        accumulator: str = "ema",
+        side: str = "auto",
+        block_size: Optional[int] = None,
+        fallback_betas: tuple[float, float] = (0.9, 0.95),
+        fallback_eps: float = 1e-8,
+        fallback_weight_decay: float = 0.0,
+        fallback_filter: Optional[Callable[[str, torch.Tensor], bool]] = None,
+        mode: str = "principled",
+        on_nonfinite: str = "skip",
+        *,
+        model: Optional[torch.nn.Module] = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, weight_decay=weight_decay, damping=damping, eps=eps,
+            root_method=root_method, root_steps=root_steps, precondition_every=precondition_every,
+            rms_target=rms_target, accumulator=accumulator, side=side, block_size=block_size,
+            fallback_betas=fallback_betas, fallback_eps=fallback_eps,
+            fallback_weight_decay=fallback_weight_decay, fallback_filter=fallback_filter,
+            mode=mode, on_nonfinite=on_nonfinite,
+        )
+        super().__init__(params, defaults, model=model)
+
+    def core_kwargs(self, group: dict) -> dict:
+        b1, b2 = group["betas"]
+        fb1, fb2 = group["fallback_betas"]
+        return dict(
+            learning_rate=_float(group["lr"]), b1=b1, b2=b2, weight_decay=group["weight_decay"],
+            damping=group["damping"], eps=group["eps"], root_method=group["root_method"],
+            root_steps=group["root_steps"], precondition_every=group["precondition_every"],
+            rms_target=group["rms_target"], accumulator=group["accumulator"], side=group["side"],
+            block_size=group["block_size"], fallback_mask=_FallbackByName(group["fallback_filter"]),
+            fallback_b1=fb1, fallback_b2=fb2, fallback_eps=group["fallback_eps"],
+            fallback_weight_decay=group["fallback_weight_decay"], mode=group["mode"],
+            on_nonfinite=group["on_nonfinite"],
+        )
+
+
+class DASGO(CoreOptimizer):
+    """DASGO (diagonal ASGO) as a ``torch.optim.Optimizer``; see :func:`precond_ref.dasgo`.
+
+    Arguments as :class:`ASGO`; ``eps`` sits inside the square root of the column statistic.
+    """
+
+    core_factory = staticmethod(pr.dasgo)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        rms_target: Optional[float] = 0.2,
+        side: str = "right",
+        fallback_betas: tuple[float, float] = (0.9, 0.95),
+        fallback_eps: float = 1e-8,
+        fallback_weight_decay: float = 0.0,
+        fallback_filter: Optional[Callable[[str, torch.Tensor], bool]] = None,
+        mode: str = "principled",
+        on_nonfinite: str = "skip",
+        *,
+        model: Optional[torch.nn.Module] = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rms_target=rms_target, side=side,
+            fallback_betas=fallback_betas, fallback_eps=fallback_eps,
+            fallback_weight_decay=fallback_weight_decay, fallback_filter=fallback_filter,
+            mode=mode, on_nonfinite=on_nonfinite,
+        )
+        super().__init__(params, defaults, model=model)
+
+    def core_kwargs(self, group: dict) -> dict:
+        b1, b2 = group["betas"]
+        fb1, fb2 = group["fallback_betas"]
+        return dict(
+            learning_rate=_float(group["lr"]), b1=b1, b2=b2, eps=group["eps"],
+            weight_decay=group["weight_decay"], rms_target=group["rms_target"], side=group["side"],
+            fallback_mask=_FallbackByName(group["fallback_filter"]), fallback_b1=fb1, fallback_b2=fb2,
+            fallback_eps=group["fallback_eps"], fallback_weight_decay=group["fallback_weight_decay"],
+            mode=group["mode"], on_nonfinite=group["on_nonfinite"],
         )
 
 

@@ -5,7 +5,16 @@ One pure core written against the Python array API standard (NumPy, CuPy, PyTorc
 ``torch.optim.Optimizer`` and an optax ``GradientTransformation``.
 """
 
-from .methods import agd, if_shampoo, prototype_lr_scale, prototype_schedule, rf_adamw, rf_rmsprop
+from .methods import (
+    agd,
+    asgo,
+    dasgo,
+    if_shampoo,
+    prototype_lr_scale,
+    prototype_schedule,
+    rf_adamw,
+    rf_rmsprop,
+)
 from .transform import PrecondState, Transform, apply_updates
 
 __version__ = "0.1.0"
@@ -15,6 +24,8 @@ __all__ = [
     "Transform",
     "agd",
     "apply_updates",
+    "asgo",
+    "dasgo",
     "if_shampoo",
     "prototype_lr_scale",
     "prototype_schedule",

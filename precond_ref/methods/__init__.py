@@ -1,6 +1,16 @@
 """One module per paper; each exports its factories."""
 
 from .agd import agd
+from .asgo import asgo, dasgo
 from .root_free import if_shampoo, prototype_lr_scale, prototype_schedule, rf_adamw, rf_rmsprop
 
-__all__ = ["agd", "if_shampoo", "prototype_lr_scale", "prototype_schedule", "rf_adamw", "rf_rmsprop"]
+__all__ = [
+    "agd",
+    "asgo",
+    "dasgo",
+    "if_shampoo",
+    "prototype_lr_scale",
+    "prototype_schedule",
+    "rf_adamw",
+    "rf_rmsprop",
+]
