@@ -19,7 +19,7 @@ import optax
 import precond_ref as pr
 from precond_ref.transform import Transform
 
-__all__ = ["to_optax", "optax_factory", "agd", "asgo", "dasgo"]
+__all__ = ["to_optax", "optax_factory", "agd", "asgo", "dasgo", "rf_rmsprop", "rf_adamw", "if_shampoo"]
 
 
 def _key(entry: Any) -> Any:
@@ -98,3 +98,7 @@ def optax_factory(core_factory: Callable[..., Transform]) -> Callable[..., optax
 agd = optax_factory(pr.agd)
 asgo = optax_factory(pr.asgo)
 dasgo = optax_factory(pr.dasgo)
+# Root-free methods: B (examples the loss averages) as batch_size= of the factory or of update.
+rf_rmsprop = optax_factory(pr.rf_rmsprop)
+rf_adamw = optax_factory(pr.rf_adamw)
+if_shampoo = optax_factory(pr.if_shampoo)

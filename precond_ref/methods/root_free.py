@@ -808,6 +808,12 @@ def if_shampoo(
         shapes = [tuple(g.shape) for g in grads]
         out_first = layout(shapes, dims)
         full, squeezed = _grouped_shape(shapes, out_first)
+        if squeezed != dims:
+            raise ValueError(
+                f"if_shampoo: gradients of shapes {shapes} do not fit the Kronecker factors of sizes {dims} "
+                "in the state; with grouping='weight_bias' a weight and its bias are one group and must "
+                "be updated together (both need gradients)"
+            )
         param_dtype = grads[0].dtype
         work_dtype = param_dtype if faithful else compute_dtype(xp, param_dtype)
         grouped = _group_tensor(xp, grads, full, squeezed, out_first, work_dtype)
