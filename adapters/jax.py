@@ -19,7 +19,18 @@ import optax
 import precond_ref as pr
 from precond_ref.transform import Transform
 
-__all__ = ["to_optax", "optax_factory", "agd", "asgo", "dasgo", "mbf", "mbf_warm_start"]
+__all__ = [
+    "to_optax",
+    "optax_factory",
+    "agd",
+    "asgo",
+    "dasgo",
+    "mbf",
+    "mbf_warm_start",
+    "rf_rmsprop",
+    "rf_adamw",
+    "if_shampoo",
+]
 
 
 def _key(entry: Any) -> Any:
@@ -115,3 +126,7 @@ def mbf_warm_start(state: Any, grads_batches: Any, **mbf_kwargs: Any) -> Any:
 
 asgo = optax_factory(pr.asgo)
 dasgo = optax_factory(pr.dasgo)
+# Root-free methods: B (examples the loss averages) as batch_size= of the factory or of update.
+rf_rmsprop = optax_factory(pr.rf_rmsprop)
+rf_adamw = optax_factory(pr.rf_adamw)
+if_shampoo = optax_factory(pr.if_shampoo)

@@ -20,7 +20,7 @@ import precond_ref as pr
 from precond_ref.transform import PrecondState, Transform
 from precond_ref.tree import path_str, tree_flatten
 
-__all__ = ["CoreOptimizer", "AGD", "ASGO", "DASGO", "MBF"]
+__all__ = ["CoreOptimizer", "AGD", "ASGO", "DASGO", "MBF", "RFRMSProp", "RFAdamW", "IFShampoo"]
 
 _STEP, _NONFINITE = "step", "nonfinite_count"
 # Host-side bookkeeping stored beside the core state: calls taken part in, and "holds a core group".
@@ -380,6 +380,189 @@ class DASGO(CoreOptimizer):
             weight_decay=group["weight_decay"], rms_target=group["rms_target"], side=group["side"],
             fallback_mask=_FallbackByName(group["fallback_filter"]), fallback_b1=fb1, fallback_b2=fb2,
             fallback_eps=group["fallback_eps"], fallback_weight_decay=group["fallback_weight_decay"],
+            mode=group["mode"], on_nonfinite=group["on_nonfinite"],
+        )
+
+
+class _BatchCounter:
+    """SIRFShampoo's batch-size detection: a forward pre-hook on the model adds ``inputs[0].shape[0]``
+    for every forward pass in training mode since the last optimizer step (so gradient accumulation
+    over several forwards counts every example of the accumulated mean)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.count = 0
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, inputs: tuple) -> None:
+        if module.training and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim > 0:
+            self.count += int(inputs[0].shape[0])
+
+
+class _RootFreeOptimizer(CoreOptimizer):
+    """Shared batch-size handling of the root-free methods.
+
+    B (the number of examples the loss *averages*; a summed loss makes B·g² wrong by B²) comes from,
+    in this order: ``step(batch_size=...)``; the constructor's ``batch_size``; or, when ``model=``
+    is given without ``batch_size``, the examples its training-mode forward passes saw since the
+    last ``step`` (the authors' hook). Without any of them ``step`` raises ``ValueError``.
+    """
+
+    def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None) -> None:
+        if params is None:
+            if model is None:
+                raise ValueError("give params, or model= to optimize all of its parameters")
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        super().__init__(params, defaults, model=model)
+        self._batch_counter = _BatchCounter(model) if model is not None and defaults["batch_size"] is None else None
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
+        counter = self._batch_counter
+        if closure is not None and counter is not None:
+            # the closure's forward passes belong to this step
+            with torch.enable_grad():
+                loss = closure()
+            return self._counted_step(lambda: loss, extra)
+        return self._counted_step(closure, extra)
+
+    def _counted_step(self, closure: Optional[Callable[[], Any]], extra: dict) -> Any:
+        counter = self._batch_counter
+        if counter is not None and extra.get("batch_size") is None and counter.count > 0:
+            extra = {**extra, "batch_size": counter.count}
+        try:
+            return super().step(closure, **extra)
+        finally:
+            if counter is not None:
+                counter.count = 0
+
+
+class RFRMSProp(_RootFreeOptimizer):
+    """RF-RMSProp (Lin et al., ICML 2024) as a ``torch.optim.Optimizer``; see :func:`precond_ref.rf_rmsprop`.
+
+    ``alpha`` is the EMA decay (core ``b2``), as in ``torch.optim.RMSprop`` and the authors'
+    ``MyRmsProp``. The learning rate is on SGD's scale (the statistic starts at 1).
+    ``batch_size``: the number of examples the loss **averages** over (not summed); or pass
+    ``model=`` to count it from the model's training forward passes, or ``step(batch_size=...)``.
+    """
+
+    core_factory = staticmethod(pr.rf_rmsprop)
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = required,
+        alpha: float = 0.999,
+        damping: float = 1e-4,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        batch_size: Optional[int] = None,
+        model: Optional[torch.nn.Module] = None,
+        initial_scale: float = 1.0,
+        scale_by_batch_size: bool = True,
+        state_dtype: Optional[torch.dtype] = None,
+        mode: str = "principled",
+        on_nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, alpha=alpha, damping=damping, momentum=momentum, weight_decay=weight_decay,
+            batch_size=batch_size, initial_scale=initial_scale, scale_by_batch_size=scale_by_batch_size,
+            state_dtype=state_dtype, mode=mode, on_nonfinite=on_nonfinite,
+        )
+        super().__init__(params, defaults, model=model)
+
+    def core_kwargs(self, group: dict) -> dict:
+        return dict(
+            learning_rate=_float(group["lr"]), b2=group["alpha"], damping=group["damping"],
+            momentum=group["momentum"], weight_decay=group["weight_decay"], batch_size=group["batch_size"],
+            initial_scale=group["initial_scale"], scale_by_batch_size=group["scale_by_batch_size"],
+            state_dtype=group["state_dtype"], mode=group["mode"], on_nonfinite=group["on_nonfinite"],
+        )
+
+
+class RFAdamW(_RootFreeOptimizer):
+    """RF-AdamW — an extra, **not in the paper** (added to the authors' repository afterwards);
+    see :func:`precond_ref.rf_adamw`. Batch size as in :class:`RFRMSProp`."""
+
+    core_factory = staticmethod(pr.rf_adamw)
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = required,
+        betas: tuple[float, float] = (0.9, 0.999),
+        damping: float = 1e-4,
+        weight_decay: float = 0.0,
+        batch_size: Optional[int] = None,
+        model: Optional[torch.nn.Module] = None,
+        bias_correction: bool = False,
+        mode: str = "principled",
+        on_nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, damping=damping, weight_decay=weight_decay, batch_size=batch_size,
+            bias_correction=bias_correction, mode=mode, on_nonfinite=on_nonfinite,
+        )
+        super().__init__(params, defaults, model=model)
+
+    def core_kwargs(self, group: dict) -> dict:
+        b1, b2 = group["betas"]
+        return dict(
+            learning_rate=_float(group["lr"]), b1=b1, b2=b2, damping=group["damping"],
+            weight_decay=group["weight_decay"], batch_size=group["batch_size"],
+            bias_correction=group["bias_correction"], mode=group["mode"], on_nonfinite=group["on_nonfinite"],
+        )
+
+
+class IFShampoo(_RootFreeOptimizer):
+    """IF-Shampoo (Lin et al., ICML 2024; SIRFShampoo) as a ``torch.optim.Optimizer``; see
+    :func:`precond_ref.if_shampoo`. Matrix products only, so ``factor_dtype=torch.bfloat16`` works.
+
+    ``batch_size``: the number of examples the loss **averages** over (not summed); or pass
+    ``model=`` (SIRFShampoo's default) to count it from the model's training forward passes, or
+    ``step(batch_size=...)``. ``grouping="weight_bias"`` needs parameter names: pass
+    ``model.named_parameters()`` or ``model=``.
+    """
+
+    core_factory = staticmethod(pr.if_shampoo)
+
+    def __init__(
+        self,
+        params: Any = None,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        preconditioner_lr: float = 0.01,
+        preconditioner_momentum: float = 0.5,
+        damping: float = 1e-3,
+        weight_decay: float = 0.0,
+        batch_size: Optional[int] = None,
+        model: Optional[torch.nn.Module] = None,
+        precondition_every: Any = 1,
+        structures: Any = "dense",
+        max_dense_dim: Optional[int] = None,
+        factor_dtype: Any = None,
+        grouping: str = "per_parameter",
+        preconditioner_lr_scale: Optional[Callable] = None,
+        mode: str = "principled",
+        on_nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, preconditioner_lr=preconditioner_lr,
+            preconditioner_momentum=preconditioner_momentum, damping=damping, weight_decay=weight_decay,
+            batch_size=batch_size, precondition_every=precondition_every, structures=structures,
+            max_dense_dim=max_dense_dim, factor_dtype=factor_dtype, grouping=grouping,
+            preconditioner_lr_scale=preconditioner_lr_scale, mode=mode, on_nonfinite=on_nonfinite,
+        )
+        super().__init__(params, defaults, model=model)
+
+    def core_kwargs(self, group: dict) -> dict:
+        return dict(
+            learning_rate=_float(group["lr"]), momentum=group["momentum"],
+            preconditioner_lr=_float(group["preconditioner_lr"]),
+            preconditioner_momentum=group["preconditioner_momentum"], damping=group["damping"],
+            weight_decay=group["weight_decay"], batch_size=group["batch_size"],
+            precondition_every=group["precondition_every"], structures=group["structures"],
+            max_dense_dim=group["max_dense_dim"], factor_dtype=group["factor_dtype"],
+            grouping=group["grouping"], preconditioner_lr_scale=group["preconditioner_lr_scale"],
             mode=group["mode"], on_nonfinite=group["on_nonfinite"],
         )
 

@@ -5,9 +5,33 @@ One pure core written against the Python array API standard (NumPy, CuPy, PyTorc
 ``torch.optim.Optimizer`` and an optax ``GradientTransformation``.
 """
 
-from .methods import agd, asgo, dasgo, mbf
+from .methods import (
+    agd,
+    asgo,
+    dasgo,
+    if_shampoo,
+    mbf,
+    prototype_lr_scale,
+    prototype_schedule,
+    rf_adamw,
+    rf_rmsprop,
+)
 from .transform import PrecondState, Transform, apply_updates
 
 __version__ = "0.1.0"
 
-__all__ = ["PrecondState", "Transform", "agd", "apply_updates", "asgo", "dasgo", "mbf", "__version__"]
+__all__ = [
+    "PrecondState",
+    "Transform",
+    "agd",
+    "apply_updates",
+    "asgo",
+    "dasgo",
+    "if_shampoo",
+    "mbf",
+    "prototype_lr_scale",
+    "prototype_schedule",
+    "rf_adamw",
+    "rf_rmsprop",
+    "__version__",
+]

@@ -3,5 +3,16 @@
 from .agd import agd
 from .asgo import asgo, dasgo
 from .mbf import mbf
+from .root_free import if_shampoo, prototype_lr_scale, prototype_schedule, rf_adamw, rf_rmsprop
 
-__all__ = ["agd", "asgo", "dasgo", "mbf"]
+__all__ = [
+    "agd",
+    "asgo",
+    "dasgo",
+    "if_shampoo",
+    "mbf",
+    "prototype_lr_scale",
+    "prototype_schedule",
+    "rf_adamw",
+    "rf_rmsprop",
+]

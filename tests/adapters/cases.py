@@ -75,6 +75,24 @@ TORCH_CASES = [
     ),
     TorchCase("dasgo", pt.DASGO, lr=3e-2, kwargs=dict(weight_decay=1e-3)),
     TorchCase("dasgo-faithful", pt.DASGO, lr=3e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
+    TorchCase("rf_rmsprop", pt.RFRMSProp, lr=5e-2, kwargs=dict(alpha=0.99, damping=1e-2, momentum=0.9, batch_size=32)),
+    TorchCase(
+        "rf_rmsprop-faithful-wd", pt.RFRMSProp, lr=5e-2,
+        kwargs=dict(alpha=0.99, damping=1e-2, momentum=0.9, weight_decay=1e-3, mode="faithful"),
+        step_kwargs=dict(batch_size=32),
+    ),
+    TorchCase("rf_adamw", pt.RFAdamW, lr=5e-2, kwargs=dict(damping=1e-2, weight_decay=1e-3, batch_size=32)),
+    TorchCase("if_shampoo", pt.IFShampoo, lr=5e-2, kwargs=dict(preconditioner_lr=0.2, damping=1e-2, batch_size=32)),
+    TorchCase(
+        "if_shampoo-mixed-every2", pt.IFShampoo, lr=5e-2,
+        kwargs=dict(preconditioner_lr=0.2, damping=1e-2, weight_decay=1e-3,
+                    structures={1: "diagonal", 2: ("dense", "diagonal")}, precondition_every=2),
+        step_kwargs=dict(batch_size=32),
+    ),
+    TorchCase(
+        "if_shampoo-faithful", pt.IFShampoo, lr=5e-2,
+        kwargs=dict(preconditioner_lr=0.2, damping=1e-2, batch_size=32, mode="faithful"),
+    ),
 ]
 
 JAX_CASES = [
@@ -103,4 +121,21 @@ JAX_CASES = [
         static_args=("root_steps", "precondition_every", "block_size"),
     ),
     JaxCase("dasgo", pj.dasgo, lr=5e-2, kwargs=dict(weight_decay=1e-3)),
+    JaxCase("rf_rmsprop", pj.rf_rmsprop, lr=2e-2, kwargs=dict(b2=0.99, damping=0.1, momentum=0.9, batch_size=1)),
+    JaxCase(
+        "rf_rmsprop-faithful-wd", pj.rf_rmsprop, lr=2e-2,
+        kwargs=dict(b2=0.99, damping=0.1, momentum=0.9, weight_decay=1e-4, mode="faithful"),
+        update_kwargs=dict(batch_size=1),
+    ),
+    JaxCase("rf_adamw", pj.rf_adamw, lr=5e-2, kwargs=dict(damping=1e-2, batch_size=1)),
+    JaxCase(
+        "if_shampoo", pj.if_shampoo, lr=1e-2, kwargs=dict(preconditioner_lr=0.5, damping=0.1, batch_size=1),
+        static_args=("precondition_every", "max_dense_dim"),
+    ),
+    JaxCase(
+        "if_shampoo-faithful-every2-diag", pj.if_shampoo, lr=1e-2,
+        kwargs=dict(preconditioner_lr=0.5, damping=0.1, precondition_every=2, structures={1: "diagonal", 2: ("dense", "diagonal")},
+                    mode="faithful", grouping="weight_bias"),
+        update_kwargs=dict(batch_size=1), static_args=("precondition_every", "max_dense_dim"),
+    ),
 ]

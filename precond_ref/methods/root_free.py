@@ -1,0 +1,897 @@
+r"""Root-free methods: RF-RMSProp and IF-Shampoo (Lin et al., ICML 2024), RF-AdamW as an extra.
+
+Both methods precondition with an estimate of the *inverse* of the damped, batch-size-scaled
+second moment of the gradient instead of its inverse square root, and IF-Shampoo tracks its
+Kronecker factors by a multiplicative (Riemannian) update that needs only matrix products: no
+eigendecomposition, inverse, solve or Cholesky factorisation anywhere in its path, which is why its
+factors can live in bfloat16.
+
+Both methods need the batch size :math:`B`, the number of examples the loss *averages* over:
+:math:`B\,g g^\top` estimates the per-example second moment. Summing the loss instead of
+averaging it makes that estimate wrong by a factor :math:`B^2`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Optional, Sequence, Union
+
+from array_api_compat import array_namespace, device as array_device
+
+from ..transform import (
+    LeafGroup,
+    ScalarOrSchedule,
+    StepContext,
+    Transform,
+    build_transform,
+    check_bool,
+    check_choice,
+    check_learning_rate,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+    check_unit_interval,
+    compute_dtype,
+    cond,
+    singleton_groups,
+)
+from ..tree import Path, path_str
+
+__all__ = [
+    "rf_rmsprop",
+    "rf_adamw",
+    "if_shampoo",
+    "prototype_lr_scale",
+    "prototype_schedule",
+    "weight_bias_groups",
+]
+
+Array = Any
+
+_BATCH_SIZE_HELP = (
+    "the root-free methods multiply the squared gradient by the batch size B, the number of "
+    "examples the loss averages over (B*g*g estimates the per-example second moment; a summed, "
+    "not averaged, loss makes it wrong by B**2). Pass batch_size= to the factory or to update"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _nonzero(value: Any) -> bool:
+    """Whether an optional piece of state is needed for a hyperparameter.
+
+    Only a Python number can switch state off: arrays (``optax.inject_hyperparams`` passes them,
+    traced inside ``update``) count as nonzero at ``init`` and at ``update`` alike, so the state
+    layout never depends on a traced value.
+    """
+    return not _is_number(value) or value != 0
+
+
+def _check_batch_size(value: Any, where: str = "batch_size") -> None:
+    if value is None or hasattr(value, "shape"):
+        return
+    check_positive_int(where, value)
+
+
+def _scalar(xp: Any, value: Any, dtype: Any) -> Any:
+    """A hyperparameter as an operand of ``dtype`` arithmetic (Python numbers pass through)."""
+    return value if _is_number(value) else xp.astype(value, dtype)
+
+
+def _filled(xp, shape, value, dtype, dev):
+    if _is_number(value):
+        return xp.full(shape, value, dtype=dtype, device=dev)
+    return xp.ones(shape, dtype=dtype, device=dev) * xp.astype(value, dtype)
+
+
+def _batch_size(name: str, factory_value: Any, ctx: StepContext) -> Any:
+    """B for this update: the per-call ``batch_size`` overrides the factory's."""
+    value = ctx.extra.get("batch_size")
+    if value is None:
+        value = factory_value
+    else:
+        _check_batch_size(value, f"{name}: update's batch_size")
+    if value is None:
+        raise ValueError(f"{name}: no batch size given; {_BATCH_SIZE_HELP}")
+    return value
+
+
+def _state_dtype(xp: Any, param_dtype: Any, requested: Any, faithful_default: Any, faithful: bool) -> Any:
+    if requested is not None:
+        dtype = requested
+    elif faithful and faithful_default is not None:
+        dtype = faithful_default(xp, param_dtype)
+    else:
+        dtype = compute_dtype(xp, param_dtype)
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"state/factor dtype must be a real floating dtype, got {dtype}")
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------
+# RF-RMSProp and RF-AdamW
+
+
+def _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_batch_size, mode):
+    check_choice("mode", mode, ("principled", "faithful"))
+    if mode == "principled":
+        check_positive("damping", damping)
+    else:
+        check_nonnegative("damping", damping)
+    check_nonnegative("weight_decay", weight_decay)
+    _check_batch_size(batch_size)
+    check_nonnegative("initial_scale", initial_scale)
+    check_bool("scale_by_batch_size", scale_by_batch_size)
+
+
+def _rf_denominator_step(xp, numerator, denom, faithful: bool):
+    """``numerator / denom``; faithful mode (λ ≥ 0) maps an exactly zero denominator to a zero step (R2)."""
+    if not faithful:
+        return numerator / denom
+    zero = denom == 0.0
+    return xp.where(zero, xp.zeros_like(numerator), numerator / xp.where(zero, xp.ones_like(denom), denom))
+
+
+def rf_rmsprop(
+    learning_rate: ScalarOrSchedule,
+    b2: float = 0.999,
+    damping: float = 1e-4,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    batch_size: Optional[int] = None,
+    initial_scale: float = 1.0,
+    scale_by_batch_size: bool = True,
+    state_dtype: Any = None,
+    mode: str = "principled",
+    on_nonfinite: str = "skip",
+) -> Transform:
+    r"""RF-RMSProp: RMSProp without the square root, with a batch-size-scaled second moment.
+
+    With gradient :math:`g` of a mean-over-:math:`B`-examples loss, EMA decay
+    :math:`b_2 = 1-\beta_2`, damping :math:`\lambda`, weight decay :math:`\kappa` and heavy-ball
+    momentum :math:`\alpha_1`:
+
+    .. math::
+
+        s &\leftarrow b_2\, s + (1-b_2)\, B\, g\odot g, \qquad s_0 = 1, \\
+        \Delta &= g \oslash (s + \lambda) + \kappa\,\theta, \qquad
+        v \leftarrow \alpha_1 v + \Delta, \qquad
+        \theta \leftarrow \theta - \eta_t\, v .
+
+    There is no bias correction: :math:`s_0 = 1` makes the first steps SGD-like
+    (:math:`\Delta \approx g/(1+\lambda)`), so the learning rate is on SGD's scale, not Adam's.
+
+    Parameters
+    ----------
+    learning_rate:
+        :math:`\eta_t` (the paper's :math:`\beta_1`), a positive number or a schedule.
+    b2:
+        EMA decay of the second moment, :math:`1-\beta_2` in the paper (torch's ``alpha``).
+    damping:
+        :math:`\lambda`, added outside the EMA; > 0 (principled) or ≥ 0 (faithful).
+    momentum:
+        :math:`\alpha_1` in [0, 1), heavy ball on the preconditioned direction, no dampening.
+    weight_decay:
+        :math:`\kappa \ge 0`, added to the preconditioned direction (not preconditioned).
+    batch_size:
+        :math:`B`, the number of examples the loss **averages** over (a summed loss makes
+        :math:`B g^2` wrong by :math:`B^2`); ``update(..., batch_size=)`` overrides it per call.
+        Under gradient accumulation, the total number of examples in the accumulated mean; for
+        token-averaged losses, the number of averaged terms.
+    initial_scale:
+        :math:`s_0` (0 is the authors' ``dummy_init`` ablation).
+    scale_by_batch_size:
+        ``False`` uses :math:`B = 1` (the authors' ``dummy_scaling`` ablation; no B needed).
+    state_dtype:
+        dtype of :math:`s` and :math:`v` (a dtype of the parameters' namespace). Default: float32
+        for bf16/fp16 parameters, else the parameter dtype (principled); float32 (faithful).
+    mode:
+        ``"principled"`` (default) or ``"faithful"``.
+    on_nonfinite:
+        ``"skip"`` (default) or ``"raise"``; see :func:`precond_ref.transform.build_transform`.
+
+    Returns
+    -------
+    Transform
+        ``update(grads, state, params=None, *, batch_size=None)``; ``params`` are needed when
+        ``weight_decay > 0``.
+
+    Notes
+    -----
+    ``mode="faithful"`` follows ``myoptim/rfrmsprop.py`` (class ``MyRmsProp``) of
+    yorkerlin/remove-the-square-root at ``e26d7c9``. Deviations of the default mode (spec
+    ``root_free.md`` §2.2):
+
+    * R1: state in float32 for bf16/fp16 parameters and float64 for float64 parameters (the
+      authors keep it in ``cast_dtype``, float32 by default, whatever the parameters).
+    * R2: :math:`\lambda > 0` is required. Faithful mode accepts :math:`\lambda = 0` and maps an
+      exactly zero denominator to a zero step (the authors' code produces Inf/NaN there).
+    * R3: the caller's gradient is never overwritten (the authors' code writes :math:`\Delta`
+      into it when the state dtype equals the gradient dtype).
+
+    The step is not invariant to the loss scale: multiplying the loss by :math:`c` divides the
+    step by :math:`c` once the statistic has adapted. Unscale gradients before ``update``.
+
+    References
+    ----------
+    Lin, Dangel, Eschenhagen, Bae, Turner, Makhzani. "Can We Remove the Square-Root in Adaptive
+    Gradient Methods? A Second-Order Perspective". ICML 2024, arXiv:2402.03496 (RF-RMSProp,
+    Figure 1 / Algorithm 1).
+    """
+    check_learning_rate("learning_rate", learning_rate)
+    check_unit_interval("b2", b2)
+    check_unit_interval("momentum", momentum)
+    _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_batch_size, mode)
+    faithful = mode == "faithful"
+    use_momentum = _nonzero(momentum)
+    use_decay = _nonzero(weight_decay)
+
+    def init_group(leaves, paths, xp):
+        (param,) = leaves
+        dtype = _state_dtype(xp, param.dtype, state_dtype, lambda xp, _: xp.float32, faithful)
+        dev = array_device(param)
+        state = {"s": _filled(xp, param.shape, initial_scale, dtype, dev)}
+        if use_momentum:
+            state["momentum"] = xp.zeros(param.shape, dtype=dtype, device=dev)
+        return state
+
+    def update_group(grads, state, params, ctx: StepContext):
+        xp = ctx.xp
+        (g,) = grads
+        s = state["s"]
+        dtype = s.dtype
+        g = xp.astype(g, dtype)
+        decay = _scalar(xp, b2, dtype)
+        scale = _scalar(xp, _batch_size("rf_rmsprop", batch_size, ctx), dtype) if scale_by_batch_size else 1
+        s_new = decay * s + (1 - decay) * (scale * (g * g))
+        step = _rf_denominator_step(xp, g, s_new + _scalar(xp, damping, dtype), faithful)
+        if use_decay:
+            step = step + _scalar(xp, weight_decay, dtype) * xp.astype(params[0], dtype)
+        new_state = {"s": s_new}
+        if use_momentum:
+            step = _scalar(xp, momentum, dtype) * state["momentum"] + step
+            new_state["momentum"] = step
+        lr = _scalar(xp, ctx.value(learning_rate), dtype)
+        return (-lr * step,), new_state
+
+    return build_transform(
+        name="rf_rmsprop",
+        init_group=init_group,
+        update_group=update_group,
+        on_nonfinite=on_nonfinite,
+        needs_params=use_decay,
+    )
+
+
+def rf_adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    damping: float = 1e-4,
+    weight_decay: float = 0.0,
+    bias_correction: bool = False,
+    batch_size: Optional[int] = None,
+    initial_scale: float = 1.0,
+    scale_by_batch_size: bool = True,
+    state_dtype: Any = None,
+    mode: str = "principled",
+    on_nonfinite: str = "skip",
+) -> Transform:
+    r"""RF-AdamW — **an extra, not in the paper**: AdamW with a root-free, batch-scaled denominator.
+
+    Added to the authors' experiment repository after publication (``myoptim/rfadamw.py``,
+    commit ``c8d43f2``) and used in none of the paper's figures. With :math:`s = B v`:
+
+    .. math::
+
+        \theta &\leftarrow \theta (1 - \eta\kappa), \qquad
+        m \leftarrow b_1 m + (1-b_1) g, \qquad
+        s \leftarrow b_2 s + (1-b_2) B\, g\odot g, \qquad s_0 = 1, \\
+        \theta &\leftarrow \theta - \frac{\eta}{c_1}\, m \oslash (s / c_2 + \lambda),
+
+    with :math:`c_i = 1 - b_i^t` if ``bias_correction`` else 1.
+
+    Parameters
+    ----------
+    learning_rate, b1, b2, damping, weight_decay, bias_correction:
+        :math:`\eta`, the EMA decays, :math:`\lambda`, decoupled :math:`\kappa` (applied first),
+        and the authors' bias-correction switch (off by default, as in their code).
+    batch_size, initial_scale, scale_by_batch_size, state_dtype, mode, on_nonfinite:
+        As in :func:`rf_rmsprop` (the authors' :math:`v_0 = 1/B` is :math:`s_0 = 1`).
+
+    Returns
+    -------
+    Transform
+        As :func:`rf_rmsprop`.
+
+    Notes
+    -----
+    Principled deviations R1–R3 as for :func:`rf_rmsprop`. With ``b1=0``, ``weight_decay=0`` and
+    no bias correction it equals :func:`rf_rmsprop` with momentum 0 (spec I-P12).
+
+    References
+    ----------
+    yorkerlin/remove-the-square-root ``myoptim/rfadamw.py`` (class ``MyAdamW``).
+    """
+    check_learning_rate("learning_rate", learning_rate)
+    check_unit_interval("b1", b1)
+    check_unit_interval("b2", b2)
+    check_bool("bias_correction", bias_correction)
+    _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_batch_size, mode)
+    faithful = mode == "faithful"
+    use_decay = _nonzero(weight_decay)
+
+    def init_group(leaves, paths, xp):
+        (param,) = leaves
+        dtype = _state_dtype(xp, param.dtype, state_dtype, lambda xp, _: xp.float32, faithful)
+        dev = array_device(param)
+        return {
+            "m": xp.zeros(param.shape, dtype=dtype, device=dev),
+            "s": _filled(xp, param.shape, initial_scale, dtype, dev),
+        }
+
+    def update_group(grads, state, params, ctx: StepContext):
+        xp = ctx.xp
+        (g,) = grads
+        m, s = state["m"], state["s"]
+        dtype = s.dtype
+        g = xp.astype(g, dtype)
+        d1, d2 = _scalar(xp, b1, dtype), _scalar(xp, b2, dtype)
+        scale = _scalar(xp, _batch_size("rf_adamw", batch_size, ctx), dtype) if scale_by_batch_size else 1
+        m_new = d1 * m + (1 - d1) * g
+        s_new = d2 * s + (1 - d2) * (scale * (g * g))
+        lr = _scalar(xp, ctx.value(learning_rate), dtype)
+        if bias_correction:
+            t = xp.astype(ctx.count + 1, dtype)
+            bc1, bc2 = 1 - d1**t, 1 - d2**t
+        else:
+            bc1 = bc2 = 1
+        step = (lr / bc1) * _rf_denominator_step(xp, m_new, s_new / bc2 + _scalar(xp, damping, dtype), faithful)
+        if use_decay:
+            step = step + (lr * _scalar(xp, weight_decay, dtype)) * xp.astype(params[0], dtype)
+        return (-step,), {"m": m_new, "s": s_new}
+
+    return build_transform(
+        name="rf_adamw",
+        init_group=init_group,
+        update_group=update_group,
+        on_nonfinite=on_nonfinite,
+        needs_params=use_decay,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# IF-Shampoo: grouping, layouts and the prototype's options
+
+_STRUCTURES = ("dense", "diagonal")
+_OUT_LAST_WEIGHT = "kernel"
+
+
+def weight_bias_groups(paths: Sequence[Path], leaves: Sequence[Array]) -> list[LeafGroup]:
+    """IF-Shampoo's ``grouping="weight_bias"``: a 2-D weight and its bias share one preconditioner.
+
+    Siblings named ``weight`` + ``bias`` (out-first, ``(d_out, d_in)``) or ``kernel`` + ``bias``
+    (out-last, ``(d_in, d_out)``) with a 1-D bias of the output size form a group (weight first,
+    keyed by the weight's path); every other leaf is its own group.
+    """
+    index = {tuple(p): i for i, p in enumerate(paths)}
+    paired: dict[int, int] = {}
+    for i, path in enumerate(paths):
+        if not path or path[-1] not in ("weight", _OUT_LAST_WEIGHT):
+            continue
+        j = index.get(tuple(path[:-1]) + ("bias",))
+        if j is None:
+            continue
+        weight, bias = leaves[i], leaves[j]
+        if len(weight.shape) != 2 or len(bias.shape) != 1:
+            continue
+        out_size = weight.shape[0] if path[-1] == "weight" else weight.shape[1]
+        if bias.shape[0] == out_size:
+            paired[i] = j
+    biases = set(paired.values())
+    groups = []
+    for i, path in enumerate(paths):
+        if i in biases:
+            continue
+        if i in paired:
+            j = paired[i]
+            groups.append(LeafGroup(path_str(path), (i, j), (path, paths[j])))
+        else:
+            groups.append(LeafGroup(path_str(path), (i,), (path,)))
+    return groups
+
+
+def _grouped_shape(shapes: Sequence[tuple], out_first: bool) -> tuple[tuple, tuple]:
+    """(unsqueezed, squeezed) shape of the tensor a group preconditions (bias as an extra column/row)."""
+    if len(shapes) == 1:
+        full = tuple(shapes[0])
+    else:
+        rows, cols = shapes[0]
+        full = (rows, cols + 1) if out_first else (rows + 1, cols)
+    squeezed = tuple(d for d in full if d != 1) or (1,)
+    return full, squeezed
+
+
+def _group_tensor(xp, leaves, full, squeezed, out_first: bool, dtype):
+    leaves = [xp.astype(x, dtype) for x in leaves]
+    if len(leaves) == 1:
+        return xp.reshape(leaves[0], squeezed)
+    weight, bias = leaves
+    if out_first:
+        grouped = xp.concat([weight, xp.reshape(bias, (full[0], 1))], axis=1)
+    else:
+        grouped = xp.concat([weight, xp.reshape(bias, (1, full[1]))], axis=0)
+    return xp.reshape(grouped, squeezed)
+
+
+def _ungroup_tensor(xp, grouped, shapes, full, out_first: bool):
+    if len(shapes) == 1:
+        return (xp.reshape(grouped, shapes[0]),)
+    grouped = xp.reshape(grouped, full)
+    rows, cols = shapes[0]
+    if out_first:
+        weight, bias = grouped[:, :cols], grouped[:, cols]
+    else:
+        weight, bias = grouped[:rows, :], grouped[rows, :]
+    return weight, xp.reshape(bias, shapes[1])
+
+
+def prototype_lr_scale(path: Path) -> float:
+    """The prototype's factor-step scale: 0.25 for parameters named ``*norm*``, ``*proj*``, ``*bias*``.
+
+    ``LocalOptimizer_GGT`` (yorkerlin/remove-the-square-root ``myoptim/ifshampoo.py``) applies it to
+    the dotted parameter name; here it is matched on every key of the path.
+    """
+    name = ".".join(str(k) for k in path)
+    return 0.25 if any(word in name for word in ("norm", "proj", "bias")) else 1.0
+
+
+def _prototype_gap(step: int, interval: int) -> int:
+    return min(max(int(math.log(step + 1, 4)), 1), interval)
+
+
+def prototype_schedule(interval: int) -> Callable[[Any], Any]:
+    """The prototype's warm-up refresh schedule as a predicate ``count -> bool`` (jit-compatible).
+
+    ``LocalOptimizer_GGT`` refreshes at step 0 and then at ``step + min(max(int(log4(step + 1)), 1), T)``
+    (the floating-point ``math.log``): every step up to 15, every 2 steps up to 63, every 3 up to
+    255, ..., every ``T`` steps eventually. The refresh steps with one gap ``j`` form an arithmetic
+    progression, so the predicate needs only the first refresh step of each gap (at most ``T``).
+    """
+    check_positive_int("interval", interval)
+    starts: list[tuple[int, int]] = []  # (first refresh step with this gap, gap)
+    step = 0
+    while True:
+        gap = _prototype_gap(step, interval)
+        starts.append((step, gap))
+        if gap == interval:
+            break
+        # jump close to the end of this gap's range, then walk (the float log decides the border)
+        far = max(0, (4 ** (gap + 1) - 1 - step) // gap - 2)
+        step += far * gap
+        while _prototype_gap(step, interval) == gap:
+            step += gap
+    bounds = [s for s, _ in starts[1:]] + [None]
+
+    def predicate(count: Any) -> Any:
+        if not hasattr(count, "shape"):
+            for (start, gap), end in zip(starts, bounds):
+                if count >= start and (end is None or count < end):
+                    return (count - start) % gap == 0
+            return False  # pragma: no cover - count < 0
+        xp = array_namespace(count)
+        result = xp.zeros(count.shape, dtype=xp.bool, device=array_device(count))
+        for (start, gap), end in zip(starts, bounds):
+            in_range = count >= start
+            if end is not None:
+                in_range = xp.logical_and(in_range, count < end)
+            result = xp.logical_or(result, xp.logical_and(in_range, (count - start) % gap == 0))
+        return result
+
+    predicate.starts = tuple(starts)  # type: ignore[attr-defined]
+    return predicate
+
+
+# --------------------------------------------------------------------------------------------
+# IF-Shampoo numerics (pure functions of one group's tensor; dense factors are (d, d) matrices,
+# diagonal factors (d,) vectors)
+
+
+def _mode_product(xp, tensor, factor, axis: int, transpose: bool):
+    """Multiply ``factor`` (or its transpose) onto ``axis`` of ``tensor``: (Kᵀ)·T_(axis) folded back."""
+    ndim = len(tensor.shape)
+    if factor.ndim == 1:
+        shape = [1] * ndim
+        shape[axis] = factor.shape[0]
+        return tensor * xp.reshape(factor, tuple(shape))
+    result = xp.tensordot(factor, tensor, axes=([0 if transpose else 1], [axis]))
+    if axis == 0:
+        return result
+    perm = list(range(1, axis + 1)) + [0] + list(range(axis + 1, ndim))
+    return xp.permute_dims(result, tuple(perm))
+
+
+def _unfold(xp, tensor, axis: int):
+    ndim = len(tensor.shape)
+    perm = (axis,) + tuple(i for i in range(ndim) if i != axis)
+    moved = xp.permute_dims(tensor, perm) if axis else tensor
+    return xp.reshape(moved, (tensor.shape[axis], -1))
+
+
+def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, factor_momentum, clamp):
+    """One simultaneous inverse-free update of all Kronecker factors of a group (spec §2.3).
+
+    ``M_n = ½[λ (Π_{i≠n} t_i) K_nᵀK_n + Y_(n)Y_(n)ᵀ/Π_{i≠n} d_i − I]`` with ``Y = √B·G ×_i K_iᵀ`` and
+    ``t_i = Tr(K_iᵀK_i)/d_i``, all from the old factors; ``m_n ← α₂ m_n + (1−α₂) M_n``;
+    ``K_n ← K_n − β₂/max(1, ‖m_n‖_F) · K_n m_n``. As in SIRFShampoo, the products and traces use
+    ``K_n/√d_n`` (neutral in exact arithmetic, keeps low precision in range).
+    """
+    dims = tuple(grouped.shape)
+    numel = math.prod(dims)
+    projected = grouped * sqrt_batch
+    inner, traces = [], []
+    for n, factor in enumerate(factors):
+        projected = xp.astype(projected, factor.dtype)
+        scaled = factor * (1.0 / math.sqrt(dims[n]))
+        projected = _mode_product(xp, projected, scaled, n, transpose=True)
+        if factor.ndim == 1:
+            gram = scaled * scaled
+            traces.append(xp.mean(gram))
+        else:
+            gram = xp.matmul(scaled.mT, scaled)
+            traces.append(xp.mean(xp.linalg.diagonal(gram)))
+        inner.append(gram)
+    new_factors, new_momenta = [], []
+    for n, factor in enumerate(factors):
+        others = 1.0
+        for i, trace in enumerate(traces):
+            if i != n:
+                others = others * xp.astype(trace, factor.dtype)
+        direction = inner[n] * ((damping / 2) * others * numel)
+        unfolded = _unfold(xp, xp.astype(projected, factor.dtype), n)
+        if factor.ndim == 1:
+            direction = direction + xp.sum(unfolded * unfolded, axis=1) * (dims[n] / 2) - 0.5
+        else:
+            eye = xp.eye(dims[n], dtype=factor.dtype, device=array_device(factor))
+            direction = direction + xp.matmul(unfolded, unfolded.mT) * (dims[n] / 2) - 0.5 * eye
+        if momenta is not None:
+            direction = factor_momentum * momenta[n] + (1 - factor_momentum) * direction
+            new_momenta.append(direction)
+        if factor.ndim == 1:
+            norm = xp.linalg.vector_norm(direction)
+            moved = factor * direction
+        else:
+            norm = xp.linalg.matrix_norm(direction)
+            moved = xp.matmul(factor, direction)
+        step_size = factor_lr / xp.maximum(norm, xp.ones_like(norm)) if clamp else factor_lr
+        new_factors.append(factor - moved * step_size)
+    return tuple(new_factors), (tuple(new_momenta) if momenta is not None else None)
+
+
+def _precondition(xp, grouped, factors):
+    """``G ×_1 P_1 … ×_N P_N`` with ``P_n = K_n K_nᵀ``, each factor divided by
+    ``σ_n = max(1, √max|K_n|)`` first and ``Π σ_n²`` multiplied back (SIRFShampoo's range device)."""
+    scale_product = 1.0
+    for n, factor in enumerate(factors):
+        largest = xp.max(xp.abs(factor))
+        sigma = xp.maximum(xp.sqrt(largest), xp.ones_like(largest))
+        scaled = factor / sigma
+        grouped = xp.astype(grouped, factor.dtype)
+        grouped = _mode_product(xp, grouped, scaled, n, transpose=True)
+        grouped = _mode_product(xp, grouped, scaled, n, transpose=False)
+        scale_product = scale_product * (sigma * sigma)
+    return grouped * xp.astype(scale_product, grouped.dtype)
+
+
+def _per_axis(option: Any, rank: int, what: str, where: str) -> tuple:
+    """SIRFShampoo's per-rank option format: a single value, or {rank: value or tuple per axis}."""
+    if isinstance(option, dict):
+        if rank not in option:
+            raise ValueError(
+                f"if_shampoo: {what} has no entry for the {rank}-D preconditioned tensor of {where!r} "
+                f"(keys {sorted(option)})"
+            )
+        option = option[rank]
+    if isinstance(option, (tuple, list)):
+        if len(option) != rank:
+            raise ValueError(
+                f"if_shampoo: {what} for {where!r} lists {len(option)} entries, but its preconditioned "
+                f"tensor has {rank} axes (one Kronecker factor each)"
+            )
+        return tuple(option)
+    return (option,) * rank
+
+
+def _check_structures(structures: Any) -> None:
+    values = list(structures.values()) if isinstance(structures, dict) else [structures]
+    if isinstance(structures, dict) and not all(
+        isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in structures
+    ):
+        raise ValueError(f"structures: dict keys must be tensor ranks >= 1, got {sorted(structures, key=str)}")
+    for value in values:
+        names = value if isinstance(value, (tuple, list)) else (value,)
+        for name in names:
+            if name not in _STRUCTURES:
+                raise ValueError(f"structures must name one of {_STRUCTURES} per axis, got {name!r}")
+
+
+def if_shampoo(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    momentum: float = 0.9,
+    preconditioner_lr: ScalarOrSchedule = 0.01,
+    preconditioner_momentum: float = 0.5,
+    damping: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: Optional[int] = None,
+    precondition_every: Union[int, Callable[[Any], Any]] = 1,
+    structures: Union[str, dict] = "dense",
+    max_dense_dim: Optional[int] = None,
+    factor_dtype: Any = None,
+    grouping: str = "per_parameter",
+    preconditioner_lr_scale: Optional[Callable[[Path], float]] = None,
+    clamp_factor_step: bool = True,
+    mode: str = "principled",
+    on_nonfinite: str = "skip",
+) -> Transform:
+    r"""IF-Shampoo: inverse- and root-free Kronecker-factored preconditioning (matmul only).
+
+    A group's gradient is arranged as a tensor :math:`G` of shape :math:`(d_1,\dots,d_N)` (size-1
+    axes squeezed; with ``grouping="weight_bias"`` a bias is an extra column of its weight). Each
+    axis has a factor :math:`K_n` (identity at start), :math:`P_n = K_n K_n^\top`. On refresh steps,
+    from the old factors (all axes simultaneously), with :math:`Y = \sqrt{B}\,G \times_1 K_1^\top
+    \cdots \times_N K_N^\top` and :math:`t_i = \operatorname{Tr}(K_i^\top K_i)/d_i`:
+
+    .. math::
+
+        M_n &= \tfrac12\Bigl[\lambda \bigl(\textstyle\prod_{i\ne n} t_i\bigr) K_n^\top K_n
+              + \frac{Y_{(n)} Y_{(n)}^\top}{\prod_{i\ne n} d_i} - I\Bigr]
+              \quad(\text{diagonal structure: its diagonal}), \\
+        m_n &\leftarrow \alpha_2 m_n + (1-\alpha_2) M_n, \qquad
+        K_n \leftarrow K_n - \frac{\beta_2}{\max(1, \lVert m_n\rVert_F)} K_n m_n .
+
+    Every step, with the raw gradient: :math:`U = G \times_1 P_1 \cdots \times_N P_N + \kappa W`,
+    :math:`v \leftarrow \alpha_1 v + U`, :math:`W \leftarrow W - \eta_t v`.
+
+    At a fixed point :math:`P_n = S_n^{-1}` with :math:`S_n = [\lambda \prod_{i\ne n}\operatorname{Tr}P_i\,
+    I + B\,\mathbb E\,G_{(n)}(\otimes_{i\ne n}P_i)G_{(n)}^\top]/\prod_{i\ne n} d_i`: for a vector,
+    :math:`KK^\top \to (B\,\mathbb E\,gg^\top + \lambda I)^{-1}` (root-free full-matrix RMSProp); for a
+    matrix the "flip-flop" Kronecker estimate of :math:`B\,\mathrm{vec}(G)\mathrm{vec}(G)^\top + \lambda I`.
+
+    Parameters
+    ----------
+    learning_rate:
+        :math:`\eta_t` (paper :math:`\beta_1`), positive or a schedule.
+    momentum:
+        :math:`\alpha_1` in [0, 1), heavy ball on the preconditioned step.
+    preconditioner_lr:
+        :math:`\beta_2 > 0` (or a schedule), the factor step size.
+    preconditioner_momentum:
+        :math:`\alpha_2` in [0, 1), Riemannian momentum on the factors (0: no buffer).
+    damping:
+        :math:`\lambda \ge 0`.
+    weight_decay:
+        :math:`\kappa \ge 0`, added to the preconditioned step (not preconditioned).
+    batch_size:
+        :math:`B`, the number of examples the loss **averages** over; a summed loss makes
+        :math:`B\,gg^\top` wrong by :math:`B^2`. ``update(..., batch_size=)`` overrides it per call.
+    precondition_every:
+        :math:`T`: factors refresh when ``count % T == 0`` (so on the first update), or a predicate
+        ``count -> bool`` such as :func:`prototype_schedule`. Under ``optax.inject_hyperparams`` a
+        callable must be listed in ``static_args``.
+    structures:
+        ``"dense"``, ``"diagonal"``, or SIRFShampoo's ``{rank: name or tuple of names per axis}``.
+    max_dense_dim:
+        Axes longer than this get a diagonal factor (default 4096 principled, unlimited faithful).
+    factor_dtype:
+        dtype of the factors and their momenta (a dtype of the parameters' namespace, or a dict
+        like ``structures``). Default: the compute dtype (principled; float32 for bf16 parameters)
+        or the parameter dtype (faithful). bf16 factors are the paper's half-precision mode.
+    grouping:
+        ``"per_parameter"`` or ``"weight_bias"`` (see :func:`weight_bias_groups`).
+    preconditioner_lr_scale:
+        ``None`` or ``path -> float > 0`` multiplying :math:`\beta_2` per group (path of the group's
+        first leaf); :func:`prototype_lr_scale` reproduces the authors' prototype.
+    clamp_factor_step:
+        The :math:`1/\max(1, \lVert m_n\rVert_F)` clamp (turn off only to study the first-order rule).
+    mode:
+        ``"principled"`` (default) or ``"faithful"``.
+    on_nonfinite:
+        ``"skip"`` (default) or ``"raise"``.
+
+    Returns
+    -------
+    Transform
+        ``update(grads, state, params=None, *, batch_size=None)``; ``params`` are needed when
+        ``weight_decay > 0``.
+
+    Notes
+    -----
+    ``mode="faithful"`` reproduces ``SIRFShampoo`` (f-dangel/sirfshampoo ``7bc5eaf``, structures from
+    singd ``1ac69a3``), including its neutral scaling devices (:math:`K_n/\sqrt{d_n}` in the factor
+    update, :math:`\sigma_n` when preconditioning). Deviations of the default mode (spec §2.4):
+
+    * S1: factors and factor momenta in the compute dtype (float32 for bf16/fp16 parameters) unless
+      ``factor_dtype`` asks for bf16/fp16.
+    * S2: a group whose gradient is exactly zero skips the factor update (the authors' factors
+      drift toward the damping-only fixed point, without bound when :math:`\lambda = 0`).
+    * S3: a factor update that produces a non-finite factor is discarded and counted in the
+      group's ``factor_failures``.
+    * S4: axes longer than ``max_dense_dim`` (4096) get diagonal factors.
+    * S5: :math:`B` is an argument (the torch adapter offers the authors' forward-hook counting).
+    * S6: the momentum buffer is in the compute dtype (the authors': the parameter dtype).
+
+    The prototype used for the paper (``LocalOptimizer_GGT``) equals faithful mode plus
+    ``preconditioner_lr_scale=prototype_lr_scale`` and ``precondition_every=prototype_schedule(T)``.
+    Only the Kronecker product of the factors is identifiable (:math:`cP_1 \otimes P_2/c`).
+
+    References
+    ----------
+    Lin, Dangel, Eschenhagen, Bae, Turner, Makhzani. "Can We Remove the Square-Root in Adaptive
+    Gradient Methods? A Second-Order Perspective". ICML 2024, arXiv:2402.03496 (IF-Shampoo,
+    Figure 3). Clean implementation: https://github.com/f-dangel/sirfshampoo.
+    """
+    check_learning_rate("learning_rate", learning_rate)
+    check_unit_interval("momentum", momentum)
+    check_learning_rate("preconditioner_lr", preconditioner_lr)
+    check_unit_interval("preconditioner_momentum", preconditioner_momentum)
+    check_nonnegative("damping", damping)
+    check_nonnegative("weight_decay", weight_decay)
+    _check_batch_size(batch_size)
+    if not hasattr(precondition_every, "shape"):
+        check_positive_int("precondition_every", precondition_every, allow_callable=True)
+    _check_structures(structures)
+    if max_dense_dim is not None and not hasattr(max_dense_dim, "shape"):
+        check_positive_int("max_dense_dim", max_dense_dim)
+    check_choice("grouping", grouping, ("per_parameter", "weight_bias"))
+    if preconditioner_lr_scale is not None and not callable(preconditioner_lr_scale):
+        raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {preconditioner_lr_scale!r}")
+    check_bool("clamp_factor_step", clamp_factor_step)
+    check_choice("mode", mode, ("principled", "faithful"))
+    faithful = mode == "faithful"
+    dense_limit = max_dense_dim if max_dense_dim is not None else (None if faithful else 4096)
+    use_momentum = _nonzero(momentum)
+    use_factor_momentum = _nonzero(preconditioner_momentum)
+    use_decay = _nonzero(weight_decay)
+
+    def layout(shapes, factor_dims):
+        """Out-first (weight (d_out, d_in)) or out-last pairing, read off the factors' sizes."""
+        if len(shapes) == 1:
+            return True
+        return _grouped_shape(shapes, True)[1] == factor_dims
+
+    def init_group(leaves, paths, xp):
+        shapes = [tuple(x.shape) for x in leaves]
+        where = path_str(paths[0])
+        out_first = len(leaves) == 1 or paths[0][-1] != _OUT_LAST_WEIGHT
+        _, dims = _grouped_shape(shapes, out_first)
+        rank = len(dims)
+        param_dtype = leaves[0].dtype
+        kinds = _per_axis(structures, rank, "structures", where)
+        dtypes = _per_axis(factor_dtype, rank, "factor_dtype", where)
+        dev = array_device(leaves[0])
+        limit = None if dense_limit is None else int(dense_limit)
+        state = {}
+        for n, (d, kind, dtype) in enumerate(zip(dims, kinds, dtypes)):
+            dtype = _state_dtype(xp, param_dtype, dtype, lambda xp, p: p, faithful)
+            diagonal = kind == "diagonal" or (limit is not None and d > limit)
+            factor = xp.ones((d,), dtype=dtype, device=dev) if diagonal else xp.eye(d, dtype=dtype, device=dev)
+            state[f"factor_{n}"] = factor
+            if use_factor_momentum:
+                state[f"factor_momentum_{n}"] = xp.zeros(factor.shape, dtype=dtype, device=dev)
+        buffer_dtype = param_dtype if faithful else compute_dtype(xp, param_dtype)
+        if use_momentum:
+            for i, shape in enumerate(shapes):
+                state[f"momentum_{i}"] = xp.zeros(shape, dtype=buffer_dtype, device=dev)
+        if preconditioner_lr_scale is not None:
+            scale = preconditioner_lr_scale(paths[0])
+            check_positive(f"preconditioner_lr_scale({where!r})", scale)
+            state["preconditioner_lr_scale"] = xp.asarray(
+                scale, dtype=compute_dtype(xp, param_dtype), device=dev
+            )
+        if not faithful:
+            state["factor_failures"] = xp.zeros((), dtype=xp.int32, device=dev)
+        return state
+
+    def update_group(grads, state, params, ctx: StepContext):
+        xp = ctx.xp
+        rank = sum(1 for k in state if k.startswith("factor_") and k[7:].isdigit())
+        factors = tuple(state[f"factor_{n}"] for n in range(rank))
+        momenta = tuple(state[f"factor_momentum_{n}"] for n in range(rank)) if use_factor_momentum else None
+        dims = tuple(f.shape[0] for f in factors)
+        shapes = [tuple(g.shape) for g in grads]
+        out_first = layout(shapes, dims)
+        full, squeezed = _grouped_shape(shapes, out_first)
+        if squeezed != dims:
+            raise ValueError(
+                f"if_shampoo: gradients of shapes {shapes} do not fit the Kronecker factors of sizes {dims} "
+                "in the state; with grouping='weight_bias' a weight and its bias are one group and must "
+                "be updated together (both need gradients)"
+            )
+        param_dtype = grads[0].dtype
+        work_dtype = param_dtype if faithful else compute_dtype(xp, param_dtype)
+        grouped = _group_tensor(xp, grads, full, squeezed, out_first, work_dtype)
+
+        batch = _batch_size("if_shampoo", batch_size, ctx)
+        sqrt_batch = math.sqrt(batch) if _is_number(batch) else xp.sqrt(xp.astype(batch, work_dtype))
+        factor_lr = ctx.value(preconditioner_lr)
+        if "preconditioner_lr_scale" in state:
+            factor_lr = factor_lr * state["preconditioner_lr_scale"]
+
+        refresh = ctx.every(precondition_every)
+        if not hasattr(refresh, "shape"):
+            refresh = xp.asarray(bool(refresh), device=array_device(grouped))
+        if not faithful:
+            refresh = xp.logical_and(refresh, xp.any(grouped != 0.0))  # S2
+
+        n_mom = rank if momenta is not None else 0
+
+        def refreshed(*arrays):
+            old_factors, old_momenta = arrays[:rank], (arrays[rank : rank + n_mom] if n_mom else None)
+            new_factors, new_momenta = _factor_step(
+                xp,
+                grouped,
+                old_factors,
+                old_momenta,
+                sqrt_batch,
+                _scalar(xp, damping, factors[0].dtype),
+                _scalar(xp, factor_lr, factors[0].dtype),
+                _scalar(xp, preconditioner_momentum, factors[0].dtype),
+                clamp_factor_step,
+            )
+            new = tuple(new_factors) + (tuple(new_momenta) if n_mom else ())
+            if faithful:
+                return new + arrays[rank + n_mom :]
+            finite = None
+            for a in new:
+                ok = xp.all(xp.isfinite(a))
+                finite = ok if finite is None else xp.logical_and(finite, ok)
+            kept = tuple(xp.where(finite, a, b) for a, b in zip(new, arrays[: rank + n_mom]))
+            failures = arrays[-1] + xp.astype(xp.logical_not(finite), xp.int32)  # S3
+            return kept + (failures,)
+
+        def kept(*arrays):
+            return arrays
+
+        operands = factors + (momenta if n_mom else ())
+        if not faithful:
+            operands = operands + (state["factor_failures"],)
+        results = cond(xp, refresh, refreshed, kept, *operands)
+        new_state = dict(state)
+        for n in range(rank):
+            new_state[f"factor_{n}"] = results[n]
+            if n_mom:
+                new_state[f"factor_momentum_{n}"] = results[rank + n]
+        if not faithful:
+            new_state["factor_failures"] = results[-1]
+
+        preconditioned = _precondition(xp, grouped, results[:rank])
+        pieces = _ungroup_tensor(xp, preconditioned, shapes, full, out_first)
+        lr = ctx.value(learning_rate)
+        updates = []
+        for i, piece in enumerate(pieces):
+            if use_decay:
+                piece = piece + _scalar(xp, weight_decay, piece.dtype) * xp.astype(params[i], piece.dtype)
+            if use_momentum:
+                buffer = state[f"momentum_{i}"]
+                piece = _scalar(xp, momentum, buffer.dtype) * buffer + xp.astype(piece, buffer.dtype)
+                new_state[f"momentum_{i}"] = piece
+            else:
+                piece = xp.astype(piece, work_dtype)
+            updates.append(-_scalar(xp, lr, piece.dtype) * piece)
+        return tuple(updates), new_state
+
+    return build_transform(
+        name="if_shampoo",
+        init_group=init_group,
+        update_group=update_group,
+        group_leaves=weight_bias_groups if grouping == "weight_bias" else singleton_groups,
+        on_nonfinite=on_nonfinite,
+        needs_params=use_decay,
+    )

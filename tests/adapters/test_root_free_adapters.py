@@ -1,0 +1,202 @@
+"""Root-free adapters beyond the shared contract: batch-size counting from the model's forward
+passes (torch), weight+bias grouping through parameter names, bf16 factors through both adapters,
+and the authors' SIRFShampoo package when it is installed."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import precond_ref as pr
+import precond_ref.adapters.jax as pj
+import precond_ref.adapters.torch as pt
+
+
+def _model(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).to(dtype)
+
+
+def _data(n, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    return x.to(dtype), torch.sin(x[:, :2]).to(dtype)
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("cls, kwargs", [(pt.RFRMSProp, dict(lr=0.05)), (pt.IFShampoo, dict(lr=0.05)),
+                                          (pt.RFAdamW, dict(lr=0.05))])
+def test_batch_size_counted_from_training_forwards(cls, kwargs):
+    """model= without batch_size counts inputs[0].shape[0] of every training forward since the last
+    step (two accumulated forwards of 8 and 4 examples -> B = 12); eval forwards do not count."""
+    x, y = _data(12)
+    counted, explicit = _model(), _model()
+    opt_c = cls(None, model=counted, **kwargs)
+    opt_e = cls(explicit.named_parameters(), batch_size=12, **kwargs)
+    for _ in range(3):
+        for model, opt in ((counted, opt_c), (explicit, opt_e)):
+            opt.zero_grad()
+            for part in (slice(0, 8), slice(8, 12)):  # gradient accumulation of a mean over 12
+                loss = ((model(x[part]) - y[part]) ** 2).sum() / 12
+                loss.backward()
+        counted.eval()
+        counted(x)  # evaluation forwards are not counted
+        counted.train()
+        opt_c.step()
+        opt_e.step()
+        assert torch.equal(_flat(counted), _flat(explicit))
+    with pytest.raises(ValueError, match="averages"):
+        opt_c.zero_grad()
+        ((counted(x) - y) ** 2).mean().backward()
+        counted.eval()
+        opt_c.step()  # counted 12 ... then reset: next step without forwards has no B
+        opt_c.step()
+
+
+def test_step_batch_size_overrides_and_closure_counts():
+    x, y = _data(6)
+    a, b = _model(), _model()
+    opt_a = pt.RFRMSProp(None, lr=0.1, model=a)
+    opt_b = pt.RFRMSProp(b.named_parameters(), lr=0.1)
+
+    def closure():
+        opt_a.zero_grad()
+        loss = ((a(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    opt_a.step(closure)  # the closure's forward is counted: B = 6
+    opt_b.zero_grad()
+    ((b(x) - y) ** 2).mean().backward()
+    opt_b.step(batch_size=6)
+    assert torch.equal(_flat(a), _flat(b))
+    with pytest.raises(ValueError, match="batch size"):
+        opt_b.step()
+
+
+def test_if_shampoo_weight_bias_grouping_through_names_matches_core():
+    x, y = _data(16)
+    model = _model()
+    opt = pt.IFShampoo(model.named_parameters(), lr=0.05, batch_size=16, grouping="weight_bias",
+                       preconditioner_lr=0.2)
+    core = pr.if_shampoo(learning_rate=0.05, batch_size=16, grouping="weight_bias", preconditioner_lr=0.2)
+    names = [n for n, _ in model.named_parameters()]
+
+    def tree(tensors):
+        out: dict = {}
+        for n, t in zip(names, tensors):
+            parent, leaf = n.split(".")
+            out.setdefault(parent, {})[leaf] = t
+        return out
+
+    params = tree([p.detach().clone() for p in model.parameters()])
+    state = core.init(params)
+    assert set(state.groups) == {"0/weight", "2/weight"}  # each weight grouped with its bias
+    for _ in range(4):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        grads = tree([p.grad.clone() for p in model.parameters()])
+        opt.step()
+        updates, state = core.update(grads, state, params)
+        params = pr.apply_updates(params, updates)
+    for n, p in model.named_parameters():
+        parent, leaf = n.split(".")
+        torch.testing.assert_close(p.detach(), params[parent][leaf], rtol=0, atol=0)
+    assert opt.state[model[0].weight]["factor_1"].shape == (6, 6)  # 5 inputs + the bias column
+
+
+def test_if_shampoo_bf16_model_with_bf16_factors_torch():
+    """bf16 parameters and bf16 Kronecker factors (the paper's half-precision mode): finite, factors
+    stay bf16, the loss falls."""
+    x, y = _data(64, torch.bfloat16)
+    model = _model(torch.bfloat16)
+    opt = pt.IFShampoo(None, model=model, lr=0.05, preconditioner_lr=0.2, damping=1e-2,
+                       factor_dtype=torch.bfloat16)
+    losses = []
+    for _ in range(80):
+        opt.zero_grad()
+        loss = ((model(x).float() - y.float()) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] / 3, losses[::10]
+    state = opt.state[model[0].weight]
+    assert state["factor_0"].dtype == torch.bfloat16 and model[0].weight.dtype == torch.bfloat16
+    assert all(torch.isfinite(v.float()).all() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def test_if_shampoo_bf16_params_and_factors_optax_jit():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(64, 5)), jnp.float32)
+    y = jnp.sin(a[:, :2])
+    params = {"layer": {"kernel": jnp.zeros((5, 2), jnp.bfloat16), "bias": jnp.zeros((2,), jnp.bfloat16)}}
+
+    def loss(p):
+        out = a @ p["layer"]["kernel"].astype(jnp.float32) + p["layer"]["bias"].astype(jnp.float32)
+        return jnp.mean((out - y) ** 2)
+
+    opt = pj.if_shampoo(learning_rate=0.05, preconditioner_lr=0.2, damping=1e-2, factor_dtype=jnp.bfloat16,
+                        grouping="weight_bias")
+    state = opt.init(params)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(loss)(p)
+        u, s = opt.update(g, s, p, batch_size=64)
+        return optax.apply_updates(p, u), s
+
+    first = float(loss(params))
+    for _ in range(80):
+        params, state = step(params, state)
+    final = float(loss(params))
+    assert np.isfinite(final) and final < first / 3, (first, final)
+    assert params["layer"]["kernel"].dtype == jnp.bfloat16
+    factors = [v for k, v in state.groups["layer/kernel"].items() if k.startswith("factor_") and k[7:].isdigit()]
+    assert [f.shape for f in factors] == [(6, 6), (2, 2)]  # the bias is an extra row of the kernel
+    assert all(f.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(f))) for f in factors)
+
+
+def test_if_shampoo_faithful_matches_installed_sirfshampoo():
+    """Live comparison with the authors' package when installed (dense, per parameter, B counted by
+    both optimizers' forward hooks): float64 parameters agree to 1e-10 after 10 steps."""
+    sirfshampoo = pytest.importorskip("sirfshampoo")
+    x, y = _data(16)
+    ours_model, ref_model = _model(), _model()
+    kw = dict(lr=0.05, alpha1=0.9, alpha2=0.5, beta2=0.2, lam=1e-3, kappa=1e-3)
+    ref = sirfshampoo.SIRFShampoo(ref_model, **kw)
+    ours = pt.IFShampoo(None, model=ours_model, lr=0.05, momentum=0.9, preconditioner_momentum=0.5,
+                        preconditioner_lr=0.2, damping=1e-3, weight_decay=1e-3, mode="faithful")
+    for _ in range(10):
+        for model, opt in ((ours_model, ours), (ref_model, ref)):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+    torch.testing.assert_close(_flat(ours_model), _flat(ref_model), rtol=1e-10, atol=1e-12)
+
+
+def test_state_dict_of_counted_optimizer_round_trips():
+    x, y = _data(8)
+    model = _model()
+    opt = pt.IFShampoo(None, model=model, lr=0.05)
+    for _ in range(2):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    clone = copy.deepcopy(model)
+    opt2 = pt.IFShampoo(None, model=clone, lr=0.05)
+    opt2.load_state_dict(opt.state_dict())
+    for m, o in ((model, opt), (clone, opt2)):
+        o.zero_grad()
+        ((m(x) - y) ** 2).mean().backward()
+        o.step()
+    assert torch.equal(_flat(model), _flat(clone))
