@@ -3,7 +3,7 @@
 ``<!-- api: precond_ref.methods.asgo -->`` becomes the mkdocstrings directive ``::: ...`` when the
 module can be imported, and a note otherwise, so the method pages can be written before every
 method module exists and the site still builds without warnings. ``<!-- api: methods -->``
-expands to one section per module of :mod:`precond_ref.methods`.
+expands to a list of links to the method pages, one per module of :mod:`precond_ref.methods`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,11 @@ def _method_modules() -> list[str]:
 def _expand(match: re.Match) -> str:
     name = match.group(1)
     if name == "methods":
-        return "\n\n".join(f"::: {module}" for module in _method_modules())
+        # Each method module is rendered once, on its own method page (rendering it here too
+        # would give its objects two primary URLs, which autorefs refuses in strict mode).
+        return "\n".join(
+            f"- [`{module}`](../methods/{module.rsplit('.', 1)[1]}.md)" for module in _method_modules()
+        )
     if _importable(name):
         if name.startswith("precond_ref.adapters"):
             # The adapters' sources live in the top-level folder adapters/ and are installed under

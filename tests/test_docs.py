@@ -98,7 +98,7 @@ def _check_documented_report(page: pathlib.Path, namespace: dict) -> None:
     parameter, and the report printed on the page is the one the code produces."""
     report = namespace["report"]
     first = report.first_divergence
-    assert (first.step, first.path, first.index) == (2, "fc1/weight", (0, 0))
+    assert (first.step, first.path, first.index) == (2, "fc1/bias", (0,))
     shown = re.search(r"```text\n(.*?)```", page.read_text(), re.S).group(1).strip().splitlines()
     actual = str(report).splitlines()
     assert shown[0] == actual[0]
