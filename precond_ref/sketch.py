@@ -74,7 +74,7 @@ __all__ = [
 Array = Any
 
 SKETCH_KEYS = ("basis", "singular_values", "escaped_mass", "basis_weights", "complement_weight")
-_DECOMPOSITIONS = ("svd", "gram")
+_DECOMPOSITIONS = ("svd", "gram", "qr_svd")
 
 
 def fd_init(xp: Any, d: int, k: int, *, dtype: Any, device: Any) -> dict[str, Array]:
@@ -109,6 +109,13 @@ def _descending_left_singular(xp: Any, z: Array, decomposition: str) -> tuple[Ar
     d, n = z.shape
     if decomposition == "svd":
         p, s, _ = xp.linalg.svd(z, full_matrices=False)
+        return p, s
+    if decomposition == "qr_svd":
+        # The authors' order of operations: R from a QR of z^T, then the SVD of R^T. A no-op
+        # mathematically, but it decides whether a rounding-level shrink value comes out as exactly
+        # 0 or as ~1e-7 s_0, which faithful mode must reproduce (see deviation K3).
+        _, r_factor = xp.linalg.qr(z.mT)
+        p, s, _ = xp.linalg.svd(r_factor.mT, full_matrices=False)
         return p, s
     # Gram path (K7): eigh of the smaller Gram matrix; cheaper when n << d, but squares the
     # condition number, so directions at rounding level are dropped (set to zero).
@@ -179,7 +186,9 @@ def fd_update(
         Treat singular values at rounding level (the shrink value and retained ones) as 0
         (deviation K3, :func:`shrink_cutoff_tolerance`).
     decomposition:
-        ``"svd"`` (thin SVD of the d x (k+m) factor) or ``"gram"`` (eigh of the smaller Gram matrix).
+        ``"svd"`` (thin SVD of the d x (k+m) factor), ``"qr_svd"`` (the same after a QR of the
+        factor's transpose, the authors' order of operations) or ``"gram"`` (eigh of the smaller
+        Gram matrix).
 
     Returns
     -------
