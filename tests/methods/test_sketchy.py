@@ -68,6 +68,8 @@ def _factories():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_backends_agree_with_numpy(backend, name, mode, dtype):
     """A few steps on every backend equal the NumPy result; updates and state keep the dtype."""
+    if backend.name == "jax" and (mode == "faithful") != (dtype == "float64"):
+        pytest.skip("JAX compiles each configuration (~5 s): float32 runs principled, float64 faithful")
     make = _factories()[name]
     rng = np.random.default_rng(0)
     params = {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
