@@ -5,10 +5,12 @@ One pure core written against the Python array API standard (NumPy, CuPy, PyTorc
 ``torch.optim.Optimizer`` and an optax ``GradientTransformation``.
 """
 
-from .methods import agd
-from .methods import s_adagrad, scale_by_sketchy, sketchy
+from .methods import agd, asgo, dasgo, s_adagrad, scale_by_sketchy, sketchy
 from .transform import PrecondState, Transform, apply_updates
 
 __version__ = "0.1.0"
 
-__all__ = ["PrecondState", "Transform", "agd", "apply_updates", "__version__", "s_adagrad", "scale_by_sketchy", "sketchy"]
+__all__ = [
+    "PrecondState", "Transform", "agd", "apply_updates", "asgo", "dasgo", "s_adagrad",
+    "scale_by_sketchy", "sketchy", "__version__",
+]

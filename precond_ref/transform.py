@@ -37,6 +37,7 @@ __all__ = [
     "schedule_value",
     "compute_dtype",
     "scalar_array",
+    "is_zero",
     "cond",
     "singleton_groups",
     "check_interval",
@@ -128,6 +129,15 @@ def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
     if hasattr(value, "shape"):
         return xp.astype(value, dtype)
     return xp.asarray(value, dtype=dtype, device=device)
+
+
+def is_zero(value: Any) -> bool:
+    """Whether a hyperparameter is statically zero.
+
+    Only a Python number can be: an array (``optax.inject_hyperparams`` passes hyperparameters as
+    arrays, traced under jit) is treated as possibly non-zero, so no Python branch reads its value.
+    """
+    return _is_number(value) and value == 0
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:

@@ -18,6 +18,7 @@ from ..transform import (
     check_positive,
     check_unit_interval,
     compute_dtype,
+    is_zero,
     scalar_array,
 )
 
@@ -60,8 +61,10 @@ def agd(
     learning_rate:
         :math:`\eta`, a positive number or a schedule ``count -> value``. The authors advise about a
         tenth of the AdamW learning rate for the same task.
-    b1, b2:
-        EMA coefficients of the gradient and of the squared stepwise difference, in [0, 1).
+    b1:
+        EMA coefficient of the gradient, in [0, 1).
+    b2:
+        EMA coefficient of the squared stepwise difference, in [0, 1).
     delta:
         The switch threshold :math:`\delta > 0`, in gradient units (AGD is not invariant to the
         gradient scale). The authors' code default is 1e-5; their README suggests 1e-14 for
@@ -151,18 +154,18 @@ def agd(
             theta = xp.astype(theta, dtype)
         lr = ctx.value(learning_rate)
         dlt = ctx.value(delta)
-        decay = weight_decay != 0.0 and not win
+        decay = not is_zero(weight_decay) and not win
         if decay and weight_decay_mode == "l2":
             g = g + weight_decay * theta
 
         if faithful:
             # The authors' bias corrections are float32 scalars whatever the parameter dtype.
             t = xp.astype(ctx.count + 1, xp.float32)
-            bc1 = 1.0 - b1**t
-            bc2 = 1.0 - b2**t
-            first = t == 1.0
+            wide = dtype if xp.finfo(dtype).bits > 32 else xp.float32
+            bc1 = 1.0 - _float32_power(xp, b1, t, wide)
+            bc2 = 1.0 - _float32_power(xp, b2, t, wide)
             # At t = 1 the previous momentum is zero; any finite reciprocal keeps s = m/bc1 exact.
-            bc1_prev = xp.where(first, xp.ones_like(t), 1.0 - b1 ** (t - 1.0))
+            bc1_prev = xp.where(t == 1.0, xp.ones_like(t), 1.0 - _float32_power(xp, b1, t - 1.0, wide))
             inv_bc1 = xp.astype(1.0 / bc1, dtype)
             inv_bc1_prev = xp.astype(1.0 / bc1_prev, dtype)
             m_new = b1 * m + (1.0 - b1) * g
@@ -174,11 +177,14 @@ def agd(
                 v = xp.maximum(state["b_max"], b_new)
                 new_state["b_max"] = v
             sqrt_bc2 = xp.sqrt(bc2)
-            denom = xp.maximum(xp.sqrt(v), xp.astype(dlt * sqrt_bc2, dtype))
+            # torch multiplies a float32 tensor by a Python scalar in float32; explicit float32
+            # operands make every backend round exactly as it does.
+            f32 = lambda value: scalar_array(xp, value, xp.float32, array_device(t))  # noqa: E731
+            denom = xp.maximum(xp.sqrt(v), xp.astype(f32(dlt) * sqrt_bc2, dtype))
             ratio = m_new / denom
             if clip is not None:
                 ratio = xp.clip(ratio, -clip, clip)
-            eta = xp.astype(lr * sqrt_bc2 / bc1, dtype)
+            eta = xp.astype(f32(lr) * sqrt_bc2 / bc1, dtype)
         else:
             t = xp.astype(ctx.count + 1, dtype)
             bc1 = 1.0 - b1**t
@@ -203,9 +209,18 @@ def agd(
 
         if win:
             z = state["z"]
-            z_new = (z - step) / (1.0 + weight_decay * eta)
-            tau = 1.0 / (3.0 + 2.0 * eta * weight_decay)
-            new_theta = tau * (theta - 2.0 * step + 2.0 * z_new)
+            if faithful:
+                # The authors' Win scalars are float32 tensors too, applied in this order.
+                eta32 = f32(lr) * sqrt_bc2 / bc1
+                shrink = xp.astype(1.0 / (1.0 + f32(weight_decay) * eta32), dtype)
+                tau = 1.0 / (3.0 + (2.0 * eta32) * f32(weight_decay))
+                z_new = (z - step) * shrink
+                new_theta = theta * xp.astype(tau, dtype) + xp.astype(-tau * (2.0 * eta32), dtype) * ratio
+                new_theta = new_theta + xp.astype(2.0 * tau, dtype) * z_new
+            else:
+                z_new = (z - step) / (1.0 + weight_decay * eta)
+                tau = 1.0 / (3.0 + 2.0 * eta * weight_decay)
+                new_theta = tau * (theta - 2.0 * step + 2.0 * z_new)
             new_state["z"] = z_new
             return (new_theta - theta,), new_state
 
@@ -221,5 +236,16 @@ def agd(
         init_group=init_group,
         update_group=update_group,
         on_nonfinite=on_nonfinite,
-        needs_params=win or weight_decay != 0.0,
+        needs_params=win or not is_zero(weight_decay),
     )
+
+
+def _float32_power(xp, base, exponent, wide):
+    """``base ** exponent`` as torch computes it for a float32 step: the float32 power of float32(base).
+
+    Backends' float32 ``pow`` differ by ulps (XLA's by far more), and faithful trajectories amplify
+    that; computed in the wider ``wide`` dtype (float64 when the state is float64) and rounded once,
+    the result is the correctly rounded float32 power, which is what torch's CPU kernel returns.
+    """
+    base32 = xp.asarray(base, dtype=xp.float32, device=array_device(exponent))
+    return xp.astype(xp.astype(base32, wide) ** xp.astype(exponent, wide), xp.float32)

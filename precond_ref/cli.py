@@ -1,0 +1,63 @@
+"""The command line: ``python -m precond_ref <command>`` (also installed as ``precond-ref``).
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+this module only dispatches, so ``--help`` stays fast and a missing optional dependency of one
+command does not break the others. Errors a user can cause (bad flags, unknown names, unwritable
+paths) end with a one-line message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# command name -> (module, one-line help)
+COMMANDS = {
+    "compare": ("precond_ref.compare", "train small models on real data with every optimizer and compare"),
+    "bench": ("precond_ref.benchmarks", "step time and state memory of every method, as ratios to Adam"),
+    "trace": ("precond_ref.testing", "export a reference trajectory of one method on a standard problem"),
+}
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported as one line, exit status 2."""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="precond-ref", description="Reference structured preconditioned optimizers: compare, benchmark, trace."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            command_parser.set_defaults(_import_error=err)
+            continue
+        if not hasattr(module, "add_arguments"):
+            continue
+        module.add_arguments(command_parser)
+        modules[name] = module
+    args = parser.parse_args(argv)
+    if getattr(args, "_import_error", None) is not None:
+        print(f"precond-ref {args.command}: missing dependency: {args._import_error}", file=sys.stderr)
+        return 2
+    if args.command not in modules:
+        print(f"precond-ref: the {args.command!r} command is not available in this version", file=sys.stderr)
+        return 2
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except UserError as err:
+        print(f"precond-ref {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Validate an optimizer implementation against ``precond_ref``.
+
+* standard small problems with their loss and gradient, on every array backend
+  (:func:`get_problem`: ``quadratic``, ``least_squares``, ``logistic``, ``online``, ``mlp``,
+  ``cnn``);
+* reference trajectories of any method and configuration (:func:`reference_trajectory`), and
+  trajectories of your own optimizer (:func:`torch_trajectory`, :func:`transform_trajectory` for
+  optax, or a plain list of parameter trees);
+* comparison helpers that report the first step and parameter where two trajectories diverge
+  (:func:`compare_trajectories`, :func:`assert_trajectories_close`);
+* trace files for implementations in other languages (:func:`save_trajectory`,
+  :func:`load_trajectory`, and the ``python -m precond_ref trace`` command).
+"""
+
+from .compare import Comparison, Divergence, assert_trajectories_close, compare_trajectories, default_tolerances
+from .problems import (
+    CNN,
+    MLP,
+    PROBLEMS,
+    LeastSquares,
+    Logistic,
+    OnlineLogistic,
+    Problem,
+    Quadratic,
+    available_problems,
+    get_problem,
+)
+from .trace import add_arguments, run
+from .trajectory import (
+    TRACE_FORMAT,
+    TRACE_FORMAT_VERSION,
+    Trajectory,
+    available_methods,
+    load_trajectory,
+    make_method,
+    reference_trajectory,
+    resolve_dtype,
+    resolve_namespace,
+    save_trajectory,
+    to_numpy,
+    torch_trajectory,
+    transform_trajectory,
+)
+
+__all__ = [
+    "Problem",
+    "Quadratic",
+    "LeastSquares",
+    "Logistic",
+    "OnlineLogistic",
+    "MLP",
+    "CNN",
+    "PROBLEMS",
+    "get_problem",
+    "available_problems",
+    "Trajectory",
+    "available_methods",
+    "make_method",
+    "reference_trajectory",
+    "transform_trajectory",
+    "torch_trajectory",
+    "save_trajectory",
+    "load_trajectory",
+    "resolve_namespace",
+    "resolve_dtype",
+    "to_numpy",
+    "TRACE_FORMAT",
+    "TRACE_FORMAT_VERSION",
+    "Comparison",
+    "Divergence",
+    "compare_trajectories",
+    "assert_trajectories_close",
+    "default_tolerances",
+]

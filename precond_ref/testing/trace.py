@@ -1,0 +1,105 @@
+"""The ``trace`` command: ``python -m precond_ref trace METHOD --problem P --steps N --out FILE``.
+
+Exports a reference trajectory (initial parameters, data, every step's parameters, gradients and
+loss, the exact configuration and the library version) as a ``.npz`` trace file; the format is
+documented in ``docs/trace-format.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+__all__ = ["add_arguments", "run", "parse_config"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``trace`` command's arguments."""
+    parser.add_argument("method", nargs="?", help="method name (see --list)")
+    parser.add_argument("--problem", default="quadratic", help="standard problem (default: quadratic; see --list)")
+    parser.add_argument("--steps", type=int, default=10, help="number of updates (default: 10)")
+    parser.add_argument("--out", help="output file (.npz)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE|JSON",
+        help="a factory argument as key=value (value parsed as JSON, else taken as a string), or a JSON "
+        "object of them; repeatable",
+    )
+    parser.add_argument("--dtype", default="float64", choices=("float32", "float64"), help="default: float64")
+    parser.add_argument(
+        "--backend",
+        default="numpy",
+        choices=("numpy", "torch", "jax", "cupy", "array_api_strict"),
+        help="array backend of the run (default: numpy)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the problem's data and initial parameters")
+    parser.add_argument("--list", action="store_true", help="list the methods and problems, then exit")
+
+
+def parse_config(items: list[str]) -> dict[str, Any]:
+    """``["b1=0.5", "mode=faithful", '{"clip": 5}']`` -> ``{"b1": 0.5, "mode": "faithful", "clip": 5}``."""
+    from ..cli import UserError
+
+    config: dict[str, Any] = {}
+    for item in items:
+        text = item.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise UserError(f"--config {item!r} is not valid JSON: {err}") from None
+            if not isinstance(value, dict):
+                raise UserError(f"--config {item!r} must be a JSON object")
+            config.update(value)
+            continue
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--config {item!r} must be KEY=VALUE or a JSON object")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string such as mode=faithful
+        config[key.strip()] = value
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ``trace`` command; returns the exit status."""
+    from ..cli import UserError
+    from .problems import available_problems, get_problem
+    from .trajectory import available_methods, reference_trajectory, save_trajectory
+
+    if args.list:
+        print("methods: " + ", ".join(available_methods()))
+        print("problems: " + ", ".join(available_problems()))
+        return 0
+    if not args.method:
+        raise UserError("a METHOD is required; available methods: " + ", ".join(available_methods()))
+    if not args.out:
+        raise UserError("--out FILE is required")
+    if args.steps < 0:
+        raise UserError(f"--steps must be >= 0, got {args.steps}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"cannot write {args.out}: directory {out_dir} does not exist")
+    config = parse_config(args.config)
+    try:
+        problem = get_problem(args.problem, seed=args.seed)
+        trajectory = reference_trajectory(
+            args.method, problem, args.steps, config, xp=args.backend, dtype=args.dtype
+        )
+    except (ValueError, TypeError, ImportError) as err:
+        raise UserError(str(err)) from None
+    try:
+        save_trajectory(trajectory, args.out, problem)
+    except OSError as err:
+        raise UserError(f"cannot write {args.out}: {err}") from None
+    print(
+        f"wrote {args.out}: {args.method} on {problem.name}, {args.steps} steps, {args.dtype} ({args.backend}); "
+        f"loss {trajectory.losses[0]:.6g} -> {trajectory.losses[-1]:.6g}"
+    )
+    return 0

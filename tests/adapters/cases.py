@@ -1,0 +1,85 @@
+"""The methods registered in the adapter contract suites.
+
+A method joins both suites by appending one :class:`TorchCase` to ``TORCH_CASES`` and one
+:class:`JaxCase` to ``JAX_CASES``; every contract test then runs on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import precond_ref.adapters.jax as pj
+import precond_ref.adapters.torch as pt
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchCase:
+    """One torch optimizer configuration.
+
+    ``kwargs`` construct it (without ``lr``); ``lr`` is the learning rate that makes the small
+    regression problem of the suite converge; ``step_kwargs`` are passed to every ``step``
+    (e.g. ``batch_size``); ``state_float32_for_bf16``: principled state stays float32 for bf16
+    parameters (True for every method whose spec says so).
+    """
+
+    id: str
+    cls: type
+    lr: float
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    step_kwargs: dict = dataclasses.field(default_factory=dict)
+    state_float32_for_bf16: bool = True
+
+    def make(self, params: Any, **overrides: Any) -> Any:
+        return self.cls(params, **{"lr": self.lr, **self.kwargs, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class JaxCase:
+    """One optax configuration.
+
+    ``factory(learning_rate=lr, **kwargs)`` builds it; ``update_kwargs`` are extra arguments of
+    every ``update`` (e.g. ``batch_size``); ``static_args`` are the factory arguments that
+    ``optax.inject_hyperparams`` must leave static (integers used as shapes or intervals);
+    ``steps`` and ``lr`` are used by the convergence tests.
+    """
+
+    id: str
+    factory: Callable[..., Any]
+    lr: float
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    update_kwargs: dict = dataclasses.field(default_factory=dict)
+    static_args: tuple = ()
+    steps: int = 300
+
+    def make(self, **overrides: Any) -> Any:
+        return self.factory(**{"learning_rate": self.lr, **self.kwargs, **overrides})
+
+
+TORCH_CASES = [
+    TorchCase("agd", pt.AGD, lr=3e-2),
+    TorchCase("agd-faithful-wd", pt.AGD, lr=3e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
+    TorchCase("agd-amsgrad-clip", pt.AGD, lr=3e-2, kwargs=dict(amsgrad=True, clip=5.0)),
+    TorchCase("asgo", pt.ASGO, lr=3e-2, kwargs=dict(weight_decay=1e-3)),
+    TorchCase("asgo-faithful", pt.ASGO, lr=3e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
+    TorchCase(
+        "asgo-pe-interval", pt.ASGO, lr=3e-2,
+        kwargs=dict(root_method="polar_express", precondition_every=3, weight_decay=1e-3),
+    ),
+    TorchCase("dasgo", pt.DASGO, lr=3e-2, kwargs=dict(weight_decay=1e-3)),
+    TorchCase("dasgo-faithful", pt.DASGO, lr=3e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
+]
+
+JAX_CASES = [
+    JaxCase("agd", pj.agd, lr=5e-2),
+    JaxCase("agd-faithful-wd", pj.agd, lr=5e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
+    JaxCase(
+        "asgo", pj.asgo, lr=5e-2, kwargs=dict(weight_decay=1e-3, precondition_every=3),
+        static_args=("root_steps", "precondition_every", "block_size"),
+    ),
+    JaxCase(
+        "asgo-faithful", pj.asgo, lr=5e-2, kwargs=dict(mode="faithful", weight_decay=1e-3),
+        static_args=("root_steps", "precondition_every", "block_size"),
+    ),
+    JaxCase("dasgo", pj.dasgo, lr=5e-2, kwargs=dict(weight_decay=1e-3)),
+]

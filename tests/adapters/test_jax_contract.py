@@ -1,0 +1,166 @@
+"""Contract of every optax adapter, in the spirit of optax's contrib ``_common_test.py``.
+
+Each test runs on every entry of ``cases.JAX_CASES``. JAX runs with x64 enabled in this suite
+(conftest), so every array here is created with an explicit dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cases import JAX_CASES
+
+pytestmark = pytest.mark.parametrize("case", JAX_CASES, ids=lambda c: c.id)
+
+F32 = jnp.float32
+
+
+def _parabola(params):
+    return jnp.sum((params["w"] - 1.0) ** 2)
+
+
+def _rosenbrock(params):
+    x = params["x"]
+    return (1.0 - x[0]) ** 2 + 100.0 * (x[1] - x[0] ** 2) ** 2
+
+
+_MIXED_TARGET_W = np.array([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]], dtype=np.float32)
+_MIXED_TARGET_B = np.array([0.25, -0.75], dtype=np.float32)
+
+
+def _mixed(params):
+    return jnp.sum((params["layer"]["kernel"] - _MIXED_TARGET_W) ** 2) + jnp.sum(
+        (params["layer"]["bias"] - _MIXED_TARGET_B) ** 2
+    )
+
+
+PROBLEMS = {
+    "parabola": (_parabola, lambda: {"w": jnp.zeros((4,), F32) + jnp.asarray([3.0, -2.0, 0.5, 4.0], F32)}),
+    "rosenbrock": (_rosenbrock, lambda: {"x": jnp.asarray([-1.0, 1.0], F32)}),
+    "mixed_1d_2d": (
+        _mixed,
+        lambda: {"layer": {"kernel": jnp.zeros((2, 3), F32), "bias": jnp.zeros((2,), F32)}},
+    ),
+}
+
+
+def _run(opt, loss, params, steps, update_kwargs):
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(loss)(params)
+        updates, state = opt.update(grads, state, params, **update_kwargs)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state, step
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+def test_converges(case, problem):
+    """Parabola and mixed target: loss / 100 at least; Rosenbrock: loss / 10 (its valley is hard)."""
+    loss, make = PROBLEMS[problem]
+    params = make()
+    initial = float(loss(params))
+    final_params, _, _ = _run(case.make(), loss, params, case.steps, case.update_kwargs)
+    final = float(loss(final_params))
+    factor = 10.0 if problem == "rosenbrock" else 100.0
+    assert np.isfinite(final)
+    assert final < initial / factor, (initial, final)
+
+
+def test_jit_compiles_once(case):
+    _, _, step = _run(case.make(), _mixed, PROBLEMS["mixed_1d_2d"][1](), 5, case.update_kwargs)
+    assert step._cache_size() == 1
+
+
+def test_jit_compiles_once_with_committed_params(case):
+    params = jax.device_put(PROBLEMS["mixed_1d_2d"][1](), jax.devices()[0])
+    _, _, step = _run(case.make(), _mixed, params, 5, case.update_kwargs)
+    assert step._cache_size() == 1
+
+
+def test_inject_hyperparams_equals_plain(case):
+    """Same trajectory with hyperparameters injected as state.
+
+    inject_hyperparams stores them as float32 arrays: 1 - b2 for b2 = 0.999 then differs from the
+    Python value by 1.3e-5 relative, hence rtol 1e-4 rather than rounding level.
+    """
+    params = PROBLEMS["mixed_1d_2d"][1]()
+    plain, _, _ = _run(case.make(), _mixed, params, 10, case.update_kwargs)
+    injected_opt = optax.inject_hyperparams(case.factory, static_args=case.static_args)(
+        learning_rate=case.lr, **case.kwargs
+    )
+    injected, state, _ = _run(injected_opt, _mixed, params, 10, case.update_kwargs)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), plain, injected)
+    assert float(state.hyperparams["learning_rate"]) == pytest.approx(case.lr)
+
+
+def test_multisteps_zero_on_accumulation_steps(case):
+    """MultiSteps(k=3): zero updates on the first two calls; the third applies the averaged gradient."""
+    params = PROBLEMS["mixed_1d_2d"][1]()
+    grads = [jax.grad(_mixed)(jax.tree_util.tree_map(lambda p, i=i: p + 0.1 * i, params)) for i in range(3)]
+    opt = optax.MultiSteps(case.make(), every_k_schedule=3)
+    state = opt.init(params)
+    updates = None
+    for i, g in enumerate(grads):
+        updates, state = opt.update(g, state, params, **case.update_kwargs)
+        if i < 2:
+            for leaf in jax.tree_util.tree_leaves(updates):
+                assert not np.any(np.asarray(leaf))
+    inner = case.make()
+    mean = jax.tree_util.tree_map(lambda *g: sum(g) / 3.0, *grads)
+    expected, _ = inner.update(mean, inner.init(params), params, **case.update_kwargs)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), updates, expected)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64], ids=str)
+def test_dtype_and_shape_stability(case, dtype):
+    """Updates have the parameters' dtype and shape; the state keeps its layout across steps."""
+    params = {"layer": {"kernel": jnp.full((3, 2), 0.5, dtype), "bias": jnp.zeros((2,), dtype)}}
+    grads = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) * 0.3, params)
+    opt = case.make()
+    state = opt.init(params)
+    updates, new_state = jax.jit(lambda g, s, p: opt.update(g, s, p, **case.update_kwargs))(grads, state, params)
+    for p, u in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(updates)):
+        assert u.dtype == p.dtype and u.shape == p.shape
+    layout = lambda s: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), s)
+    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(new_state)
+    assert layout(state) == layout(new_state)
+
+
+class _Layer(NamedTuple):
+    kernel: jax.Array
+    bias: jax.Array
+
+
+def test_arbitrary_pytree_and_chain(case):
+    """Nested lists, tuples and NamedTuples go through, also inside optax.chain under jit."""
+    params = {"layers": [_Layer(jnp.ones((2, 3), F32), jnp.zeros((3,), F32)), (jnp.ones((4,), F32),)]}
+    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.2), params)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), case.make())
+    state = opt.init(params)
+    updates, _ = jax.jit(lambda g, s, p: opt.update(g, s, p, **case.update_kwargs))(grads, state, params)
+    assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree_util.tree_leaves(updates))
+    assert any(bool(jnp.any(u != 0)) for u in jax.tree_util.tree_leaves(updates))
+
+
+def test_nonfinite_gradient_is_skipped_under_jit(case):
+    params = PROBLEMS["mixed_1d_2d"][1]()
+    opt = case.make()
+    state = opt.init(params)
+    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, jnp.nan), params)
+    updates, new_state = jax.jit(lambda g, s, p: opt.update(g, s, p, **case.update_kwargs))(grads, state, params)
+    assert all(not np.any(np.asarray(u)) for u in jax.tree_util.tree_leaves(updates))
+    assert int(new_state.nonfinite_count) == 1 and int(new_state.count) == 0
+    for a, b in zip(jax.tree_util.tree_leaves(state.groups), jax.tree_util.tree_leaves(new_state.groups)):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,191 @@
+"""The core contract: trees, build_transform, schedules, the interval mechanism, validation."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+import precond_ref as pr
+from precond_ref.transform import (
+    LeafGroup,
+    build_transform,
+    check_interval,
+    check_positive_int,
+    compute_dtype,
+    cond,
+    is_zero,
+)
+from precond_ref.tree import path_str, tree_flatten, tree_map, tree_unflatten
+
+
+class Pair(NamedTuple):
+    kernel: object
+    bias: object
+
+
+def test_tree_round_trip_and_paths():
+    tree = {"a": [1.0, (2.0, None)], "b": Pair(3.0, 4.0), "c": {}}
+    leaves, treedef = tree_flatten(tree)
+    assert leaves == [1.0, 2.0, 3.0, 4.0]
+    assert [path_str(p) for p in treedef.paths] == ["a/0", "a/1/0", "b/kernel", "b/bias"]
+    rebuilt = tree_unflatten(treedef, [x * 10 for x in leaves])
+    assert rebuilt == {"a": [10.0, (20.0, None)], "b": Pair(30.0, 40.0), "c": {}}
+    assert isinstance(rebuilt["b"], Pair)
+    assert path_str(()) == "."
+
+
+def test_tree_map_rejects_different_structures():
+    with pytest.raises(ValueError, match="tree structures differ"):
+        tree_map(lambda a, b: a + b, {"a": 1.0}, {"b": 1.0})
+    with pytest.raises(ValueError, match="expected 2 leaves"):
+        tree_unflatten(tree_flatten([1.0, 2.0])[1], [1.0])
+
+
+def test_apply_updates_keeps_parameter_dtype(backend):
+    xp = backend.xp
+    params = {"w": xp.ones((2,), dtype=xp.float32)}
+    updates = {"w": xp.ones((2,), dtype=xp.float64) * 0.5}
+    out = pr.apply_updates(params, updates)
+    assert out["w"].dtype == xp.float32
+    np.testing.assert_allclose(backend.to_numpy(out["w"]), 1.5)
+
+
+def test_compute_dtype():
+    import torch
+    import array_api_compat.torch as xt
+
+    assert compute_dtype(xt, torch.bfloat16) == torch.float32
+    assert compute_dtype(xt, torch.float16) == torch.float32
+    assert compute_dtype(xt, torch.float64) == torch.float64
+
+
+def test_cond_runs_only_the_taken_branch_eagerly(backend):
+    """Eager backends evaluate one branch; JAX traces both (lax.cond), tested under jit below."""
+    if backend.name == "jax":
+        pytest.skip("lax.cond traces both branches by design")
+    xp = backend.xp
+    calls = []
+
+    def expensive(x):
+        calls.append("refresh")
+        return x * 2.0
+
+    def reuse(x):
+        calls.append("reuse")
+        return x
+
+    x = backend.asarray(np.ones(2))
+    for count in range(4):
+        pred = backend.asarray(np.asarray(count, dtype=np.int32)) % 2 == 0
+        cond(xp, pred, expensive, reuse, x)
+    assert calls == ["refresh", "reuse", "refresh", "reuse"]
+
+
+def test_cond_under_jit_compiles_once_and_selects():
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def f(count, x):
+        return cond(jnp, count % 3 == 0, lambda y: y * 2.0, lambda y: y, x)
+
+    x = jnp.ones((2,), jnp.float64)
+    outs = [float(f(jnp.asarray(c, jnp.int32), x)[0]) for c in range(6)]
+    assert outs == [2.0, 1.0, 1.0, 2.0, 1.0, 1.0]
+    assert f._cache_size() == 1
+
+
+def _counting_transform(**kwargs):
+    """A toy method: the update is -count_of_refreshes * g; refresh every 2 steps."""
+
+    def init_group(leaves, paths, xp):
+        return {"refreshes": xp.zeros((), dtype=leaves[0].dtype, device=None)}
+
+    def update_group(grads, state, params, ctx):
+        xp = ctx.xp
+        refreshes = cond(xp, ctx.every(2), lambda r: r + 1.0, lambda r: r, state["refreshes"])
+        return tuple(-refreshes * g for g in grads), {"refreshes": refreshes}
+
+    return build_transform(name="toy", init_group=init_group, update_group=update_group, **kwargs)
+
+
+def test_interval_mechanism_counts_refreshes(backend):
+    opt = _counting_transform()
+    params = backend.tree({"w": np.ones(2)})
+    state = opt.init(params)
+    seen = []
+    for _ in range(5):
+        updates, state = opt.update(backend.tree({"w": np.ones(2)}), state, params)
+        seen.append(float(backend.to_numpy(updates["w"])[0]))
+    assert seen == [-1.0, -1.0, -2.0, -2.0, -3.0]
+    assert int(state.count) == 5
+
+
+def test_grouping_pairs_weight_and_bias(backend):
+    """group_leaves receives paths; a pairing function gets one call per pair."""
+    seen = []
+
+    def pair(paths, leaves):
+        groups, used = [], set()
+        for i, p in enumerate(paths):
+            if p[-1] == "weight":
+                j = paths.index(p[:-1] + ("bias",))
+                groups.append(LeafGroup(path_str(p), (i, j), (p, paths[j])))
+                used |= {i, j}
+        groups += [LeafGroup(path_str(p), (i,), (p,)) for i, p in enumerate(paths) if i not in used]
+        return groups
+
+    def init_group(leaves, paths, xp):
+        seen.append(tuple(path_str(p) for p in paths))
+        return {}
+
+    def update_group(grads, state, params, ctx):
+        return tuple(-g for g in grads), state
+
+    opt = build_transform(name="pair", init_group=init_group, update_group=update_group, group_leaves=pair)
+    params = backend.tree({"fc": {"weight": np.ones((2, 3)), "bias": np.ones(2)}, "scale": np.ones(1)})
+    state = opt.init(params)
+    assert seen == [("fc/weight", "fc/bias"), ("scale",)]
+    assert sorted(state.groups) == ["fc/weight", "scale"]
+    updates, _ = opt.update(params, state, params)
+    np.testing.assert_array_equal(backend.to_numpy(updates["fc"]["bias"]), -1.0)
+
+
+def test_state_tree_must_be_the_precond_state(backend):
+    opt = pr.agd()
+    with pytest.raises(TypeError, match="PrecondState"):
+        opt.update(backend.tree({"w": np.ones(2)}), {"count": 0})
+
+
+def test_mixed_namespaces_rejected():
+    import torch
+
+    with pytest.raises(TypeError, match="one namespace"):
+        pr.agd().init({"a": np.ones(2), "b": torch.ones(2)})
+
+
+def test_nonfinite_raise_refused_under_jit():
+    import jax
+    import jax.numpy as jnp
+
+    opt = pr.agd(on_nonfinite="raise")
+    params = {"w": jnp.ones((2,), jnp.float64)}
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="cannot run under jax.jit"):
+        jax.jit(opt.update)(params, state, params)
+
+
+def test_validators():
+    check_interval("b1", 0.5, 0.0, 1.0)
+    for bad in (1.0, -0.1, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="b1"):
+            check_interval("b1", bad, 0.0, 1.0)
+    check_positive_int("every", 3)
+    check_positive_int("every", lambda c: c % 2 == 0, allow_callable=True)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="every"):
+            check_positive_int("every", bad)
+    assert is_zero(0.0) and is_zero(0) and not is_zero(1e-9)
+    assert not is_zero(np.asarray(0.0))  # an injected hyperparameter may change: never static zero
