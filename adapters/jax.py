@@ -19,7 +19,7 @@ import optax
 import precond_ref as pr
 from precond_ref.transform import Transform
 
-__all__ = ["to_optax", "optax_factory", "agd", "asgo", "dasgo"]
+__all__ = ["to_optax", "optax_factory", "agd", "asgo", "dasgo", "sketchy", "s_adagrad", "scale_by_sketchy"]
 
 
 def _key(entry: Any) -> Any:
@@ -98,3 +98,6 @@ def optax_factory(core_factory: Callable[..., Transform]) -> Callable[..., optax
 agd = optax_factory(pr.agd)
 asgo = optax_factory(pr.asgo)
 dasgo = optax_factory(pr.dasgo)
+sketchy = optax_factory(pr.sketchy)
+s_adagrad = optax_factory(pr.s_adagrad)
+scale_by_sketchy = optax_factory(pr.scale_by_sketchy)

@@ -210,7 +210,8 @@ def fd_update(
     x = xp.where(input_ok, x, xp.zeros_like(x))
     gamma = decay if tail_decay is None else tail_decay
 
-    factor = basis * (sigma * math.sqrt(decay)) if decay != 1.0 else basis * sigma
+    # Hyperparameters may be arrays (e.g. injected by optax): no Python branching on their values.
+    factor = basis * (sigma * decay**0.5)
     z = xp.concat([factor, x], axis=1)
     p, s = _descending_left_singular(xp, z, decomposition)
     r = s.shape[0]
@@ -224,7 +225,7 @@ def fd_update(
     shrink = xp.maximum(s[k], zero) if k < r else zero
     top = xp.maximum(s[:k], zero)
     deflated = xp.sqrt(xp.maximum(top - shrink, zero)) * xp.sqrt(top + shrink)
-    kept_tail = rho * gamma if gamma != 1.0 else rho
+    kept_tail = rho * gamma
     new_rho = kept_tail + shrink * shrink
     # sigma'^2 + rho' computed directly, not by subtracting c^2 and adding it back.
     undeflated = top * top + kept_tail
@@ -232,10 +233,7 @@ def fd_update(
     mask = deflated > 0.0
     new_basis = p[:, :k] * xp.astype(mask, dtype)
     new_sigma = xp.where(mask, deflated, xp.zeros_like(deflated))
-    if relative_eps and eps > 0.0:
-        eps_abs = eps * xp.max(undeflated)
-    else:
-        eps_abs = eps
+    eps_abs = eps * xp.max(undeflated) if relative_eps else eps
     weights = _masked_power(xp, undeflated + eps_abs + delta, mask, exponent)
     mass = new_rho + delta
     complement = _masked_power(xp, mass + eps_abs, mass > 0.0, exponent)

@@ -625,11 +625,15 @@ def s_adagrad(
     check_choice("mode", mode, ("principled", "faithful"))
     faithful = mode == "faithful"
     if faithful:
+        # Arrays (e.g. injected by optax.inject_hyperparams, possibly traced) cannot be checked.
+        def is_number(v: Any) -> bool:
+            return isinstance(v, numbers.Real) and not hasattr(v, "shape")
+
         refused = {
-            "eps": eps is not None and not _is_python_zero(eps),
-            "b2": not (isinstance(b2, numbers.Real) and b2 == 1.0),
-            "momentum": not _is_python_zero(momentum),
-            "weight_decay": not _is_python_zero(weight_decay),
+            "eps": eps is not None and is_number(eps) and eps != 0,
+            "b2": is_number(b2) and b2 != 1.0,
+            "momentum": is_number(momentum) and momentum != 0,
+            "weight_decay": is_number(weight_decay) and weight_decay != 0,
             "block_size": block_size is not None,
         }
         bad = [k for k, v in refused.items() if v]

@@ -68,6 +68,13 @@ TORCH_CASES = [
     ),
     TorchCase("dasgo", pt.DASGO, lr=3e-2, kwargs=dict(weight_decay=1e-3)),
     TorchCase("dasgo-faithful", pt.DASGO, lr=3e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
+    TorchCase("sketchy", pt.Sketchy, lr=3e-2, kwargs=dict(rank=4, weight_decay=1e-3, precondition_1d=True)),
+    TorchCase(
+        "sketchy-faithful-interval", pt.Sketchy, lr=3e-2,
+        kwargs=dict(rank=2, mode="faithful", precondition_every=2, graft="sgd", momentum=0.5),
+    ),
+    TorchCase("s_adagrad", pt.SAdaGrad, lr=3e-1, kwargs=dict(rank=4, momentum=0.5, weight_decay=1e-3)),
+    TorchCase("s_adagrad-faithful", pt.SAdaGrad, lr=3e-1, kwargs=dict(rank=4, delta=1e-3, mode="faithful")),
 ]
 
 JAX_CASES = [
@@ -82,4 +89,22 @@ JAX_CASES = [
         static_args=("root_steps", "precondition_every", "block_size"),
     ),
     JaxCase("dasgo", pj.dasgo, lr=5e-2, kwargs=dict(weight_decay=1e-3)),
+    JaxCase(
+        "sketchy", pj.sketchy, lr=5e-2, kwargs=dict(rank=4, weight_decay=1e-3, precondition_every=2),
+        static_args=("rank", "precondition_every", "start_preconditioning_step", "merge_dims",
+                     "max_precondition_dim", "block_size"),
+    ),
+    JaxCase(
+        # Full-rank 2-D sketches and an absolute eps: on rank-deficient vector sketches faithful mode
+        # (no K3 cutoff) amplifies rounding, so float32-injected hyperparameters change the trajectory.
+        "sketchy-faithful", pj.sketchy, lr=5e-2,
+        kwargs=dict(rank=3, merge_dims=2, mode="faithful", eps=1.0, relative_eps=False, graft="none"),
+        static_args=("rank", "precondition_every", "start_preconditioning_step", "merge_dims",
+                     "max_precondition_dim", "block_size"),
+    ),
+    JaxCase("s_adagrad", pj.s_adagrad, lr=3e-1, kwargs=dict(rank=4, momentum=0.5), static_args=("rank", "block_size")),
+    JaxCase(  # delta keeps the faithful (no K3 cutoff) rounding-level tail from amplifying rounding
+        "s_adagrad-faithful", pj.s_adagrad, lr=3e-1, kwargs=dict(rank=4, delta=0.1, mode="faithful"),
+        static_args=("rank", "block_size"),
+    ),
 ]
