@@ -30,6 +30,9 @@ __all__ = [
     "rf_rmsprop",
     "rf_adamw",
     "if_shampoo",
+    "sketchy",
+    "s_adagrad",
+    "scale_by_sketchy",
 ]
 
 
@@ -130,3 +133,6 @@ dasgo = optax_factory(pr.dasgo)
 rf_rmsprop = optax_factory(pr.rf_rmsprop)
 rf_adamw = optax_factory(pr.rf_adamw)
 if_shampoo = optax_factory(pr.if_shampoo)
+sketchy = optax_factory(pr.sketchy)
+s_adagrad = optax_factory(pr.s_adagrad)
+scale_by_sketchy = optax_factory(pr.scale_by_sketchy)

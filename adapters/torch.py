@@ -20,7 +20,7 @@ import precond_ref as pr
 from precond_ref.transform import PrecondState, Transform
 from precond_ref.tree import path_str, tree_flatten
 
-__all__ = ["CoreOptimizer", "AGD", "ASGO", "DASGO", "MBF", "RFRMSProp", "RFAdamW", "IFShampoo"]
+__all__ = ["CoreOptimizer", "AGD", "ASGO", "DASGO", "MBF", "RFRMSProp", "RFAdamW", "IFShampoo", "Sketchy", "SAdaGrad"]
 
 _STEP, _NONFINITE = "step", "nonfinite_count"
 # Host-side bookkeeping stored beside the core state: calls taken part in, and "holds a core group".
@@ -774,3 +774,106 @@ class MBF(CoreOptimizer):
                 key = by_name[key]
             out[key] = grad
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# Sketchy / S-AdaGrad
+
+
+class Sketchy(CoreOptimizer):
+    """Sketchy / FD-Shampoo (Feinberg et al., NeurIPS 2023) as a ``torch.optim.Optimizer``; see
+    :func:`precond_ref.sketchy`.
+
+    ``beta2`` is the decay of the sketched statistics (the core's ``b2``), ``graft_beta2`` that of
+    the RMSProp graft; the other arguments keep the core names.
+    """
+
+    core_factory = staticmethod(pr.sketchy)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        rank: int = 128,
+        beta2: float = 0.999,
+        eps: float = 1e-7,
+        relative_eps: bool = True,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        graft: str = "rmsprop",
+        graft_beta2: float = 0.999,
+        graft_eps: float = 1e-23,
+        precondition_every: int = 1,
+        start_preconditioning_step: int = 0,
+        merge_dims: int = 1024,
+        max_precondition_dim: int = 4096,
+        precondition_1d: bool = False,
+        block_size: Optional[int] = None,
+        decomposition: str = "svd",
+        mode: str = "principled",
+        momentum_ema: bool = False,
+        tail_decay: Optional[str] = None,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, rank=rank, beta2=beta2, eps=eps, relative_eps=relative_eps, momentum=momentum,
+            nesterov=nesterov, weight_decay=weight_decay, graft=graft, graft_beta2=graft_beta2,
+            graft_eps=graft_eps, precondition_every=precondition_every,
+            start_preconditioning_step=start_preconditioning_step, merge_dims=merge_dims,
+            max_precondition_dim=max_precondition_dim, precondition_1d=precondition_1d,
+            block_size=block_size, decomposition=decomposition, mode=mode,
+            momentum_ema=momentum_ema, tail_decay=tail_decay, on_nonfinite=on_nonfinite,
+        )
+        super().__init__(params, defaults)
+
+    def core_kwargs(self, group: dict) -> dict:
+        return dict(
+            learning_rate=_float(group["lr"]), rank=group["rank"], b2=group["beta2"],
+            eps=group["eps"], relative_eps=group["relative_eps"], momentum=group["momentum"],
+            nesterov=group["nesterov"], weight_decay=group["weight_decay"], graft=group["graft"],
+            graft_b2=group["graft_beta2"], graft_eps=group["graft_eps"],
+            precondition_every=group["precondition_every"],
+            start_preconditioning_step=group["start_preconditioning_step"],
+            merge_dims=group["merge_dims"], max_precondition_dim=group["max_precondition_dim"],
+            precondition_1d=group["precondition_1d"], block_size=group["block_size"],
+            decomposition=group["decomposition"], mode=group["mode"],
+            momentum_ema=group["momentum_ema"], tail_decay=group["tail_decay"],
+            on_nonfinite=group["on_nonfinite"],
+        )
+
+
+class SAdaGrad(CoreOptimizer):
+    """S-AdaGrad (Feinberg et al., NeurIPS 2023): full-matrix AdaGrad with a Frequent Directions
+    sketch, as a ``torch.optim.Optimizer``; see :func:`precond_ref.s_adagrad`. ``beta2`` is the
+    core's ``b2`` (1 = AdaGrad's sum)."""
+
+    core_factory = staticmethod(pr.s_adagrad)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        rank: int = 128,
+        delta: float = 0.0,
+        eps: Optional[float] = None,
+        beta2: float = 1.0,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        block_size: Optional[int] = None,
+        mode: str = "principled",
+        on_nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, rank=rank, delta=delta, eps=eps, beta2=beta2, momentum=momentum,
+            weight_decay=weight_decay, block_size=block_size, mode=mode, on_nonfinite=on_nonfinite,
+        )
+        super().__init__(params, defaults)
+
+    def core_kwargs(self, group: dict) -> dict:
+        return dict(
+            learning_rate=_float(group["lr"]), rank=group["rank"], delta=group["delta"],
+            eps=group["eps"], b2=group["beta2"], momentum=group["momentum"],
+            weight_decay=group["weight_decay"], block_size=group["block_size"], mode=group["mode"],
+            on_nonfinite=group["on_nonfinite"],
+        )

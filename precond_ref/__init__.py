@@ -15,6 +15,9 @@ from .methods import (
     prototype_schedule,
     rf_adamw,
     rf_rmsprop,
+    s_adagrad,
+    scale_by_sketchy,
+    sketchy,
 )
 from .transform import PrecondState, Transform, apply_updates
 
@@ -33,5 +36,8 @@ __all__ = [
     "prototype_schedule",
     "rf_adamw",
     "rf_rmsprop",
+    "s_adagrad",
+    "scale_by_sketchy",
+    "sketchy",
     "__version__",
 ]

@@ -93,6 +93,13 @@ TORCH_CASES = [
         "if_shampoo-faithful", pt.IFShampoo, lr=5e-2,
         kwargs=dict(preconditioner_lr=0.2, damping=1e-2, batch_size=32, mode="faithful"),
     ),
+    TorchCase("sketchy", pt.Sketchy, lr=3e-2, kwargs=dict(rank=4, weight_decay=1e-3, precondition_1d=True)),
+    TorchCase(
+        "sketchy-faithful-interval", pt.Sketchy, lr=3e-2,
+        kwargs=dict(rank=2, mode="faithful", precondition_every=2, graft="sgd", momentum=0.5),
+    ),
+    TorchCase("s_adagrad", pt.SAdaGrad, lr=3e-1, kwargs=dict(rank=4, momentum=0.5, weight_decay=1e-3)),
+    TorchCase("s_adagrad-faithful", pt.SAdaGrad, lr=3e-1, kwargs=dict(rank=4, delta=1e-3, mode="faithful")),
 ]
 
 JAX_CASES = [
@@ -137,5 +144,23 @@ JAX_CASES = [
         kwargs=dict(preconditioner_lr=0.5, damping=0.1, precondition_every=2, structures={1: "diagonal", 2: ("dense", "diagonal")},
                     mode="faithful", grouping="weight_bias"),
         update_kwargs=dict(batch_size=1), static_args=("precondition_every", "max_dense_dim"),
+    ),
+    JaxCase(
+        "sketchy", pj.sketchy, lr=5e-2, kwargs=dict(rank=4, weight_decay=1e-3, precondition_every=2),
+        static_args=("rank", "precondition_every", "start_preconditioning_step", "merge_dims",
+                     "max_precondition_dim", "block_size"),
+    ),
+    JaxCase(
+        # Full-rank 2-D sketches and an absolute eps: on rank-deficient vector sketches faithful mode
+        # (no K3 cutoff) amplifies rounding, so float32-injected hyperparameters change the trajectory.
+        "sketchy-faithful", pj.sketchy, lr=5e-2,
+        kwargs=dict(rank=3, merge_dims=2, mode="faithful", eps=1.0, relative_eps=False, graft="none"),
+        static_args=("rank", "precondition_every", "start_preconditioning_step", "merge_dims",
+                     "max_precondition_dim", "block_size"),
+    ),
+    JaxCase("s_adagrad", pj.s_adagrad, lr=3e-1, kwargs=dict(rank=4, momentum=0.5), static_args=("rank", "block_size")),
+    JaxCase(  # delta keeps the faithful (no K3 cutoff) rounding-level tail from amplifying rounding
+        "s_adagrad-faithful", pj.s_adagrad, lr=3e-1, kwargs=dict(rank=4, delta=0.1, mode="faithful"),
+        static_args=("rank", "block_size"),
     ),
 ]

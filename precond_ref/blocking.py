@@ -1,0 +1,75 @@
+"""Shape helpers shared by the factored methods: merging small axes, blocking large ones, unfolding.
+
+Kronecker-factored preconditioners (Shampoo, Sketchy, ...) keep one statistic per tensor axis.
+Two reshapes make that practical for arbitrary tensors:
+
+* **merging** (:func:`merge_small_dims`): adjacent small axes are multiplied together, left to
+  right, so a conv kernel (3, 3, 64, 128) is treated as a (576, 128) matrix and unit axes vanish;
+* **blocking** (:func:`block_bounds`, specs README §6): an axis longer than ``block_size`` is cut
+  into contiguous chunks (the last may be shorter, no padding). Each chunk has its own statistic,
+  built from the rows of the axis unfolding that fall in the chunk, so the per-axis preconditioner
+  is the block-diagonal part of the unblocked one; ``block_size`` at least every dimension
+  reproduces the unblocked method exactly.
+
+Everything here is pure Python on shapes, except :func:`unfold` / :func:`fold_rolled`, which move
+arrays with standard array-API calls.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+__all__ = ["merge_small_dims", "block_bounds", "unfold", "roll_first_axis_last"]
+
+Array = Any
+
+
+def merge_small_dims(shape: Sequence[int], max_dim: int, *, squeeze: bool = False) -> tuple[int, ...]:
+    """Merge adjacent axes left to right while their product stays at most ``max_dim``.
+
+    Walk the shape keeping a running product; while ``product * d <= max_dim`` multiply ``d`` in,
+    otherwise emit the product (if > 1) and restart at ``d``; finally emit the product if > 1.
+    Unit axes therefore disappear, and an all-ones (or empty) shape becomes ``()``.
+    This is ``distributed_shampoo.merge_small_dims`` of google-research/precondition, e.g.
+    ``(1, 2, 512, 1, 2048, 1, 3, 4) -> (1024, 2048, 12)`` for ``max_dim = 1024``.
+
+    ``squeeze=True`` drops unit axes first; the result is the same (multiplying by 1 never changes
+    the running product), it only states the intent.
+    """
+    if squeeze:
+        shape = [d for d in shape if d != 1]
+    merged: list[int] = []
+    product = 1
+    for d in shape:
+        if product * d <= max_dim:
+            product *= d
+        else:
+            if product > 1:
+                merged.append(product)
+            product = d
+    if product > 1:
+        merged.append(product)
+    return tuple(merged)
+
+
+def block_bounds(d: int, block_size: Optional[int]) -> tuple[tuple[int, int], ...]:
+    """Contiguous ``(start, stop)`` chunks of an axis of length ``d`` (one chunk if unblocked)."""
+    if block_size is None or d <= block_size:
+        return ((0, d),)
+    return tuple((start, min(start + block_size, d)) for start in range(0, d, block_size))
+
+
+def unfold(xp: Any, x: Array, axis: int) -> Array:
+    """The mode-``axis`` unfolding: ``axis`` moved first, reshaped to ``(d, numel / d)``."""
+    order = (axis,) + tuple(i for i in range(x.ndim) if i != axis)
+    moved = xp.permute_dims(x, order) if axis != 0 else x
+    d = x.shape[axis]
+    return xp.reshape(moved, (d, math.prod(x.shape) // d if d else 0))
+
+
+def roll_first_axis_last(xp: Any, x: Array) -> Array:
+    """Move axis 0 to the end; applying it ``ndim`` times restores the original order."""
+    if x.ndim <= 1:
+        return x
+    return xp.permute_dims(x, tuple(range(1, x.ndim)) + (0,))

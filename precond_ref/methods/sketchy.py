@@ -1,0 +1,693 @@
+r"""Sketchy (FD-Shampoo) and S-AdaGrad: Frequent Directions preconditioning (Feinberg et al., NeurIPS 2023).
+
+Both methods replace a full second-moment statistic by a rank-k Frequent Directions sketch plus its
+escaped mass (:mod:`precond_ref.sketch`), so a d-dimensional axis costs O(dk) memory instead of
+O(d²):
+
+* :func:`s_adagrad` -- full-matrix AdaGrad on the flattened parameter, with the statistic sketched;
+* :func:`sketchy` -- Shampoo with each Kronecker factor sketched, composed as in the authors'
+  tearfree optimizer (graft -> sketched direction with grafted norm -> momentum -> weight decay ->
+  learning rate);
+* :func:`scale_by_sketchy` -- the bare sketched Shampoo direction, for optax-style composition.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+from array_api_compat import device as array_device
+
+from ..blocking import block_bounds, merge_small_dims, roll_first_axis_last, unfold
+from ..sketch import SKETCH_KEYS, fd_apply, fd_init, fd_update
+from ..transform import (
+    ScalarOrSchedule,
+    StepContext,
+    Transform,
+    build_transform,
+    check_bool,
+    check_choice,
+    check_interval,
+    check_learning_rate,
+    check_nonnegative,
+    check_positive_int,
+    compute_dtype,
+    cond,
+)
+
+__all__ = ["sketchy", "s_adagrad", "scale_by_sketchy"]
+
+Array = Any
+_GRAFTS = ("rmsprop", "sgd", "none")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _is_python_zero(value: Any) -> bool:
+    """A hyperparameter that is the plain number 0 (arrays, e.g. injected ones, never are)."""
+    return isinstance(value, numbers.Real) and not hasattr(value, "shape") and value == 0
+
+
+def _check_decay(name: str, value: Any) -> None:
+    check_interval(name, value, 0.0, 1.0, low_closed=False, high_closed=True)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_block_size(block_size: Optional[int]) -> None:
+    if block_size is not None:
+        _check_int("block_size", block_size, 2)
+
+
+def _ema(xp: Any, previous: Array, new: Array, decay: Any) -> Array:
+    """``decay * previous + (1 - decay) * new``, or the sum ``previous + new`` when ``decay == 1``."""
+    if isinstance(decay, numbers.Real):
+        return previous + new if decay == 1.0 else new * (1.0 - decay) + decay * previous
+    return xp.where(decay == 1.0, previous + new, new * (1.0 - decay) + decay * previous)
+
+
+def _safe_norm_ratio(xp: Any, numerator: Array, denominator: Array) -> Array:
+    """``numerator / denominator`` where the denominator is positive, else 0 (no 0/0)."""
+    positive = denominator > 0.0
+    return xp.where(positive, numerator / xp.where(positive, denominator, xp.ones_like(denominator)),
+                    xp.zeros_like(denominator))
+
+
+# --------------------------------------------------------------------------------------------
+# One leaf's sketched Kronecker preconditioner
+
+
+class _AxisPlan(NamedTuple):
+    axis: int
+    bounds: tuple[tuple[int, int], ...]
+    ranks: tuple[int, ...]
+
+    def key(self, block: int, name: str) -> str:
+        if len(self.bounds) == 1:
+            return f"axis{self.axis}_{name}"
+        return f"axis{self.axis}_block{block}_{name}"
+
+
+class _LeafPlan(NamedTuple):
+    """Static layout of one parameter: merged shape and the sketches of each axis."""
+
+    merged_shape: tuple[int, ...]
+    axes: tuple[_AxisPlan, ...]
+
+    @property
+    def exponent(self) -> float:
+        return -1.0 / (2 * len(self.axes))
+
+
+def _leaf_plan(merged_shape: tuple[int, ...], rank: int, block_size: Optional[int]) -> _LeafPlan:
+    axes = []
+    for n, d in enumerate(merged_shape):
+        bounds = block_bounds(d, block_size)
+        axes.append(_AxisPlan(n, bounds, tuple(min(rank, stop - start) for start, stop in bounds)))
+    return _LeafPlan(tuple(merged_shape), tuple(axes))
+
+
+def _init_sketches(xp: Any, plan: _LeafPlan, dtype: Any, device: Any) -> dict[str, Array]:
+    state = {}
+    for axis in plan.axes:
+        for j, ((start, stop), k) in enumerate(zip(axis.bounds, axis.ranks)):
+            for name, value in fd_init(xp, stop - start, k, dtype=dtype, device=device).items():
+                state[axis.key(j, name)] = value
+    state["sketch_failures"] = xp.zeros((), dtype=xp.int32, device=device)
+    return state
+
+
+def _sketch_of(state: dict[str, Array], axis: _AxisPlan, block: int) -> dict[str, Array]:
+    return {name: state[axis.key(block, name)] for name in SKETCH_KEYS}
+
+
+def _refresh_sketches(
+    xp: Any, plan: _LeafPlan, sketches: dict[str, Array], merged: Array, fd_options: dict[str, Any]
+) -> dict[str, Array]:
+    """FD-update every axis (and block) of one leaf from the same gradient (spec §2.2)."""
+    new = {}
+    failures = sketches["sketch_failures"]
+    for axis in plan.axes:
+        x = unfold(xp, merged, axis.axis)
+        for j, (start, stop) in enumerate(axis.bounds):
+            block_x = x if len(axis.bounds) == 1 else x[start:stop, :]
+            sketch, ok = fd_update(
+                xp, _sketch_of(sketches, axis, j), block_x, exponent=plan.exponent, **fd_options
+            )
+            failures = failures + (1 - xp.astype(ok, xp.int32))
+            for name, value in sketch.items():
+                new[axis.key(j, name)] = value
+    new["sketch_failures"] = failures
+    return new
+
+
+def _precondition(xp: Any, plan: _LeafPlan, sketches: dict[str, Array], merged: Array) -> Array:
+    """Apply (sketch + rho I + eps I)^a along every axis in turn, O(k * numel) per axis."""
+    x = merged
+    for axis in plan.axes:
+        # The axis being preconditioned is first: axes are rolled, and ndim rolls restore order.
+        d, rest = x.shape[0], tuple(x.shape[1:])
+        flat = xp.reshape(x, (d, math.prod(rest)))
+        parts = []
+        for j, (start, stop) in enumerate(axis.bounds):
+            block = flat if len(axis.bounds) == 1 else flat[start:stop, :]
+            parts.append(fd_apply(xp, _sketch_of(sketches, axis, j), block))
+        flat = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+        x = roll_first_axis_last(xp, xp.reshape(flat, (d,) + rest))
+    return x
+
+
+def _sketch_entries(state: dict[str, Array]) -> dict[str, Array]:
+    return {k: v for k, v in state.items() if k.startswith("axis") or k == "sketch_failures"}
+
+
+def _sketched_direction(
+    xp: Any, plan: _LeafPlan, state: dict[str, Array], g: Array, refresh: Array,
+    fd_options: dict[str, Any],
+) -> tuple[Array, dict[str, Array]]:
+    """Update the sketches on refresh steps only (skipped gradients are dropped), then precondition."""
+    merged = xp.reshape(g, plan.merged_shape)
+    if not plan.axes:  # an all-ones shape merges to a scalar: passes through unpreconditioned
+        return g, {}
+    sketches = _sketch_entries(state)
+    new_sketches = cond(
+        xp,
+        refresh,
+        lambda s, x: _refresh_sketches(xp, plan, s, x, fd_options),
+        lambda s, x: dict(s),
+        sketches,
+        merged,
+    )
+    direction = _precondition(xp, plan, new_sketches, merged)
+    return xp.reshape(direction, tuple(g.shape)), new_sketches
+
+
+# --------------------------------------------------------------------------------------------
+# Sketchy
+
+
+def _sketchy_transform(
+    *,
+    name: str,
+    learning_rate: Optional[ScalarOrSchedule],
+    rank: int,
+    b2: float,
+    eps: float,
+    relative_eps: bool,
+    precondition_every: Union[int, Callable],
+    start_preconditioning_step: int,
+    graft: str,
+    graft_b2: float,
+    graft_eps: float,
+    momentum: float,
+    nesterov: bool,
+    momentum_ema: bool,
+    weight_decay: float,
+    merge_dims: int,
+    max_precondition_dim: int,
+    precondition_1d: bool,
+    block_size: Optional[int],
+    decomposition: str,
+    tail_decay: Optional[str],
+    mode: str,
+    on_nonfinite: str,
+) -> Transform:
+    check_positive_int("rank", rank)
+    _check_decay("b2", b2)
+    check_nonnegative("eps", eps)
+    check_bool("relative_eps", relative_eps)
+    check_positive_int("precondition_every", precondition_every, allow_callable=True)
+    _check_int("start_preconditioning_step", start_preconditioning_step, 0)
+    check_choice("graft", graft, _GRAFTS)
+    _check_decay("graft_b2", graft_b2)
+    check_nonnegative("graft_eps", graft_eps)
+    check_interval("momentum", momentum, 0.0, 1.0, high_closed=True)
+    check_bool("nesterov", nesterov)
+    check_bool("momentum_ema", momentum_ema)
+    check_nonnegative("weight_decay", weight_decay)
+    _check_int("merge_dims", merge_dims, 2)
+    _check_int("max_precondition_dim", max_precondition_dim, 1)
+    check_bool("precondition_1d", precondition_1d)
+    _check_block_size(block_size)
+    check_choice("decomposition", decomposition, ("svd", "gram"))
+    if tail_decay is not None:
+        check_choice("tail_decay", tail_decay, ("b2", "sqrt_b2"))
+    check_choice("mode", mode, ("principled", "faithful"))
+    faithful = mode == "faithful"
+    if faithful and block_size is not None:
+        raise ValueError("block_size is not available in mode='faithful' (the authors' Sketchy has no "
+                         "blocking); use mode='principled'")
+    if tail_decay is None:
+        tail_decay = "sqrt_b2" if faithful else "b2"
+    fd_options = dict(
+        decay=b2,
+        tail_decay=b2**0.5 if tail_decay == "sqrt_b2" else b2,
+        eps=eps,
+        relative_eps=relative_eps,
+        cutoff=not faithful,
+        decomposition="qr_svd" if faithful and decomposition == "svd" else decomposition,
+    )
+    has_momentum = not _is_python_zero(momentum) and learning_rate is not None
+    has_weight_decay = not _is_python_zero(weight_decay) and learning_rate is not None
+
+    def plan_for(shape: tuple[int, ...]) -> Optional[_LeafPlan]:
+        """None for graft-only leaves (spec §2.3 step 1), else the sketch layout."""
+        if graft != "none":  # the authors skip preconditioning only when a graft exists
+            if not precondition_1d and len(shape) <= 1:
+                return None
+            blocked = [d if block_size is None else min(d, block_size) for d in shape]
+            if any(d > max_precondition_dim for d in blocked):
+                return None
+        merged = merge_small_dims(shape, merge_dims, squeeze=not faithful)
+        return _leaf_plan(merged, rank, block_size)
+
+    def init_group(leaves, paths, xp):
+        (param,) = leaves
+        dtype = compute_dtype(xp, param.dtype)
+        device = array_device(param)
+        state: dict[str, Array] = {}
+        plan = plan_for(tuple(param.shape))
+        if plan is not None and plan.axes:
+            state.update(_init_sketches(xp, plan, dtype, device))
+        if graft == "rmsprop":
+            state["graft_second_moment"] = xp.zeros(param.shape, dtype=dtype, device=device)
+        if has_momentum:
+            state["momentum"] = xp.zeros(param.shape, dtype=dtype, device=device)
+        return state
+
+    def update_group(grads, state, params, ctx: StepContext):
+        xp = ctx.xp
+        (g,) = grads
+        dtype = compute_dtype(xp, g.dtype)
+        g = xp.astype(g, dtype)
+        new_state = dict(state)
+
+        graft_direction = None
+        if graft == "rmsprop":
+            acc = _ema(xp, state["graft_second_moment"], g * g, graft_b2)
+            new_state["graft_second_moment"] = acc
+            positive = acc > 0.0  # acc == 0 only where g == 0; avoids 0/0 when graft_eps = 0
+            graft_direction = xp.where(
+                positive, g / xp.sqrt(xp.where(positive, acc, xp.ones_like(acc)) + graft_eps),
+                xp.zeros_like(g),
+            )
+        elif graft == "sgd":
+            graft_direction = g
+
+        plan = plan_for(tuple(g.shape))
+        if plan is None:
+            u = graft_direction
+        else:
+            direction, sketches = _sketched_direction(
+                xp, plan, state, g, ctx.every(precondition_every), fd_options
+            )
+            new_state.update(sketches)
+            if graft_direction is None:
+                u = direction
+            else:
+                multiplier = _safe_norm_ratio(
+                    xp, xp.linalg.vector_norm(graft_direction), xp.linalg.vector_norm(direction)
+                )
+                u = xp.where(ctx.count >= start_preconditioning_step, direction * multiplier,
+                             graft_direction)
+
+        if learning_rate is None:  # scale_by_sketchy: the bare direction
+            return (u,), new_state
+        if has_momentum:
+            if momentum_ema:
+                u = u * (1.0 - momentum)
+            trace = u + momentum * state["momentum"]
+            new_state["momentum"] = trace
+            u = u + momentum * trace if nesterov else trace
+        if has_weight_decay:
+            u = u + weight_decay * xp.astype(params[0], dtype)
+        return (-ctx.value(learning_rate) * u,), new_state
+
+    return build_transform(
+        name=name,
+        init_group=init_group,
+        update_group=update_group,
+        on_nonfinite=on_nonfinite,
+        needs_params=has_weight_decay,
+    )
+
+
+def sketchy(
+    learning_rate: ScalarOrSchedule,
+    rank: int = 128,
+    b2: float = 0.999,
+    eps: float = 1e-7,
+    relative_eps: bool = True,
+    precondition_every: Union[int, Callable] = 1,
+    start_preconditioning_step: int = 0,
+    graft: str = "rmsprop",
+    graft_b2: float = 0.999,
+    graft_eps: float = 1e-23,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    momentum_ema: bool = False,
+    weight_decay: float = 0.0,
+    merge_dims: int = 1024,
+    max_precondition_dim: int = 4096,
+    precondition_1d: bool = False,
+    block_size: Optional[int] = None,
+    decomposition: str = "svd",
+    tail_decay: Optional[str] = None,
+    mode: str = "principled",
+    on_nonfinite: str = "skip",
+) -> Transform:
+    r"""Sketchy (FD-Shampoo): Shampoo with every Kronecker factor kept as a rank-k FD sketch.
+
+    For a parameter merged to an order-N tensor with mode-n unfoldings :math:`G_{(n)}`, each axis
+    keeps an FD sketch (:mod:`precond_ref.sketch`) of :math:`L_n = \sum_s \beta^{t-s}
+    G_{(n),s} G_{(n),s}^\top` (a discounted sum, no :math:`1-\beta` factor):
+    :math:`L_n \approx \bar L_n + \rho_n I` with :math:`\bar L_n = U_n\operatorname{diag}(\sigma_n^2)
+    U_n^\top`. The direction is
+
+    .. math::
+
+        P(G) = G \times_1 (\bar L_1 + \rho_1 I + \epsilon_1 I)^{-1/(2N)} \cdots
+               \times_N (\bar L_N + \rho_N I + \epsilon_N I)^{-1/(2N)},
+
+    applied in :math:`O(k\cdot\text{numel})` per axis without forming any :math:`d\times d` matrix,
+    with :math:`\epsilon_n = \epsilon \max_i(\sigma_{n,i}^2 + \rho_n)` (relative) or :math:`\epsilon`.
+    The sketches are updated from the current gradient on steps with ``count % precondition_every
+    == 0`` (gradients of other steps are not accumulated). Then, as in the authors' tearfree
+    optimizer,
+
+    .. math::
+
+        u = P(G)\,\frac{\lVert \mathrm{graft}(G)\rVert_F}{\lVert P(G)\rVert_F}, \quad
+        \mathrm{graft}(G) = G / \sqrt{v + \epsilon_g},\ v \leftarrow \beta_g v + (1-\beta_g) G^2,
+
+    (the graft alone before ``start_preconditioning_step``), heavy-ball "trace" momentum
+    :math:`m \leftarrow u + \mu m`, :math:`u \leftarrow u + \mu m` (Nesterov) or :math:`u \leftarrow m`,
+    then :math:`u \leftarrow u + \lambda w` and :math:`\Delta w = -\eta_t u`.
+
+    Parameters
+    ----------
+    learning_rate:
+        :math:`\eta`, a positive number or a schedule ``count -> value``, applied last.
+    rank:
+        Sketch rank k per axis (clipped to the axis length; to the block length when blocked).
+    b2:
+        :math:`\beta \in (0, 1]` of the statistics (1: plain sum, AdaGrad-style).
+    eps, relative_eps:
+        :math:`\epsilon \ge 0`, relative to the largest undeflated eigenvalue of each axis by default.
+    precondition_every:
+        Sketch update interval (an integer, or a predicate ``count -> bool``).
+    start_preconditioning_step:
+        Use the graft alone while ``count`` is below this (the sketches are still updated).
+    graft:
+        ``"rmsprop"`` (default), ``"sgd"`` (norm of the raw gradient) or ``"none"`` (the sketched
+        direction as is; then every leaf is preconditioned, 1-D and very large ones included, as in
+        the authors' code).
+    graft_b2, graft_eps:
+        RMSProp graft decay (1 gives AdaGrad's sum) and its additive :math:`\epsilon_g`; no bias
+        correction.
+    momentum, nesterov, momentum_ema:
+        :math:`\mu \in [0, 1]`; Nesterov form; ``momentum_ema`` scales the update by
+        :math:`1-\mu` before the trace.
+    weight_decay:
+        :math:`\lambda \ge 0`, added after momentum and before the learning rate.
+    merge_dims:
+        Adjacent axes are merged left to right while their product stays at most this
+        (``(3, 3, 64, 128) -> (576, 128)``); unit axes vanish.
+    max_precondition_dim:
+        Leaves with a dimension above this (after blocking) get the graft only.
+    precondition_1d:
+        Precondition vectors too (one sketch, exponent -1/2) instead of graft only.
+    block_size:
+        Principled only: split every merged axis longer than this into contiguous chunks, each with
+        its own sketch (a block-diagonal factor; specs README §6).
+    decomposition:
+        ``"svd"`` (thin SVD of the d x (k + m) factor, the authors') or ``"gram"`` (eigh of the
+        smaller Gram matrix: faster when k + m << d, but squares the condition number).
+    tail_decay:
+        ``"b2"`` or ``"sqrt_b2"``: decay of the escaped mass; ``None`` picks the mode's default.
+    mode:
+        ``"principled"`` (default) or ``"faithful"``.
+    on_nonfinite:
+        ``"skip"`` (default) or ``"raise"``; see :func:`precond_ref.transform.build_transform`.
+
+    Returns
+    -------
+    Transform
+        ``init(params)`` / ``update(grads, state, params)``; ``params`` are needed only when
+        ``weight_decay > 0``. Per leaf the state holds, for each merged axis (and block) of length
+        d, ``basis`` (d, k), ``singular_values``/``basis_weights`` (k) and two scalars -- about
+        k(m + n) numbers for an m x n matrix -- plus the graft accumulator and the momentum (both
+        of the parameter's shape) and a ``sketch_failures`` counter.
+
+    Notes
+    -----
+    ``mode="faithful"`` reproduces google-research/precondition ``tearfree`` (commit ``239a8cd``:
+    ``optimizer.py`` composing ``grafting.py``, ``second_order.py`` with ``reshaper.py``,
+    ``sketchy.py`` and ``momentum.py``) to about 1e-6 relative per step in float32. Both modes share
+    the guards the specs README requires (non-finite gradients skipped or raised; a non-finite
+    decomposition keeps the previous sketch and increments ``sketch_failures``; no 0/0 in the graft).
+
+    Deviations of the default ``mode="principled"`` (spec ``fd_shampoo.md`` §2.4):
+
+    * K1: the escaped mass decays by :math:`\beta` (as the sketch does, so sketch and tail describe
+      the same discounted statistic); the authors decay it by :math:`\sqrt\beta`
+      (``tail_decay="sqrt_b2"``, the faithful default).
+    * K2: state in the compute dtype (float64 for float64 parameters; float32 for bf16/fp16); the
+      authors' code is float32-only. Faithful mode also follows the compute dtype instead of failing.
+    * K3: singular values at rounding level (below :math:`10u\,s_0`, u the unit roundoff) are set
+      to 0, so the escaped mass and complement weight stay exactly 0 and rank-deficient directions
+      stay masked until real mass arrives; the authors' exact shrink makes a rounding-level
+      :math:`\rho` whose :math:`\rho^a` is huge when :math:`\epsilon` is absolute or 0.
+    * K4: (both modes) a non-finite gradient never reaches the sketch (skip/raise policy), and a
+      non-finite decomposition keeps the previous sketch; the authors store NaN factors.
+    * K5: unit axes are squeezed before merging (identical result: merging already removes them;
+      the authors raise on unit axes only when they reach the sketch, which merging prevents).
+    * K6: optional ``block_size`` (not in the authors' Sketchy).
+    * K7: ``decomposition="gram"`` is offered in both modes (the authors use the SVD, after a QR
+      of the factor that is a mathematical no-op).
+
+    The authors' Adafactor graft and their post-paper extensions (rank reallocation, EKFAC-style
+    basis, power-law tail fit) are not implemented.
+
+    References
+    ----------
+    Feinberg, Chen, Sun, Anil, Hazan. "Sketchy: Memory-efficient Adaptive Regularization with
+    Frequent Directions". NeurIPS 2023, arXiv:2302.03764 (Algorithm 2, FD-Shampoo, with the FD
+    update of Algorithm 1). Gupta, Koren, Singer. "Shampoo: Preconditioned Stochastic Tensor
+    Optimization". ICML 2018.
+    """
+    check_learning_rate("learning_rate", learning_rate)
+    return _sketchy_transform(
+        name="sketchy", learning_rate=learning_rate, rank=rank, b2=b2, eps=eps,
+        relative_eps=relative_eps, precondition_every=precondition_every,
+        start_preconditioning_step=start_preconditioning_step, graft=graft, graft_b2=graft_b2,
+        graft_eps=graft_eps, momentum=momentum, nesterov=nesterov, momentum_ema=momentum_ema,
+        weight_decay=weight_decay, merge_dims=merge_dims, max_precondition_dim=max_precondition_dim,
+        precondition_1d=precondition_1d, block_size=block_size, decomposition=decomposition,
+        tail_decay=tail_decay, mode=mode, on_nonfinite=on_nonfinite,
+    )
+
+
+def scale_by_sketchy(
+    rank: int = 128,
+    b2: float = 0.999,
+    eps: float = 1e-7,
+    relative_eps: bool = True,
+    precondition_every: Union[int, Callable] = 1,
+    merge_dims: int = 1024,
+    block_size: Optional[int] = None,
+    decomposition: str = "svd",
+    tail_decay: Optional[str] = None,
+    mode: str = "principled",
+    on_nonfinite: str = "skip",
+) -> Transform:
+    r"""The bare sketched Shampoo direction :math:`P(G)` of :func:`sketchy` (no graft, momentum,
+    weight decay or learning rate; every leaf preconditioned, vectors with exponent -1/2).
+
+    ``updates`` are :math:`+P(G)`; chain a learning rate (e.g. ``optax.scale(-lr)``) to descend.
+    Arguments and deviations as in :func:`sketchy`.
+    """
+    return _sketchy_transform(
+        name="scale_by_sketchy", learning_rate=None, rank=rank, b2=b2, eps=eps,
+        relative_eps=relative_eps, precondition_every=precondition_every,
+        start_preconditioning_step=0, graft="none", graft_b2=0.999, graft_eps=0.0, momentum=0.0,
+        nesterov=False, momentum_ema=False, weight_decay=0.0, merge_dims=merge_dims,
+        max_precondition_dim=1, precondition_1d=True, block_size=block_size,
+        decomposition=decomposition, tail_decay=tail_decay, mode=mode, on_nonfinite=on_nonfinite,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# S-AdaGrad
+
+
+def s_adagrad(
+    learning_rate: ScalarOrSchedule,
+    rank: int = 128,
+    delta: float = 0.0,
+    eps: Optional[float] = None,
+    b2: float = 1.0,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    block_size: Optional[int] = None,
+    mode: str = "principled",
+    on_nonfinite: str = "skip",
+) -> Transform:
+    r"""S-AdaGrad: full-matrix AdaGrad with the statistic kept as a rank-k FD sketch.
+
+    On the flattened parameter :math:`x \in \mathbb{R}^d` with gradients :math:`g_t`, FD keeps
+    :math:`\bar G_t = U \operatorname{diag}(\sigma^2) U^\top` and the escaped mass :math:`\rho_t`
+    with :math:`\bar G_t \preceq G_t = \sum_{s\le t} \beta^{t-s} g_s g_s^\top \preceq \bar G_t +
+    \rho_t I`, and
+
+    .. math::
+
+        m_t = \mu\, m_{t-1} + (\bar G_t + (\rho_t + \delta) I + \epsilon_t I)^{-1/2} g_t, \qquad
+        x_{t+1} = x_t - \eta_t m_t - \eta_t \lambda x_t,
+
+    with the inverse root restricted to the range (pseudo-inverse) while :math:`\rho_t + \delta = 0`,
+    and :math:`\epsilon_t = \epsilon \max_i(\sigma_i^2 + \rho_{t-1})`. The sketch is updated every
+    step, in O(dk) memory and O(dk^2) time.
+
+    Parameters
+    ----------
+    learning_rate:
+        :math:`\eta`, a positive number or a schedule (the authors tune it over 49 log-spaced values
+        in [1e-6, 1]).
+    rank:
+        Retained directions k (the authors' sketch size is :math:`\ell = k + 1`); clipped to d.
+    delta:
+        :math:`\delta \ge 0`, the initial diagonal regularisation (the authors' :math:`\alpha_0`).
+    eps:
+        Relative :math:`\epsilon \ge 0` (principled default 1e-7); not available in faithful mode.
+    b2:
+        :math:`\beta \in (0, 1]`; 1 (default) is AdaGrad's sum. Faithful mode needs 1.
+    momentum:
+        Heavy-ball :math:`\mu \in [0, 1)` (principled only).
+    weight_decay:
+        Decoupled :math:`\lambda \ge 0` (principled only).
+    block_size:
+        Principled only: sketch contiguous chunks of the flattened parameter separately.
+    mode:
+        ``"principled"`` (default) or ``"faithful"``.
+    on_nonfinite:
+        ``"skip"`` (default) or ``"raise"``.
+
+    Returns
+    -------
+    Transform
+        ``init(params)`` / ``update(grads, state, params)``; per leaf (and block) of size d the state
+        holds ``basis`` (d, k), two k-vectors and two scalars, plus the momentum if used.
+
+    Notes
+    -----
+    ``mode="faithful"`` reproduces ``_fd_update_fn`` with the S-AdaGrad factors of
+    google-research/precondition ``oco/algorithms.py`` (commit ``239a8cd``): an FD sketch of
+    :math:`\ell = k + 1` rows without decay, :math:`\alpha = \delta + \sum_t \rho_t`, and
+    :math:`P^\top \operatorname{diag}((\alpha + s)^{-1/2}) P g + \alpha^{-1/2}(g - P^\top P g)`
+    with :math:`x^{-1/2} := 0` for :math:`x \le 0` (spec §2.5; it equals this module's FD step
+    with rank :math:`\ell - 1` and absolute shift :math:`\delta`, F-I8). The authors run in float64
+    and assert :math:`\ell \le d`; here the compute dtype is used and k is clipped to d.
+
+    Deviations of the default ``mode="principled"`` (spec ``fd_shampoo.md`` §2.6):
+
+    * relative :math:`\epsilon` (default 1e-7) on top of :math:`\delta`, and the K3 cutoff of
+      rounding-level singular values: with :math:`\delta = 0` rank-deficient early steps make a
+      rounding-level :math:`\rho` whose :math:`\rho^{-1/2} \approx 10^{30}` amplifies rounding (the
+      authors' iterate reaches 1e31 within 20 steps in that regime);
+    * optional decay ``b2 < 1`` (escaped mass decayed by :math:`\beta` too), ``momentum``,
+      ``weight_decay`` and ``block_size``, absent from the authors' code;
+    * compute dtype per the specs README (float32 state for bf16/fp16 parameters);
+    * (both modes) non-finite gradients never reach the sketch, a non-finite decomposition keeps the
+      previous sketch and increments ``sketch_failures``.
+
+    References
+    ----------
+    Feinberg, Chen, Sun, Anil, Hazan. "Sketchy: Memory-efficient Adaptive Regularization with
+    Frequent Directions". NeurIPS 2023, arXiv:2302.03764 (S-AdaGrad, Algorithm 1, and its regret
+    bound; Appendix A experiments).
+    """
+    check_learning_rate("learning_rate", learning_rate)
+    check_positive_int("rank", rank)
+    check_nonnegative("delta", delta)
+    if eps is not None:
+        check_nonnegative("eps", eps)
+    _check_decay("b2", b2)
+    check_interval("momentum", momentum, 0.0, 1.0)
+    check_nonnegative("weight_decay", weight_decay)
+    _check_block_size(block_size)
+    check_choice("mode", mode, ("principled", "faithful"))
+    faithful = mode == "faithful"
+    if faithful:
+        # Arrays (e.g. injected by optax.inject_hyperparams, possibly traced) cannot be checked.
+        def is_number(v: Any) -> bool:
+            return isinstance(v, numbers.Real) and not hasattr(v, "shape")
+
+        refused = {
+            "eps": eps is not None and is_number(eps) and eps != 0,
+            "b2": is_number(b2) and b2 != 1.0,
+            "momentum": is_number(momentum) and momentum != 0,
+            "weight_decay": is_number(weight_decay) and weight_decay != 0,
+            "block_size": block_size is not None,
+        }
+        bad = [k for k, v in refused.items() if v]
+        if bad:
+            raise ValueError(
+                f"s_adagrad(mode='faithful') cannot honour {', '.join(bad)} (the authors' S-AdaGrad "
+                "has no relative eps, decay, momentum, weight decay or blocking); use mode='principled'"
+            )
+        eps = 0.0
+    elif eps is None:
+        eps = 1e-7
+    fd_options = dict(
+        decay=b2, tail_decay=b2, eps=eps, relative_eps=True, delta=delta,
+        cutoff=not faithful, decomposition="svd",
+    )
+    has_momentum = not _is_python_zero(momentum)
+    has_weight_decay = not _is_python_zero(weight_decay)
+
+    def plan_for(shape: tuple[int, ...]) -> _LeafPlan:
+        return _leaf_plan((max(1, math.prod(shape)),), rank, block_size)
+
+    def init_group(leaves, paths, xp):
+        (param,) = leaves
+        dtype = compute_dtype(xp, param.dtype)
+        device = array_device(param)
+        state = _init_sketches(xp, plan_for(tuple(param.shape)), dtype, device)
+        if has_momentum:
+            state["momentum"] = xp.zeros(param.shape, dtype=dtype, device=device)
+        return state
+
+    def update_group(grads, state, params, ctx: StepContext):
+        xp = ctx.xp
+        (g,) = grads
+        dtype = compute_dtype(xp, g.dtype)
+        g = xp.astype(g, dtype)
+        plan = plan_for(tuple(g.shape))
+        column = xp.reshape(g, (plan.merged_shape[0], 1))
+        sketches = _refresh_sketches(xp, plan, _sketch_entries(state), column, fd_options)
+        direction = xp.reshape(_precondition(xp, plan, sketches, column), tuple(g.shape))
+        new_state = dict(state)
+        new_state.update(sketches)
+        if has_momentum:
+            direction = momentum * state["momentum"] + direction
+            new_state["momentum"] = direction
+        lr = ctx.value(learning_rate)
+        updates = -lr * direction
+        if has_weight_decay:
+            updates = updates - (lr * weight_decay) * xp.astype(params[0], dtype)
+        return (updates,), new_state
+
+    return build_transform(
+        name="s_adagrad",
+        init_group=init_group,
+        update_group=update_group,
+        on_nonfinite=on_nonfinite,
+        needs_params=has_weight_decay,
+    )

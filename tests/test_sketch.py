@@ -1,0 +1,334 @@
+"""Frequent Directions sketch (precond_ref.sketch) against an exact eigendecomposition.
+
+Oracles are NumPy float64 eigendecompositions of the exact discounted statistic
+G_t = sum_s beta^(t-s) X_s X_s^T; invariant ids refer to specs/fd_shampoo.md §6.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from precond_ref.blocking import block_bounds, merge_small_dims, unfold
+from precond_ref.sketch import fd_apply, fd_covariance, fd_init, fd_update
+
+TOL = 1e-10
+
+
+def _run(backend, d, k, xs, **kw):
+    xp = backend.xp
+    sketch = fd_init(xp, d, k, dtype=xp.float64, device=None)
+    history = []
+    for x in xs:
+        sketch, ok = fd_update(xp, sketch, backend.asarray(x), **kw)
+        assert bool(ok)
+        history.append({key: backend.to_numpy(v) for key, v in sketch.items()})
+    return history
+
+
+def _exact(xs, beta):
+    d = xs[0].shape[0]
+    g = np.zeros((d, d))
+    out = []
+    for x in xs:
+        g = beta * g + x @ x.T
+        out.append(g.copy())
+    return out
+
+
+def _dense_cov(state):
+    u, s = state["basis"], state["singular_values"]
+    return (u * s**2) @ u.T
+
+
+def _min_eig(a):
+    return np.linalg.eigvalsh((a + a.T) / 2).min()
+
+
+def _stream(seed, d, m, steps, rank_deficient=False):
+    rng = np.random.default_rng(seed)
+    scales = np.exp(-np.arange(d) / 2.0)  # a decaying spectrum, as in training
+    xs = []
+    for _ in range(steps):
+        x = rng.standard_normal((d, m)) * scales[:, None]
+        if rank_deficient:
+            x = np.outer(rng.standard_normal(d) * scales, rng.standard_normal(m))
+        xs.append(x)
+    return xs
+
+
+sizes = st.tuples(st.integers(2, 7), st.integers(1, 7), st.integers(1, 3), st.integers(1, 6)).map(
+    lambda t: (t[0], min(t[1], t[0]), t[2], t[3])
+)
+
+
+@given(sizes=sizes, beta=st.sampled_from([1.0, 0.9, 0.5]), seed=st.integers(0, 2**16))
+def test_sandwich(property_backend, sizes, beta, seed):
+    """F-I1 (FD sandwich, Ghashami et al. 2016 Lemma; Sketchy Alg. 1 analysis):
+    Ḡ_t ⪯ G_t^(β) ⪯ Ḡ_t + ρ_t I with the escaped mass decayed by β."""
+    d, k, m, steps = sizes
+    xs = _stream(seed, d, m, steps)
+    states = _run(property_backend, d, k, xs, exponent=-0.5, decay=beta, eps=0.0)
+    for state, g in zip(states, _exact(xs, beta)):
+        scale = max(1.0, np.abs(g).max())
+        cov = _dense_cov(state)
+        assert _min_eig(g - cov) >= -TOL * scale
+        assert _min_eig(cov + state["escaped_mass"] * np.eye(d) - g) >= -TOL * scale
+
+
+@given(sizes=sizes, beta=st.sampled_from([1.0, 0.9]), seed=st.integers(0, 2**16))
+def test_sandwich_faithful_tail_decay(property_backend, sizes, beta, seed):
+    """F-I1 with the authors' tail decay √β (≥ β): the upper bound holds with room,
+    the lower bound is unaffected (the tail does not enter Ḡ)."""
+    d, k, m, steps = sizes
+    xs = _stream(seed, d, m, steps)
+    states = _run(property_backend, d, k, xs, exponent=-0.5, decay=beta, tail_decay=math.sqrt(beta))
+    for state, g in zip(states, _exact(xs, beta)):
+        scale = max(1.0, np.abs(g).max())
+        cov = _dense_cov(state)
+        assert _min_eig(g - cov) >= -TOL * scale
+        assert _min_eig(cov + state["escaped_mass"] * np.eye(d) - g) >= -TOL * scale
+
+
+@given(sizes=sizes, beta=st.sampled_from([1.0, 0.9, 0.5]), seed=st.integers(0, 2**16))
+def test_one_step_growth(property_backend, sizes, beta, seed):
+    """F-I2 (derived from the FD step): (Ḡ_t + ρ_t I) − β(Ḡ_{t−1} + ρ_{t−1} I) ⪰ X_t X_tᵀ;
+    for β = 1, Ḡ_t + ρ_t I is nondecreasing."""
+    d, k, m, steps = sizes
+    xs = _stream(seed, d, m, steps + 1)
+    states = _run(property_backend, d, k, xs, exponent=-0.5, decay=beta)
+    eye = np.eye(d)
+    for prev, cur, x in zip(states, states[1:], xs[1:]):
+        scale = max(1.0, np.abs(_dense_cov(cur)).max())
+        growth = _dense_cov(cur) + cur["escaped_mass"] * eye - beta * (_dense_cov(prev) + prev["escaped_mass"] * eye)
+        assert _min_eig(growth - x @ x.T) >= -TOL * scale
+        assert cur["escaped_mass"] >= beta * prev["escaped_mass"] - TOL * scale
+
+
+@given(sizes=sizes, seed=st.integers(0, 2**16))
+def test_escaped_trace_and_tail_bound(property_backend, sizes, seed):
+    """F-I3 and F-I4 (β = 1; Ghashami et al. 2016 Thm. 1.1 / Sketchy Lemma on ρ):
+    tr(G_T) − tr(Ḡ_T) ≥ (k+1)·ρ_T and ρ_T ≤ min_{0≤j≤k} λ_{j+1:d}(G_T)/(k+1−j)."""
+    d, k, m, steps = sizes
+    xs = _stream(seed, d, m, steps)
+    state = _run(property_backend, d, k, xs, exponent=-0.5, decay=1.0)[-1]
+    g = _exact(xs, 1.0)[-1]
+    rho = state["escaped_mass"]
+    scale = max(1.0, np.trace(g))
+    assert np.trace(g) - np.trace(_dense_cov(state)) >= (k + 1) * rho - TOL * scale
+    lam = np.sort(np.linalg.eigvalsh(g))[::-1]
+    bound = min(lam[j:].sum() / (k + 1 - j) for j in range(0, min(k, d - 1) + 1))
+    assert rho <= bound + TOL * scale
+    if k < d:
+        assert rho <= lam[k:].sum() + TOL * scale
+
+
+@given(sizes=sizes, beta=st.sampled_from([1.0, 0.9]), seed=st.integers(0, 2**16))
+def test_sketch_is_shrunk_top_k(property_backend, sizes, beta, seed):
+    """F-I5 (definition of the FD step): the new sketch has the top-k eigenvectors of
+    βḠ_{t−1} + XXᵀ with eigenvalues (λ_i − λ_{k+1})₊."""
+    d, k, m, steps = sizes
+    xs = _stream(seed, d, m, steps + 1)
+    states = _run(property_backend, d, k, xs, exponent=-0.5, decay=beta)
+    prev, cur, x = states[-2], states[-1], xs[-1]
+    target = beta * _dense_cov(prev) + x @ x.T
+    lam = np.sort(np.linalg.eigvalsh(target))[::-1]
+    shrink = lam[k] if k < d else 0.0
+    expected = np.clip(lam[:k] - shrink, 0.0, None)
+    scale = max(1.0, lam[0])
+    np.testing.assert_allclose(np.sort(cur["singular_values"] ** 2)[::-1], expected, atol=1e-9 * scale)
+    # Eigenvectors: Ḡ' equals the shrunk spectral truncation of the target.
+    w, v = np.linalg.eigh(target)
+    order = np.argsort(w)[::-1][:k]
+    dense = (v[:, order] * np.clip(w[order] - shrink, 0, None)) @ v[:, order].T
+    np.testing.assert_allclose(_dense_cov(cur), dense, atol=1e-8 * scale)
+
+
+@given(sizes=sizes, exponent=st.sampled_from([-0.5, -0.25, -1 / 6]), seed=st.integers(0, 2**16),
+       eps=st.sampled_from([0.0, 1e-3]))
+def test_apply_equals_dense_operator(property_backend, sizes, exponent, seed, eps):
+    """F-I7 (derived): U diag(w) Uᵀx + w_⊥(I − UUᵀ)x = (Ḡ + ρI + ε_abs I)^a x when every retained
+    σ' > 0 and ρ > 0; with ρ = 0 the complement (null space) gets weight 0 (pseudo-inverse).
+    Run with the K3 cutoff, so that rounding-level directions count as null space."""
+    d, k, m, steps = sizes
+    xs = _stream(seed, d, m, steps)
+    xp = property_backend.xp
+    sketch = fd_init(xp, d, k, dtype=xp.float64, device=None)
+    for x in xs:
+        sketch, _ = fd_update(xp, sketch, property_backend.asarray(x), exponent=exponent, decay=0.9,
+                              eps=eps, relative_eps=True, cutoff=True)
+    state = {key: property_backend.to_numpy(v) for key, v in sketch.items()}
+    sig, rho = state["singular_values"], float(state["escaped_mass"])
+    undeflated = sig**2 + rho
+    eps_abs = eps * undeflated.max()
+    cov = _dense_cov(state) + rho * np.eye(d)
+    w, v = np.linalg.eigh((cov + cov.T) / 2)
+    in_range = np.zeros(d, bool)
+    if rho > 0:
+        in_range[:] = True
+    else:  # pseudo-inverse on the range of Ḡ only
+        in_range = w > 1e-9 * max(1.0, w.max())
+    powered = np.where(in_range, np.where(in_range, w + eps_abs, 1.0) ** exponent, 0.0)
+    dense = (v * powered) @ v.T
+    y = np.random.default_rng(seed + 1).standard_normal((d, 3))
+    got = property_backend.to_numpy(fd_apply(xp, sketch, property_backend.asarray(y)))
+    expect = dense @ y
+    np.testing.assert_allclose(got, expect, rtol=1e-8, atol=1e-8 * np.abs(expect).max())
+
+
+@given(d=st.integers(1, 6), m=st.integers(1, 3), steps=st.integers(1, 5), seed=st.integers(0, 2**16),
+       beta=st.sampled_from([1.0, 0.9]))
+def test_full_rank_is_exact(property_backend, d, m, steps, seed, beta):
+    """F-I6 (k ≥ d): no mass escapes (ρ ≡ 0) and Ḡ_t equals the exact discounted statistic."""
+    xs = _stream(seed, d, m, steps)
+    states = _run(property_backend, d, d, xs, exponent=-0.5, decay=beta)
+    for state, g in zip(states, _exact(xs, beta)):
+        assert state["escaped_mass"] == 0.0
+        np.testing.assert_allclose(_dense_cov(state), g, atol=1e-10 * max(1.0, np.abs(g).max()))
+
+
+def test_faithful_weights_match_authors_formula(backend):
+    """The authors' own unit test (tearfree sketchy_test.test_epsilon): a sketch e_0 with tail 4,
+    gradient 2·e_0 ⊗ e_0 on a 4x4 tensor, rank 1, no decay: w = (8·1.001)^(-1/4) with relative ε =
+    1e-3, (8 + 1e-3)^(-1/4) with absolute ε."""
+    xp = backend.xp
+    d = 4
+    sketch = fd_init(xp, d, 1, dtype=xp.float64, device=None)
+    sketch = dict(sketch)
+    sketch["basis"] = backend.asarray(np.eye(d, 1))
+    sketch["escaped_mass"] = backend.asarray(np.asarray(4.0))
+    grad = np.zeros((d, d))
+    grad[0, 0] = 2.0
+    x = backend.asarray(grad)
+    for relative, expected_w, expected_tail in (
+        (True, (8 * 1.001) ** -0.25, (4 + 8e-3) ** -0.25),
+        (False, (8 + 1e-3) ** -0.25, (4 + 1e-3) ** -0.25),
+    ):
+        new, ok = fd_update(xp, sketch, x, exponent=-0.25, decay=1.0, eps=1e-3, relative_eps=relative)
+        assert bool(ok)
+        np.testing.assert_allclose(backend.to_numpy(new["basis_weights"]), [expected_w], rtol=1e-12)
+        np.testing.assert_allclose(backend.to_numpy(new["complement_weight"]), expected_tail, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_backends_agree_with_numpy(backend, dtype):
+    """A few FD steps on every backend equal the NumPy result; the dtype is preserved."""
+    import array_api_compat.numpy as np_xp
+
+    d, k = 6, 2
+    xs = [x.astype(dtype) for x in _stream(3, d, 3, 4)]
+    ref = fd_init(np_xp, d, k, dtype=getattr(np_xp, dtype), device=None)
+    xp = backend.xp
+    got = fd_init(xp, d, k, dtype=getattr(xp, dtype), device=None)
+    y = _stream(9, d, 2, 1)[0].astype(dtype)
+    for x in xs:
+        ref, _ = fd_update(np_xp, ref, x, exponent=-0.25, decay=0.9, eps=1e-7, relative_eps=True)
+        got, _ = fd_update(xp, got, backend.asarray(x), exponent=-0.25, decay=0.9, eps=1e-7)
+    for key in ref:
+        assert got[key].dtype == getattr(xp, dtype)
+    rtol = 1e-4 if dtype == "float32" else 1e-10
+    np.testing.assert_allclose(backend.to_numpy(got["escaped_mass"]), ref["escaped_mass"], rtol=rtol)
+    np.testing.assert_allclose(backend.to_numpy(got["basis_weights"]), ref["basis_weights"], rtol=rtol)
+    np.testing.assert_allclose(backend.to_numpy(fd_covariance(xp, got)), fd_covariance(np_xp, ref),
+                               rtol=rtol, atol=rtol * np.abs(fd_covariance(np_xp, ref)).max())
+    out = backend.to_numpy(fd_apply(xp, got, backend.asarray(y)))
+    np.testing.assert_allclose(out, fd_apply(np_xp, ref, y), rtol=rtol, atol=rtol * np.abs(out).max())
+
+
+@pytest.mark.parametrize("m", [2, 12])
+def test_gram_path_matches_svd(m):
+    """K7: the Gram-eigh decomposition gives the same sketch as the SVD (both Gram orientations)."""
+    import array_api_compat.numpy as xp
+
+    d, k = 8, 3
+    a = fd_init(xp, d, k, dtype=xp.float64, device=None)
+    b = fd_init(xp, d, k, dtype=xp.float64, device=None)
+    y = _stream(5, d, 2, 1)[0]
+    for x in _stream(4, d, m, 5):
+        a, _ = fd_update(xp, a, x, exponent=-0.25, decay=0.9, eps=1e-7)
+        b, _ = fd_update(xp, b, x, exponent=-0.25, decay=0.9, eps=1e-7, decomposition="gram")
+    np.testing.assert_allclose(b["escaped_mass"], a["escaped_mass"], rtol=1e-8)
+    np.testing.assert_allclose(fd_covariance(xp, b), fd_covariance(xp, a), atol=1e-8)
+    np.testing.assert_allclose(fd_apply(xp, b, y), fd_apply(xp, a, y), rtol=1e-7)
+
+
+def test_zero_input_stays_zero():
+    """F-I14 at the sketch level: zero statistics give an all-zero, finite sketch and output."""
+    import array_api_compat.numpy as xp
+
+    s = fd_init(xp, 5, 2, dtype=xp.float64, device=None)
+    with np.errstate(all="raise"):  # no 0 ** negative is ever formed
+        for _ in range(3):
+            s, ok = fd_update(xp, s, np.zeros((5, 4)), exponent=-0.5, eps=0.0)
+            assert bool(ok)
+    for v in s.values():
+        assert np.all(v == 0.0)
+    assert np.all(fd_apply(xp, s, np.ones((5, 2))) == 0.0)
+
+
+def test_nonfinite_input_keeps_previous_sketch():
+    """K4: a non-finite decomposition leaves the previous sketch untouched and reports it."""
+    import array_api_compat.numpy as xp
+
+    s = fd_init(xp, 4, 2, dtype=xp.float64, device=None)
+    s, _ = fd_update(xp, s, _stream(1, 4, 2, 1)[0], exponent=-0.5)
+    bad = np.full((4, 2), np.nan)
+    with np.errstate(all="ignore"):
+        new, ok = fd_update(xp, s, bad, exponent=-0.5)
+    assert not bool(ok)
+    for key in s:
+        np.testing.assert_array_equal(new[key], s[key])
+
+
+def test_cutoff_keeps_rank_deficient_stream_bounded():
+    """K3: rank-1 inputs in float32 with ε = 0: without the cutoff the rounding-level shrink gives a
+    huge complement weight; with it the complement weight stays exactly 0 until mass escapes."""
+    import array_api_compat.numpy as xp
+
+    d, k = 16, 4
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(d).astype(np.float32)
+    s = fd_init(xp, d, k, dtype=xp.float32, device=None)
+    for _ in range(10):
+        x = (v * rng.standard_normal()).astype(np.float32)[:, None]
+        s, _ = fd_update(xp, s, x, exponent=-0.5, eps=0.0, cutoff=True)
+        assert s["escaped_mass"] == 0.0 and s["complement_weight"] == 0.0
+    probe = rng.standard_normal((d, 1)).astype(np.float32)
+    assert np.linalg.norm(fd_apply(xp, s, probe)) < 10 * np.linalg.norm(probe)
+
+
+def test_bad_arguments():
+    import array_api_compat.numpy as xp
+
+    with pytest.raises(ValueError, match="rank"):
+        fd_init(xp, 3, 4, dtype=xp.float64, device=None)
+    s = fd_init(xp, 3, 2, dtype=xp.float64, device=None)
+    with pytest.raises(ValueError, match=r"\(3, m\)"):
+        fd_update(xp, s, np.zeros((4, 1)), exponent=-0.5)
+    with pytest.raises(ValueError, match="decomposition"):
+        fd_update(xp, s, np.zeros((3, 1)), exponent=-0.5, decomposition="qr")
+
+
+def test_merge_small_dims():
+    """The authors' reshaper rule (distributed_shampoo.merge_small_dims) and its docstring examples."""
+    assert merge_small_dims((1, 2, 512, 1, 2048, 1, 3, 4), 1024) == (1024, 2048, 12)
+    assert merge_small_dims((1, 2, 768, 1, 2048), 1024) == (2, 768, 2048)
+    assert merge_small_dims((3, 3, 64, 128), 1024) == (576, 128)
+    assert merge_small_dims((64, 64, 3, 3), 1024) == (64, 576)
+    assert merge_small_dims((3, 100), 1024) == (300,)
+    assert merge_small_dims((1, 1), 1024) == ()
+    assert merge_small_dims((), 1024) == ()
+    assert merge_small_dims((2000, 1, 5), 1024, squeeze=True) == merge_small_dims((2000, 1, 5), 1024)
+
+
+def test_block_bounds_and_unfold():
+    assert block_bounds(10, None) == ((0, 10),)
+    assert block_bounds(10, 10) == ((0, 10),)
+    assert block_bounds(10, 4) == ((0, 4), (4, 8), (8, 10))
+    import array_api_compat.numpy as xp
+
+    x = np.arange(24.0).reshape(2, 3, 4)
+    np.testing.assert_array_equal(unfold(xp, x, 1), np.moveaxis(x, 1, 0).reshape(3, 8))
