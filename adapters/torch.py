@@ -684,7 +684,7 @@ class MBF(CoreOptimizer):
 
     def _fill_partner_grads(self) -> list:
         """Zero gradients for a paired weight/bias whose partner has one (see the class docstring)."""
-        from precond_ref.methods.mbf import weight_bias_groups
+        from precond_ref.transform import weight_bias_groups
 
         filled = []
         for group, paths in zip(self.param_groups, self._group_paths()):

@@ -3,13 +3,12 @@ r"""MBF: mini-block Fisher preconditioning (Bahamou, Goldfarb, Ren, AISTATS 2023
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from array_api_compat import array_namespace, device as array_device
 
 from ..linalg import damped_inverse, damped_inverse_init
 from ..transform import (
-    LeafGroup,
     PrecondState,
     ScalarOrSchedule,
     StepContext,
@@ -24,10 +23,11 @@ from ..transform import (
     compute_dtype,
     cond,
     scalar_array,
+    weight_bias_groups,
 )
-from ..tree import Path, path_str, tree_flatten, tree_unflatten
+from ..tree import Path, tree_flatten, tree_unflatten
 
-__all__ = ["mbf", "MBFTransform", "weight_bias_groups"]
+__all__ = ["mbf", "MBFTransform"]
 
 _FC_BLOCKS = ("columns_avg", "official_chunks")
 _SECOND_MOMENTS = ("momentum", "gradient")
@@ -54,40 +54,6 @@ class MBFTransform(Transform):
 
 def _is_out_last(path: Path, leaf: Any) -> bool:
     return bool(path) and path[-1] == "kernel" and len(leaf.shape) >= 2
-
-
-def weight_bias_groups(
-    paths: Sequence[Path], leaves: Sequence[Any], *, kernel_out_last: bool = True
-) -> list[LeafGroup]:
-    """Pair each 2-D ``weight`` (out-first) or ``kernel`` (out-last) with its sibling ``bias``.
-
-    A sibling ``bias`` is paired when it is 1-D with length equal to the weight's output size;
-    every other leaf is a group of its own. Group keys are the path strings of the group's first
-    leaf (the weight); groups are ordered by the position of their first member.
-    ``kernel_out_last=False`` reads ``kernel`` leaves as out-first (after canonicalisation).
-    """
-    index = {path: i for i, path in enumerate(paths)}
-    bias_of: dict[int, int] = {}
-    for i, path in enumerate(paths):
-        if not path or path[-1] not in ("weight", "kernel") or len(leaves[i].shape) != 2:
-            continue
-        j = index.get(path[:-1] + ("bias",))
-        if j is None or len(leaves[j].shape) != 1:
-            continue
-        out_last = kernel_out_last and _is_out_last(path, leaves[i])
-        if leaves[j].shape[0] == leaves[i].shape[-1 if out_last else 0]:
-            bias_of[i] = j
-    paired = set(bias_of.values())
-    groups = []
-    for i, path in enumerate(paths):
-        if i in paired:
-            continue
-        if i in bias_of:
-            j = bias_of[i]
-            groups.append(LeafGroup(path_str(path), (i, j), (path, paths[j])))
-        else:
-            groups.append(LeafGroup(path_str(path), (i,), (path,)))
-    return groups
 
 
 def _hyper(xp: Any, value: Any, dtype: Any) -> Any:
@@ -481,7 +447,6 @@ def mbf(
             raise TypeError(f"mbf.warm_start: state must be the PrecondState returned by init, got {type(state)}")
         groups = dict(state.groups)
         running: dict[str, Any] = {}
-        seen = None
         n_batches = 0
         for grads in grads_batches:
             canonical, treedef, _ = _canonical(grads)

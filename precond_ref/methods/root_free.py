@@ -20,7 +20,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 from array_api_compat import array_namespace, device as array_device
 
 from ..transform import (
-    LeafGroup,
     ScalarOrSchedule,
     StepContext,
     Transform,
@@ -35,6 +34,7 @@ from ..transform import (
     compute_dtype,
     cond,
     singleton_groups,
+    weight_bias_groups,
 )
 from ..tree import Path, path_str
 
@@ -44,7 +44,6 @@ __all__ = [
     "if_shampoo",
     "prototype_lr_scale",
     "prototype_schedule",
-    "weight_bias_groups",
 ]
 
 Array = Any
@@ -374,40 +373,6 @@ _STRUCTURES = ("dense", "diagonal")
 _OUT_LAST_WEIGHT = "kernel"
 
 
-def weight_bias_groups(paths: Sequence[Path], leaves: Sequence[Array]) -> list[LeafGroup]:
-    """IF-Shampoo's ``grouping="weight_bias"``: a 2-D weight and its bias share one preconditioner.
-
-    Siblings named ``weight`` + ``bias`` (out-first, ``(d_out, d_in)``) or ``kernel`` + ``bias``
-    (out-last, ``(d_in, d_out)``) with a 1-D bias of the output size form a group (weight first,
-    keyed by the weight's path); every other leaf is its own group.
-    """
-    index = {tuple(p): i for i, p in enumerate(paths)}
-    paired: dict[int, int] = {}
-    for i, path in enumerate(paths):
-        if not path or path[-1] not in ("weight", _OUT_LAST_WEIGHT):
-            continue
-        j = index.get(tuple(path[:-1]) + ("bias",))
-        if j is None:
-            continue
-        weight, bias = leaves[i], leaves[j]
-        if len(weight.shape) != 2 or len(bias.shape) != 1:
-            continue
-        out_size = weight.shape[0] if path[-1] == "weight" else weight.shape[1]
-        if bias.shape[0] == out_size:
-            paired[i] = j
-    biases = set(paired.values())
-    groups = []
-    for i, path in enumerate(paths):
-        if i in biases:
-            continue
-        if i in paired:
-            j = paired[i]
-            groups.append(LeafGroup(path_str(path), (i, j), (path, paths[j])))
-        else:
-            groups.append(LeafGroup(path_str(path), (i,), (path,)))
-    return groups
-
-
 def _grouped_shape(shapes: Sequence[tuple], out_first: bool) -> tuple[tuple, tuple]:
     """(unsqueezed, squeezed) shape of the tensor a group preconditions (bias as an extra column/row)."""
     if len(shapes) == 1:
@@ -694,7 +659,7 @@ def if_shampoo(
         like ``structures``). Default: the compute dtype (principled; float32 for bf16 parameters)
         or the parameter dtype (faithful). bf16 factors are the paper's half-precision mode.
     grouping:
-        ``"per_parameter"`` or ``"weight_bias"`` (see :func:`weight_bias_groups`).
+        ``"per_parameter"`` or ``"weight_bias"`` (see :func:`precond_ref.transform.weight_bias_groups`).
     preconditioner_lr_scale:
         ``None`` or ``path -> float > 0`` multiplying :math:`\beta_2` per group (path of the group's
         first leaf); :func:`prototype_lr_scale` reproduces the authors' prototype.

@@ -7,7 +7,7 @@ import pytest
 
 import precond_ref as pr
 from mbf_reference import ReferenceMBF
-from precond_ref.methods.mbf import weight_bias_groups
+from precond_ref.transform import weight_bias_groups
 
 
 def _model(rng, dtype="float64"):
