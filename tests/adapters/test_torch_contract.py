@@ -46,7 +46,7 @@ def _train(model, opt, case, steps, x, y, closure=False):
                 loss.backward()
                 return loss
 
-            losses.append(float(opt.step(fn, **case.step_kwargs)))
+            losses.append(float(opt.step(fn, **case.step_kwargs).detach()))
         else:
             opt.zero_grad()
             loss = _loss(model, x, y)
