@@ -98,12 +98,15 @@ class StepContext(NamedTuple):
     """What ``update_group`` receives besides arrays.
 
     ``count`` is the number of updates applied *before* this one (0 on the first update), as a
-    0-D int32 array; ``extra`` holds the keyword arguments given to ``update``.
+    0-D int32 array; ``extra`` holds the keyword arguments given to ``update``; ``paths`` are the
+    tree paths of the group's leaves (for layout rules that depend on names, such as Flax's
+    out-last ``kernel``).
     """
 
     xp: Any
     count: Array
     extra: dict[str, Any]
+    paths: tuple[Path, ...] = ()
 
     def value(self, hyperparameter: ScalarOrSchedule) -> Any:
         """A hyperparameter at this step (constants pass through; schedules get ``count``)."""
@@ -431,7 +434,7 @@ def build_transform(
             if all(math.prod(leaf.shape) == 0 for leaf in g):
                 upd, new = tuple(xp.zeros_like(leaf) for leaf in g), {}
             else:
-                upd, new = update_group(g, old, p, ctx)
+                upd, new = update_group(g, old, p, ctx._replace(paths=group.paths))
             _check_group(name, group, g, upd, old, new)
             for i, u in zip(group.indices, upd):
                 target = grad_leaves[i].dtype

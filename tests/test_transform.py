@@ -140,6 +140,7 @@ def test_grouping_pairs_weight_and_bias(backend):
         return {}
 
     def update_group(grads, state, params, ctx):
+        seen.append(("update",) + tuple(path_str(p) for p in ctx.paths))
         return tuple(-g for g in grads), state
 
     opt = build_transform(name="pair", init_group=init_group, update_group=update_group, group_leaves=pair)
@@ -149,6 +150,7 @@ def test_grouping_pairs_weight_and_bias(backend):
     assert sorted(state.groups) == ["fc/weight", "scale"]
     updates, _ = opt.update(params, state, params)
     np.testing.assert_array_equal(backend.to_numpy(updates["fc"]["bias"]), -1.0)
+    assert seen[2:] == [("update", "fc/weight", "fc/bias"), ("update", "scale")]
 
 
 def test_state_tree_must_be_the_precond_state(backend):
