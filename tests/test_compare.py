@@ -15,7 +15,8 @@ import pytest
 pytest.importorskip("sklearn")
 
 import precond_ref
-from precond_ref import cli, compare, digits, method_table
+from precond_ref import cli, compare, method_table
+from precond_ref.compare import digits
 from precond_ref.method_table import METHODS, MethodEntry, entry_by_name
 
 

@@ -6,7 +6,7 @@ same mini-batch order with every method of :data:`precond_ref.method_table.METHO
 paper's recommended hyperparameters) and the SGD-momentum and Adam baselines.
 
 By default everything runs on NumPy through the core (forward and backward written by hand in
-:mod:`precond_ref.digits`); ``--backend torch`` / ``jax`` runs the same through the torch and optax
+:mod:`precond_ref.compare.digits`); ``--backend torch`` / ``jax`` runs the same through the torch and optax
 adapters, ``--backend cupy`` the core on CuPy arrays. Output: a table (final train loss, test
 accuracy, time per step, optimizer state size), ``loss_curves.png`` and ``compare.json`` with every
 number, in ``--out``. Fixed seeds give identical numbers on a re-run (the times aside).
@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from . import digits
-from .cli import UserError
-from .method_table import METHODS, MethodEntry
+from ..cli import UserError
+from ..method_table import METHODS, MethodEntry
 
 __all__ = ["add_arguments", "run", "train_one", "resolve_methods", "core_baseline"]
 
@@ -151,7 +151,7 @@ def core_baseline(name: str, **hyperparameters: Any) -> Any:
     """
     from array_api_compat import device as array_device
 
-    from .transform import build_transform
+    from ..transform import build_transform
 
     if name == "sgd_momentum":
         learning_rate, momentum = hyperparameters["learning_rate"], hyperparameters["momentum"]
@@ -204,7 +204,7 @@ class _CoreSession:
 
     def __init__(self, xp: Any, entry: MethodEntry, model: str, params: dict, dtype: str, batch_size: int, sync: Callable):
         import precond_ref
-        from .tree import tree_flatten
+        from ..tree import tree_flatten
 
         self.xp, self.model, self.sync = xp, model, sync
         self.dtype = getattr(xp, dtype)
