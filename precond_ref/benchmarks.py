@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .cli import UserError
+from .cli import UserError, positive_int
 from .method_table import MethodEntry
 
 __all__ = ["add_arguments", "run", "CASES", "QUICK_CASES", "bench_case"]
@@ -78,26 +78,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--frameworks", default=None, help="comma-separated subset of torch,jax,numpy,cupy (default torch,jax and cupy if a GPU is present)"
     )
-    parser.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps before timing (default 2)")
-    parser.add_argument("--repeats", type=_positive_int, default=7, help="timed steps (default 7; the median is reported)")
+    parser.add_argument("--warmup", type=positive_int, default=2, help="untimed steps before timing (default 2)")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed steps (default 7; the median is reported)")
     parser.add_argument("--quick", action="store_true", help="small cases and few repeats (for tests)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--out", default="results", help="output directory for bench.json (default results)")
     parser.add_argument(
-        "--threads", type=_positive_int, default=None,
+        "--threads", type=positive_int, default=None,
         help="limit BLAS and torch CPU threads (default: the libraries' own; 1 gives steadier numbers on a busy machine)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _extra(entry: MethodEntry) -> dict:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from . import digits
-from ..cli import UserError
+from ..cli import UserError, nonnegative_int, positive_int
 from ..method_table import METHODS, MethodEntry
 
 __all__ = ["add_arguments", "run", "train_one", "resolve_methods", "core_baseline"]
@@ -43,26 +43,6 @@ DEFAULT_OUT = "results"
 # Command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     names = ", ".join(entry.name for entry in METHODS)
     parser.add_argument(
@@ -73,15 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models", default=",".join(digits.MODELS), help=f"comma-separated subset of: {', '.join(digits.MODELS)}"
     )
-    parser.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS, help=f"epochs (default {DEFAULT_EPOCHS})")
+    parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help=f"epochs (default {DEFAULT_EPOCHS})")
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help=f"mini-batch size (default {DEFAULT_BATCH_SIZE})"
+        "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help=f"mini-batch size (default {DEFAULT_BATCH_SIZE})"
     )
-    parser.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the initial weights and batch order")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the initial weights and batch order")
     parser.add_argument("--backend", choices=BACKENDS, default="numpy", help="array backend (default numpy, via the core)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype (default float32)")
     parser.add_argument(
-        "--threads", type=_positive_int, default=1,
+        "--threads", type=positive_int, default=1,
         help="BLAS / torch threads (default 1: the models are tiny, more threads only add contention)",
     )
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
