@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+import weakref
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -20,45 +21,14 @@ import precond_ref as pr
 from precond_ref.transform import PrecondState, Transform
 from precond_ref.tree import path_str, tree_flatten
 
+from . import _torch_state
+
 __all__ = ["CoreOptimizer", "AGD", "ASGO", "DASGO", "MBF", "RFRMSProp", "RFAdamW", "IFShampoo", "Sketchy", "SAdaGrad"]
 
 _STEP, _NONFINITE = "step", "nonfinite_count"
 # Host-side bookkeeping stored beside the core state: calls taken part in, and "holds a core group".
 _CALLS, _HEAD = "calls", "core_group"
 _BOOKKEEPING = (_STEP, _NONFINITE, _CALLS, _HEAD)
-
-
-def _split_named(params: Any) -> tuple[list[dict], dict[torch.Tensor, str]]:
-    """Normalise ``params`` into param groups and a tensor -> name map.
-
-    Accepts tensors, ``(name, tensor)`` pairs (``model.named_parameters()``), or dicts whose
-    ``"params"`` are either; names also come from torch's own ``param_names`` group entry.
-    """
-    if isinstance(params, torch.Tensor):
-        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts")
-    groups = list(params)
-    if not groups:
-        raise ValueError("optimizer got an empty parameter list")
-    if not isinstance(groups[0], dict):
-        groups = [{"params": groups}]
-    names: dict[torch.Tensor, str] = {}
-    out = []
-    for group in groups:
-        group = dict(group)
-        members = group["params"]
-        members = [members] if isinstance(members, torch.Tensor) else list(members)
-        tensors = []
-        for item in members:
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                names[item[1]] = item[0]
-                tensors.append(item[1])
-            else:
-                tensors.append(item)
-        for name, tensor in zip(group.pop("param_names", []), tensors):
-            names[tensor] = name
-        group["params"] = tensors
-        out.append(group)
-    return out, names
 
 
 class CoreOptimizer(torch.optim.Optimizer):
@@ -85,12 +55,13 @@ class CoreOptimizer(torch.optim.Optimizer):
     """
 
     core_factory: Callable[..., Transform]
+    # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
+    _transient_attributes: tuple[str, ...] = ("_transforms",)
 
     def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None):
-        groups, names = _split_named(params)
-        if model is not None:
-            names.update({p: n for n, p in model.named_parameters()})
-        self._param_names = names
+        groups = _torch_state.param_groups_from(params)
+        self._model_names = {p: n for n, p in model.named_parameters()} if model is not None else {}
+        self._param_names: dict[torch.Tensor, str] = dict(self._model_names)
         self._transforms: dict[int, tuple[tuple, Transform]] = {}
         super().__init__(groups, defaults)
 
@@ -99,14 +70,33 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self._transform(self.param_groups[-1])
+        group = self.param_groups[-1]
+        self._param_names = _torch_state.names_from_groups([group], self._param_names)
+        self._param_names.update((p, n) for p, n in self._model_names.items() if p in group["params"])
+        self._transform(group)
+
+    def __getstate__(self) -> dict:
+        return _torch_state.getstate(self)
+
+    def __setstate__(self, state: dict) -> None:
+        _torch_state.setstate(self, state)
+
+    def state_dict(self) -> dict:
+        """torch's ``state_dict`` (with ``param_names`` when the parameters were named), without
+        callable hyperparameters: they are configuration, kept by the optimizer that loads it."""
+        return _torch_state.strip_callables(super().state_dict())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Validate, then load (atomically: a rejected checkpoint changes nothing); see
+        :func:`precond_ref.adapters._torch_state.load_state_dict`."""
+        _torch_state.load_state_dict(self, state_dict)
 
     def _transform(self, group: dict) -> Transform:
         kwargs = self.core_kwargs(group)
         key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
         cached = self._transforms.get(id(group))
         if cached is None or cached[0] != key:
-            cached = (key, type(self).core_factory(**kwargs))
+            cached = (key, _torch_state.build_transform(self, group))
             self._transforms[id(group)] = cached
         return cached[1]
 
@@ -181,20 +171,6 @@ class CoreOptimizer(torch.optim.Optimizer):
             head = self.state[by_key[key]]
             head[_HEAD] = True
             head.update(entries)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        self._transforms.clear()
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            for param_id, p in zip(saved_group["params"], group["params"]):
-                if param_id in saved:
-                    self.state[p] = {
-                        k: v.to(device=p.device) if isinstance(v, torch.Tensor) else v
-                        for k, v in saved[param_id].items()
-                    }
-        for group in self.param_groups:
-            self._transform(group)
 
 
 class AGD(CoreOptimizer):
@@ -387,11 +363,26 @@ class DASGO(CoreOptimizer):
 class _BatchCounter:
     """SIRFShampoo's batch-size detection: a forward pre-hook on the model adds ``inputs[0].shape[0]``
     for every forward pass in training mode since the last optimizer step (so gradient accumulation
-    over several forwards counts every example of the accumulated mean)."""
+    over several forwards counts every example of the accumulated mean).
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    ``copy.deepcopy`` of the optimizer hooks the copy onto the model's copy when the model is
+    copied along, else onto the same model. A pickled optimizer comes back without a counter (the
+    model is not part of it): give ``batch_size`` to ``step`` or re-create the optimizer.
+    """
+
+    def __init__(self, model: Optional[torch.nn.Module]) -> None:
         self.count = 0
-        self.handle = model.register_forward_pre_hook(self._hook)
+        self._model = weakref.ref(model) if model is not None else None
+        self.handle = model.register_forward_pre_hook(self._hook) if model is not None else None
+
+    def __deepcopy__(self, memo: dict) -> "_BatchCounter":
+        model = self._model() if self._model is not None else None
+        new = _BatchCounter(memo.get(id(model), model) if model is not None else None)
+        new.count = self.count
+        return new
+
+    def __reduce__(self) -> tuple:
+        return (_BatchCounter, (None,))
 
     def _hook(self, module: torch.nn.Module, inputs: tuple) -> None:
         if module.training and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim > 0:
@@ -495,12 +486,17 @@ class RFAdamW(_RootFreeOptimizer):
         batch_size: Optional[int] = None,
         model: Optional[torch.nn.Module] = None,
         bias_correction: bool = False,
+        initial_scale: float = 1.0,
+        scale_by_batch_size: bool = True,
+        state_dtype: Optional[torch.dtype] = None,
         mode: str = "principled",
         on_nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, damping=damping, weight_decay=weight_decay, batch_size=batch_size,
-            bias_correction=bias_correction, mode=mode, on_nonfinite=on_nonfinite,
+            bias_correction=bias_correction, initial_scale=initial_scale,
+            scale_by_batch_size=scale_by_batch_size, state_dtype=state_dtype, mode=mode,
+            on_nonfinite=on_nonfinite,
         )
         super().__init__(params, defaults, model=model)
 
@@ -509,7 +505,9 @@ class RFAdamW(_RootFreeOptimizer):
         return dict(
             learning_rate=_float(group["lr"]), b1=b1, b2=b2, damping=group["damping"],
             weight_decay=group["weight_decay"], batch_size=group["batch_size"],
-            bias_correction=group["bias_correction"], mode=group["mode"], on_nonfinite=group["on_nonfinite"],
+            bias_correction=group["bias_correction"], initial_scale=group["initial_scale"],
+            scale_by_batch_size=group["scale_by_batch_size"], state_dtype=group["state_dtype"],
+            mode=group["mode"], on_nonfinite=group["on_nonfinite"],
         )
 
 

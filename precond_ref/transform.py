@@ -264,9 +264,13 @@ def check_unit_interval(name: str, value: Any) -> None:
 
 
 def check_learning_rate(name: str, value: Any) -> None:
-    """A positive number or a schedule ``count -> value``."""
+    """A non-negative number or a schedule ``count -> value``.
+
+    Zero is allowed, as in ``torch.optim``: schedulers such as ``CosineAnnealingLR(eta_min=0)``
+    reach it, and the step is then zero (state statistics still advance, as in Adam).
+    """
     if not callable(value):
-        check_positive(name, value)
+        check_nonnegative(name, value)
 
 
 def check_positive_int(name: str, value: Any, *, allow_callable: bool = False) -> None:

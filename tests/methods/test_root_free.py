@@ -160,7 +160,7 @@ def test_rf_rmsprop_batch_size_per_call_and_errors():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(learning_rate=-1.0), "learning_rate"),
         (dict(learning_rate=0.1, b2=1.0), "b2"),
         (dict(learning_rate=0.1, damping=0.0), "damping"),
         (dict(learning_rate=0.1, damping=-1.0, mode="faithful"), "damping"),
@@ -413,7 +413,7 @@ def test_if_shampoo_batch_size_and_validation():
     np.testing.assert_array_equal(a["w"], b["w"])
     for kwargs, name in [
         (dict(learning_rate=0.0), "learning_rate"),
-        (dict(preconditioner_lr=0.0), "preconditioner_lr"),
+        (dict(preconditioner_lr=-1.0), "preconditioner_lr"),
         (dict(momentum=1.0), "momentum"),
         (dict(preconditioner_momentum=-0.1), "preconditioner_momentum"),
         (dict(damping=-1.0), "damping"),

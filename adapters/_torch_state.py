@@ -1,0 +1,324 @@
+"""The torch adapter's contracts outside the step: construction, copies and checkpoints.
+
+:class:`~precond_ref.adapters.torch.CoreOptimizer` delegates here for
+
+* parameter names (``model.named_parameters()``, torch's ``param_names``),
+* ``copy.deepcopy`` and pickling (``__getstate__`` / ``__setstate__``),
+* ``state_dict`` (callable hyperparameters are configuration and stay out of it),
+* a validating, atomic ``load_state_dict``,
+* error messages that name the torch argument (``lr``) rather than the core's (``learning_rate``).
+
+What a checkpoint holds (``state_dict()``): torch's layout, ``{"state": {index: entries},
+"param_groups": [...]}``. Every parameter's entries have ``"step"`` and ``"nonfinite_count"``
+(0-D int32 tensors), ``"calls"`` (the number of ``step`` calls it took part in, a Python int) and,
+on the first parameter of each core group, ``"core_group": True`` and that group's state tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import types
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from precond_ref.tree import path_str
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .torch import CoreOptimizer
+
+STEP, NONFINITE = "step", "nonfinite_count"
+CALLS, HEAD = "calls", "core_group"
+BOOKKEEPING = (STEP, NONFINITE, CALLS, HEAD)
+# torch.optim.Optimizer's own attributes: hooks are not copied (as for torch's optimizers).
+_TORCH_TRANSIENT = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+
+
+# --------------------------------------------------------------------------------------------
+# construction: parameters and their names
+
+
+def param_groups_from(params: Any) -> list[dict]:
+    """``params`` as a list of param-group dicts, names left as torch's ``(name, tensor)`` pairs.
+
+    torch's ``add_param_group`` then moves the names into the group's ``"param_names"`` (so
+    ``state_dict()`` keeps them, as for ``torch.optim.Adam``) and raises when some parameters of a
+    group are named and others are not.
+    """
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "params argument given to the optimizer should be an iterable of Tensors, (name, tensor) "
+            f"pairs or dicts, but got {torch.typename(params)}"
+        )
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections (not a set)")
+    groups = list(params)
+    if not groups:
+        raise ValueError("optimizer got an empty parameter list")
+    if not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    return [dict(group) for group in groups]
+
+
+def names_from_groups(groups: list[dict], base: Optional[dict] = None) -> dict:
+    """tensor -> dotted name, from each group's ``param_names`` over ``base`` (e.g. ``model=``)."""
+    names = dict(base or {})
+    for group in groups:
+        for name, tensor in zip(group.get("param_names", ()), group["params"]):
+            names[tensor] = name
+    return names
+
+
+def param_label(names: dict, p: torch.Tensor, index: int) -> str:
+    """How errors name a parameter: its name when known, else its index in ``state_dict()``."""
+    name = names.get(p)
+    return f"parameter {name!r} (index {index})" if name else f"parameter {index}"
+
+
+# --------------------------------------------------------------------------------------------
+# torch argument names in error messages
+
+
+class _Probe:
+    """Stands in for a torch hyperparameter to see which core argument ``core_kwargs`` maps it to."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def torch_names(opt: "CoreOptimizer", group: dict) -> dict[str, str]:
+    """core argument name -> torch argument name, found by running ``core_kwargs`` on probes."""
+    probe: dict[str, Any] = {}
+    for key, value in group.items():
+        if key in ("params", "param_names"):
+            continue
+        if isinstance(value, tuple) and 0 < len(value) <= 4:
+            probe[key] = tuple(_Probe(f"{key}[{i}]") for i in range(len(value)))
+        else:
+            probe[key] = _Probe(key)
+    try:
+        kwargs = opt.core_kwargs(probe)
+    except Exception:  # a core_kwargs that computes with the values: no translation
+        return {}
+    return {core: value.name for core, value in kwargs.items() if isinstance(value, _Probe) and value.name != core}
+
+
+def translate_error(message: str, names: dict[str, str]) -> str:
+    """``message`` with every core argument name of ``names`` replaced by the torch one."""
+    for core in sorted(names, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w.\[]){re.escape(core)}(?![\w\[])", names[core], message)
+    return message
+
+
+def build_transform(opt: "CoreOptimizer", group: dict) -> Any:
+    """``core_factory(**core_kwargs(group))``; invalid values raise naming the torch argument."""
+    try:
+        return type(opt).core_factory(**opt.core_kwargs(group))
+    except (ValueError, TypeError) as error:
+        message = translate_error(str(error), torch_names(opt, group))
+        if message == str(error):
+            raise
+        raise type(error)(message) from error
+
+
+# --------------------------------------------------------------------------------------------
+# deepcopy / pickle
+
+
+def getstate(opt: "CoreOptimizer") -> dict:
+    """torch's ``defaults``/``state``/``param_groups`` plus the adapter's own attributes.
+
+    Compiled transforms (``_transforms`` and the names in ``_transient_attributes``) are rebuilt
+    on first use; hooks are not copied, as for torch's optimizers.
+    """
+    skip = set(_TORCH_TRANSIENT) | set(opt._transient_attributes)
+    return {k: v for k, v in opt.__dict__.items() if k not in skip}
+
+
+def setstate(opt: "CoreOptimizer", state: dict) -> None:
+    torch.optim.Optimizer.__setstate__(opt, state)
+    opt.__dict__.setdefault("_param_names", names_from_groups(opt.param_groups))
+    opt._transforms = {}
+
+
+# --------------------------------------------------------------------------------------------
+# state_dict / load_state_dict
+
+
+def strip_callables(state_dict: dict) -> dict:
+    """Drop callable hyperparameters (``fallback_filter``, schedules, ...) from the param groups.
+
+    They are configuration, not state (and lambdas cannot be pickled); ``load_state_dict`` keeps
+    the loading optimizer's own value for every hyperparameter a checkpoint lacks.
+    """
+    groups = []
+    for group in state_dict["param_groups"]:
+        groups.append({k: v for k, v in group.items() if not (callable(v) and not isinstance(v, torch.Tensor))})
+    return {**state_dict, "param_groups": groups}
+
+
+def _counter(value: Any, what: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A saved counter (0-D tensor, or a Python number in older checkpoints) as a 0-D tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{what} must be a single number, got a tensor of shape {tuple(value.shape)}")
+        number = value.detach().reshape(()).item()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    else:
+        raise ValueError(f"{what} must be a number, got {type(value).__name__}")
+    if not math.isfinite(number) or number < 0 or number != int(number):
+        raise ValueError(f"{what} must be a non-negative integer, got {number!r}")
+    return torch.tensor(int(number), dtype=dtype, device=device)
+
+
+def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
+    """Validate ``state_dict`` completely, then load it; on any error nothing changes.
+
+    Checks, each error naming the parameter: the number and sizes of param groups; param-group
+    keys this class does not take (another optimizer's checkpoint); for every parameter that has
+    been stepped, the counters, and the core group state that a step would read — every entry
+    present, no extra entries, shapes as the optimizer's own ``init`` makes them (a transposed
+    statistic is rejected), finite values. Tensors are copied onto the parameter's device in the
+    dtype ``init`` uses (so float32 state of bf16 parameters stays float32). Hyperparameters
+    the checkpoint lacks (callables, which ``state_dict`` leaves out, or ones added in a later
+    version) keep the loading optimizer's value. Load hooks run as in torch: pre-hooks on the
+    incoming dict before validation, post-hooks after the state is in place.
+    """
+    cls = type(opt).__name__
+    state_dict = state_dict.copy()
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    where = f"{cls}.load_state_dict"
+    if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
+        raise ValueError(f"{where}: expected a dict with 'state' and 'param_groups' (from state_dict())")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(
+            f"{where}: loaded state dict has a different number of parameter groups "
+            f"({len(saved_groups)}, the optimizer has {len(opt.param_groups)})"
+        )
+
+    allowed = set(opt.defaults) | {"params", "param_names"}
+    new_groups = []
+    for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"{where}: loaded state dict contains a parameter group that doesn't match the size of "
+                f"optimizer's group (group {gi}: {len(saved['params'])} parameters, expected {len(group['params'])})"
+            )
+        unknown = sorted(set(saved) - allowed)
+        if unknown:
+            raise ValueError(
+                f"{where}: param group {gi} has {unknown}, which {cls} does not take; "
+                "the state_dict was saved by another optimizer"
+            )
+        new = {k: v for k, v in group.items() if k != "params"}
+        new.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
+        new["params"] = group["params"]
+        new_groups.append(new)
+    base = {p: n for p, n in opt._param_names.items()}
+    names = names_from_groups(new_groups, base)
+
+    # Every param group's hyperparameters must build a transform (errors name torch arguments).
+    # Paths as the step will see them, under the loaded names (``_path`` reads only the names).
+    named = types.SimpleNamespace(_param_names=names)
+    path_of = lambda p, i: type(opt)._path(named, p, i)  # noqa: E731
+    transforms = []
+    for gi, group in enumerate(new_groups):
+        try:
+            transforms.append(build_transform(opt, group))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{where}: param group {gi}: {error}") from error
+
+    id_map = {}
+    for saved, group in zip(saved_groups, new_groups):
+        id_map.update(zip(saved["params"], group["params"]))
+    new_state: defaultdict = defaultdict(dict)
+    for key, value in saved_state.items():
+        if key not in id_map:
+            new_state[key] = value  # not a parameter's state: kept as is (torch does the same)
+
+    index = 0
+    for group, transform in zip(new_groups, transforms):
+        by_calls: dict[int, list] = {}
+        for saved_id, p in zip(_saved_ids(saved_groups, new_groups, group), group["params"]):
+            label = param_label(names, p, index)
+            entries = saved_state.get(saved_id)
+            if entries:
+                entries = dict(entries)
+                if STEP not in entries:
+                    raise ValueError(f"{where}: the state of {label} lacks 'step'")
+                entries[STEP] = _counter(entries[STEP], f"{where}: 'step' of {label}", p.device, torch.int32)
+                entries[NONFINITE] = _counter(
+                    entries.get(NONFINITE, 0), f"{where}: 'nonfinite_count' of {label}", p.device, torch.int32
+                )
+                calls = entries.get(CALLS, int(entries[STEP].item()))
+                if isinstance(calls, torch.Tensor):
+                    calls = int(calls.item())
+                if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+                    raise ValueError(f"{where}: 'calls' of {label} must be an integer >= 0, got {calls!r}")
+                entries[CALLS] = calls
+                if calls > 0:
+                    by_calls.setdefault(calls, []).append((index, p, label, entries))
+                new_state[p] = entries
+            index += 1
+        for members in by_calls.values():
+            _check_core_state(opt, path_of, transform, members, where)
+
+    # Commit: nothing above touched the optimizer.
+    opt.__setstate__({"state": new_state, "param_groups": new_groups})
+    opt._param_names = names
+    opt._transforms.clear()
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
+
+
+def _saved_ids(saved_groups: list, new_groups: list, group: dict) -> list:
+    return saved_groups[next(i for i, g in enumerate(new_groups) if g is group)]["params"]
+
+
+def _check_core_state(opt: "CoreOptimizer", path_of: Any, transform: Any, members: list, where: str) -> None:
+    """Check the saved state of parameters stepped together against ``transform.init``'s layout,
+    and put each tensor into the dtype/device ``init`` gives it (in ``members``' entries)."""
+    paths = [path_of(p, i) for i, p, _, _ in members]
+    expected = transform.init(opt._tree(paths, [p.detach() for _, p, _, _ in members]))
+    by_key = {path_str(path): member for path, member in zip(paths, members)}
+    heads = set()
+    for key, arrays in expected.groups.items():
+        _, p, label, entries = by_key[key]
+        heads.add(key)
+        missing = sorted(set(arrays) - set(entries))
+        if missing:
+            raise ValueError(f"{where}: the state of {label} lacks {missing} (state_dict of another optimizer or configuration?)")
+        for name, like in arrays.items():
+            value = entries[name]
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{where}: state {name!r} of {label} must be a tensor, got {type(value).__name__}")
+            if tuple(value.shape) != tuple(like.shape):
+                raise ValueError(
+                    f"{where}: state {name!r} of {label} has shape {tuple(value.shape)}, expected {tuple(like.shape)}"
+                )
+            if value.is_floating_point() or value.is_complex():
+                if not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"{where}: state {name!r} of {label} holds NaN or Inf")
+            elif like.is_floating_point():
+                raise ValueError(f"{where}: state {name!r} of {label} has dtype {value.dtype}, expected {like.dtype}")
+            entries[name] = value.detach().to(device=like.device, dtype=like.dtype, copy=True)
+        entries[HEAD] = True
+    for key, (_, _, label, entries) in by_key.items():
+        extra = sorted(k for k in entries if k not in BOOKKEEPING and (key not in heads or k not in expected.groups[key]))
+        if extra:
+            raise ValueError(f"{where}: the state of {label} has unexpected entries {extra} (state_dict of another optimizer?)")
+        if key not in heads:
+            entries.pop(HEAD, None)
