@@ -584,7 +584,9 @@ class MBF(CoreOptimizer):
     weight is a layer without a bias column (a warning says so).
 
     When only one of a paired weight and bias has a gradient, the other takes part in the step
-    with a zero gradient, is left unchanged, and keeps its own step counter.
+    with a zero gradient (the pair is one block) and is left unchanged; its ``"step"`` is not
+    advanced on that step. The pair shares one block state and one step count, so at the next
+    step where both have gradients the partner's ``"step"`` is set to the pair's count again.
 
     :meth:`warm_start` initialises the block statistics before training (spec ``mbf.md`` 2.5).
     ``lr`` has no default (the authors' values range from 1e-5 to 3e-5 with damping 3e-4 to 3e-3;

@@ -31,6 +31,7 @@ Accuracy (8×8 SPD, float32, 10 steps, relative Frobenius error versus float64 e
 
 from __future__ import annotations
 
+import math
 from itertools import repeat
 from typing import Any, Optional, Sequence, Union
 
@@ -48,6 +49,10 @@ __all__ = [
     "inverse_sqrt_newton_schulz",
     "inverse_root_newton",
     "damped_inverse",
+    "damped_inverse_eigh",
+    "damped_inverse_checked",
+    "damped_inverse_residual",
+    "INVERSE_RESIDUAL_TOLERANCE",
     "damped_solve",
     "damped_inverse_init",
 ]
@@ -383,6 +388,16 @@ def damped_inverse(
     -------
     (inverse, failures)
         The new stack of inverses and the updated counter.
+
+    Notes
+    -----
+    ``F_b + λI`` is formed in the working precision: when :math:`\lambda` is below the rounding of
+    :math:`F_b`'s entries (:math:`\|F_b\|/\lambda \gtrsim 1/\varepsilon`, about 1e7 in float32
+    for a rank-deficient :math:`F_b`) the damping is lost and the computed inverse can be garbage
+    while finite. :func:`damped_inverse_residual` detects that; :func:`damped_inverse_eigh` adds
+    :math:`\lambda` to the eigenvalues instead and stays accurate. An exactly singular block makes
+    NumPy/torch raise inside ``inv``; that is caught here and every block of the call counts as
+    failed (the previous inverses are kept), so this function never raises.
     """
     xp = array_namespace(matrices, previous)
     if symmetrize:
@@ -392,13 +407,113 @@ def damped_inverse(
     # garbage (inv([[inf, 0], [0, 1]]) = [[0, 0], [0, 1]]) and NaN may make NumPy/torch raise.
     finite_in = _blockwise_finite(xp, matrices)
     damped = xp.where(finite_in[..., None, None], matrices + damping * eye, eye)
-    inverse = xp.linalg.inv(damped)
+    try:
+        inverse = xp.linalg.inv(damped)
+    except Exception:  # NumPy/torch raise on an exactly singular block (JAX returns Inf/NaN)
+        inverse = xp.full(damped.shape, xp.nan, dtype=damped.dtype, device=array_device(damped))
     if symmetrize:
         inverse = _symmetric_part(inverse)
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))
     inverse = xp.where(ok[..., None, None], inverse, previous)
     failed = xp.astype(xp.logical_not(xp.all(ok)), failures.dtype)
     return inverse, failures + failed
+
+
+def damped_inverse_eigh(
+    matrices: Array,
+    damping: Any,
+    previous: Array,
+    failures: Array,
+) -> tuple[Array, Array]:
+    r"""Batched :math:`(F_b + \lambda I)^{-1}` by ``eigh`` of :math:`F_b`, the damping added to the
+    eigenvalues: :math:`V \operatorname{diag}\bigl(1/(w^+ + \lambda)\bigr) V^\top`, with the
+    eigenvalues the stored matrix cannot resolve raised to its rounding level.
+
+    Stable however large :math:`\|F_b\|/\lambda` is. A statistic stored in precision
+    :math:`\varepsilon` carries an entrywise rounding of relative size :math:`\varepsilon`, a
+    perturbation of norm up to :math:`\nu = \varepsilon\|F_b\|_F`, and ``eigh`` adds a backward
+    error of the same order: an eigenvalue below :math:`\nu` is not resolved by the stored matrix
+    (its true value is anywhere in :math:`[0, \nu]`, e.g. the part of an EMA contributed by small
+    gradients before a spike). Such eigenvalues are raised to :math:`\nu`:
+    :math:`w^+_i = \max(w_i, \nu)`. That is the conservative choice: every eigenvalue of the
+    computed inverse is at most :math:`1/(\nu + \lambda)`, never the :math:`1/\lambda` that
+    treating a lost eigenvalue as zero (or LU on a matrix whose damping was rounded away) would
+    give, so the step along an unresolved direction is shortened rather than amplified by up to
+    :math:`\|F_b\|/\lambda`. Where :math:`\nu \ll \lambda` this is the exact damped inverse up to
+    rounding.
+
+    Parameters and returns as :func:`damped_inverse` (always symmetrised); a block that is not
+    finite, before or after, keeps ``previous`` and increments ``failures`` once per call.
+    """
+    xp = array_namespace(matrices, previous)
+    finite_in = _blockwise_finite(xp, matrices)
+    safe = xp.where(finite_in[..., None, None], _symmetric_part(matrices), xp.zeros_like(matrices))
+    w, v = xp.linalg.eigh(safe)
+    noise = xp.finfo(w.dtype).eps * xp.linalg.matrix_norm(safe, ord="fro")
+    w = xp.maximum(w, xp.expand_dims(noise, axis=-1))
+    d = 1.0 / (w + damping)
+    inverse = _symmetric_part(xp.matmul(v * xp.expand_dims(d, axis=-2), v.mT))
+    ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))
+    inverse = xp.where(ok[..., None, None], inverse, previous)
+    failed = xp.astype(xp.logical_not(xp.all(ok)), failures.dtype)
+    return inverse, failures + failed
+
+
+#: Largest per-block residual ``‖(F + λI)X - I‖_F/√n`` accepted from the LU inverse before the
+#: block is recomputed by :func:`damped_inverse_eigh` (a relative error of the inverse of about
+#: this size; a damping lost to rounding gives residuals of order 1 and more).
+INVERSE_RESIDUAL_TOLERANCE = 1e-2
+
+
+def damped_inverse_checked(
+    matrices: Array,
+    damping: Any,
+    previous: Array,
+    failures: Array,
+    *,
+    tolerance: float = INVERSE_RESIDUAL_TOLERANCE,
+) -> tuple[Array, Array]:
+    r"""Batched :math:`(F_b + \lambda I)^{-1}`: LU (:func:`damped_inverse`), residual-checked, and
+    the blocks that fail the check recomputed by :func:`damped_inverse_eigh`.
+
+    Fast path: one batched ``inv`` and one batched matmul for the residual
+    (:func:`damped_inverse_residual`). When any block's inverse is not finite or has a residual
+    above ``tolerance`` (the damping was lost to rounding, :math:`\|F_b\|/\lambda \gtrsim
+    1/\varepsilon`), the stack is decomposed by ``eigh`` once and those blocks take that result;
+    ``failures`` is incremented by one for the call, so a fallback is never silent. A block that is
+    still not finite keeps ``previous``. The branch is a :func:`precond_ref.transform.cond`: traced
+    once under ``jax.jit``, read on the host on eager backends (only on refresh steps).
+    """
+    from .transform import cond  # transform does not import linalg: no cycle
+
+    xp = array_namespace(matrices, previous)
+    zero = xp.zeros_like(failures)
+    fast, fast_failed = damped_inverse(matrices, damping, previous, zero)
+    residual = damped_inverse_residual(matrices, damping, fast)
+    good = xp.logical_and(xp.isfinite(residual), residual <= tolerance)
+    all_good = xp.logical_and(xp.all(good), fast_failed == 0)
+
+    def accept(fast, previous, failures):
+        return fast, failures
+
+    def recompute(fast, previous, failures):
+        stable, _ = damped_inverse_eigh(matrices, damping, previous, zero)
+        return xp.where(good[..., None, None], fast, stable), failures + xp.ones_like(failures)
+
+    return cond(xp, all_good, accept, recompute, fast, previous, failures)
+
+
+def damped_inverse_residual(matrices: Array, damping: Any, inverse: Array) -> Array:
+    r"""Per block :math:`\|(\operatorname{sym}(F_b) + \lambda I) X_b - I\|_F / \sqrt n`, shape ``(...,)``.
+
+    A backward-stable inverse has residual about :math:`n\varepsilon\,\kappa(F_b+\lambda I)`, so a
+    residual of order 1e-2 or more means the damping was lost to rounding (see
+    :func:`damped_inverse`); non-finite input gives a non-finite residual. One matmul per block.
+    """
+    xp = array_namespace(matrices, inverse)
+    n = matrices.shape[-1]
+    product = xp.matmul(_symmetric_part(matrices), inverse) + damping * inverse - identity_like(inverse)
+    return xp.linalg.matrix_norm(product, ord="fro") / math.sqrt(n)
 
 
 def damped_solve(

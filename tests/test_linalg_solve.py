@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from precond_ref.linalg import damped_inverse, damped_inverse_init, damped_solve
+from precond_ref.linalg import (
+    damped_inverse,
+    damped_inverse_checked,
+    damped_inverse_eigh,
+    damped_inverse_init,
+    damped_inverse_residual,
+    damped_solve,
+)
 
 
 def _int0(backend, value=0):
@@ -115,3 +122,81 @@ def test_solve_flags_nonfinite_blocks_and_zeros_them(backend):
     np.testing.assert_array_equal(backend.to_numpy(ok), [False, True])
     np.testing.assert_array_equal(backend.to_numpy(x)[0], np.zeros((2, 1)))
     np.testing.assert_allclose(backend.to_numpy(x)[1], np.full((2, 1), 0.5), rtol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------------
+# Large ‖F‖/λ (issue 16 item 2): the damping below the rounding of F.
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_eigh_inverse_matches_sherman_morrison_when_resolved(backend, dtype):
+    """[closed form] (uuᵀ + λI)^{-1} = (I - uuᵀ/(λ + ‖u‖²))/λ. With ‖u‖²/λ = 25 the rounding level
+    ν = ε‖F‖_F is far below λ, so the eigh inverse is the exact one up to a few roundings of
+    κ = 26: tolerance 8·κ·ε."""
+    rng = np.random.default_rng(2)
+    u = rng.standard_normal((5, 4))
+    lam = float(np.min(np.sum(u * u, axis=-1))) / 25.0
+    stats = (u[:, :, None] * u[:, None, :]).astype(dtype)
+    inv, failures = damped_inverse_eigh(backend.asarray(stats), lam, backend.asarray(np.zeros_like(stats)), _int0(backend))
+    expected = _sherman_morrison(u, lam)
+    kappa = 1.0 + float(np.max(np.sum(u * u, axis=-1))) / lam
+    tol = 8 * kappa * np.finfo(dtype).eps
+    assert np.max(np.abs(backend.to_numpy(inv) - expected)) / np.abs(expected).max() < tol
+    assert int(backend.to_numpy(failures)) == 0
+
+
+def test_eigh_inverse_bounds_unresolved_eigenvalues(backend):
+    """[derived] Eigenvalues of F below its rounding level ν = ε‖F‖_F are raised to ν, so every
+    eigenvalue of the computed inverse is at most 1/(ν + λ) (up to rounding), however small λ:
+    float32, F = diag(1e8, 0.5, 0) + rounding, λ = 1e-3. LU of the same F + λI in float32 gives
+    eigenvalues up to 1/λ = 1e3 along the direction that F's storage cannot resolve."""
+    stats = np.diag([1e8, 0.5, 0.0]).astype(np.float32)
+    q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((3, 3)))
+    stats = (q @ stats.astype(np.float64) @ q.T).astype(np.float32)
+    lam = 1e-3
+    inv, _ = damped_inverse_eigh(backend.asarray(stats), lam, backend.asarray(np.zeros_like(stats)), _int0(backend))
+    out = backend.to_numpy(inv).astype(np.float64)
+    assert np.all(np.isfinite(out))
+    nu = np.finfo(np.float32).eps * np.linalg.norm(stats.astype(np.float64))
+    # ν ≈ 12 > 0.5: both small eigenvalues are unresolved and raised to ν (1e-3: rounding of F).
+    eigenvalues = np.linalg.eigvalsh((out + out.T) / 2)
+    np.testing.assert_allclose(eigenvalues[1:], 1 / (nu + lam), rtol=1e-3)
+    assert eigenvalues[0] < 1e-3 / (nu + lam)  # the resolved 1e8 direction stays small
+
+
+def test_exactly_singular_block_never_raises(backend):
+    """float64, F = 1e17·11ᵀ, λ = 1e-3: F + λI rounds to an exactly singular matrix (NumPy/torch
+    ``inv`` raise). :func:`damped_inverse` keeps the previous value and counts a failure;
+    :func:`damped_inverse_checked` recomputes by eigh (finite, eigenvalues <= 1/(ν + λ)) and
+    counts one fallback. (ν = ε‖F‖_F = 2e17·ε ≈ 44.)"""
+    stats = np.full((1, 2, 2), 1e17)
+    prev = np.stack([np.eye(2) * 7.0])
+    inv, failures = damped_inverse(backend.asarray(stats), 1e-3, backend.asarray(prev), _int0(backend))
+    out = backend.to_numpy(inv)
+    assert np.all(np.isfinite(out))
+    if not np.array_equal(out, prev):  # JAX's inv returns non-finite values instead: same outcome
+        pytest.fail(f"a failed inverse must keep the previous value, got {out}")
+    assert int(backend.to_numpy(failures)) == 1
+    inv, failures = damped_inverse_checked(backend.asarray(stats), 1e-3, backend.asarray(prev), _int0(backend))
+    out = backend.to_numpy(inv)
+    nu = np.finfo(np.float64).eps * 2e17
+    assert np.all(np.isfinite(out))
+    assert np.max(np.linalg.eigvalsh(out[0])) <= (1 + 1e-6) / (nu + 1e-3)
+    null = np.array([1.0, -1.0]) / np.sqrt(2.0)  # the direction whose damping was rounded away
+    np.testing.assert_allclose(null @ out[0] @ null, 1 / (nu + 1e-3), rtol=1e-6)
+    assert int(backend.to_numpy(failures)) == 1
+
+
+def test_checked_inverse_keeps_lu_result_and_counts_nothing_when_well_conditioned(backend):
+    """[closed form] Well-conditioned blocks (κ <= 26): the LU inverse passes the residual check
+    (residual ≈ n ε κ << 1e-2) and is returned unchanged, with no fallback counted."""
+    rng = np.random.default_rng(4)
+    u = rng.standard_normal((3, 4))
+    stats = u[:, :, None] * u[:, None, :]
+    prev = backend.asarray(np.zeros_like(stats))
+    lu, _ = damped_inverse(backend.asarray(stats), 0.5, prev, _int0(backend))
+    checked, failures = damped_inverse_checked(backend.asarray(stats), 0.5, prev, _int0(backend))
+    np.testing.assert_array_equal(backend.to_numpy(checked), backend.to_numpy(lu))
+    assert int(backend.to_numpy(failures)) == 0
+    residual = backend.to_numpy(damped_inverse_residual(backend.asarray(stats), 0.5, checked))
+    assert residual.shape == (3,) and np.all(residual < 1e-12)

@@ -187,13 +187,32 @@ def _finite_or_zero(xp: Any, g: Array) -> Array:
 
 
 def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float]) -> Array:
-    """``u · r·sqrt(mn)/max(‖u‖_F, tiny)``: RMS(u) = r exactly, and a zero u stays zero (D2)."""
-    if rms_target is None:
+    """``u · r·sqrt(mn)/‖u‖_F``: RMS(u) = r for every finite non-zero u, and a zero u stays zero (D2).
+
+    Scale-invariant form (D12): u is first divided by its largest magnitude, so the Frobenius norm is
+    taken of entries in [-1, 1] with at least one of modulus 1. Its squares can neither underflow
+    (the norm is >= 1) nor overflow (it is <= sqrt(mn)), whatever the scale of u: a direction of
+    size 1e-30 (or a subnormal one) is renormalised like one of size 1.
+    """
+    if rms_target is None or u.shape[0] * u.shape[1] == 0:
         return u
     m, n = u.shape
-    norm = xp.linalg.matrix_norm(u, ord="fro")
-    tiny = xp.finfo(u.dtype).smallest_normal
-    return u * ((rms_target * math.sqrt(m * n)) / xp.maximum(norm, tiny))
+    peak = xp.max(xp.abs(u))
+    v = u / xp.where(peak > 0, peak, xp.ones_like(peak))
+    norm = xp.linalg.matrix_norm(v, ord="fro")
+    # norm >= 1 unless u == 0, where v == 0 and any divisor >= 1 keeps the step exactly zero.
+    return v * ((rms_target * math.sqrt(m * n)) / xp.maximum(norm, xp.ones_like(norm)))
+
+
+def _flush_subnormal(xp: Any, x: Array) -> Array:
+    """``x`` with subnormal entries set to zero (D12; what flush-to-zero hardware does).
+
+    An EMA ``μ x`` of a value that stops receiving gradients decays geometrically, but round to
+    nearest keeps the smallest subnormal fixed (``0.9 · 2^-149`` rounds back to ``2^-149``): without
+    the flush an unused matrix would take steps of RMS r forever instead of reaching zero.
+    """
+    tiny = xp.finfo(x.dtype).smallest_normal
+    return xp.where(xp.abs(x) < tiny, xp.zeros_like(x), x)
 
 
 def _finish(
@@ -334,6 +353,11 @@ def asgo(
     * D9: optional ``block_size``.
     * D10: the statistic is stored symmetrised.
     * D11: the fallback Adam's weight decay is decoupled (AdamW) instead of an L2 term.
+    * D12: scale-invariant numerics. The RMS renormalisation takes the Frobenius norm of
+      :math:`U/\max|U|` (both modes), so a tiny or decayed direction cannot underflow its norm; the
+      root is taken of :math:`P/\tau`, :math:`\tau = \operatorname{tr}(P)/k`, and rescaled; momentum
+      entries below the smallest normal number are flushed to zero, so the step of a matrix whose
+      gradient stays exactly zero has RMS :math:`r` and then becomes exactly zero.
 
     References
     ----------
@@ -424,13 +448,22 @@ def asgo(
             if root_method == "polar_express":
                 return inverse_sqrt_polar_express(p, root_steps, eps=eps)
             return inverse_sqrt_newton_schulz(p, root_steps, eps=eps)
-        shift = damping * trace(p) / p.shape[-1] + eps
+        # Scale-invariant form (D12): root the trace-normalised P/τ, τ = tr(P)/k, whose mean
+        # eigenvalue is 1, with the shift δ + ε/τ, then scale by τ^{-1/2}. Exactly (P + sI)^{-1/2},
+        # but neither the eigensolver nor the iterations' Frobenius normaliser ever sees a statistic
+        # whose squares underflow (a decayed or tiny-gradient P) or overflow.
+        tau = trace(p) / p.shape[-1]
+        zero = tau <= 0.0  # P = 0 (PSD): the root is ε^{-1/2} I, from τ = 1 and shift ε
+        tau = xp.where(zero, xp.ones_like(tau), tau)
+        shift = xp.where(zero, xp.zeros_like(tau), damping + xp.zeros_like(tau)) + eps / tau
+        normalised = p / xp.expand_dims(xp.expand_dims(tau, axis=-1), axis=-1)
+        scale = xp.expand_dims(xp.expand_dims(tau**-0.5, axis=-1), axis=-1)
         if root_method == "eigh":
-            return inverse_root_eigh(p, 2, shift=shift)
-        damped = p + xp.expand_dims(xp.expand_dims(shift, axis=-1), axis=-1) * identity_like(p)
+            return inverse_root_eigh(normalised, 2, shift=shift) * scale
+        damped = normalised + xp.expand_dims(xp.expand_dims(shift, axis=-1), axis=-1) * identity_like(p)
         if root_method == "polar_express":
-            return inverse_sqrt_polar_express(damped, root_steps)
-        return inverse_sqrt_newton_schulz(damped, root_steps)
+            return inverse_sqrt_polar_express(damped, root_steps) * scale
+        return inverse_sqrt_newton_schulz(damped, root_steps) * scale
 
     def refresh(xp, p: Array, previous: Array) -> tuple[Array, Array]:
         """(root, number of failed matrices): a non-finite root is replaced (D6)."""
@@ -464,6 +497,8 @@ def asgo(
         g_mat = xp.astype(xp.reshape(_finite_or_zero(xp, g), (m, n)), product_dtype)
 
         momentum = _ema(xp, state["momentum"], xp.astype(g_mat, state["momentum"].dtype), b1, faithful)
+        if not faithful:
+            momentum = _flush_subnormal(xp, momentum)
         new_state = {"momentum": momentum}
 
         # Oriented views: rows of `g_o` index the preconditioned side.
@@ -620,7 +655,8 @@ def dasgo(
     Deviations of the default ``mode="principled"`` (spec ``asgo.md`` §2.7): D2 (a zero direction
     gives a zero step, in both modes), D7 (state in the compute dtype), D8 (≥3-D leaves reshaped to
     matrices, 0-D/1-D leaves to the fallback), the ``side`` option, and D11 (the fallback Adam's
-    weight decay is decoupled).
+    weight decay is decoupled), D12 (scale-invariant renormalisation, momentum flushed below the
+    normal range).
 
     References
     ----------
@@ -683,6 +719,8 @@ def dasgo(
         dev = array_device(g)
         g_mat = xp.astype(xp.reshape(_finite_or_zero(xp, g), (m, n)), product_dtype)
         momentum = _ema(xp, state["momentum"], xp.astype(g_mat, state["momentum"].dtype), b1, faithful)
+        if not faithful:
+            momentum = _flush_subnormal(xp, momentum)
         squares = xp.sum(g_mat * g_mat, axis=1 if left else 0)
         v = _ema(xp, state["statistic"], xp.astype(squares, state["statistic"].dtype), b2, faithful)
         scale = xp.astype((v + eps) ** -0.5, product_dtype)

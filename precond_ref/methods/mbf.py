@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from array_api_compat import array_namespace, device as array_device
 
-from ..linalg import damped_inverse, damped_inverse_init
+from ..linalg import damped_inverse, damped_inverse_checked, damped_inverse_init
 from ..transform import (
     PrecondState,
     ScalarOrSchedule,
@@ -235,7 +235,7 @@ def mbf(
     or ``kernel``/``bias`` (out-last, Flax, transposed internally). State per group: ``momentum``
     (block layout: :math:`[W\mid b]` as (O, I+1), conv as (O, C, q)), ``statistic``, ``inverse``,
     ``failures`` (inverse or statistic refreshes that produced non-finite values and were
-    rejected); diagonal-rule leaves hold ``ema`` (:math:`a`) and ``second_moment`` (:math:`v`).
+    rejected, and principled inverse refreshes that fell back to ``eigh``, B6); diagonal-rule leaves hold ``ema`` (:math:`a`) and ``second_moment`` (:math:`v`).
 
     ``mode="faithful"`` reproduces ``mbngd_update`` + ``update_parameter`` of the authors' code
     (achrafba96/mbf ``b0ace6e``, algorithm ``MBNGD-all-to-one-Avg``) on finite inputs. Deviations
@@ -247,6 +247,10 @@ def mbf(
     * B2: :math:`F+\lambda I` is symmetrised before and its inverse after the batched ``inv``
       (faithful: plain ``inv``). Both modes reject a non-finite inverse or statistic block-wise,
       keep the previous value (:math:`I/\lambda` before the first success) and count a failure.
+    * B6: the inverse is LU with a residual check; blocks whose damping was lost to rounding
+      (:math:`\|F\|/\lambda \gtrsim 1/\varepsilon`) are recomputed by ``eigh`` with eigenvalues
+      below the rounding level :math:`\varepsilon\|F\|_F` raised to it
+      (:func:`precond_ref.linalg.damped_inverse_checked`); each fallback counts one ``failures``.
     * B3: state in the compute dtype (float64 for float64 parameters; the authors' models are
       float32). bf16/fp16 parameters keep float32 state in both modes (no backend inverts in bf16).
     * B4: FC layers with more than ``max_block_dim`` outputs use the block-size-1 limit
@@ -322,7 +326,10 @@ def mbf(
             new = 1.0 / (safe + lam)
             failed = xp.astype(xp.logical_not(xp.all(finite)), failures.dtype)
             return xp.where(finite, new, inverse), failures + failed
-        return damped_inverse(statistic, lam, inverse, failures, symmetrize=not faithful)
+        if faithful:
+            return damped_inverse(statistic, lam, inverse, failures, symmetrize=False)
+        # B6: LU with a residual check; blocks whose damping was lost to rounding go to eigh.
+        return damped_inverse_checked(statistic, lam, inverse, failures)
 
     def refresh_statistic(xp, kind, statistic, failures, g_block, rho):
         new = rho * statistic + (1.0 - rho) * block_statistic(xp, kind, g_block)

@@ -334,6 +334,61 @@ def test_zero_gradient_gives_weight_decay_only(backend, factory, mode):
 
 
 @pytest.mark.parametrize("factory", [pr.asgo, pr.dasgo])
+def test_gradient_that_stops_gives_bounded_then_zero_steps(eager_backend, factory):
+    """Issue 16 item 1 / D12: float32, random gradients of scale 1e-2 and then exact zeros (an
+    unused layer). The momentum decays geometrically and the statistic with it; the mathematically
+    renormalised step has RMS exactly r·η while the momentum is non-zero, so every step must have
+    RMS <= r·η (1 + 8·eps32: the renormalisation is a few roundings per entry), and once the
+    momentum has decayed below the normal range (flushed, D12) the step must be exactly zero.
+    Before the fix the Frobenius norm underflowed and steps reached RMS 2e13."""
+    backend = eager_backend
+    rng = np.random.default_rng(0)
+    w = {"w": np.zeros((16, 8), np.float32)}
+    # b1 = 0.5: 1e-2 · 0.5^t leaves the float32 normal range after ~120 steps (0.9 needs ~800).
+    opt = factory(learning_rate=1e-2, b1=0.5, weight_decay=0.0)
+    grads = [{"w": (1e-2 * rng.standard_normal((16, 8))).astype(np.float32)} for _ in range(10)]
+    grads += [{"w": np.zeros((16, 8), np.float32)}] * 140
+    _, updates, _ = run(backend, opt, w, grads, with_params=False)
+    bound = 0.2 * 1e-2 * (1 + 8 * np.finfo(np.float32).eps)
+    rms = [float(np.sqrt(np.mean(np.square(u["w"].astype(np.float64))))) for u in updates]
+    assert max(rms) <= bound, max(rms)
+    assert rms[0] > 0.99 * bound
+    assert rms[-1] == 0.0
+
+
+@pytest.mark.parametrize("factory", [pr.asgo, pr.dasgo])
+def test_tiny_gradient_is_renormalised_like_a_normal_one(backend, factory):
+    """Issue 16 item 1 / D12: the RMS renormalisation is scale-invariant in floating point too. For
+    a float32 gradient of scale 1e-30 the statistic's squares underflow, so the absolute ``eps``
+    dominates the preconditioner (a multiple of I) and the step is the renormalised momentum
+    M = (1-μ)G: U = -η r sqrt(mn) G/‖G‖_F, up to float32 rounding of a few operations per entry
+    (DASGO before the fix: RMS 1.9e9 instead of η r = 2e-3)."""
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal((16, 8)).astype(np.float32)
+    w = {"w": np.zeros((16, 8), np.float32)}
+    opt = factory(learning_rate=1e-2, weight_decay=0.0)
+    _, (small,), _ = run(backend, opt, w, [{"w": np.float32(1e-30) * g}], with_params=False)
+    g64 = g.astype(np.float64)
+    expected = -1e-2 * 0.2 * math.sqrt(16 * 8) * g64 / np.linalg.norm(g64)
+    assert rel(small["w"], expected) < 16 * np.finfo(np.float32).eps
+
+
+@pytest.mark.parametrize("b1", [0.0, 0.5, 0.9])
+def test_step_follows_the_momentum_not_the_gradient(property_backend, b1):
+    """Issue 16 item 15 [derived from the update rule]: U_t = (P_t + s_t I)^{-1/2} M_t with the
+    momentum M_t = μ M_{t-1} + (1-μ) G_t. With G_1 = G and G_2 = 0: M_2 = μ M_1 and P_2 = β₂ P_1,
+    and with relative damping (eps = 0) s_2 = β₂ s_1, so U_2 = (μ/√β₂) U_1 exactly (rms_target=None).
+    A step built from the gradient would be zero at t = 2; one that ignored μ would differ."""
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((3, 5))
+    b2 = 0.8
+    opt = pr.asgo(learning_rate=0.1, b1=b1, b2=b2, weight_decay=0.0, rms_target=None, eps=0.0)
+    _, (u1, u2), _ = run(property_backend, opt, {"w": np.zeros((3, 5))}, [{"w": g}, {"w": 0 * g}])
+    np.testing.assert_allclose(u2["w"], (b1 / math.sqrt(b2)) * u1["w"], rtol=1e-12, atol=1e-300)
+    assert np.linalg.norm(u1["w"]) > 0
+
+
+@pytest.mark.parametrize("factory", [pr.asgo, pr.dasgo])
 def test_nonfinite_gradients(backend, factory):
     rng = np.random.default_rng(8)
     params = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}

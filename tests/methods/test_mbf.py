@@ -310,6 +310,40 @@ def test_overflowing_statistic_is_rejected_and_counted():
         assert int(entries["failures"]) == 1
 
 
+@pytest.mark.parametrize("spike", [1e1, 1e4, 1e8])
+def test_large_conv_statistic_against_float64(backend, spike):
+    """Issue 16 item 2 / B6: a conv gradient spike makes (1-ρ)‖g_b‖²/λ ≈ 0.1·9·spike²/1e-3 exceed
+    1/ε32 (spike 1e4, 1e8) or even 1/ε64 (spike 1e8). Before the fix float32 LU gave steps 365-514x
+    the float64 ones with no failure counted, JAX non-finite ones, and float64 raised LinAlgError.
+
+    Invariants [derived; linalg.damped_inverse_eigh]: the step is finite and never longer than the
+    float64 one (beyond rounding: along a direction the float32 statistic cannot resolve the inverse
+    is at most 1/(ν + λ) instead of the exact, larger one); while the statistic is resolved
+    (spike 1e1: κ(F + λI) ≈ 1e4, ν = ε‖F‖_F ≈ 2e-6 << λ) it matches float64 to 1e-2 (about κ·ε32); a
+    fallback to eigh is counted in ``failures``; float64 never raises."""
+    rng = np.random.default_rng(5)
+    shape = (4, 3, 3, 3)
+    grads = [rng.standard_normal(shape) for _ in range(3)] + [spike * rng.standard_normal(shape)]
+    out = {}
+    for dtype in ("float32", "float64"):
+        params = {"conv": {"weight": np.zeros(shape, dtype=dtype)}}
+        opt = pr.mbf(learning_rate=1e-3, damping=1e-3, statistics_every=1, precondition_every=1)
+        update = _update_fn(backend, opt)
+        p = backend.tree(params)
+        state = opt.init(p)
+        for g in grads:
+            updates, state = update(backend.tree({"conv": {"weight": g.astype(dtype)}}), state, p)
+        out[dtype] = backend.to_numpy(updates["conv"]["weight"]).astype(np.float64)
+        out[dtype + "_failures"] = int(backend.to_numpy(state.groups["conv/weight"]["failures"]))
+    u32, u64 = out["float32"], out["float64"]
+    assert np.all(np.isfinite(u32)) and np.all(np.isfinite(u64))
+    assert np.linalg.norm(u32) <= 1.01 * np.linalg.norm(u64)
+    if spike == 1e1:
+        assert np.linalg.norm(u32 - u64) / np.linalg.norm(u64) < 1e-2
+    else:
+        assert out["float32_failures"] >= 1
+
+
 def test_zero_gradients_give_finite_state_and_decay_only_updates(backend):
     if backend.name == "jax":
         pytest.skip("JAX: same arithmetic as the other backends; its compilation is covered above")
@@ -457,3 +491,26 @@ def test_faithful_matches_authors_golden_trajectory(backend):
                 scale = np.abs(theirs_d[k][n]).max()
                 np.testing.assert_allclose(ours_d[k][n], theirs_d[k][n], rtol=0, atol=1e-12 * scale, err_msg=f"step {i} {k}/{n}")
                 np.testing.assert_allclose(ours_p[k][n], theirs_p[k][n], rtol=1e-13, atol=1e-14, err_msg=f"step {i} {k}/{n}")
+
+
+def test_torch_partner_without_gradient_is_unchanged_and_rejoins_the_pair_count():
+    """Issue 16 item 14: what the MBF adapter's docstring says. A bias without a gradient takes
+    part in its weight's block step with a zero gradient, is left unchanged and its "step" is not
+    advanced; at the next step where both have gradients it takes the pair's count again."""
+    torch = pytest.importorskip("torch")
+    from precond_ref.adapters.torch import MBF
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    opt = MBF(layer.named_parameters(), lr=1e-2)
+    steps = []
+    for t in range(3):
+        opt.zero_grad(set_to_none=True)
+        layer(torch.randn(5, 3)).pow(2).sum().backward()
+        if t == 1:
+            layer.bias.grad = None
+        before = layer.bias.detach().clone()
+        opt.step()
+        assert torch.equal(before, layer.bias) == (t == 1)
+        steps.append((int(opt.state[layer.weight]["step"]), int(opt.state[layer.bias]["step"])))
+    assert steps == [(1, 1), (2, 1), (3, 3)]
