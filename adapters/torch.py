@@ -810,7 +810,7 @@ class Sketchy(CoreOptimizer):
         max_precondition_dim: int = 4096,
         precondition_1d: bool = False,
         block_size: Optional[int] = None,
-        decomposition: str = "svd",
+        decomposition: Optional[str] = None,
         mode: str = "principled",
         momentum_ema: bool = False,
         tail_decay: Optional[str] = None,

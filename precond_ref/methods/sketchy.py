@@ -40,6 +40,7 @@ __all__ = ["sketchy", "s_adagrad", "scale_by_sketchy"]
 
 Array = Any
 _GRAFTS = ("rmsprop", "sgd", "none")
+_SKETCHY_DECOMPOSITIONS = ("auto", "svd", "gram", "incremental", "subspace")
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,11 +66,23 @@ def _check_block_size(block_size: Optional[int]) -> None:
         _check_int("block_size", block_size, 2)
 
 
-def _ema(xp: Any, previous: Array, new: Array, decay: Any) -> Array:
-    """``decay * previous + (1 - decay) * new``, or the sum ``previous + new`` when ``decay == 1``."""
+def _second_moment(xp: Any, previous: Array, g: Array, decay: Any) -> Array:
+    """``decay * previous + (1 - decay) * g**2``, or the sum ``previous + g**2`` when ``decay == 1``.
+
+    ``(1 - decay) g`` is formed before the second factor of g, so a float32 gradient entry up to
+    about 1.8e19 / sqrt(1 - decay) gives a finite moment (as torch's Adam), where ``g * g`` alone
+    overflows at 1.8e19.
+    """
     if isinstance(decay, numbers.Real):
-        return previous + new if decay == 1.0 else new * (1.0 - decay) + decay * previous
-    return xp.where(decay == 1.0, previous + new, new * (1.0 - decay) + decay * previous)
+        return previous + g * g if decay == 1.0 else ((1.0 - decay) * g) * g + decay * previous
+    return xp.where(decay == 1.0, previous + g * g, ((1.0 - decay) * g) * g + decay * previous)
+
+
+def _sketchy_decomposition(decomposition: Optional[str], faithful: bool) -> str:
+    """The FD path: the authors' QR-then-SVD in faithful mode, the fast ``"auto"`` in principled."""
+    if decomposition is None:
+        return "qr_svd" if faithful else "auto"
+    return "qr_svd" if faithful and decomposition == "svd" else decomposition
 
 
 def _safe_norm_ratio(xp: Any, numerator: Array, denominator: Array) -> Array:
@@ -83,15 +96,28 @@ def _safe_norm_ratio(xp: Any, numerator: Array, denominator: Array) -> Array:
 # One leaf's sketched Kronecker preconditioner
 
 
+class _Run(NamedTuple):
+    """``count`` consecutive blocks of equal ``length`` from row ``start`` of an axis, rank ``rank``."""
+
+    start: int
+    length: int
+    count: int
+    rank: int
+
+
 class _AxisPlan(NamedTuple):
     axis: int
-    bounds: tuple[tuple[int, int], ...]
-    ranks: tuple[int, ...]
+    runs: tuple[_Run, ...]
 
-    def key(self, block: int, name: str) -> str:
-        if len(self.bounds) == 1:
+    @property
+    def batched(self) -> bool:
+        """False for an unblocked axis: its sketch is stored without a stack dimension."""
+        return len(self.runs) > 1 or self.runs[0].count > 1
+
+    def key(self, run: int, name: str) -> str:
+        if not self.batched:
             return f"axis{self.axis}_{name}"
-        return f"axis{self.axis}_block{block}_{name}"
+        return f"axis{self.axis}_run{run}_{name}"
 
 
 class _LeafPlan(NamedTuple):
@@ -106,41 +132,58 @@ class _LeafPlan(NamedTuple):
 
 
 def _leaf_plan(merged_shape: tuple[int, ...], rank: int, block_size: Optional[int]) -> _LeafPlan:
+    """Blocks of equal length are stacked into one run (one batched FD call per run)."""
     axes = []
     for n, d in enumerate(merged_shape):
-        bounds = block_bounds(d, block_size)
-        axes.append(_AxisPlan(n, bounds, tuple(min(rank, stop - start) for start, stop in bounds)))
+        runs: list[_Run] = []
+        for start, stop in block_bounds(d, block_size):
+            length = stop - start
+            if runs and runs[-1].length == length:
+                runs[-1] = runs[-1]._replace(count=runs[-1].count + 1)
+            else:
+                runs.append(_Run(start, length, 1, min(rank, length)))
+        axes.append(_AxisPlan(n, tuple(runs)))
     return _LeafPlan(tuple(merged_shape), tuple(axes))
 
 
 def _init_sketches(xp: Any, plan: _LeafPlan, dtype: Any, device: Any) -> dict[str, Array]:
     state = {}
     for axis in plan.axes:
-        for j, ((start, stop), k) in enumerate(zip(axis.bounds, axis.ranks)):
-            for name, value in fd_init(xp, stop - start, k, dtype=dtype, device=device).items():
+        for j, run in enumerate(axis.runs):
+            batch = (run.count,) if axis.batched else ()
+            for name, value in fd_init(xp, run.length, run.rank, dtype=dtype, device=device,
+                                       batch=batch).items():
                 state[axis.key(j, name)] = value
     state["sketch_failures"] = xp.zeros((), dtype=xp.int32, device=device)
     return state
 
 
-def _sketch_of(state: dict[str, Array], axis: _AxisPlan, block: int) -> dict[str, Array]:
-    return {name: state[axis.key(block, name)] for name in SKETCH_KEYS}
+def _sketch_of(state: dict[str, Array], axis: _AxisPlan, run: int) -> dict[str, Array]:
+    return {name: state[axis.key(run, name)] for name in SKETCH_KEYS}
+
+
+def _run_rows(xp: Any, axis: _AxisPlan, run: _Run, flat: Array) -> Array:
+    """The rows of ``flat`` (d, n) that a run covers, stacked (count, length, n) when batched."""
+    if not axis.batched:
+        return flat
+    rows = flat[run.start:run.start + run.count * run.length, :]
+    return xp.reshape(rows, (run.count, run.length, flat.shape[-1]))
 
 
 def _refresh_sketches(
     xp: Any, plan: _LeafPlan, sketches: dict[str, Array], merged: Array, fd_options: dict[str, Any]
 ) -> dict[str, Array]:
-    """FD-update every axis (and block) of one leaf from the same gradient (spec §2.2)."""
+    """FD-update every axis (and block run) of one leaf from the same gradient (spec §2.2)."""
     new = {}
     failures = sketches["sketch_failures"]
     for axis in plan.axes:
         x = unfold(xp, merged, axis.axis)
-        for j, (start, stop) in enumerate(axis.bounds):
-            block_x = x if len(axis.bounds) == 1 else x[start:stop, :]
+        for j, run in enumerate(axis.runs):
             sketch, ok = fd_update(
-                xp, _sketch_of(sketches, axis, j), block_x, exponent=plan.exponent, **fd_options
+                xp, _sketch_of(sketches, axis, j), _run_rows(xp, axis, run, x), exponent=plan.exponent,
+                **fd_options,
             )
-            failures = failures + (1 - xp.astype(ok, xp.int32))
+            failures = failures + xp.sum(1 - xp.astype(ok, xp.int32), dtype=xp.int32)
             for name, value in sketch.items():
                 new[axis.key(j, name)] = value
     new["sketch_failures"] = failures
@@ -155,9 +198,9 @@ def _precondition(xp: Any, plan: _LeafPlan, sketches: dict[str, Array], merged: 
         d, rest = x.shape[0], tuple(x.shape[1:])
         flat = xp.reshape(x, (d, math.prod(rest)))
         parts = []
-        for j, (start, stop) in enumerate(axis.bounds):
-            block = flat if len(axis.bounds) == 1 else flat[start:stop, :]
-            parts.append(fd_apply(xp, _sketch_of(sketches, axis, j), block))
+        for j, run in enumerate(axis.runs):
+            out = fd_apply(xp, _sketch_of(sketches, axis, j), _run_rows(xp, axis, run, flat))
+            parts.append(xp.reshape(out, (run.count * run.length, flat.shape[-1])) if axis.batched else out)
         flat = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
         x = roll_first_axis_last(xp, xp.reshape(flat, (d,) + rest))
     return x
@@ -213,7 +256,7 @@ def _sketchy_transform(
     max_precondition_dim: int,
     precondition_1d: bool,
     block_size: Optional[int],
-    decomposition: str,
+    decomposition: Optional[str],
     tail_decay: Optional[str],
     mode: str,
     on_nonfinite: str,
@@ -235,7 +278,8 @@ def _sketchy_transform(
     _check_int("max_precondition_dim", max_precondition_dim, 1)
     check_bool("precondition_1d", precondition_1d)
     _check_block_size(block_size)
-    check_choice("decomposition", decomposition, ("svd", "gram"))
+    if decomposition is not None:
+        check_choice("decomposition", decomposition, _SKETCHY_DECOMPOSITIONS)
     if tail_decay is not None:
         check_choice("tail_decay", tail_decay, ("b2", "sqrt_b2"))
     check_choice("mode", mode, ("principled", "faithful"))
@@ -251,7 +295,8 @@ def _sketchy_transform(
         eps=eps,
         relative_eps=relative_eps,
         cutoff=not faithful,
-        decomposition="qr_svd" if faithful and decomposition == "svd" else decomposition,
+        noise_is_mass=faithful,
+        decomposition=_sketchy_decomposition(decomposition, faithful),
     )
     has_momentum = not _is_python_zero(momentum) and learning_rate is not None
     has_weight_decay = not _is_python_zero(weight_decay) and learning_rate is not None
@@ -290,7 +335,7 @@ def _sketchy_transform(
 
         graft_direction = None
         if graft == "rmsprop":
-            acc = _ema(xp, state["graft_second_moment"], g * g, graft_b2)
+            acc = _second_moment(xp, state["graft_second_moment"], g, graft_b2)
             new_state["graft_second_moment"] = acc
             positive = acc > 0.0  # acc == 0 only where g == 0; avoids 0/0 when graft_eps = 0
             graft_direction = xp.where(
@@ -357,7 +402,7 @@ def sketchy(
     max_precondition_dim: int = 4096,
     precondition_1d: bool = False,
     block_size: Optional[int] = None,
-    decomposition: str = "svd",
+    decomposition: Optional[str] = None,
     tail_decay: Optional[str] = None,
     mode: str = "principled",
     on_nonfinite: str = "skip",
@@ -502,7 +547,7 @@ def scale_by_sketchy(
     precondition_every: Union[int, Callable] = 1,
     merge_dims: int = 1024,
     block_size: Optional[int] = None,
-    decomposition: str = "svd",
+    decomposition: Optional[str] = None,
     tail_decay: Optional[str] = None,
     mode: str = "principled",
     on_nonfinite: str = "skip",
@@ -647,7 +692,7 @@ def s_adagrad(
         eps = 1e-7
     fd_options = dict(
         decay=b2, tail_decay=b2, eps=eps, relative_eps=True, delta=delta,
-        cutoff=not faithful, decomposition="svd",
+        cutoff=not faithful, decomposition="svd" if faithful else "auto",
     )
     has_momentum = not _is_python_zero(momentum)
     has_weight_decay = not _is_python_zero(weight_decay)

@@ -128,7 +128,10 @@ def test_routing_and_merging():
     with_1d = pr.sketchy(0.1, rank=8, precondition_1d=True).init({"vec": np.zeros(10)}).groups
     assert with_1d["vec"]["axis0_basis"].shape == (10, 8)
     blocked = pr.sketchy(0.1, rank=8, block_size=1024).init({"huge": np.zeros((5000, 2))}).groups
-    assert blocked["huge"]["axis0_block4_basis"].shape == (904, 8)
+    # Equal blocks are stacked into one run (one batched FD call); the ragged last block is its own.
+    assert blocked["huge"]["axis0_run0_basis"].shape == (4, 1024, 8)
+    assert blocked["huge"]["axis0_run1_basis"].shape == (1, 904, 8)
+    assert blocked["huge"]["axis0_run0_escaped_mass"].shape == (4,)
     del xp
 
 
@@ -509,7 +512,8 @@ def test_blocking(property_backend):
                 stats[n][start:stop, start:stop] += unf[start:stop] @ unf[start:stop].T
         roots = [_dense_root(s, -0.25) for s in stats]
         np.testing.assert_allclose(out["w"], roots[0] @ g @ roots[1].T, rtol=1e-8, atol=1e-10)
-    assert state.groups["w"]["axis0_block2_basis"].shape == (2, 2)
+    assert state.groups["w"]["axis0_run0_basis"].shape == (2, 4, 4)  # two equal blocks, one call
+    assert state.groups["w"]["axis0_run1_basis"].shape == (1, 2, 2)
 
 
 # --------------------------------------------------------------------------------------------
