@@ -29,6 +29,7 @@ from typing import Any, Callable
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace
 
 from ..tree import path_str, tree_flatten, tree_unflatten
+from .backends import resolve_dtype, resolve_namespace
 
 __all__ = [
     "Problem",
@@ -103,8 +104,6 @@ class Problem:
         ``xp`` is a namespace or a backend name (``"numpy"``, ``"torch"``, ``"jax"``, ``"cupy"``,
         ``"array_api_strict"``); ``dtype`` a dtype of it or its name. Every call returns new arrays.
         """
-        from .trajectory import resolve_dtype, resolve_namespace
-
         xp = resolve_namespace(xp)
         dtype = resolve_dtype(xp, dtype)
         leaves, treedef = tree_flatten(self._params)
@@ -112,8 +111,6 @@ class Problem:
 
     def data(self, xp: Any = None, dtype: Any = "float64", device: Any = None) -> dict[str, Array]:
         """Every array the loss depends on (inputs, targets, the Hessian, ...), by name."""
-        from .trajectory import resolve_dtype, resolve_namespace
-
         xp = resolve_namespace(xp)
         dtype = resolve_dtype(xp, dtype)
         return {k: v.to(xp, dtype, device) for k, v in self._data.items()}
