@@ -72,7 +72,8 @@ class CoreOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._param_names = _torch_state.names_from_groups([group], self._param_names)
-        self._param_names.update((p, n) for p, n in self._model_names.items() if p in group["params"])
+        members = {id(p) for p in group["params"]}
+        self._param_names.update((p, n) for p, n in self._model_names.items() if id(p) in members)
         self._transform(group)
 
     def __getstate__(self) -> dict:
@@ -365,9 +366,10 @@ class _BatchCounter:
     for every forward pass in training mode since the last optimizer step (so gradient accumulation
     over several forwards counts every example of the accumulated mean).
 
-    ``copy.deepcopy`` of the optimizer hooks the copy onto the model's copy when the model is
-    copied along, else onto the same model. A pickled optimizer comes back without a counter (the
-    model is not part of it): give ``batch_size`` to ``step`` or re-create the optimizer.
+    ``copy.deepcopy`` of the optimizer alone hooks the copy onto the same model. Copied or pickled
+    together with the model (``deepcopy({"model": m, "opt": o})``), the model's copy carries the
+    hook of the optimizer's copy. An optimizer pickled without its model counts nothing: give
+    ``batch_size`` to ``step``.
     """
 
     def __init__(self, model: Optional[torch.nn.Module]) -> None:
@@ -377,7 +379,12 @@ class _BatchCounter:
 
     def __deepcopy__(self, memo: dict) -> "_BatchCounter":
         model = self._model() if self._model is not None else None
-        new = _BatchCounter(memo.get(id(model), model) if model is not None else None)
+        if model is not None and id(model) in memo:
+            # The model is being copied too; its copied hook dict will call this copy's _hook.
+            new = _BatchCounter(None)
+            new._model = weakref.ref(memo[id(model)])
+        else:
+            new = _BatchCounter(model)
         new.count = self.count
         return new
 
