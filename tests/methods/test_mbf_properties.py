@@ -338,3 +338,24 @@ def test_statistics_are_symmetric_psd_and_inverse_spectrum_is_bounded(property_b
             eig = np.linalg.eigvalsh(entries["inverse"])
             assert np.all(eig <= (1 / lam) * (1 + 1e-9))
             assert np.all(eig.min(axis=-1) >= (1 / (lam + norm)) * (1 - 1e-9))
+
+
+@given(seed=seeds, mu=decays, beta=st.floats(0.5, 0.999), steps=st.integers(1, 6))
+def test_diagonal_rule_bias_correction_closed_form(property_backend, seed, mu, beta, steps):
+    """Issue 16 item 15 [derived from the diagonal rule, paper's Adam-like update for BN/bias
+    leaves]: with ``diagonal_second_moment="gradient"`` and a constant gradient g from step 0,
+    v_t = (1 - β'^{t+1}) g², so the bias-corrected v_t/(1 - β'^{t+1}) is exactly g² and, with
+    a_t = (1 - μ^{t+1}) g (the first moment is not corrected, as in the authors' code),
+    D_t = (1 - μ^{t+1}) g/(ε + |g|) and the update is -α D_t. A missing or off-by-one correction
+    changes every step."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal(4) + np.sign(rng.standard_normal(4))  # |g| >= ~0 but rarely tiny
+    params = {"norm": {"scale": np.zeros(4)}}
+    eps, lr = 1e-8, 0.1
+    out, _ = _run(
+        property_backend, params, [{"norm": {"scale": g}}] * steps, learning_rate=lr, momentum=mu,
+        diagonal_b2=beta, diagonal_eps=eps, diagonal_second_moment="gradient",
+    )
+    for t, u in enumerate(out):
+        expected = -lr * (1 - mu ** (t + 1)) * g / (eps + np.abs(g))
+        np.testing.assert_allclose(u["norm"]["scale"], expected, rtol=1e-12, atol=1e-15)
