@@ -177,7 +177,7 @@ def describe_protocol(settings: dict, data: dict) -> str:
 
 
 def plot(report: dict, path: str) -> None:
-    """Mean curves over the seeds with a ±1 standard deviation band; one column per model.
+    """Mean curves over the seeds with a ±1 standard deviation band (clipped to the seeds' range); one column per model.
 
     Top: training loss (epoch mean, log scale); bottom: test accuracy (classifiers) or test
     reconstruction error (autoencoder). The legend of each column sits below it, outside the
@@ -202,7 +202,9 @@ def plot(report: dict, path: str) -> None:
         epochs = np.arange(1, length + 1)
         ax.plot(epochs, mean, style, color=colour, label=label, linewidth=1.4)
         if len(curves) > 1:
-            ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.18, linewidth=0)
+            # mean ± std, kept inside the seeds' range (a wide spread would reach below 0 on a log axis)
+            low, high = np.maximum(mean - std, values.min(axis=0)), np.minimum(mean + std, values.max(axis=0))
+            ax.fill_between(epochs, low, high, color=colour, alpha=0.18, linewidth=0)
 
     for column, model in enumerate(models):
         methods = list(dict.fromkeys(r["method"] for r in runs if r["model"] == model))
