@@ -63,7 +63,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ImportError as err:
             # Say what to install, for --help and for any arguments (not "unrecognized arguments").
             command_parser.description = f"{help_text}. Not available here ({err}): {install_hint(name)}"
-            command_parser.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             command_parser.set_defaults(_import_error=err)
             continue
         if not hasattr(module, "add_arguments"):
@@ -71,7 +70,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         module.add_arguments(command_parser)
         modules[name] = module
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "_import_error", None) is None:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv[1:]  # the command's own arguments, for the record in its output
     if getattr(args, "_import_error", None) is not None:
         print(

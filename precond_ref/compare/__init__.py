@@ -24,6 +24,7 @@ says which extra to install, in an environment without the ``compare`` extra.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import shlex
 import shutil
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ..cli import UserError, install_hint, nonnegative_int, positive_int
 from .methods import METHODS, MODELS, MethodEntry
@@ -47,6 +48,10 @@ def __getattr__(name: str) -> Any:
         from . import training
 
         return getattr(training, name)
+    if name == "_machine":  # used by bench
+        from .report import machine
+
+        return machine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -225,9 +230,13 @@ def _check_dependencies(backend: str, dtype: str, plot: bool) -> None:
 
 
 def _importable(module: str) -> bool:
-    import importlib.util
+    import importlib
 
-    return importlib.util.find_spec(module) is not None
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +244,25 @@ def _importable(module: str) -> bool:
 
 
 _WORKER: dict = {}
+
+
+@contextlib.contextmanager
+def _thread_limit(threads: int, backend: str) -> Iterator[None]:
+    """Limit BLAS (threadpoolctl) and torch intra-op threads for the duration of a block (used by bench)."""
+    from threadpoolctl import threadpool_limits
+
+    previous = None
+    if backend == "torch":
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        if previous is not None:
+            torch.set_num_threads(previous)
 
 
 def _limit_threads(threads: int, backend: str) -> None:
