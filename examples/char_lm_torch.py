@@ -12,18 +12,15 @@ curve to ``--out`` and ends with a sample of generated text.
 
 from __future__ import annotations
 
-import argparse
-import math
 import pathlib
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _text import batches, load_corpus, plot_losses, progress  # noqa: E402
+from _common import batches, load_corpus, parse_arguments, report, train_loop  # noqa: E402
 
 from precond_ref.adapters import torch as pt  # noqa: E402
 
@@ -84,22 +81,10 @@ def sample(model: CharTransformer, vocabulary: list[str], prompt: str, length: i
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="agd")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: a per-optimizer value, see OPTIMIZERS)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu; e.g. cuda)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results", help="directory of the loss plot (default results)")
-    parser.add_argument("--sample", type=int, default=200, help="characters to generate at the end (0: none)")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
+    args = parse_arguments(
+        __doc__.split("\n\n")[0], OPTIMIZERS, argv,
+        lambda parser: parser.add_argument("--device", default="cpu", help="torch device (default cpu; e.g. cuda)"),
+    )
 
     torch.manual_seed(args.seed)
     train_ids, validation_ids, vocabulary = load_corpus()
@@ -112,30 +97,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"{sum(p.numel() for p in model.parameters())} parameters; {args.optimizer} lr {lr:g}, {args.steps} steps"
     )
 
-    data = batches(train_ids, args.batch_size, args.context, args.seed)
-    bar = progress(args.steps, args.optimizer)
-    steps, losses = [], []
-    started = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        inputs, targets = (torch.as_tensor(a, device=args.device) for a in next(data))
+    def step_fn(inputs: np.ndarray, targets: np.ndarray) -> float:
+        inputs, targets = torch.as_tensor(inputs, device=args.device), torch.as_tensor(targets, device=args.device)
         loss = F.cross_entropy(model(inputs).reshape(-1, len(vocabulary)), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step(**({"batch_size": args.batch_size} if needs_batch else {}))
-        steps.append(step)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            print(f"step {step}: the loss is {losses[-1]}; try a smaller --lr")
-            break
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        elif step % max(1, args.steps // 10) == 0 or step == args.steps:
-            print(f"step {step:5d}  loss {losses[-1]:.4f}")
-    if bar is not None:
-        bar.close()
-    elapsed = time.perf_counter() - started
+        return loss.item()
 
+    data = batches(train_ids, args.batch_size, args.context, args.seed)
+    steps, losses, elapsed = train_loop(step_fn, data, args.steps, args.optimizer)
     model.eval()
     with torch.no_grad():
         validation = batches(validation_ids, args.batch_size, args.context, args.seed + 1)
@@ -145,12 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
             for x, y in (next(validation) for _ in range(8))
         ]
     validation_loss = float(np.mean(held_out))
-    print(f"done in {elapsed:.1f} s: training loss {np.mean(losses[-10:]):.4f} (last 10 steps), validation loss {validation_loss:.4f}")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_path = out / f"char_lm_torch_{args.optimizer}.png"
-    if plot_losses(steps, losses, f"char transformer (PyTorch), {args.optimizer} lr {lr:g}", plot_path):
-        print(f"loss plot: {plot_path}")
+    report(
+        steps, losses, elapsed, validation_loss, args.out, f"char_lm_torch_{args.optimizer}",
+        f"char transformer (PyTorch), {args.optimizer} lr {lr:g}",
+    )
     if args.sample:
         print("sample:\n" + sample(model, vocabulary, "The ", args.sample, args.context, args.device))
     return {"losses": losses, "validation_loss": validation_loss}
