@@ -106,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
-        help=f"parameter dtype (default {DEFAULT_DTYPE}: rounding differences between CPUs stay far below the digits shown)",
+        help=f"parameter dtype (default {DEFAULT_DTYPE}: smaller rounding differences between CPU kinds; the README says how large)",
     )
     add(
         "--threads", type=positive_int, default=1,
