@@ -28,7 +28,8 @@ from _common import batches, load_corpus, parse_arguments, report, train_loop  #
 
 from precond_ref.adapters import jax as pj  # noqa: E402
 
-# name -> (optax factory, default learning rate, whether update() needs the batch size)
+# name -> (optax factory, default learning rate, whether update() needs the batch size). The default
+# rates are starting points, not tuned for this model; pass --lr.
 OPTIMIZERS = {
     "adamw": (optax.adamw, 3e-3, False),
     "agd": (pj.agd, 3e-3, False),

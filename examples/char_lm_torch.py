@@ -24,7 +24,9 @@ from _common import batches, load_corpus, parse_arguments, report, train_loop  #
 
 from precond_ref.adapters import torch as pt  # noqa: E402
 
-# name -> (torch class, default learning rate, whether step() needs the batch size)
+# name -> (torch class, default learning rate, whether step() needs the batch size). The default
+# rates are starting points, not tuned for this model: `python -m precond_ref compare` shows how far
+# the best rate can be from a paper's value; pass --lr.
 OPTIMIZERS = {
     "adamw": (None, 3e-3, False),
     "agd": (pt.AGD, 3e-3, False),
