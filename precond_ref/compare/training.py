@@ -427,32 +427,35 @@ def train_one(
     opt_times: list[float] = []
     diverged = False
     started = time.perf_counter()
-    for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(x_train))
-        losses = []
-        for step in range(steps_per_epoch):
-            index = order[step * batch_size : (step + 1) * batch_size]
-            xb, yb = session.data(x_train[index], y_train[index])
-            loss, grad_s, opt_s = session.step(xb, yb)
-            losses.append(loss)
-            step_losses.append(_finite(loss))
-            grad_times.append(grad_s)
-            opt_times.append(opt_s)
-            if not math.isfinite(loss):
-                diverged = True
+    # Overflow is how a too-large learning rate shows: it is detected and reported as "diverged",
+    # so NumPy's warnings about it would only be noise.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for epoch in range(epochs):
+            order = np.random.default_rng([seed, epoch]).permutation(len(x_train))
+            losses = []
+            for step in range(steps_per_epoch):
+                index = order[step * batch_size : (step + 1) * batch_size]
+                xb, yb = session.data(x_train[index], y_train[index])
+                loss, grad_s, opt_s = session.step(xb, yb)
+                losses.append(loss)
+                step_losses.append(_finite(loss))
+                grad_times.append(grad_s)
+                opt_times.append(opt_s)
+                if not math.isfinite(loss):
+                    diverged = True
+                    break
+            epoch_losses.append(_finite(float(np.mean(losses))))
+            if curves:
+                eval_loss, eval_accuracy = session.evaluate(*eval_all)
+                epoch_eval_losses.append(_finite(eval_loss))
+                epoch_accuracies.append(eval_accuracy)
+            if on_steps is not None:
+                on_steps(steps_per_epoch * (epochs - epoch) if diverged else steps_per_epoch)
+            if diverged:
                 break
-        epoch_losses.append(_finite(float(np.mean(losses))))
-        if curves:
-            eval_loss, eval_accuracy = session.evaluate(*eval_all)
-            epoch_eval_losses.append(_finite(eval_loss))
-            epoch_accuracies.append(eval_accuracy)
-        if on_steps is not None:
-            on_steps(steps_per_epoch * (epochs - epoch) if diverged else steps_per_epoch)
-        if diverged:
-            break
-    wall = time.perf_counter() - started
-    train_loss, train_accuracy = session.evaluate(*train_all)
-    eval_loss, eval_accuracy = session.evaluate(*eval_all)
+        wall = time.perf_counter() - started
+        train_loss, train_accuracy = session.evaluate(*train_all)
+        eval_loss, eval_accuracy = session.evaluate(*eval_all)
     # The first step compiles (JAX) or allocates (everyone): the median of the others is reported.
     timed = slice(1, None) if len(opt_times) > 1 else slice(None)
     opt_ms = 1e3 * float(np.median(opt_times[timed]))
