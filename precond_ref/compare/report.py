@@ -58,7 +58,8 @@ def machine() -> dict:
         from threadpoolctl import threadpool_info
 
         info["blas"] = [
-            {k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+            # (the thread count the runs use is settings["threads"], set in each worker)
+            {k: pool.get(k) for k in ("internal_api", "version", "architecture")}
             for pool in threadpool_info()
             if pool.get("user_api") == "blas"
         ]
