@@ -52,3 +52,33 @@ def _expand(match: re.Match) -> str:
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     return _MARKER.sub(_expand, markdown)
+
+
+# ---------------------------------------------------------------------------------------------
+# Math rendered at build time: pymdownx.arithmatex (generic mode) leaves \( ... \) and \[ ... \]
+# in spans and divs of class "arithmatex"; they become MathML here, which browsers render
+# natively, so the site needs no JavaScript and no network access for its equations.
+
+_MATH = re.compile(
+    r'<(?P<tag>span|div) class="arithmatex">\s*(?:\\\((?P<inline>.*?)\\\)|\\\[(?P<display>.*?)\\\])\s*</(?P=tag)>',
+    re.S,
+)
+
+
+def _to_mathml(match: re.Match, where: str) -> str:
+    import html
+
+    from latex2mathml.converter import convert
+
+    display = match.group("display") is not None
+    latex = html.unescape(match.group("display") if display else match.group("inline")).strip()
+    try:
+        mathml = convert(latex, display="block" if display else "inline")
+    except Exception as err:  # noqa: BLE001 - any converter failure is a build error naming the formula
+        raise ValueError(f"{where}: cannot render the math {latex!r} to MathML ({type(err).__name__}: {err})") from err
+    tag = "div" if display else "span"
+    return f'<{tag} class="arithmatex">{mathml}</{tag}>'
+
+
+def on_page_content(html_text: str, page, config, files) -> str:
+    return _MATH.sub(lambda m: _to_mathml(m, page.file.src_path), html_text)

@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=positive_int, default=2, help="untimed steps before timing (default 2)")
     parser.add_argument("--repeats", type=positive_int, default=7, help="timed steps (default 7; the median is reported)")
     parser.add_argument("--quick", action="store_true", help="small cases and few repeats (for tests)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter and gradient dtype (default float32)")
     parser.add_argument("--out", default="results", help="output directory for bench.json (default results)")
     parser.add_argument(
         "--threads", type=positive_int, default=None,

@@ -13,12 +13,17 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-# command name -> (module, one-line help)
+# command name -> (module, one-line help, the pip extra that installs what the command needs)
 COMMANDS = {
-    "compare": ("precond_ref.compare", "train small models on real data with every optimizer and compare"),
-    "bench": ("precond_ref.benchmarks", "step time and state memory of every method, as ratios to Adam"),
-    "trace": ("precond_ref.testing", "export a reference trajectory of one method on a standard problem"),
+    "compare": ("precond_ref.compare", "train small models on real data with every optimizer and compare", "compare"),
+    "bench": ("precond_ref.benchmarks", "step time and state memory of every method, as ratios to Adam", "compare,torch"),
+    "trace": ("precond_ref.testing", "export a reference trajectory of one method on a standard problem", "numpy"),
 }
+
+
+def install_hint(command: str) -> str:
+    """``pip install 'precond-ref[EXTRA]'`` for a command (what its error messages tell the user)."""
+    return f"pip install 'precond-ref[{COMMANDS[command][2]}]'"
 
 
 def _int_at_least(text: str, minimum: int, what: str) -> int:
@@ -51,20 +56,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     modules = {}
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (module_name, help_text, _) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
+            # Say what to install, for --help and for any arguments (not "unrecognized arguments").
+            command_parser.description = f"{help_text}. Not available here ({err}): {install_hint(name)}"
             command_parser.set_defaults(_import_error=err)
             continue
         if not hasattr(module, "add_arguments"):
             continue
         module.add_arguments(command_parser)
         modules[name] = module
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "_import_error", None) is None:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.argv = argv[1:]  # the command's own arguments, for the record in its output
     if getattr(args, "_import_error", None) is not None:
-        print(f"precond-ref {args.command}: missing dependency: {args._import_error}", file=sys.stderr)
+        print(
+            f"precond-ref {args.command}: missing dependency ({args._import_error}); install it with: "
+            f"{install_hint(args.command)}",
+            file=sys.stderr,
+        )
         return 2
     if args.command not in modules:
         print(f"precond-ref: the {args.command!r} command is not available in this version", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""``python -m precond_ref compare``: the hand-written models, determinism, backends and the CLI.
+"""``python -m precond_ref compare``: the hand-written models, determinism, tuning, backends and the CLI.
 
 Small settings only (a few hundred examples, one or two epochs): the whole file runs in well under
 a minute on two cores.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,8 +18,8 @@ pytest.importorskip("sklearn")
 
 import precond_ref
 from precond_ref import cli, compare, method_table
-from precond_ref.compare import digits
-from precond_ref.method_table import METHODS, MethodEntry, entry_by_name
+from precond_ref.compare import digits, report, training
+from precond_ref.compare.methods import METHODS, MethodEntry, entry_by_name
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +76,26 @@ def test_gradients_match_torch_and_jax_autodiff(model, data):
 
     jax = pytest.importorskip("jax")  # x64 is enabled by conftest
     jax_params = jax.tree_util.tree_map(jax.numpy.asarray, params)
-    assert jax_params["fc2" if model == "mlp" else "fc"]["weight"].dtype == jax.numpy.float64
+    assert all(leaf.dtype == jax.numpy.float64 for leaf in jax.tree_util.tree_leaves(jax_params))
     value_and_grad = jax.jit(jax.value_and_grad(lambda p, a, b: digits.jax_loss(model, p, a, b)))
     value, jax_grads = value_and_grad(jax_params, jax.numpy.asarray(x), jax.numpy.asarray(y))
     assert float(value) == pytest.approx(float(loss), rel=1e-12)
     for k, layer in grads.items():
         for kk, g in layer.items():
             np.testing.assert_allclose(g, np.asarray(jax_grads[k][kk]), rtol=1e-10, atol=1e-14)
+
+
+def test_autoencoder_reconstructs_through_an_eight_unit_code():
+    """The deep autoencoder maps 64 pixels through 64-32-8-32-64 back to 64 values in (0, 1), and its
+    loss is the squared error summed over pixels, averaged over the batch (labels ignored)."""
+    params = digits.init_params("autoencoder", 0)
+    assert [params[k]["weight"].shape for k in params] == [(64, 64), (32, 64), (8, 32), (32, 8), (64, 32), (64, 64)]
+    x = digits.load_digits_split()[0][:5]
+    out = digits.predict(np, "autoencoder", params, x)
+    assert out.shape == x.shape and ((out > 0) & (out < 1)).all()
+    loss, _ = digits.loss_and_grads(np, "autoencoder", params, x, np.zeros(5, dtype=np.int64))
+    assert loss == pytest.approx(((out - x) ** 2).sum() / 5, rel=1e-12)
+    assert digits.evaluate(np, "autoencoder", params, x, None) == (pytest.approx(float(loss), rel=1e-12), None)
 
 
 def test_init_is_seeded_and_out_first():
@@ -164,7 +179,57 @@ def test_table_entries_are_well_formed():
         assert set(entry.update_kwargs) <= {"batch_size"}
         for model in digits.MODELS:
             assert "learning_rate" in entry.kwargs_for(model)
+    # The old import path (used by bench) re-exports the same objects.
+    assert method_table.METHODS is METHODS and method_table.MethodEntry is MethodEntry
     assert method_table.entry_by_name("mbf").kwargs_for("cnn")["precondition_every"] == 100
+
+
+# ------------------------------------------------------------------------------------------
+# Tuning
+
+
+def test_grid_is_centred_on_the_paper_value_in_half_decades():
+    assert compare.grid_factors(1) == [1.0]
+    five = compare.grid_factors(5)
+    assert five[2] == 1.0 and len(five) == 5
+    np.testing.assert_allclose(np.diff(np.log10(five)), 0.5, rtol=1e-12)
+    assert compare.grid_factors(4)[1] == 1.0  # even counts lean up
+
+
+def test_sweep_keeps_the_lowest_validation_loss_and_flags_edges_and_divergence():
+    entry = entry_by_name("adam")
+    factors = compare.grid_factors(3)
+    jobs = [{"entry": entry, "model": "mlp", "learning_rate": 1e-3 * f} for f in factors]
+    results = [{"test_loss": 0.5}, {"test_loss": 0.2}, {"test_loss": None, "diverged": True}]
+    (sweep,) = compare._choose(jobs, results, factors)
+    assert sweep["learning_rate"] == pytest.approx(1e-3) and not sweep["at_grid_edge"]
+    assert sweep["validation_loss"] == [0.5, 0.2, None]
+    results = [{"test_loss": 0.1}, {"test_loss": 0.2}, {"test_loss": 0.3}]
+    (sweep,) = compare._choose(jobs, results, factors)
+    assert sweep["learning_rate"] == pytest.approx(1e-3 * factors[0]) and sweep["at_grid_edge"]
+    # Nothing finite: fall back to the paper's value rather than a diverged one.
+    results = [{"test_loss": None, "diverged": True}, {"error": "boom"}, {"test_loss": None, "diverged": True}]
+    (sweep,) = compare._choose(jobs, results, factors)
+    assert sweep["learning_rate"] == 1e-3 and sweep["errors"] == ["boom"]
+
+
+def test_divergence_ends_the_run_and_is_reported(data):
+    """A learning rate far too large overflows the ReLU CNN within an epoch; the run stops and says so."""
+    r = compare.train_one(entry_by_name("sgd_momentum"), "cnn", data, epochs=3, batch_size=32, seed=0, learning_rate=1e20)
+    assert r["diverged"] and r["steps"] < 3 * (320 // 32) and r["final_train_loss"] is None
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    runs = [
+        {"model": "mlp", "method": "adam", "label": "Adam", "hyperparameters": {"learning_rate": 0.01}, "final_train_loss": v,
+         "test_loss": 2 * v, "test_accuracy": 0.9, "step_ms": 1.0, "optimizer_ms": 0.5, "state_bytes": 10}
+        for v in (1.0, 2.0, 3.0)
+    ]
+    sweeps = [{"model": "mlp", "method": "adam", "paper_learning_rate": 0.001, "at_grid_edge": True}]
+    (row,) = report.summarize(runs, sweeps)
+    assert row["final_train_loss_mean"] == 2.0 and row["final_train_loss_std"] == 1.0
+    assert row["test_accuracy_std"] == 0.0 and row["paper_learning_rate"] == 0.001
+    assert "0.01 (10× paper) edge" in report.format_table([row])
 
 
 # ------------------------------------------------------------------------------------------
@@ -176,24 +241,43 @@ def test_cli_end_to_end_writes_table_json_and_plot(tmp_path, capsys, monkeypatch
     small = lambda: tuple(a[:256] if i < 2 else a[:64] for i, a in enumerate(full()))  # noqa: E731
     monkeypatch.setattr(digits, "load_digits_split", small)
     out = tmp_path / "out"
-    argv = ["compare", "--methods", "sgd_momentum,agd", "--epochs", "1", "--out", str(out), "--no-progress"]
+    argv = [
+        "compare", "--methods", "sgd_momentum,agd", "--models", "mlp,autoencoder", "--epochs", "1", "--tune-epochs", "1",
+        "--grid", "2", "--seeds", "2", "--jobs", "1", "--out", str(out),
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| mlp | AGD |" in printed and "| cnn | SGD-momentum |" in printed
-    assert "test accuracy" in printed and "source:" in printed
-    report = json.loads((out / "compare.json").read_text())
-    assert {(r["method"], r["model"]) for r in report["runs"]} == {
-        (m, d) for m in ("sgd_momentum", "agd") for d in ("mlp", "cnn")
+    assert "| mlp | AGD |" in printed and "| autoencoder | SGD-momentum |" in printed
+    assert "Tuned: for every method and model, the learning rate alone was swept" in printed
+    assert "source:" in printed and " ± " in printed
+    result = json.loads((out / "compare.json").read_text())
+    assert {(r["method"], r["model"], r["seed"]) for r in result["runs"]} == {
+        (m, d, s) for m in ("sgd_momentum", "agd") for d in ("mlp", "autoencoder") for s in (0, 1)
     }
+    assert len(result["sweeps"]) == 4 and all(len(s["grid"]) == 2 for s in result["sweeps"])
+    for row in result["summary"]:
+        sweep = next(s for s in result["sweeps"] if (s["model"], s["method"]) == (row["model"], row["method"]))
+        assert row["learning_rate"] == sweep["learning_rate"]
+        assert (row["test_accuracy_mean"] is None) == (row["model"] == "autoencoder")
     png = (out / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
-    # A re-run with the same seed writes the same numbers (times aside).
-    assert cli.main(argv + ["--no-plot"]) == 0
+    # A re-run with the same seed, spread over two worker processes, writes the same numbers (times aside).
+    assert cli.main(argv[:-4] + ["--jobs", "2", "--out", str(out), "--no-plot"]) == 0
     again = json.loads((out / "compare.json").read_text())
     strip = lambda runs: [{k: v for k, v in r.items() if not k.endswith(("_ms", "_s"))} for r in runs]  # noqa: E731
-    assert strip(again["runs"]) == strip(report["runs"])
-    assert all(math.isfinite(r["final_train_loss"]) for r in report["runs"])
+    assert strip(again["runs"]) == strip(result["runs"]) and again["sweeps"] == result["sweeps"]
+    assert all(math.isfinite(r["final_train_loss"]) for r in result["runs"])
+
+
+def test_cli_no_tune_runs_the_paper_values(tmp_path, capsys, monkeypatch):
+    full = digits.load_digits_split
+    monkeypatch.setattr(digits, "load_digits_split", lambda: tuple(a[:128] if i < 2 else a[:32] for i, a in enumerate(full())))
+    argv = ["compare", "--no-tune", "--methods", "mbf", "--models", "cnn", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path), "--no-plot"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| cnn | MBF | 3e-05 |" in printed and "Paper values (--no-tune)" in printed
+    assert json.loads((tmp_path / "compare.json").read_text())["sweeps"] == []
 
 
 @pytest.mark.parametrize(
@@ -211,7 +295,9 @@ def test_cli_user_errors(argv, message, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--epochs", "x"], ["--seed", "-1"], ["--backend", "tpu"], ["--bogus"]])
+@pytest.mark.parametrize(
+    "argv", [["--epochs", "0"], ["--epochs", "x"], ["--seed", "-1"], ["--backend", "tpu"], ["--bogus"], ["--grid", "0"], ["--seeds", "0"]]
+)
 def test_cli_bad_flags_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["compare", *argv])
@@ -246,3 +332,72 @@ def test_cli_list_describes_every_entry(capsys):
     printed = capsys.readouterr().out
     for entry in METHODS:
         assert entry.label in printed
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "cuda"], "--device is not supported with --backend numpy"),
+        (["--backend", "jax", "--device", "gpu"], "JAX_PLATFORMS"),
+        (["--backend", "torch", "--device", "nonsense"], "is not a torch device"),
+    ],
+)
+def test_cli_device_errors(argv, message, tmp_path, capsys):
+    if "torch" in argv:
+        pytest.importorskip("torch")
+    if "jax" in argv:
+        pytest.importorskip("jax")
+    assert cli.main(["compare", "--methods", "adam", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_torch_runs_on_cpu_unless_a_device_is_named():
+    """--backend torch never moves to a GPU by itself (it used to pick CUDA whenever present)."""
+    torch = pytest.importorskip("torch")
+    assert training.resolve_device("torch", None) == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(cli.UserError, match="needs CUDA"):
+            training.resolve_device("torch", "cuda")
+    else:
+        assert training.resolve_device("torch", "cuda:0") == "cuda:0"
+
+
+def test_progress_bar_is_off_when_stderr_is_not_a_terminal(capsys):
+    """Under pytest (like a CI log) stderr is not a TTY: no bar, whatever the flag says."""
+    assert not sys.stderr.isatty()
+    progress = compare._Progress(100, enabled=True)
+    assert progress.bar is None
+    progress.update(10)
+    progress.close()
+    assert capsys.readouterr().err == ""
+
+
+_WITHOUT_NUMPY = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('numpy', 'sklearn'):
+            raise ImportError(f'No module named {name!r}')
+sys.meta_path.insert(0, Block())
+from precond_ref.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, expected, code",
+    [
+        (["compare", "--help"], "--tune-epochs", 0),
+        (["compare", "--epochs", "1"], "pip install 'precond-ref[compare]'", 2),
+        (["bench", "--quick"], "pip install 'precond-ref[compare,torch]'", 2),
+        (["bench", "--help"], "pip install 'precond-ref[compare,torch]'", 0),
+    ],
+)
+def test_commands_name_their_extra_without_numpy(argv, expected, code):
+    """Without the compare extra, compare still lists its options and every command says what to install."""
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_NUMPY, *argv], capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == code, output
+    assert expected in output.replace("\n", " ").replace("  ", " ") and "Traceback" not in output
+    assert "unrecognized arguments" not in output

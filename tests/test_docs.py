@@ -1,11 +1,15 @@
 """The documentation site builds without warnings, and every code example in it runs.
 
 ``test_site_builds_strictly`` runs ``mkdocs build --strict`` (skipped when mkdocs-material or
-mkdocstrings are not installed: the ``docs`` extra). The other tests extract the fenced code blocks
-of every page under ``docs/``: each ``python`` block runs, in page order, in one namespace per
-page, in a temporary directory; shell blocks run their ``python -m precond_ref ...`` lines through
-the command-line entry point. A block preceded by ``<!-- docs-test: requires NAME -->`` is skipped
-while ``precond_ref.NAME`` does not exist (method pages written before the method landed).
+mkdocstrings are not installed: the ``docs`` extra) and checks that the site is self-contained: the
+math is rendered to MathML at build time and no page loads a script or stylesheet from the network.
+The other tests extract the fenced code blocks of every page under ``docs/``: each ``python`` block
+runs on its own (a fresh namespace, as a reader who copies just that block), in a temporary
+directory, unless the text since the previous block or the block's first line says it continues
+(the phrase :data:`CONTINUES`), in which case it runs after that block in the same namespace; shell blocks run
+their ``python -m precond_ref ...`` lines through the command-line entry point. A block preceded
+by ``<!-- docs-test: requires NAME -->`` is skipped while ``precond_ref.NAME`` does not exist
+(method pages written before the method landed).
 """
 
 from __future__ import annotations
@@ -26,11 +30,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 _BLOCK = re.compile(r"(?:<!-- docs-test: requires (\w+) -->\n)?```(\w+)\n(.*?)```", re.S)
+# What a page says, in the prose before a block, when the block needs the one before it.
+CONTINUES = "continues the example above"
 
 
-def _blocks(page: pathlib.Path) -> list[tuple[str, str, str | None]]:
-    """``(language, code, required name)`` for every fenced block of a page."""
-    return [(lang, code, req or None) for req, lang, code in _BLOCK.findall(page.read_text())]
+def _blocks(page: pathlib.Path) -> list[tuple[str, str, str | None, bool]]:
+    """``(language, code, required name, continues)`` for every fenced block of a page."""
+    text = page.read_text()
+    blocks, previous_end = [], 0
+    for match in _BLOCK.finditer(text):
+        req, lang, code = match.groups()
+        # Said in the prose since the previous block, or in the block's first line (a comment).
+        said = " ".join((text[previous_end : match.start()] + " " + code.split("\n", 1)[0]).split()).lower()
+        continues = CONTINUES in said
+        blocks.append((lang, code, req or None, continues))
+        previous_end = match.end()
+    return blocks
 
 
 def test_every_page_is_in_the_site():
@@ -56,7 +71,17 @@ def test_site_builds_strictly(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "WARNING" not in output, output
-    assert (tmp_path / "site" / "validating" / "index.html").exists()
+    site = tmp_path / "site"
+    assert (site / "validating" / "index.html").exists()
+    # Self-contained: the equations are MathML in the HTML (no MathJax/KaTeX from a CDN), none is
+    # left as TeX source, and nothing is loaded from the network.
+    remote = re.compile(r"<(?:script|link)[^>]*(?:src|href)=\"(?:https?:)?//[^\"]*\"[^>]*>")
+    for html in site.rglob("*.html"):
+        text = html.read_text()
+        assert not remote.findall(text) or all("rel=\"canonical\"" in tag for tag in remote.findall(text)), (html, remote.findall(text))
+        assert "\\(" not in text and "\\[" not in text, f"{html}: TeX left unrendered"
+    agd = (site / "methods" / "agd" / "index.html").read_text()
+    assert agd.count("<math") >= 10 and 'class="arithmatex"' in agd
 
 
 def _run_shell_block(code: str) -> None:
@@ -76,19 +101,23 @@ def test_code_examples_run(page, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__docs__"}
+    everything: dict = {}  # every name any block defined, for the page-specific checks below
     ran = skipped = 0
-    for lang, code, required in _blocks(page):
+    for lang, code, required, continues in _blocks(page):
         if required is not None and not hasattr(precond_ref, required):
             skipped += 1
             continue
+        if lang == "python" and not continues:
+            namespace = {"__name__": "__docs__"}  # a reader may copy this block alone
         if lang == "python":
             with contextlib.redirect_stdout(io.StringIO()):
                 exec(compile(code, str(page), "exec"), namespace)
+            everything.update(namespace)
             ran += 1
         elif lang == "bash":
             _run_shell_block(code)
     if page.name == "validating.md":
-        _check_documented_report(page, namespace)
+        _check_documented_report(page, everything)
     if ran == 0 and skipped:
         pytest.skip(f"{skipped} example(s) need methods not in this version")
 

@@ -31,6 +31,7 @@ def test_wheel_contains_adapters_as_subpackage(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "precond_ref/adapters/torch.py" in names and "precond_ref/adapters/jax.py" in names
     assert not any(n.startswith("adapters/") for n in names)
+    assert "precond_ref/py.typed" in names  # PEP 561: type checkers read our annotations
 
 
 def test_core_imports_no_array_library_by_name():
@@ -58,3 +59,33 @@ def test_testing_toolkit_imports_array_libraries_only_lazily():
         if top_level.search(path.read_text())
     ]
     assert offenders == []
+
+
+def test_license_changelog_and_extras_a_new_user_needs():
+    """Issue 15: the license pyproject names ships as a file; a changelog exists; the torch extra
+    (what docs/validating.md installs) brings NumPy, which the validation toolkit needs."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"]["text"] == "Apache-2.0"
+    assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
+    assert "## [Unreleased]" in (ROOT / "CHANGELOG.md").read_text()
+    assert (ROOT / "precond_ref" / "py.typed").exists()
+    extras = project["optional-dependencies"]
+    assert any(req.startswith("numpy") for req in extras["torch"])
+    assert 'pip install -e ".[torch]"' in (ROOT / "docs" / "validating.md").read_text()
+    assert any(req.startswith("latex2mathml") for req in extras["docs"])
+
+
+def test_every_command_option_has_help_text():
+    """`--help` of every command explains every option (bench's --dtype had none)."""
+    import argparse
+    import importlib
+
+    from precond_ref.cli import COMMANDS
+
+    for name, (module_name, _, _) in COMMANDS.items():
+        parser = argparse.ArgumentParser(prog=name)
+        importlib.import_module(module_name).add_arguments(parser)
+        missing = [a.option_strings or a.dest for a in parser._actions if not a.help]
+        assert missing == [], (name, missing)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -23,9 +25,33 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert test_command in ci_lines
 
 
-def test_readme_python_examples_run():
-    """Every python block of the README runs as written."""
+def test_readme_python_examples_run(capsys):
+    """Every python block of the README runs as written, on its own, and prints what it did
+    (a reader must see that it worked)."""
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert len(blocks) >= 3
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+        printed = capsys.readouterr().out
+        assert printed.strip(), f"this README example prints nothing:\n{block}"
+
+
+def test_readme_results_are_generated_from_the_committed_json():
+    """The results block is exactly what ``compare --readme`` renders from docs/data/compare.json."""
+    import json
+
+    report = pytest.importorskip("precond_ref.compare.report")
+    data = json.loads((ROOT / "docs" / "data" / "compare.json").read_text())
+    start, end = README.index(report.README_BEGIN), README.index(report.README_END) + len(report.README_END)
+    assert README[start:end] == report.readme_section(data)
+    assert data["settings"]["tune"] and len(data["settings"]["seeds"]) == 3  # the default run
+    assert (ROOT / "docs" / "images" / "compare_loss_curves.png").exists()
+
+
+def test_readme_method_table_lists_every_method():
+    """Every method factory of the library (RF-AdamW was missing) appears in the README's table."""
+    from precond_ref.testing import available_methods
+
+    table = README.split("## Set-up")[0]
+    missing = [name for name in available_methods() if f"`pr.{name}`" not in table]
+    assert missing == []

@@ -1,15 +1,24 @@
-"""``python -m precond_ref compare``: train small models on real data with every optimizer.
+"""``python -m precond_ref compare``: a tuned comparison of every optimizer on small real models.
 
-The main job of the library: an MLP and a small CNN on scikit-learn's 8x8 handwritten digits
-(shipped inside scikit-learn, so it runs offline), trained from the same initial weights and the
-same mini-batch order with every method of :data:`precond_ref.method_table.METHODS` (each with its
-paper's recommended hyperparameters) and the SGD-momentum and Adam baselines.
+The main job of the library: an MLP, a small CNN and a deep autoencoder on scikit-learn's 8x8
+handwritten digits (shipped inside scikit-learn, so it runs offline), trained from the same initial
+weights and the same mini-batch order with every method of
+:data:`precond_ref.compare.methods.METHODS` and the SGD-momentum and Adam baselines.
 
-By default everything runs on NumPy through the core (forward and backward written by hand in
-:mod:`precond_ref.compare.digits`); ``--backend torch`` / ``jax`` runs the same through the torch and optax
-adapters, ``--backend cupy`` the core on CuPy arrays. Output: a table (final train loss, test
-accuracy, time per step, optimizer state size), ``loss_curves.png`` and ``compare.json`` with every
-number, in ``--out``. Fixed seeds give identical numbers on a re-run (the times aside).
+By default every method gets the same tuning budget (the protocol of optimizer benchmarks such as
+AlgoPerf and Schmidt et al., "Descending through a crowded valley", ICML 2021): for each method and
+model, its learning rate is swept over a log grid centred on its paper's value, training on 80% of
+the training set and scoring the loss on the other 20% (the validation split); the best rate is
+then trained on the whole training set with several seeds, and the test metrics are reported as
+mean ± standard deviation over the seeds. ``--no-tune`` runs the papers' values instead.
+
+The runs are independent, so they are spread over ``--jobs`` worker processes (one BLAS thread
+each); the numbers do not depend on ``--jobs``. Output in ``--out``: ``compare.json`` (every number),
+``loss_curves.png`` and the printed tables. ``--readme`` also regenerates the README's results
+section, ``docs/data/compare.json`` and ``docs/images/compare_loss_curves.png``.
+
+This module imports no NumPy at import time, so that ``compare --help`` works, and ``compare``
+says which extra to install, in an environment without the ``compare`` extra.
 """
 
 from __future__ import annotations
@@ -19,24 +28,44 @@ import contextlib
 import json
 import math
 import os
-import platform
+import shlex
+import shutil
 import sys
 import time
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
+from ..cli import UserError, install_hint, nonnegative_int, positive_int
+from .methods import METHODS, MODELS, MethodEntry
 
-from . import digits
-from ..cli import UserError, nonnegative_int, positive_int
-from ..method_table import METHODS, MethodEntry
+__all__ = ["add_arguments", "run", "resolve_methods", "grid_factors", "train_one", "core_baseline", "make_torch_optimizer"]
 
-__all__ = ["add_arguments", "run", "train_one", "resolve_methods", "core_baseline"]
+_TRAINING_NAMES = ("train_one", "core_baseline", "make_torch_optimizer")
+
+
+def __getattr__(name: str) -> Any:
+    # The training helpers need NumPy: imported on first use, so that this module imports without it.
+    if name in _TRAINING_NAMES:
+        from . import training
+
+        return getattr(training, name)
+    if name == "_machine":  # used by bench
+        from .report import machine
+
+        return machine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 BACKENDS = ("numpy", "torch", "jax", "cupy")
 DTYPES = ("float32", "float64")
-DEFAULT_EPOCHS = 40
+DEFAULT_EPOCHS = 20
+DEFAULT_TUNE_EPOCHS = 8
+DEFAULT_SEEDS = 3
+DEFAULT_GRID = 7
 DEFAULT_BATCH_SIZE = 64
+DEFAULT_DTYPE = "float64"
 DEFAULT_OUT = "results"
+VALIDATION_FRACTION = 0.2
+_REQUIRED = ("numpy", "sklearn", "tqdm", "threadpoolctl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,29 +74,59 @@ DEFAULT_OUT = "results"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     names = ", ".join(entry.name for entry in METHODS)
-    parser.add_argument(
-        "--methods",
-        default="all",
-        help=f"comma-separated subset of: {names} (default: all)",
+    parser.description = (
+        "Train an MLP, a CNN and a deep autoencoder on scikit-learn's 8x8 digits with every optimizer. By default "
+        "each method's learning rate is tuned on a validation split (a log grid around its paper's value), then "
+        "the best is trained with several seeds: mean ± std of the test metrics. Needs the 'compare' extra: "
+        "pip install 'precond-ref[compare]'."
     )
-    parser.add_argument(
-        "--models", default=",".join(digits.MODELS), help=f"comma-separated subset of: {', '.join(digits.MODELS)}"
+    add = parser.add_argument
+    add("--methods", default="all", help=f"comma-separated subset of: {names} (default: all)")
+    add("--models", default=",".join(MODELS), help=f"comma-separated subset of: {', '.join(MODELS)}")
+    add("--no-tune", action="store_true", help="no learning-rate sweep: every method at its paper's hyperparameters")
+    add("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help=f"epochs of the final runs (default {DEFAULT_EPOCHS})")
+    add(
+        "--tune-epochs", type=positive_int, default=DEFAULT_TUNE_EPOCHS,
+        help=f"epochs of each run of the learning-rate sweep (default {DEFAULT_TUNE_EPOCHS})",
     )
-    parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help=f"epochs (default {DEFAULT_EPOCHS})")
-    parser.add_argument(
+    add(
+        "--grid", type=positive_int, default=DEFAULT_GRID,
+        help=f"learning rates in the sweep, spaced by sqrt(10) and centred on the paper's value (default {DEFAULT_GRID})",
+    )
+    add("--seeds", type=positive_int, default=DEFAULT_SEEDS, help=f"seeds of the final runs (default {DEFAULT_SEEDS})")
+    add("--seed", type=nonnegative_int, default=0, help="first seed (initial weights and batch order); the sweep uses it too")
+    add(
         "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help=f"mini-batch size (default {DEFAULT_BATCH_SIZE})"
     )
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the initial weights and batch order")
-    parser.add_argument("--backend", choices=BACKENDS, default="numpy", help="array backend (default numpy, via the core)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype (default float32)")
-    parser.add_argument(
-        "--threads", type=positive_int, default=1,
-        help="BLAS / torch threads (default 1: the models are tiny, more threads only add contention)",
+    add("--backend", choices=BACKENDS, default="numpy", help="array backend (default numpy, through the core)")
+    add(
+        "--device", default=None,
+        help="torch: a torch device (default cpu; e.g. cuda, cuda:1); cupy: a CUDA device index (default 0). "
+        "Nothing is moved to a GPU unless asked",
     )
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
-    parser.add_argument("--list", action="store_true", help="list the methods with their hyperparameters and exit")
+    add(
+        "--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
+        help=f"parameter dtype (default {DEFAULT_DTYPE}: smaller rounding differences between CPU kinds; the README says how large)",
+    )
+    add(
+        "--threads", type=positive_int, default=1,
+        help="BLAS / torch threads per worker (default 1: the models are tiny, and a fixed count keeps the "
+        "summation order, hence the numbers, fixed)",
+    )
+    add(
+        "--jobs", type=positive_int, default=None,
+        help="worker processes (default: min(2, usable CPUs) for numpy, 1 for the other backends); "
+        "the numbers do not depend on it",
+    )
+    add("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    add("--no-progress", action="store_true", help="no progress bar (it is also off when stderr is not a terminal)")
+    add("--no-plot", action="store_true", help="do not write the PNG plot")
+    add(
+        "--readme", action="store_true",
+        help="also rewrite the results section of ./README.md, docs/data/compare.json and "
+        "docs/images/compare_loss_curves.png (run from the repository root)",
+    )
+    add("--list", action="store_true", help="list the methods with their hyperparameters and sources, and exit")
 
 
 def resolve_methods(spec: str) -> tuple[list[MethodEntry], list[dict]]:
@@ -101,10 +160,19 @@ def resolve_methods(spec: str) -> tuple[list[MethodEntry], list[dict]]:
 
 def _resolve_models(spec: str) -> list[str]:
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in wanted if name not in digits.MODELS]
+    unknown = [name for name in wanted if name not in MODELS]
     if unknown or not wanted:
-        raise UserError(f"unknown model(s) {', '.join(map(repr, unknown)) or '(none given)'}; available: {', '.join(digits.MODELS)}")
+        raise UserError(f"unknown model(s) {', '.join(map(repr, unknown)) or '(none given)'}; available: {', '.join(MODELS)}")
     return list(dict.fromkeys(wanted))
+
+
+def grid_factors(points: int) -> list[float]:
+    """Multipliers of the paper's learning rate: ``points`` powers of sqrt(10) centred on 1.
+
+    An even count puts one more point above the paper's value than below it.
+    """
+    low = -((points - 1) // 2)
+    return [10.0 ** (k / 2) for k in range(low, low + points)]
 
 
 def _prepare_out_dir(path: str) -> str:
@@ -119,477 +187,6 @@ def _prepare_out_dir(path: str) -> str:
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Baselines as core transforms (NumPy / CuPy backends)
-
-
-def core_baseline(name: str, **hyperparameters: Any) -> Any:
-    """SGD with heavy-ball momentum or Adam as a core :class:`~precond_ref.Transform`.
-
-    They run through the same :func:`~precond_ref.transform.build_transform` machinery as the
-    methods, so their time per step carries the same per-step overhead.
-    """
-    from array_api_compat import device as array_device
-
-    from ..transform import build_transform
-
-    if name == "sgd_momentum":
-        learning_rate, momentum = hyperparameters["learning_rate"], hyperparameters["momentum"]
-
-        def init_group(leaves: tuple, paths: tuple, xp: Any) -> dict:
-            return {"trace": xp.zeros(leaves[0].shape, dtype=leaves[0].dtype, device=array_device(leaves[0]))}
-
-        def update_group(grads: tuple, state: dict, params: Any, ctx: Any) -> tuple:
-            trace = momentum * state["trace"] + grads[0]
-            return (-learning_rate * trace,), {"trace": trace}
-
-    elif name == "adam":
-        learning_rate = hyperparameters["learning_rate"]
-        b1, b2, eps = hyperparameters["b1"], hyperparameters["b2"], hyperparameters["eps"]
-
-        def init_group(leaves: tuple, paths: tuple, xp: Any) -> dict:
-            zeros = xp.zeros(leaves[0].shape, dtype=leaves[0].dtype, device=array_device(leaves[0]))
-            return {"mu": zeros, "nu": zeros}
-
-        def update_group(grads: tuple, state: dict, params: Any, ctx: Any) -> tuple:
-            xp, g = ctx.xp, grads[0]
-            mu = b1 * state["mu"] + (1.0 - b1) * g
-            nu = b2 * state["nu"] + (1.0 - b2) * g * g
-            t = xp.astype(ctx.count + 1, g.dtype)
-            dev = array_device(g)
-            c1 = 1.0 - xp.pow(xp.asarray(b1, dtype=g.dtype, device=dev), t)
-            c2 = 1.0 - xp.pow(xp.asarray(b2, dtype=g.dtype, device=dev), t)
-            return (-learning_rate * (mu / c1) / (xp.sqrt(nu / c2) + eps),), {"mu": mu, "nu": nu}
-
-    else:
-        raise ValueError(f"unknown baseline {name!r}")
-    return build_transform(name=name, init_group=init_group, update_group=update_group)
-
-
-# ---------------------------------------------------------------------------------------------
-# One training session per backend: step(x, y) -> (loss, grad seconds, optimizer seconds)
-
-
-def _extra_kwargs(entry: MethodEntry, batch_size: int) -> dict:
-    values = {"batch_size": batch_size}
-    return {name: values[name] for name in entry.update_kwargs}
-
-
-def _nbytes(x: Any) -> int:
-    return int(getattr(x, "nbytes", 0))
-
-
-class _CoreSession:
-    """NumPy or CuPy arrays, the core transform called directly."""
-
-    def __init__(self, xp: Any, entry: MethodEntry, model: str, params: dict, dtype: str, batch_size: int, sync: Callable):
-        import precond_ref
-        from ..tree import tree_flatten
-
-        self.xp, self.model, self.sync = xp, model, sync
-        self.dtype = getattr(xp, dtype)
-        self.params = {k: {kk: xp.asarray(v, dtype=self.dtype) for kk, v in layer.items()} for k, layer in params.items()}
-        kwargs = entry.kwargs_for(model)
-        if entry.is_baseline:
-            self.transform = core_baseline(entry.name, **kwargs)
-        else:
-            self.transform = getattr(precond_ref, entry.factory)(**kwargs)
-        self.extra = _extra_kwargs(entry, batch_size)
-        self.state = self.transform.init(self.params)
-        self._flatten = tree_flatten
-        self.notes: list[str] = []
-
-    def data(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
-        return self.xp.asarray(x, dtype=self.dtype), self.xp.asarray(y)
-
-    def step(self, x: Any, y: Any) -> tuple[float, float, float]:
-        import precond_ref
-
-        start = time.perf_counter()
-        loss, grads = digits.loss_and_grads(self.xp, self.model, self.params, x, y)
-        self.sync()
-        middle = time.perf_counter()
-        updates, self.state = self.transform.update(grads, self.state, self.params, **self.extra)
-        self.params = precond_ref.apply_updates(self.params, updates)
-        self.sync()
-        end = time.perf_counter()
-        return float(loss), middle - start, end - middle
-
-    def evaluate(self, x: Any, y: Any) -> tuple[float, float]:
-        logits = digits.predict(self.xp, self.model, self.params, x)
-        loss, _ = digits._cross_entropy(self.xp, logits, y)
-        return float(loss), float((logits.argmax(axis=1) == y).mean())
-
-    def state_bytes(self) -> int:
-        return sum(_nbytes(leaf) for leaf in self._flatten(self.state)[0])
-
-
-def _torch_kwargs(core: dict, renames: dict) -> dict:
-    """Core argument names -> the torch adapters' (specs README §3): lr, betas, beta2."""
-    out = dict(core)
-    for core_name, torch_name in renames.items():
-        if core_name in out:
-            out[torch_name] = out.pop(core_name)
-    if "learning_rate" in out:
-        out["lr"] = out.pop("learning_rate")
-    for prefix in ("", "fallback_", "graft_", "diagonal_"):
-        b1, b2 = prefix + "b1", prefix + "b2"
-        if b1 in out and b2 in out:
-            out[prefix + "betas"] = (out.pop(b1), out.pop(b2))
-        elif b2 in out:
-            out[prefix + "beta2"] = out.pop(b2)
-    return out
-
-
-# Torch-side names that differ from the generic rule above.
-_TORCH_RENAMES = {"rf_rmsprop": {"b2": "alpha"}}
-
-
-def make_torch_optimizer(entry: MethodEntry, named: list, kwargs: dict) -> tuple[Any, list[str]]:
-    """The torch optimizer for ``entry`` over ``named`` ``(name, tensor)`` pairs, and notes.
-
-    Methods use their class in :mod:`precond_ref.adapters.torch` when it exists and maps the
-    torch-style arguments back to exactly ``kwargs`` (checked through its ``core_kwargs``);
-    otherwise the core factory is wrapped in a generic :class:`CoreOptimizer`, with a note.
-    """
-    import torch
-
-    if entry.name == "sgd_momentum":
-        return torch.optim.SGD([p for _, p in named], lr=kwargs["learning_rate"], momentum=kwargs["momentum"]), []
-    if entry.name == "adam":
-        return (
-            torch.optim.Adam(
-                [p for _, p in named], lr=kwargs["learning_rate"], betas=(kwargs["b1"], kwargs["b2"]), eps=kwargs["eps"], foreach=True
-            ),
-            [],
-        )
-    import precond_ref
-    from precond_ref.adapters import torch as torch_adapters
-
-    cls = getattr(torch_adapters, entry.torch_class or "", None)
-    reason = f"precond_ref.adapters.torch has no {entry.torch_class}"
-    if cls is not None:
-        try:
-            optimizer = cls(named, **_torch_kwargs(kwargs, _TORCH_RENAMES.get(entry.name, {})))
-            mapped = optimizer.core_kwargs(optimizer.param_groups[0])
-            differ = [k for k, v in kwargs.items() if k not in mapped or mapped[k] != v]
-            if not differ:
-                return optimizer, []
-            reason = f"{entry.torch_class} did not map back to the core arguments {differ}"
-        except TypeError as err:
-            reason = f"{entry.torch_class} rejected the arguments ({err})"
-    factory = getattr(precond_ref, entry.factory)
-    generic = type(
-        f"Core_{entry.name}",
-        (torch_adapters.CoreOptimizer,),
-        {
-            "core_factory": staticmethod(factory),
-            "core_kwargs": lambda self, group: {**group["core"], "learning_rate": group["lr"]},
-        },
-    )
-    rest = {k: v for k, v in kwargs.items() if k != "learning_rate"}
-    optimizer = generic(named, {"lr": kwargs.get("learning_rate", 1e-3), "core": rest})
-    return optimizer, [f"{reason}; ran precond_ref.{entry.factory} through the generic CoreOptimizer"]
-
-
-class _TorchSession:
-    def __init__(self, entry: MethodEntry, model: str, params: dict, dtype: str, batch_size: int, device: str):
-        import torch
-
-        self.torch, self.model, self.device = torch, model, device
-        self.dtype = getattr(torch, dtype)
-        self.params = {
-            f"{k}.{kk}": torch.tensor(v, dtype=self.dtype, device=device, requires_grad=True)
-            for k, layer in params.items()
-            for kk, v in layer.items()
-        }
-        self.optimizer, self.notes = make_torch_optimizer(entry, list(self.params.items()), entry.kwargs_for(model))
-        self.extra = _extra_kwargs(entry, batch_size)
-
-    def _sync(self) -> None:
-        if self.device != "cpu":
-            self.torch.cuda.synchronize()
-
-    def data(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
-        return (
-            self.torch.tensor(x, dtype=self.dtype, device=self.device),
-            self.torch.tensor(y, dtype=self.torch.int64, device=self.device),
-        )
-
-    def step(self, x: Any, y: Any) -> tuple[float, float, float]:
-        start = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = digits.torch_loss(self.model, self.params, x, y)
-        loss.backward()
-        self._sync()
-        middle = time.perf_counter()
-        self.optimizer.step(**self.extra)
-        self._sync()
-        end = time.perf_counter()
-        return loss.item(), middle - start, end - middle
-
-    def evaluate(self, x: Any, y: Any) -> tuple[float, float]:
-        with self.torch.no_grad():
-            logits = digits.torch_logits(self.model, self.params, x)
-            loss = self.torch.nn.functional.cross_entropy(logits, y)
-            return loss.item(), (logits.argmax(dim=1) == y).double().mean().item()
-
-    def state_bytes(self) -> int:
-        total = 0
-        for entries in self.optimizer.state.values():
-            for value in entries.values():
-                if isinstance(value, self.torch.Tensor):
-                    total += value.numel() * value.element_size()
-        return total
-
-
-class _JaxSession:
-    def __init__(self, entry: MethodEntry, model: str, params: dict, dtype: str, batch_size: int):
-        import jax
-        import jax.numpy as jnp
-        import optax
-
-        self.jax, self.jnp, self.model = jax, jnp, model
-        self.dtype = getattr(jnp, dtype)
-        self.params = {k: {kk: jnp.asarray(v, dtype=self.dtype) for kk, v in layer.items()} for k, layer in params.items()}
-        kwargs = entry.kwargs_for(model)
-        self.notes: list[str] = []
-        if entry.name == "sgd_momentum":
-            optimizer = optax.sgd(kwargs["learning_rate"], momentum=kwargs["momentum"])
-        elif entry.name == "adam":
-            optimizer = optax.adam(kwargs["learning_rate"], b1=kwargs["b1"], b2=kwargs["b2"], eps=kwargs["eps"])
-        else:
-            import precond_ref
-            from precond_ref.adapters import jax as jax_adapters
-
-            factory = getattr(jax_adapters, entry.factory, None)
-            if factory is None:
-                self.notes.append(f"precond_ref.adapters.jax has no {entry.factory}; wrapped the core with to_optax")
-                optimizer = jax_adapters.to_optax(getattr(precond_ref, entry.factory)(**kwargs))
-            else:
-                optimizer = factory(**kwargs)
-        extra = _extra_kwargs(entry, batch_size)
-        self.state = optimizer.init(self.params)
-
-        def loss_fn(p: Any, x: Any, y: Any) -> Any:
-            return digits.jax_loss(model, p, x, y)
-
-        def update(grads: Any, state: Any, p: Any) -> tuple[Any, Any]:
-            updates, state = optimizer.update(grads, state, p, **extra)
-            return optax.apply_updates(p, updates), state
-
-        self._grad = jax.jit(jax.value_and_grad(loss_fn))
-        self._update = jax.jit(update)
-        self._logits = jax.jit(lambda p, x: digits.jax_logits(model, p, x))
-
-    def data(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
-        return self.jnp.asarray(x, dtype=self.dtype), self.jnp.asarray(y)
-
-    def step(self, x: Any, y: Any) -> tuple[float, float, float]:
-        start = time.perf_counter()
-        loss, grads = self._grad(self.params, x, y)
-        self.jax.block_until_ready(grads)
-        middle = time.perf_counter()
-        self.params, self.state = self._update(grads, self.state, self.params)
-        self.jax.block_until_ready(self.params)
-        end = time.perf_counter()
-        return float(loss), middle - start, end - middle
-
-    def evaluate(self, x: Any, y: Any) -> tuple[float, float]:
-        logits = self._logits(self.params, x)
-        log_probs = self.jax.nn.log_softmax(logits, axis=1)
-        loss = -self.jnp.mean(self.jnp.take_along_axis(log_probs, y[:, None], axis=1))
-        return float(loss), float(self.jnp.mean(logits.argmax(axis=1) == y))
-
-    def state_bytes(self) -> int:
-        return sum(_nbytes(leaf) for leaf in self.jax.tree_util.tree_leaves(self.state))
-
-
-def _make_session(backend: str, entry: MethodEntry, model: str, params: dict, dtype: str, batch_size: int) -> Any:
-    if backend == "numpy":
-        return _CoreSession(np, entry, model, params, dtype, batch_size, sync=lambda: None)
-    if backend == "cupy":
-        import cupy
-
-        return _CoreSession(cupy, entry, model, params, dtype, batch_size, sync=cupy.cuda.Device().synchronize)
-    if backend == "torch":
-        import torch
-
-        return _TorchSession(entry, model, params, dtype, batch_size, "cuda" if torch.cuda.is_available() else "cpu")
-    return _JaxSession(entry, model, params, dtype, batch_size)
-
-
-def _finite(value: float) -> Optional[float]:
-    return value if math.isfinite(value) else None
-
-
-def train_one(
-    entry: MethodEntry,
-    model: str,
-    data: tuple[np.ndarray, ...],
-    *,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    backend: str = "numpy",
-    dtype: str = "float32",
-    progress: bool = False,
-) -> dict:
-    """Train ``model`` with ``entry`` and return every number of the run (JSON-ready).
-
-    The initial weights depend on ``seed`` only (not on the method) and the mini-batch order on
-    ``seed`` and the epoch, so every method sees the same data in the same order. The last
-    incomplete batch of an epoch is dropped (fixed shapes: no recompilation under ``jax.jit``).
-    """
-    x_train, y_train, x_test, y_test = data
-    steps_per_epoch = len(x_train) // batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {batch_size} is larger than the training set ({len(x_train)} examples)")
-    session = _make_session(backend, entry, model, digits.init_params(model, seed), dtype, batch_size)
-    train_all, test_all = session.data(x_train, y_train), session.data(x_test, y_test)
-    step_losses: list[Optional[float]] = []
-    epoch_losses: list[Optional[float]] = []
-    epoch_accuracies: list[float] = []
-    grad_times: list[float] = []
-    opt_times: list[float] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=epochs * steps_per_epoch, desc=f"{model:>3} {entry.label:<12}", leave=False, unit="step", file=sys.stderr)
-    started = time.perf_counter()
-    try:
-        for epoch in range(epochs):
-            order = np.random.default_rng([seed, epoch]).permutation(len(x_train))
-            losses = []
-            for step in range(steps_per_epoch):
-                index = order[step * batch_size : (step + 1) * batch_size]
-                xb, yb = session.data(x_train[index], y_train[index])
-                loss, grad_s, opt_s = session.step(xb, yb)
-                losses.append(loss)
-                step_losses.append(_finite(loss))
-                grad_times.append(grad_s)
-                opt_times.append(opt_s)
-                if bar is not None:
-                    bar.update(1)
-            epoch_losses.append(_finite(float(np.mean(losses))))
-            epoch_accuracies.append(session.evaluate(*test_all)[1])
-            if bar is not None:
-                bar.set_postfix(loss=f"{np.mean(losses):.4f}", acc=f"{epoch_accuracies[-1]:.3f}")
-    finally:
-        if bar is not None:
-            bar.close()
-    wall = time.perf_counter() - started
-    train_loss, train_accuracy = session.evaluate(*train_all)
-    test_loss, test_accuracy = session.evaluate(*test_all)
-    # The first step compiles (JAX) or allocates (everyone): the median of the others is reported.
-    timed = slice(1, None) if len(opt_times) > 1 else slice(None)
-    opt_ms = 1e3 * float(np.median(opt_times[timed]))
-    step_ms = 1e3 * float(np.median(np.add(grad_times, opt_times)[timed]))
-    return {
-        "method": entry.name,
-        "label": entry.label,
-        "model": model,
-        "hyperparameters": entry.kwargs_for(model),
-        "update_kwargs": _extra_kwargs(entry, batch_size),
-        "final_train_loss": _finite(train_loss),
-        "final_train_accuracy": train_accuracy,
-        "test_loss": _finite(test_loss),
-        "test_accuracy": test_accuracy,
-        "step_ms": step_ms,
-        "optimizer_ms": opt_ms,
-        "state_bytes": session.state_bytes(),
-        "param_count": int(sum(v.size for layer in digits.init_params(model, seed).values() for v in layer.values())),
-        "steps": len(step_losses),
-        "wall_s": wall,
-        "epoch_train_loss": epoch_losses,
-        "epoch_test_accuracy": epoch_accuracies,
-        "step_loss": step_losses,
-        "notes": session.notes,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _machine() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-    }
-    try:
-        info["usable_cpus"] = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        pass
-    return info
-
-
-def _format_bytes(n: int) -> str:
-    return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.2f} MiB"
-
-
-def _fmt(value: Optional[float], spec: str) -> str:
-    return "nan" if value is None else format(value, spec)
-
-
-def format_table(runs: list[dict]) -> str:
-    """The results as a Markdown table (one row per method and model)."""
-    header = "| model | method | final train loss | test accuracy | ms / step | optimizer ms / step | optimizer state |"
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
-    for r in runs:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['label']} | error | | | | |")
-            continue
-        lines.append(
-            f"| {r['model']} | {r['label']} | {_fmt(r['final_train_loss'], '.4f')} | {100 * r['test_accuracy']:.1f}% "
-            f"| {r['step_ms']:.2f} | {r['optimizer_ms']:.2f} | {_format_bytes(r['state_bytes'])} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(runs: list[dict], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in runs if "error" not in r))
-    if not models:
-        return
-    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
-    for column, model in enumerate(models):
-        for r in (r for r in runs if r["model"] == model and "error" not in r):
-            epochs = np.arange(1, len(r["epoch_train_loss"]) + 1)
-            losses = [np.nan if v is None else v for v in r["epoch_train_loss"]]
-            style = "--" if r["method"] in ("sgd_momentum", "adam") else "-"
-            axes[0, column].plot(epochs, losses, style, label=r["label"])
-            axes[1, column].plot(epochs, 100 * np.asarray(r["epoch_test_accuracy"]), style, label=r["label"])
-        axes[0, column].set(title=f"{model}: training loss (epoch mean)", xlabel="epoch", ylabel="cross-entropy", yscale="log")
-        axes[1, column].set(title=f"{model}: test accuracy", xlabel="epoch", ylabel="%")
-        axes[0, column].legend(fontsize=8)
-        axes[0, column].grid(alpha=0.3)
-        axes[1, column].grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _describe(entries: list[MethodEntry], models: list[str]) -> str:
     lines = []
     for entry in entries:
@@ -602,18 +199,23 @@ def _describe(entries: list[MethodEntry], models: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _check_backend(backend: str, dtype: str) -> None:
+def _check_dependencies(backend: str, dtype: str, plot: bool) -> None:
+    missing = [m for m in _REQUIRED + (("matplotlib",) if plot else ()) if not _importable(m)]
+    if missing:
+        raise UserError(f"compare needs {', '.join(missing)}: {install_hint('compare')}")
     if backend == "torch":
         try:
             import torch  # noqa: F401
-            from precond_ref.adapters import torch as _  # noqa: F401
+
+            from ..adapters import torch as _  # noqa: F401
         except ImportError as err:
             raise UserError(f"--backend torch needs PyTorch (pip install 'precond-ref[torch]'): {err}") from None
     elif backend == "jax":
         try:
             import jax
             import optax  # noqa: F401
-            from precond_ref.adapters import jax as _  # noqa: F401,F811
+
+            from ..adapters import jax as _  # noqa: F401,F811
         except ImportError as err:
             raise UserError(f"--backend jax needs JAX and optax (pip install 'precond-ref[jax]'): {err}") from None
         if dtype == "float64":
@@ -627,9 +229,26 @@ def _check_backend(backend: str, dtype: str) -> None:
             raise UserError("--backend cupy needs a CUDA device, and cupy.is_available() is False on this machine")
 
 
+def _importable(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the jobs: in this process, or spread over worker processes
+
+
+_WORKER: dict = {}
+
+
 @contextlib.contextmanager
 def _thread_limit(threads: int, backend: str) -> Iterator[None]:
-    """Limit BLAS (threadpoolctl) and torch intra-op threads for the duration of the runs."""
+    """Limit BLAS (threadpoolctl) and torch intra-op threads for the duration of a block (used by bench)."""
     from threadpoolctl import threadpool_limits
 
     previous = None
@@ -646,94 +265,271 @@ def _thread_limit(threads: int, backend: str) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
-def _train_all(runs: list, entries: list, models: list, data: tuple, args: argparse.Namespace, progress: bool) -> None:
-    for model in models:
-        for entry in entries:
-            try:
-                result = train_one(
-                    entry, model, data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                    backend=args.backend, dtype=args.dtype, progress=progress,
-                )
-            except UserError:
-                raise
-            except Exception as err:  # one failing method must not hide the others' results
-                result = {"method": entry.name, "label": entry.label, "model": model, "error": f"{type(err).__name__}: {err}"}
-                print(f"{model} {entry.label}: FAILED: {result['error']}", file=sys.stderr)
-            else:
-                if progress:
-                    print(
-                        f"{model:>3} {entry.label:<12} loss {_fmt(result['final_train_loss'], '.4f')}  "
-                        f"test acc {100 * result['test_accuracy']:.1f}%  {result['wall_s']:.1f} s",
-                        file=sys.stderr,
-                    )
-                for note in result["notes"]:
-                    print(f"{model} {entry.label}: note: {note}", file=sys.stderr)
-            runs.append(result)
+def _limit_threads(threads: int, backend: str) -> None:
+    """Fix the BLAS (threadpoolctl) and torch thread counts of this process for its lifetime."""
+    from threadpoolctl import threadpool_limits
+
+    _WORKER["limits"] = threadpool_limits(limits=threads)
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _worker_init(datasets: dict, threads: int, backend: str, dtype: str) -> None:
+    _WORKER["datasets"] = datasets
+    _limit_threads(threads, backend)
+    if backend == "jax" and dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+
+
+def _run_job(job: dict) -> dict:
+    from .training import train_one
+
+    job = dict(job)
+    entry, data = job.pop("entry"), _WORKER["datasets"][job.pop("dataset")]
+    try:
+        return train_one(entry, data=data, **job)
+    except UserError:
+        raise
+    except Exception as err:  # one failing method must not hide the others' results
+        return {
+            "method": entry.name, "label": entry.label, "model": job["model"], "seed": job["seed"],
+            "error": f"{type(err).__name__}: {err}",
+        }
+
+
+class _Progress:
+    """One bar over every step of the run; off when stderr is not a terminal (no log flooding)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="step", file=sys.stderr, smoothing=0.05, dynamic_ncols=True)
+
+    def phase(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+
+    def update(self, steps: int) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_jobs(jobs: list[dict], pool: Any, progress: _Progress, steps_of: Callable[[dict], int]) -> list[dict]:
+    """Results in the order of ``jobs``; the bar advances as jobs (or, in-process, epochs) finish."""
+    if pool is None:
+        return [_run_job({**job, "on_steps": progress.update}) for job in jobs]
+    import concurrent.futures as cf
+
+    futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
+    results: list[Optional[dict]] = [None] * len(jobs)
+    for future in cf.as_completed(futures):
+        index = futures[future]
+        results[index] = future.result()
+        progress.update(steps_of(jobs[index]))
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
 
 
 def run(args: argparse.Namespace) -> int:
     if args.list:
-        print(_describe(list(METHODS), list(digits.MODELS)))
+        print(_describe(list(METHODS), list(MODELS)))
         return 0
     entries, skipped = resolve_methods(args.methods)
     models = _resolve_models(args.models)
-    _check_backend(args.backend, args.dtype)
-    for module in ("sklearn", "tqdm", "threadpoolctl") + (() if args.no_plot else ("matplotlib",)):
-        try:
-            __import__(module)
-        except ImportError:
-            raise UserError(f"compare needs {module}: pip install 'precond-ref[compare]'") from None
+    _check_dependencies(args.backend, args.dtype, plot=not args.no_plot or args.readme)
+    from . import digits, report
+    from .training import resolve_device
+
+    device = resolve_device(args.backend, args.device)
+    if args.readme and not os.path.exists("README.md"):
+        raise UserError("--readme rewrites ./README.md: run it from the repository root")
     out_dir = _prepare_out_dir(args.out)
     for note in skipped:
         print(f"skipped {note['method']}: {note['reason']}", file=sys.stderr)
     if not entries:
         raise UserError("none of the requested methods is available in this version")
 
-    data = digits.load_digits_split()
-    progress = not args.no_progress
+    x_train, y_train, x_test, y_test = digits.load_digits_split()
+    if len(x_train) // args.batch_size == 0:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(x_train)} examples)")
+    datasets = {"final": (x_train, y_train, x_test, y_test)}
+    if not args.no_tune:
+        datasets["tune"] = digits.validation_split(x_train, y_train, VALIDATION_FRACTION)
+    jobs_count = args.jobs or (min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2) if args.backend == "numpy" else 1)
+    seeds = [args.seed + k for k in range(args.seeds)]
+    common = {"batch_size": args.batch_size, "backend": args.backend, "dtype": args.dtype, "device": device}
+    sweep_jobs = []
+    factors = grid_factors(args.grid)
+    if not args.no_tune:
+        for model in models:
+            for entry in entries:
+                paper = entry.kwargs_for(model)["learning_rate"]
+                for factor in factors:
+                    sweep_jobs.append({
+                        "entry": entry, "model": model, "dataset": "tune", "epochs": args.tune_epochs, "seed": args.seed,
+                        "learning_rate": paper * factor, "curves": False, **common,
+                    })
+
+    def steps_of(job: dict) -> int:
+        return job["epochs"] * (len(datasets[job["dataset"]][0]) // args.batch_size)
+
+    final_steps = len(models) * len(entries) * len(seeds) * args.epochs * (len(x_train) // args.batch_size)
+    what = "paper hyperparameters" if args.no_tune else (
+        f"learning rate tuned over {args.grid} points ({args.tune_epochs} epochs each, validation split "
+        f"{len(datasets['tune'][2])} of {len(x_train)})"
+    )
     print(
-        f"digits 8x8: {len(data[0])} training / {len(data[2])} test images; models {', '.join(models)}; "
-        f"{args.epochs} epochs of {len(data[0]) // args.batch_size} steps (batch {args.batch_size}); "
-        f"backend {args.backend}, {args.dtype}, seed {args.seed}",
+        f"digits 8x8: {len(x_train)} training / {len(x_test)} test images; models {', '.join(models)}; {len(entries)} "
+        f"methods; {what}; final runs {args.epochs} epochs x {len(seeds)} seeds; backend {args.backend}, {args.dtype}, "
+        f"{args.threads} thread(s) x {jobs_count} worker(s)",
         file=sys.stderr,
     )
-    runs: list[dict] = []
+    progress = _Progress(sum(map(steps_of, sweep_jobs)) + final_steps, enabled=not args.no_progress)
+    pool = None
     started = time.perf_counter()
-    with _thread_limit(args.threads, args.backend):
-        _train_all(runs, entries, models, data, args, progress)
+    try:
+        if jobs_count > 1:
+            import concurrent.futures as cf
+            import multiprocessing
+
+            # spawn, not fork: a forked torch / JAX / BLAS runtime is not safe to use.
+            pool = cf.ProcessPoolExecutor(
+                jobs_count, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                initargs=(datasets, args.threads, args.backend, args.dtype),
+            )
+        else:
+            _worker_init(datasets, args.threads, args.backend, args.dtype)
+        sweeps = []
+        if sweep_jobs:
+            progress.phase("sweep")
+            results = _run_jobs(sweep_jobs, pool, progress, steps_of)
+            sweeps = _choose(sweep_jobs, results, factors)
+            if not progress.bar:
+                print(f"sweep: {len(sweep_jobs)} runs done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        chosen = {(s["model"], s["method"]): s["learning_rate"] for s in sweeps}
+        final_jobs = [
+            {
+                "entry": entry, "model": model, "dataset": "final", "epochs": args.epochs, "seed": seed,
+                "learning_rate": chosen.get((model, entry.name)), "curves": True, **common,
+            }
+            for model in models for entry in entries for seed in seeds
+        ]
+        progress.phase("final")
+        runs = _run_jobs(final_jobs, pool, progress, steps_of)
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     total = time.perf_counter() - started
+    for r in runs:
+        if "error" in r:
+            print(f"{r['model']} {r['label']} seed {r['seed']}: FAILED: {r['error']}", file=sys.stderr)
+        for note in dict.fromkeys(r.get("notes", ())):
+            print(f"{r['model']} {r['label']}: note: {note}", file=sys.stderr)
 
-    machine = _machine()
-    table = format_table(runs)
-    print(table)
-    print(f"\n{len(runs)} runs in {total:.1f} s on {machine['processor']} ({machine.get('usable_cpus', machine['cpu_count'])} CPUs), backend {args.backend}")
-    for note in skipped:
-        print(f"skipped {note['method']}: {note['reason']}")
-    print("\nHyperparameters (core argument names) and their sources:")
-    print(_describe(entries, models))
-
-    report = {
+    settings = {
+        "methods": [e.name for e in entries], "models": models, "tune": not args.no_tune, "epochs": args.epochs,
+        "tune_epochs": args.tune_epochs, "grid_factors": factors if not args.no_tune else [], "tune_seed": args.seed,
+        "seeds": seeds, "batch_size": args.batch_size, "backend": args.backend, "device": device, "dtype": args.dtype,
+        "threads": args.threads, "jobs": jobs_count,
+    }
+    data_info = {"name": "sklearn digits 8x8", "train": len(x_train), "test": len(x_test), "split_seed": 0}
+    if not args.no_tune:
+        data_info.update(tune_train=len(datasets["tune"][0]), validation=len(datasets["tune"][2]), validation_seed=1)
+    full = {
         "command": "compare",
-        "settings": {
-            "methods": [e.name for e in entries], "models": models, "epochs": args.epochs, "batch_size": args.batch_size,
-            "seed": args.seed, "backend": args.backend, "dtype": args.dtype, "threads": args.threads,
-        },
-        "data": {"name": "sklearn digits 8x8", "train": len(data[0]), "test": len(data[2]), "split_seed": 0},
-        "machine": machine,
+        "command_line": "python -m precond_ref compare" + "".join(f" {shlex.quote(a)}" for a in getattr(args, "argv", [])),
+        "settings": settings,
+        "data": data_info,
+        "machine": report.machine(),
         "total_s": total,
+        "job_count": len(sweep_jobs) + len(final_jobs),
         "skipped": skipped,
         "references": {e.name: e.reference for e in entries},
+        "sweeps": sweeps,
+        "summary": report.summarize(runs, sweeps),
         "runs": runs,
     }
+    print(report.format_table(full["summary"]))
+    print()
+    print(report.describe_protocol(settings, data_info))
+    if sweeps:
+        print("\nValidation loss at each learning rate of the sweep (* = chosen):")
+        print(report.format_sweeps(sweeps))
+    machine = full["machine"]
+    print(
+        f"\n{full['job_count']} runs in {total:.1f} s on {machine['processor']} "
+        f"({machine.get('usable_cpus', machine['cpu_count'])} CPUs), backend {args.backend}"
+    )
+    for note in skipped:
+        print(f"skipped {note['method']}: {note['reason']}")
+    print("\nPaper hyperparameters (core argument names) and their sources:")
+    print(_describe(entries, models))
+    _write_outputs(full, out_dir, args)
+    return 1 if any("error" in r for r in runs) else 0
+
+
+def _choose(jobs: list[dict], results: list[dict], factors: list[float]) -> list[dict]:
+    """Per (model, method): the grid point with the lowest final validation loss (diverged = worst)."""
+    sweeps: dict[tuple, dict] = {}
+    for job, result in zip(jobs, results):
+        key = (job["model"], job["entry"].name)
+        sweep = sweeps.setdefault(key, {
+            "model": job["model"], "method": job["entry"].name, "label": job["entry"].label,
+            "paper_learning_rate": job["entry"].kwargs_for(job["model"])["learning_rate"],
+            "grid": [], "validation_loss": [], "errors": [],
+        })
+        sweep["grid"].append(job["learning_rate"])
+        loss = None if "error" in result or result.get("diverged") else result["test_loss"]
+        sweep["validation_loss"].append(loss)
+        if "error" in result:
+            sweep["errors"].append(result["error"])
+    for sweep in sweeps.values():
+        scores = [math.inf if v is None else v for v in sweep["validation_loss"]]
+        best = min(range(len(scores)), key=scores.__getitem__)
+        sweep["learning_rate"] = sweep["grid"][best] if math.isfinite(scores[best]) else sweep["paper_learning_rate"]
+        sweep["at_grid_edge"] = len(factors) > 1 and best in (0, len(factors) - 1) and math.isfinite(scores[best])
+    return list(sweeps.values())
+
+
+def _write_outputs(full: dict, out_dir: str, args: argparse.Namespace) -> None:
+    from . import report
+
     json_path = os.path.join(out_dir, "compare.json")
+    plot_path = os.path.join(out_dir, "loss_curves.png")
     try:
         with open(json_path, "w") as handle:
-            json.dump(report, handle, indent=1)
-        if not args.no_plot:
-            plot_path = os.path.join(out_dir, "loss_curves.png")
-            plot(runs, plot_path, f"precond_ref compare: digits 8x8, backend {args.backend}, seed {args.seed}, {machine['processor']}")
+            json.dump(full, handle, indent=1)
+        if not args.no_plot or args.readme:
+            report.plot(full, plot_path)
             print(f"plot: {plot_path}")
+        print(f"numbers: {json_path}")
+        if args.readme:
+            os.makedirs(os.path.join("docs", "data"), exist_ok=True)
+            with open(os.path.join("docs", "data", "compare.json"), "w") as handle:
+                json.dump(report.compact(full), handle, indent=1)
+            shutil.copyfile(plot_path, os.path.join("docs", "images", "compare_loss_curves.png"))
+            with open("README.md") as handle:
+                text = handle.read()
+            try:
+                text = report.replace_readme_section(text, report.readme_section(report.compact(full)))
+            except ValueError as err:
+                raise UserError(str(err)) from None
+            with open("README.md", "w") as handle:
+                handle.write(text)
+            print("README.md, docs/data/compare.json and docs/images/compare_loss_curves.png rewritten")
     except OSError as err:
-        raise UserError(f"cannot write results to {out_dir!r}: {err.strerror or err}") from None
-    print(f"numbers: {json_path}")
-    return 1 if any("error" in r for r in runs) else 0
+        raise UserError(f"cannot write results: {err.strerror or err} ({err.filename})") from None

@@ -1,4 +1,4 @@
-"""The ``compare`` task: scikit-learn's 8x8 handwritten digits, an MLP and a small CNN.
+"""The ``compare`` task: scikit-learn's 8x8 handwritten digits, an MLP, a small CNN and a deep autoencoder.
 
 The data ships inside scikit-learn (no download). The models are written three times over the
 same parameter tree, so that every backend trains exactly the same function from the same start:
@@ -15,8 +15,14 @@ IF-Shampoo reads.
 - ``"mlp"``: 64 -> 64 (tanh) -> 10.
 - ``"cnn"``: 1x8x8 -> conv 3x3 (8 channels, padding 1) -> ReLU -> 2x2 average pool -> conv 3x3
   (16 channels, padding 1) -> ReLU -> 2x2 average pool -> flatten (64) -> linear 10.
+- ``"autoencoder"``: 64 -> 64 -> 32 -> 8 -> 32 -> 64 -> 64, tanh hidden layers, a linear 8-unit
+  code layer and a logistic output: the deep autoencoder of Hinton & Salakhutdinov (Science
+  2006) that the K-FAC family (Martens & Grosse 2015; MBF's own MLP experiments) trains on MNIST,
+  scaled to 8x8 images.
 
-The loss is the cross-entropy averaged over the mini-batch.
+The classifiers' loss is the cross-entropy averaged over the mini-batch; the autoencoder's is the
+squared reconstruction error summed over the 64 pixels and averaged over the mini-batch (the
+per-case error the K-FAC papers report). The labels are ignored by the autoencoder.
 """
 
 from __future__ import annotations
@@ -25,11 +31,23 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["MODELS", "load_digits_split", "init_params", "loss_and_grads", "predict", "torch_loss", "jax_loss"]
+from .methods import CLASSIFIERS, MODELS
 
-MODELS = ("mlp", "cnn")
+__all__ = [
+    "MODELS", "CLASSIFIERS", "load_digits_split", "validation_split", "init_params", "loss_and_grads", "predict", "evaluate",
+    "torch_loss", "jax_loss",
+]
+
 _HIDDEN = 64
 _CONV1, _CONV2 = 8, 16
+# Dense chains: (layer name, fan-out, activation) from the 64 input pixels on.
+_DENSE = {
+    "mlp": (("fc1", _HIDDEN, "tanh"), ("fc2", 10, None)),
+    "autoencoder": (
+        ("enc1", 64, "tanh"), ("enc2", 32, "tanh"), ("code", 8, None),
+        ("dec1", 32, "tanh"), ("dec2", 64, "tanh"), ("out", 64, "sigmoid"),
+    ),
+}
 
 
 def load_digits_split(test_fraction: float = 0.2, split_seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -50,6 +68,18 @@ def load_digits_split(test_fraction: float = 0.2, split_seed: int = 0) -> tuple[
     return x_train, y_train, x_test, y_test
 
 
+def validation_split(x: np.ndarray, y: np.ndarray, fraction: float, split_seed: int = 1) -> tuple[np.ndarray, ...]:
+    """``(x_fit, y_fit, x_validation, y_validation)``: a stratified split of the training set.
+
+    The learning-rate sweep trains on the first part and scores the second, so the test set is
+    never seen while tuning.
+    """
+    from sklearn.model_selection import train_test_split
+
+    x_fit, x_val, y_fit, y_val = train_test_split(x, y, test_size=fraction, random_state=split_seed, stratify=y)
+    return x_fit, y_fit, x_val, y_val
+
+
 def _uniform(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
     # torch.nn's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
     bound = 1.0 / np.sqrt(fan_in)
@@ -59,8 +89,11 @@ def _uniform(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> n
 def init_params(model: str, seed: int) -> dict[str, dict[str, np.ndarray]]:
     """Initial parameters (float64 NumPy) of ``model``; every backend starts from these."""
     rng = np.random.default_rng(seed)
-    if model == "mlp":
-        layers = {"fc1": ((_HIDDEN, 64), 64), "fc2": ((10, _HIDDEN), _HIDDEN)}
+    if model in _DENSE:
+        layers, fan_in = {}, 64
+        for name, fan_out, _ in _DENSE[model]:
+            layers[name] = ((fan_out, fan_in), fan_in)
+            fan_in = fan_out
     elif model == "cnn":
         layers = {
             "conv1": ((_CONV1, 1, 3, 3), 9),
@@ -144,13 +177,29 @@ def _cross_entropy(xp: Any, logits: Any, labels: Any) -> tuple[Any, Any]:
     return loss, dlogits / n
 
 
+def _sigmoid(xp: Any, z: Any) -> Any:
+    # 1/(1+exp(-z)) overflows for z << 0; the tanh form is the same function without overflow.
+    return 0.5 * (1.0 + xp.tanh(0.5 * z))
+
+
+def _squared_error(xp: Any, output: Any, target: Any) -> tuple[Any, Any]:
+    """Reconstruction error summed over pixels, averaged over the batch, and its output gradient."""
+    residual = output - target
+    n = output.shape[0]
+    return (residual * residual).sum() / n, 2.0 * residual / n
+
+
 def _forward(xp: Any, model: str, params: dict, x: Any, keep: bool) -> tuple[Any, dict]:
+    """Logits (classifiers) or reconstructions (autoencoder), and what the backward pass needs."""
     cache: dict = {}
-    if model == "mlp":
-        fc1, fc2 = params["fc1"], params["fc2"]
-        hidden = xp.tanh(xp.matmul(x, fc1["weight"].T) + fc1["bias"])
-        cache.update(x=x, hidden=hidden)
-        return xp.matmul(hidden, fc2["weight"].T) + fc2["bias"], cache
+    if model in _DENSE:
+        inputs, activation = [], x
+        for name, _, kind in _DENSE[model]:
+            inputs.append(activation)
+            pre = xp.matmul(activation, params[name]["weight"].T) + params[name]["bias"]
+            activation = pre if kind is None else xp.tanh(pre) if kind == "tanh" else _sigmoid(xp, pre)
+        cache.update(inputs=inputs)
+        return activation, cache
     images = x.reshape(x.shape[0], 1, 8, 8)
     pre1, cols1 = _conv_forward(xp, images, params["conv1"]["weight"], params["conv1"]["bias"])
     act1 = xp.maximum(pre1, 0.0)
@@ -165,23 +214,41 @@ def _forward(xp: Any, model: str, params: dict, x: Any, keep: bool) -> tuple[Any
 
 
 def predict(xp: Any, model: str, params: dict, x: Any) -> Any:
-    """Logits of ``model`` on ``x`` (shape ``(n, 64)``)."""
+    """Logits (classifiers) or reconstructions (autoencoder) of ``model`` on ``x`` (shape ``(n, 64)``)."""
     return _forward(xp, model, params, x, keep=False)[0]
 
 
+def evaluate(xp: Any, model: str, params: dict, x: Any, labels: Any) -> tuple[float, Optional[float]]:
+    """``(loss, accuracy)`` on a data set; the accuracy is ``None`` for the autoencoder."""
+    output = predict(xp, model, params, x)
+    if model in CLASSIFIERS:
+        loss, _ = _cross_entropy(xp, output, labels)
+        return float(loss), float((output.argmax(axis=1) == labels).mean())
+    return float(_squared_error(xp, output, x)[0]), None
+
+
 def loss_and_grads(xp: Any, model: str, params: dict, x: Any, labels: Any) -> tuple[Any, dict]:
-    """Mean cross-entropy of ``model`` on a batch and its gradient tree (same structure as ``params``)."""
-    logits, cache = _forward(xp, model, params, x, keep=True)
-    loss, dlogits = _cross_entropy(xp, logits, labels)
-    if model == "mlp":
-        fc2 = params["fc2"]
-        hidden = cache["hidden"]
-        dhidden = xp.matmul(dlogits, fc2["weight"]) * (1.0 - hidden * hidden)
-        grads = {
-            "fc1": {"weight": xp.matmul(dhidden.T, cache["x"]), "bias": dhidden.sum(axis=0)},
-            "fc2": {"weight": xp.matmul(dlogits.T, hidden), "bias": dlogits.sum(axis=0)},
-        }
-        return loss, grads
+    """The loss of ``model`` on a batch and its gradient tree (same structure as ``params``)."""
+    output, cache = _forward(xp, model, params, x, keep=True)
+    if model in CLASSIFIERS:
+        loss, doutput = _cross_entropy(xp, output, labels)
+    else:
+        loss, doutput = _squared_error(xp, output, x)
+    if model in _DENSE:
+        grads, dactivation, activation = {}, doutput, output
+        for (name, _, kind), inputs in zip(reversed(_DENSE[model]), reversed(cache["inputs"])):
+            # d pre-activation from d activation, with the activation's derivative written in its output.
+            if kind == "tanh":
+                dpre = dactivation * (1.0 - activation * activation)
+            elif kind == "sigmoid":
+                dpre = dactivation * activation * (1.0 - activation)
+            else:
+                dpre = dactivation
+            grads[name] = {"weight": xp.matmul(dpre.T, inputs), "bias": dpre.sum(axis=0)}
+            if inputs is not x:  # no gradient for the input pixels
+                dactivation, activation = xp.matmul(dpre, params[name]["weight"]), inputs
+        return loss, {name: grads[name] for name in params}
+    dlogits = doutput
     fc = params["fc"]
     grads = {"fc": {"weight": xp.matmul(dlogits.T, cache["features"]), "bias": dlogits.sum(axis=0)}}
     dfeatures = xp.matmul(dlogits, fc["weight"])
@@ -201,13 +268,16 @@ def loss_and_grads(xp: Any, model: str, params: dict, x: Any, labels: Any) -> tu
 
 
 def torch_logits(model: str, params: dict, x: Any) -> Any:
-    """Logits with torch; ``params`` maps ``"layer.weight"`` / ``"layer.bias"`` to tensors."""
+    """Logits (or reconstructions) with torch; ``params`` maps ``"layer.weight"`` / ``"layer.bias"`` to tensors."""
     import torch
     import torch.nn.functional as F
 
-    if model == "mlp":
-        hidden = torch.tanh(F.linear(x, params["fc1.weight"], params["fc1.bias"]))
-        return F.linear(hidden, params["fc2.weight"], params["fc2.bias"])
+    if model in _DENSE:
+        activation = x
+        for name, _, kind in _DENSE[model]:
+            pre = F.linear(activation, params[f"{name}.weight"], params[f"{name}.bias"])
+            activation = pre if kind is None else torch.tanh(pre) if kind == "tanh" else 0.5 * (1.0 + torch.tanh(0.5 * pre))
+        return activation
     images = x.reshape(x.shape[0], 1, 8, 8)
     act1 = F.avg_pool2d(F.relu(F.conv2d(images, params["conv1.weight"], params["conv1.bias"], padding=1)), 2)
     act2 = F.avg_pool2d(F.relu(F.conv2d(act1, params["conv2.weight"], params["conv2.bias"], padding=1)), 2)
@@ -217,7 +287,10 @@ def torch_logits(model: str, params: dict, x: Any) -> Any:
 def torch_loss(model: str, params: dict, x: Any, labels: Any) -> Any:
     import torch.nn.functional as F
 
-    return F.cross_entropy(torch_logits(model, params, x), labels)
+    output = torch_logits(model, params, x)
+    if model in CLASSIFIERS:
+        return F.cross_entropy(output, labels)
+    return ((output - x) ** 2).sum() / x.shape[0]
 
 
 def jax_logits(model: str, params: dict, x: Any) -> Any:
@@ -235,9 +308,12 @@ def jax_logits(model: str, params: dict, x: Any) -> Any:
         b, c, h, w = a.shape
         return a.reshape(b, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
 
-    if model == "mlp":
-        hidden = jnp.tanh(x @ params["fc1"]["weight"].T + params["fc1"]["bias"])
-        return hidden @ params["fc2"]["weight"].T + params["fc2"]["bias"]
+    if model in _DENSE:
+        activation = x
+        for name, _, kind in _DENSE[model]:
+            pre = activation @ params[name]["weight"].T + params[name]["bias"]
+            activation = pre if kind is None else jnp.tanh(pre) if kind == "tanh" else 0.5 * (1.0 + jnp.tanh(0.5 * pre))
+        return activation
     images = x.reshape(x.shape[0], 1, 8, 8)
     act1 = pool(jax.nn.relu(conv(images, params["conv1"])))
     act2 = pool(jax.nn.relu(conv(act1, params["conv2"])))
@@ -248,5 +324,8 @@ def jax_loss(model: str, params: dict, x: Any, labels: Any) -> Any:
     import jax
     import jax.numpy as jnp
 
-    log_probs = jax.nn.log_softmax(jax_logits(model, params, x), axis=1)
+    output = jax_logits(model, params, x)
+    if model not in CLASSIFIERS:
+        return jnp.sum((output - x) ** 2) / x.shape[0]
+    log_probs = jax.nn.log_softmax(output, axis=1)
     return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))

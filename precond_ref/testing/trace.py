@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``trace`` command's arguments."""
     parser.add_argument("method", nargs="?", help="method name (see --list)")
     parser.add_argument("--problem", default="quadratic", help="standard problem (default: quadratic; see --list)")
-    parser.add_argument("--steps", type=int, default=10, help="number of updates (default: 10)")
+    parser.add_argument("--steps", type=_positive_int, default=10, help="number of updates, at least 1 (default: 10)")
     parser.add_argument("--out", help="output file (.npz)")
     parser.add_argument(
         "--config",
@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the problem's data and initial parameters")
     parser.add_argument("--list", action="store_true", help="list the methods and problems, then exit")
+
+
+def _positive_int(text: str) -> int:
+    from ..cli import positive_int
+
+    return positive_int(text)
 
 
 def parse_config(items: list[str]) -> dict[str, Any]:
@@ -77,12 +83,21 @@ def run(args: argparse.Namespace) -> int:
         print("methods: " + ", ".join(available_methods()))
         print("problems: " + ", ".join(available_problems()))
         return 0
+    # The method first: a wrong name is the more fundamental mistake than a missing --out.
     if not args.method:
         raise UserError("a METHOD is required; available methods: " + ", ".join(available_methods()))
+    if args.method not in available_methods():
+        raise UserError(f"unknown method {args.method!r}; available methods: {', '.join(available_methods())}")
+    if args.problem not in available_problems():
+        raise UserError(f"unknown problem {args.problem!r}; available problems: {', '.join(available_problems())}")
     if not args.out:
         raise UserError("--out FILE is required")
-    if args.steps < 0:
-        raise UserError(f"--steps must be >= 0, got {args.steps}")
+    try:
+        import numpy  # noqa: F401  (the .npz trace file)
+    except ImportError:
+        from ..cli import install_hint
+
+        raise UserError(f"trace writes .npz files with NumPy: {install_hint('trace')}") from None
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"cannot write {args.out}: directory {out_dir} does not exist")

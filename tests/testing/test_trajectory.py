@@ -145,6 +145,8 @@ def test_trace_command_writes_the_documented_file(tmp_path, capsys):
         (["trace", "agd"], "--out FILE is required"),
         (["trace", "--out", "X"], "a METHOD is required"),
         (["trace", "agd", "--out", "/nonexistent/dir/x.npz"], "does not exist"),
+        # The unknown method is reported before the missing --out (issue 15).
+        (["trace", "nope"], "unknown method 'nope'; available methods: "),
     ],
 )
 def test_trace_command_bad_input(argv, message, tmp_path, capsys, monkeypatch):
@@ -152,6 +154,13 @@ def test_trace_command_bad_input(argv, message, tmp_path, capsys, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("steps", ["0", "-1", "x"])
+def test_trace_command_needs_at_least_one_step(steps, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["trace", "agd", "--steps", steps, "--out", "x.npz"])
+    assert info.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
 
 
 def test_trace_list(capsys):

@@ -1,0 +1,159 @@
+"""A character-level transformer language model trained with any precond_ref optimizer (JAX / optax).
+
+The text is this project's own documentation (README.md and docs/, no download). Run from the
+repository root, after ``pip install -e ".[jax,compare]"``::
+
+    python examples/char_lm_jax.py --optimizer agd --steps 300
+    python examples/char_lm_jax.py --optimizer rf_rmsprop --lr 1e-3
+
+The model is written in plain ``jax.numpy`` (no neural-network library): parameters are a nested
+dict with out-first ``{"weight", "bias"}`` layers, the layout whose names MBF and IF-Shampoo use to
+pair a weight with its bias. It prints the training and validation loss, shows a progress bar on a
+terminal, writes the loss curve to ``--out`` and ends with a sample of generated text.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _common import batches, load_corpus, parse_arguments, report, train_loop  # noqa: E402
+
+from precond_ref.adapters import jax as pj  # noqa: E402
+
+# name -> (optax factory, default learning rate, whether update() needs the batch size). The default
+# rates are starting points, not tuned for this model; pass --lr.
+OPTIMIZERS = {
+    "adamw": (optax.adamw, 3e-3, False),
+    "agd": (pj.agd, 3e-3, False),
+    "asgo": (pj.asgo, 1e-2, False),
+    "dasgo": (pj.dasgo, 3e-3, False),
+    "sketchy": (pj.sketchy, 3e-3, False),
+    "s_adagrad": (pj.s_adagrad, 3e-2, False),
+    "rf_rmsprop": (pj.rf_rmsprop, 3e-3, True),
+    "rf_adamw": (pj.rf_adamw, 3e-3, True),
+    "if_shampoo": (pj.if_shampoo, 3e-3, True),
+    "mbf": (pj.mbf, 1e-3, False),
+}
+
+
+def _dense(key: jax.Array, fan_out: int, fan_in: int) -> dict:
+    bound = 1.0 / math.sqrt(fan_in)
+    return {
+        "weight": jax.random.uniform(key, (fan_out, fan_in), jnp.float32, -bound, bound),
+        "bias": jnp.zeros((fan_out,), jnp.float32),
+    }
+
+
+def init_params(key: jax.Array, vocabulary: int, context: int, width: int, layers: int) -> dict:
+    keys = iter(jax.random.split(key, 3 + 4 * layers))
+    norm = lambda: {"scale": jnp.ones((width,), jnp.float32), "bias": jnp.zeros((width,), jnp.float32)}  # noqa: E731
+    return {
+        "token": 0.02 * jax.random.normal(next(keys), (vocabulary, width), jnp.float32),
+        "position": 0.02 * jax.random.normal(next(keys), (context, width), jnp.float32),
+        "blocks": [
+            {
+                "norm1": norm(), "qkv": _dense(next(keys), 3 * width, width), "proj": _dense(next(keys), width, width),
+                "norm2": norm(), "fc1": _dense(next(keys), 4 * width, width), "fc2": _dense(next(keys), width, 4 * width),
+            }
+            for _ in range(layers)
+        ],
+        "norm": norm(),
+        "head": _dense(next(keys), vocabulary, width),
+    }
+
+
+def _layer_norm(x: jax.Array, p: dict) -> jax.Array:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+
+def _linear(x: jax.Array, p: dict) -> jax.Array:
+    return x @ p["weight"].T + p["bias"]
+
+
+def logits_fn(params: dict, ids: jax.Array, heads: int) -> jax.Array:
+    batch, length = ids.shape
+    x = params["token"][ids] + params["position"][:length]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    for block in params["blocks"]:
+        q, k, v = jnp.split(_linear(_layer_norm(x, block["norm1"]), block["qkv"]), 3, axis=-1)
+        split = lambda t: t.reshape(batch, length, heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        scores = jnp.where(causal, q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1]), -jnp.inf)
+        attended = (jax.nn.softmax(scores, axis=-1) @ v).transpose(0, 2, 1, 3).reshape(batch, length, -1)
+        x = x + _linear(attended, block["proj"])
+        x = x + _linear(jax.nn.gelu(_linear(_layer_norm(x, block["norm2"]), block["fc1"])), block["fc2"])
+    return _linear(_layer_norm(x, params["norm"]), params["head"])
+
+
+def loss_fn(params: dict, inputs: jax.Array, targets: jax.Array, heads: int) -> jax.Array:
+    log_probs = jax.nn.log_softmax(logits_fn(params, inputs, heads), axis=-1)
+    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1).mean()
+
+
+def sample(params: dict, vocabulary: list[str], prompt: str, length: int, context: int, heads: int) -> str:
+    lookup = {ch: i for i, ch in enumerate(vocabulary)}
+    ids = [lookup.get(ch, 0) for ch in prompt]
+    key = jax.random.PRNGKey(0)
+    # A fixed-size window, padded on the right (the causal mask hides the padding), compiles once.
+    next_logits = jax.jit(lambda p, window, last: logits_fn(p, window, heads)[0, last])
+    for _ in range(length):
+        key, sub = jax.random.split(key)
+        recent = ids[-context:]
+        window = jnp.asarray([recent + [0] * (context - len(recent))])
+        ids.append(int(jax.random.categorical(sub, next_logits(params, window, len(recent) - 1))))
+    return "".join(vocabulary[i] for i in ids)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_arguments(__doc__.split("\n\n")[0], OPTIMIZERS, argv)
+
+    train_ids, validation_ids, vocabulary = load_corpus()
+    params = init_params(jax.random.PRNGKey(args.seed), len(vocabulary), args.context, args.width, args.layers)
+    factory, default_lr, needs_batch = OPTIMIZERS[args.optimizer]
+    lr = args.lr if args.lr is not None else default_lr
+    optimizer = factory(learning_rate=lr)
+    state = optimizer.init(params)
+    extra = {"batch_size": args.batch_size} if needs_batch else {}
+    print(
+        f"{len(train_ids)} training / {len(validation_ids)} validation characters, vocabulary {len(vocabulary)}; "
+        f"{sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))} parameters; {args.optimizer} lr {lr:g}, "
+        f"{args.steps} steps"
+    )
+
+    @jax.jit
+    def train_step(params: dict, state: optax.OptState, inputs: jax.Array, targets: jax.Array):
+        loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, args.heads)
+        updates, state = optimizer.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state, loss
+
+    def step_fn(inputs: np.ndarray, targets: np.ndarray) -> float:
+        nonlocal params, state
+        params, state, loss = train_step(params, state, jnp.asarray(inputs), jnp.asarray(targets))
+        return float(loss)
+
+    data = batches(train_ids, args.batch_size, args.context, args.seed)
+    steps, losses, elapsed = train_loop(step_fn, data, args.steps, args.optimizer)
+    validation = batches(validation_ids, args.batch_size, args.context, args.seed + 1)
+    evaluate = jax.jit(lambda p, x, y: loss_fn(p, x, y, args.heads))
+    validation_loss = float(np.mean([float(evaluate(params, *map(jnp.asarray, next(validation)))) for _ in range(8)]))
+    report(
+        steps, losses, elapsed, validation_loss, args.out, f"char_lm_jax_{args.optimizer}",
+        f"char transformer (JAX), {args.optimizer} lr {lr:g}",
+    )
+    if args.sample:
+        print("sample:\n" + sample(params, vocabulary, "The ", args.sample, args.context, args.heads))
+    return {"losses": losses, "validation_loss": validation_loss}
+
+
+if __name__ == "__main__":
+    main()
