@@ -196,6 +196,7 @@ class DistributedOptimizer:
 
     #: Element-wise methods run on local shards and are never split.
     elementwise: bool = False
+    _accepts_dtensor = True
 
     def __init__(
         self,
@@ -242,8 +243,12 @@ class DistributedOptimizer:
             placements = None
             if isinstance(p, DTensor):
                 placements = (repr(p.placements), sorted(p.device_mesh.mesh.flatten().tolist()))
-            params.append((path_str(path), tuple(p.shape), str(p.dtype), placements, _fingerprint(p)))
-        hyper = [repr(sorted((k, repr(v)) for k, v in self.core_kwargs(g).items())) for g in self.param_groups]
+            params.append((".".join(str(k) for k in path), tuple(p.shape), str(p.dtype), placements, _fingerprint(p)))
+        # Callables (schedules, filters) are compared by type: their reprs hold addresses.
+        hyper = [
+            repr(sorted((k, type(v).__name__ if callable(v) else repr(v)) for k, v in self.core_kwargs(g).items()))
+            for g in self.param_groups
+        ]
         return {"group": self._group_ranks, "params": params, "hyper": hyper}
 
     def _check_across_ranks(self) -> None:

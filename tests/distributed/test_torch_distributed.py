@@ -109,19 +109,21 @@ def test_split_preconditioner_state_lives_on_owner(job, method):
 
 
 @pytest.mark.parametrize("label, words", [
-    ("groups", "mismatched process groups"),
-    ("params", "differs between rank 0 and rank 1 (values)"),
-    ("hyper", "hyperparameters differ"),
-    ("partial", "Partial placement"),
+    ("groups", "ValueError: ASGO: inconsistent across ranks: mismatched process groups"),
+    ("params", "ValueError: ASGO: inconsistent across ranks: parameter '0.weight' differs between rank 0 and rank 1 (values)"),
+    ("hyper", "hyperparameters differ between rank 0 and rank 1"),
+    ("partial", "ValueError: AGD: parameter 'w' has a Partial placement"),
+    ("plain-class", "TypeError: IFShampoo: parameter '0.weight' is a DTensor"),
 ])
 def test_bad_input_raises_on_every_rank(job, label, words):
-    """Mismatched process groups, parameters or hyperparameters that differ across ranks, and an
-    unsupported (Partial) sharding raise ValueError with the reason on *every* rank, so no rank
-    trains alone or waits forever in a collective."""
+    """Mismatched process groups, parameters or hyperparameters that differ across ranks, an
+    unsupported (Partial) sharding, and DTensor parameters given to a class of the
+    single-process adapter raise an error naming the problem on *every* rank, so no rank trains
+    alone, waits forever in a collective, or runs the core on sharded tensors."""
     _, bad = job
     for rank in range(WORLD):
         message = bad[rank][label]
-        assert message is not None and message.startswith("ValueError") and words in message, (rank, message)
+        assert message is not None and words in message, (rank, message)
 
 
 def test_nonfinite_gradient_on_one_rank_is_seen_by_all(job):

@@ -150,6 +150,9 @@ def bad_inputs(rank: int, world: int) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     partial = torch.nn.Parameter(DTensor.from_local(torch.ones(2, 2), mesh, [Partial()]))
     attempt("partial", lambda: ptd.AGD([("w", partial)]))
+    sharded = model()
+    fully_shard(sharded, mesh=mesh)
+    attempt("plain-class", lambda: pt.IFShampoo(sharded.named_parameters(), lr=0.1, batch_size=GLOBAL_BATCH))
     # A NaN in rank 1's shard only: every rank skips the step (skip) or raises (raise).
     for policy in ("skip", "raise"):
         net = model()
