@@ -137,3 +137,49 @@ def test_nonfinite_gradient_on_one_rank_is_seen_by_all(job):
         assert bad[rank]["nan-skip-unchanged"] and bad[rank]["nan-skip-nonfinite"] == [1]
         assert bad[rank]["nan-raise"].startswith("FloatingPointError")
         assert bad[rank]["nan-raise-unchanged"]
+
+
+DOCS_PAGE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "docs", "distributed.md")
+
+
+def _doc_scripts() -> dict:
+    """The ``py`` blocks of docs/distributed.md that start with ``# NAME.py — torchrun ...``."""
+    import re
+
+    text = open(DOCS_PAGE).read()
+    return {m.group(2): m.group(1) for m in re.finditer(r"```py\n(# (\w+\.py) — torchrun.*?)```", text, re.S)}
+
+
+def test_documented_torchrun_examples_run(tmp_path):
+    """The torchrun examples of docs/distributed.md run as documented (three 2-process torchrun
+    launches at once) and print the same parameters on both ranks."""
+    scripts = _doc_scripts()
+    assert sorted(scripts) == ["train_ddp.py", "train_fsdp.py", "train_split.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    runs = {}
+    for name, code in scripts.items():
+        where = tmp_path / name[:-3]
+        where.mkdir()
+        (where / name).write_text(code)
+        # Each rank's output to its own file (interleaved stdout would mix lines).
+        (where / "driver.py").write_text(
+            "import os, runpy, sys\n"
+            "sys.stdout = open(f\"rank{os.environ['RANK']}.txt\", 'w', buffering=1)\n"
+            f"runpy.run_path({name!r}, run_name='__main__')\n"
+        )
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "driver.py"]
+        runs[name] = (where, subprocess.Popen(cmd, cwd=where, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = {name: proc.communicate(timeout=240)[0] for name, (_, proc) in runs.items()}
+    except subprocess.TimeoutExpired:
+        for _, proc in runs.values():
+            proc.kill()
+        pytest.fail("a documented torchrun example hung (killed after 240 s)")
+    for name, (where, proc) in runs.items():
+        assert proc.returncode == 0, f"{name}:\n{logs[name][-3000:]}"
+        first, second = ((where / f"rank{r}.txt").read_text().splitlines() for r in range(2))
+        assert len(first) == len(second) == 1, (first, second)
+        if name == "train_split.py":
+            assert first != second  # each rank computes different blocks
+        else:
+            assert first[0][2:] == second[0][2:], (first, second)  # same parameters on both ranks
