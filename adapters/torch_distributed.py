@@ -139,6 +139,22 @@ class _SplitTransform:
         zero = torch.zeros((), dtype=torch.int32, device=device)
         return PrecondState(zero, zero, {})
 
+    def warm_start(self, state: PrecondState, grads_batches: Any) -> PrecondState:
+        """MBF's warm start (:meth:`precond_ref.adapters.torch.MBF.warm_start`) of the owned blocks."""
+        if not state.groups:
+            for _ in grads_batches:  # the batches are consumed as on the other ranks
+                pass
+            return state
+
+        def owned_tree(tree: Any) -> dict:
+            leaves, treedef = tree_flatten(tree)
+            if any(isinstance(leaf, DTensor) for leaf in leaves):
+                raise ValueError(f"{type(self.opt).__name__}.warm_start does not support DTensor parameters")
+            owned = self._owned(treedef.paths, leaves)
+            return _base.CoreOptimizer._tree([treedef.paths[i] for i in owned], [leaves[i] for i in owned])
+
+        return self.core.warm_start(state, (owned_tree(tree) for tree in grads_batches))
+
     def update(self, grads: Any, state: PrecondState, params: Any = None, **extra: Any):
         leaves, treedef = tree_flatten(grads)
         paths = treedef.paths

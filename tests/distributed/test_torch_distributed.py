@@ -108,6 +108,17 @@ def test_split_preconditioner_state_lives_on_owner(job, method):
         assert any(states[rank][name] for name in owned[rank])
 
 
+def test_split_warm_start_and_checkpoint_resume(job):
+    """MBF with the split preconditioner: warm start (each rank warms its own blocks), two
+    steps, a per-rank ``state_dict`` saved and loaded into a fresh model and optimizer, a third
+    step: bit-identical to one process doing the same, on both ranks (the checkpoint holds each
+    rank's own blocks, and ownership is the same after the restart)."""
+    ranks, _ = job
+    reference = ranks[0]["resume"]["one"]
+    for rank in range(WORLD):
+        assert _equal(ranks[rank]["resume"]["split"], reference), rank
+
+
 @pytest.mark.parametrize("label, words", [
     ("groups", "ValueError: ASGO: inconsistent across ranks: mismatched process groups"),
     ("params", "ValueError: ASGO: inconsistent across ranks: parameter '0.weight' differs between rank 0 and rank 1 (values)"),

@@ -131,6 +131,38 @@ def train(name: str, rank: int, world: int, wrap: str, distributed: bool) -> tup
     return plain(net.module if wrap == "ddp" else net), info
 
 
+def warm_start_and_resume(rank: int, world: int, out: str) -> dict:
+    """MBF with the split preconditioner: warm start, 2 steps, save one state_dict per rank, load
+    it into a fresh optimizer and model, 1 more step; and one process doing the same."""
+    cls, kwargs = CONFIGS["mbf"]
+    xs, ys = data()
+    results = {}
+    for how in ("split", "one") if rank == 0 else ("split",):
+        net = model()
+        make = (lambda n: ptd.MBF(n.named_parameters(), **kwargs)) if how == "split" else (
+            lambda n: pt.MBF(n.named_parameters(), **kwargs))
+        opt = make(net)
+        batches = [{n: g for n, g in zip(dict(net.named_parameters()), torch.autograd.grad(
+            loss_fn(net, xs[0], torch.randn(GLOBAL_BATCH, 3, generator=torch.Generator().manual_seed(k))),
+            list(net.parameters())))} for k in range(2)]
+        opt.warm_start(batches)
+        for step in range(STEPS):
+            if step == 2:  # restart from the checkpoint
+                path = os.path.join(out, f"{how}-{rank}.pt")
+                torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, path)
+                saved = torch.load(path, weights_only=False)
+                net = model(seed=123)
+                net.load_state_dict(saved["model"])
+                opt = make(net)
+                opt.load_state_dict(saved["opt"])
+            opt.zero_grad()
+            # Every rank uses the whole global batch here: DDP's averaging is tested elsewhere.
+            loss_fn(net, xs[step], ys[step]).backward()
+            opt.step()
+        results[how] = plain(net)
+    return results
+
+
 def bad_inputs(rank: int, world: int) -> dict:
     """Each construction below must raise on every rank; the message each rank saw is recorded."""
     seen = {}
@@ -187,6 +219,7 @@ def main() -> None:
             if rank == 0:
                 results.setdefault("reference", {})[name] = references(name, world)
         results["full_batch_grads"] = full_batch_grads()
+        results["resume"] = warm_start_and_resume(rank, world, out)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         with open(os.path.join(out, f"bad{rank}.json"), "w") as f:
             json.dump(bad_inputs(rank, world), f)
