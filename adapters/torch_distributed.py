@@ -200,7 +200,9 @@ class _SplitTransform:
 class DistributedOptimizer:
     """Mixin that makes a :class:`precond_ref.adapters.torch.CoreOptimizer` subclass distributed.
 
-    Parameters (keyword-only, besides the base class's)
+    Takes the base class's arguments and two keyword-only ones.
+
+    Parameters
     ----------
     process_group:
         The ranks that share the parameters and split the preconditioner work (default: the

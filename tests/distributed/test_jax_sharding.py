@@ -12,14 +12,14 @@ import subprocess
 import sys
 
 import pytest
+from _shared import run_once
 
 WORKER = os.path.join(os.path.dirname(__file__), "jax_worker.py")
 METHODS = ["agd", "asgo", "dasgo", "mbf", "rf_rmsprop", "rf_adamw", "if_shampoo", "sketchy", "s_adagrad"]
 EPS64 = 2.0**-52
 
 
-@pytest.fixture(scope="module")
-def results():
+def _run_worker(out) -> None:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     try:
@@ -27,7 +27,13 @@ def results():
     except subprocess.TimeoutExpired:
         pytest.fail("the JAX sharding worker hung (killed after 300 s)")
     assert run.returncode == 0, run.stderr[-6000:]
-    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    (out / "results.jsonl").write_text(run.stdout)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = run_once(tmp_path_factory, "jax_sharding", _run_worker)
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.startswith("{")]
     return {line["method"]: line for line in lines}
 
 

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from _shared import run_once
 
 pytest.importorskip("torch.distributed.fsdp")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():  # pragma: no cover
@@ -28,9 +29,7 @@ MATRIX_METHODS = {"asgo", "dasgo", "sketchy", "s_adagrad", "if_shampoo", "mbf"}
 EPS32 = torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    out = tmp_path_factory.mktemp("torch_distributed")
+def _run_job(out) -> None:
     init = out / "init"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = [
@@ -50,6 +49,11 @@ def job(tmp_path_factory):
         pytest.fail("the distributed torch job hung (killed after 240 s)")
     for rank, (proc, log) in enumerate(zip(procs, logs)):
         assert proc.returncode == 0, f"rank {rank} failed:\n{log[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    out = run_once(tmp_path_factory, "torch_distributed", _run_job)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     bad = [json.loads((out / f"bad{r}.json").read_text()) for r in range(WORLD)]
     return ranks, bad
