@@ -2,8 +2,7 @@
 
 The tests of one module judge the saved results of one job; with ``pytest -n 2`` they are spread
 over both xdist workers, each with its own module fixtures. ``run_once`` makes the first worker run
-the job in the session's shared temporary root (under a file lock; ``filelock`` comes with torch),
-also under pytest-xdist,
+the job in the session's shared temporary root (under a file lock; ``filelock`` comes with torch)
 and the others read what it saved.
 """
 
