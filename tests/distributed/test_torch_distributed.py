@@ -129,10 +129,12 @@ def test_split_warm_start_and_checkpoint_resume(job):
     ("hyper", "hyperparameters differ between rank 0 and rank 1"),
     ("partial", "ValueError: AGD: parameter 'w' has a Partial placement"),
     ("plain-class", "TypeError: IFShampoo: parameter '0.weight' is a DTensor"),
+    ("outside", "ValueError: ASGO: parameter '0.weight' is sharded over ranks [0, 1], outside the optimizer's process group"),
 ])
 def test_bad_input_raises_on_every_rank(job, label, words):
     """Mismatched process groups, parameters or hyperparameters that differ across ranks, an
-    unsupported (Partial) sharding, and DTensor parameters given to a class of the
+    unsupported sharding (Partial, or over ranks outside the optimizer's process group), and
+    DTensor parameters given to a class of the
     single-process adapter raise an error naming the problem on *every* rank, so no rank trains
     alone, waits forever in a collective, or runs the core on sharded tensors."""
     _, bad = job

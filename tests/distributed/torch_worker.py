@@ -185,6 +185,8 @@ def bad_inputs(rank: int, world: int) -> dict:
     sharded = model()
     fully_shard(sharded, mesh=mesh)
     attempt("plain-class", lambda: pt.IFShampoo(sharded.named_parameters(), lr=0.1, batch_size=GLOBAL_BATCH))
+    singles = [dist.new_group([r]) for r in range(world)]
+    attempt("outside", lambda: ptd.ASGO(sharded.named_parameters(), process_group=singles[rank]))
     # A NaN in rank 1's shard only: every rank skips the step (skip) or raises (raise).
     for policy in ("skip", "raise"):
         net = model()
