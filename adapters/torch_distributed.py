@@ -109,33 +109,30 @@ class _SplitTransform:
         self.opt = opt
         self.on_nonfinite = on_nonfinite
 
-    def _views(self, paths, leaves, gather: bool) -> list:
+    def _views(self, leaves) -> list:
+        """What the core sees of each leaf: itself, its local shard, or the gathered full tensor
+        (a collective: every rank gathers every gathered leaf, in the tree's order)."""
         views = []
-        for path, leaf in zip(paths, leaves):
-            kind = self.opt._kind(path, leaf)
-            if kind == _LOCAL:
-                views.append(leaf.to_local())
-            elif kind == _FULL:
-                views.append(leaf.full_tensor() if gather else None)
-            else:
-                views.append(leaf)
+        for leaf in leaves:
+            kind = self.opt._kind(leaf)
+            views.append(leaf.to_local() if kind == _LOCAL else leaf.full_tensor() if kind == _FULL else leaf)
         return views
 
     def _owned(self, paths, leaves) -> list[int]:
         rank = self.opt._rank
         return [
             i for i, (path, leaf) in enumerate(zip(paths, leaves))
-            if self.opt._kind(path, leaf) == _LOCAL or self.opt._owner.get(path_str(path), rank) == rank
+            if self.opt._kind(leaf) == _LOCAL or self.opt._owner.get(path_str(path), rank) == rank
         ]
 
     def init(self, params: Any) -> PrecondState:
         leaves, treedef = tree_flatten(params)
-        views = self._views(treedef.paths, leaves, gather=True)
+        views = self._views(leaves)
         owned = self._owned(treedef.paths, leaves)
         if owned:
             sub = _base.CoreOptimizer._tree([treedef.paths[i] for i in owned], [views[i] for i in owned])
             return self.core.init(sub)
-        device = next(v for v in views if v is not None).device
+        device = views[0].device
         zero = torch.zeros((), dtype=torch.int32, device=device)
         return PrecondState(zero, zero, {})
 
@@ -158,10 +155,9 @@ class _SplitTransform:
     def update(self, grads: Any, state: PrecondState, params: Any = None, **extra: Any):
         leaves, treedef = tree_flatten(grads)
         paths = treedef.paths
-        grad_views = self._views(paths, leaves, gather=True)
-        param_leaves = None if params is None else tree_flatten(params)[0]
-        param_views = None if params is None else self._views(paths, param_leaves, gather=True)
-        finite = self.opt._all_finite([v for v in grad_views if v is not None])
+        grad_views = self._views(leaves)
+        param_views = None if params is None else self._views(tree_flatten(params)[0])
+        finite = self.opt._all_finite(grad_views)
         if not finite and self.on_nonfinite == "raise":
             bad = next((path_str(p) for p, v in zip(paths, grad_views) if not bool(torch.isfinite(v).all())), None)
             where = f"in leaf {bad!r}" if bad else "on another rank of the process group"
@@ -177,7 +173,8 @@ class _SplitTransform:
             sub_updates, new_state = self.core.update(
                 _base.CoreOptimizer._tree(sub_paths, sub_grads), state, sub_params, **extra
             )
-            by_path = dict(zip(tree_flatten(sub_updates)[1].paths, tree_flatten(sub_updates)[0]))
+            update_leaves, update_def = tree_flatten(sub_updates)
+            by_path = dict(zip(update_def.paths, update_leaves))
             for i in owned:
                 updates[i] = by_path[paths[i]]
         else:
@@ -185,8 +182,8 @@ class _SplitTransform:
             new_state = PrecondState(state.count + step, state.nonfinite_count + (1 - step), {})
         self.opt._exchange(paths, leaves, grad_views, updates, finite)
         out = []
-        for path, leaf, update in zip(paths, leaves, updates):
-            kind = self.opt._kind(path, leaf)
+        for leaf, update in zip(leaves, updates):
+            kind = self.opt._kind(leaf)
             if kind == _LOCAL:
                 update = DTensor.from_local(
                     update, leaf.device_mesh, leaf.placements, run_check=False, shape=leaf.shape, stride=leaf.stride()
@@ -362,7 +359,7 @@ class DistributedOptimizer:
             self._split_transforms[id(group)] = cached
         return cached[1]
 
-    def _kind(self, path: tuple, leaf: torch.Tensor) -> str:
+    def _kind(self, leaf: torch.Tensor) -> str:
         if not isinstance(leaf, DTensor):
             return _PLAIN
         return _LOCAL if self.elementwise else _FULL
@@ -388,7 +385,7 @@ class DistributedOptimizer:
             return
         by_owner: dict[tuple[int, str], list[int]] = {}
         for i, (path, leaf) in enumerate(zip(paths, leaves)):
-            if self._kind(path, leaf) == _LOCAL:
+            if self._kind(leaf) == _LOCAL:
                 continue
             owner = self._owner[path_str(path)]
             by_owner.setdefault((owner, str(grad_views[i].dtype)), []).append(i)
