@@ -85,8 +85,6 @@ class CoreOptimizer(torch.optim.Optimizer):
     """
 
     core_factory: Callable[..., Transform]
-    # Sharded (DTensor) parameters need the subclasses in torch_distributed.
-    _accepts_dtensor = False
 
     def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None):
         groups, names = _split_named(params)
@@ -95,18 +93,20 @@ class CoreOptimizer(torch.optim.Optimizer):
         self._param_names = names
         self._transforms: dict[int, tuple[tuple, Transform]] = {}
         super().__init__(groups, defaults)
+        # Sharded (DTensor) parameters need the classes of precond_ref.adapters.torch_distributed.
+        if not getattr(self, "_accepts_dtensor", False):
+            for p in (p for group in self.param_groups for p in group["params"]):
+                if hasattr(p, "device_mesh") and hasattr(p, "placements"):
+                    raise TypeError(
+                        f"{type(self).__name__}: parameter {self._param_names.get(p, '?')!r} is a DTensor (FSDP2 or "
+                        f"tensor parallel); use precond_ref.adapters.torch_distributed.{type(self).__name__}"
+                    )
 
     def core_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if not self._accepts_dtensor and hasattr(p, "device_mesh") and hasattr(p, "placements"):
-                raise TypeError(
-                    f"{type(self).__name__}: parameter {self._param_names.get(p, '?')!r} is a DTensor "
-                    f"(FSDP2 or tensor parallel); use precond_ref.adapters.torch_distributed.{type(self).__name__}"
-                )
         self._transform(self.param_groups[-1])
 
     def _transform(self, group: dict) -> Transform:
