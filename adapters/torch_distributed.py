@@ -67,6 +67,8 @@ __all__ = [
 
 # How a leaf enters the core: as it is, as its local shard, or gathered to the full tensor.
 _PLAIN, _LOCAL, _FULL = "plain", "local", "full"
+# What a parameter whose block another rank owns keeps in ``self.state``.
+_COUNTERS = ("step", "nonfinite_count", "calls")
 
 
 def estimated_cost(shapes: list[tuple[int, ...]]) -> int:
@@ -346,6 +348,36 @@ class DistributedOptimizer:
             ".".join(str(k) for k in path) for path, p in self._leaves()
             if self._owner.get(path_str(path), self._rank) == self._rank
         ]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load this rank's own checkpoint (the state of the blocks it owns; see the module docstring).
+
+        The base class checks a checkpoint against the state layout of every block, so the blocks
+        that other ranks own get their initial state for the check, dropped again after loading.
+        """
+        if not self._owner:
+            return super().load_state_dict(state_dict)
+        filled = {key: dict(value) for key, value in state_dict["state"].items()}
+        index = 0
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            others = []
+            for saved_id, p in zip(saved_group["params"], group["params"]):
+                path = self._path(p, index)
+                index += 1
+                if saved_id in filled and self._owner.get(path_str(path)) != self._rank and not isinstance(p, DTensor):
+                    others.append((path, p, saved_id))
+            if others:
+                core = super()._transform(group)
+                tree = self._tree([path for path, _, _ in others], [p.detach() for _, p, _ in others])
+                ids = {path_str(path): saved_id for path, _, saved_id in others}
+                for key, arrays in core.init(tree).groups.items():
+                    filled[ids[key]].update(arrays)
+        super().load_state_dict({**state_dict, "state": filled})
+        for path, p in self._leaves():
+            if self._owner.get(path_str(path)) != self._rank and p in self.state:
+                entries = self.state[p]
+                for key in [k for k in entries if k not in _COUNTERS]:
+                    del entries[key]
 
     # -- step ----------------------------------------------------------------------------------
 
