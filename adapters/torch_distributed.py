@@ -34,7 +34,7 @@ Checkpoints: with ``split_preconditioner=True`` each rank's ``state_dict()`` hol
 the blocks it owns (and the step counters of all); save one file per rank and load each into the
 rank of the same number, with the same world size and parameters (ownership is a deterministic
 function of those). With FSDP2 the element-wise methods' state holds local shards, as the
-parameters do.
+parameters do. ``load_state_dict`` is collective.
 """
 
 from __future__ import annotations
@@ -350,22 +350,34 @@ class DistributedOptimizer:
         ]
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load this rank's own checkpoint (the state of the blocks it owns; see the module docstring).
+        """Load this rank's own checkpoint (see the module docstring).
 
-        The base class checks a checkpoint against the state layout of every block, so the blocks
-        that other ranks own get their initial state for the check, dropped again after loading.
+        The base class checks a checkpoint against the layout ``init`` gives every block, with the
+        parameters as they are (DTensors included). So, for that check only: the blocks other
+        ranks own get their initial state, and local-shard state (element-wise methods under
+        FSDP2) is presented as DTensors of the parameters' global shape; both are undone after
+        loading. Collective: every rank loads at the same point.
         """
-        if not self._owner:
-            return super().load_state_dict(state_dict)
         filled = {key: dict(value) for key, value in state_dict["state"].items()}
+        leaves = self._leaves()
+        full = {path_str(path): p.full_tensor() for path, p in leaves if self._kind(p) == _FULL}  # in order
         index = 0
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             others = []
             for saved_id, p in zip(saved_group["params"], group["params"]):
                 path = self._path(p, index)
                 index += 1
-                if saved_id in filled and self._owner.get(path_str(path)) != self._rank and not isinstance(p, DTensor):
-                    others.append((path, p, saved_id))
+                entries = filled.get(saved_id)
+                if not entries:
+                    continue
+                if self._kind(p) == _LOCAL:
+                    for name, value in entries.items():
+                        if isinstance(value, torch.Tensor) and value.shape == p.to_local().shape and value.ndim == p.ndim:
+                            entries[name] = DTensor.from_local(
+                                value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                            )
+                elif self._owner.get(path_str(path), self._rank) != self._rank:
+                    others.append((path, full.get(path_str(path), p), saved_id))
             if others:
                 core = super()._transform(group)
                 tree = self._tree([path for path, _, _ in others], [p.detach() for _, p, _ in others])
@@ -373,11 +385,16 @@ class DistributedOptimizer:
                 for key, arrays in core.init(tree).groups.items():
                     filled[ids[key]].update(arrays)
         super().load_state_dict({**state_dict, "state": filled})
-        for path, p in self._leaves():
-            if self._owner.get(path_str(path)) != self._rank and p in self.state:
-                entries = self.state[p]
+        for path, p in leaves:
+            entries = self.state.get(p)
+            if not entries:
+                continue
+            if self._owner.get(path_str(path), self._rank) != self._rank:
                 for key in [k for k in entries if k not in _COUNTERS]:
                     del entries[key]
+            for key, value in entries.items():
+                if isinstance(value, DTensor):
+                    entries[key] = value.to_local()
 
     # -- step ----------------------------------------------------------------------------------
 

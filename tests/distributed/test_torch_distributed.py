@@ -73,7 +73,9 @@ def test_same_parameters_as_one_process(job, method, how):
     commutative); every update rule is a deterministic function of the gradients, so the
     parameters must be bit-identical, on both ranks: DDP with the plain classes; DDP with the
     preconditioner split across ranks (each block's update computed by its owner and broadcast);
-    FSDP2 with local shards (element-wise methods) or gathered blocks (matrix methods).
+    FSDP2 with local shards (element-wise methods) or gathered blocks (matrix methods). The two
+    distributed runs restart from each rank's own ``state_dict`` before the last step, so the
+    checkpoints (each rank's blocks; local shards under FSDP2) must also hold exactly the state.
     """
     ranks, _ = job
     reference = ranks[0]["reference"][method]["mean"]
