@@ -11,17 +11,20 @@ dataclasses registered as pytrees), ``jax.jit`` with a single compilation, ``opt
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import jax
 import optax
 
 import precond_ref as pr
-from precond_ref.transform import Transform
+from precond_ref.transform import PrecondState, Transform
+from precond_ref.tree import path_str, tree_flatten
 
 __all__ = [
     "to_optax",
     "optax_factory",
+    "state_shardings",
     "agd",
     "asgo",
     "dasgo",
@@ -76,15 +79,19 @@ def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
 
     # The state must be committed to a device exactly when the parameters are: otherwise the
     # second step sees arguments placed differently from the first and jit compiles again.
-    # Built under jit it is uncommitted; it is then committed to the parameters' placement if any.
+    # Built under jit it is uncommitted; it is then placed like the parameters (state_shardings).
     jitted_init = jax.jit(transform.init)
 
     def init_fn(params: Any) -> Any:
+        if _is_params_placeholder(params):
+            # optax.tree.map_params asks for the state's structure with a placeholder for params;
+            # no field of this state is a copy of the parameter tree (see state_shardings).
+            return PrecondState(_NOT_PARAMS, _NOT_PARAMS, _NOT_PARAMS)
         core_params, _ = _as_core_tree(params)
         state = jitted_init(core_params)
-        first = jax.tree_util.tree_leaves(params)[:1]
-        if first and not isinstance(first[0], jax.core.Tracer) and first[0].committed:
-            state = jax.device_put(state, first[0].sharding)
+        leaves = jax.tree_util.tree_leaves(params)
+        if leaves and all(not isinstance(x, jax.core.Tracer) and x.committed for x in leaves):
+            state = jax.device_put(state, _shardings_like(state, core_params))
         return state
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
@@ -94,6 +101,87 @@ def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
         return _from_core_tree(core_updates, updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded parameters: where the state lives.
+
+
+class _NotParams:
+    """Marks the state fields that hold no copy of the parameter tree (for optax.tree.map_params)."""
+
+    def __repr__(self) -> str:
+        return "<not params>"
+
+
+_NOT_PARAMS = _NotParams()
+
+
+def _is_params_placeholder(params: Any) -> bool:
+    return type(params).__name__ == "_ParamsPlaceholder" and not jax.tree_util.tree_leaves(params)
+
+
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The same devices, every one holding the whole array."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    if sharding.is_fully_replicated:
+        return sharding
+    devices = sorted(sharding.device_set, key=lambda d: d.id)
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("devices",)), jax.sharding.PartitionSpec())
+
+
+def _entry_sharding(param_sharding: jax.sharding.Sharding, param_shape: tuple, shape: tuple) -> jax.sharding.Sharding:
+    """A state entry keeps the parameter's mesh axis on each leading dimension it shares (same
+    size, divisible by the axis); its other dimensions, and every entry of a parameter that is not
+    a ``NamedSharding``, are replicated (or kept whole on a single device)."""
+    if not isinstance(param_sharding, jax.sharding.NamedSharding):
+        return param_sharding if tuple(shape) == tuple(param_shape) else _replicated(param_sharding)
+    mesh = param_sharding.mesh
+    spec = tuple(param_sharding.spec) + (None,) * (len(param_shape) - len(param_sharding.spec))
+    axes = []
+    for dim, size in enumerate(shape):
+        axis = spec[dim] if dim < len(param_shape) and size == param_shape[dim] else None
+        if axis is not None:
+            names = axis if isinstance(axis, tuple) else (axis,)
+            if size % math.prod(mesh.shape[a] for a in names):
+                axis = None
+        axes.append(axis)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
+
+
+def _shardings_like(state: PrecondState, core_params: dict) -> PrecondState:
+    """A sharding per state leaf: each block's entries follow the sharding of the block's first
+    parameter (the group key is that parameter's path), the counters are replicated."""
+    leaves, treedef = tree_flatten(core_params)
+    by_key = {path_str(path): leaf for path, leaf in zip(treedef.paths, leaves)}
+    counters = _replicated(leaves[0].sharding)
+    groups = {}
+    for key, entries in state.groups.items():
+        param = by_key.get(key)
+        groups[key] = {
+            name: counters if param is None else _entry_sharding(param.sharding, tuple(param.shape), tuple(value.shape))
+            for name, value in entries.items()
+        }
+    return PrecondState(counters, counters, groups)
+
+
+def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> PrecondState:
+    """The shardings ``optimizer.init(params)`` places its state on, without computing the state.
+
+    ``params`` are arrays (or ``jax.ShapeDtypeStruct`` with a ``sharding``) of the parameters as
+    they are sharded. Each block's state follows the sharding of the block's first parameter
+    where its shape allows (see :func:`to_optax`); use the result as ``out_shardings`` of a
+    jitted ``init``, or as the state's ``in_shardings``/``out_shardings`` of a training step.
+    ``optimizer`` is one of this module's transformations (not wrapped in ``optax.chain``).
+    """
+    state = jax.eval_shape(optimizer.init, params)
+    if not isinstance(state, PrecondState):
+        raise TypeError(
+            f"state_shardings needs an optimizer of precond_ref.adapters.jax whose state is a PrecondState, "
+            f"got state {type(state).__name__}"
+        )
+    return _shardings_like(state, _as_core_tree(params)[0])
 
 
 def optax_factory(core_factory: Callable[..., Transform]) -> Callable[..., optax.GradientTransformationExtraArgs]:

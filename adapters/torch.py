@@ -64,6 +64,14 @@ class CoreOptimizer(torch.optim.Optimizer):
         self._param_names: dict[torch.Tensor, str] = dict(self._model_names)
         self._transforms: dict[int, tuple[tuple, Transform]] = {}
         super().__init__(groups, defaults)
+        # Sharded (DTensor) parameters need the classes of precond_ref.adapters.torch_distributed.
+        if not getattr(self, "_accepts_dtensor", False):
+            for p in (p for group in self.param_groups for p in group["params"]):
+                if hasattr(p, "device_mesh") and hasattr(p, "placements"):
+                    raise TypeError(
+                        f"{type(self).__name__}: parameter {self._param_names.get(p, '?')!r} is a DTensor (FSDP2 or "
+                        f"tensor parallel); use precond_ref.adapters.torch_distributed.{type(self).__name__}"
+                    )
 
     def core_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError

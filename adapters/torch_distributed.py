@@ -1,0 +1,470 @@
+"""The torch optimizers for multi-process training: FSDP2 parameters and a distributed preconditioner.
+
+Plain ``DistributedDataParallel`` needs nothing from this module: DDP averages the gradients
+before ``step``, every rank then runs the same deterministic update on the same numbers, and the
+classes of :mod:`precond_ref.adapters.torch` already give the parameters of one process trained on
+the global batch (root-free methods: pass the *global* batch size as ``batch_size``).
+
+The classes here (same names and arguments as in :mod:`precond_ref.adapters.torch`, plus
+``process_group=`` and ``split_preconditioner=``) add two things:
+
+* **Distributed preconditioner.** The parameters are cut into blocks (a parameter, or a Linear
+  weight with its bias, the coarsest grouping any method uses), each block gets an estimated cost
+  (:func:`estimated_cost`), and the blocks are dealt greedily, most expensive first, to the least
+  loaded rank of ``process_group``. Each rank runs the core update (statistics, roots, inverses,
+  sketches) of its own blocks only, holds only their state, and broadcasts their updates; every
+  rank then adds every update, so all ranks keep identical parameters, equal bit for bit to one
+  process's (the owner runs exactly the single-process computation on the same gradients).
+  The element-wise methods (AGD, RF-RMSProp, RF-AdamW) are not split: their update costs less
+  than sending it.
+* **FSDP2** (``torch.distributed.fsdp.fully_shard``, DTensor parameters). The element-wise
+  methods run on each rank's local shard (state sharded like the parameter). The matrix methods
+  gather the gradient and parameter of a block (``full_tensor()``), compute the update on the
+  block's owner (or on every rank with ``split_preconditioner=False``) and each rank adds its own
+  shard of it. Partial placements, or a DTensor whose mesh reaches ranks outside
+  ``process_group``, raise ``ValueError`` naming the parameter.
+
+Whether a step is skipped for a non-finite gradient is agreed by all ranks (one all-reduce), so a
+NaN on one rank's shard never lets the ranks drift apart. Construction is collective over the
+default process group: every rank must build its optimizer at the same point, and a rank whose
+process group, parameters (shapes, dtypes, values of unsharded parameters) or hyperparameters
+differ from those of its group makes every rank raise ``ValueError``.
+
+Checkpoints: with ``split_preconditioner=True`` each rank's ``state_dict()`` holds the state of
+the blocks it owns (and the step counters of all); save one file per rank and load each into the
+rank of the same number, with the same world size and parameters (ownership is a deterministic
+function of those). With FSDP2 the element-wise methods' state holds local shards, as the
+parameters do. ``load_state_dict`` is collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Partial, distribute_tensor
+
+from precond_ref.adapters import torch as _base
+from precond_ref.transform import PrecondState, Transform, weight_bias_groups
+from precond_ref.tree import path_str, tree_flatten, tree_unflatten
+
+__all__ = [
+    "DistributedOptimizer",
+    "estimated_cost",
+    "AGD",
+    "ASGO",
+    "DASGO",
+    "MBF",
+    "RFRMSProp",
+    "RFAdamW",
+    "IFShampoo",
+    "Sketchy",
+    "SAdaGrad",
+]
+
+# How a leaf enters the core: as it is, as its local shard, or gathered to the full tensor.
+_PLAIN, _LOCAL, _FULL = "plain", "local", "full"
+# What a parameter whose block another rank owns keeps in ``self.state``.
+_COUNTERS = ("step", "nonfinite_count", "calls")
+
+
+def estimated_cost(shapes: list[tuple[int, ...]]) -> int:
+    """A block's preconditioner cost in flops, up to a constant: what the greedy split balances.
+
+    A matrix parameter of shape ``(m, n...)`` (trailing dimensions merged) costs
+    ``m**3 + n**3`` (a root or inverse per side) plus ``m*n*(m+n)`` (the two statistics); a vector
+    costs its size. Blocking (``block_size``) and sketch ranks are ignored: the estimate only has
+    to order blocks roughly.
+    """
+    cost = 0
+    for shape in shapes:
+        if len(shape) >= 2:
+            m, n = shape[0], math.prod(shape[1:])
+            cost += m**3 + n**3 + m * n * (m + n)
+        else:
+            cost += math.prod(shape)
+    return cost
+
+
+def _fingerprint(p: torch.Tensor) -> Optional[str]:
+    """Digest of an unsharded parameter's bytes (None for a DTensor, whose shards differ by rank)."""
+    if isinstance(p, DTensor):
+        return None
+    data = p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+class _SplitTransform:
+    """A core transform run across ranks: the tree's leaves become local shards or full tensors,
+    each rank runs the core on the blocks it owns, and the updates are broadcast by their owners.
+
+    It is handed to :class:`precond_ref.adapters.torch.CoreOptimizer`'s step in place of the core
+    transform, so the step bookkeeping (counters, state on each block's first parameter) is the
+    base class's; the state it returns holds the owned blocks only.
+    """
+
+    def __init__(self, core: Transform, opt: "DistributedOptimizer", on_nonfinite: str) -> None:
+        self.core = core
+        self.opt = opt
+        self.on_nonfinite = on_nonfinite
+
+    def _views(self, leaves) -> list:
+        """What the core sees of each leaf: itself, its local shard, or the gathered full tensor
+        (a collective: every rank gathers every gathered leaf, in the tree's order)."""
+        views = []
+        for leaf in leaves:
+            kind = self.opt._kind(leaf)
+            views.append(leaf.to_local() if kind == _LOCAL else leaf.full_tensor() if kind == _FULL else leaf)
+        return views
+
+    def _owned(self, paths, leaves) -> list[int]:
+        rank = self.opt._rank
+        return [
+            i for i, (path, leaf) in enumerate(zip(paths, leaves))
+            if self.opt._kind(leaf) == _LOCAL or self.opt._owner.get(path_str(path), rank) == rank
+        ]
+
+    def init(self, params: Any) -> PrecondState:
+        leaves, treedef = tree_flatten(params)
+        views = self._views(leaves)
+        owned = self._owned(treedef.paths, leaves)
+        if owned:
+            sub = _base.CoreOptimizer._tree([treedef.paths[i] for i in owned], [views[i] for i in owned])
+            return self.core.init(sub)
+        device = views[0].device
+        zero = torch.zeros((), dtype=torch.int32, device=device)
+        return PrecondState(zero, zero, {})
+
+    def warm_start(self, state: PrecondState, grads_batches: Any) -> PrecondState:
+        """MBF's warm start (:meth:`precond_ref.adapters.torch.MBF.warm_start`) of the owned blocks."""
+        if not state.groups:
+            for _ in grads_batches:  # the batches are consumed as on the other ranks
+                pass
+            return state
+
+        def owned_tree(tree: Any) -> dict:
+            leaves, treedef = tree_flatten(tree)
+            if any(isinstance(leaf, DTensor) for leaf in leaves):
+                raise ValueError(f"{type(self.opt).__name__}.warm_start does not support DTensor parameters")
+            owned = self._owned(treedef.paths, leaves)
+            return _base.CoreOptimizer._tree([treedef.paths[i] for i in owned], [leaves[i] for i in owned])
+
+        return self.core.warm_start(state, (owned_tree(tree) for tree in grads_batches))
+
+    def update(self, grads: Any, state: PrecondState, params: Any = None, **extra: Any):
+        leaves, treedef = tree_flatten(grads)
+        paths = treedef.paths
+        grad_views = self._views(leaves)
+        param_views = None if params is None else self._views(tree_flatten(params)[0])
+        finite = self.opt._all_finite(grad_views)
+        if not finite and self.on_nonfinite == "raise":
+            bad = next((path_str(p) for p, v in zip(paths, grad_views) if not bool(torch.isfinite(v).all())), None)
+            where = f"in leaf {bad!r}" if bad else "on another rank of the process group"
+            raise FloatingPointError(f"{type(self.opt).__name__}: non-finite gradient {where}")
+        owned = self._owned(paths, leaves)
+        updates: list = [None] * len(leaves)
+        if owned:
+            sub_paths = [paths[i] for i in owned]
+            # A non-finite gradient anywhere skips the step everywhere: the core's own skip rule,
+            # triggered on the owned blocks even when their gradients are finite.
+            sub_grads = [grad_views[i] if finite else grad_views[i] * math.nan for i in owned]
+            sub_params = None if params is None else _base.CoreOptimizer._tree(sub_paths, [param_views[i] for i in owned])
+            sub_updates, new_state = self.core.update(
+                _base.CoreOptimizer._tree(sub_paths, sub_grads), state, sub_params, **extra
+            )
+            update_leaves, update_def = tree_flatten(sub_updates)
+            by_path = dict(zip(update_def.paths, update_leaves))
+            for i in owned:
+                updates[i] = by_path[paths[i]]
+        else:
+            step = int(finite)
+            new_state = PrecondState(state.count + step, state.nonfinite_count + (1 - step), {})
+        self.opt._exchange(paths, leaves, grad_views, updates, finite)
+        out = []
+        for leaf, update in zip(leaves, updates):
+            kind = self.opt._kind(leaf)
+            if kind == _LOCAL:
+                update = DTensor.from_local(
+                    update, leaf.device_mesh, leaf.placements, run_check=False, shape=leaf.shape, stride=leaf.stride()
+                )
+            elif kind == _FULL:
+                update = distribute_tensor(update, leaf.device_mesh, leaf.placements, src_data_rank=None)
+            out.append(update)
+        return tree_unflatten(treedef, out), new_state
+
+
+class DistributedOptimizer:
+    """Mixin that makes a :class:`precond_ref.adapters.torch.CoreOptimizer` subclass distributed.
+
+    Takes the base class's arguments and two keyword-only ones.
+
+    Parameters
+    ----------
+    process_group:
+        The ranks that share the parameters and split the preconditioner work (default: the
+        default process group). ``torch.distributed`` must be initialised.
+    split_preconditioner:
+        ``True``: each block's update is computed by one rank and broadcast (see the module
+        docstring). ``False``: every rank computes every block (still handles DTensor parameters).
+    """
+
+    #: Element-wise methods run on local shards and are never split.
+    elementwise: bool = False
+    _accepts_dtensor = True
+
+    def __init__(
+        self,
+        *args: Any,
+        process_group: Optional[dist.ProcessGroup] = None,
+        split_preconditioner: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group first (or use precond_ref.adapters.torch)"
+            )
+        if not isinstance(split_preconditioner, bool):
+            raise ValueError(f"split_preconditioner must be True or False, got {split_preconditioner!r}")
+        self._pg = process_group if process_group is not None else dist.group.WORLD
+        self._group_ranks = dist.get_process_group_ranks(self._pg)
+        self._rank = dist.get_rank(self._pg)
+        self._world = dist.get_world_size(self._pg) if self._rank >= 0 else 0
+        self._split = split_preconditioner and not self.elementwise
+        self._owner: dict[str, int] = {}
+        self._kinds: dict[str, str] = {}
+        self._split_transforms: dict[int, tuple[Transform, _SplitTransform]] = {}
+        self._ready = False
+        super().__init__(*args, **kwargs)
+        self._check_across_ranks()
+        self._ready = True
+        self._assign_owners()
+
+    # -- construction ----------------------------------------------------------------------
+
+    def _leaves(self) -> list[tuple[tuple, torch.Tensor]]:
+        """(path, parameter) for every parameter, with the paths the base step gives them."""
+        out, index = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                out.append((self._path(p, index), p))
+                index += 1
+        return out
+
+    def _describe(self) -> dict:
+        params = []
+        for path, p in self._leaves():
+            placements = None
+            if isinstance(p, DTensor):
+                placements = (repr(p.placements), sorted(p.device_mesh.mesh.flatten().tolist()))
+            params.append((".".join(str(k) for k in path), tuple(p.shape), str(p.dtype), placements, _fingerprint(p)))
+        # Callables (schedules, filters) are compared by type: their reprs hold addresses.
+        hyper = [
+            repr(sorted((k, type(v).__name__ if callable(v) else repr(v)) for k, v in self.core_kwargs(g).items()))
+            for g in self.param_groups
+        ]
+        return {"group": self._group_ranks, "params": params, "hyper": hyper}
+
+    def _check_across_ranks(self) -> None:
+        """Every rank gathers every rank's description and reaches the same verdict (no hang, no
+        rank left training alone)."""
+        world = dist.get_world_size()
+        described = [None] * world
+        dist.all_gather_object(described, self._describe())
+        problems = []
+        for r, info in enumerate(described):
+            for s in info["group"]:
+                if s >= world or described[s]["group"] != info["group"]:
+                    theirs = described[s]["group"] if s < world else None
+                    problems.append(
+                        f"mismatched process groups: rank {r} uses ranks {info['group']}, rank {s} uses {theirs}"
+                    )
+        if not problems:
+            for r, info in enumerate(described):
+                s = info["group"][0]
+                if s == r:
+                    continue
+                mine, theirs = info["params"], described[s]["params"]
+                if len(mine) != len(theirs):
+                    problems.append(f"rank {r} has {len(mine)} parameters, rank {s} has {len(theirs)}")
+                    continue
+                for a, b in zip(mine, theirs):
+                    if a != b:
+                        what = "values" if a[:4] == b[:4] else "name, shape, dtype or sharding"
+                        problems.append(f"parameter {a[0]!r} differs between rank {s} and rank {r} ({what})")
+                        break
+                if info["hyper"] != described[s]["hyper"]:
+                    problems.append(f"hyperparameters differ between rank {s} and rank {r}")
+        if problems:
+            raise ValueError(f"{type(self).__name__}: inconsistent across ranks: " + "; ".join(sorted(set(problems))))
+        if self._rank < 0:  # pragma: no cover - only ranks of the group construct consistently
+            raise ValueError(f"{type(self).__name__}: this rank is not in process_group")
+        for path, p in self._leaves():
+            self._check_sharding(path, p)
+
+    def _check_sharding(self, path: tuple, p: torch.Tensor) -> None:
+        if not isinstance(p, DTensor):
+            return
+        name = ".".join(str(k) for k in path)
+        if any(isinstance(pl, Partial) for pl in p.placements):
+            raise ValueError(f"{type(self).__name__}: parameter {name!r} has a Partial placement {p.placements}; "
+                             "only Shard and Replicate parameters are supported")
+        mesh_ranks = set(p.device_mesh.mesh.flatten().tolist())
+        if not mesh_ranks <= set(self._group_ranks):
+            raise ValueError(
+                f"{type(self).__name__}: parameter {name!r} is sharded over ranks {sorted(mesh_ranks)}, "
+                f"outside the optimizer's process group {self._group_ranks}"
+            )
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if getattr(self, "_ready", False):
+            self._assign_owners()
+
+    def _assign_owners(self) -> None:
+        """Deal the blocks to ranks, most expensive first, each to the least loaded rank."""
+        self._owner.clear()
+        self._kinds.clear()
+        if not self._split:
+            return
+        leaves = self._leaves()
+        paths = [path for path, _ in leaves]
+        tensors = [p for _, p in leaves]
+        blocks = weight_bias_groups(paths, tensors)
+        costs = [estimated_cost([tuple(tensors[i].shape) for i in b.indices]) for b in blocks]
+        load = [0] * self._world
+        for k in sorted(range(len(blocks)), key=lambda k: (-costs[k], k)):
+            rank = min(range(self._world), key=lambda r: (load[r], r))
+            load[rank] += costs[k]
+            for path in blocks[k].paths:
+                self._owner[path_str(path)] = rank
+
+    def owned_parameters(self) -> list[str]:
+        """Dotted names (or ``param<i>``) of the parameters whose preconditioner this rank computes."""
+        return [
+            ".".join(str(k) for k in path) for path, p in self._leaves()
+            if self._owner.get(path_str(path), self._rank) == self._rank
+        ]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load this rank's own checkpoint (see the module docstring).
+
+        The base class checks a checkpoint against the layout ``init`` gives every block, with the
+        parameters as they are (DTensors included). So, for that check only: the blocks other
+        ranks own get their initial state, and local-shard state (element-wise methods under
+        FSDP2) is presented as DTensors of the parameters' global shape; both are undone after
+        loading. Collective: every rank loads at the same point.
+        """
+        filled = {key: dict(value) for key, value in state_dict["state"].items()}
+        leaves = self._leaves()
+        full = {path_str(path): p.full_tensor() for path, p in leaves if self._kind(p) == _FULL}  # in order
+        index = 0
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            others = []
+            for saved_id, p in zip(saved_group["params"], group["params"]):
+                path = self._path(p, index)
+                index += 1
+                entries = filled.get(saved_id)
+                if not entries:
+                    continue
+                if self._kind(p) == _LOCAL:
+                    for name, value in entries.items():
+                        if isinstance(value, torch.Tensor) and value.shape == p.to_local().shape and value.ndim == p.ndim:
+                            entries[name] = DTensor.from_local(
+                                value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                            )
+                elif self._owner.get(path_str(path), self._rank) != self._rank:
+                    others.append((path, full.get(path_str(path), p), saved_id))
+            if others:
+                core = super()._transform(group)
+                tree = self._tree([path for path, _, _ in others], [p.detach() for _, p, _ in others])
+                ids = {path_str(path): saved_id for path, _, saved_id in others}
+                for key, arrays in core.init(tree).groups.items():
+                    filled[ids[key]].update(arrays)
+        super().load_state_dict({**state_dict, "state": filled})
+        for path, p in leaves:
+            entries = self.state.get(p)
+            if not entries:
+                continue
+            if self._owner.get(path_str(path), self._rank) != self._rank:
+                for key in [k for k in entries if k not in _COUNTERS]:
+                    del entries[key]
+            for key, value in entries.items():
+                if isinstance(value, DTensor):
+                    entries[key] = value.to_local()
+
+    # -- step ----------------------------------------------------------------------------------
+
+    def _transform(self, group: dict) -> Any:
+        core = super()._transform(group)
+        if not getattr(self, "_ready", False):
+            return core
+        cached = self._split_transforms.get(id(group))
+        if cached is None or cached[0] is not core:
+            cached = (core, _SplitTransform(core, self, group.get("on_nonfinite", "skip")))
+            self._split_transforms[id(group)] = cached
+        return cached[1]
+
+    def _kind(self, leaf: torch.Tensor) -> str:
+        if not isinstance(leaf, DTensor):
+            return _PLAIN
+        return _LOCAL if self.elementwise else _FULL
+
+    def _all_finite(self, views: list[torch.Tensor]) -> bool:
+        """Whether every gradient of every rank of the group is finite (one all-reduce)."""
+        local = torch.stack([torch.isfinite(v).all() for v in views]).all() if views else torch.tensor(True)
+        flag = local.to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._pg)
+        return bool(flag.item())
+
+    def _exchange(self, paths, leaves, grad_views, updates: list, finite: bool) -> None:
+        """Fill ``updates`` of blocks owned elsewhere: one broadcast per owner and dtype.
+
+        After a skipped step every update is zero on every rank, so nothing is sent.
+        """
+        if not self._owner:
+            return
+        for i, view in enumerate(grad_views):
+            if updates[i] is None and not finite:
+                updates[i] = torch.zeros_like(view)
+        if not finite:
+            return
+        by_owner: dict[tuple[int, str], list[int]] = {}
+        for i, (path, leaf) in enumerate(zip(paths, leaves)):
+            if self._kind(leaf) == _LOCAL:
+                continue
+            owner = self._owner[path_str(path)]
+            by_owner.setdefault((owner, str(grad_views[i].dtype)), []).append(i)
+        for (owner, _), indices in sorted(by_owner.items()):
+            like = grad_views[indices[0]]
+            if owner == self._rank:
+                flat = torch.cat([updates[i].reshape(-1) for i in indices])
+            else:
+                flat = torch.empty(sum(grad_views[i].numel() for i in indices), dtype=like.dtype, device=like.device)
+            dist.broadcast(flat, src=dist.get_global_rank(self._pg, owner), group=self._pg)
+            if owner != self._rank:
+                for i, chunk in zip(indices, flat.split([grad_views[i].numel() for i in indices])):
+                    updates[i] = chunk.view(grad_views[i].shape)
+
+
+def _distributed(base: type, elementwise: bool = False) -> type:
+    doc = (
+        f"{base.__name__} (see :class:`precond_ref.adapters.torch.{base.__name__}`) for multi-process "
+        "training: ``process_group=`` and ``split_preconditioner=`` as in :class:`DistributedOptimizer`."
+    )
+    return type(base.__name__, (DistributedOptimizer, base), {"__doc__": doc, "__module__": __name__,
+                                                               "elementwise": elementwise})
+
+
+AGD = _distributed(_base.AGD, elementwise=True)
+RFRMSProp = _distributed(_base.RFRMSProp, elementwise=True)
+RFAdamW = _distributed(_base.RFAdamW, elementwise=True)
+ASGO = _distributed(_base.ASGO)
+DASGO = _distributed(_base.DASGO)
+IFShampoo = _distributed(_base.IFShampoo)
+MBF = _distributed(_base.MBF)
+Sketchy = _distributed(_base.Sketchy)
+SAdaGrad = _distributed(_base.SAdaGrad)

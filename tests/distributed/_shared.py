@@ -1,0 +1,29 @@
+"""Helper (not collected): each multi-process job of this folder runs once per test session.
+
+The tests of one module judge the saved results of one job; with ``pytest -n 2`` they are spread
+over both xdist workers, each with its own module fixtures. ``run_once`` makes the first worker run
+the job in the session's shared temporary root (under a file lock; ``filelock`` comes with torch)
+and the others read what it saved.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Callable
+
+from filelock import FileLock
+
+
+def run_once(tmp_path_factory, name: str, produce: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """``produce(folder)`` once per session (across xdist workers); returns the folder."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of one session
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (folder / "done").exists():
+            folder.mkdir(exist_ok=True)
+            produce(folder)
+            (folder / "done").touch()
+    return folder

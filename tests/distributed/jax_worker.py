@@ -1,0 +1,108 @@
+"""The JAX sharding scenario, run by ``test_jax_sharding.py`` in a fresh interpreter (not collected).
+
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` must be set before jax is imported, which the
+rest of the suite has already done without it. Trains every optax transformation 3 jitted steps
+with parameters sharded by ``NamedSharding`` over a 4-device mesh, and on one device, and prints
+one JSON line per method with what the test checks.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import functools  # noqa: E402
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import precond_ref.adapters.jax as pj  # noqa: E402
+
+B = 8
+METHODS = {
+    "agd": (pj.agd, dict(learning_rate=5e-2), {}),
+    "asgo": (pj.asgo, dict(learning_rate=5e-2, weight_decay=1e-3), {}),
+    "dasgo": (pj.dasgo, dict(learning_rate=5e-2, weight_decay=1e-3), {}),
+    "mbf": (pj.mbf, dict(learning_rate=5e-2, damping=1.0, statistics_every=1, precondition_every=2), {}),
+    "rf_rmsprop": (pj.rf_rmsprop, dict(learning_rate=2e-2, damping=0.1, momentum=0.9), dict(batch_size=B)),
+    "rf_adamw": (pj.rf_adamw, dict(learning_rate=5e-2, damping=1e-2, batch_size=B), {}),
+    "if_shampoo": (pj.if_shampoo, dict(learning_rate=1e-2, preconditioner_lr=0.5, damping=0.1, batch_size=B), {}),
+    "sketchy": (pj.sketchy, dict(learning_rate=3e-2, rank=2, weight_decay=1e-3), {}),
+    "s_adagrad": (pj.s_adagrad, dict(learning_rate=3e-1, rank=2, momentum=0.5), {}),
+}
+SPECS = {"l1": {"kernel": P("x", None), "bias": P("x")}, "l2": {"kernel": P(None, "x"), "bias": P()}}
+
+
+def problem():
+    k = jax.random.split(jax.random.PRNGKey(0), 6)
+    params = {
+        "l1": {"kernel": jax.random.normal(k[0], (8, 12)) / 3, "bias": jnp.zeros(12)},
+        "l2": {"kernel": jax.random.normal(k[1], (12, 4)) / 3, "bias": jnp.zeros(4)},
+    }
+    xs, ys = jax.random.normal(k[2], (3, B, 8)), jax.random.normal(k[3], (3, B, 4))
+    return params, xs, ys
+
+
+def loss(params, x, y):
+    h = jnp.tanh(x @ params["l1"]["kernel"] + params["l1"]["bias"])
+    return jnp.mean((h @ params["l2"]["kernel"] + params["l2"]["bias"] - y) ** 2)
+
+
+def train(opt, extra, params, xs, ys):
+    state = opt.init(params)
+    placed = jax.tree.map(lambda a: a.sharding, state)
+    # Keeping the parameters' and the state's shardings as they are compiles the step once.
+    keep = (jax.tree.map(lambda a: a.sharding, params), pj.state_shardings(opt, params))
+
+    @functools.partial(jax.jit, out_shardings=keep)
+    def step(params, state, x, y):
+        grads = jax.grad(loss)(params, x, y)
+        updates, state = opt.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state
+
+    for x, y in zip(xs, ys):
+        params, state = step(params, state, x, y)
+    return params, state, placed, step._cache_size()
+
+
+def main() -> None:
+    devices = jax.devices()
+    assert len(devices) == 4, devices
+    mesh = Mesh(devices, ("x",))
+    params, xs, ys = problem()
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), SPECS)
+    sharded = jax.device_put(params, shardings)
+    single = jax.device_put(params, devices[0])
+    for name, (factory, kwargs, extra) in METHODS.items():
+        opt = factory(**kwargs)
+        one, _, _, _ = train(opt, extra, single, xs, ys)
+        many, state, placed, compiles = train(opt, extra, sharded, xs, ys)
+        rel = max(
+            float(np.linalg.norm(a - b) / np.linalg.norm(b))
+            for a, b in zip(jax.device_get(jax.tree.leaves(many)), jax.device_get(jax.tree.leaves(one)))
+        )
+        # Shardings of the state: those init chose, those state_shardings predicts.
+        predicted = pj.state_shardings(opt, sharded)
+        same_prediction = jax.tree.all(jax.tree.map(lambda a, b: a == b, placed, predicted))
+        kernel_entries = {
+            key: {k: str(v.spec) for k, v in entries.items()} for key, entries in placed.groups.items()
+        }
+        mapped = optax.tree.map_params(opt, lambda p: p, state, transform_non_params=lambda _: None)
+        params_after_sharded = [str(a.sharding.spec) for a in jax.tree.leaves(many)]
+        print(json.dumps({
+            "method": name, "rel": rel, "compiles": compiles, "same_prediction": bool(same_prediction),
+            "counter": str(placed.count.spec), "entries": kernel_entries,
+            "map_params": repr(jax.tree.structure(mapped)), "param_specs": params_after_sharded,
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""torch DDP, FSDP2 and the distributed preconditioner against one process (2 gloo ranks on CPU).
+
+One 2-process job (``torch_worker.py``) trains every torch optimizer three steps under
+``DistributedDataParallel`` (the plain classes), under DDP with the distributed preconditioner
+(:mod:`precond_ref.adapters.torch_distributed`), and under FSDP2 (``fully_shard``), then tries
+the bad inputs; the tests below judge what it saved. The job runs with a timeout and every
+collective has a 60 s timeout, so a hang fails the tests instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _shared import run_once
+
+pytest.importorskip("torch.distributed.fsdp")
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():  # pragma: no cover
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+WORKER = os.path.join(os.path.dirname(__file__), "torch_worker.py")
+WORLD = 2
+METHODS = ["agd", "asgo", "dasgo", "sketchy", "s_adagrad", "rf_rmsprop", "rf_adamw", "if_shampoo", "mbf"]
+MATRIX_METHODS = {"asgo", "dasgo", "sketchy", "s_adagrad", "if_shampoo", "mbf"}
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _run_job(out) -> None:
+    init = out / "init"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, str(rank), str(WORLD), str(init), str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        )
+        for rank in range(WORLD)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=240)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail("the distributed torch job hung (killed after 240 s)")
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{log[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    out = run_once(tmp_path_factory, "torch_distributed", _run_job)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    bad = [json.loads((out / f"bad{r}.json").read_text()) for r in range(WORLD)]
+    return ranks, bad
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("how", ["ddp", "split", "fsdp"])
+@pytest.mark.parametrize("method", METHODS)
+def test_same_parameters_as_one_process(job, method, how):
+    """After 3 steps every rank holds the parameters one process gets from the same global batch.
+
+    Invariant: DDP and FSDP2 (2 ranks) reduce the ranks' shard gradients to (g0 + g1) / 2, which
+    one process reproduces exactly (halving is exact in binary floating point, and a 2-term sum is
+    commutative); every update rule is a deterministic function of the gradients, so the
+    parameters must be bit-identical, on both ranks: DDP with the plain classes; DDP with the
+    preconditioner split across ranks (each block's update computed by its owner and broadcast);
+    FSDP2 with local shards (element-wise methods) or gathered blocks (matrix methods). The two
+    distributed runs restart from each rank's own ``state_dict`` before the last step, so the
+    checkpoints (each rank's blocks; local shards under FSDP2) must also hold exactly the state.
+    """
+    ranks, _ = job
+    reference = ranks[0]["reference"][method]["mean"]
+    for rank in range(WORLD):
+        assert _equal(ranks[rank][how][method], reference), f"rank {rank} differs from one process"
+
+
+def test_averaged_gradient_is_the_global_batch_gradient(job):
+    """DDP's averaged gradient equals the global batch's gradient up to summation rounding.
+
+    Bound: a mean of B per-example terms computed in two different orders differs by at most
+    about 2 log2(B) eps relative to the sum of magnitudes (pairwise summation, Higham ch. 4);
+    with B = 8 and no heavy cancellation in this regression problem, 10 B eps relative to the
+    gradient's norm covers it. With the bit-exact test above, DDP training equals one process on
+    the global batch to the optimizer's sensitivity to this rounding.
+    """
+    ranks, _ = job
+    ddp, full = ranks[0]["ddp_grads"], ranks[0]["full_batch_grads"]
+    for name, g in full.items():
+        assert torch.linalg.vector_norm(ddp[name] - g) <= 10 * 8 * EPS32 * torch.linalg.vector_norm(g), name
+
+
+@pytest.mark.parametrize("method", sorted(MATRIX_METHODS))
+def test_split_preconditioner_state_lives_on_owner(job, method):
+    """With the split preconditioner each block's state lives on exactly one rank, the owners
+    cover every parameter, and the greedy split uses both ranks (3 layers, 2 ranks)."""
+    ranks, _ = job
+    owned = [set(r["info"][method]["owned"]) for r in ranks]
+    states = [r["info"][method]["state"] for r in ranks]
+    assert not owned[0] & owned[1]
+    assert owned[0] | owned[1] == set(states[0]) and owned[0] and owned[1]
+    for rank in range(WORLD):
+        for name, entries in states[rank].items():
+            if name not in owned[rank]:
+                assert entries == [], f"rank {rank} holds state of {name}, owned by the other rank"
+        assert any(states[rank][name] for name in owned[rank])
+
+
+def test_split_warm_start_and_checkpoint_resume(job):
+    """MBF with the split preconditioner: warm start (each rank warms its own blocks), two
+    steps, a per-rank ``state_dict`` saved and loaded into a fresh model and optimizer, a third
+    step: bit-identical to one process doing the same, on both ranks (the checkpoint holds each
+    rank's own blocks, and ownership is the same after the restart)."""
+    ranks, _ = job
+    reference = ranks[0]["resume"]["one"]
+    for rank in range(WORLD):
+        assert _equal(ranks[rank]["resume"]["split"], reference), rank
+
+
+@pytest.mark.parametrize("label, words", [
+    ("groups", "ValueError: ASGO: inconsistent across ranks: mismatched process groups"),
+    ("params", "ValueError: ASGO: inconsistent across ranks: parameter '0.weight' differs between rank 0 and rank 1 (values)"),
+    ("hyper", "hyperparameters differ between rank 0 and rank 1"),
+    ("partial", "ValueError: AGD: parameter 'w' has a Partial placement"),
+    ("plain-class", "TypeError: IFShampoo: parameter '0.weight' is a DTensor"),
+    ("outside", "ValueError: ASGO: parameter '0.weight' is sharded over ranks [0, 1], outside the optimizer's process group"),
+])
+def test_bad_input_raises_on_every_rank(job, label, words):
+    """Mismatched process groups, parameters or hyperparameters that differ across ranks, an
+    unsupported sharding (Partial, or over ranks outside the optimizer's process group), and
+    DTensor parameters given to a class of the
+    single-process adapter raise an error naming the problem on *every* rank, so no rank trains
+    alone, waits forever in a collective, or runs the core on sharded tensors."""
+    _, bad = job
+    for rank in range(WORLD):
+        message = bad[rank][label]
+        assert message is not None and words in message, (rank, message)
+
+
+def test_nonfinite_gradient_on_one_rank_is_seen_by_all(job):
+    """A NaN in one rank's gradient shard (FSDP2, RF-AdamW on local shards): with
+    ``on_nonfinite="skip"`` every rank skips the step (parameters unchanged, nonfinite_count 1);
+    with ``"raise"`` every rank raises FloatingPointError. The decision is all-reduced, so the
+    ranks never drift apart (specs README, rule 6)."""
+    _, bad = job
+    for rank in range(WORLD):
+        assert bad[rank]["nan-skip"] is None
+        assert bad[rank]["nan-skip-unchanged"] and bad[rank]["nan-skip-nonfinite"] == [1]
+        assert bad[rank]["nan-raise"].startswith("FloatingPointError")
+        assert bad[rank]["nan-raise-unchanged"]
+
+
+DOCS_PAGE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "docs", "distributed.md")
+
+
+def _doc_scripts() -> dict:
+    """The ``py`` blocks of docs/distributed.md that start with ``# NAME.py — torchrun ...``."""
+    import re
+
+    text = open(DOCS_PAGE).read()
+    return {m.group(2): m.group(1) for m in re.finditer(r"```py\n(# (\w+\.py) — torchrun.*?)```", text, re.S)}
+
+
+def test_documented_torchrun_examples_run(tmp_path):
+    """The torchrun examples of docs/distributed.md run as documented (three 2-process torchrun
+    launches at once) and print the same parameters on both ranks."""
+    scripts = _doc_scripts()
+    assert sorted(scripts) == ["train_ddp.py", "train_fsdp.py", "train_split.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    runs = {}
+    for name, code in scripts.items():
+        where = tmp_path / name[:-3]
+        where.mkdir()
+        (where / name).write_text(code)
+        # Each rank's output to its own file (interleaved stdout would mix lines).
+        (where / "driver.py").write_text(
+            "import os, runpy, sys\n"
+            "sys.stdout = open(f\"rank{os.environ['RANK']}.txt\", 'w', buffering=1)\n"
+            f"runpy.run_path({name!r}, run_name='__main__')\n"
+        )
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "driver.py"]
+        runs[name] = (where, subprocess.Popen(cmd, cwd=where, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = {name: proc.communicate(timeout=240)[0] for name, (_, proc) in runs.items()}
+    except subprocess.TimeoutExpired:
+        for _, proc in runs.values():
+            proc.kill()
+        pytest.fail("a documented torchrun example hung (killed after 240 s)")
+    for name, (where, proc) in runs.items():
+        assert proc.returncode == 0, f"{name}:\n{logs[name][-3000:]}"
+        first, second = ((where / f"rank{r}.txt").read_text().splitlines() for r in range(2))
+        assert len(first) == len(second) == 1, (first, second)
+        if name == "train_split.py":
+            assert first != second  # each rank computes different blocks
+        else:
+            assert first[0][2:] == second[0][2:], (first, second)  # same parameters on both ranks

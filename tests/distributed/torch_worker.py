@@ -1,0 +1,244 @@
+"""One rank of the torch distributed scenarios; run by ``test_torch_distributed.py`` (not collected).
+
+``python torch_worker.py RANK WORLD INIT_FILE OUT_DIR`` runs every scenario on the gloo backend and
+saves, per scenario and rank, the trained parameters (``torch.save``) or the error each rank saw
+(JSON), for the tests to compare against one process. Threads are pinned to 1 so that a rank and
+the single-process reference run identical kernels.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Partial
+from torch.nn.parallel import DistributedDataParallel
+
+import precond_ref.adapters.torch as pt
+import precond_ref.adapters.torch_distributed as ptd
+
+GLOBAL_BATCH, STEPS = 8, 3
+
+# One configuration per torch optimizer; root-free methods get the *global* batch size.
+CONFIGS = {
+    "agd": ("AGD", dict(lr=3e-2)),
+    "asgo": ("ASGO", dict(lr=3e-2, weight_decay=1e-3)),
+    "dasgo": ("DASGO", dict(lr=3e-2, weight_decay=1e-3)),
+    "sketchy": ("Sketchy", dict(lr=3e-2, rank=2, weight_decay=1e-3, precondition_1d=True)),
+    "s_adagrad": ("SAdaGrad", dict(lr=3e-1, rank=2, momentum=0.5)),
+    "rf_rmsprop": ("RFRMSProp", dict(lr=5e-2, alpha=0.99, damping=1e-2, momentum=0.9, batch_size=GLOBAL_BATCH)),
+    "rf_adamw": ("RFAdamW", dict(lr=5e-2, damping=1e-2, weight_decay=1e-3, batch_size=GLOBAL_BATCH)),
+    "if_shampoo": ("IFShampoo", dict(lr=5e-2, preconditioner_lr=0.2, damping=1e-2, batch_size=GLOBAL_BATCH)),
+    "mbf": ("MBF", dict(lr=3e-3, damping=0.1, statistics_every=1, precondition_every=2)),
+}
+
+
+def model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)
+    )
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(STEPS, GLOBAL_BATCH, 6, generator=gen), torch.randn(STEPS, GLOBAL_BATCH, 3, generator=gen)
+
+
+def loss_fn(net, x, y):
+    return torch.nn.functional.mse_loss(net(x), y)
+
+
+def shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    size = t.shape[0] // world
+    return t[rank * size:(rank + 1) * size]
+
+
+def plain(net) -> dict:
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in net.named_parameters()}
+
+
+def full_batch_grads() -> dict:
+    net = model()
+    xs, ys = data()
+    loss_fn(net, xs[0], ys[0]).backward()
+    return {n: p.grad for n, p in net.named_parameters()}
+
+
+def references(name: str, world: int) -> dict:
+    """One process: the global batch's loss (``full``), and the mean of the ranks' shard gradients
+    computed one shard at a time (``mean``: the numbers DDP/FSDP reduce, in the same order)."""
+    cls, kwargs = CONFIGS[name]
+    xs, ys = data()
+    out = {}
+    for how in ("full", "mean"):
+        net = model()
+        opt = getattr(pt, cls)(net.named_parameters(), **kwargs)
+        for x, y in zip(xs, ys):
+            opt.zero_grad()
+            if how == "full":
+                loss_fn(net, x, y).backward()
+            else:
+                grads = []
+                for r in range(world):
+                    net.zero_grad()
+                    loss_fn(net, shard(x, r, world), shard(y, r, world)).backward()
+                    grads.append([p.grad.clone() for p in net.parameters()])
+                for p, *gs in zip(net.parameters(), *grads):
+                    p.grad = sum(gs[1:], gs[0]) / world
+            opt.step()
+        out[how] = plain(net)
+    return out
+
+
+def train(name: str, rank: int, world: int, wrap: str, distributed: bool) -> tuple[dict, dict]:
+    cls, kwargs = CONFIGS[name]
+    net = model()
+    if wrap == "ddp":
+        net = DistributedDataParallel(net)
+        named = list(net.module.named_parameters())
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        named = list(net.named_parameters())
+    make = getattr(ptd if distributed else pt, cls)
+    opt = make(named, **kwargs)
+    xs, ys = data()
+    first_grads = None
+    for step, (x, y) in enumerate(zip(xs, ys)):
+        if distributed and step == 2:  # restart from this rank's checkpoint before the last step
+            buffer = io.BytesIO()
+            torch.save(opt.state_dict(), buffer)
+            buffer.seek(0)
+            opt = make(named, **kwargs)
+            opt.load_state_dict(torch.load(buffer, weights_only=False))
+        opt.zero_grad()
+        loss_fn(net, shard(x, rank, world), shard(y, rank, world)).backward()
+        if first_grads is None:
+            first_grads = {n: p.grad.clone() for n, p in named if not isinstance(p.grad, DTensor)}
+        opt.step()
+    info = {"first_grads": first_grads}
+    if distributed:
+        ids = {id(p): n for n, p in named}
+        info |= {
+            "owned": opt.owned_parameters(),
+            "state": {ids[id(p)]: sorted(k for k in s if k not in ("step", "nonfinite_count", "calls", "core_group"))
+                      for p, s in opt.state.items()},
+        }
+    return plain(net.module if wrap == "ddp" else net), info
+
+
+def warm_start_and_resume(rank: int, world: int, out: str) -> dict:
+    """MBF with the split preconditioner: warm start, 2 steps, save one state_dict per rank, load
+    it into a fresh optimizer and model, 1 more step; and one process doing the same."""
+    cls, kwargs = CONFIGS["mbf"]
+    xs, ys = data()
+    results = {}
+    for how in ("split", "one") if rank == 0 else ("split",):
+        net = model()
+        make = (lambda n: ptd.MBF(n.named_parameters(), **kwargs)) if how == "split" else (
+            lambda n: pt.MBF(n.named_parameters(), **kwargs))
+        opt = make(net)
+        batches = [{n: g for n, g in zip(dict(net.named_parameters()), torch.autograd.grad(
+            loss_fn(net, xs[0], torch.randn(GLOBAL_BATCH, 3, generator=torch.Generator().manual_seed(k))),
+            list(net.parameters())))} for k in range(2)]
+        opt.warm_start(batches)
+        for step in range(STEPS):
+            if step == 2:  # restart from the checkpoint
+                path = os.path.join(out, f"{how}-{rank}.pt")
+                torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, path)
+                saved = torch.load(path, weights_only=False)
+                net = model(seed=123)
+                net.load_state_dict(saved["model"])
+                opt = make(net)
+                opt.load_state_dict(saved["opt"])
+            opt.zero_grad()
+            # Every rank uses the whole global batch here: DDP's averaging is tested elsewhere.
+            loss_fn(net, xs[step], ys[step]).backward()
+            opt.step()
+        results[how] = plain(net)
+    return results
+
+
+def bad_inputs(rank: int, world: int) -> dict:
+    """Each construction below must raise on every rank; the message each rank saw is recorded."""
+    seen = {}
+
+    def attempt(label, build):
+        try:
+            build()
+            seen[label] = None
+        except Exception as err:  # noqa: BLE001 - recorded for the test to judge
+            seen[label] = f"{type(err).__name__}: {err}"
+
+    # Rank 0 shares its work with rank 1, rank 1 thinks it works alone.
+    both, alone = dist.new_group([0, 1]), dist.new_group([1])
+    attempt("groups", lambda: ptd.ASGO(model().named_parameters(), process_group=both if rank == 0 else alone))
+    attempt("params", lambda: ptd.ASGO(model(seed=rank).named_parameters()))
+    attempt("hyper", lambda: ptd.ASGO(model().named_parameters(), lr=0.1 * (rank + 1)))
+    mesh = init_device_mesh("cpu", (world,))
+    partial = torch.nn.Parameter(DTensor.from_local(torch.ones(2, 2), mesh, [Partial()]))
+    attempt("partial", lambda: ptd.AGD([("w", partial)]))
+    sharded = model()
+    fully_shard(sharded, mesh=mesh)
+    attempt("plain-class", lambda: pt.IFShampoo(sharded.named_parameters(), lr=0.1, batch_size=GLOBAL_BATCH))
+    singles = [dist.new_group([r]) for r in range(world)]
+    attempt("outside", lambda: ptd.ASGO(sharded.named_parameters(), process_group=singles[rank]))
+    # A NaN in rank 1's shard only: every rank skips the step (skip) or raises (raise).
+    for policy in ("skip", "raise"):
+        net = model()
+        fully_shard(net, mesh=mesh)
+        opt = ptd.RFAdamW(net.named_parameters(), lr=0.1, batch_size=GLOBAL_BATCH, on_nonfinite=policy)
+        before = plain(net)
+        loss_fn(net, *[shard(t[0], rank, world) for t in data()]).backward()
+        if rank == 1:
+            next(net.parameters()).grad.to_local().view(-1)[0] = float("nan")
+        attempt(f"nan-{policy}", opt.step)
+        after = plain(net)
+        seen[f"nan-{policy}-unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+        counts = {int(s["nonfinite_count"]) for s in opt.state.values() if "nonfinite_count" in s}
+        seen[f"nan-{policy}-nonfinite"] = sorted(counts)
+    return seen
+
+
+def main() -> None:
+    rank, world, init_file, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        results: dict = {"ddp": {}, "split": {}, "fsdp": {}, "info": {}}
+        for name in CONFIGS:
+            results["ddp"][name], ddp_info = train(name, rank, world, "ddp", distributed=False)
+            results["ddp_grads"] = ddp_info["first_grads"]
+            results["split"][name], results["info"][name] = train(name, rank, world, "ddp", distributed=True)
+            results["fsdp"][name] = train(name, rank, world, "fsdp", distributed=True)[0]
+            if rank == 0:
+                results.setdefault("reference", {})[name] = references(name, world)
+        results["full_batch_grads"] = full_batch_grads()
+        results["resume"] = warm_start_and_resume(rank, world, out)
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        with open(os.path.join(out, f"bad{rank}.json"), "w") as f:
+            json.dump(bad_inputs(rank, world), f)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
