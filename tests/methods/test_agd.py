@@ -373,7 +373,7 @@ def test_difference_identity_principled_vs_faithful_first_steps(property_backend
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(learning_rate=-1e-3), "learning_rate"),
         (dict(b1=1.0), "b1"),
         (dict(b2=-0.1), "b2"),
         (dict(delta=0.0), "delta"),

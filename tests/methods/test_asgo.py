@@ -465,7 +465,7 @@ def test_faithful_rejects_tensors_and_unsupported_options(eager_backend):
 @pytest.mark.parametrize(
     "factory, kwargs, name",
     [
-        (pr.asgo, dict(learning_rate=0.0), "learning_rate"),
+        (pr.asgo, dict(learning_rate=-1e-3), "learning_rate"),
         (pr.asgo, dict(b1=1.0), "b1"),
         (pr.asgo, dict(b2=-0.1), "b2"),
         (pr.asgo, dict(weight_decay=-1.0), "weight_decay"),

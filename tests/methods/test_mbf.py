@@ -241,7 +241,7 @@ def test_inverse_schedule_matches_mbngd_if_inverse():
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(learning_rate=-1e-3), "learning_rate"),
         (dict(learning_rate=1.0, damping=0.0), "damping"),
         (dict(learning_rate=1.0, damping=-1.0), "damping"),
         (dict(learning_rate=1.0, momentum=1.0), "momentum"),

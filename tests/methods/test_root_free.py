@@ -412,7 +412,7 @@ def test_if_shampoo_batch_size_and_validation():
     b, _ = pr.if_shampoo(batch_size=3).update({"w": np.ones((2, 2))}, opt.init(params))
     np.testing.assert_array_equal(a["w"], b["w"])
     for kwargs, name in [
-        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(learning_rate=-1e-3), "learning_rate"),
         (dict(preconditioner_lr=-1.0), "preconditioner_lr"),
         (dict(momentum=1.0), "momentum"),
         (dict(preconditioner_momentum=-0.1), "preconditioner_momentum"),

@@ -159,7 +159,7 @@ def test_state_memory_is_sublinear():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"learning_rate": -1e-3}, "learning_rate"),
         ({"rank": 0}, "rank"),
         ({"b2": 0.0}, "b2"),
         ({"b2": 1.5}, "b2"),
