@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import math
 import pathlib
 import re
 import shlex
@@ -122,6 +123,13 @@ def test_code_examples_run(page, tmp_path, monkeypatch):
         pytest.skip(f"{skipped} example(s) need methods not in this version")
 
 
+def _number(word: str):
+    try:
+        return float(word.strip(",();"))
+    except ValueError:
+        return None
+
+
 def _check_documented_report(page: pathlib.Path, namespace: dict) -> None:
     """The done-criterion: the broken plain-PyTorch AGD is caught at the documented step and
     parameter, and the report printed on the page is the one the code produces."""
@@ -130,6 +138,21 @@ def _check_documented_report(page: pathlib.Path, namespace: dict) -> None:
     assert (first.step, first.path, first.index) == (2, "fc1/bias", (0,))
     shown = re.search(r"```text\n(.*?)```", page.read_text(), re.S).group(1).strip().splitlines()
     actual = str(report).splitlines()
-    assert shown[0] == actual[0]
-    assert shown[1:5] == actual[1:5]  # the table up to the first divergence
+    assert len(shown) == len(actual)
+    # Rows before the divergence hold rounding noise (float64, a few ulps of values ~1e-1): their
+    # digits depend on the CPU's BLAS kernels, so they are checked against the report's tolerance,
+    # not digit for digit. From the divergence on, the printed 4 significant digits must match.
+    noise = 1e3 * 2.0**-52
+    for row, (want, got) in enumerate(zip(shown, actual)):
+        want_words, got_words = want.split(), got.split()
+        assert len(want_words) == len(got_words), (want, got)
+        before_divergence = 2 <= row < 2 + first.step
+        for w, g in zip(want_words, got_words):
+            w_num, g_num = _number(w), _number(g)
+            if w_num is None or g_num is None:
+                assert w == g, (want, got)
+            elif before_divergence and w_num < 1e-10:
+                assert g_num <= noise, (want, got)
+            else:
+                assert math.isclose(w_num, g_num, rel_tol=1e-3, abs_tol=noise), (want, got)
     assert namespace["prt"].compare_trajectories(namespace["reference"], namespace["fixed"]).ok
