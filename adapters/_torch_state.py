@@ -118,15 +118,25 @@ def translate_error(message: str, names: dict[str, str]) -> str:
     return message
 
 
-def build_transform(opt: "CoreOptimizer", group: dict) -> Any:
-    """``core_factory(**core_kwargs(group))``; invalid values raise naming the torch argument."""
+def build_transform(opt: "CoreOptimizer", group: dict, **overrides: Any) -> Any:
+    """``core_factory(**core_kwargs(group), **overrides)``; invalid values raise naming the torch argument."""
     try:
-        return type(opt).core_factory(**opt.core_kwargs(group))
+        return type(opt).core_factory(**{**opt.core_kwargs(group), **overrides})
     except (ValueError, TypeError) as error:
         message = translate_error(str(error), torch_names(opt, group))
         if message == str(error):
             raise
         raise type(error)(message) from error
+
+
+def check_learning_rate(opt: "CoreOptimizer", lr: Any) -> None:
+    """A Python ``lr`` written into a param group (by a scheduler or by hand) is a non-negative number."""
+    from precond_ref.transform import check_learning_rate as check
+
+    try:
+        check("lr", lr)
+    except ValueError as error:
+        raise ValueError(f"{type(opt).__name__}: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +156,8 @@ def getstate(opt: "CoreOptimizer") -> dict:
 def setstate(opt: "CoreOptimizer", state: dict) -> None:
     torch.optim.Optimizer.__setstate__(opt, state)
     opt.__dict__.setdefault("_param_names", names_from_groups(opt.param_groups))
-    opt._transforms = {}
+    for name in opt._transient_attributes:
+        setattr(opt, name, {})
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ import precond_ref as pr
 from precond_ref.transform import PrecondState, Transform
 from precond_ref.tree import path_str, tree_flatten
 
-from . import _torch_state
+from . import _torch_compile, _torch_state
+from ._torch_compile import CompileSetting
 
 __all__ = ["CoreOptimizer", "AGD", "ASGO", "DASGO", "MBF", "RFRMSProp", "RFAdamW", "IFShampoo", "Sketchy", "SAdaGrad"]
 
@@ -52,17 +53,45 @@ class CoreOptimizer(torch.optim.Optimizer):
     cast float32 state of bf16 parameters to bf16).
 
     ``step(closure=None, **extra)`` forwards ``extra`` (e.g. ``batch_size=``) to the core update.
+
+    **Speed.** A step reads no device value: the core's periodic work is scheduled from a host-side
+    count of the calls each parameter took part in (``update(..., step=)``), the learning rate is
+    a 0-D tensor on the parameters' device, and a non-finite step is skipped by element-wise
+    selection. ``compile`` (default: the class's ``compile_by_default``; the environment variable
+    ``PRECOND_REF_COMPILE=0`` or ``1`` overrides the default) runs each param group's core update
+    and the in-place parameter update under ``torch.compile(fullgraph=True)``, which fuses the
+    element-wise work into a few kernels; a dict is passed to ``torch.compile`` as options. If
+    compilation fails the optimizer warns once and runs the same core eagerly. Compiled and eager
+    steps agree to float32 rounding and share checkpoints. ``capturable=True`` (as in
+    ``torch.optim``) allows capturing ``step`` in a CUDA graph: CUDA parameters only, and a method
+    step without periodic work; give ``lr`` as a tensor to schedule it under replay.
     """
 
     core_factory: Callable[..., Transform]
+    #: Whether ``compile=None`` compiles (set per class from the benchmark: where it is faster).
+    compile_by_default: bool = False
     # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
-    _transient_attributes: tuple[str, ...] = ("_transforms",)
+    _transient_attributes: tuple[str, ...] = ("_transforms", "_compiled", "_learning_rates")
 
-    def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None):
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict,
+        *,
+        model: Optional[torch.nn.Module] = None,
+        compile: CompileSetting = None,
+        capturable: bool = False,
+    ):
         groups = _torch_state.param_groups_from(params)
+        if not isinstance(capturable, bool):
+            raise ValueError(f"capturable must be True or False, got {capturable!r}")
+        self._compile_options = _torch_compile.compile_options(compile, self.compile_by_default)
+        self._capturable = capturable
         self._model_names = {p: n for n, p in model.named_parameters()} if model is not None else {}
         self._param_names: dict[torch.Tensor, str] = dict(self._model_names)
         self._transforms: dict[int, tuple[tuple, Transform]] = {}
+        self._compiled: dict[int, _torch_compile.CompiledStep] = {}
+        self._learning_rates: dict[int, tuple[Any, torch.Tensor]] = {}
         super().__init__(groups, defaults)
         # Sharded (DTensor) parameters need the classes of precond_ref.adapters.torch_distributed.
         if not getattr(self, "_accepts_dtensor", False):
@@ -101,13 +130,42 @@ class CoreOptimizer(torch.optim.Optimizer):
         _torch_state.load_state_dict(self, state_dict)
 
     def _transform(self, group: dict) -> Transform:
+        """The group's core transform, rebuilt when a hyperparameter other than ``lr`` changes.
+
+        The learning rate enters as the group's 0-D tensor (:meth:`_learning_rate`), so a scheduler
+        changes a value the compiled kernels read, not the transform.
+        """
         kwargs = self.core_kwargs(group)
-        key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+        key = tuple(sorted((k, "<lr tensor>" if k == "learning_rate" else repr(v)) for k, v in kwargs.items()))
         cached = self._transforms.get(id(group))
         if cached is None or cached[0] != key:
-            cached = (key, _torch_state.build_transform(self, group))
+            _torch_state.build_transform(self, group)  # validates the group's own values, torch names in errors
+            cached = (key, _torch_state.build_transform(self, group, learning_rate=self._learning_rate(group)))
             self._transforms[id(group)] = cached
         return cached[1]
+
+    def _learning_rate(self, group: dict) -> torch.Tensor:
+        """The group's learning rate as a 0-D tensor on its parameters' device, set from ``lr``.
+
+        A Python number is written only when it changed (a fill, no host-to-device copy); a tensor
+        ``lr`` is copied on the device (so a captured step reads the scheduler's tensor).
+        """
+        lr = group["lr"]
+        cached = self._learning_rates.get(id(group))
+        if cached is None:
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            cached = (None, torch.zeros((), dtype=dtype, device=device))
+        value, tensor = cached
+        if isinstance(lr, torch.Tensor):
+            tensor.copy_(lr.detach().reshape(()))
+            value = None
+        elif lr != value:
+            _torch_state.check_learning_rate(self, lr)
+            tensor.fill_(lr)
+            value = lr
+        self._learning_rates[id(group)] = (value, tensor)
+        return tensor
 
     def _path(self, p: torch.Tensor, index: int) -> tuple:
         name = self._param_names.get(p)
@@ -136,6 +194,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         index = 0
         for group in self.param_groups:
             transform = self._transform(group)
+            self._learning_rate(group)
             # Parameters stepped together so far share a counter; the key is a host-side count of
             # the calls each took part in, so grouping them needs no device synchronisation.
             by_calls: dict[int, list[tuple[int, torch.Tensor]]] = {}
@@ -148,29 +207,30 @@ class CoreOptimizer(torch.optim.Optimizer):
                 calls = self.state[p].get(_CALLS, 0)
                 by_calls.setdefault(calls, []).append((index - 1, p))
             for calls, members in by_calls.items():
-                self._step_members(transform, members, fresh=calls == 0, extra=extra)
+                self._step_members(transform, members, calls=calls, extra=extra)
         return loss
 
-    def _step_members(self, transform: Transform, members: list, *, fresh: bool, extra: dict) -> None:
+    def _step_members(self, transform: Transform, members: list, *, calls: int, extra: dict) -> None:
+        """One core update of parameters that took part in ``calls`` earlier steps together."""
         paths = [self._path(p, i) for i, p in members]
         tensors = [p for _, p in members]
         params_tree = self._tree(paths, [p.detach() for p in tensors])
         grads_tree = self._tree(paths, [p.grad for p in tensors])
         by_key = {path_str(path): p for path, p in zip(paths, tensors)}
-        if fresh:
+        if self._capturable:
+            _torch_compile.check_capturable(type(self).__name__, transform, list(zip(map(path_str, paths), tensors)))
+        if calls == 0:
             core_state = transform.init(params_tree)
         else:
             groups = {}
-            for key, p in by_key.items():
-                entries = self.state[p]
+            # In the tree's order, as init made them (a compiled step guards on the order).
+            for key in map(path_str, tree_flatten(params_tree)[1].paths):
+                entries = self.state[by_key[key]]
                 if entries.get(_HEAD):
                     groups[key] = {k: v for k, v in entries.items() if k not in _BOOKKEEPING}
             first = self.state[tensors[0]]
             core_state = PrecondState(first[_STEP], first[_NONFINITE], groups)
-        updates, new_state = transform.update(grads_tree, core_state, params_tree, **extra)
-        update_leaves, update_def = tree_flatten(updates)
-        for path, update in zip(update_def.paths, update_leaves):
-            by_key[path_str(path)].add_(update)
+        new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra)
         for p in tensors:
             entries = self.state[p]
             calls = entries.get(_CALLS, 0) + 1
@@ -180,6 +240,31 @@ class CoreOptimizer(torch.optim.Optimizer):
             head = self.state[by_key[key]]
             head[_HEAD] = True
             head.update(entries)
+
+    def _run_update(self, transform: Transform, grads: dict, state: PrecondState, params: dict, calls: int, extra: dict) -> PrecondState:
+        """The core update, its updates added to ``params`` in place; compiled where enabled."""
+        if self._compile_options is not None and isinstance(transform, Transform):
+            compiled = self._compiled.get(id(transform))
+            if compiled is None or compiled.transform is not transform:
+                compiled = _torch_compile.CompiledStep(transform, self._compile_options)
+                live = {id(t) for _, t in self._transforms.values()}
+                self._compiled = {k: v for k, v in self._compiled.items() if k in live}
+                self._compiled[id(transform)] = compiled
+            try:
+                return compiled(grads, state, params, transform.due(calls), extra)
+            except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
+                # A genuine input error fails again below and propagates from the eager path.
+                new_state = self._eager_update(transform, grads, state, params, calls, extra)
+                _torch_compile.notice_eager(type(self).__name__, error)
+                self._compile_options = None
+                return new_state
+        return self._eager_update(transform, grads, state, params, calls, extra)
+
+    @staticmethod
+    def _eager_update(transform: Any, grads: dict, state: PrecondState, params: dict, calls: int, extra: dict) -> PrecondState:
+        updates, new_state = transform.update(grads, state, params, step=calls, **extra)
+        torch._foreach_add_(tree_flatten(params)[0], tree_flatten(updates)[0])
+        return new_state
 
 
 class AGD(CoreOptimizer):
@@ -206,6 +291,9 @@ class AGD(CoreOptimizer):
         clip: Optional[float] = None,
         mode: str = "principled",
         on_nonfinite: str = "skip",
+        *,
+        compile: CompileSetting = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -220,7 +308,7 @@ class AGD(CoreOptimizer):
             mode=mode,
             on_nonfinite=on_nonfinite,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, compile=compile, capturable=capturable)
 
     def core_kwargs(self, group: dict) -> dict:
         if not group["weight_decouple"]:
@@ -229,7 +317,7 @@ class AGD(CoreOptimizer):
             decay_mode = "fixed" if group["fixed_decay"] else "decoupled"
         b1, b2 = group["betas"]
         return dict(
-            learning_rate=_float(group["lr"]),
+            learning_rate=group["lr"],
             b1=b1,
             b2=b2,
             delta=group["delta"],
@@ -297,6 +385,8 @@ class ASGO(CoreOptimizer):
         on_nonfinite: str = "skip",
         *,
         model: Optional[torch.nn.Module] = None,
+        compile: CompileSetting = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, weight_decay=weight_decay, damping=damping, eps=eps,
@@ -306,13 +396,13 @@ class ASGO(CoreOptimizer):
             fallback_weight_decay=fallback_weight_decay, fallback_filter=fallback_filter,
             mode=mode, on_nonfinite=on_nonfinite,
         )
-        super().__init__(params, defaults, model=model)
+        super().__init__(params, defaults, model=model, compile=compile, capturable=capturable)
 
     def core_kwargs(self, group: dict) -> dict:
         b1, b2 = group["betas"]
         fb1, fb2 = group["fallback_betas"]
         return dict(
-            learning_rate=_float(group["lr"]), b1=b1, b2=b2, weight_decay=group["weight_decay"],
+            learning_rate=group["lr"], b1=b1, b2=b2, weight_decay=group["weight_decay"],
             damping=group["damping"], eps=group["eps"], root_method=group["root_method"],
             root_steps=group["root_steps"], precondition_every=group["precondition_every"],
             rms_target=group["rms_target"], accumulator=group["accumulator"], side=group["side"],
@@ -348,6 +438,8 @@ class DASGO(CoreOptimizer):
         on_nonfinite: str = "skip",
         *,
         model: Optional[torch.nn.Module] = None,
+        compile: CompileSetting = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rms_target=rms_target, side=side,
@@ -355,13 +447,13 @@ class DASGO(CoreOptimizer):
             fallback_weight_decay=fallback_weight_decay, fallback_filter=fallback_filter,
             mode=mode, on_nonfinite=on_nonfinite,
         )
-        super().__init__(params, defaults, model=model)
+        super().__init__(params, defaults, model=model, compile=compile, capturable=capturable)
 
     def core_kwargs(self, group: dict) -> dict:
         b1, b2 = group["betas"]
         fb1, fb2 = group["fallback_betas"]
         return dict(
-            learning_rate=_float(group["lr"]), b1=b1, b2=b2, eps=group["eps"],
+            learning_rate=group["lr"], b1=b1, b2=b2, eps=group["eps"],
             weight_decay=group["weight_decay"], rms_target=group["rms_target"], side=group["side"],
             fallback_mask=_FallbackByName(group["fallback_filter"]), fallback_b1=fb1, fallback_b2=fb2,
             fallback_eps=group["fallback_eps"], fallback_weight_decay=group["fallback_weight_decay"],
@@ -413,12 +505,12 @@ class _RootFreeOptimizer(CoreOptimizer):
     last ``step`` (the authors' hook). Without any of them ``step`` raises ``ValueError``.
     """
 
-    def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None) -> None:
+    def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None, **options: Any) -> None:
         if params is None:
             if model is None:
                 raise ValueError("give params, or model= to optimize all of its parameters")
             params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        super().__init__(params, defaults, model=model)
+        super().__init__(params, defaults, model=model, **options)
         self._batch_counter = _BatchCounter(model) if model is not None and defaults["batch_size"] is None else None
 
     @torch.no_grad()
@@ -468,17 +560,20 @@ class RFRMSProp(_RootFreeOptimizer):
         state_dtype: Optional[torch.dtype] = None,
         mode: str = "principled",
         on_nonfinite: str = "skip",
+        *,
+        compile: CompileSetting = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, damping=damping, momentum=momentum, weight_decay=weight_decay,
             batch_size=batch_size, initial_scale=initial_scale, scale_by_batch_size=scale_by_batch_size,
             state_dtype=state_dtype, mode=mode, on_nonfinite=on_nonfinite,
         )
-        super().__init__(params, defaults, model=model)
+        super().__init__(params, defaults, model=model, compile=compile, capturable=capturable)
 
     def core_kwargs(self, group: dict) -> dict:
         return dict(
-            learning_rate=_float(group["lr"]), b2=group["alpha"], damping=group["damping"],
+            learning_rate=group["lr"], b2=group["alpha"], damping=group["damping"],
             momentum=group["momentum"], weight_decay=group["weight_decay"], batch_size=group["batch_size"],
             initial_scale=group["initial_scale"], scale_by_batch_size=group["scale_by_batch_size"],
             state_dtype=group["state_dtype"], mode=group["mode"], on_nonfinite=group["on_nonfinite"],
@@ -506,6 +601,9 @@ class RFAdamW(_RootFreeOptimizer):
         state_dtype: Optional[torch.dtype] = None,
         mode: str = "principled",
         on_nonfinite: str = "skip",
+        *,
+        compile: CompileSetting = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, damping=damping, weight_decay=weight_decay, batch_size=batch_size,
@@ -513,12 +611,12 @@ class RFAdamW(_RootFreeOptimizer):
             scale_by_batch_size=scale_by_batch_size, state_dtype=state_dtype, mode=mode,
             on_nonfinite=on_nonfinite,
         )
-        super().__init__(params, defaults, model=model)
+        super().__init__(params, defaults, model=model, compile=compile, capturable=capturable)
 
     def core_kwargs(self, group: dict) -> dict:
         b1, b2 = group["betas"]
         return dict(
-            learning_rate=_float(group["lr"]), b1=b1, b2=b2, damping=group["damping"],
+            learning_rate=group["lr"], b1=b1, b2=b2, damping=group["damping"],
             weight_decay=group["weight_decay"], batch_size=group["batch_size"],
             bias_correction=group["bias_correction"], initial_scale=group["initial_scale"],
             scale_by_batch_size=group["scale_by_batch_size"], state_dtype=group["state_dtype"],
@@ -557,6 +655,9 @@ class IFShampoo(_RootFreeOptimizer):
         preconditioner_lr_scale: Optional[Callable] = None,
         mode: str = "principled",
         on_nonfinite: str = "skip",
+        *,
+        compile: CompileSetting = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, preconditioner_lr=preconditioner_lr,
@@ -565,11 +666,11 @@ class IFShampoo(_RootFreeOptimizer):
             max_dense_dim=max_dense_dim, factor_dtype=factor_dtype, grouping=grouping,
             preconditioner_lr_scale=preconditioner_lr_scale, mode=mode, on_nonfinite=on_nonfinite,
         )
-        super().__init__(params, defaults, model=model)
+        super().__init__(params, defaults, model=model, compile=compile, capturable=capturable)
 
     def core_kwargs(self, group: dict) -> dict:
         return dict(
-            learning_rate=_float(group["lr"]), momentum=group["momentum"],
+            learning_rate=group["lr"], momentum=group["momentum"],
             preconditioner_lr=_float(group["preconditioner_lr"]),
             preconditioner_momentum=group["preconditioner_momentum"], damping=group["damping"],
             weight_decay=group["weight_decay"], batch_size=group["batch_size"],
@@ -628,6 +729,9 @@ class MBF(CoreOptimizer):
         model: Optional[torch.nn.Module] = None,
         mode: str = "principled",
         on_nonfinite: str = "skip",
+        *,
+        compile: CompileSetting = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -645,7 +749,7 @@ class MBF(CoreOptimizer):
             mode=mode,
             on_nonfinite=on_nonfinite,
         )
-        super().__init__(params, defaults, model=model)
+        super().__init__(params, defaults, model=model, compile=compile, capturable=capturable)
         unnamed = sum(1 for g in self.param_groups for p in g["params"] if self._param_names.get(p) is None)
         if unnamed:
             warnings.warn(
@@ -657,7 +761,7 @@ class MBF(CoreOptimizer):
 
     def core_kwargs(self, group: dict) -> dict:
         return dict(
-            learning_rate=_float(group["lr"]),
+            learning_rate=group["lr"],
             damping=group["damping"],
             momentum=group["momentum"],
             b2=group["beta2"],
@@ -830,6 +934,9 @@ class Sketchy(CoreOptimizer):
         momentum_ema: bool = False,
         tail_decay: Optional[str] = None,
         on_nonfinite: str = "skip",
+        *,
+        compile: CompileSetting = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, rank=rank, beta2=beta2, eps=eps, relative_eps=relative_eps, momentum=momentum,
@@ -840,11 +947,11 @@ class Sketchy(CoreOptimizer):
             block_size=block_size, decomposition=decomposition, mode=mode,
             momentum_ema=momentum_ema, tail_decay=tail_decay, on_nonfinite=on_nonfinite,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, compile=compile, capturable=capturable)
 
     def core_kwargs(self, group: dict) -> dict:
         return dict(
-            learning_rate=_float(group["lr"]), rank=group["rank"], b2=group["beta2"],
+            learning_rate=group["lr"], rank=group["rank"], b2=group["beta2"],
             eps=group["eps"], relative_eps=group["relative_eps"], momentum=group["momentum"],
             nesterov=group["nesterov"], weight_decay=group["weight_decay"], graft=group["graft"],
             graft_b2=group["graft_beta2"], graft_eps=group["graft_eps"],
@@ -878,16 +985,19 @@ class SAdaGrad(CoreOptimizer):
         block_size: Optional[int] = None,
         mode: str = "principled",
         on_nonfinite: str = "skip",
+        *,
+        compile: CompileSetting = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, rank=rank, delta=delta, eps=eps, beta2=beta2, momentum=momentum,
             weight_decay=weight_decay, block_size=block_size, mode=mode, on_nonfinite=on_nonfinite,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, compile=compile, capturable=capturable)
 
     def core_kwargs(self, group: dict) -> dict:
         return dict(
-            learning_rate=_float(group["lr"]), rank=group["rank"], delta=group["delta"],
+            learning_rate=group["lr"], rank=group["rank"], delta=group["delta"],
             eps=group["eps"], b2=group["beta2"], momentum=group["momentum"],
             weight_decay=group["weight_decay"], block_size=group["block_size"], mode=group["mode"],
             on_nonfinite=group["on_nonfinite"],

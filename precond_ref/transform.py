@@ -37,6 +37,7 @@ __all__ = [
     "schedule_value",
     "compute_dtype",
     "scalar_array",
+    "step_scalar",
     "is_zero",
     "is_due",
     "Interval",
@@ -121,6 +122,8 @@ def is_due(interval: Interval, calls: Any) -> Any:
     """
     if callable(interval):
         return interval(calls)
+    if interval == 1:
+        return True  # statically: no branch, whatever calls is
     return calls % interval == 0
 
 
@@ -183,6 +186,20 @@ def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
     return xp.astype(value, dtype)
 
 
+def step_scalar(xp: Any, value: Any) -> Any:
+    """A 0-D per-step value (a bias correction, a scheduled rate) computed once per step.
+
+    Arithmetic passes through. Under ``torch.compile`` a scalar derived from the step counter is
+    otherwise inlined into every loop that reads it, so TorchInductor's CPU kernels recompute e.g.
+    ``pow(b, t)`` for every vector of every parameter (4x slower than Adam); a reduction is always
+    materialised before the loops, and this maximum of the value with itself is one. Elsewhere it
+    costs two scalar operations.
+    """
+    if not hasattr(value, "shape"):
+        return value
+    return xp.max(xp.stack([value, value]))
+
+
 def is_zero(value: Any) -> bool:
     """Whether a hyperparameter is statically zero.
 
@@ -202,16 +219,31 @@ def _is_tracer(x: Any) -> bool:
     return jax is not None and isinstance(x, jax.core.Tracer)
 
 
-def cond(xp: Any, pred: Array, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
+def _torch_compiling() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
+def cond(xp: Any, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
     """``true_fn(*operands) if pred else false_fn(*operands)``, without re-tracing under ``jax.jit``.
 
-    Under JAX tracing the branch is a ``lax.cond`` (JAX is already imported when its arrays are
-    here, so the core does not import it); with concrete arrays, on any backend, the predicate is
-    read once on the host (an eager ``lax.cond`` would trace both branches again on every call).
-    Both branches must return arrays of identical shapes and dtypes.
+    A Python bool (an interval decision made on the host, see :meth:`StepContext.every`) branches
+    in Python. An array predicate is a ``lax.cond`` under JAX tracing and a ``torch.cond`` under
+    ``torch.compile`` (the frameworks are already imported when their arrays are here, so the core
+    does not import them); with concrete arrays it is read once on the host, which on a GPU is a
+    synchronisation (an eager ``lax.cond`` would trace both branches again on every call). Both
+    branches must return arrays of identical shapes and dtypes.
     """
+    if isinstance(pred, bool):
+        return true_fn(*operands) if pred else false_fn(*operands)
     if is_jax_namespace(xp) and _is_tracer(pred):
         return sys.modules["jax"].lax.cond(pred, true_fn, false_fn, *operands)
+    if _torch_compiling() and hasattr(pred, "shape"):
+        # torch.cond's branches may not return their operands themselves: copies.
+        def unaliased(fn: Callable) -> Callable:
+            return lambda *ops: tree_map(lambda x: xp.asarray(x, copy=True), fn(*ops))
+
+        return sys.modules["torch"].cond(pred, unaliased(true_fn), unaliased(false_fn), operands)
     return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
 
@@ -542,12 +574,19 @@ def _all_finite(xp: Any, arrays: Sequence[Array]) -> Array:
 
     Built from reductions alone: a constant ``True`` would be a host-to-device copy on a GPU.
     """
-    ok = None
+    # x * 0 is 0 for a finite x and NaN for NaN or ±Inf: one multiply-add per element, cheaper
+    # than isfinite's comparisons; arrays of one shape are added first, so that a compiler reduces
+    # them in one loop together with the element-wise work that produced them.
+    by_shape: dict[tuple, Any] = {}
     for a in arrays:
         if xp.isdtype(a.dtype, "real floating"):
-            finite = xp.all(xp.isfinite(a))
-            ok = finite if ok is None else xp.logical_and(ok, finite)
-    return ok
+            key = (tuple(a.shape), a.dtype)
+            by_shape[key] = a * 0.0 if key not in by_shape else by_shape[key] + a * 0.0
+    total = None
+    for zeros in by_shape.values():
+        zero = xp.sum(zeros)
+        total = zero if total is None else total + xp.astype(zero, total.dtype)
+    return xp.isfinite(total)
 
 
 def _unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> dict[str, Array]:

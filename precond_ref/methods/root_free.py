@@ -35,6 +35,7 @@ from ..transform import (
     cond,
     singleton_groups,
     weight_bias_groups,
+    step_scalar,
 )
 from ..tree import Path, path_str
 
@@ -349,10 +350,10 @@ def rf_adamw(
         lr = _scalar(xp, ctx.value(learning_rate), dtype)
         if bias_correction:
             t = xp.astype(ctx.count + 1, dtype)
-            bc1, bc2 = 1 - d1**t, 1 - d2**t
+            bc1, bc2 = step_scalar(xp, 1 - d1**t), step_scalar(xp, 1 - d2**t)
         else:
             bc1 = bc2 = 1
-        step = (lr / bc1) * _rf_denominator_step(xp, m_new, s_new / bc2 + _scalar(xp, damping, dtype), faithful)
+        step = step_scalar(xp, lr / bc1) * _rf_denominator_step(xp, m_new, s_new / bc2 + _scalar(xp, damping, dtype), faithful)
         if use_decay:
             step = step + (lr * _scalar(xp, weight_decay, dtype)) * xp.astype(params[0], dtype)
         return (-step,), {"m": m_new, "s": s_new}

@@ -1,0 +1,145 @@
+"""The compiled step of the torch optimizers: ``torch.compile`` of the core's pure ``update``.
+
+Nothing here restates an update rule: the compiled function calls the core transform of a param
+group and adds its updates to the parameters in place, and TorchInductor fuses the element-wise
+work of the whole group (state updates, the non-finite selection, the parameter update) into a
+few kernels. What the compiled code depends on is kept stable so that it compiles a bounded
+number of times:
+
+* the periodic-work decisions come in as a tuple of Python bools (``Transform.due``, evaluated on
+  the host from the host step count), so a method with intervals compiles at most one graph per
+  combination of decisions (two for a single interval), never one per step;
+* the learning rate is a 0-D tensor read by the kernels (schedulers change its value, not the
+  graph);
+* each param group's compiled function has a code object of its own, so its compilations never
+  count against another group's or another optimizer's.
+
+If compilation fails (no C++ compiler for TorchInductor's CPU backend, an unsupported
+operation), the optimizer says so once and runs the same core eagerly.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from precond_ref.transform import Transform
+from precond_ref.tree import tree_flatten
+
+__all__ = ["ENVIRONMENT_VARIABLE", "compile_options", "CompiledStep", "check_capturable"]
+
+#: ``PRECOND_REF_COMPILE=0`` runs every torch optimizer eagerly (``1`` compiles where supported);
+#: the constructor's ``compile=`` argument wins over it.
+ENVIRONMENT_VARIABLE = "PRECOND_REF_COMPILE"
+
+CompileSetting = Union[None, bool, dict]
+
+
+def compile_options(setting: CompileSetting, by_default: bool) -> Optional[dict]:
+    """The ``torch.compile`` keyword arguments to use, or ``None`` for the eager path.
+
+    ``setting`` is the constructor's ``compile``: ``None`` (the class default, overridden by the
+    environment variable), ``True``/``False``, or a dict of ``torch.compile`` options
+    (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``).
+    """
+    if isinstance(setting, dict):
+        return dict(setting)
+    if setting is None:
+        env = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower()
+        if env in ("0", "false", "off", "no"):
+            return None
+        if env in ("1", "true", "on", "yes"):
+            return {}
+        return {} if by_default else None
+    if not isinstance(setting, bool):
+        raise TypeError(f"compile must be None, True, False or a dict of torch.compile options, got {setting!r}")
+    return {} if setting else None
+
+
+def _apply(transform: Transform, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
+    """One core update of a param group: updates added to the parameters and the new state arrays
+    written into the old ones, in place (Inductor then writes each result once, where it belongs);
+    returns the new state.
+
+    0-D entries (state, and the updates of 0-D parameters) are returned instead: torch 2.13 drops
+    an in-place write into a 0-D float64 CPU input under ``aot_eager`` and Inductor
+    (``a.add_(1.0)`` leaves ``a`` unchanged), and they cost nothing.
+    """
+    updates, new_state = transform.update(grads, state, params, due=due, **extra)
+    scalar_updates = []
+    for p, u in zip(tree_flatten(params)[0], tree_flatten(updates)[0]):
+        if p.ndim == 0:
+            scalar_updates.append(u)
+        else:
+            p.add_(u)  # per leaf, not _foreach_add_: Inductor fuses it into the update's own loop
+    groups = {}
+    for key, entries in new_state.groups.items():
+        groups[key] = {}
+        for name, value in entries.items():
+            old = state.groups[key][name]
+            if value is not old and value.ndim > 0:
+                old.copy_(value)
+                value = old
+            groups[key][name] = value
+    return new_state._replace(groups=groups), scalar_updates
+
+
+def _fresh(function: Callable) -> Callable:
+    """A copy of ``function`` with a code object of its own (dynamo keys its cache on it)."""
+    return types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
+
+
+class CompiledStep:
+    """The compiled :func:`_apply` of one transform (rebuilt when the transform is)."""
+
+    def __init__(self, transform: Transform, options: dict) -> None:
+        self.transform = transform
+        self.options = dict(options)
+        self._compiled = torch.compile(_fresh(_apply), fullgraph=True, **self.options)
+
+    def __call__(self, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
+        with warnings.catch_warnings():
+            # Tracing array_api_compat's cached namespace lookups; harmless, and the user's to ignore.
+            warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+            new_state, scalar_updates = self._compiled(self.transform, grads, state, params, due, extra)
+        scalars = [p for p in tree_flatten(params)[0] if p.ndim == 0]
+        for p, u in zip(scalars, scalar_updates):
+            p.add_(u)
+        return new_state
+
+
+def notice_eager(owner: str, error: BaseException) -> None:
+    """The one-line notice of a compiled path that could not be used."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    warnings.warn(
+        f"{owner}: torch.compile failed ({type(error).__name__}: {reason[:200]}); running the same update eagerly "
+        f"(pass compile=False or set {ENVIRONMENT_VARIABLE}=0 to skip the attempt)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def check_capturable(owner: str, transform: Transform, params: list[tuple[str, torch.Tensor]]) -> None:
+    """``capturable=True``: every parameter on a CUDA device, and no periodic work.
+
+    A captured CUDA graph replays its kernels without the host: interval decisions made on the host
+    at capture time would be replayed forever, so methods with periodic work (at intervals other
+    than 1) cannot be captured.
+    """
+    due = getattr(transform, "due", None)
+    if due is None or any(not all(due(step)) for step in range(1024)):
+        raise ValueError(
+            f"{owner}: capturable=True needs a step without periodic work (its interval decisions are made on the "
+            "host, which a replayed CUDA graph never consults): set the method's intervals to 1"
+        )
+    for name, p in params:
+        if p.device.type != "cuda":
+            raise ValueError(
+                f"{owner}: capturable=True needs CUDA parameters (CUDA-graph capture); parameter {name!r} is on {p.device}"
+            )
