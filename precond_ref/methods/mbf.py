@@ -295,6 +295,10 @@ def mbf(
     decays = hasattr(weight_decay, "shape") or weight_decay != 0.0
     t1, t2 = statistics_every, precondition_every
 
+    def inverse_due(calls: Any) -> Any:
+        # mbngd_if_inverse: every statistics step up to T2, then every T2 steps.
+        return ((calls <= t2) & (calls % t1 == 0)) | (calls % t2 == 0)
+
     # -- the block statistic, its inverse, and the preconditioned direction, per kind ------------
 
     def block_statistic(xp, kind, g_block):
@@ -408,12 +412,10 @@ def mbf(
             with_stats, keep_stats, with_inverse, keep_inverse = branches(xp, kind)
             rho, lam = _hyper(xp, b2, dtype), _hyper(xp, damping, dtype)
             statistic, failures = cond(
-                xp, count % t1 == 0, with_stats, keep_stats, state["statistic"], state["failures"], g_block, rho
+                xp, ctx.every(t1), with_stats, keep_stats, state["statistic"], state["failures"], g_block, rho
             )
-            # mbngd_if_inverse: every statistics step up to T2, then every T2 steps.
-            refresh = xp.logical_or(xp.logical_and(count <= t2, count % t1 == 0), count % t2 == 0)
             inverse, failures = cond(
-                xp, refresh, with_inverse, keep_inverse, statistic, state["inverse"], failures, lam
+                xp, ctx.every(inverse_due), with_inverse, keep_inverse, statistic, state["inverse"], failures, lam
             )
             direction = precondition(xp, kind, inverse, m_block)
             directions = _from_block(xp, direction, grads)
@@ -437,6 +439,7 @@ def mbf(
         group_leaves=canonical_groups,
         on_nonfinite=on_nonfinite,
         needs_params=decays,
+        intervals=(t1, inverse_due),
     )
 
     def init(params: Any) -> PrecondState:
@@ -493,6 +496,6 @@ def mbf(
             groups[key] = entries
         return PrecondState(state.count, state.nonfinite_count, groups)
 
-    transform = MBFTransform(init, update)
+    transform = MBFTransform(init, update, inner.due)
     transform.warm_start = warm_start
     return transform
