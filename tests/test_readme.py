@@ -44,7 +44,17 @@ def test_readme_results_are_generated_from_the_committed_json():
     data = json.loads((ROOT / "docs" / "data" / "compare.json").read_text())
     start, end = README.index(report.README_BEGIN), README.index(report.README_END) + len(report.README_END)
     assert README[start:end] == report.readme_section(data)
+    assert data["settings"]["tune"] and len(data["settings"]["seeds"]) == 3  # the default run
     assert (ROOT / "docs" / "images" / "compare_loss_curves.png").exists()
+
+
+def test_readme_method_table_lists_every_method():
+    """Every method factory of the library (RF-AdamW was missing) appears in the README's table."""
+    from precond_ref.testing import available_methods
+
+    table = README.split("## Set-up")[0]
+    missing = [name for name in available_methods() if f"`pr.{name}`" not in table]
+    assert missing == []
 
 
 def test_readme_results_are_the_default_run_and_fit_in_five_minutes_on_two_cores():
@@ -70,12 +80,3 @@ def test_readme_results_are_the_default_run_and_fit_in_five_minutes_on_two_cores
     assert settings["tune"] and len(settings["seeds"]) == 3 and settings["jobs"] == 2
     assert settings["methods"] == [entry.name for entry in compare.METHODS]
     assert data["cpu_s"]["quiet_wall_estimate"] < 300
-
-
-def test_readme_method_table_lists_every_method():
-    """Every method factory of the library (RF-AdamW was missing) appears in the README's table."""
-    from precond_ref.testing import available_methods
-
-    table = README.split("## Set-up")[0]
-    missing = [name for name in available_methods() if f"`pr.{name}`" not in table]
-    assert missing == []
