@@ -268,9 +268,10 @@ def timing(report: dict) -> str:
     text = f"{report['job_count']} training runs in {_duration(report['total_s'])}"
     cpu, jobs = report.get("cpu_s"), report["settings"]["jobs"]
     if cpu:
+        plural = "" if jobs == 1 else "s"
         text += (
-            f" (CPU time {_duration(cpu['main'] + cpu['workers'])} over {jobs} worker process(es): "
-            f"{_duration(cpu['quiet_wall_estimate'])} on {jobs} otherwise idle core(s))"
+            f" (CPU time {_duration(cpu['main'] + cpu['workers'])} in {jobs} worker process{'es' if jobs > 1 else ''}, "
+            f"so {_duration(cpu['quiet_wall_estimate'])} on {jobs} otherwise idle core{plural})"
         )
     return text
 
