@@ -447,8 +447,9 @@ def run(args: argparse.Namespace) -> int:
     total, cpu = time.perf_counter() - started, _cpu_seconds()
     if cpu is not None and cpu_started is not None:
         cpu = {k: cpu[k] - cpu_started[k] for k in cpu}
-        # What the run needs of a quiet machine with `jobs` cores: the main process's own work plus
-        # the workers' work shared out (it ignores only the last job's tail and the OS's noise).
+        # What the runs need of a quiet machine with `jobs` cores: the main process's own work plus
+        # the workers' shared out. Not counted: start-up before the runs, the plot, and the idle
+        # tail while the last jobs finish (seconds, against minutes).
         cpu["quiet_wall_estimate"] = cpu["main"] + cpu["workers"] / jobs_count
     for r in runs:
         if "error" in r:

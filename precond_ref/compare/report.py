@@ -261,17 +261,17 @@ def _duration(seconds: float) -> str:
 def timing(report: dict) -> str:
     """How long the run took: wall time, and (where measured) CPU time and what it means on idle cores.
 
-    On a machine shared with other work the wall time says little; the CPU seconds do not depend
+    On a machine shared with other work the wall time says little; the CPU seconds hardly depend
     on the load, and the main process's plus the workers' shared out over the worker count is the
     wall time the run needs on as many otherwise idle cores.
     """
     text = f"{report['job_count']} training runs in {_duration(report['total_s'])}"
     cpu, jobs = report.get("cpu_s"), report["settings"]["jobs"]
     if cpu:
-        plural = "" if jobs == 1 else "s"
+        workers, cores = ("worker process", "core") if jobs == 1 else ("worker processes", "cores")
         text += (
-            f" (CPU time {_duration(cpu['main'] + cpu['workers'])} in {jobs} worker process{'es' if jobs > 1 else ''}, "
-            f"so {_duration(cpu['quiet_wall_estimate'])} on {jobs} otherwise idle core{plural})"
+            f" (CPU time {_duration(cpu['main'] + cpu['workers'])} in {jobs} {workers}, "
+            f"so {_duration(cpu['quiet_wall_estimate'])} on {jobs} otherwise idle {cores})"
         )
     return text
 
