@@ -188,6 +188,31 @@ def test_table_entries_are_well_formed():
 # Tuning
 
 
+def test_defaults_are_the_tuned_protocol():
+    """Issue 15's protocol is the default: tuning on, a 5-7 point grid centred on the paper's value,
+    3 seeds, a validation split of the training set."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    compare.add_arguments(parser)
+    args = parser.parse_args([])
+    assert not args.no_tune and 5 <= args.grid <= 7 and args.grid % 2 == 1 and args.seeds == 3
+    assert compare.grid_factors(args.grid)[args.grid // 2] == 1.0
+    assert args.methods == "all" and args.models.split(",") == list(digits.MODELS)
+    assert 0 < compare.VALIDATION_FRACTION < 0.5
+
+
+def test_validation_split_partitions_the_training_set():
+    """The sweep trains and scores inside the training set: the two parts are disjoint, cover it
+    and keep every class; the test set is not touched."""
+    x, y, x_test, _ = digits.load_digits_split()
+    x_fit, y_fit, x_val, y_val = digits.validation_split(x, y, compare.VALIDATION_FRACTION)
+    assert len(x_fit) + len(x_val) == len(x) and len(x_val) == math.ceil(compare.VALIDATION_FRACTION * len(x))
+    rows = lambda a: {r.tobytes() for r in a}  # noqa: E731
+    assert rows(x_fit) | rows(x_val) == rows(x) and not rows(x_fit) & rows(x_val) and not rows(x_val) & rows(x_test)
+    assert set(y_val) == set(y_fit) == set(range(10))
+
+
 def test_grid_is_centred_on_the_paper_value_in_half_decades():
     assert compare.grid_factors(1) == [1.0]
     five = compare.grid_factors(5)
@@ -371,6 +396,75 @@ def test_progress_bar_is_off_when_stderr_is_not_a_terminal(capsys):
     progress.update(10)
     progress.close()
     assert capsys.readouterr().err == ""
+
+
+def test_progress_bar_shows_on_a_terminal(monkeypatch):
+    """On a terminal the run shows one bar over every step, with its phase."""
+    pytest.importorskip("tqdm")
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    progress = compare._Progress(100, enabled=True)
+    progress.phase("sweep")
+    progress.update(40)
+    progress.close()
+    assert "sweep" in terminal.getvalue() and "40/100" in terminal.getvalue()
+    off = compare._Progress(100, enabled=False)  # --no-progress
+    assert off.bar is None
+
+
+def _fake_report(models=("mlp", "autoencoder"), seeds=3, epochs=6):
+    rng = np.random.default_rng(0)
+    runs = [
+        {
+            "model": model, "method": method, "label": label, "seed": seed,
+            "hyperparameters": {"learning_rate": lr},
+            "epoch_train_loss": list(np.exp(-np.linspace(0, 2, epochs)) * (1 + 0.1 * rng.random())),
+            "epoch_test_loss": list(np.exp(-np.linspace(0, 1, epochs)) * (1 + 0.1 * rng.random())),
+            "epoch_test_accuracy": list(np.linspace(0.5, 0.9, epochs) + 0.01 * rng.random()),
+        }
+        for model in models
+        for method, label, lr in (("adam", "Adam", 0.0031), ("agd", "AGD", 0.01), ("mbf", "MBF", 3.2e-05))
+        for seed in range(seeds)
+    ]
+    return {"runs": runs, "settings": {"tune": True, "seeds": list(range(seeds))}, "machine": {"processor": "test CPU"}}
+
+
+def test_plot_shows_seed_bands_chosen_rates_and_a_legend_off_the_curves():
+    """Issue 15: mean curves with a band for the seeds, each method's chosen learning rate in the
+    legend, and legends that cover no curve (drawn outside every panel)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import PolyCollection
+
+    fig = report.figure(_fake_report())
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        panels = [ax.get_window_extent(renderer) for ax in fig.axes]
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert len(legends) == 2  # one per model column
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            assert not any(box.overlaps(panel) for panel in panels)
+            texts = [t.get_text() for t in legend.get_texts()]
+            assert texts == ["Adam (lr 0.0031)", "AGD (lr 0.01)", "MBF (lr 3.2e-05)"]
+        for ax in fig.axes:
+            assert len(ax.get_lines()) == 3  # one mean curve per method
+            assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 3  # one band each
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    single = report.figure(_fake_report(models=("cnn",), seeds=1))
+    assert all(not ax.collections for ax in single.axes)  # one seed: no band to draw
+    import matplotlib.pyplot as plt
+
+    plt.close(single)
 
 
 _WITHOUT_NUMPY = """

@@ -55,3 +55,28 @@ def test_readme_method_table_lists_every_method():
     table = README.split("## Set-up")[0]
     missing = [name for name in available_methods() if f"`pr.{name}`" not in table]
     assert missing == []
+
+
+def test_readme_results_are_the_default_run_and_fit_in_five_minutes_on_two_cores():
+    """Issue 15's done-criterion: the README shows the main job's own output (the default command,
+    at most ``--readme`` and ``--out`` added), and that run needs less than 5 minutes of two
+    otherwise idle cores (its CPU seconds, which do not depend on the machine's load: the main
+    process's plus the workers' shared out over the two worker processes)."""
+    import argparse
+    import json
+    import shlex
+
+    compare = pytest.importorskip("precond_ref.compare")
+    data = json.loads((ROOT / "docs" / "data" / "compare.json").read_text())
+    argv = shlex.split(data["command_line"])
+    assert argv[:4] == ["python", "-m", "precond_ref", "compare"]
+    parser = argparse.ArgumentParser()
+    compare.add_arguments(parser)
+    args = parser.parse_args(argv[4:])
+    assert args.readme and {k: v for k, v in vars(args).items() if k not in ("readme", "out")} == {
+        k: v for k, v in vars(parser.parse_args([])).items() if k not in ("readme", "out")
+    }
+    settings = data["settings"]
+    assert settings["tune"] and len(settings["seeds"]) == 3 and settings["jobs"] == 2
+    assert settings["methods"] == [entry.name for entry in compare.METHODS]
+    assert data["cpu_s"]["quiet_wall_estimate"] < 300

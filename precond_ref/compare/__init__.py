@@ -229,6 +229,17 @@ def _check_dependencies(backend: str, dtype: str, plot: bool) -> None:
             raise UserError("--backend cupy needs a CUDA device, and cupy.is_available() is False on this machine")
 
 
+def _cpu_seconds() -> Optional[dict]:
+    """User + system CPU seconds so far of this process and of its children that have been waited
+    for (the workers, once the pool is shut down); None where :mod:`resource` is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Unix
+        return None
+    usage = {who: resource.getrusage(getattr(resource, "RUSAGE_" + who.upper())) for who in ("self", "children")}
+    return {"main": usage["self"].ru_utime + usage["self"].ru_stime, "workers": usage["children"].ru_utime + usage["children"].ru_stime}
+
+
 def _importable(module: str) -> bool:
     import importlib
 
@@ -399,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
     )
     progress = _Progress(sum(map(steps_of, sweep_jobs)) + final_steps, enabled=not args.no_progress)
     pool = None
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     try:
         if jobs_count > 1:
             import concurrent.futures as cf
@@ -433,7 +444,13 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    total = time.perf_counter() - started
+    total, cpu = time.perf_counter() - started, _cpu_seconds()
+    if cpu is not None and cpu_started is not None:
+        cpu = {k: cpu[k] - cpu_started[k] for k in cpu}
+        # What the runs need of a quiet machine with `jobs` cores: the main process's own work plus
+        # the workers' shared out. Not counted: start-up before the runs, the plot, and the idle
+        # tail while the last jobs finish (seconds, against minutes).
+        cpu["quiet_wall_estimate"] = cpu["main"] + cpu["workers"] / jobs_count
     for r in runs:
         if "error" in r:
             print(f"{r['model']} {r['label']} seed {r['seed']}: FAILED: {r['error']}", file=sys.stderr)
@@ -456,6 +473,7 @@ def run(args: argparse.Namespace) -> int:
         "data": data_info,
         "machine": report.machine(),
         "total_s": total,
+        "cpu_s": cpu,
         "job_count": len(sweep_jobs) + len(final_jobs),
         "skipped": skipped,
         "references": {e.name: e.reference for e in entries},
@@ -471,8 +489,8 @@ def run(args: argparse.Namespace) -> int:
         print(report.format_sweeps(sweeps))
     machine = full["machine"]
     print(
-        f"\n{full['job_count']} runs in {total:.1f} s on {machine['processor']} "
-        f"({machine.get('usable_cpus', machine['cpu_count'])} CPUs), backend {args.backend}"
+        f"\n{report.timing(full)} on {machine['processor']} ({machine.get('usable_cpus', machine['cpu_count'])} CPUs), "
+        f"backend {args.backend}"
     )
     for note in skipped:
         print(f"skipped {note['method']}: {note['reason']}")

@@ -27,6 +27,7 @@ per-case error the K-FAC papers report). The labels are ignored by the autoencod
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import numpy as np
@@ -112,56 +113,90 @@ def init_params(model: str, seed: int) -> dict[str, dict[str, np.ndarray]]:
 # NumPy / CuPy: forward and backward by hand. ``xp`` is the numpy or cupy module.
 
 
-def _im2col(xp: Any, x: Any) -> Any:
-    """(B, C, H, W) -> (B, C*9, H*W): the 3x3 neighbourhoods (zero padding 1), channel-major."""
-    b, c, h, w = x.shape
-    padded = xp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    cols = xp.stack([padded[:, :, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=2)
-    return cols.reshape(b, c * 9, h * w)
+# The CNN's images are tiny (8x8, then 4x4), where im2col's many small copies cost more than the
+# arithmetic. The first convolution (one input channel) is a single gather of the 3x3 patches and
+# a (B*64, 9) x (9, 8) product; its activations stay position-major ``(B, y, x, channel)`` through
+# the pooling. The second runs as one product with the dense (256, 128) matrix of the linear map it
+# is, filled from the 3x3 weights. This is ~2x faster per training step than im2col at batch 64 and
+# ~4x on the evaluation sets.
 
 
-def _col2im(xp: Any, dcols: Any, shape: tuple[int, ...]) -> Any:
-    """Adjoint of :func:`_im2col`: scatter-add the neighbourhood gradients back to pixels."""
-    b, c, h, w = shape
-    d = dcols.reshape(b, c, 3, 3, h, w)
-    padded = xp.zeros((b, c, h + 2, w + 2), dtype=dcols.dtype)
-    for i in range(3):
-        for j in range(3):
-            padded[:, :, i : i + h, j : j + w] += d[:, :, i, j]
-    return padded[:, :, 1 : h + 1, 1 : w + 1]
+@functools.lru_cache(maxsize=None)
+def _patches(size: int) -> np.ndarray:
+    """``(size*size, 9)`` indices of the 3x3 neighbourhood of each pixel in a flat image with one
+    zero appended at index ``size*size`` (the zero padding)."""
+    y, x, ki, kj = np.meshgrid(*(np.arange(n) for n in (size, size, 3, 3)), indexing="ij")
+    src_y, src_x = y + ki - 1, x + kj - 1
+    inside = (src_y >= 0) & (src_y < size) & (src_x >= 0) & (src_x < size)
+    return np.where(inside, src_y * size + src_x, size * size).reshape(size * size, 9)
 
 
-def _conv_forward(xp: Any, x: Any, weight: Any, bias: Any) -> tuple[Any, Any]:
-    b, _, h, w = x.shape
-    cols = _im2col(xp, x)
-    out = xp.matmul(weight.reshape(weight.shape[0], -1), cols) + bias[:, None]
-    return out.reshape(b, weight.shape[0], h, w), cols
+@functools.lru_cache(maxsize=None)
+def _conv_layout(channels_in: int, channels_out: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index maps between a 3x3 weight (zero padding 1) and the dense matrix of its convolution.
+
+    The matrix has rows ``(out, y, x)`` (channel-major, the layout of the next layer's input) and
+    columns ``(y, x, in)`` (position-major, the layout of the pooled first convolution). Returns
+    ``(cells, taps, gather)``: ``dense.flat[cells] = weight.flat[taps]`` builds it; ``gather`` has
+    shape ``(weight.size, size*size)`` and lists, for every weight, the cells it fills, or
+    ``dense.size`` (one past the end, where a zero is appended) where the window leaves the image.
+    """
+    o, c, ki, kj, y, x = np.meshgrid(*(np.arange(n) for n in (channels_out, channels_in, 3, 3, size, size)), indexing="ij")
+    src_y, src_x = y + ki - 1, x + kj - 1
+    inside = (src_y >= 0) & (src_y < size) & (src_x >= 0) & (src_x < size)
+    rows = (o * size + y) * size + x
+    cols = (src_y * size + src_x) * channels_in + c
+    cells = rows * (channels_in * size * size) + cols
+    gather = np.where(inside, cells, channels_out * channels_in * size**4).reshape(-1, size * size)
+    taps = np.broadcast_to(np.arange(channels_out * channels_in * 9).reshape(o.shape[:4] + (1, 1)), o.shape)
+    return cells[inside], taps[inside], gather
 
 
-def _conv_backward(
-    xp: Any, dout: Any, cols: Any, weight: Any, x_shape: Optional[tuple[int, ...]]
-) -> tuple[Any, Any, Any]:
-    """Gradients of the input (None when ``x_shape`` is None), the weight and the bias."""
-    b, o, h, w = dout.shape
-    dout = dout.reshape(b, o, h * w)
-    # Sum over the batch and positions as one matrix product (tensordot is ~10x slower here).
-    dout_rows = xp.ascontiguousarray(dout.transpose(1, 0, 2)).reshape(o, -1)
-    cols_rows = xp.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(cols.shape[1], -1)
-    dweight = xp.matmul(dout_rows, cols_rows.T).reshape(weight.shape)
-    dbias = dout.sum(axis=(0, 2))
-    if x_shape is None:
-        return None, dweight, dbias
-    dcols = xp.matmul(weight.reshape(o, -1).T, dout)
-    return _col2im(xp, dcols, x_shape), dweight, dbias
+def _append_zero(xp: Any, x: Any) -> Any:
+    """``x`` with a zero appended along its last axis (the target of out-of-image indices)."""
+    return xp.concatenate([x, xp.zeros(x.shape[:-1] + (1,), dtype=x.dtype)], axis=-1)
 
 
-def _pool(x: Any) -> Any:
-    b, c, h, w = x.shape
-    return x.reshape(b, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
+def _conv1_forward(xp: Any, x: Any, weight: Any, bias: Any) -> tuple[Any, Any]:
+    """(B, 64) images -> position-major pre-activations (B*64, channels) and the patches."""
+    patches = _append_zero(xp, x)[:, xp.asarray(_patches(8))].reshape(-1, 9)
+    return xp.matmul(patches, weight.reshape(weight.shape[0], 9).T) + bias, patches
 
 
-def _pool_backward(xp: Any, dout: Any) -> Any:
-    return xp.repeat(xp.repeat(dout, 2, axis=2), 2, axis=3) / 4.0
+def _conv1_backward(xp: Any, dout: Any, patches: Any, weight: Any) -> tuple[Any, Any]:
+    """Weight and bias gradients from position-major ``dout`` (B*64, channels)."""
+    return xp.matmul(dout.T, patches).reshape(weight.shape), dout.sum(axis=0)
+
+
+def _conv2_matrix(xp: Any, weight: Any) -> Any:
+    channels_out, channels_in = weight.shape[:2]
+    cells, taps, _ = _conv_layout(channels_in, channels_out, 4)
+    dense = xp.zeros(channels_out * channels_in * 16 * 16, dtype=weight.dtype)
+    dense[xp.asarray(cells)] = weight.reshape(-1)[xp.asarray(taps)]
+    return dense.reshape(channels_out * 16, channels_in * 16)
+
+
+def _conv2_weight_grad(xp: Any, dout: Any, x: Any, weight: Any) -> Any:
+    _, _, gather = _conv_layout(weight.shape[1], weight.shape[0], 4)
+    ddense = _append_zero(xp, xp.matmul(dout.T, x).reshape(-1))
+    return ddense[xp.asarray(gather)].sum(axis=1).reshape(weight.shape)
+
+
+def _pool(x: Any, half: int, inner: int) -> Any:
+    """2x2 average pooling of flat activations laid out as ``(outer, 2*half rows, 2*half cols, inner)``.
+
+    ``inner`` is the channel count for position-major activations and 1 for channel-major ones.
+    Sums of strided views: ~10x faster here than ``mean`` over two non-adjacent axes.
+    """
+    window = x.reshape(-1, 2, half, 2, inner)
+    rows = window[:, 0] + window[:, 1]
+    return ((rows[:, :, 0] + rows[:, :, 1]) * 0.25).reshape(x.shape[0], -1)
+
+
+def _pool_backward(xp: Any, dout: Any, half: int, inner: int) -> Any:
+    n = dout.size // (half * inner)
+    spread = xp.broadcast_to(dout.reshape(n, 1, half, 1, inner) * 0.25, (n, 2, half, 2, inner))
+    return spread.reshape(dout.shape[0], -1)
 
 
 def _cross_entropy(xp: Any, logits: Any, labels: Any) -> tuple[Any, Any]:
@@ -200,15 +235,14 @@ def _forward(xp: Any, model: str, params: dict, x: Any, keep: bool) -> tuple[Any
             activation = pre if kind is None else xp.tanh(pre) if kind == "tanh" else _sigmoid(xp, pre)
         cache.update(inputs=inputs)
         return activation, cache
-    images = x.reshape(x.shape[0], 1, 8, 8)
-    pre1, cols1 = _conv_forward(xp, images, params["conv1"]["weight"], params["conv1"]["bias"])
-    act1 = xp.maximum(pre1, 0.0)
-    pooled1 = _pool(act1)
-    pre2, cols2 = _conv_forward(xp, pooled1, params["conv2"]["weight"], params["conv2"]["bias"])
-    act2 = xp.maximum(pre2, 0.0)
-    features = _pool(act2).reshape(x.shape[0], -1)
+    batch = x.shape[0]
+    pre1, patches = _conv1_forward(xp, x, params["conv1"]["weight"], params["conv1"]["bias"])
+    pooled1 = _pool(xp.maximum(pre1, 0.0).reshape(batch, -1), 4, _CONV1)
+    dense2 = _conv2_matrix(xp, params["conv2"]["weight"])
+    pre2 = (xp.matmul(pooled1, dense2.T).reshape(batch, _CONV2, 16) + params["conv2"]["bias"][:, None]).reshape(batch, -1)
+    features = _pool(xp.maximum(pre2, 0.0), 2, 1)
     if keep:
-        cache.update(images=images, pre1=pre1, cols1=cols1, pooled1=pooled1, pre2=pre2, cols2=cols2, features=features)
+        cache.update(pre1=pre1, patches=patches, pooled1=pooled1, dense2=dense2, pre2=pre2, features=features)
     fc = params["fc"]
     return xp.matmul(features, fc["weight"].T) + fc["bias"], cache
 
@@ -252,12 +286,13 @@ def loss_and_grads(xp: Any, model: str, params: dict, x: Any, labels: Any) -> tu
     fc = params["fc"]
     grads = {"fc": {"weight": xp.matmul(dlogits.T, cache["features"]), "bias": dlogits.sum(axis=0)}}
     dfeatures = xp.matmul(dlogits, fc["weight"])
-    dact2 = _pool_backward(xp, dfeatures.reshape(x.shape[0], _CONV2, 2, 2))
-    dpre2 = dact2 * (cache["pre2"] > 0)
-    dpooled1, dw2, db2 = _conv_backward(xp, dpre2, cache["cols2"], params["conv2"]["weight"], cache["pooled1"].shape)
-    dact1 = _pool_backward(xp, dpooled1)
-    dpre1 = dact1 * (cache["pre1"] > 0)
-    _, dw1, db1 = _conv_backward(xp, dpre1, cache["cols1"], params["conv1"]["weight"], None)
+    batch = x.shape[0]
+    dpre2 = _pool_backward(xp, dfeatures, 2, 1) * (cache["pre2"] > 0)
+    dw2 = _conv2_weight_grad(xp, dpre2, cache["pooled1"], params["conv2"]["weight"])
+    db2 = dpre2.reshape(batch, _CONV2, 16).sum(axis=(0, 2))
+    dpooled1 = xp.matmul(dpre2, cache["dense2"])
+    dpre1 = _pool_backward(xp, dpooled1, 4, _CONV1).reshape(-1, _CONV1) * (cache["pre1"] > 0)
+    dw1, db1 = _conv1_backward(xp, dpre1, cache["patches"], params["conv1"]["weight"])
     grads["conv1"] = {"weight": dw1, "bias": db1}
     grads["conv2"] = {"weight": dw2, "bias": db2}
     return loss, {name: grads[name] for name in params}
