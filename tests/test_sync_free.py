@@ -69,20 +69,7 @@ def _run(opt, params, grads, wrap_arrays: bool):
     return outputs, tree_map(sync_guard.unwrap, params)
 
 
-# MBF's principled inverse (linalg.damped_inverse_checked) decides on the host whether its LU
-# inverses need the eigh fallback, on refresh steps: being made branch-free.
-_KNOWN_SYNCS = {"mbf-t1-2-t2-4": "damped_inverse_checked reads the residual check on the host"}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(raises=sync_guard.HostTransfer, reason=_KNOWN_SYNCS[n], strict=True))
-        if n in _KNOWN_SYNCS
-        else n
-        for n in sorted(CONFIGS)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_update_never_transfers_between_host_and_device(name):
     rng = np.random.default_rng(0)
     params = _params(rng)

@@ -304,12 +304,12 @@ def test_exact_block_newton_in_one_step(property_backend, seed, n_blocks, q):
     grad = hess @ (x - x_star)
     lam = 1e-12
     h = property_backend.asarray(hess)
-    inv, failures = damped_inverse(h, lam, property_backend.asarray(np.zeros_like(hess)), xp.asarray(0, dtype=xp.int32))
+    inv, failed = damped_inverse(h, lam, property_backend.asarray(np.zeros_like(hess)))
     step_inv = property_backend.to_numpy(xp.matmul(inv, property_backend.asarray(grad)))
     step_solve, ok = damped_solve(h, lam, property_backend.asarray(grad))
     for step in (step_inv, property_backend.to_numpy(step_solve)):
         np.testing.assert_allclose(x - step, x_star, rtol=1e-8, atol=1e-8)
-    assert int(property_backend.to_numpy(failures)) == 0 and property_backend.to_numpy(ok).all()
+    assert not property_backend.to_numpy(failed).any() and property_backend.to_numpy(ok).all()
 
 
 @given(seed=seeds, o=st.integers(1, 4), n_in=st.integers(1, 4), steps=st.integers(1, 6), rho=decays, lam=dampings,
