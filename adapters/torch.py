@@ -647,7 +647,7 @@ class IFShampoo(_RootFreeOptimizer):
         weight_decay: float = 0.0,
         batch_size: Optional[int] = None,
         model: Optional[torch.nn.Module] = None,
-        precondition_every: Any = 1,
+        precondition_every: Any = None,
         structures: Any = "dense",
         max_dense_dim: Optional[int] = None,
         factor_dtype: Any = None,

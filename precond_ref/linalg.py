@@ -641,4 +641,8 @@ def half_precision_dtype(x: Array) -> Any:
         kind = sys.modules["jax"].default_backend()
     else:
         kind = getattr(dev, "platform", None) or getattr(dev, "type", None) or str(dev)
-    return None if str(kind).lower().startswith("cpu") else xp.bfloat16
+    return xp.bfloat16 if str(kind).lower() in _ACCELERATORS else None
+
+
+#: Device kinds (torch ``device.type``, JAX ``platform``) with fast bf16 matrix products.
+_ACCELERATORS = frozenset({"cuda", "gpu", "rocm", "tpu", "xpu", "mps", "hpu"})

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device
 
+from ..linalg import half_precision_dtype, mode_gram, mode_product
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
@@ -466,94 +467,103 @@ def prototype_schedule(interval: int) -> Callable[[Any], Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# IF-Shampoo numerics (pure functions of one group's tensor; dense factors are (d, d) matrices,
-# diagonal factors (d,) vectors)
+# IF-Shampoo numerics, on a stack of groups of one shape: the grouped tensors are (b, d_1, ..., d_N),
+# dense factors (b, d, d) and diagonal factors (b, d), so that b equal-shape groups share every
+# matmul (linalg.mode_product / mode_gram).
 
 
-def _mode_product(xp, tensor, factor, axis: int, transpose: bool):
-    """Multiply ``factor`` (or its transpose) onto ``axis`` of ``tensor``: (Kᵀ)·T_(axis) folded back."""
-    ndim = len(tensor.shape)
-    if factor.ndim == 1:
-        shape = [1] * ndim
-        shape[axis] = factor.shape[0]
-        return tensor * xp.reshape(factor, tuple(shape))
-    result = xp.tensordot(factor, tensor, axes=([0 if transpose else 1], [axis]))
-    if axis == 0:
-        return result
-    perm = list(range(1, axis + 1)) + [0] + list(range(axis + 1, ndim))
-    return xp.permute_dims(result, tuple(perm))
+def _per_member(xp, value, trailing: int):
+    """A per-group value of shape (b,) with ``trailing`` unit axes; scalars pass through."""
+    if hasattr(value, "shape") and len(value.shape) == 1:
+        return xp.reshape(value, (value.shape[0],) + (1,) * trailing)
+    return value
 
 
-def _unfold(xp, tensor, axis: int):
-    ndim = len(tensor.shape)
-    perm = (axis,) + tuple(i for i in range(ndim) if i != axis)
-    moved = xp.permute_dims(tensor, perm) if axis else tensor
-    return xp.reshape(moved, (tensor.shape[axis], -1))
+def _along(xp, diagonal, axis: int, ndim: int):
+    """A stack of diagonal factors (b, d) shaped to multiply ``axis`` of a (b, ...) tensor."""
+    shape = [1] * ndim
+    shape[0], shape[axis] = diagonal.shape
+    return xp.reshape(diagonal, tuple(shape))
 
 
 def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, factor_momentum, clamp):
-    """One simultaneous inverse-free update of all Kronecker factors of a group (spec §2.3).
+    """One simultaneous inverse-free update of all Kronecker factors of a stack of groups (spec §2.3).
 
     ``M_n = ½[λ (Π_{i≠n} t_i) K_nᵀK_n + Y_(n)Y_(n)ᵀ/Π_{i≠n} d_i − I]`` with ``Y = √B·G ×_i K_iᵀ`` and
     ``t_i = Tr(K_iᵀK_i)/d_i``, all from the old factors; ``m_n ← α₂ m_n + (1−α₂) M_n``;
     ``K_n ← K_n − β₂/max(1, ‖m_n‖_F) · K_n m_n``. As in SIRFShampoo, the products and traces use
-    ``K_n/√d_n`` (neutral in exact arithmetic, keeps low precision in range).
+    ``K_n/√d_n`` (neutral in exact arithmetic, keeps low precision in range). ``factor_lr`` is a
+    scalar or one value per group (b,).
     """
-    dims = tuple(grouped.shape)
+    dims = tuple(grouped.shape[1:])
+    ndim = len(grouped.shape)
     numel = math.prod(dims)
     projected = grouped * sqrt_batch
     inner, traces = [], []
     for n, factor in enumerate(factors):
         projected = xp.astype(projected, factor.dtype)
         scaled = factor * (1.0 / math.sqrt(dims[n]))
-        projected = _mode_product(xp, projected, scaled, n, transpose=True)
-        if factor.ndim == 1:
+        if factor.ndim == 2:  # diagonal
+            projected = projected * _along(xp, scaled, n + 1, ndim)
             gram = scaled * scaled
-            traces.append(xp.mean(gram))
+            traces.append(xp.mean(gram, axis=-1))
         else:
+            projected = mode_product(projected, scaled, n + 1, transpose=True)
             gram = xp.matmul(scaled.mT, scaled)
-            traces.append(xp.mean(xp.linalg.diagonal(gram)))
+            traces.append(xp.mean(xp.linalg.diagonal(gram), axis=-1))
         inner.append(gram)
     new_factors, new_momenta = [], []
     for n, factor in enumerate(factors):
+        diagonal = factor.ndim == 2
+        trailing = 1 if diagonal else 2
         others = 1.0
         for i, trace in enumerate(traces):
             if i != n:
                 others = others * xp.astype(trace, factor.dtype)
-        direction = inner[n] * ((damping / 2) * others * numel)
-        unfolded = _unfold(xp, xp.astype(projected, factor.dtype), n)
-        if factor.ndim == 1:
-            direction = direction + xp.sum(unfolded * unfolded, axis=1) * (dims[n] / 2) - 0.5
+        direction = inner[n] * _per_member(xp, (damping / 2) * others * numel, trailing)
+        projected = xp.astype(projected, factor.dtype)
+        if diagonal:
+            rest = tuple(i for i in range(1, ndim) if i != n + 1)
+            square = projected * projected
+            direction = direction + (xp.sum(square, axis=rest) if rest else square) * (dims[n] / 2) - 0.5
         else:
             eye = xp.eye(dims[n], dtype=factor.dtype, device=array_device(factor))
-            direction = direction + xp.matmul(unfolded, unfolded.mT) * (dims[n] / 2) - 0.5 * eye
+            direction = direction + mode_gram(projected, n + 1, batch=1) * (dims[n] / 2) - 0.5 * eye
         if momenta is not None:
             direction = factor_momentum * momenta[n] + (1 - factor_momentum) * direction
             new_momenta.append(direction)
-        if factor.ndim == 1:
-            norm = xp.linalg.vector_norm(direction)
+        if diagonal:
+            norm = xp.linalg.vector_norm(direction, axis=-1)
             moved = factor * direction
         else:
             norm = xp.linalg.matrix_norm(direction)
             moved = xp.matmul(factor, direction)
         step_size = factor_lr / xp.maximum(norm, xp.ones_like(norm)) if clamp else factor_lr
-        new_factors.append(factor - moved * step_size)
+        new_factors.append(factor - moved * _per_member(xp, step_size, trailing))
     return tuple(new_factors), (tuple(new_momenta) if momenta is not None else None)
 
 
-def _precondition(xp, grouped, factors):
-    """``G ×_1 P_1 … ×_N P_N`` with ``P_n = K_n K_nᵀ``, each factor divided by
-    ``σ_n = max(1, √max|K_n|)`` first and ``Π σ_n²`` multiplied back (SIRFShampoo's range device)."""
-    scale_product = 1.0
+def _precondition(xp, grouped, factors, rescale: bool):
+    """``G ×_1 P_1 … ×_N P_N`` with ``P_n = K_n K_nᵀ`` for a stack of groups. ``rescale``: each
+    factor divided by ``σ_n = max(1, √max|K_n|)`` first and ``Π σ_n²`` multiplied back
+    (SIRFShampoo's range device, neutral in exact arithmetic; needed by fp16 factors)."""
+    ndim = len(grouped.shape)
+    scale_product = None
     for n, factor in enumerate(factors):
-        largest = xp.max(xp.abs(factor))
-        sigma = xp.maximum(xp.sqrt(largest), xp.ones_like(largest))
-        scaled = factor / sigma
+        diagonal = factor.ndim == 2
+        if rescale:
+            largest = xp.max(xp.abs(factor), axis=tuple(range(1, factor.ndim)))
+            sigma = xp.maximum(xp.sqrt(largest), xp.ones_like(largest))
+            factor = factor / _per_member(xp, sigma, factor.ndim - 1)
+            scale_product = sigma * sigma if scale_product is None else scale_product * (sigma * sigma)
         grouped = xp.astype(grouped, factor.dtype)
-        grouped = _mode_product(xp, grouped, scaled, n, transpose=True)
-        grouped = _mode_product(xp, grouped, scaled, n, transpose=False)
-        scale_product = scale_product * (sigma * sigma)
-    return grouped * xp.astype(scale_product, grouped.dtype)
+        if diagonal:
+            grouped = grouped * _along(xp, factor * factor, n + 1, ndim)
+        else:
+            grouped = mode_product(mode_product(grouped, factor, n + 1, transpose=True), factor, n + 1)
+    if scale_product is not None:
+        grouped = grouped * _per_member(xp, xp.astype(scale_product, grouped.dtype), ndim - 1)
+    return grouped
 
 
 def _per_axis(option: Any, rank: int, what: str, where: str) -> tuple:
@@ -596,7 +606,7 @@ def if_shampoo(
     damping: float = 1e-3,
     weight_decay: float = 0.0,
     batch_size: Optional[int] = None,
-    precondition_every: Union[int, Callable[[Any], Any]] = 1,
+    precondition_every: Union[None, int, Callable[[Any], Any]] = None,
     structures: Union[str, dict] = "dense",
     max_dense_dim: Optional[int] = None,
     factor_dtype: Any = None,
@@ -710,9 +720,15 @@ def if_shampoo(
     check_nonnegative("damping", damping)
     check_nonnegative("weight_decay", weight_decay)
     _check_batch_size(batch_size)
-    if not hasattr(precondition_every, "shape"):
+    if precondition_every is not None and not hasattr(precondition_every, "shape"):
         check_positive_int("precondition_every", precondition_every, allow_callable=True)
     _check_structures(structures)
+    for value in factor_dtype.values() if isinstance(factor_dtype, dict) else (factor_dtype,):
+        if hasattr(value, "shape"):  # optax.inject_hyperparams called a dtype like a schedule
+            raise ValueError(
+                "factor_dtype must be a dtype, got an array; under optax.inject_hyperparams pass "
+                "static_args=('factor_dtype',) (a dtype is callable, so it is taken for a schedule)"
+            )
     if max_dense_dim is not None and not hasattr(max_dense_dim, "shape"):
         check_positive_int("max_dense_dim", max_dense_dim)
     check_choice("grouping", grouping, ("per_parameter", "weight_bias"))
@@ -721,6 +737,8 @@ def if_shampoo(
     check_bool("clamp_factor_step", clamp_factor_step)
     check_choice("mode", mode, ("principled", "faithful"))
     faithful = mode == "faithful"
+    if precondition_every is None:
+        precondition_every = 1 if faithful else 2  # S7: SIRFShampoo's default; the paper's runs
     dense_limit = max_dense_dim if max_dense_dim is not None else (None if faithful else 4096)
     use_momentum = _nonzero(momentum)
     use_factor_momentum = _nonzero(preconditioner_momentum)
@@ -745,6 +763,8 @@ def if_shampoo(
         limit = None if dense_limit is None else int(dense_limit)
         state = {}
         for n, (d, kind, dtype) in enumerate(zip(dims, kinds, dtypes)):
+            if dtype is None and not faithful and xp.finfo(param_dtype).bits <= 32:
+                dtype = half_precision_dtype(leaves[0])  # S1: bf16 factors on an accelerator
             dtype = _state_dtype(xp, param_dtype, dtype, lambda xp, p: p, faithful)
             diagonal = kind == "diagonal" or (limit is not None and d > limit)
             factor = xp.ones((d,), dtype=dtype, device=dev) if diagonal else xp.eye(d, dtype=dtype, device=dev)
@@ -765,11 +785,14 @@ def if_shampoo(
             state["factor_failures"] = xp.zeros((), dtype=xp.int32, device=dev)
         return state
 
-    def update_group(grads, state, params, ctx: StepContext):
+    def half_factors(xp, factors) -> bool:
+        return any(xp.finfo(f.dtype).bits < 32 for f in factors)
+
+    def prepare(grads, state, ctx):
+        """One group's grouped tensor (work dtype), factors, momenta and factor step size."""
         xp = ctx.xp
         rank = sum(1 for k in state if k.startswith("factor_") and k[7:].isdigit())
         factors = tuple(state[f"factor_{n}"] for n in range(rank))
-        momenta = tuple(state[f"factor_momentum_{n}"] for n in range(rank)) if use_factor_momentum else None
         dims = tuple(f.shape[0] for f in factors)
         shapes = [tuple(g.shape) for g in grads]
         out_first = layout(shapes, dims)
@@ -777,87 +800,125 @@ def if_shampoo(
         if squeezed != dims:
             raise ValueError(
                 f"if_shampoo: gradients of shapes {shapes} do not fit the Kronecker factors of sizes {dims} "
-                "in the state; with grouping='weight_bias' a weight and its bias are one group and must "
-                "be updated together (both need gradients)"
+                "in the state; with grouping='weight_bias' a weight and its bias are one group (give both "
+                "gradients, a zero one for a member without)"
             )
-        param_dtype = grads[0].dtype
-        work_dtype = param_dtype if faithful else compute_dtype(xp, param_dtype)
-        grouped = _group_tensor(xp, grads, full, squeezed, out_first, work_dtype)
-
-        batch = _batch_size("if_shampoo", batch_size, ctx)
-        sqrt_batch = math.sqrt(batch) if _is_number(batch) else xp.sqrt(xp.astype(batch, work_dtype))
+        work_dtype = grads[0].dtype if faithful else compute_dtype(xp, grads[0].dtype)
         factor_lr = ctx.value(preconditioner_lr)
         if "preconditioner_lr_scale" in state:
             factor_lr = factor_lr * state["preconditioner_lr_scale"]
+        return {
+            "grouped": _group_tensor(xp, grads, full, squeezed, out_first, work_dtype),
+            "factors": factors,
+            "momenta": tuple(state[f"factor_momentum_{n}"] for n in range(rank)) if use_factor_momentum else (),
+            "failures": () if faithful else (state["factor_failures"],),
+            "factor_lr": factor_lr,
+            "shapes": shapes,
+            "full": full,
+            "out_first": out_first,
+            "work_dtype": work_dtype,
+        }
 
-        refresh = ctx.every(precondition_every)
-        # S2: a zero gradient leaves the factors as they are (selected element-wise, so that the
-        # decision reads no device value).
-        nonzero = None if faithful else xp.any(grouped != 0.0)
+    def refresh_bucket(xp, grouped, factor_lr, sqrt_batch, rank, arrays):
+        """The factor step of a stack of groups; ``arrays`` = factors + momenta (+ failures)."""
+        factors, n_mom = arrays[:rank], rank if use_factor_momentum else 0
+        dtype = factors[0].dtype
+        new_factors, new_momenta = _factor_step(
+            xp, grouped, factors, arrays[rank : rank + n_mom] if n_mom else None, sqrt_batch,
+            _scalar(xp, damping, dtype), _scalar(xp, factor_lr, dtype),
+            _scalar(xp, preconditioner_momentum, dtype), clamp_factor_step,
+        )
+        new = tuple(new_factors) + (tuple(new_momenta) if n_mom else ())
+        if faithful:
+            return new
+        # S2: a group whose gradient is zero keeps its factors; S3: so does one whose new factors
+        # are not finite (counted). Both per group, element-wise: no device value is read.
+        axes = tuple(range(1, len(grouped.shape)))
+        nonzero = xp.any(grouped != 0.0, axis=axes)
+        finite = None
+        for a in new:
+            ok = xp.all(xp.isfinite(a), axis=tuple(range(1, len(a.shape))))
+            finite = ok if finite is None else xp.logical_and(finite, ok)
+        accept = xp.logical_and(finite, nonzero)
+        kept = tuple(
+            xp.where(_per_member(xp, accept, len(a.shape) - 1), a, b) for a, b in zip(new, arrays[: rank + n_mom])
+        )
+        failed = xp.logical_and(xp.logical_not(finite), nonzero)
+        return kept + (arrays[-1] + xp.astype(failed, arrays[-1].dtype),)
 
-        n_mom = rank if momenta is not None else 0
+    def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
+        xp = ctxs[0].xp
+        refresh = ctxs[0].every(precondition_every)
+        batch = _batch_size("if_shampoo", batch_size, ctxs[0])
+        prepared = [prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)]
+        # Groups whose tensors and factors have one shape and dtype are stacked: one matmul each.
+        buckets: dict[tuple, list[int]] = {}
+        for i, prep in enumerate(prepared):
+            key = (tuple(prep["grouped"].shape), prep["work_dtype"]) + tuple((f.ndim, f.dtype) for f in prep["factors"])
+            buckets.setdefault(key, []).append(i)
+        factor_states: list[Any] = [None] * len(prepared)  # per group: factors + momenta (+ failures)
+        preconditioned: list[Any] = [None] * len(prepared)
+        for members in buckets.values():
+            group = [prepared[i] for i in members]
+            rank = len(group[0]["factors"])
 
-        def refreshed(*arrays):
-            old_factors, old_momenta = arrays[:rank], (arrays[rank : rank + n_mom] if n_mom else None)
-            new_factors, new_momenta = _factor_step(
-                xp,
-                grouped,
-                old_factors,
-                old_momenta,
-                sqrt_batch,
-                _scalar(xp, damping, factors[0].dtype),
-                _scalar(xp, factor_lr, factors[0].dtype),
-                _scalar(xp, preconditioner_momentum, factors[0].dtype),
-                clamp_factor_step,
-            )
-            new = tuple(new_factors) + (tuple(new_momenta) if n_mom else ())
-            if faithful:
-                return new + arrays[rank + n_mom :]
-            finite = None
-            for a in new:
-                ok = xp.all(xp.isfinite(a))
-                finite = ok if finite is None else xp.logical_and(finite, ok)
-            accept = xp.logical_and(finite, nonzero)
-            kept = tuple(xp.where(accept, a, b) for a, b in zip(new, arrays[: rank + n_mom]))
-            failed = xp.logical_and(xp.logical_not(finite), nonzero)
-            failures = arrays[-1] + xp.astype(failed, xp.int32)  # S3
-            return kept + (failures,)
+            def stack(arrays):
+                return arrays[0][None, ...] if len(arrays) == 1 else xp.stack(arrays)
 
-        def kept(*arrays):
-            return arrays
-
-        operands = factors + (momenta if n_mom else ())
-        if not faithful:
-            operands = operands + (state["factor_failures"],)
-        results = cond(xp, refresh, refreshed, kept, *operands)
-        new_state = dict(state)
-        for n in range(rank):
-            new_state[f"factor_{n}"] = results[n]
-            if n_mom:
-                new_state[f"factor_momentum_{n}"] = results[rank + n]
-        if not faithful:
-            new_state["factor_failures"] = results[-1]
-
-        preconditioned = _precondition(xp, grouped, results[:rank])
-        pieces = _ungroup_tensor(xp, preconditioned, shapes, full, out_first)
-        lr = ctx.value(learning_rate)
-        updates = []
-        for i, piece in enumerate(pieces):
-            if use_decay:
-                piece = piece + _scalar(xp, weight_decay, piece.dtype) * xp.astype(params[i], piece.dtype)
-            if use_momentum:
-                buffer = state[f"momentum_{i}"]
-                piece = _scalar(xp, momentum, buffer.dtype) * buffer + xp.astype(piece, buffer.dtype)
-                new_state[f"momentum_{i}"] = piece
+            own = [p["factors"] + p["momenta"] + p["failures"] for p in group]
+            if refresh is False:  # a host decision: the state arrays stay the very same objects
+                new_own = own
+                factors = tuple(stack([p["factors"][n] for p in group]) for n in range(rank))
             else:
-                piece = xp.astype(piece, work_dtype)
-            updates.append(-_scalar(xp, lr, piece.dtype) * piece)
-        return tuple(updates), new_state
+                grouped = stack([p["grouped"] for p in group])
+                lr = group[0]["factor_lr"]
+                if "preconditioner_lr_scale" in states[members[0]]:
+                    lr = stack([p["factor_lr"] for p in group])
+                sqrt_batch = math.sqrt(batch) if _is_number(batch) else xp.sqrt(xp.astype(batch, grouped.dtype))
+                stacked = tuple(stack([arrays[k] for arrays in own]) for k in range(len(own[0])))
+                results = cond(
+                    xp, refresh,
+                    lambda *arrays: refresh_bucket(xp, grouped, lr, sqrt_batch, rank, arrays),
+                    lambda *arrays: arrays,
+                    *stacked,
+                )
+                new_own = [tuple(r[j, ...] for r in results) for j in range(len(members))]
+                factors = results[:rank]
+            out = _precondition(xp, stack([p["grouped"] for p in group]), factors, rescale=faithful or half_factors(xp, factors))
+            for j, i in enumerate(members):
+                factor_states[i] = new_own[j]
+                preconditioned[i] = out[j, ...]
+
+        lr = ctxs[0].value(learning_rate)
+        results = []
+        for i, (prep, state, params) in enumerate(zip(prepared, states, params_list)):
+            rank = len(prep["factors"])
+            new_state = dict(state)
+            for n in range(rank):
+                new_state[f"factor_{n}"] = factor_states[i][n]
+                if use_factor_momentum:
+                    new_state[f"factor_momentum_{n}"] = factor_states[i][rank + n]
+            if not faithful:
+                new_state["factor_failures"] = factor_states[i][-1]
+            pieces = _ungroup_tensor(xp, preconditioned[i], prep["shapes"], prep["full"], prep["out_first"])
+            updates = []
+            for k, piece in enumerate(pieces):
+                if use_decay:
+                    piece = piece + _scalar(xp, weight_decay, piece.dtype) * xp.astype(params[k], piece.dtype)
+                if use_momentum:
+                    buffer = state[f"momentum_{k}"]
+                    piece = _scalar(xp, momentum, buffer.dtype) * buffer + xp.astype(piece, buffer.dtype)
+                    new_state[f"momentum_{k}"] = piece
+                else:
+                    piece = xp.astype(piece, prep["work_dtype"])
+                updates.append(-_scalar(xp, lr, piece.dtype) * piece)
+            results.append((tuple(updates), new_state))
+        return results
 
     return build_transform(
         name="if_shampoo",
         init_group=init_group,
-        update_group=update_group,
+        update_groups=update_groups,
         group_leaves=weight_bias_groups if grouping == "weight_bias" else singleton_groups,
         on_nonfinite=on_nonfinite,
         needs_params=use_decay,

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax.numpy as jnp
+import torch
+
 import precond_ref.adapters.jax as pj
 import precond_ref.adapters.torch as pt
 
@@ -89,6 +92,11 @@ TORCH_CASES = [
                     structures={1: "diagonal", 2: ("dense", "diagonal")}, precondition_every=2),
         step_kwargs=dict(batch_size=32),
     ),
+    TorchCase(  # the paper's half-precision factors (the principled default on GPUs), on the CPU
+        "if_shampoo-bf16-factors", pt.IFShampoo, lr=5e-2,
+        kwargs=dict(preconditioner_lr=0.2, damping=1e-2, batch_size=32, factor_dtype=torch.bfloat16, grouping="weight_bias"),
+        state_float32_for_bf16=False,
+    ),
     TorchCase(
         "if_shampoo-faithful", pt.IFShampoo, lr=5e-2,
         kwargs=dict(preconditioner_lr=0.2, damping=1e-2, batch_size=32, mode="faithful"),
@@ -138,6 +146,11 @@ JAX_CASES = [
     JaxCase(
         "if_shampoo", pj.if_shampoo, lr=1e-2, kwargs=dict(preconditioner_lr=0.5, damping=0.1, batch_size=1),
         static_args=("precondition_every", "max_dense_dim"),
+    ),
+    JaxCase(  # the paper's half-precision factors (the principled default on GPUs), on the CPU
+        "if_shampoo-bf16-factors", pj.if_shampoo, lr=1e-2,
+        kwargs=dict(preconditioner_lr=0.5, damping=0.1, batch_size=1, factor_dtype=jnp.bfloat16),
+        static_args=("precondition_every", "max_dense_dim", "factor_dtype"),
     ),
     JaxCase(
         "if_shampoo-faithful-every2-diag", pj.if_shampoo, lr=1e-2,

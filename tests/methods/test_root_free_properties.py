@@ -57,7 +57,7 @@ def test_fixed_point_1d_dense(property_backend, g, batch, damping, momentum):
     """I-P1: under a repeated gradient g, K Kᵀ → (B g gᵀ + λI)⁻¹ (spec §2.5, E[M] = 0 ⇔ KᵀSK = I)."""
     if not np.any(g):
         g = np.ones_like(g)
-    opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.8,
+    opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.8, precondition_every=1,
                         preconditioner_momentum=momentum, momentum=0.0, learning_rate=1e-3)
     state = _iterate(property_backend, opt, {"w": np.zeros_like(g)}, {"w": g}, FIXED_POINT_STEPS)
     k = _np(property_backend, state.groups["w"]["factor_0"])
@@ -73,7 +73,7 @@ def test_fixed_point_1d_diagonal(property_backend, g, batch, damping):
     if not np.any(g):  # an all-zero gradient skips the refresh (S2)
         g = np.ones_like(g)
     opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.8, structures="diagonal",
-                        momentum=0.0, learning_rate=1e-3)
+                        precondition_every=1, momentum=0.0, learning_rate=1e-3)
     state = _iterate(property_backend, opt, {"w": np.zeros_like(g)}, {"w": g}, FIXED_POINT_STEPS)
     k = _np(property_backend, state.groups["w"]["factor_0"])
     np.testing.assert_allclose(k * k, 1.0 / (batch * g * g + damping), rtol=1e-9)
@@ -91,7 +91,8 @@ def test_fixed_point_2d_flip_flop(property_backend, shape, seed, batch, damping)
     Cᵀ S_C C = I with S_C = [λ Tr(KKᵀ) I + B G KKᵀ Gᵀ]/d_i and Kᵀ S_K K = I with
     S_K = [λ Tr(CCᵀ) I + B Gᵀ CCᵀ G]/d_o."""
     g = np.random.default_rng(seed).normal(size=shape)
-    opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.6, momentum=0.0, learning_rate=1e-3)
+    opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.6, momentum=0.0, learning_rate=1e-3,
+                        precondition_every=1)
     state = _iterate(property_backend, opt, {"w": np.zeros(shape)}, {"w": g}, 300)
     c = _np(property_backend, state.groups["w"]["factor_0"])
     k = _np(property_backend, state.groups["w"]["factor_1"])
@@ -307,7 +308,7 @@ def test_zero_gradient_leaves_factors_unchanged(property_backend, seed, steps):
     """I-P13 (S2): in principled mode an all-zero group gradient leaves K_n and m_n unchanged."""
     rng = np.random.default_rng(seed)
     xb = property_backend
-    opt = pr.if_shampoo(batch_size=2, preconditioner_lr=0.3)
+    opt = pr.if_shampoo(batch_size=2, preconditioner_lr=0.3, precondition_every=1)
     params = {"w": xb.asarray(rng.normal(size=(2, 3)))}
     state = opt.init(params)
     for _ in range(steps):
