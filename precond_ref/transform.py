@@ -45,6 +45,7 @@ __all__ = [
     "cond",
     "singleton_groups",
     "weight_bias_groups",
+    "missing_members",
     "check_interval",
     "check_positive",
     "check_nonnegative",
@@ -64,6 +65,10 @@ def _nothing_due(step: int) -> tuple[bool, ...]:
     return ()
 
 
+def _each_leaf_alone(paths: Sequence[Any], leaves: Sequence[Any]) -> list["LeafGroup"]:
+    return singleton_groups(paths, leaves)
+
+
 class Transform(NamedTuple):
     """A pure optimizer: ``state = init(params)``; ``updates, state = update(grads, state, params)``.
 
@@ -78,11 +83,16 @@ class Transform(NamedTuple):
     it, the decision reads the state's counters (a ``lax.cond`` under ``jax.jit``; a device read
     elsewhere). ``due(i)`` returns those host decisions as a tuple of bools, which a compiled caller
     passes as ``update(..., due=due(i))`` so that the compiled code depends on them alone.
+
+    ``group_leaves(paths, leaves)`` gives the groups of leaves the method treats as one block (a
+    weight with its bias for MBF and IF-Shampoo's ``grouping="weight_bias"``), for an adapter that
+    must apply :func:`missing_members`.
     """
 
     init: Callable[[Any], Any]
     update: Callable[..., tuple[Any, Any]]
     due: Callable[[int], tuple[bool, ...]] = _nothing_due
+    group_leaves: Callable[[Sequence[Any], Sequence[Any]], list["LeafGroup"]] = _each_leaf_alone
 
 
 class PrecondState(NamedTuple):
@@ -288,6 +298,19 @@ def weight_bias_groups(
         else:
             groups.append(LeafGroup(path_str(path), (i,), (path,)))
     return groups
+
+
+def missing_members(groups: Sequence[LeafGroup], present: Sequence[bool]) -> list[int]:
+    """The leaves without a gradient that share a group with a leaf that has one.
+
+    The rule for a partial gradient of a multi-leaf group (in torch, a weight whose bias has no
+    gradient, or the reverse): such a leaf takes part in its group's step with a zero gradient and
+    is left unchanged (its update is dropped and its own step count is not advanced), so that the
+    group keeps one state and one step count; at the next step where both have gradients they are
+    stepped together again. ``present[i]`` says whether leaf ``i`` has a gradient. A JAX or NumPy
+    gradient tree has every leaf, so only the torch adapter meets the case.
+    """
+    return [i for g in groups if any(present[j] for j in g.indices) for i in g.indices if not present[i]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,7 +614,7 @@ def build_transform(
         )
         return tree_unflatten(treedef, updates), new_state
 
-    return Transform(init, update, due)
+    return Transform(init, update, due, group_leaves)
 
 
 def _all_finite(xp: Any, arrays: Sequence[Array]) -> Array:

@@ -184,6 +184,21 @@ def test_update_groups_sees_every_nonempty_group_of_a_call_at_once():
         build_transform(name="x", init_group=init_group, update_group=update_group, update_groups=update_groups)
 
 
+def test_missing_members_of_a_pair():
+    """The partial-gradient rule: a member without a gradient is filled only when another member of
+    its group has one; singletons and groups without any gradient are left out."""
+    from precond_ref.transform import missing_members, weight_bias_groups
+
+    paths = [("fc", "bias"), ("fc", "weight"), ("head", "weight"), ("head", "bias"), ("scale",)]
+    leaves = [np.zeros(3), np.zeros((3, 2)), np.zeros((1, 3)), np.zeros(1), np.zeros(4)]
+    groups = weight_bias_groups(paths, leaves)
+    assert missing_members(groups, [False, True, True, True, False]) == [0]  # fc's bias
+    assert missing_members(groups, [True, False, False, True, True]) == [1, 2]  # both weights
+    assert missing_members(groups, [False, False, True, True, False]) == []  # fc has none at all
+    assert pr.agd().group_leaves(paths, leaves) == [LeafGroup(path_str(p), (i,), (p,)) for i, p in enumerate(paths)]
+    assert pr.mbf(learning_rate=0.1).group_leaves(paths, leaves) == groups
+
+
 def test_state_tree_must_be_the_precond_state(backend):
     opt = pr.agd()
     with pytest.raises(TypeError, match="PrecondState"):

@@ -550,6 +550,6 @@ def mbf(
             groups[key] = entries
         return PrecondState(state.count, state.nonfinite_count, groups)
 
-    transform = MBFTransform(init, update, inner.due)
+    transform = MBFTransform(init, update, inner.due, weight_bias_groups)  # on the caller's (raw) tree
     transform.warm_start = warm_start
     return transform
