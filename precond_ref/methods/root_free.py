@@ -86,6 +86,11 @@ def _scalar(xp: Any, value: Any, dtype: Any) -> Any:
     return value if _is_number(value) else xp.astype(value, dtype)
 
 
+def _cast(xp, x, dtype):
+    """``x`` in ``dtype``, without a copy when it already is (``astype`` copies by default)."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
 def _filled(xp, shape, value, dtype, dev):
     if _is_number(value):
         return xp.full(shape, value, dtype=dtype, device=dev)
@@ -387,7 +392,7 @@ def _grouped_shape(shapes: Sequence[tuple], out_first: bool) -> tuple[tuple, tup
 
 
 def _group_tensor(xp, leaves, full, squeezed, out_first: bool, dtype):
-    leaves = [xp.astype(x, dtype) for x in leaves]
+    leaves = [_cast(xp, x, dtype) for x in leaves]
     if len(leaves) == 1:
         return xp.reshape(leaves[0], squeezed)
     weight, bias = leaves
@@ -501,7 +506,7 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
     projected = grouped * sqrt_batch
     inner, traces = [], []
     for n, factor in enumerate(factors):
-        projected = xp.astype(projected, factor.dtype)
+        projected = _cast(xp, projected, factor.dtype)
         scaled = factor * (1.0 / math.sqrt(dims[n]))
         if factor.ndim == 2:  # diagonal
             projected = projected * _along(xp, scaled, n + 1, ndim)
@@ -521,7 +526,7 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
             if i != n:
                 others = others * xp.astype(trace, factor.dtype)
         direction = inner[n] * _per_member(xp, (damping / 2) * others * numel, trailing)
-        projected = xp.astype(projected, factor.dtype)
+        projected = _cast(xp, projected, factor.dtype)
         if diagonal:
             rest = tuple(i for i in range(1, ndim) if i != n + 1)
             square = projected * projected
@@ -556,7 +561,7 @@ def _precondition(xp, grouped, factors, rescale: bool):
             sigma = xp.maximum(xp.sqrt(largest), xp.ones_like(largest))
             factor = factor / _per_member(xp, sigma, factor.ndim - 1)
             scale_product = sigma * sigma if scale_product is None else scale_product * (sigma * sigma)
-        grouped = xp.astype(grouped, factor.dtype)
+        grouped = _cast(xp, grouped, factor.dtype)
         if diagonal:
             grouped = grouped * _along(xp, factor * factor, n + 1, ndim)
         else:
@@ -659,7 +664,8 @@ def if_shampoo(
         :math:`B\,gg^\top` wrong by :math:`B^2`. ``update(..., batch_size=)`` overrides it per call.
     precondition_every:
         :math:`T`: factors refresh when ``count % T == 0`` (so on the first update), or a predicate
-        ``count -> bool`` such as :func:`prototype_schedule`. Under ``optax.inject_hyperparams`` a
+        ``count -> bool`` such as :func:`prototype_schedule`. ``None``: 2 in principled mode (the
+        authors' runs), 1 in faithful mode (SIRFShampoo). Under ``optax.inject_hyperparams`` a
         callable must be listed in ``static_args``.
     structures:
         ``"dense"``, ``"diagonal"``, or SIRFShampoo's ``{rank: name or tuple of names per axis}``.
@@ -667,8 +673,10 @@ def if_shampoo(
         Axes longer than this get a diagonal factor (default 4096 principled, unlimited faithful).
     factor_dtype:
         dtype of the factors and their momenta (a dtype of the parameters' namespace, or a dict
-        like ``structures``). Default: the compute dtype (principled; float32 for bf16 parameters)
-        or the parameter dtype (faithful). bf16 factors are the paper's half-precision mode.
+        like ``structures``). Default, principled: bf16 (the paper's half-precision mode) where
+        the parameters live on an accelerator, else the compute dtype (float32 for bf16, fp16 and
+        float32 parameters; float64 parameters keep float64); faithful: the parameter dtype. Under
+        ``optax.inject_hyperparams`` list it in ``static_args`` (a dtype is callable).
     grouping:
         ``"per_parameter"`` or ``"weight_bias"`` (see :func:`precond_ref.transform.weight_bias_groups`).
     preconditioner_lr_scale:
@@ -693,8 +701,11 @@ def if_shampoo(
     singd ``1ac69a3``), including its neutral scaling devices (:math:`K_n/\sqrt{d_n}` in the factor
     update, :math:`\sigma_n` when preconditioning). Deviations of the default mode (spec §2.4):
 
-    * S1: factors and factor momenta in the compute dtype (float32 for bf16/fp16 parameters) unless
-      ``factor_dtype`` asks for bf16/fp16.
+    * S1: factors and factor momenta in bf16 on an accelerator (GPU, TPU; see
+      :func:`precond_ref.linalg.half_precision_dtype`), in the compute dtype elsewhere (float32
+      for bf16/fp16 parameters; CPUs emulate bf16 products) and for float64 parameters, unless
+      ``factor_dtype`` says otherwise. bf16 tracks the fixed point to about 2e-1 relative (float32:
+      3e-6; spec §5).
     * S2: a group whose gradient is exactly zero skips the factor update (the authors' factors
       drift toward the damping-only fixed point, without bound when :math:`\lambda = 0`).
     * S3: a factor update that produces a non-finite factor is discarded and counted in the
@@ -702,6 +713,12 @@ def if_shampoo(
     * S4: axes longer than ``max_dense_dim`` (4096) get diagonal factors.
     * S5: :math:`B` is an argument (the torch adapter offers the authors' forward-hook counting).
     * S6: the momentum buffer is in the compute dtype (the authors': the parameter dtype).
+    * S7: the factors refresh every 2 calls by default (the authors' runs; SIRFShampoo: every call).
+
+    Groups whose grouped tensors and factors have one shape and dtype are stacked: each product
+    of the factor step and of the preconditioning runs once for the stack
+    (:func:`precond_ref.linalg.mode_product`, :func:`~precond_ref.linalg.mode_gram`). No step
+    reads a device value.
 
     The prototype used for the paper (``LocalOptimizer_GGT``) equals faithful mode plus
     ``preconditioner_lr_scale=prototype_lr_scale`` and ``precondition_every=prototype_schedule(T)``.
@@ -904,13 +921,13 @@ def if_shampoo(
             updates = []
             for k, piece in enumerate(pieces):
                 if use_decay:
-                    piece = piece + _scalar(xp, weight_decay, piece.dtype) * xp.astype(params[k], piece.dtype)
+                    piece = piece + _scalar(xp, weight_decay, piece.dtype) * _cast(xp, params[k], piece.dtype)
                 if use_momentum:
                     buffer = state[f"momentum_{k}"]
-                    piece = _scalar(xp, momentum, buffer.dtype) * buffer + xp.astype(piece, buffer.dtype)
+                    piece = _scalar(xp, momentum, buffer.dtype) * buffer + _cast(xp, piece, buffer.dtype)
                     new_state[f"momentum_{k}"] = piece
                 else:
-                    piece = xp.astype(piece, prep["work_dtype"])
+                    piece = _cast(xp, piece, prep["work_dtype"])
                 updates.append(-_scalar(xp, lr, piece.dtype) * piece)
             results.append((tuple(updates), new_state))
         return results

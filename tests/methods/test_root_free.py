@@ -472,6 +472,7 @@ def test_if_shampoo_batch_size_and_validation():
         (dict(preconditioner_lr_scale=0.25), "preconditioner_lr_scale"),
         (dict(batch_size=-3), "batch_size"),
         (dict(mode="paper"), "mode"),
+        (dict(factor_dtype=np.asarray(1.0)), "static_args=\\('factor_dtype',\\)"),
     ]:
         with pytest.raises(ValueError, match=name):
             pr.if_shampoo(**kwargs)
