@@ -18,7 +18,7 @@ import torch
 from torch.optim.optimizer import required
 
 import precond_ref as pr
-from precond_ref.transform import PrecondState, Transform
+from precond_ref.transform import PrecondState, Transform, float32_matmul_precision
 from precond_ref.tree import path_str, tree_flatten
 
 from . import _torch_compile, _torch_state
@@ -251,7 +251,8 @@ class CoreOptimizer(torch.optim.Optimizer):
                 self._compiled = {k: v for k, v in self._compiled.items() if k in live}
                 self._compiled[id(transform)] = compiled
             try:
-                return compiled(grads, state, params, transform.due(calls), extra)
+                with float32_matmul_precision(torch, transform.matmul_precision):
+                    return compiled(grads, state, params, transform.due(calls), extra)
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
                 # A genuine input error fails again below and propagates from the eager path.
                 new_state = self._eager_update(transform, grads, state, params, calls, extra)
