@@ -45,10 +45,11 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from array_api_compat import array_namespace
 from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
 from precond_ref.adapters import torch as _base
-from precond_ref.transform import PrecondState, Transform, weight_bias_groups
+from precond_ref.transform import PrecondState, Transform, gradient_ok, weight_bias_groups
 from precond_ref.tree import path_str, tree_flatten, tree_unflatten
 
 __all__ = [
@@ -414,8 +415,9 @@ class DistributedOptimizer:
         return _LOCAL if self.elementwise else _FULL
 
     def _all_finite(self, views: list[torch.Tensor]) -> bool:
-        """Whether every gradient of every rank of the group is finite (one all-reduce)."""
-        local = torch.stack([torch.isfinite(v).all() for v in views]).all() if views else torch.tensor(True)
+        """Whether the gradients of every rank pass the core's skip rule (finite, and a squared
+        norm below the overflow margin; on a local shard, the shard's norm): one all-reduce."""
+        local = gradient_ok(array_namespace(*views), views) if views else torch.tensor(True)
         flag = local.to(torch.int32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._pg)
         return bool(flag.item())

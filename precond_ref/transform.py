@@ -41,6 +41,8 @@ __all__ = [
     "step_scalar",
     "is_zero",
     "is_due",
+    "gradient_ok",
+    "OVERFLOW_MARGIN",
     "Interval",
     "float32_matmul_precision",
     "cond",
@@ -430,11 +432,37 @@ def _check_leaves(leaves: Sequence[Array], paths: Sequence[Path], what: str) -> 
     return xp
 
 
-def _first_nonfinite(xp: Any, leaves: Sequence[Array], paths: Sequence[Path]) -> str:
+#: A gradient whose squared norm reaches this fraction of the largest number of its compute dtype
+#: is treated like a non-finite one: every statistic built from products of gradient entries
+#: (squares, outer products, Gram matrices, sums over the tensor) and scaled by up to 2^32 (a batch
+#: size, a 1/damping) then stays finite. ‖g‖ ≥ 2.8e14 in float32, 6e149 in float64: a gradient
+#: no training produces, whose squares would overflow a float32 statistic already at 1.8e19.
+OVERFLOW_MARGIN = 2.0**-32
+
+
+def gradient_ok(xp: Any, leaves: Sequence[Array]) -> Array:
+    """0-D bool array: every gradient leaf is finite with a squared norm below the overflow margin.
+
+    One sum of squares per leaf (in the compute dtype): NaN or Inf make it NaN or Inf, and a
+    comparison with NaN is false; a compiler fuses it into one pass over each gradient, the only
+    reduction the step's skip decision waits for.
+    """
+    ok = None
+    for leaf in leaves:
+        dtype = compute_dtype(xp, leaf.dtype)
+        wide = xp.astype(leaf, dtype)
+        leaf_ok = xp.sum(wide * wide) < xp.finfo(dtype).max * OVERFLOW_MARGIN
+        ok = leaf_ok if ok is None else xp.logical_and(ok, leaf_ok)
+    return ok
+
+
+def _first_bad_gradient(xp: Any, leaves: Sequence[Array], paths: Sequence[Path]) -> str:
     for path, leaf in zip(paths, leaves):
         if not bool(xp.all(xp.isfinite(leaf))):
-            return path_str(path)
-    return "?"  # pragma: no cover
+            return f"non-finite gradient in leaf {path_str(path)!r}"
+        if not bool(gradient_ok(xp, [leaf])):
+            return f"gradient of leaf {path_str(path)!r} too large for the statistics (squared norm above {OVERFLOW_MARGIN} x the largest float)"
+    return "non-finite gradient"  # pragma: no cover
 
 
 def build_transform(
@@ -559,16 +587,18 @@ def build_transform(
                 f"{sorted(expected - found)}, state entries with no gradient {sorted(found - expected)}"
             )
 
-        finite = _all_finite(xp, grad_leaves)
+        ok = gradient_ok(xp, grad_leaves)
         if on_nonfinite == "raise":
-            if _is_tracer(finite):
+            if _is_tracer(ok):
                 raise ValueError(
                     f"{name}: on_nonfinite='raise' needs concrete arrays and cannot run under "
                     "jax.jit; use on_nonfinite='skip'"
                 )
-            if not bool(finite):
-                bad = _first_nonfinite(xp, grad_leaves, treedef.paths)
-                raise FloatingPointError(f"{name}: non-finite gradient in leaf {bad!r}")
+            if not bool(ok):
+                raise FloatingPointError(f"{name}: {_first_bad_gradient(xp, grad_leaves, treedef.paths)}")
+        # A skipped step's arithmetic runs on zeros: its results are discarded anyway, and NaN or
+        # huge inputs would only raise warnings (NumPy) or errors (LAPACK on NaN) on the way.
+        grad_leaves = [xp.where(ok, g, xp.zeros_like(g)) for g in grad_leaves]
 
         if due is not None:
             if len(due) != len(declared):
@@ -594,22 +624,16 @@ def build_transform(
                 updates[i] = u if u.dtype == target else xp.astype(u, target)
             new_groups[group.key] = new
 
-        # Entries a step left untouched (the very same array) need neither check nor selection.
-        changed = [
-            (key, k) for key, entries in new_groups.items() for k, v in entries.items() if v is not state.groups[key][k]
-        ]
-        produced = updates + [new_groups[key][k] for key, k in changed]
-        ok = xp.logical_and(finite, _all_finite(xp, produced))
-        if on_nonfinite == "raise" and not bool(ok):
-            bad = [f"{key}/{k}" for key, k in changed if not bool(_all_finite(xp, [new_groups[key][k]]))]
-            raise FloatingPointError(
-                f"{name}: a finite gradient overflowed the optimizer state ({', '.join(bad) or 'updates'})"
-            )
+        # The parameters never receive a NaN or Inf, whatever a method's numerics did; the step's
+        # own skip selects element-wise (no device read), fused into the kernels computing it.
+        updates = [xp.where(xp.logical_and(ok, xp.isfinite(u)), u, xp.zeros_like(u)) for u in updates]
         if on_nonfinite == "skip":
-            updates = [xp.where(ok, u, xp.zeros_like(u)) for u in updates]
             new_groups = {key: dict(entries) for key, entries in new_groups.items()}
-            for key, k in changed:
-                new_groups[key][k] = xp.where(ok, new_groups[key][k], state.groups[key][k])
+            for key, entries in new_groups.items():
+                for k, v in entries.items():
+                    old = state.groups[key][k]
+                    if v is not old:  # an entry the step left untouched needs no selection
+                        entries[k] = xp.where(ok, v, old)
         applied = xp.astype(ok, xp.int32)
         new_state = PrecondState(
             count=state.count + applied,
@@ -619,26 +643,6 @@ def build_transform(
         return tree_unflatten(treedef, updates), new_state
 
     return Transform(init, update, due, matmul_precision)
-
-
-def _all_finite(xp: Any, arrays: Sequence[Array]) -> Array:
-    """0-D bool array: every entry of the floating arrays is finite (at least one must be floating).
-
-    Built from reductions alone: a constant ``True`` would be a host-to-device copy on a GPU.
-    """
-    # x * 0 is 0 for a finite x and NaN for NaN or ±Inf: one multiply-add per element, cheaper
-    # than isfinite's comparisons; arrays of one shape are added first, so that a compiler reduces
-    # them in one loop together with the element-wise work that produced them.
-    by_shape: dict[tuple, Any] = {}
-    for a in arrays:
-        if xp.isdtype(a.dtype, "real floating"):
-            key = (tuple(a.shape), a.dtype)
-            by_shape[key] = a * 0.0 if key not in by_shape else by_shape[key] + a * 0.0
-    total = None
-    for zeros in by_shape.values():
-        zero = xp.sum(zeros)
-        total = zero if total is None else total + xp.astype(zero, total.dtype)
-    return xp.isfinite(total)
 
 
 def _unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> dict[str, Array]:
