@@ -100,14 +100,15 @@ def test_jax_model_is_the_torch_model(model):
     n * eps relatively, so the loss by at most (sum of the contraction lengths on the forward
     path) * eps * |loss|. Checked to fail when the JAX attention drops its causal mask.
     """
-    jnp = pytest.importorskip("jax.numpy")
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
     size = models.SIZES[model]["tiny"]
     module = models.build_torch(model, size, torch.float32, "cpu")
     (inputs, targets), _ = models.random_batches(model, size, "cpu", torch.float32)
     with torch.no_grad():
         expected = float(models.torch_loss(model)(module, inputs, targets))
     params = models.nest({n: jnp.asarray(p.detach().numpy()) for n, p in module.named_parameters()})
-    got = float(models.jax_loss(model, size)(params, jnp.asarray(inputs.numpy()), jnp.asarray(targets.numpy())))
+    got = float(jax.jit(models.jax_loss(model, size))(params, jnp.asarray(inputs.numpy()), jnp.asarray(targets.numpy())))
     bound = _inner_dimensions(model, size, module) * float(jnp.finfo(jnp.float32).eps) * max(1.0, abs(expected))
     assert abs(got - expected) <= bound, (got, expected, bound)
 

@@ -19,7 +19,7 @@ from ..compare.methods import BENCH_ONLY, METHODS, MethodEntry
 
 __all__ = [
     "Contender", "VARIANTS", "contenders", "refresh_period", "time_steps", "state_bytes", "core_kwargs_for",
-    "torch_optimizer", "machine", "jsonable", "BUDGET_S",
+    "torch_optimizer", "jax_optimizer", "update_extra", "machine", "jsonable", "BUDGET_S",
 ]
 
 # Seconds of timed steps one measurement may take: the window of steps stops there (and says so).
@@ -116,6 +116,20 @@ def core_kwargs_for(entry: MethodEntry, namespace: Any, framework: str) -> dict:
                 raise ValueError(f"{framework} has no {value} dtype (needed by {name}={value!r})")
             kwargs[name] = getattr(namespace, value)
     return kwargs
+
+
+def update_extra(contender: Contender, batch_size: int) -> dict:
+    """The per-call arguments of ``update`` / ``step``: ``batch_size`` for the methods that need B."""
+    return {"batch_size": batch_size} if "batch_size" in contender.entry.update_kwargs else {}
+
+
+def jax_optimizer(contender: Contender) -> Any:
+    """Our optax transformation for ``contender``."""
+    import jax.numpy as jnp
+
+    from precond_ref.adapters import jax as jax_adapters
+
+    return getattr(jax_adapters, contender.entry.factory)(**core_kwargs_for(contender.entry, jnp, "jax"))
 
 
 def time_steps(

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..cli import UserError
 from .authors import authors_rows
-from .common import BUDGET_S, Contender, core_kwargs_for, refresh_period, time_steps, torch_optimizer
-from .measure import add_ratios, core_measure, jax_measure, run_row, torch_measure, torch_sync
+from .common import BUDGET_S, Contender, core_kwargs_for, jax_optimizer, time_steps, torch_optimizer, update_extra
+from .measure import add_ratios, core_measure, jax_measure, section_rows, timing_for, torch_measure, torch_sync
 
 __all__ = ["CASES", "QUICK_CASES", "parse_cases", "bench_case", "eigh_reference", "FRAMEWORKS"]
 
@@ -133,47 +133,34 @@ def bench_case(
     initial = {name: p.detach().double().numpy() for name, p in case_module(spec, tdtype, "cpu").named_parameters()}
     grads = _gradients(initial)
     size = sum(int(np.prod(v.shape)) for v in initial.values())
+    timing = timing_for(warmup, repeats, budget_s, refresh_windows)
 
-    def timing(contender: Optional[Contender]) -> dict:
-        period = refresh_period(contender.entry) if contender is not None and refresh_windows else 1
-        return {"warmup": warmup, "repeats": repeats, "period": period, "budget_s": budget_s}
-
-    def extra_for(contender: Contender) -> dict:
-        return {"batch_size": BATCH_SIZE} if "batch_size" in contender.entry.update_kwargs else {}
+    def too_large(contender: Contender) -> Optional[str]:
+        limit = contender.entry.bench_max_size
+        return f"{size} parameters > the entry's bench_max_size {limit}" if limit is not None and size > limit else None
 
     rows: list[dict] = []
     skipped: list[str] = []
     for framework in frameworks:
-        device = torch_device if framework == "torch" else ("cuda" if framework == "cupy" else "cpu")
-        measure = _torch_measurer(spec, tdtype, device, grads)
-        section: list[dict] = []
         if framework == "jax":
-            section.append(run_row(framework, "baseline", "optax.adam (jit)", lambda: _jax_layer(None, initial, grads, dtype, {}, timing(None))))
+            baselines = [("optax.adam (jit)", lambda: _jax_layer(None, initial, grads, dtype, {}, timing(None)))]
+            measure = lambda c: _jax_layer(c, initial, grads, dtype, update_extra(c, BATCH_SIZE), timing(c))  # noqa: E731
         else:  # the numpy / cupy rows are the core on those arrays, against torch Adam on the same device
-            for label, factory in torch_baselines()[: 2 if framework == "torch" else 1]:
-                make = lambda module, named, f=factory: (f([p for _, p in named]), [])  # noqa: E731
-                section.append(run_row(framework, "baseline", label, lambda m=make: measure(m, {}, timing(None))))
-        for contender in contenders:
-            if progress is not None:
-                progress(f"{framework} {contender.label}")
-            entry = contender.entry
-            if entry.bench_max_size is not None and size > entry.bench_max_size:
-                section.append({
-                    "framework": framework, "method": entry.name, "variant": contender.variant, "label": contender.label,
-                    "skipped": f"{size} parameters > the entry's bench_max_size {entry.bench_max_size}",
-                })
-                continue
-            extra = extra_for(contender)
+            device = torch_device if framework == "torch" else ("cuda" if framework == "cupy" else "cpu")
+            torch_measure_ = _torch_measurer(spec, tdtype, device, grads)
+            baselines = [
+                (label, lambda f=factory: torch_measure_(lambda module, named: (f([p for _, p in named]), []), {}, timing(None)))
+                for label, factory in torch_baselines()[: 2 if framework == "torch" else 1]
+            ]
             if framework == "torch":
-                make = lambda module, named, c=contender: torch_optimizer(c, named, torch_compile)  # noqa: E731
-                run = lambda m=make, c=contender, e=extra: measure(m, e, timing(c))  # noqa: E731
-            elif framework == "jax":
-                run = lambda c=contender, e=extra: _jax_layer(c, initial, grads, dtype, e, timing(c))  # noqa: E731
+                measure = lambda c: torch_measure_(  # noqa: E731
+                    lambda module, named: torch_optimizer(c, named, torch_compile), update_extra(c, BATCH_SIZE), timing(c)
+                )
             else:
-                run = lambda c=contender, e=extra, f=framework: _core_layer(c, initial, grads, dtype, e, f, timing(c))  # noqa: E731
-            section.append(run_row(framework, entry.name, contender.label, run, contender.variant))
+                measure = lambda c, f=framework: _core_layer(c, initial, grads, dtype, update_extra(c, BATCH_SIZE), f, timing(c))  # noqa: E731
+        section = section_rows(framework, baselines, contenders, measure, progress, too_large)
         if framework == "torch" and with_authors:
-            authors, skipped = authors_rows(contenders, measure, BATCH_SIZE, timing)
+            authors, skipped = authors_rows(contenders, torch_measure_, BATCH_SIZE, timing)
             section.extend(authors)
         add_ratios(section, reference if framework == "torch" else None)
         rows.extend(section)
@@ -210,14 +197,6 @@ def _jax_layer(contender: Optional[Contender], initial: dict, grads: list, dtype
     batches = [nest({k: jnp.asarray(v, dtype=jdtype) for k, v in g.items()}) for g in grads]
     optimizer = optax.adam(1e-3) if contender is None else jax_optimizer(contender)
     return jax_measure(optimizer, params, batches, None, extra, timing)
-
-
-def jax_optimizer(contender: Contender) -> Any:
-    import jax.numpy as jnp
-
-    from precond_ref.adapters import jax as jax_adapters
-
-    return getattr(jax_adapters, contender.entry.factory)(**core_kwargs_for(contender.entry, jnp, "jax"))
 
 
 def _core_layer(contender: Contender, initial: dict, grads: list, dtype: str, extra: dict, framework: str, timing: dict) -> dict:

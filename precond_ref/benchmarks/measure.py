@@ -9,12 +9,13 @@ the gradients), so that for the models the whole training step is timed.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Optional
 
-from .common import state_bytes, time_steps
+from .common import Contender, refresh_period, state_bytes, time_steps
 
-__all__ = ["torch_measure", "jax_measure", "core_measure", "run_row", "add_ratios", "torch_sync"]
+__all__ = ["torch_measure", "jax_measure", "core_measure", "run_row", "section_rows", "add_ratios", "torch_sync", "timing_for"]
 
 
 def torch_sync(device: str) -> Callable[[], None]:
@@ -100,18 +101,52 @@ def core_measure(transform: Any, params: Any, grads: list, extra: dict, sync: Ca
     return result
 
 
+def timing_for(warmup: int, repeats: int, budget_s: float, refresh_windows: bool) -> Callable[[Optional[Contender]], dict]:
+    """``time_steps`` settings per contender (``None``: a baseline): its refresh period sets the window."""
+
+    def timing(contender: Optional[Contender]) -> dict:
+        period = refresh_period(contender.entry) if contender is not None and refresh_windows else 1
+        return {"warmup": warmup, "repeats": repeats, "period": period, "budget_s": budget_s}
+
+    return timing
+
+
 def run_row(framework: str, method: str, label: str, measure: Callable[[], dict], variant: Optional[str] = None) -> dict:
     """A table row; an exception becomes the row's ``error`` (one failing method must not hide the others)."""
     from ..cli import UserError
 
-    row = {"framework": framework, "method": method, "variant": variant, "label": label}
+    row: dict[str, Any] = {"framework": framework, "method": method, "variant": variant, "label": label}
     try:
         row.update(measure())
     except UserError:
         raise
     except Exception as err:
         row["error"] = f"{type(err).__name__}: {err}"
+    if "last_loss" in row and not math.isfinite(row["last_loss"]):
+        row["notes"] = row.get("notes", []) + ["the loss is not finite after the timed steps (diverged at these settings)"]
     return row
+
+
+def section_rows(
+    framework: str,
+    baselines: list[tuple[str, Callable[[], dict]]],
+    contenders: list[Contender],
+    measure: Callable[[Contender], dict],
+    progress: Optional[Callable[[str], None]] = None,
+    skip: Callable[[Contender], Optional[str]] = lambda contender: None,
+) -> list[dict]:
+    """One framework's rows: its baselines, then every contender (or why it was skipped)."""
+    rows = [run_row(framework, "baseline", label, fn) for label, fn in baselines]
+    for contender in contenders:
+        if progress is not None:
+            progress(f"{framework} {contender.label}")
+        head = {"framework": framework, "method": contender.entry.name, "variant": contender.variant, "label": contender.label}
+        reason = skip(contender)
+        if reason:
+            rows.append({**head, "skipped": reason})
+        else:
+            rows.append(run_row(framework, contender.entry.name, contender.label, lambda c=contender: measure(c), contender.variant))
+    return rows
 
 
 def add_ratios(rows: list[dict], reference: Optional[dict] = None) -> None:

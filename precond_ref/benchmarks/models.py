@@ -313,49 +313,35 @@ def bench_model(
     import torch
 
     from .authors import authors_rows
-    from .common import refresh_period, torch_optimizer
-    from .layers import jax_optimizer
-    from .measure import add_ratios, run_row
+    from .common import jax_optimizer, torch_optimizer, update_extra
+    from .measure import add_ratios, section_rows, timing_for
 
     tdtype = getattr(torch, dtype)
     initial = build_torch(model, size, tdtype, "cpu")
-    extra = {"batch_size": batch_size_of(model, size)}
-
-    def timing(contender: Any) -> dict:
-        period = refresh_period(contender.entry) if contender is not None and refresh_windows else 1
-        return {"warmup": warmup, "repeats": repeats, "period": period, "budget_s": budget_s}
-
-    def extra_for(contender: Any) -> dict:
-        return extra if "batch_size" in contender.entry.update_kwargs else {}
-
+    batch_size = batch_size_of(model, size)
+    timing = timing_for(warmup, repeats, budget_s, refresh_windows)
     rows: list[dict] = []
     skipped: list[str] = []
     for framework in frameworks:
-        section: list[dict] = []
         if framework == "torch":
-            measure = _torch_measurer(model, size, initial, tdtype, torch_device)
-            for label, factory in torch_baselines():
-                make = lambda module, named, f=factory: (f([p for _, p in named]), [])  # noqa: E731
-                section.append(run_row(framework, "baseline", label, lambda m=make: measure(m, {}, timing(None))))
-            for contender in contenders:
-                if progress is not None:
-                    progress(f"{framework} {contender.label}")
-                make = lambda module, named, c=contender: torch_optimizer(c, named, torch_compile)  # noqa: E731
-                run = lambda m=make, c=contender: measure(m, extra_for(c), timing(c))  # noqa: E731
-                section.append(run_row(framework, contender.entry.name, contender.label, run, contender.variant))
-            if with_authors:
-                authors, skipped = authors_rows(contenders, measure, extra["batch_size"], timing)
-                section.extend(authors)
+            torch_measure_ = _torch_measurer(model, size, initial, tdtype, torch_device)
+            baselines = [
+                (label, lambda f=factory: torch_measure_(lambda module, named: (f([p for _, p in named]), []), {}, timing(None)))
+                for label, factory in torch_baselines()
+            ]
+            measure = lambda c: torch_measure_(  # noqa: E731
+                lambda module, named: torch_optimizer(c, named, torch_compile), update_extra(c, batch_size), timing(c)
+            )
         else:
             import optax
 
-            measure = _jax_measurer(model, size, initial, dtype)
-            section.append(run_row(framework, "baseline", "optax.adamw (jit)", lambda: measure(optax.adamw(1e-3), {}, timing(None))))
-            for contender in contenders:
-                if progress is not None:
-                    progress(f"{framework} {contender.label}")
-                run = lambda c=contender: measure(jax_optimizer(c), extra_for(c), timing(c))  # noqa: E731
-                section.append(run_row(framework, contender.entry.name, contender.label, run, contender.variant))
+            jax_measure_ = _jax_measurer(model, size, initial, dtype)
+            baselines = [("optax.adamw (jit)", lambda: jax_measure_(optax.adamw(1e-3), {}, timing(None)))]
+            measure = lambda c: jax_measure_(jax_optimizer(c), update_extra(c, batch_size), timing(c))  # noqa: E731
+        section = section_rows(framework, baselines, contenders, measure, progress)
+        if framework == "torch" and with_authors:
+            authors, skipped = authors_rows(contenders, torch_measure_, batch_size, timing)
+            section.extend(authors)
         add_ratios(section)
         rows.extend(section)
     return rows, skipped
