@@ -217,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
                         bar.set_postfix(case=case)
                     results[case], skipped_here = layers.bench_case(chosen, spec, frameworks, reference=reference, **common)
                     authors_skipped = list(dict.fromkeys(authors_skipped + skipped_here))
+                    _print_table(report_module, case, results[case], bar)
                 settings["cases"] = {k: list(v) for k, v in cases.items()}
                 settings["batch_size_for_root_free"] = layers.BATCH_SIZE
             else:
@@ -225,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
                 settings.update(size=size_name, model=size, model_description=models.describe(args.model, size, module))
                 settings["batch_size_for_root_free"] = models.batch_size_of(args.model, size)
                 results[args.model], authors_skipped = models.bench_model(args.model, size, chosen, frameworks, **common)
+                _print_table(report_module, args.model, results[args.model], bar)
     finally:
         if bar is not None:
             bar.close()
@@ -245,8 +247,6 @@ def run(args: argparse.Namespace) -> int:
         "reference": reference,
         "results": results,
     }
-    for section, rows in results.items():
-        print(report_module.format_table(section, rows) + "\n")
     if reference is not None:
         print(f"yardstick: {reference['label']}: median {reference['median_ms']:.3g} ms, mean {reference['mean_ms']:.3g} ms "
               "(the 'mean x eigh' column)")
@@ -269,6 +269,15 @@ def run(args: argparse.Namespace) -> int:
     if args.readme:
         _write_readme(report, args.model, report_module)
     return 1 if any("error" in row for rows in results.values() for row in rows) else 0
+
+
+def _print_table(report_module: Any, section: str, rows: list[dict], bar: Any) -> None:
+    """A section's table as soon as it is measured (a default run takes minutes per section)."""
+    text = report_module.format_table(section, rows) + "\n"
+    if bar is not None:
+        bar.write(text)
+    else:
+        print(text, flush=True)
 
 
 def _write(path: str, data: Any) -> None:

@@ -170,9 +170,9 @@ def make_torch_optimizer(
     ``options`` are adapter arguments that are not core arguments (``bench`` passes ``compile=``);
     a ``TypeError`` naming one of them propagates instead of falling back.
     """
-    options = options or {}
     import torch
 
+    options = options or {}
     if entry.name == "sgd_momentum":
         return torch.optim.SGD([p for _, p in named], lr=kwargs["learning_rate"], momentum=kwargs["momentum"]), []
     if entry.name == "adam":
