@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     limit = contextlib.nullcontext() if args.threads is None else _thread_limit(args.threads, "torch")
     try:
         with limit:
+            machine_info = machine(torch_device, frameworks)  # inside the limit: it records the thread counts
             if args.model == "layers":
                 if "torch" in frameworks:
                     n = 64 if args.quick else layers.EIGH_SIZE
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         "command": "bench",
         "argv": list(getattr(args, "argv", [])),
         "settings": settings,
-        "machine": machine(torch_device, frameworks),
+        "machine": machine_info,
         "total_s": total,
         "skipped": skipped + [{"method": "authors", "reason": n} for n in authors_skipped],
         "reference": reference,
