@@ -76,21 +76,40 @@ def compact(report: dict) -> dict:
     return out
 
 
+def _labels(rows: list[dict]) -> list[str]:
+    """Row labels in table order: the baselines first."""
+    labels = dict.fromkeys(r["label"] for r in rows if r["method"] == "baseline")
+    return list({**labels, **dict.fromkeys(r["label"] for r in rows)})
+
+
+def _legend(rows: list[dict]) -> str:
+    return "; ".join(f"{fw}: {names[0]}" for fw in dict.fromkeys(r["framework"] for r in rows) if (names := baselines(rows, fw)))
+
+
 def _layers_table(report: dict) -> str:
     results = report["results"]
     columns = [(case, fw) for case, rows in results.items() for fw in dict.fromkeys(r["framework"] for r in rows)]
-    labels = list(dict.fromkeys(r["label"] for rows in results.values() for r in rows))
-    head = "| method | " + " | ".join(f"{case} {fw}" for case, fw in columns) + " |"
-    lines = [head, "|---|" + "---:|" * len(columns)]
-    for label in labels:
+    everything = [r for rows in results.values() for r in rows]
+    first_case = next(iter(results))
+    with_reference = any("reference_ratio" in r for r in results[first_case])
+    head = "| method | " + " | ".join(f"{case} {fw}" for case, fw in columns)
+    head += f" | {first_case} torch mean x eigh |" if with_reference else " |"
+    lines = [head, "|---|" + "---:|" * (len(columns) + with_reference)]
+    for label in _labels(everything):
         cells = []
         for case, fw in columns:
             rows = results[case]
             row = next((r for r in rows if r["label"] == label and r["framework"] == fw), None)
             base = (baselines(rows, fw) or [None])[0]
             cells.append("" if row is None else (_status(row) or _x(row["ratios"].get(base))))
+        if with_reference:
+            row = next((r for r in results[first_case] if r["label"] == label and r["framework"] == "torch"), None)
+            cells.append("" if row is None else (_status(row) or _x(row.get("reference_ratio"))))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    caption = f"Each cell: the median step time over that of the framework's first baseline ({_legend(everything)})"
+    if with_reference:
+        caption += "; the last column: the mean step (refreshes included) over one eigh, issue 13's CPU yardstick"
+    return "\n".join(lines) + "\n\n" + caption + "."
 
 
 def _model_table(report: dict) -> str:
@@ -105,9 +124,8 @@ def _model_table(report: dict) -> str:
         if names:
             columns.append((fw, f"mean x {names[0]}", lambda r, n=names[0]: _x(r["mean_ratios"].get(n))))
         columns.append((fw, f"{fw} first step s", lambda r: f"{r['first_step_ms'] / 1e3:.2f}"))
-    labels = list(dict.fromkeys(r["label"] for r in rows))
     lines = ["| method | " + " | ".join(h for _, h, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
-    for label in labels:
+    for label in _labels(rows):
         cells = []
         for fw, _, cell in columns:
             row = next((r for r in rows if r["label"] == label and r["framework"] == fw), None)
@@ -146,7 +164,7 @@ def readme_section(reports: dict[str, dict]) -> str:
         parts += [_layers_table(report) if kind == "layers" else _model_table(report), ""]
         reference = report.get("reference")
         if reference and "mean_ms" in reference:
-            parts += [f"Yardstick (issue 13's CPU targets): {reference['label']}, mean {_ms(reference['mean_ms'])} ms.", ""]
+            parts += [f"Yardstick: {reference['label']}, mean {_ms(reference['mean_ms'])} ms.", ""]
     parts.append(README_END)
     return "\n".join(parts)
 
