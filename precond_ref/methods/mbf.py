@@ -550,6 +550,7 @@ def mbf(
             groups[key] = entries
         return PrecondState(state.count, state.nonfinite_count, groups)
 
-    transform = MBFTransform(init, update, inner.due, weight_bias_groups)  # on the caller's (raw) tree
+    # group_leaves on the caller's (raw) tree: out-last kernels pair by their last axis
+    transform = MBFTransform(init, update, inner.due, inner.matmul_precision, weight_bias_groups)
     transform.warm_start = warm_start
     return transform

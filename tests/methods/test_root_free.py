@@ -405,11 +405,12 @@ def test_if_shampoo_equal_shape_groups_share_one_factor_step(monkeypatch):
 
 def test_if_shampoo_zero_gradient_and_overflow_rules_are_per_group_in_a_stack():
     """S2 and S3 inside a stack of equal-shape groups: a group with a zero gradient keeps its factors,
-    a group whose factor step overflows (float32) keeps them and counts a failure, and the other
-    group of the stack is refreshed as usual."""
-    opt = pr.if_shampoo(batch_size=1, preconditioner_lr=0.5, preconditioner_momentum=0.0, clamp_factor_step=False)
+    a group whose factor step overflows (float32; a huge preconditioner_lr, since gradients large
+    enough to overflow it are skipped by build_transform) keeps them and counts a failure, and the
+    other group of the stack is refreshed as usual (to large but finite factors)."""
+    opt = pr.if_shampoo(batch_size=1, preconditioner_lr=1e30, preconditioner_momentum=0.0, clamp_factor_step=False)
     params = {k: np.ones((3, 3), dtype=np.float32) for k in ("huge", "normal", "zero")}
-    grads = {"huge": np.full((3, 3), 3e30, dtype=np.float32), "normal": np.eye(3, dtype=np.float32),
+    grads = {"huge": np.full((3, 3), 1e10, dtype=np.float32), "normal": np.eye(3, dtype=np.float32),
              "zero": np.zeros((3, 3), dtype=np.float32)}
     state = opt.init(params)
     with np.errstate(all="ignore"):
@@ -442,11 +443,18 @@ def test_if_shampoo_is_matmul_only(monkeypatch):
         opt.update({"w": torch.randn(3, 4)}, state)
     import inspect
 
+    from precond_ref import linalg
+
     source = inspect.getsource(root_free.if_shampoo) + inspect.getsource(root_free._factor_step)
     source += inspect.getsource(root_free._precondition)
+    helpers = inspect.getsource(linalg.mode_product) + inspect.getsource(linalg.mode_gram)
     import re
 
-    assert set(re.findall(r"linalg\.(\w+)", source)) <= {"diagonal", "vector_norm", "matrix_norm"}
+    # The tensor-matrix products live in linalg (matmul, reshape and permute only).
+    assert set(re.findall(r"linalg\.(\w+)", source)) <= {
+        "diagonal", "vector_norm", "matrix_norm", "mode_product", "mode_gram", "half_precision_dtype"
+    }
+    assert set(re.findall(r"xp\.linalg\.(\w+)", helpers)) == set()
 
 
 def test_if_shampoo_batch_size_and_validation():
@@ -502,25 +510,25 @@ def test_if_shampoo_nonfinite_gradient_policy():
 
 
 def test_if_shampoo_nonfinite_factor_is_discarded_and_counted():
-    """S3: a finite but huge gradient overflows float32 factors; principled mode keeps the old ones."""
-    opt = pr.if_shampoo(batch_size=1, preconditioner_lr=0.5, preconditioner_momentum=0.0, clamp_factor_step=False)
+    """S3: a factor step that overflows float32 (here a huge preconditioner_lr; gradients large
+    enough to overflow it are skipped by build_transform) keeps the old factors in principled mode
+    and counts the failure; the authors' code keeps the Inf factor (faithful), and the
+    parameters still never receive a NaN or Inf."""
+    kwargs = dict(batch_size=1, preconditioner_lr=1e30, preconditioner_momentum=0.0, clamp_factor_step=False)
+    opt = pr.if_shampoo(**kwargs)
     params = {"w": np.ones((3, 3), dtype=np.float32)}
     state = opt.init(params)
-    huge = {"w": np.full((3, 3), 3e30, dtype=np.float32)}
-    u, new = opt.update(huge, state)
+    large = {"w": np.full((3, 3), 1e10, dtype=np.float32)}
+    with np.errstate(all="ignore"):
+        u, new = opt.update(large, state)
     assert int(new.groups["w"]["factor_failures"]) == 1
     np.testing.assert_array_equal(new.groups["w"]["factor_0"], state.groups["w"]["factor_0"])
     assert int(new.count) == 1 and int(new.nonfinite_count) == 0
-    # The authors' factor step overflows (faithful mode has no S3): the library's non-finite rule
-    # then skips the whole step (or raises, naming the state entry), never keeping an Inf factor.
-    kwargs = dict(batch_size=1, preconditioner_lr=0.5, preconditioner_momentum=0.0, clamp_factor_step=False, mode="faithful")
-    faithful = pr.if_shampoo(**kwargs)
+    faithful = pr.if_shampoo(mode="faithful", **kwargs)
     with np.errstate(all="ignore"):
-        u, skipped = faithful.update(huge, faithful.init(params))
-        assert int(skipped.nonfinite_count) == 1 and np.all(u["w"] == 0)
-        np.testing.assert_array_equal(skipped.groups["w"]["factor_0"], np.eye(3, dtype=np.float32))
-        with pytest.raises(FloatingPointError, match="overflowed the optimizer state.*factor_0"):
-            pr.if_shampoo(on_nonfinite="raise", **kwargs).update(huge, faithful.init(params))
+        u, bad = faithful.update(large, faithful.init(params))
+    assert not np.all(np.isfinite(bad.groups["w"]["factor_0"]))  # the authors' behaviour
+    assert np.all(np.isfinite(u["w"]))
 
 
 def test_if_shampoo_zero_gradient_faithful_drifts_principled_stays():
