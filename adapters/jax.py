@@ -11,6 +11,7 @@ dataclasses registered as pytrees), ``jax.jit`` with a single compilation, ``opt
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Callable
 
@@ -184,22 +185,58 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Pre
     return _shardings_like(state, _as_core_tree(params)[0])
 
 
-def optax_factory(core_factory: Callable[..., Transform]) -> Callable[..., optax.GradientTransformationExtraArgs]:
-    """The optax version of a core factory, with the same signature and docstring.
+def optax_factory(
+    core_factory: Callable[..., Transform], static: tuple[str, ...] = ()
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    """The optax version of a core factory, with its arguments and docstring.
 
-    ``functools.wraps`` keeps the signature visible to ``optax.inject_hyperparams``.
+    ``static`` names the integer arguments that fix array shapes, loop lengths or the steps that
+    refresh a preconditioner; they must be Python integers. ``optax.inject_hyperparams`` turns
+    every numeric argument it sees into an array, so here their defaults are ``None`` (meaning the
+    core's default, which inject_hyperparams leaves static): plain
+    ``optax.inject_hyperparams(factory)(learning_rate=...)`` works, and one of them given as a
+    number under inject_hyperparams raises a ``ValueError`` naming the ``static_args`` to pass.
+    ``learning_rate`` is annotated ``optax.ScalarOrSchedule`` (optax's marker for schedules).
+    The signature is set explicitly, so ``inject_hyperparams`` sees these defaults.
     """
+    signature = inspect.signature(core_factory)
+    core_defaults = {name: signature.parameters[name].default for name in static}
+    parameters = []
+    for parameter in signature.parameters.values():
+        if parameter.name in static and parameter.default is not None:
+            annotation = parameter.annotation
+            parameter = parameter.replace(
+                default=None, annotation=f"Optional[{annotation}]" if isinstance(annotation, str) else annotation
+            )
+        if parameter.name == "learning_rate":
+            parameter = parameter.replace(annotation=optax.ScalarOrSchedule)
+        parameters.append(parameter)
+    presented = signature.replace(parameters=parameters)
+    name = core_factory.__name__
 
     @functools.wraps(core_factory)
     def factory(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-        return to_optax(core_factory(*args, **kwargs))
+        arguments = presented.bind(*args, **kwargs).arguments
+        injected = tuple(arg for arg in static if hasattr(arguments.get(arg), "shape"))
+        if injected:
+            raise ValueError(
+                f"{name}: {', '.join(injected)} must be "
+                + ("a Python integer" if len(injected) == 1 else "Python integers")
+                + " (fixing array shapes, loop lengths or refresh steps), got an array; "
+                "optax.inject_hyperparams makes every numeric argument an array: use optax.inject_hyperparams({name}, static_args={injected!r})"
+            )
+        for arg in static:
+            if arg in arguments and arguments[arg] is None and core_defaults[arg] is not None:
+                del arguments[arg]
+        return to_optax(core_factory(**arguments))
 
+    factory.__signature__ = presented  # type: ignore[attr-defined]
     return factory
 
 
 agd = optax_factory(pr.agd)
 
-mbf = optax_factory(pr.mbf)
+mbf = optax_factory(pr.mbf, static=("statistics_every", "precondition_every", "max_block_dim"))
 
 
 def mbf_warm_start(state: Any, grads_batches: Any, **mbf_kwargs: Any) -> Any:
@@ -215,12 +252,16 @@ def mbf_warm_start(state: Any, grads_batches: Any, **mbf_kwargs: Any) -> Any:
     return core.warm_start(state, (_as_core_tree(g)[0] for g in grads_batches))
 
 
-asgo = optax_factory(pr.asgo)
+asgo = optax_factory(pr.asgo, static=("root_steps", "precondition_every", "block_size"))
 dasgo = optax_factory(pr.dasgo)
 # Root-free methods: B (examples the loss averages) as batch_size= of the factory or of update.
 rf_rmsprop = optax_factory(pr.rf_rmsprop)
 rf_adamw = optax_factory(pr.rf_adamw)
-if_shampoo = optax_factory(pr.if_shampoo)
-sketchy = optax_factory(pr.sketchy)
-s_adagrad = optax_factory(pr.s_adagrad)
-scale_by_sketchy = optax_factory(pr.scale_by_sketchy)
+# precondition_every of if_shampoo may be an array (a traced interval works there).
+if_shampoo = optax_factory(pr.if_shampoo, static=("max_dense_dim",))
+sketchy = optax_factory(
+    pr.sketchy,
+    static=("rank", "precondition_every", "start_preconditioning_step", "merge_dims", "max_precondition_dim", "block_size"),
+)
+s_adagrad = optax_factory(pr.s_adagrad, static=("rank", "block_size"))
+scale_by_sketchy = optax_factory(pr.scale_by_sketchy, static=("rank", "precondition_every", "merge_dims", "block_size"))

@@ -36,6 +36,7 @@ from ..transform import (
     singleton_groups,
     weight_bias_groups,
 )
+from ..linalg import kl_clip_factor
 from ..tree import Path, path_str
 
 __all__ = [
@@ -61,6 +62,9 @@ _BATCH_SIZE_HELP = (
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+_KL_CLIP = 0.1  # principled default of if_shampoo's kl_clip (S7)
 
 
 def _nonzero(value: Any) -> bool:
@@ -602,6 +606,7 @@ def if_shampoo(
     grouping: str = "per_parameter",
     preconditioner_lr_scale: Optional[Callable[[Path], float]] = None,
     clamp_factor_step: bool = True,
+    kl_clip: Optional[float] = None,
     mode: str = "principled",
     on_nonfinite: str = "skip",
 ) -> Transform:
@@ -665,6 +670,11 @@ def if_shampoo(
         first leaf); :func:`prototype_lr_scale` reproduces the authors' prototype.
     clamp_factor_step:
         The :math:`1/\max(1, \lVert m_n\rVert_F)` clamp (turn off only to study the first-order rule).
+    kl_clip:
+        :math:`\kappa`: the preconditioned gradient :math:`D = Pg` is scaled by :math:`\nu = \min(1,
+        \sqrt{\kappa/(\eta^2\langle D, g\rangle)})` before the momentum (K-FAC's KL clipping, S7;
+        :func:`precond_ref.linalg.kl_clip_factor`). ``None``: 0.1 in principled mode, off (0) in
+        faithful mode; 0 turns it off.
     mode:
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
@@ -691,6 +701,12 @@ def if_shampoo(
     * S4: axes longer than ``max_dense_dim`` (4096) get diagonal factors.
     * S5: :math:`B` is an argument (the torch adapter offers the authors' forward-hook counting).
     * S6: the momentum buffer is in the compute dtype (the authors': the parameter dtype).
+    * S7: the preconditioned gradient of each group is clipped to :math:`\eta^2\langle Pg, g\rangle
+      \le \kappa` (``kl_clip``, default 0.1; Ba et al. 2017), then enters the momentum. Near an
+      optimum :math:`gg^\top \to 0` and :math:`P \to \lambda^{-1}I`: on Rosenbrock's function
+      (curvature 1000 at the optimum) the unclipped method at :math:`\eta = 10^{-3}` reaches
+      :math:`10^{-5}` of the optimum, then diverges to 3e34 within 10 000 steps; clipped, the
+      step stays bounded until the factors adapt, and it converges.
 
     The prototype used for the paper (``LocalOptimizer_GGT``) equals faithful mode plus
     ``preconditioner_lr_scale=prototype_lr_scale`` and ``precondition_every=prototype_schedule(T)``.
@@ -718,9 +734,14 @@ def if_shampoo(
     if preconditioner_lr_scale is not None and not callable(preconditioner_lr_scale):
         raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {preconditioner_lr_scale!r}")
     check_bool("clamp_factor_step", clamp_factor_step)
+    if kl_clip is not None:
+        check_nonnegative("kl_clip", kl_clip)
     check_choice("mode", mode, ("principled", "faithful"))
     faithful = mode == "faithful"
     dense_limit = max_dense_dim if max_dense_dim is not None else (None if faithful else 4096)
+    if kl_clip is None:
+        kl_clip = 0.0 if faithful else _KL_CLIP
+    use_kl_clip = _nonzero(kl_clip)
     use_momentum = _nonzero(momentum)
     use_factor_momentum = _nonzero(preconditioner_momentum)
     use_decay = _nonzero(weight_decay)
@@ -837,8 +858,12 @@ def if_shampoo(
             new_state["factor_failures"] = results[-1]
 
         preconditioned = _precondition(xp, grouped, results[:rank])
-        pieces = _ungroup_tensor(xp, preconditioned, shapes, full, out_first)
         lr = ctx.value(learning_rate)
+        if use_kl_clip:  # K-FAC's order: clip the preconditioned gradient, then momentum (S5)
+            lr_array = _scalar(xp, lr, preconditioned.dtype)
+            kappa = _scalar(xp, kl_clip, preconditioned.dtype)
+            preconditioned = preconditioned * kl_clip_factor(preconditioned, xp.astype(grouped, preconditioned.dtype), lr_array, kappa)
+        pieces = _ungroup_tensor(xp, preconditioned, shapes, full, out_first)
         updates = []
         for i, piece in enumerate(pieces):
             if use_decay:

@@ -400,7 +400,7 @@ def test_if_shampoo_is_matmul_only(monkeypatch):
     source += inspect.getsource(root_free._precondition)
     import re
 
-    assert set(re.findall(r"linalg\.(\w+)", source)) <= {"diagonal", "vector_norm", "matrix_norm"}
+    assert set(re.findall(r"linalg\.(\w+)", source)) <= {"diagonal", "vector_norm", "matrix_norm", "kl_clip_factor"}
 
 
 def test_if_shampoo_batch_size_and_validation():
