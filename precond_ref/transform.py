@@ -361,6 +361,15 @@ def build_transform(
         Whether ``update`` requires ``params`` (e.g. for weight decay).
     """
     check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
+    # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes: update
+    # compares it with the state it is given (the gradients stand in for the parameters).
+    layouts: dict[tuple, dict[str, tuple]] = {}
+
+    def layout_for(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> dict[str, tuple]:
+        key = (group.key, group.paths, tuple(tuple(x.shape) for x in leaves), tuple(x.dtype for x in leaves), xp.__name__)
+        if key not in layouts:
+            layouts[key] = {k: (tuple(v.shape), v.dtype) for k, v in init_group(leaves, group.paths, xp).items()}
+        return layouts[key]
 
     def init(params: Any) -> PrecondState:
         leaves, treedef = tree_flatten(params)
@@ -438,6 +447,7 @@ def build_transform(
             if all(math.prod(leaf.shape) == 0 for leaf in g):
                 upd, new = tuple(xp.zeros_like(leaf) for leaf in g), {}
             else:
+                _check_fits(name, group, g, old, layout_for(group, g, xp))
                 upd, new = update_group(g, old, p, ctx._replace(paths=group.paths))
             _check_group(name, group, g, upd, old, new)
             for i, u in zip(group.indices, upd):
@@ -460,6 +470,29 @@ def build_transform(
         return tree_unflatten(treedef, updates), new_state
 
     return Transform(init, update)
+
+
+def _check_fits(
+    name: str, group: LeafGroup, grads: tuple[Array, ...], state: dict[str, Array], layout: dict[str, tuple]
+) -> None:
+    """Refuse, by name, gradients that do not fit the group's state: a transposed or reshaped
+    gradient, another dtype (a float64 gradient for float32 state), a missing partner leaf (MBF's
+    bias); ``layout`` is the state ``init_group`` gives these gradients."""
+    found = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    if found == layout:
+        return
+    given = ", ".join(f"{path_str(path)!r} {tuple(g.shape)}/{g.dtype}" for path, g in zip(group.paths, grads))
+    wrong = sorted(set(found) ^ set(layout)) or [k for k in sorted(found) if found[k] != layout[k]]
+    detail = "; ".join(
+        f"{k!r}: state {found[k][0]}/{found[k][1]}, gradient needs {layout[k][0]}/{layout[k][1]}"
+        if k in found and k in layout
+        else f"{k!r} {'only in the state' if k in found else 'missing from the state'}"
+        for k in wrong
+    )
+    raise ValueError(
+        f"{name}: the gradient of {given} does not fit the optimizer state of this group ({detail}); "
+        "a transposed gradient, another dtype, or a weight without its bias?"
+    )
 
 
 def _check_group(
