@@ -437,6 +437,10 @@ def build_transform(
                 bad = _first_nonfinite(xp, grad_leaves, treedef.paths)
                 raise FloatingPointError(f"{name}: non-finite gradient in leaf {bad!r}")
 
+        if on_nonfinite == "skip":
+            # A skipped step's result is discarded; computing it from zeros instead of Inf/NaN keeps
+            # NumPy's RuntimeWarnings (Inf - Inf, Inf * 0) out of a step that is not taken.
+            grad_leaves = [xp.where(finite, leaf, xp.zeros_like(leaf)) for leaf in grad_leaves]
         ctx = StepContext(xp=xp, count=state.count, extra=extra)
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}

@@ -260,3 +260,21 @@ def test_s_adagrad_without_momentum_needs_params_to_see_a_transposed_gradient():
     assert updates["w"].shape == (3, 4)
     with pytest.raises(ValueError, match=r"gradient of 'w' has shape \(3, 4\), parameter has shape \(4, 3\)"):
         opt.update({"w": np.ones((3, 4), np.float32)}, state, params)
+
+
+@pytest.mark.parametrize("method", sorted(_WITHOUT_PARAMS))
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+def test_skipped_nonfinite_step_prints_no_numpy_warning(method, bad):
+    """Issue 16 item 14: a skipped non-finite step computes nothing from the Inf/NaN (7 of 9
+    methods printed NumPy RuntimeWarnings); it is still skipped and counted."""
+    import warnings
+
+    opt = _WITHOUT_PARAMS[method]()
+    params = {"layer": {"w": np.ones((4, 3), np.float32)}}
+    state = opt.init(params)
+    grad = np.full((4, 3), 0.5, np.float32)
+    grad[1, 2] = bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        updates, new_state = opt.update({"layer": {"w": grad}}, state, params)
+    assert not np.any(updates["layer"]["w"]) and int(new_state.nonfinite_count) == 1 and int(new_state.count) == 0
