@@ -340,3 +340,23 @@ def test_if_shampoo_kl_clip_bounds_the_step(property_backend, seed, kappa, batch
         nu = 1.0 if quadratic <= kappa else np.sqrt(kappa / quadratic)
         np.testing.assert_allclose(u, nu * u0, rtol=1e-12, atol=0.0)
         np.testing.assert_allclose(steps["faithful"][key], u0, rtol=1e-10, atol=1e-300)
+
+
+@given(seed=st.integers(0, 2**32 - 1), steps=st.integers(1, 8), batch=st.integers(1, 8),
+       b1=st.sampled_from([0.0, 0.5, 0.9]), b2=st.sampled_from([0.5, 0.999]), bias_correction=st.booleans())
+def test_rf_adamw_constant_gradient_closed_form(property_backend, seed, steps, batch, b1, b2, bias_correction):
+    """RF-AdamW's rule (docstring, authors' ``MyAdamW``) for a constant gradient g, no weight decay:
+    m_t = (1 - b1^t) g (an EMA, not a heavy-ball sum), s_t = b2^t + (1 - b2^t) B g^2 (s_0 = 1), and the
+    step is -eta m_t/c1 / (s_t/c2 + lambda), c_i = 1 - b_i^t with bias correction, else 1."""
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(3, 2))
+    eta, lam = 0.05, 1e-3
+    opt = pr.rf_adamw(learning_rate=eta, b1=b1, b2=b2, damping=lam, batch_size=batch, bias_correction=bias_correction)
+    xb = property_backend
+    params = {"w": xb.asarray(np.zeros_like(g))}
+    state = opt.init(params)
+    for t in range(1, steps + 1):
+        updates, state = opt.update({"w": xb.asarray(g)}, state, params)
+        m, s = (1 - b1**t) * g, b2**t + (1 - b2**t) * batch * g * g
+        c1, c2 = (1 - b1**t, 1 - b2**t) if bias_correction else (1.0, 1.0)
+        np.testing.assert_allclose(_np(xb, updates["w"]), -eta * (m / c1) / (s / c2 + lam), rtol=1e-12, atol=0.0)
