@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device
 
+from ..linalg import kl_clip_factor
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
@@ -36,7 +37,6 @@ from ..transform import (
     singleton_groups,
     weight_bias_groups,
 )
-from ..linalg import kl_clip_factor
 from ..tree import Path, path_str
 
 __all__ = [
@@ -859,10 +859,10 @@ def if_shampoo(
 
         preconditioned = _precondition(xp, grouped, results[:rank])
         lr = ctx.value(learning_rate)
-        if use_kl_clip:  # K-FAC's order: clip the preconditioned gradient, then momentum (S5)
-            lr_array = _scalar(xp, lr, preconditioned.dtype)
-            kappa = _scalar(xp, kl_clip, preconditioned.dtype)
-            preconditioned = preconditioned * kl_clip_factor(preconditioned, xp.astype(grouped, preconditioned.dtype), lr_array, kappa)
+        if use_kl_clip:  # K-FAC's order: clip the preconditioned gradient, then the momentum (S7)
+            dtype = preconditioned.dtype
+            nu = kl_clip_factor(preconditioned, xp.astype(grouped, dtype), _scalar(xp, lr, dtype), _scalar(xp, kl_clip, dtype))
+            preconditioned = preconditioned * nu
         pieces = _ungroup_tensor(xp, preconditioned, shapes, full, out_first)
         updates = []
         for i, piece in enumerate(pieces):
