@@ -25,6 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import precond_ref.adapters.torch as pt
 from cases import TORCH_CASES
+from test_torch_checkpoints import _trained
 from test_torch_contract import _data, _flat, _model, _train
 
 each_case = pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: c.id)
@@ -128,7 +129,7 @@ def test_can_load_older_state_dict(case):
     """torch's test: a checkpoint of an older version lacks hyperparameters added since (here:
     each group's last key, and ``nonfinite_count``/``calls``); it loads, the missing
     hyperparameters keep the loading optimizer's values, and the run continues as the original."""
-    model, opt, (x, y) = _stepped(case)
+    model, opt, (x, y) = _trained(case)
     old = copy.deepcopy(opt.state_dict())
     dropped = [k for k in old["param_groups"][0] if k not in ("params", "param_names")][-1]
     for group in old["param_groups"]:
@@ -176,7 +177,7 @@ def test_can_load_from_to_named_state_dict(case, direction):
 def test_save_load_equality_with_weights_only(case):
     """torch's test: ``torch.save`` / ``torch.load(weights_only=True)`` of ``state_dict()`` gives an
     equal state_dict, and the loaded optimizer continues bit for bit."""
-    model, opt, (x, y) = _stepped(case)
+    model, opt, (x, y) = _trained(case)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
@@ -195,7 +196,7 @@ def test_save_load_equality_with_weights_only(case):
 @each_case
 def test_deepcopy_copies_all_public_attrs(case):
     """torch's test: every public attribute survives ``copy.deepcopy`` (state and groups equal)."""
-    _, opt, _ = _stepped(case)
+    _, opt, _ = _trained(case)
     clone = copy.deepcopy(opt)
     public = {k for k in vars(opt) if not k.startswith("_")}
     assert public == {k for k in vars(clone) if not k.startswith("_")}
@@ -225,7 +226,7 @@ def test_step_hooks(case):
 @each_case
 def test_state_dict_hooks(case):
     """torch's state_dict pre/post hooks run; a post-hook's changes reach the returned dict."""
-    _, opt, _ = _stepped(case)
+    _, opt, _ = _trained(case)
     seen = []
     opt.register_state_dict_pre_hook(lambda o: seen.append("pre"))
 
@@ -242,7 +243,7 @@ def test_state_dict_hooks(case):
 @each_case
 def test_load_state_dict_pre_hook_prepend_order(case):
     """torch's test: ``prepend=True`` runs a load pre-hook before the ones registered earlier."""
-    _, opt, _ = _stepped(case)
+    _, opt, _ = _trained(case)
     saved = opt.state_dict()
     order = []
     opt.register_load_state_dict_pre_hook(lambda o, sd: order.append("first registered"))
@@ -255,16 +256,8 @@ def test_load_state_dict_pre_hook_prepend_order(case):
 @each_case
 def test_non_empty_state(case):
     """torch's test: after a step every parameter with a gradient has state."""
-    _, opt, _ = _stepped(case)
+    _, opt, _ = _trained(case)
     assert all(opt.state[p] for group in opt.param_groups for p in group["params"])
-
-
-def _stepped(case, steps=3):
-    x, y = _data()
-    model = _model()
-    opt = case.make(model.named_parameters())
-    _train(model, opt, case, steps, x, y)
-    return model, opt, (x, y)
 
 
 def _assert_state_dicts_equal(a, b):
