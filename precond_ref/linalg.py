@@ -130,7 +130,7 @@ def matrix_power_eigh(
     """
     xp = array_namespace(a)
     w, v = xp.linalg.eigh(symmetrize(a))
-    w = xp.maximum(w, xp.asarray(floor, dtype=w.dtype, device=array_device(w)))
+    w = xp.clip(w, min=floor)
     w = w + _batch_scalar(xp, shift, w, 1)
     if rcond is None:
         d = w**exponent

@@ -38,6 +38,8 @@ __all__ = [
     "compute_dtype",
     "scalar_array",
     "is_zero",
+    "is_due",
+    "Interval",
     "cond",
     "singleton_groups",
     "weight_bias_groups",
@@ -56,16 +58,29 @@ Schedule = Callable[[Array], Any]
 ScalarOrSchedule = Union[float, Schedule]
 
 
+def _nothing_due(step: int) -> tuple[bool, ...]:
+    return ()
+
+
 class Transform(NamedTuple):
     """A pure optimizer: ``state = init(params)``; ``updates, state = update(grads, state, params)``.
 
     ``updates`` are *added* to the parameters (learning rate and sign included), as in optax.
     Methods that need more than gradients take it as keyword arguments of ``update``
     (e.g. ``batch_size=`` for the root-free methods).
+
+    Methods with periodic work (a root every ``precondition_every`` steps, ...) decide on which
+    call it runs from the number of calls made before (skipped non-finite steps included). Given
+    ``update(..., step=i)`` with ``i`` that number as a Python int, the decision is made on the
+    host: no device value is read, which keeps a GPU step free of host synchronisations. Without
+    it, the decision reads the state's counters (a ``lax.cond`` under ``jax.jit``; a device read
+    elsewhere). ``due(i)`` returns those host decisions as a tuple of bools, which a compiled caller
+    passes as ``update(..., due=due(i))`` so that the compiled code depends on them alone.
     """
 
     init: Callable[[Any], Any]
     update: Callable[..., tuple[Any, Any]]
+    due: Callable[[int], tuple[bool, ...]] = _nothing_due
 
 
 class PrecondState(NamedTuple):
@@ -94,33 +109,56 @@ class LeafGroup(NamedTuple):
     paths: tuple[Path, ...]
 
 
+Interval = Union[int, Callable[[Any], Any]]
+
+
+def is_due(interval: Interval, calls: Any) -> Any:
+    """Whether periodic work with this interval runs on the call numbered ``calls`` (0-based).
+
+    ``calls % interval == 0``, so the first call runs it; a callable interval is a predicate
+    ``calls -> bool``. ``calls`` is a Python int (host decision, a Python bool) or a 0-D integer
+    array (a 0-D bool array); predicates must accept both.
+    """
+    if callable(interval):
+        return interval(calls)
+    return calls % interval == 0
+
+
 class StepContext(NamedTuple):
     """What ``update_group`` receives besides arrays.
 
     ``count`` is the number of updates applied *before* this one (0 on the first update), as a
     0-D int32 array; ``extra`` holds the keyword arguments given to ``update``; ``paths`` are the
     tree paths of the group's leaves (for layout rules that depend on names, such as Flax's
-    out-last ``kernel``).
+    out-last ``kernel``). ``calls`` counts the calls before this one, skipped steps included: a
+    Python int when the caller passed ``step=``, else a 0-D int32 array. ``due`` holds the host
+    decisions a compiled caller passed (``{interval: bool}``), or ``None``.
     """
 
     xp: Any
     count: Array
     extra: dict[str, Any]
     paths: tuple[Path, ...] = ()
+    calls: Any = None
+    due: Any = None
 
     def value(self, hyperparameter: ScalarOrSchedule) -> Any:
         """A hyperparameter at this step (constants pass through; schedules get ``count``)."""
         return schedule_value(hyperparameter, self.count)
 
-    def every(self, interval: int | Callable[[Array], Any]) -> Any:
-        """0-D bool array: does the periodic work run on this step?
+    def every(self, interval: Interval) -> Any:
+        """Does the periodic work with this interval run on this call? (see :func:`is_due`).
 
-        ``count % interval == 0``, so the first update always runs it; a callable interval is a
-        predicate ``count -> bool`` evaluated on the counter.
+        A Python bool when the call number is known on the host (``update(..., step=)`` or
+        ``due=``), so that :func:`cond` branches without reading the device; a 0-D bool array
+        otherwise. The interval must be one the method declared to :func:`build_transform`.
         """
-        if callable(interval):
-            return interval(self.count)
-        return self.count % interval == 0
+        if self.due is not None:
+            for declared, decision in self.due:
+                if declared is interval or (not callable(declared) and declared == interval):
+                    return decision
+            raise ValueError(f"interval {interval!r} was not declared to build_transform(intervals=...)")
+        return is_due(interval, self.calls)
 
 
 def schedule_value(hyperparameter: ScalarOrSchedule, count: Array) -> Any:
@@ -136,9 +174,12 @@ def schedule_value(hyperparameter: ScalarOrSchedule, count: Array) -> Any:
 
 
 def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
-    """A Python number or 0-D array (e.g. a scheduled hyperparameter) as a 0-D array of ``dtype``."""
+    """A Python number or 0-D array (e.g. a scheduled hyperparameter) as a 0-D array of ``dtype``.
+
+    ``full`` rather than ``asarray``: on a GPU it is a fill kernel, not a blocking host copy.
+    """
     if isinstance(value, numbers.Real):  # Python and NumPy scalars alike
-        return xp.asarray(float(value), dtype=dtype, device=device)
+        return xp.full((), float(value), dtype=dtype, device=device)
     return xp.astype(value, dtype)
 
 
@@ -336,6 +377,7 @@ def build_transform(
     group_leaves: Callable[[Sequence[Path], Sequence[Array]], list[LeafGroup]] = singleton_groups,
     on_nonfinite: str = "skip",
     needs_params: bool = False,
+    intervals: Sequence[Interval] = (),
 ) -> Transform:
     """Assemble a tree-level :class:`Transform` from a method's per-group functions.
 
@@ -353,12 +395,17 @@ def build_transform(
     group_leaves:
         ``(paths, leaves) -> [LeafGroup]``: which leaves form one block; singletons by default.
     on_nonfinite:
-        ``"skip"``: a step whose gradient tree holds a NaN or Inf returns zero updates, leaves the
-        state unchanged (the counter does not advance) and increments ``nonfinite_count``.
-        ``"raise"``: ``FloatingPointError`` naming the first offending leaf (needs concrete arrays,
-        so it is refused under ``jax.jit``).
+        ``"skip"``: a step whose gradient tree holds a NaN or Inf, or whose new state or updates
+        would (a finite gradient so large that a statistic overflows), returns zero updates, leaves
+        the state unchanged (the counter does not advance) and increments ``nonfinite_count``; the
+        selection is element-wise (no device value is read). ``"raise"``: ``FloatingPointError``
+        naming the first offending gradient leaf, or the state entry that overflowed (needs
+        concrete arrays, so it is refused under ``jax.jit``).
     needs_params:
         Whether ``update`` requires ``params`` (e.g. for weight decay).
+    intervals:
+        The intervals (ints or predicates ``calls -> bool``) that ``update_group`` passes to
+        ``ctx.every``: :meth:`Transform.due` evaluates them on the host for compiled callers.
     """
     check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
     # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes: update
@@ -381,12 +428,26 @@ def build_transform(
             if all(math.prod(leaf.shape) == 0 for leaf in members):
                 groups[group.key] = {}
             else:
-                groups[group.key] = init_group(members, group.paths, xp)
-        zero = xp.zeros((), dtype=xp.int32, device=dev)
-        return PrecondState(count=zero, nonfinite_count=zero, groups=groups)
+                groups[group.key] = _unaliased(xp, init_group(members, group.paths, xp), members)
+
+        def counter() -> Array:
+            return xp.zeros((), dtype=xp.int32, device=dev)
+
+        return PrecondState(count=counter(), nonfinite_count=counter(), groups=groups)
+
+    declared = tuple(intervals)
+
+    def due(step: int) -> tuple[bool, ...]:
+        return tuple(bool(is_due(interval, step)) for interval in declared)
 
     def update(
-        grads: Any, state: PrecondState, params: Any = None, **extra: Any
+        grads: Any,
+        state: PrecondState,
+        params: Any = None,
+        *,
+        step: int | None = None,
+        due: tuple[bool, ...] | None = None,
+        **extra: Any,
     ) -> tuple[Any, PrecondState]:
         if not isinstance(state, PrecondState):
             raise TypeError(f"{name}: state must be the PrecondState returned by init, got {type(state)}")
@@ -423,10 +484,7 @@ def build_transform(
                 f"{sorted(expected - found)}, state entries with no gradient {sorted(found - expected)}"
             )
 
-        finite = None
-        for leaf in grad_leaves:
-            leaf_finite = xp.all(xp.isfinite(leaf))
-            finite = leaf_finite if finite is None else xp.logical_and(finite, leaf_finite)
+        finite = _all_finite(xp, grad_leaves)
         if on_nonfinite == "raise":
             if _is_tracer(finite):
                 raise ValueError(
@@ -441,7 +499,14 @@ def build_transform(
             # A skipped step's result is discarded; computing it from zeros instead of Inf/NaN keeps
             # NumPy's RuntimeWarnings (Inf - Inf, Inf * 0) out of a step that is not taken.
             grad_leaves = [xp.where(finite, leaf, xp.zeros_like(leaf)) for leaf in grad_leaves]
-        ctx = StepContext(xp=xp, count=state.count, extra=extra)
+        if due is not None:
+            if len(due) != len(declared):
+                raise ValueError(f"{name}: due has {len(due)} decisions, the method declares {len(declared)} intervals")
+            decisions, calls = tuple(zip(declared, due)), None
+        else:
+            decisions = None
+            calls = step if step is not None else state.count + state.nonfinite_count
+        ctx = StepContext(xp=xp, count=state.count, extra=extra, calls=calls, due=decisions)
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
         for group in groups:
@@ -459,21 +524,60 @@ def build_transform(
                 updates[i] = u if u.dtype == target else xp.astype(u, target)
             new_groups[group.key] = new
 
-        step = xp.astype(finite, xp.int32)
+        # Entries a step left untouched (the very same array) need neither check nor selection.
+        changed = [
+            (key, k) for key, entries in new_groups.items() for k, v in entries.items() if v is not state.groups[key][k]
+        ]
+        produced = updates + [new_groups[key][k] for key, k in changed]
+        ok = xp.logical_and(finite, _all_finite(xp, produced))
+        if on_nonfinite == "raise" and not bool(ok):
+            bad = [f"{key}/{k}" for key, k in changed if not bool(_all_finite(xp, [new_groups[key][k]]))]
+            raise FloatingPointError(
+                f"{name}: a finite gradient overflowed the optimizer state ({', '.join(bad) or 'updates'})"
+            )
         if on_nonfinite == "skip":
-            updates = [xp.where(finite, u, xp.zeros_like(u)) for u in updates]
-            new_groups = {
-                key: {k: xp.where(finite, v, state.groups[key][k]) for k, v in entries.items()}
-                for key, entries in new_groups.items()
-            }
+            updates = [xp.where(ok, u, xp.zeros_like(u)) for u in updates]
+            new_groups = {key: dict(entries) for key, entries in new_groups.items()}
+            for key, k in changed:
+                new_groups[key][k] = xp.where(ok, new_groups[key][k], state.groups[key][k])
+        applied = xp.astype(ok, xp.int32)
         new_state = PrecondState(
-            count=state.count + step,
-            nonfinite_count=state.nonfinite_count + (1 - step),
+            count=state.count + applied,
+            nonfinite_count=state.nonfinite_count + (1 - applied),
             groups=new_groups,
         )
         return tree_unflatten(treedef, updates), new_state
 
-    return Transform(init, update)
+    return Transform(init, update, due)
+
+
+def _all_finite(xp: Any, arrays: Sequence[Array]) -> Array:
+    """0-D bool array: every entry of the floating arrays is finite (at least one must be floating).
+
+    Built from reductions alone: a constant ``True`` would be a host-to-device copy on a GPU.
+    """
+    ok = None
+    for a in arrays:
+        if xp.isdtype(a.dtype, "real floating"):
+            finite = xp.all(xp.isfinite(a))
+            ok = finite if ok is None else xp.logical_and(ok, finite)
+    return ok
+
+
+def _unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> dict[str, Array]:
+    """The state entries with no array shared between two entries or with a parameter.
+
+    A method may return one zeros array for several entries; the core never mutates it, but the
+    torch adapter keeps state tensors in place and ``torch.compile`` guards against aliased inputs.
+    """
+    seen = {id(p) for p in params}
+    out = {}
+    for key, value in entries.items():
+        if id(value) in seen:
+            value = xp.asarray(value, copy=True)
+        seen.add(id(value))
+        out[key] = value
+    return out
 
 
 def _check_fits(

@@ -248,5 +248,5 @@ def _float32_power(xp, base, exponent, wide):
     that; computed in the wider ``wide`` dtype (float64 when the state is float64) and rounded once,
     the result is the correctly rounded float32 power, which is what torch's CPU kernel returns.
     """
-    base32 = xp.asarray(base, dtype=xp.float32, device=array_device(exponent))
+    base32 = xp.full((), base, dtype=xp.float32, device=array_device(exponent))
     return xp.astype(xp.astype(base32, wide) ** xp.astype(exponent, wide), xp.float32)

@@ -586,6 +586,7 @@ def asgo(
         update_group=update_group,
         on_nonfinite=on_nonfinite,
         needs_params=_nonzero(weight_decay) or _nonzero(fallback_weight_decay),
+        intervals=(precondition_every,),
     )
 
 

@@ -270,7 +270,9 @@ def mbf(
       not seen get the gain :math:`1/\lambda`; with :math:`\alpha/\lambda \gtrsim 1` the heavy
       ball then diverges (torch's ``test_optim`` problem at :math:`\alpha=\lambda=10^{-3}`: loss
       149 to 2.5e21 in 20 steps). In the authors' regime (:math:`\alpha \approx 10^{-5}`) the clip
-      never acts.
+      never acts; the bound on :math:`m^\top(F+\lambda I)^{-1}m` is :math:`\kappa/\alpha^2`, so with
+      large learning rates (:math:`\alpha \gtrsim 10^{-2}`) on a well-damped problem it throttles
+      the step: raise ``kl_clip`` with :math:`\alpha^2` there, or set it to 0.
     * E1 (both modes): a 2-D weight without a bias uses :math:`H = W`. E2: any conv with
       ndim >= 3. E3: every other leaf uses the diagonal rule (the authors' code exits).
     * 1x1 convs (:math:`q = 1`) use the element-wise form :math:`m/(v+\lambda)`, identical to the
@@ -313,6 +315,10 @@ def mbf(
     # An array weight decay (optax.inject_hyperparams) may be traced: always apply it then.
     decays = hasattr(weight_decay, "shape") or weight_decay != 0.0
     t1, t2 = statistics_every, precondition_every
+
+    def inverse_due(calls: Any) -> Any:
+        # mbngd_if_inverse: every statistics step up to T2, then every T2 steps.
+        return ((calls <= t2) & (calls % t1 == 0)) | (calls % t2 == 0)
 
     # -- the block statistic, its inverse, and the preconditioned direction, per kind ------------
 
@@ -427,12 +433,10 @@ def mbf(
             with_stats, keep_stats, with_inverse, keep_inverse = branches(xp, kind)
             rho, lam = _hyper(xp, b2, dtype), _hyper(xp, damping, dtype)
             statistic, failures = cond(
-                xp, count % t1 == 0, with_stats, keep_stats, state["statistic"], state["failures"], g_block, rho
+                xp, ctx.every(t1), with_stats, keep_stats, state["statistic"], state["failures"], g_block, rho
             )
-            # mbngd_if_inverse: every statistics step up to T2, then every T2 steps.
-            refresh = xp.logical_or(xp.logical_and(count <= t2, count % t1 == 0), count % t2 == 0)
             inverse, failures = cond(
-                xp, refresh, with_inverse, keep_inverse, statistic, state["inverse"], failures, lam
+                xp, ctx.every(inverse_due), with_inverse, keep_inverse, statistic, state["inverse"], failures, lam
             )
             direction = precondition(xp, kind, inverse, m_block)
             if not is_zero(kl_clip):
@@ -458,6 +462,7 @@ def mbf(
         group_leaves=canonical_groups,
         on_nonfinite=on_nonfinite,
         needs_params=decays,
+        intervals=(t1, inverse_due),
     )
 
     def init(params: Any) -> PrecondState:
@@ -514,6 +519,6 @@ def mbf(
             groups[key] = entries
         return PrecondState(state.count, state.nonfinite_count, groups)
 
-    transform = MBFTransform(init, update)
+    transform = MBFTransform(init, update, inner.due)
     transform.warm_start = warm_start
     return transform

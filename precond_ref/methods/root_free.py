@@ -811,10 +811,9 @@ def if_shampoo(
             factor_lr = factor_lr * state["preconditioner_lr_scale"]
 
         refresh = ctx.every(precondition_every)
-        if not hasattr(refresh, "shape"):
-            refresh = xp.asarray(bool(refresh), device=array_device(grouped))
-        if not faithful:
-            refresh = xp.logical_and(refresh, xp.any(grouped != 0.0))  # S2
+        # S2: a zero gradient leaves the factors as they are (selected element-wise, so that the
+        # decision reads no device value).
+        nonzero = None if faithful else xp.any(grouped != 0.0)
 
         n_mom = rank if momenta is not None else 0
 
@@ -838,8 +837,10 @@ def if_shampoo(
             for a in new:
                 ok = xp.all(xp.isfinite(a))
                 finite = ok if finite is None else xp.logical_and(finite, ok)
-            kept = tuple(xp.where(finite, a, b) for a, b in zip(new, arrays[: rank + n_mom]))
-            failures = arrays[-1] + xp.astype(xp.logical_not(finite), xp.int32)  # S3
+            accept = xp.logical_and(finite, nonzero)
+            kept = tuple(xp.where(accept, a, b) for a, b in zip(new, arrays[: rank + n_mom]))
+            failed = xp.logical_and(xp.logical_not(finite), nonzero)
+            failures = arrays[-1] + xp.astype(failed, xp.int32)  # S3
             return kept + (failures,)
 
         def kept(*arrays):
@@ -884,4 +885,5 @@ def if_shampoo(
         group_leaves=weight_bias_groups if grouping == "weight_bias" else singleton_groups,
         on_nonfinite=on_nonfinite,
         needs_params=use_decay,
+        intervals=(precondition_every,),
     )

@@ -380,6 +380,7 @@ def _sketchy_transform(
         update_group=update_group,
         on_nonfinite=on_nonfinite,
         needs_params=has_weight_decay,
+        intervals=(precondition_every,),
     )
 
 

@@ -4,6 +4,7 @@ and the property tests of spec §6."""
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import pathlib
@@ -453,39 +454,67 @@ def test_nonfinite_gradients(backend, factory):
         factory(on_nonfinite="raise").update(backend.tree(bad), state, p)
 
 
+_ROOT_FUNCTIONS = {
+    "eigh": "inverse_root_eigh",
+    "polar_express": "inverse_sqrt_polar_express",
+    "newton_schulz": "inverse_sqrt_newton_schulz",
+}
+
+
 @pytest.mark.parametrize("root_method", ["eigh", "polar_express", "newton_schulz"])
-def test_failed_root_keeps_previous_and_counts(eager_backend, root_method):
-    """Rule 5 / D6: a non-finite root keeps the previous root and increments root_failures;
-    faithful mode uses the identity instead (the authors' fallback)."""
+def test_failed_root_keeps_previous_and_counts(eager_backend, root_method, monkeypatch):
+    """Rule 5 / D6: a non-finite root (of a finite statistic) keeps the previous root and
+    increments root_failures, and the step is applied; faithful mode uses the identity instead
+    (the authors' fallback)."""
+    asgo_module = importlib.import_module("precond_ref.methods.asgo")  # the package re-exports the factory
     backend = eager_backend
-    xp = backend.xp
     rng = np.random.default_rng(9)
     p = backend.tree({"w": rng.standard_normal((3, 4))})
+    real = getattr(asgo_module, _ROOT_FUNCTIONS[root_method])
+    broken = lambda *args, **kwargs: real(*args, **kwargs) * float("nan")  # noqa: E731
+
     opt = pr.asgo(root_method=root_method, weight_decay=0.0)
     state = opt.init(p)
     _, state = opt.update(backend.tree({"w": rng.standard_normal((3, 4))}), state, p)
-    entries = dict(state.groups["w"])
-    entries["statistic"] = entries["statistic"] * xp.nan  # a poisoned statistic (e.g. overflow)
-    poisoned = PrecondState(state.count, state.nonfinite_count, {"w": entries})
-    updates, new_state = opt.update(backend.tree({"w": rng.standard_normal((3, 4))}), poisoned, p)
+    monkeypatch.setattr(asgo_module, _ROOT_FUNCTIONS[root_method], broken)
+    updates, new_state = opt.update(backend.tree({"w": rng.standard_normal((3, 4))}), state, p)
     np.testing.assert_array_equal(
         backend.to_numpy(new_state.groups["w"]["root"]), backend.to_numpy(state.groups["w"]["root"])
     )
     assert int(new_state.groups["w"]["root_failures"]) == 1
+    assert int(new_state.count) == 2 and int(new_state.nonfinite_count) == 0
     assert np.all(np.isfinite(backend.to_numpy(updates["w"])))
+    assert np.any(backend.to_numpy(updates["w"]) != 0)
 
     if root_method == "eigh":
         return
     faithful = pr.asgo(root_method=root_method, mode="faithful", weight_decay=0.0, rms_target=None, b1=0.0)
     state = faithful.init(p)
-    entries = dict(state.groups["w"])
-    entries["statistic"] = entries["statistic"] * xp.nan
     g = rng.standard_normal((3, 4)).astype(np.float64)
-    updates, new_state = faithful.update(
-        backend.tree({"w": g}), PrecondState(state.count, state.nonfinite_count, {"w": entries}), p
-    )
+    updates, new_state = faithful.update(backend.tree({"w": g}), state, p)
     np.testing.assert_allclose(backend.to_numpy(updates["w"]), -1e-2 * g, rtol=1e-12)  # Z = I
     assert int(new_state.groups["w"]["root_failures"]) == 1
+
+
+def test_nonfinite_state_skips_every_step(eager_backend):
+    """build_transform's skip rule covers the state too: a statistic that is not finite (a
+    corrupted state) makes every step a counted skip with zero updates, never a wrong update."""
+    backend = eager_backend
+    xp = backend.xp
+    rng = np.random.default_rng(9)
+    p = backend.tree({"w": rng.standard_normal((3, 4))})
+    opt = pr.asgo(weight_decay=0.0)
+    state = opt.init(p)
+    _, state = opt.update(backend.tree({"w": rng.standard_normal((3, 4))}), state, p)
+    entries = dict(state.groups["w"])
+    entries["statistic"] = entries["statistic"] * xp.nan
+    poisoned = PrecondState(state.count, state.nonfinite_count, {"w": entries})
+    updates, new_state = opt.update(backend.tree({"w": rng.standard_normal((3, 4))}), poisoned, p)
+    assert np.all(backend.to_numpy(updates["w"]) == 0)
+    assert int(new_state.count) == 1 and int(new_state.nonfinite_count) == 1
+    np.testing.assert_array_equal(
+        backend.to_numpy(new_state.groups["w"]["root"]), backend.to_numpy(state.groups["w"]["root"])
+    )
 
 
 def test_faithful_rejects_tensors_and_unsupported_options(eager_backend):

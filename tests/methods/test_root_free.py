@@ -470,11 +470,17 @@ def test_if_shampoo_nonfinite_factor_is_discarded_and_counted():
     u, new = opt.update(huge, state)
     assert int(new.groups["w"]["factor_failures"]) == 1
     np.testing.assert_array_equal(new.groups["w"]["factor_0"], state.groups["w"]["factor_0"])
-    faithful = pr.if_shampoo(batch_size=1, preconditioner_lr=0.5, preconditioner_momentum=0.0,
-                             clamp_factor_step=False, mode="faithful")
+    assert int(new.count) == 1 and int(new.nonfinite_count) == 0
+    # The authors' factor step overflows (faithful mode has no S3): the library's non-finite rule
+    # then skips the whole step (or raises, naming the state entry), never keeping an Inf factor.
+    kwargs = dict(batch_size=1, preconditioner_lr=0.5, preconditioner_momentum=0.0, clamp_factor_step=False, mode="faithful")
+    faithful = pr.if_shampoo(**kwargs)
     with np.errstate(all="ignore"):
-        _, bad = faithful.update(huge, faithful.init(params))
-    assert not np.all(np.isfinite(bad.groups["w"]["factor_0"]))  # the authors' behaviour
+        u, skipped = faithful.update(huge, faithful.init(params))
+        assert int(skipped.nonfinite_count) == 1 and np.all(u["w"] == 0)
+        np.testing.assert_array_equal(skipped.groups["w"]["factor_0"], np.eye(3, dtype=np.float32))
+        with pytest.raises(FloatingPointError, match="overflowed the optimizer state.*factor_0"):
+            pr.if_shampoo(on_nonfinite="raise", **kwargs).update(huge, faithful.init(params))
 
 
 def test_if_shampoo_zero_gradient_faithful_drifts_principled_stays():
