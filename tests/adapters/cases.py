@@ -112,10 +112,10 @@ JAX_CASES = [
         kwargs=dict(damping=1.0, statistics_every=1, precondition_every=5, kl_clip=1e-2),
         static_args=("statistics_every", "precondition_every", "max_block_dim"),
     ),
-    JaxCase(
-        "mbf-faithful-wd",
+    JaxCase(  # lr 2e-2: at 5e-2 Rosenbrock's final loss scatters over 0.02-0.39 with one-ulp changes
+        "mbf-faithful-wd",  # of the start (the bound is 0.4: CI on another machine could fail)
         pj.mbf,
-        lr=5e-2,
+        lr=2e-2,
         kwargs=dict(mode="faithful", damping=1.0, weight_decay=1e-3, statistics_every=2, precondition_every=3),
         static_args=("statistics_every", "precondition_every", "max_block_dim"),
     ),
