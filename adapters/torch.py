@@ -706,6 +706,7 @@ class IFShampoo(_RootFreeOptimizer):
         factor_dtype: Any = None,
         grouping: str = "per_parameter",
         preconditioner_lr_scale: Optional[Callable] = None,
+        kl_clip: Optional[float] = None,
         mode: str = "principled",
         on_nonfinite: str = "skip",
         *,
@@ -717,7 +718,8 @@ class IFShampoo(_RootFreeOptimizer):
             preconditioner_momentum=preconditioner_momentum, damping=damping, weight_decay=weight_decay,
             batch_size=batch_size, precondition_every=precondition_every, structures=structures,
             max_dense_dim=max_dense_dim, factor_dtype=factor_dtype, grouping=grouping,
-            preconditioner_lr_scale=preconditioner_lr_scale, mode=mode, on_nonfinite=on_nonfinite,
+            preconditioner_lr_scale=preconditioner_lr_scale, kl_clip=kl_clip, mode=mode,
+            on_nonfinite=on_nonfinite,
         )
         super().__init__(params, defaults, model=model, compile=compile, capturable=capturable)
 
@@ -730,7 +732,7 @@ class IFShampoo(_RootFreeOptimizer):
             precondition_every=group["precondition_every"], structures=group["structures"],
             max_dense_dim=group["max_dense_dim"], factor_dtype=group["factor_dtype"],
             grouping=group["grouping"], preconditioner_lr_scale=group["preconditioner_lr_scale"],
-            mode=group["mode"], on_nonfinite=group["on_nonfinite"],
+            kl_clip=group["kl_clip"], mode=group["mode"], on_nonfinite=group["on_nonfinite"],
         )
 
 
@@ -781,6 +783,7 @@ class MBF(CoreOptimizer):
         diagonal_second_moment: str = "momentum",
         max_block_dim: Optional[int] = None,
         model: Optional[torch.nn.Module] = None,
+        kl_clip: Optional[float] = None,
         mode: str = "principled",
         on_nonfinite: str = "skip",
         *,
@@ -800,6 +803,7 @@ class MBF(CoreOptimizer):
             diagonal_eps=diagonal_eps,
             diagonal_second_moment=diagonal_second_moment,
             max_block_dim=max_block_dim,
+            kl_clip=kl_clip,
             mode=mode,
             on_nonfinite=on_nonfinite,
         )
@@ -827,6 +831,7 @@ class MBF(CoreOptimizer):
             diagonal_eps=group["diagonal_eps"],
             diagonal_second_moment=group["diagonal_second_moment"],
             max_block_dim=group["max_block_dim"],
+            kl_clip=group["kl_clip"],
             mode=group["mode"],
             on_nonfinite=group["on_nonfinite"],
         )

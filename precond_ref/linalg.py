@@ -41,6 +41,7 @@ from typing import Any, Optional, Sequence, Union
 from array_api_compat import array_namespace, device as array_device
 
 __all__ = [
+    "kl_clip_factor",
     "symmetrize",
     "identity_like",
     "trace",
@@ -646,3 +647,27 @@ def half_precision_dtype(x: Array) -> Any:
 
 #: Device kinds (torch ``device.type``, JAX ``platform``) with fast bf16 matrix products.
 _ACCELERATORS = frozenset({"cuda", "gpu", "rocm", "tpu", "xpu", "mps", "hpu"})
+
+
+def kl_clip_factor(direction: Array, vector: Array, learning_rate: Any, kl_clip: Any) -> Array:
+    r"""K-FAC's step clipping factor :math:`\nu = \min\bigl(1, \sqrt{\kappa / (\alpha^2 \langle D, v
+    \rangle)}\bigr)` for a step :math:`-\alpha D` with :math:`D = P v`.
+
+    :math:`\alpha^2 \langle D, v\rangle = \alpha^2 v^\top P v` is the squared length of the step in the
+    metric :math:`P^{-1}` (the damped curvature the preconditioner :math:`P` inverts), i.e. the
+    quadratic model's predicted change of the output distribution (a KL divergence for a true
+    Fisher); scaling the step by :math:`\nu` bounds it by :math:`\kappa`. A stale or low-rank
+    curvature estimate gives directions it has not seen the gain :math:`1/\lambda`; the clip stops
+    such a step from growing without bound until the estimate catches up.
+
+    References
+    ----------
+    Ba, Grosse, Martens. "Distributed Second-Order Optimization using Kronecker-Factored
+    Approximations". ICLR 2017, section 5 (KL clipping). ``direction``/``vector``: arrays of one
+    shape; ``learning_rate`` and ``kl_clip`` numbers or 0-D arrays. Returns a 0-D array.
+    """
+    xp = array_namespace(direction, vector)
+    quadratic = learning_rate * learning_rate * xp.sum(direction * vector)
+    clipped = quadratic > kl_clip
+    safe = xp.where(clipped, quadratic, xp.ones_like(quadratic))
+    return xp.where(clipped, xp.sqrt(kl_clip / safe), xp.ones_like(quadratic))

@@ -542,6 +542,23 @@ def build_transform(
     check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
     if (update_group is None) == (update_groups is None):
         raise TypeError(f"{name}: build_transform needs exactly one of update_group and update_groups")
+    # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes: update
+    # compares it with the state it is given (the gradients stand in for the parameters).
+    # init records the layouts it makes, so that update builds a state only for gradients unlike
+    # the parameters init saw (a state from elsewhere, another dtype): no second copy of the state.
+    layouts: dict[tuple, dict[str, tuple]] = {}
+
+    def layout_key(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> tuple:
+        return (group.key, group.paths, tuple(tuple(x.shape) for x in leaves), tuple(x.dtype for x in leaves), xp.__name__)
+
+    def layout_of(state: dict[str, Array]) -> dict[str, tuple]:
+        return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+    def layout_for(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> dict[str, tuple]:
+        key = layout_key(group, leaves, xp)
+        if key not in layouts:
+            layouts[key] = layout_of(init_group(leaves, group.paths, xp))
+        return layouts[key]
 
     def init(params: Any) -> PrecondState:
         leaves, treedef = tree_flatten(params)
@@ -554,6 +571,7 @@ def build_transform(
                 groups[group.key] = {}
             else:
                 groups[group.key] = _unaliased(xp, init_group(members, group.paths, xp), members)
+                layouts[layout_key(group, members, xp)] = layout_of(groups[group.key])
 
         def counter() -> Array:
             return xp.zeros((), dtype=xp.int32, device=dev)
@@ -652,6 +670,8 @@ def build_transform(
             for group in groups
         ]
         live = [m for m in members if not all(math.prod(leaf.shape) == 0 for leaf in m[1])]
+        for group, g, _ in live:
+            _check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp))
         contexts = [ctx._replace(paths=group.paths) for group, _, _ in live]
         if update_groups is not None:
             results = update_groups(
@@ -707,6 +727,29 @@ def _unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> d
         seen.add(id(value))
         out[key] = value
     return out
+
+
+def _check_fits(
+    name: str, group: LeafGroup, grads: tuple[Array, ...], state: dict[str, Array], layout: dict[str, tuple]
+) -> None:
+    """Refuse, by name, gradients that do not fit the group's state: a transposed or reshaped
+    gradient, another dtype (a float64 gradient for float32 state), a missing partner leaf (MBF's
+    bias); ``layout`` is the state ``init_group`` gives these gradients."""
+    found = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    if found == layout:
+        return
+    given = ", ".join(f"{path_str(path)!r} {tuple(g.shape)}/{g.dtype}" for path, g in zip(group.paths, grads))
+    wrong = sorted(set(found) ^ set(layout)) or [k for k in sorted(found) if found[k] != layout[k]]
+    detail = "; ".join(
+        f"{k!r}: state {found[k][0]}/{found[k][1]}, gradient needs {layout[k][0]}/{layout[k][1]}"
+        if k in found and k in layout
+        else f"{k!r} {'only in the state' if k in found else 'missing from the state'}"
+        for k in wrong
+    )
+    raise ValueError(
+        f"{name}: the gradient of {given} does not fit the optimizer state of this group ({detail}); "
+        "a transposed gradient, another dtype, or a weight without its bias?"
+    )
 
 
 def _check_group(

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from array_api_compat import array_namespace, device as array_device
 
-from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable
+from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_factor
 from ..transform import (
     PrecondState,
     ScalarOrSchedule,
@@ -22,6 +22,7 @@ from ..transform import (
     check_unit_interval,
     compute_dtype,
     cond,
+    is_zero,
     scalar_array,
     weight_bias_groups,
 )
@@ -37,6 +38,7 @@ _FC = "fc"  # 2-D weight [+ bias]: one O x O statistic per layer
 _CONV = "conv"  # ndim >= 3 weight: one q x q statistic per (output, input) channel pair
 _ELEMENTWISE = "elementwise"  # block size 1: 1x1 convs and FC layers above max_block_dim
 _DIAGONAL = "diagonal"  # every other leaf: the authors' Adam-like rule for BN / conv biases
+_KL_CLIP = 1e-4  # principled default of kl_clip (see the docstring, deviation B7)
 
 
 class MBFTransform(Transform):
@@ -153,6 +155,7 @@ def mbf(
     diagonal_eps: float = 1e-8,
     diagonal_second_moment: str = "momentum",
     max_block_dim: Optional[int] = None,
+    kl_clip: Optional[float] = None,
     mode: str = "principled",
     on_nonfinite: str = "skip",
 ) -> MBFTransform:
@@ -214,6 +217,11 @@ def mbf(
         FC layers with more than this many outputs use the block-size-1 limit
         :math:`D = m/(v+\lambda)`, :math:`v = \mathrm{EMA}_\rho(g^2)`, instead of an
         :math:`O\times O` matrix. ``None``: 4096 in principled mode, unlimited in faithful mode.
+    kl_clip:
+        :math:`\kappa`: each block's step :math:`\alpha D` is scaled by :math:`\nu = \min(1,
+        \sqrt{\kappa/(\alpha^2\langle D, m\rangle)})` (K-FAC's KL clipping, B7;
+        :func:`precond_ref.linalg.kl_clip_factor`). ``None``: 1e-4 in principled mode, off (0) in
+        faithful mode; 0 turns it off.
     mode:
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
@@ -265,6 +273,15 @@ def mbf(
     * B4: FC layers with more than ``max_block_dim`` outputs use the block-size-1 limit
       (default 4096; faithful: unlimited, every layer gets an :math:`O\times O` block).
     * B5: ``damping > 0`` is required (both modes).
+    * B7: the step of every block (not the diagonal rule's) is clipped, per layer, to
+      :math:`\alpha^2\langle D, m\rangle = \alpha^2 m^\top(F+\lambda I)^{-1}m \le \kappa`
+      (``kl_clip``, default 1e-4; Ba et al. 2017). Between refreshes, directions the statistic has
+      not seen get the gain :math:`1/\lambda`; with :math:`\alpha/\lambda \gtrsim 1` the heavy
+      ball then diverges (torch's ``test_optim`` problem at :math:`\alpha=\lambda=10^{-3}`: loss
+      149 to 2.5e21 in 20 steps). In the authors' regime (:math:`\alpha \approx 10^{-5}`) the clip
+      never acts; the bound on :math:`m^\top(F+\lambda I)^{-1}m` is :math:`\kappa/\alpha^2`, so with
+      large learning rates (:math:`\alpha \gtrsim 10^{-2}`) on a well-damped problem it throttles
+      the step: raise ``kl_clip`` with :math:`\alpha^2` there, or set it to 0.
     * E1 (both modes): a 2-D weight without a bias uses :math:`H = W`. E2: any conv with
       ndim >= 3. E3: every other leaf uses the diagonal rule (the authors' code exits).
     * 1x1 convs (:math:`q = 1`) use the element-wise form :math:`m/(v+\lambda)`, identical to the
@@ -293,12 +310,16 @@ def mbf(
     check_choice("diagonal_second_moment", diagonal_second_moment, _SECOND_MOMENTS)
     if max_block_dim is not None:
         check_positive_int("max_block_dim", max_block_dim)
+    if kl_clip is not None:
+        check_nonnegative("kl_clip", kl_clip)
     check_choice("mode", mode, ("principled", "faithful"))
     faithful = mode == "faithful"
     if fc_blocks is None:
         fc_blocks = "official_chunks" if faithful else "columns_avg"
     if max_block_dim is None and not faithful:
         max_block_dim = 4096
+    if kl_clip is None:
+        kl_clip = 0.0 if faithful else _KL_CLIP
     chunks = fc_blocks == "official_chunks"
     # An array weight decay (optax.inject_hyperparams) may be traced: always apply it then.
     decays = hasattr(weight_decay, "shape") or weight_decay != 0.0
@@ -467,7 +488,12 @@ def mbf(
                 [states[b[0]]["inverse"] for b in blocks], [b[4] for b in blocks],
             )
             for (i, kind, m_block, statistic, _), inverse, failed in zip(blocks, inverses, failures):
-                directions[i] = _from_block(xp, precondition(xp, kind, inverse, m_block), grads_list[i])
+                direction = precondition(xp, kind, inverse, m_block)
+                if not is_zero(kl_clip):
+                    dtype = m_block.dtype
+                    lr = scalar_array(xp, ctxs[i].value(learning_rate), dtype, array_device(m_block))
+                    direction = direction * kl_clip_factor(direction, m_block, lr, _hyper(xp, kl_clip, dtype))
+                directions[i] = _from_block(xp, direction, grads_list[i])
                 new_states[i] = {"momentum": m_block, "statistic": statistic, "inverse": inverse, "failures": failed}
 
         results = []

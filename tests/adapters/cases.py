@@ -113,17 +113,17 @@ TORCH_CASES = [
 JAX_CASES = [
     JaxCase("agd", pj.agd, lr=5e-2),
     JaxCase("agd-faithful-wd", pj.agd, lr=5e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
-    JaxCase(
-        "mbf",
+    JaxCase(  # KL clipping's default bound (1e-4) is for lr <~ 1e-3; at 5e-2 it would throttle
+        "mbf",  # this well-damped (lr/damping = 0.05) case: mixed target 8.4 -> 2.5 in 300 steps
         pj.mbf,
         lr=5e-2,
-        kwargs=dict(damping=1.0, statistics_every=1, precondition_every=5),
+        kwargs=dict(damping=1.0, statistics_every=1, precondition_every=5, kl_clip=1e-2),
         static_args=("statistics_every", "precondition_every", "max_block_dim"),
     ),
-    JaxCase(
-        "mbf-faithful-wd",
+    JaxCase(  # lr 2e-2: at 5e-2 Rosenbrock's final loss scatters over 0.02-0.39 with one-ulp changes
+        "mbf-faithful-wd",  # of the start (the bound is 0.4: CI on another machine could fail)
         pj.mbf,
-        lr=5e-2,
+        lr=2e-2,
         kwargs=dict(mode="faithful", damping=1.0, weight_decay=1e-3, statistics_every=2, precondition_every=3),
         static_args=("statistics_every", "precondition_every", "max_block_dim"),
     ),
