@@ -670,8 +670,9 @@ def build_transform(
             for group in groups
         ]
         live = [m for m in members if not all(math.prod(leaf.shape) == 0 for leaf in m[1])]
-        for group, g, _ in live:
-            _check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp))
+        if not _torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
+            for group, g, _ in live:
+                _check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp))
         contexts = [ctx._replace(paths=group.paths) for group, _, _ in live]
         if update_groups is not None:
             results = update_groups(
