@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any, Callable, Optional, Union
 
-from array_api_compat import device as array_device
+from array_api_compat import device as array_device, is_jax_namespace
 
 from ..linalg import (
     identity_like,
@@ -186,22 +187,51 @@ def _finite_or_zero(xp: Any, g: Array) -> Array:
     return xp.where(xp.isfinite(g), g, xp.zeros_like(g))
 
 
+def _wide_dtype(xp: Any, x: Array) -> Any:
+    """float64 for a float32 ``x`` where the backend has it (not JAX without x64, not torch MPS),
+    else ``None``.
+
+    Every float32 number squares into the float64 range without underflow or overflow (2^-149 and
+    2^128 square to 2^-298 and 2^256), so a float64 sum of squares is the Frobenius norm of any
+    float32 array in one pass, whatever its scale.
+    """
+    if x.dtype != xp.float32:
+        return None
+    if is_jax_namespace(xp) and not sys.modules["jax"].config.jax_enable_x64:
+        return None
+    if getattr(array_device(x), "type", None) == "mps":
+        return None
+    return xp.float64
+
+
+def _renormalising_factor(xp: Any, sum_of_squares: Array, target: float) -> Array:
+    """``target / sqrt(sum_of_squares)``, and ``target`` for a zero sum (a zero direction stays zero)."""
+    norm = xp.sqrt(sum_of_squares)
+    return target / xp.where(norm > 0, norm, xp.ones_like(norm))
+
+
 def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float]) -> Array:
     """``u · r·sqrt(mn)/‖u‖_F``: RMS(u) = r for every finite non-zero u, and a zero u stays zero (D2).
 
-    Scale-invariant form (D12): u is first divided by its largest magnitude, so the Frobenius norm is
-    taken of entries in [-1, 1] with at least one of modulus 1. Its squares can neither underflow
-    (the norm is >= 1) nor overflow (it is <= sqrt(mn)), whatever the scale of u: a direction of
-    size 1e-30 (or a subnormal one) is renormalised like one of size 1.
+    Scale-invariant (D12): neither the squares nor the factor may under- or overflow, whatever the
+    scale of u (a direction of size 1e-30, or a subnormal one, is renormalised like one of size 1).
+    float32 (the compute dtype of float32, bf16 and fp16 parameters): squares summed and the factor
+    applied in float64 (:func:`_wide_dtype`), one pass over u for the norm. Otherwise (float64, or
+    no float64 on the backend) u is first divided by its largest magnitude, so the norm is taken of
+    entries in [-1, 1] with at least one of modulus 1 (>= 1 and <= sqrt(mn)): one more pass.
     """
     if rms_target is None or u.shape[0] * u.shape[1] == 0:
         return u
-    m, n = u.shape
+    target = rms_target * math.sqrt(u.shape[0] * u.shape[1])
+    wide = _wide_dtype(xp, u)
+    if wide is not None:
+        w = xp.astype(u, wide)
+        return xp.astype(w * _renormalising_factor(xp, xp.sum(w * w), target), u.dtype)
     peak = xp.max(xp.abs(u))
     v = u / xp.where(peak > 0, peak, xp.ones_like(peak))
     norm = xp.linalg.matrix_norm(v, ord="fro")
     # norm >= 1 unless u == 0, where v == 0 and any divisor >= 1 keeps the step exactly zero.
-    return v * ((rms_target * math.sqrt(m * n)) / xp.maximum(norm, xp.ones_like(norm)))
+    return v * (target / xp.maximum(norm, xp.ones_like(norm)))
 
 
 def _flush_subnormal(xp: Any, x: Array) -> Array:
@@ -722,12 +752,26 @@ def dasgo(
         momentum = _ema(xp, state["momentum"], xp.astype(g_mat, state["momentum"].dtype), b1, faithful)
         if not faithful:
             momentum = _flush_subnormal(xp, momentum)
-        squares = xp.sum(g_mat * g_mat, axis=1 if left else 0)
+        axis = 1 if left else 0  # reduces over the other side
+        squares = xp.sum(g_mat * g_mat, axis=axis)
         v = _ema(xp, state["statistic"], xp.astype(squares, state["statistic"].dtype), b2, faithful)
-        scale = xp.astype((v + eps) ** -0.5, product_dtype)
-        scale = xp.expand_dims(scale, axis=1) if left else xp.expand_dims(scale, axis=0)
-        u = xp.astype(momentum, product_dtype) * scale
-        u = _rms_renormalise(xp, u, rms_target)
+        # 1/sqrt, not a power: a compiled step evaluates the column scale inside the loops over the
+        # matrix, where a vector pow costs ~10x a sqrt and a division.
+        scale = xp.astype(1.0 / xp.sqrt(v + eps), product_dtype)
+        m_p = xp.astype(momentum, product_dtype)
+        wide = None if rms_target is None or m * n == 0 else _wide_dtype(xp, m_p)
+        if wide is None:
+            u = _rms_renormalise(xp, m_p * xp.expand_dims(scale, axis=axis), rms_target)
+        else:
+            # U = M diag(s) (right side): ‖U‖² = Σ_j s_j² Σ_i M_ij², and the sums over i run in the
+            # same pass over the data as the statistic's. The factor goes into the per-column
+            # scale, so U itself is formed once, in the pass that writes the step.
+            m_w = xp.astype(m_p, wide)
+            scale_w = xp.astype(scale, wide)
+            factor = _renormalising_factor(
+                xp, xp.sum(scale_w * scale_w * xp.sum(m_w * m_w, axis=axis)), rms_target * math.sqrt(m * n)
+            )
+            u = xp.astype(m_w * xp.expand_dims(scale_w * factor, axis=axis), product_dtype)
         lr = _learning_rate(ctx, learning_rate, product_dtype, dev)
         return (_finish(xp, u, param, tuple(g.shape), lr, weight_decay),), {"momentum": momentum, "statistic": v}
 
