@@ -18,7 +18,7 @@ import torch
 from torch.optim.optimizer import required
 
 import precond_ref as pr
-from precond_ref.transform import PrecondState, Transform
+from precond_ref.transform import PrecondState, Transform, float32_matmul_precision
 from precond_ref.tree import path_str, tree_flatten
 
 from . import _torch_compile, _torch_state
@@ -58,7 +58,9 @@ class CoreOptimizer(torch.optim.Optimizer):
     count of the calls each parameter took part in (``update(..., step=)``), the learning rate is
     a 0-D tensor on the parameters' device, and a non-finite step is skipped by element-wise
     selection. ``compile`` (default: the class's ``compile_by_default``; the environment variable
-    ``PRECOND_REF_COMPILE=0`` or ``1`` overrides the default) runs each param group's core update
+    ``PRECOND_REF_COMPILE=0`` or ``1`` overrides the default; a class that compiles by default
+    does so for param groups of at least ``_torch_compile.AUTO_MIN_ELEMENTS`` elements, where the
+    seconds of the first step's compilation pay off) runs each param group's core update
     and the in-place parameter update under ``torch.compile(fullgraph=True)``, which fuses the
     element-wise work into a few kernels; a dict is passed to ``torch.compile`` as options. If
     compilation fails the optimizer warns once and runs the same core eagerly. Compiled and eager
@@ -243,15 +245,19 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def _run_update(self, transform: Transform, grads: dict, state: PrecondState, params: dict, calls: int, extra: dict) -> PrecondState:
         """The core update, its updates added to ``params`` in place; compiled where enabled."""
-        if self._compile_options is not None and isinstance(transform, Transform):
+        options = self._compile_options
+        if isinstance(options, _torch_compile.Auto):
+            options = options.options_for(sum(p.numel() for p in tree_flatten(params)[0]))
+        if options is not None and isinstance(transform, Transform):
             compiled = self._compiled.get(id(transform))
             if compiled is None or compiled.transform is not transform:
-                compiled = _torch_compile.CompiledStep(transform, self._compile_options)
+                compiled = _torch_compile.CompiledStep(transform, options)
                 live = {id(t) for _, t in self._transforms.values()}
                 self._compiled = {k: v for k, v in self._compiled.items() if k in live}
                 self._compiled[id(transform)] = compiled
             try:
-                return compiled(grads, state, params, transform.due(calls), extra)
+                with float32_matmul_precision(torch, transform.matmul_precision):
+                    return compiled(grads, state, params, transform.due(calls), extra)
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
                 # A genuine input error fails again below and propagates from the eager path.
                 new_state = self._eager_update(transform, grads, state, params, calls, extra)
@@ -276,6 +282,7 @@ class AGD(CoreOptimizer):
     """
 
     core_factory = staticmethod(pr.agd)
+    compile_by_default = True
 
     def __init__(
         self,
@@ -544,6 +551,7 @@ class RFRMSProp(_RootFreeOptimizer):
     """
 
     core_factory = staticmethod(pr.rf_rmsprop)
+    compile_by_default = True
 
     def __init__(
         self,
@@ -585,6 +593,7 @@ class RFAdamW(_RootFreeOptimizer):
     see :func:`precond_ref.rf_adamw`. Batch size as in :class:`RFRMSProp`."""
 
     core_factory = staticmethod(pr.rf_adamw)
+    compile_by_default = True
 
     def __init__(
         self,

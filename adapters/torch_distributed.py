@@ -45,10 +45,11 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from array_api_compat import array_namespace
 from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
 from precond_ref.adapters import torch as _base
-from precond_ref.transform import PrecondState, Transform, weight_bias_groups
+from precond_ref.transform import PrecondState, Transform, gradient_ok, weight_bias_groups
 from precond_ref.tree import path_str, tree_flatten, tree_unflatten
 
 __all__ = [
@@ -214,6 +215,8 @@ class DistributedOptimizer:
     #: Element-wise methods run on local shards and are never split.
     elementwise: bool = False
     _accepts_dtensor = True
+    #: The step exchanges blocks between ranks: the core update runs eagerly.
+    compile_by_default = False
 
     def __init__(
         self,
@@ -229,6 +232,11 @@ class DistributedOptimizer:
             )
         if not isinstance(split_preconditioner, bool):
             raise ValueError(f"split_preconditioner must be True or False, got {split_preconditioner!r}")
+        if kwargs.get("compile") not in (None, False):
+            raise ValueError(
+                f"{type(self).__name__}: compile={kwargs['compile']!r} is not supported by the distributed classes "
+                "(their step exchanges blocks between ranks and runs the core eagerly)"
+            )
         self._pg = process_group if process_group is not None else dist.group.WORLD
         self._group_ranks = dist.get_process_group_ranks(self._pg)
         self._rank = dist.get_rank(self._pg)
@@ -414,8 +422,9 @@ class DistributedOptimizer:
         return _LOCAL if self.elementwise else _FULL
 
     def _all_finite(self, views: list[torch.Tensor]) -> bool:
-        """Whether every gradient of every rank of the group is finite (one all-reduce)."""
-        local = torch.stack([torch.isfinite(v).all() for v in views]).all() if views else torch.tensor(True)
+        """Whether the gradients of every rank pass the core's skip rule (finite, and a squared
+        norm below the overflow margin; on a local shard, the shard's norm): one all-reduce."""
+        local = gradient_ok(array_namespace(*views), views) if views else torch.tensor(True)
         flag = local.to(torch.int32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._pg)
         return bool(flag.item())

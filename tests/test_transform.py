@@ -208,3 +208,43 @@ def test_numpy_scalar_hyperparameters_on_strict():
     params = {"w": xs.asarray([1.0, 2.0])}
     updates, _ = opt.update({"w": xs.asarray([0.5, -0.5])}, opt.init(params), params)
     np.testing.assert_allclose(np.asarray(updates["w"]), [-0.1, 0.1])
+
+
+def test_matmul_precision_is_explicit_on_jax_and_torch():
+    """Issue 13 item 4 / issue 16 item 4: every float32 product of a step runs at the transform's
+    precision whatever the backend default (JAX picks TF32 on GPUs) or the process-wide torch
+    setting. On a CPU the precision changes no digit, so the check reads what the step records:
+    every dot of ASGO's traced JAX step carries precision HIGHEST, and a torch step sees
+    "highest" even when the training script set "medium", which is restored afterwards."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    opt = pr.asgo(mode="faithful", weight_decay=0.0)
+    params = {"w": jnp.ones((4, 3), jnp.float32)}
+    lowered = jax.jit(lambda g, s: opt.update(g, s, params)).lower(params, opt.init(params)).as_text()
+    dots = re.findall(r"stablehlo.dot_general[^\n]*", lowered)
+    assert dots and all("precision = [HIGHEST, HIGHEST]" in d for d in dots)
+
+    seen = []
+
+    def init_group(leaves, paths, xp):
+        return {}
+
+    def update_group(grads, state, params, ctx):
+        seen.append(torch.get_float32_matmul_precision())
+        return grads, state
+
+    toy = build_transform(name="toy", init_group=init_group, update_group=update_group)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        w = {"w": torch.ones(2)}
+        toy.update(w, toy.init(w))
+        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    with pytest.raises(ValueError, match="matmul_precision must be one of"):
+        build_transform(name="toy", init_group=init_group, update_group=update_group, matmul_precision="tf32")

@@ -496,6 +496,6 @@ def mbf(
             groups[key] = entries
         return PrecondState(state.count, state.nonfinite_count, groups)
 
-    transform = MBFTransform(init, update, inner.due)
+    transform = MBFTransform(init, update, inner.due, inner.matmul_precision)
     transform.warm_start = warm_start
     return transform

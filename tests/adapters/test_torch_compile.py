@@ -178,6 +178,9 @@ def test_compile_settings(monkeypatch):
     monkeypatch.setenv(_torch_compile.ENVIRONMENT_VARIABLE, "1")
     assert pt.AGD(params)._compile_options == {}
     assert pt.AGD(params, compile={"mode": "max-autotune"})._compile_options == {"mode": "max-autotune"}
+    monkeypatch.delenv(_torch_compile.ENVIRONMENT_VARIABLE)
+    assert isinstance(pt.AGD(params)._compile_options, _torch_compile.Auto)  # element-wise: where it pays
+    assert pt.ASGO(params)._compile_options is None
     with pytest.raises(TypeError, match="compile must be"):
         pt.AGD(params, compile="yes")
     with pytest.raises(ValueError, match="capturable must be"):
@@ -193,3 +196,20 @@ def test_capturable_refuses_cpu_parameters_and_periodic_work():
     periodic = pt.ASGO(model.named_parameters(), lr=1e-2, precondition_every=2, capturable=True)
     with pytest.raises(ValueError, match="capturable=True needs a step without periodic work"):
         _train_one(periodic)
+
+
+def test_default_compiles_large_groups_only(monkeypatch):
+    """compile=None on AGD: a param group below AUTO_MIN_ELEMENTS steps eagerly (its first step's
+    compilation would cost more than it saves), a larger one is compiled."""
+    monkeypatch.delenv(_torch_compile.ENVIRONMENT_VARIABLE, raising=False)
+    built = []
+    monkeypatch.setattr(_torch_compile, "CompiledStep", lambda transform, options: built.append(options) or
+                        (lambda grads, state, params, due, extra: pt.CoreOptimizer._eager_update(
+                            transform, grads, state, params, 0, extra)))
+    small = torch.nn.Parameter(torch.zeros(8))
+    large = torch.nn.Parameter(torch.zeros(_torch_compile.AUTO_MIN_ELEMENTS))
+    for p in (small, large):
+        opt = pt.AGD([p], lr=1e-2)
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert built == [{}]

@@ -455,9 +455,11 @@ def test_failed_root_keeps_previous_and_counts(eager_backend, root_method, monke
     assert int(new_state.groups["w"]["root_failures"]) == 1
 
 
-def test_nonfinite_state_skips_every_step(eager_backend):
-    """build_transform's skip rule covers the state too: a statistic that is not finite (a
-    corrupted state) makes every step a counted skip with zero updates, never a wrong update."""
+def test_nonfinite_state_never_reaches_the_parameters(eager_backend):
+    """A statistic that is not finite (reachable only through a method's own numerics: gradients
+    that could overflow it are skipped by build_transform) fails the root, which keeps the previous
+    one and counts the failure (D6), and build_transform's element-wise guard keeps every NaN or Inf
+    out of the update: the parameters never receive one."""
     backend = eager_backend
     xp = backend.xp
     rng = np.random.default_rng(9)
@@ -469,8 +471,8 @@ def test_nonfinite_state_skips_every_step(eager_backend):
     entries["statistic"] = entries["statistic"] * xp.nan
     poisoned = PrecondState(state.count, state.nonfinite_count, {"w": entries})
     updates, new_state = opt.update(backend.tree({"w": rng.standard_normal((3, 4))}), poisoned, p)
-    assert np.all(backend.to_numpy(updates["w"]) == 0)
-    assert int(new_state.count) == 1 and int(new_state.nonfinite_count) == 1
+    assert np.all(np.isfinite(backend.to_numpy(updates["w"])))
+    assert int(new_state.groups["w"]["root_failures"]) == 1
     np.testing.assert_array_equal(
         backend.to_numpy(new_state.groups["w"]["root"]), backend.to_numpy(state.groups["w"]["root"])
     )

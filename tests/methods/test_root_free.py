@@ -455,25 +455,25 @@ def test_if_shampoo_nonfinite_gradient_policy():
 
 
 def test_if_shampoo_nonfinite_factor_is_discarded_and_counted():
-    """S3: a finite but huge gradient overflows float32 factors; principled mode keeps the old ones."""
-    opt = pr.if_shampoo(batch_size=1, preconditioner_lr=0.5, preconditioner_momentum=0.0, clamp_factor_step=False)
+    """S3: a factor step that overflows float32 (here a huge preconditioner_lr; gradients large
+    enough to overflow it are skipped by build_transform) keeps the old factors in principled mode
+    and counts the failure; the authors' code keeps the Inf factor (faithful), and the
+    parameters still never receive a NaN or Inf."""
+    kwargs = dict(batch_size=1, preconditioner_lr=1e30, preconditioner_momentum=0.0, clamp_factor_step=False)
+    opt = pr.if_shampoo(**kwargs)
     params = {"w": np.ones((3, 3), dtype=np.float32)}
     state = opt.init(params)
-    huge = {"w": np.full((3, 3), 3e30, dtype=np.float32)}
-    u, new = opt.update(huge, state)
+    large = {"w": np.full((3, 3), 1e10, dtype=np.float32)}
+    with np.errstate(all="ignore"):
+        u, new = opt.update(large, state)
     assert int(new.groups["w"]["factor_failures"]) == 1
     np.testing.assert_array_equal(new.groups["w"]["factor_0"], state.groups["w"]["factor_0"])
     assert int(new.count) == 1 and int(new.nonfinite_count) == 0
-    # The authors' factor step overflows (faithful mode has no S3): the library's non-finite rule
-    # then skips the whole step (or raises, naming the state entry), never keeping an Inf factor.
-    kwargs = dict(batch_size=1, preconditioner_lr=0.5, preconditioner_momentum=0.0, clamp_factor_step=False, mode="faithful")
-    faithful = pr.if_shampoo(**kwargs)
+    faithful = pr.if_shampoo(mode="faithful", **kwargs)
     with np.errstate(all="ignore"):
-        u, skipped = faithful.update(huge, faithful.init(params))
-        assert int(skipped.nonfinite_count) == 1 and np.all(u["w"] == 0)
-        np.testing.assert_array_equal(skipped.groups["w"]["factor_0"], np.eye(3, dtype=np.float32))
-        with pytest.raises(FloatingPointError, match="overflowed the optimizer state.*factor_0"):
-            pr.if_shampoo(on_nonfinite="raise", **kwargs).update(huge, faithful.init(params))
+        u, bad = faithful.update(large, faithful.init(params))
+    assert not np.all(np.isfinite(bad.groups["w"]["factor_0"]))  # the authors' behaviour
+    assert np.all(np.isfinite(u["w"]))
 
 
 def test_if_shampoo_zero_gradient_faithful_drifts_principled_stays():

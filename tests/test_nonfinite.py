@@ -1,0 +1,74 @@
+"""The skip rule for bad gradients, on every method (issue 16, item 3).
+
+A float32 gradient entry of 1.8e19 is finite, but its square overflows: before the rule, AGD, ASGO,
+DASGO, Sketchy, RF-RMSProp and RF-AdamW kept +Inf in their state forever with ``nonfinite_count``
+still 0. ``build_transform`` now treats a gradient whose squared norm reaches
+``OVERFLOW_MARGIN * finfo.max`` like a non-finite one: zero updates, state untouched, counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import precond_ref as pr
+from precond_ref.transform import OVERFLOW_MARGIN
+from precond_ref.tree import tree_flatten, tree_map
+
+from test_sync_free import CONFIGS, _params
+
+
+def _finite_state(state) -> bool:
+    return all(np.all(np.isfinite(np.asarray(v))) for v in tree_flatten(state.groups)[0])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_spike_that_would_overflow_the_state_is_skipped_and_counted(name):
+    rng = np.random.default_rng(0)
+    params = tree_map(lambda a: a.astype(np.float32), _params(rng))
+    grad = lambda: tree_map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)  # noqa: E731
+    opt = CONFIGS[name]()
+    state = opt.init(params)
+    for i in range(3):
+        _, state = opt.update(grad(), state, params, step=i)
+    spike = grad()
+    spike["fc"]["weight"][0, 0] = 1.8e19
+    updates, after = opt.update(spike, state, params, step=3)
+    assert int(after.nonfinite_count) == 1 and int(after.count) == int(state.count)
+    assert all(np.all(u == 0) for u in tree_flatten(updates)[0])
+    tree_map(np.testing.assert_array_equal, after.groups, state.groups)
+    for i in range(4, 7):
+        updates, after = opt.update(grad(), after, params, step=i)
+    assert _finite_state(after) and int(after.nonfinite_count) == 1
+    assert all(np.all(np.isfinite(u)) for u in tree_flatten(updates)[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_threshold_is_the_squared_norm_against_the_dtype_range(dtype):
+    """Skipped exactly when ‖g‖² ≥ OVERFLOW_MARGIN · finfo(dtype).max (one entry carrying the norm)."""
+    limit = math.sqrt(np.finfo(dtype).max * OVERFLOW_MARGIN)
+    opt = pr.agd(learning_rate=1e-3)
+    params = {"w": np.zeros(4, dtype=dtype)}
+    state = opt.init(params)
+    for factor, skipped in ((0.99, 0), (1.01, 1)):
+        g = {"w": np.array([factor * limit, 0.0, 0.0, 0.0], dtype=dtype)}
+        _, after = opt.update(g, state, params)
+        assert int(after.nonfinite_count) == skipped
+    with pytest.raises(FloatingPointError, match="gradient of leaf 'w' too large for the statistics"):
+        pr.agd(learning_rate=1e-3, on_nonfinite="raise").update({"w": np.full(4, 2 * limit, dtype=dtype)}, state)
+
+
+def test_bf16_gradients_are_measured_in_their_compute_dtype():
+    """A bf16 gradient near bf16's largest value is an ordinary float32 statistic: not skipped."""
+    import torch
+
+    opt = pr.agd(learning_rate=1e-3)
+    params = {"w": torch.zeros(4, dtype=torch.bfloat16)}
+    g = {"w": torch.full((4,), 3e38, dtype=torch.bfloat16)}
+    _, after = opt.update(g, opt.init(params), params)
+    assert int(after.nonfinite_count) == 1  # (3e38)² overflows float32: skipped
+    g = {"w": torch.full((4,), 1e10, dtype=torch.bfloat16)}
+    _, after = opt.update(g, opt.init(params), params)
+    assert int(after.nonfinite_count) == 0
