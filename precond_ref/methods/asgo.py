@@ -180,13 +180,6 @@ def _adam_update(
     return update, {"mu": mu, "nu": nu}
 
 
-def _finite_or_zero(xp: Any, g: Array) -> Array:
-    """The gradient with non-finite entries zeroed. On a step with a non-finite gradient the
-    transform discards this group's results (README rule 6); zeroing keeps the discarded
-    computation away from decompositions that would raise on NaN."""
-    return xp.where(xp.isfinite(g), g, xp.zeros_like(g))
-
-
 def _wide_dtype(xp: Any, x: Array) -> Any:
     """float64 for a float32 ``x`` where the backend has it (not JAX without x64, not torch MPS),
     else ``None``.
@@ -232,6 +225,25 @@ def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float]) -> Array:
     norm = xp.linalg.matrix_norm(v, ord="fro")
     # norm >= 1 unless u == 0, where v == 0 and any divisor >= 1 keeps the step exactly zero.
     return v * (target / xp.maximum(norm, xp.ones_like(norm)))
+
+
+def _sum_across(xp: Any, x: Array, axis: int) -> Array:
+    """``xp.sum(x, axis=axis)`` of a matrix; column sums (axis 0) add blocks of 16 rows first.
+
+    The same sum in another order. TorchInductor's CPU code otherwise walks the matrix in strips
+    of 8 columns from the first row to the last, a 4-KiB stride per row; summed in blocks, it reads
+    whole rows (DASGO's column statistic: 2.3x faster on its own, the whole step ~1.5x -> ~1.3x
+    Adam(foreach)).
+    """
+    rows = x.shape[0] // _ROW_BLOCK * _ROW_BLOCK
+    if axis != 0 or rows < 2 * _ROW_BLOCK:
+        return xp.sum(x, axis=axis)
+    blocks = xp.reshape(x[:rows, :], (rows // _ROW_BLOCK, _ROW_BLOCK, x.shape[1]))
+    total = xp.sum(xp.sum(blocks, axis=1), axis=0)
+    return total if rows == x.shape[0] else total + xp.sum(x[rows:, :], axis=0)
+
+
+_ROW_BLOCK = 16
 
 
 def _flush_subnormal(xp: Any, x: Array) -> Array:
@@ -524,7 +536,7 @@ def asgo(
         stat_dtype = state["statistic"].dtype
         product_dtype = compute_dtype(xp, g.dtype)  # faithful products; = state dtype if principled
         dev = array_device(g)
-        g_mat = xp.astype(xp.reshape(_finite_or_zero(xp, g), (m, n)), product_dtype)
+        g_mat = xp.astype(xp.reshape(g, (m, n)), product_dtype)
 
         momentum = _ema(xp, state["momentum"], xp.astype(g_mat, state["momentum"].dtype), b1, faithful)
         if not faithful:
@@ -748,12 +760,12 @@ def dasgo(
         left = _resolve_side(m, n, side) == "left"
         product_dtype = compute_dtype(xp, g.dtype)
         dev = array_device(g)
-        g_mat = xp.astype(xp.reshape(_finite_or_zero(xp, g), (m, n)), product_dtype)
+        g_mat = xp.astype(xp.reshape(g, (m, n)), product_dtype)
         momentum = _ema(xp, state["momentum"], xp.astype(g_mat, state["momentum"].dtype), b1, faithful)
         if not faithful:
             momentum = _flush_subnormal(xp, momentum)
         axis = 1 if left else 0  # reduces over the other side
-        squares = xp.sum(g_mat * g_mat, axis=axis)
+        squares = _sum_across(xp, g_mat * g_mat, axis)
         v = _ema(xp, state["statistic"], xp.astype(squares, state["statistic"].dtype), b2, faithful)
         # 1/sqrt, not a power: a compiled step evaluates the column scale inside the loops over the
         # matrix, where a vector pow costs ~10x a sqrt and a division.
@@ -769,7 +781,7 @@ def dasgo(
             m_w = xp.astype(m_p, wide)
             scale_w = xp.astype(scale, wide)
             factor = _renormalising_factor(
-                xp, xp.sum(scale_w * scale_w * xp.sum(m_w * m_w, axis=axis)), rms_target * math.sqrt(m * n)
+                xp, xp.sum(scale_w * scale_w * _sum_across(xp, m_w * m_w, axis)), rms_target * math.sqrt(m * n)
             )
             u = xp.astype(m_w * xp.expand_dims(scale_w * factor, axis=axis), product_dtype)
         lr = _learning_rate(ctx, learning_rate, product_dtype, dev)
