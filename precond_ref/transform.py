@@ -4,7 +4,8 @@ Every method in :mod:`precond_ref.methods` is built by :func:`build_transform` f
 functions on one *group* of leaves (a single parameter, or a weight with its bias):
 
 ``init_group(leaves, paths, xp) -> dict[str, array]`` and
-``update_group(grads, state, params, ctx) -> (updates, new_state)``.
+``update_group(grads, state, params, ctx) -> (updates, new_state)`` (or ``update_groups``, the same
+over all groups of a call at once, for a method that stacks equal-shape work across groups).
 
 :func:`build_transform` maps them over a tree and owns what every method shares: the step counter,
 the non-finite-gradient policy (README of the specs, rule 6), structure/shape/dtype checks that name
@@ -21,7 +22,7 @@ import contextlib
 import math
 import numbers
 import sys
-from typing import Any, Callable, Hashable, Iterable, Iterator, NamedTuple, Sequence, Union
+from typing import Any, Callable, Hashable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace, is_torch_namespace
 
@@ -469,7 +470,8 @@ def build_transform(
     *,
     name: str,
     init_group: Callable[[tuple[Array, ...], tuple[Path, ...], Any], dict[str, Array]],
-    update_group: Callable[..., tuple[tuple[Array, ...], dict[str, Array]]],
+    update_group: Optional[Callable[..., tuple[tuple[Array, ...], dict[str, Array]]]] = None,
+    update_groups: Optional[Callable[..., list[tuple[tuple[Array, ...], dict[str, Array]]]]] = None,
     group_leaves: Callable[[Sequence[Path], Sequence[Array]], list[LeafGroup]] = singleton_groups,
     on_nonfinite: str = "skip",
     needs_params: bool = False,
@@ -489,6 +491,12 @@ def build_transform(
         ``(grads, state, params, ctx) -> (updates, new_state)`` for one group; ``params`` is the
         group's tuple of parameters, or ``None`` when ``update`` was called without them.
         ``new_state`` must have the same names, shapes and dtypes as ``state``.
+    update_groups:
+        ``(grads, states, params, ctxs) -> [(updates, new_state), ...]``, given instead of
+        ``update_group``: the same function over lists of all the (non-empty) groups of one call,
+        in order, so that a method can stack blocks of equal shape across groups into one batched
+        matmul or solve (one kernel instead of one per parameter on a GPU). ``ctxs[i]`` is the
+        context ``update_group`` would get for group ``i``.
     group_leaves:
         ``(paths, leaves) -> [LeafGroup]``: which leaves form one block; singletons by default.
     on_nonfinite:
@@ -509,6 +517,8 @@ def build_transform(
     """
     check_choice("matmul_precision", matmul_precision, tuple(_JAX_PRECISION))
     check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
+    if (update_group is None) == (update_groups is None):
+        raise TypeError(f"{name}: build_transform needs exactly one of update_group and update_groups")
 
     def init(params: Any) -> PrecondState:
         leaves, treedef = tree_flatten(params)
@@ -610,14 +620,29 @@ def build_transform(
         ctx = StepContext(xp=xp, count=state.count, extra=extra, calls=calls, due=decisions)
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
-        for group in groups:
-            g = tuple(grad_leaves[i] for i in group.indices)
-            p = None if param_leaves is None else tuple(param_leaves[i] for i in group.indices)
+        members = [
+            (
+                group,
+                tuple(grad_leaves[i] for i in group.indices),
+                None if param_leaves is None else tuple(param_leaves[i] for i in group.indices),
+            )
+            for group in groups
+        ]
+        live = [m for m in members if not all(math.prod(leaf.shape) == 0 for leaf in m[1])]
+        contexts = [ctx._replace(paths=group.paths) for group, _, _ in live]
+        if update_groups is not None:
+            results = update_groups(
+                [g for _, g, _ in live], [state.groups[group.key] for group, _, _ in live], [p for _, _, p in live], contexts
+            )
+        else:
+            results = [update_group(g, state.groups[group.key], p, c) for (group, g, p), c in zip(live, contexts)]
+        by_key = {group.key: result for (group, _, _), result in zip(live, results)}
+        for group, g, _ in members:
             old = state.groups[group.key]
-            if all(math.prod(leaf.shape) == 0 for leaf in g):
+            if group.key in by_key:
+                upd, new = by_key[group.key]
+            else:  # a zero-size group: no state, zero updates
                 upd, new = tuple(xp.zeros_like(leaf) for leaf in g), {}
-            else:
-                upd, new = update_group(g, old, p, ctx._replace(paths=group.paths))
             _check_group(name, group, g, upd, old, new)
             for i, u in zip(group.indices, upd):
                 target = grad_leaves[i].dtype
