@@ -12,7 +12,9 @@ Reference:
   every iterative root.
 
 Batched damped inverses and solves of many small SPD blocks (:func:`damped_inverse`,
-:func:`damped_solve`): one batched call for a whole stack, with a finiteness fallback.
+:func:`damped_inverse_stable`, :func:`damped_solve`): one batched call for a whole stack, with a
+finiteness fallback and, in :func:`damped_inverse_stable`, a damping floor at the precision of the
+statistic (branch-free: no host synchronisation).
 
 Iterative roots (matmul only, fixed step counts, so they jit and run on GPUs without host syncs):
 
@@ -32,12 +34,14 @@ Accuracy (8×8 SPD, float32, 10 steps, relative Frobenius error versus float64 e
 from __future__ import annotations
 
 import math
+import sys
 from itertools import repeat
 from typing import Any, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device
 
 __all__ = [
+    "kl_clip_factor",
     "symmetrize",
     "identity_like",
     "trace",
@@ -53,12 +57,14 @@ __all__ = [
     "ROOT_RESIDUAL_TOLERANCE",
     "ROOT_METHODS",
     "damped_inverse",
-    "damped_inverse_eigh",
-    "damped_inverse_checked",
+    "damped_inverse_stable",
     "damped_inverse_residual",
-    "INVERSE_RESIDUAL_TOLERANCE",
+    "DAMPED_INVERSE_ACCURACY",
     "damped_solve",
     "damped_inverse_init",
+    "mode_product",
+    "mode_gram",
+    "half_precision_dtype",
 ]
 
 Array = Any
@@ -500,7 +506,6 @@ def damped_inverse(
     matrices: Array,
     damping: Any,
     previous: Array,
-    failures: Array,
     *,
     symmetrize: bool = True,
 ) -> tuple[Array, Array]:
@@ -515,8 +520,6 @@ def damped_inverse(
     previous:
         (..., n, n) the inverses currently in use; a block whose new inverse is not finite keeps
         its previous value.
-    failures:
-        0-D integer counter; incremented by one when any block of this call failed.
     symmetrize:
         Form :math:`\mathrm{sym}(F_b) + \lambda I` and symmetrise the computed inverse (the
         default; specs README rule 4). ``False`` inverts :math:`F_b + \lambda I` exactly as given,
@@ -524,16 +527,17 @@ def damped_inverse(
 
     Returns
     -------
-    (inverse, failures)
-        The new stack of inverses and the updated counter.
+    (inverse, failed)
+        The new stack of inverses, and (...,) bool: the blocks that failed and kept ``previous``
+        (for the caller's failure counter).
 
     Notes
     -----
     ``F_b + λI`` is formed in the working precision: when :math:`\lambda` is below the rounding of
     :math:`F_b`'s entries (:math:`\|F_b\|/\lambda \gtrsim 1/\varepsilon`, about 1e7 in float32
     for a rank-deficient :math:`F_b`) the damping is lost and the computed inverse can be garbage
-    while finite. :func:`damped_inverse_residual` detects that; :func:`damped_inverse_eigh` adds
-    :math:`\lambda` to the eigenvalues instead and stays accurate. An exactly singular block makes
+    while finite. :func:`damped_inverse_residual` detects that; :func:`damped_inverse_stable` raises
+    the damping to the precision floor of :math:`F_b` instead and stays accurate. An exactly singular block makes
     NumPy/torch raise inside ``inv``; that is caught here and every block of the call counts as
     failed (the previous inverses are kept), so this function never raises.
     """
@@ -552,93 +556,82 @@ def damped_inverse(
     if symmetrize:
         inverse = _symmetric_part(inverse)
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))
-    inverse = xp.where(ok[..., None, None], inverse, previous)
-    failed = xp.astype(xp.logical_not(xp.all(ok)), failures.dtype)
-    return inverse, failures + failed
+    return xp.where(ok[..., None, None], inverse, previous), xp.logical_not(ok)
 
 
-def damped_inverse_eigh(
+#: Relative accuracy :func:`damped_inverse_stable` guarantees for its LU inverses: the damping is
+#: raised until the condition number of ``F + λI`` is at most about ``DAMPED_INVERSE_ACCURACY / ε``.
+DAMPED_INVERSE_ACCURACY = 1e-2
+
+
+def _frobenius_norm(xp: Any, matrices: Array) -> Array:
+    """Per-block Frobenius norm, scaled by the largest entry first so that it cannot overflow."""
+    largest = xp.max(xp.abs(matrices), axis=(-2, -1))
+    scale = xp.where(largest > 0.0, largest, xp.ones_like(largest))
+    return scale * xp.linalg.matrix_norm(matrices / scale[..., None, None], ord="fro")
+
+
+def damped_inverse_stable(
     matrices: Array,
     damping: Any,
     previous: Array,
-    failures: Array,
+    *,
+    accuracy: float = DAMPED_INVERSE_ACCURACY,
 ) -> tuple[Array, Array]:
-    r"""Batched :math:`(F_b + \lambda I)^{-1}` by ``eigh`` of :math:`F_b`, the damping added to the
-    eigenvalues: :math:`V \operatorname{diag}\bigl(1/(w^+ + \lambda)\bigr) V^\top`, with the
-    eigenvalues the stored matrix cannot resolve raised to its rounding level.
+    r"""Batched :math:`(\operatorname{sym}(F_b) + \lambda_b I)^{-1}` by LU, branch-free, with the
+    damping raised to the precision floor of the stored statistic:
 
-    Stable however large :math:`\|F_b\|/\lambda` is. A statistic stored in precision
-    :math:`\varepsilon` carries an entrywise rounding of relative size :math:`\varepsilon`, a
-    perturbation of norm up to :math:`\nu = \varepsilon\|F_b\|_F`, and ``eigh`` adds a backward
-    error of the same order: an eigenvalue below :math:`\nu` is not resolved by the stored matrix
-    (its true value is anywhere in :math:`[0, \nu]`, e.g. the part of an EMA contributed by small
-    gradients before a spike). Such eigenvalues are raised to :math:`\nu`:
-    :math:`w^+_i = \max(w_i, \nu)`. That is the conservative choice: every eigenvalue of the
-    computed inverse is at most :math:`1/(\nu + \lambda)`, never the :math:`1/\lambda` that
-    treating a lost eigenvalue as zero (or LU on a matrix whose damping was rounded away) would
-    give, so the step along an unresolved direction is shortened rather than amplified by up to
-    :math:`\|F_b\|/\lambda`. Where :math:`\nu \ll \lambda` this is the exact damped inverse up to
-    rounding.
+    .. math::
 
-    Parameters and returns as :func:`damped_inverse` (always symmetrised); a block that is not
-    finite, before or after, keeps ``previous`` and increments ``failures`` once per call.
+        \lambda_b = \max\bigl(\lambda,\ \tau\,\lVert F_b\rVert_F\bigr), \qquad
+        \tau = \varepsilon / \text{accuracy}.
+
+    Why: a block's LU inverse has relative error about :math:`\varepsilon\,\kappa` with
+    :math:`\kappa = (\lVert F_b\rVert_2 + \lambda_b)/\lambda_b`, so :math:`\lambda_b \ge
+    \tau\lVert F_b\rVert_F` keeps it below ``accuracy`` (1e-2). The same floor is where the
+    statistic itself stops being known: ``eigh`` (or any backward-stable method) resolves an
+    eigenvalue :math:`w` of the stored :math:`F_b` only to :math:`\pm\varepsilon\lVert F_b\rVert`,
+    i.e. to ``accuracy`` relative only when :math:`w \ge \tau\lVert F_b\rVert`. Where
+    :math:`\tau\lVert F_b\rVert_F \le \lambda` (the usual case) nothing changes and the result is
+    the plain LU inverse, bit for bit. Where the damping would be lost to rounding
+    (:math:`\lVert F_b\rVert/\lambda \gtrsim 1/\tau`, e.g. a gradient spike), every eigenvalue of the
+    result is at most :math:`1/\lambda_b < 1/\lambda`: a step along a direction the statistic cannot
+    resolve is shortened, never amplified by up to :math:`\lVert F_b\rVert/\lambda` as LU of the
+    rounded :math:`F_b + \lambda I` (or treating an unresolved eigenvalue as zero) would.
+
+    No value is read on the host (no branch, no fallback decomposition): the whole stack is one
+    batched ``inv`` and element-wise work, so it runs under ``jax.jit`` and ``torch.compile`` and
+    on a GPU without synchronisation, except the one that the backend's ``inv`` may make to check
+    its own result (torch on CUDA does).
+
+    Parameters
+    ----------
+    matrices:
+        (..., n, n) stack of symmetric PSD statistics :math:`F_b` (float32 or float64); only the
+        symmetric part is used.
+    damping:
+        :math:`\lambda > 0`, a Python number or a 0-D array.
+    previous:
+        (..., n, n) the inverses in use; a block whose statistic or inverse is not finite keeps it.
+    accuracy:
+        The relative accuracy :math:`\varepsilon\kappa` the floor guarantees (default 1e-2).
+
+    Returns
+    -------
+    (inverse, flagged)
+        The symmetrised inverses, and (...,) bool: the blocks that kept ``previous`` or had their
+        damping raised, for the caller's failure counter (a precision event is never silent).
     """
     xp = array_namespace(matrices, previous)
     finite_in = _blockwise_finite(xp, matrices)
     safe = xp.where(finite_in[..., None, None], _symmetric_part(matrices), xp.zeros_like(matrices))
-    w, v = xp.linalg.eigh(safe)
-    noise = xp.finfo(w.dtype).eps * xp.linalg.matrix_norm(safe, ord="fro")
-    w = xp.maximum(w, xp.expand_dims(noise, axis=-1))
-    d = 1.0 / (w + damping)
-    inverse = _symmetric_part(xp.matmul(v * xp.expand_dims(d, axis=-2), v.mT))
+    floor = (xp.finfo(safe.dtype).eps / accuracy) * _frobenius_norm(xp, safe)
+    requested = xp.zeros_like(floor) + damping
+    raised = floor > requested
+    lam = xp.where(raised, floor, requested)
+    inverse = _symmetric_part(xp.linalg.inv(safe + lam[..., None, None] * identity_like(safe)))
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))
-    inverse = xp.where(ok[..., None, None], inverse, previous)
-    failed = xp.astype(xp.logical_not(xp.all(ok)), failures.dtype)
-    return inverse, failures + failed
-
-
-#: Largest per-block residual ``‖(F + λI)X - I‖_F/√n`` accepted from the LU inverse before the
-#: block is recomputed by :func:`damped_inverse_eigh` (a relative error of the inverse of about
-#: this size; a damping lost to rounding gives residuals of order 1 and more).
-INVERSE_RESIDUAL_TOLERANCE = 1e-2
-
-
-def damped_inverse_checked(
-    matrices: Array,
-    damping: Any,
-    previous: Array,
-    failures: Array,
-    *,
-    tolerance: float = INVERSE_RESIDUAL_TOLERANCE,
-) -> tuple[Array, Array]:
-    r"""Batched :math:`(F_b + \lambda I)^{-1}`: LU (:func:`damped_inverse`), residual-checked, and
-    the blocks that fail the check recomputed by :func:`damped_inverse_eigh`.
-
-    Fast path: one batched ``inv`` and one batched matmul for the residual
-    (:func:`damped_inverse_residual`). When any block's inverse is not finite or has a residual
-    above ``tolerance`` (the damping was lost to rounding, :math:`\|F_b\|/\lambda \gtrsim
-    1/\varepsilon`), the stack is decomposed by ``eigh`` once and those blocks take that result;
-    ``failures`` is incremented by one for the call, so a fallback is never silent. A block that is
-    still not finite keeps ``previous``. The branch is a :func:`precond_ref.transform.cond`: traced
-    once under ``jax.jit``, read on the host on eager backends (only on refresh steps).
-    """
-    from .transform import cond  # transform does not import linalg: no cycle
-
-    xp = array_namespace(matrices, previous)
-    zero = xp.zeros_like(failures)
-    fast, fast_failed = damped_inverse(matrices, damping, previous, zero)
-    residual = damped_inverse_residual(matrices, damping, fast)
-    good = xp.logical_and(xp.isfinite(residual), residual <= tolerance)
-    all_good = xp.logical_and(xp.all(good), fast_failed == 0)
-
-    def accept(fast, previous, failures):
-        return fast, failures
-
-    def recompute(fast, previous, failures):
-        stable, _ = damped_inverse_eigh(matrices, damping, previous, zero)
-        return xp.where(good[..., None, None], fast, stable), failures + xp.ones_like(failures)
-
-    return cond(xp, all_good, accept, recompute, fast, previous, failures)
+    return xp.where(ok[..., None, None], inverse, previous), xp.logical_or(xp.logical_not(ok), raised)
 
 
 def damped_inverse_residual(matrices: Array, damping: Any, inverse: Array) -> Array:
@@ -690,3 +683,129 @@ def damped_solve(
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, solution))
     solution = xp.where(ok[..., None, None], solution, xp.zeros_like(solution))
     return solution, ok
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor-times-matrix products of Kronecker-factored preconditioners (IF-Shampoo's factor
+# updates): matmul only, batched over leading axes, so that the factors of several equal-shape
+# tensors go through one call.
+
+
+def _axis_to_last(xp: Any, tensor: Array, axis: int) -> tuple[Array, Optional[tuple[int, ...]]]:
+    """``tensor`` with ``axis`` moved to the end, and the permutation that moves it back."""
+    ndim = len(tensor.shape)
+    if axis == ndim - 1:
+        return tensor, None
+    perm = tuple(i for i in range(ndim) if i != axis) + (axis,)
+    back = tuple(perm.index(i) for i in range(ndim))
+    return xp.permute_dims(tensor, perm), back
+
+
+def _check_mode_axis(tensor: Array, axis: int, batch: int) -> None:
+    if not batch <= axis < len(tensor.shape):
+        raise ValueError(f"axis {axis} is not a tensor axis after the {batch} batch axes of shape {tuple(tensor.shape)}")
+
+
+def mode_product(tensor: Array, matrix: Array, axis: int, *, transpose: bool = False) -> Array:
+    r"""The mode product :math:`T \times_n M`: ``matrix`` multiplied onto axis ``n = axis`` of ``tensor``.
+
+    ``result[..., j, ...] = sum_i M[j, i] T[..., i, ...]`` (with ``transpose=True``,
+    ``M[i, j]``): the unfolding :math:`T_{(n)}` becomes :math:`M T_{(n)}` (or
+    :math:`M^\top T_{(n)}`). For a matrix :math:`G`, axis 0 gives :math:`MG` and axis 1
+    :math:`GM^\top`.
+
+    Parameters
+    ----------
+    tensor:
+        ``(B..., d_1, ..., d_N)``: a stack of tensors over the batch axes ``B...`` of ``matrix``.
+    matrix:
+        ``(B..., d, d)`` with ``d = tensor.shape[axis]``: one matrix per tensor of the stack.
+    axis:
+        The tensor axis, counted from the start of ``tensor`` (batch axes included, so at least
+        ``len(B)``).
+    transpose:
+        Multiply by :math:`M^\top` instead of :math:`M`.
+
+    One batched ``matmul``; the first and the last tensor axis need no copy.
+    """
+    xp = array_namespace(tensor, matrix)
+    batch = len(matrix.shape) - 2
+    _check_mode_axis(tensor, axis, batch)
+    shape = tuple(tensor.shape)
+    lead, d = shape[:batch], shape[axis]
+    m = matrix.mT if transpose else matrix
+    if axis == batch:
+        flat = xp.reshape(tensor, lead + (d, -1))
+        return xp.reshape(xp.matmul(m, flat), shape)
+    moved, back = _axis_to_last(xp, tensor, axis)
+    moved_shape = tuple(moved.shape)
+    result = xp.reshape(xp.matmul(xp.reshape(moved, lead + (-1, d)), m.mT), moved_shape)
+    return result if back is None else xp.permute_dims(result, back)
+
+
+def mode_gram(tensor: Array, axis: int, *, batch: int = 0) -> Array:
+    r""":math:`T_{(n)} T_{(n)}^\top`, the Gram matrix of the mode-``n`` unfolding, ``(B..., d_n, d_n)``.
+
+    ``tensor`` is ``(B..., d_1, ..., d_N)`` with ``batch`` leading batch axes ``B...``; ``axis``
+    counts from the start of ``tensor``. For a matrix :math:`Y`, axis 0 gives :math:`YY^\top` and
+    axis 1 :math:`Y^\top Y`. One batched ``matmul``.
+    """
+    xp = array_namespace(tensor)
+    _check_mode_axis(tensor, axis, batch)
+    shape = tuple(tensor.shape)
+    lead, d = shape[:batch], shape[axis]
+    if axis == batch:
+        flat = xp.reshape(tensor, lead + (d, -1))
+        return xp.matmul(flat, flat.mT)
+    moved, _ = _axis_to_last(xp, tensor, axis)
+    flat = xp.reshape(moved, lead + (-1, d))
+    return xp.matmul(flat.mT, flat)
+
+
+def half_precision_dtype(x: Array) -> Any:
+    """``bfloat16`` of ``x``'s namespace when ``x`` lives on an accelerator, else ``None``.
+
+    The precision policy of matmul-only paths (IF-Shampoo's factors): GPUs and TPUs multiply bf16
+    matrices several times faster than float32 (tensor cores); CPUs mostly do not (without AMX,
+    x86 emulates them: a 1024x1024 bf16 product took 90x a float32 one on the test machine).
+    ``None`` on a CPU, and where the namespace has no ``bfloat16`` (NumPy, CuPy,
+    ``array_api_strict``). A JAX array traced under ``jax.jit`` has no device; JAX's default
+    backend decides then.
+    """
+    xp = array_namespace(x)
+    if not hasattr(xp, "bfloat16"):
+        return None
+    dev = array_device(x)
+    if dev is None and "jax" in sys.modules:
+        kind = sys.modules["jax"].default_backend()
+    else:
+        kind = getattr(dev, "platform", None) or getattr(dev, "type", None) or str(dev)
+    return xp.bfloat16 if str(kind).lower() in _ACCELERATORS else None
+
+
+#: Device kinds (torch ``device.type``, JAX ``platform``) with fast bf16 matrix products.
+_ACCELERATORS = frozenset({"cuda", "gpu", "rocm", "tpu", "xpu", "mps", "hpu"})
+
+
+def kl_clip_factor(direction: Array, vector: Array, learning_rate: Any, kl_clip: Any) -> Array:
+    r"""K-FAC's step clipping factor :math:`\nu = \min\bigl(1, \sqrt{\kappa / (\alpha^2 \langle D, v
+    \rangle)}\bigr)` for a step :math:`-\alpha D` with :math:`D = P v`.
+
+    :math:`\alpha^2 \langle D, v\rangle = \alpha^2 v^\top P v` is the squared length of the step in the
+    metric :math:`P^{-1}` (the damped curvature the preconditioner :math:`P` inverts), i.e. the
+    quadratic model's predicted change of the output distribution (a KL divergence for a true
+    Fisher); scaling the step by :math:`\nu` bounds it by :math:`\kappa`. A stale or low-rank
+    curvature estimate gives directions it has not seen the gain :math:`1/\lambda`; the clip stops
+    such a step from growing without bound until the estimate catches up.
+
+    References
+    ----------
+    Ba, Grosse, Martens. "Distributed Second-Order Optimization using Kronecker-Factored
+    Approximations". ICLR 2017, section 5 (KL clipping). ``direction``/``vector``: arrays of one
+    shape; ``learning_rate`` and ``kl_clip`` numbers or 0-D arrays. Returns a 0-D array.
+    """
+    xp = array_namespace(direction, vector)
+    quadratic = learning_rate * learning_rate * xp.sum(direction * vector)
+    clipped = quadratic > kl_clip
+    safe = xp.where(clipped, quadratic, xp.ones_like(quadratic))
+    return xp.where(clipped, xp.sqrt(kl_clip / safe), xp.ones_like(quadratic))

@@ -49,6 +49,7 @@ __all__ = [
     "cond",
     "singleton_groups",
     "weight_bias_groups",
+    "missing_members",
     "check_interval",
     "check_positive",
     "check_nonnegative",
@@ -68,6 +69,10 @@ def _nothing_due(step: int) -> tuple[bool, ...]:
     return ()
 
 
+def _each_leaf_alone(paths: Sequence[Any], leaves: Sequence[Any]) -> list["LeafGroup"]:
+    return singleton_groups(paths, leaves)
+
+
 class Transform(NamedTuple):
     """A pure optimizer: ``state = init(params)``; ``updates, state = update(grads, state, params)``.
 
@@ -82,6 +87,10 @@ class Transform(NamedTuple):
     it, the decision reads the state's counters (a ``lax.cond`` under ``jax.jit``; a device read
     elsewhere). ``due(i)`` returns those host decisions as a tuple of bools, which a compiled caller
     passes as ``update(..., due=due(i))`` so that the compiled code depends on them alone.
+
+    ``group_leaves(paths, leaves)`` gives the groups of leaves the method treats as one block (a
+    weight with its bias for MBF and IF-Shampoo's ``grouping="weight_bias"``), for an adapter that
+    must apply :func:`missing_members`.
     """
 
     init: Callable[[Any], Any]
@@ -89,6 +98,7 @@ class Transform(NamedTuple):
     due: Callable[[int], tuple[bool, ...]] = _nothing_due
     #: The float32 matmul precision ``update`` runs at (see :func:`float32_matmul_precision`).
     matmul_precision: str = "highest"
+    group_leaves: Callable[[Sequence[Any], Sequence[Any]], list["LeafGroup"]] = _each_leaf_alone
 
 
 class PrecondState(NamedTuple):
@@ -328,6 +338,19 @@ def weight_bias_groups(
     return groups
 
 
+def missing_members(groups: Sequence[LeafGroup], present: Sequence[bool]) -> list[int]:
+    """The leaves without a gradient that share a group with a leaf that has one.
+
+    The rule for a partial gradient of a multi-leaf group (in torch, a weight whose bias has no
+    gradient, or the reverse): such a leaf takes part in its group's step with a zero gradient and
+    is left unchanged (its update is dropped and its own step count is not advanced), so that the
+    group keeps one state and one step count; at the next step where both have gradients they are
+    stepped together again. ``present[i]`` says whether leaf ``i`` has a gradient. A JAX or NumPy
+    gradient tree has every leaf, so only the torch adapter meets the case.
+    """
+    return [i for g in groups if any(present[j] for j in g.indices) for i in g.indices if not present[i]]
+
+
 # --------------------------------------------------------------------------------------------
 # Hyperparameter validation: a bad value raises ValueError naming the argument and the range.
 # Values that are arrays (optax.inject_hyperparams passes them, possibly traced) are not checked.
@@ -519,6 +542,23 @@ def build_transform(
     check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
     if (update_group is None) == (update_groups is None):
         raise TypeError(f"{name}: build_transform needs exactly one of update_group and update_groups")
+    # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes: update
+    # compares it with the state it is given (the gradients stand in for the parameters).
+    # init records the layouts it makes, so that update builds a state only for gradients unlike
+    # the parameters init saw (a state from elsewhere, another dtype): no second copy of the state.
+    layouts: dict[tuple, dict[str, tuple]] = {}
+
+    def layout_key(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> tuple:
+        return (group.key, group.paths, tuple(tuple(x.shape) for x in leaves), tuple(x.dtype for x in leaves), xp.__name__)
+
+    def layout_of(state: dict[str, Array]) -> dict[str, tuple]:
+        return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+    def layout_for(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> dict[str, tuple]:
+        key = layout_key(group, leaves, xp)
+        if key not in layouts:
+            layouts[key] = layout_of(init_group(leaves, group.paths, xp))
+        return layouts[key]
 
     def init(params: Any) -> PrecondState:
         leaves, treedef = tree_flatten(params)
@@ -531,6 +571,7 @@ def build_transform(
                 groups[group.key] = {}
             else:
                 groups[group.key] = _unaliased(xp, init_group(members, group.paths, xp), members)
+                layouts[layout_key(group, members, xp)] = layout_of(groups[group.key])
 
         def counter() -> Array:
             return xp.zeros((), dtype=xp.int32, device=dev)
@@ -629,6 +670,8 @@ def build_transform(
             for group in groups
         ]
         live = [m for m in members if not all(math.prod(leaf.shape) == 0 for leaf in m[1])]
+        for group, g, _ in live:
+            _check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp))
         contexts = [ctx._replace(paths=group.paths) for group, _, _ in live]
         if update_groups is not None:
             results = update_groups(
@@ -667,7 +710,7 @@ def build_transform(
         )
         return tree_unflatten(treedef, updates), new_state
 
-    return Transform(init, update, due, matmul_precision)
+    return Transform(init, update, due, matmul_precision, group_leaves)
 
 
 def _unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> dict[str, Array]:
@@ -684,6 +727,29 @@ def _unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> d
         seen.add(id(value))
         out[key] = value
     return out
+
+
+def _check_fits(
+    name: str, group: LeafGroup, grads: tuple[Array, ...], state: dict[str, Array], layout: dict[str, tuple]
+) -> None:
+    """Refuse, by name, gradients that do not fit the group's state: a transposed or reshaped
+    gradient, another dtype (a float64 gradient for float32 state), a missing partner leaf (MBF's
+    bias); ``layout`` is the state ``init_group`` gives these gradients."""
+    found = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    if found == layout:
+        return
+    given = ", ".join(f"{path_str(path)!r} {tuple(g.shape)}/{g.dtype}" for path, g in zip(group.paths, grads))
+    wrong = sorted(set(found) ^ set(layout)) or [k for k in sorted(found) if found[k] != layout[k]]
+    detail = "; ".join(
+        f"{k!r}: state {found[k][0]}/{found[k][1]}, gradient needs {layout[k][0]}/{layout[k][1]}"
+        if k in found and k in layout
+        else f"{k!r} {'only in the state' if k in found else 'missing from the state'}"
+        for k in wrong
+    )
+    raise ValueError(
+        f"{name}: the gradient of {given} does not fit the optimizer state of this group ({detail}); "
+        "a transposed gradient, another dtype, or a weight without its bias?"
+    )
 
 
 def _check_group(

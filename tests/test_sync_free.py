@@ -38,6 +38,9 @@ CONFIGS = {
     "rf_rmsprop": lambda: pr.rf_rmsprop(learning_rate=1e-2, batch_size=8),
     "rf_adamw": lambda: pr.rf_adamw(learning_rate=1e-2, batch_size=8),
     "if_shampoo-every2": lambda: pr.if_shampoo(learning_rate=1e-2, batch_size=8, precondition_every=2),
+    "if_shampoo-weight_bias-lr_scale": lambda: pr.if_shampoo(
+        learning_rate=1e-2, batch_size=8, grouping="weight_bias", preconditioner_lr_scale=pr.prototype_lr_scale
+    ),
     "if_shampoo-prototype": lambda: pr.if_shampoo(
         learning_rate=1e-2, batch_size=8, precondition_every=pr.prototype_schedule(3), mode="faithful"
     ),
@@ -49,9 +52,12 @@ STEPS = 6
 
 
 def _params(rng: np.random.Generator) -> dict:
+    # fc2 and conv2 share block shapes with fc and conv: the batched paths (stacked across layers).
     return {
         "fc": {"weight": rng.standard_normal((5, 4)), "bias": rng.standard_normal(5)},
+        "fc2": {"weight": rng.standard_normal((5, 4))},
         "conv": {"weight": rng.standard_normal((3, 2, 2, 2))},
+        "conv2": {"weight": rng.standard_normal((2, 2, 2, 2))},
         "scale": rng.standard_normal(4),
     }
 
@@ -74,10 +80,7 @@ def _run(opt, params, grads, wrap_arrays: bool):
     return outputs, tree_map(sync_guard.unwrap, params)
 
 
-# MBF's principled inverse (linalg.damped_inverse_checked) decides on the host whether its LU
-# inverses need the eigh fallback, on refresh steps: being made branch-free.
 _KNOWN_SYNCS = {
-    "mbf-t1-2-t2-4": "damped_inverse_checked reads the residual check on the host",
     # The eigh fallback of a root that did not converge (linalg.inverse_root): one bool read on
     # refresh steps in eager mode (a lax.cond under jax.jit, a torch.cond under torch.compile).
     "asgo-polar-express-checked": "inverse_root reads its convergence check on the host on refresh steps",

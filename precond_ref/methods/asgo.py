@@ -206,20 +206,21 @@ def _renormalising_factor(xp: Any, sum_of_squares: Array, target: float) -> Arra
     return target / xp.where(norm > 0, norm, xp.ones_like(norm))
 
 
-def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float]) -> Array:
+def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float], faithful: bool) -> Array:
     """``u · r·sqrt(mn)/‖u‖_F``: RMS(u) = r for every finite non-zero u, and a zero u stays zero (D2).
 
     Scale-invariant (D12): neither the squares nor the factor may under- or overflow, whatever the
     scale of u (a direction of size 1e-30, or a subnormal one, is renormalised like one of size 1).
-    float32 (the compute dtype of float32, bf16 and fp16 parameters): squares summed and the factor
-    applied in float64 (:func:`_wide_dtype`), one pass over u for the norm. Otherwise (float64, or
-    no float64 on the backend) u is first divided by its largest magnitude, so the norm is taken of
-    entries in [-1, 1] with at least one of modulus 1 (>= 1 and <= sqrt(mn)): one more pass.
+    Principled float32 (the compute dtype of float32, bf16 and fp16 parameters): squares summed and
+    the factor applied in float64 (:func:`_wide_dtype`), one pass over u for the norm. Otherwise
+    (faithful mode, which keeps the authors' float32 arithmetic; float64; no float64 on the
+    backend) u is first divided by its largest magnitude, so the norm is taken of entries in
+    [-1, 1] with at least one of modulus 1 (>= 1 and <= sqrt(mn)): one more pass.
     """
     if rms_target is None or u.shape[0] * u.shape[1] == 0:
         return u
     target = rms_target * math.sqrt(u.shape[0] * u.shape[1])
-    wide = _wide_dtype(xp, u)
+    wide = None if faithful else _wide_dtype(xp, u)
     if wide is not None:
         w = xp.astype(u, wide)
         return xp.astype(w * _renormalising_factor(xp, xp.sum(w * w), target), u.dtype)
@@ -720,7 +721,7 @@ def asgo(
         else:
             u = xp.matmul(z_p, m_p) if left else xp.matmul(m_p, z_p)
 
-        u = _rms_renormalise(xp, u, rms_target)
+        u = _rms_renormalise(xp, u, rms_target, faithful)
         lr = _learning_rate(ctx, learning_rate, product_dtype, array_device(g))
         return (_finish(xp, u, param, tuple(g.shape), lr, weight_decay),), new_state
 
@@ -873,9 +874,9 @@ def dasgo(
         # matrix, where a vector pow costs ~10x a sqrt and a division.
         scale = xp.astype(1.0 / xp.sqrt(v + eps), product_dtype)
         m_p = xp.astype(momentum, product_dtype)
-        wide = None if rms_target is None or m * n == 0 else _wide_dtype(xp, m_p)
+        wide = None if faithful or rms_target is None or m * n == 0 else _wide_dtype(xp, m_p)
         if wide is None:
-            u = _rms_renormalise(xp, m_p * xp.expand_dims(scale, axis=axis), rms_target)
+            u = _rms_renormalise(xp, m_p * xp.expand_dims(scale, axis=axis), rms_target, faithful)
         else:
             # U = M diag(s) (right side): ‖U‖² = Σ_j s_j² Σ_i M_ij², and the sums over i run in the
             # same pass over the data as the statistic's. The factor goes into the per-column

@@ -27,8 +27,6 @@ COMPILED_CASES = [
     if c.id in ("agd", "asgo-pe-interval", "dasgo", "rf_rmsprop", "rf_adamw", "if_shampoo-mixed-every2",
                 "sketchy-faithful-interval", "s_adagrad", "mbf")
 ]
-# MBF's principled inverse decides its eigh fallback on the host: not compilable yet.
-KNOWN_EAGER = {"mbf": "linalg.damped_inverse_checked branches on a device value"}
 
 
 def _model(dtype, seed=0):
@@ -51,14 +49,7 @@ def _train(model, opt, batches, case=None, scheduler=None):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_EAGER[c.id], strict=True)) if c.id in KNOWN_EAGER else c
-        for c in COMPILED_CASES
-    ],
-    ids=lambda c: c.id,
-)
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=lambda c: c.id)
 def test_compiled_step_equals_eager(case):
     """Same parameters after 6 steps (refresh and reuse steps alike) with or without compilation.
 
