@@ -201,37 +201,6 @@ def test_missing_members_of_a_pair():
     assert pr.mbf(learning_rate=0.1).group_leaves(paths, leaves) == groups
 
 
-def test_update_groups_sees_every_nonempty_group_of_a_call_at_once():
-    """``update_groups`` (the batching hook) receives the lists update_group would get one by one,
-    in group order, zero-size groups left out, and gives the same results; exactly one is given."""
-    calls = []
-
-    def init_group(leaves, paths, xp):
-        return {"n": xp.zeros(leaves[0].shape, dtype=leaves[0].dtype)}
-
-    def update_group(grads, state, params, ctx):
-        return tuple(-g * (1.0 + len(ctx.paths[0])) for g in grads), {"n": state["n"] + grads[0]}
-
-    def update_groups(grads, states, params, ctxs):
-        calls.append([path_str(c.paths[0]) for c in ctxs])
-        return [update_group(g, s, p, c) for g, s, p, c in zip(grads, states, params, ctxs)]
-
-    one = build_transform(name="one", init_group=init_group, update_group=update_group)
-    batched = build_transform(name="batched", init_group=init_group, update_groups=update_groups)
-    params = {"a": np.ones(2), "b": {"c": np.ones((2, 3))}, "empty": np.ones((0, 3))}
-    grads = tree_map(lambda p: 2.0 * p, params)
-    want, want_state = one.update(grads, one.init(params), params)
-    got, got_state = batched.update(grads, batched.init(params), params)
-    assert calls == [["a", "b/c"]]
-    tree_map(np.testing.assert_array_equal, got, want)
-    assert list(got_state.groups) == list(want_state.groups) == ["a", "b/c", "empty"]
-    tree_map(np.testing.assert_array_equal, got_state.groups, want_state.groups)
-    with pytest.raises(TypeError, match="exactly one"):
-        build_transform(name="x", init_group=init_group)
-    with pytest.raises(TypeError, match="exactly one"):
-        build_transform(name="x", init_group=init_group, update_group=update_group, update_groups=update_groups)
-
-
 def test_state_tree_must_be_the_precond_state(backend):
     opt = pr.agd()
     with pytest.raises(TypeError, match="PrecondState"):
