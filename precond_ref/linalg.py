@@ -52,6 +52,10 @@ __all__ = [
     "inverse_sqrt_polar_express",
     "inverse_sqrt_newton_schulz",
     "inverse_root_newton",
+    "inverse_root",
+    "inverse_root_residual",
+    "ROOT_RESIDUAL_TOLERANCE",
+    "ROOT_METHODS",
     "damped_inverse",
     "damped_inverse_stable",
     "damped_inverse_residual",
@@ -196,7 +200,7 @@ def polar_express_coefficients(steps: int) -> list[tuple[float, float, float]]:
 def _coupled_inverse_sqrt(
     y: Array, coefficients: Sequence[tuple[float, float, float]]
 ) -> Array:
-    """Run the coupled iteration from Y_0 = ``y``, Z_0 = I; returns Z (≈ y^{-1/2})."""
+    """Run the coupled iteration from Y_0 = ``y``, Z_0 = I; returns (Z, Y) (Z ≈ y^{-1/2}, ZY ≈ I)."""
     xp = array_namespace(y)
     z = xp.zeros_like(y) + identity_like(y)
     for a, b, c in coefficients:
@@ -204,7 +208,7 @@ def _coupled_inverse_sqrt(
         poly = b * zy + c * xp.matmul(zy, zy)
         y = a * y + xp.matmul(y, poly)
         z = a * z + xp.matmul(poly, z)
-    return z
+    return z, y
 
 
 def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -> Array:
@@ -235,7 +239,7 @@ def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -
     else:
         shifted = a
     nu = 1.01 * xp.linalg.matrix_norm(shifted, ord="fro", keepdims=True)
-    z = _coupled_inverse_sqrt(a / nu, polar_express_coefficients(steps))
+    z, _ = _coupled_inverse_sqrt(a / nu, polar_express_coefficients(steps))
     return z / xp.sqrt(nu)
 
 
@@ -266,7 +270,7 @@ def inverse_sqrt_newton_schulz(
         y = (a + e * identity_like(a)) / (norm + e)
     else:
         y = a / norm
-    z = _coupled_inverse_sqrt(y, [tuple(coefficients)] * steps)
+    z, _ = _coupled_inverse_sqrt(y, [tuple(coefficients)] * steps)
     return z / xp.sqrt(norm)
 
 
@@ -311,6 +315,11 @@ def inverse_root_newton(
         raise ValueError(f"p must be an integer >= 1, got {p!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r}")
+    return _coupled_newton(a, p, steps, eps, tolerance)[0]
+
+
+def _coupled_newton(a: Array, p: int, steps: int, eps: Shift, tolerance: Optional[float]) -> tuple[Array, Array]:
+    """The iteration of :func:`inverse_root_newton`; returns (X, M) (X ≈ the root, M ≈ I)."""
     xp = array_namespace(a)
     eye = identity_like(a)
     alpha = -1.0 / p
@@ -336,7 +345,136 @@ def inverse_root_newton(
             done = relative_error(m) <= tolerance
             x = xp.where(done, x, x_new)
             m = xp.where(done, m, m_new)
-    return x
+    return x, m
+
+
+# --------------------------------------------------------------------------------------------
+# Residual-checked roots: an iteration where matmuls are cheap, eigh where it did not converge.
+
+#: Largest distance from the identity, ``‖M - I‖_F``, of an iteration's convergence measure
+#: (:func:`inverse_root`: Z·Y for the coupled polynomial iterations, M for Newton) accepted before
+#: the matrix is recomputed by ``eigh``: the eigenvalues of the iterate are then within 5% of
+#: their limit. Measured float32 values of converged roots: 1e-6 (condition number 1) to 1.5e-3
+#: (k = 1024, condition number 1e7); iterations stopped before convergence leave 0.2 and more.
+ROOT_RESIDUAL_TOLERANCE = 5e-2
+
+#: The iterations :func:`inverse_root` runs (``"eigh"`` is the exact reference).
+ROOT_METHODS = ("eigh", "polar_express", "newton_schulz", "newton")
+
+
+def inverse_root_residual(a: Array, root: Array, p: int, *, shift: Shift = 0.0) -> Array:
+    r""":math:`\|Z^p (A + sI) - I\|_F` per matrix, shape ``a.shape[:-2]`` (``p`` matmuls).
+
+    An upper bound on the largest :math:`|\lambda_i(Z^p(A + sI)) - 1|`, whatever produced Z; NaN or
+    Inf for a non-finite Z. In floating point it carries a rounding error of about
+    :math:`\varepsilon\,\kappa\sqrt k` (condition number :math:`\kappa`), so it validates roots of
+    well-conditioned matrices; :func:`inverse_root` checks the iterations' own convergence instead.
+    """
+    xp = array_namespace(a, root)
+    eye = identity_like(a)
+    product = xp.matmul(root, a + _batch_scalar(xp, shift, a, 2) * eye)
+    for _ in range(p - 1):
+        product = xp.matmul(root, product)
+    return xp.linalg.matrix_norm(product - eye, ord="fro")
+
+
+def inverse_root(
+    a: Array,
+    p: int = 2,
+    *,
+    shift: Shift = 0.0,
+    method: str = "eigh",
+    steps: Optional[int] = None,
+    tolerance: Optional[float] = ROOT_RESIDUAL_TOLERANCE,
+) -> tuple[Array, Array]:
+    r""":math:`(A + sI)^{-1/p}` of a stack of symmetric PSD matrices, by ``eigh`` or by a matmul
+    iteration whose result is checked and, where it failed, recomputed by ``eigh``.
+
+    Parameters
+    ----------
+    a:
+        ``(..., k, k)`` symmetric PSD and finite, float32 or float64; :math:`A + sI` must be
+        positive definite for the iterations.
+    p:
+        The root, an integer ``>= 1`` (``"polar_express"`` and ``"newton_schulz"``: 2 only).
+    shift:
+        :math:`s \ge 0`, a number or an array of the batch shape.
+    method:
+        ``"eigh"``: :func:`inverse_root_eigh` (exact; eigenvalues clamped at 0 before the shift).
+        ``"polar_express"`` (:func:`inverse_sqrt_polar_express`, 10 steps by default),
+        ``"newton_schulz"`` (:func:`inverse_sqrt_newton_schulz`, 20 steps) or ``"newton"``
+        (:func:`inverse_root_newton`, 30 steps): matmuls only, applied to :math:`A + sI`.
+    steps:
+        Iterations (``None``: the defaults above).
+    tolerance:
+        Iterations only: a matrix whose iteration ends farther than this from convergence
+        (:data:`ROOT_RESIDUAL_TOLERANCE`), or not finite, is recomputed by ``eigh``. ``None`` skips
+        the check (no fallback, no host read; matmuls only).
+
+    Returns
+    -------
+    (root, fell_back)
+        The roots, and int32 flags of the batch shape ``a.shape[:-2]``: 1 for a matrix recomputed
+        by ``eigh``, 0 otherwise (always 0 for ``"eigh"``).
+
+    Notes
+    -----
+    The fallback is a :func:`precond_ref.transform.cond` on "every residual is within tolerance":
+    a ``lax.cond`` under ``jax.jit`` and a ``torch.cond`` under ``torch.compile`` (TorchInductor
+    reads the predicate on the host), a host read of one bool with eager arrays. On a GPU that is
+    one synchronisation per call, i.e. on refresh steps only; ``tolerance=None`` has none. The check
+    costs one matmul per matrix for the polynomial iterations (Polar-Express itself: 4 per step, 40
+    by default) and none for Newton. It measures convergence, not the rounding error of the result:
+    that is about the error of a float32 ``eigh`` (``docs/methods/asgo.md`` lists both).
+    """
+    from .transform import cond  # transform does not import linalg: no cycle
+
+    xp = array_namespace(a)
+    if method not in ROOT_METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, ROOT_METHODS))}, got {method!r}")
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ValueError(f"p must be an integer >= 1, got {p!r}")
+    if method in ("polar_express", "newton_schulz") and p != 2:
+        raise ValueError(f"method={method!r} computes inverse square roots only (p=2), got p={p!r}")
+    no_fallback = xp.zeros(a.shape[:-2], dtype=xp.int32, device=array_device(a))
+    if method == "eigh":
+        return inverse_root_eigh(a, p, shift=shift), no_fallback
+    eye = identity_like(a)
+    damped = a + _batch_scalar(xp, shift, a, 2) * eye
+    if method == "newton":
+        root, m = _coupled_newton(damped, p, 30 if steps is None else steps, 0.0, None)
+        convergence = lambda: m  # noqa: E731
+    else:
+        # As inverse_sqrt_polar_express / inverse_sqrt_newton_schulz with eps = 0, keeping Y.
+        nu = xp.linalg.matrix_norm(damped, ord="fro", keepdims=True)
+        if method == "polar_express":
+            nu = 1.01 * nu
+            coefficients = polar_express_coefficients(10 if steps is None else steps)
+        else:
+            coefficients = [(2.0, -1.5, 0.5)] * (20 if steps is None else steps)
+        z, y = _coupled_inverse_sqrt(damped / nu, coefficients)
+        root = z / xp.sqrt(nu)
+        convergence = lambda: xp.matmul(z, y)  # noqa: E731
+    if tolerance is None:
+        return root, no_fallback
+    # The iteration's own measure of convergence, M -> I (Newton) or Z Y -> I (coupled polynomial
+    # iterations, which keep Z Y = Z² A/ν): rounding enters it as ε·κ^{1/2}, not as ε·κ like the
+    # residual of the result (inverse_root_residual, which float32 roots of a κ = 1e6 matrix do
+    # not pass even when exact).
+    good = xp.linalg.matrix_norm(convergence() - eye, ord="fro") <= tolerance  # False for NaN
+    all_good = xp.all(good)
+
+    def accept(root, damped, good, no_fallback):
+        return root, no_fallback
+
+    def recompute(root, damped, good, no_fallback):
+        # A new array: tracing torch.cond, dynamo lifts a view of an operand (the transpose in
+        # symmetrize) as a second input aliasing the first, which it refuses.
+        exact = inverse_root_eigh(damped + 0.0, p)
+        good_b = xp.expand_dims(xp.expand_dims(good, axis=-1), axis=-1)
+        return xp.where(good_b, root, exact), xp.astype(xp.logical_not(good), xp.int32)
+
+    return cond(xp, all_good, accept, recompute, root, damped, good, no_fallback)
 
 
 # --------------------------------------------------------------------------------------------

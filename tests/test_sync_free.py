@@ -10,6 +10,8 @@ also give exactly the numbers of plain NumPy (the guard only watches).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -23,8 +25,11 @@ CONFIGS = {
     "agd-faithful-amsgrad-clip": lambda: pr.agd(learning_rate=1e-2, mode="faithful", amsgrad=True, clip=1.0),
     "agd-win": lambda: pr.agd(learning_rate=1e-2, win=True, weight_decay=1e-2),
     "asgo-eigh-every2": lambda: pr.asgo(precondition_every=2, root_method="eigh"),
-    "asgo-newton-schulz": lambda: pr.asgo(root_method="newton_schulz"),
-    "asgo-polar-express-blocked": lambda: pr.asgo(root_method="polar_express", block_size=3),
+    # Iterative roots without their convergence check (root_tolerance=inf): matmuls only.
+    "asgo-newton-schulz": lambda: pr.asgo(root_method="newton_schulz", root_tolerance=math.inf),
+    "asgo-polar-express-blocked": lambda: pr.asgo(root_method="polar_express", block_size=3, root_tolerance=math.inf),
+    "asgo-newton-every2": lambda: pr.asgo(root_method="newton", precondition_every=2, root_tolerance=math.inf),
+    "asgo-polar-express-checked": lambda: pr.asgo(root_method="polar_express"),
     "asgo-faithful": lambda: pr.asgo(mode="faithful", weight_decay=0.0, fallback_mask=lambda path, leaf: leaf.ndim != 2),
     "dasgo": lambda: pr.dasgo(),
     "sketchy-every2": lambda: pr.sketchy(learning_rate=1e-2, rank=2, precondition_every=2),
@@ -75,7 +80,22 @@ def _run(opt, params, grads, wrap_arrays: bool):
     return outputs, tree_map(sync_guard.unwrap, params)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+_KNOWN_SYNCS = {
+    # The eigh fallback of a root that did not converge (linalg.inverse_root): one bool read on
+    # refresh steps in eager mode (a lax.cond under jax.jit, a torch.cond under torch.compile).
+    "asgo-polar-express-checked": "inverse_root reads its convergence check on the host on refresh steps",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(raises=sync_guard.HostTransfer, reason=_KNOWN_SYNCS[n], strict=True))
+        if n in _KNOWN_SYNCS
+        else n
+        for n in sorted(CONFIGS)
+    ],
+)
 def test_update_never_transfers_between_host_and_device(name):
     rng = np.random.default_rng(0)
     params = _params(rng)
