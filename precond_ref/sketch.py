@@ -42,7 +42,8 @@ key                          shape    meaning
 ============================ ======== =============================================================
 ``basis``                    (d, k)   :math:`U`
 ``singular_values``          (k,)     :math:`\sigma` (the sketch factor is :math:`U \operatorname{diag}(\sigma)`)
-``escaped_mass``             ()       :math:`\rho`
+``escaped_root``             ()       :math:`\sqrt\rho` (a root, as :math:`\sigma`: float32 keeps the
+                                      escaped mass of gradients down to ~1e-38, not only ~1e-19)
 ``basis_weights``            (k,)     :math:`w`
 ``complement_weight``        ()       :math:`w_\perp`
 ============================ ======== =============================================================
@@ -77,7 +78,7 @@ __all__ = [
 
 Array = Any
 
-SKETCH_KEYS = ("basis", "singular_values", "escaped_mass", "basis_weights", "complement_weight")
+SKETCH_KEYS = ("basis", "singular_values", "escaped_root", "basis_weights", "complement_weight")
 _DECOMPOSITIONS = ("svd", "gram", "qr_svd", "incremental", "subspace", "auto")
 # "auto" uses the (approximate) subspace iteration only for axes at least this long, where an
 # exact d x d eigendecomposition per step is the cost that matters; shorter axes stay exact.
@@ -94,7 +95,7 @@ def fd_init(xp: Any, d: int, k: int, *, dtype: Any, device: Any, batch: tuple[in
     return {
         "basis": xp.zeros(batch + (d, k), dtype=dtype, device=device),
         "singular_values": xp.zeros(batch + (k,), dtype=dtype, device=device),
-        "escaped_mass": xp.zeros(batch, dtype=dtype, device=device),
+        "escaped_root": xp.zeros(batch, dtype=dtype, device=device),
         "basis_weights": xp.zeros(batch + (k,), dtype=dtype, device=device),
         "complement_weight": xp.zeros(batch, dtype=dtype, device=device),
     }
@@ -297,10 +298,15 @@ def _masked_power(xp: Any, base: Array, mask: Array, exponent: float) -> Array:
 
 
 def _power_of_two_scale(xp: Any, value: Array) -> Array:
-    """2**ceil(log2(value)) where value > 0, else 1: an exact (rounding-free) rescaling factor."""
+    """2**ceil(log2(value)) where value > 0, else 1: an exact (rounding-free) rescaling factor.
+
+    The exponent is capped at the dtype's largest (2**128 is not a float32): in the top binade
+    value / scale lies in (1, 2), still far from overflow once squared.
+    """
     positive = value > 0.0
     safe = xp.where(positive, value, xp.ones_like(value))
-    return xp.where(positive, 2.0 ** xp.ceil(xp.log2(safe)), xp.ones_like(value))
+    top = float(math.frexp(float(xp.finfo(value.dtype).max))[1] - 1)
+    return xp.where(positive, 2.0 ** xp.clip(xp.ceil(xp.log2(safe)), max=top), xp.ones_like(value))
 
 
 def fd_update(
@@ -410,7 +416,7 @@ def _fd_step(
     """:func:`fd_update`, and with ``apply`` also the new sketch applied to ``x`` (else None)."""
     if decomposition not in _DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {_DECOMPOSITIONS}, got {decomposition!r}")
-    basis, sigma, rho = sketch["basis"], sketch["singular_values"], sketch["escaped_mass"]
+    basis, sigma, root = sketch["basis"], sketch["singular_values"], sketch["escaped_root"]
     dtype = basis.dtype
     d, k = basis.shape[-2:]
     if x.ndim != basis.ndim or x.shape[-2] != d or tuple(x.shape[:-2]) != tuple(basis.shape[:-2]):
@@ -422,11 +428,13 @@ def _fd_step(
         decomposition = "svd"  # nothing to save: the factor is not tall
     x = unscaled = xp.astype(x, dtype, copy=False)
     gamma = decay if tail_decay is None else tail_decay
-    kept_tail = rho * gamma
+    kept_root = root * gamma**0.5  # sqrt(gamma rho)
     zero = xp.zeros((), dtype=dtype, device=array_device(x))
 
-    # Work in units of a power of two near the largest entry (exact rescaling): squares of
-    # gradients near the float32 range (|g| >= 1.8e19) never overflow inside the update.
+    # Work in units of a power of two near the largest of the entries and the decayed sketch (an
+    # exact rescaling; squares are formed in these units, and divided by a unit once per factor):
+    # squares of tiny data (float32 |g| ~ 1e-25) do not underflow against each other nor those of
+    # large data overflow, and updates are invariant to the data's scale (F-I11) up to rounding.
     root_beta = decay**0.5
     largest_entry = xp.max(xp.abs(x), axis=(-2, -1))
     # NaN/Inf anywhere in x makes its largest magnitude non-finite (max propagates NaN). NumPy and
@@ -434,7 +442,7 @@ def _fd_step(
     # result, so a non-finite input never reaches the decomposition or the state.
     input_ok = xp.isfinite(largest_entry)
     largest = xp.maximum(xp.where(input_ok, largest_entry, zero), xp.max(sigma, axis=-1) * root_beta)
-    scale = _power_of_two_scale(xp, xp.maximum(largest, xp.sqrt(kept_tail)))
+    scale = _power_of_two_scale(xp, xp.maximum(largest, kept_root))
     x = xp.where(input_ok[..., None, None], x / scale[..., None, None], zero)
     ritz = _descending_left_singular(xp, basis, sigma * root_beta / scale[..., None], x, decomposition)
     s = ritz.s
@@ -446,35 +454,43 @@ def _fd_step(
         # Singular values at rounding level are 0: this keeps rho' (and w_perp) exactly 0 and
         # rank-deficient directions masked until real mass arrives.
         s = xp.where(noise, xp.zeros_like(s), s)
-    shrink = xp.maximum(s[..., k], zero) if k < r else xp.zeros_like(rho)
+    shrink = xp.maximum(s[..., k], zero) if k < r else xp.zeros_like(root)
     if k < r and not cutoff:
         shrink = xp.where(noise[..., k], xp.zeros_like(shrink), shrink)
     top = xp.maximum(s[..., :k], zero)
     deflated = xp.sqrt(xp.maximum(top - shrink[..., None], zero)) * xp.sqrt(top + shrink[..., None])
-    scaled_tail = kept_tail / (scale * scale)
-    new_rho = kept_tail + (shrink * scale) ** 2
+    scaled_root = kept_root / scale
+    scaled_tail = scaled_root * scaled_root
+    # sqrt(gamma rho + c^2): c is either 0 or above the cutoff, a fraction of the unit (no underflow).
+    new_root = xp.sqrt(scaled_tail + shrink * shrink) * scale
     # sigma'^2 + rho' computed directly, not by subtracting c^2 and adding it back (scaled units).
     undeflated = top * top + scaled_tail[..., None]
 
     mask = xp.logical_and(deflated > 0.0, xp.logical_not(noise[..., :k]))
     new_sigma = xp.where(mask, deflated * scale[..., None], xp.zeros_like(deflated))
+    # The weights' unit also covers the absolute shifts, which may dwarf the data (S-AdaGrad's delta
+    # against tiny gradients: delta / scale^2 would overflow); ratio = 1 unless they do.
+    absolute = delta if relative_eps else delta + eps
+    weight_scale = _power_of_two_scale(xp, xp.maximum(scale, zero + absolute**0.5))
+    ratio = scale / weight_scale
+    undeflated = undeflated * (ratio * ratio)[..., None]
     if relative_eps:
         eps_abs = eps * xp.max(undeflated, axis=-1)
     else:
-        eps_abs = eps / (scale * scale)
-    shift = eps_abs + delta / (scale * scale)
-    unscale = scale ** (2.0 * exponent)
+        eps_abs = eps / weight_scale / weight_scale
+    shift = eps_abs + delta / weight_scale / weight_scale
+    unscale = weight_scale ** (2.0 * exponent)
     weights = _masked_power(xp, undeflated + shift[..., None], mask, exponent) * unscale[..., None]
-    present = (new_rho + delta) > 0.0
+    present = (new_root + delta) > 0.0
     if noise_is_mass and k < r:
         present = xp.logical_or(present, s[..., 0] > 0.0)
-    mass = scaled_tail + shrink * shrink + shift
+    mass = (scaled_tail + shrink * shrink) * ratio * ratio + shift
     complement = _masked_power(xp, mass, xp.logical_and(present, mass > 0.0), exponent) * unscale
 
     ok = xp.logical_and(input_ok, xp.all(xp.isfinite(s), axis=-1))
     ok = xp.logical_and(ok, xp.all(xp.isfinite(weights), axis=-1))
     ok = xp.logical_and(ok, xp.isfinite(complement))
-    ok = xp.logical_and(ok, xp.isfinite(new_rho))
+    ok = xp.logical_and(ok, xp.isfinite(new_root))
     keep = xp.astype(mask, dtype)[..., None, :]
     if ritz.vectors is not None:
         ok = xp.logical_and(ok, xp.all(xp.isfinite(ritz.vectors), axis=(-2, -1)))
@@ -492,7 +508,7 @@ def _fd_step(
         new_basis = product[..., :k]
     small = {
         "singular_values": new_sigma,
-        "escaped_mass": new_rho,
+        "escaped_root": new_root,
         "basis_weights": weights,
         "complement_weight": complement,
     }
@@ -559,5 +575,6 @@ def fd_covariance(xp: Any, sketch: dict[str, Array], *, with_tail: bool = False)
     if with_tail:
         d = basis.shape[-1 - 1]
         eye = xp.eye(d, dtype=basis.dtype, device=array_device(basis))
-        cov = cov + sketch["escaped_mass"][..., None, None] * eye
+        root = sketch["escaped_root"][..., None, None]
+        cov = cov + (root * root) * eye
     return cov

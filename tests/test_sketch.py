@@ -13,7 +13,18 @@ import pytest
 from hypothesis import given, strategies as st
 
 from precond_ref.blocking import block_bounds, merge_small_dims, unfold
-from precond_ref.sketch import fd_apply, fd_covariance, fd_init, fd_update
+from precond_ref.sketch import (
+    SUBSPACE_MIN_DIM,
+    _power_of_two_scale,
+    _probe,
+    fd_apply,
+    fd_covariance,
+    fd_init,
+    fd_update,
+    fd_update_apply,
+    resolve_decomposition,
+    subspace_width,
+)
 
 TOL = 1e-10
 
@@ -42,6 +53,11 @@ def _exact(xs, beta):
 def _dense_cov(state):
     u, s = state["basis"], state["singular_values"]
     return (u * s**2) @ u.T
+
+
+def _rho(state):
+    """The escaped mass; the sketch stores its root."""
+    return state["escaped_root"] ** 2
 
 
 def _min_eig(a):
@@ -79,7 +95,7 @@ def test_sandwich(property_backend, sizes, beta, seed, path):
         scale = max(1.0, np.abs(g).max())
         cov = _dense_cov(state)
         assert _min_eig(g - cov) >= -TOL * scale
-        assert _min_eig(cov + state["escaped_mass"] * np.eye(d) - g) >= -TOL * scale
+        assert _min_eig(cov + _rho(state) * np.eye(d) - g) >= -TOL * scale
 
 
 @given(sizes=sizes, beta=st.sampled_from([1.0, 0.9]), seed=st.integers(0, 2**16))
@@ -93,7 +109,7 @@ def test_sandwich_faithful_tail_decay(property_backend, sizes, beta, seed):
         scale = max(1.0, np.abs(g).max())
         cov = _dense_cov(state)
         assert _min_eig(g - cov) >= -TOL * scale
-        assert _min_eig(cov + state["escaped_mass"] * np.eye(d) - g) >= -TOL * scale
+        assert _min_eig(cov + _rho(state) * np.eye(d) - g) >= -TOL * scale
 
 
 @given(sizes=sizes, beta=st.sampled_from([1.0, 0.9, 0.5]), seed=st.integers(0, 2**16), path=EXACT_PATHS)
@@ -106,9 +122,9 @@ def test_one_step_growth(property_backend, sizes, beta, seed, path):
     eye = np.eye(d)
     for prev, cur, x in zip(states, states[1:], xs[1:]):
         scale = max(1.0, np.abs(_dense_cov(cur)).max())
-        growth = _dense_cov(cur) + cur["escaped_mass"] * eye - beta * (_dense_cov(prev) + prev["escaped_mass"] * eye)
+        growth = _dense_cov(cur) + _rho(cur) * eye - beta * (_dense_cov(prev) + _rho(prev) * eye)
         assert _min_eig(growth - x @ x.T) >= -TOL * scale
-        assert cur["escaped_mass"] >= beta * prev["escaped_mass"] - TOL * scale
+        assert _rho(cur) >= beta * _rho(prev) - TOL * scale
 
 
 @given(sizes=sizes, seed=st.integers(0, 2**16), path=EXACT_PATHS)
@@ -119,7 +135,7 @@ def test_escaped_trace_and_tail_bound(property_backend, sizes, seed, path):
     xs = _stream(seed, d, m, steps)
     state = _run(property_backend, d, k, xs, exponent=-0.5, decay=1.0, decomposition=path)[-1]
     g = _exact(xs, 1.0)[-1]
-    rho = state["escaped_mass"]
+    rho = _rho(state)
     scale = max(1.0, np.trace(g))
     assert np.trace(g) - np.trace(_dense_cov(state)) >= (k + 1) * rho - TOL * scale
     lam = np.sort(np.linalg.eigvalsh(g))[::-1]
@@ -164,7 +180,7 @@ def test_apply_equals_dense_operator(property_backend, sizes, exponent, seed, ep
         sketch, _ = fd_update(xp, sketch, property_backend.asarray(x), exponent=exponent, decay=0.9,
                               eps=eps, relative_eps=True, cutoff=True)
     state = {key: property_backend.to_numpy(v) for key, v in sketch.items()}
-    sig, rho = state["singular_values"], float(state["escaped_mass"])
+    sig, rho = state["singular_values"], float(_rho(state))
     undeflated = sig**2 + rho
     eps_abs = eps * undeflated.max()
     cov = _dense_cov(state) + rho * np.eye(d)
@@ -189,7 +205,7 @@ def test_full_rank_is_exact(property_backend, d, m, steps, seed, beta, path):
     xs = _stream(seed, d, m, steps)
     states = _run(property_backend, d, d, xs, exponent=-0.5, decay=beta, decomposition=path)
     for state, g in zip(states, _exact(xs, beta)):
-        assert state["escaped_mass"] == 0.0
+        assert _rho(state) == 0.0
         np.testing.assert_allclose(_dense_cov(state), g, atol=1e-10 * max(1.0, np.abs(g).max()))
 
 
@@ -202,7 +218,7 @@ def test_faithful_weights_match_authors_formula(backend):
     sketch = fd_init(xp, d, 1, dtype=xp.float64, device=None)
     sketch = dict(sketch)
     sketch["basis"] = backend.asarray(np.eye(d, 1))
-    sketch["escaped_mass"] = backend.asarray(np.asarray(4.0))
+    sketch["escaped_root"] = backend.asarray(np.asarray(2.0))
     grad = np.zeros((d, d))
     grad[0, 0] = 2.0
     x = backend.asarray(grad)
@@ -233,7 +249,7 @@ def test_backends_agree_with_numpy(backend, dtype):
     for key in ref:
         assert got[key].dtype == getattr(xp, dtype)
     rtol = 1e-4 if dtype == "float32" else 1e-10
-    np.testing.assert_allclose(backend.to_numpy(got["escaped_mass"]), ref["escaped_mass"], rtol=rtol)
+    np.testing.assert_allclose(backend.to_numpy(got["escaped_root"]), ref["escaped_root"], rtol=rtol)
     np.testing.assert_allclose(backend.to_numpy(got["basis_weights"]), ref["basis_weights"], rtol=rtol)
     np.testing.assert_allclose(backend.to_numpy(fd_covariance(xp, got)), fd_covariance(np_xp, ref),
                                rtol=rtol, atol=rtol * np.abs(fd_covariance(np_xp, ref)).max())
@@ -253,7 +269,7 @@ def test_gram_path_matches_svd(m):
     for x in _stream(4, d, m, 5):
         a, _ = fd_update(xp, a, x, exponent=-0.25, decay=0.9, eps=1e-7)
         b, _ = fd_update(xp, b, x, exponent=-0.25, decay=0.9, eps=1e-7, decomposition="gram")
-    np.testing.assert_allclose(b["escaped_mass"], a["escaped_mass"], rtol=1e-8)
+    np.testing.assert_allclose(_rho(b), _rho(a), rtol=1e-8)
     np.testing.assert_allclose(fd_covariance(xp, b), fd_covariance(xp, a), atol=1e-8)
     np.testing.assert_allclose(fd_apply(xp, b, y), fd_apply(xp, a, y), rtol=1e-7)
 
@@ -337,7 +353,7 @@ def test_stacked_sketches_are_independent(path):
     for b in range(blocks):
         np.testing.assert_allclose(fd_covariance(xp, stacked)[b], fd_covariance(xp, single[b]), rtol=1e-10,
                                    atol=1e-12 * np.abs(fd_covariance(xp, single[b])).max())
-        for key in ("escaped_mass", "basis_weights", "complement_weight"):
+        for key in ("escaped_root", "basis_weights", "complement_weight"):
             np.testing.assert_allclose(stacked[key][b], single[b][key], rtol=1e-10)
 
 
@@ -357,7 +373,7 @@ def test_incremental_path_is_exact_and_tall_only():
             b, _ = fd_update(xp, b, x, exponent=-0.5, decay=0.9, cutoff=True, decomposition="incremental")
         scale = np.abs(fd_covariance(xp, a)).max()
         np.testing.assert_allclose(fd_covariance(xp, b), fd_covariance(xp, a), atol=tol * scale)
-        np.testing.assert_allclose(b["escaped_mass"], a["escaped_mass"], rtol=50 * tol)
+        np.testing.assert_allclose(_rho(b), _rho(a), rtol=50 * tol)
         u = b["basis"].astype(np.float64)
         np.testing.assert_allclose(u.T @ u, np.eye(k), atol=10 * tol)
 
@@ -396,7 +412,7 @@ def test_subspace_is_exact_when_the_range_fits():
         assert bool(ok)
         scale = np.abs(fd_covariance(xp, a)).max()
         np.testing.assert_allclose(fd_covariance(xp, b), fd_covariance(xp, a), atol=1e-11 * scale)
-        np.testing.assert_allclose(b["escaped_mass"], a["escaped_mass"], rtol=1e-9)
+        np.testing.assert_allclose(_rho(b), _rho(a), rtol=1e-9)
 
 
 def test_subspace_tail_error():
@@ -422,15 +438,15 @@ def test_subspace_tail_error():
         g = beta * g + x @ x.T
         lam1 = np.linalg.eigvalsh(g)[-1]
         target = beta * fd_covariance(xp, approx) + x @ x.T
-        prev_rho = approx["escaped_mass"]
+        prev_rho = _rho(approx)
         exact, _ = fd_update(xp, exact, x, decomposition="svd", **opts)
         approx, ok = fd_update(xp, approx, x, decomposition="subspace", **opts)
         assert bool(ok)
         cov = fd_covariance(xp, approx)
-        shrink = approx["escaped_mass"] - beta * prev_rho
+        shrink = _rho(approx) - beta * prev_rho
         lower = _min_eig(target - cov) / lam1
         upper = _min_eig(cov + shrink * np.eye(d) - target) / lam1
-        ratio = approx["escaped_mass"] / exact["escaped_mass"]
+        ratio = _rho(approx) / _rho(exact)
         want = fd_apply(xp, exact, y)
         error = np.linalg.norm(fd_apply(xp, approx, y) - want) / np.linalg.norm(want)
         if t == 0:
@@ -438,7 +454,7 @@ def test_subspace_tail_error():
         elif t >= 4:
             assert lower >= -1e-12 and upper >= -5e-3, (t, lower, upper)
             assert 0.8 <= ratio <= 1.0 and error <= 5e-2, (t, ratio, error)
-    assert _min_eig(cov + approx["escaped_mass"] * np.eye(d) - g) >= -1e-2 * lam1
+    assert _min_eig(cov + _rho(approx) * np.eye(d) - g) >= -1e-2 * lam1
 
 
 def _rotate_null_spaces(monkeypatch, xp, seed=0):
@@ -507,7 +523,7 @@ def test_answer_does_not_depend_on_the_null_space_basis(path, faithful, monkeypa
         for x in xs:
             s, ok = fd_update(xp, s, x, **opts)
             assert bool(ok)
-            outs.append((fd_apply(xp, s, y), fd_covariance(xp, s), s["escaped_mass"], s["complement_weight"]))
+            outs.append((fd_apply(xp, s, y), fd_covariance(xp, s), _rho(s), s["complement_weight"]))
         return outs
 
     plain = run()
@@ -516,6 +532,109 @@ def test_answer_does_not_depend_on_the_null_space_basis(path, faithful, monkeypa
     for a, b in zip(plain, rotated):
         for u, v in zip(a, b):
             np.testing.assert_allclose(v, u, rtol=1e-12, atol=1e-12 * max(np.abs(u).max(), 1e-300))
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("m", [1, 3])
+def test_update_apply_is_update_then_apply(path, m):
+    """fd_update_apply = (fd_update, fd_apply of the new sketch to the same x), on every path and
+    for a stack, while the sketch fills and after mass escapes (d = 24, k = 3). Tolerance: the
+    apply's own rounding, amplified by w_perp / w_min (here <= 1e3) in fd_apply's cancellation."""
+    import array_api_compat.numpy as xp
+
+    d, k = 24, 3
+    a = fd_init(xp, d, k, dtype=xp.float64, device=None, batch=(2,))
+    b = dict(a)
+    opts = dict(exponent=-0.5, decay=0.95, eps=1e-7, delta=1e-2, cutoff=True, decomposition=path)
+    for x in (np.stack(_stream(seed, d, m, 2)) for seed in range(6)):
+        a, ok_a = fd_update(xp, a, x, **opts)
+        b, ok_b, y = fd_update_apply(xp, b, x, **opts)
+        assert ok_a.tolist() == ok_b.tolist() == [True, True]
+        for key in a:  # the same step (the incremental basis product has one more column: BLAS rounding)
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-13, atol=1e-15)
+        want = fd_apply(xp, a, x)
+        np.testing.assert_allclose(y, want, rtol=0, atol=1e3 * 1e-15 * np.abs(want).max())
+
+
+def test_update_apply_has_no_cancellation():
+    """While x lies in the sketch's span (the sketch not yet full), x - U U^T x is rounding and
+    fd_apply's w_perp (x - U U^T x) amplifies it by w_perp / w (here 1e4: delta = 1e-8 against
+    |x|^2 ~ 1). fd_update_apply's incremental path works in the small SVD's coordinates, so its
+    direction is exact to a few ulps: checked against float64 with the sketch and weights recomputed
+    in extended precision (numpy longdouble) from the same float32 inputs would be overkill; instead
+    against the closed form for one vector x into an empty sketch: P(x) = (|x|^2 + delta)^(-1/2) x."""
+    import array_api_compat.numpy as xp
+
+    d, k = 64, 4
+    x = np.random.default_rng(0).standard_normal((d, 1))
+    delta = 1e-8
+    expect = x / np.sqrt(np.sum(x**2) + delta)
+    for path, bound in (("incremental", 1e-15), ("svd", None)):
+        s = fd_init(xp, d, k, dtype=xp.float64, device=None)
+        _, _, y = fd_update_apply(xp, s, x, exponent=-0.5, eps=0.0, delta=delta, cutoff=True, decomposition=path)
+        error = np.abs(y - expect).max() / np.abs(expect).max()
+        if bound is not None:
+            assert error <= 8 * np.finfo(np.float64).eps, error
+        else:  # fd_apply's cancellation: w_perp / w = 1e4 times the rounding of x - U U^T x
+            assert error > 8 * np.finfo(np.float64).eps or error == 0.0
+
+
+def test_update_apply_on_failure_applies_the_previous_sketch(monkeypatch):
+    """K4 with fd_update_apply: when the decomposition fails, the sketch is kept and the direction is
+    the previous sketch applied to x (what fd_apply would give after the kept sketch)."""
+    import array_api_compat.numpy as xp
+
+    d, k = 16, 3
+    opts = dict(exponent=-0.5, eps=1e-7, delta=0.1, cutoff=True, decomposition="incremental")
+    s, _ = fd_update(xp, fd_init(xp, d, k, dtype=xp.float64, device=None), _stream(1, d, 1, 1)[0], **opts)
+    s, _ = fd_update(xp, s, _stream(2, d, 1, 1)[0], **opts)
+    x = _stream(3, d, 1, 1)[0]
+    svd = xp.linalg.svd
+    monkeypatch.setattr(xp.linalg, "svd", lambda *a, **kw: tuple(np.full_like(v, np.nan) for v in svd(*a, **kw)))
+    with np.errstate(all="ignore"):
+        new, ok, y = fd_update_apply(xp, s, x, **opts)
+    assert not bool(ok)
+    want = fd_apply(xp, s, x)
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-14 * np.abs(want).max())
+
+
+def test_probe_is_fixed_bounded_and_well_conditioned(backend):
+    """_probe: the same entries on every backend (int32 arithmetic is exact), in [-1, 1], and
+    columns far from dependent (condition number of a 512 x 288 probe below 10, as for Gaussian
+    matrices of that shape, about (1 + sqrt(288/512)) / (1 - sqrt(288/512)) = 7)."""
+    import array_api_compat.numpy as np_xp
+
+    ref = _probe(np_xp, 512, 288, np.float64, None)
+    got = backend.to_numpy(_probe(backend.xp, 512, 288, backend.xp.float64, None))
+    np.testing.assert_array_equal(got, ref)
+    assert np.abs(ref).max() <= 1.0
+    singular = np.linalg.svd(ref, compute_uv=False)
+    assert singular[0] / singular[-1] < 10.0
+
+
+def test_power_of_two_scale():
+    """2**ceil(log2(v)) for v > 0 (an exact rescaling: v / scale in (1/2, 1]), 1 for v = 0, and
+    2**127 in float32's top binade (2**128 overflows: v / scale in (1, 2) there)."""
+    import array_api_compat.numpy as xp
+
+    v = np.array([0.0, 1e-30, 0.3, 1.0, 3.0, 4.0, 1.8e19, 1.7e38, 3e38], dtype=np.float32)
+    scale = _power_of_two_scale(xp, v)
+    assert scale[0] == 1.0 and np.all(np.isfinite(scale))
+    np.testing.assert_array_equal(np.frexp(scale[1:])[0], 0.5)  # powers of two
+    ratio = v[1:-1] / scale[1:-1]
+    assert np.all((ratio > 0.5) & (ratio <= 1.0))
+    assert scale[-1] == 2.0**127
+
+
+def test_resolve_decomposition():
+    """"auto": exact incremental for tall factors (k + m < d), the subspace iteration for long axes
+    where it is at most half the axis, else the exact Gram path; named paths pass through."""
+    assert subspace_width(1024, 256) == 288 and subspace_width(40, 3) == 7 and subspace_width(6, 5) == 6
+    assert resolve_decomposition("auto", 1024, 256, 16) == "incremental"
+    assert resolve_decomposition("auto", 1024, 256, 1024) == "subspace"
+    assert resolve_decomposition("auto", SUBSPACE_MIN_DIM - 1, 8, 4096) == "gram"
+    assert resolve_decomposition("auto", 300, 200, 300) == "gram"  # 2 * 225 > 300
+    assert resolve_decomposition("svd", 1024, 256, 1024) == "svd"
 
 
 def test_cutoff_keeps_rank_deficient_stream_bounded():
@@ -530,7 +649,7 @@ def test_cutoff_keeps_rank_deficient_stream_bounded():
     for _ in range(10):
         x = (v * rng.standard_normal()).astype(np.float32)[:, None]
         s, _ = fd_update(xp, s, x, exponent=-0.5, eps=0.0, cutoff=True)
-        assert s["escaped_mass"] == 0.0 and s["complement_weight"] == 0.0
+        assert _rho(s) == 0.0 and s["complement_weight"] == 0.0
     probe = rng.standard_normal((d, 1)).astype(np.float32)
     assert np.linalg.norm(fd_apply(xp, s, probe)) < 10 * np.linalg.norm(probe)
 
