@@ -42,7 +42,8 @@ key                          shape    meaning
 ============================ ======== =============================================================
 ``basis``                    (d, k)   :math:`U`
 ``singular_values``          (k,)     :math:`\sigma` (the sketch factor is :math:`U \operatorname{diag}(\sigma)`)
-``escaped_mass``             ()       :math:`\rho`
+``escaped_root``             ()       :math:`\sqrt\rho` (a root, as :math:`\sigma`: float32 keeps the
+                                      escaped mass of gradients down to ~1e-38, not only ~1e-19)
 ``basis_weights``            (k,)     :math:`w`
 ``complement_weight``        ()       :math:`w_\perp`
 ============================ ======== =============================================================
@@ -58,7 +59,7 @@ matrix sketching", SIAM J. Comput. 2016.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from array_api_compat import device as array_device
 
@@ -66,6 +67,7 @@ __all__ = [
     "SKETCH_KEYS",
     "fd_init",
     "fd_update",
+    "fd_update_apply",
     "fd_apply",
     "fd_covariance",
     "shrink_cutoff_tolerance",
@@ -76,7 +78,7 @@ __all__ = [
 
 Array = Any
 
-SKETCH_KEYS = ("basis", "singular_values", "escaped_mass", "basis_weights", "complement_weight")
+SKETCH_KEYS = ("basis", "singular_values", "escaped_root", "basis_weights", "complement_weight")
 _DECOMPOSITIONS = ("svd", "gram", "qr_svd", "incremental", "subspace", "auto")
 # "auto" uses the (approximate) subspace iteration only for axes at least this long, where an
 # exact d x d eigendecomposition per step is the cost that matters; shorter axes stay exact.
@@ -93,7 +95,7 @@ def fd_init(xp: Any, d: int, k: int, *, dtype: Any, device: Any, batch: tuple[in
     return {
         "basis": xp.zeros(batch + (d, k), dtype=dtype, device=device),
         "singular_values": xp.zeros(batch + (k,), dtype=dtype, device=device),
-        "escaped_mass": xp.zeros(batch, dtype=dtype, device=device),
+        "escaped_root": xp.zeros(batch, dtype=dtype, device=device),
         "basis_weights": xp.zeros(batch + (k,), dtype=dtype, device=device),
         "complement_weight": xp.zeros(batch, dtype=dtype, device=device),
     }
@@ -115,8 +117,13 @@ def shrink_cutoff_tolerance(xp: Any, dtype: Any, decomposition: str = "svd") -> 
 
 
 def subspace_width(d: int, k: int) -> int:
-    """Columns of the subspace iteration: k plus an oversampling of max(4, k/16), at most d."""
-    return min(d, k + max(4, -(-k // 16)))
+    """Columns of the subspace iteration: k plus an oversampling of max(4, k/8), at most d.
+
+    The oversampling sets the accuracy of the approximation near the k-th direction (and of the
+    shrink value): on the stream measured in docs/methods/sketchy.md, k/16 gave 3e-2 relative error
+    of the preconditioned direction, k/8 about 2e-2, k/4 1e-2.
+    """
+    return min(d, k + max(4, -(-k // 8)))
 
 
 def resolve_decomposition(decomposition: str, d: int, k: int, m: int) -> str:
@@ -144,8 +151,8 @@ def _diag(xp: Any, v: Array) -> Array:
 def _probe(xp: Any, m: int, width: int, dtype: Any, device: Any) -> Array:
     """A fixed m x width matrix of pseudo-random entries in [-1, 1] (an int32 hash, no RNG state).
 
-    The same on every backend and under compilation; used as the range-finder probe of the
-    subspace iteration (a random start avoids a probe orthogonal to the new columns' span).
+    The same on every backend and under compilation; used as the start of the subspace iteration
+    (a random start is almost surely not orthogonal to any direction that matters).
     """
     prime = 32749  # squares of residues stay below 2**31: int32 is enough on every backend
     i = xp.arange(m, dtype=xp.int32, device=device) % prime
@@ -156,83 +163,114 @@ def _probe(xp: Any, m: int, width: int, dtype: Any, device: Any) -> Array:
     return xp.astype(h, dtype) * (2.0 / (prime - 1)) - 1.0
 
 
-def _orthonormal_columns(xp: Any, y: Array) -> Array:
-    """An orthonormal basis of the columns of y (..., d, l); nearly dependent directions -> 0 columns.
+def _coordinates(xp: Any, basis: Array, x: Array) -> Array:
+    """U^T x for U (..., d, k), x (..., d, m); a single column as (x^T U)^T (the same numbers:
+    torch's batched CPU kernels multiply a row vector by a matrix several times faster than a
+    transposed matrix by a column, and S-AdaGrad's blocks are such stacks)."""
+    if x.shape[-1] == 1:
+        return xp.matmul(x.mT, basis).mT
+    return xp.matmul(basis.mT, x)
 
-    Column-scaled Gram eigendecomposition, twice (the second pass restores orthogonality to
-    rounding level); cheaper than a Householder QR of a tall matrix on CPU and batched everywhere.
+
+def _combination(xp: Any, basis: Array, coords: Array) -> Array:
+    """U c for c (..., k, m); a single column as (c^T U^T)^T, as in :func:`_coordinates`."""
+    if coords.shape[-1] == 1:
+        return xp.matmul(coords.mT, basis.mT).mT
+    return xp.matmul(basis, coords)
+
+
+class _Ritz(NamedTuple):
+    """Singular values s (..., r), descending, of Z = [basis diag(scaled_sigma), x], and its top-k
+    left singular vectors: either ``vectors`` (..., d, k), or, on the incremental path,
+    ``[basis, fresh] @ frame[..., :, :k]`` with ``fresh`` (..., d, m) and the small orthogonal
+    ``frame`` (..., k + m, k + m), which the caller masks and, on failure, replaces by [I; 0], so
+    the big product is formed once. The incremental path also gives x's coordinates:
+    ``projection`` = [U, fresh]^T x (..., k + m, m), and ``data`` = frame^T [U, fresh]^T x computed as
+    diag(s) V^T from the small SVD, exact zeros on null directions (see :func:`fd_update_apply`)."""
+
+    s: Array
+    vectors: Optional[Array] = None
+    fresh: Optional[Array] = None
+    frame: Optional[Array] = None
+    projection: Optional[Array] = None
+    data: Optional[Array] = None
+
+
+def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
+    """Brand's incremental SVD: Z = [U, Q] K with Q an orthonormal basis of x's component outside
+    span(U), so the SVD of the small (k+m) x (k+m) K gives the SVD of Z exactly (U orthonormal or
+    zero columns). Cost: four d x k x m products and one d x (k+m) x k, about one QR of Z."""
+    k = basis.shape[-1]
+    coords = _coordinates(xp, basis, x)
+    residual = x - _combination(xp, basis, coords)
+    again = _coordinates(xp, basis, residual)  # "twice is enough" re-orthogonalisation
+    residual = residual - _combination(xp, basis, again)
+    coords = coords + again
+    if x.shape[-1] == 1:
+        norm = xp.linalg.vector_norm(residual, axis=-2, keepdims=True)
+        fresh = residual / xp.where(norm > 0.0, norm, xp.ones_like(norm))
+        corner = norm
+    else:
+        fresh, corner = xp.linalg.qr(residual)
+    top = xp.concat([_diag(xp, scaled_sigma), coords], axis=-1)
+    bottom = xp.concat([xp.zeros(corner.shape[:-1] + (k,), dtype=x.dtype, device=array_device(x)), corner], axis=-1)
+    w, s, vh = xp.linalg.svd(xp.concat([top, bottom], axis=-2), full_matrices=False)
+    projection = xp.concat([coords, corner], axis=-2)
+    return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=s[..., :, None] * vh[..., :, k:])
+
+
+def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
+    """One block power step on M = Z Z^T from the previous basis, then Rayleigh-Ritz (approximate).
+
+    Start: the retained directions, a fixed pseudo-random direction where the sketch has none yet,
+    and ``subspace_width - k`` oversampling columns x @ probe from the range of the new data.
+    Image M S = U diag(sigma^2) U^T S + x (x^T S), orthonormalised to Q; Ritz pairs from the
+    eigendecomposition of Q^T M Q = B^T B with B = Z^T Q. Three d x m x width products with x
+    (the exact paths need a d x d eigendecomposition when k + m >= d). docs/methods/sketchy.md
+    gives the measured error against the exact step.
     """
-    width = y.shape[-1]
-    norms = xp.linalg.vector_norm(y, axis=-2, keepdims=True)
-    q = y / xp.where(norms > 0.0, norms, xp.ones_like(norms))
-    tol = float(xp.finfo(y.dtype).eps) * width
-    for _ in range(2):
-        gram = xp.matmul(q.mT, q)
-        mu, vecs = xp.linalg.eigh((gram + gram.mT) / 2.0)
-        keep = mu > tol * xp.max(mu, axis=-1, keepdims=True)
-        inv_root = xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, mu, xp.ones_like(mu))), xp.zeros_like(mu))
-        q = xp.matmul(q, vecs) * inv_root[..., None, :]
-    return q
-
-
-def _descending_left_singular(
-    xp: Any, basis: Array, scaled_sigma: Array, x: Array, decomposition: str
-) -> tuple[Array, Array]:
-    """Top-k left singular vectors P (..., d, k) and singular values s (..., r), descending, of
-    Z = [basis diag(scaled_sigma), x] (..., d, k + m); r > k exactly when a shrink value exists."""
     d, k = basis.shape[-2:]
     m = x.shape[-1]
+    dtype, device = x.dtype, array_device(x)
+    width = subspace_width(d, k)
+    start = xp.where(scaled_sigma[..., None, :] > 0.0, basis, _probe(xp, d, k, dtype, device))
+    if width > k:
+        fresh = xp.matmul(x, _probe(xp, m, width - k, dtype, device))
+        start = xp.concat([start, fresh], axis=-1)
+    power = scaled_sigma * scaled_sigma
+    image = xp.matmul(basis, xp.matmul(basis.mT, start) * power[..., :, None])
+    image = image + xp.matmul(x, xp.matmul(x.mT, start))
+    # Householder QR: orthonormal even for (nearly) dependent columns; a completion direction
+    # outside range(M) gets a Ritz value at rounding level, which the shrink cutoff masks.
+    q, _ = xp.linalg.qr(image)
+    proj_u = xp.matmul(basis.mT, q) * scaled_sigma[..., :, None]
+    proj_x = xp.matmul(x.mT, q)
+    h = xp.matmul(proj_u.mT, proj_u) + xp.matmul(proj_x.mT, proj_x)
+    theta, w = xp.linalg.eigh((h + h.mT) / 2.0)
+    theta, w = xp.flip(theta, axis=-1), xp.flip(w, axis=-1)
+    s = xp.sqrt(xp.maximum(theta, xp.zeros_like(theta)))
+    return _Ritz(s, vectors=xp.matmul(q, w[..., :, :k]))
+
+
+def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Array, decomposition: str) -> _Ritz:
+    """Top-k left singular vectors and the singular values (..., r), descending, of
+    Z = [basis diag(scaled_sigma), x] (..., d, k + m); r > k exactly when a shrink value exists."""
+    d, k = basis.shape[-2:]
     if decomposition == "incremental":
-        # Z = [U, Q] K with Q an orthonormal basis of x's component outside span(U):
-        # the SVD of the small (k+m) x (k+m) K is the SVD of Z (exact; Brand's incremental SVD).
-        coords = xp.matmul(basis.mT, x)
-        residual = x - xp.matmul(basis, coords)
-        again = xp.matmul(basis.mT, residual)  # "twice is enough" re-orthogonalisation
-        residual = residual - xp.matmul(basis, again)
-        coords = coords + again
-        if m == 1:
-            norm = xp.linalg.vector_norm(residual, axis=-2, keepdims=True)
-            fresh = residual / xp.where(norm > 0.0, norm, xp.ones_like(norm))
-            corner = norm
-        else:
-            fresh, corner = xp.linalg.qr(residual)
-        top = xp.concat([_diag(xp, scaled_sigma), coords], axis=-1)
-        bottom = xp.concat([xp.zeros(corner.shape[:-1] + (k,), dtype=x.dtype, device=array_device(x)),
-                            corner], axis=-1)
-        w, s, _ = xp.linalg.svd(xp.concat([top, bottom], axis=-2), full_matrices=False)
-        p = xp.matmul(basis, w[..., :k, :k]) + xp.matmul(fresh, w[..., k:, :k])
-        return p, s
+        return _incremental(xp, basis, scaled_sigma, x)
     if decomposition == "subspace":
-        # One block power step on M = Z Z^T from the previous basis (warm start), with fresh
-        # directions from a probe of x where the sketch has none, then Rayleigh-Ritz. Approximate:
-        # see docs/methods/sketchy.md for the measured tail error.
-        width = subspace_width(d, k)
-        fresh = xp.matmul(x, _probe(xp, m, width, x.dtype, array_device(x)))
-        start = xp.concat(
-            [xp.where(scaled_sigma[..., None, :] > 0.0, basis, fresh[..., :k]), fresh[..., k:]], axis=-1
-        )
-        power = scaled_sigma * scaled_sigma
-        image = xp.matmul(basis, xp.matmul(basis.mT, start) * power[..., :, None])
-        image = image + xp.matmul(x, xp.matmul(x.mT, start))
-        q = _orthonormal_columns(xp, image)
-        proj_u = xp.matmul(basis.mT, q) * scaled_sigma[..., :, None]
-        proj_x = xp.matmul(x.mT, q)
-        h = xp.matmul(proj_u.mT, proj_u) + xp.matmul(proj_x.mT, proj_x)
-        theta, w = xp.linalg.eigh((h + h.mT) / 2.0)
-        theta, w = xp.flip(theta, axis=-1), xp.flip(w, axis=-1)
-        s = xp.sqrt(xp.maximum(theta, xp.zeros_like(theta)))
-        return xp.matmul(q, w[..., :, :k]), s
+        return _subspace(xp, basis, scaled_sigma, x)
     z = xp.concat([basis * scaled_sigma[..., None, :], x], axis=-1)
     n = z.shape[-1]
     if decomposition == "svd":
         p, s, _ = xp.linalg.svd(z, full_matrices=False)
-        return p[..., :k], s
+        return _Ritz(s, vectors=p[..., :k])
     if decomposition == "qr_svd":
         # The authors' order of operations: R from a QR of z^T, then the SVD of R^T. A no-op
         # mathematically, kept so faithful mode rounds like the authors' code.
         _, r_factor = xp.linalg.qr(z.mT)
         p, s, _ = xp.linalg.svd(r_factor.mT, full_matrices=False)
-        return p[..., :k], s
+        return _Ritz(s, vectors=p[..., :k])
     # Gram path (K7): eigh of the smaller Gram matrix; cheaper when n << d, but squares the
     # condition number, so directions at rounding level are dropped (set to zero).
     tiny_rel = float(xp.finfo(z.dtype).eps) * max(d, n)
@@ -244,13 +282,13 @@ def _descending_left_singular(
         keep = evals > tiny_rel * evals[..., :1]
         s = xp.where(keep, xp.sqrt(evals), xp.zeros_like(evals))
         safe_s = xp.where(keep, s, xp.ones_like(s))
-        p = xp.matmul(z, v) / safe_s[..., None, :] * xp.astype(keep, z.dtype)[..., None, :]
-        return p[..., :k], s
+        p = xp.matmul(z, v[..., :, :k]) / safe_s[..., None, :k] * xp.astype(keep[..., :k], z.dtype)[..., None, :]
+        return _Ritz(s, vectors=p)
     gram = xp.matmul(z, z.mT)
     evals, p = xp.linalg.eigh((gram + gram.mT) / 2.0)
     evals, p = xp.flip(evals, axis=-1), xp.flip(p, axis=-1)
     evals = xp.maximum(evals, xp.zeros_like(evals))
-    return p[..., :k], xp.sqrt(evals)
+    return _Ritz(xp.sqrt(evals), vectors=p[..., :k])
 
 
 def _masked_power(xp: Any, base: Array, mask: Array, exponent: float) -> Array:
@@ -260,10 +298,15 @@ def _masked_power(xp: Any, base: Array, mask: Array, exponent: float) -> Array:
 
 
 def _power_of_two_scale(xp: Any, value: Array) -> Array:
-    """2**ceil(log2(value)) where value > 0, else 1: an exact (rounding-free) rescaling factor."""
+    """2**ceil(log2(value)) where value > 0, else 1: an exact (rounding-free) rescaling factor.
+
+    The exponent is capped at the dtype's largest (2**128 is not a float32): in the top binade
+    value / scale lies in (1, 2), still far from overflow once squared.
+    """
     positive = value > 0.0
     safe = xp.where(positive, value, xp.ones_like(value))
-    return xp.where(positive, 2.0 ** xp.ceil(xp.log2(safe)), xp.ones_like(value))
+    top = float(math.frexp(float(xp.finfo(value.dtype).max))[1] - 1)
+    return xp.where(positive, 2.0 ** xp.clip(xp.ceil(xp.log2(safe)), max=top), xp.ones_like(value))
 
 
 def fd_update(
@@ -332,9 +375,48 @@ def fd_update(
         ``ok`` is a bool array of the stack's shape, False when ``x`` or the decomposition is not
         finite; the previous sketch is then returned unchanged (the caller counts the failure).
     """
+    new, ok, _ = _fd_step(
+        xp, sketch, x, exponent=exponent, decay=decay, tail_decay=tail_decay, eps=eps,
+        relative_eps=relative_eps, delta=delta, cutoff=cutoff, noise_is_mass=noise_is_mass,
+        decomposition=decomposition,
+    )
+    return new, ok
+
+
+def fd_update_apply(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tuple[dict[str, Array], Array, Array]:
+    r""":func:`fd_update`, then the new sketch applied to the same ``x``: ``(new_sketch, ok, P'(x))``.
+
+    Equal to ``fd_apply(xp, new_sketch, x)`` in exact arithmetic (S-AdaGrad preconditions the
+    gradient it has just added). On the ``"incremental"`` path it is computed from the small SVD
+    instead: x's coordinates on the new directions are diag(s) V^T (exact zeros on null
+    directions), so no :math:`w_\perp (x - U U^\top x)` is formed -- that difference is rounding
+    while x lies in the sketch's span, and :math:`w_\perp / w` amplifies it (backends then agree to
+    ~1e-13 instead of 1e-15 in float64); and one pass over ``[U, fresh]`` gives the direction, where
+    :func:`fd_apply` needs two over U. Options as for :func:`fd_update`.
+    """
+    return _fd_step(xp, sketch, x, apply=True, **options)
+
+
+def _fd_step(
+    xp: Any,
+    sketch: dict[str, Array],
+    x: Array,
+    *,
+    exponent: float,
+    decay: float = 1.0,
+    tail_decay: Optional[float] = None,
+    eps: float = 0.0,
+    relative_eps: bool = True,
+    delta: float = 0.0,
+    cutoff: bool = False,
+    noise_is_mass: bool = False,
+    decomposition: str = "svd",
+    apply: bool = False,
+) -> tuple[dict[str, Array], Array, Optional[Array]]:
+    """:func:`fd_update`, and with ``apply`` also the new sketch applied to ``x`` (else None)."""
     if decomposition not in _DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {_DECOMPOSITIONS}, got {decomposition!r}")
-    basis, sigma, rho = sketch["basis"], sketch["singular_values"], sketch["escaped_mass"]
+    basis, sigma, root = sketch["basis"], sketch["singular_values"], sketch["escaped_root"]
     dtype = basis.dtype
     d, k = basis.shape[-2:]
     if x.ndim != basis.ndim or x.shape[-2] != d or tuple(x.shape[:-2]) != tuple(basis.shape[:-2]):
@@ -344,75 +426,128 @@ def fd_update(
     decomposition = resolve_decomposition(decomposition, d, k, m)
     if decomposition == "incremental" and k + m >= d:
         decomposition = "svd"  # nothing to save: the factor is not tall
-    x = xp.astype(x, dtype)
-    # NumPy and torch raise inside the SVD on NaN/Inf (JAX returns NaN): feed zeros instead and
-    # discard the result, so a non-finite input never reaches the decomposition or the state.
-    input_ok = xp.all(xp.isfinite(x), axis=(-2, -1))
-    x = xp.where(input_ok[..., None, None], x, xp.zeros_like(x))
+    x = unscaled = xp.astype(x, dtype, copy=False)
     gamma = decay if tail_decay is None else tail_decay
-    kept_tail = rho * gamma
+    kept_root = root * gamma**0.5  # sqrt(gamma rho)
+    zero = xp.zeros((), dtype=dtype, device=array_device(x))
 
-    # Work in units of a power of two near the largest entry (exact rescaling): squares of
-    # gradients near the float32 range (|g| >= 1.8e19) never overflow inside the update.
+    # Work in units of a power of two near the largest of the entries and the decayed sketch (an
+    # exact rescaling; squares are formed in these units, and divided by a unit once per factor):
+    # squares of tiny data (float32 |g| ~ 1e-25) do not underflow against each other nor those of
+    # large data overflow, and updates are invariant to the data's scale (F-I11) up to rounding.
     root_beta = decay**0.5
-    largest = xp.maximum(xp.max(xp.abs(x), axis=(-2, -1)), xp.max(sigma, axis=-1) * root_beta)
-    scale = _power_of_two_scale(xp, xp.maximum(largest, xp.sqrt(kept_tail)))
-    p, s = _descending_left_singular(
-        xp, basis, sigma * root_beta / scale[..., None], x / scale[..., None, None], decomposition
-    )
+    largest_entry = xp.max(xp.abs(x), axis=(-2, -1))
+    # NaN/Inf anywhere in x makes its largest magnitude non-finite (max propagates NaN). NumPy and
+    # torch raise inside the SVD on NaN/Inf (JAX returns NaN): feed zeros instead and discard the
+    # result, so a non-finite input never reaches the decomposition or the state.
+    input_ok = xp.isfinite(largest_entry)
+    largest = xp.maximum(xp.where(input_ok, largest_entry, zero), xp.max(sigma, axis=-1) * root_beta)
+    scale = _power_of_two_scale(xp, xp.maximum(largest, kept_root))
+    x = xp.where(input_ok[..., None, None], x / scale[..., None, None], zero)
+    ritz = _descending_left_singular(xp, basis, sigma * root_beta / scale[..., None], x, decomposition)
+    s = ritz.s
     r = s.shape[-1]
 
-    zero = xp.zeros((), dtype=dtype, device=array_device(s))
     tol = shrink_cutoff_tolerance(xp, dtype, decomposition) * s[..., :1]
     noise = s <= tol
     if cutoff:
         # Singular values at rounding level are 0: this keeps rho' (and w_perp) exactly 0 and
         # rank-deficient directions masked until real mass arrives.
         s = xp.where(noise, xp.zeros_like(s), s)
-    shrink = xp.maximum(s[..., k], zero) if k < r else xp.zeros_like(rho)
+    shrink = xp.maximum(s[..., k], zero) if k < r else xp.zeros_like(root)
     if k < r and not cutoff:
         shrink = xp.where(noise[..., k], xp.zeros_like(shrink), shrink)
     top = xp.maximum(s[..., :k], zero)
     deflated = xp.sqrt(xp.maximum(top - shrink[..., None], zero)) * xp.sqrt(top + shrink[..., None])
-    scaled_tail = kept_tail / (scale * scale)
-    new_rho = kept_tail + (shrink * scale) ** 2
+    scaled_root = kept_root / scale
+    scaled_tail = scaled_root * scaled_root
+    # sqrt(gamma rho + c^2): c is either 0 or above the cutoff, a fraction of the unit (no underflow).
+    new_root = xp.sqrt(scaled_tail + shrink * shrink) * scale
     # sigma'^2 + rho' computed directly, not by subtracting c^2 and adding it back (scaled units).
     undeflated = top * top + scaled_tail[..., None]
 
     mask = xp.logical_and(deflated > 0.0, xp.logical_not(noise[..., :k]))
-    new_basis = p * xp.astype(mask, dtype)[..., None, :]
     new_sigma = xp.where(mask, deflated * scale[..., None], xp.zeros_like(deflated))
+    # The weights' unit also covers the absolute shifts, which may dwarf the data (S-AdaGrad's delta
+    # against tiny gradients: delta / scale^2 would overflow); ratio = 1 unless they do.
+    absolute = delta if relative_eps else delta + eps
+    weight_scale = _power_of_two_scale(xp, xp.maximum(scale, zero + absolute**0.5))
+    ratio = scale / weight_scale
+    undeflated = undeflated * (ratio * ratio)[..., None]
     if relative_eps:
         eps_abs = eps * xp.max(undeflated, axis=-1)
     else:
-        eps_abs = eps / (scale * scale)
-    shift = eps_abs + delta / (scale * scale)
-    unscale = scale ** (2.0 * exponent)
+        eps_abs = eps / weight_scale / weight_scale
+    shift = eps_abs + delta / weight_scale / weight_scale
+    unscale = weight_scale ** (2.0 * exponent)
     weights = _masked_power(xp, undeflated + shift[..., None], mask, exponent) * unscale[..., None]
-    present = (new_rho + delta) > 0.0
+    present = (new_root + delta) > 0.0
     if noise_is_mass and k < r:
         present = xp.logical_or(present, s[..., 0] > 0.0)
-    mass = scaled_tail + shrink * shrink + shift
+    mass = (scaled_tail + shrink * shrink) * ratio * ratio + shift
     complement = _masked_power(xp, mass, xp.logical_and(present, mass > 0.0), exponent) * unscale
 
-    new = {
-        "basis": new_basis,
+    ok = xp.logical_and(input_ok, xp.all(xp.isfinite(s), axis=-1))
+    ok = xp.logical_and(ok, xp.all(xp.isfinite(weights), axis=-1))
+    ok = xp.logical_and(ok, xp.isfinite(complement))
+    ok = xp.logical_and(ok, xp.isfinite(new_root))
+    keep = xp.astype(mask, dtype)[..., None, :]
+    if ritz.vectors is not None:
+        ok = xp.logical_and(ok, xp.all(xp.isfinite(ritz.vectors), axis=(-2, -1)))
+        new_basis = xp.where(ok[..., None, None], ritz.vectors * keep, basis)
+    else:
+        # [U, fresh] @ rotation, with the mask and the fallback (the rotation [I; 0] reproduces U
+        # exactly) folded into the small rotation: a single pass writes the d x k basis.
+        ok = xp.logical_and(ok, xp.all(xp.isfinite(ritz.frame), axis=(-2, -1)))
+        identity = xp.eye(r, k, dtype=dtype, device=array_device(s))
+        rotation = xp.where(ok[..., None, None], ritz.frame[..., :, :k] * keep, identity)
+        if apply:  # the direction's coefficients join the same product
+            rotation = xp.concat([rotation, _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale)],
+                                 axis=-1)
+        product = xp.matmul(xp.concat([basis, ritz.fresh], axis=-1), rotation)
+        new_basis = product[..., :k]
+    small = {
         "singular_values": new_sigma,
-        "escaped_mass": new_rho,
+        "escaped_root": new_root,
         "basis_weights": weights,
         "complement_weight": complement,
     }
-    ok = xp.logical_and(input_ok, xp.all(xp.isfinite(p), axis=(-2, -1)))
-    ok = xp.logical_and(ok, xp.all(xp.isfinite(s), axis=-1))
-    ok = xp.logical_and(ok, xp.all(xp.isfinite(weights), axis=-1))
-    ok = xp.logical_and(ok, xp.isfinite(complement))
-    ok = xp.logical_and(ok, xp.isfinite(new_rho))
     # Never let a failed decomposition poison the sketch (specs README rule 5, deviation K4).
-    new = {
+    small = {
         key: xp.where(xp.reshape(ok, ok.shape + (1,) * (value.ndim - ok.ndim)), value, sketch[key])
-        for key, value in new.items()
+        for key, value in small.items()
     }
-    return new, ok
+    new = {"basis": new_basis, **small}
+    if not apply:
+        return new, ok, None
+    if ritz.vectors is not None:
+        return new, ok, fd_apply(xp, new, xp.where(input_ok[..., None, None], unscaled, zero))
+    return new, ok, product[..., k:]
+
+
+def _frame_direction(
+    xp: Any, sketch: dict[str, Array], ritz: _Ritz, mask: Array, weights: Array, complement: Array, ok: Array,
+    scale: Array,
+) -> Array:
+    """The new sketch applied to x, as coefficients on the incremental path's frame [U, fresh].
+
+    x's coordinates on the new directions [U, fresh] W are diag(s) V^T of the small SVD; each gets
+    its weight (w on retained directions, w_perp on masked ones and on the dropped rest). No
+    w_perp (x - U U^T x) is formed: that difference is rounding while x lies in the sketch's span,
+    and w_perp / w would amplify it (issue 16 item 5). Where the step failed, the previous sketch
+    applied to x in its own coordinates [U^T x; fresh^T x] (x - [U, fresh] [U, fresh]^T x = 0).
+    """
+    k = weights.shape[-1]
+    rest = ritz.s.shape[-1] - k
+    retained = xp.where(mask, weights, complement[..., None])
+    new_weights = xp.concat([retained, xp.broadcast_to(complement[..., None], complement.shape + (rest,))], axis=-1)
+    new = xp.matmul(ritz.frame, new_weights[..., :, None] * ritz.data)
+    old_complement = sketch["complement_weight"][..., None]
+    old_weights = xp.concat(
+        [sketch["basis_weights"], xp.broadcast_to(old_complement, old_complement.shape[:-1] + (rest,))], axis=-1
+    )
+    old = old_weights[..., :, None] * ritz.projection
+    return xp.where(ok[..., None, None], new, old) * scale[..., None, None]
 
 
 def fd_apply(xp: Any, sketch: dict[str, Array], x: Array) -> Array:
@@ -423,11 +558,11 @@ def fd_apply(xp: Any, sketch: dict[str, Array], x: Array) -> Array:
     Leading dimensions are a stack of sketches, as in :func:`fd_update`.
     """
     basis = sketch["basis"]
-    coords = xp.matmul(basis.mT, x)
+    coords = _coordinates(xp, basis, x)
     complement_weight = sketch["complement_weight"][..., None, None]
     # U (diag(w) - w_perp) U^T x + w_perp x: one product with U less than the formula above.
     scaled = coords * (sketch["basis_weights"][..., :, None] - complement_weight)
-    return xp.matmul(basis, scaled) + complement_weight * x
+    return _combination(xp, basis, scaled) + complement_weight * x
 
 
 def fd_covariance(xp: Any, sketch: dict[str, Array], *, with_tail: bool = False) -> Array:
@@ -440,5 +575,6 @@ def fd_covariance(xp: Any, sketch: dict[str, Array], *, with_tail: bool = False)
     if with_tail:
         d = basis.shape[-1 - 1]
         eye = xp.eye(d, dtype=basis.dtype, device=array_device(basis))
-        cov = cov + sketch["escaped_mass"][..., None, None] * eye
+        root = sketch["escaped_root"][..., None, None]
+        cov = cov + (root * root) * eye
     return cov

@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 from array_api_compat import device as array_device
 
 from ..blocking import block_bounds, merge_small_dims, roll_first_axis_last, unfold
-from ..sketch import SKETCH_KEYS, fd_apply, fd_init, fd_update
+from ..sketch import SKETCH_KEYS, fd_apply, fd_init, fd_update, fd_update_apply
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
@@ -171,23 +171,38 @@ def _run_rows(xp: Any, axis: _AxisPlan, run: _Run, flat: Array) -> Array:
 
 
 def _refresh_sketches(
-    xp: Any, plan: _LeafPlan, sketches: dict[str, Array], merged: Array, fd_options: dict[str, Any]
-) -> dict[str, Array]:
-    """FD-update every axis (and block run) of one leaf from the same gradient (spec §2.2)."""
+    xp: Any, plan: _LeafPlan, sketches: dict[str, Array], merged: Array, fd_options: dict[str, Any],
+    apply: bool = False,
+) -> tuple[dict[str, Array], Optional[Array]]:
+    """FD-update every axis (and block run) of one leaf from the same gradient (spec §2.2).
+
+    With ``apply`` (a one-axis plan: S-AdaGrad's flattened gradient), also the new sketches applied
+    to that gradient, by :func:`precond_ref.sketch.fd_update_apply`; else None.
+    """
     new = {}
     failures = sketches["sketch_failures"]
+    parts = []
     for axis in plan.axes:
         x = unfold(xp, merged, axis.axis)
         for j, run in enumerate(axis.runs):
-            sketch, ok = fd_update(
-                xp, _sketch_of(sketches, axis, j), _run_rows(xp, axis, run, x), exponent=plan.exponent,
-                **fd_options,
-            )
+            args = (xp, _sketch_of(sketches, axis, j), _run_rows(xp, axis, run, x))
+            if apply:
+                sketch, ok, out = fd_update_apply(*args, exponent=plan.exponent, **fd_options)
+            else:
+                (sketch, ok), out = fd_update(*args, exponent=plan.exponent, **fd_options), None
             failures = failures + xp.sum(1 - xp.astype(ok, xp.int32), dtype=xp.int32)
             for name, value in sketch.items():
                 new[axis.key(j, name)] = value
+            parts.append(out)
     new["sketch_failures"] = failures
-    return new
+    return new, (_join_runs(xp, plan.axes[0], parts) if apply else None)
+
+
+def _join_runs(xp: Any, axis: _AxisPlan, parts: list[Array]) -> Array:
+    """The per-run outputs (count, length, n) of one axis as the rows (d, n) they came from."""
+    if axis.batched:
+        parts = [xp.reshape(out, (out.shape[0] * out.shape[1], out.shape[-1])) for out in parts]
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
 def _precondition(xp: Any, plan: _LeafPlan, sketches: dict[str, Array], merged: Array) -> Array:
@@ -197,12 +212,9 @@ def _precondition(xp: Any, plan: _LeafPlan, sketches: dict[str, Array], merged: 
         # The axis being preconditioned is first: axes are rolled, and ndim rolls restore order.
         d, rest = x.shape[0], tuple(x.shape[1:])
         flat = xp.reshape(x, (d, math.prod(rest)))
-        parts = []
-        for j, run in enumerate(axis.runs):
-            out = fd_apply(xp, _sketch_of(sketches, axis, j), _run_rows(xp, axis, run, flat))
-            parts.append(xp.reshape(out, (run.count * run.length, flat.shape[-1])) if axis.batched else out)
-        flat = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
-        x = roll_first_axis_last(xp, xp.reshape(flat, (d,) + rest))
+        parts = [fd_apply(xp, _sketch_of(sketches, axis, j), _run_rows(xp, axis, run, flat))
+                 for j, run in enumerate(axis.runs)]
+        x = roll_first_axis_last(xp, xp.reshape(_join_runs(xp, axis, parts), (d,) + rest))
     return x
 
 
@@ -222,7 +234,7 @@ def _sketched_direction(
     new_sketches = cond(
         xp,
         refresh,
-        lambda s, x: _refresh_sketches(xp, plan, s, x, fd_options),
+        lambda s, x: _refresh_sketches(xp, plan, s, x, fd_options)[0],
         lambda s, x: dict(s),
         sketches,
         merged,
@@ -330,7 +342,7 @@ def _sketchy_transform(
         xp = ctx.xp
         (g,) = grads
         dtype = compute_dtype(xp, g.dtype)
-        g = xp.astype(g, dtype)
+        g = xp.astype(g, dtype, copy=False)
         new_state = dict(state)
 
         graft_direction = None
@@ -338,10 +350,8 @@ def _sketchy_transform(
             acc = _second_moment(xp, state["graft_second_moment"], g, graft_b2)
             new_state["graft_second_moment"] = acc
             positive = acc > 0.0  # acc == 0 only where g == 0; avoids 0/0 when graft_eps = 0
-            graft_direction = xp.where(
-                positive, g / xp.sqrt(xp.where(positive, acc, xp.ones_like(acc)) + graft_eps),
-                xp.zeros_like(g),
-            )
+            one, zero = (xp.full((), v, dtype=dtype, device=array_device(g)) for v in (1.0, 0.0))
+            graft_direction = xp.where(positive, g / xp.sqrt(xp.where(positive, acc, one) + graft_eps), zero)
         elif graft == "sgd":
             graft_direction = g
 
@@ -359,8 +369,9 @@ def _sketchy_transform(
                 multiplier = _safe_norm_ratio(
                     xp, xp.linalg.vector_norm(graft_direction), xp.linalg.vector_norm(direction)
                 )
-                u = xp.where(ctx.count >= start_preconditioning_step, direction * multiplier,
-                             graft_direction)
+                u = direction * multiplier
+                if start_preconditioning_step > 0:
+                    u = xp.where(ctx.count >= start_preconditioning_step, u, graft_direction)
 
         if learning_rate is None:  # scale_by_sketchy: the bare direction
             return (u,), new_state
@@ -718,11 +729,12 @@ def s_adagrad(
         xp = ctx.xp
         (g,) = grads
         dtype = compute_dtype(xp, g.dtype)
-        g = xp.astype(g, dtype)
+        g = xp.astype(g, dtype, copy=False)
         plan = plan_for(tuple(g.shape))
         column = xp.reshape(g, (plan.merged_shape[0], 1))
-        sketches = _refresh_sketches(xp, plan, _sketch_entries(state), column, fd_options)
-        direction = xp.reshape(_precondition(xp, plan, sketches, column), tuple(g.shape))
+        # The sketch is updated with g and applied to the same g, in one pass where possible.
+        sketches, direction = _refresh_sketches(xp, plan, _sketch_entries(state), column, fd_options, apply=True)
+        direction = xp.reshape(direction, tuple(g.shape))
         new_state = dict(state)
         new_state.update(sketches)
         if has_momentum:

@@ -131,7 +131,7 @@ def test_routing_and_merging():
     # Equal blocks are stacked into one run (one batched FD call); the ragged last block is its own.
     assert blocked["huge"]["axis0_run0_basis"].shape == (4, 1024, 8)
     assert blocked["huge"]["axis0_run1_basis"].shape == (1, 904, 8)
-    assert blocked["huge"]["axis0_run0_escaped_mass"].shape == (4,)
+    assert blocked["huge"]["axis0_run0_escaped_root"].shape == (4,)
     del xp
 
 
@@ -259,6 +259,37 @@ def test_rank_deficient_early_gradients_do_not_blow_up():
         np.testing.assert_allclose(principled, exact, rtol=1e-3)
 
 
+@pytest.mark.parametrize("scale", [1e-25, 1e12])
+def test_tiny_and_huge_float32_gradients(scale):
+    """F-I11 at the ends of float32's range: principled Sketchy and S-AdaGrad (relative eps) give the
+    same updates for g and scale * g, where the squares of the entries underflow (1e-25: |g|^2 ~
+    1e-50, so the sketch must keep the escaped mass as its root) or are large (1e12: near the
+    largest scale the gradient gate passes for this leaf, |g| < 2^-16 sqrt(float32 max) ~ 2.8e14;
+    beyond it the step is skipped, tests/test_nonfinite.py); with an absolute delta dominating tiny
+    data, S-AdaGrad's step is delta^(-1/2) g. Tolerance: float32 rounding of a few steps (the
+    rescaling itself is exact). Before the FD step worked in power-of-two units that include
+    sqrt(delta) and divided by the unit once per factor (unit * unit underflows), and before rho was
+    stored as a root, tiny gradients gave zero updates and counted sketch failures."""
+    rng = np.random.default_rng(0)
+    shapes = {"mat": (6, 40), "vec": (12,)}
+    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
+    params = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    for make in (lambda: pr.sketchy(0.1, rank=3, graft="none", momentum=0.0, precondition_1d=True, merge_dims=8),
+                 lambda: pr.s_adagrad(0.1, rank=3)):
+        plain, _ = _run(make(), params, grads)
+        scaled, state = _run(make(), params, [{k: v * np.float32(scale) for k, v in g.items()} for g in grads])
+        for a, b in zip(plain, scaled):
+            for k in a:
+                np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6 * np.abs(a[k]).max())
+        assert all(int(v) == 0 for e in state.groups.values() for n, v in e.items() if n == "sketch_failures")
+    if scale < 1:
+        delta = 1e-3
+        tiny = [{k: v * np.float32(scale) for k, v in g.items()} for g in grads]
+        outs, _ = _run(pr.s_adagrad(0.1, rank=3, delta=delta), params, tiny[:1])
+        for k, g in tiny[0].items():
+            np.testing.assert_allclose(outs[0][k], -0.1 * g / np.sqrt(delta), rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # Property tests (numpy and array_api_strict, float64)
 
@@ -381,7 +412,7 @@ def test_s_adagrad_regret_bound(property_backend, d, rank, steps, seed, delta, l
     sketch = {k.removeprefix("axis0_"): xp.to_numpy(v) for k, v in next(iter(state.groups.values())).items() if k.startswith("axis0")}
     import array_api_compat.numpy as np_xp
 
-    h_final = fd_covariance(np_xp, sketch) + (sketch["escaped_mass"] + delta) * np.eye(d)
+    h_final = fd_covariance(np_xp, sketch) + (sketch["escaped_root"] ** 2 + delta) * np.eye(d)
     gram = sum(np.outer(g, g) for g in gs)
     tr_h = np.trace(_dense_root(h_final, 0.5, tol=0.0))
     tr_g = np.trace(_dense_root(gram, 0.5, tol=0.0))
