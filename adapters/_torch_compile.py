@@ -39,8 +39,24 @@ ENVIRONMENT_VARIABLE = "PRECOND_REF_COMPILE"
 CompileSetting = Union[None, bool, dict]
 
 
-def compile_options(setting: CompileSetting, by_default: bool) -> Optional[dict]:
-    """The ``torch.compile`` keyword arguments to use, or ``None`` for the eager path.
+#: ``compile=None`` on a class that compiles by default compiles a param group from this many
+#: elements on: the first step's compilation takes seconds, which the faster steps of a small
+#: group would take thousands of steps to repay.
+AUTO_MIN_ELEMENTS = 2**18
+
+
+class Auto:
+    """The default of a class that compiles where it pays: decided per param group at its first step."""
+
+    def options_for(self, numel: int) -> Optional[dict]:
+        return {} if numel >= AUTO_MIN_ELEMENTS else None
+
+    def __repr__(self) -> str:
+        return "Auto()"
+
+
+def compile_options(setting: CompileSetting, by_default: bool) -> Union[None, dict, Auto]:
+    """The ``torch.compile`` keyword arguments to use, ``None`` for the eager path, or :class:`Auto`.
 
     ``setting`` is the constructor's ``compile``: ``None`` (the class default, overridden by the
     environment variable), ``True``/``False``, or a dict of ``torch.compile`` options
@@ -54,7 +70,7 @@ def compile_options(setting: CompileSetting, by_default: bool) -> Optional[dict]
             return None
         if env in ("1", "true", "on", "yes"):
             return {}
-        return {} if by_default else None
+        return Auto() if by_default else None
     if not isinstance(setting, bool):
         raise TypeError(f"compile must be None, True, False or a dict of torch.compile options, got {setting!r}")
     return {} if setting else None

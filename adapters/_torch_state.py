@@ -154,7 +154,11 @@ def getstate(opt: "CoreOptimizer") -> dict:
 
 
 def setstate(opt: "CoreOptimizer", state: dict) -> None:
+    # torch's __setstate__ adds "differentiable" to defaults; a copy keeps the original's defaults.
+    had_differentiable = "differentiable" in state.get("defaults", {})
     torch.optim.Optimizer.__setstate__(opt, state)
+    if not had_differentiable and "defaults" in state:
+        opt.defaults.pop("differentiable", None)
     opt.__dict__.setdefault("_param_names", names_from_groups(opt.param_groups))
     for name in opt._transient_attributes:
         setattr(opt, name, {})
@@ -260,6 +264,10 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
         if key not in id_map:
             new_state[key] = value  # not a parameter's state: kept as is (torch does the same)
 
+    hint = ""
+    if any(("param_names" in saved) != ("param_names" in group) for saved, group in zip(saved_groups, opt.param_groups)):
+        hint = (" (the checkpoint and this optimizer differ in having parameter names, and names decide "
+                "which weights and biases form one block)")
     index = 0
     for group, transform in zip(new_groups, transforms):
         by_calls: dict[int, list] = {}
@@ -285,7 +293,7 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
                 new_state[p] = entries
             index += 1
         for members in by_calls.values():
-            _check_core_state(opt, path_of, transform, members, where)
+            _check_core_state(opt, path_of, transform, members, where, hint)
 
     # Commit: nothing above touched the optimizer.
     opt.__setstate__({"state": new_state, "param_groups": new_groups})
@@ -299,7 +307,7 @@ def _saved_ids(saved_groups: list, new_groups: list, group: dict) -> list:
     return saved_groups[next(i for i, g in enumerate(new_groups) if g is group)]["params"]
 
 
-def _check_core_state(opt: "CoreOptimizer", path_of: Any, transform: Any, members: list, where: str) -> None:
+def _check_core_state(opt: "CoreOptimizer", path_of: Any, transform: Any, members: list, where: str, hint: str) -> None:
     """Check the saved state of parameters stepped together against ``transform.init``'s layout,
     and put each tensor into the dtype/device ``init`` gives it (in ``members``' entries)."""
     paths = [path_of(p, i) for i, p, _, _ in members]
@@ -311,14 +319,16 @@ def _check_core_state(opt: "CoreOptimizer", path_of: Any, transform: Any, member
         heads.add(key)
         missing = sorted(set(arrays) - set(entries))
         if missing:
-            raise ValueError(f"{where}: the state of {label} lacks {missing} (state_dict of another optimizer or configuration?)")
+            raise ValueError(
+                f"{where}: the state of {label} lacks {missing} (state_dict of another optimizer or configuration?){hint}"
+            )
         for name, like in arrays.items():
             value = entries[name]
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"{where}: state {name!r} of {label} must be a tensor, got {type(value).__name__}")
             if tuple(value.shape) != tuple(like.shape):
                 raise ValueError(
-                    f"{where}: state {name!r} of {label} has shape {tuple(value.shape)}, expected {tuple(like.shape)}"
+                    f"{where}: state {name!r} of {label} has shape {tuple(value.shape)}, expected {tuple(like.shape)}{hint}"
                 )
             if value.is_floating_point() or value.is_complex():
                 if not bool(torch.isfinite(value).all()):
@@ -330,6 +340,8 @@ def _check_core_state(opt: "CoreOptimizer", path_of: Any, transform: Any, member
     for key, (_, _, label, entries) in by_key.items():
         extra = sorted(k for k in entries if k not in BOOKKEEPING and (key not in heads or k not in expected.groups[key]))
         if extra:
-            raise ValueError(f"{where}: the state of {label} has unexpected entries {extra} (state_dict of another optimizer?)")
+            raise ValueError(
+                f"{where}: the state of {label} has unexpected entries {extra} (state_dict of another optimizer?){hint}"
+            )
         if key not in heads:
             entries.pop(HEAD, None)

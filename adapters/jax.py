@@ -11,6 +11,7 @@ dataclasses registered as pytrees), ``jax.jit`` with a single compilation, ``opt
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Callable
 
@@ -184,22 +185,64 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Pre
     return _shardings_like(state, _as_core_tree(params)[0])
 
 
-def optax_factory(core_factory: Callable[..., Transform]) -> Callable[..., optax.GradientTransformationExtraArgs]:
-    """The optax version of a core factory, with the same signature and docstring.
+def optax_factory(
+    core_factory: Callable[..., Transform], static: tuple[str, ...] = (), switches: tuple[str, ...] = ()
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    """The optax version of a core factory, with its arguments and docstring.
 
-    ``functools.wraps`` keeps the signature visible to ``optax.inject_hyperparams``.
+    ``optax.inject_hyperparams`` turns every numeric argument it sees into an array (traced under
+    ``jax.jit``). Two kinds of arguments therefore default to ``None`` here, meaning the core's
+    default, which inject_hyperparams leaves alone:
+
+    * ``static``: integers that fix array shapes, loop lengths or the steps that refresh a
+      preconditioner. Given as arrays they raise a ``ValueError`` naming the ``static_args`` to
+      pass to ``inject_hyperparams``.
+    * ``switches``: coefficients whose zero default means "no state buffer" (``momentum=0``). An
+      array may be non-zero, so an injected one always gets its buffer; left at ``None`` the state
+      has the layout of the plain transformation.
+
+    So plain ``optax.inject_hyperparams(factory)(learning_rate=...)`` works. ``learning_rate`` is
+    annotated ``optax.ScalarOrSchedule`` (optax's marker for arguments that take a schedule).
     """
+    signature = inspect.signature(core_factory)
+    core_defaults = {name: signature.parameters[name].default for name in static + switches}
+    parameters = []
+    for parameter in signature.parameters.values():
+        if parameter.name in core_defaults and parameter.default is not None:
+            annotation = parameter.annotation
+            parameter = parameter.replace(
+                default=None, annotation=f"Optional[{annotation}]" if isinstance(annotation, str) else annotation
+            )
+        if parameter.name == "learning_rate":
+            parameter = parameter.replace(annotation=optax.ScalarOrSchedule)
+        parameters.append(parameter)
+    presented = signature.replace(parameters=parameters)
+    name = core_factory.__name__
 
     @functools.wraps(core_factory)
     def factory(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-        return to_optax(core_factory(*args, **kwargs))
+        arguments = presented.bind(*args, **kwargs).arguments
+        injected = tuple(arg for arg in static if hasattr(arguments.get(arg), "shape"))
+        if injected:
+            raise ValueError(
+                f"{name}: {', '.join(injected)} must be "
+                + ("a Python integer" if len(injected) == 1 else "Python integers")
+                + " (fixing array shapes, loop lengths or refresh steps), got an array; "
+                "optax.inject_hyperparams makes every numeric argument an array: use "
+                f"optax.inject_hyperparams({name}, static_args={injected!r})"
+            )
+        for arg, default in core_defaults.items():
+            if arg in arguments and arguments[arg] is None and default is not None:
+                del arguments[arg]
+        return to_optax(core_factory(**arguments))
 
+    factory.__signature__ = presented  # type: ignore[attr-defined]
     return factory
 
 
 agd = optax_factory(pr.agd)
 
-mbf = optax_factory(pr.mbf)
+mbf = optax_factory(pr.mbf, static=("statistics_every", "precondition_every", "max_block_dim"))
 
 
 def mbf_warm_start(state: Any, grads_batches: Any, **mbf_kwargs: Any) -> Any:
@@ -215,12 +258,16 @@ def mbf_warm_start(state: Any, grads_batches: Any, **mbf_kwargs: Any) -> Any:
     return core.warm_start(state, (_as_core_tree(g)[0] for g in grads_batches))
 
 
-asgo = optax_factory(pr.asgo)
+asgo = optax_factory(pr.asgo, static=("root_steps", "precondition_every", "block_size"))
 dasgo = optax_factory(pr.dasgo)
 # Root-free methods: B (examples the loss averages) as batch_size= of the factory or of update.
-rf_rmsprop = optax_factory(pr.rf_rmsprop)
+rf_rmsprop = optax_factory(pr.rf_rmsprop, switches=("momentum",))
 rf_adamw = optax_factory(pr.rf_adamw)
-if_shampoo = optax_factory(pr.if_shampoo)
-sketchy = optax_factory(pr.sketchy)
-s_adagrad = optax_factory(pr.s_adagrad)
-scale_by_sketchy = optax_factory(pr.scale_by_sketchy)
+# precondition_every of if_shampoo may be an array (a traced interval works there).
+if_shampoo = optax_factory(pr.if_shampoo, static=("max_dense_dim",))
+sketchy = optax_factory(
+    pr.sketchy,
+    static=("rank", "precondition_every", "start_preconditioning_step", "merge_dims", "max_precondition_dim", "block_size"),
+)
+s_adagrad = optax_factory(pr.s_adagrad, static=("rank", "block_size"), switches=("momentum",))
+scale_by_sketchy = optax_factory(pr.scale_by_sketchy, static=("rank", "precondition_every", "merge_dims", "block_size"))

@@ -18,7 +18,7 @@ import torch
 from torch.optim.optimizer import required
 
 import precond_ref as pr
-from precond_ref.transform import PrecondState, Transform, float32_matmul_precision
+from precond_ref.transform import PrecondState, Transform, float32_matmul_precision, missing_members
 from precond_ref.tree import path_str, tree_flatten
 
 from . import _torch_compile, _torch_state
@@ -45,7 +45,10 @@ class CoreOptimizer(torch.optim.Optimizer):
     names when they are known (``model.named_parameters()`` or ``model=``: ``"fc1.weight"``
     becomes the path ``("fc1", "weight")``, which is what weight/bias pairing uses) and by
     position otherwise. Parameters that missed steps (no gradient) keep their own step counter
-    and are stepped in a separate call, matching torch's per-parameter semantics.
+    and are stepped in a separate call, matching torch's per-parameter semantics. A member of a
+    block (a weight paired with its bias, see ``Transform.group_leaves``) whose partner has a
+    gradient while it has none takes part with a zero gradient and is left unchanged, its
+    ``"step"`` not advanced (:func:`precond_ref.transform.missing_members`).
 
     ``self.state[p]`` holds ``"step"`` and ``"nonfinite_count"`` (the core's 0-D int32 counters)
     for every parameter and, on the first parameter of each core group, that group's state
@@ -58,7 +61,9 @@ class CoreOptimizer(torch.optim.Optimizer):
     count of the calls each parameter took part in (``update(..., step=)``), the learning rate is
     a 0-D tensor on the parameters' device, and a non-finite step is skipped by element-wise
     selection. ``compile`` (default: the class's ``compile_by_default``; the environment variable
-    ``PRECOND_REF_COMPILE=0`` or ``1`` overrides the default) runs each param group's core update
+    ``PRECOND_REF_COMPILE=0`` or ``1`` overrides the default; a class that compiles by default
+    does so for param groups of at least ``_torch_compile.AUTO_MIN_ELEMENTS`` elements, where the
+    seconds of the first step's compilation pay off) runs each param group's core update
     and the in-place parameter update under ``torch.compile(fullgraph=True)``, which fuses the
     element-wise work into a few kernels; a dict is passed to ``torch.compile`` as options. If
     compilation fails the optimizer warns once and runs the same core eagerly. Compiled and eager
@@ -191,6 +196,47 @@ class CoreOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        filled = self._fill_missing_members()
+        try:
+            self._step_groups(extra)
+        finally:
+            for p, value, counters in filled:
+                p.grad = None
+                p.copy_(value)
+                self.state[p].update(counters)
+        return loss
+
+    def _group_paths(self) -> list[list[tuple]]:
+        """Each group's leaf paths, numbered as :meth:`step` numbers unnamed ones."""
+        out, index = [], 0
+        for group in self.param_groups:
+            out.append([self._path(p, index + k) for k, p in enumerate(group["params"])])
+            index += len(group["params"])
+        return out
+
+    def _fill_missing_members(self) -> list:
+        """Zero gradients for the members of a block (a paired weight/bias) that have none while
+        another member has one (the rule of :func:`precond_ref.transform.missing_members`); returns
+        what restores them after the step: the parameter's value and its counters."""
+        filled = []
+        for group, paths in zip(self.param_groups, self._group_paths()):
+            tensors = group["params"]
+            present = [p.grad is not None for p in tensors]
+            if all(present) or not any(present):
+                continue
+            blocks = CoreOptimizer._transform(self, group).group_leaves(paths, tensors)
+            for i in missing_members(blocks, present):
+                p = tensors[i]
+                entries = self.state[p]
+                counters = {
+                    key: entries[key].clone() if key in entries else torch.zeros((), dtype=torch.int32, device=p.device)
+                    for key in (_STEP, _NONFINITE)
+                }
+                filled.append((p, p.detach().clone(), counters))
+                p.grad = torch.zeros_like(p)
+        return filled
+
+    def _step_groups(self, extra: dict) -> None:
         index = 0
         for group in self.param_groups:
             transform = self._transform(group)
@@ -208,7 +254,6 @@ class CoreOptimizer(torch.optim.Optimizer):
                 by_calls.setdefault(calls, []).append((index - 1, p))
             for calls, members in by_calls.items():
                 self._step_members(transform, members, calls=calls, extra=extra)
-        return loss
 
     def _step_members(self, transform: Transform, members: list, *, calls: int, extra: dict) -> None:
         """One core update of parameters that took part in ``calls`` earlier steps together."""
@@ -243,10 +288,13 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def _run_update(self, transform: Transform, grads: dict, state: PrecondState, params: dict, calls: int, extra: dict) -> PrecondState:
         """The core update, its updates added to ``params`` in place; compiled where enabled."""
-        if self._compile_options is not None and isinstance(transform, Transform):
+        options = self._compile_options
+        if isinstance(options, _torch_compile.Auto):
+            options = options.options_for(sum(p.numel() for p in tree_flatten(params)[0]))
+        if options is not None and isinstance(transform, Transform):
             compiled = self._compiled.get(id(transform))
             if compiled is None or compiled.transform is not transform:
-                compiled = _torch_compile.CompiledStep(transform, self._compile_options)
+                compiled = _torch_compile.CompiledStep(transform, options)
                 live = {id(t) for _, t in self._transforms.values()}
                 self._compiled = {k: v for k, v in self._compiled.items() if k in live}
                 self._compiled[id(transform)] = compiled
@@ -277,6 +325,7 @@ class AGD(CoreOptimizer):
     """
 
     core_factory = staticmethod(pr.agd)
+    compile_by_default = True
 
     def __init__(
         self,
@@ -545,6 +594,7 @@ class RFRMSProp(_RootFreeOptimizer):
     """
 
     core_factory = staticmethod(pr.rf_rmsprop)
+    compile_by_default = True
 
     def __init__(
         self,
@@ -586,6 +636,7 @@ class RFAdamW(_RootFreeOptimizer):
     see :func:`precond_ref.rf_adamw`. Batch size as in :class:`RFRMSProp`."""
 
     core_factory = staticmethod(pr.rf_adamw)
+    compile_by_default = True
 
     def __init__(
         self,
@@ -632,7 +683,8 @@ class IFShampoo(_RootFreeOptimizer):
     ``batch_size``: the number of examples the loss **averages** over (not summed); or pass
     ``model=`` (SIRFShampoo's default) to count it from the model's training forward passes, or
     ``step(batch_size=...)``. ``grouping="weight_bias"`` needs parameter names: pass
-    ``model.named_parameters()`` or ``model=``.
+    ``model.named_parameters()`` or ``model=``; a weight or bias without a gradient then takes part
+    in its pair's step with a zero gradient and is left unchanged (as in :class:`MBF`).
     """
 
     core_factory = staticmethod(pr.if_shampoo)
@@ -648,12 +700,13 @@ class IFShampoo(_RootFreeOptimizer):
         weight_decay: float = 0.0,
         batch_size: Optional[int] = None,
         model: Optional[torch.nn.Module] = None,
-        precondition_every: Any = 1,
+        precondition_every: Any = None,
         structures: Any = "dense",
         max_dense_dim: Optional[int] = None,
         factor_dtype: Any = None,
         grouping: str = "per_parameter",
         preconditioner_lr_scale: Optional[Callable] = None,
+        kl_clip: Optional[float] = None,
         mode: str = "principled",
         on_nonfinite: str = "skip",
         *,
@@ -665,7 +718,8 @@ class IFShampoo(_RootFreeOptimizer):
             preconditioner_momentum=preconditioner_momentum, damping=damping, weight_decay=weight_decay,
             batch_size=batch_size, precondition_every=precondition_every, structures=structures,
             max_dense_dim=max_dense_dim, factor_dtype=factor_dtype, grouping=grouping,
-            preconditioner_lr_scale=preconditioner_lr_scale, mode=mode, on_nonfinite=on_nonfinite,
+            preconditioner_lr_scale=preconditioner_lr_scale, kl_clip=kl_clip, mode=mode,
+            on_nonfinite=on_nonfinite,
         )
         super().__init__(params, defaults, model=model, compile=compile, capturable=capturable)
 
@@ -678,7 +732,7 @@ class IFShampoo(_RootFreeOptimizer):
             precondition_every=group["precondition_every"], structures=group["structures"],
             max_dense_dim=group["max_dense_dim"], factor_dtype=group["factor_dtype"],
             grouping=group["grouping"], preconditioner_lr_scale=group["preconditioner_lr_scale"],
-            mode=group["mode"], on_nonfinite=group["on_nonfinite"],
+            kl_clip=group["kl_clip"], mode=group["mode"], on_nonfinite=group["on_nonfinite"],
         )
 
 
@@ -703,7 +757,8 @@ class MBF(CoreOptimizer):
     When only one of a paired weight and bias has a gradient, the other takes part in the step
     with a zero gradient (the pair is one block) and is left unchanged; its ``"step"`` is not
     advanced on that step. The pair shares one block state and one step count, so at the next
-    step where both have gradients the partner's ``"step"`` is set to the pair's count again.
+    step where both have gradients the partner's ``"step"`` is set to the pair's count again
+    (the rule of :func:`precond_ref.transform.missing_members`, shared with IF-Shampoo).
 
     :meth:`warm_start` initialises the block statistics before training (spec ``mbf.md`` 2.5).
     ``lr`` has no default (the authors' values range from 1e-5 to 3e-5 with damping 3e-4 to 3e-3;
@@ -728,6 +783,7 @@ class MBF(CoreOptimizer):
         diagonal_second_moment: str = "momentum",
         max_block_dim: Optional[int] = None,
         model: Optional[torch.nn.Module] = None,
+        kl_clip: Optional[float] = None,
         mode: str = "principled",
         on_nonfinite: str = "skip",
         *,
@@ -747,6 +803,7 @@ class MBF(CoreOptimizer):
             diagonal_eps=diagonal_eps,
             diagonal_second_moment=diagonal_second_moment,
             max_block_dim=max_block_dim,
+            kl_clip=kl_clip,
             mode=mode,
             on_nonfinite=on_nonfinite,
         )
@@ -774,54 +831,10 @@ class MBF(CoreOptimizer):
             diagonal_eps=group["diagonal_eps"],
             diagonal_second_moment=group["diagonal_second_moment"],
             max_block_dim=group["max_block_dim"],
+            kl_clip=group["kl_clip"],
             mode=group["mode"],
             on_nonfinite=group["on_nonfinite"],
         )
-
-    def _group_paths(self) -> list[list[tuple]]:
-        """Each group's leaf paths, numbered as :meth:`CoreOptimizer.step` numbers unnamed ones."""
-        out, index = [], 0
-        for group in self.param_groups:
-            out.append([self._path(p, index + k) for k, p in enumerate(group["params"])])
-            index += len(group["params"])
-        return out
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        filled = self._fill_partner_grads()
-        try:
-            super().step(None, **extra)
-        finally:
-            for p, value, counters in filled:
-                p.grad = None
-                p.copy_(value)
-                self.state[p].update(counters)
-        return loss
-
-    def _fill_partner_grads(self) -> list:
-        """Zero gradients for a paired weight/bias whose partner has one (see the class docstring)."""
-        from precond_ref.transform import weight_bias_groups
-
-        filled = []
-        for group, paths in zip(self.param_groups, self._group_paths()):
-            tensors = group["params"]
-            for leaf_group in weight_bias_groups(paths, tensors):
-                members = [tensors[i] for i in leaf_group.indices]
-                if len(members) != 2 or sum(p.grad is None for p in members) != 1:
-                    continue
-                p = members[0] if members[0].grad is None else members[1]
-                entries = self.state[p]
-                counters = {
-                    key: entries[key].clone() if key in entries else torch.zeros((), dtype=torch.int32, device=p.device)
-                    for key in (_STEP, _NONFINITE)
-                }
-                filled.append((p, p.detach().clone(), counters))
-                p.grad = torch.zeros_like(p)
-        return filled
 
     def warm_start(self, source: Any, num_batches: Optional[int] = None) -> None:
         """Initialise every block statistic F with the mean of per-batch block statistics.

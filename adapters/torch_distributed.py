@@ -215,6 +215,8 @@ class DistributedOptimizer:
     #: Element-wise methods run on local shards and are never split.
     elementwise: bool = False
     _accepts_dtensor = True
+    #: The step exchanges blocks between ranks: the core update runs eagerly.
+    compile_by_default = False
 
     def __init__(
         self,
@@ -230,6 +232,11 @@ class DistributedOptimizer:
             )
         if not isinstance(split_preconditioner, bool):
             raise ValueError(f"split_preconditioner must be True or False, got {split_preconditioner!r}")
+        if kwargs.get("compile") not in (None, False):
+            raise ValueError(
+                f"{type(self).__name__}: compile={kwargs['compile']!r} is not supported by the distributed classes "
+                "(their step exchanges blocks between ranks and runs the core eagerly)"
+            )
         self._pg = process_group if process_group is not None else dist.group.WORLD
         self._group_ranks = dist.get_process_group_ranks(self._pg)
         self._rank = dist.get_rank(self._pg)

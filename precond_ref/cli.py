@@ -16,7 +16,11 @@ from typing import Optional, Sequence
 # command name -> (module, one-line help, the pip extra that installs what the command needs)
 COMMANDS = {
     "compare": ("precond_ref.compare", "train small models on real data with every optimizer and compare", "compare"),
-    "bench": ("precond_ref.benchmarks", "step time and state memory of every method, as ratios to Adam", "compare,torch"),
+    "bench": (
+        "precond_ref.benchmarks",
+        "training-step and optimizer-step time and state memory of every method, as ratios to AdamW / Adam",
+        "compare,torch",
+    ),
     "trace": ("precond_ref.testing", "export a reference trajectory of one method on a standard problem", "numpy"),
 }
 

@@ -12,7 +12,9 @@ Reference:
   every iterative root.
 
 Batched damped inverses and solves of many small SPD blocks (:func:`damped_inverse`,
-:func:`damped_solve`): one batched call for a whole stack, with a finiteness fallback.
+:func:`damped_inverse_stable`, :func:`damped_solve`): one batched call for a whole stack, with a
+finiteness fallback and, in :func:`damped_inverse_stable`, a damping floor at the precision of the
+statistic (branch-free: no host synchronisation).
 
 Iterative roots (matmul only, fixed step counts, so they jit and run on GPUs without host syncs):
 
@@ -32,12 +34,14 @@ Accuracy (8×8 SPD, float32, 10 steps, relative Frobenius error versus float64 e
 from __future__ import annotations
 
 import math
+import sys
 from itertools import repeat
 from typing import Any, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device
 
 __all__ = [
+    "kl_clip_factor",
     "symmetrize",
     "identity_like",
     "trace",
@@ -48,13 +52,19 @@ __all__ = [
     "inverse_sqrt_polar_express",
     "inverse_sqrt_newton_schulz",
     "inverse_root_newton",
+    "inverse_root",
+    "inverse_root_residual",
+    "ROOT_RESIDUAL_TOLERANCE",
+    "ROOT_METHODS",
     "damped_inverse",
-    "damped_inverse_eigh",
-    "damped_inverse_checked",
+    "damped_inverse_stable",
     "damped_inverse_residual",
-    "INVERSE_RESIDUAL_TOLERANCE",
+    "DAMPED_INVERSE_ACCURACY",
     "damped_solve",
     "damped_inverse_init",
+    "mode_product",
+    "mode_gram",
+    "half_precision_dtype",
 ]
 
 Array = Any
@@ -190,7 +200,7 @@ def polar_express_coefficients(steps: int) -> list[tuple[float, float, float]]:
 def _coupled_inverse_sqrt(
     y: Array, coefficients: Sequence[tuple[float, float, float]]
 ) -> Array:
-    """Run the coupled iteration from Y_0 = ``y``, Z_0 = I; returns Z (≈ y^{-1/2})."""
+    """Run the coupled iteration from Y_0 = ``y``, Z_0 = I; returns (Z, Y) (Z ≈ y^{-1/2}, ZY ≈ I)."""
     xp = array_namespace(y)
     z = xp.zeros_like(y) + identity_like(y)
     for a, b, c in coefficients:
@@ -198,7 +208,7 @@ def _coupled_inverse_sqrt(
         poly = b * zy + c * xp.matmul(zy, zy)
         y = a * y + xp.matmul(y, poly)
         z = a * z + xp.matmul(poly, z)
-    return z
+    return z, y
 
 
 def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -> Array:
@@ -229,7 +239,7 @@ def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -
     else:
         shifted = a
     nu = 1.01 * xp.linalg.matrix_norm(shifted, ord="fro", keepdims=True)
-    z = _coupled_inverse_sqrt(a / nu, polar_express_coefficients(steps))
+    z, _ = _coupled_inverse_sqrt(a / nu, polar_express_coefficients(steps))
     return z / xp.sqrt(nu)
 
 
@@ -260,7 +270,7 @@ def inverse_sqrt_newton_schulz(
         y = (a + e * identity_like(a)) / (norm + e)
     else:
         y = a / norm
-    z = _coupled_inverse_sqrt(y, [tuple(coefficients)] * steps)
+    z, _ = _coupled_inverse_sqrt(y, [tuple(coefficients)] * steps)
     return z / xp.sqrt(norm)
 
 
@@ -305,6 +315,11 @@ def inverse_root_newton(
         raise ValueError(f"p must be an integer >= 1, got {p!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r}")
+    return _coupled_newton(a, p, steps, eps, tolerance)[0]
+
+
+def _coupled_newton(a: Array, p: int, steps: int, eps: Shift, tolerance: Optional[float]) -> tuple[Array, Array]:
+    """The iteration of :func:`inverse_root_newton`; returns (X, M) (X ≈ the root, M ≈ I)."""
     xp = array_namespace(a)
     eye = identity_like(a)
     alpha = -1.0 / p
@@ -330,7 +345,136 @@ def inverse_root_newton(
             done = relative_error(m) <= tolerance
             x = xp.where(done, x, x_new)
             m = xp.where(done, m, m_new)
-    return x
+    return x, m
+
+
+# --------------------------------------------------------------------------------------------
+# Residual-checked roots: an iteration where matmuls are cheap, eigh where it did not converge.
+
+#: Largest distance from the identity, ``‖M - I‖_F``, of an iteration's convergence measure
+#: (:func:`inverse_root`: Z·Y for the coupled polynomial iterations, M for Newton) accepted before
+#: the matrix is recomputed by ``eigh``: the eigenvalues of the iterate are then within 5% of
+#: their limit. Measured float32 values of converged roots: 1e-6 (condition number 1) to 1.5e-3
+#: (k = 1024, condition number 1e7); iterations stopped before convergence leave 0.2 and more.
+ROOT_RESIDUAL_TOLERANCE = 5e-2
+
+#: The iterations :func:`inverse_root` runs (``"eigh"`` is the exact reference).
+ROOT_METHODS = ("eigh", "polar_express", "newton_schulz", "newton")
+
+
+def inverse_root_residual(a: Array, root: Array, p: int, *, shift: Shift = 0.0) -> Array:
+    r""":math:`\|Z^p (A + sI) - I\|_F` per matrix, shape ``a.shape[:-2]`` (``p`` matmuls).
+
+    An upper bound on the largest :math:`|\lambda_i(Z^p(A + sI)) - 1|`, whatever produced Z; NaN or
+    Inf for a non-finite Z. In floating point it carries a rounding error of about
+    :math:`\varepsilon\,\kappa\sqrt k` (condition number :math:`\kappa`), so it validates roots of
+    well-conditioned matrices; :func:`inverse_root` checks the iterations' own convergence instead.
+    """
+    xp = array_namespace(a, root)
+    eye = identity_like(a)
+    product = xp.matmul(root, a + _batch_scalar(xp, shift, a, 2) * eye)
+    for _ in range(p - 1):
+        product = xp.matmul(root, product)
+    return xp.linalg.matrix_norm(product - eye, ord="fro")
+
+
+def inverse_root(
+    a: Array,
+    p: int = 2,
+    *,
+    shift: Shift = 0.0,
+    method: str = "eigh",
+    steps: Optional[int] = None,
+    tolerance: Optional[float] = ROOT_RESIDUAL_TOLERANCE,
+) -> tuple[Array, Array]:
+    r""":math:`(A + sI)^{-1/p}` of a stack of symmetric PSD matrices, by ``eigh`` or by a matmul
+    iteration whose result is checked and, where it failed, recomputed by ``eigh``.
+
+    Parameters
+    ----------
+    a:
+        ``(..., k, k)`` symmetric PSD and finite, float32 or float64; :math:`A + sI` must be
+        positive definite for the iterations.
+    p:
+        The root, an integer ``>= 1`` (``"polar_express"`` and ``"newton_schulz"``: 2 only).
+    shift:
+        :math:`s \ge 0`, a number or an array of the batch shape.
+    method:
+        ``"eigh"``: :func:`inverse_root_eigh` (exact; eigenvalues clamped at 0 before the shift).
+        ``"polar_express"`` (:func:`inverse_sqrt_polar_express`, 10 steps by default),
+        ``"newton_schulz"`` (:func:`inverse_sqrt_newton_schulz`, 20 steps) or ``"newton"``
+        (:func:`inverse_root_newton`, 30 steps): matmuls only, applied to :math:`A + sI`.
+    steps:
+        Iterations (``None``: the defaults above).
+    tolerance:
+        Iterations only: a matrix whose iteration ends farther than this from convergence
+        (:data:`ROOT_RESIDUAL_TOLERANCE`), or not finite, is recomputed by ``eigh``. ``None`` skips
+        the check (no fallback, no host read; matmuls only).
+
+    Returns
+    -------
+    (root, fell_back)
+        The roots, and int32 flags of the batch shape ``a.shape[:-2]``: 1 for a matrix recomputed
+        by ``eigh``, 0 otherwise (always 0 for ``"eigh"``).
+
+    Notes
+    -----
+    The fallback is a :func:`precond_ref.transform.cond` on "every residual is within tolerance":
+    a ``lax.cond`` under ``jax.jit`` and a ``torch.cond`` under ``torch.compile`` (TorchInductor
+    reads the predicate on the host), a host read of one bool with eager arrays. On a GPU that is
+    one synchronisation per call, i.e. on refresh steps only; ``tolerance=None`` has none. The check
+    costs one matmul per matrix for the polynomial iterations (Polar-Express itself: 4 per step, 40
+    by default) and none for Newton. It measures convergence, not the rounding error of the result:
+    that is about the error of a float32 ``eigh`` (``docs/methods/asgo.md`` lists both).
+    """
+    from .transform import cond  # transform does not import linalg: no cycle
+
+    xp = array_namespace(a)
+    if method not in ROOT_METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, ROOT_METHODS))}, got {method!r}")
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ValueError(f"p must be an integer >= 1, got {p!r}")
+    if method in ("polar_express", "newton_schulz") and p != 2:
+        raise ValueError(f"method={method!r} computes inverse square roots only (p=2), got p={p!r}")
+    no_fallback = xp.zeros(a.shape[:-2], dtype=xp.int32, device=array_device(a))
+    if method == "eigh":
+        return inverse_root_eigh(a, p, shift=shift), no_fallback
+    eye = identity_like(a)
+    damped = a + _batch_scalar(xp, shift, a, 2) * eye
+    if method == "newton":
+        root, m = _coupled_newton(damped, p, 30 if steps is None else steps, 0.0, None)
+        convergence = lambda: m  # noqa: E731
+    else:
+        # As inverse_sqrt_polar_express / inverse_sqrt_newton_schulz with eps = 0, keeping Y.
+        nu = xp.linalg.matrix_norm(damped, ord="fro", keepdims=True)
+        if method == "polar_express":
+            nu = 1.01 * nu
+            coefficients = polar_express_coefficients(10 if steps is None else steps)
+        else:
+            coefficients = [(2.0, -1.5, 0.5)] * (20 if steps is None else steps)
+        z, y = _coupled_inverse_sqrt(damped / nu, coefficients)
+        root = z / xp.sqrt(nu)
+        convergence = lambda: xp.matmul(z, y)  # noqa: E731
+    if tolerance is None:
+        return root, no_fallback
+    # The iteration's own measure of convergence, M -> I (Newton) or Z Y -> I (coupled polynomial
+    # iterations, which keep Z Y = Z² A/ν): rounding enters it as ε·κ^{1/2}, not as ε·κ like the
+    # residual of the result (inverse_root_residual, which float32 roots of a κ = 1e6 matrix do
+    # not pass even when exact).
+    good = xp.linalg.matrix_norm(convergence() - eye, ord="fro") <= tolerance  # False for NaN
+    all_good = xp.all(good)
+
+    def accept(root, damped, good, no_fallback):
+        return root, no_fallback
+
+    def recompute(root, damped, good, no_fallback):
+        # A new array: tracing torch.cond, dynamo lifts a view of an operand (the transpose in
+        # symmetrize) as a second input aliasing the first, which it refuses.
+        exact = inverse_root_eigh(damped + 0.0, p)
+        good_b = xp.expand_dims(xp.expand_dims(good, axis=-1), axis=-1)
+        return xp.where(good_b, root, exact), xp.astype(xp.logical_not(good), xp.int32)
+
+    return cond(xp, all_good, accept, recompute, root, damped, good, no_fallback)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +506,6 @@ def damped_inverse(
     matrices: Array,
     damping: Any,
     previous: Array,
-    failures: Array,
     *,
     symmetrize: bool = True,
 ) -> tuple[Array, Array]:
@@ -377,8 +520,6 @@ def damped_inverse(
     previous:
         (..., n, n) the inverses currently in use; a block whose new inverse is not finite keeps
         its previous value.
-    failures:
-        0-D integer counter; incremented by one when any block of this call failed.
     symmetrize:
         Form :math:`\mathrm{sym}(F_b) + \lambda I` and symmetrise the computed inverse (the
         default; specs README rule 4). ``False`` inverts :math:`F_b + \lambda I` exactly as given,
@@ -386,16 +527,17 @@ def damped_inverse(
 
     Returns
     -------
-    (inverse, failures)
-        The new stack of inverses and the updated counter.
+    (inverse, failed)
+        The new stack of inverses, and (...,) bool: the blocks that failed and kept ``previous``
+        (for the caller's failure counter).
 
     Notes
     -----
     ``F_b + λI`` is formed in the working precision: when :math:`\lambda` is below the rounding of
     :math:`F_b`'s entries (:math:`\|F_b\|/\lambda \gtrsim 1/\varepsilon`, about 1e7 in float32
     for a rank-deficient :math:`F_b`) the damping is lost and the computed inverse can be garbage
-    while finite. :func:`damped_inverse_residual` detects that; :func:`damped_inverse_eigh` adds
-    :math:`\lambda` to the eigenvalues instead and stays accurate. An exactly singular block makes
+    while finite. :func:`damped_inverse_residual` detects that; :func:`damped_inverse_stable` raises
+    the damping to the precision floor of :math:`F_b` instead and stays accurate. An exactly singular block makes
     NumPy/torch raise inside ``inv``; that is caught here and every block of the call counts as
     failed (the previous inverses are kept), so this function never raises.
     """
@@ -414,93 +556,82 @@ def damped_inverse(
     if symmetrize:
         inverse = _symmetric_part(inverse)
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))
-    inverse = xp.where(ok[..., None, None], inverse, previous)
-    failed = xp.astype(xp.logical_not(xp.all(ok)), failures.dtype)
-    return inverse, failures + failed
+    return xp.where(ok[..., None, None], inverse, previous), xp.logical_not(ok)
 
 
-def damped_inverse_eigh(
+#: Relative accuracy :func:`damped_inverse_stable` guarantees for its LU inverses: the damping is
+#: raised until the condition number of ``F + λI`` is at most about ``DAMPED_INVERSE_ACCURACY / ε``.
+DAMPED_INVERSE_ACCURACY = 1e-2
+
+
+def _frobenius_norm(xp: Any, matrices: Array) -> Array:
+    """Per-block Frobenius norm, scaled by the largest entry first so that it cannot overflow."""
+    largest = xp.max(xp.abs(matrices), axis=(-2, -1))
+    scale = xp.where(largest > 0.0, largest, xp.ones_like(largest))
+    return scale * xp.linalg.matrix_norm(matrices / scale[..., None, None], ord="fro")
+
+
+def damped_inverse_stable(
     matrices: Array,
     damping: Any,
     previous: Array,
-    failures: Array,
+    *,
+    accuracy: float = DAMPED_INVERSE_ACCURACY,
 ) -> tuple[Array, Array]:
-    r"""Batched :math:`(F_b + \lambda I)^{-1}` by ``eigh`` of :math:`F_b`, the damping added to the
-    eigenvalues: :math:`V \operatorname{diag}\bigl(1/(w^+ + \lambda)\bigr) V^\top`, with the
-    eigenvalues the stored matrix cannot resolve raised to its rounding level.
+    r"""Batched :math:`(\operatorname{sym}(F_b) + \lambda_b I)^{-1}` by LU, branch-free, with the
+    damping raised to the precision floor of the stored statistic:
 
-    Stable however large :math:`\|F_b\|/\lambda` is. A statistic stored in precision
-    :math:`\varepsilon` carries an entrywise rounding of relative size :math:`\varepsilon`, a
-    perturbation of norm up to :math:`\nu = \varepsilon\|F_b\|_F`, and ``eigh`` adds a backward
-    error of the same order: an eigenvalue below :math:`\nu` is not resolved by the stored matrix
-    (its true value is anywhere in :math:`[0, \nu]`, e.g. the part of an EMA contributed by small
-    gradients before a spike). Such eigenvalues are raised to :math:`\nu`:
-    :math:`w^+_i = \max(w_i, \nu)`. That is the conservative choice: every eigenvalue of the
-    computed inverse is at most :math:`1/(\nu + \lambda)`, never the :math:`1/\lambda` that
-    treating a lost eigenvalue as zero (or LU on a matrix whose damping was rounded away) would
-    give, so the step along an unresolved direction is shortened rather than amplified by up to
-    :math:`\|F_b\|/\lambda`. Where :math:`\nu \ll \lambda` this is the exact damped inverse up to
-    rounding.
+    .. math::
 
-    Parameters and returns as :func:`damped_inverse` (always symmetrised); a block that is not
-    finite, before or after, keeps ``previous`` and increments ``failures`` once per call.
+        \lambda_b = \max\bigl(\lambda,\ \tau\,\lVert F_b\rVert_F\bigr), \qquad
+        \tau = \varepsilon / \text{accuracy}.
+
+    Why: a block's LU inverse has relative error about :math:`\varepsilon\,\kappa` with
+    :math:`\kappa = (\lVert F_b\rVert_2 + \lambda_b)/\lambda_b`, so :math:`\lambda_b \ge
+    \tau\lVert F_b\rVert_F` keeps it below ``accuracy`` (1e-2). The same floor is where the
+    statistic itself stops being known: ``eigh`` (or any backward-stable method) resolves an
+    eigenvalue :math:`w` of the stored :math:`F_b` only to :math:`\pm\varepsilon\lVert F_b\rVert`,
+    i.e. to ``accuracy`` relative only when :math:`w \ge \tau\lVert F_b\rVert`. Where
+    :math:`\tau\lVert F_b\rVert_F \le \lambda` (the usual case) nothing changes and the result is
+    the plain LU inverse, bit for bit. Where the damping would be lost to rounding
+    (:math:`\lVert F_b\rVert/\lambda \gtrsim 1/\tau`, e.g. a gradient spike), every eigenvalue of the
+    result is at most :math:`1/\lambda_b < 1/\lambda`: a step along a direction the statistic cannot
+    resolve is shortened, never amplified by up to :math:`\lVert F_b\rVert/\lambda` as LU of the
+    rounded :math:`F_b + \lambda I` (or treating an unresolved eigenvalue as zero) would.
+
+    No value is read on the host (no branch, no fallback decomposition): the whole stack is one
+    batched ``inv`` and element-wise work, so it runs under ``jax.jit`` and ``torch.compile`` and
+    on a GPU without synchronisation, except the one that the backend's ``inv`` may make to check
+    its own result (torch on CUDA does).
+
+    Parameters
+    ----------
+    matrices:
+        (..., n, n) stack of symmetric PSD statistics :math:`F_b` (float32 or float64); only the
+        symmetric part is used.
+    damping:
+        :math:`\lambda > 0`, a Python number or a 0-D array.
+    previous:
+        (..., n, n) the inverses in use; a block whose statistic or inverse is not finite keeps it.
+    accuracy:
+        The relative accuracy :math:`\varepsilon\kappa` the floor guarantees (default 1e-2).
+
+    Returns
+    -------
+    (inverse, flagged)
+        The symmetrised inverses, and (...,) bool: the blocks that kept ``previous`` or had their
+        damping raised, for the caller's failure counter (a precision event is never silent).
     """
     xp = array_namespace(matrices, previous)
     finite_in = _blockwise_finite(xp, matrices)
     safe = xp.where(finite_in[..., None, None], _symmetric_part(matrices), xp.zeros_like(matrices))
-    w, v = xp.linalg.eigh(safe)
-    noise = xp.finfo(w.dtype).eps * xp.linalg.matrix_norm(safe, ord="fro")
-    w = xp.maximum(w, xp.expand_dims(noise, axis=-1))
-    d = 1.0 / (w + damping)
-    inverse = _symmetric_part(xp.matmul(v * xp.expand_dims(d, axis=-2), v.mT))
+    floor = (xp.finfo(safe.dtype).eps / accuracy) * _frobenius_norm(xp, safe)
+    requested = xp.zeros_like(floor) + damping
+    raised = floor > requested
+    lam = xp.where(raised, floor, requested)
+    inverse = _symmetric_part(xp.linalg.inv(safe + lam[..., None, None] * identity_like(safe)))
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))
-    inverse = xp.where(ok[..., None, None], inverse, previous)
-    failed = xp.astype(xp.logical_not(xp.all(ok)), failures.dtype)
-    return inverse, failures + failed
-
-
-#: Largest per-block residual ``‖(F + λI)X - I‖_F/√n`` accepted from the LU inverse before the
-#: block is recomputed by :func:`damped_inverse_eigh` (a relative error of the inverse of about
-#: this size; a damping lost to rounding gives residuals of order 1 and more).
-INVERSE_RESIDUAL_TOLERANCE = 1e-2
-
-
-def damped_inverse_checked(
-    matrices: Array,
-    damping: Any,
-    previous: Array,
-    failures: Array,
-    *,
-    tolerance: float = INVERSE_RESIDUAL_TOLERANCE,
-) -> tuple[Array, Array]:
-    r"""Batched :math:`(F_b + \lambda I)^{-1}`: LU (:func:`damped_inverse`), residual-checked, and
-    the blocks that fail the check recomputed by :func:`damped_inverse_eigh`.
-
-    Fast path: one batched ``inv`` and one batched matmul for the residual
-    (:func:`damped_inverse_residual`). When any block's inverse is not finite or has a residual
-    above ``tolerance`` (the damping was lost to rounding, :math:`\|F_b\|/\lambda \gtrsim
-    1/\varepsilon`), the stack is decomposed by ``eigh`` once and those blocks take that result;
-    ``failures`` is incremented by one for the call, so a fallback is never silent. A block that is
-    still not finite keeps ``previous``. The branch is a :func:`precond_ref.transform.cond`: traced
-    once under ``jax.jit``, read on the host on eager backends (only on refresh steps).
-    """
-    from .transform import cond  # transform does not import linalg: no cycle
-
-    xp = array_namespace(matrices, previous)
-    zero = xp.zeros_like(failures)
-    fast, fast_failed = damped_inverse(matrices, damping, previous, zero)
-    residual = damped_inverse_residual(matrices, damping, fast)
-    good = xp.logical_and(xp.isfinite(residual), residual <= tolerance)
-    all_good = xp.logical_and(xp.all(good), fast_failed == 0)
-
-    def accept(fast, previous, failures):
-        return fast, failures
-
-    def recompute(fast, previous, failures):
-        stable, _ = damped_inverse_eigh(matrices, damping, previous, zero)
-        return xp.where(good[..., None, None], fast, stable), failures + xp.ones_like(failures)
-
-    return cond(xp, all_good, accept, recompute, fast, previous, failures)
+    return xp.where(ok[..., None, None], inverse, previous), xp.logical_or(xp.logical_not(ok), raised)
 
 
 def damped_inverse_residual(matrices: Array, damping: Any, inverse: Array) -> Array:
@@ -552,3 +683,129 @@ def damped_solve(
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, solution))
     solution = xp.where(ok[..., None, None], solution, xp.zeros_like(solution))
     return solution, ok
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor-times-matrix products of Kronecker-factored preconditioners (IF-Shampoo's factor
+# updates): matmul only, batched over leading axes, so that the factors of several equal-shape
+# tensors go through one call.
+
+
+def _axis_to_last(xp: Any, tensor: Array, axis: int) -> tuple[Array, Optional[tuple[int, ...]]]:
+    """``tensor`` with ``axis`` moved to the end, and the permutation that moves it back."""
+    ndim = len(tensor.shape)
+    if axis == ndim - 1:
+        return tensor, None
+    perm = tuple(i for i in range(ndim) if i != axis) + (axis,)
+    back = tuple(perm.index(i) for i in range(ndim))
+    return xp.permute_dims(tensor, perm), back
+
+
+def _check_mode_axis(tensor: Array, axis: int, batch: int) -> None:
+    if not batch <= axis < len(tensor.shape):
+        raise ValueError(f"axis {axis} is not a tensor axis after the {batch} batch axes of shape {tuple(tensor.shape)}")
+
+
+def mode_product(tensor: Array, matrix: Array, axis: int, *, transpose: bool = False) -> Array:
+    r"""The mode product :math:`T \times_n M`: ``matrix`` multiplied onto axis ``n = axis`` of ``tensor``.
+
+    ``result[..., j, ...] = sum_i M[j, i] T[..., i, ...]`` (with ``transpose=True``,
+    ``M[i, j]``): the unfolding :math:`T_{(n)}` becomes :math:`M T_{(n)}` (or
+    :math:`M^\top T_{(n)}`). For a matrix :math:`G`, axis 0 gives :math:`MG` and axis 1
+    :math:`GM^\top`.
+
+    Parameters
+    ----------
+    tensor:
+        ``(B..., d_1, ..., d_N)``: a stack of tensors over the batch axes ``B...`` of ``matrix``.
+    matrix:
+        ``(B..., d, d)`` with ``d = tensor.shape[axis]``: one matrix per tensor of the stack.
+    axis:
+        The tensor axis, counted from the start of ``tensor`` (batch axes included, so at least
+        ``len(B)``).
+    transpose:
+        Multiply by :math:`M^\top` instead of :math:`M`.
+
+    One batched ``matmul``; the first and the last tensor axis need no copy.
+    """
+    xp = array_namespace(tensor, matrix)
+    batch = len(matrix.shape) - 2
+    _check_mode_axis(tensor, axis, batch)
+    shape = tuple(tensor.shape)
+    lead, d = shape[:batch], shape[axis]
+    m = matrix.mT if transpose else matrix
+    if axis == batch:
+        flat = xp.reshape(tensor, lead + (d, -1))
+        return xp.reshape(xp.matmul(m, flat), shape)
+    moved, back = _axis_to_last(xp, tensor, axis)
+    moved_shape = tuple(moved.shape)
+    result = xp.reshape(xp.matmul(xp.reshape(moved, lead + (-1, d)), m.mT), moved_shape)
+    return result if back is None else xp.permute_dims(result, back)
+
+
+def mode_gram(tensor: Array, axis: int, *, batch: int = 0) -> Array:
+    r""":math:`T_{(n)} T_{(n)}^\top`, the Gram matrix of the mode-``n`` unfolding, ``(B..., d_n, d_n)``.
+
+    ``tensor`` is ``(B..., d_1, ..., d_N)`` with ``batch`` leading batch axes ``B...``; ``axis``
+    counts from the start of ``tensor``. For a matrix :math:`Y`, axis 0 gives :math:`YY^\top` and
+    axis 1 :math:`Y^\top Y`. One batched ``matmul``.
+    """
+    xp = array_namespace(tensor)
+    _check_mode_axis(tensor, axis, batch)
+    shape = tuple(tensor.shape)
+    lead, d = shape[:batch], shape[axis]
+    if axis == batch:
+        flat = xp.reshape(tensor, lead + (d, -1))
+        return xp.matmul(flat, flat.mT)
+    moved, _ = _axis_to_last(xp, tensor, axis)
+    flat = xp.reshape(moved, lead + (-1, d))
+    return xp.matmul(flat.mT, flat)
+
+
+def half_precision_dtype(x: Array) -> Any:
+    """``bfloat16`` of ``x``'s namespace when ``x`` lives on an accelerator, else ``None``.
+
+    The precision policy of matmul-only paths (IF-Shampoo's factors): GPUs and TPUs multiply bf16
+    matrices several times faster than float32 (tensor cores); CPUs mostly do not (without AMX,
+    x86 emulates them: a 1024x1024 bf16 product took 90x a float32 one on the test machine).
+    ``None`` on a CPU, and where the namespace has no ``bfloat16`` (NumPy, CuPy,
+    ``array_api_strict``). A JAX array traced under ``jax.jit`` has no device; JAX's default
+    backend decides then.
+    """
+    xp = array_namespace(x)
+    if not hasattr(xp, "bfloat16"):
+        return None
+    dev = array_device(x)
+    if dev is None and "jax" in sys.modules:
+        kind = sys.modules["jax"].default_backend()
+    else:
+        kind = getattr(dev, "platform", None) or getattr(dev, "type", None) or str(dev)
+    return xp.bfloat16 if str(kind).lower() in _ACCELERATORS else None
+
+
+#: Device kinds (torch ``device.type``, JAX ``platform``) with fast bf16 matrix products.
+_ACCELERATORS = frozenset({"cuda", "gpu", "rocm", "tpu", "xpu", "mps", "hpu"})
+
+
+def kl_clip_factor(direction: Array, vector: Array, learning_rate: Any, kl_clip: Any) -> Array:
+    r"""K-FAC's step clipping factor :math:`\nu = \min\bigl(1, \sqrt{\kappa / (\alpha^2 \langle D, v
+    \rangle)}\bigr)` for a step :math:`-\alpha D` with :math:`D = P v`.
+
+    :math:`\alpha^2 \langle D, v\rangle = \alpha^2 v^\top P v` is the squared length of the step in the
+    metric :math:`P^{-1}` (the damped curvature the preconditioner :math:`P` inverts), i.e. the
+    quadratic model's predicted change of the output distribution (a KL divergence for a true
+    Fisher); scaling the step by :math:`\nu` bounds it by :math:`\kappa`. A stale or low-rank
+    curvature estimate gives directions it has not seen the gain :math:`1/\lambda`; the clip stops
+    such a step from growing without bound until the estimate catches up.
+
+    References
+    ----------
+    Ba, Grosse, Martens. "Distributed Second-Order Optimization using Kronecker-Factored
+    Approximations". ICLR 2017, section 5 (KL clipping). ``direction``/``vector``: arrays of one
+    shape; ``learning_rate`` and ``kl_clip`` numbers or 0-D arrays. Returns a 0-D array.
+    """
+    xp = array_namespace(direction, vector)
+    quadratic = learning_rate * learning_rate * xp.sum(direction * vector)
+    clipped = quadratic > kl_clip
+    safe = xp.where(clipped, quadratic, xp.ones_like(quadratic))
+    return xp.where(clipped, xp.sqrt(kl_clip / safe), xp.ones_like(quadratic))

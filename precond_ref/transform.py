@@ -4,7 +4,8 @@ Every method in :mod:`precond_ref.methods` is built by :func:`build_transform` f
 functions on one *group* of leaves (a single parameter, or a weight with its bias):
 
 ``init_group(leaves, paths, xp) -> dict[str, array]`` and
-``update_group(grads, state, params, ctx) -> (updates, new_state)``.
+``update_group(grads, state, params, ctx) -> (updates, new_state)`` (or ``update_groups``, the same
+over all groups of a call at once, for a method that stacks equal-shape work across groups).
 
 :func:`build_transform` maps them over a tree and owns what every method shares: the step counter,
 the non-finite-gradient policy (README of the specs, rule 6), structure/shape/dtype checks that name
@@ -21,7 +22,7 @@ import contextlib
 import math
 import numbers
 import sys
-from typing import Any, Callable, Hashable, Iterable, Iterator, NamedTuple, Sequence, Union
+from typing import Any, Callable, Hashable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace, is_torch_namespace
 
@@ -48,6 +49,7 @@ __all__ = [
     "cond",
     "singleton_groups",
     "weight_bias_groups",
+    "missing_members",
     "check_interval",
     "check_positive",
     "check_nonnegative",
@@ -67,6 +69,10 @@ def _nothing_due(step: int) -> tuple[bool, ...]:
     return ()
 
 
+def _each_leaf_alone(paths: Sequence[Any], leaves: Sequence[Any]) -> list["LeafGroup"]:
+    return singleton_groups(paths, leaves)
+
+
 class Transform(NamedTuple):
     """A pure optimizer: ``state = init(params)``; ``updates, state = update(grads, state, params)``.
 
@@ -81,6 +87,10 @@ class Transform(NamedTuple):
     it, the decision reads the state's counters (a ``lax.cond`` under ``jax.jit``; a device read
     elsewhere). ``due(i)`` returns those host decisions as a tuple of bools, which a compiled caller
     passes as ``update(..., due=due(i))`` so that the compiled code depends on them alone.
+
+    ``group_leaves(paths, leaves)`` gives the groups of leaves the method treats as one block (a
+    weight with its bias for MBF and IF-Shampoo's ``grouping="weight_bias"``), for an adapter that
+    must apply :func:`missing_members`.
     """
 
     init: Callable[[Any], Any]
@@ -88,6 +98,7 @@ class Transform(NamedTuple):
     due: Callable[[int], tuple[bool, ...]] = _nothing_due
     #: The float32 matmul precision ``update`` runs at (see :func:`float32_matmul_precision`).
     matmul_precision: str = "highest"
+    group_leaves: Callable[[Sequence[Any], Sequence[Any]], list["LeafGroup"]] = _each_leaf_alone
 
 
 class PrecondState(NamedTuple):
@@ -327,6 +338,19 @@ def weight_bias_groups(
     return groups
 
 
+def missing_members(groups: Sequence[LeafGroup], present: Sequence[bool]) -> list[int]:
+    """The leaves without a gradient that share a group with a leaf that has one.
+
+    The rule for a partial gradient of a multi-leaf group (in torch, a weight whose bias has no
+    gradient, or the reverse): such a leaf takes part in its group's step with a zero gradient and
+    is left unchanged (its update is dropped and its own step count is not advanced), so that the
+    group keeps one state and one step count; at the next step where both have gradients they are
+    stepped together again. ``present[i]`` says whether leaf ``i`` has a gradient. A JAX or NumPy
+    gradient tree has every leaf, so only the torch adapter meets the case.
+    """
+    return [i for g in groups if any(present[j] for j in g.indices) for i in g.indices if not present[i]]
+
+
 # --------------------------------------------------------------------------------------------
 # Hyperparameter validation: a bad value raises ValueError naming the argument and the range.
 # Values that are arrays (optax.inject_hyperparams passes them, possibly traced) are not checked.
@@ -469,7 +493,8 @@ def build_transform(
     *,
     name: str,
     init_group: Callable[[tuple[Array, ...], tuple[Path, ...], Any], dict[str, Array]],
-    update_group: Callable[..., tuple[tuple[Array, ...], dict[str, Array]]],
+    update_group: Optional[Callable[..., tuple[tuple[Array, ...], dict[str, Array]]]] = None,
+    update_groups: Optional[Callable[..., list[tuple[tuple[Array, ...], dict[str, Array]]]]] = None,
     group_leaves: Callable[[Sequence[Path], Sequence[Array]], list[LeafGroup]] = singleton_groups,
     on_nonfinite: str = "skip",
     needs_params: bool = False,
@@ -489,6 +514,12 @@ def build_transform(
         ``(grads, state, params, ctx) -> (updates, new_state)`` for one group; ``params`` is the
         group's tuple of parameters, or ``None`` when ``update`` was called without them.
         ``new_state`` must have the same names, shapes and dtypes as ``state``.
+    update_groups:
+        ``(grads, states, params, ctxs) -> [(updates, new_state), ...]``, given instead of
+        ``update_group``: the same function over lists of all the (non-empty) groups of one call,
+        in order, so that a method can stack blocks of equal shape across groups into one batched
+        matmul or solve (one kernel instead of one per parameter on a GPU). ``ctxs[i]`` is the
+        context ``update_group`` would get for group ``i``.
     group_leaves:
         ``(paths, leaves) -> [LeafGroup]``: which leaves form one block; singletons by default.
     on_nonfinite:
@@ -509,6 +540,25 @@ def build_transform(
     """
     check_choice("matmul_precision", matmul_precision, tuple(_JAX_PRECISION))
     check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
+    if (update_group is None) == (update_groups is None):
+        raise TypeError(f"{name}: build_transform needs exactly one of update_group and update_groups")
+    # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes: update
+    # compares it with the state it is given (the gradients stand in for the parameters).
+    # init records the layouts it makes, so that update builds a state only for gradients unlike
+    # the parameters init saw (a state from elsewhere, another dtype): no second copy of the state.
+    layouts: dict[tuple, dict[str, tuple]] = {}
+
+    def layout_key(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> tuple:
+        return (group.key, group.paths, tuple(tuple(x.shape) for x in leaves), tuple(x.dtype for x in leaves), xp.__name__)
+
+    def layout_of(state: dict[str, Array]) -> dict[str, tuple]:
+        return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+    def layout_for(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> dict[str, tuple]:
+        key = layout_key(group, leaves, xp)
+        if key not in layouts:
+            layouts[key] = layout_of(init_group(leaves, group.paths, xp))
+        return layouts[key]
 
     def init(params: Any) -> PrecondState:
         leaves, treedef = tree_flatten(params)
@@ -521,6 +571,7 @@ def build_transform(
                 groups[group.key] = {}
             else:
                 groups[group.key] = _unaliased(xp, init_group(members, group.paths, xp), members)
+                layouts[layout_key(group, members, xp)] = layout_of(groups[group.key])
 
         def counter() -> Array:
             return xp.zeros((), dtype=xp.int32, device=dev)
@@ -610,14 +661,32 @@ def build_transform(
         ctx = StepContext(xp=xp, count=state.count, extra=extra, calls=calls, due=decisions)
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
-        for group in groups:
-            g = tuple(grad_leaves[i] for i in group.indices)
-            p = None if param_leaves is None else tuple(param_leaves[i] for i in group.indices)
+        members = [
+            (
+                group,
+                tuple(grad_leaves[i] for i in group.indices),
+                None if param_leaves is None else tuple(param_leaves[i] for i in group.indices),
+            )
+            for group in groups
+        ]
+        live = [m for m in members if not all(math.prod(leaf.shape) == 0 for leaf in m[1])]
+        if not _torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
+            for group, g, _ in live:
+                _check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp))
+        contexts = [ctx._replace(paths=group.paths) for group, _, _ in live]
+        if update_groups is not None:
+            results = update_groups(
+                [g for _, g, _ in live], [state.groups[group.key] for group, _, _ in live], [p for _, _, p in live], contexts
+            )
+        else:
+            results = [update_group(g, state.groups[group.key], p, c) for (group, g, p), c in zip(live, contexts)]
+        by_key = {group.key: result for (group, _, _), result in zip(live, results)}
+        for group, g, _ in members:
             old = state.groups[group.key]
-            if all(math.prod(leaf.shape) == 0 for leaf in g):
+            if group.key in by_key:
+                upd, new = by_key[group.key]
+            else:  # a zero-size group: no state, zero updates
                 upd, new = tuple(xp.zeros_like(leaf) for leaf in g), {}
-            else:
-                upd, new = update_group(g, old, p, ctx._replace(paths=group.paths))
             _check_group(name, group, g, upd, old, new)
             for i, u in zip(group.indices, upd):
                 target = grad_leaves[i].dtype
@@ -642,7 +711,7 @@ def build_transform(
         )
         return tree_unflatten(treedef, updates), new_state
 
-    return Transform(init, update, due, matmul_precision)
+    return Transform(init, update, due, matmul_precision, group_leaves)
 
 
 def _unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> dict[str, Array]:
@@ -659,6 +728,29 @@ def _unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> d
         seen.add(id(value))
         out[key] = value
     return out
+
+
+def _check_fits(
+    name: str, group: LeafGroup, grads: tuple[Array, ...], state: dict[str, Array], layout: dict[str, tuple]
+) -> None:
+    """Refuse, by name, gradients that do not fit the group's state: a transposed or reshaped
+    gradient, another dtype (a float64 gradient for float32 state), a missing partner leaf (MBF's
+    bias); ``layout`` is the state ``init_group`` gives these gradients."""
+    found = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    if found == layout:
+        return
+    given = ", ".join(f"{path_str(path)!r} {tuple(g.shape)}/{g.dtype}" for path, g in zip(group.paths, grads))
+    wrong = sorted(set(found) ^ set(layout)) or [k for k in sorted(found) if found[k] != layout[k]]
+    detail = "; ".join(
+        f"{k!r}: state {found[k][0]}/{found[k][1]}, gradient needs {layout[k][0]}/{layout[k][1]}"
+        if k in found and k in layout
+        else f"{k!r} {'only in the state' if k in found else 'missing from the state'}"
+        for k in wrong
+    )
+    raise ValueError(
+        f"{name}: the gradient of {given} does not fit the optimizer state of this group ({detail}); "
+        "a transposed gradient, another dtype, or a weight without its bias?"
+    )
 
 
 def _check_group(

@@ -1,85 +1,268 @@
-"""``python -m precond_ref bench``: small layer cases only; the numbers are checked, not the speed."""
+"""``python -m precond_ref bench``: tiny cases and models; the numbers' bookkeeping is checked, not the speed."""
 
 from __future__ import annotations
 
 import json
-import types
+import math
+import sys
+import textwrap
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
-from precond_ref import benchmarks, cli
-from precond_ref.method_table import MethodEntry, entry_by_name
+from precond_ref import cli
+from precond_ref.benchmarks import common, layers, models, report
+from precond_ref.compare.methods import entry_by_name
+
+ROOT_FLAGS = ["--quick", "--no-progress"]
 
 
-def test_quick_bench_writes_ratios_to_both_baselines(tmp_path, capsys):
+def _bench(tmp_path, *argv):
+    code = cli.main(["bench", *ROOT_FLAGS, "--out", str(tmp_path), *argv])
+    return code, json.loads((tmp_path / "bench.json").read_text()) if (tmp_path / "bench.json").exists() else None
+
+
+def _by(rows):
+    return {(r["framework"], r["label"]): r for r in rows}
+
+
+def test_layer_cases_give_ratios_to_every_baseline_of_their_framework(tmp_path):
+    """Torch rows are quoted against Adam(foreach) and Adam(fused), core rows against torch Adam on
+    the same device; RF-AdamW (a bench-only entry) runs; a transformer stack is one param group."""
+    code, data = _bench(tmp_path, "--methods", "agd,rf_adamw", "--frameworks", "torch,numpy", "--cases", "24x16,tf1x8")
+    assert code == 0
+    rows = data["results"]["24x16"]
+    by = _by(rows)
+    assert set(by) == {
+        ("torch", "torch Adam(foreach)"), ("torch", "torch Adam(fused)"), ("torch", "AGD"), ("torch", "RF-AdamW"),
+        ("numpy", "torch Adam(foreach)"), ("numpy", "AGD"), ("numpy", "RF-AdamW"),
+    }
+    agd, foreach, fused = by["torch", "AGD"], by["torch", "torch Adam(foreach)"], by["torch", "torch Adam(fused)"]
+    assert agd["ratios"] == pytest.approx({foreach["label"]: agd["median_ms"] / foreach["median_ms"], fused["label"]: agd["median_ms"] / fused["median_ms"]})
+    assert agd["mean_ratios"][foreach["label"]] == pytest.approx(agd["mean_ms"] / foreach["mean_ms"])
+    # AGD keeps two moments per parameter, as Adam does: the same state up to step counters.
+    assert agd["state_ratio"] == pytest.approx(1.0, abs=0.02)
+    assert agd["reference_ratio"] == pytest.approx(agd["mean_ms"] / data["reference"]["mean_ms"])
+    assert "reference_ratio" not in by["numpy", "AGD"]  # the eigh yardstick is for the torch adapter
+    assert agd["steps"] == 3 and len(agd["times_ms"]) == 3 and agd["first_step_ms"] > 0
+    for name in ("agd", "rf_adamw"):
+        assert data["settings"]["hyperparameters"][name] == entry_by_name(name).bench_kwargs()
+    stack = {r["label"] for r in data["results"]["tf1x8"] if "median_ms" in r}
+    assert {"AGD", "RF-AdamW"} <= stack
+    assert data["machine"]["torch_threads"] >= 1 and data["machine"]["processor"]
+
+
+def test_jax_layer_rows_time_the_jitted_update(tmp_path):
     pytest.importorskip("optax")
-    argv = ["bench", "--quick", "--methods", "agd", "--frameworks", "torch,jax,numpy", "--cases", "24x16",
-            "--out", str(tmp_path), "--no-progress"]
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "torch.optim.Adam(foreach=True)" in printed and "optax.adam (jit)" in printed and "| 24x16 | jax | AGD |" in printed
-    report = json.loads((tmp_path / "bench.json").read_text())
-    rows = report["results"]["24x16"]
-    by = {(r["framework"], r["method"]): r for r in rows}
-    assert set(by) == {(f, m) for f in ("torch", "jax", "numpy") for m in ("baseline", "agd")}
-    for framework in ("torch", "jax", "numpy"):
-        row = by[framework, "agd"]
-        baseline = by[framework if framework != "numpy" else "numpy", "baseline"]
-        assert row["time_ratio"] == pytest.approx(row["median_ms"] / baseline["median_ms"])
-        assert row["repeats"] == 3 and len(row["times_ms"]) == 3
-        # AGD keeps two moments per parameter, as Adam does: the same state up to step counters.
-        assert row["state_ratio"] == pytest.approx(1.0, abs=0.02)
-    assert by["jax", "agd"]["first_call_s"] > 0
-    assert report["settings"]["hyperparameters"]["agd"] == entry_by_name("agd").bench_kwargs()
+    code, data = _bench(tmp_path, "--methods", "agd", "--frameworks", "jax", "--cases", "24x16")
+    assert code == 0
+    by = _by(data["results"]["24x16"])
+    agd = by["jax", "AGD"]
+    assert agd["ratios"] == pytest.approx({"optax.adam (jit)": agd["median_ms"] / by["jax", "optax.adam (jit)"]["median_ms"]})
+    assert data["machine"]["jax"] and data["reference"] is None
 
 
-def test_default_cases_include_the_issue_shapes():
-    assert benchmarks.CASES["1024x1024"] == (1024, 1024)
-    assert benchmarks.CASES["4096x1024"] == (4096, 1024)
-    assert benchmarks.CASES["conv64-64-3x3"] == (64, 64, 3, 3)
+@pytest.mark.parametrize("model, frameworks", [("gpt", "torch,jax"), ("resnet", "torch")])
+def test_model_bench_times_whole_training_steps(model, frameworks, tmp_path):
+    """Torch rows against AdamW fused and foreach, JAX rows against optax.adamw; the loss after the
+    steps is recorded; B is the examples the loss averages (tokens for the GPT)."""
+    if "jax" in frameworks:
+        pytest.importorskip("optax")
+    code, data = _bench(tmp_path, "--model", model, "--methods", "rf_adamw", "--frameworks", frameworks)
+    assert code == 0
+    rows = data["results"][model]
+    by = _by(rows)
+    mine = by["torch", "RF-AdamW"]
+    assert set(mine["ratios"]) == {"torch AdamW(fused)", "torch AdamW(foreach)"}
+    assert math.isfinite(mine["last_loss"])
+    size = models.SIZES[model]["tiny"]
+    assert data["settings"]["size"] == "tiny" and data["settings"]["model"] == json.loads(json.dumps(size))
+    assert data["settings"]["batch_size_for_root_free"] == (size["batch"] * size["seq"] if model == "gpt" else size["batch"])
+    if "jax" in frameworks:
+        assert set(by["jax", "RF-AdamW"]["ratios"]) == {"optax.adamw (jit)"}
+        assert math.isfinite(by["jax", "RF-AdamW"]["last_loss"])
 
 
-def test_timing_uses_the_median_and_respects_the_budget(monkeypatch):
-    """With a fake clock: the first step is warm-up, the median of the timed steps is reported, and a
-    slow first step cuts the number of steps to fit the budget."""
+def _inner_dimensions(model: str, size: dict, module) -> int:
+    """Sum of the contraction lengths on the forward path: every weight's fan-in, plus attention's."""
+    total = sum(math.prod(p.shape[1:]) for p in module.parameters() if p.ndim >= 2)
+    if model == "gpt":
+        total += size["layers"] * (size["width"] // size["heads"] + size["seq"])
+    return total
+
+
+@pytest.mark.parametrize("model", models.MODELS)
+def test_jax_model_is_the_torch_model(model):
+    """Same weights and batch -> the same loss in both frameworks, to float32 rounding.
+
+    Bound (standard dot-product rounding model): each contraction of length n is off by at most
+    n * eps relatively, so the loss by at most (sum of the contraction lengths on the forward
+    path) * eps * |loss|. Checked to fail when the JAX attention drops its causal mask.
+    """
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    size = models.SIZES[model]["tiny"]
+    module = models.build_torch(model, size, torch.float32, "cpu")
+    (inputs, targets), _ = models.random_batches(model, size, "cpu", torch.float32)
+    with torch.no_grad():
+        expected = float(models.torch_loss(model)(module, inputs, targets))
+    params = models.nest({n: jnp.asarray(p.detach().numpy()) for n, p in module.named_parameters()})
+    got = float(jax.jit(models.jax_loss(model, size))(params, jnp.asarray(inputs.numpy()), jnp.asarray(targets.numpy())))
+    bound = _inner_dimensions(model, size, module) * float(jnp.finfo(jnp.float32).eps) * max(1.0, abs(expected))
+    assert abs(got - expected) <= bound, (got, expected, bound)
+
+
+def test_time_steps_first_step_apart_and_refresh_window():
+    """With a fake clock: the first step is reported apart, warm-up steps are not timed, the window
+    is as long as the refresh period (so its mean includes the refresh step), and the budget cuts it."""
     clock = {"now": 0.0}
-    monkeypatch.setattr(benchmarks, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
 
     def stepper(durations):
         def step(i):
-            clock["now"] += durations[i]
+            clock["now"] += durations(i)
 
         return step
 
-    result = benchmarks._timed(stepper([0.5, 0.5, 0.030, 0.001, 0.002]), lambda: None, warmup=2, repeats=3)
-    assert result["repeats"] == 3 and result["times_ms"] == pytest.approx([30.0, 1.0, 2.0])
-    assert result["median_ms"] == pytest.approx(2.0) and result["mean_ms"] == pytest.approx(11.0)
-    assert result["first_step_ms"] == pytest.approx(500.0)
+    # steps 0 (compile), 1 (warm-up), then a window of max(3, 4) = 4 steps, one of them a refresh (i % 4 == 0).
+    cost = lambda i: 5.0 if i == 0 else (0.4 if i % 4 == 0 else 0.1)  # noqa: E731
+    result = common.time_steps(stepper(cost), lambda: None, warmup=2, repeats=3, period=4, clock=lambda: clock["now"])
+    assert result["first_step_ms"] == pytest.approx(5000.0)
+    assert result["times_ms"] == pytest.approx([100.0, 100.0, 400.0, 100.0])
+    assert result["median_ms"] == pytest.approx(100.0) and result["mean_ms"] == pytest.approx(175.0)
+    assert result["covers_period"] and result["window"] == 4 and result["max_ms"] == pytest.approx(400.0)
 
-    monkeypatch.setattr(benchmarks, "_BUDGET_S", 1.0)
-    slow = benchmarks._timed(stepper([0.4] * 10), lambda: None, warmup=2, repeats=7)
-    assert slow["repeats"] == 1 and len(slow["times_ms"]) == 1
-
-
-def test_entries_over_their_size_limit_are_skipped():
-    entry = MethodEntry(
-        name="agd", factory="agd", label="AGD", hyperparameters={"*": {"learning_rate": 1e-3}}, reference="-", bench_max_size=100
-    )
-    rows = benchmarks.bench_case([entry], (16, 8), ["numpy"], warmup=1, repeats=1)
-    assert rows[0]["method"] == "baseline"
-    assert "bench_max_size 100" in rows[1]["skipped"]
+    clock["now"] = 0.0
+    cut = common.time_steps(stepper(lambda i: 0.6), lambda: None, warmup=1, repeats=2, period=100, budget_s=1.0, clock=lambda: clock["now"])
+    assert cut["steps"] == 2 and cut["window"] == 100 and not cut["covers_period"]
 
 
-def test_authors_package_side_by_side_or_skipped():
-    rows, skipped = benchmarks._authors_rows((16, 8), "float32", 1, 2, "cpu")
+def test_refresh_period_reads_every_interval_with_the_factory_defaults():
+    variants = {c.variant: c for c in common.contenders("mbf,if_shampoo,agd,sketchy", with_variants=True)[0]}
+    assert common.refresh_period(entry_by_name("mbf")) == 100  # statistics every 10, inverses every 100
+    assert common.refresh_period(entry_by_name("if_shampoo")) == 2
+    assert common.refresh_period(entry_by_name("agd")) == 1
+    assert common.refresh_period(variants["every 10"].entry) == 10
+
+
+def test_variants_and_their_dtype_names():
+    chosen, _ = common.contenders("if_shampoo,sketchy", with_variants=True)
+    keys = [c.key for c in chosen]
+    assert keys[0] == "if_shampoo" and "if_shampoo[bf16 factors]" in keys and "sketchy[faithful]" in keys
+    bf16 = next(c for c in chosen if c.variant == "bf16 factors")
+    assert common.core_kwargs_for(bf16.entry, torch, "torch")["factor_dtype"] is torch.bfloat16
+    import numpy as np
+
+    with pytest.raises(ValueError, match="numpy has no bfloat16"):
+        common.core_kwargs_for(bf16.entry, np, "numpy")
+    faithful = next(c for c in chosen if c.key == "sketchy[faithful]")
+    assert faithful.entry.bench_kwargs()["block_size"] is None and faithful.label == "Sketchy (faithful)"
+    assert [c.key for c in common.contenders("if_shampoo", with_variants=False)[0]] == ["if_shampoo"]
+
+
+def test_torch_compile_flag_reaches_the_adapters(monkeypatch):
+    """--torch-compile on/off passes compile=True/False; default passes nothing; an adapter without
+    the option is a clear error, not a silent fallback."""
+    seen = []
+
+    def fake(entry, named, kwargs, options=None):
+        seen.append(options)
+        return object(), []
+
+    monkeypatch.setattr("precond_ref.compare.training.make_torch_optimizer", fake)
+    (agd,), _ = common.contenders("agd", with_variants=False)
+    for flag in ("default", "on", "off"):
+        common.torch_optimizer(agd, [], flag)
+    assert seen == [{}, {"compile": True}, {"compile": False}]
+
+    def refuses(entry, named, kwargs, options=None):
+        raise TypeError("AGD.__init__() got an unexpected keyword argument 'compile'")
+
+    monkeypatch.setattr("precond_ref.compare.training.make_torch_optimizer", refuses)
+    with pytest.raises(cli.UserError, match="--torch-compile on: AGD does not take compile="):
+        common.torch_optimizer(agd, [], "on")
+
+
+def test_adapter_options_propagate_instead_of_falling_back():
+    from precond_ref.compare.training import make_torch_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(TypeError, match="no_such_option"):
+        make_torch_optimizer(entry_by_name("agd"), [("w", p)], entry_by_name("agd").bench_kwargs(), {"no_such_option": 1})
+
+
+def test_authors_code_side_by_side(tmp_path, monkeypatch, capsys):
+    """The authors' ASGO from --authors-path at our entry's settings, with the authors' trainer's
+    split (matrices to it, the rest to Adam); SIRFShampoo where installed, else a skip note."""
+    package = tmp_path / "checkout" / "optimizers"
+    (package / "utils").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "utils" / "__init__.py").write_text("")
+    (package / "utils" / "utils.py").write_text("from optimizers.asgo import asgo\n")
+    (package / "asgo.py").write_text(textwrap.dedent("""
+        import torch
+        CALLS = []
+        class asgo(torch.optim.SGD):
+            def __init__(self, params, learning_rate, momentum, weight_decay, beta2):
+                params = list(params)
+                CALLS.append({"shapes": [tuple(p.shape) for p in params], "learning_rate": learning_rate,
+                              "momentum": momentum, "weight_decay": weight_decay, "beta2": beta2})
+                super().__init__(params, lr=learning_rate)
+    """))
+    monkeypatch.setattr(sys, "path", sys.path[:])  # --authors-path extends it for the rest of the process
+    code, data = _bench(tmp_path / "out", "--methods", "asgo,if_shampoo", "--frameworks", "torch", "--cases", "8x4",
+                        "--authors-path", str(tmp_path / "checkout"))
+    assert code == 0
+    by = _by(data["results"]["8x4"])
+    assert by["torch", "asgo (authors)"]["ratios"]["torch Adam(foreach)"] > 0
+    import optimizers.asgo as fake
+
+    kwargs = entry_by_name("asgo").bench_kwargs()
+    assert fake.CALLS[-1] == {"shapes": [(8, 4)], "learning_rate": kwargs["learning_rate"], "momentum": kwargs["b1"],
+                              "weight_decay": kwargs["weight_decay"], "beta2": kwargs["b2"]}
     try:
         import sirfshampoo  # noqa: F401
     except ImportError:
-        assert rows == [] and "sirfshampoo" in skipped[0]
+        assert any("sirfshampoo" in s["reason"] for s in data["skipped"])
     else:
-        assert rows[0]["label"] == "SIRFShampoo (authors)" and rows[0]["median_ms"] > 0
+        assert by["torch", "SIRFShampoo (authors)"]["median_ms"] > 0
+    for name in [m for m in sys.modules if m == "optimizers" or m.startswith("optimizers.")]:
+        del sys.modules[name]
+
+
+def test_layer_cases():
+    assert layers.CASES["1024x1024"] == ("linear", 1024, 1024) and layers.CASES["4096x1024"] == ("linear", 4096, 1024)
+    assert layers.CASES["conv64-64-3x3"] == ("conv", 64, 64, 3, 3)
+    assert layers.parse_cases("tf3x64,12x4,8x4x3x3") == {"tf3x64": ("tf", 3, 64), "12x4": ("linear", 12, 4), "8x4x3x3": ("conv", 8, 4, 3, 3)}
+    stack = layers.case_module(("tf", 3, 64), torch.float32, "cpu")
+    shapes = [tuple(p.shape) for p in stack.parameters()]
+    assert len(shapes) == 3 * 12 and shapes.count((256, 64)) == 3  # each block's fc: equal shapes repeat
+
+
+def test_tables_and_readme_block_from_the_report():
+    rows = [
+        {"framework": "torch", "method": "baseline", "variant": None, "label": "B", "first_step_ms": 2.0, "median_ms": 1.0,
+         "mean_ms": 1.0, "steps": 3, "period": 1, "covers_period": True, "state_bytes": 2**20},
+        {"framework": "torch", "method": "mbf", "variant": None, "label": "MBF", "first_step_ms": 9.0, "median_ms": 2.0,
+         "mean_ms": 3.0, "steps": 3, "period": 100, "covers_period": False, "state_bytes": 2**21},
+        {"framework": "torch", "method": "x", "variant": None, "label": "X", "error": "ValueError: no"},
+    ]
+    from precond_ref.benchmarks.measure import add_ratios
+
+    add_ratios(rows)
+    table = report.format_table("case", rows)
+    assert "| torch | MBF | 9 | 2 | 3 (3 < period 100) | 2.00x | 3.00x | - | 2.00 | 2.00x |" in table
+    assert "| torch | X | error |" in table
+    data = {"argv": ["--model", "gpt"], "machine": {"processor": "CPU", "cpu_count": 2, "torch": "2", "torch_threads": 2},
+            "settings": {"dtype": "float32", "repeats": 3, "warmup": 1, "model_description": "gpt: tiny"}, "total_s": 5.0,
+            "results": {"gpt": rows}}
+    block = report.readme_section({"gpt": data})
+    assert block.startswith(report.README_BEGIN) and block.endswith(report.README_END)
+    assert "| MBF | 2 | 2.00x | 3.00x | 0.01 |" in block and "`python -m precond_ref bench --model gpt` on CPU (2 usable CPUs)" in block
+    text = f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\nrest"
+    assert report.replace_readme_section(text, block) == f"intro\n{block}\nrest"
+    with pytest.raises(ValueError):
+        report.replace_readme_section("no block", block)
 
 
 @pytest.mark.parametrize(
@@ -89,19 +272,27 @@ def test_authors_package_side_by_side_or_skipped():
         (["--cases", "12by4"], "unknown layer case '12by4'"),
         (["--methods", "nope"], "unknown method(s) 'nope'"),
         (["--methods", "adam"], "no method to benchmark"),
+        (["--model", "gpt", "--frameworks", "numpy"], "--frameworks numpy times the core on layer cases only"),
+        (["--model", "gpt", "--cases", "8x4"], "--cases chooses layer cases"),
+        (["--size", "small"], "--size chooses the model of --model gpt|resnet"),
+        (["--authors-path", "/nonexistent/dir"], "--authors-path '/nonexistent/dir' is not a directory"),
     ],
 )
 def test_bench_user_errors(argv, message, tmp_path, capsys):
-    assert cli.main(["bench", "--quick", *argv, "--out", str(tmp_path)]) == 2
+    assert cli.main(["bench", "--quick", "--methods", "agd", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
-def test_bench_unwritable_output_and_bad_flags(tmp_path, capsys):
+def test_bench_unwritable_output_bad_flags_and_readme_outside_the_repository(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert cli.main(["bench", "--quick", "--methods", "agd", "--out", str(blocker / "x")]) == 2
     assert "cannot write to output directory" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as info:
-        cli.main(["bench", "--repeats", "0"])
-    assert info.value.code == 2
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--quick", "--methods", "agd", "--readme"]) == 2
+    assert "run it from the repository root" in capsys.readouterr().err
+    for flags in (["--repeats", "0"], ["--budget", "0"], ["--torch-compile", "maybe"], ["--model", "vgg"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["bench", *flags])
+        assert info.value.code == 2

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 import precond_ref
-from precond_ref import cli, compare, method_table
+from precond_ref import cli, compare
 from precond_ref.compare import digits, report, training
 from precond_ref.compare.methods import METHODS, MethodEntry, entry_by_name
 
@@ -179,9 +179,6 @@ def test_table_entries_are_well_formed():
         assert set(entry.update_kwargs) <= {"batch_size"}
         for model in digits.MODELS:
             assert "learning_rate" in entry.kwargs_for(model)
-    # The old import path (used by bench) re-exports the same objects.
-    assert method_table.METHODS is METHODS and method_table.MethodEntry is MethodEntry
-    assert method_table.entry_by_name("mbf").kwargs_for("cnn")["precondition_every"] == 100
 
 
 # ------------------------------------------------------------------------------------------

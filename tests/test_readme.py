@@ -48,6 +48,17 @@ def test_readme_results_are_generated_from_the_committed_json():
     assert (ROOT / "docs" / "images" / "compare_loss_curves.png").exists()
 
 
+def test_readme_performance_is_generated_from_the_committed_json():
+    """The performance block is exactly what ``bench --readme`` renders from docs/data/bench.json."""
+    import json
+
+    report = pytest.importorskip("precond_ref.benchmarks.report")
+    data = json.loads((ROOT / "docs" / "data" / "bench.json").read_text())
+    assert data and set(data) <= set(report.KINDS)
+    start, end = README.index(report.README_BEGIN), README.index(report.README_END) + len(report.README_END)
+    assert README[start:end] == report.readme_section(data)
+
+
 def test_readme_method_table_lists_every_method():
     """Every method factory of the library (RF-AdamW was missing) appears in the README's table."""
     from precond_ref.testing import available_methods

@@ -10,6 +10,8 @@ also give exactly the numbers of plain NumPy (the guard only watches).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -23,8 +25,11 @@ CONFIGS = {
     "agd-faithful-amsgrad-clip": lambda: pr.agd(learning_rate=1e-2, mode="faithful", amsgrad=True, clip=1.0),
     "agd-win": lambda: pr.agd(learning_rate=1e-2, win=True, weight_decay=1e-2),
     "asgo-eigh-every2": lambda: pr.asgo(precondition_every=2, root_method="eigh"),
-    "asgo-newton-schulz": lambda: pr.asgo(root_method="newton_schulz"),
-    "asgo-polar-express-blocked": lambda: pr.asgo(root_method="polar_express", block_size=3),
+    # Iterative roots without their convergence check (root_tolerance=inf): matmuls only.
+    "asgo-newton-schulz": lambda: pr.asgo(root_method="newton_schulz", root_tolerance=math.inf),
+    "asgo-polar-express-blocked": lambda: pr.asgo(root_method="polar_express", block_size=3, root_tolerance=math.inf),
+    "asgo-newton-every2": lambda: pr.asgo(root_method="newton", precondition_every=2, root_tolerance=math.inf),
+    "asgo-polar-express-checked": lambda: pr.asgo(root_method="polar_express"),
     "asgo-faithful": lambda: pr.asgo(mode="faithful", weight_decay=0.0, fallback_mask=lambda path, leaf: leaf.ndim != 2),
     "dasgo": lambda: pr.dasgo(),
     "sketchy-every2": lambda: pr.sketchy(learning_rate=1e-2, rank=2, precondition_every=2),
@@ -33,6 +38,9 @@ CONFIGS = {
     "rf_rmsprop": lambda: pr.rf_rmsprop(learning_rate=1e-2, batch_size=8),
     "rf_adamw": lambda: pr.rf_adamw(learning_rate=1e-2, batch_size=8),
     "if_shampoo-every2": lambda: pr.if_shampoo(learning_rate=1e-2, batch_size=8, precondition_every=2),
+    "if_shampoo-weight_bias-lr_scale": lambda: pr.if_shampoo(
+        learning_rate=1e-2, batch_size=8, grouping="weight_bias", preconditioner_lr_scale=pr.prototype_lr_scale
+    ),
     "if_shampoo-prototype": lambda: pr.if_shampoo(
         learning_rate=1e-2, batch_size=8, precondition_every=pr.prototype_schedule(3), mode="faithful"
     ),
@@ -44,9 +52,12 @@ STEPS = 6
 
 
 def _params(rng: np.random.Generator) -> dict:
+    # fc2 and conv2 share block shapes with fc and conv: the batched paths (stacked across layers).
     return {
         "fc": {"weight": rng.standard_normal((5, 4)), "bias": rng.standard_normal(5)},
+        "fc2": {"weight": rng.standard_normal((5, 4))},
         "conv": {"weight": rng.standard_normal((3, 2, 2, 2))},
+        "conv2": {"weight": rng.standard_normal((2, 2, 2, 2))},
         "scale": rng.standard_normal(4),
     }
 
@@ -69,9 +80,11 @@ def _run(opt, params, grads, wrap_arrays: bool):
     return outputs, tree_map(sync_guard.unwrap, params)
 
 
-# MBF's principled inverse (linalg.damped_inverse_checked) decides on the host whether its LU
-# inverses need the eigh fallback, on refresh steps: being made branch-free.
-_KNOWN_SYNCS = {"mbf-t1-2-t2-4": "damped_inverse_checked reads the residual check on the host"}
+_KNOWN_SYNCS = {
+    # The eigh fallback of a root that did not converge (linalg.inverse_root): one bool read on
+    # refresh steps in eager mode (a lax.cond under jax.jit, a torch.cond under torch.compile).
+    "asgo-polar-express-checked": "inverse_root reads its convergence check on the host on refresh steps",
+}
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -150,7 +151,54 @@ def test_grouping_pairs_weight_and_bias(backend):
     assert sorted(state.groups) == ["fc/weight", "scale"]
     updates, _ = opt.update(params, state, params)
     np.testing.assert_array_equal(backend.to_numpy(updates["fc"]["bias"]), -1.0)
-    assert seen[2:] == [("update", "fc/weight", "fc/bias"), ("update", "scale")]
+    # (update also asks init_group, once per group, for the state layout it checks the gradients against)
+    assert [s for s in seen[2:] if s[0] == "update"] == [("update", "fc/weight", "fc/bias"), ("update", "scale")]
+
+
+def test_update_groups_sees_every_nonempty_group_of_a_call_at_once():
+    """``update_groups`` (the batching hook) receives the lists update_group would get one by one,
+    in group order, zero-size groups left out, and gives the same results; exactly one is given."""
+    calls = []
+
+    def init_group(leaves, paths, xp):
+        return {"n": xp.zeros(leaves[0].shape, dtype=leaves[0].dtype)}
+
+    def update_group(grads, state, params, ctx):
+        return tuple(-g * (1.0 + len(ctx.paths[0])) for g in grads), {"n": state["n"] + grads[0]}
+
+    def update_groups(grads, states, params, ctxs):
+        calls.append([path_str(c.paths[0]) for c in ctxs])
+        return [update_group(g, s, p, c) for g, s, p, c in zip(grads, states, params, ctxs)]
+
+    one = build_transform(name="one", init_group=init_group, update_group=update_group)
+    batched = build_transform(name="batched", init_group=init_group, update_groups=update_groups)
+    params = {"a": np.ones(2), "b": {"c": np.ones((2, 3))}, "empty": np.ones((0, 3))}
+    grads = tree_map(lambda p: 2.0 * p, params)
+    want, want_state = one.update(grads, one.init(params), params)
+    got, got_state = batched.update(grads, batched.init(params), params)
+    assert calls == [["a", "b/c"]]
+    tree_map(np.testing.assert_array_equal, got, want)
+    assert list(got_state.groups) == list(want_state.groups) == ["a", "b/c", "empty"]
+    tree_map(np.testing.assert_array_equal, got_state.groups, want_state.groups)
+    with pytest.raises(TypeError, match="exactly one"):
+        build_transform(name="x", init_group=init_group)
+    with pytest.raises(TypeError, match="exactly one"):
+        build_transform(name="x", init_group=init_group, update_group=update_group, update_groups=update_groups)
+
+
+def test_missing_members_of_a_pair():
+    """The partial-gradient rule: a member without a gradient is filled only when another member of
+    its group has one; singletons and groups without any gradient are left out."""
+    from precond_ref.transform import missing_members, weight_bias_groups
+
+    paths = [("fc", "bias"), ("fc", "weight"), ("head", "weight"), ("head", "bias"), ("scale",)]
+    leaves = [np.zeros(3), np.zeros((3, 2)), np.zeros((1, 3)), np.zeros(1), np.zeros(4)]
+    groups = weight_bias_groups(paths, leaves)
+    assert missing_members(groups, [False, True, True, True, False]) == [0]  # fc's bias
+    assert missing_members(groups, [True, False, False, True, True]) == [1, 2]  # both weights
+    assert missing_members(groups, [False, False, True, True, False]) == []  # fc has none at all
+    assert pr.agd().group_leaves(paths, leaves) == [LeafGroup(path_str(p), (i,), (p,)) for i, p in enumerate(paths)]
+    assert pr.mbf(learning_rate=0.1).group_leaves(paths, leaves) == groups
 
 
 def test_state_tree_must_be_the_precond_state(backend):
@@ -248,3 +296,71 @@ def test_matmul_precision_is_explicit_on_jax_and_torch():
         torch.set_float32_matmul_precision(previous)
     with pytest.raises(ValueError, match="matmul_precision must be one of"):
         build_transform(name="toy", init_group=init_group, update_group=update_group, matmul_precision="tf32")
+
+
+# Issue 16 item 13: update without params names gradients that do not fit the state.
+_WITHOUT_PARAMS = {
+    "agd": lambda: pr.agd(learning_rate=0.1),
+    "asgo": lambda: pr.asgo(learning_rate=0.1, weight_decay=0.0),
+    "dasgo": lambda: pr.dasgo(learning_rate=0.1, weight_decay=0.0),
+    "mbf": lambda: pr.mbf(learning_rate=0.1),
+    "rf_rmsprop": lambda: pr.rf_rmsprop(learning_rate=0.1, batch_size=1),
+    "rf_adamw": lambda: pr.rf_adamw(learning_rate=0.1, batch_size=1),
+    "if_shampoo": lambda: pr.if_shampoo(learning_rate=0.1, batch_size=1),
+    "sketchy": lambda: pr.sketchy(learning_rate=0.1, rank=2),
+    "s_adagrad-momentum": lambda: pr.s_adagrad(learning_rate=0.1, rank=2, momentum=0.5),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_WITHOUT_PARAMS))
+@pytest.mark.parametrize("wrong", ["transposed", "float64"])
+def test_update_without_params_names_a_gradient_that_does_not_fit(method, wrong):
+    """A transposed gradient, or a float64 gradient for float32 state, raises ``ValueError`` naming
+    the leaf before the state is touched (it was accepted, or failed deep inside with a broadcasting
+    error, or returned a float64 update)."""
+    opt = _WITHOUT_PARAMS[method]()
+    state = opt.init({"layer": {"w": np.ones((4, 3), np.float32)}})
+    grad = np.ones((3, 4), np.float32) if wrong == "transposed" else np.ones((4, 3), np.float64)
+    given = "(3, 4)/float32" if wrong == "transposed" else "(4, 3)/float64"
+    with pytest.raises(ValueError, match=re.escape(f"gradient of 'layer/w' {given} does not fit")):
+        opt.update({"layer": {"w": grad}}, state)
+
+
+def test_update_without_params_names_a_weight_without_its_bias():
+    """MBF pairs a Linear weight with its bias; a gradient tree without the bias is named (it gave
+    a broadcasting error)."""
+    opt = pr.mbf(learning_rate=0.1)
+    state = opt.init({"fc": {"weight": np.ones((4, 3), np.float32), "bias": np.ones(4, np.float32)}})
+    with pytest.raises(ValueError, match=r"'fc/weight' \(4, 3\)/float32 does not fit.*without its bias"):
+        opt.update({"fc": {"weight": np.ones((4, 3), np.float32)}}, state)
+
+
+def test_s_adagrad_without_momentum_needs_params_to_see_a_transposed_gradient():
+    """Documented limit: S-AdaGrad without momentum keeps no parameter-shaped state (its sketch is of
+    the flattened gradient), so without ``params`` a gradient of another shape but the same size
+    fits its state; with ``params`` it is named."""
+    opt = pr.s_adagrad(learning_rate=0.1, rank=2)
+    params = {"w": np.ones((4, 3), np.float32)}
+    state = opt.init(params)
+    updates, _ = opt.update({"w": np.ones((3, 4), np.float32)}, state)
+    assert updates["w"].shape == (3, 4)
+    with pytest.raises(ValueError, match=r"gradient of 'w' has shape \(3, 4\), parameter has shape \(4, 3\)"):
+        opt.update({"w": np.ones((3, 4), np.float32)}, state, params)
+
+
+@pytest.mark.parametrize("method", sorted(_WITHOUT_PARAMS))
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+def test_skipped_nonfinite_step_prints_no_numpy_warning(method, bad):
+    """Issue 16 item 14: a skipped non-finite step computes nothing from the Inf/NaN (7 of 9
+    methods printed NumPy RuntimeWarnings); it is still skipped and counted."""
+    import warnings
+
+    opt = _WITHOUT_PARAMS[method]()
+    params = {"layer": {"w": np.ones((4, 3), np.float32)}}
+    state = opt.init(params)
+    grad = np.full((4, 3), 0.5, np.float32)
+    grad[1, 2] = bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        updates, new_state = opt.update({"layer": {"w": grad}}, state, params)
+    assert not np.any(updates["layer"]["w"]) and int(new_state.nonfinite_count) == 1 and int(new_state.count) == 0

@@ -32,7 +32,7 @@ import shlex
 import shutil
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..cli import UserError, install_hint, nonnegative_int, positive_int
 from .methods import METHODS, MODELS, MethodEntry
@@ -129,15 +129,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--list", action="store_true", help="list the methods with their hyperparameters and sources, and exit")
 
 
-def resolve_methods(spec: str) -> tuple[list[MethodEntry], list[dict]]:
-    """The entries named by ``--methods`` that can run, and notes for those that cannot.
+def resolve_methods(spec: str, table: Optional[Sequence[MethodEntry]] = None) -> tuple[list[MethodEntry], list[dict]]:
+    """The entries of ``table`` (default :data:`METHODS`) named by ``--methods`` that can run, and
+    notes for those that cannot.
 
     Unknown names are a :class:`UserError`; known entries whose factory is not in this version of
     :mod:`precond_ref` are skipped with a note.
     """
     import precond_ref
 
-    known = {entry.name: entry for entry in METHODS}
+    known = {entry.name: entry for entry in (METHODS if table is None else table)}
     if spec.strip().lower() == "all":
         wanted = list(known)
     else:

@@ -159,15 +159,20 @@ def _torch_kwargs(core: dict, renames: dict) -> dict:
 _TORCH_RENAMES = {"rf_rmsprop": {"b2": "alpha"}}
 
 
-def make_torch_optimizer(entry: MethodEntry, named: list, kwargs: dict) -> tuple[Any, list[str]]:
+def make_torch_optimizer(
+    entry: MethodEntry, named: list, kwargs: dict, options: Optional[dict] = None
+) -> tuple[Any, list[str]]:
     """The torch optimizer for ``entry`` over ``named`` ``(name, tensor)`` pairs, and notes.
 
     Methods use their class in :mod:`precond_ref.adapters.torch` when it exists and maps the
     torch-style arguments back to exactly ``kwargs`` (checked through its ``core_kwargs``);
     otherwise the core factory is wrapped in a generic :class:`CoreOptimizer`, with a note.
+    ``options`` are adapter arguments that are not core arguments (``bench`` passes ``compile=``);
+    a ``TypeError`` naming one of them propagates instead of falling back.
     """
     import torch
 
+    options = options or {}
     if entry.name == "sgd_momentum":
         return torch.optim.SGD([p for _, p in named], lr=kwargs["learning_rate"], momentum=kwargs["momentum"]), []
     if entry.name == "adam":
@@ -184,13 +189,15 @@ def make_torch_optimizer(entry: MethodEntry, named: list, kwargs: dict) -> tuple
     reason = f"precond_ref.adapters.torch has no {entry.torch_class}"
     if cls is not None:
         try:
-            optimizer = cls(named, **_torch_kwargs(kwargs, _TORCH_RENAMES.get(entry.name, {})))
+            optimizer = cls(named, **_torch_kwargs(kwargs, _TORCH_RENAMES.get(entry.name, {})), **options)
             mapped = optimizer.core_kwargs(optimizer.param_groups[0])
             differ = [k for k, v in kwargs.items() if k not in mapped or mapped[k] != v]
             if not differ:
                 return optimizer, []
             reason = f"{entry.torch_class} did not map back to the core arguments {differ}"
         except TypeError as err:
+            if any(repr(name) in str(err) or f"{name}=" in str(err) for name in options):
+                raise
             reason = f"{entry.torch_class} rejected the arguments ({err})"
     factory = getattr(precond_ref, entry.factory)
     generic = type(
@@ -202,7 +209,7 @@ def make_torch_optimizer(entry: MethodEntry, named: list, kwargs: dict) -> tuple
         },
     )
     rest = {k: v for k, v in kwargs.items() if k != "learning_rate"}
-    optimizer = generic(named, {"lr": kwargs.get("learning_rate", 1e-3), "core": rest})
+    optimizer = generic(named, {"lr": kwargs.get("learning_rate", 1e-3), "core": rest}, **options)
     return optimizer, [f"{reason}; ran precond_ref.{entry.factory} through the generic CoreOptimizer"]
 
 

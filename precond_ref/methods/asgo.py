@@ -10,7 +10,9 @@ Layout of a leaf's state (arrays only):
 
 * matrix leaves (ASGO): ``momentum`` (the leaf as an m×n matrix), ``statistic`` (k×k, or a batch of
   ``block_size`` chunks plus ``statistic_tail``), ``root`` (same shapes as the statistic; faithful
-  mode keeps it only when ``precondition_every > 1``), ``root_failures`` (0-D int32);
+  mode keeps it only when ``precondition_every > 1``), ``root_failures`` (0-D int32: roots that
+  were not finite) and, in principled mode, ``root_fallbacks`` (0-D int32: iterative roots that did
+  not converge and were recomputed by ``eigh``);
 * matrix leaves (DASGO): ``momentum`` and ``statistic`` (a vector along the preconditioned side);
 * fallback leaves: ``mu``, ``nu`` (Adam moments in the leaf's shape).
 
@@ -23,13 +25,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Optional, Union
+import sys
+from typing import Any, Callable, NamedTuple, Optional, Union
 
-from array_api_compat import device as array_device
+from array_api_compat import device as array_device, is_jax_namespace
 
 from ..linalg import (
+    ROOT_RESIDUAL_TOLERANCE,
     identity_like,
-    inverse_root_eigh,
+    inverse_root,
     inverse_sqrt_newton_schulz,
     inverse_sqrt_polar_express,
     symmetrize,
@@ -59,7 +63,7 @@ FallbackMask = Union[None, Any, Callable[[Path, Array], bool]]
 
 _MODES = ("principled", "faithful")
 _SIDES = ("auto", "left", "right")
-_ROOT_METHODS = ("eigh", "polar_express", "newton_schulz")
+_ROOT_METHODS = ("auto", "eigh", "polar_express", "newton_schulz", "newton")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,29 +183,71 @@ def _adam_update(
     return update, {"mu": mu, "nu": nu}
 
 
-def _finite_or_zero(xp: Any, g: Array) -> Array:
-    """The gradient with non-finite entries zeroed. On a step with a non-finite gradient the
-    transform discards this group's results (README rule 6); zeroing keeps the discarded
-    computation away from decompositions that would raise on NaN."""
-    return xp.where(xp.isfinite(g), g, xp.zeros_like(g))
+def _wide_dtype(xp: Any, x: Array) -> Any:
+    """float64 for a float32 ``x`` where the backend has it (not JAX without x64, not torch MPS),
+    else ``None``.
+
+    Every float32 number squares into the float64 range without underflow or overflow (2^-149 and
+    2^128 square to 2^-298 and 2^256), so a float64 sum of squares is the Frobenius norm of any
+    float32 array in one pass, whatever its scale.
+    """
+    if x.dtype != xp.float32:
+        return None
+    if is_jax_namespace(xp) and not sys.modules["jax"].config.jax_enable_x64:
+        return None
+    if getattr(array_device(x), "type", None) == "mps":
+        return None
+    return xp.float64
 
 
-def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float]) -> Array:
+def _renormalising_factor(xp: Any, sum_of_squares: Array, target: float) -> Array:
+    """``target / sqrt(sum_of_squares)``, and ``target`` for a zero sum (a zero direction stays zero)."""
+    norm = xp.sqrt(sum_of_squares)
+    return target / xp.where(norm > 0, norm, xp.ones_like(norm))
+
+
+def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float], faithful: bool) -> Array:
     """``u · r·sqrt(mn)/‖u‖_F``: RMS(u) = r for every finite non-zero u, and a zero u stays zero (D2).
 
-    Scale-invariant form (D12): u is first divided by its largest magnitude, so the Frobenius norm is
-    taken of entries in [-1, 1] with at least one of modulus 1. Its squares can neither underflow
-    (the norm is >= 1) nor overflow (it is <= sqrt(mn)), whatever the scale of u: a direction of
-    size 1e-30 (or a subnormal one) is renormalised like one of size 1.
+    Scale-invariant (D12): neither the squares nor the factor may under- or overflow, whatever the
+    scale of u (a direction of size 1e-30, or a subnormal one, is renormalised like one of size 1).
+    Principled float32 (the compute dtype of float32, bf16 and fp16 parameters): squares summed and
+    the factor applied in float64 (:func:`_wide_dtype`), one pass over u for the norm. Otherwise
+    (faithful mode, which keeps the authors' float32 arithmetic; float64; no float64 on the
+    backend) u is first divided by its largest magnitude, so the norm is taken of entries in
+    [-1, 1] with at least one of modulus 1 (>= 1 and <= sqrt(mn)): one more pass.
     """
     if rms_target is None or u.shape[0] * u.shape[1] == 0:
         return u
-    m, n = u.shape
+    target = rms_target * math.sqrt(u.shape[0] * u.shape[1])
+    wide = None if faithful else _wide_dtype(xp, u)
+    if wide is not None:
+        w = xp.astype(u, wide)
+        return xp.astype(w * _renormalising_factor(xp, xp.sum(w * w), target), u.dtype)
     peak = xp.max(xp.abs(u))
     v = u / xp.where(peak > 0, peak, xp.ones_like(peak))
     norm = xp.linalg.matrix_norm(v, ord="fro")
     # norm >= 1 unless u == 0, where v == 0 and any divisor >= 1 keeps the step exactly zero.
-    return v * ((rms_target * math.sqrt(m * n)) / xp.maximum(norm, xp.ones_like(norm)))
+    return v * (target / xp.maximum(norm, xp.ones_like(norm)))
+
+
+def _sum_across(xp: Any, x: Array, axis: int) -> Array:
+    """``xp.sum(x, axis=axis)`` of a matrix; column sums (axis 0) add blocks of 16 rows first.
+
+    The same sum in another order. TorchInductor's CPU code otherwise walks the matrix in strips
+    of 8 columns from the first row to the last, a 4-KiB stride per row; summed in blocks, it reads
+    whole rows (DASGO's column statistic: 2.3x faster on its own, the whole step ~1.5x -> ~1.3x
+    Adam(foreach)).
+    """
+    rows = x.shape[0] // _ROW_BLOCK * _ROW_BLOCK
+    if axis != 0 or rows < 2 * _ROW_BLOCK:
+        return xp.sum(x, axis=axis)
+    blocks = xp.reshape(x[:rows, :], (rows // _ROW_BLOCK, _ROW_BLOCK, x.shape[1]))
+    total = xp.sum(xp.sum(blocks, axis=1), axis=0)
+    return total if rows == x.shape[0] else total + xp.sum(x[rows:, :], axis=0)
+
+
+_ROW_BLOCK = 16
 
 
 def _flush_subnormal(xp: Any, x: Array) -> Array:
@@ -230,6 +276,39 @@ def _finish(
     return -lr * u
 
 
+class _Prepared(NamedTuple):
+    """One ASGO matrix leaf between its statistic update and its root (see ``update_groups``)."""
+
+    new_state: dict[str, Array]  # momentum, statistic(s)
+    left: bool
+    product_dtype: Any
+
+
+def _concat(xp: Any, stacks: list[Array]) -> Array:
+    return stacks[0] if len(stacks) == 1 else xp.concat(stacks, axis=0)
+
+
+def _on_cpu(xp: Any, x: Array) -> bool:
+    """Whether ``x`` lives in host memory, where a k×k ``eigh`` (LAPACK) costs about six k×k
+    matmuls; on GPUs it costs hundreds, and synchronises with the host (cuSOLVER's info check)."""
+    dev = array_device(x)
+    if is_jax_namespace(xp):
+        platform = getattr(dev, "platform", None)  # None for a tracer: the default backend
+        return (platform or sys.modules["jax"].default_backend()) == "cpu"
+    kind = getattr(dev, "type", None)  # torch
+    if isinstance(kind, str):
+        return kind == "cpu"
+    return "cpu" in str(dev).lower()  # NumPy "cpu", array_api_strict CPU_DEVICE; CuPy devices are GPUs
+
+
+def _root_method_for(xp: Any, p: Array, root_method: str) -> str:
+    """``root_method="auto"``: ``eigh`` for float64 (reference runs) and on CPUs, where it is
+    the cheaper and exact choice; the checked Polar-Express iteration on accelerators."""
+    if root_method != "auto":
+        return root_method
+    return "eigh" if p.dtype == xp.float64 or _on_cpu(xp, p) else "polar_express"
+
+
 # ------------------------------------------------------------------------------------------------
 # ASGO
 
@@ -243,6 +322,7 @@ def asgo(
     eps: Optional[float] = None,
     root_method: Optional[str] = None,
     root_steps: int = 10,
+    root_tolerance: Optional[float] = None,
     precondition_every: int = 1,
     rms_target: Optional[float] = 0.2,
     accumulator: str = "ema",
@@ -289,10 +369,21 @@ def asgo(
         Principled: absolute floor :math:`\epsilon \ge 0` of the shift (default 1e-30). Faithful:
         the term inside the Polar-Express / Newton–Schulz normaliser (default 1e-10).
     root_method:
-        ``"eigh"`` (principled default), ``"polar_express"`` (faithful default) or
-        ``"newton_schulz"``; see :mod:`precond_ref.linalg`.
+        Principled: ``"auto"`` (default: ``"eigh"`` on CPUs and for float64, where it is exact and
+        costs about six matmuls, the checked ``"polar_express"`` iteration on GPUs and other
+        accelerators, where matmuls are cheap and ``eigh`` is slow), ``"eigh"``,
+        ``"polar_express"``, ``"newton_schulz"`` or ``"newton"`` (coupled Newton); see
+        :func:`precond_ref.linalg.inverse_root`. Faithful: ``"polar_express"`` (default) or
+        ``"newton_schulz"``, the authors' iterations.
     root_steps:
-        Iterations of the iterative roots (10, as the authors).
+        Iterations of the iterative roots (10, as the authors; principled ``"newton_schulz"`` and
+        ``"newton"`` converge more slowly and want about 20 and 30).
+    root_tolerance:
+        Principled iterative roots: a block whose iteration ends farther than this from
+        convergence is recomputed by ``eigh`` and counted in ``root_fallbacks`` (default
+        :data:`precond_ref.linalg.ROOT_RESIDUAL_TOLERANCE`, 0.05). The check reads one bool on the
+        host per refresh step (a synchronisation on a GPU, except under ``jax.jit``);
+        ``math.inf`` turns it off: matmuls only, no host read. Faithful mode has no check.
     precondition_every:
         Recompute the root when ``count % precondition_every == 0`` (the first update always does);
         the statistic is updated every step.
@@ -344,7 +435,11 @@ def asgo(
       division by zero.
     * D3 (both modes): no assertion that the root is non-zero.
     * D4: ``precondition_every`` (default 1 keeps the authors' behaviour).
-    * D5: the root by ``eigh`` by default; Polar-Express and Newton–Schulz available.
+    * D5: the root by ``eigh`` on CPUs and for float64, by the 10-step Polar-Express iteration of
+      the damped statistic on accelerators (``root_method="auto"``), whose convergence is checked:
+      a block that did not converge is recomputed by ``eigh`` and counted (``root_fallbacks``).
+      The roots of all blocks of one shape, across the parameters of a call and the chunks of a
+      blocked side, are computed together (one batched ``eigh`` or iteration).
     * D6: a non-finite root keeps the previous root (the identity before the first success)
       instead of the identity; failures are counted in ``root_failures``.
     * D7: momentum, statistic and root in the compute dtype (float32 for bf16/fp16 parameters,
@@ -386,10 +481,16 @@ def asgo(
             )
         if block_size is not None:
             raise ValueError("block_size is not available with mode='faithful'; use mode='principled'")
-        if root_method == "eigh":
+        if root_method not in (None, "polar_express", "newton_schulz"):
+            check_choice("root_method", root_method, _ROOT_METHODS)
             raise ValueError(
-                "root_method='eigh' is not available with mode='faithful' (the authors use "
+                f"root_method={root_method!r} is not available with mode='faithful' (the authors use "
                 "'polar_express' or 'newton_schulz'); use mode='principled'"
+            )
+        if root_tolerance is not None:
+            raise ValueError(
+                "root_tolerance is not available with mode='faithful' (the authors' root is not checked); "
+                "use mode='principled'"
             )
         root_method = "polar_express" if root_method is None else root_method
         eps = 1e-10 if eps is None else eps
@@ -397,7 +498,10 @@ def asgo(
     else:
         damping = 1e-4 if damping is None else damping
         eps = 1e-30 if eps is None else eps
-        root_method = "eigh" if root_method is None else root_method
+        root_method = "auto" if root_method is None else root_method
+        root_tolerance = ROOT_RESIDUAL_TOLERANCE if root_tolerance is None else root_tolerance
+        if isinstance(root_tolerance, bool) or not isinstance(root_tolerance, numbers.Real) or not root_tolerance > 0:
+            raise ValueError(f"root_tolerance must be a number > 0 (math.inf: no check), got {root_tolerance!r}")
         if block_size is not None:
             check_positive_int("block_size", block_size)
     check_choice("root_method", root_method, _ROOT_METHODS)
@@ -440,71 +544,138 @@ def asgo(
             state["statistic_tail"] = xp.zeros((tail, tail), dtype=stat_dtype, device=dev)
             state["root_tail"] = xp.eye(tail, dtype=stat_dtype, device=dev)
         state["root_failures"] = xp.zeros((), dtype=xp.int32, device=dev)
+        if not faithful:
+            state["root_fallbacks"] = xp.zeros((), dtype=xp.int32, device=dev)
         return state
 
-    def new_root(xp, p: Array) -> Array:
-        """The root of one statistic or a batch of chunk statistics (no fallback applied)."""
+    def new_roots(xp, p: Array) -> tuple[Array, Array]:
+        """(roots, fallbacks to eigh) of a stack (n, b, b) of statistics (no failure handling)."""
+        no_fallback = xp.zeros(p.shape[:1], dtype=xp.int32, device=array_device(p))
         if faithful:
             if root_method == "polar_express":
-                return inverse_sqrt_polar_express(p, root_steps, eps=eps)
-            return inverse_sqrt_newton_schulz(p, root_steps, eps=eps)
+                return inverse_sqrt_polar_express(p, root_steps, eps=eps), no_fallback
+            return inverse_sqrt_newton_schulz(p, root_steps, eps=eps), no_fallback
         # Scale-invariant form (D12): root the trace-normalised P/τ, τ = tr(P)/k, whose mean
         # eigenvalue is 1, with the shift δ + ε/τ, then scale by τ^{-1/2}. Exactly (P + sI)^{-1/2},
         # but neither the eigensolver nor the iterations' Frobenius normaliser ever sees a statistic
-        # whose squares underflow (a decayed or tiny-gradient P) or overflow.
+        # whose squares underflow (a decayed or tiny-gradient P) or overflow. The eigenvalues of
+        # P/τ + shift lie in [δ, k + δ]: a condition number below k/δ + 1, which the default 10
+        # Polar-Express steps cover for k/δ up to ~1e8 (spec I15).
         tau = trace(p) / p.shape[-1]
         zero = tau <= 0.0  # P = 0 (PSD): the root is ε^{-1/2} I, from τ = 1 and shift ε
         tau = xp.where(zero, xp.ones_like(tau), tau)
         shift = xp.where(zero, xp.zeros_like(tau), damping + xp.zeros_like(tau)) + eps / tau
         normalised = p / xp.expand_dims(xp.expand_dims(tau, axis=-1), axis=-1)
-        scale = xp.expand_dims(xp.expand_dims(tau**-0.5, axis=-1), axis=-1)
-        if root_method == "eigh":
-            return inverse_root_eigh(normalised, 2, shift=shift) * scale
-        damped = normalised + xp.expand_dims(xp.expand_dims(shift, axis=-1), axis=-1) * identity_like(p)
-        if root_method == "polar_express":
-            return inverse_sqrt_polar_express(damped, root_steps) * scale
-        return inverse_sqrt_newton_schulz(damped, root_steps) * scale
+        method = _root_method_for(xp, p, root_method)
+        z, fell_back = inverse_root(
+            normalised, 2, shift=shift, method=method, steps=root_steps,
+            tolerance=None if math.isinf(root_tolerance) else root_tolerance,
+        )
+        return z * xp.expand_dims(xp.expand_dims(tau**-0.5, axis=-1), axis=-1), fell_back
 
-    def refresh(xp, p: Array, previous: Array) -> tuple[Array, Array]:
-        """(root, number of failed matrices): a non-finite root is replaced (D6)."""
+    def refresh(xp, p: Array, previous: Array) -> tuple[Array, Array, Array]:
+        """(roots, failed, fell back) of a stack of statistics, the last two per matrix (int32).
+
+        A non-finite root keeps ``previous`` (D6: the previous root; faithful: the identity)."""
         # A non-finite statistic never reaches the decomposition (NumPy and torch eigh raise on it,
         # JAX returns NaN): root the identity instead and count the failure.
         p_ok = xp.all(xp.isfinite(p), axis=(-2, -1))
         p_ok_b = xp.expand_dims(xp.expand_dims(p_ok, axis=-1), axis=-1)
-        z = new_root(xp, xp.where(p_ok_b, p, xp.zeros_like(p) + identity_like(p)))
+        z, fell_back = new_roots(xp, xp.where(p_ok_b, p, xp.zeros_like(p) + identity_like(p)))
         ok = xp.logical_and(xp.all(xp.isfinite(z), axis=(-2, -1)), p_ok)
         ok_b = xp.expand_dims(xp.expand_dims(ok, axis=-1), axis=-1)
-        z = xp.where(ok_b, z, previous)
-        return z, xp.sum(xp.astype(xp.logical_not(ok), xp.int32), dtype=xp.int32)
+        return xp.where(ok_b, z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
 
-    def update_group(grads, state, params, ctx: StepContext):
-        (g,) = grads
-        param = None if params is None else params[0]
-        xp = ctx.xp
-        if "mu" in state:
-            u, new = _adam_update(
-                g, state, param, ctx, learning_rate, fallback_b1, fallback_b2, fallback_eps,
-                fallback_weight_decay, faithful,
+    def refresh_all(xp, due: Any, statistics: list[Array], previous: list[Array]) -> list[tuple[Array, Array, Array]]:
+        """:func:`refresh` of every statistic (a stack (n_i, b, b) each), batched: the stacks of
+        one shape, dtype and device (all the equal-size blocks of all the matrices of the call) are
+        concatenated and rooted by one batched ``eigh`` or iteration, on refresh calls only."""
+        buckets: dict[tuple, list[int]] = {}
+        for index, p in enumerate(statistics):
+            buckets.setdefault((tuple(p.shape[1:]), p.dtype, array_device(p)), []).append(index)
+        out: list[Any] = [None] * len(statistics)
+        for members in buckets.values():
+            p = _concat(xp, [statistics[i] for i in members])
+            z_prev = _concat(xp, [previous[i] for i in members])
+            none = xp.zeros(p.shape[:1], dtype=xp.int32, device=array_device(p))
+            z, failed, fell_back = cond(
+                xp, due, lambda p, z: refresh(xp, p, z), lambda p, z: (z, none, none), p, z_prev
             )
-            return (u,), new
+            start = 0
+            for i in members:
+                stop = start + statistics[i].shape[0]
+                out[i] = (z[start:stop, ...], failed[start:stop], fell_back[start:stop])
+                start = stop
+        return out
 
+    def update_groups(grads, states, params, ctxs):
+        xp = ctxs[0].xp
+        results: list[Any] = [None] * len(grads)
+        matrices = []  # (group index, _Prepared)
+        for index, ((g,), state, ctx) in enumerate(zip(grads, states, ctxs)):
+            param = None if params[index] is None else params[index][0]
+            if "mu" in state:
+                u, new = _adam_update(
+                    g, state, param, ctx, learning_rate, fallback_b1, fallback_b2, fallback_eps,
+                    fallback_weight_decay, faithful,
+                )
+                results[index] = ((u,), new)
+            else:
+                matrices.append((index, prepare(xp, g, state)))
+        if not matrices:
+            return results
+
+        # Roots: every refresh of the call in one batched computation per block shape.
+        due = True if not keeps_root else ctxs[0].every(precondition_every)
+        statistics, previous, owners = [], [], []
+        for index, prep in matrices:
+            state = states[index]
+            for name in ("statistic", "statistic_tail"):
+                if name not in prep.new_state:
+                    continue
+                p = prep.new_state[name]
+                root_name = "root" if name == "statistic" else "root_tail"
+                if keeps_root:
+                    # D6: principled keeps the previous root; faithful falls back to the identity.
+                    z_prev = state[root_name] if not faithful else xp.zeros_like(p) + identity_like(p)
+                else:
+                    z_prev = xp.zeros_like(p) + identity_like(p)
+                statistics.append(p if p.ndim == 3 else xp.expand_dims(p, axis=0))
+                previous.append(z_prev if z_prev.ndim == 3 else xp.expand_dims(z_prev, axis=0))
+                owners.append((index, root_name, p.ndim))
+        if due is False:
+            refreshed = [(z, None, None) for z in previous]
+        else:
+            refreshed = refresh_all(xp, due, statistics, previous)
+
+        roots: dict[int, dict[str, Array]] = {}
+        for (index, root_name, ndim), (z, failed, fell_back) in zip(owners, refreshed):
+            entry = roots.setdefault(index, {})
+            entry[root_name] = z if ndim == 3 else z[0, ...]
+            if failed is not None:
+                entry["root_failures"] = entry.get("root_failures", 0) + xp.sum(failed, dtype=xp.int32)
+                entry["root_fallbacks"] = entry.get("root_fallbacks", 0) + xp.sum(fell_back, dtype=xp.int32)
+        for index, prep in matrices:
+            param = None if params[index] is None else params[index][0]
+            results[index] = finish_matrix(xp, grads[index][0], states[index], prep, roots[index], param, ctxs[index])
+        return results
+
+    def prepare(xp, g: Array, state: dict[str, Array]) -> _Prepared:
+        """Momentum and statistic of one matrix leaf (everything before the root)."""
         m, n = state["momentum"].shape
         left = _resolve_side(m, n, side) == "left"
         k = m if left else n
         stat_dtype = state["statistic"].dtype
         product_dtype = compute_dtype(xp, g.dtype)  # faithful products; = state dtype if principled
-        dev = array_device(g)
-        g_mat = xp.astype(xp.reshape(_finite_or_zero(xp, g), (m, n)), product_dtype)
+        g_mat = xp.astype(xp.reshape(g, (m, n)), product_dtype)
 
         momentum = _ema(xp, state["momentum"], xp.astype(g_mat, state["momentum"].dtype), b1, faithful)
         if not faithful:
             momentum = _flush_subnormal(xp, momentum)
         new_state = {"momentum": momentum}
 
-        # Oriented views: rows of `g_o` index the preconditioned side.
+        # Oriented view: rows of `g_o` index the preconditioned side.
         g_o = g_mat if left else g_mat.mT
-        m_o = xp.astype(momentum, product_dtype)
-        m_o = m_o if left else m_o.mT
         b, full, tail = chunking(k)
 
         def accumulate(p_old: Array, x: Array) -> Array:
@@ -513,77 +684,51 @@ def asgo(
             return p if faithful else symmetrize(p)
 
         if full:
-            other = g_o.shape[1]
-            g_chunks = xp.reshape(g_o[: full * b, :], (full, b, other))
-            p = accumulate(state["statistic"], g_chunks)
+            g_chunks = xp.reshape(g_o[: full * b, :], (full, b, g_o.shape[1]))
+            new_state["statistic"] = accumulate(state["statistic"], g_chunks)
         else:
-            p = accumulate(state["statistic"], g_o)
-        new_state["statistic"] = p
+            new_state["statistic"] = accumulate(state["statistic"], g_o)
         if tail:
-            p_tail = accumulate(state["statistic_tail"], g_o[full * b :, :])
-            new_state["statistic_tail"] = p_tail
+            new_state["statistic_tail"] = accumulate(state["statistic_tail"], g_o[full * b :, :])
+        return _Prepared(new_state, left, product_dtype)
 
-        failures = state["root_failures"]
-        if not keeps_root:
-            # Faithful, every step: a non-finite root becomes the identity.
-            z, failed = refresh(xp, p, identity_like(p))
-        else:
-
-            def fallback_for(z_prev: Array) -> Array:
-                # D6: principled keeps the previous root; faithful uses the identity as the authors.
-                return xp.zeros_like(z_prev) + identity_like(z_prev) if faithful else z_prev
-
-            no_failure = xp.zeros((), dtype=xp.int32, device=dev)
-            if tail:
-
-                def compute(p, p_tail, z, z_tail):
-                    z, f1 = refresh(xp, p, fallback_for(z))
-                    z_tail, f2 = refresh(xp, p_tail, fallback_for(z_tail))
-                    return z, z_tail, f1 + f2
-
-                def keep(p, p_tail, z, z_tail):
-                    return z, z_tail, no_failure
-
-                z, z_tail, failed = cond(
-                    xp, ctx.every(precondition_every), compute, keep,
-                    p, p_tail, state["root"], state["root_tail"],
-                )
-                new_state["root_tail"] = z_tail
-            else:
-                z, failed = cond(
-                    xp,
-                    ctx.every(precondition_every),
-                    lambda p, z: refresh(xp, p, fallback_for(z)),
-                    lambda p, z: (z, no_failure),
-                    p,
-                    state["root"],
-                )
-            new_state["root"] = z
-        failures = failures + failed
-        new_state["root_failures"] = failures
+    def finish_matrix(xp, g, state, prep: _Prepared, roots: dict[str, Array], param, ctx: StepContext):
+        """Direction, renormalisation and step of one matrix leaf from its (new) roots."""
+        new_state = dict(prep.new_state)
+        momentum = new_state["momentum"]
+        if keeps_root:
+            new_state["root"] = roots["root"]
+            if "root_tail" in roots:
+                new_state["root_tail"] = roots["root_tail"]
+        for name in ("root_failures", "root_fallbacks"):
+            if name in state:
+                new_state[name] = state[name] + roots[name] if name in roots else state[name]
 
         # Direction U = Z M (left) or M Z (right), in the natural orientation where unblocked so
         # that faithful mode multiplies as the authors do.
-        z_p = xp.astype(z, product_dtype)
-        if full:
-            other = m_o.shape[1]
-            chunks = xp.matmul(z_p, xp.reshape(m_o[: full * b, :], (full, b, other)))
-            u_o = xp.reshape(chunks, (full * b, other))
-            if tail:
-                u_o = xp.concat([u_o, xp.matmul(xp.astype(z_tail, product_dtype), m_o[full * b :, :])], axis=0)
+        product_dtype, left = prep.product_dtype, prep.left
+        z_p = xp.astype(roots["root"], product_dtype)
+        m_p = xp.astype(momentum, product_dtype)
+        if z_p.ndim == 3:
+            m_o = m_p if left else m_p.mT
+            full, b = z_p.shape[0], z_p.shape[1]
+            chunks = xp.matmul(z_p, xp.reshape(m_o[: full * b, :], (full, b, m_o.shape[1])))
+            u_o = xp.reshape(chunks, (full * b, m_o.shape[1]))
+            if "root_tail" in roots:
+                tail = xp.matmul(xp.astype(roots["root_tail"], product_dtype), m_o[full * b :, :])
+                u_o = xp.concat([u_o, tail], axis=0)
             u = u_o if left else u_o.mT
         else:
-            m_p = xp.astype(momentum, product_dtype)
             u = xp.matmul(z_p, m_p) if left else xp.matmul(m_p, z_p)
 
-        u = _rms_renormalise(xp, u, rms_target)
-        lr = _learning_rate(ctx, learning_rate, product_dtype, dev)
+        u = _rms_renormalise(xp, u, rms_target, faithful)
+        lr = _learning_rate(ctx, learning_rate, product_dtype, array_device(g))
         return (_finish(xp, u, param, tuple(g.shape), lr, weight_decay),), new_state
 
     return build_transform(
         name="asgo",
         init_group=init_group,
-        update_group=update_group,
+        update_groups=update_groups,
         on_nonfinite=on_nonfinite,
         needs_params=_nonzero(weight_decay) or _nonzero(fallback_weight_decay),
         intervals=(precondition_every,),
@@ -718,16 +863,30 @@ def dasgo(
         left = _resolve_side(m, n, side) == "left"
         product_dtype = compute_dtype(xp, g.dtype)
         dev = array_device(g)
-        g_mat = xp.astype(xp.reshape(_finite_or_zero(xp, g), (m, n)), product_dtype)
+        g_mat = xp.astype(xp.reshape(g, (m, n)), product_dtype)
         momentum = _ema(xp, state["momentum"], xp.astype(g_mat, state["momentum"].dtype), b1, faithful)
         if not faithful:
             momentum = _flush_subnormal(xp, momentum)
-        squares = xp.sum(g_mat * g_mat, axis=1 if left else 0)
+        axis = 1 if left else 0  # reduces over the other side
+        squares = _sum_across(xp, g_mat * g_mat, axis)
         v = _ema(xp, state["statistic"], xp.astype(squares, state["statistic"].dtype), b2, faithful)
-        scale = xp.astype((v + eps) ** -0.5, product_dtype)
-        scale = xp.expand_dims(scale, axis=1) if left else xp.expand_dims(scale, axis=0)
-        u = xp.astype(momentum, product_dtype) * scale
-        u = _rms_renormalise(xp, u, rms_target)
+        # 1/sqrt, not a power: a compiled step evaluates the column scale inside the loops over the
+        # matrix, where a vector pow costs ~10x a sqrt and a division.
+        scale = xp.astype(1.0 / xp.sqrt(v + eps), product_dtype)
+        m_p = xp.astype(momentum, product_dtype)
+        wide = None if faithful or rms_target is None or m * n == 0 else _wide_dtype(xp, m_p)
+        if wide is None:
+            u = _rms_renormalise(xp, m_p * xp.expand_dims(scale, axis=axis), rms_target, faithful)
+        else:
+            # U = M diag(s) (right side): ‖U‖² = Σ_j s_j² Σ_i M_ij², and the sums over i run in the
+            # same pass over the data as the statistic's. The factor goes into the per-column
+            # scale, so U itself is formed once, in the pass that writes the step.
+            m_w = xp.astype(m_p, wide)
+            scale_w = xp.astype(scale, wide)
+            factor = _renormalising_factor(
+                xp, xp.sum(scale_w * scale_w * _sum_across(xp, m_w * m_w, axis)), rms_target * math.sqrt(m * n)
+            )
+            u = xp.astype(m_w * xp.expand_dims(scale_w * factor, axis=axis), product_dtype)
         lr = _learning_rate(ctx, learning_rate, product_dtype, dev)
         return (_finish(xp, u, param, tuple(g.shape), lr, weight_decay),), {"momentum": momentum, "statistic": v}
 

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from array_api_compat import array_namespace, device as array_device
 
-from ..linalg import damped_inverse, damped_inverse_checked, damped_inverse_init
+from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_factor
 from ..transform import (
     PrecondState,
     ScalarOrSchedule,
@@ -22,6 +22,7 @@ from ..transform import (
     check_unit_interval,
     compute_dtype,
     cond,
+    is_zero,
     scalar_array,
     weight_bias_groups,
 )
@@ -37,6 +38,7 @@ _FC = "fc"  # 2-D weight [+ bias]: one O x O statistic per layer
 _CONV = "conv"  # ndim >= 3 weight: one q x q statistic per (output, input) channel pair
 _ELEMENTWISE = "elementwise"  # block size 1: 1x1 convs and FC layers above max_block_dim
 _DIAGONAL = "diagonal"  # every other leaf: the authors' Adam-like rule for BN / conv biases
+_KL_CLIP = 1e-4  # principled default of kl_clip (see the docstring, deviation B7)
 
 
 class MBFTransform(Transform):
@@ -153,6 +155,7 @@ def mbf(
     diagonal_eps: float = 1e-8,
     diagonal_second_moment: str = "momentum",
     max_block_dim: Optional[int] = None,
+    kl_clip: Optional[float] = None,
     mode: str = "principled",
     on_nonfinite: str = "skip",
 ) -> MBFTransform:
@@ -214,6 +217,11 @@ def mbf(
         FC layers with more than this many outputs use the block-size-1 limit
         :math:`D = m/(v+\lambda)`, :math:`v = \mathrm{EMA}_\rho(g^2)`, instead of an
         :math:`O\times O` matrix. ``None``: 4096 in principled mode, unlimited in faithful mode.
+    kl_clip:
+        :math:`\kappa`: each block's step :math:`\alpha D` is scaled by :math:`\nu = \min(1,
+        \sqrt{\kappa/(\alpha^2\langle D, m\rangle)})` (K-FAC's KL clipping, B7;
+        :func:`precond_ref.linalg.kl_clip_factor`). ``None``: 1e-4 in principled mode, off (0) in
+        faithful mode; 0 turns it off.
     mode:
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
@@ -235,7 +243,14 @@ def mbf(
     or ``kernel``/``bias`` (out-last, Flax, transposed internally). State per group: ``momentum``
     (block layout: :math:`[W\mid b]` as (O, I+1), conv as (O, C, q)), ``statistic``, ``inverse``,
     ``failures`` (inverse or statistic refreshes that produced non-finite values and were
-    rejected, and principled inverse refreshes that fell back to ``eigh``, B6); diagonal-rule leaves hold ``ema`` (:math:`a`) and ``second_moment`` (:math:`v`).
+    rejected, and principled inverse refreshes that had to raise the damping, B6); diagonal-rule
+    leaves hold ``ema`` (:math:`a`) and ``second_moment`` (:math:`v`).
+
+    On an inverse step the blocks of all layers with the same block size (FC layers with the same
+    output size, convs with the same kernel size) are inverted by one batched call. No step reads
+    a device value (the inverse is branch-free; the intervals are host decisions given
+    ``update(..., step=)``), except that torch's CUDA ``inv`` checks its own result: one
+    synchronisation per inverse step.
 
     ``mode="faithful"`` reproduces ``mbngd_update`` + ``update_parameter`` of the authors' code
     (achrafba96/mbf ``b0ace6e``, algorithm ``MBNGD-all-to-one-Avg``) on finite inputs. Deviations
@@ -247,15 +262,26 @@ def mbf(
     * B2: :math:`F+\lambda I` is symmetrised before and its inverse after the batched ``inv``
       (faithful: plain ``inv``). Both modes reject a non-finite inverse or statistic block-wise,
       keep the previous value (:math:`I/\lambda` before the first success) and count a failure.
-    * B6: the inverse is LU with a residual check; blocks whose damping was lost to rounding
-      (:math:`\|F\|/\lambda \gtrsim 1/\varepsilon`) are recomputed by ``eigh`` with eigenvalues
-      below the rounding level :math:`\varepsilon\|F\|_F` raised to it
-      (:func:`precond_ref.linalg.damped_inverse_checked`); each fallback counts one ``failures``.
+    * B6: the damping of each block is raised to the precision floor of its statistic,
+      :math:`\lambda_b = \max(\lambda, 100\,\varepsilon\|F\|_F)`, before the LU inverse
+      (:func:`precond_ref.linalg.damped_inverse_stable`): where :math:`\|F\|/\lambda \gtrsim
+      1/(100\varepsilon)` (a gradient spike) the authors' inverse is garbage or singular; here it
+      is accurate to 1e-2 and no longer than the exact damped inverse along any direction. Each
+      refresh that raised a layer's damping counts one ``failures``.
     * B3: state in the compute dtype (float64 for float64 parameters; the authors' models are
       float32). bf16/fp16 parameters keep float32 state in both modes (no backend inverts in bf16).
     * B4: FC layers with more than ``max_block_dim`` outputs use the block-size-1 limit
       (default 4096; faithful: unlimited, every layer gets an :math:`O\times O` block).
     * B5: ``damping > 0`` is required (both modes).
+    * B7: the step of every block (not the diagonal rule's) is clipped, per layer, to
+      :math:`\alpha^2\langle D, m\rangle = \alpha^2 m^\top(F+\lambda I)^{-1}m \le \kappa`
+      (``kl_clip``, default 1e-4; Ba et al. 2017). Between refreshes, directions the statistic has
+      not seen get the gain :math:`1/\lambda`; with :math:`\alpha/\lambda \gtrsim 1` the heavy
+      ball then diverges (torch's ``test_optim`` problem at :math:`\alpha=\lambda=10^{-3}`: loss
+      149 to 2.5e21 in 20 steps). In the authors' regime (:math:`\alpha \approx 10^{-5}`) the clip
+      never acts; the bound on :math:`m^\top(F+\lambda I)^{-1}m` is :math:`\kappa/\alpha^2`, so with
+      large learning rates (:math:`\alpha \gtrsim 10^{-2}`) on a well-damped problem it throttles
+      the step: raise ``kl_clip`` with :math:`\alpha^2` there, or set it to 0.
     * E1 (both modes): a 2-D weight without a bias uses :math:`H = W`. E2: any conv with
       ndim >= 3. E3: every other leaf uses the diagonal rule (the authors' code exits).
     * 1x1 convs (:math:`q = 1`) use the element-wise form :math:`m/(v+\lambda)`, identical to the
@@ -284,12 +310,16 @@ def mbf(
     check_choice("diagonal_second_moment", diagonal_second_moment, _SECOND_MOMENTS)
     if max_block_dim is not None:
         check_positive_int("max_block_dim", max_block_dim)
+    if kl_clip is not None:
+        check_nonnegative("kl_clip", kl_clip)
     check_choice("mode", mode, ("principled", "faithful"))
     faithful = mode == "faithful"
     if fc_blocks is None:
         fc_blocks = "official_chunks" if faithful else "columns_avg"
     if max_block_dim is None and not faithful:
         max_block_dim = 4096
+    if kl_clip is None:
+        kl_clip = 0.0 if faithful else _KL_CLIP
     chunks = fc_blocks == "official_chunks"
     # An array weight decay (optax.inject_hyperparams) may be traced: always apply it then.
     decays = hasattr(weight_decay, "shape") or weight_decay != 0.0
@@ -323,17 +353,42 @@ def mbf(
             return xp.reshape(xp.matmul(rows, inverse.mT), tuple(m_block.shape))
         return xp.matmul(inverse, m_block)
 
-    def refresh_inverse(xp, kind, statistic, inverse, failures, lam):
-        if kind == _ELEMENTWISE:
-            finite = xp.isfinite(statistic)
-            safe = xp.where(finite, statistic, xp.zeros_like(statistic))
-            new = 1.0 / (safe + lam)
-            failed = xp.astype(xp.logical_not(xp.all(finite)), failures.dtype)
-            return xp.where(finite, new, inverse), failures + failed
-        if faithful:
-            return damped_inverse(statistic, lam, inverse, failures, symmetrize=False)
-        # B6: LU with a residual check; blocks whose damping was lost to rounding go to eigh.
-        return damped_inverse_checked(statistic, lam, inverse, failures)
+    def refresh_inverses(xp, kinds, statistics, inverses, failures):
+        """Every block group's (F + λI)^{-1} at once: the equal-size blocks of all groups (FC
+        layers with the same output size, convs with the same kernel size) go through one
+        batched call. ``failures`` counts, per group, refreshes that rejected a non-finite block
+        or (principled) had to raise the damping to the precision floor (B2, B6)."""
+        new_inverses, new_failures = list(inverses), list(failures)
+        buckets: dict[tuple, list[int]] = {}
+        for i, (kind, statistic) in enumerate(zip(kinds, statistics)):
+            if kind == _ELEMENTWISE:
+                finite = xp.isfinite(statistic)
+                safe = xp.where(finite, statistic, xp.zeros_like(statistic))
+                new = 1.0 / (safe + _hyper(xp, damping, statistic.dtype))
+                new_inverses[i] = xp.where(finite, new, inverses[i])
+                flagged = xp.logical_not(xp.all(finite))
+                new_failures[i] = failures[i] + xp.astype(flagged, failures[i].dtype)
+            else:
+                buckets.setdefault((statistic.shape[-1], statistic.dtype), []).append(i)
+        for (n, dtype), members in buckets.items():
+
+            def stacked(arrays):
+                flat = [xp.reshape(arrays[i], (-1, n, n)) for i in members]
+                return flat[0] if len(flat) == 1 else xp.concat(flat, axis=0)
+
+            lam = _hyper(xp, damping, dtype)
+            if faithful:
+                inverse, flagged = damped_inverse(stacked(statistics), lam, stacked(inverses), symmetrize=False)
+            else:  # B6: the damping floored at the statistic's precision, branch-free
+                inverse, flagged = damped_inverse_stable(stacked(statistics), lam, stacked(inverses))
+            start = 0
+            for i in members:
+                size = math.prod(statistics[i].shape[:-2])
+                new_inverses[i] = xp.reshape(inverse[start : start + size, ...], tuple(statistics[i].shape))
+                group_flagged = xp.any(flagged[start : start + size])
+                new_failures[i] = failures[i] + xp.astype(group_flagged, failures[i].dtype)
+                start += size
+        return new_inverses, new_failures
 
     def refresh_statistic(xp, kind, statistic, failures, g_block, rho):
         new = rho * statistic + (1.0 - rho) * block_statistic(xp, kind, g_block)
@@ -342,20 +397,43 @@ def mbf(
         new = xp.where(ok, new, statistic)
         return new, failures + xp.astype(xp.logical_not(ok), failures.dtype)
 
-    # The branch functions handed to ``cond`` are created once per (namespace, kind): JAX caches
+    # The branch functions handed to ``cond`` are created once per (namespace, kinds): JAX caches
     # traced branches by function identity, so fresh closures would recompile every eager step.
-    branch_cache: dict[tuple[int, str], tuple] = {}
+    branch_cache: dict[tuple, tuple] = {}
 
-    def branches(xp, kind):
+    def statistic_branches(xp, kind):
         key = (id(xp), kind)
         if key not in branch_cache:
             branch_cache[key] = (
                 lambda f, n, g, rho: refresh_statistic(xp, kind, f, n, g, rho),
                 lambda f, n, g, rho: (f, n),
-                lambda f, inv, n, lam: refresh_inverse(xp, kind, f, inv, n, lam),
-                lambda f, inv, n, lam: (inv, n),
             )
         return branch_cache[key]
+
+    def inverse_branches(xp, kinds):
+        key = (id(xp), kinds)
+        if key not in branch_cache:
+            branch_cache[key] = (
+                lambda f, inv, n: refresh_inverses(xp, kinds, f, inv, n),
+                lambda f, inv, n: (inv, n),
+            )
+        return branch_cache[key]
+
+    def diagonal_rule(xp, g, state, count, dtype):
+        """The authors' Adam-like rule for conv biases and normalisation parameters."""
+        mu, beta = _hyper(xp, momentum, dtype), _hyper(xp, diagonal_b2, dtype)
+        ema = mu * state["ema"] + (1.0 - mu) * g
+        tracked = ema if diagonal_second_moment == "momentum" else g
+        second = beta * state["second_moment"] + (1.0 - beta) * (tracked * tracked)
+        # 1 - b^t as -expm1(t log b): no cancellation for b near 1 in float32 (the authors form
+        # it in float64 on the host); log(0) = -inf gives 1 for diagonal_b2 = 0.
+        if hasattr(beta, "shape"):
+            log_beta = xp.log(beta)
+        else:
+            log_beta = math.log(beta) if beta > 0.0 else -math.inf
+        correction = -xp.expm1(xp.astype(count + 1, dtype) * log_beta)
+        eps = _hyper(xp, diagonal_eps, dtype)
+        return ema / (eps + xp.sqrt(second / correction)), {"ema": ema, "second_moment": second}
 
     # -- per-group init / update (leaves are out-first here; see _canonical) ----------------------
 
@@ -381,52 +459,54 @@ def mbf(
             "failures": failures,
         }
 
-    def update_group(grads, state, params, ctx: StepContext):
-        xp = ctx.xp
-        count = ctx.count
-        kind = _kind(grads, max_block_dim)
-        dtype = state["ema"].dtype if kind == _DIAGONAL else state["momentum"].dtype
-        grads = tuple(xp.astype(g, dtype) for g in grads)
-        lr = scalar_array(xp, ctx.value(learning_rate), dtype, array_device(grads[0]))
-        mu = _hyper(xp, momentum, dtype)
-
-        if kind == _DIAGONAL:
-            (g,) = grads
-            beta = _hyper(xp, diagonal_b2, dtype)
-            ema = mu * state["ema"] + (1.0 - mu) * g
-            tracked = ema if diagonal_second_moment == "momentum" else g
-            second = beta * state["second_moment"] + (1.0 - beta) * (tracked * tracked)
-            # 1 - b^t as -expm1(t log b): no cancellation for b near 1 in float32 (the authors form
-            # it in float64 on the host); log(0) = -inf gives 1 for diagonal_b2 = 0.
-            if hasattr(beta, "shape"):
-                log_beta = xp.log(beta)
-            else:
-                log_beta = math.log(beta) if beta > 0.0 else -math.inf
-            correction = -xp.expm1(xp.astype(count + 1, dtype) * log_beta)
-            eps = _hyper(xp, diagonal_eps, dtype)
-            directions = (ema / (eps + xp.sqrt(second / correction)),)
-            new_state = {"ema": ema, "second_moment": second}
-        else:
+    def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
+        xp = ctxs[0].xp
+        statistics_due, inverses_due = ctxs[0].every(t1), ctxs[0].every(inverse_due)
+        directions: list[Any] = [None] * len(grads_list)
+        new_states: list[Any] = [None] * len(grads_list)
+        blocks = []  # (group index, kind, momentum, statistic, failures) of block-preconditioned groups
+        for i, (grads, state, ctx) in enumerate(zip(grads_list, states, ctxs)):
+            kind = _kind(grads, max_block_dim)
+            dtype = state["ema"].dtype if kind == _DIAGONAL else state["momentum"].dtype
+            grads = tuple(xp.astype(g, dtype) for g in grads)
+            if kind == _DIAGONAL:
+                direction, new_states[i] = diagonal_rule(xp, grads[0], state, ctx.count, dtype)
+                directions[i] = (direction,)
+                continue
             g_block = _to_block(xp, grads)
-            m_block = mu * state["momentum"] + g_block
-            with_stats, keep_stats, with_inverse, keep_inverse = branches(xp, kind)
-            rho, lam = _hyper(xp, b2, dtype), _hyper(xp, damping, dtype)
+            m_block = _hyper(xp, momentum, dtype) * state["momentum"] + g_block
+            with_statistic, keep_statistic = statistic_branches(xp, kind)
             statistic, failures = cond(
-                xp, ctx.every(t1), with_stats, keep_stats, state["statistic"], state["failures"], g_block, rho
+                xp, statistics_due, with_statistic, keep_statistic, state["statistic"], state["failures"], g_block,
+                _hyper(xp, b2, dtype),
             )
-            inverse, failures = cond(
-                xp, ctx.every(inverse_due), with_inverse, keep_inverse, statistic, state["inverse"], failures, lam
+            blocks.append((i, kind, m_block, statistic, failures))
+        if blocks:
+            with_inverses, keep_inverses = inverse_branches(xp, tuple(b[1] for b in blocks))
+            inverses, failures = cond(
+                xp, inverses_due, with_inverses, keep_inverses, [b[3] for b in blocks],
+                [states[b[0]]["inverse"] for b in blocks], [b[4] for b in blocks],
             )
-            direction = precondition(xp, kind, inverse, m_block)
-            directions = _from_block(xp, direction, grads)
-            new_state = {"momentum": m_block, "statistic": statistic, "inverse": inverse, "failures": failures}
+            for (i, kind, m_block, statistic, _), inverse, failed in zip(blocks, inverses, failures):
+                direction = precondition(xp, kind, inverse, m_block)
+                if not is_zero(kl_clip):
+                    dtype = m_block.dtype
+                    lr = scalar_array(xp, ctxs[i].value(learning_rate), dtype, array_device(m_block))
+                    direction = direction * kl_clip_factor(direction, m_block, lr, _hyper(xp, kl_clip, dtype))
+                directions[i] = _from_block(xp, direction, grads_list[i])
+                new_states[i] = {"momentum": m_block, "statistic": statistic, "inverse": inverse, "failures": failed}
 
-        if decays:
-            decay = lr * _hyper(xp, weight_decay, dtype)
-            updates = tuple(-lr * d - decay * xp.astype(p, dtype) for d, p in zip(directions, params))
-        else:
-            updates = tuple(-lr * d for d in directions)
-        return updates, new_state
+        results = []
+        for direction, new_state, params, ctx in zip(directions, new_states, params_list, ctxs):
+            dtype = direction[0].dtype
+            lr = scalar_array(xp, ctx.value(learning_rate), dtype, array_device(direction[0]))
+            if decays:
+                decay = lr * _hyper(xp, weight_decay, dtype)
+                updates = tuple(-lr * d - decay * xp.astype(p, dtype) for d, p in zip(direction, params))
+            else:
+                updates = tuple(-lr * d for d in direction)
+            results.append((updates, new_state))
+        return results
 
     def canonical_groups(paths, leaves):
         # Leaves arrive out-first (see _canonical), so a ``kernel`` is paired by its first axis.
@@ -435,7 +515,7 @@ def mbf(
     inner = build_transform(
         name="mbf",
         init_group=init_group,
-        update_group=update_group,
+        update_groups=update_groups,
         group_leaves=canonical_groups,
         on_nonfinite=on_nonfinite,
         needs_params=decays,
@@ -496,6 +576,7 @@ def mbf(
             groups[key] = entries
         return PrecondState(state.count, state.nonfinite_count, groups)
 
-    transform = MBFTransform(init, update, inner.due, inner.matmul_precision)
+    # group_leaves on the caller's (raw) tree: out-last kernels pair by their last axis
+    transform = MBFTransform(init, update, inner.due, inner.matmul_precision, weight_bias_groups)
     transform.warm_start = warm_start
     return transform

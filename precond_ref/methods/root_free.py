@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device
 
+from ..linalg import half_precision_dtype, kl_clip_factor, mode_gram, mode_product
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
@@ -64,6 +65,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+_KL_CLIP = 0.1  # principled default of if_shampoo's kl_clip (S8)
+
+
 def _nonzero(value: Any) -> bool:
     """Whether an optional piece of state is needed for a hyperparameter.
 
@@ -83,6 +87,11 @@ def _check_batch_size(value: Any, where: str = "batch_size") -> None:
 def _scalar(xp: Any, value: Any, dtype: Any) -> Any:
     """A hyperparameter as an operand of ``dtype`` arithmetic (Python numbers pass through)."""
     return value if _is_number(value) else xp.astype(value, dtype)
+
+
+def _cast(xp, x, dtype):
+    """``x`` in ``dtype``, without a copy when it already is (``astype`` copies by default)."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
 def _filled(xp, shape, value, dtype, dev):
@@ -386,7 +395,7 @@ def _grouped_shape(shapes: Sequence[tuple], out_first: bool) -> tuple[tuple, tup
 
 
 def _group_tensor(xp, leaves, full, squeezed, out_first: bool, dtype):
-    leaves = [xp.astype(x, dtype) for x in leaves]
+    leaves = [_cast(xp, x, dtype) for x in leaves]
     if len(leaves) == 1:
         return xp.reshape(leaves[0], squeezed)
     weight, bias = leaves
@@ -466,94 +475,103 @@ def prototype_schedule(interval: int) -> Callable[[Any], Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# IF-Shampoo numerics (pure functions of one group's tensor; dense factors are (d, d) matrices,
-# diagonal factors (d,) vectors)
+# IF-Shampoo numerics, on a stack of groups of one shape: the grouped tensors are (b, d_1, ..., d_N),
+# dense factors (b, d, d) and diagonal factors (b, d), so that b equal-shape groups share every
+# matmul (linalg.mode_product / mode_gram).
 
 
-def _mode_product(xp, tensor, factor, axis: int, transpose: bool):
-    """Multiply ``factor`` (or its transpose) onto ``axis`` of ``tensor``: (Kᵀ)·T_(axis) folded back."""
-    ndim = len(tensor.shape)
-    if factor.ndim == 1:
-        shape = [1] * ndim
-        shape[axis] = factor.shape[0]
-        return tensor * xp.reshape(factor, tuple(shape))
-    result = xp.tensordot(factor, tensor, axes=([0 if transpose else 1], [axis]))
-    if axis == 0:
-        return result
-    perm = list(range(1, axis + 1)) + [0] + list(range(axis + 1, ndim))
-    return xp.permute_dims(result, tuple(perm))
+def _per_member(xp, value, trailing: int):
+    """A per-group value of shape (b,) with ``trailing`` unit axes; scalars pass through."""
+    if hasattr(value, "shape") and len(value.shape) == 1:
+        return xp.reshape(value, (value.shape[0],) + (1,) * trailing)
+    return value
 
 
-def _unfold(xp, tensor, axis: int):
-    ndim = len(tensor.shape)
-    perm = (axis,) + tuple(i for i in range(ndim) if i != axis)
-    moved = xp.permute_dims(tensor, perm) if axis else tensor
-    return xp.reshape(moved, (tensor.shape[axis], -1))
+def _along(xp, diagonal, axis: int, ndim: int):
+    """A stack of diagonal factors (b, d) shaped to multiply ``axis`` of a (b, ...) tensor."""
+    shape = [1] * ndim
+    shape[0], shape[axis] = diagonal.shape
+    return xp.reshape(diagonal, tuple(shape))
 
 
 def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, factor_momentum, clamp):
-    """One simultaneous inverse-free update of all Kronecker factors of a group (spec §2.3).
+    """One simultaneous inverse-free update of all Kronecker factors of a stack of groups (spec §2.3).
 
     ``M_n = ½[λ (Π_{i≠n} t_i) K_nᵀK_n + Y_(n)Y_(n)ᵀ/Π_{i≠n} d_i − I]`` with ``Y = √B·G ×_i K_iᵀ`` and
     ``t_i = Tr(K_iᵀK_i)/d_i``, all from the old factors; ``m_n ← α₂ m_n + (1−α₂) M_n``;
     ``K_n ← K_n − β₂/max(1, ‖m_n‖_F) · K_n m_n``. As in SIRFShampoo, the products and traces use
-    ``K_n/√d_n`` (neutral in exact arithmetic, keeps low precision in range).
+    ``K_n/√d_n`` (neutral in exact arithmetic, keeps low precision in range). ``factor_lr`` is a
+    scalar or one value per group (b,).
     """
-    dims = tuple(grouped.shape)
+    dims = tuple(grouped.shape[1:])
+    ndim = len(grouped.shape)
     numel = math.prod(dims)
     projected = grouped * sqrt_batch
     inner, traces = [], []
     for n, factor in enumerate(factors):
-        projected = xp.astype(projected, factor.dtype)
+        projected = _cast(xp, projected, factor.dtype)
         scaled = factor * (1.0 / math.sqrt(dims[n]))
-        projected = _mode_product(xp, projected, scaled, n, transpose=True)
-        if factor.ndim == 1:
+        if factor.ndim == 2:  # diagonal
+            projected = projected * _along(xp, scaled, n + 1, ndim)
             gram = scaled * scaled
-            traces.append(xp.mean(gram))
+            traces.append(xp.mean(gram, axis=-1))
         else:
+            projected = mode_product(projected, scaled, n + 1, transpose=True)
             gram = xp.matmul(scaled.mT, scaled)
-            traces.append(xp.mean(xp.linalg.diagonal(gram)))
+            traces.append(xp.mean(xp.linalg.diagonal(gram), axis=-1))
         inner.append(gram)
     new_factors, new_momenta = [], []
     for n, factor in enumerate(factors):
+        diagonal = factor.ndim == 2
+        trailing = 1 if diagonal else 2
         others = 1.0
         for i, trace in enumerate(traces):
             if i != n:
                 others = others * xp.astype(trace, factor.dtype)
-        direction = inner[n] * ((damping / 2) * others * numel)
-        unfolded = _unfold(xp, xp.astype(projected, factor.dtype), n)
-        if factor.ndim == 1:
-            direction = direction + xp.sum(unfolded * unfolded, axis=1) * (dims[n] / 2) - 0.5
+        direction = inner[n] * _per_member(xp, (damping / 2) * others * numel, trailing)
+        projected = _cast(xp, projected, factor.dtype)
+        if diagonal:
+            rest = tuple(i for i in range(1, ndim) if i != n + 1)
+            square = projected * projected
+            direction = direction + (xp.sum(square, axis=rest) if rest else square) * (dims[n] / 2) - 0.5
         else:
             eye = xp.eye(dims[n], dtype=factor.dtype, device=array_device(factor))
-            direction = direction + xp.matmul(unfolded, unfolded.mT) * (dims[n] / 2) - 0.5 * eye
+            direction = direction + mode_gram(projected, n + 1, batch=1) * (dims[n] / 2) - 0.5 * eye
         if momenta is not None:
             direction = factor_momentum * momenta[n] + (1 - factor_momentum) * direction
             new_momenta.append(direction)
-        if factor.ndim == 1:
-            norm = xp.linalg.vector_norm(direction)
+        if diagonal:
+            norm = xp.linalg.vector_norm(direction, axis=-1)
             moved = factor * direction
         else:
             norm = xp.linalg.matrix_norm(direction)
             moved = xp.matmul(factor, direction)
         step_size = factor_lr / xp.maximum(norm, xp.ones_like(norm)) if clamp else factor_lr
-        new_factors.append(factor - moved * step_size)
+        new_factors.append(factor - moved * _per_member(xp, step_size, trailing))
     return tuple(new_factors), (tuple(new_momenta) if momenta is not None else None)
 
 
-def _precondition(xp, grouped, factors):
-    """``G ×_1 P_1 … ×_N P_N`` with ``P_n = K_n K_nᵀ``, each factor divided by
-    ``σ_n = max(1, √max|K_n|)`` first and ``Π σ_n²`` multiplied back (SIRFShampoo's range device)."""
-    scale_product = 1.0
+def _precondition(xp, grouped, factors, rescale: bool):
+    """``G ×_1 P_1 … ×_N P_N`` with ``P_n = K_n K_nᵀ`` for a stack of groups. ``rescale``: each
+    factor divided by ``σ_n = max(1, √max|K_n|)`` first and ``Π σ_n²`` multiplied back
+    (SIRFShampoo's range device, neutral in exact arithmetic; needed by fp16 factors)."""
+    ndim = len(grouped.shape)
+    scale_product = None
     for n, factor in enumerate(factors):
-        largest = xp.max(xp.abs(factor))
-        sigma = xp.maximum(xp.sqrt(largest), xp.ones_like(largest))
-        scaled = factor / sigma
-        grouped = xp.astype(grouped, factor.dtype)
-        grouped = _mode_product(xp, grouped, scaled, n, transpose=True)
-        grouped = _mode_product(xp, grouped, scaled, n, transpose=False)
-        scale_product = scale_product * (sigma * sigma)
-    return grouped * xp.astype(scale_product, grouped.dtype)
+        diagonal = factor.ndim == 2
+        if rescale:
+            largest = xp.max(xp.abs(factor), axis=tuple(range(1, factor.ndim)))
+            sigma = xp.maximum(xp.sqrt(largest), xp.ones_like(largest))
+            factor = factor / _per_member(xp, sigma, factor.ndim - 1)
+            scale_product = sigma * sigma if scale_product is None else scale_product * (sigma * sigma)
+        grouped = _cast(xp, grouped, factor.dtype)
+        if diagonal:
+            grouped = grouped * _along(xp, factor * factor, n + 1, ndim)
+        else:
+            grouped = mode_product(mode_product(grouped, factor, n + 1, transpose=True), factor, n + 1)
+    if scale_product is not None:
+        grouped = grouped * _per_member(xp, xp.astype(scale_product, grouped.dtype), ndim - 1)
+    return grouped
 
 
 def _per_axis(option: Any, rank: int, what: str, where: str) -> tuple:
@@ -596,13 +614,14 @@ def if_shampoo(
     damping: float = 1e-3,
     weight_decay: float = 0.0,
     batch_size: Optional[int] = None,
-    precondition_every: Union[int, Callable[[Any], Any]] = 1,
+    precondition_every: Union[None, int, Callable[[Any], Any]] = None,
     structures: Union[str, dict] = "dense",
     max_dense_dim: Optional[int] = None,
     factor_dtype: Any = None,
     grouping: str = "per_parameter",
     preconditioner_lr_scale: Optional[Callable[[Path], float]] = None,
     clamp_factor_step: bool = True,
+    kl_clip: Optional[float] = None,
     mode: str = "principled",
     on_nonfinite: str = "skip",
 ) -> Transform:
@@ -649,7 +668,8 @@ def if_shampoo(
         :math:`B\,gg^\top` wrong by :math:`B^2`. ``update(..., batch_size=)`` overrides it per call.
     precondition_every:
         :math:`T`: factors refresh when ``count % T == 0`` (so on the first update), or a predicate
-        ``count -> bool`` such as :func:`prototype_schedule`. Under ``optax.inject_hyperparams`` a
+        ``count -> bool`` such as :func:`prototype_schedule`. ``None``: 2 in principled mode (the
+        authors' runs), 1 in faithful mode (SIRFShampoo). Under ``optax.inject_hyperparams`` a
         callable must be listed in ``static_args``.
     structures:
         ``"dense"``, ``"diagonal"``, or SIRFShampoo's ``{rank: name or tuple of names per axis}``.
@@ -657,8 +677,10 @@ def if_shampoo(
         Axes longer than this get a diagonal factor (default 4096 principled, unlimited faithful).
     factor_dtype:
         dtype of the factors and their momenta (a dtype of the parameters' namespace, or a dict
-        like ``structures``). Default: the compute dtype (principled; float32 for bf16 parameters)
-        or the parameter dtype (faithful). bf16 factors are the paper's half-precision mode.
+        like ``structures``). Default, principled: bf16 (the paper's half-precision mode) where
+        the parameters live on an accelerator, else the compute dtype (float32 for bf16, fp16 and
+        float32 parameters; float64 parameters keep float64); faithful: the parameter dtype. Under
+        ``optax.inject_hyperparams`` list it in ``static_args`` (a dtype is callable).
     grouping:
         ``"per_parameter"`` or ``"weight_bias"`` (see :func:`precond_ref.transform.weight_bias_groups`).
     preconditioner_lr_scale:
@@ -666,6 +688,11 @@ def if_shampoo(
         first leaf); :func:`prototype_lr_scale` reproduces the authors' prototype.
     clamp_factor_step:
         The :math:`1/\max(1, \lVert m_n\rVert_F)` clamp (turn off only to study the first-order rule).
+    kl_clip:
+        :math:`\kappa`: the preconditioned gradient :math:`D = Pg` is scaled by :math:`\nu = \min(1,
+        \sqrt{\kappa/(\eta^2\langle D, g\rangle)})` before the momentum (K-FAC's KL clipping, S8;
+        :func:`precond_ref.linalg.kl_clip_factor`). ``None``: 0.1 in principled mode, off (0) in
+        faithful mode; 0 turns it off.
     mode:
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
@@ -683,8 +710,11 @@ def if_shampoo(
     singd ``1ac69a3``), including its neutral scaling devices (:math:`K_n/\sqrt{d_n}` in the factor
     update, :math:`\sigma_n` when preconditioning). Deviations of the default mode (spec §2.4):
 
-    * S1: factors and factor momenta in the compute dtype (float32 for bf16/fp16 parameters) unless
-      ``factor_dtype`` asks for bf16/fp16.
+    * S1: factors and factor momenta in bf16 on an accelerator (GPU, TPU; see
+      :func:`precond_ref.linalg.half_precision_dtype`), in the compute dtype elsewhere (float32
+      for bf16/fp16 parameters; CPUs emulate bf16 products) and for float64 parameters, unless
+      ``factor_dtype`` says otherwise. bf16 tracks the fixed point to about 2e-1 relative (float32:
+      3e-6; spec §5).
     * S2: a group whose gradient is exactly zero skips the factor update (the authors' factors
       drift toward the damping-only fixed point, without bound when :math:`\lambda = 0`).
     * S3: a factor update that produces a non-finite factor is discarded and counted in the
@@ -692,6 +722,18 @@ def if_shampoo(
     * S4: axes longer than ``max_dense_dim`` (4096) get diagonal factors.
     * S5: :math:`B` is an argument (the torch adapter offers the authors' forward-hook counting).
     * S6: the momentum buffer is in the compute dtype (the authors': the parameter dtype).
+    * S7: the factors refresh every 2 calls by default (the authors' runs; SIRFShampoo: every call).
+    * S8: the preconditioned gradient of each group is clipped to :math:`\eta^2\langle Pg, g\rangle
+      \le \kappa` (``kl_clip``, default 0.1; Ba et al. 2017), then enters the momentum. Near an
+      optimum :math:`gg^\top \to 0` and :math:`P \to \lambda^{-1}I`: on Rosenbrock's function
+      (curvature 1000 at the optimum) the unclipped method at :math:`\eta = 10^{-3}` reaches
+      :math:`10^{-5}` of the optimum, then diverges to 3e34 within 10 000 steps; clipped, the
+      step stays bounded until the factors adapt, and it converges.
+
+    Groups whose grouped tensors and factors have one shape and dtype are stacked: each product
+    of the factor step and of the preconditioning runs once for the stack
+    (:func:`precond_ref.linalg.mode_product`, :func:`~precond_ref.linalg.mode_gram`). No step
+    reads a device value.
 
     The prototype used for the paper (``LocalOptimizer_GGT``) equals faithful mode plus
     ``preconditioner_lr_scale=prototype_lr_scale`` and ``precondition_every=prototype_schedule(T)``.
@@ -710,18 +752,31 @@ def if_shampoo(
     check_nonnegative("damping", damping)
     check_nonnegative("weight_decay", weight_decay)
     _check_batch_size(batch_size)
-    if not hasattr(precondition_every, "shape"):
+    if precondition_every is not None and not hasattr(precondition_every, "shape"):
         check_positive_int("precondition_every", precondition_every, allow_callable=True)
     _check_structures(structures)
+    for value in factor_dtype.values() if isinstance(factor_dtype, dict) else (factor_dtype,):
+        if hasattr(value, "shape"):  # optax.inject_hyperparams called a dtype like a schedule
+            raise ValueError(
+                "factor_dtype must be a dtype, got an array; under optax.inject_hyperparams pass "
+                "static_args=('factor_dtype',) (a dtype is callable, so it is taken for a schedule)"
+            )
     if max_dense_dim is not None and not hasattr(max_dense_dim, "shape"):
         check_positive_int("max_dense_dim", max_dense_dim)
     check_choice("grouping", grouping, ("per_parameter", "weight_bias"))
     if preconditioner_lr_scale is not None and not callable(preconditioner_lr_scale):
         raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {preconditioner_lr_scale!r}")
     check_bool("clamp_factor_step", clamp_factor_step)
+    if kl_clip is not None:
+        check_nonnegative("kl_clip", kl_clip)
     check_choice("mode", mode, ("principled", "faithful"))
     faithful = mode == "faithful"
+    if precondition_every is None:
+        precondition_every = 1 if faithful else 2  # S7: SIRFShampoo's default; the paper's runs
     dense_limit = max_dense_dim if max_dense_dim is not None else (None if faithful else 4096)
+    if kl_clip is None:
+        kl_clip = 0.0 if faithful else _KL_CLIP
+    use_kl_clip = _nonzero(kl_clip)
     use_momentum = _nonzero(momentum)
     use_factor_momentum = _nonzero(preconditioner_momentum)
     use_decay = _nonzero(weight_decay)
@@ -745,6 +800,8 @@ def if_shampoo(
         limit = None if dense_limit is None else int(dense_limit)
         state = {}
         for n, (d, kind, dtype) in enumerate(zip(dims, kinds, dtypes)):
+            if dtype is None and not faithful and xp.finfo(param_dtype).bits <= 32:
+                dtype = half_precision_dtype(leaves[0])  # S1: bf16 factors on an accelerator
             dtype = _state_dtype(xp, param_dtype, dtype, lambda xp, p: p, faithful)
             diagonal = kind == "diagonal" or (limit is not None and d > limit)
             factor = xp.ones((d,), dtype=dtype, device=dev) if diagonal else xp.eye(d, dtype=dtype, device=dev)
@@ -765,11 +822,14 @@ def if_shampoo(
             state["factor_failures"] = xp.zeros((), dtype=xp.int32, device=dev)
         return state
 
-    def update_group(grads, state, params, ctx: StepContext):
+    def half_factors(xp, factors) -> bool:
+        return any(xp.finfo(f.dtype).bits < 32 for f in factors)
+
+    def prepare(grads, state, ctx):
+        """One group's grouped tensor (work dtype), factors, momenta and factor step size."""
         xp = ctx.xp
         rank = sum(1 for k in state if k.startswith("factor_") and k[7:].isdigit())
         factors = tuple(state[f"factor_{n}"] for n in range(rank))
-        momenta = tuple(state[f"factor_momentum_{n}"] for n in range(rank)) if use_factor_momentum else None
         dims = tuple(f.shape[0] for f in factors)
         shapes = [tuple(g.shape) for g in grads]
         out_first = layout(shapes, dims)
@@ -777,87 +837,131 @@ def if_shampoo(
         if squeezed != dims:
             raise ValueError(
                 f"if_shampoo: gradients of shapes {shapes} do not fit the Kronecker factors of sizes {dims} "
-                "in the state; with grouping='weight_bias' a weight and its bias are one group and must "
-                "be updated together (both need gradients)"
+                "in the state; with grouping='weight_bias' a weight and its bias are one group (give both "
+                "gradients, a zero one for a member without)"
             )
-        param_dtype = grads[0].dtype
-        work_dtype = param_dtype if faithful else compute_dtype(xp, param_dtype)
-        grouped = _group_tensor(xp, grads, full, squeezed, out_first, work_dtype)
-
-        batch = _batch_size("if_shampoo", batch_size, ctx)
-        sqrt_batch = math.sqrt(batch) if _is_number(batch) else xp.sqrt(xp.astype(batch, work_dtype))
+        work_dtype = grads[0].dtype if faithful else compute_dtype(xp, grads[0].dtype)
         factor_lr = ctx.value(preconditioner_lr)
         if "preconditioner_lr_scale" in state:
             factor_lr = factor_lr * state["preconditioner_lr_scale"]
+        return {
+            "grouped": _group_tensor(xp, grads, full, squeezed, out_first, work_dtype),
+            "factors": factors,
+            "momenta": tuple(state[f"factor_momentum_{n}"] for n in range(rank)) if use_factor_momentum else (),
+            "failures": () if faithful else (state["factor_failures"],),
+            "factor_lr": factor_lr,
+            "shapes": shapes,
+            "full": full,
+            "out_first": out_first,
+            "work_dtype": work_dtype,
+        }
 
-        refresh = ctx.every(precondition_every)
-        # S2: a zero gradient leaves the factors as they are (selected element-wise, so that the
-        # decision reads no device value).
-        nonzero = None if faithful else xp.any(grouped != 0.0)
+    def refresh_bucket(xp, grouped, factor_lr, sqrt_batch, rank, arrays):
+        """The factor step of a stack of groups; ``arrays`` = factors + momenta (+ failures)."""
+        factors, n_mom = arrays[:rank], rank if use_factor_momentum else 0
+        dtype = factors[0].dtype
+        new_factors, new_momenta = _factor_step(
+            xp, grouped, factors, arrays[rank : rank + n_mom] if n_mom else None, sqrt_batch,
+            _scalar(xp, damping, dtype), _scalar(xp, factor_lr, dtype),
+            _scalar(xp, preconditioner_momentum, dtype), clamp_factor_step,
+        )
+        new = tuple(new_factors) + (tuple(new_momenta) if n_mom else ())
+        if faithful:
+            return new
+        # S2: a group whose gradient is zero keeps its factors; S3: so does one whose new factors
+        # are not finite (counted). Both per group, element-wise: no device value is read.
+        axes = tuple(range(1, len(grouped.shape)))
+        nonzero = xp.any(grouped != 0.0, axis=axes)
+        finite = None
+        for a in new:
+            ok = xp.all(xp.isfinite(a), axis=tuple(range(1, len(a.shape))))
+            finite = ok if finite is None else xp.logical_and(finite, ok)
+        accept = xp.logical_and(finite, nonzero)
+        kept = tuple(
+            xp.where(_per_member(xp, accept, len(a.shape) - 1), a, b) for a, b in zip(new, arrays[: rank + n_mom])
+        )
+        failed = xp.logical_and(xp.logical_not(finite), nonzero)
+        return kept + (arrays[-1] + xp.astype(failed, arrays[-1].dtype),)
 
-        n_mom = rank if momenta is not None else 0
+    def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
+        xp = ctxs[0].xp
+        refresh = ctxs[0].every(precondition_every)
+        batch = _batch_size("if_shampoo", batch_size, ctxs[0])
+        prepared = [prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)]
+        # Groups whose tensors and factors have one shape and dtype are stacked: one matmul each.
+        buckets: dict[tuple, list[int]] = {}
+        for i, prep in enumerate(prepared):
+            key = (tuple(prep["grouped"].shape), prep["work_dtype"]) + tuple((f.ndim, f.dtype) for f in prep["factors"])
+            buckets.setdefault(key, []).append(i)
+        factor_states: list[Any] = [None] * len(prepared)  # per group: factors + momenta (+ failures)
+        preconditioned: list[Any] = [None] * len(prepared)
+        for members in buckets.values():
+            group = [prepared[i] for i in members]
+            rank = len(group[0]["factors"])
 
-        def refreshed(*arrays):
-            old_factors, old_momenta = arrays[:rank], (arrays[rank : rank + n_mom] if n_mom else None)
-            new_factors, new_momenta = _factor_step(
-                xp,
-                grouped,
-                old_factors,
-                old_momenta,
-                sqrt_batch,
-                _scalar(xp, damping, factors[0].dtype),
-                _scalar(xp, factor_lr, factors[0].dtype),
-                _scalar(xp, preconditioner_momentum, factors[0].dtype),
-                clamp_factor_step,
-            )
-            new = tuple(new_factors) + (tuple(new_momenta) if n_mom else ())
-            if faithful:
-                return new + arrays[rank + n_mom :]
-            finite = None
-            for a in new:
-                ok = xp.all(xp.isfinite(a))
-                finite = ok if finite is None else xp.logical_and(finite, ok)
-            accept = xp.logical_and(finite, nonzero)
-            kept = tuple(xp.where(accept, a, b) for a, b in zip(new, arrays[: rank + n_mom]))
-            failed = xp.logical_and(xp.logical_not(finite), nonzero)
-            failures = arrays[-1] + xp.astype(failed, xp.int32)  # S3
-            return kept + (failures,)
+            def stack(arrays):
+                return arrays[0][None, ...] if len(arrays) == 1 else xp.stack(arrays)
 
-        def kept(*arrays):
-            return arrays
-
-        operands = factors + (momenta if n_mom else ())
-        if not faithful:
-            operands = operands + (state["factor_failures"],)
-        results = cond(xp, refresh, refreshed, kept, *operands)
-        new_state = dict(state)
-        for n in range(rank):
-            new_state[f"factor_{n}"] = results[n]
-            if n_mom:
-                new_state[f"factor_momentum_{n}"] = results[rank + n]
-        if not faithful:
-            new_state["factor_failures"] = results[-1]
-
-        preconditioned = _precondition(xp, grouped, results[:rank])
-        pieces = _ungroup_tensor(xp, preconditioned, shapes, full, out_first)
-        lr = ctx.value(learning_rate)
-        updates = []
-        for i, piece in enumerate(pieces):
-            if use_decay:
-                piece = piece + _scalar(xp, weight_decay, piece.dtype) * xp.astype(params[i], piece.dtype)
-            if use_momentum:
-                buffer = state[f"momentum_{i}"]
-                piece = _scalar(xp, momentum, buffer.dtype) * buffer + xp.astype(piece, buffer.dtype)
-                new_state[f"momentum_{i}"] = piece
+            own = [p["factors"] + p["momenta"] + p["failures"] for p in group]
+            if refresh is False:  # a host decision: the state arrays stay the very same objects
+                new_own = own
+                factors = tuple(stack([p["factors"][n] for p in group]) for n in range(rank))
             else:
-                piece = xp.astype(piece, work_dtype)
-            updates.append(-_scalar(xp, lr, piece.dtype) * piece)
-        return tuple(updates), new_state
+                grouped = stack([p["grouped"] for p in group])
+                lr = group[0]["factor_lr"]
+                if "preconditioner_lr_scale" in states[members[0]]:
+                    lr = stack([p["factor_lr"] for p in group])
+                sqrt_batch = math.sqrt(batch) if _is_number(batch) else xp.sqrt(xp.astype(batch, grouped.dtype))
+                stacked = tuple(stack([arrays[k] for arrays in own]) for k in range(len(own[0])))
+                results = cond(
+                    xp, refresh,
+                    lambda *arrays: refresh_bucket(xp, grouped, lr, sqrt_batch, rank, arrays),
+                    lambda *arrays: arrays,
+                    *stacked,
+                )
+                new_own = [tuple(r[j, ...] for r in results) for j in range(len(members))]
+                factors = results[:rank]
+            out = _precondition(xp, stack([p["grouped"] for p in group]), factors, rescale=faithful or half_factors(xp, factors))
+            for j, i in enumerate(members):
+                factor_states[i] = new_own[j]
+                preconditioned[i] = out[j, ...]
+
+        lr = ctxs[0].value(learning_rate)
+        results = []
+        for i, (prep, state, params) in enumerate(zip(prepared, states, params_list)):
+            rank = len(prep["factors"])
+            new_state = dict(state)
+            for n in range(rank):
+                new_state[f"factor_{n}"] = factor_states[i][n]
+                if use_factor_momentum:
+                    new_state[f"factor_momentum_{n}"] = factor_states[i][rank + n]
+            if not faithful:
+                new_state["factor_failures"] = factor_states[i][-1]
+            if use_kl_clip:  # K-FAC's order: clip the preconditioned gradient, then the momentum (S8)
+                dtype = preconditioned[i].dtype
+                nu = kl_clip_factor(
+                    preconditioned[i], _cast(xp, prep["grouped"], dtype), _scalar(xp, lr, dtype), _scalar(xp, kl_clip, dtype)
+                )
+                preconditioned[i] = preconditioned[i] * nu
+            pieces = _ungroup_tensor(xp, preconditioned[i], prep["shapes"], prep["full"], prep["out_first"])
+            updates = []
+            for k, piece in enumerate(pieces):
+                if use_decay:
+                    piece = piece + _scalar(xp, weight_decay, piece.dtype) * _cast(xp, params[k], piece.dtype)
+                if use_momentum:
+                    buffer = state[f"momentum_{k}"]
+                    piece = _scalar(xp, momentum, buffer.dtype) * buffer + _cast(xp, piece, buffer.dtype)
+                    new_state[f"momentum_{k}"] = piece
+                else:
+                    piece = _cast(xp, piece, prep["work_dtype"])
+                updates.append(-_scalar(xp, lr, piece.dtype) * piece)
+            results.append((tuple(updates), new_state))
+        return results
 
     return build_transform(
         name="if_shampoo",
         init_group=init_group,
-        update_group=update_group,
+        update_groups=update_groups,
         group_leaves=weight_bias_groups if grouping == "weight_bias" else singleton_groups,
         on_nonfinite=on_nonfinite,
         needs_params=use_decay,

@@ -664,6 +664,10 @@ def s_adagrad(
     * (both modes) non-finite gradients never reach the sketch, a non-finite decomposition keeps the
       previous sketch and increments ``sketch_failures``.
 
+    Without ``momentum`` no state entry has the parameter's shape (the sketch is of the flattened
+    gradient): ``update`` without ``params`` then cannot tell a gradient of another shape but the
+    same size (e.g. transposed) from the right one. Pass ``params`` to have it named.
+
     References
     ----------
     Feinberg, Chen, Sun, Anil, Hazan. "Sketchy: Memory-efficient Adaptive Regularization with

@@ -200,3 +200,33 @@ def test_state_dict_of_counted_optimizer_round_trips():
         ((m(x) - y) ** 2).mean().backward()
         o.step()
     assert torch.equal(_flat(model), _flat(clone))
+
+
+def test_if_shampoo_weight_bias_partner_without_gradient():
+    """Item 4 of the rootfree brief (shared rule with MBF, transform.missing_members): with
+    grouping="weight_bias", a bias without a gradient takes part in its weight's step with a zero
+    gradient, is left unchanged and its "step" is not advanced; the weight gets the core's update for
+    a zero bias gradient; at the next step with both gradients the pair's count is shared again."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2).double()
+    opt = pt.IFShampoo(layer.named_parameters(), lr=0.1, batch_size=4, grouping="weight_bias", compile=False)
+    core = pr.if_shampoo(learning_rate=0.1, batch_size=4, grouping="weight_bias")
+    params = {"weight": layer.weight.detach().clone(), "bias": layer.bias.detach().clone()}
+    state = core.init(params)
+    steps = []
+    for t in range(3):
+        opt.zero_grad(set_to_none=True)
+        layer(torch.randn(5, 3, dtype=torch.float64)).pow(2).sum().backward()
+        if t == 1:
+            layer.bias.grad = None
+        grads = {"weight": layer.weight.grad.clone(),
+                 "bias": torch.zeros_like(layer.bias) if t == 1 else layer.bias.grad.clone()}
+        updates, state = core.update(grads, state, params)
+        before = layer.bias.detach().clone()
+        opt.step()
+        assert torch.equal(before, layer.bias) == (t == 1)
+        params = {"weight": params["weight"] + updates["weight"],
+                  "bias": params["bias"] + (0.0 if t == 1 else updates["bias"])}
+        torch.testing.assert_close(layer.weight.detach(), params["weight"], rtol=1e-12, atol=1e-14)
+        steps.append((int(opt.state[layer.weight]["step"]), int(opt.state[layer.bias]["step"])))
+    assert steps == [(1, 1), (2, 1), (3, 3)]

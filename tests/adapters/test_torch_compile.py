@@ -27,8 +27,6 @@ COMPILED_CASES = [
     if c.id in ("agd", "asgo-pe-interval", "dasgo", "rf_rmsprop", "rf_adamw", "if_shampoo-mixed-every2",
                 "sketchy-faithful-interval", "s_adagrad", "mbf")
 ]
-# MBF's principled inverse decides its eigh fallback on the host: not compilable yet.
-KNOWN_EAGER = {"mbf": "linalg.damped_inverse_checked branches on a device value"}
 
 
 def _model(dtype, seed=0):
@@ -51,14 +49,7 @@ def _train(model, opt, batches, case=None, scheduler=None):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_EAGER[c.id], strict=True)) if c.id in KNOWN_EAGER else c
-        for c in COMPILED_CASES
-    ],
-    ids=lambda c: c.id,
-)
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=lambda c: c.id)
 def test_compiled_step_equals_eager(case):
     """Same parameters after 6 steps (refresh and reuse steps alike) with or without compilation.
 
@@ -178,6 +169,9 @@ def test_compile_settings(monkeypatch):
     monkeypatch.setenv(_torch_compile.ENVIRONMENT_VARIABLE, "1")
     assert pt.AGD(params)._compile_options == {}
     assert pt.AGD(params, compile={"mode": "max-autotune"})._compile_options == {"mode": "max-autotune"}
+    monkeypatch.delenv(_torch_compile.ENVIRONMENT_VARIABLE)
+    assert isinstance(pt.AGD(params)._compile_options, _torch_compile.Auto)  # element-wise: where it pays
+    assert pt.ASGO(params)._compile_options is None
     with pytest.raises(TypeError, match="compile must be"):
         pt.AGD(params, compile="yes")
     with pytest.raises(ValueError, match="capturable must be"):
@@ -193,3 +187,20 @@ def test_capturable_refuses_cpu_parameters_and_periodic_work():
     periodic = pt.ASGO(model.named_parameters(), lr=1e-2, precondition_every=2, capturable=True)
     with pytest.raises(ValueError, match="capturable=True needs a step without periodic work"):
         _train_one(periodic)
+
+
+def test_default_compiles_large_groups_only(monkeypatch):
+    """compile=None on AGD: a param group below AUTO_MIN_ELEMENTS steps eagerly (its first step's
+    compilation would cost more than it saves), a larger one is compiled."""
+    monkeypatch.delenv(_torch_compile.ENVIRONMENT_VARIABLE, raising=False)
+    built = []
+    monkeypatch.setattr(_torch_compile, "CompiledStep", lambda transform, options: built.append(options) or
+                        (lambda grads, state, params, due, extra: pt.CoreOptimizer._eager_update(
+                            transform, grads, state, params, 0, extra)))
+    small = torch.nn.Parameter(torch.zeros(8))
+    large = torch.nn.Parameter(torch.zeros(_torch_compile.AUTO_MIN_ELEMENTS))
+    for p in (small, large):
+        opt = pt.AGD([p], lr=1e-2)
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert built == [{}]

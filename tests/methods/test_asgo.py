@@ -3,8 +3,8 @@ and the property tests of spec §6."""
 
 from __future__ import annotations
 
+import functools
 import importlib
-
 import json
 import math
 import pathlib
@@ -176,30 +176,71 @@ def _golden():
 @pytest.mark.parametrize("case", ["asgo_polar_express", "asgo_newton_schulz", "dasgo"])
 def test_faithful_reproduces_authors_trajectories(backend, case):
     """Faithful mode vs trajectories of infinity-stars/ASGO d3ef14b (float32; see the JSON's
-    description). The spec asks for about 1e-6 per step; 1e-5 over 20 steps is required here."""
+    description), 20 steps.
+
+    The bound is the rounding model's, not one machine's digits: every float32 operation may round
+    differently on another CPU/GPU (BLAS/LAPACK summation order), by at most about one ulp per term
+    of a length-n reduction. ``_float32_rounding_sensitivity`` measures how far the trajectory
+    moves when every gradient entry is perturbed by one ulp on every step; the bound allows n = 5
+    (the longest axis) such ulps with a factor 4 of room. Measured here: deviation 3-4e-7 against
+    a sensitivity of 0.6-1.7e-7; a wrong update rule moves it by 1e-3 or more.
+    """
     if backend.name == "jax" and case != "asgo_polar_express":
         pytest.skip("JAX covered by the Polar-Express case (slow op-by-op dispatch)")
     data = _golden()
     spec = data["cases"][case]
-    problem = {k: {n: np.asarray(v) for n, v in leaf.items()} for k, leaf in data["problem"].items()}
-    params = {k: leaf["w0"].astype(np.float32) for k, leaf in problem.items()}
+    history, _, _ = run(backend, _faithful_opt(spec), _golden_params(data), [_golden_gradient(data)] * max(data["steps"]))
+    worst = max(
+        rel(history[step - 1][k], np.asarray(value))
+        for step in data["steps"] for k, value in spec["params"][str(step)].items()
+    )
+    n = max(max(np.shape(leaf["w0"])) for leaf in data["problem"].values())
+    bound = 4 * n * _float32_rounding_sensitivity(case)
+    assert worst <= bound, (worst, bound)
+
+
+def _golden_params(data):
+    return {k: np.asarray(leaf["w0"]).astype(np.float32) for k, leaf in data["problem"].items()}
+
+
+def _golden_gradient(data, ulps=None):
+    """The golden problem's gradient ``A^T (A w - b)`` in float32; ``ulps`` (a Generator) multiplies
+    every entry by 1 +- eps32 (a one-ulp rounding difference)."""
+    problem = {k: {n: np.asarray(v, np.float32) for n, v in leaf.items()} for k, leaf in data["problem"].items()}
 
     def gradient(p):
         out = {}
         for k, leaf in problem.items():
-            a, b = leaf["a"].astype(np.float32), leaf["b"].astype(np.float32)
-            out[k] = a.T @ (a @ p[k].astype(np.float32) - b)
+            g = leaf["a"].T @ (leaf["a"] @ p[k].astype(np.float32) - leaf["b"])
+            if ulps is not None:
+                g = (g * (1 + ulps.choice([-1.0, 1.0], g.shape) * np.finfo(np.float32).eps)).astype(np.float32)
+            out[k] = g
         return out
 
+    return gradient
+
+
+def _faithful_opt(spec):
     factory = pr.asgo if spec["method"] == "asgo" else pr.dasgo
-    opt = factory(learning_rate=1e-2, mode="faithful", **spec["core_kwargs"])
+    return factory(learning_rate=1e-2, mode="faithful", **spec["core_kwargs"])
+
+
+@functools.lru_cache(maxsize=None)
+def _float32_rounding_sensitivity(case):
+    """Largest relative deviation of the faithful NumPy trajectory (at the golden steps) when every
+    gradient entry is off by one ulp on every step (two random sign patterns)."""
+    numpy_backend = next(b for b in BACKENDS if b.name == "numpy")
+    data = _golden()
+    spec = data["cases"][case]
     steps = max(data["steps"])
-    history, _, _ = run(backend, opt, params, [gradient] * steps)
-    worst = 0.0
-    for step in data["steps"]:
-        for k, value in spec["params"][str(step)].items():
-            worst = max(worst, rel(history[step - 1][k], np.asarray(value)))
-    assert worst < 1e-5
+    runs = [
+        run(numpy_backend, _faithful_opt(spec), _golden_params(data), [_golden_gradient(data, ulps)] * steps)[0]
+        for ulps in (None, np.random.default_rng(1), np.random.default_rng(2))
+    ]
+    return max(
+        rel(other[step - 1][k], runs[0][step - 1][k])
+        for other in runs[1:] for step in data["steps"] for k in spec["params"][str(step)]
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,14 +454,10 @@ def test_nonfinite_gradients(backend, factory):
         factory(on_nonfinite="raise").update(backend.tree(bad), state, p)
 
 
-_ROOT_FUNCTIONS = {
-    "eigh": "inverse_root_eigh",
-    "polar_express": "inverse_sqrt_polar_express",
-    "newton_schulz": "inverse_sqrt_newton_schulz",
-}
+_FAITHFUL_ROOTS = {"polar_express": "inverse_sqrt_polar_express", "newton_schulz": "inverse_sqrt_newton_schulz"}
 
 
-@pytest.mark.parametrize("root_method", ["eigh", "polar_express", "newton_schulz"])
+@pytest.mark.parametrize("root_method", ["eigh", "polar_express", "newton_schulz", "newton"])
 def test_failed_root_keeps_previous_and_counts(eager_backend, root_method, monkeypatch):
     """Rule 5 / D6: a non-finite root (of a finite statistic) keeps the previous root and
     increments root_failures, and the step is applied; faithful mode uses the identity instead
@@ -429,13 +466,16 @@ def test_failed_root_keeps_previous_and_counts(eager_backend, root_method, monke
     backend = eager_backend
     rng = np.random.default_rng(9)
     p = backend.tree({"w": rng.standard_normal((3, 4))})
-    real = getattr(asgo_module, _ROOT_FUNCTIONS[root_method])
-    broken = lambda *args, **kwargs: real(*args, **kwargs) * float("nan")  # noqa: E731
+    real = asgo_module.inverse_root
+
+    def broken(*args, **kwargs):
+        root, fell_back = real(*args, **kwargs)
+        return root * float("nan"), fell_back
 
     opt = pr.asgo(root_method=root_method, weight_decay=0.0)
     state = opt.init(p)
     _, state = opt.update(backend.tree({"w": rng.standard_normal((3, 4))}), state, p)
-    monkeypatch.setattr(asgo_module, _ROOT_FUNCTIONS[root_method], broken)
+    monkeypatch.setattr(asgo_module, "inverse_root", broken)
     updates, new_state = opt.update(backend.tree({"w": rng.standard_normal((3, 4))}), state, p)
     np.testing.assert_array_equal(
         backend.to_numpy(new_state.groups["w"]["root"]), backend.to_numpy(state.groups["w"]["root"])
@@ -445,8 +485,10 @@ def test_failed_root_keeps_previous_and_counts(eager_backend, root_method, monke
     assert np.all(np.isfinite(backend.to_numpy(updates["w"])))
     assert np.any(backend.to_numpy(updates["w"]) != 0)
 
-    if root_method == "eigh":
+    if root_method not in _FAITHFUL_ROOTS:
         return
+    real = getattr(asgo_module, _FAITHFUL_ROOTS[root_method])
+    monkeypatch.setattr(asgo_module, _FAITHFUL_ROOTS[root_method], lambda *a, **k: real(*a, **k) * float("nan"))
     faithful = pr.asgo(root_method=root_method, mode="faithful", weight_decay=0.0, rms_target=None, b1=0.0)
     state = faithful.init(p)
     g = rng.standard_normal((3, 4)).astype(np.float64)

@@ -212,6 +212,9 @@ def test_rf_rmsprop_zero_gradient_is_finite_and_zero():
 
 
 def test_rf_rmsprop_matches_authors_golden_trajectory():
+    """Faithful RF-RMSProp reproduces the authors' optimizer (float64) to 1e-12: element-wise IEEE
+    operations only (no reductions), so every machine rounds them alike; one ulp on every gradient
+    entry per step moves the trajectory by 2e-16 (measured)."""
     data = json.loads(DATA.read_text())
     (case,) = [c for c in data["cases"] if c["method"] == "rf_rmsprop"]
     cfg = case["config"]
@@ -270,7 +273,11 @@ def _check_golden(opt, data, case, rtol=1e-12):
 
 @pytest.mark.parametrize("index", [0, 1])
 def test_if_shampoo_faithful_matches_sirfshampoo_golden(index):
-    """Faithful IF-Shampoo reproduces SIRFShampoo 7bc5eaf (float64, 8 steps) to 1e-12."""
+    """Faithful IF-Shampoo reproduces SIRFShampoo 7bc5eaf (float64, 8 steps) to 1e-12.
+
+    Rounding model: one float64 ulp on every gradient entry per step moves the trajectory by 2e-16
+    relative (measured); other summation orders (a few ulps per reduction of length <= 10) stay
+    orders of magnitude inside 1e-12."""
     data = json.loads(DATA.read_text())
     case = [c for c in data["cases"] if c["method"] == "if_shampoo"][index]
     cfg = case["config"]
@@ -374,6 +381,53 @@ def test_if_shampoo_weight_bias_equals_concatenated_matrix():
     np.testing.assert_allclose(u["bias"], uj2["m"][4], rtol=1e-13)
 
 
+def test_if_shampoo_equal_shape_groups_share_one_factor_step(monkeypatch):
+    """Batched blocks (issue 13): groups whose tensors and factors have one shape go through one
+    stacked factor step and one stacked preconditioning, and each gets what it gets alone (per-group
+    factor step sizes included: prototype_lr_scale gives proj/weight and the biases 0.25)."""
+    calls = []
+    original = root_free._factor_step
+
+    def spy(xp, grouped, *args):
+        calls.append(tuple(grouped.shape))
+        return original(xp, grouped, *args)
+
+    monkeypatch.setattr(root_free, "_factor_step", spy)
+    rng = np.random.default_rng(2)
+    make = lambda: {"a": {"weight": rng.normal(size=(3, 4)), "bias": rng.normal(size=3)},  # noqa: E731
+                    "proj": {"weight": rng.normal(size=(3, 4)), "bias": rng.normal(size=3)},
+                    "conv": rng.normal(size=(2, 3, 2))}
+    params, grads = make(), [make() for _ in range(3)]
+    kw = dict(learning_rate=0.05, batch_size=4, precondition_every=1, weight_decay=0.1,
+              preconditioner_lr=0.3, preconditioner_lr_scale=pr.prototype_lr_scale)
+    together, _ = _run(_numpy_backend(), pr.if_shampoo(**kw), params, grads)
+    assert sorted(calls) == sorted([(2, 3, 4), (2, 3), (1, 2, 3, 2)] * 3)
+    for layer, name in (("a", "weight"), ("proj", "weight"), ("proj", "bias")):
+        alone, _ = _run(_numpy_backend(), pr.if_shampoo(**kw), {layer: {name: params[layer][name]}},
+                        [{layer: {name: g[layer][name]}} for g in grads])
+        np.testing.assert_allclose(together[layer][name], alone[layer][name], rtol=1e-12, atol=1e-14)
+    alone, _ = _run(_numpy_backend(), pr.if_shampoo(**kw), {"conv": params["conv"]}, [{"conv": g["conv"]} for g in grads])
+    np.testing.assert_allclose(together["conv"], alone["conv"], rtol=1e-12, atol=1e-14)
+
+
+def test_if_shampoo_zero_gradient_and_overflow_rules_are_per_group_in_a_stack():
+    """S2 and S3 inside a stack of equal-shape groups: a group with a zero gradient keeps its factors,
+    a group whose factor step overflows (float32; a huge preconditioner_lr, since gradients large
+    enough to overflow it are skipped by build_transform) keeps them and counts a failure, and the
+    other group of the stack is refreshed as usual (to large but finite factors)."""
+    opt = pr.if_shampoo(batch_size=1, preconditioner_lr=1e30, preconditioner_momentum=0.0, clamp_factor_step=False)
+    params = {k: np.ones((3, 3), dtype=np.float32) for k in ("huge", "normal", "zero")}
+    grads = {"huge": np.full((3, 3), 1e10, dtype=np.float32), "normal": np.eye(3, dtype=np.float32),
+             "zero": np.zeros((3, 3), dtype=np.float32)}
+    state = opt.init(params)
+    with np.errstate(all="ignore"):
+        _, new = opt.update(grads, state)
+    assert [int(new.groups[k]["factor_failures"]) for k in ("huge", "normal", "zero")] == [1, 0, 0]
+    for key, moved in (("huge", False), ("normal", True), ("zero", False)):
+        assert np.all(np.isfinite(new.groups[key]["factor_0"]))
+        assert (not np.array_equal(new.groups[key]["factor_0"], state.groups[key]["factor_0"])) == moved, key
+
+
 def test_if_shampoo_is_matmul_only(monkeypatch):
     """No eigh, inverse, solve, Cholesky (or other decomposition) anywhere in IF-Shampoo's path."""
     import array_api_compat.numpy as xnp
@@ -396,11 +450,18 @@ def test_if_shampoo_is_matmul_only(monkeypatch):
         opt.update({"w": torch.randn(3, 4)}, state)
     import inspect
 
+    from precond_ref import linalg
+
     source = inspect.getsource(root_free.if_shampoo) + inspect.getsource(root_free._factor_step)
     source += inspect.getsource(root_free._precondition)
+    helpers = inspect.getsource(linalg.mode_product) + inspect.getsource(linalg.mode_gram)
     import re
 
-    assert set(re.findall(r"linalg\.(\w+)", source)) <= {"diagonal", "vector_norm", "matrix_norm"}
+    # The tensor-matrix products live in linalg (matmul, reshape and permute only).
+    assert set(re.findall(r"linalg\.(\w+)", source)) <= {
+        "diagonal", "vector_norm", "matrix_norm", "mode_product", "mode_gram", "half_precision_dtype", "kl_clip_factor"
+    }
+    assert set(re.findall(r"xp\.linalg\.(\w+)", helpers)) == set()
 
 
 def test_if_shampoo_batch_size_and_validation():
@@ -426,6 +487,7 @@ def test_if_shampoo_batch_size_and_validation():
         (dict(preconditioner_lr_scale=0.25), "preconditioner_lr_scale"),
         (dict(batch_size=-3), "batch_size"),
         (dict(mode="paper"), "mode"),
+        (dict(factor_dtype=np.asarray(1.0)), "static_args=\\('factor_dtype',\\)"),
     ]:
         with pytest.raises(ValueError, match=name):
             pr.if_shampoo(**kwargs)
@@ -500,6 +562,45 @@ def test_if_shampoo_precondition_every_runs_refresh_only_on_schedule():
         history.append(np.array(state.groups["w"]["factor_0"]))
     changed = [not np.array_equal(history[i], history[i - 1]) for i in range(1, 7)]
     assert changed == [False, False, True, False, False, True]
+
+
+def test_if_shampoo_default_refresh_interval_is_the_papers():
+    """S7: principled mode refreshes the factors every 2 calls (the authors' runs, T = 2), faithful
+    mode every call (SIRFShampoo's default T = 1)."""
+    params, g = {"w": np.ones((2, 2))}, {"w": np.array([[1.0, 2.0], [3.0, 4.0]])}
+    for mode, want in (("principled", [True, False, True, False]), ("faithful", [True] * 4)):
+        opt = pr.if_shampoo(batch_size=1, preconditioner_momentum=0.0, mode=mode)
+        state = opt.init(params)
+        changed = []
+        for _ in range(4):
+            before = state.groups["w"]["factor_0"]
+            _, state = opt.update(g, state)
+            changed.append(not np.array_equal(before, state.groups["w"]["factor_0"]))
+        assert changed == want, mode
+
+
+def test_if_shampoo_factors_default_to_bf16_on_accelerators(monkeypatch):
+    """S1: with ``factor_dtype=None`` principled factors are bf16 where the parameters live on an
+    accelerator (simulated here: linalg.half_precision_dtype answers bf16), float32 (the compute
+    dtype) on a CPU; float64 parameters keep float64 factors (reference runs), faithful mode the
+    parameter dtype, an explicit factor_dtype wins. The momentum buffer stays in the compute dtype
+    and the update is finite, in the parameter dtype."""
+    import torch
+
+    params = {"w": torch.randn(3, 4), "v": torch.randn(3, dtype=torch.float64)}
+    assert pr.if_shampoo(batch_size=2).init(params).groups["w"]["factor_0"].dtype == torch.float32  # CPU
+    monkeypatch.setattr(root_free, "half_precision_dtype", lambda x: torch.bfloat16)
+    state = pr.if_shampoo(batch_size=2).init(params)
+    assert state.groups["w"]["factor_0"].dtype == state.groups["w"]["factor_1"].dtype == torch.bfloat16
+    assert state.groups["w"]["momentum_0"].dtype == torch.float32
+    assert state.groups["v"]["factor_0"].dtype == torch.float64
+    assert pr.if_shampoo(batch_size=2, mode="faithful").init(params).groups["w"]["factor_0"].dtype == torch.float32
+    explicit = pr.if_shampoo(batch_size=2, factor_dtype=torch.float32).init(params)
+    assert explicit.groups["w"]["factor_0"].dtype == torch.float32
+    opt = pr.if_shampoo(batch_size=2)
+    updates, state = opt.update({"w": torch.randn(3, 4), "v": torch.randn(3, dtype=torch.float64)}, state)
+    assert updates["w"].dtype == torch.float32 and bool(torch.isfinite(updates["w"]).all())
+    assert state.groups["w"]["factor_0"].dtype == torch.bfloat16
 
 
 def test_prototype_schedule_and_lr_scale():

@@ -57,7 +57,7 @@ def test_fixed_point_1d_dense(property_backend, g, batch, damping, momentum):
     """I-P1: under a repeated gradient g, K Kᵀ → (B g gᵀ + λI)⁻¹ (spec §2.5, E[M] = 0 ⇔ KᵀSK = I)."""
     if not np.any(g):
         g = np.ones_like(g)
-    opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.8,
+    opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.8, precondition_every=1,
                         preconditioner_momentum=momentum, momentum=0.0, learning_rate=1e-3)
     state = _iterate(property_backend, opt, {"w": np.zeros_like(g)}, {"w": g}, FIXED_POINT_STEPS)
     k = _np(property_backend, state.groups["w"]["factor_0"])
@@ -73,7 +73,7 @@ def test_fixed_point_1d_diagonal(property_backend, g, batch, damping):
     if not np.any(g):  # an all-zero gradient skips the refresh (S2)
         g = np.ones_like(g)
     opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.8, structures="diagonal",
-                        momentum=0.0, learning_rate=1e-3)
+                        precondition_every=1, momentum=0.0, learning_rate=1e-3)
     state = _iterate(property_backend, opt, {"w": np.zeros_like(g)}, {"w": g}, FIXED_POINT_STEPS)
     k = _np(property_backend, state.groups["w"]["factor_0"])
     np.testing.assert_allclose(k * k, 1.0 / (batch * g * g + damping), rtol=1e-9)
@@ -91,7 +91,8 @@ def test_fixed_point_2d_flip_flop(property_backend, shape, seed, batch, damping)
     Cᵀ S_C C = I with S_C = [λ Tr(KKᵀ) I + B G KKᵀ Gᵀ]/d_i and Kᵀ S_K K = I with
     S_K = [λ Tr(CCᵀ) I + B Gᵀ CCᵀ G]/d_o."""
     g = np.random.default_rng(seed).normal(size=shape)
-    opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.6, momentum=0.0, learning_rate=1e-3)
+    opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.6, momentum=0.0, learning_rate=1e-3,
+                        precondition_every=1)
     state = _iterate(property_backend, opt, {"w": np.zeros(shape)}, {"w": g}, 300)
     c = _np(property_backend, state.groups["w"]["factor_0"])
     k = _np(property_backend, state.groups["w"]["factor_1"])
@@ -140,7 +141,7 @@ def test_factor_step_matches_spec_formula(property_backend, shape, seed, batch, 
     g = rng.normal(size=shape)
     factors = [np.eye(d) + 0.3 * rng.normal(size=(d, d)) for d in shape]
     opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=lr, preconditioner_momentum=0.0,
-                        momentum=0.0, learning_rate=0.1)
+                        momentum=0.0, learning_rate=0.1, kl_clip=0.0)  # the unclipped step (S8 tested alone)
     xb = property_backend
     state = opt.init({"w": xb.asarray(np.zeros(shape))})
     state = _with_group(state, "w", **{f"factor_{n}": xb.asarray(k) for n, k in enumerate(factors)})
@@ -307,7 +308,7 @@ def test_zero_gradient_leaves_factors_unchanged(property_backend, seed, steps):
     """I-P13 (S2): in principled mode an all-zero group gradient leaves K_n and m_n unchanged."""
     rng = np.random.default_rng(seed)
     xb = property_backend
-    opt = pr.if_shampoo(batch_size=2, preconditioner_lr=0.3)
+    opt = pr.if_shampoo(batch_size=2, preconditioner_lr=0.3, precondition_every=1)
     params = {"w": xb.asarray(rng.normal(size=(2, 3)))}
     state = opt.init(params)
     for _ in range(steps):
@@ -315,3 +316,48 @@ def test_zero_gradient_leaves_factors_unchanged(property_backend, seed, steps):
     _, after = opt.update({"w": xb.asarray(np.zeros((2, 3)))}, state)
     for name in ("factor_0", "factor_1", "factor_momentum_0", "factor_momentum_1"):
         np.testing.assert_array_equal(_np(xb, after.groups["w"][name]), _np(xb, state.groups["w"][name]))
+
+
+@given(seed=st.integers(0, 2**32 - 1), kappa=st.sampled_from([1e-6, 1e-3, 1e-1, 10.0]), batch=st.integers(1, 8))
+def test_if_shampoo_kl_clip_bounds_the_step(property_backend, seed, kappa, batch):
+    """S8 (Ba et al. 2017, section 5): the preconditioned gradient D = Pg is scaled by
+    nu = min(1, sqrt(kappa / (eta^2 <D, g>))) before the momentum. On the first step (momentum
+    buffer 0) the step is -eta nu D, so it is the unclipped step u0 = -eta D times nu, with
+    eta^2 <D, g> = -eta <u0, g>; faithful mode is never clipped."""
+    rng = np.random.default_rng(seed)
+    g = {"w": 30.0 * rng.normal(size=(3, 4)), "b": 30.0 * rng.normal(size=5)}
+    eta = 0.5
+    xb = property_backend
+    kw = dict(learning_rate=eta, batch_size=batch, damping=1e-3, preconditioner_lr=0.3)
+    steps = {}
+    for name, extra in [("clipped", dict(kl_clip=kappa)), ("plain", dict(kl_clip=0.0)), ("faithful", dict(mode="faithful"))]:
+        opt = pr.if_shampoo(**kw, **extra)
+        params = {k: xb.asarray(np.zeros_like(v)) for k, v in g.items()}
+        updates, _ = opt.update({k: xb.asarray(v) for k, v in g.items()}, opt.init(params))
+        steps[name] = {k: _np(xb, v) for k, v in updates.items()}
+    for key in g:
+        u0, u = steps["plain"][key], steps["clipped"][key]
+        quadratic = -eta * float(np.sum(u0 * g[key]))
+        nu = 1.0 if quadratic <= kappa else np.sqrt(kappa / quadratic)
+        np.testing.assert_allclose(u, nu * u0, rtol=1e-12, atol=0.0)
+        np.testing.assert_allclose(steps["faithful"][key], u0, rtol=1e-10, atol=1e-300)
+
+
+@given(seed=st.integers(0, 2**32 - 1), steps=st.integers(1, 8), batch=st.integers(1, 8),
+       b1=st.sampled_from([0.0, 0.5, 0.9]), b2=st.sampled_from([0.5, 0.999]), bias_correction=st.booleans())
+def test_rf_adamw_constant_gradient_closed_form(property_backend, seed, steps, batch, b1, b2, bias_correction):
+    """RF-AdamW's rule (docstring, authors' ``MyAdamW``) for a constant gradient g, no weight decay:
+    m_t = (1 - b1^t) g (an EMA, not a heavy-ball sum), s_t = b2^t + (1 - b2^t) B g^2 (s_0 = 1), and the
+    step is -eta m_t/c1 / (s_t/c2 + lambda), c_i = 1 - b_i^t with bias correction, else 1."""
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(3, 2))
+    eta, lam = 0.05, 1e-3
+    opt = pr.rf_adamw(learning_rate=eta, b1=b1, b2=b2, damping=lam, batch_size=batch, bias_correction=bias_correction)
+    xb = property_backend
+    params = {"w": xb.asarray(np.zeros_like(g))}
+    state = opt.init(params)
+    for t in range(1, steps + 1):
+        updates, state = opt.update({"w": xb.asarray(g)}, state, params)
+        m, s = (1 - b1**t) * g, b2**t + (1 - b2**t) * batch * g * g
+        c1, c2 = (1 - b1**t, 1 - b2**t) if bias_correction else (1.0, 1.0)
+        np.testing.assert_allclose(_np(xb, updates["w"]), -eta * (m / c1) / (s / c2 + lam), rtol=1e-12, atol=0.0)

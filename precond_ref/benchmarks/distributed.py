@@ -1,6 +1,6 @@
 """Step time of the distributed preconditioner with 1, 2, 4, ... gloo processes on CPU.
 
-``python -m precond_ref.benchmarks_distributed [--ranks 1 2 4] [--methods asgo if_shampoo sketchy]
+``python -m precond_ref.benchmarks.distributed [--ranks 1 2 4] [--methods asgo if_shampoo sketchy]
 [--layers 8] [--width 256] [--steps 5] [--threads 1]``
 
 For each method and world size it starts that many processes (gloo backend, one file store),
@@ -82,7 +82,7 @@ def _run(method: str, world: int, args: argparse.Namespace) -> dict:
                   "--threads", str(args.threads)]
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "precond_ref.benchmarks_distributed", "--worker", method, str(r), str(world),
+                [sys.executable, "-m", "precond_ref.benchmarks.distributed", "--worker", method, str(r), str(world),
                  init, *common],
                 stdout=subprocess.PIPE, text=True,
             )
@@ -95,7 +95,7 @@ def _run(method: str, world: int, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m precond_ref.benchmarks.distributed", description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--methods", nargs="+", default=["asgo", "if_shampoo", "sketchy"], choices=sorted(_CONFIGS))
     parser.add_argument("--layers", type=int, default=8)

@@ -1,0 +1,308 @@
+"""``python -m precond_ref bench``: the one place speed is measured.
+
+Two kinds of measurement, every ratio taken against baselines measured in the same run on the same
+device:
+
+- ``--model gpt`` / ``--model resnet`` times the whole training step (forward, backward, optimizer
+  step) of a small GPT-style transformer on random tokens or a small ResNet-style CNN on random
+  images (:mod:`precond_ref.benchmarks.models`), through the torch adapters against
+  ``torch.optim.AdamW(fused=True)`` and ``AdamW(foreach=True)``, and through the optax adapters in
+  a jitted plain-JAX training step against ``optax.adamw``. Sizes: ``--size small`` (a 2-core CPU,
+  the default there) or ``reference`` (the speed issues' GPU model, the default when torch sees a
+  GPU).
+- without ``--model``, one optimizer step on the parameters of one layer case
+  (:mod:`precond_ref.benchmarks.layers`: ``1024x1024``, ``4096x1024``, a 3x3 convolution, a stack
+  of transformer blocks as one param group), through the torch adapters against
+  ``torch.optim.Adam`` (foreach and fused), under ``jax.jit`` against ``optax.adam``, and optionally
+  the core on NumPy / CuPy arrays; plus one float32 ``eigh`` of a 1024x1024 matrix as a yardstick.
+
+Every method of the method table runs (RF-AdamW included) at its bench settings, the papers'
+refresh intervals; ``--variants`` adds other modes, roots, intervals and factor dtypes. Each
+measurement reports the first step apart (compilation, tracing, state allocation), then the median
+and the mean of a window of steps as long as the method's longest refresh interval, so the mean
+includes the refresh steps as training does. The authors' implementations run beside ours where
+they can be imported (:mod:`precond_ref.benchmarks.authors`). Output: a table per case or model,
+``bench.json`` in ``--out`` (with every step's time and the machine), and with ``--readme`` the
+README's performance block and ``docs/data/bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import numpy as np  # noqa: F401  (bench needs NumPy: without it the command line names the extra to install)
+
+from ..cli import UserError, positive_int
+from ..compare.methods import BENCH_ONLY, METHODS
+from .common import BUDGET_S, jsonable
+from .report import KINDS
+
+__all__ = ["add_arguments", "run"]
+
+SIZE_NAMES = ("auto", "tiny", "small", "reference")
+README_DATA = os.path.join("docs", "data", "bench.json")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .layers import CASES
+
+    names = ", ".join(e.name for e in METHODS + BENCH_ONLY if not e.is_baseline)
+    add = parser.add_argument
+    add("--model", choices=KINDS, default="layers",
+        help="gpt or resnet: time whole training steps of that model; layers (default): one optimizer step per layer case")
+    add("--methods", default="all", help=f"comma-separated subset of: {names} (default all; the baselines always run)")
+    add("--variants", action="store_true",
+        help="also time other settings of ASGO, Sketchy, S-AdaGrad and IF-Shampoo (faithful mode, roots, intervals, bf16 factors)")
+    add("--cases", default=None, help=f"layer cases, comma-separated (default {','.join(CASES)}; also OUTxIN, OUTxINxKHxKW, tfLxW)")
+    add("--size", choices=SIZE_NAMES, default=None,
+        help="model size for --model: small (a 2-core CPU), reference (the GPU model of the speed issues), tiny (tests); "
+        "default auto: reference when torch sees a GPU, else small")
+    add("--frameworks", default=None,
+        help="comma-separated subset of torch,jax,numpy,cupy (numpy and cupy: layer cases only; default torch,jax, "
+        "and cupy for layer cases when a GPU is present)")
+    add("--warmup", type=positive_int, default=2, help="steps before the timed window, the first one timed apart (default 2)")
+    add("--repeats", type=positive_int, default=10,
+        help="timed steps at least (default 10); a method's window is as long as its longest refresh interval")
+    add("--budget", type=_positive_float, default=BUDGET_S,
+        help=f"seconds of timed steps per measurement before the window stops early (default {BUDGET_S:g})")
+    add("--quick", action="store_true", help="tiny cases and models, few steps, no refresh windows (for tests)")
+    add("--dtype", choices=("float32", "float64"), default="float32", help="parameter and gradient dtype (default float32)")
+    add("--torch-compile", choices=("default", "on", "off"), default="default",
+        help="pass compile=True (on) or compile=False (off) to our torch optimizers; default: pass nothing")
+    add("--authors-path", action="append", default=[], metavar="DIR",
+        help="a directory to import the authors' code from (a checkout of infinity-stars/ASGO); repeatable")
+    add("--threads", type=positive_int, default=None,
+        help="limit BLAS and torch CPU threads (default: the libraries' own; 1 gives steadier numbers on a busy machine)")
+    add("--out", default="results", help="output directory for bench.json (default results)")
+    add("--readme", action="store_true",
+        help=f"also store this run in {README_DATA} and rewrite the README's performance block (run from the repository root)")
+    add("--no-progress", action="store_true", help="no progress bar")
+
+
+def _default_frameworks(kind: str) -> list[str]:
+    frameworks = ["torch", "jax"]
+    if kind == "layers":
+        try:
+            import cupy
+
+            if cupy.is_available():
+                frameworks.append("cupy")
+        except ImportError:
+            pass
+    return frameworks
+
+
+def _check_frameworks(text: Optional[str], kind: str) -> list[str]:
+    from .layers import FRAMEWORKS
+
+    if text is None:
+        frameworks = _default_frameworks(kind)
+    else:
+        frameworks = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+        unknown = [f for f in frameworks if f not in FRAMEWORKS]
+        if unknown or not frameworks:
+            raise UserError(f"unknown framework(s) {', '.join(map(repr, unknown)) or '(none given)'}; available: {', '.join(FRAMEWORKS)}")
+        core_only = [f for f in frameworks if f in ("numpy", "cupy")]
+        if core_only and kind != "layers":
+            raise UserError(f"--frameworks {','.join(core_only)} times the core on layer cases only; --model {kind} runs torch and jax")
+    for framework in frameworks:
+        module = {"torch": "torch", "jax": "optax", "numpy": "numpy", "cupy": "cupy"}[framework]
+        try:
+            __import__(module)
+        except ImportError as err:
+            raise UserError(f"--frameworks {framework} needs {module}: {err}") from None
+    if "cupy" in frameworks:
+        import cupy
+
+        if not cupy.is_available():
+            raise UserError("--frameworks cupy needs a CUDA device, and cupy.is_available() is False on this machine")
+    return frameworks
+
+
+def _size(args: argparse.Namespace, torch_device: str) -> str:
+    if args.model == "layers":
+        if args.size is not None:
+            raise UserError("--size chooses the model of --model gpt|resnet; layer cases are chosen with --cases")
+        return ""
+    if args.cases is not None:
+        raise UserError(f"--cases chooses layer cases; --model {args.model} is sized with --size")
+    if args.quick:
+        return "tiny"
+    if args.size in (None, "auto"):
+        return "reference" if torch_device.startswith("cuda") else "small"
+    return args.size
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import layers, models
+    from . import report as report_module
+    from ..compare import _prepare_out_dir, _thread_limit
+    from .common import contenders as resolve_contenders
+    from .common import machine
+
+    chosen, skipped = resolve_contenders(args.methods, args.variants)
+    if not chosen:
+        raise UserError("no method to benchmark (the baselines are always measured)")
+    frameworks = _check_frameworks(args.frameworks, args.model)
+    if args.model == "layers":
+        cases = layers.parse_cases(args.cases) if args.cases else dict(layers.QUICK_CASES if args.quick else layers.CASES)
+    if args.readme and not os.path.exists("README.md"):
+        raise UserError("--readme rewrites ./README.md: run it from the repository root")
+    out_dir = _prepare_out_dir(args.out)
+    for path in args.authors_path:
+        if not os.path.isdir(path):
+            raise UserError(f"--authors-path {path!r} is not a directory")
+        sys.path.insert(0, os.path.abspath(path))
+    warmup, repeats = (min(args.warmup, 1), min(args.repeats, 3)) if args.quick else (args.warmup, args.repeats)
+    budget = min(args.budget, 2.0) if args.quick else args.budget
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU with JAX in this process
+    import torch
+
+    if "jax" in frameworks and args.dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    size_name = _size(args, torch_device)
+    for note in skipped:
+        print(f"skipped {note['method']}: {note['reason']}", file=sys.stderr)
+
+    sections = list(cases) if args.model == "layers" else [args.model]
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(sections) * len(frameworks) * len(chosen), unit="method", file=sys.stderr, leave=False)
+
+    def progress(text: str) -> None:
+        if bar is not None:
+            bar.set_description(text)
+            bar.update(1)
+
+    common = dict(
+        dtype=args.dtype, warmup=warmup, repeats=repeats, budget_s=budget, refresh_windows=not args.quick,
+        torch_device=torch_device, torch_compile=args.torch_compile, progress=progress,
+    )
+    results: dict[str, list[dict]] = {}
+    authors_skipped: list[str] = []
+    reference: Optional[dict] = None
+    settings: dict[str, Any] = {}
+    started = time.perf_counter()
+    limit = contextlib.nullcontext() if args.threads is None else _thread_limit(args.threads, "torch")
+    try:
+        with limit:
+            machine_info = machine(torch_device, frameworks)  # inside the limit: it records the thread counts
+            if args.model == "layers":
+                if "torch" in frameworks:
+                    n = 64 if args.quick else layers.EIGH_SIZE
+                    reference = layers.eigh_reference(torch_device, warmup, repeats, budget, n)
+                for case, spec in cases.items():
+                    if bar is not None:
+                        bar.set_postfix(case=case)
+                    results[case], skipped_here = layers.bench_case(chosen, spec, frameworks, reference=reference, **common)
+                    authors_skipped = list(dict.fromkeys(authors_skipped + skipped_here))
+                    _print_table(report_module, case, results[case], bar)
+                settings["cases"] = {k: list(v) for k, v in cases.items()}
+                settings["batch_size_for_root_free"] = layers.BATCH_SIZE
+            else:
+                size = models.SIZES[args.model][size_name]
+                module = models.build_torch(args.model, size, getattr(torch, args.dtype), "cpu")
+                settings.update(size=size_name, model=size, model_description=models.describe(args.model, size, module))
+                settings["batch_size_for_root_free"] = models.batch_size_of(args.model, size)
+                results[args.model], authors_skipped = models.bench_model(args.model, size, chosen, frameworks, **common)
+                _print_table(report_module, args.model, results[args.model], bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    total = time.perf_counter() - started
+
+    settings.update(
+        kind=args.model, frameworks=frameworks, dtype=args.dtype, warmup=warmup, repeats=repeats, budget_s=budget,
+        threads=args.threads, torch_compile=args.torch_compile, variants=args.variants,
+        hyperparameters={c.key: c.entry.bench_kwargs() for c in chosen},
+    )
+    report = {
+        "command": "bench",
+        "argv": list(getattr(args, "argv", [])),
+        "settings": settings,
+        "machine": machine_info,
+        "total_s": total,
+        "skipped": skipped + [{"method": "authors", "reason": n} for n in authors_skipped],
+        "reference": reference,
+        "results": results,
+    }
+    if reference is not None:
+        print(f"yardstick: {reference['label']}: median {reference['median_ms']:.3g} ms, mean {reference['mean_ms']:.3g} ms "
+              "(the 'mean x eigh' column)")
+    print(report_module.summary_line(report))
+    for note in skipped:
+        print(f"skipped {note['method']}: {note['reason']}")
+    for note in authors_skipped:
+        print(f"skipped: {note}")
+    for section, rows in results.items():
+        for row in rows:
+            where = f"{section} {row['framework']} {row['label']}"
+            for note in row.get("notes", []):
+                print(f"{where}: note: {note}")
+            if "error" in row:
+                print(f"{where}: FAILED: {row['error']}")
+            if "skipped" in row:
+                print(f"{where}: skipped: {row['skipped']}")
+    _write(os.path.join(out_dir, "bench.json"), report)
+    print(f"numbers: {os.path.join(out_dir, 'bench.json')}")
+    if args.readme:
+        _write_readme(report, args.model, report_module)
+    return 1 if any("error" in row for rows in results.values() for row in rows) else 0
+
+
+def _print_table(report_module: Any, section: str, rows: list[dict], bar: Any) -> None:
+    """A section's table as soon as it is measured (a default run takes minutes per section)."""
+    text = report_module.format_table(section, rows) + "\n"
+    if bar is not None:
+        bar.write(text)
+    else:
+        print(text, flush=True)
+
+
+def _write(path: str, data: Any) -> None:
+    try:
+        with open(path, "w") as handle:
+            json.dump(data, handle, indent=1, default=jsonable)
+            handle.write("\n")
+    except OSError as err:
+        raise UserError(f"cannot write {path!r}: {err.strerror or err}") from None
+
+
+def _write_readme(report: dict, kind: str, report_module: Any) -> None:
+    stored = None
+    if os.path.exists(README_DATA):
+        with open(README_DATA) as handle:
+            stored = json.load(handle)
+    reports = report_module.merged(stored, kind, report)
+    _write(README_DATA, reports)
+    with open("README.md") as handle:
+        text = handle.read()
+    try:
+        text = report_module.replace_readme_section(text, report_module.readme_section(reports))
+    except ValueError as err:
+        raise UserError(f"README.md: {err}") from None
+    with open("README.md", "w") as handle:
+        handle.write(text)
+    print(f"README.md and {README_DATA} updated ({kind})")

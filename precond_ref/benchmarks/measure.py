@@ -1,0 +1,169 @@
+"""One measurement per framework, for the layer cases and the models alike.
+
+Each function times ``step(i)`` = (gradients of batch ``i``, then one optimizer step) through
+:func:`~precond_ref.benchmarks.common.time_steps` and returns its timing dictionary with the
+optimizer state's bytes and any notes. The gradients come from a callable (torch), or from a
+jitted ``jax.value_and_grad`` of ``loss_fn`` (JAX; ``loss_fn=None`` feeds the batch itself in as
+the gradients), so that for the models the whole training step is timed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Optional
+
+from .common import Contender, refresh_period, state_bytes, time_steps
+
+__all__ = ["torch_measure", "jax_measure", "core_measure", "run_row", "section_rows", "add_ratios", "torch_sync", "timing_for"]
+
+
+def torch_sync(device: str) -> Callable[[], None]:
+    import torch
+
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def torch_measure(
+    make_optimizer: Callable[[], tuple[Any, list[str]]],
+    set_grads: Callable[[int], Any],
+    extra: dict,
+    device: str,
+    timing: dict,
+) -> dict:
+    """``set_grads(i)`` fills ``.grad`` (and returns the loss or ``None``), then ``optimizer.step(**extra)``."""
+    optimizer, notes = make_optimizer()
+    last: dict = {}
+
+    def step(i: int) -> None:
+        last["loss"] = set_grads(i)
+        optimizer.step(**extra)
+
+    result = time_steps(step, torch_sync(device), **timing)
+    result["state_bytes"] = state_bytes(dict(optimizer.state))
+    if last.get("loss") is not None:
+        result["last_loss"] = float(last["loss"])
+    result["notes"] = notes
+    return result
+
+
+def jax_measure(
+    optimizer: Any, params: Any, batches: list, loss_fn: Optional[Callable[..., Any]], extra: dict, timing: dict
+) -> dict:
+    """A jitted step ``(params, state, batch) -> (params, state, loss)`` with donated buffers.
+
+    With ``loss_fn`` the step differentiates ``loss_fn(params, *batch)``; without it the batch is
+    the gradient tree itself (the layer cases).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def train_step(p: Any, state: Any, batch: Any) -> tuple[Any, Any, Any]:
+        if loss_fn is None:
+            loss, grads = jnp.zeros(()), batch
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(p, *batch)
+        updates, state = optimizer.update(grads, state, p, **extra)
+        return optax.apply_updates(p, updates), state, loss
+
+    compiled = jax.jit(train_step, donate_argnums=(0, 1))
+    params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates its input buffers
+    holder = {"params": params, "state": optimizer.init(params), "loss": None}
+
+    def step(i: int) -> None:
+        holder["params"], holder["state"], holder["loss"] = compiled(holder["params"], holder["state"], batches[i % len(batches)])
+
+    with warnings.catch_warnings():
+        # Backends that cannot reuse a donated buffer say so once per compilation; timing is unaffected.
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        result = time_steps(step, lambda: jax.block_until_ready((holder["params"], holder["state"])), **timing)
+    result["state_bytes"] = state_bytes(jax.tree_util.tree_leaves(holder["state"]))
+    if loss_fn is not None:
+        result["last_loss"] = float(holder["loss"])
+    result["notes"] = []
+    return result
+
+
+def core_measure(transform: Any, params: Any, grads: list, extra: dict, sync: Callable[[], None], timing: dict) -> dict:
+    """The core ``update`` called directly on NumPy / CuPy arrays."""
+    import precond_ref
+
+    holder = {"params": params, "state": transform.init(params)}
+
+    def step(i: int) -> None:
+        updates, holder["state"] = transform.update(grads[i % len(grads)], holder["state"], holder["params"], **extra)
+        holder["params"] = precond_ref.apply_updates(holder["params"], updates)
+
+    result = time_steps(step, sync, **timing)
+    result["state_bytes"] = state_bytes(holder["state"])
+    result["notes"] = []
+    return result
+
+
+def timing_for(warmup: int, repeats: int, budget_s: float, refresh_windows: bool) -> Callable[[Optional[Contender]], dict]:
+    """``time_steps`` settings per contender (``None``: a baseline): its refresh period sets the window."""
+
+    def timing(contender: Optional[Contender]) -> dict:
+        period = refresh_period(contender.entry) if contender is not None and refresh_windows else 1
+        return {"warmup": warmup, "repeats": repeats, "period": period, "budget_s": budget_s}
+
+    return timing
+
+
+def run_row(framework: str, method: str, label: str, measure: Callable[[], dict], variant: Optional[str] = None) -> dict:
+    """A table row; an exception becomes the row's ``error`` (one failing method must not hide the others)."""
+    from ..cli import UserError
+
+    row: dict[str, Any] = {"framework": framework, "method": method, "variant": variant, "label": label}
+    try:
+        row.update(measure())
+    except UserError:
+        raise
+    except Exception as err:
+        row["error"] = f"{type(err).__name__}: {err}"
+    if "last_loss" in row and not math.isfinite(row["last_loss"]):
+        row["notes"] = row.get("notes", []) + ["the loss is not finite after the timed steps (diverged at these settings)"]
+    return row
+
+
+def section_rows(
+    framework: str,
+    baselines: list[tuple[str, Callable[[], dict]]],
+    contenders: list[Contender],
+    measure: Callable[[Contender], dict],
+    progress: Optional[Callable[[str], None]] = None,
+    skip: Callable[[Contender], Optional[str]] = lambda contender: None,
+) -> list[dict]:
+    """One framework's rows: its baselines, then every contender (or why it was skipped)."""
+    rows = [run_row(framework, "baseline", label, fn) for label, fn in baselines]
+    for contender in contenders:
+        if progress is not None:
+            progress(f"{framework} {contender.label}")
+        head = {"framework": framework, "method": contender.entry.name, "variant": contender.variant, "label": contender.label}
+        reason = skip(contender)
+        if reason:
+            rows.append({**head, "skipped": reason})
+        else:
+            rows.append(run_row(framework, contender.entry.name, contender.label, lambda c=contender: measure(c), contender.variant))
+    return rows
+
+
+def add_ratios(rows: list[dict], reference: Optional[dict] = None) -> None:
+    """Ratios of every measured row to the baselines (the rows with method ``"baseline"``) in ``rows``.
+
+    ``ratios`` / ``mean_ratios``: median / median and mean / mean per baseline label;
+    ``state_ratio``: state bytes over the first baseline's. With ``reference`` (a measured row),
+    ``reference_ratio`` is the row's mean over the reference's mean.
+    """
+    from .common import ratio
+
+    baselines = [r for r in rows if r["method"] == "baseline" and "error" not in r]
+    for row in rows:
+        if "median_ms" not in row:
+            continue
+        row["ratios"] = {b["label"]: ratio(row["median_ms"], b["median_ms"]) for b in baselines}
+        row["mean_ratios"] = {b["label"]: ratio(row["mean_ms"], b["mean_ms"]) for b in baselines}
+        row["state_ratio"] = ratio(row["state_bytes"], baselines[0]["state_bytes"]) if baselines else None
+        if reference is not None and "mean_ms" in reference:
+            row["reference_ratio"] = ratio(row["mean_ms"], reference["mean_ms"])
