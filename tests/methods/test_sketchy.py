@@ -638,7 +638,7 @@ def test_principled_escaped_trace_with_decay(property_backend, d, k, steps, seed
     _, state = _run(opt, {"w": np.zeros(d)}, grads, backend=property_backend)
     entries = {n: property_backend.to_numpy(v) for n, v in state.groups["w"].items()}
     exact = sum(beta ** (steps - 1 - s) * np.outer(g["w"], g["w"]) for s, g in enumerate(grads))
-    u, sigma, rho = entries["axis0_basis"], entries["axis0_singular_values"], float(entries["axis0_escaped_mass"])
+    u, sigma, rho = entries["axis0_basis"], entries["axis0_singular_values"], float(entries["axis0_escaped_root"]) ** 2
     sketch_trace = float(np.sum(sigma**2))  # tr(U diag(sigma^2) U^T), U orthonormal
     assert rho > 0.0  # k < d directions escaped
     assert np.trace(exact) - sketch_trace >= (k + 1) * rho - 1e-12 * np.trace(exact)
