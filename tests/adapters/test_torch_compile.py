@@ -21,10 +21,10 @@ from precond_ref.adapters import _torch_compile
 from cases import TORCH_CASES
 
 AOT = {"backend": "aot_eager"}
-# One configuration per class, with periodic work where the method has it.
+# One configuration per class, with periodic work where the method has it (AGD: with Inductor below).
 COMPILED_CASES = [
     c for c in TORCH_CASES
-    if c.id in ("agd", "asgo-pe-interval", "dasgo", "rf_rmsprop", "rf_adamw", "if_shampoo-mixed-every2",
+    if c.id in ("asgo-pe-interval", "dasgo", "rf_rmsprop", "rf_adamw", "if_shampoo-mixed-every2",
                 "sketchy-faithful-interval", "s_adagrad", "mbf")
 ]
 
