@@ -470,6 +470,7 @@ class DASGO(CoreOptimizer):
     """
 
     core_factory = staticmethod(pr.dasgo)
+    compile_by_default = True  # element-wise per column: compiled 1.3x Adam(foreach) on CPU, eager 17x
 
     def __init__(
         self,
