@@ -149,9 +149,10 @@ def _size(args: argparse.Namespace, torch_device: str) -> str:
     return args.size
 
 
-#: XLA's CPU runtime (jaxlib 0.10) never reports the end of some programs with many independent
-#: decompositions (the jitted S-AdaGrad step of the small GPT: every thread idle, the caller
-#: waiting forever); its concurrency-optimized scheduler is the cause (docs/backends.md).
+#: XLA's CPU runtime (jaxlib 0.10) sometimes never reports the end of a program with many
+#: independent decompositions (every thread idle, the caller waiting forever): turning off its
+#: concurrency-optimized scheduler removed the stall of the jitted S-AdaGrad step of the small GPT,
+#: not that of the tf2x512 layer case (docs/backends.md).
 XLA_CPU_WORKAROUND = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
