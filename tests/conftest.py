@@ -21,7 +21,7 @@ from backends import BACKENDS, PROPERTY_BACKENDS  # noqa: E402
 
 settings.register_profile(
     "ci",
-    max_examples=40,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     derandomize=True,
