@@ -45,32 +45,31 @@ def _refuse(what: str) -> None:
         raise HostTransfer(f"host synchronisation: {what}")
 
 
+def _map_leaves(leaf: Any, value: Any) -> Any:
+    """``leaf`` applied inside tuples, lists, dicts and named tuples, the containers kept."""
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_map_leaves(leaf, v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_leaves(leaf, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_leaves(leaf, v) for k, v in value.items()}
+    return leaf(value)
+
+
+def _wrap_leaf(value: Any) -> Any:
+    if isinstance(value, (np.ndarray, np.generic)) and not isinstance(value, (np.dtype, type)):
+        return GuardedArray(np.asarray(value))
+    return value
+
+
 def wrap(value: Any) -> Any:
     """NumPy arrays (and NumPy scalars, which NumPy returns for 0-D results) become guarded;
     tuples, lists, dicts and named tuples are wrapped element-wise."""
-    if isinstance(value, GuardedArray):
-        return value
-    if isinstance(value, (np.ndarray, np.generic)) and not isinstance(value, (np.dtype, type)):
-        return GuardedArray(np.asarray(value))
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(wrap(v) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(wrap(v) for v in value)
-    if isinstance(value, dict):
-        return {k: wrap(v) for k, v in value.items()}
-    return value
+    return _map_leaves(_wrap_leaf, value)
 
 
 def unwrap(value: Any) -> Any:
-    if isinstance(value, GuardedArray):
-        return value._array
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(unwrap(v) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(unwrap(v) for v in value)
-    if isinstance(value, dict):
-        return {k: unwrap(v) for k, v in value.items()}
-    return value
+    return _map_leaves(lambda v: v._array if isinstance(v, GuardedArray) else v, value)
 
 
 def _contains_guarded(value: Any) -> bool:
