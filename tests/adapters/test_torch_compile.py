@@ -206,3 +206,29 @@ def test_default_compiles_large_groups_only(monkeypatch):
         p.grad = torch.ones_like(p)
         opt.step()
     assert built == [{}]
+
+
+def test_changes_between_steps_reach_the_compiled_step():
+    """The compiled step keeps no guard on the transform's closures or on module globals
+    (``_torch_compile._guard_filter``): what may change between steps must still reach it. A new
+    ``batch_size`` (a keyword argument: guarded, recompiles), a new learning rate (a tensor the
+    kernels read) and new betas (a new transform, so a new compiled step) give the eager numbers."""
+    batches = _batches(torch.float64, 6)
+    models = {c: _model(torch.float64) for c in (False, True)}
+    opts = {c: pt.RFRMSProp(m.named_parameters(), lr=1e-2, momentum=0.5, compile=AOT if c else False) for c, m in models.items()}
+    plan = [dict(batch_size=16), dict(batch_size=16), dict(batch_size=4), dict(lr=3e-2, batch_size=4),
+            dict(alpha=0.9, batch_size=4), dict(alpha=0.9, batch_size=4)]
+    got = {}
+    for compiled, opt in opts.items():
+        model = models[compiled]
+        for (x, y), settings in zip(batches, plan):
+            for key in ("lr", "alpha"):
+                if key in settings:
+                    opt.param_groups[0][key] = settings[key]
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                opt.step(batch_size=settings["batch_size"])
+        got[compiled] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got[True], got[False], rtol=1e-10, atol=1e-12)
