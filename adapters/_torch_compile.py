@@ -47,10 +47,11 @@ CompileSetting = Union[None, bool, dict]
 
 #: ``compile=None`` on a class that compiles by default compiles a param group from this many
 #: elements on: the first step's compilation takes seconds, which the faster steps of a small
-#: group would take too many steps to repay. At 37k elements (a 64x64x3x3 convolution, AGD, 2-core
-#: CPU) a compiled step saves 1.4-1.9 ms, and the first one took 6 s (19 s with TorchInductor's
-#: cache empty): repaid within 4k-14k steps.
-AUTO_MIN_ELEMENTS = 2**15
+#: group would take too many steps to repay. Measured on a 2-core CPU: a lone 64x64x3x3
+#: convolution (37k elements, AGD) saves 1.4-1.9 ms per compiled step after a first step of 6 s
+#: (19 s with TorchInductor's cache empty); the bench's ResNet (78k elements in about 30 tensors)
+#: compiled for 27-66 s and its training step got no faster.
+AUTO_MIN_ELEMENTS = 2**18
 
 
 class Auto:
