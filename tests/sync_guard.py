@@ -20,6 +20,8 @@ from typing import Any, Iterator
 import array_api_compat.numpy as _np_xp
 import numpy as np
 
+from precond_ref.tree import tree_map
+
 __all__ = ["GuardedArray", "HostTransfer", "armed", "namespace", "wrap", "unwrap"]
 
 
@@ -45,17 +47,6 @@ def _refuse(what: str) -> None:
         raise HostTransfer(f"host synchronisation: {what}")
 
 
-def _map_leaves(leaf: Any, value: Any) -> Any:
-    """``leaf`` applied inside tuples, lists, dicts and named tuples, the containers kept."""
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_map_leaves(leaf, v) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_leaves(leaf, v) for v in value)
-    if isinstance(value, dict):
-        return {k: _map_leaves(leaf, v) for k, v in value.items()}
-    return leaf(value)
-
-
 def _wrap_leaf(value: Any) -> Any:
     if isinstance(value, (np.ndarray, np.generic)) and not isinstance(value, (np.dtype, type)):
         return GuardedArray(np.asarray(value))
@@ -65,11 +56,11 @@ def _wrap_leaf(value: Any) -> Any:
 def wrap(value: Any) -> Any:
     """NumPy arrays (and NumPy scalars, which NumPy returns for 0-D results) become guarded;
     tuples, lists, dicts and named tuples are wrapped element-wise."""
-    return _map_leaves(_wrap_leaf, value)
+    return tree_map(_wrap_leaf, value)
 
 
 def unwrap(value: Any) -> Any:
-    return _map_leaves(lambda v: v._array if isinstance(v, GuardedArray) else v, value)
+    return tree_map(lambda v: v._array if isinstance(v, GuardedArray) else v, value)
 
 
 def _contains_guarded(value: Any) -> bool:
