@@ -152,7 +152,9 @@ class StepContext(NamedTuple):
     tree paths of the group's leaves (for layout rules that depend on names, such as Flax's
     out-last ``kernel``). ``calls`` counts the calls before this one, skipped steps included: a
     Python int when the caller passed ``step=``, else a 0-D int32 array. ``due`` holds the host
-    decisions a compiled caller passed (``{interval: bool}``), or ``None``.
+    decisions a compiled caller passed (``{interval: bool}``), or ``None``. ``ok`` is the step's
+    0-D bool skip predicate (``None`` when nothing is skipped), ``settled`` the entries
+    :meth:`unless_skipped` already selected, by ``id``.
     """
 
     xp: Any
@@ -161,6 +163,8 @@ class StepContext(NamedTuple):
     paths: tuple[Path, ...] = ()
     calls: Any = None
     due: Any = None
+    ok: Any = None
+    settled: Optional[dict[int, Array]] = None
 
     def value(self, hyperparameter: ScalarOrSchedule) -> Any:
         """A hyperparameter at this step (constants pass through; schedules get ``count``)."""
@@ -179,6 +183,21 @@ class StepContext(NamedTuple):
                     return decision
             raise ValueError(f"interval {interval!r} was not declared to build_transform(intervals=...)")
         return is_due(interval, self.calls)
+
+    def unless_skipped(self, new: Array, old: Array) -> Array:
+        """A state entry after this step: ``new``, or ``old`` if the step is skipped (non-finite rule).
+
+        :func:`build_transform` makes this selection for every entry a method returns. A method
+        that forms its update from new state entries selects them here first and forms the update
+        from the result: a compiler then reads the stored entry instead of recomputing it from the
+        old one in the parameters' loop, which on XLA's CPU backend copies every donated state array
+        (measured in ``docs/backends.md``). The transform does not select such an entry again.
+        """
+        if self.ok is None:
+            return new
+        selected = self.xp.where(self.ok, new, old)
+        self.settled[id(selected)] = selected  # the reference keeps the id from being reused
+        return selected
 
 
 def schedule_value(hyperparameter: ScalarOrSchedule, count: Array) -> Any:
@@ -658,7 +677,10 @@ def build_transform(
         else:
             decisions = None
             calls = step if step is not None else state.count + state.nonfinite_count
-        ctx = StepContext(xp=xp, count=state.count, extra=extra, calls=calls, due=decisions)
+        skipping = on_nonfinite == "skip"
+        ctx = StepContext(
+            xp=xp, count=state.count, extra=extra, calls=calls, due=decisions, ok=ok if skipping else None, settled={}
+        )
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
         members = [
@@ -695,13 +717,17 @@ def build_transform(
 
         # The parameters never receive a NaN or Inf, whatever a method's numerics did; the step's
         # own skip selects element-wise (no device read), fused into the kernels computing it.
-        updates = [xp.where(xp.logical_and(ok, xp.isfinite(u)), u, xp.zeros_like(u)) for u in updates]
-        if on_nonfinite == "skip":
+        # Two selections, not one on ok & isfinite(u): XLA's CPU backend does not fuse an expensive
+        # producer of u (a division) into a consumer that reads u twice, and would write u out.
+        updates = [xp.where(ok, u, xp.zeros_like(u)) for u in updates]
+        updates = [xp.where(xp.isfinite(u), u, xp.zeros_like(u)) for u in updates]
+        if skipping:
             new_groups = {key: dict(entries) for key, entries in new_groups.items()}
             for key, entries in new_groups.items():
                 for k, v in entries.items():
                     old = state.groups[key][k]
-                    if v is not old:  # an entry the step left untouched needs no selection
+                    # An entry the step left untouched, or that the method selected, needs no selection.
+                    if v is not old and ctx.settled.get(id(v)) is not v:
                         entries[k] = xp.where(ok, v, old)
         applied = xp.astype(ok, xp.int32)
         new_state = PrecondState(

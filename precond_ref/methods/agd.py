@@ -173,11 +173,8 @@ def agd(
             m_new = b1 * m + (1.0 - b1) * g
             s = m_new * inv_bc1 - m * inv_bc1_prev
             b_new = b2 * b + (1.0 - b2) * (s * s)
-            new_state = {"m": m_new, "b": b_new}
-            v = b_new
-            if amsgrad:
-                v = xp.maximum(state["b_max"], b_new)
-                new_state["b_max"] = v
+            new_state = _settle(ctx, state, m_new, b_new)
+            m_new, v = new_state["m"], new_state.get("b_max", new_state["b"])
             sqrt_bc2 = step_scalar(xp, xp.sqrt(bc2))
             # torch multiplies a float32 tensor by a Python scalar in float32; explicit float32
             # operands make every backend round exactly as it does.
@@ -198,11 +195,8 @@ def agd(
             s = step_scalar(xp, (1.0 - b1) / bc1) * (g - m_hat_prev)
             m_new = b1 * m + (1.0 - b1) * g
             b_new = b2 * b + (1.0 - b2) * (s * s)
-            new_state = {"m": m_new, "b": b_new}
-            v = b_new
-            if amsgrad:
-                v = xp.maximum(state["b_max"], b_new)
-                new_state["b_max"] = v
+            new_state = _settle(ctx, state, m_new, b_new)
+            m_new, v = new_state["m"], new_state.get("b_max", new_state["b"])
             floor = scalar_array(xp, dlt, dtype, array_device(v))
             ratio = (m_new / bc1) / xp.maximum(xp.sqrt(v / bc2), floor)
             if clip is not None:
@@ -217,11 +211,11 @@ def agd(
                 eta32 = f32(lr) * sqrt_bc2 / bc1
                 shrink = xp.astype(1.0 / (1.0 + f32(wd) * eta32), dtype)
                 tau = 1.0 / (3.0 + (2.0 * eta32) * f32(wd))
-                z_new = (z - step) * shrink
+                z_new = ctx.unless_skipped((z - step) * shrink, z)
                 new_theta = theta * xp.astype(tau, dtype) + xp.astype(-tau * (2.0 * eta32), dtype) * ratio
                 new_theta = new_theta + xp.astype(2.0 * tau, dtype) * z_new
             else:
-                z_new = (z - step) / (1.0 + wd * eta)
+                z_new = ctx.unless_skipped((z - step) / (1.0 + wd * eta), z)
                 tau = 1.0 / (3.0 + 2.0 * eta * wd)
                 new_theta = tau * (theta - 2.0 * step + 2.0 * z_new)
             new_state["z"] = z_new
@@ -241,6 +235,16 @@ def agd(
         on_nonfinite=on_nonfinite,
         needs_params=win or not is_zero(weight_decay),
     )
+
+
+def _settle(ctx: StepContext, state: dict, m_new, b_new) -> dict:
+    """The new state entries, selected for the non-finite skip before the step is formed from them
+    (``b_max``, with ``amsgrad``, is the running maximum of ``b``)."""
+    new_state = {"m": ctx.unless_skipped(m_new, state["m"]), "b": ctx.unless_skipped(b_new, state["b"])}
+    if "b_max" in state:
+        b_max = ctx.xp.maximum(state["b_max"], new_state["b"])
+        new_state["b_max"] = ctx.unless_skipped(b_max, state["b_max"])
+    return new_state
 
 
 def _float32_power(xp, base, exponent, wide):

@@ -171,8 +171,8 @@ def _adam_update(
     w = None if param is None else xp.astype(param, dtype)
     if faithful and _nonzero(weight_decay):
         g = g + weight_decay * w
-    mu = _ema(xp, state["mu"], g, b1, faithful)
-    nu = b2 * state["nu"] + (1.0 - b2) * (g * g)
+    mu = ctx.unless_skipped(_ema(xp, state["mu"], g, b1, faithful), state["mu"])
+    nu = ctx.unless_skipped(b2 * state["nu"] + (1.0 - b2) * (g * g), state["nu"])
     t = xp.astype(ctx.count + 1, dtype)
     bc1 = 1.0 - b1**t
     bc2 = 1.0 - b2**t
@@ -867,9 +867,11 @@ def dasgo(
         momentum = _ema(xp, state["momentum"], xp.astype(g_mat, state["momentum"].dtype), b1, faithful)
         if not faithful:
             momentum = _flush_subnormal(xp, momentum)
+        momentum = ctx.unless_skipped(momentum, state["momentum"])
         axis = 1 if left else 0  # reduces over the other side
         squares = _sum_across(xp, g_mat * g_mat, axis)
         v = _ema(xp, state["statistic"], xp.astype(squares, state["statistic"].dtype), b2, faithful)
+        v = ctx.unless_skipped(v, state["statistic"])
         # 1/sqrt, not a power: a compiled step evaluates the column scale inside the loops over the
         # matrix, where a vector pow costs ~10x a sqrt and a division.
         scale = xp.astype(1.0 / xp.sqrt(v + eps), product_dtype)

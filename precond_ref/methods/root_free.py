@@ -259,13 +259,13 @@ def rf_rmsprop(
         g = xp.astype(g, dtype)
         decay = _scalar(xp, b2, dtype)
         scale = _scalar(xp, _batch_size("rf_rmsprop", batch_size, ctx), dtype) if scale_by_batch_size else 1
-        s_new = decay * s + (1 - decay) * (scale * (g * g))
+        s_new = ctx.unless_skipped(decay * s + (1 - decay) * (scale * (g * g)), s)
         step = _rf_denominator_step(xp, g, s_new + _scalar(xp, damping, dtype), faithful)
         if use_decay:
             step = step + _scalar(xp, weight_decay, dtype) * xp.astype(params[0], dtype)
         new_state = {"s": s_new}
         if use_momentum:
-            step = _scalar(xp, momentum, dtype) * state["momentum"] + step
+            step = ctx.unless_skipped(_scalar(xp, momentum, dtype) * state["momentum"] + step, state["momentum"])
             new_state["momentum"] = step
         lr = _scalar(xp, ctx.value(learning_rate), dtype)
         return (-lr * step,), new_state
@@ -354,8 +354,8 @@ def rf_adamw(
         g = xp.astype(g, dtype)
         d1, d2 = _scalar(xp, b1, dtype), _scalar(xp, b2, dtype)
         scale = _scalar(xp, _batch_size("rf_adamw", batch_size, ctx), dtype) if scale_by_batch_size else 1
-        m_new = d1 * m + (1 - d1) * g
-        s_new = d2 * s + (1 - d2) * (scale * (g * g))
+        m_new = ctx.unless_skipped(d1 * m + (1 - d1) * g, m)
+        s_new = ctx.unless_skipped(d2 * s + (1 - d2) * (scale * (g * g)), s)
         lr = _scalar(xp, ctx.value(learning_rate), dtype)
         if bias_correction:
             t = xp.astype(ctx.count + 1, dtype)
