@@ -364,3 +364,38 @@ def test_skipped_nonfinite_step_prints_no_numpy_warning(method, bad):
         warnings.simplefilter("error")
         updates, new_state = opt.update({"layer": {"w": grad}}, state, params)
     assert not np.any(updates["layer"]["w"]) and int(new_state.nonfinite_count) == 1 and int(new_state.count) == 0
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_unless_skipped_selects_once_and_keeps_the_state_of_a_skipped_step(on_nonfinite):
+    """Non-finite rule (specs README, rule 6) [derived]: an entry a method selects with
+    ``ctx.unless_skipped`` is stored as returned (the transform does not select it a second time,
+    an extra pass per entry), an entry it returns unselected is selected by the transform, and on a
+    skipped step both keep their old values. Under ``on_nonfinite="raise"`` nothing is skipped, so
+    ``unless_skipped`` is the identity."""
+    returned = {}
+
+    def init_group(leaves, paths, xp):
+        return {"a": xp.zeros(leaves[0].shape), "b": xp.zeros(leaves[0].shape)}
+
+    def update_group(grads, state, params, ctx):
+        a = ctx.unless_skipped(state["a"] + grads[0], state["a"])
+        b = state["b"] + 2 * grads[0]
+        returned.update(a=a, b=b, ok=ctx.ok)
+        return (-a,), {"a": a, "b": b}
+
+    t = build_transform(name="t", init_group=init_group, update_group=update_group, on_nonfinite=on_nonfinite)
+    state = t.init({"w": np.zeros(3)})
+    _, state = t.update({"w": np.ones(3)}, state)
+    assert state.groups["w"]["a"] is returned["a"]
+    assert (state.groups["w"]["b"] is returned["b"]) == (on_nonfinite == "raise")
+    np.testing.assert_array_equal(state.groups["w"]["b"], 2.0)
+    if on_nonfinite == "raise":
+        assert returned["ok"] is None
+        return
+    before = {k: v.copy() for k, v in state.groups["w"].items()}
+    updates, state = t.update({"w": np.array([1.0, np.nan, 1.0])}, state)
+    for k in ("a", "b"):
+        np.testing.assert_array_equal(state.groups["w"][k], before[k])
+    np.testing.assert_array_equal(updates["w"], 0.0)
+    assert int(state.nonfinite_count) == 1

@@ -231,6 +231,32 @@ def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float], faithful: b
     return v * (target / xp.maximum(norm, xp.ones_like(norm)))
 
 
+def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, target: float) -> Array:
+    r"""``U · target/‖U‖_F`` for ``U = M diag(s)`` (``axis=0``; ``diag(s) M`` for ``axis=1``) without
+    float64 and without forming ``U`` first: D12 in the compute dtype.
+
+    With column maxima :math:`c_j = \max_i |M_{ij}|`, :math:`\rho_j = c_j s_j / \max_k c_k s_k`
+    (formed from :math:`c/\max c` and :math:`s/\max s`, so that no product leaves the range) and
+    :math:`q_j = \sum_i (M_{ij}/c_j)^2`, :math:`‖U‖_F = \max_k c_k s_k \sqrt{\sum_j \rho_j^2 q_j}`
+    and the result is :math:`(M_{ij}/c_j)\,\rho_j\,\mathrm{target}/\sqrt{\sum_j \rho_j^2 q_j}`.
+    Every factor is at most 1 in modulus and the root at least 1 (the largest entry's column), so
+    nothing over- or underflows that could change the result in its leading digits, at any scale of
+    M or s (only entries below ~1e-38 of the result's largest, if any, are lost). Two column
+    reductions of the stored momentum; a zero column or a zero U stays zero.
+    """
+    def over_max(x: Array) -> Array:  # x / max(x), or x if that is zero (x >= 0)
+        top = xp.max(x)
+        return x / xp.where(top > 0, top, xp.ones_like(top))
+
+    peaks = xp.max(xp.abs(m), axis=axis)
+    ratios = m / xp.expand_dims(xp.where(peaks > 0, peaks, xp.ones_like(peaks)), axis=axis)
+    column_sums = _sum_across(xp, ratios * ratios, axis)
+    # c_j s_j itself may leave the float32 range (or be flushed, on backends that flush subnormals).
+    relative = over_max(over_max(peaks) * over_max(scale))
+    norm = xp.sqrt(xp.sum(relative * relative * column_sums))
+    return ratios * xp.expand_dims(relative * (target / xp.maximum(norm, xp.ones_like(norm))), axis=axis)
+
+
 def _sum_across(xp: Any, x: Array, axis: int) -> Array:
     """``xp.sum(x, axis=axis)`` of a matrix; column sums (axis 0) add blocks of 16 rows first.
 
@@ -876,19 +902,21 @@ def dasgo(
         # matrix, where a vector pow costs ~10x a sqrt and a division.
         scale = xp.astype(1.0 / xp.sqrt(v + eps), product_dtype)
         m_p = xp.astype(momentum, product_dtype)
-        wide = None if faithful or rms_target is None or m * n == 0 else _wide_dtype(xp, m_p)
-        if wide is None:
+        if faithful or rms_target is None or m * n == 0:
             u = _rms_renormalise(xp, m_p * xp.expand_dims(scale, axis=axis), rms_target, faithful)
         else:
-            # U = M diag(s) (right side): ‖U‖² = Σ_j s_j² Σ_i M_ij², and the sums over i run in the
-            # same pass over the data as the statistic's. The factor goes into the per-column
-            # scale, so U itself is formed once, in the pass that writes the step.
-            m_w = xp.astype(m_p, wide)
-            scale_w = xp.astype(scale, wide)
-            factor = _renormalising_factor(
-                xp, xp.sum(scale_w * scale_w * _sum_across(xp, m_w * m_w, axis)), rms_target * math.sqrt(m * n)
-            )
-            u = xp.astype(m_w * xp.expand_dims(scale_w * factor, axis=axis), product_dtype)
+            # U = M diag(s) (right side): ‖U‖² = Σ_j s_j² Σ_i M_ij², from sums over the columns of M
+            # (a compiler fuses them with the statistic's pass, or reads the stored momentum); the
+            # factor goes into the per-column scale, so U is formed once, in the pass writing the step.
+            target = rms_target * math.sqrt(m * n)
+            wide = _wide_dtype(xp, m_p)
+            if wide is not None:
+                m_w = xp.astype(m_p, wide)
+                scale_w = xp.astype(scale, wide)
+                factor = _renormalising_factor(xp, xp.sum(scale_w * scale_w * _sum_across(xp, m_w * m_w, axis)), target)
+                u = xp.astype(m_w * xp.expand_dims(scale_w * factor, axis=axis), product_dtype)
+            else:
+                u = _column_factored_renormalise(xp, m_p, scale, axis, target)
         lr = _learning_rate(ctx, learning_rate, product_dtype, dev)
         return (_finish(xp, u, param, tuple(g.shape), lr, weight_decay),), {"momentum": momentum, "statistic": v}
 

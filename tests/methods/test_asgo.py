@@ -928,3 +928,48 @@ def test_jax_root_runs_inside_cond_only():
     assert "cond" in outside
     assert not any("eigh" in name for name in outside)
     assert any("eigh" in name for name in everywhere)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("log_m, log_s", [(0, 0), (-30, -10), (14, 4), (-37, 0), (0, -20)])
+def test_column_factored_renormalise_is_the_renormalised_product(backend, axis, log_m, log_s):
+    """D12 without float64 [closed form]: ``_column_factored_renormalise`` returns
+    U · target/‖U‖_F for U = M diag(s) (axis 0) or diag(s) M (axis 1), in float32 at scales where
+    forming U or its squares in float32 would underflow (M ~ 1e-30, s ~ 1e-10: U ~ 1e-40) or overflow
+    (M ~ 1e14, s ~ 1e4: squares ~ 1e36 each). Reference: the same formula in float64 from the same
+    float32 inputs. Error model: a sum of N positive float32 terms is within (N-1)·eps of its value,
+    the column sums have m or n terms and the total the other count, and each entry takes a handful
+    of further roundings; (m + n + 8)·eps bounds the error of every entry relative to the largest
+    (near-subnormal entries have no relative bound). A zero column stays exactly zero."""
+    from precond_ref.methods.asgo import _column_factored_renormalise
+
+    rng = np.random.default_rng(7)
+    m, n = 24, 10
+    mat = (10.0**log_m * rng.standard_normal((m, n))).astype(np.float32)
+    mat[np.abs(mat) < np.finfo(np.float32).smallest_normal] = 0.0  # flushed by DASGO (D12) and by XLA
+    k = n if axis == 0 else m
+    scale = (10.0**log_s * rng.uniform(0.1, 10.0, k)).astype(np.float32)
+    if axis == 0:
+        mat[:, 3] = 0.0
+    else:
+        mat[5, :] = 0.0
+    target = 0.2 * math.sqrt(m * n)
+    result = backend.to_numpy(_column_factored_renormalise(backend.xp, backend.asarray(mat), backend.asarray(scale), axis, target))
+    u64 = mat.astype(np.float64) * np.expand_dims(scale.astype(np.float64), axis)
+    expected = u64 * (target / np.linalg.norm(u64))
+    eps = np.finfo(np.float32).eps
+    assert result.dtype == np.float32
+    bound = (m + n + 8) * eps
+    np.testing.assert_allclose(result, expected, rtol=bound, atol=bound * np.max(np.abs(expected)))
+    zero_line = result[:, 3] if axis == 0 else result[5, :]
+    assert np.all(zero_line == 0.0)
+
+
+def test_column_factored_renormalise_keeps_zero_zero(backend):
+    """D2 [closed form]: a zero momentum gives an exactly zero direction (no 0/0)."""
+    from precond_ref.methods.asgo import _column_factored_renormalise
+
+    mat, scale = np.zeros((6, 4), np.float32), np.ones(4, np.float32)
+    result = backend.to_numpy(_column_factored_renormalise(backend.xp, backend.asarray(mat), backend.asarray(scale), 0, 1.0))
+    assert np.all(result == 0.0)
+
