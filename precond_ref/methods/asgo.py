@@ -236,12 +236,13 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
     float64 and without forming ``U`` first: D12 in the compute dtype.
 
     With column maxima :math:`c_j = \max_i |M_{ij}|`, :math:`\rho_j = c_j s_j / \max_k c_k s_k`
-    (formed from :math:`c/\max c` and :math:`s/\max s`, so that no product leaves the range) and
+    (formed from :math:`c_j` and :math:`s_j/\max s`) and
     :math:`q_j = \sum_i (M_{ij}/c_j)^2`, :math:`‖U‖_F = \max_k c_k s_k \sqrt{\sum_j \rho_j^2 q_j}`
     and the result is :math:`(M_{ij}/c_j)\,\rho_j\,\mathrm{target}/\sqrt{\sum_j \rho_j^2 q_j}`.
     Every factor is at most 1 in modulus and the root at least 1 (the largest entry's column), so
     nothing over- or underflows that could change the result in its leading digits, at any scale of
-    M or s (only entries below ~1e-38 of the result's largest, if any, are lost). Two column
+    M or s, unless :math:`c_j s_j/\max s` leaves the normal range (a momentum near 1e-38 with column
+    scales 1e-3 apart; forming U in float32 fails wherever :math:`c_j s_j` does). Two column
     reductions of the stored momentum; a zero column or a zero U stays zero.
     """
     def over_max(x: Array) -> Array:  # x / max(x), or x if that is zero (x >= 0)
@@ -251,8 +252,10 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
     peaks = xp.max(xp.abs(m), axis=axis)
     ratios = m / xp.expand_dims(xp.where(peaks > 0, peaks, xp.ones_like(peaks)), axis=axis)
     column_sums = _sum_across(xp, ratios * ratios, axis)
-    # c_j s_j itself may leave the float32 range (or be flushed, on backends that flush subnormals).
-    relative = over_max(over_max(peaks) * over_max(scale))
+    # s_j alone may span the float32 range (s/max s cannot overflow). No max of the column maxima
+    # themselves: XLA merges it with their reduction into one over the whole matrix, and then
+    # writes |M| out for the two reductions to share.
+    relative = over_max(peaks * over_max(scale))
     norm = xp.sqrt(xp.sum(relative * relative * column_sums))
     return ratios * xp.expand_dims(relative * (target / xp.maximum(norm, xp.ones_like(norm))), axis=axis)
 
