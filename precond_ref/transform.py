@@ -519,6 +519,7 @@ def build_transform(
     needs_params: bool = False,
     intervals: Sequence[Interval] = (),
     matmul_precision: str = "highest",
+    elementwise: bool = False,
 ) -> Transform:
     """Assemble a tree-level :class:`Transform` from a method's per-group functions.
 
@@ -556,11 +557,22 @@ def build_transform(
     matmul_precision:
         The float32 matmul precision of the step (:func:`float32_matmul_precision`); full float32 by
         default, which faithful modes must keep.
+    elementwise:
+        ``update_group`` computes each entry of a single leaf's updates and state from the same
+        entry of its inputs alone (no reduction over the leaf, nothing read from its shape or path),
+        and every state entry has the leaf's shape. Leaves of at most :data:`FLAT_MAX_ELEMENTS`
+        elements and of one dtype layout then run as one flat leaf through the whole step (skip
+        decision, ``update_group``, selections): one trace under a compiler and one operation
+        instead of one per parameter eagerly, with the same numbers. With ``on_nonfinite="skip"``
+        only (``"raise"`` names the offending leaf); the overflow margin then applies to the flat
+        leaf's squared norm, the sum of its leaves' (a stricter test).
     """
     check_choice("matmul_precision", matmul_precision, tuple(_JAX_PRECISION))
     check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
     if (update_group is None) == (update_groups is None):
         raise TypeError(f"{name}: build_transform needs exactly one of update_group and update_groups")
+    if elementwise and (update_group is None or group_leaves is not singleton_groups):
+        raise TypeError(f"{name}: elementwise=True needs update_group and the default singleton groups")
     # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes: update
     # compares it with the state it is given (the gradients stand in for the parameters).
     # init records the layouts it makes, so that update builds a state only for gradients unlike
@@ -617,7 +629,85 @@ def build_transform(
         except TypeError:
             xp = None  # _update names the problem
         with float32_matmul_precision(xp, precision) if xp is not None else contextlib.nullcontext():
-            return _update(grads, state, params, step, due, extra)
+            packed = _pack(grads, state, params, xp) if elementwise and on_nonfinite == "skip" else None
+            if packed is None:
+                return _update(grads, state, params, step, due, extra)
+            flat_grads, flat_state, flat_params, unpack = packed
+            return unpack(*_update(flat_grads, flat_state, flat_params, step, due, extra))
+
+    def _pack(grads: Any, state: Any, params: Any, xp: Any) -> Optional[tuple]:
+        """An ``elementwise`` method's small leaves of one dtype layout as one flat leaf each.
+
+        Returns the packed gradients, state and parameters (leaves that are not packed keep their
+        group key) and ``unpack(updates, new_state)``, which cuts the results back into the
+        caller's leaves; ``None`` when nothing is packed. Leaves that do not fit their state, or a
+        tree that does not match, are left to ``_update``, which names the problem.
+        """
+        if xp is None or not isinstance(state, PrecondState):
+            return None
+        grad_leaves, treedef = tree_flatten(grads)
+        param_leaves = None
+        if params is not None:
+            param_leaves, param_def = tree_flatten(params)
+            if param_def.paths != treedef.paths:
+                return None
+        groups = singleton_groups(treedef.paths, grad_leaves)
+        if {g.key for g in groups} != set(state.groups) or len(groups) != len(state.groups):
+            return None
+        buckets: dict[tuple, list[int]] = {}
+        for i, (group, g) in enumerate(zip(groups, grad_leaves)):
+            entries = state.groups[group.key]
+            p = None if param_leaves is None else param_leaves[i]
+            if (
+                not 0 < math.prod(g.shape) <= FLAT_MAX_ELEMENTS
+                or not entries
+                or not xp.isdtype(g.dtype, "real floating")
+                or (p is not None and (tuple(p.shape) != tuple(g.shape) or p.dtype != g.dtype))
+                or layout_of(entries) != layout_for(group, (g,), xp)
+                or any(tuple(v.shape) != tuple(g.shape) for v in entries.values())
+            ):
+                continue
+            buckets.setdefault((g.dtype, tuple((k, v.dtype) for k, v in entries.items())), []).append(i)
+        packs = [members for members in buckets.values() if len(members) > 1]
+        if not packs:
+            return None
+
+        def flat(arrays: list[Array]) -> Array:
+            return xp.concat([xp.reshape(a, (-1,)) for a in arrays])
+
+        packed_of = {i: n for n, members in enumerate(packs) for i in members}
+        flat_key = [f"<{name} flat {n}>" for n in range(len(packs))]
+        flat_grads = {groups[i].key: g for i, g in enumerate(grad_leaves) if i not in packed_of}
+        flat_params = None if param_leaves is None else {groups[i].key: p for i, p in enumerate(param_leaves) if i not in packed_of}
+        flat_groups = {groups[i].key: state.groups[groups[i].key] for i in range(len(groups)) if i not in packed_of}
+        for key, members in zip(flat_key, packs):
+            flat_grads[key] = flat([grad_leaves[i] for i in members])
+            if flat_params is not None:
+                flat_params[key] = flat([param_leaves[i] for i in members])
+            names = list(state.groups[groups[members[0]].key])
+            flat_groups[key] = {k: flat([state.groups[groups[i].key][k] for i in members]) for k in names}
+        flat_state = state._replace(groups=flat_groups)
+
+        def unpack(updates: dict, new_state: PrecondState) -> tuple[Any, PrecondState]:
+            out = [updates.get(group.key) for group in groups]
+            cut: dict[str, dict[str, Array]] = {}
+            for key, members in zip(flat_key, packs):
+                new, old = new_state.groups[key], flat_groups[key]
+                start = 0
+                for i in members:
+                    shape = tuple(grad_leaves[i].shape)
+                    stop = start + math.prod(shape)
+                    out[i] = xp.reshape(updates[key][start:stop], shape)
+                    entries = state.groups[groups[i].key]
+                    # an entry the step left untouched is the leaf's own
+                    cut[groups[i].key] = {
+                        k: entries[k] if new[k] is old[k] else xp.reshape(new[k][start:stop], shape) for k in new
+                    }
+                    start = stop
+            new_groups = {key: cut[key] if key in cut else new_state.groups[key] for key in state.groups}
+            return tree_unflatten(treedef, out), new_state._replace(groups=new_groups)
+
+        return flat_grads, flat_state, flat_params, unpack
 
     def _update(
         grads: Any, state: PrecondState, params: Any, step: int | None, due: Any, extra: dict
@@ -738,6 +828,13 @@ def build_transform(
         return tree_unflatten(treedef, updates), new_state
 
     return Transform(init, update, due, matmul_precision, group_leaves)
+
+
+#: The largest leaf an ``elementwise`` method runs together with others as one flat leaf. Larger
+#: leaves run alone: the per-leaf work of a step (a few kernel launches or, eagerly, a few dozen
+#: Python-level operations) is then small against their arithmetic, and the copies into and out of
+#: a flat leaf would cost passes over the data.
+FLAT_MAX_ELEMENTS = 2**16
 
 
 def _unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> dict[str, Array]:

@@ -399,3 +399,80 @@ def test_unless_skipped_selects_once_and_keeps_the_state_of_a_skipped_step(on_no
         np.testing.assert_array_equal(state.groups["w"][k], before[k])
     np.testing.assert_array_equal(updates["w"], 0.0)
     assert int(state.nonfinite_count) == 1
+
+
+def test_elementwise_method_runs_small_leaves_as_one_flat_leaf(backend, monkeypatch):
+    """``build_transform(elementwise=True)`` [derived]: leaves of at most FLAT_MAX_ELEMENTS
+    elements with one dtype layout go through ``update_group`` as one flat leaf, the others alone;
+    every leaf gets its own updates and state back in its own shape, and an untouched entry is the
+    leaf's own array."""
+    import precond_ref.transform as transform_module
+
+    monkeypatch.setattr(transform_module, "FLAT_MAX_ELEMENTS", 8)
+    seen = []
+
+    def init_group(leaves, paths, xp):
+        return {"m": xp.zeros_like(leaves[0]), "fixed": xp.ones_like(leaves[0])}
+
+    def update_group(grads, state, params, ctx):
+        seen.append(tuple(grads[0].shape))
+        m = ctx.unless_skipped(state["m"] + grads[0], state["m"])
+        return (-m,), {"m": m, "fixed": state["fixed"]}
+
+    t = build_transform(name="t", init_group=init_group, update_group=update_group, elementwise=True)
+    shapes = {"a": (2, 3), "b": (4,), "c": (3, 3), "d": (1,), "e": (0,)}
+    params = backend.tree({k: np.zeros(s) for k, s in shapes.items()})
+    state = t.init(params)
+    fixed = state.groups["a"]["fixed"]
+    grads = {k: np.arange(np.prod(s), dtype=np.float64).reshape(s) + 1 for k, s in shapes.items()}
+    updates, state = t.update(backend.tree(grads), state)
+    assert sorted(seen) == [(3, 3), (11,)]  # c (9 > 8) alone; a, b, d flat; e (empty) skipped
+    got = backend.numpy_tree(updates)
+    for k in shapes:
+        np.testing.assert_array_equal(got[k], -grads[k])
+    for k in "abcd":
+        np.testing.assert_array_equal(backend.to_numpy(state.groups[k]["m"]), grads[k])
+    assert state.groups["e"] == {}
+    assert state.groups["a"]["fixed"] is fixed
+
+
+@pytest.mark.parametrize("factory", [pr.agd, pr.rf_rmsprop, pr.rf_adamw])
+def test_flat_leaves_give_the_numbers_of_leaf_by_leaf_updates(backend, factory, monkeypatch):
+    """The flat leaf of an element-wise method (``build_transform(elementwise=True)``) changes
+    nothing but how the step runs [derived: every entry's arithmetic reads only the same entry].
+    Three steps on a tree of small leaves of two dtypes (two flat leaves) and a larger leaf, the
+    second step with a NaN in one small leaf (the whole step is skipped), against the same method
+    with packing off. NumPy and array_api_strict evaluate the same operations per entry, so they
+    agree exactly; a compiled or vectorised backend may contract a product and a sum into one
+    fused multiply-add in one loop and not in another, so the others agree to a few roundings
+    per operation of the step (64 eps of each dtype, relative)."""
+    import precond_ref.transform as transform_module
+
+    rng = np.random.default_rng(4)
+    shapes = {"w1": (5, 3), "b1": (5,), "w2": (40, 30), "b2": (40,), "h1": (3, 2), "h2": (4,)}
+    dtypes = {k: np.float64 if k.startswith("h") and backend.has_float64 else np.float32 for k in shapes}
+    params = {k: rng.standard_normal(s).astype(dtypes[k]) for k, s in shapes.items()}
+    grads = [{k: rng.standard_normal(s).astype(dtypes[k]) for k, s in shapes.items()} for _ in range(3)]
+    grads[1]["b1"][2] = np.nan
+    kwargs = {"learning_rate": 0.01, "weight_decay": 0.1}
+    extra = {"batch_size": 8} if factory is not pr.agd else {}
+
+    def run(flat_max):
+        monkeypatch.setattr(transform_module, "FLAT_MAX_ELEMENTS", flat_max)
+        opt = factory(**kwargs)
+        p = backend.tree(params)
+        state = opt.init(p)
+        for g in grads:
+            u, state = opt.update(backend.tree(g), state, p, **extra)
+            p = pr.apply_updates(p, u)
+        return backend.numpy_tree(p), {k: backend.numpy_tree(v) for k, v in state.groups.items()}, int(state.nonfinite_count)
+
+    flat_p, flat_s, flat_skips = run(100)  # w2 (1200 entries) alone
+    ref_p, ref_s, ref_skips = run(0)
+    assert flat_skips == ref_skips == 1
+    exact = backend.name in ("numpy", "array_api_strict")
+    for k in shapes:
+        tol = 0 if exact else 64 * np.finfo(dtypes[k]).eps
+        np.testing.assert_allclose(flat_p[k], ref_p[k], rtol=tol, atol=0)
+        for name in ref_s[k]:
+            np.testing.assert_allclose(flat_s[k][name], ref_s[k][name], rtol=tol, atol=0)

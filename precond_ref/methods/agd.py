@@ -233,6 +233,7 @@ def agd(
         init_group=init_group,
         update_group=update_group,
         on_nonfinite=on_nonfinite,
+        elementwise=True,
         needs_params=win or not is_zero(weight_decay),
     )
 

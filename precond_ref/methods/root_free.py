@@ -275,6 +275,7 @@ def rf_rmsprop(
         init_group=init_group,
         update_group=update_group,
         on_nonfinite=on_nonfinite,
+        elementwise=True,
         needs_params=use_decay,
     )
 
@@ -372,6 +373,7 @@ def rf_adamw(
         init_group=init_group,
         update_group=update_group,
         on_nonfinite=on_nonfinite,
+        elementwise=True,
         needs_params=use_decay,
     )
 
