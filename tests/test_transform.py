@@ -409,6 +409,7 @@ def test_elementwise_method_runs_small_leaves_as_one_flat_leaf(backend, monkeypa
     import precond_ref.transform as transform_module
 
     monkeypatch.setattr(transform_module, "FLAT_MAX_ELEMENTS", 8)
+    monkeypatch.setattr(transform_module, "FLAT_MAX_TRACED_ELEMENTS", 8)
     seen = []
 
     def init_group(leaves, paths, xp):
@@ -459,6 +460,7 @@ def test_flat_leaves_give_the_numbers_of_leaf_by_leaf_updates(backend, factory, 
 
     def run(flat_max):
         monkeypatch.setattr(transform_module, "FLAT_MAX_ELEMENTS", flat_max)
+        monkeypatch.setattr(transform_module, "FLAT_MAX_TRACED_ELEMENTS", flat_max)
         opt = factory(**kwargs)
         p = backend.tree(params)
         state = opt.init(p)
