@@ -50,7 +50,7 @@ CompileSetting = Union[None, bool, dict]
 #: group would take thousands of steps to repay. Measured on a 2-core CPU, optimizer step alone
 #: (AGD; the small leaves run as one flat leaf): a lone 64x64x3x3 convolution (37k elements)
 #: saves 0.86 ms per compiled step after a first step of 8 s; the bench's ResNet (78k elements in
-#: 29 tensors) saves 2.4 ms after 24 s.
+#: 29 tensors) saves 2-4 ms after 23 s.
 AUTO_MIN_ELEMENTS = 2**18
 
 
