@@ -296,3 +296,33 @@ def test_bench_unwritable_output_bad_flags_and_readme_outside_the_repository(tmp
         with pytest.raises(SystemExit) as info:
             cli.main(["bench", *flags])
         assert info.value.code == 2
+
+
+def test_rounds_keep_each_rows_lowest_median_and_its_first_compile():
+    """``--rounds N``: every row is measured N times in turn (baselines and contenders alike) and
+    keeps the round of its lowest median, with the first round's first step (the compiling one);
+    a skipped contender is not measured, and an error of one round is replaced by a success."""
+    from precond_ref.benchmarks.common import contenders
+    from precond_ref.benchmarks.measure import section_rows
+
+    (agd, dasgo), _ = contenders("agd,dasgo", False)
+    medians = {"base": [3.0, 2.0, 4.0], "agd": [5.0, 6.0, 1.0]}
+    calls = {"base": 0, "agd": 0, "dasgo": 0}
+
+    def fake(name):
+        i = calls[name]
+        calls[name] += 1
+        if name == "dasgo":
+            if i == 0:
+                raise RuntimeError("first round fails")
+            return {"median_ms": 7.0, "first_step_ms": 70.0}
+        return {"median_ms": medians[name][i], "first_step_ms": 100.0 * (i + 1)}
+
+    rows = section_rows("torch", [("base", lambda: fake("base"))], [agd, dasgo], lambda c: fake(c.entry.name), rounds=3)
+    assert calls == {"base": 3, "agd": 3, "dasgo": 3}
+    base, row_agd, row_dasgo = rows
+    assert (base["median_ms"], base["first_step_ms"]) == (2.0, 100.0)
+    assert (row_agd["median_ms"], row_agd["first_step_ms"]) == (1.0, 100.0)
+    assert row_dasgo["median_ms"] == 7.0 and "error" not in row_dasgo
+    skipped = section_rows("torch", [], [agd], lambda c: fake(c.entry.name), skip=lambda c: "too large", rounds=2)
+    assert skipped[0]["skipped"] == "too large" and calls["agd"] == 3

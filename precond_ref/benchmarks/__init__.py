@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="timed steps at least (default 10); a method's window is as long as its longest refresh interval")
     add("--budget", type=_positive_float, default=BUDGET_S,
         help=f"seconds of timed steps per measurement before the window stops early (default {BUDGET_S:g})")
+    add("--rounds", type=positive_int, default=1,
+        help="measure every row this many times in turn and keep each row's lowest median (default 1; "
+        "3 resists bursts of load from elsewhere on the machine)")
     add("--quick", action="store_true", help="tiny cases and models, few steps, no refresh windows (for tests)")
     add("--dtype", choices=("float32", "float64"), default="float32", help="parameter and gradient dtype (default float32)")
     add("--torch-compile", choices=("default", "on", "off"), default="default",
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
     common = dict(
         dtype=args.dtype, warmup=warmup, repeats=repeats, budget_s=budget, refresh_windows=not args.quick,
-        torch_device=torch_device, torch_compile=args.torch_compile, progress=progress,
+        torch_device=torch_device, torch_compile=args.torch_compile, progress=progress, rounds=args.rounds,
     )
     results: dict[str, list[dict]] = {}
     authors_skipped: list[str] = []
@@ -244,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings.update(
         kind=args.model, frameworks=frameworks, dtype=args.dtype, warmup=warmup, repeats=repeats, budget_s=budget,
-        threads=args.threads, torch_compile=args.torch_compile, variants=args.variants,
+        rounds=args.rounds, threads=args.threads, torch_compile=args.torch_compile, variants=args.variants,
         hyperparameters={c.key: c.entry.bench_kwargs() for c in chosen},
     )
     report = {

@@ -123,6 +123,7 @@ def bench_case(
     with_authors: bool = True,
     reference: Optional[dict] = None,
     progress: Optional[Callable[[str], None]] = None,
+    rounds: int = 1,
 ) -> tuple[list[dict], list[str]]:
     """Rows of one layer case (per framework: its baselines first, then every contender, then the
     authors' code for torch), and the reasons the authors' code was skipped. The torch rows'
@@ -158,7 +159,7 @@ def bench_case(
                 )
             else:
                 measure = lambda c, f=framework: _core_layer(c, initial, grads, dtype, update_extra(c, BATCH_SIZE), f, timing(c))  # noqa: E731
-        section = section_rows(framework, baselines, contenders, measure, progress, too_large)
+        section = section_rows(framework, baselines, contenders, measure, progress, too_large, rounds)
         if framework == "torch" and with_authors:
             authors, skipped = authors_rows(contenders, torch_measure_, BATCH_SIZE, timing)
             section.extend(authors)

@@ -134,18 +134,39 @@ def section_rows(
     measure: Callable[[Contender], dict],
     progress: Optional[Callable[[str], None]] = None,
     skip: Callable[[Contender], Optional[str]] = lambda contender: None,
+    rounds: int = 1,
 ) -> list[dict]:
-    """One framework's rows: its baselines, then every contender (or why it was skipped)."""
-    rows = [run_row(framework, "baseline", label, fn) for label, fn in baselines]
+    """One framework's rows: its baselines, then every contender (or why it was skipped).
+
+    With ``rounds > 1`` the whole section is measured that many times in turn and each row keeps
+    the round of its lowest median (its first step from the first round, the one that compiled):
+    a burst of load from elsewhere slows one row of one round, not a row of every round.
+    """
+    heads: list[dict] = []
+    jobs: list[Optional[Callable[[], dict]]] = []
+    for label, fn in baselines:
+        heads.append({"framework": framework, "method": "baseline", "variant": None, "label": label})
+        jobs.append(fn)
     for contender in contenders:
-        if progress is not None:
-            progress(f"{framework} {contender.label}")
         head = {"framework": framework, "method": contender.entry.name, "variant": contender.variant, "label": contender.label}
         reason = skip(contender)
-        if reason:
-            rows.append({**head, "skipped": reason})
-        else:
-            rows.append(run_row(framework, contender.entry.name, contender.label, lambda c=contender: measure(c), contender.variant))
+        heads.append({**head, "skipped": reason} if reason else head)
+        jobs.append(None if reason else (lambda c=contender: measure(c)))
+    rows: list[dict] = [dict(h) for h in heads]
+    for round_ in range(rounds):
+        for i, (head, job) in enumerate(zip(heads, jobs)):
+            if job is None:
+                continue
+            if progress is not None and round_ == 0 and head["method"] != "baseline":
+                progress(f"{framework} {head['label']}")
+            row = run_row(framework, head["method"], head["label"], job, head["variant"])
+            if round_ == 0:
+                rows[i] = row
+            elif "median_ms" in row and row["median_ms"] < rows[i].get("median_ms", float("inf")):
+                rows[i] = {**row, "first_step_ms": rows[i].get("first_step_ms", row["first_step_ms"])}
+        if rounds > 1:
+            for row in rows:
+                row["rounds"] = rounds
     return rows
 
 

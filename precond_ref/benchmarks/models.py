@@ -307,6 +307,7 @@ def bench_model(
     torch_compile: str = "default",
     with_authors: bool = True,
     progress: Optional[Callable[[str], None]] = None,
+    rounds: int = 1,
 ) -> tuple[list[dict], list[str]]:
     """Rows of one model (per framework: its baselines, every contender, the authors' code for
     torch), timing whole training steps, and the reasons the authors' code was skipped."""
@@ -338,7 +339,7 @@ def bench_model(
             jax_measure_ = _jax_measurer(model, size, initial, dtype)
             baselines = [("optax.adamw (jit)", lambda: jax_measure_(optax.adamw(1e-3), {}, timing(None)))]
             measure = lambda c: jax_measure_(jax_optimizer(c), update_extra(c, batch_size), timing(c))  # noqa: E731
-        section = section_rows(framework, baselines, contenders, measure, progress)
+        section = section_rows(framework, baselines, contenders, measure, progress, rounds=rounds)
         if framework == "torch" and with_authors:
             authors, skipped = authors_rows(contenders, torch_measure_, batch_size, timing)
             section.extend(authors)

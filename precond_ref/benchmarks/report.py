@@ -146,9 +146,11 @@ def summary_line(report: dict) -> str:
     """Which command, on which machine, how long."""
     command = " ".join(["python -m precond_ref bench", *report.get("argv", [])])
     what = report["settings"].get("model_description") or "layer cases " + ", ".join(report["results"])
+    rounds = report["settings"].get("rounds", 1)
+    best = f", the lowest of {rounds} rounds measured in turn" if rounds > 1 else ""
     return (
         f"`{command}` on {_describe_machine(report['machine'])}: {what}; {report['settings']['dtype']}, "
-        f"median of at least {report['settings']['repeats']} steps after {report['settings']['warmup']} warm-up; "
+        f"median of at least {report['settings']['repeats']} steps after {report['settings']['warmup']} warm-up{best}; "
         f"{report['total_s']:.0f} s in all."
     )
 
