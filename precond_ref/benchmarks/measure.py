@@ -155,18 +155,18 @@ def section_rows(
     rows: list[dict] = [dict(h) for h in heads]
     for round_ in range(rounds):
         for i, (head, job) in enumerate(zip(heads, jobs)):
-            if job is None:
-                continue
             if progress is not None and round_ == 0 and head["method"] != "baseline":
                 progress(f"{framework} {head['label']}")
+            if job is None:
+                continue
             row = run_row(framework, head["method"], head["label"], job, head["variant"])
             if round_ == 0:
                 rows[i] = row
             elif "median_ms" in row and row["median_ms"] < rows[i].get("median_ms", float("inf")):
                 rows[i] = {**row, "first_step_ms": rows[i].get("first_step_ms", row["first_step_ms"])}
-        if rounds > 1:
-            for row in rows:
-                row["rounds"] = rounds
+    if rounds > 1:
+        for row in rows:
+            row["rounds"] = rounds
     return rows
 
 
