@@ -626,27 +626,30 @@ def build_transform(
         **extra: Any,
     ) -> tuple[Any, PrecondState]:
         try:
-            xp = array_namespace(*tree_flatten(grads)[0])
+            grad_leaves, treedef = tree_flatten(grads)
+            xp = array_namespace(*grad_leaves)
         except TypeError:
             xp = None  # _update names the problem
         with float32_matmul_precision(xp, precision) if xp is not None else contextlib.nullcontext():
-            packed = _pack(grads, state, params, xp) if elementwise and on_nonfinite == "skip" else None
+            packed = None
+            if elementwise and on_nonfinite == "skip" and xp is not None:
+                packed = _pack(grad_leaves, treedef, state, params, xp)
             if packed is None:
                 return _update(grads, state, params, step, due, extra)
             flat_grads, flat_state, flat_params, unpack = packed
             return unpack(*_update(flat_grads, flat_state, flat_params, step, due, extra))
 
-    def _pack(grads: Any, state: Any, params: Any, xp: Any) -> Optional[tuple]:
-        """An ``elementwise`` method's small leaves of one dtype layout as one flat leaf each.
+    def _pack(grad_leaves: list, treedef: Any, state: Any, params: Any, xp: Any) -> Optional[tuple]:
+        """An ``elementwise`` method's small leaves (of the flattened gradient tree) of one dtype
+        layout as one flat leaf each.
 
         Returns the packed gradients, state and parameters (leaves that are not packed keep their
         group key) and ``unpack(updates, new_state)``, which cuts the results back into the
         caller's leaves; ``None`` when nothing is packed. Leaves that do not fit their state, or a
         tree that does not match, are left to ``_update``, which names the problem.
         """
-        if xp is None or not isinstance(state, PrecondState):
+        if not isinstance(state, PrecondState):
             return None
-        grad_leaves, treedef = tree_flatten(grads)
         param_leaves = None
         if params is not None:
             param_leaves, param_def = tree_flatten(params)
