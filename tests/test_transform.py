@@ -444,9 +444,11 @@ def test_flat_leaves_give_the_numbers_of_leaf_by_leaf_updates(backend, factory, 
     Three steps on a tree of small leaves of two dtypes (two flat leaves) and a larger leaf, the
     second step with a NaN in one small leaf (the whole step is skipped), against the same method
     with packing off. NumPy and array_api_strict evaluate the same operations per entry, so they
-    agree exactly; a compiled or vectorised backend may contract a product and a sum into one
-    fused multiply-add in one loop and not in another, so the others agree to a few roundings
-    per operation of the step (64 eps of each dtype, relative)."""
+    agree exactly. Elsewhere an entry may fall in a vector loop in one layout and in a scalar
+    remainder loop in the other, or a compiler may contract a product and a sum into one fused
+    multiply-add in one loop and not another: each changes an operation's result by at most one
+    rounding, and the steps' states carry a few dozen such operations (64 eps of each dtype,
+    relative)."""
     import precond_ref.transform as transform_module
 
     rng = np.random.default_rng(4)
