@@ -87,12 +87,14 @@ def compile_options(setting: CompileSetting, by_default: bool) -> Union[None, di
 
 def _apply(transform: Transform, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
     """One core update of a param group: updates added to the parameters and the new state arrays
-    written into the old ones, in place (Inductor then writes each result once, where it belongs);
-    returns the new state.
+    written into the old ones, in place (Inductor then writes each result once, where it belongs).
 
-    0-D entries (state, and the updates of 0-D parameters) are returned instead: torch 2.13 drops
-    an in-place write into a 0-D float64 CPU input under ``aot_eager`` and Inductor
-    (``a.add_(1.0)`` leaves ``a`` unchanged), and they cost nothing.
+    Returns the new counters, the state entries not written in place (``{key: {name: array}}``)
+    and the updates of 0-D parameters. Entries written in place are not returned: each output that
+    aliases an input costs the compiled function's runtime wrapper a view per call, and the caller
+    has them already. 0-D entries (state, and the updates of 0-D parameters) are returned instead
+    of written: torch 2.13 drops an in-place write into a 0-D float64 CPU input under
+    ``aot_eager`` and Inductor (``a.add_(1.0)`` leaves ``a`` unchanged), and they cost nothing.
     """
     updates, new_state = transform.update(grads, state, params, due=due, **extra)
     scalar_updates = []
@@ -101,16 +103,17 @@ def _apply(transform: Transform, grads: Any, state: Any, params: Any, due: tuple
             scalar_updates.append(u)
         else:
             p.add_(u)  # per leaf, not _foreach_add_: Inductor fuses it into the update's own loop
-    groups = {}
+    returned: dict = {}
     for key, entries in new_state.groups.items():
-        groups[key] = {}
         for name, value in entries.items():
             old = state.groups[key][name]
-            if value is not old and value.ndim > 0:
+            if value is old:
+                continue
+            if value.ndim > 0:
                 old.copy_(value)
-                value = old
-            groups[key][name] = value
-    return new_state._replace(groups=groups), scalar_updates
+            else:
+                returned.setdefault(key, {})[name] = value
+    return new_state.count, new_state.nonfinite_count, returned, scalar_updates
 
 
 #: Guards kept although they check the transform or a global: cheap, and about the inputs' tensors.
@@ -151,11 +154,12 @@ class CompiledStep:
         with warnings.catch_warnings():
             # Tracing array_api_compat's cached namespace lookups; harmless, and the user's to ignore.
             warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
-            new_state, scalar_updates = self._compiled(self.transform, grads, state, params, due, extra)
-        scalars = [p for p in tree_flatten(params)[0] if p.ndim == 0]
-        for p, u in zip(scalars, scalar_updates):
-            p.add_(u)
-        return new_state
+            count, nonfinite_count, returned, scalar_updates = self._compiled(self.transform, grads, state, params, due, extra)
+        groups = {key: {**entries, **returned.get(key, {})} for key, entries in state.groups.items()}
+        if scalar_updates:
+            for p, u in zip([p for p in tree_flatten(params)[0] if p.ndim == 0], scalar_updates):
+                p.add_(u)
+        return state._replace(count=count, nonfinite_count=nonfinite_count, groups=groups)
 
 
 def notice_eager(owner: str, error: BaseException) -> None:

@@ -10,16 +10,17 @@ in place. ``state_dict`` / ``load_state_dict`` therefore work as for any torch o
 from __future__ import annotations
 
 import itertools
+import operator
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
 from torch.optim.optimizer import required
 
 import precond_ref as pr
 from precond_ref.transform import PrecondState, Transform, float32_matmul_precision, missing_members
-from precond_ref.tree import path_str, tree_flatten
+from precond_ref.tree import TreeDef, path_str, tree_flatten, tree_unflatten
 
 from . import _torch_compile, _torch_state
 from ._torch_compile import CompileSetting
@@ -30,6 +31,42 @@ _STEP, _NONFINITE = "step", "nonfinite_count"
 # Host-side bookkeeping stored beside the core state: calls taken part in, and "holds a core group".
 _CALLS, _HEAD = "calls", "core_group"
 _BOOKKEEPING = (_STEP, _NONFINITE, _CALLS, _HEAD)
+
+
+class _Members(NamedTuple):
+    """What the steps of one set of parameters share: their tree, made once (see ``_members``)."""
+
+    names: dict  # the optimizer's ``_param_names`` the paths were made from
+    tensors: tuple  # the parameters in the tree's order
+    treedef: TreeDef
+    keys: tuple[str, ...]  # their core group keys (path strings), in the tree's order
+    position: dict[str, int]  # key -> index in ``tensors``
+    lead: int  # index in ``tensors`` of the first parameter in the group's order
+    numel: int
+
+
+def _hyperparameters(group: dict) -> tuple:
+    """A param group's hyperparameters that the core transform is built from (not ``lr``, which
+    it reads as a tensor), as ``(keys, values)``; ``values`` is ``None`` when one of them is a
+    container or tensor whose contents could change in place."""
+    keys = tuple(k for k in group if k not in ("params", "param_names", "lr"))
+    values = tuple(group[k] for k in keys)
+    if any(isinstance(v, (list, dict, set, torch.Tensor)) for v in values):
+        values = None
+    return keys, values
+
+
+def _unchanged(group: dict, hyperparameters: tuple) -> bool:
+    """Whether ``group`` holds the very objects :func:`_hyperparameters` found in it."""
+    keys, values = hyperparameters
+    return (
+        values is not None
+        and len(group) - len(keys) == ("params" in group) + ("param_names" in group) + ("lr" in group)
+        and all(map(operator.is_, values, map(group.get, keys, itertools.repeat(_MISSING))))
+    )
+
+
+_MISSING = object()
 
 
 class CoreOptimizer(torch.optim.Optimizer):
@@ -76,7 +113,7 @@ class CoreOptimizer(torch.optim.Optimizer):
     #: Whether ``compile=None`` compiles (set per class from the benchmark: where it is faster).
     compile_by_default: bool = False
     # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
-    _transient_attributes: tuple[str, ...] = ("_transforms", "_compiled", "_learning_rates")
+    _transient_attributes: tuple[str, ...] = ("_transforms", "_compiled", "_learning_rates", "_member_plans")
 
     def __init__(
         self,
@@ -94,9 +131,10 @@ class CoreOptimizer(torch.optim.Optimizer):
         self._capturable = capturable
         self._model_names = {p: n for n, p in model.named_parameters()} if model is not None else {}
         self._param_names: dict[torch.Tensor, str] = dict(self._model_names)
-        self._transforms: dict[int, tuple[tuple, Transform]] = {}
+        self._transforms: dict[int, tuple[tuple, Transform, tuple]] = {}
         self._compiled: dict[int, _torch_compile.CompiledStep] = {}
         self._learning_rates: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._member_plans: dict[tuple, _Members] = {}
         super().__init__(groups, defaults)
         # Sharded (DTensor) parameters need the classes of precond_ref.adapters.torch_distributed.
         if not getattr(self, "_accepts_dtensor", False):
@@ -140,13 +178,15 @@ class CoreOptimizer(torch.optim.Optimizer):
         The learning rate enters as the group's 0-D tensor (:meth:`_learning_rate`), so a scheduler
         changes a value the compiled kernels read, not the transform.
         """
+        cached = self._transforms.get(id(group))
+        if cached is not None and _unchanged(group, cached[2]):
+            return cached[1]  # the step's common case, without the key's reprs
         kwargs = self.core_kwargs(group)
         key = tuple(sorted((k, "<lr tensor>" if k == "learning_rate" else repr(v)) for k, v in kwargs.items()))
-        cached = self._transforms.get(id(group))
         if cached is None or cached[0] != key:
             _torch_state.build_transform(self, group)  # validates the group's own values, torch names in errors
             cached = (key, _torch_state.build_transform(self, group, learning_rate=self._learning_rate(group)))
-            self._transforms[id(group)] = cached
+        self._transforms[id(group)] = (*cached[:2], _hyperparameters(group))
         return cached[1]
 
     def _learning_rate(self, group: dict) -> torch.Tensor:
@@ -218,13 +258,14 @@ class CoreOptimizer(torch.optim.Optimizer):
         """Zero gradients for the members of a block (a paired weight/bias) that have none while
         another member has one (the rule of :func:`precond_ref.transform.missing_members`); returns
         what restores them after the step: the parameter's value and its counters."""
-        filled = []
-        for group, paths in zip(self.param_groups, self._group_paths()):
+        filled, group_paths = [], None
+        for n, group in enumerate(self.param_groups):
             tensors = group["params"]
             present = [p.grad is not None for p in tensors]
             if all(present) or not any(present):
                 continue
-            blocks = CoreOptimizer._transform(self, group).group_leaves(paths, tensors)
+            group_paths = group_paths or self._group_paths()
+            blocks = CoreOptimizer._transform(self, group).group_leaves(group_paths[n], tensors)
             for i in missing_members(blocks, present):
                 p = tensors[i]
                 entries = self.state[p]
@@ -257,45 +298,70 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def _step_members(self, transform: Transform, members: list, *, calls: int, extra: dict) -> None:
         """One core update of parameters that took part in ``calls`` earlier steps together."""
-        paths = [self._path(p, i) for i, p in members]
-        tensors = [p for _, p in members]
-        params_tree = self._tree(paths, [p.detach() for p in tensors])
-        grads_tree = self._tree(paths, [p.grad for p in tensors])
-        by_key = {path_str(path): p for path, p in zip(paths, tensors)}
+        plan = self._members(members)
+        tensors = plan.tensors
+        params_tree = tree_unflatten(plan.treedef, [p.detach() for p in tensors])
+        grads_tree = tree_unflatten(plan.treedef, [p.grad for p in tensors])
         if self._capturable:
-            _torch_compile.check_capturable(type(self).__name__, transform, list(zip(map(path_str, paths), tensors)))
+            named = [(path_str(self._path(p, i)), p) for i, p in members]
+            _torch_compile.check_capturable(type(self).__name__, transform, named)
+        states = [self.state[p] for p in tensors]
         if calls == 0:
             core_state = transform.init(params_tree)
         else:
-            groups = {}
             # In the tree's order, as init made them (a compiled step guards on the order).
-            for key in map(path_str, tree_flatten(params_tree)[1].paths):
-                entries = self.state[by_key[key]]
-                if entries.get(_HEAD):
-                    groups[key] = {k: v for k, v in entries.items() if k not in _BOOKKEEPING}
-            first = self.state[tensors[0]]
-            core_state = PrecondState(first[_STEP], first[_NONFINITE], groups)
-        new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra)
-        for p in tensors:
-            entries = self.state[p]
+            groups = {
+                key: {k: v for k, v in entries.items() if k not in _BOOKKEEPING}
+                for key, entries in zip(plan.keys, states)
+                if entries.get(_HEAD)
+            }
+            lead = states[plan.lead]  # the counters of the first parameter in the group's order
+            core_state = PrecondState(lead[_STEP], lead[_NONFINITE], groups)
+        new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra, plan.numel)
+        for entries in states:
             calls = entries.get(_CALLS, 0) + 1
             entries.clear()
             entries.update({_STEP: new_state.count, _NONFINITE: new_state.nonfinite_count, _CALLS: calls})
         for key, entries in new_state.groups.items():
-            head = self.state[by_key[key]]
+            head = states[plan.position[key]]
             head[_HEAD] = True
             head.update(entries)
 
-    def _run_update(self, transform: Transform, grads: dict, state: PrecondState, params: dict, calls: int, extra: dict) -> PrecondState:
+    def _members(self, members: list) -> "_Members":
+        """The parameter tree of ``members`` (``(index, parameter)`` pairs), made once per set."""
+        # A plan holds its parameters, so their ids stay theirs while it lives; an unnamed
+        # parameter's path is its position, and load_state_dict may rename.
+        ids = tuple((i, id(p)) for i, p in members)
+        plan = self._member_plans.get(ids)
+        if plan is None or plan.names is not self._param_names:
+            paths = [self._path(p, i) for i, p in members]
+            leaves, treedef = tree_flatten(self._tree(paths, [p for _, p in members]))  # refuses clashing names
+            keys = tuple(map(path_str, treedef.paths))
+            if len(self._member_plans) > 64:  # sets come and go with partial gradients: keep a few
+                self._member_plans.clear()
+            plan = self._member_plans[ids] = _Members(
+                names=self._param_names,
+                tensors=tuple(leaves),
+                treedef=treedef,
+                keys=keys,
+                position={key: i for i, key in enumerate(keys)},
+                lead=next(i for i, p in enumerate(leaves) if p is members[0][1]),
+                numel=sum(p.numel() for p in leaves),
+            )
+        return plan
+
+    def _run_update(
+        self, transform: Transform, grads: dict, state: PrecondState, params: dict, calls: int, extra: dict, numel: int
+    ) -> PrecondState:
         """The core update, its updates added to ``params`` in place; compiled where enabled."""
         options = self._compile_options
         if isinstance(options, _torch_compile.Auto):
-            options = options.options_for(sum(p.numel() for p in tree_flatten(params)[0]))
+            options = options.options_for(numel)
         if options is not None and isinstance(transform, Transform):
             compiled = self._compiled.get(id(transform))
             if compiled is None or compiled.transform is not transform:
                 compiled = _torch_compile.CompiledStep(transform, options)
-                live = {id(t) for _, t in self._transforms.values()}
+                live = {id(entry[1]) for entry in self._transforms.values()}
                 self._compiled = {k: v for k, v in self._compiled.items() if k in live}
                 self._compiled[id(transform)] = compiled
             try:

@@ -208,6 +208,25 @@ def test_default_compiles_large_groups_only(monkeypatch):
     assert built == [{}]
 
 
+def test_hyperparameter_list_changed_in_place_takes_effect():
+    """``betas`` given as a list and changed in place between steps: the next steps continue as an
+    optimizer loaded from the checkpoint with the new betas would. The adapter reuses a
+    group's core transform while the group holds the same hyperparameter objects, which a list
+    does even after it changed."""
+    batches = _batches(torch.float64, 4)
+    model, twin = _model(torch.float64), _model(torch.float64)
+    opt = pt.AGD(model.named_parameters(), lr=1e-2, betas=[0.9, 0.999], compile=False)
+    _train(model, opt, batches[:2])
+    checkpoint = copy.deepcopy(opt.state_dict())
+    opt.param_groups[0]["betas"][0] = 0.5
+    _train(model, opt, batches[2:])
+    _train(twin, pt.AGD(twin.named_parameters(), lr=1e-2, betas=[0.9, 0.999], compile=False), batches[:2])
+    rebuilt = pt.AGD(twin.named_parameters(), lr=1e-2, compile=False)
+    checkpoint["param_groups"][0]["betas"] = (0.5, 0.999)
+    rebuilt.load_state_dict(checkpoint)
+    assert torch.equal(_train(twin, rebuilt, batches[2:]), _train(model, opt, []))
+
+
 def test_changes_between_steps_reach_the_compiled_step():
     """The compiled step keeps no guard on the transform's closures or on module globals
     (``_torch_compile._guard_filter``): what may change between steps must still reach it. A new

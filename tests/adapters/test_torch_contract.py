@@ -131,6 +131,32 @@ def test_lr_scheduler_takes_effect(case):
     assert opt.param_groups[0]["lr"] == case.lr * 0.5
 
 
+def test_hyperparameter_written_between_steps_takes_effect(case):
+    """``weight_decay`` written into the param group after three steps: the next three continue as
+    an optimizer loaded from the first one's checkpoint with the new value would (the adapter
+    reuses a group's core transform only while the group holds the same hyperparameters)."""
+    x, y = _data()
+    model, twin = _model(), _model()
+    try:
+        case.make(_model().parameters(), weight_decay=0.1)
+    except ValueError as error:
+        pytest.skip(str(error))
+    opt = case.make(model.named_parameters(), weight_decay=0.0)
+    _train(model, opt, case, 3, x, y)
+    checkpoint = copy.deepcopy(opt.state_dict())
+    opt.param_groups[0]["weight_decay"] = 0.1
+    _train(model, opt, case, 3, x, y)
+    _train(twin, case.make(twin.named_parameters(), weight_decay=0.0), case, 3, x, y)
+    rebuilt = case.make(twin.named_parameters(), weight_decay=0.0)
+    checkpoint["param_groups"][0]["weight_decay"] = 0.1
+    rebuilt.load_state_dict(checkpoint)
+    _train(twin, rebuilt, case, 3, x, y)
+    assert torch.equal(_flat(model), _flat(twin))
+    undecayed = _model()
+    _train(undecayed, case.make(undecayed.named_parameters(), weight_decay=0.0), case, 6, x, y)
+    assert not torch.equal(_flat(model), _flat(undecayed))
+
+
 def test_closure_returns_loss_and_matches_plain_step(case):
     x, y = _data()
     model, model2 = _model(), _model()
