@@ -38,11 +38,12 @@ import sys
 from itertools import repeat
 from typing import Any, Optional, Sequence, Union
 
-from array_api_compat import array_namespace, device as array_device
+from array_api_compat import array_namespace, device as array_device, is_jax_namespace
 
 __all__ = [
     "kl_clip_factor",
     "symmetrize",
+    "per_matrix",
     "identity_like",
     "trace",
     "matrix_power_eigh",
@@ -83,6 +84,40 @@ def symmetrize(a: Array) -> Array:
 
 # The damped solvers below take a ``symmetrize`` flag, which shadows the function there.
 _symmetric_part = symmetrize
+
+
+def per_matrix(xp: Any, decomposition: Any, *operands: Array) -> Any:
+    """``decomposition(*operands)``, a LAPACK call on stacks of matrices (``xp.linalg.eigh``,
+    ``svd``, ``qr``, ``inv``, ``solve``): under ``jax.jit`` on a CPU with jaxlib < 0.11, one matrix
+    at a time (``lax.map`` over the flattened batch), else as it is.
+
+    jaxlib 0.10's CPU LAPACK kernels spread a batch over XLA's intra-op thread pool and wait for it
+    from a thread of that pool; when XLA runs as many batched decompositions at once as the pool
+    has threads (independent blocks of one step: 2 on a 2-core CPU), every thread waits and the
+    step never ends (seen with eigh, svd, inv and solve; jaxlib 0.11 no longer does this). One
+    matrix at a time gives each call a single matrix, which runs on the calling thread, and the
+    same LAPACK routine gives the same numbers. Each operand is a stack of matrices whose batch
+    axes broadcast against the first's.
+    """
+    a = operands[0]
+    if a.ndim <= 2 or not _jax_cpu_lapack_waits_on_pool(xp, a):
+        return decomposition(*operands)
+    jax = sys.modules["jax"]
+    batch = tuple(a.shape[:-2])
+    flat = tuple(xp.reshape(xp.broadcast_to(x, batch + tuple(x.shape[-2:])), (-1,) + tuple(x.shape[-2:])) for x in operands)
+    out = jax.lax.map(lambda one: decomposition(*one), flat)
+    return jax.tree_util.tree_map(lambda x: xp.reshape(x, batch + tuple(x.shape[1:])), out)
+
+
+def _jax_cpu_lapack_waits_on_pool(xp: Any, a: Array) -> bool:
+    if not is_jax_namespace(xp):
+        return False
+    jax = sys.modules["jax"]
+    if not isinstance(a, jax.core.Tracer) or jax.default_backend() != "cpu":
+        return False  # an eager call runs alone
+    import jaxlib
+
+    return tuple(int(part) for part in jaxlib.__version__.split(".")[:2]) < (0, 11)
 
 
 def identity_like(a: Array) -> Array:
@@ -138,7 +173,7 @@ def matrix_power_eigh(
         :math:`e < 0`). ``None`` (default) applies the power to every eigenvalue.
     """
     xp = array_namespace(a)
-    w, v = xp.linalg.eigh(symmetrize(a))
+    w, v = per_matrix(xp, xp.linalg.eigh, symmetrize(a))
     w = xp.clip(w, min=floor)
     w = w + _batch_scalar(xp, shift, w, 1)
     if rcond is None:
@@ -550,7 +585,7 @@ def damped_inverse(
     finite_in = _blockwise_finite(xp, matrices)
     damped = xp.where(finite_in[..., None, None], matrices + damping * eye, eye)
     try:
-        inverse = xp.linalg.inv(damped)
+        inverse = per_matrix(xp, xp.linalg.inv, damped)
     except Exception:  # NumPy/torch raise on an exactly singular block (JAX returns Inf/NaN)
         inverse = xp.full(damped.shape, xp.nan, dtype=damped.dtype, device=array_device(damped))
     if symmetrize:
@@ -629,7 +664,7 @@ def damped_inverse_stable(
     requested = xp.zeros_like(floor) + damping
     raised = floor > requested
     lam = xp.where(raised, floor, requested)
-    inverse = _symmetric_part(xp.linalg.inv(safe + lam[..., None, None] * identity_like(safe)))
+    inverse = _symmetric_part(per_matrix(xp, xp.linalg.inv, safe + lam[..., None, None] * identity_like(safe)))
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))
     return xp.where(ok[..., None, None], inverse, previous), xp.logical_or(xp.logical_not(ok), raised)
 
@@ -679,7 +714,7 @@ def damped_solve(
     eye = identity_like(matrices)
     finite_in = _blockwise_finite(xp, matrices)
     damped = xp.where(finite_in[..., None, None], matrices + damping * eye, eye)
-    solution = xp.linalg.solve(damped, rhs)
+    solution = per_matrix(xp, xp.linalg.solve, damped, rhs)
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, solution))
     solution = xp.where(ok[..., None, None], solution, xp.zeros_like(solution))
     return solution, ok

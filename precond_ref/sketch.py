@@ -63,6 +63,8 @@ from typing import Any, NamedTuple, Optional
 
 from array_api_compat import device as array_device
 
+from .linalg import per_matrix
+
 __all__ = [
     "SKETCH_KEYS",
     "fd_init",
@@ -77,6 +79,11 @@ __all__ = [
 ]
 
 Array = Any
+
+
+def _reduced_svd(xp: Any) -> Any:
+    return lambda m: xp.linalg.svd(m, full_matrices=False)
+
 
 SKETCH_KEYS = ("basis", "singular_values", "escaped_root", "basis_weights", "complement_weight")
 _DECOMPOSITIONS = ("svd", "gram", "qr_svd", "incremental", "subspace", "auto")
@@ -211,10 +218,10 @@ def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
         fresh = residual / xp.where(norm > 0.0, norm, xp.ones_like(norm))
         corner = norm
     else:
-        fresh, corner = xp.linalg.qr(residual)
+        fresh, corner = per_matrix(xp, xp.linalg.qr, residual)
     top = xp.concat([_diag(xp, scaled_sigma), coords], axis=-1)
     bottom = xp.concat([xp.zeros(corner.shape[:-1] + (k,), dtype=x.dtype, device=array_device(x)), corner], axis=-1)
-    w, s, vh = xp.linalg.svd(xp.concat([top, bottom], axis=-2), full_matrices=False)
+    w, s, vh = per_matrix(xp, _reduced_svd(xp), xp.concat([top, bottom], axis=-2))
     projection = xp.concat([coords, corner], axis=-2)
     return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=s[..., :, None] * vh[..., :, k:])
 
@@ -242,11 +249,11 @@ def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
     image = image + xp.matmul(x, xp.matmul(x.mT, start))
     # Householder QR: orthonormal even for (nearly) dependent columns; a completion direction
     # outside range(M) gets a Ritz value at rounding level, which the shrink cutoff masks.
-    q, _ = xp.linalg.qr(image)
+    q, _ = per_matrix(xp, xp.linalg.qr, image)
     proj_u = xp.matmul(basis.mT, q) * scaled_sigma[..., :, None]
     proj_x = xp.matmul(x.mT, q)
     h = xp.matmul(proj_u.mT, proj_u) + xp.matmul(proj_x.mT, proj_x)
-    theta, w = xp.linalg.eigh((h + h.mT) / 2.0)
+    theta, w = per_matrix(xp, xp.linalg.eigh, (h + h.mT) / 2.0)
     theta, w = xp.flip(theta, axis=-1), xp.flip(w, axis=-1)
     s = xp.sqrt(xp.maximum(theta, xp.zeros_like(theta)))
     return _Ritz(s, vectors=xp.matmul(q, w[..., :, :k]))
@@ -263,20 +270,20 @@ def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Arr
     z = xp.concat([basis * scaled_sigma[..., None, :], x], axis=-1)
     n = z.shape[-1]
     if decomposition == "svd":
-        p, s, _ = xp.linalg.svd(z, full_matrices=False)
+        p, s, _ = per_matrix(xp, _reduced_svd(xp), z)
         return _Ritz(s, vectors=p[..., :k])
     if decomposition == "qr_svd":
         # The authors' order of operations: R from a QR of z^T, then the SVD of R^T. A no-op
         # mathematically, kept so faithful mode rounds like the authors' code.
-        _, r_factor = xp.linalg.qr(z.mT)
-        p, s, _ = xp.linalg.svd(r_factor.mT, full_matrices=False)
+        _, r_factor = per_matrix(xp, xp.linalg.qr, z.mT)
+        p, s, _ = per_matrix(xp, _reduced_svd(xp), r_factor.mT)
         return _Ritz(s, vectors=p[..., :k])
     # Gram path (K7): eigh of the smaller Gram matrix; cheaper when n << d, but squares the
     # condition number, so directions at rounding level are dropped (set to zero).
     tiny_rel = float(xp.finfo(z.dtype).eps) * max(d, n)
     if n < d:
         gram = xp.matmul(z.mT, z)
-        evals, v = xp.linalg.eigh((gram + gram.mT) / 2.0)
+        evals, v = per_matrix(xp, xp.linalg.eigh, (gram + gram.mT) / 2.0)
         evals, v = xp.flip(evals, axis=-1), xp.flip(v, axis=-1)
         evals = xp.maximum(evals, xp.zeros_like(evals))
         keep = evals > tiny_rel * evals[..., :1]
@@ -285,7 +292,7 @@ def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Arr
         p = xp.matmul(z, v[..., :, :k]) / safe_s[..., None, :k] * xp.astype(keep[..., :k], z.dtype)[..., None, :]
         return _Ritz(s, vectors=p)
     gram = xp.matmul(z, z.mT)
-    evals, p = xp.linalg.eigh((gram + gram.mT) / 2.0)
+    evals, p = per_matrix(xp, xp.linalg.eigh, (gram + gram.mT) / 2.0)
     evals, p = xp.flip(evals, axis=-1), xp.flip(p, axis=-1)
     evals = xp.maximum(evals, xp.zeros_like(evals))
     return _Ritz(xp.sqrt(evals), vectors=p[..., :k])

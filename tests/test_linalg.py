@@ -375,3 +375,45 @@ def test_inverse_root_invalid_arguments():
         linalg.inverse_root(a, 3, method="polar_express")
     with pytest.raises(ValueError, match="p must be an integer"):
         linalg.inverse_root(a, 1.5, method="newton")
+
+
+# ---------------------------------------------------------------- LAPACK calls on stacks
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("eigh", lambda jnp: jnp.linalg.eigh),
+        ("svd", lambda jnp: (lambda m: jnp.linalg.svd(m, full_matrices=False))),
+        ("qr", lambda jnp: jnp.linalg.qr),
+        ("inv", lambda jnp: jnp.linalg.inv),
+        ("solve", lambda jnp: jnp.linalg.solve),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_per_matrix_under_jit_on_cpu_calls_lapack_one_matrix_at_a_time(name, make):
+    """jaxlib 0.10's CPU LAPACK kernels wait, on a thread of XLA's pool, for the batch they spread
+    over that pool: as many concurrent batched decompositions as threads never finish (a jitted
+    Sketchy or ASGO step hung on a 2-core CPU). ``per_matrix`` must hand LAPACK single matrices
+    there, and give the batched call's numbers (the same routine, matrix by matrix)."""
+    jax = pytest.importorskip("jax")
+    import jaxlib
+    import jax.numpy as jnp
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the workaround is for XLA's CPU backend")
+    a, _, _ = spd(5, 1e2, batch=(3, 2))
+    a = jnp.asarray(a + 0.1 * np.eye(5), dtype=jnp.float32)
+    operands = (a, a[..., :2]) if name == "solve" else (a,)
+    decomposition = make(jnp)
+    mapped = jax.jit(lambda *ops: linalg.per_matrix(jnp, decomposition, *ops))
+    text = mapped.lower(*operands).as_text()
+    calls = [line for line in text.splitlines() if "custom_call" in line and "lapack" in line]
+    assert calls, "no LAPACK call found in the lowered step"
+    if tuple(int(v) for v in jaxlib.__version__.split(".")[:2]) < (0, 11):
+        assert all("tensor<3x2x" not in line and "tensor<6x" not in line for line in calls), calls
+    got = jax.tree_util.tree_leaves(mapped(*operands))
+    want = jax.tree_util.tree_leaves(decomposition(*operands))
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

@@ -152,13 +152,6 @@ def _size(args: argparse.Namespace, torch_device: str) -> str:
     return args.size
 
 
-#: XLA's CPU runtime (jaxlib 0.10) sometimes never reports the end of a program with many
-#: independent decompositions (every thread idle, the caller waiting forever): turning off its
-#: concurrency-optimized scheduler removed the stall of the jitted S-AdaGrad step of the small GPT,
-#: not that of the tf2x512 layer case (docs/backends.md).
-XLA_CPU_WORKAROUND = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-
 def run(args: argparse.Namespace) -> int:
     from . import layers, models
     from . import report as report_module
@@ -183,8 +176,6 @@ def run(args: argparse.Namespace) -> int:
     budget = min(args.budget, 2.0) if args.quick else args.budget
 
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU with JAX in this process
-    if "jax" not in sys.modules and XLA_CPU_WORKAROUND not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_CPU_WORKAROUND}".strip()
     import torch
 
     if "jax" in frameworks and args.dtype == "float64":
