@@ -115,8 +115,7 @@ def _jax_cpu_lapack_waits_on_pool(xp: Any, a: Array) -> bool:
     jax = sys.modules["jax"]
     if not isinstance(a, jax.core.Tracer) or jax.default_backend() != "cpu":
         return False  # an eager call runs alone
-    import jaxlib
-
+    jaxlib = sys.modules["jaxlib"]  # imported by jax
     return tuple(int(part) for part in jaxlib.__version__.split(".")[:2]) < (0, 11)
 
 
