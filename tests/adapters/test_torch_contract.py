@@ -135,12 +135,10 @@ def test_hyperparameter_written_between_steps_takes_effect(case):
     """``weight_decay`` written into the param group after three steps: the next three continue as
     an optimizer loaded from the first one's checkpoint with the new value would (the adapter
     reuses a group's core transform only while the group holds the same hyperparameters)."""
+    if "-" in case.id:
+        pytest.skip("the group's transform cache is the class's: checked on its plain configuration")
     x, y = _data()
     model, twin = _model(), _model()
-    try:
-        case.make(_model().parameters(), weight_decay=0.1)
-    except ValueError as error:
-        pytest.skip(str(error))
     opt = case.make(model.named_parameters(), weight_decay=0.0)
     _train(model, opt, case, 3, x, y)
     checkpoint = copy.deepcopy(opt.state_dict())
