@@ -40,6 +40,8 @@ from typing import Any, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace
 
+from .transform import _is_tracer
+
 __all__ = [
     "kl_clip_factor",
     "symmetrize",
@@ -112,8 +114,7 @@ def per_matrix(xp: Any, decomposition: Any, *operands: Array) -> Any:
 def _jax_cpu_lapack_waits_on_pool(xp: Any, a: Array) -> bool:
     if not is_jax_namespace(xp):
         return False
-    jax = sys.modules["jax"]
-    if not isinstance(a, jax.core.Tracer) or jax.default_backend() != "cpu":
+    if not _is_tracer(a) or sys.modules["jax"].default_backend() != "cpu":
         return False  # an eager call runs alone
     jaxlib = sys.modules["jaxlib"]  # imported by jax
     return tuple(int(part) for part in jaxlib.__version__.split(".")[:2]) < (0, 11)

@@ -63,7 +63,7 @@ from typing import Any, NamedTuple, Optional
 
 from array_api_compat import device as array_device
 
-from .linalg import per_matrix
+from .linalg import per_matrix, symmetrize
 
 __all__ = [
     "SKETCH_KEYS",
@@ -253,7 +253,7 @@ def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
     proj_u = xp.matmul(basis.mT, q) * scaled_sigma[..., :, None]
     proj_x = xp.matmul(x.mT, q)
     h = xp.matmul(proj_u.mT, proj_u) + xp.matmul(proj_x.mT, proj_x)
-    theta, w = per_matrix(xp, xp.linalg.eigh, (h + h.mT) / 2.0)
+    theta, w = per_matrix(xp, xp.linalg.eigh, symmetrize(h))
     theta, w = xp.flip(theta, axis=-1), xp.flip(w, axis=-1)
     s = xp.sqrt(xp.maximum(theta, xp.zeros_like(theta)))
     return _Ritz(s, vectors=xp.matmul(q, w[..., :, :k]))
@@ -283,7 +283,7 @@ def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Arr
     tiny_rel = float(xp.finfo(z.dtype).eps) * max(d, n)
     if n < d:
         gram = xp.matmul(z.mT, z)
-        evals, v = per_matrix(xp, xp.linalg.eigh, (gram + gram.mT) / 2.0)
+        evals, v = per_matrix(xp, xp.linalg.eigh, symmetrize(gram))
         evals, v = xp.flip(evals, axis=-1), xp.flip(v, axis=-1)
         evals = xp.maximum(evals, xp.zeros_like(evals))
         keep = evals > tiny_rel * evals[..., :1]
@@ -292,7 +292,7 @@ def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Arr
         p = xp.matmul(z, v[..., :, :k]) / safe_s[..., None, :k] * xp.astype(keep[..., :k], z.dtype)[..., None, :]
         return _Ritz(s, vectors=p)
     gram = xp.matmul(z, z.mT)
-    evals, p = per_matrix(xp, xp.linalg.eigh, (gram + gram.mT) / 2.0)
+    evals, p = per_matrix(xp, xp.linalg.eigh, symmetrize(gram))
     evals, p = xp.flip(evals, axis=-1), xp.flip(p, axis=-1)
     evals = xp.maximum(evals, xp.zeros_like(evals))
     return _Ritz(xp.sqrt(evals), vectors=p[..., :k])
