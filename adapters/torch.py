@@ -45,11 +45,15 @@ class _Members(NamedTuple):
     numel: int
 
 
+# Param-group entries the core transform is not built from (``lr`` reaches it as a tensor).
+_NOT_HYPERPARAMETERS = ("params", "param_names", "lr")
+
+
 def _hyperparameters(group: dict) -> tuple:
     """A param group's hyperparameters that the core transform is built from (not ``lr``, which
     it reads as a tensor), as ``(keys, values)``; ``values`` is ``None`` when one of them is a
     container or tensor whose contents could change in place."""
-    keys = tuple(k for k in group if k not in ("params", "param_names", "lr"))
+    keys = tuple(k for k in group if k not in _NOT_HYPERPARAMETERS)
     values = tuple(group[k] for k in keys)
     if any(isinstance(v, (list, dict, set, torch.Tensor)) for v in values):
         values = None
@@ -61,7 +65,7 @@ def _unchanged(group: dict, hyperparameters: tuple) -> bool:
     keys, values = hyperparameters
     return (
         values is not None
-        and len(group) - len(keys) == ("params" in group) + ("param_names" in group) + ("lr" in group)
+        and len(group) - len(keys) == sum(k in group for k in _NOT_HYPERPARAMETERS)
         and all(map(operator.is_, values, map(group.get, keys, itertools.repeat(_MISSING))))
     )
 
