@@ -39,6 +39,8 @@ __all__ = [
     "schedule_value",
     "compute_dtype",
     "scalar_array",
+    "cast",
+    "scalar_zero",
     "step_scalar",
     "is_zero",
     "is_due",
@@ -212,6 +214,12 @@ def schedule_value(hyperparameter: ScalarOrSchedule, count: Array) -> Any:
     return value
 
 
+def cast(xp: Any, x: Array, dtype: Any) -> Array:
+    """``x`` in ``dtype``, ``x`` itself when it already is: ``astype`` copies by default, a needless
+    pass over the array in every eager step (NumPy, CuPy, torch without compilation)."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
 def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
     """A Python number or 0-D array (e.g. a scheduled hyperparameter) as a 0-D array of ``dtype``.
 
@@ -230,12 +238,19 @@ def step_scalar(xp: Any, value: Any) -> Any:
     ``pow(b, t)`` for every vector of every parameter (4x slower than Adam); a reduction is always
     materialised before the loops, and this maximum of the value over a broadcast pair is one
     (a broadcast, unlike ``stack([value, value])``, gives Inductor no buffer to allocate and view
-    on every call: about 25 us of a small compiled step's 150 us on a CPU). Elsewhere it costs a
-    scalar operation or two.
+    on every call: about 25 us of a small compiled step's 150 us on a CPU). A value traced by
+    ``jax.jit`` takes the same path. An eager step computes each value once anyway, and passes it
+    through (two operations less per value: kernel launches on a GPU).
     """
-    if not hasattr(value, "shape"):
+    if not hasattr(value, "shape") or not (_is_tracer(value) or _torch_compiling()):
         return value
     return xp.max(xp.broadcast_to(value, (2,)))
+
+
+def scalar_zero(xp: Any, x: Array) -> Array:
+    """A 0-D zero of ``x``'s dtype and device: the operand ``where`` broadcasts (``zeros_like`` would
+    fill a whole array first in an eager step)."""
+    return xp.zeros((), dtype=x.dtype, device=array_device(x))
 
 
 def is_zero(value: Any) -> bool:
@@ -498,7 +513,7 @@ def gradient_ok(xp: Any, leaves: Sequence[Array]) -> Array:
     ok = None
     for leaf in leaves:
         dtype = compute_dtype(xp, leaf.dtype)
-        wide = xp.astype(leaf, dtype)
+        wide = cast(xp, leaf, dtype)
         leaf_ok = xp.sum(wide * wide) < xp.finfo(dtype).max * OVERFLOW_MARGIN
         ok = leaf_ok if ok is None else xp.logical_and(ok, leaf_ok)
     return ok
@@ -769,7 +784,7 @@ def build_transform(
                 raise FloatingPointError(f"{name}: {_first_bad_gradient(xp, grad_leaves, treedef.paths)}")
         # A skipped step's arithmetic runs on zeros: its results are discarded anyway, and NaN or
         # huge inputs would only raise warnings (NumPy) or errors (LAPACK on NaN) on the way.
-        grad_leaves = [xp.where(ok, g, xp.zeros_like(g)) for g in grad_leaves]
+        grad_leaves = [xp.where(ok, g, scalar_zero(xp, g)) for g in grad_leaves]
 
         if due is not None:
             if len(due) != len(declared):
@@ -820,8 +835,8 @@ def build_transform(
         # own skip selects element-wise (no device read), fused into the kernels computing it.
         # Two selections, not one on ok & isfinite(u): XLA's CPU backend does not fuse an expensive
         # producer of u (a division) into a consumer that reads u twice, and would write u out.
-        updates = [xp.where(ok, u, xp.zeros_like(u)) for u in updates]
-        updates = [xp.where(xp.isfinite(u), u, xp.zeros_like(u)) for u in updates]
+        updates = [xp.where(ok, u, scalar_zero(xp, u)) for u in updates]
+        updates = [xp.where(xp.isfinite(u), u, scalar_zero(xp, u)) for u in updates]
         if skipping:
             new_groups = {key: dict(entries) for key, entries in new_groups.items()}
             for key, entries in new_groups.items():

@@ -480,3 +480,68 @@ def test_flat_leaves_give_the_numbers_of_leaf_by_leaf_updates(backend, factory, 
         np.testing.assert_allclose(flat_p[k], ref_p[k], rtol=tol, atol=0)
         for name in ref_s[k]:
             np.testing.assert_allclose(flat_s[k][name], ref_s[k][name], rtol=tol, atol=0)
+
+
+def test_cast_and_scalar_zero(backend):
+    """``cast`` returns an array already in the dtype itself (``astype`` copies by default) and
+    converts any other; ``scalar_zero`` is a 0-D zero of the array's dtype on its device."""
+    from precond_ref.transform import cast, scalar_zero
+
+    xp = backend.xp
+    x = xp.ones((3,), dtype=xp.float32)
+    assert cast(xp, x, xp.float32) is x
+    other = cast(xp, x, xp.int32)
+    assert other.dtype == xp.int32 and other.shape == (3,)
+    zero = scalar_zero(xp, x)
+    assert zero.shape == () and zero.dtype == xp.float32 and float(zero) == 0.0
+
+
+# Element-wise methods, and each matrix method's element-wise part, as they run eagerly (NumPy,
+# CuPy, torch without compilation).
+_EAGER_ELEMENTWISE = {
+    "agd": lambda: pr.agd(learning_rate=1e-2, weight_decay=1e-2),
+    "agd-win": lambda: pr.agd(learning_rate=1e-2, win=True, weight_decay=1e-2),
+    "dasgo": lambda: pr.dasgo(),
+    "dasgo-no-rms": lambda: pr.dasgo(rms_target=None),
+    "asgo-fallback": lambda: pr.asgo(fallback_mask=lambda path, leaf: True),
+    "rf_rmsprop": lambda: pr.rf_rmsprop(learning_rate=1e-2, batch_size=8, weight_decay=1e-2),
+    "rf_adamw": lambda: pr.rf_adamw(learning_rate=1e-2, batch_size=8, weight_decay=1e-2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_EAGER_ELEMENTWISE))
+def test_eager_step_does_no_whole_array_copy_or_fill(name):
+    """An eager step writes no whole array that computes nothing [derived: on a GPU each such
+    array is a kernel pass over memory, and nothing fuses them away]: no same-dtype ``astype``
+    copy (``transform.cast`` instead) and no ``zeros_like`` operand of a selection
+    (``transform.scalar_zero`` instead), counted by torch's dispatcher over leaf-sized results.
+    Conversions to another dtype (DASGO's float64 renormalisation) are work and not counted."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    size = 64 * 96
+    wasted = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            copy = name in ("_to_copy", "clone") and out.dtype == args[0].dtype  # a conversion is work
+            fill = name in ("zeros_like", "ones_like", "full", "full_like", "fill_")
+            if (copy or fill) and out.numel() >= size:
+                wasted.append(name)
+            return out
+
+    generator = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(64, 96, generator=generator)}
+    grads = {"w": torch.randn(64, 96, generator=generator)}
+    transform = _EAGER_ELEMENTWISE[name]()
+    state = transform.init(params)
+    for step in range(3):
+        if step == 2:
+            with Watch():
+                updates, state = transform.update(grads, state, params, step=step)
+        else:
+            updates, state = transform.update(grads, state, params, step=step)
+        params = pr.apply_updates(params, updates)
+    assert wasted == []

@@ -11,6 +11,7 @@ from ..transform import (
     StepContext,
     Transform,
     build_transform,
+    cast,
     check_bool,
     check_choice,
     check_learning_rate,
@@ -150,9 +151,9 @@ def agd(
         theta = None if params is None else params[0]
         m, b = state["m"], state["b"]
         dtype = m.dtype
-        g = xp.astype(g, dtype)
+        g = cast(xp, g, dtype)
         if theta is not None:
-            theta = xp.astype(theta, dtype)
+            theta = cast(xp, theta, dtype)
         lr = ctx.value(learning_rate)
         dlt = ctx.value(delta)
         wd = ctx.value(weight_decay)

@@ -44,6 +44,7 @@ from ..transform import (
     StepContext,
     Transform,
     build_transform,
+    cast,
     check_choice,
     check_learning_rate,
     check_nonnegative,
@@ -53,6 +54,7 @@ from ..transform import (
     compute_dtype,
     cond,
     scalar_array,
+    scalar_zero,
 )
 from ..tree import Path, path_str, tree_flatten
 
@@ -167,8 +169,8 @@ def _adam_update(
     xp = ctx.xp
     dtype = state["mu"].dtype
     dev = array_device(state["mu"])
-    g = xp.astype(g, dtype)
-    w = None if param is None else xp.astype(param, dtype)
+    g = cast(xp, g, dtype)
+    w = None if param is None else cast(xp, param, dtype)
     if faithful and _nonzero(weight_decay):
         g = g + weight_decay * w
     mu = ctx.unless_skipped(_ema(xp, state["mu"], g, b1, faithful), state["mu"])
@@ -287,7 +289,7 @@ def _flush_subnormal(xp: Any, x: Array) -> Array:
     the flush an unused matrix would take steps of RMS r forever instead of reaching zero.
     """
     tiny = xp.finfo(x.dtype).smallest_normal
-    return xp.where(xp.abs(x) < tiny, xp.zeros_like(x), x)
+    return xp.where(xp.abs(x) < tiny, scalar_zero(xp, x), x)
 
 
 def _finish(
@@ -301,7 +303,7 @@ def _finish(
     """``-η (U + λ W)`` in the leaf's shape."""
     u = xp.reshape(u, shape)
     if _nonzero(weight_decay):
-        u = u + weight_decay * xp.astype(param, u.dtype)
+        u = u + weight_decay * cast(xp, param, u.dtype)
     return -lr * u
 
 
@@ -696,9 +698,9 @@ def asgo(
         k = m if left else n
         stat_dtype = state["statistic"].dtype
         product_dtype = compute_dtype(xp, g.dtype)  # faithful products; = state dtype if principled
-        g_mat = xp.astype(xp.reshape(g, (m, n)), product_dtype)
+        g_mat = cast(xp, xp.reshape(g, (m, n)), product_dtype)
 
-        momentum = _ema(xp, state["momentum"], xp.astype(g_mat, state["momentum"].dtype), b1, faithful)
+        momentum = _ema(xp, state["momentum"], cast(xp, g_mat, state["momentum"].dtype), b1, faithful)
         if not faithful:
             momentum = _flush_subnormal(xp, momentum)
         new_state = {"momentum": momentum}
@@ -736,8 +738,8 @@ def asgo(
         # Direction U = Z M (left) or M Z (right), in the natural orientation where unblocked so
         # that faithful mode multiplies as the authors do.
         product_dtype, left = prep.product_dtype, prep.left
-        z_p = xp.astype(roots["root"], product_dtype)
-        m_p = xp.astype(momentum, product_dtype)
+        z_p = cast(xp, roots["root"], product_dtype)
+        m_p = cast(xp, momentum, product_dtype)
         if z_p.ndim == 3:
             m_o = m_p if left else m_p.mT
             full, b = z_p.shape[0], z_p.shape[1]
@@ -892,19 +894,19 @@ def dasgo(
         left = _resolve_side(m, n, side) == "left"
         product_dtype = compute_dtype(xp, g.dtype)
         dev = array_device(g)
-        g_mat = xp.astype(xp.reshape(g, (m, n)), product_dtype)
-        momentum = _ema(xp, state["momentum"], xp.astype(g_mat, state["momentum"].dtype), b1, faithful)
+        g_mat = cast(xp, xp.reshape(g, (m, n)), product_dtype)
+        momentum = _ema(xp, state["momentum"], cast(xp, g_mat, state["momentum"].dtype), b1, faithful)
         if not faithful:
             momentum = _flush_subnormal(xp, momentum)
         momentum = ctx.unless_skipped(momentum, state["momentum"])
         axis = 1 if left else 0  # reduces over the other side
         squares = _sum_across(xp, g_mat * g_mat, axis)
-        v = _ema(xp, state["statistic"], xp.astype(squares, state["statistic"].dtype), b2, faithful)
+        v = _ema(xp, state["statistic"], cast(xp, squares, state["statistic"].dtype), b2, faithful)
         v = ctx.unless_skipped(v, state["statistic"])
         # 1/sqrt, not a power: a compiled step evaluates the column scale inside the loops over the
         # matrix, where a vector pow costs ~10x a sqrt and a division.
-        scale = xp.astype(1.0 / xp.sqrt(v + eps), product_dtype)
-        m_p = xp.astype(momentum, product_dtype)
+        scale = cast(xp, 1.0 / xp.sqrt(v + eps), product_dtype)
+        m_p = cast(xp, momentum, product_dtype)
         if faithful or rms_target is None or m * n == 0:
             u = _rms_renormalise(xp, m_p * xp.expand_dims(scale, axis=axis), rms_target, faithful)
         else:

@@ -25,6 +25,7 @@ from ..transform import (
     StepContext,
     Transform,
     build_transform,
+    cast,
     check_bool,
     check_choice,
     check_learning_rate,
@@ -34,6 +35,7 @@ from ..transform import (
     check_unit_interval,
     compute_dtype,
     cond,
+    scalar_zero,
     singleton_groups,
     weight_bias_groups,
     step_scalar,
@@ -89,11 +91,6 @@ def _scalar(xp: Any, value: Any, dtype: Any) -> Any:
     return value if _is_number(value) else xp.astype(value, dtype)
 
 
-def _cast(xp, x, dtype):
-    """``x`` in ``dtype``, without a copy when it already is (``astype`` copies by default)."""
-    return x if x.dtype == dtype else xp.astype(x, dtype)
-
-
 def _filled(xp, shape, value, dtype, dev):
     if _is_number(value):
         return xp.full(shape, value, dtype=dtype, device=dev)
@@ -145,7 +142,7 @@ def _rf_denominator_step(xp, numerator, denom, faithful: bool):
     if not faithful:
         return numerator / denom
     zero = denom == 0.0
-    return xp.where(zero, xp.zeros_like(numerator), numerator / xp.where(zero, xp.ones_like(denom), denom))
+    return xp.where(zero, scalar_zero(xp, numerator), numerator / xp.where(zero, xp.ones_like(denom), denom))
 
 
 def rf_rmsprop(
@@ -256,13 +253,13 @@ def rf_rmsprop(
         (g,) = grads
         s = state["s"]
         dtype = s.dtype
-        g = xp.astype(g, dtype)
+        g = cast(xp, g, dtype)
         decay = _scalar(xp, b2, dtype)
         scale = _scalar(xp, _batch_size("rf_rmsprop", batch_size, ctx), dtype) if scale_by_batch_size else 1
         s_new = ctx.unless_skipped(decay * s + (1 - decay) * (scale * (g * g)), s)
         step = _rf_denominator_step(xp, g, s_new + _scalar(xp, damping, dtype), faithful)
         if use_decay:
-            step = step + _scalar(xp, weight_decay, dtype) * xp.astype(params[0], dtype)
+            step = step + _scalar(xp, weight_decay, dtype) * cast(xp, params[0], dtype)
         new_state = {"s": s_new}
         if use_momentum:
             step = ctx.unless_skipped(_scalar(xp, momentum, dtype) * state["momentum"] + step, state["momentum"])
@@ -352,7 +349,7 @@ def rf_adamw(
         (g,) = grads
         m, s = state["m"], state["s"]
         dtype = s.dtype
-        g = xp.astype(g, dtype)
+        g = cast(xp, g, dtype)
         d1, d2 = _scalar(xp, b1, dtype), _scalar(xp, b2, dtype)
         scale = _scalar(xp, _batch_size("rf_adamw", batch_size, ctx), dtype) if scale_by_batch_size else 1
         m_new = ctx.unless_skipped(d1 * m + (1 - d1) * g, m)
@@ -365,7 +362,7 @@ def rf_adamw(
             bc1 = bc2 = 1
         step = step_scalar(xp, lr / bc1) * _rf_denominator_step(xp, m_new, s_new / bc2 + _scalar(xp, damping, dtype), faithful)
         if use_decay:
-            step = step + (lr * _scalar(xp, weight_decay, dtype)) * xp.astype(params[0], dtype)
+            step = step + (lr * _scalar(xp, weight_decay, dtype)) * cast(xp, params[0], dtype)
         return (-step,), {"m": m_new, "s": s_new}
 
     return build_transform(
@@ -397,7 +394,7 @@ def _grouped_shape(shapes: Sequence[tuple], out_first: bool) -> tuple[tuple, tup
 
 
 def _group_tensor(xp, leaves, full, squeezed, out_first: bool, dtype):
-    leaves = [_cast(xp, x, dtype) for x in leaves]
+    leaves = [cast(xp, x, dtype) for x in leaves]
     if len(leaves) == 1:
         return xp.reshape(leaves[0], squeezed)
     weight, bias = leaves
@@ -511,7 +508,7 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
     projected = grouped * sqrt_batch
     inner, traces = [], []
     for n, factor in enumerate(factors):
-        projected = _cast(xp, projected, factor.dtype)
+        projected = cast(xp, projected, factor.dtype)
         scaled = factor * (1.0 / math.sqrt(dims[n]))
         if factor.ndim == 2:  # diagonal
             projected = projected * _along(xp, scaled, n + 1, ndim)
@@ -531,7 +528,7 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
             if i != n:
                 others = others * xp.astype(trace, factor.dtype)
         direction = inner[n] * _per_member(xp, (damping / 2) * others * numel, trailing)
-        projected = _cast(xp, projected, factor.dtype)
+        projected = cast(xp, projected, factor.dtype)
         if diagonal:
             rest = tuple(i for i in range(1, ndim) if i != n + 1)
             square = projected * projected
@@ -566,7 +563,7 @@ def _precondition(xp, grouped, factors, rescale: bool):
             sigma = xp.maximum(xp.sqrt(largest), xp.ones_like(largest))
             factor = factor / _per_member(xp, sigma, factor.ndim - 1)
             scale_product = sigma * sigma if scale_product is None else scale_product * (sigma * sigma)
-        grouped = _cast(xp, grouped, factor.dtype)
+        grouped = cast(xp, grouped, factor.dtype)
         if diagonal:
             grouped = grouped * _along(xp, factor * factor, n + 1, ndim)
         else:
@@ -942,20 +939,20 @@ def if_shampoo(
             if use_kl_clip:  # K-FAC's order: clip the preconditioned gradient, then the momentum (S8)
                 dtype = preconditioned[i].dtype
                 nu = kl_clip_factor(
-                    preconditioned[i], _cast(xp, prep["grouped"], dtype), _scalar(xp, lr, dtype), _scalar(xp, kl_clip, dtype)
+                    preconditioned[i], cast(xp, prep["grouped"], dtype), _scalar(xp, lr, dtype), _scalar(xp, kl_clip, dtype)
                 )
                 preconditioned[i] = preconditioned[i] * nu
             pieces = _ungroup_tensor(xp, preconditioned[i], prep["shapes"], prep["full"], prep["out_first"])
             updates = []
             for k, piece in enumerate(pieces):
                 if use_decay:
-                    piece = piece + _scalar(xp, weight_decay, piece.dtype) * _cast(xp, params[k], piece.dtype)
+                    piece = piece + _scalar(xp, weight_decay, piece.dtype) * cast(xp, params[k], piece.dtype)
                 if use_momentum:
                     buffer = state[f"momentum_{k}"]
-                    piece = _scalar(xp, momentum, buffer.dtype) * buffer + _cast(xp, piece, buffer.dtype)
+                    piece = _scalar(xp, momentum, buffer.dtype) * buffer + cast(xp, piece, buffer.dtype)
                     new_state[f"momentum_{k}"] = piece
                 else:
-                    piece = _cast(xp, piece, prep["work_dtype"])
+                    piece = cast(xp, piece, prep["work_dtype"])
                 updates.append(-_scalar(xp, lr, piece.dtype) * piece)
             results.append((tuple(updates), new_state))
         return results

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace
 
+from ..transform import _is_tracer
 from ..tree import path_str, tree_flatten, tree_unflatten
 from .backends import resolve_dtype, resolve_namespace
 
@@ -45,11 +46,6 @@ __all__ = [
 ]
 
 Array = Any
-
-
-def _is_tracer(x: Any) -> bool:
-    jax = sys.modules.get("jax")
-    return jax is not None and isinstance(x, jax.core.Tracer)
 
 
 class _Values:
