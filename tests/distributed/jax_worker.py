@@ -73,6 +73,20 @@ def train(opt, extra, params, xs, ys):
     return params, state, placed, step._cache_size()
 
 
+def eager_step(opt, extra, params, x, y):
+    """One step without jax.jit (a user debugging, or a step too irregular to compile)."""
+    grads = jax.grad(loss)(params, x, y)
+    updates, _ = opt.update(grads, opt.init(params), params, **extra)
+    return optax.apply_updates(params, updates)
+
+
+def _relative_difference(a_tree, b_tree):
+    return max(
+        float(np.linalg.norm(a - b) / np.linalg.norm(b))
+        for a, b in zip(jax.device_get(jax.tree.leaves(a_tree)), jax.device_get(jax.tree.leaves(b_tree)))
+    )
+
+
 def main() -> None:
     devices = jax.devices()
     assert len(devices) == 4, devices
@@ -85,10 +99,11 @@ def main() -> None:
         opt = factory(**kwargs)
         one, _, _, _ = train(opt, extra, single, xs, ys)
         many, state, placed, compiles = train(opt, extra, sharded, xs, ys)
-        rel = max(
-            float(np.linalg.norm(a - b) / np.linalg.norm(b))
-            for a, b in zip(jax.device_get(jax.tree.leaves(many)), jax.device_get(jax.tree.leaves(one)))
-        )
+        rel = _relative_difference(many, one)
+        try:
+            eager_rel = _relative_difference(eager_step(opt, extra, sharded, xs[0], ys[0]), eager_step(opt, extra, single, xs[0], ys[0]))
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            eager_rel = f"{type(error).__name__}: {error}"[:300]
         # Shardings of the state: those init chose, those state_shardings predicts.
         predicted = pj.state_shardings(opt, sharded)
         same_prediction = jax.tree.all(jax.tree.map(lambda a, b: a == b, placed, predicted))
@@ -98,7 +113,7 @@ def main() -> None:
         mapped = optax.tree.map_params(opt, lambda p: p, state, transform_non_params=lambda _: None)
         params_after_sharded = [str(a.sharding.spec) for a in jax.tree.leaves(many)]
         print(json.dumps({
-            "method": name, "rel": rel, "compiles": compiles, "same_prediction": bool(same_prediction),
+            "method": name, "rel": rel, "eager_rel": eager_rel, "compiles": compiles, "same_prediction": bool(same_prediction),
             "counter": str(placed.count.spec), "entries": kernel_entries,
             "map_params": repr(jax.tree.structure(mapped)), "param_specs": params_after_sharded,
         }), flush=True)
