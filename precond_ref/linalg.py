@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace
 
-from .transform import _is_tracer
+from .transform import _is_tracer, placement
 
 __all__ = [
     "kl_clip_factor",
@@ -123,7 +123,7 @@ def _jax_cpu_lapack_waits_on_pool(xp: Any, a: Array) -> bool:
 def identity_like(a: Array) -> Array:
     """The ``(k, k)`` identity in ``a``'s dtype and device (broadcasts against a batch)."""
     xp = array_namespace(a)
-    return xp.eye(a.shape[-1], dtype=a.dtype, device=array_device(a))
+    return xp.eye(a.shape[-1], dtype=a.dtype, device=placement(xp, a))
 
 
 def trace(a: Array) -> Array:
@@ -471,7 +471,7 @@ def inverse_root(
         raise ValueError(f"p must be an integer >= 1, got {p!r}")
     if method in ("polar_express", "newton_schulz") and p != 2:
         raise ValueError(f"method={method!r} computes inverse square roots only (p=2), got p={p!r}")
-    no_fallback = xp.zeros(a.shape[:-2], dtype=xp.int32, device=array_device(a))
+    no_fallback = xp.zeros(a.shape[:-2], dtype=xp.int32, device=placement(xp, a))
     if method == "eigh":
         return inverse_root_eigh(a, p, shift=shift), no_fallback
     eye = identity_like(a)
@@ -587,7 +587,7 @@ def damped_inverse(
     try:
         inverse = per_matrix(xp, xp.linalg.inv, damped)
     except Exception:  # NumPy/torch raise on an exactly singular block (JAX returns Inf/NaN)
-        inverse = xp.full(damped.shape, xp.nan, dtype=damped.dtype, device=array_device(damped))
+        inverse = xp.full(damped.shape, xp.nan, dtype=damped.dtype, device=placement(xp, damped))
     if symmetrize:
         inverse = _symmetric_part(inverse)
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))

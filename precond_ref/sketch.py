@@ -64,7 +64,7 @@ from typing import Any, NamedTuple, Optional
 from array_api_compat import device as array_device
 
 from .linalg import per_matrix, symmetrize
-from .transform import scalar_array
+from .transform import placement, scalar_array
 
 __all__ = [
     "SKETCH_KEYS",
@@ -153,7 +153,7 @@ def resolve_decomposition(decomposition: str, d: int, k: int, m: int) -> str:
 def _diag(xp: Any, v: Array) -> Array:
     """A (stack of) diagonal matrices from a (stack of) vectors."""
     k = v.shape[-1]
-    return xp.eye(k, dtype=v.dtype, device=array_device(v)) * v[..., None, :]
+    return xp.eye(k, dtype=v.dtype, device=placement(xp, v)) * v[..., None, :]
 
 
 def _probe(xp: Any, m: int, width: int, dtype: Any, device: Any) -> Array:
@@ -221,7 +221,7 @@ def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
     else:
         fresh, corner = per_matrix(xp, xp.linalg.qr, residual)
     top = xp.concat([_diag(xp, scaled_sigma), coords], axis=-1)
-    bottom = xp.concat([xp.zeros(corner.shape[:-1] + (k,), dtype=x.dtype, device=array_device(x)), corner], axis=-1)
+    bottom = xp.concat([xp.zeros(corner.shape[:-1] + (k,), dtype=x.dtype, device=placement(xp, x)), corner], axis=-1)
     w, s, vh = per_matrix(xp, _reduced_svd(xp), xp.concat([top, bottom], axis=-2))
     projection = xp.concat([coords, corner], axis=-2)
     return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=s[..., :, None] * vh[..., :, k:])
@@ -239,7 +239,7 @@ def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
     """
     d, k = basis.shape[-2:]
     m = x.shape[-1]
-    dtype, device = x.dtype, array_device(x)
+    dtype, device = x.dtype, placement(xp, x)
     width = subspace_width(d, k)
     start = xp.where(scaled_sigma[..., None, :] > 0.0, basis, _probe(xp, d, k, dtype, device))
     if width > k:
@@ -507,7 +507,7 @@ def _fd_step(
         # [U, fresh] @ rotation, with the mask and the fallback (the rotation [I; 0] reproduces U
         # exactly) folded into the small rotation: a single pass writes the d x k basis.
         ok = xp.logical_and(ok, xp.all(xp.isfinite(ritz.frame), axis=(-2, -1)))
-        identity = xp.eye(r, k, dtype=dtype, device=array_device(s))
+        identity = xp.eye(r, k, dtype=dtype, device=placement(xp, s))
         rotation = xp.where(ok[..., None, None], ritz.frame[..., :, :k] * keep, identity)
         if apply:  # the direction's coefficients join the same product
             rotation = xp.concat([rotation, _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale)],
@@ -582,7 +582,7 @@ def fd_covariance(xp: Any, sketch: dict[str, Array], *, with_tail: bool = False)
     cov = xp.matmul(basis * (sigma * sigma)[..., None, :], basis.mT)
     if with_tail:
         d = basis.shape[-1 - 1]
-        eye = xp.eye(d, dtype=basis.dtype, device=array_device(basis))
+        eye = xp.eye(d, dtype=basis.dtype, device=placement(xp, basis))
         root = sketch["escaped_root"][..., None, None]
         cov = cov + (root * root) * eye
     return cov

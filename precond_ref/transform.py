@@ -41,6 +41,7 @@ __all__ = [
     "scalar_array",
     "cast",
     "scalar_zero",
+    "placement",
     "step_scalar",
     "is_zero",
     "is_due",
@@ -226,15 +227,16 @@ def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
     ``full`` rather than ``asarray``: on a GPU it is a fill kernel, not a blocking host copy.
     """
     if isinstance(value, numbers.Real):  # Python and NumPy scalars alike
-        return xp.full((), float(value), dtype=dtype, device=_scalar_device(xp, device))
+        return xp.full((), float(value), dtype=dtype, device=None if is_jax_namespace(xp) else device)
     return xp.astype(value, dtype)
 
 
-def _scalar_device(xp: Any, device: Any) -> Any:
-    """Where a 0-D array is made: on ``device``, except on JAX, where it is left uncommitted and
-    follows the arrays it meets (the device of a sharded array is a multi-device sharding, which
-    no 0-D array can take)."""
-    return None if is_jax_namespace(xp) else device
+def placement(xp: Any, x: Array) -> Any:
+    """The ``device`` argument for an array made during a step to meet ``x``: ``x``'s device, or
+    ``None`` on JAX, where the new array stays uncommitted and follows the arrays it meets (the
+    device of a sharded array is a multi-device sharding, which an array of another shape cannot
+    take)."""
+    return None if is_jax_namespace(xp) else array_device(x)
 
 
 def step_scalar(xp: Any, value: Any) -> Any:
@@ -257,7 +259,7 @@ def step_scalar(xp: Any, value: Any) -> Any:
 def scalar_zero(xp: Any, x: Array) -> Array:
     """A 0-D zero of ``x``'s dtype and device: the operand ``where`` broadcasts (``zeros_like`` would
     fill a whole array first in an eager step)."""
-    return xp.zeros((), dtype=x.dtype, device=_scalar_device(xp, array_device(x)))
+    return xp.zeros((), dtype=x.dtype, device=placement(xp, x))
 
 
 def is_zero(value: Any) -> bool:

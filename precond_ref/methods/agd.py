@@ -20,6 +20,7 @@ from ..transform import (
     check_unit_interval,
     compute_dtype,
     is_zero,
+    placement,
     scalar_array,
     step_scalar,
 )
@@ -256,5 +257,5 @@ def _float32_power(xp, base, exponent, wide):
     that; computed in the wider ``wide`` dtype (float64 when the state is float64) and rounded once,
     the result is the correctly rounded float32 power, which is what torch's CPU kernel returns.
     """
-    base32 = xp.full((), base, dtype=xp.float32, device=array_device(exponent))
+    base32 = xp.full((), base, dtype=xp.float32, device=placement(xp, exponent))
     return xp.astype(xp.astype(base32, wide) ** xp.astype(exponent, wide), xp.float32)

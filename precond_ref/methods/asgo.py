@@ -53,6 +53,7 @@ from ..transform import (
     check_unit_interval,
     compute_dtype,
     cond,
+    placement,
     scalar_array,
     scalar_zero,
 )
@@ -581,7 +582,7 @@ def asgo(
 
     def new_roots(xp, p: Array) -> tuple[Array, Array]:
         """(roots, fallbacks to eigh) of a stack (n, b, b) of statistics (no failure handling)."""
-        no_fallback = xp.zeros(p.shape[:1], dtype=xp.int32, device=array_device(p))
+        no_fallback = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
         if faithful:
             if root_method == "polar_express":
                 return inverse_sqrt_polar_express(p, root_steps, eps=eps), no_fallback
@@ -628,7 +629,7 @@ def asgo(
         for members in buckets.values():
             p = _concat(xp, [statistics[i] for i in members])
             z_prev = _concat(xp, [previous[i] for i in members])
-            none = xp.zeros(p.shape[:1], dtype=xp.int32, device=array_device(p))
+            none = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
             z, failed, fell_back = cond(
                 xp, due, lambda p, z: refresh(xp, p, z), lambda p, z: (z, none, none), p, z_prev
             )

@@ -23,6 +23,7 @@ from ..transform import (
     compute_dtype,
     cond,
     is_zero,
+    placement,
     scalar_array,
     weight_bias_groups,
 )
@@ -558,7 +559,7 @@ def mbf(
                 dtype = entries["statistic"].dtype
                 stat = block_statistic(xp, kind, _to_block(xp, tuple(xp.astype(g, dtype) for g in members)))
                 if key not in running:
-                    zero = xp.zeros((), dtype=xp.int32, device=array_device(stat))
+                    zero = xp.zeros((), dtype=xp.int32, device=placement(xp, stat))
                     running[key] = (xp.zeros_like(stat), zero)
                 mean, j = running[key]
                 j = j + xp.astype(finite, j.dtype)

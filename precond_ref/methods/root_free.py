@@ -35,6 +35,7 @@ from ..transform import (
     check_unit_interval,
     compute_dtype,
     cond,
+    placement,
     scalar_zero,
     singleton_groups,
     weight_bias_groups,
@@ -461,7 +462,7 @@ def prototype_schedule(interval: int) -> Callable[[Any], Any]:
                     return (count - start) % gap == 0
             return False  # pragma: no cover - count < 0
         xp = array_namespace(count)
-        result = xp.zeros(count.shape, dtype=xp.bool, device=array_device(count))
+        result = xp.zeros(count.shape, dtype=xp.bool, device=placement(xp, count))
         for (start, gap), end in zip(starts, bounds):
             in_range = count >= start
             if end is not None:
@@ -534,7 +535,7 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
             square = projected * projected
             direction = direction + (xp.sum(square, axis=rest) if rest else square) * (dims[n] / 2) - 0.5
         else:
-            eye = xp.eye(dims[n], dtype=factor.dtype, device=array_device(factor))
+            eye = xp.eye(dims[n], dtype=factor.dtype, device=placement(xp, factor))
             direction = direction + mode_gram(projected, n + 1, batch=1) * (dims[n] / 2) - 0.5 * eye
         if momenta is not None:
             direction = factor_momentum * momenta[n] + (1 - factor_momentum) * direction
