@@ -227,7 +227,7 @@ def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
     ``full`` rather than ``asarray``: on a GPU it is a fill kernel, not a blocking host copy.
     """
     if isinstance(value, numbers.Real):  # Python and NumPy scalars alike
-        return xp.full((), float(value), dtype=dtype, device=None if is_jax_namespace(xp) else device)
+        return xp.full((), float(value), dtype=dtype, device=_placed(xp, device))
     return xp.astype(value, dtype)
 
 
@@ -236,7 +236,11 @@ def placement(xp: Any, x: Array) -> Any:
     ``None`` on JAX, where the new array stays uncommitted and follows the arrays it meets (the
     device of a sharded array is a multi-device sharding, which an array of another shape cannot
     take)."""
-    return None if is_jax_namespace(xp) else array_device(x)
+    return _placed(xp, array_device(x))
+
+
+def _placed(xp: Any, device: Any) -> Any:
+    return None if is_jax_namespace(xp) else device
 
 
 def step_scalar(xp: Any, value: Any) -> Any:
@@ -793,7 +797,9 @@ def build_transform(
                 raise FloatingPointError(f"{name}: {_first_bad_gradient(xp, grad_leaves, treedef.paths)}")
         # A skipped step's arithmetic runs on zeros: its results are discarded anyway, and NaN or
         # huge inputs would only raise warnings (NumPy) or errors (LAPACK on NaN) on the way.
-        grad_leaves = [xp.where(ok, g, scalar_zero(xp, g)) for g in grad_leaves]
+        # One 0-D zero per leaf serves its three selections (the update is cast to the gradient's dtype).
+        zeros = [scalar_zero(xp, g) for g in grad_leaves]
+        grad_leaves = [xp.where(ok, g, zero) for g, zero in zip(grad_leaves, zeros)]
 
         if due is not None:
             if len(due) != len(declared):
@@ -844,8 +850,8 @@ def build_transform(
         # own skip selects element-wise (no device read), fused into the kernels computing it.
         # Two selections, not one on ok & isfinite(u): XLA's CPU backend does not fuse an expensive
         # producer of u (a division) into a consumer that reads u twice, and would write u out.
-        updates = [xp.where(ok, u, scalar_zero(xp, u)) for u in updates]
-        updates = [xp.where(xp.isfinite(u), u, scalar_zero(xp, u)) for u in updates]
+        updates = [xp.where(ok, u, zero) for u, zero in zip(updates, zeros)]
+        updates = [xp.where(xp.isfinite(u), u, zero) for u, zero in zip(updates, zeros)]
         if skipping:
             new_groups = {key: dict(entries) for key, entries in new_groups.items()}
             for key, entries in new_groups.items():
