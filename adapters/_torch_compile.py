@@ -49,19 +49,33 @@ CompileSetting = Union[None, bool, dict]
 
 
 #: ``compile=None`` on a class that compiles by default compiles a param group from this many
-#: elements on: the first step's compilation takes seconds, which the faster steps of a small
-#: group would take thousands of steps to repay. Measured on a 2-core CPU, optimizer step alone
-#: (AGD; the small leaves run as one flat leaf): a lone 64x64x3x3 convolution (37k elements)
-#: saves 0.86 ms per compiled step after a first step of 8 s; the bench's ResNet (78k elements in
-#: 29 tensors) saves 2-4 ms after 23 s.
+#: elements on, from its first step: its eager steps are slow enough that the first step's
+#: compilation (seconds) is repaid within a few hundred steps.
 AUTO_MIN_ELEMENTS = 2**18
+
+#: ... and a smaller group once it has taken this many eager steps. Below ``AUTO_MIN_ELEMENTS`` a
+#: compiled step saves about the same time whatever the group's size, because the eager step's
+#: cost is per operation, not per element: measured on a 2-core CPU (AGD; the small leaves run
+#: as one flat leaf), a lone 64x64x3x3 convolution (37k elements) steps in 1.1 ms eagerly and
+#: 0.26 ms compiled, and the bench's ResNet (78k elements in 29 tensors) in 3.4-5.8 ms and
+#: 1.1 ms, after a first compiled step of 3 s (TorchInductor's cache warm) to 10-23 s (empty).
+#: Whether a run lasts long enough to repay that is unknown at its first step, so the group
+#: steps eagerly until the time it has lost to eager steps is about what compiling costs (the
+#: rent-or-buy rule: at most twice the time of the best choice made knowing the run's length,
+#: when the two costs match): 4096 steps of 0.8-1 ms are 3-4 s, a compilation from a warm cache.
+#: Short runs (tests, a notebook's few hundred steps) never compile; long ones run compiled on.
+AUTO_AFTER_CALLS = 2**12
 
 
 class Auto:
-    """The default of a class that compiles where it pays: decided per param group at its first step."""
+    """The default of a class that compiles where it pays: decided per param group and step."""
 
-    def options_for(self, numel: int) -> Optional[dict]:
-        return {} if numel >= AUTO_MIN_ELEMENTS else None
+    def first_compiled_call(self, numel: int) -> int:
+        """The number of earlier steps after which a group of ``numel`` elements runs compiled."""
+        return 0 if numel >= AUTO_MIN_ELEMENTS else AUTO_AFTER_CALLS
+
+    def options_for(self, numel: int, calls: int) -> Optional[dict]:
+        return {} if calls >= self.first_compiled_call(numel) else None
 
     def __repr__(self) -> str:
         return "Auto()"

@@ -103,8 +103,9 @@ class CoreOptimizer(torch.optim.Optimizer):
     a 0-D tensor on the parameters' device, and a non-finite step is skipped by element-wise
     selection. ``compile`` (default: the class's ``compile_by_default``; the environment variable
     ``PRECOND_REF_COMPILE=0`` or ``1`` overrides the default; a class that compiles by default
-    does so for param groups of at least ``_torch_compile.AUTO_MIN_ELEMENTS`` elements, where the
-    seconds of the first step's compilation pay off) runs each param group's core update
+    compiles a param group of at least ``_torch_compile.AUTO_MIN_ELEMENTS`` elements from its first
+    step and a smaller one from its ``_torch_compile.AUTO_AFTER_CALLS``-th, once a run has shown
+    itself long enough to repay the seconds of compilation) runs each param group's core update
     and the in-place parameter update under ``torch.compile(fullgraph=True)``, which fuses the
     element-wise work into a few kernels; a dict is passed to ``torch.compile`` as options. If
     compilation fails the optimizer warns once and runs the same core eagerly. Compiled and eager
@@ -360,7 +361,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         """The core update, its updates added to ``params`` in place; compiled where enabled."""
         options = self._compile_options
         if isinstance(options, _torch_compile.Auto):
-            options = options.options_for(numel)
+            options = options.options_for(numel, calls)
         if options is not None and isinstance(transform, Transform):
             compiled = self._compiled.get(id(transform))
             if compiled is None or compiled.transform is not transform:

@@ -219,7 +219,9 @@ def run(args: argparse.Namespace) -> int:
                 for case, spec in cases.items():
                     if bar is not None:
                         bar.set_postfix(case=case)
-                    results[case], skipped_here = layers.bench_case(chosen, spec, frameworks, reference=reference, **common)
+                    results[case], skipped_here = layers.bench_case(
+                        chosen, spec, frameworks, reference=reference, settle=not args.quick, **common
+                    )
                     authors_skipped = list(dict.fromkeys(authors_skipped + skipped_here))
                     _print_table(report_module, case, results[case], bar)
                 settings["cases"] = {k: list(v) for k, v in cases.items()}

@@ -141,6 +141,7 @@ def time_steps(
     period: int = 1,
     budget_s: float = BUDGET_S,
     clock: Callable[[], float] = time.perf_counter,
+    settle: int = 0,
 ) -> dict:
     """Time ``step(0), step(1), ...``; the device is synchronised around every timed step.
 
@@ -148,26 +149,31 @@ def time_steps(
     next ``warmup - 1`` are not timed; then a window of ``max(repeats, period)`` steps is, so that
     its mean includes each periodic refresh as often as training does. The window stops early once
     its steps have taken ``budget_s`` seconds (``covers_period`` is then false when it stopped short
-    of ``period`` steps: its mean misses refresh steps).
+    of ``period`` steps: its mean misses refresh steps). ``settle`` steps run untimed before all of
+    that, for an optimizer that changes its path after them (the first timed step is the change).
     """
+    for i in range(settle):
+        step(i)
+    sync()
     start = clock()
-    step(0)
+    step(settle)
     sync()
     first = clock() - start
-    for i in range(1, warmup):
+    for i in range(settle + 1, settle + warmup):
         step(i)
     sync()
     window = max(repeats, period)
     times: list[float] = []
     for i in range(window):
         start = clock()
-        step(warmup + i)
+        step(settle + warmup + i)
         sync()
         times.append(clock() - start)
         if sum(times) >= budget_s:
             break
     return {
         "first_step_ms": 1e3 * first,
+        "settle_steps": settle,
         "median_ms": 1e3 * statistics.median(times),
         "mean_ms": 1e3 * statistics.fmean(times),
         "max_ms": 1e3 * max(times),

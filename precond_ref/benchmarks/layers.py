@@ -124,10 +124,13 @@ def bench_case(
     reference: Optional[dict] = None,
     progress: Optional[Callable[[str], None]] = None,
     rounds: int = 1,
+    settle: bool = True,
 ) -> tuple[list[dict], list[str]]:
     """Rows of one layer case (per framework: its baselines first, then every contender, then the
     authors' code for torch), and the reasons the authors' code was skipped. The torch rows'
-    ``reference_ratio`` is their mean over the mean of ``reference`` (the eigh yardstick)."""
+    ``reference_ratio`` is their mean over the mean of ``reference`` (the eigh yardstick). With
+    ``settle``, our torch optimizers that compile a small group after some eager steps by default
+    are timed after those steps (see :func:`~.measure.torch_measure`)."""
     import torch
 
     tdtype = getattr(torch, dtype)
@@ -155,7 +158,8 @@ def bench_case(
             ]
             if framework == "torch":
                 measure = lambda c: torch_measure_(  # noqa: E731
-                    lambda module, named: torch_optimizer(c, named, torch_compile), update_extra(c, BATCH_SIZE), timing(c)
+                    lambda module, named: torch_optimizer(c, named, torch_compile), update_extra(c, BATCH_SIZE), timing(c),
+                    settle=settle,
                 )
             else:
                 measure = lambda c, f=framework: _core_layer(c, initial, grads, dtype, update_extra(c, BATCH_SIZE), f, timing(c))  # noqa: E731
@@ -174,7 +178,7 @@ def _torch_measurer(spec: tuple, tdtype: Any, device: str, grads: list) -> Calla
 
     tgrads = [{k: torch.tensor(v, dtype=tdtype, device=device) for k, v in g.items()} for g in grads]
 
-    def measure(make: Callable[[Any, list], tuple[Any, list[str]]], extra: dict, timing: dict) -> dict:
+    def measure(make: Callable[[Any, list], tuple[Any, list[str]]], extra: dict, timing: dict, settle: bool = False) -> dict:
         module = case_module(spec, tdtype, device)
         named = list(module.named_parameters())
 
@@ -182,7 +186,7 @@ def _torch_measurer(spec: tuple, tdtype: Any, device: str, grads: list) -> Calla
             for name, p in named:
                 p.grad = tgrads[i % len(tgrads)][name]
 
-        return torch_measure(lambda: make(module, named), set_grads, extra, device, timing)
+        return torch_measure(lambda: make(module, named), set_grads, extra, device, timing, settle)
 
     return measure
 

@@ -30,21 +30,45 @@ def torch_measure(
     extra: dict,
     device: str,
     timing: dict,
+    settle: bool = False,
 ) -> dict:
-    """``set_grads(i)`` fills ``.grad`` (and returns the loss or ``None``), then ``optimizer.step(**extra)``."""
+    """``set_grads(i)`` fills ``.grad`` (and returns the loss or ``None``), then ``optimizer.step(**extra)``.
+
+    An optimizer of ours that compiles a small param group only after some eager steps
+    (``compile=None``) is timed after them with ``settle`` (its first timed step then compiles);
+    without, its eager steps are timed. A note says which.
+    """
     optimizer, notes = make_optimizer()
     last: dict = {}
+    eager_steps = _eager_steps_before_compiling(optimizer)
+    if eager_steps:
+        notes = notes + [
+            f"compile=None: eager for {eager_steps} steps, then compiled; timed after them (first step: the compiling one)"
+            if settle
+            else f"compile=None: the eager steps, timed before step {eager_steps + 1} compiles"
+        ]
 
     def step(i: int) -> None:
         last["loss"] = set_grads(i)
         optimizer.step(**extra)
 
-    result = time_steps(step, torch_sync(device), **timing)
+    result = time_steps(step, torch_sync(device), settle=eager_steps if settle else 0, **timing)
     result["state_bytes"] = state_bytes(dict(optimizer.state))
     if last.get("loss") is not None:
         result["last_loss"] = float(last["loss"])
     result["notes"] = notes
     return result
+
+
+def _eager_steps_before_compiling(optimizer: Any) -> int:
+    """How many steps one of our torch optimizers at ``compile=None`` runs eagerly before compiling
+    its param groups (0: compiled from the first step, never compiled, or not ours)."""
+    from precond_ref.adapters._torch_compile import Auto
+
+    options = getattr(optimizer, "_compile_options", None)
+    if not isinstance(options, Auto):
+        return 0
+    return max(options.first_compiled_call(sum(p.numel() for p in group["params"])) for group in optimizer.param_groups)
 
 
 def jax_measure(
