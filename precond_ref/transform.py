@@ -22,7 +22,7 @@ import contextlib
 import math
 import numbers
 import sys
-from typing import Any, Callable, Hashable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Hashable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace, is_torch_namespace
 
@@ -289,8 +289,7 @@ def _is_tracer(x: Any) -> bool:
 _JAX_PRECISION = {"highest": "float32", "high": "tensorfloat32", "medium": "bfloat16"}
 
 
-@contextlib.contextmanager
-def float32_matmul_precision(xp: Any, precision: str) -> Iterator[None]:
+def float32_matmul_precision(xp: Any, precision: str) -> ContextManager[None]:
     """Run float32 matrix products at ``precision`` on backends that would choose for themselves.
 
     ``"highest"``: full float32 (what CPUs do); ``"high"``: TF32; ``"medium"``: bf16 products.
@@ -300,24 +299,31 @@ def float32_matmul_precision(xp: Any, precision: str) -> Iterator[None]:
     tracing the precision is recorded into the traced products; torch's is a process-wide setting,
     set here around eager calls and by the torch adapter around compiled ones. CuPy multiplies
     float32 at full precision unless ``CUPY_TF32=1`` is set by the user.
+
+    Where nothing is to be set (torch already at ``precision``, the usual case, or NumPy/CuPy) the
+    context is a shared no-op: a generator's context costs a few microseconds of every step.
     """
     check_choice("precision", precision, tuple(_JAX_PRECISION))
     if is_jax_namespace(xp):
-        with sys.modules["jax"].default_matmul_precision(_JAX_PRECISION[precision]):
-            yield
-    elif is_torch_namespace(xp) and not _torch_compiling():
+        return sys.modules["jax"].default_matmul_precision(_JAX_PRECISION[precision])
+    if is_torch_namespace(xp) and not _torch_compiling():
         torch = sys.modules["torch"]
-        previous = torch.get_float32_matmul_precision()
-        if previous == precision:
-            yield
-            return
-        torch.set_float32_matmul_precision(precision)
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(previous)
-    else:
+        if torch.get_float32_matmul_precision() != precision:
+            return _torch_matmul_precision(torch, precision)
+    return _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _torch_matmul_precision(torch: Any, precision: str) -> Iterator[None]:
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
         yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _torch_compiling() -> bool:
@@ -663,7 +669,7 @@ def build_transform(
             xp = array_namespace(*grad_leaves)
         except TypeError:
             xp = None  # _update names the problem
-        with float32_matmul_precision(xp, precision) if xp is not None else contextlib.nullcontext():
+        with float32_matmul_precision(xp, precision) if xp is not None else _NO_CONTEXT:
             packed = None
             if elementwise and on_nonfinite == "skip" and xp is not None:
                 packed = _pack(grad_leaves, treedef, state, params, xp)
