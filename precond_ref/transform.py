@@ -157,7 +157,8 @@ class StepContext(NamedTuple):
     Python int when the caller passed ``step=``, else a 0-D int32 array. ``due`` holds the host
     decisions a compiled caller passed (``{interval: bool}``), or ``None``. ``ok`` is the step's
     0-D bool skip predicate (``None`` when nothing is skipped), ``settled`` the entries
-    :meth:`unless_skipped` already selected, by ``id``.
+    :meth:`unless_skipped` already selected, by ``id``, and ``shared`` the values :meth:`once`
+    computed for this update (one dict for all its groups).
     """
 
     xp: Any
@@ -168,6 +169,32 @@ class StepContext(NamedTuple):
     due: Any = None
     ok: Any = None
     settled: Optional[dict[int, Array]] = None
+    shared: Optional[dict] = None
+
+    def once(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()``, evaluated once per update for all groups that ask with an equal ``key``.
+
+        For per-step values that do not depend on a group's arrays (a bias correction, the
+        learning rate as a 0-D array of a dtype on a device): every group of a model would
+        otherwise compute its own copy, a few 0-D operations each (kernel launches on a GPU, graph
+        nodes for a compiler to trace). ``key`` names the value and everything it depends on
+        besides the step's hyperparameters (which one transform's groups share), e.g. dtype and
+        device; an unhashable key (a backend's device) computes without sharing.
+        """
+        if self.shared is None:
+            return compute()
+        try:
+            return self.shared[key]
+        except KeyError:
+            value = self.shared[key] = compute()
+            return value
+        except TypeError:
+            return compute()
+
+    def scalar(self, name: str, hyperparameter: ScalarOrSchedule, dtype: Any, device: Any) -> Array:
+        """Hyperparameter ``name`` at this step as a 0-D array of ``dtype`` on ``device``, made
+        once per update (:meth:`once`)."""
+        return self.once((name, dtype, device), lambda: scalar_array(self.xp, self.value(hyperparameter), dtype, device))
 
     def value(self, hyperparameter: ScalarOrSchedule) -> Any:
         """A hyperparameter at this step (constants pass through; schedules get ``count``)."""
@@ -529,13 +556,29 @@ def gradient_ok(xp: Any, leaves: Sequence[Array]) -> Array:
     comparison with NaN is false; a compiler fuses it into one pass over each gradient, the only
     reduction the step's skip decision waits for.
     """
-    ok = None
+    sums: dict[Any, list[Array]] = {}
     for leaf in leaves:
         dtype = compute_dtype(xp, leaf.dtype)
         wide = cast(xp, leaf, dtype)
-        leaf_ok = xp.sum(wide * wide) < xp.finfo(dtype).max * OVERFLOW_MARGIN
-        ok = leaf_ok if ok is None else xp.logical_and(ok, leaf_ok)
+        sums.setdefault(_dtype_and_device(leaf, dtype), []).append(xp.sum(wide * wide))
+    # One comparison per dtype and device, not per leaf: the 0-D operations of a step are kernel
+    # launches on a GPU, and a model has dozens of small leaves.
+    ok = None
+    for (dtype, _), values in sums.items():
+        limit = xp.finfo(dtype).max * OVERFLOW_MARGIN
+        group_ok = values[0] < limit if len(values) == 1 else xp.all(xp.stack(values) < limit)
+        ok = group_ok if ok is None else xp.logical_and(ok, group_ok)
     return ok
+
+
+def _dtype_and_device(leaf: Array, dtype: Any) -> tuple:
+    """A key grouping leaves whose 0-D results can be stacked; a leaf alone if its device is unhashable."""
+    key = (dtype, array_device(leaf))
+    try:
+        hash(key)
+    except TypeError:
+        return (dtype, id(leaf))
+    return key
 
 
 def _first_bad_gradient(xp: Any, leaves: Sequence[Array], paths: Sequence[Path]) -> str:
@@ -803,8 +846,10 @@ def build_transform(
                 raise FloatingPointError(f"{name}: {_first_bad_gradient(xp, grad_leaves, treedef.paths)}")
         # A skipped step's arithmetic runs on zeros: its results are discarded anyway, and NaN or
         # huge inputs would only raise warnings (NumPy) or errors (LAPACK on NaN) on the way.
-        # One 0-D zero per leaf serves its three selections (the update is cast to the gradient's dtype).
-        zeros = [scalar_zero(xp, g) for g in grad_leaves]
+        # A 0-D zero per dtype and device serves every leaf's three selections (the update is cast
+        # to the gradient's dtype).
+        ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
+        zeros = [ctx.once(("zero", g.dtype, array_device(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
         grad_leaves = [xp.where(ok, g, zero) for g, zero in zip(grad_leaves, zeros)]
 
         if due is not None:
@@ -815,9 +860,7 @@ def build_transform(
             decisions = None
             calls = step if step is not None else state.count + state.nonfinite_count
         skipping = on_nonfinite == "skip"
-        ctx = StepContext(
-            xp=xp, count=state.count, extra=extra, calls=calls, due=decisions, ok=ok if skipping else None, settled={}
-        )
+        ctx = ctx._replace(calls=calls, due=decisions, ok=ok if skipping else None, settled={})
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
         members = [

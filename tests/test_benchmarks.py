@@ -113,7 +113,7 @@ def test_jax_model_is_the_torch_model(model):
     assert abs(got - expected) <= bound, (got, expected, bound)
 
 
-def test_time_steps_first_step_apart_and_refresh_window():
+def test_time_steps_first_step_apart_and_refresh_window(monkeypatch):
     """With a fake clock: the first step is reported apart, warm-up steps are not timed, the window
     is as long as the refresh period (so its mean includes the refresh step), and the budget cuts it."""
     clock = {"now": 0.0}
@@ -142,6 +142,17 @@ def test_time_steps_first_step_apart_and_refresh_window():
     settled = common.time_steps(stepper(cost), lambda: None, warmup=2, repeats=3, settle=3, clock=lambda: clock["now"])
     assert settled["first_step_ms"] == pytest.approx(5000.0) and settled["times_ms"] == pytest.approx([100.0] * 3)
     assert settled["settle_steps"] == 3
+
+    # min_window_s: short steps go on past `repeats`, by whole refresh periods, up to MAX_WINDOW_STEPS.
+    clock["now"] = 0.0
+    long = common.time_steps(stepper(lambda i: 0.1), lambda: None, warmup=1, repeats=3, period=4, min_window_s=1.0,
+                             clock=lambda: clock["now"])
+    assert long["steps"] == 12  # 10 steps reach 1 s; the period rounds up to 12
+    monkeypatch.setattr(common, "MAX_WINDOW_STEPS", 8)
+    clock["now"] = 0.0
+    capped = common.time_steps(stepper(lambda i: 0.1), lambda: None, warmup=1, repeats=3, period=4, min_window_s=1.0,
+                               clock=lambda: clock["now"])
+    assert capped["steps"] == 8
 
 
 def test_torch_rows_of_a_default_that_compiles_later_are_timed_after_the_switch(monkeypatch):

@@ -545,3 +545,39 @@ def test_eager_step_does_no_whole_array_copy_or_fill(name):
             updates, state = transform.update(grads, state, params, step=step)
         params = pr.apply_updates(params, updates)
     assert wasted == []
+
+
+@pytest.mark.parametrize("name", ["asgo", "dasgo", "mbf"])
+def test_per_step_scalars_are_made_once_per_update(name):
+    """A further bias vector adds only the 0-D work of its own arrays to an eager step [derived: a
+    bias correction, the learning rate as an array and the skip's zero depend on the step, the
+    dtype and the device, not on a leaf, so :meth:`StepContext.once` makes each once per update].
+    Counted by torch's dispatcher over 0-D results between models with 2 and 6 bias vectors (the
+    matrix methods' fallback Adam, MBF's diagonal rule): what a leaf keeps is its gradient's sum of
+    squares for the skip test, and MBF's ``-lr`` of its update. Before, each fallback leaf made
+    about ten 0-D arrays (kernel launches on a GPU)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.scalars = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.scalars += isinstance(out, torch.Tensor) and out.ndim == 0
+            return out
+
+    def scalars_per_step(biases):
+        generator = torch.Generator().manual_seed(0)
+        params = {"w": torch.randn(6, 5, generator=generator), **{f"b{i}": torch.randn(7, generator=generator) for i in range(biases)}}
+        grads = {k: torch.randn(p.shape, generator=generator) for k, p in params.items()}
+        transform = getattr(pr, name)(learning_rate=1e-3)
+        _, state = transform.update(grads, transform.init(params), params, step=0)
+        with Count() as count:
+            transform.update(grads, state, params, step=1)
+        return count.scalars
+
+    per_leaf = (scalars_per_step(6) - scalars_per_step(2)) / 4
+    assert per_leaf == (2 if name == "mbf" else 1)

@@ -40,7 +40,7 @@ import numpy as np  # noqa: F401  (bench needs NumPy: without it the command lin
 
 from ..cli import UserError, positive_int
 from ..compare.methods import BENCH_ONLY, METHODS
-from .common import BUDGET_S, jsonable
+from .common import BUDGET_S, MIN_WINDOW_S, jsonable
 from .report import KINDS
 
 __all__ = ["add_arguments", "run"]
@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and cupy for layer cases when a GPU is present)")
     add("--warmup", type=positive_int, default=2, help="steps before the timed window, the first one timed apart (default 2)")
     add("--repeats", type=positive_int, default=10,
-        help="timed steps at least (default 10); a method's window is as long as its longest refresh interval")
+        help=f"timed steps at least (default 10), and at least {MIN_WINDOW_S:g} s of them (up to 1000 steps; not with "
+             "--quick); a method's window is as long as its longest refresh interval")
     add("--budget", type=_positive_float, default=BUDGET_S,
         help=f"seconds of timed steps per measurement before the window stops early (default {BUDGET_S:g})")
     add("--rounds", type=positive_int, default=1,
@@ -201,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
 
     common = dict(
         dtype=args.dtype, warmup=warmup, repeats=repeats, budget_s=budget, refresh_windows=not args.quick,
+        min_window_s=0.0 if args.quick else MIN_WINDOW_S,
         torch_device=torch_device, torch_compile=args.torch_compile, progress=progress, rounds=args.rounds,
     )
     results: dict[str, list[dict]] = {}

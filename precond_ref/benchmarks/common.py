@@ -24,6 +24,11 @@ __all__ = [
 
 # Seconds of timed steps one measurement may take: the window of steps stops there (and says so).
 BUDGET_S = 10.0
+#: A window of ``repeats`` sub-millisecond steps is a sample of a few milliseconds, which a burst of
+#: load elsewhere on the machine decides (a lone conv layer's median moved by 25% between runs of
+#: 10 steps): short steps are timed for at least this long, up to ``MAX_WINDOW_STEPS`` steps.
+MIN_WINDOW_S = 1.0
+MAX_WINDOW_STEPS = 1000
 
 def authors_asgo_split(path: tuple, leaf: Any) -> bool:
     """The authors' ASGO trainer's split: all but matrices, and embeddings, go to the fallback Adam
@@ -142,6 +147,7 @@ def time_steps(
     budget_s: float = BUDGET_S,
     clock: Callable[[], float] = time.perf_counter,
     settle: int = 0,
+    min_window_s: float = 0.0,
 ) -> dict:
     """Time ``step(0), step(1), ...``; the device is synchronised around every timed step.
 
@@ -149,8 +155,10 @@ def time_steps(
     next ``warmup - 1`` are not timed; then a window of ``max(repeats, period)`` steps is, so that
     its mean includes each periodic refresh as often as training does. The window stops early once
     its steps have taken ``budget_s`` seconds (``covers_period`` is then false when it stopped short
-    of ``period`` steps: its mean misses refresh steps). ``settle`` steps run untimed before all of
-    that, for an optimizer that changes its path after them (the first timed step is the change).
+    of ``period`` steps: its mean misses refresh steps), and goes on by whole periods while its
+    steps have taken less than ``min_window_s`` and number fewer than ``MAX_WINDOW_STEPS``.
+    ``settle`` steps run untimed before all of that, for an optimizer that changes its path after
+    them (the first timed step is the change).
     """
     for i in range(settle):
         step(i)
@@ -164,12 +172,15 @@ def time_steps(
     sync()
     window = max(repeats, period)
     times: list[float] = []
-    for i in range(window):
+    elapsed = 0.0
+    while elapsed < budget_s:
         start = clock()
-        step(settle + warmup + i)
+        step(settle + warmup + len(times))
         sync()
         times.append(clock() - start)
-        if sum(times) >= budget_s:
+        elapsed += times[-1]
+        n = len(times)
+        if n >= window and n % period == 0 and (elapsed >= min_window_s or n >= max(window, MAX_WINDOW_STEPS)):
             break
     return {
         "first_step_ms": 1e3 * first,

@@ -118,6 +118,7 @@ def bench_case(
     repeats: int = 7,
     budget_s: float = BUDGET_S,
     refresh_windows: bool = True,
+    min_window_s: float = 0.0,
     torch_device: str = "cpu",
     torch_compile: str = "default",
     with_authors: bool = True,
@@ -137,7 +138,7 @@ def bench_case(
     initial = {name: p.detach().double().numpy() for name, p in case_module(spec, tdtype, "cpu").named_parameters()}
     grads = _gradients(initial)
     size = sum(int(np.prod(v.shape)) for v in initial.values())
-    timing = timing_for(warmup, repeats, budget_s, refresh_windows)
+    timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s)
 
     def too_large(contender: Contender) -> Optional[str]:
         limit = contender.entry.bench_max_size

@@ -125,12 +125,14 @@ def core_measure(transform: Any, params: Any, grads: list, extra: dict, sync: Ca
     return result
 
 
-def timing_for(warmup: int, repeats: int, budget_s: float, refresh_windows: bool) -> Callable[[Optional[Contender]], dict]:
+def timing_for(
+    warmup: int, repeats: int, budget_s: float, refresh_windows: bool, min_window_s: float = 0.0
+) -> Callable[[Optional[Contender]], dict]:
     """``time_steps`` settings per contender (``None``: a baseline): its refresh period sets the window."""
 
     def timing(contender: Optional[Contender]) -> dict:
         period = refresh_period(contender.entry) if contender is not None and refresh_windows else 1
-        return {"warmup": warmup, "repeats": repeats, "period": period, "budget_s": budget_s}
+        return {"warmup": warmup, "repeats": repeats, "period": period, "budget_s": budget_s, "min_window_s": min_window_s}
 
     return timing
 

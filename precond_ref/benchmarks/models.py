@@ -303,6 +303,7 @@ def bench_model(
     repeats: int = 7,
     budget_s: float = 10.0,
     refresh_windows: bool = True,
+    min_window_s: float = 0.0,
     torch_device: str = "cpu",
     torch_compile: str = "default",
     with_authors: bool = True,
@@ -320,7 +321,7 @@ def bench_model(
     tdtype = getattr(torch, dtype)
     initial = build_torch(model, size, tdtype, "cpu")
     batch_size = batch_size_of(model, size)
-    timing = timing_for(warmup, repeats, budget_s, refresh_windows)
+    timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s)
     rows: list[dict] = []
     skipped: list[str] = []
     for framework in frameworks:

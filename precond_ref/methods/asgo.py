@@ -54,7 +54,6 @@ from ..transform import (
     compute_dtype,
     cond,
     placement,
-    scalar_array,
     scalar_zero,
 )
 from ..tree import Path, path_str, tree_flatten
@@ -143,10 +142,6 @@ def _check_fallback_hyperparameters(b1: float, b2: float, eps: float, weight_dec
     check_nonnegative("fallback_weight_decay", weight_decay)
 
 
-def _learning_rate(ctx: StepContext, learning_rate: ScalarOrSchedule, dtype: Any, dev: Any) -> Array:
-    return scalar_array(ctx.xp, ctx.value(learning_rate), dtype, dev)
-
-
 def _adam_init(xp: Any, param: Array, faithful: bool) -> dict[str, Array]:
     dtype = param.dtype if faithful else compute_dtype(xp, param.dtype)
     zeros = xp.zeros(param.shape, dtype=dtype, device=array_device(param))
@@ -176,11 +171,16 @@ def _adam_update(
         g = g + weight_decay * w
     mu = ctx.unless_skipped(_ema(xp, state["mu"], g, b1, faithful), state["mu"])
     nu = ctx.unless_skipped(b2 * state["nu"] + (1.0 - b2) * (g * g), state["nu"])
-    t = xp.astype(ctx.count + 1, dtype)
-    bc1 = 1.0 - b1**t
-    bc2 = 1.0 - b2**t
-    lr = _learning_rate(ctx, learning_rate, dtype, dev)
-    update = -(lr / bc1) * (mu / (xp.sqrt(nu) / xp.sqrt(bc2) + eps))
+    lr = ctx.scalar("learning_rate", learning_rate, dtype, dev)
+
+    def corrections() -> tuple[Array, Array]:
+        t = xp.astype(ctx.count + 1, dtype)
+        bc1 = 1.0 - b1**t
+        bc2 = 1.0 - b2**t
+        return -(lr / bc1), xp.sqrt(bc2)
+
+    neg_step, root_bc2 = ctx.once(("fallback_adam", dtype, dev), corrections)
+    update = neg_step * (mu / (xp.sqrt(nu) / root_bc2 + eps))
     if not faithful and _nonzero(weight_decay):
         update = update - (lr * weight_decay) * w
     return update, {"mu": mu, "nu": nu}
@@ -754,7 +754,7 @@ def asgo(
             u = xp.matmul(z_p, m_p) if left else xp.matmul(m_p, z_p)
 
         u = _rms_renormalise(xp, u, rms_target, faithful)
-        lr = _learning_rate(ctx, learning_rate, product_dtype, array_device(g))
+        lr = ctx.scalar("learning_rate", learning_rate, product_dtype, array_device(g))
         return (_finish(xp, u, param, tuple(g.shape), lr, weight_decay),), new_state
 
     return build_transform(
@@ -923,7 +923,7 @@ def dasgo(
                 u = xp.astype(m_w * xp.expand_dims(scale_w * factor, axis=axis), product_dtype)
             else:
                 u = _column_factored_renormalise(xp, m_p, scale, axis, target)
-        lr = _learning_rate(ctx, learning_rate, product_dtype, dev)
+        lr = ctx.scalar("learning_rate", learning_rate, product_dtype, dev)
         return (_finish(xp, u, param, tuple(g.shape), lr, weight_decay),), {"momentum": momentum, "statistic": v}
 
     return build_transform(

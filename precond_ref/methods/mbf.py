@@ -9,6 +9,7 @@ from array_api_compat import array_namespace, device as array_device
 
 from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_factor
 from ..transform import (
+    Array,
     PrecondState,
     ScalarOrSchedule,
     StepContext,
@@ -24,7 +25,6 @@ from ..transform import (
     cond,
     is_zero,
     placement,
-    scalar_array,
     weight_bias_groups,
 )
 from ..tree import Path, tree_flatten, tree_unflatten
@@ -420,7 +420,7 @@ def mbf(
             )
         return branch_cache[key]
 
-    def diagonal_rule(xp, g, state, count, dtype):
+    def diagonal_rule(xp, g, state, ctx, dtype):
         """The authors' Adam-like rule for conv biases and normalisation parameters."""
         mu, beta = _hyper(xp, momentum, dtype), _hyper(xp, diagonal_b2, dtype)
         ema = mu * state["ema"] + (1.0 - mu) * g
@@ -428,11 +428,14 @@ def mbf(
         second = beta * state["second_moment"] + (1.0 - beta) * (tracked * tracked)
         # 1 - b^t as -expm1(t log b): no cancellation for b near 1 in float32 (the authors form
         # it in float64 on the host); log(0) = -inf gives 1 for diagonal_b2 = 0.
-        if hasattr(beta, "shape"):
-            log_beta = xp.log(beta)
-        else:
-            log_beta = math.log(beta) if beta > 0.0 else -math.inf
-        correction = -xp.expm1(xp.astype(count + 1, dtype) * log_beta)
+        def bias_correction() -> Array:
+            if hasattr(beta, "shape"):
+                log_beta = xp.log(beta)
+            else:
+                log_beta = math.log(beta) if beta > 0.0 else -math.inf
+            return -xp.expm1(xp.astype(ctx.count + 1, dtype) * log_beta)
+
+        correction = ctx.once(("diagonal_correction", dtype, array_device(g)), bias_correction)
         eps = _hyper(xp, diagonal_eps, dtype)
         return ema / (eps + xp.sqrt(second / correction)), {"ema": ema, "second_moment": second}
 
@@ -471,7 +474,7 @@ def mbf(
             dtype = state["ema"].dtype if kind == _DIAGONAL else state["momentum"].dtype
             grads = tuple(xp.astype(g, dtype) for g in grads)
             if kind == _DIAGONAL:
-                direction, new_states[i] = diagonal_rule(xp, grads[0], state, ctx.count, dtype)
+                direction, new_states[i] = diagonal_rule(xp, grads[0], state, ctx, dtype)
                 directions[i] = (direction,)
                 continue
             g_block = _to_block(xp, grads)
@@ -492,7 +495,7 @@ def mbf(
                 direction = precondition(xp, kind, inverse, m_block)
                 if not is_zero(kl_clip):
                     dtype = m_block.dtype
-                    lr = scalar_array(xp, ctxs[i].value(learning_rate), dtype, array_device(m_block))
+                    lr = ctxs[i].scalar("learning_rate", learning_rate, dtype, array_device(m_block))
                     direction = direction * kl_clip_factor(direction, m_block, lr, _hyper(xp, kl_clip, dtype))
                 directions[i] = _from_block(xp, direction, grads_list[i])
                 new_states[i] = {"momentum": m_block, "statistic": statistic, "inverse": inverse, "failures": failed}
@@ -500,7 +503,7 @@ def mbf(
         results = []
         for direction, new_state, params, ctx in zip(directions, new_states, params_list, ctxs):
             dtype = direction[0].dtype
-            lr = scalar_array(xp, ctx.value(learning_rate), dtype, array_device(direction[0]))
+            lr = ctx.scalar("learning_rate", learning_rate, dtype, array_device(direction[0]))
             if decays:
                 decay = lr * _hyper(xp, weight_decay, dtype)
                 updates = tuple(-lr * d - decay * xp.astype(p, dtype) for d, p in zip(direction, params))

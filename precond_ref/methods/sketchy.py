@@ -351,7 +351,9 @@ def _sketchy_transform(
             acc = _second_moment(xp, state["graft_second_moment"], g, graft_b2)
             new_state["graft_second_moment"] = acc
             positive = acc > 0.0  # acc == 0 only where g == 0; avoids 0/0 when graft_eps = 0
-            one, zero = (scalar_array(xp, v, dtype, array_device(g)) for v in (1.0, 0.0))
+            one, zero = ctx.once(
+                ("one_zero", dtype, array_device(g)), lambda: tuple(scalar_array(xp, v, dtype, array_device(g)) for v in (1.0, 0.0))
+            )
             graft_direction = xp.where(positive, g / xp.sqrt(xp.where(positive, acc, one) + graft_eps), zero)
         elif graft == "sgd":
             graft_direction = g
