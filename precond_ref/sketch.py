@@ -61,10 +61,9 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple, Optional
 
-from array_api_compat import device as array_device
 
 from .linalg import per_matrix, symmetrize
-from .transform import placement, scalar_array
+from .transform import placement, scalar_zero
 
 __all__ = [
     "SKETCH_KEYS",
@@ -437,7 +436,7 @@ def _fd_step(
     x = unscaled = xp.astype(x, dtype, copy=False)
     gamma = decay if tail_decay is None else tail_decay
     kept_root = root * gamma**0.5  # sqrt(gamma rho)
-    zero = scalar_array(xp, 0.0, dtype, array_device(x))
+    zero = scalar_zero(xp, x)
 
     # Work in units of a power of two near the largest of the entries and the decayed sketch (an
     # exact rescaling; squares are formed in these units, and divided by a unit once per factor):
