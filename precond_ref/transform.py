@@ -560,7 +560,7 @@ def gradient_ok(xp: Any, leaves: Sequence[Array]) -> Array:
     for leaf in leaves:
         dtype = compute_dtype(xp, leaf.dtype)
         wide = cast(xp, leaf, dtype)
-        sums.setdefault(_dtype_and_device(leaf, dtype), []).append(xp.sum(wide * wide))
+        sums.setdefault(_dtype_and_device(leaf, dtype), []).append(_sum_of_squares(xp, wide))
     # One comparison per dtype and device, not per leaf: the 0-D operations of a step are kernel
     # launches on a GPU, and a model has dozens of small leaves.
     ok = None
@@ -569,6 +569,20 @@ def gradient_ok(xp: Any, leaves: Sequence[Array]) -> Array:
         group_ok = values[0] < limit if len(values) == 1 else xp.all(xp.stack(values) < limit)
         ok = group_ok if ok is None else xp.logical_and(ok, group_ok)
     return ok
+
+
+def _sum_of_squares(xp: Any, x: Array) -> Array:
+    """``Σ x²``, summed along the rows first where ``x`` has them: the same sum in another order.
+
+    TorchInductor's CPU code sums a whole tensor in one loop that carries its partial sum through
+    memory (cascade summation), about 3x slower than the contiguous row sums (a 4096x1024 float32
+    gradient: 0.63 -> 0.17 ms, 1024x1024: 0.17 -> 0.06 ms on a 2-core CPU). The trailing axes are
+    merged, not split: rows that cut across the tensor's own rows make it slower still.
+    """
+    square = x * x
+    if x.ndim < 2:
+        return xp.sum(square)
+    return xp.sum(xp.sum(xp.reshape(square, (x.shape[0], math.prod(x.shape[1:]))), axis=-1))
 
 
 def _dtype_and_device(leaf: Array, dtype: Any) -> tuple:
@@ -899,8 +913,10 @@ def build_transform(
         # own skip selects element-wise (no device read), fused into the kernels computing it.
         # Two selections, not one on ok & isfinite(u): XLA's CPU backend does not fuse an expensive
         # producer of u (a division) into a consumer that reads u twice, and would write u out.
+        # |u| <= max is isfinite(u) (false for NaN and ±Inf) in one comparison: TorchInductor's CPU
+        # code tests isfinite as u == u and |u| != inf, with mask conversions between them.
         updates = [xp.where(ok, u, zero) for u, zero in zip(updates, zeros)]
-        updates = [xp.where(xp.isfinite(u), u, zero) for u, zero in zip(updates, zeros)]
+        updates = [xp.where(xp.abs(u) <= xp.finfo(u.dtype).max, u, zero) for u, zero in zip(updates, zeros)]
         if skipping:
             new_groups = {key: dict(entries) for key, entries in new_groups.items()}
             for key, entries in new_groups.items():

@@ -45,16 +45,23 @@ def test_a_spike_that_would_overflow_the_state_is_skipped_and_counted(name):
     assert all(np.all(np.isfinite(u)) for u in tree_flatten(updates)[0])
 
 
+@pytest.mark.parametrize("shape", [(4,), (2, 3, 4)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_threshold_is_the_squared_norm_against_the_dtype_range(dtype):
-    """Skipped exactly when ‖g‖² ≥ OVERFLOW_MARGIN · finfo(dtype).max (one entry carrying the norm)."""
+def test_the_threshold_is_the_squared_norm_against_the_dtype_range(dtype, shape):
+    """Skipped exactly when ‖g‖² ≥ OVERFLOW_MARGIN · finfo(dtype).max: one entry carrying the
+    norm, or (a tensor, summed row by row) four entries in different rows a quarter each."""
     limit = math.sqrt(np.finfo(dtype).max * OVERFLOW_MARGIN)
     opt = pr.agd(learning_rate=1e-3)
-    params = {"w": np.zeros(4, dtype=dtype)}
+    params = {"w": np.zeros(shape, dtype=dtype)}
     state = opt.init(params)
     for factor, skipped in ((0.99, 0), (1.01, 1)):
-        g = {"w": np.array([factor * limit, 0.0, 0.0, 0.0], dtype=dtype)}
-        _, after = opt.update(g, state, params)
+        w = np.zeros(shape, dtype=dtype)
+        if len(shape) == 1:
+            w[0] = factor * limit
+        else:
+            for i, j in ((0, 0), (0, 2), (1, 1), (1, 2)):
+                w[i, j, i + j] = factor * limit / 2
+        _, after = opt.update({"w": w}, state, params)
         assert int(after.nonfinite_count) == skipped
     with pytest.raises(FloatingPointError, match="gradient of leaf 'w' too large for the statistics"):
         pr.agd(learning_rate=1e-3, on_nonfinite="raise").update({"w": np.full(4, 2 * limit, dtype=dtype)}, state)

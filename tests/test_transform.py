@@ -110,6 +110,28 @@ def _counting_transform(**kwargs):
     return build_transform(name="toy", init_group=init_group, update_group=update_group, **kwargs)
 
 
+def test_nonfinite_update_entries_become_zero_and_the_largest_finite_one_stays(backend):
+    """build_transform's element-wise guard: a method's update entry that is NaN or ±Inf is
+    replaced by zero (the parameters never receive one), every finite entry passes unchanged,
+    ±finfo.max included (the guard is |u| <= finfo.max, which is isfinite(u))."""
+    big = float(np.finfo(np.float32).max)
+    made = np.array([np.nan, np.inf, -np.inf, big, -big, 1.5], dtype=np.float32)
+
+    def init_group(leaves, paths, xp):
+        return {}
+
+    def update_group(grads, state, params, ctx):
+        xp = ctx.xp
+        return (xp.asarray(made, device=getattr(grads[0], "device", None)),), {}
+
+    opt = build_transform(name="made", init_group=init_group, update_group=update_group)
+    params = backend.tree({"w": np.zeros(6, dtype=np.float32)})
+    with np.errstate(all="ignore"):
+        updates, state = opt.update(backend.tree({"w": np.ones(6, dtype=np.float32)}), opt.init(params), params)
+    np.testing.assert_array_equal(backend.to_numpy(updates["w"]), [0.0, 0.0, 0.0, big, -big, 1.5])
+    assert int(state.count) == 1 and int(state.nonfinite_count) == 0
+
+
 def test_interval_mechanism_counts_refreshes(backend):
     opt = _counting_transform()
     params = backend.tree({"w": np.ones(2)})
