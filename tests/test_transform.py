@@ -518,6 +518,37 @@ def test_cast_and_scalar_zero(backend):
     assert zero.shape == () and zero.dtype == xp.float32 and float(zero) == 0.0
 
 
+@pytest.mark.parametrize("compiler", ["torch.compile", "jax.jit"])
+def test_computed_once_is_the_value_itself(compiler):
+    """``computed_once`` (a maximum over copies of the value, under a compiler) returns every
+    entry exactly: signed zeros, subnormals, infinities and NaN included, 0-D and vectors;
+    eagerly it returns the very array."""
+    from precond_ref.transform import computed_once
+
+    entries = np.array([0.0, -0.0, 1e-45, -3.5, np.inf, -np.inf, np.nan, 3.4e38], dtype=np.float32)
+    if compiler == "torch.compile":
+        import torch
+
+        from array_api_compat import array_namespace
+
+        xp = array_namespace(torch.zeros(1))
+        run = torch.compile(lambda v: computed_once(xp, v * 1.0), fullgraph=True, dynamic=False)
+        to_array = torch.from_numpy
+        eager = torch.from_numpy(entries)
+        assert computed_once(xp, eager) is eager
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        run = jax.jit(lambda v: computed_once(jnp, v * 1.0))
+        to_array = jnp.asarray
+    for value in (entries, entries[3:4].reshape(())):
+        out = np.asarray(run(to_array(value.copy())))
+        assert out.shape == value.shape and out.dtype == value.dtype
+        np.testing.assert_array_equal(out, value)  # NaN where NaN (its payload may change)
+        assert np.array_equal(np.signbit(out[~np.isnan(out)]), np.signbit(value[~np.isnan(value)]))
+
+
 # Element-wise methods, and each matrix method's element-wise part, as they run eagerly (NumPy,
 # CuPy, torch without compilation).
 _EAGER_ELEMENTWISE = {

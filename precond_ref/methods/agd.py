@@ -22,7 +22,7 @@ from ..transform import (
     is_zero,
     placement,
     scalar_array,
-    step_scalar,
+    computed_once,
 )
 
 __all__ = ["agd"]
@@ -170,31 +170,31 @@ def agd(
             bc2 = 1.0 - _float32_power(xp, b2, t, wide)
             # At t = 1 the previous momentum is zero; any finite reciprocal keeps s = m/bc1 exact.
             bc1_prev = xp.where(t == 1.0, xp.ones_like(t), 1.0 - _float32_power(xp, b1, t - 1.0, wide))
-            inv_bc1 = step_scalar(xp, xp.astype(1.0 / bc1, dtype))
-            inv_bc1_prev = step_scalar(xp, xp.astype(1.0 / bc1_prev, dtype))
+            inv_bc1 = computed_once(xp, xp.astype(1.0 / bc1, dtype))
+            inv_bc1_prev = computed_once(xp, xp.astype(1.0 / bc1_prev, dtype))
             m_new = b1 * m + (1.0 - b1) * g
             s = m_new * inv_bc1 - m * inv_bc1_prev
             b_new = b2 * b + (1.0 - b2) * (s * s)
             new_state = _settle(ctx, state, m_new, b_new)
             m_new, v = new_state["m"], new_state.get("b_max", new_state["b"])
-            sqrt_bc2 = step_scalar(xp, xp.sqrt(bc2))
+            sqrt_bc2 = computed_once(xp, xp.sqrt(bc2))
             # torch multiplies a float32 tensor by a Python scalar in float32; explicit float32
             # operands make every backend round exactly as it does.
             f32 = lambda value: scalar_array(xp, value, xp.float32, array_device(t))  # noqa: E731
-            denom = xp.maximum(xp.sqrt(v), step_scalar(xp, xp.astype(f32(dlt) * sqrt_bc2, dtype)))
+            denom = xp.maximum(xp.sqrt(v), computed_once(xp, xp.astype(f32(dlt) * sqrt_bc2, dtype)))
             ratio = m_new / denom
             if clip is not None:
                 ratio = xp.clip(ratio, -clip, clip)
-            eta = step_scalar(xp, xp.astype(f32(lr) * sqrt_bc2 / bc1, dtype))
+            eta = computed_once(xp, xp.astype(f32(lr) * sqrt_bc2 / bc1, dtype))
         else:
             t = xp.astype(ctx.count + 1, dtype)
-            bc1 = step_scalar(xp, 1.0 - b1**t)
-            bc2 = step_scalar(xp, 1.0 - b2**t)
+            bc1 = computed_once(xp, 1.0 - b1**t)
+            bc2 = computed_once(xp, 1.0 - b2**t)
             bc1_prev = 1.0 - b1 ** (t - 1.0)
             # m is zero when bc1_prev is (t = 1, or b1 = 0 ... then bc1_prev = 1 anyway).
-            bc1_prev = step_scalar(xp, xp.where(bc1_prev > 0.0, bc1_prev, xp.ones_like(bc1_prev)))
+            bc1_prev = computed_once(xp, xp.where(bc1_prev > 0.0, bc1_prev, xp.ones_like(bc1_prev)))
             m_hat_prev = m / bc1_prev
-            s = step_scalar(xp, (1.0 - b1) / bc1) * (g - m_hat_prev)
+            s = computed_once(xp, (1.0 - b1) / bc1) * (g - m_hat_prev)
             m_new = b1 * m + (1.0 - b1) * g
             b_new = b2 * b + (1.0 - b2) * (s * s)
             new_state = _settle(ctx, state, m_new, b_new)

@@ -51,6 +51,7 @@ from ..transform import (
     check_positive,
     check_positive_int,
     check_unit_interval,
+    computed_once,
     compute_dtype,
     cond,
     placement,
@@ -904,9 +905,9 @@ def dasgo(
         squares = _sum_across(xp, g_mat * g_mat, axis)
         v = _ema(xp, state["statistic"], cast(xp, squares, state["statistic"].dtype), b2, faithful)
         v = ctx.unless_skipped(v, state["statistic"])
-        # 1/sqrt, not a power: a compiled step evaluates the column scale inside the loops over the
-        # matrix, where a vector pow costs ~10x a sqrt and a division.
-        scale = cast(xp, 1.0 / xp.sqrt(v + eps), product_dtype)
+        # Computed once per column (a compiler would otherwise redo the root and division for
+        # every entry of the matrix that reads it).
+        scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(v + eps), product_dtype))
         m_p = cast(xp, momentum, product_dtype)
         if faithful or rms_target is None or m * n == 0:
             u = _rms_renormalise(xp, m_p * xp.expand_dims(scale, axis=axis), rms_target, faithful)
@@ -920,7 +921,8 @@ def dasgo(
                 m_w = xp.astype(m_p, wide)
                 scale_w = xp.astype(scale, wide)
                 factor = _renormalising_factor(xp, xp.sum(scale_w * scale_w * _sum_across(xp, m_w * m_w, axis)), target)
-                u = xp.astype(m_w * xp.expand_dims(scale_w * factor, axis=axis), product_dtype)
+                column = computed_once(xp, scale_w * factor)
+                u = xp.astype(m_w * xp.expand_dims(column, axis=axis), product_dtype)
             else:
                 u = _column_factored_renormalise(xp, m_p, scale, axis, target)
         lr = ctx.scalar("learning_rate", learning_rate, product_dtype, dev)

@@ -39,7 +39,7 @@ from ..transform import (
     scalar_zero,
     singleton_groups,
     weight_bias_groups,
-    step_scalar,
+    computed_once,
 )
 from ..tree import Path, path_str
 
@@ -358,10 +358,10 @@ def rf_adamw(
         lr = _scalar(xp, ctx.value(learning_rate), dtype)
         if bias_correction:
             t = xp.astype(ctx.count + 1, dtype)
-            bc1, bc2 = step_scalar(xp, 1 - d1**t), step_scalar(xp, 1 - d2**t)
+            bc1, bc2 = computed_once(xp, 1 - d1**t), computed_once(xp, 1 - d2**t)
         else:
             bc1 = bc2 = 1
-        step = step_scalar(xp, lr / bc1) * _rf_denominator_step(xp, m_new, s_new / bc2 + _scalar(xp, damping, dtype), faithful)
+        step = computed_once(xp, lr / bc1) * _rf_denominator_step(xp, m_new, s_new / bc2 + _scalar(xp, damping, dtype), faithful)
         if use_decay:
             step = step + (lr * _scalar(xp, weight_decay, dtype)) * cast(xp, params[0], dtype)
         return (-step,), {"m": m_new, "s": s_new}
