@@ -49,7 +49,7 @@ def test_a_spike_that_would_overflow_the_state_is_skipped_and_counted(name):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_threshold_is_the_squared_norm_against_the_dtype_range(dtype, shape):
     """Skipped exactly when ‖g‖² ≥ OVERFLOW_MARGIN · finfo(dtype).max: one entry carrying the
-    norm, or (a tensor, summed row by row) four entries in different rows a quarter each."""
+    norm, or (a tensor) four entries in different rows a quarter each."""
     limit = math.sqrt(np.finfo(dtype).max * OVERFLOW_MARGIN)
     opt = pr.agd(learning_rate=1e-3)
     params = {"w": np.zeros(shape, dtype=dtype)}
@@ -65,6 +65,24 @@ def test_the_threshold_is_the_squared_norm_against_the_dtype_range(dtype, shape)
         assert int(after.nonfinite_count) == skipped
     with pytest.raises(FloatingPointError, match="gradient of leaf 'w' too large for the statistics"):
         pr.agd(learning_rate=1e-3, on_nonfinite="raise").update({"w": np.full(4, 2 * limit, dtype=dtype)}, state)
+
+
+def test_the_threshold_holds_under_torch_compile_where_tensors_are_summed_row_by_row():
+    """As above, for the compiled step's sum (the rows of a tensor first): four entries in
+    different rows, a quarter of the squared norm each, just below and just above the limit."""
+    import torch
+    from array_api_compat import array_namespace
+
+    from precond_ref.transform import gradient_ok
+
+    xp = array_namespace(torch.zeros(1))
+    limit = math.sqrt(np.finfo(np.float32).max * OVERFLOW_MARGIN)
+    ok = torch.compile(lambda g: gradient_ok(xp, [g]), fullgraph=True, dynamic=False)
+    for factor, expected in ((0.99, True), (1.01, False)):
+        g = torch.zeros((2, 3, 4), dtype=torch.float32)
+        for i, j in ((0, 0), (0, 2), (1, 1), (1, 2)):
+            g[i, j, i + j] = factor * limit / 2
+        assert bool(ok(g)) is expected
 
 
 def test_bf16_gradients_are_measured_in_their_compute_dtype():
