@@ -594,6 +594,18 @@ def _sum_of_squares(xp: Any, x: Array) -> Array:
     return xp.sum(xp.sum(xp.reshape(square, (x.shape[0], math.prod(x.shape[1:]))), axis=-1))
 
 
+def _finite(xp: Any, u: Array) -> Array:
+    """``isfinite(u)``; under ``torch.compile`` as ``|u| <= finfo.max`` (false for NaN and ±Inf).
+
+    TorchInductor's CPU code tests isfinite as ``u == u`` and ``|u| != inf``, with mask
+    conversions between them: 8% of a compiled 1024x1024 update pass. Eagerly the comparison would
+    be two operations (and a temporary) where isfinite is one.
+    """
+    if _torch_compiling():
+        return xp.abs(u) <= xp.finfo(u.dtype).max
+    return xp.isfinite(u)
+
+
 def _dtype_and_device(leaf: Array, dtype: Any) -> tuple:
     """A key grouping leaves whose 0-D results can be stacked; a leaf alone if its device is unhashable."""
     key = (dtype, array_device(leaf))
@@ -922,10 +934,8 @@ def build_transform(
         # own skip selects element-wise (no device read), fused into the kernels computing it.
         # Two selections, not one on ok & isfinite(u): XLA's CPU backend does not fuse an expensive
         # producer of u (a division) into a consumer that reads u twice, and would write u out.
-        # |u| <= max is isfinite(u) (false for NaN and ±Inf) in one comparison: TorchInductor's CPU
-        # code tests isfinite as u == u and |u| != inf, with mask conversions between them.
         updates = [xp.where(ok, u, zero) for u, zero in zip(updates, zeros)]
-        updates = [xp.where(xp.abs(u) <= xp.finfo(u.dtype).max, u, zero) for u, zero in zip(updates, zeros)]
+        updates = [xp.where(_finite(xp, u), u, zero) for u, zero in zip(updates, zeros)]
         if skipping:
             new_groups = {key: dict(entries) for key, entries in new_groups.items()}
             for key, entries in new_groups.items():
