@@ -19,10 +19,10 @@ from ..transform import (
     check_positive,
     check_unit_interval,
     compute_dtype,
+    computed_once,
     is_zero,
     placement,
     scalar_array,
-    computed_once,
 )
 
 __all__ = ["agd"]

@@ -34,12 +34,12 @@ from ..transform import (
     check_positive_int,
     check_unit_interval,
     compute_dtype,
+    computed_once,
     cond,
     placement,
     scalar_zero,
     singleton_groups,
     weight_bias_groups,
-    computed_once,
 )
 from ..tree import Path, path_str
 
