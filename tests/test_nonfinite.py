@@ -45,6 +45,12 @@ def test_a_spike_that_would_overflow_the_state_is_skipped_and_counted(name):
     assert all(np.all(np.isfinite(u)) for u in tree_flatten(updates)[0])
 
 
+def _in_four_rows(w, value):
+    """``value`` at four entries of a (2, 3, 4) tensor, each in a row of its own."""
+    for i, j in ((0, 0), (0, 2), (1, 1), (1, 2)):
+        w[i, j, i + j] = value
+
+
 @pytest.mark.parametrize("shape", [(4,), (2, 3, 4)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_threshold_is_the_squared_norm_against_the_dtype_range(dtype, shape):
@@ -59,8 +65,7 @@ def test_the_threshold_is_the_squared_norm_against_the_dtype_range(dtype, shape)
         if len(shape) == 1:
             w[0] = factor * limit
         else:
-            for i, j in ((0, 0), (0, 2), (1, 1), (1, 2)):
-                w[i, j, i + j] = factor * limit / 2
+            _in_four_rows(w, factor * limit / 2)
         _, after = opt.update({"w": w}, state, params)
         assert int(after.nonfinite_count) == skipped
     with pytest.raises(FloatingPointError, match="gradient of leaf 'w' too large for the statistics"):
@@ -80,8 +85,7 @@ def test_the_threshold_holds_under_torch_compile_where_tensors_are_summed_row_by
     ok = torch.compile(lambda g: gradient_ok(xp, [g]), fullgraph=True, dynamic=False)
     for factor, expected in ((0.99, True), (1.01, False)):
         g = torch.zeros((2, 3, 4), dtype=torch.float32)
-        for i, j in ((0, 0), (0, 2), (1, 1), (1, 2)):
-            g[i, j, i + j] = factor * limit / 2
+        _in_four_rows(g, factor * limit / 2)
         assert bool(ok(g)) is expected
 
 
