@@ -2,6 +2,7 @@ r"""AGD: auto-switchable optimizer using the stepwise gradient difference (Yue e
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 from array_api_compat import device as array_device
@@ -108,7 +109,13 @@ def agd(
     * D1: :math:`\delta > 0` is required in both modes (the authors accept 0, which gives NaN on a
       zero-gradient coordinate).
     * D2: state in float32 for bf16/fp16 parameters, and :math:`s_t` by the cancellation-free
-      identity :math:`s_t = \frac{1-\beta_1}{1-\beta_1^t}(g_t - \hat m_{t-1})`.
+      identity :math:`s_t = \frac{1-\beta_1}{\beta_1(1-\beta_1^{t-1})}(g_t - \hat m_t)`
+      (:math:`t > 1`; :math:`s_1 = \hat m_1`), the spec's
+      :math:`\frac{1-\beta_1}{1-\beta_1^t}(g_t - \hat m_{t-1})` rewritten with
+      :math:`m_{t-1} = (m_t - (1-\beta_1) g_t)/\beta_1` so that it reads the new momentum. Its
+      factor is :math:`(1-\beta_1^t)/(\beta_1(1-\beta_1^{t-1})) \le (1+\beta_1)/\beta_1` times the
+      spec form's, and so about its rounding error: for :math:`\beta_1 < 1/2` (or a traced
+      :math:`\beta_1`) the spec form is used.
     * D3: ``clip`` bounds the bias-corrected ratio, so :math:`|\Delta\theta_i| \le \eta\cdot` clip
       (the authors' threshold in these units drifts with :math:`t`).
     * D4: Win's auxiliary iterate starts at :math:`\theta_0` (the authors start it at 0, which
@@ -172,11 +179,10 @@ def agd(
             bc1_prev = xp.where(t == 1.0, xp.ones_like(t), 1.0 - _float32_power(xp, b1, t - 1.0, wide))
             inv_bc1 = computed_once(xp, xp.astype(1.0 / bc1, dtype))
             inv_bc1_prev = computed_once(xp, xp.astype(1.0 / bc1_prev, dtype))
-            m_new = b1 * m + (1.0 - b1) * g
+            m_new = ctx.unless_skipped(b1 * m + (1.0 - b1) * g, m)
             s = m_new * inv_bc1 - m * inv_bc1_prev
-            b_new = b2 * b + (1.0 - b2) * (s * s)
-            new_state = _settle(ctx, state, m_new, b_new)
-            m_new, v = new_state["m"], new_state.get("b_max", new_state["b"])
+            new_state = _settle(ctx, state, m_new, b2 * b + (1.0 - b2) * (s * s))
+            v = new_state.get("b_max", new_state["b"])
             sqrt_bc2 = computed_once(xp, xp.sqrt(bc2))
             # torch multiplies a float32 tensor by a Python scalar in float32; explicit float32
             # operands make every backend round exactly as it does.
@@ -190,15 +196,20 @@ def agd(
             t = xp.astype(ctx.count + 1, dtype)
             bc1 = computed_once(xp, 1.0 - b1**t)
             bc2 = computed_once(xp, 1.0 - b2**t)
+            m_new = ctx.unless_skipped(b1 * m + (1.0 - b1) * g, m)
             bc1_prev = 1.0 - b1 ** (t - 1.0)
-            # m is zero when bc1_prev is (t = 1, or b1 = 0 ... then bc1_prev = 1 anyway).
-            bc1_prev = computed_once(xp, xp.where(bc1_prev > 0.0, bc1_prev, xp.ones_like(bc1_prev)))
-            m_hat_prev = m / bc1_prev
-            s = computed_once(xp, (1.0 - b1) / bc1) * (g - m_hat_prev)
-            m_new = b1 * m + (1.0 - b1) * g
-            b_new = b2 * b + (1.0 - b2) * (s * s)
-            new_state = _settle(ctx, state, m_new, b_new)
-            m_new, v = new_state["m"], new_state.get("b_max", new_state["b"])
+            first = bc1_prev <= 0.0  # t = 1, where m = 0
+            bc1_prev = xp.where(first, xp.ones_like(bc1_prev), bc1_prev)
+            if isinstance(b1, numbers.Real) and b1 >= 0.5:  # not an injected (traced) b1
+                # D2 from the new momentum, so that no loop reads the old momentum after the
+                # momentum's own loop has overwritten it in place (XLA's CPU backend copied it
+                # first: AGD 1.4x -> 1.1x optax.adam on a 4096x1024 layer).
+                m_hat = m_new / bc1
+                s = xp.where(first, m_hat, computed_once(xp, (1.0 - b1) / (b1 * bc1_prev)) * (g - m_hat))
+            else:
+                s = computed_once(xp, (1.0 - b1) / bc1) * (g - m / computed_once(xp, bc1_prev))
+            new_state = _settle(ctx, state, m_new, b2 * b + (1.0 - b2) * (s * s))
+            v = new_state.get("b_max", new_state["b"])
             floor = scalar_array(xp, dlt, dtype, array_device(v))
             ratio = (m_new / bc1) / xp.maximum(xp.sqrt(v / bc2), floor)
             if clip is not None:
@@ -242,8 +253,8 @@ def agd(
 
 def _settle(ctx: StepContext, state: dict, m_new, b_new) -> dict:
     """The new state entries, selected for the non-finite skip before the step is formed from them
-    (``b_max``, with ``amsgrad``, is the running maximum of ``b``)."""
-    new_state = {"m": ctx.unless_skipped(m_new, state["m"]), "b": ctx.unless_skipped(b_new, state["b"])}
+    (``m_new`` is selected already; ``b_max``, with ``amsgrad``, is the running maximum of ``b``)."""
+    new_state = {"m": m_new, "b": ctx.unless_skipped(b_new, state["b"])}
     if "b_max" in state:
         b_max = ctx.xp.maximum(state["b_max"], new_state["b"])
         new_state["b_max"] = ctx.unless_skipped(b_max, state["b_max"])

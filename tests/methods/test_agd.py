@@ -366,6 +366,29 @@ def test_difference_identity_principled_vs_faithful_first_steps(property_backend
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+@given(seq=_seqs(1, 8), b1=st.sampled_from([0.0, 0.3, 0.5, 0.9, 0.999]) | _betas, b2=_betas)
+def test_difference_statistic_is_the_spec_identity(property_backend, seq, b1, b2):
+    """A10 [spec §2.3 steps 3-5, D2]: principled b_t is the EMA of s_t^2 with
+    s_t = (1-b1)/(1-b1^t) (g_t - m_hat_{t-1}), whichever rewriting of s_t the update uses (from the
+    new momentum for b1 >= 1/2). Bound: each s_t is formed from values of size <= G = max|g| with
+    factors <= 3, so its rounding is a few tens of eps*G, and b (weights summing to < 1, |s| <= 2G)
+    is off by at most 2^9 eps G^2 (EMA roundings included)."""
+    xp = property_backend
+    opt = pr.agd(0.1, b1=b1, b2=b2, delta=1e-3)
+    tree = xp.tree({"w": np.zeros_like(seq[0])})
+    state = opt.init(tree)
+    m = b = np.zeros_like(seq[0])
+    for t, g in enumerate(seq, start=1):
+        _, state = opt.update(xp.tree({"w": g}), state, tree)
+        m_hat_prev = m / (1 - b1 ** (t - 1)) if t > 1 else np.zeros_like(g)
+        s = (1 - b1) / (1 - b1**t) * (g - m_hat_prev)
+        m = b1 * m + (1 - b1) * g
+        b = b2 * b + (1 - b2) * s * s
+    G = max(float(np.max(np.abs(g))) for g in seq)
+    got = xp.to_numpy(state.groups["w"]["b"])
+    np.testing.assert_allclose(got, b, rtol=0, atol=2**9 * np.finfo(np.float64).eps * G**2)
+
+
 # ------------------------------------------------------------------------------------------
 # Bad input.
 
