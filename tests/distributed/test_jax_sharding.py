@@ -58,7 +58,8 @@ def test_sharded_training_matches_one_device(results, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_eager_step_on_sharded_parameters_matches_one_device(results, method):
     """A step outside ``jax.jit`` also takes sharded parameters and gives the one-device numbers
-    (same bound as the jitted steps, derived above). Arrays the core makes during a step (0-D
+    (those of the same step jitted on one device; same bound as the jitted steps, derived above:
+    eager and jitted steps differ only in the order of float64 roundings). Arrays the core makes during a step (0-D
     selection operands and hyperparameters, identities, flags, sketch probes) are left
     uncommitted on JAX (``transform.placement``): made on the device of a sharded array, a
     multi-device sharding, they raised ``IndexError`` or ``ValueError``."""
