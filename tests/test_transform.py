@@ -16,6 +16,7 @@ from precond_ref.transform import (
     check_positive_int,
     compute_dtype,
     cond,
+    cond_if_traced,
     is_zero,
 )
 from precond_ref.tree import path_str, tree_flatten, tree_map, tree_unflatten
@@ -94,6 +95,43 @@ def test_cond_under_jit_compiles_once_and_selects():
     outs = [float(f(jnp.asarray(c, jnp.int32), x)[0]) for c in range(6)]
     assert outs == [2.0, 1.0, 1.0, 2.0, 1.0, 1.0]
     assert f._cache_size() == 1
+
+
+def test_cond_if_traced_selects_without_a_host_read(backend):
+    """``cond_if_traced`` [definition]: ``fast(x)`` where the 0-D predicate holds, else ``safe(x)``,
+    per call; with concrete arrays both branches run and an element-wise selection picks (no host
+    read of the predicate: the suite's sync test runs DASGO through it)."""
+    xp = backend.xp
+    calls = []
+
+    def fast(x):
+        calls.append("fast")
+        return (x * 2.0,)
+
+    def safe(x):
+        calls.append("safe")
+        return (x + 1.0,)
+
+    x = backend.asarray(np.asarray([1.0, 3.0]))
+    for flag, expected in ((True, [2.0, 6.0]), (False, [2.0, 4.0])):
+        pred = backend.asarray(np.asarray(flag))
+        (out,) = cond_if_traced(xp, pred, fast, safe, x)
+        np.testing.assert_array_equal(backend.to_numpy(out), expected)
+    assert calls == ["fast", "safe", "fast", "safe"]
+
+
+def test_cond_if_traced_under_jit_is_a_lax_cond():
+    """Under ``jax.jit`` the helper is a ``lax.cond`` (only the taken branch runs), and selects per call."""
+    import jax
+    import jax.numpy as jnp
+
+    def f(x):
+        return cond_if_traced(jnp, x[0] > 0, lambda y: (y * 2.0,), lambda y: (y + 1.0,), x)[0]
+
+    assert "cond" in {eqn.primitive.name for eqn in jax.make_jaxpr(f)(jnp.ones(2, jnp.float64)).jaxpr.eqns}
+    jitted = jax.jit(f)
+    assert jitted(jnp.asarray([1.0, 3.0], jnp.float64)).tolist() == [2.0, 6.0]
+    assert jitted(jnp.asarray([-1.0, 3.0], jnp.float64)).tolist() == [0.0, 4.0]
 
 
 def _counting_transform(**kwargs):

@@ -54,6 +54,7 @@ from ..transform import (
     compute_dtype,
     computed_once,
     cond,
+    cond_if_traced,
     placement,
     scalar_zero,
 )
@@ -239,29 +240,67 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
     r"""``U · target/‖U‖_F`` for ``U = M diag(s)`` (``axis=0``; ``diag(s) M`` for ``axis=1``) without
     float64 and without forming ``U`` first: D12 in the compute dtype.
 
-    With column maxima :math:`c_j = \max_i |M_{ij}|`, :math:`\rho_j = c_j s_j / \max_k c_k s_k`
-    (formed from :math:`c_j` and :math:`s_j/\max s`) and
-    :math:`q_j = \sum_i (M_{ij}/c_j)^2`, :math:`‖U‖_F = \max_k c_k s_k \sqrt{\sum_j \rho_j^2 q_j}`
-    and the result is :math:`(M_{ij}/c_j)\,\rho_j\,\mathrm{target}/\sqrt{\sum_j \rho_j^2 q_j}`.
-    Every factor is at most 1 in modulus and the root at least 1 (the largest entry's column), so
-    nothing over- or underflows that could change the result in its leading digits, at any scale of
-    M or s, unless :math:`c_j s_j/\max s` leaves the normal range (a momentum near 1e-38 with column
-    scales 1e-3 apart; forming U in float32 fails wherever :math:`c_j s_j` does). Two column
-    reductions of the stored momentum; a zero column or a zero U stays zero.
+    Two ways to the same result (to rounding), chosen per step without a host read
+    (:func:`~precond_ref.transform.cond_if_traced`):
+
+    * the column sums :math:`\sigma_j = \sum_i M_{ij}^2` and :math:`T = \sum_j s_j^2 \sigma_j`,
+      formed as they stand, and :math:`M_{ij}\,s_j\,\mathrm{target}/\sqrt{T}`: one reduction of
+      the stored momentum. Valid where :math:`T` is finite and
+      :math:`T \ge 2^{10}\,(\mathrm{tiny}/\epsilon)\,(mn \max_j s_j^2 + n)`: a square or a product
+      :math:`s_j^2\sigma_j` that underflows (flush-to-zero included) is off by less than the
+      smallest normal number tiny, so that all of them together change :math:`T` by less than
+      :math:`2^{-10}` of its rounding unit :math:`\epsilon`. Training scales pass: in float32,
+      on a 4096x1024 matrix with :math:`s` up to 1e4 (:math:`\epsilon` = 1e-8 inside the root) the
+      bound is 4e-14, met by momenta from about 1e-14 on;
+    * otherwise, with column maxima :math:`c_j = \max_i |M_{ij}|`,
+      :math:`\rho_j = c_j s_j / \max_k c_k s_k` (formed from :math:`c_j` and :math:`s_j/\max s`) and
+      :math:`q_j = \sum_i (M_{ij}/c_j)^2`, :math:`‖U‖_F = \max_k c_k s_k \sqrt{\sum_j \rho_j^2 q_j}`
+      and the result is :math:`(M_{ij}/c_j)\,\rho_j\,\mathrm{target}/\sqrt{\sum_j \rho_j^2 q_j}`.
+      Every factor is at most 1 in modulus and the root at least 1 (the largest entry's column),
+      so nothing over- or underflows that could change the result in its leading digits, at any
+      scale of M or s, unless :math:`c_j s_j/\max s` leaves the normal range (a momentum near
+      1e-38 with column scales 1e-3 apart; forming U in float32 fails wherever :math:`c_j s_j`
+      does). Two more column reductions of the momentum, one of them of a scaled copy.
+
+    Both give the result as :math:`M_{ij} a_j b_j` with two per-column factors (:math:`a_j` alone
+    may overflow where :math:`a_j b_j` does not), formed in the pass that writes the step. A zero
+    column or a zero U stays zero.
     """
+    def expand(x: Array) -> Array:
+        return xp.expand_dims(x, axis=axis)
+
     def over_max(x: Array) -> Array:  # x / max(x), or x if that is zero (x >= 0)
         top = xp.max(x)
         return x / xp.where(top > 0, top, xp.ones_like(top))
 
-    peaks = xp.max(xp.abs(m), axis=axis)
-    ratios = m / xp.expand_dims(xp.where(peaks > 0, peaks, xp.ones_like(peaks)), axis=axis)
-    column_sums = _sum_across(xp, ratios * ratios, axis)
-    # s_j alone may span the float32 range (s/max s cannot overflow). No max of the column maxima
-    # themselves: XLA merges it with their reduction into one over the whole matrix, and then
-    # writes |M| out for the two reductions to share.
-    relative = over_max(peaks * over_max(scale))
-    norm = xp.sqrt(xp.sum(relative * relative * column_sums))
-    return ratios * xp.expand_dims(relative * (target / xp.maximum(norm, xp.ones_like(norm))), axis=axis)
+    squares = scale * scale
+    total = xp.sum(squares * _sum_across(xp, m * m, axis))
+    rows, columns = m.shape
+    info = xp.finfo(m.dtype)
+    # Each underflowing square or product is off by less than smallest_normal: together at most
+    # 2^-10 of the dtype's rounding unit of T.
+    lost = (rows * columns * xp.max(squares) + scale.shape[0]) * (info.smallest_normal * 2.0**10 / info.eps)
+    plain = (total >= lost) & (total < float("inf"))
+
+    def fast(m: Array, scale: Array, total: Array) -> tuple[Array, Array]:
+        # T replaced where this branch is not taken: evaluated anyway, it must not overflow (warnings).
+        factor = target / xp.sqrt(xp.where(plain, total, xp.ones_like(total)))
+        return scale * factor, xp.ones_like(scale)
+
+    def safe(m: Array, scale: Array, total: Array) -> tuple[Array, Array]:
+        peaks = xp.max(xp.abs(m), axis=axis)
+        inverse = 1.0 / xp.where(peaks > 0, peaks, xp.ones_like(peaks))
+        ratios = m * expand(inverse)
+        column_sums = _sum_across(xp, ratios * ratios, axis)
+        # s_j alone may span the float32 range (s/max s cannot overflow). No max of the column
+        # maxima themselves: XLA merges it with their reduction into one over the whole matrix,
+        # and then writes |M| out for the two reductions to share.
+        relative = over_max(peaks * over_max(scale))
+        norm = xp.sqrt(xp.sum(relative * relative * column_sums))
+        return inverse, relative * (target / xp.maximum(norm, xp.ones_like(norm)))
+
+    a, b = cond_if_traced(xp, plain, fast, safe, m, scale, total)
+    return (m * expand(a)) * expand(b)
 
 
 def _sum_across(xp: Any, x: Array, axis: int) -> Array:

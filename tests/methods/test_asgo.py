@@ -930,18 +930,40 @@ def test_jax_root_runs_inside_cond_only():
     assert any("eigh" in name for name in everywhere)
 
 
-@pytest.mark.parametrize("axis", [0, 1])
-@pytest.mark.parametrize("log_m, log_s", [(0, 0), (-30, -10), (14, 4), (-37, 0), (0, -20)])
-def test_column_factored_renormalise_is_the_renormalised_product(backend, axis, log_m, log_s):
-    """D12 without float64 [closed form]: ``_column_factored_renormalise`` returns
-    U · target/‖U‖_F for U = M diag(s) (axis 0) or diag(s) M (axis 1), in float32 at scales where
-    forming U or its squares in float32 would underflow (M ~ 1e-30, s ~ 1e-10: U ~ 1e-40) or overflow
-    (M ~ 1e14, s ~ 1e4: squares ~ 1e36 each). Reference: the same formula in float64 from the same
-    float32 inputs. Error model: a sum of N positive float32 terms is within (N-1)·eps of its value,
-    the column sums have m or n terms and the total the other count, and each entry takes a handful
-    of further roundings; (m + n + 8)·eps bounds the error of every entry relative to the largest
-    (near-subnormal entries have no relative bound). A zero column stays exactly zero."""
+def _column_factored(backend, mat, scale, axis, target):
+    """``_column_factored_renormalise`` on ``backend``; on JAX under ``jax.jit`` (its ``lax.cond``)."""
     from precond_ref.methods.asgo import _column_factored_renormalise
+
+    def run(m, s):
+        return _column_factored_renormalise(backend.xp, m, s, axis, target)
+
+    if backend.name == "jax":
+        import jax
+
+        run = jax.jit(run)
+    return backend.to_numpy(run(backend.asarray(mat), backend.asarray(scale)))
+
+
+# The plain sums of squares overflow by design at M ~ 1e14, s ~ 1e4 (that is how the branch is
+# chosen); NumPy says so.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize(
+    "log_m, log_s, plain",
+    [(0, 0, True), (-10, 3, True), (10, -3, True), (-30, -10, False), (14, 4, False), (-37, 0, False), (0, -20, False)],
+)
+def test_column_factored_renormalise_is_the_renormalised_product(backend, axis, log_m, log_s, plain):
+    """D12 without float64 [closed form]: ``_column_factored_renormalise`` returns
+    U · target/‖U‖_F for U = M diag(s) (axis 0) or diag(s) M (axis 1), in float32, by its plain
+    column sums of squares where they are exact to rounding (``plain``: the docstring's bound on
+    what underflow can lose holds and nothing overflows) and else by its column maxima, at scales
+    where forming U or its squares in float32 would underflow (M ~ 1e-30, s ~ 1e-10: U ~ 1e-40) or
+    overflow (M ~ 1e14, s ~ 1e4: squares ~ 1e36 each). Reference: the same formula in float64 from
+    the same float32 inputs. Error model: a sum of N positive float32 terms is within (N-1)·eps of
+    its value, the column sums have m or n terms and the total the other count, and each entry
+    takes a handful of further roundings; (m + n + 8)·eps bounds the error of every entry relative
+    to the largest (near-subnormal entries have no relative bound). A zero column stays exactly
+    zero. On JAX under jit, where only the branch taken runs."""
 
     rng = np.random.default_rng(7)
     m, n = 24, 10
@@ -954,8 +976,12 @@ def test_column_factored_renormalise_is_the_renormalised_product(backend, axis, 
     else:
         mat[5, :] = 0.0
     target = 0.2 * math.sqrt(m * n)
-    result = backend.to_numpy(_column_factored_renormalise(backend.xp, backend.asarray(mat), backend.asarray(scale), axis, target))
+    result = _column_factored(backend, mat, scale, axis, target)
     u64 = mat.astype(np.float64) * np.expand_dims(scale.astype(np.float64), axis)
+    info = np.finfo(np.float32)
+    lost = (m * n * np.max(scale.astype(np.float64)) ** 2 + k) * info.smallest_normal * 2.0**10 / info.eps
+    total = float(np.sum(u64**2))
+    assert (lost <= total < float(info.max)) == plain  # the case takes the branch it names
     expected = u64 * (target / np.linalg.norm(u64))
     eps = np.finfo(np.float32).eps
     assert result.dtype == np.float32
@@ -965,11 +991,44 @@ def test_column_factored_renormalise_is_the_renormalised_product(backend, axis, 
     assert np.all(zero_line == 0.0)
 
 
+@pytest.mark.parametrize("log_g", [0, -30])
+def test_dasgo_jitted_without_x64_matches_the_float64_renormalisation(log_g):
+    """D12 on JAX as most users run it [derived]: without x64, the jitted step of float32
+    parameters renormalises in float32 (``_column_factored_renormalise``, its plain column sums
+    for gradients of order 1 and its column maxima for gradients of 1e-30, whose squares underflow);
+    with x64, in float64. The state updates are the same float32 operations, so the updates of
+    three steps agree to the renormalisation's (m + n + 8)·eps of the largest entry (see
+    test_column_factored_renormalise_is_the_renormalised_product), with 8 eps more for the
+    roundings in which the two compiled programs may differ (a fused multiply-add)."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    m, n = 24, 10
+    param = rng.standard_normal((m, n)).astype(np.float32)
+    grads = [(10.0**log_g * rng.standard_normal((m, n))).astype(np.float32) for _ in range(3)]
+    opt = pr.dasgo(learning_rate=1e-2, weight_decay=0.0)
+
+    def run(x64):
+        with jax.enable_x64(x64):
+            step = jax.jit(opt.update)
+            p = {"w": jnp.asarray(param, jnp.float32)}
+            state, updates = opt.init(p), []
+            for g in grads:
+                u, state = step({"w": jnp.asarray(g, jnp.float32)}, state, p)
+                updates.append(np.asarray(u["w"]))
+        return updates
+
+    eps = np.finfo(np.float32).eps
+    for got, expected in zip(run(False), run(True)):
+        assert got.dtype == np.float32
+        assert np.all(np.isfinite(expected)) and np.max(np.abs(expected)) > 0
+        np.testing.assert_allclose(got, expected, rtol=0, atol=(m + n + 16) * eps * np.max(np.abs(expected)))
+
+
 def test_column_factored_renormalise_keeps_zero_zero(backend):
     """D2 [closed form]: a zero momentum gives an exactly zero direction (no 0/0)."""
-    from precond_ref.methods.asgo import _column_factored_renormalise
-
     mat, scale = np.zeros((6, 4), np.float32), np.ones(4, np.float32)
-    result = backend.to_numpy(_column_factored_renormalise(backend.xp, backend.asarray(mat), backend.asarray(scale), 0, 1.0))
+    result = _column_factored(backend, mat, scale, 0, 1.0)
     assert np.all(result == 0.0)
 
