@@ -602,14 +602,7 @@ def _sum_of_squares(xp: Any, x: Array) -> Array:
     gradient: 0.63 -> 0.17 ms, 1024x1024: 0.17 -> 0.06 ms on a 2-core CPU). The trailing axes are
     merged, not split: rows that cut across the tensor's own rows make it slower still. Eagerly the
     two sums would be two operations (kernel launches on a GPU) where one does; XLA gains nothing.
-
-    On JAX the squares are formed as ``(x/2)·x`` (exact, but for subnormals, which cannot change
-    the comparison this sum serves): XLA would otherwise share one ``x·x`` between this sum and a
-    method's own sums of squares of the same gradient (DASGO's column statistic) and, on a CPU,
-    write it out for the two reductions to read.
     """
-    if is_jax_namespace(xp):
-        return xp.sum((x * 0.5) * x) * 2
     square = x * x
     if x.ndim < 2 or not _torch_compiling():
         return xp.sum(square)
@@ -903,14 +896,16 @@ def build_transform(
                 raise FloatingPointError(f"{name}: {_first_bad_gradient(xp, grad_leaves, treedef.paths)}")
         # A skipped step's arithmetic runs on zeros: its results are discarded anyway, and NaN or
         # huge inputs would only raise warnings (NumPy) or errors (LAPACK on NaN) on the way.
-        # Not on JAX, which neither warns nor raises (its factorisations return NaN): there XLA's
-        # CPU backend cannot fuse the selection into the column reductions (YNNPACK) and matmuls
-        # that read a gradient, and would write a zeroed copy of it (DASGO, 4096x1024: 1.38x ->
-        # 1.2x optax.adam). A 0-D zero per dtype and device serves every leaf's selections (the
-        # update is cast to the gradient's dtype).
+        # Not on JAX for a method with reductions or matmuls: JAX neither warns nor raises (its
+        # factorisations return NaN), and XLA's CPU backend cannot fuse the selection into a
+        # column reduction (YNNPACK) or a matmul reading the gradient, so it wrote a zeroed copy
+        # (DASGO, 4096x1024: 1.38x -> 1.15x optax.adam). An element-wise method's loops take the
+        # selection in (dropping it there made the tf2x512 case slower: AGD 1.15x -> 1.4x).
+        # A 0-D zero per dtype and device serves every leaf's selections (the update is cast to
+        # the gradient's dtype).
         ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
         zeros = [ctx.once(("zero", g.dtype, array_device(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
-        if not is_jax_namespace(xp):
+        if elementwise or not is_jax_namespace(xp):
             grad_leaves = [xp.where(ok, g, zero) for g, zero in zip(grad_leaves, zeros)]
 
         if due is not None:

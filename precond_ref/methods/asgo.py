@@ -941,7 +941,13 @@ def dasgo(
             momentum = _flush_subnormal(xp, momentum)
         momentum = ctx.unless_skipped(momentum, state["momentum"])
         axis = 1 if left else 0  # reduces over the other side
-        squares = _sum_across(xp, g_mat * g_mat, axis)
+        if is_jax_namespace(xp):
+            # (g/2)·g, twice (exact but for subnormals): XLA would share one g·g between this sum
+            # and the skip's, and write it out for its two CPU reductions to read (4096x1024:
+            # 1.15x -> 0.92x optax.adam, with the renormalisation's plain sums).
+            squares = _sum_across(xp, (g_mat * 0.5) * g_mat, axis) * 2
+        else:
+            squares = _sum_across(xp, g_mat * g_mat, axis)
         v = _ema(xp, state["statistic"], cast(xp, squares, state["statistic"].dtype), b2, faithful)
         v = ctx.unless_skipped(v, state["statistic"])
         # Computed once per column (a compiler would otherwise redo the root and division for
