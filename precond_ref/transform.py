@@ -900,7 +900,7 @@ def build_transform(
         # factorisations return NaN), and XLA's CPU backend cannot fuse the selection into a
         # column reduction (YNNPACK) or a matmul reading the gradient, so it wrote a zeroed copy
         # (DASGO, 4096x1024: 1.38x -> 1.15x optax.adam). An element-wise method's loops take the
-        # selection in (dropping it there made the tf2x512 case slower: AGD 1.15x -> 1.4x).
+        # selection in (dropping it there made the tf2x512 case slower: RF-RMSProp 1.15x -> 1.4x).
         # A 0-D zero per dtype and device serves every leaf's selections (the update is cast to
         # the gradient's dtype).
         ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
