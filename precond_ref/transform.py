@@ -50,7 +50,7 @@ __all__ = [
     "Interval",
     "float32_matmul_precision",
     "cond",
-    "cond_if_traced",
+    "cond_under_cpu_jit",
     "singleton_groups",
     "weight_bias_groups",
     "missing_members",
@@ -390,16 +390,17 @@ def cond(xp: Any, pred: Any, true_fn: Callable, false_fn: Callable, *operands: A
     return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
 
-def cond_if_traced(xp: Any, pred: Array, fast_fn: Callable, safe_fn: Callable, *operands: Any) -> Any:
+def cond_under_cpu_jit(xp: Any, pred: Array, fast_fn: Callable, safe_fn: Callable, *operands: Any) -> Any:
     """``fast_fn(*operands)`` where the 0-D ``pred`` holds, else ``safe_fn(*operands)``: two ways to
     the same arrays (to rounding), the first cheaper but valid only where ``pred`` holds.
 
-    Under ``jax.jit`` a ``lax.cond``, so that only the branch taken runs. Elsewhere both run and
-    an element-wise selection picks, never a host read of ``pred`` (a synchronisation on a GPU):
-    the saving is for compiled steps that would otherwise run both. Both branches return a tuple
-    of arrays of identical shapes and dtypes.
+    Under ``jax.jit`` for a CPU, a ``lax.cond``: only the branch taken runs. Elsewhere both run and
+    an element-wise selection picks, never a host read of ``pred``: eagerly a read would be a
+    synchronisation on a GPU, and XLA's GPU conditional copies its predicate to the host and waits
+    for it, once per step (what running both branches costs there is unmeasured). Both branches
+    return a tuple of arrays of identical shapes and dtypes.
     """
-    if is_jax_namespace(xp) and _is_tracer(pred):
+    if is_jax_namespace(xp) and _is_tracer(pred) and sys.modules["jax"].default_backend() == "cpu":
         return sys.modules["jax"].lax.cond(pred, fast_fn, safe_fn, *operands)
     return tuple(xp.where(pred, f, s) for f, s in zip(fast_fn(*operands), safe_fn(*operands)))
 

@@ -16,7 +16,7 @@ from precond_ref.transform import (
     check_positive_int,
     compute_dtype,
     cond,
-    cond_if_traced,
+    cond_under_cpu_jit,
     is_zero,
 )
 from precond_ref.tree import path_str, tree_flatten, tree_map, tree_unflatten
@@ -97,8 +97,8 @@ def test_cond_under_jit_compiles_once_and_selects():
     assert f._cache_size() == 1
 
 
-def test_cond_if_traced_selects_without_a_host_read(backend):
-    """``cond_if_traced`` [definition]: ``fast(x)`` where the 0-D predicate holds, else ``safe(x)``,
+def test_cond_under_cpu_jit_selects_without_a_host_read(backend):
+    """``cond_under_cpu_jit`` [definition]: ``fast(x)`` where the 0-D predicate holds, else ``safe(x)``,
     per call; with concrete arrays both branches run and an element-wise selection picks (no host
     read of the predicate: the suite's sync test runs DASGO through it)."""
     xp = backend.xp
@@ -115,23 +115,33 @@ def test_cond_if_traced_selects_without_a_host_read(backend):
     x = backend.asarray(np.asarray([1.0, 3.0]))
     for flag, expected in ((True, [2.0, 6.0]), (False, [2.0, 4.0])):
         pred = backend.asarray(np.asarray(flag))
-        (out,) = cond_if_traced(xp, pred, fast, safe, x)
+        (out,) = cond_under_cpu_jit(xp, pred, fast, safe, x)
         np.testing.assert_array_equal(backend.to_numpy(out), expected)
     assert calls == ["fast", "safe", "fast", "safe"]
 
 
-def test_cond_if_traced_under_jit_is_a_lax_cond():
-    """Under ``jax.jit`` the helper is a ``lax.cond`` (only the taken branch runs), and selects per call."""
+def test_cond_under_cpu_jit_is_a_lax_cond_under_jit_on_a_cpu(monkeypatch):
+    """Under ``jax.jit`` on a CPU (the suite's JAX platform) the helper is a ``lax.cond`` (only the
+    taken branch runs), and selects per call; traced for a GPU backend it is a selection (XLA's
+    GPU conditional would wait for its predicate on the host)."""
     import jax
     import jax.numpy as jnp
 
     def f(x):
-        return cond_if_traced(jnp, x[0] > 0, lambda y: (y * 2.0,), lambda y: (y + 1.0,), x)[0]
+        return cond_under_cpu_jit(jnp, x[0] > 0, lambda y: (y * 2.0,), lambda y: (y + 1.0,), x)[0]
 
-    assert "cond" in {eqn.primitive.name for eqn in jax.make_jaxpr(f)(jnp.ones(2, jnp.float64)).jaxpr.eqns}
+    def primitives():  # a new function each time: JAX caches the tracing of one
+        return {eqn.primitive.name for eqn in jax.make_jaxpr(lambda x: f(x))(jnp.ones(2, jnp.float64)).jaxpr.eqns}
+
+    assert "cond" in primitives()
     jitted = jax.jit(f)
     assert jitted(jnp.asarray([1.0, 3.0], jnp.float64)).tolist() == [2.0, 6.0]
     assert jitted(jnp.asarray([-1.0, 3.0], jnp.float64)).tolist() == [0.0, 4.0]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "cond" not in primitives()
+    selecting = jax.jit(lambda x: f(x))
+    assert selecting(jnp.asarray([1.0, 3.0], jnp.float64)).tolist() == [2.0, 6.0]
+    assert selecting(jnp.asarray([-1.0, 3.0], jnp.float64)).tolist() == [0.0, 4.0]
 
 
 def _counting_transform(**kwargs):

@@ -54,7 +54,7 @@ from ..transform import (
     compute_dtype,
     computed_once,
     cond,
-    cond_if_traced,
+    cond_under_cpu_jit,
     placement,
     scalar_zero,
 )
@@ -241,7 +241,7 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
     float64 and without forming ``U`` first: D12 in the compute dtype.
 
     Two ways to the same result (to rounding), chosen per step without a host read
-    (:func:`~precond_ref.transform.cond_if_traced`):
+    (:func:`~precond_ref.transform.cond_under_cpu_jit`):
 
     * the column sums :math:`\sigma_j = \sum_i M_{ij}^2` and :math:`T = \sum_j s_j^2 \sigma_j`,
       formed as they stand, and :math:`M_{ij}\,s_j\,\mathrm{target}/\sqrt{T}`: one reduction of
@@ -299,7 +299,7 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
         norm = xp.sqrt(xp.sum(relative * relative * column_sums))
         return inverse, relative * (target / xp.maximum(norm, xp.ones_like(norm)))
 
-    a, b = cond_if_traced(xp, plain, fast, safe, m, scale, total)
+    a, b = cond_under_cpu_jit(xp, plain, fast, safe, m, scale, total)
     return (m * expand(a)) * expand(b)
 
 
