@@ -273,18 +273,18 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
         top = xp.max(x)
         return x / xp.where(top > 0, top, xp.ones_like(top))
 
-    squares = scale * scale
-    total = xp.sum(squares * _sum_across(xp, m * m, axis))
+    total = _scaled_squared_norm(xp, m, scale, axis)
     rows, columns = m.shape
     info = xp.finfo(m.dtype)
     # Each underflowing square or product is off by less than smallest_normal: together at most
     # 2^-10 of the dtype's rounding unit of T.
-    lost = (rows * columns * xp.max(squares) + scale.shape[0]) * (info.smallest_normal * 2.0**10 / info.eps)
+    top = xp.max(scale)
+    lost = (rows * columns * (top * top) + scale.shape[0]) * (info.smallest_normal * 2.0**10 / info.eps)
     plain = (total >= lost) & (total < float("inf"))
 
     def fast(m: Array, scale: Array, total: Array) -> tuple[Array, Array]:
         # T replaced where this branch is not taken: evaluated anyway, it must not overflow (warnings).
-        factor = target / xp.sqrt(xp.where(plain, total, xp.ones_like(total)))
+        factor = _renormalising_factor(xp, xp.where(plain, total, xp.ones_like(total)), target)
         return scale * factor, xp.ones_like(scale)
 
     def safe(m: Array, scale: Array, total: Array) -> tuple[Array, Array]:
@@ -301,6 +301,13 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
 
     a, b = cond_under_cpu_jit(xp, plain, fast, safe, m, scale, total)
     return (m * expand(a)) * expand(b)
+
+
+def _scaled_squared_norm(xp: Any, m: Array, scale: Array, axis: int) -> Array:
+    """:math:`‖M \operatorname{diag}(s)‖_F^2 = \sum_j s_j^2 \sum_i M_{ij}^2` (``axis=0``;
+    :math:`‖\operatorname{diag}(s) M‖_F^2` for ``axis=1``) from the column sums of :math:`M^2`,
+    without forming the product: a compiler fuses the sums with the pass that reads M."""
+    return xp.sum(scale * scale * _sum_across(xp, m * m, axis))
 
 
 def _sum_across(xp: Any, x: Array, axis: int) -> Array:
@@ -965,7 +972,7 @@ def dasgo(
             if wide is not None:
                 m_w = xp.astype(m_p, wide)
                 scale_w = xp.astype(scale, wide)
-                factor = _renormalising_factor(xp, xp.sum(scale_w * scale_w * _sum_across(xp, m_w * m_w, axis)), target)
+                factor = _renormalising_factor(xp, _scaled_squared_norm(xp, m_w, scale_w, axis), target)
                 column = computed_once(xp, scale_w * factor)
                 u = xp.astype(m_w * xp.expand_dims(column, axis=axis), product_dtype)
             else:
