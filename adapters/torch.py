@@ -51,26 +51,20 @@ _NOT_HYPERPARAMETERS = ("params", "param_names", "lr")
 
 def _hyperparameters(group: dict) -> tuple:
     """A param group's hyperparameters that the core transform is built from (not ``lr``, which
-    it reads as a tensor), as ``(keys, values)``; ``values`` is ``None`` when one of them is a
-    container or tensor whose contents could change in place."""
+    it reads as a tensor), as ``(keys, values, len(group))``; ``values`` is ``None`` when one of
+    them is a container or tensor whose contents could change in place."""
     keys = tuple(k for k in group if k not in _NOT_HYPERPARAMETERS)
     values = tuple(group[k] for k in keys)
     if any(isinstance(v, (list, dict, set, torch.Tensor)) for v in values):
         values = None
-    return keys, values
+    return keys, values, len(group)
 
 
 def _unchanged(group: dict, hyperparameters: tuple) -> bool:
-    """Whether ``group`` holds the very objects :func:`_hyperparameters` found in it."""
-    keys, values = hyperparameters
-    return (
-        values is not None
-        and len(group) - len(keys) == sum(k in group for k in _NOT_HYPERPARAMETERS)
-        and all(map(operator.is_, values, map(group.get, keys, itertools.repeat(_MISSING))))
-    )
-
-
-_MISSING = object()
+    """Whether ``group`` holds the very objects :func:`_hyperparameters` found in it, and as many
+    entries (a key added or removed rebuilds the transform)."""
+    keys, values, size = hyperparameters
+    return values is not None and len(group) == size and all(map(operator.is_, values, map(group.get, keys)))
 
 
 class CoreOptimizer(torch.optim.Optimizer):

@@ -304,7 +304,7 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
 
 
 def _scaled_squared_norm(xp: Any, m: Array, scale: Array, axis: int) -> Array:
-    """:math:`‖M \operatorname{diag}(s)‖_F^2 = \sum_j s_j^2 \sum_i M_{ij}^2` (``axis=0``;
+    r""":math:`‖M \operatorname{diag}(s)‖_F^2 = \sum_j s_j^2 \sum_i M_{ij}^2` (``axis=0``;
     :math:`‖\operatorname{diag}(s) M‖_F^2` for ``axis=1``) from the column sums of :math:`M^2`,
     without forming the product: a compiler fuses the sums with the pass that reads M."""
     return xp.sum(scale * scale * _sum_across(xp, m * m, axis))

@@ -131,6 +131,34 @@ def test_failed_compilation_warns_once_and_runs_eagerly(monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.fixture
+def fresh_dynamo_warnings(monkeypatch):
+    """Dynamo as in a new process for the lru_cache warning: no site warned yet, no helper
+    registered, and the compiled step's registration to be made again (also after the test)."""
+    utils = torch._dynamo.utils
+    monkeypatch.setattr(utils, "warn_once_cache", set())
+    monkeypatch.setattr(utils, "_lru_cache_wrappers_allowed_to_trace_without_warning", type(utils._lru_cache_wrappers_allowed_to_trace_without_warning)())
+    _torch_compile._cached_helpers_traced_quietly.cache_clear()
+    yield
+    _torch_compile._cached_helpers_traced_quietly.cache_clear()
+
+
+@pytest.mark.parametrize("allow_list", [True, False], ids=["registered", "filtered"])
+def test_tracing_the_namespace_lookups_warns_nothing(fresh_dynamo_warnings, monkeypatch, allow_list):
+    """The core's namespace lookups are array_api_compat's ``functools.lru_cache`` helpers, which
+    dynamo warns about (once per call site) when it traces them; harmless, and not the user's to
+    see. The compiled step registers them with dynamo's allow-list, or on a torch without one
+    filters the warning around each call."""
+    if not allow_list:
+        monkeypatch.delattr(torch._dynamo.utils, "allow_lru_cache_wrapper_trace_without_warning")
+    model = _model(torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, pt.AGD(model.named_parameters(), lr=1e-2, compile=AOT), _batches(torch.float64, 2))
+    assert _torch_compile._cached_helpers_traced_quietly() is allow_list
+    assert [str(w.message)[:80] for w in caught if "lru_cache" in str(w.message)] == []
+
+
 def test_input_errors_are_not_taken_for_compiler_failures():
     """A bad step argument raises the core's own error, and the compiled path stays enabled."""
     model = _model(torch.float64)
