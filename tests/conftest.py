@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA's LLVM passes at level 0: a quarter less compile time over the suite's many small jitted
-# programs (tests/adapters/test_jax_contract.py: 173 -> 130 s serial); the arithmetic is the same
-# (no fast-math at any level), and the suite's tolerances come from the rounding model anyway.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+import xla_flags  # noqa: E402,F401 - sets XLA_FLAGS (compile time) before jax is imported
 
 import jax  # noqa: E402
 

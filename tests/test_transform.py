@@ -595,7 +595,11 @@ def test_computed_once_is_the_value_itself(compiler):
         import jax
         import jax.numpy as jnp
 
-        run = jax.jit(lambda v: computed_once(jnp, v * 1.0))
+        from xla_flags import DEFAULT_EMITTERS
+
+        def run(v):  # compiled with XLA's default emitters, as users run it (see xla_flags.py)
+            return jax.jit(lambda v: computed_once(jnp, v * 1.0)).lower(v).compile(DEFAULT_EMITTERS)(v)
+
         to_array = jnp.asarray
     for value in (entries, entries[3:4].reshape(())):
         out = np.asarray(run(to_array(value.copy())))

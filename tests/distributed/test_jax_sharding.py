@@ -20,9 +20,7 @@ EPS64 = 2.0**-52
 
 
 def _run_worker(out) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # compile time, as in conftest.py
-    env["JAX_PLATFORMS"] = "cpu"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # XLA_FLAGS: the suite's, for compile time (xla_flags.py)
     try:
         run = subprocess.run([sys.executable, WORKER], capture_output=True, text=True, timeout=300, env=env)
     except subprocess.TimeoutExpired:
