@@ -105,7 +105,8 @@ class CoreOptimizer(torch.optim.Optimizer):
     compilation fails the optimizer warns once and runs the same core eagerly. Compiled and eager
     steps agree to float32 rounding and share checkpoints. ``capturable=True`` (as in
     ``torch.optim``) allows capturing ``step`` in a CUDA graph: CUDA parameters only, and a method
-    step without periodic work; give ``lr`` as a tensor to schedule it under replay.
+    step without periodic work; give ``lr`` as a tensor to schedule it under replay. The first step
+    makes the state (capture after warm-up steps); every later one writes each state tensor in place.
     """
 
     core_factory: Callable[..., Transform]
@@ -320,6 +321,8 @@ class CoreOptimizer(torch.optim.Optimizer):
             lead = states[plan.lead]  # the counters of the first parameter in the group's order
             core_state = PrecondState(lead[_STEP], lead[_NONFINITE], groups)
         new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra, plan.numel)
+        if self._capturable and calls > 0:
+            new_state = _written_in_place(core_state, new_state)
         for entries in states:
             calls = entries.get(_CALLS, 0) + 1
             entries.clear()
@@ -382,6 +385,28 @@ class CoreOptimizer(torch.optim.Optimizer):
         updates, new_state = transform.update(grads, state, params, step=calls, **extra)
         torch._foreach_add_(tree_flatten(params)[0], tree_flatten(updates)[0])
         return new_state
+
+
+def _written_in_place(old: PrecondState, new: PrecondState) -> PrecondState:
+    """``new``'s arrays copied into ``old``'s, which the step keeps (``capturable=True``).
+
+    A replayed CUDA graph reads and writes the addresses its capture saw. A step that left a state
+    array in a new tensor (the counters, which the compiled step returns; every entry of an eager
+    step) would have every replay start from the capture-time input, which is freed once the state
+    drops it and whose memory is then reused. The compiled step writes its larger entries in place
+    already (nothing to copy); an eager step pays one copy of its state.
+    """
+
+    def keep(before: Any, after: Any) -> Any:
+        if after is before or before is None or before.shape != after.shape or before.dtype != after.dtype:
+            return after
+        return before.copy_(after)
+
+    groups = {
+        key: {name: keep(old.groups.get(key, {}).get(name), value) for name, value in entries.items()}
+        for key, entries in new.groups.items()
+    }
+    return PrecondState(keep(old.count, new.count), keep(old.nonfinite_count, new.nonfinite_count), groups)
 
 
 class AGD(CoreOptimizer):
