@@ -18,7 +18,7 @@ import torch
 import precond_ref.adapters.torch as pt
 from precond_ref.adapters import _torch_compile
 
-from cases import TORCH_CASES
+from cases import CAPTURABLE_CASES, TORCH_CASES
 
 AOT = {"backend": "aot_eager"}
 # One configuration per class, with periodic work where the method has it (AGD: with Inductor below).
@@ -217,15 +217,6 @@ def test_capturable_refuses_cpu_parameters_and_periodic_work():
     periodic = pt.ASGO(model.named_parameters(), lr=1e-2, precondition_every=2, capturable=True)
     with pytest.raises(ValueError, match="capturable=True needs a step without periodic work"):
         _train_one(periodic)
-
-
-# Every class in a configuration without periodic work (what capturable=True accepts).
-CAPTURABLE_CASES = [
-    (c, overrides)
-    for c in TORCH_CASES
-    for overrides in [dict(precondition_every=1) if c.id in ("mbf", "if_shampoo") else {}]
-    if c.id in ("agd", "asgo", "dasgo", "rf_rmsprop", "rf_adamw", "if_shampoo", "sketchy", "s_adagrad", "mbf")
-]
 
 
 @pytest.mark.parametrize(

@@ -10,17 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import TORCH_CASES
+from cases import CAPTURABLE_CASES, TORCH_CASES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 STEPS = 6
 # Known host reads, by case: the checked iterative root reads its convergence flag on refresh
 # steps (linalg.inverse_root); ASGO's root_method="auto" takes it for float32 on a GPU.
-_KNOWN_SYNCS = {
-    "asgo": "ASGO's checked root reads its convergence flag on the host on refresh steps",
-    "asgo-pe-interval": "ASGO's checked root reads its convergence flag on the host on refresh steps",
-}
+_KNOWN_SYNCS = dict.fromkeys(
+    ("asgo", "asgo-pe-interval"), "ASGO's checked root reads its convergence flag on the host on refresh steps"
+)
 
 
 def _model() -> torch.nn.Module:
@@ -71,12 +70,8 @@ def test_steps_never_synchronise(case, compile):
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-# Every class in a configuration without periodic work (what capturable=True accepts).
-GRAPH_CASES = [
-    (c, dict(precondition_every=1) if c.id in ("mbf", "if_shampoo") else {})
-    for c in TORCH_CASES
-    if c.id in ("agd", "dasgo", "rf_rmsprop", "rf_adamw", "if_shampoo", "sketchy", "s_adagrad", "mbf")
-]
+# A step that reads the host cannot be captured.
+GRAPH_CASES = [(c, o) for c, o in CAPTURABLE_CASES if c.id not in _KNOWN_SYNCS]
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
