@@ -169,6 +169,8 @@ def train_digits(
     steps_per_epoch = len(x_train) // batch_size
     out: dict = {"epoch_train_loss": [], "epoch_eval_loss": [], "epoch_eval_accuracy": [], "epoch_seconds": [], "step_seconds": []}
     clock, step, diverged = 0.0, 0, False
+    with torch.no_grad():
+        out["initial_train_loss"] = digits.torch_loss(model, params, xt, yt).item()
     for epoch in range(epochs):
         order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(x_train))).to(DEVICE)
         for i in range(steps_per_epoch):
