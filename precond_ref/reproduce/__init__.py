@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     from ..compare.report import machine
 
     data["machine"] = machine()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     try:
         with threadpool_limits(limits=1):
             for name in papers:
@@ -185,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     data["wall_s"] = time.perf_counter() - started
+    data["cpu_s"] = time.process_time() - cpu
     data["corpus_characters"] = harness._CORPUS.get("characters")
     _write(data, out, "", plot=not args.no_plot)
     if args.docs:

@@ -56,7 +56,8 @@ def render(data: dict, image_dir: str = "images/") -> str:
         "scale: these models are tiny and the budgets short.",
         "",
         f"Command: `{data['command_line']}` — size `{size}`, seeds {settings['seeds']}, device `{settings['device']}`, "
-        f"{settings['threads']} thread; {data['wall_s'] / 60:.1f} minutes of wall time on "
+        f"{settings['threads']} thread; {data['wall_s'] / 60:.1f} minutes of wall time ({data['cpu_s'] / 60:.1f} "
+        f"minutes of CPU time) on "
         f"{data['machine'].get('processor') or data['machine'].get('platform')} "
         f"({data['machine'].get('usable_cpus', data['machine'].get('cpu_count'))} usable CPUs, shared with other work "
         f"while it ran: timings are noisy). Verdicts: {counts[HOLDS]} hold, {counts[FAILS]} do not hold, "
@@ -84,7 +85,7 @@ def render(data: dict, image_dir: str = "images/") -> str:
         out += [
             f"## {meta['title']}",
             "",
-            f"{meta['authors']}, {meta['venue']}. Experiment time: {paper['wall_s']:.0f} s.",
+            f"{meta['authors']}, {meta['venue']}. Experiment time: {paper['wall_s']:.0f} s ({paper['cpu_s']:.0f} CPU s).",
             "",
             "| claim | source | paper's figure | ours | verdict |",
             "|---|---|---|---|---|",
