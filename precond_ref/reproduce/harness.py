@@ -345,7 +345,7 @@ class Runner:
         key = ("digits", opt, model, seed, epochs, lr, kw.get("tuning", False), repr(sorted((kw.get("overrides") or {}).items())))
         if kw.get("observe") is not None or key not in self.cache:
             result = train_digits(OPTS[opt], model, seed, epochs, lr, **kw)
-            self.on_run(f"{opt} on digits {model}, seed {seed}")
+            self.on_run(f"{opt} on digits {model}, seed {seed}" + (", lr sweep" if kw.get("tuning") else ""))
             if kw.get("observe") is not None:
                 return result
             self.cache[key] = result
@@ -356,7 +356,7 @@ class Runner:
                repr(sorted((kw.get("overrides") or {}).items())))
         if kw.get("observe") is not None or key not in self.cache:
             result = train_lm(OPTS[opt], lm, seed, steps, lr, **kw)
-            self.on_run(f"{opt} on the char LM, seed {seed}")
+            self.on_run(f"{opt} on the char LM, seed {seed}" + (", lr sweep" if kw.get("tuning") else ""))
             if kw.get("observe") is not None:
                 return result
             self.cache[key] = result

@@ -15,6 +15,12 @@ from .verdicts import FAILS, HOLDS, INCONCLUSIVE
 
 __all__ = ["render", "plot", "summary_lines"]
 
+# Curve keys that are method names, as the plots label them.
+_LABELS = {
+    "s_adagrad": "S-AdaGrad", "full": "full-matrix AdaGrad (reference)", "diag": "diagonal AdaGrad (reference)",
+    "sketchy": "Sketchy", "shampoo2": "Shampoo (reference)", "adam": "Adam",
+}
+
 _MARK = {HOLDS: "✅ holds", FAILS: "❌ does not hold", INCONCLUSIVE: "➖ inconclusive at this scale"}
 
 
@@ -153,11 +159,11 @@ def plot(name: str, paper: dict, path: str) -> None:
             ax.set(title="top-25% trace fraction of the Kronecker factors", xlabel="step", ylabel="fraction", ylim=(0, 1.02))
         elif key == "regret":
             for label, ys in c.items():
-                ax.plot(ys, label=label)
+                ax.plot(ys, label=_LABELS.get(label, label))
             ax.set(title="online logistic regression: regret (first seed)", xlabel="round (subsampled)", ylabel="regret")
         elif key == "memory":
             for label, (bytes_, loss) in c.items():
-                ax.scatter([bytes_], [loss], label=label)
+                ax.scatter([bytes_], [loss], label=_LABELS.get(label, label))
             ax.set(title="autoencoder test loss against optimizer state", xlabel="state bytes", ylabel="test loss", xscale="log")
         elif key in ("accuracy",):
             for label, ys in c.items():
