@@ -134,11 +134,19 @@ def plot(name: str, paper: dict, path: str) -> None:
         "asgo": ("loss_vs_step", "loss_vs_time", "stable_rank"),
         "sketchy": ("top_fraction", "regret", "memory"),
         "root_free": ("accuracy", "bf16"),
-        "mbf": ("autoencoder", "cnn"),
+        "mbf": ("autoencoder:epoch", "autoencoder", "cnn:epoch", "cnn"),
         "agd": ("floor", "accuracy"),
     }[name]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
     for ax, key in zip(axes, panels):
+        if key.endswith(":epoch"):  # the same runs against epochs
+            model = key.split(":")[0]
+            for label, (_, ys) in curves[model].items():
+                ax.plot(range(1, len(ys) + 1), _clean(ys), marker=".", label=label)
+            ax.set(title=f"{model}: training loss against epochs", xlabel="epoch", ylabel="loss", yscale="log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            continue
         c = curves[key]
         if key == "loss_vs_step":
             for label, ys in c.items():
