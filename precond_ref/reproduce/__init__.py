@@ -19,7 +19,6 @@ module imports neither NumPy nor torch, so ``reproduce --help`` works without th
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import shlex
@@ -28,6 +27,7 @@ import time
 from typing import Any
 
 from ..cli import UserError, nonnegative_int
+from ..compare import _importable, _prepare_out_dir as _prepare
 from .config import PAPERS, SIZES
 
 __all__ = ["add_arguments", "run", "PAPER_NAMES", "INSTALL"]
@@ -71,12 +71,7 @@ def resolve_papers(spec: str) -> list[str]:
 
 
 def check_dependencies(plot: bool) -> None:
-    missing = []
-    for module in _REQUIRED + (("matplotlib",) if plot else ()):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(module)
+    missing = [m for m in _REQUIRED + (("matplotlib",) if plot else ()) if not _importable(m)]
     if missing:
         raise UserError(f"reproduce needs {', '.join(missing)}: {INSTALL}")
 
@@ -114,18 +109,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _prepare(path: str) -> str:
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".precond_ref_write_test")
-        with open(probe, "w") as handle:
-            handle.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise UserError(f"cannot write to output directory {path!r}: {err.strerror or err}") from None
-    return path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,9 +153,9 @@ def run(args: argparse.Namespace) -> int:
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
         "papers": {},
     }
-    from ..compare.report import machine
+    from ..benchmarks.common import machine
 
-    data["machine"] = machine()
+    data["machine"] = machine(str(dev), ["torch"])
     started, cpu = time.perf_counter(), time.process_time()
     try:
         with threadpool_limits(limits=1):

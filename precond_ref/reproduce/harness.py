@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import torch as pt
+from ..benchmarks import common
 from ..compare import digits, grid_factors
 from ..compare.methods import entry_by_name
 from ..compare.training import make_torch_optimizer
@@ -115,13 +116,8 @@ def _sync() -> None:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state`` (counters included)."""
-    total = 0
-    for entries in optimizer.state.values():
-        for value in entries.values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-    return total
+    """Bytes of every tensor in ``optimizer.state`` (counters included), as ``bench`` counts them."""
+    return common.state_bytes(dict(optimizer.state))
 
 
 def nonfinite_steps(optimizer: torch.optim.Optimizer) -> int:
