@@ -115,6 +115,23 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _timed_step(optimizer: Any, loss_fn: Callable, extra: dict, observe: Optional[Callable], step: int, named: list) -> tuple:
+    """One training step: ``(loss, seconds)``; ``observe(step, named, optimizer)`` runs between the
+    backward pass and the optimizer step, outside the timed part."""
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    _sync()
+    elapsed = time.perf_counter() - start
+    if observe is not None:
+        observe(step, named, optimizer)
+    start = time.perf_counter()
+    optimizer.step(**extra)
+    _sync()
+    return loss.item(), elapsed + time.perf_counter() - start
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in ``optimizer.state`` (counters included), as ``bench`` counts them."""
     return common.state_bytes(dict(optimizer.state))
@@ -171,22 +188,14 @@ def train_digits(
         order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(x_train))).to(DEVICE)
         for i in range(steps_per_epoch):
             index = order[i * batch_size : (i + 1) * batch_size]
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = digits.torch_loss(model, params, xt[index], yt[index])
-            loss.backward()
-            _sync()
-            elapsed = time.perf_counter() - start
-            if observe is not None and step % observe_every == 0:
-                observe(step, named, optimizer)
-            start = time.perf_counter()
-            optimizer.step(**extra)
-            _sync()
-            elapsed += time.perf_counter() - start
+            value, elapsed = _timed_step(
+                optimizer, lambda: digits.torch_loss(model, params, xt[index], yt[index]), extra,
+                observe if observe is not None and step % observe_every == 0 else None, step, named,
+            )
             out["step_seconds"].append(elapsed)
             clock += elapsed
             step += 1
-            if not math.isfinite(loss.item()):
+            if not math.isfinite(value):
                 diverged = True
                 break
         with torch.no_grad():
@@ -289,19 +298,11 @@ def train_lm(
     losses, seconds, clock, diverged = [], [], 0.0, False
     for step in range(steps):
         inputs, targets = _windows(train_ids, lm["batch"], lm["context"], rng)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(inputs).reshape(-1, vocabulary), targets.reshape(-1))
-        loss.backward()
-        _sync()
-        elapsed = time.perf_counter() - start
-        if observe is not None and step % observe_every == 0:
-            observe(step, named, optimizer)
-        start = time.perf_counter()
-        optimizer.step(**extra)
-        _sync()
-        clock += elapsed + time.perf_counter() - start
-        value = loss.item()
+        value, elapsed = _timed_step(
+            optimizer, lambda: F.cross_entropy(model(inputs).reshape(-1, vocabulary), targets.reshape(-1)), extra,
+            observe if observe is not None and step % observe_every == 0 else None, step, named,
+        )
+        clock += elapsed
         losses.append(value if math.isfinite(value) else None)
         seconds.append(clock)
         if not math.isfinite(value):

@@ -45,6 +45,13 @@ def quorum(seeds: int) -> int:
     return -(-2 * seeds // 3)
 
 
+def _paired(a: Sequence[float], b: Sequence[float], name_a: str, name_b: str) -> tuple[list[float], list[float]]:
+    a, b = _check(a, name_a), _check(b, name_b)
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} has {len(a)} seeds and {name_b} {len(b)}: a paired rule needs the same seeds")
+    return a, b
+
+
 def _check(values: Sequence[float], what: str) -> list[float]:
     values = [float(v) for v in values]
     if not values:
@@ -85,9 +92,7 @@ class Ordering(Rule):
         )
 
     def decide(self, a: Sequence[float], b: Sequence[float]) -> str:
-        a, b = _check(a, self.a), _check(b, self.b)
-        if len(a) != len(b):
-            raise ValueError(f"{self.a} has {len(a)} seeds and {self.b} {len(b)}: a paired rule needs the same seeds")
+        a, b = _paired(a, b, self.a, self.b)
         sign = 1.0 if self.lower_is_better else -1.0
         gains = [sign * (y - x) for x, y in zip(a, b)]  # > 0 where a is better
         noise = max(spread(a), spread(b))
@@ -126,9 +131,7 @@ class MatchesOrBeats(Rule):
         )
 
     def decide(self, a: Sequence[float], b: Sequence[float]) -> str:
-        a, b = _check(a, self.a), _check(b, self.b)
-        if len(a) != len(b):
-            raise ValueError(f"{self.a} has {len(a)} seeds and {self.b} {len(b)}: a paired rule needs the same seeds")
+        a, b = _paired(a, b, self.a, self.b)
         sign = 1.0 if self.lower_is_better else -1.0
         shortfalls = [sign * (x - y) for x, y in zip(a, b)]  # > 0 where a is worse
         tol = self.tolerance * abs(_mean(b)) if self.relative else self.tolerance
