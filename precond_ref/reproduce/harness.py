@@ -368,15 +368,16 @@ class Runner:
         if grid <= 1:
             result = {"lr": center, "center": center, "tuned": False, "scores": {}}
         else:
-            scores = {}
+            scores, rates = {}, {}
             for factor in grid_factors(grid):
                 lr = center * factor
                 res = run(lr)
                 value = res.get(metric)
+                rates[f"{lr:.3g}"] = lr
                 scores[f"{lr:.3g}"] = value if (value is not None and not res["diverged"]) else None
             finite = {k: v for k, v in scores.items() if v is not None}
-            best = min(finite, key=finite.get) if finite else f"{center:.3g}"
-            result = {"lr": float(best), "center": center, "tuned": True, "scores": scores}
+            best = rates[min(finite, key=finite.get)] if finite else center
+            result = {"lr": best, "center": center, "tuned": True, "scores": scores}
         self.tuned[key] = result
         return result
 

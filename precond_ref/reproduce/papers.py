@@ -170,8 +170,8 @@ def asgo(ctx: Context) -> dict:
     rule1 = Threshold("the median (over checkpoints and block weights) of stable rank / min(m, n)", 0.1, below=True)
     c1 = _claim(
         "ASGO-1", "Gradients of weight matrices are low-rank during training",
-        "abstract and §1 (\"it has been widely observed that gradients are low-rank\"), the premise of the low-rank "
-        "bound of the convergence analysis",
+        "abstract (\"it has been widely observed that gradients are low-rank\"), the premise of the convergence "
+        "analysis' low-rank bound",
         "stated as an observation from prior work; no figure or number in the paper",
         rule1, rule1.decide(per_seed),
         f"median relative stable rank ||G||_F^2/||G||_2^2/min(m,n) of the char LM's block weights under ASGO: "
@@ -184,7 +184,7 @@ def asgo(ctx: Context) -> dict:
     v2 = combine([_safe(lambda r=r, b=b: r.decide(loss["asgo"], loss[b])) for r, b in zip(rules2, ("adamw", "shampoo1"))])
     c2 = _claim(
         "ASGO-2", "ASGO trains a language model at least as well as AdamW and (one-sided) Shampoo",
-        "§ experiments (GPT-2 small pretraining on OpenWebText, validation loss against steps; baselines AdamW, "
+        "the experiments (GPT-2 small pretraining on OpenWebText, validation loss against steps; baselines AdamW, "
         "Shampoo, Muon)",
         "ASGO at or below AdamW and Shampoo in validation loss (qualitative; the paper's numbers are not "
         "extracted, specs/asgo.md §7)",
@@ -199,7 +199,7 @@ def asgo(ctx: Context) -> dict:
     v3 = combine([_safe(lambda r=r, b=b: r.decide(at_time["asgo"], at_time[b])) for r, b in zip(rules3, ("adamw", "shampoo1"))])
     c3 = _claim(
         "ASGO-3", "ASGO's training progress is competitive in wall-clock time",
-        "§ experiments (loss against wall-clock time)",
+        "the experiments (loss against wall-clock time)",
         "\"competitive wall-clock\" (qualitative; specs/asgo.md §7)",
         rules3, v3,
         "training loss at the wall time of the fastest run ({} s): ASGO {}, AdamW {}, one-sided Shampoo {}".format(
@@ -284,7 +284,8 @@ def sketchy(ctx: Context) -> dict:
     rule1 = Threshold("the median (over Kronecker factors) fraction of the trace in the top 25% eigenvalues", 0.8, below=False)
     c1 = _claim(
         "Sketchy-1", "The spectra of the Kronecker factors of the gradient covariance concentrate on a small leading "
-        "eigenspace", "abstract; §3 (spectral analysis of the EMA Kronecker factors across training)",
+        "eigenspace", "abstract (\"concentrated on a small leading eigenspace\"); the paper's spectral analysis of the EMA "
+        "Kronecker factors during training",
         "top 25% of the eigenvalues hold over 80% of the spectral mass for an axis of 1024 (isotropic Gaussian "
         "gradients: 26.5%) — the authors' write-up, via specs/fd_shampoo.md §7",
         rule1, rule1.decide(fractions),
@@ -296,7 +297,8 @@ def sketchy(ctx: Context) -> dict:
     rule2 = Threshold("the mean squared sine of the principal angles between the top-25% eigenspaces of the first and "
                       "last checkpoint", 0.1, below=False)
     c2 = _claim(
-        "Sketchy-2", "The leading eigenspace changes throughout training", "abstract; §3",
+        "Sketchy-2", "The leading eigenspace changes throughout training",
+        "abstract (\"that changes throughout training\")",
         "the top eigenspace rotates during training (qualitative)",
         rule2, rule2.decide(distances),
         f"subspace distance (mean sin^2 of principal angles; 0 = same, 0.75 = random for k = d/4) first vs last "
@@ -310,7 +312,8 @@ def sketchy(ctx: Context) -> dict:
     c3 = _claim(
         "Sketchy-3", "In online convex optimization, rank-k S-AdaGrad's regret approaches full-matrix AdaGrad's, up "
         "to the mass of the bottom d-k eigenvalues of the gradient covariance",
-        "abstract; §4 (regret theorem); Appendix A (online logistic regression on LIBSVM data)",
+        "abstract (regret of full-matrix AdaGrad up to the bottom d-k eigenvalues, with dk memory); Appendix A "
+        "(online logistic regression on LIBSVM data)",
         "regret bound: full-matrix regret + O(sum of the bottom d-k eigenvalues); in Appendix A S-AdaGrad is "
         "competitive with or better than full-matrix methods (numbers not extracted)",
         rule3, rule3.decide(oco["regret"]["s_adagrad"], oco["regret"]["full"]),
@@ -343,7 +346,8 @@ def sketchy(ctx: Context) -> dict:
     ])
     c5 = _claim(
         "Sketchy-5", "Sketchy is competitive in quality with Shampoo and Adam with sub-linear memory for the second "
-        "moments", "abstract; §5 (ImageNet ResNet-50, Librispeech Conformer, OGBG GNN; quality against memory)",
+        "moments", "abstract (\"competitive in quality with Shampoo and Adam, yet requiring only sub-linear memory\"); "
+        "the deep-learning experiments (ImageNet ResNet-50, Librispeech Conformer, OGBG GNN)",
         "quality between Adam and Shampoo, on the memory-quality Pareto frontier (numbers not extracted, "
         "specs/fd_shampoo.md §7)",
         rules5, v5,
@@ -448,7 +452,8 @@ def root_free(ctx: Context) -> dict:
     rule1 = MatchesOrBeats("RF-RMSProp", "SGD-momentum", 0.01, relative=False, lower_is_better=False)
     c1 = _claim(
         "RootFree-1", "Removing the root closes the generalization gap to SGD on convolutional networks",
-        "abstract; §4 / Fig. 1 (CIFAR-100 CNNs: test accuracy of RF-RMSProp against RMSProp/AdamW and SGD)",
+        "abstract (\"close the generalization gap to SGD on convolutional architectures\"); the CIFAR-100 CNN "
+        "experiments (test accuracy)",
         "RF-RMSProp matches SGD's test accuracy where root-based methods fall short (numbers not extracted, "
         "specs/root_free.md §7)",
         rule1, rule1.decide(acc["rf_rmsprop"], acc["sgd_momentum"]),
@@ -458,7 +463,8 @@ def root_free(ctx: Context) -> dict:
     )
     rule2 = Ordering("SGD-momentum", "RMSProp", lower_is_better=False)
     c2 = _claim(
-        "RootFree-2", "(premise) The root-based method generalizes worse than SGD on the CNN", "abstract; §1",
+        "RootFree-2", "(premise) The root-based method generalizes worse than SGD on the CNN",
+        "abstract (the gap the root-free method is said to close)",
         "the known adaptive-vs-SGD gap on CNNs", rule2, rule2.decide(acc["sgd_momentum"], acc["rmsprop"]),
         f"test accuracy: SGD-momentum {_ms(acc['sgd_momentum'])}, RMSProp {_ms(acc['rmsprop'])}",
         {"sgd_momentum": acc["sgd_momentum"], "rmsprop": acc["rmsprop"]},
@@ -471,7 +477,8 @@ def root_free(ctx: Context) -> dict:
     rule3 = MatchesOrBeats("RF-RMSProp", "AdamW", 0.02)
     c3 = _claim(
         "RootFree-3", "Root-free methods keep the root-based methods' performance on transformers",
-        "abstract; §4 (vision transformers on ImageWoof-10)",
+        "abstract (\"while maintaining their root-based counterpart's performance on transformers\"); the "
+        "ImageWoof-10 vision-transformer experiments",
         "RF-RMSProp on par with AdamW on ViTs (numbers not extracted, specs/root_free.md §7)",
         rule3, _safe(lambda: rule3.decide(lm_loss["rf_rmsprop"], lm_loss["adamw"])),
         f"char LM held-out loss after {steps} steps: RF-RMSProp {_ms(lm_loss['rf_rmsprop'])}, AdamW {_ms(lm_loss['adamw'])}",
@@ -486,7 +493,8 @@ def root_free(ctx: Context) -> dict:
     rule4 = MatchesOrBeats("IF-Shampoo (bf16 factors)", "IF-Shampoo (float32 factors)", 0.05)
     v4 = combine([_safe(lambda: rule4.decide(l16, l32)), HOLDS if max(nonfinite) == 0 else FAILS])
     c4 = _claim(
-        "RootFree-4", "IF-Shampoo works in half precision", "abstract; §4 (IF-Shampoo in bfloat16)",
+        "RootFree-4", "IF-Shampoo works in half precision",
+        "abstract (\"do not require numerically unstable matrix square roots and therefore work well in low precision\")",
         "IF-Shampoo runs stably in bfloat16 and matches or beats Shampoo (numbers not extracted)",
         [rule4, "no non-finite step in any seed"], v4,
         f"digits CNN training loss after {epochs} epochs: bf16 factors {_ms(l16)}, float32 factors {_ms(l32)}; "
@@ -526,7 +534,8 @@ def mbf(ctx: Context) -> dict:
     rule1 = Threshold("MBF's mean training-step time / Adam's", 2.0, below=True)
     v1 = combine([rule1.decide(ratios["autoencoder"]), rule1.decide(ratios["cnn"])])
     claims.append(_claim(
-        "MBF-1", "MBF's per-iteration cost is only slightly higher than first-order methods'", "abstract; §5 (timings)",
+        "MBF-1", "MBF's per-iteration cost is only slightly higher than first-order methods'",
+        "abstract (\"per-iteration computational cost is only slightly higher than it is for first-order methods\")",
         "authors' demo (CIFAR-100 VGG16, GPU): ≈67 s per epoch against SGD-m's ≈45 s, i.e. ≈1.5× (read off their "
         "figure, specs/mbf.md §7); the paper's own table not extracted",
         rule1, v1,
@@ -542,7 +551,7 @@ def mbf(ctx: Context) -> dict:
         verdict = combine([_safe(lambda r=r, b=b: r.decide(loss["mbf"], loss[b])) for r, b in zip(rules, ("adam", "sgd_momentum"))])
         claims.append(_claim(
             cid, f"MBF optimizes the {model} better than first-order baselines (training loss against epochs)",
-            "abstract; §5 (autoencoders: MNIST, FACES, CURVES; CNNs: CIFAR-10/100, SVHN)",
+            "abstract; the experiments (autoencoders: MNIST, FACES, CURVES; CNNs: CIFAR-10/100, SVHN)",
             "MBF has the lowest training loss against epochs among SGD-m, Adam, Shampoo and K-FAC on the MNIST "
             "autoencoder (authors' demo: 51.4 after 300 epochs)" if model == "autoencoder" else
             "MBF's training loss and test error at or below SGD-m's and Adam's on the CNNs (numbers not extracted)",
@@ -568,7 +577,8 @@ def mbf(ctx: Context) -> dict:
             parts.append(_safe(lambda r=rule, b=b, model=model: r.decide(at_time[model]["mbf"], at_time[model][b])))
     claims.append(_claim(
         "MBF-4", "MBF optimizes better than first-order baselines against wall-clock time",
-        "abstract (\"time efficiency\"); §5 (loss against time)",
+        "abstract (\"effectiveness both in terms of time efficiency and generalization power\"); loss against time "
+        "in the experiments",
         "MBF's training loss lowest against time on the MNIST autoencoder (authors' demo figure)",
         rules4, combine(parts),
         "training loss at the last epoch boundary (or the start) within the fastest run's time: autoencoder MBF {}, Adam {}, SGD-m {}; "
@@ -619,7 +629,8 @@ def agd(ctx: Context) -> dict:
     v1 = rule1.decide(swings)
     c1 = _claim(
         "AGD-1", "AGD switches automatically between SGD-like and adaptive behaviour, per coordinate, during training",
-        "abstract; §4 (analysis of the switching: proportion of SGD-like coordinates during training, by delta)",
+        "abstract (\"switch dynamically between SGD and the adaptive optimizer\"; \"we analyze how AGD is able to "
+        "switch automatically\")",
         "the proportion of coordinates in SGD mode varies over training and with delta (the paper's figure; "
         "numbers not extracted, specs/agd.md §7)",
         rule1, v1,
@@ -632,8 +643,8 @@ def agd(ctx: Context) -> dict:
     rule2 = MatchesOrBeats("AGD", f"the better of Adam and SGD-m ({_short(best_vision)})", 0.01,
                            relative=False, lower_is_better=False)
     c2 = _claim(
-        "AGD-2", "AGD's generalization matches or beats Adam's and SGD's on vision", "abstract; §4 (CIFAR-10 ResNet-20/32, "
-        "ImageNet ResNet-18: test accuracy)",
+        "AGD-2", "AGD's generalization matches or beats Adam's and SGD's on vision",
+        "abstract; the CV experiments (test accuracy, mean ± std, of ResNet-20/32 on CIFAR-10 and ResNet-18 on ImageNet)",
         "\"highly competitive or significantly better\" than SOTA optimizers (numbers not extracted)",
         rule2, rule2.decide(acc["agd"], acc[best_vision]),
         f"digits CNN test accuracy after {epochs} epochs: AGD {_ms(acc['agd'])}, Adam {_ms(acc['adam'])}, SGD-m {_ms(acc['sgd_momentum'])}",
@@ -649,7 +660,7 @@ def agd(ctx: Context) -> dict:
     rule3 = MatchesOrBeats("AGD", f"the better of Adam and SGD-m ({_short(best_lm)})", 0.01)
     c3 = _claim(
         "AGD-3", "AGD's generalization matches or beats Adam's and SGD's on language modelling",
-        "abstract; §4 (NLP: Transformer and LSTM language models; the authors' README: nanoGPT)",
+        "abstract (NLP tasks); the authors' README (nanoGPT)",
         "nanoGPT validation loss AGD ≈ 3.03 vs AdamW ≈ 3.08 (GPT-2 124M, read off the authors' README plot)",
         rule3, _safe(lambda: rule3.decide(loss["agd"], loss[best_lm])),
         f"char LM held-out loss after {steps} steps: AGD {_ms(loss['agd'])}, Adam {_ms(loss['adam'])}, SGD-m {_ms(loss['sgd_momentum'])}",
