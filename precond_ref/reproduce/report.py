@@ -122,6 +122,12 @@ def _clean(values: list) -> list:
     return [math.nan if v is None else v for v in values]
 
 
+def _smooth(values: list, window: int = 5) -> list:
+    """Trailing moving average (of the points plotted) for the noisy per-step losses."""
+    values = _clean(values)
+    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
 def plot(name: str, paper: dict, path: str) -> None:
     """One PNG per paper, from its ``curves``."""
     import matplotlib
@@ -150,12 +156,12 @@ def plot(name: str, paper: dict, path: str) -> None:
         c = curves[key]
         if key == "loss_vs_step":
             for label, ys in c.items():
-                ax.plot(_clean(ys), label=label)
-            ax.set(title="char LM training loss (mean of seeds)", xlabel="step (subsampled)", ylabel="loss")
+                ax.plot(_smooth(ys), label=label)
+            ax.set(title="char LM training loss (mean of seeds, smoothed)", xlabel="step (subsampled)", ylabel="loss")
         elif key == "loss_vs_time":
             for label, (ts, ys) in c.items():
-                ax.plot(ts, _clean(ys), label=label)
-            ax.set(title="training loss against time (first seed)", xlabel="seconds", ylabel="loss")
+                ax.plot(ts, _smooth(ys), label=label)
+            ax.set(title="training loss against time (first seed, smoothed)", xlabel="seconds", ylabel="loss")
         elif key == "stable_rank":
             for seed, (xs, ys) in c.items():
                 ax.plot(xs, ys, marker="o", label=f"seed {seed}")
