@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import baselines
-from .harness import OPTS, Runner, corpus, digits_data, stable_rank, subspace_distance, top_fraction, top_subspace
+from .harness import OPTS, Runner, digits_data, stable_rank, subspace_distance, top_fraction, top_subspace
 from .verdicts import FAILS, HOLDS, MatchesOrBeats, Ordering, Rule, Threshold, combine
 
 __all__ = ["EXPERIMENTS", "Context", "COMPARE_TUNED"]

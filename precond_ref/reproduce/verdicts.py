@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["HOLDS", "FAILS", "INCONCLUSIVE", "VERDICTS", "Rule", "Ordering", "MatchesOrBeats", "Threshold", "spread", "quorum"]
+__all__ = ["HOLDS", "FAILS", "INCONCLUSIVE", "VERDICTS", "Rule", "Ordering", "MatchesOrBeats", "Threshold", "combine", "spread", "quorum"]
 
 HOLDS = "holds"
 FAILS = "does not hold"
