@@ -1,0 +1,220 @@
+"""``python -m precond_ref reproduce``: does each paper's headline claim hold at this scale?
+
+For each of the five papers (``--paper asgo|sketchy|root_free|mbf|agd|all``), its headline claims
+are stated with where the paper makes them, checked by an experiment run with this library's own
+optimizers over several seeds (:mod:`precond_ref.reproduce.papers`), and given a verdict — holds,
+does not hold, or inconclusive at this scale — by a rule fixed in code before the run
+(:mod:`precond_ref.reproduce.verdicts`). Output in ``--out``: ``reproduce.md`` (a table per paper),
+``reproduce.json`` (every number, per seed) and ``reproduce_<paper>.png``; ``--docs`` also writes
+``docs/reproduce.md``, ``docs/data/reproduce.json`` and ``docs/images/reproduce_<paper>.png``.
+
+Sizes (:mod:`precond_ref.reproduce.config`): the default takes about ten minutes of two CPU cores
+for all five papers; ``--quick`` seconds (a smoke test: its verdicts mean nothing); ``--size large``
+is a configuration for one GPU (``--device cuda``).
+
+Needs the ``compare`` and ``torch`` extras: ``pip install 'precond-ref[compare,torch]'``. This
+module imports neither NumPy nor torch, so ``reproduce --help`` works without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+from ..cli import UserError, nonnegative_int
+from ..compare import _importable, _prepare_out_dir as _prepare
+from .config import PAPERS, SIZES
+
+__all__ = ["add_arguments", "run", "PAPER_NAMES", "INSTALL"]
+
+PAPER_NAMES = tuple(PAPERS)
+INSTALL = "pip install 'precond-ref[compare,torch]'"
+_REQUIRED = ("numpy", "sklearn", "tqdm", "threadpoolctl", "torch")
+DEFAULT_OUT = "results"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Check each paper's headline claims with this library's optimizers: the claim and its source, the paper's "
+        "figure, ours (several seeds) and a verdict by a rule fixed before the run. Needs the 'compare' and 'torch' "
+        f"extras: {INSTALL}."
+    )
+    add = parser.add_argument
+    add("--paper", default="all", help=f"one of {', '.join(PAPER_NAMES)}, a comma-separated list, or all (default)")
+    add("--quick", action="store_true", help="a smoke run of seconds (for the tests; its verdicts mean nothing)")
+    add("--size", choices=("default", "large"), default="default",
+        help="default (minutes on a CPU) or large (a configuration for one GPU; use with --device cuda)")
+    add("--device", default=None, help="torch device (default: cpu; --size large defaults to cuda)")
+    add("--seed", type=nonnegative_int, default=0, help="first seed (default 0)")
+    add("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    add("--docs", action="store_true",
+        help="also write docs/reproduce.md, docs/data/reproduce.json and docs/images/reproduce_*.png (repository root)")
+    add("--no-progress", action="store_true", help="no progress bar (plain lines are printed when stderr is not a terminal)")
+    add("--no-plot", action="store_true", help="do not write the PNG plots")
+
+
+def resolve_papers(spec: str) -> list[str]:
+    """The papers named by ``--paper`` (in the canonical order); unknown names are a :class:`UserError`."""
+    if spec.strip().lower() == "all":
+        return list(PAPER_NAMES)
+    wanted = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in PAPERS]
+    if unknown or not wanted:
+        raise UserError(f"unknown paper(s) {', '.join(map(repr, unknown)) or '(none given)'}; available: "
+                        f"{', '.join(PAPER_NAMES)}, all")
+    return [name for name in PAPER_NAMES if name in wanted]
+
+
+def check_dependencies(plot: bool) -> None:
+    missing = [m for m in _REQUIRED + (("matplotlib",) if plot else ()) if not _importable(m)]
+    if missing:
+        raise UserError(f"reproduce needs {', '.join(missing)}: {INSTALL}")
+
+
+class _Progress:
+    """A tqdm bar over the papers on a terminal (its postfix names the last finished run); plain
+    lines on stderr otherwise; nothing with ``--no-progress``."""
+
+    def __init__(self, papers: int, enabled: bool):
+        self.enabled, self.bar, self.paper, self.started = enabled, None, "", time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=papers, unit="paper", file=sys.stderr, dynamic_ncols=True)
+
+    def start(self, paper: str) -> None:
+        self.paper = paper
+        if self.bar is not None:
+            self.bar.set_description(paper)
+        elif self.enabled:
+            print(f"[reproduce] {paper}: started", file=sys.stderr, flush=True)
+
+    def run_done(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text[:60])
+        elif self.enabled:
+            print(f"[reproduce] {self.paper}: {text} ({time.perf_counter() - self.started:.0f} s)", file=sys.stderr, flush=True)
+
+    def paper_done(self, summary: str) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"[reproduce] {self.paper}: done, {summary}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    papers = resolve_papers(args.paper)
+    if args.quick and args.size != "default":
+        raise UserError("--quick and --size large are exclusive")
+    size_name = "quick" if args.quick else args.size
+    check_dependencies(plot=not args.no_plot)
+    out = _prepare(args.out)
+    if args.docs:
+        if not os.path.isdir("docs"):
+            raise UserError("--docs writes into ./docs: run from the repository root")
+        for sub in ("docs/data", "docs/images"):
+            _prepare(sub)
+
+    import numpy as np
+    import sklearn
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from . import harness, report
+    from .papers import Context, run_paper
+
+    size = dict(SIZES[size_name])
+    device = args.device or size["device"]
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"--device {device!r} is not a torch device ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} needs CUDA, and torch.cuda.is_available() is False here"
+                        + (" (--size large defaults to cuda; pass --device cpu to run it on the CPU)" if args.size == "large" else ""))
+    harness.DEVICE = str(dev)
+    torch.set_num_threads(1)
+    progress = _Progress(len(papers), enabled=not args.no_progress)
+    runner = harness.Runner(on_run=progress.run_done)
+    argv = list(getattr(args, "argv", []) or [])
+    data: dict[str, Any] = {
+        "command_line": shlex.join(["python", "-m", "precond_ref", "reproduce", *argv]),
+        "settings": {"size": size_name, "papers": papers, "seeds": list(range(args.seed, args.seed + size["seeds"])),
+                     "config": size, "device": str(dev), "threads": 1},
+        "versions": {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
+        "papers": {},
+    }
+    from ..benchmarks.common import machine
+
+    data["machine"] = machine(str(dev), ["torch"])
+    started, cpu = time.perf_counter(), time.process_time()
+    try:
+        with threadpool_limits(limits=1):
+            for name in papers:
+                progress.start(name)
+                ctx = Context(runner, size, seed=args.seed)
+                result = run_paper(name, ctx)
+                data["papers"][name] = result
+                progress.paper_done(", ".join(f"{c['id']} {c['verdict']}" for c in result["claims"]))
+    finally:
+        progress.close()
+    data["wall_s"] = time.perf_counter() - started
+    data["cpu_s"] = time.process_time() - cpu
+    data["corpus_characters"] = harness._CORPUS.get("characters")
+    _write(data, out, "", plot=not args.no_plot)
+    if args.docs:
+        _write(data, "docs", "images/", plot=not args.no_plot, docs=True)
+    print("\n".join(report.summary_lines(data)))
+    print(f"report: {os.path.join(out, 'reproduce.md')} ({data['wall_s']:.0f} s)")
+    return 0
+
+
+def _write(data: dict, directory: str, image_dir: str, plot: bool, docs: bool = False) -> None:
+    from . import report
+
+    json_path = os.path.join(directory, "data", "reproduce.json") if docs else os.path.join(directory, "reproduce.json")
+    with open(json_path, "w") as handle:
+        json.dump(_finite_or_none(data), handle, indent=1, allow_nan=False, default=_jsonable)
+        handle.write("\n")
+    # The page is rendered from the JSON as written (what the test re-renders).
+    with open(json_path) as handle:
+        written = json.load(handle)
+    with open(os.path.join(directory, "reproduce.md"), "w") as handle:
+        handle.write(report.render(written, image_dir))
+    if plot:
+        images = os.path.join(directory, "images") if docs else directory
+        for name, paper in written["papers"].items():
+            report.plot(name, paper, os.path.join(images, f"reproduce_{name}.png"))
+
+
+def _finite_or_none(value: Any) -> Any:
+    """The data with non-finite floats (a diverged run's loss) as ``null``."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")

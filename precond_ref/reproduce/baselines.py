@@ -1,0 +1,144 @@
+"""Reference baselines the library does not ship, written for ``reproduce`` only.
+
+These are *not* methods of :mod:`precond_ref` (``precond_ref/methods/`` holds the five papers'
+methods): they are the minimal, clearly-labelled comparison points the papers' claims are made
+against. Where PyTorch has the baseline (Adam, AdamW, SGD, RMSProp) ``torch.optim`` runs it; what
+torch lacks is here:
+
+- :class:`ShampooReference`: Shampoo (Gupta, Koren, Singer, ICML 2018) with exponential moving
+  averages of the Kronecker factors, one-sided (``sides=1``: the smaller axis' factor to the power
+  -1/2, the structure ASGO's paper calls one-sided Shampoo) or two-sided (``sides=2``: each factor
+  to the power -1/4), heavy-ball momentum, and the update rescaled layer by layer to the Frobenius
+  norm of the Adam update ("grafting", as in the ASGO authors' Shampoo baseline). Roots by a
+  float64 symmetric eigendecomposition every ``precondition_every`` steps; parameters with fewer
+  than two dimensions take the Adam update.
+- :func:`oco_adagrad`: online diagonal or full-matrix AdaGrad (Duchi, Hazan, Singer, JMLR 2011)
+  with ``delta = 0`` (the pseudo-inverse root, as the Sketchy paper's Appendix A protocol), for the
+  online logistic regression of the Sketchy experiment (NumPy).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["ShampooReference", "oco_adagrad"]
+
+
+def _shampoo_class() -> Any:
+    import torch
+
+    class ShampooReference(torch.optim.Optimizer):
+        """Reference Shampoo (EMA factors, grafted to Adam's update norm); see the module docstring."""
+
+        def __init__(
+            self, params: Any, lr: float = 3e-3, momentum: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+            sides: int = 2, precondition_every: int = 1, adam_betas: tuple = (0.9, 0.999), adam_eps: float = 1e-8,
+        ) -> None:
+            if sides not in (1, 2):
+                raise ValueError(f"ShampooReference: sides must be 1 or 2, got {sides!r}")
+            params = list(params)
+            if params and isinstance(params[0], tuple):  # named parameters
+                params = [p for _, p in params]
+            super().__init__(params, dict(lr=lr, momentum=momentum, b2=b2, eps=eps, sides=sides,
+                                          precondition_every=precondition_every, adam_betas=adam_betas, adam_eps=adam_eps))
+
+        @staticmethod
+        def _root(factor: Any, power: float, eps: float) -> Any:
+            import torch
+
+            f64 = factor.double()
+            dim = f64.shape[0]
+            damping = eps * max(float(torch.trace(f64)) / dim, 1e-30)
+            values, vectors = torch.linalg.eigh(f64 + damping * torch.eye(dim, dtype=f64.dtype, device=f64.device))
+            values = values.clamp_min(damping)
+            return ((vectors * values.pow(-power)) @ vectors.T).to(factor.dtype)
+
+        @torch.no_grad()
+        def step(self, closure: Callable | None = None) -> Any:
+            loss = None if closure is None else closure()
+            for group in self.param_groups:
+                b1, b2a = group["adam_betas"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    g = p.grad
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = 0
+                        state["m"] = torch.zeros_like(p)
+                        state["v"] = torch.zeros_like(p)
+                    state["step"] += 1
+                    t = state["step"]
+                    state["m"].mul_(b1).add_(g, alpha=1 - b1)
+                    state["v"].mul_(b2a).addcmul_(g, g, value=1 - b2a)
+                    adam = (state["m"] / (1 - b1**t)) / ((state["v"] / (1 - b2a**t)).sqrt() + group["adam_eps"])
+                    if p.ndim < 2:
+                        p.add_(adam, alpha=-group["lr"])
+                        continue
+                    g2 = g.reshape(g.shape[0], -1)
+                    m = state["m"].reshape(g2.shape)
+                    rows, cols = g2.shape
+                    left = group["sides"] == 2 or rows <= cols
+                    right = group["sides"] == 2 or rows > cols
+                    power = 0.25 if group["sides"] == 2 else 0.5
+                    if left:
+                        state.setdefault("L", torch.zeros(rows, rows, dtype=p.dtype, device=p.device))
+                        state["L"].mul_(group["b2"]).add_(g2 @ g2.T, alpha=1 - group["b2"])
+                    if right:
+                        state.setdefault("R", torch.zeros(cols, cols, dtype=p.dtype, device=p.device))
+                        state["R"].mul_(group["b2"]).add_(g2.T @ g2, alpha=1 - group["b2"])
+                    if (t - 1) % group["precondition_every"] == 0:
+                        if left:
+                            state["L_root"] = self._root(state["L"], power, group["eps"])
+                        if right:
+                            state["R_root"] = self._root(state["R"], power, group["eps"])
+                    direction = m
+                    if left:
+                        direction = state["L_root"] @ direction
+                    if right:
+                        direction = direction @ state["R_root"]
+                    scale = adam.norm() / direction.norm().clamp_min(1e-30)
+                    p.add_(direction.reshape(p.shape) * scale, alpha=-group["lr"])
+            return loss
+
+    return ShampooReference
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ShampooReference":  # defined on first use: this module imports without torch
+        cls = _shampoo_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def oco_adagrad(features: Any, labels: Any, learning_rate: float, full: bool) -> Any:
+    """Per-round logistic losses of online AdaGrad (diagonal or full-matrix, ``delta = 0``).
+
+    ``features`` ``(T, d)``, ``labels`` in {-1, +1}; round ``t`` suffers ``log(1 + exp(-y x.w))`` at
+    the current iterate, then steps ``w -= lr * H^{-1/2} g`` with ``H = sum g g^T`` (full) or its
+    diagonal, the inverse root restricted to the range (pseudo-inverse), as with ``delta = 0``.
+    """
+    import numpy as np
+
+    rounds, dim = features.shape
+    w = np.zeros(dim)
+    losses = np.empty(rounds)
+    h = np.zeros((dim, dim)) if full else np.zeros(dim)
+    for t in range(rounds):
+        x, y = features[t], labels[t]
+        margin = y * (x @ w)
+        losses[t] = np.logaddexp(0.0, -margin)
+        g = -y * x / (1.0 + np.exp(margin))
+        if full:
+            h += np.outer(g, g)
+            values, vectors = np.linalg.eigh(h)
+            keep = values > values.max() * dim * np.finfo(float).eps
+            if keep.any():
+                v = vectors[:, keep]
+                w -= learning_rate * (v @ ((v.T @ g) / np.sqrt(values[keep])))
+        else:
+            h += g * g
+            nz = h > 0
+            w[nz] -= learning_rate * g[nz] / np.sqrt(h[nz])
+    return losses

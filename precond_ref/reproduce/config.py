@@ -1,0 +1,81 @@
+"""Sizes of the ``reproduce`` experiments and the papers they check (pure data: no NumPy, no torch).
+
+``quick`` is for the test suite (every experiment in seconds; its verdicts mean little), the
+default is what ``docs/reproduce.md`` shows (all five papers within 30 minutes of two CPU cores),
+and ``large`` is a configuration for one GPU (``--device cuda``), documented and not run here.
+"""
+
+from __future__ import annotations
+
+PAPERS = {
+    "asgo": {
+        "title": "ASGO: Adaptive Structured Gradient Optimization",
+        "authors": "An, Liu, Pan, Ren, Ma, Goldfarb, Zhang",
+        "venue": "NeurIPS 2025, arXiv 2503.20762",
+    },
+    "sketchy": {
+        "title": "Sketchy: Memory-efficient Adaptive Regularization with Frequent Directions",
+        "authors": "Feinberg, Chen, Sun, Anil, Hazan",
+        "venue": "NeurIPS 2023, arXiv 2302.03764",
+    },
+    "root_free": {
+        "title": "Can We Remove the Square-Root in Adaptive Gradient Methods? A Second-Order Perspective",
+        "authors": "Lin, Dangel, Eschenhagen, Bae, Turner, Makhzani",
+        "venue": "ICML 2024, arXiv 2402.03496",
+    },
+    "mbf": {
+        "title": "A Mini-Block Fisher Method for Deep Neural Networks",
+        "authors": "Bahamou, Goldfarb, Ren",
+        "venue": "AISTATS 2023, arXiv 2202.04124",
+    },
+    "agd": {
+        "title": "AGD: an Auto-switchable Optimizer using Stepwise Gradient Difference for Preconditioning Matrix",
+        "authors": "Yue, Ye, Jiang, Liu, Zhang",
+        "venue": "NeurIPS 2023, arXiv 2312.01658",
+    },
+}
+
+SIZES = {
+    "quick": {
+        "seeds": 2,
+        "digits_epochs": 1,
+        "tune_epochs": 1,
+        "lm": {"width": 16, "layers": 1, "heads": 2, "context": 16, "batch": 8, "eval_batches": 2},
+        "lm_steps": 12,
+        "tune_steps": 6,
+        "grid": 1,
+        "checkpoints": 3,
+        "oco_rounds": 100,
+        "oco_grid": 2,
+        "oco_rank": 4,
+        "device": "cpu",
+    },
+    "default": {
+        "seeds": 3,
+        "digits_epochs": 10,
+        "tune_epochs": 4,
+        "lm": {"width": 32, "layers": 2, "heads": 4, "context": 32, "batch": 16, "eval_batches": 8},
+        "lm_steps": 300,
+        "tune_steps": 120,
+        "grid": 3,
+        "checkpoints": 10,
+        "oco_rounds": 1000,  # 0: every example of the data set
+        "oco_grid": 7,
+        "oco_rank": 8,
+        "device": "cpu",
+    },
+    "large": {
+        "seeds": 5,
+        "digits_epochs": 40,
+        "tune_epochs": 10,
+        "lm": {"width": 256, "layers": 6, "heads": 8, "context": 256, "batch": 64, "eval_batches": 32},
+        "lm_steps": 3000,
+        "tune_steps": 600,
+        "grid": 5,
+        "checkpoints": 20,
+        "oco_rounds": 0,
+        "oco_grid": 13,
+        "oco_rank": 16,
+        "device": "cuda",
+    },
+}

@@ -1,0 +1,411 @@
+"""What the ``reproduce`` experiments share: optimizers by name, the two training loops, the
+learning-rate sweep, the run cache and the spectral measurements.
+
+Everything runs on PyTorch in float32 on one thread (the experiments are tiny; a fixed thread count
+keeps the summation order fixed). The tasks:
+
+- **digits**: the MLP, CNN and autoencoder of ``compare`` (:mod:`precond_ref.compare.digits`, its
+  weights, split and loss), mini-batches of 64 in a seed-dependent order.
+- **char LM**: a small pre-norm causal transformer on the characters of this project's own
+  documentation (README and ``docs/``, minus the generated ``docs/reproduce.md``), as the examples
+  train; random windows, validation on the held-out last 10% of the text.
+
+The learning-rate sweep is ``compare``'s protocol: a log grid (powers of sqrt(10), see
+:func:`precond_ref.compare.grid_factors`) centred on a method's paper value, training on the first
+80% of the training data and scoring the loss on the other 20%, with the first seed; the best rate
+is then run on every seed against the test data.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..adapters import torch as pt
+from ..benchmarks import common
+from ..compare import digits, grid_factors
+from ..compare.methods import entry_by_name
+from ..compare.training import make_torch_optimizer
+from . import baselines
+
+DTYPE = torch.float32
+#: The torch device of every tensor (set by the command from ``--device``).
+DEVICE = "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers by name
+
+
+def _embedding(name: str, _: Any) -> bool:
+    # The ASGO authors' trainer sends embeddings to its fallback Adam (module-level: a stable repr).
+    return "token" in name or "position" in name
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One optimizer of the experiments: ``build(named_params, lr, **overrides)``."""
+
+    name: str
+    label: str
+    library: bool  # a precond_ref method (True) or a reference baseline (False)
+    needs_batch: bool = False
+
+    def build(self, named: list, lr: float, model: str = "*", **overrides: Any) -> torch.optim.Optimizer:
+        """The optimizer over ``named`` at learning rate ``lr``.
+
+        Library methods take the hyperparameters of ``compare``'s table for ``model`` (the papers'
+        values, :data:`precond_ref.compare.methods.METHODS`), ``overrides`` in core names on top,
+        through ``compare``'s :func:`~precond_ref.compare.training.make_torch_optimizer` (eager).
+        """
+        params = [p for _, p in named]
+        kw = dict(overrides)
+        n = self.name
+        if n == "adam":
+            return torch.optim.Adam(params, lr=lr, **kw)
+        if n == "adamw":
+            return torch.optim.AdamW(params, lr=lr, **{"weight_decay": 0.01, **kw})
+        if n == "sgd_momentum":
+            return torch.optim.SGD(params, lr=lr, **{"momentum": 0.9, **kw})
+        if n == "rmsprop":
+            return torch.optim.RMSprop(params, lr=lr, **kw)
+        if n in ("shampoo1", "shampoo2"):
+            return baselines.ShampooReference(named, lr=lr, **{"sides": int(n[-1]), **kw})
+        entry = entry_by_name(n)
+        core = {**entry.kwargs_for(model), **kw, "learning_rate": lr}
+        if n == "asgo":  # the authors' split: embeddings (and 1-D parameters) to the fallback Adam
+            return pt.ASGO(
+                named, lr=lr, betas=(core["b1"], core["b2"]), weight_decay=core["weight_decay"],
+                rms_target=core["rms_target"], fallback_filter=_embedding, compile=False,
+            )
+        optimizer, notes = make_torch_optimizer(entry, named, core, {"compile": False})
+        if notes:  # pragma: no cover - every method has its torch class
+            raise RuntimeError(f"{n}: {notes}")
+        return optimizer
+
+
+OPTS = {
+    o.name: o
+    for o in (
+        Opt("adam", "Adam (torch.optim)", False),
+        Opt("adamw", "AdamW (torch.optim)", False),
+        Opt("sgd_momentum", "SGD-momentum (torch.optim)", False),
+        Opt("rmsprop", "RMSProp (torch.optim)", False),
+        Opt("shampoo1", "one-sided Shampoo (reference baseline)", False),
+        Opt("shampoo2", "Shampoo (reference baseline)", False),
+        Opt("asgo", "ASGO", True),
+        Opt("agd", "AGD", True),
+        Opt("sketchy", "Sketchy", True),
+        Opt("rf_rmsprop", "RF-RMSProp", True, needs_batch=True),
+        Opt("if_shampoo", "IF-Shampoo", True, needs_batch=True),
+        Opt("mbf", "MBF", True),
+    )
+}
+
+
+def _sync() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed_step(optimizer: Any, loss_fn: Callable, extra: dict, observe: Optional[Callable], step: int, named: list) -> tuple:
+    """One training step: ``(loss, seconds)``; ``observe(step, named, optimizer)`` runs between the
+    backward pass and the optimizer step, outside the timed part."""
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    _sync()
+    elapsed = time.perf_counter() - start
+    if observe is not None:
+        observe(step, named, optimizer)
+    start = time.perf_counter()
+    optimizer.step(**extra)
+    _sync()
+    return loss.item(), elapsed + time.perf_counter() - start
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (counters included), as ``bench`` counts them."""
+    return common.state_bytes(dict(optimizer.state))
+
+
+def nonfinite_steps(optimizer: torch.optim.Optimizer) -> int:
+    """The library's count of skipped non-finite steps (its ``nonfinite_count`` state), max over parameters."""
+    counts = [int(s["nonfinite_count"]) for s in optimizer.state.values() if "nonfinite_count" in s]
+    return max(counts, default=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Digits
+
+
+_DIGITS: dict = {}
+
+
+def digits_data(tuning: bool) -> tuple:
+    """``(x_train, y_train, x_eval, y_eval)``: the test split, or (``tuning``) the validation split."""
+    key = "tune" if tuning else "test"
+    if key not in _DIGITS:
+        x_train, y_train, x_test, y_test = digits.load_digits_split()
+        _DIGITS["test"] = (x_train, y_train, x_test, y_test)
+        _DIGITS["tune"] = digits.validation_split(x_train, y_train, 0.2)
+    return _DIGITS[key]
+
+
+def train_digits(
+    opt: Opt, model: str, seed: int, epochs: int, lr: float, *, tuning: bool = False, batch_size: int = 64,
+    overrides: Optional[dict] = None, observe: Optional[Callable] = None, observe_every: int = 1,
+) -> dict:
+    """Train a ``compare`` model; per-epoch losses, accuracies and cumulative seconds.
+
+    ``observe(step, named, optimizer)`` is called after every ``observe_every``-th backward pass,
+    before the optimizer step (the gradients are in ``.grad``). Its time is not counted.
+    """
+    x_train, y_train, x_eval, y_eval = digits_data(tuning)
+    initial = digits.init_params(model, seed)
+    params = {
+        f"{k}.{kk}": torch.tensor(v, dtype=DTYPE, device=DEVICE, requires_grad=True) for k, layer in initial.items() for kk, v in layer.items()
+    }
+    named = list(params.items())
+    optimizer = opt.build(named, lr, model, **(overrides or {}))
+    extra = {"batch_size": batch_size} if opt.needs_batch else {}
+    xt, yt = torch.tensor(x_train, dtype=DTYPE, device=DEVICE), torch.tensor(y_train, device=DEVICE)
+    xe, ye = torch.tensor(x_eval, dtype=DTYPE, device=DEVICE), torch.tensor(y_eval, device=DEVICE)
+    steps_per_epoch = len(x_train) // batch_size
+    out: dict = {"epoch_train_loss": [], "epoch_eval_loss": [], "epoch_eval_accuracy": [], "epoch_seconds": [], "step_seconds": []}
+    clock, step, diverged = 0.0, 0, False
+    with torch.no_grad():
+        out["initial_train_loss"] = digits.torch_loss(model, params, xt, yt).item()
+    for epoch in range(epochs):
+        order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(x_train))).to(DEVICE)
+        for i in range(steps_per_epoch):
+            index = order[i * batch_size : (i + 1) * batch_size]
+            value, elapsed = _timed_step(
+                optimizer, lambda: digits.torch_loss(model, params, xt[index], yt[index]), extra,
+                observe if observe is not None and step % observe_every == 0 else None, step, named,
+            )
+            out["step_seconds"].append(elapsed)
+            clock += elapsed
+            step += 1
+            if not math.isfinite(value):
+                diverged = True
+                break
+        with torch.no_grad():
+            train_loss = digits.torch_loss(model, params, xt, yt).item()
+            eval_loss = digits.torch_loss(model, params, xe, ye).item()
+            accuracy = None
+            if model in digits.CLASSIFIERS:
+                accuracy = (digits.torch_logits(model, params, xe).argmax(1) == ye).double().mean().item()
+        out["epoch_train_loss"].append(train_loss if math.isfinite(train_loss) else None)
+        out["epoch_eval_loss"].append(eval_loss if math.isfinite(eval_loss) else None)
+        out["epoch_eval_accuracy"].append(accuracy)
+        out["epoch_seconds"].append(clock)
+        if diverged or not math.isfinite(train_loss):
+            diverged = True
+            break
+    out.update(
+        diverged=diverged, state_bytes=state_bytes(optimizer), nonfinite_steps=nonfinite_steps(optimizer),
+        final_train_loss=out["epoch_train_loss"][-1], final_eval_loss=out["epoch_eval_loss"][-1],
+        final_eval_accuracy=out["epoch_eval_accuracy"][-1], steps=step, seconds=clock,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Character-level language model
+
+
+class CharTransformer(torch.nn.Module):
+    """Token and position embeddings, pre-norm causal transformer blocks, a linear read-out."""
+
+    def __init__(self, vocabulary: int, context: int, width: int, layers: int, heads: int):
+        super().__init__()
+        self.token = torch.nn.Embedding(vocabulary, width)
+        self.position = torch.nn.Embedding(context, width)
+        block = torch.nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = torch.nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, vocabulary)
+        self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        hidden = self.token(ids) + self.position(torch.arange(length, device=ids.device))
+        hidden = self.blocks(hidden, mask=self.mask[:length, :length], is_causal=True)
+        return self.head(self.norm(hidden))
+
+
+_CORPUS: dict = {}
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+#: Left out of the corpus: what the command itself writes (the text must not depend on the last run).
+CORPUS_EXCLUDE = ("reproduce.md",)
+
+
+def corpus() -> tuple:
+    """``(train_ids, validation_ids, vocabulary_size)``: README.md and docs/**/*.md, last 10% held out."""
+    if not _CORPUS:
+        files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+        files = [f for f in files if f.exists() and f.name not in CORPUS_EXCLUDE]
+        text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+        if len(text) < 10_000:
+            from ..cli import UserError
+
+            raise UserError(f"the char-LM experiments need this project's README.md and docs/ (found {len(text)} characters under {ROOT})")
+        vocabulary = sorted(set(text))
+        lookup = {ch: i for i, ch in enumerate(vocabulary)}
+        ids = np.fromiter((lookup[ch] for ch in text), dtype=np.int64, count=len(text))
+        split = int(len(ids) * 0.9)
+        _CORPUS.update(train=ids[:split], validation=ids[split:], vocabulary=len(vocabulary), characters=len(text))
+    return _CORPUS["train"], _CORPUS["validation"], _CORPUS["vocabulary"]
+
+
+def _windows(ids: np.ndarray, batch: int, context: int, rng: np.random.Generator) -> tuple:
+    starts = rng.integers(0, len(ids) - context - 1, size=batch)
+    window = np.stack([ids[s : s + context + 1] for s in starts])
+    return torch.from_numpy(window[:, :-1]).to(DEVICE), torch.from_numpy(window[:, 1:]).to(DEVICE)
+
+
+def train_lm(
+    opt: Opt, lm: dict, seed: int, steps: int, lr: float, *, tuning: bool = False, overrides: Optional[dict] = None,
+    observe: Optional[Callable] = None, observe_every: int = 1,
+) -> dict:
+    """Train the char transformer ``lm`` (width, layers, heads, context, batch) for ``steps`` steps.
+
+    Returns the per-step training loss and cumulative seconds, and the evaluation loss (mean over
+    ``lm["eval_batches"]`` fixed windows) of the held-out text, or while ``tuning`` of the last 10%
+    of the training text (the model then trains on the first 90%).
+    """
+    train_ids, validation_ids, vocabulary = corpus()
+    if tuning:
+        cut = int(len(train_ids) * 0.9)
+        train_ids, validation_ids = train_ids[:cut], train_ids[cut:]
+    torch.manual_seed(seed)
+    model = CharTransformer(vocabulary, lm["context"], lm["width"], lm["layers"], lm["heads"]).to(DEVICE, DTYPE)
+    named = list(model.named_parameters())
+    optimizer = opt.build(named, lr, "lm", **(overrides or {}))
+    extra = {"batch_size": lm["batch"] * lm["context"]} if opt.needs_batch else {}
+    rng = np.random.default_rng([seed, 7])
+    losses, seconds, clock, diverged = [], [], 0.0, False
+    for step in range(steps):
+        inputs, targets = _windows(train_ids, lm["batch"], lm["context"], rng)
+        value, elapsed = _timed_step(
+            optimizer, lambda: F.cross_entropy(model(inputs).reshape(-1, vocabulary), targets.reshape(-1)), extra,
+            observe if observe is not None and step % observe_every == 0 else None, step, named,
+        )
+        clock += elapsed
+        losses.append(value if math.isfinite(value) else None)
+        seconds.append(clock)
+        if not math.isfinite(value):
+            diverged = True
+            break
+    eval_rng = np.random.default_rng(12345)  # the same windows for every run
+    with torch.no_grad():
+        held = [
+            F.cross_entropy(model(x).reshape(-1, vocabulary), y.reshape(-1)).item()
+            for x, y in (_windows(validation_ids, lm["batch"], lm["context"], eval_rng) for _ in range(lm["eval_batches"]))
+        ]
+    eval_loss = float(np.mean(held))
+    tail = [v for v in losses[-max(1, steps // 10) :] if v is not None]
+    return {
+        "step_loss": losses, "step_seconds": seconds, "diverged": diverged or not math.isfinite(eval_loss),
+        "final_eval_loss": eval_loss if math.isfinite(eval_loss) else None,
+        "final_train_loss": float(np.mean(tail)) if tail and not diverged else None,
+        "seconds": clock, "steps": len(losses), "state_bytes": state_bytes(optimizer),
+        "nonfinite_steps": nonfinite_steps(optimizer),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs, cached, and the learning-rate sweep
+
+
+class Runner:
+    """Runs experiments with a cache (``--paper all`` shares e.g. the AdamW char-LM runs) and a
+    progress callback per finished run."""
+
+    def __init__(self, on_run: Callable[[str], None] = lambda text: None):
+        self.cache: dict = {}
+        self.on_run = on_run
+        self.tuned: dict = {}
+
+    def digits(self, opt: str, model: str, seed: int, epochs: int, lr: float, **kw: Any) -> dict:
+        key = ("digits", opt, model, seed, epochs, lr, kw.get("tuning", False), repr(sorted((kw.get("overrides") or {}).items())))
+        if kw.get("observe") is not None or key not in self.cache:
+            result = train_digits(OPTS[opt], model, seed, epochs, lr, **kw)
+            self.on_run(f"{opt} on digits {model}, seed {seed}" + (", lr sweep" if kw.get("tuning") else ""))
+            if kw.get("observe") is not None:
+                return result
+            self.cache[key] = result
+        return self.cache[key]
+
+    def lm(self, opt: str, lm: dict, seed: int, steps: int, lr: float, **kw: Any) -> dict:
+        key = ("lm", opt, repr(sorted(lm.items())), seed, steps, lr, kw.get("tuning", False),
+               repr(sorted((kw.get("overrides") or {}).items())))
+        if kw.get("observe") is not None or key not in self.cache:
+            result = train_lm(OPTS[opt], lm, seed, steps, lr, **kw)
+            self.on_run(f"{opt} on the char LM, seed {seed}" + (", lr sweep" if kw.get("tuning") else ""))
+            if kw.get("observe") is not None:
+                return result
+            self.cache[key] = result
+        return self.cache[key]
+
+    def tune(self, task: str, opt: str, center: float, grid: int, run: Callable[[float], dict], metric: str) -> dict:
+        """Best learning rate of ``grid`` points around ``center`` by ``metric`` (lower is better;
+        a diverged run scores +inf); ``grid == 1`` is no sweep (the center, "paper value")."""
+        key = (task, opt, center, grid)
+        if key in self.tuned:
+            return self.tuned[key]
+        if grid <= 1:
+            result = {"lr": center, "center": center, "tuned": False, "scores": {}}
+        else:
+            scores, rates = {}, {}
+            for factor in grid_factors(grid):
+                lr = center * factor
+                res = run(lr)
+                value = res.get(metric)
+                rates[f"{lr:.3g}"] = lr
+                scores[f"{lr:.3g}"] = value if (value is not None and not res["diverged"]) else None
+            finite = {k: v for k, v in scores.items() if v is not None}
+            best = rates[min(finite, key=finite.get)] if finite else center
+            result = {"lr": best, "center": center, "tuned": True, "scores": scores}
+        self.tuned[key] = result
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectral measurements
+
+
+def stable_rank(matrix: np.ndarray) -> float:
+    """``||G||_F^2 / ||G||_2^2`` (between 1 and the rank); 0 for a zero matrix."""
+    s = np.linalg.svd(np.asarray(matrix, dtype=np.float64), compute_uv=False)
+    return float((s**2).sum() / s[0] ** 2) if s[0] > 0 else 0.0
+
+
+def top_fraction(factor: np.ndarray, k: int) -> float:
+    """Fraction of the trace of a PSD matrix held by its ``k`` largest eigenvalues."""
+    values = np.clip(np.linalg.eigvalsh(np.asarray(factor, dtype=np.float64)), 0.0, None)
+    total = values.sum()
+    return float(np.sort(values)[::-1][:k].sum() / total) if total > 0 else 0.0
+
+
+def top_subspace(factor: np.ndarray, k: int) -> np.ndarray:
+    """Orthonormal basis ``(d, k)`` of the top-``k`` eigenvectors of a symmetric matrix."""
+    _, vectors = np.linalg.eigh(np.asarray(factor, dtype=np.float64))
+    return vectors[:, ::-1][:, :k]
+
+
+def subspace_distance(u: np.ndarray, v: np.ndarray) -> float:
+    """Mean squared sine of the principal angles between two ``k``-dim subspaces (0 equal, 1 orthogonal)."""
+    cosines = np.clip(np.linalg.svd(u.T @ v, compute_uv=False), 0.0, 1.0)
+    return float(np.mean(1.0 - cosines**2))
