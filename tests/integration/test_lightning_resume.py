@@ -56,8 +56,7 @@ def _fit(name, scheduler, root, epochs, ckpt_path=None):
     trainer = L.Trainer(
         default_root_dir=str(root), max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        deterministic=True,
-    )
+    )  # not deterministic=True: it would switch on torch's deterministic algorithms for the whole worker
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     return trainer, module
 
