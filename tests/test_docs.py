@@ -9,7 +9,10 @@ directory, unless the text since the previous block or the block's first line sa
 (the phrase :data:`CONTINUES`), in which case it runs after that block in the same namespace; shell blocks run
 their ``python -m precond_ref ...`` lines through the command-line entry point. A block preceded
 by ``<!-- docs-test: requires NAME -->`` is skipped while ``precond_ref.NAME`` does not exist
-(method pages written before the method landed).
+(method pages written before the method landed); one preceded by ``<!-- docs-test: imports
+MODULE ... -->`` is skipped while one of those modules is not installed (the framework pages);
+one preceded by ``<!-- docs-test: known-failure ERROR: reason -->`` must raise ``ERROR`` (a
+strict expected failure: the test fails once the block runs, so that the marker is removed).
 """
 
 from __future__ import annotations
@@ -30,21 +33,24 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
-_BLOCK = re.compile(r"(?:<!-- docs-test: requires (\w+) -->\n)?```(\w+)\n(.*?)```", re.S)
+_BLOCK = re.compile(r"((?:<!-- docs-test: [^\n]*? -->\n)*)```(\w+)\n(.*?)```", re.S)
+_MARK = re.compile(r"<!-- docs-test: ([\w-]+) (.*?) -->")
 # What a page says, in the prose before a block, when the block needs the one before it.
 CONTINUES = "continues the example above"
 
 
-def _blocks(page: pathlib.Path) -> list[tuple[str, str, str | None, bool]]:
-    """``(language, code, required name, continues)`` for every fenced block of a page."""
+def _blocks(page: pathlib.Path) -> list[tuple[str, str, str | None, bool, dict]]:
+    """``(language, code, required name, continues, other markers)`` for every fenced block."""
     text = page.read_text()
     blocks, previous_end = [], 0
     for match in _BLOCK.finditer(text):
-        req, lang, code = match.groups()
+        marks, lang, code = match.groups()
+        marks = dict(_MARK.findall(marks))
+        req = marks.pop("requires", None)
         # Said in the prose since the previous block, or in the block's first line (a comment).
         said = " ".join((text[previous_end : match.start()] + " " + code.split("\n", 1)[0]).split()).lower()
         continues = CONTINUES in said
-        blocks.append((lang, code, req or None, continues))
+        blocks.append((lang, code, req or None, continues, marks))
         previous_end = match.end()
     return blocks
 
@@ -104,13 +110,26 @@ def test_code_examples_run(page, tmp_path, monkeypatch):
     namespace: dict = {"__name__": "__docs__"}
     everything: dict = {}  # every name any block defined, for the page-specific checks below
     ran = skipped = 0
-    for lang, code, required, continues in _blocks(page):
+    for lang, code, required, continues, marks in _blocks(page):
         if required is not None and not hasattr(precond_ref, required):
+            skipped += 1
+            continue
+        if any(importlib.util.find_spec(m) is None for m in marks.get("imports", "").split()):
             skipped += 1
             continue
         if lang == "python" and not continues:
             namespace = {"__name__": "__docs__"}  # a reader may copy this block alone
-        if lang == "python":
+        if lang == "python" and "known-failure" in marks:
+            error, reason = marks["known-failure"].split(":", 1)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    exec(compile(code, str(page), "exec"), namespace)
+            except Exception as exc:  # noqa: BLE001 - the type is checked next
+                assert type(exc).__name__ == error, f"{page}: expected {error} ({reason.strip()}), got {exc!r}"
+            else:
+                pytest.fail(f"{page}: a block marked known-failure ({reason.strip()}) now runs: remove the marker")
+            ran += 1
+        elif lang == "python":
             with contextlib.redirect_stdout(io.StringIO()):
                 exec(compile(code, str(page), "exec"), namespace)
             everything.update(namespace)
@@ -120,7 +139,7 @@ def test_code_examples_run(page, tmp_path, monkeypatch):
     if page.name == "validating.md":
         _check_documented_report(page, everything)
     if ran == 0 and skipped:
-        pytest.skip(f"{skipped} example(s) need methods not in this version")
+        pytest.skip(f"{skipped} example(s) need methods not in this version or frameworks not installed")
 
 
 def _number(word: str):
