@@ -357,3 +357,85 @@ def difference(got: list, want: list, above: float = 0.0) -> tuple[float, int]:
             worst = max(worst, d)
     assert len(got) == len(want)
     return worst, first
+
+
+# --------------------------------------------------------------------------------------------
+# The table of docs/adapters/paths.md
+
+
+def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
+    """Rows ``(path, compared with, largest relative difference, where)`` over every cell."""
+    import jax.numpy as jnp
+
+    cells = [(m, mode, model) for model in MODELS for m in METHODS for mode in MODES if accepts(m, mode, model)]
+    f32 = {c for c in cells if float32_state(*c)}
+    known = {("agd", "faithful"): "item 3", ("rf_adamw", "faithful"): "lr tensor"}
+    rows: dict[tuple[str, str], tuple[float, str]] = {}
+
+    def note(path: str, against: str, got: list, want: list, cell: tuple) -> None:
+        d = difference(got, want)[0]
+        key = (path, against)
+        if key not in rows or d > rows[key][0]:
+            rows[key] = (d, "/".join(cell))
+
+    for cell in cells:
+        core = core_trajectory(*cell)
+        eager, jitted = torch_trajectory(*cell), optax_trajectory(*cell)
+        names = list(MODELS[cell[2]].shapes)
+        if cell in f32:
+            tag = " (float32 state)"
+            torch_core = core_trajectory(*cell, xp=torch)
+            jax_core = core_trajectory(*cell, xp=jnp, jit=True)
+            note("torch eager" + tag + (f" [{known[cell[:2]]}]" if cell[:2] in known else ""), "core on torch", eager, torch_core, cell)
+            note("optax jax.jit" + tag, "core under jax.jit", jitted, jax_core, cell)
+            note("torch eager" + tag, "NumPy core (float32 rounding, not asserted)", eager, core, cell)
+            note("optax jax.jit" + tag, "NumPy core (float32 rounding, not asserted)", jitted, core, cell)
+        else:
+            label = "torch eager" + (f" [{known[cell[:2]]}]" if cell[:2] in known else "")
+            note(label, "NumPy core", eager, core, cell)
+            note("optax jax.jit", "NumPy core", jitted, core, cell)
+        for at, what in ((4, "mid-interval"), (6, "at a refresh")):
+            note(f"torch state_dict restored {what}", "uninterrupted torch eager", torch_trajectory(*cell, restore_at=at), eager, cell)
+        note("torch, two param groups", "one group", torch_trajectory(*cell, groups=[names[:2], names[2:]]), eager, cell)
+        note("optax state pickled mid-run", "uninterrupted optax jax.jit", optax_trajectory(*cell, pickle_at=4), jitted, cell)
+        if cell[1] == "principled" and cell[2] == "mlp" and compile_backend is not None:
+            note(f"torch compiled ({compile_backend['backend']})", "NumPy core",
+                 torch_trajectory(*cell, compile=compile_backend), core, cell)
+    for method, extra in [("mbf", {}), ("if_shampoo", {"grouping": "weight_bias"})]:
+        for mode in MODES:
+            for model in MODELS:
+                layer = "fc1" if model == "mlp" else "fc"
+                order = None if model == "mlp" else [["fc.weight", "fc.bias", "conv.weight", "conv.bias"]]
+                for leaf, tag in (("bias", ""), ("weight", " [item 2]")):
+                    missing = {2: [f"{layer}.{leaf}"], 5: [f"{layer}.{leaf}"]}
+                    got = torch_trajectory(method, mode, model, missing=missing, groups=order, **extra)
+                    want = core_trajectory(method, mode, model, missing=missing, **extra)
+                    note(f"torch, paired {leaf} without a gradient{tag}", "core given a zero gradient", got, want, (method, mode, model))
+    for mode in MODES:
+        for model in MODELS:
+            warm = warm_batches(model)
+            want = core_trajectory("mbf", mode, model, warm=warm)
+            note("MBF warm start, optax mbf_warm_start", "core warm_start", optax_trajectory("mbf", mode, model, warm=warm), want, ("mbf", mode, model))
+            note("MBF warm start, torch MBF.warm_start [item 1]", "core warm_start", torch_trajectory("mbf", mode, model, warm=warm), want, ("mbf", mode, model))
+    return [(path, against, d, where) for (path, against), (d, where) in rows.items()]
+
+
+def main() -> None:
+    import os
+    import sys
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import xla_flags  # noqa: F401 - the suite's XLA options
+
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    print("| path | compared with | largest relative difference | in cell |")
+    print("|---|---|---|---|")
+    for path, against, d, where in _table({"backend": "aot_eager"}):
+        print(f"| {path} | {against} | {d:.1e} | {where} |" if d else f"| {path} | {against} | 0 (bit-identical) | all |")
+
+
+if __name__ == "__main__":
+    main()
