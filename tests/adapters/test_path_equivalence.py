@@ -12,7 +12,7 @@ order: each update differs by at most about ``n·κ·eps`` relative to the updat
 per reduction here, ``κ`` the conditioning of the damped solves and roots, <= 1e2 with these
 dampings, eps = 2.2e-16), i.e. <= 1e-12 of the update over 10 steps, and the updates are about
 1e-2 of the parameters, which the comparison is relative to: ``RTOL = 1e-12`` leaves a margin of
-about 100 over that bound (measured: at most 5e-14, see docs/adapters/paths.md).
+about 100 over that bound (measured: at most 4.5e-14, see docs/adapters/paths.md).
 
 A float32 faithful path (the authors' float32 state, documented for ASGO/DASGO's statistic and
 the root-free methods) rounds differently on each backend's float32 kernels, so it is compared
@@ -63,10 +63,6 @@ LR_TENSOR = (
 
 def _cell_id(cell) -> str:
     return "-".join(cell[::-1])
-
-
-def _marked(cells, marks: dict):
-    return [pytest.param(c, marks=marks[c], id=_cell_id(c)) if c in marks else pytest.param(c, id=_cell_id(c)) for c in cells]
 
 
 def _xfail(reason: str, condition: bool = True):
@@ -128,19 +124,45 @@ def _identical(got, want, what):
 
 
 # --------------------------------------------------------------------------------------------
-# Base paths against the core
+# torch: eager against the core; a restored state_dict and two param groups against eager.
+# One test per (cell, path), a cell's paths adjacent so that one pytest-xdist worker runs them
+# (and the eager run they are compared with) together.
+
+TORCH_PATHS = ("eager", "restored-mid-interval", "restored-at-refresh", "two-groups")
+OPTAX_PATHS = ("jit", "pickled")
 
 
-@pytest.mark.parametrize("cell", _marked(CELLS, TORCH_EAGER_MARKS))
-def test_torch_eager_equals_core(cell):
+def _per_path(paths, marks: dict) -> list:
+    return [
+        pytest.param(cell, path, marks=marks.get((cell, path), ()), id=f"{_cell_id(cell)}-{path}")
+        for cell in CELLS
+        for path in paths
+    ]
+
+
+@pytest.mark.parametrize("cell, path", _per_path(TORCH_PATHS, {(c, "eager"): m for c, m in TORCH_EAGER_MARKS.items()}))
+def test_torch_path(cell, path):
     """torch eager (``compile=False``) gives the core's trajectory: to RTOL against NumPy, or
-    bit-identical to the core on torch for a float32 cell (same kernels, same order)."""
-    want = _reference(cell, "torch")
-    got = _torch_eager(cell)
-    if cell in FLOAT32:
-        _identical(got, want, "torch eager vs the core on torch")
+    bit-identical to the core on torch for a float32 cell (same kernels, same order).
+
+    A ``state_dict`` saved after 4 steps (between refreshes) or 6 (the next call refreshes), through
+    ``torch.save``/``torch.load`` into a fresh optimizer on fresh tensors, continues bit-identically
+    to the uninterrupted eager run; so does the run with the same hyperparameters split in two param
+    groups (one layer each: every method's state and update are per block). Both therefore meet the
+    core as the eager run does."""
+    eager = _torch_eager(cell)
+    if path == "eager":
+        want = _reference(cell, "torch")
+        if cell in FLOAT32:
+            _identical(eager, want, "torch eager vs the core on torch")
+        else:
+            _close(eager, want, RTOL, "torch eager vs the NumPy core")
+    elif path.startswith("restored"):
+        at = 4 if path == "restored-mid-interval" else 2 * pm.INTERVAL
+        _identical(pm.torch_trajectory(*cell, restore_at=at), eager, "restored vs uninterrupted")
     else:
-        _close(got, want, RTOL, "torch eager vs the NumPy core")
+        names = list(pm.MODELS[cell[2]].shapes)
+        _identical(pm.torch_trajectory(*cell, groups=[names[:2], names[2:]]), eager, "two groups vs one")
 
 
 @pytest.mark.parametrize("method", pm.METHODS)
@@ -157,44 +179,25 @@ def test_torch_compiled_equals_core(method):
     _close(got, _numpy_core(cell), RTOL, "torch compiled vs the NumPy core")
 
 
-@pytest.mark.parametrize("cell", _marked(CELLS, {}))
-def test_optax_jit_equals_core(cell):
-    """optax under ``jax.jit`` (x64, enabled for the whole suite in conftest) gives the core's
-    trajectory: to RTOL against NumPy; bit-identical to the jitted core for a float32 cell."""
-    want = _reference(cell, "jax")
-    got = _optax_jit(cell)
-    if cell in FLOAT32:
-        _identical(got, want, "optax jit vs the jitted core on JAX")
-    else:
-        _close(got, want, RTOL, "optax jit vs the NumPy core")
-
-
 # --------------------------------------------------------------------------------------------
-# Derived paths against their base path: the same arithmetic, so bit-identical
+# optax under jax.jit against the core; a pickled state against the uninterrupted run
 
 
-@pytest.mark.parametrize("restore_at", [4, 6], ids=["mid-interval", "at-refresh"])
-@pytest.mark.parametrize("cell", _marked(CELLS, {}))
-def test_torch_state_dict_restore_continues_exactly(cell, restore_at):
-    """A ``state_dict`` saved after 4 steps (between refreshes) or 6 (the next call refreshes),
-    through ``torch.save``/``torch.load`` into a fresh optimizer on fresh tensors, continues
-    bit-identically to the uninterrupted eager run (and so meets the core as that run does)."""
-    _identical(pm.torch_trajectory(*cell, restore_at=restore_at), _torch_eager(cell), "restored vs uninterrupted")
-
-
-@pytest.mark.parametrize("cell", _marked(CELLS, {}))
-def test_torch_two_param_groups_equal_one(cell):
-    """The same hyperparameters split in two param groups (one layer each) give the one-group
-    trajectory bit for bit: every method's state and update are per block."""
-    names = list(pm.MODELS[cell[2]].shapes)
-    _identical(pm.torch_trajectory(*cell, groups=[names[:2], names[2:]]), _torch_eager(cell), "two groups vs one")
-
-
-@pytest.mark.parametrize("cell", _marked(CELLS, {}))
-def test_optax_pickled_state_continues_exactly(cell):
-    """An optax state pickled and restored after 4 steps continues bit-identically under the same
-    jitted step (no recompilation: the restored state has the original's structure)."""
-    _identical(pm.optax_trajectory(*cell, pickle_at=4), _optax_jit(cell), "pickled vs uninterrupted")
+@pytest.mark.parametrize("cell, path", _per_path(OPTAX_PATHS, {}))
+def test_optax_path(cell, path):
+    """optax under ``jax.jit`` (x64, enabled for the whole suite in conftest) gives the core's
+    trajectory: to RTOL against NumPy; bit-identical to the jitted core for a float32 cell. A state
+    pickled and restored after 4 steps continues bit-identically under the same jitted step (no
+    recompilation: the restored state has the original's structure)."""
+    jitted = _optax_jit(cell)
+    if path == "jit":
+        want = _reference(cell, "jax")
+        if cell in FLOAT32:
+            _identical(jitted, want, "optax jit vs the jitted core on JAX")
+        else:
+            _close(jitted, want, RTOL, "optax jit vs the NumPy core")
+    else:
+        _identical(pm.optax_trajectory(*cell, pickle_at=4), jitted, "pickled vs uninterrupted")
     assert pm._jitted(*cell)[1]._cache_size() == 1
 
 
