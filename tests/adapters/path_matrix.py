@@ -1,0 +1,441 @@
+"""The path-equivalence matrix (issue 31): every public path of every method against the NumPy core.
+
+A *cell* is one method in one mode on one model; a *path* is one way a user runs it (torch eager,
+torch compiled, a torch ``state_dict`` restored mid-run, optax under ``jax.jit``, ...). Each path's
+trajectory (the parameters after every step) is compared with the trajectory of the core on NumPy
+float64 given the same gradients.
+
+The gradients are a deterministic function of the parameters: a least-squares loss on a fixed
+batch (one of three, by step), written once in torch float64 and differentiated by autograd on
+NumPy copies of the parameters. Every path hands its current parameters to the same function, so
+two paths that agree on the parameters get bit-identical gradients, and any difference between
+trajectories comes from the optimizer paths alone.
+
+Run ``python tests/adapters/path_matrix.py`` (from the repository root) to print the table of
+``docs/adapters/paths.md``: the largest relative difference per path over all cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import pickle
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+import precond_ref as pr
+
+STEPS = 10  # refreshes (interval 3) at calls 0, 3, 6 and 9
+INTERVAL = 3
+BATCH = 6
+MODES = ("principled", "faithful")
+METHODS = ("agd", "asgo", "dasgo", "sketchy", "s_adagrad", "rf_rmsprop", "rf_adamw", "if_shampoo", "mbf")
+
+
+# --------------------------------------------------------------------------------------------
+# Models: parameter shapes (torch layout, weights out-first) and a loss written once in torch.
+
+
+def _mlp_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    h = torch.tanh(x @ p["fc1.weight"].T + p["fc1.bias"])
+    return 0.5 * ((h @ p["fc2.weight"].T + p["fc2.bias"] - y) ** 2).mean()
+
+
+def _conv_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    h = torch.tanh(torch.nn.functional.conv2d(x, p["conv.weight"], p["conv.bias"]))
+    return 0.5 * ((h.flatten(1) @ p["fc.weight"].T + p["fc.bias"] - y) ** 2).mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    name: str
+    shapes: dict  # dotted name -> shape, in the order the optimizers see the parameters
+    input_shape: tuple
+    outputs: int
+    loss: Callable
+
+    def init(self) -> dict:
+        rng = np.random.default_rng(0)
+        return {n: rng.normal(0.0, 0.5, s) for n, s in self.shapes.items()}
+
+    @functools.cached_property
+    def batches(self) -> list:
+        rng = np.random.default_rng(1)
+        return [
+            (torch.from_numpy(rng.normal(size=(BATCH, *self.input_shape))),
+             torch.from_numpy(rng.normal(size=(BATCH, self.outputs))))
+            for _ in range(3)
+        ]
+
+    def grads(self, params: dict, t: int) -> dict:
+        """The loss gradient at ``params`` (dotted name -> float64 array) on step ``t``'s batch."""
+        leaves = {n: torch.tensor(np.asarray(v), dtype=torch.float64, requires_grad=True) for n, v in params.items()}
+        x, y = self.batches[t % 3]
+        self.loss(leaves, x, y).backward()
+        return {n: leaf.grad.numpy() for n, leaf in leaves.items()}
+
+
+MODELS = {
+    "mlp": Model("mlp", {"fc1.weight": (5, 3), "fc1.bias": (5,), "fc2.weight": (2, 5), "fc2.bias": (2,)}, (3,), 2, _mlp_loss),
+    "conv": Model(
+        "conv",
+        {"conv.weight": (4, 2, 3, 3), "conv.bias": (4,), "fc.weight": (2, 16), "fc.bias": (2,)},
+        (2, 4, 4), 2, _conv_loss,
+    ),
+}
+
+
+def nested(flat: dict) -> dict:
+    """``{"fc1.weight": a}`` -> ``{"fc1": {"weight": a}}`` (the paths torch's names give the core)."""
+    tree: dict = {}
+    for name, value in flat.items():
+        layer, leaf = name.split(".")
+        tree.setdefault(layer, {})[leaf] = value
+    return tree
+
+
+def flat(tree: dict, names) -> dict:
+    return {n: tree[n.split(".")[0]][n.split(".")[1]] for n in names}
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations: the core's keyword arguments per method and mode; the torch classes take the
+# same values (only ``learning_rate`` is renamed ``lr``; every other name used here is shared).
+
+
+def core_kwargs(method: str, mode: str) -> dict:
+    every = dict(precondition_every=INTERVAL)
+    kwargs = {
+        "agd": dict(learning_rate=1e-2, weight_decay=1e-2),
+        "asgo": dict(learning_rate=1e-2, **every),
+        "dasgo": dict(learning_rate=1e-2),
+        "sketchy": dict(learning_rate=1e-2, rank=2, **every),
+        "s_adagrad": dict(learning_rate=1e-1, rank=2, momentum=0.5, delta=1e-3),
+        "rf_rmsprop": dict(learning_rate=1e-2, damping=1e-2, momentum=0.9, weight_decay=1e-3, batch_size=BATCH),
+        "rf_adamw": dict(learning_rate=1e-2, damping=1e-2, weight_decay=1e-3, batch_size=BATCH),
+        "if_shampoo": dict(learning_rate=1e-2, preconditioner_lr=0.2, damping=1e-2, batch_size=BATCH, **every),
+        "mbf": dict(learning_rate=1e-2, damping=0.1, statistics_every=1, **every),
+    }[method]
+    if mode == "faithful" and method == "asgo":
+        del kwargs["precondition_every"]  # the authors' root runs every step (faithful refuses an interval)
+    if mode == "faithful" and method == "s_adagrad":
+        del kwargs["momentum"]  # the authors' S-AdaGrad has none
+    if mode == "faithful" and method == "sketchy":
+        # Faithful Sketchy has no cutoff of the sketch's tail (K3): with the default relative eps
+        # (1e-7 of the top eigenvalue) the rounding-level tail eigenvalues of these rank-deficient
+        # sketches are weighted (1e-7 lambda_max)^(-1/4), and two LAPACKs' ulp-level differences
+        # there reach 6e-12 (mlp) and 1.1e-11 (conv) of the parameters after one step, the same
+        # between NumPy and JAX's core as between NumPy and torch: the method's conditioning, not a
+        # path's. An absolute eps of 1e-2 bounds that weight (2.7e-15 and 2.6e-14 measured).
+        kwargs.update(eps=1e-2, relative_eps=False)
+    return {**kwargs, "mode": mode}
+
+
+def torch_kwargs(method: str, mode: str) -> dict:
+    kwargs = core_kwargs(method, mode)
+    return {"lr": kwargs.pop("learning_rate"), **kwargs}
+
+
+def torch_class(method: str) -> type:
+    import precond_ref.adapters.torch as pt
+
+    return {
+        "agd": pt.AGD, "asgo": pt.ASGO, "dasgo": pt.DASGO, "sketchy": pt.Sketchy, "s_adagrad": pt.SAdaGrad,
+        "rf_rmsprop": pt.RFRMSProp, "rf_adamw": pt.RFAdamW, "if_shampoo": pt.IFShampoo, "mbf": pt.MBF,
+    }[method]
+
+
+def accepts(method: str, mode: str, model: str) -> bool:
+    """Whether the mode takes the model (faithful ASGO and DASGO refuse a 4-D conv weight)."""
+    try:
+        transform = getattr(pr, method)(**core_kwargs(method, mode))
+        transform.init(nested(MODELS[model].init()))
+    except ValueError:
+        return False
+    return True
+
+
+def float32_state(method: str, mode: str, model: str) -> bool:
+    """Whether the cell keeps float32 state for float64 parameters (the authors' float32 state,
+    documented as a faithful-mode difference: ASGO/DASGO's statistic, the root-free methods' state)."""
+    state = getattr(pr, method)(**core_kwargs(method, mode)).init(nested(MODELS[model].init()))
+    return any(v.dtype == np.float32 for entries in state.groups.values() for v in entries.values())
+
+
+def torch_float32_sqrt_misrounds(steps: int = STEPS) -> bool:
+    """Whether torch's eager CPU float32 ``sqrt`` misrounds one of faithful AGD's bias corrections
+    ``1 - 0.999**t`` (t = 1..steps) on this CPU (issue 31 item 3; it does on some CPUs only)."""
+    for t in range(1, steps + 1):
+        x = np.float32(np.float32(1) - np.float32(0.999) ** np.float32(t))
+        want = np.float32(np.sqrt(np.float64(x)))
+        if np.float32(torch.sqrt(torch.tensor(x, dtype=torch.float32)).item()) != want:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Trajectories: a list of ``STEPS + 1`` dicts (dotted name -> float64 NumPy array).
+
+
+def _copy(params: dict) -> dict:
+    return {n: np.array(v, dtype=np.float64, copy=True) for n, v in params.items()}
+
+
+def core_trajectory(
+    method: str, mode: str, model: str, *, xp: Any = np, jit: bool = False, missing: Optional[dict] = None,
+    warm: Optional[list] = None, steps: int = STEPS, **overrides: Any,
+) -> list:
+    """The core's trajectory on ``xp`` (``numpy`` by default; ``torch`` or ``jax.numpy`` for a
+    float32 path, compared on its own backend), eagerly.
+
+    ``missing`` (``{step: [names]}``): those leaves have no gradient on that step, which the core
+    expresses as the adapter rule does (:func:`precond_ref.transform.missing_members`): a zero
+    gradient in the block's update, and that leaf's update dropped. ``warm``: gradient batches
+    (flat dicts) given to ``warm_start`` before the first step (MBF). ``jit`` (JAX): each update
+    under ``jax.jit``.
+    """
+    spec = MODELS[model]
+    transform = getattr(pr, method)(**{**core_kwargs(method, mode), **overrides})
+    if xp is torch:
+        to = lambda a: torch.from_numpy(np.array(a, dtype=np.float64))  # noqa: E731
+    elif xp is np:
+        to = np.asarray
+    else:  # jax.numpy
+        to = lambda a: xp.asarray(np.asarray(a), dtype=xp.float64)  # noqa: E731
+    params = {n: to(v) for n, v in spec.init().items()}
+    state = transform.init(nested(params))
+    if warm is not None:
+        state = transform.warm_start(state, [nested({n: to(g) for n, g in b.items()}) for b in warm])
+    update = transform.update
+    if jit:
+        import jax
+
+        update = jax.jit(transform.update)
+    history = [_copy({n: np.asarray(v) for n, v in params.items()})]
+    for t in range(steps):
+        grads = {n: to(g) for n, g in spec.grads(history[-1], t).items()}
+        gone = (missing or {}).get(t, ())
+        for n in gone:
+            grads[n] = grads[n] * 0
+        updates, state = update(nested(grads), state, nested(params))
+        updates = flat(updates, params)
+        params = {n: (v if n in gone else v + updates[n]) for n, v in params.items()}
+        history.append(_copy({n: np.asarray(v) for n, v in params.items()}))
+    return history
+
+
+def _fresh_torch(values: dict) -> list:
+    return [(n, torch.tensor(v, dtype=torch.float64, requires_grad=True)) for n, v in values.items()]
+
+
+def torch_trajectory(
+    method: str, mode: str, model: str, *, compile: Any = False, restore_at: Optional[int] = None,
+    groups: Optional[list] = None, missing: Optional[dict] = None, warm: Optional[list] = None,
+    steps: int = STEPS, keep: Optional[list] = None, **overrides: Any,
+) -> list:
+    """A torch optimizer's trajectory (``keep``, a list, receives the optimizer and its parameters).
+
+    ``restore_at=k``: after ``k`` steps the optimizer's ``state_dict`` goes through
+    ``torch.save``/``torch.load`` into a fresh optimizer on fresh parameter tensors (the saved
+    values). ``groups``: lists of names, one param group each (same hyperparameters).
+    """
+    spec = MODELS[model]
+    cls, kwargs = torch_class(method), {**torch_kwargs(method, mode), **overrides, "compile": compile}
+
+    def make(named: list) -> Any:
+        if groups is None:
+            return cls(named, **kwargs)
+        by_name = dict(named)
+        return cls([{"params": [(n, by_name[n]) for n in names]} for names in groups], **kwargs)
+
+    named = _fresh_torch(spec.init())
+    opt = make(named)
+    if warm is not None:
+        opt.warm_start([{n: torch.from_numpy(g) for n, g in b.items()} for b in warm])
+    history = [_copy({n: p.detach().numpy() for n, p in named})]
+    for t in range(steps):
+        if t == restore_at:
+            buffer = io.BytesIO()
+            torch.save(opt.state_dict(), buffer)
+            buffer.seek(0)
+            saved = torch.load(buffer)  # weights_only: plain data
+            named = _fresh_torch(history[-1])
+            opt = make(named)
+            opt.load_state_dict(saved)
+        grads = spec.grads(history[-1], t)
+        gone = (missing or {}).get(t, ())
+        for n, p in named:
+            p.grad = None if n in gone else torch.from_numpy(grads[n].copy())
+        opt.step()
+        history.append(_copy({n: p.detach().numpy() for n, p in named}))
+    if keep is not None:
+        keep.extend([opt, named])
+    return history
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(method: str, mode: str, model: str):
+    """One optax optimizer and one jitted step per cell (the plain and the pickled run share it)."""
+    import jax
+    import optax
+
+    import precond_ref.adapters.jax as pj
+
+    opt = getattr(pj, method)(**core_kwargs(method, mode))
+
+    @jax.jit
+    def step(grads, state, params):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return opt, step
+
+
+def optax_trajectory(
+    method: str, mode: str, model: str, *, pickle_at: Optional[int] = None, warm: Optional[list] = None,
+    steps: int = STEPS,
+) -> list:
+    """optax under ``jax.jit``; ``pickle_at=k``: the state goes through ``pickle`` after ``k`` steps."""
+    import jax.numpy as jnp
+
+    import precond_ref.adapters.jax as pj
+
+    spec = MODELS[model]
+    opt, step = _jitted(method, mode, model)
+    params = {n: jnp.asarray(v, dtype=jnp.float64) for n, v in spec.init().items()}
+    state = opt.init(nested(params))
+    if warm is not None:
+        state = pj.mbf_warm_start(
+            state, [nested({n: jnp.asarray(g) for n, g in b.items()}) for b in warm], **core_kwargs(method, mode)
+        )
+    history = [_copy({n: np.asarray(v) for n, v in params.items()})]
+    tree = nested(params)
+    for t in range(steps):
+        if t == pickle_at:
+            state = pickle.loads(pickle.dumps(state))
+        grads = {n: jnp.asarray(g) for n, g in spec.grads(history[-1], t).items()}
+        tree, state = step(nested(grads), state, tree)
+        history.append(_copy({n: np.asarray(v) for n, v in flat(tree, spec.shapes).items()}))
+    return history
+
+
+def warm_batches(model: str, n: int = 3) -> list:
+    """Gradient batches for MBF's warm start: the loss gradient at the initial parameters with the
+    targets redrawn (as the authors sample labels from the model's predictive distribution)."""
+    spec = MODELS[model]
+    rng = np.random.default_rng(7)
+    params = {n: torch.tensor(v, requires_grad=True) for n, v in spec.init().items()}
+    out = []
+    for _ in range(n):
+        x, _ = spec.batches[0]
+        y = torch.from_numpy(rng.normal(size=(BATCH, spec.outputs)))
+        for p in params.values():
+            p.grad = None
+        spec.loss(params, x, y).backward()
+        out.append({k: p.grad.numpy().copy() for k, p in params.items()})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement
+
+
+def difference(got: list, want: list, above: float = 0.0) -> tuple[float, int]:
+    """The largest relative difference between two trajectories, and the first step (number of
+    updates) where a difference larger than ``above`` appears (-1: none): max over steps and
+    leaves of ``max|got - want| / max|want|``."""
+    worst, first = 0.0, -1
+    for t, (a, b) in enumerate(zip(got, want)):
+        for n in b:
+            scale = float(np.max(np.abs(b[n]))) or 1.0
+            d = float(np.max(np.abs(a[n] - b[n]))) / scale
+            if d > above and first < 0:
+                first = t
+            worst = max(worst, d)
+    assert len(got) == len(want)
+    return worst, first
+
+
+# --------------------------------------------------------------------------------------------
+# The table of docs/adapters/paths.md
+
+
+def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
+    """Rows ``(path, compared with, largest relative difference, where)`` over every cell."""
+    import jax.numpy as jnp
+
+    cells = [(m, mode, model) for model in MODELS for m in METHODS for mode in MODES if accepts(m, mode, model)]
+    f32 = {c for c in cells if float32_state(*c)}
+    known = {("agd", "faithful"): "item 3", ("rf_adamw", "faithful"): "lr tensor"}
+    rows: dict[tuple[str, str], tuple[float, str]] = {}
+
+    def note(path: str, against: str, got: list, want: list, cell: tuple) -> None:
+        d = difference(got, want)[0]
+        key = (path, against)
+        if key not in rows or d > rows[key][0]:
+            rows[key] = (d, "/".join(cell))
+
+    for cell in cells:
+        core = core_trajectory(*cell)
+        eager, jitted = torch_trajectory(*cell), optax_trajectory(*cell)
+        names = list(MODELS[cell[2]].shapes)
+        if cell in f32:
+            tag = " (float32 state)"
+            torch_core = core_trajectory(*cell, xp=torch)
+            jax_core = core_trajectory(*cell, xp=jnp, jit=True)
+            note("torch eager" + tag + (f" [{known[cell[:2]]}]" if cell[:2] in known else ""), "core on torch", eager, torch_core, cell)
+            note("optax jax.jit" + tag, "core under jax.jit", jitted, jax_core, cell)
+            note("torch eager" + tag, "NumPy core (float32 rounding, not asserted)", eager, core, cell)
+            note("optax jax.jit" + tag, "NumPy core (float32 rounding, not asserted)", jitted, core, cell)
+        else:
+            label = "torch eager" + (f" [{known[cell[:2]]}]" if cell[:2] in known else "")
+            note(label, "NumPy core", eager, core, cell)
+            note("optax jax.jit", "NumPy core", jitted, core, cell)
+        for at, what in ((4, "mid-interval"), (6, "at a refresh")):
+            note(f"torch state_dict restored {what}", "uninterrupted torch eager", torch_trajectory(*cell, restore_at=at), eager, cell)
+        note("torch, two param groups", "one group", torch_trajectory(*cell, groups=[names[:2], names[2:]]), eager, cell)
+        note("optax state pickled mid-run", "uninterrupted optax jax.jit", optax_trajectory(*cell, pickle_at=4), jitted, cell)
+        if cell[1] == "principled" and cell[2] == "mlp" and compile_backend is not None:
+            note(f"torch compiled ({compile_backend['backend']})", "NumPy core",
+                 torch_trajectory(*cell, compile=compile_backend), core, cell)
+    for method, extra in [("mbf", {}), ("if_shampoo", {"grouping": "weight_bias"})]:
+        for mode in MODES:
+            for model in MODELS:
+                layer = "fc1" if model == "mlp" else "fc"
+                order = None if model == "mlp" else [["fc.weight", "fc.bias", "conv.weight", "conv.bias"]]
+                for leaf, tag in (("bias", ""), ("weight", " [item 2]")):
+                    missing = {2: [f"{layer}.{leaf}"], 5: [f"{layer}.{leaf}"]}
+                    got = torch_trajectory(method, mode, model, missing=missing, groups=order, **extra)
+                    want = core_trajectory(method, mode, model, missing=missing, **extra)
+                    note(f"torch, paired {leaf} without a gradient{tag}", "core given a zero gradient", got, want, (method, mode, model))
+    for mode in MODES:
+        for model in MODELS:
+            warm = warm_batches(model)
+            want = core_trajectory("mbf", mode, model, warm=warm)
+            note("MBF warm start, optax mbf_warm_start", "core warm_start", optax_trajectory("mbf", mode, model, warm=warm), want, ("mbf", mode, model))
+            note("MBF warm start, torch MBF.warm_start [item 1]", "core warm_start", torch_trajectory("mbf", mode, model, warm=warm), want, ("mbf", mode, model))
+    return [(path, against, d, where) for (path, against), (d, where) in rows.items()]
+
+
+def main() -> None:
+    import os
+    import sys
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import xla_flags  # noqa: F401 - the suite's XLA options
+
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    print("| path | compared with | largest relative difference | in cell |")
+    print("|---|---|---|---|")
+    for path, against, d, where in _table({"backend": "aot_eager"}):
+        print(f"| {path} | {against} | {d:.1e} | {where} |" if d else f"| {path} | {against} | 0 (bit-identical) | all |")
+
+
+if __name__ == "__main__":
+    main()
