@@ -8,21 +8,8 @@ import numpy as np
 import pytest
 
 from precond_ref._backend import (
-    NO_CONTEXT,
-    _copies,
-    as_operand,
-    cast,
-    compute_dtype,
-    computed_once,
-    cond,
-    cond_under_cpu_jit,
-    float32_matmul_precision,
-    is_number,
-    is_tracer,
-    is_zero,
-    placement,
-    scalar_array,
-    scalar_zero,
+    NO_CONTEXT, _copies, as_operand, cast, compute_dtype, computed_once, cond, cond_under_cpu_jit,
+    float32_matmul_precision, is_number, is_tracer, is_zero, placement, scalar_array, scalar_zero,
     torch_compiling,
 )
 
