@@ -104,6 +104,7 @@ def placement(xp: Any, x: Array) -> Any:
 
 
 def _placed(xp: Any, device: Any) -> Any:
+    """``device``, or ``None`` on JAX (see :func:`placement`)."""
     return None if is_jax_namespace(xp) else device
 
 
