@@ -19,7 +19,8 @@ import torch
 from torch.optim.optimizer import required
 
 import precond_ref as pr
-from precond_ref.transform import PrecondState, Transform, float32_matmul_precision, missing_members
+from precond_ref._backend import float32_matmul_precision
+from precond_ref.transform import PrecondState, Transform, missing_members
 from precond_ref.tree import TreeDef, path_str, tree_flatten, tree_unflatten
 
 from . import _torch_compile, _torch_state

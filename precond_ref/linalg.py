@@ -12,7 +12,7 @@ Reference:
   every iterative root.
 
 Batched damped inverses and solves of many small SPD blocks (:func:`damped_inverse`,
-:func:`damped_inverse_stable`, :func:`damped_solve`): one batched call for a whole stack, with a
+:func:`damped_inverse_stable`): one batched call for a whole stack, with a
 finiteness fallback and, in :func:`damped_inverse_stable`, a damping floor at the precision of the
 statistic (branch-free: no host synchronisation).
 
@@ -22,8 +22,9 @@ Iterative roots (matmul only, fixed step counts, so they jit and run on GPUs wit
   (An et al. 2025, ``optimizers/utils/matrix_decom.py``), coefficients from Amsel et al. 2025.
 * :func:`inverse_sqrt_newton_schulz`: the coupled Newton–Schulz iteration with a fixed polynomial,
   by default the classical :math:`(a, b, c) = (2, -3/2, 1/2)` of the ASGO code.
-* :func:`inverse_root_newton`: the coupled inverse Newton iteration for :math:`A^{-1/p}` used by
-  Shampoo implementations (Guo and Higham 2006; ASGO code ``_matrix_inverse_root_newton``).
+* :func:`inverse_root` with ``method="newton"``: the coupled inverse Newton iteration for
+  :math:`A^{-1/p}` used by Shampoo implementations (Guo and Higham 2006; ASGO code
+  ``_matrix_inverse_root_newton``).
 
 Accuracy (8×8 SPD, float32, 10 steps, relative Frobenius error versus float64 eigh; spec
 ``asgo.md`` I14): Polar-Express 2.4e-7, 9.4e-7, 2.9e-5, 1.1e-3 and Newton–Schulz 7e-16, 1.8e-7,
@@ -40,7 +41,7 @@ from typing import Any, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace
 
-from .transform import _is_tracer, placement
+from ._backend import as_operand, cond, is_tracer, is_zero, placement
 
 __all__ = [
     "kl_clip_factor",
@@ -54,16 +55,12 @@ __all__ = [
     "polar_express_coefficients",
     "inverse_sqrt_polar_express",
     "inverse_sqrt_newton_schulz",
-    "inverse_root_newton",
     "inverse_root",
-    "inverse_root_residual",
     "ROOT_RESIDUAL_TOLERANCE",
     "ROOT_METHODS",
     "damped_inverse",
     "damped_inverse_stable",
-    "damped_inverse_residual",
     "DAMPED_INVERSE_ACCURACY",
-    "damped_solve",
     "damped_inverse_init",
     "mode_product",
     "mode_gram",
@@ -114,7 +111,7 @@ def per_matrix(xp: Any, decomposition: Any, *operands: Array) -> Any:
 def _jax_cpu_lapack_waits_on_pool(xp: Any, a: Array) -> bool:
     if not is_jax_namespace(xp):
         return False
-    if not _is_tracer(a) or sys.modules["jax"].default_backend() != "cpu":
+    if not is_tracer(a) or sys.modules["jax"].default_backend() != "cpu":
         return False  # an eager call runs alone
     jaxlib = sys.modules["jaxlib"]  # imported by jax
     return tuple(int(part) for part in jaxlib.__version__.split(".")[:2]) < (0, 11)
@@ -134,9 +131,9 @@ def trace(a: Array) -> Array:
 
 def _batch_scalar(xp: Any, value: Shift, ref: Array, trailing: int) -> Any:
     """A per-matrix scalar (Python number or batch-shaped array) with ``trailing`` unit axes added."""
+    value = as_operand(xp, value, ref.dtype)
     if not hasattr(value, "shape"):
         return value
-    value = xp.astype(value, ref.dtype)
     for _ in range(trailing):
         value = xp.expand_dims(value, axis=-1)
     return value
@@ -269,7 +266,7 @@ def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -
     """
     xp = array_namespace(a)
     eye = identity_like(a)
-    if hasattr(eps, "shape") or eps != 0.0:
+    if not is_zero(eps):
         shifted = a + _batch_scalar(xp, eps, a, 2) * eye
     else:
         shifted = a
@@ -300,7 +297,7 @@ def inverse_sqrt_newton_schulz(
         raise ValueError(f"steps must be >= 1, got {steps!r}")
     xp = array_namespace(a)
     norm = xp.linalg.matrix_norm(a, ord="fro", keepdims=True)
-    if hasattr(eps, "shape") or eps != 0.0:
+    if not is_zero(eps):
         e = _batch_scalar(xp, eps, a, 2)
         y = (a + e * identity_like(a)) / (norm + e)
     else:
@@ -309,77 +306,33 @@ def inverse_sqrt_newton_schulz(
     return z / xp.sqrt(norm)
 
 
-def inverse_root_newton(
-    a: Array,
-    p: int = 2,
-    steps: int = 100,
-    *,
-    eps: Shift = 0.0,
-    tolerance: Optional[float] = 1e-6,
-) -> Array:
-    r""":math:`(A + \varepsilon I)^{-1/p}` by the coupled inverse Newton iteration.
+def _coupled_newton(a: Array, p: int, steps: int) -> tuple[Array, Array]:
+    r"""``steps`` steps of the coupled inverse Newton iteration for :math:`A^{-1/p}`; returns
+    (X, M), X ≈ the root and M ≈ I.
 
-    With :math:`\alpha = -1/p`, :math:`z = (p+1)/(2\|A + \varepsilon I\|_F)`,
-    :math:`X_0 = z^{1/p} I`, :math:`M_0 = z(A + \varepsilon I)`:
+    With :math:`\alpha = -1/p`, :math:`z = (p+1)/(2\|A\|_F)`, :math:`X_0 = z^{1/p} I`,
+    :math:`M_0 = zA`:
 
     .. math::
 
         M' = (1-\alpha) I + \alpha M, \qquad X \leftarrow X M', \qquad M \leftarrow M'^{\,p} M,
 
-    so that :math:`M \to I` and :math:`X \to (A + \varepsilon I)^{-1/p}` (Guo and Higham 2006;
-    the ASGO code's ``_matrix_inverse_root_newton``, the Shampoo baseline's root).
-
-    The authors stop once :math:`\|M - I\|_F/\|M\|_F \le` ``tolerance``. Here every matrix runs
-    ``steps`` iterations and one that has met the tolerance is frozen from then on, which gives the
-    same result without host synchronisation (``tolerance=None`` never freezes).
-
-    Parameters
-    ----------
-    a:
-        Symmetric PSD ``(..., k, k)`` (positive definite after adding ``eps``).
-    p:
-        The root, an integer ``>= 1``.
-    steps:
-        Maximum number of iterations.
-    eps:
-        Ridge :math:`\varepsilon` added to the matrix; a number or a batch-shaped array.
-    tolerance:
-        Freeze threshold on :math:`\|M - I\|_F/\|M\|_F`, or ``None``.
+    so that :math:`M \to I` and :math:`X \to A^{-1/p}` (Guo and Higham 2006; the ASGO code's
+    ``_matrix_inverse_root_newton``, the Shampoo baseline's root, which stops once
+    :math:`\|M - I\|_F/\|M\|_F` is below a tolerance: here every step runs, and
+    :func:`inverse_root` checks M afterwards).
     """
-    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-        raise ValueError(f"p must be an integer >= 1, got {p!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps!r}")
-    return _coupled_newton(a, p, steps, eps, tolerance)[0]
-
-
-def _coupled_newton(a: Array, p: int, steps: int, eps: Shift, tolerance: Optional[float]) -> tuple[Array, Array]:
-    """The iteration of :func:`inverse_root_newton`; returns (X, M) (X ≈ the root, M ≈ I)."""
     xp = array_namespace(a)
     eye = identity_like(a)
     alpha = -1.0 / p
-    ridge = a + _batch_scalar(xp, eps, a, 2) * eye
-    z = (p + 1) / (2.0 * xp.linalg.matrix_norm(ridge, ord="fro", keepdims=True))
+    z = (p + 1) / (2.0 * xp.linalg.matrix_norm(a, ord="fro", keepdims=True))
     x = z ** (1.0 / p) * (xp.zeros_like(a) + eye)
-    m = z * ridge
-
-    def relative_error(m: Array) -> Array:
-        return xp.linalg.matrix_norm(m - eye, ord="fro", keepdims=True) / xp.linalg.matrix_norm(
-            m, ord="fro", keepdims=True
-        )
-
+    m = z * a
     for _ in range(steps):
         m_prime = (1.0 - alpha) * eye + alpha * m
-        x_new = xp.matmul(x, m_prime)
-        m_new = m
+        x = xp.matmul(x, m_prime)
         for _ in range(p):
-            m_new = xp.matmul(m_prime, m_new)
-        if tolerance is None:
-            x, m = x_new, m_new
-        else:
-            done = relative_error(m) <= tolerance
-            x = xp.where(done, x, x_new)
-            m = xp.where(done, m, m_new)
+            m = xp.matmul(m_prime, m)
     return x, m
 
 
@@ -395,22 +348,6 @@ ROOT_RESIDUAL_TOLERANCE = 5e-2
 
 #: The iterations :func:`inverse_root` runs (``"eigh"`` is the exact reference).
 ROOT_METHODS = ("eigh", "polar_express", "newton_schulz", "newton")
-
-
-def inverse_root_residual(a: Array, root: Array, p: int, *, shift: Shift = 0.0) -> Array:
-    r""":math:`\|Z^p (A + sI) - I\|_F` per matrix, shape ``a.shape[:-2]`` (``p`` matmuls).
-
-    An upper bound on the largest :math:`|\lambda_i(Z^p(A + sI)) - 1|`, whatever produced Z; NaN or
-    Inf for a non-finite Z. In floating point it carries a rounding error of about
-    :math:`\varepsilon\,\kappa\sqrt k` (condition number :math:`\kappa`), so it validates roots of
-    well-conditioned matrices; :func:`inverse_root` checks the iterations' own convergence instead.
-    """
-    xp = array_namespace(a, root)
-    eye = identity_like(a)
-    product = xp.matmul(root, a + _batch_scalar(xp, shift, a, 2) * eye)
-    for _ in range(p - 1):
-        product = xp.matmul(root, product)
-    return xp.linalg.matrix_norm(product - eye, ord="fro")
 
 
 def inverse_root(
@@ -438,7 +375,7 @@ def inverse_root(
         ``"eigh"``: :func:`inverse_root_eigh` (exact; eigenvalues clamped at 0 before the shift).
         ``"polar_express"`` (:func:`inverse_sqrt_polar_express`, 10 steps by default),
         ``"newton_schulz"`` (:func:`inverse_sqrt_newton_schulz`, 20 steps) or ``"newton"``
-        (:func:`inverse_root_newton`, 30 steps): matmuls only, applied to :math:`A + sI`.
+        (coupled inverse Newton, 30 steps): matmuls only, applied to :math:`A + sI`.
     steps:
         Iterations (``None``: the defaults above).
     tolerance:
@@ -462,8 +399,6 @@ def inverse_root(
     by default) and none for Newton. It measures convergence, not the rounding error of the result:
     that is about the error of a float32 ``eigh`` (``docs/methods/asgo.md`` lists both).
     """
-    from .transform import cond  # transform does not import linalg: no cycle
-
     xp = array_namespace(a)
     if method not in ROOT_METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, ROOT_METHODS))}, got {method!r}")
@@ -477,7 +412,7 @@ def inverse_root(
     eye = identity_like(a)
     damped = a + _batch_scalar(xp, shift, a, 2) * eye
     if method == "newton":
-        root, m = _coupled_newton(damped, p, 30 if steps is None else steps, 0.0, None)
+        root, m = _coupled_newton(damped, p, 30 if steps is None else steps)
         convergence = lambda: m  # noqa: E731
     else:
         # As inverse_sqrt_polar_express / inverse_sqrt_newton_schulz with eps = 0, keeping Y.
@@ -494,8 +429,8 @@ def inverse_root(
         return root, no_fallback
     # The iteration's own measure of convergence, M -> I (Newton) or Z Y -> I (coupled polynomial
     # iterations, which keep Z Y = Z² A/ν): rounding enters it as ε·κ^{1/2}, not as ε·κ like the
-    # residual of the result (inverse_root_residual, which float32 roots of a κ = 1e6 matrix do
-    # not pass even when exact).
+    # residual of the result (testing.oracles.inverse_root_residual, which float32 roots of a
+    # κ = 1e6 matrix do not pass even when exact).
     good = xp.linalg.matrix_norm(convergence() - eye, ord="fro") <= tolerance  # False for NaN
     all_good = xp.all(good)
 
@@ -571,7 +506,7 @@ def damped_inverse(
     ``F_b + λI`` is formed in the working precision: when :math:`\lambda` is below the rounding of
     :math:`F_b`'s entries (:math:`\|F_b\|/\lambda \gtrsim 1/\varepsilon`, about 1e7 in float32
     for a rank-deficient :math:`F_b`) the damping is lost and the computed inverse can be garbage
-    while finite. :func:`damped_inverse_residual` detects that; :func:`damped_inverse_stable` raises
+    while finite. :func:`precond_ref.testing.oracles.damped_inverse_residual` detects that; :func:`damped_inverse_stable` raises
     the damping to the precision floor of :math:`F_b` instead and stays accurate. An exactly singular block makes
     NumPy/torch raise inside ``inv``; that is caught here and every block of the call counts as
     failed (the previous inverses are kept), so this function never raises.
@@ -667,57 +602,6 @@ def damped_inverse_stable(
     inverse = _symmetric_part(per_matrix(xp, xp.linalg.inv, safe + lam[..., None, None] * identity_like(safe)))
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))
     return xp.where(ok[..., None, None], inverse, previous), xp.logical_or(xp.logical_not(ok), raised)
-
-
-def damped_inverse_residual(matrices: Array, damping: Any, inverse: Array) -> Array:
-    r"""Per block :math:`\|(\operatorname{sym}(F_b) + \lambda I) X_b - I\|_F / \sqrt n`, shape ``(...,)``.
-
-    A backward-stable inverse has residual about :math:`n\varepsilon\,\kappa(F_b+\lambda I)`, so a
-    residual of order 1e-2 or more means the damping was lost to rounding (see
-    :func:`damped_inverse`); non-finite input gives a non-finite residual. One matmul per block.
-    """
-    xp = array_namespace(matrices, inverse)
-    n = matrices.shape[-1]
-    product = xp.matmul(_symmetric_part(matrices), inverse) + damping * inverse - identity_like(inverse)
-    return xp.linalg.matrix_norm(product, ord="fro") / math.sqrt(n)
-
-
-def damped_solve(
-    matrices: Array,
-    damping: Any,
-    rhs: Array,
-    *,
-    symmetrize: bool = True,
-) -> tuple[Array, Array]:
-    r"""Batched solve :math:`(F_b + \lambda I) X_b = B_b`, one call for the whole stack.
-
-    Parameters
-    ----------
-    matrices:
-        (..., n, n) stack of symmetric PSD :math:`F_b`.
-    damping:
-        :math:`\lambda` (a number or 0-D array); :math:`F_b + \lambda I` must be nonsingular.
-    rhs:
-        (..., n, k) right-hand sides, broadcast against ``matrices`` in the batch axes.
-    symmetrize:
-        Solve with :math:`\mathrm{sym}(F_b)` (default).
-
-    Returns
-    -------
-    (solution, ok)
-        ``solution`` (..., n, k) with non-finite blocks (a failed solve) replaced by zeros, and
-        ``ok`` (...,) bool marking the blocks whose solve was finite.
-    """
-    xp = array_namespace(matrices, rhs)
-    if symmetrize:
-        matrices = _symmetric_part(matrices)
-    eye = identity_like(matrices)
-    finite_in = _blockwise_finite(xp, matrices)
-    damped = xp.where(finite_in[..., None, None], matrices + damping * eye, eye)
-    solution = per_matrix(xp, xp.linalg.solve, damped, rhs)
-    ok = xp.logical_and(finite_in, _blockwise_finite(xp, solution))
-    solution = xp.where(ok[..., None, None], solution, xp.zeros_like(solution))
-    return solution, ok
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,8 +62,8 @@ import math
 from typing import Any, NamedTuple, Optional
 
 
+from ._backend import placement, scalar_zero
 from .linalg import per_matrix, symmetrize
-from .transform import placement, scalar_zero
 
 __all__ = [
     "SKETCH_KEYS",
@@ -71,7 +71,6 @@ __all__ = [
     "fd_update",
     "fd_update_apply",
     "fd_apply",
-    "fd_covariance",
     "shrink_cutoff_tolerance",
     "subspace_width",
     "resolve_decomposition",
@@ -570,18 +569,3 @@ def fd_apply(xp: Any, sketch: dict[str, Array], x: Array) -> Array:
     # U (diag(w) - w_perp) U^T x + w_perp x: one product with U less than the formula above.
     scaled = coords * (sketch["basis_weights"][..., :, None] - complement_weight)
     return _combination(xp, basis, scaled) + complement_weight * x
-
-
-def fd_covariance(xp: Any, sketch: dict[str, Array], *, with_tail: bool = False) -> Array:
-    r"""The dense :math:`\bar G = U \operatorname{diag}(\sigma^2) U^\top` (plus :math:`\rho I`).
-
-    O(d^2): for tests and for users validating their own sketch, never used by the optimizers.
-    """
-    basis, sigma = sketch["basis"], sketch["singular_values"]
-    cov = xp.matmul(basis * (sigma * sigma)[..., None, :], basis.mT)
-    if with_tail:
-        d = basis.shape[-1 - 1]
-        eye = xp.eye(d, dtype=basis.dtype, device=placement(xp, basis))
-        root = sketch["escaped_root"][..., None, None]
-        cov = cov + (root * root) * eye
-    return cov

@@ -18,14 +18,28 @@ The state is a :class:`PrecondState` of arrays only (no Python scalars), so it i
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-import sys
-from typing import Any, Callable, ContextManager, Hashable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Hashable, Iterable, NamedTuple, Optional, Sequence, Union
 
-from array_api_compat import array_namespace, device as array_device, is_jax_namespace, is_torch_namespace
+from array_api_compat import array_namespace, device as array_device, is_jax_namespace
 
+from ._backend import (
+    JAX_MATMUL_PRECISION as _JAX_PRECISION,
+    NO_CONTEXT as _NO_CONTEXT,
+    cast,
+    compute_dtype,
+    computed_once,
+    cond,
+    cond_under_cpu_jit,
+    float32_matmul_precision,
+    is_tracer as _is_tracer,
+    is_zero,
+    placement,
+    scalar_array,
+    scalar_zero,
+    torch_compiling as _torch_compiling,
+)
 from .tree import Path, path_str, tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
@@ -241,168 +255,6 @@ def schedule_value(hyperparameter: ScalarOrSchedule, count: Array) -> Any:
     if isinstance(value, numbers.Real) and type(value) not in (int, float):  # np.float64 is a float
         return float(value)
     return value
-
-
-def cast(xp: Any, x: Array, dtype: Any) -> Array:
-    """``x`` in ``dtype``, ``x`` itself when it already is: ``astype`` copies by default, a needless
-    pass over the array in every eager step (NumPy, CuPy, torch without compilation)."""
-    return x if x.dtype == dtype else xp.astype(x, dtype)
-
-
-def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
-    """A Python number or 0-D array (e.g. a scheduled hyperparameter) as a 0-D array of ``dtype``.
-
-    ``full`` rather than ``asarray``: on a GPU it is a fill kernel, not a blocking host copy.
-    """
-    if isinstance(value, numbers.Real):  # Python and NumPy scalars alike
-        return xp.full((), float(value), dtype=dtype, device=_placed(xp, device))
-    return xp.astype(value, dtype)
-
-
-def placement(xp: Any, x: Array) -> Any:
-    """The ``device`` argument for an array made during a step to meet ``x``: ``x``'s device, or
-    ``None`` on JAX, where the new array stays uncommitted and follows the arrays it meets (the
-    device of a sharded array is a multi-device sharding, which an array of another shape cannot
-    take)."""
-    return _placed(xp, array_device(x))
-
-
-def _placed(xp: Any, device: Any) -> Any:
-    return None if is_jax_namespace(xp) else device
-
-
-def computed_once(xp: Any, value: Any) -> Any:
-    """A per-step value computed once per step, not once per element that reads it: a 0-D value
-    (a bias correction, a scheduled rate) or a vector broadcast over a matrix (DASGO's column
-    scale).
-
-    Arithmetic passes through. Under ``torch.compile`` a value made of element-wise operations is
-    otherwise inlined into every loop that reads it, so TorchInductor's CPU kernels recompute e.g.
-    ``pow(b, t)`` for every vector of every parameter (4x slower than Adam), or a column's
-    ``1/sqrt(v_j + eps)`` for every row (a 1024x1024 DASGO pass 0.39 -> 0.22 ms); a reduction is
-    always materialised before the loops, and this maximum of copies of the value is one, and
-    exact. Copies by a broadcast, not ``stack``, which gives Inductor a buffer to allocate and view
-    on every call (about 25 us of a small compiled step's 150 us on a CPU); eight of them, because
-    Inductor unrolls a smaller reduction with more than one output into the loops that read it
-    (``config.unroll_reductions_threshold``). A value traced by ``jax.jit`` takes the same path.
-    An eager step computes each value once anyway, and passes it through (two operations less per
-    value: kernel launches on a GPU).
-    """
-    if not hasattr(value, "shape") or not (_is_tracer(value) or _torch_compiling()):
-        return value
-    return xp.max(xp.broadcast_to(value, (_COPIES, *value.shape)), axis=0)
-
-
-_COPIES = 8
-
-
-def scalar_zero(xp: Any, x: Array) -> Array:
-    """A 0-D zero of ``x``'s dtype and device: the operand ``where`` broadcasts (``zeros_like`` would
-    fill a whole array first in an eager step)."""
-    return xp.zeros((), dtype=x.dtype, device=placement(xp, x))
-
-
-def is_zero(value: Any) -> bool:
-    """Whether a hyperparameter is statically zero.
-
-    Only a Python number can be: an array (``optax.inject_hyperparams`` passes hyperparameters as
-    arrays, traced under jit) is treated as possibly non-zero, so no Python branch reads its value.
-    """
-    return _is_number(value) and value == 0
-
-
-def compute_dtype(xp: Any, dtype: Any) -> Any:
-    """float32 for floating dtypes of fewer than 32 bits (bf16, fp16), else ``dtype`` itself."""
-    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
-
-
-def _is_tracer(x: Any) -> bool:
-    jax = sys.modules.get("jax")
-    return jax is not None and isinstance(x, jax.core.Tracer)
-
-
-#: Our names (torch's) -> JAX's names of the float32 matmul precisions.
-_JAX_PRECISION = {"highest": "float32", "high": "tensorfloat32", "medium": "bfloat16"}
-
-
-def float32_matmul_precision(xp: Any, precision: str) -> ContextManager[None]:
-    """Run float32 matrix products at ``precision`` on backends that would choose for themselves.
-
-    ``"highest"``: full float32 (what CPUs do); ``"high"``: TF32; ``"medium"``: bf16 products.
-    JAX on a GPU defaults to TF32 (ASGO's faithful trajectory moved 31% after 3 steps on an H100)
-    and torch follows the process-wide ``torch.set_float32_matmul_precision``: a reference must
-    not change its answer with the device or with a training script's global setting. Under JAX
-    tracing the precision is recorded into the traced products; torch's is a process-wide setting,
-    set here around eager calls and by the torch adapter around compiled ones. CuPy multiplies
-    float32 at full precision unless ``CUPY_TF32=1`` is set by the user.
-
-    Where nothing is to be set (torch already at ``precision``, the usual case, or NumPy/CuPy) the
-    context is a shared no-op: a generator's context costs a few microseconds of every step.
-    """
-    check_choice("precision", precision, tuple(_JAX_PRECISION))
-    if is_jax_namespace(xp):
-        return sys.modules["jax"].default_matmul_precision(_JAX_PRECISION[precision])
-    if is_torch_namespace(xp) and not _torch_compiling():
-        torch = sys.modules["torch"]
-        if torch.get_float32_matmul_precision() != precision:
-            return _torch_matmul_precision(torch, precision)
-    return _NO_CONTEXT
-
-
-_NO_CONTEXT = contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _torch_matmul_precision(torch: Any, precision: str) -> Iterator[None]:
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-def _torch_compiling() -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and torch.compiler.is_compiling()
-
-
-def cond(xp: Any, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
-    """``true_fn(*operands) if pred else false_fn(*operands)``, without re-tracing under ``jax.jit``.
-
-    A Python bool (an interval decision made on the host, see :meth:`StepContext.every`) branches
-    in Python. An array predicate is a ``lax.cond`` under JAX tracing and a ``torch.cond`` under
-    ``torch.compile`` (the frameworks are already imported when their arrays are here, so the core
-    does not import them); with concrete arrays it is read once on the host, which on a GPU is a
-    synchronisation (an eager ``lax.cond`` would trace both branches again on every call). Both
-    branches must return arrays of identical shapes and dtypes.
-    """
-    if isinstance(pred, bool):
-        return true_fn(*operands) if pred else false_fn(*operands)
-    if is_jax_namespace(xp) and _is_tracer(pred):
-        return sys.modules["jax"].lax.cond(pred, true_fn, false_fn, *operands)
-    if _torch_compiling() and hasattr(pred, "shape"):
-        # torch.cond's branches may not return their operands themselves: copies.
-        def unaliased(fn: Callable) -> Callable:
-            return lambda *ops: tree_map(lambda x: xp.asarray(x, copy=True), fn(*ops))
-
-        return sys.modules["torch"].cond(pred, unaliased(true_fn), unaliased(false_fn), operands)
-    return true_fn(*operands) if bool(pred) else false_fn(*operands)
-
-
-def cond_under_cpu_jit(xp: Any, pred: Array, fast_fn: Callable, safe_fn: Callable, *operands: Any) -> Any:
-    """``fast_fn(*operands)`` where the 0-D ``pred`` holds, else ``safe_fn(*operands)``: two ways to
-    the same arrays (to rounding), the first cheaper but valid only where ``pred`` holds.
-
-    Under ``jax.jit`` for a CPU, a ``lax.cond``: only the branch taken runs. Elsewhere both run and
-    an element-wise selection picks, never a host read of ``pred``: eagerly a read would be a
-    synchronisation on a GPU, and XLA's GPU conditional copies its predicate to the host and waits
-    for it, once per step (what running both branches costs there is unmeasured). Both branches
-    return a tuple of arrays of identical shapes and dtypes.
-    """
-    if is_jax_namespace(xp) and _is_tracer(pred) and sys.modules["jax"].default_backend() == "cpu":
-        return sys.modules["jax"].lax.cond(pred, fast_fn, safe_fn, *operands)
-    return tuple(xp.where(pred, f, s) for f, s in zip(fast_fn(*operands), safe_fn(*operands)))
 
 
 def singleton_groups(paths: Sequence[Path], leaves: Sequence[Array]) -> list[LeafGroup]:

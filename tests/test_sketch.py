@@ -18,13 +18,13 @@ from precond_ref.sketch import (
     _power_of_two_scale,
     _probe,
     fd_apply,
-    fd_covariance,
     fd_init,
     fd_update,
     fd_update_apply,
     resolve_decomposition,
     subspace_width,
 )
+from precond_ref.testing.oracles import fd_covariance
 
 TOL = 1e-10
 

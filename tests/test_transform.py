@@ -14,9 +14,7 @@ from precond_ref.transform import (
     build_transform,
     check_interval,
     check_positive_int,
-    compute_dtype,
     cond,
-    cond_under_cpu_jit,
     is_zero,
 )
 from precond_ref.tree import path_str, tree_flatten, tree_map, tree_unflatten
@@ -52,96 +50,6 @@ def test_apply_updates_keeps_parameter_dtype(backend):
     out = pr.apply_updates(params, updates)
     assert out["w"].dtype == xp.float32
     np.testing.assert_allclose(backend.to_numpy(out["w"]), 1.5)
-
-
-def test_compute_dtype():
-    import torch
-    import array_api_compat.torch as xt
-
-    assert compute_dtype(xt, torch.bfloat16) == torch.float32
-    assert compute_dtype(xt, torch.float16) == torch.float32
-    assert compute_dtype(xt, torch.float64) == torch.float64
-
-
-def test_cond_runs_only_the_taken_branch_eagerly(backend):
-    """With concrete arrays only the taken branch runs (JAX's lax.cond is used under tracing only)."""
-    xp = backend.xp
-    calls = []
-
-    def expensive(x):
-        calls.append("refresh")
-        return x * 2.0
-
-    def reuse(x):
-        calls.append("reuse")
-        return x
-
-    x = backend.asarray(np.ones(2))
-    for count in range(4):
-        pred = backend.asarray(np.asarray(count, dtype=np.int32)) % 2 == 0
-        cond(xp, pred, expensive, reuse, x)
-    assert calls == ["refresh", "reuse", "refresh", "reuse"]
-
-
-def test_cond_under_jit_compiles_once_and_selects():
-    import jax
-    import jax.numpy as jnp
-
-    @jax.jit
-    def f(count, x):
-        return cond(jnp, count % 3 == 0, lambda y: y * 2.0, lambda y: y, x)
-
-    x = jnp.ones((2,), jnp.float64)
-    outs = [float(f(jnp.asarray(c, jnp.int32), x)[0]) for c in range(6)]
-    assert outs == [2.0, 1.0, 1.0, 2.0, 1.0, 1.0]
-    assert f._cache_size() == 1
-
-
-def test_cond_under_cpu_jit_selects_without_a_host_read(backend):
-    """``cond_under_cpu_jit`` [definition]: ``fast(x)`` where the 0-D predicate holds, else ``safe(x)``,
-    per call; with concrete arrays both branches run and an element-wise selection picks (no host
-    read of the predicate: the suite's sync test runs DASGO through it)."""
-    xp = backend.xp
-    calls = []
-
-    def fast(x):
-        calls.append("fast")
-        return (x * 2.0,)
-
-    def safe(x):
-        calls.append("safe")
-        return (x + 1.0,)
-
-    x = backend.asarray(np.asarray([1.0, 3.0]))
-    for flag, expected in ((True, [2.0, 6.0]), (False, [2.0, 4.0])):
-        pred = backend.asarray(np.asarray(flag))
-        (out,) = cond_under_cpu_jit(xp, pred, fast, safe, x)
-        np.testing.assert_array_equal(backend.to_numpy(out), expected)
-    assert calls == ["fast", "safe", "fast", "safe"]
-
-
-def test_cond_under_cpu_jit_is_a_lax_cond_under_jit_on_a_cpu(monkeypatch):
-    """Under ``jax.jit`` on a CPU (the suite's JAX platform) the helper is a ``lax.cond`` (only the
-    taken branch runs), and selects per call; traced for a GPU backend it is a selection (XLA's
-    GPU conditional would wait for its predicate on the host)."""
-    import jax
-    import jax.numpy as jnp
-
-    def f(x):
-        return cond_under_cpu_jit(jnp, x[0] > 0, lambda y: (y * 2.0,), lambda y: (y + 1.0,), x)[0]
-
-    def primitives():  # a new function each time: JAX caches the tracing of one
-        return {eqn.primitive.name for eqn in jax.make_jaxpr(lambda x: f(x))(jnp.ones(2, jnp.float64)).jaxpr.eqns}
-
-    assert "cond" in primitives()
-    jitted = jax.jit(f)
-    assert jitted(jnp.asarray([1.0, 3.0], jnp.float64)).tolist() == [2.0, 6.0]
-    assert jitted(jnp.asarray([-1.0, 3.0], jnp.float64)).tolist() == [0.0, 4.0]
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert "cond" not in primitives()
-    selecting = jax.jit(lambda x: f(x))
-    assert selecting(jnp.asarray([1.0, 3.0], jnp.float64)).tolist() == [2.0, 6.0]
-    assert selecting(jnp.asarray([-1.0, 3.0], jnp.float64)).tolist() == [0.0, 4.0]
 
 
 def _counting_transform(**kwargs):
@@ -557,55 +465,6 @@ def test_flat_leaves_give_the_numbers_of_leaf_by_leaf_updates(backend, factory, 
         np.testing.assert_allclose(flat_p[k], ref_p[k], rtol=tol, atol=0)
         for name in ref_s[k]:
             np.testing.assert_allclose(flat_s[k][name], ref_s[k][name], rtol=tol, atol=0)
-
-
-def test_cast_and_scalar_zero(backend):
-    """``cast`` returns an array already in the dtype itself (``astype`` copies by default) and
-    converts any other; ``scalar_zero`` is a 0-D zero of the array's dtype on its device."""
-    from precond_ref.transform import cast, scalar_zero
-
-    xp = backend.xp
-    x = xp.ones((3,), dtype=xp.float32)
-    assert cast(xp, x, xp.float32) is x
-    other = cast(xp, x, xp.int32)
-    assert other.dtype == xp.int32 and other.shape == (3,)
-    zero = scalar_zero(xp, x)
-    assert zero.shape == () and zero.dtype == xp.float32 and float(zero) == 0.0
-
-
-@pytest.mark.parametrize("compiler", ["torch.compile", "jax.jit"])
-def test_computed_once_is_the_value_itself(compiler):
-    """``computed_once`` (a maximum over copies of the value, under a compiler) returns every
-    entry exactly: signed zeros, subnormals, infinities and NaN included, 0-D and vectors;
-    eagerly it returns the very array."""
-    from precond_ref.transform import computed_once
-
-    entries = np.array([0.0, -0.0, 1e-45, -3.5, np.inf, -np.inf, np.nan, 3.4e38], dtype=np.float32)
-    if compiler == "torch.compile":
-        import torch
-
-        from array_api_compat import array_namespace
-
-        xp = array_namespace(torch.zeros(1))
-        run = torch.compile(lambda v: computed_once(xp, v * 1.0), fullgraph=True, dynamic=False)
-        to_array = torch.from_numpy
-        eager = torch.from_numpy(entries)
-        assert computed_once(xp, eager) is eager
-    else:
-        import jax
-        import jax.numpy as jnp
-
-        from xla_flags import DEFAULT_EMITTERS
-
-        def run(v):  # compiled with XLA's default emitters, as users run it (see xla_flags.py)
-            return jax.jit(lambda v: computed_once(jnp, v * 1.0)).lower(v).compile(DEFAULT_EMITTERS)(v)
-
-        to_array = jnp.asarray
-    for value in (entries, entries[3:4].reshape(())):
-        out = np.asarray(run(to_array(value.copy())))
-        assert out.shape == value.shape and out.dtype == value.dtype
-        np.testing.assert_array_equal(out, value)  # NaN where NaN (its payload may change)
-        assert np.array_equal(np.signbit(out[~np.isnan(out)]), np.signbit(value[~np.isnan(value)]))
 
 
 # Element-wise methods, and each matrix method's element-wise part, as they run eagerly (NumPy,

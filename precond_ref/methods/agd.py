@@ -7,23 +7,18 @@ from typing import Optional
 
 from array_api_compat import device as array_device
 
+from .._backend import cast, compute_dtype, computed_once, is_zero, placement, scalar_array
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
     Transform,
     build_transform,
-    cast,
     check_bool,
     check_choice,
     check_learning_rate,
     check_nonnegative,
     check_positive,
     check_unit_interval,
-    compute_dtype,
-    computed_once,
-    is_zero,
-    placement,
-    scalar_array,
 )
 
 __all__ = ["agd"]

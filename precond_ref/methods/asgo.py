@@ -30,6 +30,16 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 from array_api_compat import device as array_device, is_jax_namespace
 
+from .._backend import (
+    cast,
+    compute_dtype,
+    computed_once,
+    cond,
+    cond_under_cpu_jit,
+    is_zero,
+    placement,
+    scalar_zero,
+)
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE,
     identity_like,
@@ -44,19 +54,12 @@ from ..transform import (
     StepContext,
     Transform,
     build_transform,
-    cast,
     check_choice,
     check_learning_rate,
     check_nonnegative,
     check_positive,
     check_positive_int,
     check_unit_interval,
-    compute_dtype,
-    computed_once,
-    cond,
-    cond_under_cpu_jit,
-    placement,
-    scalar_zero,
 )
 from ..tree import Path, path_str, tree_flatten
 
@@ -92,12 +95,6 @@ def _resolve_side(m: int, n: int, side: str) -> str:
     if side == "auto":
         return "left" if m < n else "right"
     return side
-
-
-def _nonzero(value: Any) -> bool:
-    """Is a hyperparameter possibly non-zero? Arrays (``optax.inject_hyperparams``, possibly traced)
-    count as non-zero, so the term is computed rather than branched on."""
-    return not isinstance(value, numbers.Real) or value != 0.0
 
 
 def _lerp(start: Array, end: Array, weight: Any) -> Array:
@@ -169,7 +166,7 @@ def _adam_update(
     dev = array_device(state["mu"])
     g = cast(xp, g, dtype)
     w = None if param is None else cast(xp, param, dtype)
-    if faithful and _nonzero(weight_decay):
+    if faithful and not is_zero(weight_decay):
         g = g + weight_decay * w
     mu = ctx.unless_skipped(_ema(xp, state["mu"], g, b1, faithful), state["mu"])
     nu = ctx.unless_skipped(b2 * state["nu"] + (1.0 - b2) * (g * g), state["nu"])
@@ -183,7 +180,7 @@ def _adam_update(
 
     neg_step, root_bc2 = ctx.once(("fallback_adam", dtype, dev), corrections)
     update = neg_step * (mu / (xp.sqrt(nu) / root_bc2 + eps))
-    if not faithful and _nonzero(weight_decay):
+    if not faithful and not is_zero(weight_decay):
         update = update - (lr * weight_decay) * w
     return update, {"mu": mu, "nu": nu}
 
@@ -350,7 +347,7 @@ def _finish(
 ) -> Array:
     """``-η (U + λ W)`` in the leaf's shape."""
     u = xp.reshape(u, shape)
-    if _nonzero(weight_decay):
+    if not is_zero(weight_decay):
         u = u + weight_decay * cast(xp, param, u.dtype)
     return -lr * u
 
@@ -809,7 +806,7 @@ def asgo(
         init_group=init_group,
         update_groups=update_groups,
         on_nonfinite=on_nonfinite,
-        needs_params=_nonzero(weight_decay) or _nonzero(fallback_weight_decay),
+        needs_params=not is_zero(weight_decay) or not is_zero(fallback_weight_decay),
         intervals=(precondition_every,),
     )
 
@@ -985,5 +982,5 @@ def dasgo(
         init_group=init_group,
         update_group=update_group,
         on_nonfinite=on_nonfinite,
-        needs_params=_nonzero(weight_decay) or _nonzero(fallback_weight_decay),
+        needs_params=not is_zero(weight_decay) or not is_zero(fallback_weight_decay),
     )

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from array_api_compat import array_namespace, device as array_device
 
+from .._backend import as_operand, compute_dtype, cond, is_zero, placement
 from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_factor
 from ..transform import (
     Array,
@@ -21,10 +22,6 @@ from ..transform import (
     check_positive,
     check_positive_int,
     check_unit_interval,
-    compute_dtype,
-    cond,
-    is_zero,
-    placement,
     weight_bias_groups,
 )
 from ..tree import Path, tree_flatten, tree_unflatten
@@ -57,11 +54,6 @@ class MBFTransform(Transform):
 
 def _is_out_last(path: Path, leaf: Any) -> bool:
     return bool(path) and path[-1] == "kernel" and len(leaf.shape) >= 2
-
-
-def _hyper(xp: Any, value: Any, dtype: Any) -> Any:
-    """A numeric hyperparameter in ``dtype`` if it is an array (optax.inject_hyperparams)."""
-    return xp.astype(value, dtype) if hasattr(value, "shape") else value
 
 
 def _to_out_first_perm(ndim: int) -> tuple[int, ...]:
@@ -323,7 +315,7 @@ def mbf(
         kl_clip = 0.0 if faithful else _KL_CLIP
     chunks = fc_blocks == "official_chunks"
     # An array weight decay (optax.inject_hyperparams) may be traced: always apply it then.
-    decays = hasattr(weight_decay, "shape") or weight_decay != 0.0
+    decays = not is_zero(weight_decay)
     t1, t2 = statistics_every, precondition_every
 
     def inverse_due(calls: Any) -> Any:
@@ -365,7 +357,7 @@ def mbf(
             if kind == _ELEMENTWISE:
                 finite = xp.isfinite(statistic)
                 safe = xp.where(finite, statistic, xp.zeros_like(statistic))
-                new = 1.0 / (safe + _hyper(xp, damping, statistic.dtype))
+                new = 1.0 / (safe + as_operand(xp, damping, statistic.dtype))
                 new_inverses[i] = xp.where(finite, new, inverses[i])
                 flagged = xp.logical_not(xp.all(finite))
                 new_failures[i] = failures[i] + xp.astype(flagged, failures[i].dtype)
@@ -377,7 +369,7 @@ def mbf(
                 flat = [xp.reshape(arrays[i], (-1, n, n)) for i in members]
                 return flat[0] if len(flat) == 1 else xp.concat(flat, axis=0)
 
-            lam = _hyper(xp, damping, dtype)
+            lam = as_operand(xp, damping, dtype)
             if faithful:
                 inverse, flagged = damped_inverse(stacked(statistics), lam, stacked(inverses), symmetrize=False)
             else:  # B6: the damping floored at the statistic's precision, branch-free
@@ -422,7 +414,7 @@ def mbf(
 
     def diagonal_rule(xp, g, state, ctx, dtype):
         """The authors' Adam-like rule for conv biases and normalisation parameters."""
-        mu, beta = _hyper(xp, momentum, dtype), _hyper(xp, diagonal_b2, dtype)
+        mu, beta = as_operand(xp, momentum, dtype), as_operand(xp, diagonal_b2, dtype)
         ema = mu * state["ema"] + (1.0 - mu) * g
         tracked = ema if diagonal_second_moment == "momentum" else g
         second = beta * state["second_moment"] + (1.0 - beta) * (tracked * tracked)
@@ -436,7 +428,7 @@ def mbf(
             return -xp.expm1(xp.astype(ctx.count + 1, dtype) * log_beta)
 
         correction = ctx.once(("diagonal_correction", dtype, array_device(g)), bias_correction)
-        eps = _hyper(xp, diagonal_eps, dtype)
+        eps = as_operand(xp, diagonal_eps, dtype)
         return ema / (eps + xp.sqrt(second / correction)), {"ema": ema, "second_moment": second}
 
     # -- per-group init / update (leaves are out-first here; see _canonical) ----------------------
@@ -452,14 +444,14 @@ def mbf(
         zeros = xp.zeros(shape, dtype=dtype, device=dev)
         failures = xp.zeros((), dtype=xp.int32, device=dev)
         if kind == _ELEMENTWISE:
-            inverse = xp.ones(shape, dtype=dtype, device=dev) / _hyper(xp, damping, dtype)
+            inverse = xp.ones(shape, dtype=dtype, device=dev) / as_operand(xp, damping, dtype)
             return {"momentum": zeros, "statistic": zeros, "inverse": inverse, "failures": failures}
         stat_shape = shape + (shape[-1],) if kind == _CONV else (shape[0], shape[0])
         statistic = xp.zeros(stat_shape, dtype=dtype, device=dev)
         return {
             "momentum": zeros,
             "statistic": statistic,
-            "inverse": damped_inverse_init(statistic, _hyper(xp, damping, dtype)),
+            "inverse": damped_inverse_init(statistic, as_operand(xp, damping, dtype)),
             "failures": failures,
         }
 
@@ -478,11 +470,11 @@ def mbf(
                 directions[i] = (direction,)
                 continue
             g_block = _to_block(xp, grads)
-            m_block = _hyper(xp, momentum, dtype) * state["momentum"] + g_block
+            m_block = as_operand(xp, momentum, dtype) * state["momentum"] + g_block
             with_statistic, keep_statistic = statistic_branches(xp, kind)
             statistic, failures = cond(
                 xp, statistics_due, with_statistic, keep_statistic, state["statistic"], state["failures"], g_block,
-                _hyper(xp, b2, dtype),
+                as_operand(xp, b2, dtype),
             )
             blocks.append((i, kind, m_block, statistic, failures))
         if blocks:
@@ -496,7 +488,7 @@ def mbf(
                 if not is_zero(kl_clip):
                     dtype = m_block.dtype
                     lr = ctxs[i].scalar("learning_rate", learning_rate, dtype, array_device(m_block))
-                    direction = direction * kl_clip_factor(direction, m_block, lr, _hyper(xp, kl_clip, dtype))
+                    direction = direction * kl_clip_factor(direction, m_block, lr, as_operand(xp, kl_clip, dtype))
                 directions[i] = _from_block(xp, direction, grads_list[i])
                 new_states[i] = {"momentum": m_block, "statistic": statistic, "inverse": inverse, "failures": failed}
 
@@ -505,7 +497,7 @@ def mbf(
             dtype = direction[0].dtype
             lr = ctx.scalar("learning_rate", learning_rate, dtype, array_device(direction[0]))
             if decays:
-                decay = lr * _hyper(xp, weight_decay, dtype)
+                decay = lr * as_operand(xp, weight_decay, dtype)
                 updates = tuple(-lr * d - decay * xp.astype(p, dtype) for d, p in zip(direction, params))
             else:
                 updates = tuple(-lr * d for d in direction)

@@ -19,13 +19,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device
 
+from .._backend import as_operand, cast, compute_dtype, computed_once, cond, is_zero, placement, scalar_zero
 from ..linalg import half_precision_dtype, kl_clip_factor, mode_gram, mode_product
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
     Transform,
     build_transform,
-    cast,
     check_bool,
     check_choice,
     check_learning_rate,
@@ -33,11 +33,6 @@ from ..transform import (
     check_positive,
     check_positive_int,
     check_unit_interval,
-    compute_dtype,
-    computed_once,
-    cond,
-    placement,
-    scalar_zero,
     singleton_groups,
     weight_bias_groups,
 )
@@ -71,25 +66,10 @@ def _is_number(value: Any) -> bool:
 _KL_CLIP = 0.1  # principled default of if_shampoo's kl_clip (S8)
 
 
-def _nonzero(value: Any) -> bool:
-    """Whether an optional piece of state is needed for a hyperparameter.
-
-    Only a Python number can switch state off: arrays (``optax.inject_hyperparams`` passes them,
-    traced inside ``update``) count as nonzero at ``init`` and at ``update`` alike, so the state
-    layout never depends on a traced value.
-    """
-    return not _is_number(value) or value != 0
-
-
 def _check_batch_size(value: Any, where: str = "batch_size") -> None:
     if value is None or hasattr(value, "shape"):
         return
     check_positive_int(where, value)
-
-
-def _scalar(xp: Any, value: Any, dtype: Any) -> Any:
-    """A hyperparameter as an operand of ``dtype`` arithmetic (Python numbers pass through)."""
-    return value if _is_number(value) else xp.astype(value, dtype)
 
 
 def _filled(xp, shape, value, dtype, dev):
@@ -237,8 +217,8 @@ def rf_rmsprop(
     check_unit_interval("momentum", momentum)
     _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_batch_size, mode)
     faithful = mode == "faithful"
-    use_momentum = _nonzero(momentum)
-    use_decay = _nonzero(weight_decay)
+    use_momentum = not is_zero(momentum)
+    use_decay = not is_zero(weight_decay)
 
     def init_group(leaves, paths, xp):
         (param,) = leaves
@@ -255,17 +235,17 @@ def rf_rmsprop(
         s = state["s"]
         dtype = s.dtype
         g = cast(xp, g, dtype)
-        decay = _scalar(xp, b2, dtype)
-        scale = _scalar(xp, _batch_size("rf_rmsprop", batch_size, ctx), dtype) if scale_by_batch_size else 1
+        decay = as_operand(xp, b2, dtype)
+        scale = as_operand(xp, _batch_size("rf_rmsprop", batch_size, ctx), dtype) if scale_by_batch_size else 1
         s_new = ctx.unless_skipped(decay * s + (1 - decay) * (scale * (g * g)), s)
-        step = _rf_denominator_step(xp, g, s_new + _scalar(xp, damping, dtype), faithful)
+        step = _rf_denominator_step(xp, g, s_new + as_operand(xp, damping, dtype), faithful)
         if use_decay:
-            step = step + _scalar(xp, weight_decay, dtype) * cast(xp, params[0], dtype)
+            step = step + as_operand(xp, weight_decay, dtype) * cast(xp, params[0], dtype)
         new_state = {"s": s_new}
         if use_momentum:
-            step = ctx.unless_skipped(_scalar(xp, momentum, dtype) * state["momentum"] + step, state["momentum"])
+            step = ctx.unless_skipped(as_operand(xp, momentum, dtype) * state["momentum"] + step, state["momentum"])
             new_state["momentum"] = step
-        lr = _scalar(xp, ctx.value(learning_rate), dtype)
+        lr = as_operand(xp, ctx.value(learning_rate), dtype)
         return (-lr * step,), new_state
 
     return build_transform(
@@ -334,7 +314,7 @@ def rf_adamw(
     check_bool("bias_correction", bias_correction)
     _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_batch_size, mode)
     faithful = mode == "faithful"
-    use_decay = _nonzero(weight_decay)
+    use_decay = not is_zero(weight_decay)
 
     def init_group(leaves, paths, xp):
         (param,) = leaves
@@ -351,19 +331,19 @@ def rf_adamw(
         m, s = state["m"], state["s"]
         dtype = s.dtype
         g = cast(xp, g, dtype)
-        d1, d2 = _scalar(xp, b1, dtype), _scalar(xp, b2, dtype)
-        scale = _scalar(xp, _batch_size("rf_adamw", batch_size, ctx), dtype) if scale_by_batch_size else 1
+        d1, d2 = as_operand(xp, b1, dtype), as_operand(xp, b2, dtype)
+        scale = as_operand(xp, _batch_size("rf_adamw", batch_size, ctx), dtype) if scale_by_batch_size else 1
         m_new = ctx.unless_skipped(d1 * m + (1 - d1) * g, m)
         s_new = ctx.unless_skipped(d2 * s + (1 - d2) * (scale * (g * g)), s)
-        lr = _scalar(xp, ctx.value(learning_rate), dtype)
+        lr = as_operand(xp, ctx.value(learning_rate), dtype)
         if bias_correction:
             t = xp.astype(ctx.count + 1, dtype)
             bc1, bc2 = computed_once(xp, 1 - d1**t), computed_once(xp, 1 - d2**t)
         else:
             bc1 = bc2 = 1
-        step = computed_once(xp, lr / bc1) * _rf_denominator_step(xp, m_new, s_new / bc2 + _scalar(xp, damping, dtype), faithful)
+        step = computed_once(xp, lr / bc1) * _rf_denominator_step(xp, m_new, s_new / bc2 + as_operand(xp, damping, dtype), faithful)
         if use_decay:
-            step = step + (lr * _scalar(xp, weight_decay, dtype)) * cast(xp, params[0], dtype)
+            step = step + (lr * as_operand(xp, weight_decay, dtype)) * cast(xp, params[0], dtype)
         return (-step,), {"m": m_new, "s": s_new}
 
     return build_transform(
@@ -776,10 +756,10 @@ def if_shampoo(
     dense_limit = max_dense_dim if max_dense_dim is not None else (None if faithful else 4096)
     if kl_clip is None:
         kl_clip = 0.0 if faithful else _KL_CLIP
-    use_kl_clip = _nonzero(kl_clip)
-    use_momentum = _nonzero(momentum)
-    use_factor_momentum = _nonzero(preconditioner_momentum)
-    use_decay = _nonzero(weight_decay)
+    use_kl_clip = not is_zero(kl_clip)
+    use_momentum = not is_zero(momentum)
+    use_factor_momentum = not is_zero(preconditioner_momentum)
+    use_decay = not is_zero(weight_decay)
 
     def layout(shapes, factor_dims):
         """Out-first (weight (d_out, d_in)) or out-last pairing, read off the factors' sizes."""
@@ -862,8 +842,8 @@ def if_shampoo(
         dtype = factors[0].dtype
         new_factors, new_momenta = _factor_step(
             xp, grouped, factors, arrays[rank : rank + n_mom] if n_mom else None, sqrt_batch,
-            _scalar(xp, damping, dtype), _scalar(xp, factor_lr, dtype),
-            _scalar(xp, preconditioner_momentum, dtype), clamp_factor_step,
+            as_operand(xp, damping, dtype), as_operand(xp, factor_lr, dtype),
+            as_operand(xp, preconditioner_momentum, dtype), clamp_factor_step,
         )
         new = tuple(new_factors) + (tuple(new_momenta) if n_mom else ())
         if faithful:
@@ -940,21 +920,21 @@ def if_shampoo(
             if use_kl_clip:  # K-FAC's order: clip the preconditioned gradient, then the momentum (S8)
                 dtype = preconditioned[i].dtype
                 nu = kl_clip_factor(
-                    preconditioned[i], cast(xp, prep["grouped"], dtype), _scalar(xp, lr, dtype), _scalar(xp, kl_clip, dtype)
+                    preconditioned[i], cast(xp, prep["grouped"], dtype), as_operand(xp, lr, dtype), as_operand(xp, kl_clip, dtype)
                 )
                 preconditioned[i] = preconditioned[i] * nu
             pieces = _ungroup_tensor(xp, preconditioned[i], prep["shapes"], prep["full"], prep["out_first"])
             updates = []
             for k, piece in enumerate(pieces):
                 if use_decay:
-                    piece = piece + _scalar(xp, weight_decay, piece.dtype) * cast(xp, params[k], piece.dtype)
+                    piece = piece + as_operand(xp, weight_decay, piece.dtype) * cast(xp, params[k], piece.dtype)
                 if use_momentum:
                     buffer = state[f"momentum_{k}"]
-                    piece = _scalar(xp, momentum, buffer.dtype) * buffer + cast(xp, piece, buffer.dtype)
+                    piece = as_operand(xp, momentum, buffer.dtype) * buffer + cast(xp, piece, buffer.dtype)
                     new_state[f"momentum_{k}"] = piece
                 else:
                     piece = cast(xp, piece, prep["work_dtype"])
-                updates.append(-_scalar(xp, lr, piece.dtype) * piece)
+                updates.append(-as_operand(xp, lr, piece.dtype) * piece)
             results.append((tuple(updates), new_state))
         return results
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 from array_api_compat import device as array_device
 
+from .._backend import compute_dtype, cond, is_zero, scalar_array
 from ..blocking import block_bounds, merge_small_dims, roll_first_axis_last, unfold
 from ..sketch import SKETCH_KEYS, fd_apply, fd_init, fd_update, fd_update_apply
 from ..transform import (
@@ -32,9 +33,6 @@ from ..transform import (
     check_learning_rate,
     check_nonnegative,
     check_positive_int,
-    compute_dtype,
-    cond,
-    scalar_array,
 )
 
 __all__ = ["sketchy", "s_adagrad", "scale_by_sketchy"]
@@ -46,11 +44,6 @@ _SKETCHY_DECOMPOSITIONS = ("auto", "svd", "gram", "incremental", "subspace")
 
 # --------------------------------------------------------------------------------------------
 # Validation helpers
-
-
-def _is_python_zero(value: Any) -> bool:
-    """A hyperparameter that is the plain number 0 (arrays, e.g. injected ones, never are)."""
-    return isinstance(value, numbers.Real) and not hasattr(value, "shape") and value == 0
 
 
 def _check_decay(name: str, value: Any) -> None:
@@ -311,8 +304,8 @@ def _sketchy_transform(
         noise_is_mass=faithful,
         decomposition=_sketchy_decomposition(decomposition, faithful),
     )
-    has_momentum = not _is_python_zero(momentum) and learning_rate is not None
-    has_weight_decay = not _is_python_zero(weight_decay) and learning_rate is not None
+    has_momentum = not is_zero(momentum) and learning_rate is not None
+    has_weight_decay = not is_zero(weight_decay) and learning_rate is not None
 
     def plan_for(shape: tuple[int, ...]) -> Optional[_LeafPlan]:
         """None for graft-only leaves (spec §2.3 step 1), else the sketch layout."""
@@ -713,8 +706,8 @@ def s_adagrad(
         decay=b2, tail_decay=b2, eps=eps, relative_eps=True, delta=delta,
         cutoff=not faithful, decomposition="svd" if faithful else "auto",
     )
-    has_momentum = not _is_python_zero(momentum)
-    has_weight_decay = not _is_python_zero(weight_decay)
+    has_momentum = not is_zero(momentum)
+    has_weight_decay = not is_zero(weight_decay)
 
     def plan_for(shape: tuple[int, ...]) -> _LeafPlan:
         return _leaf_plan((max(1, math.prod(shape)),), rank, block_size)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace
 
-from ..transform import _is_tracer
+from .._backend import is_tracer
 from ..tree import path_str, tree_flatten, tree_unflatten
 from .backends import resolve_dtype, resolve_namespace
 
@@ -134,7 +134,7 @@ class Problem:
                 raise ValueError(f"{self.name}: {path_str(path)!r} must have shape {shapes[path]}, got {tuple(leaf.shape)}")
         xp = array_namespace(*leaves)
         step = step if hasattr(step, "shape") else int(step)
-        if is_jax_namespace(xp) and not any(_is_tracer(leaf) for leaf in leaves):
+        if is_jax_namespace(xp) and not any(is_tracer(leaf) for leaf in leaves):
             # Eager JAX compiles every small operation separately; one jit of the whole
             # loss-and-gradient is far faster. ``step`` stays dynamic, so it compiles once.
             data = self._converted(xp, leaves[0].dtype, array_device(leaves[0]))
@@ -145,7 +145,7 @@ class Problem:
             grad_leaves, grad_def = tree_flatten(grads)
             by_path = dict(zip(grad_def.paths, grad_leaves))
             return loss, tree_unflatten(treedef, [by_path[p] for p in treedef.paths])
-        if _is_tracer(leaves[0]):  # inside a user's jax.jit: constants must not outlive the trace
+        if is_tracer(leaves[0]):  # inside a user's jax.jit: constants must not outlive the trace
             data = {k: v.to(xp, leaves[0].dtype, None) for k, v in self._data.items()}
         else:
             data = self._converted(xp, leaves[0].dtype, array_device(leaves[0]))

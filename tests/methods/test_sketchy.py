@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import precond_ref as pr
-from precond_ref.sketch import fd_covariance
+from precond_ref.testing.oracles import fd_covariance
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 

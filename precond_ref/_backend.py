@@ -1,0 +1,264 @@
+"""Backend and compiler shims: the few places where the core asks which array library or compiler runs it.
+
+The bottom layer of :mod:`precond_ref`: it imports only the standard library and ``array_api_compat``
+(never a framework: JAX and torch are reached through ``sys.modules`` once their arrays are here),
+and every other module of the core may import it. Each helper states its plain meaning first; what
+the helper does beyond it (a form a compiler treats better, a branch without a host read) changes
+no number. Measurements behind these forms are in ``docs/backends.md`` ("Backend shims").
+
+:mod:`precond_ref.transform` re-exports the public names it used to define here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import sys
+from typing import Any, Callable, ContextManager, Iterator
+
+from array_api_compat import device as array_device, is_jax_namespace, is_torch_namespace
+
+__all__ = [
+    "is_number",
+    "is_zero",
+    "as_operand",
+    "cast",
+    "scalar_array",
+    "scalar_zero",
+    "placement",
+    "compute_dtype",
+    "computed_once",
+    "is_tracer",
+    "torch_compiling",
+    "JAX_MATMUL_PRECISION",
+    "NO_CONTEXT",
+    "float32_matmul_precision",
+    "cond",
+    "cond_under_cpu_jit",
+]
+
+Array = Any
+
+
+# --------------------------------------------------------------------------------------------
+# Hyperparameters: statically known numbers, or arrays (optax.inject_hyperparams, maybe traced).
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a real number known on the host: a Python or NumPy real, not a bool.
+
+    An array (a 0-D one included, traced or not) is not: no Python branch may read its value.
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_zero(value: Any) -> bool:
+    """Whether a hyperparameter is statically zero: ``is_number(value) and value == 0``.
+
+    Only a number can be: an array (``optax.inject_hyperparams`` passes hyperparameters as arrays,
+    traced under jit) counts as possibly non-zero, so a term or a state entry that it switches off
+    is kept, and the state's layout never depends on a traced value.
+    """
+    return is_number(value) and value == 0
+
+
+def as_operand(xp: Any, value: Any, dtype: Any) -> Any:
+    """A hyperparameter as an operand of arithmetic in ``dtype``.
+
+    A Python number is itself (a weak scalar: it takes the dtype of the array it meets); a NumPy
+    scalar is the Python number of equal value (NumPy and JAX would promote a float32 array with
+    ``np.float64``; ``astype`` of it fails in torch); an array is ``astype(value, dtype)``.
+    """
+    if is_number(value):
+        return value if type(value) in (int, float) else float(value)
+    return xp.astype(value, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Dtypes and devices
+
+
+def cast(xp: Any, x: Array, dtype: Any) -> Array:
+    """``astype(x, dtype)``, but ``x`` itself when it already is of ``dtype``: ``astype`` copies by
+    default, a needless pass over the array in every eager step (NumPy, CuPy, torch uncompiled)."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
+    """A Python number or 0-D array (e.g. a scheduled hyperparameter) as a 0-D array of ``dtype``.
+
+    ``full((), value)`` for a number rather than ``asarray``: on a GPU it is a fill kernel, not a
+    blocking host copy. On JAX ``device`` is ignored (see :func:`placement`).
+    """
+    if isinstance(value, numbers.Real):  # Python and NumPy scalars alike
+        return xp.full((), float(value), dtype=dtype, device=_placed(xp, device))
+    return xp.astype(value, dtype)
+
+
+def placement(xp: Any, x: Array) -> Any:
+    """The ``device`` argument for an array made during a step to meet ``x``: ``x``'s device, or
+    ``None`` on JAX, where the new array stays uncommitted and follows the arrays it meets (the
+    device of a sharded array is a multi-device sharding, which an array of another shape cannot
+    take)."""
+    return _placed(xp, array_device(x))
+
+
+def _placed(xp: Any, device: Any) -> Any:
+    """``device``, or ``None`` on JAX (see :func:`placement`)."""
+    return None if is_jax_namespace(xp) else device
+
+
+def scalar_zero(xp: Any, x: Array) -> Array:
+    """``zeros((), dtype=x.dtype)`` on ``x``'s device: the operand ``where`` broadcasts
+    (``zeros_like`` would fill a whole array first in an eager step)."""
+    return xp.zeros((), dtype=x.dtype, device=placement(xp, x))
+
+
+def compute_dtype(xp: Any, dtype: Any) -> Any:
+    """float32 for floating dtypes of fewer than 32 bits (bf16, fp16), else ``dtype`` itself."""
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing and compilation
+
+
+def is_tracer(x: Any) -> bool:
+    """Whether ``x`` is a JAX tracer (a value inside ``jax.jit`` and friends); False without JAX."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, jax.core.Tracer)
+
+
+def torch_compiling() -> bool:
+    """Whether ``torch.compile`` (TorchDynamo) is tracing the current call; False without torch."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
+def computed_once(xp: Any, value: Any) -> Any:
+    """``value`` itself (the same numbers), in a form a compiler computes once per step.
+
+    For a per-step value read by every element of an array: a 0-D value (a bias correction, a
+    scheduled rate) or a vector broadcast over a matrix (DASGO's column scale). Eagerly, and for
+    anything without a ``shape``, ``value`` passes through. Under ``torch.compile`` or JAX tracing
+    it is ``max`` over eight broadcast copies of ``value``: exact (the maximum of equal values is
+    that value), and a reduction, which TorchInductor materialises before the loops that read it;
+    an element-wise value it would inline into every such loop, recomputing e.g. ``pow(b, t)`` per
+    element. Copies by a broadcast, not ``stack`` (which gives Inductor a buffer to allocate on
+    every call); eight, because Inductor unrolls a smaller multi-output reduction back into its
+    readers (``config.unroll_reductions_threshold``).
+    """
+    if not hasattr(value, "shape") or not (is_tracer(value) or torch_compiling()):
+        return value
+    return xp.max(xp.broadcast_to(value, (_COPIES, *value.shape)), axis=0)
+
+
+_COPIES = 8
+
+
+# --------------------------------------------------------------------------------------------
+# float32 matrix products
+
+
+#: Our names (torch's) -> JAX's names of the float32 matmul precisions.
+JAX_MATMUL_PRECISION = {"highest": "float32", "high": "tensorfloat32", "medium": "bfloat16"}
+
+#: A shared do-nothing context, cheaper than a fresh one per step.
+NO_CONTEXT = contextlib.nullcontext()
+
+
+def float32_matmul_precision(xp: Any, precision: str) -> ContextManager[None]:
+    """A context in which float32 matrix products run at ``precision``, whatever the device.
+
+    ``"highest"``: full float32 (what CPUs do); ``"high"``: TF32; ``"medium"``: bf16 products.
+    JAX on a GPU defaults to TF32 and torch follows the process-wide
+    ``torch.set_float32_matmul_precision``: a reference must not change its answer with the device
+    or with a training script's global setting. Under JAX tracing the precision is recorded into
+    the traced products; torch's is a process-wide setting, set here around eager calls and by the
+    torch adapter around compiled ones. CuPy multiplies float32 at full precision unless
+    ``CUPY_TF32=1`` is set by the user.
+
+    Where nothing is to be set (torch already at ``precision``, the usual case, or NumPy/CuPy) the
+    context is :data:`NO_CONTEXT`.
+    """
+    if precision not in JAX_MATMUL_PRECISION:
+        choices = ", ".join(repr(c) for c in JAX_MATMUL_PRECISION)
+        raise ValueError(f"precision must be one of {choices}, got {precision!r}")
+    if is_jax_namespace(xp):
+        return sys.modules["jax"].default_matmul_precision(JAX_MATMUL_PRECISION[precision])
+    if is_torch_namespace(xp) and not torch_compiling():
+        torch = sys.modules["torch"]
+        if torch.get_float32_matmul_precision() != precision:
+            return _torch_matmul_precision(torch, precision)
+    return NO_CONTEXT
+
+
+@contextlib.contextmanager
+def _torch_matmul_precision(torch: Any, precision: str) -> Iterator[None]:
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+# --------------------------------------------------------------------------------------------
+# Branches
+
+
+def cond(xp: Any, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
+    """``true_fn(*operands) if pred else false_fn(*operands)``, without re-tracing under ``jax.jit``.
+
+    A Python bool (an interval decision made on the host, see
+    :meth:`precond_ref.transform.StepContext.every`) branches in Python. An array predicate is a
+    ``lax.cond`` under JAX tracing and a ``torch.cond`` under ``torch.compile`` (the frameworks are
+    already imported when their arrays are here, so the core does not import them); with concrete
+    arrays it is read once on the host, which on a GPU is a synchronisation (an eager ``lax.cond``
+    would trace both branches again on every call). Both branches must return arrays of identical
+    shapes and dtypes.
+    """
+    if isinstance(pred, bool):
+        return true_fn(*operands) if pred else false_fn(*operands)
+    if is_jax_namespace(xp) and is_tracer(pred):
+        return sys.modules["jax"].lax.cond(pred, true_fn, false_fn, *operands)
+    if torch_compiling() and hasattr(pred, "shape"):
+        # torch.cond's branches may not return their operands themselves: copies.
+        def unaliased(fn: Callable) -> Callable:
+            return lambda *ops: _copies(xp, fn(*ops))
+
+        return sys.modules["torch"].cond(pred, unaliased(true_fn), unaliased(false_fn), operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+
+def _copies(xp: Any, tree: Any) -> Any:
+    """``tree`` with every array copied, in the traversal of :func:`precond_ref.tree.tree_map` (dict
+    keys sorted where they sort, so both branches of a ``torch.cond`` return one structure)."""
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        try:
+            keys = sorted(tree)
+        except TypeError:
+            keys = list(tree)
+        return {k: _copies(xp, tree[k]) for k in keys}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_copies(xp, v) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copies(xp, v) for v in tree)
+    return xp.asarray(tree, copy=True)
+
+
+def cond_under_cpu_jit(xp: Any, pred: Array, fast_fn: Callable, safe_fn: Callable, *operands: Any) -> Any:
+    """``tuple(where(pred, f, s) for f, s in zip(fast_fn(*operands), safe_fn(*operands)))``: two ways
+    to the same arrays (to rounding), the first cheaper but valid only where the 0-D ``pred`` holds.
+
+    Under ``jax.jit`` for a CPU, a ``lax.cond``: only the branch taken runs. Elsewhere both run and
+    an element-wise selection picks, never a host read of ``pred``: eagerly a read would be a
+    synchronisation on a GPU, and XLA's GPU conditional copies its predicate to the host and waits
+    for it, once per step (what running both branches costs there is unmeasured). Both branches
+    return a tuple of arrays of identical shapes and dtypes.
+    """
+    if is_jax_namespace(xp) and is_tracer(pred) and sys.modules["jax"].default_backend() == "cpu":
+        return sys.modules["jax"].lax.cond(pred, fast_fn, safe_fn, *operands)
+    return tuple(xp.where(pred, f, s) for f, s in zip(fast_fn(*operands), safe_fn(*operands)))

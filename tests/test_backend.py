@@ -1,0 +1,292 @@
+"""The backend and compiler shims (``precond_ref._backend``), each against its plain meaning."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import pytest
+
+from precond_ref._backend import (
+    NO_CONTEXT, _copies, as_operand, cast, compute_dtype, computed_once, cond, cond_under_cpu_jit,
+    float32_matmul_precision, is_number, is_tracer, is_zero, placement, scalar_array, scalar_zero,
+    torch_compiling,
+)
+
+
+def _hyperparameters():
+    """Values a hyperparameter can take: Python and NumPy numbers, bools, None, 0-D arrays."""
+    import jax.numpy as jnp
+    import torch
+
+    return [0, 0.0, -0.0, 1, 1e-300, -2.5, np.float64(0.0), np.float32(0.0), np.int64(0), np.float64(3.0),
+            True, False, None, np.asarray(0.0), np.asarray(1.0), jnp.asarray(0.0), torch.tensor(0.0)]
+
+
+def test_is_number_and_is_zero_are_their_definitions():
+    """``is_number(v)``: ``v`` is a ``numbers.Real`` (Python or NumPy) and not a bool;
+    ``is_zero(v) == (is_number(v) and v == 0)`` [definitions]. A 0-D array, even of a zero, is no
+    number: an injected hyperparameter may change, and may be traced."""
+    for v in _hyperparameters():
+        number = isinstance(v, numbers.Real) and not isinstance(v, bool)
+        assert is_number(v) is number, v
+        assert is_zero(v) is (number and v == 0), v
+    assert is_zero(0.0) and is_zero(-0.0) and is_zero(np.float32(0.0)) and not is_zero(np.asarray(0.0))
+
+
+def test_as_operand(backend):
+    """``as_operand`` [definition]: a Python number is returned as itself, a NumPy scalar as the
+    Python number of equal value, an array as ``astype(value, dtype)``; so a float32 operation with
+    the operand stays float32 on every backend (a NumPy float64 scalar would promote it)."""
+    xp = backend.xp
+    x = xp.ones((3,), dtype=xp.float32)
+    for value in (2, 0.1):
+        assert as_operand(xp, value, xp.float32) is value
+    converted = as_operand(xp, np.float64(0.1), xp.float32)
+    assert type(converted) is float and converted == 0.1
+    assert type(as_operand(xp, np.int64(3), xp.float32)) is float
+    array = backend.asarray(np.asarray(0.1, dtype=np.float64))
+    cast_array = as_operand(xp, array, xp.float32)
+    assert cast_array.dtype == xp.float32 and float(cast_array) == float(np.float32(0.1))
+    for value in (np.float64(0.1), array, 0.1):
+        product = as_operand(xp, value, xp.float32) * x
+        assert product.dtype == xp.float32
+        np.testing.assert_array_equal(backend.to_numpy(product), np.full(3, np.float32(0.1)))
+
+
+def test_scalar_array_and_placement(backend):
+    """``scalar_array(xp, v, dtype, device)`` is the 0-D array ``v`` of ``dtype`` (a number rounded
+    once to ``dtype``, an array cast); ``placement(xp, x)`` is ``x``'s device, ``None`` on JAX
+    [definitions]."""
+    from array_api_compat import device
+
+    xp = backend.xp
+    x = xp.ones((2,), dtype=xp.float32)
+    assert placement(xp, x) == (None if backend.name == "jax" else device(x))
+    for value in (0.1, np.float64(0.1), backend.asarray(np.asarray(0.1, dtype=np.float64))):
+        out = scalar_array(xp, value, xp.float32, placement(xp, x))
+        assert out.shape == () and out.dtype == xp.float32
+        assert float(out) == float(np.float32(0.1))
+        assert (out + x).dtype == xp.float32
+
+
+def test_tracing_tests():
+    """``is_tracer(x)``: ``x`` is a JAX tracer; ``torch_compiling()``: TorchDynamo traces this call
+    [definitions]. Both False eagerly; each True inside its own compiler only."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    assert not is_tracer(jnp.ones(2)) and not is_tracer(np.ones(2)) and not is_tracer(torch.ones(2))
+    seen = []
+    jax.jit(lambda v: seen.append((is_tracer(v), torch_compiling())) or v)(jnp.ones(2))
+    assert seen == [(True, False)]
+    assert not torch_compiling()
+    compiled = torch.compile(lambda v: v + 1.0 if torch_compiling() else v, fullgraph=True, dynamic=False)
+    np.testing.assert_array_equal(compiled(torch.zeros(2)).numpy(), [1.0, 1.0])
+
+
+def test_float32_matmul_precision_sets_and_restores():
+    """``float32_matmul_precision(xp, p)`` is a context inside which float32 products run at ``p``
+    [definition]: torch's process-wide setting is ``p`` inside and what it was after; JAX's default
+    matmul precision is JAX's name of ``p``; NumPy has nothing to set (the shared no-op context);
+    an unknown name is refused, naming the argument and the choices."""
+    import array_api_compat.numpy as xn
+    import array_api_compat.torch as xt
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with float32_matmul_precision(xt, "highest"):
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "medium"
+        assert float32_matmul_precision(xt, "medium") is NO_CONTEXT
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    with float32_matmul_precision(jnp, "high"):
+        assert jax.config.jax_default_matmul_precision == "tensorfloat32"
+    assert float32_matmul_precision(xn, "highest") is NO_CONTEXT
+    with pytest.raises(ValueError, match="precision must be one of 'highest', 'high', 'medium', got 'tf32'"):
+        float32_matmul_precision(xn, "tf32")
+
+
+def test_copies_keeps_the_tree_and_copies_every_array():
+    """``_copies(xp, tree)``: the tree of :func:`precond_ref.tree.tree_map` (dict keys sorted,
+    NamedTuples, lists, tuples, ``None``) with every array a new array of equal value
+    [definition]."""
+    from typing import NamedTuple
+
+    import array_api_compat.numpy as xn
+
+    from precond_ref.tree import tree_flatten, tree_map
+
+    class Pair(NamedTuple):
+        first: object
+        second: object
+
+    a, b, c = np.ones(2), np.zeros(3), np.full((), 2.0)
+    tree = {"z": [a, (b, None)], "a": Pair(c, {"y": a, "x": b})}
+    out = _copies(xn, tree)
+    expected = tree_map(lambda v: v, tree)
+    assert list(out) == ["a", "z"] and list(out["a"].second) == ["x", "y"]
+    assert tree_flatten(out)[1] == tree_flatten(expected)[1]
+    for new, old in zip(tree_flatten(out)[0], tree_flatten(tree)[0]):
+        assert new is not old and not np.shares_memory(new, old)
+        np.testing.assert_array_equal(new, old)
+
+
+def test_cond_under_torch_compile_branches_on_the_predicate():
+    """``cond`` with an array predicate under ``torch.compile`` is ``true_fn(x) if pred else
+    false_fn(x)`` [definition], also where the branches build a dict in different key orders and
+    one returns its operands themselves (``torch.cond`` refuses both as given)."""
+    import array_api_compat.torch as xt
+    import torch
+
+    def f(pred, x):
+        return cond(xt, pred, lambda d: {"b": d["b"] * 2.0, "a": d["a"] + 1.0}, lambda d: d, {"a": x, "b": x})
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    x = torch.ones(3)
+    taken = compiled(torch.tensor(True), x)
+    np.testing.assert_array_equal(taken["a"].numpy(), [2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(taken["b"].numpy(), [2.0, 2.0, 2.0])
+    kept = compiled(torch.tensor(False), x)
+    assert all(np.array_equal(v.numpy(), x.numpy()) for v in kept.values())
+
+
+def test_compute_dtype():
+    import torch
+    import array_api_compat.torch as xt
+
+    assert compute_dtype(xt, torch.bfloat16) == torch.float32
+    assert compute_dtype(xt, torch.float16) == torch.float32
+    assert compute_dtype(xt, torch.float64) == torch.float64
+
+
+def test_cond_runs_only_the_taken_branch_eagerly(backend):
+    """With concrete arrays only the taken branch runs (JAX's lax.cond is used under tracing only)."""
+    xp = backend.xp
+    calls = []
+
+    def expensive(x):
+        calls.append("refresh")
+        return x * 2.0
+
+    def reuse(x):
+        calls.append("reuse")
+        return x
+
+    x = backend.asarray(np.ones(2))
+    for count in range(4):
+        pred = backend.asarray(np.asarray(count, dtype=np.int32)) % 2 == 0
+        cond(xp, pred, expensive, reuse, x)
+    assert calls == ["refresh", "reuse", "refresh", "reuse"]
+
+
+def test_cond_under_jit_compiles_once_and_selects():
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def f(count, x):
+        return cond(jnp, count % 3 == 0, lambda y: y * 2.0, lambda y: y, x)
+
+    x = jnp.ones((2,), jnp.float64)
+    outs = [float(f(jnp.asarray(c, jnp.int32), x)[0]) for c in range(6)]
+    assert outs == [2.0, 1.0, 1.0, 2.0, 1.0, 1.0]
+    assert f._cache_size() == 1
+
+
+def test_cond_under_cpu_jit_selects_without_a_host_read(backend):
+    """``cond_under_cpu_jit`` [definition]: ``fast(x)`` where the 0-D predicate holds, else ``safe(x)``,
+    per call; with concrete arrays both branches run and an element-wise selection picks (no host
+    read of the predicate: the suite's sync test runs DASGO through it)."""
+    xp = backend.xp
+    calls = []
+
+    def fast(x):
+        calls.append("fast")
+        return (x * 2.0,)
+
+    def safe(x):
+        calls.append("safe")
+        return (x + 1.0,)
+
+    x = backend.asarray(np.asarray([1.0, 3.0]))
+    for flag, expected in ((True, [2.0, 6.0]), (False, [2.0, 4.0])):
+        pred = backend.asarray(np.asarray(flag))
+        (out,) = cond_under_cpu_jit(xp, pred, fast, safe, x)
+        np.testing.assert_array_equal(backend.to_numpy(out), expected)
+    assert calls == ["fast", "safe", "fast", "safe"]
+
+
+def test_cond_under_cpu_jit_is_a_lax_cond_under_jit_on_a_cpu(monkeypatch):
+    """Under ``jax.jit`` on a CPU (the suite's JAX platform) the helper is a ``lax.cond`` (only the
+    taken branch runs), and selects per call; traced for a GPU backend it is a selection (XLA's
+    GPU conditional would wait for its predicate on the host)."""
+    import jax
+    import jax.numpy as jnp
+
+    def f(x):
+        return cond_under_cpu_jit(jnp, x[0] > 0, lambda y: (y * 2.0,), lambda y: (y + 1.0,), x)[0]
+
+    def primitives():  # a new function each time: JAX caches the tracing of one
+        return {eqn.primitive.name for eqn in jax.make_jaxpr(lambda x: f(x))(jnp.ones(2, jnp.float64)).jaxpr.eqns}
+
+    assert "cond" in primitives()
+    jitted = jax.jit(f)
+    assert jitted(jnp.asarray([1.0, 3.0], jnp.float64)).tolist() == [2.0, 6.0]
+    assert jitted(jnp.asarray([-1.0, 3.0], jnp.float64)).tolist() == [0.0, 4.0]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "cond" not in primitives()
+    selecting = jax.jit(lambda x: f(x))
+    assert selecting(jnp.asarray([1.0, 3.0], jnp.float64)).tolist() == [2.0, 6.0]
+    assert selecting(jnp.asarray([-1.0, 3.0], jnp.float64)).tolist() == [0.0, 4.0]
+
+
+def test_cast_and_scalar_zero(backend):
+    """``cast`` returns an array already in the dtype itself (``astype`` copies by default) and
+    converts any other; ``scalar_zero`` is a 0-D zero of the array's dtype on its device."""
+    xp = backend.xp
+    x = xp.ones((3,), dtype=xp.float32)
+    assert cast(xp, x, xp.float32) is x
+    other = cast(xp, x, xp.int32)
+    assert other.dtype == xp.int32 and other.shape == (3,)
+    zero = scalar_zero(xp, x)
+    assert zero.shape == () and zero.dtype == xp.float32 and float(zero) == 0.0
+
+
+@pytest.mark.parametrize("compiler", ["torch.compile", "jax.jit"])
+def test_computed_once_is_the_value_itself(compiler):
+    """``computed_once`` (a maximum over copies of the value, under a compiler) returns every
+    entry exactly: signed zeros, subnormals, infinities and NaN included, 0-D and vectors;
+    eagerly it returns the very array."""
+    entries = np.array([0.0, -0.0, 1e-45, -3.5, np.inf, -np.inf, np.nan, 3.4e38], dtype=np.float32)
+    if compiler == "torch.compile":
+        import torch
+
+        from array_api_compat import array_namespace
+
+        xp = array_namespace(torch.zeros(1))
+        run = torch.compile(lambda v: computed_once(xp, v * 1.0), fullgraph=True, dynamic=False)
+        to_array = torch.from_numpy
+        eager = torch.from_numpy(entries)
+        assert computed_once(xp, eager) is eager
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        from xla_flags import DEFAULT_EMITTERS
+
+        def run(v):  # compiled with XLA's default emitters, as users run it (see xla_flags.py)
+            return jax.jit(lambda v: computed_once(jnp, v * 1.0)).lower(v).compile(DEFAULT_EMITTERS)(v)
+
+        to_array = jnp.asarray
+    for value in (entries, entries[3:4].reshape(())):
+        out = np.asarray(run(to_array(value.copy())))
+        assert out.shape == value.shape and out.dtype == value.dtype
+        np.testing.assert_array_equal(out, value)  # NaN where NaN (its payload may change)
+        assert np.array_equal(np.signbit(out[~np.isnan(out)]), np.signbit(value[~np.isnan(value)]))
