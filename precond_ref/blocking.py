@@ -18,9 +18,11 @@ arrays with standard array-API calls.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
-__all__ = ["merge_small_dims", "block_bounds", "unfold", "roll_first_axis_last"]
+from array_api_compat import device as array_device
+
+__all__ = ["merge_small_dims", "block_bounds", "unfold", "roll_first_axis_last", "on_stacks"]
 
 Array = Any
 
@@ -73,3 +75,44 @@ def roll_first_axis_last(xp: Any, x: Array) -> Array:
     if x.ndim <= 1:
         return x
     return xp.permute_dims(x, tuple(range(1, x.ndim)) + (0,))
+
+
+def on_stacks(
+    xp: Any,
+    fn: Callable[..., tuple],
+    members: Sequence[tuple],
+    key: Optional[Callable[[tuple], Hashable]] = None,
+) -> list[tuple]:
+    """``fn`` applied once per stack of equal blocks, results handed back member by member.
+
+    The plain formula: for every member ``i`` (a tuple of operands, each with a leading block axis
+    of one length ``n_i``), ``on_stacks(xp, fn, members)[i] == fn(*members[i])``. Members whose
+    operands agree in trailing shape, dtype and device (or in ``key(operands)`` when given) are
+    concatenated along the leading axis and go through ``fn`` together, so ``fn`` must act block by
+    block along that axis (a batched ``eigh``, a batched matmul, an element-wise formula). This is
+    how the factored methods batch the equal-size blocks of all their parameters: the method is
+    written for one stack (a leading ``...``), the bookkeeping lives here. Groups are visited in
+    order of first appearance; ``fn`` returns a tuple of arrays with the same leading length.
+    """
+    if key is None:
+
+        def key(operands: tuple) -> Hashable:
+            return tuple((tuple(a.shape[1:]), a.dtype, array_device(a)) for a in operands)
+
+    groups: dict[Hashable, list[int]] = {}
+    for index, operands in enumerate(members):
+        groups.setdefault(key(operands), []).append(index)
+    out: list[Any] = [None] * len(members)
+    for indices in groups.values():
+        if len(indices) == 1:
+            out[indices[0]] = tuple(fn(*members[indices[0]]))
+            continue
+        count = len(members[indices[0]])
+        stacked = [xp.concat([members[i][k] for i in indices], axis=0) for k in range(count)]
+        results = tuple(fn(*stacked))
+        start = 0
+        for i in indices:
+            stop = start + members[i][0].shape[0]
+            out[i] = tuple(r[start:stop, ...] for r in results)
+            start = stop
+    return out
