@@ -38,6 +38,7 @@ __all__ = [
     "apply_updates",
     "schedule_value",
     "compute_dtype",
+    "float64_where_available",
     "scalar_array",
     "cast",
     "scalar_zero",
@@ -309,6 +310,16 @@ def is_zero(value: Any) -> bool:
     arrays, traced under jit) is treated as possibly non-zero, so no Python branch reads its value.
     """
     return _is_number(value) and value == 0
+
+
+def float64_where_available(xp: Any, x: Array) -> Any:
+    """``xp.float64`` where ``x``'s backend has float64 arithmetic, else ``None`` (JAX without
+    x64, where ``astype`` to float64 silently stays float32; torch on MPS, which has no float64)."""
+    if is_jax_namespace(xp) and not sys.modules["jax"].config.jax_enable_x64:
+        return None
+    if getattr(array_device(x), "type", None) == "mps":
+        return None
+    return xp.float64
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:
