@@ -140,10 +140,14 @@ def is_due(interval: Interval, calls: Any) -> Any:
 
     ``calls % interval == 0``, so the first call runs it; a callable interval is a predicate
     ``calls -> bool``. ``calls`` is a Python int (host decision, a Python bool) or a 0-D integer
-    array (a 0-D bool array); predicates must accept both.
+    array (a 0-D bool array); predicates must accept both. An interval given as a 0-D integer
+    array (``optax.inject_hyperparams`` passes one, traced under ``jax.jit``) gives a 0-D bool
+    array whatever ``calls`` is, never a host read: :func:`cond` then selects on the device.
     """
     if callable(interval):
         return interval(calls)
+    if hasattr(interval, "shape"):
+        return calls % interval == 0
     if interval == 1:
         return True  # statically: no branch, whatever calls is
     return calls % interval == 0
@@ -211,7 +215,7 @@ class StepContext(NamedTuple):
         """
         if self.due is not None:
             for declared, decision in self.due:
-                if declared is interval or (not callable(declared) and declared == interval):
+                if declared is interval or (_is_number(declared) and _is_number(interval) and declared == interval):
                     return decision
             raise ValueError(f"interval {interval!r} was not declared to build_transform(intervals=...)")
         return is_due(interval, self.calls)
