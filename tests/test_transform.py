@@ -394,12 +394,16 @@ _WITHOUT_PARAMS = {
 def test_update_without_params_names_a_gradient_that_does_not_fit(method, wrong):
     """A transposed gradient, or a float64 gradient for float32 state, raises ``ValueError`` naming
     the leaf before the state is touched (it was accepted, or failed deep inside with a broadcasting
-    error, or returned a float64 update)."""
+    error, or returned a float64 update); a transposed one is named with both shapes (the shapes
+    ``init`` saw), whatever the state's layout."""
     opt = _WITHOUT_PARAMS[method]()
     state = opt.init({"layer": {"w": np.ones((4, 3), np.float32)}})
     grad = np.ones((3, 4), np.float32) if wrong == "transposed" else np.ones((4, 3), np.float64)
-    given = "(3, 4)/float32" if wrong == "transposed" else "(4, 3)/float64"
-    with pytest.raises(ValueError, match=re.escape(f"gradient of 'layer/w' {given} does not fit")):
+    if wrong == "transposed":
+        words = "gradient of 'layer/w' has shape (3, 4), parameter has shape (4, 3)"
+    else:
+        words = "gradient of 'layer/w' (4, 3)/float64 does not fit"
+    with pytest.raises(ValueError, match=re.escape(words)):
         opt.update({"layer": {"w": grad}}, state)
 
 
