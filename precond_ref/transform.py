@@ -1055,7 +1055,11 @@ def _check_namespace(
 ) -> None:
     """Refuse, by leaf, parameters of another array library than the gradients (JAX parameters
     with NumPy gradients would fail deep inside a method, or silently return the other library's
-    arrays). One namespace lookup for the whole tree; leaf by leaf only to name the culprit."""
+    arrays). Leaves of the gradient's type (or a subclass: torch's ``Parameter``) pass at the cost
+    of an ``isinstance`` each; otherwise one namespace lookup for the whole tree, and leaf by leaf
+    only to name the culprit. Not under ``torch.compile``, whose tensors are all torch's."""
+    if _torch_compiling() or all(isinstance(o, type(g)) for g, o in zip(grads, others)):
+        return
     try:
         if array_namespace(*others) is xp:
             return
@@ -1078,7 +1082,7 @@ def _check_state_namespace(name: str, xp: Any, group: LeafGroup, grads: tuple[Ar
     """Refuse, by leaf, a state of another array library than the gradients (checked on one entry
     per group, and only where the types differ: no namespace lookup in the usual step)."""
     entry = next(iter(state.values()), None)
-    if entry is None or type(entry) is type(grads[0]):
+    if entry is None or isinstance(entry, type(grads[0])):
         return
     _check_namespace(name, xp, group.paths[:1], grads[:1], [entry], "optimizer state")
 
