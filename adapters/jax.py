@@ -47,12 +47,35 @@ def _key(entry: Any) -> Any:
     return str(entry)
 
 
+def _core_keys(paths: list) -> list[tuple]:
+    """Each leaf's path as a tuple of plain keys, with a wrapper's ``.value`` dropped.
+
+    A pytree node that holds its array as its only child under the attribute ``value`` (a Flax NNX
+    ``Variable``) adds a trailing ``GetAttrKey('value')`` to the path of its leaf. ``nnx.Optimizer``
+    calls ``init`` on the model's ``Variable``s and ``update`` on their bare arrays, so the two
+    calls must key the same leaf alike: the state is stored by path. The key is dropped only where
+    it is the node's only child; a dataclass whose field ``value`` has sibling fields keeps it, and
+    so does a dict key ``"value"``.
+    """
+    keys = [tuple(_key(e) for e in path) for path in paths]
+    children: dict[tuple, int] = {}
+    for path in keys:
+        if path:
+            children[path[:-1]] = children.get(path[:-1], 0) + 1
+    out = []
+    for path, raw in zip(keys, paths):
+        last = raw[-1] if raw else None
+        if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value" and children[path[:-1]] == 1 and len(path) > 1:
+            path = path[:-1]
+        out.append(path or ("value",))
+    return out
+
+
 def _as_core_tree(tree: Any) -> tuple[dict, Any]:
     """The pytree as nested dicts keyed by its path entries, plus the treedef to rebuild it."""
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
     nested: dict = {}
-    for path, leaf in with_paths:
-        keys = tuple(_key(e) for e in path) or ("value",)
+    for keys, (_, leaf) in zip(_core_keys([path for path, _ in with_paths]), with_paths):
         node = nested
         for key in keys[:-1]:
             node = node.setdefault(key, {})
@@ -63,9 +86,9 @@ def _as_core_tree(tree: Any) -> tuple[dict, Any]:
 def _from_core_tree(nested: dict, like: Any) -> Any:
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(like)
     leaves = []
-    for path, _ in with_paths:
+    for keys in _core_keys([path for path, _ in with_paths]):
         node = nested
-        for key in tuple(_key(e) for e in path) or ("value",):
+        for key in keys:
             node = node[key]
         leaves.append(node)
     return jax.tree_util.tree_unflatten(treedef, leaves)

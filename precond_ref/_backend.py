@@ -19,6 +19,7 @@ from typing import Any, Callable, ContextManager, Iterator
 from array_api_compat import device as array_device, is_jax_namespace, is_torch_namespace
 
 __all__ = [
+    "float64_where_available",
     "is_number",
     "is_zero",
     "as_operand",
@@ -112,6 +113,16 @@ def scalar_zero(xp: Any, x: Array) -> Array:
     """``zeros((), dtype=x.dtype)`` on ``x``'s device: the operand ``where`` broadcasts
     (``zeros_like`` would fill a whole array first in an eager step)."""
     return xp.zeros((), dtype=x.dtype, device=placement(xp, x))
+
+
+def float64_where_available(xp: Any, x: Array) -> Any:
+    """``xp.float64`` where ``x``'s backend has float64 arithmetic, else ``None`` (JAX without
+    x64, where ``astype`` to float64 silently stays float32; torch on MPS, which has no float64)."""
+    if is_jax_namespace(xp) and not sys.modules["jax"].config.jax_enable_x64:
+        return None
+    if getattr(array_device(x), "type", None) == "mps":
+        return None
+    return xp.float64
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:

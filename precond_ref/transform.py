@@ -33,6 +33,7 @@ from ._backend import (
     cond,
     cond_under_cpu_jit,
     float32_matmul_precision,
+    float64_where_available,
     is_tracer as _is_tracer,
     is_zero,
     placement,
@@ -52,6 +53,7 @@ __all__ = [
     "apply_updates",
     "schedule_value",
     "compute_dtype",
+    "float64_where_available",
     "scalar_array",
     "cast",
     "scalar_zero",
@@ -153,10 +155,14 @@ def is_due(interval: Interval, calls: Any) -> Any:
 
     ``calls % interval == 0``, so the first call runs it; a callable interval is a predicate
     ``calls -> bool``. ``calls`` is a Python int (host decision, a Python bool) or a 0-D integer
-    array (a 0-D bool array); predicates must accept both.
+    array (a 0-D bool array); predicates must accept both. An interval given as a 0-D integer
+    array (``optax.inject_hyperparams`` passes one, traced under ``jax.jit``) gives a 0-D bool
+    array whatever ``calls`` is, never a host read: :func:`cond` then selects on the device.
     """
     if callable(interval):
         return interval(calls)
+    if hasattr(interval, "shape"):
+        return calls % interval == 0
     if interval == 1:
         return True  # statically: no branch, whatever calls is
     return calls % interval == 0
@@ -224,7 +230,7 @@ class StepContext(NamedTuple):
         """
         if self.due is not None:
             for declared, decision in self.due:
-                if declared is interval or (not callable(declared) and declared == interval):
+                if declared is interval or (_is_number(declared) and _is_number(interval) and declared == interval):
                     return decision
             raise ValueError(f"interval {interval!r} was not declared to build_transform(intervals=...)")
         return is_due(interval, self.calls)
@@ -564,6 +570,11 @@ def build_transform(
     # init records the layouts it makes, so that update builds a state only for gradients unlike
     # the parameters init saw (a state from elsewhere, another dtype): no second copy of the state.
     layouts: dict[tuple, dict[str, tuple]] = {}
+    # The shapes init saw at each leaf path, so that update can name a gradient of the wrong shape
+    # (a transposed one) when it is given no params and the state's layout would not show it
+    # (S-AdaGrad's sketch of the flattened leaf). A set: one transform may be initialised on
+    # several trees.
+    leaf_shapes: dict[str, set] = {}
 
     def layout_key(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> tuple:
         return (group.key, group.paths, tuple(tuple(x.shape) for x in leaves), tuple(x.dtype for x in leaves), xp.__name__)
@@ -581,6 +592,8 @@ def build_transform(
         leaves, treedef = tree_flatten(params)
         xp = _check_leaves(leaves, treedef.paths, f"{name}: params")
         dev = array_device(leaves[0])
+        for path, leaf in zip(treedef.paths, leaves):
+            leaf_shapes.setdefault(path_str(path), set()).add(tuple(leaf.shape))
         groups = {}
         for group in group_leaves(treedef.paths, leaves):
             members = tuple(leaves[i] for i in group.indices)
@@ -640,9 +653,14 @@ def build_transform(
             param_leaves, param_def = tree_flatten(params)
             if param_def.paths != treedef.paths:
                 return None
+            # before concatenating, which would turn the other library's arrays into this one's
+            _check_namespace(name, xp, treedef.paths, grad_leaves, param_leaves, "parameter")
         groups = singleton_groups(treedef.paths, grad_leaves)
         if {g.key for g in groups} != set(state.groups) or len(groups) != len(state.groups):
             return None
+        if not _torch_compiling():
+            for group, g in zip(groups, grad_leaves):
+                _check_state_namespace(name, xp, group, (g,), state.groups[group.key])
         traced = _torch_compiling() or any(_is_tracer(g) for g in grad_leaves)
         limit = FLAT_MAX_TRACED_ELEMENTS if traced else FLAT_MAX_ELEMENTS
         buckets: dict[tuple, list[int]] = {}
@@ -716,6 +734,7 @@ def build_transform(
                     f"{[path_str(p) for p in treedef.paths]}, params leaves "
                     f"{[path_str(p) for p in param_def.paths]}"
                 )
+            _check_namespace(name, xp, treedef.paths, grad_leaves, param_leaves, "parameter")
             for path, g, p in zip(treedef.paths, grad_leaves, param_leaves):
                 if tuple(g.shape) != tuple(p.shape):
                     raise ValueError(
@@ -729,6 +748,15 @@ def build_transform(
                     )
         elif needs_params:
             raise ValueError(f"{name}: update needs params (pass update(grads, state, params))")
+        else:
+            for path, g in zip(treedef.paths, grad_leaves):
+                seen = leaf_shapes.get(path_str(path))
+                if seen and tuple(g.shape) not in seen:
+                    shapes = " or ".join(str(shape) for shape in sorted(seen))
+                    raise ValueError(
+                        f"{name}: gradient of {path_str(path)!r} has shape {tuple(g.shape)}, "
+                        f"parameter has shape {shapes} (as given to init)"
+                    )
 
         groups = group_leaves(treedef.paths, grad_leaves)
         expected, found = {g.key for g in groups}, set(state.groups)
@@ -783,9 +811,12 @@ def build_transform(
         live = [m for m in members if not all(math.prod(leaf.shape) == 0 for leaf in m[1])]
         if not _torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
             for group, g, _ in live:
+                _check_state_namespace(name, xp, group, g, state.groups[group.key])
                 _check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp))
         contexts = [ctx._replace(paths=group.paths) for group, _, _ in live]
-        if update_groups is not None:
+        if not live:  # every group is zero-size: nothing for the method to compute
+            results = []
+        elif update_groups is not None:
             results = update_groups(
                 [g for _, g, _ in live], [state.groups[group.key] for group, _, _ in live], [p for _, _, p in live], contexts
             )
@@ -855,6 +886,48 @@ def _unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> d
         seen.add(id(value))
         out[key] = value
     return out
+
+
+def _namespace_name(xp: Any) -> str:
+    """``numpy`` for ``array_api_compat.numpy``, ``jax.numpy`` for JAX, ..."""
+    return getattr(xp, "__name__", repr(xp)).removeprefix("array_api_compat.")
+
+
+def _check_namespace(
+    name: str, xp: Any, paths: Sequence[Path], grads: Sequence[Array], others: Sequence[Array], what: str
+) -> None:
+    """Refuse, by leaf, parameters of another array library than the gradients (JAX parameters
+    with NumPy gradients would fail deep inside a method, or silently return the other library's
+    arrays). Leaves of the gradient's type (or a subclass: torch's ``Parameter``) pass at the cost
+    of an ``isinstance`` each; otherwise one namespace lookup for the whole tree, and leaf by leaf
+    only to name the culprit. Not under ``torch.compile``, whose tensors are all torch's."""
+    if _torch_compiling() or all(isinstance(o, type(g)) for g, o in zip(grads, others)):
+        return
+    try:
+        if array_namespace(*others) is xp:
+            return
+    except TypeError:
+        pass
+    for path, g, other in zip(paths, grads, others):
+        try:
+            other_xp = array_namespace(other)
+        except TypeError:
+            other_xp = type(other)
+        if other_xp is not xp:
+            raise TypeError(
+                f"{name}: gradient of {path_str(path)!r} is a {_namespace_name(xp)} array, its {what} "
+                f"a {_namespace_name(other_xp)} array; give the gradients, parameters and state of "
+                "one array library"
+            )
+
+
+def _check_state_namespace(name: str, xp: Any, group: LeafGroup, grads: tuple[Array, ...], state: dict[str, Array]) -> None:
+    """Refuse, by leaf, a state of another array library than the gradients (checked on one entry
+    per group, and only where the types differ: no namespace lookup in the usual step)."""
+    entry = next(iter(state.values()), None)
+    if entry is None or isinstance(entry, type(grads[0])):
+        return
+    _check_namespace(name, xp, group.paths[:1], grads[:1], [entry], "optimizer state")
 
 
 def _check_fits(

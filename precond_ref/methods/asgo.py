@@ -36,6 +36,7 @@ from .._backend import (
     computed_once,
     cond,
     cond_under_cpu_jit,
+    float64_where_available,
     is_zero,
     placement,
     scalar_zero,
@@ -195,11 +196,7 @@ def _wide_dtype(xp: Any, x: Array) -> Any:
     """
     if x.dtype != xp.float32:
         return None
-    if is_jax_namespace(xp) and not sys.modules["jax"].config.jax_enable_x64:
-        return None
-    if getattr(array_device(x), "type", None) == "mps":
-        return None
-    return xp.float64
+    return float64_where_available(xp, x)
 
 
 def _renormalising_factor(xp: Any, sum_of_squares: Array, target: float) -> Array:

@@ -24,7 +24,7 @@ from ..transform import (
     check_unit_interval,
     weight_bias_groups,
 )
-from ..tree import Path, tree_flatten, tree_unflatten
+from ..tree import Path, path_str, tree_flatten, tree_unflatten
 
 __all__ = ["mbf", "MBFTransform"]
 
@@ -542,10 +542,10 @@ def mbf(
             for leaf in leaves:
                 leaf_finite = xp.all(xp.isfinite(leaf))
                 finite = leaf_finite if finite is None else xp.logical_and(finite, leaf_finite)
-            for group in canonical_groups(treedef.paths, leaves):
+            batch_groups = canonical_groups(treedef.paths, leaves)
+            _check_warm_start_batch(groups, batch_groups, leaves)
+            for group in batch_groups:
                 key = group.key
-                if key not in groups:
-                    raise ValueError(f"mbf.warm_start: gradient leaf {key!r} is not in the optimizer state")
                 entries = groups[key]
                 members = tuple(leaves[i] for i in group.indices)
                 kind = _kind(members, max_block_dim)
@@ -571,6 +571,42 @@ def mbf(
             entries["statistic"] = xp.where(j > 0, mean, entries["statistic"])
             groups[key] = entries
         return PrecondState(state.count, state.nonfinite_count, groups)
+
+    def _check_warm_start_batch(groups: dict, batch_groups: list, leaves: list) -> None:
+        """Refuse, naming the leaves and shapes, a batch whose blocks are not the state's: a block
+        whose gradient has another shape (a transposed weight, a weight without its bias) or that
+        the state does not have (checked first on the blocks the state has, which name the
+        culprit: a transposed weight unpairs its bias, whose block is then the missing one)."""
+
+        def described(group) -> str:
+            return ", ".join(f"{path_str(p)!r} {tuple(leaves[i].shape)}" for p, i in zip(group.paths, group.indices))
+
+        missing = []
+        for group in batch_groups:
+            entries = groups.get(group.key)
+            if entries is None:
+                missing.append(group)
+                continue
+            if not entries:  # a zero-size block: no state
+                continue
+            members = tuple(leaves[i] for i in group.indices)
+            if _kind(members, max_block_dim) == _DIAGONAL:
+                entry, shape = "ema", tuple(members[0].shape)
+            else:
+                entry, shape = "momentum", tuple(_block_shape(members))
+            found = tuple(entries[entry].shape) if entry in entries else None
+            if found != shape:
+                have = f"{entry!r} {found}" if found is not None else f"no {entry!r} (a block of another kind)"
+                raise ValueError(
+                    f"mbf.warm_start: the gradient of {described(group)} does not fit the optimizer state "
+                    f"of its block (state has {have}, the gradient needs {entry!r} {shape}); a transposed "
+                    "gradient, or a weight without its bias?"
+                )
+        if missing:
+            raise ValueError(
+                f"mbf.warm_start: the gradient of {described(missing[0])} is not a block of the optimizer "
+                f"state (its blocks: {sorted(groups)})"
+            )
 
     # group_leaves on the caller's (raw) tree: out-last kernels pair by their last axis
     transform = MBFTransform(init, update, inner.due, inner.matmul_precision, weight_bias_groups)
