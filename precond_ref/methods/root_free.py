@@ -335,7 +335,8 @@ def rf_adamw(
         scale = as_operand(xp, _batch_size("rf_adamw", batch_size, ctx), dtype) if scale_by_batch_size else 1
         m_new = ctx.unless_skipped(d1 * m + (1 - d1) * g, m)
         s_new = ctx.unless_skipped(d2 * s + (1 - d2) * (scale * (g * g)), s)
-        lr = as_operand(xp, ctx.value(learning_rate), dtype)
+        lr_value = ctx.value(learning_rate)
+        lr = as_operand(xp, lr_value, dtype)
         if bias_correction:
             t = xp.astype(ctx.count + 1, dtype)
             bc1, bc2 = computed_once(xp, 1 - d1**t), computed_once(xp, 1 - d2**t)
@@ -343,7 +344,7 @@ def rf_adamw(
             bc1 = bc2 = 1
         step = computed_once(xp, lr / bc1) * _rf_denominator_step(xp, m_new, s_new / bc2 + as_operand(xp, damping, dtype), faithful)
         if use_decay:
-            step = step + (lr * as_operand(xp, weight_decay, dtype)) * cast(xp, params[0], dtype)
+            step = step + as_operand(xp, lr_value * weight_decay, dtype) * cast(xp, params[0], dtype)
         return (-step,), {"m": m_new, "s": s_new}
 
     return build_transform(

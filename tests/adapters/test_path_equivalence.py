@@ -17,9 +17,11 @@ about 100 over that bound (measured: at most 4.5e-14, see docs/adapters/paths.md
 A float32 faithful path (the authors' float32 state, documented for ASGO/DASGO's statistic and
 the root-free methods) rounds differently on each backend's float32 kernels, so it is compared
 with the core run on its own backend: torch eager with the core on torch, optax under ``jax.jit``
-with the core under ``jax.jit``. The known divergences (issue 31 items 1-3, fixed on other branches)
-and one found here (rf_adamw faithful, see ``LR_TENSOR``) are strict xfails: an XPASS fails, so the
-marks go when the fixes land.
+with the core under ``jax.jit``. The known divergences (issue 31 items 1-2, fixed on other branches)
+are strict xfails: an XPASS fails, so the marks go when the fixes land. Item 3 (faithful AGD's float32
+square root) and the one this matrix found (faithful RF-AdamW's ``lr * weight_decay`` rounded three
+times when the torch adapter passes the learning rate as a float64 tensor, where the core forms it in
+double and rounds once) are fixed and run unmarked.
 """
 
 from __future__ import annotations
@@ -47,19 +49,6 @@ ITEM2 = (
     "issue 31 item 2: a paired weight without a gradient, first in its param group, leaves every member's "
     "step counter one behind"
 )
-ITEM3 = (
-    "issue 31 item 3: faithful AGD on eager torch: torch's float32 sqrt of the bias correction is not "
-    "correctly rounded on this CPU (sqrt(1-0.999^4))"
-)
-LR_TENSOR = (
-    "found by the path matrix: faithful rf_adamw on torch (eager, every step from the first; 4.3e-11 of the "
-    "parameters on the MLP, 1.0e-10 on the conv model): the adapter's learning rate is a float64 0-D tensor, "
-    "which the float32 state rounds to float32 before lr*weight_decay (_scalar casts arrays), where the core "
-    "given the Python float forms lr*weight_decay in double and rounds once; the core given the same tensor "
-    "matches the adapter exactly, and without weight decay the paths agree exactly"
-)
-
-
 def _cell_id(cell) -> str:
     return "-".join(cell[::-1])
 
@@ -68,13 +57,7 @@ def _xfail(reason: str, condition: bool = True):
     return pytest.mark.xfail(condition, reason=reason, strict=True)
 
 
-_SQRT = pm.torch_float32_sqrt_misrounds()
-TORCH_EAGER_MARKS = {
-    ("agd", "faithful", "mlp"): _xfail(ITEM3, _SQRT),
-    ("agd", "faithful", "conv"): _xfail(ITEM3, _SQRT),
-    ("rf_adamw", "faithful", "mlp"): _xfail(LR_TENSOR),
-    ("rf_adamw", "faithful", "conv"): _xfail(LR_TENSOR),
-}
+TORCH_EAGER_MARKS: dict = {}
 
 
 def _reference(cell, backend: str) -> list:
