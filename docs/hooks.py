@@ -50,7 +50,29 @@ def _expand(match: re.Match) -> str:
     )
 
 
+# ``<!-- readme -->`` (docs/readme.md) becomes the repository's README.md, its links rewritten for
+# the site: docs/X -> X, any other file of the repository -> its page on GitHub.
+_README_MARKER = re.compile(r"^<!-- readme -->$", re.MULTILINE)
+REPOSITORY = "https://github.com/precond-ref/precond_ref/blob/main/"
+_LINK = re.compile(r"\]\((?!https?:|#|mailto:)([^)\s]+)\)")
+
+
+def readme_for_site(text: str) -> str:
+    """The README with its links pointing where they lead from docs/readme.md."""
+
+    def link(match: re.Match) -> str:
+        target = match.group(1)
+        return f"]({target[len('docs/'):]})" if target.startswith("docs/") else f"]({REPOSITORY}{target})"
+
+    return _LINK.sub(link, text)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    if _README_MARKER.search(markdown):
+        import pathlib
+
+        readme = (pathlib.Path(config["docs_dir"]).parent / "README.md").read_text(encoding="utf-8")
+        markdown = _README_MARKER.sub(lambda _: readme_for_site(readme), markdown)
     return _MARKER.sub(_expand, markdown)
 
 

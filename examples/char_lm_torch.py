@@ -63,6 +63,25 @@ class CharTransformer(torch.nn.Module):
         return self.head(self.norm(hidden))
 
 
+def check_device(text: str) -> None:
+    """Exit with a one-line message (status 2, like ``compare --device``) when ``--device`` is not usable here."""
+
+    def fail(message: str) -> None:
+        print(f"char_lm_torch.py: --device {text}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        fail(f"not a torch device ({err})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("needs CUDA, and torch.cuda.is_available() is False on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        fail("torch.backends.mps.is_available() is False on this machine")
+
+
 def make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     cls, _, _ = OPTIMIZERS[name]
     if cls is None:
@@ -88,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         lambda parser: parser.add_argument("--device", default="cpu", help="torch device (default cpu; e.g. cuda)"),
     )
 
+    check_device(args.device)
     torch.manual_seed(args.seed)
     train_ids, validation_ids, vocabulary = load_corpus()
     model = CharTransformer(len(vocabulary), args.context, args.width, args.layers, args.heads).to(args.device)

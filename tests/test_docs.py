@@ -122,6 +122,21 @@ def test_aligned_math_renders_as_a_table_without_literal_ampersands():
             assert not _BARE_AMPERSAND.search(rendered), (page, latex)
 
 
+def test_the_sites_readme_page_is_the_readme_with_working_links():
+    """Issue 33, item 7: the docs' README page was a stub; it now renders the repository's README,
+    every relative link rewritten to where it leads from docs/readme.md (docs/X -> X, any other
+    file of the repository -> GitHub), and each rewritten site link names a file of docs/."""
+    hooks = _hooks()
+    page = hooks.on_page_markdown((DOCS / "readme.md").read_text(), None, {"docs_dir": str(DOCS)}, None)
+    readme = (ROOT / "README.md").read_text()
+    for heading in re.findall(r"^## .*$", readme, re.M):
+        assert heading in page
+    for target in re.findall(r"\]\(([^)\s]+)\)", page):
+        if target.startswith(("http://", "https://", "#")):
+            continue
+        assert (DOCS / target.split("#")[0]).exists(), target
+
+
 def _run_shell_block(code: str) -> None:
     from precond_ref.cli import main
 

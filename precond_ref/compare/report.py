@@ -409,6 +409,8 @@ def readme_section(report: dict) -> str:
         "",
         format_table(report["summary"]),
         "",
+        format_failures(report["summary"]),
+        "",
         "![Mean training curves of the default compare run](docs/images/compare_loss_curves.png)",
         "",
         README_END,
