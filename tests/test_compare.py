@@ -242,7 +242,9 @@ def test_sweep_keeps_the_lowest_validation_loss_and_flags_edges_and_divergence()
     # Nothing finite: fall back to the paper's value rather than a diverged one.
     results = [{"test_loss": None, "diverged": True}, {"error": "boom"}, {"test_loss": None, "diverged": True}]
     (sweep,) = compare._choose(jobs, results)
-    assert sweep["learning_rate"] == 1e-3 and sweep["errors"] == ["boom"]
+    assert sweep["learning_rate"] == 1e-3 and sweep["errors"] == ["boom"] and sweep["none_trained"]
+    row = {"learning_rate": 1e-3, "paper_learning_rate": 1e-3, "none_trained": True}
+    assert report._lr(row) == "0.001 (no swept rate trained: the paper's)"  # said in the table
 
 
 def test_sweep_chooses_by_the_median_over_seeds_so_a_rate_failing_one_seed_loses():

@@ -147,6 +147,7 @@ def summarize(runs: list[dict], sweeps: list[dict]) -> list[dict]:
         row["learning_rate"] = ok[0]["hyperparameters"].get("learning_rate")
         row["paper_learning_rate"] = sweep["paper_learning_rate"] if sweep else row["learning_rate"]
         row["at_grid_edge"] = bool(sweep and sweep["at_grid_edge"])
+        row["none_trained"] = bool(sweep and sweep.get("none_trained"))
         if sweep and "extra_rates" in sweep:
             row["extra_rates"], row["extra_budget"] = sweep["extra_rates"], sweep.get("extra_budget")
         row["diverged"] = sum(bool(r.get("diverged")) for r in ok)
@@ -187,6 +188,8 @@ def _lr(row: dict) -> str:
     lr, paper = row["learning_rate"], row["paper_learning_rate"]
     factor = lr / paper if paper else math.nan
     text = f"{lr:.2g}" if math.isclose(factor, 1.0) else f"{lr:.2g} ({factor:.2g}× paper)"
+    if row.get("none_trained"):
+        text += " (no swept rate trained: the paper's)"
     if row.get("at_grid_edge"):
         budget = row.get("extra_budget")
         text += f" edge (after {row.get('extra_rates', 0)} extra rates" + (f" of {budget})" if budget is not None else ")")
