@@ -682,3 +682,13 @@ def test_commands_name_their_extra_without_numpy(argv, expected, code):
     assert result.returncode == code, output
     assert expected in output.replace("\n", " ").replace("  ", " ") and "Traceback" not in output
     assert "unrecognized arguments" not in output
+
+
+def test_timing_explains_a_wall_time_longer_than_the_cpu_time_needs():
+    """Issue 33, item 5 (no contradictory numbers): a run on a busy machine prints a wall time far
+    above its idle-core estimate; the line then says why, instead of leaving two numbers that disagree."""
+    base = {"job_count": 3, "settings": {"jobs": 2}}
+    busy = report.timing({**base, "total_s": 1900.0, "cpu_s": {"main": 1.0, "workers": 380.0, "quiet_wall_estimate": 191.0}})
+    quiet = report.timing({**base, "total_s": 200.0, "cpu_s": {"main": 1.0, "workers": 380.0, "quiet_wall_estimate": 191.0}})
+    assert "busy with other work" in busy and "busy" not in quiet
+    assert "3.2 min on 2 otherwise idle cores" in busy

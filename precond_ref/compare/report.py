@@ -389,6 +389,8 @@ def timing(report: dict) -> str:
             f" (CPU time {_duration(cpu['main'] + cpu['workers'])} in {jobs} {workers}, "
             f"so {_duration(cpu['quiet_wall_estimate'])} on {jobs} otherwise idle {cores})"
         )
+        if report["total_s"] > 1.5 * cpu["quiet_wall_estimate"]:
+            text += "; the wall time is longer because the machine was busy with other work"
     return text
 
 
