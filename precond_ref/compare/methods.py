@@ -187,6 +187,8 @@ METHODS = BASELINES + (
         "autoencoder best at 1.6 and no rate up to 0.05 training the CNN, so the sweep is centred 100x higher",
         update_kwargs=("batch_size",),
         torch_class="RFAdamW",
+        # bench times steps of larger models: RF-RMSProp's published lr, as before compare ran RF-AdamW
+        bench_hyperparameters={"learning_rate": 4.98e-3},
     ),
     MethodEntry(
         name="if_shampoo",
