@@ -50,7 +50,29 @@ def _expand(match: re.Match) -> str:
     )
 
 
+# ``<!-- readme -->`` (docs/readme.md) becomes the repository's README.md, its links rewritten for
+# the site: docs/X -> X, any other file of the repository -> its page on GitHub.
+_README_MARKER = re.compile(r"^<!-- readme -->$", re.MULTILINE)
+REPOSITORY = "https://github.com/precond-ref/precond_ref/blob/main/"
+_LINK = re.compile(r"\]\((?!https?:|#|mailto:)([^)\s]+)\)")
+
+
+def readme_for_site(text: str) -> str:
+    """The README with its links pointing where they lead from docs/readme.md."""
+
+    def link(match: re.Match) -> str:
+        target = match.group(1)
+        return f"]({target[len('docs/'):]})" if target.startswith("docs/") else f"]({REPOSITORY}{target})"
+
+    return _LINK.sub(link, text)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    if _README_MARKER.search(markdown):
+        import pathlib
+
+        readme = (pathlib.Path(config["docs_dir"]).parent / "README.md").read_text(encoding="utf-8")
+        markdown = _README_MARKER.sub(lambda _: readme_for_site(readme), markdown)
     return _MARKER.sub(_expand, markdown)
 
 
@@ -65,17 +87,38 @@ _MATH = re.compile(
 )
 
 
+# latex2mathml has no `aligned` (nor `align`, `split`) environment: it used to print each `&` as a
+# literal "&" and turn `\\` into a MathML line break that browsers ignore, so a system of
+# equations came out on one line. Such an environment becomes an `array` with the same alignment
+# (columns right, left, right, left, ...), which latex2mathml renders as an <mtable>.
+_ALIGNED = re.compile(r"\\begin\{(aligned|align\*?|split)\}(.*?)\\end\{\1\}", re.S)
+
+
+def _aligned_as_array(match: re.Match) -> str:
+    body = match.group(2)
+    columns = max(row.count("&") for row in re.split(r"\\\\", body)) + 1
+    spec = "".join("rl"[k % 2] for k in range(columns))
+    return f"\\begin{{array}}{{{spec}}}{body}\\end{{array}}"
+
+
+def render_math(latex: str, display: bool) -> str:
+    """The MathML of one formula (aligned environments as tables; see above)."""
+    from latex2mathml.converter import convert
+
+    return convert(_ALIGNED.sub(_aligned_as_array, latex), display="block" if display else "inline")
+
+
 def _to_mathml(match: re.Match, where: str) -> str:
     import html
-
-    from latex2mathml.converter import convert
 
     display = match.group("display") is not None
     latex = html.unescape(match.group("display") if display else match.group("inline")).strip()
     try:
-        mathml = convert(latex, display="block" if display else "inline")
+        mathml = render_math(latex, display)
     except Exception as err:  # noqa: BLE001 - any converter failure is a build error naming the formula
         raise ValueError(f"{where}: cannot render the math {latex!r} to MathML ({type(err).__name__}: {err})") from err
+    if re.search(r"&(?![#\w]+;)", mathml) or "linebreak" in mathml:
+        raise ValueError(f"{where}: the math {latex!r} renders with a literal '&' or a dropped line break")
     tag = "div" if display else "span"
     return f'<{tag} class="arithmatex">{mathml}</{tag}>'
 

@@ -368,3 +368,20 @@ def test_rounds_keep_each_rows_lowest_median_and_its_first_compile():
     assert row_dasgo["median_ms"] == 7.0 and "error" not in row_dasgo
     skipped = section_rows("torch", [], [agd], lambda c: fake(c.entry.name), skip=lambda c: "too large", rounds=2)
     assert skipped[0]["skipped"] == "too large" and calls["agd"] == 3
+
+
+def test_bench_takes_compares_device_option(tmp_path, capsys):
+    """Issue 33, item 9: ``bench --device`` is accepted (it used to be refused by the top-level
+    parser) and checked like ``compare --device``: a CUDA device on a machine without one is a
+    one-line error, and ``--device cpu`` keeps the torch rows on the CPU even where a GPU exists."""
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "--quick", "--methods", "agd", "--device", "cuda", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "--device cuda needs CUDA" in err and "Traceback" not in err and "unrecognized" not in err
+    assert cli.main(["bench", "--quick", "--methods", "agd", "--device", "nonsense", "--out", str(tmp_path)]) == 2
+    assert "is not a torch device" in capsys.readouterr().err
+    code, data = _bench(tmp_path, "--methods", "agd", "--frameworks", "torch", "--cases", "8x4", "--device", "cpu")
+    assert code == 0
+    assert data["machine"]["torch_device"] == "cpu"

@@ -89,6 +89,58 @@ def test_site_builds_strictly(tmp_path):
         assert "\\(" not in text and "\\[" not in text, f"{html}: TeX left unrendered"
     agd = (site / "methods" / "agd" / "index.html").read_text()
     assert agd.count("<math") >= 10 and 'class="arithmatex"' in agd
+    # Issue 33: inside an aligned system, '&' is alignment, never text, and '\\' starts a row.
+    aligned = 0
+    for html in site.rglob("*.html"):
+        for math_ml in re.findall(r"<math.*?</math>", html.read_text(), re.S):
+            assert not _BARE_AMPERSAND.search(math_ml), f"{html}: a literal '&' in rendered math: {math_ml[:300]}"
+            aligned += "<mtable" in math_ml
+    assert aligned >= 5  # the method pages' aligned systems, as tables
+
+
+# An '&' in MathML that is not an entity (&#x0003D;, &amp;): a TeX alignment mark printed as text.
+_BARE_AMPERSAND = re.compile(r"&(?![#\w]+;)")
+
+
+def _hooks():
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_aligned_math_renders_as_a_table_without_literal_ampersands():
+    """Issue 33, item 4: latex2mathml has no ``aligned`` environment; it printed each alignment '&'
+    as a literal and dropped the ``\\`` row breaks, so every method page's system of equations
+    came out on one line. The hook renders it as an <mtable>: one <mtr> per row, the cells split at
+    '&' and aligned right, left, right, ... like TeX's aligned."""
+    pytest.importorskip("latex2mathml")
+    mathml = _hooks().render_math(r"\begin{aligned} m_t &= a, \qquad b = c, \\ \theta &= d - e \end{aligned}", display=True)
+    assert not _BARE_AMPERSAND.search(mathml) and "linebreak" not in mathml
+    rows = re.findall(r"<mtr>(.*?)</mtr>", mathml, re.S)
+    assert len(rows) == 2
+    for row in rows:
+        assert re.findall(r'<mtd columnalign="(\w+)"', row) == ["right", "left"]
+    # Every aligned system the docs contain renders the same way.
+    for page in PAGES:
+        for latex in re.findall(r"\$\$(.*?)\$\$", page.read_text(), re.S):
+            rendered = _hooks().render_math(latex.strip(), display=True)
+            assert not _BARE_AMPERSAND.search(rendered), (page, latex)
+
+
+def test_the_sites_readme_page_is_the_readme_with_working_links():
+    """Issue 33, item 7: the docs' README page was a stub; it now renders the repository's README,
+    every relative link rewritten to where it leads from docs/readme.md (docs/X -> X, any other
+    file of the repository -> GitHub), and each rewritten site link names a file of docs/."""
+    hooks = _hooks()
+    page = hooks.on_page_markdown((DOCS / "readme.md").read_text(), None, {"docs_dir": str(DOCS)}, None)
+    readme = (ROOT / "README.md").read_text()
+    for heading in re.findall(r"^## .*$", readme, re.M):
+        assert heading in page
+    for target in re.findall(r"\]\(([^)\s]+)\)", page):
+        if target.startswith(("http://", "https://", "#")):
+            continue
+        assert (DOCS / target.split("#")[0]).exists(), target
 
 
 def _run_shell_block(code: str) -> None:

@@ -86,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="measure every row this many times in turn and keep each row's lowest median (default 1; "
         "3 resists bursts of load from elsewhere on the machine)")
     add("--quick", action="store_true", help="tiny cases and models, few steps, no refresh windows (for tests)")
+    add(
+        "--device", default=None,
+        help="torch device of the torch rows (default: cuda when torch sees a GPU, else cpu; e.g. cpu, cuda, cuda:1); "
+        "a device that is not there is an error. JAX uses its default device (JAX_PLATFORMS=cpu|cuda)",
+    )
     add("--dtype", choices=("float32", "float64"), default="float32", help="parameter and gradient dtype (default float32)")
     add("--torch-compile", choices=("default", "on", "off"), default="default",
         help="pass compile=True (on) or compile=False (off) to our torch optimizers; default: pass nothing")
@@ -183,7 +188,12 @@ def run(args: argparse.Namespace) -> int:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-    torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device is not None:
+        from ..compare.training import resolve_device
+
+        torch_device = resolve_device("torch", args.device)  # the same check as compare --device
+    else:
+        torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     size_name = _size(args, torch_device)
     for note in skipped:
         print(f"skipped {note['method']}: {note['reason']}", file=sys.stderr)

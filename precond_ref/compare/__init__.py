@@ -8,9 +8,13 @@ weights and the same mini-batch order with every method of
 By default every method gets the same tuning budget (the protocol of optimizer benchmarks such as
 AlgoPerf and Schmidt et al., "Descending through a crowded valley", ICML 2021): for each method and
 model, its learning rate is swept over a log grid centred on its paper's value, training on 80% of
-the training set and scoring the loss on the other 20% (the validation split); the best rate is
-then trained on the whole training set with several seeds, and the test metrics are reported as
-mean ± standard deviation over the seeds. ``--no-tune`` runs the papers' values instead.
+the training set with two seeds and scoring the loss on the other 20% (the validation split). The
+rate with the lowest median loss over the seeds wins; a winner at an end of the grid sends the sweep
+one sqrt(10) step further that way (at most ``--max-extra-rates`` times), until the winner is inside
+the grid or the next rate fails. The best rate is then trained on the whole training set with
+several seeds, and the test metrics are reported as mean ± standard deviation over the seeds; a
+failed run (diverged, ended at or above its initial loss, or at chance accuracy) is counted and
+shown apart, never averaged in. ``--no-tune`` runs the papers' values instead.
 
 The runs are independent, so they are spread over ``--jobs`` worker processes (one BLAS thread
 each); the numbers do not depend on ``--jobs``. Output in ``--out``: ``compare.json`` (every number),
@@ -30,6 +34,7 @@ import math
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -57,10 +62,14 @@ def __getattr__(name: str) -> Any:
 
 BACKENDS = ("numpy", "torch", "jax", "cupy")
 DTYPES = ("float32", "float64")
-DEFAULT_EPOCHS = 20
-DEFAULT_TUNE_EPOCHS = 8
+DEFAULT_EPOCHS = 12
+# The sweep trains as long as the final runs: a rate picked on a shorter horizon can be one that
+# drifts away later (IF-Shampoo at 0.1 was best after 8 epochs and degrading from epoch 10 on).
+DEFAULT_TUNE_EPOCHS = DEFAULT_EPOCHS
 DEFAULT_SEEDS = 3
-DEFAULT_GRID = 7
+DEFAULT_GRID = 5
+DEFAULT_TUNE_SEEDS = 2
+DEFAULT_MAX_EXTRA_RATES = 3
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_DTYPE = "float64"
 DEFAULT_OUT = "results"
@@ -92,6 +101,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--grid", type=positive_int, default=DEFAULT_GRID,
         help=f"learning rates in the sweep, spaced by sqrt(10) and centred on the paper's value (default {DEFAULT_GRID})",
+    )
+    add(
+        "--tune-seeds", type=positive_int, default=DEFAULT_TUNE_SEEDS,
+        help=f"seeds of each sweep point; the rate with the lowest median validation loss wins (default {DEFAULT_TUNE_SEEDS})",
+    )
+    add(
+        "--max-extra-rates", type=nonnegative_int, default=DEFAULT_MAX_EXTRA_RATES,
+        help="when the best rate is at an end of the grid, try up to this many more rates past that end, one "
+        f"sqrt(10) step at a time, until the best is inside the grid or the next rate diverges (default {DEFAULT_MAX_EXTRA_RATES})",
     )
     add("--seeds", type=positive_int, default=DEFAULT_SEEDS, help=f"seeds of the final runs (default {DEFAULT_SEEDS})")
     add("--seed", type=nonnegative_int, default=0, help="first seed (initial weights and batch order); the sweep uses it too")
@@ -139,16 +157,21 @@ def resolve_methods(spec: str, table: Optional[Sequence[MethodEntry]] = None) ->
     import precond_ref
 
     known = {entry.name: entry for entry in (METHODS if table is None else table)}
+    # A method is named by its name or its table label, in any case: agd, AGD, rf-rmsprop, RF-RMSProp.
+    aliases = {}
+    for entry in known.values():
+        for alias in (entry.name, entry.label):
+            aliases[alias.lower()] = entry.name
     if spec.strip().lower() == "all":
         wanted = list(known)
     else:
-        wanted = [name.strip() for name in spec.split(",") if name.strip()]
-        if not wanted:
+        given = [name.strip() for name in spec.split(",") if name.strip()]
+        if not given:
             raise UserError("--methods is empty; give a comma-separated list or 'all'")
-        unknown = [name for name in wanted if name not in known]
+        unknown = [name for name in given if name.lower() not in aliases]
         if unknown:
             raise UserError(f"unknown method(s) {', '.join(map(repr, unknown))}; available: {', '.join(known)}")
-        wanted = list(dict.fromkeys(wanted))
+        wanted = list(dict.fromkeys(aliases[name.lower()] for name in given))
     entries, skipped = [], []
     for name in wanted:
         entry = known[name]
@@ -300,7 +323,7 @@ def _worker_init(datasets: dict, threads: int, backend: str, dtype: str) -> None
 def _run_job(job: dict) -> dict:
     from .training import train_one
 
-    job = dict(job)
+    job = {k: v for k, v in job.items() if k not in ("exponent", "extension")}  # the sweep's bookkeeping
     entry, data = job.pop("entry"), _WORKER["datasets"][job.pop("dataset")]
     try:
         return train_one(entry, data=data, **job)
@@ -314,22 +337,36 @@ def _run_job(job: dict) -> dict:
 
 
 class _Progress:
-    """One bar over every step of the run; off when stderr is not a terminal (no log flooding)."""
+    """One bar over every step of the run on a terminal; elsewhere (a log, a pipe) a line at every
+    tenth of each phase's runs, so that a long run is never silent."""
 
     def __init__(self, total: int, enabled: bool):
         self.bar = None
+        self.lines = enabled and not sys.stderr.isatty()
+        self.started = time.perf_counter()
+        self.name, self.jobs, self.done = "", 0, 0
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, unit="step", file=sys.stderr, smoothing=0.05, dynamic_ncols=True)
 
-    def phase(self, text: str) -> None:
+    def phase(self, text: str, jobs: int = 0) -> None:
+        self.name, self.jobs, self.done = text, jobs, 0
         if self.bar is not None:
             self.bar.set_description(text)
 
     def update(self, steps: int) -> None:
         if self.bar is not None:
             self.bar.update(steps)
+
+    def job_done(self) -> None:
+        """Called as each run of the phase finishes: a line when the count crosses a tenth of the phase."""
+        self.done += 1
+        if self.lines and self.jobs and (10 * self.done) // self.jobs > (10 * (self.done - 1)) // self.jobs:
+            print(
+                f"{self.name}: {self.done} of {self.jobs} runs done ({time.perf_counter() - self.started:.0f} s)",
+                file=sys.stderr, flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -339,7 +376,11 @@ class _Progress:
 def _run_jobs(jobs: list[dict], pool: Any, progress: _Progress, steps_of: Callable[[dict], int]) -> list[dict]:
     """Results in the order of ``jobs``; the bar advances as jobs (or, in-process, epochs) finish."""
     if pool is None:
-        return [_run_job({**job, "on_steps": progress.update}) for job in jobs]
+        results = []
+        for job in jobs:
+            results.append(_run_job({**job, "on_steps": progress.update}))
+            progress.job_done()
+        return results
     import concurrent.futures as cf
 
     futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
@@ -348,6 +389,7 @@ def _run_jobs(jobs: list[dict], pool: Any, progress: _Progress, steps_of: Callab
         index = futures[future]
         results[index] = future.result()
         progress.update(steps_of(jobs[index]))
+        progress.job_done()
     return results  # type: ignore[return-value]
 
 
@@ -383,25 +425,30 @@ def run(args: argparse.Namespace) -> int:
     jobs_count = args.jobs or (min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2) if args.backend == "numpy" else 1)
     seeds = [args.seed + k for k in range(args.seeds)]
     common = {"batch_size": args.batch_size, "backend": args.backend, "dtype": args.dtype, "device": device}
-    sweep_jobs = []
     factors = grid_factors(args.grid)
-    if not args.no_tune:
-        for model in models:
-            for entry in entries:
-                paper = entry.kwargs_for(model)["learning_rate"]
-                for factor in factors:
-                    sweep_jobs.append({
-                        "entry": entry, "model": model, "dataset": "tune", "epochs": args.tune_epochs, "seed": args.seed,
-                        "learning_rate": paper * factor, "curves": False, **common,
-                    })
+    tune_seeds = [args.seed + k for k in range(args.tune_seeds)]
+    low = -((args.grid - 1) // 2)
+
+    def sweep_job(entry: MethodEntry, model: str, exponent: int, seed: int, extension: bool) -> dict:
+        paper = entry.kwargs_for(model)["learning_rate"]
+        return {
+            "entry": entry, "model": model, "dataset": "tune", "epochs": args.tune_epochs, "seed": seed,
+            "learning_rate": paper * 10.0 ** (exponent / 2), "exponent": exponent, "extension": extension,
+            "curves": False, **common,
+        }
+
+    sweep_jobs = [] if args.no_tune else [
+        sweep_job(entry, model, k, seed, False)
+        for model in models for entry in entries for k in range(low, low + args.grid) for seed in tune_seeds
+    ]
 
     def steps_of(job: dict) -> int:
         return job["epochs"] * (len(datasets[job["dataset"]][0]) // args.batch_size)
 
     final_steps = len(models) * len(entries) * len(seeds) * args.epochs * (len(x_train) // args.batch_size)
     what = "paper hyperparameters" if args.no_tune else (
-        f"learning rate tuned over {args.grid} points ({args.tune_epochs} epochs each, validation split "
-        f"{len(datasets['tune'][2])} of {len(x_train)})"
+        f"learning rate tuned over {args.grid} points (+ up to {args.max_extra_rates} past an edge; "
+        f"{args.tune_epochs} epochs x {args.tune_seeds} seeds each, validation split {len(datasets['tune'][2])} of {len(x_train)})"
     )
     print(
         f"digits 8x8: {len(x_train)} training / {len(x_test)} test images; models {', '.join(models)}; {len(entries)} "
@@ -426,11 +473,23 @@ def run(args: argparse.Namespace) -> int:
             _worker_init(datasets, args.threads, args.backend, args.dtype)
         sweeps = []
         if sweep_jobs:
-            progress.phase("sweep")
-            results = _run_jobs(sweep_jobs, pool, progress, steps_of)
-            sweeps = _choose(sweep_jobs, results, factors)
-            if not progress.bar:
-                print(f"sweep: {len(sweep_jobs)} runs done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+            progress.phase("sweep", len(sweep_jobs))
+            sweep_results = _run_jobs(sweep_jobs, pool, progress, steps_of)
+            sweeps = _choose(sweep_jobs, sweep_results, args.max_extra_rates)
+            for round_ in range(1, args.max_extra_rates + 1):
+                more = [
+                    sweep_job(entry, model, k, seed, True)
+                    for model, entry, k in _extensions(sweeps, entries, args.max_extra_rates)
+                    for seed in tune_seeds
+                ]
+                if not more:
+                    break
+                if progress.bar is not None:
+                    progress.bar.total += sum(map(steps_of, more))
+                progress.phase(f"sweep, extra rates {round_}", len(more))
+                sweep_jobs += more
+                sweep_results += _run_jobs(more, pool, progress, steps_of)
+                sweeps = _choose(sweep_jobs, sweep_results, args.max_extra_rates)
         chosen = {(s["model"], s["method"]): s["learning_rate"] for s in sweeps}
         final_jobs = [
             {
@@ -439,7 +498,7 @@ def run(args: argparse.Namespace) -> int:
             }
             for model in models for entry in entries for seed in seeds
         ]
-        progress.phase("final")
+        progress.phase("final", len(final_jobs))
         runs = _run_jobs(final_jobs, pool, progress, steps_of)
     finally:
         progress.close()
@@ -460,7 +519,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = {
         "methods": [e.name for e in entries], "models": models, "tune": not args.no_tune, "epochs": args.epochs,
-        "tune_epochs": args.tune_epochs, "grid_factors": factors if not args.no_tune else [], "tune_seed": args.seed,
+        "tune_epochs": args.tune_epochs, "grid_factors": factors if not args.no_tune else [],
+        "tune_seeds": tune_seeds if not args.no_tune else [], "max_extra_rates": args.max_extra_rates,
         "seeds": seeds, "batch_size": args.batch_size, "backend": args.backend, "device": device, "dtype": args.dtype,
         "threads": args.threads, "jobs": jobs_count,
     }
@@ -484,6 +544,8 @@ def run(args: argparse.Namespace) -> int:
     }
     print(report.format_table(full["summary"]))
     print()
+    print(report.format_failures(full["summary"]))
+    print()
     print(report.describe_protocol(settings, data_info))
     if sweeps:
         print("\nValidation loss at each learning rate of the sweep (* = chosen):")
@@ -501,27 +563,65 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in runs) else 0
 
 
-def _choose(jobs: list[dict], results: list[dict], factors: list[float]) -> list[dict]:
-    """Per (model, method): the grid point with the lowest final validation loss (diverged = worst)."""
-    sweeps: dict[tuple, dict] = {}
+def _choose(jobs: list[dict], results: list[dict], max_extra_rates: int = 0) -> list[dict]:
+    """Per (model, method): the rate with the lowest median validation loss over the sweep's seeds.
+
+    A failed run (diverged, collapsed: :func:`report.failure`) or an error scores +inf, so a rate
+    that fails for one seed of two loses to any that trains for both (the median of two is their
+    mean). ``at_grid_edge``: the winner is at an end of the rates tried (the extra rates ran out);
+    with nothing finite, the paper's rate is kept.
+    """
+    from .report import failure
+
+    groups: dict[tuple, dict] = {}
     for job, result in zip(jobs, results):
         key = (job["model"], job["entry"].name)
-        sweep = sweeps.setdefault(key, {
-            "model": job["model"], "method": job["entry"].name, "label": job["entry"].label,
-            "paper_learning_rate": job["entry"].kwargs_for(job["model"])["learning_rate"],
-            "grid": [], "validation_loss": [], "errors": [],
-        })
-        sweep["grid"].append(job["learning_rate"])
-        loss = None if "error" in result or result.get("diverged") else result["test_loss"]
-        sweep["validation_loss"].append(loss)
+        group = groups.setdefault(key, {"job": job, "points": {}, "errors": [], "extension": set()})
+        group["points"].setdefault(job["learning_rate"], []).append((job.get("seed"), result))
+        if job.get("extension"):
+            group["extension"].add(job["learning_rate"])
         if "error" in result:
-            sweep["errors"].append(result["error"])
-    for sweep in sweeps.values():
-        scores = [math.inf if v is None else v for v in sweep["validation_loss"]]
-        best = min(range(len(scores)), key=scores.__getitem__)
-        sweep["learning_rate"] = sweep["grid"][best] if math.isfinite(scores[best]) else sweep["paper_learning_rate"]
-        sweep["at_grid_edge"] = len(factors) > 1 and best in (0, len(factors) - 1) and math.isfinite(scores[best])
-    return list(sweeps.values())
+            group["errors"].append(result["error"])
+    sweeps = []
+    for (model, name), group in groups.items():
+        entry = group["job"]["entry"]
+        grid = sorted(group["points"])
+        per_seed, medians = [], []
+        for lr in grid:
+            losses = [
+                None if "error" in r or failure(r) else r["test_loss"]
+                for _, r in sorted(group["points"][lr], key=lambda pair: (pair[0] is None, pair[0] or 0))
+            ]
+            per_seed.append(losses)
+            medians.append(statistics.median(math.inf if v is None else v for v in losses))
+        best = min(range(len(grid)), key=medians.__getitem__)
+        finite = math.isfinite(medians[best])
+        paper = entry.kwargs_for(model)["learning_rate"]
+        sweeps.append({
+            "model": model, "method": name, "label": entry.label, "paper_learning_rate": paper,
+            "grid": grid, "validation_loss": [v if math.isfinite(v) else None for v in medians],
+            "validation_losses": per_seed, "errors": group["errors"],
+            "learning_rate": grid[best] if finite else paper,
+            "none_trained": not finite,
+            "at_grid_edge": finite and len(grid) > 1 and best in (0, len(grid) - 1),
+            "extra_rates": len(group["extension"]), "extra_budget": max_extra_rates,
+        })
+    return sweeps
+
+
+def _extensions(sweeps: list[dict], entries: list[MethodEntry], max_extra_rates: int) -> list[tuple]:
+    """``(model, entry, exponent)`` of the next rate to try for every sweep whose winner sits at an
+    end of its rates, one sqrt(10) step past that end, while its extra rates last."""
+    by_name = {entry.name: entry for entry in entries}
+    out = []
+    for sweep in sweeps:
+        if not sweep["at_grid_edge"] or sweep["extra_rates"] >= max_extra_rates:
+            continue
+        grid, best = sweep["grid"], sweep["grid"].index(sweep["learning_rate"])
+        step = 1 if best == len(grid) - 1 else -1
+        exponent = round(2 * math.log10(grid[best] / sweep["paper_learning_rate"])) + step
+        out.append((sweep["model"], by_name[sweep["method"]], exponent))
+    return out
 
 
 def _write_outputs(full: dict, out_dir: str, args: argparse.Namespace) -> None:

@@ -426,6 +426,9 @@ def train_one(
     initial = digits.init_params(model, seed)
     session = _make_session(backend, entry, model, initial, dtype, batch_size, kwargs, device)
     train_all, eval_all = session.data(x_train, y_train), session.data(x_eval, y_eval)
+    # The loss of the initial weights on the whole training set: a run that ends at or above it
+    # learned nothing (report.failure).
+    initial_train_loss, _ = session.evaluate(*train_all)
     step_losses: list[Optional[float]] = []
     epoch_losses: list[Optional[float]] = []
     epoch_eval_losses: list[Optional[float]] = []
@@ -475,10 +478,12 @@ def train_one(
         "hyperparameters": kwargs,
         "update_kwargs": _extra_kwargs(entry, batch_size),
         "diverged": diverged or not math.isfinite(train_loss),
+        "initial_train_loss": _finite(initial_train_loss),
         "final_train_loss": _finite(train_loss),
         "final_train_accuracy": train_accuracy,
         "test_loss": _finite(eval_loss),
         "test_accuracy": eval_accuracy if eval_accuracy is None or math.isfinite(eval_loss) else None,
+        "eval_examples": int(len(y_eval)),
         "step_ms": step_ms,
         "optimizer_ms": opt_ms,
         "state_bytes": session.state_bytes(),
