@@ -18,13 +18,6 @@ nnx = pytest.importorskip("flax.nnx")
 
 from jax_cases import JAX_OPTIMIZERS, STEPS, assert_close, data  # noqa: E402
 
-ITEM_5 = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="issue 31 item 5: init sees nnx.Variables (state keyed '.../value'), update sees arrays",
-)
-
-
 def _model():
     return nnx.Sequential(
         nnx.Linear(4, 8, dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0)),
@@ -37,9 +30,7 @@ def _loss(model, x, y):
     return jnp.mean((model(x) - y) ** 2)
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=() if n.startswith("optax") else ITEM_5) for n in JAX_OPTIMIZERS]
-)
+@pytest.mark.parametrize("name", JAX_OPTIMIZERS)
 def test_nnx_optimizer_equals_plain_optax(name):
     xs, ys = data()
 
