@@ -288,11 +288,13 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
                 if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
                     raise ValueError(f"{where}: 'calls' of {label} must be an integer >= 0, got {calls!r}")
                 entries[CALLS] = calls
-                if calls > 0:
-                    by_calls.setdefault(calls, []).append((index, p, label, entries))
+                by_calls.setdefault(calls, []).append((index, p, label, entries))
                 new_state[p] = entries
             index += 1
-        for members in by_calls.values():
+        for calls, members in by_calls.items():
+            if calls == 0 and not any(m[3].get(HEAD) for m in members):
+                continue  # counters only: the first step makes the state
+            # stepped, or warm-started (MBF.warm_start: state made before the first call)
             _check_core_state(opt, path_of, transform, members, where, hint)
 
     # Commit: nothing above touched the optimizer.

@@ -306,9 +306,10 @@ class CoreOptimizer(torch.optim.Optimizer):
             named = [(path_str(self._path(p, i)), p) for i, p in members]
             _torch_compile.check_capturable(type(self).__name__, transform, named)
         states = [self.state[p] for p in tensors]
-        if calls == 0:
+        if calls == 0 and not any(entries.get(_HEAD) for entries in states):
             core_state = transform.init(params_tree)
         else:
+            # Stepped before, or warm-started (MBF.warm_start: state made, no call taken yet).
             # In the tree's order, as init made them (a compiled step guards on the order). A copy
             # less the bookkeeping keys: a third of the time of a filtering comprehension, which
             # cost about 1.3 us per head on a 2-core CPU.
@@ -971,8 +972,9 @@ class MBF(CoreOptimizer):
             state = transform.warm_start(state, trees)
             by_key = {path_str(path): p for path, p in zip(paths, tensors)}
             for p in tensors:
-                # calls = 1: the next step loads this state instead of initialising a fresh one.
-                self.state[p] = {_STEP: state.count, _NONFINITE: state.nonfinite_count, _CALLS: 1}
+                # calls = 0: the first step is the core's call 0 (its interval decisions included);
+                # it loads this state (the heads are marked) instead of initialising a fresh one.
+                self.state[p] = {_STEP: state.count, _NONFINITE: state.nonfinite_count, _CALLS: 0}
             for key, entries in state.groups.items():
                 head = self.state[by_key[key]]
                 head[_HEAD] = True

@@ -212,3 +212,66 @@ def test_jax_warm_start_helper():
     np.testing.assert_allclose(np.asarray(state.groups["Dense_0/kernel"]["statistic"]), expected, rtol=1e-12)
     updates, _ = opt.update(grads[0], state, params)
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree_util.tree_leaves(updates))
+
+
+def _core_tree(named):
+    """``{"3": {"weight": t}}`` from ``[("3.weight", t)]``: the tree the torch adapter builds from names."""
+    tree = {}
+    for name, t in named:
+        layer, leaf = name.split(".")
+        tree.setdefault(layer, {})[leaf] = t
+    return tree
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["direct", "state_dict-before-first-step"])
+def test_torch_warm_start_follows_the_core_schedule(resume):
+    """After ``MBF.warm_start`` the torch steps are the core's ``warm_start`` + ``update`` calls 0, 1, 2, ...
+
+    Invariant (spec mbf.md 2.5, issue 31 item 1): the warm start makes state and takes no call, so
+    the first step is the core's call 0 (statistic and inverse both due) and every interval decision
+    after it is the core's; also across a ``state_dict`` round trip taken right after the warm start.
+    Both run the same core on the same float64 torch tensors, so they agree exactly.
+    """
+    model = _cnn()
+    kwargs = dict(damping=0.1, weight_decay=1e-2, statistics_every=2, precondition_every=3)
+    batches = [_batch(s) for s in range(3)]
+    closure = _sampled_label_closure(model, batches)
+    grad_dicts = []
+    for _ in batches:
+        model.zero_grad()
+        closure()
+        grad_dicts.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    model.zero_grad(set_to_none=True)
+    opt = pt.MBF(model.named_parameters(), lr=1e-2, **kwargs)
+    opt.warm_start(grad_dicts)
+    if resume:
+        saved = opt.state_dict()
+        opt = pt.MBF(model.named_parameters(), lr=1e-2, **kwargs)
+        opt.load_state_dict(saved)
+    core = pr.mbf(learning_rate=1e-2, **kwargs)
+    tree = _core_tree((n, p.detach().clone()) for n, p in model.named_parameters())
+    state = core.warm_start(core.init(tree), [_core_tree(d.items()) for d in grad_dicts])
+    for seed in range(7):  # inverses at calls 0, 3, 6; statistics at 0, 2, 4, 6
+        opt.zero_grad()
+        _backward(model, *_batch(10 + seed))
+        grads = _core_tree((n, p.grad.clone()) for n, p in model.named_parameters())
+        opt.step()
+        updates, state = core.update(grads, state, tree)
+        tree = pr.apply_updates(tree, updates)
+        for name, p in model.named_parameters():
+            layer, leaf = name.split(".")
+            assert torch.equal(p.detach(), tree[layer][leaf]), (seed, name)
+    assert opt.state[model[3].weight]["calls"] == 7
+
+
+def test_torch_warm_started_checkpoint_is_validated():
+    """A checkpoint saved between ``warm_start`` and the first step holds state that the first step
+    reads, so ``load_state_dict`` checks it like a stepped one's (a transposed statistic is refused)."""
+    model = _cnn()
+    opt = pt.MBF(model.named_parameters(), lr=1e-2)
+    opt.warm_start([{n: torch.ones_like(p) for n, p in model.named_parameters()}])
+    saved = opt.state_dict()
+    index = [n for n, _ in model.named_parameters()].index("3.weight")
+    saved["state"][index]["statistic"] = torch.ones(4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'statistic' of parameter '3.weight'.*shape \(4, 4\), expected \(5, 5\)"):
+        pt.MBF(model.named_parameters(), lr=1e-2).load_state_dict(saved)
