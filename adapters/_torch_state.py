@@ -160,6 +160,7 @@ def setstate(opt: "CoreOptimizer", state: dict) -> None:
     if not had_differentiable and "defaults" in state:
         opt.defaults.pop("differentiable", None)
     opt.__dict__.setdefault("_param_names", names_from_groups(opt.param_groups))
+    opt.__dict__.setdefault("_behind", set())
     for name in opt._transient_attributes:
         setattr(opt, name, {})
 
@@ -269,6 +270,7 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
         hint = (" (the checkpoint and this optimizer differ in having parameter names, and names decide "
                 "which weights and biases form one block)")
     index = 0
+    behind = set()
     for group, transform in zip(new_groups, transforms):
         by_calls: dict[int, list] = {}
         for saved_id, p in zip(_saved_ids(saved_groups, new_groups, group), group["params"]):
@@ -292,6 +294,7 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
                 new_state[p] = entries
             index += 1
         for calls, members in by_calls.items():
+            behind.update(_held_back(members))
             if calls == 0 and not any(m[3].get(HEAD) for m in members):
                 continue  # counters only: the first step makes the state
             # stepped, or warm-started (MBF.warm_start: state made before the first call)
@@ -300,9 +303,19 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
     # Commit: nothing above touched the optimizer.
     opt.__setstate__({"state": new_state, "param_groups": new_groups})
     opt._param_names = names
+    opt._behind = behind
     opt._transforms.clear()
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
+
+
+def _held_back(members: list) -> list:
+    """The parameters among ``members`` (stepped together so far) whose counters are behind the
+    others': a block member that a step left unchanged (no gradient of its own, see
+    ``CoreOptimizer._fill_missing_members``); the step never takes the set's counters from them."""
+    counts = [(int(e[STEP].item()), int(e[NONFINITE].item())) for _, _, _, e in members]
+    top = tuple(map(max, zip(*counts)))
+    return [p for (_, p, _, _), count in zip(members, counts) if count != top]
 
 
 def _saved_ids(saved_groups: list, new_groups: list, group: dict) -> list:

@@ -135,6 +135,9 @@ class CoreOptimizer(torch.optim.Optimizer):
         self._compiled: dict[int, _torch_compile.CompiledStep] = {}
         self._learning_rates: dict[int, tuple[Any, torch.Tensor]] = {}
         self._member_plans: dict[tuple, _Members] = {}
+        # Members of a block whose counters a step left behind their partners' (no gradient of
+        # their own; see _fill_missing_members): never the source of a core group's counters.
+        self._behind: set = set()
         super().__init__(groups, defaults)
         # Sharded (DTensor) parameters need the classes of precond_ref.adapters.torch_distributed.
         if not getattr(self, "_accepts_dtensor", False):
@@ -244,6 +247,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                 p.grad = None
                 p.copy_(value)
                 self.state[p].update(counters)
+                self._behind.add(p)
         return loss
 
     def _group_paths(self) -> list[list[tuple]]:
@@ -319,11 +323,15 @@ class CoreOptimizer(torch.optim.Optimizer):
                     core = groups[key] = entries.copy()
                     for name in _BOOKKEEPING:
                         core.pop(name, None)
-            lead = states[plan.lead]  # the counters of the first parameter in the group's order
+            lead = states[plan.lead]  # the counters of the first parameter in the group's order ...
+            if self._behind and tensors[plan.lead] in self._behind:
+                lead = _counters_of_the_set(states, [p in self._behind for p in tensors])  # ... unless held back
             core_state = PrecondState(lead[_STEP], lead[_NONFINITE], groups)
         new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra, plan.numel)
         if self._capturable and calls > 0:
             new_state = _written_in_place(core_state, new_state)
+        if self._behind:
+            self._behind.difference_update(tensors)  # stepped: their counters are the set's again
         for entries in states:
             calls = entries.get(_CALLS, 0) + 1
             entries.clear()
@@ -386,6 +394,22 @@ class CoreOptimizer(torch.optim.Optimizer):
         updates, new_state = transform.update(grads, state, params, step=calls, **extra)
         torch._foreach_add_(tree_flatten(params)[0], tree_flatten(updates)[0])
         return new_state
+
+
+def _counters_of_the_set(states: list, behind: list) -> dict:
+    """The counters of parameters stepped together: a member's whose counters no step held back,
+    else (every member was held back at some step) the largest of each, which is the count of the
+    steps the set's blocks took (a held-back member only ever lags)."""
+    for entries, lagging in zip(states, behind):
+        if not lagging:
+            return entries
+    out = {}
+    for key in (_STEP, _NONFINITE):
+        value = states[0][key]
+        for entries in states[1:]:
+            value = torch.maximum(value, entries[key])
+        out[key] = value
+    return out
 
 
 def _written_in_place(old: PrecondState, new: PrecondState) -> PrecondState:

@@ -275,3 +275,55 @@ def test_torch_warm_started_checkpoint_is_validated():
     saved["state"][index]["statistic"] = torch.ones(4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"'statistic' of parameter '3.weight'.*shape \(4, 4\), expected \(5, 5\)"):
         pt.MBF(model.named_parameters(), lr=1e-2).load_state_dict(saved)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, step_kwargs",
+    [
+        (pt.MBF, dict(lr=1e-2, statistics_every=1, precondition_every=2), {}),
+        (pt.IFShampoo, dict(lr=1e-2, grouping="weight_bias", preconditioner_lr=0.1, damping=1e-2), dict(batch_size=8)),
+    ],
+    ids=["mbf", "if_shampoo-weight_bias"],
+)
+@pytest.mark.parametrize("resume", [False, True], ids=["direct", "state_dict-after-the-partial-step"])
+def test_torch_paired_weight_first_in_group_without_gradient_keeps_the_group_count(cls, kwargs, step_kwargs, resume):
+    """A step where a paired weight that comes first in its param group has no gradient leaves the
+    group's count (``"step"``, which MBF's diagonal bias correction reads) at the number of steps taken.
+
+    Invariant (transform.missing_members, issue 31 item 2): the weight takes part with a zero
+    gradient and keeps its value and own counter; every other member advances. The reference is the
+    core on the same float64 tensors (zero gradient for the weight at that step, its update
+    discarded), so the two agree exactly, conv bias included; also when the optimizer is rebuilt
+    from its ``state_dict`` right after that step (the checkpoint holds the lagging counter).
+    """
+    model = _cnn()
+    named = list(model.named_parameters())
+    named = named[4:] + named[:4]  # the Linear's weight and bias first in the group
+    opt = cls(named, **kwargs)
+    core = type(opt).core_factory(**opt.core_kwargs({**opt.defaults}))
+    tree = _core_tree((n, p.detach().clone()) for n, p in named)
+    state = core.init(tree)
+    fc_w = model[3].weight
+    for k in range(7):
+        opt.zero_grad()
+        _backward(model, *_batch(20 + k))
+        grads = _core_tree((n, p.grad.clone()) for n, p in named)
+        if k == 2:
+            fc_w.grad = None
+            grads["3"]["weight"] = torch.zeros_like(fc_w)
+        opt.step(**step_kwargs)
+        if resume and k == 2:
+            saved = opt.state_dict()
+            opt = cls(named, **kwargs)
+            opt.load_state_dict(saved)
+        updates, state = core.update(grads, state, tree, **step_kwargs)
+        if k == 2:
+            updates["3"]["weight"] = torch.zeros_like(fc_w)
+        tree = pr.apply_updates(tree, updates)
+        for name, p in named:
+            layer, leaf = name.split(".")
+            assert torch.equal(p.detach(), tree[layer][leaf]), (k, name)
+        expected = {p: k + 1 for _, p in named}
+        if k == 2:
+            expected[fc_w] = 2  # its own count stays; the pair's next step sets it again
+        assert {n: int(opt.state[p]["step"]) for n, p in named} == {n: expected[p] for n, p in named}, k
