@@ -200,7 +200,8 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
     """Validate ``state_dict`` completely, then load it; on any error nothing changes.
 
     Checks, each error naming the parameter: the number and sizes of param groups; param-group
-    keys this class does not take (another optimizer's checkpoint); for every parameter that has
+    keys this class does not take are kept (as torch keeps them: schedulers store ``initial_lr`` and
+    others there), unless the group also lacks one this class takes (another optimizer's); for every parameter that has
     been stepped, the counters, and the core group state that a step would read — every entry
     present, no extra entries, shapes as the optimizer's own ``init`` makes them (a transposed
     statistic is rejected), finite values. Tensors are copied onto the parameter's device in the
@@ -225,7 +226,13 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
             f"({len(saved_groups)}, the optimizer has {len(opt.param_groups)})"
         )
 
+    # Param-group keys this class does not take are kept, as torch keeps them: learning-rate
+    # schedulers store theirs there (``initial_lr``; OneCycleLR's ``max_lr``, ``min_lr``,
+    # ``max_momentum``, ``base_momentum``; SWALR's ``swa_lr``) and read them back after a resume.
+    # A group that has such keys *and* lacks one this class takes (other than callables, which
+    # ``state_dict`` leaves out) is another optimizer's: refused.
     allowed = set(opt.defaults) | {"params", "param_names"}
+    expected = {k for k, v in opt.defaults.items() if not (callable(v) and not isinstance(v, torch.Tensor))}
     new_groups = []
     for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
         if len(saved["params"]) != len(group["params"]):
@@ -233,10 +240,10 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
                 f"{where}: loaded state dict contains a parameter group that doesn't match the size of "
                 f"optimizer's group (group {gi}: {len(saved['params'])} parameters, expected {len(group['params'])})"
             )
-        unknown = sorted(set(saved) - allowed)
-        if unknown:
+        unknown, lacking = sorted(set(saved) - allowed), sorted(expected - set(saved))
+        if unknown and lacking:
             raise ValueError(
-                f"{where}: param group {gi} has {unknown}, which {cls} does not take; "
+                f"{where}: param group {gi} has {unknown}, which {cls} does not take, and lacks {lacking}; "
                 "the state_dict was saved by another optimizer"
             )
         new = {k: v for k, v in group.items() if k != "params"}
@@ -255,7 +262,10 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
         try:
             transforms.append(build_transform(opt, group))
         except (ValueError, TypeError) as error:
-            raise type(error)(f"{where}: param group {gi}: {error}") from error
+            unknown = sorted(set(saved_groups[gi]) - allowed)
+            foreign = (f" (the group also has {unknown}, which {cls} does not take: a state_dict of another optimizer?)"
+                       if unknown else "")
+            raise type(error)(f"{where}: param group {gi}: {error}{foreign}") from error
 
     id_map = {}
     for saved, group in zip(saved_groups, new_groups):
