@@ -631,9 +631,11 @@ class DASGO(CoreOptimizer):
 
 
 class _BatchCounter:
-    """SIRFShampoo's batch-size detection: a forward pre-hook on the model adds ``inputs[0].shape[0]``
-    for every forward pass in training mode since the last optimizer step (so gradient accumulation
-    over several forwards counts every example of the accumulated mean).
+    """SIRFShampoo's batch-size detection: a forward pre-hook on the model adds the leading size of
+    the first tensor argument, positional or keyword (``model(x)``, ``model(input_ids=ids)`` as the
+    transformers ``Trainer`` calls models), for every forward pass in training mode since the last
+    optimizer step (so gradient accumulation over several forwards counts every example of the
+    accumulated mean).
 
     ``copy.deepcopy`` of the optimizer alone hooks the copy onto the same model. Copied or pickled
     together with the model (``deepcopy({"model": m, "opt": o})``), the model's copy carries the
@@ -644,7 +646,7 @@ class _BatchCounter:
     def __init__(self, model: Optional[torch.nn.Module]) -> None:
         self.count = 0
         self._model = weakref.ref(model) if model is not None else None
-        self.handle = model.register_forward_pre_hook(self._hook) if model is not None else None
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True) if model is not None else None
 
     def __deepcopy__(self, memo: dict) -> "_BatchCounter":
         model = self._model() if self._model is not None else None
@@ -660,9 +662,14 @@ class _BatchCounter:
     def __reduce__(self) -> tuple:
         return (_BatchCounter, (None,))
 
-    def _hook(self, module: torch.nn.Module, inputs: tuple) -> None:
-        if module.training and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim > 0:
-            self.count += int(inputs[0].shape[0])
+    def _hook(self, module: torch.nn.Module, inputs: tuple, kwargs: Optional[dict] = None) -> None:
+        if not module.training:
+            return
+        first = next(
+            (x for x in itertools.chain(inputs, (kwargs or {}).values()) if isinstance(x, torch.Tensor)), None
+        )
+        if first is not None and first.ndim > 0:
+            self.count += int(first.shape[0])
 
 
 class _RootFreeOptimizer(CoreOptimizer):
