@@ -21,6 +21,7 @@ import math
 import re
 import types
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -50,10 +51,12 @@ def param_groups_from(params: Any) -> list[dict]:
     ``state_dict()`` keeps them, as for ``torch.optim.Adam``) and raises when some parameters of a
     group are named and others are not.
     """
-    if isinstance(params, torch.Tensor):
+    # torch's own messages (its optimizer test suite matches them)
+    if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
         raise TypeError(
-            "params argument given to the optimizer should be an iterable of Tensors, (name, tensor) "
-            f"pairs or dicts, but got {torch.typename(params)}"
+            "params argument given to the optimizer should be an iterable of Tensors or dicts, but got "
+            + (torch.typename(params) if isinstance(params, torch.Tensor) else type(params).__name__)
+            + " (iterables of (name, tensor) pairs name the parameters)"
         )
     if isinstance(params, set):
         raise TypeError("optimizer parameters need to be organized in ordered collections (not a set)")
@@ -63,6 +66,12 @@ def param_groups_from(params: Any) -> list[dict]:
     if not isinstance(groups[0], dict):
         groups = [{"params": groups}]
     return [dict(group) for group in groups]
+
+
+def check_tensor_lr(lr: Any) -> None:
+    """A tensor ``lr`` holds one number (torch's check and message, as ``torch.optim.Adam``'s)."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
 
 
 def names_from_groups(groups: list[dict], base: Optional[dict] = None) -> dict:
@@ -255,7 +264,7 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
 
     # Every param group's hyperparameters must build a transform (errors name torch arguments).
     # Paths as the step will see them, under the loaded names (``_path`` reads only the names).
-    named = types.SimpleNamespace(_param_names=names)
+    named = types.SimpleNamespace(_param_names=names, _inputs_first=getattr(opt, "_inputs_first", frozenset()))
     path_of = lambda p, i: type(opt)._path(named, p, i)  # noqa: E731
     transforms = []
     for gi, group in enumerate(new_groups):

@@ -16,7 +16,6 @@ import weakref
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
-from torch.optim.optimizer import required
 
 import precond_ref as pr
 from precond_ref.transform import PrecondState, Transform, float32_matmul_precision, missing_members
@@ -124,6 +123,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         compile: CompileSetting = None,
         capturable: bool = False,
     ):
+        _torch_state.check_tensor_lr(defaults.get("lr"))
         groups = _torch_state.param_groups_from(params)
         if not isinstance(capturable, bool):
             raise ValueError(f"capturable must be True or False, got {capturable!r}")
@@ -152,6 +152,8 @@ class CoreOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):
+            _torch_state.check_tensor_lr(param_group.get("lr"))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._param_names = _torch_state.names_from_groups([group], self._param_names)
@@ -217,7 +219,13 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def _path(self, p: torch.Tensor, index: int) -> tuple:
         name = self._param_names.get(p)
-        return tuple(name.split(".")) if name else (f"param{index}",)
+        if not name:
+            return (f"param{index}",)
+        path = tuple(name.split("."))
+        if p in getattr(self, "_inputs_first", ()) and path[-1] == "weight":
+            # an inputs x outputs weight (transformers' Conv1D): the core's out-last "kernel"
+            return path[:-1] + ("kernel",)
+        return path
 
     @staticmethod
     def _tree(paths: list[tuple], leaves: list[torch.Tensor]) -> dict:
@@ -682,6 +690,7 @@ class _RootFreeOptimizer(CoreOptimizer):
     """
 
     def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None, **options: Any) -> None:
+        _torch_state.check_tensor_lr(defaults.get("lr"))
         if params is None:
             if model is None:
                 raise ValueError("give params, or model= to optimize all of its parameters")
@@ -725,7 +734,7 @@ class RFRMSProp(_RootFreeOptimizer):
     def __init__(
         self,
         params: Any,
-        lr: float = required,
+        lr: float = 1e-2,
         alpha: float = 0.999,
         damping: float = 1e-4,
         momentum: float = 0.0,
@@ -767,7 +776,7 @@ class RFAdamW(_RootFreeOptimizer):
     def __init__(
         self,
         params: Any,
-        lr: float = required,
+        lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         damping: float = 1e-4,
         weight_decay: float = 0.0,
@@ -871,6 +880,49 @@ def _float(value: Any) -> Any:
 # MBF
 
 
+def _inputs_first_weights(names: dict, model: Optional[torch.nn.Module]) -> frozenset:
+    """The 2-D weights with a sibling bias that store inputs x outputs (``x @ W + b``, as
+    transformers' GPT-2 ``Conv1D``) rather than torch's outputs x inputs (``nn.Linear``).
+
+    Decided per weight: by its module when ``model=`` shows it (an ``nn.Linear`` is outputs-first;
+    a module named ``Conv1D`` inputs-first), else by which axis has the bias's length. A square
+    weight whose module is not known to be either is ambiguous: taken as outputs-first, with a
+    warning when the model is known to hold inputs-first weights (a module of another kind, or
+    some other weight inputs-first by its shape), naming the weights.
+    """
+    modules = {}
+    if model is not None:
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                modules.setdefault(p, module)
+    by_name = {name: p for p, name in names.items()}
+    found, square = set(), []
+    for p, name in names.items():
+        prefix, _, leaf = name.rpartition(".")
+        bias = by_name.get(f"{prefix}.bias" if prefix else "bias")
+        if leaf != "weight" or p.ndim != 2 or bias is None or bias.ndim != 1:
+            continue
+        rows, cols, size = p.shape[0], p.shape[1], bias.shape[0]
+        module = modules.get(p)
+        if isinstance(module, torch.nn.Linear):
+            continue
+        if module is not None and type(module).__name__ == "Conv1D" and cols == size:
+            found.add(p)
+        elif cols == size and rows != size:
+            found.add(p)
+        elif rows == size == cols:
+            square.append((name, module))
+    unknown_kind = [n for n, m in square if m is not None] or ([n for n, _ in square] if found else [])
+    if unknown_kind:
+        warnings.warn(
+            f"MBF: cannot tell whether the square weight(s) {sorted(unknown_kind)} store outputs x inputs "
+            "(torch.nn.Linear) or inputs x outputs (x @ W + b, as transformers' Conv1D); they are paired with "
+            "their biases as outputs x inputs" + ("" if model is not None else "; pass model= to let MBF see the modules"),
+            stacklevel=3,
+        )
+    return frozenset(found)
+
+
 class MBF(CoreOptimizer):
     """MBF, mini-block Fisher (Bahamou, Goldfarb, Ren, AISTATS 2023); see :func:`precond_ref.mbf`.
 
@@ -887,8 +939,8 @@ class MBF(CoreOptimizer):
     (the rule of :func:`precond_ref.transform.missing_members`, shared with IF-Shampoo).
 
     :meth:`warm_start` initialises the block statistics before training (spec ``mbf.md`` 2.5).
-    ``lr`` has no default (the authors' values range from 1e-5 to 3e-5 with damping 3e-4 to 3e-3;
-    ``lr/damping`` is the effective heavy-ball rate): give it here or in every param group.
+    ``lr`` defaults to the core's 1e-5 (the authors' values range from 1e-5 to 3e-5 with damping
+    3e-4 to 3e-3; ``lr/damping`` is the effective heavy-ball rate, 1e-2 at the defaults).
     """
 
     core_factory = staticmethod(pr.mbf)
@@ -896,7 +948,7 @@ class MBF(CoreOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Any = required,
+        lr: Any = 1e-5,
         damping: float = 1e-3,
         momentum: float = 0.9,
         beta2: float = 0.9,
@@ -934,6 +986,7 @@ class MBF(CoreOptimizer):
             on_nonfinite=on_nonfinite,
         )
         super().__init__(params, defaults, model=model, compile=compile, capturable=capturable)
+        self._inputs_first = _inputs_first_weights(self._param_names, model)
         unnamed = sum(1 for g in self.param_groups for p in g["params"] if self._param_names.get(p) is None)
         if unnamed:
             warnings.warn(

@@ -61,9 +61,11 @@ def test_torch_model_argument_names_plain_parameters_and_unnamed_warns():
     assert unnamed.defaults["lr"] == 1e-3
 
 
-def test_torch_lr_is_required():
-    with pytest.raises(ValueError, match="lr"):
-        pt.MBF([{"params": list(_cnn().parameters())}])
+def test_torch_lr_defaults_to_the_cores():
+    """Every torch.optim class has a default lr; MBF's is the core factory's (issue 31 item 10)."""
+    with pytest.warns(UserWarning, match="no names"):
+        opt = pt.MBF([{"params": list(_cnn().parameters())}])
+    assert opt.param_groups[0]["lr"] == 1e-5 == pr.mbf.__defaults__[0]
 
 
 def test_torch_matches_core_on_the_same_tree():
@@ -327,3 +329,86 @@ def test_torch_paired_weight_first_in_group_without_gradient_keeps_the_group_cou
         if k == 2:
             expected[fc_w] = 2  # its own count stays; the pair's next step sets it again
         assert {n: int(opt.state[p]["step"]) for n, p in named} == {n: expected[p] for n, p in named}, k
+
+
+class Conv1D(torch.nn.Module):
+    """Stand-in for transformers' GPT-2 ``Conv1D``: weight stored inputs x outputs, ``x @ W + b``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = torch.nn.Parameter(torch.randn(nx, nf, dtype=torch.float64) * 0.3)
+        self.bias = torch.nn.Parameter(torch.randn(nf, dtype=torch.float64) * 0.1)
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def _conv1d_pair(conv1d_cls=Conv1D):
+    """A model of inputs-first layers (one non-square, one square) and its nn.Linear twin."""
+    torch.manual_seed(3)
+    a = torch.nn.Sequential(conv1d_cls(6, 4), torch.nn.Tanh(), conv1d_cls(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    a = a.double()
+    b = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Tanh(),
+                            torch.nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        for i in (0, 2):
+            b[i].weight.copy_(a[i].weight.T)
+            b[i].bias.copy_(a[i].bias)
+        b[4].load_state_dict(a[4].state_dict())
+    return a, b
+
+
+def _train_both(a, b, opt_a, opt_b, steps=5):
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(steps):
+        x, y = torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(8, 2, generator=gen, dtype=torch.float64)
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("how", ["model=", "named_parameters"])
+def test_torch_inputs_first_weights_pair_like_their_linear_twins(how):
+    """A weight stored inputs x outputs (GPT-2's ``Conv1D``) is paired with its bias as the
+    ``nn.Linear`` of the transposed weight is (issue 31 item 9): MBF on the Conv1D model takes the
+    steps of MBF on its Linear twin, transposed. By the module with ``model=``; by the axis that
+    matches the bias's length from names alone, where the square layer cannot be told apart and a
+    warning names it (it is then paired as outputs-first, so only the non-square layer's first step,
+    which reads only its own gradient, matches).
+    Same arithmetic on transposed layouts: agreement to a few float64 roundings per step."""
+    a, b = _conv1d_pair()
+    kwargs = dict(lr=1e-2, damping=0.1, statistics_every=1, precondition_every=2)
+    if how == "model=":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt_a = pt.MBF(a.parameters(), model=a, **kwargs)
+    else:
+        with pytest.warns(UserWarning, match=r"cannot tell .*\['2.weight'\].*pass model="):
+            opt_a = pt.MBF(a.named_parameters(), **kwargs)
+    opt_b = pt.MBF(b.named_parameters(), **kwargs)
+    _train_both(a, b, opt_a, opt_b, steps=5 if how == "model=" else 1)
+    assert opt_a.state[a[0].weight]["momentum"].shape == (6, 5)  # [W^T | b]: the bias is the 6 outputs' column
+    layers = (0, 2) if how == "model=" else (0,)
+    for i in layers:
+        torch.testing.assert_close(a[i].weight.detach().T, b[i].weight.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(a[i].bias.detach(), b[i].bias.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a[4].weight.detach(), b[4].weight.detach(), rtol=1e-12, atol=1e-14) if how == "model=" else None
+    # a checkpoint of the Conv1D model loads into a new optimizer of it (same paths) and continues
+    saved = opt_a.state_dict()
+    again = pt.MBF(a.parameters(), model=a, **kwargs) if how == "model=" else None
+    if again is not None:
+        again.load_state_dict(saved)
+        assert again.state[a[0].weight]["momentum"].shape == (6, 5)
+
+
+def test_torch_transformers_conv1d_pairs_like_linear():
+    """transformers' own ``Conv1D`` (skipped where transformers is not installed), as above."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    a, b = _conv1d_pair(pytorch_utils.Conv1D)
+    kwargs = dict(lr=1e-2, damping=0.1, statistics_every=1, precondition_every=2)
+    opt_a, opt_b = pt.MBF(a.parameters(), model=a, **kwargs), pt.MBF(b.named_parameters(), **kwargs)
+    _train_both(a, b, opt_a, opt_b)
+    for i in (0, 2):
+        torch.testing.assert_close(a[i].weight.detach().T, b[i].weight.detach(), rtol=1e-12, atol=1e-14)
