@@ -243,6 +243,8 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return _step_outside_the_graph(self, closure, extra)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -377,6 +379,8 @@ class CoreOptimizer(torch.optim.Optimizer):
     ) -> PrecondState:
         """The core update, its updates added to ``params`` in place; compiled where enabled."""
         options = self._compile_options
+        if getattr(self, "_under_outer_compile", False) and not isinstance(options, dict):
+            options = {}  # torch.compile(opt.step): the core update runs compiled, from the first step
         if isinstance(options, _torch_compile.Auto):
             options = options.options_for(numel, calls)
         if options is not None and isinstance(transform, Transform):
@@ -394,6 +398,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                 new_state = self._eager_update(transform, grads, state, params, calls, extra)
                 _torch_compile.notice_eager(type(self).__name__, error)
                 self._compile_options = None
+                self._under_outer_compile = False
                 return new_state
         return self._eager_update(transform, grads, state, params, calls, extra)
 
@@ -402,6 +407,25 @@ class CoreOptimizer(torch.optim.Optimizer):
         updates, new_state = transform.update(grads, state, params, step=calls, **extra)
         torch._foreach_add_(tree_flatten(params)[0], tree_flatten(updates)[0])
         return new_state
+
+
+@torch.compiler.disable
+def _step_outside_the_graph(opt: "CoreOptimizer", closure: Optional[Callable[[], Any]], extra: dict) -> Any:
+    """``step`` called inside ``torch.compile`` (torch's recipe ``torch.compile(opt.step)``).
+
+    The step's host bookkeeping (the call counts that schedule periodic work, the sets of
+    parameters with gradients) would be traced as constants, and dynamo would recompile the caller
+    on every step until its limit, then run it eagerly. So dynamo steps around the whole step
+    (one graph break), which runs as with ``compile=True``: the core update through the
+    optimizer's own compiled function (its own code object, compiled once per interval decision),
+    the bookkeeping eagerly. Its numbers are those of ``compile=True``.
+    """
+    previous = getattr(opt, "_under_outer_compile", False)
+    opt._under_outer_compile = True
+    try:
+        return opt.step(closure, **extra)
+    finally:
+        opt._under_outer_compile = previous
 
 
 def _counters_of_the_set(states: list, behind: list) -> dict:
@@ -700,6 +724,8 @@ class _RootFreeOptimizer(CoreOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return _step_outside_the_graph(self, closure, extra)
         counter = self._batch_counter
         if closure is not None and counter is not None:
             # the closure's forward passes belong to this step
