@@ -21,6 +21,7 @@ import math
 import re
 import types
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -50,10 +51,12 @@ def param_groups_from(params: Any) -> list[dict]:
     ``state_dict()`` keeps them, as for ``torch.optim.Adam``) and raises when some parameters of a
     group are named and others are not.
     """
-    if isinstance(params, torch.Tensor):
+    # torch's own messages (its optimizer test suite matches them)
+    if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
         raise TypeError(
-            "params argument given to the optimizer should be an iterable of Tensors, (name, tensor) "
-            f"pairs or dicts, but got {torch.typename(params)}"
+            "params argument given to the optimizer should be an iterable of Tensors or dicts, but got "
+            + (torch.typename(params) if isinstance(params, torch.Tensor) else type(params).__name__)
+            + " (iterables of (name, tensor) pairs name the parameters)"
         )
     if isinstance(params, set):
         raise TypeError("optimizer parameters need to be organized in ordered collections (not a set)")
@@ -63,6 +66,12 @@ def param_groups_from(params: Any) -> list[dict]:
     if not isinstance(groups[0], dict):
         groups = [{"params": groups}]
     return [dict(group) for group in groups]
+
+
+def check_tensor_lr(lr: Any) -> None:
+    """A tensor ``lr`` holds one number (torch's check and message, as ``torch.optim.Adam``'s)."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
 
 
 def names_from_groups(groups: list[dict], base: Optional[dict] = None) -> dict:
@@ -160,6 +169,7 @@ def setstate(opt: "CoreOptimizer", state: dict) -> None:
     if not had_differentiable and "defaults" in state:
         opt.defaults.pop("differentiable", None)
     opt.__dict__.setdefault("_param_names", names_from_groups(opt.param_groups))
+    opt.__dict__.setdefault("_behind", set())
     for name in opt._transient_attributes:
         setattr(opt, name, {})
 
@@ -199,7 +209,8 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
     """Validate ``state_dict`` completely, then load it; on any error nothing changes.
 
     Checks, each error naming the parameter: the number and sizes of param groups; param-group
-    keys this class does not take (another optimizer's checkpoint); for every parameter that has
+    keys this class does not take are kept (as torch keeps them: schedulers store ``initial_lr`` and
+    others there), unless the group also lacks one this class takes (another optimizer's); for every parameter that has
     been stepped, the counters, and the core group state that a step would read — every entry
     present, no extra entries, shapes as the optimizer's own ``init`` makes them (a transposed
     statistic is rejected), finite values. Tensors are copied onto the parameter's device in the
@@ -224,7 +235,13 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
             f"({len(saved_groups)}, the optimizer has {len(opt.param_groups)})"
         )
 
+    # Param-group keys this class does not take are kept, as torch keeps them: learning-rate
+    # schedulers store theirs there (``initial_lr``; OneCycleLR's ``max_lr``, ``min_lr``,
+    # ``max_momentum``, ``base_momentum``; SWALR's ``swa_lr``) and read them back after a resume.
+    # A group that has such keys *and* lacks one this class takes (other than callables, which
+    # ``state_dict`` leaves out) is another optimizer's: refused.
     allowed = set(opt.defaults) | {"params", "param_names"}
+    expected = {k for k, v in opt.defaults.items() if not (callable(v) and not isinstance(v, torch.Tensor))}
     new_groups = []
     for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
         if len(saved["params"]) != len(group["params"]):
@@ -232,10 +249,10 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
                 f"{where}: loaded state dict contains a parameter group that doesn't match the size of "
                 f"optimizer's group (group {gi}: {len(saved['params'])} parameters, expected {len(group['params'])})"
             )
-        unknown = sorted(set(saved) - allowed)
-        if unknown:
+        unknown, lacking = sorted(set(saved) - allowed), sorted(expected - set(saved))
+        if unknown and lacking:
             raise ValueError(
-                f"{where}: param group {gi} has {unknown}, which {cls} does not take; "
+                f"{where}: param group {gi} has {unknown}, which {cls} does not take, and lacks {lacking}; "
                 "the state_dict was saved by another optimizer"
             )
         new = {k: v for k, v in group.items() if k != "params"}
@@ -247,14 +264,17 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
 
     # Every param group's hyperparameters must build a transform (errors name torch arguments).
     # Paths as the step will see them, under the loaded names (``_path`` reads only the names).
-    named = types.SimpleNamespace(_param_names=names)
+    named = types.SimpleNamespace(_param_names=names, _inputs_first=getattr(opt, "_inputs_first", frozenset()))
     path_of = lambda p, i: type(opt)._path(named, p, i)  # noqa: E731
     transforms = []
     for gi, group in enumerate(new_groups):
         try:
             transforms.append(build_transform(opt, group))
         except (ValueError, TypeError) as error:
-            raise type(error)(f"{where}: param group {gi}: {error}") from error
+            unknown = sorted(set(saved_groups[gi]) - allowed)
+            foreign = (f" (the group also has {unknown}, which {cls} does not take: a state_dict of another optimizer?)"
+                       if unknown else "")
+            raise type(error)(f"{where}: param group {gi}: {error}{foreign}") from error
 
     id_map = {}
     for saved, group in zip(saved_groups, new_groups):
@@ -269,6 +289,7 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
         hint = (" (the checkpoint and this optimizer differ in having parameter names, and names decide "
                 "which weights and biases form one block)")
     index = 0
+    behind = set()
     for group, transform in zip(new_groups, transforms):
         by_calls: dict[int, list] = {}
         for saved_id, p in zip(_saved_ids(saved_groups, new_groups, group), group["params"]):
@@ -288,19 +309,32 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
                 if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
                     raise ValueError(f"{where}: 'calls' of {label} must be an integer >= 0, got {calls!r}")
                 entries[CALLS] = calls
-                if calls > 0:
-                    by_calls.setdefault(calls, []).append((index, p, label, entries))
+                by_calls.setdefault(calls, []).append((index, p, label, entries))
                 new_state[p] = entries
             index += 1
-        for members in by_calls.values():
+        for calls, members in by_calls.items():
+            behind.update(_held_back(members))
+            if calls == 0 and not any(m[3].get(HEAD) for m in members):
+                continue  # counters only: the first step makes the state
+            # stepped, or warm-started (MBF.warm_start: state made before the first call)
             _check_core_state(opt, path_of, transform, members, where, hint)
 
     # Commit: nothing above touched the optimizer.
     opt.__setstate__({"state": new_state, "param_groups": new_groups})
     opt._param_names = names
+    opt._behind = behind
     opt._transforms.clear()
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
+
+
+def _held_back(members: list) -> list:
+    """The parameters among ``members`` (stepped together so far) whose counters are behind the
+    others': a block member that a step left unchanged (no gradient of its own, see
+    ``CoreOptimizer._fill_missing_members``); the step never takes the set's counters from them."""
+    counts = [(int(e[STEP].item()), int(e[NONFINITE].item())) for _, _, _, e in members]
+    top = tuple(map(max, zip(*counts)))
+    return [p for (_, p, _, _), count in zip(members, counts) if count != top]
 
 
 def _saved_ids(saved_groups: list, new_groups: list, group: dict) -> list:

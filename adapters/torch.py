@@ -16,7 +16,6 @@ import weakref
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
-from torch.optim.optimizer import required
 
 import precond_ref as pr
 from precond_ref._backend import float32_matmul_precision
@@ -125,6 +124,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         compile: CompileSetting = None,
         capturable: bool = False,
     ):
+        _torch_state.check_tensor_lr(defaults.get("lr"))
         groups = _torch_state.param_groups_from(params)
         if not isinstance(capturable, bool):
             raise ValueError(f"capturable must be True or False, got {capturable!r}")
@@ -136,6 +136,9 @@ class CoreOptimizer(torch.optim.Optimizer):
         self._compiled: dict[int, _torch_compile.CompiledStep] = {}
         self._learning_rates: dict[int, tuple[Any, torch.Tensor]] = {}
         self._member_plans: dict[tuple, _Members] = {}
+        # Members of a block whose counters a step left behind their partners' (no gradient of
+        # their own; see _fill_missing_members): never the source of a core group's counters.
+        self._behind: set = set()
         super().__init__(groups, defaults)
         # Sharded (DTensor) parameters need the classes of precond_ref.adapters.torch_distributed.
         if not getattr(self, "_accepts_dtensor", False):
@@ -150,6 +153,8 @@ class CoreOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):
+            _torch_state.check_tensor_lr(param_group.get("lr"))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._param_names = _torch_state.names_from_groups([group], self._param_names)
@@ -215,7 +220,13 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def _path(self, p: torch.Tensor, index: int) -> tuple:
         name = self._param_names.get(p)
-        return tuple(name.split(".")) if name else (f"param{index}",)
+        if not name:
+            return (f"param{index}",)
+        path = tuple(name.split("."))
+        if p in getattr(self, "_inputs_first", ()) and path[-1] == "weight":
+            # an inputs x outputs weight (transformers' Conv1D): the core's out-last "kernel"
+            return path[:-1] + ("kernel",)
+        return path
 
     @staticmethod
     def _tree(paths: list[tuple], leaves: list[torch.Tensor]) -> dict:
@@ -233,6 +244,8 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return _step_outside_the_graph(self, closure, extra)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -245,6 +258,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                 p.grad = None
                 p.copy_(value)
                 self.state[p].update(counters)
+                self._behind.add(p)
         return loss
 
     def _group_paths(self) -> list[list[tuple]]:
@@ -307,9 +321,10 @@ class CoreOptimizer(torch.optim.Optimizer):
             named = [(path_str(self._path(p, i)), p) for i, p in members]
             _torch_compile.check_capturable(type(self).__name__, transform, named)
         states = [self.state[p] for p in tensors]
-        if calls == 0:
+        if calls == 0 and not any(entries.get(_HEAD) for entries in states):
             core_state = transform.init(params_tree)
         else:
+            # Stepped before, or warm-started (MBF.warm_start: state made, no call taken yet).
             # In the tree's order, as init made them (a compiled step guards on the order). A copy
             # less the bookkeeping keys: a third of the time of a filtering comprehension, which
             # cost about 1.3 us per head on a 2-core CPU.
@@ -319,11 +334,15 @@ class CoreOptimizer(torch.optim.Optimizer):
                     core = groups[key] = entries.copy()
                     for name in _BOOKKEEPING:
                         core.pop(name, None)
-            lead = states[plan.lead]  # the counters of the first parameter in the group's order
+            lead = states[plan.lead]  # the counters of the first parameter in the group's order ...
+            if self._behind and tensors[plan.lead] in self._behind:
+                lead = _counters_of_the_set(states, [p in self._behind for p in tensors])  # ... unless held back
             core_state = PrecondState(lead[_STEP], lead[_NONFINITE], groups)
         new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra, plan.numel)
         if self._capturable and calls > 0:
             new_state = _written_in_place(core_state, new_state)
+        if self._behind:
+            self._behind.difference_update(tensors)  # stepped: their counters are the set's again
         for entries in states:
             calls = entries.get(_CALLS, 0) + 1
             entries.clear()
@@ -361,6 +380,8 @@ class CoreOptimizer(torch.optim.Optimizer):
     ) -> PrecondState:
         """The core update, its updates added to ``params`` in place; compiled where enabled."""
         options = self._compile_options
+        if getattr(self, "_under_outer_compile", False) and not isinstance(options, dict):
+            options = {}  # torch.compile(opt.step): the core update runs compiled, from the first step
         if isinstance(options, _torch_compile.Auto):
             options = options.options_for(numel, calls)
         if options is not None and isinstance(transform, Transform):
@@ -378,6 +399,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                 new_state = self._eager_update(transform, grads, state, params, calls, extra)
                 _torch_compile.notice_eager(type(self).__name__, error)
                 self._compile_options = None
+                self._under_outer_compile = False
                 return new_state
         return self._eager_update(transform, grads, state, params, calls, extra)
 
@@ -386,6 +408,41 @@ class CoreOptimizer(torch.optim.Optimizer):
         updates, new_state = transform.update(grads, state, params, step=calls, **extra)
         torch._foreach_add_(tree_flatten(params)[0], tree_flatten(updates)[0])
         return new_state
+
+
+@torch.compiler.disable
+def _step_outside_the_graph(opt: "CoreOptimizer", closure: Optional[Callable[[], Any]], extra: dict) -> Any:
+    """``step`` called inside ``torch.compile`` (torch's recipe ``torch.compile(opt.step)``).
+
+    The step's host bookkeeping (the call counts that schedule periodic work, the sets of
+    parameters with gradients) would be traced as constants, and dynamo would recompile the caller
+    on every step until its limit, then run it eagerly. So dynamo steps around the whole step
+    (one graph break), which runs as with ``compile=True``: the core update through the
+    optimizer's own compiled function (its own code object, compiled once per interval decision),
+    the bookkeeping eagerly. Its numbers are those of ``compile=True``.
+    """
+    previous = getattr(opt, "_under_outer_compile", False)
+    opt._under_outer_compile = True
+    try:
+        return opt.step(closure, **extra)
+    finally:
+        opt._under_outer_compile = previous
+
+
+def _counters_of_the_set(states: list, behind: list) -> dict:
+    """The counters of parameters stepped together: a member's whose counters no step held back,
+    else (every member was held back at some step) the largest of each, which is the count of the
+    steps the set's blocks took (a held-back member only ever lags)."""
+    for entries, lagging in zip(states, behind):
+        if not lagging:
+            return entries
+    out = {}
+    for key in (_STEP, _NONFINITE):
+        value = states[0][key]
+        for entries in states[1:]:
+            value = torch.maximum(value, entries[key])
+        out[key] = value
+    return out
 
 
 def _written_in_place(old: PrecondState, new: PrecondState) -> PrecondState:
@@ -607,9 +664,11 @@ class DASGO(CoreOptimizer):
 
 
 class _BatchCounter:
-    """SIRFShampoo's batch-size detection: a forward pre-hook on the model adds ``inputs[0].shape[0]``
-    for every forward pass in training mode since the last optimizer step (so gradient accumulation
-    over several forwards counts every example of the accumulated mean).
+    """SIRFShampoo's batch-size detection: a forward pre-hook on the model adds the leading size of
+    the first tensor argument, positional or keyword (``model(x)``, ``model(input_ids=ids)`` as the
+    transformers ``Trainer`` calls models), for every forward pass in training mode since the last
+    optimizer step (so gradient accumulation over several forwards counts every example of the
+    accumulated mean).
 
     ``copy.deepcopy`` of the optimizer alone hooks the copy onto the same model. Copied or pickled
     together with the model (``deepcopy({"model": m, "opt": o})``), the model's copy carries the
@@ -620,7 +679,7 @@ class _BatchCounter:
     def __init__(self, model: Optional[torch.nn.Module]) -> None:
         self.count = 0
         self._model = weakref.ref(model) if model is not None else None
-        self.handle = model.register_forward_pre_hook(self._hook) if model is not None else None
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True) if model is not None else None
 
     def __deepcopy__(self, memo: dict) -> "_BatchCounter":
         model = self._model() if self._model is not None else None
@@ -636,9 +695,14 @@ class _BatchCounter:
     def __reduce__(self) -> tuple:
         return (_BatchCounter, (None,))
 
-    def _hook(self, module: torch.nn.Module, inputs: tuple) -> None:
-        if module.training and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim > 0:
-            self.count += int(inputs[0].shape[0])
+    def _hook(self, module: torch.nn.Module, inputs: tuple, kwargs: Optional[dict] = None) -> None:
+        if not module.training:
+            return
+        first = next(
+            (x for x in itertools.chain(inputs, (kwargs or {}).values()) if isinstance(x, torch.Tensor)), None
+        )
+        if first is not None and first.ndim > 0:
+            self.count += int(first.shape[0])
 
 
 class _RootFreeOptimizer(CoreOptimizer):
@@ -651,6 +715,7 @@ class _RootFreeOptimizer(CoreOptimizer):
     """
 
     def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None, **options: Any) -> None:
+        _torch_state.check_tensor_lr(defaults.get("lr"))
         if params is None:
             if model is None:
                 raise ValueError("give params, or model= to optimize all of its parameters")
@@ -660,6 +725,8 @@ class _RootFreeOptimizer(CoreOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return _step_outside_the_graph(self, closure, extra)
         counter = self._batch_counter
         if closure is not None and counter is not None:
             # the closure's forward passes belong to this step
@@ -694,7 +761,7 @@ class RFRMSProp(_RootFreeOptimizer):
     def __init__(
         self,
         params: Any,
-        lr: float = required,
+        lr: float = 1e-2,
         alpha: float = 0.999,
         damping: float = 1e-4,
         momentum: float = 0.0,
@@ -736,7 +803,7 @@ class RFAdamW(_RootFreeOptimizer):
     def __init__(
         self,
         params: Any,
-        lr: float = required,
+        lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         damping: float = 1e-4,
         weight_decay: float = 0.0,
@@ -840,6 +907,49 @@ def _float(value: Any) -> Any:
 # MBF
 
 
+def _inputs_first_weights(names: dict, model: Optional[torch.nn.Module]) -> frozenset:
+    """The 2-D weights with a sibling bias that store inputs x outputs (``x @ W + b``, as
+    transformers' GPT-2 ``Conv1D``) rather than torch's outputs x inputs (``nn.Linear``).
+
+    Decided per weight: by its module when ``model=`` shows it (an ``nn.Linear`` is outputs-first;
+    a module named ``Conv1D`` inputs-first), else by which axis has the bias's length. A square
+    weight whose module is not known to be either is ambiguous: taken as outputs-first, with a
+    warning when the model is known to hold inputs-first weights (a module of another kind, or
+    some other weight inputs-first by its shape), naming the weights.
+    """
+    modules = {}
+    if model is not None:
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                modules.setdefault(p, module)
+    by_name = {name: p for p, name in names.items()}
+    found, square = set(), []
+    for p, name in names.items():
+        prefix, _, leaf = name.rpartition(".")
+        bias = by_name.get(f"{prefix}.bias" if prefix else "bias")
+        if leaf != "weight" or p.ndim != 2 or bias is None or bias.ndim != 1:
+            continue
+        rows, cols, size = p.shape[0], p.shape[1], bias.shape[0]
+        module = modules.get(p)
+        if isinstance(module, torch.nn.Linear):
+            continue
+        if module is not None and type(module).__name__ == "Conv1D" and cols == size:
+            found.add(p)
+        elif cols == size and rows != size:
+            found.add(p)
+        elif rows == size == cols:
+            square.append((name, module))
+    unknown_kind = [n for n, m in square if m is not None] or ([n for n, _ in square] if found else [])
+    if unknown_kind:
+        warnings.warn(
+            f"MBF: cannot tell whether the square weight(s) {sorted(unknown_kind)} store outputs x inputs "
+            "(torch.nn.Linear) or inputs x outputs (x @ W + b, as transformers' Conv1D); they are paired with "
+            "their biases as outputs x inputs" + ("" if model is not None else "; pass model= to let MBF see the modules"),
+            stacklevel=3,
+        )
+    return frozenset(found)
+
+
 class MBF(CoreOptimizer):
     """MBF, mini-block Fisher (Bahamou, Goldfarb, Ren, AISTATS 2023); see :func:`precond_ref.mbf`.
 
@@ -856,8 +966,8 @@ class MBF(CoreOptimizer):
     (the rule of :func:`precond_ref.transform.missing_members`, shared with IF-Shampoo).
 
     :meth:`warm_start` initialises the block statistics before training (spec ``mbf.md`` 2.5).
-    ``lr`` has no default (the authors' values range from 1e-5 to 3e-5 with damping 3e-4 to 3e-3;
-    ``lr/damping`` is the effective heavy-ball rate): give it here or in every param group.
+    ``lr`` defaults to the core's 1e-5 (the authors' values range from 1e-5 to 3e-5 with damping
+    3e-4 to 3e-3; ``lr/damping`` is the effective heavy-ball rate, 1e-2 at the defaults).
     """
 
     core_factory = staticmethod(pr.mbf)
@@ -865,7 +975,7 @@ class MBF(CoreOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: Any = required,
+        lr: Any = 1e-5,
         damping: float = 1e-3,
         momentum: float = 0.9,
         beta2: float = 0.9,
@@ -903,6 +1013,7 @@ class MBF(CoreOptimizer):
             on_nonfinite=on_nonfinite,
         )
         super().__init__(params, defaults, model=model, compile=compile, capturable=capturable)
+        self._inputs_first = _inputs_first_weights(self._param_names, model)
         unnamed = sum(1 for g in self.param_groups for p in g["params"] if self._param_names.get(p) is None)
         if unnamed:
             warnings.warn(
@@ -972,8 +1083,9 @@ class MBF(CoreOptimizer):
             state = transform.warm_start(state, trees)
             by_key = {path_str(path): p for path, p in zip(paths, tensors)}
             for p in tensors:
-                # calls = 1: the next step loads this state instead of initialising a fresh one.
-                self.state[p] = {_STEP: state.count, _NONFINITE: state.nonfinite_count, _CALLS: 1}
+                # calls = 0: the first step is the core's call 0 (its interval decisions included);
+                # it loads this state (the heads are marked) instead of initialising a fresh one.
+                self.state[p] = {_STEP: state.count, _NONFINITE: state.nonfinite_count, _CALLS: 0}
             for key, entries in state.groups.items():
                 head = self.state[by_key[key]]
                 head[_HEAD] = True

@@ -136,7 +136,7 @@ def _from_block(xp: Any, block: Any, leaves: Sequence[Any]) -> tuple[Any, ...]:
 
 
 def mbf(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule = 1e-5,
     damping: float = 1e-3,
     momentum: float = 0.9,
     b2: float = 0.9,
@@ -182,7 +182,8 @@ def mbf(
     learning_rate:
         :math:`\alpha`, a positive number or a schedule ``count -> value``. The authors used 1e-5
         (MNIST autoencoder, :math:`\lambda=3\cdot10^{-4}`) and 3e-5 (CIFAR-100 VGG16,
-        :math:`\lambda=3\cdot10^{-3}`).
+        :math:`\lambda=3\cdot10^{-3}`). Default 1e-5: their MNIST value, and with the default
+        damping the effective heavy-ball rate :math:`\alpha/\lambda = 10^{-2}` of their CIFAR-100 run.
     damping:
         :math:`\lambda > 0`, added to every block before inversion.
     momentum:

@@ -392,7 +392,7 @@ def _sketchy_transform(
 
 
 def sketchy(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule = 1e-3,
     rank: int = 128,
     b2: float = 0.999,
     eps: float = 1e-7,
@@ -446,7 +446,8 @@ def sketchy(
     Parameters
     ----------
     learning_rate:
-        :math:`\eta`, a positive number or a schedule ``count -> value``, applied last.
+        :math:`\eta`, a positive number or a schedule ``count -> value``, applied last. Default 1e-3
+        (an Adam-scaled step: the RMSProp graft sets the step's size).
     rank:
         Sketch rank k per axis (clipped to the axis length; to the block length when blocked).
     b2:
@@ -581,7 +582,7 @@ def scale_by_sketchy(
 
 
 def s_adagrad(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule = 1e-2,
     rank: int = 128,
     delta: float = 0.0,
     eps: Optional[float] = None,
@@ -612,7 +613,7 @@ def s_adagrad(
     ----------
     learning_rate:
         :math:`\eta`, a positive number or a schedule (the authors tune it over 49 log-spaced values
-        in [1e-6, 1]).
+        in [1e-6, 1]). Default 1e-2, as ``torch.optim.Adagrad``.
     rank:
         Retained directions k (the authors' sketch size is :math:`\ell = k + 1`); clipped to d.
     delta:

@@ -61,9 +61,11 @@ def test_torch_model_argument_names_plain_parameters_and_unnamed_warns():
     assert unnamed.defaults["lr"] == 1e-3
 
 
-def test_torch_lr_is_required():
-    with pytest.raises(ValueError, match="lr"):
-        pt.MBF([{"params": list(_cnn().parameters())}])
+def test_torch_lr_defaults_to_the_cores():
+    """Every torch.optim class has a default lr; MBF's is the core factory's (issue 31 item 10)."""
+    with pytest.warns(UserWarning, match="no names"):
+        opt = pt.MBF([{"params": list(_cnn().parameters())}])
+    assert opt.param_groups[0]["lr"] == 1e-5 == pr.mbf.__defaults__[0]
 
 
 def test_torch_matches_core_on_the_same_tree():
@@ -212,3 +214,201 @@ def test_jax_warm_start_helper():
     np.testing.assert_allclose(np.asarray(state.groups["Dense_0/kernel"]["statistic"]), expected, rtol=1e-12)
     updates, _ = opt.update(grads[0], state, params)
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree_util.tree_leaves(updates))
+
+
+def _core_tree(named):
+    """``{"3": {"weight": t}}`` from ``[("3.weight", t)]``: the tree the torch adapter builds from names."""
+    tree = {}
+    for name, t in named:
+        layer, leaf = name.split(".")
+        tree.setdefault(layer, {})[leaf] = t
+    return tree
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["direct", "state_dict-before-first-step"])
+def test_torch_warm_start_follows_the_core_schedule(resume):
+    """After ``MBF.warm_start`` the torch steps are the core's ``warm_start`` + ``update`` calls 0, 1, 2, ...
+
+    Invariant (spec mbf.md 2.5, issue 31 item 1): the warm start makes state and takes no call, so
+    the first step is the core's call 0 (statistic and inverse both due) and every interval decision
+    after it is the core's; also across a ``state_dict`` round trip taken right after the warm start.
+    Both run the same core on the same float64 torch tensors, so they agree exactly.
+    """
+    model = _cnn()
+    kwargs = dict(damping=0.1, weight_decay=1e-2, statistics_every=2, precondition_every=3)
+    batches = [_batch(s) for s in range(3)]
+    closure = _sampled_label_closure(model, batches)
+    grad_dicts = []
+    for _ in batches:
+        model.zero_grad()
+        closure()
+        grad_dicts.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    model.zero_grad(set_to_none=True)
+    opt = pt.MBF(model.named_parameters(), lr=1e-2, **kwargs)
+    opt.warm_start(grad_dicts)
+    if resume:
+        saved = opt.state_dict()
+        opt = pt.MBF(model.named_parameters(), lr=1e-2, **kwargs)
+        opt.load_state_dict(saved)
+    core = pr.mbf(learning_rate=1e-2, **kwargs)
+    tree = _core_tree((n, p.detach().clone()) for n, p in model.named_parameters())
+    state = core.warm_start(core.init(tree), [_core_tree(d.items()) for d in grad_dicts])
+    for seed in range(7):  # inverses at calls 0, 3, 6; statistics at 0, 2, 4, 6
+        opt.zero_grad()
+        _backward(model, *_batch(10 + seed))
+        grads = _core_tree((n, p.grad.clone()) for n, p in model.named_parameters())
+        opt.step()
+        updates, state = core.update(grads, state, tree)
+        tree = pr.apply_updates(tree, updates)
+        for name, p in model.named_parameters():
+            layer, leaf = name.split(".")
+            assert torch.equal(p.detach(), tree[layer][leaf]), (seed, name)
+    assert opt.state[model[3].weight]["calls"] == 7
+
+
+def test_torch_warm_started_checkpoint_is_validated():
+    """A checkpoint saved between ``warm_start`` and the first step holds state that the first step
+    reads, so ``load_state_dict`` checks it like a stepped one's (a transposed statistic is refused)."""
+    model = _cnn()
+    opt = pt.MBF(model.named_parameters(), lr=1e-2)
+    opt.warm_start([{n: torch.ones_like(p) for n, p in model.named_parameters()}])
+    saved = opt.state_dict()
+    index = [n for n, _ in model.named_parameters()].index("3.weight")
+    saved["state"][index]["statistic"] = torch.ones(4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'statistic' of parameter '3.weight'.*shape \(4, 4\), expected \(5, 5\)"):
+        pt.MBF(model.named_parameters(), lr=1e-2).load_state_dict(saved)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, step_kwargs",
+    [
+        (pt.MBF, dict(lr=1e-2, statistics_every=1, precondition_every=2), {}),
+        (pt.IFShampoo, dict(lr=1e-2, grouping="weight_bias", preconditioner_lr=0.1, damping=1e-2), dict(batch_size=8)),
+    ],
+    ids=["mbf", "if_shampoo-weight_bias"],
+)
+@pytest.mark.parametrize("resume", [False, True], ids=["direct", "state_dict-after-the-partial-step"])
+def test_torch_paired_weight_first_in_group_without_gradient_keeps_the_group_count(cls, kwargs, step_kwargs, resume):
+    """A step where a paired weight that comes first in its param group has no gradient leaves the
+    group's count (``"step"``, which MBF's diagonal bias correction reads) at the number of steps taken.
+
+    Invariant (transform.missing_members, issue 31 item 2): the weight takes part with a zero
+    gradient and keeps its value and own counter; every other member advances. The reference is the
+    core on the same float64 tensors (zero gradient for the weight at that step, its update
+    discarded), so the two agree exactly, conv bias included; also when the optimizer is rebuilt
+    from its ``state_dict`` right after that step (the checkpoint holds the lagging counter).
+    """
+    model = _cnn()
+    named = list(model.named_parameters())
+    named = named[4:] + named[:4]  # the Linear's weight and bias first in the group
+    opt = cls(named, **kwargs)
+    core = type(opt).core_factory(**opt.core_kwargs({**opt.defaults}))
+    tree = _core_tree((n, p.detach().clone()) for n, p in named)
+    state = core.init(tree)
+    fc_w = model[3].weight
+    for k in range(7):
+        opt.zero_grad()
+        _backward(model, *_batch(20 + k))
+        grads = _core_tree((n, p.grad.clone()) for n, p in named)
+        if k == 2:
+            fc_w.grad = None
+            grads["3"]["weight"] = torch.zeros_like(fc_w)
+        opt.step(**step_kwargs)
+        if resume and k == 2:
+            saved = opt.state_dict()
+            opt = cls(named, **kwargs)
+            opt.load_state_dict(saved)
+        updates, state = core.update(grads, state, tree, **step_kwargs)
+        if k == 2:
+            updates["3"]["weight"] = torch.zeros_like(fc_w)
+        tree = pr.apply_updates(tree, updates)
+        for name, p in named:
+            layer, leaf = name.split(".")
+            assert torch.equal(p.detach(), tree[layer][leaf]), (k, name)
+        expected = {p: k + 1 for _, p in named}
+        if k == 2:
+            expected[fc_w] = 2  # its own count stays; the pair's next step sets it again
+        assert {n: int(opt.state[p]["step"]) for n, p in named} == {n: expected[p] for n, p in named}, k
+
+
+class Conv1D(torch.nn.Module):
+    """Stand-in for transformers' GPT-2 ``Conv1D``: weight stored inputs x outputs, ``x @ W + b``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = torch.nn.Parameter(torch.randn(nx, nf, dtype=torch.float64) * 0.3)
+        self.bias = torch.nn.Parameter(torch.randn(nf, dtype=torch.float64) * 0.1)
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def _conv1d_pair(conv1d_cls=Conv1D):
+    """A model of inputs-first layers (one non-square, one square) and its nn.Linear twin."""
+    torch.manual_seed(3)
+    a = torch.nn.Sequential(conv1d_cls(6, 4), torch.nn.Tanh(), conv1d_cls(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    a = a.double()
+    b = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Tanh(),
+                            torch.nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        for i in (0, 2):
+            b[i].weight.copy_(a[i].weight.T)
+            b[i].bias.copy_(a[i].bias)
+        b[4].load_state_dict(a[4].state_dict())
+    return a, b
+
+
+def _train_both(a, b, opt_a, opt_b, steps=5):
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(steps):
+        x, y = torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(8, 2, generator=gen, dtype=torch.float64)
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("how", ["model=", "named_parameters"])
+def test_torch_inputs_first_weights_pair_like_their_linear_twins(how):
+    """A weight stored inputs x outputs (GPT-2's ``Conv1D``) is paired with its bias as the
+    ``nn.Linear`` of the transposed weight is (issue 31 item 9): MBF on the Conv1D model takes the
+    steps of MBF on its Linear twin, transposed. By the module with ``model=``; by the axis that
+    matches the bias's length from names alone, where the square layer cannot be told apart and a
+    warning names it (it is then paired as outputs-first, so only the non-square layer's first step,
+    which reads only its own gradient, matches).
+    Same arithmetic on transposed layouts: agreement to a few float64 roundings per step."""
+    a, b = _conv1d_pair()
+    kwargs = dict(lr=1e-2, damping=0.1, statistics_every=1, precondition_every=2)
+    if how == "model=":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt_a = pt.MBF(a.parameters(), model=a, **kwargs)
+    else:
+        with pytest.warns(UserWarning, match=r"cannot tell .*\['2.weight'\].*pass model="):
+            opt_a = pt.MBF(a.named_parameters(), **kwargs)
+    opt_b = pt.MBF(b.named_parameters(), **kwargs)
+    _train_both(a, b, opt_a, opt_b, steps=5 if how == "model=" else 1)
+    assert opt_a.state[a[0].weight]["momentum"].shape == (6, 5)  # [W^T | b]: the bias is the 6 outputs' column
+    layers = (0, 2) if how == "model=" else (0,)
+    for i in layers:
+        torch.testing.assert_close(a[i].weight.detach().T, b[i].weight.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(a[i].bias.detach(), b[i].bias.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a[4].weight.detach(), b[4].weight.detach(), rtol=1e-12, atol=1e-14) if how == "model=" else None
+    # a checkpoint of the Conv1D model loads into a new optimizer of it (same paths) and continues
+    saved = opt_a.state_dict()
+    again = pt.MBF(a.parameters(), model=a, **kwargs) if how == "model=" else None
+    if again is not None:
+        again.load_state_dict(saved)
+        assert again.state[a[0].weight]["momentum"].shape == (6, 5)
+
+
+def test_torch_transformers_conv1d_pairs_like_linear():
+    """transformers' own ``Conv1D`` (skipped where transformers is not installed), as above."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    a, b = _conv1d_pair(pytorch_utils.Conv1D)
+    kwargs = dict(lr=1e-2, damping=0.1, statistics_every=1, precondition_every=2)
+    opt_a, opt_b = pt.MBF(a.parameters(), model=a, **kwargs), pt.MBF(b.named_parameters(), **kwargs)
+    _train_both(a, b, opt_a, opt_b)
+    for i in (0, 2):
+        torch.testing.assert_close(a[i].weight.detach().T, b[i].weight.detach(), rtol=1e-12, atol=1e-14)

@@ -230,3 +230,38 @@ def test_if_shampoo_weight_bias_partner_without_gradient():
         torch.testing.assert_close(layer.weight.detach(), params["weight"], rtol=1e-12, atol=1e-14)
         steps.append((int(opt.state[layer.weight]["step"]), int(opt.state[layer.bias]["step"])))
     assert steps == [(1, 1), (2, 1), (3, 3)]
+
+
+class _KeywordModel(torch.nn.Module):
+    """A model called as the transformers ``Trainer`` calls them: ``model(input_ids=..., labels=...)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _model()
+
+    def forward(self, input_ids=None, labels=None, scale=1.0):
+        out = self.body(input_ids) * scale
+        return ((out - labels) ** 2).sum() if labels is not None else out
+
+
+@pytest.mark.parametrize("cls", [pt.RFRMSProp, pt.RFAdamW, pt.IFShampoo], ids=lambda c: c.__name__)
+def test_batch_size_counted_from_keyword_only_forwards(cls):
+    """model= counts the leading size of the first tensor argument, positional or keyword (issue 31
+    item 7): ``model(input_ids=x[:8], labels=...)`` then ``model(x[8:], labels=...)`` counts 8 + 4
+    examples, a leading non-tensor argument is passed over, and the steps equal those given
+    ``batch_size=12`` exactly (same arithmetic)."""
+    x, y = _data(12)
+    counted, explicit = _KeywordModel(), _KeywordModel()
+    opt_c = cls(None, model=counted, lr=0.05)
+    opt_e = cls(explicit.named_parameters(), batch_size=12, lr=0.05)
+    for _ in range(2):
+        for model, opt in ((counted, opt_c), (explicit, opt_e)):
+            opt.zero_grad()
+            (model(input_ids=x[:8], labels=y[:8]) / 12).backward()
+            (model(x[8:], labels=y[8:]) / 12).backward()
+        assert opt_c._batch_counter.count == 12
+        opt_c.step()
+        opt_e.step()
+        assert torch.equal(_flat(counted), _flat(explicit))
+    opt_c._batch_counter._hook(counted, (None, 3), {"input_ids": x[:5], "labels": y})  # first *tensor*
+    assert opt_c._batch_counter.count == 5

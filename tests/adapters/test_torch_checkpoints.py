@@ -335,3 +335,55 @@ def test_rf_adamw_takes_the_core_factorys_state_arguments():
                 a, b = n.split(".")
                 p.add_(updates[a][b])
     torch.testing.assert_close(_flat(model), _flat(model2), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 31 item 4: resuming with a learning-rate scheduler
+
+_ONE_CASE_PER_CLASS = list({c.cls: c for c in reversed(TORCH_CASES)}.values())[::-1]
+
+_SCHEDULERS = {
+    "LambdaLR": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / (1 + epoch)),
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2 * opt.defaults["lr"], total_steps=8),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(_SCHEDULERS))
+@pytest.mark.parametrize("case", _ONE_CASE_PER_CLASS, ids=lambda c: c.id)
+def test_resume_with_a_scheduler_is_bit_exact(case, schedule):
+    """Saving optimizer and scheduler after 3 steps, building both anew, loading and taking 3 more
+    steps gives the parameters of 6 uninterrupted steps bit for bit.
+
+    Invariant (torch's Optimizer.load_state_dict keeps param-group keys the class does not take;
+    issue 31 item 4): schedulers keep their own entries in the param groups (``initial_lr``;
+    OneCycleLR's ``max_lr``, ``min_lr``, ``max_momentum``, ``base_momentum``), which a resume must
+    carry over. Same operations on the same float64 numbers, so equal exactly.
+    """
+    x, y = _data()
+    make_schedule = _SCHEDULERS[schedule]
+
+    def run(model, opt, sched, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step(**case.step_kwargs)
+            sched.step()
+
+    model = _model()
+    opt = case.make(model.named_parameters())
+    sched = make_schedule(opt)
+    run(model, opt, sched, 3)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+    if schedule == "OneCycleLR":
+        assert {"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum"} <= set(saved["opt"]["param_groups"][0])
+    run(model, opt, sched, 3)
+
+    resumed = _model(seed=5)
+    resumed.load_state_dict(saved["model"])
+    opt2 = case.make(resumed.named_parameters())
+    sched2 = make_schedule(opt2)
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    run(resumed, opt2, sched2, 3)
+    assert torch.equal(_flat(resumed), _flat(model))
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]

@@ -352,3 +352,86 @@ def test_changes_between_steps_reach_the_compiled_step():
                 opt.step(batch_size=settings["batch_size"])
         got[compiled] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(got[True], got[False], rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile(opt.step), torch's recipe for compiled optimizers (issue 31 item 6)
+
+
+def _counting_inner_compiler(monkeypatch):
+    """The optimizers' own compiled function with a backend that runs dynamo's graph eagerly and
+    records each compilation (seconds instead of TorchInductor's minutes on 2 cores)."""
+    compiles = []
+    real = _torch_compile.CompiledStep.__init__
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(_torch_compile.CompiledStep, "__init__",
+                        lambda self, transform, options: real(self, transform, {"backend": counting_backend}))
+    return compiles
+
+
+def test_compiled_opt_step_does_not_recompile(monkeypatch):
+    """``torch.compile(opt.step)``: after a warm-up of 5 steps that meets both interval decisions
+    (MBF inverts on every statistics step up to ``precondition_every`` = 3, then every 3rd: calls
+    0-3 refresh, 4 reuses), no frame recompiles over 5 more steps with refreshes at calls 6 and 9
+    (``error_on_recompile``: before the fix dynamo guarded on the host call count and recompiled
+    every step until its limit, then ran eagerly); the core update ran compiled (two graphs:
+    refresh and reuse steps) and the parameters equal the eager optimizer's (float64,
+    the graphs run with eager kernels: a few ulps per step, hence 1e-10 relative)."""
+    compiles = _counting_inner_compiler(monkeypatch)
+    kwargs = dict(lr=1e-2, damping=0.1, statistics_every=1, precondition_every=3)
+    model, eager_model = _model(torch.float64), _model(torch.float64)
+    opt = pt.MBF(model.named_parameters(), **kwargs)
+    eager = pt.MBF(eager_model.named_parameters(), compile=False, **kwargs)
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager")
+    def compiled_step():
+        opt.step()
+
+    batches = _batches(torch.float64, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        for k, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            with torch._dynamo.config.patch(error_on_recompile=k >= 5):
+                compiled_step()
+    want = _train(eager_model, eager, batches)
+    assert len(compiles) == 2
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_opt_step_of_optimizers_made_in_sequence(monkeypatch):
+    """A learning-rate sweep in one process: optimizers of several classes and parameter shapes,
+    built one after another, each stepped through ``torch.compile(opt.step)``: every one runs its
+    update compiled (its own compilations), none falls back to eager or warns, and each equals its
+    eager twin (float64, eager kernels: 1e-10 relative)."""
+    compiles = _counting_inner_compiler(monkeypatch)
+    torch._dynamo.reset()
+    settings = [(pt.AGD, 5, {}), (pt.AGD, 7, {}), (pt.MBF, 4, {}), (pt.MBF, 6, {}),
+                (pt.RFRMSProp, 3, {"batch_size": 16}), (pt.RFRMSProp, 5, {"batch_size": 12})]
+    for n, (cls, width, step_kwargs) in enumerate(settings):
+        torch.manual_seed(n)
+        model = torch.nn.Linear(width, 2).double()
+        eager_model = copy.deepcopy(model)
+        opt = cls(model.named_parameters(), lr=1e-2, compile=None)
+        eager = cls(eager_model.named_parameters(), lr=1e-2, compile=False)
+        step = torch.compile(opt.step, backend="eager")
+        gen = torch.Generator().manual_seed(n)
+        before = len(compiles)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(3):
+                x, y = torch.randn(16, width, generator=gen, dtype=torch.float64), torch.randn(16, 2, generator=gen, dtype=torch.float64)
+                for m, o, s in ((model, opt, step), (eager_model, eager, eager.step)):
+                    o.zero_grad()
+                    ((m(x) - y) ** 2).mean().backward()
+                    s(**step_kwargs)
+        assert len(compiles) > before, (cls.__name__, width)  # its update ran compiled
+        for p, q in zip(model.parameters(), eager_model.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)

@@ -6,7 +6,9 @@ schedulers), ``test_tensor_lr``, ``test_step_is_noop_for_zero_grads``,
 ``test_optimizer_can_be_printed``, ``test_can_load_older_state_dict``,
 ``test_can_load_from_to_named_state_dict``, ``test_save_load_equality_with_weights_only``,
 ``test_deepcopy_copies_all_public_attrs``, the step / state_dict / load_state_dict hook tests and
-``test_non_empty_state``. Already in the suite and not repeated: no-grad no-op and closures
+``test_non_empty_state``, the param-group tests (``test_param_groups_weight_decay``,
+``test_param_groups_lr``, ``test_param_group_with_lrscheduler_goes_right_direction``) for every
+class, and ``test_errors`` on torch's own generic error inputs. Already in the suite and not repeated: no-grad no-op and closures
 (``test_torch_contract.py``), deepcopy/pickle continuation, non-tensor ``step``, load hooks seeing
 the state, ``param_names`` (``test_torch_checkpoints.py``), param-group learning rates and LR
 schedulers (``test_torch_contract.py``). Torch's tests of sparse, complex, fused/foreach,
@@ -17,6 +19,7 @@ complex gradients; there is one implementation per method).
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 
 import pytest
@@ -30,18 +33,18 @@ from test_torch_contract import _data, _flat, _model, _train
 
 each_case = pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: c.id)
 
-# Default settings of every class; learning rates where the class has no default (MBF, RF-RMSProp,
-# RF-AdamW) and the number of examples of the root-free methods' loss. Plus the two settings of
+# Default settings of every class (every class has a default learning rate, as every torch.optim
+# class does), plus the number of examples of the root-free methods' loss. Plus the two settings of
 # issue 16 item 12: MBF at lr = damping = 1e-3 (diverged without KL clipping: loss 149 -> 2.5e21)
 # and IF-Shampoo with momentum at lr 5e-2.
 DEFAULTS = {
     "agd": (pt.AGD, {}),
     "asgo": (pt.ASGO, {}),
     "dasgo": (pt.DASGO, {}),
-    "mbf": (pt.MBF, {"lr": 1e-3}),
+    "mbf": (pt.MBF, {}),
     "mbf-lr1e-2": (pt.MBF, {"lr": 1e-2}),
-    "rf_rmsprop": (pt.RFRMSProp, {"lr": 1e-3, "batch_size": 1}),
-    "rf_adamw": (pt.RFAdamW, {"lr": 1e-3, "batch_size": 1}),
+    "rf_rmsprop": (pt.RFRMSProp, {"batch_size": 1}),
+    "rf_adamw": (pt.RFAdamW, {"batch_size": 1}),
     "if_shampoo": (pt.IFShampoo, {"batch_size": 1}),
     "if_shampoo-momentum-lr5e-2": (pt.IFShampoo, {"lr": 5e-2, "momentum": 0.9, "batch_size": 1}),
     "sketchy": (pt.Sketchy, {}),
@@ -273,3 +276,132 @@ def _assert_state_dicts_equal(a, b):
                 assert value.dtype == other.dtype and torch.equal(value, other), (index, key)
             else:
                 assert value == other, (index, key)
+
+
+# --------------------------------------------------------------------------------------------
+# torch's param-group tests and generic error inputs, for every class (issue 31 item 10)
+
+
+def _weight_bias(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Parameter(torch.randn(10, 5)), torch.nn.Parameter(torch.randn(10)), torch.randn(5)
+
+
+def _descends(opt, weight, bias, x, schedulers=()):
+    def closure():
+        opt.zero_grad()
+        loss = (weight.mv(x) + bias).pow(2).sum()
+        loss.backward()
+        return loss
+
+    initial = closure().item()
+    for _ in range(20):
+        loss = opt.step(closure)
+        for scheduler in schedulers:
+            scheduler.step(loss) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
+    final = closure().item()
+    assert final < initial, (initial, final)
+
+
+def _batch(kwargs):
+    """The root-free methods' loss size, the one setting torch's tests cannot know (a sum over 1 example)."""
+    return {"batch_size": kwargs["batch_size"]} if "batch_size" in kwargs else {}
+
+
+@pytest.mark.filterwarnings("ignore:MBF. .* parameter")
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_param_groups_weight_decay(name):
+    """torch's test: weight and bias in two groups, weight decay on the weight only; the loss falls."""
+    cls, kwargs = DEFAULTS[name]
+    weight, bias, x = _weight_bias(0)
+    opt = cls([dict(params=[weight], **kwargs, weight_decay=1e-2), dict(params=[bias], **kwargs, weight_decay=0.0)])
+    _descends(opt, weight, bias, x)
+
+
+@pytest.mark.filterwarnings("ignore:MBF. .* parameter")
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_param_groups_lr(name):
+    """torch's test: the optimizer's lr is 0 and a group sets its own; that group's loss falls and
+    a parameter of a group left at lr 0 is untouched (after the same gradient steps)."""
+    cls, kwargs = DEFAULTS[name]
+    weight, bias, x = _weight_bias(1)
+    irrelevant = torch.nn.Parameter(torch.randn(2, 2))
+    before = irrelevant.detach().clone()
+    group_kwargs = {"lr": inspect.signature(cls).parameters["lr"].default, **kwargs}  # the class's, or the setting's
+    outer = {"lr": 0.0, "weight_decay": 0.0, **_batch(kwargs)}
+    opt = cls([dict(params=[weight, bias], **group_kwargs), dict(params=[irrelevant])], **outer)
+    irrelevant.grad = torch.ones_like(irrelevant)
+    _descends(opt, weight, bias, x)
+    assert torch.equal(irrelevant.detach(), before)
+
+
+@pytest.mark.filterwarnings("ignore:MBF. .* parameter")
+@pytest.mark.parametrize("scheduler", ["StepLR", "ReduceLROnPlateau"])
+@pytest.mark.parametrize("cls", sorted({c for c, _ in DEFAULTS.values()}, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_param_group_with_lrscheduler_goes_right_direction(cls, scheduler):
+    """torch's test: ``cls([{"params": [weight]}, {"params": [bias], "lr": 0.01}])``, no other
+    argument (every class has a default lr; the root-free ones are told their loss's batch size),
+    under a scheduler: the loss falls."""
+    weight, bias, x = _weight_bias(2)
+    root_free = issubclass(cls, (pt.RFRMSProp, pt.RFAdamW, pt.IFShampoo))
+    opt = cls([{"params": [weight]}, {"params": [bias], "lr": 0.01}], **({"batch_size": 1} if root_free else {}))
+    make = {"StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, gamma=0.9, step_size=10),
+            "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o)}[scheduler]
+    _descends(opt, weight, bias, x, [make(opt)])
+
+
+def _torch_error_inputs():
+    """torch 2.13's ``get_error_inputs_for_all_optims("cpu", ...)`` (common_optimizers.py, which
+    needs torch's test-only dependencies to import): (description, params, kwargs, error type,
+    message regex), all raised at construction."""
+    p1, p2 = torch.nn.Parameter(torch.randn(1, 1)), torch.nn.Parameter(torch.randn(1, 1))
+    return [
+        ("invalid param type", p1, {}, TypeError,
+         "params argument given to the optimizer should be an iterable of Tensors or dicts"),
+        ("a param group cannot have duplicate parameters", [p1, p1], {}, UserWarning,
+         ".*a parameter group with duplicate parameters.*"),
+        ("duplicate parameters should not occur across param groups either", [{"params": p1}, {"params": p1}], {},
+         ValueError, "some parameters appear in more than one parameter group"),
+        ("Tensor lr must be 1-element", None, {"lr": torch.tensor([0.001, 0.001])}, ValueError,
+         "Tensor lr must be 1-element"),
+        ("all optimizer params should be with/without names", [("weight", p1), p2], {}, ValueError,
+         "all optimizer params should be with/without names. Some param names are missing"),
+        ("all optimizer param groups should be with/without names.",
+         [{"params": [p1], "lr": 1e-2}, {"params": [("weight", p2)]}], {}, ValueError,
+         "all optimizer param groups should be with/without names. cannot add param group with names to the optimizer"),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:MBF. .* parameter")
+@pytest.mark.parametrize("cls", sorted({c for c, _ in DEFAULTS.values()}, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_errors(cls):
+    """torch's ``test_errors`` on its generic error inputs: the same exception types with messages
+    matching torch's regexes (issue 31 item 10: a tensor ``params``; a 2-element tensor ``lr``
+    given with ``params=None``, which must be refused before the parameters are looked at)."""
+    for desc, params, kwargs, error_type, regex in _torch_error_inputs():
+        if issubclass(error_type, Warning):
+            with pytest.warns(error_type, match=regex):
+                cls(params, **kwargs)
+        else:
+            with pytest.raises(error_type, match=regex):
+                cls(params, **kwargs)
+
+
+def test_every_class_and_core_factory_has_the_same_default_learning_rate():
+    """Every torch class and every core factory constructs without a learning rate, and a class's
+    default ``lr`` is its core factory's default ``learning_rate`` (issue 31 item 10; the values
+    are documented in each factory's docstring)."""
+    import precond_ref as pr
+
+    classes = sorted({c for c, _ in DEFAULTS.values()}, key=lambda c: c.__name__)
+    assert len(classes) == 9
+    factories = {getattr(pr, name) for name in ("agd", "asgo", "dasgo", "mbf", "rf_rmsprop", "rf_adamw",
+                                                 "if_shampoo", "sketchy", "s_adagrad")}
+    assert {c.core_factory for c in classes} == factories
+    for cls in classes:
+        lr = inspect.signature(cls).parameters["lr"].default
+        core_lr = inspect.signature(cls.core_factory).parameters["learning_rate"].default
+        assert isinstance(lr, float) and lr == core_lr > 0, (cls.__name__, lr, core_lr)
+        cls.core_factory()  # no learning_rate
+        opt = cls([torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))])
+        assert opt.defaults["lr"] == core_lr
