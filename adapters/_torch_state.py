@@ -241,7 +241,11 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
     # A group that has such keys *and* lacks one this class takes (other than callables, which
     # ``state_dict`` leaves out) is another optimizer's: refused.
     allowed = set(opt.defaults) | {"params", "param_names"}
-    expected = {k for k, v in opt.defaults.items() if not (callable(v) and not isinstance(v, torch.Tensor))}
+    # ``differentiable`` is left out: torch's ``Optimizer.__setstate__`` adds it to the defaults of
+    # an optimizer restored from a pickle or a deep copy (accelerate's ``prepare`` makes one).
+    expected = {
+        k for k, v in opt.defaults.items() if k != "differentiable" and not (callable(v) and not isinstance(v, torch.Tensor))
+    }
     new_groups = []
     for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
         if len(saved["params"]) != len(group["params"]):

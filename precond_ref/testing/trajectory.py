@@ -101,9 +101,9 @@ def make_method(method: str, config: Optional[dict] = None, problem: Optional[Pr
     """Build the transform of method ``method`` with ``config``; return it and its exact configuration.
 
     The exact configuration lists every argument of the factory with the value used (defaults
-    included). Filled in from ``problem`` when not given: a required ``learning_rate`` (the
-    problem's ``default_learning_rate``) and ``batch_size`` for methods that take one (the
-    problem's ``batch_size``). An unknown method or configuration key raises ``ValueError``
+    included). Filled in from ``problem`` when not given: ``learning_rate`` (the problem's
+    ``default_learning_rate``, chosen for the problem, rather than the factory's default) and
+    ``batch_size`` for methods that take one (the problem's ``batch_size``). An unknown method or configuration key raises ``ValueError``
     listing the valid ones; an invalid value raises the factory's ``ValueError``.
     """
     factories = _factories()
@@ -126,7 +126,7 @@ def make_method(method: str, config: Optional[dict] = None, problem: Optional[Pr
     parameters = signature.parameters
     if problem is not None:
         lr = parameters.get("learning_rate")
-        if lr is not None and lr.default is inspect.Parameter.empty and "learning_rate" not in config:
+        if lr is not None and "learning_rate" not in config:
             config["learning_rate"] = problem.default_learning_rate
         if "batch_size" in parameters and config.get("batch_size") is None:
             config["batch_size"] = problem.batch_size
@@ -302,7 +302,7 @@ def reference_trajectory(
         Number of updates.
     config:
         Keyword arguments of the method's factory (``{"learning_rate": 1e-2, "mode": "faithful"}``).
-        A required learning rate defaults to the problem's; ``batch_size`` to the problem's.
+        The learning rate defaults to the problem's; ``batch_size`` to the problem's.
     xp, dtype, device:
         Backend (name or namespace; NumPy by default), dtype (name or dtype; float64 by default) and
         device of the run.

@@ -17,11 +17,10 @@ about 100 over that bound (measured: at most 4.5e-14, see docs/adapters/paths.md
 A float32 faithful path (the authors' float32 state, documented for ASGO/DASGO's statistic and
 the root-free methods) rounds differently on each backend's float32 kernels, so it is compared
 with the core run on its own backend: torch eager with the core on torch, optax under ``jax.jit``
-with the core under ``jax.jit``. The known divergences (issue 31 items 1-2, fixed on other branches)
-are strict xfails: an XPASS fails, so the marks go when the fixes land. Item 3 (faithful AGD's float32
-square root) and the one this matrix found (faithful RF-AdamW's ``lr * weight_decay`` rounded three
-times when the torch adapter passes the learning rate as a float64 tensor, where the core forms it in
-double and rounds once) are fixed and run unmarked.
+with the core under ``jax.jit``. Every divergence issue 31 listed (MBF's torch warm start, a paired
+weight without a gradient first in its group, faithful AGD's float32 square root) and the one this
+matrix found (faithful RF-AdamW's ``lr * weight_decay`` rounded three times when the torch adapter
+passed the learning rate as a float64 tensor) is fixed: no cell is marked.
 """
 
 from __future__ import annotations
@@ -44,20 +43,8 @@ CELLS = [
 ]
 FLOAT32 = {cell for cell in CELLS if pm.float32_state(*cell)}
 
-ITEM1 = "issue 31 item 1: MBF.warm_start (torch) records calls=1, so every refresh decision is one call late"
-ITEM2 = (
-    "issue 31 item 2: a paired weight without a gradient, first in its param group, leaves every member's "
-    "step counter one behind"
-)
 def _cell_id(cell) -> str:
     return "-".join(cell[::-1])
-
-
-def _xfail(reason: str, condition: bool = True):
-    return pytest.mark.xfail(condition, reason=reason, strict=True)
-
-
-TORCH_EAGER_MARKS: dict = {}
 
 
 def _reference(cell, backend: str) -> list:
@@ -122,7 +109,7 @@ def _per_path(paths, marks: dict) -> list:
     ]
 
 
-@pytest.mark.parametrize("cell, path", _per_path(TORCH_PATHS, {(c, "eager"): m for c, m in TORCH_EAGER_MARKS.items()}))
+@pytest.mark.parametrize("cell, path", _per_path(TORCH_PATHS, {}))
 def test_torch_path(cell, path):
     """torch eager (``compile=False``) gives the core's trajectory: to RTOL against NumPy, or
     bit-identical to the core on torch for a float32 cell (same kernels, same order).
@@ -198,8 +185,7 @@ _HEAD_FIRST = {"mlp": None, "conv": [["fc.weight", "fc.bias", "conv.weight", "co
 
 def _paired_param(case):
     method, extra, mode, model, leaf = case
-    marks = [_xfail(ITEM2)] if leaf == "weight" else []
-    return pytest.param(case, marks=marks, id=f"{method}-{mode}-{model}-no-{leaf}-grad")
+    return pytest.param(case, id=f"{method}-{mode}-{model}-no-{leaf}-grad")
 
 
 @pytest.mark.parametrize("case", [_paired_param(c) for c in PAIRED])
@@ -228,7 +214,7 @@ def test_paired_member_without_gradient(case):
 # MBF's warm start through the three APIs
 
 
-@pytest.mark.parametrize("api", [pytest.param("torch", marks=_xfail(ITEM1)), "optax"])
+@pytest.mark.parametrize("api", ["torch", "optax"])
 @pytest.mark.parametrize("mode", pm.MODES)
 @pytest.mark.parametrize("model", list(pm.MODELS))
 def test_mbf_warm_start_equals_core(model, mode, api):

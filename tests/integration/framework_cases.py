@@ -31,13 +31,6 @@ TORCH_OPTIMIZERS = {
 # block method, a matrix-root method and a root-free Kronecker method.
 REPRESENTATIVE = ["agd", "mbf", "asgo", "if_shampoo"]
 
-# torch's schedulers add `initial_lr` to every param group, and our load_state_dict refuses
-# group keys the class does not take, so every resume with a scheduler fails (issue 31 item 4).
-SCHEDULER_RESUME = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="issue 31 item 4: load_state_dict refuses the scheduler's param-group key 'initial_lr'",
-)
 
 
 def make_optimizer(name: str, named_parameters) -> torch.optim.Optimizer:

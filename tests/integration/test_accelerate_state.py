@@ -15,7 +15,6 @@ accelerate = pytest.importorskip("accelerate")
 
 from framework_cases import (  # noqa: E402
     REPRESENTATIVE,
-    SCHEDULER_RESUME,
     assert_same_parameters,
     batches,
     make_mlp,
@@ -76,7 +75,6 @@ def test_prepare_save_load_state_continues_exactly(name, tmp_path):
     _check(name, scheduler=False, tmp_path=tmp_path)
 
 
-@SCHEDULER_RESUME
 @pytest.mark.parametrize("name", REPRESENTATIVE)
 def test_prepare_save_load_state_with_scheduler_continues_exactly(name, tmp_path):
     _check(name, scheduler=True, tmp_path=tmp_path)

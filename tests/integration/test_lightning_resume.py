@@ -16,7 +16,6 @@ L = pytest.importorskip("lightning")
 
 from framework_cases import (  # noqa: E402
     REPRESENTATIVE,
-    SCHEDULER_RESUME,
     assert_same_parameters,
     batches,
     make_mlp,
@@ -76,7 +75,6 @@ def test_fit_ckpt_path_resume_continues_exactly(name, tmp_path):
     _check(name, scheduler=False, tmp_path=tmp_path)
 
 
-@SCHEDULER_RESUME
 @pytest.mark.parametrize("name", REPRESENTATIVE)
 def test_fit_ckpt_path_resume_with_scheduler_continues_exactly(name, tmp_path):
     _check(name, scheduler=True, tmp_path=tmp_path)

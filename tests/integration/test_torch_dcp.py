@@ -16,7 +16,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from framework_cases import (
-    SCHEDULER_RESUME,
     TORCH_OPTIMIZERS,
     assert_same_parameters,
     batches,
@@ -79,7 +78,6 @@ def test_dcp_resume_continues_exactly(name, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-@SCHEDULER_RESUME
 @pytest.mark.parametrize("name", ["agd", "mbf"])
 def test_dcp_resume_with_scheduler_continues_exactly(name, tmp_path):
     _check(name, scheduler=True, tmp_path=tmp_path)

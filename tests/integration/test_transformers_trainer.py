@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-from framework_cases import REPRESENTATIVE, SCHEDULER_RESUME, assert_same_parameters, make_optimizer, parameters  # noqa: E402
+from framework_cases import REPRESENTATIVE, assert_same_parameters, make_optimizer, parameters  # noqa: E402
 
 STEPS, SAVE_AT = 6, 3
 
@@ -67,7 +67,6 @@ def _train(name, out, resume=None):
     return losses, parameters(model)
 
 
-@SCHEDULER_RESUME
 @pytest.mark.parametrize("name", REPRESENTATIVE)
 def test_trainer_resume_from_checkpoint_continues_exactly(name, tmp_path):
     full, full_params = _train(name, tmp_path / "full")

@@ -167,3 +167,13 @@ def test_trace_list(capsys):
     assert main(["trace", "--list"]) == 0
     out = capsys.readouterr().out
     assert "methods: " in out and "agd" in out and "problems: quadratic, least_squares, logistic, online, mlp, cnn" in out
+
+
+@pytest.mark.parametrize("name", ["mbf", "agd", "sketchy"])
+def test_reference_runs_at_the_problems_learning_rate(name):
+    """A reference trajectory without a learning rate runs at the problem's (chosen for the problem),
+    not at the factory's default, whether or not the factory has one (every factory now does)."""
+    problem = prt.get_problem("least_squares")
+    trajectory = prt.reference_trajectory(name, problem, steps=1)
+    assert trajectory.config["learning_rate"] == problem.default_learning_rate
+    assert inspect.signature(getattr(pr, name)).parameters["learning_rate"].default != problem.default_learning_rate
