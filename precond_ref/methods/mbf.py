@@ -2,12 +2,14 @@ r"""MBF: mini-block Fisher preconditioning (Bahamou, Goldfarb, Ren, AISTATS 2023
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from array_api_compat import array_namespace, device as array_device
 
 from .._backend import as_operand, compute_dtype, cond, is_zero, placement
+from ..blocking import on_stacks
 from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_factor
 from ..transform import (
     Array,
@@ -130,6 +132,121 @@ def _from_block(xp: Any, block: Any, leaves: Sequence[Any]) -> tuple[Any, ...]:
         n_in = weight.shape[1]
         return (block[:, :n_in], block[:, n_in])
     return (block,)
+
+
+# --------------------------------------------------------------------------------------------
+# The formulas of one step, per block kind, each on a stack of blocks (any leading axes).
+
+
+def _block_statistic(xp: Any, kind: str, g: Array, chunks: bool) -> Array:
+    r"""The mini-block statistic of a gradient in block layout: :math:`g_b g_b^\top` per conv block,
+    (O, C, q) -> (O, C, q, q); :math:`g \odot g` for block size 1; :math:`H_g H_g^\top/(I+1)` for an
+    FC group (``columns_avg``), or the authors' chunks (:func:`_faithful_chunk_statistic`)."""
+    if kind == _CONV:
+        return xp.expand_dims(g, axis=-1) * xp.expand_dims(g, axis=-2)
+    if kind == _ELEMENTWISE:
+        return g * g
+    if chunks:
+        return _faithful_chunk_statistic(xp, g)
+    return xp.matmul(g, g.mT) / g.shape[1]
+
+
+def _faithful_chunk_statistic(xp: Any, h: Array) -> Array:
+    r"""B1, the authors' FC statistic :math:`R^\top R/(I+1)` with :math:`R` the row-major reshape of
+    :math:`H` (O, I+1) to (I+1, O): a raw ``view``, not a transpose (spec ``mbf.md`` 2.2 step 3)."""
+    rows = xp.reshape(h, (h.shape[1], h.shape[0]))
+    return xp.matmul(rows.mT, rows) / h.shape[1]
+
+
+def _precondition(xp: Any, kind: str, inverse: Array, m: Array, chunks: bool) -> Array:
+    r""":math:`D_b = F_b^{-1} m_b` per mini-block: (O, C, q, q) times (O, C, q) for a conv,
+    :math:`F^{-1} \odot m` for block size 1, :math:`F^{-1} H_m` for an FC group (``columns_avg``),
+    or the authors' chunks (:func:`_faithful_chunk_precondition`)."""
+    if kind == _CONV:
+        return xp.matmul(inverse, xp.expand_dims(m, axis=-1))[..., 0]
+    if kind == _ELEMENTWISE:
+        return inverse * m
+    if chunks:
+        return _faithful_chunk_precondition(xp, inverse, m)
+    return xp.matmul(inverse, m)
+
+
+def _faithful_chunk_precondition(xp: Any, inverse: Array, h: Array) -> Array:
+    r"""B1, the authors' FC direction: every row :math:`r` of :math:`R_m` = row-major reshape of
+    :math:`H_m` to (I+1, O) becomes :math:`F^{-1} r`; the rows are reshaped back to (O, I+1)."""
+    rows = xp.reshape(h, (h.shape[1], h.shape[0]))
+    return xp.reshape(xp.matmul(rows, inverse.mT), tuple(h.shape))
+
+
+def _ema_statistic(
+    xp: Any, kind: str, statistic: Array, failures: Array, g: Array, rho: Array, chunks: bool
+) -> tuple[Array, Array]:
+    r""":math:`F \leftarrow \rho F + (1-\rho)\,\mathrm{stat}(g)` (:func:`_block_statistic`); a
+    non-finite result (a finite float32 gradient can overflow its square) keeps :math:`F` and
+    counts one failure."""
+    new = rho * statistic + (1.0 - rho) * _block_statistic(xp, kind, g, chunks)
+    ok = xp.all(xp.isfinite(new))
+    return xp.where(ok, new, statistic), failures + xp.astype(xp.logical_not(ok), failures.dtype)
+
+
+def _elementwise_inverse(xp: Any, statistic: Array, previous: Array, damping: Any) -> tuple[Array, Array]:
+    r""":math:`1/(v + \lambda)` element-wise where :math:`v` is finite, ``previous`` elsewhere; and
+    whether any entry was not finite (the block-size-1 limit of the damped inverse, B4)."""
+    finite = xp.isfinite(statistic)
+    safe = xp.where(finite, statistic, xp.zeros_like(statistic))
+    new = 1.0 / (safe + as_operand(xp, damping, statistic.dtype))
+    return xp.where(finite, new, previous), xp.logical_not(xp.all(finite))
+
+
+def _faithful_inverse(matrices: Array, damping: Any, previous: Array) -> tuple[Array, Array]:
+    r"""B2/B6, the authors' plain ``inv``\ :math:`(F + \lambda I)`, not symmetrised and without the
+    precision floor (the block-wise non-finite fallback is kept; :func:`precond_ref.linalg.damped_inverse`)."""
+    return damped_inverse(matrices, damping, previous, symmetrize=False)
+
+
+def _refresh_inverses(
+    xp: Any,
+    kinds: Sequence[str],
+    statistics: Sequence[Array],
+    previous: Sequence[Array],
+    failures: Sequence[Array],
+    damping: Any,
+    block_inverse: Callable[[Array, Any, Array], tuple[Array, Array]],
+) -> tuple[list[Array], list[Array]]:
+    r"""Every group's :math:`(F_b + \lambda I)^{-1}` (``block_inverse``, or :func:`_elementwise_inverse`
+    for block size 1), and its ``failures`` plus one where any of its blocks was flagged (B2, B6).
+
+    The equal-size blocks of all groups (FC layers with one output size, convs with one kernel
+    size) go through ``block_inverse`` together (:func:`precond_ref.blocking.on_stacks`)."""
+
+    def square(a: Array) -> Array:
+        return xp.reshape(a, (-1, a.shape[-1], a.shape[-1]))
+
+    def invert(stack: Array, before: Array) -> tuple[Array, Array]:
+        return block_inverse(stack, as_operand(xp, damping, stack.dtype), before)
+
+    matrices = [(square(s), square(p)) for k, s, p in zip(kinds, statistics, previous) if k != _ELEMENTWISE]
+    inverted = iter(on_stacks(xp, invert, matrices))
+    inverses, counts = [], []
+    for kind, statistic, before, count in zip(kinds, statistics, previous, failures):
+        if kind == _ELEMENTWISE:
+            inverse, flagged = _elementwise_inverse(xp, statistic, before, damping)
+        else:
+            inverse, flagged_blocks = next(inverted)
+            inverse, flagged = xp.reshape(inverse, tuple(statistic.shape)), xp.any(flagged_blocks)
+        inverses.append(inverse)
+        counts.append(count + xp.astype(flagged, count.dtype))
+    return inverses, counts
+
+
+def _bias_correction(xp: Any, beta: Any, count: Any, dtype: Any) -> Array:
+    r""":math:`1 - \beta^{i+1}` (``count`` = :math:`i`) as ``-expm1((i+1) log β)``: no cancellation
+    for β near 1 in float32 (the authors form it in float64 on the host); log 0 = -inf gives 1 for β = 0."""
+    if hasattr(beta, "shape"):
+        log_beta = xp.log(beta)
+    else:
+        log_beta = math.log(beta) if beta > 0.0 else -math.inf
+    return -xp.expm1(xp.astype(count + 1, dtype) * log_beta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,112 +440,33 @@ def mbf(
         # mbngd_if_inverse: every statistics step up to T2, then every T2 steps.
         return ((calls <= t2) & (calls % t1 == 0)) | (calls % t2 == 0)
 
-    # -- the block statistic, its inverse, and the preconditioned direction, per kind ------------
+    block_inverse = _faithful_inverse if faithful else damped_inverse_stable  # B2, B6
 
-    def block_statistic(xp, kind, g_block):
-        if kind == _CONV:
-            return xp.expand_dims(g_block, axis=-1) * xp.expand_dims(g_block, axis=-2)
-        if kind == _ELEMENTWISE:
-            return g_block * g_block
-        n_blocks = g_block.shape[1]
-        if chunks:
-            # The authors' ``view(I+1, O)``: a raw row-major reshape, not a transpose.
-            rows = xp.reshape(g_block, (n_blocks, g_block.shape[0]))
-            return xp.matmul(rows.mT, rows) / n_blocks
-        return xp.matmul(g_block, g_block.mT) / n_blocks
+    # ``cond`` branches are made once per (namespace, kinds): JAX caches a traced branch by the
+    # function's identity, so a fresh closure per call would trace it again on every eager step.
+    @functools.cache
+    def statistic_branches(xp: Any, kind: str) -> tuple[Callable, Callable]:
+        return (lambda f, n, g, rho: _ema_statistic(xp, kind, f, n, g, rho, chunks), lambda f, n, g, rho: (f, n))
 
-    def precondition(xp, kind, inverse, m_block):
-        if kind == _CONV:
-            return xp.matmul(inverse, xp.expand_dims(m_block, axis=-1))[..., 0]
-        if kind == _ELEMENTWISE:
-            return inverse * m_block
-        if chunks:
-            rows = xp.reshape(m_block, (m_block.shape[1], m_block.shape[0]))
-            return xp.reshape(xp.matmul(rows, inverse.mT), tuple(m_block.shape))
-        return xp.matmul(inverse, m_block)
+    @functools.cache
+    def inverse_branches(xp: Any, kinds: tuple[str, ...]) -> tuple[Callable, Callable]:
+        return (
+            lambda f, inv, n: _refresh_inverses(xp, kinds, f, inv, n, damping, block_inverse),
+            lambda f, inv, n: (inv, n),
+        )
 
-    def refresh_inverses(xp, kinds, statistics, inverses, failures):
-        """Every block group's (F + λI)^{-1} at once: the equal-size blocks of all groups (FC
-        layers with the same output size, convs with the same kernel size) go through one
-        batched call. ``failures`` counts, per group, refreshes that rejected a non-finite block
-        or (principled) had to raise the damping to the precision floor (B2, B6)."""
-        new_inverses, new_failures = list(inverses), list(failures)
-        buckets: dict[tuple, list[int]] = {}
-        for i, (kind, statistic) in enumerate(zip(kinds, statistics)):
-            if kind == _ELEMENTWISE:
-                finite = xp.isfinite(statistic)
-                safe = xp.where(finite, statistic, xp.zeros_like(statistic))
-                new = 1.0 / (safe + as_operand(xp, damping, statistic.dtype))
-                new_inverses[i] = xp.where(finite, new, inverses[i])
-                flagged = xp.logical_not(xp.all(finite))
-                new_failures[i] = failures[i] + xp.astype(flagged, failures[i].dtype)
-            else:
-                buckets.setdefault((statistic.shape[-1], statistic.dtype), []).append(i)
-        for (n, dtype), members in buckets.items():
-
-            def stacked(arrays):
-                flat = [xp.reshape(arrays[i], (-1, n, n)) for i in members]
-                return flat[0] if len(flat) == 1 else xp.concat(flat, axis=0)
-
-            lam = as_operand(xp, damping, dtype)
-            if faithful:
-                inverse, flagged = damped_inverse(stacked(statistics), lam, stacked(inverses), symmetrize=False)
-            else:  # B6: the damping floored at the statistic's precision, branch-free
-                inverse, flagged = damped_inverse_stable(stacked(statistics), lam, stacked(inverses))
-            start = 0
-            for i in members:
-                size = math.prod(statistics[i].shape[:-2])
-                new_inverses[i] = xp.reshape(inverse[start : start + size, ...], tuple(statistics[i].shape))
-                group_flagged = xp.any(flagged[start : start + size])
-                new_failures[i] = failures[i] + xp.astype(group_flagged, failures[i].dtype)
-                start += size
-        return new_inverses, new_failures
-
-    def refresh_statistic(xp, kind, statistic, failures, g_block, rho):
-        new = rho * statistic + (1.0 - rho) * block_statistic(xp, kind, g_block)
-        # A finite gradient can still overflow its square (float32); never store Inf.
-        ok = xp.all(xp.isfinite(new))
-        new = xp.where(ok, new, statistic)
-        return new, failures + xp.astype(xp.logical_not(ok), failures.dtype)
-
-    # The branch functions handed to ``cond`` are created once per (namespace, kinds): JAX caches
-    # traced branches by function identity, so fresh closures would recompile every eager step.
-    branch_cache: dict[tuple, tuple] = {}
-
-    def statistic_branches(xp, kind):
-        key = (id(xp), kind)
-        if key not in branch_cache:
-            branch_cache[key] = (
-                lambda f, n, g, rho: refresh_statistic(xp, kind, f, n, g, rho),
-                lambda f, n, g, rho: (f, n),
-            )
-        return branch_cache[key]
-
-    def inverse_branches(xp, kinds):
-        key = (id(xp), kinds)
-        if key not in branch_cache:
-            branch_cache[key] = (
-                lambda f, inv, n: refresh_inverses(xp, kinds, f, inv, n),
-                lambda f, inv, n: (inv, n),
-            )
-        return branch_cache[key]
-
-    def diagonal_rule(xp, g, state, ctx, dtype):
-        """The authors' Adam-like rule for conv biases and normalisation parameters."""
+    def diagonal_rule(xp: Any, g: Array, state: dict, ctx: StepContext) -> tuple[Array, dict]:
+        r"""The authors' Adam-like rule for conv biases and normalisation parameters:
+        :math:`a \leftarrow \mu a + (1-\mu) g`, :math:`v \leftarrow \beta_2' v + (1-\beta_2') a^2`
+        (or :math:`g^2`), :math:`D = a / (\epsilon + \sqrt{v / (1 - \beta_2'^{\,i+1})})`."""
+        dtype = g.dtype
         mu, beta = as_operand(xp, momentum, dtype), as_operand(xp, diagonal_b2, dtype)
         ema = mu * state["ema"] + (1.0 - mu) * g
         tracked = ema if diagonal_second_moment == "momentum" else g
         second = beta * state["second_moment"] + (1.0 - beta) * (tracked * tracked)
-        # 1 - b^t as -expm1(t log b): no cancellation for b near 1 in float32 (the authors form
-        # it in float64 on the host); log(0) = -inf gives 1 for diagonal_b2 = 0.
-        def bias_correction() -> Array:
-            if hasattr(beta, "shape"):
-                log_beta = xp.log(beta)
-            else:
-                log_beta = math.log(beta) if beta > 0.0 else -math.inf
-            return -xp.expm1(xp.astype(ctx.count + 1, dtype) * log_beta)
-
-        correction = ctx.once(("diagonal_correction", dtype, array_device(g)), bias_correction)
+        correction = ctx.once(
+            ("diagonal_correction", dtype, array_device(g)), lambda: _bias_correction(xp, beta, ctx.count, dtype)
+        )
         eps = as_operand(xp, diagonal_eps, dtype)
         return ema / (eps + xp.sqrt(second / correction)), {"ema": ema, "second_moment": second}
 
@@ -456,54 +494,61 @@ def mbf(
             "failures": failures,
         }
 
-    def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
-        xp = ctxs[0].xp
-        statistics_due, inverses_due = ctxs[0].every(t1), ctxs[0].every(inverse_due)
-        directions: list[Any] = [None] * len(grads_list)
-        new_states: list[Any] = [None] * len(grads_list)
-        blocks = []  # (group index, kind, momentum, statistic, failures) of block-preconditioned groups
-        for i, (grads, state, ctx) in enumerate(zip(grads_list, states, ctxs)):
-            kind = _kind(grads, max_block_dim)
-            dtype = state["ema"].dtype if kind == _DIAGONAL else state["momentum"].dtype
-            grads = tuple(xp.astype(g, dtype) for g in grads)
-            if kind == _DIAGONAL:
-                direction, new_states[i] = diagonal_rule(xp, grads[0], state, ctx, dtype)
-                directions[i] = (direction,)
-                continue
-            g_block = _to_block(xp, grads)
-            m_block = as_operand(xp, momentum, dtype) * state["momentum"] + g_block
-            with_statistic, keep_statistic = statistic_branches(xp, kind)
-            statistic, failures = cond(
-                xp, statistics_due, with_statistic, keep_statistic, state["statistic"], state["failures"], g_block,
-                as_operand(xp, b2, dtype),
-            )
-            blocks.append((i, kind, m_block, statistic, failures))
-        if blocks:
-            with_inverses, keep_inverses = inverse_branches(xp, tuple(b[1] for b in blocks))
-            inverses, failures = cond(
-                xp, inverses_due, with_inverses, keep_inverses, [b[3] for b in blocks],
-                [states[b[0]]["inverse"] for b in blocks], [b[4] for b in blocks],
-            )
-            for (i, kind, m_block, statistic, _), inverse, failed in zip(blocks, inverses, failures):
-                direction = precondition(xp, kind, inverse, m_block)
-                if not is_zero(kl_clip):
-                    dtype = m_block.dtype
-                    lr = ctxs[i].scalar("learning_rate", learning_rate, dtype, array_device(m_block))
-                    direction = direction * kl_clip_factor(direction, m_block, lr, as_operand(xp, kl_clip, dtype))
-                directions[i] = _from_block(xp, direction, grads_list[i])
-                new_states[i] = {"momentum": m_block, "statistic": statistic, "inverse": inverse, "failures": failed}
+    def clip(xp: Any, d: Array, m: Array, ctx: StepContext) -> Array:
+        r"""B7: :math:`\nu D`, :math:`\nu = \min(1, \sqrt{\kappa/(\alpha^2\langle D, m\rangle)})`
+        (:func:`precond_ref.linalg.kl_clip_factor`); :math:`D` itself when :math:`\kappa = 0`."""
+        if is_zero(kl_clip):
+            return d
+        lr = ctx.scalar("learning_rate", learning_rate, d.dtype, array_device(m))
+        return d * kl_clip_factor(d, m, lr, as_operand(xp, kl_clip, d.dtype))
 
-        results = []
-        for direction, new_state, params, ctx in zip(directions, new_states, params_list, ctxs):
-            dtype = direction[0].dtype
-            lr = ctx.scalar("learning_rate", learning_rate, dtype, array_device(direction[0]))
-            if decays:
-                decay = lr * as_operand(xp, weight_decay, dtype)
-                updates = tuple(-lr * d - decay * xp.astype(p, dtype) for d, p in zip(direction, params))
-            else:
-                updates = tuple(-lr * d for d in direction)
-            results.append((updates, new_state))
-        return results
+    def descend(xp: Any, direction: tuple, params: Any, ctx: StepContext) -> tuple:
+        r""":math:`w \leftarrow (1 - \alpha_i\,\mathrm{wd})\, w - \alpha_i D`, as the update
+        :math:`-\alpha_i D - \alpha_i\,\mathrm{wd}\, w`."""
+        dtype = direction[0].dtype
+        lr = ctx.scalar("learning_rate", learning_rate, dtype, array_device(direction[0]))
+        if not decays:
+            return tuple(-lr * d for d in direction)
+        decay = lr * as_operand(xp, weight_decay, dtype)
+        return tuple(-lr * d - decay * xp.astype(p, dtype) for d, p in zip(direction, params))
+
+    # One step, Bahamou et al. 2023 Alg. 1 with the authors' schedule (spec mbf.md 2.2-2.3); i = updates
+    # already applied, per layer (block leaves) or leaf (diagonal rule):
+    #   m   <- mu m + g                                                      heavy ball, raw gradient
+    #   F_b <- rho F_b + (1 - rho) g_b g_b^T                 if i % T1 == 0   statistics (2.2 steps 2-3)
+    #   F_b^-1 <- (F_b + lam I)^-1    if (i <= T2 and i % T1 == 0) or i % T2 == 0   (B2, B6)
+    #   D_b = nu F_b^-1 m_b                                                  nu: KL clip (B7)
+    #   diagonal rule: a <- mu a + (1-mu) g, v <- b2' v + (1-b2') a^2, D = a / (eps + sqrt(v / (1-b2'^(i+1))))
+    #   w   <- (1 - alpha_i wd) w - alpha_i D
+    def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
+        xp, n = ctxs[0].xp, len(grads_list)
+        statistics_due, inverses_due = ctxs[0].every(t1), ctxs[0].every(inverse_due)
+        kinds = [_kind(grads, max_block_dim) for grads in grads_list]
+        dtypes = [s["ema"].dtype if k == _DIAGONAL else s["momentum"].dtype for k, s in zip(kinds, states)]
+        grads_list = [tuple(xp.astype(g, dtype) for g in grads) for grads, dtype in zip(grads_list, dtypes)]
+        blocked = [i for i in range(n) if kinds[i] != _DIAGONAL]
+        directions, new_states = [None] * n, [None] * n
+        for i in (i for i in range(n) if kinds[i] == _DIAGONAL):
+            direction, new_states[i] = diagonal_rule(xp, grads_list[i][0], states[i], ctxs[i])
+            directions[i] = (direction,)
+        g = {i: _to_block(xp, grads_list[i]) for i in blocked}  # [g_W | g_b] (O, I+1), conv (O, C, q)
+        m = {i: as_operand(xp, momentum, dtypes[i]) * states[i]["momentum"] + g[i] for i in blocked}
+        statistic, failures = {}, {}
+        for i in blocked:
+            statistic[i], failures[i] = cond(
+                xp, statistics_due, *statistic_branches(xp, kinds[i]),
+                states[i]["statistic"], states[i]["failures"], g[i], as_operand(xp, b2, dtypes[i]),
+            )  # fmt: skip
+        if blocked:
+            inverse, counts = cond(
+                xp, inverses_due, *inverse_branches(xp, tuple(kinds[i] for i in blocked)),
+                [statistic[i] for i in blocked], [states[i]["inverse"] for i in blocked], [failures[i] for i in blocked],
+            )  # fmt: skip
+            for i, inverse_i, count in zip(blocked, inverse, counts):
+                d = clip(xp, _precondition(xp, kinds[i], inverse_i, m[i], chunks), m[i], ctxs[i])
+                directions[i] = _from_block(xp, d, grads_list[i])
+                new_states[i] = {"momentum": m[i], "statistic": statistic[i], "inverse": inverse_i, "failures": count}
+        return [(descend(xp, d, p, ctx), s) for d, s, p, ctx in zip(directions, new_states, params_list, ctxs)]
 
     def canonical_groups(paths, leaves):
         # Leaves arrive out-first (see _canonical), so a ``kernel`` is paired by its first axis.
@@ -553,7 +598,7 @@ def mbf(
                 if kind == _DIAGONAL or not entries:
                     continue
                 dtype = entries["statistic"].dtype
-                stat = block_statistic(xp, kind, _to_block(xp, tuple(xp.astype(g, dtype) for g in members)))
+                stat = _block_statistic(xp, kind, _to_block(xp, tuple(xp.astype(g, dtype) for g in members)), chunks)
                 if key not in running:
                     zero = xp.zeros((), dtype=xp.int32, device=placement(xp, stat))
                     running[key] = (xp.zeros_like(stat), zero)
