@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device
 
 from .._backend import as_operand, cast, compute_dtype, computed_once, cond, is_zero, placement, scalar_zero
+from ..blocking import on_stacks
 from ..linalg import half_precision_dtype, kl_clip_factor, mode_gram, mode_product
 from ..transform import (
     ScalarOrSchedule,
@@ -366,6 +367,17 @@ _STRUCTURES = ("dense", "diagonal")
 _OUT_LAST_WEIGHT = "kernel"
 
 
+class _Group(NamedTuple):
+    """One group's gradient as the tensor G it preconditions, and how to cut the step back."""
+
+    grouped: Array  # G, size-1 axes squeezed, in the work dtype
+    rank: int  # N, the number of Kronecker factors
+    shapes: list  # the members' shapes (a weight, or a weight and its bias)
+    full: tuple  # G's shape before squeezing
+    out_first: bool  # bias as an extra column (out-first weight) or row (out-last kernel)
+    work_dtype: Any
+
+
 def _grouped_shape(shapes: Sequence[tuple], out_first: bool) -> tuple[tuple, tuple]:
     """(unsqueezed, squeezed) shape of the tensor a group preconditions (bias as an extra column/row)."""
     if len(shapes) == 1:
@@ -458,9 +470,11 @@ def prototype_schedule(interval: int) -> Callable[[Any], Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# IF-Shampoo numerics, on a stack of groups of one shape: the grouped tensors are (b, d_1, ..., d_N),
-# dense factors (b, d, d) and diagonal factors (b, d), so that b equal-shape groups share every
-# matmul (linalg.mode_product / mode_gram).
+# IF-Shampoo numerics, written for a stack of groups of one shape (a leading block axis b, as DASH
+# writes its block operations): grouped tensors (b, d_1, ..., d_N), dense factors (b, d, d),
+# diagonal factors (b, d). blocking.on_stacks forms the stacks, so b equal-shape groups share every
+# product. Each helper below is one piece of math for both factor structures; its docstring states
+# the plain formula and tests/methods/test_root_free_helpers.py checks it against that formula.
 
 
 def _per_member(xp, value, trailing: int):
@@ -470,11 +484,73 @@ def _per_member(xp, value, trailing: int):
     return value
 
 
+def _per_block(xp, value, factor):
+    """A per-group value (b,) shaped to multiply a stack of factors (or their momenta)."""
+    return _per_member(xp, value, factor.ndim - 1)
+
+
 def _along(xp, diagonal, axis: int, ndim: int):
     """A stack of diagonal factors (b, d) shaped to multiply ``axis`` of a (b, ...) tensor."""
     shape = [1] * ndim
     shape[0], shape[axis] = diagonal.shape
     return xp.reshape(diagonal, tuple(shape))
+
+
+def _is_diagonal(factor) -> bool:
+    return factor.ndim == 2
+
+
+def _times_transposed(xp, tensor, factor, axis: int):
+    """``T ×_axis Kᵀ``: contract ``axis`` of ``T`` with the first index of ``K`` (diagonal: ``T·k`` along it)."""
+    if _is_diagonal(factor):
+        return tensor * _along(xp, factor, axis, len(tensor.shape))
+    return mode_product(tensor, factor, axis, transpose=True)
+
+
+def _gram(xp, factor):
+    """``KᵀK`` (diagonal: ``k ⊙ k``)."""
+    return factor * factor if _is_diagonal(factor) else xp.matmul(factor.mT, factor)
+
+
+def _mean_trace(xp, gram):
+    """``Tr(A)/d`` of a stack of (b, d, d) matrices; of a diagonal (b, d) its mean."""
+    return xp.mean(gram if gram.ndim == 2 else xp.linalg.diagonal(gram), axis=-1)
+
+
+def _unfolding_gram(xp, tensor, axis: int, factor):
+    """``Y_(n) Y_(n)ᵀ``, the Gram of the mode-``axis`` unfolding (diagonal ``factor``: its diagonal,
+    the sum of ``Y ⊙ Y`` over the other axes)."""
+    if not _is_diagonal(factor):
+        return mode_gram(tensor, axis, batch=1)
+    rest = tuple(i for i in range(1, len(tensor.shape)) if i != axis)
+    square = tensor * tensor
+    return xp.sum(square, axis=rest) if rest else square
+
+
+def _identity(xp, factor):
+    """``I`` in the structure of ``factor`` (diagonal: the number 1)."""
+    if _is_diagonal(factor):
+        return 1.0
+    return xp.eye(factor.shape[-1], dtype=factor.dtype, device=placement(xp, factor))
+
+
+def _times(xp, factor, matrix):
+    """``K m`` (diagonal: ``k ⊙ m``)."""
+    return factor * matrix if _is_diagonal(factor) else xp.matmul(factor, matrix)
+
+
+def _frobenius(xp, matrix):
+    """``‖m‖_F`` per block (diagonal: the vector norm)."""
+    return xp.linalg.vector_norm(matrix, axis=-1) if matrix.ndim == 2 else xp.linalg.matrix_norm(matrix)
+
+
+def _product_except(xp, values, n: int, dtype):
+    """``Π_{i≠n} values_i`` in ``dtype`` (the empty product is 1), multiplied left to right."""
+    product = 1.0
+    for i, value in enumerate(values):
+        if i != n:
+            product = product * xp.astype(value, dtype)
+    return product
 
 
 def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, factor_momentum, clamp):
@@ -483,54 +559,28 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
     ``M_n = ½[λ (Π_{i≠n} t_i) K_nᵀK_n + Y_(n)Y_(n)ᵀ/Π_{i≠n} d_i − I]`` with ``Y = √B·G ×_i K_iᵀ`` and
     ``t_i = Tr(K_iᵀK_i)/d_i``, all from the old factors; ``m_n ← α₂ m_n + (1−α₂) M_n``;
     ``K_n ← K_n − β₂/max(1, ‖m_n‖_F) · K_n m_n``. As in SIRFShampoo, the products and traces use
-    ``K_n/√d_n`` (neutral in exact arithmetic, keeps low precision in range). ``factor_lr`` is a
-    scalar or one value per group (b,).
+    ``K_n/√d_n`` (neutral in exact arithmetic, keeps low precision in range: ``λ/2·Π t_i·numel`` and
+    ``d_n/2`` below undo it). ``factor_lr`` is a scalar or one value per group (b,). ``momenta``:
+    None when α₂ = 0.
     """
     dims = tuple(grouped.shape[1:])
-    ndim = len(grouped.shape)
-    numel = math.prod(dims)
-    projected = grouped * sqrt_batch
-    inner, traces = [], []
-    for n, factor in enumerate(factors):
-        projected = cast(xp, projected, factor.dtype)
-        scaled = factor * (1.0 / math.sqrt(dims[n]))
-        if factor.ndim == 2:  # diagonal
-            projected = projected * _along(xp, scaled, n + 1, ndim)
-            gram = scaled * scaled
-            traces.append(xp.mean(gram, axis=-1))
-        else:
-            projected = mode_product(projected, scaled, n + 1, transpose=True)
-            gram = xp.matmul(scaled.mT, scaled)
-            traces.append(xp.mean(xp.linalg.diagonal(gram), axis=-1))
-        inner.append(gram)
+    scaled = [K * (1.0 / math.sqrt(d)) for K, d in zip(factors, dims)]  # K_n/√d_n
+    Y = grouped * sqrt_batch
+    for n, K in enumerate(scaled):
+        Y = _times_transposed(xp, cast(xp, Y, K.dtype), K, n + 1)  # Y = √B·G ×_1 K_1ᵀ … ×_N K_Nᵀ
+    KtK = [_gram(xp, K) for K in scaled]
+    t = [_mean_trace(xp, A) for A in KtK]  # t_i = Tr(K_iᵀK_i)/d_i
     new_factors, new_momenta = [], []
-    for n, factor in enumerate(factors):
-        diagonal = factor.ndim == 2
-        trailing = 1 if diagonal else 2
-        others = 1.0
-        for i, trace in enumerate(traces):
-            if i != n:
-                others = others * xp.astype(trace, factor.dtype)
-        direction = inner[n] * _per_member(xp, (damping / 2) * others * numel, trailing)
-        projected = cast(xp, projected, factor.dtype)
-        if diagonal:
-            rest = tuple(i for i in range(1, ndim) if i != n + 1)
-            square = projected * projected
-            direction = direction + (xp.sum(square, axis=rest) if rest else square) * (dims[n] / 2) - 0.5
-        else:
-            eye = xp.eye(dims[n], dtype=factor.dtype, device=placement(xp, factor))
-            direction = direction + mode_gram(projected, n + 1, batch=1) * (dims[n] / 2) - 0.5 * eye
+    for n, K in enumerate(factors):
+        Y = cast(xp, Y, K.dtype)
+        M = (KtK[n] * _per_block(xp, (damping / 2) * _product_except(xp, t, n, K.dtype) * math.prod(dims), K)
+             + _unfolding_gram(xp, Y, n + 1, K) * (dims[n] / 2) - 0.5 * _identity(xp, K))
         if momenta is not None:
-            direction = factor_momentum * momenta[n] + (1 - factor_momentum) * direction
-            new_momenta.append(direction)
-        if diagonal:
-            norm = xp.linalg.vector_norm(direction, axis=-1)
-            moved = factor * direction
-        else:
-            norm = xp.linalg.matrix_norm(direction)
-            moved = xp.matmul(factor, direction)
+            M = factor_momentum * momenta[n] + (1 - factor_momentum) * M  # m_n ← α₂ m_n + (1−α₂) M_n
+            new_momenta.append(M)
+        norm = _frobenius(xp, M)
         step_size = factor_lr / xp.maximum(norm, xp.ones_like(norm)) if clamp else factor_lr
-        new_factors.append(factor - moved * _per_member(xp, step_size, trailing))
+        new_factors.append(K - _times(xp, K, M) * _per_block(xp, step_size, K))  # K_n ← K_n − β₂/max(1,‖m_n‖)·K_n m_n
     return tuple(new_factors), (tuple(new_momenta) if momenta is not None else None)
 
 
@@ -541,20 +591,34 @@ def _precondition(xp, grouped, factors, rescale: bool):
     ndim = len(grouped.shape)
     scale_product = None
     for n, factor in enumerate(factors):
-        diagonal = factor.ndim == 2
         if rescale:
             largest = xp.max(xp.abs(factor), axis=tuple(range(1, factor.ndim)))
             sigma = xp.maximum(xp.sqrt(largest), xp.ones_like(largest))
-            factor = factor / _per_member(xp, sigma, factor.ndim - 1)
+            factor = factor / _per_block(xp, sigma, factor)
             scale_product = sigma * sigma if scale_product is None else scale_product * (sigma * sigma)
         grouped = cast(xp, grouped, factor.dtype)
-        if diagonal:
+        if _is_diagonal(factor):
             grouped = grouped * _along(xp, factor * factor, n + 1, ndim)
         else:
             grouped = mode_product(mode_product(grouped, factor, n + 1, transpose=True), factor, n + 1)
     if scale_product is not None:
         grouped = grouped * _per_member(xp, xp.astype(scale_product, grouped.dtype), ndim - 1)
     return grouped
+
+
+def _principled_keep_unusable(xp, grouped, old, new, failures):
+    """S2, S3 per group of a stack: a group whose gradient is exactly zero keeps its factor state
+    ``old`` (S2), so does one whose new state is not finite, which is counted in ``failures`` (S3).
+    Element-wise (``where``): no device value is read."""
+    nonzero = xp.any(grouped != 0.0, axis=tuple(range(1, len(grouped.shape))))
+    finite = None
+    for a in new:
+        ok = xp.all(xp.isfinite(a), axis=tuple(range(1, len(a.shape))))
+        finite = ok if finite is None else xp.logical_and(finite, ok)
+    accept = xp.logical_and(finite, nonzero)
+    kept = tuple(xp.where(_per_member(xp, accept, len(a.shape) - 1), a, b) for a, b in zip(new, old))
+    failed = xp.logical_and(xp.logical_not(finite), nonzero)
+    return kept + (failures + xp.astype(failed, failures.dtype),)
 
 
 def _per_axis(option: Any, rank: int, what: str, where: str) -> tuple:
@@ -808,12 +872,25 @@ def if_shampoo(
     def half_factors(xp, factors) -> bool:
         return any(xp.finfo(f.dtype).bits < 32 for f in factors)
 
+    def factor_state(state, rank: int) -> tuple:
+        """A group's factor state as a flat tuple: K_1..K_N, then m_1..m_N (if α₂ ≠ 0), then the
+        failure count (principled)."""
+        momenta = tuple(state[f"factor_momentum_{n}"] for n in range(rank)) if use_factor_momentum else ()
+        failures = () if faithful else (state["factor_failures"],)
+        return tuple(state[f"factor_{n}"] for n in range(rank)) + momenta + failures
+
+    def with_factor_state(state, rank: int, arrays) -> dict:
+        """``state`` with the factor state of :func:`factor_state` replaced by ``arrays``."""
+        names = [f"factor_{n}" for n in range(rank)]
+        names += [f"factor_momentum_{n}" for n in range(rank)] if use_factor_momentum else []
+        names += [] if faithful else ["factor_failures"]
+        return {**state, **dict(zip(names, arrays))}
+
     def prepare(grads, state, ctx):
-        """One group's grouped tensor (work dtype), factors, momenta and factor step size."""
+        """One group's grouped tensor G (work dtype) and what it takes to ungroup the step."""
         xp = ctx.xp
         rank = sum(1 for k in state if k.startswith("factor_") and k[7:].isdigit())
-        factors = tuple(state[f"factor_{n}"] for n in range(rank))
-        dims = tuple(f.shape[0] for f in factors)
+        dims = tuple(state[f"factor_{n}"].shape[0] for n in range(rank))
         shapes = [tuple(g.shape) for g in grads]
         out_first = layout(shapes, dims)
         full, squeezed = _grouped_shape(shapes, out_first)
@@ -824,120 +901,69 @@ def if_shampoo(
                 "gradients, a zero one for a member without)"
             )
         work_dtype = grads[0].dtype if faithful else compute_dtype(xp, grads[0].dtype)
-        factor_lr = ctx.value(preconditioner_lr)
-        if "preconditioner_lr_scale" in state:
-            factor_lr = factor_lr * state["preconditioner_lr_scale"]
-        return {
-            "grouped": _group_tensor(xp, grads, full, squeezed, out_first, work_dtype),
-            "factors": factors,
-            "momenta": tuple(state[f"factor_momentum_{n}"] for n in range(rank)) if use_factor_momentum else (),
-            "failures": () if faithful else (state["factor_failures"],),
-            "factor_lr": factor_lr,
-            "shapes": shapes,
-            "full": full,
-            "out_first": out_first,
-            "work_dtype": work_dtype,
-        }
+        grouped = _group_tensor(xp, grads, full, squeezed, out_first, work_dtype)
+        return _Group(grouped, rank, shapes, full, out_first, work_dtype)
 
-    def refresh_bucket(xp, grouped, factor_lr, sqrt_batch, rank, arrays):
-        """The factor step of a stack of groups; ``arrays`` = factors + momenta (+ failures)."""
-        factors, n_mom = arrays[:rank], rank if use_factor_momentum else 0
-        dtype = factors[0].dtype
-        new_factors, new_momenta = _factor_step(
-            xp, grouped, factors, arrays[rank : rank + n_mom] if n_mom else None, sqrt_batch,
-            as_operand(xp, damping, dtype), as_operand(xp, factor_lr, dtype),
-            as_operand(xp, preconditioner_momentum, dtype), clamp_factor_step,
-        )
-        new = tuple(new_factors) + (tuple(new_momenta) if n_mom else ())
-        if faithful:
-            return new
-        # S2: a group whose gradient is zero keeps its factors; S3: so does one whose new factors
-        # are not finite (counted). Both per group, element-wise: no device value is read.
-        axes = tuple(range(1, len(grouped.shape)))
-        nonzero = xp.any(grouped != 0.0, axis=axes)
-        finite = None
-        for a in new:
-            ok = xp.all(xp.isfinite(a), axis=tuple(range(1, len(a.shape))))
-            finite = ok if finite is None else xp.logical_and(finite, ok)
-        accept = xp.logical_and(finite, nonzero)
-        kept = tuple(
-            xp.where(_per_member(xp, accept, len(a.shape) - 1), a, b) for a, b in zip(new, arrays[: rank + n_mom])
-        )
-        failed = xp.logical_and(xp.logical_not(finite), nonzero)
-        return kept + (arrays[-1] + xp.astype(failed, arrays[-1].dtype),)
+    # IF-Shampoo, Lin et al. (ICML 2024) Figure 3 / spec §2.3, for a group G with factors K_n, P_n = K_nK_nᵀ:
+    #   if T(count):                                  every T steps, all axes from the old factors
+    #       Y   = √B·G ×_1 K_1ᵀ … ×_N K_Nᵀ;  t_i = Tr(K_iᵀK_i)/d_i
+    #       M_n = ½[λ Π_{i≠n} t_i K_nᵀK_n + Y_(n)Y_(n)ᵀ/Π_{i≠n} d_i − I]     (diagonal K_n: its diagonal)
+    #       m_n ← α₂ m_n + (1−α₂) M_n;  K_n ← K_n − β₂/max(1, ‖m_n‖_F)·K_n m_n   (S2, S3: kept if unusable)
+    #   D = G ×_1 P_1 … ×_N P_N;  D ← ν D, ν = min(1, √(κ_clip/(η²⟨D, G⟩)))         (S8, principled)
+    #   U = D + κW;  v ← α₁ v + U;  W ← W − η v
+    # The first two lines run on stacks of equal-shape groups (blocking.on_stacks), the rest per group.
 
     def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
         xp = ctxs[0].xp
-        refresh = ctxs[0].every(precondition_every)
-        batch = _batch_size("if_shampoo", batch_size, ctxs[0])
-        prepared = [prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)]
-        # Groups whose tensors and factors have one shape and dtype are stacked: one matmul each.
-        buckets: dict[tuple, list[int]] = {}
-        for i, prep in enumerate(prepared):
-            key = (tuple(prep["grouped"].shape), prep["work_dtype"]) + tuple((f.ndim, f.dtype) for f in prep["factors"])
-            buckets.setdefault(key, []).append(i)
-        factor_states: list[Any] = [None] * len(prepared)  # per group: factors + momenta (+ failures)
-        preconditioned: list[Any] = [None] * len(prepared)
-        for members in buckets.values():
-            group = [prepared[i] for i in members]
-            rank = len(group[0]["factors"])
+        refresh = ctxs[0].every(precondition_every)  # a host bool, or an array under jit
+        B = _batch_size("if_shampoo", batch_size, ctxs[0])
+        beta2, eta = ctxs[0].value(preconditioner_lr), ctxs[0].value(learning_rate)
+        scaled_beta2 = preconditioner_lr_scale is not None  # one β₂ per group (b,)
+        groups = [prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)]
 
-            def stack(arrays):
-                return arrays[0][None, ...] if len(arrays) == 1 else xp.stack(arrays)
+        def factor_step(G, beta2, *state):  # K_n, m_n (and S2, S3) of one stack of groups
+            rank, dtype = len(G.shape) - 1, state[0].dtype
+            momenta = state[rank : 2 * rank] if use_factor_momentum else None
+            sqrt_B = math.sqrt(B) if _is_number(B) else xp.sqrt(xp.astype(B, G.dtype))
+            K, m = _factor_step(
+                xp, G, state[:rank], momenta, sqrt_B, as_operand(xp, damping, dtype), as_operand(xp, beta2, dtype),
+                as_operand(xp, preconditioner_momentum, dtype), clamp_factor_step,
+            )
+            new = K + (m or ())
+            return new if faithful else _principled_keep_unusable(xp, G, state[: len(new)], new, state[-1])
 
-            own = [p["factors"] + p["momenta"] + p["failures"] for p in group]
-            if refresh is False:  # a host decision: the state arrays stay the very same objects
-                new_own = own
-                factors = tuple(stack([p["factors"][n] for p in group]) for n in range(rank))
-            else:
-                grouped = stack([p["grouped"] for p in group])
-                lr = group[0]["factor_lr"]
-                if "preconditioner_lr_scale" in states[members[0]]:
-                    lr = stack([p["factor_lr"] for p in group])
-                sqrt_batch = math.sqrt(batch) if _is_number(batch) else xp.sqrt(xp.astype(batch, grouped.dtype))
-                stacked = tuple(stack([arrays[k] for arrays in own]) for k in range(len(own[0])))
-                results = cond(
-                    xp, refresh,
-                    lambda *arrays: refresh_bucket(xp, grouped, lr, sqrt_batch, rank, arrays),
-                    lambda *arrays: arrays,
-                    *stacked,
-                )
-                new_own = [tuple(r[j, ...] for r in results) for j in range(len(members))]
-                factors = results[:rank]
-            out = _precondition(xp, stack([p["grouped"] for p in group]), factors, rescale=faithful or half_factors(xp, factors))
-            for j, i in enumerate(members):
-                factor_states[i] = new_own[j]
-                preconditioned[i] = out[j, ...]
+        def on_stack(G, *operands):  # one stack: the refresh (if due), then D = G ×_n P_n
+            scale, state = (operands[0], operands[1:]) if scaled_beta2 else (1.0, operands)
+            if refresh is not False:
+                lr = beta2 * scale if scaled_beta2 else beta2
+                state = cond(xp, refresh, lambda *s: factor_step(G, lr, *s), lambda *s: s, *state)
+            K = state[: len(G.shape) - 1]
+            return tuple(state) + (_precondition(xp, G, K, rescale=faithful or half_factors(xp, K)),)
 
-        lr = ctxs[0].value(learning_rate)
+        def operands(group, state):
+            scale = (state["preconditioner_lr_scale"][None, ...],) if scaled_beta2 else ()
+            own = factor_state(state, group.rank)
+            own = own[: group.rank] if refresh is False else own  # a host decision: no factor step
+            return (group.grouped[None, ...],) + scale + tuple(a[None, ...] for a in own)
+
+        stepped = on_stacks(xp, on_stack, [operands(g, s) for g, s in zip(groups, states)])
         results = []
-        for i, (prep, state, params) in enumerate(zip(prepared, states, params_list)):
-            rank = len(prep["factors"])
-            new_state = dict(state)
-            for n in range(rank):
-                new_state[f"factor_{n}"] = factor_states[i][n]
-                if use_factor_momentum:
-                    new_state[f"factor_momentum_{n}"] = factor_states[i][rank + n]
-            if not faithful:
-                new_state["factor_failures"] = factor_states[i][-1]
-            if use_kl_clip:  # K-FAC's order: clip the preconditioned gradient, then the momentum (S8)
-                dtype = preconditioned[i].dtype
-                nu = kl_clip_factor(
-                    preconditioned[i], cast(xp, prep["grouped"], dtype), as_operand(xp, lr, dtype), as_operand(xp, kl_clip, dtype)
-                )
-                preconditioned[i] = preconditioned[i] * nu
-            pieces = _ungroup_tensor(xp, preconditioned[i], prep["shapes"], prep["full"], prep["out_first"])
-            updates = []
-            for k, piece in enumerate(pieces):
+        for group, state, params, out in zip(groups, states, params_list, stepped):
+            new_state = state if refresh is False else with_factor_state(state, group.rank, [a[0, ...] for a in out[:-1]])
+            D = out[-1][0, ...]
+            if use_kl_clip:  # S8, K-FAC's order: clip the preconditioned gradient, then the momentum
+                dtype = D.dtype
+                D = D * kl_clip_factor(D, cast(xp, group.grouped, dtype), as_operand(xp, eta, dtype), as_operand(xp, kl_clip, dtype))
+            updates, new_state = [], dict(new_state)
+            for k, U in enumerate(_ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
                 if use_decay:
-                    piece = piece + as_operand(xp, weight_decay, piece.dtype) * cast(xp, params[k], piece.dtype)
+                    U = U + as_operand(xp, weight_decay, U.dtype) * cast(xp, params[k], U.dtype)  # U = D + κW
                 if use_momentum:
-                    buffer = state[f"momentum_{k}"]
-                    piece = as_operand(xp, momentum, buffer.dtype) * buffer + cast(xp, piece, buffer.dtype)
-                    new_state[f"momentum_{k}"] = piece
+                    v = state[f"momentum_{k}"]
+                    U = new_state[f"momentum_{k}"] = as_operand(xp, momentum, v.dtype) * v + cast(xp, U, v.dtype)
                 else:
-                    piece = cast(xp, piece, prep["work_dtype"])
-                updates.append(-as_operand(xp, lr, piece.dtype) * piece)
+                    U = cast(xp, U, group.work_dtype)
+                updates.append(-as_operand(xp, eta, U.dtype) * U)  # W ← W − η v
             results.append((tuple(updates), new_state))
         return results
 

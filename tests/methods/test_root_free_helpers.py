@@ -1,0 +1,123 @@
+"""IF-Shampoo's step helpers (``precond_ref.methods.root_free``) against the plain formulas their
+docstrings state, on stacks of blocks (a leading block axis b), float64 NumPy.
+
+Tolerances follow the rounding model of a length-k sum: ``|computed - exact| <= k * eps * Σ|terms|``
+(the helpers may sum in another order than ``einsum``)."""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat.numpy as xp
+import numpy as np
+import pytest
+
+from precond_ref.methods import root_free as rf
+
+EPS = np.finfo(np.float64).eps
+
+
+def _close_sum(got, want, abs_terms, k):
+    """|got - want| <= 2 k eps Σ|terms| element-wise (both sides rounded, k-term sums)."""
+    assert got.shape == want.shape
+    assert np.all(np.abs(got - want) <= 2 * k * EPS * abs_terms + 1e-300)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+@pytest.mark.parametrize("axis", [1, 2, 3])
+def test_times_transposed_is_the_mode_product_with_the_transpose(rng, axis):
+    """``T ×_n Kᵀ``: Y[b, .., j, ..] = Σ_i T[b, .., i, ..] K[b, i, j]; diagonal: T · k along axis n."""
+    t = rng.standard_normal((2, 3, 4, 5))
+    d = t.shape[axis]
+    dense = rng.standard_normal((2, d, d))
+    letters = "xyz"
+    idx = "".join(letters)
+    out = idx.replace(letters[axis - 1], "j")
+    spec = f"b{idx},b{letters[axis - 1]}j->b{out}"
+    _close_sum(rf._times_transposed(xp, t, dense, axis), np.einsum(spec, t, dense),
+               np.einsum(spec, np.abs(t), np.abs(dense)), d)
+    diagonal = rng.standard_normal((2, d))
+    shape = [2, 1, 1, 1]
+    shape[axis] = d
+    np.testing.assert_array_equal(rf._times_transposed(xp, t, diagonal, axis), t * diagonal.reshape(shape))
+
+
+def test_gram_trace_identity_times_frobenius(rng):
+    """KᵀK, Tr(A)/d, I, K m and ‖m‖_F per block, dense (b, d, d) and diagonal (b, d)."""
+    k, m = rng.standard_normal((3, 4, 4)), rng.standard_normal((3, 4, 4))
+    _close_sum(rf._gram(xp, k), np.einsum("bij,bik->bjk", k, k), np.einsum("bij,bik->bjk", abs(k), abs(k)), 4)
+    _close_sum(rf._times(xp, k, m), np.einsum("bij,bjk->bik", k, m), np.einsum("bij,bjk->bik", abs(k), abs(m)), 4)
+    a = rf._gram(xp, k)
+    _close_sum(rf._mean_trace(xp, a), np.trace(a, axis1=1, axis2=2) / 4, np.trace(abs(a), axis1=1, axis2=2) / 4, 4)
+    np.testing.assert_array_equal(rf._identity(xp, k), np.eye(4))
+    _close_sum(rf._frobenius(xp, m), np.sqrt(np.sum(m * m, axis=(1, 2))), np.sqrt(np.sum(m * m, axis=(1, 2))), 16)
+    kd, md = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    np.testing.assert_array_equal(rf._gram(xp, kd), kd * kd)
+    np.testing.assert_array_equal(rf._times(xp, kd, md), kd * md)
+    _close_sum(rf._mean_trace(xp, kd * kd), np.mean(kd * kd, axis=1), np.mean(kd * kd, axis=1), 4)
+    assert rf._identity(xp, kd) == 1.0
+    _close_sum(rf._frobenius(xp, md), np.sqrt(np.sum(md * md, axis=1)), np.sqrt(np.sum(md * md, axis=1)), 4)
+
+
+@pytest.mark.parametrize("axis", [1, 2, 3])
+def test_unfolding_gram_is_the_gram_of_the_unfolding(rng, axis):
+    """Y_(n)Y_(n)ᵀ: the mode-n unfolding (d_n × rest) times its transpose; diagonal: its diagonal."""
+    y = rng.standard_normal((2, 3, 4, 5))
+    moved = np.moveaxis(y, axis, 1).reshape(2, y.shape[axis], -1)
+    want = np.einsum("bir,bjr->bij", moved, moved)
+    bound = np.einsum("bir,bjr->bij", abs(moved), abs(moved))
+    rest = moved.shape[-1]
+    d = y.shape[axis]
+    _close_sum(rf._unfolding_gram(xp, y, axis, np.eye(d)[None]), want, bound, rest)
+    diag = rf._unfolding_gram(xp, y, axis, np.ones((2, d)))
+    _close_sum(diag, np.diagonal(want, axis1=1, axis2=2), np.diagonal(bound, axis1=1, axis2=2), rest)
+
+
+def test_product_except():
+    """Π_{i≠n} values_i, the empty product 1."""
+    values = [np.array([2.0, 3.0]), np.array([5.0, 7.0]), np.array([11.0, 13.0])]
+    np.testing.assert_array_equal(rf._product_except(xp, values, 1, np.float64), [22.0, 39.0])
+    assert rf._product_except(xp, values[:1], 0, np.float64) == 1.0
+
+
+def test_factor_step_on_a_stack_is_the_step_of_each_block(rng):
+    """The factor step acts block by block: on a stack of 3 groups it equals 3 separate calls,
+    with one β₂ per block (the condition blocking.on_stacks puts on the function it batches)."""
+    g = rng.standard_normal((3, 4, 2))
+    factors = (np.eye(4)[None] + 0.1 * rng.standard_normal((3, 4, 4)), 1 + 0.1 * rng.standard_normal((3, 2)))
+    momenta = tuple(0.1 * rng.standard_normal(f.shape) for f in factors)
+    lr = np.array([0.1, 0.2, 0.3])
+    args = (2.0, 1e-2)
+    stacked = rf._factor_step(xp, g, factors, momenta, *args, lr, 0.5, True)
+    for b in range(3):
+        one = rf._factor_step(xp, g[b:b + 1], tuple(f[b:b + 1] for f in factors), tuple(m[b:b + 1] for m in momenta),
+                              *args, lr[b:b + 1], 0.5, True)
+        for s, o in zip(stacked[0] + stacked[1], one[0] + one[1]):
+            np.testing.assert_allclose(s[b:b + 1], o, rtol=64 * EPS, atol=64 * EPS)
+
+
+def test_factor_step_first_refresh_is_the_spec_formula(rng):
+    """From identity factors (t_i = 1, K_nᵀK_n = I), one dense step of a matrix G with α₂ = 0:
+    M_1 = ½[λ I + B G Gᵀ / d_2 − I], K_1 = I − β₂/max(1, ‖M_1‖_F) M_1 (spec §2.3)."""
+    g = rng.standard_normal((1, 3, 4))
+    batch, damping, lr = 4.0, 0.1, 0.3
+    k, _ = rf._factor_step(xp, g, (np.eye(3)[None], np.eye(4)[None]), None, math.sqrt(batch), damping, lr, 0.0, True)
+    m1 = 0.5 * (damping * np.eye(3) + batch * g[0] @ g[0].T / 4 - np.eye(3))
+    want = np.eye(3) - lr / max(1.0, np.linalg.norm(m1)) * m1
+    np.testing.assert_allclose(k[0][0], want, rtol=0, atol=64 * EPS * (1 + batch * np.abs(g[0]).max() ** 2 * 4))
+
+
+def test_principled_keep_unusable_per_block():
+    """S2/S3 per block: a zero-gradient block keeps its old state, a non-finite new state is
+    discarded and counted, an ordinary block takes the new state."""
+    grouped = np.stack([np.zeros((2, 2)), np.ones((2, 2)), np.ones((2, 2))])
+    old = (np.zeros((3, 2, 2)),)
+    new = (np.stack([np.ones((2, 2)), np.full((2, 2), np.inf), np.full((2, 2), 2.0)]),)
+    failures = np.zeros((3,), dtype=np.int32)
+    *kept, count = rf._principled_keep_unusable(xp, grouped, old, new, failures)
+    np.testing.assert_array_equal(kept[0], np.stack([old[0][0], old[0][1], np.full((2, 2), 2.0)]))
+    np.testing.assert_array_equal(count, [0, 1, 0])
