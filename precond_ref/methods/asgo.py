@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from array_api_compat import device as array_device, is_jax_namespace
 
@@ -41,6 +41,7 @@ from .._backend import (
     placement,
     scalar_zero,
 )
+from ..blocking import on_stacks
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE,
     identity_like,
@@ -349,18 +350,6 @@ def _finish(
     return -lr * u
 
 
-class _Prepared(NamedTuple):
-    """One ASGO matrix leaf between its statistic update and its root (see ``update_groups``)."""
-
-    new_state: dict[str, Array]  # momentum, statistic(s)
-    left: bool
-    product_dtype: Any
-
-
-def _concat(xp: Any, stacks: list[Array]) -> Array:
-    return stacks[0] if len(stacks) == 1 else xp.concat(stacks, axis=0)
-
-
 def _on_cpu(xp: Any, x: Array) -> bool:
     """Whether ``x`` lives in host memory, where a k×k ``eigh`` (LAPACK) costs about six k×k
     matmuls; on GPUs it costs hundreds, and synchronises with the host (cuSOLVER's info check)."""
@@ -582,12 +571,7 @@ def asgo(
     check_nonnegative("eps", eps)
     goes_to_fallback = _fallback_predicate(fallback_mask)
     keeps_root = (not faithful) or precondition_every != 1
-
-    def chunking(k: int) -> tuple[int, int, int]:
-        """(chunk size b, number of full chunks, tail size); unblocked is b = k, one chunk."""
-        if block_size is None or block_size >= k:
-            return k, 0, 0
-        return block_size, k // block_size, k % block_size
+    tolerance = None if faithful or math.isinf(root_tolerance) else root_tolerance
 
     def init_group(leaves, paths, xp):
         (param,), (path,) = leaves, paths
@@ -606,7 +590,7 @@ def asgo(
         momentum_dtype = param.dtype if faithful else c
         stat_dtype = xp.float32 if faithful else c
         state = {"momentum": xp.zeros((m, n), dtype=momentum_dtype, device=dev)}
-        b, full, tail = chunking(k)
+        b, full, tail = _chunking(k, block_size)
         stat_shape = (full, b, b) if full else (k, k)
         state["statistic"] = xp.zeros(stat_shape, dtype=stat_dtype, device=dev)
         if keeps_root:
@@ -621,182 +605,86 @@ def asgo(
             state["root_fallbacks"] = xp.zeros((), dtype=xp.int32, device=dev)
         return state
 
-    def new_roots(xp, p: Array) -> tuple[Array, Array]:
-        """(roots, fallbacks to eigh) of a stack (n, b, b) of statistics (no failure handling)."""
-        no_fallback = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
+    def inverse_sqrt(xp, p: Array) -> tuple[Array, Array]:
+        """Z = (P + sI)^{-1/2} of a stack of statistics, and per block whether it fell back to eigh."""
         if faithful:
-            if root_method == "polar_express":
-                return inverse_sqrt_polar_express(p, root_steps, eps=eps), no_fallback
-            return inverse_sqrt_newton_schulz(p, root_steps, eps=eps), no_fallback
-        # Scale-invariant form (D12): root the trace-normalised P/τ, τ = tr(P)/k, whose mean
-        # eigenvalue is 1, with the shift δ + ε/τ, then scale by τ^{-1/2}. Exactly (P + sI)^{-1/2},
-        # but neither the eigensolver nor the iterations' Frobenius normaliser ever sees a statistic
-        # whose squares underflow (a decayed or tiny-gradient P) or overflow. The eigenvalues of
-        # P/τ + shift lie in [δ, k + δ]: a condition number below k/δ + 1, which the default 10
-        # Polar-Express steps cover for k/δ up to ~1e8 (spec I15).
-        tau = trace(p) / p.shape[-1]
-        zero = tau <= 0.0  # P = 0 (PSD): the root is ε^{-1/2} I, from τ = 1 and shift ε
-        tau = xp.where(zero, xp.ones_like(tau), tau)
-        shift = xp.where(zero, xp.zeros_like(tau), damping + xp.zeros_like(tau)) + eps / tau
-        normalised = p / xp.expand_dims(xp.expand_dims(tau, axis=-1), axis=-1)
+            return _faithful_inverse_sqrt(xp, p, root_method, root_steps, eps)
         method = _root_method_for(xp, p, root_method)
-        z, fell_back = inverse_root(
-            normalised, 2, shift=shift, method=method, steps=root_steps,
-            tolerance=None if math.isinf(root_tolerance) else root_tolerance,
-        )
-        return z * xp.expand_dims(xp.expand_dims(tau**-0.5, axis=-1), axis=-1), fell_back
+        return _damped_inverse_sqrt(xp, p, damping, eps, method, root_steps, tolerance)
 
-    def refresh(xp, p: Array, previous: Array) -> tuple[Array, Array, Array]:
-        """(roots, failed, fell back) of a stack of statistics, the last two per matrix (int32).
-
-        A non-finite root keeps ``previous`` (D6: the previous root; faithful: the identity)."""
-        # A non-finite statistic never reaches the decomposition (NumPy and torch eigh raise on it,
-        # JAX returns NaN): root the identity instead and count the failure.
-        p_ok = xp.all(xp.isfinite(p), axis=(-2, -1))
-        p_ok_b = xp.expand_dims(xp.expand_dims(p_ok, axis=-1), axis=-1)
-        z, fell_back = new_roots(xp, xp.where(p_ok_b, p, xp.zeros_like(p) + identity_like(p)))
-        ok = xp.logical_and(xp.all(xp.isfinite(z), axis=(-2, -1)), p_ok)
-        ok_b = xp.expand_dims(xp.expand_dims(ok, axis=-1), axis=-1)
-        return xp.where(ok_b, z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
-
-    def refresh_all(xp, due: Any, statistics: list[Array], previous: list[Array]) -> list[tuple[Array, Array, Array]]:
-        """:func:`refresh` of every statistic (a stack (n_i, b, b) each), batched: the stacks of
-        one shape, dtype and device (all the equal-size blocks of all the matrices of the call) are
-        concatenated and rooted by one batched ``eigh`` or iteration, on refresh calls only."""
-        buckets: dict[tuple, list[int]] = {}
-        for index, p in enumerate(statistics):
-            buckets.setdefault((tuple(p.shape[1:]), p.dtype, array_device(p)), []).append(index)
-        out: list[Any] = [None] * len(statistics)
-        for members in buckets.values():
-            p = _concat(xp, [statistics[i] for i in members])
-            z_prev = _concat(xp, [previous[i] for i in members])
-            none = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
-            z, failed, fell_back = cond(
-                xp, due, lambda p, z: refresh(xp, p, z), lambda p, z: (z, none, none), p, z_prev
-            )
-            start = 0
-            for i in members:
-                stop = start + statistics[i].shape[0]
-                out[i] = (z[start:stop, ...], failed[start:stop], fell_back[start:stop])
-                start = stop
-        return out
-
+    # The step, in the order of the algorithm (left side; the right side is its transpose, and a
+    # blocked side has one P, Z per chunk of rows):
+    #
+    #   1  M_t = μ M_{t-1} + (1-μ) G_t                                     _momentum
+    #   2  P_t = β₂ P_{t-1} + (1-β₂) G_t G_tᵀ   (or P_{t-1} + G_t G_tᵀ)     _second_moment
+    #   3  if t ≡ 0 (mod precondition_every):                               _roots_when_due
+    #        Z_t = (P_t + s_t I)^{-1/2},  s_t = δ tr(P_t)/k + ε             _damped_inverse_sqrt
+    #        Z_t = Z_{t-1} where that is not finite (D6)                    _finite_root_or_previous
+    #   4  U_t = Z_t M_t                                                    _block_diagonal_product
+    #   5  W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)               _rms_renormalise, _finish
+    #
+    # Leaves that are not matrices take a bias-corrected Adam step (_adam_update).
     def update_groups(grads, states, params, ctxs):
         xp = ctxs[0].xp
         results: list[Any] = [None] * len(grads)
-        matrices = []  # (group index, _Prepared)
-        for index, ((g,), state, ctx) in enumerate(zip(grads, states, ctxs)):
-            param = None if params[index] is None else params[index][0]
+        new: dict[int, dict[str, Array]] = {}
+        for i, ((g,), state, ctx) in enumerate(zip(grads, states, ctxs)):
             if "mu" in state:
-                u, new = _adam_update(
-                    g, state, param, ctx, learning_rate, fallback_b1, fallback_b2, fallback_eps,
-                    fallback_weight_decay, faithful,
-                )
-                results[index] = ((u,), new)
-            else:
-                matrices.append((index, prepare(xp, g, state)))
-        if not matrices:
+                results[i] = fallback(g, state, _param(params, i), ctx)
+                continue
+            m, n = state["momentum"].shape
+            g = cast(xp, xp.reshape(g, (m, n)), compute_dtype(xp, g.dtype))
+            g_o = g if _resolve_side(m, n, side) == "left" else g.mT  # rows: the preconditioned side
+            b, full, tail = _chunking(g_o.shape[0], block_size)
+            new[i] = {"momentum": _momentum(xp, state["momentum"], g, b1, faithful)}  # 1
+            new[i]["statistic"] = statistic(xp, state["statistic"], _chunk_rows(xp, g_o, b, full))  # 2
+            if tail:
+                new[i]["statistic_tail"] = statistic(xp, state["statistic_tail"], g_o[full * b :, :])
+        if not new:
             return results
 
-        # Roots: every refresh of the call in one batched computation per block shape.
-        due = True if not keeps_root else ctxs[0].every(precondition_every)
-        statistics, previous, owners = [], [], []
-        for index, prep in matrices:
-            state = states[index]
-            for name in ("statistic", "statistic_tail"):
-                if name not in prep.new_state:
-                    continue
-                p = prep.new_state[name]
-                root_name = "root" if name == "statistic" else "root_tail"
-                if keeps_root:
-                    # D6: principled keeps the previous root; faithful falls back to the identity.
-                    z_prev = state[root_name] if not faithful else xp.zeros_like(p) + identity_like(p)
-                else:
-                    z_prev = xp.zeros_like(p) + identity_like(p)
-                statistics.append(p if p.ndim == 3 else xp.expand_dims(p, axis=0))
-                previous.append(z_prev if z_prev.ndim == 3 else xp.expand_dims(z_prev, axis=0))
-                owners.append((index, root_name, p.ndim))
-        if due is False:
-            refreshed = [(z, None, None) for z in previous]
-        else:
-            refreshed = refresh_all(xp, due, statistics, previous)
+        # 3: the roots of all blocks of one shape, across matrices and chunks, in one batch.
+        due = ctxs[0].every(precondition_every) if keeps_root else True
+        blocks = [(i, s) for i in new for s in ("statistic", "statistic_tail") if s in new[i]]
+        stacks = [(_as_stack(xp, new[i][s]), _as_stack(xp, previous_root(xp, states[i], s, new[i][s]))) for i, s in blocks]
+        roots = _collect_roots(xp, blocks, new, _roots_when_due(xp, due, stacks, root_or_previous))
 
-        roots: dict[int, dict[str, Array]] = {}
-        for (index, root_name, ndim), (z, failed, fell_back) in zip(owners, refreshed):
-            entry = roots.setdefault(index, {})
-            entry[root_name] = z if ndim == 3 else z[0, ...]
-            if failed is not None:
-                entry["root_failures"] = entry.get("root_failures", 0) + xp.sum(failed, dtype=xp.int32)
-                entry["root_fallbacks"] = entry.get("root_fallbacks", 0) + xp.sum(fell_back, dtype=xp.int32)
-        for index, prep in matrices:
-            param = None if params[index] is None else params[index][0]
-            results[index] = finish_matrix(xp, grads[index][0], states[index], prep, roots[index], param, ctxs[index])
+        for i, z in roots.items():
+            (g,), state, ctx, momentum = grads[i], states[i], ctxs[i], new[i]["momentum"]
+            m, n = momentum.shape
+            dtype = compute_dtype(xp, g.dtype)
+            left = _resolve_side(m, n, side) == "left"
+            u = _block_diagonal_product(xp, z["root"], z.get("root_tail"), momentum, left, dtype)  # 4
+            u = _rms_renormalise(xp, u, rms_target, faithful)  # 5
+            lr = ctx.scalar("learning_rate", learning_rate, dtype, array_device(g))
+            step = _finish(xp, u, _param(params, i), tuple(g.shape), lr, weight_decay)
+            if keeps_root:
+                new[i].update({name: z[name] for name in ("root", "root_tail") if name in z})
+            for name in ("root_failures", "root_fallbacks"):
+                if name in state:
+                    new[i][name] = state[name] + z[name] if name in z else state[name]
+            results[i] = ((step,), new[i])
         return results
 
-    def prepare(xp, g: Array, state: dict[str, Array]) -> _Prepared:
-        """Momentum and statistic of one matrix leaf (everything before the root)."""
-        m, n = state["momentum"].shape
-        left = _resolve_side(m, n, side) == "left"
-        k = m if left else n
-        stat_dtype = state["statistic"].dtype
-        product_dtype = compute_dtype(xp, g.dtype)  # faithful products; = state dtype if principled
-        g_mat = cast(xp, xp.reshape(g, (m, n)), product_dtype)
+    def statistic(xp, p_old: Array, x: Array) -> Array:
+        return _second_moment(xp, p_old, x, b2, accumulator == "sum", faithful)
 
-        momentum = _ema(xp, state["momentum"], cast(xp, g_mat, state["momentum"].dtype), b1, faithful)
-        if not faithful:
-            momentum = _flush_subnormal(xp, momentum)
-        new_state = {"momentum": momentum}
+    def previous_root(xp, state: dict[str, Array], statistic_name: str, p: Array) -> Array:
+        """The root kept where a refresh fails or is not due (D6): principled, the stored one;
+        faithful, the identity."""
+        if faithful:
+            return xp.zeros_like(p) + identity_like(p)
+        return state["root" if statistic_name == "statistic" else "root_tail"]
 
-        # Oriented view: rows of `g_o` index the preconditioned side.
-        g_o = g_mat if left else g_mat.mT
-        b, full, tail = chunking(k)
+    def root_or_previous(xp, p: Array, previous: Array) -> tuple[Array, Array, Array]:
+        return _finite_root_or_previous(xp, p, previous, inverse_sqrt)
 
-        def accumulate(p_old: Array, x: Array) -> Array:
-            s = xp.astype(xp.matmul(x, x.mT), stat_dtype)
-            p = p_old + s if accumulator == "sum" else _ema(xp, p_old, s, b2, faithful)
-            return p if faithful else symmetrize(p)
-
-        if full:
-            g_chunks = xp.reshape(g_o[: full * b, :], (full, b, g_o.shape[1]))
-            new_state["statistic"] = accumulate(state["statistic"], g_chunks)
-        else:
-            new_state["statistic"] = accumulate(state["statistic"], g_o)
-        if tail:
-            new_state["statistic_tail"] = accumulate(state["statistic_tail"], g_o[full * b :, :])
-        return _Prepared(new_state, left, product_dtype)
-
-    def finish_matrix(xp, g, state, prep: _Prepared, roots: dict[str, Array], param, ctx: StepContext):
-        """Direction, renormalisation and step of one matrix leaf from its (new) roots."""
-        new_state = dict(prep.new_state)
-        momentum = new_state["momentum"]
-        if keeps_root:
-            new_state["root"] = roots["root"]
-            if "root_tail" in roots:
-                new_state["root_tail"] = roots["root_tail"]
-        for name in ("root_failures", "root_fallbacks"):
-            if name in state:
-                new_state[name] = state[name] + roots[name] if name in roots else state[name]
-
-        # Direction U = Z M (left) or M Z (right), in the natural orientation where unblocked so
-        # that faithful mode multiplies as the authors do.
-        product_dtype, left = prep.product_dtype, prep.left
-        z_p = cast(xp, roots["root"], product_dtype)
-        m_p = cast(xp, momentum, product_dtype)
-        if z_p.ndim == 3:
-            m_o = m_p if left else m_p.mT
-            full, b = z_p.shape[0], z_p.shape[1]
-            chunks = xp.matmul(z_p, xp.reshape(m_o[: full * b, :], (full, b, m_o.shape[1])))
-            u_o = xp.reshape(chunks, (full * b, m_o.shape[1]))
-            if "root_tail" in roots:
-                tail = xp.matmul(xp.astype(roots["root_tail"], product_dtype), m_o[full * b :, :])
-                u_o = xp.concat([u_o, tail], axis=0)
-            u = u_o if left else u_o.mT
-        else:
-            u = xp.matmul(z_p, m_p) if left else xp.matmul(m_p, z_p)
-
-        u = _rms_renormalise(xp, u, rms_target, faithful)
-        lr = ctx.scalar("learning_rate", learning_rate, product_dtype, array_device(g))
-        return (_finish(xp, u, param, tuple(g.shape), lr, weight_decay),), new_state
+    def fallback(g, state, param, ctx) -> tuple[tuple[Array], dict[str, Array]]:
+        u, new = _adam_update(
+            g, state, param, ctx, learning_rate, fallback_b1, fallback_b2, fallback_eps,
+            fallback_weight_decay, faithful,
+        )
+        return (u,), new
 
     return build_transform(
         name="asgo",
@@ -922,56 +810,30 @@ def dasgo(
             "statistic": xp.zeros((k,), dtype=xp.float32 if faithful else c, device=dev),
         }
 
+    # The step, in the order of the algorithm (right side; the left side is its transpose):
+    #
+    #   1  M_t = μ M_{t-1} + (1-μ) G_t                                     _momentum
+    #   2  v_t = β₂ v_{t-1} + (1-β₂) diag(G_tᵀ G_t)                         _squared_sums
+    #   3  U_t = M_t diag(v_t + ε)^{-1/2}
+    #   4  W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)               _renormalise_scaled, _finish
     def update_group(grads, state, params, ctx: StepContext):
-        (g,) = grads
-        param = None if params is None else params[0]
-        xp = ctx.xp
-        if "mu" in state:
+        (g,), param, xp = grads, (None if params is None else params[0]), ctx.xp
+        if "mu" in state:  # not a matrix: the fallback Adam
             u, new = _adam_update(
                 g, state, param, ctx, learning_rate, fallback_b1, fallback_b2, fallback_eps,
                 fallback_weight_decay, faithful,
             )
             return (u,), new
         m, n = state["momentum"].shape
-        left = _resolve_side(m, n, side) == "left"
-        product_dtype = compute_dtype(xp, g.dtype)
-        dev = array_device(g)
-        g_mat = cast(xp, xp.reshape(g, (m, n)), product_dtype)
-        momentum = _ema(xp, state["momentum"], cast(xp, g_mat, state["momentum"].dtype), b1, faithful)
-        if not faithful:
-            momentum = _flush_subnormal(xp, momentum)
-        momentum = ctx.unless_skipped(momentum, state["momentum"])
-        axis = 1 if left else 0  # reduces over the other side
-        if is_jax_namespace(xp):
-            # (g/2)·g, twice (exact but for subnormals): XLA would share one g·g between this sum
-            # and the skip's, and write it out for its two CPU reductions to read (4096x1024:
-            # 1.15x -> 0.92x optax.adam, with the renormalisation's plain sums).
-            squares = _sum_across(xp, (g_mat * 0.5) * g_mat, axis) * 2
-        else:
-            squares = _sum_across(xp, g_mat * g_mat, axis)
-        v = _ema(xp, state["statistic"], cast(xp, squares, state["statistic"].dtype), b2, faithful)
-        v = ctx.unless_skipped(v, state["statistic"])
-        # Computed once per column (a compiler would otherwise redo the root and division for
-        # every entry of the matrix that reads it).
-        scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(v + eps), product_dtype))
-        m_p = cast(xp, momentum, product_dtype)
-        if faithful or rms_target is None or m * n == 0:
-            u = _rms_renormalise(xp, m_p * xp.expand_dims(scale, axis=axis), rms_target, faithful)
-        else:
-            # U = M diag(s) (right side): ‖U‖² = Σ_j s_j² Σ_i M_ij², from sums over the columns of M
-            # (a compiler fuses them with the statistic's pass, or reads the stored momentum); the
-            # factor goes into the per-column scale, so U is formed once, in the pass writing the step.
-            target = rms_target * math.sqrt(m * n)
-            wide = _wide_dtype(xp, m_p)
-            if wide is not None:
-                m_w = xp.astype(m_p, wide)
-                scale_w = xp.astype(scale, wide)
-                factor = _renormalising_factor(xp, _scaled_squared_norm(xp, m_w, scale_w, axis), target)
-                column = computed_once(xp, scale_w * factor)
-                u = xp.astype(m_w * xp.expand_dims(column, axis=axis), product_dtype)
-            else:
-                u = _column_factored_renormalise(xp, m_p, scale, axis, target)
-        lr = ctx.scalar("learning_rate", learning_rate, product_dtype, dev)
+        axis = 1 if _resolve_side(m, n, side) == "left" else 0  # the axis the statistic sums over
+        dtype = compute_dtype(xp, g.dtype)
+        g_mat = cast(xp, xp.reshape(g, (m, n)), dtype)
+        momentum = ctx.unless_skipped(_momentum(xp, state["momentum"], g_mat, b1, faithful), state["momentum"])  # 1
+        q = cast(xp, _squared_sums(xp, g_mat, axis), state["statistic"].dtype)
+        v = ctx.unless_skipped(_ema(xp, state["statistic"], q, b2, faithful), state["statistic"])  # 2
+        scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(v + eps), dtype))  # 3: diag(v_t + ε)^{-1/2}
+        u = _renormalise_scaled(xp, cast(xp, momentum, dtype), scale, axis, rms_target, faithful)  # 3, 4
+        lr = ctx.scalar("learning_rate", learning_rate, dtype, array_device(g))
         return (_finish(xp, u, param, tuple(g.shape), lr, weight_decay),), {"momentum": momentum, "statistic": v}
 
     return build_transform(
@@ -981,3 +843,194 @@ def dasgo(
         on_nonfinite=on_nonfinite,
         needs_params=not is_zero(weight_decay) or not is_zero(fallback_weight_decay),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers of the two steps: each docstring states the formula it computes; the forms that differ
+# from that formula (for a compiler, or for scale invariance) are checked against it in
+# tests/methods/test_asgo_helpers.py.
+
+
+def _param(params: Any, index: int) -> Optional[Array]:
+    """The parameter of group ``index`` (``None`` when the transform was given none)."""
+    return None if params[index] is None else params[index][0]
+
+
+def _momentum(xp: Any, old: Array, g: Array, b1: float, faithful: bool) -> Array:
+    """``M_t = μ M_{t-1} + (1-μ) G_t`` in the momentum's dtype; principled mode flushes entries
+    below the smallest normal number to zero (D12, :func:`_flush_subnormal`)."""
+    momentum = _ema(xp, old, cast(xp, g, old.dtype), b1, faithful)
+    return momentum if faithful else _flush_subnormal(xp, momentum)
+
+
+def _chunking(k: int, block_size: Optional[int]) -> tuple[int, int, int]:
+    """(chunk size b, number of full chunks, tail size) of a side of length ``k``; unblocked is
+    ``(k, 0, 0)``."""
+    if block_size is None or block_size >= k:
+        return k, 0, 0
+    return block_size, k // block_size, k % block_size
+
+
+def _chunk_rows(xp: Any, x: Array, b: int, full: int) -> Array:
+    """The first ``full·b`` rows of ``x`` as a stack ``(full, b, columns)`` of row chunks; ``x``
+    itself when ``full == 0`` (unblocked)."""
+    if not full:
+        return x
+    return xp.reshape(x[: full * b, :], (full, b, x.shape[1]))
+
+
+def _second_moment(xp: Any, p_old: Array, x: Array, b2: float, summed: bool, faithful: bool) -> Array:
+    """``P_t = β₂ P_{t-1} + (1-β₂) X Xᵀ`` (``summed``: ``P_{t-1} + X Xᵀ``) per block of a stack,
+    in the statistic's dtype; principled mode stores it symmetrised (D10)."""
+    s = xp.astype(xp.matmul(x, x.mT), p_old.dtype)
+    p = p_old + s if summed else _ema(xp, p_old, s, b2, faithful)
+    return p if faithful else symmetrize(p)
+
+
+def _as_stack(xp: Any, x: Array) -> Array:
+    """A matrix as a stack of one block; a stack as itself."""
+    return x if x.ndim == 3 else xp.expand_dims(x, axis=0)
+
+
+def _blockwise(xp: Any, x: Array) -> Array:
+    """Per-block scalars ``(n,)`` shaped ``(n, 1, 1)`` to scale a stack of blocks."""
+    return xp.expand_dims(xp.expand_dims(x, axis=-1), axis=-1)
+
+
+def _damped_inverse_sqrt(
+    xp: Any, p: Array, damping: float, eps: float, method: str, steps: int, tolerance: Optional[float]
+) -> tuple[Array, Array]:
+    r"""``(P + sI)^{-1/2}`` with ``s = δ tr(P)/k + ε`` per block of a stack of PSD statistics, and
+    per block whether the iterative root fell back to ``eigh`` (int32; D1, D5).
+
+    Computed in the scale-invariant form (D12): the root of ``P/τ + (δ + ε/τ) I``, ``τ = tr(P)/k``,
+    times ``τ^{-1/2}``, which is the same matrix; neither the eigensolver nor an iteration's
+    Frobenius normaliser then sees a statistic whose squares under- or overflow. The eigenvalues of
+    ``P/τ + shift`` lie in ``[δ, k + δ]``: a condition number below ``k/δ + 1``, which the default 10
+    Polar-Express steps cover for ``k/δ`` up to ~1e8 (spec I15). ``P = 0`` gives ``ε^{-1/2} I``.
+    """
+    tau = trace(p) / p.shape[-1]
+    zero = tau <= 0.0  # P = 0 (PSD): the root is ε^{-1/2} I, from τ = 1 and shift ε
+    tau = xp.where(zero, xp.ones_like(tau), tau)
+    shift = xp.where(zero, xp.zeros_like(tau), damping + xp.zeros_like(tau)) + eps / tau
+    z, fell_back = inverse_root(p / _blockwise(xp, tau), 2, shift=shift, method=method, steps=steps, tolerance=tolerance)
+    return z * _blockwise(xp, tau**-0.5), fell_back
+
+
+def _faithful_inverse_sqrt(xp: Any, p: Array, method: str, steps: int, eps: float) -> tuple[Array, Array]:
+    """The authors' root: ``steps`` iterations (Polar-Express or Newton–Schulz) towards
+    ``P^{-1/2}`` of the *undamped* statistic, ``eps`` only in the iteration's normaliser; never
+    checked, so no block falls back (the second result is all zeros)."""
+    no_fallback = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
+    if method == "polar_express":
+        return inverse_sqrt_polar_express(p, steps, eps=eps), no_fallback
+    return inverse_sqrt_newton_schulz(p, steps, eps=eps), no_fallback
+
+
+def _finite_root_or_previous(
+    xp: Any, p: Array, previous: Array, inverse_sqrt: Callable[[Any, Array], tuple[Array, Array]]
+) -> tuple[Array, Array, Array]:
+    """Per block of a stack: ``Z = inverse_sqrt(P)`` where ``P`` and ``Z`` are finite, else
+    ``previous`` (D6); returns (roots, failed, fell back), the last two int32 per block.
+
+    A non-finite statistic never reaches the decomposition (NumPy and torch ``eigh`` raise on it,
+    JAX returns NaN): the identity is rooted in its place and the block counts as failed.
+    """
+    p_ok = xp.all(xp.isfinite(p), axis=(-2, -1))
+    z, fell_back = inverse_sqrt(xp, xp.where(_blockwise(xp, p_ok), p, xp.zeros_like(p) + identity_like(p)))
+    ok = xp.logical_and(xp.all(xp.isfinite(z), axis=(-2, -1)), p_ok)
+    return xp.where(_blockwise(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
+
+
+def _roots_when_due(
+    xp: Any, due: Any, stacks: list[tuple[Array, Array]], refresh: Callable[..., tuple[Array, Array, Array]]
+) -> list[tuple[Array, Any, Any]]:
+    """``[refresh(xp, P_i, Z_i) if due else (Z_i, 0, 0)]`` for stacks ``(P_i, Z_i)`` of statistics
+    and previous roots. The stacks of one block shape, dtype and device go through ``refresh``
+    together (:func:`~precond_ref.blocking.on_stacks`: one batched ``eigh`` or iteration for all
+    the equal blocks of all matrices), under :func:`~precond_ref._backend.cond` when ``due`` is
+    an array; when ``due`` is the Python ``False`` nothing is computed (counts ``None``)."""
+    if due is False:
+        return [(z, None, None) for _, z in stacks]
+
+    def one_stack(p: Array, z: Array) -> tuple[Array, Array, Array]:
+        none = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
+        return cond(xp, due, lambda p, z: refresh(xp, p, z), lambda p, z: (z, none, none), p, z)
+
+    return on_stacks(xp, one_stack, stacks)
+
+
+_ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
+
+
+def _collect_roots(
+    xp: Any, blocks: list[tuple[int, str]], statistics: dict[int, dict[str, Array]], refreshed: list[tuple]
+) -> dict[int, dict[str, Array]]:
+    """Per matrix ``i``: its roots in the shape of its statistics, and the sums of its blocks'
+    failure and fallback counts (absent when nothing was refreshed)."""
+    roots: dict[int, dict[str, Any]] = {}
+    for (i, name), (z, failed, fell_back) in zip(blocks, refreshed):
+        entry = roots.setdefault(i, {})
+        entry[_ROOT_OF[name]] = z if statistics[i][name].ndim == 3 else z[0, ...]
+        if failed is not None:
+            entry["root_failures"] = entry.get("root_failures", 0) + xp.sum(failed, dtype=xp.int32)
+            entry["root_fallbacks"] = entry.get("root_fallbacks", 0) + xp.sum(fell_back, dtype=xp.int32)
+    return roots
+
+
+def _block_diagonal_product(
+    xp: Any, z: Array, z_tail: Optional[Array], momentum: Array, left: bool, dtype: Any
+) -> Array:
+    """``U = Z M`` (``left``) or ``M Z`` with ``Z = blockdiag(Z_1, ..., Z_c, Z_tail)`` given as a
+    stack ``z`` of ``c`` chunks (or one matrix: unblocked) and an optional tail, in ``dtype``.
+    Blocked on the right it is ``M Zᵀ``, equal for the symmetric roots of statistics.
+
+    Unblocked, the product is taken in the natural orientation, so faithful mode multiplies as
+    the authors do; blocked, on the rows of the oriented momentum (its transpose on the right).
+    """
+    z_p = cast(xp, z, dtype)
+    m_p = cast(xp, momentum, dtype)
+    if z_p.ndim == 2:
+        return xp.matmul(z_p, m_p) if left else xp.matmul(m_p, z_p)
+    m_o = m_p if left else m_p.mT
+    full, b = z_p.shape[0], z_p.shape[1]
+    u_o = xp.reshape(xp.matmul(z_p, _chunk_rows(xp, m_o, b, full)), (full * b, m_o.shape[1]))
+    if z_tail is not None:
+        u_o = xp.concat([u_o, xp.matmul(xp.astype(z_tail, dtype), m_o[full * b :, :])], axis=0)
+    return u_o if left else u_o.mT
+
+
+def _squared_sums(xp: Any, g: Array, axis: int) -> Array:
+    """``Σ_i G_ij²`` (``axis=0``: ``diag(GᵀG)``; ``axis=1``: ``diag(GGᵀ)``), by :func:`_sum_across`.
+
+    On JAX the squares are formed as ``(G/2)·G`` and the sums doubled (exact but for subnormals),
+    so that XLA does not share one ``G·G`` with the non-finite check's sum and write it out for
+    two CPU reductions (``docs/backends.md``, ASGO and DASGO).
+    """
+    if is_jax_namespace(xp):
+        return _sum_across(xp, (g * 0.5) * g, axis) * 2
+    return _sum_across(xp, g * g, axis)
+
+
+def _renormalise_scaled(
+    xp: Any, m: Array, scale: Array, axis: int, rms_target: Optional[float], faithful: bool
+) -> Array:
+    """``r√(mn) U/‖U‖_F`` for ``U = M diag(s)`` (``axis=0``; ``diag(s) M`` for ``axis=1``), a zero
+    ``U`` staying zero (D2); ``U`` itself for ``rms_target=None``.
+
+    Faithful mode forms ``U`` and renormalises it as ASGO does (:func:`_rms_renormalise`).
+    Principled mode never needs ``U`` before the pass that writes the step: ``‖U‖_F²`` comes from
+    the column sums of ``M²`` (:func:`_scaled_squared_norm`) and the factor joins the per-column
+    scale. float32 is summed in float64 where the backend has it (:func:`_wide_dtype`), else
+    without float64 by :func:`_column_factored_renormalise` (D12 at any scale).
+    """
+    rows, columns = m.shape
+    if faithful or rms_target is None or rows * columns == 0:
+        return _rms_renormalise(xp, m * xp.expand_dims(scale, axis=axis), rms_target, faithful)
+    target = rms_target * math.sqrt(rows * columns)
+    wide = _wide_dtype(xp, m)
+    if wide is None:
+        return _column_factored_renormalise(xp, m, scale, axis, target)
+    m_w, scale_w = xp.astype(m, wide), xp.astype(scale, wide)
+    factor = _renormalising_factor(xp, _scaled_squared_norm(xp, m_w, scale_w, axis), target)
+    return xp.astype(m_w * xp.expand_dims(computed_once(xp, scale_w * factor), axis=axis), m.dtype)

@@ -1,0 +1,166 @@
+"""The helpers of the ASGO and DASGO steps against the plain formulas their docstrings state.
+
+NumPy float64 (array_api_compat.numpy); tolerances from the rounding model: a sum or product of
+``k`` terms is off by at most about ``k·eps·Σ|terms|``, a root of a matrix of condition number
+``κ`` by about ``κ·k·eps`` relative.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import array_api_compat.numpy as xp
+import numpy as np
+import pytest
+
+A = importlib.import_module("precond_ref.methods.asgo")
+
+EPS = np.finfo(np.float64).eps
+
+
+def _psd(rng: np.random.Generator, n: int, k: int, rank: int) -> np.ndarray:
+    g = rng.standard_normal((n, k, rank))
+    return g @ np.swapaxes(g, -1, -2)
+
+
+def _plain_inverse_sqrt(p: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(p)
+    return (v * w[..., None, :] ** -0.5) @ np.swapaxes(v, -1, -2)
+
+
+def test_damped_inverse_sqrt_is_the_damped_root_of_p():
+    """(P + sI)^{-1/2}, s = δ tr(P)/k + ε, per block (D1), though computed from P/τ (D12): the two
+    are the same matrix, so they agree to the root's rounding, κ·k·eps with κ <= k/δ + 1."""
+    rng = np.random.default_rng(0)
+    p = _psd(rng, 3, 5, 2) * np.array([1e-30, 1.0, 1e30])[:, None, None]  # rank 2 of 5, any scale
+    delta, eps = 1e-4, 1e-30
+    z, fell_back = A._damped_inverse_sqrt(xp, p, delta, eps, "eigh", 10, None)
+    s = delta * np.trace(p, axis1=-2, axis2=-1) / 5 + eps
+    plain = _plain_inverse_sqrt(p + s[:, None, None] * np.eye(5))
+    for i in range(3):
+        np.testing.assert_allclose(z[i], plain[i], rtol=0, atol=(5 / delta + 1) * 5 * 64 * EPS * np.abs(plain[i]).max())
+    assert np.all(np.asarray(fell_back) == 0)
+
+
+def test_damped_inverse_sqrt_of_zero_is_eps_root():
+    """P = 0: (0 + εI)^{-1/2} = ε^{-1/2} I (the docstring's special case)."""
+    z, _ = A._damped_inverse_sqrt(xp, np.zeros((1, 3, 3)), 1e-4, 0.25, "eigh", 10, None)
+    np.testing.assert_allclose(z[0], 2.0 * np.eye(3), rtol=4 * EPS)
+
+
+def test_finite_root_or_previous_keeps_previous_where_not_finite():
+    """Per block: inverse_sqrt(P) where P and the root are finite, else the previous root, with
+    failed = 1 (D6); the non-finite statistic is replaced by I before the root is taken."""
+    rng = np.random.default_rng(1)
+    p = _psd(rng, 3, 4, 6)
+    p[1, 0, 0] = np.nan
+    previous = rng.standard_normal((3, 4, 4))
+    seen = []
+
+    def inverse_sqrt(xp_, q):
+        seen.append(np.array(q))
+        z = _plain_inverse_sqrt(q)
+        z[2] = np.inf  # block 2: the root itself is not finite
+        return z, np.zeros(3, dtype=np.int32)
+
+    z, failed, _ = A._finite_root_or_previous(xp, p, previous, inverse_sqrt)
+    np.testing.assert_array_equal(seen[0][1], np.eye(4))
+    np.testing.assert_array_equal(z[0], _plain_inverse_sqrt(p[:1])[0])
+    np.testing.assert_array_equal(z[1:], previous[1:])
+    np.testing.assert_array_equal(failed, [0, 1, 1])
+
+
+@pytest.mark.parametrize("due", [True, False, np.bool_(False)])
+def test_roots_when_due_is_refresh_per_member(due):
+    """The plain formula: refresh(P_i, Z_i) for every member when due, else (Z_i, counts 0 or
+    None); stacks of one block shape batched into one call, bitwise equal to one call each."""
+    rng = np.random.default_rng(2)
+    stacks = [(_psd(rng, n, k, k + 1), rng.standard_normal((n, k, k))) for n, k in [(2, 3), (1, 4), (3, 3)]]
+    calls = []
+
+    def refresh(xp_, p, z):
+        calls.append(p.shape)
+        return _plain_inverse_sqrt(p) + z, np.ones(p.shape[0], np.int32), np.zeros(p.shape[0], np.int32)
+
+    out = A._roots_when_due(xp, due, stacks, refresh)
+    for (p, z), (r, failed, _) in zip(stacks, out):
+        if due:
+            np.testing.assert_array_equal(r, refresh(xp, p, z)[0])
+            np.testing.assert_array_equal(failed, np.ones(p.shape[0]))
+        else:
+            np.testing.assert_array_equal(r, z)
+            assert failed is None or np.all(np.asarray(failed) == 0)
+    if due is True:
+        assert calls[:2] == [(5, 3, 3), (1, 4, 4)]  # the two 3x3 members in one call
+
+
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("blocks", [(0, 0), (2, 0), (2, 1)])
+def test_block_diagonal_product_is_the_dense_product(left, blocks):
+    """U = blockdiag(Z_1..Z_c, Z_tail) M (left) or M blockdiag(...) (right) for symmetric blocks
+    (roots of statistics), to k·eps·|Z||M| (a dot product of k terms)."""
+    full, tail = blocks
+    rng = np.random.default_rng(3)
+    b = 3 if full else 5
+    k = full * b + tail if full else b
+    z = _psd(rng, full, b, b) if full else _psd(rng, 1, b, b)[0]  # roots are symmetric
+    z_tail = _psd(rng, 1, tail, tail)[0] if tail else None
+    m = rng.standard_normal((k, 7) if left else (7, k))
+    dense = np.zeros((k, k))
+    for i, zi in enumerate(z if full else [z]):
+        dense[i * b : (i + 1) * b, i * b : (i + 1) * b] = zi
+    if tail:
+        dense[full * b :, full * b :] = z_tail
+    u = A._block_diagonal_product(xp, z, z_tail, m, left, np.float64)
+    plain = dense @ m if left else m @ dense
+    bound = k * EPS * (np.abs(dense) @ np.abs(m) if left else np.abs(m) @ np.abs(dense))
+    assert np.all(np.abs(u - plain) <= bound)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_squared_sums_is_the_diagonal_of_the_gram_matrix(axis):
+    """Σ over axis of G² = diag(GᵀG) (axis 0) or diag(GGᵀ), blocked sums included (40 rows >= 2
+    blocks of 16), to rows·eps·Σ G²."""
+    g = np.random.default_rng(4).standard_normal((40, 6))
+    plain = np.diag(g.T @ g) if axis == 0 else np.diag(g @ g.T)
+    got = A._squared_sums(xp, g, axis)
+    assert np.all(np.abs(got - plain) <= g.shape[axis] * EPS * plain)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("scale_of_m", [1e-30, 1.0, 1e30])
+def test_renormalise_scaled_is_rms_target_times_direction(axis, scale_of_m):
+    """r√(mn) U/‖U‖_F with U = M diag(s) (axis 0) or diag(s) M: RMS exactly r to rounding
+    (mn·eps), the direction of U, at any scale of M (D12); faithful mode the same formula."""
+    rng = np.random.default_rng(5)
+    m = rng.standard_normal((6, 5)) * scale_of_m
+    s = np.abs(rng.standard_normal(m.shape[1 - axis])) + 0.1
+    u = m * np.expand_dims(s, axis)
+    plain = 0.2 * np.sqrt(30) * u / np.linalg.norm(u)
+    for faithful in (False, True):
+        got = A._renormalise_scaled(xp, m, s, axis, 0.2, faithful)
+        np.testing.assert_allclose(got, plain, rtol=64 * 30 * EPS, atol=0)
+    np.testing.assert_array_equal(A._renormalise_scaled(xp, m, s, axis, None, False), u)
+    np.testing.assert_array_equal(A._renormalise_scaled(xp, 0 * m, s, axis, 0.2, False), 0 * m)
+
+
+def test_momentum_and_second_moment_are_the_emas():
+    """M_t = μM + (1-μ)G (principled flushes subnormals) and P_t = β₂P + (1-β₂)XXᵀ (or P + XXᵀ),
+    symmetrised in principled mode, per block of a stack; to a few eps."""
+    rng = np.random.default_rng(6)
+    old, g = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    old[0, 0] = 1e-310  # subnormal after the EMA with g[0, 0] = 0
+    g[0, 0] = 0.0
+    got = A._momentum(xp, old, g, 0.9, False)
+    plain = 0.9 * old + 0.1 * g
+    plain[0, 0] = 0.0
+    np.testing.assert_allclose(got, plain, rtol=4 * EPS, atol=0)
+    x = A._chunk_rows(xp, rng.standard_normal((7, 5)), 3, 2)
+    assert x.shape == (2, 3, 5)
+    p_old = _psd(rng, 2, 3, 3)
+    for summed in (False, True):
+        got = A._second_moment(xp, p_old, x, 0.8, summed, False)
+        s = x @ np.swapaxes(x, -1, -2)
+        plain = p_old + s if summed else 0.8 * p_old + 0.2 * s
+        np.testing.assert_allclose(got, plain, rtol=0, atol=16 * EPS * (np.abs(p_old) + np.abs(s)).max())
+        np.testing.assert_array_equal(got, np.swapaxes(got, -1, -2))
