@@ -3,7 +3,7 @@ r"""AGD: auto-switchable optimizer using the stepwise gradient difference (Yue e
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 from array_api_compat import device as array_device
 
@@ -136,6 +136,12 @@ def agd(
     check_bool("win", win)
     check_choice("mode", mode, ("principled", "faithful"))
     faithful = mode == "faithful"
+    decay = None if is_zero(weight_decay) or win else weight_decay_mode
+    if faithful:
+        corrections, difference, ratio, extrapolate = (
+            _faithful_corrections, _faithful_difference, _faithful_ratio, _faithful_win)
+    else:
+        corrections, difference, ratio, extrapolate = _corrections, _stepwise_difference, _ratio, _win
 
     def init_group(leaves, paths, xp):
         (param,) = leaves
@@ -148,94 +154,40 @@ def agd(
             state["z"] = zeros if faithful else xp.astype(param, dtype, copy=True)
         return state
 
+    # Yue et al. 2023, Algorithm 1, with the authors' bias corrections (spec agd.md §2.1-2.3);
+    # per coordinate, from m_0 = b_0 = 0 and m^_0 = 0:
+    #
+    #   g_t     <- g_t + lambda theta_t                        ("l2" decay only)
+    #   m_t     =  b1 m_{t-1} + (1 - b1) g_t,                  m^_t = m_t / (1 - b1^t)
+    #   s_t     =  m^_t - m^_{t-1}                             the stepwise difference
+    #   b_t     =  b2 b_{t-1} + (1 - b2) s_t^2,                b^_t = b_t / (1 - b2^t)
+    #              (amsgrad: b^_t from the running maximum of b_t)
+    #   r_t     =  m^_t / max(sqrt(b^_t), delta)               the auto-switch (clip: to [-clip, clip])
+    #   theta_{t+1} = theta_t - eta_t r_t - eta_t lambda theta_t   ("fixed": - lambda theta_t)
+    #
+    # Faithful mode swaps in the authors' arithmetic for the bias corrections, s_t, r_t (which
+    # their clip bounds before the factor sqrt(1 - b2^t)/(1 - b1^t)) and Win: the _faithful_ helpers.
     def update_group(grads, state, params, ctx: StepContext):
-        xp = ctx.xp
-        (g,) = grads
-        theta = None if params is None else params[0]
-        m, b = state["m"], state["b"]
-        dtype = m.dtype
-        g = cast(xp, g, dtype)
-        if theta is not None:
-            theta = cast(xp, theta, dtype)
-        lr = ctx.value(learning_rate)
-        dlt = ctx.value(delta)
-        wd = ctx.value(weight_decay)
-        decay = not is_zero(weight_decay) and not win
-        if decay and weight_decay_mode == "l2":
-            g = g + wd * theta
-
-        if faithful:
-            # The authors' bias corrections are float32 scalars whatever the parameter dtype.
-            t = xp.astype(ctx.count + 1, xp.float32)
-            wide = float64_where_available(xp, t) or xp.float32
-            bc1 = 1.0 - _float32_power(xp, b1, t, wide)
-            bc2 = 1.0 - _float32_power(xp, b2, t, wide)
-            # At t = 1 the previous momentum is zero; any finite reciprocal keeps s = m/bc1 exact.
-            bc1_prev = xp.where(t == 1.0, xp.ones_like(t), 1.0 - _float32_power(xp, b1, t - 1.0, wide))
-            inv_bc1 = computed_once(xp, xp.astype(1.0 / bc1, dtype))
-            inv_bc1_prev = computed_once(xp, xp.astype(1.0 / bc1_prev, dtype))
-            m_new = ctx.unless_skipped(b1 * m + (1.0 - b1) * g, m)
-            s = m_new * inv_bc1 - m * inv_bc1_prev
-            new_state = _settle(ctx, state, m_new, b2 * b + (1.0 - b2) * (s * s))
-            v = new_state.get("b_max", new_state["b"])
-            sqrt_bc2 = computed_once(xp, _float32_sqrt(xp, bc2, wide))
-            # torch multiplies a float32 tensor by a Python scalar in float32; explicit float32
-            # operands make every backend round exactly as it does.
-            f32 = lambda value: scalar_array(xp, value, xp.float32, array_device(t))  # noqa: E731
-            denom = xp.maximum(xp.sqrt(v), computed_once(xp, xp.astype(f32(dlt) * sqrt_bc2, dtype)))
-            ratio = m_new / denom
-            if clip is not None:
-                ratio = xp.clip(ratio, -clip, clip)
-            eta = computed_once(xp, xp.astype(f32(lr) * sqrt_bc2 / bc1, dtype))
-        else:
-            t = xp.astype(ctx.count + 1, dtype)
-            bc1 = computed_once(xp, 1.0 - b1**t)
-            bc2 = computed_once(xp, 1.0 - b2**t)
-            m_new = ctx.unless_skipped(b1 * m + (1.0 - b1) * g, m)
-            bc1_prev = 1.0 - b1 ** (t - 1.0)
-            first = bc1_prev <= 0.0  # t = 1, where m = 0
-            bc1_prev = xp.where(first, xp.ones_like(bc1_prev), bc1_prev)
-            if isinstance(b1, numbers.Real) and b1 >= 0.5:  # not an injected (traced) b1
-                # D2 from the new momentum, so that no loop reads the old momentum after the
-                # momentum's own loop has overwritten it in place (XLA's CPU backend copied it
-                # first: AGD 1.4x -> 1.1x optax.adam on a 4096x1024 layer), as s = a g - d m_t
-                # with (a, d) = (c, c/bc1), c = (1-b1)/(b1 bc1_prev), and (0, -1/bc1) at t = 1.
-                c = (1.0 - b1) / (b1 * bc1_prev)
-                a = computed_once(xp, xp.where(first, xp.zeros_like(c), c))
-                d = computed_once(xp, xp.where(first, -xp.ones_like(c), c) / bc1)
-                s = a * g - d * m_new
-            else:
-                s = computed_once(xp, (1.0 - b1) / bc1) * (g - m / computed_once(xp, bc1_prev))
-            new_state = _settle(ctx, state, m_new, b2 * b + (1.0 - b2) * (s * s))
-            v = new_state.get("b_max", new_state["b"])
-            floor = scalar_array(xp, dlt, dtype, array_device(v))
-            ratio = (m_new / bc1) / xp.maximum(xp.sqrt(v / bc2), floor)
-            if clip is not None:
-                ratio = xp.clip(ratio, -clip, clip)
-            eta = lr
-        step = eta * ratio
-
+        xp, (g,), m, b = ctx.xp, grads, state["m"], state["b"]
+        g = cast(xp, g, m.dtype)
+        theta = None if params is None else cast(xp, params[0], m.dtype)
+        lr, wd = ctx.value(learning_rate), ctx.value(weight_decay)
+        if decay == "l2":
+            g = g + wd * theta  # g_t + lambda theta_t
+        c = corrections(xp, b1, b2, ctx.count, lr, ctx.value(delta), m.dtype)  # 1 - b^t, eta_t, delta_t
+        m_new = ctx.unless_skipped(b1 * m + (1.0 - b1) * g, m)  # m_t
+        s = difference(xp, b1, c, g, m, m_new)  # s_t = m^_t - m^_{t-1}
+        new_state = _settle(ctx, state, m_new, b2 * b + (1.0 - b2) * (s * s))  # b_t, amsgrad's max
+        r = ratio(xp, c, m_new, new_state.get("b_max", new_state["b"]))  # m^_t / max(sqrt(b^_t), delta)
+        if clip is not None:
+            r = xp.clip(r, -clip, clip)
         if win:
-            z = state["z"]
-            if faithful:
-                # The authors' Win scalars are float32 tensors too, applied in this order.
-                eta32 = f32(lr) * sqrt_bc2 / bc1
-                shrink = xp.astype(1.0 / (1.0 + f32(wd) * eta32), dtype)
-                tau = 1.0 / (3.0 + (2.0 * eta32) * f32(wd))
-                z_new = ctx.unless_skipped((z - step) * shrink, z)
-                new_theta = theta * xp.astype(tau, dtype) + xp.astype(-tau * (2.0 * eta32), dtype) * ratio
-                new_theta = new_theta + xp.astype(2.0 * tau, dtype) * z_new
-            else:
-                z_new = ctx.unless_skipped((z - step) / (1.0 + wd * eta), z)
-                tau = 1.0 / (3.0 + 2.0 * eta * wd)
-                new_theta = tau * (theta - 2.0 * step + 2.0 * z_new)
-            new_state["z"] = z_new
+            new_theta, new_state["z"] = extrapolate(ctx, c, wd, theta, state["z"], r)
             return (new_theta - theta,), new_state
-
-        updates = -step
-        if decay and weight_decay_mode == "decoupled":
+        updates = -(c.eta * r)  # -eta_t r_t
+        if decay == "decoupled":
             updates = updates - (lr * wd) * theta
-        elif decay and weight_decay_mode == "fixed":
+        elif decay == "fixed":
             updates = updates - wd * theta
         return (updates,), new_state
 
@@ -257,6 +209,128 @@ def _settle(ctx: StepContext, state: dict, m_new, b_new) -> dict:
         b_max = ctx.xp.maximum(state["b_max"], new_state["b"])
         new_state["b_max"] = ctx.unless_skipped(b_max, state["b_max"])
     return new_state
+
+
+# --------------------------------------------------------------------------------------------
+# Principled mode (the default): bias corrections in the state dtype from an integer counter (D6)
+
+
+class _Scalars(NamedTuple):
+    """A step's scalars: ``t``, the bias corrections ``bc1 = 1 - b1^t`` and ``bc2 = 1 - b2^t``
+    (in the state dtype), the step size ``eta`` and the switch threshold ``delta`` at this step."""
+
+    t: Any
+    bc1: Any
+    bc2: Any
+    eta: Any
+    delta: Any
+
+
+def _corrections(xp, b1, b2, count, lr, delta, dtype) -> _Scalars:
+    """``1 - b1^t`` and ``1 - b2^t`` with ``t = count + 1``, in ``dtype``; ``eta = lr``."""
+    t = xp.astype(count + 1, dtype)
+    return _Scalars(t, computed_once(xp, 1.0 - b1**t), computed_once(xp, 1.0 - b2**t), lr, delta)
+
+
+def _stepwise_difference(xp, b1, c: _Scalars, g, m, m_new):
+    r"""``s_t = m_t/(1 - b1^t) - m_{t-1}/(1 - b1^{t-1})``, and ``s_1 = m_1/(1 - b1)``: the paper's
+    :math:`\hat m_t - \hat m_{t-1}` with :math:`\hat m_0 = 0`, without its cancellation (D2).
+
+    With ``m_t = b1 m_{t-1} + (1 - b1) g_t`` the difference is exactly
+    ``(1 - b1)/(1 - b1^t) * (g_t - m_{t-1}/(1 - b1^{t-1}))`` (spec §2.3 step 4), which subtracts
+    ``g_t`` from the old bias-corrected momentum instead of two nearly equal momenta. For
+    ``b1 >= 1/2`` it is formed from the new momentum, ``m_{t-1} = (m_t - (1 - b1) g_t)/b1``:
+    ``s_t = a g_t - d m_t`` with ``a = (1 - b1)/(b1 (1 - b1^{t-1}))`` and ``d = a/(1 - b1^t)``
+    (``a = 0``, ``d = -1/(1 - b1)`` at ``t = 1``), so that no loop of a compiled step reads the old
+    momentum after the momentum's own loop has overwritten it in place (which made XLA's CPU
+    backend copy it; docs/backends.md, AGD). Its factor over the first form is
+    ``(1 - b1^t)/(b1 (1 - b1^{t-1})) <= (1 + b1)/b1``, and so about its rounding error: for
+    ``b1 < 1/2``, or a ``b1`` given as an array, the first form is used.
+    """
+    bc1_prev = 1.0 - b1 ** (c.t - 1.0)
+    first = bc1_prev <= 0.0  # t = 1, where m_{t-1} = 0
+    bc1_prev = xp.where(first, xp.ones_like(bc1_prev), bc1_prev)
+    if isinstance(b1, numbers.Real) and b1 >= 0.5:
+        a = (1.0 - b1) / (b1 * bc1_prev)
+        d = computed_once(xp, xp.where(first, -xp.ones_like(a), a) / c.bc1)
+        return computed_once(xp, xp.where(first, xp.zeros_like(a), a)) * g - d * m_new
+    return computed_once(xp, (1.0 - b1) / c.bc1) * (g - m / computed_once(xp, bc1_prev))
+
+
+def _ratio(xp, c: _Scalars, m_new, v):
+    """``m^_t / max(sqrt(b^_t), delta)`` with ``m^_t = m_t/(1 - b1^t)``, ``b^_t = v/(1 - b2^t)``."""
+    floor = scalar_array(xp, c.delta, v.dtype, array_device(v))
+    return (m_new / c.bc1) / xp.maximum(xp.sqrt(v / c.bc2), floor)
+
+
+def _win(ctx: StepContext, c: _Scalars, wd, theta, z, r):
+    """Win's extrapolation with the step ``u = eta r`` (an extra of the authors' code, D4):
+    ``z' = (z - u)/(1 + wd eta)`` and ``theta' = (theta - 2u + 2z')/(3 + 2 eta wd)``."""
+    step = c.eta * r
+    z_new = ctx.unless_skipped((z - step) / (1.0 + wd * c.eta), z)
+    tau = 1.0 / (3.0 + 2.0 * c.eta * wd)
+    return tau * (theta - 2.0 * step + 2.0 * z_new), z_new
+
+
+# --------------------------------------------------------------------------------------------
+# Faithful mode: the authors' arithmetic (atorch ``agd.py``)
+
+
+class _FaithfulScalars(NamedTuple):
+    """The authors' step scalars, float32 whatever the parameter dtype (their step counter is a
+    float32 tensor), cast to the state dtype where they meet the state: ``inv_bc1 = 1/(1 - b1^t)``,
+    ``inv_bc1_prev = 1/(1 - b1^{t-1})`` (1 at t = 1, where ``m_0 = 0``), ``eta = lr sqrt(1 -
+    b2^t)/(1 - b1^t)``, ``floor = delta sqrt(1 - b2^t)``; and ``eta32``, ``eta`` in float32 (Win)."""
+
+    inv_bc1: Any
+    inv_bc1_prev: Any
+    eta: Any
+    floor: Any
+    eta32: Any
+
+
+def _faithful_corrections(xp, b1, b2, count, lr, delta, dtype) -> _FaithfulScalars:
+    """The authors' float32 bias-correction scalars at ``t = count + 1`` (spec §2.2 steps 2, 7, 9)."""
+    t = xp.astype(count + 1, xp.float32)
+    wide = float64_where_available(xp, t) or xp.float32
+    bc1 = 1.0 - _float32_power(xp, b1, t, wide)
+    bc2 = 1.0 - _float32_power(xp, b2, t, wide)
+    bc1_prev = xp.where(t == 1.0, xp.ones_like(t), 1.0 - _float32_power(xp, b1, t - 1.0, wide))
+    sqrt_bc2 = computed_once(xp, _float32_sqrt(xp, bc2, wide))
+    # torch multiplies a float32 tensor by a Python scalar in float32; explicit float32 operands
+    # make every backend round exactly as it does.
+    eta32 = scalar_array(xp, lr, xp.float32, array_device(t)) * sqrt_bc2 / bc1
+    floor = scalar_array(xp, delta, xp.float32, array_device(t)) * sqrt_bc2
+    return _FaithfulScalars(
+        inv_bc1=computed_once(xp, xp.astype(1.0 / bc1, dtype)),
+        inv_bc1_prev=computed_once(xp, xp.astype(1.0 / bc1_prev, dtype)),
+        eta=computed_once(xp, xp.astype(eta32, dtype)),
+        floor=computed_once(xp, xp.astype(floor, dtype)),
+        eta32=eta32,
+    )
+
+
+def _faithful_difference(xp, b1, c: _FaithfulScalars, g, m, m_new):
+    """``s_t = m_t/(1 - b1^t) - m_{t-1}/(1 - b1^{t-1})`` as the authors form it: two bias-corrected
+    momenta in the state dtype, subtracted (spec §2.2 step 4)."""
+    return m_new * c.inv_bc1 - m * c.inv_bc1_prev
+
+
+def _faithful_ratio(xp, c: _FaithfulScalars, m_new, v):
+    """``m_t / max(sqrt(v), delta sqrt(1 - b2^t))``: the authors' ratio before the factor
+    ``sqrt(1 - b2^t)/(1 - b1^t)`` (in ``c.eta``), which is what their ``clip`` bounds (D3)."""
+    return m_new / xp.maximum(xp.sqrt(v), c.floor)
+
+
+def _faithful_win(ctx: StepContext, c: _FaithfulScalars, wd, theta, z, r):
+    """:func:`_win` with the authors' float32 scalars, in their order (and their ``z_0 = 0``, D4)."""
+    xp, dtype = ctx.xp, z.dtype
+    wd32 = scalar_array(xp, wd, xp.float32, array_device(c.eta32))
+    shrink = xp.astype(1.0 / (1.0 + wd32 * c.eta32), dtype)
+    tau = 1.0 / (3.0 + (2.0 * c.eta32) * wd32)
+    z_new = ctx.unless_skipped((z - c.eta * r) * shrink, z)
+    new_theta = theta * xp.astype(tau, dtype) + xp.astype(-tau * (2.0 * c.eta32), dtype) * r
+    return new_theta + xp.astype(2.0 * tau, dtype) * z_new, z_new
 
 
 def _float32_power(xp, base, exponent, wide):

@@ -1,0 +1,143 @@
+"""AGD's step helpers (``precond_ref/methods/agd.py``) against the plain formulas they state (float64).
+
+The step calls these helpers one equation a line; each test here checks one helper against the
+formula its docstring states, with a tolerance from the rounding model of the two forms.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+agd_module = importlib.import_module("precond_ref.methods.agd")
+
+EPS = np.finfo(np.float64).eps
+RNG = np.random.default_rng(32)
+G = RNG.normal(size=64) * np.logspace(-3, 3, 64)
+M_PREV = RNG.normal(size=64) * np.logspace(3, -3, 64)
+
+
+def _scalars(backend, b1, b2, t, lr=0.1, delta=1e-3):
+    xp = backend.xp
+    count = backend.asarray(np.asarray(t - 1, dtype=np.int32))
+    return agd_module._corrections(xp, b1, b2, count, lr, delta, xp.float64)
+
+
+@pytest.mark.parametrize("b1", [0.0, 0.3, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("t", [1, 2, 3, 10, 300])
+def test_stepwise_difference_is_the_papers_difference(property_backend, b1, t):
+    """``_stepwise_difference`` (either rewriting) equals the paper's s_t = m^_t - m^_{t-1}.
+
+    Plain formula (spec §2.1): s_t = m_t/(1 - b1^t) - m_{t-1}/(1 - b1^{t-1}), with m^_0 = 0, where
+    m_t = b1 m_{t-1} + (1 - b1) g_t is the momentum the step passes in. Rounding model: the plain
+    form is off by about eps (|m^_t| + |m^_{t-1}|) (two divisions, one subtraction); the rewrite
+    s_t = a g_t - d m_t (b1 >= 1/2) reads m_t, whose own rounding eps (|b1 m_{t-1}| + |(1-b1) g_t|)
+    it scales by |d|, and forms a, d in about five roundings each; both take 1 - b1^t and
+    1 - b1^{t-1} from a rounded power, which the subtraction conditions by b1^t/(1 - b1^t): so
+    8 eps times the magnitudes of every term involved, so conditioned, bounds the difference. Both rewritings are
+    checked: b1 >= 1/2 takes the form from the new momentum, b1 < 1/2 the form from the old one.
+    """
+    backend = property_backend
+    xp = backend.xp
+    m_prev = np.zeros_like(M_PREV) if t == 1 else M_PREV
+    m_new = b1 * m_prev + (1.0 - b1) * G
+    c = _scalars(backend, b1, 0.999, t)
+    got = backend.to_numpy(
+        agd_module._stepwise_difference(xp, b1, c, backend.asarray(G), backend.asarray(m_prev), backend.asarray(m_new))
+    )
+    bc1, bc1_prev = 1.0 - b1**t, 1.0 - b1 ** (t - 1)
+    m_hat, m_hat_prev = m_new / bc1, (m_prev / bc1_prev if t > 1 else np.zeros_like(G))
+    want = m_hat - m_hat_prev
+    a = (1.0 - b1) / (b1 * bc1_prev) if (t > 1 and b1 > 0) else 0.0
+    d = a / bc1 if t > 1 else 1.0 / bc1
+    # 1 - b1^t loses b1^t/(1 - b1^t) of relative accuracy (the power's rounding, 500 eps for
+    # b1 = 0.999 at t = 2), and each form may round the power differently.
+    cond = b1**t / bc1 + (b1 ** (t - 1) / bc1_prev if t > 1 else 0.0)
+    scale = (1.0 + cond) * (np.abs(m_hat) + np.abs(m_hat_prev)) + np.abs(a * G) + abs(d) * (
+        np.abs(m_new) + np.abs(b1 * m_prev) + np.abs((1.0 - b1) * G)
+    )
+    assert np.all(np.abs(got - want) <= 8 * EPS * scale), float(np.max(np.abs(got - want) / scale / EPS))
+
+
+def test_stepwise_difference_reads_the_new_momentum_for_large_b1(property_backend):
+    """For b1 >= 1/2 the helper's value depends on m_{t-1} only through m_t (the rewrite's point:
+    a compiled step then has no loop reading the old momentum); for b1 < 1/2 it reads m_{t-1}.
+    Checked by passing a wrong m_{t-1}: the large-b1 result must not move."""
+    backend = property_backend
+    xp = backend.xp
+    m_new = 0.9 * M_PREV + 0.1 * G
+    args = (backend.asarray(G), backend.asarray(M_PREV), backend.asarray(m_new))
+    wrong = (backend.asarray(G), backend.asarray(2.0 * M_PREV), backend.asarray(m_new))
+    c = _scalars(backend, 0.9, 0.999, 5)
+    same = [backend.to_numpy(agd_module._stepwise_difference(xp, 0.9, c, *x)) for x in (args, wrong)]
+    np.testing.assert_array_equal(same[0], same[1])
+    c = _scalars(backend, 0.3, 0.999, 5)
+    moved = [backend.to_numpy(agd_module._stepwise_difference(xp, 0.3, c, *x)) for x in (args, wrong)]
+    assert not np.array_equal(moved[0], moved[1])
+
+
+@pytest.mark.parametrize("t", [1, 7, 1000])
+def test_ratio_is_the_switched_adaptive_ratio(property_backend, t):
+    """``_ratio`` is m^_t / max(sqrt(b^_t), delta) with m^ = m/(1 - b1^t), b^ = b/(1 - b2^t):
+    element-wise, each side within a few roundings (4 eps relative: two divisions, one sqrt, one
+    division by the maximum), and the switch picks delta exactly where sqrt(b^) < delta."""
+    backend = property_backend
+    b1, b2, delta = 0.9, 0.999, 1e-3
+    v = np.abs(G) ** 2 * 1e-3
+    c = _scalars(backend, b1, b2, t, delta=delta)
+    got = backend.to_numpy(agd_module._ratio(backend.xp, c, backend.asarray(M_PREV), backend.asarray(v)))
+    want = (M_PREV / (1 - b1**t)) / np.maximum(np.sqrt(v / (1 - b2**t)), delta)
+    np.testing.assert_allclose(got, want, rtol=4 * EPS, atol=0)
+    assert np.any(np.sqrt(v / (1 - b2**t)) < delta) and np.any(np.sqrt(v / (1 - b2**t)) > delta)
+
+
+def test_faithful_corrections_are_the_authors_float32_scalars(property_backend):
+    """``_faithful_corrections`` gives the authors' float32 scalars (spec §2.2 steps 2, 7, 9):
+    1/(1 - b1^t), 1/(1 - b1^{t-1}) (1 at t = 1), lr sqrt(1 - b2^t)/(1 - b1^t) and delta sqrt(1 - b2^t),
+    each operation rounded to float32 (+ - * / are correctly rounded; the powers are float32(b)^t
+    rounded once, the square root is the correctly rounded one). Exact equality: every step is one
+    IEEE float32 operation, written here in NumPy float32 scalars."""
+    backend = property_backend
+    xp = backend.xp
+    f = np.float32
+    b1, b2, lr, delta = 0.9, 0.95, 0.05, 1e-5
+    for t in (1, 2, 9, 40):
+        count = backend.asarray(np.asarray(t - 1, dtype=np.int32))
+        c = agd_module._faithful_corrections(xp, b1, b2, count, lr, delta, xp.float64)
+        power = lambda b, n: f(np.float64(f(b)) ** n)  # noqa: E731
+        bc1, bc2 = f(1) - power(b1, t), f(1) - power(b2, t)
+        bc1_prev = f(1) if t == 1 else f(1) - power(b1, t - 1)
+        root = f(np.sqrt(np.float64(bc2)))
+        eta32 = f(f(lr) * root) / bc1
+        want = dict(inv_bc1=f(1) / bc1, inv_bc1_prev=f(1) / bc1_prev, eta=eta32, floor=f(delta) * root)
+        for name, value in want.items():
+            got = backend.to_numpy(getattr(c, name))
+            assert got.dtype == np.float64 and float(got) == float(np.float64(value)), (t, name)
+        assert float(backend.to_numpy(c.eta32)) == float(eta32)
+
+
+def test_win_is_the_stated_extrapolation(property_backend):
+    """``_win``: z' = (z - eta r)/(1 + wd eta), theta' = (theta - 2 eta r + 2 z')/(3 + 2 eta wd),
+    within 8 eps of the magnitudes involved (a handful of roundings per element)."""
+
+    class _Ctx:
+        xp = property_backend.xp
+
+        @staticmethod
+        def unless_skipped(new, old):
+            return new
+
+    backend = property_backend
+    eta, wd = 0.1, 0.3
+    c = _scalars(backend, 0.9, 0.999, 3, lr=eta)
+    theta, z, r = M_PREV, 0.5 * M_PREV + 0.1, G
+    new_theta, z_new = (
+        backend.to_numpy(x) for x in agd_module._win(_Ctx, c, wd, *(backend.asarray(a) for a in (theta, z, r)))
+    )
+    want_z = (z - eta * r) / (1 + wd * eta)
+    want_theta = (theta - 2 * eta * r + 2 * want_z) / (3 + 2 * eta * wd)
+    scale = np.abs(theta) + np.abs(z) + np.abs(eta * r)
+    assert np.all(np.abs(z_new - want_z) <= 8 * EPS * scale)
+    assert np.all(np.abs(new_theta - want_theta) <= 8 * EPS * scale)
