@@ -70,11 +70,7 @@ def _check(name, scheduler, tmp_path):
     assert_same_parameters(parameters(run[1]), parameters(second[1]))
 
 
+@pytest.mark.parametrize("scheduler", [False, True], ids=["no-scheduler", "scheduler"])
 @pytest.mark.parametrize("name", REPRESENTATIVE)
-def test_prepare_save_load_state_continues_exactly(name, tmp_path):
-    _check(name, scheduler=False, tmp_path=tmp_path)
-
-
-@pytest.mark.parametrize("name", REPRESENTATIVE)
-def test_prepare_save_load_state_with_scheduler_continues_exactly(name, tmp_path):
-    _check(name, scheduler=True, tmp_path=tmp_path)
+def test_prepare_save_load_state_continues_exactly(name, scheduler, tmp_path):
+    _check(name, scheduler=scheduler, tmp_path=tmp_path)

@@ -70,11 +70,7 @@ def _check(name, scheduler, tmp_path):
     assert_same_parameters(parameters(full), parameters(resumed))
 
 
+@pytest.mark.parametrize("scheduler", [False, True], ids=["no-scheduler", "scheduler"])
 @pytest.mark.parametrize("name", REPRESENTATIVE)
-def test_fit_ckpt_path_resume_continues_exactly(name, tmp_path):
-    _check(name, scheduler=False, tmp_path=tmp_path)
-
-
-@pytest.mark.parametrize("name", REPRESENTATIVE)
-def test_fit_ckpt_path_resume_with_scheduler_continues_exactly(name, tmp_path):
-    _check(name, scheduler=True, tmp_path=tmp_path)
+def test_fit_ckpt_path_resume_continues_exactly(name, scheduler, tmp_path):
+    _check(name, scheduler=scheduler, tmp_path=tmp_path)
