@@ -521,11 +521,14 @@ def test_structure_shape_and_dtype_mismatches_name_the_leaf(backend):
 
 
 def test_gradient_that_would_broadcast_into_the_state_is_refused(backend):
-    """Without params the state itself guards its layout: a (2, 3) gradient for a (3,) moment."""
+    """Without params a (2, 3) gradient for a (3,) moment is refused: by the shape init saw at that
+    path, and, by an optimizer that never saw init (a state handed over), by the state's layout."""
     opt = pr.agd()
     state = opt.init(backend.tree({"w": np.ones(3)}))
-    with pytest.raises(ValueError, match="does not fit the optimizer state"):
+    with pytest.raises(ValueError, match=r"gradient of 'w' has shape \(2, 3\), parameter has shape \(3,\)"):
         opt.update(backend.tree({"w": np.ones((2, 3))}), state)
+    with pytest.raises(ValueError, match="does not fit the optimizer state"):
+        pr.agd().update(backend.tree({"w": np.ones((2, 3))}), state)
 
 
 def test_integer_leaves_and_empty_trees_are_rejected(backend):
