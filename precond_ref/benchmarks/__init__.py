@@ -101,9 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", default="results", help="output directory for bench.json (default results)")
     add("--readme", action="store_true",
         help=f"also store this run in {README_DATA} and rewrite the README's performance block (run from the repository root)")
-    add("--peers", action="store_true",
-        help="also time other libraries' optimizers beside ours (HeavyBall's Muon, SOAP, PSGDKron, KLShampoo, AdamW; "
-        "pytorch_optimizer's Shampoo and SOAP where it imports): the optional extra, pip install 'precond-ref[peers]'")
+    add("--peers", nargs="?", const="all", default=None, metavar="KEYS",
+        help="also time other libraries' optimizers beside ours (HeavyBall's AdamW, Muon, SOAP, PSGDKron, KLShampoo; "
+        "pytorch_optimizer's Shampoo and SOAP where it imports): all, or some of hb-adamw, hb-muon, hb-soap, "
+        "hb-psgdkron, hb-klshampoo, po-shampoo, po-soap; the optional extra, pip install 'precond-ref[peers]'")
+    add("--peer-compile", choices=("library", "off"), default="library",
+        help="library (default): HeavyBall compiles as it does by default; off: its steps run eagerly")
     add("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -173,13 +176,15 @@ def run(args: argparse.Namespace) -> int:
     if not chosen:
         raise UserError("no method to benchmark (the baselines are always measured)")
     frameworks = _check_frameworks(args.frameworks, args.model)
-    peers = getattr(args, "peers", False)
-    if peers:
+    peers: Any = None
+    if getattr(args, "peers", None):
+        from . import peers as peers_module
+
         if "torch" not in frameworks:
             raise UserError("--peers times torch optimizers: include torch in --frameworks")
-        from .peers import check_available
-
-        check_available()
+        peers = peers_module.select(args.peers)
+        peers_module.check_available(peers)
+        peers_module.set_compile(args.peer_compile)
     if args.model == "layers":
         cases = layers.parse_cases(args.cases) if args.cases else dict(layers.QUICK_CASES if args.quick else layers.CASES)
     if args.readme and not os.path.exists("README.md"):
@@ -274,7 +279,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings.update(
         kind=args.model, frameworks=frameworks, dtype=args.dtype, warmup=warmup, repeats=repeats, budget_s=budget,
-        rounds=args.rounds, threads=args.threads, torch_compile=args.torch_compile, variants=args.variants, peers=peers,
+        rounds=args.rounds, threads=args.threads, torch_compile=args.torch_compile, variants=args.variants,
+        peers=None if peers is None else {"peers": [p.key for p in peers], "compile": args.peer_compile},
         hyperparameters={c.key: c.entry.bench_kwargs() for c in chosen},
     )
     report = {

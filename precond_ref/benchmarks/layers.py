@@ -126,7 +126,7 @@ def bench_case(
     progress: Optional[Callable[[str], None]] = None,
     rounds: int = 1,
     settle: bool = True,
-    peers: bool = False,
+    peers: Any = None,
 ) -> tuple[list[dict], list[str]]:
     """Rows of one layer case (per framework: its baselines first, then every contender, then the
     authors' code for torch), and the reasons the authors' code was skipped. The torch rows'
@@ -173,7 +173,7 @@ def bench_case(
         if framework == "torch" and peers:
             from .peers import peer_rows
 
-            others, notes = peer_rows(torch_measure_, timing)
+            others, notes = peer_rows(torch_measure_, timing, tuple(peers))
             section.extend(others)
             skipped = skipped + notes
         add_ratios(section, reference if framework == "torch" else None)

@@ -309,7 +309,7 @@ def bench_model(
     with_authors: bool = True,
     progress: Optional[Callable[[str], None]] = None,
     rounds: int = 1,
-    peers: bool = False,
+    peers: Any = None,
 ) -> tuple[list[dict], list[str]]:
     """Rows of one model (per framework: its baselines, every contender, the authors' code for
     torch, with ``peers`` the other libraries' optimizers), timing whole training steps, and the
@@ -349,7 +349,7 @@ def bench_model(
         if framework == "torch" and peers:
             from .peers import peer_rows
 
-            others, notes = peer_rows(torch_measure_, timing)
+            others, notes = peer_rows(torch_measure_, timing, tuple(peers))
             section.extend(others)
             skipped = skipped + notes
         add_ratios(section)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 from typing import Any, Callable, Optional
 
 from ..cli import UserError
 
-__all__ = ["PEERS", "PeerCode", "check_available", "peer_rows", "INSTALL_HINT"]
+__all__ = ["PEERS", "PeerCode", "select", "check_available", "set_compile", "peer_rows", "INSTALL_HINT"]
 
 INSTALL_HINT = "pip install 'precond-ref[peers]' (HeavyBall and pytorch_optimizer)"
 LEARNING_RATE = 1e-3
@@ -27,6 +28,7 @@ LEARNING_RATE = 1e-3
 class PeerCode:
     """One peer: the first of ``names`` that ``module`` has, built as ``cls(params, lr=1e-3, **kwargs)``."""
 
+    key: str
     label: str
     module: str
     names: tuple[str, ...]
@@ -35,14 +37,15 @@ class PeerCode:
 
 
 PEERS = (
-    PeerCode("HeavyBall AdamW", "heavyball", ("AdamW", "ForeachAdamW")),
-    PeerCode("HeavyBall Muon", "heavyball", ("Muon", "ForeachMuon")),
-    PeerCode("HeavyBall SOAP (precondition_frequency 10)", "heavyball", ("SOAP", "ForeachSOAP"),
+    PeerCode("hb-adamw", "HeavyBall AdamW", "heavyball", ("AdamW", "ForeachAdamW")),
+    PeerCode("hb-muon", "HeavyBall Muon", "heavyball", ("Muon", "ForeachMuon")),
+    PeerCode("hb-soap", "HeavyBall SOAP (precondition_frequency 10)", "heavyball", ("SOAP", "ForeachSOAP"),
              (("precondition_frequency", 10),), period=10),
-    PeerCode("HeavyBall PSGDKron", "heavyball", ("PSGDKron", "ForeachPSGDKron")),
-    PeerCode("HeavyBall KLShampoo", "heavyball", ("KLShampoo", "Shampoo", "ForeachShampoo"), period=10),
-    PeerCode("pytorch_optimizer Shampoo", "pytorch_optimizer", ("Shampoo",), period=1),
-    PeerCode("pytorch_optimizer SOAP", "pytorch_optimizer", ("SOAP",), period=10),
+    PeerCode("hb-psgdkron", "HeavyBall PSGDKron", "heavyball", ("PSGDKron", "ForeachPSGDKron")),
+    PeerCode("hb-klshampoo", "HeavyBall KLShampoo (precondition_frequency 10)", "heavyball", ("KLShampoo", "Shampoo", "ForeachShampoo"),
+             (("precondition_frequency", 10),), period=10),
+    PeerCode("po-shampoo", "pytorch_optimizer Shampoo", "pytorch_optimizer", ("Shampoo",), period=1),
+    PeerCode("po-soap", "pytorch_optimizer SOAP", "pytorch_optimizer", ("SOAP",), period=10),
 )
 
 
@@ -53,12 +56,43 @@ def _import(module: str) -> Optional[Any]:
         return None
 
 
-def check_available() -> list[str]:
+def _version(module: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return getattr(sys.modules.get(module), "__version__", None)
+
+
+def select(spec: str) -> tuple[PeerCode, ...]:
+    """The peers named by ``--peers`` (``all``, or comma-separated keys of :data:`PEERS`)."""
+    keys = [k.strip() for k in spec.split(",") if k.strip()]
+    if keys == ["all"]:
+        return PEERS
+    known = {p.key: p for p in PEERS}
+    unknown = [k for k in keys if k not in known]
+    if unknown or not keys:
+        raise UserError(f"--peers: unknown peer(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                        f"use all or some of {', '.join(known)}")
+    return tuple(known[k] for k in dict.fromkeys(keys))
+
+
+def check_available(peers: tuple[PeerCode, ...] = PEERS) -> list[str]:
     """The peer libraries that import; a ``UserError`` naming the extra if none does."""
-    found = [m for m in dict.fromkeys(p.module for p in PEERS) if _import(m) is not None]
+    found = [m for m in dict.fromkeys(p.module for p in peers) if _import(m) is not None]
     if not found:
         raise UserError(f"--peers needs the optional extra 'peers', which is not installed: {INSTALL_HINT}")
     return found
+
+
+def set_compile(mode: str) -> None:
+    """``library``: HeavyBall compiles its steps as it does by default (Inductor, max-autotune: minutes
+    of compilation per optimizer on a small CPU); ``off``: its steps run eagerly."""
+    if mode == "off":
+        heavyball = _import("heavyball")
+        if heavyball is not None and hasattr(heavyball, "utils"):
+            heavyball.utils.compile_mode = None
 
 
 def _crash_row(label: str, err: BaseException) -> dict:
@@ -83,9 +117,9 @@ def peer_rows(
             continue
         cls = next((getattr(library, n) for n in peer.names if hasattr(library, n)), None)
         if cls is None:
-            skipped.append(f"{peer.label}: {peer.module} {getattr(library, '__version__', '')} has none of {', '.join(peer.names)}")
+            skipped.append(f"{peer.label}: {peer.module} {_version(peer.module) or ''} has none of {', '.join(peer.names)}")
             continue
-        version = getattr(library, "__version__", None)
+        version = _version(peer.module)
 
         def make(module: Any, named: list, cls: Any = cls, peer: PeerCode = peer) -> tuple[Any, list[str]]:
             return cls([p for _, p in named], lr=LEARNING_RATE, **dict(peer.kwargs)), []
