@@ -49,6 +49,12 @@ def test_asgo_blocks_and_gpu_iteration():
     assert close(g.parts["root (iteration)"][1], 10 * 3 * 2 * 8)
     # float64 roots by eigh on every device.
     assert "root (eigh)" in cost.asgo([("w", (2, 5))], 8, device="cuda").parts
+    # The factory's default (None): auto in principled mode, Polar-Express in faithful mode.
+    assert "root (eigh)" in cost.asgo([("w", (2, 5))], 4, root_method=None).parts
+    assert "root (iteration)" in cost.asgo([("w", (2, 5))], 4, root_method=None, mode="faithful").parts
+    from precond_ref.compare.methods import entry_by_name
+
+    assert "root (eigh)" in cost.method_cost(entry_by_name("asgo"), [("w", (2, 5))], 4, "cpu").parts
 
 
 def test_if_shampoo_dense_and_diagonal_axes():

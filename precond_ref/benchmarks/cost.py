@@ -166,7 +166,8 @@ def _matrix_shape(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
 
 def asgo(
     params: Params, itemsize: int = 4, *, precondition_every: int = 1, block_size: Optional[int] = None,
-    root_method: str = "auto", root_steps: int = 10, device: str = "cpu", side: str = "auto", **_: Any,
+    root_method: Optional[str] = None, root_steps: int = 10, device: str = "cpu", side: str = "auto",
+    mode: str = "principled", **_: Any,
 ) -> Cost:
     """ASGO (principled): a matrix leaf ``(m, n)`` is preconditioned on its shorter side ``k``
     (the other is ``n'``), in chunks of ``b = min(k, block_size)`` (``k // b`` full chunks and a
@@ -181,8 +182,11 @@ def asgo(
       ``root_steps`` Polar-Express steps of ``ROOT_ITERATION_PRODUCTS`` products (``2 b^3`` each);
       4 passes of ``b x b`` (trace normalisation, the finite check, the rescale).
 
-    Leaves with ``ndim < 2`` go to the fallback AdamW (7 passes).
+    Leaves with ``ndim < 2`` go to the fallback AdamW (7 passes). ``root_method=None`` is the
+    factory's default: ``"auto"``, or Polar-Express in faithful mode.
     """
+    if root_method is None:
+        root_method = "polar_express" if mode == "faithful" else "auto"
     t = _Tally()
     eigh = root_method == "eigh" or (root_method == "auto" and (device == "cpu" or itemsize == 8))
     for name, shape in params:
