@@ -385,3 +385,96 @@ def test_bench_takes_compares_device_option(tmp_path, capsys):
     code, data = _bench(tmp_path, "--methods", "agd", "--frameworks", "torch", "--cases", "8x4", "--device", "cpu")
     assert code == 0
     assert data["machine"]["torch_device"] == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# The cost model's columns (precond_ref.benchmarks.cost) and the peers (--peers)
+
+
+def test_cost_columns_follow_the_model_and_the_measured_rates(tmp_path):
+    """Each row's cost is cost.method_cost of the case's or model's parameters (AdamW's for the
+    baselines; the forward and backward added for a model), limit_ms = flops / matmul rate +
+    bytes / copy rate with the rates the run measured, efficiency = limit_ms / mean_ms."""
+    from precond_ref.benchmarks import cost
+
+    code, data = _bench(tmp_path, "--model", "gpt", "--methods", "asgo", "--frameworks", "torch")
+    assert code == 0
+    rates = data["rates"]
+    assert rates["matmul_flops_per_s"] > 0 and rates["copy_bytes_per_s"] > 0
+    size = models.SIZES["gpt"]["tiny"]
+    shapes = [(n, tuple(p.shape)) for n, p in models.build_torch("gpt", size, torch.float32, "cpu").named_parameters()]
+    fwd_bwd = cost.forward_backward("gpt", size, 4)
+    by = _by(data["results"]["gpt"])
+    for label, expected in (("ASGO", cost.method_cost(entry_by_name("asgo"), shapes, 4)), ("torch AdamW(fused)", cost.adamw(shapes, 4))):
+        row = by["torch", label]["cost"]
+        assert row["flops"] == pytest.approx(expected.flops, rel=1e-12) and row["bytes"] == pytest.approx(expected.bytes, rel=1e-12)
+        assert row["fwd_bwd_flops"] == pytest.approx(fwd_bwd.flops, rel=1e-12)
+        limit = (expected.flops + fwd_bwd.flops) / rates["matmul_flops_per_s"] + (expected.bytes + fwd_bwd.bytes) / rates["copy_bytes_per_s"]
+        assert row["limit_ms"] == pytest.approx(1e3 * limit, rel=1e-12)
+        assert row["efficiency"] == pytest.approx(row["limit_ms"] / by["torch", label]["mean_ms"], rel=1e-12)
+    assert by["torch", "ASGO"]["cost"]["flops"] > 0
+    table = report.format_table("gpt", data["results"]["gpt"])
+    assert "| opt GFLOP | opt MB | limit ms | limit / mean |" in table
+    block = report.readme_section({"gpt": data})
+    assert "torch limit / mean" in block and "Cost model rates:" in block
+
+
+def test_layer_rows_carry_the_optimizer_cost_alone(tmp_path):
+    code, data = _bench(tmp_path, "--methods", "mbf", "--frameworks", "torch", "--cases", "8x4")
+    assert code == 0
+    from precond_ref.benchmarks import cost
+
+    row = _by(data["results"]["8x4"])["torch", "MBF"]["cost"]
+    expected = cost.method_cost(entry_by_name("mbf"), [("weight", (8, 4)), ("bias", (8,))], 4)
+    assert row["flops"] == pytest.approx(expected.flops, rel=1e-12) and "fwd_bwd_flops" not in row
+    assert "GFLOP, MB, limit / mean" in report.readme_section({"layers": data})
+
+
+def test_peers_without_the_extra_is_a_clean_message(tmp_path, capsys, monkeypatch):
+    from precond_ref.benchmarks import peers
+
+    monkeypatch.setattr(peers, "_import", lambda module: None)
+    assert cli.main(["bench", "--quick", "--methods", "agd", "--peers", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--peers needs the optional extra 'peers'" in err and "precond-ref[peers]" in err and "Traceback" not in err
+    assert cli.main(["bench", "--quick", "--methods", "agd", "--peers", "hb-nothing", "--out", str(tmp_path)]) == 2
+    assert "unknown peer(s) 'hb-nothing'" in capsys.readouterr().err
+
+
+def test_a_peer_that_crashes_is_its_row_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """A peer raising inside its step gets 'crashes: <error type>'; the others are measured; exit 0."""
+    import types
+
+    from precond_ref.benchmarks import peers
+
+    fake = types.ModuleType("fakepeerlib")
+
+    class Crash(torch.optim.SGD):
+        def step(self, closure=None):
+            raise RuntimeError("inductor said no")
+
+    fake.Crash, fake.Fine = Crash, torch.optim.SGD
+    monkeypatch.setitem(sys.modules, "fakepeerlib", fake)
+    monkeypatch.setattr(peers, "PEERS", (peers.PeerCode("f-crash", "Fake crash", "fakepeerlib", ("Crash",)),
+                                         peers.PeerCode("f-fine", "Fake SGD", "fakepeerlib", ("Fine",))))
+    code, data = _bench(tmp_path, "--model", "gpt", "--methods", "agd", "--frameworks", "torch", "--peers")
+    assert code == 0
+    by = _by(data["results"]["gpt"])
+    assert by["torch", "Fake crash"]["crashed"] == "RuntimeError" and "median_ms" not in by["torch", "Fake crash"]
+    assert by["torch", "Fake SGD"]["ratios"]["torch AdamW(fused)"] > 0 and "cost" not in by["torch", "Fake SGD"]
+    out = capsys.readouterr().out
+    assert "| torch | Fake crash | crashes: RuntimeError |" in out and "crashes: RuntimeError: inductor said no" in out
+    assert data["settings"]["peers"] == {"peers": ["f-crash", "f-fine"], "compile": "library"}
+
+
+def test_peers_with_the_extra_give_rows(tmp_path):
+    """With HeavyBall installed, its AdamW and Muon run on the tiny GPT (eagerly: compiling takes minutes)."""
+    pytest.importorskip("heavyball")
+    code, data = _bench(tmp_path, "--model", "gpt", "--methods", "agd", "--frameworks", "torch",
+                        "--peers", "hb-adamw,hb-muon", "--peer-compile", "off")
+    assert code == 0
+    by = _by(data["results"]["gpt"])
+    for label in ("HeavyBall AdamW", "HeavyBall Muon"):
+        row = by["torch", label]
+        assert row["method"] == "peer" and row["library"].startswith("heavyball ")
+        assert row["median_ms"] > 0 and row["ratios"]["torch AdamW(fused)"] > 0 and math.isfinite(row["last_loss"])

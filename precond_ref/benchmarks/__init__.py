@@ -101,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", default="results", help="output directory for bench.json (default results)")
     add("--readme", action="store_true",
         help=f"also store this run in {README_DATA} and rewrite the README's performance block (run from the repository root)")
+    add("--peers", nargs="?", const="all", default=None, metavar="KEYS",
+        help="also time other libraries' optimizers beside ours (HeavyBall's AdamW, Muon, SOAP, PSGDKron, KLShampoo; "
+        "pytorch_optimizer's Shampoo and SOAP where it imports): all, or some of hb-adamw, hb-muon, hb-soap, "
+        "hb-psgdkron, hb-klshampoo, po-shampoo, po-soap; the optional extra, pip install 'precond-ref[peers]'")
+    add("--peer-compile", choices=("library", "off"), default="library",
+        help="library (default): HeavyBall compiles as it does by default; off: its steps run eagerly")
     add("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -159,6 +165,7 @@ def _size(args: argparse.Namespace, torch_device: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import cost as cost_module
     from . import layers, models
     from . import report as report_module
     from ..compare import _prepare_out_dir, _thread_limit
@@ -169,6 +176,15 @@ def run(args: argparse.Namespace) -> int:
     if not chosen:
         raise UserError("no method to benchmark (the baselines are always measured)")
     frameworks = _check_frameworks(args.frameworks, args.model)
+    peers: Any = None
+    if getattr(args, "peers", None):
+        from . import peers as peers_module
+
+        if "torch" not in frameworks:
+            raise UserError("--peers times torch optimizers: include torch in --frameworks")
+        peers = peers_module.select(args.peers)
+        peers_module.check_available(peers)
+        peers_module.set_compile(args.peer_compile)
     if args.model == "layers":
         cases = layers.parse_cases(args.cases) if args.cases else dict(layers.QUICK_CASES if args.quick else layers.CASES)
     if args.readme and not os.path.exists("README.md"):
@@ -224,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with limit:
             machine_info = machine(torch_device, frameworks)  # inside the limit: it records the thread counts
+            rates = cost_module.machine_rates(torch_device, args.dtype, quick=args.quick)
+            itemsize = 8 if args.dtype == "float64" else 4
             if args.model == "layers":
                 if "torch" in frameworks:
                     n = 64 if args.quick else layers.EIGH_SIZE
@@ -232,8 +250,10 @@ def run(args: argparse.Namespace) -> int:
                     if bar is not None:
                         bar.set_postfix(case=case)
                     results[case], skipped_here = layers.bench_case(
-                        chosen, spec, frameworks, reference=reference, settle=not args.quick, **common
+                        chosen, spec, frameworks, reference=reference, settle=not args.quick, peers=peers, **common
                     )
+                    shapes = [(n, tuple(p.shape)) for n, p in layers.case_module(spec, torch.float32, "cpu").named_parameters()]
+                    cost_module.add_costs(results[case], shapes, itemsize, rates, torch_device)
                     authors_skipped = list(dict.fromkeys(authors_skipped + skipped_here))
                     _print_table(report_module, case, results[case], bar)
                 settings["cases"] = {k: list(v) for k, v in cases.items()}
@@ -243,7 +263,14 @@ def run(args: argparse.Namespace) -> int:
                 module = models.build_torch(args.model, size, getattr(torch, args.dtype), "cpu")
                 settings.update(size=size_name, model=size, model_description=models.describe(args.model, size, module))
                 settings["batch_size_for_root_free"] = models.batch_size_of(args.model, size)
-                results[args.model], authors_skipped = models.bench_model(args.model, size, chosen, frameworks, **common)
+                results[args.model], authors_skipped = models.bench_model(
+                    args.model, size, chosen, frameworks, peers=peers, **common
+                )
+                shapes = [(n, tuple(p.shape)) for n, p in module.named_parameters()]
+                cost_module.add_costs(
+                    results[args.model], shapes, itemsize, rates, torch_device,
+                    cost_module.forward_backward(args.model, size, itemsize),
+                )
                 _print_table(report_module, args.model, results[args.model], bar)
     finally:
         if bar is not None:
@@ -253,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
     settings.update(
         kind=args.model, frameworks=frameworks, dtype=args.dtype, warmup=warmup, repeats=repeats, budget_s=budget,
         rounds=args.rounds, threads=args.threads, torch_compile=args.torch_compile, variants=args.variants,
+        peers=None if peers is None else {"peers": [p.key for p in peers], "compile": args.peer_compile},
         hyperparameters={c.key: c.entry.bench_kwargs() for c in chosen},
     )
     report = {
@@ -263,12 +291,14 @@ def run(args: argparse.Namespace) -> int:
         "total_s": total,
         "skipped": skipped + [{"method": "authors", "reason": n} for n in authors_skipped],
         "reference": reference,
+        "rates": rates,
         "results": results,
     }
     if reference is not None:
         print(f"yardstick: {reference['label']}: median {reference['median_ms']:.3g} ms, mean {reference['mean_ms']:.3g} ms "
               "(the 'mean x eigh' column)")
     print(report_module.summary_line(report))
+    print(report_module.rates_line(rates))
     for note in skipped:
         print(f"skipped {note['method']}: {note['reason']}")
     for note in authors_skipped:
@@ -282,6 +312,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{where}: FAILED: {row['error']}")
             if "skipped" in row:
                 print(f"{where}: skipped: {row['skipped']}")
+            if "crashed" in row:
+                print(f"{where}: crashes: {row['crashed']}: {row.get('crash_message', '')}")
     _write(os.path.join(out_dir, "bench.json"), report)
     print(f"numbers: {os.path.join(out_dir, 'bench.json')}")
     if args.readme:

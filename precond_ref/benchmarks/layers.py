@@ -126,12 +126,14 @@ def bench_case(
     progress: Optional[Callable[[str], None]] = None,
     rounds: int = 1,
     settle: bool = True,
+    peers: Any = None,
 ) -> tuple[list[dict], list[str]]:
     """Rows of one layer case (per framework: its baselines first, then every contender, then the
     authors' code for torch), and the reasons the authors' code was skipped. The torch rows'
     ``reference_ratio`` is their mean over the mean of ``reference`` (the eigh yardstick). With
     ``settle``, our torch optimizers that compile a small group after some eager steps by default
-    are timed after those steps (see :func:`~.measure.torch_measure`)."""
+    are timed after those steps (see :func:`~.measure.torch_measure`). With ``peers``, the torch
+    section also holds the other libraries' rows (:mod:`~.peers`)."""
     import torch
 
     tdtype = getattr(torch, dtype)
@@ -168,6 +170,12 @@ def bench_case(
         if framework == "torch" and with_authors:
             authors, skipped = authors_rows(contenders, torch_measure_, BATCH_SIZE, timing)
             section.extend(authors)
+        if framework == "torch" and peers:
+            from .peers import peer_rows
+
+            others, notes = peer_rows(torch_measure_, timing, tuple(peers))
+            section.extend(others)
+            skipped = skipped + notes
         add_ratios(section, reference if framework == "torch" else None)
         rows.extend(section)
     return rows, skipped

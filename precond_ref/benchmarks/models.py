@@ -309,9 +309,11 @@ def bench_model(
     with_authors: bool = True,
     progress: Optional[Callable[[str], None]] = None,
     rounds: int = 1,
+    peers: Any = None,
 ) -> tuple[list[dict], list[str]]:
     """Rows of one model (per framework: its baselines, every contender, the authors' code for
-    torch), timing whole training steps, and the reasons the authors' code was skipped."""
+    torch, with ``peers`` the other libraries' optimizers), timing whole training steps, and the
+    reasons the authors' (or a peer's) code was skipped."""
     import torch
 
     from .authors import authors_rows
@@ -344,6 +346,12 @@ def bench_model(
         if framework == "torch" and with_authors:
             authors, skipped = authors_rows(contenders, torch_measure_, batch_size, timing)
             section.extend(authors)
+        if framework == "torch" and peers:
+            from .peers import peer_rows
+
+            others, notes = peer_rows(torch_measure_, timing, tuple(peers))
+            section.extend(others)
+            skipped = skipped + notes
         add_ratios(section)
         rows.extend(section)
     return rows, skipped
