@@ -444,16 +444,27 @@ def mbf(
 
     # ``cond`` branches are made once per (namespace, kinds): JAX caches a traced branch by the
     # function's identity, so a fresh closure per call would trace it again on every eager step.
-    @functools.cache
-    def statistic_branches(xp: Any, kind: str) -> tuple[Callable, Callable]:
-        return (lambda f, n, g, rho: _ema_statistic(xp, kind, f, n, g, rho, chunks), lambda f, n, g, rho: (f, n))
+    # A dict keyed by the namespace's id, not ``functools.cache``: dynamo warns on every
+    # lru_cache-wrapped call it traces, and cannot compare modules as dict keys.
+    branches: dict[tuple, tuple[Callable, Callable]] = {}
 
-    @functools.cache
+    def statistic_branches(xp: Any, kind: str) -> tuple[Callable, Callable]:
+        key = ("statistic", id(xp), kind)
+        if key not in branches:
+            branches[key] = (
+                lambda f, n, g, rho: _ema_statistic(xp, kind, f, n, g, rho, chunks),
+                lambda f, n, g, rho: (f, n),
+            )
+        return branches[key]
+
     def inverse_branches(xp: Any, kinds: tuple[str, ...]) -> tuple[Callable, Callable]:
-        return (
-            lambda f, inv, n: _refresh_inverses(xp, kinds, f, inv, n, damping, block_inverse),
-            lambda f, inv, n: (inv, n),
-        )
+        key = ("inverse", id(xp), kinds)
+        if key not in branches:
+            branches[key] = (
+                lambda f, inv, n: _refresh_inverses(xp, kinds, f, inv, n, damping, block_inverse),
+                lambda f, inv, n: (inv, n),
+            )
+        return branches[key]
 
     def diagonal_rule(xp: Any, g: Array, state: dict, ctx: StepContext) -> tuple[Array, dict]:
         r"""The authors' Adam-like rule for conv biases and normalisation parameters:
