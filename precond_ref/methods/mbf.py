@@ -2,7 +2,6 @@ r"""MBF: mini-block Fisher preconditioning (Bahamou, Goldfarb, Ren, AISTATS 2023
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Iterable, Optional, Sequence
 
