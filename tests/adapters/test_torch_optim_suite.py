@@ -78,20 +78,7 @@ def test_forloop_goes_right_direction(name, contiguous, with_lrsched):
             bias = torch.nn.Parameter(torch.randn(10, 2)[..., 0])
         x = torch.randn(5)
         opt = cls([weight, bias], **kwargs)
-        schedulers = _schedulers(opt, with_lrsched)
-
-        def closure():
-            opt.zero_grad()
-            loss = (weight.mv(x) + bias).pow(2).sum()
-            loss.backward()
-            return loss
-
-        initial = closure().item()
-        for _ in range(20):
-            loss = opt.step(closure)
-            for scheduler in schedulers:
-                scheduler.step(loss) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
-        assert closure().item() < initial, (seed, initial, closure().item())
+        _descends(opt, weight, bias, x, _schedulers(opt, with_lrsched))
 
 
 @each_case
