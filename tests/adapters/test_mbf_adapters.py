@@ -124,17 +124,24 @@ def _sampled_label_closure(model, batches):
     return closure
 
 
+def _grads_by_name(model, closure, calls):
+    """The gradients of ``calls`` runs of ``closure``, one dict (parameter name -> gradient) each;
+    the model's gradients are left unset afterwards."""
+    grad_dicts = []
+    for _ in range(calls):
+        model.zero_grad()
+        closure()
+        grad_dicts.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    model.zero_grad(set_to_none=True)
+    return grad_dicts
+
+
 def test_torch_warm_start_from_dicts_and_from_a_closure_agree_with_core():
     model = _cnn()
     batches = [_batch(s) for s in range(3)]
     # Gradients with sampled labels, collected by hand (names as keys) ...
     closure = _sampled_label_closure(model, batches)
-    grad_dicts = []
-    for _ in batches:
-        model.zero_grad()
-        closure()
-        grad_dicts.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    model.zero_grad(set_to_none=True)
+    grad_dicts = _grads_by_name(model, closure, len(batches))
     opt_dicts = pt.MBF(model.named_parameters(), lr=1e-3)
     opt_dicts.warm_start(grad_dicts)
     # ... and by the closure form.
@@ -238,12 +245,7 @@ def test_torch_warm_start_follows_the_core_schedule(resume):
     kwargs = dict(damping=0.1, weight_decay=1e-2, statistics_every=2, precondition_every=3)
     batches = [_batch(s) for s in range(3)]
     closure = _sampled_label_closure(model, batches)
-    grad_dicts = []
-    for _ in batches:
-        model.zero_grad()
-        closure()
-        grad_dicts.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    model.zero_grad(set_to_none=True)
+    grad_dicts = _grads_by_name(model, closure, len(batches))
     opt = pt.MBF(model.named_parameters(), lr=1e-2, **kwargs)
     opt.warm_start(grad_dicts)
     if resume:
