@@ -117,14 +117,8 @@ def _unpack(owner: str, arg: _Arg, value: Any) -> tuple:
 
 
 def _torch_class(
-    name: str,
-    core_factory: Callable,
-    doc: str,
-    arguments: tuple,
-    *,
-    base: type = CoreOptimizer,
-    compile_by_default: bool = False,
-    derive: Optional[Callable[[dict], dict]] = None,
+    name: str, core_factory: Callable, doc: str, arguments: tuple, *, base: type = CoreOptimizer,
+    compile_by_default: bool = False, derive: Optional[Callable[[dict], dict]] = None,
 ) -> type:
     """A row of the table as a class: ``__init__`` with the row's signature (bound, then
     ``params``/``model``/``compile``/``capturable`` to ``base``'s constructor and every other
@@ -430,14 +424,22 @@ _FALLBACK = (
 )
 
 
+#: The root-free methods' batch size B and the model whose forward passes can count it.
+_BATCH = (_Arg("batch_size", None, "Optional[int]"), _MODEL)
+_ROOT_FREE_TAIL = (
+    _Arg("initial_scale", 1.0, "float"),
+    _Arg("scale_by_batch_size", True, "bool"),
+    _Arg("state_dtype", None, "Optional[torch.dtype]"),
+    *_MODE,
+)
+
+
 def _lr(default: float, annotation: str = "float") -> _Arg:
     return _Arg("lr", default, annotation, "learning_rate")
 
 
 AGD = _torch_class(
-    "AGD",
-    pr.agd,
-    """AGD (Yue et al., NeurIPS 2023) as a ``torch.optim.Optimizer``; see :func:`precond_ref.agd`.
+    "AGD", pr.agd, """AGD (Yue et al., NeurIPS 2023) as a ``torch.optim.Optimizer``; see :func:`precond_ref.agd`.
 
     The arguments are the authors' (atorch ``AGD``), so this is a drop-in replacement for their
     class: ``weight_decouple=True`` is decoupled decay, ``fixed_decay=True`` with it is fixed decay,
@@ -461,9 +463,7 @@ AGD = _torch_class(
 )
 
 ASGO = _torch_class(
-    "ASGO",
-    pr.asgo,
-    """ASGO (An et al., arXiv 2503.20762) as a ``torch.optim.Optimizer``; see :func:`precond_ref.asgo`.
+    "ASGO", pr.asgo, """ASGO (An et al., arXiv 2503.20762) as a ``torch.optim.Optimizer``; see :func:`precond_ref.asgo`.
 
     ``betas=(b1, b2)``: momentum and statistic EMA. ``damping``, ``eps`` and ``root_method`` set
     to ``None`` mean the mode's default. Parameters with fewer than 2 dimensions go to the built-in
@@ -493,9 +493,7 @@ ASGO = _torch_class(
 )
 
 DASGO = _torch_class(
-    "DASGO",
-    pr.dasgo,
-    """DASGO (diagonal ASGO) as a ``torch.optim.Optimizer``; see :func:`precond_ref.dasgo`.
+    "DASGO", pr.dasgo, """DASGO (diagonal ASGO) as a ``torch.optim.Optimizer``; see :func:`precond_ref.dasgo`.
 
     Arguments as :class:`ASGO`; ``eps`` sits inside the square root of the column statistic.
     """,
@@ -516,9 +514,7 @@ DASGO = _torch_class(
 )
 
 RFRMSProp = _torch_class(
-    "RFRMSProp",
-    pr.rf_rmsprop,
-    """RF-RMSProp (Lin et al., ICML 2024) as a ``torch.optim.Optimizer``; see :func:`precond_ref.rf_rmsprop`.
+    "RFRMSProp", pr.rf_rmsprop, """RF-RMSProp (Lin et al., ICML 2024) as a ``torch.optim.Optimizer``; see :func:`precond_ref.rf_rmsprop`.
 
     ``alpha`` is the EMA decay (core ``b2``), as in ``torch.optim.RMSprop`` and the authors'
     ``MyRmsProp``. The learning rate is on SGD's scale (the statistic starts at 1).
@@ -532,21 +528,15 @@ RFRMSProp = _torch_class(
         _Arg("damping", 1e-4, "float"),
         _Arg("momentum", 0.0, "float"),
         _Arg("weight_decay", 0.0, "float"),
-        _Arg("batch_size", None, "Optional[int]"),
-        _MODEL,
-        _Arg("initial_scale", 1.0, "float"),
-        _Arg("scale_by_batch_size", True, "bool"),
-        _Arg("state_dtype", None, "Optional[torch.dtype]"),
-        *_MODE,
+        *_BATCH,
+        *_ROOT_FREE_TAIL,
     ),
     base=_RootFreeOptimizer,
     compile_by_default=True,
 )
 
 RFAdamW = _torch_class(
-    "RFAdamW",
-    pr.rf_adamw,
-    """RF-AdamW — an extra, **not in the paper** (added to the authors' repository afterwards);
+    "RFAdamW", pr.rf_adamw, """RF-AdamW — an extra, **not in the paper** (added to the authors' repository afterwards);
     see :func:`precond_ref.rf_adamw`. Batch size as in :class:`RFRMSProp`.""",
     (
         _Arg("params", _REQUIRED, "Any"),
@@ -554,22 +544,16 @@ RFAdamW = _torch_class(
         _Arg("betas", (0.9, 0.999), "tuple[float, float]", _BETAS),
         _Arg("damping", 1e-4, "float"),
         _Arg("weight_decay", 0.0, "float"),
-        _Arg("batch_size", None, "Optional[int]"),
-        _MODEL,
+        *_BATCH,
         _Arg("bias_correction", False, "bool"),
-        _Arg("initial_scale", 1.0, "float"),
-        _Arg("scale_by_batch_size", True, "bool"),
-        _Arg("state_dtype", None, "Optional[torch.dtype]"),
-        *_MODE,
+        *_ROOT_FREE_TAIL,
     ),
     base=_RootFreeOptimizer,
     compile_by_default=True,
 )
 
 IFShampoo = _torch_class(
-    "IFShampoo",
-    pr.if_shampoo,
-    """IF-Shampoo (Lin et al., ICML 2024; SIRFShampoo) as a ``torch.optim.Optimizer``; see
+    "IFShampoo", pr.if_shampoo, """IF-Shampoo (Lin et al., ICML 2024; SIRFShampoo) as a ``torch.optim.Optimizer``; see
     :func:`precond_ref.if_shampoo`. Matrix products only, so ``factor_dtype=torch.bfloat16`` works.
 
     ``batch_size``: the number of examples the loss **averages** over (not summed); or pass
@@ -586,8 +570,7 @@ IFShampoo = _torch_class(
         _Arg("preconditioner_momentum", 0.5, "float"),
         _Arg("damping", 1e-3, "float"),
         _Arg("weight_decay", 0.0, "float"),
-        _Arg("batch_size", None, "Optional[int]"),
-        _MODEL,
+        *_BATCH,
         _Arg("precondition_every", None, "Any"),
         _Arg("structures", "dense", "Any"),
         _Arg("max_dense_dim", None, "Optional[int]"),
@@ -601,9 +584,7 @@ IFShampoo = _torch_class(
 )
 
 MBF = _torch_class(
-    "MBF",
-    pr.mbf,
-    """MBF, mini-block Fisher (Bahamou, Goldfarb, Ren, AISTATS 2023); see :func:`precond_ref.mbf`.
+    "MBF", pr.mbf, """MBF, mini-block Fisher (Bahamou, Goldfarb, Ren, AISTATS 2023); see :func:`precond_ref.mbf`.
 
     Pass ``model.named_parameters()`` (or plain parameters with ``model=``) so that each Linear's
     ``weight`` is paired with its ``bias`` (the bias becomes the homogeneous column of the layer's
@@ -643,9 +624,7 @@ MBF = _torch_class(
 )
 
 Sketchy = _torch_class(
-    "Sketchy",
-    pr.sketchy,
-    """Sketchy / FD-Shampoo (Feinberg et al., NeurIPS 2023) as a ``torch.optim.Optimizer``; see
+    "Sketchy", pr.sketchy, """Sketchy / FD-Shampoo (Feinberg et al., NeurIPS 2023) as a ``torch.optim.Optimizer``; see
     :func:`precond_ref.sketchy`.
 
     ``beta2`` is the decay of the sketched statistics (the core's ``b2``), ``graft_beta2`` that of
@@ -679,9 +658,7 @@ Sketchy = _torch_class(
 )
 
 SAdaGrad = _torch_class(
-    "SAdaGrad",
-    pr.s_adagrad,
-    """S-AdaGrad (Feinberg et al., NeurIPS 2023): full-matrix AdaGrad with a Frequent Directions
+    "SAdaGrad", pr.s_adagrad, """S-AdaGrad (Feinberg et al., NeurIPS 2023): full-matrix AdaGrad with a Frequent Directions
     sketch, as a ``torch.optim.Optimizer``; see :func:`precond_ref.s_adagrad`. ``beta2`` is the
     core's ``b2`` (1 = AdaGrad's sum).""",
     (
