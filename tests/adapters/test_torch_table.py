@@ -230,3 +230,12 @@ def test_positional_arguments_land_in_their_group_entries():
     assert rf.defaults["batch_size"] == 8 and rf._model_names == {q: n for n, q in model.named_parameters()}
     with pytest.raises(TypeError, match="unexpected keyword|got an unexpected"):
         pt.AGD([p], model=model)
+
+
+@pytest.mark.parametrize("betas", [(0.9,), (0.9, 0.99, 0.999), 0.9])
+def test_a_pair_of_the_wrong_length_names_the_argument(betas):
+    """A torch argument the table unpacks into several core arguments (``betas`` -> ``b1, b2``)
+    must hold exactly that many values; otherwise the error names the class and the argument."""
+    p = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"AGD: betas must hold 2 values \(b1, b2\)"):
+        pt.AGD([p], betas=betas)
