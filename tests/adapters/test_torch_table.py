@@ -239,3 +239,26 @@ def test_a_pair_of_the_wrong_length_names_the_argument(betas):
     p = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"AGD: betas must hold 2 values \(b1, b2\)"):
         pt.AGD([p], betas=betas)
+
+
+def test_defaults_torch_adds_on_restore_are_neither_kept_nor_asked_of_a_checkpoint():
+    """torch's ``Optimizer.__setstate__`` adds ``differentiable`` to ``defaults``
+    (``_torch_state.TORCH_ADDED_DEFAULTS``). A deep copy keeps the original's defaults, and an
+    optimizer that has the entry (restored by torch's own ``__setstate__``, as a wrapper may do)
+    still loads a scheduler's checkpoint, whose group has ``initial_lr`` and lacks ``differentiable``
+    (a group with unknown keys that lacks a known one is otherwise refused as another optimizer's)."""
+    import copy
+
+    p = torch.nn.Parameter(torch.ones(2, 3, dtype=torch.float64))
+    opt = pt.AGD([("w", p)], compile=False)
+    assert "differentiable" not in copy.deepcopy(opt).defaults
+    p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    saved["param_groups"][0]["initial_lr"] = 1e-3  # as torch's LR schedulers store it
+    restored = pt.AGD([("w", torch.nn.Parameter(torch.ones(2, 3, dtype=torch.float64)))], compile=False)
+    torch.optim.Optimizer.__setstate__(restored, dict(restored.__dict__))
+    assert "differentiable" in restored.defaults
+    restored.load_state_dict(saved)
+    assert restored.param_groups[0]["initial_lr"] == 1e-3
+    assert torch.equal(restored.state[restored.param_groups[0]["params"][0]]["step"], opt.state[p]["step"])
