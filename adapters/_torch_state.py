@@ -2,11 +2,16 @@
 
 :class:`~precond_ref.adapters.torch.CoreOptimizer` delegates here for
 
-* parameter names (``model.named_parameters()``, torch's ``param_names``),
+* parameter names (``model.named_parameters()``, torch's ``param_names``), the core path a name
+  becomes (:func:`param_path`) and the nested tree of paths (:func:`nest`),
 * ``copy.deepcopy`` and pickling (``__getstate__`` / ``__setstate__``),
 * ``state_dict`` (callable hyperparameters are configuration and stay out of it),
 * a validating, atomic ``load_state_dict``,
 * error messages that name the torch argument (``lr``) rather than the core's (``learning_rate``).
+
+This module imports nothing of the adapter's (it sits below ``_torch_core``): what it needs of an
+optimizer class, it is given — ``load_state_dict`` a *builder* (param group -> core transform),
+``build_transform`` the class's core factory and ``core_kwargs``.
 
 What a checkpoint holds (``state_dict()``): torch's layout, ``{"state": {index: entries},
 "param_groups": [...]}``. Every parameter's entries have ``"step"`` and ``"nonfinite_count"``
@@ -19,17 +24,13 @@ from __future__ import annotations
 import copy
 import math
 import re
-import types
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from precond_ref.tree import path_str
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .torch import CoreOptimizer
 
 STEP, NONFINITE = "step", "nonfinite_count"
 CALLS, HEAD = "calls", "core_group"
@@ -38,6 +39,11 @@ BOOKKEEPING = (STEP, NONFINITE, CALLS, HEAD)
 _TORCH_TRANSIENT = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+#: Entries that torch's ``Optimizer.__setstate__`` adds to ``defaults`` of an optimizer restored
+#: from a pickle or a deep copy (accelerate's ``prepare`` makes one). They are not this adapter's
+#: hyperparameters: :func:`setstate` drops them again (a copy keeps the original's defaults) and
+#: :func:`load_state_dict` does not ask a checkpoint for them.
+TORCH_ADDED_DEFAULTS = ("differentiable",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,6 +89,36 @@ def names_from_groups(groups: list[dict], base: Optional[dict] = None) -> dict:
     return names
 
 
+def param_path(names: dict, inputs_first: frozenset, p: torch.Tensor, index: int) -> tuple:
+    """The core path of parameter ``p``, the ``index``-th of the optimizer: its dotted name split
+    (``"fc1.weight"`` -> ``("fc1", "weight")``, which is what weight/bias pairing reads), or
+    ``("param<index>",)`` when it has none. A weight in ``inputs_first`` (inputs x outputs, as
+    transformers' ``Conv1D``) is named ``"kernel"``, the core's name for an out-last weight."""
+    name = names.get(p)
+    if not name:
+        return (f"param{index}",)
+    path = tuple(name.split("."))
+    if p in inputs_first and path[-1] == "weight":
+        return path[:-1] + ("kernel",)
+    return path
+
+
+def nest(paths: list[tuple], leaves: list[Any]) -> dict:
+    """The nested dict that holds each leaf at its path; names that clash (one a prefix of
+    another, or two the same) raise ``ValueError`` naming the dotted name."""
+    tree: dict = {}
+    for path, leaf in zip(paths, leaves):
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"parameter names clash at {'.'.join(path)!r}")
+        if path[-1] in node:
+            raise ValueError(f"two parameters share the name {'.'.join(path)!r}")
+        node[path[-1]] = leaf
+    return tree
+
+
 def param_label(names: dict, p: torch.Tensor, index: int) -> str:
     """How errors name a parameter: its name when known, else its index in ``state_dict()``."""
     name = names.get(p)
@@ -103,7 +139,7 @@ class _Probe:
         return True
 
 
-def torch_names(opt: "CoreOptimizer", group: dict) -> dict[str, str]:
+def torch_names(core_kwargs: Callable[[dict], dict], group: dict) -> dict[str, str]:
     """core argument name -> torch argument name, found by running ``core_kwargs`` on probes."""
     probe: dict[str, Any] = {}
     for key, value in group.items():
@@ -114,7 +150,7 @@ def torch_names(opt: "CoreOptimizer", group: dict) -> dict[str, str]:
         else:
             probe[key] = _Probe(key)
     try:
-        kwargs = opt.core_kwargs(probe)
+        kwargs = core_kwargs(probe)
     except Exception:  # a core_kwargs that computes with the values: no translation
         return {}
     return {core: value.name for core, value in kwargs.items() if isinstance(value, _Probe) and value.name != core}
@@ -127,32 +163,33 @@ def translate_error(message: str, names: dict[str, str]) -> str:
     return message
 
 
-def build_transform(opt: "CoreOptimizer", group: dict, **overrides: Any) -> Any:
+def build_transform(core_factory: Callable[..., Any], core_kwargs: Callable[[dict], dict], group: dict,
+                    **overrides: Any) -> Any:
     """``core_factory(**core_kwargs(group), **overrides)``; invalid values raise naming the torch argument."""
     try:
-        return type(opt).core_factory(**{**opt.core_kwargs(group), **overrides})
+        return core_factory(**{**core_kwargs(group), **overrides})
     except (ValueError, TypeError) as error:
-        message = translate_error(str(error), torch_names(opt, group))
+        message = translate_error(str(error), torch_names(core_kwargs, group))
         if message == str(error):
             raise
         raise type(error)(message) from error
 
 
-def check_learning_rate(opt: "CoreOptimizer", lr: Any) -> None:
+def check_learning_rate(owner: str, lr: Any) -> None:
     """A Python ``lr`` written into a param group (by a scheduler or by hand) is a non-negative number."""
     from precond_ref.transform import check_learning_rate as check
 
     try:
         check("lr", lr)
     except ValueError as error:
-        raise ValueError(f"{type(opt).__name__}: {error}") from None
+        raise ValueError(f"{owner}: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------
 # deepcopy / pickle
 
 
-def getstate(opt: "CoreOptimizer") -> dict:
+def getstate(opt: torch.optim.Optimizer) -> dict:
     """torch's ``defaults``/``state``/``param_groups`` plus the adapter's own attributes.
 
     Compiled transforms (``_transforms`` and the names in ``_transient_attributes``) are rebuilt
@@ -162,12 +199,13 @@ def getstate(opt: "CoreOptimizer") -> dict:
     return {k: v for k, v in opt.__dict__.items() if k not in skip}
 
 
-def setstate(opt: "CoreOptimizer", state: dict) -> None:
-    # torch's __setstate__ adds "differentiable" to defaults; a copy keeps the original's defaults.
-    had_differentiable = "differentiable" in state.get("defaults", {})
+def setstate(opt: torch.optim.Optimizer, state: dict) -> None:
+    """torch's ``__setstate__``, less the :data:`TORCH_ADDED_DEFAULTS` it adds (a copy keeps the
+    original's defaults); the transient attributes start empty."""
+    added = [k for k in TORCH_ADDED_DEFAULTS if k not in state.get("defaults", {})] if "defaults" in state else []
     torch.optim.Optimizer.__setstate__(opt, state)
-    if not had_differentiable and "defaults" in state:
-        opt.defaults.pop("differentiable", None)
+    for key in added:
+        opt.defaults.pop(key, None)
     opt.__dict__.setdefault("_param_names", names_from_groups(opt.param_groups))
     opt.__dict__.setdefault("_behind", set())
     for name in opt._transient_attributes:
@@ -205,8 +243,12 @@ def _counter(value: Any, what: str, device: torch.device, dtype: torch.dtype) ->
     return torch.tensor(int(number), dtype=dtype, device=device)
 
 
-def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
-    """Validate ``state_dict`` completely, then load it; on any error nothing changes.
+def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callable[[dict], Any]) -> None:
+    """Validate ``state_dict`` completely, then load it into ``opt``; on any error nothing changes.
+
+    ``build(group)`` makes a param group's core transform (raising ``ValueError``/``TypeError``
+    that names the torch argument for invalid hyperparameters): the optimizer's own, given here
+    so that this module needs nothing of the optimizer's class.
 
     Checks, each error naming the parameter: the number and sizes of param groups; param-group
     keys this class does not take are kept (as torch keeps them: schedulers store ``initial_lr`` and
@@ -241,10 +283,9 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
     # A group that has such keys *and* lacks one this class takes (other than callables, which
     # ``state_dict`` leaves out) is another optimizer's: refused.
     allowed = set(opt.defaults) | {"params", "param_names"}
-    # ``differentiable`` is left out: torch's ``Optimizer.__setstate__`` adds it to the defaults of
-    # an optimizer restored from a pickle or a deep copy (accelerate's ``prepare`` makes one).
     expected = {
-        k for k, v in opt.defaults.items() if k != "differentiable" and not (callable(v) and not isinstance(v, torch.Tensor))
+        k for k, v in opt.defaults.items()
+        if k not in TORCH_ADDED_DEFAULTS and not (callable(v) and not isinstance(v, torch.Tensor))
     }
     new_groups = []
     for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
@@ -267,13 +308,13 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
     names = names_from_groups(new_groups, base)
 
     # Every param group's hyperparameters must build a transform (errors name torch arguments).
-    # Paths as the step will see them, under the loaded names (``_path`` reads only the names).
-    named = types.SimpleNamespace(_param_names=names, _inputs_first=getattr(opt, "_inputs_first", frozenset()))
-    path_of = lambda p, i: type(opt)._path(named, p, i)  # noqa: E731
+    # Paths as the step will see them, under the loaded names.
+    inputs_first = getattr(opt, "_inputs_first", frozenset())
+    path_of = lambda p, i: param_path(names, inputs_first, p, i)  # noqa: E731
     transforms = []
     for gi, group in enumerate(new_groups):
         try:
-            transforms.append(build_transform(opt, group))
+            transforms.append(build(group))
         except (ValueError, TypeError) as error:
             unknown = sorted(set(saved_groups[gi]) - allowed)
             foreign = (f" (the group also has {unknown}, which {cls} does not take: a state_dict of another optimizer?)"
@@ -321,7 +362,7 @@ def load_state_dict(opt: "CoreOptimizer", state_dict: dict) -> None:
             if calls == 0 and not any(m[3].get(HEAD) for m in members):
                 continue  # counters only: the first step makes the state
             # stepped, or warm-started (MBF.warm_start: state made before the first call)
-            _check_core_state(opt, path_of, transform, members, where, hint)
+            _check_core_state(path_of, transform, members, where, hint)
 
     # Commit: nothing above touched the optimizer.
     opt.__setstate__({"state": new_state, "param_groups": new_groups})
@@ -345,11 +386,11 @@ def _saved_ids(saved_groups: list, new_groups: list, group: dict) -> list:
     return saved_groups[next(i for i, g in enumerate(new_groups) if g is group)]["params"]
 
 
-def _check_core_state(opt: "CoreOptimizer", path_of: Any, transform: Any, members: list, where: str, hint: str) -> None:
+def _check_core_state(path_of: Any, transform: Any, members: list, where: str, hint: str) -> None:
     """Check the saved state of parameters stepped together against ``transform.init``'s layout,
     and put each tensor into the dtype/device ``init`` gives it (in ``members``' entries)."""
     paths = [path_of(p, i) for i, p, _, _ in members]
-    expected = transform.init(opt._tree(paths, [p.detach() for _, p, _, _ in members]))
+    expected = transform.init(nest(paths, [p.detach() for _, p, _, _ in members]))
     by_key = {path_str(path): member for path, member in zip(paths, members)}
     heads = set()
     for key, arrays in expected.groups.items():

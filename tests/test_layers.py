@@ -107,8 +107,9 @@ def test_the_graph_sees_the_known_imports():
     assert "precond_ref._backend" in GRAPH["precond_ref.linalg"]  # from ._backend import
     assert "precond_ref.methods" in GRAPH["precond_ref"]  # from .methods import a name
     assert "precond_ref.compare.digits" in GRAPH["precond_ref.compare.training"]  # from . import a module
-    assert "precond_ref.transform" in GRAPH["precond_ref.adapters.torch"]  # from precond_ref.transform import
-    assert "precond_ref.adapters._torch_state" in GRAPH["precond_ref.adapters.torch"]  # from . import _torch_state
+    assert "precond_ref.transform" in GRAPH["precond_ref.adapters._torch_core"]  # from precond_ref.transform import
+    assert "precond_ref.adapters._torch_state" in GRAPH["precond_ref.adapters._torch_core"]  # from . import _torch_state
+    assert "precond_ref.adapters._torch_core" in GRAPH["precond_ref.adapters.torch"]  # from ._torch_core import
 
 
 @pytest.mark.parametrize("module", BOTTOM)
@@ -128,9 +129,27 @@ def test_backend_imports_nothing_from_the_package():
     assert imported <= {"__future__", "contextlib", "numbers", "sys", "typing", "array_api_compat"}, imported
 
 
-def test_no_import_circle_among_the_core_modules():
-    """No circle of imports among ``precond_ref``'s own modules (the adapters are left out for now:
-    ``adapters/torch.py`` and ``adapters/_torch_state.py`` still import each other)."""
-    core = {m: {t for t in edges if not t.startswith("precond_ref.adapters")}
-            for m, edges in GRAPH.items() if not m.startswith("precond_ref.adapters")}
-    assert cycles(core) == []
+def test_no_import_circle_in_the_house():
+    """No circle of imports among the modules of ``precond_ref`` and its adapters (issue 32, "the
+    house has no import circle"): the torch adapter's modules stack ``_torch_state``,
+    ``_torch_compile`` -> ``_torch_core`` -> ``torch`` -> ``torch_distributed``."""
+    assert cycles(GRAPH) == []
+
+
+def test_the_torch_adapter_modules_import_downwards_only():
+    """The layering the torch adapter is written in (item 5 of issue 32): the state and compile
+    helpers import no other module of the adapter's; ``_torch_core`` (``CoreOptimizer``) imports
+    them and nothing above; ``torch`` (the method table) does not import the distributed classes."""
+    adapters = {m: {t for t in GRAPH[m] if t.startswith("precond_ref.adapters.")} for m in GRAPH
+                if m.startswith("precond_ref.adapters.")}
+    assert adapters["precond_ref.adapters._torch_state"] == set()
+    assert adapters["precond_ref.adapters._torch_compile"] == set()
+    assert adapters["precond_ref.adapters._torch_core"] == {
+        "precond_ref.adapters._torch_state", "precond_ref.adapters._torch_compile"}
+    assert "precond_ref.adapters.torch_distributed" not in adapters["precond_ref.adapters.torch"]
+
+
+def test_cycles_finds_a_circle():
+    """``cycles`` reports a circle, however long, and no singleton [a check of the test itself]."""
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert cycles(graph) == [["a", "b", "c"]]

@@ -1,0 +1,453 @@
+"""The torch adapter's base class: a ``torch.optim.Optimizer`` that runs a core transform.
+
+:class:`CoreOptimizer` holds the step (grouping parameters into trees, the learning rate as a
+tensor, compiled or eager core updates, block members without gradients) and defers the contracts
+outside the step to :mod:`._torch_state` (names, copies, checkpoints) and compilation to
+:mod:`._torch_compile`. The method classes (``precond_ref.adapters.torch``) are generated from a
+table on top of it. Import order: ``_torch_state``, ``_torch_compile`` -> ``_torch_core`` ->
+``torch``; nothing here imports upwards.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+
+from precond_ref._backend import float32_matmul_precision
+from precond_ref.transform import PrecondState, Transform, missing_members
+from precond_ref.tree import TreeDef, path_str, tree_flatten, tree_unflatten
+
+from . import _torch_compile, _torch_state
+from ._torch_compile import CompileSetting
+from ._torch_state import BOOKKEEPING as _BOOKKEEPING
+from ._torch_state import CALLS as _CALLS
+from ._torch_state import HEAD as _HEAD
+from ._torch_state import NONFINITE as _NONFINITE
+from ._torch_state import STEP as _STEP
+
+__all__ = ["CoreOptimizer"]
+
+
+class _Members(NamedTuple):
+    """What the steps of one set of parameters share: their tree, made once (see ``_members``)."""
+
+    names: dict  # the optimizer's ``_param_names`` the paths were made from
+    tensors: tuple  # the parameters in the tree's order
+    treedef: TreeDef
+    keys: tuple[str, ...]  # their core group keys (path strings), in the tree's order
+    position: dict[str, int]  # key -> index in ``tensors``
+    lead: int  # index in ``tensors`` of the first parameter in the group's order
+    numel: int
+
+
+# Param-group entries the core transform is not built from (``lr`` reaches it as a tensor).
+_NOT_HYPERPARAMETERS = ("params", "param_names", "lr")
+
+
+def _hyperparameters(group: dict) -> tuple:
+    """A param group's hyperparameters that the core transform is built from (not ``lr``, which
+    it reads as a tensor), as ``(keys, values, len(group))``; ``values`` is ``None`` when one of
+    them is a container or tensor whose contents could change in place."""
+    keys = tuple(k for k in group if k not in _NOT_HYPERPARAMETERS)
+    values = tuple(group[k] for k in keys)
+    if any(isinstance(v, (list, dict, set, torch.Tensor)) for v in values):
+        values = None
+    return keys, values, len(group)
+
+
+def _unchanged(group: dict, hyperparameters: tuple) -> bool:
+    """Whether ``group`` holds the very objects :func:`_hyperparameters` found in it, and as many
+    entries (a key added or removed rebuilds the transform)."""
+    keys, values, size = hyperparameters
+    return values is not None and len(group) == size and all(map(operator.is_, values, map(group.get, keys)))
+
+
+class CoreOptimizer(torch.optim.Optimizer):
+    """Base class: a ``torch.optim.Optimizer`` that runs a :class:`precond_ref.Transform`.
+
+    Subclasses set ``core_factory`` (a core factory such as :func:`precond_ref.agd`) and implement
+    :meth:`core_kwargs`, mapping one param group's torch-style entries to the factory's keyword
+    arguments. The factory is called once per group when the group is added (so invalid
+    hyperparameters raise ``ValueError`` at construction) and again whenever a group's
+    hyperparameters change, e.g. when an ``lr_scheduler`` writes ``group["lr"]``.
+
+    Per step, the parameters of a group that have gradients form one tree, keyed by parameter
+    names when they are known (``model.named_parameters()`` or ``model=``: ``"fc1.weight"``
+    becomes the path ``("fc1", "weight")``, which is what weight/bias pairing uses) and by
+    position otherwise. Parameters that missed steps (no gradient) keep their own step counter
+    and are stepped in a separate call, matching torch's per-parameter semantics. A member of a
+    block (a weight paired with its bias, see ``Transform.group_leaves``) whose partner has a
+    gradient while it has none takes part with a zero gradient and is left unchanged, its
+    ``"step"`` not advanced (:func:`precond_ref.transform.missing_members`).
+
+    ``self.state[p]`` holds ``"step"`` and ``"nonfinite_count"`` (the core's 0-D int32 counters)
+    for every parameter and, on the first parameter of each core group, that group's state
+    arrays. ``load_state_dict`` restores every tensor with its saved dtype (torch's default would
+    cast float32 state of bf16 parameters to bf16).
+
+    ``step(closure=None, **extra)`` forwards ``extra`` (e.g. ``batch_size=``) to the core update.
+
+    **Speed.** A step reads no device value: the core's periodic work is scheduled from a host-side
+    count of the calls each parameter took part in (``update(..., step=)``), the learning rate is
+    a 0-D tensor on the parameters' device, and a non-finite step is skipped by element-wise
+    selection. ``compile`` (default: the class's ``compile_by_default``; the environment variable
+    ``PRECOND_REF_COMPILE=0`` or ``1`` overrides the default; a class that compiles by default
+    compiles a param group of at least ``_torch_compile.AUTO_MIN_ELEMENTS`` elements from its first
+    step and a smaller one from its ``_torch_compile.AUTO_AFTER_CALLS``-th, once a run has shown
+    itself long enough to repay the seconds of compilation) runs each param group's core update
+    and the in-place parameter update under ``torch.compile(fullgraph=True)``, which fuses the
+    element-wise work into a few kernels; a dict is passed to ``torch.compile`` as options. If
+    compilation fails the optimizer warns once and runs the same core eagerly. Compiled and eager
+    steps agree to float32 rounding and share checkpoints. ``capturable=True`` (as in
+    ``torch.optim``) allows capturing ``step`` in a CUDA graph: CUDA parameters only, and a method
+    step without periodic work; give ``lr`` as a tensor to schedule it under replay. The first step
+    makes the state (capture after warm-up steps); every later one writes each state tensor in place.
+    """
+
+    core_factory: Callable[..., Transform]
+    #: Weights stored inputs x outputs (set by MBF; see ``_torch_state.param_path``).
+    _inputs_first: frozenset = frozenset()
+    #: Whether ``compile=None`` compiles (set per class from the benchmark: where it is faster).
+    compile_by_default: bool = False
+    # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
+    _transient_attributes: tuple[str, ...] = ("_transforms", "_compiled", "_learning_rates", "_member_plans")
+
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict,
+        *,
+        model: Optional[torch.nn.Module] = None,
+        compile: CompileSetting = None,
+        capturable: bool = False,
+    ):
+        _torch_state.check_tensor_lr(defaults.get("lr"))
+        groups = _torch_state.param_groups_from(params)
+        if not isinstance(capturable, bool):
+            raise ValueError(f"capturable must be True or False, got {capturable!r}")
+        self._compile_options = _torch_compile.compile_options(compile, self.compile_by_default)
+        self._capturable = capturable
+        self._model_names = {p: n for n, p in model.named_parameters()} if model is not None else {}
+        self._param_names: dict[torch.Tensor, str] = dict(self._model_names)
+        self._transforms: dict[int, tuple[tuple, Transform, tuple]] = {}
+        self._compiled: dict[int, _torch_compile.CompiledStep] = {}
+        self._learning_rates: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._member_plans: dict[tuple, _Members] = {}
+        # Members of a block whose counters a step left behind their partners' (no gradient of
+        # their own; see _fill_missing_members): never the source of a core group's counters.
+        self._behind: set = set()
+        super().__init__(groups, defaults)
+        # Sharded (DTensor) parameters need the classes of precond_ref.adapters.torch_distributed.
+        if not getattr(self, "_accepts_dtensor", False):
+            for p in (p for group in self.param_groups for p in group["params"]):
+                if hasattr(p, "device_mesh") and hasattr(p, "placements"):
+                    raise TypeError(
+                        f"{type(self).__name__}: parameter {self._param_names.get(p, '?')!r} is a DTensor (FSDP2 or "
+                        f"tensor parallel); use precond_ref.adapters.torch_distributed.{type(self).__name__}"
+                    )
+
+    def core_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):
+            _torch_state.check_tensor_lr(param_group.get("lr"))
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._param_names = _torch_state.names_from_groups([group], self._param_names)
+        members = {id(p) for p in group["params"]}
+        self._param_names.update((p, n) for p, n in self._model_names.items() if id(p) in members)
+        self._transform(group)
+
+    def __getstate__(self) -> dict:
+        return _torch_state.getstate(self)
+
+    def __setstate__(self, state: dict) -> None:
+        _torch_state.setstate(self, state)
+
+    def state_dict(self) -> dict:
+        """torch's ``state_dict`` (with ``param_names`` when the parameters were named), without
+        callable hyperparameters: they are configuration, kept by the optimizer that loads it."""
+        return _torch_state.strip_callables(super().state_dict())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Validate, then load (atomically: a rejected checkpoint changes nothing); see
+        :func:`precond_ref.adapters._torch_state.load_state_dict`."""
+        _torch_state.load_state_dict(self, state_dict, self._build)
+
+    def _build(self, group: dict, **overrides: Any) -> Transform:
+        """The core transform of ``group``'s hyperparameters; errors name the torch arguments."""
+        return _torch_state.build_transform(type(self).core_factory, self.core_kwargs, group, **overrides)
+
+    def _transform(self, group: dict) -> Transform:
+        """The group's core transform, rebuilt when a hyperparameter other than ``lr`` changes.
+
+        The learning rate enters as the group's 0-D tensor (:meth:`_learning_rate`), so a scheduler
+        changes a value the compiled kernels read, not the transform.
+        """
+        cached = self._transforms.get(id(group))
+        if cached is not None and _unchanged(group, cached[2]):
+            return cached[1]  # the step's common case, without the key's reprs
+        kwargs = self.core_kwargs(group)
+        key = tuple(sorted((k, "<lr tensor>" if k == "learning_rate" else repr(v)) for k, v in kwargs.items()))
+        if cached is None or cached[0] != key:
+            self._build(group)  # validates the group's own values, torch names in errors
+            cached = (key, self._build(group, learning_rate=self._learning_rate(group)))
+        self._transforms[id(group)] = (*cached[:2], _hyperparameters(group))
+        return cached[1]
+
+    def _learning_rate(self, group: dict) -> torch.Tensor:
+        """The group's learning rate as a 0-D tensor on its parameters' device, set from ``lr``.
+
+        A Python number is written only when it changed (a fill, no host-to-device copy); a tensor
+        ``lr`` is copied on the device (so a captured step reads the scheduler's tensor).
+        """
+        lr = group["lr"]
+        cached = self._learning_rates.get(id(group))
+        if cached is None:
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            cached = (None, torch.zeros((), dtype=dtype, device=device))
+        value, tensor = cached
+        if isinstance(lr, torch.Tensor):
+            tensor.copy_(lr.detach().reshape(()))
+            value = None
+        elif lr != value:
+            _torch_state.check_learning_rate(type(self).__name__, lr)
+            tensor.fill_(lr)
+            value = lr
+        self._learning_rates[id(group)] = (value, tensor)
+        return tensor
+
+    def _path(self, p: torch.Tensor, index: int) -> tuple:
+        """``p``'s core path under the optimizer's names (:func:`._torch_state.param_path`)."""
+        return _torch_state.param_path(self._param_names, self._inputs_first, p, index)
+
+    #: The nested tree of leaves at their paths (:func:`._torch_state.nest`).
+    _tree = staticmethod(_torch_state.nest)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return step_outside_the_graph(self, closure, extra)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        filled = self._fill_missing_members()
+        try:
+            self._step_groups(extra)
+        finally:
+            for p, value, counters in filled:
+                p.grad = None
+                p.copy_(value)
+                self.state[p].update(counters)
+                self._behind.add(p)
+        return loss
+
+    def _group_paths(self) -> list[list[tuple]]:
+        """Each group's leaf paths, numbered as :meth:`step` numbers unnamed ones."""
+        out, index = [], 0
+        for group in self.param_groups:
+            out.append([self._path(p, index + k) for k, p in enumerate(group["params"])])
+            index += len(group["params"])
+        return out
+
+    def _fill_missing_members(self) -> list:
+        """Zero gradients for the members of a block (a paired weight/bias) that have none while
+        another member has one (the rule of :func:`precond_ref.transform.missing_members`); returns
+        what restores them after the step: the parameter's value and its counters."""
+        filled, group_paths = [], None
+        for n, group in enumerate(self.param_groups):
+            tensors = group["params"]
+            present = [p.grad is not None for p in tensors]
+            if all(present) or not any(present):
+                continue
+            group_paths = group_paths or self._group_paths()
+            blocks = CoreOptimizer._transform(self, group).group_leaves(group_paths[n], tensors)
+            for i in missing_members(blocks, present):
+                p = tensors[i]
+                entries = self.state[p]
+                counters = {
+                    key: entries[key].clone() if key in entries else torch.zeros((), dtype=torch.int32, device=p.device)
+                    for key in (_STEP, _NONFINITE)
+                }
+                filled.append((p, p.detach().clone(), counters))
+                p.grad = torch.zeros_like(p)
+        return filled
+
+    def _step_groups(self, extra: dict) -> None:
+        index = 0
+        for group in self.param_groups:
+            transform = self._transform(group)
+            self._learning_rate(group)
+            # Parameters stepped together so far share a counter; the key is a host-side count of
+            # the calls each took part in, so grouping them needs no device synchronisation.
+            by_calls: dict[int, list[tuple[int, torch.Tensor]]] = {}
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                calls = self.state[p].get(_CALLS, 0)
+                by_calls.setdefault(calls, []).append((index - 1, p))
+            for calls, members in by_calls.items():
+                self._step_members(transform, members, calls=calls, extra=extra)
+
+    def _step_members(self, transform: Transform, members: list, *, calls: int, extra: dict) -> None:
+        """One core update of parameters that took part in ``calls`` earlier steps together."""
+        plan = self._members(members)
+        tensors = plan.tensors
+        params_tree = tree_unflatten(plan.treedef, [p.detach() for p in tensors])
+        grads_tree = tree_unflatten(plan.treedef, [p.grad for p in tensors])
+        if self._capturable:
+            named = [(path_str(self._path(p, i)), p) for i, p in members]
+            _torch_compile.check_capturable(type(self).__name__, transform, named)
+        states = [self.state[p] for p in tensors]
+        if calls == 0 and not any(entries.get(_HEAD) for entries in states):
+            core_state = transform.init(params_tree)
+        else:
+            # Stepped before, or warm-started (MBF.warm_start: state made, no call taken yet).
+            # In the tree's order, as init made them (a compiled step guards on the order). A copy
+            # less the bookkeeping keys: a third of the time of a filtering comprehension, which
+            # cost about 1.3 us per head on a 2-core CPU.
+            groups = {}
+            for key, entries in zip(plan.keys, states):
+                if entries.get(_HEAD):
+                    core = groups[key] = entries.copy()
+                    for name in _BOOKKEEPING:
+                        core.pop(name, None)
+            lead = states[plan.lead]  # the counters of the first parameter in the group's order ...
+            if self._behind and tensors[plan.lead] in self._behind:
+                lead = _counters_of_the_set(states, [p in self._behind for p in tensors])  # ... unless held back
+            core_state = PrecondState(lead[_STEP], lead[_NONFINITE], groups)
+        new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra, plan.numel)
+        if self._capturable and calls > 0:
+            new_state = _written_in_place(core_state, new_state)
+        if self._behind:
+            self._behind.difference_update(tensors)  # stepped: their counters are the set's again
+        for entries in states:
+            calls = entries.get(_CALLS, 0) + 1
+            entries.clear()
+            entries.update({_STEP: new_state.count, _NONFINITE: new_state.nonfinite_count, _CALLS: calls})
+        for key, entries in new_state.groups.items():
+            head = states[plan.position[key]]
+            head[_HEAD] = True
+            head.update(entries)
+
+    def _members(self, members: list) -> "_Members":
+        """The parameter tree of ``members`` (``(index, parameter)`` pairs), made once per set."""
+        # A plan holds its parameters, so their ids stay theirs while it lives; an unnamed
+        # parameter's path is its position, and load_state_dict may rename.
+        ids = tuple((i, id(p)) for i, p in members)
+        plan = self._member_plans.get(ids)
+        if plan is None or plan.names is not self._param_names:
+            paths = [self._path(p, i) for i, p in members]
+            leaves, treedef = tree_flatten(self._tree(paths, [p for _, p in members]))  # refuses clashing names
+            keys = tuple(map(path_str, treedef.paths))
+            if len(self._member_plans) > 64:  # sets come and go with partial gradients: keep a few
+                self._member_plans.clear()
+            plan = self._member_plans[ids] = _Members(
+                names=self._param_names,
+                tensors=tuple(leaves),
+                treedef=treedef,
+                keys=keys,
+                position={key: i for i, key in enumerate(keys)},
+                lead=next(i for i, p in enumerate(leaves) if p is members[0][1]),
+                numel=sum(p.numel() for p in leaves),
+            )
+        return plan
+
+    def _run_update(
+        self, transform: Transform, grads: dict, state: PrecondState, params: dict, calls: int, extra: dict, numel: int
+    ) -> PrecondState:
+        """The core update, its updates added to ``params`` in place; compiled where enabled."""
+        options = self._compile_options
+        if getattr(self, "_under_outer_compile", False) and not isinstance(options, dict):
+            options = {}  # torch.compile(opt.step): the core update runs compiled, from the first step
+        if isinstance(options, _torch_compile.Auto):
+            options = options.options_for(numel, calls)
+        if options is not None and isinstance(transform, Transform):
+            compiled = self._compiled.get(id(transform))
+            if compiled is None or compiled.transform is not transform:
+                compiled = _torch_compile.CompiledStep(transform, options)
+                live = {id(entry[1]) for entry in self._transforms.values()}
+                self._compiled = {k: v for k, v in self._compiled.items() if k in live}
+                self._compiled[id(transform)] = compiled
+            try:
+                with float32_matmul_precision(torch, transform.matmul_precision):
+                    return compiled(grads, state, params, transform.due(calls), extra)
+            except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
+                # A genuine input error fails again below and propagates from the eager path.
+                new_state = self._eager_update(transform, grads, state, params, calls, extra)
+                _torch_compile.notice_eager(type(self).__name__, error)
+                self._compile_options = None
+                self._under_outer_compile = False
+                return new_state
+        return self._eager_update(transform, grads, state, params, calls, extra)
+
+    @staticmethod
+    def _eager_update(transform: Any, grads: dict, state: PrecondState, params: dict, calls: int, extra: dict) -> PrecondState:
+        updates, new_state = transform.update(grads, state, params, step=calls, **extra)
+        torch._foreach_add_(tree_flatten(params)[0], tree_flatten(updates)[0])
+        return new_state
+
+
+@torch.compiler.disable
+def step_outside_the_graph(opt: "CoreOptimizer", closure: Optional[Callable[[], Any]], extra: dict) -> Any:
+    """``step`` called inside ``torch.compile`` (torch's recipe ``torch.compile(opt.step)``).
+
+    The step's host bookkeeping (the call counts that schedule periodic work, the sets of
+    parameters with gradients) would be traced as constants, and dynamo would recompile the caller
+    on every step until its limit, then run it eagerly. So dynamo steps around the whole step
+    (one graph break), which runs as with ``compile=True``: the core update through the
+    optimizer's own compiled function (its own code object, compiled once per interval decision),
+    the bookkeeping eagerly. Its numbers are those of ``compile=True``.
+    """
+    previous = getattr(opt, "_under_outer_compile", False)
+    opt._under_outer_compile = True
+    try:
+        return opt.step(closure, **extra)
+    finally:
+        opt._under_outer_compile = previous
+
+
+def _counters_of_the_set(states: list, behind: list) -> dict:
+    """The counters of parameters stepped together: a member's whose counters no step held back,
+    else (every member was held back at some step) the largest of each, which is the count of the
+    steps the set's blocks took (a held-back member only ever lags)."""
+    for entries, lagging in zip(states, behind):
+        if not lagging:
+            return entries
+    out = {}
+    for key in (_STEP, _NONFINITE):
+        value = states[0][key]
+        for entries in states[1:]:
+            value = torch.maximum(value, entries[key])
+        out[key] = value
+    return out
+
+
+def _written_in_place(old: PrecondState, new: PrecondState) -> PrecondState:
+    """``new``'s arrays copied into ``old``'s, which the step keeps (``capturable=True``).
+
+    A replayed CUDA graph reads and writes the addresses its capture saw. A step that left a state
+    array in a new tensor (the counters, which the compiled step returns; every entry of an eager
+    step) would have every replay start from the capture-time input, which is freed once the state
+    drops it and whose memory is then reused. The compiled step writes its larger entries in place
+    already (nothing to copy); an eager step pays one copy of its state.
+    """
+
+    def keep(before: Any, after: Any) -> Any:
+        if after is before or before is None or before.shape != after.shape or before.dtype != after.dtype:
+            return after
+        return before.copy_(after)
+
+    groups = {
+        key: {name: keep(old.groups.get(key, {}).get(name), value) for name, value in entries.items()}
+        for key, entries in new.groups.items()
+    }
+    return PrecondState(keep(old.count, new.count), keep(old.nonfinite_count, new.nonfinite_count), groups)
