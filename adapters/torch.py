@@ -130,7 +130,7 @@ def _torch_class(
         bound.apply_defaults()
         values = dict(bound.arguments)
         del values["self"]
-        options = {key: values.pop(key) for key in _CONSTRUCTOR[1:] if key in values}
+        options = {key: values.pop(key) for key in ("model", "compile", "capturable") if key in values}
         base.__init__(self, values.pop("params"), values, **options)
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
