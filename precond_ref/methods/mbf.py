@@ -682,8 +682,6 @@ def mbf(
             directions[i] = (direction,)
         g = {i: _to_block(xp, grads_list[i]) for i in blocked}  # [g_W | g_b] (O, I+1), conv (O, C, q)
         parts = {i: _parts(kinds[i], tuple(g[i].shape), block_size) for i in blocked}  # row blocks (..., b, I+1)
-        for i in blocked:
-            check_layout(kinds[i], tuple(g[i].shape), states[i], ctxs[i].paths)
         m = {i: as_operand(xp, momentum, dtypes[i]) * states[i]["momentum"] + g[i] for i in blocked}
         statistic, failures = {}, {}
         for i in blocked:
@@ -737,6 +735,13 @@ def mbf(
 
     def update(grads: Any, state: PrecondState, params: Any = None, **extra: Any):
         canonical_grads, treedef, flags = _canonical(grads)
+        if isinstance(state, PrecondState):
+            leaves = tree_flatten(canonical_grads)[0]
+            for group in canonical_groups(treedef.paths, leaves):
+                members = tuple(leaves[i] for i in group.indices)
+                entries, kind = state.groups.get(group.key), _kind(members, max_block_dim)
+                if entries and kind != _DIAGONAL and "momentum" in entries:
+                    check_layout(kind, _block_shape(members), entries, group.paths)
         canonical_params = None if params is None else _canonical(params)[0]
         updates, new_state = inner.update(canonical_grads, state, canonical_params, **extra)
         return _restore(updates, treedef, flags), new_state
