@@ -431,7 +431,22 @@ def mbf(
     max_block_dim:
         FC layers with more than this many outputs use the block-size-1 limit
         :math:`D = m/(v+\lambda)`, :math:`v = \mathrm{EMA}_\rho(g^2)`, instead of an
-        :math:`O\times O` matrix. ``None``: 4096 in principled mode, unlimited in faithful mode.
+        :math:`O\times O` matrix (or its ``block_size`` blocks). ``None``: unlimited (principled
+        mode bounds long axes by ``block_size`` instead; before issue 35 it used 4096 here).
+    block_size:
+        Principled, ``columns_avg`` only: an FC layer's output axis longer than this is cut into
+        chunks of ``block_size`` rows (the last one shorter), each with its own
+        :math:`b\times b` statistic and inverse: the diagonal blocks of the :math:`O\times O`
+        statistic, a finer member of the same mini-block family (spec README section 6). The
+        equal-size blocks of all layers are inverted by one batched call. ``None``: 256 (chosen by
+        cost and quality, ``docs/methods/mbf.md``, "Long axes, intervals and cost"); any value at
+        least every layer's output size gives one :math:`O\times O` block per layer.
+    refresh_phases:
+        :math:`P`: after the warm-up, the blocks of each equal-size stack are split into
+        :math:`P` contiguous shares and share :math:`p` refreshes its inverses on the calls with
+        ``calls % T2 == (p T2) // P``, so each inverse is still refreshed once per :math:`T_2`
+        calls but no call pays for all of them. ``None``: :math:`\max(1, T_2 // T_1)` in
+        principled mode (one share per statistics step), 1 (all at once) in faithful mode.
     kl_clip:
         :math:`\kappa`: each block's step :math:`\alpha D` is scaled by :math:`\nu = \min(1,
         \sqrt{\kappa/(\alpha^2\langle D, m\rangle)})` (K-FAC's KL clipping, B7;
@@ -456,13 +471,16 @@ def mbf(
     -----
     Weights and biases are paired from tree paths: sibling ``weight``/``bias`` (out-first, torch)
     or ``kernel``/``bias`` (out-last, Flax, transposed internally). State per group: ``momentum``
-    (block layout: :math:`[W\mid b]` as (O, I+1), conv as (O, C, q)), ``statistic``, ``inverse``,
+    (block layout: :math:`[W\mid b]` as (O, I+1), conv as (O, C, q)), ``statistic``, ``inverse``
+    (an FC layer cut into blocks: (full, b, b), plus ``statistic_tail`` / ``inverse_tail`` for
+    the shorter last block),
     ``failures`` (inverse or statistic refreshes that produced non-finite values and were
     rejected, and principled inverse refreshes that had to raise the damping, B6); diagonal-rule
     leaves hold ``ema`` (:math:`a`) and ``second_moment`` (:math:`v`).
 
-    On an inverse step the blocks of all layers with the same block size (FC layers with the same
-    output size, convs with the same kernel size) are inverted by one batched call. No step reads
+    On an inverse step the blocks of all layers with the same block size (FC row chunks of one
+    size, convs with one kernel size) that are due are inverted by one batched call: with
+    ``refresh_phases`` P, one call per due share (at most one after the warm-up). No step reads
     a device value (the inverse is branch-free; the intervals are host decisions given
     ``update(..., step=)``), except that torch's CUDA ``inv`` checks its own result: one
     synchronisation per inverse step.
@@ -485,8 +503,10 @@ def mbf(
       refresh that raised a layer's damping counts one ``failures``.
     * B3: state in the compute dtype (float64 for float64 parameters; the authors' models are
       float32). bf16/fp16 parameters keep float32 state in both modes (no backend inverts in bf16).
-    * B4: FC layers with more than ``max_block_dim`` outputs use the block-size-1 limit
-      (default 4096; faithful: unlimited, every layer gets an :math:`O\times O` block).
+    * B4: long FC output axes are cut into ``block_size`` blocks (default 256; faithful: one
+      :math:`O\times O` block per layer), and the inverse refreshes are spread over
+      ``refresh_phases`` shares (default :math:`T_2/T_1`; faithful: all at once). FC layers with
+      more than ``max_block_dim`` outputs use the block-size-1 limit instead (default unlimited).
     * B5: ``damping > 0`` is required (both modes).
     * B7: the step of every block (not the diagonal rule's) is clipped, per layer, to
       :math:`\alpha^2\langle D, m\rangle = \alpha^2 m^\top(F+\lambda I)^{-1}m \le \kappa`
@@ -662,10 +682,11 @@ def mbf(
         return tuple(-lr * d - decay * xp.astype(p, dtype) for d, p in zip(direction, params))
 
     # One step, Bahamou et al. 2023 Alg. 1 with the authors' schedule (spec mbf.md 2.2-2.3); i = updates
-    # already applied, per layer (block leaves) or leaf (diagonal rule):
+    # already applied, per layer (block leaves) or leaf (diagonal rule); b runs over the mini-blocks,
+    # an FC layer's being its row chunks (_parts: a leading stack axis, one statistic per chunk):
     #   m   <- mu m + g                                                      heavy ball, raw gradient
     #   F_b <- rho F_b + (1 - rho) g_b g_b^T                 if i % T1 == 0   statistics (2.2 steps 2-3)
-    #   F_b^-1 <- (F_b + lam I)^-1    if (i <= T2 and i % T1 == 0) or i % T2 == 0   (B2, B6)
+    #   F_b^-1 <- (F_b + lam I)^-1    if (i <= T2 and i % T1 == 0) or i % T2 == phase_b T2 // P   (B2, B6, B4)
     #   D_b = nu F_b^-1 m_b                                                  nu: KL clip (B7)
     #   diagonal rule: a <- mu a + (1-mu) g, v <- b2' v + (1-b2') a^2, D = a / (eps + sqrt(v / (1-b2'^(i+1))))
     #   w   <- (1 - alpha_i wd) w - alpha_i D
