@@ -761,8 +761,10 @@ def mbf(
             for group in canonical_groups(treedef.paths, leaves):
                 members = tuple(leaves[i] for i in group.indices)
                 entries, kind = state.groups.get(group.key), _kind(members, max_block_dim)
-                if entries and kind != _DIAGONAL and "momentum" in entries:
-                    check_layout(kind, _block_shape(members), entries, group.paths)
+                shape = _block_shape(members) if kind != _DIAGONAL else None
+                # Only a state whose momentum fits the gradient: other mismatches are the framework's.
+                if shape is not None and entries and "momentum" in entries and tuple(entries["momentum"].shape) == shape:
+                    check_layout(kind, shape, entries, group.paths)
         canonical_params = None if params is None else _canonical(params)[0]
         updates, new_state = inner.update(canonical_grads, state, canonical_params, **extra)
         return _restore(updates, treedef, flags), new_state

@@ -448,8 +448,8 @@ def test_warm_start_is_the_mean_of_block_statistics(backend, mode):
         ref = ReferenceMBF(params, b2=0.0, t1=1, t2=1, fc_blocks="official_chunks" if mode == "faithful" else "columns_avg")
         ref.step(params, g)
         for name, st in ref.state.items():
-            if st["kind"] in ("fc", "conv"):
-                means.setdefault(name, []).append(st["F"])
+            if st["kind"] in ("fc", "conv"):  # an unblocked FC layer is one block of the reference's list
+                means.setdefault(name, []).append(st["F"][0] if st["kind"] == "fc" else st["F"])
     for name, stats in means.items():
         key = f"{name}/weight"
         np.testing.assert_allclose(backend.to_numpy(warm.groups[key]["statistic"]), np.mean(stats, axis=0),
