@@ -38,7 +38,7 @@ _CONV = "conv"  # ndim >= 3 weight: one q x q statistic per (output, input) chan
 _ELEMENTWISE = "elementwise"  # block size 1: 1x1 convs and FC layers above max_block_dim
 _DIAGONAL = "diagonal"  # every other leaf: the authors' Adam-like rule for BN / conv biases
 _KL_CLIP = 1e-4  # principled default of kl_clip (see the docstring, deviation B7)
-_BLOCK_SIZE = 256  # principled default of block_size (measured: docs/methods/mbf.md, "Long axes")
+_BLOCK_SIZE = 128  # principled default of block_size (measured: docs/methods/mbf.md, "Long axes")
 _TAIL = "_tail"  # state-key suffix of the shorter last block of a blocked FC output axis
 
 
@@ -438,7 +438,7 @@ def mbf(
         chunks of ``block_size`` rows (the last one shorter), each with its own
         :math:`b\times b` statistic and inverse: the diagonal blocks of the :math:`O\times O`
         statistic, a finer member of the same mini-block family (spec README section 6). The
-        equal-size blocks of all layers are inverted by one batched call. ``None``: 256 (chosen by
+        equal-size blocks of all layers are inverted by one batched call. ``None``: 128 (chosen by
         cost and quality, ``docs/methods/mbf.md``, "Long axes, intervals and cost"); any value at
         least every layer's output size gives one :math:`O\times O` block per layer.
     refresh_phases:
@@ -503,7 +503,7 @@ def mbf(
       refresh that raised a layer's damping counts one ``failures``.
     * B3: state in the compute dtype (float64 for float64 parameters; the authors' models are
       float32). bf16/fp16 parameters keep float32 state in both modes (no backend inverts in bf16).
-    * B4: long FC output axes are cut into ``block_size`` blocks (default 256; faithful: one
+    * B4: long FC output axes are cut into ``block_size`` blocks (default 128; faithful: one
       :math:`O\times O` block per layer), and the inverse refreshes are spread over
       ``refresh_phases`` shares (default :math:`T_2/T_1`; faithful: all at once). FC layers with
       more than ``max_block_dim`` outputs use the block-size-1 limit instead (default unlimited).
