@@ -265,7 +265,7 @@ def optax_factory(
 
 agd = optax_factory(pr.agd)
 
-mbf = optax_factory(pr.mbf, static=("statistics_every", "precondition_every", "max_block_dim"))
+mbf = optax_factory(pr.mbf, static=("statistics_every", "precondition_every", "max_block_dim", "block_size", "refresh_phases"))
 
 
 def mbf_warm_start(state: Any, grads_batches: Any, **mbf_kwargs: Any) -> Any:

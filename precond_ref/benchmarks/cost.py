@@ -33,6 +33,7 @@ is the sum of the parts' bounds. It is a lower bound for that sequence of kernel
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import math
 from typing import Any, Callable, Optional, Sequence
@@ -360,10 +361,13 @@ def if_shampoo(
 
 def mbf(
     params: Params, itemsize: int = 4, *, statistics_every: int = 10, precondition_every: int = 100,
-    max_block_dim: Optional[int] = None, kl_clip: Optional[float] = None, mode: str = "principled", **_: Any,
+    max_block_dim: Optional[int] = None, kl_clip: Optional[float] = None, mode: str = "principled",
+    block_size: Optional[int] = None, **_: Any,
 ) -> Cost:
     """MBF: a 2-D weight ``(O, I)`` with its sibling bias is one FC block ``(O, I')``, ``I' = I + 1``
-    (``I`` without a bias); a conv weight ``(O, C, q)`` (``q`` = kernel size) has ``O C`` blocks
+    (``I`` without a bias), whose output axis is cut into blocks of at most ``block_size`` rows
+    (principled default ``precond_ref.methods.mbf._BLOCK_SIZE``; the counts below are per such
+    block, ``O`` its rows); a conv weight ``(O, C, q)`` (``q`` = kernel size) has ``O C`` blocks
     ``q x q``; 1x1 convs and FC layers with ``O > max_block_dim`` are element-wise; other leaves
     (norms, conv biases) take the diagonal rule (7 passes).
 
@@ -381,6 +385,8 @@ def mbf(
     on every statistics step (the authors' warm-up).
     """
     clip = kl_clip if kl_clip is not None else (0.0 if mode == "faithful" else 1e-4)
+    if block_size is None and mode != "faithful":
+        block_size = importlib.import_module("precond_ref.methods.mbf")._BLOCK_SIZE
     passes = 7 if clip else 5
     names = {name: tuple(shape) for name, shape in params}
     paired = set()
@@ -398,9 +404,11 @@ def mbf(
             if max_block_dim is not None and o > max_block_dim:
                 _elementwise(t, [(name, (o, i))], itemsize, passes + 2, "element-wise blocks")
                 continue
-            t.add("direction F^-1 M", flops=2.0 * o * o * i)
-            t.add("statistic", flops=2.0 * o * o * i, nbytes=3.0 * o * o * itemsize, every=statistics_every)
-            t.add("inverse", flops=INV_FLOPS * o**3, nbytes=6.0 * o * o * itemsize, every=precondition_every)
+            rows = [min(block_size, o - r) for r in range(0, o, block_size)] if block_size else [o]
+            for b in rows:
+                t.add("direction F^-1 M", flops=2.0 * b * b * i)
+                t.add("statistic", flops=2.0 * b * b * i, nbytes=3.0 * b * b * itemsize, every=statistics_every)
+                t.add("inverse", flops=INV_FLOPS * b**3, nbytes=6.0 * b * b * itemsize, every=precondition_every)
             t.add("element-wise", nbytes=passes * o * i * itemsize)
         elif len(shape) >= 3 and _numel(shape[2:]) > 1:
             o, c, q = shape[0], shape[1], _numel(shape[2:])

@@ -38,6 +38,8 @@ _CONV = "conv"  # ndim >= 3 weight: one q x q statistic per (output, input) chan
 _ELEMENTWISE = "elementwise"  # block size 1: 1x1 convs and FC layers above max_block_dim
 _DIAGONAL = "diagonal"  # every other leaf: the authors' Adam-like rule for BN / conv biases
 _KL_CLIP = 1e-4  # principled default of kl_clip (see the docstring, deviation B7)
+_BLOCK_SIZE = 128  # principled default of block_size (measured: docs/methods/mbf.md, "Long axes")
+_TAIL = "_tail"  # state-key suffix of the shorter last block of a blocked FC output axis
 
 
 class MBFTransform(Transform):
@@ -134,6 +136,82 @@ def _from_block(xp: Any, block: Any, leaves: Sequence[Any]) -> tuple[Any, ...]:
 
 
 # --------------------------------------------------------------------------------------------
+# Blocking of a long FC output axis (principled; specs README section 6): the O x O statistic of
+# ``columns_avg`` becomes ``full`` diagonal b x b blocks (one stack) plus a ``tail`` x ``tail``
+# block for the rest. Every formula below acts on a leading ``...`` stack axis, so a blocked layer
+# is one stack of row chunks of [W | b] and its tail, each its own mini-block Fisher statistic.
+
+
+def _fc_chunks(o: int, block_size: Optional[int]) -> tuple[int, int, int]:
+    """(block size b, number of full blocks, tail size) of an output axis of length ``o``;
+    ``(o, 0, 0)`` when it is not blocked (``block_size`` None or at least ``o``)."""
+    if block_size is None or o <= block_size:
+        return o, 0, 0
+    return block_size, o // block_size, o % block_size
+
+
+def _parts(kind: str, block_shape: tuple[int, ...], block_size: Optional[int]) -> tuple[tuple[str, int, int, Optional[tuple]], ...]:
+    """The statistic blocks of a group as ``(state-key suffix, first row, end row, stack shape)``:
+    one part covering every row unless an FC group's output axis is blocked, then the ``full`` row
+    chunks as one stack ``(full, b, I')`` and the ``tail`` rows (suffix ``_tail``) as a matrix."""
+    o = block_shape[0]
+    if kind != _FC:
+        return (("", 0, o, None),)
+    b, full, tail = _fc_chunks(o, block_size)
+    if not full:
+        return (("", 0, o, None),)
+    parts = (("", 0, full * b, (full, b) + tuple(block_shape[1:])),)
+    return parts + ((_TAIL, full * b, o, None),) if tail else parts
+
+
+def _statistic_shapes(kind: str, block_shape: tuple[int, ...], block_size: Optional[int]) -> dict[str, tuple[int, ...]]:
+    """State-key suffix -> statistic shape of each part of a group: (O, C, q, q) for a conv,
+    the block layout itself for block size 1, (O, O) for an unblocked FC group, and
+    (full, b, b) plus (tail, tail) for a blocked one."""
+    if kind == _CONV:
+        return {"": block_shape + (block_shape[-1],)}
+    if kind == _ELEMENTWISE:
+        return {"": block_shape}
+    return {
+        suffix: (stack[:-2] if stack else ()) + ((stop - start, stop - start) if stack is None else (stack[-2], stack[-2]))
+        for suffix, start, stop, stack in _parts(kind, block_shape, block_size)
+    }
+
+
+def _split_rows(xp: Any, x: Array, parts: Sequence[tuple]) -> list[Array]:
+    """``x`` (block layout) cut into its parts (:func:`_parts`); ``[x]`` when unblocked (no copy)."""
+    if len(parts) == 1 and parts[0][3] is None:
+        return [x]
+    return [x[start:stop, ...] if stack is None else xp.reshape(x[start:stop, ...], stack) for _, start, stop, stack in parts]
+
+
+def _join_rows(xp: Any, pieces: Sequence[Array], parts: Sequence[tuple]) -> Array:
+    """Inverse of :func:`_split_rows`."""
+    if len(pieces) == 1 and parts[0][3] is None:
+        return pieces[0]
+    rows = [xp.reshape(p, (stop - start,) + tuple(p.shape[-1:])) for p, (_, start, stop, _) in zip(pieces, parts)]
+    return xp.concat(rows, axis=0)
+
+
+def _phase_share(n: int, phase: int, phases: int) -> tuple[int, int]:
+    """The contiguous ``(start, stop)`` of the blocks, out of a stack of ``n``, whose inverses
+    refresh in ``phase`` (of ``phases``): ``n`` split as evenly as contiguous shares allow."""
+    return n * phase // phases, n * (phase + 1) // phases
+
+
+def _phase_due(calls: Any, phase: int, phases: int, t1: int, t2: int) -> Any:
+    r"""Whether the inverses of ``phase`` (of ``phases`` :math:`P`) refresh on call ``calls``.
+
+    The authors' schedule, spread: during the warm-up (``calls <= T2``) every phase refreshes on
+    every statistics step (``calls % T1 == 0``); afterwards phase :math:`p` refreshes when
+    ``calls % T2 == (p T2) // P``, so each block is still refreshed once every :math:`T2` calls
+    and the :math:`P` shares take turns. A static schedule (host ints or a 0-D array, no device
+    read); :math:`P = 1` is the unspread ``(calls <= T2 and calls % T1 == 0) or calls % T2 == 0``.
+    """
+    return ((calls <= t2) & (calls % t1 == 0)) | (calls % t2 == (phase * t2) // phases)
+
+
+# --------------------------------------------------------------------------------------------
 # The formulas of one step, per block kind, each on a stack of blocks (any leading axes).
 
 
@@ -147,7 +225,7 @@ def _block_statistic(xp: Any, kind: str, g: Array, chunks: bool) -> Array:
         return g * g
     if chunks:
         return _faithful_chunk_statistic(xp, g)
-    return xp.matmul(g, g.mT) / g.shape[1]
+    return xp.matmul(g, g.mT) / g.shape[-1]
 
 
 def _faithful_chunk_statistic(xp: Any, h: Array) -> Array:
@@ -208,34 +286,59 @@ def _refresh_inverses(
     kinds: Sequence[str],
     statistics: Sequence[Array],
     previous: Sequence[Array],
-    failures: Sequence[Array],
     damping: Any,
     block_inverse: Callable[[Array, Any, Array], tuple[Array, Array]],
+    phase: int = 0,
+    phases: int = 1,
 ) -> tuple[list[Array], list[Array]]:
-    r"""Every group's :math:`(F_b + \lambda I)^{-1}` (``block_inverse``, or :func:`_elementwise_inverse`
-    for block size 1), and its ``failures`` plus one where any of its blocks was flagged (B2, B6).
+    r"""The :math:`(F_b + \lambda I)^{-1}` of every statistic part (``block_inverse``, or
+    :func:`_elementwise_inverse` for block size 1) whose blocks belong to ``phase`` of ``phases``,
+    the previous inverse for the others; and per part whether any refreshed block was flagged
+    (B2, B6).
 
-    The equal-size blocks of all groups (FC layers with one output size, convs with one kernel
-    size) go through ``block_inverse`` together (:func:`precond_ref.blocking.on_stacks`)."""
+    The equal-size blocks of all parts (FC blocks of one size, convs with one kernel size) form
+    one stack (:func:`precond_ref.blocking.on_stacks`); ``phase`` refreshes its contiguous share
+    of each stack (:func:`_phase_share`) by one batched call. Element-wise parts refresh in phase 0."""
 
     def square(a: Array) -> Array:
         return xp.reshape(a, (-1, a.shape[-1], a.shape[-1]))
 
     def invert(stack: Array, before: Array) -> tuple[Array, Array]:
-        return block_inverse(stack, as_operand(xp, damping, stack.dtype), before)
+        start, stop = _phase_share(stack.shape[0], phase, phases)
+        flagged = xp.zeros(stack.shape[:1], dtype=xp.bool, device=placement(xp, stack))
+        if start == stop:
+            return before, flagged
+        inverse, flagged_share = block_inverse(
+            stack[start:stop, ...], as_operand(xp, damping, stack.dtype), before[start:stop, ...]
+        )
+        if stop - start == stack.shape[0]:
+            return inverse, flagged_share
+        inverse = xp.concat([before[:start, ...], inverse, before[stop:, ...]], axis=0)
+        return inverse, xp.concat([flagged[:start], xp.astype(flagged_share, xp.bool), flagged[stop:]], axis=0)
 
     matrices = [(square(s), square(p)) for k, s, p in zip(kinds, statistics, previous) if k != _ELEMENTWISE]
     inverted = iter(on_stacks(xp, invert, matrices))
-    inverses, counts = [], []
-    for kind, statistic, before, count in zip(kinds, statistics, previous, failures):
-        if kind == _ELEMENTWISE:
-            inverse, flagged = _elementwise_inverse(xp, statistic, before, damping)
-        else:
+    inverses, flags = [], []
+    for kind, statistic, before in zip(kinds, statistics, previous):
+        if kind != _ELEMENTWISE:
             inverse, flagged_blocks = next(inverted)
             inverse, flagged = xp.reshape(inverse, tuple(statistic.shape)), xp.any(flagged_blocks)
+        elif phase == 0:
+            inverse, flagged = _elementwise_inverse(xp, statistic, before, damping)
+        else:
+            inverse, flagged = before, xp.zeros((), dtype=xp.bool, device=placement(xp, before))
         inverses.append(inverse)
-        counts.append(count + xp.astype(flagged, count.dtype))
-    return inverses, counts
+        flags.append(flagged)
+    return inverses, flags
+
+
+def _add_flags(xp: Any, counts: Sequence[Array], owners: Sequence[int], flags: Sequence[Array]) -> list[Array]:
+    """Each group's failure count plus one where any of its statistic parts (``owners[k]`` is the
+    group of part ``k``) was flagged by this refresh."""
+    flagged: list[Any] = [None] * len(counts)
+    for owner, flag in zip(owners, flags):
+        flagged[owner] = flag if flagged[owner] is None else xp.logical_or(flagged[owner], flag)
+    return [c if f is None else c + xp.astype(f, c.dtype) for c, f in zip(counts, flagged)]
 
 
 def _bias_correction(xp: Any, beta: Any, count: Any, dtype: Any) -> Array:
@@ -265,6 +368,8 @@ def mbf(
     diagonal_second_moment: str = "momentum",
     max_block_dim: Optional[int] = None,
     kl_clip: Optional[float] = None,
+    block_size: Optional[int] = None,
+    refresh_phases: Optional[int] = None,
     mode: str = "principled",
     on_nonfinite: str = "skip",
 ) -> MBFTransform:
@@ -326,7 +431,22 @@ def mbf(
     max_block_dim:
         FC layers with more than this many outputs use the block-size-1 limit
         :math:`D = m/(v+\lambda)`, :math:`v = \mathrm{EMA}_\rho(g^2)`, instead of an
-        :math:`O\times O` matrix. ``None``: 4096 in principled mode, unlimited in faithful mode.
+        :math:`O\times O` matrix (or its ``block_size`` blocks). ``None``: unlimited (principled
+        mode bounds long axes by ``block_size`` instead; before issue 35 it used 4096 here).
+    block_size:
+        Principled, ``columns_avg`` only: an FC layer's output axis longer than this is cut into
+        chunks of ``block_size`` rows (the last one shorter), each with its own
+        :math:`b\times b` statistic and inverse: the diagonal blocks of the :math:`O\times O`
+        statistic, a finer member of the same mini-block family (spec README section 6). The
+        equal-size blocks of all layers are inverted by one batched call. ``None``: 128 (chosen by
+        cost and quality, ``docs/methods/mbf.md``, "Long axes, intervals and cost"); any value at
+        least every layer's output size gives one :math:`O\times O` block per layer.
+    refresh_phases:
+        :math:`P`: after the warm-up, the blocks of each equal-size stack are split into
+        :math:`P` contiguous shares and share :math:`p` refreshes its inverses on the calls with
+        ``calls % T2 == (p T2) // P``, so each inverse is still refreshed once per :math:`T_2`
+        calls but no call pays for all of them. ``None``: :math:`\max(1, T_2 // T_1)` in
+        principled mode (one share per statistics step), 1 (all at once) in faithful mode.
     kl_clip:
         :math:`\kappa`: each block's step :math:`\alpha D` is scaled by :math:`\nu = \min(1,
         \sqrt{\kappa/(\alpha^2\langle D, m\rangle)})` (K-FAC's KL clipping, B7;
@@ -351,13 +471,16 @@ def mbf(
     -----
     Weights and biases are paired from tree paths: sibling ``weight``/``bias`` (out-first, torch)
     or ``kernel``/``bias`` (out-last, Flax, transposed internally). State per group: ``momentum``
-    (block layout: :math:`[W\mid b]` as (O, I+1), conv as (O, C, q)), ``statistic``, ``inverse``,
+    (block layout: :math:`[W\mid b]` as (O, I+1), conv as (O, C, q)), ``statistic``, ``inverse``
+    (an FC layer cut into blocks: (full, b, b), plus ``statistic_tail`` / ``inverse_tail`` for
+    the shorter last block),
     ``failures`` (inverse or statistic refreshes that produced non-finite values and were
     rejected, and principled inverse refreshes that had to raise the damping, B6); diagonal-rule
     leaves hold ``ema`` (:math:`a`) and ``second_moment`` (:math:`v`).
 
-    On an inverse step the blocks of all layers with the same block size (FC layers with the same
-    output size, convs with the same kernel size) are inverted by one batched call. No step reads
+    On an inverse step the blocks of all layers with the same block size (FC row chunks of one
+    size, convs with one kernel size) that are due are inverted by one batched call: with
+    ``refresh_phases`` P, one call per due share (at most one after the warm-up). No step reads
     a device value (the inverse is branch-free; the intervals are host decisions given
     ``update(..., step=)``), except that torch's CUDA ``inv`` checks its own result: one
     synchronisation per inverse step.
@@ -380,8 +503,10 @@ def mbf(
       refresh that raised a layer's damping counts one ``failures``.
     * B3: state in the compute dtype (float64 for float64 parameters; the authors' models are
       float32). bf16/fp16 parameters keep float32 state in both modes (no backend inverts in bf16).
-    * B4: FC layers with more than ``max_block_dim`` outputs use the block-size-1 limit
-      (default 4096; faithful: unlimited, every layer gets an :math:`O\times O` block).
+    * B4: long FC output axes are cut into ``block_size`` blocks (default 128; faithful: one
+      :math:`O\times O` block per layer), and the inverse refreshes are spread over
+      ``refresh_phases`` shares (default :math:`T_2/T_1`; faithful: all at once). FC layers with
+      more than ``max_block_dim`` outputs use the block-size-1 limit instead (default unlimited).
     * B5: ``damping > 0`` is required (both modes).
     * B7: the step of every block (not the diagonal rule's) is clipped, per layer, to
       :math:`\alpha^2\langle D, m\rangle = \alpha^2 m^\top(F+\lambda I)^{-1}m \le \kappa`
@@ -422,22 +547,42 @@ def mbf(
         check_positive_int("max_block_dim", max_block_dim)
     if kl_clip is not None:
         check_nonnegative("kl_clip", kl_clip)
+    if block_size is not None:
+        check_positive_int("block_size", block_size)
+    if refresh_phases is not None:
+        check_positive_int("refresh_phases", refresh_phases)
+        if refresh_phases > precondition_every:
+            raise ValueError(
+                f"refresh_phases must be at most precondition_every ({precondition_every}): each phase "
+                f"refreshes on its own call of the interval, got {refresh_phases!r}"
+            )
     check_choice("mode", mode, ("principled", "faithful"))
     faithful = mode == "faithful"
     if fc_blocks is None:
         fc_blocks = "official_chunks" if faithful else "columns_avg"
-    if max_block_dim is None and not faithful:
-        max_block_dim = 4096
+    chunks = fc_blocks == "official_chunks"
+    if block_size is not None and (faithful or chunks):
+        raise ValueError(
+            f"block_size={block_size!r} needs mode='principled' with fc_blocks='columns_avg' (the authors' "
+            "code and its chunked FC statistic have one O x O block per layer)"
+        )
+    if faithful and refresh_phases not in (None, 1):
+        raise ValueError(f"refresh_phases={refresh_phases!r} needs mode='principled' (the authors refresh every inverse at once)")
+    if block_size is None and not faithful and not chunks:
+        block_size = _BLOCK_SIZE
+    if refresh_phases is None:
+        refresh_phases = 1 if faithful else max(1, precondition_every // statistics_every)
     if kl_clip is None:
         kl_clip = 0.0 if faithful else _KL_CLIP
-    chunks = fc_blocks == "official_chunks"
     # An array weight decay (optax.inject_hyperparams) may be traced: always apply it then.
     decays = not is_zero(weight_decay)
     t1, t2 = statistics_every, precondition_every
 
-    def inverse_due(calls: Any) -> Any:
-        # mbngd_if_inverse: every statistics step up to T2, then every T2 steps.
-        return ((calls <= t2) & (calls % t1 == 0)) | (calls % t2 == 0)
+    # mbngd_if_inverse (every statistics step up to T2, then every T2 steps), spread over
+    # refresh_phases shares of the blocks: one interval predicate per phase.
+    phase_due = tuple(
+        (lambda calls, phase=phase: _phase_due(calls, phase, refresh_phases, t1, t2)) for phase in range(refresh_phases)
+    )
 
     block_inverse = _faithful_inverse if faithful else damped_inverse_stable  # B2, B6
 
@@ -456,13 +601,15 @@ def mbf(
             )
         return branches[key]
 
-    def inverse_branches(xp: Any, kinds: tuple[str, ...]) -> tuple[Callable, Callable]:
-        key = ("inverse", id(xp), kinds)
+    def inverse_branches(xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...], phase: int) -> tuple[Callable, Callable]:
+        key = ("inverse", id(xp), kinds, owners, phase)
         if key not in branches:
-            branches[key] = (
-                lambda f, inv, n: _refresh_inverses(xp, kinds, f, inv, n, damping, block_inverse),
-                lambda f, inv, n: (inv, n),
-            )
+
+            def refresh(f: list, inv: list, n: list) -> tuple[list, list]:
+                inverses, flags = _refresh_inverses(xp, kinds, f, inv, damping, block_inverse, phase, refresh_phases)
+                return inverses, _add_flags(xp, n, owners, flags)
+
+            branches[key] = (refresh, lambda f, inv, n: (inv, n))
         return branches[key]
 
     def diagonal_rule(xp: Any, g: Array, state: dict, ctx: StepContext) -> tuple[Array, dict]:
@@ -495,14 +642,26 @@ def mbf(
         if kind == _ELEMENTWISE:
             inverse = xp.ones(shape, dtype=dtype, device=dev) / as_operand(xp, damping, dtype)
             return {"momentum": zeros, "statistic": zeros, "inverse": inverse, "failures": failures}
-        stat_shape = shape + (shape[-1],) if kind == _CONV else (shape[0], shape[0])
-        statistic = xp.zeros(stat_shape, dtype=dtype, device=dev)
-        return {
-            "momentum": zeros,
-            "statistic": statistic,
-            "inverse": damped_inverse_init(statistic, as_operand(xp, damping, dtype)),
-            "failures": failures,
-        }
+        state = {"momentum": zeros, "failures": failures}
+        for suffix, stat_shape in _statistic_shapes(kind, shape, block_size).items():
+            state["statistic" + suffix] = statistic = xp.zeros(stat_shape, dtype=dtype, device=dev)
+            state["inverse" + suffix] = damped_inverse_init(statistic, as_operand(xp, damping, dtype))
+        return state
+
+    def check_layout(kind: str, shape: tuple, state: dict, paths: Sequence[Path]) -> None:
+        """Refuse, naming the leaf and the argument that reproduces it, a state whose statistic
+        blocks are not the ones this ``block_size`` makes (e.g. one saved before blocking)."""
+        want = {"statistic" + suffix: s for suffix, s in _statistic_shapes(kind, shape, block_size).items()}
+        have = {k: tuple(v.shape) for k, v in state.items() if k.startswith("statistic")}
+        if have != want:
+            names = ", ".join(repr(path_str(p)) for p in paths)
+            old = "" if kind != _FC or len(have) != 1 else f" (block_size={shape[0]} or larger reproduces it)"
+            raise ValueError(
+                f"mbf: the optimizer state of {names} has statistic blocks {have}, but block_size={block_size} "
+                f"makes {want}: a state saved with another block_size or max_block_dim{old}; build the "
+                "optimizer with the settings that saved it (before issue 35 the principled layout was one "
+                "O x O block per FC layer: block_size at least every layer's output size, max_block_dim=4096)"
+            )
 
     def clip(xp: Any, d: Array, m: Array, ctx: StepContext) -> Array:
         r"""B7: :math:`\nu D`, :math:`\nu = \min(1, \sqrt{\kappa/(\alpha^2\langle D, m\rangle)})`
@@ -523,16 +682,17 @@ def mbf(
         return tuple(-lr * d - decay * xp.astype(p, dtype) for d, p in zip(direction, params))
 
     # One step, Bahamou et al. 2023 Alg. 1 with the authors' schedule (spec mbf.md 2.2-2.3); i = updates
-    # already applied, per layer (block leaves) or leaf (diagonal rule):
+    # already applied, per layer (block leaves) or leaf (diagonal rule); b runs over the mini-blocks,
+    # an FC layer's being its row chunks (_parts: a leading stack axis, one statistic per chunk):
     #   m   <- mu m + g                                                      heavy ball, raw gradient
     #   F_b <- rho F_b + (1 - rho) g_b g_b^T                 if i % T1 == 0   statistics (2.2 steps 2-3)
-    #   F_b^-1 <- (F_b + lam I)^-1    if (i <= T2 and i % T1 == 0) or i % T2 == 0   (B2, B6)
+    #   F_b^-1 <- (F_b + lam I)^-1    if (i <= T2 and i % T1 == 0) or i % T2 == phase_b T2 // P   (B2, B6, B4)
     #   D_b = nu F_b^-1 m_b                                                  nu: KL clip (B7)
     #   diagonal rule: a <- mu a + (1-mu) g, v <- b2' v + (1-b2') a^2, D = a / (eps + sqrt(v / (1-b2'^(i+1))))
     #   w   <- (1 - alpha_i wd) w - alpha_i D
     def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
         xp, n = ctxs[0].xp, len(grads_list)
-        statistics_due, inverses_due = ctxs[0].every(t1), ctxs[0].every(inverse_due)
+        statistics_due = ctxs[0].every(t1)
         kinds = [_kind(grads, max_block_dim) for grads in grads_list]
         dtypes = [s["ema"].dtype if k == _DIAGONAL else s["momentum"].dtype for k, s in zip(kinds, states)]
         grads_list = [tuple(xp.astype(g, dtype) for g in grads) for grads, dtype in zip(grads_list, dtypes)]
@@ -542,22 +702,38 @@ def mbf(
             direction, new_states[i] = diagonal_rule(xp, grads_list[i][0], states[i], ctxs[i])
             directions[i] = (direction,)
         g = {i: _to_block(xp, grads_list[i]) for i in blocked}  # [g_W | g_b] (O, I+1), conv (O, C, q)
+        parts = {i: _parts(kinds[i], tuple(g[i].shape), block_size) for i in blocked}  # row blocks (..., b, I+1)
         m = {i: as_operand(xp, momentum, dtypes[i]) * states[i]["momentum"] + g[i] for i in blocked}
         statistic, failures = {}, {}
         for i in blocked:
-            statistic[i], failures[i] = cond(
-                xp, statistics_due, *statistic_branches(xp, kinds[i]),
-                states[i]["statistic"], states[i]["failures"], g[i], as_operand(xp, b2, dtypes[i]),
+            failures[i] = states[i]["failures"]
+            for (suffix, *_), g_part in zip(parts[i], _split_rows(xp, g[i], parts[i])):
+                statistic[i, suffix], failures[i] = cond(
+                    xp, statistics_due, *statistic_branches(xp, kinds[i]),
+                    states[i]["statistic" + suffix], failures[i], g_part, as_operand(xp, b2, dtypes[i]),
+                )  # fmt: skip
+        members = [(i, suffix) for i in blocked for suffix, *_ in parts[i]]  # every statistic part
+        owners = tuple(blocked.index(i) for i, _ in members)
+        inverse = {key: states[key[0]]["inverse" + key[1]] for key in members}
+        counts = [failures[i] for i in blocked]
+        for phase in range(refresh_phases if members else 0):
+            refreshed, counts = cond(
+                xp, ctxs[0].every(phase_due[phase]),
+                *inverse_branches(xp, tuple(kinds[i] for i, _ in members), owners, phase),
+                [statistic[key] for key in members], [inverse[key] for key in members], counts,
             )  # fmt: skip
-        if blocked:
-            inverse, counts = cond(
-                xp, inverses_due, *inverse_branches(xp, tuple(kinds[i] for i in blocked)),
-                [statistic[i] for i in blocked], [states[i]["inverse"] for i in blocked], [failures[i] for i in blocked],
+            inverse = dict(zip(members, refreshed))
+        for i, count in zip(blocked, counts):
+            m_parts = _split_rows(xp, m[i], parts[i])
+            d = _join_rows(
+                xp, [_precondition(xp, kinds[i], inverse[i, suffix], m_part, chunks) for (suffix, *_), m_part in zip(parts[i], m_parts)], parts[i]
             )  # fmt: skip
-            for i, inverse_i, count in zip(blocked, inverse, counts):
-                d = clip(xp, _precondition(xp, kinds[i], inverse_i, m[i], chunks), m[i], ctxs[i])
-                directions[i] = _from_block(xp, d, grads_list[i])
-                new_states[i] = {"momentum": m[i], "statistic": statistic[i], "inverse": inverse_i, "failures": count}
+            d = clip(xp, d, m[i], ctxs[i])
+            directions[i] = _from_block(xp, d, grads_list[i])
+            new_states[i] = {"momentum": m[i], "failures": count}
+            for suffix, *_ in parts[i]:
+                new_states[i]["statistic" + suffix] = statistic[i, suffix]
+                new_states[i]["inverse" + suffix] = inverse[i, suffix]
         return [(descend(xp, d, p, ctx), s) for d, s, p, ctx in zip(directions, new_states, params_list, ctxs)]
 
     def canonical_groups(paths, leaves):
@@ -571,7 +747,7 @@ def mbf(
         group_leaves=canonical_groups,
         on_nonfinite=on_nonfinite,
         needs_params=decays,
-        intervals=(t1, inverse_due),
+        intervals=(t1,) + phase_due,
     )
 
     def init(params: Any) -> PrecondState:
@@ -580,6 +756,15 @@ def mbf(
 
     def update(grads: Any, state: PrecondState, params: Any = None, **extra: Any):
         canonical_grads, treedef, flags = _canonical(grads)
+        if isinstance(state, PrecondState):
+            leaves = tree_flatten(canonical_grads)[0]
+            for group in canonical_groups(treedef.paths, leaves):
+                members = tuple(leaves[i] for i in group.indices)
+                entries, kind = state.groups.get(group.key), _kind(members, max_block_dim)
+                shape = _block_shape(members) if kind != _DIAGONAL else None
+                # Only a state whose momentum fits the gradient: other mismatches are the framework's.
+                if shape is not None and entries and "momentum" in entries and tuple(entries["momentum"].shape) == shape:
+                    check_layout(kind, shape, entries, group.paths)
         canonical_params = None if params is None else _canonical(params)[0]
         updates, new_state = inner.update(canonical_grads, state, canonical_params, **extra)
         return _restore(updates, treedef, flags), new_state
@@ -608,23 +793,26 @@ def mbf(
                 if kind == _DIAGONAL or not entries:
                     continue
                 dtype = entries["statistic"].dtype
-                stat = _block_statistic(xp, kind, _to_block(xp, tuple(xp.astype(g, dtype) for g in members)), chunks)
-                if key not in running:
-                    zero = xp.zeros((), dtype=xp.int32, device=placement(xp, stat))
-                    running[key] = (xp.zeros_like(stat), zero)
-                mean, j = running[key]
-                j = j + xp.astype(finite, j.dtype)
-                # The authors' running mean F <- ((j-1)/j) F + stat/j, over finite batches only.
-                weight = xp.astype(finite, dtype) / xp.astype(xp.maximum(j, xp.ones_like(j)), dtype)
-                stat = xp.where(finite, stat, xp.zeros_like(stat))
-                mean = xp.where(finite, (1.0 - weight) * mean + weight * stat, mean)
-                running[key] = (mean, j)
+                block = _to_block(xp, tuple(xp.astype(g, dtype) for g in members))
+                parts = _parts(kind, tuple(block.shape), block_size)
+                for (suffix, *_), g_part in zip(parts, _split_rows(xp, block, parts)):
+                    stat = _block_statistic(xp, kind, g_part, chunks)
+                    if (key, suffix) not in running:
+                        zero = xp.zeros((), dtype=xp.int32, device=placement(xp, stat))
+                        running[key, suffix] = (xp.zeros_like(stat), zero)
+                    mean, j = running[key, suffix]
+                    j = j + xp.astype(finite, j.dtype)
+                    # The authors' running mean F <- ((j-1)/j) F + stat/j, over finite batches only.
+                    weight = xp.astype(finite, dtype) / xp.astype(xp.maximum(j, xp.ones_like(j)), dtype)
+                    stat = xp.where(finite, stat, xp.zeros_like(stat))
+                    mean = xp.where(finite, (1.0 - weight) * mean + weight * stat, mean)
+                    running[key, suffix] = (mean, j)
             n_batches += 1
         if n_batches == 0:
             raise ValueError("mbf.warm_start: grads_batches is empty")
-        for key, (mean, j) in running.items():
+        for (key, suffix), (mean, j) in running.items():
             entries = dict(groups[key])
-            entries["statistic"] = xp.where(j > 0, mean, entries["statistic"])
+            entries["statistic" + suffix] = xp.where(j > 0, mean, entries["statistic" + suffix])
             groups[key] = entries
         return PrecondState(state.count, state.nonfinite_count, groups)
 

@@ -48,11 +48,13 @@ class ReferenceMBF:
         second_moment="momentum",
         max_block_dim=None,
         symmetrize=True,
+        block_size=None,
+        phases=1,
     ):
         self.h = dict(
             lr=lr, damping=damping, momentum=momentum, b2=b2, wd=weight_decay, t1=t1, t2=t2,
             fc=fc_blocks, db2=diagonal_b2, eps=diagonal_eps, sm=second_moment,
-            max_block_dim=max_block_dim, sym=symmetrize,
+            max_block_dim=max_block_dim, sym=symmetrize, phases=phases,
         )
         self.i = 0
         self.state = {}
@@ -68,9 +70,12 @@ class ReferenceMBF:
                     st["F"] = {k: np.zeros_like(v) for k, v in leaves.items()}
                     st["Finv"] = {k: np.full_like(v, 1 / damping) for k, v in leaves.items()}
                 else:
+                    # Blocked (issue 35): rows [start, stop) of the output axis, each its own block.
                     st["kind"] = "fc"
-                    st["F"] = np.zeros((o, o))
-                    st["Finv"] = np.eye(o) / damping
+                    size = o if block_size is None else block_size
+                    st["rows"] = [(r, min(r + size, o)) for r in range(0, o, size)]
+                    st["F"] = [np.zeros((b - a, b - a)) for a, b in st["rows"]]
+                    st["Finv"] = [np.eye(b - a) / damping for a, b in st["rows"]]
             elif w is not None and w.ndim >= 3:
                 st["kind"] = "conv"
                 o, c = w.shape[:2]
@@ -80,7 +85,33 @@ class ReferenceMBF:
             else:
                 st["kind"] = "diagonal"
             self.state[name] = st
+        # Spread refreshes: every matrix block, in the order name, FC row block / conv (o, c), joins
+        # the list of blocks of its size; the k-th of n blocks of a size is in phase p when
+        # n p // P <= k < n (p + 1) // P. Element-wise blocks are in phase 0.
+        by_size = {}
+        for name, st in self.state.items():
+            if st["kind"] == "fc":
+                keys = [(name, j) for j in range(len(st["rows"]))]
+                sizes = [b - a for a, b in st["rows"]]
+            elif st["kind"] == "conv":
+                o, c, q, _ = st["F"].shape
+                keys = [(name, (oo, cc)) for oo in range(o) for cc in range(c)]
+                sizes = [q] * len(keys)
+            else:
+                continue
+            for key, size in zip(keys, sizes):
+                by_size.setdefault(size, []).append(key)
+        self.phase = {}
+        for blocks in by_size.values():
+            n = len(blocks)
+            for k, key in enumerate(blocks):
+                self.phase[key] = next(p for p in range(phases) if n * p // phases <= k < n * (p + 1) // phases)
 
+    def _due(self, key) -> bool:
+        h, i = self.h, self.i
+        if i <= h["t2"] and i % h["t1"] == 0:
+            return True
+        return i % h["t2"] == self.phase.get(key, 0) * h["t2"] // h["phases"]
     def _inv(self, a):
         h = self.h
         if h["sym"]:
@@ -91,7 +122,6 @@ class ReferenceMBF:
     def step(self, params: dict, grads: dict) -> dict:
         h, i = self.h, self.i
         stats_now = i % h["t1"] == 0
-        inv_now = (i <= h["t2"] and i % h["t1"] == 0) or i % h["t2"] == 0
         new_params = {}
         for name, leaves in params.items():
             st, g = self.state[name], grads[name]
@@ -104,12 +134,14 @@ class ReferenceMBF:
                 h_g = np.concatenate([g["weight"], g["bias"][:, None]], 1) if has_b else g["weight"]
                 h_m = (np.concatenate([st["m"]["weight"], st["m"]["bias"][:, None]], 1)
                        if has_b else st["m"]["weight"])
-                if stats_now:
-                    stat, _ = fc_stat_and_apply(h["fc"], h_g, h_m, None)
-                    st["F"] = h["b2"] * st["F"] + (1 - h["b2"]) * stat
-                if inv_now:
-                    st["Finv"] = self._inv(st["F"])
-                _, dh = fc_stat_and_apply(h["fc"], h_g, h_m, st["Finv"])
+                dh = np.zeros_like(h_m)
+                for j, (a, b) in enumerate(st["rows"]):
+                    if stats_now:
+                        stat, _ = fc_stat_and_apply(h["fc"], h_g[a:b], h_m[a:b], None)
+                        st["F"][j] = h["b2"] * st["F"][j] + (1 - h["b2"]) * stat
+                    if self._due((name, j)):
+                        st["Finv"][j] = self._inv(st["F"][j])
+                    _, dh[a:b] = fc_stat_and_apply(h["fc"], h_g[a:b], h_m[a:b], st["Finv"][j])
                 d["weight"] = dh[:, : g["weight"].shape[1]]
                 if has_b:
                     d["bias"] = dh[:, -1]
@@ -117,7 +149,7 @@ class ReferenceMBF:
                 for k in leaves:
                     if stats_now:
                         st["F"][k] = h["b2"] * st["F"][k] + (1 - h["b2"]) * g[k] ** 2
-                    if inv_now:
+                    if self._due(None):
                         st["Finv"][k] = 1 / (st["F"][k] + h["damping"])
                     d[k] = st["Finv"][k] * st["m"][k]
             elif st["kind"] == "conv":
@@ -130,7 +162,7 @@ class ReferenceMBF:
                     for cc in range(c):
                         if stats_now:
                             st["F"][oo, cc] = h["b2"] * st["F"][oo, cc] + (1 - h["b2"]) * np.outer(gk[oo, cc], gk[oo, cc])
-                        if inv_now:
+                        if self._due((name, (oo, cc))):
                             st["Finv"][oo, cc] = self._inv(st["F"][oo, cc])
                         out[oo, cc] = st["Finv"][oo, cc] @ mk[oo, cc]
                 d["weight"] = out.reshape(w.shape)

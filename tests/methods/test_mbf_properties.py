@@ -27,9 +27,10 @@ def _run(backend, params, grads, **kw):
     """Updates (NumPy) of a fixed gradient sequence; params are not changed between steps.
 
     The identities of this file are those of the unclipped update (KL clipping, B7, has its own
-    test), hence ``kl_clip=0`` unless a test sets it.
+    test), hence ``kl_clip=0`` unless a test sets it; and of the authors' schedule, every inverse at
+    once (``refresh_phases=1``; the spread schedule of issue 35 has its own tests).
     """
-    opt = pr.mbf(**{"kl_clip": 0.0, **kw})
+    opt = pr.mbf(**{"kl_clip": 0.0, "refresh_phases": 1, **kw})
     p = backend.tree(params)
     state = opt.init(p)
     out = []
@@ -325,7 +326,7 @@ def test_statistics_are_symmetric_psd_and_inverse_spectrum_is_bounded(property_b
     rng = np.random.default_rng(seed)
     params = {"conv": {"weight": rng.standard_normal((o, n_in, 2, 2))},
               "fc": {"bias": rng.standard_normal(o), "weight": rng.standard_normal((o, n_in))}}
-    opt = pr.mbf(learning_rate=0.1, damping=lam, b2=rho, statistics_every=1, precondition_every=t2)
+    opt = pr.mbf(learning_rate=0.1, damping=lam, b2=rho, statistics_every=1, precondition_every=t2, refresh_phases=1)
     p = property_backend.tree(params)
     state = opt.init(p)
     inverted_from = {}
