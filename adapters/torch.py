@@ -64,6 +64,7 @@ class _Arg(NamedTuple):
     annotation: str = "Any"
     core: Union[str, tuple, None] = None  # core argument: None the same name; tuple: unpacked into; (): none
     convert: Optional[Callable[[Any], Any]] = None  # applied to the group's value first
+    since: Optional[str] = None  # the release that added it (None: 0.1.0); older checkpoints lack it
 
 
 #: Every class ends with these (keyword-only), handled by :class:`CoreOptimizer`.
@@ -143,6 +144,7 @@ def _torch_class(
         "core_factory": staticmethod(core_factory),
         "compile_by_default": compile_by_default,
         "core_kwargs": _core_kwargs_from(arguments, derive, name),
+        "added_since_first_release": frozenset(a.name for a in arguments if isinstance(a, _Arg) and a.since),
     }
     return type(name, (base,), namespace)
 
@@ -619,6 +621,8 @@ MBF = _torch_class(
         _MODEL,
         _Arg("kl_clip", None, "Optional[float]"),
         *_MODE,
+        _Arg("block_size", None, "Optional[int]", since="0.2.0"),
+        _Arg("refresh_phases", None, "Optional[int]", since="0.2.0"),
     ),
     base=_MBFOptimizer,
 )

@@ -35,7 +35,14 @@ _FALLBACK = (
 )
 _MODE = (("mode", P, "principled", "str"), ("on_nonfinite", P, "skip", "str"))
 
-#: (name, kind, default, annotation) of every parameter, as main's hand-written classes had them.
+#: Arguments added since the release that pinned the signatures below (0.1.0), at the end of the
+#: positional ones: ``added_since_first_release`` of the class, absent from a 0.1.0 checkpoint.
+ADDED = {
+    "MBF": (("block_size", P, None, "Optional[int]"), ("refresh_phases", P, None, "Optional[int]")),
+}
+
+#: (name, kind, default, annotation) of every parameter, as main's hand-written classes had them
+#: (plus :data:`ADDED`).
 SIGNATURES = {
     "AGD": (
         ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.001, "float"),
@@ -87,7 +94,8 @@ SIGNATURES = {
         ("fc_blocks", P, None, "Optional[str]"), ("diagonal_beta2", P, 0.999, "float"),
         ("diagonal_eps", P, 1e-08, "float"), ("diagonal_second_moment", P, "momentum", "str"),
         ("max_block_dim", P, None, "Optional[int]"), ("model", P, None, "Optional[torch.nn.Module]"),
-        ("kl_clip", P, None, "Optional[float]"), *_MODE, *_TAIL,
+        ("kl_clip", P, None, "Optional[float]"), *_MODE,
+        *ADDED["MBF"], *_TAIL,
     ),
     "Sketchy": (
         ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.001, "float"), ("rank", P, 128, "int"),
@@ -139,7 +147,8 @@ CORE_KWARGS = {
                   "grouping": "per_parameter", "preconditioner_lr_scale": None, "kl_clip": None},
     "MBF": {"learning_rate": 1e-05, "damping": 0.001, "momentum": 0.9, "b2": 0.9, "weight_decay": 0.0,
             "statistics_every": 10, "precondition_every": 100, "fc_blocks": None, "diagonal_b2": 0.999,
-            "diagonal_eps": 1e-08, "diagonal_second_moment": "momentum", "max_block_dim": None, "kl_clip": None},
+            "diagonal_eps": 1e-08, "diagonal_second_moment": "momentum", "max_block_dim": None, "kl_clip": None,
+            "block_size": None, "refresh_phases": None},
     "Sketchy": {"learning_rate": 0.001, "rank": 128, "b2": 0.999, "eps": 1e-07, "relative_eps": True,
                 "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "graft": "rmsprop", "graft_b2": 0.999,
                 "graft_eps": 1e-23, "precondition_every": 1, "start_preconditioning_step": 0, "merge_dims": 1024,
@@ -262,3 +271,21 @@ def test_defaults_torch_adds_on_restore_are_neither_kept_nor_asked_of_a_checkpoi
     restored.load_state_dict(saved)
     assert restored.param_groups[0]["initial_lr"] == 1e-3
     assert torch.equal(restored.state[restored.param_groups[0]["params"][0]]["step"], opt.state[p]["step"])
+
+
+@pytest.mark.parametrize("name", sorted(ADDED))
+def test_a_checkpoint_of_the_first_release_loads_without_the_added_arguments(name):
+    """A param group saved by 0.1.0 lacks the arguments added since (:data:`ADDED`); with a
+    scheduler's ``initial_lr`` beside them it is still this class's checkpoint, not another
+    optimizer's, and the added arguments keep the loading optimizer's values."""
+    opt = _build(name)
+    assert opt.added_since_first_release == {a[0] for a in ADDED[name]}
+    saved = opt.state_dict()
+    for arg in ADDED[name]:
+        del saved["param_groups"][0][arg[0]]
+    saved["param_groups"][0]["initial_lr"] = 1e-3
+    restored = _build(name)
+    restored.load_state_dict(saved)
+    group = restored.param_groups[0]
+    assert group["initial_lr"] == 1e-3
+    assert all(group[arg[0]] == arg[2] for arg in ADDED[name])
