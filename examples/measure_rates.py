@@ -8,8 +8,12 @@ loss stops being finite counts as failed. Run from the repository root::
     python examples/measure_rates.py --example torch --steps 100
     python examples/measure_rates.py --example jax --steps 100
 
-The chosen rates are written into the example's ``OPTIMIZERS`` table by hand (the script only
-measures). It runs in one process with one torch thread, the progress and plots switched off.
+When the lowest loss sits at an end of the grid, measure further rates past that end
+(``--optimizers NAME --rates ...``) until it is inside, or the next rate fails: a rate at the edge
+cannot be told from a better one further out. Each optimizer's line starts with the keyword
+defaults it ran with, since the methods' principled defaults may change. The chosen rates are
+written into the example's ``OPTIMIZERS`` table by hand (the script only measures). It runs in one
+process with one torch thread, the progress and plots switched off.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import inspect
 import io
 import math
 import pathlib
@@ -33,6 +38,16 @@ def _load(name: str):
     return module
 
 
+def defaults(factory) -> str:
+    """The keyword defaults an example's optimizer runs with (the example passes only the rate and
+    the parameters), so that a measurement says which principled defaults it saw."""
+    if factory is None:
+        return "torch.optim.AdamW defaults"
+    parameters = inspect.signature(factory).parameters.values()
+    skip = {"self", "params", "lr", "learning_rate", "model", "compile", "capturable"}
+    return ", ".join(f"{p.name}={p.default!r}" for p in parameters if p.default is not p.empty and p.name not in skip)
+
+
 def measure(example: str, optimizers: list[str], rates: list[float], steps: int) -> dict:
     """``{optimizer: {rate: tail loss or inf}}``."""
     module = _load(f"char_lm_{example}")
@@ -43,6 +58,7 @@ def measure(example: str, optimizers: list[str], rates: list[float], steps: int)
     results: dict = {}
     with tempfile.TemporaryDirectory() as out:
         for name in optimizers:
+            print(f"{name:>11}  defaults: {defaults(module.OPTIMIZERS[name][0])}", flush=True)
             results[name] = {}
             for rate in rates:
                 argv = ["--optimizer", name, "--lr", str(rate), "--steps", str(steps), "--sample", "0", "--out", out]
