@@ -857,7 +857,7 @@ def test_I12_dasgo_is_asgo_on_orthogonal_columns(property_backend, seed, n, extr
     grads = [ortho(rng, m)[:, :n] * rng.uniform(0.1, 3.0, n) for _ in range(4)]
     w0 = rng.standard_normal((m, n))
     kw = dict(learning_rate=0.1, b1=b1, b2=b2, rms_target=rms, eps=eps)
-    h, _, _ = run(property_backend, pr.asgo(side="right", damping=0.0, **kw), {"w": w0}, [{"w": g} for g in grads])
+    h, _, _ = run(property_backend, pr.asgo(side="right", damping=0.0, precondition_every=1, **kw), {"w": w0}, [{"w": g} for g in grads])
     h2, _, _ = run(property_backend, pr.dasgo(side="right", **kw), {"w": w0}, [{"w": g} for g in grads])
     for a, b in zip(h, h2):
         assert rel(b["w"], a["w"]) < 1e-9
@@ -875,7 +875,7 @@ def test_I13_blocking_is_exact_when_it_does_nothing(property_backend, seed, size
     k = b * (len(sizes) - 1) + sizes[-1]
     chunk_sizes = [b] * (len(sizes) - 1) + [sizes[-1]]
     n = k + extra
-    kw = dict(learning_rate=0.1, b2=b2, damping=0.0, eps=1e-8, side="left")
+    kw = dict(learning_rate=0.1, b2=b2, damping=0.0, eps=1e-8, side="left", precondition_every=1)
 
     def gradient():
         q = ortho(rng, n)
