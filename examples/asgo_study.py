@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import pathlib
 import statistics
 import sys
@@ -27,6 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import batches, load_corpus  # noqa: E402
 from char_lm_torch import CharTransformer  # noqa: E402
 
+import precond_ref as pr  # noqa: E402
 from precond_ref.adapters import torch as pt  # noqa: E402
 
 
@@ -43,7 +45,11 @@ def run(setting: dict, seed: int, steps: int, width: int, lr: float) -> tuple[fl
     train_ids, validation_ids, vocabulary = load_corpus()
     context, batch = 64, 32
     model = CharTransformer(len(vocabulary), context, width, 2, 4)
-    optimizer = pt.ASGO(model.named_parameters(), lr=lr, **setting)
+    setting = dict(setting)
+    cls = pt.ASGO
+    if "spread_refresh" in setting:  # a core argument the torch class does not take (yet)
+        cls = type("ASGO", (pt.ASGO,), {"core_factory": staticmethod(functools.partial(pr.asgo, spread_refresh=setting.pop("spread_refresh")))})
+    optimizer = cls(model.named_parameters(), lr=lr, **setting)
     data = batches(train_ids, batch, context, seed)
     losses = []
     started = time.perf_counter()
