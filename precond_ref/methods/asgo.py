@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import zlib
 from typing import Any, Callable, Optional, Union
 
 from array_api_compat import device as array_device, is_jax_namespace
@@ -482,9 +483,9 @@ def asgo(
         measurement); a value at least every side length gives the unblocked method.
     spread_refresh:
         Principled only: with ``precondition_every = T > 1``, give every block a phase
-        ``j < T`` (largest blocks first, each to the least-loaded phase) and refresh it on the
-        steps ``count ≡ j (mod T)`` (and on the first), so that each step computes about ``1/T``
-        of the roots instead of all of them every ``T``-th step; a static schedule, no host
+        ``j < T`` (from its leaf's path and its index along the side, :func:`_refresh_phases`) and
+        refresh it on the steps ``count ≡ j (mod T)`` (and on the first), so that each step
+        computes about ``1/T`` of the roots instead of all of them every ``T``-th step; a static schedule, no host
         read. Default ``True`` in principled mode; ``False`` refreshes all blocks together.
     fallback_mask:
         Leaves handled by the fallback Adam: a tree of bools matching the parameters, or a callable
@@ -685,7 +686,7 @@ def asgo(
         blocks = [(i, s) for i in new for s in ("statistic", "statistic_tail") if s in new[i]]
         stacks = [(_as_stack(xp, new[i][s]), _as_stack(xp, previous_root(xp, states[i], s, new[i][s]))) for i, s in blocks]
         units, owners = _refresh_units(stacks, blocks, len(dues) > 1)
-        phases = _refresh_phases([p.shape[-1] for p, _ in units], len(dues))
+        phases = _refresh_phases(_block_keys(owners, new, ctxs), len(dues))
         roots = _collect_roots(xp, owners, new, _roots_when_due(xp, dues, phases, units, root_or_previous))
 
         for i, z in roots.items():
@@ -1015,18 +1016,25 @@ def _refresh_schedule(interval: int, spread: bool) -> tuple:
     return tuple(phase(j) for j in range(interval))
 
 
-def _refresh_phases(sizes: list[int], phases: int) -> list[int]:
-    """The phase of each block of side ``sizes[u]`` among ``phases``: the blocks in decreasing size
-    (stable), each to the phase with the least ``Σ size³`` so far (the lowest on a tie), so that
-    the root work (``~size³`` each) of every step of the interval is about the same. Static: it
-    depends only on the shapes, in the order the step lists them."""
-    load = [0] * phases
-    out = [0] * len(sizes)
-    for u in sorted(range(len(sizes)), key=lambda u: -sizes[u]):
-        j = min(range(phases), key=lambda j: (load[j], j))
-        out[u] = j
-        load[j] += sizes[u] ** 3
-    return out
+def _refresh_phases(keys: list[tuple[str, int]], phases: int) -> list[int]:
+    """The phase of each block among ``phases``, from its key ``(leaf path, block index along the
+    leaf's side)``: ``(crc32(path) + index) mod phases``. The blocks of one leaf take consecutive
+    phases (a side of up to ``phases`` blocks is refreshed one block per step), and the leaves
+    start at phases spread by their paths. A block's phase depends on its own key only: it is the
+    same whatever other parameters the transform steps (param groups, shards) and on every run."""
+    return [(zlib.crc32(path.encode()) + index) % phases for path, index in keys]
+
+
+def _block_keys(owners: list[tuple[int, str]], statistics: dict, ctxs: list) -> list[tuple[str, int]]:
+    """``(leaf path, block index along the side)`` of each unit (units listed in side order; the
+    tail follows the full chunks)."""
+    seen: dict[int, int] = {}
+    keys = []
+    for i, name in owners:
+        index = seen.get(i, 0)
+        seen[i] = index + 1
+        keys.append((path_str(ctxs[i].paths[0]), index))
+    return keys
 
 
 def _refresh_units(stacks: list[tuple[Array, Array]], owners: list, split: bool) -> tuple[list, list]:
