@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-import zlib
 from typing import Any, Callable, Optional, Union
 
 from array_api_compat import device as array_device, is_jax_namespace
@@ -1018,11 +1017,22 @@ def _refresh_schedule(interval: int, spread: bool) -> tuple:
 
 def _refresh_phases(keys: list[tuple[str, int]], phases: int) -> list[int]:
     """The phase of each block among ``phases``, from its key ``(leaf path, block index along the
-    leaf's side)``: ``(crc32(path) + index) mod phases``. The blocks of one leaf take consecutive
-    phases (a side of up to ``phases`` blocks is refreshed one block per step), and the leaves
-    start at phases spread by their paths. A block's phase depends on its own key only: it is the
-    same whatever other parameters the transform steps (param groups, shards) and on every run."""
-    return [(zlib.crc32(path.encode()) + index) % phases for path, index in keys]
+    leaf's side)``: ``(h(path) + index) mod phases``, ``h`` the polynomial string hash
+    :func:`_path_hash` (plain Python, which ``torch.compile`` folds; ``zlib.crc32`` it cannot
+    trace). The blocks of one leaf take consecutive phases (a side of up to ``phases`` blocks is
+    refreshed one block per step), and the leaves start at phases spread by their paths. A block's
+    phase depends on its own key only: it is the same whatever other parameters the transform steps
+    (param groups, shards) and on every run.
+    """
+    return [(_path_hash(path) + index) % phases for path, index in keys]
+
+
+def _path_hash(path: str) -> int:
+    """``Σ ord(c_i) 31^(n-1-i) mod 1000003``: the same on every run and platform (not ``hash``)."""
+    h = 0
+    for ch in path:
+        h = (h * 31 + ord(ch)) % 1_000_003
+    return h
 
 
 def _block_keys(owners: list[tuple[int, str]], statistics: dict, ctxs: list) -> list[tuple[str, int]]:

@@ -41,8 +41,8 @@ def test_refresh_schedule_gives_every_step_one_phase(interval):
 
 @pytest.mark.parametrize("phases", [1, 4, 10])
 def test_refresh_phases_depend_on_the_block_alone(phases):
-    """Invariant (``_refresh_phases``' definition): a block's phase is ``(crc32(path) + index) mod
-    T``, a function of its own key: the same when other blocks are added or removed (param groups
+    """Invariant (``_refresh_phases``' definition): a block's phase is ``(h(path) + index) mod
+    T`` (``h`` a fixed string hash), a function of its own key: the same when other blocks are added or removed (param groups
     split a model, a shard holds some leaves), and the blocks of one leaf take consecutive phases,
     so a side of ``n <= T`` blocks has ``n`` distinct phases."""
     keys = [("blocks.0.mlp.weight", j) for j in range(4)] + [("head.weight", 0), ("head.weight", 1)]
