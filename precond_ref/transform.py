@@ -511,6 +511,7 @@ def build_transform(
     intervals: Sequence[Interval] = (),
     matmul_precision: str = "highest",
     elementwise: bool = False,
+    layout_hint: Optional[Callable[[dict, dict], str]] = None,
 ) -> Transform:
     """Assemble a tree-level :class:`Transform` from a method's per-group functions.
 
@@ -548,6 +549,9 @@ def build_transform(
     matmul_precision:
         The float32 matmul precision of the step (:func:`float32_matmul_precision`); full float32 by
         default, which faithful modes must keep.
+    layout_hint:
+        ``(found, layout) -> str``, both ``{entry: (shape, dtype)}``: text appended to the error for
+        a state that does not fit the gradients (e.g. the setting that made its layout), or ``""``.
     elementwise:
         ``update_group`` computes each entry of a single leaf's updates and state from the same
         entry of its inputs alone (no reduction over the leaf, nothing read from its shape or path),
@@ -812,7 +816,7 @@ def build_transform(
         if not _torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
             for group, g, _ in live:
                 _check_state_namespace(name, xp, group, g, state.groups[group.key])
-                _check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp))
+                _check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp), layout_hint)
         contexts = [ctx._replace(paths=group.paths) for group, _, _ in live]
         if not live:  # every group is zero-size: nothing for the method to compute
             results = []
@@ -931,7 +935,8 @@ def _check_state_namespace(name: str, xp: Any, group: LeafGroup, grads: tuple[Ar
 
 
 def _check_fits(
-    name: str, group: LeafGroup, grads: tuple[Array, ...], state: dict[str, Array], layout: dict[str, tuple]
+    name: str, group: LeafGroup, grads: tuple[Array, ...], state: dict[str, Array], layout: dict[str, tuple],
+    hint: Optional[Callable[[dict, dict], str]] = None,
 ) -> None:
     """Refuse, by name, gradients that do not fit the group's state: a transposed or reshaped
     gradient, another dtype (a float64 gradient for float32 state), a missing partner leaf (MBF's
@@ -950,6 +955,7 @@ def _check_fits(
     raise ValueError(
         f"{name}: the gradient of {given} does not fit the optimizer state of this group ({detail}); "
         "a transposed gradient, another dtype, or a weight without its bias?"
+        + (hint(found, layout) if hint is not None else "")
     )
 
 

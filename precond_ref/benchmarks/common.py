@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import math
 import statistics
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -107,6 +108,8 @@ def refresh_period(entry: MethodEntry) -> int:
         name: p.default for name, p in inspect.signature(factory).parameters.items() if p.default is not inspect.Parameter.empty
     }
     settings = {**defaults, **entry.bench_kwargs()}
+    module = sys.modules[factory.__module__]  # a None default: the module's PRINCIPLED_<NAME> (ASGO)
+    settings = {k: getattr(module, f"PRINCIPLED_{k.upper()}", None) if v is None else v for k, v in settings.items()}
     periods = [v for k, v in settings.items() if k.endswith("_every") and isinstance(v, int) and not isinstance(v, bool)]
     return max([1, *periods])
 

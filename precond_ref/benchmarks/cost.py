@@ -166,7 +166,7 @@ def _matrix_shape(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def asgo(
-    params: Params, itemsize: int = 4, *, precondition_every: int = 1, block_size: Optional[int] = None,
+    params: Params, itemsize: int = 4, *, precondition_every: Optional[int] = None, block_size: Optional[int] = None,
     root_method: Optional[str] = None, root_steps: int = 10, device: str = "cpu", side: str = "auto",
     mode: str = "principled", **_: Any,
 ) -> Cost:
@@ -188,6 +188,12 @@ def asgo(
     """
     if root_method is None:
         root_method = "polar_express" if mode == "faithful" else "auto"
+    if mode != "faithful":  # None: the factory's principled defaults
+        from ..methods.asgo import PRINCIPLED_BLOCK_SIZE, PRINCIPLED_PRECONDITION_EVERY
+
+        precondition_every = PRINCIPLED_PRECONDITION_EVERY if precondition_every is None else precondition_every
+        block_size = PRINCIPLED_BLOCK_SIZE if block_size is None else block_size
+    precondition_every = 1 if precondition_every is None else precondition_every
     t = _Tally()
     eigh = root_method == "eigh" or (root_method == "auto" and (device == "cpu" or itemsize == 8))
     for name, shape in params:

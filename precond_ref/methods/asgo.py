@@ -65,7 +65,7 @@ from ..transform import (
 )
 from ..tree import Path, path_str, tree_flatten
 
-__all__ = ["asgo", "dasgo"]
+__all__ = ["asgo", "dasgo", "PRINCIPLED_BLOCK_SIZE", "PRINCIPLED_PRECONDITION_EVERY"]
 
 Array = Any
 FallbackMask = Union[None, Any, Callable[[Path, Array], bool]]
@@ -73,6 +73,11 @@ FallbackMask = Union[None, Any, Callable[[Path, Array], bool]]
 _MODES = ("principled", "faithful")
 _SIDES = ("auto", "left", "right")
 _ROOT_METHODS = ("auto", "eigh", "polar_express", "newton_schulz", "newton")
+
+#: Principled ASGO's root refresh interval and block size (one number for every device), chosen by
+#: measurement: ``docs/methods/asgo.md``, "Long axes, intervals and cost".
+PRINCIPLED_PRECONDITION_EVERY = 10
+PRINCIPLED_BLOCK_SIZE = 1024
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,6 +116,16 @@ def _ema(xp: Any, old: Array, new: Array, decay: float, faithful: bool) -> Array
     if faithful:
         return _lerp(old, new, 1.0 - decay)
     return decay * old + (1.0 - decay) * new
+
+
+def _check_faithful_matrix(name: str, param: Array, path: Path) -> None:
+    """Faithful modes take matrices only, as the authors' code; anything else raises, naming the leaf."""
+    if param.ndim != 2:
+        raise ValueError(
+            f"{name}(mode='faithful'): parameter {path_str(path)!r} has shape {tuple(param.shape)}; "
+            f"the authors' {name.upper()} accepts only matrices. Mask it to the fallback Adam "
+            "(fallback_mask) or use mode='principled', which reshapes tensors to matrices"
+        )
 
 
 def _fallback_predicate(fallback_mask: FallbackMask) -> Callable[[Path, Array], bool]:
@@ -385,11 +400,12 @@ def asgo(
     root_method: Optional[str] = None,
     root_steps: int = 10,
     root_tolerance: Optional[float] = None,
-    precondition_every: int = 1,
+    precondition_every: Optional[int] = None,
     rms_target: Optional[float] = 0.2,
     accumulator: str = "ema",
     side: str = "auto",
     block_size: Optional[int] = None,
+    spread_refresh: Optional[bool] = None,
     fallback_mask: FallbackMask = None,
     fallback_b1: float = 0.9,
     fallback_b2: float = 0.95,
@@ -447,8 +463,10 @@ def asgo(
         host per refresh step (a synchronisation on a GPU, except under ``jax.jit``);
         ``math.inf`` turns it off: matmuls only, no host read. Faithful mode has no check.
     precondition_every:
-        Recompute the root when ``count % precondition_every == 0`` (the first update always does);
-        the statistic is updated every step.
+        Recompute the roots every ``precondition_every`` steps (the first update always does); the
+        statistic is updated every step and the stored root is used in between. Principled default
+        :data:`PRINCIPLED_PRECONDITION_EVERY` (chosen by measurement, ``docs/methods/asgo.md``,
+        "Long axes, intervals and cost"); faithful default 1 (the authors' code).
     rms_target:
         :math:`r > 0`, the RMS of the step before :math:`\eta` (0.2), or ``None`` for no
         renormalisation.
@@ -457,9 +475,17 @@ def asgo(
     side:
         ``"auto"`` (left if :math:`m < n`, else right), ``"left"`` or ``"right"``.
     block_size:
-        Principled only: split the preconditioned side into contiguous chunks of this size (the last
-        may be shorter), each with its own statistic, damping and root; the RMS renormalisation
-        stays per leaf. ``None``: no blocking.
+        Principled only: split a preconditioned side longer than this into contiguous chunks of
+        this size (the last may be shorter), each with its own statistic, damping and root; the RMS
+        renormalisation stays per leaf. Equal chunks of all matrices are rooted in one batched call.
+        ``None``: :data:`PRINCIPLED_BLOCK_SIZE` (one number for every device, chosen by
+        measurement); a value at least every side length gives the unblocked method.
+    spread_refresh:
+        Principled only: with ``precondition_every = T > 1``, give every block a phase
+        ``j < T`` (from its leaf's path and its index along the side, :func:`_refresh_phases`) and
+        refresh it on the steps ``count ≡ j (mod T)`` (and on the first), so that each step
+        computes about ``1/T`` of the roots instead of all of them every ``T``-th step; a static schedule, no host
+        read. Default ``True`` in principled mode; ``False`` refreshes all blocks together.
     fallback_mask:
         Leaves handled by the fallback Adam: a tree of bools matching the parameters, or a callable
         ``(path, leaf) -> bool``. Default: leaves with fewer than 2 dimensions. An unmasked 1-D leaf
@@ -496,7 +522,9 @@ def asgo(
     * D2 (both modes): a zero direction gives a zero step (only weight decay acts) instead of a
       division by zero.
     * D3 (both modes): no assertion that the root is non-zero.
-    * D4: ``precondition_every`` (default 1 keeps the authors' behaviour).
+    * D4: ``precondition_every`` (principled default :data:`PRINCIPLED_PRECONDITION_EVERY`, the
+      authors recompute every step), with the refreshes of the blocks spread over the interval
+      (``spread_refresh``).
     * D5: the root by ``eigh`` on CPUs and for float64, by the 10-step Polar-Express iteration of
       the damped statistic on accelerators (``root_method="auto"``), whose convergence is checked:
       a block that did not converge is recomputed by ``eigh`` and counted (``root_fallbacks``).
@@ -507,7 +535,7 @@ def asgo(
     * D7: momentum, statistic and root in the compute dtype (float32 for bf16/fp16 parameters,
       float64 for float64 ones); the authors' code fails for bf16 and float64 parameters.
     * D8: ≥3-D leaves are reshaped to matrices (conv weights); 0-D/1-D leaves go to the fallback.
-    * D9: optional ``block_size``.
+    * D9: ``block_size`` (default :data:`PRINCIPLED_BLOCK_SIZE`): long sides are split into blocks.
     * D10: the statistic is stored symmetrised.
     * D11: the fallback Adam's weight decay is decoupled (AdamW) instead of an L2 term.
     * D12: scale-invariant numerics. The RMS renormalisation takes the Frobenius norm of
@@ -531,7 +559,10 @@ def asgo(
     check_choice("accumulator", accumulator, ("ema", "sum"))
     check_choice("side", side, _SIDES)
     check_positive_int("root_steps", root_steps)
-    check_positive_int("precondition_every", precondition_every)
+    if precondition_every is not None:
+        check_positive_int("precondition_every", precondition_every)
+    if spread_refresh is not None and not isinstance(spread_refresh, bool):
+        raise ValueError(f"spread_refresh must be True, False or None, got {spread_refresh!r}")
     if rms_target is not None:
         check_positive("rms_target", rms_target)
     _check_fallback_hyperparameters(fallback_b1, fallback_b2, fallback_eps, fallback_weight_decay)
@@ -543,6 +574,13 @@ def asgo(
             )
         if block_size is not None:
             raise ValueError("block_size is not available with mode='faithful'; use mode='principled'")
+        if spread_refresh:
+            raise ValueError(
+                "spread_refresh=True is not available with mode='faithful' (the authors refresh every root "
+                "every step); use mode='principled'"
+            )
+        precondition_every = 1 if precondition_every is None else precondition_every
+        spread_refresh = False
         if root_method not in (None, "polar_express", "newton_schulz"):
             check_choice("root_method", root_method, _ROOT_METHODS)
             raise ValueError(
@@ -564,25 +602,24 @@ def asgo(
         root_tolerance = ROOT_RESIDUAL_TOLERANCE if root_tolerance is None else root_tolerance
         if isinstance(root_tolerance, bool) or not isinstance(root_tolerance, numbers.Real) or not root_tolerance > 0:
             raise ValueError(f"root_tolerance must be a number > 0 (math.inf: no check), got {root_tolerance!r}")
-        if block_size is not None:
-            check_positive_int("block_size", block_size)
+        block_size = PRINCIPLED_BLOCK_SIZE if block_size is None else block_size
+        check_positive_int("block_size", block_size)
+        precondition_every = PRINCIPLED_PRECONDITION_EVERY if precondition_every is None else precondition_every
+        spread_refresh = True if spread_refresh is None else spread_refresh
     check_choice("root_method", root_method, _ROOT_METHODS)
     check_nonnegative("damping", damping)
     check_nonnegative("eps", eps)
     goes_to_fallback = _fallback_predicate(fallback_mask)
     keeps_root = (not faithful) or precondition_every != 1
+    schedule = _refresh_schedule(precondition_every, spread_refresh)
     tolerance = None if faithful or math.isinf(root_tolerance) else root_tolerance
 
     def init_group(leaves, paths, xp):
         (param,), (path,) = leaves, paths
         if goes_to_fallback(path, param):
             return _adam_init(xp, param, faithful)
-        if faithful and param.ndim != 2:
-            raise ValueError(
-                f"asgo(mode='faithful'): parameter {path_str(path)!r} has shape {tuple(param.shape)}; "
-                "the authors' ASGO accepts only matrices. Mask it to the fallback Adam "
-                "(fallback_mask) or use mode='principled', which reshapes tensors to matrices"
-            )
+        if faithful:
+            _check_faithful_matrix("asgo", param, path)
         dev = array_device(param)
         m, n = _matrix_shape(tuple(param.shape), path)
         k = m if _resolve_side(m, n, side) == "left" else n
@@ -617,7 +654,7 @@ def asgo(
     #
     #   1  M_t = μ M_{t-1} + (1-μ) G_t                                     _momentum
     #   2  P_t = β₂ P_{t-1} + (1-β₂) G_t G_tᵀ   (or P_{t-1} + G_t G_tᵀ)     _second_moment
-    #   3  if t ≡ 0 (mod precondition_every):                               _roots_when_due
+    #   3  if the block's phase is due (t ≡ j mod T, _refresh_schedule):  _roots_when_due
     #        Z_t = (P_t + s_t I)^{-1/2},  s_t = δ tr(P_t)/k + ε             _damped_inverse_sqrt
     #        Z_t = Z_{t-1} where that is not finite (D6)                    _finite_root_or_previous
     #   4  U_t = Z_t M_t                                                    _block_diagonal_product
@@ -643,11 +680,13 @@ def asgo(
         if not new:
             return results
 
-        # 3: the roots of all blocks of one shape, across matrices and chunks, in one batch.
-        due = ctxs[0].every(precondition_every) if keeps_root else True
+        # 3: the roots due at this step, those of one block shape (across matrices and chunks) in one batch.
+        dues = [ctxs[0].every(interval) if keeps_root else True for interval in schedule]
         blocks = [(i, s) for i in new for s in ("statistic", "statistic_tail") if s in new[i]]
         stacks = [(_as_stack(xp, new[i][s]), _as_stack(xp, previous_root(xp, states[i], s, new[i][s]))) for i, s in blocks]
-        roots = _collect_roots(xp, blocks, new, _roots_when_due(xp, due, stacks, root_or_previous))
+        units, owners = _refresh_units(stacks, blocks, len(dues) > 1)
+        phases = _refresh_phases(_block_keys(owners, new, ctxs), len(dues))
+        roots = _collect_roots(xp, owners, new, _roots_when_due(xp, dues, phases, units, root_or_previous))
 
         for i, z in roots.items():
             (g,), state, ctx, momentum = grads[i], states[i], ctxs[i], new[i]["momentum"]
@@ -692,7 +731,8 @@ def asgo(
         update_groups=update_groups,
         on_nonfinite=on_nonfinite,
         needs_params=not is_zero(weight_decay) or not is_zero(fallback_weight_decay),
-        intervals=(precondition_every,),
+        intervals=schedule,
+        layout_hint=_layout_hint,
     )
 
 
@@ -795,12 +835,8 @@ def dasgo(
         (param,), (path,) = leaves, paths
         if goes_to_fallback(path, param):
             return _adam_init(xp, param, faithful)
-        if faithful and param.ndim != 2:
-            raise ValueError(
-                f"dasgo(mode='faithful'): parameter {path_str(path)!r} has shape {tuple(param.shape)}; "
-                "the authors' DASGO accepts only matrices. Mask it to the fallback Adam "
-                "(fallback_mask) or use mode='principled', which reshapes tensors to matrices"
-            )
+        if faithful:
+            _check_faithful_matrix("dasgo", param, path)
         dev = array_device(param)
         m, n = _matrix_shape(tuple(param.shape), path)
         k = m if _resolve_side(m, n, side) == "left" else n
@@ -869,6 +905,23 @@ def _chunking(k: int, block_size: Optional[int]) -> tuple[int, int, int]:
     if block_size is None or block_size >= k:
         return k, 0, 0
     return block_size, k // block_size, k % block_size
+
+
+def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
+    """For a state whose statistic has another block layout than this ``block_size`` makes (one
+    saved by another setting, e.g. by a version whose default was no blocking): the
+    ``block_size`` that continues it."""
+    if "statistic" not in found or "statistic" not in layout:
+        return ""
+    shape = found["statistic"][0]
+    if found["statistic"] == layout["statistic"]:
+        return ""
+    what = "is unblocked" if len(shape) == 2 and "statistic_tail" not in found else f"has blocks of {shape[-1]}"
+    again = f"block_size={shape[-1]}" + (" (or larger)" if len(shape) == 2 else "")
+    return (
+        f" Or a state saved with another block size: its statistic {shape} {what}; build the optimizer with "
+        f"{again} to continue from it (the principled default is {PRINCIPLED_BLOCK_SIZE}; earlier versions did not block)"
+    )
 
 
 def _chunk_rows(xp: Any, x: Array, b: int, full: int) -> Array:
@@ -942,39 +995,122 @@ def _finite_root_or_previous(
     return xp.where(_blockwise(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
 
 
+def _refresh_schedule(interval: int, spread: bool) -> tuple:
+    """The refresh predicates of the phases of a root refresh interval ``T``, for ``ctx.every``.
+
+    Unspread (or ``T = 1``): one phase, the plain interval (``count % T == 0``). Spread: ``T``
+    phases, phase ``j`` due when ``count ≡ j (mod T)`` or ``count == 0`` (every root is computed
+    on the first update, so no block starts from the identity). Each predicate accepts a Python
+    int (a host decision) or a 0-D integer array (a bool array: no host read).
+    """
+    if not spread or interval == 1:
+        return (interval,)
+
+    def phase(j: int) -> Callable[[Any], Any]:
+        def due(calls: Any) -> Any:
+            return (calls == 0) | ((calls + (interval - j)) % interval == 0)
+
+        return due
+
+    return tuple(phase(j) for j in range(interval))
+
+
+def _refresh_phases(keys: list[tuple[str, int]], phases: int) -> list[int]:
+    """The phase of each block among ``phases``, from its key ``(leaf path, block index along the
+    leaf's side)``: ``(h(path) + index) mod phases``, ``h`` the polynomial string hash
+    :func:`_path_hash` (plain Python, which ``torch.compile`` folds; ``zlib.crc32`` it cannot
+    trace). The blocks of one leaf take consecutive phases (a side of up to ``phases`` blocks is
+    refreshed one block per step), and the leaves start at phases spread by their paths. A block's
+    phase depends on its own key only: it is the same whatever other parameters the transform steps
+    (param groups, shards) and on every run.
+    """
+    return [(_path_hash(path) + index) % phases for path, index in keys]
+
+
+def _path_hash(path: str) -> int:
+    """``Σ ord(c_i) 31^(n-1-i) mod 1000003``: the same on every run and platform (not ``hash``)."""
+    h = 0
+    for ch in path:
+        h = (h * 31 + ord(ch)) % 1_000_003
+    return h
+
+
+def _block_keys(owners: list[tuple[int, str]], statistics: dict, ctxs: list) -> list[tuple[str, int]]:
+    """``(leaf path, block index along the side)`` of each unit (units listed in side order; the
+    tail follows the full chunks)."""
+    seen: dict[int, int] = {}
+    keys = []
+    for i, name in owners:
+        index = seen.get(i, 0)
+        seen[i] = index + 1
+        keys.append((path_str(ctxs[i].paths[0]), index))
+    return keys
+
+
+def _refresh_units(stacks: list[tuple[Array, Array]], owners: list, split: bool) -> tuple[list, list]:
+    """The units a refresh schedules: each stack ``(P, Z)`` whole, or (``split``) each of its blocks
+    as a stack of one, so that the blocks of one matrix can have different phases; with the owner
+    of each unit."""
+    if not split:
+        return list(stacks), list(owners)
+    units, unit_owners = [], []
+    for (p, z), owner in zip(stacks, owners):
+        blocks = [(p, z)] if p.shape[0] == 1 else [(p[j : j + 1, ...], z[j : j + 1, ...]) for j in range(p.shape[0])]
+        units += blocks
+        unit_owners += [owner] * len(blocks)
+    return units, unit_owners
+
+
 def _roots_when_due(
-    xp: Any, due: Any, stacks: list[tuple[Array, Array]], refresh: Callable[..., tuple[Array, Array, Array]]
+    xp: Any,
+    dues: list,
+    phases: list[int],
+    stacks: list[tuple[Array, Array]],
+    refresh: Callable[..., tuple[Array, Array, Array]],
 ) -> list[tuple[Array, Any, Any]]:
-    """``[refresh(xp, P_i, Z_i) if due else (Z_i, 0, 0)]`` for stacks ``(P_i, Z_i)`` of statistics
-    and previous roots. The stacks of one block shape, dtype and device go through ``refresh``
-    together (:func:`~precond_ref.blocking.on_stacks`: one batched ``eigh`` or iteration for all
-    the equal blocks of all matrices), under :func:`~precond_ref._backend.cond` when ``due`` is
-    an array; when ``due`` is the Python ``False`` nothing is computed (counts ``None``)."""
-    if due is False:
-        return [(z, None, None) for _, z in stacks]
+    """``[refresh(xp, P_i, Z_i) if dues[phases[i]] else (Z_i, 0, 0)]`` for stacks ``(P_i, Z_i)``
+    of statistics and previous roots. The stacks of one phase, block shape, dtype and device go
+    through ``refresh`` together (:func:`~precond_ref.blocking.on_stacks`: one batched ``eigh`` or
+    iteration for all the equal blocks of all matrices), under :func:`~precond_ref._backend.cond`
+    when their ``due`` is an array; when it is the Python ``False`` nothing is computed (counts
+    ``None``)."""
+    out: list[Any] = [None] * len(stacks)
+    for phase, due in enumerate(dues):
+        members = [u for u in range(len(stacks)) if phases[u] == phase]
+        if due is False:
+            for u in members:
+                out[u] = (stacks[u][1], None, None)
+            continue
 
-    def one_stack(p: Array, z: Array) -> tuple[Array, Array, Array]:
-        none = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
-        return cond(xp, due, lambda p, z: refresh(xp, p, z), lambda p, z: (z, none, none), p, z)
+        def one_stack(p: Array, z: Array, due: Any = due) -> tuple[Array, Array, Array]:
+            none = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
+            return cond(xp, due, lambda p, z: refresh(xp, p, z), lambda p, z: (z, none, none), p, z)
 
-    return on_stacks(xp, one_stack, stacks)
+        for u, result in zip(members, on_stacks(xp, one_stack, [stacks[u] for u in members])):
+            out[u] = result
+    return out
 
 
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
 
 
 def _collect_roots(
-    xp: Any, blocks: list[tuple[int, str]], statistics: dict[int, dict[str, Array]], refreshed: list[tuple]
+    xp: Any, owners: list[tuple[int, str]], statistics: dict[int, dict[str, Array]], refreshed: list[tuple]
 ) -> dict[int, dict[str, Array]]:
-    """Per matrix ``i``: its roots in the shape of its statistics, and the sums of its blocks'
-    failure and fallback counts (absent when nothing was refreshed)."""
+    """Per matrix ``i``: its roots in the shape of its statistics (the units of one statistic
+    joined in order), and the sums of its blocks' failure and fallback counts (absent when
+    nothing was refreshed)."""
+    parts: dict[tuple[int, str], list[Array]] = {}
     roots: dict[int, dict[str, Any]] = {}
-    for (i, name), (z, failed, fell_back) in zip(blocks, refreshed):
-        entry = roots.setdefault(i, {})
-        entry[_ROOT_OF[name]] = z if statistics[i][name].ndim == 3 else z[0, ...]
+    for owner, (z, failed, fell_back) in zip(owners, refreshed):
+        parts.setdefault(owner, []).append(z)
+        entry = roots.setdefault(owner[0], {})
         if failed is not None:
             entry["root_failures"] = entry.get("root_failures", 0) + xp.sum(failed, dtype=xp.int32)
             entry["root_fallbacks"] = entry.get("root_fallbacks", 0) + xp.sum(fell_back, dtype=xp.int32)
+    for (i, name), zs in parts.items():
+        z = zs[0] if len(zs) == 1 else xp.concat(zs, axis=0)
+        roots[i][_ROOT_OF[name]] = z if statistics[i][name].ndim == 3 else z[0, ...]
     return roots
 
 

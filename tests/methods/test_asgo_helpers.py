@@ -82,7 +82,7 @@ def test_roots_when_due_is_refresh_per_member(due):
         calls.append(p.shape)
         return _plain_inverse_sqrt(p) + z, np.ones(p.shape[0], np.int32), np.zeros(p.shape[0], np.int32)
 
-    out = A._roots_when_due(xp, due, stacks, refresh)
+    out = A._roots_when_due(xp, [due], [0] * len(stacks), stacks, refresh)
     for (p, z), (r, failed, _) in zip(stacks, out):
         if due:
             np.testing.assert_array_equal(r, refresh(xp, p, z)[0])
