@@ -38,6 +38,7 @@ _MODE = (("mode", P, "principled", "str"), ("on_nonfinite", P, "skip", "str"))
 #: Arguments added since the release that pinned the signatures below (0.1.0), at the end of the
 #: positional ones: ``added_since_first_release`` of the class, absent from a 0.1.0 checkpoint.
 ADDED = {
+    "ASGO": (("spread_refresh", P, None, "Optional[bool]"),),
     "MBF": (("block_size", P, None, "Optional[int]"), ("refresh_phases", P, None, "Optional[int]")),
 }
 
@@ -56,9 +57,10 @@ SIGNATURES = {
         ("betas", P, (0.9, 0.8), "tuple[float, float]"), ("weight_decay", P, 0.1, "float"),
         ("damping", P, None, "Optional[float]"), ("eps", P, None, "Optional[float]"),
         ("root_method", P, None, "Optional[str]"), ("root_steps", P, 10, "int"),
-        ("precondition_every", P, 1, "int"), ("rms_target", P, 0.2, "Optional[float]"),
+        ("precondition_every", P, None, "Optional[int]"),  # 0.1.0: 1 (now the core's principled default)
+        ("rms_target", P, 0.2, "Optional[float]"),
         ("accumulator", P, "ema", "str"), ("side", P, "auto", "str"), ("block_size", P, None, "Optional[int]"),
-        *_FALLBACK, *_TAIL,
+        *_FALLBACK[:-1], *ADDED["ASGO"], _FALLBACK[-1], *_TAIL,
     ),
     "DASGO": (
         ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.001, "float"),
@@ -130,9 +132,10 @@ CORE_KWARGS = {
     "AGD": {"learning_rate": 0.001, "b1": 0.9, "b2": 0.999, "delta": 1e-05, "weight_decay": 0.0,
             "weight_decay_mode": "decoupled", "amsgrad": False, "clip": None, "win": False},
     "ASGO": {"learning_rate": 0.01, "b1": 0.9, "b2": 0.8, "weight_decay": 0.1, "damping": None, "eps": None,
-             "root_method": None, "root_steps": 10, "precondition_every": 1, "rms_target": 0.2,
+             "root_method": None, "root_steps": 10, "precondition_every": None, "rms_target": 0.2,
              "accumulator": "ema", "side": "auto", "block_size": None, "fallback_mask": "_FallbackByName(None)",
-             "fallback_b1": 0.9, "fallback_b2": 0.95, "fallback_eps": 1e-08, "fallback_weight_decay": 0.0},
+             "fallback_b1": 0.9, "fallback_b2": 0.95, "fallback_eps": 1e-08, "fallback_weight_decay": 0.0,
+             "spread_refresh": None},
     "DASGO": {"learning_rate": 0.001, "b1": 0.9, "b2": 0.95, "eps": 1e-08, "weight_decay": 0.1,
               "rms_target": 0.2, "side": "right", "fallback_mask": "_FallbackByName(None)", "fallback_b1": 0.9,
               "fallback_b2": 0.95, "fallback_eps": 1e-08, "fallback_weight_decay": 0.0},
@@ -233,7 +236,7 @@ def test_positional_arguments_land_in_their_group_entries():
     opt = pt.ASGO([p], 0.5, (0.8, 0.7))
     assert (opt.defaults["lr"], opt.defaults["betas"]) == (0.5, (0.8, 0.7))
     with pytest.raises(TypeError):
-        pt.ASGO([p], *[None] * 19)  # 18 group entries + params: a 20th positional is one too many
+        pt.ASGO([p], *[None] * 20)  # 19 group entries + params: a 21st positional is one too many
     model = torch.nn.Linear(3, 2)
     rf = pt.RFRMSProp(model.parameters(), 0.1, 0.99, 1e-4, 0.0, 0.0, 8, model)
     assert rf.defaults["batch_size"] == 8 and rf._model_names == {q: n for n, q in model.named_parameters()}
