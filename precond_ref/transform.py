@@ -830,6 +830,7 @@ def _pack(
         for s in stack(
             xp,
             [tuple(xp.reshape(a, (-1,)) for a in (*leaves[i], *states[i].values())) for i in candidates],
+            key=_dtypes,  # all 1-D; no device lookups per operand (eager steps of many small leaves)
             labels=[tuple(states[i]) for i in candidates],
         )
         if len(s.indices) > 1
@@ -864,6 +865,11 @@ def _pack(
         return tree_unflatten(treedef, out), new_state._replace(groups=new_groups)
 
     return flat_grads, state._replace(groups=flat_groups), flat_params, unpack
+
+
+def _dtypes(operands: tuple) -> tuple:
+    """The dtypes of ``operands``: what tells flattened leaves of one method's state layout apart."""
+    return tuple(a.dtype for a in operands)
 
 
 def _layout(entries: dict[str, Array]) -> dict[str, tuple]:
