@@ -137,7 +137,7 @@ def unstack(stacks: Sequence[Stack], results: Sequence[tuple], count: int) -> li
             continue
         start = 0
         for i, length in zip(s.indices, s.lengths):
-            out[i] = tuple(a[start : start + length, ...] for a in arrays)
+            out[i] = tuple([a[start : start + length, ...] for a in arrays])
             start += length
     return out
 

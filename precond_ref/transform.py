@@ -815,11 +815,12 @@ def _pack(
 
     def packable(i: int) -> bool:
         g, entries = grad_leaves[i], states[i]
+        p = None if param_leaves is None else param_leaves[i]
         return (
             0 < math.prod(g.shape) <= limit
             and bool(entries)
             and xp.isdtype(g.dtype, "real floating")
-            and all(tuple(a.shape) == tuple(g.shape) and a.dtype == g.dtype for a in leaves[i][1:])
+            and (p is None or (tuple(p.shape) == tuple(g.shape) and p.dtype == g.dtype))
             and _layout(entries) == layout_for(groups[i], (g,), xp)
             and all(tuple(v.shape) == tuple(g.shape) for v in entries.values())
         )
@@ -829,7 +830,7 @@ def _pack(
         s
         for s in stack(
             xp,
-            [tuple(xp.reshape(a, (-1,)) for a in (*leaves[i], *states[i].values())) for i in candidates],
+            [tuple([xp.reshape(a, (-1,)) for a in (*leaves[i], *states[i].values())]) for i in candidates],
             key=_dtypes,  # all 1-D; no device lookups per operand (eager steps of many small leaves)
             labels=[tuple(states[i]) for i in candidates],
         )
@@ -859,8 +860,11 @@ def _pack(
             sliced = unstack([s], [(updates[key], *(new[k] for k in changed))], len(candidates))
             for i, j in zip(members, s.indices):
                 shape = tuple(grad_leaves[i].shape)
-                out[i], *entries = (xp.reshape(a, shape) for a in sliced[j])
-                new_groups[groups[i].key] = {**states[i], **dict(zip(changed, entries))}
+                update, *entries = sliced[j]
+                out[i] = xp.reshape(update, shape)
+                own = new_groups[groups[i].key] = dict(states[i])
+                for k, entry in zip(changed, entries):
+                    own[k] = xp.reshape(entry, shape)
         new_groups = {key: new_groups[key] for key in state.groups}
         return tree_unflatten(treedef, out), new_state._replace(groups=new_groups)
 
