@@ -68,7 +68,8 @@ def as_operand(xp: Any, value: Any, dtype: Any) -> Any:
 
     A Python number is itself (a weak scalar: it takes the dtype of the array it meets); a NumPy
     scalar is the Python number of equal value (NumPy and JAX would promote a float32 array with
-    ``np.float64``; ``astype`` of it fails in torch); an array is ``astype(value, dtype)``.
+    ``np.float64``; ``astype`` of it fails in torch); an array is ``astype(value, dtype)``. ``xp``
+    and ``dtype`` are read for an array only.
     """
     if is_number(value):
         return value if type(value) in (int, float) else float(value)

@@ -18,11 +18,11 @@ arrays with standard array-API calls.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Hashable, Optional, Sequence
+from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
 
 from array_api_compat import device as array_device
 
-__all__ = ["merge_small_dims", "block_bounds", "unfold", "roll_first_axis_last", "on_stacks"]
+__all__ = ["merge_small_dims", "block_bounds", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks"]
 
 Array = Any
 
@@ -77,6 +77,71 @@ def roll_first_axis_last(xp: Any, x: Array) -> Array:
     return xp.permute_dims(x, tuple(range(1, x.ndim)) + (0,))
 
 
+class Stack(NamedTuple):
+    """Members of :func:`stack` that go through one call together.
+
+    ``indices``: the members, in order; ``operands``: their operands concatenated along the leading
+    axis (a lone member's own operands, uncopied); ``lengths``: each member's leading length.
+    """
+
+    indices: tuple[int, ...]
+    operands: tuple
+    lengths: tuple[int, ...]
+
+
+def _same_layout(operands: tuple) -> Hashable:
+    return tuple((tuple(a.shape[1:]), a.dtype, array_device(a)) for a in operands)
+
+
+def stack(
+    xp: Any,
+    members: Sequence[tuple],
+    key: Optional[Callable[[tuple], Hashable]] = None,
+    *,
+    labels: Optional[Sequence[Hashable]] = None,
+) -> list[Stack]:
+    """The members (tuples of operands with a leading block axis) grouped into stacks.
+
+    Members whose operands agree in trailing shape, dtype and device (or in ``key(operands)`` when
+    given), and in ``labels[i]`` when given (what the operands are, e.g. the names of state
+    entries), form one :class:`Stack`, their operands concatenated along the leading axis. Stacks
+    are in order of first appearance, members within a stack in their given order.
+    :func:`unstack` hands results computed on the stacks back member by member.
+    """
+    groups: dict[Hashable, list[int]] = {}
+    for index, operands in enumerate(members):
+        label = None if labels is None else labels[index]
+        groups.setdefault((label, (key or _same_layout)(operands)), []).append(index)
+    stacks = []
+    for indices in groups.values():
+        lengths = tuple(members[i][0].shape[0] for i in indices)
+        if len(indices) == 1:
+            operands = tuple(members[indices[0]])
+        else:
+            operands = tuple(xp.concat([members[i][k] for i in indices], axis=0) for k in range(len(members[indices[0]])))
+        stacks.append(Stack(tuple(indices), operands, lengths))
+    return stacks
+
+
+def unstack(stacks: Sequence[Stack], results: Sequence[tuple], count: int) -> list[Optional[tuple]]:
+    """``out[i]``: member ``i``'s slice (along the leading axis) of its stack's ``results``.
+
+    ``results[s]`` is a tuple of arrays with the leading length of ``stacks[s]``; a lone member gets
+    its stack's results themselves. ``count`` is the number of members; one in none of ``stacks``
+    gets ``None``.
+    """
+    out: list[Optional[tuple]] = [None] * count
+    for s, arrays in zip(stacks, results):
+        if len(s.indices) == 1:
+            out[s.indices[0]] = tuple(arrays)
+            continue
+        start = 0
+        for i, length in zip(s.indices, s.lengths):
+            out[i] = tuple([a[start : start + length, ...] for a in arrays])
+            start += length
+    return out
+
+
 def on_stacks(
     xp: Any,
     fn: Callable[..., tuple],
@@ -88,31 +153,12 @@ def on_stacks(
     The plain formula: for every member ``i`` (a tuple of operands, each with a leading block axis
     of one length ``n_i``), ``on_stacks(xp, fn, members)[i] == fn(*members[i])``. Members whose
     operands agree in trailing shape, dtype and device (or in ``key(operands)`` when given) are
-    concatenated along the leading axis and go through ``fn`` together, so ``fn`` must act block by
-    block along that axis (a batched ``eigh``, a batched matmul, an element-wise formula). This is
-    how the factored methods batch the equal-size blocks of all their parameters: the method is
-    written for one stack (a leading ``...``), the bookkeeping lives here. Groups are visited in
-    order of first appearance; ``fn`` returns a tuple of arrays with the same leading length.
+    concatenated along the leading axis and go through ``fn`` together (:func:`stack`), so ``fn``
+    must act block by block along that axis (a batched ``eigh``, a batched matmul, an element-wise
+    formula). This is how the factored methods batch the equal-size blocks of all their
+    parameters: the method is written for one stack (a leading ``...``), the bookkeeping lives here.
+    Groups are visited in order of first appearance; ``fn`` returns a tuple of arrays with the same
+    leading length.
     """
-    if key is None:
-
-        def key(operands: tuple) -> Hashable:
-            return tuple((tuple(a.shape[1:]), a.dtype, array_device(a)) for a in operands)
-
-    groups: dict[Hashable, list[int]] = {}
-    for index, operands in enumerate(members):
-        groups.setdefault(key(operands), []).append(index)
-    out: list[Any] = [None] * len(members)
-    for indices in groups.values():
-        if len(indices) == 1:
-            out[indices[0]] = tuple(fn(*members[indices[0]]))
-            continue
-        count = len(members[indices[0]])
-        stacked = [xp.concat([members[i][k] for i in indices], axis=0) for k in range(count)]
-        results = tuple(fn(*stacked))
-        start = 0
-        for i in indices:
-            stop = start + members[i][0].shape[0]
-            out[i] = tuple(r[start:stop, ...] for r in results)
-            start = stop
-    return out
+    stacks = stack(xp, members, key)
+    return unstack(stacks, [tuple(fn(*s.operands)) for s in stacks], len(members))

@@ -34,6 +34,8 @@ from ._backend import (
     cond_under_cpu_jit,
     float32_matmul_precision,
     float64_where_available,
+    as_operand,
+    is_number,
     is_tracer as _is_tracer,
     is_zero,
     placement,
@@ -41,6 +43,7 @@ from ._backend import (
     scalar_zero,
     torch_compiling as _torch_compiling,
 )
+from .blocking import stack, unstack
 from .tree import Path, path_str, tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
@@ -230,7 +233,7 @@ class StepContext(NamedTuple):
         """
         if self.due is not None:
             for declared, decision in self.due:
-                if declared is interval or (_is_number(declared) and _is_number(interval) and declared == interval):
+                if declared is interval or (is_number(declared) and is_number(interval) and declared == interval):
                     return decision
             raise ValueError(f"interval {interval!r} was not declared to build_transform(intervals=...)")
         return is_due(interval, self.calls)
@@ -254,13 +257,12 @@ class StepContext(NamedTuple):
 def schedule_value(hyperparameter: ScalarOrSchedule, count: Array) -> Any:
     """Evaluate a constant-or-schedule hyperparameter at ``count``.
 
-    NumPy scalars become Python floats: as operands they would try to absorb arrays of other
-    namespaces (``np.float64(0.1) * x`` fails for an ``array_api_strict`` array).
+    A number comes back as :func:`as_operand` makes it (a NumPy scalar as a Python float: as an
+    operand it would try to absorb arrays of other namespaces, ``np.float64(0.1) * x`` fails for an
+    ``array_api_strict`` array); an array as it is.
     """
     value = hyperparameter(count) if callable(hyperparameter) else hyperparameter
-    if isinstance(value, numbers.Real) and type(value) not in (int, float):  # np.float64 is a float
-        return float(value)
-    return value
+    return as_operand(None, value, None) if is_number(value) else value
 
 
 def singleton_groups(paths: Sequence[Path], leaves: Sequence[Array]) -> list[LeafGroup]:
@@ -323,10 +325,6 @@ def missing_members(groups: Sequence[LeafGroup], present: Sequence[bool]) -> lis
 # Values that are arrays (optax.inject_hyperparams passes them, possibly traced) are not checked.
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
@@ -341,9 +339,9 @@ def check_interval(
     high_closed: bool = False,
 ) -> None:
     """``value`` in the interval between ``low`` and ``high`` (closed ends as flagged)."""
-    if isinstance(value, bool) or (not _is_number(value) and not hasattr(value, "shape")):
+    if isinstance(value, bool) or (not is_number(value) and not hasattr(value, "shape")):
         _fail(name, value, "a real number")
-    if not _is_number(value):
+    if not is_number(value):
         return
     ok = (value >= low if low_closed else value > low) and (value <= high if high_closed else value < high)
     if not ok or math.isnan(value):
@@ -457,10 +455,10 @@ def _sum_of_squares(xp: Any, x: Array) -> Array:
     """``Σ x²``; under ``torch.compile`` summed along the rows first: the same sum in another order.
 
     TorchInductor's CPU code sums a whole tensor in one loop that carries its partial sum through
-    memory (cascade summation), about 3x slower than the contiguous row sums (a 4096x1024 float32
-    gradient: 0.63 -> 0.17 ms, 1024x1024: 0.17 -> 0.06 ms on a 2-core CPU). The trailing axes are
-    merged, not split: rows that cut across the tensor's own rows make it slower still. Eagerly the
-    two sums would be two operations (kernel launches on a GPU) where one does; XLA gains nothing.
+    memory (cascade summation), slower than the contiguous row sums (measured in
+    ``docs/backends.md``, "The contract's step"). The trailing axes are merged, not split: rows
+    that cut across the tensor's own rows make it slower still. Eagerly the two sums would be two
+    operations (kernel launches on a GPU) where one does; XLA gains nothing.
     """
     square = x * x
     if x.ndim < 2 or not _torch_compiling():
@@ -472,8 +470,8 @@ def _finite(xp: Any, u: Array) -> Array:
     """``isfinite(u)``; under ``torch.compile`` as ``|u| <= finfo.max`` (false for NaN and ±Inf).
 
     TorchInductor's CPU code tests isfinite as ``u == u`` and ``|u| != inf``, with mask
-    conversions between them: 8% of a compiled 1024x1024 update pass. Eagerly the comparison would
-    be two operations (and a temporary) where isfinite is one.
+    conversions between them (a cost measured in ``docs/backends.md``). Eagerly the comparison
+    would be two operations (and a temporary) where isfinite is one.
     """
     if _torch_compiling():
         return xp.abs(u) <= xp.finfo(u.dtype).max
@@ -583,13 +581,10 @@ def build_transform(
     def layout_key(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> tuple:
         return (group.key, group.paths, tuple(tuple(x.shape) for x in leaves), tuple(x.dtype for x in leaves), xp.__name__)
 
-    def layout_of(state: dict[str, Array]) -> dict[str, tuple]:
-        return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
-
     def layout_for(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> dict[str, tuple]:
         key = layout_key(group, leaves, xp)
         if key not in layouts:
-            layouts[key] = layout_of(init_group(leaves, group.paths, xp))
+            layouts[key] = _layout(init_group(leaves, group.paths, xp))
         return layouts[key]
 
     def init(params: Any) -> PrecondState:
@@ -605,7 +600,7 @@ def build_transform(
                 groups[group.key] = {}
             else:
                 groups[group.key] = _unaliased(xp, init_group(members, group.paths, xp), members)
-                layouts[layout_key(group, members, xp)] = layout_of(groups[group.key])
+                layouts[layout_key(group, members, xp)] = _layout(groups[group.key])
 
         def counter() -> Array:
             return xp.zeros((), dtype=xp.int32, device=dev)
@@ -635,92 +630,11 @@ def build_transform(
         with float32_matmul_precision(xp, precision) if xp is not None else _NO_CONTEXT:
             packed = None
             if elementwise and on_nonfinite == "skip" and xp is not None:
-                packed = _pack(grad_leaves, treedef, state, params, xp)
+                packed = _pack(name, layout_for, grad_leaves, treedef, state, params, xp)
             if packed is None:
                 return _update(grads, state, params, step, due, extra)
             flat_grads, flat_state, flat_params, unpack = packed
             return unpack(*_update(flat_grads, flat_state, flat_params, step, due, extra))
-
-    def _pack(grad_leaves: list, treedef: Any, state: Any, params: Any, xp: Any) -> Optional[tuple]:
-        """An ``elementwise`` method's small leaves (of the flattened gradient tree) of one dtype
-        layout as one flat leaf each.
-
-        Returns the packed gradients, state and parameters (leaves that are not packed keep their
-        group key) and ``unpack(updates, new_state)``, which cuts the results back into the
-        caller's leaves; ``None`` when nothing is packed. Leaves that do not fit their state, or a
-        tree that does not match, are left to ``_update``, which names the problem.
-        """
-        if not isinstance(state, PrecondState):
-            return None
-        param_leaves = None
-        if params is not None:
-            param_leaves, param_def = tree_flatten(params)
-            if param_def.paths != treedef.paths:
-                return None
-            # before concatenating, which would turn the other library's arrays into this one's
-            _check_namespace(name, xp, treedef.paths, grad_leaves, param_leaves, "parameter")
-        groups = singleton_groups(treedef.paths, grad_leaves)
-        if {g.key for g in groups} != set(state.groups) or len(groups) != len(state.groups):
-            return None
-        if not _torch_compiling():
-            for group, g in zip(groups, grad_leaves):
-                _check_state_namespace(name, xp, group, (g,), state.groups[group.key])
-        traced = _torch_compiling() or any(_is_tracer(g) for g in grad_leaves)
-        limit = FLAT_MAX_TRACED_ELEMENTS if traced else FLAT_MAX_ELEMENTS
-        buckets: dict[tuple, list[int]] = {}
-        for i, (group, g) in enumerate(zip(groups, grad_leaves)):
-            entries = state.groups[group.key]
-            p = None if param_leaves is None else param_leaves[i]
-            if (
-                not 0 < math.prod(g.shape) <= limit
-                or not entries
-                or not xp.isdtype(g.dtype, "real floating")
-                or (p is not None and (tuple(p.shape) != tuple(g.shape) or p.dtype != g.dtype))
-                or layout_of(entries) != layout_for(group, (g,), xp)
-                or any(tuple(v.shape) != tuple(g.shape) for v in entries.values())
-            ):
-                continue
-            buckets.setdefault((g.dtype, tuple((k, v.dtype) for k, v in entries.items())), []).append(i)
-        packs = [members for members in buckets.values() if len(members) > 1]
-        if not packs:
-            return None
-
-        def flat(arrays: list[Array]) -> Array:
-            return xp.concat([xp.reshape(a, (-1,)) for a in arrays])
-
-        packed_of = {i: n for n, members in enumerate(packs) for i in members}
-        flat_key = [f"<{name} flat {n}>" for n in range(len(packs))]
-        flat_grads = {groups[i].key: g for i, g in enumerate(grad_leaves) if i not in packed_of}
-        flat_params = None if param_leaves is None else {groups[i].key: p for i, p in enumerate(param_leaves) if i not in packed_of}
-        flat_groups = {groups[i].key: state.groups[groups[i].key] for i in range(len(groups)) if i not in packed_of}
-        for key, members in zip(flat_key, packs):
-            flat_grads[key] = flat([grad_leaves[i] for i in members])
-            if flat_params is not None:
-                flat_params[key] = flat([param_leaves[i] for i in members])
-            names = list(state.groups[groups[members[0]].key])
-            flat_groups[key] = {k: flat([state.groups[groups[i].key][k] for i in members]) for k in names}
-        flat_state = state._replace(groups=flat_groups)
-
-        def unpack(updates: dict, new_state: PrecondState) -> tuple[Any, PrecondState]:
-            out = [updates.get(group.key) for group in groups]
-            cut: dict[str, dict[str, Array]] = {}
-            for key, members in zip(flat_key, packs):
-                new, old = new_state.groups[key], flat_groups[key]
-                start = 0
-                for i in members:
-                    shape = tuple(grad_leaves[i].shape)
-                    stop = start + math.prod(shape)
-                    out[i] = xp.reshape(updates[key][start:stop], shape)
-                    entries = state.groups[groups[i].key]
-                    # an entry the step left untouched is the leaf's own
-                    cut[groups[i].key] = {
-                        k: entries[k] if new[k] is old[k] else xp.reshape(new[k][start:stop], shape) for k in new
-                    }
-                    start = stop
-            new_groups = {key: cut[key] if key in cut else new_state.groups[key] for key in state.groups}
-            return tree_unflatten(treedef, out), new_state._replace(groups=new_groups)
-
-        return flat_grads, flat_state, flat_params, unpack
 
     def _update(
         grads: Any, state: PrecondState, params: Any, step: int | None, due: Any, extra: dict
@@ -783,9 +697,8 @@ def build_transform(
         # huge inputs would only raise warnings (NumPy) or errors (LAPACK on NaN) on the way.
         # Not on JAX for a method with reductions or matmuls: JAX neither warns nor raises (its
         # factorisations return NaN), and XLA's CPU backend cannot fuse the selection into a
-        # column reduction (YNNPACK) or a matmul reading the gradient, so it wrote a zeroed copy
-        # (DASGO, 4096x1024: 1.38x -> 1.15x optax.adam). An element-wise method's loops take the
-        # selection in (dropping it there made the tf2x512 case slower: RF-RMSProp 1.15x -> 1.4x).
+        # column reduction (YNNPACK) or a matmul reading the gradient, so it wrote a zeroed copy.
+        # An element-wise method's loops take the selection in (measured: docs/backends.md).
         # A 0-D zero per dtype and device serves every leaf's selections (the update is cast to
         # the gradient's dtype).
         ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
@@ -867,13 +780,109 @@ def build_transform(
 #: The largest leaf an ``elementwise`` method runs together with others as one flat leaf, eagerly
 #: and under a compiler (``torch.compile``, ``jax.jit``). Larger leaves run alone: the copies into
 #: and out of a flat leaf cost passes over the data, against a per-leaf cost of a few dozen
-#: Python-level operations eagerly and of a kernel or two compiled. Measured on a 2-core CPU
-#: (AGD, torch, optimizer step of the bench's models): eagerly, the ResNet (78k elements in 29
-#: tensors) took 20 ms leaf by leaf and 5.8 ms at 2^16; compiled, the ResNet took 1.64 / 1.19 /
-#: 1.14 / 1.23 ms leaf by leaf / at 2^12 / 2^14 / 2^16, and the GPT (0.93M in 26 tensors) 3.5 /
-#: 3.1 / 2.7 (2^14, another run) / 4.8 ms.
+#: Python-level operations eagerly and of a kernel or two compiled (measurements: docs/backends.md,
+#: "Flat leaves of element-wise methods").
 FLAT_MAX_ELEMENTS = 2**16
 FLAT_MAX_TRACED_ELEMENTS = 2**14
+
+
+def _pack(
+    name: str, layout_for: Callable, grad_leaves: list, treedef: Any, state: Any, params: Any, xp: Any
+) -> Optional[tuple]:
+    """An ``elementwise`` method's small leaves that agree in dtype and state layout as one flat leaf
+    per layout: a :func:`blocking.stack` of the flattened gradients, parameters and state entries.
+
+    Returns the flat tree's gradients, state and parameters (a leaf left alone keeps its group key)
+    and ``unpack(updates, new_state)``, which hands each packed leaf its slices of the results
+    (:func:`blocking.unstack`) in its own shape; ``None`` when no two leaves pack. Leaves that do
+    not fit their state, or a tree that does not match, are left to ``_update``, which names the
+    problem. ``layout_for(group, leaves, xp)`` is the state layout ``init_group`` gives the leaves.
+    """
+    if not isinstance(state, PrecondState):
+        return None
+    param_leaves = None
+    if params is not None:
+        param_leaves, param_def = tree_flatten(params)
+        if param_def.paths != treedef.paths:
+            return None
+        # before concatenating, which would turn the other library's arrays into this one's
+        _check_namespace(name, xp, treedef.paths, grad_leaves, param_leaves, "parameter")
+    groups = singleton_groups(treedef.paths, grad_leaves)
+    if {g.key for g in groups} != set(state.groups) or len(groups) != len(state.groups):
+        return None
+    if not _torch_compiling():
+        for group, g in zip(groups, grad_leaves):
+            _check_state_namespace(name, xp, group, (g,), state.groups[group.key])
+    limit = FLAT_MAX_TRACED_ELEMENTS if _torch_compiling() or any(map(_is_tracer, grad_leaves)) else FLAT_MAX_ELEMENTS
+    states = [state.groups[group.key] for group in groups]
+    leaves = [(g,) if param_leaves is None else (g, param_leaves[i]) for i, g in enumerate(grad_leaves)]
+
+    def packable(i: int) -> bool:
+        g, entries = grad_leaves[i], states[i]
+        p = None if param_leaves is None else param_leaves[i]
+        return (
+            0 < math.prod(g.shape) <= limit
+            and bool(entries)
+            and xp.isdtype(g.dtype, "real floating")
+            and (p is None or (tuple(p.shape) == tuple(g.shape) and p.dtype == g.dtype))
+            and _layout(entries) == layout_for(groups[i], (g,), xp)
+            and all(tuple(v.shape) == tuple(g.shape) for v in entries.values())
+        )
+
+    candidates = [i for i in range(len(groups)) if packable(i)]
+    stacks = [
+        s
+        for s in stack(
+            xp,
+            [tuple([xp.reshape(a, (-1,)) for a in (*leaves[i], *states[i].values())]) for i in candidates],
+            key=_dtypes,  # all 1-D; no device lookups per operand (eager steps of many small leaves)
+            labels=[tuple(states[i]) for i in candidates],
+        )
+        if len(s.indices) > 1
+    ]
+    if not stacks:
+        return None
+    packs = [tuple(candidates[j] for j in s.indices) for s in stacks]
+    flat_keys = [f"<{name} flat {n}>" for n in range(len(stacks))]
+    packed = {i for members in packs for i in members}
+    alone = [i for i in range(len(groups)) if i not in packed]
+    flat_grads = {groups[i].key: grad_leaves[i] for i in alone}
+    flat_params = None if param_leaves is None else {groups[i].key: param_leaves[i] for i in alone}
+    flat_groups = {groups[i].key: states[i] for i in alone}
+    for key, members, s in zip(flat_keys, packs, stacks):
+        flat_grads[key] = s.operands[0]
+        if flat_params is not None:
+            flat_params[key] = s.operands[1]
+        flat_groups[key] = dict(zip(states[members[0]], s.operands[len(leaves[members[0]]) :]))
+
+    def unpack(updates: dict, new_state: PrecondState) -> tuple[Any, PrecondState]:
+        out = [updates.get(group.key) for group in groups]
+        new_groups = dict(new_state.groups)
+        for key, members, s in zip(flat_keys, packs, stacks):
+            new, old = new_state.groups[key], flat_groups[key]
+            changed = [k for k in new if new[k] is not old[k]]  # an entry the step left untouched is the leaf's own
+            sliced = unstack([s], [(updates[key], *(new[k] for k in changed))], len(candidates))
+            for i, j in zip(members, s.indices):
+                shape = tuple(grad_leaves[i].shape)
+                update, *entries = sliced[j]
+                out[i] = xp.reshape(update, shape)
+                own = new_groups[groups[i].key] = dict(states[i])
+                for k, entry in zip(changed, entries):
+                    own[k] = xp.reshape(entry, shape)
+        new_groups = {key: new_groups[key] for key in state.groups}
+        return tree_unflatten(treedef, out), new_state._replace(groups=new_groups)
+
+    return flat_grads, state._replace(groups=flat_groups), flat_params, unpack
+
+
+def _dtypes(operands: tuple) -> tuple:
+    """The dtypes of ``operands``: what tells flattened leaves of one method's state layout apart."""
+    return tuple(a.dtype for a in operands)
+
+
+def _layout(entries: dict[str, Array]) -> dict[str, tuple]:
+    """The layout of a group's state: ``{name: (shape, dtype)}``."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in entries.items()}
 
 
 def _unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> dict[str, Array]:

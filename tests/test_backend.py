@@ -290,3 +290,61 @@ def test_computed_once_is_the_value_itself(compiler):
         assert out.shape == value.shape and out.dtype == value.dtype
         np.testing.assert_array_equal(out, value)  # NaN where NaN (its payload may change)
         assert np.array_equal(np.signbit(out[~np.isnan(out)]), np.signbit(value[~np.isnan(value)]))
+
+
+# Spellings of the two hyperparameter helpers that _backend holds once. S-AdaGrad's faithful-mode
+# refusal (methods/sketchy.py) still has a local is_number and `is_number(v) and v != 0`; it is
+# another change's file (issue 32), listed here until that change moves it onto _backend.
+_ALLOWED_SPELLINGS = {("precond_ref/methods/sketchy.py", "def is_number"), ("precond_ref/methods/sketchy.py", "zero test")}
+
+
+def _other_spellings(source: str):
+    """What in ``source`` spells "a number known on the host", "statically zero" or "as an
+    operand" again instead of calling ``_backend.is_number`` / ``is_zero`` / ``as_operand``."""
+    import ast
+
+    def is_call(node, name, attr=None):
+        return isinstance(node, ast.Call) and getattr(node.func, "id", None) == name and (
+            attr is None or (len(node.args) == 2 and ast.unparse(node.args[1]) == attr))
+
+    def zero(node):
+        return isinstance(node, ast.Constant) and type(node.value) in (int, float) and node.value == 0
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.Lambda)) and getattr(node, "name", "").lstrip("_") in (
+            "is_number", "is_zero", "as_operand", "is_static_zero", "is_real"):
+            yield f"def {node.name}"
+        if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.And):
+            real = [v for v in node.values if is_call(v, "isinstance", "numbers.Real") or is_call(v, "is_number")]
+            if real and any(isinstance(v, ast.UnaryOp) and is_call(v.operand, "isinstance", "bool") for v in node.values):
+                yield "number test"  # is_number's body
+            tested = {ast.unparse(v.args[0]) for v in real}
+            if any(isinstance(v, ast.Compare) and ast.unparse(v.left) in tested and isinstance(v.ops[0], (ast.Eq, ast.NotEq))
+                   and zero(v.comparators[0]) for v in node.values):
+                yield "zero test"  # is_zero's body (or its negation)
+        if isinstance(node, ast.Compare) and is_call(node.left, "type") and isinstance(node.ops[0], (ast.In, ast.NotIn)) \
+                and ast.unparse(node.comparators[0]) == "(int, float)":
+            yield "type(x) in (int, float)"  # as_operand's conversion of a NumPy scalar
+
+
+def test_hyperparameter_helpers_are_spelled_once():
+    """``_backend.is_number``, ``is_zero`` and ``as_operand`` are the one spelling of their test or
+    conversion in the package [issue 32: one "statically zero" and one "as an operand" helper]:
+    no module of ``precond_ref/`` or ``adapters/`` defines a function of those names again, writes
+    ``isinstance(v, numbers.Real) and not isinstance(v, bool)``, ``is_number(v) and v == 0`` (or
+    ``!=``), or ``type(v) in (int, float)``. The checker itself is checked on those spellings."""
+    from pathlib import Path
+
+    assert sorted(_other_spellings("def _is_zero(v):\n    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v == 0")) \
+        == ["def _is_zero", "number test", "zero test"]
+    assert sorted(_other_spellings("x = v if type(v) in (int, float) else float(v)\ny = is_number(b) and b != 0.0")) \
+        == ["type(x) in (int, float)", "zero test"]
+    assert not list(_other_spellings("ok = is_number(b) and b >= 0.5\nz = is_zero(w)"))
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in sorted([*root.joinpath("precond_ref").rglob("*.py"), *root.joinpath("adapters").rglob("*.py")]):
+        name = path.relative_to(root).as_posix()
+        if name != "precond_ref/_backend.py":
+            found += [(name, what) for what in _other_spellings(path.read_text()) if (name, what) not in _ALLOWED_SPELLINGS]
+    assert not found, f"spelled again instead of calling precond_ref._backend: {found}"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from precond_ref.blocking import on_stacks
+from precond_ref.blocking import on_stacks, stack, unstack
 
 
 def _gram_and_trace(xp):
@@ -45,3 +45,31 @@ def test_on_stacks_key_decides_the_groups():
     calls = []
     on_stacks(np, lambda a: (calls.append(a.shape[0]) or a,), members, key=lambda ops: id(ops))
     assert calls == [1, 1]
+
+
+def test_stack_then_unstack_hands_each_member_its_own_operands():
+    """``unstack(stack(members), [s.operands ...])[i] == members[i]`` (blocking.stack/unstack
+    docstrings: concatenation along the leading axis in member order, slices handed back in that
+    order): members of two layouts interleaved, leading lengths 1-3; a lone member gets its own
+    arrays back (no copy), and a member left out of the stacks given to unstack gets None."""
+    rng = np.random.default_rng(1)
+    members = [(rng.standard_normal((k, 2)), rng.standard_normal((k,))) for k in (2, 1, 3)]
+    members.insert(1, (rng.standard_normal((2, 5)), rng.standard_normal((2,))))
+    stacks = stack(np, members)
+    assert [s.indices for s in stacks] == [(0, 2, 3), (1,)]
+    assert stacks[0].lengths == (2, 1, 3) and stacks[0].operands[0].shape == (6, 2)
+    assert stacks[1].operands[0] is members[1][0]
+    back = unstack(stacks, [s.operands for s in stacks], len(members))
+    for got, operands in zip(back, members):
+        for g, w in zip(got, operands):
+            np.testing.assert_array_equal(g, w)
+    assert back[1][0] is members[1][0]
+    assert unstack(stacks[:1], [stacks[0].operands], len(members))[1] is None
+
+
+def test_stack_labels_separate_members_of_one_layout():
+    """Members of equal layout stack together unless their labels differ (blocking.stack: what the
+    operands are, e.g. the names of state entries, is part of the grouping)."""
+    members = [(np.ones((1, 2)),), (np.ones((2, 2)),), (np.ones((1, 2)),)]
+    assert [s.indices for s in stack(np, members)] == [(0, 1, 2)]
+    assert [s.indices for s in stack(np, members, labels=["m", "v", "m"])] == [(0, 2), (1,)]

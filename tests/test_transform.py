@@ -432,6 +432,40 @@ def test_elementwise_method_runs_small_leaves_as_one_flat_leaf(backend, monkeypa
     assert state.groups["a"]["fixed"] is fixed
 
 
+def test_flat_leaves_pack_only_leaves_whose_state_has_the_same_entries(monkeypatch):
+    """An ``elementwise`` method's leaves go into one flat leaf only when their states have the same
+    entry names (and dtypes): a leaf's entry is its own entry, never another's of the same dtype
+    [derived: the flat leaf's state takes each entry by name]. Here 1-D leaves keep ``v`` and the
+    2-D leaf ``w`` (all float64): ``a`` and ``c`` form one flat leaf, ``b`` runs alone, and every
+    leaf comes back with its own entry and the numbers of its own step."""
+    import precond_ref.transform as transform_module
+
+    monkeypatch.setattr(transform_module, "FLAT_MAX_ELEMENTS", 100)
+    seen = []
+
+    def init_group(leaves, paths, xp):
+        name = "v" if leaves[0].ndim == 1 else "w"
+        return {name: xp.zeros_like(leaves[0]) + leaves[0].ndim}
+
+    def update_group(grads, state, params, ctx):
+        seen.append(tuple(grads[0].shape))
+        (name,) = state
+        new = state[name] + grads[0]
+        return (-new,), {name: new}
+
+    t = build_transform(name="t", init_group=init_group, update_group=update_group, elementwise=True)
+    shapes = {"a": (2,), "b": (2, 2), "c": (3,)}
+    state = t.init({k: np.zeros(s) for k, s in shapes.items()})
+    grads = {k: np.full(s, 10.0 * (i + 1)) for i, (k, s) in enumerate(shapes.items())}
+    updates, state = t.update(grads, state)
+    assert sorted(seen) == [(2, 2), (5,)]  # a+c flat (v); b (w) alone
+    for k, s in shapes.items():
+        name = "v" if len(s) == 1 else "w"
+        assert list(state.groups[k]) == [name]
+        np.testing.assert_array_equal(state.groups[k][name], grads[k] + len(s))
+        np.testing.assert_array_equal(updates[k], -(grads[k] + len(s)))
+
+
 @pytest.mark.parametrize("factory", [pr.agd, pr.rf_rmsprop, pr.rf_adamw])
 def test_flat_leaves_give_the_numbers_of_leaf_by_leaf_updates(backend, factory, monkeypatch):
     """The flat leaf of an element-wise method (``build_transform(elementwise=True)``) changes

@@ -101,113 +101,80 @@ BASELINES = (
     ),
 )
 
+def _method(name: str, label: str, torch_class: str, hyperparameters: dict[str, Any], reference: str, **options: Any) -> MethodEntry:
+    """The entry of the core factory ``precond_ref.<name>`` and the torch class ``torch_class``, with
+    one set of ``hyperparameters`` for every model; ``options`` are the other fields of :class:`MethodEntry`."""
+    return MethodEntry(
+        name=name, factory=name, label=label, hyperparameters={"*": hyperparameters}, reference=reference, torch_class=torch_class, **options
+    )
+
+
 METHODS = BASELINES + (
-    MethodEntry(
-        name="agd",
-        factory="agd",
-        label="AGD",
-        hyperparameters={"*": {"learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "delta": 1e-8, "weight_decay": 0.5}},
-        reference="Yue et al., NeurIPS 2023; the authors' CIFAR example (atorch 7fb7da8): lr 1e-3, "
+    _method(
+        "agd", "AGD", "AGD", {"learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "delta": 1e-8, "weight_decay": 0.5},
+        "Yue et al., NeurIPS 2023; the authors' CIFAR example (atorch 7fb7da8): lr 1e-3, "
         "betas (0.9, 0.999), delta 1e-8, decoupled weight decay 5e-4/lr (5e-4 per step)",
-        torch_class="AGD",
     ),
-    MethodEntry(
-        name="asgo",
-        factory="asgo",
-        label="ASGO",
-        hyperparameters={"*": {"learning_rate": 1e-2, "b1": 0.9, "b2": 0.8, "weight_decay": 0.1, "rms_target": 0.2}},
-        reference="An et al., arXiv 2503.20762; the authors' GPT-2 trainer (infinity-stars/ASGO d3ef14b): "
+    _method(
+        "asgo", "ASGO", "ASGO", {"learning_rate": 1e-2, "b1": 0.9, "b2": 0.8, "weight_decay": 0.1, "rms_target": 0.2},
+        "An et al., arXiv 2503.20762; the authors' GPT-2 trainer (infinity-stars/ASGO d3ef14b): "
         "lr 0.01, b1 0.9, b2 0.8, weight decay 0.1, RMS 0.2; 1-D parameters to Adam (0.9, 0.95)",
-        torch_class="ASGO",
     ),
-    MethodEntry(
-        name="dasgo",
-        factory="dasgo",
-        label="DASGO",
-        hyperparameters={"*": {"learning_rate": 1e-2, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1}},
-        reference="An et al., arXiv 2503.20762; the authors' config file (infinity-stars/ASGO d3ef14b): "
+    _method(
+        "dasgo", "DASGO", "DASGO", {"learning_rate": 1e-2, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1},
+        "An et al., arXiv 2503.20762; the authors' config file (infinity-stars/ASGO d3ef14b): "
         "lr 0.01, betas (0.9, 0.95), eps 1e-8, weight decay 0.1",
-        torch_class="DASGO",
     ),
-    MethodEntry(
-        name="sketchy",
-        factory="sketchy",
-        label="Sketchy",
-        hyperparameters={"*": {"learning_rate": 1e-3, "rank": 16, "b2": 0.999}},
-        reference="Feinberg et al., NeurIPS 2023; tearfree defaults (google-research/precondition 239a8cd): "
+    _method(
+        "sketchy", "Sketchy", "Sketchy", {"learning_rate": 1e-3, "rank": 16, "b2": 0.999},
+        "Feinberg et al., NeurIPS 2023; tearfree defaults (google-research/precondition 239a8cd): "
         "b2 0.999, eps 1e-7, RMSProp graft, Nesterov momentum 0.9; rank = 1/4 of the largest axis as in "
         "the paper's rank 256 at block 1024; lr 1e-3 (the graft gives Adam-scale steps; no lr is published)",
-        torch_class="Sketchy",
         bench_hyperparameters={"rank": 256, "block_size": 1024},
     ),
-    MethodEntry(
-        name="s_adagrad",
-        factory="s_adagrad",
-        label="S-AdaGrad",
-        hyperparameters={"*": {"learning_rate": 0.1, "rank": 16, "delta": 0.0}},
-        reference="Feinberg et al., NeurIPS 2023, Appendix A protocol (OCO code, precondition 239a8cd): "
+    _method(
+        "s_adagrad", "S-AdaGrad", "SAdaGrad", {"learning_rate": 0.1, "rank": 16, "delta": 0.0},
+        "Feinberg et al., NeurIPS 2023, Appendix A protocol (OCO code, precondition 239a8cd): "
         "delta 0 and AdaGrad sums (b2 = 1); lr 0.1, a point of the authors' log grid [1e-6, 1] (not tuned "
         "here; the paper reports no single value); rank 16",
-        torch_class="SAdaGrad",
         # Full-matrix FD on the flattened layer: (rank + 1) x size state; an OCO method, so bench
         # stops at 2M parameters (4096x1024 would need 285 MB of sketch per layer at rank 16).
         bench_hyperparameters={"block_size": 4096},
         bench_max_size=2_000_000,
     ),
-    MethodEntry(
-        name="rf_rmsprop",
-        factory="rf_rmsprop",
-        label="RF-RMSProp",
-        hyperparameters={
-            "*": {
-                "learning_rate": 4.98e-3,
-                "b2": 1.0 - 1.18e-3,
-                "damping": 5.58e-5,
-                "momentum": 0.961,
-                "weight_decay": 2.32e-3,
-            }
-        },
-        reference="Lin et al., ICML 2024; best CIFAR-100 ResNet-34 values in the authors' scripts "
+    _method(
+        "rf_rmsprop", "RF-RMSProp", "RFRMSProp",
+        {"learning_rate": 4.98e-3, "b2": 1.0 - 1.18e-3, "damping": 5.58e-5, "momentum": 0.961, "weight_decay": 2.32e-3},
+        "Lin et al., ICML 2024; best CIFAR-100 ResNet-34 values in the authors' scripts "
         "(yorkerlin/remove-the-square-root e26d7c9): beta1 4.98e-3, beta2 1.18e-3, lambda 5.58e-5, "
         "alpha1 0.961, kappa 2.32e-3",
         update_kwargs=("batch_size",),
-        torch_class="RFRMSProp",
     ),
-    MethodEntry(
-        name="rf_adamw",
-        factory="rf_adamw",
-        label="RF-AdamW",
-        hyperparameters={
-            "*": {"learning_rate": 0.5, "b1": 0.9, "b2": 1.0 - 1.18e-3, "damping": 5.58e-5, "weight_decay": 2.32e-3}
-        },
-        reference="an extra, not in Lin et al. (ICML 2024): yorkerlin/remove-the-square-root c8d43f2 "
+    _method(
+        "rf_adamw", "RF-AdamW", "RFAdamW",
+        {"learning_rate": 0.5, "b1": 0.9, "b2": 1.0 - 1.18e-3, "damping": 5.58e-5, "weight_decay": 2.32e-3},
+        "an extra, not in Lin et al. (ICML 2024): yorkerlin/remove-the-square-root c8d43f2 "
         "myoptim/rfadamw.py, which publishes no values; RF-RMSProp's CIFAR-100 ResNet-34 beta2, lambda and "
         "kappa (its denominator has the same root-free form), Adam's b1 0.9, no bias correction (the code's default); "
         "lr 0.5, no published value: a first tuned compare run centred on RF-RMSProp's 4.98e-3 found the MLP and the "
         "autoencoder best at 1.6 and no rate up to 0.05 training the CNN, so the sweep is centred 100x higher",
         update_kwargs=("batch_size",),
-        torch_class="RFAdamW",
         # bench times steps of larger models: RF-RMSProp's published lr, as before compare ran RF-AdamW
         bench_hyperparameters={"learning_rate": 4.98e-3},
     ),
-    MethodEntry(
-        name="if_shampoo",
-        factory="if_shampoo",
-        label="IF-Shampoo",
-        hyperparameters={
-            "*": {
-                "learning_rate": 1e-3,
-                "momentum": 0.9,
-                "preconditioner_lr": 0.01,
-                "preconditioner_momentum": 0.5,
-                "damping": 1e-3,
-                "precondition_every": 2,
-            }
+    _method(
+        "if_shampoo", "IF-Shampoo", "IFShampoo",
+        {
+            "learning_rate": 1e-3,
+            "momentum": 0.9,
+            "preconditioner_lr": 0.01,
+            "preconditioner_momentum": 0.5,
+            "damping": 1e-3,
+            "precondition_every": 2,
         },
-        reference="Lin et al., ICML 2024; SIRFShampoo defaults (f-dangel/sirfshampoo 7bc5eaf): lr 1e-3, "
+        "Lin et al., ICML 2024; SIRFShampoo defaults (f-dangel/sirfshampoo 7bc5eaf): lr 1e-3, "
         "momentum 0.9, factor lr 0.01, factor momentum 0.5, damping 1e-3; T = 2 as in the authors' scripts",
         update_kwargs=("batch_size",),
-        torch_class="IFShampoo",
     ),
     MethodEntry(
         name="mbf",

@@ -2,12 +2,11 @@ r"""AGD: auto-switchable optimizer using the stepwise gradient difference (Yue e
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple, Optional
 
 from array_api_compat import device as array_device
 
-from .._backend import cast, compute_dtype, computed_once, float64_where_available, is_zero, placement, scalar_array
+from .._backend import cast, compute_dtype, computed_once, float64_where_available, is_number, is_zero, placement, scalar_array
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
@@ -250,7 +249,7 @@ def _stepwise_difference(xp, b1, c: _Scalars, g, m, m_new):
     bc1_prev = 1.0 - b1 ** (c.t - 1.0)
     first = bc1_prev <= 0.0  # t = 1, where m_{t-1} = 0
     bc1_prev = xp.where(first, xp.ones_like(bc1_prev), bc1_prev)
-    if isinstance(b1, numbers.Real) and b1 >= 0.5:
+    if is_number(b1) and b1 >= 0.5:
         a = (1.0 - b1) / (b1 * bc1_prev)
         d = computed_once(xp, xp.where(first, -xp.ones_like(a), a) / c.bc1)
         return computed_once(xp, xp.where(first, xp.zeros_like(a), a)) * g - d * m_new

@@ -14,12 +14,11 @@ averaging it makes that estimate wrong by a factor :math:`B^2`.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device
 
-from .._backend import as_operand, cast, compute_dtype, computed_once, cond, is_zero, placement, scalar_zero
+from .._backend import as_operand, cast, compute_dtype, computed_once, cond, is_number, is_zero, placement, scalar_zero
 from ..blocking import on_stacks
 from ..linalg import half_precision_dtype, kl_clip_factor, mode_gram, mode_product
 from ..transform import (
@@ -60,8 +59,7 @@ _BATCH_SIZE_HELP = (
 # Shared helpers
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+_is_number = is_number  # IF-Shampoo's name for it
 
 
 _KL_CLIP = 0.1  # principled default of if_shampoo's kl_clip (S8)
@@ -74,9 +72,9 @@ def _check_batch_size(value: Any, where: str = "batch_size") -> None:
 
 
 def _filled(xp, shape, value, dtype, dev):
-    if _is_number(value):
+    if is_number(value):
         return xp.full(shape, value, dtype=dtype, device=dev)
-    return xp.ones(shape, dtype=dtype, device=dev) * xp.astype(value, dtype)
+    return xp.ones(shape, dtype=dtype, device=dev) * as_operand(xp, value, dtype)
 
 
 def _batch_size(name: str, factory_value: Any, ctx: StepContext) -> Any:

@@ -12,6 +12,7 @@
   :func:`load_trajectory`, and the ``python -m precond_ref trace`` command).
 """
 
+from . import compare, problems, trajectory
 from .compare import Comparison, Divergence, assert_trajectories_close, compare_trajectories, default_tolerances
 from .problems import (
     CNN,
@@ -42,33 +43,5 @@ from .trajectory import (
     transform_trajectory,
 )
 
-__all__ = [
-    "Problem",
-    "Quadratic",
-    "LeastSquares",
-    "Logistic",
-    "OnlineLogistic",
-    "MLP",
-    "CNN",
-    "PROBLEMS",
-    "get_problem",
-    "available_problems",
-    "Trajectory",
-    "available_methods",
-    "make_method",
-    "reference_trajectory",
-    "transform_trajectory",
-    "torch_trajectory",
-    "save_trajectory",
-    "load_trajectory",
-    "resolve_namespace",
-    "resolve_dtype",
-    "to_numpy",
-    "TRACE_FORMAT",
-    "TRACE_FORMAT_VERSION",
-    "Comparison",
-    "Divergence",
-    "compare_trajectories",
-    "assert_trajectories_close",
-    "default_tolerances",
-]
+# The public names are those of the submodules, listed once there.
+__all__ = [*problems.__all__, *trajectory.__all__, *compare.__all__]
