@@ -349,6 +349,7 @@ def _check_core_state(opt: "CoreOptimizer", path_of: Any, transform: Any, member
     """Check the saved state of parameters stepped together against ``transform.init``'s layout,
     and put each tensor into the dtype/device ``init`` gives it (in ``members``' entries)."""
     paths = [path_of(p, i) for i, p, _, _ in members]
+    hint += f" {transform.init.layout_hint}" if getattr(transform.init, "layout_hint", "") else ""
     expected = transform.init(opt._tree(paths, [p.detach() for _, p, _, _ in members]))
     by_key = {path_str(path): member for path, member in zip(paths, members)}
     heads = set()

@@ -511,6 +511,7 @@ def build_transform(
     intervals: Sequence[Interval] = (),
     matmul_precision: str = "highest",
     elementwise: bool = False,
+    layout_hint: str = "",
 ) -> Transform:
     """Assemble a tree-level :class:`Transform` from a method's per-group functions.
 
@@ -558,6 +559,10 @@ def build_transform(
         instead of one per parameter eagerly, with the same numbers. With ``on_nonfinite="skip"``
         only (``"raise"`` names the offending leaf); the overflow margin then applies to the flat
         leaf's squared norm, the sum of its leaves' (a stricter test).
+    layout_hint:
+        Appended to the error for a state that does not fit the gradients (and kept as
+        ``init.layout_hint`` for adapters that check loaded state): which arguments reproduce a
+        layout an older version made, when a default changed the layout.
     """
     check_choice("matmul_precision", matmul_precision, tuple(_JAX_PRECISION))
     check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
@@ -812,7 +817,7 @@ def build_transform(
         if not _torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
             for group, g, _ in live:
                 _check_state_namespace(name, xp, group, g, state.groups[group.key])
-                _check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp))
+                _check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp), layout_hint)
         contexts = [ctx._replace(paths=group.paths) for group, _, _ in live]
         if not live:  # every group is zero-size: nothing for the method to compute
             results = []
@@ -857,6 +862,7 @@ def build_transform(
         )
         return tree_unflatten(treedef, updates), new_state
 
+    init.layout_hint = layout_hint  # type: ignore[attr-defined]
     return Transform(init, update, due, matmul_precision, group_leaves)
 
 
@@ -931,7 +937,8 @@ def _check_state_namespace(name: str, xp: Any, group: LeafGroup, grads: tuple[Ar
 
 
 def _check_fits(
-    name: str, group: LeafGroup, grads: tuple[Array, ...], state: dict[str, Array], layout: dict[str, tuple]
+    name: str, group: LeafGroup, grads: tuple[Array, ...], state: dict[str, Array], layout: dict[str, tuple],
+    hint: str = "",
 ) -> None:
     """Refuse, by name, gradients that do not fit the group's state: a transposed or reshaped
     gradient, another dtype (a float64 gradient for float32 state), a missing partner leaf (MBF's
@@ -949,7 +956,7 @@ def _check_fits(
     )
     raise ValueError(
         f"{name}: the gradient of {given} does not fit the optimizer state of this group ({detail}); "
-        "a transposed gradient, another dtype, or a weight without its bias?"
+        "a transposed gradient, another dtype, or a weight without its bias?" + (f" {hint}" if hint else "")
     )
 
 
