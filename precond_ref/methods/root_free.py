@@ -46,6 +46,7 @@ __all__ = [
     "if_shampoo",
     "prototype_lr_scale",
     "prototype_schedule",
+    "staggered_refresh",
 ]
 
 Array = Any
@@ -794,7 +795,9 @@ def if_shampoo(
     structures:
         ``"dense"``, ``"diagonal"``, or SIRFShampoo's ``{rank: name or tuple of names per axis}``.
     max_dense_dim:
-        Axes longer than this get a diagonal factor (default 4096 principled, unlimited faithful).
+        Axes longer than this get a diagonal factor (S4; the paper's and SIRFShampoo's device for
+        long axes). Default ``None``: no axis is diagonal for its length (principled mode cuts long
+        axes into blocks instead, ``block_size``).
     factor_dtype:
         dtype of the factors and their momenta (a dtype of the parameters' namespace, or a dict
         like ``structures``). Default, principled: bf16 (the paper's half-precision mode) where
@@ -817,6 +820,20 @@ def if_shampoo(
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
         ``"skip"`` (default) or ``"raise"``.
+    block_size:
+        S9 (principled only): every dense axis longer than this is cut into contiguous blocks
+        (:func:`precond_ref.blocking.block_bounds`), and each tile of the tensor is an independent
+        IF-Shampoo block with its own factors (Distributed Shampoo's blocking: the block-diagonal
+        part of the preconditioner); tiles of one shape, across parameters too, are stacked into
+        one batched product. The KL clip and the momentum stay per parameter. ``None``: 256 in
+        principled mode (one number for every device; docs/methods/root_free.md, "Long axes,
+        intervals and cost", has the measurements); a value at least every axis is the unblocked
+        method. An integer >= 1; refused in faithful mode.
+    stagger_refresh:
+        S10: tile ``t`` of a blocked parameter refreshes on the calls where
+        ``(count + t % T) % T == 0`` (:func:`staggered_refresh`), so its factor steps are spread
+        over the interval ``T`` instead of all falling on one call. ``None``: on in principled mode
+        (no effect on an unblocked parameter, or with a callable ``precondition_every``).
 
     Returns
     -------
@@ -839,7 +856,8 @@ def if_shampoo(
       drift toward the damping-only fixed point, without bound when :math:`\lambda = 0`).
     * S3: a factor update that produces a non-finite factor is discarded and counted in the
       group's ``factor_failures``.
-    * S4: axes longer than ``max_dense_dim`` (4096) get diagonal factors.
+    * S4: axes longer than ``max_dense_dim`` get diagonal factors, only on request (before
+      ``block_size`` existed: 4096 by default).
     * S5: :math:`B` is an argument (the torch adapter offers the authors' forward-hook counting).
     * S6: the momentum buffer is in the compute dtype (the authors': the parameter dtype).
     * S7: the factors refresh every 2 calls by default (the authors' runs; SIRFShampoo: every call).
@@ -849,6 +867,8 @@ def if_shampoo(
       (curvature 1000 at the optimum) the unclipped method at :math:`\eta = 10^{-3}` reaches
       :math:`10^{-5}` of the optimum, then diverges to 3e34 within 10 000 steps; clipped, the
       step stays bounded until the factors adapt, and it converges.
+    * S9: axes longer than ``block_size`` (256) are cut into blocks, each tile with its own factors.
+    * S10: the tiles of a blocked parameter refresh at staggered calls of the interval.
 
     Groups whose grouped tensors and factors have one shape and dtype are stacked: each product
     of the factor step and of the preconditioning runs once for the stack
