@@ -67,12 +67,12 @@ def _is_number(value: Any) -> bool:
 
 
 _KL_CLIP = 0.1  # principled default of if_shampoo's kl_clip (S8)
-_BLOCK_SIZE = 256  # principled default of if_shampoo's block_size (S9; docs/methods/root_free.md)
+_BLOCK_SIZE = 128  # principled default of if_shampoo's block_size (S9; docs/methods/root_free.md)
 _OLD_LAYOUT_HINT = (
     "if_shampoo: a state saved before block_size existed (principled defaults: unblocked factors, diagonal "
     "beyond 4096) loads with if_shampoo(block_size=4096, max_dense_dim=4096)"
 )
-_PRECONDITION_EVERY = 2  # principled default of if_shampoo's precondition_every (S7)
+_PRECONDITION_EVERY = 5  # principled default of if_shampoo's precondition_every (S7)
 
 
 def _check_batch_size(value: Any, where: str = "batch_size") -> None:
@@ -789,8 +789,8 @@ def if_shampoo(
         :math:`B\,gg^\top` wrong by :math:`B^2`. ``update(..., batch_size=)`` overrides it per call.
     precondition_every:
         :math:`T`: factors refresh when ``count % T == 0`` (so on the first update), or a predicate
-        ``count -> bool`` such as :func:`prototype_schedule`. ``None``: 2 in principled mode (the
-        authors' runs), 1 in faithful mode (SIRFShampoo). Under ``optax.inject_hyperparams`` a
+        ``count -> bool`` such as :func:`prototype_schedule`. ``None``: 5 in principled mode (measured,
+        docs/methods/root_free.md; the authors' runs used 2), 1 in faithful mode (SIRFShampoo). Under ``optax.inject_hyperparams`` a
         callable must be listed in ``static_args``.
     structures:
         ``"dense"``, ``"diagonal"``, or SIRFShampoo's ``{rank: name or tuple of names per axis}``.
@@ -825,7 +825,7 @@ def if_shampoo(
         (:func:`precond_ref.blocking.block_bounds`), and each tile of the tensor is an independent
         IF-Shampoo block with its own factors (Distributed Shampoo's blocking: the block-diagonal
         part of the preconditioner); tiles of one shape, across parameters too, are stacked into
-        one batched product. The KL clip and the momentum stay per parameter. ``None``: 256 in
+        one batched product. The KL clip and the momentum stay per parameter. ``None``: 128 in
         principled mode (one number for every device; docs/methods/root_free.md, "Long axes,
         intervals and cost", has the measurements); a value at least every axis is the unblocked
         method. An integer >= 1; refused in faithful mode.
@@ -860,14 +860,15 @@ def if_shampoo(
       ``block_size`` existed: 4096 by default).
     * S5: :math:`B` is an argument (the torch adapter offers the authors' forward-hook counting).
     * S6: the momentum buffer is in the compute dtype (the authors': the parameter dtype).
-    * S7: the factors refresh every 2 calls by default (the authors' runs; SIRFShampoo: every call).
+    * S7: the factors refresh every 5 calls by default (measured: docs/methods/root_free.md; the
+      authors' runs: 2; SIRFShampoo: every call).
     * S8: the preconditioned gradient of each group is clipped to :math:`\eta^2\langle Pg, g\rangle
       \le \kappa` (``kl_clip``, default 0.1; Ba et al. 2017), then enters the momentum. Near an
       optimum :math:`gg^\top \to 0` and :math:`P \to \lambda^{-1}I`: on Rosenbrock's function
       (curvature 1000 at the optimum) the unclipped method at :math:`\eta = 10^{-3}` reaches
       :math:`10^{-5}` of the optimum, then diverges to 3e34 within 10 000 steps; clipped, the
       step stays bounded until the factors adapt, and it converges.
-    * S9: axes longer than ``block_size`` (256) are cut into blocks, each tile with its own factors.
+    * S9: axes longer than ``block_size`` (128) are cut into blocks, each tile with its own factors.
     * S10: the tiles of a blocked parameter refresh at staggered calls of the interval.
 
     Groups whose grouped tensors and factors have one shape and dtype are stacked: each product
