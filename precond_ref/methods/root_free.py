@@ -72,7 +72,7 @@ _OLD_LAYOUT_HINT = (
     "if_shampoo: a state saved before block_size existed (principled defaults: unblocked factors, diagonal "
     "beyond 4096) loads with if_shampoo(block_size=4096, max_dense_dim=4096)"
 )
-_PRECONDITION_EVERY = 5  # principled default of if_shampoo's precondition_every (S7)
+_PRECONDITION_EVERY = 2  # principled default of if_shampoo's precondition_every (S7)
 
 
 def _check_batch_size(value: Any, where: str = "batch_size") -> None:
@@ -789,8 +789,8 @@ def if_shampoo(
         :math:`B\,gg^\top` wrong by :math:`B^2`. ``update(..., batch_size=)`` overrides it per call.
     precondition_every:
         :math:`T`: factors refresh when ``count % T == 0`` (so on the first update), or a predicate
-        ``count -> bool`` such as :func:`prototype_schedule`. ``None``: 5 in principled mode (measured,
-        docs/methods/root_free.md; the authors' runs used 2), 1 in faithful mode (SIRFShampoo). Under ``optax.inject_hyperparams`` a
+        ``count -> bool`` such as :func:`prototype_schedule`. ``None``: 2 in principled mode (the
+        authors' runs; docs/methods/root_free.md has the measurements), 1 in faithful mode (SIRFShampoo). Under ``optax.inject_hyperparams`` a
         callable must be listed in ``static_args``.
     structures:
         ``"dense"``, ``"diagonal"``, or SIRFShampoo's ``{rank: name or tuple of names per axis}``.
@@ -860,8 +860,7 @@ def if_shampoo(
       ``block_size`` existed: 4096 by default).
     * S5: :math:`B` is an argument (the torch adapter offers the authors' forward-hook counting).
     * S6: the momentum buffer is in the compute dtype (the authors': the parameter dtype).
-    * S7: the factors refresh every 5 calls by default (measured: docs/methods/root_free.md; the
-      authors' runs: 2; SIRFShampoo: every call).
+    * S7: the factors refresh every 2 calls by default (the authors' runs; SIRFShampoo: every call).
     * S8: the preconditioned gradient of each group is clipped to :math:`\eta^2\langle Pg, g\rangle
       \le \kappa` (``kl_clip``, default 0.1; Ba et al. 2017), then enters the momentum. Near an
       optimum :math:`gg^\top \to 0` and :math:`P \to \lambda^{-1}I`: on Rosenbrock's function
