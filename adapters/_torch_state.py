@@ -387,6 +387,17 @@ def _saved_ids(saved_groups: list, new_groups: list, group: dict) -> list:
     return saved_groups[next(i for i, g in enumerate(new_groups) if g is group)]["params"]
 
 
+def _layout_hint(transform: Any, entries: dict, arrays: dict) -> str:
+    """The method's word on a saved state whose layout is not ``init``'s (``build_transform``'s
+    ``layout_hint``: e.g. the ``block_size`` that continues a state saved under an older default),
+    or ``""``."""
+    hint = getattr(transform.init, "layout_hint", None)
+    if hint is None:
+        return ""
+    found = {k: (tuple(v.shape), v.dtype) for k, v in entries.items() if isinstance(v, torch.Tensor)}
+    return hint(found, {k: (tuple(v.shape), v.dtype) for k, v in arrays.items()})
+
+
 def _check_core_state(path_of: Any, transform: Any, members: list, where: str, hint: str) -> None:
     """Check the saved state of parameters stepped together against ``transform.init``'s layout,
     and put each tensor into the dtype/device ``init`` gives it (in ``members``' entries)."""
@@ -401,6 +412,7 @@ def _check_core_state(path_of: Any, transform: Any, members: list, where: str, h
         if missing:
             raise ValueError(
                 f"{where}: the state of {label} lacks {missing} (state_dict of another optimizer or configuration?){hint}"
+                + _layout_hint(transform, entries, arrays)
             )
         for name, like in arrays.items():
             value = entries[name]
@@ -409,6 +421,7 @@ def _check_core_state(path_of: Any, transform: Any, members: list, where: str, h
             if tuple(value.shape) != tuple(like.shape):
                 raise ValueError(
                     f"{where}: state {name!r} of {label} has shape {tuple(value.shape)}, expected {tuple(like.shape)}{hint}"
+                    + _layout_hint(transform, entries, arrays)
                 )
             if value.is_floating_point() or value.is_complex():
                 if not bool(torch.isfinite(value).all()):

@@ -582,6 +582,8 @@ IFShampoo = _torch_class(
         _Arg("preconditioner_lr_scale", None, "Optional[Callable]"),
         _Arg("kl_clip", None, "Optional[float]"),
         *_MODE,
+        _Arg("block_size", None, "Optional[int]", since="0.2.0"),
+        _Arg("stagger_refresh", None, "Optional[bool]", since="0.2.0"),
     ),
     base=_RootFreeOptimizer,
 )

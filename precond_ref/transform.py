@@ -547,9 +547,6 @@ def build_transform(
     matmul_precision:
         The float32 matmul precision of the step (:func:`float32_matmul_precision`); full float32 by
         default, which faithful modes must keep.
-    layout_hint:
-        ``(found, layout) -> str``, both ``{entry: (shape, dtype)}``: text appended to the error for
-        a state that does not fit the gradients (e.g. the setting that made its layout), or ``""``.
     elementwise:
         ``update_group`` computes each entry of a single leaf's updates and state from the same
         entry of its inputs alone (no reduction over the leaf, nothing read from its shape or path),
@@ -560,6 +557,11 @@ def build_transform(
         instead of one per parameter eagerly, with the same numbers. With ``on_nonfinite="skip"``
         only (``"raise"`` names the offending leaf); the overflow margin then applies to the flat
         leaf's squared norm, the sum of its leaves' (a stricter test).
+    layout_hint:
+        ``(found, layout) -> str``, both ``{entry: (shape, dtype)}``: text appended to the error for
+        a state that does not fit the gradients, or ``""``; kept as ``init.layout_hint`` for
+        adapters that check loaded state. Says which arguments reproduce a layout an older version
+        made, where a default changed the layout.
     """
     check_choice("matmul_precision", matmul_precision, tuple(_JAX_PRECISION))
     check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
@@ -774,6 +776,7 @@ def build_transform(
         )
         return tree_unflatten(treedef, updates), new_state
 
+    init.layout_hint = layout_hint  # type: ignore[attr-defined]
     return Transform(init, update, due, matmul_precision, group_leaves)
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import inspect
 import math
 from typing import Any, Callable, Optional, Sequence
@@ -329,38 +330,53 @@ def s_adagrad(
 def if_shampoo(
     params: Params, itemsize: int = 4, *, precondition_every: Optional[int] = None, max_dense_dim: Optional[int] = None,
     structures: Any = "dense", mode: str = "principled", momentum: float = 0.9, preconditioner_momentum: float = 0.5,
-    grouping: str = "per_parameter", kl_clip: Optional[float] = None, factor_itemsize: Optional[int] = None, **_: Any,
+    grouping: str = "per_parameter", kl_clip: Optional[float] = None, factor_itemsize: Optional[int] = None,
+    block_size: Optional[int] = None, **_: Any,
 ) -> Cost:
     """IF-Shampoo: each leaf (``grouping="per_parameter"``) squeezed to its non-unit axes; an axis
-    of length ``d`` has a dense ``d x d`` factor ``K`` if ``d <= max_dense_dim`` (principled default
-    4096) and ``structures`` is dense, else a diagonal one. With ``N = numel``:
+    of length ``d`` has a diagonal factor if ``d > max_dense_dim`` (off by default) or ``structures``
+    is diagonal, else dense factors; principled mode cuts every dense axis longer than
+    ``block_size`` (default ``root_free._BLOCK_SIZE``) into blocks, each tile of the tensor having
+    its own factors. With ``N`` a tile's size and ``d`` its length along the axis:
 
     - every step: ``G x_n K K^T`` along every dense axis, two mode products (``4 d N`` flops);
       a diagonal axis one pass; element-wise 11 passes (read g; read/write p and momentum; the
       preconditioned tensor written, read for the KL clip with g, read and written scaled,
       read into the momentum);
-    - every ``precondition_every`` steps (principled default 2): per dense axis the projection
+    - every ``precondition_every`` steps (principled default ``root_free._PRECONDITION_EVERY``;
+      staggered tiles spread it, the mean is the same): per dense axis the projection
       ``G x_n K^T`` (``2 d N``), the factor Gram ``K^T K`` (``2 d^3``), the mode Gram of the
       projection (``2 d N``) and the move ``K m`` (``2 d^3``); 8 passes of ``d x d`` in the factor's
       element size (factor and factor momentum read and written, the direction written and read,
       the accept mask's read and write).
     """
+    from ..blocking import block_bounds
+    from ..methods.root_free import _BLOCK_SIZE, _PRECONDITION_EVERY
+
     if precondition_every is None:
-        precondition_every = 1 if mode == "faithful" else 2
-    limit = max_dense_dim if max_dense_dim is not None else (None if mode == "faithful" else 4096)
+        precondition_every = 1 if mode == "faithful" else _PRECONDITION_EVERY
+    if block_size is None and mode != "faithful":
+        block_size = _BLOCK_SIZE
+    limit = max_dense_dim
     fsize = factor_itemsize or itemsize
     t = _Tally()
     for name, shape in params:
         dims = tuple(d for d in shape if d != 1) or (1,)
         numel = _numel(dims)
-        for d in dims:
-            dense = structures != "diagonal" and (limit is None or d <= limit)
-            if dense:
-                t.add("precondition (dense)", flops=4.0 * d * numel)
-                t.add("factor step", flops=4.0 * d * numel + 4.0 * d**3, nbytes=8.0 * d * d * fsize, every=precondition_every)
-            else:
+        dense = [structures != "diagonal" and (limit is None or d <= limit) for d in dims]
+        for d, is_dense in zip(dims, dense):
+            if not is_dense:
                 t.add("precondition (diagonal)", nbytes=2.0 * numel * itemsize)
                 t.add("factor step", nbytes=(2.0 * numel + 8.0 * d) * itemsize, every=precondition_every)
+        bounds = [block_bounds(d, block_size) if is_dense else ((0, d),) for d, is_dense in zip(dims, dense)]
+        for tile in itertools.product(*bounds):
+            sizes = [stop - start for start, stop in tile]
+            tile_numel = _numel(sizes)
+            for d, is_dense in zip(sizes, dense):
+                if is_dense:
+                    t.add("precondition (dense)", flops=4.0 * d * tile_numel)
+                    t.add("factor step", flops=4.0 * d * tile_numel + 4.0 * d**3, nbytes=8.0 * d * d * fsize,
+                          every=precondition_every)
         _elementwise(t, [(name, shape)], itemsize, 11 if momentum else 9)
     return t.cost()
 

@@ -13,13 +13,14 @@ averaging it makes that estimate wrong by a factor :math:`B^2`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device
 
 from .._backend import as_operand, cast, compute_dtype, computed_once, cond, is_number, is_zero, placement, scalar_zero
-from ..blocking import on_stacks
+from ..blocking import block_bounds, on_stacks
 from ..linalg import half_precision_dtype, kl_clip_factor, mode_gram, mode_product
 from ..transform import (
     ScalarOrSchedule,
@@ -44,6 +45,7 @@ __all__ = [
     "if_shampoo",
     "prototype_lr_scale",
     "prototype_schedule",
+    "staggered_refresh",
 ]
 
 Array = Any
@@ -63,6 +65,20 @@ _is_number = is_number  # IF-Shampoo's name for it
 
 
 _KL_CLIP = 0.1  # principled default of if_shampoo's kl_clip (S8)
+_BLOCK_SIZE = 128  # principled default of if_shampoo's block_size (S9; docs/methods/root_free.md)
+_OLD_LAYOUT_HINT = (
+    "if_shampoo: a state saved before block_size existed (principled defaults: unblocked factors, diagonal "
+    "beyond 4096) loads with if_shampoo(block_size=4096, max_dense_dim=4096)"
+)
+
+
+def _old_layout_hint(found: dict, layout: dict) -> str:
+    """``build_transform``'s ``layout_hint``: where a saved state does not fit, the arguments that
+    load one saved by 0.1.0 (its principled default was unblocked)."""
+    return " " + _OLD_LAYOUT_HINT
+
+
+_PRECONDITION_EVERY = 2  # principled default of if_shampoo's precondition_every (S7)
 
 
 def _check_batch_size(value: Any, where: str = "batch_size") -> None:
@@ -467,6 +483,70 @@ def prototype_schedule(interval: int) -> Callable[[Any], Any]:
     return predicate
 
 
+def staggered_refresh(interval: int, offset: int) -> Callable[[Any], Any]:
+    """The refresh predicate of a tile with this ``offset``: ``count -> (count + offset) % interval == 0``.
+
+    The tiles of a blocked group refresh on different calls of each interval of ``interval`` calls
+    (tile ``t`` gets ``offset = t % interval``), so the expensive factor steps are spread evenly
+    over the interval instead of all falling on one call; every tile still refreshes once per
+    interval. A static schedule (host arithmetic on the call number, or the same formula on a 0-D
+    array under a compiler), so the step stays free of device reads. Offset 0 is the plain
+    ``count % interval == 0``.
+    """
+    check_positive_int("interval", interval)
+    if not 0 <= offset < interval:
+        raise ValueError(f"staggered_refresh: offset must be in [0, {interval}), got {offset!r}")
+
+    def predicate(count: Any) -> Any:
+        return (count + offset) % interval == 0
+
+    predicate.interval, predicate.offset = interval, offset  # type: ignore[attr-defined]
+    return predicate
+
+
+class _Tile(NamedTuple):
+    """One tile of a group's tensor: an independent IF-Shampoo block with its own factors."""
+
+    index: tuple  # (start, stop) per axis of the squeezed grouped tensor
+    names: tuple  # state keys of its factors K_1..K_N
+    momentum_names: tuple  # state keys of its factor momenta m_1..m_N
+    offset: int  # its refresh offset (staggered_refresh)
+
+
+def _tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], interval: Any, stagger: bool) -> tuple:
+    """The tiles of a grouped tensor of shape ``dims``: every dense axis longer than ``block_size``
+    cut by :func:`precond_ref.blocking.block_bounds` (diagonal axes are never cut), tiles in
+    row-major order. One tile keeps the unblocked keys ``factor_n``; several are ``tile_t/factor_n``."""
+    bounds = [((0, d),) if diag else block_bounds(d, block_size) for d, diag in zip(dims, diagonal)]
+    indices = list(itertools.product(*bounds))
+    spread = stagger and isinstance(interval, int) and not isinstance(interval, bool) and interval > 1
+    tiles = []
+    for t, index in enumerate(indices):
+        prefix = "" if len(indices) == 1 else f"tile_{t}/"
+        tiles.append(_Tile(
+            index=index,
+            names=tuple(f"{prefix}factor_{n}" for n in range(len(dims))),
+            momentum_names=tuple(f"{prefix}factor_momentum_{n}" for n in range(len(dims))),
+            offset=t % interval if spread else 0,
+        ))
+    return tuple(tiles)
+
+
+def _cut(G, index: tuple):
+    """The tile ``index`` ((start, stop) per axis) of a tensor ``G``."""
+    return G[tuple(slice(start, stop) for start, stop in index)]
+
+
+def _join(xp, pieces: Sequence[Any], counts: Sequence[int]):
+    """The tensor whose tiles, in row-major order over a grid of ``counts`` tiles per axis, are
+    ``pieces`` (the inverse of cutting by :func:`_tile_plan`)."""
+    if len(counts) == 0 or len(pieces) == 1:
+        return pieces[0]
+    size = math.prod(counts[1:])
+    rows = [_join(xp, pieces[i * size : (i + 1) * size], counts[1:]) for i in range(counts[0])]
+    return xp.concat(rows, axis=len(pieces[0].shape) - len(counts))
+
+
 # --------------------------------------------------------------------------------------------
 # IF-Shampoo numerics, written for a stack of groups of one shape (a leading block axis b, as DASH
 # writes its block operations): grouped tensors (b, d_1, ..., d_N), dense factors (b, d, d),
@@ -669,6 +749,8 @@ def if_shampoo(
     kl_clip: Optional[float] = None,
     mode: str = "principled",
     on_nonfinite: str = "skip",
+    block_size: Optional[int] = None,
+    stagger_refresh: Optional[bool] = None,
 ) -> Transform:
     r"""IF-Shampoo: inverse- and root-free Kronecker-factored preconditioning (matmul only).
 
@@ -714,12 +796,14 @@ def if_shampoo(
     precondition_every:
         :math:`T`: factors refresh when ``count % T == 0`` (so on the first update), or a predicate
         ``count -> bool`` such as :func:`prototype_schedule`. ``None``: 2 in principled mode (the
-        authors' runs), 1 in faithful mode (SIRFShampoo). Under ``optax.inject_hyperparams`` a
+        authors' runs; docs/methods/root_free.md has the measurements), 1 in faithful mode (SIRFShampoo). Under ``optax.inject_hyperparams`` a
         callable must be listed in ``static_args``.
     structures:
         ``"dense"``, ``"diagonal"``, or SIRFShampoo's ``{rank: name or tuple of names per axis}``.
     max_dense_dim:
-        Axes longer than this get a diagonal factor (default 4096 principled, unlimited faithful).
+        Axes longer than this get a diagonal factor (S4; the paper's and SIRFShampoo's device for
+        long axes). Default ``None``: no axis is diagonal for its length (principled mode cuts long
+        axes into blocks instead, ``block_size``).
     factor_dtype:
         dtype of the factors and their momenta (a dtype of the parameters' namespace, or a dict
         like ``structures``). Default, principled: bf16 (the paper's half-precision mode) where
@@ -742,6 +826,20 @@ def if_shampoo(
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
         ``"skip"`` (default) or ``"raise"``.
+    block_size:
+        S9 (principled only): every dense axis longer than this is cut into contiguous blocks
+        (:func:`precond_ref.blocking.block_bounds`), and each tile of the tensor is an independent
+        IF-Shampoo block with its own factors (Distributed Shampoo's blocking: the block-diagonal
+        part of the preconditioner); tiles of one shape, across parameters too, are stacked into
+        one batched product. The KL clip and the momentum stay per parameter. ``None``: 128 in
+        principled mode (one number for every device; docs/methods/root_free.md, "Long axes,
+        intervals and cost", has the measurements); a value at least every axis is the unblocked
+        method. An integer >= 1; refused in faithful mode.
+    stagger_refresh:
+        S10: tile ``t`` of a blocked parameter refreshes on the calls where
+        ``(count + t % T) % T == 0`` (:func:`staggered_refresh`), so its factor steps are spread
+        over the interval ``T`` instead of all falling on one call. ``None``: on in principled mode
+        (no effect on an unblocked parameter, or with a callable ``precondition_every``).
 
     Returns
     -------
@@ -764,7 +862,8 @@ def if_shampoo(
       drift toward the damping-only fixed point, without bound when :math:`\lambda = 0`).
     * S3: a factor update that produces a non-finite factor is discarded and counted in the
       group's ``factor_failures``.
-    * S4: axes longer than ``max_dense_dim`` (4096) get diagonal factors.
+    * S4: axes longer than ``max_dense_dim`` get diagonal factors, only on request (before
+      ``block_size`` existed: 4096 by default).
     * S5: :math:`B` is an argument (the torch adapter offers the authors' forward-hook counting).
     * S6: the momentum buffer is in the compute dtype (the authors': the parameter dtype).
     * S7: the factors refresh every 2 calls by default (the authors' runs; SIRFShampoo: every call).
@@ -774,6 +873,8 @@ def if_shampoo(
       (curvature 1000 at the optimum) the unclipped method at :math:`\eta = 10^{-3}` reaches
       :math:`10^{-5}` of the optimum, then diverges to 3e34 within 10 000 steps; clipped, the
       step stays bounded until the factors adapt, and it converges.
+    * S9: axes longer than ``block_size`` (128) are cut into blocks, each tile with its own factors.
+    * S10: the tiles of a blocked parameter refresh at staggered calls of the interval.
 
     Groups whose grouped tensors and factors have one shape and dtype are stacked: each product
     of the factor step and of the preconditioning runs once for the stack
@@ -808,51 +909,70 @@ def if_shampoo(
             )
     if max_dense_dim is not None and not hasattr(max_dense_dim, "shape"):
         check_positive_int("max_dense_dim", max_dense_dim)
+    if block_size is not None:
+        check_positive_int("block_size", block_size)
     check_choice("grouping", grouping, ("per_parameter", "weight_bias"))
     if preconditioner_lr_scale is not None and not callable(preconditioner_lr_scale):
         raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {preconditioner_lr_scale!r}")
     check_bool("clamp_factor_step", clamp_factor_step)
+    if stagger_refresh is not None:
+        check_bool("stagger_refresh", stagger_refresh)
     if kl_clip is not None:
         check_nonnegative("kl_clip", kl_clip)
     check_choice("mode", mode, ("principled", "faithful"))
     faithful = mode == "faithful"
+    if faithful and block_size is not None:
+        raise ValueError("block_size is not available with mode='faithful' (SIRFShampoo has no blocking); "
+                         "use mode='principled'")
     if precondition_every is None:
-        precondition_every = 1 if faithful else 2  # S7: SIRFShampoo's default; the paper's runs
-    dense_limit = max_dense_dim if max_dense_dim is not None else (None if faithful else 4096)
+        precondition_every = 1 if faithful else _PRECONDITION_EVERY  # S7
+    dense_limit = max_dense_dim  # S4: diagonal factors only on request (the paper's device for long axes)
+    if block_size is None:
+        block_size = None if faithful else _BLOCK_SIZE  # S9: long axes cut into blocks
+    if stagger_refresh is None:
+        stagger_refresh = not faithful  # S10
     if kl_clip is None:
         kl_clip = 0.0 if faithful else _KL_CLIP
     use_kl_clip = not is_zero(kl_clip)
     use_momentum = not is_zero(momentum)
     use_factor_momentum = not is_zero(preconditioner_momentum)
     use_decay = not is_zero(weight_decay)
+    # One refresh predicate per offset (S10): tile t of a blocked group refreshes when
+    # (count + t % T) % T == 0. Offset 0 is T itself, so an unblocked model declares what it did before.
+    staggered = stagger_refresh and isinstance(precondition_every, int) and precondition_every > 1
+    refresh_at = (
+        (precondition_every,) + tuple(staggered_refresh(precondition_every, o) for o in range(1, precondition_every))
+        if staggered else (precondition_every,)
+    )
 
-    def layout(shapes, factor_dims):
-        """Out-first (weight (d_out, d_in)) or out-last pairing, read off the factors' sizes."""
-        if len(shapes) == 1:
-            return True
-        return _grouped_shape(shapes, True)[1] == factor_dims
+    def plan(shapes, out_first: bool, where: str) -> tuple:
+        """(squeezed dims, per-axis diagonal flags, tiles) of a group's tensor."""
+        _, dims = _grouped_shape(shapes, out_first)
+        kinds = _per_axis(structures, len(dims), "structures", where)
+        limit = None if dense_limit is None else int(dense_limit)
+        diagonal = tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
+        return dims, diagonal, _tile_plan(dims, diagonal, block_size, precondition_every, stagger_refresh)
 
     def init_group(leaves, paths, xp):
         shapes = [tuple(x.shape) for x in leaves]
         where = path_str(paths[0])
         out_first = len(leaves) == 1 or paths[0][-1] != _OUT_LAST_WEIGHT
-        _, dims = _grouped_shape(shapes, out_first)
+        dims, diagonal, tiles = plan(shapes, out_first, where)
         rank = len(dims)
         param_dtype = leaves[0].dtype
-        kinds = _per_axis(structures, rank, "structures", where)
         dtypes = _per_axis(factor_dtype, rank, "factor_dtype", where)
         dev = array_device(leaves[0])
-        limit = None if dense_limit is None else int(dense_limit)
         state = {}
-        for n, (d, kind, dtype) in enumerate(zip(dims, kinds, dtypes)):
-            if dtype is None and not faithful and xp.finfo(param_dtype).bits <= 32:
-                dtype = half_precision_dtype(leaves[0])  # S1: bf16 factors on an accelerator
-            dtype = _state_dtype(xp, param_dtype, dtype, lambda xp, p: p, faithful)
-            diagonal = kind == "diagonal" or (limit is not None and d > limit)
-            factor = xp.ones((d,), dtype=dtype, device=dev) if diagonal else xp.eye(d, dtype=dtype, device=dev)
-            state[f"factor_{n}"] = factor
-            if use_factor_momentum:
-                state[f"factor_momentum_{n}"] = xp.zeros(factor.shape, dtype=dtype, device=dev)
+        for tile in tiles:
+            for n, ((start, stop), diag, dtype) in enumerate(zip(tile.index, diagonal, dtypes)):
+                if dtype is None and not faithful and xp.finfo(param_dtype).bits <= 32:
+                    dtype = half_precision_dtype(leaves[0])  # S1: bf16 factors on an accelerator
+                dtype = _state_dtype(xp, param_dtype, dtype, lambda xp, p: p, faithful)
+                d = stop - start
+                factor = xp.ones((d,), dtype=dtype, device=dev) if diag else xp.eye(d, dtype=dtype, device=dev)
+                state[tile.names[n]] = factor
+                if use_factor_momentum:
+                    state[tile.momentum_names[n]] = xp.zeros(factor.shape, dtype=dtype, device=dev)
         buffer_dtype = param_dtype if faithful else compute_dtype(xp, param_dtype)
         if use_momentum:
             for i, shape in enumerate(shapes):
@@ -870,56 +990,63 @@ def if_shampoo(
     def half_factors(xp, factors) -> bool:
         return any(xp.finfo(f.dtype).bits < 32 for f in factors)
 
-    def factor_state(state, rank: int) -> tuple:
-        """A group's factor state as a flat tuple: K_1..K_N, then m_1..m_N (if α₂ ≠ 0), then the
-        failure count (principled)."""
-        momenta = tuple(state[f"factor_momentum_{n}"] for n in range(rank)) if use_factor_momentum else ()
+    def factor_state(state, tile: _Tile) -> tuple:
+        """A tile's factor state as a flat tuple: K_1..K_N, then m_1..m_N (if α₂ ≠ 0), then the
+        group's failure count (principled)."""
+        momenta = tuple(state[k] for k in tile.momentum_names) if use_factor_momentum else ()
         failures = () if faithful else (state["factor_failures"],)
-        return tuple(state[f"factor_{n}"] for n in range(rank)) + momenta + failures
+        return tuple(state[k] for k in tile.names) + momenta + failures
 
-    def with_factor_state(state, rank: int, arrays) -> dict:
-        """``state`` with the factor state of :func:`factor_state` replaced by ``arrays``."""
-        names = [f"factor_{n}" for n in range(rank)]
-        names += [f"factor_momentum_{n}" for n in range(rank)] if use_factor_momentum else []
-        names += [] if faithful else ["factor_failures"]
-        return {**state, **dict(zip(names, arrays))}
+    def factor_names(tile: _Tile) -> list:
+        """The state keys of :func:`factor_state`'s entries, failure count excepted."""
+        return list(tile.names) + (list(tile.momentum_names) if use_factor_momentum else [])
+
+    def laid_out(state, shapes, where: str):
+        """Out-first (weight (d_out, d_in)) or out-last pairing, read off the state's factor sizes,
+        and the group's plan; a state that fits neither is a clear error."""
+        for out_first in (True, False) if len(shapes) > 1 else (True,):
+            dims, diagonal, tiles = plan(shapes, out_first, where)
+            if all(k in state and state[k].shape[0] == stop - start
+                   for tile in tiles for k, (start, stop) in zip(tile.names, tile.index)):
+                return out_first, dims, tiles
+        found = {k: tuple(v.shape) for k, v in state.items() if "factor_" in k and "failures" not in k}
+        raise ValueError(
+            f"if_shampoo: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
+            f"state ({found}); with grouping='weight_bias' a weight and its bias are one group (give both "
+            f"gradients, a zero one for a member without); a state saved unblocked (before block_size existed, "
+            f"or with another block_size) loads with that block_size (block_size=4096, max_dense_dim=4096 "
+            f"reproduce the layout of version 0.x's principled defaults)"
+        )
 
     def prepare(grads, state, ctx):
-        """One group's grouped tensor G (work dtype) and what it takes to ungroup the step."""
+        """One group's grouped tensor G (work dtype), its tiles, and what it takes to ungroup the step."""
         xp = ctx.xp
-        rank = sum(1 for k in state if k.startswith("factor_") and k[7:].isdigit())
-        dims = tuple(state[f"factor_{n}"].shape[0] for n in range(rank))
         shapes = [tuple(g.shape) for g in grads]
-        out_first = layout(shapes, dims)
+        out_first, dims, tiles = laid_out(state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
         full, squeezed = _grouped_shape(shapes, out_first)
-        if squeezed != dims:
-            raise ValueError(
-                f"if_shampoo: gradients of shapes {shapes} do not fit the Kronecker factors of sizes {dims} "
-                "in the state; with grouping='weight_bias' a weight and its bias are one group (give both "
-                "gradients, a zero one for a member without)"
-            )
         work_dtype = grads[0].dtype if faithful else compute_dtype(xp, grads[0].dtype)
         grouped = _group_tensor(xp, grads, full, squeezed, out_first, work_dtype)
-        return _Group(grouped, rank, shapes, full, out_first, work_dtype)
+        return _Group(grouped, len(dims), shapes, full, out_first, work_dtype), tiles
 
-    # IF-Shampoo, Lin et al. (ICML 2024) Figure 3 / spec §2.3, for a group G with factors K_n, P_n = K_nK_nᵀ:
+    # IF-Shampoo, Lin et al. (ICML 2024) Figure 3 / spec §2.3, for a group G with factors K_n, P_n = K_nK_nᵀ
+    # (principled: for each tile of G, S9, with its own factors; tile t refreshes at its offset, S10):
     #   if T(count):                                  every T steps, all axes from the old factors
     #       Y   = √B·G ×_1 K_1ᵀ … ×_N K_Nᵀ;  t_i = Tr(K_iᵀK_i)/d_i
     #       M_n = ½[λ Π_{i≠n} t_i K_nᵀK_n + Y_(n)Y_(n)ᵀ/Π_{i≠n} d_i − I]     (diagonal K_n: its diagonal)
     #       m_n ← α₂ m_n + (1−α₂) M_n;  K_n ← K_n − β₂/max(1, ‖m_n‖_F)·K_n m_n   (S2, S3: kept if unusable)
     #   D = G ×_1 P_1 … ×_N P_N;  D ← ν D, ν = min(1, √(κ_clip/(η²⟨D, G⟩)))         (S8, principled)
     #   U = D + κW;  v ← α₁ v + U;  W ← W − η v
-    # The first two lines run on stacks of equal-shape groups (blocking.on_stacks), the rest per group.
+    # The first two lines run on stacks of equal-shape tiles (blocking.on_stacks), the rest per group.
 
     def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
         xp = ctxs[0].xp
-        refresh = ctxs[0].every(precondition_every)  # a host bool, or an array under jit
+        refresh = [ctxs[0].every(interval) for interval in refresh_at]  # per offset: a host bool, or an array
         B = _batch_size("if_shampoo", batch_size, ctxs[0])
         beta2, eta = ctxs[0].value(preconditioner_lr), ctxs[0].value(learning_rate)
         scaled_beta2 = preconditioner_lr_scale is not None  # one β₂ per group (b,)
-        groups = [prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)]
+        prepared = [prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)]
 
-        def factor_step(G, beta2, *state):  # K_n, m_n (and S2, S3) of one stack of groups
+        def factor_step(G, beta2, *state):  # K_n, m_n (and S2, S3) of one stack of tiles
             rank, dtype = len(G.shape) - 1, state[0].dtype
             momenta = state[rank : 2 * rank] if use_factor_momentum else None
             sqrt_B = math.sqrt(B) if _is_number(B) else xp.sqrt(xp.astype(B, G.dtype))
@@ -930,29 +1057,50 @@ def if_shampoo(
             new = K + (m or ())
             return new if faithful else _principled_keep_unusable(xp, G, state[: len(new)], new, state[-1])
 
-        def on_stack(G, *operands):  # one stack: the refresh (if due), then D = G ×_n P_n
-            scale, state = (operands[0], operands[1:]) if scaled_beta2 else (1.0, operands)
-            if refresh is not False:
-                lr = beta2 * scale if scaled_beta2 else beta2
-                state = cond(xp, refresh, lambda *s: factor_step(G, lr, *s), lambda *s: s, *state)
-            K = state[: len(G.shape) - 1]
-            return tuple(state) + (_precondition(xp, G, K, rescale=faithful or half_factors(xp, K)),)
+        def stack_step(due):
+            def on_stack(G, *operands):  # one stack: the refresh (if due), then D = G ×_n P_n
+                scale, state = (operands[0], operands[1:]) if scaled_beta2 else (1.0, operands)
+                if due is not False:
+                    lr = beta2 * scale if scaled_beta2 else beta2
+                    state = cond(xp, due, lambda *s: factor_step(G, lr, *s), lambda *s: s, *state)
+                K = state[: len(G.shape) - 1]
+                return tuple(state) + (_precondition(xp, G, K, rescale=faithful or half_factors(xp, K)),)
+            return on_stack
 
-        def operands(group, state):
+        def operands(group, tile, state):
             scale = (state["preconditioner_lr_scale"][None, ...],) if scaled_beta2 else ()
-            own = factor_state(state, group.rank)
-            own = own[: group.rank] if refresh is False else own  # a host decision: no factor step
-            return (group.grouped[None, ...],) + scale + tuple(a[None, ...] for a in own)
+            own = factor_state(state, tile)
+            own = own[: group.rank] if refresh[tile.offset] is False else own  # a host decision: no factor step
+            return (_cut(group.grouped, tile.index)[None, ...],) + scale + tuple(a[None, ...] for a in own)
 
-        stepped = on_stacks(xp, on_stack, [operands(g, s) for g, s in zip(groups, states)])
+        members = [(i, tile) for i, (group, tiles) in enumerate(prepared) for tile in tiles]
+        stepped = {}
+        for offset, due in enumerate(refresh):
+            chosen = [(i, tile) for i, tile in members if tile.offset == offset]
+            if chosen:
+                outs = on_stacks(xp, stack_step(due), [operands(prepared[i][0], tile, states[i]) for i, tile in chosen])
+                stepped.update({(i, tile.index): out for (i, tile), out in zip(chosen, outs)})
+
         results = []
-        for group, state, params, out in zip(groups, states, params_list, stepped):
-            new_state = state if refresh is False else with_factor_state(state, group.rank, [a[0, ...] for a in out[:-1]])
-            D = out[-1][0, ...]
+        for i, ((group, tiles), state, params) in enumerate(zip(prepared, states, params_list)):
+            new_state = dict(state)
+            failures = None
+            for tile in tiles:
+                out = stepped[(i, tile.index)]
+                if refresh[tile.offset] is not False:
+                    new = [a[0, ...] for a in out[:-1]]
+                    new_state.update(zip(factor_names(tile), new))
+                    if not faithful:  # S3: the group counts its tiles' failures
+                        added = new[-1] - state["factor_failures"]
+                        failures = added if failures is None else failures + added
+            if failures is not None:
+                new_state["factor_failures"] = state["factor_failures"] + failures
+            counts = [len({tile.index[n] for tile in tiles}) for n in range(group.rank)]
+            D = _join(xp, [stepped[(i, tile.index)][-1][0, ...] for tile in tiles], counts)
             if use_kl_clip:  # S8, K-FAC's order: clip the preconditioned gradient, then the momentum
                 dtype = D.dtype
                 D = D * kl_clip_factor(D, cast(xp, group.grouped, dtype), as_operand(xp, eta, dtype), as_operand(xp, kl_clip, dtype))
-            updates, new_state = [], dict(new_state)
+            updates = []
             for k, U in enumerate(_ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
                 if use_decay:
                     U = U + as_operand(xp, weight_decay, U.dtype) * cast(xp, params[k], U.dtype)  # U = D + κW
@@ -972,5 +1120,6 @@ def if_shampoo(
         group_leaves=weight_bias_groups if grouping == "weight_bias" else singleton_groups,
         on_nonfinite=on_nonfinite,
         needs_params=use_decay,
-        intervals=(precondition_every,),
+        intervals=refresh_at,
+        layout_hint=None if faithful else _old_layout_hint,
     )

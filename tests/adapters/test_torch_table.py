@@ -38,6 +38,7 @@ _MODE = (("mode", P, "principled", "str"), ("on_nonfinite", P, "skip", "str"))
 #: Arguments added since the release that pinned the signatures below (0.1.0), at the end of the
 #: positional ones: ``added_since_first_release`` of the class, absent from a 0.1.0 checkpoint.
 ADDED = {
+    "IFShampoo": (("block_size", P, None, "Optional[int]"), ("stagger_refresh", P, None, "Optional[bool]")),
     "ASGO": (("spread_refresh", P, None, "Optional[bool]"),),
     "MBF": (("block_size", P, None, "Optional[int]"), ("refresh_phases", P, None, "Optional[int]")),
 }
@@ -87,7 +88,7 @@ SIGNATURES = {
         ("precondition_every", P, None, "Any"), ("structures", P, "dense", "Any"),
         ("max_dense_dim", P, None, "Optional[int]"), ("factor_dtype", P, None, "Any"),
         ("grouping", P, "per_parameter", "str"), ("preconditioner_lr_scale", P, None, "Optional[Callable]"),
-        ("kl_clip", P, None, "Optional[float]"), *_MODE, *_TAIL,
+        ("kl_clip", P, None, "Optional[float]"), *_MODE, *ADDED["IFShampoo"], *_TAIL,
     ),
     "MBF": (
         ("params", P, REQ, "Iterable[Any]"), ("lr", P, 1e-05, "Any"), ("damping", P, 0.001, "float"),
@@ -147,7 +148,8 @@ CORE_KWARGS = {
     "IFShampoo": {"learning_rate": 0.001, "momentum": 0.9, "preconditioner_lr": 0.01,
                   "preconditioner_momentum": 0.5, "damping": 0.001, "weight_decay": 0.0, "batch_size": 4,
                   "precondition_every": None, "structures": "dense", "max_dense_dim": None, "factor_dtype": None,
-                  "grouping": "per_parameter", "preconditioner_lr_scale": None, "kl_clip": None},
+                  "grouping": "per_parameter", "preconditioner_lr_scale": None, "kl_clip": None,
+                  "block_size": None, "stagger_refresh": None},
     "MBF": {"learning_rate": 1e-05, "damping": 0.001, "momentum": 0.9, "b2": 0.9, "weight_decay": 0.0,
             "statistics_every": 10, "precondition_every": 100, "fc_blocks": None, "diagonal_b2": 0.999,
             "diagonal_eps": 1e-08, "diagonal_second_moment": "momentum", "max_block_dim": None, "kl_clip": None,

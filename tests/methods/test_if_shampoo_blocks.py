@@ -1,0 +1,201 @@
+"""IF-Shampoo's long-axis policy (issue 35): blocks (``block_size``), staggered refreshes, bad input,
+and the state saved before blocking existed. NumPy float64, tiny shapes: one process, no compiler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import precond_ref as pr
+from precond_ref.methods import root_free
+
+EPS64 = np.finfo(np.float64).eps
+
+
+def _steps(opt, params, grads, **extra):
+    """Updates of every step and the final state (parameters move by the updates)."""
+    state, out = opt.init(params), []
+    for g in grads:
+        updates, state = opt.update(g, state, params, **extra)
+        params = pr.apply_updates(params, updates)
+        out.append(updates)
+    return out, state
+
+
+def _grads(rng, shape, n):
+    return [rng.normal(size=shape) for _ in range(n)]
+
+
+def test_tiles_are_independent_groups():
+    """Distributed Shampoo's blocking: a tensor cut into tiles by ``block_size`` is preconditioned as
+    if every tile were a parameter of its own (its own factors, block-diagonal preconditioner), so
+    with the group-level parts off (no KL clip; momentum is element-wise and needs no switching off)
+    the blocked step equals the step of the tiles given as separate parameters. Only the stacking
+    differs (equal tiles run as one batched product), so the two agree to a few roundings of the
+    update's size."""
+    rng = np.random.default_rng(0)
+    shape, block = (10, 7), 4  # tiles: rows 4, 4, 2 x columns 4, 3
+    weight, grads = rng.normal(size=shape), _grads(rng, shape, 4)
+    kw = dict(batch_size=3, precondition_every=1, kl_clip=0.0, learning_rate=0.1, preconditioner_lr=0.3)
+    blocked, state = _steps(pr.if_shampoo(block_size=block, **kw), {"w": weight}, [{"w": g} for g in grads])
+    assert sorted(k for k in state.groups["w"] if k.endswith("factor_0")) == [f"tile_{t}/factor_0" for t in range(6)]
+
+    cuts = [(slice(r, r + 4), slice(c, c + 4)) for r in (0, 4, 8) for c in (0, 4)]
+    tiles = lambda a: {f"t{i}": a[s] for i, s in enumerate(cuts)}  # noqa: E731
+    alone, _ = _steps(pr.if_shampoo(block_size=100, **kw), tiles(weight), [tiles(g) for g in grads])
+    for got, want in zip(blocked, alone):
+        scale = max(np.max(np.abs(u)) for u in want.values())
+        for i, s in enumerate(cuts):
+            np.testing.assert_allclose(got["w"][s], want[f"t{i}"], rtol=0, atol=64 * EPS64 * scale)
+
+
+def test_kl_clip_and_momentum_stay_per_parameter():
+    """The KL clip (S8) scales the whole parameter's preconditioned gradient by one ν, computed from
+    the assembled D and G, not one ν per tile: with the clip binding on the first step (momentum
+    buffer empty), blocked update / tiles' unclipped update is one constant over the parameter."""
+    rng = np.random.default_rng(1)
+    weight, g = rng.normal(size=(9, 5)), rng.normal(size=(9, 5))
+    kw = dict(batch_size=2, precondition_every=1, learning_rate=0.5, block_size=4)
+    clipped, _ = _steps(pr.if_shampoo(kl_clip=1e-6, **kw), {"w": weight}, [{"w": g}])
+    free, _ = _steps(pr.if_shampoo(kl_clip=0.0, **kw), {"w": weight}, [{"w": g}])
+    ratio = clipped[0]["w"] / free[0]["w"]
+    assert np.max(ratio) < 0.5  # the clip binds
+    np.testing.assert_allclose(ratio, ratio.flat[0], rtol=16 * EPS64)
+
+
+def test_block_size_at_least_every_axis_is_the_unblocked_method():
+    """blocking.block_bounds: an axis of length d <= block_size is one chunk, so block_size equal
+    to the longest axis gives the unblocked layout (keys ``factor_n``) and the same numbers as a
+    block size far beyond it (exactly: the same operations run)."""
+    rng = np.random.default_rng(2)
+    weight, grads = rng.normal(size=(8, 6)), _grads(rng, (8, 6), 3)
+    kw = dict(batch_size=2, precondition_every=1)
+    at, state = _steps(pr.if_shampoo(block_size=8, **kw), {"w": weight}, [{"w": g} for g in grads])
+    beyond, _ = _steps(pr.if_shampoo(block_size=4096, **kw), {"w": weight}, [{"w": g} for g in grads])
+    assert state.groups["w"]["factor_0"].shape == (8, 8) and not any("tile" in k for k in state.groups["w"])
+    for a, b in zip(at, beyond):
+        np.testing.assert_array_equal(a["w"], b["w"])
+
+
+@pytest.mark.parametrize("interval", [1, 3, 4])
+def test_staggered_refresh_refreshes_each_offset_once_per_interval(interval):
+    """staggered_refresh(T, o) is true on the calls c with (c + o) % T == 0: each offset exactly once
+    in every window of T consecutive calls, and on each call exactly one offset (the refresh work of
+    T equal tiles is spread one per call). The same answer for host ints and 0-D arrays (jit)."""
+    predicates = [root_free.staggered_refresh(interval, o) for o in range(interval)]
+    for c in range(3 * interval):
+        due = [bool(p(c)) for p in predicates]
+        assert due == [bool(p(np.asarray(c, dtype=np.int32))) for p in predicates]
+        assert sum(due) == 1 and due.index(True) == (-c) % interval
+    with pytest.raises(ValueError, match="offset"):
+        root_free.staggered_refresh(interval, interval)
+
+
+@pytest.mark.parametrize("stagger", [True, False])
+def test_tiles_refresh_at_their_offsets(stagger):
+    """S10: tile t of a blocked parameter runs its factor step on the calls c with
+    (c + t % T) % T == 0 (stagger_refresh=True), else all tiles on c % T == 0; between its
+    refreshes a tile's factor is unchanged."""
+    rng = np.random.default_rng(3)
+    T, steps = 3, 7
+    opt = pr.if_shampoo(batch_size=2, precondition_every=T, block_size=2, stagger_refresh=stagger)
+    params = {"w": rng.normal(size=(6, 2))}  # three tiles of 2 x 2
+    state = opt.init(params)
+    for c in range(steps):
+        updates, new = opt.update({"w": rng.normal(size=(6, 2))}, state, params)
+        for t in range(3):
+            moved = not np.array_equal(new.groups["w"][f"tile_{t}/factor_0"], state.groups["w"][f"tile_{t}/factor_0"])
+            offset = t % T if stagger else 0
+            assert moved == ((c + offset) % T == 0), (c, t)
+        state = new
+    assert opt.due(1) == ((False, False, True) if stagger else (False,))
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "64", np.float64(8.0)])
+def test_bad_block_size_is_a_clear_error(bad):
+    """Issue 35: a block size below 1 or not an integer is a ValueError naming block_size."""
+    with pytest.raises(ValueError, match="block_size"):
+        pr.if_shampoo(block_size=bad)
+
+
+def test_block_size_is_refused_in_faithful_mode():
+    """Faithful mode is SIRFShampoo's structure: no blocking to ask for."""
+    with pytest.raises(ValueError, match="block_size.*faithful"):
+        pr.if_shampoo(block_size=64, mode="faithful")
+
+
+def test_zero_size_axis_is_left_unchanged_without_factors():
+    """Issue 35: a parameter with a zero-size axis (here beside an axis longer than the block size)
+    has no state and a zero update; the other parameters step as usual."""
+    rng = np.random.default_rng(4)
+    params = {"empty": np.zeros((0, 300)), "w": rng.normal(size=(300, 2))}
+    opt = pr.if_shampoo(batch_size=2, block_size=128)
+    state = opt.init(params)
+    assert state.groups["empty"] == {}
+    updates, new = opt.update({"empty": np.zeros((0, 300)), "w": rng.normal(size=(300, 2))}, state, params)
+    assert updates["empty"].shape == (0, 300) and new.groups["empty"] == {}
+    assert np.any(updates["w"] != 0) and "tile_2/factor_0" in new.groups["w"]
+
+
+def _main_state(opt_old, params, grads):
+    """A state in the layout main's principled defaults made before block_size existed: unblocked
+    dense factors (``factor_n``, ``factor_momentum_n``) for axes up to 4096."""
+    state = opt_old.init(params)
+    _, state = opt_old.update(grads, state, params)
+    return state
+
+
+def test_state_saved_before_blocking_names_the_arguments_that_load_it():
+    """Checkpoints: a state of main's layout (a 300 x 5 weight: one 300 x 300 factor, longer than
+    the default block size) given to the new default is a ValueError naming block_size=4096,
+    max_dense_dim=4096, and those arguments load it and step on from it."""
+    rng = np.random.default_rng(5)
+    params, grads = {"w": rng.normal(size=(300, 5))}, {"w": rng.normal(size=(300, 5))}
+    old = pr.if_shampoo(batch_size=2, block_size=4096, max_dense_dim=4096)
+    state = _main_state(old, params, grads)
+    # main's layout, spelled out: what main's init made for this weight
+    assert {k: v.shape for k, v in state.groups["w"].items()} == {
+        "factor_0": (300, 300), "factor_momentum_0": (300, 300), "factor_1": (5, 5), "factor_momentum_1": (5, 5),
+        "momentum_0": (300, 5), "factor_failures": (),
+    }
+    with pytest.raises(ValueError, match=r"block_size=4096, max_dense_dim=4096"):
+        pr.if_shampoo(batch_size=2).update(grads, state, params)
+    updates, _ = old.update(grads, state, params)
+    assert np.all(np.isfinite(updates["w"])) and np.any(updates["w"] != 0)
+
+
+def test_torch_checkpoint_saved_before_blocking_names_the_arguments():
+    """The same for the torch adapter's load_state_dict: a state_dict whose IF-Shampoo state has
+    main's unblocked layout is refused with the arguments that reproduce it."""
+    torch = pytest.importorskip("torch")
+    from precond_ref.adapters import torch as pt
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 300, bias=False, dtype=torch.float32)
+    opt = pt.IFShampoo(layer.parameters(), lr=1e-3)
+    layer(torch.randn(4, 5)).square().mean().backward()
+    opt.step(batch_size=4)
+    saved = opt.state_dict()
+    entries = saved["state"][0]
+    assert "tile_0/factor_0" in entries  # 300 > the default block size: blocked
+    for key in [k for k in entries if "factor" in k and k != "factor_failures"]:
+        del entries[key]
+    for n, d in enumerate((300, 5)):
+        entries[f"factor_{n}"] = torch.eye(d)
+        entries[f"factor_momentum_{n}"] = torch.zeros(d, d)
+    fresh = pt.IFShampoo(layer.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"block_size=4096, max_dense_dim=4096"):
+        fresh.load_state_dict(saved)
+
+
+def test_cost_model_counts_tiles():
+    """benchmarks.cost.if_shampoo: a 2048 x 128 weight at block_size 256 is 8 tiles of 256 x 128;
+    per step each tile's two mode products per axis cost 4 d N (d its length on the axis, N its
+    size), so the preconditioning costs 4 (256 + 128) 32768 flops per tile."""
+    from precond_ref.benchmarks import cost
+
+    c = cost.if_shampoo([("emb", (2048, 128))], block_size=256, precondition_every=2)
+    every, flops, _ = c.parts["precondition (dense)"]
+    assert every == 1 and flops == 8 * 4.0 * (256 + 128) * 256 * 128
+    unblocked = cost.if_shampoo([("emb", (2048, 128))], block_size=4096, precondition_every=2)
+    assert unblocked.parts["precondition (dense)"][1] == 4.0 * (2048 + 128) * 2048 * 128
