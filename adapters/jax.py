@@ -281,13 +281,13 @@ def mbf_warm_start(state: Any, grads_batches: Any, **mbf_kwargs: Any) -> Any:
     return core.warm_start(state, (_as_core_tree(g)[0] for g in grads_batches))
 
 
-asgo = optax_factory(pr.asgo, static=("root_steps", "precondition_every", "block_size"))
+asgo = optax_factory(pr.asgo, static=("root_steps", "precondition_every", "block_size", "spread_refresh"))
 dasgo = optax_factory(pr.dasgo)
 # Root-free methods: B (examples the loss averages) as batch_size= of the factory or of update.
 rf_rmsprop = optax_factory(pr.rf_rmsprop, switches=("momentum",))
 rf_adamw = optax_factory(pr.rf_adamw)
 # precondition_every of if_shampoo may be an array (a traced interval works there).
-if_shampoo = optax_factory(pr.if_shampoo, static=("max_dense_dim",))
+if_shampoo = optax_factory(pr.if_shampoo, static=("max_dense_dim", "block_size", "stagger_refresh"))
 sketchy = optax_factory(
     pr.sketchy,
     static=("rank", "precondition_every", "start_preconditioning_step", "merge_dims", "max_precondition_dim", "block_size"),

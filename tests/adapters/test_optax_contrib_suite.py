@@ -100,8 +100,11 @@ def test_every_upstream_test_is_bound():
         (pj.mbf, dict(statistics_every=2, precondition_every=4), ("statistics_every", "precondition_every")),
         (pj.sketchy, dict(rank=4, merge_dims=8), ("rank", "merge_dims")),
         (pj.s_adagrad, dict(rank=4), ("rank",)),
+        (pj.asgo, dict(block_size=2, spread_refresh=False), ("block_size",)),  # a bool is not injected
+        (pj.mbf, dict(block_size=2, refresh_phases=2), ("block_size", "refresh_phases")),
+        (pj.if_shampoo, dict(block_size=2, stagger_refresh=False, batch_size=1), ("block_size",)),
     ],
-    ids=["asgo", "mbf", "sketchy", "s_adagrad"],
+    ids=["asgo", "mbf", "sketchy", "s_adagrad", "asgo_blocks", "mbf_blocks", "if_shampoo_blocks"],
 )
 def test_injected_static_integer_names_the_static_args(factory, kwargs, static):
     """Issue 16 item 11: plain inject_hyperparams works with the defaults (upstream's inject test
