@@ -117,7 +117,9 @@ def test_routing_and_merging():
         "conv": np.zeros((3, 3, 64, 128)), "small": np.zeros((3, 100)), "vec": np.zeros(10),
         "huge": np.zeros((5000, 2)), "unit": np.zeros((1, 40, 1, 30)), "ones": np.zeros((1, 1)),
     }
-    groups = pr.sketchy(0.1, rank=8, merge_dims=1024).init(params).groups
+    # block_size 8192 keeps (5000, 2) unblocked, so its 5000 axis exceeds max_precondition_dim (the
+    # principled default block size 1024 would precondition it in blocks).
+    groups = pr.sketchy(0.1, rank=8, merge_dims=1024, block_size=8192).init(params).groups
     assert groups["conv"]["axis0_basis"].shape == (576, 8)
     assert groups["conv"]["axis1_basis"].shape == (128, 8)
     assert groups["small"]["axis0_basis"].shape == (300, 8) and "axis1_basis" not in groups["small"]
@@ -125,9 +127,9 @@ def test_routing_and_merging():
     assert set(groups["huge"]) == {"graft_second_moment", "momentum"}
     assert groups["unit"]["axis0_basis"].shape == (40, 8) and groups["unit"]["axis1_basis"].shape == (30, 8)
     assert not any(k.startswith("axis") for k in groups["ones"])
-    with_1d = pr.sketchy(0.1, rank=8, precondition_1d=True).init({"vec": np.zeros(10)}).groups
+    with_1d = pr.sketchy(0.1, rank=8, precondition_1d=True, block_size=8192).init({"vec": np.zeros(10)}).groups
     assert with_1d["vec"]["axis0_basis"].shape == (10, 8)
-    blocked = pr.sketchy(0.1, rank=8, block_size=1024).init({"huge": np.zeros((5000, 2))}).groups
+    blocked = pr.sketchy(0.1, rank=8, block_size=1024, spread_refresh=False).init({"huge": np.zeros((5000, 2))}).groups
     # Equal blocks are stacked into one run (one batched FD call); the ragged last block is its own.
     assert blocked["huge"]["axis0_run0_basis"].shape == (4, 1024, 8)
     assert blocked["huge"]["axis0_run1_basis"].shape == (1, 904, 8)
