@@ -47,7 +47,7 @@ _SKETCHY_DECOMPOSITIONS = ("auto", "svd", "gram", "incremental", "subspace")
 #: merged axes longer than this are split into blocks with their own sketches, and the sketches are
 #: updated every this many steps, each block in its own phase of the interval.
 PRINCIPLED_BLOCK_SIZE = 1024
-PRINCIPLED_PRECONDITION_EVERY = 10
+PRINCIPLED_PRECONDITION_EVERY = 3
 #: Principled default of :func:`s_adagrad`'s ``precondition_every``.
 S_ADAGRAD_PRECONDITION_EVERY = 1
 
@@ -602,7 +602,7 @@ def sketchy(
         :math:`\epsilon \ge 0`, relative to the largest undeflated eigenvalue of each axis by default.
     precondition_every:
         Sketch update interval (an integer, or a predicate ``count -> bool``); None: the mode's
-        default, :data:`PRINCIPLED_PRECONDITION_EVERY` (10) in principled mode, 1 (the authors')
+        default, :data:`PRINCIPLED_PRECONDITION_EVERY` (3) in principled mode, 1 (the authors')
         in faithful mode. The first update refreshes every sketch.
     spread_refresh:
         Principled only (default True there): with an integer interval T > 1, a leaf's block runs
@@ -679,7 +679,7 @@ def sketchy(
     * K5: unit axes are squeezed before merging (identical result: merging already removes them;
       the authors raise on unit axes only when they reach the sketch, which merging prevents).
     * K6: ``block_size`` (default 1024; not in the authors' Sketchy), and the sketches updated every
-      10 steps with the blocks' updates spread over the interval (``precondition_every``,
+      3 steps with the blocks' updates spread over the interval (``precondition_every``,
       ``spread_refresh``; the authors update every sketch every step). docs/methods/sketchy.md,
       "Long axes, intervals and cost", has the measurements behind these defaults.
     * K7: ``decomposition="gram"`` is offered in both modes (the authors use the SVD, after a QR

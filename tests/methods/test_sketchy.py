@@ -173,7 +173,7 @@ def test_state_memory_is_sublinear():
         ({"momentum": 1.5}, "momentum"),
         ({"weight_decay": -0.1}, "weight_decay"),
         ({"merge_dims": 1}, "merge_dims"),
-        ({"block_size": 1}, "block_size"),
+        ({"block_size": 0}, "block_size"),
         ({"decomposition": "qr"}, "decomposition"),
         ({"tail_decay": "none"}, "tail_decay"),
         ({"mode": "fast"}, "mode"),
