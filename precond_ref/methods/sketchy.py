@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import zlib
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 from array_api_compat import device as array_device
@@ -206,11 +205,12 @@ def _refresh_schedule(precondition_every: Any, spread: bool) -> tuple:
 
 
 def _first_phase(paths: Any, phases: int) -> int:
-    """A leaf's first refresh phase, from its tree path (crc32: the same in every process and
-    run), so that the leaves of a model start their runs in different phases."""
+    """A leaf's first refresh phase, from its tree path (a position-weighted sum of its characters:
+    the same in every process and run, and plain Python that torch.compile folds, where zlib.crc32
+    is a graph break), so that the leaves of a model start their runs in different phases."""
     if phases <= 1 or not paths:
         return 0
-    return zlib.crc32(path_str(paths[0]).encode()) % phases
+    return sum((i + 1) * ord(ch) for i, ch in enumerate(path_str(paths[0]))) % phases
 
 
 def _init_sketches(xp: Any, plan: _LeafPlan, dtype: Any, device: Any) -> dict[str, Array]:
