@@ -290,7 +290,12 @@ def sketchy(
     ``max_precondition_dim``) take the graft alone: 7 passes.
     """
     from ..blocking import merge_small_dims
+    from ..methods.sketchy import PRINCIPLED_BLOCK_SIZE, PRINCIPLED_PRECONDITION_EVERY
 
+    if mode != "faithful":  # None: the principled defaults
+        block_size = PRINCIPLED_BLOCK_SIZE if block_size is None else block_size
+        precondition_every = PRINCIPLED_PRECONDITION_EVERY if precondition_every is None else precondition_every
+    precondition_every = 1 if precondition_every is None else precondition_every
     t = _Tally()
     path = decomposition or ("qr_svd" if mode == "faithful" else "auto")
     for name, shape in params:
@@ -309,7 +314,7 @@ def sketchy(
 
 def s_adagrad(
     params: Params, itemsize: int = 4, *, rank: int = 128, block_size: Optional[int] = None, mode: str = "principled",
-    momentum: float = 0.0, **_: Any,
+    momentum: float = 0.0, precondition_every: Optional[int] = None, **_: Any,
 ) -> Cost:
     """S-AdaGrad: every leaf flattened to ``N`` entries, split into blocks of ``d = min(N,
     block_size)``, each a rank ``k`` sketch updated every step with one new column (``m = 1``,
@@ -321,7 +326,7 @@ def s_adagrad(
     for name, shape in params:
         n = max(1, _numel(shape))
         for count, d, k, m in _sketch_axes((n,), rank, block_size):
-            t.add("FD update", flops=count * fd_update_flops(d, k, m, path))
+            t.add("FD update", flops=count * fd_update_flops(d, k, m, path), every=precondition_every or 1)
             t.add("sketch apply", flops=count * 4.0 * d * k)
         _elementwise(t, [(name, shape)], itemsize, 5 + (2 if momentum else 0))
     return t.cost()

@@ -22,6 +22,7 @@ from array_api_compat import device as array_device
 from .._backend import compute_dtype, cond, is_zero, scalar_array
 from ..blocking import block_bounds, merge_small_dims, roll_first_axis_last, unfold
 from ..sketch import SKETCH_KEYS, fd_apply, fd_init, fd_update, fd_update_apply
+from ..tree import path_str, tree_flatten
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
@@ -35,11 +36,19 @@ from ..transform import (
     check_positive_int,
 )
 
-__all__ = ["sketchy", "s_adagrad", "scale_by_sketchy"]
+__all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "refresh_due", "PRINCIPLED_BLOCK_SIZE",
+           "PRINCIPLED_PRECONDITION_EVERY"]
 
 Array = Any
 _GRAFTS = ("rmsprop", "sgd", "none")
 _SKETCHY_DECOMPOSITIONS = ("auto", "svd", "gram", "incremental", "subspace")
+#: Principled defaults of :func:`sketchy` (docs/methods/sketchy.md, "Long axes, intervals and cost"):
+#: merged axes longer than this are split into blocks with their own sketches, and the sketches are
+#: updated every this many steps, each block in its own phase of the interval.
+PRINCIPLED_BLOCK_SIZE = 1024
+PRINCIPLED_PRECONDITION_EVERY = 3
+#: Principled default of :func:`s_adagrad`'s ``precondition_every``.
+S_ADAGRAD_PRECONDITION_EVERY = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,7 +66,7 @@ def _check_int(name: str, value: Any, low: int) -> None:
 
 def _check_block_size(block_size: Optional[int]) -> None:
     if block_size is not None:
-        _check_int("block_size", block_size, 2)
+        _check_int("block_size", block_size, 1)
 
 
 def _second_moment(xp: Any, previous: Array, g: Array, decay: Any) -> Array:
@@ -91,12 +100,14 @@ def _safe_norm_ratio(xp: Any, numerator: Array, denominator: Array) -> Array:
 
 
 class _Run(NamedTuple):
-    """``count`` consecutive blocks of equal ``length`` from row ``start`` of an axis, rank ``rank``."""
+    """``count`` consecutive blocks of equal ``length`` from row ``start`` of an axis, rank ``rank``,
+    updated in refresh phase ``phase`` (:func:`refresh_due`)."""
 
     start: int
     length: int
     count: int
     rank: int
+    phase: int = 0
 
 
 class _AxisPlan(NamedTuple):
@@ -125,9 +136,18 @@ class _LeafPlan(NamedTuple):
         return -1.0 / (2 * len(self.axes))
 
 
-def _leaf_plan(merged_shape: tuple[int, ...], rank: int, block_size: Optional[int]) -> _LeafPlan:
-    """Blocks of equal length are stacked into one run (one batched FD call per run)."""
+def _leaf_plan(
+    merged_shape: tuple[int, ...], rank: int, block_size: Optional[int], phases: int = 1, first_phase: int = 0,
+) -> _LeafPlan:
+    """Blocks of equal length are stacked into one run (one batched FD call per run).
+
+    With ``phases = T > 1`` (refreshes spread over an interval T) a run of ``c`` blocks is cut into
+    ``min(c, T)`` contiguous runs, and the leaf's runs take the phases ``first_phase,
+    first_phase + 1, ...`` (mod T) in order, so one leaf's blocks refresh on different steps. The
+    layout (the runs' shapes) depends on ``phases`` only, never on ``first_phase``.
+    """
     axes = []
+    unit = 0
     for n, d in enumerate(merged_shape):
         runs: list[_Run] = []
         for start, stop in block_bounds(d, block_size):
@@ -136,8 +156,61 @@ def _leaf_plan(merged_shape: tuple[int, ...], rank: int, block_size: Optional[in
                 runs[-1] = runs[-1]._replace(count=runs[-1].count + 1)
             else:
                 runs.append(_Run(start, length, 1, min(rank, length)))
-        axes.append(_AxisPlan(n, tuple(runs)))
+        spread: list[_Run] = []
+        for run in runs:
+            pieces = min(run.count, phases)
+            done = 0
+            for i in range(pieces):
+                count = run.count * (i + 1) // pieces - done
+                spread.append(run._replace(start=run.start + done * run.length, count=count,
+                                           phase=(first_phase + unit) % phases))
+                done += count
+                unit += 1
+        axes.append(_AxisPlan(n, tuple(spread)))
     return _LeafPlan(tuple(merged_shape), tuple(axes))
+
+
+def refresh_due(calls: Any, interval: int, phase: int) -> Any:
+    """Whether a sketch in refresh phase ``phase`` is updated on call ``calls`` (0-based).
+
+    ``(calls + phase) % interval == 0``, and every phase on the first call (so no block starts from
+    an empty sketch for up to ``interval - 1`` steps). Phase 0 alone is the plain schedule
+    ``calls % interval == 0``; phases ``0 .. interval - 1`` give every block one refresh per
+    interval, spread over its steps. A static schedule (no data-dependent branch): ``calls`` is a
+    Python int (a Python bool back) or a 0-D integer array (a 0-D bool array back).
+    """
+    return ((calls + phase) % interval == 0) | (calls == 0)
+
+
+class _PhaseDue:
+    """The predicate ``calls -> refresh_due(calls, interval, phase)``, declared to build_transform."""
+
+    def __init__(self, interval: int, phase: int) -> None:
+        self.interval, self.phase = interval, phase
+
+    def __call__(self, calls: Any) -> Any:
+        return refresh_due(calls, self.interval, self.phase)
+
+    def __repr__(self) -> str:
+        return f"refresh_due(interval={self.interval}, phase={self.phase})"
+
+
+def _refresh_schedule(precondition_every: Any, spread: bool) -> tuple:
+    """The intervals one leaf's runs are refreshed on, indexed by phase: the interval itself when
+    the refreshes are not spread (or the interval is a callable or 1), else one
+    :class:`_PhaseDue` per phase."""
+    if not spread or callable(precondition_every) or precondition_every == 1:
+        return (precondition_every,)
+    return tuple(_PhaseDue(precondition_every, phase) for phase in range(precondition_every))
+
+
+def _first_phase(paths: Any, phases: int) -> int:
+    """A leaf's first refresh phase, from its tree path (a position-weighted sum of its characters:
+    the same in every process and run, and plain Python that torch.compile folds, where zlib.crc32
+    is a graph break), so that the leaves of a model start their runs in different phases."""
+    if phases <= 1 or not paths:
+        return 0
+    return sum((i + 1) * ord(ch) for i, ch in enumerate(path_str(paths[0]))) % phases
 
 
 def _init_sketches(xp: Any, plan: _LeafPlan, dtype: Any, device: Any) -> dict[str, Array]:
@@ -166,12 +239,14 @@ def _run_rows(xp: Any, axis: _AxisPlan, run: _Run, flat: Array) -> Array:
 
 def _refresh_sketches(
     xp: Any, plan: _LeafPlan, sketches: dict[str, Array], merged: Array, fd_options: dict[str, Any],
-    apply: bool = False,
-) -> tuple[dict[str, Array], Optional[Array]]:
-    """FD-update every axis (and block run) of one leaf from the same gradient (spec §2.2).
+    apply: bool = False, phase: Optional[int] = None,
+) -> tuple[dict[str, Array], list[Array]]:
+    """FD-update the axes (and block runs) of one leaf in refresh phase ``phase`` (every run if
+    None) from the same gradient (spec §2.2): their new sketch entries and ``sketch_failures``.
 
     With ``apply`` (a one-axis plan: S-AdaGrad's flattened gradient), also the new sketches applied
-    to that gradient, by :func:`precond_ref.sketch.fd_update_apply`; else None.
+    to that gradient's rows, by :func:`precond_ref.sketch.fd_update_apply`, one part per run
+    updated; else an empty list.
     """
     new = {}
     failures = sketches["sketch_failures"]
@@ -179,17 +254,33 @@ def _refresh_sketches(
     for axis in plan.axes:
         x = unfold(xp, merged, axis.axis)
         for j, run in enumerate(axis.runs):
+            if phase is not None and run.phase != phase:
+                continue
             args = (xp, _sketch_of(sketches, axis, j), _run_rows(xp, axis, run, x))
             if apply:
                 sketch, ok, out = fd_update_apply(*args, exponent=plan.exponent, **fd_options)
+                parts.append(out)
             else:
-                (sketch, ok), out = fd_update(*args, exponent=plan.exponent, **fd_options), None
+                sketch, ok = fd_update(*args, exponent=plan.exponent, **fd_options)
             failures = failures + xp.sum(1 - xp.astype(ok, xp.int32), dtype=xp.int32)
             for name, value in sketch.items():
                 new[axis.key(j, name)] = value
-            parts.append(out)
     new["sketch_failures"] = failures
-    return new, (_join_runs(xp, plan.axes[0], parts) if apply else None)
+    return new, parts
+
+
+def _phase_entries(plan: _LeafPlan, sketches: dict[str, Array], phase: int) -> dict[str, Array]:
+    """The sketch entries of the runs in refresh phase ``phase``, and the failure counter."""
+    out = {axis.key(j, name): sketches[axis.key(j, name)]
+           for axis in plan.axes for j, run in enumerate(axis.runs) if run.phase == phase for name in SKETCH_KEYS}
+    out["sketch_failures"] = sketches["sketch_failures"]
+    return out
+
+
+def _phases_present(plan: _LeafPlan, dues: tuple) -> list[tuple[int, Any]]:
+    """``(phase, interval)`` for the phases of ``dues`` that some run of ``plan`` is in."""
+    used = {run.phase for axis in plan.axes for run in axis.runs}
+    return [(phase, due) for phase, due in enumerate(dues) if phase in used]
 
 
 def _join_runs(xp: Any, axis: _AxisPlan, parts: list[Array]) -> Array:
@@ -217,24 +308,26 @@ def _sketch_entries(state: dict[str, Array]) -> dict[str, Array]:
 
 
 def _sketched_direction(
-    xp: Any, plan: _LeafPlan, state: dict[str, Array], g: Array, refresh: Array,
+    xp: Any, plan: _LeafPlan, state: dict[str, Array], g: Array, dues: tuple, ctx: StepContext,
     fd_options: dict[str, Any],
 ) -> tuple[Array, dict[str, Array]]:
-    """Update the sketches on refresh steps only (skipped gradients are dropped), then precondition."""
+    """Update the sketches of each refresh phase on its due steps only (skipped gradients are
+    dropped), then precondition. ``dues[p]`` is the interval of the runs in phase ``p``."""
     merged = xp.reshape(g, plan.merged_shape)
     if not plan.axes:  # an all-ones shape merges to a scalar: passes through unpreconditioned
         return g, {}
     sketches = _sketch_entries(state)
-    new_sketches = cond(
-        xp,
-        refresh,
-        lambda s, x: _refresh_sketches(xp, plan, s, x, fd_options)[0],
-        lambda s, x: dict(s),
-        sketches,
-        merged,
-    )
-    direction = _precondition(xp, plan, new_sketches, merged)
-    return xp.reshape(direction, tuple(g.shape)), new_sketches
+    for phase, due in _phases_present(plan, dues):
+        sketches = {**sketches, **cond(
+            xp,
+            ctx.every(due),
+            lambda s, x, p=phase: _refresh_sketches(xp, plan, s, x, fd_options, phase=p)[0],
+            lambda s, x: dict(s),
+            _phase_entries(plan, sketches, phase),
+            merged,
+        )}
+    direction = _precondition(xp, plan, sketches, merged)
+    return xp.reshape(direction, tuple(g.shape)), sketches
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +342,8 @@ def _sketchy_transform(
     b2: float,
     eps: float,
     relative_eps: bool,
-    precondition_every: Union[int, Callable],
+    precondition_every: Union[int, Callable, None],
+    spread_refresh: Optional[bool],
     start_preconditioning_step: int,
     graft: str,
     graft_b2: float,
@@ -271,7 +365,10 @@ def _sketchy_transform(
     _check_decay("b2", b2)
     check_nonnegative("eps", eps)
     check_bool("relative_eps", relative_eps)
-    check_positive_int("precondition_every", precondition_every, allow_callable=True)
+    if precondition_every is not None:
+        check_positive_int("precondition_every", precondition_every, allow_callable=True)
+    if spread_refresh is not None:
+        check_bool("spread_refresh", spread_refresh)
     _check_int("start_preconditioning_step", start_preconditioning_step, 0)
     check_choice("graft", graft, _GRAFTS)
     _check_decay("graft_b2", graft_b2)
@@ -293,6 +390,12 @@ def _sketchy_transform(
     if faithful and block_size is not None:
         raise ValueError("block_size is not available in mode='faithful' (the authors' Sketchy has no "
                          "blocking); use mode='principled'")
+    if faithful and spread_refresh:
+        raise ValueError("spread_refresh is not available in mode='faithful' (the authors update every "
+                         "sketch on the same steps); use mode='principled'")
+    block_size, precondition_every, spread = _resolve_schedule(
+        faithful, block_size, precondition_every, spread_refresh
+    )
     if tail_decay is None:
         tail_decay = "sqrt_b2" if faithful else "b2"
     fd_options = dict(
@@ -307,7 +410,9 @@ def _sketchy_transform(
     has_momentum = not is_zero(momentum) and learning_rate is not None
     has_weight_decay = not is_zero(weight_decay) and learning_rate is not None
 
-    def plan_for(shape: tuple[int, ...]) -> Optional[_LeafPlan]:
+    dues = _refresh_schedule(precondition_every, spread)
+
+    def plan_for(shape: tuple[int, ...], first_phase: int = 0) -> Optional[_LeafPlan]:
         """None for graft-only leaves (spec §2.3 step 1), else the sketch layout."""
         if graft != "none":  # the authors skip preconditioning only when a graft exists
             if not precondition_1d and len(shape) <= 1:
@@ -316,7 +421,7 @@ def _sketchy_transform(
             if any(d > max_precondition_dim for d in blocked):
                 return None
         merged = merge_small_dims(shape, merge_dims, squeeze=not faithful)
-        return _leaf_plan(merged, rank, block_size)
+        return _leaf_plan(merged, rank, block_size, len(dues), first_phase)
 
     def init_group(leaves, paths, xp):
         (param,) = leaves
@@ -351,13 +456,11 @@ def _sketchy_transform(
         elif graft == "sgd":
             graft_direction = g
 
-        plan = plan_for(tuple(g.shape))
+        plan = plan_for(tuple(g.shape), _first_phase(ctx.paths, len(dues)))
         if plan is None:
             u = graft_direction
         else:
-            direction, sketches = _sketched_direction(
-                xp, plan, state, g, ctx.every(precondition_every), fd_options
-            )
+            direction, sketches = _sketched_direction(xp, plan, state, g, dues, ctx, fd_options)
             new_state.update(sketches)
             if graft_direction is None:
                 u = direction
@@ -381,13 +484,54 @@ def _sketchy_transform(
             u = u + weight_decay * xp.astype(params[0], dtype)
         return (-ctx.value(learning_rate) * u,), new_state
 
-    return build_transform(
+    transform = build_transform(
         name=name,
         init_group=init_group,
         update_group=update_group,
         on_nonfinite=on_nonfinite,
         needs_params=has_weight_decay,
-        intervals=(precondition_every,),
+        intervals=dues,
+    )
+    if faithful:
+        return transform
+    return _with_layout_hint(transform, name, merge_dims)
+
+
+def _with_layout_hint(transform: Transform, name: str, merge_dims: int) -> Transform:
+    """``transform`` whose error for a state of another layout says which ``block_size`` reproduces
+    the layout of versions before the principled default block size (unblocked sketches)."""
+    inner = transform.update
+
+    def update(grads, state, params=None, **kwargs):
+        try:
+            return inner(grads, state, params, **kwargs)
+        except ValueError as error:
+            if "does not fit the optimizer state" not in str(error):
+                raise
+            longest = max((max(merge_small_dims(tuple(g.shape), merge_dims, squeeze=True), default=1)
+                           for g in tree_flatten(grads)[0]), default=1)
+            raise ValueError(
+                f"{error}. {name}'s principled block_size now defaults to {PRINCIPLED_BLOCK_SIZE} (before: "
+                f"unblocked sketches): a state saved with the earlier default loads with "
+                f"block_size={longest} (the longest merged axis here, or larger), and follows the earlier "
+                f"trajectory with precondition_every=1 too"
+            ) from None
+
+    return transform._replace(update=update)
+
+
+def _resolve_schedule(
+    faithful: bool, block_size: Optional[int], precondition_every: Any, spread_refresh: Optional[bool]
+) -> tuple[Optional[int], Any, bool]:
+    """``(block_size, precondition_every, spread)`` with the mode's defaults for the None ones: the
+    authors' (unblocked, every step, all sketches together) in faithful mode, else
+    :data:`PRINCIPLED_BLOCK_SIZE`, :data:`PRINCIPLED_PRECONDITION_EVERY` and spread refreshes."""
+    if faithful:
+        return block_size, 1 if precondition_every is None else precondition_every, False
+    return (
+        PRINCIPLED_BLOCK_SIZE if block_size is None else block_size,
+        PRINCIPLED_PRECONDITION_EVERY if precondition_every is None else precondition_every,
+        True if spread_refresh is None else spread_refresh,
     )
 
 
@@ -397,7 +541,7 @@ def sketchy(
     b2: float = 0.999,
     eps: float = 1e-7,
     relative_eps: bool = True,
-    precondition_every: Union[int, Callable] = 1,
+    precondition_every: Union[int, Callable, None] = None,
     start_preconditioning_step: int = 0,
     graft: str = "rmsprop",
     graft_b2: float = 0.999,
@@ -414,6 +558,7 @@ def sketchy(
     tail_decay: Optional[str] = None,
     mode: str = "principled",
     on_nonfinite: str = "skip",
+    spread_refresh: Optional[bool] = None,
 ) -> Transform:
     r"""Sketchy (FD-Shampoo): Shampoo with every Kronecker factor kept as a rank-k FD sketch.
 
@@ -430,8 +575,9 @@ def sketchy(
 
     applied in :math:`O(k\cdot\text{numel})` per axis without forming any :math:`d\times d` matrix,
     with :math:`\epsilon_n = \epsilon \max_i(\sigma_{n,i}^2 + \rho_n)` (relative) or :math:`\epsilon`.
-    The sketches are updated from the current gradient on steps with ``count % precondition_every
-    == 0`` (gradients of other steps are not accumulated). Then, as in the authors' tearfree
+    The sketches are updated from the current gradient every ``precondition_every`` steps (gradients
+    of other steps are not accumulated); in principled mode each block's sketch in its own phase of
+    that interval (``spread_refresh``). Then, as in the authors' tearfree
     optimizer,
 
     .. math::
@@ -455,7 +601,15 @@ def sketchy(
     eps, relative_eps:
         :math:`\epsilon \ge 0`, relative to the largest undeflated eigenvalue of each axis by default.
     precondition_every:
-        Sketch update interval (an integer, or a predicate ``count -> bool``).
+        Sketch update interval (an integer, or a predicate ``count -> bool``); None: the mode's
+        default, :data:`PRINCIPLED_PRECONDITION_EVERY` (3) in principled mode, 1 (the authors')
+        in faithful mode. The first update refreshes every sketch.
+    spread_refresh:
+        Principled only (default True there): with an integer interval T > 1, a leaf's block runs
+        take consecutive phases (from a phase set by the leaf's tree path) and a run in phase p is
+        updated when ``(count + p) % T == 0`` (:func:`refresh_due`), so every step carries about
+        1/T of the model's FD updates instead of every T-th step all of them. False: all on the
+        steps ``count % T == 0``.
     start_preconditioning_step:
         Use the graft alone while ``count`` is below this (the sketches are still updated).
     graft:
@@ -479,7 +633,9 @@ def sketchy(
         Precondition vectors too (one sketch, exponent -1/2) instead of graft only.
     block_size:
         Principled only: split every merged axis longer than this into contiguous chunks, each with
-        its own sketch (a block-diagonal factor; specs README §6).
+        its own sketch (a block-diagonal factor; specs README §6). None: the mode's default,
+        :data:`PRINCIPLED_BLOCK_SIZE` (1024) in principled mode, unblocked in faithful mode (the
+        authors'). An integer >= 1; a value at least every merged axis is the unblocked method.
     decomposition:
         ``"svd"`` (thin SVD of the d x (k + m) factor, the authors') or ``"gram"`` (eigh of the
         smaller Gram matrix: faster when k + m << d, but squares the condition number).
@@ -522,7 +678,10 @@ def sketchy(
       non-finite decomposition keeps the previous sketch; the authors store NaN factors.
     * K5: unit axes are squeezed before merging (identical result: merging already removes them;
       the authors raise on unit axes only when they reach the sketch, which merging prevents).
-    * K6: optional ``block_size`` (not in the authors' Sketchy).
+    * K6: ``block_size`` (default 1024; not in the authors' Sketchy), and the sketches updated every
+      3 steps with the blocks' updates spread over the interval (``precondition_every``,
+      ``spread_refresh``; the authors update every sketch every step). docs/methods/sketchy.md,
+      "Long axes, intervals and cost", has the measurements behind these defaults.
     * K7: ``decomposition="gram"`` is offered in both modes (the authors use the SVD, after a QR
       of the factor that is a mathematical no-op).
 
@@ -539,7 +698,7 @@ def sketchy(
     check_learning_rate("learning_rate", learning_rate)
     return _sketchy_transform(
         name="sketchy", learning_rate=learning_rate, rank=rank, b2=b2, eps=eps,
-        relative_eps=relative_eps, precondition_every=precondition_every,
+        relative_eps=relative_eps, precondition_every=precondition_every, spread_refresh=spread_refresh,
         start_preconditioning_step=start_preconditioning_step, graft=graft, graft_b2=graft_b2,
         graft_eps=graft_eps, momentum=momentum, nesterov=nesterov, momentum_ema=momentum_ema,
         weight_decay=weight_decay, merge_dims=merge_dims, max_precondition_dim=max_precondition_dim,
@@ -553,13 +712,14 @@ def scale_by_sketchy(
     b2: float = 0.999,
     eps: float = 1e-7,
     relative_eps: bool = True,
-    precondition_every: Union[int, Callable] = 1,
+    precondition_every: Union[int, Callable, None] = None,
     merge_dims: int = 1024,
     block_size: Optional[int] = None,
     decomposition: Optional[str] = None,
     tail_decay: Optional[str] = None,
     mode: str = "principled",
     on_nonfinite: str = "skip",
+    spread_refresh: Optional[bool] = None,
 ) -> Transform:
     r"""The bare sketched Shampoo direction :math:`P(G)` of :func:`sketchy` (no graft, momentum,
     weight decay or learning rate; every leaf preconditioned, vectors with exponent -1/2).
@@ -569,7 +729,7 @@ def scale_by_sketchy(
     """
     return _sketchy_transform(
         name="scale_by_sketchy", learning_rate=None, rank=rank, b2=b2, eps=eps,
-        relative_eps=relative_eps, precondition_every=precondition_every,
+        relative_eps=relative_eps, precondition_every=precondition_every, spread_refresh=spread_refresh,
         start_preconditioning_step=0, graft="none", graft_b2=0.999, graft_eps=0.0, momentum=0.0,
         nesterov=False, momentum_ema=False, weight_decay=0.0, merge_dims=merge_dims,
         max_precondition_dim=1, precondition_1d=True, block_size=block_size,
@@ -592,6 +752,8 @@ def s_adagrad(
     block_size: Optional[int] = None,
     mode: str = "principled",
     on_nonfinite: str = "skip",
+    precondition_every: Union[int, Callable, None] = None,
+    spread_refresh: Optional[bool] = None,
 ) -> Transform:
     r"""S-AdaGrad: full-matrix AdaGrad with the statistic kept as a rank-k FD sketch.
 
@@ -627,7 +789,14 @@ def s_adagrad(
     weight_decay:
         Decoupled :math:`\lambda \ge 0` (principled only).
     block_size:
-        Principled only: sketch contiguous chunks of the flattened parameter separately.
+        Principled only: sketch contiguous chunks of the flattened parameter separately (an integer
+        >= 1; default None, the whole parameter, as the authors).
+    precondition_every:
+        Principled only: add the gradient to the sketch every this many steps (default None: 1,
+        every step, as the authors); between, the gradient is preconditioned by the last sketch.
+    spread_refresh:
+        Principled only (default True): with ``precondition_every = T > 1``, the block runs take
+        phases as in :func:`sketchy`, so each step updates about 1/T of the blocks.
     mode:
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
@@ -680,6 +849,10 @@ def s_adagrad(
     check_interval("momentum", momentum, 0.0, 1.0)
     check_nonnegative("weight_decay", weight_decay)
     _check_block_size(block_size)
+    if precondition_every is not None:
+        check_positive_int("precondition_every", precondition_every, allow_callable=True)
+    if spread_refresh is not None:
+        check_bool("spread_refresh", spread_refresh)
     check_choice("mode", mode, ("principled", "faithful"))
     faithful = mode == "faithful"
     if faithful:
@@ -693,12 +866,14 @@ def s_adagrad(
             "momentum": is_number(momentum) and momentum != 0,
             "weight_decay": is_number(weight_decay) and weight_decay != 0,
             "block_size": block_size is not None,
+            "precondition_every": precondition_every is not None and precondition_every != 1,
+            "spread_refresh": bool(spread_refresh),
         }
         bad = [k for k, v in refused.items() if v]
         if bad:
             raise ValueError(
                 f"s_adagrad(mode='faithful') cannot honour {', '.join(bad)} (the authors' S-AdaGrad "
-                "has no relative eps, decay, momentum, weight decay or blocking); use mode='principled'"
+                "has no relative eps, decay, momentum, weight decay, blocking or refresh interval); use mode='principled'"
             )
         eps = 0.0
     elif eps is None:
@@ -710,14 +885,19 @@ def s_adagrad(
     has_momentum = not is_zero(momentum)
     has_weight_decay = not is_zero(weight_decay)
 
-    def plan_for(shape: tuple[int, ...]) -> _LeafPlan:
-        return _leaf_plan((max(1, math.prod(shape)),), rank, block_size)
+    if precondition_every is None:
+        precondition_every = S_ADAGRAD_PRECONDITION_EVERY
+    dues = _refresh_schedule(precondition_every, spread_refresh is not False)
+
+    def plan_for(shape: tuple[int, ...], first_phase: int = 0) -> _LeafPlan:
+        return _leaf_plan((max(1, math.prod(shape)),), rank, block_size, len(dues), first_phase)
 
     def init_group(leaves, paths, xp):
         (param,) = leaves
         dtype = compute_dtype(xp, param.dtype)
         device = array_device(param)
-        state = _init_sketches(xp, plan_for(tuple(param.shape)), dtype, device)
+        # A zero-size parameter has nothing to sketch: no factor, and its (empty) update is zero.
+        state = _init_sketches(xp, plan_for(tuple(param.shape)), dtype, device) if math.prod(param.shape) else {}
         if has_momentum:
             state["momentum"] = xp.zeros(param.shape, dtype=dtype, device=device)
         return state
@@ -727,10 +907,11 @@ def s_adagrad(
         (g,) = grads
         dtype = compute_dtype(xp, g.dtype)
         g = xp.astype(g, dtype, copy=False)
-        plan = plan_for(tuple(g.shape))
+        if not math.prod(g.shape):
+            return (xp.zeros_like(g),), dict(state)
+        plan = plan_for(tuple(g.shape), _first_phase(ctx.paths, len(dues)))
         column = xp.reshape(g, (plan.merged_shape[0], 1))
-        # The sketch is updated with g and applied to the same g, in one pass where possible.
-        sketches, direction = _refresh_sketches(xp, plan, _sketch_entries(state), column, fd_options, apply=True)
+        sketches, direction = _adagrad_direction(xp, plan, _sketch_entries(state), column, dues, ctx, fd_options)
         direction = xp.reshape(direction, tuple(g.shape))
         new_state = dict(state)
         new_state.update(sketches)
@@ -749,4 +930,34 @@ def s_adagrad(
         update_group=update_group,
         on_nonfinite=on_nonfinite,
         needs_params=has_weight_decay,
+        intervals=dues,
     )
+
+
+def _adagrad_direction(
+    xp: Any, plan: _LeafPlan, sketches: dict[str, Array], column: Array, dues: tuple, ctx: StepContext,
+    fd_options: dict[str, Any],
+) -> tuple[dict[str, Array], Array]:
+    """S-AdaGrad's new sketches and direction for the flattened gradient ``column`` (d, 1): runs due
+    this step add it to their sketch and apply the new sketch to it, in one pass where possible
+    (:func:`precond_ref.sketch.fd_update_apply`); the other runs apply their last sketch."""
+    axis = plan.axes[0]
+    if len(dues) == 1 and dues[0] == 1:  # every run, every step (the authors' schedule)
+        new, parts = _refresh_sketches(xp, plan, sketches, column, fd_options, apply=True)
+        return new, _join_runs(xp, axis, parts)
+    outs: dict[int, Array] = {}
+    for phase, due in _phases_present(plan, dues):
+        runs = [j for j, run in enumerate(axis.runs) if run.phase == phase]
+
+        def refresh(s: dict, x: Array, p: int = phase, runs: list = runs) -> dict:
+            new, parts = _refresh_sketches(xp, plan, s, x, fd_options, apply=True, phase=p)
+            return {**new, **{f"out{j}": out for j, out in zip(runs, parts)}}
+
+        def keep(s: dict, x: Array, runs: list = runs) -> dict:
+            rows = [fd_apply(xp, _sketch_of(s, axis, j), _run_rows(xp, axis, axis.runs[j], x)) for j in runs]
+            return {**s, **{f"out{j}": out for j, out in zip(runs, rows)}}
+
+        result = cond(xp, ctx.every(due), refresh, keep, _phase_entries(plan, sketches, phase), column)
+        outs.update({j: result.pop(f"out{j}") for j in runs})
+        sketches = {**sketches, **result}
+    return sketches, _join_runs(xp, axis, [outs[j] for j in range(len(axis.runs))])

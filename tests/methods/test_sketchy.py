@@ -117,7 +117,9 @@ def test_routing_and_merging():
         "conv": np.zeros((3, 3, 64, 128)), "small": np.zeros((3, 100)), "vec": np.zeros(10),
         "huge": np.zeros((5000, 2)), "unit": np.zeros((1, 40, 1, 30)), "ones": np.zeros((1, 1)),
     }
-    groups = pr.sketchy(0.1, rank=8, merge_dims=1024).init(params).groups
+    # block_size 8192 keeps (5000, 2) unblocked, so its 5000 axis exceeds max_precondition_dim (the
+    # principled default block size 1024 would precondition it in blocks).
+    groups = pr.sketchy(0.1, rank=8, merge_dims=1024, block_size=8192).init(params).groups
     assert groups["conv"]["axis0_basis"].shape == (576, 8)
     assert groups["conv"]["axis1_basis"].shape == (128, 8)
     assert groups["small"]["axis0_basis"].shape == (300, 8) and "axis1_basis" not in groups["small"]
@@ -125,9 +127,9 @@ def test_routing_and_merging():
     assert set(groups["huge"]) == {"graft_second_moment", "momentum"}
     assert groups["unit"]["axis0_basis"].shape == (40, 8) and groups["unit"]["axis1_basis"].shape == (30, 8)
     assert not any(k.startswith("axis") for k in groups["ones"])
-    with_1d = pr.sketchy(0.1, rank=8, precondition_1d=True).init({"vec": np.zeros(10)}).groups
+    with_1d = pr.sketchy(0.1, rank=8, precondition_1d=True, block_size=8192).init({"vec": np.zeros(10)}).groups
     assert with_1d["vec"]["axis0_basis"].shape == (10, 8)
-    blocked = pr.sketchy(0.1, rank=8, block_size=1024).init({"huge": np.zeros((5000, 2))}).groups
+    blocked = pr.sketchy(0.1, rank=8, block_size=1024, spread_refresh=False).init({"huge": np.zeros((5000, 2))}).groups
     # Equal blocks are stacked into one run (one batched FD call); the ragged last block is its own.
     assert blocked["huge"]["axis0_run0_basis"].shape == (4, 1024, 8)
     assert blocked["huge"]["axis0_run1_basis"].shape == (1, 904, 8)
@@ -140,13 +142,13 @@ def test_state_memory_is_sublinear():
     the rest is the graft accumulator and momentum (m·n each)."""
     m, n, k = 2000, 3000, 16
     params = {"w": np.zeros((m, n), dtype=np.float32)}
-    state = pr.sketchy(0.1, rank=k).init(params).groups["w"]
+    state = pr.sketchy(0.1, rank=k, block_size=4096).init(params).groups["w"]
     sketch_numbers = sum(v.size for key, v in state.items() if key.startswith("axis"))
     assert sketch_numbers == (m + n) * k + 2 * (2 * k + 2)
     assert sketch_numbers < 0.01 * (m * m + n * n)
     total = sum(v.size for v in state.values())
     assert total == sketch_numbers + 2 * m * n + 1
-    bare = pr.sketchy(0.1, rank=k, graft="none", momentum=0.0).init(params).groups["w"]
+    bare = pr.sketchy(0.1, rank=k, graft="none", momentum=0.0, block_size=4096).init(params).groups["w"]
     assert sum(v.size for v in bare.values()) == sketch_numbers + 1
     sada = pr.s_adagrad(0.1, rank=k, block_size=10_000).init({"v": np.zeros(50_000)}).groups["v"]
     assert sum(v.size for v in sada.values()) == 50_000 * k + 5 * (2 * k + 2) + 1
@@ -171,7 +173,7 @@ def test_state_memory_is_sublinear():
         ({"momentum": 1.5}, "momentum"),
         ({"weight_decay": -0.1}, "weight_decay"),
         ({"merge_dims": 1}, "merge_dims"),
-        ({"block_size": 1}, "block_size"),
+        ({"block_size": 0}, "block_size"),
         ({"decomposition": "qr"}, "decomposition"),
         ({"tail_decay": "none"}, "tail_decay"),
         ({"mode": "fast"}, "mode"),
@@ -249,7 +251,7 @@ def test_rank_deficient_early_gradients_do_not_blow_up():
     exact = np.abs(coefs) / np.sqrt(np.cumsum(coefs**2))
 
     def norms(mode, dtype):
-        opt = pr.scale_by_sketchy(rank=8, eps=0.0, relative_eps=False, b2=1.0, mode=mode)
+        opt = pr.scale_by_sketchy(precondition_every=1, rank=8, eps=0.0, relative_eps=False, b2=1.0, mode=mode)
         params = {"v": np.zeros(64, dtype)}
         outs, _ = _run(opt, params, [{"v": g["v"].astype(dtype)} for g in grads])
         return [np.linalg.norm(o["v"]) for o in outs]
@@ -331,7 +333,7 @@ def test_sketchy_full_rank_is_shampoo(property_backend, shape, steps, seed, b2, 
     """F-I6: with k ≥ every dimension the bare Sketchy direction is Shampoo with discounted-sum
     statistics: G ×_n (L_n + ε_n I)^{−1/(2N)} for every axis n (Sketchy Alg. 2 with no escaped mass)."""
     rng = np.random.default_rng(seed)
-    opt = pr.scale_by_sketchy(rank=8, b2=b2, eps=eps, merge_dims=2)
+    opt = pr.scale_by_sketchy(precondition_every=1, rank=8, b2=b2, eps=eps, merge_dims=2)
     xp = property_backend
     state = opt.init(xp.asarray(np.zeros(shape)))
     stats = [np.zeros((d, d)) for d in shape]
@@ -498,9 +500,9 @@ def test_interval_semantics(property_backend, seed, every):
     shape = (5, 30)
     grads = _stream(seed, {"w": shape}, 6)
     params = {"w": np.zeros(shape)}
-    _, state = _run(pr.sketchy(0.1, rank=2, precondition_every=every, merge_dims=8), params, grads, xp)
+    _, state = _run(pr.sketchy(0.1, rank=2, precondition_every=every, merge_dims=8, spread_refresh=False), params, grads, xp)
     kept = [g for t, g in enumerate(grads) if t % every == 0]
-    _, ref = _run(pr.sketchy(0.1, rank=2, merge_dims=8), params, kept, xp)
+    _, ref = _run(pr.sketchy(0.1, precondition_every=1, rank=2, merge_dims=8), params, kept, xp)
     for key, value in state.groups["w"].items():
         if key.startswith("axis"):
             np.testing.assert_allclose(xp.to_numpy(value), xp.to_numpy(ref.groups["w"][key]), rtol=1e-12, atol=1e-14)
@@ -514,7 +516,7 @@ def test_exponents(property_backend, ndim):
     shape = (4,) * ndim
     g = np.zeros(shape)
     g[(0,) * ndim] = 2.0**ndim
-    opt = pr.scale_by_sketchy(rank=1, eps=0.0, b2=1.0, merge_dims=2)
+    opt = pr.scale_by_sketchy(precondition_every=1, rank=1, eps=0.0, b2=1.0, merge_dims=2)
     state = opt.init(xp.asarray(np.zeros(shape)))
     _, state = opt.update(xp.asarray(g), state)
     for n in range(ndim):
@@ -528,11 +530,11 @@ def test_blocking(property_backend):
     shape = (10, 7)
     grads = _stream(5, {"w": shape}, 3)
     params = {"w": np.zeros(shape)}
-    unblocked, _ = _run(pr.scale_by_sketchy(rank=10, merge_dims=2, eps=1e-3), params, grads, xp)
-    same, _ = _run(pr.scale_by_sketchy(rank=10, merge_dims=2, eps=1e-3, block_size=10), params, grads, xp)
+    unblocked, _ = _run(pr.scale_by_sketchy(precondition_every=1, rank=10, merge_dims=2, eps=1e-3), params, grads, xp)
+    same, _ = _run(pr.scale_by_sketchy(precondition_every=1, rank=10, merge_dims=2, eps=1e-3, block_size=10), params, grads, xp)
     for a, b in zip(unblocked, same):
         np.testing.assert_array_equal(a["w"], b["w"])
-    blocked, state = _run(pr.scale_by_sketchy(rank=4, merge_dims=2, eps=0.0, b2=1.0, block_size=4), params, grads, xp)
+    blocked, state = _run(pr.scale_by_sketchy(precondition_every=1, rank=4, merge_dims=2, eps=0.0, b2=1.0, block_size=4), params, grads, xp)
     bounds = [[(0, 4), (4, 8), (8, 10)], [(0, 4), (4, 7)]]
     stats = [np.zeros((10, 10)), np.zeros((7, 7))]
     for g, out in zip(grads, blocked):
@@ -633,7 +635,7 @@ def test_principled_escaped_trace_with_decay(property_backend, d, k, steps, seed
     beta, so tr(G_t) - tr(Gbar_t) >= (k+1) rho_t, G_t = sum_s beta^(t-s) g_s g_s^T. Decaying rho
     by sqrt(beta) (the faithful tail, K1) breaks it."""
     rng = np.random.default_rng(seed)
-    opt = pr.sketchy(learning_rate=0.1, rank=k, b2=beta, precondition_1d=True, momentum=0.0)
+    opt = pr.sketchy(learning_rate=0.1, precondition_every=1, rank=k, b2=beta, precondition_1d=True, momentum=0.0)
     grads = [{"w": rng.standard_normal(d) * np.exp(-np.arange(d) / 3.0)} for _ in range(steps)]
     _, state = _run(opt, {"w": np.zeros(d)}, grads, backend=property_backend)
     entries = {n: property_backend.to_numpy(v) for n, v in state.groups["w"].items()}

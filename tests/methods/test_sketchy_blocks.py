@@ -1,0 +1,179 @@
+"""Sketchy / S-AdaGrad long axes and refresh schedule (issue 35): block_size, spread refreshes, defaults."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import importlib
+
+import precond_ref as pr
+
+sk = importlib.import_module("precond_ref.methods.sketchy")
+
+
+def test_refresh_due_plain_formula():
+    """refresh_due(c, T, p) == (c == 0 or (c + p) % T == 0) (its docstring); hence, from call 1 on,
+    every phase is due exactly once in every T consecutive calls, and phases 0..T-1 are due on
+    different calls (the refreshes of T phases never coincide after the first call)."""
+    for interval in (1, 2, 5, 10):
+        for phase in range(interval):
+            due = [bool(sk.refresh_due(c, interval, phase)) for c in range(3 * interval + 1)]
+            assert due == [c == 0 or (c + phase) % interval == 0 for c in range(3 * interval + 1)]
+            for start in range(1, 2 * interval + 1):
+                assert sum(due[start:start + interval]) == 1
+        for c in range(1, 4 * interval):
+            assert sum(bool(sk.refresh_due(c, interval, p)) for p in range(interval)) == 1
+    # A 0-D integer array gives a 0-D bool array (traced and compiled steps).
+    value = sk.refresh_due(np.asarray(7, dtype=np.int32), 4, 1)
+    assert value.shape == () and bool(value)
+
+
+def test_spread_plan_splits_runs_and_keeps_layout_independent_of_first_phase():
+    """A run of c equal blocks is cut into min(c, T) contiguous runs covering the same rows in
+    order, with consecutive phases mod T; the shapes (the state's layout) do not depend on the
+    leaf's first phase, only on T."""
+    for phases in (1, 3, 10):
+        plans = [sk._leaf_plan((5000, 300), 8, 1024, phases, first) for first in range(phases)]
+        shapes = {tuple((r.start, r.length, r.count) for a in p.axes for r in a.runs) for p in plans}
+        assert len(shapes) == 1
+        axis0 = plans[0].axes[0].runs
+        assert sum(r.count * r.length for r in axis0) == 5000
+        assert [r.start for r in axis0] == sorted(r.start for r in axis0)
+        assert len([r for r in axis0 if r.length == 1024]) == min(4, phases)
+        units = [r for a in plans[2 % phases].axes for r in a.runs]
+        assert [r.phase for r in units] == [(2 % phases + i) % phases for i in range(len(units))]
+
+
+def _sketch_keys_changed(old: dict, new: dict) -> set:
+    return {k.rsplit("_basis", 1)[0] for k in new if k.endswith("_basis") and not np.array_equal(old[k], new[k])}
+
+
+def test_spread_refresh_updates_each_run_on_its_phase_only():
+    """With precondition_every T and spread_refresh, the sketch of a run in phase p changes on
+    call c exactly when refresh_due(c, T, p) (docstring of spread_refresh): every run on call 0,
+    then each run once per T calls, on its own call."""
+    interval = 3
+    params = {"w": np.zeros((12, 5))}
+    tx = pr.scale_by_sketchy(rank=2, block_size=4, precondition_every=interval, spread_refresh=True)
+    state = tx.init(params)
+    # (12, 5) merges to one axis of 60: 15 blocks of 4, cut into 3 runs with phases 0, 1, 2 (mod 3).
+    plan = sk._leaf_plan((60,), 2, 4, interval, sk._first_phase((("w",),), interval))
+    assert len(plan.axes[0].runs) == 3
+    rng = np.random.default_rng(0)
+    for call in range(2 * interval + 1):
+        old = dict(state.groups["w"])
+        _, state = tx.update({"w": rng.standard_normal((12, 5))}, state)
+        changed = _sketch_keys_changed(old, state.groups["w"])
+        expected = {
+            axis.key(j, "basis").rsplit("_basis", 1)[0]
+            for axis in plan.axes for j, run in enumerate(axis.runs) if sk.refresh_due(call, interval, run.phase)
+        }
+        assert changed == expected, call
+
+
+def test_unspread_interval_refreshes_everything_together():
+    """spread_refresh=False: every sketch changes on calls c % T == 0 and none on the others."""
+    tx = pr.scale_by_sketchy(rank=2, block_size=4, precondition_every=3, spread_refresh=False)
+    state = tx.init({"w": np.zeros((12, 5))})
+    rng = np.random.default_rng(1)
+    for call in range(7):
+        old = dict(state.groups["w"])
+        _, state = tx.update({"w": rng.standard_normal((12, 5))}, state)
+        changed = _sketch_keys_changed(old, state.groups["w"])
+        assert changed == ({"axis0_run0"} if call % 3 == 0 else set())  # one stacked run of 15 blocks
+
+
+def test_s_adagrad_interval_applies_last_sketch_between_refreshes():
+    """S-AdaGrad with precondition_every T: on a call where no block is due the sketch is unchanged
+    and the direction is the last sketch applied to the gradient, fd_apply (spec §2.5 operator)."""
+    from precond_ref.sketch import fd_apply
+    import array_api_compat.numpy as xp
+
+    tx = pr.s_adagrad(learning_rate=1.0, rank=3, precondition_every=4, spread_refresh=False)
+    params = {"w": np.zeros((6, 2))}
+    state = tx.init(params)
+    rng = np.random.default_rng(2)
+    _, state = tx.update({"w": rng.standard_normal((6, 2))}, state)
+    g = rng.standard_normal((6, 2))
+    before = dict(state.groups["w"])
+    updates, state = tx.update({"w": g}, state)
+    for key, value in before.items():
+        np.testing.assert_array_equal(state.groups["w"][key], value)
+    sketch = {name: before[f"axis0_{name}"] for name in pr.sketch.SKETCH_KEYS}
+    expected = -fd_apply(xp, sketch, g.reshape(12, 1)).reshape(6, 2)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(updates["w"], expected, rtol=0, atol=16 * np.finfo(np.float64).eps * scale * 12)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "4"])
+@pytest.mark.parametrize("factory", ["sketchy", "s_adagrad", "scale_by_sketchy"])
+def test_bad_block_size_is_a_clear_error(factory, bad):
+    args = () if factory == "scale_by_sketchy" else (1e-2,)
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1"):
+        getattr(pr, factory)(*args, block_size=bad)
+
+
+@pytest.mark.parametrize("factory", ["sketchy", "s_adagrad", "scale_by_sketchy"])
+def test_zero_size_axis_gets_no_factor_and_stays_unchanged(factory):
+    """A parameter with a zero-size axis has no sketch state and a zero-size update (nothing moves),
+    while the other leaves are preconditioned as usual."""
+    args = () if factory == "scale_by_sketchy" else (1e-2,)
+    tx = getattr(pr, factory)(*args, rank=2)
+    params = {"empty": np.zeros((0, 5)), "wide": np.zeros((2048, 0)), "w": np.ones((3, 4))}
+    state = tx.init(params)
+    assert state.groups["empty"] == {} and state.groups["wide"] == {}
+    assert any(k.endswith("_basis") for k in state.groups["w"])
+    grads = {"empty": np.zeros((0, 5)), "wide": np.zeros((2048, 0)), "w": np.arange(12.0).reshape(3, 4)}
+    updates, state = tx.update(grads, state, params)
+    assert updates["empty"].shape == (0, 5) and updates["wide"].shape == (2048, 0)
+    assert state.groups["empty"] == {} and np.abs(updates["w"]).max() > 0
+
+
+def test_principled_defaults_and_faithful_refusals():
+    """None picks the mode's defaults: principled blocks of PRINCIPLED_BLOCK_SIZE refreshed every
+    PRINCIPLED_PRECONDITION_EVERY steps (spread), faithful the authors' (unblocked, every step)."""
+    assert sk._resolve_schedule(False, None, None, None) == (sk.PRINCIPLED_BLOCK_SIZE, sk.PRINCIPLED_PRECONDITION_EVERY, True)
+    assert sk._resolve_schedule(True, None, None, None) == (None, 1, False)
+    groups = pr.sketchy(1e-2, rank=4).init({"emb": np.zeros((2048, 8))}).groups
+    assert groups["emb"]["axis0_run0_basis"].shape == (1, 1024, 4)
+    assert groups["emb"]["axis0_run1_basis"].shape == (1, 1024, 4)
+    with pytest.raises(ValueError, match="spread_refresh is not available in mode='faithful'"):
+        pr.sketchy(1e-2, mode="faithful", spread_refresh=True)
+    with pytest.raises(ValueError, match="precondition_every"):
+        pr.s_adagrad(1e-2, mode="faithful", precondition_every=2)
+
+
+def test_state_of_the_earlier_default_layout_names_the_block_size_that_loads_it():
+    """A state saved by the version before the block-size default (principled sketchy, unblocked:
+    one (2048, k) sketch for a 2048-row embedding, keys axis0_*) does not fit the new default
+    (1024-row blocks); the error names block_size=2048, and with it the state loads and steps."""
+    params = {"emb": np.zeros((2048, 8))}
+    old_layout = {
+        "axis0_basis": (2048, 4), "axis0_singular_values": (4,), "axis0_escaped_root": (),
+        "axis0_basis_weights": (4,), "axis0_complement_weight": (), "axis1_basis": (8, 4),
+        "axis1_singular_values": (4,), "axis1_escaped_root": (), "axis1_basis_weights": (4,),
+        "axis1_complement_weight": (), "sketch_failures": (), "graft_second_moment": (2048, 8),
+        "momentum": (2048, 8),
+    }
+    old = pr.sketchy(1e-2, rank=4, block_size=2048, precondition_every=1).init(params)
+    assert {k: tuple(v.shape) for k, v in old.groups["emb"].items()} == old_layout
+    grads = {"emb": np.ones((2048, 8))}
+    with pytest.raises(ValueError, match="block_size=2048"):
+        pr.sketchy(1e-2, rank=4).update(grads, old, params)
+    updates, _ = pr.sketchy(1e-2, rank=4, block_size=2048).update(grads, old, params)
+    assert updates["emb"].shape == (2048, 8)
+
+
+def test_cost_model_counts_the_principled_interval():
+    """The cost model resolves sketchy's None defaults to the principled ones: the FD part of the
+    mean step is 1/PRINCIPLED_PRECONDITION_EVERY of the every-step figure, the apply part equal."""
+    from precond_ref.benchmarks import cost
+
+    params = [("emb", (2048, 128))]
+    every = cost.sketchy(params, rank=64, precondition_every=1, block_size=1024)
+    default = cost.sketchy(params, rank=64, precondition_every=None, block_size=None)
+    assert every.flops - every.parts["sketch apply"][1] > 0
+    fd_every = every.flops - every.parts["sketch apply"][1]
+    fd_default = default.flops - default.parts["sketch apply"][1]
+    assert fd_default == pytest.approx(fd_every / sk.PRINCIPLED_PRECONDITION_EVERY)
