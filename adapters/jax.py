@@ -287,10 +287,10 @@ dasgo = optax_factory(pr.dasgo)
 rf_rmsprop = optax_factory(pr.rf_rmsprop, switches=("momentum",))
 rf_adamw = optax_factory(pr.rf_adamw)
 # precondition_every of if_shampoo may be an array (a traced interval works there).
-if_shampoo = optax_factory(pr.if_shampoo, static=("max_dense_dim", "block_size", "stagger_refresh"))
+if_shampoo = optax_factory(pr.if_shampoo, static=("max_dense_dim", "block_size", "spread_refresh"))
 sketchy = optax_factory(
     pr.sketchy,
     static=("rank", "precondition_every", "start_preconditioning_step", "merge_dims", "max_precondition_dim", "block_size"),
 )
-s_adagrad = optax_factory(pr.s_adagrad, static=("rank", "block_size"), switches=("momentum",))
+s_adagrad = optax_factory(pr.s_adagrad, static=("rank", "block_size", "precondition_every"), switches=("momentum",))
 scale_by_sketchy = optax_factory(pr.scale_by_sketchy, static=("rank", "precondition_every", "merge_dims", "block_size"))

@@ -583,7 +583,7 @@ IFShampoo = _torch_class(
         _Arg("kl_clip", None, "Optional[float]"),
         *_MODE,
         _Arg("block_size", None, "Optional[int]", since="0.2.0"),
-        _Arg("stagger_refresh", None, "Optional[bool]", since="0.2.0"),
+        _Arg("spread_refresh", None, "Optional[bool]", since="0.2.0"),
     ),
     base=_RootFreeOptimizer,
 )
@@ -650,7 +650,7 @@ Sketchy = _torch_class(
         _Arg("graft", "rmsprop", "str"),
         _Arg("graft_beta2", 0.999, "float", "graft_b2"),
         _Arg("graft_eps", 1e-23, "float"),
-        _Arg("precondition_every", 1, "int"),
+        _Arg("precondition_every", None, "Optional[int]"),  # 0.1.0: 1; now the core's (3, spread)
         _Arg("start_preconditioning_step", 0, "int"),
         _Arg("merge_dims", 1024, "int"),
         _Arg("max_precondition_dim", 4096, "int"),
@@ -661,6 +661,7 @@ Sketchy = _torch_class(
         _Arg("momentum_ema", False, "bool"),
         _Arg("tail_decay", None, "Optional[str]"),
         _MODE[1],
+        _Arg("spread_refresh", None, "Optional[bool]", since="0.2.0"),
     ),
 )
 
@@ -679,5 +680,7 @@ SAdaGrad = _torch_class(
         _Arg("weight_decay", 0.0, "float"),
         _Arg("block_size", None, "Optional[int]"),
         *_MODE,
+        _Arg("precondition_every", None, "Optional[int]", since="0.2.0"),
+        _Arg("spread_refresh", None, "Optional[bool]", since="0.2.0"),
     ),
 )

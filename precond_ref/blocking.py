@@ -22,7 +22,10 @@ from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
 
 from array_api_compat import device as array_device
 
-__all__ = ["merge_small_dims", "block_bounds", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks"]
+__all__ = [
+    "merge_small_dims", "block_bounds", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks",
+    "PhaseDue", "spread_schedule", "stable_hash",
+]
 
 Array = Any
 
@@ -162,3 +165,45 @@ def on_stacks(
     """
     stacks = stack(xp, members, key)
     return unstack(stacks, [tuple(fn(*s.operands)) for s in stacks], len(members))
+
+
+# --------------------------------------------------------------------------------------------
+# Spreading a refresh over its interval (issue 35): each block refreshes once per interval, on
+# the step of its phase, so that no step does all the blocks' expensive work at once.
+
+
+class PhaseDue(NamedTuple):
+    """The refresh predicate of phase ``phase`` of a spread interval ``T``:
+    ``count -> count == 0 or count % T == phase``.
+
+    Every phase is due on the first update (no block starts from an empty or identity factor),
+    then exactly one phase per step, each once per interval. A static schedule: ``count`` is a
+    Python int (a bool back: a host decision) or a 0-D integer array (a 0-D bool array: no host
+    read under a compiler).
+    """
+
+    interval: int
+    phase: int
+
+    def __call__(self, count: Any) -> Any:
+        return (count == 0) | (count % self.interval == self.phase)
+
+
+def spread_schedule(interval: Any, spread: bool) -> tuple:
+    """The refresh predicates of a method's blocks, indexed by phase: ``(interval,)`` (one phase,
+    the plain ``count % T == 0``) unless spread over an integer interval ``T > 1``, then one
+    :class:`PhaseDue` per phase ``0 .. T-1``. For ``StepContext.every`` and ``build_transform``'s
+    ``intervals``."""
+    if not spread or callable(interval) or interval == 1:
+        return (interval,)
+    return tuple(PhaseDue(interval, phase) for phase in range(interval))
+
+
+def stable_hash(text: str) -> int:
+    """``Σ ord(c_i) 31^(n-1-i) mod 1000003``: a string hash that is the same in every process, run
+    and platform (Python's ``hash`` is salted), in plain Python that ``torch.compile`` folds
+    (``zlib.crc32`` is a graph break). Spreads the leaves of a model over refresh phases by path."""
+    h = 0
+    for ch in text:
+        h = (h * 31 + ord(ch)) % 1_000_003
+    return h

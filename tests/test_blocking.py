@@ -73,3 +73,35 @@ def test_stack_labels_separate_members_of_one_layout():
     members = [(np.ones((1, 2)),), (np.ones((2, 2)),), (np.ones((1, 2)),)]
     assert [s.indices for s in stack(np, members)] == [(0, 1, 2)]
     assert [s.indices for s in stack(np, members, labels=["m", "v", "m"])] == [(0, 2), (1,)]
+
+
+@pytest.mark.parametrize("interval", [2, 5, 10])
+def test_spread_schedule_gives_every_step_one_phase(interval):
+    """Invariant (``PhaseDue``'s formula, ``count == 0 or count % T == phase``): on the first update
+    every phase is due (no block starts from an empty factor); afterwards exactly the phase
+    ``count mod T`` is due, so every block refreshes once in any T consecutive steps, on a host
+    int (a bool) and on a 0-D integer array (a 0-D bool array: no host read) alike."""
+    from precond_ref.blocking import PhaseDue, spread_schedule
+
+    schedule = spread_schedule(interval, True)
+    assert schedule == tuple(PhaseDue(interval, j) for j in range(interval))
+    due = lambda count: {j for j, p in enumerate(schedule) if bool(p(count))}  # noqa: E731
+    assert due(0) == set(range(interval))
+    for count in range(1, 3 * interval + 1):
+        assert due(count) == {count % interval}
+        value = schedule[count % interval](np.asarray(count, dtype=np.int32))
+        assert value.shape == () and bool(value)
+    assert spread_schedule(interval, False) == (interval,)
+    assert spread_schedule(1, True) == (1,)
+    every_third = lambda count: count % 3 == 0  # noqa: E731
+    assert spread_schedule(every_third, True) == (every_third,)
+
+
+def test_stable_hash_is_the_polynomial_hash():
+    """``stable_hash`` is ``Σ ord(c_i) 31^(n-1-i) mod 1000003`` (its docstring), written out here
+    with Python's big integers; it depends on the text alone (not on Python's salted ``hash``)."""
+    from precond_ref.blocking import stable_hash
+
+    for text in ("", "w", "blocks.0.mlp.weight", "head/kernel" * 20):
+        n = len(text)
+        assert stable_hash(text) == sum(ord(c) * 31 ** (n - 1 - i) for i, c in enumerate(text)) % 1_000_003

@@ -41,7 +41,7 @@ from .._backend import (
     placement,
     scalar_zero,
 )
-from ..blocking import on_stacks
+from ..blocking import on_stacks, spread_schedule, stable_hash
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE,
     identity_like,
@@ -611,7 +611,7 @@ def asgo(
     check_nonnegative("eps", eps)
     goes_to_fallback = _fallback_predicate(fallback_mask)
     keeps_root = (not faithful) or precondition_every != 1
-    schedule = _refresh_schedule(precondition_every, spread_refresh)
+    schedule = spread_schedule(precondition_every, spread_refresh)
     tolerance = None if faithful or math.isinf(root_tolerance) else root_tolerance
 
     def init_group(leaves, paths, xp):
@@ -654,7 +654,7 @@ def asgo(
     #
     #   1  M_t = μ M_{t-1} + (1-μ) G_t                                     _momentum
     #   2  P_t = β₂ P_{t-1} + (1-β₂) G_t G_tᵀ   (or P_{t-1} + G_t G_tᵀ)     _second_moment
-    #   3  if the block's phase is due (t ≡ j mod T, _refresh_schedule):  _roots_when_due
+    #   3  if the block's phase is due (t ≡ j mod T, spread_schedule):  _roots_when_due
     #        Z_t = (P_t + s_t I)^{-1/2},  s_t = δ tr(P_t)/k + ε             _damped_inverse_sqrt
     #        Z_t = Z_{t-1} where that is not finite (D6)                    _finite_root_or_previous
     #   4  U_t = Z_t M_t                                                    _block_diagonal_product
@@ -995,44 +995,16 @@ def _finite_root_or_previous(
     return xp.where(_blockwise(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
 
 
-def _refresh_schedule(interval: int, spread: bool) -> tuple:
-    """The refresh predicates of the phases of a root refresh interval ``T``, for ``ctx.every``.
-
-    Unspread (or ``T = 1``): one phase, the plain interval (``count % T == 0``). Spread: ``T``
-    phases, phase ``j`` due when ``count ≡ j (mod T)`` or ``count == 0`` (every root is computed
-    on the first update, so no block starts from the identity). Each predicate accepts a Python
-    int (a host decision) or a 0-D integer array (a bool array: no host read).
-    """
-    if not spread or interval == 1:
-        return (interval,)
-
-    def phase(j: int) -> Callable[[Any], Any]:
-        def due(calls: Any) -> Any:
-            return (calls == 0) | ((calls + (interval - j)) % interval == 0)
-
-        return due
-
-    return tuple(phase(j) for j in range(interval))
-
-
 def _refresh_phases(keys: list[tuple[str, int]], phases: int) -> list[int]:
     """The phase of each block among ``phases``, from its key ``(leaf path, block index along the
     leaf's side)``: ``(h(path) + index) mod phases``, ``h`` the polynomial string hash
-    :func:`_path_hash` (plain Python, which ``torch.compile`` folds; ``zlib.crc32`` it cannot
+    :func:`precond_ref.blocking.stable_hash` (plain Python, which ``torch.compile`` folds; ``zlib.crc32`` it cannot
     trace). The blocks of one leaf take consecutive phases (a side of up to ``phases`` blocks is
     refreshed one block per step), and the leaves start at phases spread by their paths. A block's
     phase depends on its own key only: it is the same whatever other parameters the transform steps
     (param groups, shards) and on every run.
     """
-    return [(_path_hash(path) + index) % phases for path, index in keys]
-
-
-def _path_hash(path: str) -> int:
-    """``Σ ord(c_i) 31^(n-1-i) mod 1000003``: the same on every run and platform (not ``hash``)."""
-    h = 0
-    for ch in path:
-        h = (h * 31 + ord(ch)) % 1_000_003
-    return h
+    return [(stable_hash(path) + index) % phases for path, index in keys]
 
 
 def _block_keys(owners: list[tuple[int, str]], statistics: dict, ctxs: list) -> list[tuple[str, int]]:

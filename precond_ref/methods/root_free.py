@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 from array_api_compat import array_namespace, device as array_device
 
 from .._backend import as_operand, cast, compute_dtype, computed_once, cond, is_number, is_zero, placement, scalar_zero
-from ..blocking import block_bounds, on_stacks
+from ..blocking import block_bounds, on_stacks, spread_schedule
 from ..linalg import half_precision_dtype, kl_clip_factor, mode_gram, mode_product
 from ..transform import (
     ScalarOrSchedule,
@@ -45,7 +45,6 @@ __all__ = [
     "if_shampoo",
     "prototype_lr_scale",
     "prototype_schedule",
-    "staggered_refresh",
 ]
 
 Array = Any
@@ -483,34 +482,13 @@ def prototype_schedule(interval: int) -> Callable[[Any], Any]:
     return predicate
 
 
-def staggered_refresh(interval: int, offset: int) -> Callable[[Any], Any]:
-    """The refresh predicate of a tile with this ``offset``: ``count -> (count + offset) % interval == 0``.
-
-    The tiles of a blocked group refresh on different calls of each interval of ``interval`` calls
-    (tile ``t`` gets ``offset = t % interval``), so the expensive factor steps are spread evenly
-    over the interval instead of all falling on one call; every tile still refreshes once per
-    interval. A static schedule (host arithmetic on the call number, or the same formula on a 0-D
-    array under a compiler), so the step stays free of device reads. Offset 0 is the plain
-    ``count % interval == 0``.
-    """
-    check_positive_int("interval", interval)
-    if not 0 <= offset < interval:
-        raise ValueError(f"staggered_refresh: offset must be in [0, {interval}), got {offset!r}")
-
-    def predicate(count: Any) -> Any:
-        return (count + offset) % interval == 0
-
-    predicate.interval, predicate.offset = interval, offset  # type: ignore[attr-defined]
-    return predicate
-
-
 class _Tile(NamedTuple):
     """One tile of a group's tensor: an independent IF-Shampoo block with its own factors."""
 
     index: tuple  # (start, stop) per axis of the squeezed grouped tensor
     names: tuple  # state keys of its factors K_1..K_N
     momentum_names: tuple  # state keys of its factor momenta m_1..m_N
-    offset: int  # its refresh offset (staggered_refresh)
+    offset: int  # its refresh phase (precond_ref.blocking.PhaseDue)
 
 
 def _tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], interval: Any, stagger: bool) -> tuple:
@@ -750,7 +728,7 @@ def if_shampoo(
     mode: str = "principled",
     on_nonfinite: str = "skip",
     block_size: Optional[int] = None,
-    stagger_refresh: Optional[bool] = None,
+    spread_refresh: Optional[bool] = None,
 ) -> Transform:
     r"""IF-Shampoo: inverse- and root-free Kronecker-factored preconditioning (matmul only).
 
@@ -835,9 +813,9 @@ def if_shampoo(
         principled mode (one number for every device; docs/methods/root_free.md, "Long axes,
         intervals and cost", has the measurements); a value at least every axis is the unblocked
         method. An integer >= 1; refused in faithful mode.
-    stagger_refresh:
+    spread_refresh:
         S10: tile ``t`` of a blocked parameter refreshes on the calls where
-        ``(count + t % T) % T == 0`` (:func:`staggered_refresh`), so its factor steps are spread
+        ``count % T == t % T`` (:class:`precond_ref.blocking.PhaseDue`), so its factor steps are spread
         over the interval ``T`` instead of all falling on one call. ``None``: on in principled mode
         (no effect on an unblocked parameter, or with a callable ``precondition_every``).
 
@@ -915,8 +893,8 @@ def if_shampoo(
     if preconditioner_lr_scale is not None and not callable(preconditioner_lr_scale):
         raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {preconditioner_lr_scale!r}")
     check_bool("clamp_factor_step", clamp_factor_step)
-    if stagger_refresh is not None:
-        check_bool("stagger_refresh", stagger_refresh)
+    if spread_refresh is not None:
+        check_bool("spread_refresh", spread_refresh)
     if kl_clip is not None:
         check_nonnegative("kl_clip", kl_clip)
     check_choice("mode", mode, ("principled", "faithful"))
@@ -929,21 +907,18 @@ def if_shampoo(
     dense_limit = max_dense_dim  # S4: diagonal factors only on request (the paper's device for long axes)
     if block_size is None:
         block_size = None if faithful else _BLOCK_SIZE  # S9: long axes cut into blocks
-    if stagger_refresh is None:
-        stagger_refresh = not faithful  # S10
+    if spread_refresh is None:
+        spread_refresh = not faithful  # S10
     if kl_clip is None:
         kl_clip = 0.0 if faithful else _KL_CLIP
     use_kl_clip = not is_zero(kl_clip)
     use_momentum = not is_zero(momentum)
     use_factor_momentum = not is_zero(preconditioner_momentum)
     use_decay = not is_zero(weight_decay)
-    # One refresh predicate per offset (S10): tile t of a blocked group refreshes when
-    # (count + t % T) % T == 0. Offset 0 is T itself, so an unblocked model declares what it did before.
-    staggered = stagger_refresh and isinstance(precondition_every, int) and precondition_every > 1
-    refresh_at = (
-        (precondition_every,) + tuple(staggered_refresh(precondition_every, o) for o in range(1, precondition_every))
-        if staggered else (precondition_every,)
-    )
+    # One refresh predicate per phase (S10): tile t of a blocked group refreshes when count % T == t % T
+    # (and on the first call); phase 0 is the plain interval, so an unblocked model refreshes as before.
+    spread = spread_refresh and isinstance(precondition_every, int) and precondition_every > 1
+    refresh_at = spread_schedule(precondition_every, spread)
 
     def plan(shapes, out_first: bool, where: str) -> tuple:
         """(squeezed dims, per-axis diagonal flags, tiles) of a group's tensor."""
@@ -951,7 +926,7 @@ def if_shampoo(
         kinds = _per_axis(structures, len(dims), "structures", where)
         limit = None if dense_limit is None else int(dense_limit)
         diagonal = tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
-        return dims, diagonal, _tile_plan(dims, diagonal, block_size, precondition_every, stagger_refresh)
+        return dims, diagonal, _tile_plan(dims, diagonal, block_size, precondition_every, spread_refresh)
 
     def init_group(leaves, paths, xp):
         shapes = [tuple(x.shape) for x in leaves]

@@ -13,6 +13,7 @@ O(d²):
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -20,7 +21,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 from array_api_compat import device as array_device
 
 from .._backend import compute_dtype, cond, is_zero, scalar_array
-from ..blocking import block_bounds, merge_small_dims, roll_first_axis_last, unfold
+from ..blocking import block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stable_hash, unfold
 from ..sketch import SKETCH_KEYS, fd_apply, fd_init, fd_update, fd_update_apply
 from ..tree import path_str, tree_flatten
 from ..transform import (
@@ -36,7 +37,7 @@ from ..transform import (
     check_positive_int,
 )
 
-__all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "refresh_due", "PRINCIPLED_BLOCK_SIZE",
+__all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "PRINCIPLED_BLOCK_SIZE",
            "PRINCIPLED_PRECONDITION_EVERY"]
 
 Array = Any
@@ -101,7 +102,7 @@ def _safe_norm_ratio(xp: Any, numerator: Array, denominator: Array) -> Array:
 
 class _Run(NamedTuple):
     """``count`` consecutive blocks of equal ``length`` from row ``start`` of an axis, rank ``rank``,
-    updated in refresh phase ``phase`` (:func:`refresh_due`)."""
+    updated in refresh phase ``phase`` (:class:`precond_ref.blocking.PhaseDue`)."""
 
     start: int
     length: int
@@ -170,47 +171,12 @@ def _leaf_plan(
     return _LeafPlan(tuple(merged_shape), tuple(axes))
 
 
-def refresh_due(calls: Any, interval: int, phase: int) -> Any:
-    """Whether a sketch in refresh phase ``phase`` is updated on call ``calls`` (0-based).
-
-    ``(calls + phase) % interval == 0``, and every phase on the first call (so no block starts from
-    an empty sketch for up to ``interval - 1`` steps). Phase 0 alone is the plain schedule
-    ``calls % interval == 0``; phases ``0 .. interval - 1`` give every block one refresh per
-    interval, spread over its steps. A static schedule (no data-dependent branch): ``calls`` is a
-    Python int (a Python bool back) or a 0-D integer array (a 0-D bool array back).
-    """
-    return ((calls + phase) % interval == 0) | (calls == 0)
-
-
-class _PhaseDue:
-    """The predicate ``calls -> refresh_due(calls, interval, phase)``, declared to build_transform."""
-
-    def __init__(self, interval: int, phase: int) -> None:
-        self.interval, self.phase = interval, phase
-
-    def __call__(self, calls: Any) -> Any:
-        return refresh_due(calls, self.interval, self.phase)
-
-    def __repr__(self) -> str:
-        return f"refresh_due(interval={self.interval}, phase={self.phase})"
-
-
-def _refresh_schedule(precondition_every: Any, spread: bool) -> tuple:
-    """The intervals one leaf's runs are refreshed on, indexed by phase: the interval itself when
-    the refreshes are not spread (or the interval is a callable or 1), else one
-    :class:`_PhaseDue` per phase."""
-    if not spread or callable(precondition_every) or precondition_every == 1:
-        return (precondition_every,)
-    return tuple(_PhaseDue(precondition_every, phase) for phase in range(precondition_every))
-
-
 def _first_phase(paths: Any, phases: int) -> int:
-    """A leaf's first refresh phase, from its tree path (a position-weighted sum of its characters:
-    the same in every process and run, and plain Python that torch.compile folds, where zlib.crc32
-    is a graph break), so that the leaves of a model start their runs in different phases."""
+    """A leaf's first refresh phase, from its tree path (:func:`precond_ref.blocking.stable_hash`),
+    so that the leaves of a model start their runs in different phases, the same on every run."""
     if phases <= 1 or not paths:
         return 0
-    return sum((i + 1) * ord(ch) for i, ch in enumerate(path_str(paths[0]))) % phases
+    return stable_hash(path_str(paths[0])) % phases
 
 
 def _init_sketches(xp: Any, plan: _LeafPlan, dtype: Any, device: Any) -> dict[str, Array]:
@@ -410,7 +376,7 @@ def _sketchy_transform(
     has_momentum = not is_zero(momentum) and learning_rate is not None
     has_weight_decay = not is_zero(weight_decay) and learning_rate is not None
 
-    dues = _refresh_schedule(precondition_every, spread)
+    dues = spread_schedule(precondition_every, spread)
 
     def plan_for(shape: tuple[int, ...], first_phase: int = 0) -> Optional[_LeafPlan]:
         """None for graft-only leaves (spec §2.3 step 1), else the sketch layout."""
@@ -484,40 +450,29 @@ def _sketchy_transform(
             u = u + weight_decay * xp.astype(params[0], dtype)
         return (-ctx.value(learning_rate) * u,), new_state
 
-    transform = build_transform(
+    return build_transform(
         name=name,
         init_group=init_group,
         update_group=update_group,
         on_nonfinite=on_nonfinite,
         needs_params=has_weight_decay,
         intervals=dues,
+        layout_hint=None if faithful else functools.partial(_old_layout_hint, name),
     )
-    if faithful:
-        return transform
-    return _with_layout_hint(transform, name, merge_dims)
 
 
-def _with_layout_hint(transform: Transform, name: str, merge_dims: int) -> Transform:
-    """``transform`` whose error for a state of another layout says which ``block_size`` reproduces
-    the layout of versions before the principled default block size (unblocked sketches)."""
-    inner = transform.update
-
-    def update(grads, state, params=None, **kwargs):
-        try:
-            return inner(grads, state, params, **kwargs)
-        except ValueError as error:
-            if "does not fit the optimizer state" not in str(error):
-                raise
-            longest = max((max(merge_small_dims(tuple(g.shape), merge_dims, squeeze=True), default=1)
-                           for g in tree_flatten(grads)[0]), default=1)
-            raise ValueError(
-                f"{error}. {name}'s principled block_size now defaults to {PRINCIPLED_BLOCK_SIZE} (before: "
-                f"unblocked sketches): a state saved with the earlier default loads with "
-                f"block_size={longest} (the longest merged axis here, or larger), and follows the earlier "
-                f"trajectory with precondition_every=1 too"
-            ) from None
-
-    return transform._replace(update=update)
+def _old_layout_hint(name: str, found: dict, layout: dict) -> str:
+    """``build_transform``'s ``layout_hint``: for a state saved before the principled default
+    block size (0.1.0: unblocked sketches, one ``axis{n}_basis`` of shape ``(d, k)`` per axis), the
+    ``block_size`` that loads it: its longest axis."""
+    unblocked = [shape[0] for key, (shape, _) in found.items() if key.endswith("_basis") and len(shape) == 2]
+    if not unblocked or found == layout:
+        return ""
+    return (
+        f". {name}'s principled block_size now defaults to {PRINCIPLED_BLOCK_SIZE} (before: unblocked "
+        f"sketches): a state saved with the earlier default loads with block_size={max(unblocked)} (its "
+        "longest axis, or larger), and follows the earlier trajectory with precondition_every=1 too"
+    )
 
 
 def _resolve_schedule(
@@ -607,7 +562,7 @@ def sketchy(
     spread_refresh:
         Principled only (default True there): with an integer interval T > 1, a leaf's block runs
         take consecutive phases (from a phase set by the leaf's tree path) and a run in phase p is
-        updated when ``(count + p) % T == 0`` (:func:`refresh_due`), so every step carries about
+        updated when ``count % T == p`` (:class:`precond_ref.blocking.PhaseDue`), so every step carries about
         1/T of the model's FD updates instead of every T-th step all of them. False: all on the
         steps ``count % T == 0``.
     start_preconditioning_step:
@@ -887,7 +842,7 @@ def s_adagrad(
 
     if precondition_every is None:
         precondition_every = S_ADAGRAD_PRECONDITION_EVERY
-    dues = _refresh_schedule(precondition_every, spread_refresh is not False)
+    dues = spread_schedule(precondition_every, spread_refresh is not False)
 
     def plan_for(shape: tuple[int, ...], first_phase: int = 0) -> _LeafPlan:
         return _leaf_plan((max(1, math.prod(shape)),), rank, block_size, len(dues), first_phase)

@@ -102,7 +102,7 @@ def test_every_upstream_test_is_bound():
         (pj.s_adagrad, dict(rank=4), ("rank",)),
         (pj.asgo, dict(block_size=2, spread_refresh=False), ("block_size",)),  # a bool is not injected
         (pj.mbf, dict(block_size=2, refresh_phases=2), ("block_size", "refresh_phases")),
-        (pj.if_shampoo, dict(block_size=2, stagger_refresh=False, batch_size=1), ("block_size",)),
+        (pj.if_shampoo, dict(block_size=2, spread_refresh=False, batch_size=1), ("block_size",)),
     ],
     ids=["asgo", "mbf", "sketchy", "s_adagrad", "asgo_blocks", "mbf_blocks", "if_shampoo_blocks"],
 )

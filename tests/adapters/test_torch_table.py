@@ -38,7 +38,9 @@ _MODE = (("mode", P, "principled", "str"), ("on_nonfinite", P, "skip", "str"))
 #: Arguments added since the release that pinned the signatures below (0.1.0), at the end of the
 #: positional ones: ``added_since_first_release`` of the class, absent from a 0.1.0 checkpoint.
 ADDED = {
-    "IFShampoo": (("block_size", P, None, "Optional[int]"), ("stagger_refresh", P, None, "Optional[bool]")),
+    "Sketchy": (("spread_refresh", P, None, "Optional[bool]"),),
+    "SAdaGrad": (("precondition_every", P, None, "Optional[int]"), ("spread_refresh", P, None, "Optional[bool]")),
+    "IFShampoo": (("block_size", P, None, "Optional[int]"), ("spread_refresh", P, None, "Optional[bool]")),
     "ASGO": (("spread_refresh", P, None, "Optional[bool]"),),
     "MBF": (("block_size", P, None, "Optional[int]"), ("refresh_phases", P, None, "Optional[int]")),
 }
@@ -105,18 +107,19 @@ SIGNATURES = {
         ("beta2", P, 0.999, "float"), ("eps", P, 1e-07, "float"), ("relative_eps", P, True, "bool"),
         ("momentum", P, 0.9, "float"), ("nesterov", P, True, "bool"), ("weight_decay", P, 0.0, "float"),
         ("graft", P, "rmsprop", "str"), ("graft_beta2", P, 0.999, "float"), ("graft_eps", P, 1e-23, "float"),
-        ("precondition_every", P, 1, "int"), ("start_preconditioning_step", P, 0, "int"),
+        ("precondition_every", P, None, "Optional[int]"),  # 0.1.0: 1 (now the core's principled default)
+        ("start_preconditioning_step", P, 0, "int"),
         ("merge_dims", P, 1024, "int"), ("max_precondition_dim", P, 4096, "int"),
         ("precondition_1d", P, False, "bool"), ("block_size", P, None, "Optional[int]"),
         ("decomposition", P, None, "Optional[str]"), ("mode", P, "principled", "str"),
         ("momentum_ema", P, False, "bool"), ("tail_decay", P, None, "Optional[str]"),
-        ("on_nonfinite", P, "skip", "str"), *_TAIL,
+        ("on_nonfinite", P, "skip", "str"), *ADDED["Sketchy"], *_TAIL,
     ),
     "SAdaGrad": (
         ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.01, "float"), ("rank", P, 128, "int"),
         ("delta", P, 0.0, "float"), ("eps", P, None, "Optional[float]"), ("beta2", P, 1.0, "float"),
         ("momentum", P, 0.0, "float"), ("weight_decay", P, 0.0, "float"),
-        ("block_size", P, None, "Optional[int]"), *_MODE, *_TAIL,
+        ("block_size", P, None, "Optional[int]"), *_MODE, *ADDED["SAdaGrad"], *_TAIL,
     ),
 }
 
@@ -149,18 +152,18 @@ CORE_KWARGS = {
                   "preconditioner_momentum": 0.5, "damping": 0.001, "weight_decay": 0.0, "batch_size": 4,
                   "precondition_every": None, "structures": "dense", "max_dense_dim": None, "factor_dtype": None,
                   "grouping": "per_parameter", "preconditioner_lr_scale": None, "kl_clip": None,
-                  "block_size": None, "stagger_refresh": None},
+                  "block_size": None, "spread_refresh": None},
     "MBF": {"learning_rate": 1e-05, "damping": 0.001, "momentum": 0.9, "b2": 0.9, "weight_decay": 0.0,
             "statistics_every": 10, "precondition_every": 100, "fc_blocks": None, "diagonal_b2": 0.999,
             "diagonal_eps": 1e-08, "diagonal_second_moment": "momentum", "max_block_dim": None, "kl_clip": None,
             "block_size": None, "refresh_phases": None},
     "Sketchy": {"learning_rate": 0.001, "rank": 128, "b2": 0.999, "eps": 1e-07, "relative_eps": True,
                 "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "graft": "rmsprop", "graft_b2": 0.999,
-                "graft_eps": 1e-23, "precondition_every": 1, "start_preconditioning_step": 0, "merge_dims": 1024,
+                "graft_eps": 1e-23, "precondition_every": None, "start_preconditioning_step": 0, "merge_dims": 1024,
                 "max_precondition_dim": 4096, "precondition_1d": False, "block_size": None, "decomposition": None,
-                "momentum_ema": False, "tail_decay": None},
+                "momentum_ema": False, "tail_decay": None, "spread_refresh": None},
     "SAdaGrad": {"learning_rate": 0.01, "rank": 128, "delta": 0.0, "eps": None, "b2": 1.0, "momentum": 0.0,
-                 "weight_decay": 0.0, "block_size": None},
+                 "weight_decay": 0.0, "block_size": None, "precondition_every": None, "spread_refresh": None},
 }
 for _kwargs in CORE_KWARGS.values():
     _kwargs.update(mode="principled", on_nonfinite="skip")

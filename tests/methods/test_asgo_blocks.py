@@ -12,7 +12,6 @@ import precond_ref as pr
 from precond_ref.methods.asgo import (
     PRINCIPLED_BLOCK_SIZE,
     _refresh_phases,
-    _refresh_schedule,
 )
 
 EPS64 = np.finfo(np.float64).eps
@@ -21,22 +20,6 @@ asgo_module = importlib.import_module("precond_ref.methods.asgo")
 
 def _due_phases(schedule, calls):
     return {j for j, interval in enumerate(schedule) if bool(pr.transform.is_due(interval, calls))}
-
-
-@pytest.mark.parametrize("interval", [2, 5, 10])
-def test_refresh_schedule_gives_every_step_one_phase(interval):
-    """Invariant (the schedule's definition, ``_refresh_schedule``): on the first update every
-    phase is due (no block starts from the identity root); afterwards exactly the phase
-    ``count mod T`` is due, so each block is refreshed once per interval, on a host int and on a
-    0-D integer array alike (compiled callers get host decisions, eager ones array predicates)."""
-    schedule = _refresh_schedule(interval, spread=True)
-    assert len(schedule) == interval
-    assert _due_phases(schedule, 0) == set(range(interval))
-    for calls in range(1, 3 * interval + 1):
-        assert _due_phases(schedule, calls) == {calls % interval}
-        assert _due_phases(schedule, np.asarray(calls, dtype=np.int32)) == {calls % interval}
-    assert _refresh_schedule(interval, spread=False) == (interval,)
-    assert _refresh_schedule(1, spread=True) == (1,)
 
 
 @pytest.mark.parametrize("phases", [1, 4, 10])

@@ -77,38 +77,23 @@ def test_block_size_at_least_every_axis_is_the_unblocked_method():
         np.testing.assert_array_equal(a["w"], b["w"])
 
 
-@pytest.mark.parametrize("interval", [1, 3, 4])
-def test_staggered_refresh_refreshes_each_offset_once_per_interval(interval):
-    """staggered_refresh(T, o) is true on the calls c with (c + o) % T == 0: each offset exactly once
-    in every window of T consecutive calls, and on each call exactly one offset (the refresh work of
-    T equal tiles is spread one per call). The same answer for host ints and 0-D arrays (jit)."""
-    predicates = [root_free.staggered_refresh(interval, o) for o in range(interval)]
-    for c in range(3 * interval):
-        due = [bool(p(c)) for p in predicates]
-        assert due == [bool(p(np.asarray(c, dtype=np.int32))) for p in predicates]
-        assert sum(due) == 1 and due.index(True) == (-c) % interval
-    with pytest.raises(ValueError, match="offset"):
-        root_free.staggered_refresh(interval, interval)
-
-
 @pytest.mark.parametrize("stagger", [True, False])
 def test_tiles_refresh_at_their_offsets(stagger):
-    """S10: tile t of a blocked parameter runs its factor step on the calls c with
-    (c + t % T) % T == 0 (stagger_refresh=True), else all tiles on c % T == 0; between its
-    refreshes a tile's factor is unchanged."""
+    """S10: tile t of a blocked parameter runs its factor step on the first call and on the calls
+    c with c % T == t % T (spread_refresh=True, blocking.PhaseDue), else all tiles on c % T == 0;
+    between its refreshes a tile's factor is unchanged."""
     rng = np.random.default_rng(3)
     T, steps = 3, 7
-    opt = pr.if_shampoo(batch_size=2, precondition_every=T, block_size=2, stagger_refresh=stagger)
+    opt = pr.if_shampoo(batch_size=2, precondition_every=T, block_size=2, spread_refresh=stagger)
     params = {"w": rng.normal(size=(6, 2))}  # three tiles of 2 x 2
     state = opt.init(params)
     for c in range(steps):
         updates, new = opt.update({"w": rng.normal(size=(6, 2))}, state, params)
         for t in range(3):
             moved = not np.array_equal(new.groups["w"][f"tile_{t}/factor_0"], state.groups["w"][f"tile_{t}/factor_0"])
-            offset = t % T if stagger else 0
-            assert moved == ((c + offset) % T == 0), (c, t)
+            assert moved == (c == 0 or c % T == (t % T if stagger else 0)), (c, t)
         state = new
-    assert opt.due(1) == ((False, False, True) if stagger else (False,))
+    assert opt.due(1) == ((False, True, False) if stagger else (False,))
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, "64", np.float64(8.0)])

@@ -8,25 +8,9 @@ import pytest
 import importlib
 
 import precond_ref as pr
+from precond_ref.blocking import PhaseDue
 
 sk = importlib.import_module("precond_ref.methods.sketchy")
-
-
-def test_refresh_due_plain_formula():
-    """refresh_due(c, T, p) == (c == 0 or (c + p) % T == 0) (its docstring); hence, from call 1 on,
-    every phase is due exactly once in every T consecutive calls, and phases 0..T-1 are due on
-    different calls (the refreshes of T phases never coincide after the first call)."""
-    for interval in (1, 2, 5, 10):
-        for phase in range(interval):
-            due = [bool(sk.refresh_due(c, interval, phase)) for c in range(3 * interval + 1)]
-            assert due == [c == 0 or (c + phase) % interval == 0 for c in range(3 * interval + 1)]
-            for start in range(1, 2 * interval + 1):
-                assert sum(due[start:start + interval]) == 1
-        for c in range(1, 4 * interval):
-            assert sum(bool(sk.refresh_due(c, interval, p)) for p in range(interval)) == 1
-    # A 0-D integer array gives a 0-D bool array (traced and compiled steps).
-    value = sk.refresh_due(np.asarray(7, dtype=np.int32), 4, 1)
-    assert value.shape == () and bool(value)
 
 
 def test_spread_plan_splits_runs_and_keeps_layout_independent_of_first_phase():
@@ -51,7 +35,7 @@ def _sketch_keys_changed(old: dict, new: dict) -> set:
 
 def test_spread_refresh_updates_each_run_on_its_phase_only():
     """With precondition_every T and spread_refresh, the sketch of a run in phase p changes on
-    call c exactly when refresh_due(c, T, p) (docstring of spread_refresh): every run on call 0,
+    call c exactly when PhaseDue(T, p)(c) (c == 0 or c % T == p) (docstring of spread_refresh): every run on call 0,
     then each run once per T calls, on its own call."""
     interval = 3
     params = {"w": np.zeros((12, 5))}
@@ -67,7 +51,7 @@ def test_spread_refresh_updates_each_run_on_its_phase_only():
         changed = _sketch_keys_changed(old, state.groups["w"])
         expected = {
             axis.key(j, "basis").rsplit("_basis", 1)[0]
-            for axis in plan.axes for j, run in enumerate(axis.runs) if sk.refresh_due(call, interval, run.phase)
+            for axis in plan.axes for j, run in enumerate(axis.runs) if PhaseDue(interval, run.phase)(call)
         }
         assert changed == expected, call
 
