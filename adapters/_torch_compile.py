@@ -212,13 +212,24 @@ class CompiledStep:
         )
         self._compiled = torch.compile(_fresh(_apply), fullgraph=True, **options)
         self._quiet = _cached_helpers_traced_quietly()
+        # One graph per combination of interval decisions: a refresh spread over T phases has T + 1
+        # (all on the first step, then one phase a step), more than dynamo's default limit of 8
+        # graphs per function for T >= 8, past which it would stop compiling; the limit is raised
+        # around this function's calls to what its schedule needs.
+        patterns = due_patterns(transform)
+        self._limit = (
+            torch._dynamo.config.patch(recompile_limit=patterns + 1)
+            if patterns + 1 > torch._dynamo.config.recompile_limit else None
+        )
 
     def __call__(self, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
         static = extra and self._static is not None and _holds_number(extra)
-        if self._quiet and not static:  # the step's common case: no context to enter
+        if self._quiet and not static and self._limit is None:  # the step's common case: no context to enter
             out = self._compiled(self.transform, grads, state, params, due, extra)
         else:
             with contextlib.ExitStack() as around:
+                if self._limit is not None:
+                    around.enter_context(self._limit)
                 if static:
                     around.enter_context(self._static)
                 if not self._quiet:
@@ -243,6 +254,13 @@ def notice_eager(owner: str, error: BaseException) -> None:
         RuntimeWarning,
         stacklevel=4,
     )
+
+
+def due_patterns(transform: Transform, steps: int = 1024) -> int:
+    """How many different tuples of interval decisions (``Transform.due``) the first ``steps`` steps
+    make: the number of graphs a compiled step needs (1 without periodic work)."""
+    due = getattr(transform, "due", None)
+    return 1 if due is None else len({tuple(due(step)) for step in range(steps)})
 
 
 def check_capturable(owner: str, transform: Transform, params: list[tuple[str, torch.Tensor]]) -> None:

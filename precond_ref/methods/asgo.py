@@ -482,7 +482,7 @@ def asgo(
         measurement); a value at least every side length gives the unblocked method.
     spread_refresh:
         Principled only: with ``precondition_every = T > 1``, give every block a phase
-        ``j < T`` (from its leaf's path and its index along the side, :func:`_refresh_phases`) and
+        ``j < T`` (from its leaf's shape and its index along the side, :func:`_refresh_phases`) and
         refresh it on the steps ``count ≡ j (mod T)`` (and on the first), so that each step
         computes about ``1/T`` of the roots instead of all of them every ``T``-th step; a static schedule, no host
         read. Default ``True`` in principled mode; ``False`` refreshes all blocks together.
@@ -996,26 +996,29 @@ def _finite_root_or_previous(
 
 
 def _refresh_phases(keys: list[tuple[str, int]], phases: int) -> list[int]:
-    """The phase of each block among ``phases``, from its key ``(leaf path, block index along the
-    leaf's side)``: ``(h(path) + index) mod phases``, ``h`` the polynomial string hash
-    :func:`precond_ref.blocking.stable_hash` (plain Python, which ``torch.compile`` folds; ``zlib.crc32`` it cannot
-    trace). The blocks of one leaf take consecutive phases (a side of up to ``phases`` blocks is
-    refreshed one block per step), and the leaves start at phases spread by their paths. A block's
-    phase depends on its own key only: it is the same whatever other parameters the transform steps
-    (param groups, shards) and on every run.
+    """The phase of each block among ``phases``, from its key ``(leaf, block index along the leaf's
+    side)``: ``(h(leaf) + index) mod phases``, ``h`` :func:`precond_ref.blocking.stable_hash`. The
+    blocks of one leaf take consecutive phases (a side of up to ``phases`` blocks is refreshed one
+    block per step), and leaves start at phases spread by ``h``. A block's phase depends on its own
+    key only: the same whatever other parameters the transform steps (param groups, shards) and
+    on every run.
     """
-    return [(stable_hash(path) + index) % phases for path, index in keys]
+    return [(stable_hash(leaf) + index) % phases for leaf, index in keys]
 
 
 def _block_keys(owners: list[tuple[int, str]], statistics: dict, ctxs: list) -> list[tuple[str, int]]:
-    """``(leaf path, block index along the side)`` of each unit (units listed in side order; the
-    tail follows the full chunks)."""
+    """``(leaf's matrix sides in increasing order, block index along the side)`` of each unit (units
+    listed in side order; the tail follows the full chunks). The sides, not the path: a leaf's
+    phases must not depend on how the parameters are named (torch's named and unnamed parameters,
+    optax's tree paths) or grouped, so that a resumed or regrouped run refreshes on the same steps;
+    and in increasing order, so that a weight and its transpose (an out-first conv weight and a
+    Flax kernel) refresh alike (spec §4, I1 and I6)."""
     seen: dict[int, int] = {}
     keys = []
     for i, name in owners:
         index = seen.get(i, 0)
         seen[i] = index + 1
-        keys.append((path_str(ctxs[i].paths[0]), index))
+        keys.append((str(tuple(sorted(statistics[i]["momentum"].shape))), index))
     return keys
 
 

@@ -171,12 +171,14 @@ def _leaf_plan(
     return _LeafPlan(tuple(merged_shape), tuple(axes))
 
 
-def _first_phase(paths: Any, phases: int) -> int:
-    """A leaf's first refresh phase, from its tree path (:func:`precond_ref.blocking.stable_hash`),
-    so that the leaves of a model start their runs in different phases, the same on every run."""
-    if phases <= 1 or not paths:
+def _first_phase(shape: tuple, phases: int) -> int:
+    """A leaf's first refresh phase, from its shape (:func:`precond_ref.blocking.stable_hash`), so
+    that leaves of different shapes start their runs in different phases; the shape, not the path,
+    so that naming or grouping the parameters differently (torch's named and unnamed parameters)
+    refreshes on the same steps."""
+    if phases <= 1:
         return 0
-    return stable_hash(path_str(paths[0])) % phases
+    return stable_hash(str(tuple(shape))) % phases
 
 
 def _init_sketches(xp: Any, plan: _LeafPlan, dtype: Any, device: Any) -> dict[str, Array]:
@@ -422,7 +424,7 @@ def _sketchy_transform(
         elif graft == "sgd":
             graft_direction = g
 
-        plan = plan_for(tuple(g.shape), _first_phase(ctx.paths, len(dues)))
+        plan = plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
         if plan is None:
             u = graft_direction
         else:
@@ -561,7 +563,7 @@ def sketchy(
         in faithful mode. The first update refreshes every sketch.
     spread_refresh:
         Principled only (default True there): with an integer interval T > 1, a leaf's block runs
-        take consecutive phases (from a phase set by the leaf's tree path) and a run in phase p is
+        take consecutive phases (from a phase set by the leaf's shape) and a run in phase p is
         updated when ``count % T == p`` (:class:`precond_ref.blocking.PhaseDue`), so every step carries about
         1/T of the model's FD updates instead of every T-th step all of them. False: all on the
         steps ``count % T == 0``.
@@ -864,7 +866,7 @@ def s_adagrad(
         g = xp.astype(g, dtype, copy=False)
         if not math.prod(g.shape):
             return (xp.zeros_like(g),), dict(state)
-        plan = plan_for(tuple(g.shape), _first_phase(ctx.paths, len(dues)))
+        plan = plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
         column = xp.reshape(g, (plan.merged_shape[0], 1))
         sketches, direction = _adagrad_direction(xp, plan, _sketch_entries(state), column, dues, ctx, fd_options)
         direction = xp.reshape(direction, tuple(g.shape))

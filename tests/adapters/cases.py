@@ -181,7 +181,7 @@ JAX_CASES = [
 
 # Every torch class in a configuration without periodic work (what ``capturable=True`` accepts).
 CAPTURABLE_CASES = [
-    (c, dict(precondition_every=1) if c.id in ("mbf", "if_shampoo") else {})
+    (c, dict(precondition_every=1) if c.id in ("mbf", "if_shampoo", "asgo", "sketchy") else {})
     for c in TORCH_CASES
     if c.id in ("agd", "asgo", "dasgo", "rf_rmsprop", "rf_adamw", "if_shampoo", "sketchy", "s_adagrad", "mbf")
 ]

@@ -84,9 +84,13 @@ def test_inductor_agd_equals_eager_to_float32_rounding():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_scheduler_and_intervals_do_not_recompile(monkeypatch):
+@pytest.mark.parametrize("interval, spread, graphs", [(3, False, 2), (3, True, 4), (10, True, 11)])
+def test_scheduler_and_intervals_do_not_recompile(monkeypatch, interval, spread, graphs):
     """The learning rate is a tensor input and interval decisions are bools: a cosine schedule over
-    8 steps of ASGO with precondition_every=3 compiles exactly two graphs (refresh, reuse)."""
+    12 steps of ASGO compiles one graph per combination of decisions: two (refresh, reuse)
+    unspread, T + 1 spread over T phases (all on the first step, then one phase a step:
+    ``_torch_compile.due_patterns``). T = 10 needs 11 graphs, past dynamo's default limit of 8
+    per function, beyond which it stopped compiling and the step ran eagerly (with a warning)."""
     compiles = []
     real = _torch_compile.CompiledStep.__init__
 
@@ -98,17 +102,19 @@ def test_scheduler_and_intervals_do_not_recompile(monkeypatch):
         real(self, transform, {"backend": counting_backend})
 
     monkeypatch.setattr(_torch_compile.CompiledStep, "__init__", init)
-    model = _model(torch.float64)
-    opt = pt.ASGO(model.named_parameters(), lr=1e-2, precondition_every=3, compile=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8, eta_min=0.0)
-    eager_model = _model(torch.float64)
-    eager = pt.ASGO(eager_model.named_parameters(), lr=1e-2, precondition_every=3, compile=False)
-    eager_sched = torch.optim.lr_scheduler.CosineAnnealingLR(eager, T_max=8, eta_min=0.0)
-    batches = _batches(torch.float64, 8)
-    got = _train(model, opt, batches, scheduler=sched)
+    kwargs = dict(lr=1e-2, precondition_every=interval, spread_refresh=spread)
+    model, eager_model = _model(torch.float64), _model(torch.float64)
+    opt = pt.ASGO(model.named_parameters(), compile=True, **kwargs)
+    eager = pt.ASGO(eager_model.named_parameters(), compile=False, **kwargs)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12, eta_min=0.0)
+    eager_sched = torch.optim.lr_scheduler.CosineAnnealingLR(eager, T_max=12, eta_min=0.0)
+    batches = _batches(torch.float64, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        got = _train(model, opt, batches, scheduler=sched)
     want = _train(eager_model, eager, batches, scheduler=eager_sched)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    assert len(compiles) == 2
+    assert len(compiles) == graphs
 
 
 def test_failed_compilation_warns_once_and_runs_eagerly(monkeypatch):
@@ -382,7 +388,7 @@ def test_compiled_opt_step_does_not_recompile(monkeypatch):
     refresh and reuse steps) and the parameters equal the eager optimizer's (float64,
     the graphs run with eager kernels: a few ulps per step, hence 1e-10 relative)."""
     compiles = _counting_inner_compiler(monkeypatch)
-    kwargs = dict(lr=1e-2, damping=0.1, statistics_every=1, precondition_every=3)
+    kwargs = dict(lr=1e-2, damping=0.1, statistics_every=1, precondition_every=3, refresh_phases=1)  # unspread: two graphs
     model, eager_model = _model(torch.float64), _model(torch.float64)
     opt = pt.MBF(model.named_parameters(), **kwargs)
     eager = pt.MBF(eager_model.named_parameters(), compile=False, **kwargs)
