@@ -405,7 +405,6 @@ def asgo(
     accumulator: str = "ema",
     side: str = "auto",
     block_size: Optional[int] = None,
-    spread_refresh: Optional[bool] = None,
     fallback_mask: FallbackMask = None,
     fallback_b1: float = 0.9,
     fallback_b2: float = 0.95,
@@ -413,6 +412,7 @@ def asgo(
     fallback_weight_decay: float = 0.0,
     mode: str = "principled",
     on_nonfinite: str = "skip",
+    spread_refresh: Optional[bool] = None,
 ) -> Transform:
     r"""ASGO: one-sided matrix preconditioning on the smaller side of every matrix parameter.
 

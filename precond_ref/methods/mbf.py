@@ -368,10 +368,10 @@ def mbf(
     diagonal_second_moment: str = "momentum",
     max_block_dim: Optional[int] = None,
     kl_clip: Optional[float] = None,
-    block_size: Optional[int] = None,
-    refresh_phases: Optional[int] = None,
     mode: str = "principled",
     on_nonfinite: str = "skip",
+    block_size: Optional[int] = None,
+    refresh_phases: Optional[int] = None,
 ) -> MBFTransform:
     r"""MBF, the mini-block Fisher method: block-diagonal empirical Fisher with small dense blocks.
 
