@@ -482,7 +482,7 @@ ASGO = _torch_class(
         _Arg("eps", None, "Optional[float]"),
         _Arg("root_method", None, "Optional[str]"),
         _Arg("root_steps", 10, "int"),
-        _Arg("precondition_every", None, "Optional[int]"),  # 0.1.0: 1; now the core's (10, spread)
+        _Arg("precondition_every", None, "Optional[int]"),  # 0.1.0: 1; now the core's (2, spread)
         _Arg("rms_target", 0.2, "Optional[float]"),
         _Arg("accumulator", "ema", "str"),
         _Arg("side", "auto", "str"),

@@ -76,7 +76,7 @@ _ROOT_METHODS = ("auto", "eigh", "polar_express", "newton_schulz", "newton")
 
 #: Principled ASGO's root refresh interval and block size (one number for every device), chosen by
 #: measurement: ``docs/methods/asgo.md``, "Long axes, intervals and cost".
-PRINCIPLED_PRECONDITION_EVERY = 10
+PRINCIPLED_PRECONDITION_EVERY = 2
 PRINCIPLED_BLOCK_SIZE = 1024
 
 
