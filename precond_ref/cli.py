@@ -22,7 +22,7 @@ COMMANDS = {
         "compare,torch",
     ),
     "trace": ("precond_ref.testing", "export a reference trajectory of one method on a standard problem", "numpy"),
-    "reproduce": ("precond_ref.reproduce", "check each paper's headline claims: the paper's figure, ours, a verdict", "compare,torch"),
+    "reproduce": ("precond_ref.compare.reproduce", "check each paper's headline claims: the paper's figure, ours, a verdict", "compare,torch"),
 }
 
 

@@ -10,7 +10,7 @@ import shlex
 
 import pytest
 
-from precond_ref.reproduce import verdicts as V
+from precond_ref.compare.reproduce import verdicts as V
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_spectral_measurements_on_known_matrices():
     """stable rank of a rank-1 matrix is 1 and of I_n is n; the top-k trace fraction of diag(4,1,...)
     is exact; the subspace distance is 0 for the same span and 1 for orthogonal spans."""
     np = pytest.importorskip("numpy")
-    harness = pytest.importorskip("precond_ref.reproduce.harness")
+    harness = pytest.importorskip("precond_ref.compare.reproduce.harness")
     u = np.arange(1.0, 6.0)[:, None]
     assert harness.stable_rank(u @ u.T) == pytest.approx(1.0, rel=1e-12)
     assert harness.stable_rank(np.eye(7)) == pytest.approx(7.0, rel=1e-12)
@@ -106,7 +106,7 @@ def test_full_matrix_adagrad_equals_diagonal_on_axis_aligned_gradients():
     """With one-hot features every gradient lies on a coordinate axis, so sum g g^T is diagonal and
     full-matrix AdaGrad (pseudo-inverse root) takes exactly diagonal AdaGrad's steps (Duchi et al. 2011)."""
     np = pytest.importorskip("numpy")
-    from precond_ref.reproduce.baselines import oco_adagrad
+    from precond_ref.compare.reproduce.baselines import oco_adagrad
 
     rng = np.random.default_rng(0)
     features = np.eye(6)[rng.integers(0, 6, size=40)]
@@ -120,7 +120,7 @@ def test_full_matrix_adagrad_equals_diagonal_on_axis_aligned_gradients():
 def test_shampoo_reference_step_has_adams_norm():
     """Grafting: every matrix step of the reference Shampoo has the Frobenius norm lr * ||Adam update||."""
     torch = pytest.importorskip("torch")
-    from precond_ref.reproduce.baselines import ShampooReference
+    from precond_ref.compare.reproduce.baselines import ShampooReference
 
     for sides in (1, 2):
         w = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(sides)))
@@ -151,7 +151,7 @@ def quick_run(tmp_path_factory):
 
 
 def test_quick_run_covers_every_paper_with_a_verdict_per_claim(quick_run):
-    from precond_ref.reproduce import PAPER_NAMES
+    from precond_ref.compare.reproduce import PAPER_NAMES
 
     out, data = quick_run
     assert list(data["papers"]) == list(PAPER_NAMES)
@@ -181,7 +181,7 @@ def test_quick_run_verdicts_follow_from_the_stored_numbers(quick_run):
 
 
 def test_quick_run_markdown_is_the_rendering_of_its_json(quick_run):
-    from precond_ref.reproduce import report
+    from precond_ref.compare.reproduce import report
 
     out, data = quick_run
     assert (out / "reproduce.md").read_text() == report.render(data, "")
@@ -220,7 +220,7 @@ def test_committed_report_is_the_rendering_of_the_committed_json():
     machine), which do not depend on the other work sharing the machine while it ran."""
     import argparse
 
-    from precond_ref.reproduce import PAPER_NAMES, add_arguments, report
+    from precond_ref.compare.reproduce import PAPER_NAMES, add_arguments, report
 
     data = json.loads((ROOT / "docs" / "data" / "reproduce.json").read_text())
     assert (ROOT / "docs" / "reproduce.md").read_text() == report.render(data, "images/")

@@ -2,13 +2,13 @@
 
 For each of the five papers (``--paper asgo|sketchy|root_free|mbf|agd|all``), its headline claims
 are stated with where the paper makes them, checked by an experiment run with this library's own
-optimizers over several seeds (:mod:`precond_ref.reproduce.papers`), and given a verdict — holds,
+optimizers over several seeds (:mod:`precond_ref.compare.reproduce.papers`), and given a verdict — holds,
 does not hold, or inconclusive at this scale — by a rule fixed in code before the run
-(:mod:`precond_ref.reproduce.verdicts`). Output in ``--out``: ``reproduce.md`` (a table per paper),
+(:mod:`precond_ref.compare.reproduce.verdicts`). Output in ``--out``: ``reproduce.md`` (a table per paper),
 ``reproduce.json`` (every number, per seed) and ``reproduce_<paper>.png``; ``--docs`` also writes
 ``docs/reproduce.md``, ``docs/data/reproduce.json`` and ``docs/images/reproduce_<paper>.png``.
 
-Sizes (:mod:`precond_ref.reproduce.config`): the default takes about ten minutes of two CPU cores
+Sizes (:mod:`precond_ref.compare.reproduce.config`): the default takes about ten minutes of two CPU cores
 for all five papers; ``--quick`` seconds (a smoke test: its verdicts mean nothing); ``--size large``
 is a configuration for one GPU (``--device cuda``).
 
@@ -26,8 +26,8 @@ import sys
 import time
 from typing import Any
 
-from ..cli import UserError, nonnegative_int
-from ..compare import _importable, _prepare_out_dir as _prepare
+from ...cli import UserError, nonnegative_int
+from .. import _importable, _prepare_out_dir as _prepare
 from .config import PAPERS, SIZES
 
 __all__ = ["add_arguments", "run", "PAPER_NAMES", "INSTALL"]
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
         "papers": {},
     }
-    from ..benchmarks.common import machine
+    from ...benchmarks.common import machine
 
     data["machine"] = machine(str(dev), ["torch"])
     started, cpu = time.perf_counter(), time.process_time()

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..adapters import torch as pt
-from ..benchmarks import common
-from ..compare import digits, grid_factors
-from ..compare.methods import entry_by_name
-from ..compare.training import make_torch_optimizer
+from ...adapters import torch as pt
+from ...benchmarks import common
+from .. import digits, grid_factors
+from ..methods import entry_by_name
+from ..training import make_torch_optimizer
 from . import baselines
 
 DTYPE = torch.float32
@@ -246,7 +246,7 @@ class CharTransformer(torch.nn.Module):
 
 
 _CORPUS: dict = {}
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 #: Left out of the corpus: what the command itself writes (the text must not depend on the last run).
 CORPUS_EXCLUDE = ("reproduce.md",)
 
@@ -258,7 +258,7 @@ def corpus() -> tuple:
         files = [f for f in files if f.exists() and f.name not in CORPUS_EXCLUDE]
         text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
         if len(text) < 10_000:
-            from ..cli import UserError
+            from ...cli import UserError
 
             raise UserError(f"the char-LM experiments need this project's README.md and docs/ (found {len(text)} characters under {ROOT})")
         vocabulary = sorted(set(text))

@@ -55,7 +55,7 @@ def render(data: dict, image_dir: str = "images/") -> str:
         "Each paper's headline claims, checked at the scale of a laptop CPU with this library's own optimizers: "
         "the claim and where the paper makes it, what the paper reports (quoted for comparison, never used in a "
         "computation), what this run measured, and a verdict reached by a rule fixed in code before the run "
-        "(`precond_ref/reproduce/verdicts.py`). The rules share one shape: a claim **holds** when it is true in "
+        "(`precond_ref/compare/reproduce/verdicts.py`). The rules share one shape: a claim **holds** when it is true in "
         "at least 2 of 3 seeds *and* its margin exceeds the seeds' spread (sample standard deviation); it **does "
         "not hold** when its negation passes that test; otherwise it is **inconclusive at this scale**. Numbers "
         "are mean ± sample std over the seeds. A claim that does not hold here may still hold at the paper's "
@@ -71,7 +71,7 @@ def render(data: dict, image_dir: str = "images/") -> str:
         "",
         "Baselines the library does not implement (Adam, AdamW, SGD-momentum, RMSProp) are `torch.optim`'s; "
         "Shampoo (one- and two-sided) and the online diagonal / full-matrix AdaGrad are minimal reference "
-        "baselines in `precond_ref/reproduce/baselines.py`, labelled as such. Learning rates are tuned by "
+        "baselines in `precond_ref/compare/reproduce/baselines.py`, labelled as such. Learning rates are tuned by "
         "`compare`'s protocol (a grid of powers of √10 around a centre, trained on 80% of the training data and "
         "scored on the other 20%, first seed) unless a line below says otherwise; every other hyperparameter is "
         "the paper's (or the authors' code's) where it transfers, as listed per paper.",

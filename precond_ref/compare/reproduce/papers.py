@@ -4,7 +4,7 @@ it ran and the curves of its plot (JSON-ready).
 A claim is ``{"id", "claim", "source", "paper_figure", "ours", "rule", "verdict", "values"}``:
 ``source`` is where the paper makes it, ``paper_figure`` what the paper (or, where said, its
 authors' code) reports, quoted, never used in a computation; ``ours`` and ``values`` come from this
-run; ``rule`` is the text of the :mod:`~precond_ref.reproduce.verdicts` rule that decided
+run; ``rule`` is the text of the :mod:`~precond_ref.compare.reproduce.verdicts` rule that decided
 ``verdict``, fixed in this module before the run.
 """
 
