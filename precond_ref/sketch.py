@@ -315,21 +315,7 @@ def _power_of_two_scale(xp: Any, value: Array) -> Array:
     return xp.where(positive, 2.0 ** xp.clip(xp.ceil(xp.log2(safe)), max=top), xp.ones_like(value))
 
 
-def fd_update(
-    xp: Any,
-    sketch: dict[str, Array],
-    x: Array,
-    *,
-    exponent: float,
-    decay: float = 1.0,
-    tail_decay: Optional[float] = None,
-    eps: float = 0.0,
-    relative_eps: bool = True,
-    delta: float = 0.0,
-    cutoff: bool = False,
-    noise_is_mass: bool = False,
-    decomposition: str = "svd",
-) -> tuple[dict[str, Array], Array]:
+def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tuple[dict[str, Array], Array]:
     r"""One FD step: add ``x @ x.T`` (``x`` of shape (..., d, m)) to the decayed sketch, refresh weights.
 
     Leading dimensions are a stack of independent sketches of equal shape (one batched call).
@@ -338,6 +324,9 @@ def fd_update(
     ----------
     sketch:
         The state of :func:`fd_init` or a previous :func:`fd_update`.
+    options:
+        Keyword-only, as :func:`_fd_step` declares them (``exponent`` is required; the others have
+        the defaults below).
     x:
         The new statistic's factor, (..., d, m); cast to the sketch dtype.
     exponent:
@@ -381,11 +370,7 @@ def fd_update(
         ``ok`` is a bool array of the stack's shape, False when ``x`` or the decomposition is not
         finite; the previous sketch is then returned unchanged (the caller counts the failure).
     """
-    new, ok, _ = _fd_step(
-        xp, sketch, x, exponent=exponent, decay=decay, tail_decay=tail_decay, eps=eps,
-        relative_eps=relative_eps, delta=delta, cutoff=cutoff, noise_is_mass=noise_is_mass,
-        decomposition=decomposition,
-    )
+    new, ok, _ = _fd_step(xp, sketch, x, **options)
     return new, ok
 
 
@@ -417,9 +402,16 @@ def _fd_step(
     cutoff: bool = False,
     noise_is_mass: bool = False,
     decomposition: str = "svd",
+    accept: Optional[Array] = None,
     apply: bool = False,
 ) -> tuple[dict[str, Array], Array, Optional[Array]]:
-    """:func:`fd_update`, and with ``apply`` also the new sketch applied to ``x`` (else None)."""
+    """:func:`fd_update`, and with ``apply`` also the new sketch applied to ``x`` (else None).
+
+    ``accept`` (a 0-D bool array or None) is the caller's own keep-or-discard decision for this
+    step (a transform's skip of a non-finite step): where it is False the previous sketch is
+    returned, by the same selection that discards a failed decomposition, so the caller need not
+    select every entry again. It does not change ``ok``.
+    """
     if decomposition not in _DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {_DECOMPOSITIONS}, got {decomposition!r}")
     basis, sigma, root = sketch["basis"], sketch["singular_values"], sketch["escaped_root"]
@@ -498,15 +490,16 @@ def _fd_step(
     ok = xp.logical_and(ok, xp.isfinite(complement))
     ok = xp.logical_and(ok, xp.isfinite(new_root))
     keep = xp.astype(mask, dtype)[..., None, :]
+    factor = ritz.frame if ritz.vectors is None else ritz.vectors
+    ok = xp.logical_and(ok, xp.all(xp.isfinite(factor), axis=(-2, -1)))
+    chosen = ok if accept is None else xp.logical_and(ok, accept)
     if ritz.vectors is not None:
-        ok = xp.logical_and(ok, xp.all(xp.isfinite(ritz.vectors), axis=(-2, -1)))
-        new_basis = xp.where(ok[..., None, None], ritz.vectors * keep, basis)
+        new_basis = xp.where(chosen[..., None, None], ritz.vectors * keep, basis)
     else:
         # [U, fresh] @ rotation, with the mask and the fallback (the rotation [I; 0] reproduces U
         # exactly) folded into the small rotation: a single pass writes the d x k basis.
-        ok = xp.logical_and(ok, xp.all(xp.isfinite(ritz.frame), axis=(-2, -1)))
         identity = xp.eye(r, k, dtype=dtype, device=placement(xp, s))
-        rotation = xp.where(ok[..., None, None], ritz.frame[..., :, :k] * keep, identity)
+        rotation = xp.where(chosen[..., None, None], ritz.frame[..., :, :k] * keep, identity)
         if apply:  # the direction's coefficients join the same product
             rotation = xp.concat([rotation, _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale)],
                                  axis=-1)
@@ -520,7 +513,7 @@ def _fd_step(
     }
     # Never let a failed decomposition poison the sketch (specs README rule 5, deviation K4).
     small = {
-        key: xp.where(xp.reshape(ok, ok.shape + (1,) * (value.ndim - ok.ndim)), value, sketch[key])
+        key: xp.where(xp.reshape(chosen, chosen.shape + (1,) * (value.ndim - chosen.ndim)), value, sketch[key])
         for key, value in small.items()
     }
     new = {"basis": new_basis, **small}
