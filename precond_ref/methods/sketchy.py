@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 from array_api_compat import device as array_device
 
-from .._backend import compute_dtype, cond, is_zero, scalar_array
+from .._backend import compute_dtype, cond, is_zero, scalar_array, torch_compiling
 from ..blocking import block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stable_hash, unfold
 from ..sketch import SKETCH_KEYS, fd_apply, fd_init, fd_update, fd_update_apply
 from ..tree import path_str, tree_flatten
@@ -246,7 +246,7 @@ def _settle(ctx: StepContext, sketches: dict[str, Array], basis: bool = True) ->
     transform: :func:`precond_ref.sketch.fd_update_apply`'s is a column slice of a wider product,
     which the transform's selection stores contiguous (a strided basis rounds the next steps'
     products differently, ~1e-13 relative in float64)."""
-    if ctx.ok is None or ctx.settled is None:
+    if ctx.ok is None or ctx.settled is None or torch_compiling():  # ids of traced values: recompiles
         return
     for key, value in sketches.items():
         if key != "sketch_failures" and (basis or not key.endswith("_basis")):
