@@ -62,7 +62,7 @@ import math
 from typing import Any, NamedTuple, Optional
 
 
-from ._backend import placement, scalar_zero
+from ._backend import is_number, placement, scalar_zero
 from .linalg import per_matrix, symmetrize
 
 __all__ = [
@@ -469,20 +469,28 @@ def _fd_step(
     # The weights' unit also covers the absolute shifts, which may dwarf the data (S-AdaGrad's delta
     # against tiny gradients: delta / scale^2 would overflow); ratio = 1 unless they do.
     absolute = delta if relative_eps else delta + eps
-    weight_scale = _power_of_two_scale(xp, xp.maximum(scale, zero + absolute**0.5))
-    ratio = scale / weight_scale
-    undeflated = undeflated * (ratio * ratio)[..., None]
+    no_delta = is_number(delta) and delta == 0
+    if is_number(absolute) and absolute == 0:
+        # No absolute shift (Sketchy's default, S-AdaGrad's delta = 0): the weights' unit is the
+        # data's, a power of two already (ratio 1), and the four passes below that scale by it
+        # would multiply by 1.
+        weight_scale, ratio = scale, None
+    else:
+        weight_scale = _power_of_two_scale(xp, xp.maximum(scale, zero + absolute**0.5))
+        ratio = scale / weight_scale
+        undeflated = undeflated * (ratio * ratio)[..., None]
     if relative_eps:
         eps_abs = eps * xp.max(undeflated, axis=-1)
     else:
         eps_abs = eps / weight_scale / weight_scale
-    shift = eps_abs + delta / weight_scale / weight_scale
+    shift = eps_abs if no_delta else eps_abs + delta / weight_scale / weight_scale
     unscale = weight_scale ** (2.0 * exponent)
     weights = _masked_power(xp, undeflated + shift[..., None], mask, exponent) * unscale[..., None]
-    present = (new_root + delta) > 0.0
+    present = (new_root if no_delta else new_root + delta) > 0.0
     if noise_is_mass and k < r:
         present = xp.logical_or(present, s[..., 0] > 0.0)
-    mass = (scaled_tail + shrink * shrink) * ratio * ratio + shift
+    mass = scaled_tail + shrink * shrink
+    mass = (mass if ratio is None else mass * ratio * ratio) + shift
     complement = _masked_power(xp, mass, xp.logical_and(present, mass > 0.0), exponent) * unscale
 
     ok = xp.logical_and(input_ok, xp.all(xp.isfinite(s), axis=-1))
