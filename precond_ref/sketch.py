@@ -520,8 +520,9 @@ def _fd_step(
         "complement_weight": complement,
     }
     # Never let a failed decomposition poison the sketch (specs README rule 5, deviation K4).
+    chosen_per_value = chosen[..., None]  # the selection for the k-vectors; the scalars take chosen
     small = {
-        key: xp.where(xp.reshape(chosen, chosen.shape + (1,) * (value.ndim - chosen.ndim)), value, sketch[key])
+        key: xp.where(chosen_per_value if value.ndim > chosen.ndim else chosen, value, sketch[key])
         for key, value in small.items()
     }
     new = {"basis": new_basis, **small}
