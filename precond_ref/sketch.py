@@ -62,7 +62,7 @@ import math
 from typing import Any, NamedTuple, Optional
 
 
-from ._backend import placement, scalar_zero
+from ._backend import is_number, placement, scalar_zero
 from .linalg import per_matrix, symmetrize
 
 __all__ = [
@@ -315,21 +315,7 @@ def _power_of_two_scale(xp: Any, value: Array) -> Array:
     return xp.where(positive, 2.0 ** xp.clip(xp.ceil(xp.log2(safe)), max=top), xp.ones_like(value))
 
 
-def fd_update(
-    xp: Any,
-    sketch: dict[str, Array],
-    x: Array,
-    *,
-    exponent: float,
-    decay: float = 1.0,
-    tail_decay: Optional[float] = None,
-    eps: float = 0.0,
-    relative_eps: bool = True,
-    delta: float = 0.0,
-    cutoff: bool = False,
-    noise_is_mass: bool = False,
-    decomposition: str = "svd",
-) -> tuple[dict[str, Array], Array]:
+def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tuple[dict[str, Array], Array]:
     r"""One FD step: add ``x @ x.T`` (``x`` of shape (..., d, m)) to the decayed sketch, refresh weights.
 
     Leading dimensions are a stack of independent sketches of equal shape (one batched call).
@@ -338,6 +324,9 @@ def fd_update(
     ----------
     sketch:
         The state of :func:`fd_init` or a previous :func:`fd_update`.
+    options:
+        Keyword-only, as :func:`_fd_step` declares them (``exponent`` is required; the others have
+        the defaults below).
     x:
         The new statistic's factor, (..., d, m); cast to the sketch dtype.
     exponent:
@@ -381,11 +370,7 @@ def fd_update(
         ``ok`` is a bool array of the stack's shape, False when ``x`` or the decomposition is not
         finite; the previous sketch is then returned unchanged (the caller counts the failure).
     """
-    new, ok, _ = _fd_step(
-        xp, sketch, x, exponent=exponent, decay=decay, tail_decay=tail_decay, eps=eps,
-        relative_eps=relative_eps, delta=delta, cutoff=cutoff, noise_is_mass=noise_is_mass,
-        decomposition=decomposition,
-    )
+    new, ok, _ = _fd_step(xp, sketch, x, **options)
     return new, ok
 
 
@@ -417,9 +402,16 @@ def _fd_step(
     cutoff: bool = False,
     noise_is_mass: bool = False,
     decomposition: str = "svd",
+    accept: Optional[Array] = None,
     apply: bool = False,
 ) -> tuple[dict[str, Array], Array, Optional[Array]]:
-    """:func:`fd_update`, and with ``apply`` also the new sketch applied to ``x`` (else None)."""
+    """:func:`fd_update`, and with ``apply`` also the new sketch applied to ``x`` (else None).
+
+    ``accept`` (a 0-D bool array or None) is the caller's own keep-or-discard decision for this
+    step (a transform's skip of a non-finite step): where it is False the previous sketch is
+    returned, by the same selection that discards a failed decomposition, so the caller need not
+    select every entry again. It does not change ``ok``.
+    """
     if decomposition not in _DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {_DECOMPOSITIONS}, got {decomposition!r}")
     basis, sigma, root = sketch["basis"], sketch["singular_values"], sketch["escaped_root"]
@@ -477,20 +469,28 @@ def _fd_step(
     # The weights' unit also covers the absolute shifts, which may dwarf the data (S-AdaGrad's delta
     # against tiny gradients: delta / scale^2 would overflow); ratio = 1 unless they do.
     absolute = delta if relative_eps else delta + eps
-    weight_scale = _power_of_two_scale(xp, xp.maximum(scale, zero + absolute**0.5))
-    ratio = scale / weight_scale
-    undeflated = undeflated * (ratio * ratio)[..., None]
+    no_delta = is_number(delta) and delta == 0
+    if is_number(absolute) and absolute == 0:
+        # No absolute shift (Sketchy's default, S-AdaGrad's delta = 0): the weights' unit is the
+        # data's, a power of two already (ratio 1), and the four passes below that scale by it
+        # would multiply by 1.
+        weight_scale, ratio = scale, None
+    else:
+        weight_scale = _power_of_two_scale(xp, xp.maximum(scale, zero + absolute**0.5))
+        ratio = scale / weight_scale
+        undeflated = undeflated * (ratio * ratio)[..., None]
     if relative_eps:
         eps_abs = eps * xp.max(undeflated, axis=-1)
     else:
         eps_abs = eps / weight_scale / weight_scale
-    shift = eps_abs + delta / weight_scale / weight_scale
+    shift = eps_abs if no_delta else eps_abs + delta / weight_scale / weight_scale
     unscale = weight_scale ** (2.0 * exponent)
     weights = _masked_power(xp, undeflated + shift[..., None], mask, exponent) * unscale[..., None]
-    present = (new_root + delta) > 0.0
+    present = (new_root if no_delta else new_root + delta) > 0.0
     if noise_is_mass and k < r:
         present = xp.logical_or(present, s[..., 0] > 0.0)
-    mass = (scaled_tail + shrink * shrink) * ratio * ratio + shift
+    mass = scaled_tail + shrink * shrink
+    mass = (mass if ratio is None else mass * ratio * ratio) + shift
     complement = _masked_power(xp, mass, xp.logical_and(present, mass > 0.0), exponent) * unscale
 
     ok = xp.logical_and(input_ok, xp.all(xp.isfinite(s), axis=-1))
@@ -498,15 +498,16 @@ def _fd_step(
     ok = xp.logical_and(ok, xp.isfinite(complement))
     ok = xp.logical_and(ok, xp.isfinite(new_root))
     keep = xp.astype(mask, dtype)[..., None, :]
+    factor = ritz.frame if ritz.vectors is None else ritz.vectors
+    ok = xp.logical_and(ok, xp.all(xp.isfinite(factor), axis=(-2, -1)))
+    chosen = ok if accept is None else xp.logical_and(ok, accept)
     if ritz.vectors is not None:
-        ok = xp.logical_and(ok, xp.all(xp.isfinite(ritz.vectors), axis=(-2, -1)))
-        new_basis = xp.where(ok[..., None, None], ritz.vectors * keep, basis)
+        new_basis = xp.where(chosen[..., None, None], ritz.vectors * keep, basis)
     else:
         # [U, fresh] @ rotation, with the mask and the fallback (the rotation [I; 0] reproduces U
         # exactly) folded into the small rotation: a single pass writes the d x k basis.
-        ok = xp.logical_and(ok, xp.all(xp.isfinite(ritz.frame), axis=(-2, -1)))
         identity = xp.eye(r, k, dtype=dtype, device=placement(xp, s))
-        rotation = xp.where(ok[..., None, None], ritz.frame[..., :, :k] * keep, identity)
+        rotation = xp.where(chosen[..., None, None], ritz.frame[..., :, :k] * keep, identity)
         if apply:  # the direction's coefficients join the same product
             rotation = xp.concat([rotation, _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale)],
                                  axis=-1)
@@ -519,8 +520,9 @@ def _fd_step(
         "complement_weight": complement,
     }
     # Never let a failed decomposition poison the sketch (specs README rule 5, deviation K4).
+    chosen_per_value = chosen[..., None]  # the selection for the k-vectors; the scalars take chosen
     small = {
-        key: xp.where(xp.reshape(ok, ok.shape + (1,) * (value.ndim - ok.ndim)), value, sketch[key])
+        key: xp.where(chosen_per_value if value.ndim > chosen.ndim else chosen, value, sketch[key])
         for key, value in small.items()
     }
     new = {"basis": new_basis, **small}

@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 from array_api_compat import device as array_device
 
-from .._backend import compute_dtype, cond, is_zero, scalar_array
+from .._backend import compute_dtype, cond, is_zero, scalar_array, torch_compiling
 from ..blocking import block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stable_hash, unfold
 from ..sketch import SKETCH_KEYS, fd_apply, fd_init, fd_update, fd_update_apply
 from ..tree import path_str, tree_flatten
@@ -207,14 +207,15 @@ def _run_rows(xp: Any, axis: _AxisPlan, run: _Run, flat: Array) -> Array:
 
 def _refresh_sketches(
     xp: Any, plan: _LeafPlan, sketches: dict[str, Array], merged: Array, fd_options: dict[str, Any],
-    apply: bool = False, phase: Optional[int] = None,
+    apply: bool = False, phase: Optional[int] = None, accept: Optional[Array] = None,
 ) -> tuple[dict[str, Array], list[Array]]:
     """FD-update the axes (and block runs) of one leaf in refresh phase ``phase`` (every run if
     None) from the same gradient (spec §2.2): their new sketch entries and ``sketch_failures``.
 
     With ``apply`` (a one-axis plan: S-AdaGrad's flattened gradient), also the new sketches applied
     to that gradient's rows, by :func:`precond_ref.sketch.fd_update_apply`, one part per run
-    updated; else an empty list.
+    updated; else an empty list. ``accept`` is the step's skip predicate (``StepContext.ok``), folded
+    into the FD step's own selection of the previous sketch (see :func:`_settle`).
     """
     new = {}
     failures = sketches["sketch_failures"]
@@ -226,15 +227,30 @@ def _refresh_sketches(
                 continue
             args = (xp, _sketch_of(sketches, axis, j), _run_rows(xp, axis, run, x))
             if apply:
-                sketch, ok, out = fd_update_apply(*args, exponent=plan.exponent, **fd_options)
+                sketch, ok, out = fd_update_apply(*args, exponent=plan.exponent, accept=accept, **fd_options)
                 parts.append(out)
             else:
-                sketch, ok = fd_update(*args, exponent=plan.exponent, **fd_options)
+                sketch, ok = fd_update(*args, exponent=plan.exponent, accept=accept, **fd_options)
             failures = failures + xp.sum(1 - xp.astype(ok, xp.int32), dtype=xp.int32)
             for name, value in sketch.items():
                 new[axis.key(j, name)] = value
     new["sketch_failures"] = failures
     return new, parts
+
+
+def _settle(ctx: StepContext, sketches: dict[str, Array], basis: bool = True) -> None:
+    """Tell the transform that the sketch entries need no skip selection of their own: a refresh
+    made with ``accept=ctx.ok`` already returned the previous entry on a skipped step, and a phase
+    not due returned it unchanged (one d x k ``where`` less per sketch and step). The failure
+    counter is not settled: the transform selects it. ``basis=False`` leaves the bases to the
+    transform: :func:`precond_ref.sketch.fd_update_apply`'s is a column slice of a wider product,
+    which the transform's selection stores contiguous (a strided basis rounds the next steps'
+    products differently, ~1e-13 relative in float64)."""
+    if ctx.ok is None or ctx.settled is None or torch_compiling():  # ids of traced values: recompiles
+        return
+    for key, value in sketches.items():
+        if key != "sketch_failures" and (basis or not key.endswith("_basis")):
+            ctx.settled[id(value)] = value
 
 
 def _phase_entries(plan: _LeafPlan, sketches: dict[str, Array], phase: int) -> dict[str, Array]:
@@ -289,11 +305,12 @@ def _sketched_direction(
         sketches = {**sketches, **cond(
             xp,
             ctx.every(due),
-            lambda s, x, p=phase: _refresh_sketches(xp, plan, s, x, fd_options, phase=p)[0],
+            lambda s, x, p=phase: _refresh_sketches(xp, plan, s, x, fd_options, phase=p, accept=ctx.ok)[0],
             lambda s, x: dict(s),
             _phase_entries(plan, sketches, phase),
             merged,
         )}
+    _settle(ctx, sketches)
     direction = _precondition(xp, plan, sketches, merged)
     return xp.reshape(direction, tuple(g.shape)), sketches
 
@@ -900,14 +917,15 @@ def _adagrad_direction(
     (:func:`precond_ref.sketch.fd_update_apply`); the other runs apply their last sketch."""
     axis = plan.axes[0]
     if len(dues) == 1 and dues[0] == 1:  # every run, every step (the authors' schedule)
-        new, parts = _refresh_sketches(xp, plan, sketches, column, fd_options, apply=True)
+        new, parts = _refresh_sketches(xp, plan, sketches, column, fd_options, apply=True, accept=ctx.ok)
+        _settle(ctx, new, basis=False)
         return new, _join_runs(xp, axis, parts)
     outs: dict[int, Array] = {}
     for phase, due in _phases_present(plan, dues):
         runs = [j for j, run in enumerate(axis.runs) if run.phase == phase]
 
         def refresh(s: dict, x: Array, p: int = phase, runs: list = runs) -> dict:
-            new, parts = _refresh_sketches(xp, plan, s, x, fd_options, apply=True, phase=p)
+            new, parts = _refresh_sketches(xp, plan, s, x, fd_options, apply=True, phase=p, accept=ctx.ok)
             return {**new, **{f"out{j}": out for j, out in zip(runs, parts)}}
 
         def keep(s: dict, x: Array, runs: list = runs) -> dict:
@@ -917,4 +935,5 @@ def _adagrad_direction(
         result = cond(xp, ctx.every(due), refresh, keep, _phase_entries(plan, sketches, phase), column)
         outs.update({j: result.pop(f"out{j}") for j in runs})
         sketches = {**sketches, **result}
+    _settle(ctx, sketches, basis=False)
     return sketches, _join_runs(xp, axis, [outs[j] for j in range(len(axis.runs))])
