@@ -20,9 +20,11 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device
 
-from .._backend import as_operand, cast, compute_dtype, computed_once, cond, is_number, is_zero, placement, scalar_zero
-from ..blocking import block_bounds, on_stacks, spread_schedule
-from ..linalg import half_precision_dtype, kl_clip_factor, mode_gram, mode_product
+from .._backend import (
+    as_operand, cast, compute_dtype, computed_once, cond, is_number, is_zero, placement, scalar_array, scalar_zero,
+)
+from ..blocking import block_bounds, spread_schedule
+from ..linalg import half_precision_dtype, mode_gram, mode_product
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
@@ -566,7 +568,7 @@ def _from_tiles(xp, tiles, counts: tuple, size: tuple):
 # --------------------------------------------------------------------------------------------
 # IF-Shampoo numerics, written for a stack of groups of one shape (a leading block axis b, as DASH
 # writes its block operations): grouped tensors (b, d_1, ..., d_N), dense factors (b, d, d),
-# diagonal factors (b, d). blocking.on_stacks forms the stacks, so b equal-shape groups share every
+# diagonal factors (b, d). if_shampoo's `stacks` forms the stacks, so b equal-shape groups share every
 # product. Each helper below is one piece of math for both factor structures; its docstring states
 # the plain formula and tests/methods/test_root_free_helpers.py checks it against that formula.
 
@@ -713,6 +715,46 @@ def _principled_keep_unusable(xp, grouped, old, new):
     accept = xp.logical_and(finite, nonzero)
     kept = tuple(xp.where(_per_member(xp, accept, len(a.shape) - 1), a, b) for a, b in zip(new, old))
     return kept + (xp.logical_and(xp.logical_not(finite), nonzero),)
+
+
+def _per_step_operands(xp) -> Callable[[Any, Any], Any]:
+    """``operand(value, like)``: a hyperparameter as an operand of arithmetic with ``like``, made once
+    per step and dtype: a 0-D array of ``like``'s dtype (torch turns a Python number into a fresh
+    tensor at every operation it meets), or ``astype(value)`` of an array hyperparameter."""
+    made: dict = {}
+
+    def operand(value: Any, like: Any) -> Any:
+        key = (value if _is_number(value) else id(value), like.dtype)
+        if key not in made:
+            made[key] = (scalar_array(xp, value, like.dtype, array_device(like)) if _is_number(value)
+                         else xp.astype(value, like.dtype))
+        return made[key]
+
+    return operand
+
+
+def _tile_inner(xp, D, G):
+    """``⟨D_b, G_b⟩`` for every block b of a stack (G taken in D's dtype)."""
+    return xp.sum(D * cast(xp, G, D.dtype), axis=tuple(range(1, len(D.shape))))
+
+
+def _kl_clip_scales(xp, inner: Sequence[Any], learning_rate: Any, kl_clip: Any) -> list:
+    """S8's ``ν_g = min(1, √(κ/(η²⟨D_g, G_g⟩)))`` for every group g from its 0-D ``⟨D_g, G_g⟩``:
+    :func:`precond_ref.linalg.kl_clip_factor`'s formula, computed once for a vector of all groups
+    of one dtype instead of once per group."""
+    nu: list = [None] * len(inner)
+    by_dtype: dict = {}
+    for g, value in enumerate(inner):
+        by_dtype.setdefault(value.dtype, []).append(g)
+    for dtype, members in by_dtype.items():
+        lr, limit = as_operand(xp, learning_rate, dtype), as_operand(xp, kl_clip, dtype)
+        quadratic = lr * lr * xp.stack([inner[g] for g in members])
+        clipped = quadratic > limit
+        safe = xp.where(clipped, quadratic, xp.ones_like(quadratic))
+        scales = xp.where(clipped, xp.sqrt(limit / safe), xp.ones_like(quadratic))
+        for g, scale in zip(members, xp.unstack(scales)):
+            nu[g] = scale
+    return nu
 
 
 def _per_axis(option: Any, rank: int, what: str, where: str) -> tuple:
@@ -1135,26 +1177,33 @@ def if_shampoo(
                         new[i]["factor_failures"] = new[i]["factor_failures"] + xp.sum(part, dtype=xp.int32)
 
         parts: list = [[] for _ in groups]  # D = G ×_1 P_1 … ×_N P_N, tile by tile
+        inner: list = [[] for _ in groups]  # ⟨D, G⟩ of the group's tiles (S8)
         for chosen, tiles, G, K in stacks(xp, groups, new, None, refreshing=False):
-            for i, positions, part in per_member(chosen, _precondition(xp, G, K, rescale=faithful or half_factors(xp, K))):
+            D = _precondition(xp, G, K, rescale=faithful or half_factors(xp, K))
+            for i, positions, part in per_member(chosen, D):
                 parts[i].append((positions, part))
+            if use_kl_clip:
+                for i, _, part in per_member(chosen, _tile_inner(xp, D, G)):
+                    inner[i].append(xp.sum(part))
+        hyper = _per_step_operands(xp)
+        minus_eta = -eta  # exact in every dtype: once, not once per leaf
+        nu = _kl_clip_scales(xp, [sum(g[1:], g[0]) for g in inner], eta, kl_clip) if use_kl_clip else None
 
         results = []
-        for group, group_parts, state, new_state, params in zip(groups, parts, states, new, params_list):
+        for g, (group, group_parts, state, new_state, params) in enumerate(zip(groups, parts, states, new, params_list)):
             D = assembled(xp, group, group_parts)
             if use_kl_clip:  # S8, K-FAC's order: clip the preconditioned gradient, then the momentum
-                dtype = D.dtype
-                D = D * kl_clip_factor(D, cast(xp, group.grouped, dtype), as_operand(xp, eta, dtype), as_operand(xp, kl_clip, dtype))
+                D = D * nu[g]  # D ← ν D
             updates = []
             for k, U in enumerate(_ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
                 if use_decay:
                     U = U + as_operand(xp, weight_decay, U.dtype) * cast(xp, params[k], U.dtype)  # U = D + κW
                 if use_momentum:
                     v = state[f"momentum_{k}"]
-                    U = new_state[f"momentum_{k}"] = as_operand(xp, momentum, v.dtype) * v + cast(xp, U, v.dtype)
+                    U = new_state[f"momentum_{k}"] = hyper(momentum, v) * v + cast(xp, U, v.dtype)  # v ← α₁ v + U
                 else:
                     U = cast(xp, U, group.work_dtype)
-                updates.append(-as_operand(xp, eta, U.dtype) * U)  # W ← W − η v
+                updates.append(hyper(minus_eta, U) * U)  # W ← W − η v
             results.append((tuple(updates), new_state))
         return results
 
