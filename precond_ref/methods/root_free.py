@@ -1128,6 +1128,16 @@ def if_shampoo(
         by_tile = {t: part[0, ...] for positions, part in parts for t in positions}  # one tile a part
         return _join(xp, [by_tile[t] for t in range(len(group.tiles))], group.counts)
 
+    def store(xp, new, chosen, tiles, state, failed) -> None:
+        """A refreshed stack back into the groups' new states, tile by tile (one ``unstack`` per
+        entry); principled: each group adds its tiles' failures to its count (S3)."""
+        for k, entry in enumerate(state):
+            for (i, tile), tile_entry in zip(tiles, xp.unstack(entry)):
+                new[i][factor_names(tile, True)[k]] = tile_entry
+        if not faithful:
+            for i, _, part in per_member(chosen, xp.astype(failed, xp.int32)):
+                new[i]["factor_failures"] = new[i]["factor_failures"] + xp.sum(part, dtype=xp.int32)
+
     def refreshed(xp, B, G, lr, *state):
         """Figure 3's factor step on one stack of tiles: K_n, m_n, and per tile whether it failed (S2, S3)."""
         rank, dtype = len(G.shape) - 1, state[0].dtype
@@ -1169,12 +1179,7 @@ def if_shampoo(
             for chosen, tiles, G, state in stacks(xp, groups, new, phase, refreshing=True):
                 lr = beta2 * xp.stack([new[i]["preconditioner_lr_scale"] for i, _ in tiles]) if scaled_beta2 else beta2
                 *state, failed = cond(xp, due, partial(refreshed, xp, B, G, lr), partial(unchanged, xp, G), *state)
-                for k, a in enumerate(state):
-                    for (i, tile), tile_state in zip(tiles, xp.unstack(a)):
-                        new[i][factor_names(tile, True)[k]] = tile_state
-                if not faithful:  # S3: a group counts its tiles' failures
-                    for i, _, part in per_member(chosen, xp.astype(failed, xp.int32)):
-                        new[i]["factor_failures"] = new[i]["factor_failures"] + xp.sum(part, dtype=xp.int32)
+                store(xp, new, chosen, tiles, state, failed)
 
         parts: list = [[] for _ in groups]  # D = G ×_1 P_1 … ×_N P_N, tile by tile
         inner: list = [[] for _ in groups]  # ⟨D, G⟩ of the group's tiles (S8)
@@ -1197,7 +1202,7 @@ def if_shampoo(
             updates = []
             for k, U in enumerate(_ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
                 if use_decay:
-                    U = U + as_operand(xp, weight_decay, U.dtype) * cast(xp, params[k], U.dtype)  # U = D + κW
+                    U = U + hyper(weight_decay, U) * cast(xp, params[k], U.dtype)  # U = D + κW
                 if use_momentum:
                     v = state[f"momentum_{k}"]
                     U = new_state[f"momentum_{k}"] = hyper(momentum, v) * v + cast(xp, U, v.dtype)  # v ← α₁ v + U
