@@ -412,7 +412,7 @@ def _grouped_shape(shapes: Sequence[tuple], out_first: bool) -> tuple[tuple, tup
 def _group_tensor(xp, leaves, full, squeezed, out_first: bool, dtype):
     leaves = [cast(xp, x, dtype) for x in leaves]
     if len(leaves) == 1:
-        return xp.reshape(leaves[0], squeezed)
+        return leaves[0] if tuple(leaves[0].shape) == squeezed else xp.reshape(leaves[0], squeezed)
     weight, bias = leaves
     if out_first:
         grouped = xp.concat([weight, xp.reshape(bias, (full[0], 1))], axis=1)
@@ -423,7 +423,7 @@ def _group_tensor(xp, leaves, full, squeezed, out_first: bool, dtype):
 
 def _ungroup_tensor(xp, grouped, shapes, full, out_first: bool):
     if len(shapes) == 1:
-        return (xp.reshape(grouped, shapes[0]),)
+        return (grouped if tuple(grouped.shape) == tuple(shapes[0]) else xp.reshape(grouped, shapes[0]),)
     grouped = xp.reshape(grouped, full)
     rows, cols = shapes[0]
     if out_first:
