@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device
 
-from .._backend import as_operand, cast, compute_dtype, computed_once, cond, is_number, is_zero, placement, scalar_zero
-from ..blocking import block_bounds, on_stacks, spread_schedule
-from ..linalg import half_precision_dtype, kl_clip_factor, mode_gram, mode_product
+from .._backend import (
+    as_operand, cast, compute_dtype, computed_once, cond, is_number, is_zero, placement, scalar_array, scalar_zero,
+)
+from ..blocking import block_bounds, spread_schedule
+from ..linalg import half_precision_dtype, mode_gram, mode_product
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
@@ -389,6 +392,10 @@ class _Group(NamedTuple):
     full: tuple  # G's shape before squeezing
     out_first: bool  # bias as an extra column (out-first weight) or row (out-last kernel)
     work_dtype: Any
+    tiles: tuple  # its _Tile's, row-major
+    counts: tuple  # tiles per axis
+    size: Optional[tuple]  # the common tile shape; None where an axis ends in a shorter tile
+    stacked: Any  # its tiles as one stack (k, *size) when they are equal, else None
 
 
 def _grouped_shape(shapes: Sequence[tuple], out_first: bool) -> tuple[tuple, tuple]:
@@ -405,7 +412,7 @@ def _grouped_shape(shapes: Sequence[tuple], out_first: bool) -> tuple[tuple, tup
 def _group_tensor(xp, leaves, full, squeezed, out_first: bool, dtype):
     leaves = [cast(xp, x, dtype) for x in leaves]
     if len(leaves) == 1:
-        return xp.reshape(leaves[0], squeezed)
+        return leaves[0] if tuple(leaves[0].shape) == squeezed else xp.reshape(leaves[0], squeezed)
     weight, bias = leaves
     if out_first:
         grouped = xp.concat([weight, xp.reshape(bias, (full[0], 1))], axis=1)
@@ -416,7 +423,7 @@ def _group_tensor(xp, leaves, full, squeezed, out_first: bool, dtype):
 
 def _ungroup_tensor(xp, grouped, shapes, full, out_first: bool):
     if len(shapes) == 1:
-        return (xp.reshape(grouped, shapes[0]),)
+        return (grouped if tuple(grouped.shape) == tuple(shapes[0]) else xp.reshape(grouped, shapes[0]),)
     grouped = xp.reshape(grouped, full)
     rows, cols = shapes[0]
     if out_first:
@@ -525,10 +532,43 @@ def _join(xp, pieces: Sequence[Any], counts: Sequence[int]):
     return xp.concat(rows, axis=len(pieces[0].shape) - len(counts))
 
 
+def _grid(tiles: Sequence[_Tile]) -> tuple[tuple, Optional[tuple]]:
+    """(tiles per axis, the common tile shape or ``None`` when the last tile of an axis is shorter)."""
+    rank = len(tiles[0].index)
+    bounds = [sorted({tile.index[n] for tile in tiles}) for n in range(rank)]
+    counts = tuple(len(b) for b in bounds)
+    sizes = [{stop - start for start, stop in b} for b in bounds]
+    return counts, (tuple(s.pop() for s in sizes) if all(len(s) == 1 for s in sizes) else None)
+
+
+def _to_tiles(xp, G, counts: tuple, size: tuple):
+    """The stack ``(k, b_1, ..., b_N)`` of the equal tiles of ``G`` in row-major order: one reshape
+    to ``(c_1, b_1, ..., c_N, b_N)`` and one transpose, not ``k`` slices."""
+    if math.prod(counts) == 1:
+        return G[None, ...]
+    if all(c == 1 for c in counts[1:]):  # only the first axis is cut: the tiles are contiguous
+        return xp.reshape(G, (counts[0],) + size)
+    rank = len(counts)
+    split = xp.reshape(G, tuple(x for pair in zip(counts, size) for x in pair))
+    grid_first = xp.permute_dims(split, tuple(range(0, 2 * rank, 2)) + tuple(range(1, 2 * rank, 2)))
+    return xp.reshape(grid_first, (math.prod(counts),) + size)
+
+
+def _from_tiles(xp, tiles, counts: tuple, size: tuple):
+    """The tensor whose equal tiles, in row-major order, are the stack ``tiles`` (inverse of :func:`_to_tiles`)."""
+    dims = tuple(c * b for c, b in zip(counts, size))
+    if math.prod(counts) == 1 or all(c == 1 for c in counts[1:]):
+        return xp.reshape(tiles, dims)
+    rank = len(counts)
+    grid_first = xp.reshape(tiles, counts + size)
+    split = xp.permute_dims(grid_first, tuple(x for n in range(rank) for x in (n, rank + n)))
+    return xp.reshape(split, dims)
+
+
 # --------------------------------------------------------------------------------------------
 # IF-Shampoo numerics, written for a stack of groups of one shape (a leading block axis b, as DASH
 # writes its block operations): grouped tensors (b, d_1, ..., d_N), dense factors (b, d, d),
-# diagonal factors (b, d). blocking.on_stacks forms the stacks, so b equal-shape groups share every
+# diagonal factors (b, d). if_shampoo's `stacks` forms the stacks, so b equal-shape groups share every
 # product. Each helper below is one piece of math for both factor structures; its docstring states
 # the plain formula and tests/methods/test_root_free_helpers.py checks it against that formula.
 
@@ -662,9 +702,10 @@ def _precondition(xp, grouped, factors, rescale: bool):
     return grouped
 
 
-def _principled_keep_unusable(xp, grouped, old, new, failures):
+def _principled_keep_unusable(xp, grouped, old, new):
     """S2, S3 per group of a stack: a group whose gradient is exactly zero keeps its factor state
-    ``old`` (S2), so does one whose new state is not finite, which is counted in ``failures`` (S3).
+    ``old`` (S2), so does one whose new state is not finite (S3). Returns the kept state and, per
+    group, whether it failed (a non-finite state from a non-zero gradient; counted by the caller).
     Element-wise (``where``): no device value is read."""
     nonzero = xp.any(grouped != 0.0, axis=tuple(range(1, len(grouped.shape))))
     finite = None
@@ -673,8 +714,47 @@ def _principled_keep_unusable(xp, grouped, old, new, failures):
         finite = ok if finite is None else xp.logical_and(finite, ok)
     accept = xp.logical_and(finite, nonzero)
     kept = tuple(xp.where(_per_member(xp, accept, len(a.shape) - 1), a, b) for a, b in zip(new, old))
-    failed = xp.logical_and(xp.logical_not(finite), nonzero)
-    return kept + (failures + xp.astype(failed, failures.dtype),)
+    return kept + (xp.logical_and(xp.logical_not(finite), nonzero),)
+
+
+def _per_step_operands(xp) -> Callable[[Any, Any], Any]:
+    """``operand(value, like)``: a hyperparameter as an operand of arithmetic with ``like``, made once
+    per step and dtype: a 0-D array of ``like``'s dtype (torch turns a Python number into a fresh
+    tensor at every operation it meets), or ``astype(value)`` of an array hyperparameter."""
+    made: dict = {}
+
+    def operand(value: Any, like: Any) -> Any:
+        key = (value if _is_number(value) else id(value), like.dtype)
+        if key not in made:
+            made[key] = (scalar_array(xp, value, like.dtype, array_device(like)) if _is_number(value)
+                         else xp.astype(value, like.dtype))
+        return made[key]
+
+    return operand
+
+
+def _tile_inner(xp, D, G):
+    """``⟨D_b, G_b⟩`` for every block b of a stack (G taken in D's dtype)."""
+    return xp.sum(D * cast(xp, G, D.dtype), axis=tuple(range(1, len(D.shape))))
+
+
+def _kl_clip_scales(xp, inner: Sequence[Any], learning_rate: Any, kl_clip: Any) -> list:
+    """S8's ``ν_g = min(1, √(κ/(η²⟨D_g, G_g⟩)))`` for every group g from its 0-D ``⟨D_g, G_g⟩``:
+    :func:`precond_ref.linalg.kl_clip_factor`'s formula, computed once for a vector of all groups
+    of one dtype instead of once per group."""
+    nu: list = [None] * len(inner)
+    by_dtype: dict = {}
+    for g, value in enumerate(inner):
+        by_dtype.setdefault(value.dtype, []).append(g)
+    for dtype, members in by_dtype.items():
+        lr, limit = as_operand(xp, learning_rate, dtype), as_operand(xp, kl_clip, dtype)
+        quadratic = lr * lr * xp.stack([inner[g] for g in members])
+        clipped = quadratic > limit
+        safe = xp.where(clipped, quadratic, xp.ones_like(quadratic))
+        scales = xp.where(clipped, xp.sqrt(limit / safe), xp.ones_like(quadratic))
+        for g, scale in zip(members, xp.unstack(scales)):
+            nu[g] = scale
+    return nu
 
 
 def _per_axis(option: Any, rank: int, what: str, where: str) -> tuple:
@@ -919,6 +999,7 @@ def if_shampoo(
     # (and on the first call); phase 0 is the plain interval, so an unblocked model refreshes as before.
     spread = spread_refresh and isinstance(precondition_every, int) and precondition_every > 1
     refresh_at = spread_schedule(precondition_every, spread)
+    scaled_beta2 = preconditioner_lr_scale is not None  # one β₂ per group
 
     def plan(shapes, out_first: bool, where: str) -> tuple:
         """(squeezed dims, per-axis diagonal flags, tiles) of a group's tensor."""
@@ -965,16 +1046,9 @@ def if_shampoo(
     def half_factors(xp, factors) -> bool:
         return any(xp.finfo(f.dtype).bits < 32 for f in factors)
 
-    def factor_state(state, tile: _Tile) -> tuple:
-        """A tile's factor state as a flat tuple: K_1..K_N, then m_1..m_N (if α₂ ≠ 0), then the
-        group's failure count (principled)."""
-        momenta = tuple(state[k] for k in tile.momentum_names) if use_factor_momentum else ()
-        failures = () if faithful else (state["factor_failures"],)
-        return tuple(state[k] for k in tile.names) + momenta + failures
-
-    def factor_names(tile: _Tile) -> list:
-        """The state keys of :func:`factor_state`'s entries, failure count excepted."""
-        return list(tile.names) + (list(tile.momentum_names) if use_factor_momentum else [])
+    def factor_names(tile: _Tile, refreshing: bool) -> tuple:
+        """A tile's state keys on the stack: K_1..K_N, then (refreshing, α₂ ≠ 0) m_1..m_N."""
+        return tile.names + (tile.momentum_names if refreshing and use_factor_momentum else ())
 
     def laid_out(state, shapes, where: str):
         """Out-first (weight (d_out, d_in)) or out-last pairing, read off the state's factor sizes,
@@ -1001,7 +1075,84 @@ def if_shampoo(
         full, squeezed = _grouped_shape(shapes, out_first)
         work_dtype = grads[0].dtype if faithful else compute_dtype(xp, grads[0].dtype)
         grouped = _group_tensor(xp, grads, full, squeezed, out_first, work_dtype)
-        return _Group(grouped, len(dims), shapes, full, out_first, work_dtype), tiles
+        counts, size = _grid(tiles)
+        stacked = None if size is None else _to_tiles(xp, grouped, counts, size)
+        return _Group(grouped, len(dims), shapes, full, out_first, work_dtype, tiles, counts, size, stacked)
+
+    def members(xp, groups, phase):
+        """The tiles on refresh phase ``phase`` (all tiles: ``None``) as (group, tile positions, their
+        G tiles (k, b_1, ..., b_N)): one member per group of equal tiles (the phase's tiles are every
+        T-th), one per tile where an axis ends in a shorter tile."""
+        out = []
+        for i, group in enumerate(groups):
+            chosen = [t for t, tile in enumerate(group.tiles) if phase is None or tile.offset == phase]
+            if not chosen:
+                continue
+            if group.size is None:
+                out += [(i, (t,), _cut(group.grouped, group.tiles[t].index)[None, ...]) for t in chosen]
+            elif len(chosen) == len(group.tiles):
+                out.append((i, tuple(chosen), group.stacked))
+            else:
+                every = chosen[1] - chosen[0] if len(chosen) > 1 else 1
+                out.append((i, tuple(chosen), group.stacked[chosen[0] : chosen[-1] + 1 : every, ...]))
+        return out
+
+    def stacks(xp, groups, states, phase, refreshing: bool):
+        """The members of :func:`members` with one tile shape, factor layout and device, as stacks:
+        (members, their tiles [(group, tile)], G (b, ...), state (K_1..K_N[, m_1..m_N]) each (b, ...)).
+        One ``concat``/``stack`` per operand, whatever the number of tiles."""
+        by_layout: dict = {}
+        for i, positions, G in members(xp, groups, phase):
+            first = groups[i].tiles[positions[0]]
+            key = (tuple(G.shape[1:]), G.dtype, str(array_device(G))) + tuple(
+                (tuple(states[i][k].shape), states[i][k].dtype) for k in first.names)
+            by_layout.setdefault(key, []).append((i, positions, G))
+        for chosen in by_layout.values():
+            tiles = [(i, groups[i].tiles[t]) for i, positions, _ in chosen for t in positions]
+            G = chosen[0][2] if len(chosen) == 1 else xp.concat([g for _, _, g in chosen], axis=0)
+            names = [factor_names(tile, refreshing) for _, tile in tiles]
+            state = tuple(xp.stack([states[i][n[k]] for (i, _), n in zip(tiles, names)]) for k in range(len(names[0])))
+            yield chosen, tiles, G, state
+
+    def per_member(chosen, stacked):
+        """A stack's array cut back into its members' parts: (group, tile positions, part)."""
+        if len(chosen) == 1:
+            return [(chosen[0][0], chosen[0][1], stacked)]
+        bounds = list(itertools.accumulate([len(p) for _, p, _ in chosen], initial=0))
+        return [(i, p, stacked[a:b, ...]) for (i, p, _), a, b in zip(chosen, bounds, bounds[1:])]
+
+    def assembled(xp, group, parts):
+        """The group's tensor from its tiles' parts [(tile positions, stack of those tiles)]."""
+        if group.size is not None:  # equal tiles: one part holds them all, in order
+            return _from_tiles(xp, parts[0][1], group.counts, group.size)
+        by_tile = {t: part[0, ...] for positions, part in parts for t in positions}  # one tile a part
+        return _join(xp, [by_tile[t] for t in range(len(group.tiles))], group.counts)
+
+    def store(xp, new, chosen, tiles, state, failed) -> None:
+        """A refreshed stack back into the groups' new states, tile by tile (one ``unstack`` per
+        entry); principled: each group adds its tiles' failures to its count (S3)."""
+        for k, entry in enumerate(state):
+            for (i, tile), tile_entry in zip(tiles, xp.unstack(entry)):
+                new[i][factor_names(tile, True)[k]] = tile_entry
+        if not faithful:
+            for i, _, part in per_member(chosen, xp.astype(failed, xp.int32)):
+                new[i]["factor_failures"] = new[i]["factor_failures"] + xp.sum(part, dtype=xp.int32)
+
+    def refreshed(xp, B, G, lr, *state):
+        """Figure 3's factor step on one stack of tiles: K_n, m_n, and per tile whether it failed (S2, S3)."""
+        rank, dtype = len(G.shape) - 1, state[0].dtype
+        sqrt_B = math.sqrt(B) if _is_number(B) else xp.sqrt(xp.astype(B, G.dtype))
+        K, m = _factor_step(
+            xp, G, state[:rank], state[rank:] if use_factor_momentum else None, sqrt_B, as_operand(xp, damping, dtype),
+            as_operand(xp, lr, dtype), as_operand(xp, preconditioner_momentum, dtype), clamp_factor_step,
+        )
+        new = K + (m or ())
+        if faithful:
+            return new + (xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G)),)
+        return _principled_keep_unusable(xp, G, state, new)
+
+    def unchanged(xp, G, *state):
+        return state + (xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G)),)
 
     # IF-Shampoo, Lin et al. (ICML 2024) Figure 3 / spec §2.3, for a group G with factors K_n, P_n = K_nK_nᵀ
     # (principled: for each tile of G, S9, with its own factors; tile t refreshes at its offset, S10):
@@ -1011,80 +1162,53 @@ def if_shampoo(
     #       m_n ← α₂ m_n + (1−α₂) M_n;  K_n ← K_n − β₂/max(1, ‖m_n‖_F)·K_n m_n   (S2, S3: kept if unusable)
     #   D = G ×_1 P_1 … ×_N P_N;  D ← ν D, ν = min(1, √(κ_clip/(η²⟨D, G⟩)))         (S8, principled)
     #   U = D + κW;  v ← α₁ v + U;  W ← W − η v
-    # The first two lines run on stacks of equal-shape tiles (blocking.on_stacks), the rest per group.
+    # The refresh and D run on stacks of equal tiles of all groups (`stacks`: a leading tile axis),
+    # the rest per group.
 
     def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
         xp = ctxs[0].xp
-        refresh = [ctxs[0].every(interval) for interval in refresh_at]  # per offset: a host bool, or an array
+        refresh = [ctxs[0].every(interval) for interval in refresh_at]  # per phase: a host bool, or an array
         B = _batch_size("if_shampoo", batch_size, ctxs[0])
         beta2, eta = ctxs[0].value(preconditioner_lr), ctxs[0].value(learning_rate)
-        scaled_beta2 = preconditioner_lr_scale is not None  # one β₂ per group (b,)
-        prepared = [prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)]
+        groups = [prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)]
+        new = [dict(state) for state in states]
 
-        def factor_step(G, beta2, *state):  # K_n, m_n (and S2, S3) of one stack of tiles
-            rank, dtype = len(G.shape) - 1, state[0].dtype
-            momenta = state[rank : 2 * rank] if use_factor_momentum else None
-            sqrt_B = math.sqrt(B) if _is_number(B) else xp.sqrt(xp.astype(B, G.dtype))
-            K, m = _factor_step(
-                xp, G, state[:rank], momenta, sqrt_B, as_operand(xp, damping, dtype), as_operand(xp, beta2, dtype),
-                as_operand(xp, preconditioner_momentum, dtype), clamp_factor_step,
-            )
-            new = K + (m or ())
-            return new if faithful else _principled_keep_unusable(xp, G, state[: len(new)], new, state[-1])
+        for phase, due in enumerate(refresh):  # K_n, m_n ← the factor step, on the tiles due (S10)
+            if due is False:
+                continue
+            for chosen, tiles, G, state in stacks(xp, groups, new, phase, refreshing=True):
+                lr = beta2 * xp.stack([new[i]["preconditioner_lr_scale"] for i, _ in tiles]) if scaled_beta2 else beta2
+                *state, failed = cond(xp, due, partial(refreshed, xp, B, G, lr), partial(unchanged, xp, G), *state)
+                store(xp, new, chosen, tiles, state, failed)
 
-        def stack_step(due):
-            def on_stack(G, *operands):  # one stack: the refresh (if due), then D = G ×_n P_n
-                scale, state = (operands[0], operands[1:]) if scaled_beta2 else (1.0, operands)
-                if due is not False:
-                    lr = beta2 * scale if scaled_beta2 else beta2
-                    state = cond(xp, due, lambda *s: factor_step(G, lr, *s), lambda *s: s, *state)
-                K = state[: len(G.shape) - 1]
-                return tuple(state) + (_precondition(xp, G, K, rescale=faithful or half_factors(xp, K)),)
-            return on_stack
-
-        def operands(group, tile, state):
-            scale = (state["preconditioner_lr_scale"][None, ...],) if scaled_beta2 else ()
-            own = factor_state(state, tile)
-            own = own[: group.rank] if refresh[tile.offset] is False else own  # a host decision: no factor step
-            return (_cut(group.grouped, tile.index)[None, ...],) + scale + tuple(a[None, ...] for a in own)
-
-        members = [(i, tile) for i, (group, tiles) in enumerate(prepared) for tile in tiles]
-        stepped = {}
-        for offset, due in enumerate(refresh):
-            chosen = [(i, tile) for i, tile in members if tile.offset == offset]
-            if chosen:
-                outs = on_stacks(xp, stack_step(due), [operands(prepared[i][0], tile, states[i]) for i, tile in chosen])
-                stepped.update({(i, tile.index): out for (i, tile), out in zip(chosen, outs)})
+        parts: list = [[] for _ in groups]  # D = G ×_1 P_1 … ×_N P_N, tile by tile
+        inner: list = [[] for _ in groups]  # ⟨D, G⟩ of the group's tiles (S8)
+        for chosen, tiles, G, K in stacks(xp, groups, new, None, refreshing=False):
+            D = _precondition(xp, G, K, rescale=faithful or half_factors(xp, K))
+            for i, positions, part in per_member(chosen, D):
+                parts[i].append((positions, part))
+            if use_kl_clip:
+                for i, _, part in per_member(chosen, _tile_inner(xp, D, G)):
+                    inner[i].append(xp.sum(part))
+        hyper = _per_step_operands(xp)
+        minus_eta = -eta  # exact in every dtype: once, not once per leaf
+        nu = _kl_clip_scales(xp, [sum(g[1:], g[0]) for g in inner], eta, kl_clip) if use_kl_clip else None
 
         results = []
-        for i, ((group, tiles), state, params) in enumerate(zip(prepared, states, params_list)):
-            new_state = dict(state)
-            failures = None
-            for tile in tiles:
-                out = stepped[(i, tile.index)]
-                if refresh[tile.offset] is not False:
-                    new = [a[0, ...] for a in out[:-1]]
-                    new_state.update(zip(factor_names(tile), new))
-                    if not faithful:  # S3: the group counts its tiles' failures
-                        added = new[-1] - state["factor_failures"]
-                        failures = added if failures is None else failures + added
-            if failures is not None:
-                new_state["factor_failures"] = state["factor_failures"] + failures
-            counts = [len({tile.index[n] for tile in tiles}) for n in range(group.rank)]
-            D = _join(xp, [stepped[(i, tile.index)][-1][0, ...] for tile in tiles], counts)
+        for g, (group, group_parts, state, new_state, params) in enumerate(zip(groups, parts, states, new, params_list)):
+            D = assembled(xp, group, group_parts)
             if use_kl_clip:  # S8, K-FAC's order: clip the preconditioned gradient, then the momentum
-                dtype = D.dtype
-                D = D * kl_clip_factor(D, cast(xp, group.grouped, dtype), as_operand(xp, eta, dtype), as_operand(xp, kl_clip, dtype))
+                D = D * nu[g]  # D ← ν D
             updates = []
             for k, U in enumerate(_ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
                 if use_decay:
-                    U = U + as_operand(xp, weight_decay, U.dtype) * cast(xp, params[k], U.dtype)  # U = D + κW
+                    U = U + hyper(weight_decay, U) * cast(xp, params[k], U.dtype)  # U = D + κW
                 if use_momentum:
                     v = state[f"momentum_{k}"]
-                    U = new_state[f"momentum_{k}"] = as_operand(xp, momentum, v.dtype) * v + cast(xp, U, v.dtype)
+                    U = new_state[f"momentum_{k}"] = hyper(momentum, v) * v + cast(xp, U, v.dtype)  # v ← α₁ v + U
                 else:
                     U = cast(xp, U, group.work_dtype)
-                updates.append(-as_operand(xp, eta, U.dtype) * U)  # W ← W − η v
+                updates.append(hyper(minus_eta, U) * U)  # W ← W − η v
             results.append((tuple(updates), new_state))
         return results
 
