@@ -338,7 +338,7 @@ def _sum_across(xp: Any, x: Array, axis: int) -> Array:
 _ROW_BLOCK = 16
 
 
-def _flush_subnormal(xp: Any, x: Array) -> Array:
+def _flush_subnormal(xp: Any, x: Array, zero: Array) -> Array:
     """``x`` with subnormal entries set to zero (D12; what flush-to-zero hardware does).
 
     An EMA ``μ x`` of a value that stops receiving gradients decays geometrically, but round to
@@ -346,7 +346,18 @@ def _flush_subnormal(xp: Any, x: Array) -> Array:
     the flush an unused matrix would take steps of RMS r forever instead of reaching zero.
     """
     tiny = xp.finfo(x.dtype).smallest_normal
-    return xp.where(xp.abs(x) < tiny, scalar_zero(xp, x), x)
+    return xp.where(xp.abs(x) < tiny, zero, x)
+
+
+def _zero(ctx: StepContext, x: Array) -> Array:
+    """A 0-D zero of ``x``'s dtype on its device, made once per update (the one the transform
+    makes for its own selections)."""
+    return ctx.once(("zero", x.dtype, array_device(x)), lambda: scalar_zero(ctx.xp, x))
+
+
+def _negative_learning_rate(ctx: StepContext, learning_rate: ScalarOrSchedule, dtype: Any, device: Any) -> Array:
+    """``-η`` at this step as a 0-D array of ``dtype``, made once per update."""
+    return ctx.once(("-learning_rate", dtype, device), lambda: -ctx.scalar("learning_rate", learning_rate, dtype, device))
 
 
 def _finish(
@@ -354,14 +365,14 @@ def _finish(
     u: Array,
     param: Optional[Array],
     shape: tuple[int, ...],
-    lr: Array,
+    neg_lr: Array,
     weight_decay: float,
 ) -> Array:
-    """``-η (U + λ W)`` in the leaf's shape."""
-    u = xp.reshape(u, shape)
+    """``-η (U + λ W)`` in the leaf's shape, given ``-η``."""
+    u = u if tuple(u.shape) == shape else xp.reshape(u, shape)
     if not is_zero(weight_decay):
         u = u + weight_decay * cast(xp, param, u.dtype)
-    return -lr * u
+    return neg_lr * u
 
 
 def _on_cpu(xp: Any, x: Array) -> bool:
@@ -674,7 +685,7 @@ def asgo(
             g = cast(xp, xp.reshape(g, (m, n)), compute_dtype(xp, g.dtype))
             g_o = g if _resolve_side(m, n, side) == "left" else g.mT  # rows: the preconditioned side
             b, full, tail = _chunking(g_o.shape[0], block_size)
-            new[i] = {"momentum": _momentum(xp, state["momentum"], g, b1, faithful)}  # 1
+            new[i] = {"momentum": _momentum(xp, state["momentum"], g, b1, faithful, _zero(ctx, g))}  # 1
             new[i]["statistic"] = statistic(xp, state["statistic"], _chunk_rows(xp, g_o, b, full))  # 2
             if tail:
                 new[i]["statistic_tail"] = statistic(xp, state["statistic_tail"], g_o[full * b :, :])
@@ -696,8 +707,8 @@ def asgo(
             left = _resolve_side(m, n, side) == "left"
             u = _block_diagonal_product(xp, z["root"], z.get("root_tail"), momentum, left, dtype)  # 4
             u = _rms_renormalise(xp, u, rms_target, faithful)  # 5
-            lr = ctx.scalar("learning_rate", learning_rate, dtype, array_device(g))
-            step = _finish(xp, u, _param(params, i), tuple(g.shape), lr, weight_decay)
+            neg_lr = _negative_learning_rate(ctx, learning_rate, dtype, array_device(g))
+            step = _finish(xp, u, _param(params, i), tuple(g.shape), neg_lr, weight_decay)
             if keeps_root:
                 new[i].update({name: z[name] for name in ("root", "root_tail") if name in z})
             for name in ("root_failures", "root_fallbacks"):
@@ -865,13 +876,13 @@ def dasgo(
         axis = 1 if _resolve_side(m, n, side) == "left" else 0  # the axis the statistic sums over
         dtype = compute_dtype(xp, g.dtype)
         g_mat = cast(xp, xp.reshape(g, (m, n)), dtype)
-        momentum = ctx.unless_skipped(_momentum(xp, state["momentum"], g_mat, b1, faithful), state["momentum"])  # 1
+        momentum = ctx.unless_skipped(_momentum(xp, state["momentum"], g_mat, b1, faithful, _zero(ctx, g_mat)), state["momentum"])  # 1
         q = cast(xp, _squared_sums(xp, g_mat, axis), state["statistic"].dtype)
         v = ctx.unless_skipped(_ema(xp, state["statistic"], q, b2, faithful), state["statistic"])  # 2
         scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(v + eps), dtype))  # 3: diag(v_t + ε)^{-1/2}
         u = _renormalise_scaled(xp, cast(xp, momentum, dtype), scale, axis, rms_target, faithful)  # 3, 4
-        lr = ctx.scalar("learning_rate", learning_rate, dtype, array_device(g))
-        return (_finish(xp, u, param, tuple(g.shape), lr, weight_decay),), {"momentum": momentum, "statistic": v}
+        neg_lr = _negative_learning_rate(ctx, learning_rate, dtype, array_device(g))
+        return (_finish(xp, u, param, tuple(g.shape), neg_lr, weight_decay),), {"momentum": momentum, "statistic": v}
 
     return build_transform(
         name="dasgo",
@@ -893,11 +904,11 @@ def _param(params: Any, index: int) -> Optional[Array]:
     return None if params[index] is None else params[index][0]
 
 
-def _momentum(xp: Any, old: Array, g: Array, b1: float, faithful: bool) -> Array:
+def _momentum(xp: Any, old: Array, g: Array, b1: float, faithful: bool, zero: Array) -> Array:
     """``M_t = μ M_{t-1} + (1-μ) G_t`` in the momentum's dtype; principled mode flushes entries
-    below the smallest normal number to zero (D12, :func:`_flush_subnormal`)."""
+    below the smallest normal number to ``zero`` (a 0-D zero of that dtype; D12, :func:`_flush_subnormal`)."""
     momentum = _ema(xp, old, cast(xp, g, old.dtype), b1, faithful)
-    return momentum if faithful else _flush_subnormal(xp, momentum)
+    return momentum if faithful else _flush_subnormal(xp, momentum, zero)
 
 
 def _joined(xp: Any, step: Callable, leaves: list[tuple], ctx: StepContext) -> list[tuple]:
@@ -962,7 +973,7 @@ def _chunk_rows(xp: Any, x: Array, b: int, full: int) -> Array:
 def _second_moment(xp: Any, p_old: Array, x: Array, b2: float, summed: bool, faithful: bool) -> Array:
     """``P_t = β₂ P_{t-1} + (1-β₂) X Xᵀ`` (``summed``: ``P_{t-1} + X Xᵀ``) per block of a stack,
     in the statistic's dtype; principled mode stores it symmetrised (D10)."""
-    s = xp.astype(xp.matmul(x, x.mT), p_old.dtype)
+    s = cast(xp, x @ x.mT, p_old.dtype)
     p = p_old + s if summed else _ema(xp, p_old, s, b2, faithful)
     return p if faithful else symmetrize(p)
 
@@ -1107,9 +1118,10 @@ def _collect_roots(
     for owner, (z, failed, fell_back) in zip(owners, refreshed):
         parts.setdefault(owner, []).append(z)
         entry = roots.setdefault(owner[0], {})
-        if failed is not None:
-            entry["root_failures"] = entry.get("root_failures", 0) + xp.sum(failed, dtype=xp.int32)
-            entry["root_fallbacks"] = entry.get("root_fallbacks", 0) + xp.sum(fell_back, dtype=xp.int32)
+        for name, counts in (("root_failures", failed), ("root_fallbacks", fell_back)):
+            if counts is not None:
+                total = xp.sum(counts, dtype=xp.int32)
+                entry[name] = entry[name] + total if name in entry else total
     for (i, name), zs in parts.items():
         z = zs[0] if len(zs) == 1 else xp.concat(zs, axis=0)
         roots[i][_ROOT_OF[name]] = z if statistics[i][name].ndim == 3 else z[0, ...]
@@ -1129,12 +1141,12 @@ def _block_diagonal_product(
     z_p = cast(xp, z, dtype)
     m_p = cast(xp, momentum, dtype)
     if z_p.ndim == 2:
-        return xp.matmul(z_p, m_p) if left else xp.matmul(m_p, z_p)
+        return z_p @ m_p if left else m_p @ z_p
     m_o = m_p if left else m_p.mT
     full, b = z_p.shape[0], z_p.shape[1]
-    u_o = xp.reshape(xp.matmul(z_p, _chunk_rows(xp, m_o, b, full)), (full * b, m_o.shape[1]))
+    u_o = xp.reshape(z_p @ _chunk_rows(xp, m_o, b, full), (full * b, m_o.shape[1]))
     if z_tail is not None:
-        u_o = xp.concat([u_o, xp.matmul(xp.astype(z_tail, dtype), m_o[full * b :, :])], axis=0)
+        u_o = xp.concat([u_o, cast(xp, z_tail, dtype) @ m_o[full * b :, :]], axis=0)
     return u_o if left else u_o.mT
 
 
