@@ -195,3 +195,26 @@ def test_joined_fallback_adam_is_each_leaf_alone_in_one_pass_per_dtype():
         for got, want in [(u, expected), (new["mu"], expected_new["mu"]), (new["nu"], expected_new["nu"])]:
             assert got.shape == want.shape and got.dtype == want.dtype
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_joined_pieces_of_selected_entries_count_as_selected(ok):
+    """A leaf's slice of a joined state entry that the step selected (``StepContext.unless_skipped``:
+    the new value, or the old one on a skipped step) is itself selected: ``_joined`` records it in
+    ``ctx.settled``, so the transform does not select it again per leaf (one selection per join
+    instead of one per leaf and entry), and it holds the old entry when the step is skipped."""
+    from precond_ref.transform import StepContext
+
+    rng = np.random.default_rng(4)
+    leaves = [(rng.standard_normal(s), {"mu": rng.standard_normal(s), "nu": rng.random(s)}, None) for s in [(3,), (), (2, 2)]]
+
+    def step(g, state, param, ctx):
+        u, new = A._adam_update(g, state, param, ctx, 0.1, 0.9, 0.95, 1e-8, 0.0, False)
+        return (u,), new
+
+    ctx = StepContext(xp=xp, count=np.asarray(2, dtype=np.int32), extra={}, ok=np.asarray(ok), settled={}, shared={})
+    for (g, state, _), (_, new) in zip(leaves, A._joined(xp, step, leaves, ctx)):
+        for name in ("mu", "nu"):
+            assert ctx.settled.get(id(new[name])) is new[name]
+            if not ok:
+                np.testing.assert_array_equal(new[name], state[name])
