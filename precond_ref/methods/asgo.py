@@ -709,8 +709,9 @@ def asgo(
             u = _rms_renormalise(xp, u, rms_target, faithful)  # 5
             neg_lr = _negative_learning_rate(ctx, learning_rate, dtype, array_device(g))
             step = _finish(xp, u, _param(params, i), tuple(g.shape), neg_lr, weight_decay)
-            if keeps_root:
-                new[i].update({name: z[name] for name in ("root", "root_tail") if name in z})
+            if keeps_root:  # principled: the stored arrays themselves where no block was refreshed
+                kept = not faithful and "root_failures" not in z
+                new[i].update({name: state[name] if kept else z[name] for name in ("root", "root_tail") if name in z})
             for name in ("root_failures", "root_fallbacks"):
                 if name in state:
                     new[i][name] = state[name] + z[name] if name in z else state[name]

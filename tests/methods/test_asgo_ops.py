@@ -92,3 +92,22 @@ def test_matrix_leaves_share_the_negative_learning_rate_and_zero():
     negations = {k: v for k, v in count.calls.items() if k[0].startswith("aten.neg")}
     assert negations == {("aten.neg.default", ()): 1}
     assert count.calls[("aten.zeros.default", ())] <= 1
+
+
+def test_a_root_not_refreshed_is_the_stored_array_itself():
+    """With ``precondition_every=2`` each block is refreshed on every other step (its phase); on the
+    steps where no block of a matrix is refreshed, its new state holds the stored root array itself,
+    so the transform neither selects nor copies it (the skipped-step rule leaves an untouched entry
+    alone). On the other steps the root is recomputed (a new array)."""
+    rng = np.random.default_rng(3)
+    shapes = {"w": (6, 4)}
+    params = _tree(rng, shapes)
+    opt = pr.asgo(learning_rate=0.1, precondition_every=2)
+    state = opt.init(params)
+    kept = []
+    for step in range(5):
+        _, new = opt.update(_tree(rng, shapes), state, params, step=step)
+        (key,) = new.groups
+        kept.append(new.groups[key]["root"] is state.groups[key]["root"])
+        state = new
+    assert kept[0] is False and kept[1:] in ([True, False, True, False], [False, True, False, True])
