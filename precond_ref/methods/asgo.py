@@ -357,7 +357,8 @@ def _zero(ctx: StepContext, x: Array) -> Array:
 
 def _negative_learning_rate(ctx: StepContext, learning_rate: ScalarOrSchedule, dtype: Any, device: Any) -> Array:
     """``-η`` at this step as a 0-D array of ``dtype``, made once per update."""
-    return ctx.once(("-learning_rate", dtype, device), lambda: -ctx.scalar("learning_rate", learning_rate, dtype, device))
+    lr = ctx.scalar("learning_rate", learning_rate, dtype, device)
+    return ctx.once(("-learning_rate", dtype, device), lambda: -lr)
 
 
 def _finish(
@@ -675,8 +676,9 @@ def asgo(
         xp = ctxs[0].xp
         results: list[Any] = [None] * len(grads)
         new: dict[int, dict[str, Array]] = {}
-        adam = [i for i, state in enumerate(states) if "mu" in state]  # leaves that are not matrices
-        for i, result in zip(adam, _joined(xp, fallback, [(grads[i][0], states[i], _param(params, i)) for i in adam], ctxs[0])):
+        adam = [i for i, state in enumerate(states) if "mu" in state]  # leaves that are not matrices: one Adam step
+        leaves = [(grads[i][0], states[i], _param(params, i)) for i in adam]
+        for i, result in zip(adam, _joined(xp, fallback, leaves, ctxs[0])):
             results[i] = result
         for i, ((g,), state, ctx) in enumerate(zip(grads, states, ctxs)):
             if "mu" in state:
@@ -877,7 +879,8 @@ def dasgo(
         axis = 1 if _resolve_side(m, n, side) == "left" else 0  # the axis the statistic sums over
         dtype = compute_dtype(xp, g.dtype)
         g_mat = cast(xp, xp.reshape(g, (m, n)), dtype)
-        momentum = ctx.unless_skipped(_momentum(xp, state["momentum"], g_mat, b1, faithful, _zero(ctx, g_mat)), state["momentum"])  # 1
+        momentum = _momentum(xp, state["momentum"], g_mat, b1, faithful, _zero(ctx, g_mat))
+        momentum = ctx.unless_skipped(momentum, state["momentum"])  # 1
         q = cast(xp, _squared_sums(xp, g_mat, axis), state["statistic"].dtype)
         v = ctx.unless_skipped(_ema(xp, state["statistic"], q, b2, faithful), state["statistic"])  # 2
         scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(v + eps), dtype))  # 3: diag(v_t + ε)^{-1/2}

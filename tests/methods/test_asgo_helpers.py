@@ -206,7 +206,8 @@ def test_joined_pieces_of_selected_entries_count_as_selected(ok):
     from precond_ref.transform import StepContext
 
     rng = np.random.default_rng(4)
-    leaves = [(rng.standard_normal(s), {"mu": rng.standard_normal(s), "nu": rng.random(s)}, None) for s in [(3,), (), (2, 2)]]
+    shapes = [(3,), (), (2, 2)]
+    leaves = [(rng.standard_normal(s), {"mu": rng.standard_normal(s), "nu": rng.random(s)}, None) for s in shapes]
 
     def step(g, state, param, ctx):
         u, new = A._adam_update(g, state, param, ctx, 0.1, 0.9, 0.95, 1e-8, 0.0, False)

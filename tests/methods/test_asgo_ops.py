@@ -29,7 +29,9 @@ class _Count(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         first = args[0] if args else None  # a tensor, or the size of a factory (zeros, full)
-        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else tuple(first) if isinstance(first, (list, tuple)) else None
+        shape = None
+        if isinstance(first, (torch.Tensor, list, tuple)):
+            shape = tuple(first.shape) if isinstance(first, torch.Tensor) else tuple(first)
         self.calls[(str(func), shape)] += 1
         return func(*args, **(kwargs or {}))
 
