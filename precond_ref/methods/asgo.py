@@ -41,7 +41,7 @@ from .._backend import (
     placement,
     scalar_zero,
 )
-from ..blocking import on_stacks, spread_schedule, stable_hash
+from ..blocking import on_stacks, spread_schedule, stable_hash, stack, unstack
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE,
     identity_like,
@@ -338,7 +338,7 @@ def _sum_across(xp: Any, x: Array, axis: int) -> Array:
 _ROW_BLOCK = 16
 
 
-def _flush_subnormal(xp: Any, x: Array) -> Array:
+def _flush_subnormal(xp: Any, x: Array, zero: Array) -> Array:
     """``x`` with subnormal entries set to zero (D12; what flush-to-zero hardware does).
 
     An EMA ``μ x`` of a value that stops receiving gradients decays geometrically, but round to
@@ -346,7 +346,19 @@ def _flush_subnormal(xp: Any, x: Array) -> Array:
     the flush an unused matrix would take steps of RMS r forever instead of reaching zero.
     """
     tiny = xp.finfo(x.dtype).smallest_normal
-    return xp.where(xp.abs(x) < tiny, scalar_zero(xp, x), x)
+    return xp.where(xp.abs(x) < tiny, zero, x)
+
+
+def _zero(ctx: StepContext, x: Array) -> Array:
+    """A 0-D zero of ``x``'s dtype on its device, made once per update (the one the transform
+    makes for its own selections)."""
+    return ctx.once(("zero", x.dtype, array_device(x)), lambda: scalar_zero(ctx.xp, x))
+
+
+def _negative_learning_rate(ctx: StepContext, learning_rate: ScalarOrSchedule, dtype: Any, device: Any) -> Array:
+    """``-η`` at this step as a 0-D array of ``dtype``, made once per update."""
+    lr = ctx.scalar("learning_rate", learning_rate, dtype, device)
+    return ctx.once(("-learning_rate", dtype, device), lambda: -lr)
 
 
 def _finish(
@@ -354,14 +366,14 @@ def _finish(
     u: Array,
     param: Optional[Array],
     shape: tuple[int, ...],
-    lr: Array,
+    neg_lr: Array,
     weight_decay: float,
 ) -> Array:
-    """``-η (U + λ W)`` in the leaf's shape."""
-    u = xp.reshape(u, shape)
+    """``-η (U + λ W)`` in the leaf's shape, given ``-η``."""
+    u = u if tuple(u.shape) == shape else xp.reshape(u, shape)
     if not is_zero(weight_decay):
         u = u + weight_decay * cast(xp, param, u.dtype)
-    return -lr * u
+    return neg_lr * u
 
 
 def _on_cpu(xp: Any, x: Array) -> bool:
@@ -664,15 +676,18 @@ def asgo(
         xp = ctxs[0].xp
         results: list[Any] = [None] * len(grads)
         new: dict[int, dict[str, Array]] = {}
+        adam = [i for i, state in enumerate(states) if "mu" in state]  # leaves that are not matrices: one Adam step
+        leaves = [(grads[i][0], states[i], _param(params, i)) for i in adam]
+        for i, result in zip(adam, _joined(xp, fallback, leaves, ctxs[0])):
+            results[i] = result
         for i, ((g,), state, ctx) in enumerate(zip(grads, states, ctxs)):
             if "mu" in state:
-                results[i] = fallback(g, state, _param(params, i), ctx)
                 continue
             m, n = state["momentum"].shape
             g = cast(xp, xp.reshape(g, (m, n)), compute_dtype(xp, g.dtype))
             g_o = g if _resolve_side(m, n, side) == "left" else g.mT  # rows: the preconditioned side
             b, full, tail = _chunking(g_o.shape[0], block_size)
-            new[i] = {"momentum": _momentum(xp, state["momentum"], g, b1, faithful)}  # 1
+            new[i] = {"momentum": _momentum(xp, state["momentum"], g, b1, faithful, _zero(ctx, g))}  # 1
             new[i]["statistic"] = statistic(xp, state["statistic"], _chunk_rows(xp, g_o, b, full))  # 2
             if tail:
                 new[i]["statistic_tail"] = statistic(xp, state["statistic_tail"], g_o[full * b :, :])
@@ -694,10 +709,11 @@ def asgo(
             left = _resolve_side(m, n, side) == "left"
             u = _block_diagonal_product(xp, z["root"], z.get("root_tail"), momentum, left, dtype)  # 4
             u = _rms_renormalise(xp, u, rms_target, faithful)  # 5
-            lr = ctx.scalar("learning_rate", learning_rate, dtype, array_device(g))
-            step = _finish(xp, u, _param(params, i), tuple(g.shape), lr, weight_decay)
-            if keeps_root:
-                new[i].update({name: z[name] for name in ("root", "root_tail") if name in z})
+            neg_lr = _negative_learning_rate(ctx, learning_rate, dtype, array_device(g))
+            step = _finish(xp, u, _param(params, i), tuple(g.shape), neg_lr, weight_decay)
+            if keeps_root:  # principled: the stored arrays themselves where no block was refreshed
+                kept = not faithful and "root_failures" not in z
+                new[i].update({name: state[name] if kept else z[name] for name in ("root", "root_tail") if name in z})
             for name in ("root_failures", "root_fallbacks"):
                 if name in state:
                     new[i][name] = state[name] + z[name] if name in z else state[name]
@@ -863,13 +879,14 @@ def dasgo(
         axis = 1 if _resolve_side(m, n, side) == "left" else 0  # the axis the statistic sums over
         dtype = compute_dtype(xp, g.dtype)
         g_mat = cast(xp, xp.reshape(g, (m, n)), dtype)
-        momentum = ctx.unless_skipped(_momentum(xp, state["momentum"], g_mat, b1, faithful), state["momentum"])  # 1
+        momentum = _momentum(xp, state["momentum"], g_mat, b1, faithful, _zero(ctx, g_mat))
+        momentum = ctx.unless_skipped(momentum, state["momentum"])  # 1
         q = cast(xp, _squared_sums(xp, g_mat, axis), state["statistic"].dtype)
         v = ctx.unless_skipped(_ema(xp, state["statistic"], q, b2, faithful), state["statistic"])  # 2
         scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(v + eps), dtype))  # 3: diag(v_t + ε)^{-1/2}
         u = _renormalise_scaled(xp, cast(xp, momentum, dtype), scale, axis, rms_target, faithful)  # 3, 4
-        lr = ctx.scalar("learning_rate", learning_rate, dtype, array_device(g))
-        return (_finish(xp, u, param, tuple(g.shape), lr, weight_decay),), {"momentum": momentum, "statistic": v}
+        neg_lr = _negative_learning_rate(ctx, learning_rate, dtype, array_device(g))
+        return (_finish(xp, u, param, tuple(g.shape), neg_lr, weight_decay),), {"momentum": momentum, "statistic": v}
 
     return build_transform(
         name="dasgo",
@@ -891,11 +908,42 @@ def _param(params: Any, index: int) -> Optional[Array]:
     return None if params[index] is None else params[index][0]
 
 
-def _momentum(xp: Any, old: Array, g: Array, b1: float, faithful: bool) -> Array:
+def _momentum(xp: Any, old: Array, g: Array, b1: float, faithful: bool, zero: Array) -> Array:
     """``M_t = μ M_{t-1} + (1-μ) G_t`` in the momentum's dtype; principled mode flushes entries
-    below the smallest normal number to zero (D12, :func:`_flush_subnormal`)."""
+    below the smallest normal number to ``zero`` (a 0-D zero of that dtype; D12, :func:`_flush_subnormal`)."""
     momentum = _ema(xp, old, cast(xp, g, old.dtype), b1, faithful)
-    return momentum if faithful else _flush_subnormal(xp, momentum)
+    return momentum if faithful else _flush_subnormal(xp, momentum, zero)
+
+
+def _joined(xp: Any, step: Callable, leaves: list[tuple], ctx: StepContext) -> list[tuple]:
+    """``[step(g, state, param, ctx) for (g, state, param) in leaves]`` for an element-wise ``step``
+    (the fallback Adam), taken once per dtype and device: each leaf's gradient, state entries and
+    parameter flattened and joined end to end (:func:`~precond_ref.blocking.stack`), and each leaf
+    handed its slices of the results in its own shape. Every entry is computed by the same
+    operations as for its leaf alone (bitwise equal); the cost is a few operations per join instead
+    of a dozen per leaf (the biases and norms of a transformer are most of its leaves)."""
+    if not leaves:
+        return []
+    names = sorted(leaves[0][1])
+    with_param = leaves[0][2] is not None
+    members = [(g, *(state[k] for k in names), *((w,) if with_param else ())) for g, state, w in leaves]
+    flat = [tuple(xp.reshape(a, (-1,)) if a.ndim != 1 else a for a in operands) for operands in members]
+    stacks = stack(xp, flat)
+    outputs = []
+    for s in stacks:
+        g, entries, w = s.operands[0], s.operands[1 : 1 + len(names)], (s.operands[-1] if with_param else None)
+        (u,), new = step(g, dict(zip(names, entries)), w, ctx)
+        outputs.append((u, *(new[k] for k in names)))
+    # A leaf's part of an entry the step selected (StepContext.unless_skipped) is selected too.
+    selected = {i: [ctx.settled is not None and ctx.settled.get(id(a)) is a for a in out[1:]]
+                for s, out in zip(stacks, outputs) for i in s.indices}
+    results = []
+    for index, ((g, state, _), pieces) in enumerate(zip(leaves, unstack(stacks, outputs, len(leaves)))):
+        u, *entries = (p if p.shape == state[names[0]].shape else xp.reshape(p, state[names[0]].shape) for p in pieces)
+        for entry in (e for e, done in zip(entries, selected[index]) if done):
+            ctx.settled[id(entry)] = entry
+        results.append(((u,), dict(zip(names, entries))))
+    return results
 
 
 def _chunking(k: int, block_size: Optional[int]) -> tuple[int, int, int]:
@@ -934,7 +982,7 @@ def _chunk_rows(xp: Any, x: Array, b: int, full: int) -> Array:
 def _second_moment(xp: Any, p_old: Array, x: Array, b2: float, summed: bool, faithful: bool) -> Array:
     """``P_t = β₂ P_{t-1} + (1-β₂) X Xᵀ`` (``summed``: ``P_{t-1} + X Xᵀ``) per block of a stack,
     in the statistic's dtype; principled mode stores it symmetrised (D10)."""
-    s = xp.astype(xp.matmul(x, x.mT), p_old.dtype)
+    s = cast(xp, x @ x.mT, p_old.dtype)
     p = p_old + s if summed else _ema(xp, p_old, s, b2, faithful)
     return p if faithful else symmetrize(p)
 
@@ -1079,9 +1127,10 @@ def _collect_roots(
     for owner, (z, failed, fell_back) in zip(owners, refreshed):
         parts.setdefault(owner, []).append(z)
         entry = roots.setdefault(owner[0], {})
-        if failed is not None:
-            entry["root_failures"] = entry.get("root_failures", 0) + xp.sum(failed, dtype=xp.int32)
-            entry["root_fallbacks"] = entry.get("root_fallbacks", 0) + xp.sum(fell_back, dtype=xp.int32)
+        for name, counts in (("root_failures", failed), ("root_fallbacks", fell_back)):
+            if counts is not None:
+                total = xp.sum(counts, dtype=xp.int32)
+                entry[name] = entry[name] + total if name in entry else total
     for (i, name), zs in parts.items():
         z = zs[0] if len(zs) == 1 else xp.concat(zs, axis=0)
         roots[i][_ROOT_OF[name]] = z if statistics[i][name].ndim == 3 else z[0, ...]
@@ -1101,12 +1150,12 @@ def _block_diagonal_product(
     z_p = cast(xp, z, dtype)
     m_p = cast(xp, momentum, dtype)
     if z_p.ndim == 2:
-        return xp.matmul(z_p, m_p) if left else xp.matmul(m_p, z_p)
+        return z_p @ m_p if left else m_p @ z_p
     m_o = m_p if left else m_p.mT
     full, b = z_p.shape[0], z_p.shape[1]
-    u_o = xp.reshape(xp.matmul(z_p, _chunk_rows(xp, m_o, b, full)), (full * b, m_o.shape[1]))
+    u_o = xp.reshape(z_p @ _chunk_rows(xp, m_o, b, full), (full * b, m_o.shape[1]))
     if z_tail is not None:
-        u_o = xp.concat([u_o, xp.matmul(xp.astype(z_tail, dtype), m_o[full * b :, :])], axis=0)
+        u_o = xp.concat([u_o, cast(xp, z_tail, dtype) @ m_o[full * b :, :]], axis=0)
     return u_o if left else u_o.mT
 
 

@@ -151,7 +151,7 @@ def test_momentum_and_second_moment_are_the_emas():
     old, g = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
     old[0, 0] = 1e-310  # subnormal after the EMA with g[0, 0] = 0
     g[0, 0] = 0.0
-    got = A._momentum(xp, old, g, 0.9, False)
+    got = A._momentum(xp, old, g, 0.9, False, xp.zeros((), dtype=xp.float64))
     plain = 0.9 * old + 0.1 * g
     plain[0, 0] = 0.0
     np.testing.assert_allclose(got, plain, rtol=4 * EPS, atol=0)
@@ -164,3 +164,58 @@ def test_momentum_and_second_moment_are_the_emas():
         plain = p_old + s if summed else 0.8 * p_old + 0.2 * s
         np.testing.assert_allclose(got, plain, rtol=0, atol=16 * EPS * (np.abs(p_old) + np.abs(s)).max())
         np.testing.assert_array_equal(got, np.swapaxes(got, -1, -2))
+
+
+def test_joined_fallback_adam_is_each_leaf_alone_in_one_pass_per_dtype():
+    """``_joined(step, leaves)[i] == step(*leaves[i])`` for the element-wise fallback Adam, bitwise
+    (every entry goes through the same operations; only the arrays around it differ), with the
+    step taken once per dtype (leaves of any shape, 0-D and 2-D included, joined end to end): the
+    op count of the many biases and norms of a model no longer grows with their number."""
+    from precond_ref.transform import StepContext
+
+    rng = np.random.default_rng(3)
+    shapes = [(5,), (), (3, 4), (5,), (2,)]
+    dtypes = [np.float64, np.float64, np.float32, np.float32, np.float64]
+    leaves = []
+    for shape, dtype in zip(shapes, dtypes):
+        g, mu, nu, w = (rng.standard_normal(shape).astype(dtype) for _ in range(4))
+        leaves.append((g, {"mu": mu, "nu": np.abs(nu)}, w))
+    count = np.asarray(4, dtype=np.int32)
+    calls = []
+
+    def step(g, state, param, ctx):
+        calls.append(g.shape)
+        u, new = A._adam_update(g, state, param, ctx, 0.1, 0.9, 0.95, 1e-8, 0.01, False)
+        return (u,), new
+
+    joined = A._joined(xp, step, leaves, StepContext(xp=xp, count=count, extra={}, shared={}))
+    assert sorted(calls) == [(8,), (17,)]  # one pass per dtype: 5 + 1 + 2 float64 entries, 12 + 5 float32
+    for (g, state, w), ((u,), new) in zip(leaves, joined):
+        (expected,), expected_new = step(g, state, w, StepContext(xp=xp, count=count, extra={}))
+        for got, want in [(u, expected), (new["mu"], expected_new["mu"]), (new["nu"], expected_new["nu"])]:
+            assert got.shape == want.shape and got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_joined_pieces_of_selected_entries_count_as_selected(ok):
+    """A leaf's slice of a joined state entry that the step selected (``StepContext.unless_skipped``:
+    the new value, or the old one on a skipped step) is itself selected: ``_joined`` records it in
+    ``ctx.settled``, so the transform does not select it again per leaf (one selection per join
+    instead of one per leaf and entry), and it holds the old entry when the step is skipped."""
+    from precond_ref.transform import StepContext
+
+    rng = np.random.default_rng(4)
+    shapes = [(3,), (), (2, 2)]
+    leaves = [(rng.standard_normal(s), {"mu": rng.standard_normal(s), "nu": rng.random(s)}, None) for s in shapes]
+
+    def step(g, state, param, ctx):
+        u, new = A._adam_update(g, state, param, ctx, 0.1, 0.9, 0.95, 1e-8, 0.0, False)
+        return (u,), new
+
+    ctx = StepContext(xp=xp, count=np.asarray(2, dtype=np.int32), extra={}, ok=np.asarray(ok), settled={}, shared={})
+    for (g, state, _), (_, new) in zip(leaves, A._joined(xp, step, leaves, ctx)):
+        for name in ("mu", "nu"):
+            assert ctx.settled.get(id(new[name])) is new[name]
+            if not ok:
+                np.testing.assert_array_equal(new[name], state[name])

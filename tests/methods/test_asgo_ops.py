@@ -1,0 +1,115 @@
+"""How many array operations an eager ASGO step issues (issue 35): an eager step costs about one
+dispatch per operation, so work that scales with the number of leaves is what these tests bound.
+
+Counts are of calls, not of time: exact, and the same on every machine. torch's dispatcher is
+watched with a ``TorchDispatchMode`` (each ATen call the step makes, views and no-op casts included).
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+
+import numpy as np
+import pytest
+
+import precond_ref as pr
+
+A = importlib.import_module("precond_ref.methods.asgo")
+torch = pytest.importorskip("torch")
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class _Count(TorchDispatchMode):
+    """Counts ATen calls by overload, with the shape of their first argument (a factory's size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = args[0] if args else None  # a tensor, or the size of a factory (zeros, full)
+        shape = None
+        if isinstance(first, (torch.Tensor, list, tuple)):
+            shape = tuple(first.shape) if isinstance(first, torch.Tensor) else tuple(first)
+        self.calls[(str(func), shape)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def total(self, name: str) -> int:
+        return sum(v for (f, _), v in self.calls.items() if f == name)
+
+
+def _tree(rng: np.random.Generator, shapes: dict) -> dict:
+    return {k: torch.tensor(rng.standard_normal(s), dtype=torch.float32) for k, s in shapes.items()}
+
+
+def test_fallback_adam_runs_once_for_all_non_matrix_leaves(monkeypatch):
+    """The non-matrix leaves (biases, norms: most leaves of a transformer) take their Adam step
+    together, one element-wise pass per dtype and device (``_joined``), not one per leaf: the
+    number of operations of the fallback does not grow with the number of such leaves."""
+    calls = []
+    adam = A._adam_update
+
+    def counting(g, *args, **kwargs):
+        calls.append(tuple(g.shape))
+        return adam(g, *args, **kwargs)
+
+    monkeypatch.setattr(A, "_adam_update", counting)
+    rng = np.random.default_rng(0)
+    shapes = {"w": (6, 4), "b0": (6,), "b1": (4,), "b2": (6,), "s": (), "ln": (3,)}
+    params = _tree(rng, shapes)
+    opt = pr.asgo(learning_rate=0.1, fallback_weight_decay=0.01)
+    state = opt.init(params)
+    for _ in range(2):
+        _, state = opt.update(_tree(rng, shapes), state, params)
+    assert calls == [(6 + 4 + 6 + 1 + 3,)] * 2
+
+
+def test_second_moment_does_not_copy_a_statistic_already_in_its_dtype():
+    """``P_t = β₂ P_{t-1} + (1-β₂) X Xᵀ`` in float32 for float32 ``X``: ``X Xᵀ`` is used as it comes
+    from the matmul; a cast to the dtype it already has would copy it (a pass over k×k per leaf)."""
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.standard_normal((2, 5, 7)), dtype=torch.float32)
+    p_old = torch.zeros((2, 5, 5), dtype=torch.float32)
+    from array_api_compat import array_namespace
+
+    with _Count() as count:
+        p = A._second_moment(array_namespace(x), p_old, x, 0.9, False, False)
+    assert count.total("aten._to_copy.default") == 0
+    torch.testing.assert_close(p, 0.1 * (x @ x.mT), rtol=0, atol=8 * 7 * 2**-24 * float((x * x).sum(-1).max()))
+
+
+def test_matrix_leaves_share_the_negative_learning_rate_and_zero():
+    """``-η`` and the 0-D zero that flushes subnormal momenta are made once per update, not once
+    per matrix leaf (``StepContext.once``): with three matrices and one dtype a step negates one
+    0-D array and makes at most one 0-D zero (the transform's own, which ASGO shares)."""
+    rng = np.random.default_rng(2)
+    shapes = {"a": (6, 4), "b": (5, 3), "c": (4, 8)}
+    params = _tree(rng, shapes)
+    opt = pr.asgo(learning_rate=0.1, weight_decay=0.0)
+    state = opt.init(params)
+    _, state = opt.update(_tree(rng, shapes), state, params)
+    with _Count() as count:
+        opt.update(_tree(rng, shapes), state, params)
+    negations = {k: v for k, v in count.calls.items() if k[0].startswith("aten.neg")}
+    assert negations == {("aten.neg.default", ()): 1}
+    assert count.calls[("aten.zeros.default", ())] <= 1
+
+
+def test_a_root_not_refreshed_is_the_stored_array_itself():
+    """With ``precondition_every=2`` each block is refreshed on every other step (its phase); on the
+    steps where no block of a matrix is refreshed, its new state holds the stored root array itself,
+    so the transform neither selects nor copies it (the skipped-step rule leaves an untouched entry
+    alone). On the other steps the root is recomputed (a new array)."""
+    rng = np.random.default_rng(3)
+    shapes = {"w": (6, 4)}
+    params = _tree(rng, shapes)
+    opt = pr.asgo(learning_rate=0.1, precondition_every=2)
+    state = opt.init(params)
+    kept = []
+    for step in range(5):
+        _, new = opt.update(_tree(rng, shapes), state, params, step=step)
+        (key,) = new.groups
+        kept.append(new.groups[key]["root"] is state.groups[key]["root"])
+        state = new
+    assert kept[0] is False and kept[1:] in ([True, False, True, False], [False, True, False, True])
