@@ -84,7 +84,7 @@ def test_nonfinite_update_entries_become_zero_and_the_largest_finite_one_stays(b
     params = backend.tree({"w": np.zeros(6, dtype=np.float32)})
     grads = backend.tree({"w": np.ones(6, dtype=np.float32)})
     runs = [opt.update]
-    if backend.name == "torch":  # compiled, the guard is another comparison (transform._finite)
+    if backend.name == "torch":  # compiled, the guard is another comparison (_backend.finite_or_zero)
         import torch
 
         runs.append(torch.compile(opt.update, fullgraph=True, dynamic=False))
