@@ -37,6 +37,7 @@ __all__ = [
     "cond",
     "cond_under_cpu_jit",
     "host_bool",
+    "is_dense",
     "select",
     "finite_or_zero",
     "sums_of_squares",
@@ -292,11 +293,29 @@ def host_bool(xp: Any, x: Array) -> Any:
     and eagerly a wait on its asynchronous dispatch), a tensor on a GPU (a synchronisation),
     anything under ``torch.compile`` (a graph break), other namespaces.
     """
+    if torch_compiling():
+        return None
     if is_numpy_namespace(xp):
         return bool(x)
-    if not torch_compiling() and is_torch_namespace(xp) and getattr(x.device, "type", None) == "cpu":
+    if is_torch_namespace(xp) and getattr(x.device, "type", None) == "cpu":
         return bool(x)
     return None
+
+
+def is_dense(x: Array) -> bool:
+    """Whether ``x`` is laid out in row-major order without gaps (NumPy's and CuPy's
+    ``c_contiguous``, torch's ``is_contiguous()``); ``True`` for an array with no such notion.
+
+    A selection ``where(pred, x, y)`` writes a new array, and for an ``x`` of another layout (a
+    column slice, a transpose) in another layout than ``x``'s, which the next step's matrix products
+    and sums may round differently. A step that drops a selection that would select ``x`` keeps it
+    where ``x`` is not dense: the same numbers, bit for bit, in every later step.
+    """
+    flags = getattr(x, "flags", None)
+    if flags is not None and hasattr(flags, "c_contiguous"):
+        return bool(flags.c_contiguous)
+    contiguous = getattr(x, "is_contiguous", None)
+    return bool(contiguous()) if callable(contiguous) else True
 
 
 def select(xp: Any, pred: Array, a: Array, b: Array) -> Array:

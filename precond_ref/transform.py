@@ -36,6 +36,7 @@ from ._backend import (
     float64_where_available,
     finite_or_zero,
     host_bool,
+    is_dense,
     as_operand,
     is_number,
     is_tracer as _is_tracer,
@@ -186,7 +187,10 @@ class StepContext(NamedTuple):
     decisions a compiled caller passed (``{interval: bool}``), or ``None``. ``ok`` is the step's
     0-D bool skip predicate (``None`` when nothing is skipped), ``settled`` the entries
     :meth:`unless_skipped` already selected, by ``id``, and ``shared`` the values :meth:`once`
-    computed for this update (one dict for all its groups).
+    computed for this update (one dict for all its groups). ``applied`` is ``True`` when the step
+    is known on the host not to be skipped (``ok`` was read where that costs no synchronisation):
+    selections by ``ok`` are then skipped, but for an array that is not dense (see
+    :func:`is_dense`), whose selection would lay it out anew.
     """
 
     xp: Any
@@ -198,6 +202,7 @@ class StepContext(NamedTuple):
     ok: Any = None
     settled: Optional[dict[int, Array]] = None
     shared: Optional[dict] = None
+    applied: bool = False
 
     def once(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()``, evaluated once per update for all groups that ask with an equal ``key``.
@@ -251,9 +256,9 @@ class StepContext(NamedTuple):
         old one in the parameters' loop, which on XLA's CPU backend copies every donated state array
         (measured in ``docs/backends.md``). The transform does not select such an entry again.
         """
-        if self.ok is None:
+        if self.ok is None or (self.applied and is_dense(new)):
             return new
-        selected = self.xp.where(self.ok, new, old)
+        selected = select(self.xp, self.ok, new, old)
         self.settled[id(selected)] = selected  # the reference keeps the id from being reused
         return selected
 
@@ -692,8 +697,10 @@ def build_transform(
                 raise FloatingPointError(f"{name}: {_first_bad_gradient(xp, grad_leaves, treedef.paths)}")
         # Where reading the skip predicate costs no synchronisation (NumPy, torch on the CPU,
         # eagerly), a step known to be finite makes none of the skip's selections: they would
-        # select their first operand. Every other step (a skipped one included) selects
-        # element-wise, never reading a device value.
+        # select their first operand. Except of an operand that is not dense, whose selection
+        # would also lay it out anew (is_dense): the later steps then round as they would have.
+        # Every other step (a skipped one included) selects element-wise, never reading a device
+        # value.
         finite_step = on_nonfinite == "raise" or host_bool(xp, ok) is True
         # A skipped step's arithmetic runs on zeros: its results are discarded anyway, and NaN or
         # huge inputs would only raise warnings (NumPy) or errors (LAPACK on NaN) on the way.
@@ -705,8 +712,10 @@ def build_transform(
         # the gradient's dtype).
         ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
         zeros = [ctx.once(("zero", g.dtype, array_device(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
-        if not finite_step and (elementwise or not is_jax_namespace(xp)):
-            grad_leaves = [select(xp, ok, g, zero) for g, zero in zip(grad_leaves, zeros)]
+        if elementwise or not is_jax_namespace(xp):
+            grad_leaves = [
+                g if finite_step and is_dense(g) else select(xp, ok, g, zero) for g, zero in zip(grad_leaves, zeros)
+            ]
 
         if due is not None:
             if len(due) != len(declared):
@@ -716,7 +725,8 @@ def build_transform(
             decisions = None
             calls = step if step is not None else state.count + state.nonfinite_count
         skipping = on_nonfinite == "skip" and not finite_step
-        ctx = ctx._replace(calls=calls, due=decisions, ok=ok if skipping else None, settled={})
+        selecting = on_nonfinite == "skip"
+        ctx = ctx._replace(calls=calls, due=decisions, ok=ok if selecting else None, settled={}, applied=finite_step)
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
         members = [
@@ -761,13 +771,14 @@ def build_transform(
         if skipping:
             updates = [select(xp, ok, u, zero) for u, zero in zip(updates, zeros)]
         updates = [finite_or_zero(xp, u, zero) for u, zero in zip(updates, zeros)]
-        if skipping:
+        if selecting:
             new_groups = {key: dict(entries) for key, entries in new_groups.items()}
             for key, entries in new_groups.items():
                 for k, v in entries.items():
                     old = state.groups[key][k]
-                    # An entry the step left untouched, or that the method selected, needs no selection.
-                    if v is not old and ctx.settled.get(id(v)) is not v:
+                    # An entry the step left untouched, or that the method selected, needs no
+                    # selection; nor does a dense one of a step known to be applied.
+                    if v is not old and ctx.settled.get(id(v)) is not v and not (finite_step and is_dense(v)):
                         entries[k] = select(xp, ok, v, old)
         if finite_step:  # the step is applied: one addition, the skipped steps' count as it was
             new_state = PrecondState(count=state.count + 1, nonfinite_count=state.nonfinite_count, groups=new_groups)
