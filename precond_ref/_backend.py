@@ -40,6 +40,7 @@ __all__ = [
     "is_dense",
     "select",
     "finite_or_zero",
+    "host_all_finite",
     "sums_of_squares",
 ]
 
@@ -357,3 +358,23 @@ def sums_of_squares(xp: Any, arrays: list) -> Any:
         return None
     powsum = getattr(sys.modules["torch"], "_foreach_powsum", None)
     return None if powsum is None else list(powsum(arrays, 2))
+
+
+def host_all_finite(xp: Any, arrays: list) -> Any:
+    """Whether every entry of every array is finite, read on the host, where that costs no
+    synchronisation and fewer operations than a guard per array; else ``None``.
+
+    Eagerly on torch on the CPU, for arrays of one dtype: one ``_foreach_norm(arrays, inf)`` (the
+    largest ``|x|`` of each array, NaN for an array with a NaN, Inf for one with ±Inf) and a test of
+    the stacked results, a fixed handful of operations whatever the number of arrays.
+    """
+    if torch_compiling() or not is_torch_namespace(xp):
+        return None
+    torch = sys.modules["torch"]
+    arrays = [a for a in arrays if a.numel()]  # an empty array has no largest entry (and no non-finite one)
+    if not arrays:
+        return True
+    norm = getattr(torch, "_foreach_norm", None)
+    if norm is None or len(arrays) < 2 or any(a.device.type != "cpu" or a.dtype != arrays[0].dtype for a in arrays):
+        return None
+    return bool(torch.all(torch.isfinite(torch.stack(norm(arrays, float("inf"))))))

@@ -35,6 +35,7 @@ from ._backend import (
     float32_matmul_precision,
     float64_where_available,
     finite_or_zero,
+    host_all_finite,
     host_bool,
     is_dense,
     as_operand,
@@ -770,7 +771,8 @@ def build_transform(
         # producer of u (a division) into a consumer that reads u twice, and would write u out.
         if skipping:
             updates = [select(xp, ok, u, zero) for u, zero in zip(updates, zeros)]
-        updates = [finite_or_zero(xp, u, zero) for u, zero in zip(updates, zeros)]
+        if not (finite_step and host_all_finite(xp, updates)):  # the step's own test reads nothing else
+            updates = [finite_or_zero(xp, u, zero) for u, zero in zip(updates, zeros)]
         if selecting:
             new_groups = {key: dict(entries) for key, entries in new_groups.items()}
             for key, entries in new_groups.items():

@@ -73,21 +73,22 @@ def _ops_of_a_step(transform, shapes, *, bad=False):
 
 @pytest.mark.parametrize("elementwise", [False, True])
 def test_a_finite_eager_step_adds_one_operation_per_leaf(elementwise):
-    """A finite eager torch step on the CPU costs the method's own operations per leaf plus one: the
-    update's guard against NaN/Inf (``finite_or_zero``, one ``nan_to_num``). The skip predicate
-    is read on the host there (no synchronisation on a CPU), so a finite step makes none of the
-    skip's selections (gradients, updates, state entries: they would select their first operand),
-    and the decision is one ``_foreach_powsum`` for all leaves of a dtype. Leaves of distinct
+    """A finite eager torch step on the CPU costs the method's own operations per leaf and nothing
+    more. The skip predicate is read on the host there (no synchronisation on a CPU), so a finite
+    step makes none of the skip's selections (gradients, updates, state entries: they would select
+    their first operand); the decision is one ``_foreach_powsum`` for all leaves of a dtype, and
+    the updates' guard against NaN/Inf one ``_foreach_norm(inf)`` read on the host (the
+    per-leaf guard, ``finite_or_zero``, runs only when an update is not finite). Leaves of distinct
     shapes, so that nothing stacks; 2-D, so that packed ones are reshaped. Leaves packed by an
     element-wise method cost only their reshapes into and out of the flat leaf (gradient,
     parameter and state entry in; update and entry out): the method runs once on the flat leaf.
-    Before this rule: ten operations per leaf besides the method's."""
+    Before these rules: ten operations per leaf besides the method's."""
     transform = _momentum(elementwise=elementwise)
     few = [(3, k) for k in range(2, 6)]
     many = few + [(5, k) for k in range(2, 6)]
     added = len(many) - len(few)
     extra = len(_ops_of_a_step(transform, many)) - len(_ops_of_a_step(transform, few))
-    per_leaf = 5 if elementwise else 2 + 1  # reshapes / the method's two and the guard
+    per_leaf = 5 if elementwise else 2  # reshapes / the method's own two
     assert extra == per_leaf * added
 
 
@@ -182,3 +183,30 @@ def test_on_stacks_splits_a_stack_in_one_operation_per_result():
         bound = 3 * eps * xp.matmul(xp.abs(a), xp.matrix_transpose(xp.abs(a)))
         assert bool(torch.all(torch.abs(got[0] - gram) <= bound))
         assert bool(torch.all(torch.abs(got[1] - total) <= 9 * eps * xp.sum(xp.abs(a), axis=(-2, -1))))
+
+
+def test_a_non_finite_update_is_still_zeroed_when_read_on_the_host():
+    """The updates' guard read on the host (``host_all_finite``) falls back to the per-leaf guard
+    when any update holds a NaN or ±Inf: those entries become zero, the others (of every leaf) are
+    kept, and the step is not skipped (its gradient was finite)."""
+    big = float(np.finfo(np.float32).max)
+
+    def init_group(leaves, paths, xp):
+        return {}
+
+    def update_group(grads, state, params, ctx):
+        return (grads[0] / (grads[0] - 1.0),), {}  # 1/0 = Inf where g == 1
+
+    transform = build_transform(name="divide", init_group=init_group, update_group=update_group)
+    params = {"a": torch.zeros(3), "b": torch.zeros(2)}
+    grads = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.5, 2.0])}
+    xp = array_namespace(torch.zeros(1))
+    from precond_ref._backend import host_all_finite
+
+    assert host_all_finite(xp, [torch.ones(2), torch.tensor([0.0, float("nan")])]) is False
+    assert host_all_finite(xp, [torch.ones(2), torch.tensor([0.0, -float("inf")])]) is False
+    assert host_all_finite(xp, [torch.ones(2), torch.zeros(0), torch.full((2,), big)]) is True
+    updates, state = transform.update(grads, transform.init(params), params)
+    want_a = torch.tensor([0.0, 2.0, 1.5])
+    assert torch.equal(updates["a"], want_a) and torch.equal(updates["b"], torch.tensor([-1.0, 2.0]))
+    assert int(state.count) == 1 and int(state.nonfinite_count) == 0
