@@ -16,7 +16,7 @@ import numbers
 import sys
 from typing import Any, Callable, ContextManager, Iterator
 
-from array_api_compat import device as array_device, is_jax_namespace, is_torch_namespace
+from array_api_compat import device as array_device, is_jax_namespace, is_numpy_namespace, is_torch_namespace
 
 __all__ = [
     "float64_where_available",
@@ -36,6 +36,12 @@ __all__ = [
     "float32_matmul_precision",
     "cond",
     "cond_under_cpu_jit",
+    "host_bool",
+    "is_dense",
+    "select",
+    "finite_or_zero",
+    "host_all_finite",
+    "sums_of_squares",
 ]
 
 Array = Any
@@ -274,3 +280,101 @@ def cond_under_cpu_jit(xp: Any, pred: Array, fast_fn: Callable, safe_fn: Callabl
     if is_jax_namespace(xp) and is_tracer(pred) and sys.modules["jax"].default_backend() == "cpu":
         return sys.modules["jax"].lax.cond(pred, fast_fn, safe_fn, *operands)
     return tuple(xp.where(pred, f, s) for f, s in zip(fast_fn(*operands), safe_fn(*operands)))
+
+
+# --------------------------------------------------------------------------------------------
+# The step's selections, in as few operations as each backend allows (issue 35)
+
+
+def host_bool(xp: Any, x: Array) -> Any:
+    """``bool(x)`` of a 0-D array where reading it costs no synchronisation, else ``None``.
+
+    Free to read: a NumPy array, and a torch tensor on the CPU outside ``torch.compile`` (an eager
+    CPU kernel has finished when it returns). Never read: a JAX array (traced under ``jax.jit``,
+    and eagerly a wait on its asynchronous dispatch), a tensor on a GPU (a synchronisation),
+    anything under ``torch.compile`` (a graph break), other namespaces.
+    """
+    if torch_compiling():
+        return None
+    if is_numpy_namespace(xp):
+        return bool(x)
+    if is_torch_namespace(xp) and getattr(x.device, "type", None) == "cpu":
+        return bool(x)
+    return None
+
+
+def is_dense(x: Array) -> bool:
+    """Whether ``x`` is laid out in row-major order without gaps (NumPy's and CuPy's
+    ``c_contiguous``, torch's ``is_contiguous()``); ``True`` for an array with no such notion.
+
+    A selection ``where(pred, x, y)`` writes a new array, and for an ``x`` of another layout (a
+    column slice, a transpose) in another layout than ``x``'s, which the next step's matrix products
+    and sums may round differently. A step that drops a selection that would select ``x`` keeps it
+    where ``x`` is not dense: the same numbers, bit for bit, in every later step.
+    """
+    flags = getattr(x, "flags", None)
+    if flags is not None and hasattr(flags, "c_contiguous"):
+        return bool(flags.c_contiguous)
+    contiguous = getattr(x, "is_contiguous", None)
+    return bool(contiguous()) if callable(contiguous) else True
+
+
+def select(xp: Any, pred: Array, a: Array, b: Array) -> Array:
+    """``where(pred, a, b)``. On torch, for arrays of one dtype, ``torch.where`` itself:
+    ``array_api_compat``'s ``where`` first converts an array beside a 0-D one to their common dtype,
+    an operation even when that is its own (a dispatch per call in an eager step)."""
+    if not torch_compiling() and is_torch_namespace(xp) and getattr(a, "dtype", None) == getattr(b, "dtype", 0):
+        return sys.modules["torch"].where(pred, a, b)
+    return xp.where(pred, a, b)
+
+
+def finite_or_zero(xp: Any, u: Array, zero: Array) -> Array:
+    """``where(isfinite(u), u, zero)`` for a 0-D ``zero`` of ``u``'s dtype: the non-finite entries of
+    ``u`` set to zero, every other entry (``-0.0`` included) kept.
+
+    Eagerly on torch one ``nan_to_num`` (NaN and both infinities to zero: the same entries) instead
+    of two operations. Under ``torch.compile`` ``|u| <= finfo.max`` tests finiteness (false for NaN
+    and ±Inf): TorchInductor's CPU code tests ``isfinite`` as ``u == u`` and ``|u| != inf`` with
+    mask conversions between them (a cost measured in ``docs/backends.md``).
+    """
+    if torch_compiling():
+        return xp.where(xp.abs(u) <= xp.finfo(u.dtype).max, u, zero)
+    if is_torch_namespace(xp):
+        return sys.modules["torch"].nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
+    return xp.where(xp.isfinite(u), u, zero)
+
+
+def sums_of_squares(xp: Any, arrays: list) -> Any:
+    """``[sum(x * x) for x in arrays]`` for arrays of one dtype and device, or ``None`` where this
+    backend has no single operation for it (then the caller sums leaf by leaf).
+
+    Eagerly on torch one ``_foreach_powsum(arrays, 2)``: one dispatch (one multi-tensor kernel on a
+    GPU) for all the arrays instead of a product and a sum each. Its summation order is its own,
+    so each sum may differ from the leaf-by-leaf one by rounding (the sum of ``n`` squares to
+    ``n`` ulps): what the caller compares it with must tolerate that (a threshold far from any
+    value met in training, NaN and Inf propagating alike).
+    """
+    if torch_compiling() or len(arrays) < 2 or not is_torch_namespace(xp):
+        return None
+    powsum = getattr(sys.modules["torch"], "_foreach_powsum", None)
+    return None if powsum is None else list(powsum(arrays, 2))
+
+
+def host_all_finite(xp: Any, arrays: list) -> Any:
+    """Whether every entry of every array is finite, read on the host, where that costs no
+    synchronisation and fewer operations than a guard per array; else ``None``.
+
+    Eagerly on torch on the CPU, for arrays of one dtype: one ``_foreach_norm(arrays, inf)`` (the
+    largest ``|x|`` of each array, NaN for an array with a NaN, Inf for one with ±Inf) and a test of
+    the stacked results, a fixed handful of operations whatever the number of arrays.
+    """
+    if torch_compiling() or not is_torch_namespace(xp):
+        return None
+    torch = sys.modules["torch"]
+    arrays = [a for a in arrays if a.numel()]  # an empty array has no largest entry (and no non-finite one)
+    if not arrays:
+        return True
+    norm = getattr(torch, "_foreach_norm", None)
+    if norm is None or len(arrays) < 2 or any(a.device.type != "cpu" or a.dtype != arrays[0].dtype for a in arrays):
+        return None
+    return bool(torch.all(torch.isfinite(torch.stack(norm(arrays, float("inf"))))))

@@ -34,6 +34,10 @@ from ._backend import (
     cond_under_cpu_jit,
     float32_matmul_precision,
     float64_where_available,
+    finite_or_zero,
+    host_all_finite,
+    host_bool,
+    is_dense,
     as_operand,
     is_number,
     is_tracer as _is_tracer,
@@ -41,6 +45,8 @@ from ._backend import (
     placement,
     scalar_array,
     scalar_zero,
+    select,
+    sums_of_squares,
     torch_compiling as _torch_compiling,
 )
 from .blocking import stack, unstack
@@ -182,7 +188,10 @@ class StepContext(NamedTuple):
     decisions a compiled caller passed (``{interval: bool}``), or ``None``. ``ok`` is the step's
     0-D bool skip predicate (``None`` when nothing is skipped), ``settled`` the entries
     :meth:`unless_skipped` already selected, by ``id``, and ``shared`` the values :meth:`once`
-    computed for this update (one dict for all its groups).
+    computed for this update (one dict for all its groups). ``applied`` is ``True`` when the step
+    is known on the host not to be skipped (``ok`` was read where that costs no synchronisation):
+    selections by ``ok`` are then skipped, but for an array that is not dense (see
+    :func:`is_dense`), whose selection would lay it out anew.
     """
 
     xp: Any
@@ -194,6 +203,7 @@ class StepContext(NamedTuple):
     ok: Any = None
     settled: Optional[dict[int, Array]] = None
     shared: Optional[dict] = None
+    applied: bool = False
 
     def once(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()``, evaluated once per update for all groups that ask with an equal ``key``.
@@ -247,9 +257,9 @@ class StepContext(NamedTuple):
         old one in the parameters' loop, which on XLA's CPU backend copies every donated state array
         (measured in ``docs/backends.md``). The transform does not select such an entry again.
         """
-        if self.ok is None:
+        if self.ok is None or (self.applied and is_dense(new)):
             return new
-        selected = self.xp.where(self.ok, new, old)
+        selected = select(self.xp, self.ok, new, old)
         self.settled[id(selected)] = selected  # the reference keeps the id from being reused
         return selected
 
@@ -436,11 +446,14 @@ def gradient_ok(xp: Any, leaves: Sequence[Array]) -> Array:
     comparison with NaN is false; a compiler fuses it into one pass over each gradient, the only
     reduction the step's skip decision waits for.
     """
-    sums: dict[Any, list[Array]] = {}
+    wides: dict[Any, list[Array]] = {}
     for leaf in leaves:
         dtype = compute_dtype(xp, leaf.dtype)
-        wide = cast(xp, leaf, dtype)
-        sums.setdefault(_dtype_and_device(leaf, dtype), []).append(_sum_of_squares(xp, wide))
+        wides.setdefault(_dtype_and_device(leaf, dtype), []).append(cast(xp, leaf, dtype))
+    sums: dict[Any, list[Array]] = {}
+    for key, arrays in wides.items():
+        together = sums_of_squares(xp, arrays)  # one operation for all, where the backend has one
+        sums[key] = together if together is not None else [_sum_of_squares(xp, x) for x in arrays]
     # One comparison per dtype and device, not per leaf: the 0-D operations of a step are kernel
     # launches on a GPU, and a model has dozens of small leaves.
     ok = None
@@ -464,18 +477,6 @@ def _sum_of_squares(xp: Any, x: Array) -> Array:
     if x.ndim < 2 or not _torch_compiling():
         return xp.sum(square)
     return xp.sum(xp.sum(xp.reshape(square, (x.shape[0], math.prod(x.shape[1:]))), axis=-1))
-
-
-def _finite(xp: Any, u: Array) -> Array:
-    """``isfinite(u)``; under ``torch.compile`` as ``|u| <= finfo.max`` (false for NaN and ±Inf).
-
-    TorchInductor's CPU code tests isfinite as ``u == u`` and ``|u| != inf``, with mask
-    conversions between them (a cost measured in ``docs/backends.md``). Eagerly the comparison
-    would be two operations (and a temporary) where isfinite is one.
-    """
-    if _torch_compiling():
-        return xp.abs(u) <= xp.finfo(u.dtype).max
-    return xp.isfinite(u)
 
 
 def _dtype_and_device(leaf: Array, dtype: Any) -> tuple:
@@ -695,6 +696,13 @@ def build_transform(
                 )
             if not bool(ok):
                 raise FloatingPointError(f"{name}: {_first_bad_gradient(xp, grad_leaves, treedef.paths)}")
+        # Where reading the skip predicate costs no synchronisation (NumPy, torch on the CPU,
+        # eagerly), a step known to be finite makes none of the skip's selections: they would
+        # select their first operand. Except of an operand that is not dense, whose selection
+        # would also lay it out anew (is_dense): the later steps then round as they would have.
+        # Every other step (a skipped one included) selects element-wise, never reading a device
+        # value.
+        finite_step = on_nonfinite == "raise" or host_bool(xp, ok) is True
         # A skipped step's arithmetic runs on zeros: its results are discarded anyway, and NaN or
         # huge inputs would only raise warnings (NumPy) or errors (LAPACK on NaN) on the way.
         # Not on JAX for a method with reductions or matmuls: JAX neither warns nor raises (its
@@ -706,7 +714,9 @@ def build_transform(
         ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
         zeros = [ctx.once(("zero", g.dtype, array_device(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
         if elementwise or not is_jax_namespace(xp):
-            grad_leaves = [xp.where(ok, g, zero) for g, zero in zip(grad_leaves, zeros)]
+            grad_leaves = [
+                g if finite_step and is_dense(g) else select(xp, ok, g, zero) for g, zero in zip(grad_leaves, zeros)
+            ]
 
         if due is not None:
             if len(due) != len(declared):
@@ -715,8 +725,9 @@ def build_transform(
         else:
             decisions = None
             calls = step if step is not None else state.count + state.nonfinite_count
-        skipping = on_nonfinite == "skip"
-        ctx = ctx._replace(calls=calls, due=decisions, ok=ok if skipping else None, settled={})
+        skipping = on_nonfinite == "skip" and not finite_step
+        selecting = on_nonfinite == "skip"
+        ctx = ctx._replace(calls=calls, due=decisions, ok=ok if selecting else None, settled={}, applied=finite_step)
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
         members = [
@@ -758,22 +769,28 @@ def build_transform(
         # own skip selects element-wise (no device read), fused into the kernels computing it.
         # Two selections, not one on ok & isfinite(u): XLA's CPU backend does not fuse an expensive
         # producer of u (a division) into a consumer that reads u twice, and would write u out.
-        updates = [xp.where(ok, u, zero) for u, zero in zip(updates, zeros)]
-        updates = [xp.where(_finite(xp, u), u, zero) for u, zero in zip(updates, zeros)]
         if skipping:
+            updates = [select(xp, ok, u, zero) for u, zero in zip(updates, zeros)]
+        if not (finite_step and host_all_finite(xp, updates)):  # the step's own test reads nothing else
+            updates = [finite_or_zero(xp, u, zero) for u, zero in zip(updates, zeros)]
+        if selecting:
             new_groups = {key: dict(entries) for key, entries in new_groups.items()}
             for key, entries in new_groups.items():
                 for k, v in entries.items():
                     old = state.groups[key][k]
-                    # An entry the step left untouched, or that the method selected, needs no selection.
-                    if v is not old and ctx.settled.get(id(v)) is not v:
-                        entries[k] = xp.where(ok, v, old)
-        applied = xp.astype(ok, xp.int32)
-        new_state = PrecondState(
-            count=state.count + applied,
-            nonfinite_count=state.nonfinite_count + (1 - applied),
-            groups=new_groups,
-        )
+                    # An entry the step left untouched, or that the method selected, needs no
+                    # selection; nor does a dense one of a step known to be applied.
+                    if v is not old and ctx.settled.get(id(v)) is not v and not (finite_step and is_dense(v)):
+                        entries[k] = select(xp, ok, v, old)
+        if finite_step:  # the step is applied: one addition, the skipped steps' count as it was
+            new_state = PrecondState(count=state.count + 1, nonfinite_count=state.nonfinite_count, groups=new_groups)
+        else:
+            applied = xp.astype(ok, xp.int32)
+            new_state = PrecondState(
+                count=state.count + applied,
+                nonfinite_count=state.nonfinite_count + (1 - applied),
+                groups=new_groups,
+            )
         return tree_unflatten(treedef, updates), new_state
 
     init.layout_hint = layout_hint  # type: ignore[attr-defined]
@@ -837,7 +854,7 @@ def _pack(
         s
         for s in stack(
             xp,
-            [tuple([xp.reshape(a, (-1,)) for a in (*leaves[i], *states[i].values())]) for i in candidates],
+            [tuple([_flat(xp, a) for a in (*leaves[i], *states[i].values())]) for i in candidates],
             key=_dtypes,  # all 1-D; no device lookups per operand (eager steps of many small leaves)
             labels=[tuple(states[i]) for i in candidates],
         )
@@ -868,14 +885,24 @@ def _pack(
             for i, j in zip(members, s.indices):
                 shape = tuple(grad_leaves[i].shape)
                 update, *entries = sliced[j]
-                out[i] = xp.reshape(update, shape)
+                out[i] = _shaped(xp, update, shape)
                 own = new_groups[groups[i].key] = dict(states[i])
                 for k, entry in zip(changed, entries):
-                    own[k] = xp.reshape(entry, shape)
+                    own[k] = _shaped(xp, entry, shape)
         new_groups = {key: new_groups[key] for key in state.groups}
         return tree_unflatten(treedef, out), new_state._replace(groups=new_groups)
 
     return flat_grads, state._replace(groups=flat_groups), flat_params, unpack
+
+
+def _flat(xp: Any, a: Array) -> Array:
+    """``reshape(a, (-1,))``; a 1-D ``a`` itself (no operation in an eager step)."""
+    return a if a.ndim == 1 else xp.reshape(a, (-1,))
+
+
+def _shaped(xp: Any, a: Array, shape: tuple) -> Array:
+    """``reshape(a, shape)``; ``a`` itself when it has that shape already."""
+    return a if tuple(a.shape) == shape else xp.reshape(a, shape)
 
 
 def _dtypes(operands: tuple) -> tuple:
