@@ -11,6 +11,7 @@ from .._backend import as_operand, cast, compute_dtype, cond, is_zero, placement
 from ..blocking import on_stacks
 from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable
 from ..transform import (
+    FLAT_MAX_ELEMENTS,
     Array,
     PrecondState,
     ScalarOrSchedule,
@@ -362,6 +363,25 @@ def _stack_key(x: Array) -> Any:
     return key
 
 
+def _flat(xp: Any, x: Array) -> Array:
+    """``x`` as a vector (a view; ``x`` itself when it is one)."""
+    return x if len(x.shape) == 1 else xp.reshape(x, (-1,))
+
+
+def _shaped(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:
+    """``x`` reshaped to ``shape`` (``x`` itself when it has it)."""
+    return x if tuple(x.shape) == shape else xp.reshape(x, shape)
+
+
+def _flat_key(operands: tuple) -> Any:
+    """Which vectors an element-wise rule runs on concatenated (:func:`precond_ref.blocking.on_stacks`):
+    those of one dtype and device of at most ``FLAT_MAX_ELEMENTS`` elements (the copies into and out
+    of the concatenation cost a pass over the data, against a dozen operations per vector); a
+    longer vector alone."""
+    x = operands[0]
+    return _stack_key(x) if x.shape[0] <= FLAT_MAX_ELEMENTS else id(x)
+
+
 def _bias_correction(xp: Any, beta: Any, count: Any, dtype: Any) -> Array:
     r""":math:`1 - \beta^{i+1}` (``count`` = :math:`i`) as ``-expm1((i+1) log β)``: no cancellation
     for β near 1 in float32 (the authors form it in float64 on the host); log 0 = -inf gives 1 for β = 0."""
@@ -633,20 +653,22 @@ def mbf(
             branches[key] = (refresh, lambda f, inv, n: (inv, n))
         return branches[key]
 
-    def diagonal_rule(xp: Any, g: Array, state: dict, ctx: StepContext) -> tuple[Array, dict]:
-        r"""The authors' Adam-like rule for conv biases and normalisation parameters:
+    def diagonal_rule(xp: Any, g: Array, ema: Array, second: Array, ctx: StepContext) -> tuple[Array, Array, Array]:
+        r"""The authors' Adam-like rule for conv biases and normalisation parameters, element-wise:
         :math:`a \leftarrow \mu a + (1-\mu) g`, :math:`v \leftarrow \beta_2' v + (1-\beta_2') a^2`
-        (or :math:`g^2`), :math:`D = a / (\epsilon + \sqrt{v / (1 - \beta_2'^{\,i+1})})`."""
+        (or :math:`g^2`), :math:`D = a / (\epsilon + \sqrt{v / (1 - \beta_2'^{\,i+1})})`; returns the
+        step :math:`-\alpha_i D`, :math:`a` and :math:`v`."""
         dtype = g.dtype
         mu, beta = as_operand(xp, momentum, dtype), as_operand(xp, diagonal_b2, dtype)
-        ema = mu * state["ema"] + (1.0 - mu) * g
+        ema = mu * ema + (1.0 - mu) * g
         tracked = ema if diagonal_second_moment == "momentum" else g
-        second = beta * state["second_moment"] + (1.0 - beta) * (tracked * tracked)
+        second = beta * second + (1.0 - beta) * (tracked * tracked)
         correction = ctx.once(
             ("diagonal_correction", dtype, array_device(g)), lambda: _bias_correction(xp, beta, ctx.count, dtype)
         )
         eps = as_operand(xp, diagonal_eps, dtype)
-        return ema / (eps + xp.sqrt(second / correction)), {"ema": ema, "second_moment": second}
+        direction = ema / (eps + xp.sqrt(second / correction))
+        return direction * negative_rate(xp, dtype, array_device(g), ctx), ema, second
 
     # -- per-group init / update (leaves are out-first here; see _canonical) ----------------------
 
@@ -736,9 +758,12 @@ def mbf(
         grads_list = [tuple(cast(xp, g, dtype) for g in grads) for grads, dtype in zip(grads_list, dtypes)]
         blocked = [i for i in range(n) if kinds[i] != _DIAGONAL]
         steps, new_states = [None] * n, [None] * n  # steps: -alpha_i D per leaf (-alpha_i nu D, blocks)
-        for i in (i for i in range(n) if kinds[i] == _DIAGONAL):
-            direction, new_states[i] = diagonal_rule(xp, grads_list[i][0], states[i], ctxs[i])
-            steps[i] = (direction * negative_rate(xp, direction.dtype, array_device(direction), ctxs[i]),)
+        diagonal = [i for i in range(n) if kinds[i] == _DIAGONAL]  # element-wise: small leaves as one vector
+        flat = [tuple(_flat(xp, x) for x in (grads_list[i][0], states[i]["ema"], states[i]["second_moment"])) for i in diagonal]
+        for i, (step, ema, second) in zip(diagonal, on_stacks(xp, lambda *a: diagonal_rule(xp, *a, ctxs[0]), flat, _flat_key)):
+            shape = tuple(grads_list[i][0].shape)
+            steps[i] = (_shaped(xp, step, shape),)
+            new_states[i] = {"ema": _shaped(xp, ema, shape), "second_moment": _shaped(xp, second, shape)}
         g = {i: _to_block(xp, grads_list[i]) for i in blocked}  # [g_W | g_b] (O, I+1), conv (O, C, q)
         parts = {i: _parts(kinds[i], tuple(g[i].shape), block_size) for i in blocked}  # row blocks (..., b, I+1)
         m = {i: as_operand(xp, momentum, dtypes[i]) * states[i]["momentum"] + g[i] for i in blocked}
