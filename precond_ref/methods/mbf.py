@@ -181,8 +181,8 @@ def _statistic_shapes(kind: str, block_shape: tuple[int, ...], block_size: Optio
 
 def _split_rows(xp: Any, x: Array, parts: Sequence[tuple]) -> list[Array]:
     """``x`` (block layout) cut into its parts (:func:`_parts`); ``[x]`` when unblocked (no copy)."""
-    if len(parts) == 1 and parts[0][3] is None:
-        return [x]
+    if len(parts) == 1:  # every row: unblocked, or full blocks only (a view)
+        return [x if parts[0][3] is None else xp.reshape(x, parts[0][3])]
     return [x[start:stop, ...] if stack is None else xp.reshape(x[start:stop, ...], stack) for _, start, stop, stack in parts]
 
 
