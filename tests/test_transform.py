@@ -603,10 +603,10 @@ def test_per_step_scalars_are_made_once_per_update(name):
     bias correction, the learning rate as an array and the skip's zero depend on the step, the
     dtype and the device, not on a leaf, so :meth:`StepContext.once` makes each once per update].
     Counted by torch's dispatcher over 0-D results between models with 2 and 6 bias vectors (the
-    matrix methods' fallback Adam, MBF's diagonal rule): what a leaf keeps is MBF's ``-lr`` of its
-    update (the skip test's sums of squares are one ``_foreach_powsum`` for all leaves, which
-    returns a list). Before, each fallback leaf made about ten 0-D arrays (kernel launches on a
-    GPU), then one (its own sum of squares)."""
+    matrix methods' fallback Adam, MBF's diagonal rule): a leaf keeps none (the skip test's sums of
+    squares are one ``_foreach_powsum`` for all leaves, which returns a list; MBF's ``-lr`` is made
+    once per update since issue 35). Before, each fallback leaf made about ten 0-D arrays (kernel
+    launches on a GPU), then one (its own sum of squares)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -631,4 +631,4 @@ def test_per_step_scalars_are_made_once_per_update(name):
         return count.scalars
 
     per_leaf = (scalars_per_step(6) - scalars_per_step(2)) / 4
-    assert per_leaf == (1 if name == "mbf" else 0)
+    assert per_leaf == 0

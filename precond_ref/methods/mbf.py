@@ -7,10 +7,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from array_api_compat import array_namespace, device as array_device
 
-from .._backend import as_operand, compute_dtype, cond, is_zero, placement
+from .._backend import as_operand, cast, compute_dtype, cond, is_zero, placement
 from ..blocking import on_stacks
-from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_factor
+from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable
 from ..transform import (
+    FLAT_MAX_ELEMENTS,
     Array,
     PrecondState,
     ScalarOrSchedule,
@@ -180,8 +181,8 @@ def _statistic_shapes(kind: str, block_shape: tuple[int, ...], block_size: Optio
 
 def _split_rows(xp: Any, x: Array, parts: Sequence[tuple]) -> list[Array]:
     """``x`` (block layout) cut into its parts (:func:`_parts`); ``[x]`` when unblocked (no copy)."""
-    if len(parts) == 1 and parts[0][3] is None:
-        return [x]
+    if len(parts) == 1:  # every row: unblocked, or full blocks only (a view)
+        return [x if parts[0][3] is None else xp.reshape(x, parts[0][3])]
     return [x[start:stop, ...] if stack is None else xp.reshape(x[start:stop, ...], stack) for _, start, stop, stack in parts]
 
 
@@ -190,7 +191,7 @@ def _join_rows(xp: Any, pieces: Sequence[Array], parts: Sequence[tuple]) -> Arra
     if len(pieces) == 1 and parts[0][3] is None:
         return pieces[0]
     rows = [xp.reshape(p, (stop - start,) + tuple(p.shape[-1:])) for p, (_, start, stop, _) in zip(pieces, parts)]
-    return xp.concat(rows, axis=0)
+    return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
 
 
 def _phase_share(n: int, phase: int, phases: int) -> tuple[int, int]:
@@ -225,14 +226,14 @@ def _block_statistic(xp: Any, kind: str, g: Array, chunks: bool) -> Array:
         return g * g
     if chunks:
         return _faithful_chunk_statistic(xp, g)
-    return xp.matmul(g, g.mT) / g.shape[-1]
+    return (g @ g.mT) / g.shape[-1]
 
 
 def _faithful_chunk_statistic(xp: Any, h: Array) -> Array:
     r"""B1, the authors' FC statistic :math:`R^\top R/(I+1)` with :math:`R` the row-major reshape of
     :math:`H` (O, I+1) to (I+1, O): a raw ``view``, not a transpose (spec ``mbf.md`` 2.2 step 3)."""
     rows = xp.reshape(h, (h.shape[1], h.shape[0]))
-    return xp.matmul(rows.mT, rows) / h.shape[1]
+    return (rows.mT @ rows) / h.shape[1]
 
 
 def _precondition(xp: Any, kind: str, inverse: Array, m: Array, chunks: bool) -> Array:
@@ -240,19 +241,19 @@ def _precondition(xp: Any, kind: str, inverse: Array, m: Array, chunks: bool) ->
     :math:`F^{-1} \odot m` for block size 1, :math:`F^{-1} H_m` for an FC group (``columns_avg``),
     or the authors' chunks (:func:`_faithful_chunk_precondition`)."""
     if kind == _CONV:
-        return xp.matmul(inverse, xp.expand_dims(m, axis=-1))[..., 0]
+        return (inverse @ xp.expand_dims(m, axis=-1))[..., 0]
     if kind == _ELEMENTWISE:
         return inverse * m
     if chunks:
         return _faithful_chunk_precondition(xp, inverse, m)
-    return xp.matmul(inverse, m)
+    return inverse @ m
 
 
 def _faithful_chunk_precondition(xp: Any, inverse: Array, h: Array) -> Array:
     r"""B1, the authors' FC direction: every row :math:`r` of :math:`R_m` = row-major reshape of
     :math:`H_m` to (I+1, O) becomes :math:`F^{-1} r`; the rows are reshaped back to (O, I+1)."""
     rows = xp.reshape(h, (h.shape[1], h.shape[0]))
-    return xp.reshape(xp.matmul(rows, inverse.mT), tuple(h.shape))
+    return xp.reshape(rows @ inverse.mT, tuple(h.shape))
 
 
 def _ema_statistic(
@@ -339,6 +340,46 @@ def _add_flags(xp: Any, counts: Sequence[Array], owners: Sequence[int], flags: S
     for owner, flag in zip(owners, flags):
         flagged[owner] = flag if flagged[owner] is None else xp.logical_or(flagged[owner], flag)
     return [c if f is None else c + xp.astype(f, c.dtype) for c, f in zip(counts, flagged)]
+
+
+def _kl_clip_factors(xp: Any, quadratics: Array, learning_rate: Any, kl_clip: Any) -> Array:
+    r"""B7 for many layers at once: from the vector of :math:`q_k = \langle D_k, m_k\rangle`,
+    :math:`\nu_k = \sqrt{\kappa/(\alpha^2 q_k)}` where :math:`\alpha^2 q_k > \kappa`, else 1 (so
+    :math:`\min(1, \cdot)`, and 1 for :math:`q_k \le 0`): per entry the formula of
+    :func:`precond_ref.linalg.kl_clip_factor`."""
+    quadratic = learning_rate * learning_rate * quadratics
+    clipped = quadratic > kl_clip
+    one = xp.ones_like(quadratic)
+    return xp.where(clipped, xp.sqrt(kl_clip / xp.where(clipped, quadratic, one)), one)
+
+
+def _stack_key(x: Array) -> Any:
+    """Arrays with equal keys (dtype and device) can be stacked; an unhashable device keeps ``x`` alone."""
+    key = (x.dtype, array_device(x))
+    try:
+        hash(key)
+    except TypeError:
+        return id(x)
+    return key
+
+
+def _flat(xp: Any, x: Array) -> Array:
+    """``x`` as a vector (a view; ``x`` itself when it is one)."""
+    return x if len(x.shape) == 1 else xp.reshape(x, (-1,))
+
+
+def _shaped(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:
+    """``x`` reshaped to ``shape`` (``x`` itself when it has it)."""
+    return x if tuple(x.shape) == shape else xp.reshape(x, shape)
+
+
+def _flat_key(operands: tuple) -> Any:
+    """Which vectors an element-wise rule runs on concatenated (:func:`precond_ref.blocking.on_stacks`):
+    those of one dtype and device of at most ``FLAT_MAX_ELEMENTS`` elements (the copies into and out
+    of the concatenation cost a pass over the data, against a dozen operations per vector); a
+    longer vector alone."""
+    x = operands[0]
+    return _stack_key(x) if x.shape[0] <= FLAT_MAX_ELEMENTS else id(x)
 
 
 def _bias_correction(xp: Any, beta: Any, count: Any, dtype: Any) -> Array:
@@ -612,20 +653,22 @@ def mbf(
             branches[key] = (refresh, lambda f, inv, n: (inv, n))
         return branches[key]
 
-    def diagonal_rule(xp: Any, g: Array, state: dict, ctx: StepContext) -> tuple[Array, dict]:
-        r"""The authors' Adam-like rule for conv biases and normalisation parameters:
+    def diagonal_rule(xp: Any, g: Array, ema: Array, second: Array, ctx: StepContext) -> tuple[Array, Array, Array]:
+        r"""The authors' Adam-like rule for conv biases and normalisation parameters, element-wise:
         :math:`a \leftarrow \mu a + (1-\mu) g`, :math:`v \leftarrow \beta_2' v + (1-\beta_2') a^2`
-        (or :math:`g^2`), :math:`D = a / (\epsilon + \sqrt{v / (1 - \beta_2'^{\,i+1})})`."""
+        (or :math:`g^2`), :math:`D = a / (\epsilon + \sqrt{v / (1 - \beta_2'^{\,i+1})})`; returns the
+        step :math:`-\alpha_i D`, :math:`a` and :math:`v`."""
         dtype = g.dtype
         mu, beta = as_operand(xp, momentum, dtype), as_operand(xp, diagonal_b2, dtype)
-        ema = mu * state["ema"] + (1.0 - mu) * g
+        ema = mu * ema + (1.0 - mu) * g
         tracked = ema if diagonal_second_moment == "momentum" else g
-        second = beta * state["second_moment"] + (1.0 - beta) * (tracked * tracked)
+        second = beta * second + (1.0 - beta) * (tracked * tracked)
         correction = ctx.once(
             ("diagonal_correction", dtype, array_device(g)), lambda: _bias_correction(xp, beta, ctx.count, dtype)
         )
         eps = as_operand(xp, diagonal_eps, dtype)
-        return ema / (eps + xp.sqrt(second / correction)), {"ema": ema, "second_moment": second}
+        direction = ema / (eps + xp.sqrt(second / correction))
+        return direction * negative_rate(xp, dtype, array_device(g), ctx), ema, second
 
     # -- per-group init / update (leaves are out-first here; see _canonical) ----------------------
 
@@ -663,23 +706,40 @@ def mbf(
                 "O x O block per FC layer: block_size at least every layer's output size, max_block_dim=4096)"
             )
 
-    def clip(xp: Any, d: Array, m: Array, ctx: StepContext) -> Array:
-        r"""B7: :math:`\nu D`, :math:`\nu = \min(1, \sqrt{\kappa/(\alpha^2\langle D, m\rangle)})`
-        (:func:`precond_ref.linalg.kl_clip_factor`); :math:`D` itself when :math:`\kappa = 0`."""
-        if is_zero(kl_clip):
-            return d
-        lr = ctx.scalar("learning_rate", learning_rate, d.dtype, array_device(m))
-        return d * kl_clip_factor(d, m, lr, as_operand(xp, kl_clip, d.dtype))
+    def negative_rate(xp: Any, dtype: Any, device: Any, ctx: StepContext) -> Array:
+        r""":math:`-\alpha_i` as a 0-D array of ``dtype`` on ``device``, made once per step."""
+        return ctx.once(("-learning_rate", dtype, device), lambda: -ctx.scalar("learning_rate", learning_rate, dtype, device))
 
-    def descend(xp: Any, direction: tuple, params: Any, ctx: StepContext) -> tuple:
-        r""":math:`w \leftarrow (1 - \alpha_i\,\mathrm{wd})\, w - \alpha_i D`, as the update
-        :math:`-\alpha_i D - \alpha_i\,\mathrm{wd}\, w`."""
-        dtype = direction[0].dtype
-        lr = ctx.scalar("learning_rate", learning_rate, dtype, array_device(direction[0]))
+    def step_sizes(xp: Any, directions: Sequence[Array], momenta: Sequence[Array], ctx: StepContext) -> list[Array]:
+        r"""B7, per block group: :math:`-\alpha_i \nu`, the factor of its direction :math:`D` in the
+        step, :math:`\nu = \min(1, \sqrt{\kappa/(\alpha_i^2\langle D, m\rangle)})` (one
+        :func:`_kl_clip_factors` for all groups of a dtype and device); :math:`-\alpha_i` when
+        :math:`\kappa = 0`."""
+        rates = [negative_rate(xp, d.dtype, array_device(d), ctx) for d in directions]
+        if is_zero(kl_clip):
+            return rates
+        stacks: dict[Any, list[int]] = {}
+        for k, d in enumerate(directions):
+            stacks.setdefault(_stack_key(d), []).append(k)
+        sizes: list[Any] = [None] * len(directions)
+        for members in stacks.values():
+            first = directions[members[0]]
+            lr = ctx.scalar("learning_rate", learning_rate, first.dtype, array_device(first))
+            quadratics = xp.stack([xp.sum(directions[k] * momenta[k]) for k in members])
+            scaled = rates[members[0]] * _kl_clip_factors(xp, quadratics, lr, as_operand(xp, kl_clip, first.dtype))
+            for j, k in enumerate(members):
+                sizes[k] = scaled[j]
+        return sizes
+
+    def descend(xp: Any, step: tuple, params: Any, ctx: StepContext) -> tuple:
+        r"""The update of the step :math:`s = -\alpha_i D` (:func:`step_sizes`) with decoupled weight
+        decay, :math:`w \leftarrow (1 - \alpha_i\,\mathrm{wd})\, w + s`: :math:`s - \alpha_i\,\mathrm{wd}\, w`."""
         if not decays:
-            return tuple(-lr * d for d in direction)
-        decay = lr * as_operand(xp, weight_decay, dtype)
-        return tuple(-lr * d - decay * xp.astype(p, dtype) for d, p in zip(direction, params))
+            return step
+        dtype, device = step[0].dtype, array_device(step[0])
+        lr = ctx.scalar("learning_rate", learning_rate, dtype, device)
+        decay = ctx.once(("decay", dtype, device), lambda: lr * as_operand(xp, weight_decay, dtype))
+        return tuple(s - decay * cast(xp, p, dtype) for s, p in zip(step, params))
 
     # One step, Bahamou et al. 2023 Alg. 1 with the authors' schedule (spec mbf.md 2.2-2.3); i = updates
     # already applied, per layer (block leaves) or leaf (diagonal rule); b runs over the mini-blocks,
@@ -695,12 +755,15 @@ def mbf(
         statistics_due = ctxs[0].every(t1)
         kinds = [_kind(grads, max_block_dim) for grads in grads_list]
         dtypes = [s["ema"].dtype if k == _DIAGONAL else s["momentum"].dtype for k, s in zip(kinds, states)]
-        grads_list = [tuple(xp.astype(g, dtype) for g in grads) for grads, dtype in zip(grads_list, dtypes)]
+        grads_list = [tuple(cast(xp, g, dtype) for g in grads) for grads, dtype in zip(grads_list, dtypes)]
         blocked = [i for i in range(n) if kinds[i] != _DIAGONAL]
-        directions, new_states = [None] * n, [None] * n
-        for i in (i for i in range(n) if kinds[i] == _DIAGONAL):
-            direction, new_states[i] = diagonal_rule(xp, grads_list[i][0], states[i], ctxs[i])
-            directions[i] = (direction,)
+        steps, new_states = [None] * n, [None] * n  # steps: -alpha_i D per leaf (-alpha_i nu D, blocks)
+        diagonal = [i for i in range(n) if kinds[i] == _DIAGONAL]  # element-wise: small leaves as one vector
+        flat = [tuple(_flat(xp, x) for x in (grads_list[i][0], states[i]["ema"], states[i]["second_moment"])) for i in diagonal]
+        for i, (step, ema, second) in zip(diagonal, on_stacks(xp, lambda *a: diagonal_rule(xp, *a, ctxs[0]), flat, _flat_key)):
+            shape = tuple(grads_list[i][0].shape)
+            steps[i] = (_shaped(xp, step, shape),)
+            new_states[i] = {"ema": _shaped(xp, ema, shape), "second_moment": _shaped(xp, second, shape)}
         g = {i: _to_block(xp, grads_list[i]) for i in blocked}  # [g_W | g_b] (O, I+1), conv (O, C, q)
         parts = {i: _parts(kinds[i], tuple(g[i].shape), block_size) for i in blocked}  # row blocks (..., b, I+1)
         m = {i: as_operand(xp, momentum, dtypes[i]) * states[i]["momentum"] + g[i] for i in blocked}
@@ -723,18 +786,20 @@ def mbf(
                 [statistic[key] for key in members], [inverse[key] for key in members], counts,
             )  # fmt: skip
             inverse = dict(zip(members, refreshed))
-        for i, count in zip(blocked, counts):
+        d = {}
+        for i in blocked:
             m_parts = _split_rows(xp, m[i], parts[i])
-            d = _join_rows(
+            d[i] = _join_rows(
                 xp, [_precondition(xp, kinds[i], inverse[i, suffix], m_part, chunks) for (suffix, *_), m_part in zip(parts[i], m_parts)], parts[i]
             )  # fmt: skip
-            d = clip(xp, d, m[i], ctxs[i])
-            directions[i] = _from_block(xp, d, grads_list[i])
+        sizes = step_sizes(xp, [d[i] for i in blocked], [m[i] for i in blocked], ctxs[0])  # -alpha_i nu
+        for i, count, size in zip(blocked, counts, sizes):
+            steps[i] = _from_block(xp, size * d[i], grads_list[i])
             new_states[i] = {"momentum": m[i], "failures": count}
             for suffix, *_ in parts[i]:
                 new_states[i]["statistic" + suffix] = statistic[i, suffix]
                 new_states[i]["inverse" + suffix] = inverse[i, suffix]
-        return [(descend(xp, d, p, ctx), s) for d, s, p, ctx in zip(directions, new_states, params_list, ctxs)]
+        return [(descend(xp, u, p, ctx), s) for u, s, p, ctx in zip(steps, new_states, params_list, ctxs)]
 
     def canonical_groups(paths, leaves):
         # Leaves arrive out-first (see _canonical), so a ``kernel`` is paired by its first axis.

@@ -148,3 +148,38 @@ def test_bias_correction_is_one_minus_beta_power(beta, count):
     plain = 1.0 - beta ** (count + 1)
     rel = 8 * (count + 2) * EPS * max(beta ** (count + 1), EPS) / plain
     assert abs(got - plain) <= rel * plain
+
+
+def test_kl_clip_factors_is_kl_clip_factor_per_layer():
+    """nu_k = min(1, sqrt(kappa/(alpha^2 q_k))), 1 where alpha^2 q_k <= kappa (q_k <= 0 included):
+    for every layer k of the vector, the value :func:`precond_ref.linalg.kl_clip_factor` gives that
+    layer alone (B7, spec mbf.md 2.4). Same operations per entry in the same order: equal to the
+    last bit, whatever the CPU's sqrt rounding."""
+    from precond_ref.linalg import kl_clip_factor
+
+    rng = np.random.default_rng(3)
+    layers = [(rng.standard_normal((4, 3)), rng.standard_normal((4, 3))) for _ in range(5)]
+    layers.append((np.zeros((2, 2)), np.zeros((2, 2))))  # q = 0: no clip
+    layers.append((np.ones((2, 2)), -np.ones((2, 2))))  # q < 0: no clip (a non-symmetric faithful inverse)
+    lr, kappa = 0.7, 0.5
+    quadratics = np.stack([np.sum(d * m) for d, m in layers])
+    got = M._kl_clip_factors(np, quadratics, lr, kappa)
+    want = np.stack([kl_clip_factor(d, m, lr, kappa) for d, m in layers])
+    np.testing.assert_array_equal(got, want)
+    assert np.sum(got < 1) >= 2 and got[-1] == 1 and got[-2] == 1  # both branches taken
+
+
+def test_join_rows_of_one_row_stack_is_a_view():
+    """_join_rows inverts _split_rows; a layer cut into full blocks only (no tail) is one stack, joined
+    back by a reshape (a view of the preconditioned stack, not a copy: the per-step stitch of the
+    momentum's blocks costs no pass over the layer)."""
+    h = np.arange(12.0 * 5).reshape(12, 5)
+    parts = M._parts(M._FC, (12, 5), 4)
+    assert len(parts) == 1
+    pieces = M._split_rows(np, h, parts)
+    joined = M._join_rows(np, pieces, parts)
+    np.testing.assert_array_equal(joined, h)
+    assert np.shares_memory(joined, pieces[0])
+    tailed = M._parts(M._FC, (14, 5), 4)  # three blocks and a tail of 2: a concatenation
+    h14 = np.arange(14.0 * 5).reshape(14, 5)
+    np.testing.assert_array_equal(M._join_rows(np, M._split_rows(np, h14, tailed), tailed), h14)

@@ -1,0 +1,59 @@
+"""Eager cost of an MBF step in operations (issue 35): an eager step's time is its number of
+operations (about 20 us each on a CPU, a kernel launch each on a GPU), not its FLOPs, so the
+per-layer count of a plain step (no statistics, no refresh) is pinned here.
+
+Counts are torch dispatcher calls, exact for a fixed code path (no timing, no machine dependence).
+The marginal count of one more layer is taken between two models, so the step's fixed work (the
+learning rate, the KL clip's scalar algebra, the skip decision) cancels.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import precond_ref as pr
+
+torch = pytest.importorskip("torch")
+
+
+def _plain_step_ops(n_fc: int, n_diagonal: int) -> int:
+    """Dispatcher calls of one plain MBF step (principled defaults, KL clip on) on ``n_fc`` FC
+    layers 8 x 5 with bias and ``n_diagonal`` scale vectors of length 8, float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    params = {f"fc{i}": {"bias": randn(8), "weight": randn(8, 5)} for i in range(n_fc)}
+    params.update({f"norm{i}": {"scale": randn(8)} for i in range(n_diagonal)})
+    grads = {k: {n: randn(*v.shape) for n, v in d.items()} for k, d in params.items()}
+    opt = pr.mbf(learning_rate=1e-2, weight_decay=1e-3, statistics_every=1000, precondition_every=1000)
+    state = opt.init(params)
+    _, state = opt.update(grads, state, params, step=0)  # statistics and refresh: step 0
+    with Count():
+        opt.update(grads, state, params, step=1)  # plain: heavy ball, product, clip, step
+    return Count.calls
+
+
+def test_plain_step_operations_per_layer():
+    """Invariant: one more FC layer [W | b] costs a plain step at most 34 dispatcher calls, one more
+    diagonal-rule leaf at most 16, whatever the number of layers. Per FC layer the MBF work is the
+    block layout (2), the heavy ball (2), F^{-1} m (1), the KL quadratic <D, m> (2), the layer's
+    -alpha nu (1), the step (1) and its split back into W, b (2), the decay (2 per leaf); the rest is
+    the transform's per-leaf work (non-finite check and selections, about 9 per leaf). The KL clip's
+    scalar algebra runs once per step on the vector of all layers (_kl_clip_factors), the diagonal
+    rule once on all small diagonal leaves concatenated (per leaf: its slices). Before (main
+    331606f): 52 and 29."""
+    fc = (_plain_step_ops(6, 1) - _plain_step_ops(2, 1)) / 4
+    diagonal = (_plain_step_ops(1, 6) - _plain_step_ops(1, 2)) / 4
+    assert fc <= 34, fc
+    assert diagonal <= 16, diagonal
