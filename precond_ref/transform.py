@@ -537,7 +537,9 @@ def build_transform(
         ``"skip"``: a step whose gradient tree holds a NaN or Inf, or whose new state or updates
         would (a finite gradient so large that a statistic overflows), returns zero updates, leaves
         the state unchanged (the counter does not advance) and increments ``nonfinite_count``; the
-        selection is element-wise (no device value is read). ``"raise"``: ``FloatingPointError``
+        selection is element-wise (no device value is read), except where reading costs no
+        synchronisation (NumPy; torch on the CPU outside ``torch.compile``: ``_backend.host_bool``),
+        where a step read as finite makes no selections at all (the same numbers). ``"raise"``: ``FloatingPointError``
         naming the first offending gradient leaf, or the state entry that overflowed (needs
         concrete arrays, so it is refused under ``jax.jit``).
     needs_params:
