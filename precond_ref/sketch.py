@@ -62,7 +62,7 @@ import math
 from typing import Any, NamedTuple, Optional
 
 
-from ._backend import is_number, placement, scalar_zero
+from ._backend import is_zero, placement, scalar_zero
 from .linalg import per_matrix, symmetrize
 
 __all__ = [
@@ -469,8 +469,8 @@ def _fd_step(
     # The weights' unit also covers the absolute shifts, which may dwarf the data (S-AdaGrad's delta
     # against tiny gradients: delta / scale^2 would overflow); ratio = 1 unless they do.
     absolute = delta if relative_eps else delta + eps
-    no_delta = is_number(delta) and delta == 0
-    if is_number(absolute) and absolute == 0:
+    no_delta = is_zero(delta)
+    if is_zero(absolute):
         # No absolute shift (Sketchy's default, S-AdaGrad's delta = 0): the weights' unit is the
         # data's, a power of two already (ratio 1), and the four passes below that scale by it
         # would multiply by 1.

@@ -575,6 +575,8 @@ def _from_tiles(xp, tiles, counts: tuple, size: tuple):
 
 def _per_member(xp, value, trailing: int):
     """A per-group value of shape (b,) with ``trailing`` unit axes; scalars pass through."""
+    if is_number(value):  # a host number (under torch.compile maybe a symbolic one, with no attributes)
+        return value
     if hasattr(value, "shape") and len(value.shape) == 1:
         return xp.reshape(value, (value.shape[0],) + (1,) * trailing)
     return value
