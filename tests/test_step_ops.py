@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from dispatched import Dispatched  # noqa: E402
 
 from array_api_compat import array_namespace  # noqa: E402
 
@@ -25,20 +25,8 @@ from precond_ref.blocking import on_stacks  # noqa: E402
 from precond_ref.transform import build_transform  # noqa: E402
 
 
-class _Count(TorchDispatchMode):
-    """Counts the operations dispatched, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def _dispatched(fn) -> list[str]:
-    with _Count() as counter:
+    with Dispatched() as counter:
         fn()
     return counter.names
 

@@ -7,7 +7,6 @@ watched with a ``TorchDispatchMode`` (each ATen call the step makes, views and n
 
 from __future__ import annotations
 
-import collections
 import importlib
 
 import numpy as np
@@ -17,26 +16,7 @@ import precond_ref as pr
 
 A = importlib.import_module("precond_ref.methods.asgo")
 torch = pytest.importorskip("torch")
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-
-class _Count(TorchDispatchMode):
-    """Counts ATen calls by overload, with the shape of their first argument (a factory's size)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        first = args[0] if args else None  # a tensor, or the size of a factory (zeros, full)
-        shape = None
-        if isinstance(first, (torch.Tensor, list, tuple)):
-            shape = tuple(first.shape) if isinstance(first, torch.Tensor) else tuple(first)
-        self.calls[(str(func), shape)] += 1
-        return func(*args, **(kwargs or {}))
-
-    def total(self, name: str) -> int:
-        return sum(v for (f, _), v in self.calls.items() if f == name)
+from dispatched import Dispatched as _Count  # noqa: E402
 
 
 def _tree(rng: np.random.Generator, shapes: dict) -> dict:
