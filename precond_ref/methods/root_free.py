@@ -962,7 +962,9 @@ def if_shampoo(
         check_positive_int("precondition_every", precondition_every, allow_callable=True)
     _check_structures(structures)
     for value in factor_dtype.values() if isinstance(factor_dtype, dict) else (factor_dtype,):
-        if hasattr(value, "shape"):  # optax.inject_hyperparams called a dtype like a schedule
+        # An array, not a dtype: optax.inject_hyperparams called a dtype like a schedule. NumPy's
+        # dtypes have a ``shape`` too (``np.float32`` the class, ``np.dtype("float32")`` no ``dtype``).
+        if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type):
             raise ValueError(
                 "factor_dtype must be a dtype, got an array; under optax.inject_hyperparams pass "
                 "static_args=('factor_dtype',) (a dtype is callable, so it is taken for a schedule)"

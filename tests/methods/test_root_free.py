@@ -499,6 +499,21 @@ def test_if_shampoo_batch_size_and_validation():
         pr.if_shampoo(batch_size=1, preconditioner_lr_scale=lambda path: 0.0).init(params)
 
 
+@pytest.mark.parametrize("spelling", ["class", "dtype", "jnp-dtype"])
+def test_if_shampoo_takes_numpy_dtypes_as_factor_dtype(spelling):
+    """``factor_dtype`` takes a dtype of the parameters' namespace in each of NumPy's spellings (the
+    class ``np.float32`` and ``np.dtype`` objects both have a ``shape`` attribute, which the
+    factory's array check must not mistake for an array); the factors come out in it."""
+    import jax.numpy as jnp
+
+    dtype = {"class": np.float32, "dtype": np.dtype("float32"), "jnp-dtype": jnp.dtype("float32")}[spelling]
+    params = {"w": np.ones((3, 2))}
+    opt = pr.if_shampoo(batch_size=1, factor_dtype=dtype)
+    _, state = opt.update({"w": np.full((3, 2), 0.5)}, opt.init(params), params)
+    entries = state.groups["w"]
+    assert entries["factor_0"].dtype == np.float32 and entries["factor_1"].dtype == np.float32
+
+
 def test_if_shampoo_nonfinite_gradient_policy():
     opt = pr.if_shampoo(batch_size=2)
     params = {"a": np.ones((2, 3)), "b": np.ones(2)}
