@@ -45,6 +45,7 @@ from ._backend import as_operand, cond, is_tracer, is_zero, placement
 
 __all__ = [
     "kl_clip_factor",
+    "kl_clip_of_quadratic",
     "symmetrize",
     "per_matrix",
     "identity_like",
@@ -724,7 +725,15 @@ def kl_clip_factor(direction: Array, vector: Array, learning_rate: Any, kl_clip:
     shape; ``learning_rate`` and ``kl_clip`` numbers or 0-D arrays. Returns a 0-D array.
     """
     xp = array_namespace(direction, vector)
-    quadratic = learning_rate * learning_rate * xp.sum(direction * vector)
+    return kl_clip_of_quadratic(xp, xp.sum(direction * vector), learning_rate, kl_clip)
+
+
+def kl_clip_of_quadratic(xp: Any, inner: Array, learning_rate: Any, kl_clip: Any) -> Array:
+    r""":func:`kl_clip_factor` from the inner products :math:`q = \langle D, v\rangle`, entry by entry:
+    :math:`\nu = \sqrt{\kappa/(\alpha^2 q)}` where :math:`\alpha^2 q > \kappa`, else 1 (so
+    :math:`\min(1, \cdot)`, and 1 for :math:`q \le 0`). ``inner``: 0-D, or a vector of many blocks'
+    :math:`q` (one computation for all of them: the KL clip of MBF's layers, IF-Shampoo's groups)."""
+    quadratic = learning_rate * learning_rate * inner
     clipped = quadratic > kl_clip
-    safe = xp.where(clipped, quadratic, xp.ones_like(quadratic))
-    return xp.where(clipped, xp.sqrt(kl_clip / safe), xp.ones_like(quadratic))
+    one = xp.ones_like(quadratic)
+    return xp.where(clipped, xp.sqrt(kl_clip / xp.where(clipped, quadratic, one)), one)

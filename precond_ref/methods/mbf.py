@@ -9,7 +9,7 @@ from array_api_compat import array_namespace, device as array_device
 
 from .._backend import as_operand, cast, compute_dtype, cond, is_zero, placement
 from ..blocking import on_stacks
-from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable
+from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_of_quadratic
 from ..transform import (
     FLAT_MAX_ELEMENTS,
     Array,
@@ -340,17 +340,6 @@ def _add_flags(xp: Any, counts: Sequence[Array], owners: Sequence[int], flags: S
     for owner, flag in zip(owners, flags):
         flagged[owner] = flag if flagged[owner] is None else xp.logical_or(flagged[owner], flag)
     return [c if f is None else c + xp.astype(f, c.dtype) for c, f in zip(counts, flagged)]
-
-
-def _kl_clip_factors(xp: Any, quadratics: Array, learning_rate: Any, kl_clip: Any) -> Array:
-    r"""B7 for many layers at once: from the vector of :math:`q_k = \langle D_k, m_k\rangle`,
-    :math:`\nu_k = \sqrt{\kappa/(\alpha^2 q_k)}` where :math:`\alpha^2 q_k > \kappa`, else 1 (so
-    :math:`\min(1, \cdot)`, and 1 for :math:`q_k \le 0`): per entry the formula of
-    :func:`precond_ref.linalg.kl_clip_factor`."""
-    quadratic = learning_rate * learning_rate * quadratics
-    clipped = quadratic > kl_clip
-    one = xp.ones_like(quadratic)
-    return xp.where(clipped, xp.sqrt(kl_clip / xp.where(clipped, quadratic, one)), one)
 
 
 def _stack_key(x: Array) -> Any:
@@ -713,7 +702,7 @@ def mbf(
     def step_sizes(xp: Any, directions: Sequence[Array], momenta: Sequence[Array], ctx: StepContext) -> list[Array]:
         r"""B7, per block group: :math:`-\alpha_i \nu`, the factor of its direction :math:`D` in the
         step, :math:`\nu = \min(1, \sqrt{\kappa/(\alpha_i^2\langle D, m\rangle)})` (one
-        :func:`_kl_clip_factors` for all groups of a dtype and device); :math:`-\alpha_i` when
+        :func:`precond_ref.linalg.kl_clip_of_quadratic` for all groups of a dtype and device); :math:`-\alpha_i` when
         :math:`\kappa = 0`."""
         rates = [negative_rate(xp, d.dtype, array_device(d), ctx) for d in directions]
         if is_zero(kl_clip):
@@ -726,7 +715,7 @@ def mbf(
             first = directions[members[0]]
             lr = ctx.scalar("learning_rate", learning_rate, first.dtype, array_device(first))
             quadratics = xp.stack([xp.sum(directions[k] * momenta[k]) for k in members])
-            scaled = rates[members[0]] * _kl_clip_factors(xp, quadratics, lr, as_operand(xp, kl_clip, first.dtype))
+            scaled = rates[members[0]] * kl_clip_of_quadratic(xp, quadratics, lr, as_operand(xp, kl_clip, first.dtype))
             for j, k in enumerate(members):
                 sizes[k] = scaled[j]
         return sizes

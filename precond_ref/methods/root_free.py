@@ -24,7 +24,7 @@ from .._backend import (
     as_operand, cast, compute_dtype, computed_once, cond, is_number, is_zero, placement, scalar_array, scalar_zero,
 )
 from ..blocking import block_bounds, spread_schedule
-from ..linalg import half_precision_dtype, mode_gram, mode_product
+from ..linalg import half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
@@ -750,10 +750,7 @@ def _kl_clip_scales(xp, inner: Sequence[Any], learning_rate: Any, kl_clip: Any) 
         by_dtype.setdefault(value.dtype, []).append(g)
     for dtype, members in by_dtype.items():
         lr, limit = as_operand(xp, learning_rate, dtype), as_operand(xp, kl_clip, dtype)
-        quadratic = lr * lr * xp.stack([inner[g] for g in members])
-        clipped = quadratic > limit
-        safe = xp.where(clipped, quadratic, xp.ones_like(quadratic))
-        scales = xp.where(clipped, xp.sqrt(limit / safe), xp.ones_like(quadratic))
+        scales = kl_clip_of_quadratic(xp, xp.stack([inner[g] for g in members]), lr, limit)
         for g, scale in zip(members, xp.unstack(scales)):
             nu[g] = scale
     return nu

@@ -150,12 +150,12 @@ def test_bias_correction_is_one_minus_beta_power(beta, count):
     assert abs(got - plain) <= rel * plain
 
 
-def test_kl_clip_factors_is_kl_clip_factor_per_layer():
+def test_kl_clip_of_quadratic_is_kl_clip_factor_per_layer():
     """nu_k = min(1, sqrt(kappa/(alpha^2 q_k))), 1 where alpha^2 q_k <= kappa (q_k <= 0 included):
     for every layer k of the vector, the value :func:`precond_ref.linalg.kl_clip_factor` gives that
     layer alone (B7, spec mbf.md 2.4). Same operations per entry in the same order: equal to the
     last bit, whatever the CPU's sqrt rounding."""
-    from precond_ref.linalg import kl_clip_factor
+    from precond_ref.linalg import kl_clip_factor, kl_clip_of_quadratic
 
     rng = np.random.default_rng(3)
     layers = [(rng.standard_normal((4, 3)), rng.standard_normal((4, 3))) for _ in range(5)]
@@ -163,7 +163,7 @@ def test_kl_clip_factors_is_kl_clip_factor_per_layer():
     layers.append((np.ones((2, 2)), -np.ones((2, 2))))  # q < 0: no clip (a non-symmetric faithful inverse)
     lr, kappa = 0.7, 0.5
     quadratics = np.stack([np.sum(d * m) for d, m in layers])
-    got = M._kl_clip_factors(np, quadratics, lr, kappa)
+    got = kl_clip_of_quadratic(np, quadratics, lr, kappa)
     want = np.stack([kl_clip_factor(d, m, lr, kappa) for d, m in layers])
     np.testing.assert_array_equal(got, want)
     assert np.sum(got < 1) >= 2 and got[-1] == 1 and got[-2] == 1  # both branches taken

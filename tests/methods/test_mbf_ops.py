@@ -43,7 +43,7 @@ def test_plain_step_operations_per_layer():
     block layout (2), the heavy ball (2), F^{-1} m (1), the KL quadratic <D, m> (2), the layer's
     -alpha nu (1), the step (1) and its split back into W, b (2), the decay (2 per leaf); the rest is
     the transform's per-leaf work (non-finite check and selections, about 9 per leaf). The KL clip's
-    scalar algebra runs once per step on the vector of all layers (_kl_clip_factors), the diagonal
+    scalar algebra runs once per step on the vector of all layers (linalg.kl_clip_of_quadratic), the diagonal
     rule once on all small diagonal leaves concatenated (per leaf: its slices). Before (main
     331606f): 52 and 29."""
     fc = (_plain_step_ops(6, 1) - _plain_step_ops(2, 1)) / 4
