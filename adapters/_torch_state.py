@@ -405,9 +405,18 @@ def _check_core_state(path_of: Any, transform: Any, members: list, where: str, h
     expected = transform.init(nest(paths, [p.detach() for _, p, _, _ in members]))
     by_key = {path_str(path): member for path, member in zip(paths, members)}
     heads = set()
+    rename = getattr(transform.init, "legacy_names", None)
     for key, arrays in expected.groups.items():
         _, p, label, entries = by_key[key]
         heads.add(key)
+        if rename is not None:  # a state saved under the entry names of an earlier version
+            core = {k: v for k, v in entries.items() if k not in BOOKKEEPING}
+            renamed = rename(core)
+            if renamed is not core:
+                kept = {k: entries[k] for k in BOOKKEEPING if k in entries}
+                entries.clear()
+                entries.update(kept)
+                entries.update(renamed)
         missing = sorted(set(arrays) - set(entries))
         if missing:
             raise ValueError(

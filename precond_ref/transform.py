@@ -511,6 +511,7 @@ def build_transform(
     matmul_precision: str = "highest",
     elementwise: bool = False,
     layout_hint: Optional[Callable[[dict, dict], str]] = None,
+    legacy_names: Optional[Callable[[dict], dict]] = None,
 ) -> Transform:
     """Assemble a tree-level :class:`Transform` from a method's per-group functions.
 
@@ -565,6 +566,12 @@ def build_transform(
         a state that does not fit the gradients, or ``""``; kept as ``init.layout_hint`` for
         adapters that check loaded state. Says which arguments reproduce a layout an older version
         made, where a default changed the layout.
+    legacy_names:
+        ``entries -> entries``: a group's state saved under the entry names an earlier version
+        wrote, as the same arrays under the current names (the very dict given when no name is
+        old). ``update`` renames such a state before anything else (a restored optax state keeps
+        working; the state it returns has the current names); kept as ``init.legacy_names`` for
+        adapters that rename on load (torch's ``load_state_dict``).
     """
     check_choice("matmul_precision", matmul_precision, tuple(_JAX_PRECISION))
     check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
@@ -632,6 +639,8 @@ def build_transform(
             xp = array_namespace(*grad_leaves)
         except TypeError:
             xp = None  # _update names the problem
+        if legacy_names is not None and isinstance(state, PrecondState):
+            state = _renamed(state, legacy_names)
         with float32_matmul_precision(xp, precision) if xp is not None else _NO_CONTEXT:
             packed = None
             if elementwise and on_nonfinite == "skip" and xp is not None:
@@ -796,6 +805,7 @@ def build_transform(
         return tree_unflatten(treedef, updates), new_state
 
     init.layout_hint = layout_hint  # type: ignore[attr-defined]
+    init.legacy_names = legacy_names  # type: ignore[attr-defined]
     return Transform(init, update, due, matmul_precision, group_leaves)
 
 
@@ -973,6 +983,15 @@ def _check_state_namespace(name: str, xp: Any, group: LeafGroup, grads: tuple[Ar
     if entry is None or isinstance(entry, type(grads[0])):
         return
     _check_namespace(name, xp, group.paths[:1], grads[:1], [entry], "optimizer state")
+
+
+def _renamed(state: PrecondState, legacy_names: Callable[[dict], dict]) -> PrecondState:
+    """``state`` with every group's entries under the current names (``build_transform``'s
+    ``legacy_names``); the very object when no group had an old name."""
+    groups = {key: legacy_names(entries) for key, entries in state.groups.items()}
+    if all(groups[key] is entries for key, entries in state.groups.items()):
+        return state
+    return state._replace(groups=groups)
 
 
 def _check_fits(

@@ -17,6 +17,8 @@ __all__ = [
     "tree_unflatten",
     "tree_map",
     "path_str",
+    "to_entries",
+    "from_entries",
 ]
 
 Path = tuple[Hashable, ...]
@@ -112,3 +114,25 @@ def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
 def path_str(path: Path) -> str:
     """``('layer1', 'weight')`` -> ``'layer1/weight'``; the root leaf is ``'.'``."""
     return "/".join(str(k) for k in path) if path else "."
+
+
+def to_entries(fields: Any) -> dict[str, Any]:
+    """A state of named fields as the flat entries a group's state stores: ``{path_str(path): leaf}``.
+
+    A method writes its per-group state as ``NamedTuple``s (tuples for one entry per axis or per
+    tile); checkpoints (torch's ``state_dict``, optax states) hold flat string keys. The key of a
+    leaf is its path: ``Tile(factor=(K0, K1))`` -> ``{"factor/0": K0, "factor/1": K1}``.
+    """
+    leaves, treedef = tree_flatten(fields)
+    return {path_str(path): leaf for path, leaf in zip(treedef.paths, leaves)}
+
+
+def from_entries(template: Any, entries: Any) -> Any:
+    """Inverse of :func:`to_entries`: ``template``'s structure (any leaves) filled from ``entries``.
+
+    ``template`` is the method's layout of the group (e.g. ``Tile(factor=(None, None))`` is not a
+    template: ``None`` is an empty subtree; use any non-``None`` placeholder such as ``0``).
+    A missing entry raises ``KeyError`` naming it.
+    """
+    treedef = tree_flatten(template)[1]
+    return tree_unflatten(treedef, [entries[path_str(path)] for path in treedef.paths])

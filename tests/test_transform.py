@@ -17,7 +17,7 @@ from precond_ref.transform import (
     cond,
     is_zero,
 )
-from precond_ref.tree import path_str, tree_flatten, tree_map, tree_unflatten
+from precond_ref.tree import from_entries, path_str, to_entries, tree_flatten, tree_map, tree_unflatten
 
 
 class Pair(NamedTuple):
@@ -34,6 +34,20 @@ def test_tree_round_trip_and_paths():
     assert rebuilt == {"a": [10.0, (20.0, None)], "b": Pair(30.0, 40.0), "c": {}}
     assert isinstance(rebuilt["b"], Pair)
     assert path_str(()) == "."
+
+
+def test_named_fields_and_their_entries_round_trip():
+    """A state of named fields is stored under its leaves' paths (``to_entries``) and read back into
+    the method's layout (``from_entries``): the inverse, field by field; a missing entry is named."""
+    fields = Pair(kernel=(1.0, 2.0), bias=Pair(3.0, (4.0,)))
+    entries = to_entries(fields)
+    assert entries == {"kernel/0": 1.0, "kernel/1": 2.0, "bias/kernel": 3.0, "bias/bias/0": 4.0}
+    template = Pair(kernel=(0, 0), bias=Pair(0, (0,)))
+    assert from_entries(template, entries) == fields
+    assert isinstance(from_entries(template, entries).bias, Pair)
+    del entries["bias/bias/0"]
+    with pytest.raises(KeyError, match="bias/bias/0"):
+        from_entries(template, entries)
 
 
 def test_tree_map_rejects_different_structures():
@@ -169,6 +183,32 @@ def test_update_groups_sees_every_nonempty_group_of_a_call_at_once():
         build_transform(name="x", init_group=init_group)
     with pytest.raises(TypeError, match="exactly one"):
         build_transform(name="x", init_group=init_group, update_group=update_group, update_groups=update_groups)
+
+
+def test_legacy_names_rename_an_old_state_on_update():
+    """``build_transform(legacy_names=...)``: a state saved under an earlier version's entry names
+    gives the step of the state under the current names, and the returned state has the current
+    names; a current state passes through as the very object (no renaming cost)."""
+    def init_group(leaves, paths, xp):
+        return {"sum/0": xp.zeros(leaves[0].shape, dtype=leaves[0].dtype)}
+
+    def update_group(grads, state, params, ctx):
+        return (-state["sum/0"] - grads[0],), {"sum/0": state["sum/0"] + grads[0]}
+
+    def legacy(entries):
+        return {"sum/0": entries["sum_0"]} if "sum_0" in entries else entries
+
+    tx = build_transform(name="toy", init_group=init_group, update_group=update_group, legacy_names=legacy)
+    params = {"w": np.ones(3)}
+    state = tx.update(params, tx.init(params), params)[1]
+    old = state._replace(groups={"w": {"sum_0": state.groups["w"]["sum/0"]}})
+    want, want_state = tx.update(params, state, params)
+    got, got_state = tx.update(params, old, params)
+    tree_map(np.testing.assert_array_equal, got, want)
+    assert list(got_state.groups["w"]) == ["sum/0"]
+    np.testing.assert_array_equal(got_state.groups["w"]["sum/0"], want_state.groups["w"]["sum/0"])
+    assert tx.init.legacy_names is legacy
+    assert pr.transform._renamed(state, legacy) is state
 
 
 def test_missing_members_of_a_pair():
