@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["MethodEntry", "METHODS", "BASELINES", "BENCH_ONLY", "MODELS", "CLASSIFIERS", "entry_by_name", "method_names"]
+__all__ = ["MethodEntry", "METHODS", "BASELINES", "BENCH_ONLY", "MODELS", "CLASSIFIERS", "entry_by_name"]
 
 # The models of compare (defined in precond_ref.compare.digits); the autoencoder reports no accuracy.
 MODELS = ("mlp", "cnn", "autoencoder")
@@ -196,10 +196,6 @@ METHODS = BASELINES + (
 
 # Entries timed by ``bench`` but not trained by ``compare`` (none now: RF-AdamW, once here, runs in both).
 BENCH_ONLY: tuple = ()
-
-
-def method_names() -> list[str]:
-    return [entry.name for entry in METHODS]
 
 
 def entry_by_name(name: str) -> MethodEntry:
