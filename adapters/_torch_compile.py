@@ -17,9 +17,8 @@ number of times:
   it calls are not patched while it lives: its guards check the arguments that vary (tensor
   layouts, the state's structure, the interval decisions, the step's keyword arguments) and the
   ambient torch state, not the transform's closures or module globals. Those were most of the
-  guards, about 0.3 ms of each step on a 2-core CPU (an AGD step on a 64x64x3x3 convolution:
-  0.54 -> 0.37 ms, torch ``Adam(foreach)`` 0.34 ms; with the adapter's own host work cut since,
-  0.26 ms against 0.22 ms).
+  guards and most of a small step's time (measured: docs/backends.md, "The torch adapter's
+  compiled step").
 
 If compilation fails (no C++ compiler for TorchInductor's CPU backend, an unsupported
 operation), the optimizer says so once and runs the same core eagerly.
@@ -57,15 +56,12 @@ AUTO_MIN_ELEMENTS = 2**18
 
 #: ... and a smaller group once it has taken this many eager steps. Below ``AUTO_MIN_ELEMENTS`` a
 #: compiled step saves about the same time whatever the group's size, because the eager step's
-#: cost is per operation, not per element: measured on a 2-core CPU (AGD; the small leaves run
-#: as one flat leaf), a lone 64x64x3x3 convolution (37k elements) steps in 1.1 ms eagerly and
-#: 0.26 ms compiled, and the bench's ResNet (78k elements in 29 tensors) in 3.4-5.8 ms and
-#: 1.1 ms, after a first compiled step of 3 s (TorchInductor's cache warm) to 10-23 s (empty).
-#: Whether a run lasts long enough to repay that is unknown at its first step, so the group
-#: steps eagerly until the time it has lost to eager steps is about what compiling costs (the
-#: rent-or-buy rule: at most twice the time of the best choice made knowing the run's length,
-#: when the two costs match): 4096 steps of 0.8-1 ms are 3-4 s, a compilation from a warm cache.
-#: Short runs (tests, a notebook's few hundred steps) never compile; long ones run compiled on.
+#: cost is per operation, not per element. Whether a run lasts long enough to repay a compilation
+#: is unknown at its first step, so the group steps eagerly until the time it has lost to eager
+#: steps is about what compiling costs (the rent-or-buy rule: at most twice the time of the best
+#: choice made knowing the run's length, when the two costs match). Short runs (tests, a
+#: notebook's few hundred steps) never compile; long ones run compiled on. The measurements
+#: behind the number: docs/backends.md, "The torch adapter's compiled step".
 AUTO_AFTER_CALLS = 2**12
 
 
@@ -159,7 +155,7 @@ def _cached_helpers_traced_quietly() -> bool:
     """Tell dynamo that array_api_compat's ``functools.lru_cache`` helpers (the namespace lookups
     the core makes) may be traced without its warning (once per call site; harmless, and the
     user's to ignore). False where this torch has no such list: each call then filters the
-    warning around itself, which costs about 7 us of a 0.4 ms step on a 2-core CPU."""
+    warning around itself (a cost per call: docs/backends.md)."""
     allow = getattr(torch._dynamo.utils, "allow_lru_cache_wrapper_trace_without_warning", None)
     if allow is None:
         return False
@@ -196,14 +192,14 @@ class CompiledStep:
             inductor = {}
             if options.get("backend", "inductor") == "inductor":
                 # Inductor's check of every input's sizes and strides repeats what dynamo's tensor
-                # guards checked just before (6-10 us of a 0.23 ms conv step on a 2-core CPU).
+                # guards checked just before (its cost: docs/backends.md).
                 inductor["size_asserts"] = False
             options["options"] = {"guard_filter_fn": _guard_filter, **inductor, **options.get("options", {})}
         # A new Python number among the step's arguments (the last, smaller batch's batch_size)
         # compiles once more with it as a constant: automatic dynamic shapes would make it a
         # symbolic int, which the core's checks cannot trace (the step then fell back to eager).
         # torch.compile(dynamic=False) would patch dynamo's configuration around every call
-        # (14 us of a ~30 us call on a 2-core CPU); the patch is applied here, and only to steps
+        # (half of a small call's host time: docs/backends.md); the patch is applied here, and only to steps
         # given a number. Nothing else among the arguments can change size or value between
         # compilations: a parameter's shape is fixed, and a different set of parameters has other
         # keys, which dynamo treats as new inputs.

@@ -312,8 +312,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         else:
             # Stepped before, or warm-started (MBF.warm_start: state made, no call taken yet).
             # In the tree's order, as init made them (a compiled step guards on the order). A copy
-            # less the bookkeeping keys: a third of the time of a filtering comprehension, which
-            # cost about 1.3 us per head on a 2-core CPU.
+            # less the bookkeeping keys (cheaper than a filtering comprehension: docs/backends.md).
             groups = {}
             for key, entries in zip(plan.keys, states):
                 if entries.get(_HEAD):
