@@ -21,6 +21,7 @@ weight+bias group squeezed to one axis; then saves
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def make_torch() -> dict:
         opt = pt.IFShampoo(model.named_parameters(), lr=1e-2, batch_size=BATCH, grouping="weight_bias", **kw)
         train(model, opt, batches(N0, 0))
         out[mode] = {
-            "state_dict": opt.state_dict(),
+            "state_dict": copy.deepcopy(opt.state_dict()),  # the optimizer updates its state in place
             "params": [p.detach().clone() for p in model.parameters()],
             "after": train(model, opt, out["batches"]),
         }
