@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -40,7 +41,7 @@ from ..transform import (
     singleton_groups,
     weight_bias_groups,
 )
-from ..tree import Path, path_str
+from ..tree import Path, from_entries, path_str, to_entries
 
 __all__ = [
     "rf_rmsprop",
@@ -493,28 +494,58 @@ class _Tile(NamedTuple):
     """One tile of a group's tensor: an independent IF-Shampoo block with its own factors."""
 
     index: tuple  # (start, stop) per axis of the squeezed grouped tensor
-    names: tuple  # state keys of its factors K_1..K_N
-    momentum_names: tuple  # state keys of its factor momenta m_1..m_N
     offset: int  # its refresh phase (precond_ref.blocking.PhaseDue)
+
+
+class _TileFactors(NamedTuple):
+    """The state of one tile: its Kronecker factors and their Riemannian momenta, one per axis."""
+
+    factor: tuple  # K_1..K_N: (d_n, d_n), or (d_n,) for a diagonal axis
+    factor_momentum: tuple  # m_1..m_N of K_n's shape; () when α₂ = 0
+
+
+class _IFShampooState(NamedTuple):
+    """A group's state as named fields. Stored as the flat entries of their paths
+    (:func:`precond_ref.tree.to_entries`: ``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``,
+    ``momentum/i``, ``preconditioner_lr_scale``, ``factor_failures``)."""
+
+    tiles: tuple  # a _TileFactors per tile, row-major over the tile grid (one tile when unblocked)
+    momentum: tuple  # v of each member (weight[, bias]); () when α₁ = 0
+    preconditioner_lr_scale: Any  # the group's β₂ multiplier (0-D); None without preconditioner_lr_scale
+    factor_failures: Any  # S3's count of discarded factor steps (0-D int32); None in faithful mode
 
 
 def _tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], interval: Any, stagger: bool) -> tuple:
     """The tiles of a grouped tensor of shape ``dims``: every dense axis longer than ``block_size``
     cut by :func:`precond_ref.blocking.block_bounds` (diagonal axes are never cut), tiles in
-    row-major order. One tile keeps the unblocked keys ``factor_n``; several are ``tile_t/factor_n``."""
+    row-major order (``state.tiles[t]`` is tile ``t``)."""
     bounds = [((0, d),) if diag else block_bounds(d, block_size) for d, diag in zip(dims, diagonal)]
-    indices = list(itertools.product(*bounds))
     spread = stagger and isinstance(interval, int) and not isinstance(interval, bool) and interval > 1
-    tiles = []
-    for t, index in enumerate(indices):
-        prefix = "" if len(indices) == 1 else f"tile_{t}/"
-        tiles.append(_Tile(
-            index=index,
-            names=tuple(f"{prefix}factor_{n}" for n in range(len(dims))),
-            momentum_names=tuple(f"{prefix}factor_momentum_{n}" for n in range(len(dims))),
-            offset=t % interval if spread else 0,
-        ))
-    return tuple(tiles)
+    return tuple(_Tile(index=index, offset=t % interval if spread else 0)
+                 for t, index in enumerate(itertools.product(*bounds)))
+
+
+_LEGACY_ENTRY = re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum|momentum)_(\d+)")
+
+
+def _legacy_entry_names(entries: dict) -> dict:
+    """``build_transform``'s ``legacy_names``: a group's state saved with the formatted keys of
+    versions up to 0.2 (``factor_n``, ``factor_momentum_n``, ``tile_t/factor_n``,
+    ``tile_t/factor_momentum_n``, ``momentum_i``) under the paths of :class:`_IFShampooState`
+    (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``, ``momentum/i``; an unblocked group is tile
+    0); the very dict when it has no old key (every old state has ``factor_0`` or ``tile_0/factor_0``)."""
+    if "factor_0" not in entries and "tile_0/factor_0" not in entries:
+        return entries
+    renamed = {}
+    for key, value in entries.items():
+        old = _LEGACY_ENTRY.fullmatch(key)
+        if old is None or (old[1] is not None and old[2] == "momentum"):
+            renamed[key] = value
+        elif old[2] == "momentum":
+            renamed[f"momentum/{old[3]}"] = value
+        else:
+            renamed[f"tiles/{old[1] or 0}/{old[2]}/{old[3]}"] = value
+    return renamed
 
 
 def _cut(G, index: tuple):
@@ -1010,6 +1041,16 @@ def if_shampoo(
         diagonal = tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
         return dims, diagonal, _tile_plan(dims, diagonal, block_size, precondition_every, spread_refresh)
 
+    def layout(tiles, rank: int, members: int) -> _IFShampooState:
+        """The fields a group's state has (any leaves; :func:`precond_ref.tree.from_entries`' template)."""
+        return _IFShampooState(
+            tiles=tuple(_TileFactors(factor=(0,) * rank, factor_momentum=(0,) * rank if use_factor_momentum else ())
+                        for _ in tiles),
+            momentum=(0,) * members if use_momentum else (),
+            preconditioner_lr_scale=0 if scaled_beta2 else None,
+            factor_failures=None if faithful else 0,
+        )
+
     def init_group(leaves, paths, xp):
         shapes = [tuple(x.shape) for x in leaves]
         where = path_str(paths[0])
@@ -1019,47 +1060,51 @@ def if_shampoo(
         param_dtype = leaves[0].dtype
         dtypes = _per_axis(factor_dtype, rank, "factor_dtype", where)
         dev = array_device(leaves[0])
-        state = {}
+        tile_states = []
         for tile in tiles:
-            for n, ((start, stop), diag, dtype) in enumerate(zip(tile.index, diagonal, dtypes)):
+            factors, momenta = [], []
+            for (start, stop), diag, dtype in zip(tile.index, diagonal, dtypes):
                 if dtype is None and not faithful and xp.finfo(param_dtype).bits <= 32:
                     dtype = half_precision_dtype(leaves[0])  # S1: bf16 factors on an accelerator
                 dtype = _state_dtype(xp, param_dtype, dtype, lambda xp, p: p, faithful)
                 d = stop - start
-                factor = xp.ones((d,), dtype=dtype, device=dev) if diag else xp.eye(d, dtype=dtype, device=dev)
-                state[tile.names[n]] = factor
+                factors.append(xp.ones((d,), dtype=dtype, device=dev) if diag else xp.eye(d, dtype=dtype, device=dev))
                 if use_factor_momentum:
-                    state[tile.momentum_names[n]] = xp.zeros(factor.shape, dtype=dtype, device=dev)
+                    momenta.append(xp.zeros(factors[-1].shape, dtype=dtype, device=dev))
+            tile_states.append(_TileFactors(factor=tuple(factors), factor_momentum=tuple(momenta)))
         buffer_dtype = param_dtype if faithful else compute_dtype(xp, param_dtype)
-        if use_momentum:
-            for i, shape in enumerate(shapes):
-                state[f"momentum_{i}"] = xp.zeros(shape, dtype=buffer_dtype, device=dev)
+        lr_scale = None
         if preconditioner_lr_scale is not None:
             scale = preconditioner_lr_scale(paths[0])
             check_positive(f"preconditioner_lr_scale({where!r})", scale)
-            state["preconditioner_lr_scale"] = xp.asarray(
-                scale, dtype=compute_dtype(xp, param_dtype), device=dev
-            )
-        if not faithful:
-            state["factor_failures"] = xp.zeros((), dtype=xp.int32, device=dev)
-        return state
+            lr_scale = xp.asarray(scale, dtype=compute_dtype(xp, param_dtype), device=dev)
+        return to_entries(_IFShampooState(
+            tiles=tuple(tile_states),
+            momentum=tuple(xp.zeros(shape, dtype=buffer_dtype, device=dev) for shape in shapes) if use_momentum else (),
+            preconditioner_lr_scale=lr_scale,
+            factor_failures=None if faithful else xp.zeros((), dtype=xp.int32, device=dev),
+        ))
 
     def half_factors(xp, factors) -> bool:
         return any(xp.finfo(f.dtype).bits < 32 for f in factors)
 
-    def factor_names(tile: _Tile, refreshing: bool) -> tuple:
-        """A tile's state keys on the stack: K_1..K_N, then (refreshing, α₂ ≠ 0) m_1..m_N."""
-        return tile.names + (tile.momentum_names if refreshing and use_factor_momentum else ())
+    def on_stack(tile: _TileFactors, refreshing: bool) -> tuple:
+        """A tile's state on the stack: K_1..K_N, then (refreshing, α₂ ≠ 0) m_1..m_N."""
+        return tile.factor + tile.factor_momentum if refreshing else tile.factor
 
     def laid_out(state, shapes, where: str):
         """Out-first (weight (d_out, d_in)) or out-last pairing, read off the state's factor sizes,
-        and the group's plan; a state that fits neither is a clear error."""
+        the group's plan, and its state as fields; a state that fits neither is a clear error."""
         for out_first in (True, False) if len(shapes) > 1 else (True,):
             dims, diagonal, tiles = plan(shapes, out_first, where)
-            if all(k in state and state[k].shape[0] == stop - start
-                   for tile in tiles for k, (start, stop) in zip(tile.names, tile.index)):
-                return out_first, dims, tiles
-        found = {k: tuple(v.shape) for k, v in state.items() if "factor_" in k and "failures" not in k}
+            try:
+                fields = from_entries(layout(tiles, len(dims), len(shapes)), state)
+            except KeyError:
+                continue
+            if all(K.shape[0] == stop - start for tile, tile_state in zip(tiles, fields.tiles)
+                   for K, (start, stop) in zip(tile_state.factor, tile.index)):
+                return out_first, dims, tiles, fields
+        found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k and k != "factor_failures"}
         raise ValueError(
             f"if_shampoo: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
             f"state ({found}); with grouping='weight_bias' a weight and its bias are one group (give both "
@@ -1069,16 +1114,17 @@ def if_shampoo(
         )
 
     def prepare(grads, state, ctx):
-        """One group's grouped tensor G (work dtype), its tiles, and what it takes to ungroup the step."""
+        """One group's grouped tensor G (work dtype), its tiles, and what it takes to ungroup the step;
+        and its state as fields."""
         xp = ctx.xp
         shapes = [tuple(g.shape) for g in grads]
-        out_first, dims, tiles = laid_out(state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
+        out_first, dims, tiles, fields = laid_out(state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
         full, squeezed = _grouped_shape(shapes, out_first)
         work_dtype = grads[0].dtype if faithful else compute_dtype(xp, grads[0].dtype)
         grouped = _group_tensor(xp, grads, full, squeezed, out_first, work_dtype)
         counts, size = _grid(tiles)
         stacked = None if size is None else _to_tiles(xp, grouped, counts, size)
-        return _Group(grouped, len(dims), shapes, full, out_first, work_dtype, tiles, counts, size, stacked)
+        return _Group(grouped, len(dims), shapes, full, out_first, work_dtype, tiles, counts, size, stacked), fields
 
     def members(xp, groups, phase):
         """The tiles on refresh phase ``phase`` (all tiles: ``None``) as (group, tile positions, their
@@ -1098,22 +1144,21 @@ def if_shampoo(
                 out.append((i, tuple(chosen), group.stacked[chosen[0] : chosen[-1] + 1 : every, ...]))
         return out
 
-    def stacks(xp, groups, states, phase, refreshing: bool):
+    def stacks(xp, groups, tile_states, phase, refreshing: bool):
         """The members of :func:`members` with one tile shape, factor layout and device, as stacks:
-        (members, their tiles [(group, tile)], G (b, ...), state (K_1..K_N[, m_1..m_N]) each (b, ...)).
-        One ``concat``/``stack`` per operand, whatever the number of tiles."""
+        (members, their tiles [(group, tile position)], G (b, ...), state (K_1..K_N[, m_1..m_N]) each
+        (b, ...)); ``tile_states[i][t]`` is tile t of group i. One ``concat``/``stack`` per operand,
+        whatever the number of tiles."""
         by_layout: dict = {}
         for i, positions, G in members(xp, groups, phase):
-            first = groups[i].tiles[positions[0]]
             key = (tuple(G.shape[1:]), G.dtype, str(array_device(G))) + tuple(
-                (tuple(states[i][k].shape), states[i][k].dtype) for k in first.names)
+                (tuple(K.shape), K.dtype) for K in tile_states[i][positions[0]].factor)
             by_layout.setdefault(key, []).append((i, positions, G))
         for chosen in by_layout.values():
-            tiles = [(i, groups[i].tiles[t]) for i, positions, _ in chosen for t in positions]
+            tiles = [(i, t) for i, positions, _ in chosen for t in positions]
             G = chosen[0][2] if len(chosen) == 1 else xp.concat([g for _, _, g in chosen], axis=0)
-            names = [factor_names(tile, refreshing) for _, tile in tiles]
-            state = tuple(xp.stack([states[i][n[k]] for (i, _), n in zip(tiles, names)]) for k in range(len(names[0])))
-            yield chosen, tiles, G, state
+            entries = [on_stack(tile_states[i][t], refreshing) for i, t in tiles]
+            yield chosen, tiles, G, tuple(xp.stack(stack) for stack in zip(*entries))
 
     def per_member(chosen, stacked):
         """A stack's array cut back into its members' parts: (group, tile positions, part)."""
@@ -1129,15 +1174,15 @@ def if_shampoo(
         by_tile = {t: part[0, ...] for positions, part in parts for t in positions}  # one tile a part
         return _join(xp, [by_tile[t] for t in range(len(group.tiles))], group.counts)
 
-    def store(xp, new, chosen, tiles, state, failed) -> None:
-        """A refreshed stack back into the groups' new states, tile by tile (one ``unstack`` per
-        entry); principled: each group adds its tiles' failures to its count (S3)."""
-        for k, entry in enumerate(state):
-            for (i, tile), tile_entry in zip(tiles, xp.unstack(entry)):
-                new[i][factor_names(tile, True)[k]] = tile_entry
+    def store(xp, tile_states, failures, chosen, tiles, state, failed) -> None:
+        """A refreshed stack back into the groups' tiles (one ``unstack`` per entry); principled:
+        each group adds its tiles' failures to its count (S3)."""
+        rank = len(state) // 2 if use_factor_momentum else len(state)
+        for (i, t), entries in zip(tiles, zip(*(xp.unstack(entry) for entry in state))):
+            tile_states[i][t] = _TileFactors(factor=entries[:rank], factor_momentum=entries[rank:])
         if not faithful:
             for i, _, part in per_member(chosen, xp.astype(failed, xp.int32)):
-                new[i]["factor_failures"] = new[i]["factor_failures"] + xp.sum(part, dtype=xp.int32)
+                failures[i] = failures[i] + xp.sum(part, dtype=xp.int32)
 
     def refreshed(xp, B, G, lr, *state):
         """Figure 3's factor step on one stack of tiles: K_n, m_n, and per tile whether it failed (S2, S3)."""
@@ -1171,20 +1216,21 @@ def if_shampoo(
         refresh = [ctxs[0].every(interval) for interval in refresh_at]  # per phase: a host bool, or an array
         B = _batch_size("if_shampoo", batch_size, ctxs[0])
         beta2, eta = ctxs[0].value(preconditioner_lr), ctxs[0].value(learning_rate)
-        groups = [prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)]
-        new = [dict(state) for state in states]
+        groups, fields = zip(*(prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)))
+        tile_states = [list(f.tiles) for f in fields]  # the new state, tile by tile
+        failures = [f.factor_failures for f in fields]
 
         for phase, due in enumerate(refresh):  # K_n, m_n ← the factor step, on the tiles due (S10)
             if due is False:
                 continue
-            for chosen, tiles, G, state in stacks(xp, groups, new, phase, refreshing=True):
-                lr = beta2 * xp.stack([new[i]["preconditioner_lr_scale"] for i, _ in tiles]) if scaled_beta2 else beta2
+            for chosen, tiles, G, state in stacks(xp, groups, tile_states, phase, refreshing=True):
+                lr = beta2 * xp.stack([fields[i].preconditioner_lr_scale for i, _ in tiles]) if scaled_beta2 else beta2
                 *state, failed = cond(xp, due, partial(refreshed, xp, B, G, lr), partial(unchanged, xp, G), *state)
-                store(xp, new, chosen, tiles, state, failed)
+                store(xp, tile_states, failures, chosen, tiles, state, failed)
 
         parts: list = [[] for _ in groups]  # D = G ×_1 P_1 … ×_N P_N, tile by tile
         inner: list = [[] for _ in groups]  # ⟨D, G⟩ of the group's tiles (S8)
-        for chosen, tiles, G, K in stacks(xp, groups, new, None, refreshing=False):
+        for chosen, tiles, G, K in stacks(xp, groups, tile_states, None, refreshing=False):
             D = _precondition(xp, G, K, rescale=faithful or half_factors(xp, K))
             for i, positions, part in per_member(chosen, D):
                 parts[i].append((positions, part))
@@ -1196,21 +1242,23 @@ def if_shampoo(
         nu = _kl_clip_scales(xp, [sum(g[1:], g[0]) for g in inner], eta, kl_clip) if use_kl_clip else None
 
         results = []
-        for g, (group, group_parts, state, new_state, params) in enumerate(zip(groups, parts, states, new, params_list)):
+        for g, (group, group_parts, state, params) in enumerate(zip(groups, parts, fields, params_list)):
             D = assembled(xp, group, group_parts)
             if use_kl_clip:  # S8, K-FAC's order: clip the preconditioned gradient, then the momentum
                 D = D * nu[g]  # D ← ν D
-            updates = []
+            updates, velocities = [], []
             for k, U in enumerate(_ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
                 if use_decay:
                     U = U + hyper(weight_decay, U) * cast(xp, params[k], U.dtype)  # U = D + κW
                 if use_momentum:
-                    v = state[f"momentum_{k}"]
-                    U = new_state[f"momentum_{k}"] = hyper(momentum, v) * v + cast(xp, U, v.dtype)  # v ← α₁ v + U
+                    v = state.momentum[k]
+                    U = hyper(momentum, v) * v + cast(xp, U, v.dtype)  # v ← α₁ v + U
+                    velocities.append(U)
                 else:
                     U = cast(xp, U, group.work_dtype)
                 updates.append(hyper(minus_eta, U) * U)  # W ← W − η v
-            results.append((tuple(updates), new_state))
+            new_state = state._replace(tiles=tuple(tile_states[g]), momentum=tuple(velocities), factor_failures=failures[g])
+            results.append((tuple(updates), to_entries(new_state)))
         return results
 
     return build_transform(
@@ -1222,4 +1270,5 @@ def if_shampoo(
         needs_params=use_decay,
         intervals=refresh_at,
         layout_hint=None if faithful else _old_layout_hint,
+        legacy_names=_legacy_entry_names,
     )

@@ -76,7 +76,7 @@ def test_state_is_sharded_like_the_parameters(results, method):
     assert line["counter"] == "P()"
     expected = {"l1/kernel": "P('x', None)", "l2/kernel": "P(None, 'x')"}
     same_shape = {"agd": ("m", "b"), "asgo": ("momentum",), "dasgo": ("momentum",),
-                  "rf_rmsprop": ("s", "momentum"), "rf_adamw": ("m", "s"), "if_shampoo": ("momentum_0",),
+                  "rf_rmsprop": ("s", "momentum"), "rf_adamw": ("m", "s"), "if_shampoo": ("momentum/0",),
                   "sketchy": ("momentum", "graft_second_moment"), "s_adagrad": ("momentum",), "mbf": ()}
     for key, spec in expected.items():
         for entry in same_shape[method]:

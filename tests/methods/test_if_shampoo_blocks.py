@@ -38,7 +38,7 @@ def test_tiles_are_independent_groups():
     weight, grads = rng.normal(size=shape), _grads(rng, shape, 4)
     kw = dict(batch_size=3, precondition_every=1, kl_clip=0.0, learning_rate=0.1, preconditioner_lr=0.3)
     blocked, state = _steps(pr.if_shampoo(block_size=block, **kw), {"w": weight}, [{"w": g} for g in grads])
-    assert sorted(k for k in state.groups["w"] if k.endswith("factor_0")) == [f"tile_{t}/factor_0" for t in range(6)]
+    assert sorted(k for k in state.groups["w"] if k.endswith("/factor/0")) == [f"tiles/{t}/factor/0" for t in range(6)]
 
     cuts = [(slice(r, r + 4), slice(c, c + 4)) for r in (0, 4, 8) for c in (0, 4)]
     tiles = lambda a: {f"t{i}": a[s] for i, s in enumerate(cuts)}  # noqa: E731
@@ -65,14 +65,14 @@ def test_kl_clip_and_momentum_stay_per_parameter():
 
 def test_block_size_at_least_every_axis_is_the_unblocked_method():
     """blocking.block_bounds: an axis of length d <= block_size is one chunk, so block_size equal
-    to the longest axis gives the unblocked layout (keys ``factor_n``) and the same numbers as a
+    to the longest axis gives the unblocked layout (one tile: keys ``tiles/0/factor/n``) and the same numbers as a
     block size far beyond it (exactly: the same operations run)."""
     rng = np.random.default_rng(2)
     weight, grads = rng.normal(size=(8, 6)), _grads(rng, (8, 6), 3)
     kw = dict(batch_size=2, precondition_every=1)
     at, state = _steps(pr.if_shampoo(block_size=8, **kw), {"w": weight}, [{"w": g} for g in grads])
     beyond, _ = _steps(pr.if_shampoo(block_size=4096, **kw), {"w": weight}, [{"w": g} for g in grads])
-    assert state.groups["w"]["factor_0"].shape == (8, 8) and not any("tile" in k for k in state.groups["w"])
+    assert state.groups["w"]["tiles/0/factor/0"].shape == (8, 8) and not any("tiles/1" in k for k in state.groups["w"])
     for a, b in zip(at, beyond):
         np.testing.assert_array_equal(a["w"], b["w"])
 
@@ -90,7 +90,7 @@ def test_tiles_refresh_at_their_offsets(stagger):
     for c in range(steps):
         updates, new = opt.update({"w": rng.normal(size=(6, 2))}, state, params)
         for t in range(3):
-            moved = not np.array_equal(new.groups["w"][f"tile_{t}/factor_0"], state.groups["w"][f"tile_{t}/factor_0"])
+            moved = not np.array_equal(new.groups["w"][f"tiles/{t}/factor/0"], state.groups["w"][f"tiles/{t}/factor/0"])
             assert moved == (c == 0 or c % T == (t % T if stagger else 0)), (c, t)
         state = new
     assert opt.due(1) == ((False, True, False) if stagger else (False,))
@@ -119,15 +119,19 @@ def test_zero_size_axis_is_left_unchanged_without_factors():
     assert state.groups["empty"] == {}
     updates, new = opt.update({"empty": np.zeros((0, 300)), "w": rng.normal(size=(300, 2))}, state, params)
     assert updates["empty"].shape == (0, 300) and new.groups["empty"] == {}
-    assert np.any(updates["w"] != 0) and "tile_2/factor_0" in new.groups["w"]
+    assert np.any(updates["w"] != 0) and "tiles/2/factor/0" in new.groups["w"]
+
+
+_OLD_NAMES = {"tiles/0/factor/0": "factor_0", "tiles/0/factor/1": "factor_1", "tiles/0/factor_momentum/0":
+              "factor_momentum_0", "tiles/0/factor_momentum/1": "factor_momentum_1", "momentum/0": "momentum_0"}
 
 
 def _main_state(opt_old, params, grads):
     """A state in the layout main's principled defaults made before block_size existed: unblocked
-    dense factors (``factor_n``, ``factor_momentum_n``) for axes up to 4096."""
+    dense factors (``factor_n``, ``factor_momentum_n``: the entry names of that version) for axes up to 4096."""
     state = opt_old.init(params)
     _, state = opt_old.update(grads, state, params)
-    return state
+    return state._replace(groups={k: {_OLD_NAMES.get(n, n): v for n, v in g.items()} for k, g in state.groups.items()})
 
 
 def test_state_saved_before_blocking_names_the_arguments_that_load_it():
@@ -162,10 +166,10 @@ def test_torch_checkpoint_saved_before_blocking_names_the_arguments():
     opt.step(batch_size=4)
     saved = opt.state_dict()
     entries = saved["state"][0]
-    assert "tile_0/factor_0" in entries  # 300 > the default block size: blocked
+    assert "tiles/1/factor/0" in entries  # 300 > the default block size: blocked
     for key in [k for k in entries if "factor" in k and k != "factor_failures"]:
         del entries[key]
-    for n, d in enumerate((300, 5)):
+    for n, d in enumerate((300, 5)):  # the entry names of that version
         entries[f"factor_{n}"] = torch.eye(d)
         entries[f"factor_momentum_{n}"] = torch.zeros(d, d)
     fresh = pt.IFShampoo(layer.parameters(), lr=1e-3)
