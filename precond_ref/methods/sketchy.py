@@ -16,14 +16,15 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, Callable, NamedTuple, Optional, Union
+import re
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import device as array_device
 
 from .._backend import compute_dtype, cond, is_zero, scalar_array, torch_compiling
 from ..blocking import block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stable_hash, unfold
-from ..sketch import SKETCH_KEYS, fd_apply, fd_init, fd_update, fd_update_apply
-from ..tree import path_str, tree_flatten
+from ..sketch import fd_apply, fd_init, fd_update, fd_update_apply
+from ..tree import from_entries, to_entries
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
@@ -120,11 +121,6 @@ class _AxisPlan(NamedTuple):
         """False for an unblocked axis: its sketch is stored without a stack dimension."""
         return len(self.runs) > 1 or self.runs[0].count > 1
 
-    def key(self, run: int, name: str) -> str:
-        if not self.batched:
-            return f"axis{self.axis}_{name}"
-        return f"axis{self.axis}_run{run}_{name}"
-
 
 class _LeafPlan(NamedTuple):
     """Static layout of one parameter: merged shape and the sketches of each axis."""
@@ -181,20 +177,78 @@ def _first_phase(shape: tuple, phases: int) -> int:
     return stable_hash(str(tuple(shape))) % phases
 
 
-def _init_sketches(xp: Any, plan: _LeafPlan, dtype: Any, device: Any) -> dict[str, Array]:
-    state = {}
-    for axis in plan.axes:
-        for j, run in enumerate(axis.runs):
-            batch = (run.count,) if axis.batched else ()
-            for name, value in fd_init(xp, run.length, run.rank, dtype=dtype, device=device,
-                                       batch=batch).items():
-                state[axis.key(j, name)] = value
-    state["sketch_failures"] = xp.zeros((), dtype=xp.int32, device=device)
-    return state
+class _Sketch(NamedTuple):
+    """One Frequent Directions sketch (:mod:`precond_ref.sketch`), or a stack of them for a run of
+    equal blocks (leading axis): :math:`\\bar L = U \\operatorname{diag}(\\sigma^2) U^\\top`, the
+    escaped mass :math:`\\rho` = ``escaped_root**2``, and the weights :math:`w, w_\\perp` of
+    :math:`(\\bar L + \\rho I + \\epsilon I)^a` on the retained directions and on their complement."""
+
+    basis: Array
+    singular_values: Array
+    escaped_root: Array
+    basis_weights: Array
+    complement_weight: Array
 
 
-def _sketch_of(state: dict[str, Array], axis: _AxisPlan, run: int) -> dict[str, Array]:
-    return {name: state[axis.key(run, name)] for name in SKETCH_KEYS}
+class _State(NamedTuple):
+    """One leaf's state (Sketchy and S-AdaGrad), stored as the entries of
+    :func:`precond_ref.tree.to_entries`: ``sketches/{n}/{j}/basis`` ... for ``sketches[n][j]``, the
+    sketch of run ``j`` of axis ``n``'s blocks (:class:`_LeafPlan`); absent fields are None."""
+
+    sketches: tuple = ()
+    sketch_failures: Optional[Array] = None
+    graft_second_moment: Optional[Array] = None
+    momentum: Optional[Array] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(plan: Optional[_LeafPlan], graft_moment: bool, momentum: bool) -> _State:
+    """The structure of a leaf's :class:`_State` with placeholder leaves (``from_entries``'s template)."""
+    sketches = tuple(tuple(_Sketch(0, 0, 0, 0, 0) for _ in axis.runs) for axis in plan.axes) if plan else ()
+    return _State(sketches, 0 if sketches else None, 0 if graft_moment else None, 0 if momentum else None)
+
+
+def _empty_sketches(xp: Any, plan: Optional[_LeafPlan], dtype: Any, device: Any) -> tuple:
+    """``sketches[n][j]``: an empty sketch (zeros) per run, stacked (count, ...) on a cut axis."""
+    if plan is None:
+        return ()
+    return tuple(
+        tuple(_Sketch(**fd_init(xp, run.length, run.rank, dtype=dtype, device=device,
+                                batch=(run.count,) if axis.batched else ())) for run in axis.runs)
+        for axis in plan.axes
+    )
+
+
+_LEGACY_ENTRY = re.compile(r"axis(\d+)_(?:run(\d+)_)?(" + "|".join(_Sketch._fields) + ")")
+
+
+def _legacy_names(entries: dict[str, Array]) -> dict[str, Array]:
+    """``build_transform``'s ``legacy_names``: a state saved by 0.2 and earlier, whose sketch entries
+    were ``axis{n}_{name}`` (an axis in one block) and ``axis{n}_run{j}_{name}``, under the current
+    names ``sketches/{n}/{j}/{name}`` (j = 0 for the former); the very dict when already current."""
+    if "sketch_failures" not in entries or "sketches/0/0/basis" in entries:
+        return entries
+    renamed = {}
+    for key, value in entries.items():
+        old = _LEGACY_ENTRY.fullmatch(key)
+        renamed[f"sketches/{old[1]}/{old[2] or 0}/{old[3]}" if old else key] = value
+    return renamed
+
+
+def _fd_update(xp: Any, sketch: _Sketch, rows: Array, **options: Any) -> tuple[_Sketch, Array, Optional[Array]]:
+    """:func:`precond_ref.sketch.fd_update` of a :class:`_Sketch` (``apply``: ``fd_update_apply``):
+    the new sketch, whether the step was finite, and (``apply``) the new sketch applied to ``rows``."""
+    if options.pop("apply", False):
+        new, ok, out = fd_update_apply(xp, sketch._asdict(), rows, **options)
+    else:
+        (new, ok), out = fd_update(xp, sketch._asdict(), rows, **options), None
+    return _Sketch(**new), ok, out
+
+
+def _fd_apply(xp: Any, sketch: _Sketch, rows: Array) -> Array:
+    """:math:`U \\operatorname{diag}(w) U^\\top x + w_\\perp (x - U U^\\top x)`
+    (:func:`precond_ref.sketch.fd_apply`) for the rows x of a run."""
+    return fd_apply(xp, sketch._asdict(), rows)
 
 
 def _run_rows(xp: Any, axis: _AxisPlan, run: _Run, flat: Array) -> Array:
@@ -205,40 +259,77 @@ def _run_rows(xp: Any, axis: _AxisPlan, run: _Run, flat: Array) -> Array:
     return xp.reshape(rows, (run.count, run.length, flat.shape[-1]))
 
 
-def _refresh_sketches(
-    xp: Any, plan: _LeafPlan, sketches: dict[str, Array], merged: Array, fd_options: dict[str, Any],
-    apply: bool = False, phase: Optional[int] = None, accept: Optional[Array] = None,
-) -> tuple[dict[str, Array], list[Array]]:
-    """FD-update the axes (and block runs) of one leaf in refresh phase ``phase`` (every run if
-    None) from the same gradient (spec §2.2): their new sketch entries and ``sketch_failures``.
-
-    With ``apply`` (a one-axis plan: S-AdaGrad's flattened gradient), also the new sketches applied
-    to that gradient's rows, by :func:`precond_ref.sketch.fd_update_apply`, one part per run
-    updated; else an empty list. ``accept`` is the step's skip predicate (``StepContext.ok``), folded
-    into the FD step's own selection of the previous sketch (see :func:`_settle`).
-    """
-    new = {}
-    failures = sketches["sketch_failures"]
-    parts = []
-    for axis in plan.axes:
-        x = unfold(xp, merged, axis.axis)
-        for j, run in enumerate(axis.runs):
-            if phase is not None and run.phase != phase:
-                continue
-            args = (xp, _sketch_of(sketches, axis, j), _run_rows(xp, axis, run, x))
-            if apply:
-                sketch, ok, out = fd_update_apply(*args, exponent=plan.exponent, accept=accept, **fd_options)
-                parts.append(out)
-            else:
-                sketch, ok = fd_update(*args, exponent=plan.exponent, accept=accept, **fd_options)
-            failures = failures + xp.sum(1 - xp.astype(ok, xp.int32), dtype=xp.int32)
-            for name, value in sketch.items():
-                new[axis.key(j, name)] = value
-    new["sketch_failures"] = failures
-    return new, parts
+def _join_runs(xp: Any, axis: _AxisPlan, parts: Sequence[Array]) -> Array:
+    """The per-run outputs (count, length, n) of one axis as the rows (d, n) they came from."""
+    if axis.batched:
+        parts = [xp.reshape(out, (out.shape[0] * out.shape[1], out.shape[-1])) for out in parts]
+    return parts[0] if len(parts) == 1 else xp.concat(list(parts), axis=0)
 
 
-def _settle(ctx: StepContext, sketches: dict[str, Array], basis: bool = True) -> None:
+def _units_in_phase(plan: _LeafPlan, phase: Optional[int]) -> tuple[tuple[int, int], ...]:
+    """``(n, j)`` of the runs of ``plan`` in refresh phase ``phase`` (every run if None), in order."""
+    return tuple((n, j) for n, axis in enumerate(plan.axes) for j, run in enumerate(axis.runs)
+                 if phase is None or run.phase == phase)
+
+
+def _phases_present(plan: _LeafPlan, dues: tuple) -> list[tuple[int, Any]]:
+    """``(phase, interval)`` for the phases of ``dues`` that some run of ``plan`` is in."""
+    used = {run.phase for axis in plan.axes for run in axis.runs}
+    return [(phase, due) for phase, due in enumerate(dues) if phase in used]
+
+
+def _with_runs(sketches: tuple, units: Sequence[tuple[int, int]], news: Sequence[_Sketch]) -> tuple:
+    """``sketches`` with ``sketches[n][j]`` replaced by ``news[i]`` for the i-th unit (n, j)."""
+    table = [list(axis) for axis in sketches]
+    for (n, j), new in zip(units, news):
+        table[n][j] = new
+    return tuple(tuple(axis) for axis in table)
+
+
+def _refreshed(
+    xp: Any, plan: _LeafPlan, units: Sequence[tuple[int, int]], olds: Sequence[_Sketch], failures: Array,
+    merged: Array, fd_options: dict[str, Any], accept: Optional[Array], apply: bool = False,
+) -> tuple[tuple[_Sketch, ...], Array, tuple[Array, ...]]:
+    """The sketches ``olds`` of the runs ``units`` FD-updated from the same gradient (spec §2.2):
+    run j of axis n adds its rows of the mode-n unfolding :math:`G_{(n)}`; the failure count plus
+    the runs whose step was not finite; with ``apply`` (S-AdaGrad) also each new sketch applied to
+    its rows. ``accept`` is the step's skip predicate (``StepContext.ok``), folded into the FD
+    step's own selection of the previous sketch (see :func:`_settle`)."""
+    news, parts, unfolded = [], [], {}
+    for (n, j), old in zip(units, olds):
+        axis = plan.axes[n]
+        if n not in unfolded:
+            unfolded[n] = unfold(xp, merged, axis.axis)
+        rows = _run_rows(xp, axis, axis.runs[j], unfolded[n])
+        new, ok, out = _fd_update(xp, old, rows, exponent=plan.exponent, accept=accept, apply=apply, **fd_options)
+        failures = failures + xp.sum(1 - xp.astype(ok, xp.int32), dtype=xp.int32)
+        news.append(new)
+        parts.append(out)
+    return tuple(news), failures, tuple(parts) if apply else ()
+
+
+def _refresh_due(
+    xp: Any, plan: _LeafPlan, sketches: tuple, failures: Array, merged: Array, dues: tuple, ctx: StepContext,
+    fd_options: dict[str, Any],
+) -> tuple[tuple, Array]:
+    """The runs of each refresh phase p FD-updated on the steps ``ctx.every(dues[p])`` only
+    (:func:`_refreshed`; skipped gradients are dropped), the others as they were; and the failures."""
+    for phase, due in _phases_present(plan, dues):
+        units = _units_in_phase(plan, phase)
+        news, failures, _ = cond(
+            xp,
+            ctx.every(due),
+            lambda s, f, x, u=units: _refreshed(xp, plan, u, s, f, x, fd_options, ctx.ok),
+            lambda s, f, x: (s, f, ()),
+            tuple(sketches[n][j] for n, j in units),
+            failures,
+            merged,
+        )
+        sketches = _with_runs(sketches, units, news)
+    return sketches, failures
+
+
+def _settle(ctx: StepContext, sketches: tuple, basis: bool = True) -> None:
     """Tell the transform that the sketch entries need no skip selection of their own: a refresh
     made with ``accept=ctx.ok`` already returned the previous entry on a skipped step, and a phase
     not due returned it unchanged (one d x k ``where`` less per sketch and step). The failure
@@ -248,71 +339,51 @@ def _settle(ctx: StepContext, sketches: dict[str, Array], basis: bool = True) ->
     products differently, ~1e-13 relative in float64)."""
     if ctx.ok is None or ctx.settled is None or torch_compiling():  # ids of traced values: recompiles
         return
-    for key, value in sketches.items():
-        if key != "sketch_failures" and (basis or not key.endswith("_basis")):
-            ctx.settled[id(value)] = value
+    for sketch in (sketch for axis in sketches for sketch in axis):
+        for name, value in sketch._asdict().items():
+            if basis or name != "basis":
+                ctx.settled[id(value)] = value
 
 
-def _phase_entries(plan: _LeafPlan, sketches: dict[str, Array], phase: int) -> dict[str, Array]:
-    """The sketch entries of the runs in refresh phase ``phase``, and the failure counter."""
-    out = {axis.key(j, name): sketches[axis.key(j, name)]
-           for axis in plan.axes for j, run in enumerate(axis.runs) if run.phase == phase for name in SKETCH_KEYS}
-    out["sketch_failures"] = sketches["sketch_failures"]
-    return out
-
-
-def _phases_present(plan: _LeafPlan, dues: tuple) -> list[tuple[int, Any]]:
-    """``(phase, interval)`` for the phases of ``dues`` that some run of ``plan`` is in."""
-    used = {run.phase for axis in plan.axes for run in axis.runs}
-    return [(phase, due) for phase, due in enumerate(dues) if phase in used]
-
-
-def _join_runs(xp: Any, axis: _AxisPlan, parts: list[Array]) -> Array:
-    """The per-run outputs (count, length, n) of one axis as the rows (d, n) they came from."""
-    if axis.batched:
-        parts = [xp.reshape(out, (out.shape[0] * out.shape[1], out.shape[-1])) for out in parts]
-    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
-
-
-def _precondition(xp: Any, plan: _LeafPlan, sketches: dict[str, Array], merged: Array) -> Array:
-    """Apply (sketch + rho I + eps I)^a along every axis in turn, O(k * numel) per axis."""
-    x = merged
-    for axis in plan.axes:
+def _precondition(xp: Any, plan: _LeafPlan, sketches: tuple, g: Array) -> Array:
+    """:math:`P(G) = G \\times_1 (\\bar L_1 + \\rho_1 I + \\epsilon_1 I)^a \\cdots \\times_N (\\dots)^a`:
+    each axis in turn (first, then rolled last) multiplied by its runs' :func:`_fd_apply`."""
+    x = xp.reshape(g, plan.merged_shape)
+    for n, axis in enumerate(plan.axes):
         # The axis being preconditioned is first: axes are rolled, and ndim rolls restore order.
         d, rest = x.shape[0], tuple(x.shape[1:])
         flat = xp.reshape(x, (d, math.prod(rest)))
-        parts = [fd_apply(xp, _sketch_of(sketches, axis, j), _run_rows(xp, axis, run, flat))
-                 for j, run in enumerate(axis.runs)]
+        parts = [_fd_apply(xp, sketches[n][j], _run_rows(xp, axis, run, flat)) for j, run in enumerate(axis.runs)]
         x = roll_first_axis_last(xp, xp.reshape(_join_runs(xp, axis, parts), (d,) + rest))
-    return x
+    return xp.reshape(x, tuple(g.shape))
 
 
-def _sketch_entries(state: dict[str, Array]) -> dict[str, Array]:
-    return {k: v for k, v in state.items() if k.startswith("axis") or k == "sketch_failures"}
+def _rmsprop_graft(xp: Any, ctx: StepContext, g: Array, v: Array, graft_eps: float) -> Array:
+    """:math:`D_g = G / \\sqrt{v + \\epsilon_g}` where :math:`v > 0`, else 0 (:math:`v = 0` only
+    where :math:`G = 0`: no 0/0 when :math:`\\epsilon_g = 0`)."""
+    dtype, device = g.dtype, array_device(g)
+    one, zero = ctx.once(("one_zero", dtype, device),
+                         lambda: tuple(scalar_array(xp, v, dtype, device) for v in (1.0, 0.0)))
+    positive = v > 0.0
+    return xp.where(positive, g / xp.sqrt(xp.where(positive, v, one) + graft_eps), zero)
 
 
-def _sketched_direction(
-    xp: Any, plan: _LeafPlan, state: dict[str, Array], g: Array, dues: tuple, ctx: StepContext,
-    fd_options: dict[str, Any],
-) -> tuple[Array, dict[str, Array]]:
-    """Update the sketches of each refresh phase on its due steps only (skipped gradients are
-    dropped), then precondition. ``dues[p]`` is the interval of the runs in phase ``p``."""
-    merged = xp.reshape(g, plan.merged_shape)
-    if not plan.axes:  # an all-ones shape merges to a scalar: passes through unpreconditioned
-        return g, {}
-    sketches = _sketch_entries(state)
-    for phase, due in _phases_present(plan, dues):
-        sketches = {**sketches, **cond(
-            xp,
-            ctx.every(due),
-            lambda s, x, p=phase: _refresh_sketches(xp, plan, s, x, fd_options, phase=p, accept=ctx.ok)[0],
-            lambda s, x: dict(s),
-            _phase_entries(plan, sketches, phase),
-            merged,
-        )}
-    _settle(ctx, sketches)
-    direction = _precondition(xp, plan, sketches, merged)
-    return xp.reshape(direction, tuple(g.shape)), sketches
+def _grafted(xp: Any, ctx: StepContext, p: Array, graft_direction: Array, start: int) -> Array:
+    """:math:`P(G)\\, \\lVert D_g\\rVert_F / \\lVert P(G)\\rVert_F` (0 where :math:`P(G) = 0`), and
+    :math:`D_g` itself before step ``start`` (``start_preconditioning_step``)."""
+    u = p * _safe_norm_ratio(xp, xp.linalg.vector_norm(graft_direction), xp.linalg.vector_norm(p))
+    return xp.where(ctx.count >= start, u, graft_direction) if start > 0 else u
+
+
+def _momentum(
+    xp: Any, u: Array, previous: Array, momentum: float, nesterov: bool, ema: bool
+) -> tuple[Array, Array]:
+    """:math:`m_t = \\mu m_{t-1} + c\\,U` (:math:`c = 1 - \\mu` with ``momentum_ema``, else 1) and
+    the direction :math:`c\\,U + \\mu m_t` (Nesterov) or :math:`m_t`: ``(direction, m_t)``."""
+    if ema:
+        u = u * (1.0 - momentum)
+    trace = u + momentum * previous
+    return (u + momentum * trace if nesterov else trace), trace
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,64 +481,53 @@ def _sketchy_transform(
 
     def init_group(leaves, paths, xp):
         (param,) = leaves
-        dtype = compute_dtype(xp, param.dtype)
-        device = array_device(param)
-        state: dict[str, Array] = {}
-        plan = plan_for(tuple(param.shape))
-        if plan is not None and plan.axes:
-            state.update(_init_sketches(xp, plan, dtype, device))
-        if graft == "rmsprop":
-            state["graft_second_moment"] = xp.zeros(param.shape, dtype=dtype, device=device)
-        if has_momentum:
-            state["momentum"] = xp.zeros(param.shape, dtype=dtype, device=device)
-        return state
+        dtype, device = compute_dtype(xp, param.dtype), array_device(param)
+        sketches = _empty_sketches(xp, plan_for(tuple(param.shape)), dtype, device)
+        zeros = functools.partial(xp.zeros, dtype=dtype, device=device)
+        return to_entries(_State(
+            sketches=sketches,
+            sketch_failures=xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
+            graft_second_moment=zeros(param.shape) if graft == "rmsprop" else None,
+            momentum=zeros(param.shape) if has_momentum else None,
+        ))
 
-    def update_group(grads, state, params, ctx: StepContext):
+    # The step, in the order of the paper's Algorithm 2 (FD-Shampoo) composed as the authors'
+    # tearfree optimizer (spec §2.3-2.4); axis n of the merged gradient G, its runs j of blocks:
+    #
+    #   1  v_t = β_g v_{t-1} + (1-β_g) G_t²,  D_g = G_t / √(v_t + ε_g)         _second_moment, _rmsprop_graft
+    #   2  if run (n, j)'s phase is due (spread_schedule), for its rows of G_(n):   _refresh_due, _refreshed
+    #        (U, σ, ρ, w, w_⊥)_{n,j} = FD([√β U diag(σ), G_(n)])                sketch.fd_update
+    #   3  P(G) = G ×_1 (L̄_1 + ρ_1 I + ε_1 I)^{-1/2N} ⋯ ×_N (L̄_N + ρ_N I + ε_N I)^{-1/2N}
+    #                                                                          _precondition, sketch.fd_apply
+    #   4  U_t = P(G) ‖D_g‖_F / ‖P(G)‖_F   (D_g before start_preconditioning_step)  _grafted
+    #   5  m_t = μ m_{t-1} + U_t,  U_t ← U_t + μ m_t (Nesterov) or m_t           _momentum
+    #   6  W_{t+1} = W_t - η_t (U_t + λ W_t)
+    #
+    # Leaves without sketches (vectors, axes over max_precondition_dim) take U_t = D_g.
+    def update_group(grads, entries, params, ctx: StepContext):
         xp = ctx.xp
-        (g,) = grads
-        dtype = compute_dtype(xp, g.dtype)
-        g = xp.astype(g, dtype, copy=False)
-        new_state = dict(state)
-
-        graft_direction = None
-        if graft == "rmsprop":
-            acc = _second_moment(xp, state["graft_second_moment"], g, graft_b2)
-            new_state["graft_second_moment"] = acc
-            positive = acc > 0.0  # acc == 0 only where g == 0; avoids 0/0 when graft_eps = 0
-            one, zero = ctx.once(
-                ("one_zero", dtype, array_device(g)), lambda: tuple(scalar_array(xp, v, dtype, array_device(g)) for v in (1.0, 0.0))
-            )
-            graft_direction = xp.where(positive, g / xp.sqrt(xp.where(positive, acc, one) + graft_eps), zero)
-        elif graft == "sgd":
-            graft_direction = g
-
+        g = xp.astype(grads[0], compute_dtype(xp, grads[0].dtype), copy=False)
         plan = plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
-        if plan is None:
-            u = graft_direction
-        else:
-            direction, sketches = _sketched_direction(xp, plan, state, g, dues, ctx, fd_options)
-            new_state.update(sketches)
-            if graft_direction is None:
-                u = direction
-            else:
-                multiplier = _safe_norm_ratio(
-                    xp, xp.linalg.vector_norm(graft_direction), xp.linalg.vector_norm(direction)
-                )
-                u = direction * multiplier
-                if start_preconditioning_step > 0:
-                    u = xp.where(ctx.count >= start_preconditioning_step, u, graft_direction)
-
-        if learning_rate is None:  # scale_by_sketchy: the bare direction
-            return (u,), new_state
-        if has_momentum:
-            if momentum_ema:
-                u = u * (1.0 - momentum)
-            trace = u + momentum * state["momentum"]
-            new_state["momentum"] = trace
-            u = u + momentum * trace if nesterov else trace
-        if has_weight_decay:
-            u = u + weight_decay * xp.astype(params[0], dtype)
-        return (-ctx.value(learning_rate) * u,), new_state
+        state = from_entries(_layout(plan, graft == "rmsprop", has_momentum), entries)
+        v, u = state.graft_second_moment, g  # u: the graft direction D_g (G for graft="sgd")
+        if graft == "rmsprop":
+            v = _second_moment(xp, v, g, graft_b2)  # 1
+            u = _rmsprop_graft(xp, ctx, g, v, graft_eps)
+        sketches, failures = state.sketches, state.sketch_failures
+        if plan is not None:
+            sketches, failures = _refresh_due(xp, plan, sketches, failures, xp.reshape(g, plan.merged_shape), dues,
+                                              ctx, fd_options)  # 2
+            _settle(ctx, sketches)
+            p = _precondition(xp, plan, sketches, g)  # 3
+            u = p if graft == "none" else _grafted(xp, ctx, p, u, start_preconditioning_step)  # 4
+        m = state.momentum
+        if learning_rate is not None and has_momentum:
+            u, m = _momentum(xp, u, m, momentum, nesterov, momentum_ema)  # 5
+        if learning_rate is not None and has_weight_decay:
+            u = u + weight_decay * xp.astype(params[0], g.dtype)  # 6
+        step = u if learning_rate is None else -ctx.value(learning_rate) * u
+        return (step,), to_entries(state._replace(sketches=sketches, sketch_failures=failures,
+                                                  graft_second_moment=v, momentum=m))
 
     return build_transform(
         name=name,
@@ -477,14 +537,16 @@ def _sketchy_transform(
         needs_params=has_weight_decay,
         intervals=dues,
         layout_hint=None if faithful else functools.partial(_old_layout_hint, name),
+        legacy_names=_legacy_names,
     )
 
 
 def _old_layout_hint(name: str, found: dict, layout: dict) -> str:
     """``build_transform``'s ``layout_hint``: for a state saved before the principled default
-    block size (0.1.0: unblocked sketches, one ``axis{n}_basis`` of shape ``(d, k)`` per axis), the
+    block size (0.1.0: unblocked sketches, one ``axis{n}_basis`` of shape ``(d, k)`` per axis, now
+    ``sketches/{n}/0/basis``), the
     ``block_size`` that loads it: its longest axis."""
-    unblocked = [shape[0] for key, (shape, _) in found.items() if key.endswith("_basis") and len(shape) == 2]
+    unblocked = [shape[0] for key, (shape, _) in found.items() if key.endswith("/basis") and len(shape) == 2]
     if not unblocked or found == layout:
         return ""
     return (
@@ -868,35 +930,35 @@ def s_adagrad(
 
     def init_group(leaves, paths, xp):
         (param,) = leaves
-        dtype = compute_dtype(xp, param.dtype)
-        device = array_device(param)
+        dtype, device = compute_dtype(xp, param.dtype), array_device(param)
         # A zero-size parameter has nothing to sketch: no factor, and its (empty) update is zero.
-        state = _init_sketches(xp, plan_for(tuple(param.shape)), dtype, device) if math.prod(param.shape) else {}
-        if has_momentum:
-            state["momentum"] = xp.zeros(param.shape, dtype=dtype, device=device)
-        return state
+        sketches = _empty_sketches(xp, plan_for(tuple(param.shape)), dtype, device) if math.prod(param.shape) else ()
+        return to_entries(_State(
+            sketches=sketches,
+            sketch_failures=xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
+            momentum=xp.zeros(param.shape, dtype=dtype, device=device) if has_momentum else None,
+        ))
 
-    def update_group(grads, state, params, ctx: StepContext):
+    def update_group(grads, entries, params, ctx: StepContext):
         xp = ctx.xp
-        (g,) = grads
-        dtype = compute_dtype(xp, g.dtype)
-        g = xp.astype(g, dtype, copy=False)
+        g = xp.astype(grads[0], compute_dtype(xp, grads[0].dtype), copy=False)
         if not math.prod(g.shape):
-            return (xp.zeros_like(g),), dict(state)
+            return (xp.zeros_like(g),), dict(entries)
         plan = plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
+        state = from_entries(_layout(plan, False, has_momentum), entries)
         column = xp.reshape(g, (plan.merged_shape[0], 1))
-        sketches, direction = _adagrad_direction(xp, plan, _sketch_entries(state), column, dues, ctx, fd_options)
+        sketches, failures, direction = _adagrad_direction(
+            xp, plan, state.sketches, state.sketch_failures, column, dues, ctx, fd_options
+        )
         direction = xp.reshape(direction, tuple(g.shape))
-        new_state = dict(state)
-        new_state.update(sketches)
+        m = state.momentum
         if has_momentum:
-            direction = momentum * state["momentum"] + direction
-            new_state["momentum"] = direction
+            direction = m = momentum * m + direction
         lr = ctx.value(learning_rate)
         updates = -lr * direction
         if has_weight_decay:
-            updates = updates - (lr * weight_decay) * xp.astype(params[0], dtype)
-        return (updates,), new_state
+            updates = updates - (lr * weight_decay) * xp.astype(params[0], g.dtype)
+        return (updates,), to_entries(_State(sketches, failures, momentum=m))
 
     return build_transform(
         name="s_adagrad",
@@ -905,35 +967,38 @@ def s_adagrad(
         on_nonfinite=on_nonfinite,
         needs_params=has_weight_decay,
         intervals=dues,
+        legacy_names=_legacy_names,
     )
 
 
 def _adagrad_direction(
-    xp: Any, plan: _LeafPlan, sketches: dict[str, Array], column: Array, dues: tuple, ctx: StepContext,
+    xp: Any, plan: _LeafPlan, sketches: tuple, failures: Array, column: Array, dues: tuple, ctx: StepContext,
     fd_options: dict[str, Any],
-) -> tuple[dict[str, Array], Array]:
-    """S-AdaGrad's new sketches and direction for the flattened gradient ``column`` (d, 1): runs due
-    this step add it to their sketch and apply the new sketch to it, in one pass where possible
-    (:func:`precond_ref.sketch.fd_update_apply`); the other runs apply their last sketch."""
+) -> tuple[tuple, Array, Array]:
+    """S-AdaGrad's new sketches, failure count and direction for the flattened gradient ``column``
+    (d, 1): runs due this step add it to their sketch and apply the new sketch to it, in one pass
+    where possible (:func:`precond_ref.sketch.fd_update_apply`); the other runs apply their last
+    sketch."""
     axis = plan.axes[0]
     if len(dues) == 1 and dues[0] == 1:  # every run, every step (the authors' schedule)
-        new, parts = _refresh_sketches(xp, plan, sketches, column, fd_options, apply=True, accept=ctx.ok)
-        _settle(ctx, new, basis=False)
-        return new, _join_runs(xp, axis, parts)
-    outs: dict[int, Array] = {}
+        units = _units_in_phase(plan, None)
+        news, failures, parts = _refreshed(xp, plan, units, sketches[0], failures, column, fd_options, ctx.ok, True)
+        _settle(ctx, (news,), basis=False)
+        return (news,), failures, _join_runs(xp, axis, parts)
+    outs: list = [None] * len(axis.runs)
     for phase, due in _phases_present(plan, dues):
-        runs = [j for j, run in enumerate(axis.runs) if run.phase == phase]
+        units = _units_in_phase(plan, phase)
 
-        def refresh(s: dict, x: Array, p: int = phase, runs: list = runs) -> dict:
-            new, parts = _refresh_sketches(xp, plan, s, x, fd_options, apply=True, phase=p, accept=ctx.ok)
-            return {**new, **{f"out{j}": out for j, out in zip(runs, parts)}}
+        def keep(s: tuple, f: Array, x: Array, units: tuple = units) -> tuple:
+            return s, f, tuple(_fd_apply(xp, old, _run_rows(xp, axis, axis.runs[j], x)) for old, (_, j) in zip(s, units))
 
-        def keep(s: dict, x: Array, runs: list = runs) -> dict:
-            rows = [fd_apply(xp, _sketch_of(s, axis, j), _run_rows(xp, axis, axis.runs[j], x)) for j in runs]
-            return {**s, **{f"out{j}": out for j, out in zip(runs, rows)}}
-
-        result = cond(xp, ctx.every(due), refresh, keep, _phase_entries(plan, sketches, phase), column)
-        outs.update({j: result.pop(f"out{j}") for j in runs})
-        sketches = {**sketches, **result}
+        news, failures, parts = cond(
+            xp, ctx.every(due),
+            lambda s, f, x, u=units: _refreshed(xp, plan, u, s, f, x, fd_options, ctx.ok, True),
+            keep, tuple(sketches[0][j] for _, j in units), failures, column,
+        )
+        sketches = _with_runs(sketches, units, news)
+        for (_, j), out in zip(units, parts):
+            outs[j] = out
     _settle(ctx, sketches, basis=False)
-    return sketches, _join_runs(xp, axis, [outs[j] for j in range(len(axis.runs))])
+    return sketches, failures, _join_runs(xp, axis, outs)

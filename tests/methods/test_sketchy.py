@@ -120,20 +120,20 @@ def test_routing_and_merging():
     # block_size 8192 keeps (5000, 2) unblocked, so its 5000 axis exceeds max_precondition_dim (the
     # principled default block size 1024 would precondition it in blocks).
     groups = pr.sketchy(0.1, rank=8, merge_dims=1024, block_size=8192).init(params).groups
-    assert groups["conv"]["axis0_basis"].shape == (576, 8)
-    assert groups["conv"]["axis1_basis"].shape == (128, 8)
-    assert groups["small"]["axis0_basis"].shape == (300, 8) and "axis1_basis" not in groups["small"]
+    assert groups["conv"]["sketches/0/0/basis"].shape == (576, 8)
+    assert groups["conv"]["sketches/1/0/basis"].shape == (128, 8)
+    assert groups["small"]["sketches/0/0/basis"].shape == (300, 8) and "sketches/1/0/basis" not in groups["small"]
     assert set(groups["vec"]) == {"graft_second_moment", "momentum"}
     assert set(groups["huge"]) == {"graft_second_moment", "momentum"}
-    assert groups["unit"]["axis0_basis"].shape == (40, 8) and groups["unit"]["axis1_basis"].shape == (30, 8)
-    assert not any(k.startswith("axis") for k in groups["ones"])
+    assert groups["unit"]["sketches/0/0/basis"].shape == (40, 8) and groups["unit"]["sketches/1/0/basis"].shape == (30, 8)
+    assert not any(k.startswith("sketches") for k in groups["ones"])
     with_1d = pr.sketchy(0.1, rank=8, precondition_1d=True, block_size=8192).init({"vec": np.zeros(10)}).groups
-    assert with_1d["vec"]["axis0_basis"].shape == (10, 8)
+    assert with_1d["vec"]["sketches/0/0/basis"].shape == (10, 8)
     blocked = pr.sketchy(0.1, rank=8, block_size=1024, spread_refresh=False).init({"huge": np.zeros((5000, 2))}).groups
     # Equal blocks are stacked into one run (one batched FD call); the ragged last block is its own.
-    assert blocked["huge"]["axis0_run0_basis"].shape == (4, 1024, 8)
-    assert blocked["huge"]["axis0_run1_basis"].shape == (1, 904, 8)
-    assert blocked["huge"]["axis0_run0_escaped_root"].shape == (4,)
+    assert blocked["huge"]["sketches/0/0/basis"].shape == (4, 1024, 8)
+    assert blocked["huge"]["sketches/0/1/basis"].shape == (1, 904, 8)
+    assert blocked["huge"]["sketches/0/0/escaped_root"].shape == (4,)
     del xp
 
 
@@ -143,7 +143,7 @@ def test_state_memory_is_sublinear():
     m, n, k = 2000, 3000, 16
     params = {"w": np.zeros((m, n), dtype=np.float32)}
     state = pr.sketchy(0.1, rank=k, block_size=4096).init(params).groups["w"]
-    sketch_numbers = sum(v.size for key, v in state.items() if key.startswith("axis"))
+    sketch_numbers = sum(v.size for key, v in state.items() if key.startswith("sketches/"))
     assert sketch_numbers == (m + n) * k + 2 * (2 * k + 2)
     assert sketch_numbers < 0.01 * (m * m + n * n)
     total = sum(v.size for v in state.values())
@@ -411,7 +411,7 @@ def test_s_adagrad_regret_bound(property_backend, d, rank, steps, seed, delta, l
         gs.append(g)
         upd, state = opt.update(xp.asarray(g), state, xp.asarray(x))
         x = x + xp.to_numpy(upd)
-    sketch = {k.removeprefix("axis0_"): xp.to_numpy(v) for k, v in next(iter(state.groups.values())).items() if k.startswith("axis0")}
+    sketch = {k.removeprefix("sketches/0/0/"): xp.to_numpy(v) for k, v in next(iter(state.groups.values())).items() if k.startswith("sketches/0/0/")}
     import array_api_compat.numpy as np_xp
 
     h_final = fd_covariance(np_xp, sketch) + (sketch["escaped_root"] ** 2 + delta) * np.eye(d)
@@ -520,7 +520,7 @@ def test_exponents(property_backend, ndim):
     state = opt.init(xp.asarray(np.zeros(shape)))
     _, state = opt.update(xp.asarray(g), state)
     for n in range(ndim):
-        np.testing.assert_allclose(xp.to_numpy(next(iter(state.groups.values()))[f"axis{n}_basis_weights"]), [0.5], rtol=1e-12)
+        np.testing.assert_allclose(xp.to_numpy(next(iter(state.groups.values()))[f"sketches/{n}/0/basis_weights"]), [0.5], rtol=1e-12)
 
 
 def test_blocking(property_backend):
@@ -545,8 +545,8 @@ def test_blocking(property_backend):
                 stats[n][start:stop, start:stop] += unf[start:stop] @ unf[start:stop].T
         roots = [_dense_root(s, -0.25) for s in stats]
         np.testing.assert_allclose(out["w"], roots[0] @ g @ roots[1].T, rtol=1e-8, atol=1e-10)
-    assert state.groups["w"]["axis0_run0_basis"].shape == (2, 4, 4)  # two equal blocks, one call
-    assert state.groups["w"]["axis0_run1_basis"].shape == (1, 2, 2)
+    assert state.groups["w"]["sketches/0/0/basis"].shape == (2, 4, 4)  # two equal blocks, one call
+    assert state.groups["w"]["sketches/0/1/basis"].shape == (1, 2, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,7 +640,7 @@ def test_principled_escaped_trace_with_decay(property_backend, d, k, steps, seed
     _, state = _run(opt, {"w": np.zeros(d)}, grads, backend=property_backend)
     entries = {n: property_backend.to_numpy(v) for n, v in state.groups["w"].items()}
     exact = sum(beta ** (steps - 1 - s) * np.outer(g["w"], g["w"]) for s, g in enumerate(grads))
-    u, sigma, rho = entries["axis0_basis"], entries["axis0_singular_values"], float(entries["axis0_escaped_root"]) ** 2
+    u, sigma, rho = entries["sketches/0/0/basis"], entries["sketches/0/0/singular_values"], float(entries["sketches/0/0/escaped_root"]) ** 2
     sketch_trace = float(np.sum(sigma**2))  # tr(U diag(sigma^2) U^T), U orthonormal
     assert rho > 0.0  # k < d directions escaped
     assert np.trace(exact) - sketch_trace >= (k + 1) * rho - 1e-12 * np.trace(exact)

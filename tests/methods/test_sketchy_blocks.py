@@ -30,7 +30,8 @@ def test_spread_plan_splits_runs_and_keeps_layout_independent_of_first_phase():
 
 
 def _sketch_keys_changed(old: dict, new: dict) -> set:
-    return {k.rsplit("_basis", 1)[0] for k in new if k.endswith("_basis") and not np.array_equal(old[k], new[k])}
+    """The runs ``sketches/{n}/{j}`` whose basis changed."""
+    return {k.removesuffix("/basis") for k in new if k.endswith("/basis") and not np.array_equal(old[k], new[k])}
 
 
 def test_spread_refresh_updates_each_run_on_its_phase_only():
@@ -50,8 +51,8 @@ def test_spread_refresh_updates_each_run_on_its_phase_only():
         _, state = tx.update({"w": rng.standard_normal((12, 5))}, state)
         changed = _sketch_keys_changed(old, state.groups["w"])
         expected = {
-            axis.key(j, "basis").rsplit("_basis", 1)[0]
-            for axis in plan.axes for j, run in enumerate(axis.runs) if PhaseDue(interval, run.phase)(call)
+            f"sketches/{n}/{j}"
+            for n, axis in enumerate(plan.axes) for j, run in enumerate(axis.runs) if PhaseDue(interval, run.phase)(call)
         }
         assert changed == expected, call
 
@@ -65,7 +66,7 @@ def test_unspread_interval_refreshes_everything_together():
         old = dict(state.groups["w"])
         _, state = tx.update({"w": rng.standard_normal((12, 5))}, state)
         changed = _sketch_keys_changed(old, state.groups["w"])
-        assert changed == ({"axis0_run0"} if call % 3 == 0 else set())  # one stacked run of 15 blocks
+        assert changed == ({"sketches/0/0"} if call % 3 == 0 else set())  # one stacked run of 15 blocks
 
 
 def test_s_adagrad_interval_applies_last_sketch_between_refreshes():
@@ -84,7 +85,7 @@ def test_s_adagrad_interval_applies_last_sketch_between_refreshes():
     updates, state = tx.update({"w": g}, state)
     for key, value in before.items():
         np.testing.assert_array_equal(state.groups["w"][key], value)
-    sketch = {name: before[f"axis0_{name}"] for name in pr.sketch.SKETCH_KEYS}
+    sketch = {name: before[f"sketches/0/0/{name}"] for name in pr.sketch.SKETCH_KEYS}
     expected = -fd_apply(xp, sketch, g.reshape(12, 1)).reshape(6, 2)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(updates["w"], expected, rtol=0, atol=16 * np.finfo(np.float64).eps * scale * 12)
@@ -107,7 +108,7 @@ def test_zero_size_axis_gets_no_factor_and_stays_unchanged(factory):
     params = {"empty": np.zeros((0, 5)), "wide": np.zeros((2048, 0)), "w": np.ones((3, 4))}
     state = tx.init(params)
     assert state.groups["empty"] == {} and state.groups["wide"] == {}
-    assert any(k.endswith("_basis") for k in state.groups["w"])
+    assert any(k.endswith("/basis") for k in state.groups["w"])
     grads = {"empty": np.zeros((0, 5)), "wide": np.zeros((2048, 0)), "w": np.arange(12.0).reshape(3, 4)}
     updates, state = tx.update(grads, state, params)
     assert updates["empty"].shape == (0, 5) and updates["wide"].shape == (2048, 0)
@@ -120,8 +121,8 @@ def test_principled_defaults_and_faithful_refusals():
     assert sk._resolve_schedule(False, None, None, None) == (sk.PRINCIPLED_BLOCK_SIZE, sk.PRINCIPLED_PRECONDITION_EVERY, True)
     assert sk._resolve_schedule(True, None, None, None) == (None, 1, False)
     groups = pr.sketchy(1e-2, rank=4).init({"emb": np.zeros((2048, 8))}).groups
-    assert groups["emb"]["axis0_run0_basis"].shape == (1, 1024, 4)
-    assert groups["emb"]["axis0_run1_basis"].shape == (1, 1024, 4)
+    assert groups["emb"]["sketches/0/0/basis"].shape == (1, 1024, 4)
+    assert groups["emb"]["sketches/0/1/basis"].shape == (1, 1024, 4)
     with pytest.raises(ValueError, match="spread_refresh is not available in mode='faithful'"):
         pr.sketchy(1e-2, mode="faithful", spread_refresh=True)
     with pytest.raises(ValueError, match="precondition_every"):
@@ -140,7 +141,9 @@ def test_state_of_the_earlier_default_layout_names_the_block_size_that_loads_it(
         "axis1_complement_weight": (), "sketch_failures": (), "graft_second_moment": (2048, 8),
         "momentum": (2048, 8),
     }
-    old = pr.sketchy(1e-2, rank=4, block_size=2048, precondition_every=1).init(params)
+    new = pr.sketchy(1e-2, rank=4, block_size=2048, precondition_every=1).init(params)
+    old_names = {f"sketches/{n}/0/{name}": f"axis{n}_{name}" for n in (0, 1) for name in pr.sketch.SKETCH_KEYS}
+    old = new._replace(groups={"emb": {old_names.get(k, k): v for k, v in new.groups["emb"].items()}})
     assert {k: tuple(v.shape) for k, v in old.groups["emb"].items()} == old_layout
     grads = {"emb": np.ones((2048, 8))}
     with pytest.raises(ValueError, match="block_size=2048"):
