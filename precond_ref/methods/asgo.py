@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import device as array_device, is_jax_namespace
 
@@ -40,6 +40,7 @@ from .._backend import (
     is_zero,
     placement,
     scalar_zero,
+    select,
 )
 from ..blocking import on_stacks, spread_schedule, stable_hash, stack, unstack
 from ..linalg import (
@@ -218,11 +219,12 @@ def _wide_dtype(xp: Any, x: Array) -> Any:
 def _renormalising_factor(xp: Any, sum_of_squares: Array, target: float) -> Array:
     """``target / sqrt(sum_of_squares)``, and ``target`` for a zero sum (a zero direction stays zero)."""
     norm = xp.sqrt(sum_of_squares)
-    return target / xp.where(norm > 0, norm, xp.ones_like(norm))
+    return target / select(xp, norm > 0, norm, xp.ones_like(norm))
 
 
 def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float], faithful: bool) -> Array:
-    """``u · r·sqrt(mn)/‖u‖_F``: RMS(u) = r for every finite non-zero u, and a zero u stays zero (D2).
+    """``u · r·sqrt(mn)/‖u‖_F`` for an m×n ``u`` (each matrix of a stack ``(L, m, n)`` by its own
+    norm): RMS(u) = r for every finite non-zero u, and a zero u stays zero (D2).
 
     Scale-invariant (D12): neither the squares nor the factor may under- or overflow, whatever the
     scale of u (a direction of size 1e-30, or a subnormal one, is renormalised like one of size 1).
@@ -232,16 +234,18 @@ def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float], faithful: b
     backend) u is first divided by its largest magnitude, so the norm is taken of entries in
     [-1, 1] with at least one of modulus 1 (>= 1 and <= sqrt(mn)): one more pass.
     """
-    if rms_target is None or u.shape[0] * u.shape[1] == 0:
+    rows, columns = u.shape[-2:]
+    if rms_target is None or rows * columns == 0:
         return u
-    target = rms_target * math.sqrt(u.shape[0] * u.shape[1])
+    target = rms_target * math.sqrt(rows * columns)
+    matrices = (-2, -1)
     wide = None if faithful else _wide_dtype(xp, u)
     if wide is not None:
         w = xp.astype(u, wide)
-        return xp.astype(w * _renormalising_factor(xp, xp.sum(w * w), target), u.dtype)
-    peak = xp.max(xp.abs(u))
-    v = u / xp.where(peak > 0, peak, xp.ones_like(peak))
-    norm = xp.linalg.matrix_norm(v, ord="fro")
+        return xp.astype(w * _renormalising_factor(xp, xp.sum(w * w, axis=matrices, keepdims=True), target), u.dtype)
+    peak = xp.max(xp.abs(u), axis=matrices, keepdims=True)
+    v = u / select(xp, peak > 0, peak, xp.ones_like(peak))
+    norm = xp.linalg.matrix_norm(v, ord="fro", keepdims=True)
     # norm >= 1 unless u == 0, where v == 0 and any divisor >= 1 keeps the step exactly zero.
     return v * (target / xp.maximum(norm, xp.ones_like(norm)))
 
@@ -346,7 +350,7 @@ def _flush_subnormal(xp: Any, x: Array, zero: Array) -> Array:
     the flush an unused matrix would take steps of RMS r forever instead of reaching zero.
     """
     tiny = xp.finfo(x.dtype).smallest_normal
-    return xp.where(xp.abs(x) < tiny, zero, x)
+    return select(xp, xp.abs(x) < tiny, zero, x)
 
 
 def _zero(ctx: StepContext, x: Array) -> Array:
@@ -660,8 +664,10 @@ def asgo(
         method = _root_method_for(xp, p, root_method)
         return _damped_inverse_sqrt(xp, p, damping, eps, method, root_steps, tolerance)
 
-    # The step, in the order of the algorithm (left side; the right side is its transpose, and a
-    # blocked side has one P, Z per chunk of rows):
+    # The step, in the order of the algorithm, on a stack of equal matrices: the matrix leaves of
+    # one shape, dtype and device along a leading axis (_MatrixStack), so that each line is one
+    # operation per stack. Left side; the right side is its transpose, and a blocked side has one
+    # P, Z per chunk of rows:
     #
     #   1  M_t = μ M_{t-1} + (1-μ) G_t                                     _momentum
     #   2  P_t = β₂ P_{t-1} + (1-β₂) G_t G_tᵀ   (or P_{t-1} + G_t G_tᵀ)     _second_moment
@@ -671,64 +677,58 @@ def asgo(
     #   4  U_t = Z_t M_t                                                    _block_diagonal_product
     #   5  W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)               _rms_renormalise, _finish
     #
-    # Leaves that are not matrices take a bias-corrected Adam step (_adam_update).
+    # Leaves that are not matrices take a bias-corrected Adam step, all of them in one pass
+    # (_adam_update, _joined). The stacks are formed by _matrix_stacks and handed back leaf by leaf
+    # by _hand_back.
     def update_groups(grads, states, params, ctxs):
-        xp = ctxs[0].xp
+        xp, ctx = ctxs[0].xp, ctxs[0]
         results: list[Any] = [None] * len(grads)
-        new: dict[int, dict[str, Array]] = {}
-        adam = [i for i, state in enumerate(states) if "mu" in state]  # leaves that are not matrices: one Adam step
-        leaves = [(grads[i][0], states[i], _param(params, i)) for i in adam]
-        for i, result in zip(adam, _joined(xp, fallback, leaves, ctxs[0])):
+        adam = [i for i, state in enumerate(states) if "mu" in state]
+        for i, result in zip(adam, _joined(xp, fallback, [(grads[i][0], states[i], _param(params, i)) for i in adam], ctx)):
             results[i] = result
-        for i, ((g,), state, ctx) in enumerate(zip(grads, states, ctxs)):
-            if "mu" in state:
-                continue
-            m, n = state["momentum"].shape
-            g = cast(xp, xp.reshape(g, (m, n)), compute_dtype(xp, g.dtype))
-            g_o = g if _resolve_side(m, n, side) == "left" else g.mT  # rows: the preconditioned side
-            b, full, tail = _chunking(g_o.shape[0], block_size)
-            new[i] = {"momentum": _momentum(xp, state["momentum"], g, b1, faithful, _zero(ctx, g))}  # 1
-            new[i]["statistic"] = statistic(xp, state["statistic"], _chunk_rows(xp, g_o, b, full))  # 2
-            if tail:
-                new[i]["statistic_tail"] = statistic(xp, state["statistic_tail"], g_o[full * b :, :])
-        if not new:
+        matrices = [i for i, state in enumerate(states) if "mu" not in state]
+        stacks = _matrix_stacks(xp, grads, states, params, matrices, side, faithful, not is_zero(weight_decay))
+        if not stacks:
             return results
+        new = []
+        for s in stacks:
+            g_o = s.g if s.left else s.g.mT  # rows: the preconditioned side
+            b, full, tail = _chunking(g_o.shape[-2], block_size)
+            entries = {"momentum": _momentum(xp, s.state["momentum"], s.g, b1, faithful, _zero(ctx, s.g))}  # 1
+            entries["statistic"] = statistic(xp, s.state["statistic"], _chunk_rows(xp, g_o, b, full))  # 2
+            if tail:
+                entries["statistic_tail"] = statistic(xp, s.state["statistic_tail"], g_o[..., full * b :, :])
+            new.append(entries)
 
         # 3: the roots due at this step, those of one block shape (across matrices and chunks) in one batch.
-        dues = [ctxs[0].every(interval) if keeps_root else True for interval in schedule]
-        blocks = [(i, s) for i in new for s in ("statistic", "statistic_tail") if s in new[i]]
-        stacks = [(_as_stack(xp, new[i][s]), _as_stack(xp, previous_root(xp, states[i], s, new[i][s]))) for i, s in blocks]
-        units, owners = _refresh_units(stacks, blocks, len(dues) > 1)
-        phases = _refresh_phases(_block_keys(owners, new, ctxs), len(dues))
-        roots = _collect_roots(xp, owners, new, _roots_when_due(xp, dues, phases, units, root_or_previous))
+        dues = [ctx.every(interval) if keeps_root else True for interval in schedule]
+        units, owners, keys = _root_units(xp, stacks, new, previous_root, len(dues) > 1)
+        refreshed = _roots_when_due(xp, dues, _refresh_phases(keys, len(dues)), units, root_or_previous)
+        roots = _collect_roots(xp, owners, stacks, new, refreshed)
 
-        for i, z in roots.items():
-            (g,), state, ctx, momentum = grads[i], states[i], ctxs[i], new[i]["momentum"]
-            m, n = momentum.shape
-            dtype = compute_dtype(xp, g.dtype)
-            left = _resolve_side(m, n, side) == "left"
-            u = _block_diagonal_product(xp, z["root"], z.get("root_tail"), momentum, left, dtype)  # 4
+        for s, entries, z in zip(stacks, new, roots):
+            dtype = compute_dtype(xp, s.g.dtype)
+            u = _block_diagonal_product(xp, z["root"], z.get("root_tail"), entries["momentum"], s.left, dtype)  # 4
             u = _rms_renormalise(xp, u, rms_target, faithful)  # 5
-            neg_lr = _negative_learning_rate(ctx, learning_rate, dtype, array_device(g))
-            step = _finish(xp, u, _param(params, i), tuple(g.shape), neg_lr, weight_decay)
-            if keeps_root:  # principled: the stored arrays themselves where no block was refreshed
-                kept = not faithful and "root_failures" not in z
-                new[i].update({name: state[name] if kept else z[name] for name in ("root", "root_tail") if name in z})
-            for name in ("root_failures", "root_fallbacks"):
-                if name in state:
-                    new[i][name] = state[name] + z[name] if name in z else state[name]
-            results[i] = ((step,), new[i])
+            neg_lr = _negative_learning_rate(ctx, learning_rate, dtype, array_device(s.g))
+            step = _finish(xp, u, s.param, tuple(u.shape), neg_lr, weight_decay)
+            # Principled: a stack whose blocks were none refreshed keeps the stored roots themselves.
+            if keeps_root and (faithful or "root_failures" in z):
+                entries.update({name: z[name] for name in ("root", "root_tail") if name in z})
+            counts = {name: z[name] for name in ("root_failures", "root_fallbacks") if name in z}
+            for i, result in _hand_back(xp, s, states, step, entries, counts):
+                results[i] = result
         return results
 
     def statistic(xp, p_old: Array, x: Array) -> Array:
         return _second_moment(xp, p_old, x, b2, accumulator == "sum", faithful)
 
-    def previous_root(xp, state: dict[str, Array], statistic_name: str, p: Array) -> Array:
-        """The root kept where a refresh fails or is not due (D6): principled, the stored one;
+    def previous_root(xp, s: "_MatrixStack", statistic_name: str, p: Array) -> Array:
+        """The roots kept where a refresh fails or is not due (D6): principled, the stored ones;
         faithful, the identity."""
         if faithful:
             return xp.zeros_like(p) + identity_like(p)
-        return state["root" if statistic_name == "statistic" else "root_tail"]
+        return s.state["root" if statistic_name == "statistic" else "root_tail"]
 
     def root_or_previous(xp, p: Array, previous: Array) -> tuple[Array, Array, Array]:
         return _finite_root_or_previous(xp, p, previous, inverse_sqrt)
@@ -972,11 +972,12 @@ def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
 
 
 def _chunk_rows(xp: Any, x: Array, b: int, full: int) -> Array:
-    """The first ``full·b`` rows of ``x`` as a stack ``(full, b, columns)`` of row chunks; ``x``
-    itself when ``full == 0`` (unblocked)."""
+    """The first ``full·b`` rows of each matrix of ``x`` (a matrix or a stack ``(L, rows,
+    columns)``) as one stack ``(L·full, b, columns)`` of row chunks, the chunks of each matrix in
+    order; ``x`` itself when ``full == 0`` (unblocked)."""
     if not full:
         return x
-    return xp.reshape(x[: full * b, :], (full, b, x.shape[1]))
+    return xp.reshape(x[..., : full * b, :], (-1, b, x.shape[-1]))
 
 
 def _second_moment(xp: Any, p_old: Array, x: Array, b2: float, summed: bool, faithful: bool) -> Array:
@@ -1053,36 +1054,6 @@ def _refresh_phases(keys: list[tuple[str, int]], phases: int) -> list[int]:
     return [(stable_hash(leaf) + index) % phases for leaf, index in keys]
 
 
-def _block_keys(owners: list[tuple[int, str]], statistics: dict, ctxs: list) -> list[tuple[str, int]]:
-    """``(leaf's matrix sides in increasing order, block index along the side)`` of each unit (units
-    listed in side order; the tail follows the full chunks). The sides, not the path: a leaf's
-    phases must not depend on how the parameters are named (torch's named and unnamed parameters,
-    optax's tree paths) or grouped, so that a resumed or regrouped run refreshes on the same steps;
-    and in increasing order, so that a weight and its transpose (an out-first conv weight and a
-    Flax kernel) refresh alike (spec §4, I1 and I6)."""
-    seen: dict[int, int] = {}
-    keys = []
-    for i, name in owners:
-        index = seen.get(i, 0)
-        seen[i] = index + 1
-        keys.append((str(tuple(sorted(statistics[i]["momentum"].shape))), index))
-    return keys
-
-
-def _refresh_units(stacks: list[tuple[Array, Array]], owners: list, split: bool) -> tuple[list, list]:
-    """The units a refresh schedules: each stack ``(P, Z)`` whole, or (``split``) each of its blocks
-    as a stack of one, so that the blocks of one matrix can have different phases; with the owner
-    of each unit."""
-    if not split:
-        return list(stacks), list(owners)
-    units, unit_owners = [], []
-    for (p, z), owner in zip(stacks, owners):
-        blocks = [(p, z)] if p.shape[0] == 1 else [(p[j : j + 1, ...], z[j : j + 1, ...]) for j in range(p.shape[0])]
-        units += blocks
-        unit_owners += [owner] * len(blocks)
-    return units, unit_owners
-
-
 def _roots_when_due(
     xp: Any,
     dues: list,
@@ -1116,46 +1087,199 @@ def _roots_when_due(
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
 
 
+class _MatrixStack(NamedTuple):
+    """The matrix leaves of one matrix shape, dtype and device (the DASH layout: a leading axis).
+
+    ``leaves``: their indices among the groups, in order; ``shapes``: their own shapes; ``left``:
+    whether the side is the left one; ``g``: the gradients ``(L, m, n)`` in the compute dtype;
+    ``state``: each array entry but the counters, stacked (``(L, ...)`` for an entry that is a
+    matrix per leaf, the ``L·c`` blocks of a blocked statistic or root along its block axis);
+    ``param``: the parameters ``(L, m, n)``, or ``None`` when the step does not read them. A leaf
+    alone in its stack keeps its own arrays (``g`` an m×n matrix): the same operations as for one
+    matrix.
+    """
+
+    leaves: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    left: bool
+    g: Array
+    state: dict[str, Array]
+    param: Optional[Array]
+
+
+_STACKED = ("momentum", "statistic", "statistic_tail", "root", "root_tail")
+
+
+def _matrix_stacks(
+    xp: Any, grads: list, states: list, params: Any, leaves: list[int], side: str, faithful: bool, with_param: bool
+) -> list[_MatrixStack]:
+    """The matrix leaves ``leaves`` grouped into stacks of equal matrix shape, dtype and device
+    (:func:`~precond_ref.blocking.stack`): per leaf its gradient as an m×n matrix in the compute
+    dtype, its state entries (the root only where the step reads it: principled mode) and, with
+    ``with_param``, its parameter as an m×n matrix, joined along a new leading axis."""
+    names = [n for n in _STACKED if not (faithful and n.startswith("root"))]
+    members, labels = [], []
+    for i in leaves:
+        (g,), state = grads[i], states[i]
+        shape = tuple(state["momentum"].shape)
+        operands = [cast(xp, _as_matrix(xp, g, shape), compute_dtype(xp, g.dtype))]
+        operands += [state[n] for n in names if n in state]
+        if with_param:
+            operands.append(_as_matrix(xp, _param(params, i), shape))
+        members.append(tuple(operands))
+        labels.append(tuple(n for n in names if n in state))
+    stacks = []
+    for s in stack(xp, members, key=_full_layout, labels=labels):
+        count, entries = len(s.indices), labels[s.indices[0]]
+        joined = [a if a.ndim == 3 or count == 1 else xp.reshape(a, (count, *members[s.indices[0]][k].shape)) for k, a in enumerate(s.operands)]
+        m, n = joined[0].shape[-2:]
+        stacks.append(_MatrixStack(
+            leaves=tuple(leaves[j] for j in s.indices),
+            shapes=tuple(tuple(grads[leaves[j]][0].shape) for j in s.indices),
+            left=_resolve_side(m, n, side) == "left",
+            g=joined[0],
+            state=dict(zip(entries, joined[1 : 1 + len(entries)])),
+            param=joined[-1] if with_param else None,
+        ))
+    return stacks
+
+
+def _as_matrix(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:
+    """``x`` reshaped to ``shape`` (its matrix view), ``x`` itself when it has that shape."""
+    return x if tuple(x.shape) == shape else xp.reshape(x, shape)
+
+
+def _full_layout(operands: tuple) -> tuple:
+    """The stacking key of a matrix leaf: the whole shape, dtype and device of every operand."""
+    return tuple((tuple(a.shape), a.dtype, array_device(a)) for a in operands)
+
+
+def _hand_back(
+    xp: Any, s: _MatrixStack, states: list, step: Array, entries: dict[str, Array], counts: dict[str, Array]
+) -> list[tuple[int, tuple]]:
+    """``(leaf, ((step,), new state))`` for each leaf of a stack: its slice of the stacked ``step``
+    in its own shape; its slices of the stacked ``entries``, in the shapes of its stored entries
+    (an entry not given: the stored array itself); and each of its counters ``state[c] +
+    counts[c][l]`` (a counter not in ``counts``: the stored one)."""
+    count = len(s.leaves)
+    steps = _leaves_of(xp, step, count, tuple(step.shape[-2:]))
+    first = states[s.leaves[0]]
+    pieces = {name: _leaves_of(xp, a, count, tuple(first[name].shape)) for name, a in entries.items()}
+    for name in ("root_failures", "root_fallbacks"):
+        if name in first:
+            old = [states[i][name] for i in s.leaves]
+            if name not in counts:
+                pieces[name] = old
+            else:
+                pieces[name] = (old[0] + counts[name],) if count == 1 else xp.unstack(xp.stack(old) + counts[name])
+    out = []
+    for l, i in enumerate(s.leaves):
+        new = dict(states[i])
+        new.update({name: p[l] for name, p in pieces.items()})
+        out.append((i, ((_as_matrix(xp, steps[l], s.shapes[l]),), new)))
+    return out
+
+
+def _leaves_of(xp: Any, x: Array, count: int, shape: tuple[int, ...]) -> Sequence[Array]:
+    """``x[l]`` for ``l < count`` of a stack ``x`` of ``count`` leaves, in ``shape`` (a blocked
+    entry's ``count·c`` blocks, ``c`` per leaf, regrouped)."""
+    if count == 1:
+        return (_as_matrix(xp, x, shape),)
+    if tuple(x.shape) != (count, *shape):
+        x = xp.reshape(x, (count, *shape))
+    return xp.unstack(x, axis=0)
+
+
+def _root_units(
+    xp: Any, stacks: list[_MatrixStack], statistics: list[dict[str, Array]], previous: Callable, split: bool
+) -> tuple[list[tuple[Array, Array]], list[tuple[int, str]], list[tuple[str, int]]]:
+    """The units a refresh schedules, ``(P, previous Z)`` stacks of blocks, with the owner of each
+    (``(stack, statistic name)``, units listed in block order) and its phase key ``(matrix sides in
+    increasing order, block index along the side)`` (:func:`_refresh_phases`).
+
+    A stack's statistic is one unit, but (``split``) for a side of several chunks, whose blocks
+    take different phases: one unit per block. The tail is one unit, index the number of chunks.
+    The key holds the sides, not the path: a leaf's phases must not depend on how the parameters
+    are named (torch's named and unnamed parameters, optax's tree paths) or grouped, so that a
+    resumed or regrouped run refreshes on the same steps; and in increasing order, so that a weight
+    and its transpose (an out-first conv weight and a Flax kernel) refresh alike (spec §4, I1, I6).
+    """
+    units, owners, keys = [], [], []
+    for index, (s, entries) in enumerate(zip(stacks, statistics)):
+        sides = str(tuple(sorted(s.g.shape[-2:])))
+        p = _as_stack(xp, entries["statistic"])
+        chunks = p.shape[0] // len(s.leaves) if p.shape[-1] < s.g.shape[-2 if s.left else -1] else 0
+        z = _as_stack(xp, previous(xp, s, "statistic", entries["statistic"]))
+        if split and chunks > 1:
+            units += [(p[j : j + 1, ...], z[j : j + 1, ...]) for j in range(p.shape[0])]
+            keys += [(sides, j % chunks) for j in range(p.shape[0])]
+            owners += [(index, "statistic")] * p.shape[0]
+        else:
+            units.append((p, z))
+            keys.append((sides, 0))
+            owners.append((index, "statistic"))
+        if "statistic_tail" in entries:
+            p = entries["statistic_tail"]
+            units.append((_as_stack(xp, p), _as_stack(xp, previous(xp, s, "statistic_tail", p))))
+            keys.append((sides, chunks))
+            owners.append((index, "statistic_tail"))
+    return units, owners, keys
+
+
 def _collect_roots(
-    xp: Any, owners: list[tuple[int, str]], statistics: dict[int, dict[str, Array]], refreshed: list[tuple]
-) -> dict[int, dict[str, Array]]:
-    """Per matrix ``i``: its roots in the shape of its statistics (the units of one statistic
-    joined in order), and the sums of its blocks' failure and fallback counts (absent when
-    nothing was refreshed)."""
-    parts: dict[tuple[int, str], list[Array]] = {}
-    roots: dict[int, dict[str, Any]] = {}
-    for owner, (z, failed, fell_back) in zip(owners, refreshed):
-        parts.setdefault(owner, []).append(z)
-        entry = roots.setdefault(owner[0], {})
-        for name, counts in (("root_failures", failed), ("root_fallbacks", fell_back)):
-            if counts is not None:
-                total = xp.sum(counts, dtype=xp.int32)
-                entry[name] = entry[name] + total if name in entry else total
-    for (i, name), zs in parts.items():
+    xp: Any, owners: list[tuple[int, str]], stacks: list[_MatrixStack], statistics: list[dict], refreshed: list[tuple]
+) -> list[dict[str, Array]]:
+    """Per stack: its roots in the shapes of its statistics (the units of one statistic joined in
+    order) and, where any of its blocks was refreshed, per leaf the sums of its blocks' failure and
+    fallback counts (int32: a vector, one entry per leaf; 0-D for a leaf alone in its stack)."""
+    parts: dict[tuple[int, str], list[tuple]] = {}
+    for owner, result in zip(owners, refreshed):
+        parts.setdefault(owner, []).append(result)
+    roots: list[dict[str, Any]] = [{} for _ in stacks]
+    for (index, name), results in parts.items():
+        zs = [z for z, _, _ in results]
         z = zs[0] if len(zs) == 1 else xp.concat(zs, axis=0)
-        roots[i][_ROOT_OF[name]] = z if statistics[i][name].ndim == 3 else z[0, ...]
+        roots[index][_ROOT_OF[name]] = z if statistics[index][name].ndim == 3 else z[0, ...]
+        if all(failed is None for _, failed, _ in results):
+            continue
+        leaves = len(stacks[index].leaves)
+        for position, counter in ((1, "root_failures"), (2, "root_fallbacks")):
+            counts = [r[position] if r[position] is not None else xp.zeros(r[0].shape[:1], dtype=xp.int32, device=placement(xp, r[0])) for r in results]
+            per_block = cast(xp, counts[0] if len(counts) == 1 else xp.concat(counts, axis=0), xp.int32)
+            if leaves == 1:
+                per_leaf = xp.sum(per_block, dtype=xp.int32)
+            elif per_block.shape[0] == leaves:
+                per_leaf = per_block
+            else:
+                per_leaf = xp.sum(xp.reshape(per_block, (leaves, -1)), axis=1, dtype=xp.int32)
+            entry = roots[index]
+            entry[counter] = entry[counter] + per_leaf if counter in entry else per_leaf
     return roots
 
 
 def _block_diagonal_product(
     xp: Any, z: Array, z_tail: Optional[Array], momentum: Array, left: bool, dtype: Any
 ) -> Array:
-    """``U = Z M`` (``left``) or ``M Z`` with ``Z = blockdiag(Z_1, ..., Z_c, Z_tail)`` given as a
-    stack ``z`` of ``c`` chunks (or one matrix: unblocked) and an optional tail, in ``dtype``.
-    Blocked on the right it is ``M Zᵀ``, equal for the symmetric roots of statistics.
+    """``U = Z M`` (``left``) or ``M Z`` with ``Z = blockdiag(Z_1, ..., Z_c, Z_tail)``, in
+    ``dtype``, for a momentum ``M`` (a matrix, or a stack of ``L`` matrices, each with its own
+    ``Z``). ``z`` holds the roots: one k×k matrix per momentum (unblocked: a matrix, or a stack
+    ``(L, k, k)``), or the ``c`` chunks of each in order (a stack ``(L·c, b, b)``, ``b < k``);
+    ``z_tail`` the tail roots, if any (one per momentum). Blocked on the right it is ``M Zᵀ``,
+    equal for the symmetric roots of statistics.
 
     Unblocked, the product is taken in the natural orientation, so faithful mode multiplies as
     the authors do; blocked, on the rows of the oriented momentum (its transpose on the right).
     """
     z_p = cast(xp, z, dtype)
     m_p = cast(xp, momentum, dtype)
-    if z_p.ndim == 2:
+    k, b = m_p.shape[-2 if left else -1], z_p.shape[-1]
+    if b == k:
         return z_p @ m_p if left else m_p @ z_p
     m_o = m_p if left else m_p.mT
-    full, b = z_p.shape[0], z_p.shape[1]
-    u_o = xp.reshape(z_p @ _chunk_rows(xp, m_o, b, full), (full * b, m_o.shape[1]))
+    full = k // b
+    u_o = xp.reshape(z_p @ _chunk_rows(xp, m_o, b, full), (*m_o.shape[:-2], full * b, m_o.shape[-1]))
     if z_tail is not None:
-        u_o = xp.concat([u_o, cast(xp, z_tail, dtype) @ m_o[full * b :, :]], axis=0)
+        u_o = xp.concat([u_o, cast(xp, z_tail, dtype) @ m_o[..., full * b :, :]], axis=-2)
     return u_o if left else u_o.mT
 
 

@@ -219,3 +219,81 @@ def test_joined_pieces_of_selected_entries_count_as_selected(ok):
             assert ctx.settled.get(id(new[name])) is new[name]
             if not ok:
                 np.testing.assert_array_equal(new[name], state[name])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"weight_decay": 0.1},
+        {"block_size": 3, "precondition_every": 2, "side": "right"},  # 2 chunks and a tail of 7, spread
+        {"mode": "faithful", "precondition_every": 2},
+    ],
+    ids=["unblocked", "blocked", "faithful"],
+)
+def test_stacked_step_is_each_matrix_alone(options):
+    """The plain formula of the stacking (``on_stacks``): a step of several matrices of one shape,
+    taken together on a stack, is for every matrix the step it takes alone, bitwise (every entry
+    goes through the same operations; NumPy's batched products loop over the matrices), updates and
+    state (counters included) alike, over the steps of a refresh interval. A conv-shaped leaf whose
+    matrix view has that shape joins the stack and keeps its own shape."""
+    rng = np.random.default_rng(7)
+    faithful = options.get("mode") == "faithful"
+    shapes = {"a": (4, 7), "b": (4, 7), "c": (4, 7)} if faithful else {"a": (4, 7), "b": (4, 7), "conv": (4, 7, 1)}
+    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    grads = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(4)]
+    grads[2]["b"] = np.zeros(shapes["b"])  # a zero gradient in one member of the stack
+    opt = pr_asgo(**options)
+    together = opt.init(params)
+    alone = {k: opt.init({k: params[k]}) for k in shapes}
+    for t, g in enumerate(grads):
+        updates, together = opt.update(g, together, params, step=t)
+        for k in shapes:
+            u, alone[k] = opt.update({k: g[k]}, alone[k], {k: params[k]}, step=t)
+            assert updates[k].shape == shapes[k]
+            np.testing.assert_array_equal(updates[k], u[k])
+            for name, entry in alone[k].groups[k].items():
+                np.testing.assert_array_equal(together.groups[k][name], entry, err_msg=f"{k} {name} step {t}")
+
+
+def pr_asgo(**options):
+    import precond_ref as pr
+
+    return pr.asgo(learning_rate=0.1, **options)
+
+
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("blocks", [(0, 0), (2, 0), (2, 1)])
+def test_block_diagonal_product_of_a_stack_is_each_product(left, blocks):
+    """On a stack of L momenta, each with its roots (unblocked ``(L, k, k)``; blocked the ``c``
+    chunks of each in order, ``(L·c, b, b)``, and tails ``(L, t, t)``), the product is each
+    momentum's product with its own roots, bitwise (the same operations per entry)."""
+    full, tail = blocks
+    rng = np.random.default_rng(8)
+    b = 3 if full else 5
+    k, stacked = (full * b + tail if full else b), 2
+    z = _psd(rng, stacked * full if full else stacked, b, b)
+    z_tail = _psd(rng, stacked, tail, tail) if tail else None
+    m = rng.standard_normal((stacked, k, 7) if left else (stacked, 7, k))
+    u = A._block_diagonal_product(xp, z, z_tail, m, left, np.float64)
+    for i in range(stacked):
+        own = z[i * full : (i + 1) * full] if full else z[i]
+        alone = A._block_diagonal_product(xp, own, None if z_tail is None else z_tail[i], m[i], left, np.float64)
+        np.testing.assert_array_equal(u[i], alone)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("faithful", [False, True])
+def test_rms_renormalise_of_a_stack_renormalises_each_matrix(faithful, dtype):
+    """``r√(mn) U/‖U‖_F`` for each matrix of a stack by its own norm (a zero one stays zero), at
+    scales 1e-30 and 1e30 side by side (D12): RMS r to rounding (mn·eps of the dtype), the
+    direction of U. Principled float32 sums the squares of the whole stack in float64, one
+    reduction over each matrix; the other cases scale each matrix by its largest entry first."""
+    rng = np.random.default_rng(9)
+    u = (rng.standard_normal((3, 6, 5)) * np.array([1e-30, 1e30, 0.0])[:, None, None]).astype(dtype)
+    got = A._rms_renormalise(xp, u, 0.2, faithful)
+    assert got.dtype == dtype
+    for i in range(2):
+        wide = u[i].astype(np.float64)
+        plain = 0.2 * np.sqrt(30) * wide / np.linalg.norm(wide)
+        np.testing.assert_allclose(got[i], plain, rtol=64 * 30 * np.finfo(dtype).eps, atol=0)
+    np.testing.assert_array_equal(got[2], 0 * u[2])

@@ -93,3 +93,38 @@ def test_a_root_not_refreshed_is_the_stored_array_itself():
         kept.append(new.groups[key]["root"] is state.groups[key]["root"])
         state = new
     assert kept[0] is False and kept[1:] in ([True, False, True, False], [False, True, False, True])
+
+
+def _step_dispatched(shapes: dict, **options) -> _Count:
+    """The operations of the second ASGO update (both updates refresh every root) of float32
+    random matrices of ``shapes``."""
+    rng = np.random.default_rng(5)
+    params = _tree(rng, shapes)
+    opt = pr.asgo(learning_rate=0.1, precondition_every=1, **options)
+    state = opt.init(params)
+    _, state = opt.update(_tree(rng, shapes), state, params, step=0)
+    with _Count() as count:
+        opt.update(_tree(rng, shapes), state, params, step=1)
+    return count
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"block_size": 2}, {"mode": "faithful"}], ids=["unblocked", "blocked-with-tail", "faithful"]
+)
+def test_equal_matrices_take_each_line_of_the_step_once(options):
+    """Invariant (issue 35; DASH's stacked blocks, ``update_groups``' comment table): the matrix
+    leaves of one shape, dtype and device take the step as one stack (a leading axis), so each
+    line of the step is one operation for all of them: three equal 5×7 matrices issue as many
+    matrix products (steps 2, 3, 4), multiplications (the EMAs, the renormalisation, the finish),
+    square roots, selections (the subnormal flush, the guards) and decompositions as one does.
+    Only the joining and handing back grow with the number of leaves (a concatenation per operand,
+    a split per result). Before the stacking each count tripled."""
+    one = _step_dispatched({"w": (5, 7)}, **options)
+    three = _step_dispatched({"w": (5, 7), "v": (5, 7), "u": (5, 7)}, **options)
+
+    def products(count: _Count) -> int:
+        return count.total("aten.mm.default") + count.total("aten.bmm.default")
+
+    assert products(three) == products(one) > 0
+    for op in ("aten.mul.Tensor", "aten.sqrt.default", "aten.where.self", "aten._linalg_eigh.default"):
+        assert three.total(op) == one.total(op), op
