@@ -50,3 +50,22 @@ def test_plain_step_operations_per_layer():
     diagonal = (_plain_step_ops(1, 6) - _plain_step_ops(1, 2)) / 4
     assert fc <= 34, fc
     assert diagonal <= 16, diagonal
+
+
+def test_warm_up_refresh_inverts_each_stack_once():
+    """The warm-up refreshes every share of every stack on each statistics call (the authors'
+    schedule; spread over P = T2/T1 shares only afterwards): decided on the host, the shares form
+    one run (``_refresh_runs``), so each stack of equal-size blocks is inverted by one batched
+    call, whatever P. Here one stack of three 2 x 2 blocks (an FC layer of 6 outputs,
+    block_size 2) and P = 3: one batched inverse, not one per share (before: 3)."""
+    from dispatched import Dispatched
+
+    gen = torch.Generator().manual_seed(0)
+    params = {"fc": {"weight": torch.randn(6, 4, generator=gen, dtype=torch.float64)}}
+    grads = {"fc": {"weight": torch.randn(6, 4, generator=gen, dtype=torch.float64)}}
+    opt = pr.mbf(learning_rate=1e-2, statistics_every=1, precondition_every=3, block_size=2, refresh_phases=3)
+    state = opt.init(params)
+    with Dispatched() as dispatched:
+        opt.update(grads, state, params, step=0)  # warm-up: every phase due
+    inverses = [name for name in dispatched.names if name.startswith("linalg_inv")]
+    assert inverses == ["linalg_inv_ex"], inverses
