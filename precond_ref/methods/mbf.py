@@ -361,11 +361,22 @@ def _add_flags(
     """Each group's failure count after one run of refreshes: ``before + 1`` (``before``: its count
     when the call's refreshes began) where any of its statistic parts (``owners[k]`` is the group
     of part ``k``) was flagged by this run, else ``counts`` unchanged. So a call counts one failure
-    per flagged group, however its phases were split into runs (:func:`_refresh_runs`)."""
+    per flagged group, however its phases were split into runs (:func:`_refresh_runs`). A count
+    that is still ``before`` itself (the call's first run) is ``before + flagged``, the same number."""
     flagged: list[Any] = [None] * len(counts)
     for owner, flag in zip(owners, flags):
         flagged[owner] = flag if flagged[owner] is None else xp.logical_or(flagged[owner], flag)
-    return [c if f is None else xp.where(f, b + 1, c) for c, b, f in zip(counts, before, flagged)]
+    return [
+        c if f is None else b + xp.astype(f, b.dtype) if c is b else xp.where(f, b + 1, c)
+        for c, b, f in zip(counts, before, flagged)
+    ]
+
+
+def _inner(xp: Any, a: Array, b: Array) -> Array:
+    r""":math:`\langle a, b\rangle = \sum a_{j\ldots} b_{j\ldots}` over every axis, as a 0-D array: the
+    dot product of the two flattened (dense: views) arrays, which reads each operand once, where
+    ``sum(a * b)`` writes the product and reads it again (two passes more over a layer)."""
+    return xp.reshape(a, (-1,)) @ xp.reshape(b, (-1,))
 
 
 def _stack_key(x: Array) -> Any:
@@ -740,10 +751,10 @@ def mbf(
         for members in stacks.values():
             first = directions[members[0]]
             lr = ctx.scalar("learning_rate", learning_rate, first.dtype, array_device(first))
-            quadratics = xp.stack([xp.sum(directions[k] * momenta[k]) for k in members])
+            quadratics = xp.stack([_inner(xp, directions[k], momenta[k]) for k in members])
             scaled = rates[members[0]] * kl_clip_of_quadratic(xp, quadratics, lr, as_operand(xp, kl_clip, first.dtype))
-            for j, k in enumerate(members):
-                sizes[k] = scaled[j]
+            for k, size in zip(members, xp.unstack(scaled)):
+                sizes[k] = size
         return sizes
 
     def descend(xp: Any, step: tuple, params: Any, ctx: StepContext) -> tuple:
