@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from array_api_compat import array_namespace, device as array_device
 
-from .._backend import as_operand, cast, compute_dtype, cond, is_zero, placement
+from .._backend import as_operand, cast, compute_dtype, cond, host_bool, is_zero, placement
 from ..blocking import on_stacks
 from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_of_quadratic
 from ..transform import (
@@ -194,10 +194,31 @@ def _join_rows(xp: Any, pieces: Sequence[Array], parts: Sequence[tuple]) -> Arra
     return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
 
 
-def _phase_share(n: int, phase: int, phases: int) -> tuple[int, int]:
-    """The contiguous ``(start, stop)`` of the blocks, out of a stack of ``n``, whose inverses
-    refresh in ``phase`` (of ``phases``): ``n`` split as evenly as contiguous shares allow."""
-    return n * phase // phases, n * (phase + 1) // phases
+def _phase_share(n: int, first: int, stop: int, phases: int) -> tuple[int, int]:
+    r"""The contiguous ``(start, end)`` of the blocks, out of a stack of ``n``, whose inverses
+    refresh in the phases ``first`` to ``stop - 1`` (of ``phases``): phase :math:`p` owns blocks
+    :math:`\lfloor np/P \rfloor` to :math:`\lfloor n(p+1)/P \rfloor - 1`, ``n`` split as evenly as
+    contiguous shares allow, so consecutive phases own consecutive blocks."""
+    return n * first // phases, n * stop // phases
+
+
+def _refresh_runs(xp: Any, decisions: Sequence[Any]) -> list[tuple[Any, int, int]]:
+    """The inverse refreshes of one call as ``(predicate, first, stop)``: phases ``first`` to
+    ``stop - 1`` refresh together where ``predicate`` holds. ``decisions[p]`` says whether phase
+    :math:`p` is due (:func:`_phase_due`). Decisions known on the host (Python bools, or arrays
+    that read for free, :func:`precond_ref._backend.host_bool`) merge into runs of consecutive due
+    phases, ``predicate`` True: in the warm-up, where every phase is due, each stack is inverted by
+    one batched call instead of one per share. A device decision keeps its own phase."""
+    runs: list[tuple[Any, int, int]] = []
+    for phase, due in enumerate(decisions):
+        known = due if isinstance(due, bool) else host_bool(xp, due)
+        if known is None:
+            runs.append((due, phase, phase + 1))
+        elif known and runs and runs[-1][0] is True and runs[-1][2] == phase:
+            runs[-1] = (True, runs[-1][1], phase + 1)
+        elif known:
+            runs.append((True, phase, phase + 1))
+    return runs
 
 
 def _phase_due(calls: Any, phase: int, phases: int, t1: int, t2: int) -> Any:
@@ -289,31 +310,32 @@ def _refresh_inverses(
     previous: Sequence[Array],
     damping: Any,
     block_inverse: Callable[[Array, Any, Array], tuple[Array, Array]],
-    phase: int = 0,
+    run: tuple[int, int] = (0, 1),
     phases: int = 1,
 ) -> tuple[list[Array], list[Array]]:
     r"""The :math:`(F_b + \lambda I)^{-1}` of every statistic part (``block_inverse``, or
-    :func:`_elementwise_inverse` for block size 1) whose blocks belong to ``phase`` of ``phases``,
-    the previous inverse for the others; and per part whether any refreshed block was flagged
-    (B2, B6).
+    :func:`_elementwise_inverse` for block size 1) whose blocks belong to the phases ``run`` =
+    ``(first, stop)`` of ``phases``, the previous inverse for the others; and per part whether any
+    refreshed block was flagged (B2, B6).
 
     The equal-size blocks of all parts (FC blocks of one size, convs with one kernel size) form
-    one stack (:func:`precond_ref.blocking.on_stacks`); ``phase`` refreshes its contiguous share
+    one stack (:func:`precond_ref.blocking.on_stacks`); the run refreshes its contiguous share
     of each stack (:func:`_phase_share`) by one batched call. Element-wise parts refresh in phase 0."""
 
     def square(a: Array) -> Array:
         return xp.reshape(a, (-1, a.shape[-1], a.shape[-1]))
 
     def invert(stack: Array, before: Array) -> tuple[Array, Array]:
-        start, stop = _phase_share(stack.shape[0], phase, phases)
+        n = stack.shape[0]
+        start, stop = _phase_share(n, *run, phases)
+        if stop - start == n:
+            return block_inverse(stack, as_operand(xp, damping, stack.dtype), before)
         flagged = xp.zeros(stack.shape[:1], dtype=xp.bool, device=placement(xp, stack))
         if start == stop:
             return before, flagged
         inverse, flagged_share = block_inverse(
             stack[start:stop, ...], as_operand(xp, damping, stack.dtype), before[start:stop, ...]
         )
-        if stop - start == stack.shape[0]:
-            return inverse, flagged_share
         inverse = xp.concat([before[:start, ...], inverse, before[stop:, ...]], axis=0)
         return inverse, xp.concat([flagged[:start], xp.astype(flagged_share, xp.bool), flagged[stop:]], axis=0)
 
@@ -324,7 +346,7 @@ def _refresh_inverses(
         if kind != _ELEMENTWISE:
             inverse, flagged_blocks = next(inverted)
             inverse, flagged = xp.reshape(inverse, tuple(statistic.shape)), xp.any(flagged_blocks)
-        elif phase == 0:
+        elif run[0] == 0:
             inverse, flagged = _elementwise_inverse(xp, statistic, before, damping)
         else:
             inverse, flagged = before, xp.zeros((), dtype=xp.bool, device=placement(xp, before))
@@ -333,13 +355,28 @@ def _refresh_inverses(
     return inverses, flags
 
 
-def _add_flags(xp: Any, counts: Sequence[Array], owners: Sequence[int], flags: Sequence[Array]) -> list[Array]:
-    """Each group's failure count plus one where any of its statistic parts (``owners[k]`` is the
-    group of part ``k``) was flagged by this refresh."""
+def _add_flags(
+    xp: Any, counts: Sequence[Array], before: Sequence[Array], owners: Sequence[int], flags: Sequence[Array]
+) -> list[Array]:
+    """Each group's failure count after one run of refreshes: ``before + 1`` (``before``: its count
+    when the call's refreshes began) where any of its statistic parts (``owners[k]`` is the group
+    of part ``k``) was flagged by this run, else ``counts`` unchanged. So a call counts one failure
+    per flagged group, however its phases were split into runs (:func:`_refresh_runs`). A count
+    that is still ``before`` itself (the call's first run) is ``before + flagged``, the same number."""
     flagged: list[Any] = [None] * len(counts)
     for owner, flag in zip(owners, flags):
         flagged[owner] = flag if flagged[owner] is None else xp.logical_or(flagged[owner], flag)
-    return [c if f is None else c + xp.astype(f, c.dtype) for c, f in zip(counts, flagged)]
+    return [
+        c if f is None else b + xp.astype(f, b.dtype) if c is b else xp.where(f, b + 1, c)
+        for c, b, f in zip(counts, before, flagged)
+    ]
+
+
+def _inner(xp: Any, a: Array, b: Array) -> Array:
+    r""":math:`\langle a, b\rangle = \sum a_{j\ldots} b_{j\ldots}` over every axis, as a 0-D array: the
+    dot product of the two flattened (dense: views) arrays, which reads each operand once, where
+    ``sum(a * b)`` writes the product and reads it again (two passes more over a layer)."""
+    return xp.reshape(a, (-1,)) @ xp.reshape(b, (-1,))
 
 
 def _stack_key(x: Array) -> Any:
@@ -631,15 +668,15 @@ def mbf(
             )
         return branches[key]
 
-    def inverse_branches(xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...], phase: int) -> tuple[Callable, Callable]:
-        key = ("inverse", id(xp), kinds, owners, phase)
+    def inverse_branches(xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...], run: tuple[int, int]) -> tuple[Callable, Callable]:
+        key = ("inverse", id(xp), kinds, owners, run)
         if key not in branches:
 
-            def refresh(f: list, inv: list, n: list) -> tuple[list, list]:
-                inverses, flags = _refresh_inverses(xp, kinds, f, inv, damping, block_inverse, phase, refresh_phases)
-                return inverses, _add_flags(xp, n, owners, flags)
+            def refresh(f: list, inv: list, n: list, before: list) -> tuple[list, list]:
+                inverses, flags = _refresh_inverses(xp, kinds, f, inv, damping, block_inverse, run, refresh_phases)
+                return inverses, _add_flags(xp, n, before, owners, flags)
 
-            branches[key] = (refresh, lambda f, inv, n: (inv, n))
+            branches[key] = (refresh, lambda f, inv, n, before: (inv, n))
         return branches[key]
 
     def diagonal_rule(xp: Any, g: Array, ema: Array, second: Array, ctx: StepContext) -> tuple[Array, Array, Array]:
@@ -714,10 +751,10 @@ def mbf(
         for members in stacks.values():
             first = directions[members[0]]
             lr = ctx.scalar("learning_rate", learning_rate, first.dtype, array_device(first))
-            quadratics = xp.stack([xp.sum(directions[k] * momenta[k]) for k in members])
+            quadratics = xp.stack([_inner(xp, directions[k], momenta[k]) for k in members])
             scaled = rates[members[0]] * kl_clip_of_quadratic(xp, quadratics, lr, as_operand(xp, kl_clip, first.dtype))
-            for j, k in enumerate(members):
-                sizes[k] = scaled[j]
+            for k, size in zip(members, xp.unstack(scaled)):
+                sizes[k] = size
         return sizes
 
     def descend(xp: Any, step: tuple, params: Any, ctx: StepContext) -> tuple:
@@ -767,12 +804,11 @@ def mbf(
         members = [(i, suffix) for i in blocked for suffix, *_ in parts[i]]  # every statistic part
         owners = tuple(blocked.index(i) for i, _ in members)
         inverse = {key: states[key[0]]["inverse" + key[1]] for key in members}
-        counts = [failures[i] for i in blocked]
-        for phase in range(refresh_phases if members else 0):
+        counts = before = [failures[i] for i in blocked]
+        for due, *run in _refresh_runs(xp, [ctxs[0].every(phase) for phase in phase_due] if members else []):
             refreshed, counts = cond(
-                xp, ctxs[0].every(phase_due[phase]),
-                *inverse_branches(xp, tuple(kinds[i] for i, _ in members), owners, phase),
-                [statistic[key] for key in members], [inverse[key] for key in members], counts,
+                xp, due, *inverse_branches(xp, tuple(kinds[i] for i, _ in members), owners, tuple(run)),
+                [statistic[key] for key in members], [inverse[key] for key in members], counts, before,
             )  # fmt: skip
             inverse = dict(zip(members, refreshed))
         d = {}

@@ -133,12 +133,17 @@ def test_phase_due_schedule():
 @pytest.mark.parametrize("n, phases", [(0, 3), (1, 3), (5, 3), (22, 10), (7, 7)])
 def test_phase_share_partitions_the_stack(n, phases):
     """``_phase_share``: the shares of the P phases are contiguous, cover 0..n-1 once, in order,
-    and differ in size by at most one block (an even load per refresh call)."""
-    shares = [M._phase_share(n, p, phases) for p in range(phases)]
+    and differ in size by at most one block (an even load per refresh call); the share of a run
+    of phases ``first..stop-1`` is the union of its phases' shares (so merging a run refreshes
+    exactly the blocks its phases would)."""
+    shares = [M._phase_share(n, p, p + 1, phases) for p in range(phases)]
     assert shares[0][0] == 0 and shares[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
     sizes = [stop - start for start, stop in shares]
     assert max(sizes) - min(sizes) <= 1
+    for first in range(phases):
+        for stop in range(first + 1, phases + 1):
+            assert M._phase_share(n, first, stop, phases) == (shares[first][0], shares[stop - 1][1])
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "4", 4.0])
@@ -203,3 +208,45 @@ def test_principled_defaults():
     assert g["statistic"].shape == (2, M._BLOCK_SIZE, M._BLOCK_SIZE) and g["statistic_tail"].shape == (1, 1)
     faithful = pr.mbf(mode="faithful").init(params).groups["head/weight"]
     assert faithful["statistic"].shape == (2 * M._BLOCK_SIZE + 1,) * 2
+
+
+def test_refresh_runs_merge_the_phases_due_on_the_host():
+    """``_refresh_runs``: phases due on the host (Python bools, NumPy 0-D arrays, which read for
+    free) merge into runs of consecutive phases, so the warm-up (every phase due) is one run
+    ``(True, 0, P)``; a decision only the device knows (an ``array_api_strict`` array here: never
+    read by ``host_bool``) stays its own phase with its own predicate."""
+    strict = pytest.importorskip("array_api_strict")
+    assert M._refresh_runs(np, [True] * 4) == [(True, 0, 4)]
+    assert M._refresh_runs(np, [False, True, False, False]) == [(True, 1, 2)]
+    assert M._refresh_runs(np, [True, False, True, True]) == [(True, 0, 1), (True, 2, 4)]
+    assert M._refresh_runs(np, [False] * 3) == []
+    assert M._refresh_runs(np, [np.asarray(True)] * 3) == [(True, 0, 3)]
+    device = [strict.asarray(True), strict.asarray(True)]
+    runs = M._refresh_runs(strict, device)
+    assert [(r[1], r[2]) for r in runs] == [(0, 1), (1, 2)] and all(r[0] is d for r, d in zip(runs, device))
+
+
+def test_failures_count_refresh_calls_however_the_phases_run():
+    """Spec ``mbf.md`` B6: ``failures`` counts the refreshes (calls) that had to raise a layer's
+    damping, one per call and layer. In the warm-up every phase refreshes on every statistics
+    call: merged into one run where the decisions are on the host (NumPy with ``step=``), one
+    ``cond`` per phase where they are device arrays (``array_api_strict`` without ``step=``);
+    both count one per call. Damping 1e-14 against statistics of order 1 raises the damping of
+    every block (gradients of order 10: floor 100 eps |F| > 1e-14), and the layer's three blocks of 2 rows lie in both
+    shares (P = 2): 5 warm-up calls (0..4, T1 = 1, T2 = 4) and call 6 (phase 1: 6 % 4 == 4 // 2)."""
+    strict = pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(3)
+    params = {"big": {"weight": rng.standard_normal((6, 2))}}
+    grads = [{"big": {"weight": 10.0 * rng.standard_normal((6, 2))}} for _ in range(7)]
+    hyper = dict(learning_rate=1e-3, damping=1e-14, statistics_every=1, precondition_every=4, block_size=2, refresh_phases=2)
+    counts = {}
+    for name, xp, step in (("host", np, True), ("device", strict, False)):
+        opt = pr.mbf(**hyper)
+        p = {"big": {"weight": xp.asarray(params["big"]["weight"])}}
+        state = opt.init(p)
+        for i, g in enumerate(grads):
+            g = {"big": {"weight": xp.asarray(g["big"]["weight"])}}
+            updates, state = opt.update(g, state, p, **({"step": i} if step else {}))
+            p = pr.apply_updates(p, updates)
+        counts[name] = int(state.groups["big/weight"]["failures"])
+    assert counts == {"host": 6, "device": 6}

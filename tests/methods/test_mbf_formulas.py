@@ -183,3 +183,19 @@ def test_join_rows_of_one_row_stack_is_a_view():
     tailed = M._parts(M._FC, (14, 5), 4)  # three blocks and a tail of 2: a concatenation
     h14 = np.arange(14.0 * 5).reshape(14, 5)
     np.testing.assert_array_equal(M._join_rows(np, M._split_rows(np, h14, tailed), tailed), h14)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6)])
+def test_inner_is_the_sum_of_the_products(shape):
+    """<a, b> = sum over every axis of a * b (the KL clip's quadratic <D, m>, B7), as one dot
+    product of the flattened arrays: within n eps sum|a b| of the loop over the n entries (Higham,
+    Accuracy and Stability, eq. 3.5: any summation order of n products)."""
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal(shape), rng.standard_normal(shape)
+    loop = 0.0
+    for index in np.ndindex(*shape):
+        loop += a[index] * b[index]
+    got = M._inner(np, a, b)
+    assert got.shape == ()
+    n = a.size
+    assert abs(float(got) - loop) <= 2 * n * EPS * float(np.sum(np.abs(a * b)))
