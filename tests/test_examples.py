@@ -6,6 +6,7 @@ runs end to end with one of our optimizers, that the loss is finite, and that it
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import math
 import pathlib
@@ -38,3 +39,21 @@ def test_char_lm_example_trains(script, optimizer, needs, tmp_path, capsys):
     assert "validation loss" in printed and "sample:" in printed
     assert (tmp_path / f"{script}_{optimizer}.png").read_bytes()[:4] == b"\x89PNG"
     assert set(module.OPTIMIZERS) >= {"agd", "asgo", "dasgo", "sketchy", "s_adagrad", "rf_rmsprop", "rf_adamw", "if_shampoo", "mbf"}
+
+
+def test_gpt_word_study_tokens_and_training():
+    """``examples/gpt_word_study.py``: the corpus has ids below the vocabulary (0 the bucket of the
+    rare words, 1 the most frequent word) and covers most tokens at the bench's vocabulary; a study
+    run trains (the tiny GPT's mean loss over its steps falls below the uniform guess ln V)."""
+    pytest.importorskip("torch")
+    study = _load("gpt_word_study")
+    train, validation = study.word_corpus(2048)
+    ids = list(train) + list(validation)
+    assert 0 <= min(ids) and max(ids) == 2047
+    assert sum(i == 0 for i in ids) < 0.1 * len(ids)
+    counts = collections.Counter(ids)
+    del counts[0]
+    assert counts.most_common(1)[0][0] == 1
+    size = dict(study.models.SIZES["gpt"]["tiny"])
+    loss, held, _ = study.run("SAdaGrad", {"rank": 4}, 0, 30, size, 0.1)
+    assert math.isfinite(held) and loss < math.log(size["vocab"])
