@@ -74,7 +74,7 @@ def run(method: str, setting: dict, seed: int, steps: int, size: dict, lr: float
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     seconds = time.perf_counter() - start
     with torch.no_grad():
         held = batches(validation_ids, 32, size["seq"], 12345)

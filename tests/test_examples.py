@@ -55,5 +55,5 @@ def test_gpt_word_study_tokens_and_training():
     del counts[0]
     assert counts.most_common(1)[0][0] == 1
     size = dict(study.models.SIZES["gpt"]["tiny"])
-    loss, held, _ = study.run("SAdaGrad", {"rank": 4}, 0, 30, size, 0.1)
+    loss, held, _ = study.run("AdamW", {}, 0, 30, size, 1e-2)
     assert math.isfinite(held) and loss < math.log(size["vocab"])
