@@ -991,7 +991,8 @@ def _adagrad_direction(
         units = _units_in_phase(plan, phase)
 
         def keep(s: tuple, f: Array, x: Array, units: tuple = units) -> tuple:
-            return s, f, tuple(_fd_apply(xp, old, _run_rows(xp, axis, axis.runs[j], x)) for old, (_, j) in zip(s, units))
+            rows = [_run_rows(xp, axis, axis.runs[j], x) for _, j in units]
+            return s, f, tuple(_fd_apply(xp, old, r) for old, r in zip(s, rows))
 
         news, failures, parts = cond(
             xp, ctx.every(due),
