@@ -59,10 +59,12 @@ matrix sketching", SIAM J. Comput. 2016.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, NamedTuple, Optional
 
+from array_api_compat import is_torch_namespace
 
-from ._backend import is_zero, placement, scalar_zero
+from ._backend import is_zero, placement, scalar_zero, select, torch_compiling
 from .linalg import per_matrix, symmetrize
 
 __all__ = [
@@ -148,6 +150,15 @@ def resolve_decomposition(decomposition: str, d: int, k: int, m: int) -> str:
     return "gram"
 
 
+def _matmul(xp: Any, a: Array, b: Array) -> Array:
+    """``a @ b``. Eagerly on torch, for operands of one dtype, ``torch.matmul`` itself:
+    ``array_api_compat``'s ``matmul`` first converts both operands to their common dtype, an
+    operation each even when that is their own (as :func:`precond_ref._backend.select` for ``where``)."""
+    if not torch_compiling() and is_torch_namespace(xp) and a.dtype == b.dtype:
+        return sys.modules["torch"].matmul(a, b)
+    return xp.matmul(a, b)
+
+
 def _diag(xp: Any, v: Array) -> Array:
     """A (stack of) diagonal matrices from a (stack of) vectors."""
     k = v.shape[-1]
@@ -174,15 +185,15 @@ def _coordinates(xp: Any, basis: Array, x: Array) -> Array:
     torch's batched CPU kernels multiply a row vector by a matrix several times faster than a
     transposed matrix by a column, and S-AdaGrad's blocks are such stacks)."""
     if x.shape[-1] == 1:
-        return xp.matmul(x.mT, basis).mT
-    return xp.matmul(basis.mT, x)
+        return _matmul(xp, x.mT, basis).mT
+    return _matmul(xp, basis.mT, x)
 
 
 def _combination(xp: Any, basis: Array, coords: Array) -> Array:
     """U c for c (..., k, m); a single column as (c^T U^T)^T, as in :func:`_coordinates`."""
     if coords.shape[-1] == 1:
-        return xp.matmul(coords.mT, basis.mT).mT
-    return xp.matmul(basis, coords)
+        return _matmul(xp, coords.mT, basis.mT).mT
+    return _matmul(xp, basis, coords)
 
 
 class _Ritz(NamedTuple):
@@ -214,7 +225,7 @@ def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
     coords = coords + again
     if x.shape[-1] == 1:
         norm = xp.linalg.vector_norm(residual, axis=-2, keepdims=True)
-        fresh = residual / xp.where(norm > 0.0, norm, xp.ones_like(norm))
+        fresh = residual / select(xp, norm > 0.0, norm, xp.ones_like(norm))
         corner = norm
     else:
         fresh, corner = per_matrix(xp, xp.linalg.qr, residual)
@@ -239,23 +250,23 @@ def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
     m = x.shape[-1]
     dtype, device = x.dtype, placement(xp, x)
     width = subspace_width(d, k)
-    start = xp.where(scaled_sigma[..., None, :] > 0.0, basis, _probe(xp, d, k, dtype, device))
+    start = select(xp, scaled_sigma[..., None, :] > 0.0, basis, _probe(xp, d, k, dtype, device))
     if width > k:
-        fresh = xp.matmul(x, _probe(xp, m, width - k, dtype, device))
+        fresh = _matmul(xp, x, _probe(xp, m, width - k, dtype, device))
         start = xp.concat([start, fresh], axis=-1)
     power = scaled_sigma * scaled_sigma
-    image = xp.matmul(basis, xp.matmul(basis.mT, start) * power[..., :, None])
-    image = image + xp.matmul(x, xp.matmul(x.mT, start))
+    image = _matmul(xp, basis, _matmul(xp, basis.mT, start) * power[..., :, None])
+    image = image + _matmul(xp, x, _matmul(xp, x.mT, start))
     # Householder QR: orthonormal even for (nearly) dependent columns; a completion direction
     # outside range(M) gets a Ritz value at rounding level, which the shrink cutoff masks.
     q, _ = per_matrix(xp, xp.linalg.qr, image)
-    proj_u = xp.matmul(basis.mT, q) * scaled_sigma[..., :, None]
-    proj_x = xp.matmul(x.mT, q)
-    h = xp.matmul(proj_u.mT, proj_u) + xp.matmul(proj_x.mT, proj_x)
+    proj_u = _matmul(xp, basis.mT, q) * scaled_sigma[..., :, None]
+    proj_x = _matmul(xp, x.mT, q)
+    h = _matmul(xp, proj_u.mT, proj_u) + _matmul(xp, proj_x.mT, proj_x)
     theta, w = per_matrix(xp, xp.linalg.eigh, symmetrize(h))
     theta, w = xp.flip(theta, axis=-1), xp.flip(w, axis=-1)
     s = xp.sqrt(xp.maximum(theta, xp.zeros_like(theta)))
-    return _Ritz(s, vectors=xp.matmul(q, w[..., :, :k]))
+    return _Ritz(s, vectors=_matmul(xp, q, w[..., :, :k]))
 
 
 def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Array, decomposition: str) -> _Ritz:
@@ -281,16 +292,16 @@ def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Arr
     # condition number, so directions at rounding level are dropped (set to zero).
     tiny_rel = float(xp.finfo(z.dtype).eps) * max(d, n)
     if n < d:
-        gram = xp.matmul(z.mT, z)
+        gram = _matmul(xp, z.mT, z)
         evals, v = per_matrix(xp, xp.linalg.eigh, symmetrize(gram))
         evals, v = xp.flip(evals, axis=-1), xp.flip(v, axis=-1)
         evals = xp.maximum(evals, xp.zeros_like(evals))
         keep = evals > tiny_rel * evals[..., :1]
-        s = xp.where(keep, xp.sqrt(evals), xp.zeros_like(evals))
-        safe_s = xp.where(keep, s, xp.ones_like(s))
-        p = xp.matmul(z, v[..., :, :k]) / safe_s[..., None, :k] * xp.astype(keep[..., :k], z.dtype)[..., None, :]
+        s = select(xp, keep, xp.sqrt(evals), xp.zeros_like(evals))
+        safe_s = select(xp, keep, s, xp.ones_like(s))
+        p = _matmul(xp, z, v[..., :, :k]) / safe_s[..., None, :k] * xp.astype(keep[..., :k], z.dtype)[..., None, :]
         return _Ritz(s, vectors=p)
-    gram = xp.matmul(z, z.mT)
+    gram = _matmul(xp, z, z.mT)
     evals, p = per_matrix(xp, xp.linalg.eigh, symmetrize(gram))
     evals, p = xp.flip(evals, axis=-1), xp.flip(p, axis=-1)
     evals = xp.maximum(evals, xp.zeros_like(evals))
@@ -299,8 +310,8 @@ def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Arr
 
 def _masked_power(xp: Any, base: Array, mask: Array, exponent: float) -> Array:
     """``base ** exponent`` where ``mask``, else 0, never forming ``0 ** negative`` (no Inf)."""
-    safe = xp.where(mask, base, xp.ones_like(base))
-    return xp.where(mask, safe**exponent, xp.zeros_like(base))
+    safe = select(xp, mask, base, xp.ones_like(base))
+    return select(xp, mask, safe**exponent, xp.zeros_like(base))
 
 
 def _power_of_two_scale(xp: Any, value: Array) -> Array:
@@ -310,9 +321,9 @@ def _power_of_two_scale(xp: Any, value: Array) -> Array:
     value / scale lies in (1, 2), still far from overflow once squared.
     """
     positive = value > 0.0
-    safe = xp.where(positive, value, xp.ones_like(value))
+    safe = select(xp, positive, value, xp.ones_like(value))
     top = float(math.frexp(float(xp.finfo(value.dtype).max))[1] - 1)
-    return xp.where(positive, 2.0 ** xp.clip(xp.ceil(xp.log2(safe)), max=top), xp.ones_like(value))
+    return select(xp, positive, 2.0 ** xp.clip(xp.ceil(xp.log2(safe)), max=top), xp.ones_like(value))
 
 
 def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tuple[dict[str, Array], Array]:
@@ -439,9 +450,9 @@ def _fd_step(
     # torch raise inside the SVD on NaN/Inf (JAX returns NaN): feed zeros instead and discard the
     # result, so a non-finite input never reaches the decomposition or the state.
     input_ok = xp.isfinite(largest_entry)
-    largest = xp.maximum(xp.where(input_ok, largest_entry, zero), xp.max(sigma, axis=-1) * root_beta)
+    largest = xp.maximum(select(xp, input_ok, largest_entry, zero), xp.max(sigma, axis=-1) * root_beta)
     scale = _power_of_two_scale(xp, xp.maximum(largest, kept_root))
-    x = xp.where(input_ok[..., None, None], x / scale[..., None, None], zero)
+    x = select(xp, input_ok[..., None, None], x / scale[..., None, None], zero)
     ritz = _descending_left_singular(xp, basis, sigma * root_beta / scale[..., None], x, decomposition)
     s = ritz.s
     r = s.shape[-1]
@@ -451,10 +462,10 @@ def _fd_step(
     if cutoff:
         # Singular values at rounding level are 0: this keeps rho' (and w_perp) exactly 0 and
         # rank-deficient directions masked until real mass arrives.
-        s = xp.where(noise, xp.zeros_like(s), s)
+        s = select(xp, noise, xp.zeros_like(s), s)
     shrink = xp.maximum(s[..., k], zero) if k < r else xp.zeros_like(root)
     if k < r and not cutoff:
-        shrink = xp.where(noise[..., k], xp.zeros_like(shrink), shrink)
+        shrink = select(xp, noise[..., k], xp.zeros_like(shrink), shrink)
     top = xp.maximum(s[..., :k], zero)
     deflated = xp.sqrt(xp.maximum(top - shrink[..., None], zero)) * xp.sqrt(top + shrink[..., None])
     scaled_root = kept_root / scale
@@ -465,7 +476,7 @@ def _fd_step(
     undeflated = top * top + scaled_tail[..., None]
 
     mask = xp.logical_and(deflated > 0.0, xp.logical_not(noise[..., :k]))
-    new_sigma = xp.where(mask, deflated * scale[..., None], xp.zeros_like(deflated))
+    new_sigma = select(xp, mask, deflated * scale[..., None], xp.zeros_like(deflated))
     # The weights' unit also covers the absolute shifts, which may dwarf the data (S-AdaGrad's delta
     # against tiny gradients: delta / scale^2 would overflow); ratio = 1 unless they do.
     absolute = delta if relative_eps else delta + eps
@@ -502,16 +513,16 @@ def _fd_step(
     ok = xp.logical_and(ok, xp.all(xp.isfinite(factor), axis=(-2, -1)))
     chosen = ok if accept is None else xp.logical_and(ok, accept)
     if ritz.vectors is not None:
-        new_basis = xp.where(chosen[..., None, None], ritz.vectors * keep, basis)
+        new_basis = select(xp, chosen[..., None, None], ritz.vectors * keep, basis)
     else:
         # [U, fresh] @ rotation, with the mask and the fallback (the rotation [I; 0] reproduces U
         # exactly) folded into the small rotation: a single pass writes the d x k basis.
         identity = xp.eye(r, k, dtype=dtype, device=placement(xp, s))
-        rotation = xp.where(chosen[..., None, None], ritz.frame[..., :, :k] * keep, identity)
+        rotation = select(xp, chosen[..., None, None], ritz.frame[..., :, :k] * keep, identity)
         if apply:  # the direction's coefficients join the same product
             rotation = xp.concat([rotation, _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale)],
                                  axis=-1)
-        product = xp.matmul(xp.concat([basis, ritz.fresh], axis=-1), rotation)
+        product = _matmul(xp, xp.concat([basis, ritz.fresh], axis=-1), rotation)
         new_basis = product[..., :k]
     small = {
         "singular_values": new_sigma,
@@ -522,14 +533,14 @@ def _fd_step(
     # Never let a failed decomposition poison the sketch (specs README rule 5, deviation K4).
     chosen_per_value = chosen[..., None]  # the selection for the k-vectors; the scalars take chosen
     small = {
-        key: xp.where(chosen_per_value if value.ndim > chosen.ndim else chosen, value, sketch[key])
+        key: select(xp, chosen_per_value if value.ndim > chosen.ndim else chosen, value, sketch[key])
         for key, value in small.items()
     }
     new = {"basis": new_basis, **small}
     if not apply:
         return new, ok, None
     if ritz.vectors is not None:
-        return new, ok, fd_apply(xp, new, xp.where(input_ok[..., None, None], unscaled, zero))
+        return new, ok, fd_apply(xp, new, select(xp, input_ok[..., None, None], unscaled, zero))
     return new, ok, product[..., k:]
 
 
@@ -547,15 +558,15 @@ def _frame_direction(
     """
     k = weights.shape[-1]
     rest = ritz.s.shape[-1] - k
-    retained = xp.where(mask, weights, complement[..., None])
+    retained = select(xp, mask, weights, complement[..., None])
     new_weights = xp.concat([retained, xp.broadcast_to(complement[..., None], complement.shape + (rest,))], axis=-1)
-    new = xp.matmul(ritz.frame, new_weights[..., :, None] * ritz.data)
+    new = _matmul(xp, ritz.frame, new_weights[..., :, None] * ritz.data)
     old_complement = sketch["complement_weight"][..., None]
     old_weights = xp.concat(
         [sketch["basis_weights"], xp.broadcast_to(old_complement, old_complement.shape[:-1] + (rest,))], axis=-1
     )
     old = old_weights[..., :, None] * ritz.projection
-    return xp.where(ok[..., None, None], new, old) * scale[..., None, None]
+    return select(xp, ok[..., None, None], new, old) * scale[..., None, None]
 
 
 def fd_apply(xp: Any, sketch: dict[str, Array], x: Array) -> Array:

@@ -690,3 +690,35 @@ def test_block_bounds_and_unfold():
 
     x = np.arange(24.0).reshape(2, 3, 4)
     np.testing.assert_array_equal(unfold(xp, x, 1), np.moveaxis(x, 1, 0).reshape(3, 8))
+
+
+def test_eager_torch_matmul_and_where_are_one_operation_each():
+    """On torch, for operands of one dtype, the FD module's products and selections are
+    ``torch.matmul`` / ``torch.where`` themselves: one top-level operation each, where
+    ``array_api_compat``'s wrappers first convert both operands to their (own) common dtype (two
+    more operations per call, ~25 of ~170 per FD step). The numbers are the wrappers', bit for bit."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as txp
+
+    from precond_ref import sketch as sketch_module
+    from precond_ref._backend import select
+
+    a, b = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    mask = torch.randn(2, 5, 4) > 0
+    zero = torch.zeros((), dtype=torch.float64)
+
+    def top_level(fn):
+        with torch.profiler.profile() as prof:
+            out = fn()
+        events = [e for e in prof.events() if e.name.startswith("aten::")]
+        return out, [e.name for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+
+    product, names = top_level(lambda: sketch_module._matmul(txp, a, b))
+    assert names == ["aten::matmul"]
+    assert torch.equal(product, txp.matmul(a, b))
+    chosen, names = top_level(lambda: select(txp, mask, product, zero))
+    assert names == ["aten::where"]
+    assert torch.equal(chosen, txp.where(mask, product, zero))
+    sketch = fd_init(txp, 5, 2, dtype=torch.float64, device="cpu")
+    _, names = top_level(lambda: fd_apply(txp, sketch, torch.randn(5, 3, dtype=torch.float64)))
+    assert "aten::matmul" in names and "aten::to" not in names  # the apply of every step

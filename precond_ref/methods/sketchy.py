@@ -223,9 +223,10 @@ _LEGACY_ENTRY = re.compile(r"axis(\d+)_(?:run(\d+)_)?(" + "|".join(_Sketch._fiel
 
 
 def _legacy_names(entries: dict[str, Array]) -> dict[str, Array]:
-    """``build_transform``'s ``legacy_names``: a state saved by 0.2 and earlier, whose sketch entries
-    were ``axis{n}_{name}`` (an axis in one block) and ``axis{n}_run{j}_{name}``, under the current
-    names ``sketches/{n}/{j}/{name}`` (j = 0 for the former); the very dict when already current."""
+    """``build_transform``'s ``legacy_names``: a state saved by 0.1.0 (and main up to 2fdbd40),
+    whose sketch entries were ``axis{n}_{name}`` (an axis in one block) and
+    ``axis{n}_run{j}_{name}``, under the current names ``sketches/{n}/{j}/{name}`` (j = 0 for the
+    former); the very dict when already current."""
     if "sketch_failures" not in entries or "sketches/0/0/basis" in entries:
         return entries
     renamed = {}
@@ -990,7 +991,8 @@ def _adagrad_direction(
         units = _units_in_phase(plan, phase)
 
         def keep(s: tuple, f: Array, x: Array, units: tuple = units) -> tuple:
-            return s, f, tuple(_fd_apply(xp, old, _run_rows(xp, axis, axis.runs[j], x)) for old, (_, j) in zip(s, units))
+            rows = [_run_rows(xp, axis, axis.runs[j], x) for _, j in units]
+            return s, f, tuple(_fd_apply(xp, old, r) for old, r in zip(s, rows))
 
         news, failures, parts = cond(
             xp, ctx.every(due),

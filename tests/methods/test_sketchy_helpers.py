@@ -1,0 +1,135 @@
+"""Each helper of Sketchy's step (precond_ref/methods/sketchy.py) computes the formula its docstring
+states, checked on small NumPy arrays against that formula written out (float64; the helpers do
+the same operations, so equality is to a few ulps: rtol 1e-15 or exact). The step composes them in
+the order of the comment table above ``update_group``; docs/methods/sketchy.md maps each equation
+to these names, and the last test checks that every name there exists."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+import re
+
+import array_api_compat.numpy as xp
+import numpy as np
+import pytest
+
+from precond_ref.sketch import fd_apply
+from precond_ref.transform import StepContext
+
+sk = importlib.import_module("precond_ref.methods.sketchy")
+sketch_module = importlib.import_module("precond_ref.sketch")
+rng = np.random.default_rng(0)
+
+
+def _ctx(count: int = 0) -> StepContext:
+    return StepContext(xp=xp, count=np.asarray(count, dtype=np.int32), extra={})
+
+
+def test_rmsprop_graft_is_g_over_root_of_v_and_zero_where_v_is_zero():
+    """D_g = G / sqrt(v + eps_g) where v > 0, else 0 (no 0/0 at eps_g = 0)."""
+    g, v = rng.standard_normal((3, 4)), rng.random((3, 4))
+    g[0, 0] = v[0, 0] = 0.0
+    got = sk._rmsprop_graft(xp, _ctx(), g, v, 1e-3)
+    want = g / np.sqrt(v + 1e-3)
+    want[0, 0] = 0.0
+    np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
+    assert sk._rmsprop_graft(xp, _ctx(), g, v, 0.0)[0, 0] == 0.0
+
+
+def test_grafted_direction_has_the_graft_norm_and_is_the_graft_before_start():
+    """U = P ||D_g||_F / ||P||_F (0 for P = 0); D_g itself while count < start_preconditioning_step."""
+    p, d = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    got = sk._grafted(xp, _ctx(5), p, d, 0)
+    np.testing.assert_allclose(got, p * (np.linalg.norm(d) / np.linalg.norm(p)), rtol=1e-15)
+    np.testing.assert_array_equal(sk._grafted(xp, _ctx(5), np.zeros_like(p), d, 0), np.zeros_like(p))
+    np.testing.assert_array_equal(sk._grafted(xp, _ctx(2), p, d, 3), d)
+    np.testing.assert_allclose(sk._grafted(xp, _ctx(3), p, d, 3), got, rtol=1e-15)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("ema", [True, False])
+def test_momentum_trace_and_direction(nesterov, ema):
+    """m_t = mu m + c U (c = 1 - mu with momentum_ema, else 1); direction c U + mu m_t (Nesterov)
+    or m_t."""
+    u, m, mu = rng.standard_normal(5), rng.standard_normal(5), 0.9
+    direction, trace = sk._momentum(xp, u, m, mu, nesterov, ema)
+    cu = (1 - mu) * u if ema else u
+    np.testing.assert_array_equal(trace, cu + mu * m)
+    np.testing.assert_array_equal(direction, cu + mu * (cu + mu * m) if nesterov else cu + mu * m)
+
+
+def test_runs_cut_an_unfolding_into_stacks_and_join_it_back():
+    """_run_rows: run j's rows [start, start + count*length) as a (count, length, n) stack;
+    _join_runs of all runs' stacks is the unfolding again (rows in order)."""
+    plan = sk._leaf_plan((10, 3), 2, 4, 1)
+    axis = plan.axes[0]
+    assert [(r.start, r.length, r.count) for r in axis.runs] == [(0, 4, 2), (8, 2, 1)]
+    flat = rng.standard_normal((10, 3))
+    parts = [sk._run_rows(xp, axis, run, flat) for run in axis.runs]
+    np.testing.assert_array_equal(parts[0][1], flat[4:8])
+    np.testing.assert_array_equal(sk._join_runs(xp, axis, parts), flat)
+    whole, columns = plan.axes[1], flat.T
+    assert not whole.batched and sk._run_rows(xp, whole, whole.runs[0], columns) is columns
+
+
+def test_units_of_a_phase_and_replacing_their_sketches():
+    """_units_in_phase: the (n, j) of the runs in a phase, axis by axis; _with_runs replaces
+    exactly those entries of sketches[n][j]."""
+    plan = sk._leaf_plan((10, 3), 2, 4, 3, 0)
+    units = [(n, j, run.phase) for n, axis in enumerate(plan.axes) for j, run in enumerate(axis.runs)]
+    for phase in range(3):
+        assert sk._units_in_phase(plan, phase) == tuple((n, j) for n, j, p in units if p == phase)
+    assert sk._units_in_phase(plan, None) == tuple((n, j) for n, j, _ in units)
+    sketches = tuple(tuple(f"{n}{j}" for j in range(len(axis.runs))) for n, axis in enumerate(plan.axes))
+    chosen = sk._units_in_phase(plan, 1)
+    new = sk._with_runs(sketches, chosen, ["x"] * len(chosen))
+    for n, axis in enumerate(new):
+        for j, s in enumerate(axis):
+            assert s == ("x" if (n, j) in chosen else f"{n}{j}")
+
+
+def test_precondition_applies_each_axis_sketch_in_turn():
+    """P(G) = G x_1 P_1 x_2 P_2: for a matrix, P_1 G P_2^T with P_n = fd_apply of axis n's sketch
+    (P_n symmetric), the first axis cut into two runs of blocks (block-diagonal P_1)."""
+    plan = sk._leaf_plan((10, 3), 2, 4, 1)
+    state = sk._empty_sketches(xp, plan, np.float64, None)
+
+    def random_sketch(s):
+        d, k = s.basis.shape[-2:]
+        q = np.linalg.qr(rng.standard_normal(s.basis.shape[:-2] + (d, d)))[0][..., :k]
+        return s._replace(basis=q, basis_weights=rng.random(s.basis_weights.shape) + 0.5,
+                          complement_weight=rng.random(s.complement_weight.shape) + 0.5)
+
+    sketches = tuple(tuple(random_sketch(s) for s in axis) for axis in state)
+
+    def dense(n):
+        d = plan.merged_shape[n]
+        eye = np.eye(d)
+        return sk._join_runs(xp, plan.axes[n], [
+            fd_apply(xp, sketches[n][j]._asdict(), sk._run_rows(xp, plan.axes[n], run, eye))
+            for j, run in enumerate(plan.axes[n].runs)])
+
+    g = rng.standard_normal((10, 3))
+    np.testing.assert_allclose(sk._precondition(xp, plan, sketches, g), dense(0) @ g @ dense(1).T, rtol=1e-12, atol=1e-14)
+
+
+def test_every_function_named_in_the_docs_table_exists():
+    """The 'Where each equation is computed' table of docs/methods/sketchy.md names functions of
+    sketchy.py (or ``sketch.<name>`` / ``blocking.<name>``) and closures of the factory; each exists."""
+    page = (pathlib.Path(__file__).parents[2] / "docs/methods/sketchy.md").read_text()
+    table = page.split("### Where each equation is computed", 1)[1].split("\n\n## ", 1)[0]
+    names: set = set()
+    for row in re.findall(r"^\|.*\| *(.*?) *\|$", table, re.M):
+        names.update(re.findall(r"`([\w.]+)`", row))
+    closures = {"update_group", "plan_for"}
+    source = pathlib.Path(sk.__file__).read_text()
+    assert len(names) >= 14
+    for name in names:
+        if name in closures:
+            assert f"def {name}(" in source, name
+        elif name.startswith(("sketch.", "blocking.")):
+            module, attr = name.split(".")
+            assert hasattr(importlib.import_module(f"precond_ref.{module}"), attr), name
+        else:
+            assert hasattr(sk, name), name
