@@ -328,6 +328,15 @@ def select(xp: Any, pred: Array, a: Array, b: Array) -> Array:
     return xp.where(pred, a, b)
 
 
+def matmul(xp: Any, a: Array, b: Array) -> Array:
+    """``a @ b``. On torch, for operands of one dtype, ``torch.matmul`` itself: ``array_api_compat``'s
+    ``matmul`` first converts both operands to their common dtype, an operation each even when that
+    is their own (as :func:`select` for ``where``)."""
+    if not torch_compiling() and is_torch_namespace(xp) and a.dtype == b.dtype:
+        return sys.modules["torch"].matmul(a, b)
+    return xp.matmul(a, b)
+
+
 def finite_or_zero(xp: Any, u: Array, zero: Array) -> Array:
     """``where(isfinite(u), u, zero)`` for a 0-D ``zero`` of ``u``'s dtype: the non-finite entries of
     ``u`` set to zero, every other entry (``-0.0`` included) kept.

@@ -59,12 +59,9 @@ matrix sketching", SIAM J. Comput. 2016.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, NamedTuple, Optional
 
-from array_api_compat import is_torch_namespace
-
-from ._backend import is_zero, placement, scalar_zero, select, torch_compiling
+from ._backend import is_zero, matmul, placement, scalar_zero, select
 from .linalg import per_matrix, symmetrize
 
 __all__ = [
@@ -150,15 +147,6 @@ def resolve_decomposition(decomposition: str, d: int, k: int, m: int) -> str:
     return "gram"
 
 
-def _matmul(xp: Any, a: Array, b: Array) -> Array:
-    """``a @ b``. Eagerly on torch, for operands of one dtype, ``torch.matmul`` itself:
-    ``array_api_compat``'s ``matmul`` first converts both operands to their common dtype, an
-    operation each even when that is their own (as :func:`precond_ref._backend.select` for ``where``)."""
-    if not torch_compiling() and is_torch_namespace(xp) and a.dtype == b.dtype:
-        return sys.modules["torch"].matmul(a, b)
-    return xp.matmul(a, b)
-
-
 def _diag(xp: Any, v: Array) -> Array:
     """A (stack of) diagonal matrices from a (stack of) vectors."""
     k = v.shape[-1]
@@ -185,15 +173,15 @@ def _coordinates(xp: Any, basis: Array, x: Array) -> Array:
     torch's batched CPU kernels multiply a row vector by a matrix several times faster than a
     transposed matrix by a column, and S-AdaGrad's blocks are such stacks)."""
     if x.shape[-1] == 1:
-        return _matmul(xp, x.mT, basis).mT
-    return _matmul(xp, basis.mT, x)
+        return matmul(xp, x.mT, basis).mT
+    return matmul(xp, basis.mT, x)
 
 
 def _combination(xp: Any, basis: Array, coords: Array) -> Array:
     """U c for c (..., k, m); a single column as (c^T U^T)^T, as in :func:`_coordinates`."""
     if coords.shape[-1] == 1:
-        return _matmul(xp, coords.mT, basis.mT).mT
-    return _matmul(xp, basis, coords)
+        return matmul(xp, coords.mT, basis.mT).mT
+    return matmul(xp, basis, coords)
 
 
 class _Ritz(NamedTuple):
@@ -252,21 +240,21 @@ def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
     width = subspace_width(d, k)
     start = select(xp, scaled_sigma[..., None, :] > 0.0, basis, _probe(xp, d, k, dtype, device))
     if width > k:
-        fresh = _matmul(xp, x, _probe(xp, m, width - k, dtype, device))
+        fresh = matmul(xp, x, _probe(xp, m, width - k, dtype, device))
         start = xp.concat([start, fresh], axis=-1)
     power = scaled_sigma * scaled_sigma
-    image = _matmul(xp, basis, _matmul(xp, basis.mT, start) * power[..., :, None])
-    image = image + _matmul(xp, x, _matmul(xp, x.mT, start))
+    image = matmul(xp, basis, matmul(xp, basis.mT, start) * power[..., :, None])
+    image = image + matmul(xp, x, matmul(xp, x.mT, start))
     # Householder QR: orthonormal even for (nearly) dependent columns; a completion direction
     # outside range(M) gets a Ritz value at rounding level, which the shrink cutoff masks.
     q, _ = per_matrix(xp, xp.linalg.qr, image)
-    proj_u = _matmul(xp, basis.mT, q) * scaled_sigma[..., :, None]
-    proj_x = _matmul(xp, x.mT, q)
-    h = _matmul(xp, proj_u.mT, proj_u) + _matmul(xp, proj_x.mT, proj_x)
+    proj_u = matmul(xp, basis.mT, q) * scaled_sigma[..., :, None]
+    proj_x = matmul(xp, x.mT, q)
+    h = matmul(xp, proj_u.mT, proj_u) + matmul(xp, proj_x.mT, proj_x)
     theta, w = per_matrix(xp, xp.linalg.eigh, symmetrize(h))
     theta, w = xp.flip(theta, axis=-1), xp.flip(w, axis=-1)
     s = xp.sqrt(xp.maximum(theta, xp.zeros_like(theta)))
-    return _Ritz(s, vectors=_matmul(xp, q, w[..., :, :k]))
+    return _Ritz(s, vectors=matmul(xp, q, w[..., :, :k]))
 
 
 def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Array, decomposition: str) -> _Ritz:
@@ -292,16 +280,16 @@ def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Arr
     # condition number, so directions at rounding level are dropped (set to zero).
     tiny_rel = float(xp.finfo(z.dtype).eps) * max(d, n)
     if n < d:
-        gram = _matmul(xp, z.mT, z)
+        gram = matmul(xp, z.mT, z)
         evals, v = per_matrix(xp, xp.linalg.eigh, symmetrize(gram))
         evals, v = xp.flip(evals, axis=-1), xp.flip(v, axis=-1)
         evals = xp.maximum(evals, xp.zeros_like(evals))
         keep = evals > tiny_rel * evals[..., :1]
         s = select(xp, keep, xp.sqrt(evals), xp.zeros_like(evals))
         safe_s = select(xp, keep, s, xp.ones_like(s))
-        p = _matmul(xp, z, v[..., :, :k]) / safe_s[..., None, :k] * xp.astype(keep[..., :k], z.dtype)[..., None, :]
+        p = matmul(xp, z, v[..., :, :k]) / safe_s[..., None, :k] * xp.astype(keep[..., :k], z.dtype)[..., None, :]
         return _Ritz(s, vectors=p)
-    gram = _matmul(xp, z, z.mT)
+    gram = matmul(xp, z, z.mT)
     evals, p = per_matrix(xp, xp.linalg.eigh, symmetrize(gram))
     evals, p = xp.flip(evals, axis=-1), xp.flip(p, axis=-1)
     evals = xp.maximum(evals, xp.zeros_like(evals))
@@ -522,7 +510,7 @@ def _fd_step(
         if apply:  # the direction's coefficients join the same product
             rotation = xp.concat([rotation, _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale)],
                                  axis=-1)
-        product = _matmul(xp, xp.concat([basis, ritz.fresh], axis=-1), rotation)
+        product = matmul(xp, xp.concat([basis, ritz.fresh], axis=-1), rotation)
         new_basis = product[..., :k]
     small = {
         "singular_values": new_sigma,
@@ -560,7 +548,7 @@ def _frame_direction(
     rest = ritz.s.shape[-1] - k
     retained = select(xp, mask, weights, complement[..., None])
     new_weights = xp.concat([retained, xp.broadcast_to(complement[..., None], complement.shape + (rest,))], axis=-1)
-    new = _matmul(xp, ritz.frame, new_weights[..., :, None] * ritz.data)
+    new = matmul(xp, ritz.frame, new_weights[..., :, None] * ritz.data)
     old_complement = sketch["complement_weight"][..., None]
     old_weights = xp.concat(
         [sketch["basis_weights"], xp.broadcast_to(old_complement, old_complement.shape[:-1] + (rest,))], axis=-1
