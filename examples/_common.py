@@ -6,6 +6,7 @@ concatenated in a fixed order, encoded as integer character ids.
 
 from __future__ import annotations
 
+import ast
 import pathlib
 
 import numpy as np
@@ -24,6 +25,28 @@ def load_corpus(validation_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarra
     ids = np.fromiter((lookup[ch] for ch in text), dtype=np.int64, count=len(text))
     split = int(len(ids) * (1.0 - validation_fraction))
     return ids[:split], ids[split:], vocabulary
+
+
+def parse_setting(text: str) -> dict:
+    """A study's setting ``"name=value,name=value"`` as keyword arguments (values as Python literals)."""
+    out = {}
+    for pair in filter(None, text.split(",")):
+        name, value = pair.split("=")
+        out[name.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
+def print_summary(label: str, runs: list[tuple]) -> None:
+    """One line per setting of a study: mean [min, max] over the seeds of each run's
+    ``(train loss, validation loss, ...)``."""
+    import statistics
+
+    train, validation = [r[0] for r in runs], [r[1] for r in runs]
+    print(
+        f"== {label}: train {statistics.fmean(train):.4f} [{min(train):.4f}, {max(train):.4f}]"
+        f"  validation {statistics.fmean(validation):.4f} [{min(validation):.4f}, {max(validation):.4f}]",
+        flush=True,
+    )
 
 
 def batches(ids: np.ndarray, batch_size: int, context: int, seed: int):

@@ -14,7 +14,6 @@ A setting is ``name=value`` pairs joined by ``,`` (values parsed as Python liter
 from __future__ import annotations
 
 import argparse
-import ast
 import functools
 import pathlib
 import statistics
@@ -25,19 +24,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import batches, load_corpus  # noqa: E402
+from _common import batches, load_corpus, parse_setting, print_summary  # noqa: E402
 from char_lm_torch import CharTransformer  # noqa: E402
 
 import precond_ref as pr  # noqa: E402
 from precond_ref.adapters import torch as pt  # noqa: E402
-
-
-def parse_setting(text: str) -> dict:
-    out = {}
-    for pair in filter(None, text.split(",")):
-        name, value = pair.split("=")
-        out[name.strip()] = ast.literal_eval(value.strip())
-    return out
 
 
 def run(setting: dict, seed: int, steps: int, width: int, lr: float) -> tuple[float, float, float]:
@@ -84,12 +75,7 @@ def main() -> None:
         rows = [run(parse_setting(text), seed, args.steps, args.width, args.lr) for seed in seeds]
         for seed, (train, valid, per_step) in zip(seeds, rows):
             print(f"{text or 'defaults'}\tseed {seed}\ttrain {train:.4f}\tvalid {valid:.4f}\t{1e3 * per_step:.1f} ms/step", flush=True)
-        t = [r[0] for r in rows]
-        v = [r[1] for r in rows]
-        print(
-            f"== {text or 'defaults'}\ttrain {statistics.fmean(t):.4f} [{min(t):.4f}, {max(t):.4f}]"
-            f"\tvalid {statistics.fmean(v):.4f} [{min(v):.4f}, {max(v):.4f}]", flush=True,
-        )
+        print_summary(text or "defaults", rows)
 
 
 if __name__ == "__main__":

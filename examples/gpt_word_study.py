@@ -18,7 +18,6 @@ torch class ``precond_ref.adapters.torch.<method>`` beside ``lr``.
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import pathlib
 import re
@@ -30,18 +29,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import ROOT, batches  # noqa: E402
+from _common import ROOT, batches, parse_setting, print_summary  # noqa: E402
 
 from precond_ref.adapters import torch as pt  # noqa: E402
 from precond_ref.benchmarks import models  # noqa: E402
-
-
-def parse_setting(text: str) -> dict:
-    out = {}
-    for pair in filter(None, text.split(",")):
-        name, value = pair.split("=")
-        out[name.strip()] = ast.literal_eval(value.strip())
-    return out
 
 
 def word_corpus(vocab: int, validation_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -99,13 +90,7 @@ def main(argv=None) -> None:
         runs = [run(args.method, setting, seed, args.steps, size, args.lr) for seed in seeds]
         for seed, (train, validation, seconds) in zip(seeds, runs):
             print(f"{args.method} {text or 'defaults'} seed {seed}: train {train:.4f} validation {validation:.4f} ({seconds:.0f} s)", flush=True)
-        train = [r[0] for r in runs]
-        validation = [r[1] for r in runs]
-        print(
-            f"== {args.method} {text or 'defaults'}: train {statistics.fmean(train):.4f} [{min(train):.4f}, {max(train):.4f}]"
-            f"  validation {statistics.fmean(validation):.4f} [{min(validation):.4f}, {max(validation):.4f}]",
-            flush=True,
-        )
+        print_summary(f"{args.method} {text or 'defaults'}", runs)
 
 
 if __name__ == "__main__":
