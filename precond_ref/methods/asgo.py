@@ -1012,8 +1012,8 @@ def _damped_inverse_sqrt(
     """
     tau = trace(p) / p.shape[-1]
     zero = tau <= 0.0  # P = 0 (PSD): the root is ε^{-1/2} I, from τ = 1 and shift ε
-    tau = xp.where(zero, xp.ones_like(tau), tau)
-    shift = xp.where(zero, xp.zeros_like(tau), damping + xp.zeros_like(tau)) + eps / tau
+    tau = select(xp, zero, xp.ones_like(tau), tau)
+    shift = select(xp, zero, xp.zeros_like(tau), damping + xp.zeros_like(tau)) + eps / tau
     z, fell_back = inverse_root(p / _blockwise(xp, tau), 2, shift=shift, method=method, steps=steps, tolerance=tolerance)
     return z * _blockwise(xp, tau**-0.5), fell_back
 
@@ -1038,9 +1038,9 @@ def _finite_root_or_previous(
     JAX returns NaN): the identity is rooted in its place and the block counts as failed.
     """
     p_ok = xp.all(xp.isfinite(p), axis=(-2, -1))
-    z, fell_back = inverse_sqrt(xp, xp.where(_blockwise(xp, p_ok), p, xp.zeros_like(p) + identity_like(p)))
+    z, fell_back = inverse_sqrt(xp, select(xp, _blockwise(xp, p_ok), p, identity_like(p)))
     ok = xp.logical_and(xp.all(xp.isfinite(z), axis=(-2, -1)), p_ok)
-    return xp.where(_blockwise(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
+    return select(xp, _blockwise(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
 
 
 def _refresh_phases(keys: list[tuple[str, int]], phases: int) -> list[int]:
