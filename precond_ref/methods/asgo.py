@@ -228,8 +228,9 @@ def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float], faithful: b
 
     Scale-invariant (D12): neither the squares nor the factor may under- or overflow, whatever the
     scale of u (a direction of size 1e-30, or a subnormal one, is renormalised like one of size 1).
-    Principled float32 (the compute dtype of float32, bf16 and fp16 parameters): squares summed and
-    the factor applied in float64 (:func:`_wide_dtype`), one pass over u for the norm. Otherwise
+    Principled float32 (the compute dtype of float32, bf16 and fp16 parameters): the norm (squares
+    and their sum) and the factor's product in float64 (:func:`_wide_dtype`), one reduction over
+    each matrix and one float64 copy of u, scaled in place, then rounded once to u's dtype. Otherwise
     (faithful mode, which keeps the authors' float32 arithmetic; float64; no float64 on the
     backend) u is first divided by its largest magnitude, so the norm is taken of entries in
     [-1, 1] with at least one of modulus 1 (>= 1 and <= sqrt(mn)): one more pass.
@@ -241,8 +242,10 @@ def _rms_renormalise(xp: Any, u: Array, rms_target: Optional[float], faithful: b
     matrices = (-2, -1)
     wide = None if faithful else _wide_dtype(xp, u)
     if wide is not None:
-        w = xp.astype(u, wide)
-        return xp.astype(w * _renormalising_factor(xp, xp.sum(w * w, axis=matrices, keepdims=True), target), u.dtype)
+        w = xp.astype(u, wide)  # a new array: scaled in place below, no second float64 copy
+        norm = xp.linalg.matrix_norm(w, ord="fro", keepdims=True)
+        w *= target / select(xp, norm > 0, norm, xp.ones_like(norm))
+        return xp.astype(w, u.dtype)
     peak = xp.max(xp.abs(u), axis=matrices, keepdims=True)
     v = u / select(xp, peak > 0, peak, xp.ones_like(peak))
     norm = xp.linalg.matrix_norm(v, ord="fro", keepdims=True)
@@ -1012,8 +1015,8 @@ def _damped_inverse_sqrt(
     """
     tau = trace(p) / p.shape[-1]
     zero = tau <= 0.0  # P = 0 (PSD): the root is ε^{-1/2} I, from τ = 1 and shift ε
-    tau = xp.where(zero, xp.ones_like(tau), tau)
-    shift = xp.where(zero, xp.zeros_like(tau), damping + xp.zeros_like(tau)) + eps / tau
+    tau = select(xp, zero, xp.ones_like(tau), tau)
+    shift = select(xp, zero, xp.zeros_like(tau), damping + xp.zeros_like(tau)) + eps / tau
     z, fell_back = inverse_root(p / _blockwise(xp, tau), 2, shift=shift, method=method, steps=steps, tolerance=tolerance)
     return z * _blockwise(xp, tau**-0.5), fell_back
 
@@ -1038,9 +1041,9 @@ def _finite_root_or_previous(
     JAX returns NaN): the identity is rooted in its place and the block counts as failed.
     """
     p_ok = xp.all(xp.isfinite(p), axis=(-2, -1))
-    z, fell_back = inverse_sqrt(xp, xp.where(_blockwise(xp, p_ok), p, xp.zeros_like(p) + identity_like(p)))
+    z, fell_back = inverse_sqrt(xp, select(xp, _blockwise(xp, p_ok), p, identity_like(p)))
     ok = xp.logical_and(xp.all(xp.isfinite(z), axis=(-2, -1)), p_ok)
-    return xp.where(_blockwise(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
+    return select(xp, _blockwise(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
 
 
 def _refresh_phases(keys: list[tuple[str, int]], phases: int) -> list[int]:

@@ -128,3 +128,21 @@ def test_equal_matrices_take_each_line_of_the_step_once(options):
     assert products(three) == products(one) > 0
     for op in ("aten.mul.Tensor", "aten.sqrt.default", "aten.where.self", "aten._linalg_eigh.default"):
         assert three.total(op) == one.total(op), op
+
+
+def test_float32_renormalisation_makes_one_float64_copy():
+    """Principled float32 renormalisation (``_rms_renormalise``, D12): the norm of each matrix and
+    the scaling in float64, from one float64 copy of the direction, scaled in place and rounded
+    back once: two conversions and no out-of-place float64 product of the stack's size (the squares
+    are not written out, nor a scaled copy). Each large float64 temporary is a fresh allocation in
+    an eager step: on the GPT's matrices four of them cost several times the arithmetic."""
+    from array_api_compat import array_namespace
+
+    u = torch.tensor(np.random.default_rng(6).standard_normal((2, 8, 5)), dtype=torch.float32)
+    with _Count() as count:
+        out = A._rms_renormalise(array_namespace(u), u, 0.2, False)
+    assert count.total("aten._to_copy.default") == 2
+    assert count.calls[("aten.mul.Tensor", (2, 8, 5))] == 0
+    assert count.calls[("aten.mul_.Tensor", (2, 8, 5))] == 1
+    rms = torch.sqrt(torch.mean(out.double() ** 2, dim=(-2, -1)))
+    torch.testing.assert_close(rms, torch.full((2,), 0.2, dtype=torch.float64), rtol=4 * 2**-24, atol=0)
