@@ -193,7 +193,15 @@ def test_a_non_finite_update_is_still_zeroed_when_read_on_the_host():
 
     assert host_all_finite(xp, [torch.ones(2), torch.tensor([0.0, float("nan")])]) is False
     assert host_all_finite(xp, [torch.ones(2), torch.tensor([0.0, -float("inf")])]) is False
-    assert host_all_finite(xp, [torch.ones(2), torch.zeros(0), torch.full((2,), big)]) is True
+    assert host_all_finite(xp, [torch.ones(2), torch.zeros(0), torch.full((2,), 1e15)]) is True
+    # Finite entries whose 2-norm overflows read as "maybe not finite": the element-wise guard then
+    # keeps them all (updates 1e30 * g of a finite gradient: finite, their squares are not).
+    assert host_all_finite(xp, [torch.ones(2), torch.full((2,), big)]) is False
+    scale = build_transform(
+        name="scale", init_group=init_group, update_group=lambda g, s, p, ctx: ((g[0] * 1e30,), {})
+    )
+    kept, _ = scale.update(grads, scale.init(params), params)
+    assert torch.equal(kept["a"], grads["a"] * 1e30) and torch.equal(kept["b"], grads["b"] * 1e30)
     updates, state = transform.update(grads, transform.init(params), params)
     want_a = torch.tensor([0.0, 2.0, 1.5])
     assert torch.equal(updates["a"], want_a) and torch.equal(updates["b"], torch.tensor([-1.0, 2.0]))
