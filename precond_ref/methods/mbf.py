@@ -323,7 +323,7 @@ def _refresh_inverses(
     of each stack (:func:`_phase_share`) by one batched call. Element-wise parts refresh in phase 0."""
 
     def square(a: Array) -> Array:
-        return xp.reshape(a, (-1, a.shape[-1], a.shape[-1]))
+        return _shaped(xp, a, (math.prod(a.shape[:-2]), a.shape[-1], a.shape[-1]))
 
     def invert(stack: Array, before: Array) -> tuple[Array, Array]:
         n = stack.shape[0]
@@ -345,7 +345,7 @@ def _refresh_inverses(
     for kind, statistic, before in zip(kinds, statistics, previous):
         if kind != _ELEMENTWISE:
             inverse, flagged_blocks = next(inverted)
-            inverse, flagged = xp.reshape(inverse, tuple(statistic.shape)), xp.any(flagged_blocks)
+            inverse, flagged = _shaped(xp, inverse, tuple(statistic.shape)), xp.any(flagged_blocks)
         elif run[0] == 0:
             inverse, flagged = _elementwise_inverse(xp, statistic, before, damping)
         else:
