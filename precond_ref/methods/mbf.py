@@ -542,12 +542,14 @@ def mbf(
     (an FC layer cut into blocks: (full, b, b), plus ``statistic_tail`` / ``inverse_tail`` for
     the shorter last block),
     ``failures`` (inverse or statistic refreshes that produced non-finite values and were
-    rejected, and principled inverse refreshes that had to raise the damping, B6); diagonal-rule
+    rejected, and principled inverse refreshes that had to raise the damping, B6; one per call
+    and layer however many of its blocks did); diagonal-rule
     leaves hold ``ema`` (:math:`a`) and ``second_moment`` (:math:`v`).
 
     On an inverse step the blocks of all layers with the same block size (FC row chunks of one
     size, convs with one kernel size) that are due are inverted by one batched call: with
-    ``refresh_phases`` P, one call per due share (at most one after the warm-up). No step reads
+    ``refresh_phases`` P, one call for the due shares where the step is known on the host (all of
+    them in the warm-up, one after it), one per due share under ``jit`` without it. No step reads
     a device value (the inverse is branch-free; the intervals are host decisions given
     ``update(..., step=)``), except that torch's CUDA ``inv`` checks its own result: one
     synchronisation per inverse step.
