@@ -284,8 +284,19 @@ def _ema_statistic(
     non-finite result (a finite float32 gradient can overflow its square) keeps :math:`F` and
     counts one failure."""
     new = rho * statistic + (1.0 - rho) * _block_statistic(xp, kind, g, chunks)
+    return _finite_or_previous(xp, new, statistic, failures)
+
+
+def _finite_or_previous(xp: Any, new: Array, previous: Array, failures: Array) -> tuple[Array, Array]:
+    r"""``(new, failures)`` if every entry of ``new`` is finite, else ``(previous, failures + 1)``:
+    ``where(all(isfinite(new)), new, previous)`` and the count. Where that decision reads on the
+    host for free (:func:`precond_ref._backend.host_bool`: NumPy, a CPU tensor outside
+    ``torch.compile``) a finite ``new`` is returned as it is, without the selection and the count's
+    arithmetic (four operations per statistic on an eager CPU step)."""
     ok = xp.all(xp.isfinite(new))
-    return xp.where(ok, new, statistic), failures + xp.astype(xp.logical_not(ok), failures.dtype)
+    if host_bool(xp, ok):
+        return new, failures
+    return xp.where(ok, new, previous), failures + xp.astype(xp.logical_not(ok), failures.dtype)
 
 
 def _elementwise_inverse(xp: Any, statistic: Array, previous: Array, damping: Any) -> tuple[Array, Array]:

@@ -199,3 +199,21 @@ def test_inner_is_the_sum_of_the_products(shape):
     assert got.shape == ()
     n = a.size
     assert abs(float(got) - loop) <= 2 * n * EPS * float(np.sum(np.abs(a * b)))
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "array_api_strict"])
+def test_finite_or_previous_is_the_selection(namespace):
+    """_finite_or_previous is (where(all(isfinite(new)), new, previous), failures + not all finite)
+    exactly, whether the decision is read on the host (NumPy) or stays an array (array_api_strict,
+    never read by host_bool): a finite new is kept, one non-finite entry keeps previous and counts."""
+    xp = np if namespace == "numpy" else pytest.importorskip(namespace)
+    previous = xp.asarray([[1.0, 2.0], [3.0, 4.0]])
+    failures = xp.asarray(2, dtype=xp.int32)
+    finite = xp.asarray([[5.0, 6.0], [7.0, 8.0]])
+    got, count = M._finite_or_previous(xp, finite, previous, failures)
+    np.testing.assert_array_equal(np.asarray(got), [[5.0, 6.0], [7.0, 8.0]])
+    assert int(count) == 2
+    overflowed = xp.asarray([[5.0, float("inf")], [7.0, 8.0]])
+    got, count = M._finite_or_previous(xp, overflowed, previous, failures)
+    np.testing.assert_array_equal(np.asarray(got), [[1.0, 2.0], [3.0, 4.0]])
+    assert int(count) == 3
