@@ -65,17 +65,18 @@ def _to_out_first_perm(ndim: int) -> tuple[int, ...]:
     return (ndim - 1, ndim - 2) + tuple(range(ndim - 2))
 
 
-def _canonical(tree: Any) -> tuple[Any, Any, list[bool]]:
-    """``tree`` with every out-last ``kernel`` permuted to out-first; its treedef; which were."""
+def _canonical(tree: Any) -> tuple[Any, Any, list[bool], list[Any]]:
+    """``tree`` with every out-last ``kernel`` permuted to out-first (``tree`` itself when it has
+    none); its treedef; which were; the canonical tree's leaves."""
     leaves, treedef = tree_flatten(tree)
     flags = [_is_out_last(path, leaf) for path, leaf in zip(treedef.paths, leaves)]
-    if any(flags):
-        xp = array_namespace(*leaves)
-        leaves = [
-            xp.permute_dims(leaf, _to_out_first_perm(len(leaf.shape))) if flag else leaf
-            for leaf, flag in zip(leaves, flags)
-        ]
-    return tree_unflatten(treedef, leaves), treedef, flags
+    if not any(flags):
+        return tree, treedef, flags, leaves
+    xp = array_namespace(*leaves)
+    leaves = [
+        xp.permute_dims(leaf, _to_out_first_perm(len(leaf.shape))) if flag else leaf for leaf, flag in zip(leaves, flags)
+    ]
+    return tree_unflatten(treedef, leaves), treedef, flags, leaves
 
 
 def _restore(tree: Any, treedef: Any, flags: list[bool]) -> Any:
@@ -854,13 +855,12 @@ def mbf(
     )
 
     def init(params: Any) -> PrecondState:
-        canonical, _, _ = _canonical(params)
+        canonical = _canonical(params)[0]
         return inner.init(canonical)
 
     def update(grads: Any, state: PrecondState, params: Any = None, **extra: Any):
-        canonical_grads, treedef, flags = _canonical(grads)
+        canonical_grads, treedef, flags, leaves = _canonical(grads)
         if isinstance(state, PrecondState):
-            leaves = tree_flatten(canonical_grads)[0]
             for group in canonical_groups(treedef.paths, leaves):
                 members = tuple(leaves[i] for i in group.indices)
                 entries, kind = state.groups.get(group.key), _kind(members, max_block_dim)
@@ -879,8 +879,7 @@ def mbf(
         running: dict[str, Any] = {}
         n_batches = 0
         for grads in grads_batches:
-            canonical, treedef, _ = _canonical(grads)
-            leaves = tree_flatten(canonical)[0]
+            _, treedef, _, leaves = _canonical(grads)
             xp = array_namespace(*leaves)
             finite = None
             for leaf in leaves:
