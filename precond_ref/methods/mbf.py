@@ -818,10 +818,11 @@ def mbf(
         members = [(i, suffix) for i in blocked for suffix, *_ in parts[i]]  # every statistic part
         owners = tuple(blocked.index(i) for i, _ in members)
         inverse = {key: states[key[0]]["inverse" + key[1]] for key in members}
-        counts = before = [failures[i] for i in blocked]
-        for due, *run in _refresh_runs(xp, [ctxs[0].every(phase) for phase in phase_due] if members else []):
+        counts = before = [failures[i] for i in blocked]  # a refresh call counts one failure per group
+        decisions = [ctxs[0].every(interval) for interval in phase_due] if members else []
+        for due, first, stop in _refresh_runs(xp, decisions):  # due phases first..stop-1, one batched call
             refreshed, counts = cond(
-                xp, due, *inverse_branches(xp, tuple(kinds[i] for i, _ in members), owners, tuple(run)),
+                xp, due, *inverse_branches(xp, tuple(kinds[i] for i, _ in members), owners, (first, stop)),
                 [statistic[key] for key in members], [inverse[key] for key in members], counts, before,
             )  # fmt: skip
             inverse = dict(zip(members, refreshed))
