@@ -65,17 +65,18 @@ def _to_out_first_perm(ndim: int) -> tuple[int, ...]:
     return (ndim - 1, ndim - 2) + tuple(range(ndim - 2))
 
 
-def _canonical(tree: Any) -> tuple[Any, Any, list[bool]]:
-    """``tree`` with every out-last ``kernel`` permuted to out-first; its treedef; which were."""
+def _canonical(tree: Any) -> tuple[Any, Any, list[bool], list[Any]]:
+    """``tree`` with every out-last ``kernel`` permuted to out-first (``tree`` itself when it has
+    none); its treedef; which were; the canonical tree's leaves."""
     leaves, treedef = tree_flatten(tree)
     flags = [_is_out_last(path, leaf) for path, leaf in zip(treedef.paths, leaves)]
-    if any(flags):
-        xp = array_namespace(*leaves)
-        leaves = [
-            xp.permute_dims(leaf, _to_out_first_perm(len(leaf.shape))) if flag else leaf
-            for leaf, flag in zip(leaves, flags)
-        ]
-    return tree_unflatten(treedef, leaves), treedef, flags
+    if not any(flags):
+        return tree, treedef, flags, leaves
+    xp = array_namespace(*leaves)
+    leaves = [
+        xp.permute_dims(leaf, _to_out_first_perm(len(leaf.shape))) if flag else leaf for leaf, flag in zip(leaves, flags)
+    ]
+    return tree_unflatten(treedef, leaves), treedef, flags, leaves
 
 
 def _restore(tree: Any, treedef: Any, flags: list[bool]) -> Any:
@@ -284,8 +285,19 @@ def _ema_statistic(
     non-finite result (a finite float32 gradient can overflow its square) keeps :math:`F` and
     counts one failure."""
     new = rho * statistic + (1.0 - rho) * _block_statistic(xp, kind, g, chunks)
+    return _finite_or_previous(xp, new, statistic, failures)
+
+
+def _finite_or_previous(xp: Any, new: Array, previous: Array, failures: Array) -> tuple[Array, Array]:
+    r"""``(new, failures)`` if every entry of ``new`` is finite, else ``(previous, failures + 1)``:
+    ``where(all(isfinite(new)), new, previous)`` and the count. Where that decision reads on the
+    host for free (:func:`precond_ref._backend.host_bool`: NumPy, a CPU tensor outside
+    ``torch.compile``) a finite ``new`` is returned as it is, without the selection and the count's
+    arithmetic (four operations per statistic on an eager CPU step)."""
     ok = xp.all(xp.isfinite(new))
-    return xp.where(ok, new, statistic), failures + xp.astype(xp.logical_not(ok), failures.dtype)
+    if host_bool(xp, ok):
+        return new, failures
+    return xp.where(ok, new, previous), failures + xp.astype(xp.logical_not(ok), failures.dtype)
 
 
 def _elementwise_inverse(xp: Any, statistic: Array, previous: Array, damping: Any) -> tuple[Array, Array]:
@@ -323,7 +335,7 @@ def _refresh_inverses(
     of each stack (:func:`_phase_share`) by one batched call. Element-wise parts refresh in phase 0."""
 
     def square(a: Array) -> Array:
-        return xp.reshape(a, (-1, a.shape[-1], a.shape[-1]))
+        return _shaped(xp, a, (math.prod(a.shape[:-2]), a.shape[-1], a.shape[-1]))
 
     def invert(stack: Array, before: Array) -> tuple[Array, Array]:
         n = stack.shape[0]
@@ -345,7 +357,7 @@ def _refresh_inverses(
     for kind, statistic, before in zip(kinds, statistics, previous):
         if kind != _ELEMENTWISE:
             inverse, flagged_blocks = next(inverted)
-            inverse, flagged = xp.reshape(inverse, tuple(statistic.shape)), xp.any(flagged_blocks)
+            inverse, flagged = _shaped(xp, inverse, tuple(statistic.shape)), xp.any(flagged_blocks)
         elif run[0] == 0:
             inverse, flagged = _elementwise_inverse(xp, statistic, before, damping)
         else:
@@ -542,12 +554,14 @@ def mbf(
     (an FC layer cut into blocks: (full, b, b), plus ``statistic_tail`` / ``inverse_tail`` for
     the shorter last block),
     ``failures`` (inverse or statistic refreshes that produced non-finite values and were
-    rejected, and principled inverse refreshes that had to raise the damping, B6); diagonal-rule
+    rejected, and principled inverse refreshes that had to raise the damping, B6; one per call
+    and layer however many of its blocks did); diagonal-rule
     leaves hold ``ema`` (:math:`a`) and ``second_moment`` (:math:`v`).
 
     On an inverse step the blocks of all layers with the same block size (FC row chunks of one
     size, convs with one kernel size) that are due are inverted by one batched call: with
-    ``refresh_phases`` P, one call per due share (at most one after the warm-up). No step reads
+    ``refresh_phases`` P, one call for the due shares where the step is known on the host (all of
+    them in the warm-up, one after it), one per due share under ``jit`` without it. No step reads
     a device value (the inverse is branch-free; the intervals are host decisions given
     ``update(..., step=)``), except that torch's CUDA ``inv`` checks its own result: one
     synchronisation per inverse step.
@@ -804,10 +818,11 @@ def mbf(
         members = [(i, suffix) for i in blocked for suffix, *_ in parts[i]]  # every statistic part
         owners = tuple(blocked.index(i) for i, _ in members)
         inverse = {key: states[key[0]]["inverse" + key[1]] for key in members}
-        counts = before = [failures[i] for i in blocked]
-        for due, *run in _refresh_runs(xp, [ctxs[0].every(phase) for phase in phase_due] if members else []):
+        counts = before = [failures[i] for i in blocked]  # a refresh call counts one failure per group
+        decisions = [ctxs[0].every(interval) for interval in phase_due] if members else []
+        for due, first, stop in _refresh_runs(xp, decisions):  # due phases first..stop-1, one batched call
             refreshed, counts = cond(
-                xp, due, *inverse_branches(xp, tuple(kinds[i] for i, _ in members), owners, tuple(run)),
+                xp, due, *inverse_branches(xp, tuple(kinds[i] for i, _ in members), owners, (first, stop)),
                 [statistic[key] for key in members], [inverse[key] for key in members], counts, before,
             )  # fmt: skip
             inverse = dict(zip(members, refreshed))
@@ -841,13 +856,12 @@ def mbf(
     )
 
     def init(params: Any) -> PrecondState:
-        canonical, _, _ = _canonical(params)
+        canonical = _canonical(params)[0]
         return inner.init(canonical)
 
     def update(grads: Any, state: PrecondState, params: Any = None, **extra: Any):
-        canonical_grads, treedef, flags = _canonical(grads)
+        canonical_grads, treedef, flags, leaves = _canonical(grads)
         if isinstance(state, PrecondState):
-            leaves = tree_flatten(canonical_grads)[0]
             for group in canonical_groups(treedef.paths, leaves):
                 members = tuple(leaves[i] for i in group.indices)
                 entries, kind = state.groups.get(group.key), _kind(members, max_block_dim)
@@ -866,8 +880,7 @@ def mbf(
         running: dict[str, Any] = {}
         n_batches = 0
         for grads in grads_batches:
-            canonical, treedef, _ = _canonical(grads)
-            leaves = tree_flatten(canonical)[0]
+            _, treedef, _, leaves = _canonical(grads)
             xp = array_namespace(*leaves)
             finite = None
             for leaf in leaves:

@@ -199,3 +199,40 @@ def test_inner_is_the_sum_of_the_products(shape):
     assert got.shape == ()
     n = a.size
     assert abs(float(got) - loop) <= 2 * n * EPS * float(np.sum(np.abs(a * b)))
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "array_api_strict"])
+def test_finite_or_previous_is_the_selection(namespace):
+    """_finite_or_previous is (where(all(isfinite(new)), new, previous), failures + not all finite)
+    exactly, whether the decision is read on the host (NumPy) or stays an array (array_api_strict,
+    never read by host_bool): a finite new is kept, one non-finite entry keeps previous and counts."""
+    xp = np if namespace == "numpy" else pytest.importorskip(namespace)
+    previous = xp.asarray([[1.0, 2.0], [3.0, 4.0]])
+    failures = xp.asarray(2, dtype=xp.int32)
+    finite = xp.asarray([[5.0, 6.0], [7.0, 8.0]])
+    got, count = M._finite_or_previous(xp, finite, previous, failures)
+    np.testing.assert_array_equal(np.asarray(got), [[5.0, 6.0], [7.0, 8.0]])
+    assert int(count) == 2
+    overflowed = xp.asarray([[5.0, float("inf")], [7.0, 8.0]])
+    got, count = M._finite_or_previous(xp, overflowed, previous, failures)
+    np.testing.assert_array_equal(np.asarray(got), [[1.0, 2.0], [3.0, 4.0]])
+    assert int(count) == 3
+
+
+def test_canonical_permutes_only_out_last_kernels():
+    """_canonical: a Flax ``kernel`` (s..., I, O) becomes out-first (O, I, s...), every other leaf
+    is unchanged, and a tree without one is returned itself (no rebuilt tree on the step's path);
+    the leaves it returns are the canonical tree's, and _restore inverts it."""
+    rng = np.random.default_rng(9)
+    torch_like = {"fc": {"bias": rng.standard_normal(3), "weight": rng.standard_normal((3, 2))}}
+    tree, _, flags, leaves = M._canonical(torch_like)
+    assert tree is torch_like and flags == [False, False]
+    assert leaves[0] is torch_like["fc"]["bias"] and leaves[1] is torch_like["fc"]["weight"]
+    flax_like = {"conv": {"kernel": rng.standard_normal((5, 4, 2, 3))}, "dense": {"kernel": rng.standard_normal((2, 3))}}
+    tree, treedef, flags, leaves = M._canonical(flax_like)
+    assert flags == [True, True]
+    np.testing.assert_array_equal(tree["conv"]["kernel"], np.transpose(flax_like["conv"]["kernel"], (3, 2, 0, 1)))
+    np.testing.assert_array_equal(tree["dense"]["kernel"], flax_like["dense"]["kernel"].T)
+    assert leaves[0] is tree["conv"]["kernel"] and leaves[1] is tree["dense"]["kernel"]
+    back = M._restore(tree, treedef, flags)
+    np.testing.assert_array_equal(back["conv"]["kernel"], flax_like["conv"]["kernel"])

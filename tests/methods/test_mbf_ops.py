@@ -71,3 +71,34 @@ def test_warm_up_refresh_inverts_each_stack_once():
         opt.update(grads, state, params, step=0)  # warm-up: every phase due
     inverses = [name for name in dispatched.names if name.startswith("linalg_inv")]
     assert inverses == ["linalg_inv_ex"], inverses
+
+
+def _warm_up_step_ops(n_fc: int) -> int:
+    """Dispatcher calls of one warm-up step (statistics and every inverse, P = 3 shares) on
+    ``n_fc`` FC layers 6 x 4 with bias cut into three 2-row blocks, float64."""
+    from dispatched import Dispatched
+
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    params = {f"fc{i}": {"bias": randn(6), "weight": randn(6, 4)} for i in range(n_fc)}
+    grads = {k: {n: randn(*v.shape) for n, v in d.items()} for k, d in params.items()}
+    opt = pr.mbf(learning_rate=1e-2, statistics_every=1, precondition_every=3, block_size=2, refresh_phases=3)
+    state = opt.init(params)
+    with Dispatched() as dispatched:
+        opt.update(grads, state, params, step=0)
+    return len(dispatched.names)
+
+
+def test_warm_up_step_operations_per_layer():
+    """Invariant: one more blocked FC layer costs a warm-up step (statistics, then every inverse)
+    at most 40 dispatcher calls: the plain step's 15, its statistic's EMA with the finite check
+    (read on the host: a finite statistic is kept without a selection), and its share of the
+    stacked refresh (its blocks in the stack and back, its flags); the batched inverse itself runs
+    once per stack, not per layer. A stack-shaped statistic (full, b, b) enters the stack without
+    a reshape. Before (main 2fdbd40): 57 (one refresh per share); 46 with the shares merged,
+    reshaping every part; 43 selecting every statistic."""
+    per_layer = (_warm_up_step_ops(6) - _warm_up_step_ops(2)) / 4
+    assert per_layer <= 40, per_layer
