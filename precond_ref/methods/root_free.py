@@ -735,15 +735,22 @@ def _precondition(xp, grouped, factors, rescale: bool):
     return grouped
 
 
+def _each_block(xp, reduce, mask):
+    """``reduce`` (``xp.all`` or ``xp.any``) of each block of a (b, ...) boolean stack over all its
+    entries: one reduction of the (b, -1) view (a reduction over several axes is a transpose and a
+    copy first in some namespaces)."""
+    return reduce(xp.reshape(mask, (mask.shape[0], -1)), axis=1)
+
+
 def _principled_keep_unusable(xp, grouped, old, new):
     """S2, S3 per group of a stack: a group whose gradient is exactly zero keeps its factor state
     ``old`` (S2), so does one whose new state is not finite (S3). Returns the kept state and, per
     group, whether it failed (a non-finite state from a non-zero gradient; counted by the caller).
     Element-wise (``where``): no device value is read."""
-    nonzero = xp.any(grouped != 0.0, axis=tuple(range(1, len(grouped.shape))))
+    nonzero = _each_block(xp, xp.any, grouped != 0.0)
     finite = None
     for a in new:
-        ok = xp.all(xp.isfinite(a), axis=tuple(range(1, len(a.shape))))
+        ok = _each_block(xp, xp.all, xp.isfinite(a))
         finite = ok if finite is None else xp.logical_and(finite, ok)
     accept = xp.logical_and(finite, nonzero)
     kept = tuple(xp.where(_per_member(xp, accept, len(a.shape) - 1), a, b) for a, b in zip(new, old))

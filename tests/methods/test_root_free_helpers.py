@@ -120,3 +120,30 @@ def test_principled_keep_unusable_per_block():
     *kept, failed = rf._principled_keep_unusable(xp, grouped, old, new)
     np.testing.assert_array_equal(kept[0], np.stack([old[0][0], old[0][1], np.full((2, 2), 2.0)]))
     np.testing.assert_array_equal(failed, [False, True, False])
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (3, 2, 5), (2, 3, 2, 2)])
+def test_each_block_reduces_every_entry_of_a_block(rng, shape):
+    """``_each_block(xp, xp.all | xp.any, mask)`` is ``all``/``any`` over every axis but the first
+    (boolean: exact), also for a mask that is a transposed (non-contiguous) view."""
+    for mask in (rng.random(shape) < 0.9, np.moveaxis(rng.random(shape[:1] + shape[1:][::-1]) < 0.9, 1, -1)):
+        mask[0] = True  # one block all true, so that ``all`` is true somewhere
+        axes = tuple(range(1, mask.ndim))
+        np.testing.assert_array_equal(rf._each_block(xp, xp.all, mask), np.all(mask, axis=axes))
+        np.testing.assert_array_equal(rf._each_block(xp, xp.any, mask), np.any(mask, axis=axes))
+
+
+def test_each_block_is_one_reduction_in_torch():
+    """The reason for ``_each_block``: on torch, ``all`` over several axes through the array API
+    is a transpose, a flatten, the reduction and a cast; over the (b, -1) view it is a view and
+    one reduction, whatever the rank."""
+    torch = pytest.importorskip("torch")
+    from array_api_compat import array_namespace
+    from dispatched import Dispatched
+
+    mask = torch.rand(4, 3, 5, 6, dtype=torch.float64) < 0.5
+    txp = array_namespace(mask)
+    for reduce in (txp.all, txp.any):
+        with Dispatched() as seen:
+            rf._each_block(txp, reduce, mask)
+        assert len(seen.names) == 2 and seen.names[0] in ("view", "reshape", "_unsafe_view"), seen.names
