@@ -68,7 +68,7 @@ _is_number = is_number  # IF-Shampoo's name for it
 
 
 _KL_CLIP = 0.1  # principled default of if_shampoo's kl_clip (S8)
-_BLOCK_SIZE = 128  # principled default of if_shampoo's block_size (S9; docs/methods/root_free.md)
+_BLOCK_SIZE = 64  # principled default of if_shampoo's block_size (S9; docs/methods/root_free.md)
 _OLD_LAYOUT_HINT = (
     "if_shampoo: a state saved before block_size existed (principled defaults: unblocked factors, diagonal "
     "beyond 4096) loads with if_shampoo(block_size=4096, max_dense_dim=4096)"
@@ -530,7 +530,7 @@ _LEGACY_ENTRY = re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum|momentum)_(
 
 def _legacy_entry_names(entries: dict) -> dict:
     """``build_transform``'s ``legacy_names``: a group's state saved with the formatted keys of
-    versions up to 0.2 (``factor_n``, ``factor_momentum_n``, ``tile_t/factor_n``,
+    earlier versions (0.1.0 and the development versions before named fields: ``factor_n``, ``factor_momentum_n``, ``tile_t/factor_n``,
     ``tile_t/factor_momentum_n``, ``momentum_i``) under the paths of :class:`_IFShampooState`
     (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``, ``momentum/i``; an unblocked group is tile
     0); the very dict when it has no old key (every old state has ``factor_0`` or ``tile_0/factor_0``)."""
@@ -926,7 +926,7 @@ def if_shampoo(
         (:func:`precond_ref.blocking.block_bounds`), and each tile of the tensor is an independent
         IF-Shampoo block with its own factors (Distributed Shampoo's blocking: the block-diagonal
         part of the preconditioner); tiles of one shape, across parameters too, are stacked into
-        one batched product. The KL clip and the momentum stay per parameter. ``None``: 128 in
+        one batched product. The KL clip and the momentum stay per parameter. ``None``: 64 in
         principled mode (one number for every device; docs/methods/root_free.md, "Long axes,
         intervals and cost", has the measurements); a value at least every axis is the unblocked
         method. An integer >= 1; refused in faithful mode.
@@ -968,7 +968,7 @@ def if_shampoo(
       (curvature 1000 at the optimum) the unclipped method at :math:`\eta = 10^{-3}` reaches
       :math:`10^{-5}` of the optimum, then diverges to 3e34 within 10 000 steps; clipped, the
       step stays bounded until the factors adapt, and it converges.
-    * S9: axes longer than ``block_size`` (128) are cut into blocks, each tile with its own factors.
+    * S9: axes longer than ``block_size`` (64) are cut into blocks, each tile with its own factors.
     * S10: the tiles of a blocked parameter refresh at staggered calls of the interval.
 
     Groups whose grouped tensors and factors have one shape and dtype are stacked: each product
