@@ -22,7 +22,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 from array_api_compat import array_namespace, device as array_device
 
 from .._backend import (
-    as_operand, cast, compute_dtype, computed_once, cond, is_number, is_zero, placement, scalar_array, scalar_zero,
+    as_operand, cast, compute_dtype, computed_once, cond, host_bool, is_number, is_zero, placement, scalar_array,
+    scalar_zero,
 )
 from ..blocking import block_bounds, spread_schedule
 from ..linalg import half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
@@ -746,15 +747,20 @@ def _principled_keep_unusable(xp, grouped, old, new):
     """S2, S3 per group of a stack: a group whose gradient is exactly zero keeps its factor state
     ``old`` (S2), so does one whose new state is not finite (S3). Returns the kept state and, per
     group, whether it failed (a non-finite state from a non-zero gradient; counted by the caller).
-    Element-wise (``where``): no device value is read."""
+    Element-wise (``where``): no device value is read, except where reading is free
+    (:func:`precond_ref._backend.host_bool`: NumPy, torch eagerly on the CPU), where a stack whose
+    every block is usable returns ``new`` itself (what the selections would give) without selecting."""
     nonzero = _each_block(xp, xp.any, grouped != 0.0)
     finite = None
     for a in new:
         ok = _each_block(xp, xp.all, xp.isfinite(a))
         finite = ok if finite is None else xp.logical_and(finite, ok)
     accept = xp.logical_and(finite, nonzero)
+    failed = xp.logical_and(xp.logical_not(finite), nonzero)
+    if host_bool(xp, xp.all(accept)):  # read where that is free: the selections would keep all of `new`
+        return tuple(new) + (failed,)
     kept = tuple(xp.where(_per_member(xp, accept, len(a.shape) - 1), a, b) for a, b in zip(new, old))
-    return kept + (xp.logical_and(xp.logical_not(finite), nonzero),)
+    return kept + (failed,)
 
 
 def _per_step_operands(xp) -> Callable[[Any, Any], Any]:
@@ -1187,7 +1193,7 @@ def if_shampoo(
         rank = len(state) // 2 if use_factor_momentum else len(state)
         for (i, t), entries in zip(tiles, zip(*(xp.unstack(entry) for entry in state))):
             tile_states[i][t] = _TileFactors(factor=entries[:rank], factor_momentum=entries[rank:])
-        if not faithful:
+        if not faithful and host_bool(xp, xp.any(failed)) is not False:  # read where free: nothing to add
             for i, _, part in per_member(chosen, xp.astype(failed, xp.int32)):
                 failures[i] = failures[i] + xp.sum(part, dtype=xp.int32)
 

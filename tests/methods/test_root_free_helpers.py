@@ -147,3 +147,37 @@ def test_each_block_is_one_reduction_in_torch():
         with Dispatched() as seen:
             rf._each_block(txp, reduce, mask)
         assert len(seen.names) == 2 and seen.names[0] in ("view", "reshape", "_unsafe_view"), seen.names
+
+
+def test_principled_keep_unusable_of_usable_blocks_is_the_new_state_itself(rng):
+    """Where reading a device value is free (NumPy here), a stack whose every block has a non-zero
+    gradient and a finite new state returns the new state itself (what ``where`` would select,
+    without the copies) and no failures."""
+    grouped = rng.normal(size=(3, 2, 2))
+    old, new = (rng.normal(size=(3, 2, 2)),), (rng.normal(size=(3, 2, 2)),)
+    *kept, failed = rf._principled_keep_unusable(xp, grouped, old, new)
+    assert kept[0] is new[0]
+    np.testing.assert_array_equal(failed, [False, False, False])
+
+
+def test_if_shampoo_eager_cpu_step_selects_nothing():
+    """torch eagerly on the CPU (reading is free): a step with finite gradients and usable factor
+    steps makes no element-wise selection (no ``where``: S2/S3 keep the whole new stack) and adds
+    nothing to ``factor_failures`` (no ``sum`` of failure flags), on refresh steps (every tile on
+    the first, half of them later) and between. ``kl_clip=0``: S8's ν has a ``where`` and a ``sum``
+    of its own."""
+    torch = pytest.importorskip("torch")
+    from dispatched import Dispatched
+
+    import precond_ref as pr
+
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(8, 6, generator=g, dtype=torch.float64), "v": torch.randn(5, generator=g, dtype=torch.float64)}
+    opt = pr.if_shampoo(batch_size=2, block_size=4, kl_clip=0.0)
+    state = opt.init(params)
+    for _ in range(3):
+        grads = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in params.items()}
+        with Dispatched() as seen:
+            _, state = opt.update(grads, state, params)
+        assert "bmm" in seen.names and "where" not in seen.names and "sum" not in seen.names, seen.names
+    assert int(state.groups["w"]["factor_failures"]) == 0
