@@ -531,8 +531,8 @@ _LEGACY_ENTRY = re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum|momentum)_(
 
 def _legacy_entry_names(entries: dict) -> dict:
     """``build_transform``'s ``legacy_names``: a group's state saved with the formatted keys of
-    earlier versions (0.1.0 and the development versions before named fields: ``factor_n``, ``factor_momentum_n``, ``tile_t/factor_n``,
-    ``tile_t/factor_momentum_n``, ``momentum_i``) under the paths of :class:`_IFShampooState`
+    earlier versions (0.1.0 and the development versions before named fields: ``factor_n``,
+    ``factor_momentum_n``, ``tile_t/factor_n``, ``tile_t/factor_momentum_n``, ``momentum_i``) under the paths of :class:`_IFShampooState`
     (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``, ``momentum/i``; an unblocked group is tile
     0); the very dict when it has no old key (every old state has ``factor_0`` or ``tile_0/factor_0``)."""
     if "factor_0" not in entries and "tile_0/factor_0" not in entries:
@@ -1270,7 +1270,8 @@ def if_shampoo(
                 else:
                     U = cast(xp, U, group.work_dtype)
                 updates.append(hyper(minus_eta, U) * U)  # W ← W − η v
-            new_state = state._replace(tiles=tuple(tile_states[g]), momentum=tuple(velocities), factor_failures=failures[g])
+            new_state = state._replace(
+                tiles=tuple(tile_states[g]), momentum=tuple(velocities), factor_failures=failures[g])
             results.append((tuple(updates), to_entries(new_state)))
         return results
 

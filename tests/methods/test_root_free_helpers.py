@@ -172,7 +172,8 @@ def test_if_shampoo_eager_cpu_step_selects_nothing():
     import precond_ref as pr
 
     g = torch.Generator().manual_seed(0)
-    params = {"w": torch.randn(8, 6, generator=g, dtype=torch.float64), "v": torch.randn(5, generator=g, dtype=torch.float64)}
+    params = {"w": torch.randn(8, 6, generator=g, dtype=torch.float64),
+              "v": torch.randn(5, generator=g, dtype=torch.float64)}
     opt = pr.if_shampoo(batch_size=2, block_size=4, kl_clip=0.0)
     state = opt.init(params)
     for _ in range(3):
