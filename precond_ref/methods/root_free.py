@@ -22,7 +22,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 from array_api_compat import array_namespace, device as array_device
 
 from .._backend import (
-    as_operand, cast, compute_dtype, computed_once, cond, is_number, is_zero, placement, scalar_array, scalar_zero,
+    as_operand, cast, compute_dtype, computed_once, cond, host_bool, is_number, is_zero, placement, scalar_array,
+    scalar_zero,
 )
 from ..blocking import block_bounds, spread_schedule
 from ..linalg import half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
@@ -68,7 +69,7 @@ _is_number = is_number  # IF-Shampoo's name for it
 
 
 _KL_CLIP = 0.1  # principled default of if_shampoo's kl_clip (S8)
-_BLOCK_SIZE = 128  # principled default of if_shampoo's block_size (S9; docs/methods/root_free.md)
+_BLOCK_SIZE = 64  # principled default of if_shampoo's block_size (S9; docs/methods/root_free.md)
 _OLD_LAYOUT_HINT = (
     "if_shampoo: a state saved before block_size existed (principled defaults: unblocked factors, diagonal "
     "beyond 4096) loads with if_shampoo(block_size=4096, max_dense_dim=4096)"
@@ -530,8 +531,8 @@ _LEGACY_ENTRY = re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum|momentum)_(
 
 def _legacy_entry_names(entries: dict) -> dict:
     """``build_transform``'s ``legacy_names``: a group's state saved with the formatted keys of
-    versions up to 0.2 (``factor_n``, ``factor_momentum_n``, ``tile_t/factor_n``,
-    ``tile_t/factor_momentum_n``, ``momentum_i``) under the paths of :class:`_IFShampooState`
+    earlier versions (0.1.0 and the development versions before named fields: ``factor_n``,
+    ``factor_momentum_n``, ``tile_t/factor_n``, ``tile_t/factor_momentum_n``, ``momentum_i``) under the paths of :class:`_IFShampooState`
     (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``, ``momentum/i``; an unblocked group is tile
     0); the very dict when it has no old key (every old state has ``factor_0`` or ``tile_0/factor_0``)."""
     if "factor_0" not in entries and "tile_0/factor_0" not in entries:
@@ -735,19 +736,31 @@ def _precondition(xp, grouped, factors, rescale: bool):
     return grouped
 
 
+def _each_block(xp, reduce, mask):
+    """``reduce`` (``xp.all`` or ``xp.any``) of each block of a (b, ...) boolean stack over all its
+    entries: one reduction of the (b, -1) view (a reduction over several axes is a transpose and a
+    copy first in some namespaces)."""
+    return reduce(xp.reshape(mask, (mask.shape[0], -1)), axis=1)
+
+
 def _principled_keep_unusable(xp, grouped, old, new):
     """S2, S3 per group of a stack: a group whose gradient is exactly zero keeps its factor state
     ``old`` (S2), so does one whose new state is not finite (S3). Returns the kept state and, per
     group, whether it failed (a non-finite state from a non-zero gradient; counted by the caller).
-    Element-wise (``where``): no device value is read."""
-    nonzero = xp.any(grouped != 0.0, axis=tuple(range(1, len(grouped.shape))))
+    Element-wise (``where``): no device value is read, except where reading is free
+    (:func:`precond_ref._backend.host_bool`: NumPy, torch eagerly on the CPU), where a stack whose
+    every block is usable returns ``new`` itself (what the selections would give) without selecting."""
+    nonzero = _each_block(xp, xp.any, grouped != 0.0)
     finite = None
     for a in new:
-        ok = xp.all(xp.isfinite(a), axis=tuple(range(1, len(a.shape))))
+        ok = _each_block(xp, xp.all, xp.isfinite(a))
         finite = ok if finite is None else xp.logical_and(finite, ok)
     accept = xp.logical_and(finite, nonzero)
+    failed = xp.logical_and(xp.logical_not(finite), nonzero)
+    if host_bool(xp, xp.all(accept)):  # read where that is free: the selections would keep all of `new`
+        return tuple(new) + (failed,)
     kept = tuple(xp.where(_per_member(xp, accept, len(a.shape) - 1), a, b) for a, b in zip(new, old))
-    return kept + (xp.logical_and(xp.logical_not(finite), nonzero),)
+    return kept + (failed,)
 
 
 def _per_step_operands(xp) -> Callable[[Any, Any], Any]:
@@ -919,7 +932,7 @@ def if_shampoo(
         (:func:`precond_ref.blocking.block_bounds`), and each tile of the tensor is an independent
         IF-Shampoo block with its own factors (Distributed Shampoo's blocking: the block-diagonal
         part of the preconditioner); tiles of one shape, across parameters too, are stacked into
-        one batched product. The KL clip and the momentum stay per parameter. ``None``: 128 in
+        one batched product. The KL clip and the momentum stay per parameter. ``None``: 64 in
         principled mode (one number for every device; docs/methods/root_free.md, "Long axes,
         intervals and cost", has the measurements); a value at least every axis is the unblocked
         method. An integer >= 1; refused in faithful mode.
@@ -961,7 +974,7 @@ def if_shampoo(
       (curvature 1000 at the optimum) the unclipped method at :math:`\eta = 10^{-3}` reaches
       :math:`10^{-5}` of the optimum, then diverges to 3e34 within 10 000 steps; clipped, the
       step stays bounded until the factors adapt, and it converges.
-    * S9: axes longer than ``block_size`` (128) are cut into blocks, each tile with its own factors.
+    * S9: axes longer than ``block_size`` (64) are cut into blocks, each tile with its own factors.
     * S10: the tiles of a blocked parameter refresh at staggered calls of the interval.
 
     Groups whose grouped tensors and factors have one shape and dtype are stacked: each product
@@ -1180,7 +1193,7 @@ def if_shampoo(
         rank = len(state) // 2 if use_factor_momentum else len(state)
         for (i, t), entries in zip(tiles, zip(*(xp.unstack(entry) for entry in state))):
             tile_states[i][t] = _TileFactors(factor=entries[:rank], factor_momentum=entries[rank:])
-        if not faithful:
+        if not faithful and host_bool(xp, xp.any(failed)) is not False:  # read where free: nothing to add
             for i, _, part in per_member(chosen, xp.astype(failed, xp.int32)):
                 failures[i] = failures[i] + xp.sum(part, dtype=xp.int32)
 
@@ -1257,7 +1270,8 @@ def if_shampoo(
                 else:
                     U = cast(xp, U, group.work_dtype)
                 updates.append(hyper(minus_eta, U) * U)  # W ← W − η v
-            new_state = state._replace(tiles=tuple(tile_states[g]), momentum=tuple(velocities), factor_failures=failures[g])
+            new_state = state._replace(
+                tiles=tuple(tile_states[g]), momentum=tuple(velocities), factor_failures=failures[g])
             results.append((tuple(updates), to_entries(new_state)))
         return results
 

@@ -120,3 +120,65 @@ def test_principled_keep_unusable_per_block():
     *kept, failed = rf._principled_keep_unusable(xp, grouped, old, new)
     np.testing.assert_array_equal(kept[0], np.stack([old[0][0], old[0][1], np.full((2, 2), 2.0)]))
     np.testing.assert_array_equal(failed, [False, True, False])
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (3, 2, 5), (2, 3, 2, 2)])
+def test_each_block_reduces_every_entry_of_a_block(rng, shape):
+    """``_each_block(xp, xp.all | xp.any, mask)`` is ``all``/``any`` over every axis but the first
+    (boolean: exact), also for a mask that is a transposed (non-contiguous) view."""
+    for mask in (rng.random(shape) < 0.9, np.moveaxis(rng.random(shape[:1] + shape[1:][::-1]) < 0.9, 1, -1)):
+        mask[0] = True  # one block all true, so that ``all`` is true somewhere
+        axes = tuple(range(1, mask.ndim))
+        np.testing.assert_array_equal(rf._each_block(xp, xp.all, mask), np.all(mask, axis=axes))
+        np.testing.assert_array_equal(rf._each_block(xp, xp.any, mask), np.any(mask, axis=axes))
+
+
+def test_each_block_is_one_reduction_in_torch():
+    """The reason for ``_each_block``: on torch, ``all`` over several axes through the array API
+    is a transpose, a flatten, the reduction and a cast; over the (b, -1) view it is a view and
+    one reduction, whatever the rank."""
+    torch = pytest.importorskip("torch")
+    from array_api_compat import array_namespace
+    from dispatched import Dispatched
+
+    mask = torch.rand(4, 3, 5, 6, dtype=torch.float64) < 0.5
+    txp = array_namespace(mask)
+    for reduce in (txp.all, txp.any):
+        with Dispatched() as seen:
+            rf._each_block(txp, reduce, mask)
+        assert len(seen.names) == 2 and seen.names[0] in ("view", "reshape", "_unsafe_view"), seen.names
+
+
+def test_principled_keep_unusable_of_usable_blocks_is_the_new_state_itself(rng):
+    """Where reading a device value is free (NumPy here), a stack whose every block has a non-zero
+    gradient and a finite new state returns the new state itself (what ``where`` would select,
+    without the copies) and no failures."""
+    grouped = rng.normal(size=(3, 2, 2))
+    old, new = (rng.normal(size=(3, 2, 2)),), (rng.normal(size=(3, 2, 2)),)
+    *kept, failed = rf._principled_keep_unusable(xp, grouped, old, new)
+    assert kept[0] is new[0]
+    np.testing.assert_array_equal(failed, [False, False, False])
+
+
+def test_if_shampoo_eager_cpu_step_selects_nothing():
+    """torch eagerly on the CPU (reading is free): a step with finite gradients and usable factor
+    steps makes no element-wise selection (no ``where``: S2/S3 keep the whole new stack) and adds
+    nothing to ``factor_failures`` (no ``sum`` of failure flags), on refresh steps (every tile on
+    the first, half of them later) and between. ``kl_clip=0``: S8's ν has a ``where`` and a ``sum``
+    of its own."""
+    torch = pytest.importorskip("torch")
+    from dispatched import Dispatched
+
+    import precond_ref as pr
+
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(8, 6, generator=g, dtype=torch.float64),
+              "v": torch.randn(5, generator=g, dtype=torch.float64)}
+    opt = pr.if_shampoo(batch_size=2, block_size=4, kl_clip=0.0)
+    state = opt.init(params)
+    for _ in range(3):
+        grads = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in params.items()}
+        with Dispatched() as seen:
+            _, state = opt.update(grads, state, params)
+        assert "bmm" in seen.names and "where" not in seen.names and "sum" not in seen.names, seen.names
+    assert int(state.groups["w"]["factor_failures"]) == 0
