@@ -29,6 +29,7 @@ import subprocess
 import sys
 
 import pytest
+from loading import load_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -103,10 +104,7 @@ _BARE_AMPERSAND = re.compile(r"&(?![#\w]+;)")
 
 
 def _hooks():
-    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("docs_hooks", DOCS / "hooks.py")
 
 
 def test_aligned_math_renders_as_a_table_without_literal_ampersands():

@@ -7,21 +7,18 @@ runs end to end with one of our optimizers, that the loss is finite, and that it
 from __future__ import annotations
 
 import collections
-import importlib.util
 import math
 import pathlib
 
 import pytest
+from loading import load_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--steps", "3", "--batch-size", "4", "--context", "16", "--width", "16", "--layers", "1", "--heads", "2", "--sample", "5"]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(name, ROOT / "examples" / f"{name}.py")
 
 
 @pytest.mark.parametrize(

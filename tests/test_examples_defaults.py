@@ -3,19 +3,16 @@ for, and their per-optimizer default learning rates are the measured ones."""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import pytest
+from loading import load_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(name, ROOT / "examples" / f"{name}.py")
 
 
 @pytest.mark.parametrize("device, message", [("cuda", "needs CUDA"), ("cuda:7", None), ("nonsense", "not a torch device")])

@@ -6,7 +6,6 @@ loading: the fixtures in tests/data (made by ``tests/data/if_shampoo_legacy_make
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,14 @@ import precond_ref as pr
 from precond_ref.methods import root_free
 from precond_ref.transform import PrecondState
 from precond_ref.tree import from_entries, path_str, to_entries, tree_flatten, tree_unflatten
+from loading import load_file
 
 DATA = Path(__file__).parent.parent / "data"
 TOL = 1e-12  # float64, the same operations in the same order as the code that saved the fixture
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location("if_shampoo_legacy_make", DATA / "if_shampoo_legacy_make.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("if_shampoo_legacy_make", DATA / "if_shampoo_legacy_make.py")
 
 
 def test_state_entries_are_the_paths_of_its_named_fields():
