@@ -231,16 +231,44 @@ def _fresh_torch(values: dict) -> list:
     return [(n, torch.tensor(v, dtype=torch.float64, requires_grad=True)) for n, v in values.items()]
 
 
+#: Methods whose state entries an earlier version named otherwise (``build_transform``'s
+#: ``legacy_names`` renames them on load).
+LEGACY_NAMED = ("sketchy", "s_adagrad", "if_shampoo")
+
+
+def old_entry_names(method: str, entries: dict) -> dict:
+    """A group's current entries under the names 2fdbd40 and earlier wrote (the inverse of the
+    method's ``legacy_names``): IF-Shampoo ``tiles/t/X/n`` -> ``X_n`` (one tile) or ``tile_t/X_n``,
+    ``momentum/i`` -> ``momentum_i``; Sketchy and S-AdaGrad ``sketches/n/j/name`` -> ``axis{n}_{name}``
+    (one run) or ``axis{n}_run{j}_{name}``."""
+    keys = [k.split("/") for k in entries]
+    out = {}
+    for key, value in entries.items():
+        part = key.split("/")
+        if method == "if_shampoo" and part[0] == "tiles":
+            tiles = {k[1] for k in keys if k[0] == "tiles"}
+            out[f"{part[2]}_{part[3]}" if len(tiles) == 1 else f"tile_{part[1]}/{part[2]}_{part[3]}"] = value
+        elif method == "if_shampoo" and part[0] == "momentum":
+            out[f"momentum_{part[1]}"] = value
+        elif part[0] == "sketches":
+            runs = {k[2] for k in keys if k[0] == "sketches" and k[1] == part[1]}
+            out[f"axis{part[1]}_{part[3]}" if len(runs) == 1 else f"axis{part[1]}_run{part[2]}_{part[3]}"] = value
+        else:
+            out[key] = value
+    return out
+
+
 def torch_trajectory(
     method: str, mode: str, model: str, *, compile: Any = False, restore_at: Optional[int] = None,
     groups: Optional[list] = None, missing: Optional[dict] = None, warm: Optional[list] = None,
-    steps: int = STEPS, keep: Optional[list] = None, **overrides: Any,
+    steps: int = STEPS, keep: Optional[list] = None, old_names: bool = False, **overrides: Any,
 ) -> list:
     """A torch optimizer's trajectory (``keep``, a list, receives the optimizer and its parameters).
 
     ``restore_at=k``: after ``k`` steps the optimizer's ``state_dict`` goes through
     ``torch.save``/``torch.load`` into a fresh optimizer on fresh parameter tensors (the saved
-    values). ``groups``: lists of names, one param group each (same hyperparameters).
+    values); ``old_names``: with its entries under the names an earlier version wrote
+    (:func:`old_entry_names`). ``groups``: lists of names, one param group each (same hyperparameters).
     """
     spec = MODELS[model]
     cls, kwargs = torch_class(method), {**torch_kwargs(method, mode), **overrides, "compile": compile}
@@ -262,6 +290,8 @@ def torch_trajectory(
             torch.save(opt.state_dict(), buffer)
             buffer.seek(0)
             saved = torch.load(buffer)  # weights_only: plain data
+            if old_names:
+                saved["state"] = {i: old_entry_names(method, e) for i, e in saved["state"].items()}
             named = _fresh_torch(history[-1])
             opt = make(named)
             opt.load_state_dict(saved)
@@ -396,6 +426,9 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
             note("optax jax.jit", "NumPy core", jitted, core, cell)
         for at, what in ((4, "mid-interval"), (6, "at a refresh")):
             note(f"torch state_dict restored {what}", "uninterrupted torch eager", torch_trajectory(*cell, restore_at=at), eager, cell)
+        if cell[0] in LEGACY_NAMED:
+            note("torch state_dict under an earlier version's entry names, restored mid-interval", "uninterrupted torch eager",
+                 torch_trajectory(*cell, restore_at=4, old_names=True), eager, cell)
         note("torch, two param groups", "one group", torch_trajectory(*cell, groups=[names[:2], names[2:]]), eager, cell)
         note("optax state pickled mid-run", "uninterrupted optax jax.jit", optax_trajectory(*cell, pickle_at=4), jitted, cell)
         if cell[1] == "principled" and cell[2] == "mlp" and compile_backend is not None:

@@ -134,6 +134,17 @@ def test_torch_path(cell, path):
         _identical(pm.torch_trajectory(*cell, groups=[names[:2], names[2:]]), eager, "two groups vs one")
 
 
+@pytest.mark.parametrize(
+    "cell", [pytest.param(c, id=_cell_id(c)) for c in CELLS if c[0] in pm.LEGACY_NAMED]
+)
+def test_torch_restored_from_old_entry_names(cell):
+    """A ``state_dict`` saved mid-interval under the entry names of 2fdbd40 and earlier (IF-Shampoo's
+    ``tile_t/factor_n``, Sketchy's ``axis{n}_run{j}_{name}``) loads into the current optimizer
+    (``legacy_names``) and continues bit-identically to the uninterrupted eager run, so it meets
+    the core as that run does."""
+    _identical(pm.torch_trajectory(*cell, restore_at=4, old_names=True), _torch_eager(cell), "restored from old names vs uninterrupted")
+
+
 @pytest.mark.parametrize("method", pm.METHODS)
 def test_torch_compiled_equals_core(method):
     """``torch.compile`` of the step (the MLP, principled mode: one compilation per method and
