@@ -18,7 +18,11 @@ from precond_ref.tree import from_entries, path_str, to_entries, tree_flatten, t
 from loading import load_file
 
 DATA = Path(__file__).parent.parent / "data"
-TOL = 1e-12  # float64, the same operations in the same order as the code that saved the fixture
+# float64 parameters of size O(1): the old code's operations, which another BLAS rounds differently by
+# a few ulps each; over <= 4 steps of products of <= 8-dimensional factors that is below ~1e-13
+# (k * d * eps per step with k ~ 10 operations in a chain, d <= 8, eps = 2.2e-16), so 1e-12 has a
+# margin of 10 and still fails for any renaming mistake (an entry swapped moves a step by O(lr)).
+TOL = 1e-12
 
 
 def _maker():
