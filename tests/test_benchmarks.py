@@ -433,7 +433,7 @@ def test_layer_rows_carry_the_optimizer_cost_alone(tmp_path):
     from precond_ref.benchmarks import cost
 
     row = _by(data["results"]["8x4"])["torch", "MBF"]["cost"]
-    expected = cost.method_cost(entry_by_name("mbf"), [("weight", (8, 4)), ("bias", (8,))], 4)
+    expected = cost.method_cost(entry_by_name("mbf"), [("weight", (8, 4)), ("bias", (8,))], 4, data["machine"]["torch_device"])
     assert row["flops"] == pytest.approx(expected.flops, rel=1e-12) and "fwd_bwd_flops" not in row
     assert "GFLOP, MB, limit / mean" in report.readme_section({"layers": data})
 
