@@ -486,3 +486,33 @@ def test_peers_with_the_extra_give_rows(tmp_path):
         row = by["torch", label]
         assert row["method"] == "peer" and row["library"].startswith("heavyball ")
         assert row["median_ms"] > 0 and row["ratios"]["torch AdamW(fused)"] > 0 and math.isfinite(row["last_loss"])
+
+
+def test_a_run_stopped_after_its_first_case_leaves_that_case_in_bench_json(tmp_path, monkeypatch):
+    """bench.json is rewritten after each layer case: a run interrupted while measuring its second
+    case (as a timeout would) leaves a valid JSON with ``"complete": false``, the settings and the
+    first case's rows, each with its cost; a run that finishes writes ``"complete": true``. Why: the
+    GPU run killed by ``timeout`` left no bench.json at all when the file was written only at the end."""
+    (tmp_path / "bench.json").write_text('{"stale": "an earlier run"}')
+    measure = layers.bench_case
+    cases_measured = []
+
+    def stopped_at_the_second_case(*args, **kwargs):
+        if cases_measured:
+            raise KeyboardInterrupt  # what the user's Ctrl-C raises; a timeout's SIGTERM ends the process here
+        cases_measured.append(args[1])
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "bench_case", stopped_at_the_second_case)
+    code, data = _bench(tmp_path, "--methods", "agd", "--frameworks", "torch", "--cases", "8x4,16x8")
+    assert code == 130 and cases_measured == [("linear", 8, 4)]
+    assert data["complete"] is False and list(data["results"]) == ["8x4"]
+    assert data["settings"]["cases"] == {"8x4": ["linear", 8, 4], "16x8": ["linear", 16, 8]}
+    assert data["rates"]["matmul_flops_per_s"] > 0 and data["machine"]["torch_device"] == "cpu"
+    rows = _by(data["results"]["8x4"])
+    assert rows["torch", "AGD"]["mean_ms"] > 0 and rows["torch", "AGD"]["cost"]["bytes"] > 0
+    assert not (tmp_path / "bench.json.part").exists()
+
+    monkeypatch.setattr(layers, "bench_case", measure)
+    code, data = _bench(tmp_path, "--methods", "agd", "--frameworks", "torch", "--cases", "8x4,16x8")
+    assert code == 0 and data["complete"] is True and list(data["results"]) == ["8x4", "16x8"]
