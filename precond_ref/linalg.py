@@ -536,9 +536,10 @@ def damped_inverse(
     for a rank-deficient :math:`F_b`) the damping is lost and the computed inverse can be garbage
     while finite. :func:`precond_ref.testing.oracles.damped_inverse_residual` detects that; :func:`damped_inverse_stable` raises
     the damping to the precision floor of :math:`F_b` instead and stays accurate. An exactly singular block makes
-    NumPy raise inside ``inv``; that is caught here and every block of the call counts as
-    failed (the previous inverses are kept), so this function never raises. torch and JAX give
-    that block non-finite entries instead (:func:`inverse`): it alone fails.
+    NumPy raise ``LinAlgError`` inside ``inv``; that is caught here and every block of the call
+    counts as failed (the previous inverses are kept). torch and JAX give that block non-finite
+    entries instead (:func:`inverse`): it alone fails. Any other error of the call (a CUDA error,
+    torch's synchronisation debug mode) propagates.
     """
     xp = array_namespace(matrices, previous)
     if symmetrize:
@@ -550,7 +551,7 @@ def damped_inverse(
     damped = xp.where(finite_in[..., None, None], matrices + damping * eye, eye)
     try:
         inverse = _lu_inverse(xp, damped)
-    except Exception:  # NumPy raises on an exactly singular block (torch and JAX give Inf/NaN there)
+    except ValueError:  # NumPy's LinAlgError on an exactly singular block (torch and JAX give Inf/NaN)
         inverse = xp.full(damped.shape, xp.nan, dtype=damped.dtype, device=placement(xp, damped))
     if symmetrize:
         inverse = _symmetric_part(inverse)

@@ -464,3 +464,21 @@ def test_inverse_on_torch_leaves_the_lapack_status_on_the_device():
         linalg.inverse(xp, a)
     assert "linalg_inv_ex" in ours.names
     assert "_linalg_check_errors" not in ours.names
+
+
+def test_damped_inverse_falls_back_only_on_a_singular_matrix_error(monkeypatch):
+    """``damped_inverse`` catches NumPy's ``LinAlgError`` (an exactly singular block) and nothing
+    else: an error of another kind from the inverse, here the one torch's synchronisation debug
+    mode raises on a GPU, must propagate. A broad ``except`` turned it into a silent failure of
+    every block (the previous inverses kept) in the first GPU run of faithful MBF."""
+    import torch
+
+    from precond_ref.linalg import damped_inverse
+
+    def synchronising(a):
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+    monkeypatch.setattr(linalg, "_torch_inverse_without_host_check", synchronising)
+    stats = torch.eye(2, dtype=torch.float64)[None]
+    with pytest.raises(RuntimeError, match="synchronizing"):
+        damped_inverse(stats, 0.1, torch.zeros_like(stats))
