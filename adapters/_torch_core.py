@@ -400,13 +400,13 @@ class CoreOptimizer(torch.optim.Optimizer):
         return new_state
 
 
-@torch.compiler.disable
 def _capturing_cuda_graph() -> bool:
     """Whether the current CUDA stream is capturing a graph (False, without initialising CUDA,
     where no CUDA context exists: a CPU-only torch has no capture to ask about)."""
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
+@torch.compiler.disable
 def step_outside_the_graph(opt: "CoreOptimizer", closure: Optional[Callable[[], Any]], extra: dict) -> Any:
     """``step`` called inside ``torch.compile`` (torch's recipe ``torch.compile(opt.step)``).
 

@@ -6,6 +6,8 @@ variant (``inv``, ``solve``, ``cholesky``) dispatch ``aten::_linalg_check_errors
 ``eigh``/``svd`` (no ``_ex`` variant) check inside their kernel. Both are dispatched on a CPU too,
 so a recorder of the dispatched operations finds them without a GPU (the first GPU run found an
 MBF ``inv`` that way: one synchronisation per inverse step, and its steps could not be captured).
+With them: what MBF does now that a singular block no longer raises, and the named refusal of a
+captured step of the methods that must read the host.
 """
 
 from __future__ import annotations
