@@ -2,7 +2,8 @@
 
 No host synchronisation in a step (torch's sync debug mode), and ``capturable=True`` steps that
 replay from a CUDA graph. The CPU counterparts: ``tests/test_sync_free.py`` (an array namespace
-that refuses host transfers) and ``test_capturable_steps_write_every_state_tensor_in_place``.
+that refuses host transfers), ``test_torch_host_reads.py`` (the torch operations that read a
+status on the host, found on the CPU) and ``test_capturable_steps_write_every_state_tensor_in_place``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ STEPS = 6
 # svd read their LAPACK status on the host (no ``_ex`` variant exists), and the Frequent Directions
 # update calls one of them on every sketch update: S-AdaGrad's every step, Sketchy's refresh steps
 # (some block refreshes on every step with the spread default, every second step in the interval
-# case). tests/adapters/test_torch_host_reads.py checks on the CPU that no other case decomposes.
+# case). tests/adapters/test_torch_host_reads.py checks on the CPU that no case outside this table
+# calls eigh/svd, and that no case calls a torch function that checks its status on the host.
 _FD_DECOMPOSITION = "torch's CUDA eigh/svd (the Frequent Directions update) read their status on the host"
 KNOWN_SYNCS = {
     **dict.fromkeys(("asgo", "asgo-pe-interval"), "ASGO's checked root reads its convergence flag on the host on refresh steps"),
