@@ -23,7 +23,8 @@ STEPS = 6
 # update calls one of them on every sketch update: S-AdaGrad's every step, Sketchy's refresh steps
 # (some block refreshes on every step with the spread default, every second step in the interval
 # case). tests/adapters/test_torch_host_reads.py checks on the CPU that no case outside this table
-# calls eigh/svd, and that no case calls a torch function that checks its status on the host.
+# reads a device value or calls eigh/svd, and that no case calls a torch function that checks its
+# status on the host.
 _FD_DECOMPOSITION = "torch's CUDA eigh/svd (the Frequent Directions update) read their status on the host"
 KNOWN_SYNCS = {
     **dict.fromkeys(("asgo", "asgo-pe-interval"), "ASGO's checked root reads its convergence flag on the host on refresh steps"),

@@ -12,10 +12,13 @@ captured step of the methods that must read the host.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 import precond_ref as pr
+from precond_ref import _backend
 import precond_ref.adapters.torch as pt
 
 from cases import TORCH_CASES
@@ -23,7 +26,8 @@ from dispatched import Dispatched
 from test_torch_cuda import KNOWN_SYNCS
 
 STEPS = 6
-# Operations after which torch reads a LAPACK status on the host.
+# Operations that read a device value on the host: a read itself, and LAPACK status checks.
+_READ = "_local_scalar_dense"  # bool(x), int(x), x.item()
 _CHECK_AFTER = "_linalg_check_errors"  # dispatched by inv, solve, cholesky, ... (not their _ex variants)
 _CHECK_INSIDE = ("_linalg_eigh", "_linalg_svd")  # eigh, eigvalsh, svd, svdvals
 _FD_CLASSES = (pt.Sketchy, pt.SAdaGrad)
@@ -45,14 +49,26 @@ def _set(model: torch.nn.Module, grads: list[torch.Tensor]) -> None:
         p.grad = g
 
 
+def _host_bool_as_on_a_gpu(monkeypatch) -> None:
+    """``_backend.host_bool`` reads a CPU tensor for free and answers None for a GPU one (the
+    caller then selects on the device): its GPU answer in every module that imported it."""
+    real = _backend.host_bool
+    for name, module in list(sys.modules.items()):
+        if name.startswith("precond_ref") and getattr(module, "host_bool", None) is real:
+            monkeypatch.setattr(module, "host_bool", lambda xp, x: None)
+
+
 @pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: c.id)
-def test_steps_dispatch_no_status_check_and_decompose_only_where_documented(case):
-    """The steps of ``test_steps_never_synchronise`` (2-5, eager, on the CPU) under a recorder of
-    the dispatched ATen operations: no ``_linalg_check_errors`` in any case (an ``_ex`` function
-    or ``linalg.inverse`` must stand for every ``inv``/``solve``/``cholesky``), and ``eigh``/``svd``
-    only in the cases ``test_torch_cuda.KNOWN_SYNCS`` lists (on a CPU ASGO's ``root_method="auto"``
-    is ``eigh``, a case listed there for its GPU root's check). Sketchy and S-AdaGrad must
-    decompose, so that their entries there stay true."""
+def test_steps_read_the_host_only_where_documented(monkeypatch, case):
+    """The steps of ``test_steps_never_synchronise`` (2-5, eager, on the CPU, ``host_bool`` giving
+    its GPU answer) under a recorder of the dispatched ATen operations. Every host read of a
+    device value is an operation there: ``_local_scalar_dense`` (``bool``, ``int``, ``item``), and
+    ``_linalg_check_errors`` (after ``inv``/``solve``/``cholesky``: an ``_ex`` function or
+    ``linalg.inverse`` must stand for each); ``eigh``/``svd`` check inside their CUDA kernel. The
+    first two appear in no case, the last two only in the cases ``test_torch_cuda.KNOWN_SYNCS``
+    lists (on a CPU ASGO's ``root_method="auto"`` is ``eigh``, a case listed there for its GPU
+    root's check). Sketchy and S-AdaGrad must decompose, so that their entries there stay true."""
+    _host_bool_as_on_a_gpu(monkeypatch)
     model = _model()
     opt = case.make(model.named_parameters(), compile=False)
     grads = _gradients(model)
@@ -64,6 +80,8 @@ def test_steps_dispatch_no_status_check_and_decompose_only_where_documented(case
             _set(model, grads[i])
             opt.step(**case.step_kwargs)
     assert _CHECK_AFTER not in recorded.names, f"{case.id}: a linalg call whose status torch reads on the host"
+    if recorded.names.count(_READ):
+        assert case.id in KNOWN_SYNCS, f"{case.id} reads a device value on the host {recorded.names.count(_READ)} times"
     decomposed = sorted(set(recorded.names) & set(_CHECK_INSIDE))
     if decomposed:
         assert case.id in KNOWN_SYNCS, f"{case.id} calls {decomposed}, which on CUDA read their status on the host"
