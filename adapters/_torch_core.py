@@ -236,7 +236,8 @@ class CoreOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             return step_outside_the_graph(self, closure, extra)
         if self.not_capturable_because is not None and _capturing_cuda_graph():
-            raise RuntimeError(f"{type(self).__name__}: a step cannot be captured in a CUDA graph: {self.not_capturable_because}")
+            reason = self.not_capturable_because
+            raise RuntimeError(f"{type(self).__name__}: a step cannot be captured in a CUDA graph: {reason}")
         loss = None
         if closure is not None:
             with torch.enable_grad():

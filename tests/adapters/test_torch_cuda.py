@@ -27,7 +27,9 @@ STEPS = 6
 # status on the host.
 _FD_DECOMPOSITION = "torch's CUDA eigh/svd (the Frequent Directions update) read their status on the host"
 KNOWN_SYNCS = {
-    **dict.fromkeys(("asgo", "asgo-pe-interval"), "ASGO's checked root reads its convergence flag on the host on refresh steps"),
+    **dict.fromkeys(
+        ("asgo", "asgo-pe-interval"), "ASGO's checked root reads its convergence flag on the host on refresh steps"
+    ),
     **dict.fromkeys(("sketchy", "sketchy-faithful-interval", "s_adagrad", "s_adagrad-faithful"), _FD_DECOMPOSITION),
 }
 
@@ -155,7 +157,8 @@ def test_capture_of_a_decomposing_step_is_refused_by_name_and_leaves_cusolver_wo
             opt.step(**case.step_kwargs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match=f"{type(opt).__name__}: a step cannot be captured in a CUDA graph: .*eigh or svd"):
+    refusal = f"{type(opt).__name__}: a step cannot be captured in a CUDA graph: .*eigh or svd"
+    with pytest.raises(RuntimeError, match=refusal):
         with torch.cuda.graph(graph):
             opt.step(**case.step_kwargs)
     a = torch.eye(3, device="cuda") + 0.1

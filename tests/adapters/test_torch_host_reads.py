@@ -1,13 +1,16 @@
 """The torch optimizers' host reads that a CPU can see: the CPU half of ``test_torch_cuda.py``.
 
-On CUDA, torch reads a LAPACK/cuSOLVER status on the host (a synchronisation, and an operation a
-CUDA-graph capture cannot contain) after two kinds of operation: the functions with an ``_ex``
-variant (``inv``, ``solve``, ``cholesky``) dispatch ``aten::_linalg_check_errors`` after it, and
-``eigh``/``svd`` (no ``_ex`` variant) check inside their kernel. Both are dispatched on a CPU too,
-so a recorder of the dispatched operations finds them without a GPU (the first GPU run found an
-MBF ``inv`` that way: one synchronisation per inverse step, and its steps could not be captured).
-With them: what MBF does now that a singular block no longer raises, and the named refusal of a
-captured step of the methods that must read the host.
+On CUDA the host waits for the device (and a CUDA-graph capture is invalidated) whenever it reads
+a device value: ``bool``/``int``/``item`` (ATen's ``_local_scalar_dense``), torch's check of the
+LAPACK/cuSOLVER status after ``inv``/``solve``/``cholesky`` (``_linalg_check_errors``; their
+``_ex`` variants leave the status on the device), and ``eigh``/``svd``, which check inside their
+CUDA kernel (no ``_ex`` variant). All are dispatched on a CPU too, so a recorder of the dispatched
+operations finds them without a GPU once ``host_bool`` (which reads a CPU tensor for free) answers
+as for a GPU tensor (the first GPU run found MBF's ``inv`` there: a synchronisation per inverse
+step, and no capture). What a CPU cannot see: choices made by device (ASGO's ``root_method="auto"``
+is ``eigh`` on a CPU, the checked iteration on a GPU). With them: what MBF does now that a
+singular block no longer raises, and the named refusal of a captured step of the methods that
+must read the host.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def test_singular_inverse_keeps_the_previous_one_and_counts_a_failure():
     damping = 1e-3
     opt = pr.mbf(learning_rate=1e-3, damping=damping, statistics_every=1, precondition_every=1, mode="faithful")
     gen = torch.Generator().manual_seed(2)
-    params = {"bad": {"weight": torch.zeros(2, 3, dtype=torch.float64)}, "good": {"weight": torch.zeros(2, 3, dtype=torch.float64)}}
+    params = {name: {"weight": torch.zeros(2, 3, dtype=torch.float64)} for name in ("bad", "good")}
     state = opt.init(params)
     for i in range(2):
         grads = {"bad": {"weight": torch.full((2, 3), 3e8, dtype=torch.float64)},
@@ -108,13 +111,16 @@ def test_singular_inverse_keeps_the_previous_one_and_counts_a_failure():
         updates, state = opt.update(grads, state, params, step=i)
         params = pr.apply_updates(params, updates)
     bad, good = state.groups["bad/weight"], state.groups["good/weight"]
-    torch.testing.assert_close(bad["inverse"], torch.eye(2, dtype=torch.float64) / damping, rtol=0, atol=0)
+    initial = torch.eye(2, dtype=torch.float64) / damping
+    torch.testing.assert_close(bad["inverse"], initial, rtol=0, atol=0)
     assert int(bad["failures"]) == 2 and int(good["failures"]) == 0
-    assert bool(torch.isfinite(good["inverse"]).all()) and not torch.equal(good["inverse"], torch.eye(2, dtype=torch.float64) / damping)
+    assert bool(torch.isfinite(good["inverse"]).all()) and not torch.equal(good["inverse"], initial)
     assert all(bool(torch.isfinite(p["weight"]).all()) for p in params.values())
 
 
-@pytest.mark.parametrize("case", [c for c in TORCH_CASES if c.id in ("sketchy", "s_adagrad", "agd")], ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case", [c for c in TORCH_CASES if c.id in ("sketchy", "s_adagrad", "agd")], ids=lambda c: c.id
+)
 def test_a_step_during_cuda_graph_capture_names_why_it_cannot_be_captured(monkeypatch, case):
     """Sketchy and S-AdaGrad decompose with torch's eigh/svd on every step ``capturable=True``
     allows, which on CUDA read their status on the host: captured, that invalidates the capture
@@ -136,7 +142,8 @@ def test_a_step_during_cuda_graph_capture_names_why_it_cannot_be_captured(monkey
         assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
         return
     name = type(opt).__name__
-    with pytest.raises(RuntimeError, match=f"^{name}: a step cannot be captured in a CUDA graph: .*eigh or svd.*on the host"):
+    refusal = f"^{name}: a step cannot be captured in a CUDA graph: .*eigh or svd.*on the host"
+    with pytest.raises(RuntimeError, match=refusal):
         opt.step(**case.step_kwargs)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(int(entries["step"]) == 1 for entries in opt.state.values())
