@@ -422,8 +422,8 @@ def test_per_matrix_under_jit_on_cpu_calls_lapack_one_matrix_at_a_time(name, mak
 
 
 def test_inverse_gives_the_backends_inv(backend):
-    """``linalg.inverse`` is the backend's LU inverse: on torch ``inv_ex``, the kernel ``inv``
-    runs before it checks LAPACK's status, elsewhere ``inv`` itself; so the same numbers, bit for
+    """``linalg.inverse`` is the backend's LU inverse: on torch ``inv_ex``, the kernel that ``inv``
+    runs before checking LAPACK's status, elsewhere ``inv`` itself; so the same numbers, bit for
     bit, on a stack of well-conditioned matrices."""
     a, _, _ = spd(4, 1e2, batch=(3,))
     a = backend.asarray(a)
