@@ -563,8 +563,8 @@ def mbf(
     ``refresh_phases`` P, one call for the due shares where the step is known on the host (all of
     them in the warm-up, one after it), one per due share under ``jit`` without it. No step reads
     a device value (the inverse is branch-free; the intervals are host decisions given
-    ``update(..., step=)``), except that torch's CUDA ``inv`` checks its own result: one
-    synchronisation per inverse step.
+    ``update(..., step=)``); on torch the batched inverse is ``inv_ex``, whose status stays on the
+    device (:func:`precond_ref.linalg.inverse`).
 
     ``mode="faithful"`` reproduces ``mbngd_update`` + ``update_parameter`` of the authors' code
     (achrafba96/mbf ``b0ace6e``, algorithm ``MBNGD-all-to-one-Avg``) on finite inputs. Deviations
