@@ -28,6 +28,7 @@ __all__ = [
     "scalar_zero",
     "placement",
     "compute_dtype",
+    "device_key",
     "computed_once",
     "is_tracer",
     "torch_compiling",
@@ -130,6 +131,22 @@ def float64_where_available(xp: Any, x: Array) -> Any:
     if getattr(array_device(x), "type", None) == "mps":
         return None
     return xp.float64
+
+
+def device_key(x: Array) -> Any:
+    """A hashable stand-in for ``array_device(x)``, for the keys that group arrays by device: equal
+    for arrays on one device, different for arrays on different devices.
+
+    The device itself where it is hashable (torch, JAX, NumPy, array-api-strict); else the name of
+    its type and its ``repr``: CuPy 14's ``Device`` is unhashable, and its ``repr`` names the device
+    (``<CUDA Device 0>``). Hashability is read off the type (``__hash__ = None``, as
+    ``collections.abc.Hashable`` reads it), not tried with ``hash``, which dynamo before torch
+    2.13 cannot trace.
+    """
+    device = array_device(x)
+    if type(device).__hash__ is None:
+        return (type(device).__name__, repr(device))
+    return device
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
 
-from array_api_compat import device as array_device, is_torch_array
+from array_api_compat import is_torch_array
 
-from ._backend import torch_compiling
+from ._backend import device_key, torch_compiling
 
 __all__ = [
     "merge_small_dims", "block_bounds", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks",
@@ -95,7 +95,8 @@ class Stack(NamedTuple):
 
 
 def _same_layout(operands: tuple) -> Hashable:
-    return tuple((tuple(a.shape[1:]), a.dtype, array_device(a)) for a in operands)
+    """The default stacking key: every operand's trailing shape, dtype and device."""
+    return tuple((tuple(a.shape[1:]), a.dtype, device_key(a)) for a in operands)
 
 
 def stack(

@@ -31,6 +31,7 @@ from ._backend import (
     compute_dtype,
     computed_once,
     cond,
+    device_key as _device_key,
     cond_under_cpu_jit,
     float32_matmul_precision,
     float64_where_available,
@@ -480,13 +481,8 @@ def _sum_of_squares(xp: Any, x: Array) -> Array:
 
 
 def _dtype_and_device(leaf: Array, dtype: Any) -> tuple:
-    """A key grouping leaves whose 0-D results can be stacked; a leaf alone if its device is unhashable."""
-    key = (dtype, array_device(leaf))
-    try:
-        hash(key)
-    except TypeError:
-        return (dtype, id(leaf))
-    return key
+    """A key grouping leaves whose 0-D results can be stacked: ``dtype`` and the leaf's device."""
+    return (dtype, _device_key(leaf))
 
 
 def _first_bad_gradient(xp: Any, leaves: Sequence[Array], paths: Sequence[Path]) -> str:
@@ -723,7 +719,7 @@ def build_transform(
         # A 0-D zero per dtype and device serves every leaf's selections (the update is cast to
         # the gradient's dtype).
         ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
-        zeros = [ctx.once(("zero", g.dtype, array_device(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
+        zeros = [ctx.once(("zero", g.dtype, _device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
         if elementwise or not is_jax_namespace(xp):
             grad_leaves = [
                 g if finite_step and is_dense(g) else select(xp, ok, g, zero) for g, zero in zip(grad_leaves, zeros)
@@ -854,7 +850,7 @@ def _pack(
         p = None if param_leaves is None else param_leaves[i]
         return (
             0 < math.prod(g.shape) <= limit
-            and bool(entries)
+            and len(entries) > 0
             and xp.isdtype(g.dtype, "real floating")
             and (p is None or (tuple(p.shape) == tuple(g.shape) and p.dtype == g.dtype))
             and _layout(entries) == layout_for(groups[i], (g,), xp)

@@ -36,6 +36,7 @@ from .._backend import (
     computed_once,
     cond,
     cond_under_cpu_jit,
+    device_key,
     float64_where_available,
     is_zero,
     placement,
@@ -1154,7 +1155,7 @@ def _as_matrix(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:
 
 def _full_layout(operands: tuple) -> tuple:
     """The stacking key of a matrix leaf: the whole shape, dtype and device of every operand."""
-    return tuple((tuple(a.shape), a.dtype, array_device(a)) for a in operands)
+    return tuple((tuple(a.shape), a.dtype, device_key(a)) for a in operands)
 
 
 def _hand_back(

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from array_api_compat import array_namespace, device as array_device
 
-from .._backend import as_operand, cast, compute_dtype, cond, host_bool, is_zero, placement
+from .._backend import as_operand, cast, compute_dtype, cond, device_key, host_bool, is_zero, placement
 from ..blocking import on_stacks
 from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_of_quadratic
 from ..transform import (
@@ -392,13 +392,8 @@ def _inner(xp: Any, a: Array, b: Array) -> Array:
 
 
 def _stack_key(x: Array) -> Any:
-    """Arrays with equal keys (dtype and device) can be stacked; an unhashable device keeps ``x`` alone."""
-    key = (x.dtype, array_device(x))
-    try:
-        hash(key)
-    except TypeError:
-        return id(x)
-    return key
+    """Arrays with equal keys (dtype and device) can be stacked."""
+    return (x.dtype, device_key(x))
 
 
 def _flat(xp: Any, x: Array) -> Array:

@@ -22,8 +22,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 from array_api_compat import array_namespace, device as array_device
 
 from .._backend import (
-    as_operand, cast, compute_dtype, computed_once, cond, host_bool, is_number, is_zero, placement, scalar_array,
-    scalar_zero,
+    as_operand, cast, compute_dtype, computed_once, cond, device_key, host_bool, is_number, is_zero, placement,
+    scalar_array, scalar_zero,
 )
 from ..blocking import block_bounds, spread_schedule
 from ..linalg import half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
@@ -1164,7 +1164,7 @@ def if_shampoo(
         whatever the number of tiles."""
         by_layout: dict = {}
         for i, positions, G in members(xp, groups, phase):
-            key = (tuple(G.shape[1:]), G.dtype, str(array_device(G))) + tuple(
+            key = (tuple(G.shape[1:]), G.dtype, device_key(G)) + tuple(
                 (tuple(K.shape), K.dtype) for K in tile_states[i][positions[0]].factor)
             by_layout.setdefault(key, []).append((i, positions, G))
         for chosen in by_layout.values():
