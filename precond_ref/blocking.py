@@ -110,14 +110,17 @@ def stack(
 
     Members whose operands agree in trailing shape, dtype and device (or in ``key(operands)`` when
     given), and in ``labels[i]`` when given (what the operands are, e.g. the names of state
-    entries), form one :class:`Stack`, their operands concatenated along the leading axis. Stacks
-    are in order of first appearance, members within a stack in their given order.
-    :func:`unstack` hands results computed on the stacks back member by member.
+    entries), form one :class:`Stack`, their operands concatenated along the leading axis; a
+    member whose ``key(operands)`` is ``None`` forms a stack alone. Stacks are in order of first
+    appearance, members within a stack in their given order. :func:`unstack` hands results
+    computed on the stacks back member by member.
     """
     groups: dict[Hashable, list[int]] = {}
     for index, operands in enumerate(members):
         label = None if labels is None else labels[index]
-        groups.setdefault((label, (key or _same_layout)(operands)), []).append(index)
+        layout = (key or _same_layout)(operands)
+        # (index,), a 1-tuple, equals no (label, layout) pair
+        groups.setdefault((index,) if layout is None else (label, layout), []).append(index)
     stacks = []
     for indices in groups.values():
         lengths = tuple(members[i][0].shape[0] for i in indices)

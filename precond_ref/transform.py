@@ -25,6 +25,7 @@ from typing import Any, Callable, Hashable, Iterable, NamedTuple, Optional, Sequ
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace
 
 from ._backend import (
+    IdentityDict,
     JAX_MATMUL_PRECISION as _JAX_PRECISION,
     NO_CONTEXT as _NO_CONTEXT,
     cast,
@@ -188,7 +189,7 @@ class StepContext(NamedTuple):
     Python int when the caller passed ``step=``, else a 0-D int32 array. ``due`` holds the host
     decisions a compiled caller passed (``{interval: bool}``), or ``None``. ``ok`` is the step's
     0-D bool skip predicate (``None`` when nothing is skipped), ``settled`` the entries
-    :meth:`unless_skipped` already selected, by ``id``, and ``shared`` the values :meth:`once`
+    :meth:`unless_skipped` already selected (an :class:`IdentityDict` of them), and ``shared`` the values :meth:`once`
     computed for this update (one dict for all its groups). ``applied`` is ``True`` when the step
     is known on the host not to be skipped (``ok`` was read where that costs no synchronisation):
     selections by ``ok`` are then skipped, but for an array that is not dense (see
@@ -202,7 +203,7 @@ class StepContext(NamedTuple):
     calls: Any = None
     due: Any = None
     ok: Any = None
-    settled: Optional[dict[int, Array]] = None
+    settled: Optional[IdentityDict] = None
     shared: Optional[dict] = None
     applied: bool = False
 
@@ -261,7 +262,7 @@ class StepContext(NamedTuple):
         if self.ok is None or (self.applied and is_dense(new)):
             return new
         selected = select(self.xp, self.ok, new, old)
-        self.settled[id(selected)] = selected  # the reference keeps the id from being reused
+        self.settled[selected] = True
         return selected
 
 
@@ -734,7 +735,7 @@ def build_transform(
             calls = step if step is not None else state.count + state.nonfinite_count
         skipping = on_nonfinite == "skip" and not finite_step
         selecting = on_nonfinite == "skip"
-        ctx = ctx._replace(calls=calls, due=decisions, ok=ok if selecting else None, settled={}, applied=finite_step)
+        ctx = ctx._replace(calls=calls, due=decisions, ok=ok if selecting else None, settled=IdentityDict(), applied=finite_step)
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
         members = [
@@ -787,7 +788,7 @@ def build_transform(
                     old = state.groups[key][k]
                     # An entry the step left untouched, or that the method selected, needs no
                     # selection; nor does a dense one of a step known to be applied.
-                    if v is not old and ctx.settled.get(id(v)) is not v and not (finite_step and is_dense(v)):
+                    if v is not old and v not in ctx.settled and not (finite_step and is_dense(v)):
                         entries[k] = select(xp, ok, v, old)
         if finite_step:  # the step is applied: one addition, the skipped steps' count as it was
             new_state = PrecondState(count=state.count + 1, nonfinite_count=state.nonfinite_count, groups=new_groups)

@@ -939,13 +939,13 @@ def _joined(xp: Any, step: Callable, leaves: list[tuple], ctx: StepContext) -> l
         (u,), new = step(g, dict(zip(names, entries)), w, ctx)
         outputs.append((u, *(new[k] for k in names)))
     # A leaf's part of an entry the step selected (StepContext.unless_skipped) is selected too.
-    selected = {i: [ctx.settled is not None and ctx.settled.get(id(a)) is a for a in out[1:]]
+    selected = {i: [ctx.settled is not None and a in ctx.settled for a in out[1:]]
                 for s, out in zip(stacks, outputs) for i in s.indices}
     results = []
     for index, ((g, state, _), pieces) in enumerate(zip(leaves, unstack(stacks, outputs, len(leaves)))):
         u, *entries = (p if p.shape == state[names[0]].shape else xp.reshape(p, state[names[0]].shape) for p in pieces)
         for entry in (e for e, done in zip(entries, selected[index]) if done):
-            ctx.settled[id(entry)] = entry
+            ctx.settled[entry] = True
         results.append(((u,), dict(zip(names, entries))))
     return results
 

@@ -410,9 +410,9 @@ def _flat_key(operands: tuple) -> Any:
     """Which vectors an element-wise rule runs on concatenated (:func:`precond_ref.blocking.on_stacks`):
     those of one dtype and device of at most ``FLAT_MAX_ELEMENTS`` elements (the copies into and out
     of the concatenation cost a pass over the data, against a dozen operations per vector); a
-    longer vector alone."""
+    longer vector alone (the key ``None``)."""
     x = operands[0]
-    return _stack_key(x) if x.shape[0] <= FLAT_MAX_ELEMENTS else id(x)
+    return _stack_key(x) if x.shape[0] <= FLAT_MAX_ELEMENTS else None
 
 
 def _bias_correction(xp: Any, beta: Any, count: Any, dtype: Any) -> Array:
@@ -664,12 +664,13 @@ def mbf(
 
     # ``cond`` branches are made once per (namespace, kinds): JAX caches a traced branch by the
     # function's identity, so a fresh closure per call would trace it again on every eager step.
-    # A dict keyed by the namespace's id, not ``functools.cache``: dynamo warns on every
-    # lru_cache-wrapped call it traces, and cannot compare modules as dict keys.
+    # A dict keyed by the namespace's name, not ``functools.cache``: dynamo warns on every
+    # lru_cache-wrapped call it traces, and cannot compare modules as dict keys (nor, before
+    # torch 2.13, take a module's id).
     branches: dict[tuple, tuple[Callable, Callable]] = {}
 
     def statistic_branches(xp: Any, kind: str) -> tuple[Callable, Callable]:
-        key = ("statistic", id(xp), kind)
+        key = ("statistic", xp.__name__, kind)
         if key not in branches:
             branches[key] = (
                 lambda f, n, g, rho: _ema_statistic(xp, kind, f, n, g, rho, chunks),
@@ -678,7 +679,7 @@ def mbf(
         return branches[key]
 
     def inverse_branches(xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...], run: tuple[int, int]) -> tuple[Callable, Callable]:
-        key = ("inverse", id(xp), kinds, owners, run)
+        key = ("inverse", xp.__name__, kinds, owners, run)
         if key not in branches:
 
             def refresh(f: list, inv: list, n: list, before: list) -> tuple[list, list]:
