@@ -245,7 +245,9 @@ class StepContext(NamedTuple):
         """
         if self.due is not None:
             for declared, decision in self.due:
-                if declared is interval or (is_number(declared) and is_number(interval) and declared == interval):
+                if is_number(declared) != is_number(interval):
+                    continue  # never `is` between a number and a function: dynamo < 2.13 cannot trace it
+                if declared == interval if is_number(declared) else declared is interval:
                     return decision
             raise ValueError(f"interval {interval!r} was not declared to build_transform(intervals=...)")
         return is_due(interval, self.calls)
