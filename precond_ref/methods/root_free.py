@@ -1209,13 +1209,18 @@ def if_shampoo(
     refresh_at = spread_schedule(precondition_every, spread)
     scaled_beta2 = preconditioner_lr_scale is not None  # one β₂ per group
 
+    plans: dict = {}  # (shapes, out_first) -> plan(...): the tile plan is made once per layout, not every step
+
     def plan(shapes, out_first: bool, where: str) -> tuple:
         """(squeezed dims, per-axis diagonal flags, tile plan) of a group's tensor."""
-        _, dims = _grouped_shape(shapes, out_first)
-        kinds = _per_axis(structures, len(dims), "structures", where)
-        limit = None if dense_limit is None else int(dense_limit)
-        diagonal = tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
-        return dims, diagonal, _stack_plan(_tile_plan(dims, diagonal, block_size, precondition_every, spread_refresh))
+        key = (tuple(shapes), out_first)
+        if key not in plans:
+            _, dims = _grouped_shape(shapes, out_first)
+            kinds = _per_axis(structures, len(dims), "structures", where)
+            limit = None if dense_limit is None else int(dense_limit)
+            diagonal = tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
+            plans[key] = dims, diagonal, _stack_plan(_tile_plan(dims, diagonal, block_size, precondition_every, spread_refresh))
+        return plans[key]
 
     def layout(tile_plan: _Plan, rank: int, members: int) -> _IFShampooState:
         """The fields a group's state has (any leaves; :func:`precond_ref.tree.from_entries`' template)."""
