@@ -111,6 +111,9 @@ class CoreOptimizer(torch.optim.Optimizer):
     _inputs_first: frozenset = frozenset()
     #: Whether ``compile=None`` compiles (set per class from the benchmark: where it is faster).
     compile_by_default: bool = False
+    #: Why a step of this class cannot be captured in a CUDA graph (an operation of every step
+    #: reads the device on the host), or None; a step taken during capture raises it.
+    not_capturable_because: Optional[str] = None
     # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
     _transient_attributes: tuple[str, ...] = ("_transforms", "_compiled", "_learning_rates", "_member_plans")
 
@@ -232,6 +235,9 @@ class CoreOptimizer(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
         if torch.compiler.is_compiling():
             return step_outside_the_graph(self, closure, extra)
+        if self.not_capturable_because is not None and _capturing_cuda_graph():
+            reason = self.not_capturable_because
+            raise RuntimeError(f"{type(self).__name__}: a step cannot be captured in a CUDA graph: {reason}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -393,6 +399,12 @@ class CoreOptimizer(torch.optim.Optimizer):
         updates, new_state = transform.update(grads, state, params, step=calls, **extra)
         torch._foreach_add_(tree_flatten(params)[0], tree_flatten(updates)[0])
         return new_state
+
+
+def _capturing_cuda_graph() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False, without initialising CUDA,
+    where no CUDA context exists: a CPU-only torch has no capture to ask about)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 @torch.compiler.disable

@@ -684,3 +684,10 @@ SAdaGrad = _torch_class(
         _Arg("spread_refresh", None, "Optional[bool]", since="0.2.0"),
     ),
 )
+
+# torch's CUDA eigh and svd check their LAPACK status on the host (they have no ``_ex`` variant),
+# and the Frequent Directions update calls one of them on every step that ``capturable=True``
+# allows (intervals of 1): a capture would be invalidated, and the process's later cuSOLVER calls fail.
+Sketchy.not_capturable_because = SAdaGrad.not_capturable_because = (
+    "its Frequent Directions update calls torch's eigh or svd, which on CUDA read their status on the host"
+)

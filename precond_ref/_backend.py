@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import sys
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 from array_api_compat import device as array_device, is_jax_namespace, is_numpy_namespace, is_torch_namespace
 
@@ -28,7 +28,9 @@ __all__ = [
     "scalar_zero",
     "placement",
     "compute_dtype",
+    "device_key",
     "computed_once",
+    "IdentityDict",
     "is_tracer",
     "torch_compiling",
     "JAX_MATMUL_PRECISION",
@@ -132,6 +134,22 @@ def float64_where_available(xp: Any, x: Array) -> Any:
     return xp.float64
 
 
+def device_key(x: Array) -> Any:
+    """A hashable stand-in for ``array_device(x)``, for the keys that group arrays by device: equal
+    for arrays on one device, different for arrays on different devices.
+
+    The device itself where it is hashable (torch, JAX, NumPy, array-api-strict); else the name of
+    its type and its ``repr``: CuPy 14's ``Device`` is unhashable, and its ``repr`` names the device
+    (``<CUDA Device 0>``). Hashability is read off the type (``__hash__ = None``, as
+    ``collections.abc.Hashable`` reads it), not tried with ``hash``, which dynamo before torch
+    2.13 cannot trace.
+    """
+    device = array_device(x)
+    if type(device).__hash__ is None:
+        return (type(device).__name__, repr(device))
+    return device
+
+
 def compute_dtype(xp: Any, dtype: Any) -> Any:
     """float32 for floating dtypes of fewer than 32 bits (bf16, fp16), else ``dtype`` itself."""
     return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
@@ -172,6 +190,41 @@ def computed_once(xp: Any, value: Any) -> Any:
 
 
 _COPIES = 8
+
+
+class IdentityDict:
+    """A dict keyed by object identity: ``d[k]`` is the value stored under the very object ``k``
+    (``is``, not ``==``: arrays compare element-wise, and most do not hash).
+
+    Eagerly a dict by ``id(k)`` that holds ``k`` beside its value, so that no other object takes
+    its ``id`` while it is here. Made under ``torch.compile``, a list of ``(k, value)`` searched
+    with ``is``: dynamo before torch 2.13 cannot trace ``id`` of a tensor made in the traced
+    function, and the search runs while tracing only, not in the compiled step.
+    """
+
+    def __init__(self) -> None:
+        self._pairs: Optional[list] = [] if torch_compiling() else None
+        self._by_id: dict[int, tuple] = {}
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if self._pairs is not None:
+            return next((v for k, v in self._pairs if k is key), default)
+        pair = self._by_id.get(id(key))
+        return default if pair is None or pair[0] is not key else pair[1]
+
+    def __contains__(self, key: Any) -> bool:
+        return self.get(key, _ABSENT) is not _ABSENT
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self._pairs is None:
+            self._by_id[id(key)] = (key, value)
+        elif key in self:
+            self._pairs = [(k, value if k is key else v) for k, v in self._pairs]
+        else:
+            self._pairs.append((key, value))
+
+
+_ABSENT = object()
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
 
-from array_api_compat import device as array_device, is_torch_array
+from array_api_compat import is_torch_array
 
-from ._backend import torch_compiling
+from ._backend import device_key, torch_compiling
 
 __all__ = [
     "merge_small_dims", "block_bounds", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks",
@@ -95,7 +95,8 @@ class Stack(NamedTuple):
 
 
 def _same_layout(operands: tuple) -> Hashable:
-    return tuple((tuple(a.shape[1:]), a.dtype, array_device(a)) for a in operands)
+    """The default stacking key: every operand's trailing shape, dtype and device."""
+    return tuple((tuple(a.shape[1:]), a.dtype, device_key(a)) for a in operands)
 
 
 def stack(
@@ -109,14 +110,17 @@ def stack(
 
     Members whose operands agree in trailing shape, dtype and device (or in ``key(operands)`` when
     given), and in ``labels[i]`` when given (what the operands are, e.g. the names of state
-    entries), form one :class:`Stack`, their operands concatenated along the leading axis. Stacks
-    are in order of first appearance, members within a stack in their given order.
-    :func:`unstack` hands results computed on the stacks back member by member.
+    entries), form one :class:`Stack`, their operands concatenated along the leading axis; a
+    member whose ``key(operands)`` is ``None`` forms a stack alone. Stacks are in order of first
+    appearance, members within a stack in their given order. :func:`unstack` hands results
+    computed on the stacks back member by member.
     """
     groups: dict[Hashable, list[int]] = {}
     for index, operands in enumerate(members):
         label = None if labels is None else labels[index]
-        groups.setdefault((label, (key or _same_layout)(operands)), []).append(index)
+        layout = (key or _same_layout)(operands)
+        # (index,), a 1-tuple, equals no (label, layout) pair
+        groups.setdefault((index,) if layout is None else (label, layout), []).append(index)
     stacks = []
     for indices in groups.values():
         lengths = tuple(members[i][0].shape[0] for i in indices)

@@ -39,7 +39,7 @@ import sys
 from itertools import repeat
 from typing import Any, Optional, Sequence, Union
 
-from array_api_compat import array_namespace, device as array_device, is_jax_namespace
+from array_api_compat import array_namespace, device as array_device, is_jax_namespace, is_torch_namespace
 
 from ._backend import as_operand, cond, is_tracer, is_zero, placement
 
@@ -48,6 +48,7 @@ __all__ = [
     "kl_clip_of_quadratic",
     "symmetrize",
     "per_matrix",
+    "inverse",
     "identity_like",
     "trace",
     "matrix_power_eigh",
@@ -116,6 +117,32 @@ def _jax_cpu_lapack_waits_on_pool(xp: Any, a: Array) -> bool:
         return False  # an eager call runs alone
     jaxlib = sys.modules["jaxlib"]  # imported by jax
     return tuple(int(part) for part in jaxlib.__version__.split(".")[:2]) < (0, 11)
+
+
+def inverse(xp: Any, a: Array) -> Array:
+    """:math:`A^{-1}` for a stack of square matrices ``(..., k, k)`` by LU (through
+    :func:`per_matrix`). A matrix whose LU has an exactly zero pivot gives non-finite entries on
+    torch and JAX; NumPy raises ``LinAlgError`` for the whole call.
+
+    On torch, ``torch.linalg.inv_ex`` with the blocks whose LAPACK/cuSOLVER ``info`` is non-zero set
+    to NaN on the device. ``torch.linalg.inv`` instead reads ``info`` on the host to raise on a
+    singular matrix (its ``aten::_linalg_check_errors``): on a GPU a synchronisation in every call,
+    which also makes the step impossible to capture in a CUDA graph. JAX's ``inv`` returns
+    non-finite entries for a singular matrix by itself.
+    """
+    if is_torch_namespace(xp):
+        return per_matrix(xp, _torch_inverse_without_host_check, a)
+    return per_matrix(xp, xp.linalg.inv, a)
+
+
+def _torch_inverse_without_host_check(a: Array) -> Array:
+    torch = sys.modules["torch"]
+    result, info = torch.linalg.inv_ex(a)
+    return torch.where((info == 0)[..., None, None], result, math.nan)
+
+
+# The damped inverses below call their result ``inverse``, which shadows the function there.
+_lu_inverse = inverse
 
 
 def identity_like(a: Array) -> Array:
@@ -509,20 +536,22 @@ def damped_inverse(
     for a rank-deficient :math:`F_b`) the damping is lost and the computed inverse can be garbage
     while finite. :func:`precond_ref.testing.oracles.damped_inverse_residual` detects that; :func:`damped_inverse_stable` raises
     the damping to the precision floor of :math:`F_b` instead and stays accurate. An exactly singular block makes
-    NumPy/torch raise inside ``inv``; that is caught here and every block of the call counts as
-    failed (the previous inverses are kept), so this function never raises.
+    NumPy raise ``LinAlgError`` inside ``inv``; that is caught here and every block of the call
+    counts as failed (the previous inverses are kept). torch and JAX give that block non-finite
+    entries instead (:func:`inverse`): it alone fails. Any other error of the call (a CUDA error,
+    torch's synchronisation debug mode) propagates.
     """
     xp = array_namespace(matrices, previous)
     if symmetrize:
         matrices = _symmetric_part(matrices)
     eye = identity_like(matrices)
     # A non-finite block is replaced by I before the call: inv maps Inf entries to finite
-    # garbage (inv([[inf, 0], [0, 1]]) = [[0, 0], [0, 1]]) and NaN may make NumPy/torch raise.
+    # garbage (inv([[inf, 0], [0, 1]]) = [[0, 0], [0, 1]]) and NaN may make NumPy raise.
     finite_in = _blockwise_finite(xp, matrices)
     damped = xp.where(finite_in[..., None, None], matrices + damping * eye, eye)
     try:
-        inverse = per_matrix(xp, xp.linalg.inv, damped)
-    except Exception:  # NumPy/torch raise on an exactly singular block (JAX returns Inf/NaN)
+        inverse = _lu_inverse(xp, damped)
+    except ValueError:  # NumPy's LinAlgError on an exactly singular block (torch and JAX give Inf/NaN)
         inverse = xp.full(damped.shape, xp.nan, dtype=damped.dtype, device=placement(xp, damped))
     if symmetrize:
         inverse = _symmetric_part(inverse)
@@ -571,9 +600,9 @@ def damped_inverse_stable(
     rounded :math:`F_b + \lambda I` (or treating an unresolved eigenvalue as zero) would.
 
     No value is read on the host (no branch, no fallback decomposition): the whole stack is one
-    batched ``inv`` and element-wise work, so it runs under ``jax.jit`` and ``torch.compile`` and
-    on a GPU without synchronisation, except the one that the backend's ``inv`` may make to check
-    its own result (torch on CUDA does).
+    batched ``inv`` (:func:`inverse`, which on torch leaves LAPACK's status on the device) and
+    element-wise work, so it runs under ``jax.jit`` and ``torch.compile`` and on a GPU without
+    synchronisation.
 
     Parameters
     ----------
@@ -600,7 +629,7 @@ def damped_inverse_stable(
     requested = xp.zeros_like(floor) + damping
     raised = floor > requested
     lam = xp.where(raised, floor, requested)
-    inverse = _symmetric_part(per_matrix(xp, xp.linalg.inv, safe + lam[..., None, None] * identity_like(safe)))
+    inverse = _symmetric_part(_lu_inverse(xp, safe + lam[..., None, None] * identity_like(safe)))
     ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))
     return xp.where(ok[..., None, None], inverse, previous), xp.logical_or(xp.logical_not(ok), raised)
 

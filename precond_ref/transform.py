@@ -25,12 +25,14 @@ from typing import Any, Callable, Hashable, Iterable, NamedTuple, Optional, Sequ
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace
 
 from ._backend import (
+    IdentityDict,
     JAX_MATMUL_PRECISION as _JAX_PRECISION,
     NO_CONTEXT as _NO_CONTEXT,
     cast,
     compute_dtype,
     computed_once,
     cond,
+    device_key as _device_key,
     cond_under_cpu_jit,
     float32_matmul_precision,
     float64_where_available,
@@ -187,7 +189,7 @@ class StepContext(NamedTuple):
     Python int when the caller passed ``step=``, else a 0-D int32 array. ``due`` holds the host
     decisions a compiled caller passed (``{interval: bool}``), or ``None``. ``ok`` is the step's
     0-D bool skip predicate (``None`` when nothing is skipped), ``settled`` the entries
-    :meth:`unless_skipped` already selected, by ``id``, and ``shared`` the values :meth:`once`
+    :meth:`unless_skipped` already selected (an :class:`IdentityDict` of them), and ``shared`` the values :meth:`once`
     computed for this update (one dict for all its groups). ``applied`` is ``True`` when the step
     is known on the host not to be skipped (``ok`` was read where that costs no synchronisation):
     selections by ``ok`` are then skipped, but for an array that is not dense (see
@@ -201,7 +203,7 @@ class StepContext(NamedTuple):
     calls: Any = None
     due: Any = None
     ok: Any = None
-    settled: Optional[dict[int, Array]] = None
+    settled: Optional[IdentityDict] = None
     shared: Optional[dict] = None
     applied: bool = False
 
@@ -260,7 +262,7 @@ class StepContext(NamedTuple):
         if self.ok is None or (self.applied and is_dense(new)):
             return new
         selected = select(self.xp, self.ok, new, old)
-        self.settled[id(selected)] = selected  # the reference keeps the id from being reused
+        self.settled[selected] = True
         return selected
 
 
@@ -480,13 +482,8 @@ def _sum_of_squares(xp: Any, x: Array) -> Array:
 
 
 def _dtype_and_device(leaf: Array, dtype: Any) -> tuple:
-    """A key grouping leaves whose 0-D results can be stacked; a leaf alone if its device is unhashable."""
-    key = (dtype, array_device(leaf))
-    try:
-        hash(key)
-    except TypeError:
-        return (dtype, id(leaf))
-    return key
+    """A key grouping leaves whose 0-D results can be stacked: ``dtype`` and the leaf's device."""
+    return (dtype, _device_key(leaf))
 
 
 def _first_bad_gradient(xp: Any, leaves: Sequence[Array], paths: Sequence[Path]) -> str:
@@ -723,7 +720,7 @@ def build_transform(
         # A 0-D zero per dtype and device serves every leaf's selections (the update is cast to
         # the gradient's dtype).
         ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
-        zeros = [ctx.once(("zero", g.dtype, array_device(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
+        zeros = [ctx.once(("zero", g.dtype, _device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
         if elementwise or not is_jax_namespace(xp):
             grad_leaves = [
                 g if finite_step and is_dense(g) else select(xp, ok, g, zero) for g, zero in zip(grad_leaves, zeros)
@@ -738,7 +735,7 @@ def build_transform(
             calls = step if step is not None else state.count + state.nonfinite_count
         skipping = on_nonfinite == "skip" and not finite_step
         selecting = on_nonfinite == "skip"
-        ctx = ctx._replace(calls=calls, due=decisions, ok=ok if selecting else None, settled={}, applied=finite_step)
+        ctx = ctx._replace(calls=calls, due=decisions, ok=ok if selecting else None, settled=IdentityDict(), applied=finite_step)
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
         members = [
@@ -791,7 +788,7 @@ def build_transform(
                     old = state.groups[key][k]
                     # An entry the step left untouched, or that the method selected, needs no
                     # selection; nor does a dense one of a step known to be applied.
-                    if v is not old and ctx.settled.get(id(v)) is not v and not (finite_step and is_dense(v)):
+                    if v is not old and v not in ctx.settled and not (finite_step and is_dense(v)):
                         entries[k] = select(xp, ok, v, old)
         if finite_step:  # the step is applied: one addition, the skipped steps' count as it was
             new_state = PrecondState(count=state.count + 1, nonfinite_count=state.nonfinite_count, groups=new_groups)
@@ -854,7 +851,7 @@ def _pack(
         p = None if param_leaves is None else param_leaves[i]
         return (
             0 < math.prod(g.shape) <= limit
-            and bool(entries)
+            and len(entries) > 0
             and xp.isdtype(g.dtype, "real floating")
             and (p is None or (tuple(p.shape) == tuple(g.shape) and p.dtype == g.dtype))
             and _layout(entries) == layout_for(groups[i], (g,), xp)

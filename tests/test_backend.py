@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from precond_ref._backend import (
-    NO_CONTEXT, _copies, as_operand, cast, compute_dtype, computed_once, cond, cond_under_cpu_jit,
-    float32_matmul_precision, is_number, is_tracer, is_zero, placement, scalar_array, scalar_zero,
+    NO_CONTEXT, IdentityDict, _copies, as_operand, cast, compute_dtype, computed_once, cond, cond_under_cpu_jit,
+    device_key, float32_matmul_precision, is_number, is_tracer, is_zero, placement, scalar_array, scalar_zero,
     torch_compiling,
 )
 
@@ -348,3 +348,126 @@ def test_hyperparameter_helpers_are_spelled_once():
         if name != "precond_ref/_backend.py":
             found += [(name, what) for what in _other_spellings(path.read_text()) if (name, what) not in _ALLOWED_SPELLINGS]
     assert not found, f"spelled again instead of calling precond_ref._backend: {found}"
+
+
+# --------------------------------------------------------------------------------------------
+# Keys by device and dicts by identity, traced by dynamo of every supported torch
+
+
+class UnhashableDevice:
+    """Stands for CuPy 14's ``cupy.cuda.Device``: equal by ordinal, unhashable (``__eq__`` without
+    ``__hash__``), its ``repr`` naming the ordinal. A new object per array, as ``x.device`` may be."""
+
+    def __init__(self, ordinal: int) -> None:
+        self.id = ordinal
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UnhashableDevice) and other.id == self.id
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<CUDA Device {self.id}>"
+
+
+class ArrayOn:
+    """A NumPy array on an :class:`UnhashableDevice` (``array_api_compat.device`` reads ``.device``)."""
+
+    def __init__(self, array: np.ndarray, ordinal: int) -> None:
+        self.array, self.device = array, UnhashableDevice(ordinal)
+        self.shape, self.dtype = array.shape, array.dtype
+
+
+def test_device_key_is_equal_exactly_for_arrays_on_one_device():
+    """``device_key(x)`` [definition]: hashable, equal for two arrays on one device and different
+    for arrays on different devices, also where the device itself is unhashable (CuPy 14, whose
+    devices broke every stacking key: 'unhashable type: cupy.cuda.device.Device'); the device
+    itself where it is hashable."""
+    import torch
+
+    a, b, c = ArrayOn(np.zeros(2), 0), ArrayOn(np.ones(3), 0), ArrayOn(np.zeros(2), 1)
+    assert a.device is not b.device
+    assert len({device_key(a), device_key(b)}) == 1 and device_key(a) != device_key(c)
+    assert device_key(torch.zeros(2)) == torch.device("cpu") and device_key(np.zeros(2)) == "cpu"
+
+
+@pytest.fixture(params=["eager", "torch.compile"])
+def compiler_or_eager(request):
+    return request.param
+
+
+def test_identity_dict_is_keyed_by_the_object_itself(compiler_or_eager):
+    """``IdentityDict`` [definition]: ``d[k]`` is the value stored under the very object ``k``:
+    an equal but distinct array is not in it, a stored one is found again and can be overwritten;
+    eagerly and as made inside ``torch.compile`` (fullgraph: a graph break fails)."""
+    import torch
+
+    def lookups(x):
+        y = x * 1.0  # equal to x, another tensor
+        d = IdentityDict()
+        d[x] = 1
+        d[y] = 2
+        d[x] = 3
+        return x + (10 * d.get(x) + d.get(y)) + (100 if x * 2.0 in d else 0)
+
+    if compiler_or_eager == "torch.compile":
+        lookups = torch.compile(lookups, fullgraph=True, dynamic=False, backend="eager")
+    np.testing.assert_array_equal(lookups(torch.zeros(2)).numpy(), [32.0, 32.0])
+    arrays = [np.zeros(2), np.zeros(2)]  # unhashable, equal
+    d = IdentityDict()
+    d[arrays[0]] = "first"
+    assert d.get(arrays[0]) == "first" and arrays[1] not in d and d.get(arrays[1], "none") == "none"
+
+
+def test_device_key_traces_without_a_graph_break():
+    """A stacking key by device, made inside ``torch.compile`` with fullgraph: dynamo of torch
+    2.11 could not trace the ``hash`` that an earlier key tried, and every compiled step fell back
+    to eager."""
+    import torch
+
+    def grouped(x, y):
+        groups = {}
+        for a in (x, y):
+            groups.setdefault((a.dtype, device_key(a)), []).append(a)
+        return [sum(arrays) for arrays in groups.values()]
+
+    out = torch.compile(grouped, fullgraph=True, dynamic=False, backend="eager")(torch.ones(2), torch.ones(2))
+    assert len(out) == 1
+    np.testing.assert_array_equal(out[0].numpy(), [2.0, 2.0])
+
+
+# Calls of builtins that dynamo of torch 2.11 cannot trace (``hash`` of a tuple, ``id`` of a
+# tensor made in the step or of a module, ``object()``), where the core may call them: the eager
+# branch of IdentityDict, and the state's initialisation (never traced).
+_UNTRACEABLE_BUILTINS = ("hash", "id", "object")
+_UNTRACED_CALLERS = {("precond_ref/_backend.py", "get"), ("precond_ref/_backend.py", "__setitem__"),
+                     ("precond_ref/transform.py", "_unaliased")}
+
+
+def test_the_core_calls_no_builtin_that_older_dynamo_cannot_trace():
+    """The torch adapter compiles the core's update with ``fullgraph=True``; a builtin that dynamo
+    of the oldest supported torch cannot trace fails that compilation, and every step then runs
+    eagerly (with a warning). torch 2.11 could not trace ``hash(tuple)``, ``id`` of a tensor made in
+    the step or of a module, nor ``object()``; torch 2.13, which the tests run, traces the first
+    two, so its compiled steps cannot show such a call. Each function of ``precond_ref``'s core
+    modules calls none of them outside ``_UNTRACED_CALLERS``. (A ``bool`` of a dict, the other
+    builtin 2.11 refused, cannot be told from a ``bool`` of a host value by reading the code: write
+    ``len(d) > 0``.)"""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    found = []
+
+    def visit(node, path, function):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if (isinstance(child, ast.Call) and getattr(child.func, "id", None) in _UNTRACEABLE_BUILTINS
+                    and function is not None and (path, function) not in _UNTRACED_CALLERS):
+                found.append(f"{path}:{child.lineno} {child.func.id}() in {function}")
+            visit(child, path, inner)
+
+    for file in sorted([*root.glob("precond_ref/*.py"), *root.glob("precond_ref/methods/*.py")]):
+        path = file.relative_to(root).as_posix()
+        visit(ast.parse(file.read_text()), path, None)
+    assert found == []

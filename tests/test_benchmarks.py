@@ -393,19 +393,27 @@ def test_bench_takes_compares_device_option(tmp_path, capsys):
 
 def test_cost_columns_follow_the_model_and_the_measured_rates(tmp_path):
     """Each row's cost is cost.method_cost of the case's or model's parameters (AdamW's for the
-    baselines; the forward and backward added for a model), limit_ms = flops / matmul rate +
-    bytes / copy rate with the rates the run measured, efficiency = limit_ms / mean_ms."""
+    baselines; the forward and backward added for a model) on the device the run recorded,
+    limit_ms = flops / matmul rate + bytes / copy rate with the rates the run measured,
+    efficiency = limit_ms / mean_ms.
+
+    The device matters: ASGO's ``root_method="auto"`` is eigh on a CPU and Polar-Express on a GPU
+    in float32, two different costs, so the expectation is computed for the device in the JSON."""
     from precond_ref.benchmarks import cost
 
     code, data = _bench(tmp_path, "--model", "gpt", "--methods", "asgo", "--frameworks", "torch")
     assert code == 0
     rates = data["rates"]
     assert rates["matmul_flops_per_s"] > 0 and rates["copy_bytes_per_s"] > 0
+    device = data["machine"]["torch_device"]
+    assert rates["device"] == device
     size = models.SIZES["gpt"]["tiny"]
     shapes = [(n, tuple(p.shape)) for n, p in models.build_torch("gpt", size, torch.float32, "cpu").named_parameters()]
     fwd_bwd = cost.forward_backward("gpt", size, 4)
+    asgo = cost.method_cost(entry_by_name("asgo"), shapes, 4, device)
+    assert asgo.flops != cost.method_cost(entry_by_name("asgo"), shapes, 4, "cuda" if device == "cpu" else "cpu").flops
     by = _by(data["results"]["gpt"])
-    for label, expected in (("ASGO", cost.method_cost(entry_by_name("asgo"), shapes, 4)), ("torch AdamW(fused)", cost.adamw(shapes, 4))):
+    for label, expected in (("ASGO", asgo), ("torch AdamW(fused)", cost.adamw(shapes, 4))):
         row = by["torch", label]["cost"]
         assert row["flops"] == pytest.approx(expected.flops, rel=1e-12) and row["bytes"] == pytest.approx(expected.bytes, rel=1e-12)
         assert row["fwd_bwd_flops"] == pytest.approx(fwd_bwd.flops, rel=1e-12)
@@ -425,7 +433,7 @@ def test_layer_rows_carry_the_optimizer_cost_alone(tmp_path):
     from precond_ref.benchmarks import cost
 
     row = _by(data["results"]["8x4"])["torch", "MBF"]["cost"]
-    expected = cost.method_cost(entry_by_name("mbf"), [("weight", (8, 4)), ("bias", (8,))], 4)
+    expected = cost.method_cost(entry_by_name("mbf"), [("weight", (8, 4)), ("bias", (8,))], 4, data["machine"]["torch_device"])
     assert row["flops"] == pytest.approx(expected.flops, rel=1e-12) and "fwd_bwd_flops" not in row
     assert "GFLOP, MB, limit / mean" in report.readme_section({"layers": data})
 
@@ -478,3 +486,33 @@ def test_peers_with_the_extra_give_rows(tmp_path):
         row = by["torch", label]
         assert row["method"] == "peer" and row["library"].startswith("heavyball ")
         assert row["median_ms"] > 0 and row["ratios"]["torch AdamW(fused)"] > 0 and math.isfinite(row["last_loss"])
+
+
+def test_a_run_stopped_after_its_first_case_leaves_that_case_in_bench_json(tmp_path, monkeypatch):
+    """bench.json is rewritten after each layer case: a run interrupted while measuring its second
+    case (as a timeout would) leaves a valid JSON with ``"complete": false``, the settings and the
+    first case's rows, each with its cost; a run that finishes writes ``"complete": true``. Why: the
+    GPU run killed by ``timeout`` left no bench.json at all when the file was written only at the end."""
+    (tmp_path / "bench.json").write_text('{"stale": "an earlier run"}')
+    measure = layers.bench_case
+    cases_measured = []
+
+    def stopped_at_the_second_case(*args, **kwargs):
+        if cases_measured:
+            raise KeyboardInterrupt  # Ctrl-C in the second case (a timeout's SIGTERM ends the process there)
+        cases_measured.append(args[1])
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "bench_case", stopped_at_the_second_case)
+    code, data = _bench(tmp_path, "--methods", "agd", "--frameworks", "torch", "--cases", "8x4,16x8")
+    assert code == 130 and cases_measured == [("linear", 8, 4)]
+    assert data["complete"] is False and list(data["results"]) == ["8x4"]
+    assert data["settings"]["cases"] == {"8x4": ["linear", 8, 4], "16x8": ["linear", 16, 8]}
+    assert data["rates"]["matmul_flops_per_s"] > 0 and data["machine"]["torch_device"] == data["rates"]["device"]
+    rows = _by(data["results"]["8x4"])
+    assert rows["torch", "AGD"]["mean_ms"] > 0 and rows["torch", "AGD"]["cost"]["bytes"] > 0
+    assert not (tmp_path / "bench.json.part").exists()
+
+    monkeypatch.setattr(layers, "bench_case", measure)
+    code, data = _bench(tmp_path, "--methods", "agd", "--frameworks", "torch", "--cases", "8x4,16x8")
+    assert code == 0 and data["complete"] is True and list(data["results"]) == ["8x4", "16x8"]

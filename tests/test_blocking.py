@@ -75,6 +75,30 @@ def test_stack_labels_separate_members_of_one_layout():
     assert [s.indices for s in stack(np, members, labels=["m", "v", "m"])] == [(0, 2), (1,)]
 
 
+def test_stack_groups_arrays_on_an_unhashable_device_by_device():
+    """Arrays on one device whose device object is unhashable (CuPy 14's) stack together; arrays on
+    another such device stack apart (the default key's device part is ``_backend.device_key``)."""
+    from types import SimpleNamespace
+
+    from test_backend import ArrayOn
+
+    def concat(arrays, axis):
+        return ArrayOn(np.concatenate([a.array for a in arrays], axis=axis), arrays[0].device.id)
+
+    members = [(ArrayOn(np.ones((1, 2)), 0),), (ArrayOn(np.ones((1, 2)), 1),), (ArrayOn(np.ones((2, 2)), 0),)]
+    stacks = stack(SimpleNamespace(concat=concat), members)
+    assert [s.indices for s in stacks] == [(0, 2), (1,)]
+    assert stacks[0].operands[0].shape == (3, 2) and stacks[0].operands[0].device.id == 0
+
+
+def test_stack_keeps_a_member_whose_key_is_none_alone():
+    """A key of ``None`` keeps its member alone (blocking.stack docstring), whatever the labels;
+    the other members group by their keys."""
+    members = [(np.ones((k, 2)),) for k in (1, 2, 3, 4)]
+    stacks = stack(np, members, key=lambda ops: None if ops[0].shape[0] % 2 else "even", labels=[None] * 4)
+    assert [s.indices for s in stacks] == [(0,), (1, 3), (2,)]
+
+
 @pytest.mark.parametrize("interval", [2, 5, 10])
 def test_spread_schedule_gives_every_step_one_phase(interval):
     """Invariant (``PhaseDue``'s formula, ``count == 0 or count % T == phase``): on the first update

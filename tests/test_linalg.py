@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from backends import BACKENDS
 from precond_ref import linalg
 from precond_ref.testing.oracles import inverse_root_residual
 
@@ -415,3 +416,70 @@ def test_per_matrix_under_jit_on_cpu_calls_lapack_one_matrix_at_a_time(name, mak
     for g, w in zip(got, want):
         assert g.shape == w.shape
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+# ---------------------------------------------------------------- inverse without a host check
+
+
+def test_inverse_gives_the_backends_inv(backend):
+    """``linalg.inverse`` is the backend's LU inverse: on torch ``inv_ex``, the kernel that ``inv``
+    runs before checking LAPACK's status, elsewhere ``inv`` itself; so the same numbers, bit for
+    bit, on a stack of well-conditioned matrices."""
+    a, _, _ = spd(4, 1e2, batch=(3,))
+    a = backend.asarray(a)
+    got, want = linalg.inverse(backend.xp, a), backend.xp.linalg.inv(a)
+    np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
+
+
+@pytest.mark.parametrize("name", ["torch", "jax"])
+def test_inverse_of_an_exactly_singular_matrix_is_not_finite_and_leaves_the_others(name):
+    """An exactly singular matrix in the stack (the rank-one 11ᵀ: LU's second pivot is exactly
+    zero) gives non-finite entries instead of an exception (torch's ``inv`` would raise, which
+    reads LAPACK's status on the host; on torch the whole block is NaN), and the other matrices
+    of the stack are inverted as alone (the identity's inverse, exactly): what the damped
+    inverses' block-wise fallback relies on."""
+    backend = next(b for b in BACKENDS if b.name == name)
+    stack = np.stack([np.ones((2, 2)), np.eye(2)])
+    out = backend.to_numpy(linalg.inverse(backend.xp, backend.asarray(stack)))
+    assert not np.all(np.isfinite(out[0]))
+    if name == "torch":
+        assert np.all(np.isnan(out[0]))  # the block whose status is non-zero, set on the device
+    np.testing.assert_array_equal(out[1], np.eye(2))
+
+
+def test_inverse_on_torch_leaves_the_lapack_status_on_the_device():
+    """torch's ``inv`` is ``inv_ex`` followed by ``aten::_linalg_check_errors``, which reads the
+    status on the host to raise (on CUDA a synchronisation, and a CUDA-graph capture it
+    invalidates); ``linalg.inverse`` must dispatch ``linalg_inv_ex`` and never that check. The
+    first half checks that the recorder sees the check where it is made, so the second can fail."""
+    import array_api_compat.torch as xp
+    import torch
+
+    from dispatched import Dispatched
+
+    a = torch.eye(3, dtype=torch.float64) + 0.1
+    with Dispatched() as plain:
+        torch.linalg.inv(a)
+    assert "_linalg_check_errors" in plain.names
+    with Dispatched() as ours:
+        linalg.inverse(xp, a)
+    assert "linalg_inv_ex" in ours.names
+    assert "_linalg_check_errors" not in ours.names
+
+
+def test_damped_inverse_falls_back_only_on_a_singular_matrix_error(monkeypatch):
+    """``damped_inverse`` catches NumPy's ``LinAlgError`` (an exactly singular block) and nothing
+    else: an error of another kind from the inverse, here the one torch's synchronisation debug
+    mode raises on a GPU, must propagate. A broad ``except`` turned it into a silent failure of
+    every block (the previous inverses kept) in the first GPU run of faithful MBF."""
+    import torch
+
+    from precond_ref.linalg import damped_inverse
+
+    def synchronising(a):
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+    monkeypatch.setattr(linalg, "_torch_inverse_without_host_check", synchronising)
+    stats = torch.eye(2, dtype=torch.float64)[None]
+    with pytest.raises(RuntimeError, match="synchronizing"):
+        damped_inverse(stats, 0.1, torch.zeros_like(stats))

@@ -32,6 +32,7 @@ def test_wheel_contains_adapters_as_subpackage(tmp_path):
     assert "precond_ref/adapters/torch.py" in names and "precond_ref/adapters/jax.py" in names
     assert not any(n.startswith("adapters/") for n in names)
     assert "precond_ref/py.typed" in names  # PEP 561: type checkers read our annotations
+    assert "precond_ref/compare/reproduce/corpus.txt.gz" in names  # reproduce's char-LM text (package data)
 
 
 def test_core_imports_no_array_library_by_name():

@@ -135,6 +135,40 @@ def test_shampoo_reference_step_has_adams_norm():
 
 
 # ---------------------------------------------------------------------------------------------
+# The char-LM text (package data)
+
+
+def test_packaged_corpus_is_the_text_of_the_committed_report():
+    """The packaged text has the length the committed report's run recorded (corpus_characters in
+    docs/data/reproduce.json): the report's char-LM numbers come from this text, whatever the
+    documentation says today."""
+    from precond_ref.compare.reproduce import corpus
+
+    data = json.loads((ROOT / "docs" / "data" / "reproduce.json").read_text())
+    text = corpus.text()
+    assert len(text) == data["corpus_characters"]
+    assert "precond" in text and "\r" not in text
+
+
+def test_packaged_corpus_is_readme_and_docs_at_the_pinned_commit():
+    """``corpus.txt.gz`` is exactly README.md and docs/**/*.md (less docs/reproduce.md) of
+    ``corpus.REVISION``, joined as the experiments joined them: the file is what its docstring says,
+    and ``python -m precond_ref.compare.reproduce.corpus`` would write it again unchanged. Needs
+    this repository's git history (skipped in a shallow clone or outside a checkout)."""
+    import shutil
+    import subprocess
+
+    from precond_ref.compare.reproduce import corpus
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    found = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{corpus.REVISION}^{{commit}}"], capture_output=True)
+    if found.returncode != 0:
+        pytest.skip(f"commit {corpus.REVISION[:12]} is not in this checkout's history")
+    assert corpus.text() == corpus.from_git(ROOT)
+
+
+# ---------------------------------------------------------------------------------------------
 # The command at --quick size (every paper's experiment)
 
 
@@ -151,10 +185,11 @@ def quick_run(tmp_path_factory):
 
 
 def test_quick_run_covers_every_paper_with_a_verdict_per_claim(quick_run):
-    from precond_ref.compare.reproduce import PAPER_NAMES
+    from precond_ref.compare.reproduce import PAPER_NAMES, corpus
 
     out, data = quick_run
     assert list(data["papers"]) == list(PAPER_NAMES)
+    assert data["corpus_characters"] == len(corpus.text())  # the char LM read the packaged text
     for name, paper in data["papers"].items():
         assert paper["claims"], name
         for claim in paper["claims"]:

@@ -22,8 +22,10 @@ measurement reports the first step apart (compilation, tracing, state allocation
 and the mean of a window of steps as long as the method's longest refresh interval, so the mean
 includes the refresh steps as training does. The authors' implementations run beside ours where
 they can be imported (:mod:`precond_ref.benchmarks.authors`). Output: a table per case or model,
-``bench.json`` in ``--out`` (with every step's time and the machine), and with ``--readme`` the
-README's performance block and ``docs/data/bench.json``.
+``bench.json`` in ``--out`` (with every step's time and the machine; written with ``"complete":
+false`` once the machine's rates are measured and again after each layer case, so that a run
+stopped early keeps what it measured, and with ``"complete": true`` at the end), and with
+``--readme`` the README's performance block and ``docs/data/bench.json``.
 """
 
 from __future__ import annotations
@@ -235,6 +237,33 @@ def run(args: argparse.Namespace) -> int:
     authors_skipped: list[str] = []
     reference: Optional[dict] = None
     settings: dict[str, Any] = {}
+    run_settings = dict(
+        kind=args.model, frameworks=frameworks, dtype=args.dtype, warmup=warmup, repeats=repeats, budget_s=budget,
+        rounds=args.rounds, threads=args.threads, torch_compile=args.torch_compile, variants=args.variants,
+        peers=None if peers is None else {"peers": [p.key for p in peers], "compile": args.peer_compile},
+        hyperparameters={c.key: c.entry.bench_kwargs() for c in chosen},
+    )
+    json_path = os.path.join(out_dir, "bench.json")
+
+    def report_so_far(total_s: float, complete: bool) -> dict:
+        """bench.json's content: the sections measured so far; ``complete`` once all of them are."""
+        return {
+            "command": "bench",
+            "argv": list(getattr(args, "argv", [])),
+            "settings": {**settings, **run_settings},
+            "machine": machine_info,
+            "total_s": total_s,
+            "complete": complete,
+            "skipped": skipped + [{"method": "authors", "reason": n} for n in authors_skipped],
+            "reference": reference,
+            "rates": rates,
+            "results": results,
+        }
+
+    def save_partial() -> None:
+        """bench.json as it stands, so that a run stopped later (a timeout) leaves what it measured."""
+        _write(json_path, report_so_far(time.perf_counter() - started, complete=False))
+
     started = time.perf_counter()
     limit = contextlib.nullcontext() if args.threads is None else _thread_limit(args.threads, "torch")
     try:
@@ -242,7 +271,10 @@ def run(args: argparse.Namespace) -> int:
             machine_info = machine(torch_device, frameworks)  # inside the limit: it records the thread counts
             rates = cost_module.machine_rates(torch_device, args.dtype, quick=args.quick)
             itemsize = 8 if args.dtype == "float64" else 4
+            save_partial()  # no section yet: replaces an earlier run's bench.json
             if args.model == "layers":
+                settings["cases"] = {k: list(v) for k, v in cases.items()}
+                settings["batch_size_for_root_free"] = layers.BATCH_SIZE
                 if "torch" in frameworks:
                     n = 64 if args.quick else layers.EIGH_SIZE
                     reference = layers.eigh_reference(torch_device, warmup, repeats, budget, n)
@@ -256,8 +288,7 @@ def run(args: argparse.Namespace) -> int:
                     cost_module.add_costs(results[case], shapes, itemsize, rates, torch_device)
                     authors_skipped = list(dict.fromkeys(authors_skipped + skipped_here))
                     _print_table(report_module, case, results[case], bar)
-                settings["cases"] = {k: list(v) for k, v in cases.items()}
-                settings["batch_size_for_root_free"] = layers.BATCH_SIZE
+                    save_partial()
             else:
                 size = models.SIZES[args.model][size_name]
                 module = models.build_torch(args.model, size, getattr(torch, args.dtype), "cpu")
@@ -275,25 +306,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    total = time.perf_counter() - started
-
-    settings.update(
-        kind=args.model, frameworks=frameworks, dtype=args.dtype, warmup=warmup, repeats=repeats, budget_s=budget,
-        rounds=args.rounds, threads=args.threads, torch_compile=args.torch_compile, variants=args.variants,
-        peers=None if peers is None else {"peers": [p.key for p in peers], "compile": args.peer_compile},
-        hyperparameters={c.key: c.entry.bench_kwargs() for c in chosen},
-    )
-    report = {
-        "command": "bench",
-        "argv": list(getattr(args, "argv", [])),
-        "settings": settings,
-        "machine": machine_info,
-        "total_s": total,
-        "skipped": skipped + [{"method": "authors", "reason": n} for n in authors_skipped],
-        "reference": reference,
-        "rates": rates,
-        "results": results,
-    }
+    report = report_so_far(time.perf_counter() - started, complete=True)
     if reference is not None:
         print(f"yardstick: {reference['label']}: median {reference['median_ms']:.3g} ms, mean {reference['mean_ms']:.3g} ms "
               "(the 'mean x eigh' column)")
@@ -314,8 +327,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{where}: skipped: {row['skipped']}")
             if "crashed" in row:
                 print(f"{where}: crashes: {row['crashed']}: {row.get('crash_message', '')}")
-    _write(os.path.join(out_dir, "bench.json"), report)
-    print(f"numbers: {os.path.join(out_dir, 'bench.json')}")
+    _write(json_path, report)
+    print(f"numbers: {json_path}")
     if args.readme:
         _write_readme(report, args.model, report_module)
     return 1 if any("error" in row for rows in results.values() for row in rows) else 0
@@ -331,10 +344,14 @@ def _print_table(report_module: Any, section: str, rows: list[dict], bar: Any) -
 
 
 def _write(path: str, data: Any) -> None:
+    """``data`` as JSON at ``path``, written to ``path + ".part"`` and renamed over ``path``: a run
+    killed while writing leaves the previous file whole, never a truncated one."""
+    part = path + ".part"
     try:
-        with open(path, "w") as handle:
+        with open(part, "w") as handle:
             json.dump(data, handle, indent=1, default=jsonable)
             handle.write("\n")
+        os.replace(part, path)
     except OSError as err:
         raise UserError(f"cannot write {path!r}: {err.strerror or err}") from None
 

@@ -36,6 +36,7 @@ from .._backend import (
     computed_once,
     cond,
     cond_under_cpu_jit,
+    device_key,
     float64_where_available,
     is_zero,
     placement,
@@ -938,13 +939,13 @@ def _joined(xp: Any, step: Callable, leaves: list[tuple], ctx: StepContext) -> l
         (u,), new = step(g, dict(zip(names, entries)), w, ctx)
         outputs.append((u, *(new[k] for k in names)))
     # A leaf's part of an entry the step selected (StepContext.unless_skipped) is selected too.
-    selected = {i: [ctx.settled is not None and ctx.settled.get(id(a)) is a for a in out[1:]]
+    selected = {i: [ctx.settled is not None and a in ctx.settled for a in out[1:]]
                 for s, out in zip(stacks, outputs) for i in s.indices}
     results = []
     for index, ((g, state, _), pieces) in enumerate(zip(leaves, unstack(stacks, outputs, len(leaves)))):
         u, *entries = (p if p.shape == state[names[0]].shape else xp.reshape(p, state[names[0]].shape) for p in pieces)
         for entry in (e for e, done in zip(entries, selected[index]) if done):
-            ctx.settled[id(entry)] = entry
+            ctx.settled[entry] = True
         results.append(((u,), dict(zip(names, entries))))
     return results
 
@@ -1154,7 +1155,7 @@ def _as_matrix(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:
 
 def _full_layout(operands: tuple) -> tuple:
     """The stacking key of a matrix leaf: the whole shape, dtype and device of every operand."""
-    return tuple((tuple(a.shape), a.dtype, array_device(a)) for a in operands)
+    return tuple((tuple(a.shape), a.dtype, device_key(a)) for a in operands)
 
 
 def _hand_back(

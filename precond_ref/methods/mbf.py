@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from array_api_compat import array_namespace, device as array_device
 
-from .._backend import as_operand, cast, compute_dtype, cond, host_bool, is_zero, placement
+from .._backend import as_operand, cast, compute_dtype, cond, device_key, host_bool, is_zero, placement
 from ..blocking import on_stacks
 from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_of_quadratic
 from ..transform import (
@@ -392,13 +392,8 @@ def _inner(xp: Any, a: Array, b: Array) -> Array:
 
 
 def _stack_key(x: Array) -> Any:
-    """Arrays with equal keys (dtype and device) can be stacked; an unhashable device keeps ``x`` alone."""
-    key = (x.dtype, array_device(x))
-    try:
-        hash(key)
-    except TypeError:
-        return id(x)
-    return key
+    """Arrays with equal keys (dtype and device) can be stacked."""
+    return (x.dtype, device_key(x))
 
 
 def _flat(xp: Any, x: Array) -> Array:
@@ -415,9 +410,9 @@ def _flat_key(operands: tuple) -> Any:
     """Which vectors an element-wise rule runs on concatenated (:func:`precond_ref.blocking.on_stacks`):
     those of one dtype and device of at most ``FLAT_MAX_ELEMENTS`` elements (the copies into and out
     of the concatenation cost a pass over the data, against a dozen operations per vector); a
-    longer vector alone."""
+    longer vector alone (the key ``None``)."""
     x = operands[0]
-    return _stack_key(x) if x.shape[0] <= FLAT_MAX_ELEMENTS else id(x)
+    return _stack_key(x) if x.shape[0] <= FLAT_MAX_ELEMENTS else None
 
 
 def _bias_correction(xp: Any, beta: Any, count: Any, dtype: Any) -> Array:
@@ -563,8 +558,8 @@ def mbf(
     ``refresh_phases`` P, one call for the due shares where the step is known on the host (all of
     them in the warm-up, one after it), one per due share under ``jit`` without it. No step reads
     a device value (the inverse is branch-free; the intervals are host decisions given
-    ``update(..., step=)``), except that torch's CUDA ``inv`` checks its own result: one
-    synchronisation per inverse step.
+    ``update(..., step=)``); on torch the batched inverse is ``inv_ex``, whose status stays on the
+    device (:func:`precond_ref.linalg.inverse`).
 
     ``mode="faithful"`` reproduces ``mbngd_update`` + ``update_parameter`` of the authors' code
     (achrafba96/mbf ``b0ace6e``, algorithm ``MBNGD-all-to-one-Avg``) on finite inputs. Deviations
@@ -669,12 +664,13 @@ def mbf(
 
     # ``cond`` branches are made once per (namespace, kinds): JAX caches a traced branch by the
     # function's identity, so a fresh closure per call would trace it again on every eager step.
-    # A dict keyed by the namespace's id, not ``functools.cache``: dynamo warns on every
-    # lru_cache-wrapped call it traces, and cannot compare modules as dict keys.
+    # A dict keyed by the namespace's name, not ``functools.cache``: dynamo warns on every
+    # lru_cache-wrapped call it traces, and cannot compare modules as dict keys (nor, before
+    # torch 2.13, take a module's id).
     branches: dict[tuple, tuple[Callable, Callable]] = {}
 
     def statistic_branches(xp: Any, kind: str) -> tuple[Callable, Callable]:
-        key = ("statistic", id(xp), kind)
+        key = ("statistic", xp.__name__, kind)
         if key not in branches:
             branches[key] = (
                 lambda f, n, g, rho: _ema_statistic(xp, kind, f, n, g, rho, chunks),
@@ -683,7 +679,7 @@ def mbf(
         return branches[key]
 
     def inverse_branches(xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...], run: tuple[int, int]) -> tuple[Callable, Callable]:
-        key = ("inverse", id(xp), kinds, owners, run)
+        key = ("inverse", xp.__name__, kinds, owners, run)
         if key not in branches:
 
             def refresh(f: list, inv: list, n: list, before: list) -> tuple[list, list]:

@@ -22,8 +22,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 from array_api_compat import array_namespace, device as array_device
 
 from .._backend import (
-    as_operand, cast, compute_dtype, computed_once, cond, host_bool, is_number, is_zero, placement, scalar_array,
-    scalar_zero,
+    IdentityDict, as_operand, cast, compute_dtype, computed_once, cond, host_bool, is_number, is_zero, placement,
+    scalar_array, scalar_zero,
 )
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
@@ -930,14 +930,21 @@ def _per_step_operands(xp) -> Callable[[Any, Any], Any]:
     """``operand(value, like)``: a hyperparameter as an operand of arithmetic with ``like``, made once
     per step and dtype: a 0-D array of ``like``'s dtype (torch turns a Python number into a fresh
     tensor at every operation it meets), or ``astype(value)`` of an array hyperparameter."""
-    made: dict = {}
+    made: dict = {}  # (number, dtype) -> its 0-D array
+    made_from = IdentityDict()  # array hyperparameter -> {dtype: its astype}
 
     def operand(value: Any, like: Any) -> Any:
-        key = (value if _is_number(value) else id(value), like.dtype)
-        if key not in made:
-            made[key] = (scalar_array(xp, value, like.dtype, array_device(like)) if _is_number(value)
-                         else xp.astype(value, like.dtype))
-        return made[key]
+        if _is_number(value):
+            key = (value, like.dtype)
+            if key not in made:
+                made[key] = scalar_array(xp, value, like.dtype, array_device(like))
+            return made[key]
+        by_dtype = made_from.get(value)
+        if by_dtype is None:
+            by_dtype = made_from[value] = {}
+        if like.dtype not in by_dtype:
+            by_dtype[like.dtype] = xp.astype(value, like.dtype)
+        return by_dtype[like.dtype]
 
     return operand
 

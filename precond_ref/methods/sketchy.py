@@ -343,7 +343,7 @@ def _settle(ctx: StepContext, sketches: tuple, basis: bool = True) -> None:
     for sketch in (sketch for axis in sketches for sketch in axis):
         for name, value in sketch._asdict().items():
             if basis or name != "basis":
-                ctx.settled[id(value)] = value
+                ctx.settled[value] = True
 
 
 def _precondition(xp: Any, plan: _LeafPlan, sketches: tuple, g: Array) -> Array:

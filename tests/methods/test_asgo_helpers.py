@@ -203,6 +203,7 @@ def test_joined_pieces_of_selected_entries_count_as_selected(ok):
     the new value, or the old one on a skipped step) is itself selected: ``_joined`` records it in
     ``ctx.settled``, so the transform does not select it again per leaf (one selection per join
     instead of one per leaf and entry), and it holds the old entry when the step is skipped."""
+    from precond_ref._backend import IdentityDict
     from precond_ref.transform import StepContext
 
     rng = np.random.default_rng(4)
@@ -213,10 +214,10 @@ def test_joined_pieces_of_selected_entries_count_as_selected(ok):
         u, new = A._adam_update(g, state, param, ctx, 0.1, 0.9, 0.95, 1e-8, 0.0, False)
         return (u,), new
 
-    ctx = StepContext(xp=xp, count=np.asarray(2, dtype=np.int32), extra={}, ok=np.asarray(ok), settled={}, shared={})
+    ctx = StepContext(xp=xp, count=np.asarray(2, dtype=np.int32), extra={}, ok=np.asarray(ok), settled=IdentityDict(), shared={})
     for (g, state, _), (_, new) in zip(leaves, A._joined(xp, step, leaves, ctx)):
         for name in ("mu", "nu"):
-            assert ctx.settled.get(id(new[name])) is new[name]
+            assert new[name] in ctx.settled
             if not ok:
                 np.testing.assert_array_equal(new[name], state[name])
 

@@ -7,8 +7,9 @@ keeps the summation order fixed). The tasks:
 - **digits**: the MLP, CNN and autoencoder of ``compare`` (:mod:`precond_ref.compare.digits`, its
   weights, split and loss), mini-batches of 64 in a seed-dependent order.
 - **char LM**: a small pre-norm causal transformer on the characters of this project's own
-  documentation (README and ``docs/``, minus the generated ``docs/reproduce.md``), as the examples
-  train; random windows, validation on the held-out last 10% of the text.
+  documentation (README and ``docs/``, minus the generated ``docs/reproduce.md``, frozen at one
+  commit and shipped with the package: :mod:`precond_ref.compare.reproduce.corpus`), as the
+  examples train; random windows, validation on the held-out last 10% of the text.
 
 The learning-rate sweep is ``compare``'s protocol: a log grid (powers of sqrt(10), see
 :func:`precond_ref.compare.grid_factors`) centred on a method's paper value, training on the first
@@ -19,7 +20,6 @@ is then run on every seed against the test data.
 from __future__ import annotations
 
 import math
-import pathlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -34,6 +34,7 @@ from .. import digits, grid_factors
 from ..methods import entry_by_name
 from ..training import make_torch_optimizer
 from . import baselines
+from .corpus import text as corpus_text
 
 DTYPE = torch.float32
 #: The torch device of every tensor (set by the command from ``--device``).
@@ -246,21 +247,13 @@ class CharTransformer(torch.nn.Module):
 
 
 _CORPUS: dict = {}
-ROOT = pathlib.Path(__file__).resolve().parents[3]
-#: Left out of the corpus: what the command itself writes (the text must not depend on the last run).
-CORPUS_EXCLUDE = ("reproduce.md",)
 
 
 def corpus() -> tuple:
-    """``(train_ids, validation_ids, vocabulary_size)``: README.md and docs/**/*.md, last 10% held out."""
+    """``(train_ids, validation_ids, vocabulary_size)``: the packaged text of README.md and
+    docs/**/*.md (:mod:`precond_ref.compare.reproduce.corpus`), the last 10% held out."""
     if not _CORPUS:
-        files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-        files = [f for f in files if f.exists() and f.name not in CORPUS_EXCLUDE]
-        text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
-        if len(text) < 10_000:
-            from ...cli import UserError
-
-            raise UserError(f"the char-LM experiments need this project's README.md and docs/ (found {len(text)} characters under {ROOT})")
+        text = corpus_text()
         vocabulary = sorted(set(text))
         lookup = {ch: i for i, ch in enumerate(vocabulary)}
         ids = np.fromiter((lookup[ch] for ch in text), dtype=np.int64, count=len(text))
