@@ -22,8 +22,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 from array_api_compat import array_namespace, device as array_device
 
 from .._backend import (
-    IdentityDict, as_operand, cast, compute_dtype, computed_once, cond, host_bool, is_number, is_zero, placement,
-    scalar_array, scalar_zero,
+    IdentityDict, as_operand, cast, compute_dtype, computed_once, cond, device_key, host_bool, is_number, is_tracer,
+    is_zero, placement, scalar_array, scalar_zero, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
@@ -696,9 +696,19 @@ def _from_tiles(xp, tiles, counts: tuple, size: tuple):
     return xp.reshape(split, dims)
 
 
-def _positions(xp, positions: Sequence[int], like):
-    """``positions`` as an index array for ``take`` beside ``like``."""
-    return xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))
+_INDEX_ARRAYS: dict = {}  # (namespace, device, positions) -> the index array, made once (see _positions)
+
+
+def _positions(xp, positions: tuple, like):
+    """``positions`` as an index array for ``take`` beside ``like``. Made from host data, so on an
+    accelerator a copy to the device (which an eager CUDA step would wait for): made once per
+    device and kept, except under a compiler, where it is a constant of the traced step."""
+    if is_tracer(like) or torch_compiling():
+        return xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))
+    key = (xp.__name__, device_key(like), positions)
+    if key not in _INDEX_ARRAYS:
+        _INDEX_ARRAYS[key] = xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))
+    return _INDEX_ARRAYS[key]
 
 
 def _pick(xp, stack, positions: tuple):
@@ -727,7 +737,7 @@ def _unpick(xp, parts: Sequence[Any], positions: Sequence[tuple]):
         head = xp.reshape(head, (rows * phases,) + tuple(parts[0].shape[1:]))
         return head if extra == 0 else xp.concat([head] + [part[rows:, ...] for part in parts[:extra]], axis=0)
     order = [j for p in positions for j in p]
-    inverse = sorted(range(k), key=order.__getitem__)  # S[j] = concat(parts)[inverse[j]]
+    inverse = tuple(sorted(range(k), key=order.__getitem__))  # S[j] = concat(parts)[inverse[j]]
     return xp.take(xp.concat(list(parts), axis=0), _positions(xp, inverse, parts[0]), axis=0)
 
 

@@ -193,3 +193,18 @@ def test_torch_phase_stacks_use_no_take_for_equal_tiles():
             opt.update(params, state, params)
         ops[n] = {e.name for e in prof.events()}
     assert "aten::index_select" not in ops[16] and "aten::index_select" in ops[15]
+
+
+def test_index_arrays_of_a_take_are_made_once():
+    """``_positions`` (the index array of an irregular pick) is made from host data, a copy to the
+    device on an accelerator (an eager CUDA step would wait for it): it is made once per
+    namespace, device and positions and kept, so a step of a ragged group makes no new one."""
+    torch = pytest.importorskip("torch")
+    from array_api_compat import array_namespace
+
+    x = torch.zeros(3)
+    xp = array_namespace(x)
+    first = root_free._positions(xp, (2, 0, 1), x)
+    assert first.tolist() == [2, 0, 1] and first.dtype == torch.int64
+    assert root_free._positions(xp, (2, 0, 1), x) is first
+    assert root_free._positions(xp, (0, 2, 1), x) is not first
