@@ -23,7 +23,7 @@ def _np():
 @pytest.mark.parametrize("dims, block", [((8, 12), 4), ((12, 4), 4), ((4, 12), 4), ((6, 3, 9), 3), ((6, 9, 2), 3), ((9,), 3), ((4, 4), 8)])
 def test_tile_stack_is_the_row_major_cut(dims, block):
     """``_to_tiles`` is a pure rearrangement: its b-th entry is tile b of ``_tile_plan`` (row-major
-    over the grid, as the state keys ``tile_b/...`` number them) cut out with ``_cut``, and
+    over the grid, the tile numbers of ``_stack_plan``) cut out with ``_cut``, and
     ``_from_tiles`` puts them back. Exact (no arithmetic)."""
     np_xp = _np()
     G = np.arange(np.prod(dims), dtype=np.float64).reshape(dims)
