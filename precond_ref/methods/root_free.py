@@ -686,7 +686,8 @@ def _to_tiles(xp, G, counts: tuple, size: tuple):
 
 
 def _from_tiles(xp, tiles, counts: tuple, size: tuple):
-    """The tensor whose equal tiles, in row-major order, are the stack ``tiles`` (inverse of :func:`_to_tiles`)."""
+    """The tensor whose equal tiles, in row-major order, are the stack ``tiles`` (inverse of
+    :func:`_to_tiles`; any leading shape of the tiles' number, e.g. ``(k/T, T)``, reads as ``k``)."""
     dims = tuple(c * b for c, b in zip(counts, size))
     if math.prod(counts) == 1 or all(c == 1 for c in counts[1:]):
         return xp.reshape(tiles, dims)
@@ -723,17 +724,20 @@ def _pick(xp, stack, positions: tuple):
     return xp.take(stack, _positions(xp, positions, stack), axis=0)
 
 
-def _unpick(xp, parts: Sequence[Any], positions: Sequence[tuple]):
+def _unpick(xp, parts: Sequence[Any], positions: Sequence[tuple], flat: bool = True):
     """The stack ``S`` with ``S[positions[i][j]] = parts[i][j]`` (the inverse of :func:`_pick`; the
     positions of all parts together are ``0..k-1``): the part itself; the T phases of equal tiles
     (part ``p`` holds positions ``p, p+T, ...``) interleaved by one ``stack`` and a reshape; else a
-    ``concat`` and one ``take``."""
+    ``concat`` and one ``take``. ``flat=False`` (for a consumer that reshapes or sums anyway): the
+    interleave may stay ``(k/T, T, ...)``, the same entries in the same memory order."""
     if len(parts) == 1:
         return parts[0]
     k, phases = sum(len(p) for p in positions), len(parts)
     if all(p == tuple(range(i, k, phases)) for i, p in enumerate(positions)):
         rows, extra = divmod(k, phases)  # parts[:extra] hold one more tile, at position rows * phases + p
         head = xp.stack([part if part.shape[0] == rows else part[:rows, ...] for part in parts], axis=1)
+        if extra == 0 and not flat:
+            return head
         head = xp.reshape(head, (rows * phases,) + tuple(parts[0].shape[1:]))
         return head if extra == 0 else xp.concat([head] + [part[rows:, ...] for part in parts[:extra]], axis=0)
     order = [j for p in positions for j in p]
@@ -760,14 +764,15 @@ def _join_stacks(xp, parts: Sequence[Any], plan: _Plan):
     joined by :func:`_join`)."""
     boxes = []
     for region in plan.regions:
-        tiles = _unpick(xp, [parts[s] for s in region.stacks], [plan.stacks[s].positions for s in region.stacks])
+        tiles = _unpick(xp, [parts[s] for s in region.stacks], [plan.stacks[s].positions for s in region.stacks], flat=False)
         boxes.append(_from_tiles(xp, tiles, region.counts, region.size))
     return _join(xp, boxes, plan.grid)
 
 
-def _in_tile_order(xp, parts: Sequence[Any], plan: _Plan):
-    """A per-stack quantity (one entry per tile) as one stack in the tiles' row-major order."""
-    return _unpick(xp, parts, [stack.tiles for stack in plan.stacks])
+def _sum_in_tile_order(xp, parts: Sequence[Any], plan: _Plan):
+    """``Σ_t x_t`` of a per-stack quantity (one entry ``x_t`` per tile), summed over the tiles in
+    row-major order (one ``sum`` of the entries in that memory order)."""
+    return xp.sum(_unpick(xp, parts, [stack.tiles for stack in plan.stacks], flat=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1423,7 +1428,7 @@ def if_shampoo(
         minus_eta = -eta  # exact in every dtype: once, not once per leaf
         nu = None
         if use_kl_clip:  # ⟨D, G⟩ of a group: its tiles' summed in row-major order
-            nu = _kl_clip_scales(xp, [xp.sum(_in_tile_order(xp, inner[g], group.plan)) for g, group in enumerate(groups)],
+            nu = _kl_clip_scales(xp, [_sum_in_tile_order(xp, inner[g], group.plan) for g, group in enumerate(groups)],
                                  eta, kl_clip)
 
         results = []

@@ -152,7 +152,32 @@ def test_stacks_of_tiles_are_the_slices_of_each_stack(dims, block, interval):
         np.testing.assert_array_equal(part, want)
     np.testing.assert_array_equal(root_free._join_stacks(np_xp, got, plan), G)
     per_tile = [np.asarray([float(t) for t in stack.tiles]) for stack in plan.stacks]  # one entry per tile
-    np.testing.assert_array_equal(root_free._in_tile_order(np_xp, per_tile, plan), np.arange(len(tiles)))
+    np.testing.assert_array_equal(root_free._unpick(np_xp, per_tile, [stack.tiles for stack in plan.stacks]),
+                                  np.arange(len(tiles)))
+
+
+@pytest.mark.parametrize("dims, block, interval", [((16, 16), 4, 2), ((16, 16), 4, 3), ((10, 7), 4, 3), ((9,), 2, 3)])
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_sum_in_tile_order_is_the_sum_of_the_tiles_in_row_major_order(dims, block, interval, library):
+    """S8's ⟨D, G⟩ of a group, ``_sum_in_tile_order``: the per-tile values summed over the tiles in
+    row-major order, bitwise the ``sum`` of the vector in that order (what the per-tile layout
+    summed), whatever the stacks' order: values of mixed magnitudes, so that another order of
+    summation rounds differently."""
+    from array_api_compat import array_namespace
+
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        asarray = torch.from_numpy
+    else:
+        asarray = np.asarray
+    plan = root_free._stack_plan(root_free._tile_plan(dims, (False,) * len(dims), block, interval, True))
+    k = len(plan.tiles)
+    rng = np.random.default_rng(k)
+    values = rng.normal(size=k) * 10.0 ** rng.integers(-8, 8, size=k)
+    xp = array_namespace(asarray(values))
+    got = root_free._sum_in_tile_order(xp, [asarray(values[list(stack.tiles)]) for stack in plan.stacks], plan)
+    want = xp.sum(asarray(values))
+    assert float(got) == float(want)
 
 
 @pytest.mark.parametrize("positions", [(0, 1, 2, 3, 4), (1, 3), (2,), (0, 4, 1), (3, 0)])
