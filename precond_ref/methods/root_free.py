@@ -22,10 +22,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 from array_api_compat import array_namespace, device as array_device
 
 from .._backend import (
-    IdentityDict, as_operand, cast, compute_dtype, computed_once, cond, device_key, host_bool, is_number, is_zero,
-    placement, scalar_array, scalar_zero,
+    IdentityDict, as_operand, cast, compute_dtype, computed_once, cond, device_key, host_bool, is_number, is_tracer,
+    is_zero, placement, scalar_array, scalar_zero, torch_compiling,
 )
-from ..blocking import block_bounds, spread_schedule
+from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
 from ..transform import (
     ScalarOrSchedule,
@@ -394,10 +394,8 @@ class _Group(NamedTuple):
     full: tuple  # G's shape before squeezing
     out_first: bool  # bias as an extra column (out-first weight) or row (out-last kernel)
     work_dtype: Any
-    tiles: tuple  # its _Tile's, row-major
-    counts: tuple  # tiles per axis
-    size: Optional[tuple]  # the common tile shape; None where an axis ends in a shorter tile
-    stacked: Any  # its tiles as one stack (k, *size) when they are equal, else None
+    plan: Any  # its _Plan: tiles, and the stacks their state is stored in
+    stacks: list  # G's tiles as the plan's stacks (k_s, *tile shape), s = 0, 1, ...
 
 
 def _grouped_shape(shapes: Sequence[tuple], out_first: bool) -> tuple[tuple, tuple]:
@@ -498,43 +496,112 @@ class _Tile(NamedTuple):
     offset: int  # its refresh phase (precond_ref.blocking.PhaseDue)
 
 
-class _TileFactors(NamedTuple):
-    """The state of one tile: its Kronecker factors and their Riemannian momenta, one per axis."""
+class _StackFactors(NamedTuple):
+    """The state of one stack of tiles (:class:`_TileStack`): its tiles' Kronecker factors and their
+    Riemannian momenta, one array per axis with a leading tile axis (k tiles)."""
 
-    factor: tuple  # K_1..K_N: (d_n, d_n), or (d_n,) for a diagonal axis
+    factor: tuple  # K_1..K_N: (k, d_n, d_n), or (k, d_n) for a diagonal axis
     factor_momentum: tuple  # m_1..m_N of K_n's shape; () when α₂ = 0
 
 
 class _IFShampooState(NamedTuple):
     """A group's state as named fields. Stored as the flat entries of their paths
-    (:func:`precond_ref.tree.to_entries`: ``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``,
+    (:func:`precond_ref.tree.to_entries`: ``stacks/s/factor/n``, ``stacks/s/factor_momentum/n``,
     ``momentum/i``, ``preconditioner_lr_scale``, ``factor_failures``)."""
 
-    tiles: tuple  # a _TileFactors per tile, row-major over the tile grid (one tile when unblocked)
+    stacks: tuple  # a _StackFactors per stack of the group's _Plan (one stack of one tile when unblocked)
     momentum: tuple  # v of each member (weight[, bias]); () when α₁ = 0
     preconditioner_lr_scale: Any  # the group's β₂ multiplier (0-D); None without preconditioner_lr_scale
     factor_failures: Any  # S3's count of discarded factor steps (0-D int32); None in faithful mode
 
 
+def _tile_phase(t: int, interval: Any, stagger: bool) -> int:
+    """S10: the refresh phase of tile ``t``, ``t % T`` when staggered over an integer interval
+    ``T > 1``, else 0 (every tile refreshes with the plain interval)."""
+    spread = stagger and isinstance(interval, int) and not isinstance(interval, bool) and interval > 1
+    return t % interval if spread else 0
+
+
 def _tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], interval: Any, stagger: bool) -> tuple:
     """The tiles of a grouped tensor of shape ``dims``: every dense axis longer than ``block_size``
     cut by :func:`precond_ref.blocking.block_bounds` (diagonal axes are never cut), tiles in
-    row-major order (``state.tiles[t]`` is tile ``t``)."""
+    row-major order (tile ``t``), each with its refresh phase (:func:`_tile_phase`)."""
     bounds = [((0, d),) if diag else block_bounds(d, block_size) for d, diag in zip(dims, diagonal)]
-    spread = stagger and isinstance(interval, int) and not isinstance(interval, bool) and interval > 1
-    return tuple(_Tile(index=index, offset=t % interval if spread else 0)
+    return tuple(_Tile(index=index, offset=_tile_phase(t, interval, stagger))
                  for t, index in enumerate(itertools.product(*bounds)))
+
+
+def _first_appearance(keys: Sequence[Any]) -> tuple:
+    """The positions of ``keys`` grouped by equal key, groups in order of their first position:
+    ``("a", "b", "a") -> ((0, 2), (1,))``."""
+    groups: dict = {}
+    for position, key in enumerate(keys):
+        groups.setdefault(key, []).append(position)
+    return tuple(tuple(g) for g in groups.values())
+
+
+def _tile_shape(tile: _Tile) -> tuple:
+    return tuple(stop - start for start, stop in tile.index)
+
+
+class _TileStack(NamedTuple):
+    """A stack of a group's state: its tiles of one shape and one refresh phase (S9, S10)."""
+
+    tiles: tuple  # their numbers t (row-major over the tile grid), ascending
+    phase: int  # their refresh phase
+    positions: tuple  # their places in the row-major order of their region's tiles
+
+
+class _Region(NamedTuple):
+    """A group's tiles of one shape: a box of its tensor cut into equal tiles (the whole tensor
+    when every cut axis divides evenly; else the body and the boxes of the shorter end tiles)."""
+
+    index: tuple  # the box, (start, stop) per axis
+    counts: tuple  # its tiles per axis
+    size: tuple  # the tile shape
+    stacks: tuple  # the numbers s of the stacks of its tiles
+
+
+class _Plan(NamedTuple):
+    """How a group's tensor is tiled and its tiles' state stacked."""
+
+    tiles: tuple  # _Tile's, row-major
+    stacks: tuple  # _TileStack's, in order of the first tile of each (shape, phase)
+    regions: tuple  # _Region's, row-major over the grid of boxes
+    grid: tuple  # boxes per axis
+
+
+def _stack_plan(tiles: Sequence[_Tile]) -> _Plan:
+    """The stacks of ``tiles`` (one per tile shape and refresh phase, in order of first appearance,
+    tiles ascending: what :func:`_stacked_tiles` rebuilds from per-tile entries) and the regions
+    (one per tile shape) that cut them out of the tensor by reshapes."""
+    shapes = [_tile_shape(tile) for tile in tiles]
+    by_shape = _first_appearance(shapes)
+    place = {t: (r, j) for r, members in enumerate(by_shape) for j, t in enumerate(members)}
+    stacks = tuple(_TileStack(tiles=members, phase=tiles[members[0]].offset,
+                              positions=tuple(place[t][1] for t in members))
+                   for members in _first_appearance([(shapes[t], tile.offset) for t, tile in enumerate(tiles)]))
+    rank = len(shapes[0])
+    regions = []
+    for r, members in enumerate(by_shape):
+        box = tuple((min(tiles[t].index[n][0] for t in members), max(tiles[t].index[n][1] for t in members))
+                    for n in range(rank))
+        counts, size = _grid([tiles[t] for t in members])
+        regions.append(_Region(box, counts, size, tuple(s for s, stack in enumerate(stacks) if place[stack.tiles[0]][0] == r)))
+    grid = tuple(len({region.index[n] for region in regions}) for n in range(rank))
+    return _Plan(tuple(tiles), stacks, tuple(regions), grid)
 
 
 _LEGACY_ENTRY = re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum|momentum)_(\d+)")
 
 
 def _legacy_entry_names(entries: dict) -> dict:
-    """``build_transform``'s ``legacy_names``: a group's state saved with the formatted keys of
+    """The first step of ``legacy_names``: a group's state saved with the formatted keys of
     earlier versions (0.1.0 and the development versions before named fields: ``factor_n``,
-    ``factor_momentum_n``, ``tile_t/factor_n``, ``tile_t/factor_momentum_n``, ``momentum_i``) under the paths of :class:`_IFShampooState`
-    (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``, ``momentum/i``; an unblocked group is tile
-    0); the very dict when it has no old key (every old state has ``factor_0`` or ``tile_0/factor_0``)."""
+    ``factor_momentum_n``, ``tile_t/factor_n``, ``tile_t/factor_momentum_n``, ``momentum_i``) under the
+    per-tile paths that followed (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``, ``momentum/i``;
+    an unblocked group is tile 0), which :func:`_stacked_tiles` stacks; the very dict when it has no
+    old key (every old state has ``factor_0`` or ``tile_0/factor_0``)."""
     if "factor_0" not in entries and "tile_0/factor_0" not in entries:
         return entries
     renamed = {}
@@ -547,6 +614,38 @@ def _legacy_entry_names(entries: dict) -> dict:
         else:
             renamed[f"tiles/{old[1] or 0}/{old[2]}/{old[3]}"] = value
     return renamed
+
+
+_TILE_ENTRY = re.compile(r"tiles/(\d+)/(factor|factor_momentum)/(\d+)")
+
+
+def _stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
+    """The second step of ``legacy_names``: a group's state in the per-tile layout of the versions
+    before stacks (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``) as the stacks of
+    :func:`_stack_plan`: ``stacks/s/X/n = stack(tiles/t/X/n for t in stack s)``, the tiles of one
+    shape (their factors' lengths) and refresh phase (:func:`_tile_phase` of the factory's
+    interval) in one stack, stacks in order of their first tile; the very dict when it has no
+    per-tile key (every such state has ``tiles/0/factor/0``)."""
+    if "tiles/0/factor/0" not in entries:
+        return entries
+    out, per_tile = {}, {}
+    for key, value in entries.items():
+        tile = _TILE_ENTRY.fullmatch(key)
+        if tile is None:
+            out[key] = value
+        else:
+            per_tile[int(tile[1]), tile[2], int(tile[3])] = value
+    count = 1 + max(t for t, _, _ in per_tile)
+    rank = 1 + max(n for _, _, n in per_tile)
+    keys = [(tuple(per_tile[t, "factor", n].shape[0] for n in range(rank)), _tile_phase(t, interval, stagger))
+            for t in range(count)]
+    xp = array_namespace(*per_tile.values())
+    for s, members in enumerate(_first_appearance(keys)):
+        for name in ("factor", "factor_momentum"):
+            for n in range(rank):
+                if (members[0], name, n) in per_tile:
+                    out[f"stacks/{s}/{name}/{n}"] = xp.stack([per_tile[t, name, n] for t in members])
+    return out
 
 
 def _cut(G, index: tuple):
@@ -587,7 +686,8 @@ def _to_tiles(xp, G, counts: tuple, size: tuple):
 
 
 def _from_tiles(xp, tiles, counts: tuple, size: tuple):
-    """The tensor whose equal tiles, in row-major order, are the stack ``tiles`` (inverse of :func:`_to_tiles`)."""
+    """The tensor whose equal tiles, in row-major order, are the stack ``tiles`` (inverse of
+    :func:`_to_tiles`; any leading shape of the tiles' number, e.g. ``(k/T, T)``, reads as ``k``)."""
     dims = tuple(c * b for c, b in zip(counts, size))
     if math.prod(counts) == 1 or all(c == 1 for c in counts[1:]):
         return xp.reshape(tiles, dims)
@@ -595,6 +695,84 @@ def _from_tiles(xp, tiles, counts: tuple, size: tuple):
     grid_first = xp.reshape(tiles, counts + size)
     split = xp.permute_dims(grid_first, tuple(x for n in range(rank) for x in (n, rank + n)))
     return xp.reshape(split, dims)
+
+
+_INDEX_ARRAYS: dict = {}  # (namespace, device, positions) -> the index array, made once (see _positions)
+
+
+def _positions(xp, positions: tuple, like):
+    """``positions`` as an index array for ``take`` beside ``like``. Made from host data, so on an
+    accelerator a copy to the device (which an eager CUDA step would wait for): made once per
+    device and kept, except under a compiler, where it is a constant of the traced step."""
+    if is_tracer(like) or torch_compiling():
+        return xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))
+    key = (xp.__name__, device_key(like), positions)
+    if key not in _INDEX_ARRAYS:
+        _INDEX_ARRAYS[key] = xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))
+    return _INDEX_ARRAYS[key]
+
+
+def _pick(xp, stack, positions: tuple):
+    """``stack[positions]`` along the leading axis: the stack itself, a slice where ``positions``
+    step evenly (a phase of equal tiles: every T-th), else one ``take``."""
+    if positions == tuple(range(stack.shape[0])):
+        return stack
+    first, last = positions[0], positions[-1]
+    step = positions[1] - first if len(positions) > 1 else 1
+    if step > 0 and positions == tuple(range(first, last + 1, step)):
+        return stack[first : last + 1 : step, ...]
+    return xp.take(stack, _positions(xp, positions, stack), axis=0)
+
+
+def _unpick(xp, parts: Sequence[Any], positions: Sequence[tuple], flat: bool = True):
+    """The stack ``S`` with ``S[positions[i][j]] = parts[i][j]`` (the inverse of :func:`_pick`; the
+    positions of all parts together are ``0..k-1``): the part itself; the T phases of equal tiles
+    (part ``p`` holds positions ``p, p+T, ...``) interleaved by one ``stack`` and a reshape; else a
+    ``concat`` and one ``take``. ``flat=False`` (for a consumer that reshapes or sums anyway): the
+    interleave may stay ``(k/T, T, ...)``, the same entries in the same memory order."""
+    if len(parts) == 1:
+        return parts[0]
+    k, phases = sum(len(p) for p in positions), len(parts)
+    if all(p == tuple(range(i, k, phases)) for i, p in enumerate(positions)):
+        rows, extra = divmod(k, phases)  # parts[:extra] hold one more tile, at position rows * phases + p
+        head = xp.stack([part if part.shape[0] == rows else part[:rows, ...] for part in parts], axis=1)
+        if extra == 0 and not flat:
+            return head
+        head = xp.reshape(head, (rows * phases,) + tuple(parts[0].shape[1:]))
+        return head if extra == 0 else xp.concat([head] + [part[rows:, ...] for part in parts[:extra]], axis=0)
+    order = [j for p in positions for j in p]
+    inverse = tuple(sorted(range(k), key=order.__getitem__))  # S[j] = concat(parts)[inverse[j]]
+    return xp.take(xp.concat(list(parts), axis=0), _positions(xp, inverse, parts[0]), axis=0)
+
+
+def _cut_stacks(xp, G, plan: _Plan) -> list:
+    """The tiles of ``G`` as the plan's stacks: ``out[s] = stack([_cut(G, tiles[t].index) for t in
+    stacks[s].tiles])``, by reshapes: each region's box cut into its equal tiles
+    (:func:`_to_tiles`), each stack picked from them (:func:`_pick`)."""
+    out: list = [None] * len(plan.stacks)
+    for region in plan.regions:
+        box = G if len(plan.regions) == 1 else _cut(G, region.index)
+        tiles = _to_tiles(xp, box, region.counts, region.size)
+        for s in region.stacks:
+            out[s] = _pick(xp, tiles, plan.stacks[s].positions)
+    return out
+
+
+def _join_stacks(xp, parts: Sequence[Any], plan: _Plan):
+    """The inverse of :func:`_cut_stacks`: the tensor whose tiles are the stacks ``parts`` (each
+    region's tiles put in order by :func:`_unpick`, its box by :func:`_from_tiles`, the boxes
+    joined by :func:`_join`)."""
+    boxes = []
+    for region in plan.regions:
+        tiles = _unpick(xp, [parts[s] for s in region.stacks], [plan.stacks[s].positions for s in region.stacks], flat=False)
+        boxes.append(_from_tiles(xp, tiles, region.counts, region.size))
+    return _join(xp, boxes, plan.grid)
+
+
+def _sum_in_tile_order(xp, parts: Sequence[Any], plan: _Plan):
+    """``Σ_t x_t`` of a per-stack quantity (one entry ``x_t`` per tile), summed over the tiles in
+    row-major order (one ``sum`` of the entries in that memory order)."""
+    return xp.sum(_unpick(xp, parts, [stack.tiles for stack in plan.stacks], flat=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1053,19 +1231,24 @@ def if_shampoo(
     refresh_at = spread_schedule(precondition_every, spread)
     scaled_beta2 = preconditioner_lr_scale is not None  # one β₂ per group
 
-    def plan(shapes, out_first: bool, where: str) -> tuple:
-        """(squeezed dims, per-axis diagonal flags, tiles) of a group's tensor."""
-        _, dims = _grouped_shape(shapes, out_first)
-        kinds = _per_axis(structures, len(dims), "structures", where)
-        limit = None if dense_limit is None else int(dense_limit)
-        diagonal = tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
-        return dims, diagonal, _tile_plan(dims, diagonal, block_size, precondition_every, spread_refresh)
+    plans: dict = {}  # (shapes, out_first) -> plan(...): the tile plan is made once per layout, not every step
 
-    def layout(tiles, rank: int, members: int) -> _IFShampooState:
+    def plan(shapes, out_first: bool, where: str) -> tuple:
+        """(squeezed dims, per-axis diagonal flags, tile plan) of a group's tensor."""
+        key = (tuple(shapes), out_first)
+        if key not in plans:
+            _, dims = _grouped_shape(shapes, out_first)
+            kinds = _per_axis(structures, len(dims), "structures", where)
+            limit = None if dense_limit is None else int(dense_limit)
+            diagonal = tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
+            plans[key] = dims, diagonal, _stack_plan(_tile_plan(dims, diagonal, block_size, precondition_every, spread_refresh))
+        return plans[key]
+
+    def layout(tile_plan: _Plan, rank: int, members: int) -> _IFShampooState:
         """The fields a group's state has (any leaves; :func:`precond_ref.tree.from_entries`' template)."""
         return _IFShampooState(
-            tiles=tuple(_TileFactors(factor=(0,) * rank, factor_momentum=(0,) * rank if use_factor_momentum else ())
-                        for _ in tiles),
+            stacks=tuple(_StackFactors(factor=(0,) * rank, factor_momentum=(0,) * rank if use_factor_momentum else ())
+                         for _ in tile_plan.stacks),
             momentum=(0,) * members if use_momentum else (),
             preconditioner_lr_scale=0 if scaled_beta2 else None,
             factor_failures=None if faithful else 0,
@@ -1075,23 +1258,22 @@ def if_shampoo(
         shapes = [tuple(x.shape) for x in leaves]
         where = path_str(paths[0])
         out_first = len(leaves) == 1 or paths[0][-1] != _OUT_LAST_WEIGHT
-        dims, diagonal, tiles = plan(shapes, out_first, where)
-        rank = len(dims)
+        dims, diagonal, tile_plan = plan(shapes, out_first, where)
         param_dtype = leaves[0].dtype
-        dtypes = _per_axis(factor_dtype, rank, "factor_dtype", where)
         dev = array_device(leaves[0])
-        tile_states = []
-        for tile in tiles:
-            factors, momenta = [], []
-            for (start, stop), diag, dtype in zip(tile.index, diagonal, dtypes):
-                if dtype is None and not faithful and xp.finfo(param_dtype).bits <= 32:
-                    dtype = half_precision_dtype(leaves[0])  # S1: bf16 factors on an accelerator
-                dtype = _state_dtype(xp, param_dtype, dtype, lambda xp, p: p, faithful)
-                d = stop - start
-                factors.append(xp.ones((d,), dtype=dtype, device=dev) if diag else xp.eye(d, dtype=dtype, device=dev))
-                if use_factor_momentum:
-                    momenta.append(xp.zeros(factors[-1].shape, dtype=dtype, device=dev))
-            tile_states.append(_TileFactors(factor=tuple(factors), factor_momentum=tuple(momenta)))
+        dtypes = []
+        for dtype in _per_axis(factor_dtype, len(dims), "factor_dtype", where):
+            if dtype is None and not faithful and xp.finfo(param_dtype).bits <= 32:
+                dtype = half_precision_dtype(leaves[0])  # S1: bf16 factors on an accelerator
+            dtypes.append(_state_dtype(xp, param_dtype, dtype, lambda xp, p: p, faithful))
+        stack_states = []
+        for stack in tile_plan.stacks:
+            k, factors = len(stack.tiles), []
+            for d, diag, dtype in zip(_tile_shape(tile_plan.tiles[stack.tiles[0]]), diagonal, dtypes):
+                factors.append(xp.ones((k, d), dtype=dtype, device=dev) if diag  # K = I for each tile
+                               else xp.zeros((k, d, d), dtype=dtype, device=dev) + xp.eye(d, dtype=dtype, device=dev))
+            momenta = tuple(xp.zeros(K.shape, dtype=K.dtype, device=dev) for K in factors) if use_factor_momentum else ()
+            stack_states.append(_StackFactors(factor=tuple(factors), factor_momentum=momenta))
         buffer_dtype = param_dtype if faithful else compute_dtype(xp, param_dtype)
         lr_scale = None
         if preconditioner_lr_scale is not None:
@@ -1099,31 +1281,38 @@ def if_shampoo(
             check_positive(f"preconditioner_lr_scale({where!r})", scale)
             lr_scale = xp.asarray(scale, dtype=compute_dtype(xp, param_dtype), device=dev)
         return to_entries(_IFShampooState(
-            tiles=tuple(tile_states),
+            stacks=tuple(stack_states),
             momentum=tuple(xp.zeros(shape, dtype=buffer_dtype, device=dev) for shape in shapes) if use_momentum else (),
             preconditioner_lr_scale=lr_scale,
             factor_failures=None if faithful else xp.zeros((), dtype=xp.int32, device=dev),
         ))
 
+    def legacy_names(entries: dict) -> dict:
+        """``build_transform``'s ``legacy_names``: a group's state under the names of an earlier
+        version (:func:`_legacy_entry_names`) or in its per-tile layout (:func:`_stacked_tiles`,
+        the tiles' phases from this factory's interval) as the current stacks; the very dict when
+        it is current."""
+        return _stacked_tiles(_legacy_entry_names(entries), precondition_every, spread_refresh)
+
     def half_factors(xp, factors) -> bool:
         return any(xp.finfo(f.dtype).bits < 32 for f in factors)
 
-    def on_stack(tile: _TileFactors, refreshing: bool) -> tuple:
-        """A tile's state on the stack: K_1..K_N, then (refreshing, α₂ ≠ 0) m_1..m_N."""
-        return tile.factor + tile.factor_momentum if refreshing else tile.factor
+    def on_stack(stack: _StackFactors, refreshing: bool) -> tuple:
+        """A stack's state as operands: K_1..K_N, then (refreshing, α₂ ≠ 0) m_1..m_N."""
+        return stack.factor + stack.factor_momentum if refreshing else stack.factor
 
     def laid_out(state, shapes, where: str):
         """Out-first (weight (d_out, d_in)) or out-last pairing, read off the state's factor sizes,
         the group's plan, and its state as fields; a state that fits neither is a clear error."""
         for out_first in (True, False) if len(shapes) > 1 else (True,):
-            dims, diagonal, tiles = plan(shapes, out_first, where)
+            dims, diagonal, tile_plan = plan(shapes, out_first, where)
             try:
-                fields = from_entries(layout(tiles, len(dims), len(shapes)), state)
+                fields = from_entries(layout(tile_plan, len(dims), len(shapes)), state)
             except KeyError:
                 continue
-            if all(K.shape[0] == stop - start for tile, tile_state in zip(tiles, fields.tiles)
-                   for K, (start, stop) in zip(tile_state.factor, tile.index)):
-                return out_first, dims, tiles, fields
+            if all(tuple(K.shape[:2]) == (len(stack.tiles), d) for stack, stack_state in zip(tile_plan.stacks, fields.stacks)
+                   for K, d in zip(stack_state.factor, _tile_shape(tile_plan.tiles[stack.tiles[0]]))):
+                return out_first, dims, tile_plan, fields
         found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k and k != "factor_failures"}
         raise ValueError(
             f"if_shampoo: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
@@ -1134,75 +1323,46 @@ def if_shampoo(
         )
 
     def prepare(grads, state, ctx):
-        """One group's grouped tensor G (work dtype), its tiles, and what it takes to ungroup the step;
-        and its state as fields."""
+        """One group's grouped tensor G (work dtype), its tiles as the stacks of its plan, and what it
+        takes to ungroup the step; and its state as fields."""
         xp = ctx.xp
         shapes = [tuple(g.shape) for g in grads]
-        out_first, dims, tiles, fields = laid_out(state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
+        out_first, dims, tile_plan, fields = laid_out(state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
         full, squeezed = _grouped_shape(shapes, out_first)
         work_dtype = grads[0].dtype if faithful else compute_dtype(xp, grads[0].dtype)
         grouped = _group_tensor(xp, grads, full, squeezed, out_first, work_dtype)
-        counts, size = _grid(tiles)
-        stacked = None if size is None else _to_tiles(xp, grouped, counts, size)
-        return _Group(grouped, len(dims), shapes, full, out_first, work_dtype, tiles, counts, size, stacked), fields
+        stacks = _cut_stacks(xp, grouped, tile_plan)
+        return _Group(grouped, len(dims), shapes, full, out_first, work_dtype, tile_plan, stacks), fields
 
-    def members(xp, groups, phase):
-        """The tiles on refresh phase ``phase`` (all tiles: ``None``) as (group, tile positions, their
-        G tiles (k, b_1, ..., b_N)): one member per group of equal tiles (the phase's tiles are every
-        T-th), one per tile where an axis ends in a shorter tile."""
-        out = []
-        for i, group in enumerate(groups):
-            chosen = [t for t, tile in enumerate(group.tiles) if phase is None or tile.offset == phase]
-            if not chosen:
-                continue
-            if group.size is None:
-                out += [(i, (t,), _cut(group.grouped, group.tiles[t].index)[None, ...]) for t in chosen]
-            elif len(chosen) == len(group.tiles):
-                out.append((i, tuple(chosen), group.stacked))
-            else:
-                every = chosen[1] - chosen[0] if len(chosen) > 1 else 1
-                out.append((i, tuple(chosen), group.stacked[chosen[0] : chosen[-1] + 1 : every, ...]))
-        return out
+    def batches(xp, groups, stack_states, phase, refreshing: bool) -> tuple:
+        """The stacks on refresh phase ``phase`` (every stack: ``None``) of all groups, as
+        (their (group, stack) numbers, :func:`precond_ref.blocking.stack` of their operands
+        (G, K_1..K_N[, m_1..m_N])): the stacks of one tile shape, factor layout and device are
+        concatenated along the tile axis, one ``concat`` per operand whatever the number of tiles."""
+        chosen = [(i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks)
+                  if phase is None or stack.phase == phase]
+        operands = [(groups[i].stacks[s],) + on_stack(stack_states[i][s], refreshing) for i, s in chosen]
+        return chosen, stack_alike(xp, operands)
 
-    def stacks(xp, groups, tile_states, phase, refreshing: bool):
-        """The members of :func:`members` with one tile shape, factor layout and device, as stacks:
-        (members, their tiles [(group, tile position)], G (b, ...), state (K_1..K_N[, m_1..m_N]) each
-        (b, ...)); ``tile_states[i][t]`` is tile t of group i. One ``concat``/``stack`` per operand,
-        whatever the number of tiles."""
-        by_layout: dict = {}
-        for i, positions, G in members(xp, groups, phase):
-            key = (tuple(G.shape[1:]), G.dtype, device_key(G)) + tuple(
-                (tuple(K.shape), K.dtype) for K in tile_states[i][positions[0]].factor)
-            by_layout.setdefault(key, []).append((i, positions, G))
-        for chosen in by_layout.values():
-            tiles = [(i, t) for i, positions, _ in chosen for t in positions]
-            G = chosen[0][2] if len(chosen) == 1 else xp.concat([g for _, _, g in chosen], axis=0)
-            entries = [on_stack(tile_states[i][t], refreshing) for i, t in tiles]
-            yield chosen, tiles, G, tuple(xp.stack(stack) for stack in zip(*entries))
+    def factor_lr(xp, beta2, fields, chosen, batch):
+        """β₂ for a batch of stacks: one number, or with ``preconditioner_lr_scale`` each tile's group's multiple (b,)."""
+        if not scaled_beta2:
+            return beta2
+        scales = [xp.broadcast_to(fields[chosen[m][0]].preconditioner_lr_scale, (k,))
+                  for m, k in zip(batch.indices, batch.lengths)]
+        return beta2 * (scales[0] if len(scales) == 1 else xp.concat(scales))
 
-    def per_member(chosen, stacked):
-        """A stack's array cut back into its members' parts: (group, tile positions, part)."""
-        if len(chosen) == 1:
-            return [(chosen[0][0], chosen[0][1], stacked)]
-        bounds = list(itertools.accumulate([len(p) for _, p, _ in chosen], initial=0))
-        return [(i, p, stacked[a:b, ...]) for (i, p, _), a, b in zip(chosen, bounds, bounds[1:])]
-
-    def assembled(xp, group, parts):
-        """The group's tensor from its tiles' parts [(tile positions, stack of those tiles)]."""
-        if group.size is not None:  # equal tiles: one part holds them all, in order
-            return _from_tiles(xp, parts[0][1], group.counts, group.size)
-        by_tile = {t: part[0, ...] for positions, part in parts for t in positions}  # one tile a part
-        return _join(xp, [by_tile[t] for t in range(len(group.tiles))], group.counts)
-
-    def store(xp, tile_states, failures, chosen, tiles, state, failed) -> None:
-        """A refreshed stack back into the groups' tiles (one ``unstack`` per entry); principled:
-        each group adds its tiles' failures to its count (S3)."""
-        rank = len(state) // 2 if use_factor_momentum else len(state)
-        for (i, t), entries in zip(tiles, zip(*(xp.unstack(entry) for entry in state))):
-            tile_states[i][t] = _TileFactors(factor=entries[:rank], factor_momentum=entries[rank:])
-        if not faithful and host_bool(xp, xp.any(failed)) is not False:  # read where free: nothing to add
-            for i, _, part in per_member(chosen, xp.astype(failed, xp.int32)):
-                failures[i] = failures[i] + xp.sum(part, dtype=xp.int32)
+    def store(xp, stack_states, failures, chosen, batched, results) -> None:
+        """Refreshed batches back into the groups' stacks (one split per operand and batch);
+        principled: each group adds its tiles' failures to its count (S3)."""
+        counted = [not faithful and host_bool(xp, xp.any(out[-1])) is not False for out in results]  # read where free
+        counted = {m: flag for batch, flag in zip(batched, counted) for m in batch.indices}
+        for m, ((i, s), out) in enumerate(zip(chosen, unstack_alike(batched, results, len(chosen)))):
+            *state, failed = out
+            rank = len(state) // 2 if use_factor_momentum else len(state)
+            stack_states[i][s] = _StackFactors(factor=tuple(state[:rank]), factor_momentum=tuple(state[rank:]))
+            if counted[m]:
+                failures[i] = failures[i] + xp.sum(xp.astype(failed, xp.int32), dtype=xp.int32)
 
     def refreshed(xp, B, G, lr, *state):
         """Figure 3's factor step on one stack of tiles: K_n, m_n, and per tile whether it failed (S2, S3)."""
@@ -1228,8 +1388,9 @@ def if_shampoo(
     #       m_n ← α₂ m_n + (1−α₂) M_n;  K_n ← K_n − β₂/max(1, ‖m_n‖_F)·K_n m_n   (S2, S3: kept if unusable)
     #   D = G ×_1 P_1 … ×_N P_N;  D ← ν D, ν = min(1, √(κ_clip/(η²⟨D, G⟩)))         (S8, principled)
     #   U = D + κW;  v ← α₁ v + U;  W ← W − η v
-    # The refresh and D run on stacks of equal tiles of all groups (`stacks`: a leading tile axis),
-    # the rest per group.
+    # A group's tiles and their factors are stacks (a leading tile axis): the tiles of one shape and
+    # refresh phase are one stack, so a phase refreshes whole stacks; the refresh and D run on the
+    # stacks of all groups, concatenated where equal (`batches`); the rest per group.
 
     def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
         xp = ctxs[0].xp
@@ -1237,33 +1398,42 @@ def if_shampoo(
         B = _batch_size("if_shampoo", batch_size, ctxs[0])
         beta2, eta = ctxs[0].value(preconditioner_lr), ctxs[0].value(learning_rate)
         groups, fields = zip(*(prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)))
-        tile_states = [list(f.tiles) for f in fields]  # the new state, tile by tile
+        stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
         failures = [f.factor_failures for f in fields]
 
-        for phase, due in enumerate(refresh):  # K_n, m_n ← the factor step, on the tiles due (S10)
+        for phase, due in enumerate(refresh):  # K_n, m_n ← the factor step, on the stacks due (S10)
             if due is False:
                 continue
-            for chosen, tiles, G, state in stacks(xp, groups, tile_states, phase, refreshing=True):
-                lr = beta2 * xp.stack([fields[i].preconditioner_lr_scale for i, _ in tiles]) if scaled_beta2 else beta2
-                *state, failed = cond(xp, due, partial(refreshed, xp, B, G, lr), partial(unchanged, xp, G), *state)
-                store(xp, tile_states, failures, chosen, tiles, state, failed)
+            chosen, batched = batches(xp, groups, stack_states, phase, refreshing=True)
+            results = []
+            for batch in batched:
+                G, *state = batch.operands
+                lr = factor_lr(xp, beta2, fields, chosen, batch)
+                results.append(cond(xp, due, partial(refreshed, xp, B, G, lr), partial(unchanged, xp, G), *state))
+            store(xp, stack_states, failures, chosen, batched, results)
 
-        parts: list = [[] for _ in groups]  # D = G ×_1 P_1 … ×_N P_N, tile by tile
-        inner: list = [[] for _ in groups]  # ⟨D, G⟩ of the group's tiles (S8)
-        for chosen, tiles, G, K in stacks(xp, groups, tile_states, None, refreshing=False):
+        chosen, batched = batches(xp, groups, stack_states, None, refreshing=False)
+        results = []
+        for batch in batched:  # D = G ×_1 P_1 … ×_N P_N, and ⟨D, G⟩ of each tile (S8)
+            G, *K = batch.operands
             D = _precondition(xp, G, K, rescale=faithful or half_factors(xp, K))
-            for i, positions, part in per_member(chosen, D):
-                parts[i].append((positions, part))
+            results.append((D, _tile_inner(xp, D, G)) if use_kl_clip else (D,))
+        parts = [[None] * len(group.plan.stacks) for group in groups]
+        inner = [[None] * len(group.plan.stacks) for group in groups]
+        for (i, s), out in zip(chosen, unstack_alike(batched, results, len(chosen))):
+            parts[i][s] = out[0]
             if use_kl_clip:
-                for i, _, part in per_member(chosen, _tile_inner(xp, D, G)):
-                    inner[i].append(xp.sum(part))
+                inner[i][s] = out[1]
         hyper = _per_step_operands(xp)
         minus_eta = -eta  # exact in every dtype: once, not once per leaf
-        nu = _kl_clip_scales(xp, [sum(g[1:], g[0]) for g in inner], eta, kl_clip) if use_kl_clip else None
+        nu = None
+        if use_kl_clip:  # ⟨D, G⟩ of a group: its tiles' summed in row-major order
+            nu = _kl_clip_scales(xp, [_sum_in_tile_order(xp, inner[g], group.plan) for g, group in enumerate(groups)],
+                                 eta, kl_clip)
 
         results = []
-        for g, (group, group_parts, state, params) in enumerate(zip(groups, parts, fields, params_list)):
-            D = assembled(xp, group, group_parts)
+        for g, (group, state, params) in enumerate(zip(groups, fields, params_list)):
+            D = _join_stacks(xp, parts[g], group.plan)
             if use_kl_clip:  # S8, K-FAC's order: clip the preconditioned gradient, then the momentum
                 D = D * nu[g]  # D ← ν D
             updates, velocities = [], []
@@ -1278,7 +1448,7 @@ def if_shampoo(
                     U = cast(xp, U, group.work_dtype)
                 updates.append(hyper(minus_eta, U) * U)  # W ← W − η v
             new_state = state._replace(
-                tiles=tuple(tile_states[g]), momentum=tuple(velocities), factor_failures=failures[g])
+                stacks=tuple(stack_states[g]), momentum=tuple(velocities), factor_failures=failures[g])
             results.append((tuple(updates), to_entries(new_state)))
         return results
 
@@ -1291,5 +1461,5 @@ def if_shampoo(
         needs_params=use_decay,
         intervals=refresh_at,
         layout_hint=None if faithful else _old_layout_hint,
-        legacy_names=_legacy_entry_names,
+        legacy_names=legacy_names,
     )

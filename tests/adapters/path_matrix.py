@@ -238,16 +238,17 @@ LEGACY_NAMED = ("sketchy", "s_adagrad", "if_shampoo")
 
 def old_entry_names(method: str, entries: dict) -> dict:
     """A group's current entries under the names 2fdbd40 and earlier wrote (the inverse of the
-    method's ``legacy_names``): IF-Shampoo ``tiles/t/X/n`` -> ``X_n`` (one tile) or ``tile_t/X_n``,
-    ``momentum/i`` -> ``momentum_i``; Sketchy and S-AdaGrad ``sketches/n/j/name`` -> ``axis{n}_{name}``
-    (one run) or ``axis{n}_run{j}_{name}``."""
+    method's ``legacy_names``): IF-Shampoo ``stacks/0/X/n`` -> ``X_n`` (the models' groups are
+    unblocked: one stack of one tile, whose tile is the old unblocked factor), ``momentum/i`` ->
+    ``momentum_i``; Sketchy and S-AdaGrad ``sketches/n/j/name`` -> ``axis{n}_{name}`` (one run) or
+    ``axis{n}_run{j}_{name}``."""
     keys = [k.split("/") for k in entries]
     out = {}
     for key, value in entries.items():
         part = key.split("/")
-        if method == "if_shampoo" and part[0] == "tiles":
-            tiles = {k[1] for k in keys if k[0] == "tiles"}
-            out[f"{part[2]}_{part[3]}" if len(tiles) == 1 else f"tile_{part[1]}/{part[2]}_{part[3]}"] = value
+        if method == "if_shampoo" and part[0] == "stacks":
+            assert {k[1] for k in keys if k[0] == "stacks"} == {"0"} and value.shape[0] == 1, "one tile"
+            out[f"{part[2]}_{part[3]}"] = value[0]
         elif method == "if_shampoo" and part[0] == "momentum":
             out[f"momentum_{part[1]}"] = value
         elif part[0] == "sketches":

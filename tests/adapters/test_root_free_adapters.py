@@ -108,7 +108,7 @@ def test_if_shampoo_weight_bias_grouping_through_names_matches_core():
     for n, p in model.named_parameters():
         parent, leaf = n.split(".")
         torch.testing.assert_close(p.detach(), params[parent][leaf], rtol=0, atol=0)
-    assert opt.state[model[0].weight]["tiles/0/factor/1"].shape == (6, 6)  # 5 inputs + the bias column
+    assert opt.state[model[0].weight]["stacks/0/factor/1"].shape == (1, 6, 6)  # 5 inputs + the bias column
 
 
 def test_if_shampoo_bf16_model_with_bf16_factors_torch():
@@ -127,7 +127,7 @@ def test_if_shampoo_bf16_model_with_bf16_factors_torch():
         losses.append(float(loss.detach()))
     assert np.isfinite(losses).all() and losses[-1] < losses[0] / 3, losses[::10]
     state = opt.state[model[0].weight]
-    assert state["tiles/0/factor/0"].dtype == torch.bfloat16 and model[0].weight.dtype == torch.bfloat16
+    assert state["stacks/0/factor/0"].dtype == torch.bfloat16 and model[0].weight.dtype == torch.bfloat16
     assert all(torch.isfinite(v.float()).all() for v in state.values() if isinstance(v, torch.Tensor))
 
 
@@ -161,8 +161,8 @@ def test_if_shampoo_bf16_params_and_factors_optax_jit():
     final = float(loss(params))
     assert np.isfinite(final) and final < first / 3, (first, final)
     assert params["layer"]["kernel"].dtype == jnp.bfloat16
-    factors = [v for k, v in state.groups["layer/kernel"].items() if k.startswith("tiles/0/factor/")]
-    assert [f.shape for f in factors] == [(6, 6), (2, 2)]  # the bias is an extra row of the kernel
+    factors = [v for k, v in state.groups["layer/kernel"].items() if k.startswith("stacks/0/factor/")]
+    assert [f.shape for f in factors] == [(1, 6, 6), (1, 2, 2)]  # the bias is an extra row of the kernel
     assert all(f.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(f))) for f in factors)
 
 

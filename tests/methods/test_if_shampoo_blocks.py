@@ -38,7 +38,10 @@ def test_tiles_are_independent_groups():
     weight, grads = rng.normal(size=shape), _grads(rng, shape, 4)
     kw = dict(batch_size=3, precondition_every=1, kl_clip=0.0, learning_rate=0.1, preconditioner_lr=0.3)
     blocked, state = _steps(pr.if_shampoo(block_size=block, **kw), {"w": weight}, [{"w": g} for g in grads])
-    assert sorted(k for k in state.groups["w"] if k.endswith("/factor/0")) == [f"tiles/{t}/factor/0" for t in range(6)]
+    # one stack per tile shape (no staggering at T = 1): 4 x 4 (tiles 0, 2), 4 x 3 (1, 3), 2 x 4, 2 x 3
+    assert {k: v.shape for k, v in state.groups["w"].items() if k.endswith("/factor/0")} == {
+        "stacks/0/factor/0": (2, 4, 4), "stacks/1/factor/0": (2, 4, 4), "stacks/2/factor/0": (1, 2, 2),
+        "stacks/3/factor/0": (1, 2, 2)}
 
     cuts = [(slice(r, r + 4), slice(c, c + 4)) for r in (0, 4, 8) for c in (0, 4)]
     tiles = lambda a: {f"t{i}": a[s] for i, s in enumerate(cuts)}  # noqa: E731
@@ -65,14 +68,14 @@ def test_kl_clip_and_momentum_stay_per_parameter():
 
 def test_block_size_at_least_every_axis_is_the_unblocked_method():
     """blocking.block_bounds: an axis of length d <= block_size is one chunk, so block_size equal
-    to the longest axis gives the unblocked layout (one tile: keys ``tiles/0/factor/n``) and the same numbers as a
+    to the longest axis gives the unblocked layout (one stack of one tile: keys ``stacks/0/factor/n``) and the same numbers as a
     block size far beyond it (exactly: the same operations run)."""
     rng = np.random.default_rng(2)
     weight, grads = rng.normal(size=(8, 6)), _grads(rng, (8, 6), 3)
     kw = dict(batch_size=2, precondition_every=1)
     at, state = _steps(pr.if_shampoo(block_size=8, **kw), {"w": weight}, [{"w": g} for g in grads])
     beyond, _ = _steps(pr.if_shampoo(block_size=4096, **kw), {"w": weight}, [{"w": g} for g in grads])
-    assert state.groups["w"]["tiles/0/factor/0"].shape == (8, 8) and not any("tiles/1" in k for k in state.groups["w"])
+    assert state.groups["w"]["stacks/0/factor/0"].shape == (1, 8, 8) and not any("stacks/1" in k for k in state.groups["w"])
     for a, b in zip(at, beyond):
         np.testing.assert_array_equal(a["w"], b["w"])
 
@@ -86,11 +89,14 @@ def test_tiles_refresh_at_their_offsets(stagger):
     T, steps = 3, 7
     opt = pr.if_shampoo(batch_size=2, precondition_every=T, block_size=2, spread_refresh=stagger)
     params = {"w": rng.normal(size=(6, 2))}  # three tiles of 2 x 2
+    plan = root_free._stack_plan(root_free._tile_plan((6, 2), (False, False), 2, T, stagger))
+    where = {t: (s, stack.tiles.index(t)) for s, stack in enumerate(plan.stacks) for t in stack.tiles}
+    factor = lambda state, t: state.groups["w"][f"stacks/{where[t][0]}/factor/0"][where[t][1]]  # noqa: E731  tile t's K_1
     state = opt.init(params)
     for c in range(steps):
         updates, new = opt.update({"w": rng.normal(size=(6, 2))}, state, params)
         for t in range(3):
-            moved = not np.array_equal(new.groups["w"][f"tiles/{t}/factor/0"], state.groups["w"][f"tiles/{t}/factor/0"])
+            moved = not np.array_equal(factor(new, t), factor(state, t))
             assert moved == (c == 0 or c % T == (t % T if stagger else 0)), (c, t)
         state = new
     assert opt.due(1) == ((False, True, False) if stagger else (False,))
@@ -119,11 +125,11 @@ def test_zero_size_axis_is_left_unchanged_without_factors():
     assert state.groups["empty"] == {}
     updates, new = opt.update({"empty": np.zeros((0, 300)), "w": rng.normal(size=(300, 2))}, state, params)
     assert updates["empty"].shape == (0, 300) and new.groups["empty"] == {}
-    assert np.any(updates["w"] != 0) and "tiles/2/factor/0" in new.groups["w"]
+    assert np.any(updates["w"] != 0) and "stacks/2/factor/0" in new.groups["w"]  # 128 x 2 at phases 0, 1; 44 x 2
 
 
-_OLD_NAMES = {"tiles/0/factor/0": "factor_0", "tiles/0/factor/1": "factor_1", "tiles/0/factor_momentum/0":
-              "factor_momentum_0", "tiles/0/factor_momentum/1": "factor_momentum_1", "momentum/0": "momentum_0"}
+_OLD_NAMES = {"stacks/0/factor/0": "factor_0", "stacks/0/factor/1": "factor_1", "stacks/0/factor_momentum/0":
+              "factor_momentum_0", "stacks/0/factor_momentum/1": "factor_momentum_1", "momentum/0": "momentum_0"}
 
 
 def _main_state(opt_old, params, grads):
@@ -131,7 +137,8 @@ def _main_state(opt_old, params, grads):
     dense factors (``factor_n``, ``factor_momentum_n``: the entry names of that version) for axes up to 4096."""
     state = opt_old.init(params)
     _, state = opt_old.update(grads, state, params)
-    return state._replace(groups={k: {_OLD_NAMES.get(n, n): v for n, v in g.items()} for k, g in state.groups.items()})
+    return state._replace(groups={k: {_OLD_NAMES.get(n, n): v[0] if n.startswith("stacks/") else v for n, v in g.items()}
+                                  for k, g in state.groups.items()})  # one stack of one tile: its tile
 
 
 def test_state_saved_before_blocking_names_the_arguments_that_load_it():
@@ -166,7 +173,7 @@ def test_torch_checkpoint_saved_before_blocking_names_the_arguments():
     opt.step(batch_size=4)
     saved = opt.state_dict()
     entries = saved["state"][0]
-    assert "tiles/1/factor/0" in entries  # 300 > the default block size: blocked
+    assert "stacks/1/factor/0" in entries  # 300 > the default block size: blocked
     for key in [k for k in entries if "factor" in k and k != "factor_failures"]:
         del entries[key]
     for n, d in enumerate((300, 5)):  # the entry names of that version

@@ -1,8 +1,11 @@
 """IF-Shampoo's state as named fields (issue 32): a group's state is an ``_IFShampooState`` of
-``_TileFactors``, stored as the flat entries of their paths, and checkpoints saved under the
-formatted keys of earlier versions (``factor_n``, ``tile_t/factor_n``, ``momentum_n``, ...) keep
-loading: the fixtures in tests/data (made by ``tests/data/if_shampoo_legacy_make.py`` with the code of
-2fdbd40) step on to the parameters that code reached."""
+``_StackFactors`` (its tiles' factors as stacks: one per tile shape and refresh phase), stored as
+the flat entries of their paths, and checkpoints saved under the formatted keys of earlier
+versions (``factor_n``, ``tile_t/factor_n``, ``momentum_n``, ...) or in the per-tile layout that
+followed (``tiles/t/factor/n``) keep loading: the fixtures in tests/data (made by
+``tests/data/if_shampoo_legacy_make.py`` with the code of 2fdbd40, and by
+``tests/data/if_shampoo_tiles_make.py`` with the code of b69b61c) step on to the parameters that
+code reached."""
 
 from __future__ import annotations
 
@@ -25,31 +28,33 @@ DATA = Path(__file__).parent.parent / "data"
 TOL = 1e-12
 
 
-def _maker():
-    return load_file("if_shampoo_legacy_make", DATA / "if_shampoo_legacy_make.py")
+def _maker(name: str = "if_shampoo_legacy_make"):
+    return load_file(name, DATA / f"{name}.py")
 
 
 def test_state_entries_are_the_paths_of_its_named_fields():
     """A blocked weight+bias group (8 x 6 weight and its bias: (8, 7) cut at 4 into 2 x 2 tiles,
-    the last column of tiles 3 wide) and an unblocked vector: the entries are the paths of
-    ``_IFShampooState`` (``tiles/t/factor/n`` of tile t's shape on axis n, ``momentum/i`` per
-    member), and they read back into those fields exactly."""
+    the last column of tiles 3 wide; refresh phases t % 2, so tiles 0, 2 (4 x 4) and 1, 3 (4 x 3)
+    are one stack each) and an unblocked vector: the entries are the paths of ``_IFShampooState``
+    (``stacks/s/factor/n`` of shape (tiles in stack s, d_n, d_n), ``momentum/i`` per member), and
+    they read back into those fields exactly."""
     params = {"l": {"weight": np.zeros((8, 6)), "bias": np.zeros(8)}, "s": np.zeros(3)}
     opt = pr.if_shampoo(batch_size=2, block_size=4, grouping="weight_bias")
     groups = opt.init(params).groups
     entries = groups["l/weight"]
     assert sorted(entries) == sorted(
         ["factor_failures", "momentum/0", "momentum/1"]
-        + [f"tiles/{t}/{name}/{n}" for t in range(4) for name in ("factor", "factor_momentum") for n in range(2)])
-    widths = {"tiles/0/factor/1": 4, "tiles/1/factor/1": 3, "tiles/2/factor/1": 4, "tiles/3/factor/1": 3}
-    for key, d in widths.items():
-        assert entries[key].shape == (d, d), key
-    assert sorted(groups["s"]) == ["factor_failures", "momentum/0", "tiles/0/factor/0", "tiles/0/factor_momentum/0"]
+        + [f"stacks/{s}/{name}/{n}" for s in range(2) for name in ("factor", "factor_momentum") for n in range(2)])
+    shapes = {"stacks/0/factor/0": (2, 4, 4), "stacks/0/factor/1": (2, 4, 4), "stacks/1/factor/0": (2, 4, 4),
+              "stacks/1/factor/1": (2, 3, 3)}
+    for key, shape in shapes.items():
+        assert entries[key].shape == shape, key
+    assert sorted(groups["s"]) == ["factor_failures", "momentum/0", "stacks/0/factor/0", "stacks/0/factor_momentum/0"]
     template = root_free._IFShampooState(
-        tiles=(root_free._TileFactors(factor=(0, 0), factor_momentum=(0, 0)),) * 4,
+        stacks=(root_free._StackFactors(factor=(0, 0), factor_momentum=(0, 0)),) * 2,
         momentum=(0, 0), preconditioner_lr_scale=None, factor_failures=0)
     fields = from_entries(template, entries)
-    assert fields.tiles[3].factor[1] is entries["tiles/3/factor/1"] and fields.momentum[1] is entries["momentum/1"]
+    assert fields.stacks[1].factor[1] is entries["stacks/1/factor/1"] and fields.momentum[1] is entries["momentum/1"]
     assert to_entries(fields) == entries
 
 
@@ -94,13 +99,13 @@ def test_torch_checkpoint_with_the_old_names_steps_on_like_the_old_code(mode):
     for step, (got, want) in enumerate(zip(after, saved[mode]["after"])):
         for g, w in zip(got, want):
             np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=TOL, err_msg=f"step {step}")
-    entries = opt.state_dict()["state"][1]  # l1's weight+bias group, (8, 7) in 4 tiles (principled)
-    assert ("tiles/3/factor/1" in entries) == (mode == "principled") and "factor_0" not in entries
-    assert "tiles/0/factor/1" in entries and "momentum/1" in entries
+    entries = opt.state_dict()["state"][1]  # l1's weight+bias group, (8, 7) in 4 tiles, 2 stacks (principled)
+    assert ("stacks/1/factor/1" in entries) == (mode == "principled") and "factor_0" not in entries
+    assert "stacks/0/factor/1" in entries and "momentum/1" in entries
 
 
-def _core_checkpoint(asarray):
-    saved = np.load(DATA / "if_shampoo_legacy_core.npz")
+def _core_checkpoint(asarray, fixture: str = "if_shampoo_legacy_core.npz"):
+    saved = np.load(DATA / fixture)
     groups: dict = {}
     for key in saved.files:
         if key.startswith("state::"):
@@ -130,7 +135,7 @@ def test_core_state_with_the_old_names_steps_on_like_the_old_code():
         for (path, got), expected in zip(zip(tree_flatten(params)[1].paths, tree_flatten(params)[0]),
                                          tree_flatten(want)[0]):
             np.testing.assert_allclose(got, expected, rtol=0, atol=TOL, err_msg=f"step {k} {path_str(path)}")
-    assert "tiles/3/factor/1" in state.groups["l1/weight"] and "momentum_0" not in state.groups["scale"]
+    assert "stacks/1/factor/1" in state.groups["l1/weight"] and "momentum_0" not in state.groups["scale"]
 
 
 def test_optax_state_with_the_old_names_steps_on_under_jit():
@@ -153,4 +158,91 @@ def test_optax_state_with_the_old_names_steps_on_under_jit():
         want = _core_params(saved, f"after{k}", np.asarray)
         for got, expected in zip(tree_flatten(jax.tree_util.tree_map(np.asarray, params))[0], tree_flatten(want)[0]):
             np.testing.assert_allclose(got, expected, rtol=0, atol=TOL, err_msg=f"step {k}")
-    assert "tiles/0/factor/0" in state.groups["scale"]
+    assert "stacks/0/factor/0" in state.groups["scale"]
+
+
+def test_stacked_tiles_stacks_each_tile_of_one_shape_and_phase():
+    """``_stacked_tiles`` (the second step of ``legacy_names``) turns the per-tile layout
+    (``tiles/t/factor/n``) into the stacks ``init`` makes for the same group: a (10, 7) weight at
+    block_size=4 has tiles 4x4, 4x3, 4x4, 4x3, 2x4, 2x3, phases t % 3, so tiles 0 (4x4, phase 0),
+    1 (4x3, 1), 2 (4x4, 2), 3 (4x3, 0), 4 (2x4, 1), 5 (2x3, 2) are six stacks of one, and at
+    precondition_every=1 four stacks (0, 2), (1, 3), (4,), (5,). Each stack is its tiles' arrays
+    stacked in tile order; names that are not per-tile pass through; a current state is the very dict."""
+    rng = np.random.default_rng(0)
+    shapes = [(4, 4), (4, 3), (4, 4), (4, 3), (2, 4), (2, 3)]  # (d_0, d_1) of tiles 0..5 (10 x 7 cut at 4)
+    per_tile = {f"tiles/{t}/{name}/{n}": rng.normal(size=(d, d))
+                for t, dims in enumerate(shapes) for name in ("factor", "factor_momentum") for n, d in enumerate(dims)}
+    per_tile.update({"momentum/0": rng.normal(size=(10, 7)), "factor_failures": np.zeros((), np.int32)})
+    for every, stacks in ((3, [(0,), (1,), (2,), (3,), (4,), (5,)]), (1, [(0, 2), (1, 3), (4,), (5,)])):
+        got = root_free._stacked_tiles(per_tile, every, True)
+        assert got["momentum/0"] is per_tile["momentum/0"] and "factor_failures" in got
+        for s, tiles in enumerate(stacks):
+            for name in ("factor", "factor_momentum"):
+                for n in range(2):
+                    want = np.stack([per_tile[f"tiles/{t}/{name}/{n}"] for t in tiles])
+                    np.testing.assert_array_equal(got[f"stacks/{s}/{name}/{n}"], want)
+        init = pr.if_shampoo(batch_size=2, block_size=4, precondition_every=every).init({"w": np.zeros((10, 7))})
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in init.groups["w"].items()}
+    current = init.groups["w"]
+    assert root_free._stacked_tiles(current, 1, True) is current
+
+
+@pytest.mark.parametrize("mode", ["principled", "faithful"])
+def test_torch_checkpoint_of_the_per_tile_layout_steps_on_like_the_old_code(mode):
+    """A torch ``state_dict`` saved by b69b61c, one entry per tile (principled: block_size=2 with
+    refreshes staggered over 3 calls, so stacks of tiles in irregular and regular phase order;
+    faithful: one tile), loads into the stacked layout (``load_state_dict`` stacks the tiles before
+    validating) and the next 4 steps give the old code's parameters to 1e-12 (TOL's rounding
+    model: the same operations per tile, except ⟨D, G⟩ of a ragged group summed in tile order)."""
+    torch = pytest.importorskip("torch")
+    from precond_ref.adapters import torch as pt
+
+    make = _maker("if_shampoo_tiles_make")
+    saved = torch.load(DATA / "if_shampoo_tiles_torch.pt", weights_only=True)
+    assert "tiles/15/factor/1" in saved["principled"]["state_dict"]["state"][1]  # the per-tile layout
+    model = make.Tiny()
+    with torch.no_grad():
+        for p, value in zip(model.parameters(), saved[mode]["params"]):
+            p.copy_(value)
+    opt = pt.IFShampoo(model.named_parameters(), lr=1e-2, batch_size=make.BATCH, grouping="weight_bias",
+                       **make.TORCH_KW[mode])
+    opt.load_state_dict(saved[mode]["state_dict"])
+    after = make.train(model, opt, saved["batches"])
+    for step, (got, want) in enumerate(zip(after, saved[mode]["after"])):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=TOL, err_msg=f"step {step}")
+    entries = opt.state_dict()["state"][1]
+    assert not any(k.startswith("tiles/") for k in entries) and "stacks/0/factor/1" in entries
+
+
+def test_core_state_of_the_per_tile_layout_steps_on_like_the_old_code():
+    """The core ``PrecondState`` (NumPy) saved by b69b61c in the per-tile layout (block_size=2,
+    refreshes staggered over 3 calls, weight+bias grouping) steps on through ``update``
+    (``legacy_names`` stacks it) to the parameters the old code reached, to 1e-12; under
+    ``jax.jit`` through the optax adapter too; the states returned are stacked."""
+    make = _maker("if_shampoo_tiles_make")
+    for backend in ("numpy", "jax"):
+        if backend == "jax":
+            jax = pytest.importorskip("jax")
+            import jax.numpy as jnp
+            from precond_ref.adapters import jax as pjax
+
+            asarray, opt = jnp.asarray, pjax.if_shampoo(**make.CORE_KW)
+            step = jax.jit(opt.update)
+        else:
+            asarray, opt = np.asarray, pr.if_shampoo(**make.CORE_KW)
+            step = opt.update
+        saved, state = _core_checkpoint(asarray, "if_shampoo_tiles_core.npz")
+        assert "tiles/15/factor/0" in state.groups["l1/weight"]
+        params = _core_params(saved, "params", asarray)
+        for k in range(make.K):
+            grads = make.grads(tree_unflatten(tree_flatten(params)[1], [np.asarray(x) for x in tree_flatten(params)[0]]),
+                               make.N0 + k)
+            updates, state = step(tree_unflatten(tree_flatten(grads)[1], [asarray(x) for x in tree_flatten(grads)[0]]),
+                                  state, params)
+            params = pr.apply_updates(params, updates)
+            want = _core_params(saved, f"after{k}", np.asarray)
+            for got, expected in zip(tree_flatten(params)[0], tree_flatten(want)[0]):
+                np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=TOL, err_msg=f"{backend} step {k}")
+        assert not any(key.startswith("tiles/") for key in state.groups["l1/weight"])
+        assert "stacks/0/factor/0" in state.groups["l1/weight"]

@@ -343,15 +343,15 @@ def test_if_shampoo_shapes_and_grouping():
     opt = pr.if_shampoo(batch_size=2, grouping="weight_bias", max_dense_dim=5)
     groups = opt.init(params).groups
     assert set(groups) == {"dense/weight", "flax/kernel", "head/weight", "conv/weight", "conv/bias", "scalar", "embed"}
-    assert groups["dense/weight"]["tiles/0/factor/0"].shape == (3, 3)
-    assert groups["dense/weight"]["tiles/0/factor/1"].shape == (5, 5)  # bias as an extra input column
-    assert groups["flax/kernel"]["tiles/0/factor/0"].shape == (5, 5)  # out-last: the bias is an extra row
-    assert groups["flax/kernel"]["tiles/0/factor/1"].shape == (4, 4)
+    assert groups["dense/weight"]["stacks/0/factor/0"][0].shape == (3, 3)
+    assert groups["dense/weight"]["stacks/0/factor/1"][0].shape == (5, 5)  # bias as an extra input column
+    assert groups["flax/kernel"]["stacks/0/factor/0"][0].shape == (5, 5)  # out-last: the bias is an extra row
+    assert groups["flax/kernel"]["stacks/0/factor/1"][0].shape == (4, 4)
     # (1, 5) + (1,) -> (1, 6) squeezed to a vector; 6 > max_dense_dim -> diagonal
-    assert groups["head/weight"]["tiles/0/factor/0"].shape == (6,) and "tiles/0/factor/1" not in groups["head/weight"]
-    assert [groups["conv/weight"][f"tiles/0/factor/{n}"].shape for n in range(3)] == [(2, 2), (3, 3), (2, 2)]
-    assert groups["scalar"]["tiles/0/factor/0"].shape == (1, 1)
-    assert groups["embed"]["tiles/0/factor/0"].shape == (6,) and groups["embed"]["tiles/0/factor/1"].shape == (2, 2)
+    assert groups["head/weight"]["stacks/0/factor/0"][0].shape == (6,) and "stacks/0/factor/1" not in groups["head/weight"]
+    assert [groups["conv/weight"][f"stacks/0/factor/{n}"][0].shape for n in range(3)] == [(2, 2), (3, 3), (2, 2)]
+    assert groups["scalar"]["stacks/0/factor/0"][0].shape == (1, 1)
+    assert groups["embed"]["stacks/0/factor/0"][0].shape == (6,) and groups["embed"]["stacks/0/factor/1"][0].shape == (2, 2)
     # the pairing works: a step moves weight and bias and returns their shapes
     grads = {k: v for k, v in params.items()}
     updates, _ = opt.update(grads, opt.init(params), params)
@@ -424,8 +424,8 @@ def test_if_shampoo_zero_gradient_and_overflow_rules_are_per_group_in_a_stack():
         _, new = opt.update(grads, state)
     assert [int(new.groups[k]["factor_failures"]) for k in ("huge", "normal", "zero")] == [1, 0, 0]
     for key, moved in (("huge", False), ("normal", True), ("zero", False)):
-        assert np.all(np.isfinite(new.groups[key]["tiles/0/factor/0"]))
-        assert (not np.array_equal(new.groups[key]["tiles/0/factor/0"], state.groups[key]["tiles/0/factor/0"])) == moved, key
+        assert np.all(np.isfinite(new.groups[key]["stacks/0/factor/0"]))
+        assert (not np.array_equal(new.groups[key]["stacks/0/factor/0"], state.groups[key]["stacks/0/factor/0"])) == moved, key
 
 
 def test_if_shampoo_is_matmul_only(monkeypatch):
@@ -511,7 +511,7 @@ def test_if_shampoo_takes_numpy_dtypes_as_factor_dtype(spelling):
     opt = pr.if_shampoo(batch_size=1, factor_dtype=dtype)
     _, state = opt.update({"w": np.full((3, 2), 0.5)}, opt.init(params), params)
     entries = state.groups["w"]
-    assert entries["tiles/0/factor/0"].dtype == np.float32 and entries["tiles/0/factor/1"].dtype == np.float32
+    assert entries["stacks/0/factor/0"].dtype == np.float32 and entries["stacks/0/factor/1"].dtype == np.float32
 
 
 def test_if_shampoo_nonfinite_gradient_policy():
@@ -544,12 +544,12 @@ def test_if_shampoo_nonfinite_factor_is_discarded_and_counted():
     with np.errstate(all="ignore"):
         u, new = opt.update(large, state)
     assert int(new.groups["w"]["factor_failures"]) == 1
-    np.testing.assert_array_equal(new.groups["w"]["tiles/0/factor/0"], state.groups["w"]["tiles/0/factor/0"])
+    np.testing.assert_array_equal(new.groups["w"]["stacks/0/factor/0"], state.groups["w"]["stacks/0/factor/0"])
     assert int(new.count) == 1 and int(new.nonfinite_count) == 0
     faithful = pr.if_shampoo(mode="faithful", **kwargs)
     with np.errstate(all="ignore"):
         u, bad = faithful.update(large, faithful.init(params))
-    assert not np.all(np.isfinite(bad.groups["w"]["tiles/0/factor/0"]))  # the authors' behaviour
+    assert not np.all(np.isfinite(bad.groups["w"]["stacks/0/factor/0"]))  # the authors' behaviour
     assert np.all(np.isfinite(u["w"]))
 
 
@@ -562,7 +562,7 @@ def test_if_shampoo_zero_gradient_faithful_drifts_principled_stays():
         state0 = opt.init(params)
         u, state = opt.update(zero, state0)
         assert np.all(u["w"] == 0)
-        moved = not np.array_equal(state.groups["w"]["tiles/0/factor/0"], state0.groups["w"]["tiles/0/factor/0"])
+        moved = not np.array_equal(state.groups["w"]["stacks/0/factor/0"], state0.groups["w"]["stacks/0/factor/0"])
         assert moved == drifts, mode
 
 
@@ -574,7 +574,7 @@ def test_if_shampoo_precondition_every_runs_refresh_only_on_schedule():
     history = []
     for _ in range(7):
         _, state = opt.update(g, state)
-        history.append(np.array(state.groups["w"]["tiles/0/factor/0"]))
+        history.append(np.array(state.groups["w"]["stacks/0/factor/0"]))
     changed = [not np.array_equal(history[i], history[i - 1]) for i in range(1, 7)]
     assert changed == [False, False, True, False, False, True]
 
@@ -588,9 +588,9 @@ def test_if_shampoo_default_refresh_interval_is_the_papers():
         state = opt.init(params)
         changed = []
         for _ in range(4):
-            before = state.groups["w"]["tiles/0/factor/0"]
+            before = state.groups["w"]["stacks/0/factor/0"]
             _, state = opt.update(g, state)
-            changed.append(not np.array_equal(before, state.groups["w"]["tiles/0/factor/0"]))
+            changed.append(not np.array_equal(before, state.groups["w"]["stacks/0/factor/0"]))
         assert changed == want, mode
 
 
@@ -603,19 +603,19 @@ def test_if_shampoo_factors_default_to_bf16_on_accelerators(monkeypatch):
     import torch
 
     params = {"w": torch.randn(3, 4), "v": torch.randn(3, dtype=torch.float64)}
-    assert pr.if_shampoo(batch_size=2).init(params).groups["w"]["tiles/0/factor/0"].dtype == torch.float32  # CPU
+    assert pr.if_shampoo(batch_size=2).init(params).groups["w"]["stacks/0/factor/0"].dtype == torch.float32  # CPU
     monkeypatch.setattr(root_free, "half_precision_dtype", lambda x: torch.bfloat16)
     state = pr.if_shampoo(batch_size=2).init(params)
-    assert state.groups["w"]["tiles/0/factor/0"].dtype == state.groups["w"]["tiles/0/factor/1"].dtype == torch.bfloat16
+    assert state.groups["w"]["stacks/0/factor/0"].dtype == state.groups["w"]["stacks/0/factor/1"].dtype == torch.bfloat16
     assert state.groups["w"]["momentum/0"].dtype == torch.float32
-    assert state.groups["v"]["tiles/0/factor/0"].dtype == torch.float64
-    assert pr.if_shampoo(batch_size=2, mode="faithful").init(params).groups["w"]["tiles/0/factor/0"].dtype == torch.float32
+    assert state.groups["v"]["stacks/0/factor/0"].dtype == torch.float64
+    assert pr.if_shampoo(batch_size=2, mode="faithful").init(params).groups["w"]["stacks/0/factor/0"].dtype == torch.float32
     explicit = pr.if_shampoo(batch_size=2, factor_dtype=torch.float32).init(params)
-    assert explicit.groups["w"]["tiles/0/factor/0"].dtype == torch.float32
+    assert explicit.groups["w"]["stacks/0/factor/0"].dtype == torch.float32
     opt = pr.if_shampoo(batch_size=2)
     updates, state = opt.update({"w": torch.randn(3, 4), "v": torch.randn(3, dtype=torch.float64)}, state)
     assert updates["w"].dtype == torch.float32 and bool(torch.isfinite(updates["w"]).all())
-    assert state.groups["w"]["tiles/0/factor/0"].dtype == torch.bfloat16
+    assert state.groups["w"]["stacks/0/factor/0"].dtype == torch.bfloat16
 
 
 def test_prototype_schedule_and_lr_scale():
@@ -646,7 +646,7 @@ def test_prototype_lr_scale_scales_the_factor_step():
     for name, lr in (("fc/weight", 0.2), ("fc/bias", 0.05)):
         plain = pr.if_shampoo(preconditioner_lr=lr, **kw)
         _, s2 = plain.update(grads, plain.init(params))
-        np.testing.assert_allclose(s1.groups[name]["tiles/0/factor/0"], s2.groups[name]["tiles/0/factor/0"], rtol=1e-14)
+        np.testing.assert_allclose(s1.groups[name]["stacks/0/factor/0"], s2.groups[name]["stacks/0/factor/0"], rtol=1e-14)
 
 
 # --------------------------------------------------------------------------------------------
@@ -725,7 +725,7 @@ def test_if_shampoo_bf16_params_and_factors(framework, factor_dtype):
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] / 100, (losses[0], losses[-1])
     assert "bfloat16" in str(params["weight"].dtype)
-    factor = state.groups["weight"]["tiles/0/factor/0"]
+    factor = state.groups["weight"]["stacks/0/factor/0"]
     assert ("bfloat16" in str(factor.dtype)) == (factor_dtype == "bfloat16")
     for entries in state.groups.values():
         for value in entries.values():

@@ -60,7 +60,7 @@ def test_fixed_point_1d_dense(property_backend, g, batch, damping, momentum):
     opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.8, precondition_every=1,
                         preconditioner_momentum=momentum, momentum=0.0, learning_rate=1e-3)
     state = _iterate(property_backend, opt, {"w": np.zeros_like(g)}, {"w": g}, FIXED_POINT_STEPS)
-    k = _np(property_backend, state.groups["w"]["tiles/0/factor/0"])
+    k = _np(property_backend, state.groups["w"]["stacks/0/factor/0"])[0]
     want = np.linalg.inv(batch * np.outer(g, g) + damping * np.eye(g.size))
     np.testing.assert_allclose(k @ k.T, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
 
@@ -75,7 +75,7 @@ def test_fixed_point_1d_diagonal(property_backend, g, batch, damping):
     opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.8, structures="diagonal",
                         precondition_every=1, momentum=0.0, learning_rate=1e-3)
     state = _iterate(property_backend, opt, {"w": np.zeros_like(g)}, {"w": g}, FIXED_POINT_STEPS)
-    k = _np(property_backend, state.groups["w"]["tiles/0/factor/0"])
+    k = _np(property_backend, state.groups["w"]["stacks/0/factor/0"])[0]
     np.testing.assert_allclose(k * k, 1.0 / (batch * g * g + damping), rtol=1e-9)
 
 
@@ -94,8 +94,8 @@ def test_fixed_point_2d_flip_flop(property_backend, shape, seed, batch, damping)
     opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.6, momentum=0.0, learning_rate=1e-3,
                         precondition_every=1)
     state = _iterate(property_backend, opt, {"w": np.zeros(shape)}, {"w": g}, 300)
-    c = _np(property_backend, state.groups["w"]["tiles/0/factor/0"])
-    k = _np(property_backend, state.groups["w"]["tiles/0/factor/1"])
+    c = _np(property_backend, state.groups["w"]["stacks/0/factor/0"])[0]
+    k = _np(property_backend, state.groups["w"]["stacks/0/factor/1"])[0]
     d_o, d_i = shape
     pc, pk = c @ c.T, k @ k.T
     s_c = (damping * np.trace(pk) * np.eye(d_o) + batch * g @ pk @ g.T) / d_i
@@ -144,11 +144,11 @@ def test_factor_step_matches_spec_formula(property_backend, shape, seed, batch, 
                         momentum=0.0, learning_rate=0.1, kl_clip=0.0)  # the unclipped step (S8 tested alone)
     xb = property_backend
     state = opt.init({"w": xb.asarray(np.zeros(shape))})
-    state = _with_group(state, "w", **{f"tiles/0/factor/{n}": xb.asarray(k) for n, k in enumerate(factors)})
+    state = _with_group(state, "w", **{f"stacks/0/factor/{n}": xb.asarray(k[None]) for n, k in enumerate(factors)})
     updates, state = opt.update({"w": xb.asarray(g)}, state)
     want = _spec_factor_step(g, factors, batch, damping, lr)
     for n, k in enumerate(want):
-        np.testing.assert_allclose(_np(xb, state.groups["w"][f"tiles/0/factor/{n}"]), k, rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(_np(xb, state.groups["w"][f"stacks/0/factor/{n}"])[0], k, rtol=1e-11, atol=1e-12)
     u = g
     for n, k in enumerate(want):
         u = np.moveaxis(np.tensordot(k @ k.T, u, axes=([1], [n])), 0, n)
@@ -163,9 +163,9 @@ def _one_step_precision(backend, k0, g, batch, damping, lr):
     opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=lr, preconditioner_momentum=0.0,
                         momentum=0.0)
     state = opt.init({"w": backend.asarray(np.zeros_like(g))})
-    state = _with_group(state, "w", **{"tiles/0/factor/0": backend.asarray(k0)})
+    state = _with_group(state, "w", **{"stacks/0/factor/0": backend.asarray(k0[None])})
     _, state = opt.update({"w": backend.asarray(g)}, state)
-    k1 = _np(backend, state.groups["w"]["tiles/0/factor/0"])
+    k1 = _np(backend, state.groups["w"]["stacks/0/factor/0"])[0]
     return np.linalg.inv(k1 @ k1.T)
 
 
@@ -239,7 +239,7 @@ def test_kronecker_equivariance(property_backend, seed, shape, momentum, factor_
     w_primed = a @ w @ b.T
     state = opt.init({"w": xb.asarray(w)})
     state_primed = _with_group(opt.init({"w": xb.asarray(w_primed)}), "w",
-                               **{"tiles/0/factor/0": xb.asarray(a), "tiles/0/factor/1": xb.asarray(b)})
+                               **{"stacks/0/factor/0": xb.asarray(a[None]), "stacks/0/factor/1": xb.asarray(b[None])})
     for _ in range(6):
         u, state = opt.update({"w": xb.asarray(grad(w))}, state, {"w": xb.asarray(w)})
         up, state_primed = opt.update({"w": xb.asarray(grad_primed(w_primed))}, state_primed,
@@ -314,7 +314,7 @@ def test_zero_gradient_leaves_factors_unchanged(property_backend, seed, steps):
     for _ in range(steps):
         _, state = opt.update({"w": xb.asarray(rng.normal(size=(2, 3)))}, state)
     _, after = opt.update({"w": xb.asarray(np.zeros((2, 3)))}, state)
-    for name in ("tiles/0/factor/0", "tiles/0/factor/1", "tiles/0/factor_momentum/0", "tiles/0/factor_momentum/1"):
+    for name in ("stacks/0/factor/0", "stacks/0/factor/1", "stacks/0/factor_momentum/0", "stacks/0/factor_momentum/1"):
         np.testing.assert_array_equal(_np(xb, after.groups["w"][name]), _np(xb, state.groups["w"][name]))
 
 
