@@ -32,6 +32,25 @@ def _maker(name: str = "if_shampoo_legacy_make"):
     return load_file(name, DATA / f"{name}.py")
 
 
+def _torch_steps_on_like_the_old_code(optimizer, make, saved: dict, mode: str) -> dict:
+    """Load a fixture's torch checkpoint into the maker's model and optimizer, take the fixture's
+    steps, and check each step's parameters against the old code's to TOL; the state entries after."""
+    import torch
+
+    model = make.Tiny()
+    with torch.no_grad():
+        for p, value in zip(model.parameters(), saved[mode]["params"]):
+            p.copy_(value)
+    opt = optimizer(model.named_parameters(), lr=1e-2, batch_size=make.BATCH, grouping="weight_bias",
+                    **make.TORCH_KW[mode])
+    opt.load_state_dict(saved[mode]["state_dict"])
+    after = make.train(model, opt, saved["batches"])
+    for step, (got, want) in enumerate(zip(after, saved[mode]["after"])):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=TOL, err_msg=f"step {step}")
+    return opt.state_dict()["state"][1]
+
+
 def test_state_entries_are_the_paths_of_its_named_fields():
     """A blocked weight+bias group (8 x 6 weight and its bias: (8, 7) cut at 4 into 2 x 2 tiles,
     the last column of tiles 3 wide; refresh phases t % 2, so tiles 0, 2 (4 x 4) and 1, 3 (4 x 3)
@@ -88,18 +107,7 @@ def test_torch_checkpoint_with_the_old_names_steps_on_like_the_old_code(mode):
 
     make = _maker()
     saved = torch.load(DATA / "if_shampoo_legacy_torch.pt", weights_only=True)
-    model = make.Tiny()
-    with torch.no_grad():
-        for p, value in zip(model.parameters(), saved[mode]["params"]):
-            p.copy_(value)
-    opt = pt.IFShampoo(model.named_parameters(), lr=1e-2, batch_size=make.BATCH, grouping="weight_bias",
-                       **make.TORCH_KW[mode])
-    opt.load_state_dict(saved[mode]["state_dict"])
-    after = make.train(model, opt, saved["batches"])
-    for step, (got, want) in enumerate(zip(after, saved[mode]["after"])):
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=TOL, err_msg=f"step {step}")
-    entries = opt.state_dict()["state"][1]  # l1's weight+bias group, (8, 7) in 4 tiles, 2 stacks (principled)
+    entries = _torch_steps_on_like_the_old_code(pt.IFShampoo, make, saved, mode)  # l1's weight+bias group, (8, 7) in 4 tiles, 2 stacks (principled)
     assert ("stacks/1/factor/1" in entries) == (mode == "principled") and "factor_0" not in entries
     assert "stacks/0/factor/1" in entries and "momentum/1" in entries
 
@@ -200,18 +208,7 @@ def test_torch_checkpoint_of_the_per_tile_layout_steps_on_like_the_old_code(mode
     make = _maker("if_shampoo_tiles_make")
     saved = torch.load(DATA / "if_shampoo_tiles_torch.pt", weights_only=True)
     assert "tiles/15/factor/1" in saved["principled"]["state_dict"]["state"][1]  # the per-tile layout
-    model = make.Tiny()
-    with torch.no_grad():
-        for p, value in zip(model.parameters(), saved[mode]["params"]):
-            p.copy_(value)
-    opt = pt.IFShampoo(model.named_parameters(), lr=1e-2, batch_size=make.BATCH, grouping="weight_bias",
-                       **make.TORCH_KW[mode])
-    opt.load_state_dict(saved[mode]["state_dict"])
-    after = make.train(model, opt, saved["batches"])
-    for step, (got, want) in enumerate(zip(after, saved[mode]["after"])):
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=TOL, err_msg=f"step {step}")
-    entries = opt.state_dict()["state"][1]
+    entries = _torch_steps_on_like_the_old_code(pt.IFShampoo, make, saved, mode)
     assert not any(k.startswith("tiles/") for k in entries) and "stacks/0/factor/1" in entries
 
 
