@@ -65,9 +65,10 @@ def train(model, opt, data):
     return after
 
 
-def make_torch() -> dict:
+def make_torch(torch_kw: dict = TORCH_KW) -> dict:
+    """Each mode's state_dict and parameters after N0 steps, and the parameters after K more."""
     out = {"batches": batches(K, 1)}
-    for mode, kw in TORCH_KW.items():
+    for mode, kw in torch_kw.items():
         torch.manual_seed(0)
         model = Tiny()
         opt = pt.IFShampoo(model.named_parameters(), lr=1e-2, batch_size=BATCH, grouping="weight_bias", **kw)
@@ -100,8 +101,12 @@ def grads(params, step: int):
     return tree_map(lambda w: w - rng.standard_normal(w.shape), params)
 
 
-def make_core() -> dict:
-    opt = pr.if_shampoo(learning_rate=1e-2, batch_size=BATCH, block_size=4, grouping="weight_bias")
+CORE_KW = dict(learning_rate=1e-2, batch_size=BATCH, block_size=4, grouping="weight_bias")
+
+
+def make_core(core_kw: dict = CORE_KW) -> dict:
+    """The core state and parameters after N0 steps of ``if_shampoo(**core_kw)``, and the parameters after K more."""
+    opt = pr.if_shampoo(**core_kw)
     params = core_params()
 
     state = opt.init(params)

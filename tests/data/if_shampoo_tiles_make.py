@@ -18,58 +18,21 @@ legacy fixtures of the same names.
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import precond_ref as pr
-from precond_ref.adapters import torch as pt
-
 sys.path.insert(0, str(Path(__file__).parent))
-from if_shampoo_legacy_make import BATCH, K, N0, Tiny, batches, core_params, flat, grads, train  # noqa: E402
+# The tests read the model, data and steps from this module, as from the legacy maker.
+from if_shampoo_legacy_make import BATCH, K, N0, Tiny, grads, make_core, make_torch, train  # noqa: E402, F401
 
 TORCH_KW = {"principled": dict(block_size=2, precondition_every=3), "faithful": dict(mode="faithful")}
 CORE_KW = dict(learning_rate=1e-2, batch_size=BATCH, block_size=2, precondition_every=3, grouping="weight_bias")
 
 
-def make_torch() -> dict:
-    out = {"batches": batches(K, 1)}
-    for mode, kw in TORCH_KW.items():
-        torch.manual_seed(0)
-        model = Tiny()
-        opt = pt.IFShampoo(model.named_parameters(), lr=1e-2, batch_size=BATCH, grouping="weight_bias", **kw)
-        train(model, opt, batches(N0, 0))
-        out[mode] = {
-            "state_dict": copy.deepcopy(opt.state_dict()),  # the optimizer updates its state in place
-            "params": [p.detach().clone() for p in model.parameters()],
-            "after": train(model, opt, out["batches"]),
-        }
-    return out
-
-
-def make_core() -> dict:
-    opt = pr.if_shampoo(**CORE_KW)
-    params = core_params()
-    state = opt.init(params)
-    for step in range(N0):
-        updates, state = opt.update(grads(params, step), state, params)
-        params = pr.apply_updates(params, updates)
-    out = {"count": np.asarray(state.count), "nonfinite_count": np.asarray(state.nonfinite_count)}
-    for group, entries in state.groups.items():
-        for name, value in entries.items():
-            out[f"state::{group}::{name}"] = np.asarray(value)
-    out.update(flat(params, "params"))
-    for step in range(N0, N0 + K):
-        updates, state = opt.update(grads(params, step), state, params)
-        params = pr.apply_updates(params, updates)
-        out.update(flat(params, f"after{step - N0}"))
-    return out
-
-
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent)
-    torch.save(make_torch(), folder / "if_shampoo_tiles_torch.pt")
-    np.savez(folder / "if_shampoo_tiles_core.npz", **make_core())
+    torch.save(make_torch(TORCH_KW), folder / "if_shampoo_tiles_torch.pt")
+    np.savez(folder / "if_shampoo_tiles_core.npz", **make_core(CORE_KW))
