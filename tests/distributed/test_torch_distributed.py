@@ -194,6 +194,15 @@ def _doc_scripts() -> dict:
     return {m.group(2): m.group(1) for m in re.finditer(r"```py\n(# (\w+\.py) — torchrun.*?)```", text, re.S)}
 
 
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _torchrun(where, env) -> subprocess.Popen:
+    """``torchrun --standalone --nproc-per-node 2 driver.py`` in ``where``, output piped."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "driver.py"]
+    return subprocess.Popen(cmd, cwd=where, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def test_documented_torchrun_examples_run(tmp_path):
     """The torchrun examples of docs/distributed.md run as documented (three 2-process torchrun
     launches at once) and print the same parameters on both ranks."""
@@ -211,10 +220,15 @@ def test_documented_torchrun_examples_run(tmp_path):
             "sys.stdout = open(f\"rank{os.environ['RANK']}.txt\", 'w', buffering=1)\n"
             f"runpy.run_path({name!r}, run_name='__main__')\n"
         )
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "driver.py"]
-        runs[name] = (where, subprocess.Popen(cmd, cwd=where, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        runs[name] = (where, _torchrun(where, env))
     try:
         logs = {name: proc.communicate(timeout=240)[0] for name, (_, proc) in runs.items()}
+        for name, (where, proc) in runs.items():
+            if proc.returncode != 0 and _TEARDOWN_ABORT in logs[name]:
+                # A rank aborted in C++ teardown after its work (seen once on a loaded 2-core CI
+                # machine, the three launches at once): one rerun alone, which must then pass.
+                proc = _torchrun(where, env)
+                runs[name], logs[name] = (where, proc), proc.communicate(timeout=240)[0]
     except subprocess.TimeoutExpired:
         for _, proc in runs.values():
             proc.kill()
