@@ -28,6 +28,7 @@ __all__ = [
     "scalar_zero",
     "placement",
     "compute_dtype",
+    "hashable",
     "device_key",
     "computed_once",
     "IdentityDict",
@@ -134,20 +135,21 @@ def float64_where_available(xp: Any, x: Array) -> Any:
     return xp.float64
 
 
-def device_key(x: Array) -> Any:
-    """A hashable stand-in for ``array_device(x)``, for the keys that group arrays by device: equal
-    for arrays on one device, different for arrays on different devices.
+def hashable(value: Any) -> Any:
+    """``value`` itself where its type is hashable, else a hashable stand-in equal for equal
+    values: the name of its type and its ``repr`` (CuPy 14's ``Device`` is unhashable, and its
+    ``repr`` names the device, ``<CUDA Device 0>``). Hashability is read off the type
+    (``__hash__ = None``, as ``collections.abc.Hashable`` reads it), not tried with ``hash``,
+    which dynamo before torch 2.13 cannot trace."""
+    if type(value).__hash__ is None:
+        return (type(value).__name__, repr(value))
+    return value
 
-    The device itself where it is hashable (torch, JAX, NumPy, array-api-strict); else the name of
-    its type and its ``repr``: CuPy 14's ``Device`` is unhashable, and its ``repr`` names the device
-    (``<CUDA Device 0>``). Hashability is read off the type (``__hash__ = None``, as
-    ``collections.abc.Hashable`` reads it), not tried with ``hash``, which dynamo before torch
-    2.13 cannot trace.
-    """
-    device = array_device(x)
-    if type(device).__hash__ is None:
-        return (type(device).__name__, repr(device))
-    return device
+
+def device_key(x: Array) -> Any:
+    """A hashable stand-in for ``array_device(x)`` (:func:`hashable` of it), for the keys that group
+    arrays by device: equal for arrays on one device, different for arrays on different devices."""
+    return hashable(array_device(x))
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:

@@ -33,6 +33,7 @@ from ._backend import (
     computed_once,
     cond,
     device_key as _device_key,
+    hashable as _hashable,
     cond_under_cpu_jit,
     float32_matmul_precision,
     float64_where_available,
@@ -207,7 +208,7 @@ class StepContext(NamedTuple):
     shared: Optional[dict] = None
     applied: bool = False
 
-    def once(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+    def once(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """``compute()``, evaluated once per update for all groups that ask with an equal ``key``.
 
         For per-step values that do not depend on a group's arrays (a bias correction, the
@@ -215,17 +216,15 @@ class StepContext(NamedTuple):
         otherwise compute its own copy, a few 0-D operations each (kernel launches on a GPU, graph
         nodes for a compiler to trace). ``key`` names the value and everything it depends on
         besides the step's hyperparameters (which one transform's groups share), e.g. dtype and
-        device; an unhashable key (a backend's device) computes without sharing.
+        device; an element of ``key`` that is unhashable (CuPy's device) enters as its
+        :func:`~precond_ref._backend.hashable` stand-in.
         """
         if self.shared is None:
             return compute()
-        try:
-            return self.shared[key]
-        except KeyError:
-            value = self.shared[key] = compute()
-            return value
-        except TypeError:
-            return compute()
+        key = tuple([_hashable(k) for k in key])
+        if key not in self.shared:
+            self.shared[key] = compute()
+        return self.shared[key]
 
     def scalar(self, name: str, hyperparameter: ScalarOrSchedule, dtype: Any, device: Any) -> Array:
         """Hyperparameter ``name`` at this step as a 0-D array of ``dtype`` on ``device``, made

@@ -391,6 +391,25 @@ def test_device_key_is_equal_exactly_for_arrays_on_one_device():
     assert device_key(torch.zeros(2)) == torch.device("cpu") and device_key(np.zeros(2)) == "cpu"
 
 
+def test_once_shares_a_value_keyed_by_an_unhashable_device():
+    """``StepContext.once(key, compute)`` [definition: ``compute()`` once per update for equal
+    keys]: equal keys holding an unhashable device (CuPy 14's, a new object per array) share one
+    value, a different device gets its own; before, such a key computed anew on every call."""
+    from precond_ref.transform import StepContext
+
+    ctx = StepContext(xp=np, count=0, extra={}, shared={})
+    calls = []
+
+    def compute(tag):
+        calls.append(tag)
+        return tag
+
+    assert ctx.once(("zero", "float32", UnhashableDevice(0)), lambda: compute("a")) == "a"
+    assert ctx.once(("zero", "float32", UnhashableDevice(0)), lambda: compute("b")) == "a"
+    assert ctx.once(("zero", "float32", UnhashableDevice(1)), lambda: compute("c")) == "c"
+    assert calls == ["a", "c"]
+
+
 @pytest.fixture(params=["eager", "torch.compile"])
 def compiler_or_eager(request):
     return request.param
