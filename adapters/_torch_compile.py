@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import numbers
 import os
 import sys
@@ -174,11 +175,21 @@ def _quiet_tracing() -> Any:
         yield
 
 
+_FRESH_COPIES = itertools.count()
+
+
 def _fresh(function: Callable) -> Callable:
-    """A copy of ``function`` with a code object of its own (dynamo keys its cache on it)."""
-    return types.FunctionType(
-        function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__, function.__closure__
-    )
+    """A copy of ``function`` with a code object of its own, under a name of its own.
+
+    Dynamo keys its graph cache on the code object, and its record of which inputs changed between
+    calls (automatic dynamic) on the code's file, line and name: with a shared name, a float that
+    differs between two optimizers' transforms (ASGO's ``eps`` in two modes) would become symbolic
+    in the second one's graph, which the core's checks cannot trace.
+    """
+    name = f"{function.__name__}_{next(_FRESH_COPIES)}"
+    names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
+    code = function.__code__.replace(**names)
+    return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
 
 
 class CompiledStep:
@@ -243,9 +254,16 @@ class CompiledStep:
 
 def notice_eager(owner: str, error: BaseException) -> None:
     """The one-line notice of a compiled path that could not be used."""
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    def first_line(e: BaseException) -> str:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+    reason = f"{type(error).__name__}: {first_line(error)[:200]}"
+    # Inductor's BackendCompilerFailed says only "backend='inductor' raised:"; the cause follows.
+    inner = getattr(error, "inner_exception", None) or error.__cause__
+    if inner is not None and inner is not error:
+        reason += f" <- {type(inner).__name__}: {first_line(inner)[:200]}"
     warnings.warn(
-        f"{owner}: torch.compile failed ({type(error).__name__}: {reason[:200]}); running the same update eagerly "
+        f"{owner}: torch.compile failed ({reason}); running the same update eagerly "
         f"(pass compile=False or set {ENVIRONMENT_VARIABLE}=0 to skip the attempt)",
         RuntimeWarning,
         stacklevel=4,

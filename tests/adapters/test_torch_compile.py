@@ -68,6 +68,23 @@ def test_compiled_step_equals_eager(case):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_two_optimizers_with_different_constants_both_compile():
+    """Two ASGO optimizers in one process whose transforms hold different floats (``eps`` of the
+    principled and the faithful mode) each compile their own graph with those floats as constants.
+    Dynamo records which inputs changed between calls by the compiled function's file, line and
+    name, so with one name the second optimizer's ``eps`` became symbolic, the core's checks could
+    not trace it, and the step fell back to eager (the H200 run's warning; ``_torch_compile._fresh``)."""
+    batches = _batches(torch.float64, 3)
+    for kwargs in ({}, {"mode": "faithful"}):
+        model, eager_model = _model(torch.float64), _model(torch.float64)
+        compiled = pt.ASGO(model.named_parameters(), lr=1e-2, compile=AOT, **kwargs)
+        eager = pt.ASGO(eager_model.named_parameters(), lr=1e-2, compile=False, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+            got = _train(model, compiled, batches)
+        torch.testing.assert_close(got, _train(eager_model, eager, batches), rtol=1e-10, atol=1e-12)
+
+
 def test_inductor_agd_equals_eager_to_float32_rounding():
     """TorchInductor fuses AGD's step into one kernel (state, non-finite selection and parameter
     update). Fused arithmetic may round differently by a few ulps per operation (FMA contraction);
@@ -135,6 +152,19 @@ def test_failed_compilation_warns_once_and_runs_eagerly(monkeypatch):
         got = _train(model, opt, batches[1:])
     want = _train(eager_model, pt.AGD(eager_model.named_parameters(), lr=1e-2, compile=False), batches)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fallback_notice_names_the_compilers_cause():
+    """Inductor's BackendCompilerFailed says only "backend='inductor' raised:" on its first line;
+    the notice adds the first line of the exception it wraps, the failure's actual cause."""
+    try:
+        try:
+            raise TypeError("cannot lower aten.foo\nmore detail")
+        except TypeError as inner:
+            raise RuntimeError("backend='inductor' raised:\nTypeError: cannot lower aten.foo") from inner
+    except RuntimeError as error:
+        with pytest.warns(RuntimeWarning, match=r"raised: <- TypeError: cannot lower aten.foo\); running"):
+            _torch_compile.notice_eager("ASGO", error)
 
 
 @pytest.fixture
