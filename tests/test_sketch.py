@@ -415,6 +415,32 @@ def test_subspace_is_exact_when_the_range_fits():
         np.testing.assert_allclose(_rho(b), _rho(a), rtol=1e-9)
 
 
+def test_subspace_step_of_a_few_nonzero_rows_converges():
+    """A cold subspace step on an embedding-like gradient (17 nonzero rows of 1024, float32, rank
+    256, torch's CPU ``ssyevd``; NumPy's LAPACK converged on the same input): the iterate's completion columns give the Ritz matrix a
+    zero block of subnormal rounding noise, on which LAPACK's float32 eigh failed to converge and
+    raised (training stopped on the bench's GPT with ``decomposition="subspace"``). Entries below
+    the products' own rounding level are dropped before the decomposition
+    (``linalg.drop_rounding_noise``); the step is then finite and holds the 17-dimensional range."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xp
+
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        x = np.zeros((1024, 128), dtype=np.float32)
+        rows = rng.permutation(1024)[:17]
+        x[rows] = rng.standard_normal((17, 128)).astype(np.float32)
+        sketch = fd_init(xp, 1024, 256, dtype=xp.float32, device="cpu")
+        new, ok = fd_update(xp, sketch, torch.from_numpy(x), exponent=-0.25, cutoff=True, decomposition="subspace")
+        assert bool(ok)
+        sigma = new["singular_values"].numpy()
+        assert int(np.count_nonzero(sigma)) == 17
+        basis = new["basis"].numpy()[:, sigma > 0]
+        # the retained directions span x's rows: projecting x on them leaves rounding only
+        residual = x - basis @ (basis.T @ x)
+        assert np.linalg.norm(residual) <= 1e-5 * np.linalg.norm(x)
+
+
 def test_subspace_tail_error():
     """The approximation error of the subspace path (one warm-started power step, Rayleigh-Ritz,
     oversampling k/8) against the exact FD step on a rotating stream, d = 128, k = 32, m = 128,
