@@ -361,7 +361,8 @@ def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tu
         Gram matrix), ``"incremental"`` (project x on the basis, QR of the residual, SVD of a
         (k+m)-square matrix: exact, about one d x (k+m) matmul pass; needs k + m < d),
         ``"subspace"`` (one warm-started block power step with Rayleigh-Ritz: approximate, for long
-        axes with k + m >= d) or ``"auto"`` (:func:`resolve_decomposition`).
+        axes with k + m >= d; where :func:`subspace_width` reaches d it is the exact ``"gram"``
+        path, as the whole axis is the subspace) or ``"auto"`` (:func:`resolve_decomposition`).
 
     Returns
     -------
@@ -423,6 +424,8 @@ def _fd_step(
     decomposition = resolve_decomposition(decomposition, d, k, m)
     if decomposition == "incremental" and k + m >= d:
         decomposition = "svd"  # nothing to save: the factor is not tall
+    if decomposition == "subspace" and subspace_width(d, k) >= d:
+        decomposition = "gram"  # an iterate as wide as the axis: the exact d x d problem
     x = unscaled = xp.astype(x, dtype, copy=False)
     gamma = decay if tail_decay is None else tail_decay
     kept_root = root * gamma**0.5  # sqrt(gamma rho)

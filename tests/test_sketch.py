@@ -441,6 +441,27 @@ def test_subspace_step_of_a_few_nonzero_rows_converges():
         assert np.linalg.norm(residual) <= 1e-5 * np.linalg.norm(x)
 
 
+def test_subspace_as_wide_as_the_axis_is_the_gram_path():
+    """Where ``subspace_width(d, k)`` reaches d the iterate spans the whole axis: the FD step takes
+    the exact Gram path (d x d eigh), bitwise its result. (The Rayleigh-Ritz matrix of such an
+    iterate, mostly zeros for a sketch of 29 retained directions of 128, made torch's one-thread
+    CPU ``ssyevd`` fail to converge on the bench's GPT with ``decomposition="subspace"``.)"""
+    import array_api_compat.numpy as xp
+
+    d, k, m = 128, 128, 64
+    assert subspace_width(d, k) >= d
+    rng = np.random.default_rng(3)
+    a = fd_init(xp, d, k, dtype=xp.float32, device=None)
+    b = fd_init(xp, d, k, dtype=xp.float32, device=None)
+    for _ in range(3):
+        x = rng.standard_normal((d, m)).astype(np.float32)
+        a, _ = fd_update(xp, a, x, exponent=-0.25, cutoff=True, decomposition="gram")
+        b, ok = fd_update(xp, b, x, exponent=-0.25, cutoff=True, decomposition="subspace")
+        assert bool(ok)
+        for name in a:
+            np.testing.assert_array_equal(b[name], a[name])
+
+
 def test_subspace_tail_error():
     """The approximation error of the subspace path (one warm-started power step, Rayleigh-Ritz,
     oversampling k/8) against the exact FD step on a rotating stream, d = 128, k = 32, m = 128,
