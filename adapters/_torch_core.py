@@ -111,8 +111,9 @@ class CoreOptimizer(torch.optim.Optimizer):
     _inputs_first: frozenset = frozenset()
     #: Whether ``compile=None`` compiles (set per class from the benchmark: where it is faster).
     compile_by_default: bool = False
-    #: Why a step of this class cannot be captured in a CUDA graph (an operation of every step
-    #: reads the device on the host), or None; a step taken during capture raises it.
+    #: Why a step of this class (or, as a property, of this instance's settings) cannot be
+    #: captured in a CUDA graph (an operation of the step reads the device on the host), or None;
+    #: a step taken during capture raises it.
     not_capturable_because: Optional[str] = None
     # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
     _transient_attributes: tuple[str, ...] = ("_transforms", "_compiled", "_learning_rates", "_member_plans")
@@ -235,7 +236,7 @@ class CoreOptimizer(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
         if torch.compiler.is_compiling():
             return step_outside_the_graph(self, closure, extra)
-        if self.not_capturable_because is not None and _capturing_cuda_graph():
+        if _capturing_cuda_graph() and self.not_capturable_because is not None:
             reason = self.not_capturable_because
             raise RuntimeError(f"{type(self).__name__}: a step cannot be captured in a CUDA graph: {reason}")
         loss = None

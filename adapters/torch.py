@@ -495,6 +495,28 @@ ASGO = _torch_class(
     ),
 )
 
+def _asgo_capture_refusal(self: CoreOptimizer) -> Optional[str]:
+    """Principled ASGO's roots read the host on CUDA: ``"eigh"`` (also what ``root_method="auto"``
+    takes for float64) calls torch's eigh, which reads its status there, and the iterative roots
+    are checked, which reads their convergence flag on refresh steps (the torch class has no
+    ``root_tolerance``: the check is always on). Faithful mode's unchecked iterative root reads
+    nothing. Groups without a matrix (all on the built-in Adam by ``ndim``) root nothing."""
+    for group in self.param_groups:
+        if group["mode"] == "faithful" or not any(p.ndim >= 2 for p in group["params"]):
+            continue
+        method = group["root_method"] or "auto"
+        if method == "auto":
+            method = "eigh" if any(p.dtype == torch.float64 for p in group["params"]) else "polar_express"
+        if method == "eigh":
+            return f"its root_method {group['root_method'] or 'auto'!r} calls torch's eigh, which on CUDA reads its status on the host"
+        return (f"its {method!r} root is checked for convergence, which reads a flag on the host on refresh steps "
+                "(mode='faithful' roots unchecked)")
+    return None
+
+
+ASGO.not_capturable_because = property(_asgo_capture_refusal)  # type: ignore[assignment]
+
+
 DASGO = _torch_class(
     "DASGO", pr.dasgo, """DASGO (diagonal ASGO) as a ``torch.optim.Optimizer``; see :func:`precond_ref.dasgo`.
 

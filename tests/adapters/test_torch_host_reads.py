@@ -147,3 +147,35 @@ def test_a_step_during_cuda_graph_capture_names_why_it_cannot_be_captured(monkey
         opt.step(**case.step_kwargs)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(int(entries["step"]) == 1 for entries in opt.state.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, refusal",
+    [
+        ({}, r"'polar_express' root is checked for convergence, which reads a flag on the host"),
+        ({"root_method": "eigh"}, r"root_method 'eigh' calls torch's eigh, which on CUDA reads its status on the host"),
+        ({"mode": "faithful"}, None),
+    ],
+    ids=["principled-auto", "principled-eigh", "faithful"],
+)
+def test_asgo_capture_refusal_follows_its_root(monkeypatch, kwargs, refusal):
+    """Principled ASGO's roots read the host on CUDA (the checked iterative root, which "auto"
+    takes for float32 on a GPU, reads its convergence flag; torch's eigh its status), so a step
+    taken during CUDA graph capture raises naming the root, before it changes anything; faithful
+    mode's unchecked root reads nothing and steps (tests/adapters/test_torch_cuda.py captures it)."""
+    model = _model()
+    opt = pt.ASGO(model.named_parameters(), lr=1e-2, precondition_every=1, **kwargs)
+    grads = _gradients(model)
+    _set(model, grads[0])
+    opt.step()
+    _set(model, grads[1])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    before = [p.detach().clone() for p in model.parameters()]
+    if refusal is None:
+        opt.step()
+        assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        return
+    with pytest.raises(RuntimeError, match=f"^ASGO: a step cannot be captured in a CUDA graph: .*{refusal}"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
