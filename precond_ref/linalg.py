@@ -41,13 +41,14 @@ from typing import Any, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace, is_torch_namespace
 
-from ._backend import as_operand, cond, is_tracer, is_zero, placement
+from ._backend import as_operand, cond, float64_where_available, is_tracer, is_zero, placement
 
 __all__ = [
     "kl_clip_factor",
     "kl_clip_of_quadratic",
     "symmetrize",
     "drop_rounding_noise",
+    "eigh_widened",
     "per_matrix",
     "inverse",
     "identity_like",
@@ -98,6 +99,22 @@ def drop_rounding_noise(a: Array) -> Array:
     magnitude = xp.abs(a)
     level = (float(xp.finfo(a.dtype).eps) / 2.0) * xp.max(magnitude, axis=(-2, -1), keepdims=True)
     return xp.where(magnitude <= level, xp.zeros_like(a), a)
+
+
+def eigh_widened(a: Array) -> tuple[Array, Array]:
+    """``eigh(A)`` (eigenvalues ascending, eigenvectors), computed in float64 where the backend has
+    it and returned in ``a``'s dtype: for the small Rayleigh-Ritz matrices of a subspace step
+    (a few hundred rows), where a float32 LAPACK ``ssyevd`` can fail to converge. torch's CPU build
+    (MKL 2024.2, one thread) raised on a 288 x 288 Ritz matrix with 196 eigenvalues at rounding
+    level whose copy scaled by 1024, or computed in float64, decomposed; NumPy's LAPACK took it as
+    it was. In float64 the decomposition is also accurate to float32's last bit.
+    """
+    xp = array_namespace(a)
+    wide = float64_where_available(xp, a)
+    if wide is None or a.dtype == wide:
+        return per_matrix(xp, xp.linalg.eigh, a)
+    values, vectors = per_matrix(xp, xp.linalg.eigh, xp.astype(a, wide))
+    return xp.astype(values, a.dtype), xp.astype(vectors, a.dtype)
 
 
 # The damped solvers below take a ``symmetrize`` flag, which shadows the function there.

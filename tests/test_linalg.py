@@ -72,6 +72,50 @@ def test_drop_rounding_noise_is_the_plain_formula(backend, dtype):
     np.testing.assert_array_equal(got != 0.0, kept)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eigh_widened_is_the_float64_decomposition_in_the_input_dtype(backend, dtype):
+    """``eigh_widened(A)`` = ``eigh(float64(A))`` cast to A's dtype where the backend has float64
+    (JAX here runs with x64), else ``eigh(A)``: the same numbers as that computation, in A's dtype,
+    and a decomposition of A to the rounding of that dtype."""
+    xp = backend.xp
+    a, _, _ = spd(7, 1e3, seed=6, batch=(2,))
+    a = a.astype(dtype)
+    values, vectors = linalg.eigh_widened(backend.asarray(a))
+    values, vectors = backend.to_numpy(values), backend.to_numpy(vectors)
+    assert values.dtype == dtype and vectors.dtype == dtype
+    wide = linalg.float64_where_available(xp, backend.asarray(a)) is not None
+    ref = backend.asarray(a.astype(np.float64) if wide else a)
+    want_values, want_vectors = (backend.to_numpy(v).astype(dtype) for v in xp.linalg.eigh(ref))
+    np.testing.assert_array_equal(values, want_values)
+    np.testing.assert_array_equal(vectors, want_vectors)
+    u = float(np.finfo(dtype).eps) / 2.0
+    rebuilt = (vectors.astype(np.float64) * values[..., None, :]) @ np.swapaxes(vectors, -1, -2).astype(np.float64)
+    assert np.abs(rebuilt - a).max() <= 100 * u * np.abs(a).max()
+
+
+def test_eigh_widened_decomposes_a_ritz_matrix_float32_mkl_did_not():
+    """A 288 x 288 float32 Rayleigh-Ritz matrix of Sketchy's subspace step on the bench's GPT (256
+    nonzero entries, 196 eigenvalues at rounding level; ``tests/data/sketch_ritz_ssyevd.npz``), on
+    which torch's one-thread CPU ``eigh`` (MKL 2024.2 ``ssyevd``) raised "failed to converge".
+    ``eigh_widened`` decomposes it, to float32 rounding."""
+    torch = pytest.importorskip("torch")
+    import pathlib
+
+    data = np.load(pathlib.Path(__file__).parent / "data" / "sketch_ritz_ssyevd.npz")
+    h = np.zeros(tuple(data["shape"]), dtype=np.float32)
+    h[data["rows"], data["cols"]] = data["values"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        values, vectors = linalg.eigh_widened(torch.from_numpy(h))
+    finally:
+        torch.set_num_threads(threads)
+    assert values.dtype == torch.float32
+    v, w = vectors.double().numpy(), values.double().numpy()
+    u = float(np.finfo(np.float32).eps) / 2.0
+    assert np.abs((v * w) @ v.T - h).max() <= 100 * u * np.abs(h).max()
+
+
 def test_eigh_symmetrises_shifts_clamps_and_batches(backend):
     xp = backend.xp
     a, q, w = spd(5, 1e3, seed=3, batch=(2,))
