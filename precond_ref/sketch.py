@@ -382,8 +382,8 @@ def fd_update_apply(xp: Any, sketch: dict[str, Array], x: Array, **options: Any)
     instead: x's coordinates on the new directions are diag(s) V^T (exact zeros on null
     directions), so no :math:`w_\perp (x - U U^\top x)` is formed -- that difference is rounding
     while x lies in the sketch's span, and :math:`w_\perp / w` amplifies it (backends then agree to
-    ~1e-13 instead of 1e-15 in float64); and one pass over ``[U, fresh]`` gives the direction, where
-    :func:`fd_apply` needs two over U. Options as for :func:`fd_update`.
+    ~1e-13 instead of 1e-15 in float64); and one product with ``[U, fresh]`` gives the direction,
+    where :func:`fd_apply` needs two with U. Options as for :func:`fd_update`.
     """
     return _fd_step(xp, sketch, x, apply=True, **options)
 
@@ -507,14 +507,12 @@ def _fd_step(
         new_basis = select(xp, chosen[..., None, None], ritz.vectors * keep, basis)
     else:
         # [U, fresh] @ rotation, with the mask and the fallback (the rotation [I; 0] reproduces U
-        # exactly) folded into the small rotation: a single pass writes the d x k basis.
+        # exactly) folded into the small rotation: a single pass writes the d x k basis, contiguous
+        # and already the previous one where the step is not taken (no selection of it after).
         identity = xp.eye(r, k, dtype=dtype, device=placement(xp, s))
         rotation = select(xp, chosen[..., None, None], ritz.frame[..., :, :k] * keep, identity)
-        if apply:  # the direction's coefficients join the same product
-            rotation = xp.concat([rotation, _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale)],
-                                 axis=-1)
-        product = matmul(xp, xp.concat([basis, ritz.fresh], axis=-1), rotation)
-        new_basis = product[..., :k]
+        frame = xp.concat([basis, ritz.fresh], axis=-1)
+        new_basis = matmul(xp, frame, rotation)
     small = {
         "singular_values": new_sigma,
         "escaped_root": new_root,
@@ -532,7 +530,7 @@ def _fd_step(
         return new, ok, None
     if ritz.vectors is not None:
         return new, ok, fd_apply(xp, new, select(xp, input_ok[..., None, None], unscaled, zero))
-    return new, ok, product[..., k:]
+    return new, ok, _combination(xp, frame, _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale))
 
 
 def _frame_direction(

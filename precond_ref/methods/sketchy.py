@@ -330,20 +330,16 @@ def _refresh_due(
     return sketches, failures
 
 
-def _settle(ctx: StepContext, sketches: tuple, basis: bool = True) -> None:
+def _settle(ctx: StepContext, sketches: tuple) -> None:
     """Tell the transform that the sketch entries need no skip selection of their own: a refresh
     made with ``accept=ctx.ok`` already returned the previous entry on a skipped step, and a phase
     not due returned it unchanged (one d x k ``where`` less per sketch and step). The failure
-    counter is not settled: the transform selects it. ``basis=False`` leaves the bases to the
-    transform: :func:`precond_ref.sketch.fd_update_apply`'s is a column slice of a wider product,
-    which the transform's selection stores contiguous (a strided basis rounds the next steps'
-    products differently, ~1e-13 relative in float64)."""
+    counter is not settled: the transform selects it."""
     if ctx.ok is None or ctx.settled is None or torch_compiling():  # ids of traced values: recompiles
         return
     for sketch in (sketch for axis in sketches for sketch in axis):
-        for name, value in sketch._asdict().items():
-            if basis or name != "basis":
-                ctx.settled[value] = True
+        for value in sketch._asdict().values():
+            ctx.settled[value] = True
 
 
 def _precondition(xp: Any, plan: _LeafPlan, sketches: tuple, g: Array) -> Array:
@@ -984,7 +980,7 @@ def _adagrad_direction(
     if len(dues) == 1 and dues[0] == 1:  # every run, every step (the authors' schedule)
         units = _units_in_phase(plan, None)
         news, failures, parts = _refreshed(xp, plan, units, sketches[0], failures, column, fd_options, ctx.ok, True)
-        _settle(ctx, (news,), basis=False)
+        _settle(ctx, (news,))
         return (news,), failures, _join_runs(xp, axis, parts)
     outs: list = [None] * len(axis.runs)
     for phase, due in _phases_present(plan, dues):
@@ -1002,5 +998,5 @@ def _adagrad_direction(
         sketches = _with_runs(sketches, units, news)
         for (_, j), out in zip(units, parts):
             outs[j] = out
-    _settle(ctx, sketches, basis=False)
+    _settle(ctx, sketches)
     return sketches, failures, _join_runs(xp, axis, outs)
