@@ -47,7 +47,6 @@ __all__ = [
     "kl_clip_factor",
     "kl_clip_of_quadratic",
     "symmetrize",
-    "drop_rounding_noise",
     "eigh_widened",
     "per_matrix",
     "inverse",
@@ -85,29 +84,15 @@ def symmetrize(a: Array) -> Array:
     return (a + a.mT) / 2.0
 
 
-def drop_rounding_noise(a: Array) -> Array:
-    """:math:`A` with every entry of magnitude at most :math:`u \max_{ij} |A_{ij}|` set to 0, per
-    matrix over the last two axes (:math:`u` the unit roundoff of ``a``'s dtype).
-
-    For a matrix formed by products (a Gram matrix :math:`B^\top B`) such entries are below the
-    rounding error of the products themselves, so dropping them changes nothing the arithmetic can
-    vouch for. It keeps subnormal numbers out of a decomposition: float32 LAPACK ``ssyevd`` (torch,
-    NumPy) fails to converge on a rank-deficient Gram matrix whose zero block holds subnormal noise
-    (seen in Sketchy's subspace step on an embedding gradient with 17 nonzero rows of 1024).
-    """
-    xp = array_namespace(a)
-    magnitude = xp.abs(a)
-    level = (float(xp.finfo(a.dtype).eps) / 2.0) * xp.max(magnitude, axis=(-2, -1), keepdims=True)
-    return xp.where(magnitude <= level, xp.zeros_like(a), a)
-
-
 def eigh_widened(a: Array) -> tuple[Array, Array]:
     """``eigh(A)`` (eigenvalues ascending, eigenvectors), computed in float64 where the backend has
     it and returned in ``a``'s dtype: for the small Rayleigh-Ritz matrices of a subspace step
     (a few hundred rows), where a float32 LAPACK ``ssyevd`` can fail to converge. torch's CPU build
-    (MKL 2024.2, one thread) raised on a 288 x 288 Ritz matrix with 196 eigenvalues at rounding
-    level whose copy scaled by 1024, or computed in float64, decomposed; NumPy's LAPACK took it as
-    it was. In float64 the decomposition is also accurate to float32's last bit.
+    (MKL 2024.2) raised on two such matrices of Sketchy's subspace step: one whose zero block held
+    subnormal rounding noise (a cold step on an embedding gradient with 17 nonzero rows of 1024),
+    and, with one thread, a 288 x 288 one with 196 eigenvalues at rounding level, whose copy scaled
+    by 1024 decomposed. Both decompose in float64, as NumPy (which computes float32 ``eigh`` in
+    float64) and JAX took them; the result is also accurate to float32's last bit.
     """
     xp = array_namespace(a)
     wide = float64_where_available(xp, a)

@@ -62,7 +62,7 @@ import math
 from typing import Any, NamedTuple, Optional
 
 from ._backend import is_zero, matmul, placement, scalar_zero, select
-from .linalg import drop_rounding_noise, eigh_widened, per_matrix, symmetrize
+from .linalg import eigh_widened, per_matrix, symmetrize
 
 __all__ = [
     "SKETCH_KEYS",
@@ -251,7 +251,7 @@ def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
     proj_u = matmul(xp, basis.mT, q) * scaled_sigma[..., :, None]
     proj_x = matmul(xp, x.mT, q)
     h = matmul(xp, proj_u.mT, proj_u) + matmul(xp, proj_x.mT, proj_x)
-    theta, w = eigh_widened(drop_rounding_noise(symmetrize(h)))
+    theta, w = eigh_widened(symmetrize(h))
     theta, w = xp.flip(theta, axis=-1), xp.flip(w, axis=-1)
     s = xp.sqrt(xp.maximum(theta, xp.zeros_like(theta)))
     return _Ritz(s, vectors=matmul(xp, q, w[..., :, :k]))

@@ -55,24 +55,6 @@ def test_inverse_root_eigh_float32(backend):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_drop_rounding_noise_is_the_plain_formula(backend, dtype):
-    """``drop_rounding_noise(A)`` = A with the entries |A_ij| <= u max|A| of each matrix set to 0,
-    against that formula in NumPy (a batch of two matrices of different scales, entries on both
-    sides of the level, a subnormal one, and the level itself, which is dropped)."""
-    u = float(np.finfo(dtype).eps) / 2.0
-    # first matrix: level 4u; 4u itself and a subnormal (float32) entry are dropped, 8u is kept
-    a = np.array([[[4.0, -3.0 * u, 4.0 * u], [8.0 * u, 1e-40, 1.0]],
-                  [[1e-3, -5e-4 * u, 2e-3 * u], [-7e-4, 0.0, 9e-4 * u]]], dtype=dtype)
-    level = u * np.abs(a).max(axis=(-2, -1), keepdims=True)
-    want = np.where(np.abs(a) <= level, 0.0, a).astype(dtype)
-    got = backend.to_numpy(linalg.drop_rounding_noise(backend.asarray(a)))
-    assert got.dtype == dtype
-    np.testing.assert_array_equal(got, want)
-    kept = [[[True, False, False], [True, False, True]], [[True, False, True], [True, False, False]]]
-    np.testing.assert_array_equal(got != 0.0, kept)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_eigh_widened_is_the_float64_decomposition_in_the_input_dtype(backend, dtype):
     """``eigh_widened(A)`` = ``eigh(float64(A))`` cast to A's dtype where the backend has float64
     (JAX here runs with x64), else ``eigh(A)``: the same numbers as that computation, in A's dtype,

@@ -417,11 +417,11 @@ def test_subspace_is_exact_when_the_range_fits():
 
 def test_subspace_step_of_a_few_nonzero_rows_converges():
     """A cold subspace step on an embedding-like gradient (17 nonzero rows of 1024, float32, rank
-    256, torch's CPU ``ssyevd``; NumPy's LAPACK converged on the same input): the iterate's completion columns give the Ritz matrix a
-    zero block of subnormal rounding noise, on which LAPACK's float32 eigh failed to converge and
-    raised (training stopped on the bench's GPT with ``decomposition="subspace"``). Entries below
-    the products' own rounding level are dropped before the decomposition
-    (``linalg.drop_rounding_noise``); the step is then finite and holds the 17-dimensional range."""
+    256): the iterate's completion columns give the Rayleigh-Ritz matrix a zero block of subnormal
+    rounding noise, on which torch's CPU float32 ``eigh`` (MKL ``ssyevd``) failed to converge and
+    raised (training stopped on the bench's GPT with ``decomposition="subspace"``). The Ritz matrix
+    is decomposed in float64 (``linalg.eigh_widened``); the step is then finite and holds the
+    17-dimensional range."""
     torch = pytest.importorskip("torch")
     import array_api_compat.torch as xp
 
