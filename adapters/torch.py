@@ -32,8 +32,10 @@ import weakref
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
+from array_api_compat import array_namespace
 
 import precond_ref as pr
+from precond_ref.methods.asgo import _root_method_for as _asgo_root_method_for
 from precond_ref.tree import path_str
 
 from ._torch_core import CoreOptimizer, step_outside_the_graph
@@ -496,19 +498,20 @@ ASGO = _torch_class(
 )
 
 def _asgo_capture_refusal(self: CoreOptimizer) -> Optional[str]:
-    """Principled ASGO's roots read the host on CUDA: ``"eigh"`` (also what ``root_method="auto"``
-    takes for float64) calls torch's eigh, which reads its status there, and the iterative roots
-    are checked, which reads their convergence flag on refresh steps (the torch class has no
-    ``root_tolerance``: the check is always on). Faithful mode's unchecked iterative root reads
-    nothing. Groups without a matrix (all on the built-in Adam by ``ndim``) root nothing."""
+    """Principled ASGO's roots read the host on CUDA: ``"eigh"`` calls torch's eigh, which reads
+    its status there, and the iterative roots are checked, which reads their convergence flag on
+    refresh steps (the torch class has no ``root_tolerance``: the check is always on). The root a
+    group takes is the core's choice (``root_method="auto"``: eigh for float64, the iterative root
+    on a GPU). Faithful mode's unchecked iterative root reads nothing; a group without a matrix
+    (all on the built-in Adam by ``ndim``) roots nothing."""
     for group in self.param_groups:
-        if group["mode"] == "faithful" or not any(p.ndim >= 2 for p in group["params"]):
+        matrices = [p for p in group["params"] if p.ndim >= 2]
+        if group["mode"] == "faithful" or not matrices:
             continue
-        method = group["root_method"] or "auto"
-        if method == "auto":
-            method = "eigh" if any(p.dtype == torch.float64 for p in group["params"]) else "polar_express"
+        chosen = group["root_method"] or "auto"
+        method = _asgo_root_method_for(array_namespace(matrices[0]), matrices[0], chosen)
         if method == "eigh":
-            return f"its root_method {group['root_method'] or 'auto'!r} calls torch's eigh, which on CUDA reads its status on the host"
+            return f"its root_method {chosen!r} calls torch's eigh, which on CUDA reads its status on the host"
         return (f"its {method!r} root is checked for convergence, which reads a flag on the host on refresh steps "
                 "(mode='faithful' roots unchecked)")
     return None

@@ -152,17 +152,19 @@ def test_a_step_during_cuda_graph_capture_names_why_it_cannot_be_captured(monkey
 @pytest.mark.parametrize(
     "kwargs, refusal",
     [
-        ({}, r"'polar_express' root is checked for convergence, which reads a flag on the host"),
+        ({"root_method": "polar_express"}, r"'polar_express' root is checked for convergence, which reads a flag"),
+        ({}, r"root_method 'auto' calls torch's eigh, which on CUDA reads its status on the host"),
         ({"root_method": "eigh"}, r"root_method 'eigh' calls torch's eigh, which on CUDA reads its status on the host"),
         ({"mode": "faithful"}, None),
     ],
-    ids=["principled-auto", "principled-eigh", "faithful"],
+    ids=["principled-polar-express", "principled-auto-cpu", "principled-eigh", "faithful"],
 )
 def test_asgo_capture_refusal_follows_its_root(monkeypatch, kwargs, refusal):
     """Principled ASGO's roots read the host on CUDA (the checked iterative root, which "auto"
-    takes for float32 on a GPU, reads its convergence flag; torch's eigh its status), so a step
-    taken during CUDA graph capture raises naming the root, before it changes anything; faithful
-    mode's unchecked root reads nothing and steps (tests/adapters/test_torch_cuda.py captures it)."""
+    takes for float32 on a GPU, reads its convergence flag; torch's eigh, which "auto" takes on
+    these CPU tensors, its status), so a step taken during CUDA graph capture raises naming the
+    root, before it changes anything; faithful mode's unchecked root reads nothing and steps
+    (tests/adapters/test_torch_cuda.py captures it)."""
     model = _model()
     opt = pt.ASGO(model.named_parameters(), lr=1e-2, precondition_every=1, **kwargs)
     grads = _gradients(model)
