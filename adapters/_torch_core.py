@@ -236,9 +236,12 @@ class CoreOptimizer(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
         if torch.compiler.is_compiling():
             return step_outside_the_graph(self, closure, extra)
-        if _capturing_cuda_graph() and self.not_capturable_because is not None:
+        # The class attribute first (None for most classes: no capture query on their steps), then
+        # whether a capture is on, then the reason (ASGO's depends on its settings: a property).
+        if type(self).not_capturable_because is not None and _capturing_cuda_graph():
             reason = self.not_capturable_because
-            raise RuntimeError(f"{type(self).__name__}: a step cannot be captured in a CUDA graph: {reason}")
+            if reason is not None:
+                raise RuntimeError(f"{type(self).__name__}: a step cannot be captured in a CUDA graph: {reason}")
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -70,6 +70,9 @@ def test_eigh_widened_is_the_float64_decomposition_in_the_input_dtype(backend, d
     want_values, want_vectors = (backend.to_numpy(v).astype(dtype) for v in xp.linalg.eigh(ref))
     np.testing.assert_array_equal(values, want_values)
     np.testing.assert_array_equal(vectors, want_vectors)
+    # Rounding model: the float64 decomposition is exact to ~n u64; casting rounds each eigenvalue
+    # and vector entry once (relative u), so each entry of V diag(w) V^T moves by at most about
+    # 3u sum_k |v_ik| |w_k| |v_jk| <= 3u ||A||_2 <= 3u n max|A| (Cauchy-Schwarz, n = 7): 21u; 100u.
     u = float(np.finfo(dtype).eps) / 2.0
     rebuilt = (vectors.astype(np.float64) * values[..., None, :]) @ np.swapaxes(vectors, -1, -2).astype(np.float64)
     assert np.abs(rebuilt - a).max() <= 100 * u * np.abs(a).max()
@@ -94,6 +97,7 @@ def test_eigh_widened_decomposes_a_ritz_matrix_float32_mkl_did_not():
         torch.set_num_threads(threads)
     assert values.dtype == torch.float32
     v, w = vectors.double().numpy(), values.double().numpy()
+    # As above: at most about 3u ||h||_2 per entry; this h is nearly diagonal, ||h||_2 = max|h_ii|.
     u = float(np.finfo(np.float32).eps) / 2.0
     assert np.abs((v * w) @ v.T - h).max() <= 100 * u * np.abs(h).max()
 
