@@ -21,7 +21,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import device as array_device
 
-from .._backend import compute_dtype, cond, is_zero, scalar_array, torch_compiling
+from .._backend import compute_dtype, cond, device_key, is_zero, scalar_array, torch_compiling
 from ..blocking import block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stable_hash, unfold
 from ..sketch import fd_apply, fd_init, fd_update, fd_update_apply
 from ..tree import from_entries, to_entries
@@ -303,10 +303,19 @@ def _refreshed(
             unfolded[n] = unfold(xp, merged, axis.axis)
         rows = _run_rows(xp, axis, axis.runs[j], unfolded[n])
         new, ok, out = _fd_update(xp, old, rows, exponent=plan.exponent, accept=accept, apply=apply, **fd_options)
-        failures = failures + xp.sum(1 - xp.astype(ok, xp.int32), dtype=xp.int32)
+        failures = failures + _failed(xp, ok, failures)
         news.append(new)
         parts.append(out)
     return tuple(news), failures, tuple(parts) if apply else ()
+
+
+def _failed(xp: Any, ok: Array, failures: Array) -> Array:
+    """The number of False entries of ``ok`` (a run's per-block flags) per entry of ``failures``:
+    all of them for one leaf's count (0-D), one each for a count per stacked leaf (``failures``
+    of ``ok``'s shape, S-AdaGrad's leaves stacked by :func:`_stack_single_sketches`)."""
+    failed = 1 - xp.astype(ok, xp.int32)
+    axes = tuple(range(failures.ndim, failed.ndim))
+    return xp.sum(failed, axis=axes, dtype=xp.int32) if axes else failed
 
 
 def _refresh_due(
@@ -936,31 +945,67 @@ def s_adagrad(
             momentum=xp.zeros(param.shape, dtype=dtype, device=device) if has_momentum else None,
         ))
 
-    def update_group(grads, entries, params, ctx: StepContext):
+    def leaf_plan(g: Array) -> _LeafPlan:
+        return plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
+
+    def finish(g: Array, direction: Array, m: Optional[Array], param: Optional[Array], ctx: StepContext):
+        """m <- mu m + P(g);  updates = -eta m - eta lambda x."""
         xp = ctx.xp
-        g = xp.astype(grads[0], compute_dtype(xp, grads[0].dtype), copy=False)
-        if not math.prod(g.shape):
-            return (xp.zeros_like(g),), dict(entries)
-        plan = plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
-        state = from_entries(_layout(plan, False, has_momentum), entries)
-        column = xp.reshape(g, (plan.merged_shape[0], 1))
-        sketches, failures, direction = _adagrad_direction(
-            xp, plan, state.sketches, state.sketch_failures, column, dues, ctx, fd_options
-        )
-        direction = xp.reshape(direction, tuple(g.shape))
-        m = state.momentum
         if has_momentum:
             direction = m = momentum * m + direction
         lr = ctx.value(learning_rate)
         updates = -lr * direction
         if has_weight_decay:
-            updates = updates - (lr * weight_decay) * xp.astype(params[0], g.dtype)
+            updates = updates - (lr * weight_decay) * xp.astype(param, g.dtype)
+        return updates, m
+
+    def update_group(grads, entries, params, ctx: StepContext):
+        xp = ctx.xp
+        g = xp.astype(grads[0], compute_dtype(xp, grads[0].dtype), copy=False)
+        if not math.prod(g.shape):
+            return (xp.zeros_like(g),), dict(entries)
+        plan = leaf_plan(g)
+        state = from_entries(_layout(plan, False, has_momentum), entries)
+        column = xp.reshape(g, (plan.merged_shape[0], 1))
+        sketches, failures, direction = _adagrad_direction(
+            xp, plan, state.sketches, state.sketch_failures, column, dues, ctx, fd_options
+        )
+        updates, m = finish(g, xp.reshape(direction, tuple(g.shape)), state.momentum, None if params is None else params[0], ctx)
         return (updates,), to_entries(_State(sketches, failures, momentum=m))
+
+    def update_groups(grads, states, params, ctxs: list[StepContext]):
+        # Leaves that are one sketch each, of equal size and refresh phase, are stacked
+        # (_stack_single_sketches): one batched FD step instead of one per leaf.
+        xp = ctxs[0].xp
+        results: list = [None] * len(grads)
+        g = [xp.astype(leaves[0], compute_dtype(xp, leaves[0].dtype), copy=False) for leaves in grads]
+        stacks: dict = {}
+        for i, gi in enumerate(g):
+            plan = leaf_plan(gi) if math.prod(gi.shape) else None
+            if plan is None or plan.axes[0].batched:
+                results[i] = update_group(grads[i], states[i], params[i], ctxs[i])
+                continue
+            key = (plan.axes[0].runs[0], gi.dtype, device_key(gi))
+            stacks.setdefault(key, []).append((i, plan))
+        for (run, _, _), members in stacks.items():
+            if len(members) == 1:
+                (i, _), = members
+                results[i] = update_group(grads[i], states[i], params[i], ctxs[i])
+                continue
+            leaf_states = [from_entries(_layout(plan, False, has_momentum), states[i]) for i, plan in members]
+            sketches, failures, directions = _stack_single_sketches(
+                xp, run, [g[i] for i, _ in members], [s.sketches for s in leaf_states],
+                [s.sketch_failures for s in leaf_states], (dues[run.phase],), ctxs[0], fd_options,
+            )
+            for (i, _), state, sketch, count, direction in zip(members, leaf_states, sketches, failures, directions):
+                updates, m = finish(g[i], direction, state.momentum, None if params[i] is None else params[i][0], ctxs[i])
+                results[i] = ((updates,), to_entries(_State(sketch, count, momentum=m)))
+        return results
 
     return build_transform(
         name="s_adagrad",
         init_group=init_group,
-        update_group=update_group,
+        update_groups=update_groups,
         on_nonfinite=on_nonfinite,
         needs_params=has_weight_decay,
         intervals=dues,
@@ -1000,3 +1045,25 @@ def _adagrad_direction(
             outs[j] = out
     _settle(ctx, sketches)
     return sketches, failures, _join_runs(xp, axis, outs)
+
+
+def _stack_single_sketches(
+    xp: Any, run: _Run, grads: Sequence[Array], sketches: Sequence[tuple], failures: Sequence[Array], dues: tuple,
+    ctx: StepContext, fd_options: dict[str, Any],
+) -> tuple[list[tuple], list[Array], list[Array]]:
+    """:func:`_adagrad_direction` of n leaves that are each one sketch of the same run (length d,
+    rank, phase), as one leaf of n d entries cut into n blocks of d: the gradients concatenated
+    into one column, the sketches stacked into one run of n. Each block's FD step is its own
+    (nothing in it mixes blocks), so every leaf gets the numbers it would alone. Returns per leaf
+    its sketches, failure count and direction (of the leaf's shape)."""
+    n = len(grads)
+    plan = _LeafPlan((n * run.length,), (_AxisPlan(0, (run._replace(start=0, count=n, phase=0),)),))
+    column = xp.reshape(xp.concat([xp.reshape(g, (-1,)) for g in grads], axis=0), (n * run.length, 1))
+    stacked = _Sketch(*(xp.stack([s[0][0][f] for s in sketches]) for f in range(len(_Sketch._fields))))
+    new, counts, direction = _adagrad_direction(
+        xp, plan, ((stacked,),), xp.stack(list(failures)), column, dues, ctx, fd_options
+    )
+    leaf_sketches = [((_Sketch(*(v[j] for v in new[0][0])),),) for j in range(n)]
+    _settle(ctx, tuple(sketch[0] for sketch in leaf_sketches))
+    rows = xp.reshape(direction, (n, run.length))
+    return leaf_sketches, [counts[j] for j in range(n)], [xp.reshape(rows[j], tuple(g.shape)) for j, g in enumerate(grads)]

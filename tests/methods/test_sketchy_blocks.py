@@ -164,3 +164,35 @@ def test_cost_model_counts_the_principled_interval():
     fd_every = every.flops - every.parts["sketch apply"][1]
     fd_default = default.flops - default.parts["sketch apply"][1]
     assert fd_default == pytest.approx(fd_every / sk.PRINCIPLED_PRECONDITION_EVERY)
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_s_adagrad_stacked_leaves_get_what_each_would_alone(interval, monkeypatch):
+    """Leaves that are one sketch each, of equal size and refresh phase, share one batched FD step
+    (``_stack_single_sketches``); each block's step reads only its own rows, so every leaf's update
+    and state equal those of the same leaf in a transform of its own (here with momentum, weight
+    decay, decay b2 < 1 and, for T = 3, refreshes spread over phases; a blocked leaf "e" and one of
+    another size "d" beside them). A tolerance, not equality: a batched product may sum in another
+    order than an unbatched one (a few u per entry of a 10-term product, amplified by at most the
+    weights' ratio (1/eps)^(1/2) ~ 3e3 over 7 steps: below 1e-10 in float64)."""
+    shapes = {"a": (8,), "b": (2, 4), "c": (8,), "d": (5,), "e": (12,), "f": (4, 2)}
+    kw = dict(learning_rate=0.5, rank=3, block_size=10, momentum=0.5, weight_decay=0.1,
+              precondition_every=interval, b2=0.9)
+    rng = np.random.default_rng(0)
+    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    tx = pr.s_adagrad(**kw)
+    state = tx.init(params)
+    alone = {k: pr.s_adagrad(**kw) for k in shapes}
+    alone_states = {k: alone[k].init({k: params[k]}) for k in shapes}
+    stack_sizes = []
+    stack = sk._stack_single_sketches
+    monkeypatch.setattr(sk, "_stack_single_sketches", lambda xp, run, grads, *a: stack_sizes.append(len(grads)) or stack(xp, run, grads, *a))
+    for _ in range(7):
+        grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
+        updates, state = tx.update(grads, state, params)
+        for k in shapes:
+            expected, alone_states[k] = alone[k].update({k: grads[k]}, alone_states[k], {k: params[k]})
+            np.testing.assert_allclose(updates[k], expected[k], rtol=1e-10, atol=0, err_msg=k)
+            for entry, value in alone_states[k].groups[k].items():
+                np.testing.assert_allclose(state.groups[k][entry], value, rtol=1e-10, atol=1e-300, err_msg=f"{k} {entry}")
+    assert stack_sizes and max(stack_sizes) >= 2  # "a" and "c" (shape (8,), one phase) at least
