@@ -84,7 +84,7 @@ def _reduced_svd(xp: Any) -> Any:
 
 
 SKETCH_KEYS = ("basis", "singular_values", "escaped_root", "basis_weights", "complement_weight")
-_DECOMPOSITIONS = ("svd", "gram", "qr_svd", "incremental", "subspace", "auto")
+_DECOMPOSITIONS = ("svd", "gram", "qr_svd", "incremental", "incremental_gram", "subspace", "auto")
 # "auto" uses the (approximate) subspace iteration only for axes at least this long, where an
 # exact d x d eigendecomposition per step is the cost that matters; shorter axes stay exact.
 SUBSPACE_MIN_DIM = 256
@@ -111,12 +111,12 @@ def shrink_cutoff_tolerance(xp: Any, dtype: Any, decomposition: str = "svd") -> 
 
     For the SVD (and the ``"incremental"`` projection, whose residual carries an absolute error of
     a few unit roundoffs of the inputs), singular values carry an absolute error of a few unit
-    roundoffs times the largest one, so :math:`c \\le 10 u\\, s_0` is treated as 0. The Gram and
-    subspace paths square the matrix: their eigenvalues carry :math:`u\\, s_0^2`, i.e. singular
+    roundoffs times the largest one, so :math:`c \\le 10 u\\, s_0` is treated as 0. The Gram,
+    incremental-Gram and subspace paths square the matrix: their eigenvalues carry :math:`u\\, s_0^2`, i.e. singular
     values :math:`\\sqrt{u}\\, s_0`, so the test is :math:`c^2 \\le 10 u\\, s_0^2`.
     """
     unit_roundoff = float(xp.finfo(dtype).eps) / 2.0
-    if decomposition in ("gram", "subspace"):
+    if decomposition in ("gram", "incremental_gram", "subspace"):
         return math.sqrt(10.0 * unit_roundoff)
     return 10.0 * unit_roundoff
 
@@ -201,10 +201,12 @@ class _Ritz(NamedTuple):
     data: Optional[Array] = None
 
 
-def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
+def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array, gram: bool = False) -> _Ritz:
     """Brand's incremental SVD: Z = [U, Q] K with Q an orthonormal basis of x's component outside
     span(U), so the SVD of the small (k+m) x (k+m) K gives the SVD of Z exactly (U orthonormal or
-    zero columns). Cost: four d x k x m products and one d x (k+m) x k, about one QR of Z."""
+    zero columns). Cost: four d x k x m products and one d x (k+m) x k, about one QR of Z. With
+    ``gram`` K's left singular pairs come from the eigendecomposition of K K^T instead
+    (:func:`_left_singular_by_gram`)."""
     k = basis.shape[-1]
     coords = _coordinates(xp, basis, x)
     residual = x - _combination(xp, basis, coords)
@@ -219,9 +221,26 @@ def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
         fresh, corner = per_matrix(xp, xp.linalg.qr, residual)
     top = xp.concat([_diag(xp, scaled_sigma), coords], axis=-1)
     bottom = xp.concat([xp.zeros(corner.shape[:-1] + (k,), dtype=x.dtype, device=placement(xp, x)), corner], axis=-1)
-    w, s, vh = per_matrix(xp, _reduced_svd(xp), xp.concat([top, bottom], axis=-2))
+    core = xp.concat([top, bottom], axis=-2)
     projection = xp.concat([coords, corner], axis=-2)
+    if gram:
+        w, s = _left_singular_by_gram(xp, core)
+        return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=matmul(xp, w.mT, projection))
+    w, s, vh = per_matrix(xp, _reduced_svd(xp), core)
     return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=s[..., :, None] * vh[..., :, k:])
+
+
+def _left_singular_by_gram(xp: Any, a: Array) -> tuple[Array, Array]:
+    """``(W, s)`` with ``a = W diag(s) V^T``, ``s`` descending, for (stacks of) square ``a``:
+    ``a a^T = W diag(lambda) W^T`` by ``eigh``, ``s = sqrt(max(lambda, 0))``.
+
+    About a third of an SVD's work (an eigh and a product against a thin SVD). The Gram's rounding
+    (u s_0^2) limits s to an absolute sqrt(u) s_0, the accuracy of the ``"gram"`` and ``"subspace"``
+    paths (``shrink_cutoff_tolerance``); W stays orthogonal to working precision.
+    """
+    values, vectors = per_matrix(xp, xp.linalg.eigh, symmetrize(matmul(xp, a, a.mT)))
+    values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
+    return vectors, xp.sqrt(xp.maximum(values, xp.zeros_like(values)))
 
 
 def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
@@ -261,8 +280,8 @@ def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Arr
     """Top-k left singular vectors and the singular values (..., r), descending, of
     Z = [basis diag(scaled_sigma), x] (..., d, k + m); r > k exactly when a shrink value exists."""
     d, k = basis.shape[-2:]
-    if decomposition == "incremental":
-        return _incremental(xp, basis, scaled_sigma, x)
+    if decomposition in ("incremental", "incremental_gram"):
+        return _incremental(xp, basis, scaled_sigma, x, gram=decomposition == "incremental_gram")
     if decomposition == "subspace":
         return _subspace(xp, basis, scaled_sigma, x)
     z = xp.concat([basis * scaled_sigma[..., None, :], x], axis=-1)
@@ -359,7 +378,9 @@ def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tu
         ``"svd"`` (thin SVD of the d x (k+m) factor), ``"qr_svd"`` (the same after a QR of the
         factor's transpose, the authors' order of operations), ``"gram"`` (eigh of the smaller
         Gram matrix), ``"incremental"`` (project x on the basis, QR of the residual, SVD of a
-        (k+m)-square matrix: exact, about one d x (k+m) matmul pass; needs k + m < d),
+        (k+m)-square matrix: exact, about one d x (k+m) matmul pass; needs k + m < d, else the SVD),
+        ``"incremental_gram"`` (the same with that small matrix's eigendecomposition of its Gram in
+        place of its SVD: about a third of its work, the Gram path's accuracy; else ``"gram"``),
         ``"subspace"`` (one warm-started block power step with Rayleigh-Ritz: approximate, for long
         axes with k + m >= d; where :func:`subspace_width` reaches d it is the exact ``"gram"``
         path, as the whole axis is the subspace) or ``"auto"`` (:func:`resolve_decomposition`).
@@ -422,8 +443,9 @@ def _fd_step(
         raise ValueError(f"FD update expects x of shape ({expected}, m), got {tuple(x.shape)}")
     m = x.shape[-1]
     decomposition = resolve_decomposition(decomposition, d, k, m)
-    if decomposition == "incremental" and k + m >= d:
-        decomposition = "svd"  # nothing to save: the factor is not tall
+    if decomposition in ("incremental", "incremental_gram") and k + m >= d:
+        # nothing to save: the factor is not tall (the whole-factor path of the same accuracy)
+        decomposition = "svd" if decomposition == "incremental" else "gram"
     if decomposition == "subspace" and subspace_width(d, k) >= d:
         decomposition = "gram"  # an iterate as wide as the axis: the exact d x d problem
     x = unscaled = xp.astype(x, dtype, copy=False)

@@ -98,6 +98,11 @@ def test_fd_update_paths():
     assert close(cost.fd_update_flops(d, k, m, "auto"), expected)
     # the authors' thin SVD of d x (k+m)
     assert close(cost.fd_update_flops(4, 2, 3, "svd"), 6 * 5 * 16 + 20 * 64)
+    # incremental_gram: the core's Gram (2 * 5^3) and eigh (9 * 5^3) in place of its SVD; where
+    # k + m >= d it is the Gram path, as "incremental" is the SVD there
+    assert close(cost.fd_update_flops(10, 2, 3, "incremental_gram"), 8 * 10 * 2 * 3 + qr + 2 * 125 + 9 * 125 + 2 * 10 * 5 * 2)
+    assert close(cost.fd_update_flops(4, 2, 3, "incremental_gram"), cost.fd_update_flops(4, 2, 3, "gram"))
+    assert close(cost.fd_update_flops(4, 2, 3, "incremental"), cost.fd_update_flops(4, 2, 3, "svd"))
 
 
 def test_sketchy_and_s_adagrad():

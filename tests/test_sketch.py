@@ -80,8 +80,9 @@ sizes = st.tuples(st.integers(2, 7), st.integers(1, 7), st.integers(1, 3), st.in
     lambda t: (t[0], min(t[1], t[0]), t[2], t[3])
 )
 # The exact decompositions of the FD step (the subspace iteration is approximate: tested below).
-# "incremental" needs k + m < d and falls back to the SVD otherwise; the sizes reach both.
-EXACT_PATHS = st.sampled_from(["svd", "qr_svd", "gram", "incremental"])
+# "incremental" needs k + m < d and falls back to the SVD otherwise ("incremental_gram": to the
+# Gram path); the sizes reach both.
+EXACT_PATHS = st.sampled_from(["svd", "qr_svd", "gram", "incremental", "incremental_gram"])
 
 
 @given(sizes=sizes, beta=st.sampled_from([1.0, 0.9, 0.5]), seed=st.integers(0, 2**16), path=EXACT_PATHS)
@@ -288,7 +289,7 @@ def test_zero_input_stays_zero():
     assert np.all(fd_apply(xp, s, np.ones((5, 2))) == 0.0)
 
 
-ALL_PATHS = ["svd", "qr_svd", "gram", "incremental", "subspace"]
+ALL_PATHS = ["svd", "qr_svd", "gram", "incremental", "incremental_gram", "subspace"]
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
@@ -311,7 +312,7 @@ def test_nonfinite_input_keeps_previous_sketch(path):
         np.testing.assert_allclose(new[key][0], alone[key], rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("path", ["svd", "incremental", "subspace"])
+@pytest.mark.parametrize("path", ["svd", "incremental", "incremental_gram", "subspace"])
 def test_failed_decomposition_keeps_previous_sketch(path, monkeypatch):
     """K4: a decomposition that returns NaN (JAX's SVD/eigh on failure) leaves the sketch bit for bit
     as it was, including the incremental path, whose fallback is the rotation [I; 0] of the basis."""
@@ -547,7 +548,7 @@ def _rotate_null_spaces(monkeypatch, xp, seed=0):
     monkeypatch.setattr(xp.linalg, "qr", rotated_qr)
 
 
-@pytest.mark.parametrize("path", ["svd", "qr_svd", "gram", "incremental"])
+@pytest.mark.parametrize("path", ["svd", "qr_svd", "gram", "incremental", "incremental_gram"])
 @pytest.mark.parametrize("faithful", [True, False])
 def test_answer_does_not_depend_on_the_null_space_basis(path, faithful, monkeypatch):
     """Issue 16 item 5: while the sketch is not full (rank-deficient early steps, a vector with
@@ -768,3 +769,33 @@ def test_eager_torch_matmul_and_where_are_one_operation_each():
     sketch = fd_init(txp, 5, 2, dtype=torch.float64, device="cpu")
     _, names = top_level(lambda: fd_apply(txp, sketch, torch.randn(5, 3, dtype=torch.float64)))
     assert "aten::matmul" in names and "aten::to" not in names  # the apply of every step
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_left_singular_by_gram_is_the_svd_at_the_gram_accuracy(dtype):
+    """``sketch._left_singular_by_gram`` against its formula: W diag(s) reproduces a's left singular
+    pairs, W W^T = I, s descending. Rounding model: the Gram a a^T and its eigh carry about
+    n u s_0^2 absolute error on each eigenvalue, so s_i = sqrt(lambda_i) is within
+    sqrt(n u) s_0 of the SVD's; and W^T a = diag(s) V^T has orthogonal rows of norms s (its Gram is
+    diag(s^2) within n u s_0^2)."""
+    import array_api_compat.numpy as xp
+    from precond_ref.sketch import _left_singular_by_gram
+
+    rng = np.random.default_rng(3)
+    n = 24
+    u = float(np.finfo(dtype).eps) / 2
+    for spread in (1.0, 1e-3, 1e-6):
+        q1, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        q2, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        singular = np.geomspace(1.0, spread, n)
+        singular[-3:] = 0.0  # a null space, as on the incremental path's cold steps
+        a = ((q1 * singular) @ q2.T).astype(dtype)
+        w, s = _left_singular_by_gram(xp, np.stack([a, 2.0 * a]))
+        reference = np.linalg.svd(a.astype(np.float64), compute_uv=False)
+        for j, factor in enumerate((1.0, 2.0)):
+            assert np.all(np.diff(s[j]) <= 0)
+            np.testing.assert_allclose(s[j], factor * reference, rtol=0, atol=4 * math.sqrt(n * u) * factor)
+            np.testing.assert_allclose(w[j].T @ w[j], np.eye(n), rtol=0, atol=8 * n * u)
+            coords = w[j].T.astype(np.float64) @ (factor * a.astype(np.float64))
+            np.testing.assert_allclose(coords @ coords.T, np.diag(s[j].astype(np.float64) ** 2), rtol=0,
+                                       atol=8 * n * u * factor**2)

@@ -231,6 +231,8 @@ def fd_update_flops(d: int, k: int, m: int, decomposition: str) -> float:
     - ``incremental`` (``k + m < d``): four ``d x k x m`` products (projection and residual, twice),
       the QR of the ``d x m`` residual, the SVD of the ``(k+m)`` square core, one ``d x (k+m) x k``
       rotation: ``8 d k m + QR(d, m) + SVD(k+m, k+m) + 2 d (k+m) k``;
+    - ``incremental_gram``: the same with the core's Gram (``2 (k+m)^3``) and its eigh in place of
+      its SVD; either incremental path falls back to ``svd`` / ``gram`` where ``k + m >= d``;
     - ``gram``: the ``d x d`` statistic ``Z Z^T`` of ``Z = [U sigma, X]`` (``2 d^2 (k+m)``) and its eigh;
     - ``subspace`` (width ``w = k + max(4, k/8)``): ``x`` times a probe (``2 d m (w-k)``), the image
       ``U (U^T S) + X (X^T S)`` (``4 d k w + 4 d m w``), the QR of ``d x w``, the projections
@@ -241,6 +243,11 @@ def fd_update_flops(d: int, k: int, m: int, decomposition: str) -> float:
     from ..sketch import resolve_decomposition, subspace_width
 
     path = resolve_decomposition(decomposition, d, k, m)
+    if path in ("incremental", "incremental_gram") and k + m >= d:  # the fallbacks of sketch._fd_step
+        path = "svd" if path == "incremental" else "gram"
+    if path == "incremental_gram":
+        core = k + m
+        return 8.0 * d * k * m + _qr(d, m) + 2.0 * core**3 + EIGH_FLOPS * core**3 + 2.0 * d * core * k
     if path == "incremental":
         return 8.0 * d * k * m + _qr(d, m) + _thin_svd(k + m, k + m) + 2.0 * d * (k + m) * k
     if path == "gram":

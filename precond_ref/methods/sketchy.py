@@ -43,7 +43,7 @@ __all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "PRINCIPLED_BLOCK_SIZE",
 
 Array = Any
 _GRAFTS = ("rmsprop", "sgd", "none")
-_SKETCHY_DECOMPOSITIONS = ("auto", "svd", "gram", "incremental", "subspace")
+_SKETCHY_DECOMPOSITIONS = ("auto", "svd", "gram", "incremental", "incremental_gram", "subspace")
 #: Principled defaults of :func:`sketchy` (docs/methods/sketchy.md, "Long axes, intervals and cost"):
 #: merged axes longer than this are split into blocks with their own sketches, and the sketches are
 #: updated every this many steps, each block in its own phase of the interval.
@@ -679,8 +679,14 @@ def sketchy(
         :data:`PRINCIPLED_BLOCK_SIZE` (1024) in principled mode, unblocked in faithful mode (the
         authors'). An integer >= 1; a value at least every merged axis is the unblocked method.
     decomposition:
-        ``"svd"`` (thin SVD of the d x (k + m) factor, the authors') or ``"gram"`` (eigh of the
-        smaller Gram matrix: faster when k + m << d, but squares the condition number).
+        The Frequent Directions path (:func:`precond_ref.sketch.fd_update`): ``"svd"`` (thin SVD of
+        the d x (k + m) factor, the authors'), ``"gram"`` (eigh of the smaller Gram matrix: faster
+        when k + m << d, but squares the condition number), ``"incremental"`` (exact, for
+        k + m < d: the SVD of a (k + m)-square core), ``"incremental_gram"`` (the same with the
+        core's Gram eigh: about a third of its work, the Gram path's accuracy), ``"subspace"``
+        (approximate, for long axes) or ``"auto"`` (principled default:
+        :func:`precond_ref.sketch.resolve_decomposition`). None: ``"auto"``, or the authors' QR
+        and SVD in faithful mode.
     tail_decay:
         ``"b2"`` or ``"sqrt_b2"``: decay of the escaped mass; ``None`` picks the mode's default.
     mode:

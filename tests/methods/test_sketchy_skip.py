@@ -11,7 +11,7 @@ import precond_ref as pr
 from precond_ref.sketch import SKETCH_KEYS, fd_init, fd_update, fd_update_apply
 
 
-@pytest.mark.parametrize("path", ["svd", "gram", "incremental", "subspace", "qr_svd"])
+@pytest.mark.parametrize("path", ["svd", "gram", "incremental", "incremental_gram", "subspace", "qr_svd"])
 @pytest.mark.parametrize("apply", [False, True])
 def test_fd_step_refused_by_accept_returns_previous_sketch(path, apply):
     """Invariant (sketch.py ``_fd_step``'s ``accept``): with ``accept`` False the returned sketch is
