@@ -516,3 +516,20 @@ def test_a_run_stopped_after_its_first_case_leaves_that_case_in_bench_json(tmp_p
     monkeypatch.setattr(layers, "bench_case", measure)
     code, data = _bench(tmp_path, "--methods", "agd", "--frameworks", "torch", "--cases", "8x4,16x8")
     assert code == 0 and data["complete"] is True and list(data["results"]) == ["8x4", "16x8"]
+
+
+def test_compiled_torch_rows_warm_up_through_every_phase_graph():
+    """A method whose refreshes are spread over T phases compiles one graph per pattern of due
+    phases (the first call's and one per phase: T + 1); with ``--torch-compile on`` its warm-up is
+    at least T + 1 steps so that the window times compiled steps only. Baselines and eager rows keep
+    the given warm-up."""
+    from precond_ref.benchmarks.measure import timing_for
+
+    sketchy = common.Contender(entry_by_name("sketchy"))
+    period = common.refresh_period(sketchy.entry)
+    assert period == 3  # the principled precondition_every
+    compiled, eager = timing_for(2, 10, 1.0, True, compiled=True), timing_for(2, 10, 1.0, True)
+    assert compiled(sketchy)["warmup"] == period + 1
+    assert eager(sketchy)["warmup"] == 2
+    assert compiled(None)["warmup"] == 2
+    assert timing_for(6, 10, 1.0, True, compiled=True)(sketchy)["warmup"] == 6

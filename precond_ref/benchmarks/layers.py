@@ -141,6 +141,7 @@ def bench_case(
     grads = _gradients(initial)
     size = sum(int(np.prod(v.shape)) for v in initial.values())
     timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s)
+    torch_timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s, torch_compile == "on")
 
     def too_large(contender: Contender) -> Optional[str]:
         limit = contender.entry.bench_max_size
@@ -161,7 +162,7 @@ def bench_case(
             ]
             if framework == "torch":
                 measure = lambda c: torch_measure_(  # noqa: E731
-                    lambda module, named: torch_optimizer(c, named, torch_compile), update_extra(c, BATCH_SIZE), timing(c),
+                    lambda module, named: torch_optimizer(c, named, torch_compile), update_extra(c, BATCH_SIZE), torch_timing(c),
                     settle=settle,
                 )
             else:

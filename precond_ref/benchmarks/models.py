@@ -329,12 +329,13 @@ def bench_model(
     for framework in frameworks:
         if framework == "torch":
             torch_measure_ = _torch_measurer(model, size, initial, tdtype, torch_device)
+            torch_timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s, torch_compile == "on")
             baselines = [
                 (label, lambda f=factory: torch_measure_(lambda module, named: (f([p for _, p in named]), []), {}, timing(None)))
                 for label, factory in torch_baselines()
             ]
             measure = lambda c: torch_measure_(  # noqa: E731
-                lambda module, named: torch_optimizer(c, named, torch_compile), update_extra(c, batch_size), timing(c)
+                lambda module, named: torch_optimizer(c, named, torch_compile), update_extra(c, batch_size), torch_timing(c)
             )
         else:
             import optax
