@@ -231,8 +231,9 @@ def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array, gram: boo
 
 
 def _left_singular_by_gram(xp: Any, a: Array) -> tuple[Array, Array]:
-    """``(W, s)`` with ``a = W diag(s) V^T``, ``s`` descending, for (stacks of) square ``a``:
-    ``a a^T = W diag(lambda) W^T`` by ``eigh``, ``s = sqrt(max(lambda, 0))``.
+    """``(W, s)`` with ``a = W diag(s) V^T``, ``s`` descending, for (stacks of) ``a`` of d rows
+    (the incremental path's square core, the Gram path's wide factor): ``a a^T = W diag(lambda)
+    W^T`` by ``eigh``, ``s = sqrt(max(lambda, 0))`` (d values).
 
     About a third of an SVD's work (an eigh and a product against a thin SVD). The Gram's rounding
     (u s_0^2) limits s to an absolute sqrt(u) s_0, the accuracy of the ``"gram"`` and ``"subspace"``
@@ -308,11 +309,8 @@ def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Arr
         safe_s = select(xp, keep, s, xp.ones_like(s))
         p = matmul(xp, z, v[..., :, :k]) / safe_s[..., None, :k] * xp.astype(keep[..., :k], z.dtype)[..., None, :]
         return _Ritz(s, vectors=p)
-    gram = matmul(xp, z, z.mT)
-    evals, p = per_matrix(xp, xp.linalg.eigh, symmetrize(gram))
-    evals, p = xp.flip(evals, axis=-1), xp.flip(p, axis=-1)
-    evals = xp.maximum(evals, xp.zeros_like(evals))
-    return _Ritz(xp.sqrt(evals), vectors=p[..., :k])
+    p, s = _left_singular_by_gram(xp, z)
+    return _Ritz(s, vectors=p[..., :k])
 
 
 def _masked_power(xp: Any, base: Array, mask: Array, exponent: float) -> Array:
