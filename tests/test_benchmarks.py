@@ -519,17 +519,21 @@ def test_a_run_stopped_after_its_first_case_leaves_that_case_in_bench_json(tmp_p
 
 
 def test_compiled_torch_rows_warm_up_through_every_phase_graph():
-    """A method whose refreshes are spread over T phases compiles one graph per pattern of due
-    phases (the first call's and one per phase: T + 1); with ``--torch-compile on`` its warm-up is
-    at least T + 1 steps so that the window times compiled steps only. Baselines and eager rows keep
-    the given warm-up."""
+    """A compiled step compiles one graph per pattern of interval decisions (``Transform.due``);
+    with ``--torch-compile on`` a contender's warm-up runs until each pattern has occurred once, so
+    that the window times compiled steps only: Sketchy's 3 phases, the first call's pattern and the
+    plain step's (4 steps), and MBF's inverse phases, which first fall due one by one after its
+    warm-up of T2 = 100 calls (the last on call 200: 201 steps). Baselines and eager rows keep the
+    given warm-up."""
     from precond_ref.benchmarks.measure import timing_for
 
-    sketchy = common.Contender(entry_by_name("sketchy"))
-    period = common.refresh_period(sketchy.entry)
-    assert period == 3  # the principled precondition_every
+    sketchy, mbf = common.Contender(entry_by_name("sketchy")), common.Contender(entry_by_name("mbf"))
     compiled, eager = timing_for(2, 10, 1.0, True, compiled=True), timing_for(2, 10, 1.0, True)
-    assert compiled(sketchy)["warmup"] == period + 1
-    assert eager(sketchy)["warmup"] == 2
+    assert common.steps_until_every_pattern(sketchy.entry) == 4
+    assert compiled(sketchy)["warmup"] == 4
+    assert compiled(mbf)["warmup"] == 201
+    assert eager(sketchy)["warmup"] == 2 and eager(mbf)["warmup"] == 2
     assert compiled(None)["warmup"] == 2
     assert timing_for(6, 10, 1.0, True, compiled=True)(sketchy)["warmup"] == 6
+    agd = common.Contender(entry_by_name("agd"))
+    assert compiled(agd)["warmup"] == 2  # no intervals: one pattern

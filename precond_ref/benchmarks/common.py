@@ -115,6 +115,25 @@ def refresh_period(entry: MethodEntry) -> int:
     return max([1, *periods])
 
 
+def steps_until_every_pattern(entry: MethodEntry, horizon: int = 1024) -> int:
+    """How many first steps hold every pattern of the entry's interval decisions
+    (``Transform.due``) that its first ``horizon`` steps hold: a compiled step compiles one graph
+    per pattern, so these steps are the ones that compile. ASGO (T = 2, spread): 3; MBF at the
+    bench's settings: 201 (its spread inverse phases first fall due one by one after the warm-up
+    of T2 = 100 calls, the last on call 200)."""
+    import precond_ref
+    import torch
+
+    transform = getattr(precond_ref, entry.factory)(**core_kwargs_for(entry, torch, "torch"))
+    due = getattr(transform, "due", None)
+    if due is None:
+        return 1
+    first_seen: dict = {}
+    for step in range(horizon):
+        first_seen.setdefault(tuple(due(step)), step)
+    return max(first_seen.values()) + 1
+
+
 def core_kwargs_for(entry: MethodEntry, namespace: Any, framework: str) -> dict:
     """``entry.bench_kwargs()`` with dtype names resolved in ``namespace`` (``ValueError`` if it has none)."""
     kwargs = entry.bench_kwargs()

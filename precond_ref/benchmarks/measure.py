@@ -13,7 +13,7 @@ import math
 import warnings
 from typing import Any, Callable, Optional
 
-from .common import Contender, refresh_period, state_bytes, time_steps
+from .common import Contender, refresh_period, state_bytes, steps_until_every_pattern, time_steps
 
 __all__ = ["torch_measure", "jax_measure", "core_measure", "run_row", "section_rows", "add_ratios", "torch_sync", "timing_for"]
 
@@ -131,14 +131,15 @@ def timing_for(
 ) -> Callable[[Optional[Contender]], dict]:
     """``time_steps`` settings per contender (``None``: a baseline): its refresh period sets the window.
 
-    ``compiled`` (torch rows with ``--torch-compile on``): a contender's warm-up is at least its
-    period + 1 steps, since a method whose refreshes are spread over T phases compiles one graph per
-    pattern of due phases (the first call's, then one per phase); the window then times the
-    compiled steps, not the compilations."""
+    ``compiled`` (torch rows with ``--torch-compile on``): a contender's warm-up runs at least
+    until every pattern of its interval decisions has occurred once
+    (:func:`~.common.steps_until_every_pattern`), since a compiled step compiles one graph per
+    pattern (a refresh spread over T phases: the first call's, then one per phase); the window
+    then times the compiled steps, not the compilations."""
 
     def timing(contender: Optional[Contender]) -> dict:
         period = refresh_period(contender.entry) if contender is not None and refresh_windows else 1
-        steps = max(warmup, period + 1) if compiled and contender is not None else warmup
+        steps = max(warmup, steps_until_every_pattern(contender.entry)) if compiled and contender is not None else warmup
         return {"warmup": steps, "repeats": repeats, "period": period, "budget_s": budget_s, "min_window_s": min_window_s}
 
     return timing

@@ -225,7 +225,7 @@ def summary_line(report: dict) -> str:
     rounds = report["settings"].get("rounds", 1)
     best = f", the lowest of {rounds} rounds measured in turn" if rounds > 1 else ""
     if report["settings"].get("torch_compile") == "on":  # measure.timing_for(compiled=True)
-        best += " (our compiled torch rows: at least their refresh period + 1, one step per phase's graph)"
+        best += " (our compiled torch rows: until each pattern of their refresh decisions has compiled its graph)"
     return (
         f"`{command}` on {_describe_machine(report['machine'])}: {what}; {report['settings']['dtype']}, "
         f"median of at least {report['settings']['repeats']} steps after {report['settings']['warmup']} warm-up{best}; "
