@@ -111,10 +111,16 @@ def test_sketchy_and_s_adagrad():
     assert close(c.flops, (2 * 16 * 8 + 9 * 64) + (2 * 36 * 6 + 9 * 216) + 2 * (4 * 24 * 2))
     assert close(c.bytes, (11 + 3 * 2) * 24 * 4)
     assert cost.sketchy([("b", (4,))], 4, rank=2).flops == 0  # 1-D: graft only
-    # S-AdaGrad: (3, 4) flattened to 12, rank 2, one column: incremental.
+    # S-AdaGrad: (3, 4) flattened to 12, rank 2, one column: incremental; the 12 x 2 basis read
+    # or written 9 times (7 by the update, 2 by the apply) besides the 5 element-wise passes.
     s = cost.s_adagrad([("w", (3, 4))], 4, rank=2)
     inc = 8 * 12 * 2 + (2 * 12 - 2 / 3) + (6 * 27 + 20 * 27) + 2 * 12 * 3 * 2
-    assert close(s.flops, inc + 4 * 12 * 2) and s.bytes == 5 * 12 * 4
+    assert close(s.flops, inc + 4 * 12 * 2) and close(s.bytes, 5 * 12 * 4 + 9 * 12 * 2 * 4)
+    # every 3 steps: the update's 7 passes a third of the steps, the apply's 2 every step
+    assert close(cost.s_adagrad([("w", (3, 4))], 4, rank=2, precondition_every=3).bytes,
+                 5 * 12 * 4 + (7 / 3 + 2) * 12 * 2 * 4)
+    # faithful: the SVD path, its passes not counted; the apply's are
+    assert close(cost.s_adagrad([("w", (3, 4))], 4, rank=2, mode="faithful").bytes, 5 * 12 * 4 + 2 * 12 * 2 * 4)
 
 
 def test_forward_backward_gpt_tiny():

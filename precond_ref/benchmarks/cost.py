@@ -324,17 +324,27 @@ def s_adagrad(
     momentum: float = 0.0, precondition_every: Optional[int] = None, **_: Any,
 ) -> Cost:
     """S-AdaGrad: every leaf flattened to ``N`` entries, split into blocks of ``d = min(N,
-    block_size)``, each a rank ``k`` sketch updated every step with one new column (``m = 1``,
-    :func:`fd_update_flops`) and applied to it (two ``d x k`` matrix-vector products, ``4 d k``);
-    element-wise 5 passes (read g, read/write p, the sketched direction written and read), 2 more
-    with momentum."""
+    block_size)``, each a rank ``k`` sketch updated every ``precondition_every`` steps with one new
+    column (``m = 1``, :func:`fd_update_flops`) and applied to it (two ``d x k`` matrix-vector
+    products, ``4 d k``); element-wise 5 passes (read g, read/write p, the sketched direction
+    written and read), 2 more with momentum.
+
+    With one column every product is a matrix-vector product, bound by reading the ``d x k`` basis,
+    not by its flops, so the passes over the basis count as bytes: the apply reads it twice
+    (coordinates and combination, every step), and an update on the incremental path (principled,
+    ``k + 1 < d``) seven more times: the projection and its re-orthogonalisation (four reads), the
+    frame ``[U, q]`` written and read by the rotation, and the new basis written (9 passes on a
+    refresh step in all). The faithful SVD path's passes are not counted."""
     t = _Tally()
     path = "svd" if mode == "faithful" else "auto"
+    every = precondition_every or 1
     for name, shape in params:
         n = max(1, _numel(shape))
         for count, d, k, m in _sketch_axes((n,), rank, block_size):
-            t.add("FD update", flops=count * fd_update_flops(d, k, m, path), every=precondition_every or 1)
-            t.add("sketch apply", flops=count * 4.0 * d * k)
+            incremental = mode != "faithful" and k + m < d
+            passes = 7.0 if incremental else 0.0
+            t.add("FD update", flops=count * fd_update_flops(d, k, m, path), nbytes=count * passes * d * k * itemsize, every=every)
+            t.add("sketch apply", flops=count * 4.0 * d * k, nbytes=count * 2.0 * d * k * itemsize)
         _elementwise(t, [(name, shape)], itemsize, 5 + (2 if momentum else 0))
     return t.cost()
 
