@@ -270,11 +270,23 @@ def notice_eager(owner: str, error: BaseException) -> None:
     )
 
 
-def due_patterns(transform: Transform, steps: int = 1024) -> int:
-    """How many different tuples of interval decisions (``Transform.due``) the first ``steps`` steps
-    make: the number of graphs a compiled step needs (1 without periodic work)."""
+def due_pattern_steps(transform: Transform, steps: int = 1024) -> dict[tuple, int]:
+    """The different tuples of interval decisions (``Transform.due``) of the first ``steps`` steps,
+    each with the first step that makes it (``{(): 0}`` without periodic work): a compiled step
+    compiles one graph per tuple, on that step."""
     due = getattr(transform, "due", None)
-    return 1 if due is None else len({tuple(due(step)) for step in range(steps)})
+    if due is None:
+        return {(): 0}
+    first: dict[tuple, int] = {}
+    for step in range(steps):
+        first.setdefault(tuple(due(step)), step)
+    return first
+
+
+def due_patterns(transform: Transform, steps: int = 1024) -> int:
+    """How many different tuples of interval decisions the first ``steps`` steps make: the number
+    of graphs a compiled step needs (1 without periodic work)."""
+    return len(due_pattern_steps(transform, steps))
 
 
 def check_capturable(owner: str, transform: Transform, params: list[tuple[str, torch.Tensor]]) -> None:

@@ -124,14 +124,10 @@ def steps_until_every_pattern(entry: MethodEntry, horizon: int = 1024) -> int:
     import precond_ref
     import torch
 
+    from ..adapters._torch_compile import due_pattern_steps
+
     transform = getattr(precond_ref, entry.factory)(**core_kwargs_for(entry, torch, "torch"))
-    due = getattr(transform, "due", None)
-    if due is None:
-        return 1
-    first_seen: dict = {}
-    for step in range(horizon):
-        first_seen.setdefault(tuple(due(step)), step)
-    return max(first_seen.values()) + 1
+    return max(due_pattern_steps(transform, horizon).values()) + 1
 
 
 def core_kwargs_for(entry: MethodEntry, namespace: Any, framework: str) -> dict:
