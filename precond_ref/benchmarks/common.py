@@ -124,7 +124,7 @@ def steps_until_every_pattern(entry: MethodEntry, horizon: int = 1024) -> int:
     import precond_ref
     import torch
 
-    from ..adapters._torch_compile import due_pattern_steps
+    from precond_ref.adapters._torch_compile import due_pattern_steps
 
     transform = getattr(precond_ref, entry.factory)(**core_kwargs_for(entry, torch, "torch"))
     return max(due_pattern_steps(transform, horizon).values()) + 1

@@ -984,23 +984,23 @@ def s_adagrad(
         # (_stack_single_sketches): one batched FD step instead of one per leaf.
         xp = ctxs[0].xp
         results: list = [None] * len(grads)
-        g = [xp.astype(leaves[0], compute_dtype(xp, leaves[0].dtype), copy=False) for leaves in grads]
         stacks: dict = {}
-        for i, gi in enumerate(g):
-            plan = leaf_plan(gi) if math.prod(gi.shape) else None
+        for i, (leaf,) in enumerate(grads):
+            plan = leaf_plan(leaf) if math.prod(leaf.shape) else None
             if plan is None or plan.axes[0].batched:
                 results[i] = update_group(grads[i], states[i], params[i], ctxs[i])
                 continue
-            key = (plan.axes[0].runs[0], gi.dtype, device_key(gi))
+            key = (plan.axes[0].runs[0], compute_dtype(xp, leaf.dtype), device_key(leaf))
             stacks.setdefault(key, []).append((i, plan))
-        for (run, _, _), members in stacks.items():
+        for (run, dtype, _), members in stacks.items():
             if len(members) == 1:
                 (i, _), = members
                 results[i] = update_group(grads[i], states[i], params[i], ctxs[i])
                 continue
+            g = {i: xp.astype(grads[i][0], dtype, copy=False) for i, _ in members}
             leaf_states = [from_entries(_layout(plan, False, has_momentum), states[i]) for i, plan in members]
             sketches, failures, directions = _stack_single_sketches(
-                xp, run, [g[i] for i, _ in members], [s.sketches for s in leaf_states],
+                xp, run, list(g.values()), [s.sketches for s in leaf_states],
                 [s.sketch_failures for s in leaf_states], (dues[run.phase],), ctxs[0], fd_options,
             )
             for (i, _), state, sketch, count, direction in zip(members, leaf_states, sketches, failures, directions):
