@@ -15,7 +15,7 @@ from precond_ref import cli
 from precond_ref.benchmarks import common, layers, models, report
 from precond_ref.compare.methods import entry_by_name
 
-ROOT_FLAGS = ["--quick", "--no-progress"]
+ROOT_FLAGS = ["--quick", "--no-progress", "--malloc", "system"]  # keep: one run in a process of its own (below)
 
 
 def _bench(tmp_path, *argv):
@@ -334,7 +334,7 @@ def test_bench_unwritable_output_bad_flags_and_readme_outside_the_repository(tmp
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench", "--quick", "--methods", "agd", "--readme"]) == 2
     assert "run it from the repository root" in capsys.readouterr().err
-    for flags in (["--repeats", "0"], ["--budget", "0"], ["--torch-compile", "maybe"], ["--model", "vgg"]):
+    for flags in (["--repeats", "0"], ["--budget", "0"], ["--torch-compile", "maybe"], ["--model", "vgg"], ["--malloc", "jemalloc"]):
         with pytest.raises(SystemExit) as info:
             cli.main(["bench", *flags])
         assert info.value.code == 2
@@ -388,6 +388,59 @@ def test_bench_takes_compares_device_option(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# --malloc (precond_ref.benchmarks.allocator): mallopt lasts for the process, so in processes of their own
+
+_FAULTS = """
+import resource, sys
+import torch
+from precond_ref.benchmarks import allocator
+kept = allocator.keep_freed_memory() if sys.argv[1] == "keep" else None
+def faults_of_a_fresh_array():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = torch.ones(2**24, dtype=torch.float32)  # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB)
+    del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults = [faults_of_a_fresh_array() for _ in range(4)]
+print(kept is not None, max(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("precond_ref.benchmarks.allocator").benchmarks.allocator.glibc() is None,
+                    reason="mallopt is glibc's")
+def test_keep_freed_memory_reuses_a_freed_block_instead_of_faulting_in_fresh_pages():
+    """allocator.keep_freed_memory's docstring: with it, a 64 MiB torch array made after equal ones
+    were freed reuses their memory (from the third on here: no 4 KiB page faulted in again); with
+    glibc's defaults such a block goes back to the operating system when freed and each of its
+    16384 pages faults on first touch, every time."""
+    import subprocess
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120, check=True)
+        kept, faults = out.stdout.split()
+        return kept == "True", int(faults)
+
+    kept, faults = run("keep")
+    assert kept and faults < 2**14 // 100
+    kept, faults = run("system")
+    assert not kept and faults >= 2**14 * 9 // 10
+
+
+def test_bench_keeps_freed_memory_by_default_and_says_so(tmp_path):
+    """``--malloc keep`` (the default) reaches the allocator and the run's machine line names it."""
+    import subprocess
+
+    argv = ["bench", "--quick", "--no-progress", "--methods", "agd", "--frameworks", "torch", "--cases", "8x4", "--out", str(tmp_path)]
+    subprocess.run([sys.executable, "-m", "precond_ref", *argv], capture_output=True, text=True, timeout=300, check=True)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["settings"]["malloc"] == "keep"
+    from precond_ref.benchmarks import allocator
+
+    if allocator.glibc() is None:
+        assert data["machine"]["malloc"] is None
+    else:
+        assert data["machine"]["malloc"].startswith("glibc") and "(--malloc keep)" in report.summary_line(data)
+
+
 # The cost model's columns (precond_ref.benchmarks.cost) and the peers (--peers)
 
 

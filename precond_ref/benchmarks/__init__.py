@@ -100,6 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a directory to import the authors' code from (a checkout of infinity-stars/ASGO); repeatable")
     add("--threads", type=positive_int, default=None,
         help="limit BLAS and torch CPU threads (default: the libraries' own; 1 gives steadier numbers on a busy machine)")
+    add("--malloc", choices=("keep", "system"), default="keep",
+        help="keep (default): glibc's malloc keeps freed blocks below 1 GiB in the process, as a caching allocator "
+        "does (a CPU step's fresh arrays then cost no page faults; precond_ref.benchmarks.allocator); system: the "
+        "C library's defaults")
     add("--out", default="results", help="output directory for bench.json (default results)")
     add("--readme", action="store_true",
         help=f"also store this run in {README_DATA} and rewrite the README's performance block (run from the repository root)")
@@ -168,7 +172,7 @@ def _size(args: argparse.Namespace, torch_device: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from . import cost as cost_module
-    from . import layers, models
+    from . import allocator, layers, models
     from . import report as report_module
     from ..compare import _prepare_out_dir, _thread_limit
     from .common import contenders as resolve_contenders
@@ -239,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {}
     run_settings = dict(
         kind=args.model, frameworks=frameworks, dtype=args.dtype, warmup=warmup, repeats=repeats, budget_s=budget,
-        rounds=args.rounds, threads=args.threads, torch_compile=args.torch_compile, variants=args.variants,
+        rounds=args.rounds, threads=args.threads, torch_compile=args.torch_compile, variants=args.variants, malloc=args.malloc,
         peers=None if peers is None else {"peers": [p.key for p in peers], "compile": args.peer_compile},
         hyperparameters={c.key: c.entry.bench_kwargs() for c in chosen},
     )
@@ -264,11 +268,13 @@ def run(args: argparse.Namespace) -> int:
         """bench.json as it stands, so that a run stopped later (a timeout) leaves what it measured."""
         _write(json_path, report_so_far(time.perf_counter() - started, complete=False))
 
+    malloc = allocator.keep_freed_memory() if args.malloc == "keep" else None  # before anything is timed
     started = time.perf_counter()
     limit = contextlib.nullcontext() if args.threads is None else _thread_limit(args.threads, "torch")
     try:
         with limit:
             machine_info = machine(torch_device, frameworks)  # inside the limit: it records the thread counts
+            machine_info["malloc"] = malloc
             rates = cost_module.machine_rates(torch_device, args.dtype, quick=args.quick)
             itemsize = 8 if args.dtype == "float64" else 4
             save_partial()  # no section yet: replaces an earlier run's bench.json

@@ -215,6 +215,8 @@ def _describe_machine(info: dict) -> str:
     versions = f"torch {info['torch']} ({info['torch_threads']} threads)"
     if "jax" in info:
         versions += f", jax {info['jax']}"
+    if info.get("malloc"):  # allocator.keep_freed_memory's description
+        versions += f"; {info['malloc']}"
     return f"{where}; {versions}"
 
 
