@@ -41,9 +41,10 @@ from typing import Any, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device, is_jax_namespace, is_torch_namespace
 
-from ._backend import as_operand, cond, float64_where_available, is_tracer, is_zero, placement
+from ._backend import as_operand, cond, float64_where_available, is_tracer, is_zero, placement, torch_compiling
 
 __all__ = [
+    "all_finite",
     "kl_clip_factor",
     "kl_clip_of_quadratic",
     "symmetrize",
@@ -504,9 +505,21 @@ def inverse_root(
 # conv blocks cheap; per-block eigendecompositions would cost about ten times more.
 
 
-def _blockwise_finite(xp: Any, x: Array) -> Array:
-    """(...,) bool: is every entry of each trailing (n, m) block finite?"""
-    return xp.all(xp.isfinite(x), axis=(-2, -1))
+def all_finite(x: Array, axis: tuple[int, ...]) -> Array:
+    r"""``all(isfinite(x), axis=axis)``: is every entry of each block finite?
+
+    Eagerly on torch, computed as ``isfinite(sum(x * 0, axis=axis))``: ``x * 0`` is ±0 for a finite
+    entry and NaN for ±Inf or NaN (IEEE 754), so each block's sum is 0 or NaN and cannot overflow.
+    That is two passes over ``x`` where torch's ``isfinite`` and ``all`` take five kernels
+    (``==``, ``abs``, ``!=``, ``&``, ``all``). Elsewhere the plain formula: NumPy and CuPy test
+    ``isfinite`` in one kernel, and a compiler fuses it with the reduction (and may simplify
+    ``x * 0`` to zero, as TorchInductor does for an integer zero, which IEEE arithmetic does not
+    allow).
+    """
+    xp = array_namespace(x)
+    if is_torch_namespace(xp) and not torch_compiling():
+        return xp.isfinite(xp.sum(x * 0.0, axis=axis))
+    return xp.all(xp.isfinite(x), axis=axis)
 
 
 def damped_inverse_init(matrices: Array, damping: Any) -> Array:
@@ -566,7 +579,7 @@ def damped_inverse(
     eye = identity_like(matrices)
     # A non-finite block is replaced by I before the call: inv maps Inf entries to finite
     # garbage (inv([[inf, 0], [0, 1]]) = [[0, 0], [0, 1]]) and NaN may make NumPy raise.
-    finite_in = _blockwise_finite(xp, matrices)
+    finite_in = all_finite(matrices, axis=(-2, -1))
     damped = xp.where(finite_in[..., None, None], matrices + damping * eye, eye)
     try:
         inverse = _lu_inverse(xp, damped)
@@ -574,7 +587,7 @@ def damped_inverse(
         inverse = xp.full(damped.shape, xp.nan, dtype=damped.dtype, device=placement(xp, damped))
     if symmetrize:
         inverse = _symmetric_part(inverse)
-    ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))
+    ok = xp.logical_and(finite_in, all_finite(inverse, axis=(-2, -1)))
     return xp.where(ok[..., None, None], inverse, previous), xp.logical_not(ok)
 
 
@@ -642,14 +655,14 @@ def damped_inverse_stable(
         damping raised, for the caller's failure counter (a precision event is never silent).
     """
     xp = array_namespace(matrices, previous)
-    finite_in = _blockwise_finite(xp, matrices)
+    finite_in = all_finite(matrices, axis=(-2, -1))
     safe = xp.where(finite_in[..., None, None], _symmetric_part(matrices), xp.zeros_like(matrices))
     floor = (xp.finfo(safe.dtype).eps / accuracy) * _frobenius_norm(xp, safe)
     requested = xp.zeros_like(floor) + damping
     raised = floor > requested
     lam = xp.where(raised, floor, requested)
     inverse = _symmetric_part(_lu_inverse(xp, safe + lam[..., None, None] * identity_like(safe)))
-    ok = xp.logical_and(finite_in, _blockwise_finite(xp, inverse))
+    ok = xp.logical_and(finite_in, all_finite(inverse, axis=(-2, -1)))
     return xp.where(ok[..., None, None], inverse, previous), xp.logical_or(xp.logical_not(ok), raised)
 
 

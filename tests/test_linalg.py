@@ -150,6 +150,45 @@ def test_trace_and_identity(backend):
     assert backend.to_numpy(eye).dtype == np.float64
 
 
+def _finiteness_blocks(dtype) -> tuple[np.ndarray, list[bool]]:
+    """Blocks (3, 4) with one entry of each kind that is not finite, and finite ones whose plain sum
+    overflows (every entry the dtype's largest): what all(isfinite) says of each."""
+    big = np.finfo(dtype).max
+    x = np.ones((6, 3, 4), dtype)
+    x[1, 2, 3], x[2, 0, 0], x[3, 1, 1] = np.inf, -np.inf, np.nan
+    x[4], x[5] = big, -big
+    x[5, 0, 0] = np.nan
+    return x, [True, False, False, False, True, False]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_is_all_of_isfinite_per_block(backend, dtype):
+    """linalg.all_finite(x, axis) is ``all(isfinite(x), axis)`` (its docstring's formula): a NaN or
+    ±Inf entry makes its block False; finite entries whose sum overflows leave it True; an empty
+    block is True, as ``all`` of nothing is."""
+    if dtype == np.float64 and not backend.has_float64:
+        pytest.skip("no float64")
+    x, expected = _finiteness_blocks(dtype)
+    got = backend.to_numpy(linalg.all_finite(backend.asarray(x), axis=(-2, -1)))
+    assert got.dtype == np.bool_ and got.tolist() == expected
+    flat = backend.to_numpy(linalg.all_finite(backend.asarray(x.reshape(6, -1)), axis=(1,)))
+    assert flat.tolist() == expected
+    empty = backend.to_numpy(linalg.all_finite(backend.asarray(np.zeros((2, 0, 3), dtype)), axis=(-2, -1)))
+    assert empty.tolist() == [True, True]
+
+
+def test_all_finite_under_torch_compile_and_jax_jit():
+    """Compiled and jitted, ``all_finite`` gives the same answers (there it is the plain formula,
+    which the compiler fuses into one pass)."""
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    x, expected = _finiteness_blocks(np.float32)
+    compiled = torch.compile(lambda a: linalg.all_finite(a, axis=(-2, -1)), fullgraph=True)
+    assert compiled(torch.tensor(x)).tolist() == expected
+    jitted = jax.jit(lambda a: linalg.all_finite(a, axis=(-2, -1)))
+    assert np.asarray(jitted(jax.numpy.asarray(x))).tolist() == expected
+
+
 def test_invalid_arguments():
     import array_api_compat.numpy as xp
 

@@ -46,6 +46,7 @@ from .._backend import (
 from ..blocking import on_stacks, spread_schedule, stable_hash, stack, unstack
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE,
+    all_finite,
     identity_like,
     inverse_root,
     inverse_sqrt_newton_schulz,
@@ -1041,9 +1042,9 @@ def _finite_root_or_previous(
     A non-finite statistic never reaches the decomposition (NumPy and torch ``eigh`` raise on it,
     JAX returns NaN): the identity is rooted in its place and the block counts as failed.
     """
-    p_ok = xp.all(xp.isfinite(p), axis=(-2, -1))
+    p_ok = all_finite(p, axis=(-2, -1))
     z, fell_back = inverse_sqrt(xp, select(xp, _blockwise(xp, p_ok), p, identity_like(p)))
-    ok = xp.logical_and(xp.all(xp.isfinite(z), axis=(-2, -1)), p_ok)
+    ok = xp.logical_and(all_finite(z, axis=(-2, -1)), p_ok)
     return select(xp, _blockwise(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
 
 

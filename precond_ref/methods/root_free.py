@@ -26,7 +26,7 @@ from .._backend import (
     is_zero, placement, scalar_array, scalar_zero, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
-from ..linalg import half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
+from ..linalg import all_finite, half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
@@ -931,7 +931,7 @@ def _principled_keep_unusable(xp, grouped, old, new):
     nonzero = _each_block(xp, xp.any, grouped != 0.0)
     finite = None
     for a in new:
-        ok = _each_block(xp, xp.all, xp.isfinite(a))
+        ok = all_finite(xp.reshape(a, (a.shape[0], -1)), axis=(1,))
         finite = ok if finite is None else xp.logical_and(finite, ok)
     accept = xp.logical_and(finite, nonzero)
     failed = xp.logical_and(xp.logical_not(finite), nonzero)
