@@ -130,6 +130,16 @@ def test_forward_backward_gpt_tiny():
     assert close(cost.forward_backward("gpt", size).flops, 3 * forward)
 
 
+def test_faster_rates_keep_each_rates_higher_measurement():
+    """Load elsewhere can only lower a measured rate: of two measurements each rate keeps its higher
+    (the matmul's from one, the copy's from the other), and says how many it is the best of."""
+    first = {"matmul_flops_per_s": 1e11, "copy_bytes_per_s": 3e10, "matmul": "m", "copy": "c", "device": "cpu"}
+    second = {**first, "matmul_flops_per_s": 2e11, "copy_bytes_per_s": 2e10}
+    both = cost.faster_rates(first, second)
+    assert (both["matmul_flops_per_s"], both["copy_bytes_per_s"], both["measured"]) == (2e11, 3e10, 2)
+    assert both["matmul"] == "m" and cost.faster_rates(both, first)["measured"] == 3
+
+
 def test_predicted_seconds_is_the_sum():
     c = cost.Cost({"a": (1, 2e9, 0.0), "b": (2, 0.0, 4e9)})
     assert close(cost.predicted_seconds(c, matmul_rate=1e9, copy_rate=1e9), 2.0 + 2.0)

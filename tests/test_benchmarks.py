@@ -447,8 +447,9 @@ def test_bench_keeps_freed_memory_by_default_and_says_so(tmp_path):
 def test_cost_columns_follow_the_model_and_the_measured_rates(tmp_path):
     """Each row's cost is cost.method_cost of the case's or model's parameters (AdamW's for the
     baselines; the forward and backward added for a model) on the device the run recorded,
-    limit_ms = flops / matmul rate + bytes / copy rate with the rates the run measured,
-    efficiency = limit_ms / mean_ms.
+    limit_ms = flops / matmul rate + bytes / copy rate with the rates the run measured (each the
+    higher of its measurements at the start and at the end, cost.faster_rates), efficiency =
+    limit_ms / mean_ms.
 
     The device matters: ASGO's ``root_method="auto"`` is eigh on a CPU and Polar-Express on a GPU
     in float32, two different costs, so the expectation is computed for the device in the JSON."""
@@ -457,7 +458,7 @@ def test_cost_columns_follow_the_model_and_the_measured_rates(tmp_path):
     code, data = _bench(tmp_path, "--model", "gpt", "--methods", "asgo", "--frameworks", "torch")
     assert code == 0
     rates = data["rates"]
-    assert rates["matmul_flops_per_s"] > 0 and rates["copy_bytes_per_s"] > 0
+    assert rates["matmul_flops_per_s"] > 0 and rates["copy_bytes_per_s"] > 0 and rates["measured"] == 2
     device = data["machine"]["torch_device"]
     assert rates["device"] == device
     size = models.SIZES["gpt"]["tiny"]

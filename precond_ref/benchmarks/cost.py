@@ -595,6 +595,17 @@ def machine_rates(device: str = "cpu", dtype: str = "float32", *, quick: bool = 
     }
 
 
+def faster_rates(first: dict, second: dict) -> dict:
+    """Of two :func:`machine_rates` measurements (bench's: at the start and at the end of a run),
+    each rate's higher: load from elsewhere on the machine can only lower a rate, so the higher is
+    nearer what the hardware allows. ``measured`` says how many measurements each rate is the best of."""
+    out = dict(first)
+    for key in ("matmul_flops_per_s", "copy_bytes_per_s"):
+        out[key] = max(first[key], second[key])
+    out["measured"] = first.get("measured", 1) + second.get("measured", 1)
+    return out
+
+
 def _baseline_cost(label: str, params: Params, itemsize: int) -> Optional[Cost]:
     return adamw(params, itemsize) if "adam" in label.lower() else None
 

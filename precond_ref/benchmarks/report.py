@@ -72,8 +72,9 @@ def rates_line(rates: Optional[dict]) -> str:
         return "cost model: no rates measured"
     return (
         f"cost model rates: {rates['matmul_flops_per_s'] / 1e9:.3g} GFLOP/s ({rates['matmul']}), "
-        f"{rates['copy_bytes_per_s'] / 1e9:.3g} GB/s ({rates['copy']}, read + written); "
-        "limit = flops / matmul rate + bytes / copy rate"
+        f"{rates['copy_bytes_per_s'] / 1e9:.3g} GB/s ({rates['copy']}, read + written)"
+        + (f", each the higher of {rates['measured']} measurements (start and end of the run)" if rates.get("measured", 1) > 1 else "")
+        + "; limit = flops / matmul rate + bytes / copy rate"
     )
 
 
