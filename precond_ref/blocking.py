@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
 
-from array_api_compat import is_torch_array
+from array_api_compat import device as array_device, is_torch_array
 
 from ._backend import device_key, torch_compiling
 
@@ -99,6 +99,21 @@ def _same_layout(operands: tuple) -> Hashable:
     return tuple((tuple(a.shape[1:]), a.dtype, device_key(a)) for a in operands)
 
 
+#: entries: on a CPU, a member of :func:`stack` whose first operand has at least this many forms a
+#: stack of its own (:func:`_batched_enough_on_cpu`)
+CPU_BATCHED_ENOUGH = 2**17
+
+
+def _batched_enough_on_cpu(operands: tuple) -> bool:
+    """Whether a member is already a batch worth its own call on a CPU: its first operand, on the
+    CPU, has at least :data:`CPU_BATCHED_ENOUGH` entries (32 blocks of 64 x 64). Concatenating it
+    with its equals would copy each of its operands through memory, which on a CPU costs more than
+    the calls it saves (docs/performance.md); on an accelerator a copy is cheap beside a kernel
+    launch, and equal members always concatenate. Each block's result is the same either way."""
+    first = operands[0]
+    return str(array_device(first)) == "cpu" and math.prod(first.shape) >= CPU_BATCHED_ENOUGH
+
+
 def stack(
     xp: Any,
     members: Sequence[tuple],
@@ -111,14 +126,15 @@ def stack(
     Members whose operands agree in trailing shape, dtype and device (or in ``key(operands)`` when
     given), and in ``labels[i]`` when given (what the operands are, e.g. the names of state
     entries), form one :class:`Stack`, their operands concatenated along the leading axis; a
-    member whose ``key(operands)`` is ``None`` forms a stack alone. Stacks are in order of first
+    member whose ``key(operands)`` is ``None``, or that is already a large batch on a CPU
+    (:func:`_batched_enough_on_cpu`), forms a stack alone. Stacks are in order of first
     appearance, members within a stack in their given order. :func:`unstack` hands results
     computed on the stacks back member by member.
     """
     groups: dict[Hashable, list[int]] = {}
     for index, operands in enumerate(members):
         label = None if labels is None else labels[index]
-        layout = (key or _same_layout)(operands)
+        layout = None if _batched_enough_on_cpu(operands) else (key or _same_layout)(operands)
         # (index,), a 1-tuple, equals no (label, layout) pair
         groups.setdefault((index,) if layout is None else (label, layout), []).append(index)
     stacks = []

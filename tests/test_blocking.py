@@ -129,3 +129,23 @@ def test_stable_hash_is_the_polynomial_hash():
     for text in ("", "w", "blocks.0.mlp.weight", "head/kernel" * 20):
         n = len(text)
         assert stable_hash(text) == sum(ord(c) * 31 ** (n - 1 - i) for i, c in enumerate(text)) % 1_000_003
+
+
+def test_a_member_already_a_large_batch_on_the_cpu_stacks_alone(monkeypatch):
+    """blocking._batched_enough_on_cpu: on a CPU, a member whose first operand has at least
+    CPU_BATCHED_ENOUGH entries forms a stack of its own, its operands uncopied; smaller members of
+    its layout still concatenate; on_stacks gives each member fn of its own operands either way."""
+    from precond_ref import blocking
+
+    monkeypatch.setattr(blocking, "CPU_BATCHED_ENOUGH", 12)
+    rng = np.random.default_rng(2)
+    members = [(rng.standard_normal((k, 2, 3)), rng.standard_normal((k, 2, 2))) for k in (1, 2, 1, 3)]
+    stacks = stack(np, members)
+    assert [s.indices for s in stacks] == [(0, 2), (1,), (3,)]  # 2 x 2 x 3 = 12 entries: alone
+    assert stacks[1].operands[0] is members[1][0] and stacks[2].operands[1] is members[3][1]
+    fn = _gram_and_trace(np)
+    for got, operands in zip(on_stacks(np, fn, members), members):
+        for g, w in zip(got, fn(*operands)):
+            np.testing.assert_array_equal(g, w)
+    monkeypatch.setattr(blocking, "CPU_BATCHED_ENOUGH", 10**9)
+    assert [s.indices for s in stack(np, members)] == [(0, 1, 2, 3)]

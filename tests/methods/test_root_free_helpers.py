@@ -184,3 +184,35 @@ def test_if_shampoo_eager_cpu_step_selects_nothing():
         flag_sums = [key for key in seen.calls if "sum" in key[0] and key[1] is not None and len(key[1]) == 1]
         assert "bmm" in seen.names and "where" not in seen.names and not flag_sums, seen.names
     assert int(state.groups["w"]["factor_failures"]) == 0
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+def test_if_shampoo_steps_are_the_same_when_large_stacks_stand_alone(monkeypatch, namespace):
+    """A stack that stands alone instead of being concatenated with its equals
+    (blocking._batched_enough_on_cpu) changes no tile's arithmetic: three IF-Shampoo steps, with
+    refreshes spread over two phases and two equal weights (so that both the refresh and the
+    preconditioning batch stacks), give bitwise the same updates and state either way."""
+    from precond_ref import blocking
+    from precond_ref.tree import tree_flatten
+
+    import precond_ref as pr
+
+    ns = pytest.importorskip(namespace)
+    rng = np.random.default_rng(5)
+    arrays = [{k: rng.standard_normal(s) for k, s in (("a", (16, 12)), ("b", (16, 12)), ("c", (16,)))} for _ in range(4)]
+    as_ns = ns.asarray if namespace == "numpy" else ns.tensor
+
+    def run(threshold):
+        monkeypatch.setattr(blocking, "CPU_BATCHED_ENOUGH", threshold)
+        opt = pr.if_shampoo(batch_size=2, block_size=4, precondition_every=2)
+        params = {k: as_ns(v) for k, v in arrays[0].items()}
+        state, out = opt.init(params), []
+        for grads in arrays[1:]:
+            updates, state = opt.update({k: as_ns(v) for k, v in grads.items()}, state, params)
+            out += [np.asarray(x) for x in tree_flatten(updates)[0]]
+        return out + [np.asarray(x) for x in tree_flatten(state.groups)[0]]
+
+    alone, together = run(40), run(10**9)  # a phase's stack of a weight: 6 tiles of 16 entries
+    assert len(alone) == len(together)
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
