@@ -508,17 +508,18 @@ def inverse_root(
 def all_finite(x: Array, axis: tuple[int, ...]) -> Array:
     r"""``all(isfinite(x), axis=axis)``: is every entry of each block finite?
 
-    Eagerly on torch, computed as ``isfinite(sum(x * 0, axis=axis))``: ``x * 0`` is ±0 for a finite
-    entry and NaN for ±Inf or NaN (IEEE 754), so each block's sum is 0 or NaN and cannot overflow.
-    That is two passes over ``x`` where torch's ``isfinite`` and ``all`` take five kernels
-    (``==``, ``abs``, ``!=``, ``&``, ``all``). Elsewhere the plain formula: NumPy and CuPy test
+    Eagerly on torch, computed as ``sum(x * 0, axis=axis) == 0``: ``x * 0`` is ±0 for a finite
+    entry and NaN for ±Inf or NaN (IEEE 754), so each block's sum is ±0 or NaN (it cannot
+    overflow), and only NaN differs from 0. That is two passes over ``x`` and three operations,
+    where torch's ``isfinite`` and ``all`` take five kernels (``==``, ``abs``, ``!=``, ``&``,
+    ``all``). Elsewhere the plain formula: NumPy and CuPy test
     ``isfinite`` in one kernel, and a compiler fuses it with the reduction (and may simplify
     ``x * 0`` to zero, as TorchInductor does for an integer zero, which IEEE arithmetic does not
     allow).
     """
     xp = array_namespace(x)
     if is_torch_namespace(xp) and not torch_compiling():
-        return xp.isfinite(xp.sum(x * 0.0, axis=axis))
+        return xp.sum(x * 0.0, axis=axis) == 0.0
     return xp.all(xp.isfinite(x), axis=axis)
 
 

@@ -62,7 +62,7 @@ import math
 from typing import Any, NamedTuple, Optional
 
 from ._backend import is_zero, matmul, placement, scalar_zero, select
-from .linalg import eigh_widened, per_matrix, symmetrize
+from .linalg import all_finite, eigh_widened, per_matrix, symmetrize
 
 __all__ = [
     "SKETCH_KEYS",
@@ -521,7 +521,7 @@ def _fd_step(
     ok = xp.logical_and(ok, xp.isfinite(new_root))
     keep = xp.astype(mask, dtype)[..., None, :]
     factor = ritz.frame if ritz.vectors is None else ritz.vectors
-    ok = xp.logical_and(ok, xp.all(xp.isfinite(factor), axis=(-2, -1)))
+    ok = xp.logical_and(ok, all_finite(factor, axis=(-2, -1)))
     chosen = ok if accept is None else xp.logical_and(ok, accept)
     if ritz.vectors is not None:
         new_basis = select(xp, chosen[..., None, None], ritz.vectors * keep, basis)

@@ -9,7 +9,7 @@ from array_api_compat import array_namespace, device as array_device
 
 from .._backend import as_operand, cast, compute_dtype, cond, device_key, host_bool, is_zero, placement
 from ..blocking import on_stacks
-from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_of_quadratic
+from ..linalg import all_finite, damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_of_quadratic
 from ..transform import (
     FLAT_MAX_ELEMENTS,
     Array,
@@ -294,7 +294,7 @@ def _finite_or_previous(xp: Any, new: Array, previous: Array, failures: Array) -
     host for free (:func:`precond_ref._backend.host_bool`: NumPy, a CPU tensor outside
     ``torch.compile``) a finite ``new`` is returned as it is, without the selection and the count's
     arithmetic (four operations per statistic on an eager CPU step)."""
-    ok = xp.all(xp.isfinite(new))
+    ok = all_finite(new, axis=tuple(range(new.ndim)))
     if host_bool(xp, ok):
         return new, failures
     return xp.where(ok, new, previous), failures + xp.astype(xp.logical_not(ok), failures.dtype)
