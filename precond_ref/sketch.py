@@ -515,8 +515,8 @@ def _fd_step(
     mass = (mass if ratio is None else mass * ratio * ratio) + shift
     complement = _masked_power(xp, mass, xp.logical_and(present, mass > 0.0), exponent) * unscale
 
-    ok = xp.logical_and(input_ok, xp.all(xp.isfinite(s), axis=-1))
-    ok = xp.logical_and(ok, xp.all(xp.isfinite(weights), axis=-1))
+    ok = xp.logical_and(input_ok, all_finite(s, axis=(-1,)))
+    ok = xp.logical_and(ok, all_finite(weights, axis=(-1,)))
     ok = xp.logical_and(ok, xp.isfinite(complement))
     ok = xp.logical_and(ok, xp.isfinite(new_root))
     keep = xp.astype(mask, dtype)[..., None, :]

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from precond_ref import cli
-from precond_ref.benchmarks import common, layers, models, report
+from precond_ref.benchmarks import allocator, common, layers, models, report
 from precond_ref.compare.methods import entry_by_name
 
 ROOT_FLAGS = ["--quick", "--no-progress", "--malloc", "system"]  # keep: one run in a process of its own (below)
@@ -405,7 +405,7 @@ print(kept is not None, max(faults[2:]))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("precond_ref.benchmarks.allocator").benchmarks.allocator.glibc() is None,
+@pytest.mark.skipif(not sys.platform.startswith("linux") or allocator.glibc() is None,
                     reason="mallopt is glibc's")
 def test_keep_freed_memory_reuses_a_freed_block_instead_of_faulting_in_fresh_pages():
     """allocator.keep_freed_memory's docstring: with it, a 64 MiB torch array made after equal ones
@@ -433,8 +433,6 @@ def test_bench_keeps_freed_memory_by_default_and_says_so(tmp_path):
     subprocess.run([sys.executable, "-m", "precond_ref", *argv], capture_output=True, text=True, timeout=300, check=True)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["settings"]["malloc"] == "keep"
-    from precond_ref.benchmarks import allocator
-
     if allocator.glibc() is None:
         assert data["machine"]["malloc"] is None
     else:
