@@ -570,6 +570,29 @@ def test_a_run_stopped_after_its_first_case_leaves_that_case_in_bench_json(tmp_p
     assert code == 0 and data["complete"] is True and list(data["results"]) == ["8x4", "16x8"]
 
 
+def test_a_run_stopped_inside_a_model_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """bench.json is rewritten after each row: a ``--model`` run (one section) interrupted at its
+    third row leaves the first two, measured, with ``"complete": false``. Why: on the H100
+    (2026-11-26) two reference-GPT runs stopped by their ``timeout`` inside the section left
+    ``"results": {}`` after minutes of measurement."""
+    from precond_ref.benchmarks import measure
+
+    run_row = measure.run_row
+    calls = []
+
+    def stopped_at_the_third_row(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run_row(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "run_row", stopped_at_the_third_row)
+    code, data = _bench(tmp_path, "--model", "gpt", "--size", "tiny", "--methods", "agd,rf_rmsprop", "--frameworks", "torch")
+    assert code == 130 and data["complete"] is False and list(data["results"]) == ["gpt"]
+    rows = data["results"]["gpt"]
+    assert [r["label"] for r in rows] == calls[:2] and all(r["median_ms"] > 0 for r in rows)
+
+
 def test_compiled_torch_rows_warm_up_through_every_phase_graph():
     """A compiled step compiles one graph per pattern of interval decisions (``Transform.due``);
     with ``--torch-compile on`` a contender's warm-up runs until each pattern has occurred once, so

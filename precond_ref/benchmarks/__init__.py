@@ -23,8 +23,8 @@ and the mean of a window of steps as long as the method's longest refresh interv
 includes the refresh steps as training does. The authors' implementations run beside ours where
 they can be imported (:mod:`precond_ref.benchmarks.authors`). Output: a table per case or model,
 ``bench.json`` in ``--out`` (with every step's time and the machine; written with ``"complete":
-false`` once the machine's rates are measured and again after each layer case, so that a run
-stopped early keeps what it measured, and with ``"complete": true`` at the end), and with
+false`` once the machine's rates are measured and again after each row, so that a run stopped
+early keeps every row it measured, and with ``"complete": true`` at the end), and with
 ``--readme`` the README's performance block and ``docs/data/bench.json``.
 """
 
@@ -36,7 +36,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np  # noqa: F401  (bench needs NumPy: without it the command line names the extra to install)
 
@@ -268,6 +268,16 @@ def run(args: argparse.Namespace) -> int:
         """bench.json as it stands, so that a run stopped later (a timeout) leaves what it measured."""
         _write(json_path, report_so_far(time.perf_counter() - started, complete=False))
 
+    def saving_rows_of(section: str) -> Callable[[dict], None]:
+        """``on_row`` for ``section``: each row saved as it is measured (without the ratios and
+        cost columns its section adds at its end), so that a timeout inside one section keeps it."""
+
+        def on_row(row: dict) -> None:
+            results.setdefault(section, []).append(row)
+            save_partial()
+
+        return on_row
+
     malloc = allocator.keep_freed_memory() if args.malloc == "keep" else None  # before anything is timed
     started = time.perf_counter()
     limit = contextlib.nullcontext() if args.threads is None else _thread_limit(args.threads, "torch")
@@ -289,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
                     if bar is not None:
                         bar.set_postfix(case=case)
                     results[case], skipped_here = layers.bench_case(
-                        chosen, spec, frameworks, reference=reference, settle=not args.quick, peers=peers, **common
+                        chosen, spec, frameworks, reference=reference, settle=not args.quick, peers=peers,
+                        on_row=saving_rows_of(case), **common,
                     )
                     shapes = [(n, tuple(p.shape)) for n, p in layers.case_module(spec, torch.float32, "cpu").named_parameters()]
                     costed.append((case, shapes, None))
@@ -303,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
                 settings.update(size=size_name, model=size, model_description=models.describe(args.model, size, module))
                 settings["batch_size_for_root_free"] = models.batch_size_of(args.model, size)
                 results[args.model], authors_skipped = models.bench_model(
-                    args.model, size, chosen, frameworks, peers=peers, **common
+                    args.model, size, chosen, frameworks, peers=peers, on_row=saving_rows_of(args.model), **common
                 )
                 shapes = [(n, tuple(p.shape)) for n, p in module.named_parameters()]
                 costed.append((args.model, shapes, cost_module.forward_backward(args.model, size, itemsize)))

@@ -124,6 +124,7 @@ def bench_case(
     with_authors: bool = True,
     reference: Optional[dict] = None,
     progress: Optional[Callable[[str], None]] = None,
+    on_row: Optional[Callable[[dict], None]] = None,
     rounds: int = 1,
     settle: bool = True,
     peers: Any = None,
@@ -167,7 +168,7 @@ def bench_case(
                 )
             else:
                 measure = lambda c, f=framework: _core_layer(c, initial, grads, dtype, update_extra(c, BATCH_SIZE), f, timing(c))  # noqa: E731
-        section = section_rows(framework, baselines, contenders, measure, progress, too_large, rounds)
+        section = section_rows(framework, baselines, contenders, measure, progress, too_large, rounds, on_row=on_row)
         if framework == "torch" and with_authors:
             authors, skipped = authors_rows(contenders, torch_measure_, BATCH_SIZE, timing)
             section.extend(authors)

@@ -169,8 +169,10 @@ def section_rows(
     progress: Optional[Callable[[str], None]] = None,
     skip: Callable[[Contender], Optional[str]] = lambda contender: None,
     rounds: int = 1,
+    on_row: Optional[Callable[[dict], None]] = None,
 ) -> list[dict]:
     """One framework's rows: its baselines, then every contender (or why it was skipped).
+    ``on_row`` gets each row as its first round finishes (the bench saves it at once).
 
     With ``rounds > 1`` the whole section is measured that many times in turn and each row keeps
     the round of its lowest median (its first step from the first round, the one that compiled):
@@ -196,6 +198,8 @@ def section_rows(
             row = run_row(framework, head["method"], head["label"], job, head["variant"])
             if round_ == 0:
                 rows[i] = row
+                if on_row is not None:
+                    on_row(row)
             elif "median_ms" in row and row["median_ms"] < rows[i].get("median_ms", float("inf")):
                 rows[i] = {**row, "first_step_ms": rows[i].get("first_step_ms", row["first_step_ms"])}
     if rounds > 1:

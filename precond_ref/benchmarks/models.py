@@ -308,6 +308,7 @@ def bench_model(
     torch_compile: str = "default",
     with_authors: bool = True,
     progress: Optional[Callable[[str], None]] = None,
+    on_row: Optional[Callable[[dict], None]] = None,
     rounds: int = 1,
     peers: Any = None,
 ) -> tuple[list[dict], list[str]]:
@@ -343,7 +344,7 @@ def bench_model(
             jax_measure_ = _jax_measurer(model, size, initial, dtype)
             baselines = [("optax.adamw (jit)", lambda: jax_measure_(optax.adamw(1e-3), {}, timing(None)))]
             measure = lambda c: jax_measure_(jax_optimizer(c), update_extra(c, batch_size), timing(c))  # noqa: E731
-        section = section_rows(framework, baselines, contenders, measure, progress, rounds=rounds)
+        section = section_rows(framework, baselines, contenders, measure, progress, rounds=rounds, on_row=on_row)
         if framework == "torch" and with_authors:
             authors, skipped = authors_rows(contenders, torch_measure_, batch_size, timing)
             section.extend(authors)
