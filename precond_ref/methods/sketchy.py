@@ -21,8 +21,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import device as array_device
 
-from .._backend import compute_dtype, cond, device_key, is_zero, scalar_array, torch_compiling
-from ..blocking import block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stable_hash, unfold
+from .._backend import compute_dtype, cond, is_number, is_zero, scalar_array, torch_compiling
+from ..blocking import (
+    block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stable_hash, stack, unfold, unstack,
+)
 from ..sketch import fd_apply, fd_init, fd_update, fd_update_apply
 from ..tree import from_entries, to_entries
 from ..transform import (
@@ -303,19 +305,15 @@ def _refreshed(
             unfolded[n] = unfold(xp, merged, axis.axis)
         rows = _run_rows(xp, axis, axis.runs[j], unfolded[n])
         new, ok, out = _fd_update(xp, old, rows, exponent=plan.exponent, accept=accept, apply=apply, **fd_options)
-        failures = failures + _failed(xp, ok, failures)
+        failures = failures + _failed(xp, ok)
         news.append(new)
         parts.append(out)
     return tuple(news), failures, tuple(parts) if apply else ()
 
 
-def _failed(xp: Any, ok: Array, failures: Array) -> Array:
-    """The number of False entries of ``ok`` (a run's per-block flags) per entry of ``failures``:
-    all of them for one leaf's count (0-D), one each for a count per stacked leaf (``failures``
-    of ``ok``'s shape, S-AdaGrad's leaves stacked by :func:`_stack_single_sketches`)."""
-    failed = 1 - xp.astype(ok, xp.int32)
-    axes = tuple(range(failures.ndim, failed.ndim))
-    return xp.sum(failed, axis=axes, dtype=xp.int32) if axes else failed
+def _failed(xp: Any, ok: Array) -> Array:
+    """The number of False entries of ``ok`` (a run's per-block flags), a 0-D int32."""
+    return xp.sum(1 - xp.astype(ok, xp.int32), dtype=xp.int32)
 
 
 def _refresh_due(
@@ -965,47 +963,40 @@ def s_adagrad(
             updates = updates - (lr * weight_decay) * xp.astype(param, g.dtype)
         return updates, m
 
-    def update_group(grads, entries, params, ctx: StepContext):
-        xp = ctx.xp
-        g = xp.astype(grads[0], compute_dtype(xp, grads[0].dtype), copy=False)
-        if not math.prod(g.shape):
-            return (xp.zeros_like(g),), dict(entries)
-        plan = leaf_plan(g)
-        state = from_entries(_layout(plan, False, has_momentum), entries)
-        column = xp.reshape(g, (plan.merged_shape[0], 1))
-        sketches, failures, direction = _adagrad_direction(
-            xp, plan, state.sketches, state.sketch_failures, column, dues, ctx, fd_options
-        )
-        updates, m = finish(g, xp.reshape(direction, tuple(g.shape)), state.momentum, None if params is None else params[0], ctx)
-        return (updates,), to_entries(_State(sketches, failures, momentum=m))
-
     def update_groups(grads, states, params, ctxs: list[StepContext]):
-        # Leaves that are one sketch each, of equal size and refresh phase, are stacked
-        # (_stack_single_sketches): one batched FD step instead of one per leaf.
+        # The runs of every leaf (blocks of one length, in one refresh phase) go through the FD
+        # step in stacks of equal runs across leaves (blocking.stack: one batched call per stack;
+        # on a CPU a run that is already a large batch stays alone).
         xp = ctxs[0].xp
         results: list = [None] * len(grads)
-        stacks: dict = {}
+        leaves, members, phases = [], [], []
         for i, (leaf,) in enumerate(grads):
-            plan = leaf_plan(leaf) if math.prod(leaf.shape) else None
-            if plan is None or plan.axes[0].batched:
-                results[i] = update_group(grads[i], states[i], params[i], ctxs[i])
+            g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
+            if not math.prod(g.shape):
+                results[i] = ((xp.zeros_like(g),), dict(states[i]))
                 continue
-            key = (plan.axes[0].runs[0], compute_dtype(xp, leaf.dtype), device_key(leaf))
-            stacks.setdefault(key, []).append((i, plan))
-        for (run, dtype, _), members in stacks.items():
-            if len(members) == 1:
-                (i, _), = members
-                results[i] = update_group(grads[i], states[i], params[i], ctxs[i])
-                continue
-            g = {i: xp.astype(grads[i][0], dtype, copy=False) for i, _ in members}
-            leaf_states = [from_entries(_layout(plan, False, has_momentum), states[i]) for i, plan in members]
-            sketches, failures, directions = _stack_single_sketches(
-                xp, run, list(g.values()), [s.sketches for s in leaf_states],
-                [s.sketch_failures for s in leaf_states], (dues[run.phase],), ctxs[0], fd_options,
-            )
-            for (i, _), state, sketch, count, direction in zip(members, leaf_states, sketches, failures, directions):
-                updates, m = finish(g[i], direction, state.momentum, None if params[i] is None else params[i][0], ctxs[i])
-                results[i] = ((updates,), to_entries(_State(sketch, count, momentum=m)))
+            plan = leaf_plan(g)
+            state = from_entries(_layout(plan, False, has_momentum), states[i])
+            column = xp.reshape(g, (plan.merged_shape[0], 1))
+            for j, run in enumerate(plan.axes[0].runs):
+                members.append(_run_stack(xp, plan.axes[0], run, state.sketches[0][j], column))
+                phases.append(run.phase)
+            leaves.append((i, g, plan, state))
+        stacks = stack(xp, members, labels=phases)
+        outputs = [_adagrad_stack(xp, s.operands, dues[phases[s.indices[0]]], ctxs[0], fd_options) for s in stacks]
+        pieces = iter(unstack(stacks, outputs, len(members)))
+        for i, g, plan, state in leaves:
+            axis = plan.axes[0]
+            runs = [next(pieces) for _ in axis.runs]
+            sketches = (tuple(_unstacked(axis, _Sketch(*piece[:-2])) for piece in runs),)
+            failures = state.sketch_failures
+            for piece in runs:
+                failures = failures + xp.sum(piece[-2], dtype=xp.int32)
+            _settle(ctxs[i], sketches)
+            direction = _join_runs(xp, axis, [piece[-1] if axis.batched else piece[-1][0, ...] for piece in runs])
+            updates, m = finish(g, xp.reshape(direction, tuple(g.shape)), state.momentum,
+                                None if params[i] is None else params[i][0], ctxs[i])
+            results[i] = ((updates,), to_entries(_State(sketches, failures, momentum=m)))
         return results
 
     return build_transform(
@@ -1019,57 +1010,37 @@ def s_adagrad(
     )
 
 
-def _adagrad_direction(
-    xp: Any, plan: _LeafPlan, sketches: tuple, failures: Array, column: Array, dues: tuple, ctx: StepContext,
-    fd_options: dict[str, Any],
-) -> tuple[tuple, Array, Array]:
-    """S-AdaGrad's new sketches, failure count and direction for the flattened gradient ``column``
-    (d, 1): runs due this step add it to their sketch and apply the new sketch to it, in one pass
-    where possible (:func:`precond_ref.sketch.fd_update_apply`); the other runs apply their last
-    sketch."""
-    axis = plan.axes[0]
-    if len(dues) == 1 and dues[0] == 1:  # every run, every step (the authors' schedule)
-        units = _units_in_phase(plan, None)
-        news, failures, parts = _refreshed(xp, plan, units, sketches[0], failures, column, fd_options, ctx.ok, True)
-        _settle(ctx, (news,))
-        return (news,), failures, _join_runs(xp, axis, parts)
-    outs: list = [None] * len(axis.runs)
-    for phase, due in _phases_present(plan, dues):
-        units = _units_in_phase(plan, phase)
-
-        def keep(s: tuple, f: Array, x: Array, units: tuple = units) -> tuple:
-            rows = [_run_rows(xp, axis, axis.runs[j], x) for _, j in units]
-            return s, f, tuple(_fd_apply(xp, old, r) for old, r in zip(s, rows))
-
-        news, failures, parts = cond(
-            xp, ctx.every(due),
-            lambda s, f, x, u=units: _refreshed(xp, plan, u, s, f, x, fd_options, ctx.ok, True),
-            keep, tuple(sketches[0][j] for _, j in units), failures, column,
-        )
-        sketches = _with_runs(sketches, units, news)
-        for (_, j), out in zip(units, parts):
-            outs[j] = out
-    _settle(ctx, sketches)
-    return sketches, failures, _join_runs(xp, axis, outs)
+def _run_stack(xp: Any, axis: _AxisPlan, run: _Run, sketch: _Sketch, column: Array) -> tuple:
+    """One run of S-AdaGrad's flattened gradient as a member of :func:`precond_ref.blocking.stack`:
+    its sketch's fields and its rows (count, length, 1), with a leading axis of 1 where the leaf is
+    one unstacked sketch."""
+    rows = _run_rows(xp, axis, run, column)
+    if axis.batched:
+        return (*sketch, rows)
+    return (*(xp.expand_dims(v, axis=0) for v in sketch), xp.expand_dims(rows, axis=0))
 
 
-def _stack_single_sketches(
-    xp: Any, run: _Run, grads: Sequence[Array], sketches: Sequence[tuple], failures: Sequence[Array], dues: tuple,
-    ctx: StepContext, fd_options: dict[str, Any],
-) -> tuple[list[tuple], list[Array], list[Array]]:
-    """:func:`_adagrad_direction` of n leaves that are each one sketch of the same run (length d,
-    rank, phase), as one leaf of n d entries cut into n blocks of d: the gradients concatenated
-    into one column, the sketches stacked into one run of n. Each block's FD step is its own
-    (nothing in it mixes blocks), so every leaf gets the numbers it would alone. Returns per leaf
-    its sketches, failure count and direction (of the leaf's shape)."""
-    n = len(grads)
-    plan = _LeafPlan((n * run.length,), (_AxisPlan(0, (run._replace(start=0, count=n, phase=0),)),))
-    column = xp.reshape(xp.concat([xp.reshape(g, (-1,)) for g in grads], axis=0), (n * run.length, 1))
-    stacked = _Sketch(*(xp.stack([s[0][0][f] for s in sketches]) for f in range(len(_Sketch._fields))))
-    new, counts, direction = _adagrad_direction(
-        xp, plan, ((stacked,),), xp.stack(list(failures)), column, dues, ctx, fd_options
-    )
-    leaf_sketches = [((_Sketch(*(v[j] for v in new[0][0])),),) for j in range(n)]
-    _settle(ctx, tuple(sketch[0] for sketch in leaf_sketches))
-    rows = xp.reshape(direction, (n, run.length))
-    return leaf_sketches, [counts[j] for j in range(n)], [xp.reshape(rows[j], tuple(g.shape)) for j, g in enumerate(grads)]
+def _unstacked(axis: _AxisPlan, sketch: _Sketch) -> _Sketch:
+    """A run's new sketch as the leaf stores it: without the leading axis of an unstacked sketch."""
+    return sketch if axis.batched else _Sketch(*(v[0, ...] for v in sketch))
+
+
+def _adagrad_stack(xp: Any, operands: tuple, due: Any, ctx: StepContext, fd_options: dict[str, Any]) -> tuple:
+    r"""S-AdaGrad on a stack of runs (``operands``: the sketch fields, then the gradient's rows
+    x, (n, length, 1)). When ``due``, the FD step adds x to each sketch and applies the new sketch
+    to it in one pass (:func:`precond_ref.sketch.fd_update_apply`); otherwise the last sketch is
+    applied, :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x`. Returns the sketch fields, each
+    block's failure (1 where its FD step was not finite) and the preconditioned rows."""
+    sketch, rows = _Sketch(*operands[:-1]), operands[-1]
+
+    def refresh(sketch: _Sketch, rows: Array) -> tuple:
+        new, ok, out = _fd_update(xp, sketch, rows, exponent=-0.5, accept=ctx.ok, apply=True, **fd_options)
+        return (*new, 1 - xp.astype(ok, xp.int32), out)
+
+    def keep(sketch: _Sketch, rows: Array) -> tuple:
+        no_failure = xp.zeros(tuple(rows.shape[:1]), dtype=xp.int32, device=array_device(rows))
+        return (*sketch, no_failure, _fd_apply(xp, sketch, rows))
+
+    if is_number(due) and due == 1:  # every step (the authors' schedule): no branch
+        return refresh(sketch, rows)
+    return cond(xp, ctx.every(due), refresh, keep, sketch, rows)

@@ -168,14 +168,15 @@ def test_cost_model_counts_the_principled_interval():
 
 @pytest.mark.parametrize("interval", [1, 3])
 def test_s_adagrad_stacked_leaves_get_what_each_would_alone(interval, monkeypatch):
-    """Leaves that are one sketch each, of equal size and refresh phase, share one batched FD step
-    (``_stack_single_sketches``); each block's step reads only its own rows, so every leaf's update
-    and state equal those of the same leaf in a transform of its own (here with momentum, weight
-    decay, decay b2 < 1 and, for T = 3, refreshes spread over phases; a blocked leaf "e" and one of
-    another size "d" beside them). A tolerance, not equality: a batched product may sum in another
+    """Runs of equal block length and refresh phase share one batched FD step across leaves
+    (``blocking.stack``: the single-sketch leaves "a", "b", "c", "f" of 8 entries, and the 10-entry
+    blocks of the blocked leaves "e" and "g"); each block's step reads only its own rows, so every
+    leaf's update and state equal those of the same leaf in a transform of its own (here with
+    momentum, weight decay, decay b2 < 1 and, for T = 3, refreshes spread over phases; "e"'s
+    2-entry tail and a leaf of another size "d" beside them). A tolerance, not equality: a batched product may sum in another
     order than an unbatched one (a few u per entry of a 10-term product, amplified by at most the
     weights' ratio (1/eps)^(1/2) ~ 3e3 over 7 steps: below 1e-10 in float64)."""
-    shapes = {"a": (8,), "b": (2, 4), "c": (8,), "d": (5,), "e": (12,), "f": (4, 2)}
+    shapes = {"a": (8,), "b": (2, 4), "c": (8,), "d": (5,), "e": (12,), "f": (4, 2), "g": (20,)}
     kw = dict(learning_rate=0.5, rank=3, block_size=10, momentum=0.5, weight_decay=0.1,
               precondition_every=interval, b2=0.9)
     rng = np.random.default_rng(0)
@@ -185,14 +186,28 @@ def test_s_adagrad_stacked_leaves_get_what_each_would_alone(interval, monkeypatc
     alone = {k: pr.s_adagrad(**kw) for k in shapes}
     alone_states = {k: alone[k].init({k: params[k]}) for k in shapes}
     stack_sizes = []
-    stack = sk._stack_single_sketches
-    monkeypatch.setattr(sk, "_stack_single_sketches", lambda xp, run, grads, *a: stack_sizes.append(len(grads)) or stack(xp, run, grads, *a))
+    real_stack = sk.stack
+
+    def counted(xp, members, *args, **kwargs):
+        stacks = real_stack(xp, members, *args, **kwargs)
+        stack_sizes.extend(len(s.indices) for s in stacks)
+        return stacks
+
+    monkeypatch.setattr(sk, "stack", counted)
+    fd_calls = []
+    real_fd = sk._fd_update
+    monkeypatch.setattr(sk, "_fd_update", lambda xp, sketch, rows, **o: fd_calls.append(rows.shape) or real_fd(xp, sketch, rows, **o))
     for _ in range(7):
         grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
+        fd_calls.clear()
         updates, state = tx.update(grads, state, params)
+        joint_calls = list(fd_calls)
         for k in shapes:
             expected, alone_states[k] = alone[k].update({k: grads[k]}, alone_states[k], {k: params[k]})
             np.testing.assert_allclose(updates[k], expected[k], rtol=1e-10, atol=0, err_msg=k)
             for entry, value in alone_states[k].groups[k].items():
                 np.testing.assert_allclose(state.groups[k][entry], value, rtol=1e-10, atol=1e-300, err_msg=f"{k} {entry}")
-    assert stack_sizes and max(stack_sizes) >= 2  # "a" and "c" (shape (8,), one phase) at least
+    # every run in one phase: a, b, c, f together; else "a" and "c" (shape (8,), one phase) at least
+    assert stack_sizes and max(stack_sizes) >= (4 if interval == 1 else 2)
+    if interval == 1:  # one FD call per block length and step: 8 (a, b, c, f), 5 (d), 10 (e, g), 2 (e's tail)
+        assert sorted(joint_calls) == [(1, 2, 1), (1, 5, 1), (3, 10, 1), (4, 8, 1)]
