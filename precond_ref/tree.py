@@ -123,8 +123,27 @@ def to_entries(fields: Any) -> dict[str, Any]:
     tile); checkpoints (torch's ``state_dict``, optax states) hold flat string keys. The key of a
     leaf is its path: ``Tile(factor=(K0, K1))`` -> ``{"factor/0": K0, "factor/1": K1}``.
     """
-    leaves, treedef = tree_flatten(fields)
-    return {path_str(path): leaf for path, leaf in zip(treedef.paths, leaves)}
+    out: dict[str, Any] = {}
+    _add_entries(fields, "", out)
+    return out
+
+
+def _add_entries(tree: Any, prefix: str, out: dict[str, Any]) -> None:
+    """:func:`to_entries` without building the tree's skeleton: ``out[path_str(path)] = leaf`` in
+    :func:`tree_flatten`'s order, the key grown as the walk descends (``prefix``: the path so far)."""
+    if tree is None:
+        return
+    if isinstance(tree, dict):
+        items = ((k, tree[k]) for k in _sorted_keys(tree))
+    elif _is_namedtuple(tree):
+        items = zip(tree._fields, tree)
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        out[prefix or "."] = tree
+        return
+    for key, value in items:
+        _add_entries(value, f"{prefix}/{key}" if prefix else str(key), out)
 
 
 def from_entries(template: Any, entries: Any) -> Any:
@@ -134,5 +153,19 @@ def from_entries(template: Any, entries: Any) -> Any:
     template: ``None`` is an empty subtree; use any non-``None`` placeholder such as ``0``).
     A missing entry raises ``KeyError`` naming it.
     """
-    treedef = tree_flatten(template)[1]
-    return tree_unflatten(treedef, [entries[path_str(path)] for path in treedef.paths])
+    cached = _TEMPLATES.get(id(template))
+    if cached is None or cached[0] is not template:
+        treedef = tree_flatten(template)[1]
+        cached = (template, treedef, tuple(path_str(path) for path in treedef.paths))
+        if isinstance(template, tuple):  # not a dict, which could change after it is cached
+            if len(_TEMPLATES) >= 4096:
+                _TEMPLATES.clear()
+            _TEMPLATES[id(template)] = cached
+    _, treedef, keys = cached
+    return tree_unflatten(treedef, [entries[key] for key in keys])
+
+
+# from_entries's tuple templates by identity: a method's layouts are cached objects
+# (functools.lru_cache) filled every step. The template itself is kept (so its id is not reused) and compared by identity:
+# equal NamedTuples of different types (equal as tuples) must not share an entry.
+_TEMPLATES: dict[int, tuple[Any, TreeDef, tuple[str, ...]]] = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, device as array_device
@@ -1244,6 +1244,7 @@ def if_shampoo(
             plans[key] = dims, diagonal, _stack_plan(_tile_plan(dims, diagonal, block_size, precondition_every, spread_refresh))
         return plans[key]
 
+    @lru_cache(maxsize=None)  # one object per layout: from_entries caches it by identity
     def layout(tile_plan: _Plan, rank: int, members: int) -> _IFShampooState:
         """The fields a group's state has (any leaves; :func:`precond_ref.tree.from_entries`' template)."""
         return _IFShampooState(

@@ -1,0 +1,50 @@
+"""precond_ref.tree: the flat state entries of a method's fields, and back."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from precond_ref.tree import from_entries, path_str, to_entries, tree_flatten
+
+
+class _A(NamedTuple):
+    x: object
+    y: object
+
+
+class _B(NamedTuple):
+    p: object
+    q: object
+
+
+def _plain_entries(tree):
+    """The defining formula: ``{path_str(path): leaf}`` over :func:`tree_flatten`'s leaves, in order."""
+    leaves, treedef = tree_flatten(tree)
+    return {path_str(path): leaf for path, leaf in zip(treedef.paths, leaves)}
+
+
+def test_to_entries_is_path_str_of_each_leaf_in_flatten_order():
+    """``to_entries`` walks the tree without building its skeleton; the keys, values and their order
+    are those of the formula, for nested NamedTuples, tuples, lists, dicts (sorted keys, and keys
+    that do not sort in insertion order), None subtrees and a root leaf."""
+    trees = [
+        {"z": _A(x=(1, None, [2, 3]), y=None), "a": {"q": 4}},
+        {"b": 1, 3: 2, "a": 3},
+        _A(x=(), y=(5,)),
+        7,
+    ]
+    for tree in trees:
+        entries = to_entries(tree)
+        assert list(entries.items()) == list(_plain_entries(tree).items())
+    assert to_entries(7) == {".": 7}
+
+
+def test_from_entries_keeps_templates_of_equal_values_apart():
+    """Templates are cached by identity: two NamedTuple types with equal values (equal as tuples)
+    each get their own structure, and a template made again (a new object) is filled as the first."""
+    a, b = _A(x=0, y=(0, 0)), _B(p=0, q=(0, 0))
+    assert a == b  # equal tuples: a cache keyed by value would mix them up
+    assert from_entries(a, {"x": 1, "y/0": 2, "y/1": 3}) == _A(1, (2, 3))
+    assert type(from_entries(b, {"p": 1, "q/0": 2, "q/1": 3})) is _B
+    assert from_entries(_A(x=0, y=(0, 0)), to_entries(_A("u", ("v", "w")))) == _A("u", ("v", "w"))
+    assert from_entries({"k": a}, {"k/x": 1, "k/y/0": 2, "k/y/1": 3}) == {"k": _A(1, (2, 3))}
