@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Hashable, NamedTuple
 
+from ._backend import torch_compiling
+
 __all__ = [
     "Path",
     "TreeDef",
@@ -153,11 +155,12 @@ def from_entries(template: Any, entries: Any) -> Any:
     template: ``None`` is an empty subtree; use any non-``None`` placeholder such as ``0``).
     A missing entry raises ``KeyError`` naming it.
     """
-    cached = _TEMPLATES.get(id(template))
+    tracing = torch_compiling()  # dynamo cannot carry id() of a container across a graph break
+    cached = None if tracing else _TEMPLATES.get(id(template))
     if cached is None or cached[0] is not template:
         treedef = tree_flatten(template)[1]
         cached = (template, treedef, tuple(path_str(path) for path in treedef.paths))
-        if isinstance(template, tuple):  # not a dict, which could change after it is cached
+        if isinstance(template, tuple) and not tracing:  # not a dict, which could change once cached
             if len(_TEMPLATES) >= 4096:
                 _TEMPLATES.clear()
             _TEMPLATES[id(template)] = cached

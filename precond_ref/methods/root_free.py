@@ -19,7 +19,7 @@ import re
 from functools import lru_cache, partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
-from array_api_compat import array_namespace, device as array_device
+from array_api_compat import array_namespace, device as array_device, is_jax_namespace
 
 from .._backend import (
     IdentityDict, as_operand, cast, compute_dtype, computed_once, cond, device_key, host_bool, is_number, is_tracer,
@@ -941,6 +941,21 @@ def _principled_keep_unusable(xp, grouped, old, new):
     return kept + (failed,)
 
 
+def _settle_kept_factors(xp: Any, ctx: StepContext, stack_states: Sequence[list], fields: Sequence[Any]) -> None:
+    """Tell the transform that the refreshed factor entries (principled) need no skip selection:
+    on a skipped step the transform zeroes every gradient (except on JAX, where the selection is
+    fused anyway), and a tile whose gradient is zero keeps its factor state (S2,
+    :func:`_principled_keep_unusable`), so each entry already is its old value. Saves one
+    ``where`` per factor entry and step where ``ok`` cannot be read (a GPU)."""
+    if ctx.ok is None or ctx.settled is None or torch_compiling() or is_jax_namespace(xp):
+        return
+    for stacks, state in zip(stack_states, fields):
+        for new, old in zip(stacks, state.stacks):
+            if new is not old:
+                for entry in new.factor + new.factor_momentum:
+                    ctx.settled[entry] = True
+
+
 def _per_step_operands(xp) -> Callable[[Any, Any], Any]:
     """``operand(value, like)``: a hyperparameter as an operand of arithmetic with ``like``, made once
     per step and dtype: a 0-D array of ``like``'s dtype (torch turns a Python number into a fresh
@@ -1412,6 +1427,8 @@ def if_shampoo(
                 lr = factor_lr(xp, beta2, fields, chosen, batch)
                 results.append(cond(xp, due, partial(refreshed, xp, B, G, lr), partial(unchanged, xp, G), *state))
             store(xp, stack_states, failures, chosen, batched, results)
+        if not faithful:
+            _settle_kept_factors(xp, ctxs[0], stack_states, fields)
 
         chosen, batched = batches(xp, groups, stack_states, None, refreshing=False)
         results = []

@@ -195,3 +195,48 @@ def test_cost_model_counts_tiles():
     assert every == 1 and flops == 8 * 4.0 * (256 + 128) * 256 * 128
     unblocked = cost.if_shampoo([("emb", (2048, 128))], block_size=4096, precondition_every=2)
     assert unblocked.parts["precondition (dense)"][1] == 4.0 * (2048 + 128) * 2048 * 128
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "torch-as-on-a-gpu", "jax"])
+@pytest.mark.parametrize("interval", [1, 2])
+def test_skipped_step_keeps_every_factor_without_selecting_it(backend, interval, monkeypatch):
+    """Invariant (specs README rule 6, non-finite policy 'skip'): a step whose gradient holds a NaN
+    changes no state entry and gives zero updates, on a refresh step and between, for tiled and
+    whole factors with factor momentum and momentum. Principled IF-Shampoo no longer has the
+    transform select its refreshed factor entries (``_settle_kept_factors``): the transform zeroes
+    every gradient of a skipped step, and a tile with a zero gradient keeps its factors (S2).
+    "torch-as-on-a-gpu": ``host_bool`` answers None as for a GPU tensor, so the step cannot learn
+    on the host that it is skipped and relies on those selections alone; on JAX the gradients are
+    not zeroed and the transform still selects."""
+    from precond_ref import _backend
+
+    rng = np.random.default_rng(3)
+    shapes = {"w": (20, 12), "b": (20,), "c": (3, 5, 8)}
+    if backend.startswith("torch"):
+        torch = pytest.importorskip("torch")
+        wrap, to_np = (lambda a: torch.tensor(a, dtype=torch.float64)), (lambda a: a.numpy())
+        if backend == "torch-as-on-a-gpu":
+            for name, module in list(__import__("sys").modules.items()):
+                if name.startswith("precond_ref") and getattr(module, "host_bool", None) is _backend.host_bool:
+                    monkeypatch.setattr(module, "host_bool", lambda xp, x: None)
+    elif backend == "jax":
+        jnp = pytest.importorskip("jax.numpy")
+        wrap, to_np = (lambda a: jnp.asarray(a, dtype=jnp.float32)), np.asarray
+    else:
+        wrap, to_np = np.asarray, np.asarray
+    params = {k: wrap(rng.standard_normal(s)) for k, s in shapes.items()}
+    opt = pr.if_shampoo(0.05, block_size=8, precondition_every=interval, momentum=0.5,
+                        preconditioner_momentum=0.5, batch_size=4)
+    state = opt.init(params)
+    for _ in range(3):
+        _, state = opt.update({k: wrap(rng.standard_normal(s)) for k, s in shapes.items()}, state, params)
+    for _ in range(2):
+        bad = {k: rng.standard_normal(s) for k, s in shapes.items()}
+        bad["w"][1, 2] = np.nan
+        upd, new = opt.update({k: wrap(v) for k, v in bad.items()}, state, params)
+        assert all(np.all(to_np(u) == 0) for u in upd.values())
+        assert int(new.nonfinite_count) == int(state.nonfinite_count) + 1
+        for key, entries in new.groups.items():
+            for name, value in entries.items():
+                np.testing.assert_array_equal(to_np(value), to_np(state.groups[key][name]), err_msg=f"{key} {name}")
+        state = new
