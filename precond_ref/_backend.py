@@ -217,6 +217,14 @@ class IdentityDict:
     def __contains__(self, key: Any) -> bool:
         return self.get(key, _ABSENT) is not _ABSENT
 
+    def __len__(self) -> int:
+        return len(self._by_id) if self._pairs is None else len(self._pairs)
+
+    def clear(self) -> None:
+        self._by_id.clear()
+        if self._pairs is not None:
+            self._pairs.clear()
+
     def __setitem__(self, key: Any, value: Any) -> None:
         if self._pairs is None:
             self._by_id[id(key)] = (key, value)

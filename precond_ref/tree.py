@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Hashable, NamedTuple
 
-from ._backend import torch_compiling
+from ._backend import IdentityDict, torch_compiling
 
 __all__ = [
     "Path",
@@ -155,20 +155,20 @@ def from_entries(template: Any, entries: Any) -> Any:
     template: ``None`` is an empty subtree; use any non-``None`` placeholder such as ``0``).
     A missing entry raises ``KeyError`` naming it.
     """
-    tracing = torch_compiling()  # dynamo cannot carry id() of a container across a graph break
-    cached = None if tracing else _TEMPLATES.get(id(template))
-    if cached is None or cached[0] is not template:
+    tracing = torch_compiling()  # dynamo cannot carry a container's id across a graph break
+    cached = None if tracing else _TEMPLATES.get(template)
+    if cached is None:
         treedef = tree_flatten(template)[1]
         cached = (template, treedef, tuple(path_str(path) for path in treedef.paths))
         if isinstance(template, tuple) and not tracing:  # not a dict, which could change once cached
             if len(_TEMPLATES) >= 4096:
                 _TEMPLATES.clear()
-            _TEMPLATES[id(template)] = cached
+            _TEMPLATES[template] = cached
     _, treedef, keys = cached
     return tree_unflatten(treedef, [entries[key] for key in keys])
 
 
-# from_entries's tuple templates by identity: a method's layouts are cached objects
-# (functools.lru_cache) filled every step. The template itself is kept (so its id is not reused) and compared by identity:
-# equal NamedTuples of different types (equal as tuples) must not share an entry.
-_TEMPLATES: dict[int, tuple[Any, TreeDef, tuple[str, ...]]] = {}
+# from_entries's tuple templates by identity (an IdentityDict keeps each template, so its id is
+# not reused): a method's layouts are cached objects (functools.lru_cache) filled every step; equal
+# NamedTuples of different types (equal as tuples) must not share an entry.
+_TEMPLATES = IdentityDict()

@@ -82,7 +82,10 @@ def test_a_finite_eager_step_adds_one_operation_per_leaf(elementwise):
 
 def test_a_skipped_eager_step_still_selects_element_wise():
     """A skipped step (a NaN gradient) takes the element-wise rule: the gradients are zeroed, the
-    updates are zero, the state is the old one, and the skipped steps' counter advances."""
+    updates are zero, the state is the old one, and the skipped steps' counter advances. The
+    gradients' and the updates' selections are made on the leaves joined end to end
+    (``transform.leafwise``: one ``where`` each for all the leaves, one ``nan_to_num`` for the
+    updates), the state entries' leaf by leaf."""
     transform = _momentum()
     shapes = [(3, 2), (3, 4)]
     params = _leaves(shapes)
@@ -96,7 +99,8 @@ def test_a_skipped_eager_step_still_selects_element_wise():
         torch.testing.assert_close(after.groups[key]["m"], state.groups[key]["m"], rtol=0, atol=0)
     assert int(after.count) == 1 and int(after.nonfinite_count) == 1
     names = _ops_of_a_step(transform, shapes, bad=True)
-    assert names.count("where") >= 3 * len(shapes)  # gradient, update, state entry, per leaf
+    assert names.count("where") == 2 + len(shapes)  # the gradients, the updates, each state entry
+    assert names.count("nan_to_num") == 1 and names.count("cat") == 2
 
 
 def test_host_bool_reads_only_where_reading_is_free():

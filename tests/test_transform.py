@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import precond_ref as pr
+from backends import BACKEND_NAMES, BACKENDS
 from precond_ref.transform import (
     LeafGroup,
     build_transform,
@@ -672,3 +673,28 @@ def test_per_step_scalars_are_made_once_per_update(name):
 
     per_leaf = (scalars_per_step(6) - scalars_per_step(2)) / 4
     assert per_leaf == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_NAMES)
+def test_leafwise_equals_the_function_leaf_by_leaf(backend):
+    """``transform.leafwise(xp, fn, leaves) == [fn(x) for x in leaves]`` exactly, for the
+    element-wise functions the transform gives it (a selection against a 0-D zero, then the finite
+    test): leaves of two dtypes (joined apart), a transposed (non-dense) one, a 0-D one and an empty
+    one, each returned in its own shape and dtype; NaN and infinities placed in several leaves."""
+    from precond_ref._backend import finite_or_zero, scalar_zero, select
+    from precond_ref.transform import leafwise
+
+    xp, rng = backend.xp, np.random.default_rng(0)
+    raw = [rng.standard_normal((3, 4)), rng.standard_normal((5,)), rng.standard_normal((4, 2)).T,
+           np.asarray(2.5), np.zeros((0, 3)), rng.standard_normal((2, 2, 2))]
+    raw[0][1, 2], raw[1][0], raw[5][1, 0, 1] = np.nan, np.inf, -np.inf
+    leaves = [backend.asarray(a.astype(np.float32 if i % 2 else np.float64)) for i, a in enumerate(raw)]
+    ok = xp.asarray(False)
+
+    finite = lambda u: finite_or_zero(xp, u, scalar_zero(xp, u))  # noqa: E731
+    skipped = lambda u: select(xp, ok, u, scalar_zero(xp, u))  # noqa: E731
+    for f in (finite, skipped, lambda u: finite(skipped(u)), lambda u: u * 2.0):
+        got, expected = leafwise(xp, f, leaves), [f(x) for x in leaves]
+        for g, e, x in zip(got, expected, leaves):
+            assert tuple(g.shape) == tuple(x.shape) and g.dtype == x.dtype
+            np.testing.assert_array_equal(backend.to_numpy(g), backend.to_numpy(e))
