@@ -52,7 +52,7 @@ from ._backend import (
     sums_of_squares,
     torch_compiling as _torch_compiling,
 )
-from .blocking import on_stacks, stack, unstack
+from .blocking import stack, unstack
 from .tree import Path, path_str, tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
@@ -267,20 +267,22 @@ class StepContext(NamedTuple):
         return selected
 
 
-def leafwise(xp: Any, fn: Callable[[Array], Array], leaves: Sequence[Array]) -> list[Array]:
-    """``[fn(x) for x in leaves]`` for an element-wise ``fn`` (a selection, a finite test).
+def leafwise(xp: Any, fn: Callable[[Array, Array], Array], leaves: Sequence[Array], zeros: Sequence[Array]) -> list[Array]:
+    """``[fn(x, zero) for x, zero in zip(leaves, zeros)]`` for an element-wise ``fn`` (a selection,
+    a finite test) and each leaf's 0-D zero of its dtype.
 
     Eagerly outside JAX, on the leaves of one dtype and device joined end to end: each leaf
-    flattened, :func:`precond_ref.blocking.on_stacks` (one ``fn`` call per join, each leaf handed
-    its slice) and reshaped back. An eager call is a kernel the host issues: on a GPU, where a
-    step's skip predicate cannot be read on the host and every leaf is selected, that is three
-    calls for all the leaves instead of three per leaf. On a CPU a leaf already large stays alone
-    (blocking's policy: a copy costs a CPU more than a call). Under a compiler (``torch.compile``,
-    JAX) leaf by leaf, which it fuses. The numbers are the same either way (element-wise).
+    flattened, :func:`precond_ref.blocking.stack` (one ``fn`` call per join, with its first leaf's
+    zero), each leaf handed its slice in its own shape. An eager call is a kernel the host issues:
+    on a GPU, where a step's skip predicate cannot be read on the host and every leaf is selected,
+    that is three calls for all the leaves instead of three per leaf. On a CPU a leaf already large
+    stays alone (blocking's policy: a copy costs a CPU more than a call). Under a compiler
+    (``torch.compile``, JAX) leaf by leaf, which it fuses. The numbers are the same either way.
     """
     if len(leaves) < 2 or _torch_compiling() or is_jax_namespace(xp):
-        return [fn(x) for x in leaves]
-    outs = on_stacks(xp, lambda x: (fn(x),), [(xp.reshape(x, (-1,)),) for x in leaves])
+        return [fn(x, zero) for x, zero in zip(leaves, zeros)]
+    stacks = stack(xp, [(xp.reshape(x, (-1,)),) for x in leaves])
+    outs = unstack(stacks, [(fn(s.operands[0], zeros[s.indices[0]]),) for s in stacks], len(leaves))
     return [xp.reshape(out, tuple(x.shape)) for (out,), x in zip(outs, leaves)]
 
 
@@ -739,11 +741,10 @@ def build_transform(
         # the gradient's dtype).
         ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
         zeros = [ctx.once(("zero", g.dtype, _device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
-        zero_of = {(z.dtype, _device_key(z)): z for z in zeros}
         if elementwise or not is_jax_namespace(xp):
             chosen = [i for i, g in enumerate(grad_leaves) if not (finite_step and is_dense(g))]
-            joined = leafwise(xp, lambda g: select(xp, ok, g, zero_of[(g.dtype, _device_key(g))]),
-                              [grad_leaves[i] for i in chosen])
+            joined = leafwise(xp, lambda g, zero: select(xp, ok, g, zero),
+                              [grad_leaves[i] for i in chosen], [zeros[i] for i in chosen])
             grad_leaves = list(grad_leaves)
             for i, g in zip(chosen, joined):
                 grad_leaves[i] = g
@@ -800,10 +801,9 @@ def build_transform(
         # Two selections, not one on ok & isfinite(u): XLA's CPU backend does not fuse an expensive
         # producer of u (a division) into a consumer that reads u twice, and would write u out.
         if skipping:  # (finite_step is False: the finite test below would not read the host)
-            updates = leafwise(xp, lambda u: finite_or_zero(
-                xp, select(xp, ok, u, zero_of[(u.dtype, _device_key(u))]), zero_of[(u.dtype, _device_key(u))]), updates)
+            updates = leafwise(xp, lambda u, zero: finite_or_zero(xp, select(xp, ok, u, zero), zero), updates, zeros)
         elif not (finite_step and host_all_finite(xp, updates)):  # the step's own test reads nothing else
-            updates = leafwise(xp, lambda u: finite_or_zero(xp, u, zero_of[(u.dtype, _device_key(u))]), updates)
+            updates = leafwise(xp, lambda u, zero: finite_or_zero(xp, u, zero), updates, zeros)
         if selecting:
             new_groups = {key: dict(entries) for key, entries in new_groups.items()}
             for key, entries in new_groups.items():

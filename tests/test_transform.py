@@ -677,7 +677,7 @@ def test_per_step_scalars_are_made_once_per_update(name):
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_NAMES)
 def test_leafwise_equals_the_function_leaf_by_leaf(backend):
-    """``transform.leafwise(xp, fn, leaves) == [fn(x) for x in leaves]`` exactly, for the
+    """``transform.leafwise(xp, fn, leaves, zeros) == [fn(x, z) for x, z in zip(leaves, zeros)]`` exactly, for the
     element-wise functions the transform gives it (a selection against a 0-D zero, then the finite
     test): leaves of two dtypes (joined apart), a transposed (non-dense) one, a 0-D one and an empty
     one, each returned in its own shape and dtype; NaN and infinities placed in several leaves."""
@@ -691,10 +691,11 @@ def test_leafwise_equals_the_function_leaf_by_leaf(backend):
     leaves = [backend.asarray(a.astype(np.float32 if i % 2 else np.float64)) for i, a in enumerate(raw)]
     ok = xp.asarray(False)
 
-    finite = lambda u: finite_or_zero(xp, u, scalar_zero(xp, u))  # noqa: E731
-    skipped = lambda u: select(xp, ok, u, scalar_zero(xp, u))  # noqa: E731
-    for f in (finite, skipped, lambda u: finite(skipped(u)), lambda u: u * 2.0):
-        got, expected = leafwise(xp, f, leaves), [f(x) for x in leaves]
+    zeros = [scalar_zero(xp, x) for x in leaves]
+    finite = lambda u, zero: finite_or_zero(xp, u, zero)  # noqa: E731
+    skipped = lambda u, zero: select(xp, ok, u, zero)  # noqa: E731
+    for f in (finite, skipped, lambda u, zero: finite(skipped(u, zero), zero), lambda u, zero: u * 2.0):
+        got, expected = leafwise(xp, f, leaves, zeros), [f(x, z) for x, z in zip(leaves, zeros)]
         for g, e, x in zip(got, expected, leaves):
             assert tuple(g.shape) == tuple(x.shape) and g.dtype == x.dtype
             np.testing.assert_array_equal(backend.to_numpy(g), backend.to_numpy(e))
