@@ -291,24 +291,23 @@ def _with_runs(sketches: tuple, units: Sequence[tuple[int, int]], news: Sequence
 
 def _refreshed(
     xp: Any, plan: _LeafPlan, units: Sequence[tuple[int, int]], olds: Sequence[_Sketch], failures: Array,
-    merged: Array, fd_options: dict[str, Any], accept: Optional[Array], apply: bool = False,
-) -> tuple[tuple[_Sketch, ...], Array, tuple[Array, ...]]:
+    merged: Array, fd_options: dict[str, Any], accept: Optional[Array],
+) -> tuple[tuple[_Sketch, ...], Array]:
     """The sketches ``olds`` of the runs ``units`` FD-updated from the same gradient (spec §2.2):
-    run j of axis n adds its rows of the mode-n unfolding :math:`G_{(n)}`; the failure count plus
-    the runs whose step was not finite; with ``apply`` (S-AdaGrad) also each new sketch applied to
-    its rows. ``accept`` is the step's skip predicate (``StepContext.ok``), folded into the FD
-    step's own selection of the previous sketch (see :func:`_settle`)."""
-    news, parts, unfolded = [], [], {}
+    run j of axis n adds its rows of the mode-n unfolding :math:`G_{(n)}`; and the failure count
+    plus the runs whose step was not finite. ``accept`` is the step's skip predicate
+    (``StepContext.ok``), folded into the FD step's own selection of the previous sketch (see
+    :func:`_settle`)."""
+    news, unfolded = [], {}
     for (n, j), old in zip(units, olds):
         axis = plan.axes[n]
         if n not in unfolded:
             unfolded[n] = unfold(xp, merged, axis.axis)
         rows = _run_rows(xp, axis, axis.runs[j], unfolded[n])
-        new, ok, out = _fd_update(xp, old, rows, exponent=plan.exponent, accept=accept, apply=apply, **fd_options)
+        new, ok, _ = _fd_update(xp, old, rows, exponent=plan.exponent, accept=accept, **fd_options)
         failures = failures + _failed(xp, ok)
         news.append(new)
-        parts.append(out)
-    return tuple(news), failures, tuple(parts) if apply else ()
+    return tuple(news), failures
 
 
 def _failed(xp: Any, ok: Array) -> Array:
@@ -324,11 +323,11 @@ def _refresh_due(
     (:func:`_refreshed`; skipped gradients are dropped), the others as they were; and the failures."""
     for phase, due in _phases_present(plan, dues):
         units = _units_in_phase(plan, phase)
-        news, failures, _ = cond(
+        news, failures = cond(
             xp,
             ctx.every(due),
             lambda s, f, x, u=units: _refreshed(xp, plan, u, s, f, x, fd_options, ctx.ok),
-            lambda s, f, x: (s, f, ()),
+            lambda s, f, x: (s, f),
             tuple(sketches[n][j] for n, j in units),
             failures,
             merged,
@@ -991,7 +990,7 @@ def s_adagrad(
             sketches = (tuple(_unstacked(axis, _Sketch(*piece[:-2])) for piece in runs),)
             failures = state.sketch_failures
             for piece in runs:
-                failures = failures + xp.sum(piece[-2], dtype=xp.int32)
+                failures = failures + _failed(xp, piece[-2])
             _settle(ctxs[i], sketches)
             direction = _join_runs(xp, axis, [piece[-1] if axis.batched else piece[-1][0, ...] for piece in runs])
             updates, m = finish(g, xp.reshape(direction, tuple(g.shape)), state.momentum,
@@ -1029,17 +1028,17 @@ def _adagrad_stack(xp: Any, operands: tuple, due: Any, ctx: StepContext, fd_opti
     r"""S-AdaGrad on a stack of runs (``operands``: the sketch fields, then the gradient's rows
     x, (n, length, 1)). When ``due``, the FD step adds x to each sketch and applies the new sketch
     to it in one pass (:func:`precond_ref.sketch.fd_update_apply`); otherwise the last sketch is
-    applied, :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x`. Returns the sketch fields, each
-    block's failure (1 where its FD step was not finite) and the preconditioned rows."""
+    applied, :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x`. Returns the sketch fields, whether
+    each block's FD step was finite (True where none ran) and the preconditioned rows."""
     sketch, rows = _Sketch(*operands[:-1]), operands[-1]
 
     def refresh(sketch: _Sketch, rows: Array) -> tuple:
         new, ok, out = _fd_update(xp, sketch, rows, exponent=-0.5, accept=ctx.ok, apply=True, **fd_options)
-        return (*new, 1 - xp.astype(ok, xp.int32), out)
+        return (*new, ok, out)
 
     def keep(sketch: _Sketch, rows: Array) -> tuple:
-        no_failure = xp.zeros(tuple(rows.shape[:1]), dtype=xp.int32, device=array_device(rows))
-        return (*sketch, no_failure, _fd_apply(xp, sketch, rows))
+        finite = xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows))
+        return (*sketch, finite, _fd_apply(xp, sketch, rows))
 
     if is_number(due) and due == 1:  # every step (the authors' schedule): no branch
         return refresh(sketch, rows)
