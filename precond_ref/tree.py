@@ -159,12 +159,12 @@ def from_entries(template: Any, entries: Any) -> Any:
     cached = None if tracing else _TEMPLATES.get(template)
     if cached is None:
         treedef = tree_flatten(template)[1]
-        cached = (template, treedef, tuple(path_str(path) for path in treedef.paths))
+        cached = (treedef, tuple(path_str(path) for path in treedef.paths))
         if isinstance(template, tuple) and not tracing:  # not a dict, which could change once cached
             if len(_TEMPLATES) >= 4096:
                 _TEMPLATES.clear()
             _TEMPLATES[template] = cached
-    _, treedef, keys = cached
+    treedef, keys = cached
     return tree_unflatten(treedef, [entries[key] for key in keys])
 
 
