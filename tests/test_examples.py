@@ -54,3 +54,19 @@ def test_gpt_word_study_tokens_and_training():
     size = dict(study.models.SIZES["gpt"]["tiny"])
     loss, held, _ = study.run("AdamW", {}, 0, 30, size, 1e-2)
     assert math.isfinite(held) and loss < math.log(size["vocab"])
+
+
+def test_measure_decompositions_records_and_times_the_steps_decompositions():
+    """``examples/measure_decompositions.py``: one refresh window of Sketchy on the tiny GPT records
+    its decompositions (the FD cores' SVD, a Gram path's eigh; counted per step over the window), and
+    each is timed as recorded and by the alternatives (on a CPU: the Gram's eigh in two dtypes for
+    an SVD, float64 for an eigh)."""
+    pytest.importorskip("torch")
+    rows = _load("measure_decompositions").main(["--method", "sketchy", "--size", "tiny", "--repeats", "1", "--device", "cpu"])
+    ways = collections.defaultdict(set)
+    for row in rows:
+        assert row["ms_per_call"] > 0 and row["calls_per_step"] > 0
+        assert math.isclose(row["ms_per_step"], row["ms_per_call"] * row["calls_per_step"])
+        ways[row["op"]].add(row["way"])
+    assert ways["svd"] == {"svd (as recorded)", "Gram eigh float32", "Gram eigh float64"}
+    assert ways["eigh"] == {"eigh (as recorded)", "eigh float64"}
