@@ -986,13 +986,13 @@ def s_adagrad(
         pieces = iter(unstack(stacks, outputs, len(members)))
         for i, g, plan, state in leaves:
             axis = plan.axes[0]
-            runs = [next(pieces) for _ in axis.runs]
-            sketches = (tuple(_unstacked(axis, _Sketch(*piece[:-2])) for piece in runs),)
+            runs = [_unstacked(axis, next(pieces)) for _ in axis.runs]
+            sketches = (tuple(_Sketch(*piece[:-2]) for piece in runs),)
             failures = state.sketch_failures
             for piece in runs:
                 failures = failures + _failed(xp, piece[-2])
             _settle(ctxs[i], sketches)
-            direction = _join_runs(xp, axis, [piece[-1] if axis.batched else piece[-1][0, ...] for piece in runs])
+            direction = _join_runs(xp, axis, [piece[-1] for piece in runs])
             updates, m = finish(g, xp.reshape(direction, tuple(g.shape)), state.momentum,
                                 None if params[i] is None else params[i][0], ctxs[i])
             results[i] = ((updates,), to_entries(_State(sketches, failures, momentum=m)))
@@ -1019,9 +1019,10 @@ def _run_stack(xp: Any, axis: _AxisPlan, run: _Run, sketch: _Sketch, column: Arr
     return (*(xp.expand_dims(v, axis=0) for v in sketch), xp.expand_dims(rows, axis=0))
 
 
-def _unstacked(axis: _AxisPlan, sketch: _Sketch) -> _Sketch:
-    """A run's new sketch as the leaf stores it: without the leading axis of an unstacked sketch."""
-    return sketch if axis.batched else _Sketch(*(v[0, ...] for v in sketch))
+def _unstacked(axis: _AxisPlan, piece: tuple) -> tuple:
+    """A run's results (:func:`_adagrad_stack`'s) as its leaf takes them: without the leading axis
+    :func:`_run_stack` gave a leaf that is one unstacked sketch."""
+    return piece if axis.batched else tuple(v[0, ...] for v in piece)
 
 
 def _adagrad_stack(xp: Any, operands: tuple, due: Any, ctx: StepContext, fd_options: dict[str, Any]) -> tuple:
