@@ -172,10 +172,11 @@ def test_s_adagrad_stacked_leaves_get_what_each_would_alone(interval, monkeypatc
     (``blocking.stack``: the single-sketch leaves "a", "b", "c", "f" of 8 entries, and the 10-entry
     blocks of the blocked leaves "e" and "g"); each block's step reads only its own rows, so every
     leaf's update and state equal those of the same leaf in a transform of its own (here with
-    momentum, weight decay, decay b2 < 1 and, for T = 3, refreshes spread over phases; "e"'s
-    2-entry tail and a leaf of another size "d" beside them). A tolerance, not equality: a batched product may sum in another
-    order than an unbatched one (a few u per entry of a 10-term product, amplified by at most the
-    weights' ratio (1/eps)^(1/2) ~ 3e3 over 7 steps: below 1e-10 in float64)."""
+    momentum, weight decay, decay b2 < 1 and, for T = 3, refreshes spread over phases; "e"'s 2-entry
+    tail and a leaf of another size "d" beside them). A tolerance, not equality: a batched product
+    may sum in another order than an unbatched one (a few u per entry of a 10-term product,
+    amplified by at most the weights' ratio (1/eps)^(1/2) ~ 3e3 over 7 steps: below 1e-10 in
+    float64)."""
     shapes = {"a": (8,), "b": (2, 4), "c": (8,), "d": (5,), "e": (12,), "f": (4, 2), "g": (20,)}
     kw = dict(learning_rate=0.5, rank=3, block_size=10, momentum=0.5, weight_decay=0.1,
               precondition_every=interval, b2=0.9)
