@@ -49,6 +49,9 @@ __all__ = [
     "kl_clip_of_quadratic",
     "symmetrize",
     "eigh_widened",
+    "symmetric_eigh",
+    "left_singular",
+    "CUDA_JACOBI_EIGH_ORDERS",
     "per_matrix",
     "inverse",
     "identity_like",
@@ -101,6 +104,58 @@ def eigh_widened(a: Array) -> tuple[Array, Array]:
         return per_matrix(xp, xp.linalg.eigh, a)
     values, vectors = per_matrix(xp, xp.linalg.eigh, xp.astype(a, wide))
     return xp.astype(values, a.dtype), xp.astype(vectors, a.dtype)
+
+
+#: The orders at which torch decomposes a float32 matrix on CUDA with cuSOLVER's Jacobi ``syevj``
+#: (above, ``syevd``; at most 32 in a batch, ``syevjBatched``): the H100 profile of
+#: docs/performance.md, "On a GPU: the third run".
+CUDA_JACOBI_EIGH_ORDERS = range(33, 513)
+
+
+def _cuda_float32(xp: Any, a: Array) -> bool:
+    """Whether ``a`` is a float32 torch tensor on a CUDA device."""
+    return is_torch_namespace(xp) and a.dtype == xp.float32 and getattr(a.device, "type", None) == "cuda"
+
+
+def symmetric_eigh(a: Array) -> tuple[Array, Array]:
+    """``xp.linalg.eigh(a)``: eigenvalues ascending and eigenvectors of (stacks of) symmetric ``a``,
+    by the faster exact route of ``a``'s device.
+
+    A float32 tensor on CUDA of an order in :data:`CUDA_JACOBI_EIGH_ORDERS` is decomposed in
+    float64 (:func:`eigh_widened`), which cuSOLVER computes by ``syevd``: 3x faster than the
+    float32 Jacobi ``syevj`` torch picks there at order 512, 2.5x at 256 (an H200;
+    docs/performance.md, "On a GPU: the fourth run"), and more accurate. Everywhere else ``eigh``
+    as it is (on a CPU float32 ``ssyevd`` is the faster; JAX's and CuPy's GPU routes unmeasured).
+    """
+    xp = array_namespace(a)
+    if _cuda_float32(xp, a) and a.shape[-1] in CUDA_JACOBI_EIGH_ORDERS:
+        return eigh_widened(a)
+    return per_matrix(xp, xp.linalg.eigh, a)
+
+
+def left_singular(a: Array) -> tuple[Array, Array]:
+    """``(W, s)``, the left singular vectors and the singular values (descending) of the thin SVD
+    ``a = W diag(s) V^T`` of (stacks of) ``a`` with no more rows than columns: ``W, s, _ =
+    svd(a, full_matrices=False)``.
+
+    A float32 tensor on CUDA takes the eigenpairs of its Gram ``a a^T`` formed and decomposed in
+    float64 (``s = sqrt(max(lambda, 0))``), returned in float32: torch's float32 ``svd`` there is
+    cuSOLVER's Jacobi ``gesvdj``, 4.5x slower at 768 x 768 on an H200 (35 ms a matrix, the Gram's
+    route 7.8 ms; docs/performance.md, "On a GPU: the fourth run"). As accurate as the float32 SVD:
+    the float64 Gram's rounding, a few ``u64 s_0^2``, stays below the float32 SVD's own error on
+    ``s^2`` (``u32 s s_0``) down to ``s`` of a few ``u32 s_0`` (``u64 < u32^2``), where both
+    are noise; ``W`` is orthonormal to float64 before its rounding to float32. Everywhere else the
+    SVD as it is.
+    """
+    xp = array_namespace(a)
+    if not _cuda_float32(xp, a):
+        w, s, _ = per_matrix(xp, lambda m: xp.linalg.svd(m, full_matrices=False), a)
+        return w, s
+    wide = xp.astype(a, xp.float64)
+    values, vectors = per_matrix(xp, xp.linalg.eigh, symmetrize(xp.matmul(wide, wide.mT)))
+    values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
+    s = xp.sqrt(xp.maximum(values, xp.zeros_like(values)))
+    return xp.astype(vectors, a.dtype), xp.astype(s, a.dtype)
 
 
 # The damped solvers below take a ``symmetrize`` flag, which shadows the function there.
@@ -218,7 +273,7 @@ def matrix_power_eigh(
         :math:`e < 0`). ``None`` (default) applies the power to every eigenvalue.
     """
     xp = array_namespace(a)
-    w, v = per_matrix(xp, xp.linalg.eigh, symmetrize(a))
+    w, v = symmetric_eigh(symmetrize(a))
     w = xp.clip(w, min=floor)
     w = w + _batch_scalar(xp, shift, w, 1)
     if rcond is None:

@@ -62,7 +62,7 @@ import math
 from typing import Any, NamedTuple, Optional
 
 from ._backend import is_zero, matmul, placement, scalar_zero, select
-from .linalg import all_finite, eigh_widened, per_matrix, symmetrize
+from .linalg import all_finite, eigh_widened, left_singular, per_matrix, symmetric_eigh, symmetrize
 
 __all__ = [
     "SKETCH_KEYS",
@@ -203,10 +203,11 @@ class _Ritz(NamedTuple):
 
 def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array, gram: bool = False) -> _Ritz:
     """Brand's incremental SVD: Z = [U, Q] K with Q an orthonormal basis of x's component outside
-    span(U), so the SVD of the small (k+m) x (k+m) K gives the SVD of Z exactly (U orthonormal or
-    zero columns). Cost: four d x k x m products and one d x (k+m) x k, about one QR of Z. With
-    ``gram`` K's left singular pairs come from the eigendecomposition of K K^T instead
-    (:func:`_left_singular_by_gram`)."""
+    span(U), so the left singular pairs (W, s) of the small (k+m) x (k+m) K give those of Z exactly
+    (U orthonormal or zero columns): :func:`~precond_ref.linalg.left_singular`, or with ``gram``
+    the float32 eigendecomposition of K K^T (:func:`_left_singular_by_gram`). The new data in the
+    frame, W^T [coords; corner], is diag(s) V^T's last m columns. Cost: four d x k x m products and
+    one d x (k+m) x k, about one QR of Z."""
     k = basis.shape[-1]
     coords = _coordinates(xp, basis, x)
     residual = x - _combination(xp, basis, coords)
@@ -223,11 +224,8 @@ def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array, gram: boo
     bottom = xp.concat([xp.zeros(corner.shape[:-1] + (k,), dtype=x.dtype, device=placement(xp, x)), corner], axis=-1)
     core = xp.concat([top, bottom], axis=-2)
     projection = xp.concat([coords, corner], axis=-2)
-    if gram:
-        w, s = _left_singular_by_gram(xp, core)
-        return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=matmul(xp, w.mT, projection))
-    w, s, vh = per_matrix(xp, _reduced_svd(xp), core)
-    return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=s[..., :, None] * vh[..., :, k:])
+    w, s = _left_singular_by_gram(xp, core) if gram else left_singular(core)
+    return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=matmul(xp, w.mT, projection))
 
 
 def _left_singular_by_gram(xp: Any, a: Array) -> tuple[Array, Array]:
@@ -239,7 +237,7 @@ def _left_singular_by_gram(xp: Any, a: Array) -> tuple[Array, Array]:
     (u s_0^2) limits s to an absolute sqrt(u) s_0, the accuracy of the ``"gram"`` and ``"subspace"``
     paths (``shrink_cutoff_tolerance``); W stays orthogonal to working precision.
     """
-    values, vectors = per_matrix(xp, xp.linalg.eigh, symmetrize(matmul(xp, a, a.mT)))
+    values, vectors = symmetric_eigh(symmetrize(matmul(xp, a, a.mT)))
     values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
     return vectors, xp.sqrt(xp.maximum(values, xp.zeros_like(values)))
 
@@ -301,7 +299,7 @@ def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Arr
     tiny_rel = float(xp.finfo(z.dtype).eps) * max(d, n)
     if n < d:
         gram = matmul(xp, z.mT, z)
-        evals, v = per_matrix(xp, xp.linalg.eigh, symmetrize(gram))
+        evals, v = symmetric_eigh(symmetrize(gram))
         evals, v = xp.flip(evals, axis=-1), xp.flip(v, axis=-1)
         evals = xp.maximum(evals, xp.zeros_like(evals))
         keep = evals > tiny_rel * evals[..., :1]

@@ -102,6 +102,69 @@ def test_eigh_widened_decomposes_a_ritz_matrix_float32_mkl_did_not():
     assert np.abs((v * w) @ v.T - h).max() <= 100 * u * np.abs(h).max()
 
 
+def _as_on_cuda(monkeypatch):
+    """Make ``linalg``'s CUDA float32 routes run for float32 torch tensors on this CPU."""
+    monkeypatch.setattr(linalg, "_cuda_float32", lambda xp, a: "torch" in xp.__name__ and a.dtype == xp.float32)
+
+
+@pytest.mark.parametrize("cuda_route", [False, True])
+def test_symmetric_eigh_is_eigh_by_the_route_of_its_device(backend, cuda_route, monkeypatch):
+    """``symmetric_eigh(A)`` = ``eigh(A)``; on CUDA a float32 matrix of an order where torch would
+    use the Jacobi ``syevj`` (33-512) is decomposed in float64 (``eigh_widened``): bit for bit those
+    computations, everywhere else ``eigh`` itself. The CUDA route is taken here on a CPU tensor."""
+    if cuda_route and backend.name != "torch":
+        pytest.skip("the CUDA route is torch's")
+    if cuda_route:
+        _as_on_cuda(monkeypatch)
+    xp = backend.xp
+    rng = np.random.default_rng(5)
+    for order in (32, 33, 512, 513) if cuda_route else (3, 33):
+        a = rng.standard_normal((order, order)).astype(np.float32)
+        a = backend.asarray(a + a.T)
+        got = [backend.to_numpy(x) for x in linalg.symmetric_eigh(a)]
+        widened = cuda_route and 33 <= order <= 512
+        want = [backend.to_numpy(x) for x in (linalg.eigh_widened(a) if widened else xp.linalg.eigh(a))]
+        for g, w in zip(got, want):
+            assert g.dtype == np.float32
+            np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("cuda_route", [False, True])
+def test_left_singular_is_the_thin_svd_to_float32_accuracy(backend, cuda_route, monkeypatch):
+    """``left_singular(a)`` against its formula ``W, s, _ = svd(a)`` for float32 stacks with
+    singular values from 1 down to 1e-6 and a null space (an FD core on a cold step), by the plain
+    SVD and by the CUDA route (the float64 Gram's eigenpairs). Rounding model: a backward-stable
+    float32 SVD puts s within a few n u s_0 of the exact singular values of the float32 input; the
+    float64 Gram's eigenvalues carry n u64 s_0^2, i.e. s within sqrt(n u64) s_0 < n u s_0 near 0
+    (u64 < u^2), and the cast to float32 adds u s. Both routes must meet the float32 SVD's 8 n u s_0
+    (the float32 Gram of sketch's "gram" paths, sqrt(n u) s_0, is 20x over it here); W orthonormal
+    to 8 n u, and W^T a = diag(s) V^T has orthogonal rows of norms s."""
+    if cuda_route and backend.name != "torch":
+        pytest.skip("the CUDA route is torch's")
+    if cuda_route:
+        _as_on_cuda(monkeypatch)
+    rng = np.random.default_rng(11)
+    n = 40
+    u = float(np.finfo(np.float32).eps) / 2
+    q1, _ = np.linalg.qr(rng.standard_normal((2, n, n)))
+    q2, _ = np.linalg.qr(rng.standard_normal((2, n, n)))
+    singular = np.geomspace(1.0, 1e-6, n)
+    singular[-3:] = 0.0
+    a = ((q1 * singular) @ np.swapaxes(q2, -1, -2)).astype(np.float32)
+    a[1] *= 2.0
+    w, s = (backend.to_numpy(x) for x in linalg.left_singular(backend.asarray(a)))
+    assert w.dtype == np.float32 and s.dtype == np.float32
+    assert w.shape == (2, n, n) and s.shape == (2, n)
+    for j in range(2):
+        exact = np.linalg.svd(a[j].astype(np.float64), compute_uv=False)
+        assert np.all(np.diff(s[j]) <= 0)
+        np.testing.assert_allclose(s[j], exact, rtol=0, atol=8 * n * u * exact[0])
+        np.testing.assert_allclose(w[j].T.astype(np.float64) @ w[j], np.eye(n), rtol=0, atol=8 * n * u)
+        coords = w[j].T.astype(np.float64) @ a[j].astype(np.float64)
+        np.testing.assert_allclose(coords @ coords.T, np.diag(s[j].astype(np.float64) ** 2), rtol=0,
+                                   atol=8 * n * u * exact[0] ** 2)
+
+
 def test_eigh_symmetrises_shifts_clamps_and_batches(backend):
     xp = backend.xp
     a, q, w = spd(5, 1e3, seed=3, batch=(2,))

@@ -379,6 +379,37 @@ def test_incremental_path_is_exact_and_tall_only():
         np.testing.assert_allclose(u.T @ u, np.eye(k), atol=10 * tol)
 
 
+@pytest.mark.parametrize("path", ["incremental", "gram"])
+def test_exact_paths_by_the_cuda_routes_are_the_svd_path(path, monkeypatch):
+    """On CUDA the incremental path's core goes through ``linalg.left_singular``'s float64 Gram and
+    the Gram path's eigh through ``symmetric_eigh``'s float64 ``syevd`` (taken here on CPU tensors):
+    the float32 sketch still equals the SVD path's to the tolerance of
+    ``test_incremental_path_is_exact_and_tall_only`` (a few ulps times the largest singular
+    value). This checks the routes' wiring into the FD step (order of the pairs, the frame's data
+    W^T [coords; corner]); their accuracy on ill-conditioned matrices is test_linalg's."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.numpy as xp
+    import array_api_compat.torch as txp
+
+    from precond_ref import linalg
+
+    monkeypatch.setattr(linalg, "_cuda_float32", lambda ns, a: ns is txp and a.dtype == torch.float32)
+    d, k, m, tol = 40, 6, 3, 2e-5
+    if path == "gram":
+        d = 36  # k + m < d: the Gram path's n x n Gram; order 36 is one torch gives syevj on CUDA
+        m = 34  # n = k + m >= d: the d x d Gram
+    a = fd_init(xp, d, k, dtype=xp.float32, device=None)
+    b = fd_init(txp, d, k, dtype=torch.float32, device="cpu")
+    for x in _stream(3, d, m, 8):
+        x = x.astype(np.float32)
+        a, _ = fd_update(xp, a, x, exponent=-0.5, decay=0.9, cutoff=True, decomposition="svd")
+        b, _ = fd_update(txp, b, torch.from_numpy(x), exponent=-0.5, decay=0.9, cutoff=True, decomposition=path)
+    b = {key: value.numpy() for key, value in b.items()}
+    scale = np.abs(fd_covariance(xp, a)).max()
+    np.testing.assert_allclose(fd_covariance(xp, b), fd_covariance(xp, a), atol=tol * scale)
+    np.testing.assert_allclose(_rho(b), _rho(a), rtol=50 * tol)
+
+
 def _rotating_stream(seed, d, m, steps):
     """Gradients from a slowly rotating basis with a decaying spectrum (the top quarter of the
     directions holds about 95% of the mass), as training gradients are described in the paper."""
