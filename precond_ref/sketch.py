@@ -205,7 +205,7 @@ def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array, gram: boo
     """Brand's incremental SVD: Z = [U, Q] K with Q an orthonormal basis of x's component outside
     span(U), so the left singular pairs (W, s) of the small (k+m) x (k+m) K give those of Z exactly
     (U orthonormal or zero columns): :func:`~precond_ref.linalg.left_singular`, or with ``gram``
-    the float32 eigendecomposition of K K^T (:func:`_left_singular_by_gram`). The new data in the
+    the eigendecomposition of K K^T formed in K's dtype (:func:`_left_singular_by_gram`). The new data in the
     frame, W^T [coords; corner], is diag(s) V^T's last m columns. Cost: four d x k x m products and
     one d x (k+m) x k, about one QR of Z."""
     k = basis.shape[-1]
