@@ -117,6 +117,11 @@ def _cuda_float32(xp: Any, a: Array) -> bool:
     return is_torch_namespace(xp) and a.dtype == xp.float32 and getattr(a.device, "type", None) == "cuda"
 
 
+def _reduced_svd(xp: Any) -> Any:
+    """``svd(m, full_matrices=False)`` of ``xp`` as a one-argument function (for :func:`per_matrix`)."""
+    return lambda m: xp.linalg.svd(m, full_matrices=False)
+
+
 def symmetric_eigh(a: Array) -> tuple[Array, Array]:
     """``xp.linalg.eigh(a)``: eigenvalues ascending and eigenvectors of (stacks of) symmetric ``a``,
     by the faster exact route of ``a``'s device.
@@ -149,7 +154,7 @@ def left_singular(a: Array) -> tuple[Array, Array]:
     """
     xp = array_namespace(a)
     if not _cuda_float32(xp, a):
-        w, s, _ = per_matrix(xp, lambda m: xp.linalg.svd(m, full_matrices=False), a)
+        w, s, _ = per_matrix(xp, _reduced_svd(xp), a)
         return w, s
     wide = xp.astype(a, xp.float64)
     values, vectors = per_matrix(xp, xp.linalg.eigh, symmetrize(xp.matmul(wide, wide.mT)))

@@ -62,7 +62,7 @@ import math
 from typing import Any, NamedTuple, Optional
 
 from ._backend import is_zero, matmul, placement, scalar_zero, select
-from .linalg import all_finite, eigh_widened, left_singular, per_matrix, symmetric_eigh, symmetrize
+from .linalg import _reduced_svd, all_finite, eigh_widened, left_singular, per_matrix, symmetric_eigh, symmetrize
 
 __all__ = [
     "SKETCH_KEYS",
@@ -77,10 +77,6 @@ __all__ = [
 ]
 
 Array = Any
-
-
-def _reduced_svd(xp: Any) -> Any:
-    return lambda m: xp.linalg.svd(m, full_matrices=False)
 
 
 SKETCH_KEYS = ("basis", "singular_values", "escaped_root", "basis_weights", "complement_weight")
