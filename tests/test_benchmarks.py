@@ -400,8 +400,8 @@ def faults_of_a_fresh_array():
     a = torch.ones(2**24, dtype=torch.float32)  # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB)
     del a
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults = [faults_of_a_fresh_array() for _ in range(4)]
-print(kept is not None, max(faults[2:]))
+faults = [faults_of_a_fresh_array() for _ in range(8)]
+print(kept is not None, min(faults[2:]))
 """
 
 
@@ -411,7 +411,12 @@ def test_keep_freed_memory_reuses_a_freed_block_instead_of_faulting_in_fresh_pag
     """allocator.keep_freed_memory's docstring: with it, a 64 MiB torch array made after equal ones
     were freed reuses their memory (from the third on here: no 4 KiB page faulted in again); with
     glibc's defaults such a block goes back to the operating system when freed and each of its
-    16384 pages faults on first touch, every time."""
+    16384 pages faults on first touch, every time.
+
+    The fewest faults of arrays 3 to 8 is compared: on a loaded machine the kernel may reclaim
+    some of the kept, idle pages between two arrays (one failure under a parallel valgrind run),
+    which faults them in again, but not on every one of six arrays; without the setting every
+    array faults in all its pages."""
     import subprocess
 
     def run(mode):
