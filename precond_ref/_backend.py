@@ -16,9 +16,10 @@ import numbers
 import sys
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
-from array_api_compat import device as array_device, is_jax_namespace, is_numpy_namespace, is_torch_namespace
+from array_api_compat import device as _compat_device, is_jax_namespace, is_numpy_namespace, is_torch_namespace
 
 __all__ = [
+    "array_device",
     "float64_where_available",
     "is_number",
     "is_zero",
@@ -104,6 +105,17 @@ def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
     if isinstance(value, numbers.Real):  # Python and NumPy scalars alike
         return xp.full((), float(value), dtype=dtype, device=_placed(xp, device))
     return xp.astype(value, dtype)
+
+
+def array_device(x: Array) -> Any:
+    """``array_api_compat.device(x)``, the device ``x`` lives on, with a torch tensor's ``x.device``
+    read directly: the generic lookup first tests ``x`` against NumPy, Dask, JAX and sparse
+    arrays, and an eager step asks for devices hundreds of times (in torch, where the answer is
+    ``x.device`` all the same)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.device
+    return _compat_device(x)
 
 
 def placement(xp: Any, x: Array) -> Any:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
 
-from array_api_compat import device as array_device, is_torch_array
+from array_api_compat import is_torch_array
 
-from ._backend import device_key, torch_compiling
+from ._backend import array_device, device_key, torch_compiling
 
 __all__ = [
     "merge_small_dims", "block_bounds", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks",

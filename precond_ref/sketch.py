@@ -70,6 +70,7 @@ __all__ = [
     "fd_update",
     "fd_update_apply",
     "fd_apply",
+    "fd_apply_with_own_mass",
     "shrink_cutoff_tolerance",
     "subspace_width",
     "resolve_decomposition",
@@ -585,3 +586,55 @@ def fd_apply(xp: Any, sketch: dict[str, Array], x: Array) -> Array:
     # U (diag(w) - w_perp) U^T x + w_perp x: one product with U less than the formula above.
     scaled = coords * (sketch["basis_weights"][..., :, None] - complement_weight)
     return _combination(xp, basis, scaled) + complement_weight * x
+
+
+def fd_apply_with_own_mass(xp: Any, sketch: dict[str, Array], x: Array) -> Array:
+    r"""The sketch applied to a column ``x`` (..., d, 1) it has not seen, with x's own mass added on
+    the sketch's frame (exponent -1/2, S-AdaGrad's):
+
+    .. math::
+
+        c = U^\top x, \quad r = x - U c, \quad
+        y = U \left[c_i\,(\mu_i + c_i^2)^{-1/2}\right]_i + (\mu_\perp + \lVert r\rVert^2)^{-1/2}\, r,
+
+    with :math:`\mu_i = w_i^{-2}`, :math:`\mu_\perp = w_\perp^{-2}` the masses behind the stored
+    weights (0 where a weight is 0: the pseudo-inverse's empty directions). That is
+    :math:`(S + D)^{-1/2} x`, with :math:`S` the operator of :func:`fd_apply` (masses) and
+    :math:`D = \operatorname{diag}(c_1^2, \dots, c_k^2, \lVert r\rVert^2)` on the orthonormal
+    frame :math:`[U, r/\lVert r\rVert]`: the diagonal of :math:`x x^\top` on that frame, what x
+    adds to the sketch, without the decomposition that adds it exactly. So, as after an FD step
+    that has added x, no coordinate of y on the frame exceeds 1 in magnitude, whereas
+    :func:`fd_apply` gives the unseen part of x the weight :math:`w_\perp`, unbounded.
+
+    Computed in units of a power of two near x's largest entry (exact: the residual's norm does
+    not underflow), each coordinate as :math:`t / \operatorname{hypot}(1, t)` with
+    :math:`t = w_i c_i` (no square overflows; :math:`\operatorname{sign}(c_i)` where
+    :math:`w_i = 0`), the residual's as :math:`\tau / \operatorname{hypot}(1, \tau)` along
+    :math:`r / \lVert r\rVert`, :math:`\tau = w_\perp \lVert r\rVert`. Where :math:`\mu_\perp = 0`,
+    a residual at rounding level (:math:`\lVert r\rVert \le 10 u \lVert x\rVert`, x in span(U))
+    counts as 0, as the FD step's cutoff counts it.
+    """
+    if x.shape[-1] != 1:
+        raise ValueError(f"fd_apply_with_own_mass takes one column x (..., d, 1), got shape {tuple(x.shape)}")
+    basis = sketch["basis"]
+    weights = sketch["basis_weights"][..., :, None]
+    complement = sketch["complement_weight"][..., None, None]
+    scale = _power_of_two_scale(xp, xp.max(xp.abs(x), axis=(-2, -1)))[..., None, None]
+    x = x / scale
+    coords = _coordinates(xp, basis, x)
+    residual = x - _combination(xp, basis, coords)
+    norm = xp.linalg.vector_norm(residual, axis=-2, keepdims=True)
+    unit = residual / select(xp, norm > 0.0, norm, xp.ones_like(norm))
+    noise = shrink_cutoff_tolerance(xp, x.dtype) * xp.linalg.vector_norm(x, axis=-2, keepdims=True)
+    absent = select(xp, norm > noise, xp.ones_like(norm), xp.zeros_like(norm))
+    along = select(xp, weights > 0.0, _saturated(xp, weights * scale * coords), xp.sign(coords))
+    across = select(xp, complement > 0.0, _saturated(xp, complement * scale * norm), absent)
+    return _combination(xp, basis, along) + across * unit
+
+
+def _saturated(xp: Any, t: Array) -> Array:
+    """``t / sqrt(1 + t^2)``, in (-1, 1), as ``t / hypot(1, t)`` with ``t`` capped at ``1/eps``,
+    beyond which the value is +-1 to rounding (an infinite ``t`` gives +-1, not NaN)."""
+    cap = 1.0 / float(xp.finfo(t.dtype).eps)
+    t = xp.clip(t, min=-cap, max=cap)
+    return t / xp.hypot(xp.ones_like(t), t)

@@ -22,7 +22,7 @@ import math
 import numbers
 from typing import Any, Callable, Hashable, Iterable, NamedTuple, Optional, Sequence, Union
 
-from array_api_compat import array_namespace, device as array_device, is_jax_namespace
+from array_api_compat import array_namespace, is_jax_namespace
 
 from ._backend import (
     IdentityDict,
@@ -42,6 +42,7 @@ from ._backend import (
     host_bool,
     is_dense,
     as_operand,
+    array_device,
     is_number,
     is_tracer as _is_tracer,
     is_zero,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from precond_ref._backend import (
-    NO_CONTEXT, IdentityDict, _copies, as_operand, cast, compute_dtype, computed_once, cond, cond_under_cpu_jit,
+    NO_CONTEXT, IdentityDict, _copies, array_device, as_operand, cast, compute_dtype, computed_once, cond, cond_under_cpu_jit,
     device_key, float32_matmul_precision, is_number, is_tracer, is_zero, placement, scalar_array, scalar_zero,
     torch_compiling,
 )
@@ -389,6 +389,21 @@ def test_device_key_is_equal_exactly_for_arrays_on_one_device():
     assert a.device is not b.device
     assert len({device_key(a), device_key(b)}) == 1 and device_key(a) != device_key(c)
     assert device_key(torch.zeros(2)) == torch.device("cpu") and device_key(np.zeros(2)) == "cpu"
+
+
+def test_array_device_is_array_api_compats_device(backend):
+    """``array_device(x) == array_api_compat.device(x)`` [definition] on every backend, for a torch
+    tensor's subclass (``nn.Parameter``) and inside ``torch.compile`` too, where the torch branch
+    reads ``x.device`` directly."""
+    import array_api_compat
+    import torch
+
+    for x in (backend.asarray(np.zeros((2, 3))), backend.asarray(np.float64(1.0))):
+        assert array_device(x) == array_api_compat.device(x)
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    assert array_device(parameter) == array_api_compat.device(parameter) == torch.device("cpu")
+    compiled = torch.compile(lambda x: torch.zeros(1, device=array_device(x)) + x, fullgraph=True, backend="eager")
+    assert compiled(torch.ones(2)).device == torch.device("cpu")
 
 
 def test_once_shares_a_value_keyed_by_an_unhashable_device():

@@ -18,6 +18,7 @@ from precond_ref.sketch import (
     _power_of_two_scale,
     _probe,
     fd_apply,
+    fd_apply_with_own_mass,
     fd_init,
     fd_update,
     fd_update_apply,
@@ -637,6 +638,67 @@ def test_update_apply_is_update_then_apply(path, m):
             np.testing.assert_allclose(b[key], a[key], rtol=0, atol=16 * d * np.finfo(np.float64).eps * scale)
         want = fd_apply(xp, a, x)
         np.testing.assert_allclose(y, want, rtol=0, atol=1e3 * 1e-15 * np.abs(want).max())
+
+
+def _masses(weights):
+    """The masses behind stored weights of exponent -1/2: w^-2, and 0 where w = 0."""
+    return np.where(weights > 0, np.where(weights > 0, weights, 1.0) ** -2.0, 0.0)
+
+
+@given(sizes=sizes, seed=st.integers(0, 2**16), delta=st.sampled_from([0.0, 1e-3]), scale=st.sampled_from([1e-8, 1.0, 1e8]))
+def test_apply_with_own_mass_is_the_sketch_plus_the_frame_diagonal(property_backend, sizes, seed, delta, scale):
+    """fd_apply_with_own_mass(x) = (S + D)^{+1/2}-inverse applied to x [derived, its docstring]: S the
+    dense operator of the stored weights (masses w_i^-2 on U, w_perp^-2 on the complement), D
+    diag(c_i^2, |r|^2) on the frame [U, r/|r|] with c = U^T x, r = x - U c; the pseudo-inverse on
+    directions of zero mass. Sketches filling (pseudo-inverse complement) and full (mass escaped),
+    with and without delta, data of any scale (the sketch's and x's alike); float64 on every backend."""
+    d, k, m, steps = sizes
+    xp = property_backend.xp
+    sketch = fd_init(xp, d, k, dtype=xp.float64, device=None)
+    for x in _stream(seed, d, m, steps):
+        sketch, _ = fd_update(xp, sketch, property_backend.asarray(x * scale), exponent=-0.5, decay=0.9, eps=1e-7,
+                              delta=delta * scale**2, cutoff=True)
+    state = {key: property_backend.to_numpy(v) for key, v in sketch.items()}
+    u = state["basis"]
+    x = np.random.default_rng(seed + 1).standard_normal((d, 1)) * scale
+    c = u.T @ x
+    r = x - u @ c
+    mass = (u * _masses(state["basis_weights"])) @ u.T + _masses(state["complement_weight"]) * (np.eye(d) - u @ u.T)
+    norm = np.linalg.norm(r)
+    own = (u * (c[:, 0] ** 2)) @ u.T + (r @ r.T if norm > 1e-14 * np.linalg.norm(x) else 0.0)
+    values, vectors = np.linalg.eigh(mass + own)
+    keep = values > 1e-12 * values.max()
+    expect = (vectors * np.where(keep, np.where(keep, values, 1.0) ** -0.5, 0.0)) @ vectors.T @ x
+    got = property_backend.to_numpy(fd_apply_with_own_mass(xp, sketch, property_backend.asarray(x)))
+    np.testing.assert_allclose(got, expect, rtol=1e-7, atol=1e-7 * np.abs(expect).max())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_apply_with_own_mass_bounds_each_frame_coordinate_by_one(dtype):
+    """|u_i^T y| <= 1 and |y - U U^T y| <= 1 for y = fd_apply_with_own_mass(x) [derived:
+    c (mu + c^2)^{-1/2} <= 1], whatever the stored weights (0, 1e-30 to 1e30: a sketch of tiny
+    mass applied to a large unseen x, the case where fd_apply's w_perp r is unbounded) and the
+    scale of x; finite in float32 (no square overflows) and a stack of sketches at once."""
+    import array_api_compat.numpy as xp
+
+    rng = np.random.default_rng(0)
+    d, k, n = 9, 3, 6
+    basis, _ = np.linalg.qr(rng.standard_normal((n, d, k)))
+    basis[1, :, 2] = 0.0  # a masked direction (weight 0, zero column)
+    weights = np.array([[1e30, 1.0, 1e-30], [1e3, 1e-3, 0.0], [0.0, 0.0, 0.0], [1e-3, 1e-3, 1e-3], [1e10, 1e10, 1e10], [1.0, 2.0, 3.0]])
+    complement = np.array([1e30, 1e-30, 0.0, 1e3, 0.0, 1.0])
+    sketch = {"basis": basis.astype(dtype), "basis_weights": weights.astype(dtype), "complement_weight": complement.astype(dtype)}
+    for scale in (1e-30, 1e-3, 1.0, 1e3, 1e30):
+        x = (rng.standard_normal((n, d, 1)) * scale).astype(dtype)
+        with np.errstate(over="ignore"):  # w c of 1e60 overflows to inf on the way to +-1
+            y = fd_apply_with_own_mass(xp, sketch, x).astype(np.float64)
+        assert np.isfinite(y).all()
+        coords = np.swapaxes(basis, -1, -2) @ y
+        rest = np.linalg.norm(y - basis @ coords, axis=(-2, -1))
+        slack = 1.0 + 64 * np.finfo(dtype).eps
+        assert np.abs(coords).max() <= slack and rest.max() <= slack, (scale, np.abs(coords).max(), rest.max())
+    with pytest.raises(ValueError, match="one column"):
+        fd_apply_with_own_mass(xp, sketch, np.ones((n, d, 2), dtype=dtype))
 
 
 def test_update_apply_has_no_cancellation():

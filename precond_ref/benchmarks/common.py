@@ -52,7 +52,10 @@ VARIANTS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
         ("every 10", {"precondition_every": 10}),
         ("faithful", {"mode": "faithful", "block_size": None}),
     ),
-    "s_adagrad": (("faithful", {"mode": "faithful", "block_size": None}),),
+    "s_adagrad": (
+        ("every 3", {"precondition_every": 3}),
+        ("faithful", {"mode": "faithful", "block_size": None}),
+    ),
     "if_shampoo": (
         ("every 10", {"precondition_every": 10}),
         ("bf16 factors", {"factor_dtype": "bfloat16"}),

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-from array_api_compat import device as array_device
 
-from .._backend import cast, compute_dtype, computed_once, float64_where_available, is_number, is_zero, placement, scalar_array
+from .._backend import array_device, cast, compute_dtype, computed_once, float64_where_available, is_number, is_zero, placement, scalar_array
 from ..transform import (
     ScalarOrSchedule,
     StepContext,

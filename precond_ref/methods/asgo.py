@@ -28,9 +28,10 @@ import numbers
 import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
-from array_api_compat import device as array_device, is_jax_namespace
+from array_api_compat import is_jax_namespace
 
 from .._backend import (
+    array_device,
     cast,
     compute_dtype,
     computed_once,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from array_api_compat import array_namespace, device as array_device
+from array_api_compat import array_namespace
 
-from .._backend import as_operand, cast, compute_dtype, cond, device_key, host_bool, is_zero, placement
+from .._backend import array_device, as_operand, cast, compute_dtype, cond, device_key, host_bool, is_zero, placement
 from ..blocking import on_stacks
 from ..linalg import all_finite, damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_of_quadratic
 from ..transform import (

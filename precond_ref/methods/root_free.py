@@ -19,10 +19,10 @@ import re
 from functools import lru_cache, partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
-from array_api_compat import array_namespace, device as array_device, is_jax_namespace
+from array_api_compat import array_namespace, is_jax_namespace
 
 from .._backend import (
-    IdentityDict, as_operand, cast, compute_dtype, computed_once, cond, device_key, host_bool, is_number, is_tracer,
+    IdentityDict, array_device, as_operand, cast, compute_dtype, computed_once, cond, device_key, host_bool, is_number, is_tracer,
     is_zero, placement, scalar_array, scalar_zero, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike

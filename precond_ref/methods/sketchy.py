@@ -19,13 +19,12 @@ import numbers
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
-from array_api_compat import device as array_device
 
-from .._backend import compute_dtype, cond, is_number, is_zero, scalar_array, torch_compiling
+from .._backend import array_device, compute_dtype, cond, is_number, is_zero, scalar_array, torch_compiling
 from ..blocking import (
     block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stable_hash, stack, unfold, unstack,
 )
-from ..sketch import fd_apply, fd_init, fd_update, fd_update_apply
+from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply
 from ..tree import from_entries, to_entries
 from ..transform import (
     ScalarOrSchedule,
@@ -838,7 +837,10 @@ def s_adagrad(
         >= 1; default None, the whole parameter, as the authors).
     precondition_every:
         Principled only: add the gradient to the sketch every this many steps (default None: 1,
-        every step, as the authors); between, the gradient is preconditioned by the last sketch.
+        every step, as the authors); between, the gradient is preconditioned by the last sketch
+        with its own mass on the sketch's frame (:func:`precond_ref.sketch.fd_apply_with_own_mass`:
+        each coordinate of the step at most 1, as on a refresh step; the last sketch alone leaves
+        the part it has not seen unbounded, and diverged on every seed measured).
     spread_refresh:
         Principled only (default True): with ``precondition_every = T > 1``, the block runs take
         phases as in :func:`sketchy`, so each step updates about 1/T of the blocks.
@@ -1029,7 +1031,10 @@ def _adagrad_stack(xp: Any, operands: tuple, due: Any, ctx: StepContext, fd_opti
     r"""S-AdaGrad on a stack of runs (``operands``: the sketch fields, then the gradient's rows
     x, (n, length, 1)). When ``due``, the FD step adds x to each sketch and applies the new sketch
     to it in one pass (:func:`precond_ref.sketch.fd_update_apply`); otherwise the last sketch is
-    applied, :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x`. Returns the sketch fields, whether
+    applied with x's own mass on its frame, :math:`(S + D)^{-1/2} x`
+    (:func:`precond_ref.sketch.fd_apply_with_own_mass`: the last sketch alone,
+    :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x`, leaves the part of x it has not seen
+    unbounded, and diverged on every seed measured). Returns the sketch fields, whether
     each block's FD step was finite (True where none ran) and the preconditioned rows."""
     sketch, rows = _Sketch(*operands[:-1]), operands[-1]
 
@@ -1039,7 +1044,7 @@ def _adagrad_stack(xp: Any, operands: tuple, due: Any, ctx: StepContext, fd_opti
 
     def keep(sketch: _Sketch, rows: Array) -> tuple:
         finite = xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows))
-        return (*sketch, finite, _fd_apply(xp, sketch, rows))
+        return (*sketch, finite, fd_apply_with_own_mass(xp, sketch._asdict(), rows))
 
     if is_number(due) and due == 1:  # every step (the authors' schedule): no branch
         return refresh(sketch, rows)

@@ -26,9 +26,9 @@ import random
 import sys
 from typing import Any, Callable
 
-from array_api_compat import array_namespace, device as array_device, is_jax_namespace
+from array_api_compat import array_namespace, is_jax_namespace
 
-from .._backend import is_tracer
+from .._backend import array_device, is_tracer
 from ..tree import path_str, tree_flatten, tree_unflatten
 from .backends import resolve_dtype, resolve_namespace
 

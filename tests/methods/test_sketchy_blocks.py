@@ -71,8 +71,9 @@ def test_unspread_interval_refreshes_everything_together():
 
 def test_s_adagrad_interval_applies_last_sketch_between_refreshes():
     """S-AdaGrad with precondition_every T: on a call where no block is due the sketch is unchanged
-    and the direction is the last sketch applied to the gradient, fd_apply (spec §2.5 operator)."""
-    from precond_ref.sketch import fd_apply
+    and the direction is the last sketch applied to the gradient with the gradient's own mass on the
+    sketch's frame, fd_apply_with_own_mass (docs/methods/sketchy.md, "Long axes, intervals and cost")."""
+    from precond_ref.sketch import fd_apply_with_own_mass
     import array_api_compat.numpy as xp
 
     tx = pr.s_adagrad(learning_rate=1.0, rank=3, precondition_every=4, spread_refresh=False)
@@ -86,9 +87,30 @@ def test_s_adagrad_interval_applies_last_sketch_between_refreshes():
     for key, value in before.items():
         np.testing.assert_array_equal(state.groups["w"][key], value)
     sketch = {name: before[f"sketches/0/0/{name}"] for name in pr.sketch.SKETCH_KEYS}
-    expected = -fd_apply(xp, sketch, g.reshape(12, 1)).reshape(6, 2)
+    expected = -fd_apply_with_own_mass(xp, sketch, g.reshape(12, 1)).reshape(6, 2)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(updates["w"], expected, rtol=0, atol=16 * np.finfo(np.float64).eps * scale * 12)
+
+
+@pytest.mark.parametrize("precondition_every", [1, 3])
+def test_s_adagrad_step_is_bounded_with_and_between_refreshes(precondition_every):
+    """|update| <= lr sqrt(k + 1) on every step [derived: the direction has at most k + 1
+    coordinates on an orthonormal frame, each at most 1 in magnitude; after an FD step that added g
+    (|c_i| (sigma_i^2 + rho + c_i^2)^{-1/2}, and the part of g outside the new basis is at most the
+    shrink value, weighted by (rho')^{-1/2} <= 1/shrink), and between refreshes by
+    fd_apply_with_own_mass]. The stream leaves a tiny escaped mass (a fourth direction of 1e-3
+    against a rank-3 sketch), then a gradient along a direction the sketch never saw: the last
+    sketch alone gives it the weight rho^{-1/2}, about 1e3 here."""
+    rank, lr = 3, 1.0
+    tx = pr.s_adagrad(learning_rate=lr, rank=rank, precondition_every=precondition_every, spread_refresh=False)
+    state = tx.init({"w": np.zeros(12)})
+    eye = np.eye(12)
+    stream = [eye[0]] * 3 + [eye[1]] * 3 + [eye[2]] * 3 + [1e-3 * eye[3], eye[5], eye[5], eye[5]]
+    norms = []
+    for g in stream:
+        updates, state = tx.update({"w": g}, state)
+        norms.append(float(np.linalg.norm(updates["w"])))
+    assert max(norms) <= lr * np.sqrt(rank + 1) * (1 + 1e-12), norms
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "4"])
