@@ -113,7 +113,7 @@ def core_kwargs(method: str, mode: str) -> dict:
         "asgo": dict(learning_rate=1e-2, **every),
         "dasgo": dict(learning_rate=1e-2),
         "sketchy": dict(learning_rate=1e-2, rank=2, **every),
-        "s_adagrad": dict(learning_rate=1e-1, rank=2, momentum=0.5, delta=1e-3),
+        "s_adagrad": dict(learning_rate=1e-1, rank=2, momentum=0.5, delta=1e-3, **every),
         "rf_rmsprop": dict(learning_rate=1e-2, damping=1e-2, momentum=0.9, weight_decay=1e-3, batch_size=BATCH),
         "rf_adamw": dict(learning_rate=1e-2, damping=1e-2, weight_decay=1e-3, batch_size=BATCH),
         "if_shampoo": dict(learning_rate=1e-2, preconditioner_lr=0.2, damping=1e-2, batch_size=BATCH, **every),
@@ -123,6 +123,7 @@ def core_kwargs(method: str, mode: str) -> dict:
         del kwargs["precondition_every"]  # the authors' root runs every step (faithful refuses an interval)
     if mode == "faithful" and method == "s_adagrad":
         del kwargs["momentum"]  # the authors' S-AdaGrad has none
+        del kwargs["precondition_every"]  # nor an interval (faithful refuses one)
     if mode == "faithful" and method == "sketchy":
         # Faithful Sketchy has no cutoff of the sketch's tail (K3): with the default relative eps
         # (1e-7 of the top eigenvalue) the rounding-level tail eigenvalues of these rank-deficient
