@@ -138,22 +138,29 @@ def symmetric_eigh(a: Array) -> tuple[Array, Array]:
     return per_matrix(xp, xp.linalg.eigh, a)
 
 
+def _svd_by_float64_gram(xp: Any, a: Array) -> bool:
+    """Whether :func:`left_singular` takes ``a``'s float64 Gram: ``a`` is float32 and its backend
+    has float64 arithmetic."""
+    return a.dtype == xp.float32 and float64_where_available(xp, a) is not None
+
+
 def left_singular(a: Array) -> tuple[Array, Array]:
     """``(W, s)``, the left singular vectors and the singular values (descending) of the thin SVD
     ``a = W diag(s) V^T`` of (stacks of) ``a`` with no more rows than columns: ``W, s, _ =
     svd(a, full_matrices=False)``.
 
-    A float32 tensor on CUDA takes the eigenpairs of its Gram ``a a^T`` formed and decomposed in
-    float64 (``s = sqrt(max(lambda, 0))``), returned in float32: torch's float32 ``svd`` there is
-    cuSOLVER's Jacobi ``gesvdj``, 4.5x slower at 768 x 768 on an H200 (35 ms a matrix, the Gram's
-    route 7.8 ms; docs/performance.md, "On a GPU: the fourth run"). As accurate as the float32 SVD:
-    the float64 Gram's rounding, a few ``u64 s_0^2``, stays below the float32 SVD's own error on
-    ``s^2`` (``u32 s s_0``) down to ``s`` of a few ``u32 s_0`` (``u64 < u32^2``), where both
-    are noise; ``W`` is orthonormal to float64 before its rounding to float32. Everywhere else the
-    SVD as it is.
+    A float32 ``a`` whose backend has float64 takes the eigenpairs of its Gram ``a a^T`` formed and
+    decomposed in float64 (``s = sqrt(max(lambda, 0))``), returned in float32. As accurate as the
+    float32 SVD: the float64 Gram's rounding, a few ``u64 s_0^2``, stays below the float32 SVD's
+    own error on ``s^2`` (``u32 s s_0``) down to ``s`` of a few ``u32 s_0`` (``u64 < u32^2``), where
+    both are noise; ``W`` is orthonormal to float64 before its rounding to float32. And faster on
+    every device measured: on CUDA torch's float32 ``svd`` is cuSOLVER's Jacobi ``gesvdj``, 4.5x
+    slower at 768 x 768 on an H200 (docs/performance.md, "On a GPU: the fourth run"); on a CPU
+    LAPACK's float32 ``gesdd`` is 1.15-2x slower (docs/methods/sketchy.md, "Long axes, intervals
+    and cost"). Elsewhere (float64, or JAX without x64) the SVD as it is.
     """
     xp = array_namespace(a)
-    if not _cuda_float32(xp, a):
+    if not _svd_by_float64_gram(xp, a):
         w, s, _ = per_matrix(xp, _reduced_svd(xp), a)
         return w, s
     wide = xp.astype(a, xp.float64)

@@ -129,20 +129,23 @@ def test_symmetric_eigh_is_eigh_by_the_route_of_its_device(backend, cuda_route, 
             np.testing.assert_array_equal(g, w)
 
 
-@pytest.mark.parametrize("cuda_route", [False, True])
-def test_left_singular_is_the_thin_svd_to_float32_accuracy(backend, cuda_route, monkeypatch):
+@pytest.mark.parametrize("route", ["svd", "float64 gram"])
+def test_left_singular_is_the_thin_svd_to_float32_accuracy(backend, route, monkeypatch):
     """``left_singular(a)`` against its formula ``W, s, _ = svd(a)`` for float32 stacks with
-    singular values from 1 down to 1e-6 and a null space (an FD core on a cold step), by the plain
-    SVD and by the CUDA route (the float64 Gram's eigenpairs). Rounding model: a backward-stable
+    singular values from 1 down to 1e-6 and a null space (an FD core on a cold step), by both
+    routes: the plain SVD and the float64 Gram's eigenpairs (float32 where the backend has
+    float64; the other route forced by patching the test). Rounding model: a backward-stable
     float32 SVD puts s within a few n u s_0 of the exact singular values of the float32 input; the
     float64 Gram's eigenvalues carry n u64 s_0^2, i.e. s within sqrt(n u64) s_0 < n u s_0 near 0
     (u64 < u^2), and the cast to float32 adds u s. Both routes must meet the float32 SVD's 8 n u s_0
     (the float32 Gram of sketch's "gram" paths, sqrt(n u) s_0, is 20x over it here); W orthonormal
     to 8 n u, and W^T a = diag(s) V^T has orthogonal rows of norms s."""
-    if cuda_route and backend.name != "torch":
-        pytest.skip("the CUDA route is torch's")
-    if cuda_route:
-        _as_on_cuda(monkeypatch)
+    if route == "svd":
+        monkeypatch.setattr(linalg, "_svd_by_float64_gram", lambda xp, a: False)
+    elif not backend.has_float64:
+        pytest.skip("the float64 Gram needs float64")
+    else:
+        assert linalg._svd_by_float64_gram(backend.xp, backend.asarray(np.ones((2, 2), np.float32)))
     rng = np.random.default_rng(11)
     n = 40
     u = float(np.finfo(np.float32).eps) / 2

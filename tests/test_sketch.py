@@ -382,8 +382,9 @@ def test_incremental_path_is_exact_and_tall_only():
 
 @pytest.mark.parametrize("path", ["incremental", "gram"])
 def test_exact_paths_by_the_cuda_routes_are_the_svd_path(path, monkeypatch):
-    """On CUDA the incremental path's core goes through ``linalg.left_singular``'s float64 Gram and
-    the Gram path's eigh through ``symmetric_eigh``'s float64 ``syevd`` (taken here on CPU tensors):
+    """The incremental path's float32 core goes through ``linalg.left_singular``'s float64 Gram (on
+    every device with float64) and, on CUDA, the Gram path's eigh through ``symmetric_eigh``'s
+    float64 ``syevd`` (taken here on CPU tensors):
     the float32 sketch still equals the SVD path's to the tolerance of
     ``test_incremental_path_is_exact_and_tall_only`` (a few ulps times the largest singular
     value). This checks the routes' wiring into the FD step (order of the pairs, the frame's data
