@@ -20,7 +20,10 @@ Run from the repository root, on the machine to measure::
     python examples/measure_decompositions.py --method s_adagrad --size reference
 
 It only measures: a change of a method's decomposition per device is made in ``precond_ref/sketch.py``
-from these numbers and the accuracy tests there.
+and ``precond_ref/linalg.py`` from these numbers and the accuracy tests there. Since those numbers,
+``linalg.left_singular`` computes a float32 FD core's left singular pairs by the ``eigh`` of its
+float64 Gram wherever float64 exists, so a run records those cores as float64 ``eigh`` calls of
+their Gram (the SVD only where float64 is missing).
 """
 
 from __future__ import annotations

@@ -56,12 +56,16 @@ def test_gpt_word_study_tokens_and_training():
     assert math.isfinite(held) and loss < math.log(size["vocab"])
 
 
-def test_measure_decompositions_records_and_times_the_steps_decompositions():
+def test_measure_decompositions_records_and_times_the_steps_decompositions(monkeypatch):
     """``examples/measure_decompositions.py``: one refresh window of Sketchy on the tiny GPT records
     its decompositions (the FD cores' SVD, a Gram path's eigh; counted per step over the window), and
     each is timed as recorded and by the alternatives (on a CPU: the Gram's eigh in two dtypes for
-    an SVD, float64 for an eigh)."""
+    an SVD, float64 for an eigh). The cores' SVD route is forced (``linalg.left_singular`` takes
+    the float64 Gram's eigh wherever float64 exists, which the default run records as an eigh)."""
     pytest.importorskip("torch")
+    from precond_ref import linalg
+
+    monkeypatch.setattr(linalg, "_svd_by_float64_gram", lambda xp, a: False)
     rows = _load("measure_decompositions").main(["--method", "sketchy", "--size", "tiny", "--repeats", "1", "--device", "cpu"])
     ways = collections.defaultdict(set)
     for row in rows:
