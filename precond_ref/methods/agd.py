@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-
 from .._backend import array_device, cast, compute_dtype, computed_once, float64_where_available, is_number, is_zero, placement, scalar_array
 from ..transform import (
     ScalarOrSchedule,

@@ -19,7 +19,6 @@ import numbers
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
-
 from .._backend import array_device, compute_dtype, cond, is_number, is_zero, scalar_array, torch_compiling
 from ..blocking import (
     block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stable_hash, stack, unfold, unstack,
