@@ -610,9 +610,10 @@ def fd_apply_with_own_mass(xp: Any, sketch: dict[str, Array], x: Array) -> Array
     not underflow), each coordinate as :math:`t / \operatorname{hypot}(1, t)` with
     :math:`t = w_i c_i` (no square overflows; :math:`\operatorname{sign}(c_i)` where
     :math:`w_i = 0`), the residual's as :math:`\tau / \operatorname{hypot}(1, \tau)` along
-    :math:`r / \lVert r\rVert`, :math:`\tau = w_\perp \lVert r\rVert`. Where :math:`\mu_\perp = 0`,
-    a residual at rounding level (:math:`\lVert r\rVert \le 10 u \lVert x\rVert`, x in span(U))
-    counts as 0, as the FD step's cutoff counts it.
+    :math:`r / \lVert r\rVert`, :math:`\tau = w_\perp \lVert r\rVert`. A residual at rounding
+    level (:math:`\lVert r\rVert \le 10 u \lVert x\rVert` after a second projection, as the FD
+    step's: x in span(U)) counts as 0, as the FD step's cutoff counts it (its direction is noise, which a large :math:`w_\perp` or, where
+    :math:`\mu_\perp = 0`, the weight :math:`1/\lVert r\rVert` would make a unit step).
     """
     if x.shape[-1] != 1:
         raise ValueError(f"fd_apply_with_own_mass takes one column x (..., d, 1), got shape {tuple(x.shape)}")
@@ -623,12 +624,15 @@ def fd_apply_with_own_mass(xp: Any, sketch: dict[str, Array], x: Array) -> Array
     x = x / scale
     coords = _coordinates(xp, basis, x)
     residual = x - _combination(xp, basis, coords)
+    again = _coordinates(xp, basis, residual)  # "twice is enough", as the FD step's projection
+    residual = residual - _combination(xp, basis, again)
+    coords = coords + again
     norm = xp.linalg.vector_norm(residual, axis=-2, keepdims=True)
     unit = residual / select(xp, norm > 0.0, norm, xp.ones_like(norm))
     noise = shrink_cutoff_tolerance(xp, x.dtype) * xp.linalg.vector_norm(x, axis=-2, keepdims=True)
-    absent = select(xp, norm > noise, xp.ones_like(norm), xp.zeros_like(norm))
     along = select(xp, weights > 0.0, _saturated(xp, weights * scale * coords), xp.sign(coords))
-    across = select(xp, complement > 0.0, _saturated(xp, complement * scale * norm), absent)
+    across = select(xp, complement > 0.0, _saturated(xp, complement * scale * norm), xp.ones_like(norm))
+    across = select(xp, norm > noise, across, xp.zeros_like(norm))
     return _combination(xp, basis, along) + across * unit
 
 

@@ -702,6 +702,26 @@ def test_apply_with_own_mass_bounds_each_frame_coordinate_by_one(dtype):
         fd_apply_with_own_mass(xp, sketch, np.ones((n, d, 2), dtype=dtype))
 
 
+@pytest.mark.parametrize("complement", [0.0, 1e6])
+def test_apply_with_own_mass_of_x_in_the_span_is_the_span_part_alone(complement):
+    """x in span(U) (a block whose gradient keeps to the directions the sketch holds): its residual
+    is rounding, which counts as 0 as in the FD step's cutoff [the helper's docstring], so the step
+    is U [c_i (mu_i + c_i^2)^{-1/2}] alone, to float32 rounding; without the cutoff the residual's
+    noise direction gets a unit step (weight 1/|r| where mu_perp = 0; w_perp saturated where large)."""
+    import array_api_compat.numpy as xp
+
+    rng = np.random.default_rng(3)
+    d, k = 1024, 16
+    basis = np.linalg.qr(rng.standard_normal((d, k)))[0].astype(np.float32)  # orthonormal to float32
+    weights = rng.uniform(0.5, 2.0, k).astype(np.float32)
+    sketch = {"basis": basis, "basis_weights": weights, "complement_weight": np.asarray(complement, np.float32)}
+    x = (basis @ rng.standard_normal((k, 1))).astype(np.float32)
+    y = fd_apply_with_own_mass(xp, sketch, x)
+    c = (basis.T @ x)[:, 0].astype(np.float64)
+    want = basis.astype(np.float64) @ (c * weights / np.sqrt(1.0 + (weights * c) ** 2))[:, None]
+    np.testing.assert_allclose(y, want, rtol=0, atol=8 * np.finfo(np.float32).eps)
+
+
 def test_update_apply_has_no_cancellation():
     """While x lies in the sketch's span (the sketch not yet full), x - U U^T x is rounding and
     fd_apply's w_perp (x - U U^T x) amplifies it by w_perp / w (here 1e4: delta = 1e-8 against
