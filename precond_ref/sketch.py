@@ -33,7 +33,9 @@ directions and on their complement, and applied in :math:`O(k \cdot \text{numel}
 
 with :math:`w_i = 0` for directions whose :math:`\sigma'_i = 0` (they belong to the complement)
 and :math:`w_\perp = 0` while :math:`\rho' = 0` (no mass has escaped: the complement is the null
-space of the statistic, where the pseudo-inverse is 0).
+space of the statistic, where the pseudo-inverse is 0). A gradient the sketch has not seen (S-AdaGrad
+between refreshes) is applied with its own mass added on the sketch's frame
+(:func:`fd_apply_with_own_mass`), which bounds the step as an FD update would.
 
 A sketch is a dict of arrays (so it lives inside optimizer state):
 
