@@ -183,6 +183,22 @@ def _combination(xp: Any, basis: Array, coords: Array) -> Array:
     return matmul(xp, basis, coords)
 
 
+def _split_by_basis(xp: Any, basis: Array, x: Array) -> tuple[Array, Array]:
+    """``(c, r)`` with ``c = U^T x`` and ``r = x - U c``, x's coordinates on the basis and its part
+    outside span(U), by classical Gram-Schmidt applied twice ("twice is enough": r orthogonal to
+    U to working precision)."""
+    coords = _coordinates(xp, basis, x)
+    residual = x - _combination(xp, basis, coords)
+    again = _coordinates(xp, basis, residual)
+    return coords + again, residual - _combination(xp, basis, again)
+
+
+def _unit_column(xp: Any, r: Array) -> tuple[Array, Array]:
+    """``(r / |r|, |r|)`` for columns r (..., d, 1); the zero column where ``|r| = 0``."""
+    norm = xp.linalg.vector_norm(r, axis=-2, keepdims=True)
+    return r / select(xp, norm > 0.0, norm, xp.ones_like(norm)), norm
+
+
 class _Ritz(NamedTuple):
     """Singular values s (..., r), descending, of Z = [basis diag(scaled_sigma), x], and its top-k
     left singular vectors: either ``vectors`` (..., d, k), or, on the incremental path,
@@ -208,15 +224,9 @@ def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array, gram: boo
     frame, W^T [coords; corner], is diag(s) V^T's last m columns. Cost: four d x k x m products and
     one d x (k+m) x k, about one QR of Z."""
     k = basis.shape[-1]
-    coords = _coordinates(xp, basis, x)
-    residual = x - _combination(xp, basis, coords)
-    again = _coordinates(xp, basis, residual)  # "twice is enough" re-orthogonalisation
-    residual = residual - _combination(xp, basis, again)
-    coords = coords + again
+    coords, residual = _split_by_basis(xp, basis, x)
     if x.shape[-1] == 1:
-        norm = xp.linalg.vector_norm(residual, axis=-2, keepdims=True)
-        fresh = residual / select(xp, norm > 0.0, norm, xp.ones_like(norm))
-        corner = norm
+        fresh, corner = _unit_column(xp, residual)
     else:
         fresh, corner = per_matrix(xp, xp.linalg.qr, residual)
     top = xp.concat([_diag(xp, scaled_sigma), coords], axis=-1)
@@ -624,13 +634,8 @@ def fd_apply_with_own_mass(xp: Any, sketch: dict[str, Array], x: Array) -> Array
     complement = sketch["complement_weight"][..., None, None]
     scale = _power_of_two_scale(xp, xp.max(xp.abs(x), axis=(-2, -1)))[..., None, None]
     x = x / scale
-    coords = _coordinates(xp, basis, x)
-    residual = x - _combination(xp, basis, coords)
-    again = _coordinates(xp, basis, residual)  # "twice is enough", as the FD step's projection
-    residual = residual - _combination(xp, basis, again)
-    coords = coords + again
-    norm = xp.linalg.vector_norm(residual, axis=-2, keepdims=True)
-    unit = residual / select(xp, norm > 0.0, norm, xp.ones_like(norm))
+    coords, residual = _split_by_basis(xp, basis, x)
+    unit, norm = _unit_column(xp, residual)
     noise = shrink_cutoff_tolerance(xp, x.dtype) * xp.linalg.vector_norm(x, axis=-2, keepdims=True)
     along = select(xp, weights > 0.0, _saturated(xp, weights * scale * coords), xp.sign(coords))
     across = select(xp, complement > 0.0, _saturated(xp, complement * scale * norm), xp.ones_like(norm))

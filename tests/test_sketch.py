@@ -16,6 +16,7 @@ from precond_ref.blocking import block_bounds, merge_small_dims, unfold
 from precond_ref.sketch import (
     SUBSPACE_MIN_DIM,
     _power_of_two_scale,
+    _split_by_basis,
     _probe,
     fd_apply,
     fd_apply_with_own_mass,
@@ -639,6 +640,25 @@ def test_update_apply_is_update_then_apply(path, m):
             np.testing.assert_allclose(b[key], a[key], rtol=0, atol=16 * d * np.finfo(np.float64).eps * scale)
         want = fd_apply(xp, a, x)
         np.testing.assert_allclose(y, want, rtol=0, atol=1e3 * 1e-15 * np.abs(want).max())
+
+
+def test_split_by_basis_is_the_projection_and_its_orthogonal_rest():
+    """_split_by_basis(U, x) = (U^T x, x - U U^T x) [definition], with the rest orthogonal to U to
+    working precision even where x lies almost in span(U) (one Gram-Schmidt pass leaves a rest of
+    rounding of x, u |x|, along U; the second leaves u |r|): float32, |U^T r| <= 8 d u |r| with |r| of
+    1 and 1e-5 of |x|."""
+    import array_api_compat.numpy as xp
+
+    rng = np.random.default_rng(4)
+    d, k = 256, 8
+    u32 = float(np.finfo(np.float32).eps) / 2
+    basis = np.linalg.qr(rng.standard_normal((d, k)))[0]
+    for tilt in (1.0, 1e-5):
+        x = basis @ rng.standard_normal((k, 1)) + tilt * rng.standard_normal((d, 1))
+        coords, rest = _split_by_basis(xp, basis.astype(np.float32), x.astype(np.float32))
+        np.testing.assert_allclose(coords, basis.T @ x, rtol=0, atol=8 * d * u32 * np.linalg.norm(x))
+        np.testing.assert_allclose(rest, x - basis @ (basis.T @ x), rtol=0, atol=8 * d * u32 * np.linalg.norm(x))
+        assert np.abs(basis.T @ rest.astype(np.float64)).max() <= 8 * d * u32 * np.linalg.norm(rest)
 
 
 def _masses(weights):
