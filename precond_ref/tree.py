@@ -8,6 +8,7 @@ Adapters with richer tree types (JAX pytrees, torch param groups) translate to t
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Hashable, NamedTuple
 
 from ._backend import IdentityDict, torch_compiling
@@ -21,6 +22,7 @@ __all__ = [
     "path_str",
     "to_entries",
     "from_entries",
+    "cached_template",
 ]
 
 Path = tuple[Hashable, ...]
@@ -172,3 +174,21 @@ def from_entries(template: Any, entries: Any) -> Any:
 # not reused): a method's layouts are cached objects (functools.lru_cache) filled every step; equal
 # NamedTuples of different types (equal as tuples) must not share an entry.
 _TEMPLATES = IdentityDict()
+
+
+def cached_template(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``functools.lru_cache(maxsize=None)(fn)``, except while dynamo traces: then ``fn`` itself.
+
+    A method's state layouts (:func:`from_entries`' templates) are made once per layout so that
+    :func:`from_entries` finds them by identity. Dynamo warns on every ``lru_cache``-wrapped call
+    it traces (a ``UserWarning`` a ``compile=True`` user would see on the first step), and
+    :func:`from_entries` does not cache a template while tracing, so a traced call builds the
+    template afresh: the same structure, at trace time only.
+    """
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    @functools.wraps(fn)
+    def template(*args: Any) -> Any:
+        return fn(*args) if torch_compiling() else cached(*args)
+
+    return template

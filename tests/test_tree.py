@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from precond_ref.tree import from_entries, path_str, to_entries, tree_flatten
+from precond_ref.tree import cached_template, from_entries, path_str, to_entries, tree_flatten
 
 
 class _A(NamedTuple):
@@ -48,3 +48,36 @@ def test_from_entries_keeps_templates_of_equal_values_apart():
     assert type(from_entries(b, {"p": 1, "q/0": 2, "q/1": 3})) is _B
     assert from_entries(_A(x=0, y=(0, 0)), to_entries(_A("u", ("v", "w")))) == _A("u", ("v", "w"))
     assert from_entries({"k": a}, {"k/x": 1, "k/y/0": 2, "k/y/1": 3}) == {"k": _A(1, (2, 3))}
+
+
+def test_cached_template_is_one_object_per_key_and_traces_without_warning():
+    """``cached_template(fn)`` is ``lru_cache(fn)`` eagerly (one object per arguments, which
+    ``from_entries`` then finds by identity) and ``fn`` itself under dynamo, which warns on every
+    ``lru_cache``-wrapped call it traces (what a ``compile=True`` user of Sketchy, S-AdaGrad and
+    IF-Shampoo saw on the first step)."""
+    import functools
+    import warnings
+
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    calls = []
+
+    def layout(n: int) -> _A:
+        calls.append(n)
+        return _A(x=(0,) * n, y=0)
+
+    cached = cached_template(layout)
+    assert cached(2) is cached(2) and cached(3) == _A((0, 0, 0), 0) and calls == [2, 3]
+
+    def step(template_of, v):
+        state = from_entries(template_of(2), {"x/0": v, "x/1": v * 2.0, "y": v * 3.0})
+        return state.x[0] + state.x[1] + state.y
+
+    for template_of, warns in ((cached, False), (functools.lru_cache(maxsize=None)(layout), True)):
+        torch._dynamo.reset()
+        compiled = torch.compile(functools.partial(step, template_of), fullgraph=True, backend="eager")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert float(compiled(torch.tensor(1.0))) == 6.0
+        assert any("lru_cache" in str(w.message) for w in caught) == warns

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, is_jax_namespace
@@ -42,7 +42,7 @@ from ..transform import (
     singleton_groups,
     weight_bias_groups,
 )
-from ..tree import Path, from_entries, path_str, to_entries
+from ..tree import Path, cached_template, from_entries, path_str, to_entries
 
 __all__ = [
     "rf_rmsprop",
@@ -1259,7 +1259,7 @@ def if_shampoo(
             plans[key] = dims, diagonal, _stack_plan(_tile_plan(dims, diagonal, block_size, precondition_every, spread_refresh))
         return plans[key]
 
-    @lru_cache(maxsize=None)  # one object per layout: from_entries caches it by identity
+    @cached_template  # one object per layout: from_entries caches it by identity
     def layout(tile_plan: _Plan, rank: int, members: int) -> _IFShampooState:
         """The fields a group's state has (any leaves; :func:`precond_ref.tree.from_entries`' template)."""
         return _IFShampooState(

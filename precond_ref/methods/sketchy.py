@@ -24,7 +24,7 @@ from ..blocking import (
     block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stable_hash, stack, unfold, unstack,
 )
 from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply
-from ..tree import from_entries, to_entries
+from ..tree import cached_template, from_entries, to_entries
 from ..transform import (
     ScalarOrSchedule,
     StepContext,
@@ -201,7 +201,7 @@ class _State(NamedTuple):
     momentum: Optional[Array] = None
 
 
-@functools.lru_cache(maxsize=None)
+@cached_template
 def _layout(plan: Optional[_LeafPlan], graft_moment: bool, momentum: bool) -> _State:
     """The structure of a leaf's :class:`_State` with placeholder leaves (``from_entries``'s template)."""
     sketches = tuple(tuple(_Sketch(0, 0, 0, 0, 0) for _ in axis.runs) for axis in plan.axes) if plan else ()
