@@ -273,65 +273,76 @@ def _units_in_phase(plan: _LeafPlan, phase: Optional[int]) -> tuple[tuple[int, i
                  if phase is None or run.phase == phase)
 
 
-def _phases_present(plan: _LeafPlan, dues: tuple) -> list[tuple[int, Any]]:
-    """``(phase, interval)`` for the phases of ``dues`` that some run of ``plan`` is in."""
-    used = {run.phase for axis in plan.axes for run in axis.runs}
-    return [(phase, due) for phase, due in enumerate(dues) if phase in used]
+def _leaf_member(xp: Any, axis: _AxisPlan, run: _Run, fields: Sequence[Array], flat: Array) -> tuple:
+    """One run of a leaf as a member of :func:`precond_ref.blocking.stack`: its sketch's ``fields``
+    and its rows of ``flat`` (count, length, n), with a leading axis of 1 where the axis is one
+    unstacked sketch."""
+    rows = _run_rows(xp, axis, run, flat)
+    if axis.batched:
+        return (*fields, rows)
+    return (*(xp.expand_dims(v, axis=0) for v in fields), xp.expand_dims(rows, axis=0))
 
 
-def _with_runs(sketches: tuple, units: Sequence[tuple[int, int]], news: Sequence[_Sketch]) -> tuple:
-    """``sketches`` with ``sketches[n][j]`` replaced by ``news[i]`` for the i-th unit (n, j)."""
-    table = [list(axis) for axis in sketches]
-    for (n, j), new in zip(units, news):
-        table[n][j] = new
-    return tuple(tuple(axis) for axis in table)
+def _unstacked(axis: _AxisPlan, piece: tuple) -> tuple:
+    """A run's results from a stack, as its leaf takes them: without the leading axis
+    :func:`_leaf_member` gave a leaf that is one unstacked sketch."""
+    return piece if axis.batched else tuple(v[0, ...] for v in piece)
 
 
-def _refreshed(
-    xp: Any, plan: _LeafPlan, units: Sequence[tuple[int, int]], olds: Sequence[_Sketch], failures: Array,
-    merged: Array, fd_options: dict[str, Any], accept: Optional[Array],
-) -> tuple[tuple[_Sketch, ...], Array]:
-    """The sketches ``olds`` of the runs ``units`` FD-updated from the same gradient (spec §2.2):
-    run j of axis n adds its rows of the mode-n unfolding :math:`G_{(n)}`; and the failure count
-    plus the runs whose step was not finite. ``accept`` is the step's skip predicate
-    (``StepContext.ok``), folded into the FD step's own selection of the previous sketch (see
-    :func:`_settle`)."""
-    news, unfolded = [], {}
-    for (n, j), old in zip(units, olds):
-        axis = plan.axes[n]
-        if n not in unfolded:
-            unfolded[n] = unfold(xp, merged, axis.axis)
-        rows = _run_rows(xp, axis, axis.runs[j], unfolded[n])
-        new, ok, _ = _fd_update(xp, old, rows, exponent=plan.exponent, accept=accept, **fd_options)
-        failures = failures + _failed(xp, ok)
-        news.append(new)
-    return tuple(news), failures
+def _refresh_due(
+    xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, fd_options: dict[str, Any],
+) -> list[tuple[tuple, Array]]:
+    """Step 2 of every leaf (``leaves``: ``(plan, sketches, failures, merged)``, plan None where
+    nothing is sketched): the runs of refresh phase p FD-updated on the steps ``ctx.every(dues[p])``
+    only (skipped gradients are dropped), the others as they were. Run j of axis n adds its rows of
+    the mode-n unfolding :math:`G_{(n)}` (spec §2.2); the runs of one shape and exponent, across
+    leaves, go through one batched FD step (:func:`precond_ref.blocking.stack`; a block's step reads
+    only its own rows). ``ctx.ok``, the step's skip predicate, is folded into the FD step's own
+    selection of the previous sketch (see :func:`_settle`). Returns each leaf's sketches and its
+    failure count plus its runs whose step was not finite."""
+    tables = [None if plan is None else [list(axis) for axis in sketches] for plan, sketches, _, _ in leaves]
+    failures = [f for _, _, f, _ in leaves]
+    unfolded: list[dict] = [{} for _ in leaves]
+    phases = sorted({run.phase for plan, *_ in leaves if plan is not None for axis in plan.axes for run in axis.runs})
+    for phase in phases:
+        due = ctx.every(dues[phase])
+        if due is False:  # decided on the host: nothing to stack
+            continue
+        members, owners, exponents = [], [], []
+        for i, (plan, _, _, merged) in enumerate(leaves):
+            for n, j in () if plan is None else _units_in_phase(plan, phase):
+                axis = plan.axes[n]
+                if n not in unfolded[i]:
+                    unfolded[i][n] = unfold(xp, merged, axis.axis)
+                members.append(_leaf_member(xp, axis, axis.runs[j], tables[i][n][j], unfolded[i][n]))
+                owners.append((i, n, j))
+                exponents.append(plan.exponent)
+        stacks = stack(xp, members, labels=exponents)
+
+        def refresh(*operands: Array, exponent: float) -> tuple:
+            new, ok, _ = _fd_update(xp, _Sketch(*operands[:-1]), operands[-1], exponent=exponent, accept=ctx.ok,
+                                    **fd_options)
+            return (*new, ok)
+
+        def keep(*operands: Array) -> tuple:
+            rows = operands[-1]
+            return (*operands[:-1], xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows)))
+
+        outputs = [cond(xp, due, functools.partial(refresh, exponent=exponents[s.indices[0]]), keep, *s.operands)
+                   for s in stacks]
+        for (i, n, j), piece in zip(owners, unstack(stacks, outputs, len(members))):
+            piece = _unstacked(leaves[i][0].axes[n], piece)
+            tables[i][n][j] = _Sketch(*piece[:-1])
+            failures[i] = failures[i] + _failed(xp, piece[-1])
+    return [
+        (leaf[1] if table is None else tuple(tuple(axis) for axis in table), failure)
+        for leaf, table, failure in zip(leaves, tables, failures)
+    ]
 
 
 def _failed(xp: Any, ok: Array) -> Array:
     """The number of False entries of ``ok`` (a run's per-block flags), a 0-D int32."""
     return xp.sum(1 - xp.astype(ok, xp.int32), dtype=xp.int32)
-
-
-def _refresh_due(
-    xp: Any, plan: _LeafPlan, sketches: tuple, failures: Array, merged: Array, dues: tuple, ctx: StepContext,
-    fd_options: dict[str, Any],
-) -> tuple[tuple, Array]:
-    """The runs of each refresh phase p FD-updated on the steps ``ctx.every(dues[p])`` only
-    (:func:`_refreshed`; skipped gradients are dropped), the others as they were; and the failures."""
-    for phase, due in _phases_present(plan, dues):
-        units = _units_in_phase(plan, phase)
-        news, failures = cond(
-            xp,
-            ctx.every(due),
-            lambda s, f, x, u=units: _refreshed(xp, plan, u, s, f, x, fd_options, ctx.ok),
-            lambda s, f, x: (s, f),
-            tuple(sketches[n][j] for n, j in units),
-            failures,
-            merged,
-        )
-        sketches = _with_runs(sketches, units, news)
-    return sketches, failures
 
 
 def _settle(ctx: StepContext, sketches: tuple) -> None:
@@ -346,17 +357,35 @@ def _settle(ctx: StepContext, sketches: tuple) -> None:
             ctx.settled[value] = True
 
 
-def _precondition(xp: Any, plan: _LeafPlan, sketches: tuple, g: Array) -> Array:
-    """:math:`P(G) = G \\times_1 (\\bar L_1 + \\rho_1 I + \\epsilon_1 I)^a \\cdots \\times_N (\\dots)^a`:
-    each axis in turn (first, then rolled last) multiplied by its runs' :func:`_fd_apply`."""
-    x = xp.reshape(g, plan.merged_shape)
-    for n, axis in enumerate(plan.axes):
-        # The axis being preconditioned is first: axes are rolled, and ndim rolls restore order.
-        d, rest = x.shape[0], tuple(x.shape[1:])
-        flat = xp.reshape(x, (d, math.prod(rest)))
-        parts = [_fd_apply(xp, sketches[n][j], _run_rows(xp, axis, run, flat)) for j, run in enumerate(axis.runs)]
-        x = roll_first_axis_last(xp, xp.reshape(_join_runs(xp, axis, parts), (d,) + rest))
-    return xp.reshape(x, tuple(g.shape))
+def _precondition(xp: Any, leaves: Sequence[tuple]) -> list[Array]:
+    """Step 3 of every leaf (``leaves``: ``(plan, sketches, g)``, plan None where nothing is
+    sketched, which gets None): :math:`P(G) = G \\times_1 (\\bar L_1 + \\rho_1 I + \\epsilon_1 I)^a
+    \\cdots \\times_N (\\dots)^a`, each axis in turn (first, then rolled last) multiplied by its runs'
+    :func:`precond_ref.sketch.fd_apply`; at each axis the runs of one shape, across leaves, in one
+    batched call (:func:`precond_ref.blocking.stack`)."""
+    xs = [None if plan is None else xp.reshape(g, plan.merged_shape) for plan, _, g in leaves]
+    for n in range(max([0] + [len(plan.axes) for plan, _, _ in leaves if plan is not None])):  # dynamo: no default=
+        members, owners = [], []
+        for i, (plan, sketches, _) in enumerate(leaves):
+            if plan is None or n >= len(plan.axes):
+                continue
+            x = xs[i]  # the axis being preconditioned is first: axes are rolled, and ndim rolls restore order
+            flat = xp.reshape(x, (x.shape[0], math.prod(tuple(x.shape[1:]))))
+            for j, run in enumerate(plan.axes[n].runs):
+                s = sketches[n][j]
+                members.append(_leaf_member(xp, plan.axes[n], run, (s.basis, s.basis_weights, s.complement_weight), flat))
+                owners.append(i)
+        stacks = stack(xp, members)
+        outputs = [(_fd_apply(xp, _Sketch(op[0], None, None, op[1], op[2]), op[3]),) for op in (s.operands for s in stacks)]
+        parts: list[list] = [[] for _ in leaves]
+        for i, piece in zip(owners, unstack(stacks, outputs, len(members))):
+            parts[i].append(_unstacked(leaves[i][0].axes[n], piece)[0])
+        for i, (plan, _, _) in enumerate(leaves):
+            if parts[i]:
+                x = xs[i]
+                joined = _join_runs(xp, plan.axes[n], parts[i])
+                xs[i] = roll_first_axis_last(xp, xp.reshape(joined, (x.shape[0],) + tuple(x.shape[1:])))
+    return [None if x is None else xp.reshape(x, tuple(g.shape)) for x, (_, _, g) in zip(xs, leaves)]
 
 
 def _rmsprop_graft(xp: Any, ctx: StepContext, g: Array, v: Array, graft_eps: float) -> Array:
@@ -496,7 +525,7 @@ def _sketchy_transform(
     # tearfree optimizer (spec §2.3-2.4); axis n of the merged gradient G, its runs j of blocks:
     #
     #   1  v_t = β_g v_{t-1} + (1-β_g) G_t²,  D_g = G_t / √(v_t + ε_g)         _second_moment, _rmsprop_graft
-    #   2  if run (n, j)'s phase is due (spread_schedule), for its rows of G_(n):   _refresh_due, _refreshed
+    #   2  if run (n, j)'s phase is due (spread_schedule), for its rows of G_(n):   _refresh_due
     #        (U, σ, ρ, w, w_⊥)_{n,j} = FD([√β U diag(σ), G_(n)])                sketch.fd_update
     #   3  P(G) = G ×_1 (L̄_1 + ρ_1 I + ε_1 I)^{-1/2N} ⋯ ×_N (L̄_N + ρ_N I + ε_N I)^{-1/2N}
     #                                                                          _precondition, sketch.fd_apply
@@ -505,35 +534,46 @@ def _sketchy_transform(
     #   6  W_{t+1} = W_t - η_t (U_t + λ W_t)
     #
     # Leaves without sketches (vectors, axes over max_precondition_dim) take U_t = D_g.
-    def update_group(grads, entries, params, ctx: StepContext):
-        xp = ctx.xp
-        g = xp.astype(grads[0], compute_dtype(xp, grads[0].dtype), copy=False)
-        plan = plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
-        state = from_entries(_layout(plan, graft == "rmsprop", has_momentum), entries)
-        v, u = state.graft_second_moment, g  # u: the graft direction D_g (G for graft="sgd")
-        if graft == "rmsprop":
-            v = _second_moment(xp, v, g, graft_b2)  # 1
-            u = _rmsprop_graft(xp, ctx, g, v, graft_eps)
-        sketches, failures = state.sketches, state.sketch_failures
-        if plan is not None:
-            sketches, failures = _refresh_due(xp, plan, sketches, failures, xp.reshape(g, plan.merged_shape), dues,
-                                              ctx, fd_options)  # 2
-            _settle(ctx, sketches)
-            p = _precondition(xp, plan, sketches, g)  # 3
-            u = p if graft == "none" else _grafted(xp, ctx, p, u, start_preconditioning_step)  # 4
-        m = state.momentum
-        if learning_rate is not None and has_momentum:
-            u, m = _momentum(xp, u, m, momentum, nesterov, momentum_ema)  # 5
-        if learning_rate is not None and has_weight_decay:
-            u = u + weight_decay * xp.astype(params[0], g.dtype)  # 6
-        step = u if learning_rate is None else -ctx.value(learning_rate) * u
-        return (step,), to_entries(state._replace(sketches=sketches, sketch_failures=failures,
-                                                  graft_second_moment=v, momentum=m))
+    def update_groups(grads, states, params, ctxs: list[StepContext]):
+        xp = ctxs[0].xp
+        leaves = []
+        for (leaf,), entries in zip(grads, states):
+            g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
+            plan = plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
+            leaves.append((g, plan, from_entries(_layout(plan, graft == "rmsprop", has_momentum), entries)))
+        grafts = []
+        for (g, _, state), ctx in zip(leaves, ctxs):
+            v, u = state.graft_second_moment, g  # u: the graft direction D_g (G for graft="sgd")
+            if graft == "rmsprop":
+                v = _second_moment(xp, v, g, graft_b2)  # 1
+                u = _rmsprop_graft(xp, ctx, g, v, graft_eps)
+            grafts.append((v, u))
+        # 2 and 3 for all leaves at once: equal runs of different leaves go through one batched call.
+        refreshed = _refresh_due(xp, [(plan, state.sketches, state.sketch_failures,
+                                       None if plan is None else xp.reshape(g, plan.merged_shape))
+                                      for g, plan, state in leaves], dues, ctxs[0], fd_options)  # 2
+        preconditioned = _precondition(xp, [(plan, sketches, g) for (g, plan, _), (sketches, _) in
+                                            zip(leaves, refreshed)])  # 3
+        results = []
+        for (g, plan, state), (v, u), (sketches, failures), p, param, ctx in zip(
+                leaves, grafts, refreshed, preconditioned, params, ctxs):
+            if plan is not None:
+                _settle(ctx, sketches)
+                u = p if graft == "none" else _grafted(xp, ctx, p, u, start_preconditioning_step)  # 4
+            m = state.momentum
+            if learning_rate is not None and has_momentum:
+                u, m = _momentum(xp, u, m, momentum, nesterov, momentum_ema)  # 5
+            if learning_rate is not None and has_weight_decay:
+                u = u + weight_decay * xp.astype(param[0], g.dtype)  # 6
+            step = u if learning_rate is None else -ctx.value(learning_rate) * u
+            results.append(((step,), to_entries(state._replace(sketches=sketches, sketch_failures=failures,
+                                                               graft_second_moment=v, momentum=m))))
+        return results
 
     return build_transform(
         name=name,
         init_group=init_group,
-        update_group=update_group,
+        update_groups=update_groups,
         on_nonfinite=on_nonfinite,
         needs_params=has_weight_decay,
         intervals=dues,
@@ -979,7 +1019,7 @@ def s_adagrad(
             state = from_entries(_layout(plan, False, has_momentum), states[i])
             column = xp.reshape(g, (plan.merged_shape[0], 1))
             for j, run in enumerate(plan.axes[0].runs):
-                members.append(_run_stack(xp, plan.axes[0], run, state.sketches[0][j], column))
+                members.append(_leaf_member(xp, plan.axes[0], run, state.sketches[0][j], column))
                 phases.append(run.phase)
             leaves.append((i, g, plan, state))
         stacks = stack(xp, members, labels=phases)
@@ -1008,22 +1048,6 @@ def s_adagrad(
         intervals=dues,
         legacy_names=_legacy_names,
     )
-
-
-def _run_stack(xp: Any, axis: _AxisPlan, run: _Run, sketch: _Sketch, column: Array) -> tuple:
-    """One run of S-AdaGrad's flattened gradient as a member of :func:`precond_ref.blocking.stack`:
-    its sketch's fields and its rows (count, length, 1), with a leading axis of 1 where the leaf is
-    one unstacked sketch."""
-    rows = _run_rows(xp, axis, run, column)
-    if axis.batched:
-        return (*sketch, rows)
-    return (*(xp.expand_dims(v, axis=0) for v in sketch), xp.expand_dims(rows, axis=0))
-
-
-def _unstacked(axis: _AxisPlan, piece: tuple) -> tuple:
-    """A run's results (:func:`_adagrad_stack`'s) as its leaf takes them: without the leading axis
-    :func:`_run_stack` gave a leaf that is one unstacked sketch."""
-    return piece if axis.batched else tuple(v[0, ...] for v in piece)
 
 
 def _adagrad_stack(xp: Any, operands: tuple, due: Any, ctx: StepContext, fd_options: dict[str, Any]) -> tuple:

@@ -234,3 +234,53 @@ def test_s_adagrad_stacked_leaves_get_what_each_would_alone(interval, monkeypatc
     assert stack_sizes and max(stack_sizes) >= (4 if interval == 1 else 2)
     if interval == 1:  # one FD call per block length and step: 8 (a, b, c, f), 5 (d), 10 (e, g), 2 (e's tail)
         assert sorted(joint_calls) == [(1, 2, 1), (1, 5, 1), (3, 10, 1), (4, 8, 1)]
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_sketchy_stacked_leaves_get_what_each_would_alone(interval, monkeypatch):
+    """Sketchy's runs of one shape and exponent share one batched FD update, and at each axis one
+    batched apply, across leaves (``blocking.stack``): "w1" and "w2" (two layers' weights of one
+    shape), "t" (its transpose: other runs), "blk" (a 23 x 4 leaf whose first axis is cut into two
+    10-row blocks and a 3-row tail), a vector "v" (one axis: another exponent) and a graft-only
+    scalar "s" beside them. Each block's arithmetic reads only its own rows, so every leaf's update
+    and state equal those of the same leaf in a transform of its own (momentum, weight decay,
+    T = 3 spread over phases; ``merge_dims=2`` keeps the matrices two-axis). A tolerance, not equality: a batched product may sum in another
+    order than an unbatched one (a few u per entry, float64, over 6 steps)."""
+    shapes = {"w1": (6, 4), "w2": (6, 4), "t": (4, 6), "blk": (23, 4), "v": (5,), "s": ()}
+    kw = dict(learning_rate=0.1, rank=3, block_size=10, momentum=0.5, weight_decay=0.1,
+              precondition_every=interval, precondition_1d=True, merge_dims=2)
+    rng = np.random.default_rng(1)
+    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    tx = pr.sketchy(**kw)
+    state = tx.init(params)
+    alone = {k: pr.sketchy(**kw) for k in shapes}
+    alone_states = {k: alone[k].init({k: params[k]}) for k in shapes}
+    stack_sizes = []
+    real_stack = sk.stack
+
+    def counted(xp, members, *args, **kwargs):
+        stacks = real_stack(xp, members, *args, **kwargs)
+        stack_sizes.extend(len(s.indices) for s in stacks)
+        return stacks
+
+    monkeypatch.setattr(sk, "stack", counted)
+    fd_calls = []
+    real_fd = sk._fd_update
+    monkeypatch.setattr(sk, "_fd_update", lambda xp, sketch, rows, **o: fd_calls.append(rows.shape) or real_fd(xp, sketch, rows, **o))
+    for step in range(6):
+        grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
+        fd_calls.clear()
+        updates, state = tx.update(grads, state, params)
+        joint_calls = list(fd_calls)
+        for k in shapes:
+            expected, alone_states[k] = alone[k].update({k: grads[k]}, alone_states[k], {k: params[k]})
+            np.testing.assert_allclose(updates[k], expected[k], rtol=1e-10, atol=1e-300, err_msg=f"{k} step {step}")
+            for entry, value in alone_states[k].groups[k].items():
+                np.testing.assert_allclose(state.groups[k][entry], value, rtol=1e-10, atol=1e-300,
+                                           err_msg=f"{k} {entry} step {step}")
+    assert stack_sizes and max(stack_sizes) >= 2
+    if interval == 1:
+        # one FD call per run shape and exponent: the 6-row axis of w1, w2 and t's second axis
+        # together (3 members of rows 6 x 4), their 4-row axes (4 x 6), blk's two blocks (10 x 4),
+        # its tail (3 x 4), its 4-row axis (4 x 23) and v (5 x 1)
+        assert sorted(joint_calls) == sorted([(3, 6, 4), (3, 4, 6), (2, 10, 4), (1, 3, 4), (1, 4, 23), (1, 5, 1)])
