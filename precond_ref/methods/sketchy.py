@@ -322,18 +322,18 @@ def _refresh_due(
         def refresh(*operands: Array, exponent: float) -> tuple:
             new, ok, _ = _fd_update(xp, _Sketch(*operands[:-1]), operands[-1], exponent=exponent, accept=ctx.ok,
                                     **fd_options)
-            return (*new, ok)
+            return (*new, _failed(xp, ok))
 
         def keep(*operands: Array) -> tuple:
             rows = operands[-1]
-            return (*operands[:-1], xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows)))
+            return (*operands[:-1], xp.zeros(tuple(rows.shape[:1]), dtype=xp.int32, device=array_device(rows)))
 
         outputs = [cond(xp, due, functools.partial(refresh, exponent=exponents[s.indices[0]]), keep, *s.operands)
                    for s in stacks]
         for (i, n, j), piece in zip(owners, unstack(stacks, outputs, len(members))):
             piece = _unstacked(leaves[i][0].axes[n], piece)
             tables[i][n][j] = _Sketch(*piece[:-1])
-            failures[i] = failures[i] + _failed(xp, piece[-1])
+            failures[i] = failures[i] + _count(xp, piece[-1])
     return [
         (leaf[1] if table is None else tuple(tuple(axis) for axis in table), failure)
         for leaf, table, failure in zip(leaves, tables, failures)
@@ -341,8 +341,15 @@ def _refresh_due(
 
 
 def _failed(xp: Any, ok: Array) -> Array:
-    """The number of False entries of ``ok`` (a run's per-block flags), a 0-D int32."""
-    return xp.sum(1 - xp.astype(ok, xp.int32), dtype=xp.int32)
+    """``1`` where ``ok`` is False, else ``0`` (int32): a stack's per-block failure flags, made once
+    per stack; :func:`_count` adds a run's to its leaf's count."""
+    return xp.astype(xp.logical_not(ok), xp.int32)
+
+
+def _count(xp: Any, flags: Array) -> Array:
+    """The number of failures among a run's flags (:func:`_failed`), a 0-D int32: the flag itself
+    for a leaf that is one unstacked sketch (0-D already; no reduction to launch)."""
+    return flags if flags.ndim == 0 else xp.sum(flags, dtype=xp.int32)
 
 
 def _settle(ctx: StepContext, sketches: tuple) -> None:
@@ -390,8 +397,13 @@ def _precondition(xp: Any, leaves: Sequence[tuple]) -> list[Array]:
 
 def _rmsprop_graft(xp: Any, ctx: StepContext, g: Array, v: Array, graft_eps: float) -> Array:
     """:math:`D_g = G / \\sqrt{v + \\epsilon_g}` where :math:`v > 0`, else 0 (:math:`v = 0` only
-    where :math:`G = 0`: no 0/0 when :math:`\\epsilon_g = 0`)."""
+    where :math:`G = 0`: no 0/0 when :math:`\\epsilon_g = 0`). An :math:`\\epsilon_g` that is a
+    normal number of G's dtype (the default 1e-23 in float32 and float64) makes every denominator
+    positive, and :math:`0 / \\sqrt{\\epsilon_g} = 0`: the formula alone, three operations a leaf
+    instead of six (the selections would change only the sign of a zero)."""
     dtype, device = g.dtype, array_device(g)
+    if is_number(graft_eps) and graft_eps >= float(xp.finfo(dtype).smallest_normal):
+        return g / xp.sqrt(v + graft_eps)
     one, zero = ctx.once(("one_zero", dtype, device),
                          lambda: tuple(scalar_array(xp, v, dtype, device) for v in (1.0, 0.0)))
     positive = v > 0.0
@@ -554,6 +566,7 @@ def _sketchy_transform(
                                       for g, plan, state in leaves], dues, ctxs[0], fd_options)  # 2
         preconditioned = _precondition(xp, [(plan, sketches, g) for (g, plan, _), (sketches, _) in
                                             zip(leaves, refreshed)])  # 3
+        minus_lr = None if learning_rate is None else -ctxs[0].value(learning_rate)  # exact: once, not per leaf
         results = []
         for (g, plan, state), (v, u), (sketches, failures), p, param, ctx in zip(
                 leaves, grafts, refreshed, preconditioned, params, ctxs):
@@ -565,7 +578,7 @@ def _sketchy_transform(
                 u, m = _momentum(xp, u, m, momentum, nesterov, momentum_ema)  # 5
             if learning_rate is not None and has_weight_decay:
                 u = u + weight_decay * xp.astype(param[0], g.dtype)  # 6
-            step = u if learning_rate is None else -ctx.value(learning_rate) * u
+            step = u if learning_rate is None else minus_lr * u
             results.append(((step,), to_entries(state._replace(sketches=sketches, sketch_failures=failures,
                                                                graft_second_moment=v, momentum=m))))
         return results
@@ -992,15 +1005,13 @@ def s_adagrad(
     def leaf_plan(g: Array) -> _LeafPlan:
         return plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
 
-    def finish(g: Array, direction: Array, m: Optional[Array], param: Optional[Array], ctx: StepContext):
-        """m <- mu m + P(g);  updates = -eta m - eta lambda x."""
-        xp = ctx.xp
+    def finish(xp: Any, g: Array, direction: Array, m: Optional[Array], param: Optional[Array], minus_lr: Any):
+        """m <- mu m + P(g);  updates = -eta m - eta lambda x  (``minus_lr``: -eta, once a step)."""
         if has_momentum:
             direction = m = momentum * m + direction
-        lr = ctx.value(learning_rate)
-        updates = -lr * direction
+        updates = minus_lr * direction
         if has_weight_decay:
-            updates = updates - (lr * weight_decay) * xp.astype(param, g.dtype)
+            updates = updates + (minus_lr * weight_decay) * xp.astype(param, g.dtype)
         return updates, m
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
@@ -1025,17 +1036,18 @@ def s_adagrad(
         stacks = stack(xp, members, labels=phases)
         outputs = [_adagrad_stack(xp, s.operands, dues[phases[s.indices[0]]], ctxs[0], fd_options) for s in stacks]
         pieces = iter(unstack(stacks, outputs, len(members)))
+        minus_lr = -ctxs[0].value(learning_rate)  # exact: once, not once per leaf
         for i, g, plan, state in leaves:
             axis = plan.axes[0]
             runs = [_unstacked(axis, next(pieces)) for _ in axis.runs]
             sketches = (tuple(_Sketch(*piece[:-2]) for piece in runs),)
             failures = state.sketch_failures
             for piece in runs:
-                failures = failures + _failed(xp, piece[-2])
+                failures = failures + _count(xp, piece[-2])
             _settle(ctxs[i], sketches)
             direction = _join_runs(xp, axis, [piece[-1] for piece in runs])
-            updates, m = finish(g, xp.reshape(direction, tuple(g.shape)), state.momentum,
-                                None if params[i] is None else params[i][0], ctxs[i])
+            updates, m = finish(xp, g, xp.reshape(direction, tuple(g.shape)), state.momentum,
+                                None if params[i] is None else params[i][0], minus_lr)
             results[i] = ((updates,), to_entries(_State(sketches, failures, momentum=m)))
         return results
 
@@ -1057,17 +1069,18 @@ def _adagrad_stack(xp: Any, operands: tuple, due: Any, ctx: StepContext, fd_opti
     applied with x's own mass on its frame, :math:`(S + D)^{-1/2} x`
     (:func:`precond_ref.sketch.fd_apply_with_own_mass`: the last sketch alone,
     :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x`, leaves the part of x it has not seen
-    unbounded, and diverged on every seed measured). Returns the sketch fields, whether
-    each block's FD step was finite (True where none ran) and the preconditioned rows."""
+    unbounded, and diverged on every seed measured). Returns the sketch fields, each
+    block's failure flag (:func:`_failed`: 1 where its FD step was not finite, 0 where none ran)
+    and the preconditioned rows."""
     sketch, rows = _Sketch(*operands[:-1]), operands[-1]
 
     def refresh(sketch: _Sketch, rows: Array) -> tuple:
         new, ok, out = _fd_update(xp, sketch, rows, exponent=-0.5, accept=ctx.ok, apply=True, **fd_options)
-        return (*new, ok, out)
+        return (*new, _failed(xp, ok), out)
 
     def keep(sketch: _Sketch, rows: Array) -> tuple:
-        finite = xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows))
-        return (*sketch, finite, fd_apply_with_own_mass(xp, sketch._asdict(), rows))
+        none_failed = xp.zeros(tuple(rows.shape[:1]), dtype=xp.int32, device=array_device(rows))
+        return (*sketch, none_failed, fd_apply_with_own_mass(xp, sketch._asdict(), rows))
 
     if is_number(due) and due == 1:  # every step (the authors' schedule): no branch
         return refresh(sketch, rows)

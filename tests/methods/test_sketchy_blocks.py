@@ -284,3 +284,33 @@ def test_sketchy_stacked_leaves_get_what_each_would_alone(interval, monkeypatch)
         # together (3 members of rows 6 x 4), their 4-row axes (4 x 6), blk's two blocks (10 x 4),
         # its tail (3 x 4), its 4-row axis (4 x 23) and v (5 x 1)
         assert sorted(joint_calls) == sorted([(3, 6, 4), (3, 4, 6), (2, 10, 4), (1, 3, 4), (1, 4, 23), (1, 5, 1)])
+
+
+@pytest.mark.parametrize("factory", ["sketchy", "s_adagrad"])
+def test_sketch_failures_count_each_failed_block_of_each_leaf(factory, monkeypatch):
+    """``sketch_failures`` of a leaf grows by the number of its blocks whose FD step was not finite
+    (spec: a failed decomposition keeps the previous sketch and counts). Every FD step is made to
+    report failure (its ``ok`` all False): each leaf's count after a step is then its number of
+    blocks refreshed, whether the leaf is one unstacked sketch (0-D flags) or runs of stacked blocks
+    (flags summed), and whether it shares its stack with other leaves."""
+    real_fd = sk._fd_update
+
+    def failing(xp, sketch, rows, **options):
+        new, ok, out = real_fd(xp, sketch, rows, **options)
+        return new, ok & False, out
+
+    monkeypatch.setattr(sk, "_fd_update", failing)
+    if factory == "sketchy":
+        shapes = {"w1": (6, 4), "w2": (6, 4), "blk": (23, 4), "v": (5,)}
+        tx = pr.sketchy(learning_rate=0.1, rank=3, block_size=10, precondition_every=1, precondition_1d=True, merge_dims=2)
+        blocks = {"w1": 2, "w2": 2, "blk": 3 + 1, "v": 1}  # blk: 10, 10 and 3 rows, and its 4-row axis
+    else:
+        shapes = {"a": (8,), "b": (2, 4), "e": (25,)}
+        tx = pr.s_adagrad(learning_rate=0.1, rank=3, block_size=10)
+        blocks = {"a": 1, "b": 1, "e": 3}
+    rng = np.random.default_rng(2)
+    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    state = tx.init(params)
+    for step in (1, 2):
+        _, state = tx.update({k: rng.standard_normal(s) for k, s in shapes.items()}, state, params)
+        assert {k: int(state.groups[k]["sketch_failures"]) for k in shapes} == {k: step * n for k, n in blocks.items()}

@@ -1,7 +1,7 @@
 """Each helper of Sketchy's step (precond_ref/methods/sketchy.py) computes the formula its docstring
 states, checked on small NumPy arrays against that formula written out (float64; the helpers do
 the same operations, so equality is to a few ulps: rtol 1e-15 or exact). The step composes them in
-the order of the comment table above ``update_group``; docs/methods/sketchy.md maps each equation
+the order of the comment table above ``update_groups``; docs/methods/sketchy.md maps each equation
 to these names, and the last test checks that every name there exists."""
 
 from __future__ import annotations
@@ -26,15 +26,20 @@ def _ctx(count: int = 0) -> StepContext:
     return StepContext(xp=xp, count=np.asarray(count, dtype=np.int32), extra={})
 
 
-def test_rmsprop_graft_is_g_over_root_of_v_and_zero_where_v_is_zero():
-    """D_g = G / sqrt(v + eps_g) where v > 0, else 0 (no 0/0 at eps_g = 0)."""
-    g, v = rng.standard_normal((3, 4)), rng.random((3, 4))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("eps", [1e-3, 1e-23, 1e-40, 5e-324, 0.0])
+def test_rmsprop_graft_is_g_over_root_of_v_and_zero_where_v_is_zero(eps, dtype):
+    """D_g = G / sqrt(v + eps_g) where v > 0, else 0 (no 0/0 at eps_g = 0, nor at an eps_g that is
+    subnormal or 0 in the dtype: 1e-40 in float32, 5e-324 in float64), a zero gradient entry
+    (v = 0) also where the helper drops the selections (a normal eps_g); -0.0 equals 0.0 here."""
+    g, v = rng.standard_normal((3, 4)).astype(dtype), rng.random((3, 4)).astype(dtype)
     g[0, 0] = v[0, 0] = 0.0
-    got = sk._rmsprop_graft(xp, _ctx(), g, v, 1e-3)
-    want = g / np.sqrt(v + 1e-3)
-    want[0, 0] = 0.0
-    np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
-    assert sk._rmsprop_graft(xp, _ctx(), g, v, 0.0)[0, 0] == 0.0
+    g[1, 1], v[1, 1] = -0.0, 0.0
+    got = sk._rmsprop_graft(xp, _ctx(), g, v, eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = np.where(v > 0, g / np.sqrt(np.where(v > 0, v, 1) + dtype(eps)), 0).astype(dtype)
+    assert got.dtype == dtype and np.all(np.isfinite(got))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_grafted_direction_has_the_graft_norm_and_is_the_graft_before_start():
