@@ -188,28 +188,20 @@ def test_cost_model_counts_the_principled_interval():
     assert fd_default == pytest.approx(fd_every / sk.PRINCIPLED_PRECONDITION_EVERY)
 
 
-@pytest.mark.parametrize("interval", [1, 3])
-def test_s_adagrad_stacked_leaves_get_what_each_would_alone(interval, monkeypatch):
-    """Runs of equal block length and refresh phase share one batched FD step across leaves
-    (``blocking.stack``: the single-sketch leaves "a", "b", "c", "f" of 8 entries, and the 10-entry
-    blocks of the blocked leaves "e" and "g"); each block's step reads only its own rows, so every
-    leaf's update and state equal those of the same leaf in a transform of its own (here with
-    momentum, weight decay, decay b2 < 1 and, for T = 3, refreshes spread over phases; "e"'s 2-entry
-    tail and a leaf of another size "d" beside them). A tolerance, not equality: a batched product
-    may sum in another order than an unbatched one (a few u per entry of a 10-term product,
-    amplified by at most the weights' ratio (1/eps)^(1/2) ~ 3e3 over 7 steps: below 1e-10 in
-    float64)."""
-    shapes = {"a": (8,), "b": (2, 4), "c": (8,), "d": (5,), "e": (12,), "f": (4, 2), "g": (20,)}
-    kw = dict(learning_rate=0.5, rank=3, block_size=10, momentum=0.5, weight_decay=0.1,
-              precondition_every=interval, b2=0.9)
-    rng = np.random.default_rng(0)
+def _each_leaf_as_alone(factory, kw: dict, shapes: dict, steps: int, seed: int, monkeypatch) -> tuple[list, list]:
+    """Runs ``factory(**kw)`` on the tree of ``shapes`` for ``steps`` steps beside one transform per
+    leaf, and checks every leaf's update and state against its own transform's (rtol 1e-10 in
+    float64: a batched product may sum in another order than an unbatched one). Returns the sizes
+    of every stack formed (``blocking.stack``) and the shapes of the FD calls' rows of the last
+    step."""
+    rng = np.random.default_rng(seed)
     params = {k: rng.standard_normal(s) for k, s in shapes.items()}
-    tx = pr.s_adagrad(**kw)
+    tx = factory(**kw)
     state = tx.init(params)
-    alone = {k: pr.s_adagrad(**kw) for k in shapes}
+    alone = {k: factory(**kw) for k in shapes}
     alone_states = {k: alone[k].init({k: params[k]}) for k in shapes}
-    stack_sizes = []
-    real_stack = sk.stack
+    stack_sizes, fd_calls = [], []
+    real_stack, real_fd = sk.stack, sk._fd_update
 
     def counted(xp, members, *args, **kwargs):
         stacks = real_stack(xp, members, *args, **kwargs)
@@ -217,19 +209,35 @@ def test_s_adagrad_stacked_leaves_get_what_each_would_alone(interval, monkeypatc
         return stacks
 
     monkeypatch.setattr(sk, "stack", counted)
-    fd_calls = []
-    real_fd = sk._fd_update
     monkeypatch.setattr(sk, "_fd_update", lambda xp, sketch, rows, **o: fd_calls.append(rows.shape) or real_fd(xp, sketch, rows, **o))
-    for _ in range(7):
+    for step in range(steps):
         grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
         fd_calls.clear()
         updates, state = tx.update(grads, state, params)
         joint_calls = list(fd_calls)
         for k in shapes:
             expected, alone_states[k] = alone[k].update({k: grads[k]}, alone_states[k], {k: params[k]})
-            np.testing.assert_allclose(updates[k], expected[k], rtol=1e-10, atol=0, err_msg=k)
+            np.testing.assert_allclose(updates[k], expected[k], rtol=1e-10, atol=1e-300, err_msg=f"{k} step {step}")
             for entry, value in alone_states[k].groups[k].items():
-                np.testing.assert_allclose(state.groups[k][entry], value, rtol=1e-10, atol=1e-300, err_msg=f"{k} {entry}")
+                np.testing.assert_allclose(state.groups[k][entry], value, rtol=1e-10, atol=1e-300,
+                                           err_msg=f"{k} {entry} step {step}")
+    return stack_sizes, joint_calls
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_s_adagrad_stacked_leaves_get_what_each_would_alone(interval, monkeypatch):
+    """Runs of equal block length and refresh phase share one batched FD step across leaves
+    (``blocking.stack``: the single-sketch leaves "a", "b", "c", "f" of 8 entries, and the 10-entry
+    blocks of the blocked leaves "e" and "g"); each block's step reads only its own rows, so every
+    leaf's update and state equal those of the same leaf in a transform of its own (here with
+    momentum, weight decay, decay b2 < 1 and, for T = 3, refreshes spread over phases; "e"'s 2-entry
+    tail and a leaf of another size "d" beside them). The tolerance: a few u per entry of a 10-term
+    product, amplified by at most the weights' ratio (1/eps)^(1/2) ~ 3e3 over 7 steps, below 1e-10
+    in float64."""
+    shapes = {"a": (8,), "b": (2, 4), "c": (8,), "d": (5,), "e": (12,), "f": (4, 2), "g": (20,)}
+    kw = dict(learning_rate=0.5, rank=3, block_size=10, momentum=0.5, weight_decay=0.1,
+              precondition_every=interval, b2=0.9)
+    stack_sizes, joint_calls = _each_leaf_as_alone(pr.s_adagrad, kw, shapes, 7, 0, monkeypatch)
     # every run in one phase: a, b, c, f together; else "a" and "c" (shape (8,), one phase) at least
     assert stack_sizes and max(stack_sizes) >= (4 if interval == 1 else 2)
     if interval == 1:  # one FD call per block length and step: 8 (a, b, c, f), 5 (d), 10 (e, g), 2 (e's tail)
@@ -244,40 +252,11 @@ def test_sketchy_stacked_leaves_get_what_each_would_alone(interval, monkeypatch)
     10-row blocks and a 3-row tail), a vector "v" (one axis: another exponent) and a graft-only
     scalar "s" beside them. Each block's arithmetic reads only its own rows, so every leaf's update
     and state equal those of the same leaf in a transform of its own (momentum, weight decay,
-    T = 3 spread over phases; ``merge_dims=2`` keeps the matrices two-axis). A tolerance, not equality: a batched product may sum in another
-    order than an unbatched one (a few u per entry, float64, over 6 steps)."""
+    T = 3 spread over phases; ``merge_dims=2`` keeps the matrices two-axis; float64, 6 steps)."""
     shapes = {"w1": (6, 4), "w2": (6, 4), "t": (4, 6), "blk": (23, 4), "v": (5,), "s": ()}
     kw = dict(learning_rate=0.1, rank=3, block_size=10, momentum=0.5, weight_decay=0.1,
               precondition_every=interval, precondition_1d=True, merge_dims=2)
-    rng = np.random.default_rng(1)
-    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
-    tx = pr.sketchy(**kw)
-    state = tx.init(params)
-    alone = {k: pr.sketchy(**kw) for k in shapes}
-    alone_states = {k: alone[k].init({k: params[k]}) for k in shapes}
-    stack_sizes = []
-    real_stack = sk.stack
-
-    def counted(xp, members, *args, **kwargs):
-        stacks = real_stack(xp, members, *args, **kwargs)
-        stack_sizes.extend(len(s.indices) for s in stacks)
-        return stacks
-
-    monkeypatch.setattr(sk, "stack", counted)
-    fd_calls = []
-    real_fd = sk._fd_update
-    monkeypatch.setattr(sk, "_fd_update", lambda xp, sketch, rows, **o: fd_calls.append(rows.shape) or real_fd(xp, sketch, rows, **o))
-    for step in range(6):
-        grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
-        fd_calls.clear()
-        updates, state = tx.update(grads, state, params)
-        joint_calls = list(fd_calls)
-        for k in shapes:
-            expected, alone_states[k] = alone[k].update({k: grads[k]}, alone_states[k], {k: params[k]})
-            np.testing.assert_allclose(updates[k], expected[k], rtol=1e-10, atol=1e-300, err_msg=f"{k} step {step}")
-            for entry, value in alone_states[k].groups[k].items():
-                np.testing.assert_allclose(state.groups[k][entry], value, rtol=1e-10, atol=1e-300,
-                                           err_msg=f"{k} {entry} step {step}")
+    stack_sizes, joint_calls = _each_leaf_as_alone(pr.sketchy, kw, shapes, 6, 1, monkeypatch)
     assert stack_sizes and max(stack_sizes) >= 2
     if interval == 1:
         # one FD call per run shape and exponent: the 6-row axis of w1, w2 and t's second axis
