@@ -29,15 +29,20 @@ def _ctx(count: int = 0) -> StepContext:
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("eps", [1e-3, 1e-23, 1e-40, 5e-324, 0.0])
 def test_rmsprop_graft_is_g_over_root_of_v_and_zero_where_v_is_zero(eps, dtype):
-    """D_g = G / sqrt(v + eps_g) where v > 0, else 0 (no 0/0 at eps_g = 0, nor at an eps_g that is
-    subnormal or 0 in the dtype: 1e-40 in float32, 5e-324 in float64), a zero gradient entry
-    (v = 0) also where the helper drops the selections (a normal eps_g); -0.0 equals 0.0 here."""
+    """D_g = G / sqrt(v + eps_g): the plain formula where eps_g is a normal number of the dtype
+    (every denominator positive), else 0 where v = 0 (no 0/0 at an eps_g that is 0 or subnormal:
+    1e-40 in float32, 5e-324 in float64). v = 0 at a zero G, and at a G whose square underflowed
+    (1e-22 beside v = 0), which the plain formula divides by sqrt(eps_g); -0.0 equals 0.0 here."""
     g, v = rng.standard_normal((3, 4)).astype(dtype), rng.random((3, 4)).astype(dtype)
     g[0, 0] = v[0, 0] = 0.0
     g[1, 1], v[1, 1] = -0.0, 0.0
+    g[2, 2], v[2, 2] = 1e-22, 0.0
     got = sk._rmsprop_graft(xp, _ctx(), g, v, eps)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        want = np.where(v > 0, g / np.sqrt(np.where(v > 0, v, 1) + dtype(eps)), 0).astype(dtype)
+    if dtype(eps) >= np.finfo(dtype).smallest_normal:
+        want = g / np.sqrt(v + dtype(eps))
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            want = np.where(v > 0, g / np.sqrt(np.where(v > 0, v, 1) + dtype(eps)), 0).astype(dtype)
     assert got.dtype == dtype and np.all(np.isfinite(got))
     np.testing.assert_array_equal(got, want)
 
