@@ -246,12 +246,6 @@ def _fd_update(xp: Any, sketch: _Sketch, rows: Array, **options: Any) -> tuple[_
     return _Sketch(**new), ok, out
 
 
-def _fd_apply(xp: Any, sketch: _Sketch, rows: Array) -> Array:
-    """:math:`U \\operatorname{diag}(w) U^\\top x + w_\\perp (x - U U^\\top x)`
-    (:func:`precond_ref.sketch.fd_apply`) for the rows x of a run."""
-    return fd_apply(xp, sketch._asdict(), rows)
-
-
 def _run_rows(xp: Any, axis: _AxisPlan, run: _Run, flat: Array) -> Array:
     """The rows of ``flat`` (d, n) that a run covers, stacked (count, length, n) when batched."""
     if not axis.batched:
@@ -383,7 +377,8 @@ def _precondition(xp: Any, leaves: Sequence[tuple]) -> list[Array]:
                 members.append(_leaf_member(xp, plan.axes[n], run, (s.basis, s.basis_weights, s.complement_weight), flat))
                 owners.append(i)
         stacks = stack(xp, members)
-        outputs = [(_fd_apply(xp, _Sketch(op[0], None, None, op[1], op[2]), op[3]),) for op in (s.operands for s in stacks)]
+        outputs = [(fd_apply(xp, dict(basis=basis, basis_weights=weights, complement_weight=complement), rows),)
+                   for basis, weights, complement, rows in (s.operands for s in stacks)]
         parts: list[list] = [[] for _ in leaves]
         for i, piece in zip(owners, unstack(stacks, outputs, len(members))):
             parts[i].append(_unstacked(leaves[i][0].axes[n], piece)[0])
