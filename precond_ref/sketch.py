@@ -624,8 +624,9 @@ def fd_apply_with_own_mass(xp: Any, sketch: dict[str, Array], x: Array) -> Array
     :math:`w_i = 0`), the residual's as :math:`\tau / \operatorname{hypot}(1, \tau)` along
     :math:`r / \lVert r\rVert`, :math:`\tau = w_\perp \lVert r\rVert`. A residual at rounding
     level (:math:`\lVert r\rVert \le 10 u \lVert x\rVert` after a second projection, as the FD
-    step's: x in span(U)) counts as 0, as the FD step's cutoff counts it (its direction is noise, which a large :math:`w_\perp` or, where
-    :math:`\mu_\perp = 0`, the weight :math:`1/\lVert r\rVert` would make a unit step).
+    step's: x in span(U)) counts as 0, as the FD step's cutoff counts it (its direction is noise,
+    which a large :math:`w_\perp` or, where :math:`\mu_\perp = 0`, the weight
+    :math:`1/\lVert r\rVert` would make a unit step).
     """
     if x.shape[-1] != 1:
         raise ValueError(f"fd_apply_with_own_mass takes one column x (..., d, 1), got shape {tuple(x.shape)}")

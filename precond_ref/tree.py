@@ -171,7 +171,7 @@ def from_entries(template: Any, entries: Any) -> Any:
 
 
 # from_entries's tuple templates by identity (an IdentityDict keeps each template, so its id is
-# not reused): a method's layouts are cached objects (functools.lru_cache) filled every step; equal
+# not reused): a method's layouts are cached objects (cached_template) filled every step; equal
 # NamedTuples of different types (equal as tuples) must not share an entry.
 _TEMPLATES = IdentityDict()
 

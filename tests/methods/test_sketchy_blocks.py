@@ -252,7 +252,11 @@ def test_sketchy_stacked_leaves_get_what_each_would_alone(interval, monkeypatch)
     10-row blocks and a 3-row tail), a vector "v" (one axis: another exponent) and a graft-only
     scalar "s" beside them. Each block's arithmetic reads only its own rows, so every leaf's update
     and state equal those of the same leaf in a transform of its own (momentum, weight decay,
-    T = 3 spread over phases; ``merge_dims=2`` keeps the matrices two-axis; float64, 6 steps)."""
+    T = 3 spread over phases; ``merge_dims=2`` keeps the matrices two-axis). The tolerance: a
+    batched product may sum in another order than an unbatched one, a few u per entry of a
+    product of at most 23 terms, amplified by at most the weights' ratio, (1/eps)^(1/4) ~ 56 for a
+    two-axis leaf at the relative eps 1e-7 ((1/eps)^(1/2) ~ 3e3 for the vector), over 6 steps:
+    below 1e-10 in float64."""
     shapes = {"w1": (6, 4), "w2": (6, 4), "t": (4, 6), "blk": (23, 4), "v": (5,), "s": ()}
     kw = dict(learning_rate=0.1, rank=3, block_size=10, momentum=0.5, weight_decay=0.1,
               precondition_every=interval, precondition_1d=True, merge_dims=2)
