@@ -8,7 +8,8 @@ number of times:
 
 * the periodic-work decisions come in as a tuple of Python bools (``Transform.due``, evaluated on
   the host from the host step count), so a method with intervals compiles at most one graph per
-  combination of decisions (two for a single interval), never one per step;
+  combination of decisions (two for a single interval), never one per step, and a combination
+  that occurs only once (a spread refresh's first step, every phase at once) runs eagerly;
 * the learning rate is a 0-D tensor read by the kernels (schedulers change its value, not the
   graph);
 * each param group's compiled function has a code object of its own, so its compilations never
@@ -26,6 +27,7 @@ operation), the optimizer says so once and runs the same core eagerly.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -219,14 +221,18 @@ class CompiledStep:
         )
         self._compiled = torch.compile(_fresh(_apply), fullgraph=True, **options)
         self._quiet = _cached_helpers_traced_quietly()
-        # One graph per combination of interval decisions: a refresh spread over T phases has T + 1
-        # (all on the first step, then one phase a step), more than dynamo's default limit of 8
-        # graphs per function for T >= 8, past which it would stop compiling; the limit is raised
-        # around this function's calls to what its schedule needs.
-        patterns = due_patterns(transform)
+        # One graph per combination of interval decisions that recurs: a refresh spread over T phases
+        # has T + 1 (all on the first step, then one phase a step), of which the first step's occurs
+        # once and runs eagerly (``eager_patterns``: compiling it would cost the largest graph's
+        # compilation for a single step); T is more than dynamo's default limit of 8 graphs per
+        # function for T >= 8, past which it would stop compiling, so the limit is raised around
+        # this function's calls to what its schedule needs.
+        counts = due_pattern_counts(transform)
+        self.eager_patterns = frozenset(p for p, n in counts.items() if n == 1)
+        graphs = len(counts) - len(self.eager_patterns)
         self._limit = (
-            torch._dynamo.config.patch(recompile_limit=patterns + 1)
-            if patterns + 1 > torch._dynamo.config.recompile_limit else None
+            torch._dynamo.config.patch(recompile_limit=graphs + 1)
+            if graphs + 1 > torch._dynamo.config.recompile_limit else None
         )
 
     def __call__(self, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
@@ -270,10 +276,20 @@ def notice_eager(owner: str, error: BaseException) -> None:
     )
 
 
-def due_pattern_steps(transform: Transform, steps: int = 1024) -> dict[tuple, int]:
+def due_pattern_counts(transform: Transform, steps: int = 1024) -> dict[tuple, int]:
     """The different tuples of interval decisions (``Transform.due``) of the first ``steps`` steps,
-    each with the first step that makes it (``{(): 0}`` without periodic work): a compiled step
-    compiles one graph per tuple, on that step."""
+    each with how many of those steps make it, in the order they first occur (``{(): steps}``
+    without periodic work)."""
+    due = getattr(transform, "due", None)
+    if due is None:
+        return {(): steps}
+    return dict(collections.Counter(tuple(due(step)) for step in range(steps)))
+
+
+def due_pattern_steps(transform: Transform, steps: int = 1024) -> dict[tuple, int]:
+    """Each tuple of :func:`due_pattern_counts` with the first step that makes it (``{(): 0}``
+    without periodic work): a compiled step compiles one graph per recurring tuple, on that step
+    (a tuple made once, :attr:`CompiledStep.eager_patterns`, runs eagerly)."""
     due = getattr(transform, "due", None)
     if due is None:
         return {(): 0}
@@ -281,12 +297,6 @@ def due_pattern_steps(transform: Transform, steps: int = 1024) -> dict[tuple, in
     for step in range(steps):
         first.setdefault(tuple(due(step)), step)
     return first
-
-
-def due_patterns(transform: Transform, steps: int = 1024) -> int:
-    """How many different tuples of interval decisions the first ``steps`` steps make: the number
-    of graphs a compiled step needs (1 without periodic work)."""
-    return len(due_pattern_steps(transform, steps))
 
 
 def check_capturable(owner: str, transform: Transform, params: list[tuple[str, torch.Tensor]]) -> None:

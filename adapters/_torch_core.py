@@ -386,9 +386,12 @@ class CoreOptimizer(torch.optim.Optimizer):
                 live = {id(entry[1]) for entry in self._transforms.values()}
                 self._compiled = {k: v for k, v in self._compiled.items() if k in live}
                 self._compiled[id(transform)] = compiled
+            due = transform.due(calls)
+            if due in compiled.eager_patterns:  # made once: compiling it would outweigh the step
+                return self._eager_update(transform, grads, state, params, calls, extra)
             try:
                 with float32_matmul_precision(torch, transform.matmul_precision):
-                    return compiled(grads, state, params, transform.due(calls), extra)
+                    return compiled(grads, state, params, due, extra)
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
                 # A genuine input error fails again below and propagates from the eager path.
                 new_state = self._eager_update(transform, grads, state, params, calls, extra)

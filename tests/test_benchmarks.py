@@ -599,10 +599,11 @@ def test_a_run_stopped_inside_a_model_keeps_the_rows_it_measured(tmp_path, monke
 
 
 def test_compiled_torch_rows_warm_up_through_every_phase_graph():
-    """A compiled step compiles one graph per pattern of interval decisions (``Transform.due``);
-    with ``--torch-compile on`` a contender's warm-up runs until each pattern has occurred once, so
-    that the window times compiled steps only: Sketchy's 3 phases, the first call's pattern and the
-    plain step's (4 steps), and MBF's inverse phases, which first fall due one by one after its
+    """A compiled step compiles one graph per recurring pattern of interval decisions
+    (``Transform.due``; a pattern made once, the first call's, runs eagerly); with
+    ``--torch-compile on`` a contender's warm-up runs until each pattern has occurred once, so
+    that the window times compiled steps only: Sketchy's first call (every phase) and its 3 phases
+    (4 steps), and MBF's inverse phases, which first fall due one by one after its
     warm-up of T2 = 100 calls (the last on call 200: 201 steps). Baselines and eager rows keep the
     given warm-up."""
     from precond_ref.benchmarks.measure import timing_for

@@ -121,7 +121,8 @@ def refresh_period(entry: MethodEntry) -> int:
 def steps_until_every_pattern(entry: MethodEntry, horizon: int = 1024) -> int:
     """How many first steps hold every pattern of the entry's interval decisions
     (``Transform.due``) that its first ``horizon`` steps hold: a compiled step compiles one graph
-    per pattern, so these steps are the ones that compile. ASGO (T = 2, spread): 3; MBF at the
+    per recurring pattern (a pattern made once runs eagerly), so these steps hold every
+    compilation. ASGO (T = 2, spread): 3; MBF at the
     bench's settings: 201 (its spread inverse phases first fall due one by one after the warm-up
     of T2 = 100 calls, the last on call 200)."""
     import precond_ref
