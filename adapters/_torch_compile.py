@@ -9,7 +9,8 @@ number of times:
 * the periodic-work decisions come in as a tuple of Python bools (``Transform.due``, evaluated on
   the host from the host step count), so a method with intervals compiles at most one graph per
   combination of decisions (two for a single interval), never one per step, and a combination
-  that occurs only once (a spread refresh's first step, every phase at once) runs eagerly;
+  made only at the schedule's start (a spread refresh's first step, every phase at once) runs
+  eagerly;
 * the learning rate is a 0-D tensor read by the kernels (schedulers change its value, not the
   graph);
 * each param group's compiled function has a code object of its own, so its compilations never
@@ -27,7 +28,6 @@ operation), the optimizer says so once and runs the same core eagerly.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import itertools
@@ -222,14 +222,13 @@ class CompiledStep:
         self._compiled = torch.compile(_fresh(_apply), fullgraph=True, **options)
         self._quiet = _cached_helpers_traced_quietly()
         # One graph per combination of interval decisions that recurs: a refresh spread over T phases
-        # has T + 1 (all on the first step, then one phase a step), of which the first step's occurs
-        # once and runs eagerly (``eager_patterns``: compiling it would cost the largest graph's
-        # compilation for a single step); T is more than dynamo's default limit of 8 graphs per
+        # has T + 1 (all on the first step, then one phase a step), of which the first step's is
+        # never made again and runs eagerly (``eager_patterns``: compiling it would cost the largest
+        # graph's compilation for one step); T is more than dynamo's default limit of 8 graphs per
         # function for T >= 8, past which it would stop compiling, so the limit is raised around
         # this function's calls to what its schedule needs.
-        counts = due_pattern_counts(transform)
-        self.eager_patterns = frozenset(p for p, n in counts.items() if n == 1)
-        graphs = len(counts) - len(self.eager_patterns)
+        self.eager_patterns = transient_patterns(transform)
+        graphs = len(due_pattern_steps(transform)) - len(self.eager_patterns)
         self._limit = (
             torch._dynamo.config.patch(recompile_limit=graphs + 1)
             if graphs + 1 > torch._dynamo.config.recompile_limit else None
@@ -276,20 +275,10 @@ def notice_eager(owner: str, error: BaseException) -> None:
     )
 
 
-def due_pattern_counts(transform: Transform, steps: int = 1024) -> dict[tuple, int]:
-    """The different tuples of interval decisions (``Transform.due``) of the first ``steps`` steps,
-    each with how many of those steps make it, in the order they first occur (``{(): steps}``
-    without periodic work)."""
-    due = getattr(transform, "due", None)
-    if due is None:
-        return {(): steps}
-    return dict(collections.Counter(tuple(due(step)) for step in range(steps)))
-
-
 def due_pattern_steps(transform: Transform, steps: int = 1024) -> dict[tuple, int]:
-    """Each tuple of :func:`due_pattern_counts` with the first step that makes it (``{(): 0}``
-    without periodic work): a compiled step compiles one graph per recurring tuple, on that step
-    (a tuple made once, :attr:`CompiledStep.eager_patterns`, runs eagerly)."""
+    """The different tuples of interval decisions (``Transform.due``) of the first ``steps`` steps,
+    each with the first step that makes it (``{(): 0}`` without periodic work): a compiled step
+    compiles one graph per tuple, on that step, except for the :func:`transient_patterns`."""
     due = getattr(transform, "due", None)
     if due is None:
         return {(): 0}
@@ -297,6 +286,19 @@ def due_pattern_steps(transform: Transform, steps: int = 1024) -> dict[tuple, in
     for step in range(steps):
         first.setdefault(tuple(due(step)), step)
     return first
+
+
+def transient_patterns(transform: Transform, steps: int = 1024) -> frozenset:
+    """The tuples of interval decisions that the first ``steps // 2`` steps make and the next
+    ``steps // 2`` do not: the schedule's start, which a periodic schedule never makes again (a
+    refresh spread over phases: every phase on the first step; MBF: every inverse phase on each
+    statistics step of its warm-up). A compiled step runs them eagerly rather than compile a graph
+    for a few steps (:attr:`CompiledStep.eager_patterns`)."""
+    due = getattr(transform, "due", None)
+    if due is None:
+        return frozenset()
+    late = {tuple(due(step)) for step in range(steps // 2, steps)}
+    return frozenset(p for p in (tuple(due(step)) for step in range(steps // 2)) if p not in late)
 
 
 def check_capturable(owner: str, transform: Transform, params: list[tuple[str, torch.Tensor]]) -> None:

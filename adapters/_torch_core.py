@@ -387,7 +387,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                 self._compiled = {k: v for k, v in self._compiled.items() if k in live}
                 self._compiled[id(transform)] = compiled
             due = transform.due(calls)
-            if due in compiled.eager_patterns:  # made once: compiling it would outweigh the step
+            if due in compiled.eager_patterns:  # the schedule's start: a graph for it would serve a few steps
                 return self._eager_update(transform, grads, state, params, calls, extra)
             try:
                 with float32_matmul_precision(torch, transform.matmul_precision):

@@ -135,6 +135,28 @@ def test_scheduler_and_intervals_do_not_recompile(monkeypatch, interval, spread,
     assert len(compiles) == graphs
 
 
+def test_only_the_schedules_start_runs_eagerly():
+    """``transient_patterns``: the interval decisions the schedule makes at its start and never
+    again are the ones a compiled step runs eagerly. Spread over T = 3 phases: the first step's
+    (every phase); unspread, or without intervals: none (each pattern recurs); MBF's default
+    schedule (statistics every 10 calls, inverses spread over 10 phases of T2 = 100): the 11
+    decisions all due, made on each statistics call of its warm-up (calls 0, 10, ..., 100) and
+    never after, while each phase's pattern recurs every 100 calls."""
+    import precond_ref
+
+    every_phase = _torch_compile.transient_patterns(precond_ref.asgo(learning_rate=1e-2, precondition_every=3))
+    assert every_phase == {(True, True, True)}
+    unspread = precond_ref.asgo(learning_rate=1e-2, precondition_every=3, spread_refresh=False)
+    assert _torch_compile.transient_patterns(unspread) == frozenset()
+    assert len(_torch_compile.due_pattern_steps(unspread)) == 2
+    assert _torch_compile.transient_patterns(precond_ref.agd(learning_rate=1e-3)) == frozenset()
+    mbf = precond_ref.mbf(learning_rate=1e-3)
+    warm_up = (True,) * 11
+    assert _torch_compile.transient_patterns(mbf) == {warm_up}
+    assert [step for step in range(1024) if mbf.due(step) == warm_up] == list(range(0, 101, 10))
+    assert len(_torch_compile.due_pattern_steps(mbf)) == 12
+
+
 def test_failed_compilation_warns_once_and_runs_eagerly(monkeypatch):
     def broken_compile(fn, **kwargs):
         def run(*args, **kw):
