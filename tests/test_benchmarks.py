@@ -128,6 +128,7 @@ def test_time_steps_first_step_apart_and_refresh_window(monkeypatch):
     cost = lambda i: 5.0 if i == 0 else (0.4 if i % 4 == 0 else 0.1)  # noqa: E731
     result = common.time_steps(stepper(cost), lambda: None, warmup=2, repeats=3, period=4, clock=lambda: clock["now"])
     assert result["first_step_ms"] == pytest.approx(5000.0)
+    assert result["warmup_ms"] == pytest.approx(5100.0) and result["warmup_steps"] == 2  # steps 0 and 1
     assert result["times_ms"] == pytest.approx([100.0, 100.0, 400.0, 100.0])
     assert result["median_ms"] == pytest.approx(100.0) and result["mean_ms"] == pytest.approx(175.0)
     assert result["covers_period"] and result["window"] == 4 and result["max_ms"] == pytest.approx(400.0)
@@ -285,15 +286,16 @@ def test_tables_and_readme_block_from_the_report():
     rows = [
         {"framework": "torch", "method": "baseline", "variant": None, "label": "B", "first_step_ms": 2.0, "median_ms": 1.0,
          "mean_ms": 1.0, "steps": 3, "period": 1, "covers_period": True, "state_bytes": 2**20},
-        {"framework": "torch", "method": "mbf", "variant": None, "label": "MBF", "first_step_ms": 9.0, "median_ms": 2.0,
-         "mean_ms": 3.0, "steps": 3, "period": 100, "covers_period": False, "state_bytes": 2**21},
+        {"framework": "torch", "method": "mbf", "variant": None, "label": "MBF", "first_step_ms": 9.0, "warmup_ms": 2.5e5,
+         "warmup_steps": 201, "median_ms": 2.0, "mean_ms": 3.0, "steps": 3, "period": 100, "covers_period": False,
+         "state_bytes": 2**21},
         {"framework": "torch", "method": "x", "variant": None, "label": "X", "error": "ValueError: no"},
     ]
     from precond_ref.benchmarks.measure import add_ratios
 
     add_ratios(rows)
     table = report.format_table("case", rows)
-    assert "| torch | MBF | 9 | 2 | 3 (3 < period 100) | 2.00x | 3.00x | - | 2.00 | 2.00x |" in table
+    assert "| torch | MBF | 9 | 250 (201) | 2 | 3 (3 < period 100) | 2.00x | 3.00x | - | 2.00 | 2.00x |" in table
     assert "| torch | X | error |" in table
     data = {"argv": ["--model", "gpt"], "machine": {"processor": "CPU", "cpu_count": 2, "torch": "2", "torch_threads": 2},
             "settings": {"dtype": "float32", "repeats": 3, "warmup": 1, "model_description": "gpt: tiny"}, "total_s": 5.0,

@@ -175,7 +175,8 @@ def time_steps(
     """Time ``step(0), step(1), ...``; the device is synchronised around every timed step.
 
     The first step is timed on its own (it holds compilation, tracing and state allocation); the
-    next ``warmup - 1`` are not timed; then a window of ``max(repeats, period)`` steps is, so that
+    next ``warmup - 1`` are timed together with it (``warmup_ms``: a compiled step that compiles a
+    graph per pattern of interval decisions compiles them there); then a window of ``max(repeats, period)`` steps is, so that
     its mean includes each periodic refresh as often as training does. The window stops early once
     its steps have taken ``budget_s`` seconds (``covers_period`` is then false when it stopped short
     of ``period`` steps: its mean misses refresh steps), and goes on by whole periods while its
@@ -193,6 +194,7 @@ def time_steps(
     for i in range(settle + 1, settle + warmup):
         step(i)
     sync()
+    warm = clock() - start
     window = max(repeats, period)
     times: list[float] = []
     elapsed = 0.0
@@ -207,6 +209,8 @@ def time_steps(
             break
     return {
         "first_step_ms": 1e3 * first,
+        "warmup_ms": 1e3 * warm,
+        "warmup_steps": max(warmup, 1),
         "settle_steps": settle,
         "median_ms": 1e3 * statistics.median(times),
         "mean_ms": 1e3 * statistics.fmean(times),

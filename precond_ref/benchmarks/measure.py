@@ -175,7 +175,7 @@ def section_rows(
     ``on_row`` gets each row as its first round finishes (the bench saves it at once).
 
     With ``rounds > 1`` the whole section is measured that many times in turn and each row keeps
-    the round of its lowest median (its first step from the first round, the one that compiled):
+    the round of its lowest median (its first step and warm-up from the first round, the one that compiled):
     a burst of load from elsewhere slows one row of one round, not a row of every round.
     """
     heads: list[dict] = []
@@ -201,7 +201,8 @@ def section_rows(
                 if on_row is not None:
                     on_row(row)
             elif "median_ms" in row and row["median_ms"] < rows[i].get("median_ms", float("inf")):
-                rows[i] = {**row, "first_step_ms": rows[i].get("first_step_ms", row["first_step_ms"])}
+                first = {key: rows[i][key] for key in ("first_step_ms", "warmup_ms") if key in rows[i]}
+                rows[i] = {**row, **first}
     if rounds > 1:
         for row in rows:
             row["rounds"] = rounds

@@ -26,6 +26,13 @@ def _ms(value: Optional[float]) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
+def _warmup(row: dict) -> str:
+    """The untimed first steps together, in seconds (compilations included), and how many."""
+    if row.get("warmup_ms") is None:
+        return "-"
+    return f"{row['warmup_ms'] / 1e3:.3g} ({row['warmup_steps']})"
+
+
 def baselines(rows: list[dict], framework: str) -> list[str]:
     """Labels of a framework's baselines, in order (the first is the one ratios are quoted against)."""
     return [r["label"] for r in rows if r["framework"] == framework and r["method"] == "baseline"]
@@ -81,7 +88,8 @@ def rates_line(rates: Optional[dict]) -> str:
 def format_table(section: str, rows: list[dict]) -> str:
     """The terminal table of one case or model: every row with its times and ratios."""
     with_reference = any("reference_ratio" in r for r in rows)
-    header = ["framework", "method", "first step ms", "median ms", "mean ms (steps)", "x base", "mean x base", "x alt"]
+    header = ["framework", "method", "first step ms", "warm-up s (steps)", "median ms", "mean ms (steps)", "x base", "mean x base",
+              "x alt"]
     header += ["mean x eigh"] if with_reference else []
     header += ["state MiB", "state x base"]
     with_cost = any("cost" in r for r in rows)
@@ -96,7 +104,7 @@ def format_table(section: str, rows: list[dict]) -> str:
         base, alt = (names + [None, None])[:2]
         steps = f"{_ms(row['mean_ms'])} ({row['steps']}{'' if row['covers_period'] else ' < period ' + str(row['period'])})"
         cells = [
-            row["framework"], row["label"], _ms(row["first_step_ms"]), _ms(row["median_ms"]), steps,
+            row["framework"], row["label"], _ms(row["first_step_ms"]), _warmup(row), _ms(row["median_ms"]), steps,
             _x(row["ratios"].get(base)), _x(row["mean_ratios"].get(base)), _x(row["ratios"].get(alt)) if alt else "-",
         ]
         cells += [_x(row.get("reference_ratio"))] if with_reference else []
