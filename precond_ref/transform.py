@@ -268,23 +268,38 @@ class StepContext(NamedTuple):
         return selected
 
 
-def leafwise(xp: Any, fn: Callable[[Array, Array], Array], leaves: Sequence[Array], zeros: Sequence[Array]) -> list[Array]:
-    """``[fn(x, zero) for x, zero in zip(leaves, zeros)]`` for an element-wise ``fn`` (a selection,
-    a finite test) and each leaf's 0-D zero of its dtype.
+def leafwise(
+    xp: Any, fn: Callable[..., Any], *operands: Sequence[Array], zeros: Optional[Sequence[Array]] = None
+) -> list[Any]:
+    """``[fn(*args) for args in zip(*operands)]`` for an element-wise ``fn`` (a selection, a finite
+    test, a momentum step): each of ``operands`` holds one array per leaf, of the leaf's shape;
+    with ``zeros`` (each leaf's 0-D zero of the dtype it computes in) ``fn`` also gets the leaf's
+    zero, last. ``fn`` returns an array or a tuple of arrays of the leaf's shape.
 
-    Eagerly outside JAX, on the leaves of one dtype and device joined end to end: each leaf
-    flattened, :func:`precond_ref.blocking.stack` (one ``fn`` call per join, with its first leaf's
-    zero), each leaf handed its slice in its own shape. An eager call is a kernel the host issues:
-    on a GPU, where a step's skip predicate cannot be read on the host and every leaf is selected,
-    that is three calls for all the leaves instead of three per leaf. On a CPU a leaf already large
-    stays alone (blocking's policy: a copy costs a CPU more than a call). Under a compiler
-    (``torch.compile``, JAX) leaf by leaf, which it fuses. The numbers are the same either way.
+    Eagerly outside JAX, on the leaves of one layout (each operand's dtype and device) joined end
+    to end: each leaf's operands flattened, :func:`precond_ref.blocking.stack` (one ``fn`` call per
+    join, with its first leaf's zero), each leaf handed its slices in its own shape. An eager call
+    is a kernel the host issues: on a GPU, where a step's skip predicate cannot be read on the host
+    and every leaf is selected, that is three calls for all the leaves instead of three per leaf.
+    On a CPU a leaf already large stays alone (blocking's policy: a copy costs a CPU more than a
+    call). Under a compiler (``torch.compile``, JAX) leaf by leaf, which it fuses. The numbers are
+    the same either way.
     """
-    if len(leaves) < 2 or _torch_compiling() or is_jax_namespace(xp):
-        return [fn(x, zero) for x, zero in zip(leaves, zeros)]
-    stacks = stack(xp, [(xp.reshape(x, (-1,)),) for x in leaves])
-    outs = unstack(stacks, [(fn(s.operands[0], zeros[s.indices[0]]),) for s in stacks], len(leaves))
-    return [xp.reshape(out, tuple(x.shape)) for (out,), x in zip(outs, leaves)]
+    count = len(operands[0])
+    if count < 2 or _torch_compiling() or is_jax_namespace(xp):
+        return [fn(*args) for args in zip(*operands, *(() if zeros is None else (zeros,)))]
+    tupled = []
+
+    def joined(*arrays: Array, first: int) -> tuple:
+        out = fn(*arrays) if zeros is None else fn(*arrays, zeros[first])
+        tupled.append(isinstance(out, tuple))
+        return out if tupled[-1] else (out,)
+
+    members = [tuple(xp.reshape(values[i], (-1,)) for values in operands) for i in range(count)]
+    stacks = stack(xp, members, labels=None if zeros is None else [(z.dtype, _device_key(z)) for z in zeros])
+    outs = unstack(stacks, [joined(*s.operands, first=s.indices[0]) for s in stacks], count)
+    results = [tuple(xp.reshape(a, tuple(leaf.shape)) for a in out) for out, leaf in zip(outs, operands[0])]
+    return results if tupled[0] else [out for (out,) in results]
 
 
 def schedule_value(hyperparameter: ScalarOrSchedule, count: Array) -> Any:
@@ -745,7 +760,7 @@ def build_transform(
         if elementwise or not is_jax_namespace(xp):
             chosen = [i for i, g in enumerate(grad_leaves) if not (finite_step and is_dense(g))]
             joined = leafwise(xp, lambda g, zero: select(xp, ok, g, zero),
-                              [grad_leaves[i] for i in chosen], [zeros[i] for i in chosen])
+                              [grad_leaves[i] for i in chosen], zeros=[zeros[i] for i in chosen])
             grad_leaves = list(grad_leaves)
             for i, g in zip(chosen, joined):
                 grad_leaves[i] = g
@@ -802,9 +817,9 @@ def build_transform(
         # Two selections, not one on ok & isfinite(u): XLA's CPU backend does not fuse an expensive
         # producer of u (a division) into a consumer that reads u twice, and would write u out.
         if skipping:  # (finite_step is False: the finite test below would not read the host)
-            updates = leafwise(xp, lambda u, zero: finite_or_zero(xp, select(xp, ok, u, zero), zero), updates, zeros)
+            updates = leafwise(xp, lambda u, zero: finite_or_zero(xp, select(xp, ok, u, zero), zero), updates, zeros=zeros)
         elif not (finite_step and host_all_finite(xp, updates)):  # the step's own test reads nothing else
-            updates = leafwise(xp, lambda u, zero: finite_or_zero(xp, u, zero), updates, zeros)
+            updates = leafwise(xp, lambda u, zero: finite_or_zero(xp, u, zero), updates, zeros=zeros)
         if selecting:
             new_groups = {key: dict(entries) for key, entries in new_groups.items()}
             for key, entries in new_groups.items():

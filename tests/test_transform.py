@@ -677,10 +677,12 @@ def test_per_step_scalars_are_made_once_per_update(name):
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_NAMES)
 def test_leafwise_equals_the_function_leaf_by_leaf(backend):
-    """``transform.leafwise(xp, fn, leaves, zeros) == [fn(x, z) for x, z in zip(leaves, zeros)]`` exactly, for the
-    element-wise functions the transform gives it (a selection against a 0-D zero, then the finite
-    test): leaves of two dtypes (joined apart), a transposed (non-dense) one, a 0-D one and an empty
-    one, each returned in its own shape and dtype; NaN and infinities placed in several leaves."""
+    """``transform.leafwise(xp, fn, leaves, zeros=zeros) == [fn(x, z) for x, z in zip(leaves, zeros)]``
+    exactly, for the element-wise functions the transform gives it (a selection against a 0-D zero,
+    then the finite test): leaves of two dtypes (joined apart), a transposed (non-dense) one, a 0-D
+    one and an empty one, each returned in its own shape and dtype; NaN and infinities placed in
+    several leaves. And for a function of two operands returning two arrays (a momentum step's
+    form), ``leafwise(xp, f, a, b)[i] == f(a[i], b[i])``."""
     from precond_ref._backend import finite_or_zero, scalar_zero, select
     from precond_ref.transform import leafwise
 
@@ -695,7 +697,13 @@ def test_leafwise_equals_the_function_leaf_by_leaf(backend):
     finite = lambda u, zero: finite_or_zero(xp, u, zero)  # noqa: E731
     skipped = lambda u, zero: select(xp, ok, u, zero)  # noqa: E731
     for f in (finite, skipped, lambda u, zero: finite(skipped(u, zero), zero), lambda u, zero: u * 2.0):
-        got, expected = leafwise(xp, f, leaves, zeros), [f(x, z) for x, z in zip(leaves, zeros)]
+        got, expected = leafwise(xp, f, leaves, zeros=zeros), [f(x, z) for x, z in zip(leaves, zeros)]
         for g, e, x in zip(got, expected, leaves):
+            assert tuple(g.shape) == tuple(x.shape) and g.dtype == x.dtype
+            np.testing.assert_array_equal(backend.to_numpy(g), backend.to_numpy(e))
+    others = [x * 0.5 - 1.0 for x in leaves]
+    two = lambda a, b: (a * 0.75 + b, a - b * 3.0)  # noqa: E731
+    for (g1, g2), (e1, e2), x in zip(leafwise(xp, two, leaves, others), [two(a, b) for a, b in zip(leaves, others)], leaves):
+        for g, e in ((g1, e1), (g2, e2)):
             assert tuple(g.shape) == tuple(x.shape) and g.dtype == x.dtype
             np.testing.assert_array_equal(backend.to_numpy(g), backend.to_numpy(e))

@@ -39,6 +39,7 @@ from ..transform import (
     check_positive,
     check_positive_int,
     check_unit_interval,
+    leafwise,
     singleton_groups,
     weight_bias_groups,
 )
@@ -1449,25 +1450,45 @@ def if_shampoo(
             nu = _kl_clip_scales(xp, [_sum_in_tile_order(xp, inner[g], group.plan) for g, group in enumerate(groups)],
                                  eta, kl_clip)
 
-        results = []
-        for g, (group, state, params) in enumerate(zip(groups, fields, params_list)):
+        directions, members = [], []  # every leaf's D, and its (group, member) numbers
+        for g, group in enumerate(groups):
             D = _join_stacks(xp, parts[g], group.plan)
             if use_kl_clip:  # S8, K-FAC's order: clip the preconditioned gradient, then the momentum
                 D = D * nu[g]  # D ← ν D
-            updates, velocities = [], []
-            for k, U in enumerate(_ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
-                if use_decay:
-                    U = U + hyper(weight_decay, U) * cast(xp, params[k], U.dtype)  # U = D + κW
-                if use_momentum:
-                    v = state.momentum[k]
-                    U = hyper(momentum, v) * v + cast(xp, U, v.dtype)  # v ← α₁ v + U
-                    velocities.append(U)
-                else:
-                    U = cast(xp, U, group.work_dtype)
-                updates.append(hyper(minus_eta, U) * U)  # W ← W − η v
+            for k, D_k in enumerate(_ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
+                directions.append(D_k)
+                members.append((g, k))
+
+        def descend(D, *rest):  # one leaf, or the leaves of one layout joined end to end (leafwise)
+            W = rest[0] if use_decay else None
+            v = rest[-2] if use_momentum else None
+            U = D
+            if use_decay:
+                U = U + hyper(weight_decay, U) * cast(xp, W, U.dtype)  # U = D + κW
+            if use_momentum:
+                U = hyper(momentum, v) * v + cast(xp, U, v.dtype)  # v ← α₁ v + U
+            else:
+                U = cast(xp, U, rest[-1].dtype)  # the leaf's work dtype (its zero's)
+            return hyper(minus_eta, U) * U, U  # W ← W − η v
+
+        operands = [directions]
+        if use_decay:
+            operands.append([params_list[g][k] for g, k in members])
+        if use_momentum:
+            operands.append([fields[g].momentum[k] for g, k in members])
+        work_zeros = [hyper(0.0, groups[g].grouped) for g, _ in members]  # G is in the work dtype
+        steps = leafwise(xp, descend, *operands, zeros=work_zeros)
+        updates: list = [[] for _ in groups]
+        velocities: list = [[] for _ in groups]
+        for (g, _), (update, velocity) in zip(members, steps):
+            updates[g].append(update)
+            if use_momentum:
+                velocities[g].append(velocity)
+        results = []
+        for g, state in enumerate(fields):
             new_state = state._replace(
-                stacks=tuple(stack_states[g]), momentum=tuple(velocities), factor_failures=failures[g])
-            results.append((tuple(updates), to_entries(new_state)))
+                stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]), factor_failures=failures[g])
+            results.append((tuple(updates[g]), to_entries(new_state)))
         return results
 
     return build_transform(
