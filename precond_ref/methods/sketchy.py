@@ -19,7 +19,7 @@ import numbers
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
-from .._backend import array_device, compute_dtype, cond, is_number, is_zero, scalar_array, torch_compiling
+from .._backend import array_device, cast, compute_dtype, cond, is_number, is_zero, scalar_array, torch_compiling
 from ..blocking import (
     block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stable_hash, stack, unfold, unstack,
 )
@@ -36,6 +36,7 @@ from ..transform import (
     check_learning_rate,
     check_nonnegative,
     check_positive_int,
+    leafwise,
 )
 
 __all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "PRINCIPLED_BLOCK_SIZE",
@@ -1002,14 +1003,16 @@ def s_adagrad(
     def leaf_plan(g: Array) -> _LeafPlan:
         return plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
 
-    def finish(xp: Any, g: Array, direction: Array, m: Optional[Array], param: Optional[Array], minus_lr: Any):
-        """m <- mu m + P(g);  updates = -eta m - eta lambda x  (``minus_lr``: -eta, once a step)."""
+    def finish(xp: Any, minus_lr: Any, direction: Array, *rest: Array) -> tuple:
+        """m <- mu m + P(g);  updates = -eta m - eta lambda x  (``minus_lr``: -eta, once a step;
+        ``rest``: m with momentum, then x with weight decay): ``(updates, m)`` or ``(updates,)``, for
+        one leaf or the leaves of one layout joined end to end (``transform.leafwise``)."""
         if has_momentum:
-            direction = m = momentum * m + direction
+            direction = m = momentum * rest[0] + direction
         updates = minus_lr * direction
         if has_weight_decay:
-            updates = updates + (minus_lr * weight_decay) * xp.astype(param, g.dtype)
-        return updates, m
+            updates = updates + (minus_lr * weight_decay) * cast(xp, rest[-1], direction.dtype)
+        return (updates, m) if has_momentum else (updates,)
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         # The runs of every leaf (blocks of one length, in one refresh phase) go through the FD
@@ -1034,6 +1037,7 @@ def s_adagrad(
         outputs = [_adagrad_stack(xp, s.operands, dues[phases[s.indices[0]]], ctxs[0], fd_options) for s in stacks]
         pieces = iter(unstack(stacks, outputs, len(members)))
         minus_lr = -ctxs[0].value(learning_rate)  # exact: once, not once per leaf
+        directions, kept = [], []
         for i, g, plan, state in leaves:
             axis = plan.axes[0]
             runs = [_unstacked(axis, next(pieces)) for _ in axis.runs]
@@ -1042,10 +1046,16 @@ def s_adagrad(
             for piece in runs:
                 failures = failures + _count(xp, piece[-2])
             _settle(ctxs[i], sketches)
-            direction = _join_runs(xp, axis, [piece[-1] for piece in runs])
-            updates, m = finish(xp, g, xp.reshape(direction, tuple(g.shape)), state.momentum,
-                                None if params[i] is None else params[i][0], minus_lr)
-            results[i] = ((updates,), to_entries(_State(sketches, failures, momentum=m)))
+            directions.append(xp.reshape(_join_runs(xp, axis, [piece[-1] for piece in runs]), tuple(g.shape)))
+            kept.append((sketches, failures))
+        operands = [directions]
+        if has_momentum:
+            operands.append([state.momentum for _, _, _, state in leaves])
+        if has_weight_decay:
+            operands.append([params[i][0] for i, _, _, _ in leaves])
+        finished = leafwise(xp, functools.partial(finish, xp, minus_lr), *operands) if leaves else []
+        for (i, _, _, _), (sketches, failures), out in zip(leaves, kept, finished):
+            results[i] = ((out[0],), to_entries(_State(sketches, failures, momentum=out[1] if has_momentum else None)))
         return results
 
     return build_transform(
