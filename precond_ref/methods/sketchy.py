@@ -551,34 +551,50 @@ def _sketchy_transform(
             g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
             plan = plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
             leaves.append((g, plan, from_entries(_layout(plan, graft == "rmsprop", has_momentum), entries)))
-        grafts = []
-        for (g, _, state), ctx in zip(leaves, ctxs):
-            v, u = state.graft_second_moment, g  # u: the graft direction D_g (G for graft="sgd")
-            if graft == "rmsprop":
-                v = _second_moment(xp, v, g, graft_b2)  # 1
-                u = _rmsprop_graft(xp, ctx, g, v, graft_eps)
-            grafts.append((v, u))
+        def graft_step(g: Array, v: Array) -> tuple:  # one leaf, or the leaves of one layout joined (leafwise)
+            v = _second_moment(xp, v, g, graft_b2)  # 1
+            return v, _rmsprop_graft(xp, ctxs[0], g, v, graft_eps)
+
+        if graft == "rmsprop":  # u: the graft direction D_g (G for graft="sgd")
+            grafts = leafwise(xp, graft_step, [g for g, _, _ in leaves], [state.graft_second_moment for _, _, state in leaves])
+        else:
+            grafts = [(state.graft_second_moment, g) for g, _, state in leaves]
         # 2 and 3 for all leaves at once: equal runs of different leaves go through one batched call.
         refreshed = _refresh_due(xp, [(plan, state.sketches, state.sketch_failures,
                                        None if plan is None else xp.reshape(g, plan.merged_shape))
                                       for g, plan, state in leaves], dues, ctxs[0], fd_options)  # 2
         preconditioned = _precondition(xp, [(plan, sketches, g) for (g, plan, _), (sketches, _) in
                                             zip(leaves, refreshed)])  # 3
-        minus_lr = None if learning_rate is None else -ctxs[0].value(learning_rate)  # exact: once, not per leaf
-        results = []
-        for (g, plan, state), (v, u), (sketches, failures), p, param, ctx in zip(
-                leaves, grafts, refreshed, preconditioned, params, ctxs):
+        directions = []
+        for (g, plan, state), (v, u), (sketches, failures), p, ctx in zip(leaves, grafts, refreshed, preconditioned, ctxs):
             if plan is not None:
                 _settle(ctx, sketches)
                 u = p if graft == "none" else _grafted(xp, ctx, p, u, start_preconditioning_step)  # 4
-            m = state.momentum
-            if learning_rate is not None and has_momentum:
+            directions.append(u)
+        minus_lr = None if learning_rate is None else -ctxs[0].value(learning_rate)  # exact: once, not per leaf
+
+        def finish(u: Array, *rest: Array) -> tuple:  # one leaf, or the leaves of one layout joined (leafwise)
+            m = rest[0] if has_momentum else None
+            if has_momentum:
                 u, m = _momentum(xp, u, m, momentum, nesterov, momentum_ema)  # 5
-            if learning_rate is not None and has_weight_decay:
-                u = u + weight_decay * xp.astype(param[0], g.dtype)  # 6
-            step = u if learning_rate is None else minus_lr * u
-            results.append(((step,), to_entries(state._replace(sketches=sketches, sketch_failures=failures,
-                                                               graft_second_moment=v, momentum=m))))
+            if has_weight_decay:
+                u = u + weight_decay * cast(xp, rest[-1], u.dtype)  # 6
+            return (minus_lr * u, m) if has_momentum else (minus_lr * u,)
+
+        if learning_rate is None:  # scale_by_sketchy: the direction U_t itself
+            finished = [(u,) for u in directions]
+        else:
+            operands = [directions]
+            if has_momentum:
+                operands.append([state.momentum for _, _, state in leaves])
+            if has_weight_decay:
+                operands.append([param[0] for param in params])
+            finished = leafwise(xp, finish, *operands)
+        results = []
+        for (g, plan, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished):
+            m = out[1] if len(out) > 1 else state.momentum
+            results.append(((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures,
+                                                                 graft_second_moment=v, momentum=m))))
         return results
 
     return build_transform(
