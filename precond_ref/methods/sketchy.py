@@ -531,17 +531,32 @@ def _sketchy_transform(
             momentum=zeros(param.shape) if has_momentum else None,
         ))
 
+    def rmsprop_graft(xp: Any, ctx: StepContext, g: Array, v: Array) -> tuple[Array, Array]:
+        """Line 1 below for a leaf, or for leaves joined end to end: ``(v_t, D_g)``."""
+        v = _second_moment(xp, v, g, graft_b2)
+        return v, _rmsprop_graft(xp, ctx, g, v, graft_eps)
+
+    def finish(xp: Any, minus_lr: Any, u: Array, *rest: Array) -> tuple:
+        """Lines 5 and 6 below for a leaf, or for leaves joined end to end (``rest``: m_{t-1} with
+        momentum, then W_t with weight decay): ``(-η_t (U_t + λ W_t), m_t)``, or the step alone."""
+        m = rest[0] if has_momentum else None
+        if has_momentum:
+            u, m = _momentum(xp, u, m, momentum, nesterov, momentum_ema)  # 5
+        if has_weight_decay:
+            u = u + weight_decay * cast(xp, rest[-1], u.dtype)  # 6
+        return (minus_lr * u, m) if has_momentum else (minus_lr * u,)
+
     # The step, in the order of the paper's Algorithm 2 (FD-Shampoo) composed as the authors'
     # tearfree optimizer (spec §2.3-2.4); axis n of the merged gradient G, its runs j of blocks:
     #
-    #   1  v_t = β_g v_{t-1} + (1-β_g) G_t²,  D_g = G_t / √(v_t + ε_g)         _second_moment, _rmsprop_graft
+    #   1  v_t = β_g v_{t-1} + (1-β_g) G_t²,  D_g = G_t / √(v_t + ε_g)         rmsprop_graft
     #   2  if run (n, j)'s phase is due (spread_schedule), for its rows of G_(n):   _refresh_due
     #        (U, σ, ρ, w, w_⊥)_{n,j} = FD([√β U diag(σ), G_(n)])                sketch.fd_update
     #   3  P(G) = G ×_1 (L̄_1 + ρ_1 I + ε_1 I)^{-1/2N} ⋯ ×_N (L̄_N + ρ_N I + ε_N I)^{-1/2N}
     #                                                                          _precondition, sketch.fd_apply
     #   4  U_t = P(G) ‖D_g‖_F / ‖P(G)‖_F   (D_g before start_preconditioning_step)  _grafted
-    #   5  m_t = μ m_{t-1} + U_t,  U_t ← U_t + μ m_t (Nesterov) or m_t           _momentum
-    #   6  W_{t+1} = W_t - η_t (U_t + λ W_t)
+    #   5  m_t = μ m_{t-1} + U_t,  U_t ← U_t + μ m_t (Nesterov) or m_t           finish, _momentum
+    #   6  W_{t+1} = W_t - η_t (U_t + λ W_t)                                     finish
     #
     # Leaves without sketches (vectors, axes over max_precondition_dim) take U_t = D_g.
     def update_groups(grads, states, params, ctxs: list[StepContext]):
@@ -551,13 +566,10 @@ def _sketchy_transform(
             g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
             plan = plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
             leaves.append((g, plan, from_entries(_layout(plan, graft == "rmsprop", has_momentum), entries)))
-        def graft_step(g: Array, v: Array) -> tuple:  # one leaf, or the leaves of one layout joined (leafwise)
-            v = _second_moment(xp, v, g, graft_b2)  # 1
-            return v, _rmsprop_graft(xp, ctxs[0], g, v, graft_eps)
-
-        if graft == "rmsprop":  # u: the graft direction D_g (G for graft="sgd")
-            grafts = leafwise(xp, graft_step, [g for g, _, _ in leaves], [state.graft_second_moment for _, _, state in leaves])
-        else:
+        if graft == "rmsprop":  # (v, D_g) of every leaf, the leaves of one layout joined end to end
+            grafts = leafwise(xp, functools.partial(rmsprop_graft, xp, ctxs[0]),
+                              [g for g, _, _ in leaves], [state.graft_second_moment for _, _, state in leaves])  # 1
+        else:  # graft="sgd" or "none": D_g = G
             grafts = [(state.graft_second_moment, g) for g, _, state in leaves]
         # 2 and 3 for all leaves at once: equal runs of different leaves go through one batched call.
         refreshed = _refresh_due(xp, [(plan, state.sketches, state.sketch_failures,
@@ -571,25 +583,16 @@ def _sketchy_transform(
                 _settle(ctx, sketches)
                 u = p if graft == "none" else _grafted(xp, ctx, p, u, start_preconditioning_step)  # 4
             directions.append(u)
-        minus_lr = None if learning_rate is None else -ctxs[0].value(learning_rate)  # exact: once, not per leaf
-
-        def finish(u: Array, *rest: Array) -> tuple:  # one leaf, or the leaves of one layout joined (leafwise)
-            m = rest[0] if has_momentum else None
-            if has_momentum:
-                u, m = _momentum(xp, u, m, momentum, nesterov, momentum_ema)  # 5
-            if has_weight_decay:
-                u = u + weight_decay * cast(xp, rest[-1], u.dtype)  # 6
-            return (minus_lr * u, m) if has_momentum else (minus_lr * u,)
-
         if learning_rate is None:  # scale_by_sketchy: the direction U_t itself
             finished = [(u,) for u in directions]
-        else:
+        else:  # the leaves of one layout joined end to end
+            minus_lr = -ctxs[0].value(learning_rate)  # exact: once, not per leaf
             operands = [directions]
             if has_momentum:
                 operands.append([state.momentum for _, _, state in leaves])
             if has_weight_decay:
                 operands.append([param[0] for param in params])
-            finished = leafwise(xp, finish, *operands)
+            finished = leafwise(xp, functools.partial(finish, xp, minus_lr), *operands)  # 5, 6
         results = []
         for (g, plan, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished):
             m = out[1] if len(out) > 1 else state.momentum
