@@ -784,6 +784,16 @@ def _sum_in_tile_order(xp, parts: Sequence[Any], plan: _Plan):
 # the plain formula and tests/methods/test_root_free_helpers.py checks it against that formula.
 
 
+def _per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
+    """Per-group 0-D ``values``, the group of ``lengths[j]`` consecutive tiles of a stack ``like``
+    (b, ...) taking ``values[j]``, shaped to scale ``like`` tile by tile: ``values[0]`` itself for one
+    group (it broadcasts), else the (b, 1, ..., 1) vector of each tile's value."""
+    if len(values) == 1:
+        return values[0]
+    per_tile = xp.concat([xp.broadcast_to(xp.reshape(v, (1,)), (n,)) for v, n in zip(values, lengths)])
+    return _per_member(xp, per_tile, len(like.shape) - 1)
+
+
 def _per_member(xp, value, trailing: int):
     """A per-group value of shape (b,) with ``trailing`` unit axes; scalars pass through."""
     if is_number(value):  # a host number (under torch.compile maybe a symbolic one, with no attributes)
@@ -1432,29 +1442,29 @@ def if_shampoo(
             _settle_kept_factors(xp, ctxs[0], stack_states, fields)
 
         chosen, batched = batches(xp, groups, stack_states, None, refreshing=False)
-        results = []
-        for batch in batched:  # D = G ×_1 P_1 … ×_N P_N, and ⟨D, G⟩ of each tile (S8)
+        D_batched = []
+        for batch in batched:  # D = G ×_1 P_1 … ×_N P_N
             G, *K = batch.operands
-            D = _precondition(xp, G, K, rescale=faithful or half_factors(xp, K))
-            results.append((D, _tile_inner(xp, D, G)) if use_kl_clip else (D,))
-        parts = [[None] * len(group.plan.stacks) for group in groups]
-        inner = [[None] * len(group.plan.stacks) for group in groups]
-        for (i, s), out in zip(chosen, unstack_alike(batched, results, len(chosen))):
-            parts[i][s] = out[0]
-            if use_kl_clip:
-                inner[i][s] = out[1]
-        hyper = _per_step_operands(xp)
-        minus_eta = -eta  # exact in every dtype: once, not once per leaf
-        nu = None
-        if use_kl_clip:  # ⟨D, G⟩ of a group: its tiles' summed in row-major order
+            D_batched.append(_precondition(xp, G, K, rescale=faithful or half_factors(xp, K)))
+        if use_kl_clip:  # S8, K-FAC's order: clip the preconditioned gradient, then the momentum
+            inner = [[None] * len(group.plan.stacks) for group in groups]  # ⟨D, G⟩ of each tile
+            tile_inner = [(_tile_inner(xp, D, batch.operands[0]),) for D, batch in zip(D_batched, batched)]
+            for (i, s), (out,) in zip(chosen, unstack_alike(batched, tile_inner, len(chosen))):
+                inner[i][s] = out
+            # ⟨D, G⟩ of a group: its tiles' summed in row-major order; ν of each group
             nu = _kl_clip_scales(xp, [_sum_in_tile_order(xp, inner[g], group.plan) for g, group in enumerate(groups)],
                                  eta, kl_clip)
+            D_batched = [D * _per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)  # D ← ν D
+                         for D, batch in zip(D_batched, batched)]
+        parts = [[None] * len(group.plan.stacks) for group in groups]
+        for (i, s), (D,) in zip(chosen, unstack_alike(batched, [(D,) for D in D_batched], len(chosen))):
+            parts[i][s] = D
+        hyper = _per_step_operands(xp)
+        minus_eta = -eta  # exact in every dtype: once, not once per leaf
 
         directions, members = [], []  # every leaf's D, and its (group, member) numbers
         for g, group in enumerate(groups):
             D = _join_stacks(xp, parts[g], group.plan)
-            if use_kl_clip:  # S8, K-FAC's order: clip the preconditioned gradient, then the momentum
-                D = D * nu[g]  # D ← ν D
             for k, D_k in enumerate(_ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
                 directions.append(D_k)
                 members.append((g, k))
