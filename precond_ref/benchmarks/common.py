@@ -176,8 +176,9 @@ def time_steps(
 
     The first step is timed on its own (it holds compilation, tracing and state allocation); the
     next ``warmup - 1`` are timed together with it (``warmup_ms``: a compiled step that compiles a
-    graph per pattern of interval decisions compiles them there); then a window of ``max(repeats, period)`` steps is, so that
-    its mean includes each periodic refresh as often as training does. The window stops early once
+    graph per pattern of interval decisions compiles them there); then a window of
+    ``max(repeats, period)`` steps is, so that its mean includes each periodic refresh as often as
+    training does. The window stops early once
     its steps have taken ``budget_s`` seconds (``covers_period`` is then false when it stopped short
     of ``period`` steps: its mean misses refresh steps), and goes on by whole periods while its
     steps have taken less than ``min_window_s`` and number fewer than ``MAX_WINDOW_STEPS``.

@@ -175,8 +175,8 @@ def section_rows(
     ``on_row`` gets each row as its first round finishes (the bench saves it at once).
 
     With ``rounds > 1`` the whole section is measured that many times in turn and each row keeps
-    the round of its lowest median (its first step and warm-up from the first round, the one that compiled):
-    a burst of load from elsewhere slows one row of one round, not a row of every round.
+    the round of its lowest median (its first step and warm-up from the first round, the one that
+    compiled): a burst of load from elsewhere slows one row of one round, not a row of every round.
     """
     heads: list[dict] = []
     jobs: list[Optional[Callable[[], dict]]] = []
