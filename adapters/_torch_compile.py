@@ -293,7 +293,8 @@ def transient_patterns(transform: Transform, steps: int = 1024) -> frozenset:
     ``steps // 2`` do not: the schedule's start, which a periodic schedule never makes again (a
     refresh spread over phases: every phase on the first step; MBF: every inverse phase on each
     statistics step of its warm-up). A compiled step runs them eagerly rather than compile a graph
-    for a few steps (:attr:`CompiledStep.eager_patterns`)."""
+    for a few steps (:attr:`CompiledStep.eager_patterns`). An interval longer than ``steps // 2``
+    recurs only after these steps: its refresh steps then run eagerly too, one step in that many."""
     due = getattr(transform, "due", None)
     if due is None:
         return frozenset()
