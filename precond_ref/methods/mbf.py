@@ -24,6 +24,7 @@ from ..transform import (
     check_positive,
     check_positive_int,
     check_unit_interval,
+    leafwise,
     weight_bias_groups,
 )
 from ..tree import Path, path_str, tree_flatten, tree_unflatten
@@ -802,7 +803,9 @@ def mbf(
             new_states[i] = {"ema": _shaped(xp, ema, shape), "second_moment": _shaped(xp, second, shape)}
         g = {i: _to_block(xp, grads_list[i]) for i in blocked}  # [g_W | g_b] (O, I+1), conv (O, C, q)
         parts = {i: _parts(kinds[i], tuple(g[i].shape), block_size) for i in blocked}  # row blocks (..., b, I+1)
-        m = {i: as_operand(xp, momentum, dtypes[i]) * states[i]["momentum"] + g[i] for i in blocked}
+        # m <- mu m + g on the blocks of one layout joined end to end (leafwise)
+        m = dict(zip(blocked, leafwise(xp, lambda m, g: as_operand(xp, momentum, m.dtype) * m + g,
+                                       [states[i]["momentum"] for i in blocked], [g[i] for i in blocked])))
         statistic, failures = {}, {}
         for i in blocked:
             failures[i] = states[i]["failures"]
