@@ -804,7 +804,7 @@ def mbf(
         g = {i: _to_block(xp, grads_list[i]) for i in blocked}  # [g_W | g_b] (O, I+1), conv (O, C, q)
         parts = {i: _parts(kinds[i], tuple(g[i].shape), block_size) for i in blocked}  # row blocks (..., b, I+1)
         # m <- mu m + g on the blocks of one layout joined end to end (leafwise)
-        m = dict(zip(blocked, leafwise(xp, lambda m, g: as_operand(xp, momentum, m.dtype) * m + g,
+        m = dict(zip(blocked, leafwise(xp, lambda old, grad: as_operand(xp, momentum, old.dtype) * old + grad,
                                        [states[i]["momentum"] for i in blocked], [g[i] for i in blocked])))
         statistic, failures = {}, {}
         for i in blocked:
