@@ -241,6 +241,7 @@ def test_leaves_joined_for_the_last_lines_get_what_each_computes_alone(momentum,
     slice of the grouped direction is not contiguous, a lone vector, and without momentum the cast
     to the work dtype). Fails if a leaf is handed another's slice or a line is skipped."""
     from precond_ref import transform
+    from precond_ref.tree import tree_flatten
 
     joins = []
     real_stack = transform.stack
@@ -268,15 +269,10 @@ def test_leaves_joined_for_the_last_lines_get_what_each_computes_alone(momentum,
         monkeypatch.undo()
         assert max(joins) >= 2
         for got, want in zip(joined, alone):
-            for (path, g), (_, w) in zip(_flat(got), _flat(want)):
+            (got_leaves, treedef), (want_leaves, _) = tree_flatten(got), tree_flatten(want)
+            for path, g, w in zip(treedef.paths, got_leaves, want_leaves):
                 assert g.dtype == w.dtype
                 np.testing.assert_array_equal(g, w, err_msg=str(path))
         for key, entries in alone_state.groups.items():
             for name, value in entries.items():
                 np.testing.assert_array_equal(np.asarray(joined_state.groups[key][name]), np.asarray(value), err_msg=f"{key} {name}")
-
-
-def _flat(tree, path=()):
-    if isinstance(tree, dict):
-        return [item for k in sorted(tree) for item in _flat(tree[k], path + (k,))]
-    return [(path, tree)]
