@@ -309,6 +309,56 @@ def test_tables_and_readme_block_from_the_report():
         report.replace_readme_section("no block", block)
 
 
+def test_readme_from_stores_a_gpu_run_beside_the_cpu_one_and_refuses_what_is_not_a_finished_report(tmp_path, monkeypatch, capsys):
+    """``bench --readme-from JSON`` measures nothing: it stores a finished run's report (a GPU
+    machine's, whose ``bench.json`` came back as a file) under its kind, "gpt on a GPU" beside
+    "gpt", and renders the block from the stored reports; a file that is not a finished report is a
+    clear error that leaves README and data untouched."""
+    def report_of(gpu: bool, ms: float) -> dict:
+        rows = [{"framework": "torch", "method": "baseline", "variant": None, "label": "torch AdamW(fused)",
+                 "first_step_ms": 1.0, "median_ms": 2.0, "mean_ms": 2.0, "steps": 3, "state_bytes": 8},
+                {"framework": "torch", "method": "mbf", "variant": None, "label": "MBF",
+                 "first_step_ms": 1.0, "median_ms": ms, "mean_ms": ms, "steps": 3, "state_bytes": 8}]
+        from precond_ref.benchmarks.measure import add_ratios
+
+        add_ratios(rows)
+        machine = {"processor": "CPU", "cpu_count": 2, "torch": "2", "torch_threads": 2, **({"gpu": "Some GPU"} if gpu else {})}
+        return {"argv": ["--model", "gpt"], "machine": machine, "complete": True, "total_s": 5.0, "results": {"gpt": rows},
+                "settings": {"kind": "gpt", "dtype": "float32", "repeats": 3, "warmup": 1, "model_description": "gpt: tiny"}}
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs" / "data").mkdir(parents=True)
+    (tmp_path / "docs" / "data" / "bench.json").write_text(json.dumps({"gpt": report_of(False, 3.0)}))
+    (tmp_path / "README.md").write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\nrest\n")
+    (tmp_path / "gpu.json").write_text(json.dumps(report_of(True, 5.0)))
+    assert cli.main(["bench", "--readme-from", "gpu.json"]) == 0
+    stored = json.loads((tmp_path / "docs" / "data" / "bench.json").read_text())
+    assert list(stored) == ["gpt", "gpt on a GPU"] and stored["gpt on a GPU"]["machine"]["gpu"] == "Some GPU"
+    readme = (tmp_path / "README.md").read_text()
+    assert readme == f"intro\n{report.readme_section(stored)}\nrest\n"
+    cpu, gpu = readme.index("**gpt** — "), readme.index("**gpt on a GPU** — ")
+    assert cpu < gpu and "| MBF | 3 | 1.50x |" in readme[cpu:gpu] and "| MBF | 5 | 2.50x |" in readme[gpu:]
+    assert "on Some GPU; torch 2" in readme[gpu:]
+    unfinished = {**report_of(True, 7.0), "complete": False}
+    for name, text, message in (
+        ("missing.json", None, "cannot read a JSON report"),
+        ("garbage.json", "{not json", "cannot read a JSON report"),
+        ("other.json", json.dumps({"seeds": [1]}), "not a report written by bench"),
+        ("partial.json", json.dumps(unfinished), "the run that wrote it did not finish"),
+    ):
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        capsys.readouterr()
+        assert cli.main(["bench", "--readme-from", name]) == 2
+        err = capsys.readouterr().err
+        assert f"--readme-from {name!r}: {message}" in err and "Traceback" not in err
+    assert (tmp_path / "README.md").read_text() == readme
+    assert json.loads((tmp_path / "docs" / "data" / "bench.json").read_text()) == stored
+    (tmp_path / "README.md").unlink()
+    assert cli.main(["bench", "--readme-from", "gpu.json"]) == 2
+    assert "run it from the repository root" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

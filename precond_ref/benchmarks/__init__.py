@@ -107,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", default="results", help="output directory for bench.json (default results)")
     add("--readme", action="store_true",
         help=f"also store this run in {README_DATA} and rewrite the README's performance block (run from the repository root)")
+    add("--readme-from", metavar="JSON",
+        help=f"measure nothing: store the report an earlier complete run wrote (its bench.json, e.g. from a GPU machine) "
+        f"in {README_DATA} and rewrite the README's performance block (run from the repository root)")
     add("--peers", nargs="?", const="all", default=None, metavar="KEYS",
         help="also time other libraries' optimizers beside ours (HeavyBall's AdamW, Muon, SOAP, PSGDKron, KLShampoo; "
         "pytorch_optimizer's Shampoo and SOAP where it imports): all, or some of hb-adamw, hb-muon, hb-soap, "
@@ -178,6 +181,11 @@ def run(args: argparse.Namespace) -> int:
     from .common import contenders as resolve_contenders
     from .common import machine
 
+    if args.readme_from:
+        if not os.path.exists("README.md"):
+            raise UserError("--readme-from rewrites ./README.md: run it from the repository root")
+        _write_readme(_stored_report(args.readme_from), report_module)
+        return 0
     chosen, skipped = resolve_contenders(args.methods, args.variants)
     if not chosen:
         raise UserError("no method to benchmark (the baselines are always measured)")
@@ -351,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
     _write(json_path, report)
     print(f"numbers: {json_path}")
     if args.readme:
-        _write_readme(report, args.model, report_module)
+        _write_readme(report, report_module)
     return 1 if any("error" in row for rows in results.values() for row in rows) else 0
 
 
@@ -377,12 +385,26 @@ def _write(path: str, data: Any) -> None:
         raise UserError(f"cannot write {path!r}: {err.strerror or err}") from None
 
 
-def _write_readme(report: dict, kind: str, report_module: Any) -> None:
+def _stored_report(path: str) -> dict:
+    """The report of a complete earlier run, read from its ``bench.json``."""
+    try:
+        with open(path) as handle:
+            report = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--readme-from {path!r}: cannot read a JSON report: {err}") from None
+    if not isinstance(report, dict) or not {"settings", "machine", "results"} <= set(report) or "kind" not in report["settings"]:
+        raise UserError(f"--readme-from {path!r}: not a report written by bench (settings, machine and results expected)")
+    if not report.get("complete"):
+        raise UserError(f"--readme-from {path!r}: the run that wrote it did not finish (complete is false)")
+    return report
+
+
+def _write_readme(report: dict, report_module: Any) -> None:
     stored = None
     if os.path.exists(README_DATA):
         with open(README_DATA) as handle:
             stored = json.load(handle)
-    reports = report_module.merged(stored, kind, report)
+    reports = report_module.merged(stored, report)
     _write(README_DATA, reports)
     with open("README.md") as handle:
         text = handle.read()
@@ -392,4 +414,4 @@ def _write_readme(report: dict, kind: str, report_module: Any) -> None:
         raise UserError(f"README.md: {err}") from None
     with open("README.md", "w") as handle:
         handle.write(text)
-    print(f"README.md and {README_DATA} updated ({kind})")
+    print(f"README.md and {README_DATA} updated ({report_module.readme_key(report)})")
