@@ -4,12 +4,22 @@ The bench's reference GPT (6 layers, width 512, vocabulary 8192) with its widths
 method's block sizes (and Sketchy's, S-AdaGrad's ranks) divided by 8: the same leaves, tiles, stacks
 and phases, so the same operations, on arrays 64 times smaller; a GPU's grouping (the CPU's rule that
 keeps large leaves out of joins is switched off); one thread. What is left of the step's time is
-host work: the Python and the dispatch of each operation. Usage: python host_proxy.py METHOD."""
+host work: the Python and the dispatch of each operation. As on a GPU, no device value is read on
+the host (precond_ref._backend's host_bool and host_all_finite answer None, as they do for a CUDA
+tensor), so the skip rule selects instead of reading. Usage: python host_proxy.py METHOD."""
 import sys, time, os, cProfile, pstats, torch
 from precond_ref.benchmarks.models import SIZES, build_torch, random_batches, torch_loss
 from precond_ref.benchmarks.common import contenders, torch_optimizer, update_extra
 from precond_ref import blocking
 blocking.CPU_BATCHED_ENOUGH = 2**62
+import precond_ref, precond_ref.adapters.torch  # noqa: F401  (imports every module that uses them)
+from precond_ref import _backend
+_originals = {_backend.host_bool: lambda xp, x: None, _backend.host_all_finite: lambda xp, arrays: None}
+for _name, _module in list(sys.modules.items()):
+    if _name.startswith(("precond_ref", "adapters")):
+        for _attr, _value in list(vars(_module).items()):
+            if callable(_value) and _value in _originals:
+                setattr(_module, _attr, _originals[_value])
 torch.set_num_threads(1)
 method = sys.argv[1]
 size = dict(SIZES["gpt"]["reference"]); size.update(width=64, vocab=1024, heads=2, batch=2, seq=16)
@@ -42,6 +52,22 @@ for i in range(40):
     t = time.perf_counter(); step(i); ts.append(time.perf_counter() - t)
 ts.sort()
 print(f"{method} {os.environ.get('TAG','')}: step median {ts[len(ts)//2]*1e3:.2f} ms, min {ts[0]*1e3:.2f} ms")
+from torch.utils._python_dispatch import TorchDispatchMode
+import collections
+VIEWS = {"view", "_unsafe_view", "as_strided", "transpose", "t", "expand", "permute", "unsqueeze", "squeeze", "select",
+         "slice", "alias", "detach", "unbind", "split", "split_with_sizes", "reshape", "diagonal", "narrow", "lift_fresh"}
+counts = collections.Counter()
+class Count(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+for i in range(2):
+    with Count():
+        step(i)
+calls = {k: v / 2 for k, v in counts.items()}
+top = sorted(((k, v) for k, v in calls.items() if k not in VIEWS), key=lambda kv: -kv[1])[:8]
+print(f"{method}: operations a step {sum(v for k, v in calls.items() if k not in VIEWS):.0f} "
+      f"(and {sum(v for k, v in calls.items() if k in VIEWS):.0f} views): " + ", ".join(f"{k} {v:.0f}" for k, v in top))
 if os.environ.get("PROF"):
     pr = cProfile.Profile(); pr.enable()
     for i in range(20): step(i)
