@@ -268,13 +268,27 @@ class StepContext(NamedTuple):
         return selected
 
 
+def settle_pieces(ctx: StepContext, whole: Array, pieces: Sequence[Array]) -> Sequence[Array]:
+    """``pieces`` (the slices of ``whole`` a method hands back to its leaves), marked as selected by
+    the non-finite rule when ``whole`` was (:meth:`StepContext.unless_skipped`): a slice of a
+    selection is the selection of the slice, so the transform does not select each piece again.
+    A method that stacks its leaves' state then makes one selection per stack, not one per leaf."""
+    if ctx.settled is not None and whole in ctx.settled:
+        for piece in pieces:
+            ctx.settled[piece] = True
+    return pieces
+
+
 def leafwise(
-    xp: Any, fn: Callable[..., Any], *operands: Sequence[Array], zeros: Optional[Sequence[Array]] = None
+    xp: Any, fn: Callable[..., Any], *operands: Sequence[Array], zeros: Optional[Sequence[Array]] = None,
+    ctx: Optional[StepContext] = None,
 ) -> list[Any]:
     """``[fn(*args) for args in zip(*operands)]`` for an element-wise ``fn`` (a selection, a finite
     test, a momentum step): each of ``operands`` holds one array per leaf, of the leaf's shape;
     with ``zeros`` (each leaf's 0-D zero of the dtype it computes in) ``fn`` also gets the leaf's
-    zero, last. ``fn`` returns an array or a tuple of arrays of the leaf's shape.
+    zero, last. ``fn`` returns an array or a tuple of arrays of the leaf's shape. With ``ctx``, a
+    leaf's part of a result ``fn`` selected (:meth:`StepContext.unless_skipped`) counts as
+    selected too (:func:`settle_pieces`).
 
     Eagerly outside JAX, on the leaves of one layout (each operand's dtype and device) joined end
     to end: each leaf's operands flattened, :func:`precond_ref.blocking.stack` (one ``fn`` call per
@@ -297,8 +311,13 @@ def leafwise(
 
     members = [tuple(xp.reshape(values[i], (-1,)) for values in operands) for i in range(count)]
     stacks = stack(xp, members, labels=None if zeros is None else [(z.dtype, _device_key(z)) for z in zeros])
-    outs = unstack(stacks, [joined(*s.operands, first=s.indices[0]) for s in stacks], count)
+    computed = [joined(*s.operands, first=s.indices[0]) for s in stacks]
+    outs = unstack(stacks, computed, count)
     results = [tuple(xp.reshape(a, tuple(leaf.shape)) for a in out) for out, leaf in zip(outs, operands[0])]
+    if ctx is not None:
+        for s, wholes in zip(stacks, computed):
+            for whole, k in zip(wholes, range(len(wholes))):
+                settle_pieces(ctx, whole, [results[i][k] for i in s.indices])
     return results if tupled[0] else [out for (out,) in results]
 
 

@@ -210,3 +210,35 @@ def test_a_non_finite_update_is_still_zeroed_when_read_on_the_host():
     want_a = torch.tensor([0.0, 2.0, 1.5])
     assert torch.equal(updates["a"], want_a) and torch.equal(updates["b"], torch.tensor([-1.0, 2.0]))
     assert int(state.count) == 1 and int(state.nonfinite_count) == 0
+
+
+@pytest.mark.parametrize("name", ["mbf", "if_shampoo"])
+def test_a_skipped_step_selects_joined_state_not_each_leaf(name):
+    """A skipped step (a NaN gradient; where the skip predicate cannot be read, every step) keeps
+    every state entry at its old value. MBF's heavy ball and IF-Shampoo's momentum are computed on
+    the leaves joined end to end (``leafwise``), and make the selection there
+    (``StepContext.unless_skipped``, each leaf's part marked by ``settle_pieces``); IF-Shampoo's
+    failure counts add the flags of a step that is not skipped (the selection made once per batch
+    of tiles). So the number of ``where`` operations does not grow with the number of equal
+    matrices, and the state after the step is the state before it, bit for bit."""
+    import precond_ref as pr
+
+    def wheres(n: int) -> int:
+        shapes = [(6, 4)] * n
+        opt = getattr(pr, name)(learning_rate=0.01)
+        params = _leaves(shapes)
+        state = opt.init(params)
+        for seed in range(3):  # then a step of neither MBF's statistics nor its inverses
+            _, state = opt.update(_leaves(shapes, seed=seed + 2), state, params, batch_size=8)
+        grads = _leaves(shapes, seed=9)
+        grads["w0"][0, 0] = float("nan")
+        with Dispatched() as counter:
+            updates, after = opt.update(grads, state, params, batch_size=8)
+        assert int(after.nonfinite_count) == 1 and all(bool((u == 0).all()) for u in updates.values())
+        for key, entries in state.groups.items():
+            for entry, old in entries.items():
+                torch.testing.assert_close(after.groups[key][entry], old, rtol=0, atol=0)
+        return counter.names.count("where")
+
+    few = wheres(2)
+    assert few > 0 and wheres(5) == few

@@ -66,6 +66,7 @@ from ..transform import (
     check_positive,
     check_positive_int,
     check_unit_interval,
+    settle_pieces,
 )
 from ..tree import Path, path_str, tree_flatten
 
@@ -722,7 +723,7 @@ def asgo(
             if keeps_root and (faithful or "root_failures" in z):
                 entries.update({name: z[name] for name in ("root", "root_tail") if name in z})
             counts = {name: z[name] for name in ("root_failures", "root_fallbacks") if name in z}
-            for i, result in _hand_back(xp, s, states, step, entries, counts):
+            for i, result in _hand_back(xp, s, states, step, entries, counts, ctx):
                 results[i] = result
         return results
 
@@ -941,13 +942,12 @@ def _joined(xp: Any, step: Callable, leaves: list[tuple], ctx: StepContext) -> l
         (u,), new = step(g, dict(zip(names, entries)), w, ctx)
         outputs.append((u, *(new[k] for k in names)))
     # A leaf's part of an entry the step selected (StepContext.unless_skipped) is selected too.
-    selected = {i: [ctx.settled is not None and a in ctx.settled for a in out[1:]]
-                for s, out in zip(stacks, outputs) for i in s.indices}
+    joined_of = {i: out[1:] for s, out in zip(stacks, outputs) for i in s.indices}
     results = []
     for index, ((g, state, _), pieces) in enumerate(zip(leaves, unstack(stacks, outputs, len(leaves)))):
         u, *entries = (p if p.shape == state[names[0]].shape else xp.reshape(p, state[names[0]].shape) for p in pieces)
-        for entry in (e for e, done in zip(entries, selected[index]) if done):
-            ctx.settled[entry] = True
+        for whole, entry in zip(joined_of[index], entries):
+            settle_pieces(ctx, whole, (entry,))
         results.append(((u,), dict(zip(names, entries))))
     return results
 
@@ -1161,23 +1161,34 @@ def _full_layout(operands: tuple) -> tuple:
 
 
 def _hand_back(
-    xp: Any, s: _MatrixStack, states: list, step: Array, entries: dict[str, Array], counts: dict[str, Array]
+    xp: Any, s: _MatrixStack, states: list, step: Array, entries: dict[str, Array], counts: dict[str, Array],
+    ctx: StepContext,
 ) -> list[tuple[int, tuple]]:
     """``(leaf, ((step,), new state))`` for each leaf of a stack: its slice of the stacked ``step``
     in its own shape; its slices of the stacked ``entries``, in the shapes of its stored entries
     (an entry not given: the stored array itself); and each of its counters ``state[c] +
-    counts[c][l]`` (a counter not in ``counts``: the stored one)."""
+    counts[c][l]`` (a counter not in ``counts``: the stored one). The non-finite rule's selection
+    of the new entries (:meth:`StepContext.unless_skipped`) is made here, once on each stacked
+    entry rather than on each leaf's slice (:func:`~precond_ref.transform.settle_pieces`)."""
     count = len(s.leaves)
     steps = _leaves_of(xp, step, count, tuple(step.shape[-2:]))
     first = states[s.leaves[0]]
-    pieces = {name: _leaves_of(xp, a, count, tuple(first[name].shape)) for name, a in entries.items()}
+    pieces = {}
+    for name, a in entries.items():
+        if name in s.state and s.state[name] is not a:
+            a = ctx.unless_skipped(a, s.state[name])
+        pieces[name] = settle_pieces(ctx, a, _leaves_of(xp, a, count, tuple(first[name].shape)))
     for name in ("root_failures", "root_fallbacks"):
         if name in first:
             old = [states[i][name] for i in s.leaves]
             if name not in counts:
                 pieces[name] = old
+            elif count == 1:
+                pieces[name] = (old[0] + counts[name],)
             else:
-                pieces[name] = (old[0] + counts[name],) if count == 1 else xp.unstack(xp.stack(old) + counts[name])
+                stacked = xp.stack(old)
+                summed = ctx.unless_skipped(stacked + counts[name], stacked)
+                pieces[name] = settle_pieces(ctx, summed, xp.unstack(summed))
     out = []
     for l, i in enumerate(s.leaves):
         new = dict(states[i])

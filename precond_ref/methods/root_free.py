@@ -1379,17 +1379,23 @@ def if_shampoo(
                   for m, k in zip(batch.indices, batch.lengths)]
         return beta2 * (scales[0] if len(scales) == 1 else xp.concat(scales))
 
-    def store(xp, stack_states, failures, chosen, batched, results) -> None:
+    def store(xp, stack_states, failures, chosen, batched, results, ctx) -> None:
         """Refreshed batches back into the groups' stacks (one split per operand and batch);
-        principled: each group adds its tiles' failures to its count (S3)."""
+        principled: each group adds its tiles' failures to its count (S3), none on a skipped step
+        (the non-finite rule's selection, made once per batch on the failure flags)."""
         counted = [not faithful and host_bool(xp, xp.any(out[-1])) is not False for out in results]  # read where free
         counted = {m: flag for batch, flag in zip(batched, counted) for m in batch.indices}
+        selecting = not faithful and ctx.ok is not None and not ctx.applied
+        if selecting:
+            results = [(*out[:-1], xp.logical_and(out[-1], ctx.ok)) for out in results]
         for m, ((i, s), out) in enumerate(zip(chosen, unstack_alike(batched, results, len(chosen)))):
             *state, failed = out
             rank = len(state) // 2 if use_factor_momentum else len(state)
             stack_states[i][s] = _StackFactors(factor=tuple(state[:rank]), factor_momentum=tuple(state[rank:]))
             if counted[m]:
                 failures[i] = failures[i] + xp.sum(xp.astype(failed, xp.int32), dtype=xp.int32)
+                if selecting:
+                    ctx.settled[failures[i]] = True
 
     def refreshed(xp, B, G, lr, *state):
         """Figure 3's factor step on one stack of tiles: K_n, m_n, and per tile whether it failed (S2, S3)."""
@@ -1437,7 +1443,7 @@ def if_shampoo(
                 G, *state = batch.operands
                 lr = factor_lr(xp, beta2, fields, chosen, batch)
                 results.append(cond(xp, due, partial(refreshed, xp, B, G, lr), partial(unchanged, xp, G), *state))
-            store(xp, stack_states, failures, chosen, batched, results)
+            store(xp, stack_states, failures, chosen, batched, results, ctxs[0])
         if not faithful:
             _settle_kept_factors(xp, ctxs[0], stack_states, fields)
 
@@ -1479,7 +1485,7 @@ def if_shampoo(
                 U = hyper(momentum, v) * v + cast(xp, U, v.dtype)  # v ← α₁ v + U
             else:
                 U = cast(xp, U, rest[-1].dtype)  # the leaf's work dtype (its zero's)
-            return hyper(minus_eta, U) * U, U  # W ← W − η v
+            return hyper(minus_eta, U) * U, (ctxs[0].unless_skipped(U, v) if use_momentum else U)  # W ← W − η v
 
         operands = [directions]
         if use_decay:
@@ -1487,7 +1493,7 @@ def if_shampoo(
         if use_momentum:
             operands.append([fields[g].momentum[k] for g, k in members])
         work_zeros = [hyper(0.0, groups[g].grouped) for g, _ in members]  # G is in the work dtype
-        steps = leafwise(xp, descend, *operands, zeros=work_zeros)
+        steps = leafwise(xp, descend, *operands, zeros=work_zeros, ctx=ctxs[0])
         updates: list = [[] for _ in groups]
         velocities: list = [[] for _ in groups]
         for (g, _), (update, velocity) in zip(members, steps):

@@ -146,3 +146,32 @@ def test_float32_renormalisation_makes_one_float64_copy():
     assert count.calls[("aten.mul_.Tensor", (2, 8, 5))] == 1
     rms = torch.sqrt(torch.mean(out.double() ** 2, dim=(-2, -1)))
     torch.testing.assert_close(rms, torch.full((2,), 0.2, dtype=torch.float64), rtol=4 * 2**-24, atol=0)
+
+
+def test_a_skipped_step_selects_each_stacked_entry_once_not_each_leaf():
+    """A skipped step (a NaN gradient; where the skip predicate cannot be read, every step) keeps
+    every state entry at its old value, by the non-finite rule's selection. ASGO makes it on each
+    stacked entry (momentum, statistic, root, the counters: ``_hand_back``), and each leaf's slice
+    counts as selected (``transform.settle_pieces``): the number of ``where`` operations does not
+    grow with the number of equal matrices, and the state after the step is the state before it,
+    bit for bit."""
+    def wheres(n: int) -> int:
+        rng = np.random.default_rng(3)
+        shapes = {f"w{i}": (6, 4) for i in range(n)}
+        params = _tree(rng, shapes)
+        opt = pr.asgo(learning_rate=0.1, precondition_every=2)
+        state = opt.init(params)
+        for _ in range(3):
+            _, state = opt.update(_tree(rng, shapes), state, params)
+        grads = _tree(rng, shapes)
+        grads["w0"][0, 0] = float("nan")
+        with _Count() as count:
+            updates, after = opt.update(grads, state, params)
+        assert int(after.nonfinite_count) == 1 and all(bool((u == 0).all()) for u in updates.values())
+        for key, entries in state.groups.items():
+            for name, old in entries.items():
+                torch.testing.assert_close(after.groups[key][name], old, rtol=0, atol=0)
+        return count.total("aten.where.self")
+
+    few = wheres(2)
+    assert few > 0 and wheres(5) == few

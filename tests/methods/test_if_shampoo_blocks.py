@@ -251,7 +251,7 @@ def test_leaves_joined_for_the_last_lines_get_what_each_computes_alone(momentum,
         joins.extend(len(s.indices) for s in stacks)
         return stacks
 
-    def leaf_by_leaf(xp, fn, *operands, zeros=None):
+    def leaf_by_leaf(xp, fn, *operands, zeros=None, ctx=None):
         return [fn(*args) for args in zip(*operands, *(() if zeros is None else (zeros,)))]
 
     for dtype in (np.float64, np.float32):
