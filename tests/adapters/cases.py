@@ -113,10 +113,10 @@ TORCH_CASES = [
 JAX_CASES = [
     JaxCase("agd", pj.agd, lr=5e-2),
     JaxCase("agd-faithful-wd", pj.agd, lr=5e-2, kwargs=dict(mode="faithful", weight_decay=1e-3)),
-    JaxCase(  # KL clipping's default bound (1e-4) is for lr <~ 1e-3; at 5e-2 it would throttle
-        "mbf",  # this well-damped (lr/damping = 0.05) case: mixed target 8.4 -> 2.5 in 300 steps
-        pj.mbf,
-        lr=5e-2,
+    JaxCase(  # KL clipping's default bound (1e-4) is for lr <~ 1e-3; at 2e-2 it would throttle
+        "mbf",  # this well-damped (lr/damping = 0.02) case. At lr 5e-2 Rosenbrock's final loss
+        pj.mbf,  # scattered over 0.03-0.62 (and once 4.05) with one-ulp changes of the start or of
+        lr=2e-2,  # the rounding (the bound is 0.4); at 2e-2 it ends at 1.1e-4 to 1.9e-4 from eight such starts
         kwargs=dict(damping=1.0, statistics_every=1, precondition_every=5, kl_clip=1e-2),
         static_args=("statistics_every", "precondition_every", "max_block_dim"),
     ),
