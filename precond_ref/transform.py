@@ -316,7 +316,7 @@ def leafwise(
     results = [tuple(xp.reshape(a, tuple(leaf.shape)) for a in out) for out, leaf in zip(outs, operands[0])]
     if ctx is not None:
         for s, wholes in zip(stacks, computed):
-            for whole, k in zip(wholes, range(len(wholes))):
+            for k, whole in enumerate(wholes):
                 settle_pieces(ctx, whole, [results[i][k] for i in s.indices])
     return results if tupled[0] else [out for (out,) in results]
 

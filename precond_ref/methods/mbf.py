@@ -803,8 +803,10 @@ def mbf(
             new_states[i] = {"ema": _shaped(xp, ema, shape), "second_moment": _shaped(xp, second, shape)}
         g = {i: _to_block(xp, grads_list[i]) for i in blocked}  # [g_W | g_b] (O, I+1), conv (O, C, q)
         parts = {i: _parts(kinds[i], tuple(g[i].shape), block_size) for i in blocked}  # row blocks (..., b, I+1)
-        # m <- mu m + g on the blocks of one layout joined end to end (leafwise)
-        heavy_ball = lambda old, grad: ctxs[0].unless_skipped(as_operand(xp, momentum, old.dtype) * old + grad, old)  # noqa: E731
+        def heavy_ball(old: Array, grad: Array) -> Array:  # m <- mu m + g (kept on a skipped step)
+            return ctxs[0].unless_skipped(as_operand(xp, momentum, old.dtype) * old + grad, old)
+
+        # on the blocks of one layout joined end to end (leafwise)
         m = dict(zip(blocked, leafwise(xp, heavy_ball, [states[i]["momentum"] for i in blocked], [g[i] for i in blocked],
                                        ctx=ctxs[0])))
         statistic, failures = {}, {}
