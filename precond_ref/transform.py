@@ -314,7 +314,7 @@ def leafwise(
     computed = [joined(*s.operands, first=s.indices[0]) for s in stacks]
     outs = unstack(stacks, computed, count)
     results = [tuple(xp.reshape(a, tuple(leaf.shape)) for a in out) for out, leaf in zip(outs, operands[0])]
-    if ctx is not None:
+    if ctx is not None and ctx.settled:  # nothing selected yet this step (a step read as finite): nothing to mark
         for s, wholes in zip(stacks, computed):
             for k, whole in enumerate(wholes):
                 settle_pieces(ctx, whole, [results[i][k] for i in s.indices])
