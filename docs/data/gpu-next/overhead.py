@@ -1,7 +1,7 @@
 """Whole training step of the bench's GPT with one method compiled as asked, against AdamW(fused),
 synchronised, in one process (docs/performance.md, "On a GPU: the sixth run": what to measure next).
 
-    python overhead.py METHOD SIZE DEVICE MODE [static]
+    [OV='{"root_tolerance": Infinity}'] python overhead.py METHOD SIZE DEVICE MODE [static]
 
 MODE: "eager" (compile=False), "default" (compile=True) or "reduce-overhead" (CUDA graphs through
 Inductor's cudagraph trees). With "static", the parameters and the optimizer's state tensors are
@@ -9,8 +9,10 @@ marked as static addresses (torch._dynamo.mark_static_address) after the first s
 the state: Inductor skips CUDA graphs for a graph that writes its inputs in place unless their
 addresses are static; its reasons are logged under TORCH_LOGS=perf_hints. Prints the warm-up (until
 every pattern of the method's refresh decisions has compiled), then the median and mean of the
-timed steps and their ratios to AdamW(fused)."""
-import sys, time, statistics, torch
+timed steps and their ratios to AdamW(fused). OV: a JSON object of the method's keyword arguments
+over the bench's (ASGO's ``root_tolerance`` Infinity drops the checked root's ``torch.cond``, with
+which Inductor does not capture CUDA graphs)."""
+import json, os, sys, time, statistics, dataclasses, torch
 from precond_ref.benchmarks.models import SIZES, build_torch, random_batches, torch_loss
 from precond_ref.benchmarks.common import contenders, update_extra, steps_until_every_pattern, core_kwargs_for
 from precond_ref.compare.training import make_torch_optimizer
@@ -38,6 +40,8 @@ def run(make, warmup, timed=30):
         loss_fn(module, *batches[i % len(batches)]).backward()
         opt.step(**extra)
         sync(); times.append((time.perf_counter() - t) * 1e3)
+        if i < warmup:
+            print(f"  step {i}: {times[-1]:.0f} ms ({time.perf_counter() - start:.0f} s in)", file=sys.stderr, flush=True)
         if i == 0 and static and make is ours:
             for _, p in named:
                 torch._dynamo.mark_static_address(p)
@@ -49,6 +53,9 @@ def run(make, warmup, timed=30):
 
 
 (c,), _ = contenders(method, False)
+overrides = json.loads(os.environ.get("OV", "{}"))
+c = dataclasses.replace(c, entry=dataclasses.replace(
+    c.entry, bench_hyperparameters={**c.entry.bench_hyperparameters, **overrides}))
 options = {"eager": {"compile": False}, "default": {"compile": True}}.get(mode, {"compile": {"mode": mode}})
 
 
@@ -62,6 +69,6 @@ def adamw(named):
 
 _, base_median, base_mean = run(adamw, 3)
 warm, median, mean = run(ours, max(3, steps_until_every_pattern(c.entry)) + 1)
-print(f"{method} {mode}{' static' if static else ''} on {torch.cuda.get_device_name() if dev.startswith('cuda') else dev}: "
+print(f"{method} {overrides or ''} {mode}{' static' if static else ''} on {torch.cuda.get_device_name() if dev.startswith('cuda') else dev}: "
       f"warm-up {warm:.1f} s; median {median:.1f} ms ({median / base_median:.2f}x AdamW(fused) {base_median:.1f} ms), "
       f"mean {mean:.1f} ms ({mean / base_mean:.2f}x)", flush=True)
