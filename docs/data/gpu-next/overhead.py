@@ -3,8 +3,9 @@ synchronised, in one process (docs/performance.md, "On a GPU: the sixth run": wh
 
     [OV='{"root_tolerance": Infinity}'] python overhead.py METHOD SIZE DEVICE MODE [static]
 
-MODE: "eager" (compile=False), "default" (compile=True) or "reduce-overhead" (CUDA graphs through
-Inductor's cudagraph trees). With "static", the parameters and the optimizer's state tensors are
+MODE: "eager" (compile=False), "default" (compile=True), "combo" (compile=True with Inductor's
+``combo_kernels``: independent small kernels launched as one, for Triton) or "reduce-overhead" (CUDA
+graphs through Inductor's cudagraph trees). With "static", the parameters and the optimizer's state tensors are
 marked as static addresses (torch._dynamo.mark_static_address) after the first step, which made
 the state: Inductor skips CUDA graphs for a graph that writes its inputs in place unless their
 addresses are static; its reasons are logged under TORCH_LOGS=perf_hints. Prints the warm-up (until
@@ -56,7 +57,8 @@ def run(make, warmup, timed=30):
 overrides = json.loads(os.environ.get("OV", "{}"))
 c = dataclasses.replace(c, entry=dataclasses.replace(
     c.entry, bench_hyperparameters={**c.entry.bench_hyperparameters, **overrides}))
-options = {"eager": {"compile": False}, "default": {"compile": True}}.get(mode, {"compile": {"mode": mode}})
+options = {"eager": {"compile": False}, "default": {"compile": True},
+           "combo": {"compile": {"options": {"combo_kernels": True}}}}.get(mode, {"compile": {"mode": mode}})
 
 
 def ours(named):
