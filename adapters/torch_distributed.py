@@ -49,7 +49,8 @@ from array_api_compat import array_namespace
 from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
 from precond_ref.adapters import torch as _base
-from precond_ref.transform import PrecondState, Transform, gradient_ok, weight_bias_groups
+from precond_ref.engine import gradient_ok, weight_bias_groups
+from precond_ref.transform import PrecondState, Transform
 from precond_ref.tree import path_str, tree_flatten, tree_unflatten
 
 __all__ = [

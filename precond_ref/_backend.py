@@ -304,7 +304,7 @@ def cond(xp: Any, pred: Any, true_fn: Callable, false_fn: Callable, *operands: A
     """``true_fn(*operands) if pred else false_fn(*operands)``, without re-tracing under ``jax.jit``.
 
     A Python bool (an interval decision made on the host, see
-    :meth:`precond_ref.transform.StepContext.every`) branches in Python. An array predicate is a
+    :meth:`precond_ref.engine.StepContext.every`) branches in Python. An array predicate is a
     ``lax.cond`` under JAX tracing and a ``torch.cond`` under ``torch.compile`` (the frameworks are
     already imported when their arrays are here, so the core does not import them); with concrete
     arrays it is read once on the host, which on a GPU is a synchronisation (an eager ``lax.cond``

@@ -10,6 +10,7 @@ import pytest
 
 import precond_ref as pr
 from backends import BACKEND_NAMES, BACKENDS
+from precond_ref.engine.run import renamed
 from precond_ref.transform import (
     LeafGroup,
     build_transform,
@@ -209,7 +210,7 @@ def test_legacy_names_rename_an_old_state_on_update():
     assert list(got_state.groups["w"]) == ["sum/0"]
     np.testing.assert_array_equal(got_state.groups["w"]["sum/0"], want_state.groups["w"]["sum/0"])
     assert tx.init.legacy_names is legacy
-    assert pr.transform._renamed(state, legacy) is state
+    assert renamed(state, legacy) is state
 
 
 def test_missing_members_of_a_pair():
@@ -477,7 +478,7 @@ def test_elementwise_method_runs_small_leaves_as_one_flat_leaf(backend, monkeypa
     elements with one dtype layout go through ``update_group`` as one flat leaf, the others alone;
     every leaf gets its own updates and state back in its own shape, and an untouched entry is the
     leaf's own array."""
-    import precond_ref.transform as transform_module
+    import precond_ref.engine.joined as transform_module
 
     monkeypatch.setattr(transform_module, "FLAT_MAX_ELEMENTS", 8)
     monkeypatch.setattr(transform_module, "FLAT_MAX_TRACED_ELEMENTS", 8)
@@ -514,7 +515,7 @@ def test_flat_leaves_pack_only_leaves_whose_state_has_the_same_entries(monkeypat
     [derived: the flat leaf's state takes each entry by name]. Here 1-D leaves keep ``v`` and the
     2-D leaf ``w`` (all float64): ``a`` and ``c`` form one flat leaf, ``b`` runs alone, and every
     leaf comes back with its own entry and the numbers of its own step."""
-    import precond_ref.transform as transform_module
+    import precond_ref.engine.joined as transform_module
 
     monkeypatch.setattr(transform_module, "FLAT_MAX_ELEMENTS", 100)
     seen = []
@@ -554,7 +555,7 @@ def test_flat_leaves_give_the_numbers_of_leaf_by_leaf_updates(backend, factory, 
     multiply-add in one loop and not another: each changes an operation's result by at most one
     rounding, and the steps' states carry a few dozen such operations (64 eps of each dtype,
     relative)."""
-    import precond_ref.transform as transform_module
+    import precond_ref.engine.joined as transform_module
 
     rng = np.random.default_rng(4)
     shapes = {"w1": (5, 3), "b1": (5,), "w2": (40, 30), "b2": (40,), "h1": (3, 2), "h2": (4,)}

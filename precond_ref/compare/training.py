@@ -29,7 +29,7 @@ __all__ = ["train_one", "core_baseline", "make_torch_optimizer", "resolve_device
 def core_baseline(name: str, **hyperparameters: Any) -> Any:
     """SGD with heavy-ball momentum or Adam as a core :class:`~precond_ref.Transform`.
 
-    They run through the same :func:`~precond_ref.transform.build_transform` machinery as the
+    They run through the same :func:`~precond_ref.engine.build_transform` machinery as the
     methods, so their time per step carries the same per-step overhead.
     """
     from array_api_compat import device as array_device

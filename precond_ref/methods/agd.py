@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 from .._backend import array_device, cast, compute_dtype, computed_once, float64_where_available, is_number, is_zero, placement, scalar_array
+from ..engine import StepContext, build_transform
 from ..transform import (
     ScalarOrSchedule,
-    StepContext,
     Transform,
-    build_transform,
     check_bool,
     check_choice,
     check_learning_rate,
@@ -80,7 +79,7 @@ def agd(
     mode:
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
-        ``"skip"`` (default) or ``"raise"``; see :func:`precond_ref.transform.build_transform`.
+        ``"skip"`` (default) or ``"raise"``; see :func:`precond_ref.engine.build_transform`.
 
     Returns
     -------

@@ -55,18 +55,16 @@ from ..linalg import (
     symmetrize,
     trace,
 )
+from ..engine import StepContext, build_transform, settle_pieces
 from ..transform import (
     ScalarOrSchedule,
-    StepContext,
     Transform,
-    build_transform,
     check_choice,
     check_learning_rate,
     check_nonnegative,
     check_positive,
     check_positive_int,
     check_unit_interval,
-    settle_pieces,
 )
 from ..tree import Path, path_str, tree_flatten
 
@@ -517,7 +515,7 @@ def asgo(
     mode:
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
-        ``"skip"`` (default) or ``"raise"``; see :func:`precond_ref.transform.build_transform`.
+        ``"skip"`` (default) or ``"raise"``; see :func:`precond_ref.engine.build_transform`.
 
     Returns
     -------
@@ -1169,7 +1167,7 @@ def _hand_back(
     (an entry not given: the stored array itself); and each of its counters ``state[c] +
     counts[c][l]`` (a counter not in ``counts``: the stored one). The non-finite rule's selection
     of the new entries (:meth:`StepContext.unless_skipped`) is made here, once on each stacked
-    entry rather than on each leaf's slice (:func:`~precond_ref.transform.settle_pieces`)."""
+    entry rather than on each leaf's slice (:func:`~precond_ref.engine.settle_pieces`)."""
     count = len(s.leaves)
     steps = _leaves_of(xp, step, count, tuple(step.shape[-2:]))
     first = states[s.leaves[0]]

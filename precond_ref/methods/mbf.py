@@ -10,22 +10,18 @@ from array_api_compat import array_namespace
 from .._backend import array_device, as_operand, cast, compute_dtype, cond, device_key, host_bool, is_zero, placement
 from ..blocking import on_stacks
 from ..linalg import all_finite, damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_of_quadratic
+from ..engine import FLAT_MAX_ELEMENTS, StepContext, build_transform, leafwise, weight_bias_groups
 from ..transform import (
-    FLAT_MAX_ELEMENTS,
     Array,
     PrecondState,
     ScalarOrSchedule,
-    StepContext,
     Transform,
-    build_transform,
     check_choice,
     check_learning_rate,
     check_nonnegative,
     check_positive,
     check_positive_int,
     check_unit_interval,
-    leafwise,
-    weight_bias_groups,
 )
 from ..tree import Path, path_str, tree_flatten, tree_unflatten
 
@@ -530,7 +526,7 @@ def mbf(
     mode:
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
-        ``"skip"`` (default) or ``"raise"``; see :func:`precond_ref.transform.build_transform`.
+        ``"skip"`` (default) or ``"raise"``; see :func:`precond_ref.engine.build_transform`.
 
     Returns
     -------

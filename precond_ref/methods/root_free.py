@@ -27,11 +27,10 @@ from .._backend import (
 )
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
+from ..engine import StepContext, build_transform, leafwise, weight_bias_groups
 from ..transform import (
     ScalarOrSchedule,
-    StepContext,
     Transform,
-    build_transform,
     check_bool,
     check_choice,
     check_learning_rate,
@@ -39,9 +38,7 @@ from ..transform import (
     check_positive,
     check_positive_int,
     check_unit_interval,
-    leafwise,
     singleton_groups,
-    weight_bias_groups,
 )
 from ..tree import Path, cached_template, from_entries, path_str, to_entries
 
@@ -203,7 +200,7 @@ def rf_rmsprop(
     mode:
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
-        ``"skip"`` (default) or ``"raise"``; see :func:`precond_ref.transform.build_transform`.
+        ``"skip"`` (default) or ``"raise"``; see :func:`precond_ref.engine.build_transform`.
 
     Returns
     -------
@@ -1123,7 +1120,7 @@ def if_shampoo(
         float32 parameters; float64 parameters keep float64); faithful: the parameter dtype. Under
         ``optax.inject_hyperparams`` list it in ``static_args`` (a dtype is callable).
     grouping:
-        ``"per_parameter"`` or ``"weight_bias"`` (see :func:`precond_ref.transform.weight_bias_groups`).
+        ``"per_parameter"`` or ``"weight_bias"`` (see :func:`precond_ref.engine.weight_bias_groups`).
     preconditioner_lr_scale:
         ``None`` or ``path -> float > 0`` multiplying :math:`\beta_2` per group (path of the group's
         first leaf); :func:`prototype_lr_scale` reproduces the authors' prototype.

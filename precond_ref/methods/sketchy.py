@@ -25,18 +25,16 @@ from ..blocking import (
 )
 from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply
 from ..tree import cached_template, from_entries, to_entries
+from ..engine import StepContext, build_transform, leafwise
 from ..transform import (
     ScalarOrSchedule,
-    StepContext,
     Transform,
-    build_transform,
     check_bool,
     check_choice,
     check_interval,
     check_learning_rate,
     check_nonnegative,
     check_positive_int,
-    leafwise,
 )
 
 __all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "PRINCIPLED_BLOCK_SIZE",
@@ -757,7 +755,7 @@ def sketchy(
     mode:
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
-        ``"skip"`` (default) or ``"raise"``; see :func:`precond_ref.transform.build_transform`.
+        ``"skip"`` (default) or ``"raise"``; see :func:`precond_ref.engine.build_transform`.
 
     Returns
     -------
@@ -1025,7 +1023,7 @@ def s_adagrad(
     def finish(xp: Any, minus_lr: Any, direction: Array, *rest: Array) -> tuple:
         """m <- mu m + P(g);  updates = -eta m - eta lambda x  (``minus_lr``: -eta, once a step;
         ``rest``: m with momentum, then x with weight decay): ``(updates, m)`` or ``(updates,)``, for
-        one leaf or the leaves of one layout joined end to end (``transform.leafwise``)."""
+        one leaf or the leaves of one layout joined end to end (``engine.leafwise``)."""
         if has_momentum:
             direction = m = momentum * rest[0] + direction
         updates = minus_lr * direction

@@ -1,0 +1,156 @@
+"""The engine's checks of what it is given, each naming the offending leaf: trees of arrays of one
+library and real floating dtype, gradients that fit the state, updates and new state that keep
+the state's layout."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+from array_api_compat import array_namespace
+
+from .._backend import torch_compiling as _torch_compiling
+from ..transform import LeafGroup
+from ..tree import Path, path_str
+
+__all__ = [
+    "check_leaves", "check_namespace", "check_state_namespace", "check_fits", "check_group", "layout_of", "unaliased",
+]
+
+Array = Any
+
+
+def check_leaves(leaves: Sequence[Array], paths: Sequence[Path], what: str) -> Any:
+    if not leaves:
+        raise ValueError(f"{what} has no array leaves")
+    try:
+        xp = array_namespace(*leaves)
+    except TypeError as err:
+        raise TypeError(f"{what}: every leaf must be an array of one namespace ({err})") from None
+    for path, leaf in zip(paths, leaves):
+        if not xp.isdtype(leaf.dtype, "real floating"):
+            raise TypeError(
+                f"{what} leaf {path_str(path)!r} has dtype {leaf.dtype}; only real floating dtypes "
+                "are supported (mask integer, boolean and complex leaves out)"
+            )
+    return xp
+
+
+#: A gradient whose squared norm reaches this fraction of the largest number of its compute dtype
+#: is treated like a non-finite one: every statistic built from products of gradient entries
+#: (squares, outer products, Gram matrices, sums over the tensor) and scaled by up to 2^32 (a batch
+#: size, a 1/damping) then stays finite. ‖g‖ ≥ 2.8e14 in float32, 6e149 in float64: a gradient
+#: no training produces, whose squares would overflow a float32 statistic already at 1.8e19.
+
+
+def layout_of(entries: dict[str, Array]) -> dict[str, tuple]:
+    """The layout of a group's state: ``{name: (shape, dtype)}``."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in entries.items()}
+
+
+def unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> dict[str, Array]:
+    """The state entries with no array shared between two entries or with a parameter.
+
+    A method may return one zeros array for several entries; the core never mutates it, but the
+    torch adapter keeps state tensors in place and ``torch.compile`` guards against aliased inputs.
+    """
+    seen = {id(p) for p in params}
+    out = {}
+    for key, value in entries.items():
+        if id(value) in seen:
+            value = xp.asarray(value, copy=True)
+        seen.add(id(value))
+        out[key] = value
+    return out
+
+
+def _namespace_name(xp: Any) -> str:
+    """``numpy`` for ``array_api_compat.numpy``, ``jax.numpy`` for JAX, ..."""
+    return getattr(xp, "__name__", repr(xp)).removeprefix("array_api_compat.")
+
+
+def check_namespace(
+    name: str, xp: Any, paths: Sequence[Path], grads: Sequence[Array], others: Sequence[Array], what: str
+) -> None:
+    """Refuse, by leaf, parameters of another array library than the gradients (JAX parameters
+    with NumPy gradients would fail deep inside a method, or silently return the other library's
+    arrays). Leaves of the gradient's type (or a subclass: torch's ``Parameter``) pass at the cost
+    of an ``isinstance`` each; otherwise one namespace lookup for the whole tree, and leaf by leaf
+    only to name the culprit. Not under ``torch.compile``, whose tensors are all torch's."""
+    if _torch_compiling() or all(isinstance(o, type(g)) for g, o in zip(grads, others)):
+        return
+    try:
+        if array_namespace(*others) is xp:
+            return
+    except TypeError:
+        pass
+    for path, g, other in zip(paths, grads, others):
+        try:
+            other_xp = array_namespace(other)
+        except TypeError:
+            other_xp = type(other)
+        if other_xp is not xp:
+            raise TypeError(
+                f"{name}: gradient of {path_str(path)!r} is a {_namespace_name(xp)} array, its {what} "
+                f"a {_namespace_name(other_xp)} array; give the gradients, parameters and state of "
+                "one array library"
+            )
+
+
+def check_state_namespace(name: str, xp: Any, group: LeafGroup, grads: tuple[Array, ...], state: dict[str, Array]) -> None:
+    """Refuse, by leaf, a state of another array library than the gradients (checked on one entry
+    per group, and only where the types differ: no namespace lookup in the usual step)."""
+    entry = next(iter(state.values()), None)
+    if entry is None or isinstance(entry, type(grads[0])):
+        return
+    check_namespace(name, xp, group.paths[:1], grads[:1], [entry], "optimizer state")
+
+
+
+
+def check_fits(
+    name: str, group: LeafGroup, grads: tuple[Array, ...], state: dict[str, Array], layout: dict[str, tuple],
+    hint: Optional[Callable[[dict, dict], str]] = None,
+) -> None:
+    """Refuse, by name, gradients that do not fit the group's state: a transposed or reshaped
+    gradient, another dtype (a float64 gradient for float32 state), a missing partner leaf (MBF's
+    bias); ``layout`` is the state ``init_group`` gives these gradients."""
+    found = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    if found == layout:
+        return
+    given = ", ".join(f"{path_str(path)!r} {tuple(g.shape)}/{g.dtype}" for path, g in zip(group.paths, grads))
+    wrong = sorted(set(found) ^ set(layout)) or [k for k in sorted(found) if found[k] != layout[k]]
+    detail = "; ".join(
+        f"{k!r}: state {found[k][0]}/{found[k][1]}, gradient needs {layout[k][0]}/{layout[k][1]}"
+        if k in found and k in layout
+        else f"{k!r} {'only in the state' if k in found else 'missing from the state'}"
+        for k in wrong
+    )
+    raise ValueError(
+        f"{name}: the gradient of {given} does not fit the optimizer state of this group ({detail}); "
+        "a transposed gradient, another dtype, or a weight without its bias?"
+        + (hint(found, layout) if hint is not None else "")
+    )
+
+
+def check_group(
+    name: str,
+    group: LeafGroup,
+    grads: tuple[Array, ...],
+    updates: tuple[Array, ...],
+    old: dict[str, Array],
+    new: dict[str, Array],
+) -> None:
+    """Refuse, by name, any update that would change the layout of the state (e.g. broadcasting)."""
+    where = path_str(group.paths[0])
+    for g, u in zip(grads, updates):
+        if tuple(u.shape) != tuple(g.shape):
+            raise ValueError(f"{name}: update of {where!r} has shape {tuple(u.shape)}, gradient {tuple(g.shape)}")
+    if set(new) != set(old):
+        raise ValueError(f"{name}: state of {where!r} changed its entries {sorted(old)} -> {sorted(new)}")
+    for key, value in new.items():
+        if tuple(value.shape) != tuple(old[key].shape) or value.dtype != old[key].dtype:
+            raise ValueError(
+                f"{name}: the gradient of {where!r} (shape {tuple(grads[0].shape)}, dtype "
+                f"{grads[0].dtype}) does not fit the optimizer state: {key!r} would change from "
+                f"{tuple(old[key].shape)}/{old[key].dtype} to {tuple(value.shape)}/{value.dtype}"
+            )

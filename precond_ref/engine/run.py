@@ -1,0 +1,369 @@
+"""The engine's run loop: :func:`build_transform` turns a method's per-group functions into a
+:class:`~precond_ref.transform.Transform` over trees, and owns what every method shares (module
+docstring of :mod:`precond_ref.engine`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+from array_api_compat import array_namespace, is_jax_namespace
+
+from .._backend import (
+    IdentityDict,
+    JAX_MATMUL_PRECISION as _JAX_PRECISION,
+    NO_CONTEXT as _NO_CONTEXT,
+    array_device,
+    device_key as _device_key,
+    finite_or_zero,
+    float32_matmul_precision,
+    host_all_finite,
+    host_bool,
+    is_dense,
+    is_tracer as _is_tracer,
+    scalar_zero,
+    select,
+    torch_compiling as _torch_compiling,
+)
+from ..transform import Interval, LeafGroup, PrecondState, Transform, check_choice, is_due, singleton_groups
+from ..tree import Path, path_str, tree_flatten, tree_unflatten
+from .checks import check_fits, check_group, check_leaves, check_namespace, check_state_namespace, layout_of, unaliased
+from .context import StepContext
+from .joined import leafwise, pack
+from .skip import first_bad_gradient, gradient_ok
+
+__all__ = ["build_transform"]
+
+Array = Any
+
+
+def build_transform(
+    *,
+    name: str,
+    init_group: Callable[[tuple[Array, ...], tuple[Path, ...], Any], dict[str, Array]],
+    update_group: Optional[Callable[..., tuple[tuple[Array, ...], dict[str, Array]]]] = None,
+    update_groups: Optional[Callable[..., list[tuple[tuple[Array, ...], dict[str, Array]]]]] = None,
+    group_leaves: Callable[[Sequence[Path], Sequence[Array]], list[LeafGroup]] = singleton_groups,
+    on_nonfinite: str = "skip",
+    needs_params: bool = False,
+    intervals: Sequence[Interval] = (),
+    matmul_precision: str = "highest",
+    elementwise: bool = False,
+    layout_hint: Optional[Callable[[dict, dict], str]] = None,
+    legacy_names: Optional[Callable[[dict], dict]] = None,
+) -> Transform:
+    """Assemble a tree-level :class:`Transform` from a method's per-group functions.
+
+    Parameters
+    ----------
+    name:
+        The method's name, used in error messages.
+    init_group:
+        ``(leaves, paths, xp) -> {name: array}``: the state of one group. Zero-size groups are not
+        passed to it (they get an empty state and zero updates).
+    update_group:
+        ``(grads, state, params, ctx) -> (updates, new_state)`` for one group; ``params`` is the
+        group's tuple of parameters, or ``None`` when ``update`` was called without them.
+        ``new_state`` must have the same names, shapes and dtypes as ``state``.
+    update_groups:
+        ``(grads, states, params, ctxs) -> [(updates, new_state), ...]``, given instead of
+        ``update_group``: the same function over lists of all the (non-empty) groups of one call,
+        in order, so that a method can stack blocks of equal shape across groups into one batched
+        matmul or solve (one kernel instead of one per parameter on a GPU). ``ctxs[i]`` is the
+        context ``update_group`` would get for group ``i``.
+    group_leaves:
+        ``(paths, leaves) -> [LeafGroup]``: which leaves form one block; singletons by default.
+    on_nonfinite:
+        ``"skip"``: a step whose gradient tree holds a NaN or Inf, or whose new state or updates
+        would (a finite gradient so large that a statistic overflows), returns zero updates, leaves
+        the state unchanged (the counter does not advance) and increments ``nonfinite_count``; the
+        selection is element-wise (no device value is read), except where reading costs no
+        synchronisation (NumPy; torch on the CPU outside ``torch.compile``: ``_backend.host_bool``),
+        where a step read as finite makes no selections at all (the same numbers). ``"raise"``: ``FloatingPointError``
+        naming the first offending gradient leaf, or the state entry that overflowed (needs
+        concrete arrays, so it is refused under ``jax.jit``).
+    needs_params:
+        Whether ``update`` requires ``params`` (e.g. for weight decay).
+    intervals:
+        The intervals (ints or predicates ``calls -> bool``) that ``update_group`` passes to
+        ``ctx.every``: :meth:`Transform.due` evaluates them on the host for compiled callers.
+    matmul_precision:
+        The float32 matmul precision of the step (:func:`float32_matmul_precision`); full float32 by
+        default, which faithful modes must keep.
+    elementwise:
+        ``update_group`` computes each entry of a single leaf's updates and state from the same
+        entry of its inputs alone (no reduction over the leaf, nothing read from its shape or path),
+        and every state entry has the leaf's shape. Leaves of at most :data:`FLAT_MAX_ELEMENTS`
+        elements (:data:`FLAT_MAX_TRACED_ELEMENTS` under ``torch.compile`` or ``jax.jit``) and of
+        one dtype layout then run as one flat leaf through the whole step (skip
+        decision, ``update_group``, selections): one trace under a compiler and one operation
+        instead of one per parameter eagerly, with the same numbers. With ``on_nonfinite="skip"``
+        only (``"raise"`` names the offending leaf); the overflow margin then applies to the flat
+        leaf's squared norm, the sum of its leaves' (a stricter test).
+    layout_hint:
+        ``(found, layout) -> str``, both ``{entry: (shape, dtype)}``: text appended to the error for
+        a state that does not fit the gradients, or ``""``; kept as ``init.layout_hint`` for
+        adapters that check loaded state. Says which arguments reproduce a layout an older version
+        made, where a default changed the layout.
+    legacy_names:
+        ``entries -> entries``: a group's state saved under the entry names an earlier version
+        wrote, as the same arrays under the current names (the very dict given when no name is
+        old). ``update`` renames such a state before anything else (a restored optax state keeps
+        working; the state it returns has the current names); kept as ``init.legacy_names`` for
+        adapters that rename on load (torch's ``load_state_dict``).
+    """
+    check_choice("matmul_precision", matmul_precision, tuple(_JAX_PRECISION))
+    check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
+    if (update_group is None) == (update_groups is None):
+        raise TypeError(f"{name}: build_transform needs exactly one of update_group and update_groups")
+    if elementwise and (update_group is None or group_leaves is not singleton_groups):
+        raise TypeError(f"{name}: elementwise=True needs update_group and the default singleton groups")
+    # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes: update
+    # compares it with the state it is given (the gradients stand in for the parameters).
+    # init records the layouts it makes, so that update builds a state only for gradients unlike
+    # the parameters init saw (a state from elsewhere, another dtype): no second copy of the state.
+    layouts: dict[tuple, dict[str, tuple]] = {}
+    # The shapes init saw at each leaf path, so that update can name a gradient of the wrong shape
+    # (a transposed one) when it is given no params and the state's layout would not show it
+    # (S-AdaGrad's sketch of the flattened leaf). A set: one transform may be initialised on
+    # several trees.
+    leaf_shapes: dict[str, set] = {}
+
+    def layout_key(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> tuple:
+        return (group.key, group.paths, tuple(tuple(x.shape) for x in leaves), tuple(x.dtype for x in leaves), xp.__name__)
+
+    def layout_for(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> dict[str, tuple]:
+        key = layout_key(group, leaves, xp)
+        if key not in layouts:
+            layouts[key] = layout_of(init_group(leaves, group.paths, xp))
+        return layouts[key]
+
+    def init(params: Any) -> PrecondState:
+        leaves, treedef = tree_flatten(params)
+        xp = check_leaves(leaves, treedef.paths, f"{name}: params")
+        dev = array_device(leaves[0])
+        for path, leaf in zip(treedef.paths, leaves):
+            leaf_shapes.setdefault(path_str(path), set()).add(tuple(leaf.shape))
+        groups = {}
+        for group in group_leaves(treedef.paths, leaves):
+            members = tuple(leaves[i] for i in group.indices)
+            if all(math.prod(leaf.shape) == 0 for leaf in members):
+                groups[group.key] = {}
+            else:
+                groups[group.key] = unaliased(xp, init_group(members, group.paths, xp), members)
+                layouts[layout_key(group, members, xp)] = layout_of(groups[group.key])
+
+        def counter() -> Array:
+            return xp.zeros((), dtype=xp.int32, device=dev)
+
+        return PrecondState(count=counter(), nonfinite_count=counter(), groups=groups)
+
+    declared = tuple(intervals)
+    precision = matmul_precision
+
+    def due(step: int) -> tuple[bool, ...]:
+        return tuple(bool(is_due(interval, step)) for interval in declared)
+
+    def update(
+        grads: Any,
+        state: PrecondState,
+        params: Any = None,
+        *,
+        step: int | None = None,
+        due: tuple[bool, ...] | None = None,
+        **extra: Any,
+    ) -> tuple[Any, PrecondState]:
+        try:
+            grad_leaves, treedef = tree_flatten(grads)
+            xp = array_namespace(*grad_leaves)
+        except TypeError:
+            xp = None  # _update names the problem
+        if legacy_names is not None and isinstance(state, PrecondState):
+            state = renamed(state, legacy_names)
+        with float32_matmul_precision(xp, precision) if xp is not None else _NO_CONTEXT:
+            packed = None
+            if elementwise and on_nonfinite == "skip" and xp is not None:
+                packed = pack(name, layout_for, grad_leaves, treedef, state, params, xp)
+            if packed is None:
+                return _update(grads, state, params, step, due, extra)
+            flat_grads, flat_state, flat_params, unpack = packed
+            return unpack(*_update(flat_grads, flat_state, flat_params, step, due, extra))
+
+    def _update(
+        grads: Any, state: PrecondState, params: Any, step: int | None, due: Any, extra: dict
+    ) -> tuple[Any, PrecondState]:
+        if not isinstance(state, PrecondState):
+            raise TypeError(f"{name}: state must be the PrecondState returned by init, got {type(state)}")
+        grad_leaves, treedef = tree_flatten(grads)
+        xp = check_leaves(grad_leaves, treedef.paths, f"{name}: grads")
+        param_leaves = None
+        if params is not None:
+            param_leaves, param_def = tree_flatten(params)
+            if param_def.paths != treedef.paths:
+                raise ValueError(
+                    f"{name}: grads and params have different tree structures: grads leaves "
+                    f"{[path_str(p) for p in treedef.paths]}, params leaves "
+                    f"{[path_str(p) for p in param_def.paths]}"
+                )
+            check_namespace(name, xp, treedef.paths, grad_leaves, param_leaves, "parameter")
+            for path, g, p in zip(treedef.paths, grad_leaves, param_leaves):
+                if tuple(g.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"{name}: gradient of {path_str(path)!r} has shape {tuple(g.shape)}, "
+                        f"parameter has shape {tuple(p.shape)}"
+                    )
+                if g.dtype != p.dtype:
+                    raise TypeError(
+                        f"{name}: gradient of {path_str(path)!r} has dtype {g.dtype}, "
+                        f"parameter has dtype {p.dtype}"
+                    )
+        elif needs_params:
+            raise ValueError(f"{name}: update needs params (pass update(grads, state, params))")
+        else:
+            for path, g in zip(treedef.paths, grad_leaves):
+                seen = leaf_shapes.get(path_str(path))
+                if seen and tuple(g.shape) not in seen:
+                    shapes = " or ".join(str(shape) for shape in sorted(seen))
+                    raise ValueError(
+                        f"{name}: gradient of {path_str(path)!r} has shape {tuple(g.shape)}, "
+                        f"parameter has shape {shapes} (as given to init)"
+                    )
+
+        groups = group_leaves(treedef.paths, grad_leaves)
+        expected, found = {g.key for g in groups}, set(state.groups)
+        if expected != found:
+            raise ValueError(
+                f"{name}: grads do not match the optimizer state: leaves missing from the state "
+                f"{sorted(expected - found)}, state entries with no gradient {sorted(found - expected)}"
+            )
+
+        ok = gradient_ok(xp, grad_leaves)
+        if on_nonfinite == "raise":
+            if _is_tracer(ok):
+                raise ValueError(
+                    f"{name}: on_nonfinite='raise' needs concrete arrays and cannot run under "
+                    "jax.jit; use on_nonfinite='skip'"
+                )
+            if not bool(ok):
+                raise FloatingPointError(f"{name}: {first_bad_gradient(xp, grad_leaves, treedef.paths)}")
+        # Where reading the skip predicate costs no synchronisation (NumPy, torch on the CPU,
+        # eagerly), a step known to be finite makes none of the skip's selections: they would
+        # select their first operand. Except of an operand that is not dense, whose selection
+        # would also lay it out anew (is_dense): the later steps then round as they would have.
+        # Every other step (a skipped one included) selects element-wise, never reading a device
+        # value.
+        finite_step = on_nonfinite == "raise" or host_bool(xp, ok) is True
+        # A skipped step's arithmetic runs on zeros: its results are discarded anyway, and NaN or
+        # huge inputs would only raise warnings (NumPy) or errors (LAPACK on NaN) on the way.
+        # Not on JAX for a method with reductions or matmuls: JAX neither warns nor raises (its
+        # factorisations return NaN), and XLA's CPU backend cannot fuse the selection into a
+        # column reduction (YNNPACK) or a matmul reading the gradient, so it wrote a zeroed copy.
+        # An element-wise method's loops take the selection in (measured: docs/backends.md).
+        # A 0-D zero per dtype and device serves every leaf's selections (the update is cast to
+        # the gradient's dtype).
+        ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
+        zeros = [ctx.once(("zero", g.dtype, _device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
+        if elementwise or not is_jax_namespace(xp):
+            chosen = [i for i, g in enumerate(grad_leaves) if not (finite_step and is_dense(g))]
+            joined = leafwise(xp, lambda g, zero: select(xp, ok, g, zero),
+                              [grad_leaves[i] for i in chosen], zeros=[zeros[i] for i in chosen])
+            grad_leaves = list(grad_leaves)
+            for i, g in zip(chosen, joined):
+                grad_leaves[i] = g
+
+        if due is not None:
+            if len(due) != len(declared):
+                raise ValueError(f"{name}: due has {len(due)} decisions, the method declares {len(declared)} intervals")
+            decisions, calls = tuple(zip(declared, due)), None
+        else:
+            decisions = None
+            calls = step if step is not None else state.count + state.nonfinite_count
+        skipping = on_nonfinite == "skip" and not finite_step
+        selecting = on_nonfinite == "skip"
+        ctx = ctx._replace(calls=calls, due=decisions, ok=ok if selecting else None, settled=IdentityDict(), applied=finite_step)
+        updates: list[Any] = [None] * len(grad_leaves)
+        new_groups = {}
+        members = [
+            (
+                group,
+                tuple(grad_leaves[i] for i in group.indices),
+                None if param_leaves is None else tuple(param_leaves[i] for i in group.indices),
+            )
+            for group in groups
+        ]
+        live = [m for m in members if not all(math.prod(leaf.shape) == 0 for leaf in m[1])]
+        if not _torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
+            for group, g, _ in live:
+                check_state_namespace(name, xp, group, g, state.groups[group.key])
+                check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp), layout_hint)
+        contexts = [ctx._replace(paths=group.paths) for group, _, _ in live]
+        if not live:  # every group is zero-size: nothing for the method to compute
+            results = []
+        elif update_groups is not None:
+            results = update_groups(
+                [g for _, g, _ in live], [state.groups[group.key] for group, _, _ in live], [p for _, _, p in live], contexts
+            )
+        else:
+            results = [update_group(g, state.groups[group.key], p, c) for (group, g, p), c in zip(live, contexts)]
+        by_key = {group.key: result for (group, _, _), result in zip(live, results)}
+        for group, g, _ in members:
+            old = state.groups[group.key]
+            if group.key in by_key:
+                upd, new = by_key[group.key]
+            else:  # a zero-size group: no state, zero updates
+                upd, new = tuple(xp.zeros_like(leaf) for leaf in g), {}
+            check_group(name, group, g, upd, old, new)
+            for i, u in zip(group.indices, upd):
+                target = grad_leaves[i].dtype
+                updates[i] = u if u.dtype == target else xp.astype(u, target)
+            new_groups[group.key] = new
+
+        # The parameters never receive a NaN or Inf, whatever a method's numerics did; the step's
+        # own skip selects element-wise (no device read), fused into the kernels computing it.
+        # Two selections, not one on ok & isfinite(u): XLA's CPU backend does not fuse an expensive
+        # producer of u (a division) into a consumer that reads u twice, and would write u out.
+        if skipping:  # (finite_step is False: the finite test below would not read the host)
+            updates = leafwise(xp, lambda u, zero: finite_or_zero(xp, select(xp, ok, u, zero), zero), updates, zeros=zeros)
+        elif not (finite_step and host_all_finite(xp, updates)):  # the step's own test reads nothing else
+            updates = leafwise(xp, lambda u, zero: finite_or_zero(xp, u, zero), updates, zeros=zeros)
+        if selecting:
+            new_groups = {key: dict(entries) for key, entries in new_groups.items()}
+            for key, entries in new_groups.items():
+                for k, v in entries.items():
+                    old = state.groups[key][k]
+                    # An entry the step left untouched, or that the method selected, needs no
+                    # selection; nor does a dense one of a step known to be applied.
+                    if v is not old and v not in ctx.settled and not (finite_step and is_dense(v)):
+                        entries[k] = select(xp, ok, v, old)
+        if finite_step:  # the step is applied: one addition, the skipped steps' count as it was
+            new_state = PrecondState(count=state.count + 1, nonfinite_count=state.nonfinite_count, groups=new_groups)
+        else:
+            applied = xp.astype(ok, xp.int32)
+            new_state = PrecondState(
+                count=state.count + applied,
+                nonfinite_count=state.nonfinite_count + (1 - applied),
+                groups=new_groups,
+            )
+        return tree_unflatten(treedef, updates), new_state
+
+    init.layout_hint = layout_hint  # type: ignore[attr-defined]
+    init.legacy_names = legacy_names  # type: ignore[attr-defined]
+    return Transform(init, update, due, matmul_precision, group_leaves)
+
+
+#: The largest leaf an ``elementwise`` method runs together with others as one flat leaf, eagerly
+#: and under a compiler (``torch.compile``, ``jax.jit``). Larger leaves run alone: the copies into
+#: and out of a flat leaf cost passes over the data, against a per-leaf cost of a few dozen
+#: Python-level operations eagerly and of a kernel or two compiled (measurements: docs/backends.md,
+#: "Flat leaves of element-wise methods").
+
+
+def renamed(state: PrecondState, legacy_names: Callable[[dict], dict]) -> PrecondState:
+    """``state`` with every group's entries under the current names (``build_transform``'s
+    ``legacy_names``); the very object when no group had an old name."""
+    groups = {key: legacy_names(entries) for key, entries in state.groups.items()}
+    if all(groups[key] is entries for key, entries in state.groups.items()):
+        return state
+    return state._replace(groups=groups)
+
+

@@ -1,0 +1,71 @@
+"""The non-finite rule's test: is a step's gradient usable (finite, and small enough that every
+statistic built from it stays finite)?"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from .._backend import cast, compute_dtype, device_key as _device_key, sums_of_squares, torch_compiling as _torch_compiling
+from ..tree import Path, path_str
+
+__all__ = ["OVERFLOW_MARGIN", "gradient_ok", "first_bad_gradient"]
+
+Array = Any
+
+
+OVERFLOW_MARGIN = 2.0**-32
+
+
+def gradient_ok(xp: Any, leaves: Sequence[Array]) -> Array:
+    """0-D bool array: every gradient leaf is finite with a squared norm below the overflow margin.
+
+    One sum of squares per leaf (in the compute dtype): NaN or Inf make it NaN or Inf, and a
+    comparison with NaN is false; a compiler fuses it into one pass over each gradient, the only
+    reduction the step's skip decision waits for.
+    """
+    wides: dict[Any, list[Array]] = {}
+    for leaf in leaves:
+        dtype = compute_dtype(xp, leaf.dtype)
+        wides.setdefault(_dtype_and_device(leaf, dtype), []).append(cast(xp, leaf, dtype))
+    sums: dict[Any, list[Array]] = {}
+    for key, arrays in wides.items():
+        together = sums_of_squares(xp, arrays)  # one operation for all, where the backend has one
+        sums[key] = together if together is not None else [_sum_of_squares(xp, x) for x in arrays]
+    # One comparison per dtype and device, not per leaf: the 0-D operations of a step are kernel
+    # launches on a GPU, and a model has dozens of small leaves.
+    ok = None
+    for (dtype, _), values in sums.items():
+        limit = xp.finfo(dtype).max * OVERFLOW_MARGIN
+        group_ok = values[0] < limit if len(values) == 1 else xp.all(xp.stack(values) < limit)
+        ok = group_ok if ok is None else xp.logical_and(ok, group_ok)
+    return ok
+
+
+def _sum_of_squares(xp: Any, x: Array) -> Array:
+    """``Σ x²``; under ``torch.compile`` summed along the rows first: the same sum in another order.
+
+    TorchInductor's CPU code sums a whole tensor in one loop that carries its partial sum through
+    memory (cascade summation), slower than the contiguous row sums (measured in
+    ``docs/backends.md``, "The contract's step"). The trailing axes are merged, not split: rows
+    that cut across the tensor's own rows make it slower still. Eagerly the two sums would be two
+    operations (kernel launches on a GPU) where one does; XLA gains nothing.
+    """
+    square = x * x
+    if x.ndim < 2 or not _torch_compiling():
+        return xp.sum(square)
+    return xp.sum(xp.sum(xp.reshape(square, (x.shape[0], math.prod(x.shape[1:]))), axis=-1))
+
+
+def _dtype_and_device(leaf: Array, dtype: Any) -> tuple:
+    """A key grouping leaves whose 0-D results can be stacked: ``dtype`` and the leaf's device."""
+    return (dtype, _device_key(leaf))
+
+
+def first_bad_gradient(xp: Any, leaves: Sequence[Array], paths: Sequence[Path]) -> str:
+    for path, leaf in zip(paths, leaves):
+        if not bool(xp.all(xp.isfinite(leaf))):
+            return f"non-finite gradient in leaf {path_str(path)!r}"
+        if not bool(gradient_ok(xp, [leaf])):
+            return f"gradient of leaf {path_str(path)!r} too large for the statistics (squared norm above {OVERFLOW_MARGIN} x the largest float)"
+    return "non-finite gradient"  # pragma: no cover
