@@ -28,6 +28,7 @@ from .._backend import (
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
 from ..engine import StepContext, build_transform, leafwise, weight_bias_groups
+from ..engine.elementwise import ElementwiseRule, elementwise_transform
 from ..transform import (
     ScalarOrSchedule,
     Transform,
@@ -95,9 +96,10 @@ def _filled(xp, shape, value, dtype, dev):
     return xp.ones(shape, dtype=dtype, device=dev) * as_operand(xp, value, dtype)
 
 
-def _batch_size(name: str, factory_value: Any, ctx: StepContext) -> Any:
-    """B for this update: the per-call ``batch_size`` overrides the factory's."""
-    value = ctx.extra.get("batch_size")
+def _batch_size(name: str, factory_value: Any, extra: dict) -> Any:
+    """B for this update: the per-call ``batch_size`` (in ``update``'s keyword arguments ``extra``)
+    overrides the factory's."""
+    value = extra.get("batch_size")
     if value is None:
         value = factory_value
     else:
@@ -135,12 +137,164 @@ def _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_
     check_bool("scale_by_batch_size", scale_by_batch_size)
 
 
-def _rf_denominator_step(xp, numerator, denom, faithful: bool):
-    """``numerator / denom``; faithful mode (λ ≥ 0) maps an exactly zero denominator to a zero step (R2)."""
+def _rf_state_dtype(requested: Any, faithful: bool, xp: Any, param_dtype: Any) -> Any:
+    """R1: the state in the compute dtype of the parameters (principled), float32 (faithful), or
+    the ``state_dtype`` asked for."""
+    return _state_dtype(xp, param_dtype, requested, lambda xp, _: xp.float32, faithful)
+
+
+def _divided(xp, numerator, denominator, faithful: bool):
+    """``numerator ⊘ denominator``; faithful mode (λ ≥ 0) maps an exactly zero denominator to a
+    zero step (R2)."""
     if not faithful:
-        return numerator / denom
-    zero = denom == 0.0
-    return xp.where(zero, scalar_zero(xp, numerator), numerator / xp.where(zero, xp.ones_like(denom), denom))
+        return numerator / denominator
+    zero = denominator == 0.0
+    safe = xp.where(zero, xp.ones_like(denominator), denominator)
+    return xp.where(zero, scalar_zero(xp, numerator), numerator / safe)
+
+
+class _RFStep(NamedTuple):
+    """A step's scalars of RF-RMSProp and RF-AdamW: the learning rate ``lr`` (η_t), the batch size
+    ``B`` (1 without ``scale_by_batch_size``), the bias corrections ``c1``, ``c2`` (1 without), and
+    the decoupled weight decay's factor ``lr_wd`` (η_t κ; RF-AdamW)."""
+
+    lr: Any
+    B: Any
+    c1: Any = 1
+    c2: Any = 1
+    lr_wd: Any = None
+
+
+def _rf_step(name: str, xp, c, t) -> _RFStep:
+    """η_t and B of this step (B from ``update(..., batch_size=)`` or the factory)."""
+    B = as_operand(xp, _batch_size(name, c.batch_size, t.extra), t.dtype) if c.scale_by_batch_size else 1
+    return _RFStep(lr=as_operand(xp, t.value(c.learning_rate), t.dtype), B=B)
+
+
+# RF-RMSProp (Lin et al. 2024, Figure 1), per entry:
+#   s ← b₂ s + (1−b₂) B g⊙g                    (s₀ = 1)
+#   Δ = g ⊘ (s + λ) + κ θ
+#   v ← α₁ v + Δ;   θ ← θ − η v                 (α₁ = 0: θ ← θ − η Δ, no buffer)
+
+
+class RFRMSPropConfig(NamedTuple):
+    """RF-RMSProp's hyperparameters (:func:`rf_rmsprop`), validated there."""
+
+    learning_rate: Any
+    b2: Any
+    damping: Any
+    momentum: Any
+    weight_decay: Any
+    batch_size: Any
+    initial_scale: Any
+    scale_by_batch_size: bool
+    faithful: bool
+    use_momentum: bool
+    use_decay: bool
+
+
+class RFRMSPropState(NamedTuple):
+    """A leaf's state: ``s`` (the second moment) and ``momentum`` (v; ``None`` when α₁ = 0)."""
+
+    s: Any
+    momentum: Any = None
+
+
+def _rf_rmsprop_init(xp, c: RFRMSPropConfig, w, dtype) -> RFRMSPropState:
+    dev = array_device(w)
+    s = _filled(xp, w.shape, c.initial_scale, dtype, dev)  # s₀ = 1
+    return RFRMSPropState(s, xp.zeros(w.shape, dtype=dtype, device=dev) if c.use_momentum else None)
+
+
+def _rf_rmsprop_direction(xp, c: RFRMSPropConfig, s, g, w):
+    """Δ = g ⊘ (s + λ) + κ θ."""
+    delta = _divided(xp, g, s + c.damping, c.faithful)
+    return delta + c.weight_decay * w if c.use_decay else delta
+
+
+def _rf_rmsprop_state(xp, c: RFRMSPropConfig, state: RFRMSPropState, g, w, h: _RFStep) -> RFRMSPropState:
+    s = c.b2 * state.s + (1 - c.b2) * (h.B * (g * g))  # s ← b₂ s + (1−b₂) B g⊙g
+    if not c.use_momentum:
+        return RFRMSPropState(s)
+    return RFRMSPropState(s, c.momentum * state.momentum + _rf_rmsprop_direction(xp, c, s, g, w))  # v ← α₁ v + Δ
+
+
+def _rf_rmsprop_update(xp, c: RFRMSPropConfig, state: RFRMSPropState, g, w, h: _RFStep):
+    v = state.momentum if c.use_momentum else _rf_rmsprop_direction(xp, c, state.s, g, w)
+    return -h.lr * v  # θ ← θ − η v
+
+
+RF_RMSPROP = ElementwiseRule(
+    "rf_rmsprop", RFRMSPropState, _rf_rmsprop_init, partial(_rf_step, "rf_rmsprop"), _rf_rmsprop_state,
+    _rf_rmsprop_update,
+)
+
+
+# RF-AdamW (the authors' myoptim/rfadamw.py), per entry:
+#   θ ← θ (1 − η κ)                               (decoupled, applied first)
+#   m ← b₁ m + (1−b₁) g;   s ← b₂ s + (1−b₂) B g⊙g   (s₀ = 1)
+#   θ ← θ − η/c₁ · m ⊘ (s/c₂ + λ),   c_i = 1 − b_i^t with bias correction, else 1
+
+
+class RFAdamWConfig(NamedTuple):
+    """RF-AdamW's hyperparameters (:func:`rf_adamw`), validated there."""
+
+    learning_rate: Any
+    b1: Any
+    b2: Any
+    damping: Any
+    weight_decay: Any
+    bias_correction: bool
+    batch_size: Any
+    initial_scale: Any
+    scale_by_batch_size: bool
+    faithful: bool
+    use_decay: bool
+
+
+class RFAdamWState(NamedTuple):
+    """A leaf's state: the moments ``m`` and ``s``."""
+
+    m: Any
+    s: Any
+
+
+def _rf_adamw_init(xp, c: RFAdamWConfig, w, dtype) -> RFAdamWState:
+    dev = array_device(w)
+    return RFAdamWState(xp.zeros(w.shape, dtype=dtype, device=dev), _filled(xp, w.shape, c.initial_scale, dtype, dev))
+
+
+def _rf_adamw_step(xp, c: RFAdamWConfig, t) -> _RFStep:
+    """η_t, B; with bias correction c_i = 1 − b_i^t (t = count + 1); η κ (from the configuration as
+    given: its values at this step, then as operands of the state's dtype)."""
+    h = _rf_step("rf_adamw", xp, c, t)
+    lr_wd = as_operand(xp, t.value(c.learning_rate) * c.weight_decay, t.dtype) if c.use_decay else None
+    if not c.bias_correction:
+        return h._replace(lr_wd=lr_wd)
+    step = xp.astype(t.count + 1, t.dtype)
+    b1, b2 = as_operand(xp, c.b1, t.dtype), as_operand(xp, c.b2, t.dtype)
+    return h._replace(c1=1 - b1**step, c2=1 - b2**step, lr_wd=lr_wd)
+
+
+def _rf_adamw_state(xp, c: RFAdamWConfig, state: RFAdamWState, g, w, h: _RFStep) -> RFAdamWState:
+    m = c.b1 * state.m + (1 - c.b1) * g  # m ← b₁ m + (1−b₁) g
+    s = c.b2 * state.s + (1 - c.b2) * (h.B * (g * g))  # s ← b₂ s + (1−b₂) B g⊙g
+    return RFAdamWState(m, s)
+
+
+def _rf_adamw_update(xp, c: RFAdamWConfig, state: RFAdamWState, g, w, h: _RFStep):
+    step = _lr_over_c1(xp, h) * _divided(xp, state.m, state.s / h.c2 + c.damping, c.faithful)  # η/c₁ · m ⊘ (s/c₂ + λ)
+    if c.use_decay:
+        step = step + h.lr_wd * w  # + η κ θ
+    return -step
+
+
+def _lr_over_c1(xp, h: _RFStep):
+    """η/c₁, in the form a compiler computes once per step."""
+    return computed_once(xp, h.lr / h.c1)
+
+
+RF_ADAMW = ElementwiseRule("rf_adamw", RFAdamWState, _rf_adamw_init, _rf_adamw_step, _rf_adamw_state, _rf_adamw_update)
 
 
 def rf_rmsprop(
@@ -234,45 +388,13 @@ def rf_rmsprop(
     check_unit_interval("b2", b2)
     check_unit_interval("momentum", momentum)
     _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_batch_size, mode)
-    faithful = mode == "faithful"
-    use_momentum = not is_zero(momentum)
-    use_decay = not is_zero(weight_decay)
-
-    def init_group(leaves, paths, xp):
-        (param,) = leaves
-        dtype = _state_dtype(xp, param.dtype, state_dtype, lambda xp, _: xp.float32, faithful)
-        dev = array_device(param)
-        state = {"s": _filled(xp, param.shape, initial_scale, dtype, dev)}
-        if use_momentum:
-            state["momentum"] = xp.zeros(param.shape, dtype=dtype, device=dev)
-        return state
-
-    def update_group(grads, state, params, ctx: StepContext):
-        xp = ctx.xp
-        (g,) = grads
-        s = state["s"]
-        dtype = s.dtype
-        g = cast(xp, g, dtype)
-        decay = as_operand(xp, b2, dtype)
-        scale = as_operand(xp, _batch_size("rf_rmsprop", batch_size, ctx), dtype) if scale_by_batch_size else 1
-        s_new = ctx.unless_skipped(decay * s + (1 - decay) * (scale * (g * g)), s)
-        step = _rf_denominator_step(xp, g, s_new + as_operand(xp, damping, dtype), faithful)
-        if use_decay:
-            step = step + as_operand(xp, weight_decay, dtype) * cast(xp, params[0], dtype)
-        new_state = {"s": s_new}
-        if use_momentum:
-            step = ctx.unless_skipped(as_operand(xp, momentum, dtype) * state["momentum"] + step, state["momentum"])
-            new_state["momentum"] = step
-        lr = as_operand(xp, ctx.value(learning_rate), dtype)
-        return (-lr * step,), new_state
-
-    return build_transform(
-        name="rf_rmsprop",
-        init_group=init_group,
-        update_group=update_group,
-        on_nonfinite=on_nonfinite,
-        elementwise=True,
-        needs_params=use_decay,
+    config = RFRMSPropConfig(
+        learning_rate, b2, damping, momentum, weight_decay, batch_size, initial_scale, scale_by_batch_size,
+        faithful=mode == "faithful", use_momentum=not is_zero(momentum), use_decay=not is_zero(weight_decay),
+    )
+    return elementwise_transform(
+        RF_RMSPROP, config, state_dtype=partial(_rf_state_dtype, state_dtype, config.faithful),
+        reads_params=config.use_decay, on_nonfinite=on_nonfinite,
     )
 
 
@@ -332,47 +454,13 @@ def rf_adamw(
     check_unit_interval("b2", b2)
     check_bool("bias_correction", bias_correction)
     _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_batch_size, mode)
-    faithful = mode == "faithful"
-    use_decay = not is_zero(weight_decay)
-
-    def init_group(leaves, paths, xp):
-        (param,) = leaves
-        dtype = _state_dtype(xp, param.dtype, state_dtype, lambda xp, _: xp.float32, faithful)
-        dev = array_device(param)
-        return {
-            "m": xp.zeros(param.shape, dtype=dtype, device=dev),
-            "s": _filled(xp, param.shape, initial_scale, dtype, dev),
-        }
-
-    def update_group(grads, state, params, ctx: StepContext):
-        xp = ctx.xp
-        (g,) = grads
-        m, s = state["m"], state["s"]
-        dtype = s.dtype
-        g = cast(xp, g, dtype)
-        d1, d2 = as_operand(xp, b1, dtype), as_operand(xp, b2, dtype)
-        scale = as_operand(xp, _batch_size("rf_adamw", batch_size, ctx), dtype) if scale_by_batch_size else 1
-        m_new = ctx.unless_skipped(d1 * m + (1 - d1) * g, m)
-        s_new = ctx.unless_skipped(d2 * s + (1 - d2) * (scale * (g * g)), s)
-        lr_value = ctx.value(learning_rate)
-        lr = as_operand(xp, lr_value, dtype)
-        if bias_correction:
-            t = xp.astype(ctx.count + 1, dtype)
-            bc1, bc2 = computed_once(xp, 1 - d1**t), computed_once(xp, 1 - d2**t)
-        else:
-            bc1 = bc2 = 1
-        step = computed_once(xp, lr / bc1) * _rf_denominator_step(xp, m_new, s_new / bc2 + as_operand(xp, damping, dtype), faithful)
-        if use_decay:
-            step = step + as_operand(xp, lr_value * weight_decay, dtype) * cast(xp, params[0], dtype)
-        return (-step,), {"m": m_new, "s": s_new}
-
-    return build_transform(
-        name="rf_adamw",
-        init_group=init_group,
-        update_group=update_group,
-        on_nonfinite=on_nonfinite,
-        elementwise=True,
-        needs_params=use_decay,
+    config = RFAdamWConfig(
+        learning_rate, b1, b2, damping, weight_decay, bias_correction, batch_size, initial_scale,
+        scale_by_batch_size, faithful=mode == "faithful", use_decay=not is_zero(weight_decay),
+    )
+    return elementwise_transform(
+        RF_ADAMW, config, state_dtype=partial(_rf_state_dtype, state_dtype, config.faithful),
+        reads_params=config.use_decay, on_nonfinite=on_nonfinite,
     )
 
 
@@ -1425,7 +1513,7 @@ def if_shampoo(
     def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
         xp = ctxs[0].xp
         refresh = [ctxs[0].every(interval) for interval in refresh_at]  # per phase: a host bool, or an array
-        B = _batch_size("if_shampoo", batch_size, ctxs[0])
+        B = _batch_size("if_shampoo", batch_size, ctxs[0].extra)
         beta2, eta = ctxs[0].value(preconditioner_lr), ctxs[0].value(learning_rate)
         groups, fields = zip(*(prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)))
         stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack

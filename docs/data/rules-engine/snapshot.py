@@ -1,7 +1,7 @@
 """Trajectories of every method x mode x option set on NumPy, torch and JAX, float64 and float32,
-to compare the code before and after a refactor: ``python snapshot.py OUT.npz`` records them,
+to compare the code before and after a refactor: ``python snapshot.py OUT.npz [--methods a,b]`` records them,
 ``python snapshot.py --compare A.npz B.npz`` reports, per case, whether they are bitwise equal and
-the largest relative difference. The gradients are a fixed function of the parameters and the step
+the largest relative difference (B may hold a subset of A's methods). The gradients are a fixed function of the parameters and the step
 (so a difference anywhere propagates); step 7 is given a NaN (the skip rule); steps pass ``step=``
 on even cases and read the counters otherwise (host and device decisions)."""
 import itertools
@@ -90,9 +90,11 @@ def run(backend, dtype_name, method, options, host_steps):
     return np.stack(out)
 
 
-def record(path):
+def record(path, methods=None):
     results = {}
     for method, option_sets in CASES.items():
+        if methods and method not in methods:
+            continue
         for i, options in enumerate(option_sets):
             for backend, dtype_name in itertools.product(("numpy", "torch", "jax"), ("float64", "float32")):
                 key = f"{method}|{i}|{backend}|{dtype_name}"
@@ -108,7 +110,7 @@ def record(path):
 def compare(a_path, b_path):
     a, b = np.load(a_path), np.load(b_path)
     worst, unequal = 0.0, 0
-    for key in sorted(set(a.files) | set(b.files)):
+    for key in sorted(set(b.files) if set(b.files) < set(a.files) else set(a.files) | set(b.files)):
         if key not in a.files or key not in b.files:
             print("MISSING", key)
             unequal += 1
@@ -133,4 +135,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "--compare":
         compare(sys.argv[2], sys.argv[3])
     else:
-        record(sys.argv[1])
+        record(sys.argv[1], sys.argv[3].split(",") if len(sys.argv) > 3 and sys.argv[2] == "--methods" else None)
