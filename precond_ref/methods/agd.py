@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-from .._backend import array_device, cast, compute_dtype, computed_once, float64_where_available, is_number, is_zero, placement, scalar_array
-from ..engine import StepContext, build_transform
+from .._backend import array_device, compute_dtype, computed_once, float32_power, float32_sqrt, is_number, is_zero, scalar_array
+from ..engine.elementwise import ElementwiseRule, elementwise_transform
 from ..transform import (
     ScalarOrSchedule,
     Transform,
@@ -132,105 +132,146 @@ def agd(
     check_bool("win", win)
     check_choice("mode", mode, ("principled", "faithful"))
     faithful = mode == "faithful"
-    decay = None if is_zero(weight_decay) or win else weight_decay_mode
-    if faithful:
-        corrections, difference, ratio, extrapolate = (
-            _faithful_corrections, _faithful_difference, _faithful_ratio, _faithful_win)
-    else:
-        corrections, difference, ratio, extrapolate = _corrections, _stepwise_difference, _ratio, _win
-
-    def init_group(leaves, paths, xp):
-        (param,) = leaves
-        dtype = param.dtype if faithful else compute_dtype(xp, param.dtype)
-        zeros = xp.zeros(param.shape, dtype=dtype, device=array_device(param))
-        state = {"m": zeros, "b": zeros}
-        if amsgrad:
-            state["b_max"] = zeros
-        if win:
-            state["z"] = zeros if faithful else xp.astype(param, dtype, copy=True)
-        return state
-
-    # Yue et al. 2023, Algorithm 1, with the authors' bias corrections (spec agd.md §2.1-2.3);
-    # per coordinate, from m_0 = b_0 = 0 and m^_0 = 0:
-    #
-    #   g_t     <- g_t + lambda theta_t                        ("l2" decay only)
-    #   m_t     =  b1 m_{t-1} + (1 - b1) g_t,                  m^_t = m_t / (1 - b1^t)
-    #   s_t     =  m^_t - m^_{t-1}                             the stepwise difference
-    #   b_t     =  b2 b_{t-1} + (1 - b2) s_t^2,                b^_t = b_t / (1 - b2^t)
-    #              (amsgrad: b^_t from the running maximum of b_t)
-    #   r_t     =  m^_t / max(sqrt(b^_t), delta)               the auto-switch (clip: to [-clip, clip])
-    #   theta_{t+1} = theta_t - eta_t r_t - eta_t lambda theta_t   ("fixed": - lambda theta_t)
-    #
-    # Faithful mode swaps in the authors' arithmetic for the bias corrections, s_t, r_t (which
-    # their clip bounds before the factor sqrt(1 - b2^t)/(1 - b1^t)) and Win: the _faithful_ helpers.
-    def update_group(grads, state, params, ctx: StepContext):
-        xp, (g,), m, b = ctx.xp, grads, state["m"], state["b"]
-        g = cast(xp, g, m.dtype)
-        theta = None if params is None else cast(xp, params[0], m.dtype)
-        lr, wd = ctx.value(learning_rate), ctx.value(weight_decay)
-        if decay == "l2":
-            g = g + wd * theta  # g_t + lambda theta_t
-        c = corrections(xp, b1, b2, ctx.count, lr, ctx.value(delta), m.dtype)  # 1 - b^t, eta_t, delta_t
-        m_new = ctx.unless_skipped(b1 * m + (1.0 - b1) * g, m)  # m_t
-        s = difference(xp, b1, c, g, m, m_new)  # s_t = m^_t - m^_{t-1}
-        new_state = _settle(ctx, state, m_new, b2 * b + (1.0 - b2) * (s * s))  # b_t, amsgrad's max
-        r = ratio(xp, c, m_new, new_state.get("b_max", new_state["b"]))  # m^_t / max(sqrt(b^_t), delta)
-        if clip is not None:
-            r = xp.clip(r, -clip, clip)
-        if win:
-            new_theta, new_state["z"] = extrapolate(ctx, c, wd, theta, state["z"], r)
-            return (new_theta - theta,), new_state
-        updates = -(c.eta * r)  # -eta_t r_t
-        if decay == "decoupled":
-            updates = updates - (lr * wd) * theta
-        elif decay == "fixed":
-            updates = updates - wd * theta
-        return (updates,), new_state
-
-    return build_transform(
-        name="agd",
-        init_group=init_group,
-        update_group=update_group,
-        on_nonfinite=on_nonfinite,
-        elementwise=True,
-        needs_params=win or not is_zero(weight_decay),
+    config = AGDConfig(
+        learning_rate, b1, b2, delta, weight_decay, amsgrad=amsgrad, clip=clip, win=win, faithful=faithful,
+        decay=None if is_zero(weight_decay) or win else weight_decay_mode,
+    )
+    return elementwise_transform(
+        AGD, config, state_dtype=lambda xp, dtype: dtype if faithful else compute_dtype(xp, dtype),
+        reads_params=win or not is_zero(weight_decay), on_nonfinite=on_nonfinite,
     )
 
 
-def _settle(ctx: StepContext, state: dict, m_new, b_new) -> dict:
-    """The new state entries, selected for the non-finite skip before the step is formed from them
-    (``m_new`` is selected already; ``b_max``, with ``amsgrad``, is the running maximum of ``b``)."""
-    new_state = {"m": m_new, "b": ctx.unless_skipped(b_new, state["b"])}
-    if "b_max" in state:
-        b_max = ctx.xp.maximum(state["b_max"], new_state["b"])
-        new_state["b_max"] = ctx.unless_skipped(b_max, state["b_max"])
-    return new_state
+# Yue et al. 2023, Algorithm 1, with the authors' bias corrections (spec agd.md §2.1-2.3);
+# per coordinate, from m_0 = b_0 = 0 and m^_0 = 0:
+#
+#   g_t     <- g_t + lambda theta_t                        ("l2" decay only)
+#   m_t     =  b1 m_{t-1} + (1 - b1) g_t,                  m^_t = m_t / (1 - b1^t)
+#   s_t     =  m^_t - m^_{t-1}                             the stepwise difference
+#   b_t     =  b2 b_{t-1} + (1 - b2) s_t^2,                b^_t = b_t / (1 - b2^t)
+#              (amsgrad: b^_t from the running maximum of b_t)
+#   r_t     =  m^_t / max(sqrt(b^_t), delta)               the auto-switch (clip: to [-clip, clip])
+#   theta_{t+1} = theta_t - eta_t r_t - eta_t lambda theta_t   ("fixed": - lambda theta_t)
+#
+# Faithful mode swaps in the authors' arithmetic for the bias corrections, s_t and r_t (their
+# clip bounds r_t before the factor sqrt(1 - b2^t)/(1 - b1^t)) and Win: the _faithful_ helpers.
+
+
+class AGDConfig(NamedTuple):
+    """AGD's hyperparameters (:func:`agd`), validated there; ``decay`` is the weight decay's mode,
+    ``None`` when it is off (or replaced by Win's)."""
+
+    learning_rate: Any
+    b1: Any
+    b2: Any
+    delta: Any
+    weight_decay: Any
+    amsgrad: bool
+    clip: Optional[float]
+    win: bool
+    faithful: bool
+    decay: Optional[str]
+
+
+class AGDState(NamedTuple):
+    """A leaf's state: the momentum ``m``, the EMA ``b`` of squared stepwise differences, its
+    running maximum ``b_max`` (amsgrad) and Win's auxiliary iterate ``z``."""
+
+    m: Any
+    b: Any
+    b_max: Any = None
+    z: Any = None
+
+
+def _agd_init(xp, c: AGDConfig, w, dtype) -> AGDState:
+    zeros = xp.zeros(w.shape, dtype=dtype, device=array_device(w))
+    z = (zeros if c.faithful else xp.astype(w, dtype, copy=True)) if c.win else None  # D4: z_0 = theta_0
+    return AGDState(m=zeros, b=zeros, b_max=zeros if c.amsgrad else None, z=z)
+
+
+class _Step(NamedTuple):
+    """A step's scalars: ``eta`` (η_t), ``lr_wd`` (η_t λ), and those of the mode: the bias
+    corrections and the coefficients of s_t (:func:`_scalars`, :func:`_faithful_scalars`), Win's."""
+
+    eta: Any
+    lr_wd: Any
+    bc1: Any = None
+    bc2: Any = None
+    floor: Any = None
+    g_coefficient: Any = None
+    m_coefficient: Any = None
+    old_m_scale: Any = None
+    inv_bc1: Any = None
+    inv_bc1_prev: Any = None
+    win_shrink: Any = None
+    win_tau: Any = None
+    win_r: Any = None
+    win_z: Any = None
+
+
+def _agd_state(xp, c: AGDConfig, state: AGDState, g, w, h: _Step) -> AGDState:
+    if c.decay == "l2":
+        g = g + c.weight_decay * w  # g_t + lambda theta_t
+    m = c.b1 * state.m + (1.0 - c.b1) * g  # m_t
+    s = _faithful_difference(h, state.m, m) if c.faithful else _stepwise_difference(c, h, g, state.m, m)  # s_t
+    b = c.b2 * state.b + (1.0 - c.b2) * (s * s)  # b_t
+    b_max = xp.maximum(state.b_max, b) if c.amsgrad else None  # amsgrad's running maximum
+    z = None
+    if c.win:  # Win's auxiliary iterate, from r_t
+        r = _auto_switch(xp, c, h, m, b if b_max is None else b_max)
+        z = (state.z - h.eta * r) * h.win_shrink if c.faithful else (state.z - h.eta * r) / h.win_shrink
+    return AGDState(m, b, b_max, z)
+
+
+def _agd_update(xp, c: AGDConfig, state: AGDState, g, w, h: _Step):
+    r = _auto_switch(xp, c, h, state.m, state.b if state.b_max is None else state.b_max)  # r_t
+    if c.win:
+        return _win_step(c, h, w, state.z, r) - w
+    update = -(h.eta * r)  # -eta_t r_t
+    if c.decay == "decoupled":
+        update = update - h.lr_wd * w  # - eta_t lambda theta_t
+    elif c.decay == "fixed":
+        update = update - c.weight_decay * w  # - lambda theta_t
+    return update
+
+
+def _auto_switch(xp, c: AGDConfig, h: _Step, m, v):
+    """r_t = m^_t / max(sqrt(b^_t), delta), clipped to [-clip, clip] (faithful: the authors' ratio)."""
+    r = _faithful_ratio(xp, h, m, v) if c.faithful else (m / h.bc1) / xp.maximum(xp.sqrt(v / h.bc2), h.floor)
+    return r if c.clip is None else xp.clip(r, -c.clip, c.clip)
+
+
+def _stepwise_difference(c: AGDConfig, h: _Step, g, m_prev, m):
+    r"""``s_t = m^_t - m^_{t-1}`` without its cancellation (D2): ``a g_t - d m_t`` for ``b1 >= 1/2``,
+    else ``k (g_t - m_{t-1}/(1 - b1^{t-1}))``, with the step's coefficients (:func:`_scalars`)."""
+    if h.m_coefficient is not None:
+        return h.g_coefficient * g - h.m_coefficient * m
+    return h.g_coefficient * (g - m_prev / h.old_m_scale)
+
+
+def _win_step(c: AGDConfig, h: _Step, theta, z, r):
+    """Win's extrapolated iterate from the step ``u = eta r`` (an extra of the authors' code, D4):
+    ``theta' = (theta - 2u + 2z')/(3 + 2 eta wd)`` (faithful: the authors' float32 coefficients)."""
+    if c.faithful:
+        return theta * h.win_tau + h.win_r * r + h.win_z * z
+    return h.win_tau * (theta - 2.0 * (h.eta * r) + 2.0 * z)
 
 
 # --------------------------------------------------------------------------------------------
 # Principled mode (the default): bias corrections in the state dtype from an integer counter (D6)
 
 
-class _Scalars(NamedTuple):
-    """A step's scalars: ``t``, the bias corrections ``bc1 = 1 - b1^t`` and ``bc2 = 1 - b2^t``
-    (in the state dtype), the step size ``eta`` and the switch threshold ``delta`` at this step."""
-
-    t: Any
-    bc1: Any
-    bc2: Any
-    eta: Any
-    delta: Any
+def _agd_scalars(xp, config: AGDConfig, t) -> _Step:
+    """The step's scalars of either mode at ``t = count + 1``."""
+    lr, wd = t.value(config.learning_rate), t.value(config.weight_decay)
+    if config.faithful:
+        return _faithful_scalars(xp, config, t, lr, wd)
+    return _scalars(xp, config, t, lr, wd)
 
 
-def _corrections(xp, b1, b2, count, lr, delta, dtype) -> _Scalars:
-    """``1 - b1^t`` and ``1 - b2^t`` with ``t = count + 1``, in ``dtype``; ``eta = lr``."""
-    t = xp.astype(count + 1, dtype)
-    return _Scalars(t, computed_once(xp, 1.0 - b1**t), computed_once(xp, 1.0 - b2**t), lr, delta)
-
-
-def _stepwise_difference(xp, b1, c: _Scalars, g, m, m_new):
-    r"""``s_t = m_t/(1 - b1^t) - m_{t-1}/(1 - b1^{t-1})``, and ``s_1 = m_1/(1 - b1)``: the paper's
-    :math:`\hat m_t - \hat m_{t-1}` with :math:`\hat m_0 = 0`, without its cancellation (D2).
+def _scalars(xp, c: AGDConfig, t, lr, wd) -> _Step:
+    r"""``bc_i = 1 - b_i^t`` in the state dtype (D6); the floor ``delta`` as a 0-D array; the
+    coefficients of the stepwise difference (D2):
 
     With ``m_t = b1 m_{t-1} + (1 - b1) g_t`` the difference is exactly
     ``(1 - b1)/(1 - b1^t) * (g_t - m_{t-1}/(1 - b1^{t-1}))`` (spec §2.3 step 4), which subtracts
@@ -243,117 +284,65 @@ def _stepwise_difference(xp, b1, c: _Scalars, g, m, m_new):
     ``(1 - b1^t)/(b1 (1 - b1^{t-1})) <= (1 + b1)/b1``, and so about its rounding error: for
     ``b1 < 1/2``, or a ``b1`` given as an array, the first form is used.
     """
-    bc1_prev = 1.0 - b1 ** (c.t - 1.0)
+    b1, b2 = c.b1, c.b2
+    step = xp.astype(t.count + 1, t.dtype)
+    bc1, bc2 = 1.0 - b1**step, 1.0 - b2**step
+    bc1_prev = 1.0 - b1 ** (step - 1.0)
     first = bc1_prev <= 0.0  # t = 1, where m_{t-1} = 0
     bc1_prev = xp.where(first, xp.ones_like(bc1_prev), bc1_prev)
+    h = _Step(eta=lr, lr_wd=lr * wd, bc1=bc1, bc2=bc2, floor=scalar_array(xp, t.value(c.delta), t.dtype, t.device))
     if is_number(b1) and b1 >= 0.5:
         a = (1.0 - b1) / (b1 * bc1_prev)
-        d = computed_once(xp, xp.where(first, -xp.ones_like(a), a) / c.bc1)
-        return computed_once(xp, xp.where(first, xp.zeros_like(a), a)) * g - d * m_new
-    return computed_once(xp, (1.0 - b1) / c.bc1) * (g - m / computed_once(xp, bc1_prev))
-
-
-def _ratio(xp, c: _Scalars, m_new, v):
-    """``m^_t / max(sqrt(b^_t), delta)`` with ``m^_t = m_t/(1 - b1^t)``, ``b^_t = v/(1 - b2^t)``."""
-    floor = scalar_array(xp, c.delta, v.dtype, array_device(v))
-    return (m_new / c.bc1) / xp.maximum(xp.sqrt(v / c.bc2), floor)
-
-
-def _win(ctx: StepContext, c: _Scalars, wd, theta, z, r):
-    """Win's extrapolation with the step ``u = eta r`` (an extra of the authors' code, D4):
-    ``z' = (z - u)/(1 + wd eta)`` and ``theta' = (theta - 2u + 2z')/(3 + 2 eta wd)``."""
-    step = c.eta * r
-    z_new = ctx.unless_skipped((z - step) / (1.0 + wd * c.eta), z)
-    tau = 1.0 / (3.0 + 2.0 * c.eta * wd)
-    return tau * (theta - 2.0 * step + 2.0 * z_new), z_new
+        h = h._replace(g_coefficient=xp.where(first, xp.zeros_like(a), a), m_coefficient=xp.where(first, -xp.ones_like(a), a) / bc1)
+    else:
+        h = h._replace(g_coefficient=(1.0 - b1) / bc1, old_m_scale=bc1_prev)
+    if c.win:  # z' = (z - u)/(1 + wd eta);  tau = 1/(3 + 2 eta wd)
+        h = h._replace(win_shrink=1.0 + wd * lr, win_tau=1.0 / (3.0 + 2.0 * lr * wd))
+    return h
 
 
 # --------------------------------------------------------------------------------------------
 # Faithful mode: the authors' arithmetic (atorch ``agd.py``)
 
 
-class _FaithfulScalars(NamedTuple):
-    """The authors' step scalars, float32 whatever the parameter dtype (their step counter is a
-    float32 tensor), cast to the state dtype where they meet the state: ``inv_bc1 = 1/(1 - b1^t)``,
-    ``inv_bc1_prev = 1/(1 - b1^{t-1})`` (1 at t = 1, where ``m_0 = 0``), ``eta = lr sqrt(1 -
-    b2^t)/(1 - b1^t)``, ``floor = delta sqrt(1 - b2^t)``; and ``eta32``, ``eta`` in float32 (Win)."""
-
-    inv_bc1: Any
-    inv_bc1_prev: Any
-    eta: Any
-    floor: Any
-    eta32: Any
-
-
-def _faithful_corrections(xp, b1, b2, count, lr, delta, dtype) -> _FaithfulScalars:
-    """The authors' float32 bias-correction scalars at ``t = count + 1`` (spec §2.2 steps 2, 7, 9)."""
-    t = xp.astype(count + 1, xp.float32)
-    wide = float64_where_available(xp, t) or xp.float32
-    bc1 = 1.0 - _float32_power(xp, b1, t, wide)
-    bc2 = 1.0 - _float32_power(xp, b2, t, wide)
-    bc1_prev = xp.where(t == 1.0, xp.ones_like(t), 1.0 - _float32_power(xp, b1, t - 1.0, wide))
-    sqrt_bc2 = computed_once(xp, _float32_sqrt(xp, bc2, wide))
+def _faithful_scalars(xp, c: AGDConfig, t, lr, wd) -> _Step:
+    """The authors' float32 bias-correction scalars at ``t = count + 1`` (spec §2.2 steps 2, 7, 9),
+    float32 whatever the parameter dtype (their step counter is a float32 tensor), cast to the
+    state dtype where they meet the state: ``inv_bc1 = 1/(1 - b1^t)``, ``inv_bc1_prev = 1/(1 -
+    b1^{t-1})`` (1 at t = 1, where ``m_0 = 0``), ``eta = lr sqrt(1 - b2^t)/(1 - b1^t)``,
+    ``floor = delta sqrt(1 - b2^t)``; and Win's coefficients in the authors' order (and their
+    ``z_0 = 0``, D4)."""
+    step = xp.astype(t.count + 1, xp.float32)
+    bc1 = 1.0 - float32_power(xp, c.b1, step)
+    bc2 = 1.0 - float32_power(xp, c.b2, step)
+    bc1_prev = xp.where(step == 1.0, xp.ones_like(step), 1.0 - float32_power(xp, c.b1, step - 1.0))
+    sqrt_bc2 = computed_once(xp, float32_sqrt(xp, bc2))
     # torch multiplies a float32 tensor by a Python scalar in float32; explicit float32 operands
     # make every backend round exactly as it does.
-    eta32 = scalar_array(xp, lr, xp.float32, array_device(t)) * sqrt_bc2 / bc1
-    floor = scalar_array(xp, delta, xp.float32, array_device(t)) * sqrt_bc2
-    return _FaithfulScalars(
-        inv_bc1=computed_once(xp, xp.astype(1.0 / bc1, dtype)),
-        inv_bc1_prev=computed_once(xp, xp.astype(1.0 / bc1_prev, dtype)),
-        eta=computed_once(xp, xp.astype(eta32, dtype)),
-        floor=computed_once(xp, xp.astype(floor, dtype)),
-        eta32=eta32,
+    eta32 = scalar_array(xp, lr, xp.float32, array_device(step)) * sqrt_bc2 / bc1
+    floor = scalar_array(xp, t.value(c.delta), xp.float32, array_device(step)) * sqrt_bc2
+    h = _Step(
+        eta=xp.astype(eta32, t.dtype), lr_wd=lr * wd, floor=xp.astype(floor, t.dtype),
+        inv_bc1=xp.astype(1.0 / bc1, t.dtype), inv_bc1_prev=xp.astype(1.0 / bc1_prev, t.dtype),
     )
+    if c.win:
+        wd32 = scalar_array(xp, wd, xp.float32, array_device(eta32))
+        tau = 1.0 / (3.0 + (2.0 * eta32) * wd32)
+        h = h._replace(win_shrink=xp.astype(1.0 / (1.0 + wd32 * eta32), t.dtype), win_tau=xp.astype(tau, t.dtype),
+                       win_r=xp.astype(-tau * (2.0 * eta32), t.dtype), win_z=xp.astype(2.0 * tau, t.dtype))
+    return h
 
 
-def _faithful_difference(xp, b1, c: _FaithfulScalars, g, m, m_new):
+def _faithful_difference(h: _Step, m_prev, m):
     """``s_t = m_t/(1 - b1^t) - m_{t-1}/(1 - b1^{t-1})`` as the authors form it: two bias-corrected
     momenta in the state dtype, subtracted (spec §2.2 step 4)."""
-    return m_new * c.inv_bc1 - m * c.inv_bc1_prev
+    return m * h.inv_bc1 - m_prev * h.inv_bc1_prev
 
 
-def _faithful_ratio(xp, c: _FaithfulScalars, m_new, v):
+def _faithful_ratio(xp, h: _Step, m, v):
     """``m_t / max(sqrt(v), delta sqrt(1 - b2^t))``: the authors' ratio before the factor
-    ``sqrt(1 - b2^t)/(1 - b1^t)`` (in ``c.eta``), which is what their ``clip`` bounds (D3)."""
-    return m_new / xp.maximum(xp.sqrt(v), c.floor)
+    ``sqrt(1 - b2^t)/(1 - b1^t)`` (in ``eta``), which is what their ``clip`` bounds (D3)."""
+    return m / xp.maximum(xp.sqrt(v), h.floor)
 
 
-def _faithful_win(ctx: StepContext, c: _FaithfulScalars, wd, theta, z, r):
-    """:func:`_win` with the authors' float32 scalars, in their order (and their ``z_0 = 0``, D4)."""
-    xp, dtype = ctx.xp, z.dtype
-    wd32 = scalar_array(xp, wd, xp.float32, array_device(c.eta32))
-    shrink = xp.astype(1.0 / (1.0 + wd32 * c.eta32), dtype)
-    tau = 1.0 / (3.0 + (2.0 * c.eta32) * wd32)
-    z_new = ctx.unless_skipped((z - c.eta * r) * shrink, z)
-    new_theta = theta * xp.astype(tau, dtype) + xp.astype(-tau * (2.0 * c.eta32), dtype) * r
-    return new_theta + xp.astype(2.0 * tau, dtype) * z_new, z_new
-
-
-def _float32_power(xp, base, exponent, wide):
-    """``float32(float32(base) ** exponent)``: the authors' ``beta ** step`` for their float32 step.
-
-    Backends' float32 ``pow`` differ by ulps (on this project's CPU, for t = 1..2000, torch's
-    vectorised kernel in 30-43 places per beta, XLA's in up to 322), and faithful trajectories
-    amplify that; computed in float64 (``wide``, where the backend has it) and rounded once, the
-    result is the float32 power every backend agrees on, which torch's 0-D CPU kernel returns for
-    the authors' 0-D step too (for t = 1..199 and beta 0.9, 0.999, 0.95, all but one).
-    """
-    base32 = xp.full((), base, dtype=xp.float32, device=placement(xp, exponent))
-    return xp.astype(xp.astype(base32, wide) ** xp.astype(exponent, wide), xp.float32)
-
-
-def _float32_sqrt(xp, x, wide):
-    """``float32(sqrt(float64(x)))`` for a float32 ``x``: the correctly rounded float32 square root.
-
-    The authors take ``bias_correction2.sqrt()`` of a float32 0-D tensor, IEEE 754's float32 square
-    root, which the standard requires to be correctly rounded and which CUDA (the authors' GPUs),
-    NumPy and XLA return. torch's eager CPU kernel is not correctly rounded on every CPU:
-    sqrt(float32(1 - 0.999^4)) = sqrt(0.0039939284) is 0.06319753 there and 0.06319754 correctly
-    rounded, which moved faithful float64 trajectories by 4e-9 from step 4. The square root taken
-    in float64 and rounded once to float32 is the correctly rounded one on every backend: float64
-    carries 53 >= 2*24 + 2 bits, for which double rounding of a square root is innocuous
-    (Figueroa 1995), and checked exhaustively over every float32 mantissa in [1, 4) with torch's
-    float64 CPU kernel, itself off by one float64 ulp on 1.3% of those inputs. Where float64 is
-    missing (``wide`` float32: JAX without x64, torch on MPS) this is the backend's float32 sqrt.
-    """
-    return xp.astype(xp.sqrt(xp.astype(x, wide)), xp.float32)
+AGD = ElementwiseRule("agd", AGDState, _agd_init, _agd_scalars, _agd_state, _agd_update)
