@@ -47,6 +47,9 @@ class ElementwiseRule(NamedTuple):
     scalars: Callable[..., NamedTuple]
     state: Callable[..., NamedTuple]
     update: Callable[..., Array]
+    #: configuration fields read only by ``scalars`` (per-step values: the learning rate, schedules),
+    #: which :func:`operands` leaves as they are
+    scheduled: tuple = ("learning_rate",)
 
 
 class StepValues(NamedTuple):
@@ -61,14 +64,15 @@ class StepValues(NamedTuple):
     device: Any
 
 
-def operands(xp: Any, config: NamedTuple, dtype: Any) -> NamedTuple:
-    """``config`` with every numeric field as an operand of arithmetic in ``dtype``
-    (:func:`precond_ref._backend.as_operand`: a Python number as itself, an array hyperparameter,
-    as ``optax.inject_hyperparams`` passes, as an array of ``dtype``); the others as they are."""
+def operands(xp: Any, config: NamedTuple, dtype: Any, scheduled: tuple = ()) -> NamedTuple:
+    """``config`` with every numeric field but those ``scheduled`` as an operand of arithmetic in
+    ``dtype`` (:func:`precond_ref._backend.as_operand`: a Python number as itself, an array
+    hyperparameter, as ``optax.inject_hyperparams`` passes, as an array of ``dtype``); the others
+    as they are."""
     return config._replace(**{
         name: as_operand(xp, value, dtype)
         for name, value in config._asdict().items()
-        if is_number(value) or (hasattr(value, "shape") and hasattr(value, "dtype"))
+        if name not in scheduled and (is_number(value) or (hasattr(value, "shape") and hasattr(value, "dtype")))
     })
 
 
@@ -95,14 +99,14 @@ def elementwise_transform(
     def init_group(leaves: tuple, paths: tuple, xp: Any) -> dict[str, Array]:
         (w,) = leaves
         dtype = state_dtype(xp, w.dtype)
-        return _entries(rule.init(xp, operands(xp, config, dtype), w, dtype))
+        return _entries(rule.init(xp, operands(xp, config, dtype, rule.scheduled), w, dtype))
 
     def update_group(grads: tuple, state: dict, params: Optional[tuple], ctx: StepContext) -> tuple:
         xp = ctx.xp
         old = _fields(rule, state)
         first = next(v for v in old if v is not None)
         dtype, device = first.dtype, array_device(first)
-        c = operands(xp, config, dtype)
+        c = operands(xp, config, dtype, rule.scheduled)
         g = cast(xp, grads[0], dtype)
         w = cast(xp, params[0], dtype) if reads_params else None
         values = StepValues(ctx.count, ctx.value, ctx.extra, dtype, device)

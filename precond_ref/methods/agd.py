@@ -345,4 +345,4 @@ def _faithful_ratio(xp, h: _Step, m, v):
     return m / xp.maximum(xp.sqrt(v), h.floor)
 
 
-AGD = ElementwiseRule("agd", AGDState, _agd_init, _agd_scalars, _agd_state, _agd_update)
+AGD = ElementwiseRule("agd", AGDState, _agd_init, _agd_scalars, _agd_state, _agd_update, scheduled=("learning_rate", "delta"))
