@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import precond_ref as pr
-from mbf_reference import ReferenceMBF
+from precond_ref.testing.loops import LoopMBF
 from precond_ref.transform import weight_bias_groups
 
 
@@ -71,11 +71,20 @@ def _close(a, b, rtol, atol=0.0):
 
 
 CASES = {
-    "principled": dict(kw=dict(), ref=dict(fc_blocks="columns_avg", symmetrize=True)),
-    "faithful": dict(kw=dict(mode="faithful"), ref=dict(fc_blocks="official_chunks", symmetrize=False)),
-    "principled_chunks": dict(kw=dict(fc_blocks="official_chunks"), ref=dict(fc_blocks="official_chunks", symmetrize=True)),
-    "gradient_second_moment": dict(kw=dict(diagonal_second_moment="gradient"), ref=dict(second_moment="gradient")),
+    "principled": dict(),
+    "faithful": dict(mode="faithful"),
+    "principled_chunks": dict(fc_blocks="official_chunks"),
+    "gradient_second_moment": dict(diagonal_second_moment="gradient"),
 }
+
+
+def _run_loop(params, grad_seq, **kw):
+    """The loop oracle (:class:`precond_ref.testing.loops.LoopMBF`) with the settings of :func:`_run_core`."""
+    ref = LoopMBF(params, **{"kl_clip": 0.0, "refresh_phases": 1, **kw})
+    p = params
+    for g in grad_seq:
+        p = pr.apply_updates(p, ref.step(g, p))
+    return p
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -85,13 +94,8 @@ def test_numpy_matches_loop_reference(case):
     grads = [_grads(rng, params) for _ in range(7)]
     hyper = dict(learning_rate=3e-3, damping=0.05, momentum=0.8, b2=0.7, weight_decay=0.1,
                  statistics_every=2, precondition_every=3, diagonal_b2=0.99, diagonal_eps=1e-6)
-    ours, _ = _run_core(_backend("numpy"), params, grads, **hyper, **CASES[case]["kw"])
-    ref = ReferenceMBF(params, lr=3e-3, damping=0.05, momentum=0.8, b2=0.7, weight_decay=0.1, t1=2, t2=3,
-                       diagonal_b2=0.99, diagonal_eps=1e-6, **CASES[case]["ref"])
-    p = params
-    for g in grads:
-        p = ref.step(p, g)
-    _close(ours, p, rtol=1e-11, atol=1e-13)
+    ours, _ = _run_core(_backend("numpy"), params, grads, **hyper, **CASES[case])
+    _close(ours, _run_loop(params, grads, **hyper, **CASES[case]), rtol=1e-11, atol=1e-13)
 
 
 def test_max_block_dim_uses_block_size_one_limit():
@@ -103,10 +107,8 @@ def test_max_block_dim_uses_block_size_one_limit():
                             statistics_every=1, precondition_every=2, max_block_dim=4)
     assert state.groups["fc/weight"]["statistic"].shape == (5, 4)  # [W | b], element-wise
     assert state.groups["small/weight"]["statistic"].shape == (2, 2)
-    ref = ReferenceMBF(params, lr=1e-2, damping=0.1, t1=1, t2=2, max_block_dim=4)
-    p = params
-    for g in grads:
-        p = ref.step(p, g)
+    p = _run_loop(params, grads, learning_rate=1e-2, damping=0.1, statistics_every=1, precondition_every=2,
+                  max_block_dim=4)
     _close(ours, p, rtol=1e-12, atol=1e-14)
 
 
@@ -419,11 +421,7 @@ def test_schedule_learning_rate():
     lrs = [0.1, 0.05, 0.02]
     a, _ = _run_core(_backend("numpy"), params, grads, learning_rate=lambda c: np.asarray(lrs)[c],
                      statistics_every=1, precondition_every=1)
-    ref = ReferenceMBF(params, lr=None, t1=1, t2=1)
-    p = params
-    for lr, g in zip(lrs, grads):
-        ref.h["lr"] = lr
-        p = ref.step(p, g)
+    p = _run_loop(params, grads, learning_rate=lambda c: lrs[c], statistics_every=1, precondition_every=1)
     _close(a, p, rtol=1e-11, atol=1e-13)
 
 
@@ -445,13 +443,12 @@ def test_warm_start_is_the_mean_of_block_statistics(backend, mode):
     # Oracle: a reference with b2 = 0 holds exactly stat(g) after one statistics step.
     means = {}
     for g in batches:
-        ref = ReferenceMBF(params, b2=0.0, t1=1, t2=1, fc_blocks="official_chunks" if mode == "faithful" else "columns_avg")
-        ref.step(params, g)
-        for name, st in ref.state.items():
-            if st["kind"] in ("fc", "conv"):  # an unblocked FC layer is one block of the reference's list
-                means.setdefault(name, []).append(st["F"][0] if st["kind"] == "fc" else st["F"])
-    for name, stats in means.items():
-        key = f"{name}/weight"
+        ref = LoopMBF(params, b2=0.0, statistics_every=1, precondition_every=1, mode=mode)
+        ref.step(g, params)
+        for key, st in ref.state.items():  # keyed by the group's key, the path of its weight
+            if st["kind"] in ("fc", "conv"):  # an unblocked FC layer is one block of the oracle's list
+                means.setdefault(key, []).append(st["F"][0] if st["kind"] == "fc" else st["F"])
+    for key, stats in means.items():
         np.testing.assert_allclose(backend.to_numpy(warm.groups[key]["statistic"]), np.mean(stats, axis=0),
                                    rtol=1e-12, atol=1e-14)
         # inverse and momentum untouched

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import precond_ref as pr
-from mbf_reference import ReferenceMBF
+from precond_ref.testing.loops import LoopMBF
 
 M = importlib.import_module("precond_ref.methods.mbf")  # the package re-exports the factory under this name
 
@@ -46,7 +46,7 @@ def test_blocked_and_spread_equal_the_loop_reference(phases):
     layer's [W | b] (the last one shorter) has its own mini-block Fisher statistic and inverse; with
     ``refresh_phases = P`` the k-th of the n equal-size blocks refreshes its inverse on the calls
     ``i % T2 == (p T2) // P`` for its share p (plus every statistics step up to T2). The loop oracle
-    (``mbf_reference.py``) does exactly that block by block with ``np.linalg.inv``; float64, so the
+    (:class:`precond_ref.testing.loops.LoopMBF`) does exactly that block by block with ``np.linalg.inv``; float64, so the
     two agree to a few hundred ulps of the values (different summation orders only)."""
     rng = np.random.default_rng(0)
     params = _model(rng)
@@ -57,10 +57,10 @@ def test_blocked_and_spread_equal_the_loop_reference(phases):
     assert state.groups["a/weight"]["statistic_tail"].shape == (1, 1)
     assert "statistic_tail" not in state.groups["b/weight"]
     assert state.groups["c/weight"]["statistic"].shape == (2, 2)
-    ref = ReferenceMBF(params, lr=1e-2, damping=0.1, t1=2, t2=6, block_size=2, phases=phases)
+    ref = LoopMBF(params, kl_clip=0.0, block_size=2, refresh_phases=phases, **hyper)
     p = params
     for g in grads:
-        p = ref.step(p, g)
+        p = pr.apply_updates(p, ref.step(g, p))
     for k in p:
         for n in p[k]:
             np.testing.assert_allclose(ours[k][n], p[k][n], rtol=1e-10, atol=1e-12, err_msg=f"{k}/{n}")

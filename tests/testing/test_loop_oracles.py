@@ -177,3 +177,30 @@ def test_asgo(options):
     renormalised to RMS r; tolerance 1e-10 × the blocks' condition bound."""
     config = dict(dict(learning_rate=0.01, b1=0.9, b2=0.8, weight_decay=0.1, damping=1e-2), **options)
     run_both(lambda **c: pr.asgo(root_method="eigh", **c), loops.LoopASGO, config, rtol=RTOL * ASGO_KAPPA)
+
+
+# ------------------------------------------------------------------------------------------------
+# MBF: per mini-block (F + λI)^{-1}; the damped blocks' condition number is at most (‖F‖ + λ)/λ,
+# below 1e3 for these gradients (‖F‖ ≲ 20) and λ = 0.05.
+
+MBF_KAPPA = 1e3
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("principled", {}),
+    ("principled", {"block_size": 2, "weight_decay": 0.1}),
+    ("principled", {"block_size": 2, "precondition_every": 6, "statistics_every": 2}),
+    ("principled", {"block_size": 2, "precondition_every": 6, "statistics_every": 2, "refresh_phases": 1, "kl_clip": 0.0}),
+    ("principled", {"max_block_dim": 4, "diagonal_second_moment": "gradient"}),
+    ("principled", {"fc_blocks": "official_chunks", "learning_rate": 0.5}),
+    ("faithful", {}),
+    ("faithful", {"weight_decay": 0.1, "precondition_every": 3, "statistics_every": 2}),
+])
+def test_mbf(mode, options):
+    """``LoopMBF`` = ``mbf`` (spec mbf.md §2.2-2.4, paper Algorithm 1): per mini-block F_b EMA on
+    statistics steps, (F_b + λI)^{-1} on its share's refresh steps, D_b = F_b^{-1} m_b, the per-layer
+    KL clip, the diagonal rule elsewhere; weight+bias as one [W | b] layer; tolerance 1e-10 × 1e3."""
+    config = dict(learning_rate=0.02, damping=0.05, momentum=0.8, b2=0.7, statistics_every=1,
+                  precondition_every=1, diagonal_b2=0.99, diagonal_eps=1e-6, mode=mode)
+    config.update(options)
+    run_both(pr.mbf, loops.LoopMBF, config, rtol=RTOL * MBF_KAPPA)
