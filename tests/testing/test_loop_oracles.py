@@ -51,14 +51,20 @@ def _map(f, *trees):
     return f(*trees)
 
 
-def gradients(params: dict, t: int) -> dict:
-    """Seeded noise plus 0.3 × the parameters: deterministic, and different at every step."""
+def gradients(params: dict, t: int, zeros: bool = False) -> dict:
+    """Seeded noise plus 0.3 × the parameters: deterministic, and different at every step. With
+    ``zeros``, the gradients of ``vec`` and ``conv/weight`` are exactly zero on steps 2 and 3 (the
+    methods' zero-gradient rules)."""
     rng = np.random.default_rng(100 + t)
-    return _map(lambda p: rng.standard_normal(p.shape) + 0.3 * p, params)
+    grads = _map(lambda p: rng.standard_normal(p.shape) + 0.3 * p, params)
+    if zeros and t in (2, 3):
+        grads["vec"] = np.zeros_like(grads["vec"])
+        grads["conv"]["weight"] = np.zeros_like(grads["conv"]["weight"])
+    return grads
 
 
 def run_both(factory, oracle_cls, config: dict, *, steps: int = 10, rtol: float = RTOL, extra=None,
-             oracle_config=None, params=None):
+             oracle_config=None, params=None, zeros: bool = False):
     """Run library and oracle ``steps`` steps; assert every update equal to ``rtol`` per leaf."""
     extra = extra or {}
     params = tiny_tree() if params is None else params
@@ -66,7 +72,7 @@ def run_both(factory, oracle_cls, config: dict, *, steps: int = 10, rtol: float 
     state = opt.init(params)
     oracle = oracle_cls(params, **(config if oracle_config is None else oracle_config))
     for t in range(steps):
-        grads = gradients(params, t)
+        grads = gradients(params, t, zeros)
         ours, state = opt.update(grads, state, params, **extra)
         theirs = oracle.step(grads, params, **extra)
         ours_flat, theirs_flat = dict(_flat(ours)), dict(_flat(theirs))
@@ -204,3 +210,31 @@ def test_mbf(mode, options):
                   precondition_every=1, diagonal_b2=0.99, diagonal_eps=1e-6, mode=mode)
     config.update(options)
     run_both(pr.mbf, loops.LoopMBF, config, rtol=RTOL * MBF_KAPPA)
+
+
+# ------------------------------------------------------------------------------------------------
+# IF-Shampoo: matmuls only, no inverse; rounding accumulates through the factor recursion
+# K_n ← K_n(I − β₂ m_n) (a contraction for the clamped step), a few ulps per product per step.
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("principled", {}),
+    ("principled", {"block_size": 2, "precondition_every": 3}),
+    ("principled", {"block_size": 2, "precondition_every": 3, "spread_refresh": False, "weight_decay": 0.1}),
+    ("principled", {"grouping": "weight_bias", "block_size": 4, "preconditioner_momentum": 0.0, "kl_clip": 0.0}),
+    ("principled", {"structures": "diagonal", "learning_rate": 0.3, "zeros": True}),
+    ("principled", {"block_size": 2, "zeros": True}),
+    ("principled", {"max_dense_dim": 4, "preconditioner_lr_scale": lambda path: 0.25 if "bias" in path else 1.0}),
+    ("faithful", {}),
+    ("faithful", {"grouping": "weight_bias", "momentum": 0.0, "weight_decay": 0.1, "precondition_every": 2}),
+])
+def test_if_shampoo(mode, options):
+    """``LoopIFShampoo`` = ``if_shampoo`` (spec root_free.md §2.3-2.4, paper Figure 3): per tile, the
+    simultaneous factor step M_n, m_n, K_n on its phase's refresh steps; D = G ×_n K_nK_nᵀ, the KL
+    clip per group, weight decay and heavy ball per leaf."""
+    config = dict(learning_rate=0.05, momentum=0.9, preconditioner_lr=0.2, preconditioner_momentum=0.5,
+                  damping=1e-2, batch_size=4, mode=mode)
+    options = dict(options)
+    zeros = options.pop("zeros", False)
+    config.update(options)
+    run_both(pr.if_shampoo, loops.LoopIFShampoo, config, zeros=zeros)
