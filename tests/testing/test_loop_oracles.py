@@ -238,3 +238,55 @@ def test_if_shampoo(mode, options):
     zeros = options.pop("zeros", False)
     config.update(options)
     run_both(pr.if_shampoo, loops.LoopIFShampoo, config, zeros=zeros)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sketchy, S-AdaGrad: the library's exact FD paths (the thin SVD; S-AdaGrad's exact "incremental"
+# path, rank + 1 < d). The operator (Ḡ + ρI + εI)^a, |a| ≤ 1/2, amplifies the rounding of a
+# decomposition by at most its condition number ((e_max + shift)/shift)^{1/2}: with a relative
+# ε = 1e-4 that is below 1e2; with S-AdaGrad's absolute δ ≥ 1e-2 and e_max ≤ 1e3 (ten gradients of
+# squared norm below 1e2) below 3.2e2.
+
+FD_KAPPA = (1 + 1e3 / 1e-2) ** 0.5
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("principled", {}),
+    ("principled", {"block_size": 2, "rank": 1}),
+    ("principled", {"block_size": 4, "rank": 2, "precondition_every": 3, "weight_decay": 0.1, "b2": 0.9}),
+    ("principled", {"block_size": 4, "rank": 2, "precondition_every": 2, "spread_refresh": False, "graft": "sgd"}),
+    ("principled", {"rank": 2, "precondition_1d": True, "nesterov": False, "momentum_ema": True,
+                    "start_preconditioning_step": 3, "relative_eps": False, "eps": 1e-2}),
+    ("principled", {"rank": 2, "graft": "none", "zeros": True}),
+    ("faithful", {}),
+    ("faithful", {"rank": 2, "b2": 0.9, "precondition_1d": True}),
+])
+def test_sketchy(mode, options):
+    """``LoopSketchy`` = ``sketchy(decomposition="svd")`` (spec fd_shampoo.md §2.2-2.4, paper Algorithm
+    2): per axis block, the FD step of its rows of G_(n) on its phase's steps, P(G) axis by axis, the
+    RMSProp graft norm, trace momentum, decay; tolerance 1e-10 × the operator's condition bound."""
+    options = dict(options)
+    zeros = options.pop("zeros", False)
+    config = dict(dict(learning_rate=0.01, rank=3, b2=0.99, eps=1e-4, momentum=0.9, merge_dims=2, mode=mode), **options)
+    run_both(lambda **c: pr.sketchy(decomposition="svd", **c), loops.LoopSketchy, config,
+             rtol=RTOL * FD_KAPPA, zeros=zeros)
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("principled", {}),
+    ("principled", {"block_size": 5, "b2": 0.9, "momentum": 0.5, "weight_decay": 0.1, "delta": 1e-3}),
+    ("principled", {"block_size": 5, "precondition_every": 3}),
+    ("principled", {"precondition_every": 2, "spread_refresh": False, "zeros": True}),
+    ("faithful", {"delta": 1e-2}),
+    ("faithful", {"delta": 0.1, "rank": 4}),
+])
+def test_s_adagrad(mode, options):
+    """``LoopSAdaGrad`` = ``s_adagrad`` (spec fd_shampoo.md §2.5-2.6, paper Algorithm 1): the FD step
+    of the flattened gradient (or each block) and (Ḡ + (ρ+δ)I + εI)^{-1/2} g; between refreshes the
+    last sketch with g's own mass; tolerance 1e-10 × the operator's condition bound."""
+    options = dict(options)
+    zeros = options.pop("zeros", False)
+    config = dict(dict(learning_rate=0.05, rank=2, mode=mode), **options)
+    if mode == "principled":
+        config["eps"] = 1e-4
+    run_both(pr.s_adagrad, loops.LoopSAdaGrad, config, rtol=RTOL * FD_KAPPA, zeros=zeros)

@@ -17,6 +17,7 @@ public helper that computes it (:func:`precond_ref.blocking.block_bounds`,
 from .agd import LoopAGD
 from .asgo import LoopASGO, LoopDASGO
 from .mbf import LoopMBF
+from .sketchy import LoopSAdaGrad, LoopSketchy
 from .root_free import LoopIFShampoo, LoopRFAdamW, LoopRFRMSProp
 
-__all__ = ["LoopASGO", "LoopDASGO", "LoopRFRMSProp", "LoopRFAdamW", "LoopAGD", "LoopMBF", "LoopIFShampoo"]
+__all__ = ["LoopASGO", "LoopDASGO", "LoopRFRMSProp", "LoopRFAdamW", "LoopAGD", "LoopMBF", "LoopIFShampoo", "LoopSketchy", "LoopSAdaGrad"]
