@@ -9,10 +9,16 @@
 * comparison helpers that report the first step and parameter where two trajectories diverge
   (:func:`compare_trajectories`, :func:`assert_trajectories_close`);
 * trace files for implementations in other languages (:func:`save_trajectory`,
-  :func:`load_trajectory`, and the ``python -m precond_ref trace`` command).
+  :func:`load_trajectory`, and the ``python -m precond_ref trace`` command);
+* the loop oracles (:mod:`precond_ref.testing.loops`), what to read first: each of the nine methods
+  stated in plain float64 NumPy, one block and one step at a time, each tested equal to the
+  library: :class:`LoopASGO` (principled, ``eigh`` root), :class:`LoopDASGO`, :class:`LoopSketchy`,
+  :class:`LoopSAdaGrad`, :class:`LoopRFRMSProp`, :class:`LoopRFAdamW`, :class:`LoopIFShampoo`,
+  :class:`LoopMBF`, :class:`LoopAGD`. ``oracle = LoopAGD(params, learning_rate=1e-2)``, then
+  ``updates = oracle.step(grads, params)`` per step, as the library's ``update``.
 """
 
-from . import compare, problems, trajectory
+from . import compare, loops, problems, trajectory
 from .compare import Comparison, Divergence, assert_trajectories_close, compare_trajectories, default_tolerances
 from .problems import (
     CNN,
@@ -25,6 +31,17 @@ from .problems import (
     Quadratic,
     available_problems,
     get_problem,
+)
+from .loops import (
+    LoopAGD,
+    LoopASGO,
+    LoopDASGO,
+    LoopIFShampoo,
+    LoopMBF,
+    LoopRFAdamW,
+    LoopRFRMSProp,
+    LoopSAdaGrad,
+    LoopSketchy,
 )
 from .trace import add_arguments, run
 from .trajectory import (
@@ -44,4 +61,4 @@ from .trajectory import (
 )
 
 # The public names are those of the submodules, listed once there.
-__all__ = [*problems.__all__, *trajectory.__all__, *compare.__all__]
+__all__ = [*problems.__all__, *trajectory.__all__, *compare.__all__, *loops.__all__]
