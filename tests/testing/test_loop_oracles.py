@@ -290,3 +290,23 @@ def test_s_adagrad(mode, options):
     if mode == "principled":
         config["eps"] = 1e-4
     run_both(pr.s_adagrad, loops.LoopSAdaGrad, config, rtol=RTOL * FD_KAPPA, zeros=zeros)
+
+
+# Faithful ASGO keeps its statistic in float32 and roots it by the authors' float32 iteration: the
+# oracle emulates that, and the two differ by float32 rounding (u₃₂ = 6e-8) of the statistic and of
+# the iteration's steps (10 to 20), amplified by the statistic's condition number (below 1e2 for
+# these full-rank 3×3 statistics of random gradients, on the smaller side): u₃₂·1e2·20 ≈ 1e-4. On
+# the larger side the statistic is rank-deficient and the undamped iteration amplifies its null
+# space (spec §2.6), beyond any rounding bound: faithful ASGO is compared on the smaller side only.
+
+
+@pytest.mark.parametrize("options", [{}, {"root_method": "newton_schulz", "root_steps": 20, "rms_target": None},
+                                     {"precondition_every": 2, "fallback_weight_decay": 0.1}])
+def test_asgo_faithful(options):
+    """``LoopASGO(mode="faithful")`` = ``asgo(mode="faithful")`` (spec asgo.md §2.3, §2.6): float32
+    statistic in lerp form, the undamped Polar-Express (or Newton–Schulz) root in float32, RMS
+    renormalisation; matrices only (the conv weight as a 3×8 matrix), vectors by torch's Adam."""
+    config = dict(dict(learning_rate=0.01, b1=0.9, b2=0.8, weight_decay=0.1, mode="faithful"), **options)
+    params = tiny_tree()
+    params["conv"]["weight"] = params["conv"]["weight"].reshape(3, 8)
+    run_both(pr.asgo, loops.LoopASGO, config, rtol=1e-4, params=params)

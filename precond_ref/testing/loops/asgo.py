@@ -14,7 +14,7 @@ default fallback rule (fewer than 2 axes) and out-first leaves are covered.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -73,8 +73,50 @@ def fallback_adam(state: dict, g: np.ndarray, w: np.ndarray, t: int, eta: float,
 _FALLBACK_DEFAULTS = dict(fallback_b1=0.9, fallback_b2=0.95, fallback_eps=1e-8, fallback_weight_decay=0.0)
 
 
+# The Polar-Express triples (a_j, b_j, c_j) of the ASGO code (Amsel et al. 2025), spec asgo.md §2.6.
+_POLAR_EXPRESS = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+
+
+def faithful_inverse_sqrt(p: np.ndarray, method: str, steps: int, eps: float) -> np.ndarray:
+    """The authors' ``P^{-1/2}`` of the undamped statistic (spec §2.6), in P's dtype (float32)::
+
+        polar_express:  ν = 1.01·‖P + εI‖_F, Y = P/ν;  triples j < 8 divided by (1.01, 1.01³, 1.01⁵),
+                        the eighth repeated
+        newton_schulz:  ν = ‖P‖_F, Y = (P + εI)/(ν + ε);  the triple (2, −3/2, 1/2)
+        Z = I;  per step: B = b·ZY + c·(ZY)²;  Y ← a·Y + Y B;  Z ← a·Z + B Z;   result Z/√ν
+    """
+    dtype = p.dtype.type
+    eye = np.eye(p.shape[0], dtype=p.dtype)
+    if method == "polar_express":
+        nu = dtype(1.01) * np.linalg.norm(p + dtype(eps) * eye)
+        y = p / nu
+        safe = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS[:-1]] + [_POLAR_EXPRESS[-1]]
+        triples = [safe[min(j, len(safe) - 1)] for j in range(steps)]
+    else:
+        nu = np.linalg.norm(p)
+        y = (p + dtype(eps) * eye) / (nu + dtype(eps))
+        triples = [(2.0, -1.5, 0.5)] * steps
+    z = eye.copy()
+    for a, b, c in triples:
+        zy = z @ y
+        poly = dtype(b) * zy + dtype(c) * (zy @ zy)
+        y = dtype(a) * y + y @ poly
+        z = dtype(a) * z + poly @ z
+    return z / np.sqrt(nu)
+
+
 class LoopASGO:
-    r"""ASGO, principled mode with the exact root (``root_method="eigh"``; spec ``asgo.md`` §2.3-2.5).
+    r"""ASGO (spec ``asgo.md`` §2.3-2.5): principled mode with the exact root (``root_method="eigh"``),
+    and faithful mode (the authors' ``optimizers/asgo.py``, below).
 
     Per matrix leaf W (m×n) on its side (``"auto"``: left if m < n, else right; right is the left
     rule on the transpose), the side of length k cut into blocks of ``block_size``
@@ -93,17 +135,32 @@ class LoopASGO:
     key is the leaf's matrix sides in increasing order ``str((min, max))`` hashed by
     :func:`precond_ref.blocking.stable_hash` (the library's schedule; the oracle calls that helper).
     A non-due block keeps its previous root. Momentum entries below the smallest normal float64 are
-    flushed to zero (D12), which changes nothing on the test inputs. Faithful mode's iterative
-    Polar-Express root is not stated here.
+    flushed to zero (D12), which changes nothing on the test inputs.
+
+    Faithful mode: no blocks, no damping, T = 1 by default, all blocks together; the EMAs in
+    ``torch.lerp`` form; the statistic in float32 (``X Xᵀ`` rounded to float32 and not symmetrised),
+    rooted by the authors' float32 iteration (:func:`faithful_inverse_sqrt`, ``eps`` in its
+    normaliser only), a non-finite root replaced by the identity; ``Z`` cast back to float64 for
+    ``U = Z M``. Matrix leaves only (the authors' code raises on others); 1-D leaves take the
+    fallback Adam in ``torch.optim.Adam`` form.
     """
 
     def __init__(self, params: dict, *, learning_rate: Any = 1e-2, b1: float = 0.9, b2: float = 0.8,
-                 weight_decay: float = 0.1, damping: float = 1e-4, eps: float = 1e-30,
-                 precondition_every: int = 2, rms_target: Any = 0.2, accumulator: str = "ema", side: str = "auto",
-                 block_size: int = 1024, spread_refresh: bool = True, **fallback):
-        self.h = dict(lr=learning_rate, b1=b1, b2=b2, wd=weight_decay, delta=damping, eps=eps,
-                      T=precondition_every, r=rms_target, summed=accumulator == "sum", side=side,
-                      spread=spread_refresh and precondition_every > 1, **{**_FALLBACK_DEFAULTS, **fallback})
+                 weight_decay: float = 0.1, damping: Optional[float] = None, eps: Optional[float] = None,
+                 precondition_every: Optional[int] = None, rms_target: Any = 0.2, accumulator: str = "ema",
+                 side: str = "auto", block_size: Optional[int] = None, spread_refresh: Optional[bool] = None,
+                 mode: str = "principled", root_method: Optional[str] = None, root_steps: int = 10, **fallback):
+        faithful = mode == "faithful"
+        if faithful:
+            T, spread_refresh, block_size = precondition_every or 1, False, None
+            damping, eps = 0.0, 1e-10 if eps is None else eps
+        else:
+            T, block_size = precondition_every or 2, block_size or 1024
+            damping, eps = 1e-4 if damping is None else damping, 1e-30 if eps is None else eps
+            spread_refresh = spread_refresh is not False
+        self.h = dict(lr=learning_rate, b1=b1, b2=b2, wd=weight_decay, delta=damping, eps=eps, T=T, r=rms_target,
+                      summed=accumulator == "sum", side=side, spread=spread_refresh and T > 1, faithful=faithful,
+                      root=root_method or "polar_express", steps=root_steps, **{**_FALLBACK_DEFAULTS, **fallback})
         self.count = 0
         self.state = {}
         for path, w in leaves(params):
@@ -115,9 +172,10 @@ class LoopASGO:
             k = m if left else n
             bounds = block_bounds(k, block_size)
             sides = str(tuple(sorted((m, n))))
+            stat = np.float32 if faithful else np.float64
             self.state[path] = {
                 "left": left, "bounds": bounds, "M": np.zeros((m, n)),
-                "P": [np.zeros((b - a, b - a)) for a, b in bounds],
+                "P": [np.zeros((b - a, b - a), dtype=stat) for a, b in bounds],
                 "Z": [np.eye(b - a) for a, b in bounds],
                 "phase": [(stable_hash(sides) + j) % self.h["T"] if self.h["spread"] else 0 for j in range(len(bounds))],
             }
@@ -126,8 +184,12 @@ class LoopASGO:
         return self.count == 0 or self.count % self.h["T"] == phase
 
     def _root(self, p: np.ndarray) -> np.ndarray:
-        """``(P + sI)^{-1/2}``, ``s = δ·tr(P)/k + ε``, by ``eigh``, eigenvalues clamped at 0."""
+        """``(P + sI)^{-1/2}``, ``s = δ·tr(P)/k + ε``, by ``eigh``, eigenvalues clamped at 0; faithful:
+        the authors' iteration on the undamped P, the identity where it is not finite."""
         h = self.h
+        if h["faithful"]:
+            z = faithful_inverse_sqrt(p, h["root"], h["steps"], h["eps"])
+            return z if np.all(np.isfinite(z)) else np.eye(p.shape[0], dtype=p.dtype)
         k = p.shape[0]
         s = h["delta"] * np.trace(p) / k + h["eps"]
         lam, v = np.linalg.eigh(p)
@@ -140,22 +202,24 @@ class LoopASGO:
         updates = {}
         for path, g in leaves(grads):
             st, w = self.state[path], w_all[path]
+            faithful = h["faithful"]
             if "mu" in st:
-                updates[path] = fallback_adam(st, g, w, self.count + 1, eta, h, faithful=False)
+                updates[path] = fallback_adam(st, g, w, self.count + 1, eta, h, faithful)
                 continue
             G = _matrix(g)
-            st["M"] = h["b1"] * st["M"] + (1 - h["b1"]) * G
-            st["M"][np.abs(st["M"]) < np.finfo(np.float64).tiny] = 0.0  # D12: flush subnormals
+            st["M"] = _ema(st["M"], G, h["b1"], faithful)
+            if not faithful:
+                st["M"][np.abs(st["M"]) < np.finfo(np.float64).tiny] = 0.0  # D12: flush subnormals
             g_o, m_o = (G, st["M"]) if st["left"] else (G.T, st["M"].T)
             u_o = np.zeros_like(m_o)
             for j, (a, b) in enumerate(st["bounds"]):
                 x = g_o[a:b]
-                stat = x @ x.T
-                p = st["P"][j] + stat if h["summed"] else h["b2"] * st["P"][j] + (1 - h["b2"]) * stat
-                st["P"][j] = (p + p.T) / 2
+                stat = (x @ x.T).astype(st["P"][j].dtype)
+                p = st["P"][j] + stat if h["summed"] else _ema(st["P"][j], stat, h["b2"], faithful)
+                st["P"][j] = p if faithful else (p + p.T) / 2
                 if self._due(st["phase"][j]):
                     st["Z"][j] = self._root(st["P"][j])
-                u_o[a:b] = st["Z"][j] @ m_o[a:b]
+                u_o[a:b] = st["Z"][j].astype(np.float64) @ m_o[a:b]
             u = u_o if st["left"] else u_o.T
             u = _renormalise(u, h["r"])
             updates[path] = (-eta * (u + h["wd"] * _matrix(w))).reshape(g.shape)
