@@ -64,9 +64,12 @@ def gradients(params: dict, t: int, zeros: bool = False) -> dict:
 
 
 def run_both(factory, oracle_cls, config: dict, *, steps: int = 10, rtol: float = RTOL, extra=None,
-             oracle_config=None, params=None, zeros: bool = False):
-    """Run library and oracle ``steps`` steps; assert every update equal to ``rtol`` per leaf."""
+             oracle_config=None, params=None):
+    """Run library and oracle ``steps`` steps; assert every update equal to ``rtol`` per leaf.
+    ``config["zeros"]``: zero gradients on some steps (:func:`gradients`), not a hyperparameter."""
     extra = extra or {}
+    config = dict(config)
+    zeros = config.pop("zeros", False)
     params = tiny_tree() if params is None else params
     opt = factory(**config)
     state = opt.init(params)
@@ -133,7 +136,7 @@ def test_rf_adamw(mode, options):
     {"weight_decay": 0.1, "amsgrad": True},
     {"weight_decay": 0.1, "weight_decay_mode": "l2", "clip": 0.5},
     {"weight_decay": 0.1, "weight_decay_mode": "fixed", "delta": 0.5},
-    {"weight_decay": 0.1, "win": True},
+    {"weight_decay": 0.1, "win": True, "zeros": True},
 ])
 def test_agd(mode, options):
     """``LoopAGD`` = ``agd`` (spec agd.md §2.2-2.3, paper Algorithm 1): s_t = m̂_t − m̂_{t−1},
@@ -150,14 +153,14 @@ def test_agd(mode, options):
 @pytest.mark.parametrize("mode, options", [
     ("principled", {}),
     ("principled", {"side": "left", "rms_target": None}),
-    ("principled", {"side": "auto", "fallback_weight_decay": 0.1}),
+    ("principled", {"side": "auto", "fallback_weight_decay": 0.1, "b1": 0.0, "zeros": True}),
     ("faithful", {}),
     ("faithful", {"rms_target": None, "fallback_weight_decay": 0.1}),
 ])
 def test_dasgo(mode, options):
     """``LoopDASGO`` = ``dasgo`` (spec asgo.md §2.6-2.7): U = M diag(v + ε)^{-1/2}, renormalised to RMS r,
     decoupled decay; non-matrix leaves by the fallback Adam; faithful with the float32 statistic."""
-    config = dict(learning_rate=0.01, b1=0.9, b2=0.9, eps=1e-8, weight_decay=0.1, mode=mode, **options)
+    config = dict(dict(learning_rate=0.01, b1=0.9, b2=0.9, eps=1e-8, weight_decay=0.1, mode=mode), **options)
     params = tiny_tree()
     if mode == "faithful":  # the authors' DASGO takes matrices only: a conv weight goes to the fallback
         params["conv"]["weight"] = params["conv"]["weight"].reshape(3, 8)
@@ -174,7 +177,7 @@ ASGO_KAPPA = 5 / 1e-2 + 1
     {},
     {"block_size": 2},
     {"block_size": 2, "precondition_every": 3},
-    {"block_size": 2, "precondition_every": 3, "spread_refresh": False, "accumulator": "sum", "b1": 0.0},
+    {"block_size": 2, "precondition_every": 3, "spread_refresh": False, "accumulator": "sum", "b1": 0.0, "zeros": True},
     {"side": "left", "rms_target": None, "precondition_every": 1},
 ])
 def test_asgo(options):
@@ -194,7 +197,7 @@ MBF_KAPPA = 1e3
 
 @pytest.mark.parametrize("mode, options", [
     ("principled", {}),
-    ("principled", {"block_size": 2, "weight_decay": 0.1}),
+    ("principled", {"block_size": 2, "weight_decay": 0.1, "zeros": True}),
     ("principled", {"block_size": 2, "precondition_every": 6, "statistics_every": 2}),
     ("principled", {"block_size": 2, "precondition_every": 6, "statistics_every": 2, "refresh_phases": 1, "kl_clip": 0.0}),
     ("principled", {"max_block_dim": 4, "diagonal_second_moment": "gradient"}),
@@ -234,10 +237,8 @@ def test_if_shampoo(mode, options):
     clip per group, weight decay and heavy ball per leaf."""
     config = dict(learning_rate=0.05, momentum=0.9, preconditioner_lr=0.2, preconditioner_momentum=0.5,
                   damping=1e-2, batch_size=4, mode=mode)
-    options = dict(options)
-    zeros = options.pop("zeros", False)
     config.update(options)
-    run_both(pr.if_shampoo, loops.LoopIFShampoo, config, zeros=zeros)
+    run_both(pr.if_shampoo, loops.LoopIFShampoo, config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,11 +266,9 @@ def test_sketchy(mode, options):
     """``LoopSketchy`` = ``sketchy(decomposition="svd")`` (spec fd_shampoo.md §2.2-2.4, paper Algorithm
     2): per axis block, the FD step of its rows of G_(n) on its phase's steps, P(G) axis by axis, the
     RMSProp graft norm, trace momentum, decay; tolerance 1e-10 × the operator's condition bound."""
-    options = dict(options)
-    zeros = options.pop("zeros", False)
     config = dict(dict(learning_rate=0.01, rank=3, b2=0.99, eps=1e-4, momentum=0.9, merge_dims=2, mode=mode), **options)
     run_both(lambda **c: pr.sketchy(decomposition="svd", **c), loops.LoopSketchy, config,
-             rtol=RTOL * FD_KAPPA, zeros=zeros)
+             rtol=RTOL * FD_KAPPA)
 
 
 @pytest.mark.parametrize("mode, options", [
@@ -284,12 +283,10 @@ def test_s_adagrad(mode, options):
     """``LoopSAdaGrad`` = ``s_adagrad`` (spec fd_shampoo.md §2.5-2.6, paper Algorithm 1): the FD step
     of the flattened gradient (or each block) and (Ḡ + (ρ+δ)I + εI)^{-1/2} g; between refreshes the
     last sketch with g's own mass; tolerance 1e-10 × the operator's condition bound."""
-    options = dict(options)
-    zeros = options.pop("zeros", False)
     config = dict(dict(learning_rate=0.05, rank=2, mode=mode), **options)
     if mode == "principled":
         config["eps"] = 1e-4
-    run_both(pr.s_adagrad, loops.LoopSAdaGrad, config, rtol=RTOL * FD_KAPPA, zeros=zeros)
+    run_both(pr.s_adagrad, loops.LoopSAdaGrad, config, rtol=RTOL * FD_KAPPA)
 
 
 # Faithful ASGO keeps its statistic in float32 and roots it by the authors' float32 iteration: the
