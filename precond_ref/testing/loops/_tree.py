@@ -1,4 +1,4 @@
-"""Plain-Python tree helpers shared by the loop oracles (no numerics here).
+"""Plain-Python helpers shared by the loop oracles: trees and schedules (no numerics here).
 
 The oracles take nested dicts of float64 NumPy arrays, as the library does, and visit their leaves
 in the library's order: dict keys sorted (JAX's order), a leaf named by its path ``"a/b"``.
@@ -18,6 +18,11 @@ def leaves(tree: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, np.ndarray]]:
             yield from leaves(tree[key], prefix + (key,))
     else:
         yield prefix, np.asarray(tree, dtype=np.float64)
+
+
+def value_at(x: Any, count: int) -> float:
+    """A hyperparameter at step ``count`` (updates already applied): a number, or a schedule's value."""
+    return float(x(count)) if callable(x) else float(x)
 
 
 def path_str(path: tuple) -> str:

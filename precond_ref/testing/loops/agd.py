@@ -12,13 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ._tree import build, leaves
+from ._tree import build, leaves, value_at
 
 __all__ = ["LoopAGD"]
-
-
-def _value(x: Any, count: int) -> float:
-    return float(x(count)) if callable(x) else float(x)
 
 
 class LoopAGD:
@@ -57,7 +53,7 @@ class LoopAGD:
     def step(self, grads: dict, params: dict) -> dict:
         h = self.h
         t = self.count + 1
-        eta, delta, wd = _value(h["lr"], self.count), _value(h["delta"], self.count), h["wd"]
+        eta, delta, wd = value_at(h["lr"], self.count), value_at(h["delta"], self.count), h["wd"]
         decay = None if wd == 0 or h["win"] else h["decay"]
         theta_all = dict(leaves(params))
         updates = {}

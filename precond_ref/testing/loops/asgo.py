@@ -19,13 +19,10 @@ from typing import Any, Optional
 import numpy as np
 
 from ...blocking import block_bounds, stable_hash
-from ._tree import build, leaves
+from ...linalg import POLAR_EXPRESS_COEFFICIENTS
+from ._tree import build, leaves, value_at
 
 __all__ = ["LoopASGO", "LoopDASGO"]
-
-
-def _value(x: Any, count: int) -> float:
-    return float(x(count)) if callable(x) else float(x)
 
 
 def _lerp(start, end, weight: float):
@@ -42,6 +39,22 @@ def _ema(old, new, decay: float, faithful: bool):
 
 def _matrix(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1)
+
+
+def _momentum(m: np.ndarray, g: np.ndarray, mu: float, faithful: bool) -> np.ndarray:
+    """``M ← μ·M + (1 − μ)·G`` (faithful: in ``lerp`` form); principled mode flushes entries below
+    the smallest normal float64 to zero (D12), which changes nothing on ordinary inputs."""
+    m = _ema(m, g, mu, faithful)
+    if not faithful:
+        m[np.abs(m) < np.finfo(np.float64).tiny] = 0.0
+    return m
+
+
+def _matrix_side(w: np.ndarray, side: str) -> tuple[int, int, bool]:
+    """(m, n) of the leaf's matrix view, and whether its preconditioned side is the left one
+    (``"auto"``: the smaller side, the right one for a square matrix)."""
+    m, n = _matrix(w).shape
+    return m, n, {"left": True, "right": False, "auto": m < n}[side]
 
 
 def _renormalise(u: np.ndarray, rms_target) -> np.ndarray:
@@ -70,24 +83,34 @@ def fallback_adam(state: dict, g: np.ndarray, w: np.ndarray, t: int, eta: float,
     return u
 
 
+def _one_sided_step(self, grads: dict, params: dict) -> dict:
+    """One step of ASGO or DASGO (``self``), leaf by leaf: non-matrix leaves by :func:`fallback_adam`;
+    a matrix leaf's momentum, its side's preconditioning (``self._precondition`` on the oriented
+    gradient and momentum: rows are the preconditioned side), the RMS renormalisation and the
+    decoupled decay: ``updates = −η·(r·√(mn)·U/‖U‖_F + λ·W)``."""
+    h, eta, updates = self.h, value_at(self.h["lr"], self.count), {}
+    faithful, w_all = h["faithful"], dict(leaves(params))
+    for path, g in leaves(grads):
+        st, w = self.state[path], w_all[path]
+        if "mu" in st:
+            updates[path] = fallback_adam(st, g, w, self.count + 1, eta, h, faithful)
+            continue
+        G = _matrix(g)
+        st["M"] = _momentum(st["M"], G, h["b1"], faithful)
+        u_o = self._precondition(st, *((G, st["M"]) if st["left"] else (G.T, st["M"].T)))
+        u = _renormalise(u_o if st["left"] else u_o.T, h["r"])
+        updates[path] = (-eta * (u + h["wd"] * _matrix(w))).reshape(g.shape)
+    self.count += 1
+    return build(updates)
+
+
 _FALLBACK_DEFAULTS = dict(fallback_b1=0.9, fallback_b2=0.95, fallback_eps=1e-8, fallback_weight_decay=0.0)
 
 
-# The Polar-Express triples (a_j, b_j, c_j) of the ASGO code (Amsel et al. 2025), spec asgo.md §2.6.
-_POLAR_EXPRESS = (
-    (8.28721201814563, -23.595886519098837, 17.300387312530933),
-    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
-    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
-    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
-    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
-    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
-    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
-    (1.875, -1.25, 0.375),
-)
-
-
 def faithful_inverse_sqrt(p: np.ndarray, method: str, steps: int, eps: float) -> np.ndarray:
-    """The authors' ``P^{-1/2}`` of the undamped statistic (spec §2.6), in P's dtype (float32)::
+    """The authors' ``P^{-1/2}`` of the undamped statistic (spec §2.6), in P's dtype (float32); the
+    authors' Polar-Express triples are the library's table of constants,
+    :data:`precond_ref.linalg.POLAR_EXPRESS_COEFFICIENTS` (Amsel et al. 2025)::
 
         polar_express:  ν = 1.01·‖P + εI‖_F, Y = P/ν;  triples j < 8 divided by (1.01, 1.01³, 1.01⁵),
                         the eighth repeated
@@ -99,7 +122,8 @@ def faithful_inverse_sqrt(p: np.ndarray, method: str, steps: int, eps: float) ->
     if method == "polar_express":
         nu = dtype(1.01) * np.linalg.norm(p + dtype(eps) * eye)
         y = p / nu
-        safe = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS[:-1]] + [_POLAR_EXPRESS[-1]]
+        pe = POLAR_EXPRESS_COEFFICIENTS
+        safe = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in pe[:-1]] + [pe[-1]]
         triples = [safe[min(j, len(safe) - 1)] for j in range(steps)]
     else:
         nu = np.linalg.norm(p)
@@ -164,13 +188,11 @@ class LoopASGO:
         self.count = 0
         self.state = {}
         for path, w in leaves(params):
-            if w.ndim < 2:
+            if w.ndim < 2:  # the fallback Adam's moments
                 self.state[path] = {"mu": np.zeros(w.shape), "nu": np.zeros(w.shape)}
                 continue
-            m, n = _matrix(w).shape
-            left = m < n if side == "auto" else side == "left"
-            k = m if left else n
-            bounds = block_bounds(k, block_size)
+            m, n, left = _matrix_side(w, side)
+            bounds = block_bounds(m if left else n, block_size)
             sides = str(tuple(sorted((m, n))))
             stat = np.float32 if faithful else np.float64
             self.state[path] = {
@@ -195,36 +217,21 @@ class LoopASGO:
         lam, v = np.linalg.eigh(p)
         return v @ np.diag((np.maximum(lam, 0.0) + s) ** -0.5) @ v.T
 
-    def step(self, grads: dict, params: dict) -> dict:
-        h = self.h
-        eta = _value(h["lr"], self.count)
-        w_all = dict(leaves(params))
-        updates = {}
-        for path, g in leaves(grads):
-            st, w = self.state[path], w_all[path]
-            faithful = h["faithful"]
-            if "mu" in st:
-                updates[path] = fallback_adam(st, g, w, self.count + 1, eta, h, faithful)
-                continue
-            G = _matrix(g)
-            st["M"] = _ema(st["M"], G, h["b1"], faithful)
-            if not faithful:
-                st["M"][np.abs(st["M"]) < np.finfo(np.float64).tiny] = 0.0  # D12: flush subnormals
-            g_o, m_o = (G, st["M"]) if st["left"] else (G.T, st["M"].T)
-            u_o = np.zeros_like(m_o)
-            for j, (a, b) in enumerate(st["bounds"]):
-                x = g_o[a:b]
-                stat = (x @ x.T).astype(st["P"][j].dtype)
-                p = st["P"][j] + stat if h["summed"] else _ema(st["P"][j], stat, h["b2"], faithful)
-                st["P"][j] = p if faithful else (p + p.T) / 2
-                if self._due(st["phase"][j]):
-                    st["Z"][j] = self._root(st["P"][j])
-                u_o[a:b] = st["Z"][j].astype(np.float64) @ m_o[a:b]
-            u = u_o if st["left"] else u_o.T
-            u = _renormalise(u, h["r"])
-            updates[path] = (-eta * (u + h["wd"] * _matrix(w))).reshape(g.shape)
-        self.count += 1
-        return build(updates)
+    def _precondition(self, st: dict, g_o: np.ndarray, m_o: np.ndarray) -> np.ndarray:
+        """``U = blockdiag(Z_j)·M`` on the oriented side, the statistics and due roots refreshed."""
+        h, faithful = self.h, self.h["faithful"]
+        u_o = np.zeros_like(m_o)
+        for j, (a, b) in enumerate(st["bounds"]):
+            x = g_o[a:b]
+            stat = (x @ x.T).astype(st["P"][j].dtype)
+            p = st["P"][j] + stat if h["summed"] else _ema(st["P"][j], stat, h["b2"], faithful)
+            st["P"][j] = p if faithful else (p + p.T) / 2
+            if self._due(st["phase"][j]):
+                st["Z"][j] = self._root(st["P"][j])
+            u_o[a:b] = st["Z"][j].astype(np.float64) @ m_o[a:b]
+        return u_o
+
+    step = _one_sided_step
 
 
 class LoopDASGO:
@@ -254,37 +261,23 @@ class LoopDASGO:
             if w.ndim < 2:
                 self.state[path] = {"mu": np.zeros(w.shape), "nu": np.zeros(w.shape)}
                 continue
-            m, n = _matrix(w).shape
-            left = {"left": True, "right": False, "auto": m < n}[side]
+            m, n, left = _matrix_side(w, side)
             dtype = np.float32 if mode == "faithful" else np.float64
             self.state[path] = {"left": left, "M": np.zeros((m, n)), "v": np.zeros(m if left else n, dtype=dtype)}
 
-    def step(self, grads: dict, params: dict) -> dict:
-        h, faithful = self.h, self.h["faithful"]
-        eta = _value(h["lr"], self.count)
-        w_all = dict(leaves(params))
-        updates = {}
-        for path, g in leaves(grads):
-            st, w = self.state[path], w_all[path]
-            if "mu" in st:
-                updates[path] = fallback_adam(st, g, w, self.count + 1, eta, h, faithful)
-                continue
-            G = _matrix(g)
-            st["M"] = _ema(st["M"], G, h["b1"], faithful)
-            if not faithful:
-                st["M"][np.abs(st["M"]) < np.finfo(np.float64).tiny] = 0.0  # D12: flush subnormals
-            g_o, m_o = (G, st["M"]) if st["left"] else (G.T, st["M"].T)  # rows: the scaled axis
-            u_o = np.zeros_like(m_o)
-            for j in range(g_o.shape[0]):
-                q = sum(g_o[j, i] ** 2 for i in range(g_o.shape[1]))
-                if faithful:
-                    st["v"][j] = _lerp(st["v"][j], np.float32(q), np.float32(1.0 - h["b2"]))
-                    scale = np.float64(np.float32(1.0) / np.sqrt(st["v"][j] + np.float32(h["eps"])))
-                else:
-                    st["v"][j] = h["b2"] * st["v"][j] + (1 - h["b2"]) * q
-                    scale = 1.0 / np.sqrt(st["v"][j] + h["eps"])
-                u_o[j] = m_o[j] * scale
-            u = _renormalise(u_o if st["left"] else u_o.T, h["r"])
-            updates[path] = (-eta * (u + h["wd"] * _matrix(w))).reshape(g.shape)
-        self.count += 1
-        return build(updates)
+    def _precondition(self, st: dict, g_o: np.ndarray, m_o: np.ndarray) -> np.ndarray:
+        """``U = diag(v + ε)^{-1/2} M`` on the oriented side (rows: the scaled axis), ``v`` refreshed."""
+        h = self.h
+        u_o = np.zeros_like(m_o)
+        for j in range(g_o.shape[0]):
+            q = sum(g_o[j, i] ** 2 for i in range(g_o.shape[1]))
+            if h["faithful"]:
+                st["v"][j] = _lerp(st["v"][j], np.float32(q), np.float32(1.0 - h["b2"]))
+                scale = np.float64(np.float32(1.0) / np.sqrt(st["v"][j] + np.float32(h["eps"])))
+            else:
+                st["v"][j] = h["b2"] * st["v"][j] + (1 - h["b2"]) * q
+                scale = 1.0 / np.sqrt(st["v"][j] + h["eps"])
+            u_o[j] = m_o[j] * scale
+        return u_o
+
+    step = _one_sided_step

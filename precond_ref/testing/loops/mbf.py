@@ -15,13 +15,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ._tree import build, leaves, path_str, weight_bias_pairs
+from ._tree import build, leaves, path_str, value_at, weight_bias_pairs
 
 __all__ = ["LoopMBF"]
-
-
-def _value(x: Any, count: int) -> float:
-    return float(x(count)) if callable(x) else float(x)
 
 
 def fc_statistic(fc_blocks: str, h_g: np.ndarray) -> np.ndarray:
@@ -143,7 +139,7 @@ class LoopMBF:
 
     def step(self, grads: dict, params: dict) -> dict:
         h, i = self.h, self.count
-        alpha = _value(h["lr"], i)
+        alpha = value_at(h["lr"], i)
         stats_now = i % h["t1"] == 0
         g_all, w_all = dict(leaves(grads)), dict(leaves(params))
         updates = {}

@@ -21,13 +21,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ...blocking import block_bounds
-from ._tree import build, leaves, weight_bias_pairs
+from ._tree import build, leaves, value_at, weight_bias_pairs
 
 __all__ = ["LoopRFRMSProp", "LoopRFAdamW", "LoopIFShampoo"]
-
-
-def _value(x: Any, count: int) -> float:
-    return float(x(count)) if callable(x) else float(x)
 
 
 class LoopRFRMSProp:
@@ -59,7 +55,7 @@ class LoopRFRMSProp:
     def step(self, grads: dict, params: dict, batch_size: Optional[int] = None) -> dict:
         h = self.h
         B = (batch_size if batch_size is not None else h["B"]) if h["scaled"] else 1
-        eta = _value(h["lr"], self.count)
+        eta = value_at(h["lr"], self.count)
         theta = dict(leaves(params))
         updates = {}
         for p, g in leaves(grads):
@@ -104,7 +100,7 @@ class LoopRFAdamW:
     def step(self, grads: dict, params: dict, batch_size: Optional[int] = None) -> dict:
         h = self.h
         B = (batch_size if batch_size is not None else h["B"]) if h["scaled"] else 1
-        eta = _value(h["lr"], self.count)
+        eta = value_at(h["lr"], self.count)
         t = self.count + 1
         c1 = 1 - h["b1"] ** t if h["bc"] else 1.0
         c2 = 1 - h["b2"] ** t if h["bc"] else 1.0
@@ -238,7 +234,7 @@ class LoopIFShampoo:
     def step(self, grads: dict, params: dict, batch_size: Optional[int] = None) -> dict:
         h = self.h
         B = float(batch_size if batch_size is not None else h["B"])
-        eta = _value(h["lr"], self.count)
+        eta = value_at(h["lr"], self.count)
         g_all, w_all = dict(leaves(grads)), dict(leaves(params))
         updates = {}
         for group in self.groups:
@@ -249,7 +245,7 @@ class LoopIFShampoo:
             for tile in group["tiles"]:
                 cut = tuple(slice(a, b) for a, b in tile["index"])
                 if self._due(tile["phase"]):
-                    self._factor_step(G[cut], tile, B, _value(h["beta2"], self.count) * group["scale"])
+                    self._factor_step(G[cut], tile, B, value_at(h["beta2"], self.count) * group["scale"])
                 D_t = G[cut]
                 for n, k in enumerate(tile["K"]):  # D = G ×_n P_n, P_n = K_n K_nᵀ
                     D_t = _mode_times(D_t, k * k if k.ndim == 1 else k @ k.T, n)

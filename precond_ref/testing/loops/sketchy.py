@@ -18,15 +18,11 @@ from typing import Any, Optional
 import numpy as np
 
 from ...blocking import block_bounds, merge_small_dims, stable_hash
-from ._tree import build, leaves
+from ._tree import build, leaves, value_at
 
 __all__ = ["LoopSketchy", "LoopSAdaGrad", "fd_step", "fd_apply"]
 
 _U = np.finfo(np.float64).eps / 2  # unit roundoff
-
-
-def _value(x: Any, count: int) -> float:
-    return float(x(count)) if callable(x) else float(x)
 
 
 def new_sketch(d: int, k: int) -> dict:
@@ -208,10 +204,8 @@ class LoopSketchy:
         return count == 0 or count % T == phase if self.h["spread"] else count % T == 0
 
     def step(self, grads: dict, params: dict) -> dict:
-        h = self.h
-        eta = _value(h["lr"], self.count)
+        h, eta, updates = self.h, value_at(self.h["lr"], self.count), {}
         w_all = dict(leaves(params))
-        updates = {}
         for path, g in leaves(grads):
             st = self.state[path]
             if h["graft"] == "rmsprop":
@@ -289,10 +283,8 @@ class LoopSAdaGrad:
     _due = LoopSketchy._due
 
     def step(self, grads: dict, params: dict) -> dict:
-        h = self.h
-        eta = _value(h["lr"], self.count)
+        h, eta, updates = self.h, value_at(self.h["lr"], self.count), {}
         w_all = dict(leaves(params))
-        updates = {}
         for path, g in leaves(grads):
             st = self.state[path]
             column = g.reshape(-1, 1)
