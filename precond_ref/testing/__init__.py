@@ -18,7 +18,9 @@
   ``updates = oracle.step(grads, params)`` per step, as the library's ``update``.
 """
 
-from . import compare, loops, problems, trajectory
+from typing import Any
+
+from . import compare, problems, trajectory
 from .compare import Comparison, Divergence, assert_trajectories_close, compare_trajectories, default_tolerances
 from .problems import (
     CNN,
@@ -31,17 +33,6 @@ from .problems import (
     Quadratic,
     available_problems,
     get_problem,
-)
-from .loops import (
-    LoopAGD,
-    LoopASGO,
-    LoopDASGO,
-    LoopIFShampoo,
-    LoopMBF,
-    LoopRFAdamW,
-    LoopRFRMSProp,
-    LoopSAdaGrad,
-    LoopSketchy,
 )
 from .trace import add_arguments, run
 from .trajectory import (
@@ -61,4 +52,20 @@ from .trajectory import (
 )
 
 # The public names are those of the submodules, listed once there.
-__all__ = [*problems.__all__, *trajectory.__all__, *compare.__all__, *loops.__all__]
+# The loop oracles are NumPy statements: imported on first use (``import precond_ref.testing`` needs
+# no NumPy), as ``precond_ref.testing.LoopAGD`` or from ``precond_ref.testing.loops``.
+_LOOPS = (
+    "LoopASGO", "LoopDASGO", "LoopSketchy", "LoopSAdaGrad", "LoopRFRMSProp", "LoopRFAdamW", "LoopIFShampoo",
+    "LoopMBF", "LoopAGD",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOOPS:
+        from . import loops
+
+        return getattr(loops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [*problems.__all__, *trajectory.__all__, *compare.__all__, *_LOOPS]
