@@ -159,7 +159,8 @@ class LoopASGO:
     key is the leaf's matrix sides in increasing order ``str((min, max))`` hashed by
     :func:`precond_ref.blocking.stable_hash` (the library's schedule; the oracle calls that helper).
     A non-due block keeps its previous root. Momentum entries below the smallest normal float64 are
-    flushed to zero (D12), which changes nothing on the test inputs.
+    flushed to zero (D12), which changes nothing on the test inputs. Principled mode always roots by
+    ``eigh`` (the library's iterative roots approximate it; ``root_method`` is read in faithful mode).
 
     Faithful mode: no blocks, no damping, T = 1 by default, all blocks together; the EMAs in
     ``torch.lerp`` form; the statistic in float32 (``X Xᵀ`` rounded to float32 and not symmetrised),
