@@ -137,6 +137,7 @@ def test_rf_adamw(mode, options):
     {"weight_decay": 0.1, "weight_decay_mode": "l2", "clip": 0.5},
     {"weight_decay": 0.1, "weight_decay_mode": "fixed", "delta": 0.5},
     {"weight_decay": 0.1, "win": True, "zeros": True},
+    {"learning_rate": lambda count: 0.01 * 0.9**count, "delta": lambda count: 0.05 + 0.01 * count},
 ])
 def test_agd(mode, options):
     """``LoopAGD`` = ``agd`` (spec agd.md §2.2-2.3, paper Algorithm 1): s_t = m̂_t − m̂_{t−1},
@@ -230,6 +231,8 @@ def test_mbf(mode, options):
     ("principled", {"max_dense_dim": 4, "preconditioner_lr_scale": lambda path: 0.25 if "bias" in path else 1.0}),
     ("faithful", {}),
     ("faithful", {"grouping": "weight_bias", "momentum": 0.0, "weight_decay": 0.1, "precondition_every": 2}),
+    ("faithful", {"precondition_every": pr.prototype_schedule(3), "preconditioner_lr_scale": pr.prototype_lr_scale,
+                  "learning_rate": lambda count: 0.05 / (1 + count)}),
 ])
 def test_if_shampoo(mode, options):
     """``LoopIFShampoo`` = ``if_shampoo`` (spec root_free.md §2.3-2.4, paper Figure 3): per tile, the
