@@ -14,8 +14,9 @@ number of the damped matrix, at most :math:`(\\lVert F\\rVert + \\lambda)/\\lamb
 is compared as :math:`\\lVert u_{lib} - u_{oracle}\\rVert_\\infty \\le \\mathrm{rtol}\\,
 \\lVert u_{oracle}\\rVert_\\infty` per leaf with ``rtol = 1e-10`` for element-wise methods and
 ``1e-10 × κ`` for the matrix ones (κ a bound on the condition number given with each test).
-Where the library keeps float32 state on purpose (faithful ASGO's statistic and root, faithful
-DASGO's statistic) the oracle emulates it in float32 and the bound is float32's (given there).
+Where the library keeps float32 state on purpose the oracle emulates it in float32: faithful
+DASGO's statistic operation for operation (the float64 bound holds), faithful ASGO's statistic and
+iterative root with float32's bound (given there).
 """
 
 from __future__ import annotations
