@@ -25,7 +25,7 @@ from array_api_compat import is_torch_array
 from ._backend import array_device, device_key, torch_compiling
 
 __all__ = [
-    "merge_small_dims", "block_bounds", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks",
+    "merge_small_dims", "block_bounds", "chunk_sizes", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks",
     "PhaseDue", "spread_schedule", "stable_hash",
 ]
 
@@ -65,6 +65,15 @@ def block_bounds(d: int, block_size: Optional[int]) -> tuple[tuple[int, int], ..
     if block_size is None or d <= block_size:
         return ((0, d),)
     return tuple((start, min(start + block_size, d)) for start in range(0, d, block_size))
+
+
+def chunk_sizes(d: int, block_size: Optional[int]) -> tuple[int, int, int]:
+    """:func:`block_bounds` of an axis of length ``d`` as ``(b, full, tail)``: ``full`` chunks of
+    ``b = block_size`` and a shorter last one of ``tail`` (0 if none); ``(d, 0, 0)`` when unblocked
+    (``block_size`` None or at least ``d``)."""
+    if block_size is None or d <= block_size:
+        return d, 0, 0
+    return block_size, d // block_size, d % block_size
 
 
 def unfold(xp: Any, x: Array, axis: int) -> Array:

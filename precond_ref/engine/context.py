@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from .._backend import IdentityDict, hashable as _hashable, is_dense, is_number, scalar_array, select
+from .._backend import torch_compiling as _torch_compiling
 from ..transform import Interval, ScalarOrSchedule, is_due, schedule_value
 from ..tree import Path
 
@@ -68,6 +69,21 @@ class StepContext(NamedTuple):
         """Hyperparameter ``name`` at this step as a 0-D array of ``dtype`` on ``device``, made
         once per update (:meth:`once`)."""
         return self.once((name, dtype, device), lambda: scalar_array(self.xp, self.value(hyperparameter), dtype, device))
+
+    def settle(self, entries: Any) -> None:
+        """Tell the transform that ``entries`` (new state arrays) need no selection by the
+        non-finite rule: the method knows each already is its old value on a skipped step (a
+        refresh that kept its state, a phase not due). Nothing to tell where nothing is selected,
+        nor under ``torch.compile`` (the identity of a traced value would recompile)."""
+        if self.ok is None or self.settled is None or _torch_compiling():
+            return
+        for entry in entries:
+            self.settled[entry] = True
+
+    def negated(self, name: str, hyperparameter: ScalarOrSchedule, dtype: Any, device: Any) -> Array:
+        """``-`` :meth:`scalar` (e.g. ``-η``, the factor of a step), made once per update."""
+        value = self.scalar(name, hyperparameter, dtype, device)
+        return self.once(("-" + name, dtype, device), lambda: -value)
 
     def value(self, hyperparameter: ScalarOrSchedule) -> Any:
         """A hyperparameter at this step (constants pass through; schedules get ``count``)."""

@@ -218,8 +218,7 @@ def _agd_state(xp, c: AGDConfig, state: AGDState, g, w, h: _Step) -> AGDState:
     b_max = xp.maximum(state.b_max, b) if c.amsgrad else None  # amsgrad's running maximum
     z = None
     if c.win:  # Win's auxiliary iterate, from r_t
-        r = _auto_switch(xp, c, h, m, b if b_max is None else b_max)
-        z = (state.z - h.eta * r) * h.win_shrink if c.faithful else (state.z - h.eta * r) / h.win_shrink
+        z = _win_iterate(c, h, state.z, _auto_switch(xp, c, h, m, b if b_max is None else b_max))
     return AGDState(m, b, b_max, z)
 
 
@@ -247,6 +246,12 @@ def _stepwise_difference(c: AGDConfig, h: _Step, g, m_prev, m):
     if h.m_coefficient is not None:
         return h.g_coefficient * g - h.m_coefficient * m
     return h.g_coefficient * (g - m_prev / h.old_m_scale)
+
+
+def _win_iterate(c: AGDConfig, h: _Step, z, r):
+    """Win's auxiliary iterate ``z' = (z - u)/(1 + wd eta)`` from the step ``u = eta r`` (faithful:
+    times the authors' float32 ``1/(1 + wd eta)``)."""
+    return (z - h.eta * r) * h.win_shrink if c.faithful else (z - h.eta * r) / h.win_shrink
 
 
 def _win_step(c: AGDConfig, h: _Step, theta, z, r):

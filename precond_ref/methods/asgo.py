@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import is_jax_namespace
@@ -35,7 +36,6 @@ from .._backend import (
     cast,
     compute_dtype,
     computed_once,
-    cond,
     cond_under_cpu_jit,
     device_key,
     float64_where_available,
@@ -44,7 +44,7 @@ from .._backend import (
     scalar_zero,
     select,
 )
-from ..blocking import on_stacks, spread_schedule, stable_hash, stack, unstack
+from ..blocking import chunk_sizes, spread_schedule, stack, unstack
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE,
     all_finite,
@@ -56,6 +56,7 @@ from ..linalg import (
     trace,
 )
 from ..engine import StepContext, build_transform, settle_pieces
+from ..engine.phases import hashed_phases, refresh_due
 from ..transform import (
     ScalarOrSchedule,
     Transform,
@@ -364,12 +365,6 @@ def _zero(ctx: StepContext, x: Array) -> Array:
     return ctx.once(("zero", x.dtype, array_device(x)), lambda: scalar_zero(ctx.xp, x))
 
 
-def _negative_learning_rate(ctx: StepContext, learning_rate: ScalarOrSchedule, dtype: Any, device: Any) -> Array:
-    """``-η`` at this step as a 0-D array of ``dtype``, made once per update."""
-    lr = ctx.scalar("learning_rate", learning_rate, dtype, device)
-    return ctx.once(("-learning_rate", dtype, device), lambda: -lr)
-
-
 def _finish(
     xp: Any,
     u: Array,
@@ -502,7 +497,7 @@ def asgo(
         measurement); a value at least every side length gives the unblocked method.
     spread_refresh:
         Principled only: with ``precondition_every = T > 1``, give every block a phase
-        ``j < T`` (from its leaf's shape and its index along the side, :func:`_refresh_phases`) and
+        ``j < T`` (from its leaf's shape and its index along the side, :func:`precond_ref.engine.phases.hashed_phases`) and
         refresh it on the steps ``count ≡ j (mod T)`` (and on the first), so that each step
         computes about ``1/T`` of the roots instead of all of them every ``T``-th step; a static schedule, no host
         read. Default ``True`` in principled mode; ``False`` refreshes all blocks together.
@@ -647,7 +642,7 @@ def asgo(
         momentum_dtype = param.dtype if faithful else c
         stat_dtype = xp.float32 if faithful else c
         state = {"momentum": xp.zeros((m, n), dtype=momentum_dtype, device=dev)}
-        b, full, tail = _chunking(k, block_size)
+        b, full, tail = chunk_sizes(k, block_size)
         stat_shape = (full, b, b) if full else (k, k)
         state["statistic"] = xp.zeros(stat_shape, dtype=stat_dtype, device=dev)
         if keeps_root:
@@ -676,7 +671,7 @@ def asgo(
     #
     #   1  M_t = μ M_{t-1} + (1-μ) G_t                                     _momentum
     #   2  P_t = β₂ P_{t-1} + (1-β₂) G_t G_tᵀ   (or P_{t-1} + G_t G_tᵀ)     _second_moment
-    #   3  if the block's phase is due (t ≡ j mod T, spread_schedule):  _roots_when_due
+    #   3  if the block's phase is due (t ≡ j mod T, spread_schedule):  engine.phases.refresh_due
     #        Z_t = (P_t + s_t I)^{-1/2},  s_t = δ tr(P_t)/k + ε             _damped_inverse_sqrt
     #        Z_t = Z_{t-1} where that is not finite (D6)                    _finite_root_or_previous
     #   4  U_t = Z_t M_t                                                    _block_diagonal_product
@@ -698,7 +693,7 @@ def asgo(
         new = []
         for s in stacks:
             g_o = s.g if s.left else s.g.mT  # rows: the preconditioned side
-            b, full, tail = _chunking(g_o.shape[-2], block_size)
+            b, full, tail = chunk_sizes(g_o.shape[-2], block_size)
             entries = {"momentum": _momentum(xp, s.state["momentum"], s.g, b1, faithful, _zero(ctx, s.g))}  # 1
             entries["statistic"] = statistic(xp, s.state["statistic"], _chunk_rows(xp, g_o, b, full))  # 2
             if tail:
@@ -708,14 +703,15 @@ def asgo(
         # 3: the roots due at this step, those of one block shape (across matrices and chunks) in one batch.
         dues = [ctx.every(interval) if keeps_root else True for interval in schedule]
         units, owners, keys = _root_units(xp, stacks, new, previous_root, len(dues) > 1)
-        refreshed = _roots_when_due(xp, dues, _refresh_phases(keys, len(dues)), units, root_or_previous)
+        due_roots = refresh_due(xp, dues, hashed_phases(keys, len(dues)), units, partial(root_or_previous, xp), partial(_unrefreshed, xp))
+        refreshed = [(z, None, None) if r is None else r for (_, z), r in zip(units, due_roots)]
         roots = _collect_roots(xp, owners, stacks, new, refreshed)
 
         for s, entries, z in zip(stacks, new, roots):
             dtype = compute_dtype(xp, s.g.dtype)
             u = _block_diagonal_product(xp, z["root"], z.get("root_tail"), entries["momentum"], s.left, dtype)  # 4
             u = _rms_renormalise(xp, u, rms_target, faithful)  # 5
-            neg_lr = _negative_learning_rate(ctx, learning_rate, dtype, array_device(s.g))
+            neg_lr = ctx.negated("learning_rate", learning_rate, dtype, array_device(s.g))
             step = _finish(xp, u, s.param, tuple(u.shape), neg_lr, weight_decay)
             # Principled: a stack whose blocks were none refreshed keeps the stored roots themselves.
             if keeps_root and (faithful or "root_failures" in z):
@@ -890,7 +886,7 @@ def dasgo(
         v = ctx.unless_skipped(_ema(xp, state["statistic"], q, b2, faithful), state["statistic"])  # 2
         scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(v + eps), dtype))  # 3: diag(v_t + ε)^{-1/2}
         u = _renormalise_scaled(xp, cast(xp, momentum, dtype), scale, axis, rms_target, faithful)  # 3, 4
-        neg_lr = _negative_learning_rate(ctx, learning_rate, dtype, array_device(g))
+        neg_lr = ctx.negated("learning_rate", learning_rate, dtype, array_device(g))
         return (_finish(xp, u, param, tuple(g.shape), neg_lr, weight_decay),), {"momentum": momentum, "statistic": v}
 
     return build_transform(
@@ -948,14 +944,6 @@ def _joined(xp: Any, step: Callable, leaves: list[tuple], ctx: StepContext) -> l
             settle_pieces(ctx, whole, (entry,))
         results.append(((u,), dict(zip(names, entries))))
     return results
-
-
-def _chunking(k: int, block_size: Optional[int]) -> tuple[int, int, int]:
-    """(chunk size b, number of full chunks, tail size) of a side of length ``k``; unblocked is
-    ``(k, 0, 0)``."""
-    if block_size is None or block_size >= k:
-        return k, 0, 0
-    return block_size, k // block_size, k % block_size
 
 
 def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
@@ -1047,45 +1035,11 @@ def _finite_root_or_previous(
     return select(xp, _blockwise(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
 
 
-def _refresh_phases(keys: list[tuple[str, int]], phases: int) -> list[int]:
-    """The phase of each block among ``phases``, from its key ``(leaf, block index along the leaf's
-    side)``: ``(h(leaf) + index) mod phases``, ``h`` :func:`precond_ref.blocking.stable_hash`. The
-    blocks of one leaf take consecutive phases (a side of up to ``phases`` blocks is refreshed one
-    block per step), and leaves start at phases spread by ``h``. A block's phase depends on its own
-    key only: the same whatever other parameters the transform steps (param groups, shards) and
-    on every run.
-    """
-    return [(stable_hash(leaf) + index) % phases for leaf, index in keys]
-
-
-def _roots_when_due(
-    xp: Any,
-    dues: list,
-    phases: list[int],
-    stacks: list[tuple[Array, Array]],
-    refresh: Callable[..., tuple[Array, Array, Array]],
-) -> list[tuple[Array, Any, Any]]:
-    """``[refresh(xp, P_i, Z_i) if dues[phases[i]] else (Z_i, 0, 0)]`` for stacks ``(P_i, Z_i)``
-    of statistics and previous roots. The stacks of one phase, block shape, dtype and device go
-    through ``refresh`` together (:func:`~precond_ref.blocking.on_stacks`: one batched ``eigh`` or
-    iteration for all the equal blocks of all matrices), under :func:`~precond_ref._backend.cond`
-    when their ``due`` is an array; when it is the Python ``False`` nothing is computed (counts
-    ``None``)."""
-    out: list[Any] = [None] * len(stacks)
-    for phase, due in enumerate(dues):
-        members = [u for u in range(len(stacks)) if phases[u] == phase]
-        if due is False:
-            for u in members:
-                out[u] = (stacks[u][1], None, None)
-            continue
-
-        def one_stack(p: Array, z: Array, due: Any = due) -> tuple[Array, Array, Array]:
-            none = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
-            return cond(xp, due, lambda p, z: refresh(xp, p, z), lambda p, z: (z, none, none), p, z)
-
-        for u, result in zip(members, on_stacks(xp, one_stack, [stacks[u] for u in members])):
-            out[u] = result
-    return out
+def _unrefreshed(xp: Any, p: Array, previous: Array) -> tuple[Array, Array, Array]:
+    """A stack of blocks whose phase is not due on this call: its roots as they were, no failure
+    and no fallback counted (the other branch of :func:`_finite_root_or_previous`)."""
+    none = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
+    return previous, none, none
 
 
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
@@ -1210,7 +1164,7 @@ def _root_units(
 ) -> tuple[list[tuple[Array, Array]], list[tuple[int, str]], list[tuple[str, int]]]:
     """The units a refresh schedules, ``(P, previous Z)`` stacks of blocks, with the owner of each
     (``(stack, statistic name)``, units listed in block order) and its phase key ``(matrix sides in
-    increasing order, block index along the side)`` (:func:`_refresh_phases`).
+    increasing order, block index along the side)`` (:func:`precond_ref.engine.phases.hashed_phases`).
 
     A stack's statistic is one unit, but (``split``) for a side of several chunks, whose blocks
     take different phases: one unit per block. The tail is one unit, index the number of chunks.

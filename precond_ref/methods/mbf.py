@@ -8,8 +8,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from array_api_compat import array_namespace
 
 from .._backend import array_device, as_operand, cast, compute_dtype, cond, device_key, host_bool, is_zero, placement
-from ..blocking import on_stacks
+from ..blocking import chunk_sizes, on_stacks
 from ..linalg import all_finite, damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_of_quadratic
+from ..engine.phases import phase_share, refresh_runs, warmup_phase_due
 from ..engine import FLAT_MAX_ELEMENTS, StepContext, build_transform, leafwise, weight_bias_groups
 from ..transform import (
     Array,
@@ -141,14 +142,6 @@ def _from_block(xp: Any, block: Any, leaves: Sequence[Any]) -> tuple[Any, ...]:
 # is one stack of row chunks of [W | b] and its tail, each its own mini-block Fisher statistic.
 
 
-def _fc_chunks(o: int, block_size: Optional[int]) -> tuple[int, int, int]:
-    """(block size b, number of full blocks, tail size) of an output axis of length ``o``;
-    ``(o, 0, 0)`` when it is not blocked (``block_size`` None or at least ``o``)."""
-    if block_size is None or o <= block_size:
-        return o, 0, 0
-    return block_size, o // block_size, o % block_size
-
-
 def _parts(kind: str, block_shape: tuple[int, ...], block_size: Optional[int]) -> tuple[tuple[str, int, int, Optional[tuple]], ...]:
     """The statistic blocks of a group as ``(state-key suffix, first row, end row, stack shape)``:
     one part covering every row unless an FC group's output axis is blocked, then the ``full`` row
@@ -156,7 +149,7 @@ def _parts(kind: str, block_shape: tuple[int, ...], block_size: Optional[int]) -
     o = block_shape[0]
     if kind != _FC:
         return (("", 0, o, None),)
-    b, full, tail = _fc_chunks(o, block_size)
+    b, full, tail = chunk_sizes(o, block_size)
     if not full:
         return (("", 0, o, None),)
     parts = (("", 0, full * b, (full, b) + tuple(block_shape[1:])),)
@@ -190,45 +183,6 @@ def _join_rows(xp: Any, pieces: Sequence[Array], parts: Sequence[tuple]) -> Arra
         return pieces[0]
     rows = [xp.reshape(p, (stop - start,) + tuple(p.shape[-1:])) for p, (_, start, stop, _) in zip(pieces, parts)]
     return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
-
-
-def _phase_share(n: int, first: int, stop: int, phases: int) -> tuple[int, int]:
-    r"""The contiguous ``(start, end)`` of the blocks, out of a stack of ``n``, whose inverses
-    refresh in the phases ``first`` to ``stop - 1`` (of ``phases``): phase :math:`p` owns blocks
-    :math:`\lfloor np/P \rfloor` to :math:`\lfloor n(p+1)/P \rfloor - 1`, ``n`` split as evenly as
-    contiguous shares allow, so consecutive phases own consecutive blocks."""
-    return n * first // phases, n * stop // phases
-
-
-def _refresh_runs(xp: Any, decisions: Sequence[Any]) -> list[tuple[Any, int, int]]:
-    """The inverse refreshes of one call as ``(predicate, first, stop)``: phases ``first`` to
-    ``stop - 1`` refresh together where ``predicate`` holds. ``decisions[p]`` says whether phase
-    :math:`p` is due (:func:`_phase_due`). Decisions known on the host (Python bools, or arrays
-    that read for free, :func:`precond_ref._backend.host_bool`) merge into runs of consecutive due
-    phases, ``predicate`` True: in the warm-up, where every phase is due, each stack is inverted by
-    one batched call instead of one per share. A device decision keeps its own phase."""
-    runs: list[tuple[Any, int, int]] = []
-    for phase, due in enumerate(decisions):
-        known = due if isinstance(due, bool) else host_bool(xp, due)
-        if known is None:
-            runs.append((due, phase, phase + 1))
-        elif known and runs and runs[-1][0] is True and runs[-1][2] == phase:
-            runs[-1] = (True, runs[-1][1], phase + 1)
-        elif known:
-            runs.append((True, phase, phase + 1))
-    return runs
-
-
-def _phase_due(calls: Any, phase: int, phases: int, t1: int, t2: int) -> Any:
-    r"""Whether the inverses of ``phase`` (of ``phases`` :math:`P`) refresh on call ``calls``.
-
-    The authors' schedule, spread: during the warm-up (``calls <= T2``) every phase refreshes on
-    every statistics step (``calls % T1 == 0``); afterwards phase :math:`p` refreshes when
-    ``calls % T2 == (p T2) // P``, so each block is still refreshed once every :math:`T2` calls
-    and the :math:`P` shares take turns. A static schedule (host ints or a 0-D array, no device
-    read); :math:`P = 1` is the unspread ``(calls <= T2 and calls % T1 == 0) or calls % T2 == 0``.
-    """
-    return ((calls <= t2) & (calls % t1 == 0)) | (calls % t2 == (phase * t2) // phases)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +290,7 @@ def _refresh_inverses(
 
     def invert(stack: Array, before: Array) -> tuple[Array, Array]:
         n = stack.shape[0]
-        start, stop = _phase_share(n, *run, phases)
+        start, stop = phase_share(n, *run, phases)
         if stop - start == n:
             return block_inverse(stack, as_operand(xp, damping, stack.dtype), before)
         flagged = xp.zeros(stack.shape[:1], dtype=xp.bool, device=placement(xp, stack))
@@ -654,7 +608,7 @@ def mbf(
     # mbngd_if_inverse (every statistics step up to T2, then every T2 steps), spread over
     # refresh_phases shares of the blocks: one interval predicate per phase.
     phase_due = tuple(
-        (lambda calls, phase=phase: _phase_due(calls, phase, refresh_phases, t1, t2)) for phase in range(refresh_phases)
+        (lambda calls, phase=phase: warmup_phase_due(calls, phase, refresh_phases, t1, t2)) for phase in range(refresh_phases)
     )
 
     block_inverse = _faithful_inverse if faithful else damped_inverse_stable  # B2, B6
@@ -701,7 +655,7 @@ def mbf(
         )
         eps = as_operand(xp, diagonal_eps, dtype)
         direction = ema / (eps + xp.sqrt(second / correction))
-        return direction * negative_rate(xp, dtype, array_device(g), ctx), ema, second
+        return direction * ctx.negated("learning_rate", learning_rate, dtype, array_device(g)), ema, second
 
     # -- per-group init / update (leaves are out-first here; see _canonical) ----------------------
 
@@ -739,16 +693,12 @@ def mbf(
                 "O x O block per FC layer: block_size at least every layer's output size, max_block_dim=4096)"
             )
 
-    def negative_rate(xp: Any, dtype: Any, device: Any, ctx: StepContext) -> Array:
-        r""":math:`-\alpha_i` as a 0-D array of ``dtype`` on ``device``, made once per step."""
-        return ctx.once(("-learning_rate", dtype, device), lambda: -ctx.scalar("learning_rate", learning_rate, dtype, device))
-
     def step_sizes(xp: Any, directions: Sequence[Array], momenta: Sequence[Array], ctx: StepContext) -> list[Array]:
         r"""B7, per block group: :math:`-\alpha_i \nu`, the factor of its direction :math:`D` in the
         step, :math:`\nu = \min(1, \sqrt{\kappa/(\alpha_i^2\langle D, m\rangle)})` (one
         :func:`precond_ref.linalg.kl_clip_of_quadratic` for all groups of a dtype and device); :math:`-\alpha_i` when
         :math:`\kappa = 0`."""
-        rates = [negative_rate(xp, d.dtype, array_device(d), ctx) for d in directions]
+        rates = [ctx.negated("learning_rate", learning_rate, d.dtype, array_device(d)) for d in directions]
         if is_zero(kl_clip):
             return rates
         stacks: dict[Any, list[int]] = {}
@@ -818,7 +768,7 @@ def mbf(
         inverse = {key: states[key[0]]["inverse" + key[1]] for key in members}
         counts = before = [failures[i] for i in blocked]  # a refresh call counts one failure per group
         decisions = [ctxs[0].every(interval) for interval in phase_due] if members else []
-        for due, first, stop in _refresh_runs(xp, decisions):  # due phases first..stop-1, one batched call
+        for due, first, stop in refresh_runs(xp, decisions):  # due phases first..stop-1, one batched call
             refreshed, counts = cond(
                 xp, due, *inverse_branches(xp, tuple(kinds[i] for i, _ in members), owners, (first, stop)),
                 [statistic[key] for key in members], [inverse[key] for key in members], counts, before,

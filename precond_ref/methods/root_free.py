@@ -29,6 +29,7 @@ from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unst
 from ..linalg import all_finite, half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
 from ..engine import StepContext, build_transform, leafwise, weight_bias_groups
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
+from ..engine.phases import tile_phase
 from ..transform import (
     ScalarOrSchedule,
     Transform,
@@ -601,19 +602,12 @@ class _IFShampooState(NamedTuple):
     factor_failures: Any  # S3's count of discarded factor steps (0-D int32); None in faithful mode
 
 
-def _tile_phase(t: int, interval: Any, stagger: bool) -> int:
-    """S10: the refresh phase of tile ``t``, ``t % T`` when staggered over an integer interval
-    ``T > 1``, else 0 (every tile refreshes with the plain interval)."""
-    spread = stagger and isinstance(interval, int) and not isinstance(interval, bool) and interval > 1
-    return t % interval if spread else 0
-
-
 def _tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], interval: Any, stagger: bool) -> tuple:
     """The tiles of a grouped tensor of shape ``dims``: every dense axis longer than ``block_size``
     cut by :func:`precond_ref.blocking.block_bounds` (diagonal axes are never cut), tiles in
     row-major order (tile ``t``), each with its refresh phase (:func:`_tile_phase`)."""
     bounds = [((0, d),) if diag else block_bounds(d, block_size) for d, diag in zip(dims, diagonal)]
-    return tuple(_Tile(index=index, offset=_tile_phase(t, interval, stagger))
+    return tuple(_Tile(index=index, offset=tile_phase(t, interval, stagger))
                  for t, index in enumerate(itertools.product(*bounds)))
 
 
@@ -709,7 +703,7 @@ def _stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
     """The second step of ``legacy_names``: a group's state in the per-tile layout of the versions
     before stacks (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``) as the stacks of
     :func:`_stack_plan`: ``stacks/s/X/n = stack(tiles/t/X/n for t in stack s)``, the tiles of one
-    shape (their factors' lengths) and refresh phase (:func:`_tile_phase` of the factory's
+    shape (their factors' lengths) and refresh phase (:func:`precond_ref.engine.phases.tile_phase` of the factory's
     interval) in one stack, stacks in order of their first tile; the very dict when it has no
     per-tile key (every such state has ``tiles/0/factor/0``)."""
     if "tiles/0/factor/0" not in entries:
@@ -723,7 +717,7 @@ def _stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
             per_tile[int(tile[1]), tile[2], int(tile[3])] = value
     count = 1 + max(t for t, _, _ in per_tile)
     rank = 1 + max(n for _, _, n in per_tile)
-    keys = [(tuple(per_tile[t, "factor", n].shape[0] for n in range(rank)), _tile_phase(t, interval, stagger))
+    keys = [(tuple(per_tile[t, "factor", n].shape[0] for n in range(rank)), tile_phase(t, interval, stagger))
             for t in range(count)]
     xp = array_namespace(*per_tile.values())
     for s, members in enumerate(_first_appearance(keys)):
@@ -1043,13 +1037,10 @@ def _settle_kept_factors(xp: Any, ctx: StepContext, stack_states: Sequence[list]
     fused anyway), and a tile whose gradient is zero keeps its factor state (S2,
     :func:`_principled_keep_unusable`), so each entry already is its old value. Saves one
     ``where`` per factor entry and step where ``ok`` cannot be read (a GPU)."""
-    if ctx.ok is None or ctx.settled is None or torch_compiling() or is_jax_namespace(xp):
+    if is_jax_namespace(xp):
         return
-    for stacks, state in zip(stack_states, fields):
-        for new, old in zip(stacks, state.stacks):
-            if new is not old:
-                for entry in new.factor + new.factor_momentum:
-                    ctx.settled[entry] = True
+    ctx.settle(entry for stacks, state in zip(stack_states, fields) for new, old in zip(stacks, state.stacks)
+               if new is not old for entry in new.factor + new.factor_momentum)
 
 
 def _per_step_operands(xp) -> Callable[[Any, Any], Any]:

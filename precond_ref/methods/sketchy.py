@@ -19,13 +19,14 @@ import numbers
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
-from .._backend import array_device, cast, compute_dtype, cond, is_number, is_zero, scalar_array, torch_compiling
+from .._backend import array_device, cast, compute_dtype, cond, is_number, is_zero, scalar_array
 from ..blocking import (
-    block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stable_hash, stack, unfold, unstack,
+    block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stack, unfold, unstack,
 )
 from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply
 from ..tree import cached_template, from_entries, to_entries
 from ..engine import StepContext, build_transform, leafwise
+from ..engine.phases import refresh_due, shape_phase
 from ..transform import (
     ScalarOrSchedule,
     Transform,
@@ -166,16 +167,6 @@ def _leaf_plan(
     return _LeafPlan(tuple(merged_shape), tuple(axes))
 
 
-def _first_phase(shape: tuple, phases: int) -> int:
-    """A leaf's first refresh phase, from its shape (:func:`precond_ref.blocking.stable_hash`), so
-    that leaves of different shapes start their runs in different phases; the shape, not the path,
-    so that naming or grouping the parameters differently (torch's named and unnamed parameters)
-    refreshes on the same steps."""
-    if phases <= 1:
-        return 0
-    return stable_hash(str(tuple(shape))) % phases
-
-
 class _Sketch(NamedTuple):
     """One Frequent Directions sketch (:mod:`precond_ref.sketch`), or a stack of them for a run of
     equal blocks (leading axis): :math:`\\bar L = U \\operatorname{diag}(\\sigma^2) U^\\top`, the
@@ -291,17 +282,17 @@ def _refresh_due(
     the mode-n unfolding :math:`G_{(n)}` (spec §2.2); the runs of one shape and exponent, across
     leaves, go through one batched FD step (:func:`precond_ref.blocking.stack`; a block's step reads
     only its own rows). ``ctx.ok``, the step's skip predicate, is folded into the FD step's own
-    selection of the previous sketch (see :func:`_settle`). Returns each leaf's sketches and its
+    selection of the previous sketch (the sketch entries are settled). Returns each leaf's sketches and its
     failure count plus its runs whose step was not finite."""
     tables = [None if plan is None else [list(axis) for axis in sketches] for plan, sketches, _, _ in leaves]
     failures = [f for _, _, f, _ in leaves]
     unfolded: list[dict] = [{} for _ in leaves]
-    phases = sorted({run.phase for plan, *_ in leaves if plan is not None for axis in plan.axes for run in axis.runs})
-    for phase in phases:
-        due = ctx.every(dues[phase])
-        if due is False:  # decided on the host: nothing to stack
+    present = {run.phase for plan, *_ in leaves if plan is not None for axis in plan.axes for run in axis.runs}
+    decisions = [ctx.every(due) if phase in present else False for phase, due in enumerate(dues)]
+    members, owners, exponents, phases = [], [], [], []
+    for phase in sorted(present):
+        if decisions[phase] is False:  # decided on the host: nothing to unfold or stack
             continue
-        members, owners, exponents = [], [], []
         for i, (plan, _, _, merged) in enumerate(leaves):
             for n, j in () if plan is None else _units_in_phase(plan, phase):
                 axis = plan.axes[n]
@@ -310,23 +301,20 @@ def _refresh_due(
                 members.append(_leaf_member(xp, axis, axis.runs[j], tables[i][n][j], unfolded[i][n]))
                 owners.append((i, n, j))
                 exponents.append(plan.exponent)
-        stacks = stack(xp, members, labels=exponents)
+                phases.append(phase)
 
-        def refresh(*operands: Array, exponent: float) -> tuple:
-            new, ok, _ = _fd_update(xp, _Sketch(*operands[:-1]), operands[-1], exponent=exponent, accept=ctx.ok,
-                                    **fd_options)
-            return (*new, _failed(xp, ok))
+    def refresh(*operands: Array, label: float) -> tuple:
+        new, ok, _ = _fd_update(xp, _Sketch(*operands[:-1]), operands[-1], exponent=label, accept=ctx.ok, **fd_options)
+        return (*new, _failed(xp, ok))
 
-        def keep(*operands: Array) -> tuple:
-            rows = operands[-1]
-            return (*operands[:-1], xp.zeros(tuple(rows.shape[:1]), dtype=xp.int32, device=array_device(rows)))
+    def keep(*operands: Array) -> tuple:
+        rows = operands[-1]
+        return (*operands[:-1], xp.zeros(tuple(rows.shape[:1]), dtype=xp.int32, device=array_device(rows)))
 
-        outputs = [cond(xp, due, functools.partial(refresh, exponent=exponents[s.indices[0]]), keep, *s.operands)
-                   for s in stacks]
-        for (i, n, j), piece in zip(owners, unstack(stacks, outputs, len(members))):
-            piece = _unstacked(leaves[i][0].axes[n], piece)
-            tables[i][n][j] = _Sketch(*piece[:-1])
-            failures[i] = failures[i] + _count(xp, piece[-1])
+    for (i, n, j), piece in zip(owners, refresh_due(xp, decisions, phases, members, refresh, keep, labels=exponents)):
+        piece = _unstacked(leaves[i][0].axes[n], piece)
+        tables[i][n][j] = _Sketch(*piece[:-1])
+        failures[i] = failures[i] + _count(xp, piece[-1])
     return [
         (leaf[1] if table is None else tuple(tuple(axis) for axis in table), failure)
         for leaf, table, failure in zip(leaves, tables, failures)
@@ -343,18 +331,6 @@ def _count(xp: Any, flags: Array) -> Array:
     """The number of failures among a run's flags (:func:`_failed`), a 0-D int32: the flag itself
     for a leaf that is one unstacked sketch (0-D already; no reduction to launch)."""
     return flags if flags.ndim == 0 else xp.sum(flags, dtype=xp.int32)
-
-
-def _settle(ctx: StepContext, sketches: tuple) -> None:
-    """Tell the transform that the sketch entries need no skip selection of their own: a refresh
-    made with ``accept=ctx.ok`` already returned the previous entry on a skipped step, and a phase
-    not due returned it unchanged (one d x k ``where`` less per sketch and step). The failure
-    counter is not settled: the transform selects it."""
-    if ctx.ok is None or ctx.settled is None or torch_compiling():  # ids of traced values: recompiles
-        return
-    for sketch in (sketch for axis in sketches for sketch in axis):
-        for value in sketch._asdict().values():
-            ctx.settled[value] = True
 
 
 def _precondition(xp: Any, leaves: Sequence[tuple]) -> list[Array]:
@@ -562,7 +538,7 @@ def _sketchy_transform(
         leaves = []
         for (leaf,), entries in zip(grads, states):
             g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
-            plan = plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
+            plan = plan_for(tuple(g.shape), shape_phase(tuple(g.shape), len(dues)))
             leaves.append((g, plan, from_entries(_layout(plan, graft == "rmsprop", has_momentum), entries)))
         if graft == "rmsprop":  # (v, D_g) of every leaf, the leaves of one layout joined end to end
             grafts = leafwise(xp, functools.partial(rmsprop_graft, xp, ctxs[0]),
@@ -578,7 +554,10 @@ def _sketchy_transform(
         directions = []
         for (g, plan, state), (v, u), (sketches, failures), p, ctx in zip(leaves, grafts, refreshed, preconditioned, ctxs):
             if plan is not None:
-                _settle(ctx, sketches)
+                # A refresh made with accept=ctx.ok returned the previous sketch on a skipped step, and
+                # a phase not due returned it unchanged: no skip selection of the sketch entries (one
+                # d x k where less per sketch and step; the failure counter is selected).
+                ctx.settle(value for axis in sketches for sketch in axis for value in sketch)
                 u = p if graft == "none" else _grafted(xp, ctx, p, u, start_preconditioning_step)  # 4
             directions.append(u)
         if learning_rate is None:  # scale_by_sketchy: the direction U_t itself
@@ -1018,7 +997,7 @@ def s_adagrad(
         ))
 
     def leaf_plan(g: Array) -> _LeafPlan:
-        return plan_for(tuple(g.shape), _first_phase(tuple(g.shape), len(dues)))
+        return plan_for(tuple(g.shape), shape_phase(tuple(g.shape), len(dues)))
 
     def finish(xp: Any, minus_lr: Any, direction: Array, *rest: Array) -> tuple:
         """m <- mu m + P(g);  updates = -eta m - eta lambda x  (``minus_lr``: -eta, once a step;
@@ -1062,7 +1041,7 @@ def s_adagrad(
             failures = state.sketch_failures
             for piece in runs:
                 failures = failures + _count(xp, piece[-2])
-            _settle(ctxs[i], sketches)
+            ctxs[i].settle(value for axis in sketches for sketch in axis for value in sketch)  # as in sketchy
             directions.append(xp.reshape(_join_runs(xp, axis, [piece[-1] for piece in runs]), tuple(g.shape)))
             kept.append((sketches, failures))
         operands = [directions]

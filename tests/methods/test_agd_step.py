@@ -19,16 +19,27 @@ G = RNG.normal(size=64) * np.logspace(-3, 3, 64)
 M_PREV = RNG.normal(size=64) * np.logspace(3, -3, 64)
 
 
-def _scalars(backend, b1, b2, t, lr=0.1, delta=1e-3):
-    xp = backend.xp
+def _config(b1, b2, lr=0.1, delta=1e-3, wd=0.0, faithful=False, win=False):
+    return agd_module.AGDConfig(lr, b1, b2, delta, wd, amsgrad=False, clip=None, win=win, faithful=faithful, decay=None)
+
+
+def _step_values(backend, t):
+    from precond_ref.engine.elementwise import StepValues
+
     count = backend.asarray(np.asarray(t - 1, dtype=np.int32))
-    return agd_module._corrections(xp, b1, b2, count, lr, delta, xp.float64)
+    return StepValues(count, lambda v: v, {}, backend.xp.float64, None)
+
+
+def _scalars(backend, b1, b2, t, lr=0.1, delta=1e-3, wd=0.0, win=False):
+    """The step's scalars of principled AGD (``agd._scalars``) at step ``t``, float64."""
+    config = _config(b1, b2, lr, delta, wd, win=win)
+    return agd_module._scalars(backend.xp, config, _step_values(backend, t), lr, wd)
 
 
 @pytest.mark.parametrize("b1", [0.0, 0.3, 0.5, 0.9, 0.999])
 @pytest.mark.parametrize("t", [1, 2, 3, 10, 300])
 def test_stepwise_difference_is_the_papers_difference(property_backend, b1, t):
-    """``_stepwise_difference`` (either rewriting) equals the paper's s_t = m^_t - m^_{t-1}.
+    """``_stepwise_difference`` (either rewriting, with its coefficients from ``_scalars``) equals the paper's s_t = m^_t - m^_{t-1}.
 
     Plain formula (spec §2.1): s_t = m_t/(1 - b1^t) - m_{t-1}/(1 - b1^{t-1}), with m^_0 = 0, where
     m_t = b1 m_{t-1} + (1 - b1) g_t is the momentum the step passes in. Rounding model: the plain
@@ -45,7 +56,7 @@ def test_stepwise_difference_is_the_papers_difference(property_backend, b1, t):
     m_new = b1 * m_prev + (1.0 - b1) * G
     c = _scalars(backend, b1, 0.999, t)
     got = backend.to_numpy(
-        agd_module._stepwise_difference(xp, b1, c, backend.asarray(G), backend.asarray(m_prev), backend.asarray(m_new))
+        agd_module._stepwise_difference(_config(b1, 0.999), c, backend.asarray(G), backend.asarray(m_prev), backend.asarray(m_new))
     )
     bc1, bc1_prev = 1.0 - b1**t, 1.0 - b1 ** (t - 1)
     m_hat, m_hat_prev = m_new / bc1, (m_prev / bc1_prev if t > 1 else np.zeros_like(G))
@@ -71,16 +82,16 @@ def test_stepwise_difference_reads_the_new_momentum_for_large_b1(property_backen
     args = (backend.asarray(G), backend.asarray(M_PREV), backend.asarray(m_new))
     wrong = (backend.asarray(G), backend.asarray(2.0 * M_PREV), backend.asarray(m_new))
     c = _scalars(backend, 0.9, 0.999, 5)
-    same = [backend.to_numpy(agd_module._stepwise_difference(xp, 0.9, c, *x)) for x in (args, wrong)]
+    same = [backend.to_numpy(agd_module._stepwise_difference(_config(0.9, 0.999), c, *x)) for x in (args, wrong)]
     np.testing.assert_array_equal(same[0], same[1])
     c = _scalars(backend, 0.3, 0.999, 5)
-    moved = [backend.to_numpy(agd_module._stepwise_difference(xp, 0.3, c, *x)) for x in (args, wrong)]
+    moved = [backend.to_numpy(agd_module._stepwise_difference(_config(0.3, 0.999), c, *x)) for x in (args, wrong)]
     assert not np.array_equal(moved[0], moved[1])
 
 
 @pytest.mark.parametrize("t", [1, 7, 1000])
 def test_ratio_is_the_switched_adaptive_ratio(property_backend, t):
-    """``_ratio`` is m^_t / max(sqrt(b^_t), delta) with m^ = m/(1 - b1^t), b^ = b/(1 - b2^t):
+    """``_auto_switch`` (principled, unclipped) is m^_t / max(sqrt(b^_t), delta) with m^ = m/(1 - b1^t), b^ = b/(1 - b2^t):
     element-wise within the rounding model below, and the switch picks delta exactly where
     sqrt(b^) < delta.
 
@@ -102,7 +113,8 @@ def test_ratio_is_the_switched_adaptive_ratio(property_backend, t):
     b1, b2, delta = 0.9, 0.999, 1e-3
     v = np.abs(G) ** 2 * 1e-3
     c = _scalars(backend, b1, b2, t, delta=delta)
-    got = backend.to_numpy(agd_module._ratio(backend.xp, c, backend.asarray(M_PREV), backend.asarray(v)))
+    config = _config(b1, b2, delta=delta)
+    got = backend.to_numpy(agd_module._auto_switch(backend.xp, config, c, backend.asarray(M_PREV), backend.asarray(v)))
     want = (M_PREV / (1 - b1**t)) / np.maximum(np.sqrt(v / (1 - b2**t)), delta)
 
     def conditioning(b):  # the relative error of 1 - b^t per relative error of a rounded b^t
@@ -115,13 +127,13 @@ def test_ratio_is_the_switched_adaptive_ratio(property_backend, t):
             bc1=backend.asarray(np.asarray(1.0 - np.nextafter(b1**t, 1.0))),
             bc2=backend.asarray(np.asarray(1.0 - np.nextafter(b2**t, 0.0))),
         )
-        moved = backend.to_numpy(agd_module._ratio(backend.xp, ulp_off, backend.asarray(M_PREV), backend.asarray(v)))
+        moved = backend.to_numpy(agd_module._auto_switch(backend.xp, config, ulp_off, backend.asarray(M_PREV), backend.asarray(v)))
         np.testing.assert_allclose(moved, want, rtol=rtol, atol=0)
     assert np.any(np.sqrt(v / (1 - b2**t)) < delta) and np.any(np.sqrt(v / (1 - b2**t)) > delta)
 
 
 def test_faithful_corrections_are_the_authors_float32_scalars(property_backend):
-    """``_faithful_corrections`` gives the authors' float32 scalars (spec §2.2 steps 2, 7, 9):
+    """``_faithful_scalars`` gives the authors' float32 scalars (spec §2.2 steps 2, 7, 9):
     1/(1 - b1^t), 1/(1 - b1^{t-1}) (1 at t = 1), lr sqrt(1 - b2^t)/(1 - b1^t) and delta sqrt(1 - b2^t),
     each operation rounded to float32 (+ - * / are correctly rounded; the powers are float32(b)^t
     rounded once, the square root is the correctly rounded one). Exact equality: every step is one
@@ -131,8 +143,7 @@ def test_faithful_corrections_are_the_authors_float32_scalars(property_backend):
     f = np.float32
     b1, b2, lr, delta = 0.9, 0.95, 0.05, 1e-5
     for t in (1, 2, 9, 40):
-        count = backend.asarray(np.asarray(t - 1, dtype=np.int32))
-        c = agd_module._faithful_corrections(xp, b1, b2, count, lr, delta, xp.float64)
+        c = agd_module._faithful_scalars(xp, _config(b1, b2, lr, delta, faithful=True), _step_values(backend, t), lr, 0.0)
         power = lambda b, n: f(np.float64(f(b)) ** n)  # noqa: E731
         bc1, bc2 = f(1) - power(b1, t), f(1) - power(b2, t)
         bc1_prev = f(1) if t == 1 else f(1) - power(b1, t - 1)
@@ -142,27 +153,21 @@ def test_faithful_corrections_are_the_authors_float32_scalars(property_backend):
         for name, value in want.items():
             got = backend.to_numpy(getattr(c, name))
             assert got.dtype == np.float64 and float(got) == float(np.float64(value)), (t, name)
-        assert float(backend.to_numpy(c.eta32)) == float(eta32)
 
 
 def test_win_is_the_stated_extrapolation(property_backend):
-    """``_win``: z' = (z - eta r)/(1 + wd eta), theta' = (theta - 2 eta r + 2 z')/(3 + 2 eta wd),
-    within 8 eps of the magnitudes involved (a handful of roundings per element)."""
-
-    class _Ctx:
-        xp = property_backend.xp
-
-        @staticmethod
-        def unless_skipped(new, old):
-            return new
-
+    """``_win_iterate`` and ``_win_step``: z' = (z - eta r)/(1 + wd eta), theta' = (theta - 2 eta r
+    + 2 z')/(3 + 2 eta wd), within 8 eps of the magnitudes involved (a handful of roundings per
+    element)."""
     backend = property_backend
     eta, wd = 0.1, 0.3
-    c = _scalars(backend, 0.9, 0.999, 3, lr=eta)
+    config = _config(0.9, 0.999, lr=eta, wd=wd, win=True)
+    c = _scalars(backend, 0.9, 0.999, 3, lr=eta, wd=wd, win=True)
+    theta, z, r = (backend.asarray(a) for a in (M_PREV, 0.5 * M_PREV + 0.1, G))
+    z_new = agd_module._win_iterate(config, c, z, r)
+    new_theta = backend.to_numpy(agd_module._win_step(config, c, theta, z_new, r))
+    z_new = backend.to_numpy(z_new)
     theta, z, r = M_PREV, 0.5 * M_PREV + 0.1, G
-    new_theta, z_new = (
-        backend.to_numpy(x) for x in agd_module._win(_Ctx, c, wd, *(backend.asarray(a) for a in (theta, z, r)))
-    )
     want_z = (z - eta * r) / (1 + wd * eta)
     want_theta = (theta - 2 * eta * r + 2 * want_z) / (3 + 2 * eta * wd)
     scale = np.abs(theta) + np.abs(z) + np.abs(eta * r)

@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 
 import precond_ref as pr
-from precond_ref.methods.asgo import (
-    PRINCIPLED_BLOCK_SIZE,
-    _refresh_phases,
-)
+from precond_ref.engine.phases import hashed_phases as _refresh_phases
+from precond_ref.methods.asgo import PRINCIPLED_BLOCK_SIZE
 
 EPS64 = np.finfo(np.float64).eps
 asgo_module = importlib.import_module("precond_ref.methods.asgo")
@@ -24,7 +22,7 @@ def _due_phases(schedule, calls):
 
 @pytest.mark.parametrize("phases", [1, 4, 10])
 def test_refresh_phases_depend_on_the_block_alone(phases):
-    """Invariant (``_refresh_phases``' definition): a block's phase is ``(h(path) + index) mod
+    """Invariant (``engine.phases.hashed_phases``' definition): a block's phase is ``(h(path) + index) mod
     T`` (``h`` a fixed string hash), a function of its own key: the same when other blocks are added or removed (param groups
     split a model, a shard holds some leaves), and the blocks of one leaf take consecutive phases,
     so a side of ``n <= T`` blocks has ``n`` distinct phases."""

@@ -71,25 +71,33 @@ def test_finite_root_or_previous_keeps_previous_where_not_finite():
 
 
 @pytest.mark.parametrize("due", [True, False, np.bool_(False)])
-def test_roots_when_due_is_refresh_per_member(due):
-    """The plain formula: refresh(P_i, Z_i) for every member when due, else (Z_i, counts 0 or
-    None); stacks of one block shape batched into one call, bitwise equal to one call each."""
+def test_refresh_due_is_refresh_per_member(due):
+    """The plain formula of ``engine.phases.refresh_due``: refresh(P_i, Z_i) for every member when
+    its phase is due, ``keep`` when the decision is an array that says no, nothing (``None``) when
+    the host decided no; stacks of one block shape batched into one call, bitwise equal to one
+    call each (ASGO's roots: ``_finite_root_or_previous``, ``_unrefreshed``)."""
+    from precond_ref.engine.phases import refresh_due
+
     rng = np.random.default_rng(2)
     stacks = [(_psd(rng, n, k, k + 1), rng.standard_normal((n, k, k))) for n, k in [(2, 3), (1, 4), (3, 3)]]
     calls = []
 
-    def refresh(xp_, p, z):
+    def refresh(p, z):
         calls.append(p.shape)
         return _plain_inverse_sqrt(p) + z, np.ones(p.shape[0], np.int32), np.zeros(p.shape[0], np.int32)
 
-    out = A._roots_when_due(xp, [due], [0] * len(stacks), stacks, refresh)
-    for (p, z), (r, failed, _) in zip(stacks, out):
+    out = refresh_due(xp, [due], [0] * len(stacks), stacks, refresh, lambda p, z: A._unrefreshed(xp, p, z))
+    for (p, z), result in zip(stacks, out):
+        if due is False:
+            assert result is None
+            continue
+        r, failed, _ = result
         if due:
-            np.testing.assert_array_equal(r, refresh(xp, p, z)[0])
+            np.testing.assert_array_equal(r, refresh(p, z)[0])
             np.testing.assert_array_equal(failed, np.ones(p.shape[0]))
         else:
             np.testing.assert_array_equal(r, z)
-            assert failed is None or np.all(np.asarray(failed) == 0)
+            assert np.all(np.asarray(failed) == 0)
     if due is True:
         assert calls[:2] == [(5, 3, 3), (1, 4, 4)]  # the two 3x3 members in one call
 

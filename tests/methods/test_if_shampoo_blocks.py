@@ -235,12 +235,12 @@ def test_skipped_step_keeps_every_factor_without_selecting_it(backend, interval,
 @pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.1), (0.9, 0.0), (0.0, 0.1)])
 def test_leaves_joined_for_the_last_lines_get_what_each_computes_alone(momentum, weight_decay, monkeypatch):
     """The step's last lines (U = D + κW, v ← α₁v + U, W ← W − ηv) run on the leaves of one layout
-    joined end to end (``transform.leafwise``: a few calls for all leaves on a GPU). They are
+    joined end to end (``engine.leafwise``: a few calls for all leaves on a GPU). They are
     element-wise, so every leaf's update and momentum are exactly those of the same lines run leaf
     by leaf: bitwise equal over 4 steps (NumPy float64 and float32; weights with their biases, whose
     slice of the grouped direction is not contiguous, a lone vector, and without momentum the cast
     to the work dtype). Fails if a leaf is handed another's slice or a line is skipped."""
-    from precond_ref import transform
+    from precond_ref.engine import joined as transform  # leafwise joins by its stack
     from precond_ref.tree import tree_flatten
 
     joins = []

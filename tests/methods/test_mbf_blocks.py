@@ -9,6 +9,7 @@ import pytest
 
 import precond_ref as pr
 from precond_ref.testing.loops import LoopMBF
+from precond_ref.engine.phases import phase_share, refresh_runs, warmup_phase_due
 
 M = importlib.import_module("precond_ref.methods.mbf")  # the package re-exports the factory under this name
 
@@ -112,38 +113,38 @@ def test_warm_start_fills_every_block():
 
 
 def test_phase_due_schedule():
-    """The spread schedule (``_phase_due``): P = 1 is the authors' ``mbngd_if_inverse`` (every
+    """The spread schedule (``engine.phases.warmup_phase_due``): P = 1 is the authors' ``mbngd_if_inverse`` (every
     statistics step up to T2, then multiples of T2); for P > 1 every phase is due on every
     statistics step up to T2, then exactly once in every T2 consecutive calls, the P phases on
     distinct calls; a 0-D integer array gives the same decisions as a Python int."""
     t1, t2 = 3, 12
     authors = [(i <= t2 and i % t1 == 0) or i % t2 == 0 for i in range(60)]
-    assert [bool(M._phase_due(i, 0, 1, t1, t2)) for i in range(60)] == authors
+    assert [bool(warmup_phase_due(i, 0, 1, t1, t2)) for i in range(60)] == authors
     phases = 4
-    due = {p: [i for i in range(60) if M._phase_due(i, p, phases, t1, t2)] for p in range(phases)}
+    due = {p: [i for i in range(60) if warmup_phase_due(i, p, phases, t1, t2)] for p in range(phases)}
     for p, calls in due.items():
         assert [i for i in calls if i <= t2] == list(range(0, t2 + 1, t1))
         after = [i for i in calls if i > t2]
         assert np.all(np.diff(after) == t2) and after[0] - t2 <= t2
-        assert all(bool(M._phase_due(np.asarray(i, np.int32), p, phases, t1, t2)) == (i in calls) for i in range(60))
+        assert all(bool(warmup_phase_due(np.asarray(i, np.int32), p, phases, t1, t2)) == (i in calls) for i in range(60))
     late = [set(i for i in calls if i > t2) for calls in due.values()]
     assert sum(len(s) for s in late) == len(set().union(*late))  # never two phases on one call
 
 
 @pytest.mark.parametrize("n, phases", [(0, 3), (1, 3), (5, 3), (22, 10), (7, 7)])
 def test_phase_share_partitions_the_stack(n, phases):
-    """``_phase_share``: the shares of the P phases are contiguous, cover 0..n-1 once, in order,
+    """``engine.phases.phase_share``: the shares of the P phases are contiguous, cover 0..n-1 once, in order,
     and differ in size by at most one block (an even load per refresh call); the share of a run
     of phases ``first..stop-1`` is the union of its phases' shares (so merging a run refreshes
     exactly the blocks its phases would)."""
-    shares = [M._phase_share(n, p, p + 1, phases) for p in range(phases)]
+    shares = [phase_share(n, p, p + 1, phases) for p in range(phases)]
     assert shares[0][0] == 0 and shares[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
     sizes = [stop - start for start, stop in shares]
     assert max(sizes) - min(sizes) <= 1
     for first in range(phases):
         for stop in range(first + 1, phases + 1):
-            assert M._phase_share(n, first, stop, phases) == (shares[first][0], shares[stop - 1][1])
+            assert phase_share(n, first, stop, phases) == (shares[first][0], shares[stop - 1][1])
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "4", 4.0])
@@ -211,18 +212,18 @@ def test_principled_defaults():
 
 
 def test_refresh_runs_merge_the_phases_due_on_the_host():
-    """``_refresh_runs``: phases due on the host (Python bools, NumPy 0-D arrays, which read for
+    """``engine.phases.refresh_runs``: phases due on the host (Python bools, NumPy 0-D arrays, which read for
     free) merge into runs of consecutive phases, so the warm-up (every phase due) is one run
     ``(True, 0, P)``; a decision only the device knows (an ``array_api_strict`` array here: never
     read by ``host_bool``) stays its own phase with its own predicate."""
     strict = pytest.importorskip("array_api_strict")
-    assert M._refresh_runs(np, [True] * 4) == [(True, 0, 4)]
-    assert M._refresh_runs(np, [False, True, False, False]) == [(True, 1, 2)]
-    assert M._refresh_runs(np, [True, False, True, True]) == [(True, 0, 1), (True, 2, 4)]
-    assert M._refresh_runs(np, [False] * 3) == []
-    assert M._refresh_runs(np, [np.asarray(True)] * 3) == [(True, 0, 3)]
+    assert refresh_runs(np, [True] * 4) == [(True, 0, 4)]
+    assert refresh_runs(np, [False, True, False, False]) == [(True, 1, 2)]
+    assert refresh_runs(np, [True, False, True, True]) == [(True, 0, 1), (True, 2, 4)]
+    assert refresh_runs(np, [False] * 3) == []
+    assert refresh_runs(np, [np.asarray(True)] * 3) == [(True, 0, 3)]
     device = [strict.asarray(True), strict.asarray(True)]
-    runs = M._refresh_runs(strict, device)
+    runs = refresh_runs(strict, device)
     assert [(r[1], r[2]) for r in runs] == [(0, 1), (1, 2)] and all(r[0] is d for r, d in zip(runs, device))
 
 

@@ -67,7 +67,7 @@ def test_plain_step_operations_per_layer():
 def test_warm_up_refresh_inverts_each_stack_once():
     """The warm-up refreshes every share of every stack on each statistics call (the authors'
     schedule; spread over P = T2/T1 shares only afterwards): decided on the host, the shares form
-    one run (``_refresh_runs``), so each stack of equal-size blocks is inverted by one batched
+    one run (``engine.phases.refresh_runs``), so each stack of equal-size blocks is inverted by one batched
     call, whatever P. Here one stack of three 2 x 2 blocks (an FC layer of 6 outputs,
     block_size 2) and P = 3: one batched inverse, not one per share (before: 3)."""
     from dispatched import Dispatched

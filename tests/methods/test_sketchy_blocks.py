@@ -9,6 +9,7 @@ import importlib
 
 import precond_ref as pr
 from precond_ref.blocking import PhaseDue
+from precond_ref.engine.phases import shape_phase
 
 sk = importlib.import_module("precond_ref.methods.sketchy")
 
@@ -43,7 +44,7 @@ def test_spread_refresh_updates_each_run_on_its_phase_only():
     tx = pr.scale_by_sketchy(rank=2, block_size=4, precondition_every=interval, spread_refresh=True)
     state = tx.init(params)
     # (12, 5) merges to one axis of 60: 15 blocks of 4, cut into 3 runs with phases 0, 1, 2 (mod 3).
-    plan = sk._leaf_plan((60,), 2, 4, interval, sk._first_phase((12, 5), interval))
+    plan = sk._leaf_plan((60,), 2, 4, interval, shape_phase((12, 5), interval))
     assert len(plan.axes[0].runs) == 3
     rng = np.random.default_rng(0)
     for call in range(2 * interval + 1):

@@ -1,0 +1,125 @@
+"""Phases of periodic work: which blocks refresh on which call, and the refresh of those due.
+
+A method with a refresh interval ``T`` may spread its blocks' refreshes over the interval: each
+block gets a phase ``p < T`` and refreshes on the calls ``count % T == p`` (and on the first), so
+that no call does all the blocks' expensive work (:class:`precond_ref.blocking.PhaseDue`,
+:func:`precond_ref.blocking.spread_schedule`). Each method's rule for a block's phase is one named
+function here, and :func:`refresh_due` runs the refresh of the blocks whose phase is due, the equal
+blocks of all leaves in one batched call.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Hashable, Optional, Sequence
+
+from .._backend import cond, host_bool
+from ..blocking import stable_hash, stack, unstack
+
+__all__ = [
+    "refresh_due", "hashed_phases", "shape_phase", "tile_phase", "phase_share", "refresh_runs", "warmup_phase_due",
+]
+
+
+def hashed_phases(keys: Sequence[tuple[str, int]], phases: int) -> list[int]:
+    """The phase of each block among ``phases``, from its key ``(leaf, block index along the leaf's
+    side)``: ``(h(leaf) + index) mod phases``, ``h`` :func:`precond_ref.blocking.stable_hash` (ASGO).
+    The blocks of one leaf take consecutive phases (a side of up to ``phases`` blocks is refreshed
+    one block per step), and leaves start at phases spread by ``h``. A block's phase depends on its
+    own key only: the same whatever other parameters the transform steps (param groups, shards) and
+    on every run."""
+    return [(stable_hash(leaf) + index) % phases for leaf, index in keys]
+
+
+def shape_phase(shape: tuple, phases: int) -> int:
+    """A leaf's first refresh phase, from its shape (:func:`precond_ref.blocking.stable_hash`;
+    Sketchy's runs take the phases after it in turn), so that leaves of different shapes start in
+    different phases; the shape, not the path, so that naming or grouping the parameters differently
+    (torch's named and unnamed parameters) refreshes on the same steps."""
+    if phases <= 1:
+        return 0
+    return stable_hash(str(tuple(shape))) % phases
+
+
+def tile_phase(t: int, interval: Any, stagger: bool) -> int:
+    """The refresh phase of tile ``t`` of a blocked tensor (IF-Shampoo): ``t % T`` when staggered
+    over an integer interval ``T > 1``, else 0 (every tile refreshes with the plain interval)."""
+    spread = stagger and isinstance(interval, int) and not isinstance(interval, bool) and interval > 1
+    return t % interval if spread else 0
+
+
+def phase_share(n: int, first: int, stop: int, phases: int) -> tuple[int, int]:
+    r"""MBF: the contiguous ``(start, end)`` of the blocks, out of a stack of ``n``, whose inverses
+    refresh in the phases ``first`` to ``stop - 1`` (of ``phases``): phase :math:`p` owns blocks
+    :math:`\lfloor np/P \rfloor` to :math:`\lfloor n(p+1)/P \rfloor - 1`, ``n`` split as evenly as
+    contiguous shares allow, so consecutive phases own consecutive blocks."""
+    return n * first // phases, n * stop // phases
+
+
+def refresh_runs(xp: Any, decisions: Sequence[Any]) -> list[tuple[Any, int, int]]:
+    """MBF: the inverse refreshes of one call as ``(predicate, first, stop)``: phases ``first`` to
+    ``stop - 1`` refresh together where ``predicate`` holds. ``decisions[p]`` says whether phase
+    :math:`p` is due (:func:`warmup_phase_due`). Decisions known on the host (Python bools, or arrays
+    that read for free, :func:`precond_ref._backend.host_bool`) merge into runs of consecutive due
+    phases, ``predicate`` True: in the warm-up, where every phase is due, each stack is inverted by
+    one batched call instead of one per share. A device decision keeps its own phase."""
+    runs: list[tuple[Any, int, int]] = []
+    for phase, due in enumerate(decisions):
+        known = due if isinstance(due, bool) else host_bool(xp, due)
+        if known is None:
+            runs.append((due, phase, phase + 1))
+        elif known and runs and runs[-1][0] is True and runs[-1][2] == phase:
+            runs[-1] = (True, runs[-1][1], phase + 1)
+        elif known:
+            runs.append((True, phase, phase + 1))
+    return runs
+
+
+def warmup_phase_due(calls: Any, phase: int, phases: int, t1: int, t2: int) -> Any:
+    r"""MBF: whether the inverses of ``phase`` (of ``phases`` :math:`P`) refresh on call ``calls``.
+
+    The authors' schedule, spread: during the warm-up (``calls <= T2``) every phase refreshes on
+    every statistics step (``calls % T1 == 0``); afterwards phase :math:`p` refreshes when
+    ``calls % T2 == (p T2) // P``, so each block is still refreshed once every :math:`T2` calls
+    and the :math:`P` shares take turns. A static schedule (host ints or a 0-D array, no device
+    read); :math:`P = 1` is the unspread ``(calls <= T2 and calls % T1 == 0) or calls % T2 == 0``.
+    """
+    return ((calls <= t2) & (calls % t1 == 0)) | (calls % t2 == (phase * t2) // phases)
+
+
+def refresh_due(
+    xp: Any,
+    decisions: Sequence[Any],
+    phases: Sequence[int],
+    members: Sequence[tuple],
+    refresh: Callable[..., tuple],
+    keep: Callable[..., tuple],
+    labels: Optional[Sequence[Hashable]] = None,
+) -> list[Optional[tuple]]:
+    """``refresh(*members[u])`` for every block ``u`` whose phase is due, ``keep(*members[u])``
+    where it is not; ``None`` for a block whose phase was decided not due on the host.
+
+    ``decisions[p]`` says whether phase ``p`` is due: a Python bool (decided on the host: ``False``
+    computes nothing) or a 0-D bool array (then :func:`precond_ref._backend.cond` selects, without a
+    host read). ``phases[u]`` is block ``u``'s phase and ``members[u]`` its operands, each with a
+    leading block axis. The blocks of one phase whose operands agree in trailing shape, dtype and
+    device (and in ``labels[u]``, which ``refresh`` then gets as its keyword ``label``) go through
+    ``refresh`` together (:func:`precond_ref.blocking.stack`), so ``refresh`` must act block by
+    block along the leading axis (a batched ``eigh``, an FD step).
+    """
+    out: list[Optional[tuple]] = [None] * len(members)
+    for phase, due in enumerate(decisions):
+        if due is False:
+            continue
+        chosen = [u for u in range(len(members)) if phases[u] == phase]
+        if not chosen:
+            continue
+        chosen_labels = None if labels is None else [labels[u] for u in chosen]
+        stacks = stack(xp, [members[u] for u in chosen], labels=chosen_labels)
+        results = []
+        for s in stacks:
+            fn = refresh if labels is None else partial(refresh, label=chosen_labels[s.indices[0]])
+            results.append(cond(xp, due, fn, keep, *s.operands))
+        for u, result in zip(chosen, unstack(stacks, results, len(chosen))):
+            out[u] = result
+    return out
