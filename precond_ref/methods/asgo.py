@@ -687,7 +687,7 @@ def asgo(
         for i, result in zip(adam, _joined(xp, fallback, [(grads[i][0], states[i], _param(params, i)) for i in adam], ctx)):
             results[i] = result
         matrices = [i for i, state in enumerate(states) if "mu" not in state]
-        stacks = _matrix_stacks(xp, grads, states, params, matrices, side, faithful, not is_zero(weight_decay))
+        stacks = _matrix_stacks(xp, grads, states, params, matrices, side, not is_zero(weight_decay))
         if not stacks:
             return results
         new = []
@@ -725,14 +725,16 @@ def asgo(
         return _second_moment(xp, p_old, x, b2, accumulator == "sum", faithful)
 
     def previous_root(xp, s: "_MatrixStack", statistic_name: str, p: Array) -> Array:
-        """The roots kept where a refresh fails or is not due (D6): principled, the stored ones;
-        faithful, the identity."""
-        if faithful:
-            return xp.zeros_like(p) + identity_like(p)
-        return s.state["root" if statistic_name == "statistic" else "root_tail"]
+        """The roots kept where a refresh is not due: the stored ones (faithful mode stores none
+        when it roots every step: the identity)."""
+        stored = s.state.get("root" if statistic_name == "statistic" else "root_tail")
+        return xp.zeros_like(p) + identity_like(p) if stored is None else stored
 
     def root_or_previous(xp, p: Array, previous: Array) -> tuple[Array, Array, Array]:
-        return _finite_root_or_previous(xp, p, previous, inverse_sqrt)
+        """A refreshed root, and where it is not finite (D6) the previous one (principled) or the
+        identity (faithful: the authors' replacement)."""
+        kept = xp.zeros_like(p) + identity_like(p) if faithful else previous
+        return _finite_root_or_previous(xp, p, kept, inverse_sqrt)
 
     def fallback(g, state, param, ctx) -> tuple[tuple[Array], dict[str, Array]]:
         u, new = _adam_update(
@@ -1069,23 +1071,22 @@ _STACKED = ("momentum", "statistic", "statistic_tail", "root", "root_tail")
 
 
 def _matrix_stacks(
-    xp: Any, grads: list, states: list, params: Any, leaves: list[int], side: str, faithful: bool, with_param: bool
+    xp: Any, grads: list, states: list, params: Any, leaves: list[int], side: str, with_param: bool
 ) -> list[_MatrixStack]:
     """The matrix leaves ``leaves`` grouped into stacks of equal matrix shape, dtype and device
     (:func:`~precond_ref.blocking.stack`): per leaf its gradient as an m×n matrix in the compute
-    dtype, its state entries (the root only where the step reads it: principled mode) and, with
+    dtype, its state entries (the roots where it keeps them) and, with
     ``with_param``, its parameter as an m×n matrix, joined along a new leading axis."""
-    names = [n for n in _STACKED if not (faithful and n.startswith("root"))]
     members, labels = [], []
     for i in leaves:
         (g,), state = grads[i], states[i]
         shape = tuple(state["momentum"].shape)
         operands = [cast(xp, _as_matrix(xp, g, shape), compute_dtype(xp, g.dtype))]
-        operands += [state[n] for n in names if n in state]
+        operands += [state[n] for n in _STACKED if n in state]
         if with_param:
             operands.append(_as_matrix(xp, _param(params, i), shape))
         members.append(tuple(operands))
-        labels.append(tuple(n for n in names if n in state))
+        labels.append(tuple(n for n in _STACKED if n in state))
     stacks = []
     for s in stack(xp, members, key=_full_layout, labels=labels):
         count, entries = len(s.indices), labels[s.indices[0]]

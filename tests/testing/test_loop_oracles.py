@@ -306,9 +306,7 @@ def test_s_adagrad(mode, options):
 @pytest.mark.parametrize("options", [
     {},
     {"root_method": "newton_schulz", "root_steps": 20, "rms_target": None, "fallback_weight_decay": 0.1},
-    pytest.param({"precondition_every": 2}, marks=pytest.mark.xfail(strict=True, reason=(
-        "the library's faithful asgo with precondition_every > 1 uses (and stores) the identity as the root "
-        "between refreshes, not the stored root its docstring promises (previous_root: identity in faithful mode)"))),
+    {"precondition_every": 2},
 ])
 def test_asgo_faithful(options):
     """``LoopASGO(mode="faithful")`` = ``asgo(mode="faithful")`` (spec asgo.md §2.3, §2.6): float32
