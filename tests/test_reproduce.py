@@ -19,52 +19,78 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Verdict rules (pure Python)
 
 
-def test_quorum_is_two_thirds_rounded_up():
-    """Invariant (the report's rule text): "at least 2/3 of the seeds" = ceil(2n/3)."""
-    assert [V.quorum(n) for n in (1, 2, 3, 4, 5, 6)] == [1, 2, 2, 3, 4, 4]
+def test_t_quantile_matches_the_tables_and_the_expansion_joins_them():
+    """t(0.975, df): 12.706 at df 1, 2.776 at df 4 (any t table); above df 30 the Cornish-Fisher
+    expansion continues the table (at df 30 it gives 2.042 to 1e-3) and tends to the normal 1.96."""
+    assert V.t_quantile(1) == 12.706 and V.t_quantile(4) == 2.776
+    z = V._Z975
+    expansion_at_30 = z + (z**3 + z) / 120 + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * 900)
+    assert abs(expansion_at_30 - V.t_quantile(30)) < 1e-3
+    assert V.t_quantile(31) < V.t_quantile(30) and abs(V.t_quantile(10**6) - 1.96) < 1e-3
 
 
-def test_ordering_holds_when_the_claimed_order_is_clear():
-    """2 of 3 seeds in order is enough when the mean gap exceeds the seeds' spread."""
+def test_interval_is_the_t_interval_of_the_mean():
+    """mean +- t(0.975, n-1) s / sqrt(n); one value has no interval (infinite)."""
+    mean, low, high = V.interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.776 * math.sqrt(2.5) / math.sqrt(5)
+    assert mean == 3.0 and low == pytest.approx(3.0 - half, rel=1e-12) and high == pytest.approx(3.0 + half, rel=1e-12)
+    assert V.interval([2.0])[1:] == (-math.inf, math.inf)
+
+
+def test_ordering_holds_does_not_hold_or_is_inconclusive_by_the_paired_interval():
+    """Holds when the interval of the paired gains is above 0, does not hold when below, else
+    inconclusive. Pairing: a bad seed for both sides cancels in the difference."""
     rule = V.Ordering("a", "b")
-    assert rule.decide([1.0, 1.1, 1.3], [2.0, 2.1, 1.2]) == V.HOLDS  # seed 3 out of order, gap 0.3 > spread
-    assert V.Ordering("a", "b", lower_is_better=False).decide([0.9, 0.91, 0.92], [0.5, 0.52, 0.51]) == V.HOLDS
+    # a is lower by 0.1 in every seed although the seeds differ by far more than 0.1 (pairing).
+    base = [1.0, 3.0, 0.5, 2.0, 5.0]
+    assert rule.decide([x - 0.1 for x in base], [x + 0.001 * i for i, x in enumerate(base)]) == V.HOLDS
+    assert rule.decide([x + 0.1 for x in base], base) == V.FAILS
+    assert rule.decide([1.0, 1.2, 0.9, 1.1, 1.0], [1.05, 1.0, 1.0, 1.05, 0.95]) == V.INCONCLUSIVE  # gains straddle 0
+    assert rule.decide([1.0, 2.0], [2.0, 1.0]) == V.INCONCLUSIVE
+    assert rule.decide([0.0], [5.0]) == V.INCONCLUSIVE  # one seed: no interval
+    higher = V.Ordering("a", "b", lower_is_better=False)
+    assert higher.decide([0.9, 0.91, 0.92, 0.9, 0.93], [0.5, 0.52, 0.51, 0.5, 0.49]) == V.HOLDS
+    verdict, evidence = rule.assess([x - 0.1 for x in base], base)
+    assert verdict == V.HOLDS and evidence["n"] == 5 and evidence["mean"] == pytest.approx(0.1, rel=1e-12)
 
 
-def test_ordering_does_not_hold_when_the_opposite_order_is_clear():
-    """The negated claim passing the same test is "does not hold" (an honest negative result)."""
-    assert V.Ordering("a", "b").decide([2.0, 2.1, 2.05], [1.0, 1.05, 1.1]) == V.FAILS
-
-
-def test_ordering_is_inconclusive_inside_the_noise_or_when_seeds_disagree():
-    rule = V.Ordering("a", "b")
-    assert rule.decide([1.0, 1.5, 0.5], [1.1, 1.6, 0.6]) == V.INCONCLUSIVE  # in order, gap 0.1 < spread 0.5
-    assert rule.decide([1.0, 2.0], [2.0, 1.0]) == V.INCONCLUSIVE  # 1 of 2 seeds each way
-
-
-def test_matches_or_beats_uses_the_tolerance_then_the_spread():
-    """Within tolerance counts as a match; a shortfall beyond tolerance + spread is a failure."""
+def test_matches_or_beats_is_a_non_inferiority_test_of_the_shortfall():
+    """Holds when the shortfall's interval is below the tolerance, does not hold when above it,
+    inconclusive when it straddles it."""
     rule = V.MatchesOrBeats("a", "b", 0.01)  # 1% of b's mean
-    assert rule.decide([1.005, 1.004, 1.006], [1.0, 1.0, 1.0]) == V.HOLDS
-    assert rule.decide([0.5, 0.6, 0.55], [1.0, 1.0, 1.0]) == V.HOLDS  # beating is matching
-    assert rule.decide([1.2, 1.21, 1.19], [1.0, 1.0, 1.0]) == V.FAILS
+    b = [1.0, 1.0, 1.0, 1.0, 1.0]
+    assert rule.decide([1.005, 1.004, 1.006, 1.005, 1.003], b) == V.HOLDS
+    assert rule.decide([0.5, 0.6, 0.55, 0.5, 0.52], b) == V.HOLDS  # beating is matching
+    assert rule.decide([1.2, 1.21, 1.19, 1.2, 1.22], b) == V.FAILS
+    assert rule.decide([1.0, 1.03, 0.99, 1.02, 1.0], b) == V.INCONCLUSIVE  # mean 1.008, interval 0.994..1.022
     accuracy = V.MatchesOrBeats("a", "b", 0.01, relative=False, lower_is_better=False)
-    assert accuracy.decide([0.80, 0.81, 0.80], [0.95, 0.95, 0.96]) == V.FAILS
-    assert accuracy.decide([0.95, 0.955, 0.95], [0.955, 0.95, 0.96]) == V.HOLDS
+    assert accuracy.decide([0.80, 0.81, 0.80, 0.82, 0.8], [0.95, 0.95, 0.96, 0.95, 0.95]) == V.FAILS
+    assert accuracy.decide([0.95, 0.955, 0.95, 0.96, 0.95], [0.955, 0.95, 0.96, 0.955, 0.95]) == V.HOLDS
 
 
 def test_threshold_both_sides():
     below = V.Threshold("x", 0.1, below=True)
-    assert below.decide([0.02, 0.03, 0.05]) == V.HOLDS
-    assert below.decide([0.5, 0.4, 0.6]) == V.FAILS
-    assert below.decide([0.09, 0.11, 0.1]) == V.INCONCLUSIVE
-    assert V.Threshold("x", 0.8, below=False).decide([0.9, 0.95, 0.92]) == V.HOLDS
+    assert below.decide([0.02, 0.03, 0.05, 0.04, 0.03]) == V.HOLDS
+    assert below.decide([0.5, 0.4, 0.6, 0.5, 0.45]) == V.FAILS
+    assert below.decide([0.09, 0.11, 0.1, 0.1, 0.12]) == V.INCONCLUSIVE
+    assert V.Threshold("x", 0.8, below=False).decide([0.9, 0.95, 0.92, 0.91, 0.9]) == V.HOLDS
+
+
+def test_gpu_time_claims_are_not_testable_off_a_gpu():
+    """The fourth verdict: a claim about GPU time on a CPU run is not testable, whatever the numbers;
+    on a cuda device the wrapped rule decides."""
+    rule = V.OnHardware(V.Threshold("step time ratio", 2.0))
+    fast = [1.1, 1.2, 1.1, 1.15, 1.2]
+    assert rule.decide("cpu", fast) == V.NOT_TESTABLE
+    assert rule.decide("cuda", fast) == V.HOLDS and rule.decide("cuda:0", [3.0, 3.1, 3.2, 3.0, 3.1]) == V.FAILS
+    assert "not testable on this hardware unless" in rule.describe()
 
 
 def test_combine_needs_every_part():
     assert V.combine([V.HOLDS, V.HOLDS]) == V.HOLDS
     assert V.combine([V.HOLDS, V.INCONCLUSIVE]) == V.INCONCLUSIVE
     assert V.combine([V.HOLDS, V.INCONCLUSIVE, V.FAILS]) == V.FAILS
+    assert V.combine([V.FAILS, V.NOT_TESTABLE]) == V.NOT_TESTABLE
     with pytest.raises(ValueError, match="unknown verdict"):
         V.combine(["maybe"])
 
@@ -81,7 +107,7 @@ def test_rules_reject_bad_input_naming_the_side():
 def test_rule_text_is_what_decides():
     """The report prints ``describe()`` of the rule object that decided: its parameters appear in it."""
     text = V.MatchesOrBeats("ASGO", "AdamW", 0.01).describe()
-    assert "ASGO" in text and "AdamW" in text and "1%" in text and "2/3" in text
+    assert "ASGO" in text and "AdamW" in text and "1%" in text and "95% t-interval" in text
 
 
 # ---------------------------------------------------------------------------------------------
