@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     data: dict[str, Any] = {
         "command_line": shlex.join(["python", "-m", "precond_ref", "reproduce", *argv]),
         "settings": {"size": size_name, "papers": papers, "seeds": list(range(args.seed, args.seed + size["seeds"])),
+                     "lm_seeds": list(range(args.seed, args.seed + size["lm_seeds"])),
                      "config": size, "device": str(dev), "threads": 1},
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
         "papers": {},
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         with threadpool_limits(limits=1):
             for name in papers:
                 progress.start(name)
-                ctx = Context(runner, size, seed=args.seed)
+                ctx = Context(runner, size, seed=args.seed, device=str(dev))
                 result = run_paper(name, ctx)
                 data["papers"][name] = result
                 progress.paper_done(", ".join(f"{c['id']} {c['verdict']}" for c in result["claims"]))
