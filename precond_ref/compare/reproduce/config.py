@@ -9,26 +9,31 @@ from __future__ import annotations
 
 PAPERS = {
     "asgo": {
+        "short": "ASGO",
         "title": "ASGO: Adaptive Structured Gradient Optimization",
         "authors": "An, Liu, Pan, Ren, Ma, Goldfarb, Zhang",
         "venue": "NeurIPS 2025, arXiv 2503.20762",
     },
     "sketchy": {
+        "short": "Sketchy",
         "title": "Sketchy: Memory-efficient Adaptive Regularization with Frequent Directions",
         "authors": "Feinberg, Chen, Sun, Anil, Hazan",
         "venue": "NeurIPS 2023, arXiv 2302.03764",
     },
     "root_free": {
+        "short": "Root-free",
         "title": "Can We Remove the Square-Root in Adaptive Gradient Methods? A Second-Order Perspective",
         "authors": "Lin, Dangel, Eschenhagen, Bae, Turner, Makhzani",
         "venue": "ICML 2024, arXiv 2402.03496",
     },
     "mbf": {
+        "short": "MBF",
         "title": "A Mini-Block Fisher Method for Deep Neural Networks",
         "authors": "Bahamou, Goldfarb, Ren",
         "venue": "AISTATS 2023, arXiv 2202.04124",
     },
     "agd": {
+        "short": "AGD",
         "title": "AGD: an Auto-switchable Optimizer using Stepwise Gradient Difference for Preconditioning Matrix",
         "authors": "Yue, Ye, Jiang, Liu, Zhang",
         "venue": "NeurIPS 2023, arXiv 2312.01658",
@@ -80,11 +85,11 @@ SIZES = {
         "oco_rounds": 1000,  # 0: every example of the data set
         "oco_grid": 7,
         "oco_rank": 8,
-        "oco_ranks": [1, 2, 4, 8, 16, 32],
+        "oco_ranks": [1, 4, 8, 16, 32],
         "agd_deltas": [1e-8, 1e-6, 1e-4, 1e-3, 1e-2],
         "synthetic_steps": 300,
         "wide": 256,
-        "beale_steps": 2000,
+        "beale_steps": 1000,
         "device": "cpu",
     },
     "large": {
