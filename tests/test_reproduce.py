@@ -401,7 +401,7 @@ def test_committed_report_meets_the_evidence_standard():
         for claim in paper["claims"]:
             for part in claim["evidence"]:
                 if part["verdict"] != V.NOT_TESTABLE and "n" in part:
-                    assert part["n"] >= 3 and (part["n"] >= 5 or "LM" in claim["ours"] or "char" in claim["ours"]), claim["id"]
+                    assert part["n"] >= (3 if claim["lm"] else 5), claim["id"]
         for record in paper["tuning"]:
             assert record["tuned"] and len(record["scores"]) >= 5 and len(record["seeds"]) >= 2, record
             assert all(len(v) == len(record["seeds"]) for v in record["scores"].values())

@@ -121,13 +121,14 @@ def _judge(parts: list) -> tuple:
 
 
 def _claim(cid: str, claim: str, source: str, paper_figure: str, parts: list, ours: str, values: dict, caveat: str,
-           premise: bool = False) -> dict:
-    """One claim: its verdict from ``parts`` (:func:`_judge`), the rule text of every part."""
+           premise: bool = False, lm: bool = False) -> dict:
+    """One claim: its verdict from ``parts`` (:func:`_judge`), the rule text of every part; ``lm``
+    marks a claim measured on the char LM (fewer seeds: ``lm_seeds``)."""
     verdict, evidence = _judge(parts)
     texts = [rule.describe() for rule, *_ in parts]
     text = ("every part: " if len(texts) > 1 else "") + "; ".join(texts)
     return {"id": cid, "claim": claim, "source": source, "paper_figure": paper_figure, "ours": ours, "rule": text,
-            "verdict": verdict, "evidence": evidence, "values": values, "caveat": caveat, "premise": premise}
+            "verdict": verdict, "evidence": evidence, "values": values, "caveat": caveat, "premise": premise, "lm": lm}
 
 
 def _finite(runs: list, key: str) -> list:
@@ -219,7 +220,7 @@ def asgo(ctx: Context) -> dict:
         f"checkpoints per seed",
         {"per_seed": per_seed, "gaussian_reference": gaussian},
         "stable rank is a soft rank: a low value says the spectrum decays fast, not that the gradient is exactly low-rank",
-        premise=True,
+        premise=True, lm=True,
     )
     loss = {m: _finite(runs[m], "final_eval_loss") for m in methods}
     baselines2 = ("adamw", "shampoo1")
@@ -232,7 +233,7 @@ def asgo(ctx: Context) -> dict:
         "held-out loss after {} steps: ASGO {}, AdamW {}, one-sided Shampoo {}".format(
             steps, _ms(loss["asgo"]), _ms(loss["adamw"]), _ms(loss["shampoo1"])),
         {m: loss[m] for m in methods},
-        f"a 2-layer width-{ctx.lm['width']} char transformer for {steps} steps, not GPT-2 for 2400; constant rates, no warm-up",
+        f"a 2-layer width-{ctx.lm['width']} char transformer for {steps} steps, not GPT-2 for 2400; constant rates, no warm-up", lm=True,
     )
     budgets = [min(runs[m][i]["seconds"] for m in ("asgo", *baselines2)) for i in range(len(seeds))]
     at_time = {m: [_loss_at_time(runs[m][i], budgets[i]) for i in range(len(seeds))] for m in ("asgo", *baselines2)}
@@ -244,7 +245,7 @@ def asgo(ctx: Context) -> dict:
         "training loss at the wall time of the fastest run ({} s, {}): ASGO {}, AdamW {}, one-sided Shampoo {}".format(
             _ms(budgets, 2), ctx.device, _ms(at_time["asgo"]), _ms(at_time["adamw"]), _ms(at_time["shampoo1"])),
         {"budget_s": budgets, **at_time},
-        "the paper's time is GPU time of matrix-heavy steps; one CPU thread prices eigendecompositions and matmuls differently",
+        "the paper's time is GPU time of matrix-heavy steps; one CPU thread prices eigendecompositions and matmuls differently", lm=True,
     )
     c4, synthetic_panels = _asgo_low_rank(ctx)
     c5 = _claim(
@@ -255,7 +256,7 @@ def asgo(ctx: Context) -> dict:
         [(MatchesOrBeats("DASGO", "AdamW", 0.01), loss["dasgo"], loss["adamw"])],
         f"held-out loss after {steps} steps: DASGO {_ms(loss['dasgo'])}, AdamW {_ms(loss['adamw'])}",
         {"dasgo": loss["dasgo"], "adamw": loss["adamw"]},
-        "the source of this claim in the paper is not verified; DASGO runs the authors' config values except the tuned rate",
+        "the source of this claim in the paper is not verified; DASGO runs the authors' config values except the tuned rate", lm=True,
     )
     mean_time = {m: [float(np.mean([r["step_seconds"][i] for r in runs[m]])) for i in range(min(len(r["step_seconds"]) for r in runs[m]))]
                  for m in methods}
@@ -668,7 +669,7 @@ def root_free(ctx: Context) -> dict:
         f"char LM held-out loss after {steps} steps, RF-RMSProp with the authors' Swin-T settings: "
         f"RF-RMSProp {_ms(lm_loss['rf_rmsprop'])}, AdamW {_ms(lm_loss['adamw'])}",
         lm_loss,
-        "a char-level language model stands in for the paper's vision transformers; the Swin-T settings were tuned for ImageWoof",
+        "a char-level language model stands in for the paper's vision transformers; the Swin-T settings were tuned for ImageWoof", lm=True,
     )
     c4, bf16_panel = _root_free_bf16(ctx)
     ctx.hyper.append("RF-RMSProp: on the CNN b2, damping, momentum, weight decay of the authors' CIFAR-100 ResNet-34 run "
@@ -916,24 +917,25 @@ def agd(ctx: Context) -> dict:
         [(MatchesOrBeats("AGD", f"the better of Adam and SGD-m ({_short(best_lm)})", 0.01), loss["agd"], loss[best_lm])],
         f"char LM held-out loss after {steps} steps: AGD {_ms(loss['agd'])}, Adam {_ms(loss['adam'])}, SGD-m {_ms(loss['sgd_momentum'])}",
         loss,
-        "a tiny char LM for 300 steps with constant rates; the README's numbers are GPT-2 at 50k steps",
+        f"a tiny char LM for {steps} steps with constant rates; the README's numbers are GPT-2 at 50k steps", lm=True,
     )
-    # Ablation: AGD at the delta its validation sweep liked best against AGD at the smallest delta
-    # (the floor almost never binds: an adaptive method without the switch).
-    scores = {d: _best_score(ctx, "AGD", f"digits {model} (delta {d:g})") for d in deltas}
-    chosen = min(deltas, key=lambda d: scores[d])
+    # Ablation: AGD at the switching delta its validation sweep liked best (the smallest delta
+    # excluded) against AGD at the smallest delta, where the floor almost never binds (AGD-1's
+    # fractions show how rarely): an adaptive method without the switch.
+    scores = {d: _best_score(ctx, "AGD", f"digits {model} (delta {d:g})") for d in deltas[1:]}
+    chosen = min(deltas[1:], key=lambda d: scores[d])
     agd_acc = {d: [r["final_eval_accuracy"] if not r["diverged"] else 0.0 for r in agd_runs[d]] for d in deltas}
     c4 = _claim(
-        "AGD-4", "The auto-switch helps: AGD with a tuned delta generalizes at least as well as AGD without switching",
+        "AGD-4", "The auto-switch helps: AGD with a switching delta generalizes better than AGD without switching",
         "the abstract's auto-switching mechanism and the paper's analysis of delta (its ablation of the switch)",
         "no number extracted",
-        [(MatchesOrBeats(f"AGD (delta {chosen:g}, chosen on validation)", f"AGD (delta {deltas[0]:g}, no switching)", 0.005,
-                         relative=False, lower_is_better=False), agd_acc[chosen], agd_acc[deltas[0]])],
+        [(Ordering(f"AGD (delta {chosen:g}, chosen on validation)", f"AGD (delta {deltas[0]:g}, no switching)",
+                   lower_is_better=False), agd_acc[chosen], agd_acc[deltas[0]])],
         "digits CNN test accuracy by delta: " + ", ".join(f"{d:g}: {_ms(agd_acc[d])}" for d in deltas)
-        + f"; delta chosen on the validation split: {chosen:g}",
+        + f"; switching delta chosen on the validation split among {', '.join(f'{d:g}' for d in deltas[1:])}: {chosen:g}",
         {"accuracy": {f"{d:g}": agd_acc[d] for d in deltas}, "chosen_delta": chosen},
-        f"'no switching' is delta {deltas[0]:g}, where AGD-1's fraction shows how rarely the floor binds; when the chosen "
-        "delta is that delta the two arms coincide",
+        f"'no switching' is delta {deltas[0]:g}, where AGD-1's fractions show how rarely the floor binds, not a "
+        "separate switch-free optimizer",
     )
     c5, beale_panel = _agd_beale(ctx)
     ctx.hyper.append("AGD: betas (0.9, 0.999), decoupled weight decay 0.5 (5e-4 per step at lr 1e-3), the authors' CIFAR "

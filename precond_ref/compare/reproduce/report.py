@@ -86,7 +86,7 @@ def _rates(record: dict) -> str:
 def _tuning_table(paper: dict) -> list[str]:
     rows = [r for r in paper.get("tuning", []) if r["tuned"]]
     if not rows:
-        return ["Learning rates: the centres below, not tuned at this size."] + [
+        return ["Not tuned at this size (the centres):", ""] + [
             f"- {r['method']}, {r['task']}: {r['lr']:.3g} ({r['source']})" for r in paper.get("tuning", [])]
     out = ["| method | task | rates tried (validation, mean of seeds) | chosen | centre |", "|---|---|---|---|---|"]
     for r in rows:
