@@ -183,15 +183,11 @@ def digits_data(tuning: bool) -> tuple:
     return _DIGITS[key]
 
 
-def _wide_width(model: str) -> int:
-    return int(model[len("wide"):])
-
-
 def _init(model: str, seed: int, dtype: Any) -> dict:
     """Initial parameters of a ``compare`` model, or of ``wide<W>``: a 64-W-W-10 tanh MLP
     (weights N(0, 1/fan_in), zero biases), the digits model with axes well above Sketchy's rank."""
     if model.startswith("wide"):
-        width = _wide_width(model)
+        width = int(model[len("wide"):])
         rng = np.random.default_rng(seed)
         shapes = {"fc1": (width, 64), "fc2": (width, width), "fc3": (10, width)}
         initial = {k: {"weight": rng.standard_normal(s) / math.sqrt(s[1]), "bias": np.zeros(s[0])} for k, s in shapes.items()}
