@@ -390,7 +390,7 @@ def test_committed_report_is_the_rendering_of_the_committed_json():
 
 
 def test_committed_report_meets_the_evidence_standard():
-    """Issue 54's bar: every verdict's rule reads a paired interval over >= 5 seeds (char LM >= 3);
+    """The evidence standard: every verdict's rule reads a paired interval over >= 5 seeds (char LM >= 3);
     every tuned rate comes from >= 5 grid points scored over >= 2 seeds, with every score kept, and
     a rate still at the edge of its extended grid is flagged on the page; no source points outside
     the repository."""
