@@ -104,6 +104,20 @@ def test_rules_reject_bad_input_naming_the_side():
         V.Threshold("x", 1.0).decide([])
 
 
+def test_a_diverged_run_decides_without_an_interval():
+    """A diverged run's loss is +inf and leaves no interval: the claimed method diverging in any seed
+    does not hold; a baseline diverging in every seed (the claimed method wins each one) holds; a
+    baseline diverging in some seeds only is inconclusive."""
+    papers = pytest.importorskip("precond_ref.compare.reproduce.papers")
+    inf, ok = math.inf, [1.0, 1.1, 0.9, 1.0, 1.2]
+    rule = V.MatchesOrBeats("a", "b", 0.01)
+    assert papers._judge([(rule, ok, [inf] * 5)])[0] == V.HOLDS
+    assert papers._judge([(rule, [inf, 1.0, 1.0, 1.0, 1.0], ok)])[0] == V.FAILS
+    assert papers._judge([(rule, ok, [inf, 1.0, 1.0, 1.0, 1.0])])[0] == V.INCONCLUSIVE
+    hardware = V.OnHardware(V.Ordering("a", "b"))
+    assert papers._judge([(hardware, "cuda", ok, [inf] * 5)])[0] == V.HOLDS
+
+
 def test_rule_text_is_what_decides():
     """The report prints ``describe()`` of the rule object that decided: its parameters appear in it."""
     text = V.MatchesOrBeats("ASGO", "AdamW", 0.01).describe()
