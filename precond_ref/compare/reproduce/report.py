@@ -107,6 +107,8 @@ def _tuning_table(paper: dict) -> list[str]:
             text = "diverged" if mean is None else f"{mean:.3g}"
             scores.append(f"**{rate}: {text}**" if float(rate) == float(f"{r['lr']:.3g}") else f"{rate}: {text}")
         flag = " ⚠ at the edge of the extended grid" if r["edge"] else ""
+        if all(any(v is None for v in values) for values in r["scores"].values()):
+            flag = " (every rate diverged: the centre is run)"
         extended = f" (+{r['extended']} past an edge)" if r["extended"] else ""
         out.append(f"| {r['method']} | {_cell(r['task'])} | {'; '.join(scores)}{extended} | {r['lr']:.3g}{flag} | "
                    f"{_cell(r['source'])} |")
@@ -219,6 +221,9 @@ def render(data: dict, image_dir: str = "images/") -> str:
     out += ["## Limits of this evidence", ""]
     out += [f"- {line}" for line in LIMITS]
     out += ["", "## Protocol changelog", "", "What changed after which run, and why (newest first):", ""]
+    out += [f"- **re-run of {r['paper']}** (`{r['command_line']}`, {r['cpu_s'] / 60:.1f} CPU minutes): {r['reason']} "
+            f"Its section above is from this re-run, merged into the JSON; every other section is from the command "
+            "at the top." for r in data.get("reruns", [])]
     out += [f"- **{when}**: {what}" for when, what in PROTOCOL_CHANGES]
     out += [
         "",
