@@ -2,15 +2,19 @@
 
 For each of the five papers (``--paper asgo|sketchy|root_free|mbf|agd|all``), its headline claims
 are stated with where the paper makes them, checked by an experiment run with this library's own
-optimizers over several seeds (:mod:`precond_ref.compare.reproduce.papers`), and given a verdict — holds,
-does not hold, or inconclusive at this scale — by a rule fixed in code before the run
-(:mod:`precond_ref.compare.reproduce.verdicts`). Output in ``--out``: ``reproduce.md`` (a table per paper),
-``reproduce.json`` (every number, per seed) and ``reproduce_<paper>.png``; ``--docs`` also writes
-``docs/reproduce.md``, ``docs/data/reproduce.json`` and ``docs/images/reproduce_<paper>.png``.
+optimizers over several seeds, each learning rate tuned on a validation split
+(:mod:`precond_ref.compare.reproduce.papers`), and given a verdict by a rule fixed in code before the
+run on paired per-seed differences and their 95% t-interval
+(:mod:`precond_ref.compare.reproduce.verdicts`): holds, does not hold, inconclusive at this scale, or
+not testable on this hardware (a claim about GPU time on a run that is not on a GPU: ``--device
+cuda`` tests those). Output in ``--out``: ``reproduce.md`` (a summary table, then a section per
+paper), ``reproduce.json`` (every number, per seed, and every tuning score) and
+``reproduce_<paper>.png``; ``--docs`` also writes ``docs/reproduce.md``,
+``docs/data/reproduce.json`` and ``docs/images/reproduce_<paper>.png``.
 
-Sizes (:mod:`precond_ref.compare.reproduce.config`): the default takes about ten minutes of two CPU cores
-for all five papers; ``--quick`` seconds (a smoke test: its verdicts mean nothing); ``--size large``
-is a configuration for one GPU (``--device cuda``).
+Sizes (:mod:`precond_ref.compare.reproduce.config`): the default takes under 30 minutes of one CPU
+thread for all five papers; ``--quick`` seconds (a smoke test: its verdicts mean nothing); ``--size
+large`` is a configuration for one GPU (``--device cuda``).
 
 Needs the ``compare`` and ``torch`` extras: ``pip install 'precond-ref[compare,torch]'``. This
 module imports neither NumPy nor torch, so ``reproduce --help`` works without them.
@@ -149,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     data: dict[str, Any] = {
         "command_line": shlex.join(["python", "-m", "precond_ref", "reproduce", *argv]),
         "settings": {"size": size_name, "papers": papers, "seeds": list(range(args.seed, args.seed + size["seeds"])),
+                     "lm_seeds": list(range(args.seed, args.seed + size["lm_seeds"])),
                      "config": size, "device": str(dev), "threads": 1},
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
         "papers": {},
@@ -161,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         with threadpool_limits(limits=1):
             for name in papers:
                 progress.start(name)
-                ctx = Context(runner, size, seed=args.seed)
+                ctx = Context(runner, size, seed=args.seed, device=str(dev))
                 result = run_paper(name, ctx)
                 data["papers"][name] = result
                 progress.paper_done(", ".join(f"{c['id']} {c['verdict']}" for c in result["claims"]))

@@ -9,9 +9,11 @@ torch lacks is here:
   averages of the Kronecker factors, one-sided (``sides=1``: the smaller axis' factor to the power
   -1/2, the structure ASGO's paper calls one-sided Shampoo) or two-sided (``sides=2``: each factor
   to the power -1/4), heavy-ball momentum, and the update rescaled layer by layer to the Frobenius
-  norm of the Adam update ("grafting", as in the ASGO authors' Shampoo baseline). Roots by a
-  float64 symmetric eigendecomposition every ``precondition_every`` steps; parameters with fewer
-  than two dimensions take the Adam update.
+  norm of the Adam update ("grafting", as in the ASGO authors' Shampoo baseline). Roots every
+  ``precondition_every`` steps, by a float64 symmetric eigendecomposition (``root="eigh"``) or by
+  the coupled Newton iteration in the factors' own dtype (``root="newton"``: what a root-based
+  Shampoo does in half precision, where there is no eigendecomposition); parameters with fewer than
+  two dimensions take the Adam update.
 - :func:`oco_adagrad`: online diagonal or full-matrix AdaGrad (Duchi, Hazan, Singer, JMLR 2011)
   with ``delta = 0`` (the pseudo-inverse root, as the Sketchy paper's Appendix A protocol), for the
   online logistic regression of the Sketchy experiment (NumPy).
@@ -33,14 +35,18 @@ def _shampoo_class() -> Any:
         def __init__(
             self, params: Any, lr: float = 3e-3, momentum: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
             sides: int = 2, precondition_every: int = 1, adam_betas: tuple = (0.9, 0.999), adam_eps: float = 1e-8,
+            root: str = "eigh", newton_steps: int = 20,
         ) -> None:
             if sides not in (1, 2):
                 raise ValueError(f"ShampooReference: sides must be 1 or 2, got {sides!r}")
+            if root not in ("eigh", "newton"):
+                raise ValueError(f"ShampooReference: root must be 'eigh' or 'newton', got {root!r}")
             params = list(params)
             if params and isinstance(params[0], tuple):  # named parameters
                 params = [p for _, p in params]
             super().__init__(params, dict(lr=lr, momentum=momentum, b2=b2, eps=eps, sides=sides,
-                                          precondition_every=precondition_every, adam_betas=adam_betas, adam_eps=adam_eps))
+                                          precondition_every=precondition_every, adam_betas=adam_betas, adam_eps=adam_eps,
+                                          root=root, newton_steps=newton_steps))
 
         @staticmethod
         def _root(factor: Any, power: float, eps: float) -> Any:
@@ -52,6 +58,25 @@ def _shampoo_class() -> Any:
             values, vectors = torch.linalg.eigh(f64 + damping * torch.eye(dim, dtype=f64.dtype, device=f64.device))
             values = values.clamp_min(damping)
             return ((vectors * values.pow(-power)) @ vectors.T).to(factor.dtype)
+
+        @staticmethod
+        def _newton_root(factor: Any, power: float, eps: float, steps: int) -> Any:
+            """``(F + damping I)^(-power)`` by the coupled Newton iteration (Guo and Higham 2006; the
+            form of Anil et al.'s scalable Shampoo), every product in ``factor.dtype``."""
+            import torch
+
+            p = round(1 / power)
+            dim = factor.shape[0]
+            eye = torch.eye(dim, dtype=factor.dtype, device=factor.device)
+            damping = eps * max(float(torch.trace(factor.float())) / dim, 1e-30)
+            matrix = factor + damping * eye
+            z = (1 + p) / (2 * float(torch.linalg.matrix_norm(matrix.float())))
+            root, m = eye * z ** (1 / p), matrix * z
+            for _ in range(steps):
+                step_matrix = (1 + 1 / p) * eye - m / p
+                root = root @ step_matrix
+                m = torch.linalg.matrix_power(step_matrix, p) @ m
+            return root
 
         @torch.no_grad()
         def step(self, closure: Callable | None = None) -> Any:
@@ -88,10 +113,11 @@ def _shampoo_class() -> Any:
                         state.setdefault("R", torch.zeros(cols, cols, dtype=p.dtype, device=p.device))
                         state["R"].mul_(group["b2"]).add_(g2.T @ g2, alpha=1 - group["b2"])
                     if (t - 1) % group["precondition_every"] == 0:
-                        if left:
-                            state["L_root"] = self._root(state["L"], power, group["eps"])
-                        if right:
-                            state["R_root"] = self._root(state["R"], power, group["eps"])
+                        for side, on in (("L", left), ("R", right)):
+                            if on:
+                                state[side + "_root"] = (
+                                    self._root(state[side], power, group["eps"]) if group["root"] == "eigh"
+                                    else self._newton_root(state[side], power, group["eps"], group["newton_steps"]))
                     direction = m
                     if left:
                         direction = state["L_root"] @ direction

@@ -1,7 +1,7 @@
 """Sizes of the ``reproduce`` experiments and the papers they check (pure data: no NumPy, no torch).
 
 ``quick`` is for the test suite (every experiment in seconds; its verdicts mean little), the
-default is what ``docs/reproduce.md`` shows (all five papers within 30 minutes of two CPU cores),
+default is what ``docs/reproduce.md`` shows (all five papers within 30 minutes of one CPU thread),
 and ``large`` is a configuration for one GPU (``--device cuda``), documented and not run here.
 """
 
@@ -9,73 +9,110 @@ from __future__ import annotations
 
 PAPERS = {
     "asgo": {
+        "short": "ASGO",
         "title": "ASGO: Adaptive Structured Gradient Optimization",
         "authors": "An, Liu, Pan, Ren, Ma, Goldfarb, Zhang",
         "venue": "NeurIPS 2025, arXiv 2503.20762",
     },
     "sketchy": {
+        "short": "Sketchy",
         "title": "Sketchy: Memory-efficient Adaptive Regularization with Frequent Directions",
         "authors": "Feinberg, Chen, Sun, Anil, Hazan",
         "venue": "NeurIPS 2023, arXiv 2302.03764",
     },
     "root_free": {
+        "short": "Root-free",
         "title": "Can We Remove the Square-Root in Adaptive Gradient Methods? A Second-Order Perspective",
         "authors": "Lin, Dangel, Eschenhagen, Bae, Turner, Makhzani",
         "venue": "ICML 2024, arXiv 2402.03496",
     },
     "mbf": {
+        "short": "MBF",
         "title": "A Mini-Block Fisher Method for Deep Neural Networks",
         "authors": "Bahamou, Goldfarb, Ren",
         "venue": "AISTATS 2023, arXiv 2202.04124",
     },
     "agd": {
+        "short": "AGD",
         "title": "AGD: an Auto-switchable Optimizer using Stepwise Gradient Difference for Preconditioning Matrix",
         "authors": "Yue, Ye, Jiang, Liu, Zhang",
         "venue": "NeurIPS 2023, arXiv 2312.01658",
     },
 }
 
+#: ``seeds``: training seeds of the digits, synthetic and online problems (seconds per run);
+#: ``lm_seeds``: of the char LM; ``tune_seeds``: seeds each learning rate is scored on (on the
+#: validation split); ``grid``: learning rates per sweep before extension, ``grid_extend``: how many
+#: rates a sweep may add past a winning edge; ``mbf_epochs``: the MBF runs, long enough for several
+#: inverse refreshes of both models (T2 = 25 and 100 steps, 22 steps an epoch).
 SIZES = {
     "quick": {
         "seeds": 2,
+        "lm_seeds": 2,
+        "tune_seeds": 1,
         "digits_epochs": 1,
+        "mbf_epochs": 1,
         "tune_epochs": 1,
         "lm": {"width": 16, "layers": 1, "heads": 2, "context": 16, "batch": 8, "eval_batches": 2},
         "lm_steps": 12,
         "tune_steps": 6,
         "grid": 1,
+        "grid_extend": 0,
         "checkpoints": 3,
         "oco_rounds": 100,
         "oco_grid": 2,
         "oco_rank": 4,
+        "oco_ranks": [2, 4],
+        "agd_deltas": [1e-8, 1e-4],
+        "synthetic_steps": 20,
+        "wide": 32,
+        "beale_steps": 50,
         "device": "cpu",
     },
     "default": {
-        "seeds": 3,
+        "seeds": 5,
+        "lm_seeds": 3,
+        "tune_seeds": 2,
         "digits_epochs": 10,
+        "mbf_epochs": 30,
         "tune_epochs": 4,
         "lm": {"width": 32, "layers": 2, "heads": 4, "context": 32, "batch": 16, "eval_batches": 8},
         "lm_steps": 300,
         "tune_steps": 120,
-        "grid": 3,
+        "grid": 5,
+        "grid_extend": 3,
         "checkpoints": 10,
         "oco_rounds": 1000,  # 0: every example of the data set
         "oco_grid": 7,
         "oco_rank": 8,
+        "oco_ranks": [1, 4, 8, 16, 32],
+        "agd_deltas": [1e-8, 1e-6, 1e-4, 1e-3, 1e-2],
+        "synthetic_steps": 300,
+        "wide": 256,
+        "beale_steps": 1000,
         "device": "cpu",
     },
     "large": {
-        "seeds": 5,
+        "seeds": 10,
+        "lm_seeds": 5,
+        "tune_seeds": 3,
         "digits_epochs": 40,
+        "mbf_epochs": 100,
         "tune_epochs": 10,
         "lm": {"width": 256, "layers": 6, "heads": 8, "context": 256, "batch": 64, "eval_batches": 32},
         "lm_steps": 3000,
         "tune_steps": 600,
-        "grid": 5,
+        "grid": 7,
+        "grid_extend": 3,
         "checkpoints": 20,
         "oco_rounds": 0,
         "oco_grid": 13,
         "oco_rank": 16,
+        "oco_ranks": [1, 2, 4, 8, 16, 32, 64],
+        "agd_deltas": [1e-8, 1e-6, 1e-4, 1e-3, 1e-2],
+        "synthetic_steps": 1000,
+        "wide": 1024,
+        "beale_steps": 5000,
         "device": "cuda",
     },
 }

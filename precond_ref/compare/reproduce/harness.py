@@ -11,10 +11,10 @@ keeps the summation order fixed). The tasks:
   commit and shipped with the package: :mod:`precond_ref.compare.reproduce.corpus`), as the
   examples train; random windows, validation on the held-out last 10% of the text.
 
-The learning-rate sweep is ``compare``'s protocol: a log grid (powers of sqrt(10), see
-:func:`precond_ref.compare.grid_factors`) centred on a method's paper value, training on the first
-80% of the training data and scoring the loss on the other 20%, with the first seed; the best rate
-is then run on every seed against the test data.
+The learning-rate sweep (:meth:`Runner.tune`): a log grid of at least five powers of sqrt(10)
+(:func:`precond_ref.compare.grid_factors`) centred on a method's paper value, extended past an edge
+that wins, each rate trained on the first 80% of the training data (90% of the LM text) and scored
+on the rest with two seeds; the best mean is then run on every seed against the test data.
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ OPTS = {
         Opt("shampoo1", "one-sided Shampoo (reference baseline)", False),
         Opt("shampoo2", "Shampoo (reference baseline)", False),
         Opt("asgo", "ASGO", True),
+        Opt("dasgo", "DASGO", True),
         Opt("agd", "AGD", True),
         Opt("sketchy", "Sketchy", True),
         Opt("rf_rmsprop", "RF-RMSProp", True, needs_batch=True),
@@ -144,6 +145,27 @@ def nonfinite_steps(optimizer: torch.optim.Optimizer) -> int:
     return max(counts, default=0)
 
 
+#: The state entries that are second-moment statistics (the preconditioner's gradient statistics),
+#: by optimizer: not momentum, grafting buffers, cached roots or counters.
+_SECOND_MOMENTS = {"Adam": ("exp_avg_sq",), "ShampooReference": ("L", "R"), "Sketchy": ("sketches/",)}
+
+
+def second_moment_bytes(optimizer: torch.optim.Optimizer) -> Optional[int]:
+    """Bytes of the second-moment statistics in ``optimizer.state`` (:data:`_SECOND_MOMENTS`):
+    Adam's ``v``, Shampoo's two Kronecker factors, Sketchy's per-axis FD sketches (basis, singular
+    values, weights, escaped mass); ``None`` for other optimizers. Shampoo's 1-D parameters take
+    Adam's step, so their ``v`` counts there."""
+    keys = _SECOND_MOMENTS.get(type(optimizer).__name__)
+    if keys is None:
+        return None
+    total = 0
+    for p, state in optimizer.state.items():
+        wanted = keys + (("v",) if type(optimizer).__name__ == "ShampooReference" and p.ndim < 2 else ())
+        total += sum(v.numel() * v.element_size() for k, v in state.items()
+                     if torch.is_tensor(v) and any(k == w or (w.endswith("/") and k.startswith(w)) for w in wanted))
+    return total
+
+
 # ---------------------------------------------------------------------------------------------
 # Digits
 
@@ -161,36 +183,66 @@ def digits_data(tuning: bool) -> tuple:
     return _DIGITS[key]
 
 
+def _init(model: str, seed: int, dtype: Any) -> dict:
+    """Initial parameters of a ``compare`` model, or of ``wide<W>``: a 64-W-W-10 tanh MLP
+    (weights N(0, 1/fan_in), zero biases), the digits model with axes well above Sketchy's rank."""
+    if model.startswith("wide"):
+        width = int(model[len("wide"):])
+        rng = np.random.default_rng(seed)
+        shapes = {"fc1": (width, 64), "fc2": (width, width), "fc3": (10, width)}
+        initial = {k: {"weight": rng.standard_normal(s) / math.sqrt(s[1]), "bias": np.zeros(s[0])} for k, s in shapes.items()}
+    else:
+        initial = digits.init_params(model, seed)
+    return {f"{k}.{kk}": torch.tensor(v, dtype=dtype, device=DEVICE, requires_grad=True) for k, layer in initial.items() for kk, v in layer.items()}
+
+
+def _logits(model: str, params: dict, x: torch.Tensor) -> torch.Tensor:
+    if model.startswith("wide"):
+        hidden = torch.tanh(F.linear(x, params["fc1.weight"], params["fc1.bias"]))
+        hidden = torch.tanh(F.linear(hidden, params["fc2.weight"], params["fc2.bias"]))
+        return F.linear(hidden, params["fc3.weight"], params["fc3.bias"])
+    return digits.torch_logits(model, params, x)
+
+
+def _loss(model: str, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if model.startswith("wide"):
+        return F.cross_entropy(_logits(model, params, x).float(), y)
+    return digits.torch_loss(model, params, x, y)
+
+
+def _classifier(model: str) -> bool:
+    return model.startswith("wide") or model in digits.CLASSIFIERS
+
+
 def train_digits(
     opt: Opt, model: str, seed: int, epochs: int, lr: float, *, tuning: bool = False, batch_size: int = 64,
-    overrides: Optional[dict] = None, observe: Optional[Callable] = None, observe_every: int = 1,
+    overrides: Optional[dict] = None, observe: Optional[Callable] = None, observe_every: int = 1, dtype: Any = DTYPE,
 ) -> dict:
-    """Train a ``compare`` model; per-epoch losses, accuracies and cumulative seconds.
+    """Train a ``compare`` model (or ``wide<W>``); per-epoch losses, accuracies and cumulative seconds.
 
-    ``observe(step, named, optimizer)`` is called after every ``observe_every``-th backward pass,
-    before the optimizer step (the gradients are in ``.grad``). Its time is not counted.
+    ``dtype`` is the dtype of the parameters, the data and the forward pass (bfloat16: a
+    half-precision model). ``observe(step, named, optimizer)`` is called after every
+    ``observe_every``-th backward pass, before the optimizer step (the gradients are in ``.grad``).
+    Its time is not counted.
     """
     x_train, y_train, x_eval, y_eval = digits_data(tuning)
-    initial = digits.init_params(model, seed)
-    params = {
-        f"{k}.{kk}": torch.tensor(v, dtype=DTYPE, device=DEVICE, requires_grad=True) for k, layer in initial.items() for kk, v in layer.items()
-    }
+    params = _init(model, seed, dtype)
     named = list(params.items())
-    optimizer = opt.build(named, lr, model, **(overrides or {}))
+    optimizer = opt.build(named, lr, "mlp" if model.startswith("wide") else model, **(overrides or {}))
     extra = {"batch_size": batch_size} if opt.needs_batch else {}
-    xt, yt = torch.tensor(x_train, dtype=DTYPE, device=DEVICE), torch.tensor(y_train, device=DEVICE)
-    xe, ye = torch.tensor(x_eval, dtype=DTYPE, device=DEVICE), torch.tensor(y_eval, device=DEVICE)
+    xt, yt = torch.tensor(x_train, dtype=dtype, device=DEVICE), torch.tensor(y_train, device=DEVICE)
+    xe, ye = torch.tensor(x_eval, dtype=dtype, device=DEVICE), torch.tensor(y_eval, device=DEVICE)
     steps_per_epoch = len(x_train) // batch_size
     out: dict = {"epoch_train_loss": [], "epoch_eval_loss": [], "epoch_eval_accuracy": [], "epoch_seconds": [], "step_seconds": []}
     clock, step, diverged = 0.0, 0, False
     with torch.no_grad():
-        out["initial_train_loss"] = digits.torch_loss(model, params, xt, yt).item()
+        out["initial_train_loss"] = _loss(model, params, xt, yt).item()
     for epoch in range(epochs):
         order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(x_train))).to(DEVICE)
         for i in range(steps_per_epoch):
             index = order[i * batch_size : (i + 1) * batch_size]
             value, elapsed = _timed_step(
-                optimizer, lambda: digits.torch_loss(model, params, xt[index], yt[index]), extra,
+                optimizer, lambda: _loss(model, params, xt[index], yt[index]), extra,
                 observe if observe is not None and step % observe_every == 0 else None, step, named,
             )
             out["step_seconds"].append(elapsed)
@@ -200,11 +252,11 @@ def train_digits(
                 diverged = True
                 break
         with torch.no_grad():
-            train_loss = digits.torch_loss(model, params, xt, yt).item()
-            eval_loss = digits.torch_loss(model, params, xe, ye).item()
+            train_loss = _loss(model, params, xt, yt).item()
+            eval_loss = _loss(model, params, xe, ye).item()
             accuracy = None
-            if model in digits.CLASSIFIERS:
-                accuracy = (digits.torch_logits(model, params, xe).argmax(1) == ye).double().mean().item()
+            if _classifier(model):
+                accuracy = (_logits(model, params, xe).argmax(1) == ye).double().mean().item()
         out["epoch_train_loss"].append(train_loss if math.isfinite(train_loss) else None)
         out["epoch_eval_loss"].append(eval_loss if math.isfinite(eval_loss) else None)
         out["epoch_eval_accuracy"].append(accuracy)
@@ -213,9 +265,10 @@ def train_digits(
             diverged = True
             break
     out.update(
-        diverged=diverged, state_bytes=state_bytes(optimizer), nonfinite_steps=nonfinite_steps(optimizer),
-        final_train_loss=out["epoch_train_loss"][-1], final_eval_loss=out["epoch_eval_loss"][-1],
-        final_eval_accuracy=out["epoch_eval_accuracy"][-1], steps=step, seconds=clock,
+        diverged=diverged, state_bytes=state_bytes(optimizer), second_moment_bytes=second_moment_bytes(optimizer),
+        nonfinite_steps=nonfinite_steps(optimizer), final_train_loss=out["epoch_train_loss"][-1],
+        final_eval_loss=out["epoch_eval_loss"][-1], final_eval_accuracy=out["epoch_eval_accuracy"][-1], steps=step,
+        seconds=clock, parameter_bytes=sum(p.numel() * p.element_size() for p in params.values()),
     )
     return out
 
@@ -319,6 +372,74 @@ def train_lm(
 
 
 # ---------------------------------------------------------------------------------------------
+# Synthetic matrix regression with gradients of a controlled rank, and the Beale function
+
+
+def train_synthetic(opt: Opt, rank: int, seed: int, steps: int, lr: float, *, tuning: bool = False,
+                    shape: tuple = (32, 64), batch: int = 32) -> dict:
+    """Least squares ``0.5 E||W x - W* x||^2`` over ``W`` of ``shape`` (out, in) with inputs in a
+    fixed ``rank``-dimensional subspace of R^in: every mini-batch gradient ``E[(W - W*) x x^T]`` has
+    rank at most ``rank``. Within the subspace the input scales are spread over two decades (an
+    ill-conditioned problem that rewards preconditioning). The problem (subspace, scales, W*) is
+    fixed per seed; ``tuning`` draws the problem of seed ``1000 + seed`` (a validation problem).
+    Returns the final expected loss ``0.5 ||(W - W*) C^{1/2}||_F^2`` (C the input covariance)."""
+    out_dim, in_dim = shape
+    rng = np.random.default_rng([seed + (1000 if tuning else 0), 31])
+    basis, _ = np.linalg.qr(rng.standard_normal((in_dim, rank)))
+    scales = np.logspace(0, -2, rank)
+    target = rng.standard_normal(shape) / math.sqrt(in_dim)
+    mix = torch.tensor(basis * scales, dtype=DTYPE, device=DEVICE)  # x = basis diag(scales) z
+    w_star = torch.tensor(target, dtype=DTYPE, device=DEVICE)
+    weight = torch.zeros(shape, dtype=DTYPE, device=DEVICE, requires_grad=True)
+    # No weight decay: the minimiser is W*, not a shrunk W*.
+    optimizer = opt.build([("fc.weight", weight)], lr, "mlp", **({"weight_decay": 0.0} if opt.library or opt.name == "adamw" else {}))
+    extra = {"batch_size": batch} if opt.needs_batch else {}
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def expected() -> float:
+        with torch.no_grad():
+            return 0.5 * float((((weight - w_star) @ mix) ** 2).sum())
+
+    losses, diverged = [expected()], False
+    for step in range(steps):
+        x = torch.randn(batch, rank, generator=gen, dtype=DTYPE).to(DEVICE) @ mix.T
+        value, _ = _timed_step(optimizer, lambda: 0.5 * ((x @ (weight - w_star).T) ** 2).sum(1).mean(), extra, None, step, [])
+        if not math.isfinite(value):
+            diverged = True
+            break
+        losses.append(expected())
+    final = losses[-1] if not diverged and math.isfinite(losses[-1]) else None
+    return {"losses": losses, "final_loss": final, "diverged": diverged or final is None}
+
+
+def beale(point: torch.Tensor) -> torch.Tensor:
+    """Beale's function, minimum 0 at (3, 0.5)."""
+    x, y = point[0], point[1]
+    return (1.5 - x + x * y) ** 2 + (2.25 - x + x * y**2) ** 2 + (2.625 - x + x * y**3) ** 2
+
+
+def train_beale(opt: Opt, seed: int, steps: int, lr: float, *, tuning: bool = False, overrides: Optional[dict] = None) -> dict:
+    """Minimise Beale's function from a start drawn per seed in [-1.5, 1.5] x [-1.5, 1.5] (seed
+    ``1000 + seed`` while ``tuning``), float64; the trajectory and ``log10`` of the final value."""
+    rng = np.random.default_rng([seed + (1000 if tuning else 0), 17])
+    point = torch.tensor(rng.uniform(-1.5, 1.5, 2), dtype=torch.float64, device=DEVICE, requires_grad=True)
+    optimizer = opt.build([("point", point)], lr, "mlp", **{"weight_decay": 0.0, **(overrides or {})})
+    path, values, diverged = [point.detach().cpu().tolist()], [], False
+    for step in range(steps):
+        value, _ = _timed_step(optimizer, lambda: beale(point), {}, None, step, [])
+        values.append(value)
+        if not math.isfinite(value):
+            diverged = True
+            break
+        path.append(point.detach().cpu().tolist())
+    with torch.no_grad():
+        final = float(beale(point))
+    ok = math.isfinite(final) and not diverged
+    return {"path": path, "values": values, "diverged": not ok,
+            "final_log10": math.log10(max(final, 1e-300)) if ok else None}
+
+
+# ---------------------------------------------------------------------------------------------
 # Runs, cached, and the learning-rate sweep
 
 
@@ -332,7 +453,8 @@ class Runner:
         self.tuned: dict = {}
 
     def digits(self, opt: str, model: str, seed: int, epochs: int, lr: float, **kw: Any) -> dict:
-        key = ("digits", opt, model, seed, epochs, lr, kw.get("tuning", False), repr(sorted((kw.get("overrides") or {}).items())))
+        key = ("digits", opt, model, seed, epochs, lr, kw.get("tuning", False), repr(sorted((kw.get("overrides") or {}).items())),
+               str(kw.get("dtype", DTYPE)))
         if kw.get("observe") is not None or key not in self.cache:
             result = train_digits(OPTS[opt], model, seed, epochs, lr, **kw)
             self.on_run(f"{opt} on digits {model}, seed {seed}" + (", lr sweep" if kw.get("tuning") else ""))
@@ -352,25 +474,69 @@ class Runner:
             self.cache[key] = result
         return self.cache[key]
 
-    def tune(self, task: str, opt: str, center: float, grid: int, run: Callable[[float], dict], metric: str) -> dict:
-        """Best learning rate of ``grid`` points around ``center`` by ``metric`` (lower is better;
-        a diverged run scores +inf); ``grid == 1`` is no sweep (the center, "paper value")."""
-        key = (task, opt, center, grid)
+    def synthetic(self, opt: str, rank: int, seed: int, steps: int, lr: float, **kw: Any) -> dict:
+        key = ("synthetic", opt, rank, seed, steps, lr, kw.get("tuning", False))
+        if key not in self.cache:
+            self.cache[key] = train_synthetic(OPTS[opt], rank, seed, steps, lr, **kw)
+            self.on_run(f"{opt} on the rank-{rank} regression, seed {seed}" + (", lr sweep" if kw.get("tuning") else ""))
+        return self.cache[key]
+
+    def beale(self, opt: str, seed: int, steps: int, lr: float, **kw: Any) -> dict:
+        key = ("beale", opt, seed, steps, lr, kw.get("tuning", False), repr(sorted((kw.get("overrides") or {}).items())))
+        if key not in self.cache:
+            self.cache[key] = train_beale(OPTS[opt], seed, steps, lr, **kw)
+        return self.cache[key]
+
+    def tune(
+        self, task: str, opt: str, center: float, points: int, seeds: list, run: Callable[[float, int], dict], metric: str,
+        extend: int = 3,
+    ) -> dict:
+        """Best learning rate by ``metric`` (lower is better) averaged over ``seeds``.
+
+        The grid is ``points`` powers of sqrt(10) around ``center``; while the best rate sits at an
+        edge of the grid, one more rate beyond that edge is tried (at most ``extend`` times). A
+        rate where any seed diverged scores +inf. ``points == 1`` is no sweep (the centre is the
+        paper's value). The result keeps every score per rate and seed, and ``edge``: whether the
+        chosen rate is still at an edge of the extended grid (the optimum may lie beyond it).
+        """
+        key = (task, opt, center, points, tuple(seeds))
         if key in self.tuned:
             return self.tuned[key]
-        if grid <= 1:
-            result = {"lr": center, "center": center, "tuned": False, "scores": {}}
-        else:
-            scores, rates = {}, {}
-            for factor in grid_factors(grid):
-                lr = center * factor
-                res = run(lr)
-                value = res.get(metric)
-                rates[f"{lr:.3g}"] = lr
-                scores[f"{lr:.3g}"] = value if (value is not None and not res["diverged"]) else None
-            finite = {k: v for k, v in scores.items() if v is not None}
-            best = rates[min(finite, key=finite.get)] if finite else center
-            result = {"lr": best, "center": center, "tuned": True, "scores": scores}
+        if points <= 1:
+            result = {"lr": center, "center": center, "tuned": False, "scores": {}, "edge": False, "extended": 0}
+            self.tuned[key] = result
+            return result
+        scores: dict = {}  # rate -> per-seed scores (None: diverged)
+
+        def score(lr: float) -> float:
+            if lr not in scores:
+                values = []
+                for seed in seeds:
+                    res = run(lr, seed)
+                    value = res.get(metric)
+                    values.append(value if value is not None and not res["diverged"] and math.isfinite(value) else None)
+                scores[lr] = values
+            values = scores[lr]
+            return math.inf if any(v is None for v in values) else sum(values) / len(values)
+
+        for factor in grid_factors(points):
+            score(center * factor)
+        extended = 0
+        while True:
+            rates = sorted(scores)
+            means = [score(lr) for lr in rates]
+            best = min(range(len(rates)), key=lambda i: means[i])
+            at_edge = math.isfinite(means[best]) and best in (0, len(rates) - 1)
+            if not at_edge or extended >= extend:
+                break
+            step = math.sqrt(10.0)
+            score(rates[0] / step if best == 0 else rates[-1] * step)
+            extended += 1
+        result = {
+            "lr": rates[best] if math.isfinite(means[best]) else center, "center": center, "tuned": True,
+            "seeds": list(seeds), "metric": metric, "edge": at_edge, "extended": extended,
+            "scores": {f"{lr:.3g}": scores[lr] for lr in rates},
+        }
         self.tuned[key] = result
         return result
 
