@@ -19,7 +19,7 @@ from precond_ref._backend import float32_matmul_precision
 from precond_ref.transform import PrecondState, Transform, missing_members
 from precond_ref.tree import TreeDef, path_str, tree_flatten, tree_unflatten
 
-from . import _torch_compile, _torch_state
+from . import _torch_compile, _torch_memory, _torch_state
 from ._torch_compile import CompileSetting
 from ._torch_state import BOOKKEEPING as _BOOKKEEPING
 from ._torch_state import CALLS as _CALLS
@@ -151,6 +151,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__}: parameter {self._param_names.get(p, '?')!r} is a DTensor (FSDP2 or "
                         f"tensor parallel); use precond_ref.adapters.torch_distributed.{type(self).__name__}"
                     )
+        _torch_memory.check_state_fits(self)  # a state that cannot fit is refused now, not at the first step
 
     def core_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError

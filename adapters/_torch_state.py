@@ -228,8 +228,9 @@ def strip_callables(state_dict: dict) -> dict:
     return {**state_dict, "param_groups": groups}
 
 
-def _counter(value: Any, what: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A saved counter (0-D tensor, or a Python number in older checkpoints) as a 0-D tensor."""
+def _counter(value: Any, what: str) -> int:
+    """A saved counter (0-D tensor, or a Python number in older checkpoints) as a Python int, read
+    from the checkpoint's tensor (the parameters' device may hold no values: the meta device)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{what} must be a single number, got a tensor of shape {tuple(value.shape)}")
@@ -240,7 +241,7 @@ def _counter(value: Any, what: str, device: torch.device, dtype: torch.dtype) ->
         raise ValueError(f"{what} must be a number, got {type(value).__name__}")
     if not math.isfinite(number) or number < 0 or number != int(number):
         raise ValueError(f"{what} must be a non-negative integer, got {number!r}")
-    return torch.tensor(int(number), dtype=dtype, device=device)
+    return int(number)
 
 
 def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callable[[dict], Any]) -> None:
@@ -336,6 +337,7 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
                 "which weights and biases form one block)")
     index = 0
     behind = set()
+    counts: dict = {}  # each loaded parameter's (step, nonfinite_count)
     for group, transform in zip(new_groups, transforms):
         by_calls: dict[int, list] = {}
         for saved_id, p in zip(_saved_ids(saved_groups, new_groups, group), group["params"]):
@@ -345,11 +347,12 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
                 entries = dict(entries)
                 if STEP not in entries:
                     raise ValueError(f"{where}: the state of {label} lacks 'step'")
-                entries[STEP] = _counter(entries[STEP], f"{where}: 'step' of {label}", p.device, torch.int32)
-                entries[NONFINITE] = _counter(
-                    entries.get(NONFINITE, 0), f"{where}: 'nonfinite_count' of {label}", p.device, torch.int32
-                )
-                calls = entries.get(CALLS, int(entries[STEP].item()))
+                # torch's rule for 'step' (not cast to the parameter's dtype); on the parameter's
+                # device, where the step's counters live.
+                counts[p] = (_counter(entries[STEP], f"{where}: 'step' of {label}"),
+                             _counter(entries.get(NONFINITE, 0), f"{where}: 'nonfinite_count' of {label}"))
+                entries[STEP], entries[NONFINITE] = (torch.tensor(n, dtype=torch.int32, device=p.device) for n in counts[p])
+                calls = entries.get(CALLS, counts[p][0])
                 if isinstance(calls, torch.Tensor):
                     calls = int(calls.item())
                 if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
@@ -359,7 +362,7 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
                 new_state[p] = entries
             index += 1
         for calls, members in by_calls.items():
-            behind.update(_held_back(members))
+            behind.update(_held_back([(m[1], counts[m[1]]) for m in members]))
             if calls == 0 and not any(m[3].get(HEAD) for m in members):
                 continue  # counters only: the first step makes the state
             # stepped, or warm-started (MBF.warm_start: state made before the first call)
@@ -375,12 +378,12 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
 
 
 def _held_back(members: list) -> list:
-    """The parameters among ``members`` (stepped together so far) whose counters are behind the
-    others': a block member that a step left unchanged (no gradient of its own, see
-    ``CoreOptimizer._fill_missing_members``); the step never takes the set's counters from them."""
-    counts = [(int(e[STEP].item()), int(e[NONFINITE].item())) for _, _, _, e in members]
-    top = tuple(map(max, zip(*counts)))
-    return [p for (_, p, _, _), count in zip(members, counts) if count != top]
+    """The parameters among ``members`` (``(parameter, (step, nonfinite_count))`` of parameters
+    stepped together so far) whose counters are behind the others': a block member that a step
+    left unchanged (no gradient of its own, see ``CoreOptimizer._fill_missing_members``); the step
+    never takes the set's counters from them."""
+    top = tuple(map(max, zip(*(count for _, count in members))))
+    return [p for p, count in members if count != top]
 
 
 def _saved_ids(saved_groups: list, new_groups: list, group: dict) -> list:

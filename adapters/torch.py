@@ -134,7 +134,9 @@ def _torch_class(
         values = dict(bound.arguments)
         del values["self"]
         options = {key: values.pop(key) for key in ("model", "compile", "capturable") if key in values}
-        base.__init__(self, values.pop("params"), values, **options)
+        params = values.pop("params")
+        self._build(values)  # invalid hyperparameters are refused before params is looked at, as in torch.optim
+        base.__init__(self, params, values, **options)
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{name}.__init__"
