@@ -365,7 +365,7 @@ def test_readme_from_stores_a_gpu_run_beside_the_cpu_one_and_refuses_what_is_not
         (["--frameworks", "tensorflow"], "unknown framework(s) 'tensorflow'"),
         (["--cases", "12by4"], "unknown layer case '12by4'"),
         (["--methods", "nope"], "unknown method(s) 'nope'"),
-        (["--methods", "adam"], "no method to benchmark"),
+        (["--methods", "adam"], "--methods adam: a baseline, not a method to time"),
         (["--model", "gpt", "--frameworks", "numpy"], "--frameworks numpy times the core on layer cases only"),
         (["--model", "gpt", "--cases", "8x4"], "--cases chooses layer cases"),
         (["--size", "small"], "--size chooses the model of --model gpt|resnet"),

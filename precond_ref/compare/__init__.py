@@ -144,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also rewrite the results section of ./README.md, docs/data/compare.json and "
         "docs/images/compare_loss_curves.png (run from the repository root)",
     )
-    add("--list", action="store_true", help="list the methods with their hyperparameters and sources, and exit")
+    add("--list", action="store_true", help="list the methods (those of --methods) with their hyperparameters and sources, and exit")
 
 
 def resolve_methods(spec: str, table: Optional[Sequence[MethodEntry]] = None) -> tuple[list[MethodEntry], list[dict]]:
@@ -398,11 +398,11 @@ def _run_jobs(jobs: list[dict], pool: Any, progress: _Progress, steps_of: Callab
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.list:
-        print(_describe(list(METHODS), list(MODELS)))
-        return 0
     entries, skipped = resolve_methods(args.methods)
     models = _resolve_models(args.models)
+    if args.list:
+        print(_describe(entries, models))
+        return 0
     _check_dependencies(args.backend, args.dtype, plot=not args.no_plot or args.readme)
     from . import digits, report
     from .training import resolve_device

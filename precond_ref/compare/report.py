@@ -370,6 +370,11 @@ def figure(report: dict) -> Any:
     return fig
 
 
+#: Wall seconds a run spends outside its runs' CPU time on an idle machine: starting the worker
+#: processes and importing into them, and the wait for the last run (a small run's excess).
+START_UP_S = 30.0
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -389,8 +394,12 @@ def timing(report: dict) -> str:
             f" (CPU time {_duration(cpu['main'] + cpu['workers'])} in {jobs} {workers}, "
             f"so {_duration(cpu['quiet_wall_estimate'])} on {jobs} otherwise idle {cores})"
         )
+        excess = report["total_s"] - cpu["quiet_wall_estimate"]
         if report["total_s"] > 1.5 * cpu["quiet_wall_estimate"]:
-            text += "; the wall time is longer because the machine was busy with other work"
+            text += (
+                "; the wall time is longer because the machine was busy with other work" if excess > START_UP_S else
+                "; the rest of the wall time is start-up (worker processes, imports) and the wait for the last run"
+            )
     return text
 
 
