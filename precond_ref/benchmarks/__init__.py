@@ -48,6 +48,7 @@ __all__ = ["add_arguments", "run"]
 
 SIZE_NAMES = ("auto", "tiny", "small", "reference")
 README_DATA = os.path.join("docs", "data", "bench.json")
+PERFORMANCE_PAGE = os.path.join("docs", "performance.md")
 
 
 def _positive_float(text: str) -> float:
@@ -407,12 +408,16 @@ def _write_readme(report: dict, report_module: Any) -> None:
             stored = json.load(handle)
     reports = report_module.merged(stored, report)
     _write(README_DATA, reports)
-    with open("README.md") as handle:
-        text = handle.read()
-    try:
-        text = report_module.replace_readme_section(text, report_module.readme_section(reports))
-    except ValueError as err:
-        raise UserError(f"README.md: {err}") from None
-    with open("README.md", "w") as handle:
-        handle.write(text)
-    print(f"README.md and {README_DATA} updated ({report_module.readme_key(report)})")
+    pages = [("README.md", report_module.readme_section(reports))]
+    if os.path.exists(PERFORMANCE_PAGE):
+        pages.append((PERFORMANCE_PAGE, report_module.detail_section(reports)))
+    for path, section in pages:
+        with open(path) as handle:
+            text = handle.read()
+        try:
+            text = report_module.replace_readme_section(text, section)
+        except ValueError as err:
+            raise UserError(f"{path}: {err}") from None
+        with open(path, "w") as handle:
+            handle.write(text)
+    print(f"{', '.join(path for path, _ in pages)} and {README_DATA} updated ({report_module.readme_key(report)})")
