@@ -25,11 +25,12 @@ unless the torch default should follow it (torch defaults are the torch API, wri
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import warnings
 import weakref
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 from array_api_compat import array_namespace
@@ -228,13 +229,41 @@ class _BatchCounter:
             self.count += int(first.shape[0])
 
 
+_BATCH_SIZE_AT_EACH_STEP = False
+
+
+@contextlib.contextmanager
+def _batch_size_at_each_step() -> Iterator[None]:
+    """Within it, the root-free classes are built without ``batch_size=`` or ``model=``: for
+    callers that give ``step(batch_size=...)`` at every step (``compare``'s and ``bench``'s
+    training loops). A step without it still raises."""
+    global _BATCH_SIZE_AT_EACH_STEP
+    before, _BATCH_SIZE_AT_EACH_STEP = _BATCH_SIZE_AT_EACH_STEP, True
+    try:
+        yield
+    finally:
+        _BATCH_SIZE_AT_EACH_STEP = before
+
+
+def _no_batch_size(owner: str, unscaled: bool) -> str:
+    """The missing-B error in this API's words: where a batch size can come from."""
+    off = ", or scale_by_batch_size=False to not scale by it" if unscaled else ""
+    return (
+        f"{owner}: no batch size. Give batch_size= (the number of examples the loss averages over, "
+        f"not sums) or model= (to count the examples of its training-mode forward passes){off}; "
+        f"opt.step(batch_size=...) overrides either for one step"
+    )
+
+
 class _RootFreeOptimizer(CoreOptimizer):
     """Shared batch-size handling of the root-free methods.
 
     B (the number of examples the loss *averages*; a summed loss makes B·g² wrong by B²) comes from,
     in this order: ``step(batch_size=...)``; the constructor's ``batch_size``; or, when ``model=``
     is given without ``batch_size``, the examples its training-mode forward passes saw since the
-    last ``step`` (the authors' hook). Without any of them ``step`` raises ``ValueError``.
+    last ``step`` (the authors' hook). The constructor raises ``ValueError`` when neither
+    ``batch_size=`` nor ``model=`` is given (and B scales the statistic), so that a missing B is
+    found when the optimizer is built, not at its first step.
     """
 
     def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None, **options: Any) -> None:
@@ -244,7 +273,13 @@ class _RootFreeOptimizer(CoreOptimizer):
                 raise ValueError("give params, or model= to optimize all of its parameters")
             params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         super().__init__(params, defaults, model=model, **options)
+        if model is None and not _BATCH_SIZE_AT_EACH_STEP and self._groups_without_batch_size():
+            raise ValueError(_no_batch_size(type(self).__name__, "scale_by_batch_size" in defaults))
         self._batch_counter = _BatchCounter(model) if model is not None and defaults["batch_size"] is None else None
+
+    def _groups_without_batch_size(self) -> bool:
+        """Whether some param group scales by B and has no ``batch_size`` of its own."""
+        return any(g["batch_size"] is None and g.get("scale_by_batch_size", True) for g in self.param_groups)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
@@ -262,6 +297,13 @@ class _RootFreeOptimizer(CoreOptimizer):
         counter = self._batch_counter
         if counter is not None and extra.get("batch_size") is None and counter.count > 0:
             extra = {**extra, "batch_size": counter.count}
+        if extra.get("batch_size") is None and self._groups_without_batch_size():
+            if counter is not None:
+                counter.count = 0
+            raise ValueError(
+                _no_batch_size(type(self).__name__, "scale_by_batch_size" in self.defaults)
+                + ("; model= counted no training-mode forward pass since the last step" if counter is not None else "")
+            )
         try:
             return super().step(closure, **extra)
         finally:

@@ -102,12 +102,13 @@ def check_device(text: str) -> None:
         fail("torch.backends.mps.is_available() is False on this machine")
 
 
-def make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    cls, _, _ = OPTIMIZERS[name]
+def make_optimizer(name: str, model: torch.nn.Module, lr: float, batch_size: int) -> torch.optim.Optimizer:
+    cls, _, needs_batch = OPTIMIZERS[name]
     if cls is None:
         return torch.optim.AdamW(model.parameters(), lr=lr)
-    # Named parameters: MBF and IF-Shampoo pair each layer's weight with its bias by name.
-    return cls(model.named_parameters(), lr=lr)
+    # Named parameters: MBF and IF-Shampoo pair each layer's weight with its bias by name. The
+    # root-free methods scale by the number of sequences the loss averages over.
+    return cls(model.named_parameters(), lr=lr, **({"batch_size": batch_size} if needs_batch else {}))
 
 
 @torch.no_grad()
@@ -132,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_ids, validation_ids, vocabulary = load_corpus()
     model = CharTransformer(len(vocabulary), args.context, args.width, args.layers, args.heads).to(args.device)
     lr = args.lr if args.lr is not None else OPTIMIZERS[args.optimizer][1]
-    optimizer = make_optimizer(args.optimizer, model, lr)
-    needs_batch = OPTIMIZERS[args.optimizer][2]
+    optimizer = make_optimizer(args.optimizer, model, lr, args.batch_size)
     print(
         f"{len(train_ids)} training / {len(validation_ids)} validation characters, vocabulary {len(vocabulary)}; "
         f"{sum(p.numel() for p in model.parameters())} parameters; {args.optimizer} lr {lr:g}, {args.steps} steps"
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss = F.cross_entropy(model(inputs).reshape(-1, len(vocabulary)), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step(**({"batch_size": args.batch_size} if needs_batch else {}))
+        optimizer.step()
         return loss.item()
 
     data = batches(train_ids, args.batch_size, args.context, args.seed)

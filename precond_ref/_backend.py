@@ -16,9 +16,12 @@ import numbers
 import sys
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
-from array_api_compat import device as _compat_device, is_jax_namespace, is_numpy_namespace, is_torch_namespace
+import array_api_compat
+from array_api_compat import device as _compat_device, is_jax_namespace
 
 __all__ = [
+    "is_torch_namespace",
+    "is_numpy_namespace",
     "array_device",
     "float64_where_available",
     "is_number",
@@ -47,6 +50,23 @@ __all__ = [
     "host_all_finite",
     "sums_of_squares",
 ]
+
+
+# array_api_compat's is_torch_namespace / is_numpy_namespace are functools.lru_cache-wrapped:
+# dynamo warns of every such call it traces (the core's steps run under torch.compile), so the
+# core tests the namespace's name itself, as they do.
+_TORCH_NAMES = frozenset({"torch", f"{array_api_compat.__name__}.torch"})
+_NUMPY_NAMES = frozenset({"numpy", f"{array_api_compat.__name__}.numpy"})
+
+
+def is_torch_namespace(xp: Any) -> bool:
+    """Whether ``xp`` is torch's namespace (torch itself or array_api_compat's wrapper of it)."""
+    return getattr(xp, "__name__", None) in _TORCH_NAMES
+
+
+def is_numpy_namespace(xp: Any) -> bool:
+    """Whether ``xp`` is NumPy's namespace (NumPy itself or array_api_compat's wrapper of it)."""
+    return getattr(xp, "__name__", None) in _NUMPY_NAMES
 
 Array = Any
 

@@ -57,7 +57,9 @@ class UserError(Exception):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="precond-ref", description="Reference structured preconditioned optimizers: compare, benchmark, trace."
+        prog="precond-ref",
+        description="Reference implementations of nine structured preconditioned optimizers. Commands: "
+        + ", ".join(COMMANDS) + ".",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     modules = {}

@@ -39,9 +39,11 @@ import sys
 from itertools import repeat
 from typing import Any, Optional, Sequence, Union
 
-from array_api_compat import array_namespace, is_jax_namespace, is_torch_namespace
+from array_api_compat import array_namespace, is_jax_namespace
 
-from ._backend import array_device, as_operand, cond, float64_where_available, is_tracer, is_zero, placement, torch_compiling
+from ._backend import (
+    array_device, as_operand, cond, float64_where_available, is_torch_namespace, is_tracer, is_zero, placement, torch_compiling,
+)
 
 __all__ = [
     "all_finite",

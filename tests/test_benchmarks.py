@@ -300,10 +300,10 @@ def test_tables_and_readme_block_from_the_report():
     data = {"argv": ["--model", "gpt"], "machine": {"processor": "CPU", "cpu_count": 2, "torch": "2", "torch_threads": 2},
             "settings": {"dtype": "float32", "repeats": 3, "warmup": 1, "model_description": "gpt: tiny"}, "total_s": 5.0,
             "results": {"gpt": rows}}
-    block = report.readme_section({"gpt": data})
-    assert block.startswith(report.README_BEGIN) and block.endswith(report.README_END)
+    block = report.detail_section({"gpt": data})
+    assert block.startswith(report.DETAIL_BEGIN) and block.endswith(report.DETAIL_END)
     assert "| MBF | 2 | 2.00x | 3.00x | 0.01 |" in block and "`python -m precond_ref bench --model gpt` on CPU (2 usable CPUs)" in block
-    text = f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\nrest"
+    text = f"intro\n{report.DETAIL_BEGIN}\nold\n{report.DETAIL_END}\nrest"
     assert report.replace_readme_section(text, block) == f"intro\n{block}\nrest"
     with pytest.raises(ValueError):
         report.replace_readme_section("no block", block)
@@ -336,9 +336,8 @@ def test_readme_from_stores_a_gpu_run_beside_the_cpu_one_and_refuses_what_is_not
     assert list(stored) == ["gpt", "gpt on a GPU"] and stored["gpt on a GPU"]["machine"]["gpu"] == "Some GPU"
     readme = (tmp_path / "README.md").read_text()
     assert readme == f"intro\n{report.readme_section(stored)}\nrest\n"
-    cpu, gpu = readme.index("**gpt** — "), readme.index("**gpt on a GPU** — ")
-    assert cpu < gpu and "| MBF | 3 | 1.50x |" in readme[cpu:gpu] and "| MBF | 5 | 2.50x |" in readme[gpu:]
-    assert "on Some GPU; torch 2" in readme[gpu:]
+    assert "| method | 2 CPU cores: step x AdamW(fused) | 2 CPU cores: first step s | Some GPU: step x AdamW(fused) |" in readme
+    assert "| MBF | 1.50x | 0.0 | 2.50x | 0.0 |" in readme and "- Some GPU: `python -m precond_ref bench --model gpt`" in readme
     unfinished = {**report_of(True, 7.0), "complete": False}
     for name, text, message in (
         ("missing.json", None, "cannot read a JSON report"),
@@ -365,7 +364,7 @@ def test_readme_from_stores_a_gpu_run_beside_the_cpu_one_and_refuses_what_is_not
         (["--frameworks", "tensorflow"], "unknown framework(s) 'tensorflow'"),
         (["--cases", "12by4"], "unknown layer case '12by4'"),
         (["--methods", "nope"], "unknown method(s) 'nope'"),
-        (["--methods", "adam"], "no method to benchmark"),
+        (["--methods", "adam"], "--methods adam: a baseline, not a method to time"),
         (["--model", "gpt", "--frameworks", "numpy"], "--frameworks numpy times the core on layer cases only"),
         (["--model", "gpt", "--cases", "8x4"], "--cases chooses layer cases"),
         (["--size", "small"], "--size chooses the model of --model gpt|resnet"),
@@ -532,7 +531,7 @@ def test_cost_columns_follow_the_model_and_the_measured_rates(tmp_path):
     assert by["torch", "ASGO"]["cost"]["flops"] > 0
     table = report.format_table("gpt", data["results"]["gpt"])
     assert "| opt GFLOP | opt MB | limit ms | limit / mean |" in table
-    block = report.readme_section({"gpt": data})
+    block = report.detail_section({"gpt": data})
     assert "torch limit / mean" in block and "Cost model rates:" in block
 
 
@@ -544,7 +543,7 @@ def test_layer_rows_carry_the_optimizer_cost_alone(tmp_path):
     row = _by(data["results"]["8x4"])["torch", "MBF"]["cost"]
     expected = cost.method_cost(entry_by_name("mbf"), [("weight", (8, 4)), ("bias", (8,))], 4, data["machine"]["torch_device"])
     assert row["flops"] == pytest.approx(expected.flops, rel=1e-12) and "fwd_bwd_flops" not in row
-    assert "GFLOP, MB, limit / mean" in report.readme_section({"layers": data})
+    assert "GFLOP, MB, limit / mean" in report.detail_section({"layers": data})
 
 
 def test_peers_without_the_extra_is_a_clean_message(tmp_path, capsys, monkeypatch):

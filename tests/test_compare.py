@@ -691,4 +691,6 @@ def test_timing_explains_a_wall_time_longer_than_the_cpu_time_needs():
     busy = report.timing({**base, "total_s": 1900.0, "cpu_s": {"main": 1.0, "workers": 380.0, "quiet_wall_estimate": 191.0}})
     quiet = report.timing({**base, "total_s": 200.0, "cpu_s": {"main": 1.0, "workers": 380.0, "quiet_wall_estimate": 191.0}})
     assert "busy with other work" in busy and "busy" not in quiet
+    small = report.timing({**base, "total_s": 14.0, "cpu_s": {"main": 1.0, "workers": 6.0, "quiet_wall_estimate": 4.0}})
+    assert "busy" not in small and "start-up" in small  # 10 s of process start-up is not load
     assert "3.2 min on 2 otherwise idle cores" in busy

@@ -74,3 +74,28 @@ def test_measure_decompositions_records_and_times_the_steps_decompositions(monke
         ways[row["op"]].add(row["way"])
     assert ways["svd"] == {"svd (as recorded)", "Gram eigh float32", "Gram eigh float64"}
     assert ways["eigh"] == {"eigh (as recorded)", "eigh float64"}
+
+
+@pytest.mark.parametrize("script, needs", [("char_lm_torch", "torch"), ("char_lm_jax", "jax")])
+def test_char_lm_help_shows_every_default(script, needs, capsys):
+    """``--help`` states the value of every option the user may leave out (the learning rate:
+    each optimizer's own)."""
+    pytest.importorskip(needs)
+    module = _load(script)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("optimizer", "steps", "batch-size", "context", "width", "layers", "heads", "seed", "out", "sample"):
+        assert f"--{option}" in text
+        assert text.split(f"--{option} ")[-1].split(" --")[0].count("default") == 1, option
+    assert "agd 0.003" in text
+
+
+def test_char_lm_torch_builds_every_optimizer():
+    """The torch example builds each of its optimizers (the root-free ones with the batch size,
+    which they need when built)."""
+    torch = pytest.importorskip("torch")
+    module = _load("char_lm_torch")
+    model = torch.nn.Linear(3, 2)
+    for name in module.OPTIMIZERS:
+        assert isinstance(module.make_optimizer(name, model, 1e-3, 4), torch.optim.Optimizer)

@@ -91,3 +91,40 @@ def test_readme_results_are_the_default_run_and_fit_in_five_minutes_on_two_cores
     assert settings["tune"] and len(settings["seeds"]) == 3 and settings["jobs"] == 2
     assert settings["methods"] == [entry.name for entry in compare.METHODS]
     assert data["cpu_s"]["quiet_wall_estimate"] < 300
+
+
+def test_readme_is_one_screen_per_section_and_states_the_product():
+    """Issue 55's README: at most 200 lines, no part between headings longer than a screen (60
+    lines), and none of the contradictions a first reader met: the count of methods in words
+    against the table's rows, a set-up "below" that is above, the plain PyPI torch called the CPU
+    build, and internal words (issue numbers, temporary folders)."""
+    lines = README.splitlines()
+    assert len(lines) <= 200, len(lines)
+    starts = [i for i, line in enumerate(lines) if line.startswith("#")] + [len(lines)]
+    longest = max((b - a, lines[a]) for a, b in zip(starts, starts[1:]))
+    assert longest[0] <= 60, longest
+    intro = README.split("## Set-up")[0]
+    rows = [line for line in intro.splitlines() if line.startswith("| ") and "`pr." in line]
+    factories = sum(line.split("|")[3].count("`pr.") for line in rows)
+    words = {9: "nine"}
+    assert factories == 9 and f"of {words[factories]} structured" in intro
+    assert "five ... optimizers" not in README and not re.search(r"\bfive\b[^.|]*optimizers", intro)
+    use = README.split("## Use")[1]
+    assert "set-up below" not in use and "test set-up above" in use
+    assert "CPU build of torch" not in README and "the CUDA build" in README
+    assert not re.search(r"\bissue \d+|/tmp/", README, flags=re.I)
+
+
+def test_detail_pages_are_generated_from_the_committed_json():
+    """docs/compare.md's and docs/performance.md's full tables are what ``compare --readme`` and
+    ``bench --readme`` render from the same JSON as the README's short ones."""
+    import json
+
+    pages = [("precond_ref.compare.report", "compare.json", "compare.md"),
+             ("precond_ref.benchmarks.report", "bench.json", "performance.md")]
+    for module, data_name, page_name in pages:
+        report = pytest.importorskip(module)
+        data = json.loads((ROOT / "docs" / "data" / data_name).read_text())
+        page = (ROOT / "docs" / page_name).read_text()
+        start, end = page.index(report.DETAIL_BEGIN), page.index(report.DETAIL_END) + len(report.DETAIL_END)
+        assert page[start:end] == report.detail_section(data), page_name

@@ -8,8 +8,7 @@ device:
   images (:mod:`precond_ref.benchmarks.models`), through the torch adapters against
   ``torch.optim.AdamW(fused=True)`` and ``AdamW(foreach=True)``, and through the optax adapters in
   a jitted plain-JAX training step against ``optax.adamw``. Sizes: ``--size small`` (a 2-core CPU,
-  the default there) or ``reference`` (the speed issues' GPU model, the default when torch sees a
-  GPU).
+  the default there) or ``reference`` (sized for one GPU, the default when torch sees a GPU).
 - without ``--model``, one optimizer step on the parameters of one layer case
   (:mod:`precond_ref.benchmarks.layers`: ``1024x1024``, ``4096x1024``, a 3x3 convolution, a stack
   of transformer blocks as one param group), through the torch adapters against
@@ -49,6 +48,7 @@ __all__ = ["add_arguments", "run"]
 
 SIZE_NAMES = ("auto", "tiny", "small", "reference")
 README_DATA = os.path.join("docs", "data", "bench.json")
+PERFORMANCE_PAGE = os.path.join("docs", "performance.md")
 
 
 def _positive_float(text: str) -> float:
@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time other settings of ASGO, Sketchy, S-AdaGrad and IF-Shampoo (faithful mode, roots, intervals, bf16 factors)")
     add("--cases", default=None, help=f"layer cases, comma-separated (default {','.join(CASES)}; also OUTxIN, OUTxINxKHxKW, tfLxW)")
     add("--size", choices=SIZE_NAMES, default=None,
-        help="model size for --model: small (a 2-core CPU), reference (the GPU model of the speed issues), tiny (tests); "
-        "default auto: reference when torch sees a GPU, else small")
+        help="model size for --model: small (sized for a 2-core CPU), reference (sized for one GPU: a 6-layer GPT of 27M "
+        "parameters, a ResNet of widths 64-512), tiny (tests); default auto: reference when torch sees a GPU, else small")
     add("--frameworks", default=None,
         help="comma-separated subset of torch,jax,numpy,cupy (numpy and cupy: layer cases only; default torch,jax, "
         "and cupy for layer cases when a GPU is present)")
@@ -146,11 +146,13 @@ def _check_frameworks(text: Optional[str], kind: str) -> list[str]:
         if core_only and kind != "layers":
             raise UserError(f"--frameworks {','.join(core_only)} times the core on layer cases only; --model {kind} runs torch and jax")
     for framework in frameworks:
-        module = {"torch": "torch", "jax": "optax", "numpy": "numpy", "cupy": "cupy"}[framework]
+        module, extra = {"torch": ("torch", "torch"), "jax": ("optax", "jax"), "numpy": ("numpy", "numpy"), "cupy": ("cupy", "cupy")}[framework]
         try:
             __import__(module)
         except ImportError as err:
-            raise UserError(f"--frameworks {framework} needs {module}: {err}") from None
+            chosen = f"--frameworks {framework}" if text is not None else f"bench (by default it times {' and '.join(frameworks)})"
+            other = "" if text is not None else "; or time only what is installed with --frameworks"
+            raise UserError(f"{chosen} needs {module} ({err}): pip install 'precond-ref[{extra}]'{other}") from None
     if "cupy" in frameworks:
         import cupy
 
@@ -406,12 +408,16 @@ def _write_readme(report: dict, report_module: Any) -> None:
             stored = json.load(handle)
     reports = report_module.merged(stored, report)
     _write(README_DATA, reports)
-    with open("README.md") as handle:
-        text = handle.read()
-    try:
-        text = report_module.replace_readme_section(text, report_module.readme_section(reports))
-    except ValueError as err:
-        raise UserError(f"README.md: {err}") from None
-    with open("README.md", "w") as handle:
-        handle.write(text)
-    print(f"README.md and {README_DATA} updated ({report_module.readme_key(report)})")
+    pages = [("README.md", report_module.readme_section(reports))]
+    if os.path.exists(PERFORMANCE_PAGE):
+        pages.append((PERFORMANCE_PAGE, report_module.detail_section(reports)))
+    for path, section in pages:
+        with open(path) as handle:
+            text = handle.read()
+        try:
+            text = report_module.replace_readme_section(text, section)
+        except ValueError as err:
+            raise UserError(f"{path}: {err}") from None
+        with open(path, "w") as handle:
+            handle.write(text)
+    print(f"{', '.join(path for path, _ in pages)} and {README_DATA} updated ({report_module.readme_key(report)})")

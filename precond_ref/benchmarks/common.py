@@ -86,11 +86,17 @@ def contenders(spec: str, with_variants: bool) -> tuple[list[Contender], list[di
     """The contenders named by ``--methods`` (every method, RF-AdamW included, by default), and skip notes."""
     from ..compare import resolve_methods
 
-    entries, skipped = resolve_methods(spec, table=METHODS + BENCH_ONLY)
+    methods = [e for e in METHODS + BENCH_ONLY if not e.is_baseline]
+    baselines = {alias.lower() for e in METHODS + BENCH_ONLY if e.is_baseline for alias in (e.name, e.label)}
+    given = [name.strip() for name in spec.split(",") if name.strip().lower() in baselines]
+    if given:
+        raise UserError(
+            f"--methods {', '.join(given)}: a baseline, not a method to time (bench measures its baselines, "
+            f"AdamW and Adam, in every run); --methods takes: {', '.join(e.name for e in methods)}"
+        )
+    entries, skipped = resolve_methods(spec, table=methods)
     out = []
     for entry in entries:
-        if entry.is_baseline:
-            continue
         out.append(Contender(entry))
         if with_variants:
             for suffix, overrides in VARIANTS.get(entry.name, ()):

@@ -30,7 +30,7 @@ QUICK_CASES = {"64x32": ("linear", 64, 32), "conv8-8-3x3": ("conv", 8, 8, 3, 3),
 FRAMEWORKS = ("torch", "jax", "numpy", "cupy")
 BATCH_SIZE = 128  # what the methods that need B (root-free) are told
 _GRADIENTS = 3
-EIGH_SIZE = 1024  # issue 13's CPU yardstick: one float32 eigh of a 1024x1024 matrix
+EIGH_SIZE = 1024  # the CPU yardstick: one float32 eigh of a 1024x1024 matrix
 
 
 def _parse_case(name: str) -> tuple:

@@ -47,6 +47,9 @@ __all__ = ["add_arguments", "run", "resolve_methods", "grid_factors", "train_one
 _TRAINING_NAMES = ("train_one", "core_baseline", "make_torch_optimizer")
 
 
+#: The page whose results block ``--readme`` also rewrites (the whole table), when it exists.
+COMPARE_PAGE = os.path.join("docs", "compare.md")
+
 def __getattr__(name: str) -> Any:
     # The training helpers need NumPy: imported on first use, so that this module imports without it.
     if name in _TRAINING_NAMES:
@@ -144,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also rewrite the results section of ./README.md, docs/data/compare.json and "
         "docs/images/compare_loss_curves.png (run from the repository root)",
     )
-    add("--list", action="store_true", help="list the methods with their hyperparameters and sources, and exit")
+    add("--list", action="store_true", help="list the methods (those of --methods) with their hyperparameters and sources, and exit")
 
 
 def resolve_methods(spec: str, table: Optional[Sequence[MethodEntry]] = None) -> tuple[list[MethodEntry], list[dict]]:
@@ -398,11 +401,11 @@ def _run_jobs(jobs: list[dict], pool: Any, progress: _Progress, steps_of: Callab
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.list:
-        print(_describe(list(METHODS), list(MODELS)))
-        return 0
     entries, skipped = resolve_methods(args.methods)
     models = _resolve_models(args.models)
+    if args.list:
+        print(_describe(entries, models))
+        return 0
     _check_dependencies(args.backend, args.dtype, plot=not args.no_plot or args.readme)
     from . import digits, report
     from .training import resolve_device
@@ -641,14 +644,18 @@ def _write_outputs(full: dict, out_dir: str, args: argparse.Namespace) -> None:
             with open(os.path.join("docs", "data", "compare.json"), "w") as handle:
                 json.dump(report.compact(full), handle, indent=1)
             shutil.copyfile(plot_path, os.path.join("docs", "images", "compare_loss_curves.png"))
-            with open("README.md") as handle:
-                text = handle.read()
-            try:
-                text = report.replace_readme_section(text, report.readme_section(report.compact(full)))
-            except ValueError as err:
-                raise UserError(str(err)) from None
-            with open("README.md", "w") as handle:
-                handle.write(text)
-            print("README.md, docs/data/compare.json and docs/images/compare_loss_curves.png rewritten")
+            pages = [("README.md", report.readme_section(report.compact(full)))]
+            if os.path.exists(COMPARE_PAGE):
+                pages.append((COMPARE_PAGE, report.detail_section(report.compact(full))))
+            for path, section in pages:
+                with open(path) as handle:
+                    text = handle.read()
+                try:
+                    text = report.replace_readme_section(text, section)
+                except ValueError as err:
+                    raise UserError(f"{path}: {err}") from None
+                with open(path, "w") as handle:
+                    handle.write(text)
+            print(f"{', '.join(p for p, _ in pages)}, docs/data/compare.json and docs/images/compare_loss_curves.png rewritten")
     except OSError as err:
         raise UserError(f"cannot write results: {err.strerror or err} ({err.filename})") from None

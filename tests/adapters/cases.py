@@ -81,16 +81,16 @@ TORCH_CASES = [
     TorchCase("rf_rmsprop", pt.RFRMSProp, lr=5e-2, kwargs=dict(alpha=0.99, damping=1e-2, momentum=0.9, batch_size=32)),
     TorchCase(
         "rf_rmsprop-faithful-wd", pt.RFRMSProp, lr=5e-2,
-        kwargs=dict(alpha=0.99, damping=1e-2, momentum=0.9, weight_decay=1e-3, mode="faithful"),
-        step_kwargs=dict(batch_size=32),
+        kwargs=dict(alpha=0.99, damping=1e-2, momentum=0.9, weight_decay=1e-3, mode="faithful", batch_size=1),
+        step_kwargs=dict(batch_size=32),  # overrides the constructor's
     ),
     TorchCase("rf_adamw", pt.RFAdamW, lr=5e-2, kwargs=dict(damping=1e-2, weight_decay=1e-3, batch_size=32)),
     TorchCase("if_shampoo", pt.IFShampoo, lr=5e-2, kwargs=dict(preconditioner_lr=0.2, damping=1e-2, batch_size=32)),
     TorchCase(
         "if_shampoo-mixed-every2", pt.IFShampoo, lr=5e-2,
         kwargs=dict(preconditioner_lr=0.2, damping=1e-2, weight_decay=1e-3,
-                    structures={1: "diagonal", 2: ("dense", "diagonal")}, precondition_every=2),
-        step_kwargs=dict(batch_size=32),
+                    structures={1: "diagonal", 2: ("dense", "diagonal")}, precondition_every=2, batch_size=1),
+        step_kwargs=dict(batch_size=32),  # overrides the constructor's
     ),
     TorchCase(  # the paper's half-precision factors (the principled default on GPUs), on the CPU
         "if_shampoo-bf16-factors", pt.IFShampoo, lr=5e-2,

@@ -285,7 +285,7 @@ def test_torch_warm_started_checkpoint_is_validated():
     "cls, kwargs, step_kwargs",
     [
         (pt.MBF, dict(lr=1e-2, statistics_every=1, precondition_every=2), {}),
-        (pt.IFShampoo, dict(lr=1e-2, grouping="weight_bias", preconditioner_lr=0.1, damping=1e-2), dict(batch_size=8)),
+        (pt.IFShampoo, dict(lr=1e-2, grouping="weight_bias", preconditioner_lr=0.1, damping=1e-2, batch_size=1), dict(batch_size=8)),
     ],
     ids=["mbf", "if_shampoo-weight_bias"],
 )

@@ -63,7 +63,7 @@ def test_step_batch_size_overrides_and_closure_counts():
     x, y = _data(6)
     a, b = _model(), _model()
     opt_a = pt.RFRMSProp(None, lr=0.1, model=a)
-    opt_b = pt.RFRMSProp(b.named_parameters(), lr=0.1)
+    opt_b = pt.RFRMSProp(b.named_parameters(), lr=0.1, batch_size=1)  # overridden by step's
 
     def closure():
         opt_a.zero_grad()
@@ -76,8 +76,6 @@ def test_step_batch_size_overrides_and_closure_counts():
     ((b(x) - y) ** 2).mean().backward()
     opt_b.step(batch_size=6)
     assert torch.equal(_flat(a), _flat(b))
-    with pytest.raises(ValueError, match="batch size"):
-        opt_b.step()
 
 
 def test_if_shampoo_weight_bias_grouping_through_names_matches_core():

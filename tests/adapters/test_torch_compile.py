@@ -227,7 +227,7 @@ def test_tracing_the_namespace_lookups_warns_nothing(fresh_dynamo_warnings, monk
 def test_input_errors_are_not_taken_for_compiler_failures():
     """A bad step argument raises the core's own error, and the compiled path stays enabled."""
     model = _model(torch.float64)
-    opt = pt.RFRMSProp(model.named_parameters(), lr=1e-2, compile=AOT)
+    opt = pt.RFRMSProp(model.named_parameters(), lr=1e-2, batch_size=8, compile=AOT)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     with warnings.catch_warnings():
@@ -400,7 +400,7 @@ def test_changes_between_steps_reach_the_compiled_step():
     kernels read) and new betas (a new transform, so a new compiled step) give the eager numbers."""
     batches = _batches(torch.float64, 6)
     models = {c: _model(torch.float64) for c in (False, True)}
-    opts = {c: pt.RFRMSProp(m.named_parameters(), lr=1e-2, momentum=0.5, compile=AOT if c else False) for c, m in models.items()}
+    opts = {c: pt.RFRMSProp(m.named_parameters(), lr=1e-2, momentum=0.5, batch_size=16, compile=AOT if c else False) for c, m in models.items()}
     plan = [dict(batch_size=16), dict(batch_size=16), dict(batch_size=4), dict(lr=3e-2, batch_size=4),
             dict(alpha=0.9, batch_size=4), dict(alpha=0.9, batch_size=4)]
     got = {}
@@ -484,8 +484,8 @@ def test_compiled_opt_step_of_optimizers_made_in_sequence(monkeypatch):
         torch.manual_seed(n)
         model = torch.nn.Linear(width, 2).double()
         eager_model = copy.deepcopy(model)
-        opt = cls(model.named_parameters(), lr=1e-2, compile=None)
-        eager = cls(eager_model.named_parameters(), lr=1e-2, compile=False)
+        opt = cls(model.named_parameters(), lr=1e-2, compile=None, **step_kwargs)
+        eager = cls(eager_model.named_parameters(), lr=1e-2, compile=False, **step_kwargs)
         step = torch.compile(opt.step, backend="eager")
         gen = torch.Generator().manual_seed(n)
         before = len(compiles)

@@ -295,6 +295,11 @@ def _batch(kwargs):
     return {"batch_size": kwargs["batch_size"]} if "batch_size" in kwargs else {}
 
 
+def _required(cls):
+    """What ``cls`` cannot be built without beyond torch's arguments: the root-free classes' B."""
+    return {"batch_size": 1} if "batch_size" in inspect.signature(cls).parameters else {}
+
+
 @pytest.mark.filterwarnings("ignore:MBF. .* parameter")
 @pytest.mark.parametrize("name", sorted(DEFAULTS))
 def test_param_groups_weight_decay(name):
@@ -366,6 +371,7 @@ def test_errors(cls):
     matching torch's regexes (issue 31 item 10: a tensor ``params``; a 2-element tensor ``lr``
     given with ``params=None``, which must be refused before the parameters are looked at)."""
     for desc, params, kwargs, error_type, regex in _torch_error_inputs():
+        kwargs = {**_required(cls), **kwargs}
         if issubclass(error_type, Warning):
             with pytest.warns(error_type, match=regex):
                 cls(params, **kwargs)
@@ -390,5 +396,5 @@ def test_every_class_and_core_factory_has_the_same_default_learning_rate():
         core_lr = inspect.signature(cls.core_factory).parameters["learning_rate"].default
         assert isinstance(lr, float) and lr == core_lr > 0, (cls.__name__, lr, core_lr)
         cls.core_factory()  # no learning_rate
-        opt = cls([torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))])
+        opt = cls([torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))], **_required(cls))
         assert opt.defaults["lr"] == core_lr

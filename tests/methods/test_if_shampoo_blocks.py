@@ -171,7 +171,7 @@ def test_torch_checkpoint_saved_before_blocking_names_the_arguments():
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(5, 300, bias=False, dtype=torch.float32)
-    opt = pt.IFShampoo(layer.parameters(), lr=1e-3)
+    opt = pt.IFShampoo(layer.parameters(), lr=1e-3, batch_size=4)
     layer(torch.randn(4, 5)).square().mean().backward()
     opt.step(batch_size=4)
     saved = opt.state_dict()
@@ -182,7 +182,7 @@ def test_torch_checkpoint_saved_before_blocking_names_the_arguments():
     for n, d in enumerate((300, 5)):  # the entry names of that version
         entries[f"factor_{n}"] = torch.eye(d)
         entries[f"factor_momentum_{n}"] = torch.zeros(d, d)
-    fresh = pt.IFShampoo(layer.parameters(), lr=1e-3)
+    fresh = pt.IFShampoo(layer.parameters(), lr=1e-3, batch_size=4)
     with pytest.raises(ValueError, match=r"block_size=4096, max_dense_dim=4096"):
         fresh.load_state_dict(saved)
 

@@ -66,8 +66,10 @@ def resolve_papers(spec: str) -> list[str]:
     """The papers named by ``--paper`` (in the canonical order); unknown names are a :class:`UserError`."""
     if spec.strip().lower() == "all":
         return list(PAPER_NAMES)
-    wanted = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in wanted if name not in PAPERS]
+    # In any case, as compare's and bench's --methods: ASGO, asgo, root-free, root_free.
+    given = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in given if name.lower().replace("-", "_") not in PAPERS]
+    wanted = [name.lower().replace("-", "_") for name in given]
     if unknown or not wanted:
         raise UserError(f"unknown paper(s) {', '.join(map(repr, unknown)) or '(none given)'}; available: "
                         f"{', '.join(PAPER_NAMES)}, all")

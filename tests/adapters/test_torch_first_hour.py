@@ -1,0 +1,102 @@
+"""A new user's first mistakes with the torch classes fail early and in torch's words."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import precond_ref.adapters.torch as pt
+
+from test_torch_compile import _counting_inner_compiler, fresh_dynamo_warnings  # noqa: F401  (a fixture)
+
+ROOT_FREE = [pt.RFRMSProp, pt.RFAdamW, pt.IFShampoo]
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).to(torch.float64)
+
+
+@pytest.mark.parametrize("cls", ROOT_FREE, ids=lambda c: c.__name__)
+def test_no_batch_size_fails_when_built_naming_the_torch_arguments(cls):
+    """The root-free statistic is B*g*g with B the examples the loss averages over (spec
+    root_free.md §2, §2.1 step 1; S5): without batch_size= or model= nothing supplies B, so the
+    constructor refuses, naming the class and the three ways to give B in this API's words (not
+    the core factory's "Pass batch_size= to the factory or to update")."""
+    model = _model()
+    with pytest.raises(ValueError) as err:
+        cls(model.parameters(), lr=1e-3)
+    message = str(err.value)
+    assert message.startswith(f"{cls.__name__}: no batch size")
+    for words in ("batch_size=", "model=", "opt.step(batch_size=...)"):
+        assert words in message
+    assert "factory" not in message and "update" not in message
+
+
+@pytest.mark.parametrize("cls", ROOT_FREE, ids=lambda c: c.__name__)
+def test_each_source_of_the_batch_size_builds(cls):
+    """batch_size=, model= (the forward-pass count) and, for the RF classes, an unscaled statistic
+    each give B (or make it unneeded), so each builds and steps."""
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    builds = [dict(batch_size=5), dict(model="self")]
+    if cls is not pt.IFShampoo:
+        builds.append(dict(scale_by_batch_size=False))
+    for extra in builds:
+        model = _model()
+        extra = {k: (model if v == "self" else v) for k, v in extra.items()}
+        opt = cls(model.parameters(), lr=1e-3, **extra)
+        before = [p.detach().clone() for p in model.parameters()]
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters())), extra
+
+
+def test_model_without_forward_passes_fails_at_step_in_torch_words():
+    """With model= the count comes from the forward passes since the last step; a step that saw
+    none has no B and says so in the class's words."""
+    model = _model()
+    opt = pt.RFRMSProp(model.parameters(), lr=1e-3, model=model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(ValueError, match=r"^RFRMSProp: no batch size.*counted no training-mode forward pass"):
+        opt.step()
+    opt.step(batch_size=3)  # the per-step value is enough
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: no warning from the library's own code
+
+_OWN_FILES = {p.name for root in ("precond_ref", "adapters") for p in (Path(__file__).parents[2] / root).rglob("*.py")}
+_EVERY_STEP = {"precondition_every": 1}  # one graph, compiled at the first step
+_FAMILIES = {  # one class per core module
+    "AGD": {}, "ASGO": _EVERY_STEP, "Sketchy": _EVERY_STEP, "RFRMSProp": {"batch_size": 4},
+    "IFShampoo": {"batch_size": 4, **_EVERY_STEP}, "MBF": {"statistics_every": 1, "refresh_phases": 1, **_EVERY_STEP},
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FAMILIES))
+def test_compiled_step_calls_no_lru_cache_wrapper_from_the_library(fresh_dynamo_warnings, monkeypatch, name):
+    """Dynamo warns of every ``functools.lru_cache``-wrapped call it traces, naming the caller's
+    file and line. The compiled step registers array_api_compat's wrappers with dynamo's
+    allow-list, which a torch without that list, or a user's own ``torch.compile`` around the
+    core, does not have; so the library's own code calls none of them: with the registration
+    switched off, one compiled step of each method family warns of no call from a library file."""
+    if not hasattr(torch._dynamo.utils, "allow_lru_cache_wrapper_trace_without_warning"):
+        pytest.skip(f"torch {torch.__version__} has no dynamo allow-list: the compiled step filters the warning")
+    monkeypatch.setattr(torch._dynamo.utils, "allow_lru_cache_wrapper_trace_without_warning", lambda wrapper: None)
+    compiles = _counting_inner_compiler(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).to(torch.float64)
+    opt = getattr(pt, name)(model.named_parameters(), compile=True, **_FAMILIES[name])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(4, 3, dtype=torch.float64)).square().mean().backward()
+        opt.step()
+    assert opt._compile_options is not None and compiles  # it ran compiled (a fallback to eager clears the options)
+    sites = [re.search(r"function at '([^:']+):(\d+)'", str(w.message)) for w in caught]
+    own = [m.group(0) for m in sites if m is not None and m.group(1) in _OWN_FILES]
+    assert not own, own
