@@ -410,7 +410,7 @@ def cond_under_cpu_jit(xp: Any, pred: Array, fast_fn: Callable, safe_fn: Callabl
 
 
 # --------------------------------------------------------------------------------------------
-# The step's selections, in as few operations as each backend allows (issue 35)
+# The step's selections, in as few operations as each backend allows
 
 
 def host_bool(xp: Any, x: Array) -> Any:

@@ -213,7 +213,7 @@ def on_stacks(
 
 
 # --------------------------------------------------------------------------------------------
-# Spreading a refresh over its interval (issue 35): each block refreshes once per interval, on
+# Spreading a refresh over its interval: each block refreshes once per interval, on
 # the step of its phase, so that no step does all the blocks' expensive work at once.
 
 

@@ -569,7 +569,7 @@ def _frame_direction(
     x's coordinates on the new directions [U, fresh] W are diag(s) V^T of the small SVD; each gets
     its weight (w on retained directions, w_perp on masked ones and on the dropped rest). No
     w_perp (x - U U^T x) is formed: that difference is rounding while x lies in the sketch's span,
-    and w_perp / w would amplify it (issue 16 item 5). Where the step failed, the previous sketch
+    and w_perp / w would amplify it. Where the step failed, the previous sketch
     applied to x in its own coordinates [U^T x; fresh^T x] (x - [U, fresh] [U, fresh]^T x = 0).
     """
     k = weights.shape[-1]

@@ -457,7 +457,7 @@ def mbf(
         FC layers with more than this many outputs use the block-size-1 limit
         :math:`D = m/(v+\lambda)`, :math:`v = \mathrm{EMA}_\rho(g^2)`, instead of an
         :math:`O\times O` matrix (or its ``block_size`` blocks). ``None``: unlimited (principled
-        mode bounds long axes by ``block_size`` instead; before issue 35 it used 4096 here).
+        mode bounds long axes by ``block_size`` instead; version 0.1.0 used 4096 here).
     block_size:
         Principled, ``columns_avg`` only: an FC layer's output axis longer than this is cut into
         chunks of ``block_size`` rows (the last one shorter), each with its own
@@ -689,7 +689,7 @@ def mbf(
             raise ValueError(
                 f"mbf: the optimizer state of {names} has statistic blocks {have}, but block_size={block_size} "
                 f"makes {want}: a state saved with another block_size or max_block_dim{old}; build the "
-                "optimizer with the settings that saved it (before issue 35 the principled layout was one "
+                "optimizer with the settings that saved it (version 0.1.0's principled layout was one "
                 "O x O block per FC layer: block_size at least every layer's output size, max_block_dim=4096)"
             )
 

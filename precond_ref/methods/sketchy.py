@@ -213,8 +213,8 @@ _LEGACY_ENTRY = re.compile(r"axis(\d+)_(?:run(\d+)_)?(" + "|".join(_Sketch._fiel
 
 
 def _legacy_names(entries: dict[str, Array]) -> dict[str, Array]:
-    """``build_transform``'s ``legacy_names``: a state saved by 0.1.0 (and main up to 2fdbd40),
-    whose sketch entries were ``axis{n}_{name}`` (an axis in one block) and
+    """``build_transform``'s ``legacy_names``: a state saved by 0.1.0 (and development
+    versions after it), whose sketch entries were ``axis{n}_{name}`` (an axis in one block) and
     ``axis{n}_run{j}_{name}``, under the current names ``sketches/{n}/{j}/{name}`` (j = 0 for the
     former); the very dict when already current."""
     if "sketch_failures" not in entries or "sketches/0/0/basis" in entries:
