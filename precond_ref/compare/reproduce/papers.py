@@ -33,7 +33,7 @@ __all__ = ["EXPERIMENTS", "Context", "COMPARE_TUNED"]
 COMPARE_TUNED = {
     ("cnn", "rf_rmsprop"): 0.157, ("cnn", "sgd_momentum"): 0.316, ("cnn", "adam"): 0.0316, ("cnn", "agd"): 0.0316,
     ("cnn", "mbf"): 9.49e-4, ("cnn", "if_shampoo"): 0.0316, ("autoencoder", "mbf"): 1e-4, ("autoencoder", "adam"): 0.0316,
-    ("autoencoder", "sgd_momentum"): 0.1, ("autoencoder", "sketchy"): 1e-4,
+    ("autoencoder", "sgd_momentum"): 0.1,
 }
 _TUNED_NOTE = "centre: compare's tuned rate for this model"
 

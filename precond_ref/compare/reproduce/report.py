@@ -63,6 +63,9 @@ LIMITS = (
     "Sketchy-5 compares one rank of Sketchy with Adam and Shampoo; Sketchy against Shampoo at matched second-moment "
     "memory (a memory-quality curve over ranks) is not run, and no blocked Shampoo has less than twice the "
     "parameters' memory (its factors of a blocked m x n matrix hold 2mn values).",
+    "RootFree-4's verdict rests on the bf16 Shampoo diverging at every rate and damping and on IF-Shampoo taking no "
+    "non-finite step; IF-Shampoo's bf16 loss itself climbs after epoch 7 at the rate its 4-epoch sweep chose, so "
+    "'works in half precision' is shown here only as 'trains without failing', not as 'trains well'.",
     "Sources: the papers' own numbers have not been extracted; where a section or figure number is not given, the "
     "claim is quoted from the abstract or described by what the experiment shows.",
 )
