@@ -27,7 +27,7 @@ import math
 import numbers
 import sys
 from functools import partial
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 from array_api_compat import is_jax_namespace
 
@@ -37,14 +37,13 @@ from .._backend import (
     compute_dtype,
     computed_once,
     cond_under_cpu_jit,
-    device_key,
     float64_where_available,
     is_zero,
     placement,
     scalar_zero,
     select,
 )
-from ..blocking import chunk_sizes, spread_schedule, stack, unstack
+from ..blocking import chunk_sizes, spread_schedule
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE,
     all_finite,
@@ -55,7 +54,8 @@ from ..linalg import (
     symmetrize,
     trace,
 )
-from ..engine import StepContext, build_transform, settle_pieces
+from ..engine import StepContext, build_transform
+from ..engine.matrices import MatrixStack, hand_back, joined_leaves, matrix_stacks
 from ..engine.phases import hashed_phases, refresh_due
 from ..transform import (
     ScalarOrSchedule,
@@ -99,6 +99,16 @@ def _matrix_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int]:
     if path and path[-1] == "kernel":
         return math.prod(shape[:-1]), shape[-1]
     return shape[0], math.prod(shape[1:])
+
+
+#: ASGO's stacked state entries, and its counters (:func:`precond_ref.engine.matrices.hand_back`)
+_STACKED = ("momentum", "statistic", "statistic_tail", "root", "root_tail")
+_COUNTERS = ("root_failures", "root_fallbacks")
+
+
+def _is_left(side: str, m: int, n: int) -> bool:
+    """Whether ``side`` preconditions the left side of an m×n matrix."""
+    return _resolve_side(m, n, side) == "left"
 
 
 def _resolve_side(m: int, n: int, side: str) -> str:
@@ -286,20 +296,22 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
     may overflow where :math:`a_j b_j` does not), formed in the pass that writes the step. A zero
     column or a zero U stays zero.
     """
+    axis = _matrix_axis(axis)
+
     def expand(x: Array) -> Array:
         return xp.expand_dims(x, axis=axis)
 
-    def over_max(x: Array) -> Array:  # x / max(x), or x if that is zero (x >= 0)
-        top = xp.max(x)
+    def over_max(x: Array) -> Array:  # x / max(x), or x if that is zero (x >= 0), per matrix
+        top = _per_matrix(xp, xp.max, x)
         return x / xp.where(top > 0, top, xp.ones_like(top))
 
     total = _scaled_squared_norm(xp, m, scale, axis)
-    rows, columns = m.shape
+    rows, columns = m.shape[-2:]
     info = xp.finfo(m.dtype)
     # Each underflowing square or product is off by less than smallest_normal: together at most
     # 2^-10 of the dtype's rounding unit of T.
-    top = xp.max(scale)
-    lost = (rows * columns * (top * top) + scale.shape[0]) * (info.smallest_normal * 2.0**10 / info.eps)
+    top = _per_matrix(xp, xp.max, scale)
+    lost = (rows * columns * (top * top) + scale.shape[-1]) * (info.smallest_normal * 2.0**10 / info.eps)
     plain = (total >= lost) & (total < float("inf"))
 
     def fast(m: Array, scale: Array, total: Array) -> tuple[Array, Array]:
@@ -316,7 +328,7 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
         # maxima themselves: XLA merges it with their reduction into one over the whole matrix,
         # and then writes |M| out for the two reductions to share.
         relative = over_max(peaks * over_max(scale))
-        norm = xp.sqrt(xp.sum(relative * relative * column_sums))
+        norm = xp.sqrt(_per_matrix(xp, xp.sum, relative * relative * column_sums))
         return inverse, relative * (target / xp.maximum(norm, xp.ones_like(norm)))
 
     a, b = cond_under_cpu_jit(xp, plain, fast, safe, m, scale, total)
@@ -326,23 +338,39 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
 def _scaled_squared_norm(xp: Any, m: Array, scale: Array, axis: int) -> Array:
     r""":math:`‖M \operatorname{diag}(s)‖_F^2 = \sum_j s_j^2 \sum_i M_{ij}^2` (``axis=0``;
     :math:`‖\operatorname{diag}(s) M‖_F^2` for ``axis=1``) from the column sums of :math:`M^2`,
-    without forming the product: a compiler fuses the sums with the pass that reads M."""
-    return xp.sum(scale * scale * _sum_across(xp, m * m, axis))
+    without forming the product: a compiler fuses the sums with the pass that reads M. Of each
+    matrix of a stack (``m`` (L, m, n), ``s`` (L, n) or (L, m); the axis counted in the matrix):
+    shape (L, 1)."""
+    return _per_matrix(xp, xp.sum, scale * scale * _sum_across(xp, m * m, axis))
+
+
+def _matrix_axis(axis: int) -> int:
+    """An axis of a matrix (0 or 1, or -2 or -1) as a negative axis, which also names it in a
+    stack of matrices."""
+    return axis - 2 if axis >= 0 else axis
+
+
+def _per_matrix(xp: Any, reduce: Callable, x: Array) -> Array:
+    """``reduce`` (``xp.sum``, ``xp.max``) of a per-column (or per-row) vector ``x`` of one matrix,
+    a 0-D array; of each matrix's vector of a stack ``x`` (L, k), shape (L, 1)."""
+    return reduce(x) if x.ndim == 1 else reduce(x, axis=-1, keepdims=True)
 
 
 def _sum_across(xp: Any, x: Array, axis: int) -> Array:
-    """``xp.sum(x, axis=axis)`` of a matrix; column sums (axis 0) add blocks of 16 rows first.
+    """``xp.sum(x, axis=axis)`` of a matrix (or of each matrix of a stack, the axis counted in the
+    matrix); column sums (axis 0) add blocks of 16 rows first.
 
     The same sum in another order. TorchInductor's CPU code otherwise walks the matrix in strips
     of 8 columns from the first row to the last, a 4-KiB stride per row; summed in blocks, it reads
     whole rows (measurements: docs/backends.md, "ASGO and DASGO").
     """
-    rows = x.shape[0] // _ROW_BLOCK * _ROW_BLOCK
-    if axis != 0 or rows < 2 * _ROW_BLOCK:
+    axis = _matrix_axis(axis)
+    rows = x.shape[-2] // _ROW_BLOCK * _ROW_BLOCK
+    if axis != -2 or rows < 2 * _ROW_BLOCK:
         return xp.sum(x, axis=axis)
-    blocks = xp.reshape(x[:rows, :], (rows // _ROW_BLOCK, _ROW_BLOCK, x.shape[1]))
-    total = xp.sum(xp.sum(blocks, axis=1), axis=0)
-    return total if rows == x.shape[0] else total + xp.sum(x[rows:, :], axis=0)
+    blocks = xp.reshape(x[..., :rows, :], (*x.shape[:-2], rows // _ROW_BLOCK, _ROW_BLOCK, x.shape[-1]))
+    total = xp.sum(xp.sum(blocks, axis=-2), axis=-2)
+    return total if rows == x.shape[-2] else total + xp.sum(x[..., rows:, :], axis=-2)
 
 
 _ROW_BLOCK = 16
@@ -665,7 +693,7 @@ def asgo(
         return _damped_inverse_sqrt(xp, p, damping, eps, method, root_steps, tolerance)
 
     # The step, in the order of the algorithm, on a stack of equal matrices: the matrix leaves of
-    # one shape, dtype and device along a leading axis (_MatrixStack), so that each line is one
+    # one shape, dtype and device along a leading axis (MatrixStack), so that each line is one
     # operation per stack. Left side; the right side is its transpose, and a blocked side has one
     # P, Z per chunk of rows:
     #
@@ -678,16 +706,16 @@ def asgo(
     #   5  W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)               _rms_renormalise, _finish
     #
     # Leaves that are not matrices take a bias-corrected Adam step, all of them in one pass
-    # (_adam_update, _joined). The stacks are formed by _matrix_stacks and handed back leaf by leaf
-    # by _hand_back.
+    # (_adam_update, engine.matrices.joined_leaves). The stacks are formed by engine.matrices.matrix_stacks
+    # and handed back leaf by leaf by engine.matrices.hand_back.
     def update_groups(grads, states, params, ctxs):
         xp, ctx = ctxs[0].xp, ctxs[0]
         results: list[Any] = [None] * len(grads)
         adam = [i for i, state in enumerate(states) if "mu" in state]
-        for i, result in zip(adam, _joined(xp, fallback, [(grads[i][0], states[i], _param(params, i)) for i in adam], ctx)):
+        for i, result in zip(adam, joined_leaves(xp, fallback, [(grads[i][0], states[i], _param(params, i)) for i in adam], ctx)):
             results[i] = result
         matrices = [i for i, state in enumerate(states) if "mu" not in state]
-        stacks = _matrix_stacks(xp, grads, states, params, matrices, side, not is_zero(weight_decay))
+        stacks = matrix_stacks(xp, grads, states, params, matrices, _STACKED, partial(_is_left, side), not is_zero(weight_decay))
         if not stacks:
             return results
         new = []
@@ -717,14 +745,14 @@ def asgo(
             if keeps_root and (faithful or "root_failures" in z):
                 entries.update({name: z[name] for name in ("root", "root_tail") if name in z})
             counts = {name: z[name] for name in ("root_failures", "root_fallbacks") if name in z}
-            for i, result in _hand_back(xp, s, states, step, entries, counts, ctx):
+            for i, result in hand_back(xp, s, states, step, entries, counts, ctx, _COUNTERS):
                 results[i] = result
         return results
 
     def statistic(xp, p_old: Array, x: Array) -> Array:
         return _second_moment(xp, p_old, x, b2, accumulator == "sum", faithful)
 
-    def previous_root(xp, s: "_MatrixStack", statistic_name: str, p: Array) -> Array:
+    def previous_root(xp, s: "MatrixStack", statistic_name: str, p: Array) -> Array:
         """The roots kept where a refresh is not due: the stored ones (faithful mode stores none
         when it roots every step: the identity)."""
         stored = s.state.get("root" if statistic_name == "statistic" else "root_tail")
@@ -864,37 +892,48 @@ def dasgo(
             "statistic": xp.zeros((k,), dtype=xp.float32 if faithful else c, device=dev),
         }
 
-    # The step, in the order of the algorithm (right side; the left side is its transpose):
+    # The step, in the order of the algorithm (right side; the left side is its transpose), on a
+    # stack of equal matrices (engine.matrices.matrix_stacks; leaves that are not matrices take
+    # the fallback Adam, all of them in one pass: engine.matrices.joined_leaves):
     #
     #   1  M_t = μ M_{t-1} + (1-μ) G_t                                     _momentum
     #   2  v_t = β₂ v_{t-1} + (1-β₂) diag(G_tᵀ G_t)                         _squared_sums
     #   3  U_t = M_t diag(v_t + ε)^{-1/2}
     #   4  W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)               _renormalise_scaled, _finish
-    def update_group(grads, state, params, ctx: StepContext):
-        (g,), param, xp = grads, (None if params is None else params[0]), ctx.xp
-        if "mu" in state:  # not a matrix: the fallback Adam
-            u, new = _adam_update(
-                g, state, param, ctx, learning_rate, fallback_b1, fallback_b2, fallback_eps,
-                fallback_weight_decay, faithful,
-            )
-            return (u,), new
-        m, n = state["momentum"].shape
-        axis = 1 if _resolve_side(m, n, side) == "left" else 0  # the axis the statistic sums over
-        dtype = compute_dtype(xp, g.dtype)
-        g_mat = cast(xp, xp.reshape(g, (m, n)), dtype)
-        momentum = _momentum(xp, state["momentum"], g_mat, b1, faithful, _zero(ctx, g_mat))
-        momentum = ctx.unless_skipped(momentum, state["momentum"])  # 1
-        q = cast(xp, _squared_sums(xp, g_mat, axis), state["statistic"].dtype)
-        v = ctx.unless_skipped(_ema(xp, state["statistic"], q, b2, faithful), state["statistic"])  # 2
-        scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(v + eps), dtype))  # 3: diag(v_t + ε)^{-1/2}
-        u = _renormalise_scaled(xp, cast(xp, momentum, dtype), scale, axis, rms_target, faithful)  # 3, 4
-        neg_lr = ctx.negated("learning_rate", learning_rate, dtype, array_device(g))
-        return (_finish(xp, u, param, tuple(g.shape), neg_lr, weight_decay),), {"momentum": momentum, "statistic": v}
+    def update_groups(grads, states, params, ctxs):
+        xp, ctx = ctxs[0].xp, ctxs[0]
+        results: list[Any] = [None] * len(grads)
+        adam = [i for i, state in enumerate(states) if "mu" in state]
+        for i, result in zip(adam, joined_leaves(xp, fallback, [(grads[i][0], states[i], _param(params, i)) for i in adam], ctx)):
+            results[i] = result
+        matrices = [i for i, state in enumerate(states) if "mu" not in state]
+        for s in matrix_stacks(xp, grads, states, params, matrices, ("momentum", "statistic"), partial(_is_left, side),
+                               not is_zero(weight_decay)):
+            axis = 1 if s.left else 0  # the axis of each matrix the statistic sums over
+            dtype = compute_dtype(xp, s.g.dtype)
+            momentum = _momentum(xp, s.state["momentum"], s.g, b1, faithful, _zero(ctx, s.g))
+            momentum = ctx.unless_skipped(momentum, s.state["momentum"])  # 1
+            q = cast(xp, _squared_sums(xp, s.g, axis), s.state["statistic"].dtype)
+            v = ctx.unless_skipped(_ema(xp, s.state["statistic"], q, b2, faithful), s.state["statistic"])  # 2
+            scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(v + eps), dtype))  # 3: diag(v_t + ε)^{-1/2}
+            u = _renormalise_scaled(xp, cast(xp, momentum, dtype), scale, axis, rms_target, faithful)  # 3, 4
+            neg_lr = ctx.negated("learning_rate", learning_rate, dtype, array_device(s.g))
+            step = _finish(xp, u, s.param, tuple(u.shape), neg_lr, weight_decay)
+            for i, result in hand_back(xp, s, states, step, {"momentum": momentum, "statistic": v}, {}, ctx):
+                results[i] = result
+        return results
+
+    def fallback(g, state, param, ctx) -> tuple[tuple[Array], dict[str, Array]]:
+        u, new = _adam_update(
+            g, state, param, ctx, learning_rate, fallback_b1, fallback_b2, fallback_eps,
+            fallback_weight_decay, faithful,
+        )
+        return (u,), new
 
     return build_transform(
         name="dasgo",
         init_group=init_group,
-        update_group=update_group,
+        update_groups=update_groups,
         on_nonfinite=on_nonfinite,
         needs_params=not is_zero(weight_decay) or not is_zero(fallback_weight_decay),
     )
@@ -916,36 +955,6 @@ def _momentum(xp: Any, old: Array, g: Array, b1: float, faithful: bool, zero: Ar
     below the smallest normal number to ``zero`` (a 0-D zero of that dtype; D12, :func:`_flush_subnormal`)."""
     momentum = _ema(xp, old, cast(xp, g, old.dtype), b1, faithful)
     return momentum if faithful else _flush_subnormal(xp, momentum, zero)
-
-
-def _joined(xp: Any, step: Callable, leaves: list[tuple], ctx: StepContext) -> list[tuple]:
-    """``[step(g, state, param, ctx) for (g, state, param) in leaves]`` for an element-wise ``step``
-    (the fallback Adam), taken once per dtype and device: each leaf's gradient, state entries and
-    parameter flattened and joined end to end (:func:`~precond_ref.blocking.stack`), and each leaf
-    handed its slices of the results in its own shape. Every entry is computed by the same
-    operations as for its leaf alone (bitwise equal); the cost is a few operations per join instead
-    of a dozen per leaf (the biases and norms of a transformer are most of its leaves)."""
-    if not leaves:
-        return []
-    names = sorted(leaves[0][1])
-    with_param = leaves[0][2] is not None
-    members = [(g, *(state[k] for k in names), *((w,) if with_param else ())) for g, state, w in leaves]
-    flat = [tuple(xp.reshape(a, (-1,)) if a.ndim != 1 else a for a in operands) for operands in members]
-    stacks = stack(xp, flat)
-    outputs = []
-    for s in stacks:
-        g, entries, w = s.operands[0], s.operands[1 : 1 + len(names)], (s.operands[-1] if with_param else None)
-        (u,), new = step(g, dict(zip(names, entries)), w, ctx)
-        outputs.append((u, *(new[k] for k in names)))
-    # A leaf's part of an entry the step selected (StepContext.unless_skipped) is selected too.
-    joined_of = {i: out[1:] for s, out in zip(stacks, outputs) for i in s.indices}
-    results = []
-    for index, ((g, state, _), pieces) in enumerate(zip(leaves, unstack(stacks, outputs, len(leaves)))):
-        u, *entries = (p if p.shape == state[names[0]].shape else xp.reshape(p, state[names[0]].shape) for p in pieces)
-        for whole, entry in zip(joined_of[index], entries):
-            settle_pieces(ctx, whole, (entry,))
-        results.append(((u,), dict(zip(names, entries))))
-    return results
 
 
 def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
@@ -1047,121 +1056,8 @@ def _unrefreshed(xp: Any, p: Array, previous: Array) -> tuple[Array, Array, Arra
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
 
 
-class _MatrixStack(NamedTuple):
-    """The matrix leaves of one matrix shape, dtype and device (the DASH layout: a leading axis).
-
-    ``leaves``: their indices among the groups, in order; ``shapes``: their own shapes; ``left``:
-    whether the side is the left one; ``g``: the gradients ``(L, m, n)`` in the compute dtype;
-    ``state``: each array entry but the counters, stacked (``(L, ...)`` for an entry that is a
-    matrix per leaf, the ``L·c`` blocks of a blocked statistic or root along its block axis);
-    ``param``: the parameters ``(L, m, n)``, or ``None`` when the step does not read them. A leaf
-    alone in its stack keeps its own arrays (``g`` an m×n matrix): the same operations as for one
-    matrix.
-    """
-
-    leaves: tuple[int, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    left: bool
-    g: Array
-    state: dict[str, Array]
-    param: Optional[Array]
-
-
-_STACKED = ("momentum", "statistic", "statistic_tail", "root", "root_tail")
-
-
-def _matrix_stacks(
-    xp: Any, grads: list, states: list, params: Any, leaves: list[int], side: str, with_param: bool
-) -> list[_MatrixStack]:
-    """The matrix leaves ``leaves`` grouped into stacks of equal matrix shape, dtype and device
-    (:func:`~precond_ref.blocking.stack`): per leaf its gradient as an m×n matrix in the compute
-    dtype, its state entries (the roots where it keeps them) and, with
-    ``with_param``, its parameter as an m×n matrix, joined along a new leading axis."""
-    members, labels = [], []
-    for i in leaves:
-        (g,), state = grads[i], states[i]
-        shape = tuple(state["momentum"].shape)
-        operands = [cast(xp, _as_matrix(xp, g, shape), compute_dtype(xp, g.dtype))]
-        operands += [state[n] for n in _STACKED if n in state]
-        if with_param:
-            operands.append(_as_matrix(xp, _param(params, i), shape))
-        members.append(tuple(operands))
-        labels.append(tuple(n for n in _STACKED if n in state))
-    stacks = []
-    for s in stack(xp, members, key=_full_layout, labels=labels):
-        count, entries = len(s.indices), labels[s.indices[0]]
-        joined = [a if a.ndim == 3 or count == 1 else xp.reshape(a, (count, *members[s.indices[0]][k].shape)) for k, a in enumerate(s.operands)]
-        m, n = joined[0].shape[-2:]
-        stacks.append(_MatrixStack(
-            leaves=tuple(leaves[j] for j in s.indices),
-            shapes=tuple(tuple(grads[leaves[j]][0].shape) for j in s.indices),
-            left=_resolve_side(m, n, side) == "left",
-            g=joined[0],
-            state=dict(zip(entries, joined[1 : 1 + len(entries)])),
-            param=joined[-1] if with_param else None,
-        ))
-    return stacks
-
-
-def _as_matrix(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:
-    """``x`` reshaped to ``shape`` (its matrix view), ``x`` itself when it has that shape."""
-    return x if tuple(x.shape) == shape else xp.reshape(x, shape)
-
-
-def _full_layout(operands: tuple) -> tuple:
-    """The stacking key of a matrix leaf: the whole shape, dtype and device of every operand."""
-    return tuple((tuple(a.shape), a.dtype, device_key(a)) for a in operands)
-
-
-def _hand_back(
-    xp: Any, s: _MatrixStack, states: list, step: Array, entries: dict[str, Array], counts: dict[str, Array],
-    ctx: StepContext,
-) -> list[tuple[int, tuple]]:
-    """``(leaf, ((step,), new state))`` for each leaf of a stack: its slice of the stacked ``step``
-    in its own shape; its slices of the stacked ``entries``, in the shapes of its stored entries
-    (an entry not given: the stored array itself); and each of its counters ``state[c] +
-    counts[c][l]`` (a counter not in ``counts``: the stored one). The non-finite rule's selection
-    of the new entries (:meth:`StepContext.unless_skipped`) is made here, once on each stacked
-    entry rather than on each leaf's slice (:func:`~precond_ref.engine.settle_pieces`)."""
-    count = len(s.leaves)
-    steps = _leaves_of(xp, step, count, tuple(step.shape[-2:]))
-    first = states[s.leaves[0]]
-    pieces = {}
-    for name, a in entries.items():
-        if name in s.state and s.state[name] is not a:
-            a = ctx.unless_skipped(a, s.state[name])
-        pieces[name] = settle_pieces(ctx, a, _leaves_of(xp, a, count, tuple(first[name].shape)))
-    for name in ("root_failures", "root_fallbacks"):
-        if name in first:
-            old = [states[i][name] for i in s.leaves]
-            if name not in counts:
-                pieces[name] = old
-            elif count == 1:
-                pieces[name] = (old[0] + counts[name],)
-            else:
-                stacked = xp.stack(old)
-                summed = ctx.unless_skipped(stacked + counts[name], stacked)
-                pieces[name] = settle_pieces(ctx, summed, xp.unstack(summed))
-    out = []
-    for l, i in enumerate(s.leaves):
-        new = dict(states[i])
-        new.update({name: p[l] for name, p in pieces.items()})
-        out.append((i, ((_as_matrix(xp, steps[l], s.shapes[l]),), new)))
-    return out
-
-
-def _leaves_of(xp: Any, x: Array, count: int, shape: tuple[int, ...]) -> Sequence[Array]:
-    """``x[l]`` for ``l < count`` of a stack ``x`` of ``count`` leaves, in ``shape`` (a blocked
-    entry's ``count·c`` blocks, ``c`` per leaf, regrouped)."""
-    if count == 1:
-        return (_as_matrix(xp, x, shape),)
-    if tuple(x.shape) != (count, *shape):
-        x = xp.reshape(x, (count, *shape))
-    return xp.unstack(x, axis=0)
-
-
 def _root_units(
-    xp: Any, stacks: list[_MatrixStack], statistics: list[dict[str, Array]], previous: Callable, split: bool
+    xp: Any, stacks: list[MatrixStack], statistics: list[dict[str, Array]], previous: Callable, split: bool
 ) -> tuple[list[tuple[Array, Array]], list[tuple[int, str]], list[tuple[str, int]]]:
     """The units a refresh schedules, ``(P, previous Z)`` stacks of blocks, with the owner of each
     (``(stack, statistic name)``, units listed in block order) and its phase key ``(matrix sides in
@@ -1197,7 +1093,7 @@ def _root_units(
 
 
 def _collect_roots(
-    xp: Any, owners: list[tuple[int, str]], stacks: list[_MatrixStack], statistics: list[dict], refreshed: list[tuple]
+    xp: Any, owners: list[tuple[int, str]], stacks: list[MatrixStack], statistics: list[dict], refreshed: list[tuple]
 ) -> list[dict[str, Array]]:
     """Per stack: its roots in the shapes of its statistics (the units of one statistic joined in
     order) and, where any of its blocks was refreshed, per leaf the sums of its blocks' failure and
@@ -1277,7 +1173,8 @@ def _renormalise_scaled(
     scale. float32 is summed in float64 where the backend has it (:func:`_wide_dtype`), else
     without float64 by :func:`_column_factored_renormalise` (D12 at any scale).
     """
-    rows, columns = m.shape
+    rows, columns = m.shape[-2:]
+    axis = _matrix_axis(axis)
     if faithful or rms_target is None or rows * columns == 0:
         return _rms_renormalise(xp, m * xp.expand_dims(scale, axis=axis), rms_target, faithful)
     target = rms_target * math.sqrt(rows * columns)

@@ -12,6 +12,7 @@ import importlib
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
+from precond_ref.engine.matrices import joined_leaves
 
 A = importlib.import_module("precond_ref.methods.asgo")
 
@@ -175,7 +176,7 @@ def test_momentum_and_second_moment_are_the_emas():
 
 
 def test_joined_fallback_adam_is_each_leaf_alone_in_one_pass_per_dtype():
-    """``_joined(step, leaves)[i] == step(*leaves[i])`` for the element-wise fallback Adam, bitwise
+    """``engine.matrices.joined_leaves(step, leaves)[i] == step(*leaves[i])`` for the element-wise fallback Adam, bitwise
     (every entry goes through the same operations; only the arrays around it differ), with the
     step taken once per dtype (leaves of any shape, 0-D and 2-D included, joined end to end): the
     op count of the many biases and norms of a model no longer grows with their number."""
@@ -196,7 +197,7 @@ def test_joined_fallback_adam_is_each_leaf_alone_in_one_pass_per_dtype():
         u, new = A._adam_update(g, state, param, ctx, 0.1, 0.9, 0.95, 1e-8, 0.01, False)
         return (u,), new
 
-    joined = A._joined(xp, step, leaves, StepContext(xp=xp, count=count, extra={}, shared={}))
+    joined = joined_leaves(xp, step, leaves, StepContext(xp=xp, count=count, extra={}, shared={}))
     assert sorted(calls) == [(8,), (17,)]  # one pass per dtype: 5 + 1 + 2 float64 entries, 12 + 5 float32
     for (g, state, w), ((u,), new) in zip(leaves, joined):
         (expected,), expected_new = step(g, state, w, StepContext(xp=xp, count=count, extra={}))
@@ -223,7 +224,7 @@ def test_joined_pieces_of_selected_entries_count_as_selected(ok):
         return (u,), new
 
     ctx = StepContext(xp=xp, count=np.asarray(2, dtype=np.int32), extra={}, ok=np.asarray(ok), settled=IdentityDict(), shared={})
-    for (g, state, _), (_, new) in zip(leaves, A._joined(xp, step, leaves, ctx)):
+    for (g, state, _), (_, new) in zip(leaves, joined_leaves(xp, step, leaves, ctx)):
         for name in ("mu", "nu"):
             assert new[name] in ctx.settled
             if not ok:
