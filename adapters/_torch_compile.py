@@ -31,9 +31,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 import numbers
 import os
 import sys
+import threading
 import types
 import warnings
 from typing import Any, Callable, Optional, Union
@@ -152,6 +154,11 @@ def _holds_number(extra: dict) -> bool:
 
 _LRU_WARNING = "Dynamo detected a call to a `functools.lru_cache`"
 
+#: Seconds a step may spend compiling before the optimizer says that it is compiling (once per
+#: compiled function): a large param group's first step compiles for minutes on a CPU.
+COMPILE_NOTICE_S = 5.0
+_LOG = logging.getLogger("precond_ref")
+
 
 @functools.cache
 def _cached_helpers_traced_quietly() -> bool:
@@ -233,8 +240,41 @@ class CompiledStep:
             torch._dynamo.config.patch(recompile_limit=graphs + 1)
             if graphs + 1 > torch._dynamo.config.recompile_limit else None
         )
+        self._compiled_patterns: set = set()  # the interval decisions whose graph is made
+        self._told = False
+
+    def _notice_if_slow(self, grads: Any) -> Optional[threading.Timer]:
+        """A timer that says, once, that a step is compiling if it still is after
+        :data:`COMPILE_NOTICE_S` (a logger message, not a warning: it runs on another thread)."""
+        if self._told:
+            return None
+        leaves = len(tree_flatten(grads)[0])
+
+        def tell() -> None:
+            self._told = True
+            _LOG.warning(
+                "precond_ref: compiling the optimizer's update of %d tensors with torch.compile (once per param "
+                "group and pattern of refresh steps; minutes on a CPU for a large model). compile=False, or %s=0, "
+                "steps eagerly instead", leaves, ENVIRONMENT_VARIABLE,
+            )
+
+        timer = threading.Timer(COMPILE_NOTICE_S, tell)
+        timer.daemon = True
+        timer.start()
+        return timer
 
     def __call__(self, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
+        timer = None
+        if due not in self._compiled_patterns:  # this call may compile
+            self._compiled_patterns.add(due)
+            timer = self._notice_if_slow(grads)
+        try:
+            return self._call(grads, state, params, due, extra)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _call(self, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
         static = extra and self._static is not None and _holds_number(extra)
         if self._quiet and not static and self._limit is None:  # the step's common case: no context to enter
             out = self._compiled(self.transform, grads, state, params, due, extra)

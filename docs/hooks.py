@@ -102,10 +102,14 @@ def _aligned_as_array(match: re.Match) -> str:
 
 
 def render_math(latex: str, display: bool) -> str:
-    """The MathML of one formula (aligned environments as tables; see above)."""
+    """The MathML of one formula (aligned environments as tables; see above).
+
+    A table cell's alignment is also given as CSS: Chromium's MathML Core ignores ``columnalign``
+    and centres every cell, so the left cells that start with "=" drifted row by row."""
     from latex2mathml.converter import convert
 
-    return convert(_ALIGNED.sub(_aligned_as_array, latex), display="block" if display else "inline")
+    mathml = convert(_ALIGNED.sub(_aligned_as_array, latex), display="block" if display else "inline")
+    return re.sub(r'<mtd columnalign="(left|right|center)"', r'<mtd columnalign="\1" style="text-align: \1"', mathml)
 
 
 def _to_mathml(match: re.Match, where: str) -> str:

@@ -21,7 +21,7 @@ from .methods import (
 )
 from .transform import PrecondState, Transform, apply_updates
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PrecondState",

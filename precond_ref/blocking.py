@@ -117,7 +117,7 @@ def _batched_enough_on_cpu(operands: tuple) -> bool:
     """Whether a member is already a batch worth its own call on a CPU: its first operand, on the
     CPU, has at least :data:`CPU_BATCHED_ENOUGH` entries (32 blocks of 64 x 64). Concatenating it
     with its equals would copy each of its operands through memory, which on a CPU costs more than
-    the calls it saves (docs/performance.md); on an accelerator a copy is cheap beside a kernel
+    the calls it saves (docs/performance-archive.md); on an accelerator a copy is cheap beside a kernel
     launch, and equal members always concatenate. Each block's result is the same either way."""
     first = operands[0]
     return str(array_device(first)) == "cpu" and math.prod(first.shape) >= CPU_BATCHED_ENOUGH

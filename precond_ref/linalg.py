@@ -109,7 +109,7 @@ def eigh_widened(a: Array) -> tuple[Array, Array]:
 
 
 #: The orders at which torch decomposes a float32 matrix on CUDA with cuSOLVER's Jacobi ``syevj``
-#: (above, ``syevd``; at most 32 in a batch, ``syevjBatched``), as profiled in docs/performance.md.
+#: (above, ``syevd``; at most 32 in a batch, ``syevjBatched``), as profiled in docs/performance-archive.md.
 CUDA_JACOBI_EIGH_ORDERS = range(33, 513)
 
 
@@ -129,7 +129,7 @@ def symmetric_eigh(a: Array) -> tuple[Array, Array]:
 
     A float32 tensor on CUDA of an order in :data:`CUDA_JACOBI_EIGH_ORDERS` is decomposed in
     float64 (:func:`eigh_widened`), which cuSOLVER computes by ``syevd``: faster than the float32
-    Jacobi ``syevj`` torch picks there (docs/performance.md), and more accurate. Everywhere else ``eigh``
+    Jacobi ``syevj`` torch picks there (docs/performance-archive.md), and more accurate. Everywhere else ``eigh``
     as it is (on a CPU float32 ``ssyevd`` is the faster; JAX's and CuPy's GPU routes unmeasured).
     """
     xp = array_namespace(a)
@@ -155,7 +155,7 @@ def left_singular(a: Array) -> tuple[Array, Array]:
     own error on ``s^2`` (``u32 s s_0``) down to ``s`` of a few ``u32 s_0`` (``u64 < u32^2``), where
     both are noise; ``W`` is orthonormal to float64 before its rounding to float32. And faster on
     every device measured: on CUDA torch's float32 ``svd`` is cuSOLVER's Jacobi ``gesvdj``, the
-    slower (docs/performance.md); on a CPU LAPACK's float32 ``gesdd`` is slower too
+    slower (docs/performance-archive.md); on a CPU LAPACK's float32 ``gesdd`` is slower too
     (docs/methods/sketchy.md, "Long axes, intervals and cost"). Elsewhere (float64, or JAX without x64) the SVD as it is.
     """
     xp = array_namespace(a)

@@ -13,7 +13,7 @@ into a buffer already in place, does not include.
 
 ``keep_freed_memory`` sets both thresholds so that freed blocks below :data:`KEEP_BELOW` stay in the
 process; the same from the shell, for any training script, is ``MALLOC_MMAP_THRESHOLD_=1073741824
-MALLOC_TRIM_THRESHOLD_=2147483647`` (docs/performance.md has the measured effect).
+MALLOC_TRIM_THRESHOLD_=2147483647`` (docs/performance-archive.md has the measured effect).
 """
 
 from __future__ import annotations

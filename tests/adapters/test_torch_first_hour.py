@@ -100,3 +100,24 @@ def test_compiled_step_calls_no_lru_cache_wrapper_from_the_library(fresh_dynamo_
     sites = [re.search(r"function at '([^:']+):(\d+)'", str(w.message)) for w in caught]
     own = [m.group(0) for m in sites if m is not None and m.group(1) in _OWN_FILES]
     assert not own, own
+
+
+@pytest.mark.parametrize("notice_s, told", [(0.0, 1), (600.0, 0)], ids=["slow", "fast"])
+def test_a_slow_compilation_says_so_once(monkeypatch, caplog, notice_s, told):
+    """A step that compiles for longer than ``COMPILE_NOTICE_S`` says so, once per compiled
+    function (a large model's first step compiles for minutes on a CPU with nothing printed
+    otherwise); a faster one says nothing. The notice is a log record, made on a timer thread."""
+    from precond_ref.adapters import _torch_compile
+
+    monkeypatch.setattr(_torch_compile, "COMPILE_NOTICE_S", notice_s)
+    _counting_inner_compiler(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).to(torch.float64)
+    opt = pt.MBF(model.named_parameters(), compile=True, statistics_every=1, precondition_every=2, refresh_phases=1)
+    with caplog.at_level("WARNING", logger="precond_ref"):
+        for _ in range(4):  # two patterns of interval decisions: two compilations
+            opt.zero_grad()
+            model(torch.randn(4, 3, dtype=torch.float64)).square().mean().backward()
+            opt.step()
+    notices = [r for r in caplog.records if "compiling the optimizer's update of 2 tensors" in r.getMessage()]
+    assert len(notices) == told
