@@ -24,6 +24,49 @@ def torch_sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
+class _PeakMemory:
+    """Memory the optimizer and its steps added at their peak: on CUDA torch's peak allocation
+    (``reset_peak_memory_stats``), on a Linux CPU the process's peak resident set (``VmHWM``, reset
+    through ``/proc/self/clear_refs``), over what was in use when it was made; else None."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.cuda = device.startswith("cuda")
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return
+        self.start = _status_bytes("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+        except OSError:
+            self.start = None
+
+    def since_start(self) -> Optional[int]:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return int(torch.cuda.max_memory_allocated() - self.start)
+        peak = _status_bytes("VmHWM")
+        return None if self.start is None or peak is None else max(0, peak - self.start)
+
+
+def _status_bytes(field: str) -> Optional[int]:
+    """A ``/proc/self/status`` size in bytes, or None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def torch_measure(
     make_optimizer: Callable[[], tuple[Any, list[str]]],
     set_grads: Callable[[int], Any],
@@ -38,6 +81,7 @@ def torch_measure(
     (``compile=None``) is timed after them with ``settle`` (its first timed step then compiles);
     without, its eager steps are timed. A note says which.
     """
+    peak = _PeakMemory(device)
     optimizer, notes = make_optimizer()
     last: dict = {}
     eager_steps = _eager_steps_before_compiling(optimizer)
@@ -54,6 +98,7 @@ def torch_measure(
 
     result = time_steps(step, torch_sync(device), settle=eager_steps if settle else 0, **timing)
     result["state_bytes"] = state_bytes(dict(optimizer.state))
+    result["peak_bytes"] = peak.since_start()
     if last.get("loss") is not None:
         result["last_loss"] = float(last["loss"])
     result["notes"] = notes

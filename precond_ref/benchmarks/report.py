@@ -100,7 +100,7 @@ def format_table(section: str, rows: list[dict]) -> str:
     header = ["framework", "method", "first step ms", "warm-up s (steps)", "median ms", "mean ms (steps)", "x base", "mean x base",
               "x alt"]
     header += ["mean x eigh"] if with_reference else []
-    header += ["state MiB", "state x base"]
+    header += ["state MiB", "state x base", "peak MiB"]
     with_cost = any("cost" in r for r in rows)
     header += COST_HEADER if with_cost else []
     lines = [f"{section}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
@@ -117,7 +117,8 @@ def format_table(section: str, rows: list[dict]) -> str:
             _x(row["ratios"].get(base)), _x(row["mean_ratios"].get(base)), _x(row["ratios"].get(alt)) if alt else "-",
         ]
         cells += [_x(row.get("reference_ratio"))] if with_reference else []
-        cells += [f"{row['state_bytes'] / 2**20:.2f}", _x(row.get("state_ratio"))]
+        peak = row.get("peak_bytes")
+        cells += [f"{row['state_bytes'] / 2**20:.2f}", _x(row.get("state_ratio")), "-" if peak is None else f"{peak / 2**20:.1f}"]
         cells += cost_cells(row) if with_cost else []
         lines.append("| " + " | ".join(cells) + " |")
     legend = "; ".join(

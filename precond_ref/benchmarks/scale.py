@@ -1,7 +1,7 @@
 """One torch optimizer at GPT-2-small's parameter shapes: first-step time, state and peak memory.
 
-``python -m precond_ref.benchmarks.scale [METHOD ...]`` runs each method (default: the nine and
-torch's AdamW) in a fresh process, so that each peak resident set is that method's alone: the
+``python -m precond_ref.benchmarks.scale [METHOD[:key=value,...] ...]`` runs each method
+(default: the nine and torch's AdamW; e.g. ``SAdaGrad:rank=4`` sets arguments) in a fresh process, so that each peak resident set is that method's alone: the
 124,439,808 float32 parameters of GPT-2 small in its 148 tensors (transformers' names and
 ``Conv1D`` layout, inputs x outputs), random gradients, ``lr=1e-3`` and the class's defaults
 otherwise (the root-free methods are told ``batch_size=8``). One JSON line per method: the first
@@ -14,11 +14,12 @@ reported with the refusal's message.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
 from typing import Any
+
+from .measure import _status_bytes
 
 METHODS = ("AdamW", "AGD", "ASGO", "DASGO", "MBF", "RFRMSProp", "RFAdamW", "IFShampoo", "Sketchy", "SAdaGrad")
 _ROOT_FREE = ("RFRMSProp", "RFAdamW", "IFShampoo")
@@ -41,16 +42,24 @@ def gpt2_small_shapes(vocab: int = 50257, positions: int = 1024, width: int = 76
     return shapes + [("transformer.ln_f.weight", (width,)), ("transformer.ln_f.bias", (width,))]
 
 
-def _resident_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # pragma: no cover - not Linux
+def _spec(text: str) -> tuple[str, dict]:
+    """``"SAdaGrad:rank=4"`` as ``("SAdaGrad", {"rank": 4})`` (numbers parsed, other values strings)."""
+    name, _, options = text.partition(":")
+    kwargs = {}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key] = int(value)
+        except ValueError:
+            try:
+                kwargs[key] = float(value)
+            except ValueError:
+                kwargs[key] = value
+    return name, kwargs
 
 
-def measure(method: str) -> dict:
-    """The row of one method, in this process."""
+def measure(spec: str) -> dict:
+    """The row of one method (``Name`` or ``Name:key=value,...``), in this process."""
     import torch
 
     import precond_ref.adapters.torch as pt
@@ -60,13 +69,14 @@ def measure(method: str) -> dict:
     for _, p in named:
         p.grad = torch.randn_like(p) * 1e-3
     param_bytes = sum(p.numel() * p.element_size() for _, p in named)
-    before = _resident_bytes("VmRSS")
-    row: dict[str, Any] = {"method": method, "tensors": len(named), "parameters": sum(p.numel() for _, p in named)}
+    before = _status_bytes("VmRSS")
+    method, options = _spec(spec)
+    row: dict[str, Any] = {"method": spec, "tensors": len(named), "parameters": sum(p.numel() for _, p in named)}
     try:
         if method == "AdamW":
             opt = torch.optim.AdamW([p for _, p in named], lr=1e-3)
         else:
-            opt = getattr(pt, method)(named, lr=1e-3, **({"batch_size": 8} if method in _ROOT_FREE else {}))
+            opt = getattr(pt, method)(named, lr=1e-3, **({"batch_size": 8} if method in _ROOT_FREE else {}), **options)
     except MemoryError as error:
         row["refused"] = str(error)
         return row
@@ -76,8 +86,8 @@ def measure(method: str) -> dict:
     state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     row["state_bytes"] = state
     row["state_over_params"] = round(state / param_bytes, 3)
-    row["peak_rss_gib"] = round(_resident_bytes("VmHWM") / 2**30, 2)
-    row["peak_over_start_gib"] = round((_resident_bytes("VmHWM") - before) / 2**30, 2)
+    row["peak_rss_gib"] = round(_status_bytes("VmHWM") / 2**30, 2)
+    row["peak_over_start_gib"] = round((_status_bytes("VmHWM") - before) / 2**30, 2)
     return row
 
 

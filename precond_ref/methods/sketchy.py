@@ -51,6 +51,11 @@ PRINCIPLED_BLOCK_SIZE = 1024
 PRINCIPLED_PRECONDITION_EVERY = 3
 #: Principled default of :func:`s_adagrad`'s ``precondition_every``.
 S_ADAGRAD_PRECONDITION_EVERY = 1
+#: :func:`s_adagrad` runs its FD steps on stacks of at most this many bytes of sketch basis (a run
+#: larger than it goes alone): each stack's step holds about three copies of its bases (the
+#: stacked input, the [U, fresh] frame, the product) until the next stack starts, so a step's
+#: peak is the old and the new state plus about three times the larger of this and the largest run.
+S_ADAGRAD_STACK_BYTES = 2**28
 
 
 # --------------------------------------------------------------------------------------------
@@ -1029,9 +1034,13 @@ def s_adagrad(
                 members.append(_leaf_member(xp, plan.axes[0], run, state.sketches[0][j], column))
                 phases.append(run.phase)
             leaves.append((i, g, plan, state))
-        stacks = stack(xp, members, labels=phases)
-        outputs = [_adagrad_stack(xp, s.operands, dues[phases[s.indices[0]]], ctxs[0], fd_options) for s in stacks]
-        pieces = iter(unstack(stacks, outputs, len(members)))
+        pieces = []
+        for chunk in _bounded_chunks(xp, members, S_ADAGRAD_STACK_BYTES):
+            stacks = stack(xp, [members[i] for i in chunk], labels=[phases[i] for i in chunk])
+            outputs = [_adagrad_stack(xp, s.operands, dues[phases[chunk[s.indices[0]]]], ctxs[0], fd_options) for s in stacks]
+            pieces.extend(unstack(stacks, outputs, len(chunk)))
+            del stacks, outputs  # this chunk's stacked copies go before the next chunk's are made
+        pieces = iter(pieces)
         minus_lr = -ctxs[0].value(learning_rate)  # exact: once, not once per leaf
         directions, kept = [], []
         for i, g, plan, state in leaves:
@@ -1063,6 +1072,22 @@ def s_adagrad(
         intervals=dues,
         legacy_names=_legacy_names,
     )
+
+
+def _bounded_chunks(xp: Any, members: Sequence[tuple], limit: int) -> list[list[int]]:
+    """Consecutive runs of member indices whose sketch bases (each member's first operand) total at
+    most ``limit`` bytes; a member over the limit alone."""
+    chunks: list[list[int]] = [[]]
+    total = 0
+    for i, member in enumerate(members):
+        basis = member[0]
+        nbytes = math.prod(basis.shape) * (xp.finfo(basis.dtype).bits // 8)
+        if chunks[-1] and total + nbytes > limit:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(i)
+        total += nbytes
+    return [c for c in chunks if c]
 
 
 def _adagrad_stack(xp: Any, operands: tuple, due: Any, ctx: StepContext, fd_options: dict[str, Any]) -> tuple:
