@@ -184,13 +184,14 @@ def make_torch_optimizer(
         )
     import precond_ref
     from precond_ref.adapters import torch as torch_adapters
+    from precond_ref.adapters._torch_methods import _batch_size_at_each_step
 
     cls = getattr(torch_adapters, entry.torch_class or "", None)
     reason = f"precond_ref.adapters.torch has no {entry.torch_class}"
     if cls is not None:
         try:
             # The callers give the entry's update_kwargs (batch_size included) at every step.
-            with torch_adapters._batch_size_at_each_step():
+            with _batch_size_at_each_step():
                 optimizer = cls(named, **_torch_kwargs(kwargs, _TORCH_RENAMES.get(entry.name, {})), **options)
             mapped = optimizer.core_kwargs(optimizer.param_groups[0])
             differ = [k for k, v in kwargs.items() if k not in mapped or mapped[k] != v]

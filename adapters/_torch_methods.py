@@ -1,0 +1,288 @@
+"""The torch classes' behaviour beyond their table rows (``adapters/torch.py``): the root-free
+methods' batch size (from the constructor, ``model=``'s forward passes or ``step(batch_size=)``),
+and MBF's pairing of inputs-first weights and its warm start."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import warnings
+import weakref
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from precond_ref.tree import path_str
+
+from ._torch_core import CoreOptimizer, step_outside_the_graph
+from ._torch_state import CALLS as _CALLS
+from ._torch_state import HEAD as _HEAD
+from ._torch_state import NONFINITE as _NONFINITE
+from ._torch_state import STEP as _STEP
+from ._torch_state import check_tensor_lr
+
+
+# --------------------------------------------------------------------------------------------
+# The root-free methods' batch size
+
+
+class _BatchCounter:
+    """SIRFShampoo's batch-size detection: a forward pre-hook on the model adds the leading size of
+    the first tensor argument, positional or keyword (``model(x)``, ``model(input_ids=ids)`` as the
+    transformers ``Trainer`` calls models), for every forward pass in training mode since the last
+    optimizer step (so gradient accumulation over several forwards counts every example of the
+    accumulated mean).
+
+    ``copy.deepcopy`` of the optimizer alone hooks the copy onto the same model. Copied or pickled
+    together with the model (``deepcopy({"model": m, "opt": o})``), the model's copy carries the
+    hook of the optimizer's copy. An optimizer pickled without its model counts nothing: give
+    ``batch_size`` to ``step``.
+    """
+
+    def __init__(self, model: Optional[torch.nn.Module]) -> None:
+        self.count = 0
+        self._model = weakref.ref(model) if model is not None else None
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True) if model is not None else None
+
+    def __deepcopy__(self, memo: dict) -> "_BatchCounter":
+        model = self._model() if self._model is not None else None
+        if model is not None and id(model) in memo:
+            # The model is being copied too; its copied hook dict will call this copy's _hook.
+            new = _BatchCounter(None)
+            new._model = weakref.ref(memo[id(model)])
+        else:
+            new = _BatchCounter(model)
+        new.count = self.count
+        return new
+
+    def __reduce__(self) -> tuple:
+        return (_BatchCounter, (None,))
+
+    def _hook(self, module: torch.nn.Module, inputs: tuple, kwargs: Optional[dict] = None) -> None:
+        if not module.training:
+            return
+        first = next(
+            (x for x in itertools.chain(inputs, (kwargs or {}).values()) if isinstance(x, torch.Tensor)), None
+        )
+        if first is not None and first.ndim > 0:
+            self.count += int(first.shape[0])
+
+
+_BATCH_SIZE_AT_EACH_STEP = False
+
+
+@contextlib.contextmanager
+def _batch_size_at_each_step() -> Iterator[None]:
+    """Within it, the root-free classes are built without ``batch_size=`` or ``model=``: for
+    callers that give ``step(batch_size=...)`` at every step (``compare``'s and ``bench``'s
+    training loops). A step without it still raises."""
+    global _BATCH_SIZE_AT_EACH_STEP
+    before, _BATCH_SIZE_AT_EACH_STEP = _BATCH_SIZE_AT_EACH_STEP, True
+    try:
+        yield
+    finally:
+        _BATCH_SIZE_AT_EACH_STEP = before
+
+
+def _no_batch_size(owner: str, unscaled: bool) -> str:
+    """The missing-B error in this API's words: where a batch size can come from."""
+    off = ", or scale_by_batch_size=False to not scale by it" if unscaled else ""
+    return (
+        f"{owner}: no batch size. Give batch_size= (the number of examples the loss averages over, "
+        f"not sums) or model= (to count the examples of its training-mode forward passes){off}; "
+        f"opt.step(batch_size=...) overrides either for one step"
+    )
+
+
+class _RootFreeOptimizer(CoreOptimizer):
+    """Shared batch-size handling of the root-free methods.
+
+    B (the number of examples the loss *averages*; a summed loss makes B·g² wrong by B²) comes from,
+    in this order: ``step(batch_size=...)``; the constructor's ``batch_size``; or, when ``model=``
+    is given without ``batch_size``, the examples its training-mode forward passes saw since the
+    last ``step`` (the authors' hook). The constructor raises ``ValueError`` when neither
+    ``batch_size=`` nor ``model=`` is given (and B scales the statistic), so that a missing B is
+    found when the optimizer is built, not at its first step.
+    """
+
+    def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None, **options: Any) -> None:
+        check_tensor_lr(defaults.get("lr"))
+        if params is None:
+            if model is None:
+                raise ValueError("give params, or model= to optimize all of its parameters")
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        super().__init__(params, defaults, model=model, **options)
+        if model is None and not _BATCH_SIZE_AT_EACH_STEP and self._groups_without_batch_size():
+            raise ValueError(_no_batch_size(type(self).__name__, "scale_by_batch_size" in defaults))
+        self._batch_counter = _BatchCounter(model) if model is not None and defaults["batch_size"] is None else None
+
+    def _groups_without_batch_size(self) -> bool:
+        """Whether some param group scales by B and has no ``batch_size`` of its own."""
+        return any(g["batch_size"] is None and g.get("scale_by_batch_size", True) for g in self.param_groups)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return step_outside_the_graph(self, closure, extra)
+        counter = self._batch_counter
+        if closure is not None and counter is not None:
+            # the closure's forward passes belong to this step
+            with torch.enable_grad():
+                loss = closure()
+            return self._counted_step(lambda: loss, extra)
+        return self._counted_step(closure, extra)
+
+    def _counted_step(self, closure: Optional[Callable[[], Any]], extra: dict) -> Any:
+        counter = self._batch_counter
+        if counter is not None and extra.get("batch_size") is None and counter.count > 0:
+            extra = {**extra, "batch_size": counter.count}
+        if extra.get("batch_size") is None and self._groups_without_batch_size():
+            if counter is not None:
+                counter.count = 0
+            raise ValueError(
+                _no_batch_size(type(self).__name__, "scale_by_batch_size" in self.defaults)
+                + ("; model= counted no training-mode forward pass since the last step" if counter is not None else "")
+            )
+        try:
+            return super().step(closure, **extra)
+        finally:
+            if counter is not None:
+                counter.count = 0
+
+
+# --------------------------------------------------------------------------------------------
+# MBF
+
+
+def _inputs_first_weights(names: dict, model: Optional[torch.nn.Module]) -> frozenset:
+    """The 2-D weights with a sibling bias that store inputs x outputs (``x @ W + b``, as
+    transformers' GPT-2 ``Conv1D``) rather than torch's outputs x inputs (``nn.Linear``).
+
+    Decided per weight: by its module when ``model=`` shows it (an ``nn.Linear`` is outputs-first;
+    a module named ``Conv1D`` inputs-first), else by which axis has the bias's length. A square
+    weight whose module is not known to be either is ambiguous: taken as outputs-first, with a
+    warning when the model is known to hold inputs-first weights (a module of another kind, or
+    some other weight inputs-first by its shape), naming the weights.
+    """
+    modules = {}
+    if model is not None:
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                modules.setdefault(p, module)
+    by_name = {name: p for p, name in names.items()}
+    found, square = set(), []
+    for p, name in names.items():
+        prefix, _, leaf = name.rpartition(".")
+        bias = by_name.get(f"{prefix}.bias" if prefix else "bias")
+        if leaf != "weight" or p.ndim != 2 or bias is None or bias.ndim != 1:
+            continue
+        rows, cols, size = p.shape[0], p.shape[1], bias.shape[0]
+        module = modules.get(p)
+        if isinstance(module, torch.nn.Linear):
+            continue
+        if module is not None and type(module).__name__ == "Conv1D" and cols == size:
+            found.add(p)
+        elif cols == size and rows != size:
+            found.add(p)
+        elif rows == size == cols:
+            square.append((name, module))
+    unknown_kind = [n for n, m in square if m is not None] or ([n for n, _ in square] if found else [])
+    if unknown_kind:
+        warnings.warn(
+            f"MBF: cannot tell whether the square weight(s) {sorted(unknown_kind)} store outputs x inputs "
+            "(torch.nn.Linear) or inputs x outputs (x @ W + b, as transformers' Conv1D); they are paired with "
+            "their biases as outputs x inputs" + ("" if model is not None else "; pass model= to let MBF see the modules"),
+            stacklevel=4,
+        )
+    return frozenset(found)
+
+
+
+class _MBFOptimizer(CoreOptimizer):
+    """MBF's behaviour beyond its table row: inputs-first weights found at construction, a warning
+    for unnamed parameters, and :meth:`warm_start`."""
+
+    def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None, **options: Any) -> None:
+        super().__init__(params, defaults, model=model, **options)
+        self._inputs_first = _inputs_first_weights(self._param_names, model)
+        unnamed = sum(1 for g in self.param_groups for p in g["params"] if self._param_names.get(p) is None)
+        if unnamed:
+            warnings.warn(
+                f"MBF: {unnamed} parameter(s) have no names, so Linear weights cannot be paired with "
+                "their biases (each 2-D weight is a layer without a bias column, each 1-D tensor uses "
+                "the diagonal rule); pass model.named_parameters() or model=",
+                stacklevel=3,
+            )
+
+    def warm_start(self, source: Any, num_batches: Optional[int] = None) -> None:
+        """Initialise every block statistic F with the mean of per-batch block statistics.
+
+        Call once before the first :meth:`step`, at the initial parameters (spec ``mbf.md`` 2.5).
+
+        Parameters
+        ----------
+        source:
+            Either an iterable of gradient dicts (keys: parameter names or the parameter tensors;
+            values: gradients computed with labels sampled from the model's predictive
+            distribution; a missing entry counts as zero), or a callable that runs one
+            forward/backward pass with sampled labels, e.g.
+            ``lambda: F.cross_entropy(logits := model(x), torch.multinomial(logits.softmax(-1), 1)[:, 0]).backward()``
+            with ``x`` the next mini-batch; it is called ``num_batches`` times, the gradients are
+            zeroed before each call and left as ``None`` afterwards.
+        num_batches:
+            Number of calls of a callable ``source`` (required then, not allowed otherwise).
+        """
+        if any(self.state[p] for group in self.param_groups for p in group["params"]):
+            raise RuntimeError("MBF.warm_start must be called before the first step")
+        if callable(source):
+            if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+                raise ValueError(f"num_batches must be an integer >= 1 with a callable source, got {num_batches!r}")
+            stream = self._run_batches(source, num_batches)
+        else:
+            if num_batches is not None:
+                raise ValueError("num_batches is only used with a callable source")
+            stream = (self._by_tensor(batch) for batch in source)
+        # One pass over the source; several param groups share it (itertools.tee buffers).
+        streams = itertools.tee(stream, len(self.param_groups))
+        for group, paths, batches in zip(self.param_groups, self._group_paths(), streams):
+            tensors = group["params"]
+            transform = self._transform(group)
+            state = transform.init(self._tree(paths, [p.detach() for p in tensors]))
+            trees = (
+                self._tree(paths, [g.get(p, None) if g.get(p, None) is not None else torch.zeros_like(p) for p in tensors])
+                for g in batches
+            )
+            state = transform.warm_start(state, trees)
+            by_key = {path_str(path): p for path, p in zip(paths, tensors)}
+            for p in tensors:
+                # calls = 0: the first step is the core's call 0 (its interval decisions included);
+                # it loads this state (the heads are marked) instead of initialising a fresh one.
+                self.state[p] = {_STEP: state.count, _NONFINITE: state.nonfinite_count, _CALLS: 0}
+            for key, entries in state.groups.items():
+                head = self.state[by_key[key]]
+                head[_HEAD] = True
+                head.update(entries)
+
+    def _run_batches(self, source: Callable[[], Any], num_batches: int):
+        params = [p for group in self.param_groups for p in group["params"]]
+        try:
+            for _ in range(num_batches):
+                for p in params:
+                    p.grad = None
+                with torch.enable_grad():
+                    source()
+                yield {p: p.grad.detach().clone() for p in params if p.grad is not None}
+        finally:
+            for p in params:
+                p.grad = None
+
+    def _by_tensor(self, batch: dict) -> dict:
+        by_name = {name: p for p, name in self._param_names.items()}
+        out = {}
+        for key, grad in batch.items():
+            if isinstance(key, str):
+                if key not in by_name:
+                    raise KeyError(f"MBF.warm_start: no parameter named {key!r}")
+                key = by_name[key]
+            out[key] = grad
+        return out
