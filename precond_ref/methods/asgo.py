@@ -216,6 +216,24 @@ def _adam_update(
     return update, {"mu": mu, "nu": nu}
 
 
+def _fallback_step(hyperparameters: tuple, g: Array, state: dict, param: Optional[Array], ctx: StepContext) -> tuple:
+    """The fallback Adam's step of one leaf (or of leaves joined), as ``((update,), new state)``;
+    ``hyperparameters``: ``_adam_update``'s, from the learning rate to ``faithful``."""
+    u, new = _adam_update(g, state, param, ctx, *hyperparameters)
+    return (u,), new
+
+
+def _fallback_leaves(xp: Any, grads: list, states: list, params: list, ctx: StepContext, step: Callable) -> tuple:
+    """The groups' results with the fallback Adam's leaves (state ``mu``) stepped by ``step``, all
+    of them in one pass (:func:`precond_ref.engine.matrices.joined_leaves`), the others ``None``;
+    and the indices of the others (the matrix leaves)."""
+    results: list[Any] = [None] * len(grads)
+    adam = [i for i, state in enumerate(states) if "mu" in state]
+    for i, result in zip(adam, joined_leaves(xp, step, [(grads[i][0], states[i], _param(params, i)) for i in adam], ctx)):
+        results[i] = result
+    return results, [i for i, state in enumerate(states) if "mu" not in state]
+
+
 def _wide_dtype(xp: Any, x: Array) -> Any:
     """float64 for a float32 ``x`` where the backend has it (not JAX without x64, not torch MPS),
     else ``None``.
@@ -710,11 +728,7 @@ def asgo(
     # and handed back leaf by leaf by engine.matrices.hand_back.
     def update_groups(grads, states, params, ctxs):
         xp, ctx = ctxs[0].xp, ctxs[0]
-        results: list[Any] = [None] * len(grads)
-        adam = [i for i, state in enumerate(states) if "mu" in state]
-        for i, result in zip(adam, joined_leaves(xp, fallback, [(grads[i][0], states[i], _param(params, i)) for i in adam], ctx)):
-            results[i] = result
-        matrices = [i for i, state in enumerate(states) if "mu" not in state]
+        results, matrices = _fallback_leaves(xp, grads, states, params, ctx, fallback)
         stacks = matrix_stacks(xp, grads, states, params, matrices, _STACKED, partial(_is_left, side), not is_zero(weight_decay))
         if not stacks:
             return results
@@ -764,12 +778,7 @@ def asgo(
         kept = xp.zeros_like(p) + identity_like(p) if faithful else previous
         return _finite_root_or_previous(xp, p, kept, inverse_sqrt)
 
-    def fallback(g, state, param, ctx) -> tuple[tuple[Array], dict[str, Array]]:
-        u, new = _adam_update(
-            g, state, param, ctx, learning_rate, fallback_b1, fallback_b2, fallback_eps,
-            fallback_weight_decay, faithful,
-        )
-        return (u,), new
+    fallback = partial(_fallback_step, (learning_rate, fallback_b1, fallback_b2, fallback_eps, fallback_weight_decay, faithful))
 
     return build_transform(
         name="asgo",
@@ -902,11 +911,7 @@ def dasgo(
     #   4  W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)               _renormalise_scaled, _finish
     def update_groups(grads, states, params, ctxs):
         xp, ctx = ctxs[0].xp, ctxs[0]
-        results: list[Any] = [None] * len(grads)
-        adam = [i for i, state in enumerate(states) if "mu" in state]
-        for i, result in zip(adam, joined_leaves(xp, fallback, [(grads[i][0], states[i], _param(params, i)) for i in adam], ctx)):
-            results[i] = result
-        matrices = [i for i, state in enumerate(states) if "mu" not in state]
+        results, matrices = _fallback_leaves(xp, grads, states, params, ctx, fallback)
         for s in matrix_stacks(xp, grads, states, params, matrices, ("momentum", "statistic"), partial(_is_left, side),
                                not is_zero(weight_decay)):
             axis = 1 if s.left else 0  # the axis of each matrix the statistic sums over
@@ -923,12 +928,7 @@ def dasgo(
                 results[i] = result
         return results
 
-    def fallback(g, state, param, ctx) -> tuple[tuple[Array], dict[str, Array]]:
-        u, new = _adam_update(
-            g, state, param, ctx, learning_rate, fallback_b1, fallback_b2, fallback_eps,
-            fallback_weight_decay, faithful,
-        )
-        return (u,), new
+    fallback = partial(_fallback_step, (learning_rate, fallback_b1, fallback_b2, fallback_eps, fallback_weight_decay, faithful))
 
     return build_transform(
         name="dasgo",
