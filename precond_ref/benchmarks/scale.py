@@ -8,7 +8,8 @@ otherwise (the root-free methods are told ``batch_size=8``). One JSON line per m
 ``step``'s seconds, state bytes (every tensor in ``optimizer.state``) over parameter bytes, and
 the process's peak resident set (``VmHWM``) less its resident set before the optimizer was made
 (parameters and gradients). A method refused at construction (its state alone would not fit) is
-reported with the refusal's message.
+reported with the refusal's message. ``--estimate [gpt2-small] [reference-gpt]`` prints every
+method's state size at those shapes from meta-device parameters instead (seconds, no memory).
 """
 
 from __future__ import annotations
@@ -91,7 +92,41 @@ def measure(spec: str) -> dict:
     return row
 
 
+def estimates(model: str) -> list[dict]:
+    """State bytes over parameter bytes of every method's defaults (as :func:`measure` makes them),
+    from the core's ``init`` on meta-device parameters: no memory, no step. ``model``:
+    ``"gpt2-small"`` or ``"reference-gpt"`` (``bench``'s reference GPT, :mod:`.models`)."""
+    import torch
+
+    import precond_ref.adapters.torch as pt
+    from precond_ref.adapters._torch_memory import state_bytes
+
+    from .models import SIZES, build_torch
+
+    with torch.device("meta"):
+        if model == "gpt2-small":
+            named = [(n, torch.nn.Parameter(torch.empty(s, dtype=torch.float32))) for n, s in gpt2_small_shapes()]
+        else:
+            named = list(build_torch("gpt", SIZES["gpt"]["reference"], torch.float32, "meta").named_parameters())
+    param_bytes = sum(p.numel() * p.element_size() for _, p in named)
+    rows = []
+    for method in METHODS[1:]:
+        opt = getattr(pt, method)(named, lr=1e-3, **({"batch_size": 8} if method in _ROOT_FREE else {}))
+        nbytes = sum(
+            state_bytes(opt._transform(group), opt._tree(paths, [p.detach() for p in group["params"]]))
+            for group, paths in zip(opt.param_groups, opt._group_paths())
+        )
+        rows.append({"model": model, "method": method, "parameters": sum(p.numel() for _, p in named),
+                     "state_bytes": nbytes, "state_over_params": round(nbytes / param_bytes, 3)})
+    return rows
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--estimate"]:
+        for model in argv[1:] or ("gpt2-small", "reference-gpt"):
+            for row in estimates(model):
+                print(json.dumps(row), flush=True)
+        return 0
     if argv[:1] == ["--one"]:
         print(json.dumps(measure(argv[1])), flush=True)
         return 0
