@@ -6,11 +6,11 @@ closure steps on an 8-16-4 tanh MLP move the parameters; ``state_dict`` loads in
 optimizer with the same keys), ``test_closure.py`` (closure steps on modules of 4x4x4x4 weights:
 finite losses, parameters moved and finite), ``test_no_grad.py`` (steps without gradients keep no
 state), ``test_save_restore.py::test_save_restore`` (float64 32x32 two-layer model: an optimizer
-loaded from a deep copy of the state_dict continues as the original, 4 times over), and
+loaded from a deep copy of the state_dict continues as the original, round after round), and
 ``test_compile_step.py::test_compile_step_matches_eager`` (the compiled step gives the eager
 step's parameters after 5 closure steps, upstream's tolerance 1e-4), on two classes (AGD and MBF)
 with dynamo's ``aot_eager`` backend: graph capture and functionalisation, the part that can break,
-without TorchInductor's C++ build (tens of seconds; TorchInductor itself is checked in
+without TorchInductor's C++ build (TorchInductor itself is checked in
 ``tests/adapters/test_torch_compile.py``). The save/restore test runs 2 of upstream's 4 rounds
 (the second already resumes from a state that was itself loaded).
 
