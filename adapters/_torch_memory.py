@@ -4,7 +4,7 @@ The state's size comes from the core's own ``init`` run on meta-device copies of
 (shapes and dtypes, no memory), so the estimate is the layout the first step will allocate, for
 every method and setting. It is compared with the memory free on the parameters' device at
 construction (on the CPU ``MemAvailable``, on CUDA ``torch.cuda.mem_get_info``); elsewhere (the
-meta device, MPS, XLA) nothing is checked. Only optimizers of at least ``CHECK_FROM_ELEMENTS``
+meta device, MPS, XLA) and for the sharded classes of ``torch_distributed`` nothing is checked. Only optimizers of at least ``CHECK_FROM_ELEMENTS``
 parameter elements are checked: a smaller one's state fits wherever its parameters do, and the
 estimate costs an ``init`` per construction.
 """
@@ -58,6 +58,8 @@ def state_bytes(transform: Any, tree: Any) -> int:
 def check_state_fits(opt: Any) -> None:
     """Raise ``MemoryError`` when ``opt``'s state for its parameters exceeds the free memory of
     their device, with the estimate, the free memory and what lowers the state."""
+    if getattr(opt, "_accepts_dtensor", False):
+        return  # sharded parameters: each rank holds a shard of the state, not estimated here
     groups = [g for g in opt.param_groups if g["params"]]
     if sum(p.numel() for g in groups for p in g["params"]) < CHECK_FROM_ELEMENTS:
         return
