@@ -6,9 +6,10 @@ As in ``tests/adapters/test_optax_contrib_suite.py``: the bodies are those of th
 factory, and parametrised on upstream's grids. What they check, per method: 10 000 jitted steps
 reach the optimum of a parabola and of Rosenbrock's function in float32 (to 3e-2), with no
 compilation on the second ``update``; ``optax.tree.map_params`` works on the state; extra
-``update`` arguments are accepted; plain ``optax.inject_hyperparams`` gives the same step;
-updates keep the gradients' dtype, also inside ``optax.MultiSteps``; the state's shapes, dtypes
-and shardings are stable across ``lax.cond`` in float16/bfloat16/float32/float64.
+``update`` arguments are accepted; updates keep the gradients' dtype, also inside
+``optax.MultiSteps``. Upstream's ``inject_hyperparams`` test and its test that the state's
+shapes, dtypes and shardings are stable across ``lax.cond`` are in optax's contrib suite as well,
+which ``tests/adapters/test_optax_contrib_suite.py`` runs for every method on the same grids.
 
 Complex parameters: no method supports them (their statistics and roots are real); upstream runs
 complex dtypes only for optimizers that support them (it skips the others), so here they are
@@ -66,12 +67,13 @@ _JNP = upstream.jnp
 _GRIDS = {
     "test_optimization": dict(target=(upstream._setup_parabola, upstream._setup_rosenbrock), dtype=(_JNP.float32,)),
     "test_optimizers_accept_extra_args": dict(),
-    "test_optimizers_can_be_wrapped_in_inject_hyperparams": dict(),
     "test_preserve_dtype": dict(dtype=("bfloat16", "float32")),
-    "test_state_shape_dtype_shard_stability": dict(dtype=(_JNP.float16, _JNP.bfloat16, _JNP.float32, _JNP.float64)),
     "test_gradient_accumulation": dict(dtype=("bfloat16", "float32")),
 }
-_NOT_BOUND = {"test_explicit_dtype"}
+# Not bound: sgd/adam's own dtype arguments; and two tests that optax's contrib suite holds too,
+# run on the same grids (less upstream's complex dtypes) by tests/adapters/test_optax_contrib_suite.py.
+_NOT_BOUND = {"test_explicit_dtype", "test_optimizers_can_be_wrapped_in_inject_hyperparams",
+              "test_state_shape_dtype_shard_stability"}
 
 PrecondAliasTest = types.new_class(
     "PrecondAliasTest",
