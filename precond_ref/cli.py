@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 # command name -> (module, one-line help, the pip extra that installs what the command needs)
 COMMANDS = {
@@ -53,6 +53,20 @@ def nonnegative_int(text: str) -> int:
 
 class UserError(Exception):
     """A mistake in the command line or its inputs: reported as one line, exit status 2."""
+
+
+def rewrite_sections(pages: Sequence[tuple], replace: Callable[[str, str], str]) -> None:
+    """Write each ``(path, section)`` of ``pages`` into its file, in place of the section the
+    file holds (``replace(text, section)``); a file without one is a :class:`UserError`."""
+    for path, section in pages:
+        with open(path) as handle:
+            text = handle.read()
+        try:
+            text = replace(text, section)
+        except ValueError as err:
+            raise UserError(f"{path}: {err}") from None
+        with open(path, "w") as handle:
+            handle.write(text)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np  # noqa: F401  (bench needs NumPy: without it the command line names the extra to install)
 
-from ..cli import UserError, positive_int
+from ..cli import UserError, positive_int, rewrite_sections
 from ..compare.methods import BENCH_ONLY, METHODS
 from .common import BUDGET_S, MIN_WINDOW_S, jsonable
 from .report import KINDS
@@ -411,13 +411,5 @@ def _write_readme(report: dict, report_module: Any) -> None:
     pages = [("README.md", report_module.readme_section(reports))]
     if os.path.exists(PERFORMANCE_PAGE):
         pages.append((PERFORMANCE_PAGE, report_module.detail_section(reports)))
-    for path, section in pages:
-        with open(path) as handle:
-            text = handle.read()
-        try:
-            text = report_module.replace_readme_section(text, section)
-        except ValueError as err:
-            raise UserError(f"{path}: {err}") from None
-        with open(path, "w") as handle:
-            handle.write(text)
+    rewrite_sections(pages, report_module.replace_readme_section)
     print(f"{', '.join(path for path, _ in pages)} and {README_DATA} updated ({report_module.readme_key(report)})")

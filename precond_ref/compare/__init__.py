@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from ..cli import UserError, install_hint, nonnegative_int, positive_int
+from ..cli import UserError, install_hint, nonnegative_int, positive_int, rewrite_sections
 from .methods import METHODS, MODELS, MethodEntry
 
 __all__ = ["add_arguments", "run", "resolve_methods", "grid_factors", "train_one", "core_baseline", "make_torch_optimizer"]
@@ -647,15 +647,7 @@ def _write_outputs(full: dict, out_dir: str, args: argparse.Namespace) -> None:
             pages = [("README.md", report.readme_section(report.compact(full)))]
             if os.path.exists(COMPARE_PAGE):
                 pages.append((COMPARE_PAGE, report.detail_section(report.compact(full))))
-            for path, section in pages:
-                with open(path) as handle:
-                    text = handle.read()
-                try:
-                    text = report.replace_readme_section(text, section)
-                except ValueError as err:
-                    raise UserError(f"{path}: {err}") from None
-                with open(path, "w") as handle:
-                    handle.write(text)
+            rewrite_sections(pages, report.replace_readme_section)
             print(f"{', '.join(p for p, _ in pages)}, docs/data/compare.json and docs/images/compare_loss_curves.png rewritten")
     except OSError as err:
         raise UserError(f"cannot write results: {err.strerror or err} ({err.filename})") from None
