@@ -137,15 +137,17 @@ def test_no_import_circle_in_the_house():
 
 
 def test_the_torch_adapter_modules_import_downwards_only():
-    """The layering the torch adapter is written in (item 5 of issue 32): the state and compile
-    helpers import no other module of the adapter's; ``_torch_core`` (``CoreOptimizer``) imports
-    them and nothing above; ``torch`` (the method table) does not import the distributed classes."""
+    """The layering the torch adapter is written in: the state, compile and memory helpers import
+    no other module of the adapter's; ``_torch_core`` (``CoreOptimizer``) imports them and nothing
+    above; ``_torch_methods`` (the classes' behaviour beyond their table rows) imports only those
+    below it; ``torch`` (the method table) does not import the distributed classes."""
     adapters = {m: {t for t in GRAPH[m] if t.startswith("precond_ref.adapters.")} for m in GRAPH
                 if m.startswith("precond_ref.adapters.")}
-    assert adapters["precond_ref.adapters._torch_state"] == set()
-    assert adapters["precond_ref.adapters._torch_compile"] == set()
-    assert adapters["precond_ref.adapters._torch_core"] == {
-        "precond_ref.adapters._torch_state", "precond_ref.adapters._torch_compile"}
+    helpers = {"precond_ref.adapters._torch_state", "precond_ref.adapters._torch_compile", "precond_ref.adapters._torch_memory"}
+    for helper in helpers:
+        assert adapters[helper] == set(), helper
+    assert adapters["precond_ref.adapters._torch_core"] == helpers
+    assert adapters["precond_ref.adapters._torch_methods"] <= helpers | {"precond_ref.adapters._torch_core"}
     assert "precond_ref.adapters.torch_distributed" not in adapters["precond_ref.adapters.torch"]
 
 
