@@ -9,7 +9,6 @@ through the torch and optax adapters, ``"cupy"`` the core on CuPy arrays.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Any, Callable, Optional
 
