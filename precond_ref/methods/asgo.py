@@ -901,39 +901,38 @@ def dasgo(
             "statistic": xp.zeros((k,), dtype=xp.float32 if faithful else c, device=dev),
         }
 
-    # The step, in the order of the algorithm (right side; the left side is its transpose), on a
-    # stack of equal matrices (engine.matrices.matrix_stacks; leaves that are not matrices take
-    # the fallback Adam, all of them in one pass: engine.matrices.joined_leaves):
+    # The step, in the order of the algorithm (right side; the left side is its transpose), per
+    # leaf: stacking DASGO's equal matrices made its CPU step slower, eager and compiled (the
+    # copies into and out of the stacks cost more than the operations they save):
     #
     #   1  M_t = μ M_{t-1} + (1-μ) G_t                                     _momentum
     #   2  v_t = β₂ v_{t-1} + (1-β₂) diag(G_tᵀ G_t)                         _squared_sums
     #   3  U_t = M_t diag(v_t + ε)^{-1/2}
     #   4  W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)               _renormalise_scaled, _finish
-    def update_groups(grads, states, params, ctxs):
-        xp, ctx = ctxs[0].xp, ctxs[0]
-        results, matrices = _fallback_leaves(xp, grads, states, params, ctx, fallback)
-        for s in matrix_stacks(xp, grads, states, params, matrices, ("momentum", "statistic"), partial(_is_left, side),
-                               not is_zero(weight_decay)):
-            axis = 1 if s.left else 0  # the axis of each matrix the statistic sums over
-            dtype = compute_dtype(xp, s.g.dtype)
-            momentum = _momentum(xp, s.state["momentum"], s.g, b1, faithful, _zero(ctx, s.g))
-            momentum = ctx.unless_skipped(momentum, s.state["momentum"])  # 1
-            q = cast(xp, _squared_sums(xp, s.g, axis), s.state["statistic"].dtype)
-            v = ctx.unless_skipped(_ema(xp, s.state["statistic"], q, b2, faithful), s.state["statistic"])  # 2
-            scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(v + eps), dtype))  # 3: diag(v_t + ε)^{-1/2}
-            u = _renormalise_scaled(xp, cast(xp, momentum, dtype), scale, axis, rms_target, faithful)  # 3, 4
-            neg_lr = ctx.negated("learning_rate", learning_rate, dtype, array_device(s.g))
-            step = _finish(xp, u, s.param, tuple(u.shape), neg_lr, weight_decay)
-            for i, result in hand_back(xp, s, states, step, {"momentum": momentum, "statistic": v}, {}, ctx):
-                results[i] = result
-        return results
+    def update_group(grads, state, params, ctx: StepContext):
+        (g,), param, xp = grads, (None if params is None else params[0]), ctx.xp
+        if "mu" in state:  # not a matrix: the fallback Adam
+            (u,), new = fallback(g, state, param, ctx)
+            return (u,), new
+        m, n = state["momentum"].shape
+        axis = 1 if _resolve_side(m, n, side) == "left" else 0  # the axis the statistic sums over
+        dtype = compute_dtype(xp, g.dtype)
+        g_mat = cast(xp, xp.reshape(g, (m, n)), dtype)
+        momentum = _momentum(xp, state["momentum"], g_mat, b1, faithful, _zero(ctx, g_mat))
+        momentum = ctx.unless_skipped(momentum, state["momentum"])  # 1
+        q = cast(xp, _squared_sums(xp, g_mat, axis), state["statistic"].dtype)
+        v = ctx.unless_skipped(_ema(xp, state["statistic"], q, b2, faithful), state["statistic"])  # 2
+        scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(v + eps), dtype))  # 3: diag(v_t + ε)^{-1/2}
+        u = _renormalise_scaled(xp, cast(xp, momentum, dtype), scale, axis, rms_target, faithful)  # 3, 4
+        neg_lr = ctx.negated("learning_rate", learning_rate, dtype, array_device(g))
+        return (_finish(xp, u, param, tuple(g.shape), neg_lr, weight_decay),), {"momentum": momentum, "statistic": v}
 
     fallback = partial(_fallback_step, (learning_rate, fallback_b1, fallback_b2, fallback_eps, fallback_weight_decay, faithful))
 
     return build_transform(
         name="dasgo",
         init_group=init_group,
-        update_groups=update_groups,
+        update_group=update_group,
         on_nonfinite=on_nonfinite,
         needs_params=not is_zero(weight_decay) or not is_zero(fallback_weight_decay),
     )
