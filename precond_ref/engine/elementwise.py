@@ -50,6 +50,9 @@ class ElementwiseRule(NamedTuple):
     #: configuration fields read only by ``scalars`` (per-step values: the learning rate, schedules),
     #: which :func:`operands` leaves as they are
     scheduled: tuple = ("learning_rate",)
+    #: step scalars formed from others (bias corrections, their quotients), which a compiler must
+    #: compute once per step rather than inline into every element's loop (:func:`step_scalars`)
+    computed: tuple = ()
 
 
 class StepValues(NamedTuple):
@@ -76,10 +79,10 @@ def operands(xp: Any, config: NamedTuple, dtype: Any, scheduled: tuple = ()) -> 
     })
 
 
-def step_scalars(xp: Any, scalars: NamedTuple) -> NamedTuple:
-    """A rule's step scalars, each array among them in the form a compiler computes once per step
-    (:func:`precond_ref._backend.computed_once`: the same numbers)."""
-    return scalars._replace(**{k: computed_once(xp, v) for k, v in scalars._asdict().items() if hasattr(v, "shape")})
+def step_scalars(xp: Any, scalars: NamedTuple, computed: tuple) -> NamedTuple:
+    """A rule's step scalars, those named in ``computed`` in the form a compiler computes once per
+    step (:func:`precond_ref._backend.computed_once`: the same numbers)."""
+    return scalars._replace(**{k: computed_once(xp, getattr(scalars, k)) for k in computed})
 
 
 def elementwise_transform(
@@ -110,7 +113,7 @@ def elementwise_transform(
         g = cast(xp, grads[0], dtype)
         w = cast(xp, params[0], dtype) if reads_params else None
         values = StepValues(ctx.count, ctx.value, ctx.extra, dtype, device)
-        h = ctx.once((rule.name, "scalars", dtype, device), lambda: step_scalars(xp, rule.scalars(xp, config, values)))
+        h = ctx.once((rule.name, "scalars", dtype, device), lambda: step_scalars(xp, rule.scalars(xp, config, values), rule.computed))
         new = rule.state(xp, c, old, g, w, h)
         # The non-finite rule's selection of the new state, before the update is formed from it:
         # a compiler then reads the stored entry rather than recomputing it from the old one.

@@ -350,4 +350,7 @@ def _faithful_ratio(xp, h: _Step, m, v):
     return m / xp.maximum(xp.sqrt(v), h.floor)
 
 
-AGD = ElementwiseRule("agd", AGDState, _agd_init, _agd_scalars, _agd_state, _agd_update, scheduled=("learning_rate", "delta"))
+AGD = ElementwiseRule(
+    "agd", AGDState, _agd_init, _agd_scalars, _agd_state, _agd_update, scheduled=("learning_rate", "delta"),
+    computed=("bc1", "bc2", "g_coefficient", "m_coefficient", "old_m_scale", "inv_bc1", "inv_bc1_prev", "eta", "floor"),
+)

@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 from array_api_compat import array_namespace, is_jax_namespace
 
 from .._backend import (
-    IdentityDict, array_device, as_operand, cast, compute_dtype, computed_once, cond, device_key, host_bool, is_number, is_tracer,
+    IdentityDict, array_device, as_operand, cast, compute_dtype, cond, device_key, host_bool, is_number, is_tracer,
     is_zero, placement, scalar_array, scalar_zero, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
@@ -156,13 +156,14 @@ def _divided(xp, numerator, denominator, faithful: bool):
 
 class _RFStep(NamedTuple):
     """A step's scalars of RF-RMSProp and RF-AdamW: the learning rate ``lr`` (η_t), the batch size
-    ``B`` (1 without ``scale_by_batch_size``), the bias corrections ``c1``, ``c2`` (1 without), and
-    the decoupled weight decay's factor ``lr_wd`` (η_t κ; RF-AdamW)."""
+    ``B`` (1 without ``scale_by_batch_size``), the bias corrections ``c1``, ``c2`` (1 without),
+    ``lr_c1`` (η_t/c₁) and the decoupled weight decay's factor ``lr_wd`` (η_t κ; RF-AdamW)."""
 
     lr: Any
     B: Any
     c1: Any = 1
     c2: Any = 1
+    lr_c1: Any = None
     lr_wd: Any = None
 
 
@@ -271,10 +272,11 @@ def _rf_adamw_step(xp, c: RFAdamWConfig, t) -> _RFStep:
     h = _rf_step("rf_adamw", xp, c, t)
     lr_wd = as_operand(xp, t.value(c.learning_rate) * c.weight_decay, t.dtype) if c.use_decay else None
     if not c.bias_correction:
-        return h._replace(lr_wd=lr_wd)
+        return h._replace(lr_c1=h.lr / 1, lr_wd=lr_wd)
     step = xp.astype(t.count + 1, t.dtype)
     b1, b2 = as_operand(xp, c.b1, t.dtype), as_operand(xp, c.b2, t.dtype)
-    return h._replace(c1=1 - b1**step, c2=1 - b2**step, lr_wd=lr_wd)
+    c1 = 1 - b1**step
+    return h._replace(c1=c1, c2=1 - b2**step, lr_c1=h.lr / c1, lr_wd=lr_wd)
 
 
 def _rf_adamw_state(xp, c: RFAdamWConfig, state: RFAdamWState, g, w, h: _RFStep) -> RFAdamWState:
@@ -284,18 +286,15 @@ def _rf_adamw_state(xp, c: RFAdamWConfig, state: RFAdamWState, g, w, h: _RFStep)
 
 
 def _rf_adamw_update(xp, c: RFAdamWConfig, state: RFAdamWState, g, w, h: _RFStep):
-    step = _lr_over_c1(xp, h) * _divided(xp, state.m, state.s / h.c2 + c.damping, c.faithful)  # η/c₁ · m ⊘ (s/c₂ + λ)
+    step = h.lr_c1 * _divided(xp, state.m, state.s / h.c2 + c.damping, c.faithful)  # η/c₁ · m ⊘ (s/c₂ + λ)
     if c.use_decay:
         step = step + h.lr_wd * w  # + η κ θ
     return -step
 
 
-def _lr_over_c1(xp, h: _RFStep):
-    """η/c₁, in the form a compiler computes once per step."""
-    return computed_once(xp, h.lr / h.c1)
-
-
-RF_ADAMW = ElementwiseRule("rf_adamw", RFAdamWState, _rf_adamw_init, _rf_adamw_step, _rf_adamw_state, _rf_adamw_update)
+RF_ADAMW = ElementwiseRule(
+    "rf_adamw", RFAdamWState, _rf_adamw_init, _rf_adamw_step, _rf_adamw_state, _rf_adamw_update, computed=("c2", "lr_c1"),
+)
 
 
 def rf_rmsprop(
