@@ -396,8 +396,7 @@ def _copies(xp: Any, tree: Any) -> Any:
 
 def cond_under_cpu_jit(xp: Any, pred: Array, fast_fn: Callable, safe_fn: Callable, *operands: Any) -> Any:
     """``tuple(where(pred, f, s) for f, s in zip(fast_fn(*operands), safe_fn(*operands)))``: two ways
-    to the same arrays (to rounding), the first cheaper but valid only where ``pred`` holds (0-D, or
-    one value per block that broadcasts against the branches' arrays).
+    to the same arrays (to rounding), the first cheaper but valid only where the 0-D ``pred`` holds.
 
     Under ``jax.jit`` for a CPU, a ``lax.cond``: only the branch taken runs. Elsewhere both run and
     an element-wise selection picks, never a host read of ``pred``: eagerly a read would be a
@@ -406,9 +405,7 @@ def cond_under_cpu_jit(xp: Any, pred: Array, fast_fn: Callable, safe_fn: Callabl
     return a tuple of arrays of identical shapes and dtypes.
     """
     if is_jax_namespace(xp) and is_tracer(pred) and sys.modules["jax"].default_backend() == "cpu":
-        # One branch for all: a predicate per block (broadcast against the branches' arrays) takes
-        # the fast branch where it holds for every block.
-        return sys.modules["jax"].lax.cond(pred if pred.ndim == 0 else xp.all(pred), fast_fn, safe_fn, *operands)
+        return sys.modules["jax"].lax.cond(pred, fast_fn, safe_fn, *operands)
     return tuple(xp.where(pred, f, s) for f, s in zip(fast_fn(*operands), safe_fn(*operands)))
 
 

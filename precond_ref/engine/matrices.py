@@ -89,15 +89,14 @@ def hand_back(
     in its own shape; its slices of the stacked ``entries``, in the shapes of its stored entries
     (an entry not given: the stored array itself); and each of its counters ``state[c] +
     counts[c][l]`` (``counters``: the names of its counters; one not in ``counts``: the stored
-    one). The non-finite rule's selection of the new entries (:meth:`StepContext.unless_skipped`),
-    unless the method made it already, is made here, once on each stacked entry rather than on
-    each leaf's slice (:func:`~precond_ref.engine.settle_pieces`)."""
+    one). The non-finite rule's selection of the new entries (:meth:`StepContext.unless_skipped`)
+    is made here, once on each stacked entry rather than on each leaf's slice (:func:`~precond_ref.engine.settle_pieces`)."""
     count = len(s.leaves)
     steps = leaves_of(xp, step, count, tuple(step.shape[-2:]))
     first = states[s.leaves[0]]
     pieces = {}
     for name, a in entries.items():
-        if name in s.state and s.state[name] is not a and not (ctx.settled is not None and a in ctx.settled):
+        if name in s.state and s.state[name] is not a:
             a = ctx.unless_skipped(a, s.state[name])
         pieces[name] = settle_pieces(ctx, a, leaves_of(xp, a, count, tuple(first[name].shape)))
     for name in counters:

@@ -314,22 +314,20 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
     may overflow where :math:`a_j b_j` does not), formed in the pass that writes the step. A zero
     column or a zero U stays zero.
     """
-    axis = _matrix_axis(axis)
-
     def expand(x: Array) -> Array:
         return xp.expand_dims(x, axis=axis)
 
-    def over_max(x: Array) -> Array:  # x / max(x), or x if that is zero (x >= 0), per matrix
-        top = _per_matrix(xp, xp.max, x)
+    def over_max(x: Array) -> Array:  # x / max(x), or x if that is zero (x >= 0)
+        top = xp.max(x)
         return x / xp.where(top > 0, top, xp.ones_like(top))
 
     total = _scaled_squared_norm(xp, m, scale, axis)
-    rows, columns = m.shape[-2:]
+    rows, columns = m.shape
     info = xp.finfo(m.dtype)
     # Each underflowing square or product is off by less than smallest_normal: together at most
     # 2^-10 of the dtype's rounding unit of T.
-    top = _per_matrix(xp, xp.max, scale)
-    lost = (rows * columns * (top * top) + scale.shape[-1]) * (info.smallest_normal * 2.0**10 / info.eps)
+    top = xp.max(scale)
+    lost = (rows * columns * (top * top) + scale.shape[0]) * (info.smallest_normal * 2.0**10 / info.eps)
     plain = (total >= lost) & (total < float("inf"))
 
     def fast(m: Array, scale: Array, total: Array) -> tuple[Array, Array]:
@@ -346,7 +344,7 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
         # maxima themselves: XLA merges it with their reduction into one over the whole matrix,
         # and then writes |M| out for the two reductions to share.
         relative = over_max(peaks * over_max(scale))
-        norm = xp.sqrt(_per_matrix(xp, xp.sum, relative * relative * column_sums))
+        norm = xp.sqrt(xp.sum(relative * relative * column_sums))
         return inverse, relative * (target / xp.maximum(norm, xp.ones_like(norm)))
 
     a, b = cond_under_cpu_jit(xp, plain, fast, safe, m, scale, total)
@@ -356,39 +354,23 @@ def _column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, tar
 def _scaled_squared_norm(xp: Any, m: Array, scale: Array, axis: int) -> Array:
     r""":math:`‖M \operatorname{diag}(s)‖_F^2 = \sum_j s_j^2 \sum_i M_{ij}^2` (``axis=0``;
     :math:`‖\operatorname{diag}(s) M‖_F^2` for ``axis=1``) from the column sums of :math:`M^2`,
-    without forming the product: a compiler fuses the sums with the pass that reads M. Of each
-    matrix of a stack (``m`` (L, m, n), ``s`` (L, n) or (L, m); the axis counted in the matrix):
-    shape (L, 1)."""
-    return _per_matrix(xp, xp.sum, scale * scale * _sum_across(xp, m * m, axis))
-
-
-def _matrix_axis(axis: int) -> int:
-    """An axis of a matrix (0 or 1, or -2 or -1) as a negative axis, which also names it in a
-    stack of matrices."""
-    return axis - 2 if axis >= 0 else axis
-
-
-def _per_matrix(xp: Any, reduce: Callable, x: Array) -> Array:
-    """``reduce`` (``xp.sum``, ``xp.max``) of a per-column (or per-row) vector ``x`` of one matrix,
-    a 0-D array; of each matrix's vector of a stack ``x`` (L, k), shape (L, 1)."""
-    return reduce(x) if x.ndim == 1 else reduce(x, axis=-1, keepdims=True)
+    without forming the product: a compiler fuses the sums with the pass that reads M."""
+    return xp.sum(scale * scale * _sum_across(xp, m * m, axis))
 
 
 def _sum_across(xp: Any, x: Array, axis: int) -> Array:
-    """``xp.sum(x, axis=axis)`` of a matrix (or of each matrix of a stack, the axis counted in the
-    matrix); column sums (axis 0) add blocks of 16 rows first.
+    """``xp.sum(x, axis=axis)`` of a matrix; column sums (axis 0) add blocks of 16 rows first.
 
     The same sum in another order. TorchInductor's CPU code otherwise walks the matrix in strips
     of 8 columns from the first row to the last, a 4-KiB stride per row; summed in blocks, it reads
     whole rows (measurements: docs/backends.md, "ASGO and DASGO").
     """
-    axis = _matrix_axis(axis)
-    rows = x.shape[-2] // _ROW_BLOCK * _ROW_BLOCK
-    if axis != -2 or rows < 2 * _ROW_BLOCK:
+    rows = x.shape[0] // _ROW_BLOCK * _ROW_BLOCK
+    if axis != 0 or rows < 2 * _ROW_BLOCK:
         return xp.sum(x, axis=axis)
-    blocks = xp.reshape(x[..., :rows, :], (*x.shape[:-2], rows // _ROW_BLOCK, _ROW_BLOCK, x.shape[-1]))
-    total = xp.sum(xp.sum(blocks, axis=-2), axis=-2)
-    return total if rows == x.shape[-2] else total + xp.sum(x[..., rows:, :], axis=-2)
+    blocks = xp.reshape(x[:rows, :], (rows // _ROW_BLOCK, _ROW_BLOCK, x.shape[1]))
+    total = xp.sum(xp.sum(blocks, axis=1), axis=0)
+    return total if rows == x.shape[0] else total + xp.sum(x[rows:, :], axis=0)
 
 
 _ROW_BLOCK = 16
@@ -1172,8 +1154,7 @@ def _renormalise_scaled(
     scale. float32 is summed in float64 where the backend has it (:func:`_wide_dtype`), else
     without float64 by :func:`_column_factored_renormalise` (D12 at any scale).
     """
-    rows, columns = m.shape[-2:]
-    axis = _matrix_axis(axis)
+    rows, columns = m.shape
     if faithful or rms_target is None or rows * columns == 0:
         return _rms_renormalise(xp, m * xp.expand_dims(scale, axis=axis), rms_target, faithful)
     target = rms_target * math.sqrt(rows * columns)
