@@ -319,6 +319,18 @@ def test_quick_run_verdicts_follow_from_the_stored_numbers(quick_run):
     assert sk4["rule"] == ordering.describe()
     assert ordering.decide(sk4["values"]["s_adagrad"], sk4["values"]["diag"]) == sk4["verdict"]
     assert sk4["evidence"][0]["n"] == seeds
+    sk7 = next(c for c in data["papers"]["sketchy"]["claims"] if c["id"] == "Sketchy-7")
+    memory, loss = sk7["values"]["second_moment_bytes"], sk7["values"]["test_loss"]
+    ranks = sorted(int(k.split()[-1]) for k in memory if k.startswith("sketchy rank"))
+    # The matched-memory rank is the one whose sketches are closest in bytes to one-sided Shampoo's factors.
+    matched = min(ranks, key=lambda k: abs(memory[f"sketchy rank {k}"] - memory["shampoo1"]))
+    assert sk7["values"]["matched_rank"] == matched and len(ranks) >= 2
+    parts = [(V.Ordering(f"Sketchy rank {ranks[-1]}", f"Sketchy rank {ranks[0]}"), loss[f"sketchy rank {ranks[-1]}"],
+              loss[f"sketchy rank {ranks[0]}"]),
+             (V.MatchesOrBeats(f"Sketchy rank {matched}", "one-sided Shampoo", 0.02), loss[f"sketchy rank {matched}"],
+              loss["shampoo1"])]
+    assert sk7["rule"] == "every part: " + "; ".join(rule.describe() for rule, *_ in parts)
+    assert V.combine([rule.decide(*values) for rule, *values in parts]) == sk7["verdict"]
     sk3 = next(c for c in data["papers"]["sketchy"]["claims"] if c["id"] == "Sketchy-3")
     assert all(len(sk3["values"][k]) == seeds for k in ("s_adagrad", "full", "diag"))
     claims = {c["id"]: c for paper in data["papers"].values() for c in paper["claims"]}

@@ -44,7 +44,8 @@ PAPERS = {
 #: ``lm_seeds``: of the char LM; ``tune_seeds``: seeds each learning rate is scored on (on the
 #: validation split); ``grid``: learning rates per sweep before extension, ``grid_extend``: how many
 #: rates a sweep may add past a winning edge; ``mbf_epochs``: the MBF runs, long enough for several
-#: inverse refreshes of both models (T2 = 25 and 100 steps, 22 steps an epoch).
+#: inverse refreshes of both models (T2 = 25 and 100 steps, 22 steps an epoch); ``wide``: the width
+#: of the MLP of the memory-quality claims, ``wide_ranks``: Sketchy's ranks there (with the table's).
 SIZES = {
     "quick": {
         "seeds": 2,
@@ -66,6 +67,7 @@ SIZES = {
         "agd_deltas": [1e-8, 1e-4],
         "synthetic_steps": 20,
         "wide": 32,
+        "wide_ranks": [4],
         "beale_steps": 50,
         "device": "cpu",
     },
@@ -89,6 +91,7 @@ SIZES = {
         "agd_deltas": [1e-8, 1e-6, 1e-4, 1e-3, 1e-2],
         "synthetic_steps": 300,
         "wide": 256,
+        "wide_ranks": [4, 64],
         "beale_steps": 1000,
         "device": "cpu",
     },
@@ -112,6 +115,7 @@ SIZES = {
         "agd_deltas": [1e-8, 1e-6, 1e-4, 1e-3, 1e-2],
         "synthetic_steps": 1000,
         "wide": 1024,
+        "wide_ranks": [16, 64, 256],
         "beale_steps": 5000,
         "device": "cuda",
     },

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import baselines
+from ..methods import entry_by_name
 from .harness import OPTS, Runner, digits_data, stable_rank, subspace_distance, top_fraction, top_subspace
 from .verdicts import FAILS, HOLDS, INCONCLUSIVE, MatchesOrBeats, OnHardware, Ordering, Threshold, combine
 
@@ -467,7 +468,7 @@ def sketchy(ctx: Context) -> dict:
          "full": oco["regret"]["full"]},
         "the bound is an upper bound; a smaller regret gap at larger k agrees with it but does not test its constant",
     )
-    c5, pareto_panel = _sketchy_pareto(ctx)
+    c5, c7, pareto_panel = _sketchy_pareto(ctx)
     ctx.hyper.append("Sketchy (spectra runs): lr 1e-3, rank 16 and the tearfree defaults of compare's table (not tuned)")
     ctx.hyper.append(f"online logistic regression: d = {oco['dim']} (digits pixels / 16 and an intercept; label: digit >= 5), "
                      f"delta 0 for all (the paper's Appendix A), each method's best of {oco['grid']} learning rates "
@@ -484,55 +485,98 @@ def sketchy(ctx: Context) -> dict:
                         xscale="log", hline=[float(np.mean(oco["regret"]["full"])), "full-matrix AdaGrad"])
     frac_panel = _panel("top-25% trace fraction of the Kronecker factors (first seed)", "step", "fraction",
                         {k: {"x": v[0], "mean": v[1]} for k, v in curves_frac.items()}, ylim=[0, 1.02], legend=False)
-    return {"claims": [c1, c2, c3, c4, c5, c6], "panels": [frac_panel, regret_panel, rank_panel, pareto_panel]}
+    return {"claims": [c1, c2, c3, c4, c5, c6, c7], "panels": [frac_panel, regret_panel, rank_panel, pareto_panel]}
 
 
 _LABELS = {"s_adagrad": "S-AdaGrad", "full": "full-matrix AdaGrad (reference)", "diag": "diagonal AdaGrad (reference)"}
 
 
 def _sketchy_pareto(ctx: Context) -> tuple:
-    """Sketchy-5: test loss against second-moment bytes on a model with axes far above the rank."""
+    """Sketchy-5 and Sketchy-7: test loss against second-moment bytes on a model with axes far
+    above the rank: Sketchy at several ranks (each rate tuned), two- and one-sided Shampoo, Adam."""
     size, run = ctx.size, ctx.runner
-    epochs, model = size["digits_epochs"], f"wide{size['wide']}"
+    epochs, model, width = size["digits_epochs"], f"wide{size['wide']}", size["wide"]
+    default_rank = entry_by_name("sketchy").kwargs_for("mlp")["rank"]
+    ranks = sorted(set(size["wide_ranks"]) | {default_rank})
     every = {"overrides": {"precondition_every": 10}}
-    setups = {"sketchy": (1e-3, "centre: compare's table value 1e-3", {}),
-              "shampoo2": (3e-3, "centre: 3e-3 (Adam-norm steps)", every),
-              "adam": (1e-3, "centre: Kingma and Ba's 1e-3", {})}
-    lrs = {m: ctx.digits_lr(m, model, c, src, **kw) for m, (c, src, kw) in setups.items()}
-    runs = {m: [run.digits(m, model, s, epochs, lrs[m], **setups[m][2]) for s in ctx.seeds] for m in setups}
-    loss = {m: _finite(runs[m], "final_eval_loss") for m in setups}
-    moment = {m: [float(r["second_moment_bytes"]) for r in runs[m]] for m in setups}
-    params = float(runs["adam"][0]["parameter_bytes"])
-    relative = [b / params for b in moment["sketchy"]]
+    # The table's rank runs without an override (Sketchy-5's run, shared with the rank curve).
+    setups = {("sketchy", k): (1e-3, "centre: compare's table value 1e-3", {} if k == default_rank else {"overrides": {"rank": k}})
+              for k in ranks}
+    setups.update({("shampoo2", 0): (3e-3, "centre: 3e-3 (Adam-norm steps)", every),
+                   ("shampoo1", 0): (3e-3, "centre: 3e-3 (Adam-norm steps)", every),
+                   ("adam", 0): (1e-3, "centre: Kingma and Ba's 1e-3", {})})
+    lrs = {key: ctx.digits_lr(key[0], model, c, src, **kw) for key, (c, src, kw) in setups.items()}
+    runs = {key: [run.digits(key[0], model, s, epochs, lrs[key], **setups[key][2]) for s in ctx.seeds] for key in setups}
+    loss = {key: _finite(runs[key], "final_eval_loss") for key in setups}
+    moment = {key: float(runs[key][0]["second_moment_bytes"]) for key in setups}
+    params = float(runs["adam", 0][0]["parameter_bytes"])
+    sk = ("sketchy", default_rank)
+    relative = [moment[sk] / params] * len(ctx.seeds)
     parts = [
-        (MatchesOrBeats("Sketchy", "Adam", 0.02), loss["sketchy"], loss["adam"]),
+        (MatchesOrBeats("Sketchy", "Adam", 0.02), loss[sk], loss["adam", 0]),
         (Threshold("Sketchy's second-moment bytes / the parameters' bytes", 1.0, below=True), relative),
-        (Ordering("Sketchy's second-moment bytes", "Shampoo's"), moment["sketchy"], moment["shampoo2"]),
+        (Ordering("Sketchy's second-moment bytes", "Shampoo's"), [moment[sk]] * len(ctx.seeds),
+         [moment["shampoo2", 0]] * len(ctx.seeds)),
     ]
-    claim = _claim(
+    names = {"shampoo2": "Shampoo", "shampoo1": "one-sided Shampoo", "adam": "Adam"}
+    c5 = _claim(
         "Sketchy-5", "Sketchy is on the memory-quality Pareto frontier: quality at least Adam's (between Adam and "
         "Shampoo) with second-moment memory sub-linear in the parameters and below Shampoo's",
         "abstract (\"competitive in quality with Shampoo and Adam, yet requiring only sub-linear memory for tracking "
         "second moments\"); the deep-learning experiments (ImageNet ResNet-50, Librispeech Conformer, OGBG GNN)",
         "quality in between Adam and Shampoo at a fraction of Shampoo's second-moment memory (numbers not extracted)",
         parts,
-        "{}-wide MLP ({} parameter bytes), test loss after {} epochs (second-moment bytes): Sketchy rank 16 {} ({:.0f}), "
+        "{}-wide MLP ({} parameter bytes), test loss after {} epochs (second-moment bytes): Sketchy rank {} {} ({:.0f}), "
         "Shampoo {} ({:.0f}), Adam {} ({:.0f})".format(
-            size["wide"], int(params), epochs, _ms(loss["sketchy"]), moment["sketchy"][0], _ms(loss["shampoo2"]),
-            moment["shampoo2"][0], _ms(loss["adam"]), moment["adam"][0]),
-        {"test_loss": loss, "second_moment_bytes": moment, "parameter_bytes": params},
+            width, int(params), epochs, default_rank, _ms(loss[sk]), moment[sk], _ms(loss["shampoo2", 0]),
+            moment["shampoo2", 0], _ms(loss["adam", 0]), moment["adam", 0]),
+        {"test_loss": {"sketchy": loss[sk], "shampoo2": loss["shampoo2", 0], "adam": loss["adam", 0]},
+         "second_moment_bytes": {"sketchy": moment[sk], "shampoo2": moment["shampoo2", 0], "adam": moment["adam", 0]},
+         "parameter_bytes": params},
         "one model size: below the parameter count at this size is consistent with sub-linear growth, not a measured "
         "growth rate; Sketchy's graft (an Adam-sized buffer) and momentum are not second moments and are not counted",
     )
-    panel = _panel("test loss against second-moment bytes (mean ± std)", "second-moment bytes", "test loss",
-                   {OPTS[m].label: {"x": [moment[m][0]], "mean": [float(np.mean(loss[m]))],
-                                    "std": [float(np.std(loss[m], ddof=1)) if len(loss[m]) > 1 else 0.0]} for m in setups},
+    # Sketchy-7: the rank whose sketches take the bytes closest to one-sided Shampoo's factors is
+    # the matched-memory comparison (a property of the shapes, known before the run).
+    small, large = ranks[0], ranks[-1]
+    matched = min(ranks, key=lambda k: abs(moment["sketchy", k] - moment["shampoo1", 0]))
+    c7 = _claim(
+        "Sketchy-7", "The memory-quality trade-off against Shampoo: Sketchy's quality improves with its rank k << d, "
+        "and at the second-moment memory of one-sided Shampoo it is at least as good",
+        "abstract of arXiv v1 (\"placing the method on the memory-quality Pareto frontier of several large scale "
+        "benchmarks\"; \"interpolation between resource requirements and the degradation in regret guarantees with "
+        "rank k\"); Figure 1 (asymptotic memory of each method for an n x m parameter)",
+        "no Sketchy-against-Shampoo curve over ranks at matched memory extracted (the paper compares at one rank)",
+        [(Ordering(f"Sketchy rank {large}", f"Sketchy rank {small}"), loss["sketchy", large], loss["sketchy", small]),
+         (MatchesOrBeats(f"Sketchy rank {matched}", "one-sided Shampoo", 0.02), loss["sketchy", matched],
+          loss["shampoo1", 0])],
+        "{}-wide MLP, test loss after {} epochs (second-moment bytes): ".format(width, epochs) + ", ".join(
+            f"Sketchy rank {k} {_ms(loss['sketchy', k])} ({moment['sketchy', k]:.0f})" for k in ranks)
+        + ", " + ", ".join(f"{names[m]} {_ms(loss[m, 0])} ({moment[m, 0]:.0f})" for m in ("shampoo1", "shampoo2", "adam")),
+        {"test_loss": {f"sketchy rank {k}": loss["sketchy", k] for k in ranks}
+         | {m: loss[m, 0] for m in ("shampoo1", "shampoo2", "adam")},
+         "second_moment_bytes": {f"sketchy rank {k}": moment["sketchy", k] for k in ranks}
+         | {m: moment[m, 0] for m in ("shampoo1", "shampoo2", "adam")},
+         "matched_rank": matched},
+        f"one model; the matched-memory pair is Sketchy rank {matched} against one-sided Shampoo (the smaller axis' "
+        "factor), since no two-sided Shampoo of a matrix has less memory than its parameters; reference Shampoo, not "
+        "the authors' tuned one",
+    )
+    std = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
+    series = {"Sketchy (ranks " + ", ".join(map(str, ranks)) + ")": {
+        "x": [moment["sketchy", k] for k in ranks], "mean": [float(np.mean(loss["sketchy", k])) for k in ranks],
+        "std": [std(loss["sketchy", k]) for k in ranks]}}
+    series.update({OPTS[m].label: {"x": [moment[m, 0]], "mean": [float(np.mean(loss[m, 0]))], "std": [std(loss[m, 0])]}
+                   for m in ("shampoo1", "shampoo2", "adam")})
+    panel = _panel("test loss against second-moment bytes (mean ± std)", "second-moment bytes", "test loss", series,
                    kind="scatter", xscale="log")
-    ctx.hyper.append(f"Sketchy-5: a {size['wide']}-wide tanh MLP (64-{size['wide']}-{size['wide']}-10) so that the axes "
-                     "are 16x the rank; Shampoo (reference baseline, two-sided, powers -1/4, EMA 0.999, grafted to Adam's "
-                     "norm) recomputes its roots every 10 steps; second moments counted: Adam's v, Shampoo's two factors "
-                     "(and v of 1-D parameters), Sketchy's FD sketches")
-    return claim, panel
+    ctx.hyper.append(f"Sketchy-5, -7: a {width}-wide tanh MLP (64-{width}-{width}-10) so that the axes are "
+                     f"{width // default_rank}x the table's rank {default_rank}; Sketchy at ranks "
+                     f"{', '.join(map(str, ranks))}, each with its own rate sweep; Shampoo (reference baseline, two-sided, "
+                     "powers -1/4; one-sided: the smaller axis' factor, power -1/2; EMA 0.999, grafted to Adam's norm) "
+                     "recomputes its roots every 10 steps; second moments counted: Adam's v, Shampoo's factors (and v "
+                     "of 1-D parameters), Sketchy's FD sketches")
+    return c5, c7, panel
 
 
 def _oco(ctx: Context) -> dict:

@@ -261,7 +261,8 @@ def plot(name: str, paper: dict, path: str) -> None:
             xs = series["x"]
             mean = [math.nan if v is None else v for v in series["mean"]]
             if panel.get("kind") == "scatter":
-                ax.errorbar(xs, mean, yerr=series.get("std"), fmt="o", capsize=3, label=label)
+                # A series of several points (one method at several sizes) is joined by a line.
+                ax.errorbar(xs, mean, yerr=series.get("std"), fmt="o-" if len(xs) > 1 else "o", capsize=3, label=label)
                 continue
             (line,) = ax.plot(xs, mean, label=label, marker="." if len(xs) <= 40 else None)
             if series.get("std"):
