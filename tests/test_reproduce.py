@@ -192,6 +192,35 @@ def test_shampoo_reference_newton_root_is_the_inverse_root():
         assert error < 256 * condition * torch.finfo(torch.float64).eps, (power, error)
 
 
+def test_muon_reference_step_is_the_scaled_orthogonal_factor():
+    """Muon (Jordan et al. 2024): the quintic Newton-Schulz iteration is an odd matrix polynomial, so
+    it keeps the singular vectors of its input exactly (U^T O V diagonal to rounding: a few ulps times
+    the iteration's growth) and maps the singular values into about [0.5, 1.5] (its coefficients'
+    design); the first step moves a matrix by -lr * rms * sqrt(max(m, n)) times that factor of the
+    Nesterov momentum g + 0.95 g (the buffer is the gradient), after decoupled decay;
+    embeddings and the read-out take AdamW's step (first step: -lr * g / (|g| + eps))."""
+    torch = pytest.importorskip("torch")
+    from precond_ref.compare.reproduce import harness
+    from precond_ref.compare.reproduce.baselines import MuonReference, orthogonalize
+
+    g = torch.randn(7, 19, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for matrix in (g, g.T):
+        u, sv, vh = torch.linalg.svd(matrix, full_matrices=False)
+        core = u.T @ orthogonalize(matrix) @ vh.T
+        off = core - torch.diag(torch.diagonal(core))
+        assert float(off.abs().max()) < 1e3 * torch.finfo(torch.float64).eps
+        assert 0.5 < float(torch.diagonal(core).min()) and float(torch.diagonal(core).max()) < 1.5
+    w = torch.nn.Parameter(torch.randn(7, 19, dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
+    head = torch.nn.Parameter(torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(6)))
+    start, head_start = w.detach().clone(), head.detach().clone()
+    opt = MuonReference([("blocks.w", w), ("head.weight", head)], lr=0.1, weight_decay=0.01, adam_filter=harness._muon_excluded)
+    w.grad, head.grad = g.clone(), torch.ones(3, 7, dtype=torch.float64)
+    opt.step()
+    expected = start * (1 - 0.1 * 0.01) - 0.1 * 0.2 * 19**0.5 * orthogonalize(g + 0.95 * g)
+    assert torch.allclose(w.detach(), expected, rtol=0, atol=1e3 * torch.finfo(torch.float64).eps)
+    assert torch.allclose(head.detach(), head_start * (1 - 0.1 * 0.01) - 0.1 / (1 + 1e-8), rtol=0, atol=1e-15)
+
+
 def test_second_moment_bytes_count_statistics_only():
     """Adam's second moment is its v (one value per parameter); the reference Shampoo's its two
     Kronecker factors (m^2 + n^2); Sketchy's its rank-k FD sketches, about k (m + n) values for an

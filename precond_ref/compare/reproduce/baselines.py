@@ -14,6 +14,12 @@ torch lacks is here:
   the coupled Newton iteration in the factors' own dtype (``root="newton"``: what a root-based
   Shampoo does in half precision, where there is no eigendecomposition); parameters with fewer than
   two dimensions take the Adam update.
+- :class:`MuonReference`: Muon (Jordan et al. 2024): Nesterov momentum 0.95 whose matrix is
+  orthogonalised by five steps of the quintic Newton-Schulz iteration (coefficients 3.4445,
+  -4.7750, 2.0315), the update scaled to root-mean-square ``rms * sqrt(max(m, n))`` as in Liu et
+  al.'s "Muon is scalable" (so that one learning rate serves it and AdamW), with decoupled weight
+  decay; parameters that are not matrices, and those ``adam_filter(name)`` selects (embeddings and
+  the read-out, by Muon's convention), take AdamW's step at the same rate.
 - :func:`oco_adagrad`: online diagonal or full-matrix AdaGrad (Duchi, Hazan, Singer, JMLR 2011)
   with ``delta = 0`` (the pseudo-inverse root, as the Sketchy paper's Appendix A protocol), for the
   online logistic regression of the Sketchy experiment (NumPy).
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-__all__ = ["ShampooReference", "oco_adagrad"]
+__all__ = ["ShampooReference", "MuonReference", "orthogonalize", "oco_adagrad"]
 
 
 def _shampoo_class() -> Any:
@@ -130,9 +136,75 @@ def _shampoo_class() -> Any:
     return ShampooReference
 
 
+def orthogonalize(matrix: Any, steps: int = 5) -> Any:
+    """Muon's approximate orthogonal factor ``U V^T`` of ``matrix = U S V^T``: the quintic
+    Newton-Schulz iteration of Jordan et al. on ``matrix / ||matrix||_F`` (its singular values end
+    near 1, between about 0.7 and 1.2, not exactly 1: the coefficients trade accuracy for speed)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix / (matrix.norm() + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def _muon_class() -> Any:
+    import torch
+
+    class MuonReference(torch.optim.Optimizer):
+        """Reference Muon with an AdamW part; see the module docstring."""
+
+        def __init__(
+            self, named: Any, lr: float = 3e-3, momentum: float = 0.95, ns_steps: int = 5, rms: float = 0.2,
+            weight_decay: float = 0.01, adam_betas: tuple = (0.9, 0.999), adam_eps: float = 1e-8,
+            adam_filter: Callable[[str], bool] = lambda name: False,
+        ) -> None:
+            named = list(named)
+            muon = [p for n, p in named if p.ndim == 2 and not adam_filter(n)]
+            adam = [p for n, p in named if not (p.ndim == 2 and not adam_filter(n))]
+            groups = [{"params": muon, "muon": True}, {"params": adam, "muon": False}]
+            super().__init__([g for g in groups if g["params"]], dict(
+                lr=lr, momentum=momentum, ns_steps=ns_steps, rms=rms, weight_decay=weight_decay, adam_betas=adam_betas,
+                adam_eps=adam_eps))
+
+        @torch.no_grad()
+        def step(self, closure: Callable | None = None) -> Any:
+            loss = None if closure is None else closure()
+            for group in self.param_groups:
+                lr, b1, b2 = group["lr"], *group["adam_betas"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    g, state = p.grad, self.state[p]
+                    p.mul_(1 - lr * group["weight_decay"])
+                    if group["muon"]:
+                        buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                        buf.mul_(group["momentum"]).add_(g)
+                        direction = orthogonalize(g.add(buf, alpha=group["momentum"]), group["ns_steps"])
+                        p.add_(direction, alpha=-lr * group["rms"] * max(p.shape) ** 0.5)
+                        continue
+                    if not state:
+                        state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                    state["step"] += 1
+                    t = state["step"]
+                    state["m"].mul_(b1).add_(g, alpha=1 - b1)
+                    state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                    denom = (state["v"] / (1 - b2**t)).sqrt().add_(group["adam_eps"])
+                    p.addcdiv_(state["m"], denom, value=-lr / (1 - b1**t))
+            return loss
+
+    return MuonReference
+
+
+_CLASSES = {"ShampooReference": _shampoo_class, "MuonReference": _muon_class}
+
+
 def __getattr__(name: str) -> Any:
-    if name == "ShampooReference":  # defined on first use: this module imports without torch
-        cls = _shampoo_class()
+    if name in _CLASSES:  # defined on first use: this module imports without torch
+        cls = _CLASSES[name]()
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -50,6 +50,10 @@ def _embedding(name: str, _: Any) -> bool:
     return "token" in name or "position" in name
 
 
+def _muon_excluded(name: str) -> bool:
+    return _embedding(name, None) or name.startswith("head")
+
+
 @dataclass(frozen=True)
 class Opt:
     """One optimizer of the experiments: ``build(named_params, lr, **overrides)``."""
@@ -77,6 +81,8 @@ class Opt:
             return torch.optim.SGD(params, lr=lr, **{"momentum": 0.9, **kw})
         if n == "rmsprop":
             return torch.optim.RMSprop(params, lr=lr, **kw)
+        if n == "muon":  # embeddings and the read-out to its AdamW part, by Muon's convention
+            return baselines.MuonReference(named, lr=lr, adam_filter=_muon_excluded, **kw)
         if n in ("shampoo1", "shampoo2"):
             return baselines.ShampooReference(named, lr=lr, **{"sides": int(n[-1]), **kw})
         entry = entry_by_name(n)
@@ -101,6 +107,7 @@ OPTS = {
         Opt("rmsprop", "RMSProp (torch.optim)", False),
         Opt("shampoo1", "one-sided Shampoo (reference baseline)", False),
         Opt("shampoo2", "Shampoo (reference baseline)", False),
+        Opt("muon", "Muon (reference baseline)", False),
         Opt("asgo", "ASGO", True),
         Opt("dasgo", "DASGO", True),
         Opt("agd", "AGD", True),
