@@ -19,6 +19,7 @@ on the rest with two seeds; the best mean is then run on every seed against the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -83,6 +84,10 @@ class Opt:
             return torch.optim.RMSprop(params, lr=lr, **kw)
         if n == "muon":  # embeddings and the read-out to its AdamW part, by Muon's convention
             return baselines.MuonReference(named, lr=lr, adam_filter=_muon_excluded, **kw)
+        if n == "kfac":  # MBF's statistics decay, intervals and damping for the model (compare's table)
+            mbf = entry_by_name("mbf").kwargs_for(model)
+            keys = ("damping", "b2", "statistics_every", "precondition_every", "momentum")
+            return baselines.KFACReference(named, lr=lr, **{**{k: mbf[k] for k in keys}, **kw})
         if n in ("shampoo1", "shampoo2"):
             return baselines.ShampooReference(named, lr=lr, **{"sides": int(n[-1]), **kw})
         entry = entry_by_name(n)
@@ -108,6 +113,7 @@ OPTS = {
         Opt("shampoo1", "one-sided Shampoo (reference baseline)", False),
         Opt("shampoo2", "Shampoo (reference baseline)", False),
         Opt("muon", "Muon (reference baseline)", False),
+        Opt("kfac", "K-FAC (reference baseline)", False),
         Opt("asgo", "ASGO", True),
         Opt("dasgo", "DASGO", True),
         Opt("agd", "AGD", True),
@@ -129,7 +135,9 @@ def _timed_step(optimizer: Any, loss_fn: Callable, extra: dict, observe: Optiona
     backward pass and the optimizer step, outside the timed part."""
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn()
+    # An optimizer that reads the layers' inputs (K-FAC) records them during the forward pass.
+    with getattr(optimizer, "capture", contextlib.nullcontext)():
+        loss = loss_fn()
     loss.backward()
     _sync()
     elapsed = time.perf_counter() - start
