@@ -433,9 +433,18 @@ def beale(point: torch.Tensor) -> torch.Tensor:
     return (1.5 - x + x * y) ** 2 + (2.25 - x + x * y**2) ** 2 + (2.625 - x + x * y**3) ** 2
 
 
+#: Beale's function below this value counts as its minimum (0 at (3, 0.5)) reached: about 1e-4
+#: from the minimiser, where its Hessian's eigenvalues are of order 1 to 100.
+BEALE_REACHED = 1e-8
+
+
 def train_beale(opt: Opt, seed: int, steps: int, lr: float, *, tuning: bool = False, overrides: Optional[dict] = None) -> dict:
     """Minimise Beale's function from a start drawn per seed in [-1.5, 1.5] x [-1.5, 1.5] (seed
-    ``1000 + seed`` while ``tuning``), float64; the trajectory and ``log10`` of the final value."""
+    ``1000 + seed`` while ``tuning``), float64; the trajectory, ``log10`` of the final value and
+    ``steps_to_minimum``: the first step whose value is below :data:`BEALE_REACHED` (``steps + 1``
+    when none is: the count is censored at the budget); ``score``, what a rate sweep ranks: the
+    steps to the minimum, and for a run that never reaches it ``steps + 1`` plus how many decades
+    its final value lies above the threshold (so that rates none of which reach it still differ)."""
     rng = np.random.default_rng([seed + (1000 if tuning else 0), 17])
     point = torch.tensor(rng.uniform(-1.5, 1.5, 2), dtype=torch.float64, device=DEVICE, requires_grad=True)
     optimizer = opt.build([("point", point)], lr, "mlp", **{"weight_decay": 0.0, **(overrides or {})})
@@ -450,8 +459,12 @@ def train_beale(opt: Opt, seed: int, steps: int, lr: float, *, tuning: bool = Fa
     with torch.no_grad():
         final = float(beale(point))
     ok = math.isfinite(final) and not diverged
+    reached = next((i + 1 for i, v in enumerate(values) if v < BEALE_REACHED), steps + 1)
     return {"path": path, "values": values, "diverged": not ok,
-            "final_log10": math.log10(max(final, 1e-300)) if ok else None}
+            "final_log10": math.log10(max(final, 1e-300)) if ok else None,
+            "steps_to_minimum": float(reached) if ok else None,
+            "score": float(reached) + (max(0.0, math.log10(max(final, 1e-300) / BEALE_REACHED)) if reached > steps else 0.0)
+            if ok else None}
 
 
 # ---------------------------------------------------------------------------------------------
