@@ -148,8 +148,9 @@ def _shampoo_class() -> Any:
 
 def orthogonalize(matrix: Any, steps: int = 5) -> Any:
     """Muon's approximate orthogonal factor ``U V^T`` of ``matrix = U S V^T``: the quintic
-    Newton-Schulz iteration of Jordan et al. on ``matrix / ||matrix||_F`` (its singular values end
-    near 1, between about 0.7 and 1.2, not exactly 1: the coefficients trade accuracy for speed)."""
+    Newton-Schulz iteration of Jordan et al. on ``matrix / ||matrix||_F``: an odd polynomial, so the
+    singular vectors are kept exactly, and the singular values end near 1, within about [0.5, 1.5]
+    rather than at 1 (the coefficients trade accuracy for speed)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = matrix / (matrix.norm() + 1e-7)
     tall = x.shape[0] > x.shape[1]
@@ -263,7 +264,6 @@ def _kfac_class() -> Any:
             super().__init__([p for _, p in named], dict(lr=lr, damping=damping, momentum=momentum, b2=b2,
                                                          statistics_every=statistics_every,
                                                          precondition_every=precondition_every))
-            self._names = {id(p): n for n, p in named}
             # A weight and its bias (the parameter named like it, ".weight" -> ".bias").
             by_name = dict(named)
             self._bias = {id(p): by_name.get(n[: -len("weight")] + "bias") for n, p in named if n.endswith("weight")}
