@@ -240,6 +240,11 @@ def render(data: dict, image_dir: str = "images/") -> str:
     out += [f"- **re-run of {r['paper']}** (`{r['command_line']}`, {r['cpu_s'] / 60:.1f} CPU minutes): {r['reason']} "
             f"Its section above is from this re-run, merged into the JSON; every other section is from the command "
             "at the top." for r in data.get("reruns", [])]
+    machine = data["machine"]
+    out.append(f"- **this report's run** (`{data['command_line']}`): {data['wall_s'] / 60:.1f} minutes of wall time, "
+               f"{data['cpu_s'] / 60:.1f} of CPU time, one thread on {machine.get('processor') or machine.get('platform')} "
+               f"({machine.get('usable_cpus', machine.get('cpu_count'))} usable CPUs shared with other work), torch "
+               f"{data['versions']['torch']}.")
     out += [f"- **{when}**: {what}" for when, what in PROTOCOL_CHANGES]
     out += [
         "",
