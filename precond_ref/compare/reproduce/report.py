@@ -66,6 +66,10 @@ LIMITS = (
     "Baselines: Shampoo (EMA factors, grafting), Muon and K-FAC are minimal reference implementations "
     "(`baselines.py`), not the authors' tuned ones; K-FAC uses the empirical Fisher with MBF's damping and "
     "intervals, and MBF has no Shampoo baseline here.",
+    "K-FAC on the CNN (MBF-3) is bimodal in this report's run: at the rate its sweep chose, next to a rate that "
+    "diverged, 2 of 5 seeds collapse to chance (training loss ln 10) while 3 end below MBF; its inverse, like MBF's, "
+    "is refreshed every 100 steps from one batch's statistics at first, and it has no update clipping, so the "
+    "K-FAC part of MBF-3 says little.",
     "Constant learning rates everywhere (no warm-up, no decay): a final loss measures the noise floor a method "
     "reaches at its rate as much as its speed, which matters most for ASGO-4's precise least squares, where the "
     "log10 losses differ by more than a decade between methods.",
