@@ -49,6 +49,10 @@ __all__ = [
     "finite_or_zero",
     "host_all_finite",
     "sums_of_squares",
+    "on_cpu",
+    "ema",
+    "sum_across",
+    "squared_sums",
 ]
 
 
@@ -518,3 +522,59 @@ def host_all_finite(xp: Any, arrays: list) -> Any:
     if norm is None or len(arrays) < 2 or any(a.device.type != "cpu" or a.dtype != arrays[0].dtype for a in arrays):
         return None
     return bool(torch.all(torch.isfinite(torch.stack(norm(arrays, 2)))))
+
+
+def on_cpu(xp: Any, x: Array) -> bool:
+    """Whether ``x`` lives in host memory (a tracer: whether JAX's default backend is the CPU)."""
+    dev = array_device(x)
+    if is_jax_namespace(xp):
+        platform = getattr(dev, "platform", None)  # None for a tracer: the default backend
+        return (platform or sys.modules["jax"].default_backend()) == "cpu"
+    kind = getattr(dev, "type", None)  # torch
+    if isinstance(kind, str):
+        return kind == "cpu"
+    return "cpu" in str(dev).lower()  # NumPy "cpu", array_api_strict CPU_DEVICE; CuPy devices are GPUs
+
+
+def ema(old: Array, new: Array, decay: Any, lerp_form: bool = False) -> Array:
+    """``decay·old + (1 - decay)·new``; with ``lerp_form``, ``torch.lerp(old, new, 1 - decay)``
+    as torch rounds it: ``old + w (new - old)`` for a weight ``w`` below 0.5 (or an array weight),
+    else ``new - (new - old)(1 - w)`` (an authors' ``lerp_`` reproduced bit for bit)."""
+    if not lerp_form:
+        return decay * old + (1.0 - decay) * new
+    weight = 1.0 - decay
+    if hasattr(weight, "shape") or abs(weight) < 0.5:
+        return old + weight * (new - old)
+    return new - (new - old) * (1.0 - weight)
+
+
+#: rows summed together first by :func:`sum_across`
+ROW_BLOCK = 16
+
+
+def sum_across(xp: Any, x: Array, axis: int) -> Array:
+    """``xp.sum(x, axis=axis)`` of a matrix, in another order: column sums (``axis=0``) of at least
+    two blocks of :data:`ROW_BLOCK` rows add the rows of each block first.
+
+    TorchInductor's CPU code otherwise walks the matrix in strips of 8 columns from the first row
+    to the last, a 4-KiB stride per row; summed in blocks, it reads whole rows (``docs/backends.md``,
+    "ASGO and DASGO").
+    """
+    rows = x.shape[0] // ROW_BLOCK * ROW_BLOCK
+    if axis != 0 or rows < 2 * ROW_BLOCK:
+        return xp.sum(x, axis=axis)
+    blocks = xp.reshape(x[:rows, :], (rows // ROW_BLOCK, ROW_BLOCK, x.shape[1]))
+    total = xp.sum(xp.sum(blocks, axis=1), axis=0)
+    return total if rows == x.shape[0] else total + xp.sum(x[rows:, :], axis=0)
+
+
+def squared_sums(xp: Any, g: Array, axis: int) -> Array:
+    """``Σ_i G_ij²`` (``axis=0``: ``diag(GᵀG)``; ``axis=1``: ``diag(GGᵀ)``), by :func:`sum_across`.
+
+    On JAX the squares are formed as ``(G/2)·G`` and the sums doubled (exact but for subnormals),
+    so that XLA does not share one ``G·G`` with the non-finite check's sum and write it out for
+    two CPU reductions (``docs/backends.md``, ASGO and DASGO).
+    """
+    if is_jax_namespace(xp):
+        return sum_across(xp, (g * 0.5) * g, axis) * 2
+    return sum_across(xp, g * g, axis)

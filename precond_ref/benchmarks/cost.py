@@ -161,7 +161,7 @@ def dasgo(params: Params, itemsize: int = 4, **_: Any) -> Cost:
 
 
 def _matrix_shape(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
-    from ..methods.asgo import _matrix_shape as matrix_shape
+    from ..engine.matrices import matrix_shape
 
     return matrix_shape(tuple(shape), tuple(name.split(".")))
 

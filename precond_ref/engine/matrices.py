@@ -4,13 +4,14 @@ an element-wise step over leaves of any shape joined end to end."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from .._backend import cast, compute_dtype, device_key
 from ..blocking import stack, unstack
 from .context import StepContext, settle_pieces
 
-__all__ = ["MatrixStack", "matrix_stacks", "hand_back", "leaves_of", "as_matrix", "joined_leaves"]
+__all__ = ["MatrixStack", "matrix_stacks", "hand_back", "leaves_of", "as_matrix", "matrix_shape", "joined_leaves"]
 
 Array = Any
 
@@ -69,6 +70,21 @@ def matrix_stacks(
             param=joined[-1] if with_param else None,
         ))
     return stacks
+
+
+def matrix_shape(shape: tuple[int, ...], path: Any) -> tuple[int, int]:
+    """(m, n) of a leaf's matrix view: a 0-D leaf is 1×1, a 1-D leaf a 1×n row; a ≥3-D leaf is
+    (first axis, rest) in the out-first layout, or (all but the last axis, last axis) for an
+    out-last Flax ``kernel`` (the last entry of its ``path``)."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    if path and path[-1] == "kernel":
+        return math.prod(shape[:-1]), shape[-1]
+    return shape[0], math.prod(shape[1:])
 
 
 def as_matrix(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:

@@ -12,9 +12,20 @@ import importlib
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
+from precond_ref._backend import squared_sums
+from precond_ref.engine.blockdiag import block_diagonal_product, finite_root_or_previous, side_blocks, unrefreshed
+from precond_ref.engine.fallback import FallbackAdam, adam_update
 from precond_ref.engine.matrices import joined_leaves
+from precond_ref.engine.rms import rms_renormalised, scaled_rms_renormalised
 
 A = importlib.import_module("precond_ref.methods.asgo")
+
+
+def _config(**values):
+    """An ASGO configuration with ``values`` (principled defaults for the rest)."""
+    defaults = dict(learning_rate=0.1, b1=0.9, b2=0.8, weight_decay=0.0, damping=1e-4, eps=1e-30, root_method="eigh",
+                    root_steps=10, tolerance=None, rms_target=0.2, summed=False, side="auto", block_size=None, faithful=False)
+    return A.ASGOConfig(**{**defaults, **values})
 
 EPS = np.finfo(np.float64).eps
 
@@ -58,13 +69,13 @@ def test_finite_root_or_previous_keeps_previous_where_not_finite():
     previous = rng.standard_normal((3, 4, 4))
     seen = []
 
-    def inverse_sqrt(xp_, q):
+    def inverse_sqrt(q):
         seen.append(np.array(q))
         z = _plain_inverse_sqrt(q)
         z[2] = np.inf  # block 2: the root itself is not finite
         return z, np.zeros(3, dtype=np.int32)
 
-    z, failed, _ = A._finite_root_or_previous(xp, p, previous, inverse_sqrt)
+    z, failed, _ = finite_root_or_previous(xp, p, previous, inverse_sqrt)
     np.testing.assert_array_equal(seen[0][1], np.eye(4))
     np.testing.assert_array_equal(z[0], _plain_inverse_sqrt(p[:1])[0])
     np.testing.assert_array_equal(z[1:], previous[1:])
@@ -76,7 +87,7 @@ def test_refresh_due_is_refresh_per_member(due):
     """The plain formula of ``engine.phases.refresh_due``: refresh(P_i, Z_i) for every member when
     its phase is due, ``keep`` when the decision is an array that says no, nothing (``None``) when
     the host decided no; stacks of one block shape batched into one call, bitwise equal to one
-    call each (ASGO's roots: ``_finite_root_or_previous``, ``_unrefreshed``)."""
+    call each (ASGO's roots: ``engine.blockdiag.finite_root_or_previous``, ``unrefreshed``)."""
     from precond_ref.engine.phases import refresh_due
 
     rng = np.random.default_rng(2)
@@ -87,7 +98,7 @@ def test_refresh_due_is_refresh_per_member(due):
         calls.append(p.shape)
         return _plain_inverse_sqrt(p) + z, np.ones(p.shape[0], np.int32), np.zeros(p.shape[0], np.int32)
 
-    out = refresh_due(xp, [due], [0] * len(stacks), stacks, refresh, lambda p, z: A._unrefreshed(xp, p, z))
+    out = refresh_due(xp, [due], [0] * len(stacks), stacks, refresh, lambda p, z: unrefreshed(xp, p, z))
     for (p, z), result in zip(stacks, out):
         if due is False:
             assert result is None
@@ -120,7 +131,7 @@ def test_block_diagonal_product_is_the_dense_product(left, blocks):
         dense[i * b : (i + 1) * b, i * b : (i + 1) * b] = zi
     if tail:
         dense[full * b :, full * b :] = z_tail
-    u = A._block_diagonal_product(xp, z, z_tail, m, left, np.float64)
+    u = block_diagonal_product(xp, z, z_tail, m, left, np.float64)
     plain = dense @ m if left else m @ dense
     bound = k * EPS * (np.abs(dense) @ np.abs(m) if left else np.abs(m) @ np.abs(dense))
     assert np.all(np.abs(u - plain) <= bound)
@@ -132,7 +143,7 @@ def test_squared_sums_is_the_diagonal_of_the_gram_matrix(axis):
     blocks of 16), to rows·eps·Σ G²."""
     g = np.random.default_rng(4).standard_normal((40, 6))
     plain = np.diag(g.T @ g) if axis == 0 else np.diag(g @ g.T)
-    got = A._squared_sums(xp, g, axis)
+    got = squared_sums(xp, g, axis)
     assert np.all(np.abs(got - plain) <= g.shape[axis] * EPS * plain)
 
 
@@ -147,10 +158,10 @@ def test_renormalise_scaled_is_rms_target_times_direction(axis, scale_of_m):
     u = m * np.expand_dims(s, axis)
     plain = 0.2 * np.sqrt(30) * u / np.linalg.norm(u)
     for faithful in (False, True):
-        got = A._renormalise_scaled(xp, m, s, axis, 0.2, faithful)
+        got = scaled_rms_renormalised(xp, m, s, axis, 0.2, faithful)
         np.testing.assert_allclose(got, plain, rtol=64 * 30 * EPS, atol=0)
-    np.testing.assert_array_equal(A._renormalise_scaled(xp, m, s, axis, None, False), u)
-    np.testing.assert_array_equal(A._renormalise_scaled(xp, 0 * m, s, axis, 0.2, False), 0 * m)
+    np.testing.assert_array_equal(scaled_rms_renormalised(xp, m, s, axis, None, False), u)
+    np.testing.assert_array_equal(scaled_rms_renormalised(xp, 0 * m, s, axis, 0.2, False), 0 * m)
 
 
 def test_momentum_and_second_moment_are_the_emas():
@@ -160,15 +171,15 @@ def test_momentum_and_second_moment_are_the_emas():
     old, g = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
     old[0, 0] = 1e-310  # subnormal after the EMA with g[0, 0] = 0
     g[0, 0] = 0.0
-    got = A._momentum(xp, old, g, 0.9, False, xp.zeros((), dtype=xp.float64))
+    got = A._momentum(xp, _config(b1=0.9), old, g, xp.zeros((), dtype=xp.float64))
     plain = 0.9 * old + 0.1 * g
     plain[0, 0] = 0.0
     np.testing.assert_allclose(got, plain, rtol=4 * EPS, atol=0)
-    x = A._chunk_rows(xp, rng.standard_normal((7, 5)), 3, 2)
-    assert x.shape == (2, 3, 5)
+    x, tail = side_blocks(xp, rng.standard_normal((7, 5)), 3)
+    assert x.shape == (2, 3, 5) and tail.shape == (1, 5)
     p_old = _psd(rng, 2, 3, 3)
     for summed in (False, True):
-        got = A._second_moment(xp, p_old, x, 0.8, summed, False)
+        got = A._second_moment(xp, _config(b2=0.8, summed=summed), p_old, x)
         s = x @ np.swapaxes(x, -1, -2)
         plain = p_old + s if summed else 0.8 * p_old + 0.2 * s
         np.testing.assert_allclose(got, plain, rtol=0, atol=16 * EPS * (np.abs(p_old) + np.abs(s)).max())
@@ -194,7 +205,7 @@ def test_joined_fallback_adam_is_each_leaf_alone_in_one_pass_per_dtype():
 
     def step(g, state, param, ctx):
         calls.append(g.shape)
-        u, new = A._adam_update(g, state, param, ctx, 0.1, 0.9, 0.95, 1e-8, 0.01, False)
+        u, new = adam_update(g, state, param, ctx, FallbackAdam(0.1, 0.9, 0.95, 1e-8, 0.01, False))
         return (u,), new
 
     joined = joined_leaves(xp, step, leaves, StepContext(xp=xp, count=count, extra={}, shared={}))
@@ -220,7 +231,7 @@ def test_joined_pieces_of_selected_entries_count_as_selected(ok):
     leaves = [(rng.standard_normal(s), {"mu": rng.standard_normal(s), "nu": rng.random(s)}, None) for s in shapes]
 
     def step(g, state, param, ctx):
-        u, new = A._adam_update(g, state, param, ctx, 0.1, 0.9, 0.95, 1e-8, 0.0, False)
+        u, new = adam_update(g, state, param, ctx, FallbackAdam(0.1, 0.9, 0.95, 1e-8, 0.0, False))
         return (u,), new
 
     ctx = StepContext(xp=xp, count=np.asarray(2, dtype=np.int32), extra={}, ok=np.asarray(ok), settled=IdentityDict(), shared={})
@@ -284,10 +295,10 @@ def test_block_diagonal_product_of_a_stack_is_each_product(left, blocks):
     z = _psd(rng, stacked * full if full else stacked, b, b)
     z_tail = _psd(rng, stacked, tail, tail) if tail else None
     m = rng.standard_normal((stacked, k, 7) if left else (stacked, 7, k))
-    u = A._block_diagonal_product(xp, z, z_tail, m, left, np.float64)
+    u = block_diagonal_product(xp, z, z_tail, m, left, np.float64)
     for i in range(stacked):
         own = z[i * full : (i + 1) * full] if full else z[i]
-        alone = A._block_diagonal_product(xp, own, None if z_tail is None else z_tail[i], m[i], left, np.float64)
+        alone = block_diagonal_product(xp, own, None if z_tail is None else z_tail[i], m[i], left, np.float64)
         np.testing.assert_array_equal(u[i], alone)
 
 
@@ -300,7 +311,7 @@ def test_rms_renormalise_of_a_stack_renormalises_each_matrix(faithful, dtype):
     reduction over each matrix; the other cases scale each matrix by its largest entry first."""
     rng = np.random.default_rng(9)
     u = (rng.standard_normal((3, 6, 5)) * np.array([1e-30, 1e30, 0.0])[:, None, None]).astype(dtype)
-    got = A._rms_renormalise(xp, u, 0.2, faithful)
+    got = rms_renormalised(xp, u, 0.2, faithful)
     assert got.dtype == dtype
     for i in range(2):
         wide = u[i].astype(np.float64)

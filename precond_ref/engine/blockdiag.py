@@ -1,0 +1,249 @@
+r"""One-sided block-diagonal preconditioners over stacks of matrices (ASGO's layout).
+
+A method that preconditions one side of each m×n matrix (``k`` rows of its oriented view: the
+matrix on the left side, its transpose on the right) may split that side into contiguous chunks
+of ``b`` rows and a shorter tail (:func:`precond_ref.blocking.chunk_sizes`), with a k×k, b×b or
+tail×tail statistic ``P`` and root ``Z`` per block. Its state then holds ``statistic`` (a k×k
+matrix, or the ``c`` chunks ``(c, b, b)``), ``statistic_tail``, ``root`` and ``root_tail`` in the
+same shapes, and the counters ``root_failures`` and ``root_fallbacks``. This module does the
+rest of the layout for such a method, on the stacks of :func:`~precond_ref.engine.matrices.matrix_stacks`:
+
+* the rows of each block (:func:`side_blocks`) and the block-diagonal product ``Z M`` (:func:`block_diagonal_product`);
+* the roots of the blocks whose phase is due, the equal blocks of all leaves in one batched call,
+  a root that is not finite replaced (:func:`refresh_roots`), and the hand-back of roots and
+  counters to the leaves (:func:`hand_back_roots`);
+* the hint naming the block size that continues a state saved under another one (:func:`block_layout_hint`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Optional, Sequence
+
+from .._backend import cast, placement, select
+from ..blocking import chunk_sizes
+from ..linalg import all_finite, identity_like
+from .context import StepContext
+from .matrices import MatrixStack, hand_back
+from .phases import hashed_phases, refresh_due
+
+__all__ = [
+    "side_blocks", "block_diagonal_product", "per_block", "finite_root_or_previous", "unrefreshed",
+    "refresh_roots", "hand_back_roots", "block_layout_hint", "COUNTERS",
+]
+
+Array = Any
+
+#: the per-leaf counters of the roots: blocks whose root was not finite, iterative roots that fell back
+COUNTERS = ("root_failures", "root_fallbacks")
+_ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
+
+
+def _chunk_rows(xp: Any, x: Array, b: int, full: int) -> Array:
+    """The first ``full·b`` rows of each matrix of ``x`` (a matrix or a stack ``(L, rows,
+    columns)``) as one stack ``(L·full, b, columns)`` of row chunks, the chunks of each matrix in
+    order; ``x`` itself when ``full == 0`` (unblocked)."""
+    if not full:
+        return x
+    return xp.reshape(x[..., : full * b, :], (-1, b, x.shape[-1]))
+
+
+def side_blocks(xp: Any, x: Array, block_size: Optional[int]) -> tuple[Array, Optional[Array]]:
+    """The rows of ``x`` (a matrix or a stack ``(L, k, n)``) by block: the chunks of ``block_size``
+    rows as one stack ``(L·c, b, n)`` (``x`` itself when unblocked), and the tail rows (``None``
+    when the chunks cover ``k``)."""
+    b, full, tail = chunk_sizes(x.shape[-2], block_size)
+    return _chunk_rows(xp, x, b, full), (x[..., full * b :, :] if tail else None)
+
+
+def per_block(xp: Any, x: Array) -> Array:
+    """Per-block scalars ``(n,)`` shaped ``(n, 1, 1)`` to scale a stack of blocks."""
+    return xp.expand_dims(xp.expand_dims(x, axis=-1), axis=-1)
+
+
+def _as_stack(xp: Any, x: Array) -> Array:
+    """A matrix as a stack of one block; a stack as itself."""
+    return x if x.ndim == 3 else xp.expand_dims(x, axis=0)
+
+
+def block_diagonal_product(xp: Any, z: Array, z_tail: Optional[Array], momentum: Array, left: bool, dtype: Any) -> Array:
+    """``U = Z M`` (``left``) or ``M Z`` with ``Z = blockdiag(Z_1, ..., Z_c, Z_tail)``, in
+    ``dtype``, for a momentum ``M`` (a matrix, or a stack of ``L`` matrices, each with its own
+    ``Z``). ``z`` holds the roots: one k×k matrix per momentum (unblocked: a matrix, or a stack
+    ``(L, k, k)``), or the ``c`` chunks of each in order (a stack ``(L·c, b, b)``, ``b < k``);
+    ``z_tail`` the tail roots, if any (one per momentum). Blocked on the right it is ``M Zᵀ``,
+    equal for the symmetric roots of statistics.
+
+    Unblocked, the product is taken in the natural orientation, so faithful mode multiplies as
+    the authors do; blocked, on the rows of the oriented momentum (its transpose on the right).
+    """
+    z_p = cast(xp, z, dtype)
+    m_p = cast(xp, momentum, dtype)
+    k, b = m_p.shape[-2 if left else -1], z_p.shape[-1]
+    if b == k:
+        return z_p @ m_p if left else m_p @ z_p
+    m_o = m_p if left else m_p.mT
+    full = k // b
+    u_o = xp.reshape(z_p @ _chunk_rows(xp, m_o, b, full), (*m_o.shape[:-2], full * b, m_o.shape[-1]))
+    if z_tail is not None:
+        u_o = xp.concat([u_o, cast(xp, z_tail, dtype) @ m_o[..., full * b :, :]], axis=-2)
+    return u_o if left else u_o.mT
+
+
+def finite_root_or_previous(
+    xp: Any, p: Array, previous: Array, inverse_root: Callable[[Array], tuple[Array, Array]]
+) -> tuple[Array, Array, Array]:
+    """Per block of a stack: ``Z = inverse_root(P)`` where ``P`` and ``Z`` are finite, else
+    ``previous``; returns (roots, failed, fell back), the last two int32 per block.
+
+    A non-finite statistic never reaches the decomposition (NumPy and torch ``eigh`` raise on it,
+    JAX returns NaN): the identity is rooted in its place and the block counts as failed.
+    """
+    p_ok = all_finite(p, axis=(-2, -1))
+    z, fell_back = inverse_root(select(xp, per_block(xp, p_ok), p, identity_like(p)))
+    ok = xp.logical_and(all_finite(z, axis=(-2, -1)), p_ok)
+    return select(xp, per_block(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
+
+
+def unrefreshed(xp: Any, p: Array, previous: Array) -> tuple[Array, Array, Array]:
+    """A stack of blocks whose phase is not due on this call: its roots as they were, no failure
+    and no fallback counted (the other branch of :func:`finite_root_or_previous`)."""
+    none = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
+    return previous, none, none
+
+
+def _identity(xp: Any, p: Array) -> Array:
+    return xp.zeros_like(p) + identity_like(p)
+
+
+def _root_units(
+    xp: Any, stacks: Sequence[MatrixStack], statistics: Sequence[dict[str, Array]], split: bool
+) -> tuple[list[tuple[Array, Array]], list[tuple[int, str]], list[tuple[str, int]]]:
+    """The units a refresh schedules, ``(P, previous Z)`` stacks of blocks (the stored roots, or
+    the identity where none is stored), with the owner of each (``(stack, statistic name)``, units
+    listed in block order) and its phase key ``(matrix sides in increasing order, block index along
+    the side)`` (:func:`precond_ref.engine.phases.hashed_phases`).
+
+    A stack's statistic is one unit, but (``split``) for a side of several chunks, whose blocks
+    take different phases: one unit per block. The tail is one unit, index the number of chunks.
+    The key holds the sides, not the path: a leaf's phases must not depend on how the parameters
+    are named (torch's named and unnamed parameters, optax's tree paths) or grouped, so that a
+    resumed or regrouped run refreshes on the same steps; and in increasing order, so that a weight
+    and its transpose (an out-first conv weight and a Flax kernel) refresh alike (spec §4, I1, I6).
+    """
+    units, owners, keys = [], [], []
+    for index, (s, entries) in enumerate(zip(stacks, statistics)):
+        sides = str(tuple(sorted(s.g.shape[-2:])))
+        chunks = 0
+        for name in ("statistic", "statistic_tail"):
+            if name not in entries:
+                continue
+            p = _as_stack(xp, entries[name])
+            stored = s.state.get(_ROOT_OF[name])
+            z = _as_stack(xp, _identity(xp, entries[name]) if stored is None else stored)
+            if name == "statistic":
+                chunks = p.shape[0] // len(s.leaves) if p.shape[-1] < s.g.shape[-2 if s.left else -1] else 0
+            if name == "statistic" and split and chunks > 1:
+                units += [(p[j : j + 1, ...], z[j : j + 1, ...]) for j in range(p.shape[0])]
+                keys += [(sides, j % chunks) for j in range(p.shape[0])]
+                owners += [(index, name)] * p.shape[0]
+            else:
+                units.append((p, z))
+                keys.append((sides, chunks if name == "statistic_tail" else 0))
+                owners.append((index, name))
+    return units, owners, keys
+
+
+def _collect_roots(
+    xp: Any, owners: list[tuple[int, str]], stacks: Sequence[MatrixStack], statistics: Sequence[dict], refreshed: list[tuple]
+) -> list[dict[str, Array]]:
+    """Per stack: its roots in the shapes of its statistics (the units of one statistic joined in
+    order) and, where any of its blocks was refreshed, per leaf the sums of its blocks' failure and
+    fallback counts (int32: a vector, one entry per leaf; 0-D for a leaf alone in its stack)."""
+    parts: dict[tuple[int, str], list[tuple]] = {}
+    for owner, result in zip(owners, refreshed):
+        parts.setdefault(owner, []).append(result)
+    roots: list[dict[str, Any]] = [{} for _ in stacks]
+    for (index, name), results in parts.items():
+        zs = [z for z, _, _ in results]
+        z = zs[0] if len(zs) == 1 else xp.concat(zs, axis=0)
+        roots[index][_ROOT_OF[name]] = z if statistics[index][name].ndim == 3 else z[0, ...]
+        if all(failed is None for _, failed, _ in results):
+            continue
+        leaves = len(stacks[index].leaves)
+        for position, counter in ((1, "root_failures"), (2, "root_fallbacks")):
+            counts = [r[position] if r[position] is not None else xp.zeros(r[0].shape[:1], dtype=xp.int32, device=placement(xp, r[0])) for r in results]
+            per_block_counts = cast(xp, counts[0] if len(counts) == 1 else xp.concat(counts, axis=0), xp.int32)
+            if leaves == 1:
+                per_leaf = xp.sum(per_block_counts, dtype=xp.int32)
+            elif per_block_counts.shape[0] == leaves:
+                per_leaf = per_block_counts
+            else:
+                per_leaf = xp.sum(xp.reshape(per_block_counts, (leaves, -1)), axis=1, dtype=xp.int32)
+            entry = roots[index]
+            entry[counter] = entry[counter] + per_leaf if counter in entry else per_leaf
+    return roots
+
+
+def refresh_roots(
+    xp: Any,
+    ctx: StepContext,
+    stacks: Sequence[MatrixStack],
+    statistics: Sequence[dict[str, Array]],
+    schedule: tuple,
+    stored: bool,
+    inverse_root: Callable[[Array], tuple[Array, Array]],
+    identity_on_failure: bool,
+) -> list[dict[str, Array]]:
+    """Per stack: ``{"root": Z, "root_tail": Z_tail}`` for its new ``statistics`` and, where any of
+    its blocks was refreshed, its per-leaf counters ``root_failures`` and ``root_fallbacks``.
+
+    Each block is refreshed on the calls its phase is due (``schedule``: one interval predicate per
+    phase, :func:`~precond_ref.engine.phases.hashed_phases`; every call when the roots are not
+    ``stored``), all blocks of one shape across leaves and chunks in one batched
+    ``inverse_root(P) -> (Z, fell back)`` (:func:`~precond_ref.engine.phases.refresh_due`); a
+    root that is not finite is replaced by the previous one, or by the identity with
+    ``identity_on_failure`` (:func:`finite_root_or_previous`). Blocks not due keep their stored roots.
+    """
+    if not stacks:
+        return []
+    dues = [ctx.every(interval) if stored else True for interval in schedule]
+
+    def refresh(p: Array, previous: Array) -> tuple[Array, Array, Array]:
+        kept = _identity(xp, p) if identity_on_failure else previous
+        return finite_root_or_previous(xp, p, kept, inverse_root)
+
+    units, owners, keys = _root_units(xp, stacks, statistics, len(dues) > 1)
+    due = refresh_due(xp, dues, hashed_phases(keys, len(dues)), units, refresh, partial(unrefreshed, xp))
+    refreshed = [(z, None, None) if r is None else r for (_, z), r in zip(units, due)]
+    return _collect_roots(xp, owners, stacks, statistics, refreshed)
+
+
+def hand_back_roots(
+    xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[str, Array], roots: dict[str, Array],
+    ctx: StepContext, stored: bool,
+) -> list[tuple[int, tuple]]:
+    """:func:`~precond_ref.engine.matrices.hand_back` of a stack's step, its new ``entries`` and
+    (``stored``) its refreshed roots and counters of :func:`refresh_roots`; a stack none of whose
+    blocks was refreshed keeps its stored roots themselves."""
+    if stored and "root_failures" in roots:
+        entries = {**entries, **{name: roots[name] for name in ("root", "root_tail") if name in roots}}
+    counts = {name: roots[name] for name in COUNTERS if name in roots}
+    return hand_back(xp, s, states, step, entries, counts, ctx, COUNTERS)
+
+
+def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple], default: int) -> str:
+    """For a state whose statistic has another block layout than this ``block_size`` makes (one
+    saved by another setting, e.g. by a version whose default was no blocking): the
+    ``block_size`` that continues it (``default``: the method's default block size)."""
+    if "statistic" not in found or "statistic" not in layout:
+        return ""
+    shape = found["statistic"][0]
+    if found["statistic"] == layout["statistic"]:
+        return ""
+    what = "is unblocked" if len(shape) == 2 and "statistic_tail" not in found else f"has blocks of {shape[-1]}"
+    again = f"block_size={shape[-1]}" + (" (or larger)" if len(shape) == 2 else "")
+    return (
+        f" Or a state saved with another block size: its statistic {shape} {what}; build the optimizer with "
+        f"{again} to continue from it (the principled default is {default}; earlier versions did not block)"
+    )

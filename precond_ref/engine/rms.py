@@ -1,0 +1,163 @@
+r"""Renormalising a direction to a fixed RMS at any scale: ``r·sqrt(mn)·U/‖U‖_F`` of each m×n
+matrix of a stack, a zero matrix staying zero (ASGO and DASGO, spec ``asgo.md`` D2, D12).
+
+The plain formula under- or overflows for a direction of size 1e-30 or 1e30 (its squares leave
+the range), and the products of a scaled direction ``M diag(s)`` may too. The forms here give the
+formula's result to rounding at every scale: in float64 where the backend has it for a float32
+direction (every float32 square is a normal float64 number), else scaled by the largest entry
+first, or, for ``M diag(s)``, from per-column maxima chosen per step without a host read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from .._backend import computed_once, cond_under_cpu_jit, float64_where_available, select, sum_across
+
+__all__ = ["rms_renormalised", "scaled_rms_renormalised", "column_factored_renormalise", "scaled_squared_norm"]
+
+Array = Any
+
+
+def _wide_dtype(xp: Any, x: Array) -> Any:
+    """float64 for a float32 ``x`` where the backend has it (not JAX without x64, not torch MPS),
+    else ``None``: every float32 number squares into the float64 range without underflow or
+    overflow (2^-149 and 2^128 square to 2^-298 and 2^256), so a float64 sum of squares is the
+    Frobenius norm of any float32 array in one pass, whatever its scale."""
+    if x.dtype != xp.float32:
+        return None
+    return float64_where_available(xp, x)
+
+
+def _renormalising_factor(xp: Any, sum_of_squares: Array, target: float) -> Array:
+    """``target / sqrt(sum_of_squares)``, and ``target`` for a zero sum (a zero direction stays zero)."""
+    norm = xp.sqrt(sum_of_squares)
+    return target / select(xp, norm > 0, norm, xp.ones_like(norm))
+
+
+def rms_renormalised(xp: Any, u: Array, rms_target: Optional[float], exact_dtype: bool) -> Array:
+    """``u · r·sqrt(mn)/‖u‖_F`` for each m×n matrix of ``u`` (a matrix or a stack ``(L, m, n)``,
+    each by its own norm); ``u`` for ``rms_target=None``.
+
+    A float32 ``u`` (unless ``exact_dtype``, which keeps every operation in u's dtype, as the
+    authors' float32 arithmetic) is renormalised in float64 where the backend has it: one
+    reduction over each matrix of one float64 copy of u, scaled in place and rounded once to u's
+    dtype. Otherwise u is first divided by its largest magnitude, so that the norm is taken of
+    entries in [-1, 1] with at least one of modulus 1 (>= 1 and <= sqrt(mn)): one more pass.
+    """
+    rows, columns = u.shape[-2:]
+    if rms_target is None or rows * columns == 0:
+        return u
+    target = rms_target * math.sqrt(rows * columns)
+    matrices = (-2, -1)
+    wide = None if exact_dtype else _wide_dtype(xp, u)
+    if wide is not None:
+        w = xp.astype(u, wide)  # a new array: scaled in place below, no second float64 copy
+        norm = xp.linalg.matrix_norm(w, ord="fro", keepdims=True)
+        w *= target / select(xp, norm > 0, norm, xp.ones_like(norm))
+        return xp.astype(w, u.dtype)
+    peak = xp.max(xp.abs(u), axis=matrices, keepdims=True)
+    v = u / select(xp, peak > 0, peak, xp.ones_like(peak))
+    norm = xp.linalg.matrix_norm(v, ord="fro", keepdims=True)
+    # norm >= 1 unless u == 0, where v == 0 and any divisor >= 1 keeps the step exactly zero.
+    return v * (target / xp.maximum(norm, xp.ones_like(norm)))
+
+
+def scaled_rms_renormalised(
+    xp: Any, m: Array, scale: Array, axis: int, rms_target: Optional[float], exact_dtype: bool
+) -> Array:
+    """``r√(mn) U/‖U‖_F`` for ``U = M diag(s)`` (``axis=0``; ``diag(s) M`` for ``axis=1``) of a
+    matrix ``M``, a zero ``U`` staying zero; ``U`` itself for ``rms_target=None``.
+
+    With ``exact_dtype`` ``U`` is formed and renormalised by :func:`rms_renormalised`. Otherwise
+    ``U`` is never formed before the pass that writes the result: ``‖U‖_F²`` comes from the column
+    sums of ``M²`` (:func:`scaled_squared_norm`) and the factor joins the per-column scale, float32
+    summed in float64 where the backend has it, else by :func:`column_factored_renormalise`.
+    """
+    rows, columns = m.shape
+    if exact_dtype or rms_target is None or rows * columns == 0:
+        return rms_renormalised(xp, m * xp.expand_dims(scale, axis=axis), rms_target, exact_dtype)
+    target = rms_target * math.sqrt(rows * columns)
+    wide = _wide_dtype(xp, m)
+    if wide is None:
+        return column_factored_renormalise(xp, m, scale, axis, target)
+    m_w, scale_w = xp.astype(m, wide), xp.astype(scale, wide)
+    factor = _renormalising_factor(xp, scaled_squared_norm(xp, m_w, scale_w, axis), target)
+    return xp.astype(m_w * xp.expand_dims(computed_once(xp, scale_w * factor), axis=axis), m.dtype)
+
+
+def column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, target: float) -> Array:
+    r"""``U · target/‖U‖_F`` for ``U = M diag(s)`` (``axis=0``; ``diag(s) M`` for ``axis=1``) without
+    float64 and without forming ``U`` first: D12 in the compute dtype.
+
+    Two ways to the same result (to rounding), chosen per step without a host read
+    (:func:`~precond_ref.transform.cond_under_cpu_jit`):
+
+    * the column sums :math:`\sigma_j = \sum_i M_{ij}^2` and :math:`T = \sum_j s_j^2 \sigma_j`,
+      formed as they stand, and :math:`M_{ij}\,s_j\,\mathrm{target}/\sqrt{T}`: one reduction of
+      the stored momentum. Valid where :math:`T` is finite and
+      :math:`T \ge 2^{10}\,(\mathrm{tiny}/\epsilon)\,(mn \max_j s_j^2 + n)`: a square or a product
+      :math:`s_j^2\sigma_j` that underflows (flush-to-zero included) is off by less than the
+      smallest normal number tiny, so that all of them together change :math:`T` by less than
+      :math:`2^{-10}` of its rounding unit :math:`\epsilon`. Training scales pass: in float32,
+      on a 4096x1024 matrix with :math:`s` up to 1e4 (:math:`\epsilon` = 1e-8 inside the root) the
+      bound is 4e-14, met by momenta from about 1e-14 on;
+    * otherwise, with column maxima :math:`c_j = \max_i |M_{ij}|`,
+      :math:`\rho_j = c_j s_j / \max_k c_k s_k` (formed from :math:`c_j` and :math:`s_j/\max s`) and
+      :math:`q_j = \sum_i (M_{ij}/c_j)^2`, :math:`‖U‖_F = \max_k c_k s_k \sqrt{\sum_j \rho_j^2 q_j}`
+      and the result is :math:`(M_{ij}/c_j)\,\rho_j\,\mathrm{target}/\sqrt{\sum_j \rho_j^2 q_j}`.
+      Every factor is at most 1 in modulus and the root at least 1 (the largest entry's column),
+      so nothing over- or underflows that could change the result in its leading digits, at any
+      scale of M or s, unless :math:`c_j s_j/\max s` leaves the normal range (a momentum near
+      1e-38 with column scales 1e-3 apart; forming U in float32 fails wherever :math:`c_j s_j`
+      does). Two more column reductions of the momentum, one of them of a scaled copy.
+
+    Both give the result as :math:`M_{ij} a_j b_j` with two per-column factors (:math:`a_j` alone
+    may overflow where :math:`a_j b_j` does not), formed in the pass that writes the step. A zero
+    column or a zero U stays zero.
+    """
+    def expand(x: Array) -> Array:
+        return xp.expand_dims(x, axis=axis)
+
+    def over_max(x: Array) -> Array:  # x / max(x), or x if that is zero (x >= 0)
+        top = xp.max(x)
+        return x / xp.where(top > 0, top, xp.ones_like(top))
+
+    total = scaled_squared_norm(xp, m, scale, axis)
+    rows, columns = m.shape
+    info = xp.finfo(m.dtype)
+    # Each underflowing square or product is off by less than smallest_normal: together at most
+    # 2^-10 of the dtype's rounding unit of T.
+    top = xp.max(scale)
+    lost = (rows * columns * (top * top) + scale.shape[0]) * (info.smallest_normal * 2.0**10 / info.eps)
+    plain = (total >= lost) & (total < float("inf"))
+
+    def fast(m: Array, scale: Array, total: Array) -> tuple[Array, Array]:
+        # T replaced where this branch is not taken: evaluated anyway, it must not overflow (warnings).
+        factor = _renormalising_factor(xp, xp.where(plain, total, xp.ones_like(total)), target)
+        return scale * factor, xp.ones_like(scale)
+
+    def safe(m: Array, scale: Array, total: Array) -> tuple[Array, Array]:
+        peaks = xp.max(xp.abs(m), axis=axis)
+        inverse = 1.0 / xp.where(peaks > 0, peaks, xp.ones_like(peaks))
+        ratios = m * expand(inverse)
+        column_sums = sum_across(xp, ratios * ratios, axis)
+        # s_j alone may span the float32 range (s/max s cannot overflow). No max of the column
+        # maxima themselves: XLA merges it with their reduction into one over the whole matrix,
+        # and then writes |M| out for the two reductions to share.
+        relative = over_max(peaks * over_max(scale))
+        norm = xp.sqrt(xp.sum(relative * relative * column_sums))
+        return inverse, relative * (target / xp.maximum(norm, xp.ones_like(norm)))
+
+    a, b = cond_under_cpu_jit(xp, plain, fast, safe, m, scale, total)
+    return (m * expand(a)) * expand(b)
+
+
+def scaled_squared_norm(xp: Any, m: Array, scale: Array, axis: int) -> Array:
+    r""":math:`‖M \operatorname{diag}(s)‖_F^2 = \sum_j s_j^2 \sum_i M_{ij}^2` (``axis=0``;
+    :math:`‖\operatorname{diag}(s) M‖_F^2` for ``axis=1``) from the column sums of :math:`M^2`,
+    without forming the product: a compiler fuses the sums with the pass that reads M."""
+    return xp.sum(scale * scale * sum_across(xp, m * m, axis))
+
+
