@@ -29,14 +29,33 @@ from .phases import hashed_phases, refresh_due
 
 __all__ = [
     "side_blocks", "block_diagonal_product", "per_block", "finite_root_or_previous", "unrefreshed",
-    "refresh_roots", "hand_back_roots", "block_layout_hint", "COUNTERS",
+    "refresh_roots", "hand_back_roots", "block_layout_hint", "block_state", "COUNTERS", "STACKED",
 ]
 
 Array = Any
 
 #: the per-leaf counters of the roots: blocks whose root was not finite, iterative roots that fell back
 COUNTERS = ("root_failures", "root_fallbacks")
+#: the entries stacked across the matrix leaves of one shape (:func:`~precond_ref.engine.matrices.matrix_stacks`)
+STACKED = ("momentum", "statistic", "statistic_tail", "root", "root_tail")
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
+
+
+def block_state(xp: Any, k: int, block_size: Optional[int], dtype: Any, device: Any, roots: bool, fallbacks: bool) -> dict:
+    """The block entries of a side of length ``k``: per block a zero statistic and (``roots``) an
+    identity root, in ``dtype``; the counter ``root_failures`` and (``fallbacks``) ``root_fallbacks``."""
+    b, full, tail = chunk_sizes(k, block_size)
+    shape = (full, b, b) if full else (k, k)
+    state = {"statistic": xp.zeros(shape, dtype=dtype, device=device)}
+    if roots:
+        state["root"] = xp.zeros(shape, dtype=dtype, device=device) + xp.eye(b, dtype=dtype, device=device)
+    if tail:
+        state["statistic_tail"] = xp.zeros((tail, tail), dtype=dtype, device=device)
+        state["root_tail"] = xp.eye(tail, dtype=dtype, device=device)
+    state["root_failures"] = xp.zeros((), dtype=xp.int32, device=device)
+    if fallbacks:
+        state["root_fallbacks"] = xp.zeros((), dtype=xp.int32, device=device)
+    return state
 
 
 def _chunk_rows(xp: Any, x: Array, b: int, full: int) -> Array:

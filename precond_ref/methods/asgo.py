@@ -29,28 +29,17 @@ from functools import partial
 from typing import Any, NamedTuple, Optional
 
 from .._backend import array_device, cast, compute_dtype, computed_once, ema, is_zero, on_cpu, placement, scalar_zero, select, squared_sums
-from ..blocking import chunk_sizes, spread_schedule
-from ..linalg import (
-    ROOT_RESIDUAL_TOLERANCE,
-    inverse_root,
-    inverse_sqrt_newton_schulz,
-    inverse_sqrt_polar_express,
-    symmetrize,
-    trace,
-)
+from ..blocking import spread_schedule
+from ..linalg import ROOT_RESIDUAL_TOLERANCE, inverse_root, inverse_sqrt_newton_schulz, inverse_sqrt_polar_express, symmetrize, trace
 from ..engine import StepContext, build_transform
-from ..engine.blockdiag import block_diagonal_product, block_layout_hint, hand_back_roots, per_block, refresh_roots, side_blocks
+from ..engine.blockdiag import (
+    STACKED, block_diagonal_product, block_layout_hint, block_state, hand_back_roots, per_block, refresh_roots, side_blocks,
+)
 from ..engine.fallback import FallbackAdam, FallbackMask, adam_init, adam_step, fallback_leaves, fallback_predicate
-from ..engine.matrices import matrix_shape, matrix_stacks
+from ..engine.matrices import MatrixStack, matrix_shape, matrix_stacks
 from ..engine.rms import rms_renormalised, scaled_rms_renormalised
 from ..transform import (
-    ScalarOrSchedule,
-    Transform,
-    check_choice,
-    check_learning_rate,
-    check_nonnegative,
-    check_positive,
-    check_positive_int,
+    ScalarOrSchedule, Transform, check_choice, check_learning_rate, check_nonnegative, check_positive, check_positive_int,
     check_unit_interval,
 )
 from ..tree import Path, path_str
@@ -67,9 +56,6 @@ _ROOT_METHODS = ("auto", "eigh", "polar_express", "newton_schulz", "newton")
 #: measurement: ``docs/methods/asgo.md``, "Long axes, intervals and cost".
 PRINCIPLED_PRECONDITION_EVERY = 2
 PRINCIPLED_BLOCK_SIZE = 1024
-
-#: ASGO's state entries stacked across the matrix leaves of one shape (engine.matrices.matrix_stacks)
-_STACKED = ("momentum", "statistic", "statistic_tail", "root", "root_tail")
 
 
 class ASGOConfig(NamedTuple):
@@ -115,7 +101,7 @@ class DASGOConfig(NamedTuple):
 #   U_t = Z_t M_t,   W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)      _asgo_step, _finish
 #
 # DASGO (right side): v_t = β₂ v_{t-1} + (1-β₂) diag(G_tᵀ G_t), U_t = M_t diag(v_t + ε)^{-1/2}
-# (_dasgo_step). The engine runs them: the matrix stacks, the blocks of a long side, the refresh
+# (_dasgo_state, _dasgo_update). The engine runs them: the matrix stacks, the blocks of a long side, the refresh
 # phases and the replacement of a non-finite root (engine.blockdiag), the fallback Adam
 # (engine.fallback), the scale-invariant renormalisation (engine.rms), the non-finite rule.
 
@@ -200,8 +186,8 @@ def _root_method_for(xp: Any, p: Array, root_method: str) -> str:
     return "eigh" if p.dtype == xp.float64 or on_cpu(xp, p) else "polar_express"
 
 
-def _statistics(xp: Any, c: ASGOConfig, s: Any, zero: Array) -> dict[str, Array]:
-    """A stack's new momentum and statistics (``s``: an ``engine.matrices.MatrixStack``)."""
+def _statistics(xp: Any, c: ASGOConfig, s: MatrixStack, zero: Array) -> dict[str, Array]:
+    """A stack's new momentum and statistics."""
     x, x_tail = side_blocks(xp, s.g if s.left else s.g.mT, c.block_size)  # rows: the preconditioned side
     new = {"momentum": _momentum(xp, c, s.state["momentum"], s.g, zero)}  # M_t
     new["statistic"] = _second_moment(xp, c, s.state["statistic"], x)  # P_t, per block
@@ -210,7 +196,7 @@ def _statistics(xp: Any, c: ASGOConfig, s: Any, zero: Array) -> dict[str, Array]
     return new
 
 
-def _asgo_step(xp: Any, c: ASGOConfig, s: Any, momentum: Array, roots: dict[str, Array], ctx: StepContext) -> Array:
+def _asgo_step(xp: Any, c: ASGOConfig, s: MatrixStack, momentum: Array, roots: dict[str, Array], ctx: StepContext) -> Array:
     """A stack's step ``-η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)``, ``U_t = Z_t M_t``."""
     dtype = compute_dtype(xp, s.g.dtype)
     u = block_diagonal_product(xp, roots["root"], roots.get("root_tail"), momentum, s.left, dtype)  # U_t = Z_t M_t
@@ -218,18 +204,26 @@ def _asgo_step(xp: Any, c: ASGOConfig, s: Any, momentum: Array, roots: dict[str,
     return _finish(xp, c, u, s.param, tuple(u.shape), ctx)
 
 
-def _dasgo_step(xp: Any, c: DASGOConfig, g: Array, state: dict, param: Optional[Array], ctx: StepContext) -> tuple:
-    """One matrix leaf's DASGO step and new state."""
-    m, n = state["momentum"].shape
-    axis = 1 if _is_left(c.side, m, n) else 0  # the axis the statistic sums over
-    dtype, shape = compute_dtype(xp, g.dtype), tuple(g.shape)
-    g = cast(xp, xp.reshape(g, (m, n)), dtype)
-    momentum = ctx.unless_skipped(_momentum(xp, c, state["momentum"], g, _zero(ctx, g)), state["momentum"])  # M_t
-    q = cast(xp, squared_sums(xp, g, axis), state["statistic"].dtype)  # q_t = diag(G_tᵀ G_t)
-    v = ctx.unless_skipped(ema(state["statistic"], q, c.b2, c.faithful), state["statistic"])  # v_t
-    scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(v + c.eps), dtype))  # diag(v_t + ε)^{-1/2}
-    u = scaled_rms_renormalised(xp, cast(xp, momentum, dtype), scale, axis, c.rms_target, c.faithful)  # r√(mn) U/‖U‖_F
-    return (_finish(xp, c, u, param, shape, ctx),), {"momentum": momentum, "statistic": v}
+def _dasgo_state(xp: Any, c: DASGOConfig, state: dict, g: Array, zero: Array) -> dict[str, Array]:
+    """A matrix leaf's new momentum and statistic, from its m×n gradient ``g`` in the compute dtype."""
+    momentum = _momentum(xp, c, state["momentum"], g, zero)  # M_t
+    q = cast(xp, squared_sums(xp, g, _summed_axis(c, g)), state["statistic"].dtype)  # q_t = diag(G_tᵀ G_t)
+    return {"momentum": momentum, "statistic": ema(state["statistic"], q, c.b2, c.faithful)}  # v_t
+
+
+def _dasgo_update(
+    xp: Any, c: DASGOConfig, new: dict, g: Array, param: Optional[Array], shape: tuple, ctx: StepContext
+) -> Array:
+    """A matrix leaf's step ``-η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)``, ``U_t = M_t diag(v_t + ε)^{-1/2}``."""
+    scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(new["statistic"] + c.eps), g.dtype))  # diag(v_t + ε)^{-1/2}
+    m = cast(xp, new["momentum"], g.dtype)
+    u = scaled_rms_renormalised(xp, m, scale, _summed_axis(c, g), c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
+    return _finish(xp, c, u, param, shape, ctx)
+
+
+def _summed_axis(c: DASGOConfig, g: Array) -> int:
+    """The axis DASGO's statistic sums over: 0 (the columns' sums) on the right side."""
+    return 1 if _is_left(c.side, *g.shape) else 0
 
 
 def _zero(ctx: StepContext, x: Array) -> Array:
@@ -461,25 +455,14 @@ def asgo(
         if goes_to_fallback(path, w):
             return adam_init(xp, w, faithful)
         m, n, k, momentum_dtype, p_dtype = _matrix_leaf(xp, "asgo", w, path, side, faithful)
-        dev = array_device(w)
-        b, full, tail = chunk_sizes(k, block_size)
-        shape = (full, b, b) if full else (k, k)
-        state = {"momentum": xp.zeros((m, n), dtype=momentum_dtype, device=dev)}
-        state["statistic"] = xp.zeros(shape, dtype=p_dtype, device=dev)  # P_0 = 0
-        if keeps_root:
-            state["root"] = xp.zeros(shape, dtype=p_dtype, device=dev) + xp.eye(b, dtype=p_dtype, device=dev)  # Z_0 = I
-        if tail:
-            state["statistic_tail"] = xp.zeros((tail, tail), dtype=p_dtype, device=dev)
-            state["root_tail"] = xp.eye(tail, dtype=p_dtype, device=dev)
-        state["root_failures"] = xp.zeros((), dtype=xp.int32, device=dev)
-        if not faithful:
-            state["root_fallbacks"] = xp.zeros((), dtype=xp.int32, device=dev)
-        return state
+        dev = array_device(w)  # M_0 = 0; per block P_0 = 0 and Z_0 = I
+        momentum = {"momentum": xp.zeros((m, n), dtype=momentum_dtype, device=dev)}
+        return {**momentum, **block_state(xp, k, block_size, p_dtype, dev, keeps_root, not faithful)}
 
     def update_groups(grads, states, params, ctxs):
         xp, ctx = ctxs[0].xp, ctxs[0]
         results, matrices = fallback_leaves(xp, grads, states, params, ctx, fallback)
-        stacks = matrix_stacks(xp, grads, states, params, matrices, _STACKED, partial(_is_left, side), not is_zero(weight_decay))
+        stacks = matrix_stacks(xp, grads, states, params, matrices, STACKED, partial(_is_left, side), not is_zero(weight_decay))
         new = [_statistics(xp, c, s, _zero(ctx, s.g)) for s in stacks]  # M_t, P_t
         roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(_inverse_sqrt, xp, c), faithful)  # Z_t
         for s, entries, z in zip(stacks, new, roots):
@@ -601,10 +584,15 @@ def dasgo(
     # Leaf by leaf: stacking DASGO's equal matrices made its CPU step slower, eager and compiled
     # (the copies into and out of the stacks cost more than the operations they save).
     def update_group(grads, state, params, ctx: StepContext):
-        (g,), w = grads, (None if params is None else params[0])
+        (g,), w, xp = grads, (None if params is None else params[0]), ctx.xp
         if "mu" in state:  # not a matrix: the fallback Adam
             return adam_step(fallback, g, state, w, ctx)
-        return _dasgo_step(ctx.xp, c, g, state, w, ctx)
+        g_m = cast(xp, xp.reshape(g, tuple(state["momentum"].shape)), compute_dtype(xp, g.dtype))
+        new = _dasgo_state(xp, c, state, g_m, _zero(ctx, g_m))
+        # The non-finite rule's selection before the step reads the new state: a compiler then
+        # reads the stored entries rather than recomputing them (StepContext.unless_skipped).
+        new = {name: ctx.unless_skipped(entry, state[name]) for name, entry in new.items()}
+        return (_dasgo_update(xp, c, new, g_m, w, tuple(g.shape), ctx),), new
 
     return build_transform(
         name="dasgo",

@@ -1,4 +1,6 @@
-"""The helpers of the ASGO and DASGO steps against the plain formulas their docstrings state.
+"""The helpers of the ASGO and DASGO steps (the rule's, and the engine's and backend's it calls:
+``engine.blockdiag``, ``engine.rms``, ``engine.fallback``, ``_backend``) against the plain
+formulas their docstrings state.
 
 NumPy float64 (array_api_compat.numpy); tolerances from the rounding model: a sum or product of
 ``k`` terms is off by at most about ``k·eps·Σ|terms|``, a root of a matrix of condition number
@@ -12,7 +14,7 @@ import importlib
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
-from precond_ref._backend import squared_sums
+from precond_ref._backend import ema, squared_sums
 from precond_ref.engine.blockdiag import block_diagonal_product, finite_root_or_previous, side_blocks, unrefreshed
 from precond_ref.engine.fallback import FallbackAdam, adam_update
 from precond_ref.engine.matrices import joined_leaves
@@ -145,6 +147,21 @@ def test_squared_sums_is_the_diagonal_of_the_gram_matrix(axis):
     plain = np.diag(g.T @ g) if axis == 0 else np.diag(g @ g.T)
     got = squared_sums(xp, g, axis)
     assert np.all(np.abs(got - plain) <= g.shape[axis] * EPS * plain)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.3, 0.8, 0.95])
+def test_ema_in_both_forms_is_the_interpolation(decay):
+    """``decay·old + (1-decay)·new`` in both forms (the lerp form rounds as ``torch.lerp``, from
+    ``old`` for a weight 1-decay below 1/2, from ``new`` otherwise): to 4 eps of the terms; decay 0
+    gives ``new`` exactly in the lerp form (its second branch is ``new - (new-old)·0``)."""
+    rng = np.random.default_rng(11)
+    old, new = rng.standard_normal(50), rng.standard_normal(50)
+    plain = decay * old + (1 - decay) * new
+    for lerp_form in (False, True):
+        got = ema(old, new, decay, lerp_form)
+        assert np.all(np.abs(got - plain) <= 4 * EPS * (np.abs(old) + np.abs(new)))
+    if decay == 0.0:
+        np.testing.assert_array_equal(ema(old, new, decay, True), new)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
