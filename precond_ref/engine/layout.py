@@ -1,14 +1,16 @@
 """Layout rules the engine applies to a tree of leaves before a method sees them: which leaves
-form one block (a weight with its bias)."""
+form one block (a weight with its bias), and such a group as the one tensor a method
+preconditions (the bias an extra column of an out-first weight, an extra row of an out-last one)."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+from .._backend import cast
 from ..transform import LeafGroup
 from ..tree import Path, path_str
 
-__all__ = ["weight_bias_groups"]
+__all__ = ["weight_bias_groups", "grouped_shape", "group_tensor", "ungroup_tensor"]
 
 Array = Any
 
@@ -48,3 +50,41 @@ def weight_bias_groups(
         else:
             groups.append(LeafGroup(path_str(path), (i,), (path,)))
     return groups
+
+
+def grouped_shape(shapes: Sequence[tuple], out_first: bool) -> tuple[tuple, tuple]:
+    """(unsqueezed, squeezed) shape of the tensor a group preconditions (bias as an extra column/row)."""
+    if len(shapes) == 1:
+        full = tuple(shapes[0])
+    else:
+        rows, cols = shapes[0]
+        full = (rows, cols + 1) if out_first else (rows + 1, cols)
+    squeezed = tuple(d for d in full if d != 1) or (1,)
+    return full, squeezed
+
+
+def group_tensor(xp, leaves, full, squeezed, out_first: bool, dtype):
+    """A group's leaves (a weight, or a weight and its bias) as one tensor of shape ``squeezed`` in
+    ``dtype`` (:func:`grouped_shape`)."""
+    leaves = [cast(xp, x, dtype) for x in leaves]
+    if len(leaves) == 1:
+        return leaves[0] if tuple(leaves[0].shape) == squeezed else xp.reshape(leaves[0], squeezed)
+    weight, bias = leaves
+    if out_first:
+        grouped = xp.concat([weight, xp.reshape(bias, (full[0], 1))], axis=1)
+    else:
+        grouped = xp.concat([weight, xp.reshape(bias, (1, full[1]))], axis=0)
+    return xp.reshape(grouped, squeezed)
+
+
+def ungroup_tensor(xp, grouped, shapes, full, out_first: bool):
+    """The inverse of :func:`group_tensor`: the members of ``shapes`` cut back out of ``grouped``."""
+    if len(shapes) == 1:
+        return (grouped if tuple(grouped.shape) == tuple(shapes[0]) else xp.reshape(grouped, shapes[0]),)
+    grouped = xp.reshape(grouped, full)
+    rows, cols = shapes[0]
+    if out_first:
+        weight, bias = grouped[:, :cols], grouped[:, cols]
+    else:
+        weight, bias = grouped[:rows, :], grouped[rows, :]
+    return weight, xp.reshape(bias, shapes[1])

@@ -13,23 +13,18 @@ averaging it makes that estimate wrong by a factor :math:`B^2`.
 
 from __future__ import annotations
 
-import itertools
 import math
-import re
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
-from array_api_compat import array_namespace, is_jax_namespace
+from array_api_compat import array_namespace
 
-from .._backend import (
-    IdentityDict, array_device, as_operand, cast, compute_dtype, cond, device_key, host_bool, is_number, is_tracer,
-    is_zero, placement, scalar_array, scalar_zero, torch_compiling,
-)
-from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
+from .._backend import array_device, as_operand, cast, compute_dtype, host_bool, is_number, is_zero, placement, scalar_zero
+from ..blocking import spread_schedule
 from ..linalg import all_finite, half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
-from ..engine import StepContext, build_transform, leafwise, weight_bias_groups
+from ..engine import weight_bias_groups
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
-from ..engine.phases import tile_phase
+from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, per_block, tiled_transform
 from ..transform import (
     ScalarOrSchedule,
     Transform,
@@ -42,7 +37,7 @@ from ..transform import (
     check_unit_interval,
     singleton_groups,
 )
-from ..tree import Path, cached_template, from_entries, path_str, to_entries
+from ..tree import Path
 
 __all__ = [
     "rf_rmsprop",
@@ -65,23 +60,10 @@ _BATCH_SIZE_HELP = (
 # Shared helpers
 
 
-_is_number = is_number  # IF-Shampoo's name for it
 
 
 _KL_CLIP = 0.1  # principled default of if_shampoo's kl_clip (S8)
 _BLOCK_SIZE = 64  # principled default of if_shampoo's block_size (S9; docs/methods/root_free.md)
-_OLD_LAYOUT_HINT = (
-    "if_shampoo: a state saved before block_size existed (principled defaults: unblocked factors, diagonal "
-    "beyond 4096) loads with if_shampoo(block_size=4096, max_dense_dim=4096)"
-)
-
-
-def _old_layout_hint(found: dict, layout: dict) -> str:
-    """``build_transform``'s ``layout_hint``: where a saved state does not fit, the arguments that
-    load one saved by 0.1.0 (its principled default was unblocked)."""
-    return " " + _OLD_LAYOUT_HINT
-
-
 _PRECONDITION_EVERY = 2  # principled default of if_shampoo's precondition_every (S7)
 
 
@@ -468,56 +450,6 @@ def rf_adamw(
 # IF-Shampoo: grouping, layouts and the prototype's options
 
 _STRUCTURES = ("dense", "diagonal")
-_OUT_LAST_WEIGHT = "kernel"
-
-
-class _Group(NamedTuple):
-    """One group's gradient as the tensor G it preconditions, and how to cut the step back."""
-
-    grouped: Array  # G, size-1 axes squeezed, in the work dtype
-    rank: int  # N, the number of Kronecker factors
-    shapes: list  # the members' shapes (a weight, or a weight and its bias)
-    full: tuple  # G's shape before squeezing
-    out_first: bool  # bias as an extra column (out-first weight) or row (out-last kernel)
-    work_dtype: Any
-    plan: Any  # its _Plan: tiles, and the stacks their state is stored in
-    stacks: list  # G's tiles as the plan's stacks (k_s, *tile shape), s = 0, 1, ...
-
-
-def _grouped_shape(shapes: Sequence[tuple], out_first: bool) -> tuple[tuple, tuple]:
-    """(unsqueezed, squeezed) shape of the tensor a group preconditions (bias as an extra column/row)."""
-    if len(shapes) == 1:
-        full = tuple(shapes[0])
-    else:
-        rows, cols = shapes[0]
-        full = (rows, cols + 1) if out_first else (rows + 1, cols)
-    squeezed = tuple(d for d in full if d != 1) or (1,)
-    return full, squeezed
-
-
-def _group_tensor(xp, leaves, full, squeezed, out_first: bool, dtype):
-    leaves = [cast(xp, x, dtype) for x in leaves]
-    if len(leaves) == 1:
-        return leaves[0] if tuple(leaves[0].shape) == squeezed else xp.reshape(leaves[0], squeezed)
-    weight, bias = leaves
-    if out_first:
-        grouped = xp.concat([weight, xp.reshape(bias, (full[0], 1))], axis=1)
-    else:
-        grouped = xp.concat([weight, xp.reshape(bias, (1, full[1]))], axis=0)
-    return xp.reshape(grouped, squeezed)
-
-
-def _ungroup_tensor(xp, grouped, shapes, full, out_first: bool):
-    if len(shapes) == 1:
-        return (grouped if tuple(grouped.shape) == tuple(shapes[0]) else xp.reshape(grouped, shapes[0]),)
-    grouped = xp.reshape(grouped, full)
-    rows, cols = shapes[0]
-    if out_first:
-        weight, bias = grouped[:, :cols], grouped[:, cols]
-    else:
-        weight, bias = grouped[:rows, :], grouped[rows, :]
-    return weight, xp.reshape(bias, shapes[1])
-
 
 def prototype_lr_scale(path: Path) -> float:
     """The prototype's factor-step scale: 0.25 for parameters named ``*norm*``, ``*proj*``, ``*bias*``.
@@ -575,15 +507,8 @@ def prototype_schedule(interval: int) -> Callable[[Any], Any]:
     return predicate
 
 
-class _Tile(NamedTuple):
-    """One tile of a group's tensor: an independent IF-Shampoo block with its own factors."""
-
-    index: tuple  # (start, stop) per axis of the squeezed grouped tensor
-    offset: int  # its refresh phase (precond_ref.blocking.PhaseDue)
-
-
 class _StackFactors(NamedTuple):
-    """The state of one stack of tiles (:class:`_TileStack`): its tiles' Kronecker factors and their
+    """The state of one stack of tiles (:class:`~precond_ref.engine.tiles.TileStack`): its tiles' Kronecker factors and their
     Riemannian momenta, one array per axis with a leading tile axis (k tiles)."""
 
     factor: tuple  # K_1..K_N: (k, d_n, d_n), or (k, d_n) for a diagonal axis
@@ -595,263 +520,10 @@ class _IFShampooState(NamedTuple):
     (:func:`precond_ref.tree.to_entries`: ``stacks/s/factor/n``, ``stacks/s/factor_momentum/n``,
     ``momentum/i``, ``preconditioner_lr_scale``, ``factor_failures``)."""
 
-    stacks: tuple  # a _StackFactors per stack of the group's _Plan (one stack of one tile when unblocked)
+    stacks: tuple  # a _StackFactors per stack of the group's TilePlan (one stack of one tile when unblocked)
     momentum: tuple  # v of each member (weight[, bias]); () when α₁ = 0
     preconditioner_lr_scale: Any  # the group's β₂ multiplier (0-D); None without preconditioner_lr_scale
     factor_failures: Any  # S3's count of discarded factor steps (0-D int32); None in faithful mode
-
-
-def _tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], interval: Any, stagger: bool) -> tuple:
-    """The tiles of a grouped tensor of shape ``dims``: every dense axis longer than ``block_size``
-    cut by :func:`precond_ref.blocking.block_bounds` (diagonal axes are never cut), tiles in
-    row-major order (tile ``t``), each with its refresh phase (:func:`_tile_phase`)."""
-    bounds = [((0, d),) if diag else block_bounds(d, block_size) for d, diag in zip(dims, diagonal)]
-    return tuple(_Tile(index=index, offset=tile_phase(t, interval, stagger))
-                 for t, index in enumerate(itertools.product(*bounds)))
-
-
-def _first_appearance(keys: Sequence[Any]) -> tuple:
-    """The positions of ``keys`` grouped by equal key, groups in order of their first position:
-    ``("a", "b", "a") -> ((0, 2), (1,))``."""
-    groups: dict = {}
-    for position, key in enumerate(keys):
-        groups.setdefault(key, []).append(position)
-    return tuple(tuple(g) for g in groups.values())
-
-
-def _tile_shape(tile: _Tile) -> tuple:
-    return tuple(stop - start for start, stop in tile.index)
-
-
-class _TileStack(NamedTuple):
-    """A stack of a group's state: its tiles of one shape and one refresh phase (S9, S10)."""
-
-    tiles: tuple  # their numbers t (row-major over the tile grid), ascending
-    phase: int  # their refresh phase
-    positions: tuple  # their places in the row-major order of their region's tiles
-
-
-class _Region(NamedTuple):
-    """A group's tiles of one shape: a box of its tensor cut into equal tiles (the whole tensor
-    when every cut axis divides evenly; else the body and the boxes of the shorter end tiles)."""
-
-    index: tuple  # the box, (start, stop) per axis
-    counts: tuple  # its tiles per axis
-    size: tuple  # the tile shape
-    stacks: tuple  # the numbers s of the stacks of its tiles
-
-
-class _Plan(NamedTuple):
-    """How a group's tensor is tiled and its tiles' state stacked."""
-
-    tiles: tuple  # _Tile's, row-major
-    stacks: tuple  # _TileStack's, in order of the first tile of each (shape, phase)
-    regions: tuple  # _Region's, row-major over the grid of boxes
-    grid: tuple  # boxes per axis
-
-
-def _stack_plan(tiles: Sequence[_Tile]) -> _Plan:
-    """The stacks of ``tiles`` (one per tile shape and refresh phase, in order of first appearance,
-    tiles ascending: what :func:`_stacked_tiles` rebuilds from per-tile entries) and the regions
-    (one per tile shape) that cut them out of the tensor by reshapes."""
-    shapes = [_tile_shape(tile) for tile in tiles]
-    by_shape = _first_appearance(shapes)
-    place = {t: (r, j) for r, members in enumerate(by_shape) for j, t in enumerate(members)}
-    stacks = tuple(_TileStack(tiles=members, phase=tiles[members[0]].offset,
-                              positions=tuple(place[t][1] for t in members))
-                   for members in _first_appearance([(shapes[t], tile.offset) for t, tile in enumerate(tiles)]))
-    rank = len(shapes[0])
-    regions = []
-    for r, members in enumerate(by_shape):
-        box = tuple((min(tiles[t].index[n][0] for t in members), max(tiles[t].index[n][1] for t in members))
-                    for n in range(rank))
-        counts, size = _grid([tiles[t] for t in members])
-        regions.append(_Region(box, counts, size, tuple(s for s, stack in enumerate(stacks) if place[stack.tiles[0]][0] == r)))
-    grid = tuple(len({region.index[n] for region in regions}) for n in range(rank))
-    return _Plan(tuple(tiles), stacks, tuple(regions), grid)
-
-
-_LEGACY_ENTRY = re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum|momentum)_(\d+)")
-
-
-def _legacy_entry_names(entries: dict) -> dict:
-    """The first step of ``legacy_names``: a group's state saved with the formatted keys of
-    earlier versions (0.1.0 and the development versions before named fields: ``factor_n``,
-    ``factor_momentum_n``, ``tile_t/factor_n``, ``tile_t/factor_momentum_n``, ``momentum_i``) under the
-    per-tile paths that followed (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``, ``momentum/i``;
-    an unblocked group is tile 0), which :func:`_stacked_tiles` stacks; the very dict when it has no
-    old key (every old state has ``factor_0`` or ``tile_0/factor_0``)."""
-    if "factor_0" not in entries and "tile_0/factor_0" not in entries:
-        return entries
-    renamed = {}
-    for key, value in entries.items():
-        old = _LEGACY_ENTRY.fullmatch(key)
-        if old is None or (old[1] is not None and old[2] == "momentum"):
-            renamed[key] = value
-        elif old[2] == "momentum":
-            renamed[f"momentum/{old[3]}"] = value
-        else:
-            renamed[f"tiles/{old[1] or 0}/{old[2]}/{old[3]}"] = value
-    return renamed
-
-
-_TILE_ENTRY = re.compile(r"tiles/(\d+)/(factor|factor_momentum)/(\d+)")
-
-
-def _stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
-    """The second step of ``legacy_names``: a group's state in the per-tile layout of the versions
-    before stacks (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``) as the stacks of
-    :func:`_stack_plan`: ``stacks/s/X/n = stack(tiles/t/X/n for t in stack s)``, the tiles of one
-    shape (their factors' lengths) and refresh phase (:func:`precond_ref.engine.phases.tile_phase` of the factory's
-    interval) in one stack, stacks in order of their first tile; the very dict when it has no
-    per-tile key (every such state has ``tiles/0/factor/0``)."""
-    if "tiles/0/factor/0" not in entries:
-        return entries
-    out, per_tile = {}, {}
-    for key, value in entries.items():
-        tile = _TILE_ENTRY.fullmatch(key)
-        if tile is None:
-            out[key] = value
-        else:
-            per_tile[int(tile[1]), tile[2], int(tile[3])] = value
-    count = 1 + max(t for t, _, _ in per_tile)
-    rank = 1 + max(n for _, _, n in per_tile)
-    keys = [(tuple(per_tile[t, "factor", n].shape[0] for n in range(rank)), tile_phase(t, interval, stagger))
-            for t in range(count)]
-    xp = array_namespace(*per_tile.values())
-    for s, members in enumerate(_first_appearance(keys)):
-        for name in ("factor", "factor_momentum"):
-            for n in range(rank):
-                if (members[0], name, n) in per_tile:
-                    out[f"stacks/{s}/{name}/{n}"] = xp.stack([per_tile[t, name, n] for t in members])
-    return out
-
-
-def _cut(G, index: tuple):
-    """The tile ``index`` ((start, stop) per axis) of a tensor ``G``."""
-    return G[tuple(slice(start, stop) for start, stop in index)]
-
-
-def _join(xp, pieces: Sequence[Any], counts: Sequence[int]):
-    """The tensor whose tiles, in row-major order over a grid of ``counts`` tiles per axis, are
-    ``pieces`` (the inverse of cutting by :func:`_tile_plan`)."""
-    if len(counts) == 0 or len(pieces) == 1:
-        return pieces[0]
-    size = math.prod(counts[1:])
-    rows = [_join(xp, pieces[i * size : (i + 1) * size], counts[1:]) for i in range(counts[0])]
-    return xp.concat(rows, axis=len(pieces[0].shape) - len(counts))
-
-
-def _grid(tiles: Sequence[_Tile]) -> tuple[tuple, Optional[tuple]]:
-    """(tiles per axis, the common tile shape or ``None`` when the last tile of an axis is shorter)."""
-    rank = len(tiles[0].index)
-    bounds = [sorted({tile.index[n] for tile in tiles}) for n in range(rank)]
-    counts = tuple(len(b) for b in bounds)
-    sizes = [{stop - start for start, stop in b} for b in bounds]
-    return counts, (tuple(s.pop() for s in sizes) if all(len(s) == 1 for s in sizes) else None)
-
-
-def _to_tiles(xp, G, counts: tuple, size: tuple):
-    """The stack ``(k, b_1, ..., b_N)`` of the equal tiles of ``G`` in row-major order: one reshape
-    to ``(c_1, b_1, ..., c_N, b_N)`` and one transpose, not ``k`` slices."""
-    if math.prod(counts) == 1:
-        return G[None, ...]
-    if all(c == 1 for c in counts[1:]):  # only the first axis is cut: the tiles are contiguous
-        return xp.reshape(G, (counts[0],) + size)
-    rank = len(counts)
-    split = xp.reshape(G, tuple(x for pair in zip(counts, size) for x in pair))
-    grid_first = xp.permute_dims(split, tuple(range(0, 2 * rank, 2)) + tuple(range(1, 2 * rank, 2)))
-    return xp.reshape(grid_first, (math.prod(counts),) + size)
-
-
-def _from_tiles(xp, tiles, counts: tuple, size: tuple):
-    """The tensor whose equal tiles, in row-major order, are the stack ``tiles`` (inverse of
-    :func:`_to_tiles`; any leading shape of the tiles' number, e.g. ``(k/T, T)``, reads as ``k``)."""
-    dims = tuple(c * b for c, b in zip(counts, size))
-    if math.prod(counts) == 1 or all(c == 1 for c in counts[1:]):
-        return xp.reshape(tiles, dims)
-    rank = len(counts)
-    grid_first = xp.reshape(tiles, counts + size)
-    split = xp.permute_dims(grid_first, tuple(x for n in range(rank) for x in (n, rank + n)))
-    return xp.reshape(split, dims)
-
-
-_INDEX_ARRAYS: dict = {}  # (namespace, device, positions) -> the index array, made once (see _positions)
-
-
-def _positions(xp, positions: tuple, like):
-    """``positions`` as an index array for ``take`` beside ``like``. Made from host data, so on an
-    accelerator a copy to the device (which an eager CUDA step would wait for): made once per
-    device and kept, except under a compiler, where it is a constant of the traced step."""
-    if is_tracer(like) or torch_compiling():
-        return xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))
-    key = (xp.__name__, device_key(like), positions)
-    if key not in _INDEX_ARRAYS:
-        _INDEX_ARRAYS[key] = xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))
-    return _INDEX_ARRAYS[key]
-
-
-def _pick(xp, stack, positions: tuple):
-    """``stack[positions]`` along the leading axis: the stack itself, a slice where ``positions``
-    step evenly (a phase of equal tiles: every T-th), else one ``take``."""
-    if positions == tuple(range(stack.shape[0])):
-        return stack
-    first, last = positions[0], positions[-1]
-    step = positions[1] - first if len(positions) > 1 else 1
-    if step > 0 and positions == tuple(range(first, last + 1, step)):
-        return stack[first : last + 1 : step, ...]
-    return xp.take(stack, _positions(xp, positions, stack), axis=0)
-
-
-def _unpick(xp, parts: Sequence[Any], positions: Sequence[tuple], flat: bool = True):
-    """The stack ``S`` with ``S[positions[i][j]] = parts[i][j]`` (the inverse of :func:`_pick`; the
-    positions of all parts together are ``0..k-1``): the part itself; the T phases of equal tiles
-    (part ``p`` holds positions ``p, p+T, ...``) interleaved by one ``stack`` and a reshape; else a
-    ``concat`` and one ``take``. ``flat=False`` (for a consumer that reshapes or sums anyway): the
-    interleave may stay ``(k/T, T, ...)``, the same entries in the same memory order."""
-    if len(parts) == 1:
-        return parts[0]
-    k, phases = sum(len(p) for p in positions), len(parts)
-    if all(p == tuple(range(i, k, phases)) for i, p in enumerate(positions)):
-        rows, extra = divmod(k, phases)  # parts[:extra] hold one more tile, at position rows * phases + p
-        head = xp.stack([part if part.shape[0] == rows else part[:rows, ...] for part in parts], axis=1)
-        if extra == 0 and not flat:
-            return head
-        head = xp.reshape(head, (rows * phases,) + tuple(parts[0].shape[1:]))
-        return head if extra == 0 else xp.concat([head] + [part[rows:, ...] for part in parts[:extra]], axis=0)
-    order = [j for p in positions for j in p]
-    inverse = tuple(sorted(range(k), key=order.__getitem__))  # S[j] = concat(parts)[inverse[j]]
-    return xp.take(xp.concat(list(parts), axis=0), _positions(xp, inverse, parts[0]), axis=0)
-
-
-def _cut_stacks(xp, G, plan: _Plan) -> list:
-    """The tiles of ``G`` as the plan's stacks: ``out[s] = stack([_cut(G, tiles[t].index) for t in
-    stacks[s].tiles])``, by reshapes: each region's box cut into its equal tiles
-    (:func:`_to_tiles`), each stack picked from them (:func:`_pick`)."""
-    out: list = [None] * len(plan.stacks)
-    for region in plan.regions:
-        box = G if len(plan.regions) == 1 else _cut(G, region.index)
-        tiles = _to_tiles(xp, box, region.counts, region.size)
-        for s in region.stacks:
-            out[s] = _pick(xp, tiles, plan.stacks[s].positions)
-    return out
-
-
-def _join_stacks(xp, parts: Sequence[Any], plan: _Plan):
-    """The inverse of :func:`_cut_stacks`: the tensor whose tiles are the stacks ``parts`` (each
-    region's tiles put in order by :func:`_unpick`, its box by :func:`_from_tiles`, the boxes
-    joined by :func:`_join`)."""
-    boxes = []
-    for region in plan.regions:
-        tiles = _unpick(xp, [parts[s] for s in region.stacks], [plan.stacks[s].positions for s in region.stacks], flat=False)
-        boxes.append(_from_tiles(xp, tiles, region.counts, region.size))
-    return _join(xp, boxes, plan.grid)
-
-
-def _sum_in_tile_order(xp, parts: Sequence[Any], plan: _Plan):
-    """``Σ_t x_t`` of a per-stack quantity (one entry ``x_t`` per tile), summed over the tiles in
-    row-major order (one ``sum`` of the entries in that memory order)."""
-    return xp.sum(_unpick(xp, parts, [stack.tiles for stack in plan.stacks], flat=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -860,30 +532,6 @@ def _sum_in_tile_order(xp, parts: Sequence[Any], plan: _Plan):
 # diagonal factors (b, d). if_shampoo's `stacks` forms the stacks, so b equal-shape groups share every
 # product. Each helper below is one piece of math for both factor structures; its docstring states
 # the plain formula and tests/methods/test_root_free_helpers.py checks it against that formula.
-
-
-def _per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
-    """Per-group 0-D ``values``, the group of ``lengths[j]`` consecutive tiles of a stack ``like``
-    (b, ...) taking ``values[j]``, shaped to scale ``like`` tile by tile: ``values[0]`` itself for one
-    group (it broadcasts), else the (b, 1, ..., 1) vector of each tile's value."""
-    if len(values) == 1:
-        return values[0]
-    per_tile = xp.concat([xp.broadcast_to(xp.reshape(v, (1,)), (n,)) for v, n in zip(values, lengths)])
-    return _per_member(xp, per_tile, len(like.shape) - 1)
-
-
-def _per_member(xp, value, trailing: int):
-    """A per-group value of shape (b,) with ``trailing`` unit axes; scalars pass through."""
-    if is_number(value):  # a host number (under torch.compile maybe a symbolic one, with no attributes)
-        return value
-    if hasattr(value, "shape") and len(value.shape) == 1:
-        return xp.reshape(value, (value.shape[0],) + (1,) * trailing)
-    return value
-
-
-def _per_block(xp, value, factor):
-    """A per-group value (b,) shaped to multiply a stack of factors (or their momenta)."""
-    return _per_member(xp, value, factor.ndim - 1)
 
 
 def _along(xp, diagonal, axis: int, ndim: int):
@@ -970,14 +618,14 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
     new_factors, new_momenta = [], []
     for n, K in enumerate(factors):
         Y = cast(xp, Y, K.dtype)
-        M = (KtK[n] * _per_block(xp, (damping / 2) * _product_except(xp, t, n, K.dtype) * math.prod(dims), K)
+        M = (KtK[n] * per_block(xp, (damping / 2) * _product_except(xp, t, n, K.dtype) * math.prod(dims), K)
              + _unfolding_gram(xp, Y, n + 1, K) * (dims[n] / 2) - 0.5 * _identity(xp, K))
         if momenta is not None:
             M = factor_momentum * momenta[n] + (1 - factor_momentum) * M  # m_n ← α₂ m_n + (1−α₂) M_n
             new_momenta.append(M)
         norm = _frobenius(xp, M)
         step_size = factor_lr / xp.maximum(norm, xp.ones_like(norm)) if clamp else factor_lr
-        new_factors.append(K - _times(xp, K, M) * _per_block(xp, step_size, K))  # K_n ← K_n − β₂/max(1,‖m_n‖)·K_n m_n
+        new_factors.append(K - _times(xp, K, M) * per_block(xp, step_size, K))  # K_n ← K_n − β₂/max(1,‖m_n‖)·K_n m_n
     return tuple(new_factors), (tuple(new_momenta) if momenta is not None else None)
 
 
@@ -991,7 +639,7 @@ def _precondition(xp, grouped, factors, rescale: bool):
         if rescale:
             largest = xp.max(xp.abs(factor), axis=tuple(range(1, factor.ndim)))
             sigma = xp.maximum(xp.sqrt(largest), xp.ones_like(largest))
-            factor = factor / _per_block(xp, sigma, factor)
+            factor = factor / per_block(xp, sigma, factor)
             scale_product = sigma * sigma if scale_product is None else scale_product * (sigma * sigma)
         grouped = cast(xp, grouped, factor.dtype)
         if _is_diagonal(factor):
@@ -999,7 +647,7 @@ def _precondition(xp, grouped, factors, rescale: bool):
         else:
             grouped = mode_product(mode_product(grouped, factor, n + 1, transpose=True), factor, n + 1)
     if scale_product is not None:
-        grouped = grouped * _per_member(xp, xp.astype(scale_product, grouped.dtype), ndim - 1)
+        grouped = grouped * per_block(xp, xp.astype(scale_product, grouped.dtype), grouped)
     return grouped
 
 
@@ -1026,43 +674,8 @@ def _principled_keep_unusable(xp, grouped, old, new):
     failed = xp.logical_and(xp.logical_not(finite), nonzero)
     if host_bool(xp, xp.all(accept)):  # read where that is free: the selections would keep all of `new`
         return tuple(new) + (failed,)
-    kept = tuple(xp.where(_per_member(xp, accept, len(a.shape) - 1), a, b) for a, b in zip(new, old))
+    kept = tuple(xp.where(per_block(xp, accept, a), a, b) for a, b in zip(new, old))
     return kept + (failed,)
-
-
-def _settle_kept_factors(xp: Any, ctx: StepContext, stack_states: Sequence[list], fields: Sequence[Any]) -> None:
-    """Tell the transform that the refreshed factor entries (principled) need no skip selection:
-    on a skipped step the transform zeroes every gradient (except on JAX, where the selection is
-    fused anyway), and a tile whose gradient is zero keeps its factor state (S2,
-    :func:`_principled_keep_unusable`), so each entry already is its old value. Saves one
-    ``where`` per factor entry and step where ``ok`` cannot be read (a GPU)."""
-    if is_jax_namespace(xp):
-        return
-    ctx.settle(entry for stacks, state in zip(stack_states, fields) for new, old in zip(stacks, state.stacks)
-               if new is not old for entry in new.factor + new.factor_momentum)
-
-
-def _per_step_operands(xp) -> Callable[[Any, Any], Any]:
-    """``operand(value, like)``: a hyperparameter as an operand of arithmetic with ``like``, made once
-    per step and dtype: a 0-D array of ``like``'s dtype (torch turns a Python number into a fresh
-    tensor at every operation it meets), or ``astype(value)`` of an array hyperparameter."""
-    made: dict = {}  # (number, dtype) -> its 0-D array
-    made_from = IdentityDict()  # array hyperparameter -> {dtype: its astype}
-
-    def operand(value: Any, like: Any) -> Any:
-        if _is_number(value):
-            key = (value, like.dtype)
-            if key not in made:
-                made[key] = scalar_array(xp, value, like.dtype, array_device(like))
-            return made[key]
-        by_dtype = made_from.get(value)
-        if by_dtype is None:
-            by_dtype = made_from[value] = {}
-        if like.dtype not in by_dtype:
-            by_dtype[like.dtype] = xp.astype(value, like.dtype)
-        return by_dtype[like.dtype]
-
-    return operand
 
 
 def _tile_inner(xp, D, G):
@@ -1084,6 +697,137 @@ def _kl_clip_scales(xp, inner: Sequence[Any], learning_rate: Any, kl_clip: Any) 
         for g, scale in zip(members, xp.unstack(scales)):
             nu[g] = scale
     return nu
+
+
+class IFShampooConfig(NamedTuple):
+    """IF-Shampoo's hyperparameters (:func:`if_shampoo`), validated there."""
+
+    learning_rate: Any
+    momentum: Any
+    preconditioner_lr: Any
+    preconditioner_momentum: Any
+    damping: Any
+    weight_decay: Any
+    batch_size: Any
+    kl_clip: Any
+    clamp_factor_step: bool
+    faithful: bool
+    use_momentum: bool
+    use_factor_momentum: bool
+    use_decay: bool
+    use_kl_clip: bool
+
+
+class _IFShampooStep(NamedTuple):
+    """A step's scalars: the batch size ``B``, the factor step size ``beta2`` (β₂), ``eta`` (η) and
+    ``minus_eta`` (−η, the factor of the step)."""
+
+    B: Any
+    beta2: Any
+    eta: Any
+    minus_eta: Any
+
+
+def _if_shampoo_step(c: IFShampooConfig, value, extra) -> _IFShampooStep:
+    B = _batch_size("if_shampoo", c.batch_size, extra)  # from update(..., batch_size=) or the factory
+    eta = value(c.learning_rate)
+    return _IFShampooStep(B, value(c.preconditioner_lr), eta, -eta)
+
+
+def _init_factors(xp, c: IFShampooConfig, k: int, dims, diagonal, dtypes, dev) -> _StackFactors:
+    """K_n = I for each of the ``k`` tiles of a stack (diagonal: a vector of ones), m_n = 0."""
+    factors = tuple(xp.ones((k, d), dtype=dtype, device=dev) if diag
+                    else xp.zeros((k, d, d), dtype=dtype, device=dev) + xp.eye(d, dtype=dtype, device=dev)
+                    for d, diag, dtype in zip(dims, diagonal, dtypes))
+    momenta = tuple(xp.zeros(K.shape, dtype=K.dtype, device=dev) for K in factors) if c.use_factor_momentum else ()
+    return _StackFactors(factor=factors, factor_momentum=momenta)
+
+
+def _refresh(xp, c: IFShampooConfig, h: _IFShampooStep, lr, G, s: _StackFactors) -> tuple:
+    """Figure 3's factor step on one stack of tiles (:func:`_factor_step`, step size ``lr``: β₂, or
+    β₂ times each tile's group's ``preconditioner_lr_scale``); principled: a tile's factors kept
+    where its gradient is zero or its step not finite (S2, S3). Returns the new factors and, per
+    tile, whether its step failed (S3)."""
+    rank, dtype = len(s.factor), s.factor[0].dtype
+    sqrt_B = math.sqrt(h.B) if is_number(h.B) else xp.sqrt(xp.astype(h.B, G.dtype))
+    K, m = _factor_step(
+        xp, G, s.factor, s.factor_momentum if c.use_factor_momentum else None, sqrt_B, as_operand(xp, c.damping, dtype),
+        as_operand(xp, lr, dtype), as_operand(xp, c.preconditioner_momentum, dtype), c.clamp_factor_step,
+    )
+    new = K + (m or ())
+    if c.faithful:
+        failed = xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G))
+    else:
+        *new, failed = _principled_keep_unusable(xp, G, s.factor + s.factor_momentum, new)
+    return _StackFactors(factor=tuple(new[:rank]), factor_momentum=tuple(new[rank:])), failed
+
+
+def _preconditioned(xp, c: IFShampooConfig, G, factors):
+    """D = G ×_1 P_1 … ×_N P_N (:func:`_precondition`), with SIRFShampoo's rescaling in faithful mode
+    and for half-precision factors."""
+    return _precondition(xp, G, factors, rescale=c.faithful or any(xp.finfo(K.dtype).bits < 32 for K in factors))
+
+
+def _kl_clip(xp, c: IFShampooConfig, h: _IFShampooStep, inner: Sequence[Any]) -> list:
+    """S8's ν of every group from its ⟨D, G⟩ (:func:`_kl_clip_scales`)."""
+    return _kl_clip_scales(xp, inner, h.eta, c.kl_clip)
+
+
+def _descend(xp, c: IFShampooConfig, operand, D, W, v, zero) -> tuple:
+    """The last lines, element-wise; ``W`` is ``None`` without weight decay, ``v`` without momentum."""
+    U = D
+    if W is not None:
+        U = U + operand("weight_decay", U) * cast(xp, W, U.dtype)  # U = D + κW
+    if v is not None:
+        U = operand("momentum", v) * v + cast(xp, U, v.dtype)  # v ← α₁ v + U
+    else:
+        U = cast(xp, U, zero.dtype)  # the leaf's work dtype
+    return operand("minus_eta", U) * U, U  # W ← W − η v
+
+
+# IF-Shampoo, Lin et al. (ICML 2024) Figure 3 / spec §2.3, for a group G with factors K_n, P_n = K_nK_nᵀ
+# (principled: for each tile of G, S9, with its own factors; tile t refreshes at its offset, S10):
+#   if T(count):                                  every T steps, all axes from the old factors (_refresh)
+#       Y   = √B·G ×_1 K_1ᵀ … ×_N K_Nᵀ;  t_i = Tr(K_iᵀK_i)/d_i
+#       M_n = ½[λ Π_{i≠n} t_i K_nᵀK_n + Y_(n)Y_(n)ᵀ/Π_{i≠n} d_i − I]     (diagonal K_n: its diagonal)
+#       m_n ← α₂ m_n + (1−α₂) M_n;  K_n ← K_n − β₂/max(1, ‖m_n‖_F)·K_n m_n   (S2, S3: kept if unusable)
+#   D = G ×_1 P_1 … ×_N P_N  (_preconditioned);  D ← ν D, ν = min(1, √(κ_clip/(η²⟨D, G⟩)))  (S8, _kl_clip)
+#   U = D + κW;  v ← α₁ v + U;  W ← W − η v   (_descend)
+IF_SHAMPOO = TiledRule(
+    "if_shampoo", _IFShampooState, _StackFactors, _if_shampoo_step, _init_factors, _refresh, _preconditioned,
+    _tile_inner, _kl_clip, _descend,
+)
+
+_MISFIT = (
+    "with grouping='weight_bias' a weight and its bias are one group (give both gradients, a zero one for a member "
+    "without); a state saved unblocked (before block_size existed, or with another block_size) loads with that "
+    "block_size (block_size=4096, max_dense_dim=4096 reproduce the layout of version 0.x's principled defaults)"
+)
+
+
+def _diagonal_axes(structures: Any, max_dense_dim: Optional[int], dims: tuple, where: str) -> tuple:
+    """Which axes of a group's tensor have a diagonal factor: those ``structures`` names so, and (S4,
+    only on request) those longer than ``max_dense_dim``."""
+    kinds = _per_axis(structures, len(dims), "structures", where)
+    limit = None if max_dense_dim is None else int(max_dense_dim)
+    return tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
+
+
+def _factor_dtypes(factor_dtype: Any, faithful: bool, xp, leaf, rank: int, where: str) -> list:
+    """The factors' dtype per axis: ``factor_dtype``, else bf16 on an accelerator (S1, principled),
+    else the compute dtype (principled) or the parameter's (faithful)."""
+    dtypes = []
+    for dtype in _per_axis(factor_dtype, rank, "factor_dtype", where):
+        if dtype is None and not faithful and xp.finfo(leaf.dtype).bits <= 32:
+            dtype = half_precision_dtype(leaf)  # S1: bf16 factors on an accelerator
+        dtypes.append(_state_dtype(xp, leaf.dtype, dtype, lambda xp, p: p, faithful))
+    return dtypes
+
+
+def _work_dtype(faithful: bool, xp, dtype):
+    """The dtype of the grouped gradient and of the momentum: the parameters' (faithful), else their
+    compute dtype (S6)."""
+    return dtype if faithful else compute_dtype(xp, dtype)
 
 
 def _per_axis(option: Any, rank: int, what: str, where: str) -> tuple:
@@ -1315,281 +1059,29 @@ def if_shampoo(
                          "use mode='principled'")
     if precondition_every is None:
         precondition_every = 1 if faithful else _PRECONDITION_EVERY  # S7
-    dense_limit = max_dense_dim  # S4: diagonal factors only on request (the paper's device for long axes)
     if block_size is None:
         block_size = None if faithful else _BLOCK_SIZE  # S9: long axes cut into blocks
     if spread_refresh is None:
         spread_refresh = not faithful  # S10
     if kl_clip is None:
         kl_clip = 0.0 if faithful else _KL_CLIP
-    use_kl_clip = not is_zero(kl_clip)
-    use_momentum = not is_zero(momentum)
-    use_factor_momentum = not is_zero(preconditioner_momentum)
-    use_decay = not is_zero(weight_decay)
+    config = IFShampooConfig(
+        learning_rate, momentum, preconditioner_lr, preconditioner_momentum, damping, weight_decay, batch_size, kl_clip,
+        clamp_factor_step, faithful, use_momentum=not is_zero(momentum),
+        use_factor_momentum=not is_zero(preconditioner_momentum), use_decay=not is_zero(weight_decay),
+        use_kl_clip=not is_zero(kl_clip),
+    )
+    layout = TileLayout(
+        block_size=block_size, interval=precondition_every, stagger=spread_refresh,
+        diagonal=partial(_diagonal_axes, structures, max_dense_dim), factor_dtypes=partial(_factor_dtypes, factor_dtype, faithful),
+        work_dtype=partial(_work_dtype, faithful), group_scale=preconditioner_lr_scale, counted=not faithful,
+        old_layout=None if faithful else old_layout_hint,
+    )
     # One refresh predicate per phase (S10): tile t of a blocked group refreshes when count % T == t % T
     # (and on the first call); phase 0 is the plain interval, so an unblocked model refreshes as before.
     spread = spread_refresh and isinstance(precondition_every, int) and precondition_every > 1
-    refresh_at = spread_schedule(precondition_every, spread)
-    scaled_beta2 = preconditioner_lr_scale is not None  # one β₂ per group
-
-    plans: dict = {}  # (shapes, out_first) -> plan(...): the tile plan is made once per layout, not every step
-
-    def plan(shapes, out_first: bool, where: str) -> tuple:
-        """(squeezed dims, per-axis diagonal flags, tile plan) of a group's tensor."""
-        key = (tuple(shapes), out_first)
-        if key not in plans:
-            _, dims = _grouped_shape(shapes, out_first)
-            kinds = _per_axis(structures, len(dims), "structures", where)
-            limit = None if dense_limit is None else int(dense_limit)
-            diagonal = tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
-            plans[key] = dims, diagonal, _stack_plan(_tile_plan(dims, diagonal, block_size, precondition_every, spread_refresh))
-        return plans[key]
-
-    @cached_template  # one object per layout: from_entries caches it by identity
-    def layout(tile_plan: _Plan, rank: int, members: int) -> _IFShampooState:
-        """The fields a group's state has (any leaves; :func:`precond_ref.tree.from_entries`' template)."""
-        return _IFShampooState(
-            stacks=tuple(_StackFactors(factor=(0,) * rank, factor_momentum=(0,) * rank if use_factor_momentum else ())
-                         for _ in tile_plan.stacks),
-            momentum=(0,) * members if use_momentum else (),
-            preconditioner_lr_scale=0 if scaled_beta2 else None,
-            factor_failures=None if faithful else 0,
-        )
-
-    def init_group(leaves, paths, xp):
-        shapes = [tuple(x.shape) for x in leaves]
-        where = path_str(paths[0])
-        out_first = len(leaves) == 1 or paths[0][-1] != _OUT_LAST_WEIGHT
-        dims, diagonal, tile_plan = plan(shapes, out_first, where)
-        param_dtype = leaves[0].dtype
-        dev = array_device(leaves[0])
-        dtypes = []
-        for dtype in _per_axis(factor_dtype, len(dims), "factor_dtype", where):
-            if dtype is None and not faithful and xp.finfo(param_dtype).bits <= 32:
-                dtype = half_precision_dtype(leaves[0])  # S1: bf16 factors on an accelerator
-            dtypes.append(_state_dtype(xp, param_dtype, dtype, lambda xp, p: p, faithful))
-        stack_states = []
-        for stack in tile_plan.stacks:
-            k, factors = len(stack.tiles), []
-            for d, diag, dtype in zip(_tile_shape(tile_plan.tiles[stack.tiles[0]]), diagonal, dtypes):
-                factors.append(xp.ones((k, d), dtype=dtype, device=dev) if diag  # K = I for each tile
-                               else xp.zeros((k, d, d), dtype=dtype, device=dev) + xp.eye(d, dtype=dtype, device=dev))
-            momenta = tuple(xp.zeros(K.shape, dtype=K.dtype, device=dev) for K in factors) if use_factor_momentum else ()
-            stack_states.append(_StackFactors(factor=tuple(factors), factor_momentum=momenta))
-        buffer_dtype = param_dtype if faithful else compute_dtype(xp, param_dtype)
-        lr_scale = None
-        if preconditioner_lr_scale is not None:
-            scale = preconditioner_lr_scale(paths[0])
-            check_positive(f"preconditioner_lr_scale({where!r})", scale)
-            lr_scale = xp.asarray(scale, dtype=compute_dtype(xp, param_dtype), device=dev)
-        return to_entries(_IFShampooState(
-            stacks=tuple(stack_states),
-            momentum=tuple(xp.zeros(shape, dtype=buffer_dtype, device=dev) for shape in shapes) if use_momentum else (),
-            preconditioner_lr_scale=lr_scale,
-            factor_failures=None if faithful else xp.zeros((), dtype=xp.int32, device=dev),
-        ))
-
-    def legacy_names(entries: dict) -> dict:
-        """``build_transform``'s ``legacy_names``: a group's state under the names of an earlier
-        version (:func:`_legacy_entry_names`) or in its per-tile layout (:func:`_stacked_tiles`,
-        the tiles' phases from this factory's interval) as the current stacks; the very dict when
-        it is current."""
-        return _stacked_tiles(_legacy_entry_names(entries), precondition_every, spread_refresh)
-
-    def half_factors(xp, factors) -> bool:
-        return any(xp.finfo(f.dtype).bits < 32 for f in factors)
-
-    def on_stack(stack: _StackFactors, refreshing: bool) -> tuple:
-        """A stack's state as operands: K_1..K_N, then (refreshing, α₂ ≠ 0) m_1..m_N."""
-        return stack.factor + stack.factor_momentum if refreshing else stack.factor
-
-    def laid_out(state, shapes, where: str):
-        """Out-first (weight (d_out, d_in)) or out-last pairing, read off the state's factor sizes,
-        the group's plan, and its state as fields; a state that fits neither is a clear error."""
-        for out_first in (True, False) if len(shapes) > 1 else (True,):
-            dims, diagonal, tile_plan = plan(shapes, out_first, where)
-            try:
-                fields = from_entries(layout(tile_plan, len(dims), len(shapes)), state)
-            except KeyError:
-                continue
-            if all(tuple(K.shape[:2]) == (len(stack.tiles), d) for stack, stack_state in zip(tile_plan.stacks, fields.stacks)
-                   for K, d in zip(stack_state.factor, _tile_shape(tile_plan.tiles[stack.tiles[0]]))):
-                return out_first, dims, tile_plan, fields
-        found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k and k != "factor_failures"}
-        raise ValueError(
-            f"if_shampoo: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
-            f"state ({found}); with grouping='weight_bias' a weight and its bias are one group (give both "
-            f"gradients, a zero one for a member without); a state saved unblocked (before block_size existed, "
-            f"or with another block_size) loads with that block_size (block_size=4096, max_dense_dim=4096 "
-            f"reproduce the layout of version 0.x's principled defaults)"
-        )
-
-    def prepare(grads, state, ctx):
-        """One group's grouped tensor G (work dtype), its tiles as the stacks of its plan, and what it
-        takes to ungroup the step; and its state as fields."""
-        xp = ctx.xp
-        shapes = [tuple(g.shape) for g in grads]
-        out_first, dims, tile_plan, fields = laid_out(state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
-        full, squeezed = _grouped_shape(shapes, out_first)
-        work_dtype = grads[0].dtype if faithful else compute_dtype(xp, grads[0].dtype)
-        grouped = _group_tensor(xp, grads, full, squeezed, out_first, work_dtype)
-        stacks = _cut_stacks(xp, grouped, tile_plan)
-        return _Group(grouped, len(dims), shapes, full, out_first, work_dtype, tile_plan, stacks), fields
-
-    def batches(xp, groups, stack_states, phase, refreshing: bool) -> tuple:
-        """The stacks on refresh phase ``phase`` (every stack: ``None``) of all groups, as
-        (their (group, stack) numbers, :func:`precond_ref.blocking.stack` of their operands
-        (G, K_1..K_N[, m_1..m_N])): the stacks of one tile shape, factor layout and device are
-        concatenated along the tile axis, one ``concat`` per operand whatever the number of tiles."""
-        chosen = [(i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks)
-                  if phase is None or stack.phase == phase]
-        operands = [(groups[i].stacks[s],) + on_stack(stack_states[i][s], refreshing) for i, s in chosen]
-        return chosen, stack_alike(xp, operands)
-
-    def factor_lr(xp, beta2, fields, chosen, batch):
-        """β₂ for a batch of stacks: one number, or with ``preconditioner_lr_scale`` each tile's group's multiple (b,)."""
-        if not scaled_beta2:
-            return beta2
-        scales = [xp.broadcast_to(fields[chosen[m][0]].preconditioner_lr_scale, (k,))
-                  for m, k in zip(batch.indices, batch.lengths)]
-        return beta2 * (scales[0] if len(scales) == 1 else xp.concat(scales))
-
-    def store(xp, stack_states, failures, chosen, batched, results, ctx) -> None:
-        """Refreshed batches back into the groups' stacks (one split per operand and batch);
-        principled: each group adds its tiles' failures to its count (S3), none on a skipped step
-        (the non-finite rule's selection, made once per batch on the failure flags)."""
-        counted = [not faithful and host_bool(xp, xp.any(out[-1])) is not False for out in results]  # read where free
-        counted = {m: flag for batch, flag in zip(batched, counted) for m in batch.indices}
-        selecting = not faithful and ctx.ok is not None and not ctx.applied
-        if selecting:
-            results = [(*out[:-1], xp.logical_and(out[-1], ctx.ok)) for out in results]
-        for m, ((i, s), out) in enumerate(zip(chosen, unstack_alike(batched, results, len(chosen)))):
-            *state, failed = out
-            rank = len(state) // 2 if use_factor_momentum else len(state)
-            stack_states[i][s] = _StackFactors(factor=tuple(state[:rank]), factor_momentum=tuple(state[rank:]))
-            if counted[m]:
-                failures[i] = failures[i] + xp.sum(xp.astype(failed, xp.int32), dtype=xp.int32)
-                if selecting:
-                    ctx.settled[failures[i]] = True
-
-    def refreshed(xp, B, G, lr, *state):
-        """Figure 3's factor step on one stack of tiles: K_n, m_n, and per tile whether it failed (S2, S3)."""
-        rank, dtype = len(G.shape) - 1, state[0].dtype
-        sqrt_B = math.sqrt(B) if _is_number(B) else xp.sqrt(xp.astype(B, G.dtype))
-        K, m = _factor_step(
-            xp, G, state[:rank], state[rank:] if use_factor_momentum else None, sqrt_B, as_operand(xp, damping, dtype),
-            as_operand(xp, lr, dtype), as_operand(xp, preconditioner_momentum, dtype), clamp_factor_step,
-        )
-        new = K + (m or ())
-        if faithful:
-            return new + (xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G)),)
-        return _principled_keep_unusable(xp, G, state, new)
-
-    def unchanged(xp, G, *state):
-        return state + (xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G)),)
-
-    # IF-Shampoo, Lin et al. (ICML 2024) Figure 3 / spec §2.3, for a group G with factors K_n, P_n = K_nK_nᵀ
-    # (principled: for each tile of G, S9, with its own factors; tile t refreshes at its offset, S10):
-    #   if T(count):                                  every T steps, all axes from the old factors
-    #       Y   = √B·G ×_1 K_1ᵀ … ×_N K_Nᵀ;  t_i = Tr(K_iᵀK_i)/d_i
-    #       M_n = ½[λ Π_{i≠n} t_i K_nᵀK_n + Y_(n)Y_(n)ᵀ/Π_{i≠n} d_i − I]     (diagonal K_n: its diagonal)
-    #       m_n ← α₂ m_n + (1−α₂) M_n;  K_n ← K_n − β₂/max(1, ‖m_n‖_F)·K_n m_n   (S2, S3: kept if unusable)
-    #   D = G ×_1 P_1 … ×_N P_N;  D ← ν D, ν = min(1, √(κ_clip/(η²⟨D, G⟩)))         (S8, principled)
-    #   U = D + κW;  v ← α₁ v + U;  W ← W − η v
-    # A group's tiles and their factors are stacks (a leading tile axis): the tiles of one shape and
-    # refresh phase are one stack, so a phase refreshes whole stacks; the refresh and D run on the
-    # stacks of all groups, concatenated where equal (`batches`); the rest per group.
-
-    def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
-        xp = ctxs[0].xp
-        refresh = [ctxs[0].every(interval) for interval in refresh_at]  # per phase: a host bool, or an array
-        B = _batch_size("if_shampoo", batch_size, ctxs[0].extra)
-        beta2, eta = ctxs[0].value(preconditioner_lr), ctxs[0].value(learning_rate)
-        groups, fields = zip(*(prepare(g, s, c) for g, s, c in zip(grads_list, states, ctxs)))
-        stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
-        failures = [f.factor_failures for f in fields]
-
-        for phase, due in enumerate(refresh):  # K_n, m_n ← the factor step, on the stacks due (S10)
-            if due is False:
-                continue
-            chosen, batched = batches(xp, groups, stack_states, phase, refreshing=True)
-            results = []
-            for batch in batched:
-                G, *state = batch.operands
-                lr = factor_lr(xp, beta2, fields, chosen, batch)
-                results.append(cond(xp, due, partial(refreshed, xp, B, G, lr), partial(unchanged, xp, G), *state))
-            store(xp, stack_states, failures, chosen, batched, results, ctxs[0])
-        if not faithful:
-            _settle_kept_factors(xp, ctxs[0], stack_states, fields)
-
-        chosen, batched = batches(xp, groups, stack_states, None, refreshing=False)
-        D_batched = []
-        for batch in batched:  # D = G ×_1 P_1 … ×_N P_N
-            G, *K = batch.operands
-            D_batched.append(_precondition(xp, G, K, rescale=faithful or half_factors(xp, K)))
-        if use_kl_clip:  # S8, K-FAC's order: clip the preconditioned gradient, then the momentum
-            inner = [[None] * len(group.plan.stacks) for group in groups]  # ⟨D, G⟩ of each tile
-            tile_inner = [(_tile_inner(xp, D, batch.operands[0]),) for D, batch in zip(D_batched, batched)]
-            for (i, s), (out,) in zip(chosen, unstack_alike(batched, tile_inner, len(chosen))):
-                inner[i][s] = out
-            # ⟨D, G⟩ of a group: its tiles' summed in row-major order; ν of each group
-            nu = _kl_clip_scales(xp, [_sum_in_tile_order(xp, inner[g], group.plan) for g, group in enumerate(groups)],
-                                 eta, kl_clip)
-            D_batched = [D * _per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)  # D ← ν D
-                         for D, batch in zip(D_batched, batched)]
-        parts = [[None] * len(group.plan.stacks) for group in groups]
-        for (i, s), (D,) in zip(chosen, unstack_alike(batched, [(D,) for D in D_batched], len(chosen))):
-            parts[i][s] = D
-        hyper = _per_step_operands(xp)
-        minus_eta = -eta  # exact in every dtype: once, not once per leaf
-
-        directions, members = [], []  # every leaf's D, and its (group, member) numbers
-        for g, group in enumerate(groups):
-            D = _join_stacks(xp, parts[g], group.plan)
-            for k, D_k in enumerate(_ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
-                directions.append(D_k)
-                members.append((g, k))
-
-        def descend(D, *rest):  # one leaf, or the leaves of one layout joined end to end (leafwise)
-            W = rest[0] if use_decay else None
-            v = rest[-2] if use_momentum else None
-            U = D
-            if use_decay:
-                U = U + hyper(weight_decay, U) * cast(xp, W, U.dtype)  # U = D + κW
-            if use_momentum:
-                U = hyper(momentum, v) * v + cast(xp, U, v.dtype)  # v ← α₁ v + U
-            else:
-                U = cast(xp, U, rest[-1].dtype)  # the leaf's work dtype (its zero's)
-            return hyper(minus_eta, U) * U, (ctxs[0].unless_skipped(U, v) if use_momentum else U)  # W ← W − η v
-
-        operands = [directions]
-        if use_decay:
-            operands.append([params_list[g][k] for g, k in members])
-        if use_momentum:
-            operands.append([fields[g].momentum[k] for g, k in members])
-        work_zeros = [hyper(0.0, groups[g].grouped) for g, _ in members]  # G is in the work dtype
-        steps = leafwise(xp, descend, *operands, zeros=work_zeros, ctx=ctxs[0])
-        updates: list = [[] for _ in groups]
-        velocities: list = [[] for _ in groups]
-        for (g, _), (update, velocity) in zip(members, steps):
-            updates[g].append(update)
-            if use_momentum:
-                velocities[g].append(velocity)
-        results = []
-        for g, state in enumerate(fields):
-            new_state = state._replace(
-                stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]), factor_failures=failures[g])
-            results.append((tuple(updates[g]), to_entries(new_state)))
-        return results
-
-    return build_transform(
-        name="if_shampoo",
-        init_group=init_group,
-        update_groups=update_groups,
-        group_leaves=weight_bias_groups if grouping == "weight_bias" else singleton_groups,
-        on_nonfinite=on_nonfinite,
-        needs_params=use_decay,
-        intervals=refresh_at,
-        layout_hint=None if faithful else _old_layout_hint,
-        legacy_names=legacy_names,
+    return tiled_transform(
+        IF_SHAMPOO, config, layout, group_leaves=weight_bias_groups if grouping == "weight_bias" else singleton_groups,
+        on_nonfinite=on_nonfinite, needs_params=config.use_decay, intervals=spread_schedule(precondition_every, spread),
+        misfit=_MISFIT,
     )

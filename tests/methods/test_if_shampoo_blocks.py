@@ -10,6 +10,7 @@ import pytest
 
 import precond_ref as pr
 from precond_ref.methods import root_free
+from precond_ref.engine import tiles as tiling
 from skipped_steps import assert_skipped_steps_keep_state
 
 EPS64 = np.finfo(np.float64).eps
@@ -92,7 +93,7 @@ def test_tiles_refresh_at_their_offsets(stagger):
     T, steps = 3, 7
     opt = pr.if_shampoo(batch_size=2, precondition_every=T, block_size=2, spread_refresh=stagger)
     params = {"w": rng.normal(size=(6, 2))}  # three tiles of 2 x 2
-    plan = root_free._stack_plan(root_free._tile_plan((6, 2), (False, False), 2, T, stagger))
+    plan = tiling.stack_plan(tiling.tile_plan((6, 2), (False, False), 2, T, stagger))
     where = {t: (s, stack.tiles.index(t)) for s, stack in enumerate(plan.stacks) for t in stack.tiles}
     factor = lambda state, t: state.groups["w"][f"stacks/{where[t][0]}/factor/0"][where[t][1]]  # noqa: E731  tile t's K_1
     state = opt.init(params)
@@ -264,7 +265,7 @@ def test_leaves_joined_for_the_last_lines_get_what_each_computes_alone(momentum,
         kw = dict(learning_rate=0.1, momentum=momentum, weight_decay=weight_decay, precondition_every=2, batch_size=4)
         monkeypatch.setattr(transform, "stack", counted)
         joined, joined_state = _steps(pr.if_shampoo(**kw), params, grads)
-        monkeypatch.setattr(root_free, "leafwise", leaf_by_leaf)
+        monkeypatch.setattr(tiling, "leafwise", leaf_by_leaf)
         alone, alone_state = _steps(pr.if_shampoo(**kw), params, grads)
         monkeypatch.undo()
         assert max(joins) >= 2

@@ -16,6 +16,7 @@ import pytest
 
 import precond_ref as pr
 from precond_ref.methods import root_free
+from precond_ref.engine import tiles as tiling
 from precond_ref.transform import PrecondState
 from precond_ref.tree import from_entries, path_str, to_entries, tree_flatten, tree_unflatten
 from loading import load_file
@@ -85,15 +86,15 @@ def test_legacy_entry_names_give_every_old_key_its_field_path():
     a, b, c, d, e, f = (object() for _ in range(6))
     old_unblocked = {"factor_0": a, "factor_momentum_0": b, "momentum_0": c, "factor_failures": d,
                      "preconditioner_lr_scale": e}
-    assert root_free._legacy_entry_names(old_unblocked) == {
+    assert tiling.legacy_entry_names(old_unblocked) == {
         "tiles/0/factor/0": a, "tiles/0/factor_momentum/0": b, "momentum/0": c, "factor_failures": d,
         "preconditioner_lr_scale": e}
     old_blocked = {"tile_0/factor_0": a, "tile_11/factor_1": b, "tile_11/factor_momentum_1": c,
                    "momentum_1": f}
-    assert root_free._legacy_entry_names(old_blocked) == {
+    assert tiling.legacy_entry_names(old_blocked) == {
         "tiles/0/factor/0": a, "tiles/11/factor/1": b, "tiles/11/factor_momentum/1": c, "momentum/1": f}
     current = {"tiles/0/factor/0": a, "momentum/0": c, "factor_failures": d}
-    assert root_free._legacy_entry_names(current) is current
+    assert tiling.legacy_entry_names(current) is current
 
 
 @pytest.mark.parametrize("mode", ["principled", "faithful"])
@@ -182,7 +183,7 @@ def test_stacked_tiles_stacks_each_tile_of_one_shape_and_phase():
                 for t, dims in enumerate(shapes) for name in ("factor", "factor_momentum") for n, d in enumerate(dims)}
     per_tile.update({"momentum/0": rng.normal(size=(10, 7)), "factor_failures": np.zeros((), np.int32)})
     for every, stacks in ((3, [(0,), (1,), (2,), (3,), (4,), (5,)]), (1, [(0, 2), (1, 3), (4,), (5,)])):
-        got = root_free._stacked_tiles(per_tile, every, True)
+        got = tiling.stacked_tiles(per_tile, every, True)
         assert got["momentum/0"] is per_tile["momentum/0"] and "factor_failures" in got
         for s, tiles in enumerate(stacks):
             for name in ("factor", "factor_momentum"):
@@ -192,7 +193,7 @@ def test_stacked_tiles_stacks_each_tile_of_one_shape_and_phase():
         init = pr.if_shampoo(batch_size=2, block_size=4, precondition_every=every).init({"w": np.zeros((10, 7))})
         assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in init.groups["w"].items()}
     current = init.groups["w"]
-    assert root_free._stacked_tiles(current, 1, True) is current
+    assert tiling.stacked_tiles(current, 1, True) is current
 
 
 @pytest.mark.parametrize("mode", ["principled", "faithful"])

@@ -216,15 +216,3 @@ def test_if_shampoo_steps_are_the_same_when_large_stacks_stand_alone(monkeypatch
     assert len(alone) == len(together)
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)
-
-
-def test_per_tile_scales_each_tile_by_its_groups_value(rng):
-    """``_per_tile``: a stack of tiles from groups of ``lengths`` consecutive tiles, each group's
-    0-D value repeated over its tiles (``np.repeat``) and shaped to broadcast over the tile axes,
-    so ``stack * _per_tile(...)`` is each group's tiles times its value; one group: its value itself."""
-    stack = rng.standard_normal((6, 3, 2))
-    values, lengths = [np.asarray(0.5), np.asarray(-2.0), np.asarray(3.0)], [2, 1, 3]
-    scale = rf._per_tile(xp, values, lengths, stack)
-    assert scale.shape == (6, 1, 1)
-    np.testing.assert_array_equal(stack * scale, stack * np.repeat(np.stack(values), lengths)[:, None, None])
-    assert rf._per_tile(xp, values[:1], [6], stack) is values[0]

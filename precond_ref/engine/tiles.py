@@ -1,0 +1,643 @@
+"""Tiles: a tensor's long axes cut into blocks (Distributed Shampoo's blocking), each tile of the
+tensor an independent block of a method with its own state, and the tiles of one shape and refresh
+phase kept as one stack (a leading tile axis), so that a rule states its step for one stack.
+
+:func:`tile_plan` cuts a tensor, :func:`stack_plan` groups its tiles into stacks and regions (boxes of
+equal tiles), :func:`cut_stacks` and :func:`join_stacks` take a tensor to its stacks and back by
+reshapes; :func:`legacy_entry_names` and :func:`stacked_tiles` migrate a state saved per tile (or
+under the names of earlier versions) to the stacks."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from typing import Any, NamedTuple, Optional, Sequence
+
+from functools import partial
+from typing import Callable
+
+from array_api_compat import array_namespace, is_jax_namespace
+
+from .._backend import (
+    array_device, compute_dtype, cond, device_key, host_bool, is_number, is_tracer, placement, scalar_zero,
+    torch_compiling,
+)
+from ..blocking import block_bounds, stack as stack_alike, unstack as unstack_alike
+from ..transform import Transform, check_positive
+from ..tree import cached_template, from_entries, path_str, to_entries
+from .joined import leafwise
+from .layout import group_tensor, grouped_shape, ungroup_tensor
+from .phases import tile_phase
+from .run import build_transform
+
+__all__ = [
+    "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
+    "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks",
+    "sum_in_tile_order", "per_tile", "per_block", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
+    "TiledRule", "TileLayout", "tiled_transform",
+]
+
+Array = Any
+
+_OLD_LAYOUT_HINT = (
+    "if_shampoo: a state saved before block_size existed (principled defaults: unblocked factors, diagonal "
+    "beyond 4096) loads with if_shampoo(block_size=4096, max_dense_dim=4096)"
+)
+
+
+def old_layout_hint(found: dict, layout: dict) -> str:
+    """``build_transform``'s ``layout_hint``: where a saved state does not fit, the arguments that
+    load one saved by 0.1.0 (its principled default was unblocked)."""
+    return " " + _OLD_LAYOUT_HINT
+
+
+class Tile(NamedTuple):
+    """One tile of a group's tensor: an independent IF-Shampoo block with its own factors."""
+
+    index: tuple  # (start, stop) per axis of the squeezed grouped tensor
+    offset: int  # its refresh phase (precond_ref.blocking.PhaseDue)
+
+
+def tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], interval: Any, stagger: bool) -> tuple:
+    """The tiles of a grouped tensor of shape ``dims``: every dense axis longer than ``block_size``
+    cut by :func:`precond_ref.blocking.block_bounds` (diagonal axes are never cut), tiles in
+    row-major order (tile ``t``), each with its refresh phase (:func:`~precond_ref.engine.phases.tile_phase`)."""
+    bounds = [((0, d),) if diag else block_bounds(d, block_size) for d, diag in zip(dims, diagonal)]
+    return tuple(Tile(index=index, offset=tile_phase(t, interval, stagger))
+                 for t, index in enumerate(itertools.product(*bounds)))
+
+
+def first_appearance(keys: Sequence[Any]) -> tuple:
+    """The positions of ``keys`` grouped by equal key, groups in order of their first position:
+    ``("a", "b", "a") -> ((0, 2), (1,))``."""
+    groups: dict = {}
+    for position, key in enumerate(keys):
+        groups.setdefault(key, []).append(position)
+    return tuple(tuple(g) for g in groups.values())
+
+
+def tile_shape(tile: Tile) -> tuple:
+    return tuple(stop - start for start, stop in tile.index)
+
+
+class TileStack(NamedTuple):
+    """A stack of a group's state: its tiles of one shape and one refresh phase (S9, S10)."""
+
+    tiles: tuple  # their numbers t (row-major over the tile grid), ascending
+    phase: int  # their refresh phase
+    positions: tuple  # their places in the row-major order of their region's tiles
+
+
+class Region(NamedTuple):
+    """A group's tiles of one shape: a box of its tensor cut into equal tiles (the whole tensor
+    when every cut axis divides evenly; else the body and the boxes of the shorter end tiles)."""
+
+    index: tuple  # the box, (start, stop) per axis
+    counts: tuple  # its tiles per axis
+    size: tuple  # the tile shape
+    stacks: tuple  # the numbers s of the stacks of its tiles
+
+
+class TilePlan(NamedTuple):
+    """How a group's tensor is tiled and its tiles' state stacked."""
+
+    tiles: tuple  # Tile's, row-major
+    stacks: tuple  # TileStack's, in order of the first tile of each (shape, phase)
+    regions: tuple  # Region's, row-major over the grid of boxes
+    grid: tuple  # boxes per axis
+
+
+def stack_plan(tiles: Sequence[Tile]) -> TilePlan:
+    """The stacks of ``tiles`` (one per tile shape and refresh phase, in order of first appearance,
+    tiles ascending: what :func:`stacked_tiles` rebuilds from per-tile entries) and the regions
+    (one per tile shape) that cut them out of the tensor by reshapes."""
+    shapes = [tile_shape(tile) for tile in tiles]
+    by_shape = first_appearance(shapes)
+    place = {t: (r, j) for r, members in enumerate(by_shape) for j, t in enumerate(members)}
+    stacks = tuple(TileStack(tiles=members, phase=tiles[members[0]].offset,
+                              positions=tuple(place[t][1] for t in members))
+                   for members in first_appearance([(shapes[t], tile.offset) for t, tile in enumerate(tiles)]))
+    rank = len(shapes[0])
+    regions = []
+    for r, members in enumerate(by_shape):
+        box = tuple((min(tiles[t].index[n][0] for t in members), max(tiles[t].index[n][1] for t in members))
+                    for n in range(rank))
+        counts, size = tile_grid([tiles[t] for t in members])
+        regions.append(Region(box, counts, size, tuple(s for s, stack in enumerate(stacks) if place[stack.tiles[0]][0] == r)))
+    grid = tuple(len({region.index[n] for region in regions}) for n in range(rank))
+    return TilePlan(tuple(tiles), stacks, tuple(regions), grid)
+
+
+_LEGACY_ENTRY = re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum|momentum)_(\d+)")
+
+
+def legacy_entry_names(entries: dict) -> dict:
+    """The first step of ``legacy_names``: a group's state saved with the formatted keys of
+    earlier versions (0.1.0 and the development versions before named fields: ``factor_n``,
+    ``factor_momentum_n``, ``tile_t/factor_n``, ``tile_t/factor_momentum_n``, ``momentum_i``) under the
+    per-tile paths that followed (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``, ``momentum/i``;
+    an unblocked group is tile 0), which :func:`stacked_tiles` stacks; the very dict when it has no
+    old key (every old state has ``factor_0`` or ``tile_0/factor_0``)."""
+    if "factor_0" not in entries and "tile_0/factor_0" not in entries:
+        return entries
+    renamed = {}
+    for key, value in entries.items():
+        old = _LEGACY_ENTRY.fullmatch(key)
+        if old is None or (old[1] is not None and old[2] == "momentum"):
+            renamed[key] = value
+        elif old[2] == "momentum":
+            renamed[f"momentum/{old[3]}"] = value
+        else:
+            renamed[f"tiles/{old[1] or 0}/{old[2]}/{old[3]}"] = value
+    return renamed
+
+
+_TILE_ENTRY = re.compile(r"tiles/(\d+)/(factor|factor_momentum)/(\d+)")
+
+
+def stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
+    """The second step of ``legacy_names``: a group's state in the per-tile layout of the versions
+    before stacks (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``) as the stacks of
+    :func:`stack_plan`: ``stacks/s/X/n = stack(tiles/t/X/n for t in stack s)``, the tiles of one
+    shape (their factors' lengths) and refresh phase (:func:`precond_ref.engine.phases.tile_phase` of the factory's
+    interval) in one stack, stacks in order of their first tile; the very dict when it has no
+    per-tile key (every such state has ``tiles/0/factor/0``)."""
+    if "tiles/0/factor/0" not in entries:
+        return entries
+    out, per_tile = {}, {}
+    for key, value in entries.items():
+        tile = _TILE_ENTRY.fullmatch(key)
+        if tile is None:
+            out[key] = value
+        else:
+            per_tile[int(tile[1]), tile[2], int(tile[3])] = value
+    count = 1 + max(t for t, _, _ in per_tile)
+    rank = 1 + max(n for _, _, n in per_tile)
+    keys = [(tuple(per_tile[t, "factor", n].shape[0] for n in range(rank)), tile_phase(t, interval, stagger))
+            for t in range(count)]
+    xp = array_namespace(*per_tile.values())
+    for s, members in enumerate(first_appearance(keys)):
+        for name in ("factor", "factor_momentum"):
+            for n in range(rank):
+                if (members[0], name, n) in per_tile:
+                    out[f"stacks/{s}/{name}/{n}"] = xp.stack([per_tile[t, name, n] for t in members])
+    return out
+
+
+def cut(G, index: tuple):
+    """The tile ``index`` ((start, stop) per axis) of a tensor ``G``."""
+    return G[tuple(slice(start, stop) for start, stop in index)]
+
+
+def join(xp, pieces: Sequence[Any], counts: Sequence[int]):
+    """The tensor whose tiles, in row-major order over a grid of ``counts`` tiles per axis, are
+    ``pieces`` (the inverse of cutting by :func:`tile_plan`)."""
+    if len(counts) == 0 or len(pieces) == 1:
+        return pieces[0]
+    size = math.prod(counts[1:])
+    rows = [join(xp, pieces[i * size : (i + 1) * size], counts[1:]) for i in range(counts[0])]
+    return xp.concat(rows, axis=len(pieces[0].shape) - len(counts))
+
+
+def tile_grid(tiles: Sequence[Tile]) -> tuple[tuple, Optional[tuple]]:
+    """(tiles per axis, the common tile shape or ``None`` when the last tile of an axis is shorter)."""
+    rank = len(tiles[0].index)
+    bounds = [sorted({tile.index[n] for tile in tiles}) for n in range(rank)]
+    counts = tuple(len(b) for b in bounds)
+    sizes = [{stop - start for start, stop in b} for b in bounds]
+    return counts, (tuple(s.pop() for s in sizes) if all(len(s) == 1 for s in sizes) else None)
+
+
+def to_tiles(xp, G, counts: tuple, size: tuple):
+    """The stack ``(k, b_1, ..., b_N)`` of the equal tiles of ``G`` in row-major order: one reshape
+    to ``(c_1, b_1, ..., c_N, b_N)`` and one transpose, not ``k`` slices."""
+    if math.prod(counts) == 1:
+        return G[None, ...]
+    if all(c == 1 for c in counts[1:]):  # only the first axis is cut: the tiles are contiguous
+        return xp.reshape(G, (counts[0],) + size)
+    rank = len(counts)
+    split = xp.reshape(G, tuple(x for pair in zip(counts, size) for x in pair))
+    grid_first = xp.permute_dims(split, tuple(range(0, 2 * rank, 2)) + tuple(range(1, 2 * rank, 2)))
+    return xp.reshape(grid_first, (math.prod(counts),) + size)
+
+
+def from_tiles(xp, tiles, counts: tuple, size: tuple):
+    """The tensor whose equal tiles, in row-major order, are the stack ``tiles`` (inverse of
+    :func:`to_tiles`; any leading shape of the tiles' number, e.g. ``(k/T, T)``, reads as ``k``)."""
+    dims = tuple(c * b for c, b in zip(counts, size))
+    if math.prod(counts) == 1 or all(c == 1 for c in counts[1:]):
+        return xp.reshape(tiles, dims)
+    rank = len(counts)
+    grid_first = xp.reshape(tiles, counts + size)
+    split = xp.permute_dims(grid_first, tuple(x for n in range(rank) for x in (n, rank + n)))
+    return xp.reshape(split, dims)
+
+
+_INDEX_ARRAYS: dict = {}  # (namespace, device, positions) -> the index array, made once (see index_array)
+
+
+def index_array(xp, positions: tuple, like):
+    """``positions`` as an index array for ``take`` beside ``like``. Made from host data, so on an
+    accelerator a copy to the device (which an eager CUDA step would wait for): made once per
+    device and kept, except under a compiler, where it is a constant of the traced step."""
+    if is_tracer(like) or torch_compiling():
+        return xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))
+    key = (xp.__name__, device_key(like), positions)
+    if key not in _INDEX_ARRAYS:
+        _INDEX_ARRAYS[key] = xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))
+    return _INDEX_ARRAYS[key]
+
+
+def pick(xp, stack, positions: tuple):
+    """``stack[positions]`` along the leading axis: the stack itself, a slice where ``positions``
+    step evenly (a phase of equal tiles: every T-th), else one ``take``."""
+    if positions == tuple(range(stack.shape[0])):
+        return stack
+    first, last = positions[0], positions[-1]
+    step = positions[1] - first if len(positions) > 1 else 1
+    if step > 0 and positions == tuple(range(first, last + 1, step)):
+        return stack[first : last + 1 : step, ...]
+    return xp.take(stack, index_array(xp, positions, stack), axis=0)
+
+
+def unpick(xp, parts: Sequence[Any], positions: Sequence[tuple], flat: bool = True):
+    """The stack ``S`` with ``S[positions[i][j]] = parts[i][j]`` (the inverse of :func:`pick`; the
+    positions of all parts together are ``0..k-1``): the part itself; the T phases of equal tiles
+    (part ``p`` holds positions ``p, p+T, ...``) interleaved by one ``stack`` and a reshape; else a
+    ``concat`` and one ``take``. ``flat=False`` (for a consumer that reshapes or sums anyway): the
+    interleave may stay ``(k/T, T, ...)``, the same entries in the same memory order."""
+    if len(parts) == 1:
+        return parts[0]
+    k, phases = sum(len(p) for p in positions), len(parts)
+    if all(p == tuple(range(i, k, phases)) for i, p in enumerate(positions)):
+        rows, extra = divmod(k, phases)  # parts[:extra] hold one more tile, at position rows * phases + p
+        head = xp.stack([part if part.shape[0] == rows else part[:rows, ...] for part in parts], axis=1)
+        if extra == 0 and not flat:
+            return head
+        head = xp.reshape(head, (rows * phases,) + tuple(parts[0].shape[1:]))
+        return head if extra == 0 else xp.concat([head] + [part[rows:, ...] for part in parts[:extra]], axis=0)
+    order = [j for p in positions for j in p]
+    inverse = tuple(sorted(range(k), key=order.__getitem__))  # S[j] = concat(parts)[inverse[j]]
+    return xp.take(xp.concat(list(parts), axis=0), index_array(xp, inverse, parts[0]), axis=0)
+
+
+def cut_stacks(xp, G, plan: TilePlan) -> list:
+    """The tiles of ``G`` as the plan's stacks: ``out[s] = stack([cut(G, tiles[t].index) for t in
+    stacks[s].tiles])``, by reshapes: each region's box cut into its equal tiles
+    (:func:`to_tiles`), each stack picked from them (:func:`pick`)."""
+    out: list = [None] * len(plan.stacks)
+    for region in plan.regions:
+        box = G if len(plan.regions) == 1 else cut(G, region.index)
+        tiles = to_tiles(xp, box, region.counts, region.size)
+        for s in region.stacks:
+            out[s] = pick(xp, tiles, plan.stacks[s].positions)
+    return out
+
+
+def join_stacks(xp, parts: Sequence[Any], plan: TilePlan):
+    """The inverse of :func:`cut_stacks`: the tensor whose tiles are the stacks ``parts`` (each
+    region's tiles put in order by :func:`unpick`, its box by :func:`from_tiles`, the boxes
+    joined by :func:`join`)."""
+    boxes = []
+    for region in plan.regions:
+        tiles = unpick(xp, [parts[s] for s in region.stacks], [plan.stacks[s].positions for s in region.stacks], flat=False)
+        boxes.append(from_tiles(xp, tiles, region.counts, region.size))
+    return join(xp, boxes, plan.grid)
+
+
+def sum_in_tile_order(xp, parts: Sequence[Any], plan: TilePlan):
+    """``Σ_t x_t`` of a per-stack quantity (one entry ``x_t`` per tile), summed over the tiles in
+    row-major order (one ``sum`` of the entries in that memory order)."""
+    return xp.sum(unpick(xp, parts, [stack.tiles for stack in plan.stacks], flat=False))
+
+
+def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
+    """Per-group 0-D ``values``, the group of ``lengths[j]`` consecutive tiles of a stack ``like``
+    (b, ...) taking ``values[j]``, shaped to scale ``like`` tile by tile: ``values[0]`` itself for one
+    group (it broadcasts), else the (b, 1, ..., 1) vector of each tile's value."""
+    if len(values) == 1:
+        return values[0]
+    per_tile = xp.concat([xp.broadcast_to(xp.reshape(v, (1,)), (n,)) for v, n in zip(values, lengths)])
+    return per_block(xp, per_tile, like)
+
+
+def per_block(xp, value, like):
+    """A per-block value of shape (b,) shaped to multiply a stack ``like`` (b, ...) block by block
+    (``value`` with ``like.ndim - 1`` unit axes); scalars pass through."""
+    if is_number(value):  # a host number (under torch.compile maybe a symbolic one, with no attributes)
+        return value
+    if hasattr(value, "shape") and len(value.shape) == 1:
+        return xp.reshape(value, (value.shape[0],) + (1,) * (len(like.shape) - 1))
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# The runner of a rule stated for one stack of tiles
+
+
+class TiledRule(NamedTuple):
+    """A Kronecker-factored method stated for one stack of tiles (IF-Shampoo), run by
+    :func:`tiled_transform`.
+
+    ``State`` is a group's state, a NamedTuple ``(stacks, momentum, preconditioner_lr_scale,
+    factor_failures)``: one ``Stack`` per stack of the group's :class:`TilePlan`, the momentum of each
+    member (``()`` without), the group's multiplier of the refresh's step size (``None`` without) and
+    its count of discarded refreshes (``None`` where none is counted). ``Stack`` is one stack's state,
+    a NamedTuple ``(factor, factor_momentum)`` of one array per axis with a leading tile axis. The
+    functions, of one stack of ``k`` tiles ``G`` (``(k, d_1, ..., d_N)``, the work dtype):
+
+    * ``scalars(c, value, extra) -> h``: the step's scalars, ``h.beta2`` the refresh's step size;
+    * ``init(xp, c, k, dims, diagonal, dtypes, device) -> Stack``;
+    * ``refresh(xp, c, h, lr, G, stack) -> (Stack, failed)``: the periodic factor step with step size
+      ``lr`` (a number, or one per tile), and per tile whether it failed (a ``(k,)`` bool);
+    * ``precondition(xp, c, G, factors) -> D``;
+    * ``inner(xp, D, G)`` (per tile, summed per group by the runner) and ``clip(xp, c, h, inner)``
+      (the per-group scales of ``D`` from the per-group sums; with ``c.use_kl_clip``);
+    * ``descend(xp, c, operand, D, W, v, zero) -> (update, v)``: element-wise, of a leaf (or of
+      leaves joined end to end); ``W`` and ``v`` ``None`` where unused; ``operand(name, like)`` is
+      the configuration's or the step's value ``name`` as a 0-D array of ``like``'s dtype.
+    """
+
+    name: str
+    State: type
+    Stack: type
+    scalars: Callable
+    init: Callable
+    refresh: Callable
+    precondition: Callable
+    inner: Callable
+    clip: Callable
+    descend: Callable
+
+
+class TileLayout(NamedTuple):
+    """How a group's tensor is tiled and its state laid out (:func:`tiled_transform`).
+
+    ``block_size``: dense axes longer than it are cut (``None``: none); ``interval``, ``stagger``:
+    the refresh interval and whether the tiles of a blocked tensor spread over it
+    (:func:`~precond_ref.engine.phases.tile_phase`); ``diagonal(dims, where)``: which axes of a
+    group's tensor have a diagonal factor; ``factor_dtypes(xp, leaf, rank, where)``: the factors'
+    dtype per axis; ``work_dtype(xp, dtype)``: the dtype of the grouped gradient and of the
+    momentum, from the gradient's or parameter's; ``group_scale``:
+    ``path -> float`` multiplying the refresh's step size per group, or ``None``; ``counted``:
+    whether failed refreshes are counted and their factors known kept on a skipped step (the rule
+    keeps a tile's factors where its gradient is zero); ``old_layout``: the hint where a state does
+    not fit, or ``None``."""
+
+    block_size: Optional[int]
+    interval: Any
+    stagger: bool
+    diagonal: Callable
+    factor_dtypes: Callable
+    work_dtype: Callable
+    group_scale: Optional[Callable]
+    counted: bool
+    old_layout: Optional[Callable]
+
+
+class _Group(NamedTuple):
+    """One group's gradient as the tensor G it preconditions, and how to cut the step back."""
+
+    grouped: Array  # G, size-1 axes squeezed, in the work dtype
+    shapes: list  # the members' shapes (a weight, or a weight and its bias)
+    full: tuple  # G's shape before squeezing
+    out_first: bool  # bias as an extra column (out-first weight) or row (out-last kernel)
+    plan: Any  # its TilePlan: tiles, and the stacks their state is stored in
+    stacks: list  # G's tiles as the plan's stacks (k_s, *tile shape), s = 0, 1, ...
+
+
+def tiled_transform(
+    rule: TiledRule, c: NamedTuple, layout: TileLayout, *, group_leaves: Callable, on_nonfinite: str,
+    needs_params: bool, intervals: Sequence[Any], misfit: str,
+) -> Transform:
+    """The :class:`~precond_ref.transform.Transform` that runs ``rule`` with configuration ``c`` on
+    every group's tiles (``layout``).
+
+    Per step: each group's members joined into one tensor (:func:`~precond_ref.engine.layout.group_tensor`)
+    and cut into its stacks of tiles (:func:`cut_stacks`); on the calls where a refresh phase is due,
+    the stacks of that phase refreshed (``intervals[p]``: phase ``p``'s interval), the stacks of all
+    groups of one tile shape, dtype and device concatenated into one call
+    (:func:`precond_ref.blocking.stack`); every stack preconditioned, clipped per group, joined back
+    (:func:`join_stacks`) and cut into its members; the members' last lines element-wise, joined
+    end to end (:func:`~precond_ref.engine.joined.leafwise`). ``misfit``: the end of the error where a
+    group's gradients fit no layout of its state.
+    """
+    plans: dict = {}  # (shapes, out_first) -> (dims, diagonal, plan): made once per layout, not every step
+
+    def plan(shapes, out_first: bool, where: str) -> tuple:
+        """(squeezed dims, per-axis diagonal flags, tile plan) of a group's tensor."""
+        key = (tuple(shapes), out_first)
+        if key not in plans:
+            _, dims = grouped_shape(shapes, out_first)
+            diagonal = layout.diagonal(dims, where)
+            plans[key] = dims, diagonal, stack_plan(tile_plan(dims, diagonal, layout.block_size, layout.interval, layout.stagger))
+        return plans[key]
+
+    @cached_template  # one object per layout: from_entries caches it by identity
+    def template(tiles: TilePlan, rank: int, members: int) -> NamedTuple:
+        """The fields a group's state has (any leaves; :func:`precond_ref.tree.from_entries`' template)."""
+        return rule.State(
+            stacks=tuple(rule.Stack(factor=(0,) * rank, factor_momentum=(0,) * rank if c.use_factor_momentum else ())
+                         for _ in tiles.stacks),
+            momentum=(0,) * members if c.use_momentum else (),
+            preconditioner_lr_scale=0 if layout.group_scale is not None else None,
+            factor_failures=0 if layout.counted else None,
+        )
+
+    def init_group(leaves, paths, xp):
+        shapes = [tuple(x.shape) for x in leaves]
+        where = path_str(paths[0])
+        dims, diagonal, tiles = plan(shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
+        param_dtype, dev = leaves[0].dtype, array_device(leaves[0])
+        dtypes = layout.factor_dtypes(xp, leaves[0], len(dims), where)
+        scale = None
+        if layout.group_scale is not None:
+            value = layout.group_scale(paths[0])
+            check_positive(f"preconditioner_lr_scale({where!r})", value)
+            scale = xp.asarray(value, dtype=compute_dtype(xp, param_dtype), device=dev)
+        buffer_dtype = layout.work_dtype(xp, param_dtype)
+        return to_entries(rule.State(
+            stacks=tuple(rule.init(xp, c, len(stack.tiles), tile_shape(tiles.tiles[stack.tiles[0]]), diagonal, dtypes, dev)
+                         for stack in tiles.stacks),
+            momentum=tuple(xp.zeros(shape, dtype=buffer_dtype, device=dev) for shape in shapes) if c.use_momentum else (),
+            preconditioner_lr_scale=scale,
+            factor_failures=xp.zeros((), dtype=xp.int32, device=dev) if layout.counted else None,
+        ))
+
+    def laid_out(state, shapes, where: str):
+        """Out-first (weight (d_out, d_in)) or out-last pairing, read off the state's factor sizes,
+        the group's plan, and its state as fields; a state that fits neither is a clear error."""
+        for out_first in (True, False) if len(shapes) > 1 else (True,):
+            dims, diagonal, tiles = plan(shapes, out_first, where)
+            try:
+                fields = from_entries(template(tiles, len(dims), len(shapes)), state)
+            except KeyError:
+                continue
+            if all(tuple(K.shape[:2]) == (len(stack.tiles), d) for stack, stack_state in zip(tiles.stacks, fields.stacks)
+                   for K, d in zip(stack_state.factor, tile_shape(tiles.tiles[stack.tiles[0]]))):
+                return out_first, tiles, fields
+        found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k and k != "factor_failures"}
+        raise ValueError(
+            f"{rule.name}: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
+            f"state ({found}); {misfit}"
+        )
+
+    def prepare(grads, state, ctx):
+        """One group's grouped tensor G (work dtype), its tiles as the stacks of its plan, and what it
+        takes to ungroup the step; and its state as fields."""
+        xp = ctx.xp
+        shapes = [tuple(g.shape) for g in grads]
+        out_first, tiles, fields = laid_out(state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
+        full, squeezed = grouped_shape(shapes, out_first)
+        grouped = group_tensor(xp, grads, full, squeezed, out_first, layout.work_dtype(xp, grads[0].dtype))
+        return _Group(grouped, shapes, full, out_first, tiles, cut_stacks(xp, grouped, tiles)), fields
+
+    def batches(xp, groups, stack_states, phase, refreshing: bool) -> tuple:
+        """The stacks on refresh phase ``phase`` (every stack: ``None``) of all groups, as
+        (their (group, stack) numbers, :func:`precond_ref.blocking.stack` of their operands
+        (G, K_1..K_N[, m_1..m_N])): the stacks of one tile shape, factor layout and device are
+        concatenated along the tile axis, one ``concat`` per operand whatever the number of tiles."""
+        chosen = [(i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks)
+                  if phase is None or stack.phase == phase]
+        operands = [(groups[i].stacks[s],) + _stack_operands(stack_states[i][s], refreshing) for i, s in chosen]
+        return chosen, stack_alike(xp, operands)
+
+    def step_size(xp, beta2, fields, chosen, batch):
+        """β₂ for a batch of stacks: one number, or with ``group_scale`` each tile's group's multiple (b,)."""
+        if layout.group_scale is None:
+            return beta2
+        scales = [xp.broadcast_to(fields[chosen[m][0]].preconditioner_lr_scale, (k,))
+                  for m, k in zip(batch.indices, batch.lengths)]
+        return beta2 * (scales[0] if len(scales) == 1 else xp.concat(scales))
+
+    def refreshed(xp, h, lr, G, *state):
+        new, failed = rule.refresh(xp, c, h, lr, G, _stack_of(rule, state, len(G.shape) - 1))
+        return _stack_operands(new, True) + (failed,)
+
+    def unchanged(xp, G, *state):
+        return state + (xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G)),)
+
+    def store(xp, stack_states, failures, chosen, batched, results, ctx) -> None:
+        """Refreshed batches back into the groups' stacks (one split per operand and batch); each
+        group adds its tiles' failures to its count, none on a skipped step (the non-finite rule's
+        selection, made once per batch on the failure flags)."""
+        counted = [layout.counted and host_bool(xp, xp.any(out[-1])) is not False for out in results]  # read where free
+        counted = {m: flag for batch, flag in zip(batched, counted) for m in batch.indices}
+        selecting = layout.counted and ctx.ok is not None and not ctx.applied
+        if selecting:
+            results = [(*out[:-1], xp.logical_and(out[-1], ctx.ok)) for out in results]
+        for m, ((i, s), out) in enumerate(zip(chosen, unstack_alike(batched, results, len(chosen)))):
+            *state, failed = out
+            stack_states[i][s] = _stack_of(rule, state, len(state) // 2 if c.use_factor_momentum else len(state))
+            if counted[m]:
+                failures[i] = failures[i] + xp.sum(xp.astype(failed, xp.int32), dtype=xp.int32)
+                if selecting:
+                    ctx.settled[failures[i]] = True
+
+    def update_groups(grads_list, states, params_list, ctxs: list):
+        ctx = ctxs[0]
+        xp = ctx.xp
+        refresh = [ctx.every(interval) for interval in intervals]  # per phase: a host bool, or an array
+        h = rule.scalars(c, ctx.value, ctx.extra)
+        groups, fields = zip(*(prepare(g, s, cx) for g, s, cx in zip(grads_list, states, ctxs)))
+        stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
+        failures = [f.factor_failures for f in fields]
+
+        for phase, due in enumerate(refresh):  # the refresh, on the stacks due
+            if due is False:
+                continue
+            chosen, batched = batches(xp, groups, stack_states, phase, refreshing=True)
+            results = []
+            for batch in batched:
+                G, *state = batch.operands
+                lr = step_size(xp, h.beta2, fields, chosen, batch)
+                results.append(cond(xp, due, partial(refreshed, xp, h, lr, G), partial(unchanged, xp, G), *state))
+            store(xp, stack_states, failures, chosen, batched, results, ctx)
+        if layout.counted and not is_jax_namespace(xp):
+            # A skipped step's gradient is zero (except on JAX, where the selection is fused anyway), and a
+            # tile whose gradient is zero keeps its factor state: each new factor entry already is its old
+            # value, and needs no selection by the non-finite rule.
+            ctx.settle(entry for stacks, state in zip(stack_states, fields) for new, old in zip(stacks, state.stacks)
+                       if new is not old for entry in new.factor + new.factor_momentum)
+
+        chosen, batched = batches(xp, groups, stack_states, None, refreshing=False)
+        D_batched = [rule.precondition(xp, c, batch.operands[0], tuple(batch.operands[1:])) for batch in batched]
+        if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
+            inner = [[None] * len(group.plan.stacks) for group in groups]
+            tile_inner = [(rule.inner(xp, D, batch.operands[0]),) for D, batch in zip(D_batched, batched)]
+            for (i, s), (out,) in zip(chosen, unstack_alike(batched, tile_inner, len(chosen))):
+                inner[i][s] = out
+            nu = rule.clip(xp, c, h, [sum_in_tile_order(xp, inner[g], group.plan) for g, group in enumerate(groups)])
+            D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
+                         for D, batch in zip(D_batched, batched)]
+        parts = [[None] * len(group.plan.stacks) for group in groups]
+        for (i, s), (D,) in zip(chosen, unstack_alike(batched, [(D,) for D in D_batched], len(chosen))):
+            parts[i][s] = D
+
+        directions, members = [], []  # every leaf's D, and its (group, member) numbers
+        for g, group in enumerate(groups):
+            D = join_stacks(xp, parts[g], group.plan)
+            for k, D_k in enumerate(ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
+                directions.append(D_k)
+                members.append((g, k))
+
+        def operand(name, like):
+            value = getattr(h, name) if name in h._fields else getattr(c, name)
+            return ctx.scalar(name, value, like.dtype, array_device(like))
+
+        def descend(D, *rest):  # one leaf, or the leaves of one layout joined end to end (leafwise)
+            W = rest[0] if c.use_decay else None
+            v = rest[-2] if c.use_momentum else None
+            update, U = rule.descend(xp, c, operand, D, W, v, rest[-1])
+            return update, (ctx.unless_skipped(U, v) if c.use_momentum else U)
+
+        operands = [directions]
+        if c.use_decay:
+            operands.append([params_list[g][k] for g, k in members])
+        if c.use_momentum:
+            operands.append([fields[g].momentum[k] for g, k in members])
+        work_zeros = [ctx.once(("zero", G.dtype, device_key(G)), partial(scalar_zero, xp, G))  # G: the work dtype
+                      for G in (groups[g].grouped for g, _ in members)]
+        steps = leafwise(xp, descend, *operands, zeros=work_zeros, ctx=ctx)
+        updates: list = [[] for _ in groups]
+        velocities: list = [[] for _ in groups]
+        for (g, _), (update, velocity) in zip(members, steps):
+            updates[g].append(update)
+            if c.use_momentum:
+                velocities[g].append(velocity)
+        results = []
+        for g, state in enumerate(fields):
+            new_state = state._replace(
+                stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]), factor_failures=failures[g])
+            results.append((tuple(updates[g]), to_entries(new_state)))
+        return results
+
+    def legacy_names(entries: dict) -> dict:
+        """``build_transform``'s ``legacy_names``: a group's state under the names of an earlier
+        version (:func:`legacy_entry_names`) or in its per-tile layout (:func:`stacked_tiles`, the
+        tiles' phases from the layout's interval) as the current stacks; the very dict when it is
+        current."""
+        return stacked_tiles(legacy_entry_names(entries), layout.interval, layout.stagger)
+
+    return build_transform(
+        name=rule.name,
+        init_group=init_group,
+        update_groups=update_groups,
+        group_leaves=group_leaves,
+        on_nonfinite=on_nonfinite,
+        needs_params=needs_params,
+        intervals=intervals,
+        layout_hint=layout.old_layout,
+        legacy_names=legacy_names,
+    )
+
+
+def _stack_operands(state: NamedTuple, refreshing: bool) -> tuple:
+    """A stack's state as operands: K_1..K_N, then (refreshing) m_1..m_N (none without momenta)."""
+    return state.factor + state.factor_momentum if refreshing else state.factor
+
+
+def _stack_of(rule: TiledRule, operands: Sequence[Array], rank: int) -> NamedTuple:
+    """The inverse of :func:`_stack_operands` (refreshing): the stack's state from its operands."""
+    return rule.Stack(factor=tuple(operands[:rank]), factor_momentum=tuple(operands[rank:]))

@@ -1,0 +1,148 @@
+"""The engine's tiles (:mod:`precond_ref.engine.tiles`): a tensor's equal tiles cut by one reshape and
+transpose, the stacks of one tile shape and refresh phase picked from them, and both put back;
+exact rearrangements, checked against slicing. NumPy float64 and torch eager, tiny shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from precond_ref.engine import tiles as tiling
+
+
+def _np():
+    from array_api_compat import array_namespace
+
+    return array_namespace(np.zeros(1))
+
+
+@pytest.mark.parametrize("dims, block", [((8, 12), 4), ((12, 4), 4), ((4, 12), 4), ((6, 3, 9), 3), ((6, 9, 2), 3), ((9,), 3), ((4, 4), 8)])
+def test_tile_stack_is_the_row_major_cut(dims, block):
+    """``to_tiles`` is a pure rearrangement: its b-th entry is tile b of ``tile_plan`` (row-major
+    over the grid, the tile numbers of ``stack_plan``) cut out with ``cut``, and
+    ``from_tiles`` puts them back. Exact (no arithmetic)."""
+    np_xp = _np()
+    G = np.arange(np.prod(dims), dtype=np.float64).reshape(dims)
+    tiles = tiling.tile_plan(dims, (False,) * len(dims), block, 1, False)
+    counts, size = tiling.tile_grid(tiles)
+    stacked = tiling.to_tiles(np_xp, G, counts, size)
+    assert stacked.shape == (len(tiles),) + size
+    for b, tile in enumerate(tiles):
+        np.testing.assert_array_equal(stacked[b], tiling.cut(G, tile.index))
+    np.testing.assert_array_equal(tiling.from_tiles(np_xp, stacked, counts, size), G)
+
+
+def test_grid_of_unequal_tiles_has_no_common_size():
+    """An axis that ends in a shorter tile (10 = 4 + 4 + 2) leaves the group to the tile-by-tile
+    cut: ``tile_grid`` gives no common tile shape."""
+    tiles = tiling.tile_plan((10, 8), (False, False), 4, 1, False)
+    assert tiling.tile_grid(tiles) == ((3, 2), None)
+
+
+def _oracle_stacks(G, plan):
+    """The slicing oracle: stack s is ``stack([cut(G, tiles[t].index) for t in stacks[s].tiles])``."""
+    return [np.stack([tiling.cut(G, plan.tiles[t].index) for t in stack.tiles]) for stack in plan.stacks]
+
+
+@pytest.mark.parametrize("dims, block, interval", [
+    ((8, 12), 4, 2), ((8, 12), 4, 5), ((16, 16), 4, 2), ((10, 7), 4, 2), ((10, 7), 4, 3), ((6, 9, 2), 3, 4),
+    ((9,), 2, 3), ((4, 4), 8, 2), ((6, 5, 7), 4, 3), ((6, 2), 2, 3),
+])
+def test_stacks_of_tiles_are_the_slices_of_each_stack(dims, block, interval):
+    """``cut_stacks`` (region reshapes, then every T-th tile or a ``take``) gives each stack of
+    ``stack_plan`` exactly the slices of its tiles (the slicing oracle), and ``join_stacks`` puts
+    them back: equal tiles with T dividing their number or not, ragged ends on one axis or
+    several, unblocked. The stacks are the tiles of one shape and refresh phase (t % T), tiles
+    ascending, and every tile is in one stack. Exact (no arithmetic)."""
+    np_xp = _np()
+    G = np.arange(np.prod(dims), dtype=np.float64).reshape(dims)
+    tiles = tiling.tile_plan(dims, (False,) * len(dims), block, interval, True)
+    plan = tiling.stack_plan(tiles)
+    assert sorted(t for stack in plan.stacks for t in stack.tiles) == list(range(len(tiles)))
+    for stack in plan.stacks:
+        assert list(stack.tiles) == sorted(stack.tiles)
+        assert {(tiling.tile_shape(tiles[t]), tiles[t].offset) for t in stack.tiles} == {
+            (tiling.tile_shape(tiles[stack.tiles[0]]), stack.phase)}
+        assert stack.phase == stack.tiles[0] % interval
+    got = tiling.cut_stacks(np_xp, G, plan)
+    for part, want in zip(got, _oracle_stacks(G, plan), strict=True):
+        np.testing.assert_array_equal(part, want)
+    np.testing.assert_array_equal(tiling.join_stacks(np_xp, got, plan), G)
+    per_tile = [np.asarray([float(t) for t in stack.tiles]) for stack in plan.stacks]  # one entry per tile
+    np.testing.assert_array_equal(tiling.unpick(np_xp, per_tile, [stack.tiles for stack in plan.stacks]),
+                                  np.arange(len(tiles)))
+
+
+@pytest.mark.parametrize("dims, block, interval", [((16, 16), 4, 2), ((16, 16), 4, 3), ((10, 7), 4, 3), ((9,), 2, 3)])
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_sum_in_tile_order_is_the_sum_of_the_tiles_in_row_major_order(dims, block, interval, library):
+    """S8's ⟨D, G⟩ of a group, ``sum_in_tile_order``: the per-tile values summed over the tiles in
+    row-major order, bitwise the ``sum`` of the vector in that order (what the per-tile layout
+    summed), whatever the stacks' order: values of mixed magnitudes, so that another order of
+    summation rounds differently."""
+    from array_api_compat import array_namespace
+
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        asarray = torch.from_numpy
+    else:
+        asarray = np.asarray
+    plan = tiling.stack_plan(tiling.tile_plan(dims, (False,) * len(dims), block, interval, True))
+    k = len(plan.tiles)
+    rng = np.random.default_rng(k)
+    values = rng.normal(size=k) * 10.0 ** rng.integers(-8, 8, size=k)
+    xp = array_namespace(asarray(values))
+    got = tiling.sum_in_tile_order(xp, [asarray(values[list(stack.tiles)]) for stack in plan.stacks], plan)
+    want = xp.sum(asarray(values))
+    assert float(got) == float(want)
+
+
+@pytest.mark.parametrize("positions", [(0, 1, 2, 3, 4), (1, 3), (2,), (0, 4, 1), (3, 0)])
+def test_pick_is_the_positions_and_unpick_its_inverse(positions):
+    """``pick`` is ``stack[positions]`` (itself, a slice, or a take) and ``unpick`` rebuilds the
+    stack from the picks of a partition of its positions (phase interleave or take). Exact."""
+    np_xp = _np()
+    stack = np.arange(5 * 2, dtype=np.float64).reshape(5, 2)
+    np.testing.assert_array_equal(tiling.pick(np_xp, stack, positions), stack[list(positions)])
+    rest = tuple(j for j in range(5) if j not in positions)
+    parts = [positions, rest] if rest else [positions]
+    got = tiling.unpick(np_xp, [stack[list(p)] for p in parts], parts)
+    np.testing.assert_array_equal(got, stack)
+
+
+@pytest.mark.parametrize("k, phases", [(6, 2), (7, 3), (5, 5), (4, 3)])
+def test_unpick_interleaves_the_phases_of_equal_tiles(k, phases):
+    """The phases of equal tiles (part p holds positions p, p+T, ...; the first k % T parts one
+    more) are interleaved back into 0..k-1. Exact."""
+    np_xp = _np()
+    stack = np.arange(k * 3, dtype=np.float64).reshape(k, 3)
+    positions = [tuple(range(p, k, phases)) for p in range(phases)]
+    np.testing.assert_array_equal(tiling.unpick(np_xp, [stack[list(p)] for p in positions], positions), stack)
+
+
+def test_index_arrays_of_a_take_are_made_once():
+    """``index_array`` (the index array of an irregular pick) is made from host data, a copy to the
+    device on an accelerator (an eager CUDA step would wait for it): it is made once per
+    namespace, device and positions and kept, so a step of a ragged group makes no new one."""
+    torch = pytest.importorskip("torch")
+    from array_api_compat import array_namespace
+
+    x = torch.zeros(3)
+    xp = array_namespace(x)
+    first = tiling.index_array(xp, (2, 0, 1), x)
+    assert first.tolist() == [2, 0, 1] and first.dtype == torch.int64
+    assert tiling.index_array(xp, (2, 0, 1), x) is first
+    assert tiling.index_array(xp, (0, 2, 1), x) is not first
+
+
+def test_per_tile_scales_each_tile_by_its_groups_value():
+    """``per_tile``: a stack of tiles from groups of ``lengths`` consecutive tiles, each group's
+    0-D value repeated over its tiles (``np.repeat``) and shaped to broadcast over the tile axes,
+    so ``stack * per_tile(...)`` is each group's tiles times its value; one group: its value itself."""
+    np_xp, rng = _np(), np.random.default_rng(7)
+    stack = rng.standard_normal((6, 3, 2))
+    values, lengths = [np.asarray(0.5), np.asarray(-2.0), np.asarray(3.0)], [2, 1, 3]
+    scale = tiling.per_tile(np_xp, values, lengths, stack)
+    assert scale.shape == (6, 1, 1)
+    np.testing.assert_array_equal(stack * scale, stack * np.repeat(np.stack(values), lengths)[:, None, None])
+    assert tiling.per_tile(np_xp, values[:1], [6], stack) is values[0]
