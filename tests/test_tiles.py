@@ -16,6 +16,11 @@ def _np():
     return array_namespace(np.zeros(1))
 
 
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
 @pytest.mark.parametrize("dims, block", [((8, 12), 4), ((12, 4), 4), ((4, 12), 4), ((6, 3, 9), 3), ((6, 9, 2), 3), ((9,), 3), ((4, 4), 8)])
 def test_tile_stack_is_the_row_major_cut(dims, block):
     """``to_tiles`` is a pure rearrangement: its b-th entry is tile b of ``tile_plan`` (row-major
@@ -146,3 +151,52 @@ def test_per_tile_scales_each_tile_by_its_groups_value():
     assert scale.shape == (6, 1, 1)
     np.testing.assert_array_equal(stack * scale, stack * np.repeat(np.stack(values), lengths)[:, None, None])
     assert tiling.per_tile(np_xp, values[:1], [6], stack) is values[0]
+
+
+def test_kept_where_usable_per_block():
+    """IF-Shampoo's S2/S3 per block: a zero-gradient block keeps its old state, a non-finite new state is
+    discarded and flagged as failed (the caller counts the flags), an ordinary block takes the new state."""
+    grouped = np.stack([np.zeros((2, 2)), np.ones((2, 2)), np.ones((2, 2))])
+    old = (np.zeros((3, 2, 2)),)
+    new = (np.stack([np.ones((2, 2)), np.full((2, 2), np.inf), np.full((2, 2), 2.0)]),)
+    *kept, failed = tiling.kept_where_usable(_np(), grouped, old, new)
+    np.testing.assert_array_equal(kept[0], np.stack([old[0][0], old[0][1], np.full((2, 2), 2.0)]))
+    np.testing.assert_array_equal(failed, [False, True, False])
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (3, 2, 5), (2, 3, 2, 2)])
+def test_each_block_reduces_every_entry_of_a_block(rng, shape):
+    """``each_block(xp, xp.all | xp.any, mask)`` is ``all``/``any`` over every axis but the first
+    (boolean: exact), also for a mask that is a transposed (non-contiguous) view."""
+    for mask in (rng.random(shape) < 0.9, np.moveaxis(rng.random(shape[:1] + shape[1:][::-1]) < 0.9, 1, -1)):
+        mask[0] = True  # one block all true, so that ``all`` is true somewhere
+        axes = tuple(range(1, mask.ndim))
+        np.testing.assert_array_equal(tiling.each_block(_np(), _np().all, mask), np.all(mask, axis=axes))
+        np.testing.assert_array_equal(tiling.each_block(_np(), _np().any, mask), np.any(mask, axis=axes))
+
+
+def test_each_block_is_one_reduction_in_torch():
+    """The reason for ``each_block``: on torch, ``all`` over several axes through the array API
+    is a transpose, a flatten, the reduction and a cast; over the (b, -1) view it is a view and
+    one reduction, whatever the rank."""
+    torch = pytest.importorskip("torch")
+    from array_api_compat import array_namespace
+    from dispatched import Dispatched
+
+    mask = torch.rand(4, 3, 5, 6, dtype=torch.float64) < 0.5
+    txp = array_namespace(mask)
+    for reduce in (txp.all, txp.any):
+        with Dispatched() as seen:
+            tiling.each_block(txp, reduce, mask)
+        assert len(seen.names) == 2 and seen.names[0] in ("view", "reshape", "_unsafe_view"), seen.names
+
+
+def test_kept_where_usable_of_usable_blocks_is_the_new_state_itself(rng):
+    """Where reading a device value is free (NumPy here), a stack whose every block has a non-zero
+    gradient and a finite new state returns the new state itself (what ``where`` would select,
+    without the copies) and no failures."""
+    grouped = rng.normal(size=(3, 2, 2))
+    old, new = (rng.normal(size=(3, 2, 2)),), (rng.normal(size=(3, 2, 2)),)
+    *kept, failed = tiling.kept_where_usable(_np(), grouped, old, new)
+    assert kept[0] is new[0]
+    np.testing.assert_array_equal(failed, [False, False, False])

@@ -23,6 +23,7 @@ from .._backend import (
     array_device, compute_dtype, cond, device_key, host_bool, is_number, is_tracer, placement, scalar_zero,
     torch_compiling,
 )
+from ..linalg import all_finite
 from ..blocking import block_bounds, stack as stack_alike, unstack as unstack_alike
 from ..transform import Transform, check_positive
 from ..tree import cached_template, from_entries, path_str, to_entries
@@ -35,7 +36,7 @@ __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks",
     "sum_in_tile_order", "per_tile", "per_block", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
-    "TiledRule", "TileLayout", "tiled_transform",
+    "each_block", "kept_where_usable", "TiledRule", "TileLayout", "tiled_transform",
 ]
 
 Array = Any
@@ -332,6 +333,33 @@ def per_block(xp, value, like):
     return value
 
 
+def each_block(xp, reduce, mask):
+    """``reduce`` (``xp.all`` or ``xp.any``) of each block of a (b, ...) boolean stack over all its
+    entries: one reduction of the (b, -1) view (a reduction over several axes is a transpose and a
+    copy first in some namespaces)."""
+    return reduce(xp.reshape(mask, (mask.shape[0], -1)), axis=1)
+
+
+def kept_where_usable(xp, grouped, old, new):
+    """Per block of a stack: a block whose gradient is exactly zero keeps its state ``old``, so does
+    one whose new state is not finite (IF-Shampoo's S2, S3). Returns the kept state and, per block,
+    whether it failed (a non-finite state from a non-zero gradient; counted by the caller).
+    Element-wise (``where``): no device value is read, except where reading is free
+    (:func:`precond_ref._backend.host_bool`: NumPy, torch eagerly on the CPU), where a stack whose
+    every block is usable returns ``new`` itself (what the selections would give) without selecting."""
+    nonzero = each_block(xp, xp.any, grouped != 0.0)
+    finite = None
+    for a in new:
+        ok = all_finite(xp.reshape(a, (a.shape[0], -1)), axis=(1,))
+        finite = ok if finite is None else xp.logical_and(finite, ok)
+    accept = xp.logical_and(finite, nonzero)
+    failed = xp.logical_and(xp.logical_not(finite), nonzero)
+    if host_bool(xp, xp.all(accept)):  # read where that is free: the selections would keep all of `new`
+        return tuple(new) + (failed,)
+    kept = tuple(xp.where(per_block(xp, accept, a), a, b) for a, b in zip(new, old))
+    return kept + (failed,)
+
+
 # --------------------------------------------------------------------------------------------
 # The runner of a rule stated for one stack of tiles
 
@@ -349,8 +377,8 @@ class TiledRule(NamedTuple):
 
     * ``scalars(c, value, extra) -> h``: the step's scalars, ``h.beta2`` the refresh's step size;
     * ``init(xp, c, k, dims, diagonal, dtypes, device) -> Stack``;
-    * ``refresh(xp, c, h, lr, G, stack) -> (Stack, failed)``: the periodic factor step with step size
-      ``lr`` (a number, or one per tile), and per tile whether it failed (a ``(k,)`` bool);
+    * ``refresh(xp, c, h, lr, G, stack) -> Stack``: the periodic factor step with step size ``lr`` (a
+      number, or one per tile);
     * ``precondition(xp, c, G, factors) -> D``;
     * ``inner(xp, D, G)`` (per tile, summed per group by the runner) and ``clip(xp, c, h, inner)``
       (the per-group scales of ``D`` from the per-group sums; with ``c.use_kl_clip``);
@@ -381,9 +409,9 @@ class TileLayout(NamedTuple):
     dtype per axis; ``work_dtype(xp, dtype)``: the dtype of the grouped gradient and of the
     momentum, from the gradient's or parameter's; ``group_scale``:
     ``path -> float`` multiplying the refresh's step size per group, or ``None``; ``counted``:
-    whether failed refreshes are counted and their factors known kept on a skipped step (the rule
-    keeps a tile's factors where its gradient is zero); ``old_layout``: the hint where a state does
-    not fit, or ``None``."""
+    whether a tile whose gradient is zero or whose refresh is not finite keeps its factors
+    (:func:`kept_where_usable`), the failures counted per group; then a skipped step's factors (its
+    gradient zeroed) are known kept; ``old_layout``: the hint where a state does not fit, or ``None``."""
 
     block_size: Optional[int]
     interval: Any
@@ -512,11 +540,12 @@ def tiled_transform(
         return beta2 * (scales[0] if len(scales) == 1 else xp.concat(scales))
 
     def refreshed(xp, h, lr, G, *state):
-        new, failed = rule.refresh(xp, c, h, lr, G, _stack_of(rule, state, len(G.shape) - 1))
-        return _stack_operands(new, True) + (failed,)
+        """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`)."""
+        new = _stack_operands(rule.refresh(xp, c, h, lr, G, _stack_of(rule, state, len(G.shape) - 1)), True)
+        return kept_where_usable(xp, G, state, new) if layout.counted else new + (_no_failures(xp, G),)
 
     def unchanged(xp, G, *state):
-        return state + (xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G)),)
+        return state + (_no_failures(xp, G),)
 
     def store(xp, stack_states, failures, chosen, batched, results, ctx) -> None:
         """Refreshed batches back into the groups' stacks (one split per operand and batch); each
@@ -568,7 +597,8 @@ def tiled_transform(
             tile_inner = [(rule.inner(xp, D, batch.operands[0]),) for D, batch in zip(D_batched, batched)]
             for (i, s), (out,) in zip(chosen, unstack_alike(batched, tile_inner, len(chosen))):
                 inner[i][s] = out
-            nu = rule.clip(xp, c, h, [sum_in_tile_order(xp, inner[g], group.plan) for g, group in enumerate(groups)])
+            sums = [sum_in_tile_order(xp, inner[g], group.plan) for g, group in enumerate(groups)]
+            nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
             D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
                          for D, batch in zip(D_batched, batched)]
         parts = [[None] * len(group.plan.stacks) for group in groups]
@@ -631,6 +661,24 @@ def tiled_transform(
         layout_hint=layout.old_layout,
         legacy_names=legacy_names,
     )
+
+
+def _no_failures(xp, G):
+    """No tile of the stack ``G`` failed: a (k,) bool of ``False``."""
+    return xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G))
+
+
+def _by_dtype(xp, fn, values: Sequence[Array]) -> list:
+    """``fn`` of the 0-D ``values`` (one per group), computed once for the vector of all values of one
+    dtype instead of once per value, and handed back one per value."""
+    out: list = [None] * len(values)
+    by_dtype: dict = {}
+    for g, value in enumerate(values):
+        by_dtype.setdefault(value.dtype, []).append(g)
+    for members in by_dtype.values():
+        for g, result in zip(members, xp.unstack(fn(xp.stack([values[g] for g in members])))):
+            out[g] = result
+    return out
 
 
 def _stack_operands(state: NamedTuple, refreshing: bool) -> tuple:

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from array_api_compat import array_namespace
 
-from .._backend import array_device, as_operand, cast, compute_dtype, host_bool, is_number, is_zero, placement, scalar_zero
+from .._backend import array_device, as_operand, cast, compute_dtype, is_number, is_zero, placement, scalar_zero
 from ..blocking import spread_schedule
-from ..linalg import all_finite, half_precision_dtype, kl_clip_of_quadratic, mode_gram, mode_product
+from ..linalg import half_precision_dtype, kl_clip_of_quadratic, mode_product
 from ..engine import weight_bias_groups
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
+from ..engine.factors import (
+    along, frobenius, gram, identity, is_diagonal, mean_trace, product_except, times, times_transposed, unfolding_gram,
+)
 from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, per_block, tiled_transform
 from ..transform import (
     ScalarOrSchedule,
@@ -527,75 +530,9 @@ class _IFShampooState(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# IF-Shampoo numerics, written for a stack of groups of one shape (a leading block axis b, as DASH
-# writes its block operations): grouped tensors (b, d_1, ..., d_N), dense factors (b, d, d),
-# diagonal factors (b, d). if_shampoo's `stacks` forms the stacks, so b equal-shape groups share every
-# product. Each helper below is one piece of math for both factor structures; its docstring states
-# the plain formula and tests/methods/test_root_free_helpers.py checks it against that formula.
-
-
-def _along(xp, diagonal, axis: int, ndim: int):
-    """A stack of diagonal factors (b, d) shaped to multiply ``axis`` of a (b, ...) tensor."""
-    shape = [1] * ndim
-    shape[0], shape[axis] = diagonal.shape
-    return xp.reshape(diagonal, tuple(shape))
-
-
-def _is_diagonal(factor) -> bool:
-    return factor.ndim == 2
-
-
-def _times_transposed(xp, tensor, factor, axis: int):
-    """``T ×_axis Kᵀ``: contract ``axis`` of ``T`` with the first index of ``K`` (diagonal: ``T·k`` along it)."""
-    if _is_diagonal(factor):
-        return tensor * _along(xp, factor, axis, len(tensor.shape))
-    return mode_product(tensor, factor, axis, transpose=True)
-
-
-def _gram(xp, factor):
-    """``KᵀK`` (diagonal: ``k ⊙ k``)."""
-    return factor * factor if _is_diagonal(factor) else xp.matmul(factor.mT, factor)
-
-
-def _mean_trace(xp, gram):
-    """``Tr(A)/d`` of a stack of (b, d, d) matrices; of a diagonal (b, d) its mean."""
-    return xp.mean(gram if gram.ndim == 2 else xp.linalg.diagonal(gram), axis=-1)
-
-
-def _unfolding_gram(xp, tensor, axis: int, factor):
-    """``Y_(n) Y_(n)ᵀ``, the Gram of the mode-``axis`` unfolding (diagonal ``factor``: its diagonal,
-    the sum of ``Y ⊙ Y`` over the other axes)."""
-    if not _is_diagonal(factor):
-        return mode_gram(tensor, axis, batch=1)
-    rest = tuple(i for i in range(1, len(tensor.shape)) if i != axis)
-    square = tensor * tensor
-    return xp.sum(square, axis=rest) if rest else square
-
-
-def _identity(xp, factor):
-    """``I`` in the structure of ``factor`` (diagonal: the number 1)."""
-    if _is_diagonal(factor):
-        return 1.0
-    return xp.eye(factor.shape[-1], dtype=factor.dtype, device=placement(xp, factor))
-
-
-def _times(xp, factor, matrix):
-    """``K m`` (diagonal: ``k ⊙ m``)."""
-    return factor * matrix if _is_diagonal(factor) else xp.matmul(factor, matrix)
-
-
-def _frobenius(xp, matrix):
-    """``‖m‖_F`` per block (diagonal: the vector norm)."""
-    return xp.linalg.vector_norm(matrix, axis=-1) if matrix.ndim == 2 else xp.linalg.matrix_norm(matrix)
-
-
-def _product_except(xp, values, n: int, dtype):
-    """``Π_{i≠n} values_i`` in ``dtype`` (the empty product is 1), multiplied left to right."""
-    product = 1.0
-    for i, value in enumerate(values):
-        if i != n:
-            product = product * xp.astype(value, dtype)
-    return product
+# IF-Shampoo's equations, written for one stack of tiles (a leading axis b): grouped tensors
+# (b, d_1, ..., d_N), dense factors (b, d, d), diagonal factors (b, d); the products for both factor
+# structures are precond_ref.engine.factors'.
 
 
 def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, factor_momentum, clamp):
@@ -612,20 +549,20 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
     scaled = [K * (1.0 / math.sqrt(d)) for K, d in zip(factors, dims)]  # K_n/√d_n
     Y = grouped * sqrt_batch
     for n, K in enumerate(scaled):
-        Y = _times_transposed(xp, cast(xp, Y, K.dtype), K, n + 1)  # Y = √B·G ×_1 K_1ᵀ … ×_N K_Nᵀ
-    KtK = [_gram(xp, K) for K in scaled]
-    t = [_mean_trace(xp, A) for A in KtK]  # t_i = Tr(K_iᵀK_i)/d_i
+        Y = times_transposed(xp, cast(xp, Y, K.dtype), K, n + 1)  # Y = √B·G ×_1 K_1ᵀ … ×_N K_Nᵀ
+    KtK = [gram(xp, K) for K in scaled]
+    t = [mean_trace(xp, A) for A in KtK]  # t_i = Tr(K_iᵀK_i)/d_i
     new_factors, new_momenta = [], []
     for n, K in enumerate(factors):
         Y = cast(xp, Y, K.dtype)
-        M = (KtK[n] * per_block(xp, (damping / 2) * _product_except(xp, t, n, K.dtype) * math.prod(dims), K)
-             + _unfolding_gram(xp, Y, n + 1, K) * (dims[n] / 2) - 0.5 * _identity(xp, K))
+        M = (KtK[n] * per_block(xp, (damping / 2) * product_except(xp, t, n, K.dtype) * math.prod(dims), K)
+             + unfolding_gram(xp, Y, n + 1, K) * (dims[n] / 2) - 0.5 * identity(xp, K))
         if momenta is not None:
             M = factor_momentum * momenta[n] + (1 - factor_momentum) * M  # m_n ← α₂ m_n + (1−α₂) M_n
             new_momenta.append(M)
-        norm = _frobenius(xp, M)
+        norm = frobenius(xp, M)
         step_size = factor_lr / xp.maximum(norm, xp.ones_like(norm)) if clamp else factor_lr
-        new_factors.append(K - _times(xp, K, M) * per_block(xp, step_size, K))  # K_n ← K_n − β₂/max(1,‖m_n‖)·K_n m_n
+        new_factors.append(K - times(xp, K, M) * per_block(xp, step_size, K))  # K_n ← K_n − β₂/max(1,‖m_n‖)·K_n m_n
     return tuple(new_factors), (tuple(new_momenta) if momenta is not None else None)
 
 
@@ -642,8 +579,8 @@ def _precondition(xp, grouped, factors, rescale: bool):
             factor = factor / per_block(xp, sigma, factor)
             scale_product = sigma * sigma if scale_product is None else scale_product * (sigma * sigma)
         grouped = cast(xp, grouped, factor.dtype)
-        if _is_diagonal(factor):
-            grouped = grouped * _along(xp, factor * factor, n + 1, ndim)
+        if is_diagonal(factor):
+            grouped = grouped * along(xp, factor * factor, n + 1, ndim)
         else:
             grouped = mode_product(mode_product(grouped, factor, n + 1, transpose=True), factor, n + 1)
     if scale_product is not None:
@@ -651,52 +588,9 @@ def _precondition(xp, grouped, factors, rescale: bool):
     return grouped
 
 
-def _each_block(xp, reduce, mask):
-    """``reduce`` (``xp.all`` or ``xp.any``) of each block of a (b, ...) boolean stack over all its
-    entries: one reduction of the (b, -1) view (a reduction over several axes is a transpose and a
-    copy first in some namespaces)."""
-    return reduce(xp.reshape(mask, (mask.shape[0], -1)), axis=1)
-
-
-def _principled_keep_unusable(xp, grouped, old, new):
-    """S2, S3 per group of a stack: a group whose gradient is exactly zero keeps its factor state
-    ``old`` (S2), so does one whose new state is not finite (S3). Returns the kept state and, per
-    group, whether it failed (a non-finite state from a non-zero gradient; counted by the caller).
-    Element-wise (``where``): no device value is read, except where reading is free
-    (:func:`precond_ref._backend.host_bool`: NumPy, torch eagerly on the CPU), where a stack whose
-    every block is usable returns ``new`` itself (what the selections would give) without selecting."""
-    nonzero = _each_block(xp, xp.any, grouped != 0.0)
-    finite = None
-    for a in new:
-        ok = all_finite(xp.reshape(a, (a.shape[0], -1)), axis=(1,))
-        finite = ok if finite is None else xp.logical_and(finite, ok)
-    accept = xp.logical_and(finite, nonzero)
-    failed = xp.logical_and(xp.logical_not(finite), nonzero)
-    if host_bool(xp, xp.all(accept)):  # read where that is free: the selections would keep all of `new`
-        return tuple(new) + (failed,)
-    kept = tuple(xp.where(per_block(xp, accept, a), a, b) for a, b in zip(new, old))
-    return kept + (failed,)
-
-
 def _tile_inner(xp, D, G):
     """``⟨D_b, G_b⟩`` for every block b of a stack (G taken in D's dtype)."""
     return xp.sum(D * cast(xp, G, D.dtype), axis=tuple(range(1, len(D.shape))))
-
-
-def _kl_clip_scales(xp, inner: Sequence[Any], learning_rate: Any, kl_clip: Any) -> list:
-    """S8's ``ν_g = min(1, √(κ/(η²⟨D_g, G_g⟩)))`` for every group g from its 0-D ``⟨D_g, G_g⟩``:
-    :func:`precond_ref.linalg.kl_clip_factor`'s formula, computed once for a vector of all groups
-    of one dtype instead of once per group."""
-    nu: list = [None] * len(inner)
-    by_dtype: dict = {}
-    for g, value in enumerate(inner):
-        by_dtype.setdefault(value.dtype, []).append(g)
-    for dtype, members in by_dtype.items():
-        lr, limit = as_operand(xp, learning_rate, dtype), as_operand(xp, kl_clip, dtype)
-        scales = kl_clip_of_quadratic(xp, xp.stack([inner[g] for g in members]), lr, limit)
-        for g, scale in zip(members, xp.unstack(scales)):
-            nu[g] = scale
-    return nu
 
 
 class IFShampooConfig(NamedTuple):
@@ -743,23 +637,16 @@ def _init_factors(xp, c: IFShampooConfig, k: int, dims, diagonal, dtypes, dev) -
     return _StackFactors(factor=factors, factor_momentum=momenta)
 
 
-def _refresh(xp, c: IFShampooConfig, h: _IFShampooStep, lr, G, s: _StackFactors) -> tuple:
-    """Figure 3's factor step on one stack of tiles (:func:`_factor_step`, step size ``lr``: β₂, or
-    β₂ times each tile's group's ``preconditioner_lr_scale``); principled: a tile's factors kept
-    where its gradient is zero or its step not finite (S2, S3). Returns the new factors and, per
-    tile, whether its step failed (S3)."""
-    rank, dtype = len(s.factor), s.factor[0].dtype
+def _refresh(xp, c: IFShampooConfig, h: _IFShampooStep, lr, G, s: _StackFactors) -> _StackFactors:
+    """Figure 3's factor step on one stack of tiles (:func:`_factor_step`), step size ``lr``: β₂, or
+    β₂ times each tile's group's ``preconditioner_lr_scale``."""
+    dtype = s.factor[0].dtype
     sqrt_B = math.sqrt(h.B) if is_number(h.B) else xp.sqrt(xp.astype(h.B, G.dtype))
     K, m = _factor_step(
         xp, G, s.factor, s.factor_momentum if c.use_factor_momentum else None, sqrt_B, as_operand(xp, c.damping, dtype),
         as_operand(xp, lr, dtype), as_operand(xp, c.preconditioner_momentum, dtype), c.clamp_factor_step,
     )
-    new = K + (m or ())
-    if c.faithful:
-        failed = xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G))
-    else:
-        *new, failed = _principled_keep_unusable(xp, G, s.factor + s.factor_momentum, new)
-    return _StackFactors(factor=tuple(new[:rank]), factor_momentum=tuple(new[rank:])), failed
+    return _StackFactors(factor=K, factor_momentum=m or ())
 
 
 def _preconditioned(xp, c: IFShampooConfig, G, factors):
@@ -768,9 +655,10 @@ def _preconditioned(xp, c: IFShampooConfig, G, factors):
     return _precondition(xp, G, factors, rescale=c.faithful or any(xp.finfo(K.dtype).bits < 32 for K in factors))
 
 
-def _kl_clip(xp, c: IFShampooConfig, h: _IFShampooStep, inner: Sequence[Any]) -> list:
-    """S8's ν of every group from its ⟨D, G⟩ (:func:`_kl_clip_scales`)."""
-    return _kl_clip_scales(xp, inner, h.eta, c.kl_clip)
+def _kl_clip(xp, c: IFShampooConfig, h: _IFShampooStep, inner):
+    """S8's ``ν = min(1, √(κ/(η²⟨D, G⟩)))`` of every group from its ``⟨D, G⟩`` (a vector of groups;
+    :func:`precond_ref.linalg.kl_clip_factor`'s formula)."""
+    return kl_clip_of_quadratic(xp, inner, as_operand(xp, h.eta, inner.dtype), as_operand(xp, c.kl_clip, inner.dtype))
 
 
 def _descend(xp, c: IFShampooConfig, operand, D, W, v, zero) -> tuple:
