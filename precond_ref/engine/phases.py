@@ -10,14 +10,19 @@ blocks of all leaves in one batched call.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable, Hashable, Optional, Sequence
 
-from .._backend import cond, host_bool
+from array_api_compat import array_namespace
+
+from .._backend import cond, host_bool, placement
 from ..blocking import stable_hash, stack, unstack
+from ..transform import check_positive_int
 
 __all__ = [
     "refresh_due", "hashed_phases", "shape_phase", "tile_phase", "phase_share", "refresh_runs", "warmup_phase_due",
+    "prototype_schedule",
 ]
 
 
@@ -123,3 +128,49 @@ def refresh_due(
         for u, result in zip(chosen, unstack(stacks, results, len(chosen))):
             out[u] = result
     return out
+
+
+def _prototype_gap(step: int, interval: int) -> int:
+    return min(max(int(math.log(step + 1, 4)), 1), interval)
+
+
+def prototype_schedule(interval: int) -> Callable[[Any], Any]:
+    """The prototype's warm-up refresh schedule as a predicate ``count -> bool`` (jit-compatible).
+
+    ``LocalOptimizer_GGT`` refreshes at step 0 and then at ``step + min(max(int(log4(step + 1)), 1), T)``
+    (the floating-point ``math.log``): every step up to 15, every 2 steps up to 63, every 3 up to
+    255, ..., every ``T`` steps eventually. The refresh steps with one gap ``j`` form an arithmetic
+    progression, so the predicate needs only the first refresh step of each gap (at most ``T``).
+    """
+    check_positive_int("interval", interval)
+    starts: list[tuple[int, int]] = []  # (first refresh step with this gap, gap)
+    step = 0
+    while True:
+        gap = _prototype_gap(step, interval)
+        starts.append((step, gap))
+        if gap == interval:
+            break
+        # jump close to the end of this gap's range, then walk (the float log decides the border)
+        far = max(0, (4 ** (gap + 1) - 1 - step) // gap - 2)
+        step += far * gap
+        while _prototype_gap(step, interval) == gap:
+            step += gap
+    bounds = [s for s, _ in starts[1:]] + [None]
+
+    def predicate(count: Any) -> Any:
+        if not hasattr(count, "shape"):
+            for (start, gap), end in zip(starts, bounds):
+                if count >= start and (end is None or count < end):
+                    return (count - start) % gap == 0
+            return False  # pragma: no cover - count < 0
+        xp = array_namespace(count)
+        result = xp.zeros(count.shape, dtype=xp.bool, device=placement(xp, count))
+        for (start, gap), end in zip(starts, bounds):
+            in_range = count >= start
+            if end is not None:
+                in_range = xp.logical_and(in_range, count < end)
+            result = xp.logical_or(result, xp.logical_and(in_range, (count - start) % gap == 0))
+        return result
+
+    predicate.starts = tuple(starts)  # type: ignore[attr-defined]
+    return predicate

@@ -5,17 +5,18 @@ phase kept as one stack (a leading tile axis), so that a rule states its step fo
 :func:`tile_plan` cuts a tensor, :func:`stack_plan` groups its tiles into stacks and regions (boxes of
 equal tiles), :func:`cut_stacks` and :func:`join_stacks` take a tensor to its stacks and back by
 reshapes; :func:`legacy_entry_names` and :func:`stacked_tiles` migrate a state saved per tile (or
-under the names of earlier versions) to the stacks."""
+under the names of earlier versions) to the stacks. :func:`tiled_transform` runs a rule stated for
+one stack of tiles (:class:`TiledRule`, IF-Shampoo's) on every group of a tree: grouping, tiling,
+stacking across groups, the refresh phases, the keeping of unusable refreshes
+(:func:`kept_where_usable`), the skip rule's settling and the element-wise last lines."""
 
 from __future__ import annotations
 
 import itertools
 import math
 import re
-from typing import Any, NamedTuple, Optional, Sequence
-
 from functools import partial
-from typing import Callable
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from array_api_compat import array_namespace, is_jax_namespace
 
@@ -23,8 +24,8 @@ from .._backend import (
     array_device, compute_dtype, cond, device_key, host_bool, is_number, is_tracer, placement, scalar_zero,
     torch_compiling,
 )
-from ..linalg import all_finite
 from ..blocking import block_bounds, stack as stack_alike, unstack as unstack_alike
+from ..linalg import all_finite
 from ..transform import Transform, check_positive
 from ..tree import cached_template, from_entries, path_str, to_entries
 from .joined import leafwise

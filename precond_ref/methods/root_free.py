@@ -17,9 +17,7 @@ import math
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Union
 
-from array_api_compat import array_namespace
-
-from .._backend import array_device, as_operand, cast, compute_dtype, is_number, is_zero, placement, scalar_zero
+from .._backend import array_device, as_operand, cast, compute_dtype, is_number, is_zero, scalar_zero
 from ..blocking import spread_schedule
 from ..linalg import half_precision_dtype, kl_clip_of_quadratic, mode_product
 from ..engine import weight_bias_groups
@@ -27,6 +25,7 @@ from ..engine.elementwise import ElementwiseRule, elementwise_transform
 from ..engine.factors import (
     along, frobenius, gram, identity, is_diagonal, mean_trace, product_except, times, times_transposed, unfolding_gram,
 )
+from ..engine.phases import prototype_schedule
 from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, per_block, tiled_transform
 from ..transform import (
     ScalarOrSchedule,
@@ -61,8 +60,6 @@ _BATCH_SIZE_HELP = (
 
 # --------------------------------------------------------------------------------------------
 # Shared helpers
-
-
 
 
 _KL_CLIP = 0.1  # principled default of if_shampoo's kl_clip (S8)
@@ -450,69 +447,45 @@ def rf_adamw(
 
 
 # --------------------------------------------------------------------------------------------
-# IF-Shampoo: grouping, layouts and the prototype's options
-
-_STRUCTURES = ("dense", "diagonal")
-
-def prototype_lr_scale(path: Path) -> float:
-    """The prototype's factor-step scale: 0.25 for parameters named ``*norm*``, ``*proj*``, ``*bias*``.
-
-    ``LocalOptimizer_GGT`` (yorkerlin/remove-the-square-root ``myoptim/ifshampoo.py``) applies it to
-    the dotted parameter name; here it is matched on every key of the path.
-    """
-    name = ".".join(str(k) for k in path)
-    return 0.25 if any(word in name for word in ("norm", "proj", "bias")) else 1.0
-
-
-def _prototype_gap(step: int, interval: int) -> int:
-    return min(max(int(math.log(step + 1, 4)), 1), interval)
+# IF-Shampoo's rule, written for one stack of tiles (a leading axis b): grouped tensors
+# (b, d_1, ..., d_N), dense factors (b, d, d), diagonal factors (b, d); the products for both factor
+# structures are precond_ref.engine.factors'. The engine (precond_ref.engine.tiles.tiled_transform)
+# groups, tiles and stacks the gradients, decides the refresh phases, keeps unusable refreshes (S2,
+# S3), batches and applies the skip rule.
+#
+# IF-Shampoo, Lin et al. (ICML 2024) Figure 3 / spec §2.3, for a group G with factors K_n, P_n = K_nK_nᵀ
+# (principled: for each tile of G, S9, with its own factors; tile t refreshes at its offset, S10):
+#   if T(count):                                  every T steps, all axes from the old factors (_refresh)
+#       Y   = √B·G ×_1 K_1ᵀ … ×_N K_Nᵀ;  t_i = Tr(K_iᵀK_i)/d_i
+#       M_n = ½[λ Π_{i≠n} t_i K_nᵀK_n + Y_(n)Y_(n)ᵀ/Π_{i≠n} d_i − I]     (diagonal K_n: its diagonal)
+#       m_n ← α₂ m_n + (1−α₂) M_n;  K_n ← K_n − β₂/max(1, ‖m_n‖_F)·K_n m_n   (S2, S3: kept if unusable)
+#   D = G ×_1 P_1 … ×_N P_N  (_precondition);  D ← ν D, ν = min(1, √(κ_clip/(η²⟨D, G⟩)))  (S8, _kl_clip)
+#   U = D + κW;  v ← α₁ v + U;  W ← W − η v   (_descend)
 
 
-def prototype_schedule(interval: int) -> Callable[[Any], Any]:
-    """The prototype's warm-up refresh schedule as a predicate ``count -> bool`` (jit-compatible).
+class IFShampooConfig(NamedTuple):
+    """IF-Shampoo's hyperparameters (:func:`if_shampoo`), validated there."""
 
-    ``LocalOptimizer_GGT`` refreshes at step 0 and then at ``step + min(max(int(log4(step + 1)), 1), T)``
-    (the floating-point ``math.log``): every step up to 15, every 2 steps up to 63, every 3 up to
-    255, ..., every ``T`` steps eventually. The refresh steps with one gap ``j`` form an arithmetic
-    progression, so the predicate needs only the first refresh step of each gap (at most ``T``).
-    """
-    check_positive_int("interval", interval)
-    starts: list[tuple[int, int]] = []  # (first refresh step with this gap, gap)
-    step = 0
-    while True:
-        gap = _prototype_gap(step, interval)
-        starts.append((step, gap))
-        if gap == interval:
-            break
-        # jump close to the end of this gap's range, then walk (the float log decides the border)
-        far = max(0, (4 ** (gap + 1) - 1 - step) // gap - 2)
-        step += far * gap
-        while _prototype_gap(step, interval) == gap:
-            step += gap
-    bounds = [s for s, _ in starts[1:]] + [None]
-
-    def predicate(count: Any) -> Any:
-        if not hasattr(count, "shape"):
-            for (start, gap), end in zip(starts, bounds):
-                if count >= start and (end is None or count < end):
-                    return (count - start) % gap == 0
-            return False  # pragma: no cover - count < 0
-        xp = array_namespace(count)
-        result = xp.zeros(count.shape, dtype=xp.bool, device=placement(xp, count))
-        for (start, gap), end in zip(starts, bounds):
-            in_range = count >= start
-            if end is not None:
-                in_range = xp.logical_and(in_range, count < end)
-            result = xp.logical_or(result, xp.logical_and(in_range, (count - start) % gap == 0))
-        return result
-
-    predicate.starts = tuple(starts)  # type: ignore[attr-defined]
-    return predicate
+    learning_rate: Any
+    momentum: Any
+    preconditioner_lr: Any
+    preconditioner_momentum: Any
+    damping: Any
+    weight_decay: Any
+    batch_size: Any
+    kl_clip: Any
+    clamp_factor_step: bool
+    faithful: bool
+    use_momentum: bool
+    use_factor_momentum: bool
+    use_decay: bool
+    use_kl_clip: bool
 
 
 class _StackFactors(NamedTuple):
-    """The state of one stack of tiles (:class:`~precond_ref.engine.tiles.TileStack`): its tiles' Kronecker factors and their
-    Riemannian momenta, one array per axis with a leading tile axis (k tiles)."""
+    """The state of one stack of tiles (:class:`~precond_ref.engine.tiles.TileStack`): its tiles'
+    Kronecker factors and their Riemannian momenta, one array per axis with a leading tile axis (k
+    tiles)."""
 
     factor: tuple  # K_1..K_N: (k, d_n, d_n), or (k, d_n) for a diagonal axis
     factor_momentum: tuple  # m_1..m_N of K_n's shape; () when α₂ = 0
@@ -529,10 +502,29 @@ class _IFShampooState(NamedTuple):
     factor_failures: Any  # S3's count of discarded factor steps (0-D int32); None in faithful mode
 
 
-# --------------------------------------------------------------------------------------------
-# IF-Shampoo's equations, written for one stack of tiles (a leading axis b): grouped tensors
-# (b, d_1, ..., d_N), dense factors (b, d, d), diagonal factors (b, d); the products for both factor
-# structures are precond_ref.engine.factors'.
+class _IFShampooStep(NamedTuple):
+    """A step's scalars: the batch size ``B``, the factor step size ``beta2`` (β₂), ``eta`` (η) and
+    ``minus_eta`` (−η, the factor of the step)."""
+
+    B: Any
+    beta2: Any
+    eta: Any
+    minus_eta: Any
+
+
+def _if_shampoo_step(c: IFShampooConfig, value, extra) -> _IFShampooStep:
+    B = _batch_size("if_shampoo", c.batch_size, extra)  # from update(..., batch_size=) or the factory
+    eta = value(c.learning_rate)
+    return _IFShampooStep(B, value(c.preconditioner_lr), eta, -eta)
+
+
+def _init_factors(xp, c: IFShampooConfig, k: int, dims, diagonal, dtypes, dev) -> _StackFactors:
+    """K_n = I for each of the ``k`` tiles of a stack (diagonal: a vector of ones), m_n = 0."""
+    factors = tuple(xp.ones((k, d), dtype=dtype, device=dev) if diag
+                    else xp.zeros((k, d, d), dtype=dtype, device=dev) + xp.eye(d, dtype=dtype, device=dev)
+                    for d, diag, dtype in zip(dims, diagonal, dtypes))
+    momenta = tuple(xp.zeros(K.shape, dtype=K.dtype, device=dev) for K in factors) if c.use_factor_momentum else ()
+    return _StackFactors(factor=factors, factor_momentum=momenta)
 
 
 def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, factor_momentum, clamp):
@@ -566,10 +558,24 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
     return tuple(new_factors), (tuple(new_momenta) if momenta is not None else None)
 
 
-def _precondition(xp, grouped, factors, rescale: bool):
-    """``G ×_1 P_1 … ×_N P_N`` with ``P_n = K_n K_nᵀ`` for a stack of groups. ``rescale``: each
-    factor divided by ``σ_n = max(1, √max|K_n|)`` first and ``Π σ_n²`` multiplied back
-    (SIRFShampoo's range device, neutral in exact arithmetic; needed by fp16 factors)."""
+def _refresh(xp, c: IFShampooConfig, h: _IFShampooStep, lr, G, s: _StackFactors) -> _StackFactors:
+    """Figure 3's factor step on one stack of tiles (:func:`_factor_step`), step size ``lr``: β₂, or
+    β₂ times each tile's group's ``preconditioner_lr_scale``."""
+    dtype = s.factor[0].dtype
+    sqrt_B = math.sqrt(h.B) if is_number(h.B) else xp.sqrt(xp.astype(h.B, G.dtype))
+    K, m = _factor_step(
+        xp, G, s.factor, s.factor_momentum if c.use_factor_momentum else None, sqrt_B, as_operand(xp, c.damping, dtype),
+        as_operand(xp, lr, dtype), as_operand(xp, c.preconditioner_momentum, dtype), c.clamp_factor_step,
+    )
+    return _StackFactors(factor=K, factor_momentum=m or ())
+
+
+def _precondition(xp, c: IFShampooConfig, grouped, factors):
+    """``D = G ×_1 P_1 … ×_N P_N`` with ``P_n = K_n K_nᵀ`` for a stack of tiles. In faithful mode and
+    for half-precision factors each factor is divided by ``σ_n = max(1, √max|K_n|)`` first and
+    ``Π σ_n²`` multiplied back (SIRFShampoo's range device, neutral in exact arithmetic; needed by
+    fp16 factors)."""
+    rescale = c.faithful or any(xp.finfo(K.dtype).bits < 32 for K in factors)
     ndim = len(grouped.shape)
     scale_product = None
     for n, factor in enumerate(factors):
@@ -593,68 +599,6 @@ def _tile_inner(xp, D, G):
     return xp.sum(D * cast(xp, G, D.dtype), axis=tuple(range(1, len(D.shape))))
 
 
-class IFShampooConfig(NamedTuple):
-    """IF-Shampoo's hyperparameters (:func:`if_shampoo`), validated there."""
-
-    learning_rate: Any
-    momentum: Any
-    preconditioner_lr: Any
-    preconditioner_momentum: Any
-    damping: Any
-    weight_decay: Any
-    batch_size: Any
-    kl_clip: Any
-    clamp_factor_step: bool
-    faithful: bool
-    use_momentum: bool
-    use_factor_momentum: bool
-    use_decay: bool
-    use_kl_clip: bool
-
-
-class _IFShampooStep(NamedTuple):
-    """A step's scalars: the batch size ``B``, the factor step size ``beta2`` (β₂), ``eta`` (η) and
-    ``minus_eta`` (−η, the factor of the step)."""
-
-    B: Any
-    beta2: Any
-    eta: Any
-    minus_eta: Any
-
-
-def _if_shampoo_step(c: IFShampooConfig, value, extra) -> _IFShampooStep:
-    B = _batch_size("if_shampoo", c.batch_size, extra)  # from update(..., batch_size=) or the factory
-    eta = value(c.learning_rate)
-    return _IFShampooStep(B, value(c.preconditioner_lr), eta, -eta)
-
-
-def _init_factors(xp, c: IFShampooConfig, k: int, dims, diagonal, dtypes, dev) -> _StackFactors:
-    """K_n = I for each of the ``k`` tiles of a stack (diagonal: a vector of ones), m_n = 0."""
-    factors = tuple(xp.ones((k, d), dtype=dtype, device=dev) if diag
-                    else xp.zeros((k, d, d), dtype=dtype, device=dev) + xp.eye(d, dtype=dtype, device=dev)
-                    for d, diag, dtype in zip(dims, diagonal, dtypes))
-    momenta = tuple(xp.zeros(K.shape, dtype=K.dtype, device=dev) for K in factors) if c.use_factor_momentum else ()
-    return _StackFactors(factor=factors, factor_momentum=momenta)
-
-
-def _refresh(xp, c: IFShampooConfig, h: _IFShampooStep, lr, G, s: _StackFactors) -> _StackFactors:
-    """Figure 3's factor step on one stack of tiles (:func:`_factor_step`), step size ``lr``: β₂, or
-    β₂ times each tile's group's ``preconditioner_lr_scale``."""
-    dtype = s.factor[0].dtype
-    sqrt_B = math.sqrt(h.B) if is_number(h.B) else xp.sqrt(xp.astype(h.B, G.dtype))
-    K, m = _factor_step(
-        xp, G, s.factor, s.factor_momentum if c.use_factor_momentum else None, sqrt_B, as_operand(xp, c.damping, dtype),
-        as_operand(xp, lr, dtype), as_operand(xp, c.preconditioner_momentum, dtype), c.clamp_factor_step,
-    )
-    return _StackFactors(factor=K, factor_momentum=m or ())
-
-
-def _preconditioned(xp, c: IFShampooConfig, G, factors):
-    """D = G ×_1 P_1 … ×_N P_N (:func:`_precondition`), with SIRFShampoo's rescaling in faithful mode
-    and for half-precision factors."""
-    return _precondition(xp, G, factors, rescale=c.faithful or any(xp.finfo(K.dtype).bits < 32 for K in factors))
-
-
 def _kl_clip(xp, c: IFShampooConfig, h: _IFShampooStep, inner):
     """S8's ``ν = min(1, √(κ/(η²⟨D, G⟩)))`` of every group from its ``⟨D, G⟩`` (a vector of groups;
     :func:`precond_ref.linalg.kl_clip_factor`'s formula)."""
@@ -673,18 +617,17 @@ def _descend(xp, c: IFShampooConfig, operand, D, W, v, zero) -> tuple:
     return operand("minus_eta", U) * U, U  # W ← W − η v
 
 
-# IF-Shampoo, Lin et al. (ICML 2024) Figure 3 / spec §2.3, for a group G with factors K_n, P_n = K_nK_nᵀ
-# (principled: for each tile of G, S9, with its own factors; tile t refreshes at its offset, S10):
-#   if T(count):                                  every T steps, all axes from the old factors (_refresh)
-#       Y   = √B·G ×_1 K_1ᵀ … ×_N K_Nᵀ;  t_i = Tr(K_iᵀK_i)/d_i
-#       M_n = ½[λ Π_{i≠n} t_i K_nᵀK_n + Y_(n)Y_(n)ᵀ/Π_{i≠n} d_i − I]     (diagonal K_n: its diagonal)
-#       m_n ← α₂ m_n + (1−α₂) M_n;  K_n ← K_n − β₂/max(1, ‖m_n‖_F)·K_n m_n   (S2, S3: kept if unusable)
-#   D = G ×_1 P_1 … ×_N P_N  (_preconditioned);  D ← ν D, ν = min(1, √(κ_clip/(η²⟨D, G⟩)))  (S8, _kl_clip)
-#   U = D + κW;  v ← α₁ v + U;  W ← W − η v   (_descend)
 IF_SHAMPOO = TiledRule(
-    "if_shampoo", _IFShampooState, _StackFactors, _if_shampoo_step, _init_factors, _refresh, _preconditioned,
+    "if_shampoo", _IFShampooState, _StackFactors, _if_shampoo_step, _init_factors, _refresh, _precondition,
     _tile_inner, _kl_clip, _descend,
 )
+
+
+# --------------------------------------------------------------------------------------------
+# IF-Shampoo: layouts, dtypes and the prototype's options
+
+
+_STRUCTURES = ("dense", "diagonal")
 
 _MISFIT = (
     "with grouping='weight_bias' a weight and its bias are one group (give both gradients, a zero one for a member "
@@ -748,6 +691,16 @@ def _check_structures(structures: Any) -> None:
         for name in names:
             if name not in _STRUCTURES:
                 raise ValueError(f"structures must name one of {_STRUCTURES} per axis, got {name!r}")
+
+
+def prototype_lr_scale(path: Path) -> float:
+    """The prototype's factor-step scale: 0.25 for parameters named ``*norm*``, ``*proj*``, ``*bias*``.
+
+    ``LocalOptimizer_GGT`` (yorkerlin/remove-the-square-root ``myoptim/ifshampoo.py``) applies it to
+    the dotted parameter name; here it is matched on every key of the path.
+    """
+    name = ".".join(str(k) for k in path)
+    return 0.25 if any(word in name for word in ("norm", "proj", "bias")) else 1.0
 
 
 def if_shampoo(

@@ -451,9 +451,10 @@ def test_if_shampoo_is_matmul_only(monkeypatch):
     import inspect
 
     from precond_ref import linalg
+    from precond_ref.engine import factors, tiles
 
     source = inspect.getsource(root_free.if_shampoo) + inspect.getsource(root_free._factor_step)
-    source += inspect.getsource(root_free._precondition)
+    source += inspect.getsource(root_free._precondition) + inspect.getsource(factors) + inspect.getsource(tiles)
     helpers = inspect.getsource(linalg.mode_product) + inspect.getsource(linalg.mode_gram)
     import re
 
