@@ -207,7 +207,7 @@ def test_skipped_step_keeps_every_factor_without_selecting_it(backend, interval,
     """Invariant (specs README rule 6, non-finite policy 'skip'): a step whose gradient holds a NaN
     changes no state entry and gives zero updates, on a refresh step and between, for tiled and
     whole factors with factor momentum and momentum. Principled IF-Shampoo no longer has the
-    transform select its refreshed factor entries (``_settle_kept_factors``): the transform zeroes
+    transform select its refreshed factor entries (the tile runner settles them, ``engine.tiles``): the transform zeroes
     every gradient of a skipped step, and a tile with a zero gradient keeps its factors (S2).
     "torch-as-on-a-gpu": ``host_bool`` answers None as for a GPU tensor, so the step cannot learn
     on the host that it is skipped and relies on those selections alone; on JAX the gradients are

@@ -79,7 +79,7 @@ def test_state_entries_are_the_paths_of_its_named_fields():
 
 
 def test_legacy_entry_names_give_every_old_key_its_field_path():
-    """``_legacy_entry_names`` renames each key of the old layouts (unblocked ``factor_n``,
+    """``legacy_entry_names`` renames each key of the old layouts (unblocked ``factor_n``,
     ``factor_momentum_n``; blocked ``tile_t/factor_n``, ``tile_t/factor_momentum_n``;
     ``momentum_i``) to its path, keeps the names that did not change, maps the very same arrays,
     and returns a state under the current names as the very dict (no renaming cost)."""
@@ -171,7 +171,7 @@ def test_optax_state_with_the_old_names_steps_on_under_jit():
 
 
 def test_stacked_tiles_stacks_each_tile_of_one_shape_and_phase():
-    """``_stacked_tiles`` (the second step of ``legacy_names``) turns the per-tile layout
+    """``stacked_tiles`` (the second step of ``legacy_names``) turns the per-tile layout
     (``tiles/t/factor/n``) into the stacks ``init`` makes for the same group: a (10, 7) weight at
     block_size=4 has tiles 4x4, 4x3, 4x4, 4x3, 2x4, 2x3, phases t % 3, so tiles 0 (4x4, phase 0),
     1 (4x3, 1), 2 (4x4, 2), 3 (4x3, 0), 4 (2x4, 1), 5 (2x3, 2) are six stacks of one, and at
