@@ -42,6 +42,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from precond_ref.engine.elementwise import EAGER_WRITES, in_place_step
 from precond_ref.transform import Transform
 from precond_ref.tree import tree_flatten
 
@@ -242,10 +243,13 @@ class CompiledStep:
         )
         self._compiled_patterns: set = set()  # the interval decisions whose graph is made
         self._told = False
+        # An element-wise rule's step runs as compiled per-leaf kernels (KernelWrites) instead.
+        self._in_place = in_place_step(transform)
+        self._writes = KernelWrites(self.options) if self._in_place is not None else None
 
     def _notice_if_slow(self, grads: Any) -> Optional[threading.Timer]:
         """A timer that says, once, that a step is compiling if it still is after
-        :data:`COMPILE_NOTICE_S` (a logger message, not a warning: it runs on another thread)."""
+        :data:`COMPILE_NOTICE_S`."""
         if self._told:
             return None
         leaves = len(tree_flatten(grads)[0])
@@ -258,12 +262,13 @@ class CompiledStep:
                 "steps eagerly instead", leaves, ENVIRONMENT_VARIABLE,
             )
 
-        timer = threading.Timer(COMPILE_NOTICE_S, tell)
-        timer.daemon = True
-        timer.start()
-        return timer
+        return _timer(tell)
 
     def __call__(self, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
+        if self._in_place is not None:
+            new_state = self._writes.step(self._in_place, grads, state, params, extra)
+            if new_state is not None:
+                return new_state
         timer = None
         if due not in self._compiled_patterns:  # this call may compile
             self._compiled_patterns.add(due)
@@ -295,6 +300,110 @@ class CompiledStep:
             for p, u in zip([p for p in tree_flatten(params)[0] if p.ndim == 0], scalar_updates):
                 p.add_(u)
         return type(state)(count, nonfinite_count, groups)
+
+
+def _timer(tell: Callable[[], None]) -> threading.Timer:
+    """``tell()`` after :data:`COMPILE_NOTICE_S` unless cancelled first (a logger message, not a
+    warning: it runs on another thread)."""
+    timer = threading.Timer(COMPILE_NOTICE_S, tell)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+#: The compiled per-leaf functions of element-wise rules (``KernelWrites``), by the engine's key
+#: and the ``torch.compile`` options: one compilation per rule, dtype and option set in a process,
+#: shared by its optimizers and param groups.
+_KERNELS: dict[tuple, Callable] = {}
+_KERNEL_NOTICE_GIVEN = []
+
+
+def _writing(fn: Callable) -> Callable:
+    """``fn`` with its results written into its last operands (``Writes.kernel``'s contract), in
+    place, as one function for ``torch.compile``: Inductor fuses the writes into the loop that
+    computes them."""
+
+    def write(*operands: torch.Tensor) -> None:
+        results = fn(*operands)
+        for target, value in zip(operands[len(operands) - len(results):], results):
+            target.copy_(value)
+
+    return write
+
+
+class KernelWrites:
+    """The engine's ``Writes`` for :func:`precond_ref.engine.elementwise.in_place_step` with each
+    per-leaf function compiled: ``torch.compile(dynamic=True)`` on 1-D operands, so one
+    compilation serves every leaf and pack of any length (``_KERNELS``), and a step is one call
+    per large leaf and per pack of small ones. The copies back into packed leaves are one
+    ``torch._foreach_copy_``.
+
+    A compilation that fails before the step has written anything propagates (the optimizer then
+    runs the step eagerly and says so); one that fails later in a step (a second kernel of another
+    dtype) finishes that step eagerly and is raised at the next step, before anything is written.
+    """
+
+    def __init__(self, options: dict) -> None:
+        self.options = {"fullgraph": True, "dynamic": True, **options}
+        self.options_key = repr(sorted(self.options.items()))
+        self._quiet = _cached_helpers_traced_quietly()
+        self.wrote = False
+        self.pending: Optional[BaseException] = None
+
+    def step(self, in_place: Callable, grads: Any, state: Any, params: Any, extra: dict) -> Any:
+        if self.pending is not None:
+            error, self.pending = self.pending, None
+            raise error
+        self.wrote = False
+        return in_place(grads, state, params, writes=self, **extra)
+
+    def kernel(self, key: tuple, fn: Callable, operands: tuple) -> None:
+        if self.pending is not None:  # a kernel failed earlier in this step: finish it eagerly
+            EAGER_WRITES.kernel(key, fn, operands)
+            return
+        compiled = _KERNELS.get((key, self.options_key))
+        timer = None
+        try:
+            if compiled is None:
+                compiled = _KERNELS[(key, self.options_key)] = torch.compile(_fresh(_writing(fn)), **self.options)
+                timer = _timer(_kernel_notice) if not _KERNEL_NOTICE_GIVEN else None
+            operands = tuple(map(_unviewed, operands))
+            if self._quiet:
+                compiled(*operands)
+            else:
+                with _quiet_tracing():
+                    compiled(*operands)
+        except Exception as error:  # noqa: BLE001 - see the class docstring
+            _KERNELS.pop((key, self.options_key), None)
+            if not self.wrote:
+                raise
+            self.pending = error
+            EAGER_WRITES.kernel(key, fn, operands)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        self.wrote = True
+
+    def copy(self, targets: list, sources: list) -> None:
+        torch._foreach_copy_(targets, sources)
+
+
+def _unviewed(x: Any) -> Any:
+    """``x``, or for a view (a leaf's flat view) a tensor on the same memory that is not a view:
+    dynamo guards on a view input's base, which would compile the kernel again for a leaf whose
+    flat operands are not views (a 1-D leaf, a pack)."""
+    if not isinstance(x, torch.Tensor) or x._base is None:
+        return x
+    return torch.empty((0,), dtype=x.dtype, device=x.device).set_(x.untyped_storage(), x.storage_offset(), x.shape, x.stride())
+
+
+def _kernel_notice() -> None:
+    _KERNEL_NOTICE_GIVEN.append(True)
+    _LOG.warning(
+        "precond_ref: compiling the optimizer's element-wise step with torch.compile (once per method, dtype and "
+        "option set in a process, for tensors of every size; seconds to a minute on a CPU). compile=False, or %s=0, "
+        "steps eagerly instead", ENVIRONMENT_VARIABLE,
+    )
 
 
 def notice_eager(owner: str, error: BaseException) -> None:

@@ -21,18 +21,37 @@ The engine does the rest: the state's dtype, the casts of gradient and parameter
 hyperparameters as operands (:func:`operands`), the scalars once per step (:func:`step_scalars`),
 the non-finite rule's selection of the new state before the update is formed from it, the packing
 of small leaves into one flat leaf (``build_transform(elementwise=True)``), and the checks.
+
+An adapter that can write arrays in place (the torch optimizers) may run a step through
+:func:`in_place_step` instead of ``update``: the same numbers, but each leaf (and each flat pack
+of small leaves) is one call of a pure per-leaf function, whose results its ``writes`` hook stores
+into the parameter and the state entries, so that a compiler compiles that one small function
+(once per rule, dtype and option set, for every length) rather than the step of a whole tree.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
-from .._backend import as_operand, array_device, cast, computed_once, is_number
-from ..transform import Transform
-from .context import StepContext
-from .run import build_transform
+from array_api_compat import array_namespace
 
-__all__ = ["ElementwiseRule", "StepValues", "elementwise_transform", "operands", "step_scalars"]
+from .._backend import (
+    as_operand, array_device, cast, computed_once, device_key, finite_or_zero, host_bool, is_dense, is_number,
+    scalar_zero, select,
+)
+from ..blocking import stack, unstack
+from ..transform import PrecondState, Transform
+from ..tree import path_str, tree_flatten
+from .context import StepContext
+from .joined import FLAT_MAX_ELEMENTS, _dtypes, _flat
+from .run import build_transform
+from .skip import first_bad_gradient, gradient_ok
+
+__all__ = [
+    "ElementwiseRule", "StepValues", "Writes", "EAGER_WRITES", "elementwise_transform", "in_place_step", "operands",
+    "step_scalars",
+]
 
 Array = Any
 
@@ -120,7 +139,7 @@ def elementwise_transform(
         new = type(old)(*(n if n is None or n is o else ctx.unless_skipped(n, o) for n, o in zip(new, old)))
         return (rule.update(xp, c, new, g, w, h),), _entries(new)
 
-    return build_transform(
+    transform = build_transform(
         name=rule.name,
         init_group=init_group,
         update_group=update_group,
@@ -128,6 +147,173 @@ def elementwise_transform(
         elementwise=True,
         needs_params=reads_params,
     )
+    transform.update.in_place = _InPlace(rule, config, state_dtype, reads_params, on_nonfinite)  # type: ignore[attr-defined]
+    return transform
+
+
+class Writes(NamedTuple):
+    """How :func:`in_place_step` stores its results: ``kernel(key, fn, operands)`` computes
+    ``results = fn(*operands)`` and writes each result into the matching one of the last
+    ``len(results)`` operands (arrays of its shape and dtype); ``key`` names ``fn`` (two calls
+    with equal keys get the same function). ``copy(targets, sources)`` copies each source into
+    its target."""
+
+    kernel: Callable[[tuple, Callable, tuple], None]
+    copy: Callable[[list, list], None]
+
+
+def _write_results(key: tuple, fn: Callable, operands: tuple) -> None:
+    results = fn(*operands)
+    _copy(operands[len(operands) - len(results):], results)
+
+
+def _copy(targets: Any, sources: Any) -> None:
+    for target, source in zip(targets, sources):
+        target[...] = source
+
+
+#: :class:`Writes` by item assignment, eagerly (any library whose arrays are mutable).
+EAGER_WRITES = Writes(_write_results, _copy)
+
+
+def in_place_step(transform: Transform) -> Optional[Callable[..., Optional[PrecondState]]]:
+    """The in-place step of ``transform`` if an element-wise rule runs it, else ``None``:
+    ``step(grads, state, params, writes=EAGER_WRITES, **extra)`` adds this step's updates to the
+    parameters and writes the new state into the state's arrays (``writes``), and returns the new
+    :class:`PrecondState` (new counters, the same arrays); ``None``, having written nothing, when
+    the trees or the state do not fit (``update`` then names the problem).
+
+    The numbers are ``update``'s, added to the parameters: per leaf the gradient, the new state
+    and the update selected by the step's non-finite test (one test of the whole gradient tree,
+    an operand of every call, as are the step's scalars), the update's non-finite entries zeroed.
+    The leaves are those ``update`` runs: a large leaf alone, the small ones of one dtype layout
+    packed into one flat leaf (copied in, and their results copied back with ``writes.copy``), as
+    is a leaf whose parameter or state is not dense (no flat view of it exists). Every call is
+    on 1-D operands: ``fn`` (and ``key``) depend on the rule, its options and the dtypes, not on a
+    leaf's size.
+    """
+    return getattr(transform.update, "in_place", None)
+
+
+class _InPlace:
+    """The in-place step of one element-wise transform (:func:`in_place_step`)."""
+
+    def __init__(self, rule: ElementwiseRule, config: NamedTuple, state_dtype: Callable, reads_params: bool,
+                 on_nonfinite: str) -> None:
+        self.rule, self.config, self.state_dtype = rule, config, state_dtype
+        self.reads_params, self.on_nonfinite = reads_params, on_nonfinite
+        # The configuration's fields the per-leaf function reads as constants (the scheduled ones
+        # are read by ``scalars`` alone); None when one is an array (``update`` runs such a rule).
+        constants = tuple((k, v) for k, v in config._asdict().items() if k not in rule.scheduled)
+        self.constants = None if any(hasattr(v, "shape") for _, v in constants) else constants
+        self.functions: dict[tuple, Callable] = {}
+        self.layouts: dict[tuple, tuple] = {}
+
+    def entries(self, xp: Any, w: Any) -> tuple:
+        """The state's entry names and dtype ``init`` gives a parameter of ``w``'s dtype."""
+        key = (xp.__name__, w.dtype)
+        if key not in self.layouts:
+            dtype = self.state_dtype(xp, w.dtype)
+            probe = self.rule.init(xp, operands(xp, self.config, dtype, self.rule.scheduled), w[(0,) * w.ndim], dtype)
+            self.layouts[key] = (tuple(_entries(probe)), dtype)
+        return self.layouts[key]
+
+    def __call__(self, grads: Any, state: Any, params: Any, writes: Writes = EAGER_WRITES, **extra: Any) -> Any:
+        if self.constants is None or not isinstance(state, PrecondState) or params is None:
+            return None
+        grad_leaves, treedef = tree_flatten(grads)
+        param_leaves, param_def = tree_flatten(params)
+        if not grad_leaves or param_def.paths != treedef.paths or len(state.groups) != len(grad_leaves):
+            return None
+        try:
+            xp = array_namespace(*grad_leaves, *param_leaves)
+        except TypeError:
+            return None
+        members, labels, live = [], [], []
+        for i, (path, g, w) in enumerate(zip(treedef.paths, grad_leaves, param_leaves)):
+            entries = state.groups.get(path_str(path))
+            if entries is None or tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
+                return None
+            if not xp.isdtype(g.dtype, "real floating"):
+                return None
+            names, dtype = self.entries(xp, w) if math.prod(w.shape) else ((), None)  # a zero-size leaf: no state
+            if tuple(entries) != names or any(tuple(v.shape) != tuple(w.shape) or v.dtype != dtype for v in entries.values()):
+                return None
+            members.append((g, w, *entries.values()))
+            labels.append(names)
+            if names:
+                live.append(i)
+        ok = gradient_ok(xp, grad_leaves)
+        if self.on_nonfinite == "raise" and not bool(ok):
+            raise FloatingPointError(f"{self.rule.name}: {first_bad_gradient(xp, grad_leaves, treedef.paths)}")
+        count = state.count
+        value = StepContext(xp=xp, count=count, extra=extra).value
+        scalars: dict = {}
+        flat = [tuple(_flat(xp, a) for a in members[i]) for i in live]
+        stacks = stack(xp, flat, key=_packable, labels=[labels[i] for i in live])
+        targets, sources = [], []
+        for s in stacks:
+            g, w = s.operands[:2]
+            dtype, device = s.operands[2].dtype, array_device(w)
+            skey = (dtype, device_key(w))
+            if skey not in scalars:
+                values = StepValues(count, value, extra, dtype, device)
+                h = step_scalars(xp, self.rule.scalars(xp, self.config, values), self.rule.computed)
+                scalars[skey] = (_split_scalars(h), h)
+            (numbers, held), h = scalars[skey]
+            names = labels[live[s.indices[0]]]
+            key = (self.rule.name, self.constants, numbers, names, str(dtype), str(g.dtype), str(getattr(device, "type", device)))
+            fn = self.functions.get(key)
+            if fn is None:
+                fn = self.functions[key] = self.function(xp, dtype, h, held, names)
+            writes.kernel(key, fn, (ok, tuple(getattr(h, k) for k in held), *s.operands))
+            if len(s.indices) > 1 or not all(map(is_dense, members[live[s.indices[0]]][1:])):  # written into copies
+                pieces = unstack([s], [s.operands[1:]], len(flat))
+                for i in s.indices:
+                    for target, piece in zip(members[live[i]][1:], pieces[i]):
+                        targets.append(target)
+                        sources.append(xp.reshape(piece, tuple(target.shape)))
+        if targets:
+            writes.copy(targets, sources)
+        if host_bool(xp, ok) is True:
+            return state._replace(count=count + 1)
+        applied = xp.astype(ok, xp.int32)
+        return state._replace(count=count + applied, nonfinite_count=state.nonfinite_count + (1 - applied))
+
+    def function(self, xp: Any, dtype: Any, h: NamedTuple, held: tuple, names: tuple) -> Callable:
+        """The per-leaf function: ``(ok, scalars, g, w, *entries) -> (w + update, *new entries)``
+        for state entries ``names`` of ``dtype``, with the step's scalars ``held`` as operands and
+        the others (numbers, ``None``) as constants."""
+        rule, c, reads_params = self.rule, operands(xp, self.config, dtype, self.rule.scheduled), self.reads_params
+        fields = {k: v for k, v in h._asdict().items() if k not in held}
+
+        def step(ok: Any, arrays: tuple, g: Any, w: Any, *entries: Any) -> tuple:
+            h_ = type(h)(**fields, **dict(zip(held, arrays)))
+            zero = scalar_zero(xp, g)
+            g_ = cast(xp, select(xp, ok, g, zero), dtype)  # a skipped step's arithmetic runs on zeros
+            w_ = cast(xp, w, dtype) if reads_params else None
+            old = _fields(rule, dict(zip(names, entries)))
+            new = rule.state(xp, c, old, g_, w_, h_)
+            new = type(old)(*(n if n is None or n is o else select(xp, ok, n, o) for n, o in zip(new, old)))
+            u = cast(xp, rule.update(xp, c, new, g_, w_, h_), g.dtype)
+            u = finite_or_zero(xp, select(xp, ok, u, zero), zero)
+            return (w + u, *(v for v in new if v is not None))
+
+        return step
+
+
+def _split_scalars(h: NamedTuple) -> tuple[tuple, tuple]:
+    """A step's scalars as ``(constants, held)``: the fields that are numbers or ``None``, with
+    their values (constants of the per-leaf function), and the names of those that are arrays
+    (its operands)."""
+    constants = tuple((k, v) for k, v in h._asdict().items() if v is None or is_number(v))
+    return constants, tuple(k for k in h._fields if k not in dict(constants))
+
+
+def _packable(operands: tuple) -> Any:
+    """:func:`blocking.stack`'s key of a leaf's flattened operands: their dtypes for a leaf small
+    enough to pack (:data:`FLAT_MAX_ELEMENTS`), ``None`` (alone) for a larger one."""
+    return _dtypes(operands) if operands[0].shape[0] <= FLAT_MAX_ELEMENTS else None
 
 
 def _entries(state: NamedTuple) -> dict[str, Array]:
