@@ -44,7 +44,8 @@ from ..blocking import stack, unstack
 from ..transform import PrecondState, Transform
 from ..tree import path_str, tree_flatten
 from .context import StepContext
-from .joined import FLAT_MAX_TRACED_ELEMENTS, _dtypes, _flat
+from . import joined
+from .joined import _dtypes, _flat
 from .run import build_transform
 from .skip import first_bad_gradient, gradient_ok
 
@@ -314,9 +315,9 @@ def _packable(operands: tuple) -> Any:
     """:func:`blocking.stack`'s key of a leaf's flattened operands: their dtypes for a leaf small
     enough to pack, ``None`` (alone) for a larger one. Each leaf alone costs a call of a compiled
     function, as a leaf of a compiled ``update`` costs a kernel: the limit is the one measured for
-    that (:data:`FLAT_MAX_TRACED_ELEMENTS`), past which copying a leaf into and out of the pack
+    that (:data:`~precond_ref.engine.joined.FLAT_MAX_TRACED_ELEMENTS`), past which copying a leaf into and out of the pack
     costs more than its call."""
-    return _dtypes(operands) if operands[0].shape[0] <= FLAT_MAX_TRACED_ELEMENTS else None
+    return _dtypes(operands) if operands[0].shape[0] <= joined.FLAT_MAX_TRACED_ELEMENTS else None
 
 
 def _entries(state: NamedTuple) -> dict[str, Array]:

@@ -4,8 +4,11 @@
 The 148 float32 tensors of ``precond_ref.benchmarks.scale.gpt2_small_shapes`` (124M parameters),
 random gradients, the class's defaults (the root-free classes with ``batch_size=8``); ``off`` is
 ``compile=False``, ``eager`` compiles with dynamo's ``eager`` backend (its trace, no code
-generation). ``PACK_ALL=1`` packs every leaf into one flat leaf under the compiler (an experiment:
-``precond_ref.transform.FLAT_MAX_TRACED_ELEMENTS`` raised past every leaf).
+generation). Experiments: ``WHOLE_GRAPH=1`` compiles an element-wise class's update of the whole
+param group as one graph, as before the per-leaf kernel (``in_place_step`` switched off);
+``PACK_ALL=1`` with it packs every leaf into one flat leaf under the compiler
+(``precond_ref.engine.joined.FLAT_MAX_TRACED_ELEMENTS`` raised past every leaf). A first run's
+compilation: ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``.
 """
 
 import os
@@ -17,10 +20,14 @@ import torch
 import precond_ref.adapters.torch as pt
 from precond_ref.benchmarks.scale import gpt2_small_shapes
 
-if os.environ.get("PACK_ALL"):
-    import precond_ref.transform as transform
+if os.environ.get("WHOLE_GRAPH"):
+    import precond_ref.adapters._torch_compile as torch_compile
 
-    transform.FLAT_MAX_TRACED_ELEMENTS = 2**40
+    torch_compile.in_place_step = lambda transform: None
+if os.environ.get("PACK_ALL"):
+    import precond_ref.engine.joined as joined
+
+    joined.FLAT_MAX_TRACED_ELEMENTS = 2**40
 
 name = sys.argv[1]
 extra = {"batch_size": 8} if name in ("RFRMSProp", "RFAdamW", "IFShampoo") else {}
