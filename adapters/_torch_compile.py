@@ -22,6 +22,12 @@ number of times:
   guards and most of a small step's time (measured: docs/backends.md, "The torch adapter's
   compiled step").
 
+An element-wise method (AGD, RF-RMSProp, RF-AdamW) compiles less: the engine's in-place step
+(:func:`precond_ref.engine.elementwise.in_place_step`) calls one per-leaf function per large leaf
+and per pack of small ones, and :class:`KernelWrites` compiles that function once per method,
+dtype and option set, for every length, so that the first step of a large model compiles one
+small kernel rather than a graph of every leaf.
+
 If compilation fails (no C++ compiler for TorchInductor's CPU backend, an unsupported
 operation), the optimizer says so once and runs the same core eagerly.
 """
