@@ -147,12 +147,19 @@ def _apply(transform: Transform, grads: Any, state: Any, params: Any, due: tuple
 _KEPT_GUARD_TYPES = frozenset({"TENSOR_MATCH", "DUPLICATE_INPUT"})
 
 
-def _guard_filter(entries: list) -> list[bool]:
-    """Which of dynamo's guards to keep: see the module's docstring."""
+def _guard_filter(entries: list, fixed: tuple = ("transform",)) -> list[bool]:
+    """Which of dynamo's guards to keep: see the module's docstring; ``fixed`` names the argument
+    (or closure variable) the compiled function serves alone, as dynamo names its guards."""
     return [
-        entry.guard_type in _KEPT_GUARD_TYPES or not (entry.is_global or entry.name.split(".")[0] == "transform")
+        entry.guard_type in _KEPT_GUARD_TYPES or not (entry.is_global or entry.name.split(".")[0] in fixed)
         for entry in entries
     ]
+
+
+def _kernel_guard_filter(entries: list) -> list[bool]:
+    """:func:`_guard_filter` of a per-leaf function (``KernelWrites``): its ``fn``, a closure
+    variable, is fixed by its key."""
+    return _guard_filter(entries, ("fn",))
 
 
 def _holds_number(extra: dict) -> bool:
@@ -351,6 +358,8 @@ class KernelWrites:
 
     def __init__(self, options: dict) -> None:
         self.options = {"fullgraph": True, "dynamic": True, **options}
+        if "mode" not in options:  # guards on the tensors only: the function is fixed by its key
+            self.options["options"] = {"guard_filter_fn": _kernel_guard_filter, **options.get("options", {})}
         self.options_key = repr(sorted(self.options.items()))
         self._quiet = _cached_helpers_traced_quietly()
         self.wrote = False

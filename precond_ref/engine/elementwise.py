@@ -260,14 +260,17 @@ class _InPlace:
             if skey not in scalars:
                 values = StepValues(count, value, extra, dtype, device)
                 h = step_scalars(xp, self.rule.scalars(xp, self.config, values), self.rule.computed)
-                scalars[skey] = (_split_scalars(h), h)
-            (numbers, held), h = scalars[skey]
+                numbers, held = _split_scalars(h)
+                # As 1-element arrays, not 0-D: torch.compile reads a 0-D CPU float64 operand on the
+                # host at every call (as a symbolic float); the same numbers either way.
+                scalars[skey] = (numbers, held, h, tuple(xp.reshape(getattr(h, k), (1,)) for k in held))
+            numbers, held, h, arrays = scalars[skey]
             names = labels[live[s.indices[0]]]
             key = (self.rule.name, self.constants, numbers, names, str(dtype), str(g.dtype), str(getattr(device, "type", device)))
             fn = self.functions.get(key)
             if fn is None:
                 fn = self.functions[key] = self.function(xp, dtype, h, held, names)
-            writes.kernel(key, fn, (ok, tuple(getattr(h, k) for k in held), *s.operands))
+            writes.kernel(key, fn, (ok, arrays, *s.operands))
             if len(s.indices) > 1 or not all(map(is_dense, members[live[s.indices[0]]][1:])):  # written into copies
                 pieces = unstack([s], [s.operands[1:]], len(flat))
                 for i in s.indices:
@@ -289,7 +292,7 @@ class _InPlace:
         fields = {k: v for k, v in h._asdict().items() if k not in held}
 
         def step(ok: Any, arrays: tuple, g: Any, w: Any, *entries: Any) -> tuple:
-            h_ = type(h)(**fields, **dict(zip(held, arrays)))
+            h_ = type(h)(**fields, **{k: xp.reshape(a, ()) for k, a in zip(held, arrays)})
             zero = scalar_zero(xp, g)
             g_ = cast(xp, select(xp, ok, g, zero), dtype)  # a skipped step's arithmetic runs on zeros
             w_ = cast(xp, w, dtype) if reads_params else None
