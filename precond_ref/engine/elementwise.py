@@ -318,8 +318,8 @@ def _packable(operands: tuple) -> Any:
     """:func:`blocking.stack`'s key of a leaf's flattened operands: their dtypes for a leaf small
     enough to pack, ``None`` (alone) for a larger one. Each leaf alone costs a call of a compiled
     function, as a leaf of a compiled ``update`` costs a kernel: the limit is the one measured for
-    that (:data:`~precond_ref.engine.joined.FLAT_MAX_TRACED_ELEMENTS`), past which copying a leaf into and out of the pack
-    costs more than its call."""
+    that (:data:`~precond_ref.engine.joined.FLAT_MAX_TRACED_ELEMENTS`), past which copying a leaf
+    into and out of the pack costs more than its call."""
     return _dtypes(operands) if operands[0].shape[0] <= joined.FLAT_MAX_TRACED_ELEMENTS else None
 
 
