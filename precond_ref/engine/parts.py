@@ -32,8 +32,9 @@ from ..transform import PrecondState
 from ..tree import Path, path_str, tree_flatten, tree_unflatten
 from .context import StepContext
 from .elementwise import operands
-from .joined import FLAT_MAX_ELEMENTS, leafwise
+from .joined import FLAT_MAX_ELEMENTS, _flat, leafwise
 from .layout import weight_bias_groups
+from .matrices import as_matrix
 from .phases import phase_share, refresh_runs, warmup_phase_due
 from .run import build_transform
 
@@ -209,11 +210,6 @@ def finite_or_previous(xp: Any, new: Array, previous: Array, failures: Array) ->
     return xp.where(ok, new, previous), failures + xp.astype(xp.logical_not(ok), failures.dtype)
 
 
-def _shaped(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:
-    """``x`` reshaped to ``shape`` (``x`` itself when it has it)."""
-    return x if tuple(x.shape) == shape else xp.reshape(x, shape)
-
-
 def refresh_parts(
     xp: Any,
     kinds: Sequence[str],
@@ -234,7 +230,7 @@ def refresh_parts(
     Element-wise parts refresh in phase 0."""
 
     def square(a: Array) -> Array:
-        return _shaped(xp, a, (math.prod(a.shape[:-2]), a.shape[-1], a.shape[-1]))
+        return as_matrix(xp, a, (math.prod(a.shape[:-2]), a.shape[-1], a.shape[-1]))
 
     def invert(stack: Array, before: Array) -> tuple[Array, Array]:
         n = stack.shape[0]
@@ -254,7 +250,7 @@ def refresh_parts(
     for kind, statistic, before in zip(kinds, statistics, previous):
         if kind != ELEMENTWISE:
             inverse, flagged_blocks = next(inverted)
-            inverse, flagged = _shaped(xp, inverse, tuple(statistic.shape)), xp.any(flagged_blocks)
+            inverse, flagged = as_matrix(xp, inverse, tuple(statistic.shape)), xp.any(flagged_blocks)
         elif run[0] == 0:
             inverse, flagged = elementwise_inverse(statistic, before)
         else:
@@ -291,11 +287,6 @@ def inner(xp: Any, a: Array, b: Array) -> Array:
 def _stack_key(x: Array) -> Any:
     """Arrays with equal keys (dtype and device) can be stacked."""
     return (x.dtype, device_key(x))
-
-
-def _flat(xp: Any, x: Array) -> Array:
-    """``x`` as a vector (a view; ``x`` itself when it is one)."""
-    return x if len(x.shape) == 1 else xp.reshape(x, (-1,))
 
 
 def _flat_key(operands_: tuple) -> Any:
@@ -470,8 +461,8 @@ def parts_transform(
         flat = [tuple(_flat(xp, x) for x in (grads_list[i][0], *(states[i][k] for k in rule.State._fields))) for i in diagonal]
         for i, (step, *entries) in zip(diagonal, on_stacks(xp, lambda *a: diagonal_step(xp, *a, ctx=ctx), flat, _flat_key)):
             shape = tuple(grads_list[i][0].shape)
-            steps[i] = (_shaped(xp, step, shape),)
-            new_states[i] = {k: _shaped(xp, e, shape) for k, e in zip(rule.State._fields, entries)}
+            steps[i] = (as_matrix(xp, step, shape),)
+            new_states[i] = {k: as_matrix(xp, e, shape) for k, e in zip(rule.State._fields, entries)}
         blocked = [i for i in range(n) if kinds[i] != DIAGONAL]
         g = {i: to_block(xp, grads_list[i]) for i in blocked}
         cut = {i: parts(kinds[i], tuple(g[i].shape), block_size) for i in blocked}
