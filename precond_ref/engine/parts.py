@@ -32,9 +32,9 @@ from ..transform import PrecondState
 from ..tree import Path, path_str, tree_flatten, tree_unflatten
 from .context import StepContext
 from .elementwise import operands
-from .joined import FLAT_MAX_ELEMENTS, _flat, leafwise
+from .joined import leafwise
 from .layout import weight_bias_groups
-from .matrices import as_matrix
+from .matrices import as_matrix, joined_leaves
 from .phases import phase_share, refresh_runs, warmup_phase_due
 from .run import build_transform
 
@@ -289,15 +289,6 @@ def _stack_key(x: Array) -> Any:
     return (x.dtype, device_key(x))
 
 
-def _flat_key(operands_: tuple) -> Any:
-    """Which vectors an element-wise rule runs on concatenated (:func:`precond_ref.blocking.on_stacks`):
-    those of one dtype and device of at most ``FLAT_MAX_ELEMENTS`` elements (the copies into and out
-    of the concatenation cost a pass over the data, against a dozen operations per vector); a
-    longer vector alone (the key ``None``)."""
-    x = operands_[0]
-    return _stack_key(x) if x.shape[0] <= FLAT_MAX_ELEMENTS else None
-
-
 # --------------------------------------------------------------------------------------------
 # The runner.
 
@@ -443,12 +434,12 @@ def parts_transform(
         decay = ctx.once(("decay", dtype, device), lambda: rule.decay(xp, ops(xp, dtype), lr))
         return tuple(s - decay * cast(xp, p, dtype) for s, p in zip(step, params))
 
-    def diagonal_step(xp: Any, g: Array, *entries: Array, ctx: StepContext) -> tuple:
-        dtype, device = g.dtype, array_device(g)
+    def diagonal_step(g: Array, state: dict, w: Any, ctx: StepContext) -> tuple:
+        xp, dtype, device = ctx.xp, g.dtype, array_device(g)
         c = ops(xp, dtype)
         correction = ctx.once(("diagonal_correction", dtype, device), lambda: rule.correction(xp, c, ctx.count, dtype))
-        direction, new = rule.diagonal(xp, c, rule.State(*entries), g, correction)
-        return (direction * ctx.negated("learning_rate", lr_of, dtype, device), *new)
+        direction, new = rule.diagonal(xp, c, rule.State(**state), g, correction)
+        return (direction * ctx.negated("learning_rate", lr_of, dtype, device),), new._asdict()
 
     def update_groups(grads_list: list, states: list, params_list: list, ctxs: list[StepContext]) -> list:
         xp, n, ctx = ctxs[0].xp, len(grads_list), ctxs[0]
@@ -458,11 +449,9 @@ def parts_transform(
         grads_list = [tuple(cast(xp, g, dtype) for g in grads) for grads, dtype in zip(grads_list, dtypes)]
         steps, new_states = [None] * n, [None] * n
         diagonal = [i for i in range(n) if kinds[i] == DIAGONAL]  # element-wise: small leaves as one vector
-        flat = [tuple(_flat(xp, x) for x in (grads_list[i][0], *(states[i][k] for k in rule.State._fields))) for i in diagonal]
-        for i, (step, *entries) in zip(diagonal, on_stacks(xp, lambda *a: diagonal_step(xp, *a, ctx=ctx), flat, _flat_key)):
-            shape = tuple(grads_list[i][0].shape)
-            steps[i] = (as_matrix(xp, step, shape),)
-            new_states[i] = {k: as_matrix(xp, e, shape) for k, e in zip(rule.State._fields, entries)}
+        joined = joined_leaves(xp, diagonal_step, [(grads_list[i][0], states[i], None) for i in diagonal], ctx)
+        for i, (step, new) in zip(diagonal, joined):
+            steps[i], new_states[i] = step, new
         blocked = [i for i in range(n) if kinds[i] != DIAGONAL]
         g = {i: to_block(xp, grads_list[i]) for i in blocked}
         cut = {i: parts(kinds[i], tuple(g[i].shape), block_size) for i in blocked}
