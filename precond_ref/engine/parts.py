@@ -504,21 +504,14 @@ def parts_transform(
         on_nonfinite=on_nonfinite,
         needs_params=decays,
         intervals=(t1,) + phase_due,
+        layout_hint=_layout_hint,
     )
 
     def init(params: Any) -> PrecondState:
         return inner_transform.init(out_first(params)[0])
 
     def update(grads: Any, state: PrecondState, params: Any = None, **extra: Any) -> tuple[Any, PrecondState]:
-        canonical_grads, treedef, flags, leaves = out_first(grads)
-        if isinstance(state, PrecondState):
-            for group in _groups(treedef.paths, leaves):
-                members = tuple(leaves[i] for i in group.indices)
-                entries, kind = state.groups.get(group.key), block_kind(members, max_block_dim)
-                shape = block_shape(members) if kind != DIAGONAL else None
-                # Only a state whose momentum fits the gradient: other mismatches are the framework's.
-                if shape is not None and entries and "momentum" in entries and tuple(entries["momentum"].shape) == shape:
-                    _check_parts(rule.name, kind, shape, entries, group.paths, block_size)
+        canonical_grads, treedef, flags, _ = out_first(grads)
         canonical_params = None if params is None else out_first(params)[0]
         updates, new_state = inner_transform.update(canonical_grads, state, canonical_params, **extra)
         return restore(updates, treedef, flags), new_state
@@ -575,20 +568,22 @@ def parts_transform(
     return init, update, inner_transform.due, inner_transform.matmul_precision, weight_bias_groups, warm_start
 
 
-def _check_parts(name: str, kind: str, shape: tuple, state: dict, paths: Sequence[Path], block_size: Optional[int]) -> None:
-    """Refuse, naming the leaf and the argument that reproduces it, a state whose statistic
-    blocks are not the ones this ``block_size`` makes (e.g. one saved before blocking)."""
-    want = {"statistic" + suffix: s for suffix, s in statistic_shapes(kind, shape, block_size).items()}
-    have = {k: tuple(v.shape) for k, v in state.items() if k.startswith("statistic")}
-    if have != want:
-        names = ", ".join(repr(path_str(p)) for p in paths)
-        old = "" if kind != FC or len(have) != 1 else f" (block_size={shape[0]} or larger reproduces it)"
-        raise ValueError(
-            f"{name}: the optimizer state of {names} has statistic blocks {have}, but block_size={block_size} "
-            f"makes {want}: a state saved with another block_size or max_block_dim{old}; build the "
-            "optimizer with the settings that saved it (version 0.1.0's principled layout was one "
-            "O x O block per FC layer: block_size at least every layer's output size, max_block_dim=4096)"
-        )
+def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
+    """``build_transform``'s ``layout_hint``: for a state whose statistic blocks are not the ones
+    this ``block_size`` makes (one saved with another ``block_size`` or ``max_block_dim``, e.g. by
+    a version that did not block), the settings that load it."""
+    have = {k: v[0] for k, v in found.items() if k.startswith("statistic")}
+    want = {k: v[0] for k, v in layout.items() if k.startswith("statistic")}
+    if have == want or "momentum" not in layout:
+        return ""
+    o = layout["momentum"][0][0]
+    old = f" (block_size={o} or larger reproduces it)" if have == {"statistic": (o, o)} else ""
+    return (
+        f" Or a state saved with another block_size or max_block_dim{old}: its statistic blocks are {have}, "
+        f"these settings make {want}; build the optimizer with the settings that saved it (version 0.1.0's "
+        "principled layout was one O x O block per FC layer: block_size at least every layer's output size, "
+        "max_block_dim=4096)"
+    )
 
 
 def _check_batch(
