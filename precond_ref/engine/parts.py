@@ -20,6 +20,7 @@ and the warm start's running mean.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
@@ -527,10 +528,7 @@ def parts_transform(
         for grads in grads_batches:
             _, treedef, _, leaves = out_first(grads)
             xp = array_namespace(*leaves)
-            finite = None
-            for leaf in leaves:
-                leaf_finite = xp.all(xp.isfinite(leaf))
-                finite = leaf_finite if finite is None else xp.logical_and(finite, leaf_finite)
+            finite = functools.reduce(xp.logical_and, [xp.all(xp.isfinite(leaf)) for leaf in leaves])
             batch_groups = _groups(treedef.paths, leaves)
             _check_batch(rule.name, groups, batch_groups, leaves, max_block_dim, rule.State._fields[0])
             for group in batch_groups:
