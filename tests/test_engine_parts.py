@@ -16,7 +16,7 @@ from precond_ref.linalg import damped_inverse_stable
 EPS = np.finfo(np.float64).eps
 
 
-def test_refresh_inverses_equals_one_group_at_a_time():
+def test_refresh_parts_equals_one_group_at_a_time():
     """refresh_parts stacks the equal-size blocks of all groups (blocking.on_stacks); its result
     for a group must be the one it gives that group alone (bitwise: the same batched call per block),
     and a part is flagged iff one of ITS blocks was."""
