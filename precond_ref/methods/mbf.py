@@ -1,17 +1,28 @@
-r"""MBF: mini-block Fisher preconditioning (Bahamou, Goldfarb, Ren, AISTATS 2023)."""
+r"""MBF: mini-block Fisher preconditioning (Bahamou, Goldfarb, Ren, AISTATS 2023).
+
+The rule, one stack of mini-blocks at a time (a leading ``...`` axis); the engine
+(:mod:`precond_ref.engine.parts`) lays a layer out in blocks and parts and runs it. Per step
+:math:`i` (Algorithm 1 with the authors' schedule, spec ``mbf.md`` 2.2-2.3), for each mini-block
+:math:`b`::
+
+    m      <- mu m + g                                              _heavy_ball
+    F_b    <- rho F_b + (1 - rho) g_b g_b^T         if i % T1 == 0   _ema_statistic
+    F_b^-1 <- (F_b + lam I)^-1                      phase due        _inverse (B2, B6), _elementwise_inverse (B4)
+    D_b     = F_b^-1 m_b                                            _precondition
+    nu      = min(1, sqrt(kappa / (alpha_i^2 <D, m>)))               _kl_clip (B7)
+    w      <- (1 - alpha_i wd) w - alpha_i nu D                     _decay
+    diagonal rule (other leaves): a <- mu a + (1-mu) g, v <- b2' v + (1-b2') a^2,
+                                  D = a / (eps + sqrt(v / (1-b2'^(i+1))))   _diagonal_rule
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
-from array_api_compat import array_namespace
-
-from .._backend import array_device, as_operand, cast, compute_dtype, cond, device_key, host_bool, is_zero, placement
-from ..blocking import chunk_sizes, on_stacks
-from ..linalg import all_finite, damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_of_quadratic
-from ..engine.phases import phase_share, refresh_runs, warmup_phase_due
-from ..engine import FLAT_MAX_ELEMENTS, StepContext, build_transform, leafwise, weight_bias_groups
+from .._backend import is_zero
+from ..engine.parts import CONV, ELEMENTWISE, PartsRule, parts_transform
+from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_of_quadratic
 from ..transform import (
     Array,
     PrecondState,
@@ -24,21 +35,13 @@ from ..transform import (
     check_positive_int,
     check_unit_interval,
 )
-from ..tree import Path, path_str, tree_flatten, tree_unflatten
 
 __all__ = ["mbf", "MBFTransform"]
 
 _FC_BLOCKS = ("columns_avg", "official_chunks")
 _SECOND_MOMENTS = ("momentum", "gradient")
-
-# Block kinds of a group (fixed by shapes and names, so Python-level, never traced).
-_FC = "fc"  # 2-D weight [+ bias]: one O x O statistic per layer
-_CONV = "conv"  # ndim >= 3 weight: one q x q statistic per (output, input) channel pair
-_ELEMENTWISE = "elementwise"  # block size 1: 1x1 convs and FC layers above max_block_dim
-_DIAGONAL = "diagonal"  # every other leaf: the authors' Adam-like rule for BN / conv biases
 _KL_CLIP = 1e-4  # principled default of kl_clip (see the docstring, deviation B7)
 _BLOCK_SIZE = 128  # principled default of block_size (measured: docs/methods/mbf.md, "Long axes")
-_TAIL = "_tail"  # state-key suffix of the shorter last block of a blocked FC output axis
 
 
 class MBFTransform(Transform):
@@ -50,156 +53,59 @@ class MBFTransform(Transform):
     warm_start: Callable[[PrecondState, Iterable[Any]], PrecondState]
 
 
-# --------------------------------------------------------------------------------------------
-# Weight/bias pairing from tree paths (specs README section 5) and out-first canonicalisation.
+class MBFConfig(NamedTuple):
+    """The validated hyperparameters the rule reads (:func:`mbf`; the layout's and the schedule's
+    are the engine's): :math:`\\alpha, \\lambda, \\mu, \\rho`, wd, :math:`\\beta_2', \\epsilon`, :math:`\\kappa`."""
+
+    learning_rate: ScalarOrSchedule
+    damping: Any
+    momentum: Any
+    b2: Any
+    weight_decay: Any
+    diagonal_b2: Any
+    diagonal_eps: Any
+    diagonal_second_moment: str
+    kl_clip: Any
+    fc_blocks: str
+    mode: str
 
 
-def _is_out_last(path: Path, leaf: Any) -> bool:
-    return bool(path) and path[-1] == "kernel" and len(leaf.shape) >= 2
+class PartState(NamedTuple):
+    """One stack of mini-blocks: the statistic :math:`F_b` and its damped inverse."""
+
+    statistic: Array
+    inverse: Array
 
 
-def _to_out_first_perm(ndim: int) -> tuple[int, ...]:
-    """Out-last (s..., I, O) -> out-first (O, I, s...); (I, O) -> (O, I)."""
-    return (ndim - 1, ndim - 2) + tuple(range(ndim - 2))
+class DiagonalState(NamedTuple):
+    """A leaf of the diagonal rule: the first moment :math:`a` and the second :math:`v`."""
+
+    ema: Array
+    second_moment: Array
 
 
-def _canonical(tree: Any) -> tuple[Any, Any, list[bool], list[Any]]:
-    """``tree`` with every out-last ``kernel`` permuted to out-first (``tree`` itself when it has
-    none); its treedef; which were; the canonical tree's leaves."""
-    leaves, treedef = tree_flatten(tree)
-    flags = [_is_out_last(path, leaf) for path, leaf in zip(treedef.paths, leaves)]
-    if not any(flags):
-        return tree, treedef, flags, leaves
-    xp = array_namespace(*leaves)
-    leaves = [
-        xp.permute_dims(leaf, _to_out_first_perm(len(leaf.shape))) if flag else leaf for leaf, flag in zip(leaves, flags)
-    ]
-    return tree_unflatten(treedef, leaves), treedef, flags, leaves
+def _init_part(xp: Any, c: MBFConfig, kind: str, shape: tuple, dtype: Any, device: Any) -> PartState:
+    statistic = xp.zeros(shape, dtype=dtype, device=device)  # F_b = 0
+    if kind == ELEMENTWISE:
+        return PartState(statistic, xp.ones(shape, dtype=dtype, device=device) / c.damping)  # 1/lam
+    return PartState(statistic, damped_inverse_init(statistic, c.damping))  # I/lam
 
 
-def _restore(tree: Any, treedef: Any, flags: list[bool]) -> Any:
-    """Inverse of :func:`_canonical` on a tree of the same structure."""
-    if not any(flags):
-        return tree
-    leaves, _ = tree_flatten(tree)
-    xp = array_namespace(*leaves)
-    out = []
-    for leaf, flag in zip(leaves, flags):
-        if flag:
-            perm = _to_out_first_perm(len(leaf.shape))
-            leaf = xp.permute_dims(leaf, tuple(perm.index(k) for k in range(len(perm))))
-        out.append(leaf)
-    return tree_unflatten(treedef, out)
+def _heavy_ball(xp: Any, c: MBFConfig, m: Array, g: Array) -> Array:
+    return c.momentum * m + g  # m <- mu m + g (raw gradient, no dampening)
 
 
-# --------------------------------------------------------------------------------------------
-# Block kinds and the block layout of a group, from out-first shapes alone (static).
-
-
-def _kind(leaves: Sequence[Any], max_block_dim: Optional[int]) -> str:
-    weight = leaves[0]
-    ndim = len(weight.shape)
-    if len(leaves) == 2 or ndim == 2:
-        big = max_block_dim is not None and weight.shape[0] > max_block_dim
-        return _ELEMENTWISE if big else _FC
-    if ndim >= 3:
-        return _ELEMENTWISE if math.prod(weight.shape[2:]) == 1 else _CONV
-    return _DIAGONAL
-
-
-def _block_shape(leaves: Sequence[Any]) -> tuple[int, ...]:
-    shape = tuple(leaves[0].shape)
-    if len(shape) >= 3:
-        return (shape[0], shape[1], math.prod(shape[2:]))
-    return (shape[0], shape[1] + len(leaves) - 1)
-
-
-def _to_block(xp: Any, leaves: Sequence[Any]) -> Any:
-    """A group's gradient in block layout: [W | b] as (O, I[+1]), a conv weight as (O, C, q)."""
-    weight = leaves[0]
-    if len(weight.shape) >= 3:
-        return xp.reshape(weight, _block_shape(leaves))
-    if len(leaves) == 2:
-        return xp.concat([weight, xp.expand_dims(leaves[1], axis=1)], axis=1)
-    return weight
-
-
-def _from_block(xp: Any, block: Any, leaves: Sequence[Any]) -> tuple[Any, ...]:
-    """Inverse of :func:`_to_block`, shaped like ``leaves``."""
-    weight = leaves[0]
-    if len(weight.shape) >= 3:
-        return (xp.reshape(block, tuple(weight.shape)),)
-    if len(leaves) == 2:
-        n_in = weight.shape[1]
-        return (block[:, :n_in], block[:, n_in])
-    return (block,)
-
-
-# --------------------------------------------------------------------------------------------
-# Blocking of a long FC output axis (principled; specs README section 6): the O x O statistic of
-# ``columns_avg`` becomes ``full`` diagonal b x b blocks (one stack) plus a ``tail`` x ``tail``
-# block for the rest. Every formula below acts on a leading ``...`` stack axis, so a blocked layer
-# is one stack of row chunks of [W | b] and its tail, each its own mini-block Fisher statistic.
-
-
-def _parts(kind: str, block_shape: tuple[int, ...], block_size: Optional[int]) -> tuple[tuple[str, int, int, Optional[tuple]], ...]:
-    """The statistic blocks of a group as ``(state-key suffix, first row, end row, stack shape)``:
-    one part covering every row unless an FC group's output axis is blocked, then the ``full`` row
-    chunks as one stack ``(full, b, I')`` and the ``tail`` rows (suffix ``_tail``) as a matrix."""
-    o = block_shape[0]
-    if kind != _FC:
-        return (("", 0, o, None),)
-    b, full, tail = chunk_sizes(o, block_size)
-    if not full:
-        return (("", 0, o, None),)
-    parts = (("", 0, full * b, (full, b) + tuple(block_shape[1:])),)
-    return parts + ((_TAIL, full * b, o, None),) if tail else parts
-
-
-def _statistic_shapes(kind: str, block_shape: tuple[int, ...], block_size: Optional[int]) -> dict[str, tuple[int, ...]]:
-    """State-key suffix -> statistic shape of each part of a group: (O, C, q, q) for a conv,
-    the block layout itself for block size 1, (O, O) for an unblocked FC group, and
-    (full, b, b) plus (tail, tail) for a blocked one."""
-    if kind == _CONV:
-        return {"": block_shape + (block_shape[-1],)}
-    if kind == _ELEMENTWISE:
-        return {"": block_shape}
-    return {
-        suffix: (stack[:-2] if stack else ()) + ((stop - start, stop - start) if stack is None else (stack[-2], stack[-2]))
-        for suffix, start, stop, stack in _parts(kind, block_shape, block_size)
-    }
-
-
-def _split_rows(xp: Any, x: Array, parts: Sequence[tuple]) -> list[Array]:
-    """``x`` (block layout) cut into its parts (:func:`_parts`); ``[x]`` when unblocked (no copy)."""
-    if len(parts) == 1:  # every row: unblocked, or full blocks only (a view)
-        return [x if parts[0][3] is None else xp.reshape(x, parts[0][3])]
-    return [x[start:stop, ...] if stack is None else xp.reshape(x[start:stop, ...], stack) for _, start, stop, stack in parts]
-
-
-def _join_rows(xp: Any, pieces: Sequence[Array], parts: Sequence[tuple]) -> Array:
-    """Inverse of :func:`_split_rows`."""
-    if len(pieces) == 1 and parts[0][3] is None:
-        return pieces[0]
-    rows = [xp.reshape(p, (stop - start,) + tuple(p.shape[-1:])) for p, (_, start, stop, _) in zip(pieces, parts)]
-    return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
-
-
-# --------------------------------------------------------------------------------------------
-# The formulas of one step, per block kind, each on a stack of blocks (any leading axes).
-
-
-def _block_statistic(xp: Any, kind: str, g: Array, chunks: bool) -> Array:
+def _block_statistic(xp: Any, c: MBFConfig, kind: str, g: Array) -> Array:
     r"""The mini-block statistic of a gradient in block layout: :math:`g_b g_b^\top` per conv block,
     (O, C, q) -> (O, C, q, q); :math:`g \odot g` for block size 1; :math:`H_g H_g^\top/(I+1)` for an
     FC group (``columns_avg``), or the authors' chunks (:func:`_faithful_chunk_statistic`)."""
-    if kind == _CONV:
-        return xp.expand_dims(g, axis=-1) * xp.expand_dims(g, axis=-2)
-    if kind == _ELEMENTWISE:
+    if kind == CONV:
+        return xp.expand_dims(g, axis=-1) * xp.expand_dims(g, axis=-2)  # g_b g_b^T
+    if kind == ELEMENTWISE:
         return g * g
-    if chunks:
+    if c.fc_blocks == "official_chunks":
         return _faithful_chunk_statistic(xp, g)
-    return (g @ g.mT) / g.shape[-1]
+    return (g @ g.mT) / g.shape[-1]  # H_g H_g^T / (I+1)
 
 
 def _faithful_chunk_statistic(xp: Any, h: Array) -> Array:
@@ -209,15 +115,43 @@ def _faithful_chunk_statistic(xp: Any, h: Array) -> Array:
     return (rows.mT @ rows) / h.shape[1]
 
 
-def _precondition(xp: Any, kind: str, inverse: Array, m: Array, chunks: bool) -> Array:
+def _ema_statistic(xp: Any, c: MBFConfig, kind: str, statistic: Array, g: Array) -> Array:
+    return c.b2 * statistic + (1.0 - c.b2) * _block_statistic(xp, c, kind, g)  # F <- rho F + (1-rho) stat(g)
+
+
+def _inverse(xp: Any, c: MBFConfig, statistic: Array, previous: Array) -> tuple[Array, Array]:
+    r""":math:`(F_b + \lambda_b I)^{-1}` of a stack of blocks and which were flagged: symmetrised, the
+    damping raised to the precision floor (B2, B6; :func:`precond_ref.linalg.damped_inverse_stable`),
+    or the authors' plain inverse (:func:`_faithful_inverse`)."""
+    if c.mode == "faithful":
+        return _faithful_inverse(statistic, c.damping, previous)
+    return damped_inverse_stable(statistic, c.damping, previous)
+
+
+def _faithful_inverse(matrices: Array, damping: Any, previous: Array) -> tuple[Array, Array]:
+    r"""B2/B6, the authors' plain ``inv``\ :math:`(F + \lambda I)`, not symmetrised and without the
+    precision floor (the block-wise non-finite fallback is kept; :func:`precond_ref.linalg.damped_inverse`)."""
+    return damped_inverse(matrices, damping, previous, symmetrize=False)
+
+
+def _elementwise_inverse(xp: Any, c: MBFConfig, statistic: Array, previous: Array) -> tuple[Array, Array]:
+    r""":math:`1/(v + \lambda)` element-wise where :math:`v` is finite, ``previous`` elsewhere; and
+    whether any entry was not finite (the block-size-1 limit of the damped inverse, B4)."""
+    finite = xp.isfinite(statistic)
+    safe = xp.where(finite, statistic, xp.zeros_like(statistic))
+    new = 1.0 / (safe + c.damping)
+    return xp.where(finite, new, previous), xp.logical_not(xp.all(finite))
+
+
+def _precondition(xp: Any, c: MBFConfig, kind: str, inverse: Array, m: Array) -> Array:
     r""":math:`D_b = F_b^{-1} m_b` per mini-block: (O, C, q, q) times (O, C, q) for a conv,
     :math:`F^{-1} \odot m` for block size 1, :math:`F^{-1} H_m` for an FC group (``columns_avg``),
     or the authors' chunks (:func:`_faithful_chunk_precondition`)."""
-    if kind == _CONV:
+    if kind == CONV:
         return (inverse @ xp.expand_dims(m, axis=-1))[..., 0]
-    if kind == _ELEMENTWISE:
+    if kind == ELEMENTWISE:
         return inverse * m
-    if chunks:
+    if c.fc_blocks == "official_chunks":
         return _faithful_chunk_precondition(xp, inverse, m)
     return inverse @ m
 
@@ -229,141 +163,21 @@ def _faithful_chunk_precondition(xp: Any, inverse: Array, h: Array) -> Array:
     return xp.reshape(rows @ inverse.mT, tuple(h.shape))
 
 
-def _ema_statistic(
-    xp: Any, kind: str, statistic: Array, failures: Array, g: Array, rho: Array, chunks: bool
-) -> tuple[Array, Array]:
-    r""":math:`F \leftarrow \rho F + (1-\rho)\,\mathrm{stat}(g)` (:func:`_block_statistic`); a
-    non-finite result (a finite float32 gradient can overflow its square) keeps :math:`F` and
-    counts one failure."""
-    new = rho * statistic + (1.0 - rho) * _block_statistic(xp, kind, g, chunks)
-    return _finite_or_previous(xp, new, statistic, failures)
+def _kl_clip(xp: Any, c: MBFConfig, quadratics: Array, lr: Array) -> Array:
+    return kl_clip_of_quadratic(xp, quadratics, lr, c.kl_clip)  # nu = min(1, sqrt(kappa / (alpha^2 <D, m>))), B7
 
 
-def _finite_or_previous(xp: Any, new: Array, previous: Array, failures: Array) -> tuple[Array, Array]:
-    r"""``(new, failures)`` if every entry of ``new`` is finite, else ``(previous, failures + 1)``:
-    ``where(all(isfinite(new)), new, previous)`` and the count. Where that decision reads on the
-    host for free (:func:`precond_ref._backend.host_bool`: NumPy, a CPU tensor outside
-    ``torch.compile``) a finite ``new`` is returned as it is, without the selection and the count's
-    arithmetic (four operations per statistic on an eager CPU step)."""
-    ok = all_finite(new, axis=tuple(range(new.ndim)))
-    if host_bool(xp, ok):
-        return new, failures
-    return xp.where(ok, new, previous), failures + xp.astype(xp.logical_not(ok), failures.dtype)
+def _decay(xp: Any, c: MBFConfig, lr: Array) -> Array:
+    return lr * c.weight_decay  # alpha_i wd: w <- (1 - alpha_i wd) w - alpha_i nu D
 
 
-def _elementwise_inverse(xp: Any, statistic: Array, previous: Array, damping: Any) -> tuple[Array, Array]:
-    r""":math:`1/(v + \lambda)` element-wise where :math:`v` is finite, ``previous`` elsewhere; and
-    whether any entry was not finite (the block-size-1 limit of the damped inverse, B4)."""
-    finite = xp.isfinite(statistic)
-    safe = xp.where(finite, statistic, xp.zeros_like(statistic))
-    new = 1.0 / (safe + as_operand(xp, damping, statistic.dtype))
-    return xp.where(finite, new, previous), xp.logical_not(xp.all(finite))
-
-
-def _faithful_inverse(matrices: Array, damping: Any, previous: Array) -> tuple[Array, Array]:
-    r"""B2/B6, the authors' plain ``inv``\ :math:`(F + \lambda I)`, not symmetrised and without the
-    precision floor (the block-wise non-finite fallback is kept; :func:`precond_ref.linalg.damped_inverse`)."""
-    return damped_inverse(matrices, damping, previous, symmetrize=False)
-
-
-def _refresh_inverses(
-    xp: Any,
-    kinds: Sequence[str],
-    statistics: Sequence[Array],
-    previous: Sequence[Array],
-    damping: Any,
-    block_inverse: Callable[[Array, Any, Array], tuple[Array, Array]],
-    run: tuple[int, int] = (0, 1),
-    phases: int = 1,
-) -> tuple[list[Array], list[Array]]:
-    r"""The :math:`(F_b + \lambda I)^{-1}` of every statistic part (``block_inverse``, or
-    :func:`_elementwise_inverse` for block size 1) whose blocks belong to the phases ``run`` =
-    ``(first, stop)`` of ``phases``, the previous inverse for the others; and per part whether any
-    refreshed block was flagged (B2, B6).
-
-    The equal-size blocks of all parts (FC blocks of one size, convs with one kernel size) form
-    one stack (:func:`precond_ref.blocking.on_stacks`); the run refreshes its contiguous share
-    of each stack (:func:`_phase_share`) by one batched call. Element-wise parts refresh in phase 0."""
-
-    def square(a: Array) -> Array:
-        return _shaped(xp, a, (math.prod(a.shape[:-2]), a.shape[-1], a.shape[-1]))
-
-    def invert(stack: Array, before: Array) -> tuple[Array, Array]:
-        n = stack.shape[0]
-        start, stop = phase_share(n, *run, phases)
-        if stop - start == n:
-            return block_inverse(stack, as_operand(xp, damping, stack.dtype), before)
-        flagged = xp.zeros(stack.shape[:1], dtype=xp.bool, device=placement(xp, stack))
-        if start == stop:
-            return before, flagged
-        inverse, flagged_share = block_inverse(
-            stack[start:stop, ...], as_operand(xp, damping, stack.dtype), before[start:stop, ...]
-        )
-        inverse = xp.concat([before[:start, ...], inverse, before[stop:, ...]], axis=0)
-        return inverse, xp.concat([flagged[:start], xp.astype(flagged_share, xp.bool), flagged[stop:]], axis=0)
-
-    matrices = [(square(s), square(p)) for k, s, p in zip(kinds, statistics, previous) if k != _ELEMENTWISE]
-    inverted = iter(on_stacks(xp, invert, matrices))
-    inverses, flags = [], []
-    for kind, statistic, before in zip(kinds, statistics, previous):
-        if kind != _ELEMENTWISE:
-            inverse, flagged_blocks = next(inverted)
-            inverse, flagged = _shaped(xp, inverse, tuple(statistic.shape)), xp.any(flagged_blocks)
-        elif run[0] == 0:
-            inverse, flagged = _elementwise_inverse(xp, statistic, before, damping)
-        else:
-            inverse, flagged = before, xp.zeros((), dtype=xp.bool, device=placement(xp, before))
-        inverses.append(inverse)
-        flags.append(flagged)
-    return inverses, flags
-
-
-def _add_flags(
-    xp: Any, counts: Sequence[Array], before: Sequence[Array], owners: Sequence[int], flags: Sequence[Array]
-) -> list[Array]:
-    """Each group's failure count after one run of refreshes: ``before + 1`` (``before``: its count
-    when the call's refreshes began) where any of its statistic parts (``owners[k]`` is the group
-    of part ``k``) was flagged by this run, else ``counts`` unchanged. So a call counts one failure
-    per flagged group, however its phases were split into runs (:func:`_refresh_runs`). A count
-    that is still ``before`` itself (the call's first run) is ``before + flagged``, the same number."""
-    flagged: list[Any] = [None] * len(counts)
-    for owner, flag in zip(owners, flags):
-        flagged[owner] = flag if flagged[owner] is None else xp.logical_or(flagged[owner], flag)
-    return [
-        c if f is None else b + xp.astype(f, b.dtype) if c is b else xp.where(f, b + 1, c)
-        for c, b, f in zip(counts, before, flagged)
-    ]
-
-
-def _inner(xp: Any, a: Array, b: Array) -> Array:
-    r""":math:`\langle a, b\rangle = \sum a_{j\ldots} b_{j\ldots}` over every axis, as a 0-D array: the
-    dot product of the two flattened (dense: views) arrays, which reads each operand once, where
-    ``sum(a * b)`` writes the product and reads it again (two passes more over a layer)."""
-    return xp.reshape(a, (-1,)) @ xp.reshape(b, (-1,))
-
-
-def _stack_key(x: Array) -> Any:
-    """Arrays with equal keys (dtype and device) can be stacked."""
-    return (x.dtype, device_key(x))
-
-
-def _flat(xp: Any, x: Array) -> Array:
-    """``x`` as a vector (a view; ``x`` itself when it is one)."""
-    return x if len(x.shape) == 1 else xp.reshape(x, (-1,))
-
-
-def _shaped(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:
-    """``x`` reshaped to ``shape`` (``x`` itself when it has it)."""
-    return x if tuple(x.shape) == shape else xp.reshape(x, shape)
-
-
-def _flat_key(operands: tuple) -> Any:
-    """Which vectors an element-wise rule runs on concatenated (:func:`precond_ref.blocking.on_stacks`):
-    those of one dtype and device of at most ``FLAT_MAX_ELEMENTS`` elements (the copies into and out
-    of the concatenation cost a pass over the data, against a dozen operations per vector); a
-    longer vector alone (the key ``None``)."""
-    x = operands[0]
-    return _stack_key(x) if x.shape[0] <= FLAT_MAX_ELEMENTS else None
+def _diagonal_rule(xp: Any, c: MBFConfig, s: DiagonalState, g: Array, correction: Array) -> tuple[Array, DiagonalState]:
+    """The authors' Adam-like rule for conv biases and normalisation parameters, element-wise: the
+    direction :math:`D` and the state after the step."""
+    a = c.momentum * s.ema + (1.0 - c.momentum) * g  # a <- mu a + (1 - mu) g
+    tracked = a if c.diagonal_second_moment == "momentum" else g
+    v = c.diagonal_b2 * s.second_moment + (1.0 - c.diagonal_b2) * (tracked * tracked)  # v <- b2' v + (1 - b2') a^2
+    return a / (c.diagonal_eps + xp.sqrt(v / correction)), DiagonalState(a, v)  # D = a / (eps + sqrt(v / (1 - b2'^(i+1))))
 
 
 def _bias_correction(xp: Any, beta: Any, count: Any, dtype: Any) -> Array:
@@ -376,7 +190,15 @@ def _bias_correction(xp: Any, beta: Any, count: Any, dtype: Any) -> Array:
     return -xp.expm1(xp.astype(count + 1, dtype) * log_beta)
 
 
-# --------------------------------------------------------------------------------------------
+def _diagonal_correction(xp: Any, c: MBFConfig, count: Any, dtype: Any) -> Array:
+    return _bias_correction(xp, c.diagonal_b2, count, dtype)  # 1 - b2'^(i+1)
+
+
+_RULE = PartsRule(
+    name="mbf", init_part=_init_part, momentum=_heavy_ball, statistic=_block_statistic, ema=_ema_statistic,
+    inverse=_inverse, elementwise_inverse=_elementwise_inverse, direction=_precondition, clip=_kl_clip,
+    decay=_decay, diagonal=_diagonal_rule, correction=_diagonal_correction, State=DiagonalState,
+)
 
 
 def mbf(
@@ -601,309 +423,15 @@ def mbf(
         refresh_phases = 1 if faithful else max(1, precondition_every // statistics_every)
     if kl_clip is None:
         kl_clip = 0.0 if faithful else _KL_CLIP
-    # An array weight decay (optax.inject_hyperparams) may be traced: always apply it then.
-    decays = not is_zero(weight_decay)
-    t1, t2 = statistics_every, precondition_every
-
-    # mbngd_if_inverse (every statistics step up to T2, then every T2 steps), spread over
-    # refresh_phases shares of the blocks: one interval predicate per phase.
-    phase_due = tuple(
-        (lambda calls, phase=phase: warmup_phase_due(calls, phase, refresh_phases, t1, t2)) for phase in range(refresh_phases)
-    )
-
-    block_inverse = _faithful_inverse if faithful else damped_inverse_stable  # B2, B6
-
-    # ``cond`` branches are made once per (namespace, kinds): JAX caches a traced branch by the
-    # function's identity, so a fresh closure per call would trace it again on every eager step.
-    # A dict keyed by the namespace's name, not ``functools.cache``: dynamo warns on every
-    # lru_cache-wrapped call it traces, and cannot compare modules as dict keys (nor, before
-    # torch 2.13, take a module's id).
-    branches: dict[tuple, tuple[Callable, Callable]] = {}
-
-    def statistic_branches(xp: Any, kind: str) -> tuple[Callable, Callable]:
-        key = ("statistic", xp.__name__, kind)
-        if key not in branches:
-            branches[key] = (
-                lambda f, n, g, rho: _ema_statistic(xp, kind, f, n, g, rho, chunks),
-                lambda f, n, g, rho: (f, n),
-            )
-        return branches[key]
-
-    def inverse_branches(xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...], run: tuple[int, int]) -> tuple[Callable, Callable]:
-        key = ("inverse", xp.__name__, kinds, owners, run)
-        if key not in branches:
-
-            def refresh(f: list, inv: list, n: list, before: list) -> tuple[list, list]:
-                inverses, flags = _refresh_inverses(xp, kinds, f, inv, damping, block_inverse, run, refresh_phases)
-                return inverses, _add_flags(xp, n, before, owners, flags)
-
-            branches[key] = (refresh, lambda f, inv, n, before: (inv, n))
-        return branches[key]
-
-    def diagonal_rule(xp: Any, g: Array, ema: Array, second: Array, ctx: StepContext) -> tuple[Array, Array, Array]:
-        r"""The authors' Adam-like rule for conv biases and normalisation parameters, element-wise:
-        :math:`a \leftarrow \mu a + (1-\mu) g`, :math:`v \leftarrow \beta_2' v + (1-\beta_2') a^2`
-        (or :math:`g^2`), :math:`D = a / (\epsilon + \sqrt{v / (1 - \beta_2'^{\,i+1})})`; returns the
-        step :math:`-\alpha_i D`, :math:`a` and :math:`v`."""
-        dtype = g.dtype
-        mu, beta = as_operand(xp, momentum, dtype), as_operand(xp, diagonal_b2, dtype)
-        ema = mu * ema + (1.0 - mu) * g
-        tracked = ema if diagonal_second_moment == "momentum" else g
-        second = beta * second + (1.0 - beta) * (tracked * tracked)
-        correction = ctx.once(
-            ("diagonal_correction", dtype, array_device(g)), lambda: _bias_correction(xp, beta, ctx.count, dtype)
-        )
-        eps = as_operand(xp, diagonal_eps, dtype)
-        direction = ema / (eps + xp.sqrt(second / correction))
-        return direction * ctx.negated("learning_rate", learning_rate, dtype, array_device(g)), ema, second
-
-    # -- per-group init / update (leaves are out-first here; see _canonical) ----------------------
-
-    def init_group(leaves, paths, xp):
-        kind = _kind(leaves, max_block_dim)
-        dtype = compute_dtype(xp, leaves[0].dtype)
-        dev = array_device(leaves[0])
-        if kind == _DIAGONAL:
-            zeros = xp.zeros(tuple(leaves[0].shape), dtype=dtype, device=dev)
-            return {"ema": zeros, "second_moment": zeros}
-        shape = _block_shape(leaves)
-        zeros = xp.zeros(shape, dtype=dtype, device=dev)
-        failures = xp.zeros((), dtype=xp.int32, device=dev)
-        if kind == _ELEMENTWISE:
-            inverse = xp.ones(shape, dtype=dtype, device=dev) / as_operand(xp, damping, dtype)
-            return {"momentum": zeros, "statistic": zeros, "inverse": inverse, "failures": failures}
-        state = {"momentum": zeros, "failures": failures}
-        for suffix, stat_shape in _statistic_shapes(kind, shape, block_size).items():
-            state["statistic" + suffix] = statistic = xp.zeros(stat_shape, dtype=dtype, device=dev)
-            state["inverse" + suffix] = damped_inverse_init(statistic, as_operand(xp, damping, dtype))
-        return state
-
-    def check_layout(kind: str, shape: tuple, state: dict, paths: Sequence[Path]) -> None:
-        """Refuse, naming the leaf and the argument that reproduces it, a state whose statistic
-        blocks are not the ones this ``block_size`` makes (e.g. one saved before blocking)."""
-        want = {"statistic" + suffix: s for suffix, s in _statistic_shapes(kind, shape, block_size).items()}
-        have = {k: tuple(v.shape) for k, v in state.items() if k.startswith("statistic")}
-        if have != want:
-            names = ", ".join(repr(path_str(p)) for p in paths)
-            old = "" if kind != _FC or len(have) != 1 else f" (block_size={shape[0]} or larger reproduces it)"
-            raise ValueError(
-                f"mbf: the optimizer state of {names} has statistic blocks {have}, but block_size={block_size} "
-                f"makes {want}: a state saved with another block_size or max_block_dim{old}; build the "
-                "optimizer with the settings that saved it (version 0.1.0's principled layout was one "
-                "O x O block per FC layer: block_size at least every layer's output size, max_block_dim=4096)"
-            )
-
-    def step_sizes(xp: Any, directions: Sequence[Array], momenta: Sequence[Array], ctx: StepContext) -> list[Array]:
-        r"""B7, per block group: :math:`-\alpha_i \nu`, the factor of its direction :math:`D` in the
-        step, :math:`\nu = \min(1, \sqrt{\kappa/(\alpha_i^2\langle D, m\rangle)})` (one
-        :func:`precond_ref.linalg.kl_clip_of_quadratic` for all groups of a dtype and device); :math:`-\alpha_i` when
-        :math:`\kappa = 0`."""
-        rates = [ctx.negated("learning_rate", learning_rate, d.dtype, array_device(d)) for d in directions]
-        if is_zero(kl_clip):
-            return rates
-        stacks: dict[Any, list[int]] = {}
-        for k, d in enumerate(directions):
-            stacks.setdefault(_stack_key(d), []).append(k)
-        sizes: list[Any] = [None] * len(directions)
-        for members in stacks.values():
-            first = directions[members[0]]
-            lr = ctx.scalar("learning_rate", learning_rate, first.dtype, array_device(first))
-            quadratics = xp.stack([_inner(xp, directions[k], momenta[k]) for k in members])
-            scaled = rates[members[0]] * kl_clip_of_quadratic(xp, quadratics, lr, as_operand(xp, kl_clip, first.dtype))
-            for k, size in zip(members, xp.unstack(scaled)):
-                sizes[k] = size
-        return sizes
-
-    def descend(xp: Any, step: tuple, params: Any, ctx: StepContext) -> tuple:
-        r"""The update of the step :math:`s = -\alpha_i D` (:func:`step_sizes`) with decoupled weight
-        decay, :math:`w \leftarrow (1 - \alpha_i\,\mathrm{wd})\, w + s`: :math:`s - \alpha_i\,\mathrm{wd}\, w`."""
-        if not decays:
-            return step
-        dtype, device = step[0].dtype, array_device(step[0])
-        lr = ctx.scalar("learning_rate", learning_rate, dtype, device)
-        decay = ctx.once(("decay", dtype, device), lambda: lr * as_operand(xp, weight_decay, dtype))
-        return tuple(s - decay * cast(xp, p, dtype) for s, p in zip(step, params))
-
-    # One step, Bahamou et al. 2023 Alg. 1 with the authors' schedule (spec mbf.md 2.2-2.3); i = updates
-    # already applied, per layer (block leaves) or leaf (diagonal rule); b runs over the mini-blocks,
-    # an FC layer's being its row chunks (_parts: a leading stack axis, one statistic per chunk):
-    #   m   <- mu m + g                                                      heavy ball, raw gradient
-    #   F_b <- rho F_b + (1 - rho) g_b g_b^T                 if i % T1 == 0   statistics (2.2 steps 2-3)
-    #   F_b^-1 <- (F_b + lam I)^-1    if (i <= T2 and i % T1 == 0) or i % T2 == phase_b T2 // P   (B2, B6, B4)
-    #   D_b = nu F_b^-1 m_b                                                  nu: KL clip (B7)
-    #   diagonal rule: a <- mu a + (1-mu) g, v <- b2' v + (1-b2') a^2, D = a / (eps + sqrt(v / (1-b2'^(i+1))))
-    #   w   <- (1 - alpha_i wd) w - alpha_i D
-    def update_groups(grads_list, states, params_list, ctxs: list[StepContext]):
-        xp, n = ctxs[0].xp, len(grads_list)
-        statistics_due = ctxs[0].every(t1)
-        kinds = [_kind(grads, max_block_dim) for grads in grads_list]
-        dtypes = [s["ema"].dtype if k == _DIAGONAL else s["momentum"].dtype for k, s in zip(kinds, states)]
-        grads_list = [tuple(cast(xp, g, dtype) for g in grads) for grads, dtype in zip(grads_list, dtypes)]
-        blocked = [i for i in range(n) if kinds[i] != _DIAGONAL]
-        steps, new_states = [None] * n, [None] * n  # steps: -alpha_i D per leaf (-alpha_i nu D, blocks)
-        diagonal = [i for i in range(n) if kinds[i] == _DIAGONAL]  # element-wise: small leaves as one vector
-        flat = [tuple(_flat(xp, x) for x in (grads_list[i][0], states[i]["ema"], states[i]["second_moment"])) for i in diagonal]
-        for i, (step, ema, second) in zip(diagonal, on_stacks(xp, lambda *a: diagonal_rule(xp, *a, ctxs[0]), flat, _flat_key)):
-            shape = tuple(grads_list[i][0].shape)
-            steps[i] = (_shaped(xp, step, shape),)
-            new_states[i] = {"ema": _shaped(xp, ema, shape), "second_moment": _shaped(xp, second, shape)}
-        g = {i: _to_block(xp, grads_list[i]) for i in blocked}  # [g_W | g_b] (O, I+1), conv (O, C, q)
-        parts = {i: _parts(kinds[i], tuple(g[i].shape), block_size) for i in blocked}  # row blocks (..., b, I+1)
-        def heavy_ball(old: Array, grad: Array) -> Array:  # m <- mu m + g (kept on a skipped step)
-            return ctxs[0].unless_skipped(as_operand(xp, momentum, old.dtype) * old + grad, old)
-
-        # on the blocks of one layout joined end to end (leafwise)
-        m = dict(zip(blocked, leafwise(xp, heavy_ball, [states[i]["momentum"] for i in blocked], [g[i] for i in blocked],
-                                       ctx=ctxs[0])))
-        statistic, failures = {}, {}
-        for i in blocked:
-            failures[i] = states[i]["failures"]
-            for (suffix, *_), g_part in zip(parts[i], _split_rows(xp, g[i], parts[i])):
-                statistic[i, suffix], failures[i] = cond(
-                    xp, statistics_due, *statistic_branches(xp, kinds[i]),
-                    states[i]["statistic" + suffix], failures[i], g_part, as_operand(xp, b2, dtypes[i]),
-                )  # fmt: skip
-        members = [(i, suffix) for i in blocked for suffix, *_ in parts[i]]  # every statistic part
-        owners = tuple(blocked.index(i) for i, _ in members)
-        inverse = {key: states[key[0]]["inverse" + key[1]] for key in members}
-        counts = before = [failures[i] for i in blocked]  # a refresh call counts one failure per group
-        decisions = [ctxs[0].every(interval) for interval in phase_due] if members else []
-        for due, first, stop in refresh_runs(xp, decisions):  # due phases first..stop-1, one batched call
-            refreshed, counts = cond(
-                xp, due, *inverse_branches(xp, tuple(kinds[i] for i, _ in members), owners, (first, stop)),
-                [statistic[key] for key in members], [inverse[key] for key in members], counts, before,
-            )  # fmt: skip
-            inverse = dict(zip(members, refreshed))
-        d = {}
-        for i in blocked:
-            m_parts = _split_rows(xp, m[i], parts[i])
-            d[i] = _join_rows(
-                xp, [_precondition(xp, kinds[i], inverse[i, suffix], m_part, chunks) for (suffix, *_), m_part in zip(parts[i], m_parts)], parts[i]
-            )  # fmt: skip
-        sizes = step_sizes(xp, [d[i] for i in blocked], [m[i] for i in blocked], ctxs[0])  # -alpha_i nu
-        for i, count, size in zip(blocked, counts, sizes):
-            steps[i] = _from_block(xp, size * d[i], grads_list[i])
-            new_states[i] = {"momentum": m[i], "failures": count}
-            for suffix, *_ in parts[i]:
-                new_states[i]["statistic" + suffix] = statistic[i, suffix]
-                new_states[i]["inverse" + suffix] = inverse[i, suffix]
-        return [(descend(xp, u, p, ctx), s) for u, s, p, ctx in zip(steps, new_states, params_list, ctxs)]
-
-    def canonical_groups(paths, leaves):
-        # Leaves arrive out-first (see _canonical), so a ``kernel`` is paired by its first axis.
-        return weight_bias_groups(paths, leaves, kernel_out_last=False)
-
-    inner = build_transform(
-        name="mbf",
-        init_group=init_group,
-        update_groups=update_groups,
-        group_leaves=canonical_groups,
-        on_nonfinite=on_nonfinite,
-        needs_params=decays,
-        intervals=(t1,) + phase_due,
-    )
-
-    def init(params: Any) -> PrecondState:
-        canonical = _canonical(params)[0]
-        return inner.init(canonical)
-
-    def update(grads: Any, state: PrecondState, params: Any = None, **extra: Any):
-        canonical_grads, treedef, flags, leaves = _canonical(grads)
-        if isinstance(state, PrecondState):
-            for group in canonical_groups(treedef.paths, leaves):
-                members = tuple(leaves[i] for i in group.indices)
-                entries, kind = state.groups.get(group.key), _kind(members, max_block_dim)
-                shape = _block_shape(members) if kind != _DIAGONAL else None
-                # Only a state whose momentum fits the gradient: other mismatches are the framework's.
-                if shape is not None and entries and "momentum" in entries and tuple(entries["momentum"].shape) == shape:
-                    check_layout(kind, shape, entries, group.paths)
-        canonical_params = None if params is None else _canonical(params)[0]
-        updates, new_state = inner.update(canonical_grads, state, canonical_params, **extra)
-        return _restore(updates, treedef, flags), new_state
-
-    def warm_start(state: PrecondState, grads_batches: Iterable[Any]) -> PrecondState:
-        if not isinstance(state, PrecondState):
-            raise TypeError(f"mbf.warm_start: state must be the PrecondState returned by init, got {type(state)}")
-        groups = dict(state.groups)
-        running: dict[str, Any] = {}
-        n_batches = 0
-        for grads in grads_batches:
-            _, treedef, _, leaves = _canonical(grads)
-            xp = array_namespace(*leaves)
-            finite = None
-            for leaf in leaves:
-                leaf_finite = xp.all(xp.isfinite(leaf))
-                finite = leaf_finite if finite is None else xp.logical_and(finite, leaf_finite)
-            batch_groups = canonical_groups(treedef.paths, leaves)
-            _check_warm_start_batch(groups, batch_groups, leaves)
-            for group in batch_groups:
-                key = group.key
-                entries = groups[key]
-                members = tuple(leaves[i] for i in group.indices)
-                kind = _kind(members, max_block_dim)
-                if kind == _DIAGONAL or not entries:
-                    continue
-                dtype = entries["statistic"].dtype
-                block = _to_block(xp, tuple(xp.astype(g, dtype) for g in members))
-                parts = _parts(kind, tuple(block.shape), block_size)
-                for (suffix, *_), g_part in zip(parts, _split_rows(xp, block, parts)):
-                    stat = _block_statistic(xp, kind, g_part, chunks)
-                    if (key, suffix) not in running:
-                        zero = xp.zeros((), dtype=xp.int32, device=placement(xp, stat))
-                        running[key, suffix] = (xp.zeros_like(stat), zero)
-                    mean, j = running[key, suffix]
-                    j = j + xp.astype(finite, j.dtype)
-                    # The authors' running mean F <- ((j-1)/j) F + stat/j, over finite batches only.
-                    weight = xp.astype(finite, dtype) / xp.astype(xp.maximum(j, xp.ones_like(j)), dtype)
-                    stat = xp.where(finite, stat, xp.zeros_like(stat))
-                    mean = xp.where(finite, (1.0 - weight) * mean + weight * stat, mean)
-                    running[key, suffix] = (mean, j)
-            n_batches += 1
-        if n_batches == 0:
-            raise ValueError("mbf.warm_start: grads_batches is empty")
-        for (key, suffix), (mean, j) in running.items():
-            entries = dict(groups[key])
-            entries["statistic" + suffix] = xp.where(j > 0, mean, entries["statistic" + suffix])
-            groups[key] = entries
-        return PrecondState(state.count, state.nonfinite_count, groups)
-
-    def _check_warm_start_batch(groups: dict, batch_groups: list, leaves: list) -> None:
-        """Refuse, naming the leaves and shapes, a batch whose blocks are not the state's: a block
-        whose gradient has another shape (a transposed weight, a weight without its bias) or that
-        the state does not have (checked first on the blocks the state has, which name the
-        culprit: a transposed weight unpairs its bias, whose block is then the missing one)."""
-
-        def described(group) -> str:
-            return ", ".join(f"{path_str(p)!r} {tuple(leaves[i].shape)}" for p, i in zip(group.paths, group.indices))
-
-        missing = []
-        for group in batch_groups:
-            entries = groups.get(group.key)
-            if entries is None:
-                missing.append(group)
-                continue
-            if not entries:  # a zero-size block: no state
-                continue
-            members = tuple(leaves[i] for i in group.indices)
-            if _kind(members, max_block_dim) == _DIAGONAL:
-                entry, shape = "ema", tuple(members[0].shape)
-            else:
-                entry, shape = "momentum", tuple(_block_shape(members))
-            found = tuple(entries[entry].shape) if entry in entries else None
-            if found != shape:
-                have = f"{entry!r} {found}" if found is not None else f"no {entry!r} (a block of another kind)"
-                raise ValueError(
-                    f"mbf.warm_start: the gradient of {described(group)} does not fit the optimizer state "
-                    f"of its block (state has {have}, the gradient needs {entry!r} {shape}); a transposed "
-                    "gradient, or a weight without its bias?"
-                )
-        if missing:
-            raise ValueError(
-                f"mbf.warm_start: the gradient of {described(missing[0])} is not a block of the optimizer "
-                f"state (its blocks: {sorted(groups)})"
-            )
-
-    # group_leaves on the caller's (raw) tree: out-last kernels pair by their last axis
-    transform = MBFTransform(init, update, inner.due, inner.matmul_precision, weight_bias_groups)
-    transform.warm_start = warm_start
-    return transform
+    config = MBFConfig(
+        learning_rate, damping, momentum, b2, weight_decay, diagonal_b2, diagonal_eps, diagonal_second_moment,
+        kl_clip, fc_blocks, mode,
+    )  # fmt: skip
+    *transform, warm_start = parts_transform(
+        _RULE, config, max_block_dim=max_block_dim, block_size=block_size, statistics_every=statistics_every,
+        precondition_every=precondition_every, refresh_phases=refresh_phases, on_nonfinite=on_nonfinite,
+        clips=not is_zero(kl_clip), decays=not is_zero(weight_decay),  # an array may be traced: always applied
+    )  # fmt: skip
+    result = MBFTransform(*transform)
+    result.warm_start = warm_start
+    return result

@@ -1,0 +1,116 @@
+"""The layout and the runner's helpers of ``precond_ref.engine.parts`` (MBF's mini-blocks and parts)
+against their plain formulas (spec README sections 5-6).
+
+Tolerances come from the rounding model: a sum of ``k`` products is within ``k * eps * sum|terms|``
+of the exact value, and so is a loop that sums the same terms in another order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from precond_ref.engine import parts as P
+from precond_ref.linalg import damped_inverse_stable
+
+EPS = np.finfo(np.float64).eps
+
+
+def test_refresh_parts_equals_one_group_at_a_time():
+    """refresh_parts stacks the equal-size blocks of all groups (blocking.on_stacks); its result
+    for a group must be the one it gives that group alone (bitwise: the same batched call per block),
+    and a part is flagged iff one of ITS blocks was."""
+    rng = np.random.default_rng(5)
+
+    def psd(*shape):
+        a = rng.standard_normal(shape + (shape[-1],))
+        return a @ a.mT
+
+    def invert(f, before):
+        return damped_inverse_stable(f, 0.1, before)
+
+    def invert_elementwise(v, before):
+        return np.where(np.isfinite(v), 1.0 / (v + 0.1), before), np.logical_not(np.all(np.isfinite(v)))
+
+    kinds = [P.FC, P.CONV, P.ELEMENTWISE, P.FC, P.CONV]
+    stats = [psd(4), psd(3, 2, 4), np.abs(rng.standard_normal((4, 3))), psd(4), psd(2, 2, 4)]
+    stats[3][0, 0] = np.nan  # the second FC group fails, the first must not
+    previous = [np.full(s.shape, 2.0) for s in stats]
+    inverses, flags = P.refresh_parts(np, kinds, stats, previous, invert, invert_elementwise)
+    for i in range(len(kinds)):
+        alone, flag = P.refresh_parts(np, kinds[i : i + 1], stats[i : i + 1], previous[i : i + 1], invert, invert_elementwise)
+        np.testing.assert_array_equal(inverses[i], alone[0])
+        assert inverses[i].shape == stats[i].shape
+        assert bool(flags[i]) == bool(flag[0]) == (i == 3)
+    np.testing.assert_array_equal(inverses[3], previous[3])  # a non-finite block keeps its previous inverse
+
+
+
+
+def test_join_rows_of_one_row_stack_is_a_view():
+    """join_rows inverts split_rows; a layer cut into full blocks only (no tail) is one stack, joined
+    back by a reshape (a view of the preconditioned stack, not a copy: the per-step stitch of the
+    momentum's blocks costs no pass over the layer)."""
+    h = np.arange(12.0 * 5).reshape(12, 5)
+    parts = P.parts(P.FC, (12, 5), 4)
+    assert len(parts) == 1
+    pieces = P.split_rows(np, h, parts)
+    joined = P.join_rows(np, pieces, parts)
+    np.testing.assert_array_equal(joined, h)
+    assert np.shares_memory(joined, pieces[0])
+    tailed = P.parts(P.FC, (14, 5), 4)  # three blocks and a tail of 2: a concatenation
+    h14 = np.arange(14.0 * 5).reshape(14, 5)
+    np.testing.assert_array_equal(P.join_rows(np, P.split_rows(np, h14, tailed), tailed), h14)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6)])
+def test_inner_is_the_sum_of_the_products(shape):
+    """<a, b> = sum over every axis of a * b (the KL clip's quadratic <D, m>, B7), as one dot
+    product of the flattened arrays: within n eps sum|a b| of the loop over the n entries (Higham,
+    Accuracy and Stability, eq. 3.5: any summation order of n products)."""
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal(shape), rng.standard_normal(shape)
+    loop = 0.0
+    for index in np.ndindex(*shape):
+        loop += a[index] * b[index]
+    got = P.inner(np, a, b)
+    assert got.shape == ()
+    n = a.size
+    assert abs(float(got) - loop) <= 2 * n * EPS * float(np.sum(np.abs(a * b)))
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "array_api_strict"])
+def test_finite_or_previous_is_the_selection(namespace):
+    """finite_or_previous is (where(all(isfinite(new)), new, previous), failures + not all finite)
+    exactly, whether the decision is read on the host (NumPy) or stays an array (array_api_strict,
+    never read by host_bool): a finite new is kept, one non-finite entry keeps previous and counts."""
+    xp = np if namespace == "numpy" else pytest.importorskip(namespace)
+    previous = xp.asarray([[1.0, 2.0], [3.0, 4.0]])
+    failures = xp.asarray(2, dtype=xp.int32)
+    finite = xp.asarray([[5.0, 6.0], [7.0, 8.0]])
+    got, count = P.finite_or_previous(xp, finite, previous, failures)
+    np.testing.assert_array_equal(np.asarray(got), [[5.0, 6.0], [7.0, 8.0]])
+    assert int(count) == 2
+    overflowed = xp.asarray([[5.0, float("inf")], [7.0, 8.0]])
+    got, count = P.finite_or_previous(xp, overflowed, previous, failures)
+    np.testing.assert_array_equal(np.asarray(got), [[1.0, 2.0], [3.0, 4.0]])
+    assert int(count) == 3
+
+
+def test_out_first_permutes_only_out_last_kernels():
+    """out_first: a Flax ``kernel`` (s..., I, O) becomes out-first (O, I, s...), every other leaf
+    is unchanged, and a tree without one is returned itself (no rebuilt tree on the step's path);
+    the leaves it returns are the canonical tree's, and restore inverts it."""
+    rng = np.random.default_rng(9)
+    torch_like = {"fc": {"bias": rng.standard_normal(3), "weight": rng.standard_normal((3, 2))}}
+    tree, _, flags, leaves = P.out_first(torch_like)
+    assert tree is torch_like and flags == [False, False]
+    assert leaves[0] is torch_like["fc"]["bias"] and leaves[1] is torch_like["fc"]["weight"]
+    flax_like = {"conv": {"kernel": rng.standard_normal((5, 4, 2, 3))}, "dense": {"kernel": rng.standard_normal((2, 3))}}
+    tree, treedef, flags, leaves = P.out_first(flax_like)
+    assert flags == [True, True]
+    np.testing.assert_array_equal(tree["conv"]["kernel"], np.transpose(flax_like["conv"]["kernel"], (3, 2, 0, 1)))
+    np.testing.assert_array_equal(tree["dense"]["kernel"], flax_like["dense"]["kernel"].T)
+    assert leaves[0] is tree["conv"]["kernel"] and leaves[1] is tree["dense"]["kernel"]
+    back = P.restore(tree, treedef, flags)
+    np.testing.assert_array_equal(back["conv"]["kernel"], flax_like["conv"]["kernel"])
