@@ -16,17 +16,17 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import re
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
-from .._backend import array_device, cast, compute_dtype, cond, is_number, is_zero, scalar_array
-from ..blocking import (
-    block_bounds, merge_small_dims, roll_first_axis_last, spread_schedule, stack, unfold, unstack,
-)
+from .._backend import array_device, cast, compute_dtype, is_number, is_zero, scalar_array
+from ..blocking import merge_small_dims, spread_schedule
 from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply
 from ..tree import cached_template, from_entries, to_entries
 from ..engine import StepContext, build_transform, leafwise
-from ..engine.phases import refresh_due, shape_phase
+from ..engine.axes import (
+    LeafPlan, axis_legacy_names, empty_blocks, flat_runs, leaf_plan, multiply_axes, refresh_axes, unblocked_hint,
+)
+from ..engine.phases import shape_phase
 from ..transform import (
     ScalarOrSchedule,
     Transform,
@@ -106,72 +106,6 @@ def _safe_norm_ratio(xp: Any, numerator: Array, denominator: Array) -> Array:
 # One leaf's sketched Kronecker preconditioner
 
 
-class _Run(NamedTuple):
-    """``count`` consecutive blocks of equal ``length`` from row ``start`` of an axis, rank ``rank``,
-    updated in refresh phase ``phase`` (:class:`precond_ref.blocking.PhaseDue`)."""
-
-    start: int
-    length: int
-    count: int
-    rank: int
-    phase: int = 0
-
-
-class _AxisPlan(NamedTuple):
-    axis: int
-    runs: tuple[_Run, ...]
-
-    @property
-    def batched(self) -> bool:
-        """False for an unblocked axis: its sketch is stored without a stack dimension."""
-        return len(self.runs) > 1 or self.runs[0].count > 1
-
-
-class _LeafPlan(NamedTuple):
-    """Static layout of one parameter: merged shape and the sketches of each axis."""
-
-    merged_shape: tuple[int, ...]
-    axes: tuple[_AxisPlan, ...]
-
-    @property
-    def exponent(self) -> float:
-        return -1.0 / (2 * len(self.axes))
-
-
-def _leaf_plan(
-    merged_shape: tuple[int, ...], rank: int, block_size: Optional[int], phases: int = 1, first_phase: int = 0,
-) -> _LeafPlan:
-    """Blocks of equal length are stacked into one run (one batched FD call per run).
-
-    With ``phases = T > 1`` (refreshes spread over an interval T) a run of ``c`` blocks is cut into
-    ``min(c, T)`` contiguous runs, and the leaf's runs take the phases ``first_phase,
-    first_phase + 1, ...`` (mod T) in order, so one leaf's blocks refresh on different steps. The
-    layout (the runs' shapes) depends on ``phases`` only, never on ``first_phase``.
-    """
-    axes = []
-    unit = 0
-    for n, d in enumerate(merged_shape):
-        runs: list[_Run] = []
-        for start, stop in block_bounds(d, block_size):
-            length = stop - start
-            if runs and runs[-1].length == length:
-                runs[-1] = runs[-1]._replace(count=runs[-1].count + 1)
-            else:
-                runs.append(_Run(start, length, 1, min(rank, length)))
-        spread: list[_Run] = []
-        for run in runs:
-            pieces = min(run.count, phases)
-            done = 0
-            for i in range(pieces):
-                count = run.count * (i + 1) // pieces - done
-                spread.append(run._replace(start=run.start + done * run.length, count=count,
-                                           phase=(first_phase + unit) % phases))
-                done += count
-                unit += 1
-        axes.append(_AxisPlan(n, tuple(spread)))
-    return _LeafPlan(tuple(merged_shape), tuple(axes))
-
-
 class _Sketch(NamedTuple):
     """One Frequent Directions sketch (:mod:`precond_ref.sketch`), or a stack of them for a run of
     equal blocks (leading axis): :math:`\\bar L = U \\operatorname{diag}(\\sigma^2) U^\\top`, the
@@ -185,10 +119,18 @@ class _Sketch(NamedTuple):
     complement_weight: Array
 
 
+_LEGACY_NAMES = axis_legacy_names("sketches", _Sketch._fields, "sketch_failures")
+
+
+def _empty_sketch(xp: Any, dtype: Any, device: Any, length: int, rank: int, batch: tuple) -> _Sketch:
+    """An empty sketch (zeros, :func:`precond_ref.sketch.fd_init`) of a ``batch`` of blocks."""
+    return _Sketch(**fd_init(xp, length, rank, dtype=dtype, device=device, batch=batch))
+
+
 class _State(NamedTuple):
     """One leaf's state (Sketchy and S-AdaGrad), stored as the entries of
     :func:`precond_ref.tree.to_entries`: ``sketches/{n}/{j}/basis`` ... for ``sketches[n][j]``, the
-    sketch of run ``j`` of axis ``n``'s blocks (:class:`_LeafPlan`); absent fields are None."""
+    sketch of run ``j`` of axis ``n``'s blocks (:class:`LeafPlan`); absent fields are None."""
 
     sketches: tuple = ()
     sketch_failures: Optional[Array] = None
@@ -197,177 +139,29 @@ class _State(NamedTuple):
 
 
 @cached_template
-def _layout(plan: Optional[_LeafPlan], graft_moment: bool, momentum: bool) -> _State:
+def _layout(plan: Optional[LeafPlan], graft_moment: bool, momentum: bool) -> _State:
     """The structure of a leaf's :class:`_State` with placeholder leaves (``from_entries``'s template)."""
     sketches = tuple(tuple(_Sketch(0, 0, 0, 0, 0) for _ in axis.runs) for axis in plan.axes) if plan else ()
     return _State(sketches, 0 if sketches else None, 0 if graft_moment else None, 0 if momentum else None)
 
 
-def _empty_sketches(xp: Any, plan: Optional[_LeafPlan], dtype: Any, device: Any) -> tuple:
-    """``sketches[n][j]``: an empty sketch (zeros) per run, stacked (count, ...) on a cut axis."""
-    if plan is None:
-        return ()
-    return tuple(
-        tuple(_Sketch(**fd_init(xp, run.length, run.rank, dtype=dtype, device=device,
-                                batch=(run.count,) if axis.batched else ())) for run in axis.runs)
-        for axis in plan.axes
-    )
+def _sketch_refresh(xp: Any, options: dict, sketch: _Sketch, rows: Array, exponent: float, accept: Any) -> tuple:
+    """Step 2 on a stack of runs: :math:`(U, \\sigma, \\rho, w, w_\\perp) = \\mathrm{FD}([\\sqrt\\beta\\, U
+    \\operatorname{diag}(\\sigma), X])` (:func:`precond_ref.sketch.fd_update`, the weights for the
+    ``exponent``), the previous sketch where ``accept`` is False: ``(sketch, ok)``."""
+    new, ok = fd_update(xp, sketch._asdict(), rows, exponent=exponent, accept=accept, **options)
+    return _Sketch(**new), ok
 
 
-_LEGACY_ENTRY = re.compile(r"axis(\d+)_(?:run(\d+)_)?(" + "|".join(_Sketch._fields) + ")")
+def _sketch_apply(xp: Any, basis: Array, weights: Array, complement: Array, rows: Array) -> Array:
+    """Step 3 on a stack of runs: :math:`U\\operatorname{diag}(w)U^\\top x + w_\\perp(x - UU^\\top x)`
+    (:func:`precond_ref.sketch.fd_apply`)."""
+    return fd_apply(xp, dict(basis=basis, basis_weights=weights, complement_weight=complement), rows)
 
 
-def _legacy_names(entries: dict[str, Array]) -> dict[str, Array]:
-    """``build_transform``'s ``legacy_names``: a state saved by 0.1.0 (and development
-    versions after it), whose sketch entries were ``axis{n}_{name}`` (an axis in one block) and
-    ``axis{n}_run{j}_{name}``, under the current names ``sketches/{n}/{j}/{name}`` (j = 0 for the
-    former); the very dict when already current."""
-    if "sketch_failures" not in entries or "sketches/0/0/basis" in entries:
-        return entries
-    renamed = {}
-    for key, value in entries.items():
-        old = _LEGACY_ENTRY.fullmatch(key)
-        renamed[f"sketches/{old[1]}/{old[2] or 0}/{old[3]}" if old else key] = value
-    return renamed
-
-
-def _fd_update(xp: Any, sketch: _Sketch, rows: Array, **options: Any) -> tuple[_Sketch, Array, Optional[Array]]:
-    """:func:`precond_ref.sketch.fd_update` of a :class:`_Sketch` (``apply``: ``fd_update_apply``):
-    the new sketch, whether the step was finite, and (``apply``) the new sketch applied to ``rows``."""
-    if options.pop("apply", False):
-        new, ok, out = fd_update_apply(xp, sketch._asdict(), rows, **options)
-    else:
-        (new, ok), out = fd_update(xp, sketch._asdict(), rows, **options), None
-    return _Sketch(**new), ok, out
-
-
-def _run_rows(xp: Any, axis: _AxisPlan, run: _Run, flat: Array) -> Array:
-    """The rows of ``flat`` (d, n) that a run covers, stacked (count, length, n) when batched."""
-    if not axis.batched:
-        return flat
-    rows = flat[run.start:run.start + run.count * run.length, :]
-    return xp.reshape(rows, (run.count, run.length, flat.shape[-1]))
-
-
-def _join_runs(xp: Any, axis: _AxisPlan, parts: Sequence[Array]) -> Array:
-    """The per-run outputs (count, length, n) of one axis as the rows (d, n) they came from."""
-    if axis.batched:
-        parts = [xp.reshape(out, (out.shape[0] * out.shape[1], out.shape[-1])) for out in parts]
-    return parts[0] if len(parts) == 1 else xp.concat(list(parts), axis=0)
-
-
-def _units_in_phase(plan: _LeafPlan, phase: Optional[int]) -> tuple[tuple[int, int], ...]:
-    """``(n, j)`` of the runs of ``plan`` in refresh phase ``phase`` (every run if None), in order."""
-    return tuple((n, j) for n, axis in enumerate(plan.axes) for j, run in enumerate(axis.runs)
-                 if phase is None or run.phase == phase)
-
-
-def _leaf_member(xp: Any, axis: _AxisPlan, run: _Run, fields: Sequence[Array], flat: Array) -> tuple:
-    """One run of a leaf as a member of :func:`precond_ref.blocking.stack`: its sketch's ``fields``
-    and its rows of ``flat`` (count, length, n), with a leading axis of 1 where the axis is one
-    unstacked sketch."""
-    rows = _run_rows(xp, axis, run, flat)
-    if axis.batched:
-        return (*fields, rows)
-    return (*(xp.expand_dims(v, axis=0) for v in fields), xp.expand_dims(rows, axis=0))
-
-
-def _unstacked(axis: _AxisPlan, piece: tuple) -> tuple:
-    """A run's results from a stack, as its leaf takes them: without the leading axis
-    :func:`_leaf_member` gave a leaf that is one unstacked sketch."""
-    return piece if axis.batched else tuple(v[0, ...] for v in piece)
-
-
-def _refresh_due(
-    xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, fd_options: dict[str, Any],
-) -> list[tuple[tuple, Array]]:
-    """Step 2 of every leaf (``leaves``: ``(plan, sketches, failures, merged)``, plan None where
-    nothing is sketched): the runs of refresh phase p FD-updated on the steps ``ctx.every(dues[p])``
-    only (skipped gradients are dropped), the others as they were. Run j of axis n adds its rows of
-    the mode-n unfolding :math:`G_{(n)}` (spec §2.2); the runs of one shape and exponent, across
-    leaves, go through one batched FD step (:func:`precond_ref.blocking.stack`; a block's step reads
-    only its own rows). ``ctx.ok``, the step's skip predicate, is folded into the FD step's own
-    selection of the previous sketch (the sketch entries are settled). Returns each leaf's sketches and its
-    failure count plus its runs whose step was not finite."""
-    tables = [None if plan is None else [list(axis) for axis in sketches] for plan, sketches, _, _ in leaves]
-    failures = [f for _, _, f, _ in leaves]
-    unfolded: list[dict] = [{} for _ in leaves]
-    present = {run.phase for plan, *_ in leaves if plan is not None for axis in plan.axes for run in axis.runs}
-    decisions = [ctx.every(due) if phase in present else False for phase, due in enumerate(dues)]
-    members, owners, exponents, phases = [], [], [], []
-    for phase in sorted(present):
-        if decisions[phase] is False:  # decided on the host: nothing to unfold or stack
-            continue
-        for i, (plan, _, _, merged) in enumerate(leaves):
-            for n, j in () if plan is None else _units_in_phase(plan, phase):
-                axis = plan.axes[n]
-                if n not in unfolded[i]:
-                    unfolded[i][n] = unfold(xp, merged, axis.axis)
-                members.append(_leaf_member(xp, axis, axis.runs[j], tables[i][n][j], unfolded[i][n]))
-                owners.append((i, n, j))
-                exponents.append(plan.exponent)
-                phases.append(phase)
-
-    def refresh(*operands: Array, label: float) -> tuple:
-        new, ok, _ = _fd_update(xp, _Sketch(*operands[:-1]), operands[-1], exponent=label, accept=ctx.ok, **fd_options)
-        return (*new, _failed(xp, ok))
-
-    def keep(*operands: Array) -> tuple:
-        rows = operands[-1]
-        return (*operands[:-1], xp.zeros(tuple(rows.shape[:1]), dtype=xp.int32, device=array_device(rows)))
-
-    for (i, n, j), piece in zip(owners, refresh_due(xp, decisions, phases, members, refresh, keep, labels=exponents)):
-        piece = _unstacked(leaves[i][0].axes[n], piece)
-        tables[i][n][j] = _Sketch(*piece[:-1])
-        failures[i] = failures[i] + _count(xp, piece[-1])
-    return [
-        (leaf[1] if table is None else tuple(tuple(axis) for axis in table), failure)
-        for leaf, table, failure in zip(leaves, tables, failures)
-    ]
-
-
-def _failed(xp: Any, ok: Array) -> Array:
-    """``1`` where ``ok`` is False, else ``0`` (int32): a stack's per-block failure flags, made once
-    per stack; :func:`_count` adds a run's to its leaf's count."""
-    return xp.astype(xp.logical_not(ok), xp.int32)
-
-
-def _count(xp: Any, flags: Array) -> Array:
-    """The number of failures among a run's flags (:func:`_failed`), a 0-D int32: the flag itself
-    for a leaf that is one unstacked sketch (0-D already; no reduction to launch)."""
-    return flags if flags.ndim == 0 else xp.sum(flags, dtype=xp.int32)
-
-
-def _precondition(xp: Any, leaves: Sequence[tuple]) -> list[Array]:
-    """Step 3 of every leaf (``leaves``: ``(plan, sketches, g)``, plan None where nothing is
-    sketched, which gets None): :math:`P(G) = G \\times_1 (\\bar L_1 + \\rho_1 I + \\epsilon_1 I)^a
-    \\cdots \\times_N (\\dots)^a`, each axis in turn (first, then rolled last) multiplied by its runs'
-    :func:`precond_ref.sketch.fd_apply`; at each axis the runs of one shape, across leaves, in one
-    batched call (:func:`precond_ref.blocking.stack`)."""
-    xs = [None if plan is None else xp.reshape(g, plan.merged_shape) for plan, _, g in leaves]
-    for n in range(max([0] + [len(plan.axes) for plan, _, _ in leaves if plan is not None])):  # dynamo: no default=
-        members, owners = [], []
-        for i, (plan, sketches, _) in enumerate(leaves):
-            if plan is None or n >= len(plan.axes):
-                continue
-            x = xs[i]  # the axis being preconditioned is first: axes are rolled, and ndim rolls restore order
-            flat = xp.reshape(x, (x.shape[0], math.prod(tuple(x.shape[1:]))))
-            for j, run in enumerate(plan.axes[n].runs):
-                s = sketches[n][j]
-                members.append(_leaf_member(xp, plan.axes[n], run, (s.basis, s.basis_weights, s.complement_weight), flat))
-                owners.append(i)
-        stacks = stack(xp, members)
-        outputs = [(fd_apply(xp, dict(basis=basis, basis_weights=weights, complement_weight=complement), rows),)
-                   for basis, weights, complement, rows in (s.operands for s in stacks)]
-        parts: list[list] = [[] for _ in leaves]
-        for i, piece in zip(owners, unstack(stacks, outputs, len(members))):
-            parts[i].append(_unstacked(leaves[i][0].axes[n], piece)[0])
-        for i, (plan, _, _) in enumerate(leaves):
-            if parts[i]:
-                x = xs[i]
-                joined = _join_runs(xp, plan.axes[n], parts[i])
-                xs[i] = roll_first_axis_last(xp, xp.reshape(joined, (x.shape[0],) + tuple(x.shape[1:])))
-    return [None if x is None else xp.reshape(x, tuple(g.shape)) for x, (_, _, g) in zip(xs, leaves)]
+def _applied(sketch: _Sketch) -> tuple:
+    """The fields of a sketch that :func:`_sketch_apply` reads."""
+    return sketch.basis, sketch.basis_weights, sketch.complement_weight
 
 
 def _rmsprop_graft(xp: Any, ctx: StepContext, g: Array, v: Array, graft_eps: float) -> Array:
@@ -487,7 +281,7 @@ def _sketchy_transform(
 
     dues = spread_schedule(precondition_every, spread)
 
-    def plan_for(shape: tuple[int, ...], first_phase: int = 0) -> Optional[_LeafPlan]:
+    def plan_for(shape: tuple[int, ...], first_phase: int = 0) -> Optional[LeafPlan]:
         """None for graft-only leaves (spec §2.3 step 1), else the sketch layout."""
         if graft != "none":  # the authors skip preconditioning only when a graft exists
             if not precondition_1d and len(shape) <= 1:
@@ -496,12 +290,12 @@ def _sketchy_transform(
             if any(d > max_precondition_dim for d in blocked):
                 return None
         merged = merge_small_dims(shape, merge_dims, squeeze=not faithful)
-        return _leaf_plan(merged, rank, block_size, len(dues), first_phase)
+        return leaf_plan(merged, rank, block_size, len(dues), first_phase)
 
     def init_group(leaves, paths, xp):
         (param,) = leaves
         dtype, device = compute_dtype(xp, param.dtype), array_device(param)
-        sketches = _empty_sketches(xp, plan_for(tuple(param.shape)), dtype, device)
+        sketches = empty_blocks(plan_for(tuple(param.shape)), functools.partial(_empty_sketch, xp, dtype, device))
         zeros = functools.partial(xp.zeros, dtype=dtype, device=device)
         return to_entries(_State(
             sketches=sketches,
@@ -529,10 +323,10 @@ def _sketchy_transform(
     # tearfree optimizer (spec §2.3-2.4); axis n of the merged gradient G, its runs j of blocks:
     #
     #   1  v_t = β_g v_{t-1} + (1-β_g) G_t²,  D_g = G_t / √(v_t + ε_g)         rmsprop_graft
-    #   2  if run (n, j)'s phase is due (spread_schedule), for its rows of G_(n):   _refresh_due
-    #        (U, σ, ρ, w, w_⊥)_{n,j} = FD([√β U diag(σ), G_(n)])                sketch.fd_update
+    #   2  if run (n, j)'s phase is due (spread_schedule), for its rows of G_(n):
+    #        (U, σ, ρ, w, w_⊥)_{n,j} = FD([√β U diag(σ), G_(n)])                _sketch_refresh
     #   3  P(G) = G ×_1 (L̄_1 + ρ_1 I + ε_1 I)^{-1/2N} ⋯ ×_N (L̄_N + ρ_N I + ε_N I)^{-1/2N}
-    #                                                                          _precondition, sketch.fd_apply
+    #                                                                          _sketch_apply
     #   4  U_t = P(G) ‖D_g‖_F / ‖P(G)‖_F   (D_g before start_preconditioning_step)  _grafted
     #   5  m_t = μ m_{t-1} + U_t,  U_t ← U_t + μ m_t (Nesterov) or m_t           finish, _momentum
     #   6  W_{t+1} = W_t - η_t (U_t + λ W_t)                                     finish
@@ -551,11 +345,12 @@ def _sketchy_transform(
         else:  # graft="sgd" or "none": D_g = G
             grafts = [(state.graft_second_moment, g) for g, _, state in leaves]
         # 2 and 3 for all leaves at once: equal runs of different leaves go through one batched call.
-        refreshed = _refresh_due(xp, [(plan, state.sketches, state.sketch_failures,
+        refreshed = refresh_axes(xp, [(plan, state.sketches, state.sketch_failures,
                                        None if plan is None else xp.reshape(g, plan.merged_shape))
-                                      for g, plan, state in leaves], dues, ctxs[0], fd_options)  # 2
-        preconditioned = _precondition(xp, [(plan, sketches, g) for (g, plan, _), (sketches, _) in
-                                            zip(leaves, refreshed)])  # 3
+                                      for g, plan, state in leaves], dues, ctxs[0],
+                                 functools.partial(_sketch_refresh, xp, fd_options))  # 2
+        preconditioned = multiply_axes(xp, [(plan, sketches, g) for (g, plan, _), (sketches, _) in
+                                            zip(leaves, refreshed)], _applied, functools.partial(_sketch_apply, xp))  # 3
         directions = []
         for (g, plan, state), (v, u), (sketches, failures), p, ctx in zip(leaves, grafts, refreshed, preconditioned, ctxs):
             if plan is not None:
@@ -589,23 +384,8 @@ def _sketchy_transform(
         on_nonfinite=on_nonfinite,
         needs_params=has_weight_decay,
         intervals=dues,
-        layout_hint=None if faithful else functools.partial(_old_layout_hint, name),
-        legacy_names=_legacy_names,
-    )
-
-
-def _old_layout_hint(name: str, found: dict, layout: dict) -> str:
-    """``build_transform``'s ``layout_hint``: for a state saved before the principled default
-    block size (0.1.0: unblocked sketches, one ``axis{n}_basis`` of shape ``(d, k)`` per axis, now
-    ``sketches/{n}/0/basis``), the
-    ``block_size`` that loads it: its longest axis."""
-    unblocked = [shape[0] for key, (shape, _) in found.items() if key.endswith("/basis") and len(shape) == 2]
-    if not unblocked or found == layout:
-        return ""
-    return (
-        f". {name}'s principled block_size now defaults to {PRINCIPLED_BLOCK_SIZE} (before: unblocked "
-        f"sketches): a state saved with the earlier default loads with block_size={max(unblocked)} (its "
-        "longest axis, or larger), and follows the earlier trajectory with precondition_every=1 too"
+        layout_hint=None if faithful else functools.partial(unblocked_hint, name, PRINCIPLED_BLOCK_SIZE, "basis"),
+        legacy_names=_LEGACY_NAMES,
     )
 
 
@@ -987,22 +767,19 @@ def s_adagrad(
         precondition_every = S_ADAGRAD_PRECONDITION_EVERY
     dues = spread_schedule(precondition_every, spread_refresh is not False)
 
-    def plan_for(shape: tuple[int, ...], first_phase: int = 0) -> _LeafPlan:
-        return _leaf_plan((max(1, math.prod(shape)),), rank, block_size, len(dues), first_phase)
+    def plan_for(shape: tuple[int, ...], first_phase: int = 0) -> LeafPlan:
+        return leaf_plan((max(1, math.prod(shape)),), rank, block_size, len(dues), first_phase)
 
     def init_group(leaves, paths, xp):
         (param,) = leaves
         dtype, device = compute_dtype(xp, param.dtype), array_device(param)
         # A zero-size parameter has nothing to sketch: no factor, and its (empty) update is zero.
-        sketches = _empty_sketches(xp, plan_for(tuple(param.shape)), dtype, device) if math.prod(param.shape) else ()
+        sketches = empty_blocks(plan_for(tuple(param.shape)), functools.partial(_empty_sketch, xp, dtype, device)) if math.prod(param.shape) else ()
         return to_entries(_State(
             sketches=sketches,
             sketch_failures=xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
             momentum=xp.zeros(param.shape, dtype=dtype, device=device) if has_momentum else None,
         ))
-
-    def leaf_plan(g: Array) -> _LeafPlan:
-        return plan_for(tuple(g.shape), shape_phase(tuple(g.shape), len(dues)))
 
     def finish(xp: Any, minus_lr: Any, direction: Array, *rest: Array) -> tuple:
         """m <- mu m + P(g);  updates = -eta m - eta lambda x  (``minus_lr``: -eta, once a step;
@@ -1017,49 +794,30 @@ def s_adagrad(
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         # The runs of every leaf (blocks of one length, in one refresh phase) go through the FD
-        # step in stacks of equal runs across leaves (blocking.stack: one batched call per stack;
-        # on a CPU a run that is already a large batch stays alone).
+        # step in stacks of equal runs across leaves (on a CPU a run already a large batch alone).
         xp = ctxs[0].xp
         results: list = [None] * len(grads)
-        leaves, members, phases = [], [], []
+        leaves = []
         for i, (leaf,) in enumerate(grads):
             g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
             if not math.prod(g.shape):
                 results[i] = ((xp.zeros_like(g),), dict(states[i]))
                 continue
-            plan = leaf_plan(g)
-            state = from_entries(_layout(plan, False, has_momentum), states[i])
-            column = xp.reshape(g, (plan.merged_shape[0], 1))
-            for j, run in enumerate(plan.axes[0].runs):
-                members.append(_leaf_member(xp, plan.axes[0], run, state.sketches[0][j], column))
-                phases.append(run.phase)
-            leaves.append((i, g, plan, state))
-        pieces = []
-        for chunk in _bounded_chunks(xp, members, S_ADAGRAD_STACK_BYTES):
-            stacks = stack(xp, [members[i] for i in chunk], labels=[phases[i] for i in chunk])
-            outputs = [_adagrad_stack(xp, s.operands, dues[phases[chunk[s.indices[0]]]], ctxs[0], fd_options) for s in stacks]
-            pieces.extend(unstack(stacks, outputs, len(chunk)))
-            del stacks, outputs  # this chunk's stacked copies go before the next chunk's are made
-        pieces = iter(pieces)
-        minus_lr = -ctxs[0].value(learning_rate)  # exact: once, not once per leaf
-        directions, kept = [], []
-        for i, g, plan, state in leaves:
-            axis = plan.axes[0]
-            runs = [_unstacked(axis, next(pieces)) for _ in axis.runs]
-            sketches = (tuple(_Sketch(*piece[:-2]) for piece in runs),)
-            failures = state.sketch_failures
-            for piece in runs:
-                failures = failures + _count(xp, piece[-2])
+            plan = plan_for(tuple(g.shape), shape_phase(tuple(g.shape), len(dues)))
+            leaves.append((i, g, plan, from_entries(_layout(plan, False, has_momentum), states[i])))
+        stepped = flat_runs(xp, [(plan, state.sketches, state.sketch_failures, g) for _, g, plan, state in leaves],
+                            dues, ctxs[0], functools.partial(_adagrad_refresh, xp, fd_options),
+                            functools.partial(_adagrad_keep, xp), S_ADAGRAD_STACK_BYTES)
+        for (i, *_), (sketches, _, _) in zip(leaves, stepped):
             ctxs[i].settle(value for axis in sketches for sketch in axis for value in sketch)  # as in sketchy
-            directions.append(xp.reshape(_join_runs(xp, axis, [piece[-1] for piece in runs]), tuple(g.shape)))
-            kept.append((sketches, failures))
-        operands = [directions]
+        minus_lr = -ctxs[0].value(learning_rate)  # exact: once, not once per leaf
+        operands = [[direction for _, _, direction in stepped]]
         if has_momentum:
             operands.append([state.momentum for _, _, _, state in leaves])
         if has_weight_decay:
             operands.append([params[i][0] for i, _, _, _ in leaves])
         finished = leafwise(xp, functools.partial(finish, xp, minus_lr), *operands) if leaves else []
-        for (i, _, _, _), (sketches, failures), out in zip(leaves, kept, finished):
+        for (i, _, _, _), (sketches, failures, _), out in zip(leaves, stepped, finished):
             results[i] = ((out[0],), to_entries(_State(sketches, failures, momentum=out[1] if has_momentum else None)))
         return results
 
@@ -1070,46 +828,22 @@ def s_adagrad(
         on_nonfinite=on_nonfinite,
         needs_params=has_weight_decay,
         intervals=dues,
-        legacy_names=_legacy_names,
+        legacy_names=_LEGACY_NAMES,
     )
 
 
-def _bounded_chunks(xp: Any, members: Sequence[tuple], limit: int) -> list[list[int]]:
-    """Consecutive runs of member indices whose sketch bases (each member's first operand) total at
-    most ``limit`` bytes; a member over the limit alone."""
-    chunks: list[list[int]] = [[]]
-    total = 0
-    for i, member in enumerate(members):
-        basis = member[0]
-        nbytes = math.prod(basis.shape) * (xp.finfo(basis.dtype).bits // 8)
-        if chunks[-1] and total + nbytes > limit:
-            chunks.append([])
-            total = 0
-        chunks[-1].append(i)
-        total += nbytes
-    return [c for c in chunks if c]
+def _adagrad_refresh(xp: Any, options: dict, sketch: _Sketch, rows: Array, accept: Any) -> tuple:
+    r"""S-AdaGrad's step on a stack of runs when the sketch is due: the FD step adds the gradient's
+    rows x (n, length, 1) to each sketch and applies the new sketch to them in one pass,
+    :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x` (:func:`precond_ref.sketch.fd_update_apply`;
+    the previous sketch where ``accept`` is False): ``(sketch, ok, out)``."""
+    new, ok, out = fd_update_apply(xp, sketch._asdict(), rows, exponent=-0.5, accept=accept, **options)
+    return _Sketch(**new), ok, out
 
 
-def _adagrad_stack(xp: Any, operands: tuple, due: Any, ctx: StepContext, fd_options: dict[str, Any]) -> tuple:
-    r"""S-AdaGrad on a stack of runs (``operands``: the sketch fields, then the gradient's rows
-    x, (n, length, 1)). When ``due``, the FD step adds x to each sketch and applies the new sketch
-    to it in one pass (:func:`precond_ref.sketch.fd_update_apply`); otherwise the last sketch is
-    applied with x's own mass on its frame, :math:`(S + D)^{-1/2} x`
-    (:func:`precond_ref.sketch.fd_apply_with_own_mass`: the last sketch alone,
-    :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x`, leaves the part of x it has not seen
-    unbounded, and diverged on every seed measured). Returns the sketch fields, each
-    block's failure flag (:func:`_failed`: 1 where its FD step was not finite, 0 where none ran)
-    and the preconditioned rows."""
-    sketch, rows = _Sketch(*operands[:-1]), operands[-1]
-
-    def refresh(sketch: _Sketch, rows: Array) -> tuple:
-        new, ok, out = _fd_update(xp, sketch, rows, exponent=-0.5, accept=ctx.ok, apply=True, **fd_options)
-        return (*new, _failed(xp, ok), out)
-
-    def keep(sketch: _Sketch, rows: Array) -> tuple:
-        none_failed = xp.zeros(tuple(rows.shape[:1]), dtype=xp.int32, device=array_device(rows))
-        return (*sketch, none_failed, fd_apply_with_own_mass(xp, sketch._asdict(), rows))
-
-    if is_number(due) and due == 1:  # every step (the authors' schedule): no branch
-        return refresh(sketch, rows)
-    return cond(xp, ctx.every(due), refresh, keep, sketch, rows)
+def _adagrad_keep(xp: Any, sketch: _Sketch, rows: Array) -> tuple:
+    r"""S-AdaGrad's step between refreshes: the last sketch applied with x's own mass on its frame,
+    :math:`(S + D)^{-1/2} x` (:func:`precond_ref.sketch.fd_apply_with_own_mass`: the last sketch
+    alone, :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x`, leaves the part of x it has not seen
+    unbounded, and diverged on every seed measured): ``(sketch, out)``."""
+    return sketch, fd_apply_with_own_mass(xp, sketch._asdict(), rows)

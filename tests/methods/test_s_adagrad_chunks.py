@@ -24,13 +24,6 @@ def _run(steps=4):
     return out
 
 
-def test_chunks_hold_at_most_the_bound():
-    """Consecutive members totalling at most the bound per chunk; a member over it alone."""
-    members = [(np.zeros((1, 10, 3)),), (np.zeros((2, 10, 3)),), (np.zeros((1, 40, 3)),), (np.zeros((1, 10, 3)),)]
-    chunks = sketchy._bounded_chunks(np, members, limit=8 * 3 * 30)
-    assert chunks == [[0, 1], [2], [3]]
-
-
 def test_chunked_steps_equal_one_stack(monkeypatch):
     """The updates with every run stepped alone (a bound of 1 byte) equal those of the default,
     where the equal runs of the 4 weights share a stack: a batched product of the same numbers,

@@ -9,25 +9,11 @@ import importlib
 
 import precond_ref as pr
 from precond_ref.blocking import PhaseDue
+from precond_ref.engine import axes
+from precond_ref.engine.axes import leaf_plan
 from precond_ref.engine.phases import shape_phase
 
 sk = importlib.import_module("precond_ref.methods.sketchy")
-
-
-def test_spread_plan_splits_runs_and_keeps_layout_independent_of_first_phase():
-    """A run of c equal blocks is cut into min(c, T) contiguous runs covering the same rows in
-    order, with consecutive phases mod T; the shapes (the state's layout) do not depend on the
-    leaf's first phase, only on T."""
-    for phases in (1, 3, 10):
-        plans = [sk._leaf_plan((5000, 300), 8, 1024, phases, first) for first in range(phases)]
-        shapes = {tuple((r.start, r.length, r.count) for a in p.axes for r in a.runs) for p in plans}
-        assert len(shapes) == 1
-        axis0 = plans[0].axes[0].runs
-        assert sum(r.count * r.length for r in axis0) == 5000
-        assert [r.start for r in axis0] == sorted(r.start for r in axis0)
-        assert len([r for r in axis0 if r.length == 1024]) == min(4, phases)
-        units = [r for a in plans[2 % phases].axes for r in a.runs]
-        assert [r.phase for r in units] == [(2 % phases + i) % phases for i in range(len(units))]
 
 
 def _sketch_keys_changed(old: dict, new: dict) -> set:
@@ -44,7 +30,7 @@ def test_spread_refresh_updates_each_run_on_its_phase_only():
     tx = pr.scale_by_sketchy(rank=2, block_size=4, precondition_every=interval, spread_refresh=True)
     state = tx.init(params)
     # (12, 5) merges to one axis of 60: 15 blocks of 4, cut into 3 runs with phases 0, 1, 2 (mod 3).
-    plan = sk._leaf_plan((60,), 2, 4, interval, shape_phase((12, 5), interval))
+    plan = leaf_plan((60,), 2, 4, interval, shape_phase((12, 5), interval))
     assert len(plan.axes[0].runs) == 3
     rng = np.random.default_rng(0)
     for call in range(2 * interval + 1):
@@ -202,15 +188,17 @@ def _each_leaf_as_alone(factory, kw: dict, shapes: dict, steps: int, seed: int, 
     alone = {k: factory(**kw) for k in shapes}
     alone_states = {k: alone[k].init({k: params[k]}) for k in shapes}
     stack_sizes, fd_calls = [], []
-    real_stack, real_fd = sk.stack, sk._fd_update
+    real_stack = axes.stack
+    refresh = "_sketch_refresh" if factory is pr.sketchy else "_adagrad_refresh"
+    real_fd = getattr(sk, refresh)
 
     def counted(xp, members, *args, **kwargs):
         stacks = real_stack(xp, members, *args, **kwargs)
         stack_sizes.extend(len(s.indices) for s in stacks)
         return stacks
 
-    monkeypatch.setattr(sk, "stack", counted)
-    monkeypatch.setattr(sk, "_fd_update", lambda xp, sketch, rows, **o: fd_calls.append(rows.shape) or real_fd(xp, sketch, rows, **o))
+    monkeypatch.setattr(axes, "stack", counted)
+    monkeypatch.setattr(sk, refresh, lambda xp, o, sketch, rows, *a: fd_calls.append(rows.shape) or real_fd(xp, o, sketch, rows, *a))
     for step in range(steps):
         grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
         fd_calls.clear()
@@ -277,13 +265,14 @@ def test_sketch_failures_count_each_failed_block_of_each_leaf(factory, monkeypat
     report failure (its ``ok`` all False): each leaf's count after a step is then its number of
     blocks refreshed, whether the leaf is one unstacked sketch (0-D flags) or runs of stacked blocks
     (flags summed), and whether it shares its stack with other leaves."""
-    real_fd = sk._fd_update
+    refresh = "_sketch_refresh" if factory == "sketchy" else "_adagrad_refresh"
+    real_fd = getattr(sk, refresh)
 
-    def failing(xp, sketch, rows, **options):
-        new, ok, out = real_fd(xp, sketch, rows, **options)
-        return new, ok & False, out
+    def failing(*args):
+        new, ok, *out = real_fd(*args)
+        return (new, ok & False, *out)
 
-    monkeypatch.setattr(sk, "_fd_update", failing)
+    monkeypatch.setattr(sk, refresh, failing)
     if factory == "sketchy":
         shapes = {"w1": (6, 4), "w2": (6, 4), "blk": (23, 4), "v": (5,)}
         tx = pr.sketchy(learning_rate=0.1, rank=3, block_size=10, precondition_every=1, precondition_1d=True, merge_dims=2)

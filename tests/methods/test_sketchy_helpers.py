@@ -14,7 +14,6 @@ import array_api_compat.numpy as xp
 import numpy as np
 import pytest
 
-from precond_ref.sketch import fd_apply
 from precond_ref.transform import StepContext
 
 sk = importlib.import_module("precond_ref.methods.sketchy")
@@ -67,55 +66,6 @@ def test_momentum_trace_and_direction(nesterov, ema):
     cu = (1 - mu) * u if ema else u
     np.testing.assert_array_equal(trace, cu + mu * m)
     np.testing.assert_array_equal(direction, cu + mu * (cu + mu * m) if nesterov else cu + mu * m)
-
-
-def test_runs_cut_an_unfolding_into_stacks_and_join_it_back():
-    """_run_rows: run j's rows [start, start + count*length) as a (count, length, n) stack;
-    _join_runs of all runs' stacks is the unfolding again (rows in order)."""
-    plan = sk._leaf_plan((10, 3), 2, 4, 1)
-    axis = plan.axes[0]
-    assert [(r.start, r.length, r.count) for r in axis.runs] == [(0, 4, 2), (8, 2, 1)]
-    flat = rng.standard_normal((10, 3))
-    parts = [sk._run_rows(xp, axis, run, flat) for run in axis.runs]
-    np.testing.assert_array_equal(parts[0][1], flat[4:8])
-    np.testing.assert_array_equal(sk._join_runs(xp, axis, parts), flat)
-    whole, columns = plan.axes[1], flat.T
-    assert not whole.batched and sk._run_rows(xp, whole, whole.runs[0], columns) is columns
-
-
-def test_units_of_a_phase():
-    """_units_in_phase: the (n, j) of the runs in a phase, axis by axis (every run for None)."""
-    plan = sk._leaf_plan((10, 3), 2, 4, 3, 0)
-    units = [(n, j, run.phase) for n, axis in enumerate(plan.axes) for j, run in enumerate(axis.runs)]
-    for phase in range(3):
-        assert sk._units_in_phase(plan, phase) == tuple((n, j) for n, j, p in units if p == phase)
-    assert sk._units_in_phase(plan, None) == tuple((n, j) for n, j, _ in units)
-
-
-def test_precondition_applies_each_axis_sketch_in_turn():
-    """P(G) = G x_1 P_1 x_2 P_2: for a matrix, P_1 G P_2^T with P_n = fd_apply of axis n's sketch
-    (P_n symmetric), the first axis cut into two runs of blocks (block-diagonal P_1)."""
-    plan = sk._leaf_plan((10, 3), 2, 4, 1)
-    state = sk._empty_sketches(xp, plan, np.float64, None)
-
-    def random_sketch(s):
-        d, k = s.basis.shape[-2:]
-        q = np.linalg.qr(rng.standard_normal(s.basis.shape[:-2] + (d, d)))[0][..., :k]
-        return s._replace(basis=q, basis_weights=rng.random(s.basis_weights.shape) + 0.5,
-                          complement_weight=rng.random(s.complement_weight.shape) + 0.5)
-
-    sketches = tuple(tuple(random_sketch(s) for s in axis) for axis in state)
-
-    def dense(n):
-        d = plan.merged_shape[n]
-        eye = np.eye(d)
-        return sk._join_runs(xp, plan.axes[n], [
-            fd_apply(xp, sketches[n][j]._asdict(), sk._run_rows(xp, plan.axes[n], run, eye))
-            for j, run in enumerate(plan.axes[n].runs)])
-
-    g = rng.standard_normal((10, 3))
-    (got,) = sk._precondition(xp, [(plan, sketches, g)])
-    np.testing.assert_allclose(got, dense(0) @ g @ dense(1).T, rtol=1e-12, atol=1e-14)
 
 
 def test_every_function_named_in_the_docs_table_exists():

@@ -22,7 +22,6 @@ import pytest
 
 import precond_ref as pr
 
-sk = importlib.import_module("precond_ref.methods.sketchy")
 DATA = pathlib.Path(__file__).parent.parent / "data"
 sys.path.insert(0, str(DATA))
 make = importlib.import_module("sketchy_legacy_make")
@@ -78,14 +77,3 @@ def test_a_torch_state_dict_of_the_earlier_names_loads_and_continues(method):
             _close(params[k].detach().numpy(), want[k].numpy())
     keys = {key for entries in opt.state_dict()["state"].values() for key in entries}
     assert "sketches/0/1/basis" in keys and not any(key.startswith("axis") for key in keys)
-
-
-def test_legacy_names_map_each_old_entry_to_its_field():
-    """``axis{n}_{name}`` -> ``sketches/{n}/0/{name}``, ``axis{n}_run{j}_{name}`` ->
-    ``sketches/{n}/{j}/{name}``, other entries unchanged; a current state is the very dict."""
-    old = {"axis0_run1_basis": 1, "axis1_escaped_root": 2, "sketch_failures": 3, "momentum": 4,
-           "axis0_run0_basis_weights": 5}
-    assert sk._legacy_names(old) == {"sketches/0/1/basis": 1, "sketches/1/0/escaped_root": 2,
-                                     "sketch_failures": 3, "momentum": 4, "sketches/0/0/basis_weights": 5}
-    current = {"sketches/0/0/basis": 1, "sketch_failures": 3}
-    assert sk._legacy_names(current) is current

@@ -1,0 +1,355 @@
+"""A leaf's axes cut into blocks, each block with a statistic of its own (a per-axis factor, as
+Sketchy's Frequent Directions sketches), and the blocks of all leaves stacked into batched calls.
+
+A parameter merged to an order-N tensor has, on each axis, the blocks of
+:func:`precond_ref.blocking.block_bounds`. Consecutive blocks of one length form a *run*, whose
+statistics are one stack along a leading axis (:class:`Run`), so that a rule's functions are
+written for one stack of blocks; with a refresh interval spread over phases a run is cut into
+runs of consecutive phases (:func:`leaf_plan`). The engine then
+
+* refreshes the runs due at a step, the runs of one shape across all leaves in one batched call
+  of the rule's refresh (:func:`refresh_axes`), and counts each leaf's blocks whose refresh was
+  not finite;
+* multiplies a leaf's tensor by each axis's blocks in turn, the mode-n product
+  :math:`G \\times_1 P_1 \\cdots \\times_N P_N` with :math:`P_n` block-diagonal, the runs of one
+  shape across leaves in one batched call of the rule's apply (:func:`multiply_axes`);
+* for a flattened leaf (one axis), runs the rule's fused refresh-and-apply on stacks of bounded
+  size (:func:`flat_runs`);
+* renames the entries of a state saved under the per-axis names of earlier versions
+  (:func:`axis_legacy_names`) and says which ``block_size`` loads a state saved unblocked
+  (:func:`unblocked_hint`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+from .._backend import array_device, cond, is_number
+from ..blocking import block_bounds, roll_first_axis_last, stack, unfold, unstack
+from .context import StepContext
+from .phases import refresh_due
+
+__all__ = [
+    "Run", "AxisPlan", "LeafPlan", "leaf_plan", "empty_blocks", "run_rows", "join_runs", "units_in_phase",
+    "refresh_axes", "multiply_axes", "flat_runs", "bounded_chunks", "axis_legacy_names", "unblocked_hint",
+]
+
+Array = Any
+
+
+class Run(NamedTuple):
+    """``count`` consecutive blocks of equal ``length`` from row ``start`` of an axis, rank ``rank``,
+    refreshed in phase ``phase`` (:class:`precond_ref.blocking.PhaseDue`)."""
+
+    start: int
+    length: int
+    count: int
+    rank: int
+    phase: int = 0
+
+
+class AxisPlan(NamedTuple):
+    axis: int
+    runs: tuple[Run, ...]
+
+    @property
+    def batched(self) -> bool:
+        """False for an unblocked axis: its statistic is stored without a stack dimension."""
+        return len(self.runs) > 1 or self.runs[0].count > 1
+
+
+class LeafPlan(NamedTuple):
+    """Static layout of one parameter: merged shape and the runs of each axis."""
+
+    merged_shape: tuple[int, ...]
+    axes: tuple[AxisPlan, ...]
+
+    @property
+    def exponent(self) -> float:
+        """:math:`-1/(2N)`, the exponent of each of the N axes' factors in a Kronecker root."""
+        return -1.0 / (2 * len(self.axes))
+
+
+def leaf_plan(
+    merged_shape: tuple[int, ...], rank: int, block_size: Optional[int], phases: int = 1, first_phase: int = 0,
+) -> LeafPlan:
+    """Blocks of equal length are stacked into one run (one batched call per run).
+
+    With ``phases = T > 1`` (refreshes spread over an interval T) a run of ``c`` blocks is cut into
+    ``min(c, T)`` contiguous runs, and the leaf's runs take the phases ``first_phase,
+    first_phase + 1, ...`` (mod T) in order, so one leaf's blocks refresh on different steps. The
+    layout (the runs' shapes) depends on ``phases`` only, never on ``first_phase``.
+    """
+    axes = []
+    unit = 0
+    for n, d in enumerate(merged_shape):
+        runs: list[Run] = []
+        for start, stop in block_bounds(d, block_size):
+            length = stop - start
+            if runs and runs[-1].length == length:
+                runs[-1] = runs[-1]._replace(count=runs[-1].count + 1)
+            else:
+                runs.append(Run(start, length, 1, min(rank, length)))
+        spread: list[Run] = []
+        for run in runs:
+            pieces = min(run.count, phases)
+            done = 0
+            for i in range(pieces):
+                count = run.count * (i + 1) // pieces - done
+                spread.append(run._replace(start=run.start + done * run.length, count=count,
+                                           phase=(first_phase + unit) % phases))
+                done += count
+                unit += 1
+        axes.append(AxisPlan(n, tuple(spread)))
+    return LeafPlan(tuple(merged_shape), tuple(axes))
+
+
+def empty_blocks(plan: Optional[LeafPlan], init: Callable[[int, int, tuple], Any]) -> tuple:
+    """``blocks[n][j]``: ``init(length, rank, batch)`` for run ``j`` of axis ``n``, ``batch``
+    ``(count,)`` on a cut axis and ``()`` on an unblocked one; ``()`` for no plan."""
+    if plan is None:
+        return ()
+    return tuple(
+        tuple(init(run.length, run.rank, (run.count,) if axis.batched else ()) for run in axis.runs)
+        for axis in plan.axes
+    )
+
+
+def run_rows(xp: Any, axis: AxisPlan, run: Run, flat: Array) -> Array:
+    """The rows of ``flat`` (d, n) that a run covers, stacked (count, length, n) when batched."""
+    if not axis.batched:
+        return flat
+    rows = flat[run.start:run.start + run.count * run.length, :]
+    return xp.reshape(rows, (run.count, run.length, flat.shape[-1]))
+
+
+def join_runs(xp: Any, axis: AxisPlan, parts: Sequence[Array]) -> Array:
+    """The per-run outputs (count, length, n) of one axis as the rows (d, n) they came from."""
+    if axis.batched:
+        parts = [xp.reshape(out, (out.shape[0] * out.shape[1], out.shape[-1])) for out in parts]
+    return parts[0] if len(parts) == 1 else xp.concat(list(parts), axis=0)
+
+
+def units_in_phase(plan: LeafPlan, phase: Optional[int]) -> tuple[tuple[int, int], ...]:
+    """``(n, j)`` of the runs of ``plan`` in refresh phase ``phase`` (every run if None), in order."""
+    return tuple((n, j) for n, axis in enumerate(plan.axes) for j, run in enumerate(axis.runs)
+                 if phase is None or run.phase == phase)
+
+
+def _member(xp: Any, axis: AxisPlan, run: Run, fields: Sequence[Array], flat: Array) -> tuple:
+    """One run of a leaf as a member of :func:`precond_ref.blocking.stack`: its statistic's
+    ``fields`` and its rows of ``flat`` (count, length, n), with a leading axis of 1 where the axis
+    is one unstacked block."""
+    rows = run_rows(xp, axis, run, flat)
+    if axis.batched:
+        return (*fields, rows)
+    return (*(xp.expand_dims(v, axis=0) for v in fields), xp.expand_dims(rows, axis=0))
+
+
+def _unstacked(axis: AxisPlan, piece: tuple) -> tuple:
+    """A run's results from a stack, as its leaf takes them: without the leading axis
+    :func:`_member` gave a leaf that is one unstacked block."""
+    return piece if axis.batched else tuple(v[0, ...] for v in piece)
+
+
+def _failed(xp: Any, ok: Array) -> Array:
+    """``1`` where ``ok`` is False, else ``0`` (int32): a stack's per-block failure flags, made once
+    per stack; :func:`_count` adds a run's to its leaf's count."""
+    return xp.astype(xp.logical_not(ok), xp.int32)
+
+
+def _none_failed(xp: Any, rows: Array) -> Array:
+    """The failure flags of a stack whose blocks were not refreshed: 0 for each."""
+    return xp.zeros(tuple(rows.shape[:1]), dtype=xp.int32, device=array_device(rows))
+
+
+def _count(xp: Any, flags: Array) -> Array:
+    """The number of failures among a run's flags (:func:`_failed`), a 0-D int32: the flag itself
+    for a leaf that is one unstacked block (0-D already; no reduction to launch)."""
+    return flags if flags.ndim == 0 else xp.sum(flags, dtype=xp.int32)
+
+
+def refresh_axes(
+    xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
+) -> list[tuple[tuple, Array]]:
+    """Every leaf's blocks after the refresh of those due (``leaves``: ``(plan, blocks, failures,
+    x)``, ``x`` the leaf in its merged shape; plan None where the leaf has no blocks): the runs of
+    refresh phase p refreshed on the steps ``ctx.every(dues[p])`` only, the others as they were.
+    Run j of axis n gets its rows of the mode-n unfolding :math:`X_{(n)}` as ``refresh(block, rows,
+    exponent, accept) -> (new block, ok)``, ``block`` a stack of blocks (the rule's NamedTuple),
+    ``exponent`` the leaf's :attr:`LeafPlan.exponent` and ``accept`` the step's skip predicate,
+    which the refresh folds into its own selection of the previous block; ``ok`` says, per block,
+    whether the refresh was finite. The runs of one shape and exponent, across leaves, go through
+    one batched call (:func:`precond_ref.engine.phases.refresh_due`; a block's refresh reads only
+    its own rows). Returns each leaf's blocks and its failure count plus its blocks whose refresh
+    was not finite."""
+    tables = [None if plan is None else [list(axis) for axis in blocks] for plan, blocks, _, _ in leaves]
+    failures = [f for _, _, f, _ in leaves]
+    unfolded: list[dict] = [{} for _ in leaves]
+    present = {run.phase for plan, *_ in leaves if plan is not None for axis in plan.axes for run in axis.runs}
+    decisions = [ctx.every(due) if phase in present else False for phase, due in enumerate(dues)]
+    members, owners, exponents, phases = [], [], [], []
+    for phase in sorted(present):
+        if decisions[phase] is False:  # decided on the host: nothing to unfold or stack
+            continue
+        for i, (plan, _, _, merged) in enumerate(leaves):
+            for n, j in () if plan is None else units_in_phase(plan, phase):
+                axis = plan.axes[n]
+                if n not in unfolded[i]:
+                    unfolded[i][n] = unfold(xp, merged, axis.axis)
+                members.append(_member(xp, axis, axis.runs[j], tables[i][n][j], unfolded[i][n]))
+                owners.append((i, n, j))
+                exponents.append(plan.exponent)
+                phases.append(phase)
+    kind = next((type(t[0][0]) for t in tables if t), tuple)
+
+    def refreshed(*operands: Array, label: float) -> tuple:
+        new, ok = refresh(kind(*operands[:-1]), operands[-1], label, ctx.ok)
+        return (*new, _failed(xp, ok))
+
+    def kept(*operands: Array) -> tuple:
+        return (*operands[:-1], _none_failed(xp, operands[-1]))
+
+    for (i, n, j), piece in zip(owners, refresh_due(xp, decisions, phases, members, refreshed, kept, labels=exponents)):
+        piece = _unstacked(leaves[i][0].axes[n], piece)
+        tables[i][n][j] = kind(*piece[:-1])
+        failures[i] = failures[i] + _count(xp, piece[-1])
+    return [
+        (leaf[1] if table is None else tuple(tuple(axis) for axis in table), failure)
+        for leaf, table, failure in zip(leaves, tables, failures)
+    ]
+
+
+def multiply_axes(
+    xp: Any, leaves: Sequence[tuple], operands: Callable[[Any], tuple], apply: Callable[..., Array],
+) -> list[Optional[Array]]:
+    """Every leaf multiplied by its axes' blocks in turn (``leaves``: ``(plan, blocks, g)``, plan
+    None where the leaf has no blocks, which gets None): :math:`G \\times_1 P_1 \\cdots \\times_N
+    P_N`, :math:`P_n` block-diagonal with the blocks of axis n, each ``apply(*operands(block),
+    rows)`` on a stack of blocks and their rows of the mode-n unfolding; each axis in turn (first,
+    then rolled last), at each axis the runs of one shape, across leaves, in one batched call
+    (:func:`precond_ref.blocking.stack`)."""
+    xs = [None if plan is None else xp.reshape(g, plan.merged_shape) for plan, _, g in leaves]
+    for n in range(max([0] + [len(plan.axes) for plan, _, _ in leaves if plan is not None])):  # dynamo: no default=
+        members, owners = [], []
+        for i, (plan, blocks, _) in enumerate(leaves):
+            if plan is None or n >= len(plan.axes):
+                continue
+            x = xs[i]  # the axis being multiplied is first: axes are rolled, and ndim rolls restore order
+            flat = xp.reshape(x, (x.shape[0], math.prod(tuple(x.shape[1:]))))
+            for j, run in enumerate(plan.axes[n].runs):
+                members.append(_member(xp, plan.axes[n], run, operands(blocks[n][j]), flat))
+                owners.append(i)
+        stacks = stack(xp, members)
+        outputs = [(apply(*s.operands),) for s in stacks]
+        parts: list[list] = [[] for _ in leaves]
+        for i, piece in zip(owners, unstack(stacks, outputs, len(members))):
+            parts[i].append(_unstacked(leaves[i][0].axes[n], piece)[0])
+        for i, (plan, _, _) in enumerate(leaves):
+            if parts[i]:
+                x = xs[i]
+                joined = join_runs(xp, plan.axes[n], parts[i])
+                xs[i] = roll_first_axis_last(xp, xp.reshape(joined, (x.shape[0],) + tuple(x.shape[1:])))
+    return [None if x is None else xp.reshape(x, tuple(g.shape)) for x, (_, _, g) in zip(xs, leaves)]
+
+
+def flat_runs(
+    xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
+    keep: Callable[..., tuple], limit: int,
+) -> list[tuple[tuple, Array, Array]]:
+    """Each flattened leaf's blocks after this step and its rows through them (``leaves``:
+    ``(plan, blocks, failures, g)``, ``plan`` of one axis, the flattened ``g``'s length): the runs
+    of phase p, where ``ctx.every(dues[p])``, get ``refresh(block, rows, accept) -> (new block, ok,
+    out)`` (the refresh and the new block applied to the rows in one pass), elsewhere ``keep(block,
+    rows) -> (block, out)``. The runs of one length and phase, across leaves, go through one
+    batched call, in stacks of at most ``limit`` bytes of the blocks' first field
+    (:func:`bounded_chunks`; a run larger alone). Returns per leaf its blocks, its failure count
+    plus its blocks whose refresh was not finite, and ``out`` in ``g``'s shape."""
+    members, phases, kinds = [], [], []
+    for plan, blocks, _, g in leaves:
+        column = xp.reshape(g, (plan.merged_shape[0], 1))
+        for j, run in enumerate(plan.axes[0].runs):
+            members.append(_member(xp, plan.axes[0], run, blocks[0][j], column))
+            phases.append(run.phase)
+        kinds.append(type(blocks[0][0]))
+
+    def refreshed(block: Any, rows: Array) -> tuple:
+        new, ok, out = refresh(block, rows, ctx.ok)
+        return (*new, _failed(xp, ok), out)
+
+    def kept(block: Any, rows: Array) -> tuple:
+        new, out = keep(block, rows)
+        return (*new, _none_failed(xp, rows), out)
+
+    pieces = []
+    for chunk in bounded_chunks(xp, members, limit):
+        stacks = stack(xp, [members[i] for i in chunk], labels=[phases[i] for i in chunk])
+        outputs = []
+        for s in stacks:
+            block, rows, due = kinds[0](*s.operands[:-1]), s.operands[-1], dues[phases[chunk[s.indices[0]]]]
+            every_step = is_number(due) and due == 1  # the plain schedule: no branch
+            outputs.append(refreshed(block, rows) if every_step else cond(xp, ctx.every(due), refreshed, kept, block, rows))
+        pieces.extend(unstack(stacks, outputs, len(chunk)))
+        del stacks, outputs  # this chunk's stacked copies go before the next chunk's are made
+    pieces = iter(pieces)
+    results = []
+    for (plan, blocks, failures, g), kind in zip(leaves, kinds):
+        axis = plan.axes[0]
+        runs = [_unstacked(axis, next(pieces)) for _ in axis.runs]
+        for piece in runs:
+            failures = failures + _count(xp, piece[-2])
+        out = xp.reshape(join_runs(xp, axis, [piece[-1] for piece in runs]), tuple(g.shape))
+        results.append(((tuple(kind(*piece[:-2]) for piece in runs),), failures, out))
+    return results
+
+
+def bounded_chunks(xp: Any, members: Sequence[tuple], limit: int) -> list[list[int]]:
+    """Consecutive runs of member indices whose first operands total at most ``limit`` bytes; a
+    member over the limit alone."""
+    chunks: list[list[int]] = [[]]
+    total = 0
+    for i, member in enumerate(members):
+        first = member[0]
+        nbytes = math.prod(first.shape) * (xp.finfo(first.dtype).bits // 8)
+        if chunks[-1] and total + nbytes > limit:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(i)
+        total += nbytes
+    return [c for c in chunks if c]
+
+
+def axis_legacy_names(group: str, fields: Sequence[str], marker: str) -> Callable[[dict], dict]:
+    """``build_transform``'s ``legacy_names`` for a state whose blocks' entries were once
+    ``axis{n}_{field}`` (an axis in one block) and ``axis{n}_run{j}_{field}``: the same arrays
+    under ``{group}/{n}/{j}/{field}`` (j = 0 for the former). A state without the entry ``marker``,
+    or already current, is the very dict."""
+    old_entry = re.compile(r"axis(\d+)_(?:run(\d+)_)?(" + "|".join(fields) + ")")
+    current = f"{group}/0/0/{fields[0]}"
+
+    def legacy_names(entries: dict[str, Array]) -> dict[str, Array]:
+        if marker not in entries or current in entries:
+            return entries
+        renamed = {}
+        for key, value in entries.items():
+            old = old_entry.fullmatch(key)
+            renamed[f"{group}/{old[1]}/{old[2] or 0}/{old[3]}" if old else key] = value
+        return renamed
+
+    return legacy_names
+
+
+def unblocked_hint(name: str, block_size: int, field: str, found: dict, layout: dict) -> str:
+    """``build_transform``'s ``layout_hint`` for a method whose default ``block_size`` changed from
+    unblocked: for a state saved unblocked (an axis's ``field`` entry of shape ``(d, k)``), the
+    ``block_size`` that loads it, its longest axis."""
+    unblocked = [shape[0] for key, (shape, _) in found.items() if key.endswith("/" + field) and len(shape) == 2]
+    if not unblocked or found == layout:
+        return ""
+    return (
+        f". {name}'s principled block_size now defaults to {block_size} (before: unblocked "
+        f"sketches): a state saved with the earlier default loads with block_size={max(unblocked)} (its "
+        "longest axis, or larger), and follows the earlier trajectory with precondition_every=1 too"
+    )

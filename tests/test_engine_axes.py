@@ -1,0 +1,99 @@
+"""The engine's per-axis block layout (precond_ref/engine/axes.py): a leaf's axes cut into runs of
+equal blocks with refresh phases, the rows of an unfolding cut into those runs and joined back,
+the mode-n product by each axis's blocks, stacks of bounded size, and the renaming of the entries
+earlier versions wrote. Each test checks the plain statement of its docstring on small NumPy arrays
+(float64; the same operations, so exact or a few ulps)."""
+
+from __future__ import annotations
+
+import array_api_compat.numpy as xp
+import numpy as np
+
+from precond_ref.engine import axes
+from precond_ref.sketch import fd_apply, fd_init
+
+rng = np.random.default_rng(0)
+
+
+def test_spread_plan_splits_runs_and_keeps_layout_independent_of_first_phase():
+    """A run of c equal blocks is cut into min(c, T) contiguous runs covering the same rows in
+    order, with consecutive phases mod T; the shapes (the state's layout) do not depend on the
+    leaf's first phase, only on T."""
+    for phases in (1, 3, 10):
+        plans = [axes.leaf_plan((5000, 300), 8, 1024, phases, first) for first in range(phases)]
+        shapes = {tuple((r.start, r.length, r.count) for a in p.axes for r in a.runs) for p in plans}
+        assert len(shapes) == 1
+        axis0 = plans[0].axes[0].runs
+        assert sum(r.count * r.length for r in axis0) == 5000
+        assert [r.start for r in axis0] == sorted(r.start for r in axis0)
+        assert len([r for r in axis0 if r.length == 1024]) == min(4, phases)
+        units = [r for a in plans[2 % phases].axes for r in a.runs]
+        assert [r.phase for r in units] == [(2 % phases + i) % phases for i in range(len(units))]
+
+
+def test_runs_cut_an_unfolding_into_stacks_and_join_it_back():
+    """run_rows: run j's rows [start, start + count*length) as a (count, length, n) stack;
+    join_runs of all runs' stacks is the unfolding again (rows in order)."""
+    plan = axes.leaf_plan((10, 3), 2, 4, 1)
+    axis = plan.axes[0]
+    assert [(r.start, r.length, r.count) for r in axis.runs] == [(0, 4, 2), (8, 2, 1)]
+    flat = rng.standard_normal((10, 3))
+    parts = [axes.run_rows(xp, axis, run, flat) for run in axis.runs]
+    np.testing.assert_array_equal(parts[0][1], flat[4:8])
+    np.testing.assert_array_equal(axes.join_runs(xp, axis, parts), flat)
+    whole, columns = plan.axes[1], flat.T
+    assert not whole.batched and axes.run_rows(xp, whole, whole.runs[0], columns) is columns
+
+
+def test_units_of_a_phase():
+    """units_in_phase: the (n, j) of the runs in a phase, axis by axis (every run for None)."""
+    plan = axes.leaf_plan((10, 3), 2, 4, 3, 0)
+    units = [(n, j, run.phase) for n, axis in enumerate(plan.axes) for j, run in enumerate(axis.runs)]
+    for phase in range(3):
+        assert axes.units_in_phase(plan, phase) == tuple((n, j) for n, j, p in units if p == phase)
+    assert axes.units_in_phase(plan, None) == tuple((n, j) for n, j, _ in units)
+
+
+def test_multiply_axes_applies_each_axis_blocks_in_turn():
+    """G x_1 P_1 x_2 P_2 = P_1 G P_2^T for a matrix, with P_n = fd_apply of axis n's sketches (P_n
+    symmetric), the first axis cut into two runs of blocks (block-diagonal P_1)."""
+    plan = axes.leaf_plan((10, 3), 2, 4, 1)
+    state = axes.empty_blocks(plan, lambda d, k, batch: fd_init(xp, d, k, dtype=np.float64, device=None, batch=batch))
+
+    def random_sketch(s):
+        d, k = s["basis"].shape[-2:]
+        q = np.linalg.qr(rng.standard_normal(s["basis"].shape[:-2] + (d, d)))[0][..., :k]
+        return dict(basis=q, basis_weights=rng.random(s["basis_weights"].shape) + 0.5,
+                    complement_weight=rng.random(s["complement_weight"].shape) + 0.5)
+
+    sketches = tuple(tuple(random_sketch(s) for s in axis) for axis in state)
+    fields = lambda s: (s["basis"], s["basis_weights"], s["complement_weight"])  # noqa: E731
+    apply = lambda u, w, c, rows: fd_apply(xp, dict(basis=u, basis_weights=w, complement_weight=c), rows)  # noqa: E731
+
+    def dense(n):
+        eye = np.eye(plan.merged_shape[n])
+        return axes.join_runs(xp, plan.axes[n], [
+            fd_apply(xp, sketches[n][j], axes.run_rows(xp, plan.axes[n], run, eye))
+            for j, run in enumerate(plan.axes[n].runs)])
+
+    g = rng.standard_normal((10, 3))
+    (got,) = axes.multiply_axes(xp, [(plan, sketches, g)], fields, apply)
+    np.testing.assert_allclose(got, dense(0) @ g @ dense(1).T, rtol=1e-12, atol=1e-14)
+
+
+def test_chunks_hold_at_most_the_bound():
+    """Consecutive members totalling at most the bound per chunk; a member over it alone."""
+    members = [(np.zeros((1, 10, 3)),), (np.zeros((2, 10, 3)),), (np.zeros((1, 40, 3)),), (np.zeros((1, 10, 3)),)]
+    assert axes.bounded_chunks(np, members, limit=8 * 3 * 30) == [[0, 1], [2], [3]]
+
+
+def test_legacy_names_map_each_old_entry_to_its_field():
+    """``axis{n}_{name}`` -> ``sketches/{n}/0/{name}``, ``axis{n}_run{j}_{name}`` ->
+    ``sketches/{n}/{j}/{name}``, other entries unchanged; a current state is the very dict."""
+    legacy_names = axes.axis_legacy_names("sketches", ("basis", "escaped_root", "basis_weights"), "sketch_failures")
+    old = {"axis0_run1_basis": 1, "axis1_escaped_root": 2, "sketch_failures": 3, "momentum": 4,
+           "axis0_run0_basis_weights": 5}
+    assert legacy_names(old) == {"sketches/0/1/basis": 1, "sketches/1/0/escaped_root": 2,
+                                 "sketch_failures": 3, "momentum": 4, "sketches/0/0/basis_weights": 5}
+    current = {"sketches/0/0/basis": 1, "sketch_failures": 3}
+    assert legacy_names(current) is current
