@@ -26,13 +26,14 @@ import math
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import array_device, cond, is_number
+from .._backend import array_device, compute_dtype, cond, is_number
 from ..blocking import block_bounds, roll_first_axis_last, stack, unfold, unstack
+from ..tree import from_entries
 from .context import StepContext
-from .phases import refresh_due
+from .phases import refresh_due, shape_phase
 
 __all__ = [
-    "Run", "AxisPlan", "LeafPlan", "leaf_plan", "empty_blocks", "run_rows", "join_runs", "units_in_phase",
+    "Run", "AxisPlan", "LeafPlan", "leaf_plan", "axis_leaves", "empty_blocks", "run_rows", "join_runs", "units_in_phase",
     "refresh_axes", "multiply_axes", "flat_runs", "bounded_chunks", "axis_legacy_names", "unblocked_hint",
 ]
 
@@ -106,6 +107,21 @@ def leaf_plan(
     return LeafPlan(tuple(merged_shape), tuple(axes))
 
 
+def axis_leaves(
+    xp: Any, grads: Sequence[tuple], states: Sequence[dict], plan_for: Callable, layout: Callable, phases: int,
+) -> list[tuple]:
+    """Each group's one leaf as ``(g, plan, state)``: its gradient in the compute dtype, its plan
+    ``plan_for(shape, first_phase)`` (the first of ``phases`` refresh phases from its shape,
+    :func:`precond_ref.engine.phases.shape_phase`) and its stored entries as the rule's state,
+    ``from_entries(layout(plan), entries)``."""
+    leaves = []
+    for (leaf,), entries in zip(grads, states):
+        g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
+        plan = plan_for(tuple(g.shape), shape_phase(tuple(g.shape), phases))
+        leaves.append((g, plan, from_entries(layout(plan), entries)))
+    return leaves
+
+
 def empty_blocks(plan: Optional[LeafPlan], init: Callable[[int, int, tuple], Any]) -> tuple:
     """``blocks[n][j]``: ``init(length, rank, batch)`` for run ``j`` of axis ``n``, ``batch``
     ``(count,)`` on a cut axis and ``()`` on an unblocked one; ``()`` for no plan."""
@@ -175,16 +191,19 @@ def refresh_axes(
     xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
 ) -> list[tuple[tuple, Array]]:
     """Every leaf's blocks after the refresh of those due (``leaves``: ``(plan, blocks, failures,
-    x)``, ``x`` the leaf in its merged shape; plan None where the leaf has no blocks): the runs of
+    g)``; plan None where the leaf has no blocks): the runs of
     refresh phase p refreshed on the steps ``ctx.every(dues[p])`` only, the others as they were.
-    Run j of axis n gets its rows of the mode-n unfolding :math:`X_{(n)}` as ``refresh(block, rows,
-    exponent, accept) -> (new block, ok)``, ``block`` a stack of blocks (the rule's NamedTuple),
+    Run j of axis n gets its rows of the mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's
+    merged shape as ``refresh(block, rows, exponent, accept) -> (new block, ok)``, ``block`` a
+    stack of blocks (the rule's NamedTuple),
     ``exponent`` the leaf's :attr:`LeafPlan.exponent` and ``accept`` the step's skip predicate,
     which the refresh folds into its own selection of the previous block; ``ok`` says, per block,
     whether the refresh was finite. The runs of one shape and exponent, across leaves, go through
     one batched call (:func:`precond_ref.engine.phases.refresh_due`; a block's refresh reads only
     its own rows). Returns each leaf's blocks and its failure count plus its blocks whose refresh
-    was not finite."""
+    was not finite. The new blocks need no selection by the non-finite rule (a refresh keeps the
+    previous block where ``accept`` is False, a phase not due the block itself): they are settled
+    (:meth:`StepContext.settle`)."""
     tables = [None if plan is None else [list(axis) for axis in blocks] for plan, blocks, _, _ in leaves]
     failures = [f for _, _, f, _ in leaves]
     unfolded: list[dict] = [{} for _ in leaves]
@@ -194,11 +213,11 @@ def refresh_axes(
     for phase in sorted(present):
         if decisions[phase] is False:  # decided on the host: nothing to unfold or stack
             continue
-        for i, (plan, _, _, merged) in enumerate(leaves):
+        for i, (plan, _, _, g) in enumerate(leaves):
             for n, j in () if plan is None else units_in_phase(plan, phase):
                 axis = plan.axes[n]
                 if n not in unfolded[i]:
-                    unfolded[i][n] = unfold(xp, merged, axis.axis)
+                    unfolded[i][n] = unfold(xp, xp.reshape(g, plan.merged_shape), axis.axis)
                 members.append(_member(xp, axis, axis.runs[j], tables[i][n][j], unfolded[i][n]))
                 owners.append((i, n, j))
                 exponents.append(plan.exponent)
@@ -216,10 +235,18 @@ def refresh_axes(
         piece = _unstacked(leaves[i][0].axes[n], piece)
         tables[i][n][j] = kind(*piece[:-1])
         failures[i] = failures[i] + _count(xp, piece[-1])
-    return [
+    results = [
         (leaf[1] if table is None else tuple(tuple(axis) for axis in table), failure)
         for leaf, table, failure in zip(leaves, tables, failures)
     ]
+    _settle(ctx, [blocks for blocks, _ in results])
+    return results
+
+
+def _settle(ctx: StepContext, leaves: Sequence[tuple]) -> None:
+    """:meth:`StepContext.settle` of every field of every block of ``leaves`` (each ``blocks[n][j]``)."""
+    for blocks in leaves:
+        ctx.settle(value for axis in blocks for block in axis for value in block)
 
 
 def multiply_axes(
@@ -266,14 +293,14 @@ def flat_runs(
     rows) -> (block, out)``. The runs of one length and phase, across leaves, go through one
     batched call, in stacks of at most ``limit`` bytes of the blocks' first field
     (:func:`bounded_chunks`; a run larger alone). Returns per leaf its blocks, its failure count
-    plus its blocks whose refresh was not finite, and ``out`` in ``g``'s shape."""
-    members, phases, kinds = [], [], []
+    plus its blocks whose refresh was not finite, and ``out`` in ``g``'s shape. The new blocks are
+    settled, as in :func:`refresh_axes`."""
+    members, phases, kind = [], [], type(leaves[0][1][0][0])
     for plan, blocks, _, g in leaves:
         column = xp.reshape(g, (plan.merged_shape[0], 1))
         for j, run in enumerate(plan.axes[0].runs):
             members.append(_member(xp, plan.axes[0], run, blocks[0][j], column))
             phases.append(run.phase)
-        kinds.append(type(blocks[0][0]))
 
     def refreshed(block: Any, rows: Array) -> tuple:
         new, ok, out = refresh(block, rows, ctx.ok)
@@ -288,20 +315,21 @@ def flat_runs(
         stacks = stack(xp, [members[i] for i in chunk], labels=[phases[i] for i in chunk])
         outputs = []
         for s in stacks:
-            block, rows, due = kinds[0](*s.operands[:-1]), s.operands[-1], dues[phases[chunk[s.indices[0]]]]
+            block, rows, due = kind(*s.operands[:-1]), s.operands[-1], dues[phases[chunk[s.indices[0]]]]
             every_step = is_number(due) and due == 1  # the plain schedule: no branch
             outputs.append(refreshed(block, rows) if every_step else cond(xp, ctx.every(due), refreshed, kept, block, rows))
         pieces.extend(unstack(stacks, outputs, len(chunk)))
-        del stacks, outputs  # this chunk's stacked copies go before the next chunk's are made
+        del stacks, outputs, block, rows  # this chunk's stacked copies go before the next chunk's are made
     pieces = iter(pieces)
     results = []
-    for (plan, blocks, failures, g), kind in zip(leaves, kinds):
+    for plan, blocks, failures, g in leaves:
         axis = plan.axes[0]
         runs = [_unstacked(axis, next(pieces)) for _ in axis.runs]
         for piece in runs:
             failures = failures + _count(xp, piece[-2])
         out = xp.reshape(join_runs(xp, axis, [piece[-1] for piece in runs]), tuple(g.shape))
         results.append(((tuple(kind(*piece[:-2]) for piece in runs),), failures, out))
+    _settle(ctx, [blocks for blocks, _, _ in results])
     return results
 
 

@@ -21,12 +21,11 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 from .._backend import array_device, cast, compute_dtype, is_number, is_zero, scalar_array
 from ..blocking import merge_small_dims, spread_schedule
 from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply
-from ..tree import cached_template, from_entries, to_entries
+from ..tree import cached_template, to_entries
 from ..engine import StepContext, build_transform, leafwise
 from ..engine.axes import (
-    LeafPlan, axis_legacy_names, empty_blocks, flat_runs, leaf_plan, multiply_axes, refresh_axes, unblocked_hint,
+    LeafPlan, axis_leaves, axis_legacy_names, empty_blocks, flat_runs, leaf_plan, multiply_axes, refresh_axes, unblocked_hint,
 )
-from ..engine.phases import shape_phase
 from ..transform import (
     ScalarOrSchedule,
     Transform,
@@ -38,7 +37,7 @@ from ..transform import (
     check_positive_int,
 )
 
-__all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "PRINCIPLED_BLOCK_SIZE",
+__all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "SketchyConfig", "SAdaGradConfig", "PRINCIPLED_BLOCK_SIZE",
            "PRINCIPLED_PRECONDITION_EVERY"]
 
 Array = Any
@@ -139,7 +138,7 @@ class _State(NamedTuple):
 
 
 @cached_template
-def _layout(plan: Optional[LeafPlan], graft_moment: bool, momentum: bool) -> _State:
+def _layout(graft_moment: bool, momentum: bool, plan: Optional[LeafPlan]) -> _State:
     """The structure of a leaf's :class:`_State` with placeholder leaves (``from_entries``'s template)."""
     sketches = tuple(tuple(_Sketch(0, 0, 0, 0, 0) for _ in axis.runs) for axis in plan.axes) if plan else ()
     return _State(sketches, 0 if sketches else None, 0 if graft_moment else None, 0 if momentum else None)
@@ -197,6 +196,74 @@ def _momentum(
         u = u * (1.0 - momentum)
     trace = u + momentum * previous
     return (u + momentum * trace if nesterov else trace), trace
+
+
+class SketchyConfig(NamedTuple):
+    """Sketchy's validated hyperparameters, the mode's defaults resolved (:func:`sketchy`);
+    ``learning_rate`` None for :func:`scale_by_sketchy`, ``fd`` the FD step's options
+    (:func:`precond_ref.sketch.fd_update`), ``dues`` the refresh predicate of each phase."""
+
+    learning_rate: Any
+    rank: int
+    fd: dict
+    dues: tuple
+    block_size: Optional[int]
+    merge_dims: int
+    max_precondition_dim: int
+    precondition_1d: bool
+    faithful: bool
+    start_preconditioning_step: int
+    graft: str
+    graft_b2: Any
+    graft_eps: Any
+    momentum: Any
+    nesterov: bool
+    momentum_ema: bool
+    weight_decay: Any
+    has_momentum: bool
+    has_weight_decay: bool
+
+
+def _sketchy_plan(c: SketchyConfig, shape: tuple[int, ...], first_phase: int = 0) -> Optional[LeafPlan]:
+    """None for graft-only leaves (spec §2.3 step 1), else the sketch layout of the merged axes."""
+    if c.graft != "none":  # the authors skip preconditioning only when a graft exists
+        if not c.precondition_1d and len(shape) <= 1:
+            return None
+        blocked = [d if c.block_size is None else min(d, c.block_size) for d in shape]
+        if any(d > c.max_precondition_dim for d in blocked):
+            return None
+    merged = merge_small_dims(shape, c.merge_dims, squeeze=not c.faithful)
+    return leaf_plan(merged, c.rank, c.block_size, len(c.dues), first_phase)
+
+
+def _sketchy_init(xp: Any, c: SketchyConfig, w: Array, plan: Optional[LeafPlan]) -> _State:
+    """The state of a parameter ``w``: empty sketches, no failures, zero graft moment and momentum."""
+    dtype, device = compute_dtype(xp, w.dtype), array_device(w)
+    sketches = empty_blocks(plan, functools.partial(_empty_sketch, xp, dtype, device))
+    zeros = functools.partial(xp.zeros, dtype=dtype, device=device)
+    return _State(
+        sketches=sketches,
+        sketch_failures=xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
+        graft_second_moment=zeros(w.shape) if c.graft == "rmsprop" else None,
+        momentum=zeros(w.shape) if c.has_momentum else None,
+    )
+
+
+def _graft(xp: Any, c: SketchyConfig, ctx: StepContext, g: Array, v: Array) -> tuple[Array, Array]:
+    """Step 1 for a leaf, or for leaves joined end to end: ``(v_t, D_g)``."""
+    v = _second_moment(xp, v, g, c.graft_b2)
+    return v, _rmsprop_graft(xp, ctx, g, v, c.graft_eps)
+
+
+def _sketchy_finish(xp: Any, c: SketchyConfig, minus_lr: Any, u: Array, *rest: Array) -> tuple:
+    """Steps 5 and 6 for a leaf, or for leaves joined end to end (``rest``: m_{t-1} with momentum,
+    then W_t with weight decay): ``(-η_t (U_t + λ W_t), m_t)``, or the step alone."""
+    m = rest[0] if c.has_momentum else None
+    if c.has_momentum:
+        u, m = _momentum(xp, u, m, c.momentum, c.nesterov, c.momentum_ema)  # 5
+    if c.has_weight_decay:
+        u = u + c.weight_decay * cast(xp, rest[-1], u.dtype)  # 6
+    return (minus_lr * u, m) if c.has_momentum else (minus_lr * u,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,114 +343,68 @@ def _sketchy_transform(
         noise_is_mass=faithful,
         decomposition=_sketchy_decomposition(decomposition, faithful),
     )
-    has_momentum = not is_zero(momentum) and learning_rate is not None
-    has_weight_decay = not is_zero(weight_decay) and learning_rate is not None
-
-    dues = spread_schedule(precondition_every, spread)
-
-    def plan_for(shape: tuple[int, ...], first_phase: int = 0) -> Optional[LeafPlan]:
-        """None for graft-only leaves (spec §2.3 step 1), else the sketch layout."""
-        if graft != "none":  # the authors skip preconditioning only when a graft exists
-            if not precondition_1d and len(shape) <= 1:
-                return None
-            blocked = [d if block_size is None else min(d, block_size) for d in shape]
-            if any(d > max_precondition_dim for d in blocked):
-                return None
-        merged = merge_small_dims(shape, merge_dims, squeeze=not faithful)
-        return leaf_plan(merged, rank, block_size, len(dues), first_phase)
+    c = SketchyConfig(
+        learning_rate, rank, fd_options, spread_schedule(precondition_every, spread), block_size, merge_dims,
+        max_precondition_dim, precondition_1d, faithful, start_preconditioning_step, graft, graft_b2, graft_eps,
+        momentum, nesterov, momentum_ema, weight_decay, not is_zero(momentum) and learning_rate is not None,
+        not is_zero(weight_decay) and learning_rate is not None,
+    )
+    plan_for = functools.partial(_sketchy_plan, c)
+    layout = functools.partial(_layout, graft == "rmsprop", c.has_momentum)
 
     def init_group(leaves, paths, xp):
-        (param,) = leaves
-        dtype, device = compute_dtype(xp, param.dtype), array_device(param)
-        sketches = empty_blocks(plan_for(tuple(param.shape)), functools.partial(_empty_sketch, xp, dtype, device))
-        zeros = functools.partial(xp.zeros, dtype=dtype, device=device)
-        return to_entries(_State(
-            sketches=sketches,
-            sketch_failures=xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
-            graft_second_moment=zeros(param.shape) if graft == "rmsprop" else None,
-            momentum=zeros(param.shape) if has_momentum else None,
-        ))
-
-    def rmsprop_graft(xp: Any, ctx: StepContext, g: Array, v: Array) -> tuple[Array, Array]:
-        """Line 1 below for a leaf, or for leaves joined end to end: ``(v_t, D_g)``."""
-        v = _second_moment(xp, v, g, graft_b2)
-        return v, _rmsprop_graft(xp, ctx, g, v, graft_eps)
-
-    def finish(xp: Any, minus_lr: Any, u: Array, *rest: Array) -> tuple:
-        """Lines 5 and 6 below for a leaf, or for leaves joined end to end (``rest``: m_{t-1} with
-        momentum, then W_t with weight decay): ``(-η_t (U_t + λ W_t), m_t)``, or the step alone."""
-        m = rest[0] if has_momentum else None
-        if has_momentum:
-            u, m = _momentum(xp, u, m, momentum, nesterov, momentum_ema)  # 5
-        if has_weight_decay:
-            u = u + weight_decay * cast(xp, rest[-1], u.dtype)  # 6
-        return (minus_lr * u, m) if has_momentum else (minus_lr * u,)
+        (w,) = leaves
+        return to_entries(_sketchy_init(xp, c, w, plan_for(tuple(w.shape))))
 
     # The step, in the order of the paper's Algorithm 2 (FD-Shampoo) composed as the authors'
     # tearfree optimizer (spec §2.3-2.4); axis n of the merged gradient G, its runs j of blocks:
     #
-    #   1  v_t = β_g v_{t-1} + (1-β_g) G_t²,  D_g = G_t / √(v_t + ε_g)         rmsprop_graft
+    #   1  v_t = β_g v_{t-1} + (1-β_g) G_t²,  D_g = G_t / √(v_t + ε_g)         _graft
     #   2  if run (n, j)'s phase is due (spread_schedule), for its rows of G_(n):
     #        (U, σ, ρ, w, w_⊥)_{n,j} = FD([√β U diag(σ), G_(n)])                _sketch_refresh
     #   3  P(G) = G ×_1 (L̄_1 + ρ_1 I + ε_1 I)^{-1/2N} ⋯ ×_N (L̄_N + ρ_N I + ε_N I)^{-1/2N}
     #                                                                          _sketch_apply
     #   4  U_t = P(G) ‖D_g‖_F / ‖P(G)‖_F   (D_g before start_preconditioning_step)  _grafted
-    #   5  m_t = μ m_{t-1} + U_t,  U_t ← U_t + μ m_t (Nesterov) or m_t           finish, _momentum
-    #   6  W_{t+1} = W_t - η_t (U_t + λ W_t)                                     finish
+    #   5  m_t = μ m_{t-1} + U_t,  U_t ← U_t + μ m_t (Nesterov) or m_t           _sketchy_finish, _momentum
+    #   6  W_{t+1} = W_t - η_t (U_t + λ W_t)                                     _sketchy_finish
     #
     # Leaves without sketches (vectors, axes over max_precondition_dim) take U_t = D_g.
     def update_groups(grads, states, params, ctxs: list[StepContext]):
-        xp = ctxs[0].xp
-        leaves = []
-        for (leaf,), entries in zip(grads, states):
-            g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
-            plan = plan_for(tuple(g.shape), shape_phase(tuple(g.shape), len(dues)))
-            leaves.append((g, plan, from_entries(_layout(plan, graft == "rmsprop", has_momentum), entries)))
+        xp, ctx = ctxs[0].xp, ctxs[0]
+        leaves = axis_leaves(xp, grads, states, plan_for, layout, len(c.dues))
         if graft == "rmsprop":  # (v, D_g) of every leaf, the leaves of one layout joined end to end
-            grafts = leafwise(xp, functools.partial(rmsprop_graft, xp, ctxs[0]),
+            grafts = leafwise(xp, functools.partial(_graft, xp, c, ctx),
                               [g for g, _, _ in leaves], [state.graft_second_moment for _, _, state in leaves])  # 1
         else:  # graft="sgd" or "none": D_g = G
             grafts = [(state.graft_second_moment, g) for g, _, state in leaves]
         # 2 and 3 for all leaves at once: equal runs of different leaves go through one batched call.
-        refreshed = refresh_axes(xp, [(plan, state.sketches, state.sketch_failures,
-                                       None if plan is None else xp.reshape(g, plan.merged_shape))
-                                      for g, plan, state in leaves], dues, ctxs[0],
-                                 functools.partial(_sketch_refresh, xp, fd_options))  # 2
-        preconditioned = multiply_axes(xp, [(plan, sketches, g) for (g, plan, _), (sketches, _) in
-                                            zip(leaves, refreshed)], _applied, functools.partial(_sketch_apply, xp))  # 3
-        directions = []
-        for (g, plan, state), (v, u), (sketches, failures), p, ctx in zip(leaves, grafts, refreshed, preconditioned, ctxs):
-            if plan is not None:
-                # A refresh made with accept=ctx.ok returned the previous sketch on a skipped step, and
-                # a phase not due returned it unchanged: no skip selection of the sketch entries (one
-                # d x k where less per sketch and step; the failure counter is selected).
-                ctx.settle(value for axis in sketches for sketch in axis for value in sketch)
-                u = p if graft == "none" else _grafted(xp, ctx, p, u, start_preconditioning_step)  # 4
-            directions.append(u)
+        refreshed = refresh_axes(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
+                                 c.dues, ctx, functools.partial(_sketch_refresh, xp, c.fd))  # 2
+        preconditioned = multiply_axes(xp, [(plan, sketches, g) for (g, plan, _), (sketches, _) in zip(leaves, refreshed)],
+                                       _applied, functools.partial(_sketch_apply, xp))  # 3
+        directions = [u if plan is None else p if graft == "none" else _grafted(xp, ctx, p, u, start_preconditioning_step)
+                      for (_, plan, _), (_, u), p in zip(leaves, grafts, preconditioned)]  # 4
         if learning_rate is None:  # scale_by_sketchy: the direction U_t itself
             finished = [(u,) for u in directions]
         else:  # the leaves of one layout joined end to end
-            minus_lr = -ctxs[0].value(learning_rate)  # exact: once, not per leaf
+            minus_lr = -ctx.value(learning_rate)  # exact: once, not per leaf
             operands = [directions]
-            if has_momentum:
+            if c.has_momentum:
                 operands.append([state.momentum for _, _, state in leaves])
-            if has_weight_decay:
+            if c.has_weight_decay:
                 operands.append([param[0] for param in params])
-            finished = leafwise(xp, functools.partial(finish, xp, minus_lr), *operands)  # 5, 6
-        results = []
-        for (g, plan, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished):
-            m = out[1] if len(out) > 1 else state.momentum
-            results.append(((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures,
-                                                                 graft_second_moment=v, momentum=m))))
-        return results
+            finished = leafwise(xp, functools.partial(_sketchy_finish, xp, c, minus_lr), *operands)  # 5, 6
+        return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures, graft_second_moment=v,
+                                                      momentum=out[1] if c.has_momentum else None)))
+                for (_, _, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished)]
 
     return build_transform(
         name=name,
         init_group=init_group,
         update_groups=update_groups,
         on_nonfinite=on_nonfinite,
-        needs_params=has_weight_decay,
-        intervals=dues,
+        needs_params=c.has_weight_decay,
+        intervals=c.dues,
         layout_hint=None if faithful else functools.partial(unblocked_hint, name, PRINCIPLED_BLOCK_SIZE, "basis"),
         legacy_names=_LEGACY_NAMES,
     )
@@ -760,75 +781,73 @@ def s_adagrad(
         decay=b2, tail_decay=b2, eps=eps, relative_eps=True, delta=delta,
         cutoff=not faithful, decomposition="svd" if faithful else "auto",
     )
-    has_momentum = not is_zero(momentum)
-    has_weight_decay = not is_zero(weight_decay)
-
     if precondition_every is None:
         precondition_every = S_ADAGRAD_PRECONDITION_EVERY
-    dues = spread_schedule(precondition_every, spread_refresh is not False)
-
-    def plan_for(shape: tuple[int, ...], first_phase: int = 0) -> LeafPlan:
-        return leaf_plan((max(1, math.prod(shape)),), rank, block_size, len(dues), first_phase)
+    c = SAdaGradConfig(learning_rate, rank, fd_options, spread_schedule(precondition_every, spread_refresh is not False),
+                       block_size, momentum, weight_decay, not is_zero(momentum), not is_zero(weight_decay))
+    plan_for = functools.partial(_adagrad_plan, c)
+    layout = functools.partial(_layout, False, c.has_momentum)
 
     def init_group(leaves, paths, xp):
-        (param,) = leaves
-        dtype, device = compute_dtype(xp, param.dtype), array_device(param)
-        # A zero-size parameter has nothing to sketch: no factor, and its (empty) update is zero.
-        sketches = empty_blocks(plan_for(tuple(param.shape)), functools.partial(_empty_sketch, xp, dtype, device)) if math.prod(param.shape) else ()
-        return to_entries(_State(
-            sketches=sketches,
-            sketch_failures=xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
-            momentum=xp.zeros(param.shape, dtype=dtype, device=device) if has_momentum else None,
-        ))
-
-    def finish(xp: Any, minus_lr: Any, direction: Array, *rest: Array) -> tuple:
-        """m <- mu m + P(g);  updates = -eta m - eta lambda x  (``minus_lr``: -eta, once a step;
-        ``rest``: m with momentum, then x with weight decay): ``(updates, m)`` or ``(updates,)``, for
-        one leaf or the leaves of one layout joined end to end (``engine.leafwise``)."""
-        if has_momentum:
-            direction = m = momentum * rest[0] + direction
-        updates = minus_lr * direction
-        if has_weight_decay:
-            updates = updates + (minus_lr * weight_decay) * cast(xp, rest[-1], direction.dtype)
-        return (updates, m) if has_momentum else (updates,)
+        (w,) = leaves
+        return to_entries(_adagrad_init(xp, c, w, plan_for(tuple(w.shape))))
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         # The runs of every leaf (blocks of one length, in one refresh phase) go through the FD
         # step in stacks of equal runs across leaves (on a CPU a run already a large batch alone).
-        xp = ctxs[0].xp
-        results: list = [None] * len(grads)
-        leaves = []
-        for i, (leaf,) in enumerate(grads):
-            g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
-            if not math.prod(g.shape):
-                results[i] = ((xp.zeros_like(g),), dict(states[i]))
-                continue
-            plan = plan_for(tuple(g.shape), shape_phase(tuple(g.shape), len(dues)))
-            leaves.append((i, g, plan, from_entries(_layout(plan, False, has_momentum), states[i])))
-        stepped = flat_runs(xp, [(plan, state.sketches, state.sketch_failures, g) for _, g, plan, state in leaves],
-                            dues, ctxs[0], functools.partial(_adagrad_refresh, xp, fd_options),
+        xp, ctx = ctxs[0].xp, ctxs[0]
+        leaves = axis_leaves(xp, grads, states, plan_for, layout, len(c.dues))
+        stepped = flat_runs(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
+                            c.dues, ctx, functools.partial(_adagrad_refresh, xp, c.fd),
                             functools.partial(_adagrad_keep, xp), S_ADAGRAD_STACK_BYTES)
-        for (i, *_), (sketches, _, _) in zip(leaves, stepped):
-            ctxs[i].settle(value for axis in sketches for sketch in axis for value in sketch)  # as in sketchy
-        minus_lr = -ctxs[0].value(learning_rate)  # exact: once, not once per leaf
+        minus_lr = -ctx.value(learning_rate)  # exact: once, not once per leaf
         operands = [[direction for _, _, direction in stepped]]
-        if has_momentum:
-            operands.append([state.momentum for _, _, _, state in leaves])
-        if has_weight_decay:
-            operands.append([params[i][0] for i, _, _, _ in leaves])
-        finished = leafwise(xp, functools.partial(finish, xp, minus_lr), *operands) if leaves else []
-        for (i, _, _, _), (sketches, failures, _), out in zip(leaves, stepped, finished):
-            results[i] = ((out[0],), to_entries(_State(sketches, failures, momentum=out[1] if has_momentum else None)))
-        return results
+        if c.has_momentum:
+            operands.append([state.momentum for _, _, state in leaves])
+        if c.has_weight_decay:
+            operands.append([param[0] for param in params])
+        finished = leafwise(xp, functools.partial(_adagrad_finish, xp, c, minus_lr), *operands)
+        return [((out[0],), to_entries(_State(sketches, failures, momentum=out[1] if c.has_momentum else None)))
+                for (sketches, failures, _), out in zip(stepped, finished)]
 
     return build_transform(
         name="s_adagrad",
         init_group=init_group,
         update_groups=update_groups,
         on_nonfinite=on_nonfinite,
-        needs_params=has_weight_decay,
-        intervals=dues,
+        needs_params=c.has_weight_decay,
+        intervals=c.dues,
         legacy_names=_LEGACY_NAMES,
+    )
+
+
+class SAdaGradConfig(NamedTuple):
+    """S-AdaGrad's validated hyperparameters (:func:`s_adagrad`), ``fd`` the FD step's options and
+    ``dues`` the refresh predicate of each phase."""
+
+    learning_rate: Any
+    rank: int
+    fd: dict
+    dues: tuple
+    block_size: Optional[int]
+    momentum: Any
+    weight_decay: Any
+    has_momentum: bool
+    has_weight_decay: bool
+
+
+def _adagrad_plan(c: SAdaGradConfig, shape: tuple[int, ...], first_phase: int = 0) -> LeafPlan:
+    """The sketch layout of the flattened parameter: one axis, cut into blocks."""
+    return leaf_plan((math.prod(shape),), c.rank, c.block_size, len(c.dues), first_phase)
+
+
+def _adagrad_init(xp: Any, c: SAdaGradConfig, w: Array, plan: LeafPlan) -> _State:
+    """The state of a parameter ``w``: empty sketches, no failures, zero momentum."""
+    dtype, device = compute_dtype(xp, w.dtype), array_device(w)
+    return _State(
+        sketches=empty_blocks(plan, functools.partial(_empty_sketch, xp, dtype, device)),
+        sketch_failures=xp.zeros((), dtype=xp.int32, device=device),
+        momentum=xp.zeros(w.shape, dtype=dtype, device=device) if c.has_momentum else None,
     )
 
 
@@ -847,3 +866,15 @@ def _adagrad_keep(xp: Any, sketch: _Sketch, rows: Array) -> tuple:
     alone, :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x`, leaves the part of x it has not seen
     unbounded, and diverged on every seed measured): ``(sketch, out)``."""
     return sketch, fd_apply_with_own_mass(xp, sketch._asdict(), rows)
+
+
+def _adagrad_finish(xp: Any, c: SAdaGradConfig, minus_lr: Any, direction: Array, *rest: Array) -> tuple:
+    """m <- mu m + P(g);  updates = -eta m - eta lambda x  (``minus_lr``: -eta, once a step;
+    ``rest``: m with momentum, then x with weight decay): ``(updates, m)`` or ``(updates,)``, for
+    one leaf or the leaves of one layout joined end to end (``engine.leafwise``)."""
+    if c.has_momentum:
+        direction = m = c.momentum * rest[0] + direction
+    updates = minus_lr * direction
+    if c.has_weight_decay:
+        updates = updates + (minus_lr * c.weight_decay) * cast(xp, rest[-1], direction.dtype)
+    return (updates, m) if c.has_momentum else (updates,)

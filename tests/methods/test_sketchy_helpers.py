@@ -70,20 +70,22 @@ def test_momentum_trace_and_direction(nesterov, ema):
 
 def test_every_function_named_in_the_docs_table_exists():
     """The 'Where each equation is computed' table of docs/methods/sketchy.md names functions of
-    sketchy.py (or ``sketch.<name>`` / ``blocking.<name>``) and closures of the factory; each exists."""
+    sketchy.py (or ``sketch.<name>`` / ``blocking.<name>`` / ``axes.<name>`` of the engine) and
+    closures of the factory; each exists."""
     page = (pathlib.Path(__file__).parents[2] / "docs/methods/sketchy.md").read_text()
     table = page.split("### Where each equation is computed", 1)[1].split("\n\n## ", 1)[0]
     names: set = set()
     for row in re.findall(r"^\|.*\| *(.*?) *\|$", table, re.M):
         names.update(re.findall(r"`([\w.]+)`", row))
-    closures = {"update_group", "update_groups", "plan_for"}
+    closures = {"update_group", "update_groups"}
     source = pathlib.Path(sk.__file__).read_text()
     assert len(names) >= 14
     for name in names:
         if name in closures:
             assert f"def {name}(" in source, name
-        elif name.startswith(("sketch.", "blocking.")):
+        elif name.startswith(("sketch.", "blocking.", "axes.")):
             module, attr = name.split(".")
-            assert hasattr(importlib.import_module(f"precond_ref.{module}"), attr), name
+            package = "precond_ref.engine" if module == "axes" else "precond_ref"
+            assert hasattr(importlib.import_module(f"{package}.{module}"), attr), name
         else:
             assert hasattr(sk, name), name
