@@ -266,6 +266,17 @@ def _sketchy_finish(xp: Any, c: SketchyConfig, minus_lr: Any, u: Array, *rest: A
     return (minus_lr * u, m) if c.has_momentum else (minus_lr * u,)
 
 
+def _finished(xp: Any, ctx: StepContext, c: Any, finish: Callable, directions: list, leaves: list, params: Any) -> list:
+    """``finish(xp, c, -η_t, U, m_{t-1}, W)`` of every leaf (``m`` with momentum, ``W`` with weight
+    decay; -η_t once a step, exact), the leaves of one layout joined end to end (``engine.leafwise``)."""
+    operands = [directions]
+    if c.has_momentum:
+        operands.append([state.momentum for _, _, state in leaves])
+    if c.has_weight_decay:
+        operands.append([param[0] for param in params])
+    return leafwise(xp, functools.partial(finish, xp, c, -ctx.value(c.learning_rate)), *operands)
+
+
 # --------------------------------------------------------------------------------------------
 # Sketchy
 
@@ -335,13 +346,8 @@ def _sketchy_transform(
     if tail_decay is None:
         tail_decay = "sqrt_b2" if faithful else "b2"
     fd_options = dict(
-        decay=b2,
-        tail_decay=b2**0.5 if tail_decay == "sqrt_b2" else b2,
-        eps=eps,
-        relative_eps=relative_eps,
-        cutoff=not faithful,
-        noise_is_mass=faithful,
-        decomposition=_sketchy_decomposition(decomposition, faithful),
+        decay=b2, tail_decay=b2**0.5 if tail_decay == "sqrt_b2" else b2, eps=eps, relative_eps=relative_eps,
+        cutoff=not faithful, noise_is_mass=faithful, decomposition=_sketchy_decomposition(decomposition, faithful),
     )
     c = SketchyConfig(
         learning_rate, rank, fd_options, spread_schedule(precondition_every, spread), block_size, merge_dims,
@@ -386,14 +392,8 @@ def _sketchy_transform(
                       for (_, plan, _), (_, u), p in zip(leaves, grafts, preconditioned)]  # 4
         if learning_rate is None:  # scale_by_sketchy: the direction U_t itself
             finished = [(u,) for u in directions]
-        else:  # the leaves of one layout joined end to end
-            minus_lr = -ctx.value(learning_rate)  # exact: once, not per leaf
-            operands = [directions]
-            if c.has_momentum:
-                operands.append([state.momentum for _, _, state in leaves])
-            if c.has_weight_decay:
-                operands.append([param[0] for param in params])
-            finished = leafwise(xp, functools.partial(_sketchy_finish, xp, c, minus_lr), *operands)  # 5, 6
+        else:
+            finished = _finished(xp, ctx, c, _sketchy_finish, directions, leaves, params)  # 5, 6
         return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures, graft_second_moment=v,
                                                       momentum=out[1] if c.has_momentum else None)))
                 for (_, _, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished)]
@@ -800,13 +800,7 @@ def s_adagrad(
         stepped = flat_runs(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
                             c.dues, ctx, functools.partial(_adagrad_refresh, xp, c.fd),
                             functools.partial(_adagrad_keep, xp), S_ADAGRAD_STACK_BYTES)
-        minus_lr = -ctx.value(learning_rate)  # exact: once, not once per leaf
-        operands = [[direction for _, _, direction in stepped]]
-        if c.has_momentum:
-            operands.append([state.momentum for _, _, state in leaves])
-        if c.has_weight_decay:
-            operands.append([param[0] for param in params])
-        finished = leafwise(xp, functools.partial(_adagrad_finish, xp, c, minus_lr), *operands)
+        finished = _finished(xp, ctx, c, _adagrad_finish, [direction for _, _, direction in stepped], leaves, params)
         return [((out[0],), to_entries(_State(sketches, failures, momentum=out[1] if c.has_momentum else None)))
                 for (sketches, failures, _), out in zip(stepped, finished)]
 
