@@ -70,9 +70,18 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def _check_block_size(block_size: Optional[int]) -> None:
+def _check_shared(rank: Any, b2: Any, precondition_every: Any, spread_refresh: Any, block_size: Any, mode: Any) -> bool:
+    """The arguments of both methods checked; whether ``mode`` is ``"faithful"``."""
+    check_positive_int("rank", rank)
+    _check_decay("b2", b2)
+    if precondition_every is not None:
+        check_positive_int("precondition_every", precondition_every, allow_callable=True)
+    if spread_refresh is not None:
+        check_bool("spread_refresh", spread_refresh)
     if block_size is not None:
         _check_int("block_size", block_size, 1)
+    check_choice("mode", mode, ("principled", "faithful"))
+    return mode == "faithful"
 
 
 def _second_moment(xp: Any, previous: Array, g: Array, decay: Any) -> Array:
@@ -277,6 +286,23 @@ def _finished(xp: Any, ctx: StepContext, c: Any, finish: Callable, directions: l
     return leafwise(xp, functools.partial(finish, xp, c, -ctx.value(c.learning_rate)), *operands)
 
 
+def _transform(
+    name: str, c: Any, plan_for: Callable, init: Callable, update_groups: Callable, on_nonfinite: str,
+    layout_hint: Optional[Callable] = None,
+) -> Transform:
+    """The transform of either rule: a parameter's state ``init(xp, c, w, plan_for(shape))``, the
+    step ``update_groups``; a state saved under the earlier names renamed (``_LEGACY_NAMES``)."""
+
+    def init_group(leaves, paths, xp):
+        (w,) = leaves
+        return to_entries(init(xp, c, w, plan_for(tuple(w.shape))))
+
+    return build_transform(
+        name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
+        needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=layout_hint, legacy_names=_LEGACY_NAMES,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Sketchy
 
@@ -308,14 +334,9 @@ def _sketchy_transform(
     mode: str,
     on_nonfinite: str,
 ) -> Transform:
-    check_positive_int("rank", rank)
-    _check_decay("b2", b2)
+    faithful = _check_shared(rank, b2, precondition_every, spread_refresh, block_size, mode)
     check_nonnegative("eps", eps)
     check_bool("relative_eps", relative_eps)
-    if precondition_every is not None:
-        check_positive_int("precondition_every", precondition_every, allow_callable=True)
-    if spread_refresh is not None:
-        check_bool("spread_refresh", spread_refresh)
     _check_int("start_preconditioning_step", start_preconditioning_step, 0)
     check_choice("graft", graft, _GRAFTS)
     _check_decay("graft_b2", graft_b2)
@@ -327,13 +348,10 @@ def _sketchy_transform(
     _check_int("merge_dims", merge_dims, 2)
     _check_int("max_precondition_dim", max_precondition_dim, 1)
     check_bool("precondition_1d", precondition_1d)
-    _check_block_size(block_size)
     if decomposition is not None:
         check_choice("decomposition", decomposition, _SKETCHY_DECOMPOSITIONS)
     if tail_decay is not None:
         check_choice("tail_decay", tail_decay, ("b2", "sqrt_b2"))
-    check_choice("mode", mode, ("principled", "faithful"))
-    faithful = mode == "faithful"
     if faithful and block_size is not None:
         raise ValueError("block_size is not available in mode='faithful' (the authors' Sketchy has no "
                          "blocking); use mode='principled'")
@@ -357,10 +375,6 @@ def _sketchy_transform(
     )
     plan_for = functools.partial(_sketchy_plan, c)
     layout = functools.partial(_layout, graft == "rmsprop", c.has_momentum)
-
-    def init_group(leaves, paths, xp):
-        (w,) = leaves
-        return to_entries(_sketchy_init(xp, c, w, plan_for(tuple(w.shape))))
 
     # The step, in the order of the paper's Algorithm 2 (FD-Shampoo) composed as the authors'
     # tearfree optimizer (spec §2.3-2.4); axis n of the merged gradient G, its runs j of blocks:
@@ -398,16 +412,8 @@ def _sketchy_transform(
                                                       momentum=out[1] if c.has_momentum else None)))
                 for (_, _, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished)]
 
-    return build_transform(
-        name=name,
-        init_group=init_group,
-        update_groups=update_groups,
-        on_nonfinite=on_nonfinite,
-        needs_params=c.has_weight_decay,
-        intervals=c.dues,
-        layout_hint=None if faithful else functools.partial(unblocked_hint, name, PRINCIPLED_BLOCK_SIZE, "basis"),
-        legacy_names=_LEGACY_NAMES,
-    )
+    hint = None if faithful else functools.partial(unblocked_hint, name, PRINCIPLED_BLOCK_SIZE, "basis")
+    return _transform(name, c, plan_for, _sketchy_init, update_groups, on_nonfinite, hint)
 
 
 def _resolve_schedule(
@@ -740,20 +746,12 @@ def s_adagrad(
     bound; Appendix A experiments).
     """
     check_learning_rate("learning_rate", learning_rate)
-    check_positive_int("rank", rank)
+    faithful = _check_shared(rank, b2, precondition_every, spread_refresh, block_size, mode)
     check_nonnegative("delta", delta)
     if eps is not None:
         check_nonnegative("eps", eps)
-    _check_decay("b2", b2)
     check_interval("momentum", momentum, 0.0, 1.0)
     check_nonnegative("weight_decay", weight_decay)
-    _check_block_size(block_size)
-    if precondition_every is not None:
-        check_positive_int("precondition_every", precondition_every, allow_callable=True)
-    if spread_refresh is not None:
-        check_bool("spread_refresh", spread_refresh)
-    check_choice("mode", mode, ("principled", "faithful"))
-    faithful = mode == "faithful"
     if faithful:
         # Arrays (e.g. injected by optax.inject_hyperparams, possibly traced) cannot be checked.
         def is_number(v: Any) -> bool:
@@ -788,10 +786,6 @@ def s_adagrad(
     plan_for = functools.partial(_adagrad_plan, c)
     layout = functools.partial(_layout, False, c.has_momentum)
 
-    def init_group(leaves, paths, xp):
-        (w,) = leaves
-        return to_entries(_adagrad_init(xp, c, w, plan_for(tuple(w.shape))))
-
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         # The runs of every leaf (blocks of one length, in one refresh phase) go through the FD
         # step in stacks of equal runs across leaves (on a CPU a run already a large batch alone).
@@ -804,15 +798,7 @@ def s_adagrad(
         return [((out[0],), to_entries(_State(sketches, failures, momentum=out[1] if c.has_momentum else None)))
                 for (sketches, failures, _), out in zip(stepped, finished)]
 
-    return build_transform(
-        name="s_adagrad",
-        init_group=init_group,
-        update_groups=update_groups,
-        on_nonfinite=on_nonfinite,
-        needs_params=c.has_weight_decay,
-        intervals=c.dues,
-        legacy_names=_LEGACY_NAMES,
-    )
+    return _transform("s_adagrad", c, plan_for, _adagrad_init, update_groups, on_nonfinite)
 
 
 class SAdaGradConfig(NamedTuple):
