@@ -26,7 +26,12 @@ everything around it, the same way for every method:
   entries, never writes a NaN or Inf into the parameters.
 
 :func:`~precond_ref.engine.run.build_transform` assembles these into a
-:class:`~precond_ref.transform.Transform`.
+:class:`~precond_ref.transform.Transform`. Each kind of rule has its layout: element-wise rules
+(:mod:`~precond_ref.engine.elementwise`), one-sided block-diagonal preconditioners of matrices
+(:mod:`~precond_ref.engine.blockdiag`, with :mod:`~precond_ref.engine.fallback` and
+:mod:`~precond_ref.engine.rms`), per-axis runs of blocks (:mod:`~precond_ref.engine.axes`), tiles
+of Kronecker factors (:mod:`~precond_ref.engine.tiles`, :mod:`~precond_ref.engine.factors`) and
+mini-blocks in parts (:mod:`~precond_ref.engine.parts`).
 """
 
 from .context import StepContext, settle_pieces
