@@ -8,7 +8,7 @@ m = build_torch("gpt", SIZES["gpt"]["small"], torch.float32, "cpu")
 named = list(m.named_parameters())
 compile_ = sys.argv[2] == "on"
 cls = getattr(T, sys.argv[1])
-opt = cls(named, lr=1e-3, compile=compile_, **({"batch_size": 512} if sys.argv[1] in ("RFRMSProp", "RFAdamW") else {}))
+opt = cls(named, lr=1e-3, compile=compile_, **({"batch_size": 512} if sys.argv[1] in ("RFRMSProp", "RFAdamW", "IFShampoo") else {}))
 gs = [[torch.randn_like(p) * 1e-2 for _, p in named] for _ in range(4)]
 def step(i):
     for (_, p), g in zip(named, gs[i % 4]): p.grad = g
