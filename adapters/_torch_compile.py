@@ -22,7 +22,8 @@ number of times:
   guards and most of a small step's time (measured: docs/backends.md, "The torch adapter's
   compiled step").
 
-An element-wise method (AGD, RF-RMSProp, RF-AdamW) compiles less: the engine's in-place step
+An element-wise method (AGD, RF-RMSProp, RF-AdamW) in a param group of many tensors
+(:data:`PER_LEAF_MIN_TENSORS`) compiles less: the engine's in-place step
 (:func:`precond_ref.engine.elementwise.in_place_step`) calls one per-leaf function per large leaf
 and per pack of small ones, and :class:`KernelWrites` compiles that function once per method,
 dtype and option set, for every length, so that the first step of a large model compiles one
@@ -256,7 +257,8 @@ class CompiledStep:
         )
         self._compiled_patterns: set = set()  # the interval decisions whose graph is made
         self._told = False
-        # An element-wise rule's step runs as compiled per-leaf kernels (KernelWrites) instead.
+        # An element-wise rule's step of a group of many tensors runs as compiled per-leaf kernels
+        # (KernelWrites) instead (PER_LEAF_MIN_TENSORS).
         self._in_place = in_place_step(transform)
         self._writes = KernelWrites(self.options) if self._in_place is not None else None
 
@@ -278,7 +280,7 @@ class CompiledStep:
         return _timer(tell)
 
     def __call__(self, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
-        if self._in_place is not None:
+        if self._in_place is not None and len(state.groups) >= PER_LEAF_MIN_TENSORS:
             new_state = self._writes.step(self._in_place, grads, state, params, extra)
             if new_state is not None:
                 return new_state
@@ -322,6 +324,15 @@ def _timer(tell: Callable[[], None]) -> threading.Timer:
     timer.daemon = True
     timer.start()
     return timer
+
+
+#: An element-wise rule's compiled step runs as per-leaf kernels (one compiled function for every
+#: length, called once per large tensor and once per pack of small ones) in a param group of at
+#: least this many tensors, and as one graph of the whole group's step in a smaller one. The
+#: whole-group graph's compilation grows with the number of tensors (minutes for GPT-2-small's
+#: 148 on a CPU), the per-leaf step's host cost with the number of calls (each step a few times
+#: the whole graph's on a small model): docs/performance.md, "The first step at GPT-2-small".
+PER_LEAF_MIN_TENSORS = 64
 
 
 #: The compiled per-leaf functions of element-wise rules (``KernelWrites``), by the engine's key

@@ -478,6 +478,7 @@ def test_compiled_opt_step_of_optimizers_made_in_sequence(monkeypatch):
     compiled once per process and option set, for every length), none falls back to eager or
     warns, and each equals its eager twin (float64, eager kernels: 1e-10 relative)."""
     compiles = _counting_inner_compiler(monkeypatch)
+    monkeypatch.setattr(_torch_compile, "PER_LEAF_MIN_TENSORS", 1)  # the per-leaf kernels, on one layer
     torch._dynamo.reset()
     settings = [(pt.AGD, 5, {}), (pt.AGD, 7, {}), (pt.MBF, 4, {}), (pt.MBF, 6, {}),
                 (pt.RFRMSProp, 3, {"batch_size": 16}), (pt.RFRMSProp, 5, {"batch_size": 12})]
@@ -505,10 +506,11 @@ def test_compiled_opt_step_of_optimizers_made_in_sequence(monkeypatch):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)
 
 
-def test_elementwise_step_compiles_one_kernel_for_every_length():
+def test_elementwise_step_compiles_one_kernel_for_every_length(monkeypatch):
     """An element-wise class's compiled step is one compiled per-leaf function (``KernelWrites``):
     a single compilation serves leaves of every length (1-D operands of a dynamic size), and a
-    second optimizer with the same options compiles nothing more; both equal the eager optimizer
+    second optimizer with the same options compiles nothing more (a param group of
+    ``PER_LEAF_MIN_TENSORS`` tensors or more; the threshold lowered here); both equal the eager optimizer
     (float64, the graph run with eager kernels: 1e-10 relative). The first leaf is a matrix, whose
     flat view enters as a tensor that is not a view: AOTAutograd guards on a view input's base,
     and the next leaf (1-D) would compile again. The count is dynamo's of distinct graphs (a
@@ -518,6 +520,7 @@ def test_elementwise_step_compiles_one_kernel_for_every_length():
     from torch._dynamo.utils import counters
 
     options = {"backend": lambda gm, example_inputs: aot_eager(gm, example_inputs)}  # its own kernels
+    monkeypatch.setattr(_torch_compile, "PER_LEAF_MIN_TENSORS", 1)  # four tensors: per leaf all the same
     before = counters["stats"]["unique_graphs"]
     shapes = {"a": (150, 120), "b": (20000,), "c": (5,), "d": (3, 4)}  # a, b alone; c, d one pack
     for seed in range(2):
@@ -534,3 +537,38 @@ def test_elementwise_step_compiles_one_kernel_for_every_length():
         for (_, p), (_, q) in zip(compiled, eager):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)
         assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_small_group_compiles_the_whole_step(monkeypatch):
+    """Below ``PER_LEAF_MIN_TENSORS`` tensors an element-wise class compiles one graph of the whole
+    group's step (no per-leaf kernel is called), and at the threshold the per-leaf kernels (no
+    whole-group graph); both equal the eager optimizer (float64, eager kernels: 1e-10 relative)."""
+    monkeypatch.setattr(_torch_compile, "PER_LEAF_MIN_TENSORS", 3)
+    calls = {"kernel": 0, "whole": 0}
+    real_step, real_call = _torch_compile.KernelWrites.step, _torch_compile.CompiledStep._call
+
+    def kernel(self, *args, **kwargs):
+        calls["kernel"] += 1
+        return real_step(self, *args, **kwargs)
+
+    def whole(self, *args, **kwargs):
+        calls["whole"] += 1
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(_torch_compile.KernelWrites, "step", kernel)
+    monkeypatch.setattr(_torch_compile.CompiledStep, "_call", whole)
+    for count, used in ((2, "whole"), (3, "kernel")):
+        calls.update(kernel=0, whole=0)
+        torch.manual_seed(count)
+        compiled = [(f"p{i}", torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))) for i in range(count)]
+        eager = [(k, torch.nn.Parameter(p.detach().clone())) for k, p in compiled]
+        opts = [pt.AGD(compiled, lr=1e-2, compile={"backend": "eager"}), pt.AGD(eager, lr=1e-2, compile=False)]
+        for _ in range(2):
+            for (_, p), (_, q) in zip(compiled, eager):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+            for o in opts:
+                o.step()
+        assert calls[used] == 2 and sum(calls.values()) == 2, (count, calls)
+        for (_, p), (_, q) in zip(compiled, eager):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)
