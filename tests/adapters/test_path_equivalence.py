@@ -159,6 +159,24 @@ def test_torch_compiled_equals_core(method):
     _close(got, _numpy_core(cell), RTOL, "torch compiled vs the NumPy core")
 
 
+@pytest.mark.parametrize("method", ["agd", "rf_rmsprop", "rf_adamw"])
+def test_torch_compiled_per_leaf_equals_core(method, monkeypatch):
+    """The element-wise classes' compiled per-leaf kernels (a param group of
+    ``PER_LEAF_MIN_TENSORS`` tensors or more; lowered to 1 here, so the MLP's group takes that path)
+    give the NumPy core's trajectory to RTOL, as the whole-group graph does (``aot_eager``)."""
+    from precond_ref.adapters import _torch_compile
+
+    monkeypatch.setattr(_torch_compile, "PER_LEAF_MIN_TENSORS", 1)
+    calls, whole = [], _torch_compile.CompiledStep._call
+    monkeypatch.setattr(_torch_compile.CompiledStep, "_call", lambda self, *a: calls.append(1) or whole(self, *a))
+    cell = (method, "principled", "mlp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager warns
+        got = pm.torch_trajectory(*cell, compile=TORCH_COMPILE)
+    assert not calls  # no step ran the whole-group graph
+    _close(got, _numpy_core(cell), RTOL, "torch compiled per leaf vs the NumPy core")
+
+
 # --------------------------------------------------------------------------------------------
 # optax under jax.jit against the core; a pickled state against the uninterrupted run
 
