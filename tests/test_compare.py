@@ -481,6 +481,31 @@ def test_cli_cupy_without_gpu_is_a_clear_error(tmp_path, capsys):
     assert "--backend cupy needs" in err and "Traceback" not in err
 
 
+def test_cli_cupy_table_equals_the_numpy_one(tmp_path, capsys, monkeypatch):
+    """The main job on CuPy arrays (``compare --backend cupy``) is the NumPy job on a GPU: every method
+    at its paper's values, float64 on both, prints the same table but for the timing column, and each
+    step's loss agrees to the rounding of different summation orders and LAPACK/cuSOLVER routines:
+    float64 eps times the longest reduction (< 2^12 terms) times the steps (4) times a growth of at
+    most 100 through the preconditioners, under 1e-9 relative."""
+    cupy = pytest.importorskip("cupy")
+    if not cupy.is_available():
+        pytest.skip("no CUDA device for CuPy")
+    full = digits.load_digits_split
+    monkeypatch.setattr(digits, "load_digits_split", lambda: tuple(a[:128] if i < 2 else a[:32] for i, a in enumerate(full())))
+    tables, runs = [], []
+    for backend in ("numpy", "cupy"):
+        out = tmp_path / backend
+        argv = ["compare", "--backend", backend, "--no-tune", "--models", "mlp", "--epochs", "1", "--seeds", "1", "--out", str(out), "--no-plot"]
+        assert cli.main(argv) == 0
+        rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| mlp |")]
+        tables.append([row[:7] + row[8:] for row in rows])  # all but ms / step
+        runs.append(json.loads((out / "compare.json").read_text())["runs"])
+    assert len(tables[0]) == len(METHODS) and tables[0] == tables[1]
+    for ours, theirs in zip(*runs):
+        assert (ours["method"], ours["steps"]) == (theirs["method"], theirs["steps"])
+        np.testing.assert_allclose(theirs["step_loss"], ours["step_loss"], rtol=1e-9, err_msg=ours["method"])
+
+
 def test_cli_list_describes_every_entry(capsys):
     assert cli.main(["compare", "--list"]) == 0
     printed = capsys.readouterr().out
