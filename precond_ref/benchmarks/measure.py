@@ -101,8 +101,21 @@ def torch_measure(
     result["peak_bytes"] = peak.since_start()
     if last.get("loss") is not None:
         result["last_loss"] = float(last["loss"])
-    result["notes"] = notes
+    result["operations"], failed = _operations_after(optimizer, set_grads, extra, device, result)
+    result["notes"] = notes + failed
     return result
+
+
+def _operations_after(optimizer: Any, set_grads: Callable[[int], Any], extra: dict, device: str, timed: dict) -> tuple:
+    """The operations of the refresh period that follows the timed window, counted as a GPU would
+    issue them (:func:`~.operations.count_after`), and a note if they could not be counted."""
+    from .operations import count_after
+
+    first = timed["settle_steps"] + timed["warmup_steps"] + timed["steps"]
+    try:
+        return count_after(optimizer, set_grads, extra, device, first, timed["period"]), []
+    except Exception as err:  # a count that fails leaves the timings it follows intact
+        return None, [f"operations not counted: {type(err).__name__}: {err}"]
 
 
 def _eager_steps_before_compiling(optimizer: Any) -> int:

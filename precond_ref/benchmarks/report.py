@@ -12,7 +12,7 @@ import math
 from typing import Any, Callable, Optional
 
 __all__ = [
-    "format_table", "cost_cells", "rates_line", "readme_section", "detail_section", "replace_readme_section", "compact",
+    "format_table", "cost_cells", "operations_cell", "rates_line", "readme_section", "detail_section", "replace_readme_section", "compact",
     "readme_key", "README_BEGIN", "README_END", "DETAIL_BEGIN", "DETAIL_END", "KINDS", "README_KEYS",
 ]
 
@@ -82,6 +82,25 @@ def cost_cells(row: dict) -> list[str]:
     return [_gflop(c["flops"]), _mb(c["bytes"]), _ms(c.get("limit_ms")), _fraction(c.get("efficiency"))]
 
 
+OPERATIONS_HEADER = "ops / step"
+OPERATIONS_LEGEND = (
+    "ops / step: the operations one optimizer step issues as a GPU would get them (kernel launches: non-view torch "
+    "operations, counted on any device by precond_ref.benchmarks.operations), the mean over the refresh period "
+    "that follows the timed window, with the fewest and most of its steps where they differ; a call of a graph "
+    "TorchInductor compiled counts as one (its generated kernels are not counted; 'graphs': such calls a step)."
+)
+
+
+def operations_cell(row: dict) -> str:
+    """The ``ops / step`` cell of a row: the mean count, its range over the period, the compiled graphs' calls."""
+    ops = row.get("operations")
+    if not ops:
+        return "-"
+    text = f"{ops['mean']:.0f}" + (f" ({ops['fewest']}-{ops['most']})" if ops["fewest"] != ops["most"] else "")
+    graphs = ops.get("compiled_calls")
+    return text + (f", {graphs:.3g} graph{'s' if graphs != 1 else ''}" if graphs else "")
+
+
 def rates_line(rates: Optional[dict]) -> str:
     """The machine's measured rates the cost columns use."""
     if not rates:
@@ -101,6 +120,8 @@ def format_table(section: str, rows: list[dict]) -> str:
               "x alt"]
     header += ["mean x eigh"] if with_reference else []
     header += ["state MiB", "state x base", "peak MiB"]
+    with_operations = any(r.get("operations") for r in rows)
+    header += [OPERATIONS_HEADER] if with_operations else []
     with_cost = any("cost" in r for r in rows)
     header += COST_HEADER if with_cost else []
     lines = [f"{section}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
@@ -119,6 +140,7 @@ def format_table(section: str, rows: list[dict]) -> str:
         cells += [_x(row.get("reference_ratio"))] if with_reference else []
         peak = row.get("peak_bytes")
         cells += [f"{row['state_bytes'] / 2**20:.2f}", _x(row.get("state_ratio")), "-" if peak is None else f"{peak / 2**20:.1f}"]
+        cells += [operations_cell(row)] if with_operations else []
         cells += cost_cells(row) if with_cost else []
         lines.append("| " + " | ".join(cells) + " |")
     legend = "; ".join(
@@ -133,13 +155,22 @@ def format_table(section: str, rows: list[dict]) -> str:
                  "predicted time of the timed step at this machine's rates" + (
                      f" (forward and backward included: {_gflop(fwd_bwd)} GFLOP)" if fwd_bwd is not None else "")
                  + "; limit / mean: that over the measured mean (1 = at the limit).")
+    if with_operations:
+        text += " " + OPERATIONS_LEGEND
     return text
 
 
 def compact(report: dict) -> dict:
-    """The report without the per-step times (what ``docs/data/bench.json`` keeps)."""
+    """The report without the per-step times and operation counts (what ``docs/data/bench.json`` keeps)."""
     out = dict(report)
-    out["results"] = {k: [{f: v for f, v in r.items() if f != "times_ms"} for r in rows] for k, rows in report["results"].items()}
+    out["results"] = {k: [_compact_row(r) for r in rows] for k, rows in report["results"].items()}
+    return out
+
+
+def _compact_row(row: dict) -> dict:
+    out = {f: v for f, v in row.items() if f != "times_ms"}
+    if out.get("operations"):
+        out["operations"] = {f: v for f, v in out["operations"].items() if f not in ("steps", "by_name")}
     return out
 
 
@@ -216,6 +247,8 @@ def _model_table(report: dict) -> str:
         if names:
             columns.append((fw, f"mean x {names[0]}", lambda r, n=names[0]: _x(r["mean_ratios"].get(n))))
         columns.append((fw, f"{fw} first step s", lambda r: f"{r['first_step_ms'] / 1e3:.2f}"))
+        if any(r.get("operations") for r in rows if r["framework"] == fw):
+            columns.append((fw, f"{fw} {OPERATIONS_HEADER}", operations_cell))
         if any("cost" in r for r in rows if r["framework"] == fw) and fw == "torch":
             for i, head in enumerate(COST_HEADER):
                 columns.append((fw, f"{fw} {head}", lambda r, i=i: cost_cells(r)[i]))
@@ -226,7 +259,8 @@ def _model_table(report: dict) -> str:
             row = next((r for r in rows if r["label"] == label and r["framework"] == fw), None)
             cells.append("" if row is None else (_status(row) or cell(row)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    return text + "\n\n" + OPERATIONS_LEGEND if any(r.get("operations") for r in rows) else text
 
 
 def _describe_machine(info: dict) -> str:
@@ -284,23 +318,29 @@ def readme_section(reports: dict[str, dict]) -> str:
     machines = [(key, reports[key]) for key in ("gpt", "gpt on a GPU") if key in reports]
     parts = [README_BEGIN, ""]
     if machines:
-        columns, cells = [], {}
+        columns, cells, widths = [], {}, {}
         for key, report in machines:
             (rows,) = report["results"].values()
             rows = [r for r in rows if r["framework"] == "torch" and r["method"] != "peer"]
             base = baselines(rows, "torch")[0]
             where = _where(report["machine"])
+            with_operations = any(r.get("operations") for r in rows)
             columns += [f"{where}: step x {base.removeprefix('torch ')}", f"{where}: first step s"]
+            columns += [f"{where}: {OPERATIONS_HEADER}"] if with_operations else []
+            widths[key] = 2 + with_operations
             for r in rows:
-                cells.setdefault(r["label"], {})[key] = (
-                    [_status(r)] * 2 if _status(r) else [_x(r["mean_ratios"].get(base)), f"{r['first_step_ms'] / 1e3:.1f}"]
-                )
+                measured = [_x(r["mean_ratios"].get(base)), f"{r['first_step_ms'] / 1e3:.1f}"]
+                measured += [operations_cell(r)] if with_operations else []
+                cells.setdefault(r["label"], {})[key] = [_status(r)] * widths[key] if _status(r) else measured
         parts += ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         for label, by_key in cells.items():
-            parts.append(f"| {label} | " + " | ".join(" | ".join(by_key.get(key, ["", ""])) for key, _ in machines) + " |")
+            parts.append(f"| {label} | " + " | ".join(" | ".join(by_key.get(key, [""] * widths[key])) for key, _ in machines) + " |")
+        with_operations = any(width > 2 for width in widths.values())
         parts += ["", "The mean time of the whole training step of a GPT-style model (forward, backward and the "
                   "optimizer step, refresh steps included) over AdamW's, and the first step's seconds (compilation "
-                  "included), measured by:", ""]
+                  "included)" + (", and the operations (kernel launches) one optimizer step issues as a GPU would get "
+                  "them, mean over a refresh period (docs/performance.md)" if with_operations else "")
+                  + ", measured by:", ""]
         parts += [f"- {_where(report['machine'])}: `{_measuring_command(report)}` "
                   f"({report['settings'].get('model_description', '')}; torch {report['machine']['torch']})"
                   for _, report in machines]
