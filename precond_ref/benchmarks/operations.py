@@ -6,8 +6,8 @@ operations on any machine, a CPU included:
 
 - every operation the dispatcher runs during ``optimizer.step()`` is seen by a
   ``TorchDispatchMode`` (after autograd and after the composite operations decomposed into the
-  ones a backend implements), and the views among them (:data:`VIEWS`: no kernel, only new
-  strides) are left out;
+  ones a backend implements), and those that launch no kernel (:data:`NOT_LAUNCHED`: views,
+  allocations without contents, the profiler's annotation of ``optimizer.step``) are left out;
 - a call of a graph TorchInductor compiled (``torch.compile``'s default backend) counts as one
   operation for the kernels it generated (how many it launches on a GPU cannot be known on a CPU
   without Inductor's GPU code generation, so this is a lower bound), plus the operations its
@@ -33,13 +33,21 @@ import statistics
 import sys
 from typing import Any, Callable, Iterator, Optional
 
-__all__ = ["VIEWS", "count_step", "count_after", "gpu_grouping", "model_step_counts", "main"]
+__all__ = ["VIEWS", "NOT_LAUNCHED", "count_step", "count_after", "gpu_grouping", "model_step_counts", "main"]
 
 #: Operations that make a view of their input (new sizes and strides over the same memory): no
 #: kernel runs for them on any device.
 VIEWS = frozenset({
     "view", "_unsafe_view", "as_strided", "transpose", "t", "expand", "permute", "unsqueeze", "squeeze", "select",
     "slice", "alias", "detach", "unbind", "split", "split_with_sizes", "reshape", "diagonal", "narrow", "lift_fresh",
+})
+
+#: Operations the dispatcher runs that launch no kernel either: the views, the profiler's
+#: annotation that ``torch.optim.Optimizer`` wraps every ``step`` in, and allocations without
+#: contents (a GPU's caching allocator hands out a block; nothing runs on the device).
+NOT_LAUNCHED = VIEWS | frozenset({
+    "_record_function_enter", "_record_function_enter_new", "_record_function_exit",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_",
 })
 
 def _counting_mode(counts: collections.Counter) -> Any:
@@ -91,9 +99,9 @@ def _counting_calls(counts: collections.Counter) -> Iterator[None]:
 
 
 def count_step(step: Callable[[], Any]) -> dict:
-    """The operations ``step()`` issues: ``{"operations": the non-view operations, compiled graph
-    calls and graph replays together, "views", "compiled_calls", "graph_replays", "by_name":
-    {operation: count}}``. Raises ``RuntimeError`` if the step compiles a graph (count it once it has)."""
+    """The operations ``step()`` issues: ``{"operations": the dispatched operations that launch a
+    kernel, compiled graph calls and graph replays together, "not_launched": the other dispatched
+    operations, "compiled_calls", "graph_replays", "by_name": {operation: count}}``. Raises ``RuntimeError`` if the step compiles a graph (count it once it has)."""
     counts: collections.Counter = collections.Counter()
     compiles = _compilations()
     with _counting_calls(counts), _counting_mode(counts):
@@ -103,8 +111,8 @@ def count_step(step: Callable[[], Any]) -> dict:
     compiled = counts.pop("compiled_call", 0)
     replays = counts.pop("cuda_graph_replay", 0)
     return {
-        "operations": sum(v for k, v in counts.items() if k not in VIEWS) + compiled + replays,
-        "views": sum(v for k, v in counts.items() if k in VIEWS),
+        "operations": sum(v for k, v in counts.items() if k not in NOT_LAUNCHED) + compiled + replays,
+        "not_launched": sum(v for k, v in counts.items() if k in NOT_LAUNCHED),
         "compiled_calls": compiled,
         "graph_replays": replays,
         "by_name": dict(sorted(counts.items())),
@@ -154,7 +162,7 @@ def count_after(
     """``bench``'s count: steps ``first`` to ``first + steps - 1`` of ``optimizer`` (gradients from
     ``set_grads(i)``, not counted), each counted on its own (:func:`count_step`), as a GPU would
     issue them (:func:`gpu_grouping` off CUDA). Returns the per-step counts, their mean, fewest and
-    most, the mean compiled calls and graph replays, and the mean count of each non-view operation."""
+    most, the mean compiled calls and graph replays, and the mean count of each operation counted."""
     on_cuda = device.startswith("cuda")
     counted = []
     for i in range(first, first + steps):
@@ -164,7 +172,7 @@ def count_after(
     per_step = [c["operations"] for c in counted]
     by_name: collections.Counter = collections.Counter()
     for c in counted:
-        by_name.update({k: v for k, v in c["by_name"].items() if k not in VIEWS})
+        by_name.update({k: v for k, v in c["by_name"].items() if k not in NOT_LAUNCHED})
     return {
         "mean": statistics.fmean(per_step),
         "fewest": min(per_step),
@@ -224,7 +232,7 @@ def model_step_counts(method: str, grouping: str, *, warmup: int = 12, rounds: i
             counted = count_step(lambda: optimizer.step(**extra))
             operations += counted["operations"]
             total.update(counted["by_name"])
-    return operations / rounds, {k: v / rounds for k, v in sorted(total.items()) if k not in VIEWS}
+    return operations / rounds, {k: v / rounds for k, v in sorted(total.items()) if k not in NOT_LAUNCHED}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

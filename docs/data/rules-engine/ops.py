@@ -1,4 +1,4 @@
-"""Non-view operations one eager torch step issues, per method, on the small GPT's parameter shapes
+"""Operations (kernel launches) one eager torch step issues, per method, on the small GPT's parameter shapes
 (the bench's ``--model gpt``), on this CPU and with a GPU's grouping (the CPU's rule that keeps large
 leaves out of joins switched off, and no device value read on the host, as for a CUDA tensor).
 Usage: ``python ops.py [cpu|gpu] [method,...] [-v]``; prints ``method count`` lines (the mean of 6

@@ -1,0 +1,108 @@
+"""``precond_ref.benchmarks.operations``: the operations a torch optimizer step issues as a GPU would
+get them (bench's ``ops / step`` column), checked against counts made by hand."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from precond_ref import _backend, blocking, cli  # noqa: E402
+from precond_ref.benchmarks import operations, report  # noqa: E402
+
+
+def _two_tensors():
+    params = [torch.nn.Parameter(torch.ones(3, 2, dtype=torch.float32)), torch.nn.Parameter(torch.ones(4, dtype=torch.float32))]
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    return params
+
+
+class _HandCounted(torch.optim.Optimizer):
+    """Per tensor: one view (no kernel), one ``add_`` (a kernel); then one ``_foreach_mul_`` over all
+    the gradients (one kernel for the list) and one empty buffer (an allocation, no kernel)."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self):
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:
+            p.view(-1).add_(p.grad.view(-1), alpha=-0.1)
+        torch._foreach_mul_([p.grad for p in params], 0.5)
+        torch.empty(8, dtype=torch.float32)
+
+
+def test_a_step_counts_the_kernels_it_launches_as_counted_by_hand():
+    """Two tensors: 2 ``add_`` + 1 ``_foreach_mul_`` = 3 operations; the 4 views, the allocation and
+    the record_function pair ``torch.optim`` wraps a step in launch nothing (NOT_LAUNCHED). torch's
+    own SGD without momentum (θ ← θ − lr g): one ``add_`` per tensor in a loop, one
+    ``_foreach_add_`` for the list with ``foreach=True``."""
+    params = _two_tensors()
+    counted = operations.count_step(_HandCounted(params).step)
+    assert counted["operations"] == 3, counted
+    assert counted["by_name"]["add_"] == 2 and counted["by_name"]["_foreach_mul_"] == 1 and counted["by_name"]["view"] == 4
+    assert counted["not_launched"] == 4 + 1 + 2 and counted["compiled_calls"] == 0 and counted["graph_replays"] == 0
+    for foreach, expected in ((False, 2), (True, 1)):
+        sgd = torch.optim.SGD(_two_tensors(), lr=0.1, foreach=foreach)
+        assert operations.count_step(sgd.step)["operations"] == expected, foreach
+
+
+def test_a_compiled_function_runs_compiled_while_counted():
+    """The counting mode is an observer that ``torch.compile`` accepts: a ``fullgraph`` function
+    (dynamo's eager backend: its graph's two operations reach the dispatcher) runs as compiled
+    under it, and is counted; a mode dynamo refuses makes such a function raise instead."""
+    x, y = torch.ones(4, dtype=torch.float32), torch.ones(4, dtype=torch.float32)
+    compiled = torch.compile(lambda a, b: a.mul_(2.0).add_(b), backend="eager", fullgraph=True)
+    compiled(x, y)
+    counted = operations.count_step(lambda: compiled(x, y))
+    assert counted["operations"] == 2 and counted["by_name"] == {"add_": 1, "mul_": 1}
+    assert torch.equal(x, torch.full((4,), 7.0))
+
+
+def test_gpu_grouping_reads_nothing_on_the_host_and_restores_the_cpu_rules():
+    """Inside ``gpu_grouping`` the core reads no device value (``host_bool`` and
+    ``host_all_finite`` answer None in the modules that imported them, so no
+    ``_local_scalar_dense``, the read behind ``bool()``), and stacks every equal block; outside,
+    the CPU's rules are back."""
+    import precond_ref
+
+    def agd_step_names(grouping):
+        params = {"w": torch.ones(4, 3, dtype=torch.float32), "b": torch.ones(4, dtype=torch.float32)}
+        grads = {k: torch.full_like(v, 0.25) for k, v in params.items()}
+        transform = precond_ref.agd(learning_rate=0.1)
+        state = transform.init(params)
+        with grouping():
+            transform.update(grads, state, params)
+            return operations.count_step(lambda: transform.update(grads, state, params))["by_name"]
+
+    assert "_local_scalar_dense" in agd_step_names(contextlib.nullcontext)
+    assert "_local_scalar_dense" not in agd_step_names(operations.gpu_grouping)
+    threshold, reads = blocking.CPU_BATCHED_ENOUGH, (_backend.host_bool, _backend.host_all_finite)
+    with operations.gpu_grouping():
+        assert blocking.CPU_BATCHED_ENOUGH > 2**60
+        assert _backend.host_bool(None, torch.ones(())) is None
+    assert blocking.CPU_BATCHED_ENOUGH == threshold and (_backend.host_bool, _backend.host_all_finite) == reads
+
+
+def test_bench_has_the_column_and_the_field(tmp_path, capsys):
+    """``bench --quick``: every torch row has its count in bench.json (the baselines too, fused
+    AdamW fewer than foreach), the table prints the ``ops / step`` column, and docs/data keeps the
+    summary without the per-step list."""
+    argv = ["bench", "--quick", "--no-progress", "--malloc", "system", "--model", "gpt", "--frameworks", "torch",
+            "--methods", "agd", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["label"]: r for r in data["results"]["gpt"]}
+    for label in ("torch AdamW(fused)", "torch AdamW(foreach)", "AGD"):
+        ops = rows[label]["operations"]
+        assert ops["grouping"] == "gpu" and ops["steps"] == [ops["mean"]] and ops["mean"] >= 1, (label, ops)
+    assert rows["torch AdamW(fused)"]["operations"]["mean"] < rows["torch AdamW(foreach)"]["operations"]["mean"]
+    assert "| ops / step |" in printed and "ops / step:" in printed
+    compact = report.compact(data)["results"]["gpt"][0]["operations"]
+    assert "steps" not in compact and "by_name" not in compact and compact["mean"] >= 1
