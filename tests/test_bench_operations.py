@@ -55,13 +55,20 @@ def test_a_step_counts_the_kernels_it_launches_as_counted_by_hand():
 def test_a_compiled_function_runs_compiled_while_counted():
     """The counting mode is an observer that ``torch.compile`` accepts: a ``fullgraph`` function
     (dynamo's eager backend: its graph's two operations reach the dispatcher) runs as compiled
-    under it, and is counted; a mode dynamo refuses makes such a function raise instead."""
+    under it, and is counted; a mode dynamo refuses makes such a function raise instead. Through
+    TorchInductor the same two element-wise operations become one generated kernel, which the
+    dispatcher never sees: the graph's call counts one."""
     x, y = torch.ones(4, dtype=torch.float32), torch.ones(4, dtype=torch.float32)
     compiled = torch.compile(lambda a, b: a.mul_(2.0).add_(b), backend="eager", fullgraph=True)
     compiled(x, y)
     counted = operations.count_step(lambda: compiled(x, y))
     assert counted["operations"] == 2 and counted["by_name"] == {"add_": 1, "mul_": 1}
     assert torch.equal(x, torch.full((4,), 7.0))
+    inductor = torch.compile(lambda a, b: a.mul_(2.0).add_(b), fullgraph=True)
+    inductor(x, y)
+    counted = operations.count_step(lambda: inductor(x, y))
+    assert counted["operations"] == 1 and counted["compiled_calls"] == 1 and counted["by_name"] == {}, counted
+    assert torch.equal(x, torch.full((4,), 31.0))
 
 
 def test_gpu_grouping_reads_nothing_on_the_host_and_restores_the_cpu_rules():
