@@ -21,8 +21,9 @@ operations on any machine, a CPU included:
 
 ``bench`` counts one refresh period of every torch row after its timed window
 (:func:`count_after`); ``python -m precond_ref.benchmarks.operations [cpu|gpu] [method,...]``
-prints the count of an eager step of each method on the small GPT's parameters (the mean of 6
-steps after 12, compilation off), on this CPU's grouping or a GPU's.
+prints the count of an eager step of each method (and of torch's AdamW, fused and foreach) on
+the small GPT's parameters (the mean of 6 steps after 12, compilation off), on this CPU's
+grouping or a GPU's.
 """
 
 from __future__ import annotations
@@ -191,6 +192,8 @@ def count_after(
 
 
 METHODS = ("agd", "rf_rmsprop", "rf_adamw", "dasgo", "asgo", "if_shampoo", "mbf", "sketchy", "s_adagrad")
+#: The yardsticks, by the label of their ``bench --model`` row.
+BASELINES = {"adamw_fused": "torch AdamW(fused)", "adamw_foreach": "torch AdamW(foreach)"}
 
 
 def model_step_counts(method: str, grouping: str, *, warmup: int = 12, rounds: int = 6, model: str = "gpt",
@@ -201,15 +204,18 @@ def model_step_counts(method: str, grouping: str, *, warmup: int = 12, rounds: i
     import torch
 
     from .common import contenders, torch_optimizer, update_extra
-    from .models import SIZES, build_torch, random_batches, torch_loss
+    from .models import SIZES, build_torch, random_batches, torch_baselines, torch_loss
 
     shape = SIZES[model][size]
     with gpu_grouping() if grouping == "gpu" else contextlib.nullcontext():
         module = build_torch(model, shape, torch.float32, "cpu")
         named = list(module.named_parameters())
-        (contender,), _ = contenders(method, False)
-        optimizer, _ = torch_optimizer(contender, named, "off")
-        extra = update_extra(contender, shape["batch"] * shape["seq"])
+        if method in BASELINES:
+            optimizer, extra = dict(torch_baselines())[BASELINES[method]]([p for _, p in named]), {}
+        else:
+            (contender,), _ = contenders(method, False)
+            optimizer, _ = torch_optimizer(contender, named, "off")
+            extra = update_extra(contender, shape["batch"] * shape["seq"])
         batches = random_batches(model, shape, "cpu", torch.float32)
         grads = []
         for i in range(2):
@@ -236,7 +242,8 @@ def model_step_counts(method: str, grouping: str, *, warmup: int = 12, rounds: i
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``[cpu|gpu] [method,...] [-v]``: one ``method count`` line per method (``-v``: and its operations)."""
+    """``[cpu|gpu] [method,...] [-v]``: one ``method count`` line per method (default: the nine and
+    ``adamw_fused``, ``adamw_foreach``; ``-v``: and the count of each operation)."""
     import torch
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -246,7 +253,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if grouping not in ("cpu", "gpu"):
         print(f"usage: python -m precond_ref.benchmarks.operations [cpu|gpu] [method,...] [-v]; got {grouping!r}", file=sys.stderr)
         return 2
-    methods = argv[1].split(",") if len(argv) > 1 else list(METHODS)
+    methods = argv[1].split(",") if len(argv) > 1 else [*METHODS, *BASELINES]
+    unknown = [m for m in methods if m not in METHODS and m not in BASELINES]
+    if unknown:
+        print(f"unknown method(s) {', '.join(unknown)}; available: {', '.join([*METHODS, *BASELINES])}", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     for method in methods:
         mean, by_name = model_step_counts(method, grouping)
