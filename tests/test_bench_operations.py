@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,26 @@ def test_bench_has_the_column_and_the_field(tmp_path, capsys):
     assert "| ops / step |" in printed and "ops / step:" in printed
     compact = report.compact(data)["results"]["gpt"][0]["operations"]
     assert "steps" not in compact and "by_name" not in compact and compact["mean"] >= 1
+
+
+def test_readme_and_detail_tables_show_the_count_where_the_report_has_it():
+    """The README block gains one ``ops / step`` column per machine whose report counted, and no
+    line (the README's sections stay a screen long); docs/performance.md's model table gains the
+    column and its legend; a report without counts renders as before."""
+    stored = json.loads((Path(__file__).parents[1] / "docs" / "data" / "bench.json").read_text())
+    reports = {key: stored[key] for key in ("gpt", "gpt on a GPU") if key in stored}
+    assert reports, "docs/data/bench.json holds a GPT report"
+    before = report.readme_section(reports)
+    counted = json.loads(json.dumps(reports))
+    first = next(iter(counted))
+    for row in counted[first]["results"]["gpt"]:
+        if "error" not in row and "skipped" not in row:
+            row["operations"] = {"mean": 137.0, "fewest": 98, "most": 216, "compiled_calls": 0.0}
+    after = report.readme_section(counted)
+    assert len(after.splitlines()) == len(before.splitlines())
+    header = after.splitlines()[2]
+    assert header.count("ops / step") == 1 and header.count("|") == before.splitlines()[2].count("|") + 1
+    assert "| 137 (98-216) |" in after and "kernel launches" in after
+    detail = report.detail_section(counted)
+    assert "torch ops / step" in detail and "ops / step: the operations one optimizer step issues" in detail
+    assert "ops / step" not in before and "ops / step" not in report.detail_section(reports)

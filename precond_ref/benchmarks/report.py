@@ -337,10 +337,11 @@ def readme_section(reports: dict[str, dict]) -> str:
             parts.append(f"| {label} | " + " | ".join(" | ".join(by_key.get(key, [""] * widths[key])) for key, _ in machines) + " |")
         with_operations = any(width > 2 for width in widths.values())
         parts += ["", "The mean time of the whole training step of a GPT-style model (forward, backward and the "
-                  "optimizer step, refresh steps included) over AdamW's, and the first step's seconds (compilation "
-                  "included)" + (", and the operations (kernel launches) one optimizer step issues as a GPU would get "
-                  "them, mean over a refresh period (docs/performance.md)" if with_operations else "")
-                  + ", measured by:", ""]
+                  "optimizer step, refresh steps included) over AdamW's, " + (
+                      "the first step's seconds (compilation included) and the operations (kernel launches) one optimizer "
+                      "step issues as a GPU would get them, mean over a refresh period (docs/performance.md)"
+                      if with_operations else "and the first step's seconds (compilation included)"
+                  ) + ", measured by:", ""]
         parts += [f"- {_where(report['machine'])}: `{_measuring_command(report)}` "
                   f"({report['settings'].get('model_description', '')}; torch {report['machine']['torch']})"
                   for _, report in machines]
