@@ -137,3 +137,13 @@ def test_readme_and_detail_tables_show_the_count_where_the_report_has_it():
     detail = report.detail_section(counted)
     assert "torch ops / step" in detail and "ops / step: the operations one optimizer step issues" in detail
     assert "ops / step" not in before and "ops / step" not in report.detail_section(reports)
+
+
+def test_the_command_line_prints_a_count_per_method_and_refuses_unknown_names(capsys):
+    """``python -m precond_ref.benchmarks.operations`` (docs/data/rules-engine/ops.py): one
+    ``method count`` line per name; an unknown grouping or method is a usage error naming it."""
+    assert operations.main(["gpu", "adamw_fused"]) == 0
+    name, count = capsys.readouterr().out.split()
+    assert name == "adamw_fused" and float(count) >= 1
+    assert operations.main(["tpu"]) == 2 and "'tpu'" in capsys.readouterr().err
+    assert operations.main(["cpu", "agd,nope"]) == 2 and "nope" in capsys.readouterr().err

@@ -51,6 +51,7 @@ NOT_LAUNCHED = VIEWS | frozenset({
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_",
 })
 
+
 def _counting_mode(counts: collections.Counter) -> Any:
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -83,15 +84,9 @@ def _counting_calls(counts: collections.Counter) -> Iterator[None]:
     wrapped = []
     for cls, name, key in targets:
         method = getattr(cls, name, None) if cls is not None else None
-        if method is None:
-            continue
-
-        def counted(self: Any, *args: Any, __method: Any = method, __key: str = key, **kwargs: Any) -> Any:
-            counts[__key] += 1
-            return __method(self, *args, **kwargs)
-
-        wrapped.append((cls, name, method))
-        setattr(cls, name, counted)
+        if method is not None:
+            wrapped.append((cls, name, method))
+            setattr(cls, name, _counted(method, key, counts))
     try:
         yield
     finally:
@@ -99,10 +94,21 @@ def _counting_calls(counts: collections.Counter) -> Iterator[None]:
             setattr(cls, name, method)
 
 
+def _counted(method: Callable, key: str, counts: collections.Counter) -> Callable:
+    """``method``, counting its calls under ``key``."""
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts[key] += 1
+        return method(self, *args, **kwargs)
+
+    return counted
+
+
 def count_step(step: Callable[[], Any]) -> dict:
     """The operations ``step()`` issues: ``{"operations": the dispatched operations that launch a
     kernel, compiled graph calls and graph replays together, "not_launched": the other dispatched
-    operations, "compiled_calls", "graph_replays", "by_name": {operation: count}}``. Raises ``RuntimeError`` if the step compiles a graph (count it once it has)."""
+    operations, "compiled_calls", "graph_replays", "by_name": {operation: count}}``.
+    ``RuntimeError`` if the step compiles a graph: count a step once it has compiled."""
     counts: collections.Counter = collections.Counter()
     compiles = _compilations()
     with _counting_calls(counts), _counting_mode(counts):
@@ -190,7 +196,6 @@ def count_after(
 # The command line: an eager step of each method on the small GPT's parameters
 
 
-METHODS = ("agd", "rf_rmsprop", "rf_adamw", "dasgo", "asgo", "if_shampoo", "mbf", "sketchy", "s_adagrad")
 #: The yardsticks, by the label of their ``bench --model`` row.
 BASELINES = {"adamw_fused": "torch AdamW(fused)", "adamw_foreach": "torch AdamW(foreach)"}
 
@@ -252,10 +257,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if grouping not in ("cpu", "gpu"):
         print(f"usage: python -m precond_ref.benchmarks.operations [cpu|gpu] [method,...] [-v]; got {grouping!r}", file=sys.stderr)
         return 2
-    methods = argv[1].split(",") if len(argv) > 1 else [*METHODS, *BASELINES]
-    unknown = [m for m in methods if m not in METHODS and m not in BASELINES]
+    from ..compare.methods import BENCH_ONLY, METHODS
+
+    known = [e.name for e in METHODS + BENCH_ONLY if not e.is_baseline] + list(BASELINES)
+    methods = argv[1].split(",") if len(argv) > 1 else known
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        print(f"unknown method(s) {', '.join(unknown)}; available: {', '.join([*METHODS, *BASELINES])}", file=sys.stderr)
+        print(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(known)}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
     for method in methods:
