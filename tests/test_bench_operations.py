@@ -1,5 +1,6 @@
 """``precond_ref.benchmarks.operations``: the operations a torch optimizer step issues as a GPU would
-get them (bench's ``ops / step`` column), checked against counts made by hand."""
+get them (bench's ``ops / step`` column), checked against counts made by hand; the column in a
+bench run: tests/test_benchmarks.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from precond_ref import _backend, blocking, cli  # noqa: E402
+from precond_ref import _backend, blocking  # noqa: E402
 from precond_ref.benchmarks import operations, report  # noqa: E402
 
 
@@ -97,25 +98,6 @@ def test_gpu_grouping_reads_nothing_on_the_host_and_restores_the_cpu_rules():
     assert blocking.CPU_BATCHED_ENOUGH == threshold and (_backend.host_bool, _backend.host_all_finite) == reads
 
 
-def test_bench_has_the_column_and_the_field(tmp_path, capsys):
-    """``bench --quick``: every torch row has its count in bench.json (the baselines too, fused
-    AdamW fewer than foreach), the table prints the ``ops / step`` column, and docs/data keeps the
-    summary without the per-step list."""
-    argv = ["bench", "--quick", "--no-progress", "--malloc", "system", "--model", "gpt", "--frameworks", "torch",
-            "--methods", "agd", "--out", str(tmp_path)]
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
-    data = json.loads((tmp_path / "bench.json").read_text())
-    rows = {r["label"]: r for r in data["results"]["gpt"]}
-    for label in ("torch AdamW(fused)", "torch AdamW(foreach)", "AGD"):
-        ops = rows[label]["operations"]
-        assert ops["grouping"] == "gpu" and ops["steps"] == [ops["mean"]] and ops["mean"] >= 1, (label, ops)
-    assert rows["torch AdamW(fused)"]["operations"]["mean"] < rows["torch AdamW(foreach)"]["operations"]["mean"]
-    assert "| ops / step |" in printed and "ops / step:" in printed
-    compact = report.compact(data)["results"]["gpt"][0]["operations"]
-    assert "steps" not in compact and "by_name" not in compact and compact["mean"] >= 1
-
-
 def test_readme_and_detail_tables_show_the_count_where_the_report_has_it():
     """The README block gains one ``ops / step`` column per machine whose report counted, and no
     line (the README's sections stay a screen long); docs/performance.md's model table gains the
@@ -137,6 +119,8 @@ def test_readme_and_detail_tables_show_the_count_where_the_report_has_it():
     detail = report.detail_section(counted)
     assert "torch ops / step" in detail and "ops / step: the operations one optimizer step issues" in detail
     assert "ops / step" not in before and "ops / step" not in report.detail_section(reports)
+    row = {"framework": "torch", "label": "X", "times_ms": [1.0], "operations": {"mean": 2.0, "steps": [2], "by_name": {"mul": 2}}}
+    assert report.compact({"results": {"gpt": [row]}})["results"]["gpt"] == [{"framework": "torch", "label": "X", "operations": {"mean": 2.0}}]
 
 
 def test_the_command_line_prints_a_count_per_method_and_refuses_unknown_names(capsys):

@@ -64,9 +64,11 @@ def test_jax_layer_rows_time_the_jitted_update(tmp_path):
 
 
 @pytest.mark.parametrize("model, frameworks", [("gpt", "torch,jax"), ("resnet", "torch")])
-def test_model_bench_times_whole_training_steps(model, frameworks, tmp_path):
+def test_model_bench_times_whole_training_steps(model, frameworks, tmp_path, capsys):
     """Torch rows against AdamW fused and foreach, JAX rows against optax.adamw; the loss after the
-    steps is recorded; B is the examples the loss averages (tokens for the GPT)."""
+    steps is recorded; B is the examples the loss averages (tokens for the GPT). Every torch row,
+    the baselines too, counts the operations of a step after its window (one step with --quick),
+    with a GPU's grouping on a CPU: fused AdamW fewer than foreach; the table prints the column."""
     if "jax" in frameworks:
         pytest.importorskip("optax")
     code, data = _bench(tmp_path, "--model", model, "--methods", "rf_adamw", "--frameworks", frameworks)
@@ -82,6 +84,14 @@ def test_model_bench_times_whole_training_steps(model, frameworks, tmp_path):
     if "jax" in frameworks:
         assert set(by["jax", "RF-AdamW"]["ratios"]) == {"optax.adamw (jit)"}
         assert math.isfinite(by["jax", "RF-AdamW"]["last_loss"])
+        assert "operations" not in by["jax", "RF-AdamW"]
+    for label in ("torch AdamW(fused)", "torch AdamW(foreach)", "RF-AdamW"):
+        row = by["torch", label]
+        ops = row["operations"]
+        assert ops["grouping"] == "gpu" and ops["steps"] == [ops["mean"]] and ops["mean"] >= 1, (label, ops)
+        assert ops["first_step"] == row["settle_steps"] + row["warmup_steps"] + row["steps"]
+    assert by["torch", "torch AdamW(fused)"]["operations"]["mean"] < by["torch", "torch AdamW(foreach)"]["operations"]["mean"]
+    assert "| ops / step |" in capsys.readouterr().out
 
 
 def _inner_dimensions(model: str, size: dict, module) -> int:
