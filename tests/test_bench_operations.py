@@ -54,6 +54,19 @@ def test_a_step_counts_the_kernels_it_launches_as_counted_by_hand():
         assert operations.count_step(sgd.step)["operations"] == expected, foreach
 
 
+def test_bench_counts_each_step_of_a_period_within_the_budget():
+    """``count_after`` counts each step of the period on its own (gradients set outside the
+    count) and summarises them; a budget spent after the first step stops it there, and says so."""
+    params = _two_tensors()
+    optimizer, seen = _HandCounted(params), []
+    full = operations.count_after(optimizer, seen.append, {}, "cpu", first=5, steps=3)
+    assert seen == [5, 6, 7] and full["steps"] == [3, 3, 3] and full["mean"] == 3 and full["covers_period"]
+    assert full["fewest"] == full["most"] == 3 and full["by_name"] == {"_foreach_mul_": 1, "add_": 2} and full["grouping"] == "gpu"
+    cut = operations.count_after(optimizer, seen.append, {}, "cpu", first=8, steps=3, budget_s=0.0)
+    assert cut["steps"] == [3] and cut["counted"] == 1 and not cut["covers_period"]
+    assert report.operations_cell({"operations": cut}) == "3, 1 < period 3"
+
+
 def test_a_compiled_function_runs_compiled_while_counted():
     """The counting mode is an observer that ``torch.compile`` accepts: a ``fullgraph`` function
     (dynamo's eager backend: its graph's two operations reach the dispatcher) runs as compiled

@@ -101,19 +101,22 @@ def torch_measure(
     result["peak_bytes"] = peak.since_start()
     if last.get("loss") is not None:
         result["last_loss"] = float(last["loss"])
-    result["operations"], failed = _operations_after(optimizer, set_grads, extra, device, result)
+    result["operations"], failed = _operations_after(optimizer, set_grads, extra, device, result, timing.get("budget_s", math.inf))
     result["notes"] = notes + failed
     return result
 
 
-def _operations_after(optimizer: Any, set_grads: Callable[[int], Any], extra: dict, device: str, timed: dict) -> tuple:
+def _operations_after(
+    optimizer: Any, set_grads: Callable[[int], Any], extra: dict, device: str, timed: dict, budget_s: float
+) -> tuple:
     """The operations of the refresh period that follows the timed window, counted as a GPU would
-    issue them (:func:`~.operations.count_after`), and a note if they could not be counted."""
+    issue them (:func:`~.operations.count_after`, within the measurement's budget of seconds), and
+    a note if they could not be counted."""
     from .operations import count_after
 
     first = timed["settle_steps"] + timed["warmup_steps"] + timed["steps"]
     try:
-        return count_after(optimizer, set_grads, extra, device, first, timed["period"]), []
+        return count_after(optimizer, set_grads, extra, device, first, timed["period"], budget_s), []
     except Exception as err:  # a count that fails leaves the timings it follows intact
         return None, [f"operations not counted: {type(err).__name__}: {err}"]
 

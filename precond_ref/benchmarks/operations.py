@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import statistics
 import sys
+import time
 from typing import Any, Callable, Iterator, Optional
 
 __all__ = ["VIEWS", "NOT_LAUNCHED", "count_step", "count_after", "gpu_grouping", "model_step_counts", "main"]
@@ -163,15 +165,20 @@ def gpu_grouping() -> Iterator[None]:
 
 
 def count_after(
-    optimizer: Any, set_grads: Callable[[int], Any], extra: dict, device: str, first: int, steps: int
+    optimizer: Any, set_grads: Callable[[int], Any], extra: dict, device: str, first: int, steps: int,
+    budget_s: float = math.inf,
 ) -> dict:
     """``bench``'s count: steps ``first`` to ``first + steps - 1`` of ``optimizer`` (gradients from
     ``set_grads(i)``, not counted), each counted on its own (:func:`count_step`), as a GPU would
-    issue them (:func:`gpu_grouping` off CUDA). Returns the per-step counts, their mean, fewest and
+    issue them (:func:`gpu_grouping` off CUDA), stopping early once they have taken ``budget_s``
+    seconds (``covers_period`` is then false). Returns the per-step counts, their mean, fewest and
     most, the mean compiled calls and graph replays, and the mean count of each operation counted."""
     on_cuda = device.startswith("cuda")
     counted = []
+    start = time.perf_counter()
     for i in range(first, first + steps):
+        if counted and time.perf_counter() - start > budget_s:
+            break
         set_grads(i)
         with contextlib.nullcontext() if on_cuda else gpu_grouping():
             counted.append(count_step(lambda: optimizer.step(**extra)))
@@ -185,6 +192,9 @@ def count_after(
         "most": max(per_step),
         "steps": per_step,
         "first_step": first,
+        "period": steps,
+        "counted": len(counted),
+        "covers_period": len(counted) == steps,
         "compiled_calls": statistics.fmean(c["compiled_calls"] for c in counted),
         "graph_replays": statistics.fmean(c["graph_replays"] for c in counted),
         "grouping": "cuda" if on_cuda else "gpu",

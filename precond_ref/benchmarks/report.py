@@ -98,7 +98,8 @@ def operations_cell(row: dict) -> str:
         return "-"
     text = f"{ops['mean']:.0f}" + (f" ({ops['fewest']}-{ops['most']})" if ops["fewest"] != ops["most"] else "")
     graphs = ops.get("compiled_calls")
-    return text + (f", {graphs:.3g} graph{'s' if graphs != 1 else ''}" if graphs else "")
+    text += f", {graphs:.3g} graph{'s' if graphs != 1 else ''}" if graphs else ""
+    return text if ops.get("covers_period", True) else text + f", {ops['counted']} < period {ops['period']}"
 
 
 def rates_line(rates: Optional[dict]) -> str:
