@@ -84,9 +84,9 @@ def cost_cells(row: dict) -> list[str]:
 
 OPERATIONS_HEADER = "ops / step"
 OPERATIONS_LEGEND = (
-    "ops / step: the operations one optimizer step issues as a GPU would get them (kernel launches: non-view torch "
-    "operations, counted on any device by precond_ref.benchmarks.operations), the mean over the refresh period "
-    "that follows the timed window, with the fewest and most of its steps where they differ; a call of a graph "
+    "ops / step: the operations one optimizer step issues as a GPU would get them (the torch operations that launch "
+    "a kernel, counted on any device by precond_ref.benchmarks.operations), the mean over the refresh period that "
+    "follows the timed window, with the fewest and most of its steps where they differ; a call of a graph "
     "TorchInductor compiled counts as one (its generated kernels are not counted; 'graphs': such calls a step)."
 )
 
