@@ -121,11 +121,14 @@ def test_readme_and_detail_tables_show_the_count_where_the_report_has_it():
     before = report.readme_section(reports)
     counted = json.loads(json.dumps(reports))
     first = next(iter(counted))
-    for row in counted[first]["results"]["gpt"]:
+    rows = counted[first]["results"]["gpt"]
+    for row in rows:
         if "error" not in row and "skipped" not in row:
             row["operations"] = {"mean": 137.0, "fewest": 98, "most": 216, "compiled_calls": 0.0}
+    rows.append({"framework": "torch", "method": "x", "variant": None, "label": "Failed", "error": "ValueError: no"})
     after = report.readme_section(counted)
-    assert len(after.splitlines()) == len(before.splitlines())
+    assert len(after.splitlines()) == len(before.splitlines()) + 1  # the failed row
+    assert "| Failed | error | error | error |" in after
     header = after.splitlines()[2]
     assert header.count("ops / step") == 1 and header.count("|") == before.splitlines()[2].count("|") + 1
     assert "| 137 (98-216) |" in after and "kernel launches" in after
