@@ -48,7 +48,8 @@ def test_a_step_counts_the_kernels_it_launches_as_counted_by_hand():
     counted = operations.count_step(_HandCounted(params).step)
     assert counted["operations"] == 3, counted
     assert counted["by_name"]["add_"] == 2 and counted["by_name"]["_foreach_mul_"] == 1 and counted["by_name"]["view"] == 4
-    assert counted["not_launched"] == 4 + 1 + 2 and counted["compiled_calls"] == 0 and counted["graph_replays"] == 0
+    assert counted["by_name"]["empty"] == 1 and counted["not_launched"] >= 4 + 1  # and the annotation's operations
+    assert counted["compiled_calls"] == 0 and counted["graph_replays"] == 0
     for foreach, expected in ((False, 2), (True, 1)):
         sgd = torch.optim.SGD(_two_tensors(), lr=0.1, foreach=foreach)
         assert operations.count_step(sgd.step)["operations"] == expected, foreach
