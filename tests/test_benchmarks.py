@@ -64,9 +64,11 @@ def test_jax_layer_rows_time_the_jitted_update(tmp_path):
 
 
 @pytest.mark.parametrize("model, frameworks", [("gpt", "torch,jax"), ("resnet", "torch")])
-def test_model_bench_times_whole_training_steps(model, frameworks, tmp_path):
+def test_model_bench_times_whole_training_steps(model, frameworks, tmp_path, capsys):
     """Torch rows against AdamW fused and foreach, JAX rows against optax.adamw; the loss after the
-    steps is recorded; B is the examples the loss averages (tokens for the GPT)."""
+    steps is recorded; B is the examples the loss averages (tokens for the GPT). Every torch row,
+    the baselines too, counts the operations of a step after its window (one step with --quick),
+    with a GPU's grouping on a CPU: fused AdamW fewer than foreach; the table prints the column."""
     if "jax" in frameworks:
         pytest.importorskip("optax")
     code, data = _bench(tmp_path, "--model", model, "--methods", "rf_adamw", "--frameworks", frameworks)
@@ -82,6 +84,14 @@ def test_model_bench_times_whole_training_steps(model, frameworks, tmp_path):
     if "jax" in frameworks:
         assert set(by["jax", "RF-AdamW"]["ratios"]) == {"optax.adamw (jit)"}
         assert math.isfinite(by["jax", "RF-AdamW"]["last_loss"])
+        assert "operations" not in by["jax", "RF-AdamW"]
+    for label in ("torch AdamW(fused)", "torch AdamW(foreach)", "RF-AdamW"):
+        row = by["torch", label]
+        ops = row["operations"]
+        assert ops["grouping"] == "gpu" and ops["steps"] == [ops["mean"]] and ops["mean"] >= 1, (label, ops)
+        assert ops["first_step"] == row["settle_steps"] + row["warmup_steps"] + row["steps"]
+    assert by["torch", "torch AdamW(fused)"]["operations"]["mean"] < by["torch", "torch AdamW(foreach)"]["operations"]["mean"]
+    assert "| ops / step |" in capsys.readouterr().out
 
 
 def _inner_dimensions(model: str, size: dict, module) -> int:
@@ -394,7 +404,9 @@ def test_bench_unwritable_output_bad_flags_and_readme_outside_the_repository(tmp
 def test_rounds_keep_each_rows_lowest_median_and_its_first_compile():
     """``--rounds N``: every row is measured N times in turn (baselines and contenders alike) and
     keeps the round of its lowest median, with the first round's first step (the compiling one);
-    a skipped contender is not measured, and an error of one round is replaced by a success."""
+    a skipped contender is not measured, and an error of one round is replaced by a success.
+    Operations are counted in the first round only, and the row keeps that count."""
+    from precond_ref.benchmarks import measure
     from precond_ref.benchmarks.common import contenders
     from precond_ref.benchmarks.measure import section_rows
 
@@ -409,13 +421,16 @@ def test_rounds_keep_each_rows_lowest_median_and_its_first_compile():
             if i == 0:
                 raise RuntimeError("first round fails")
             return {"median_ms": 7.0, "first_step_ms": 70.0}
-        return {"median_ms": medians[name][i], "first_step_ms": 100.0 * (i + 1)}
+        counted = measure._COUNT_OPERATIONS[-1]
+        assert counted == (i == 0), (name, i)
+        return {"median_ms": medians[name][i], "first_step_ms": 100.0 * (i + 1), **({"operations": {"mean": 5.0}} if counted else {})}
 
     rows = section_rows("torch", [("base", lambda: fake("base"))], [agd, dasgo], lambda c: fake(c.entry.name), rounds=3)
     assert calls == {"base": 3, "agd": 3, "dasgo": 3}
     base, row_agd, row_dasgo = rows
-    assert (base["median_ms"], base["first_step_ms"]) == (2.0, 100.0)
-    assert (row_agd["median_ms"], row_agd["first_step_ms"]) == (1.0, 100.0)
+    assert (base["median_ms"], base["first_step_ms"], base["operations"]) == (2.0, 100.0, {"mean": 5.0})
+    assert (row_agd["median_ms"], row_agd["first_step_ms"], row_agd["operations"]) == (1.0, 100.0, {"mean": 5.0})
+    assert measure._COUNT_OPERATIONS == [True]
     assert row_dasgo["median_ms"] == 7.0 and "error" not in row_dasgo
     skipped = section_rows("torch", [], [agd], lambda c: fake(c.entry.name), skip=lambda c: "too large", rounds=2)
     assert skipped[0]["skipped"] == "too large" and calls["agd"] == 3

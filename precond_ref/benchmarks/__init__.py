@@ -19,8 +19,10 @@ Every method of the method table runs (RF-AdamW included) at its bench settings,
 refresh intervals; ``--variants`` adds other modes, roots, intervals and factor dtypes. Each
 measurement reports the first step apart (compilation, tracing, state allocation), then the median
 and the mean of a window of steps as long as the method's longest refresh interval, so the mean
-includes the refresh steps as training does. The authors' implementations run beside ours where
-they can be imported (:mod:`precond_ref.benchmarks.authors`). Output: a table per case or model,
+includes the refresh steps as training does. Every torch row then counts the operations (kernel
+launches) of the refresh period after its window as a GPU would get them, outside the timed
+steps (:mod:`precond_ref.benchmarks.operations`: the ``ops / step`` column). The authors'
+implementations run beside ours where they can be imported (:mod:`precond_ref.benchmarks.authors`). Output: a table per case or model,
 ``bench.json`` in ``--out`` (with every step's time and the machine; written with ``"complete":
 false`` once the machine's rates are measured and again after each row, so that a run stopped
 early keeps every row it measured, and with ``"complete": true`` at the end), and with

@@ -9,9 +9,10 @@ the gradients), so that for the models the whole training step is timed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .common import Contender, refresh_period, state_bytes, steps_until_every_pattern, time_steps
 
@@ -101,8 +102,40 @@ def torch_measure(
     result["peak_bytes"] = peak.since_start()
     if last.get("loss") is not None:
         result["last_loss"] = float(last["loss"])
-    result["notes"] = notes
+    failed: list[str] = []
+    if _COUNT_OPERATIONS[-1]:
+        result["operations"], failed = _operations_after(optimizer, set_grads, extra, device, result, timing.get("budget_s", math.inf))
+    result["notes"] = notes + failed
     return result
+
+
+#: Whether :func:`torch_measure` counts the operations after its window (the innermost
+#: :func:`_operations_counted` decides; a row's later rounds do not count them again).
+_COUNT_OPERATIONS = [True]
+
+
+@contextlib.contextmanager
+def _operations_counted(enabled: bool) -> Iterator[None]:
+    _COUNT_OPERATIONS.append(enabled)
+    try:
+        yield
+    finally:
+        _COUNT_OPERATIONS.pop()
+
+
+def _operations_after(
+    optimizer: Any, set_grads: Callable[[int], Any], extra: dict, device: str, timed: dict, budget_s: float
+) -> tuple:
+    """The operations of the refresh period that follows the timed window, counted as a GPU would
+    issue them (:func:`~.operations.count_after`, within the measurement's budget of seconds), and
+    a note if they could not be counted."""
+    from .operations import count_after
+
+    first = timed["settle_steps"] + timed["warmup_steps"] + timed["steps"]
+    try:
+        return count_after(optimizer, set_grads, extra, device, first, timed["period"], budget_s), []
+    except Exception as err:  # a count that fails leaves the timings it follows intact
+        return None, [f"operations not counted: {type(err).__name__}: {err}"]
 
 
 def _eager_steps_before_compiling(optimizer: Any) -> int:
@@ -221,7 +254,8 @@ def section_rows(
 
     With ``rounds > 1`` the whole section is measured that many times in turn and each row keeps
     the round of its lowest median (its first step and warm-up from the first round, the one that
-    compiled): a burst of load from elsewhere slows one row of one round, not a row of every round.
+    compiled, and the operations counted after that round's window: later rounds count none):
+    a burst of load from elsewhere slows one row of one round, not a row of every round.
     """
     heads: list[dict] = []
     jobs: list[Optional[Callable[[], dict]]] = []
@@ -240,13 +274,14 @@ def section_rows(
                 progress(f"{framework} {head['label']}")
             if job is None:
                 continue
-            row = run_row(framework, head["method"], head["label"], job, head["variant"])
+            with _operations_counted(round_ == 0):
+                row = run_row(framework, head["method"], head["label"], job, head["variant"])
             if round_ == 0:
                 rows[i] = row
                 if on_row is not None:
                     on_row(row)
             elif "median_ms" in row and row["median_ms"] < rows[i].get("median_ms", float("inf")):
-                first = {key: rows[i][key] for key in ("first_step_ms", "warmup_ms") if key in rows[i]}
+                first = {key: rows[i][key] for key in ("first_step_ms", "warmup_ms", "operations") if key in rows[i]}
                 rows[i] = {**row, **first}
     if rounds > 1:
         for row in rows:

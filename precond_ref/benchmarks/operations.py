@@ -1,0 +1,288 @@
+"""The operations one torch optimizer step issues, counted as a GPU would get them.
+
+A GPU step costs the host one dispatch and one kernel launch per operation, whatever the arrays'
+sizes; on a small model that, not the arithmetic, sets the step's time. This module counts those
+operations on any machine, a CPU included:
+
+- every operation the dispatcher runs during ``optimizer.step()`` is seen by a
+  ``TorchDispatchMode`` (after autograd and after the composite operations decomposed into the
+  ones a backend implements), and those that launch no kernel (:data:`NOT_LAUNCHED`: views,
+  allocations without contents, the profiler's annotation of ``optimizer.step``) are left out;
+- a call of a graph TorchInductor compiled (``torch.compile``'s default backend) counts as one
+  operation for the kernels it generated (how many it launches on a GPU cannot be known on a CPU
+  without Inductor's GPU code generation, so this is a lower bound), plus the operations its
+  graph hands to the dispatcher (matrix products, decompositions: Inductor's extern kernels),
+  which the dispatch mode sees; a replay of a CUDA graph counts as one;
+- on a CPU, the step is made to group and read as on a GPU (:func:`gpu_grouping`): the CPU's rule
+  that keeps a large block out of a stack of equal blocks is switched off, and no device value is
+  read on the host (``precond_ref._backend.host_bool`` and ``host_all_finite`` answer ``None``, as
+  they do for a CUDA tensor), so the non-finite rule selects element-wise instead of reading.
+  On a CUDA device the step runs as it is.
+
+``bench`` counts one refresh period of every torch row after its timed window
+(:func:`count_after`); ``python -m precond_ref.benchmarks.operations [cpu|gpu] [method,...]``
+prints the count of an eager step of each method (and of torch's AdamW, fused and foreach) on
+the small GPT's parameters (the mean of 6 steps after 12, compilation off), on this CPU's
+grouping or a GPU's.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional
+
+__all__ = ["VIEWS", "NOT_LAUNCHED", "count_step", "count_after", "gpu_grouping", "model_step_counts", "main"]
+
+#: Operations that make a view of their input (new sizes and strides over the same memory): no
+#: kernel runs for them on any device.
+VIEWS = frozenset({
+    "view", "_unsafe_view", "as_strided", "transpose", "t", "expand", "permute", "unsqueeze", "squeeze", "select",
+    "slice", "alias", "detach", "unbind", "split", "split_with_sizes", "reshape", "diagonal", "narrow", "lift_fresh",
+})
+
+#: Operations the dispatcher runs that launch no kernel either: the views, the profiler's
+#: annotation that ``torch.optim.Optimizer`` wraps every ``step`` in, and allocations without
+#: contents (a GPU's caching allocator hands out a block; nothing runs on the device).
+NOT_LAUNCHED = VIEWS | frozenset({
+    "_record_function_enter", "_record_function_enter_new", "_record_function_exit",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_",
+})
+
+
+def _counting_mode(counts: collections.Counter) -> Any:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        """Counts every operation by name and runs it unchanged."""
+
+        @classmethod
+        def is_infra_mode(cls) -> bool:
+            # A mode that is not "infrastructure" makes torch.compile'd functions run their Python
+            # eagerly (an eager count, and a fullgraph function raises); this one only observes.
+            return True
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+            counts[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    return Count()
+
+
+@contextlib.contextmanager
+def _counting_calls(counts: collections.Counter) -> Iterator[None]:
+    """Calls of Inductor's compiled graphs (``"compiled_call"``) and replays of CUDA graphs
+    (``"cuda_graph_replay"``) counted while inside: each method is wrapped on its class."""
+    import torch
+
+    targets = [(getattr(torch.cuda, "CUDAGraph", None), "replay", "cuda_graph_replay")]
+    inductor = sys.modules.get("torch._inductor.output_code")  # not loaded: nothing was compiled by Inductor
+    if inductor is not None:
+        targets.append((getattr(inductor, "CompiledFxGraph", None), "__call__", "compiled_call"))
+    wrapped = []
+    for cls, name, key in targets:
+        method = getattr(cls, name, None) if cls is not None else None
+        if method is not None:
+            wrapped.append((cls, name, method))
+            setattr(cls, name, _counted(method, key, counts))
+    try:
+        yield
+    finally:
+        for cls, name, method in wrapped:
+            setattr(cls, name, method)
+
+
+def _counted(method: Callable, key: str, counts: collections.Counter) -> Callable:
+    """``method``, counting its calls under ``key``."""
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts[key] += 1
+        return method(self, *args, **kwargs)
+
+    return counted
+
+
+def count_step(step: Callable[[], Any]) -> dict:
+    """The operations ``step()`` issues: ``{"operations": the dispatched operations that launch a
+    kernel, compiled graph calls and graph replays together, "not_launched": the other dispatched
+    operations, "compiled_calls", "graph_replays", "by_name": {operation: count}}``.
+    ``RuntimeError`` if the step compiles a graph: count a step once it has compiled."""
+    counts: collections.Counter = collections.Counter()
+    compiles = _compilations()
+    with _counting_calls(counts), _counting_mode(counts):
+        step()
+    if _compilations() != compiles:
+        raise RuntimeError("the step compiled a graph while its operations were counted (count it once it has compiled)")
+    compiled = counts.pop("compiled_call", 0)
+    replays = counts.pop("cuda_graph_replay", 0)
+    return {
+        "operations": sum(v for k, v in counts.items() if k not in NOT_LAUNCHED) + compiled + replays,
+        "not_launched": sum(v for k, v in counts.items() if k in NOT_LAUNCHED),
+        "compiled_calls": compiled,
+        "graph_replays": replays,
+        "by_name": dict(sorted(counts.items())),
+    }
+
+
+def _compilations() -> int:
+    """Graphs dynamo has made in this process so far (none where it was never imported)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return 0 if utils is None else utils.counters["stats"]["unique_graphs"]
+
+
+_FAKE_HOST_READS = {"host_bool": lambda xp, x: None, "host_all_finite": lambda xp, arrays: None}
+
+
+@contextlib.contextmanager
+def gpu_grouping() -> Iterator[None]:
+    """Inside, the core groups and reads as it does on a GPU, on whatever device: no large block
+    kept out of a stack (``precond_ref.blocking.CPU_BATCHED_ENOUGH``), and ``host_bool`` and
+    ``host_all_finite`` answer ``None`` in every loaded module of the library that imported them.
+    Everything is restored on the way out."""
+    from precond_ref import _backend, blocking
+
+    originals = {getattr(_backend, name): name for name in _FAKE_HOST_READS}
+    patched: list[tuple[Any, str, Any]] = []
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not module_name.startswith(("precond_ref", "adapters")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if callable(value) and value in originals:
+                patched.append((module, attr, value))
+                setattr(module, attr, _FAKE_HOST_READS[originals[value]])
+    threshold = blocking.CPU_BATCHED_ENOUGH
+    blocking.CPU_BATCHED_ENOUGH = 2**62
+    try:
+        yield
+    finally:
+        blocking.CPU_BATCHED_ENOUGH = threshold
+        for module, attr, value in patched:
+            setattr(module, attr, value)
+
+
+def count_after(
+    optimizer: Any, set_grads: Callable[[int], Any], extra: dict, device: str, first: int, steps: int,
+    budget_s: float = math.inf,
+) -> dict:
+    """``bench``'s count: steps ``first`` to ``first + steps - 1`` of ``optimizer`` (gradients from
+    ``set_grads(i)``, not counted), each counted on its own (:func:`count_step`), as a GPU would
+    issue them (:func:`gpu_grouping` off CUDA), stopping early once they have taken ``budget_s``
+    seconds (``covers_period`` is then false). Returns the per-step counts, their mean, fewest and
+    most, the mean compiled calls and graph replays, and the mean count of each operation counted."""
+    on_cuda = device.startswith("cuda")
+    counted = []
+    start = time.perf_counter()
+    for i in range(first, first + steps):
+        if counted and time.perf_counter() - start > budget_s:
+            break
+        set_grads(i)
+        with contextlib.nullcontext() if on_cuda else gpu_grouping():
+            counted.append(count_step(lambda: optimizer.step(**extra)))
+    per_step = [c["operations"] for c in counted]
+    by_name: collections.Counter = collections.Counter()
+    for c in counted:
+        by_name.update({k: v for k, v in c["by_name"].items() if k not in NOT_LAUNCHED})
+    return {
+        "mean": statistics.fmean(per_step),
+        "fewest": min(per_step),
+        "most": max(per_step),
+        "steps": per_step,
+        "first_step": first,
+        "period": steps,
+        "counted": len(counted),
+        "covers_period": len(counted) == steps,
+        "compiled_calls": statistics.fmean(c["compiled_calls"] for c in counted),
+        "graph_replays": statistics.fmean(c["graph_replays"] for c in counted),
+        "grouping": "cuda" if on_cuda else "gpu",
+        "by_name": {k: v / len(counted) for k, v in sorted(by_name.items())},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: an eager step of each method on the small GPT's parameters
+
+
+#: The yardsticks, by the label of their ``bench --model`` row.
+BASELINES = {"adamw_fused": "torch AdamW(fused)", "adamw_foreach": "torch AdamW(foreach)"}
+
+
+def model_step_counts(method: str, grouping: str, *, warmup: int = 12, rounds: int = 6, model: str = "gpt",
+                      size: str = "small") -> tuple[float, dict]:
+    """The mean operations of ``rounds`` eager steps of ``method`` after ``warmup`` ones, on the
+    parameters of the bench's ``model`` at ``size`` (gradients of two batches, alternating), with
+    this CPU's grouping (``"cpu"``) or a GPU's (``"gpu"``); and the mean count per operation."""
+    import torch
+
+    from .common import contenders, torch_optimizer, update_extra
+    from .models import SIZES, build_torch, random_batches, torch_baselines, torch_loss
+
+    shape = SIZES[model][size]
+    with gpu_grouping() if grouping == "gpu" else contextlib.nullcontext():
+        module = build_torch(model, shape, torch.float32, "cpu")
+        named = list(module.named_parameters())
+        if method in BASELINES:
+            optimizer, extra = dict(torch_baselines())[BASELINES[method]]([p for _, p in named]), {}
+        else:
+            (contender,), _ = contenders(method, False)
+            optimizer, _ = torch_optimizer(contender, named, "off")
+            extra = update_extra(contender, shape["batch"] * shape["seq"])
+        batches = random_batches(model, shape, "cpu", torch.float32)
+        grads = []
+        for i in range(2):
+            for _, p in named:
+                p.grad = None
+            torch_loss(model)(module, *batches[i % len(batches)]).backward()
+            grads.append([p.grad.clone() for _, p in named])
+
+        def set_grads(i: int) -> None:
+            for (_, p), g in zip(named, grads[i % 2]):
+                p.grad = g
+
+        for i in range(warmup):
+            set_grads(i)
+            optimizer.step(**extra)
+        total: collections.Counter = collections.Counter()
+        operations = 0
+        for i in range(warmup, warmup + rounds):
+            set_grads(i)
+            counted = count_step(lambda: optimizer.step(**extra))
+            operations += counted["operations"]
+            total.update(counted["by_name"])
+    return operations / rounds, {k: v / rounds for k, v in sorted(total.items()) if k not in NOT_LAUNCHED}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``[cpu|gpu] [method,...] [-v]``: one ``method count`` line per method (default: the nine and
+    ``adamw_fused``, ``adamw_foreach``; ``-v``: and the count of each operation)."""
+    import torch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv
+    argv = [a for a in argv if a != "-v"]
+    grouping = argv[0] if argv else "cpu"
+    if grouping not in ("cpu", "gpu"):
+        print(f"usage: python -m precond_ref.benchmarks.operations [cpu|gpu] [method,...] [-v]; got {grouping!r}", file=sys.stderr)
+        return 2
+    from ..compare.methods import BENCH_ONLY, METHODS
+
+    known = [e.name for e in METHODS + BENCH_ONLY if not e.is_baseline] + list(BASELINES)
+    methods = argv[1].split(",") if len(argv) > 1 else known
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        print(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(known)}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    for method in methods:
+        mean, by_name = model_step_counts(method, grouping)
+        print(f"{method} {mean:.1f}", flush=True)
+        if verbose:
+            print(sorted(by_name.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
