@@ -19,7 +19,7 @@ from precond_ref._backend import float32_matmul_precision
 from precond_ref.transform import PrecondState, Transform, missing_members
 from precond_ref.tree import TreeDef, path_str, tree_flatten, tree_unflatten
 
-from . import _torch_compile, _torch_memory, _torch_state
+from . import _torch_capture, _torch_compile, _torch_memory, _torch_state
 from ._torch_compile import CompileSetting
 from ._torch_state import BOOKKEEPING as _BOOKKEEPING
 from ._torch_state import CALLS as _CALLS
@@ -116,7 +116,9 @@ class CoreOptimizer(torch.optim.Optimizer):
     #: a step taken during capture raises it.
     not_capturable_because: Optional[str] = None
     # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
-    _transient_attributes: tuple[str, ...] = ("_transforms", "_compiled", "_learning_rates", "_member_plans")
+    _transient_attributes: tuple[str, ...] = (
+        "_transforms", "_compiled", "_learning_rates", "_member_plans", "_captures"
+    )
 
     def __init__(
         self,
@@ -125,6 +127,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         *,
         model: Optional[torch.nn.Module] = None,
         compile: CompileSetting = None,
+        capture: Optional[bool] = None,
         capturable: bool = False,
     ):
         _torch_state.check_tensor_lr(defaults.get("lr"))
@@ -133,6 +136,8 @@ class CoreOptimizer(torch.optim.Optimizer):
             raise ValueError(f"capturable must be True or False, got {capturable!r}")
         self._compile_options = _torch_compile.compile_options(compile, self.compile_by_default)
         self._capturable = capturable
+        self._capture = _torch_capture.capture_setting(capture, capturable, type(self).__name__)
+        self._captures: Any = {}  # made on first use (_torch_capture.book)
         self._model_names = {p: n for n, p in model.named_parameters()} if model is not None else {}
         self._param_names: dict[torch.Tensor, str] = dict(self._model_names)
         self._transforms: dict[int, tuple[tuple, Transform, tuple]] = {}
@@ -160,6 +165,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         if isinstance(param_group, dict):
             _torch_state.check_tensor_lr(param_group.get("lr"))
         super().add_param_group(param_group)
+        self._drop_graphs()
         group = self.param_groups[-1]
         self._param_names = _torch_state.names_from_groups([group], self._param_names)
         members = {id(p) for p in group["params"]}
@@ -181,6 +187,13 @@ class CoreOptimizer(torch.optim.Optimizer):
         """Validate, then load (atomically: a rejected checkpoint changes nothing); see
         :func:`precond_ref.adapters._torch_state.load_state_dict`."""
         _torch_state.load_state_dict(self, state_dict, self._build)
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        """Forget the captured steps (their state tensors or param groups are gone)."""
+        captures = getattr(self, "_captures", None)
+        if isinstance(captures, _torch_capture.Captures):
+            captures.clear()
 
     def _build(self, group: dict, **overrides: Any) -> Transform:
         """The core transform of ``group``'s hyperparameters; errors name the torch arguments."""
@@ -334,9 +347,13 @@ class CoreOptimizer(torch.optim.Optimizer):
             if self._behind and tensors[plan.lead] in self._behind:
                 lead = _counters_of_the_set(states, [p in self._behind for p in tensors])  # ... unless held back
             core_state = PrecondState(lead[_STEP], lead[_NONFINITE], groups)
-        new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra, plan.numel)
-        if self._capturable and calls > 0:
-            new_state = _written_in_place(core_state, new_state)
+        new_state = None
+        if calls > 0 and self._capture is not False:
+            new_state = self._captured_update(plan, transform, core_state, params_tree, calls, extra)
+        if new_state is None:
+            new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra, plan.numel)
+            if self._capturable and calls > 0:
+                new_state = _written_in_place(core_state, new_state)
         if self._behind:
             self._behind.difference_update(tensors)  # stepped: their counters are the set's again
         for entries in states:
@@ -347,6 +364,26 @@ class CoreOptimizer(torch.optim.Optimizer):
             head = states[plan.position[key]]
             head[_HEAD] = True
             head.update(entries)
+
+    def _captured_update(
+        self, plan: "_Members", transform: Transform, state: PrecondState, params: dict, calls: int, extra: dict
+    ) -> Optional[PrecondState]:
+        """The step through its CUDA graph (:mod:`._torch_capture`), or ``None`` where it is not
+        captured. The update it captures is :meth:`_run_update` (eager or compiled), from the
+        gradient leaves it is given, with the new state written into ``state``'s tensors."""
+        captures = _torch_capture.book(self)
+        if captures is None:
+            return None
+
+        def update(grads: list, capturing: bool) -> PrecondState:
+            options = self._compile_options
+            grads_tree = tree_unflatten(plan.treedef, grads)
+            new_state = self._run_update(transform, grads_tree, state, params, calls, extra, plan.numel)
+            if capturing and self._compile_options is not options:
+                raise _torch_capture.Spoiled("the compiled step fell back to eager during the capture")
+            return _written_in_place(state, new_state)
+
+        return captures.step(self, plan, transform, state, calls, extra, update)
 
     def _members(self, members: list) -> "_Members":
         """The parameter tree of ``members`` (``(index, parameter)`` pairs), made once per set."""

@@ -13,7 +13,7 @@ at the end of this module), as ``adapters/jax.py`` makes its optax factories: on
 its annotation, and the core argument it becomes (the same name when not given; a tuple of names
 to unpack a pair such as ``betas`` into ``b1, b2``; ``()`` when only the row's ``derive`` reads it),
 with an optional ``convert`` applied to the value first. ``"*"`` starts the keyword-only
-arguments; ``compile`` and ``capturable`` end every signature. ``params`` and ``model`` go to the
+arguments; ``compile``, ``capture`` and ``capturable`` end every signature. ``params`` and ``model`` go to the
 base class's constructor; every other argument is a param-group entry (``defaults``, in signature
 order: the ``state_dict`` layout).
 
@@ -45,7 +45,7 @@ __all__ = ["CoreOptimizer", "AGD", "ASGO", "DASGO", "MBF", "RFRMSProp", "RFAdamW
 
 _REQUIRED = inspect.Parameter.empty
 #: Arguments that go to the base class's constructor, not into the param group.
-_CONSTRUCTOR = ("params", "model", "compile", "capturable")
+_CONSTRUCTOR = ("params", "model", "compile", "capture", "capturable")
 #: Where the keyword-only arguments start in a row's argument list.
 _KEYWORD_ONLY = "*"
 
@@ -62,11 +62,13 @@ class _Arg(NamedTuple):
 
 
 #: Every class ends with these (keyword-only), handled by :class:`CoreOptimizer`.
-_OPTIONS = (_Arg("compile", None, "CompileSetting"), _Arg("capturable", False, "bool"))
+_OPTIONS = (
+    _Arg("compile", None, "CompileSetting"), _Arg("capture", None, "Optional[bool]"), _Arg("capturable", False, "bool")
+)
 
 
 def _signature(arguments: tuple) -> inspect.Signature:
-    """``__init__``'s signature: ``self``, the row's arguments, then ``*, compile, capturable``."""
+    """``__init__``'s signature: ``self``, the row's arguments, then ``*, compile, capture, capturable``."""
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     parameters = [inspect.Parameter("self", kind)]
     for arg in (*arguments, _KEYWORD_ONLY, *_OPTIONS):
@@ -116,7 +118,7 @@ def _torch_class(
     compile_by_default: bool = False, derive: Optional[Callable[[dict], dict]] = None,
 ) -> type:
     """A row of the table as a class: ``__init__`` with the row's signature (bound, then
-    ``params``/``model``/``compile``/``capturable`` to ``base``'s constructor and every other
+    ``params``/``model``/``compile``/``capture``/``capturable`` to ``base``'s constructor and every other
     argument into ``defaults``, in signature order) and ``core_kwargs`` from the row's mapping."""
     signature = _signature(arguments)
 
@@ -125,7 +127,7 @@ def _torch_class(
         bound.apply_defaults()
         values = dict(bound.arguments)
         del values["self"]
-        options = {key: values.pop(key) for key in ("model", "compile", "capturable") if key in values}
+        options = {key: values.pop(key) for key in ("model", "compile", "capture", "capturable") if key in values}
         params = values.pop("params")
         self._build(values)  # invalid hyperparameters are refused before params is looked at, as in torch.optim
         base.__init__(self, params, values, **options)

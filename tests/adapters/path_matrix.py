@@ -263,7 +263,8 @@ def old_entry_names(method: str, entries: dict) -> dict:
 def torch_trajectory(
     method: str, mode: str, model: str, *, compile: Any = False, restore_at: Optional[int] = None,
     groups: Optional[list] = None, missing: Optional[dict] = None, warm: Optional[list] = None,
-    steps: int = STEPS, keep: Optional[list] = None, old_names: bool = False, **overrides: Any,
+    steps: int = STEPS, keep: Optional[list] = None, old_names: bool = False,
+    lr_factor: Optional[Callable[[int], float]] = None, **overrides: Any,
 ) -> list:
     """A torch optimizer's trajectory (``keep``, a list, receives the optimizer and its parameters).
 
@@ -271,6 +272,7 @@ def torch_trajectory(
     ``torch.save``/``torch.load`` into a fresh optimizer on fresh parameter tensors (the saved
     values); ``old_names``: with its entries under the names an earlier version wrote
     (:func:`old_entry_names`). ``groups``: lists of names, one param group each (same hyperparameters).
+    ``lr_factor``: a ``LambdaLR`` scheduler of that factor steps after every step (not with ``restore_at``).
     """
     spec = MODELS[model]
     cls, kwargs = torch_class(method), {**torch_kwargs(method, mode), **overrides, "compile": compile}
@@ -283,6 +285,7 @@ def torch_trajectory(
 
     named = _fresh_torch(spec.init())
     opt = make(named)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor) if lr_factor is not None else None
     if warm is not None:
         opt.warm_start([{n: torch.from_numpy(g) for n, g in b.items()} for b in warm])
     history = [_copy({n: p.detach().numpy() for n, p in named})]
@@ -302,6 +305,8 @@ def torch_trajectory(
         for n, p in named:
             p.grad = None if n in gone else torch.from_numpy(grads[n].copy())
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         history.append(_copy({n: p.detach().numpy() for n, p in named}))
     if keep is not None:
         keep.extend([opt, named])
