@@ -283,7 +283,7 @@ class Captures:
             torch._foreach_copy_(s.buffers, grads)
             graph.replay()
             return state
-        if pattern is None or pattern in s.transient or pattern in s.refused_patterns or self.graphs() >= MAX_GRAPHS:
+        if pattern is None or pattern[0] in s.transient or pattern in s.refused_patterns or self.graphs() >= MAX_GRAPHS:
             return update(grads, False)
         return self._warm_up_and_capture(s, pattern, inputs, pointers, grads, update)
 
