@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import sys
 import warnings
 from typing import Any, Callable, Optional
 
@@ -226,7 +227,7 @@ class Captures:
                 f"{self.owner}: the step is not captured in a CUDA graph ({reason}); it runs as without capture "
                 f"(pass capture=False or set {ENVIRONMENT_VARIABLE}=0 to skip the attempt)",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=_caller_level(),
             )
 
     def _set(self, opt: Any, plan: Any) -> _Set:
@@ -324,6 +325,18 @@ class Captures:
         else:
             s.refused_patterns.add(pattern)
         return new_state
+
+
+_INSIDE = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s ``stacklevel`` of the first frame outside this package and torch (the
+    user's ``opt.step()``, whichever class and torch wrappers stand between)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _pattern(transform: Any, calls: int, extra: dict) -> Optional[tuple]:

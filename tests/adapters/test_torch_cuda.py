@@ -1,7 +1,9 @@
-"""The torch optimizers on a CUDA GPU (issue 12, items 1 and 2): skipped where torch sees none.
+"""The torch optimizers on a CUDA GPU (issue 12, items 1 and 2; issue 53, item 2): skipped where
+torch sees none.
 
-No host synchronisation in a step (torch's sync debug mode), and ``capturable=True`` steps that
-replay from a CUDA graph. The CPU counterparts: ``tests/test_sync_free.py`` (an array namespace
+No host synchronisation in a step (torch's sync debug mode), ``capturable=True`` steps that
+replay from a CUDA graph, and the optimizers' own captured steps (``capture=``; their bookkeeping
+on a CPU: ``test_torch_capture.py``). The CPU counterparts: ``tests/test_sync_free.py`` (an array namespace
 that refuses host transfers), ``test_torch_host_reads.py`` (the torch operations that read a
 status on the host, found on the CPU) and ``test_capturable_steps_write_every_state_tensor_in_place``.
 """
@@ -63,7 +65,8 @@ def _gradients(model: torch.nn.Module) -> list[list[torch.Tensor]]:
     ids=lambda c: c.id,
 )
 def test_steps_never_synchronise(case, compile):
-    """Steps 12-17 (refresh and reuse steps alike) run under
+    """Without capture (``capture=False``; the captured steps: ``test_captured_steps_*`` below),
+    steps 12-17 (refresh and reuse steps alike) run under
     ``torch.cuda.set_sync_debug_mode("error")``, which raises on any operation that makes the host
     wait for the GPU: no step reads a device value (issue 12, item 1). The first 12 steps make the
     state and, compiled, a graph for every pattern of refresh decisions (torch._dynamo's
@@ -72,7 +75,7 @@ def test_steps_never_synchronise(case, compile):
     is not a step's read. With only 2 unguarded steps, as before, ASGO's and
     faithful MBF's later patterns compiled under the guard and failed on the H100 (2026-11-26)."""
     model = _model()
-    opt = case.make(model.named_parameters(), compile=compile)
+    opt = case.make(model.named_parameters(), compile=compile, capture=False)
     grads = _gradients(model)
     if compile:  # a compiled row that fell back to eager would not test the compiled step
         warnings.filterwarnings("error", message=".*torch.compile failed", category=RuntimeWarning)
@@ -174,4 +177,104 @@ def test_capture_of_a_decomposing_step_is_refused_by_name_and_leaves_cusolver_wo
         with torch.cuda.graph(graph):
             opt.step(**case.step_kwargs)
     a = torch.eye(3, device="cuda") + 0.1
+    torch.testing.assert_close(torch.linalg.eigh(a).eigenvalues, torch.tensor([1.0, 1.0, 1.3], device="cuda"))
+
+
+# --------------------------------------------------------------------------------------------
+# The captured step (capture=None, the default on CUDA): every case, its periodic work included
+
+
+REFUSED = set(KNOWN_SYNCS)  # the classes whose step reads the host refuse capture (not_capturable_because)
+TIMED = 6
+
+
+def _warm_steps(opt) -> int:
+    """Steps until every recurring pattern of interval decisions has been warmed up and captured:
+    its first occurrence after the first step (which makes the state and is never captured)."""
+    from precond_ref.adapters._torch_compile import transient_patterns
+
+    transform = opt._transform(opt.param_groups[0])
+    transient, first = transient_patterns(transform), {}
+    for call in range(1, 1024):
+        first.setdefault(tuple(transform.due(call)), call)
+    return max(call for pattern, call in first.items() if pattern not in transient) + 1
+
+
+def _captured_run(case, compile, capture, guard: bool) -> tuple:
+    """The parameters after warm-up and ``TIMED`` further steps, new ``.grad`` tensors every step
+    (``set_to_none``), ``lr`` x 0.9 a step by a ``LambdaLR`` scheduler; the last ``TIMED`` steps
+    under ``torch.cuda.set_sync_debug_mode("error")`` with ``guard``."""
+    model = _model()
+    opt = case.make(model.named_parameters(), compile=compile, capture=capture)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9**t)
+    warm = _warm_steps(opt)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=gen, device="cuda") for p in model.parameters()] for _ in range(warm + TIMED)]
+
+    def step(i: int) -> None:
+        for p, g in zip(model.parameters(), grads[i]):
+            p.grad = g.clone()
+        opt.step(**case.step_kwargs)
+        scheduler.step()
+
+    for i in range(warm):
+        step(i)
+    torch.cuda.synchronize()
+    if guard:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(warm, warm + TIMED):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+@pytest.mark.parametrize(
+    "case, compile",
+    [pytest.param(c, False, id=c.id) for c in TORCH_CASES]
+    + [pytest.param(c, True, id=f"{c.id}-compiled") for c in TORCH_CASES if c.id == "agd"],
+)
+def test_captured_steps_replay_like_uncaptured_ones_without_a_host_sync(case, compile):
+    """The default (``capture=None``) captures each recurring pattern of a case's interval
+    decisions once and replays it: after the warm-up, steps under a ``LambdaLR`` scheduler with new
+    ``.grad`` tensors every step replay without any host synchronisation (sync debug mode "error")
+    and give the parameters of the same steps without capture (the same kernels, replayed: float32
+    rounding, ``assert_close``'s float32 default). A class that refuses capture
+    (``not_capturable_because``) steps as without it, quietly, and keeps no graph."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback: neither from capture nor compile
+        got, opt = _captured_run(case, compile, None, guard=case.id not in REFUSED)
+    want, _ = _captured_run(case, compile, False, guard=False)
+    graphs = opt._captures.graphs()
+    assert (graphs == 0) if case.id in REFUSED else (graphs > 0)
+    for p, q in zip(got, want):
+        torch.testing.assert_close(p, q)
+
+
+def test_a_capture_that_fails_on_the_device_warns_once_and_changes_nothing(monkeypatch):
+    """A capture that a host read invalidates (``.item()`` inside the captured update, as a
+    method's unguarded status check would) ends cleanly: one warning naming the failure, the
+    parameters those of the steps without capture, and the process's CUDA work (a matmul, a
+    cuSOLVER ``eigh``) still runs."""
+    from precond_ref.adapters import _torch_core
+
+    run_update = _torch_core.CoreOptimizer._run_update
+
+    def reads_the_host(self, *args):
+        if torch.cuda.is_current_stream_capturing():
+            torch.ones((), device="cuda").item()
+        return run_update(self, *args)
+
+    case = next(c for c in TORCH_CASES if c.id == "if_shampoo")
+    want, _ = _captured_run(case, False, False, guard=False)
+    monkeypatch.setattr(_torch_core.CoreOptimizer, "_run_update", reads_the_host)
+    with pytest.warns(RuntimeWarning, match="capturing raised") as told:
+        got, opt = _captured_run(case, False, True, guard=False)
+    assert len(told) == 1 and opt._captures.off and opt._captures.graphs() == 0
+    for p, q in zip(got, want):
+        torch.testing.assert_close(p, q)
+    a = torch.eye(3, device="cuda") + 0.1
+    torch.testing.assert_close(a @ torch.eye(3, device="cuda"), a)
     torch.testing.assert_close(torch.linalg.eigh(a).eigenvalues, torch.tensor([1.0, 1.0, 1.3], device="cuda"))
