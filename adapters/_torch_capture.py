@@ -274,6 +274,8 @@ class Captures:
                 return None
             s.graphs.clear()
             s.transform, s.transient = transform, transient_patterns(transform)
+        if calls == 0:
+            return update(grads, False)  # the first step makes the state: run, never captured
         pattern = _pattern(transform, calls, extra)
         inputs = _leaves(state)
         pointers = tuple(p.data_ptr() for p in plan.tensors)

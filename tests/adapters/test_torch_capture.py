@@ -280,3 +280,18 @@ def test_the_captured_trajectory_meets_the_core():
         diff = pm.difference(got, pm.core_trajectory(method, "principled", "mlp"))[0]
         assert diff <= 1e-12, (method, diff)
         assert np.isfinite(diff)
+
+
+def test_the_class_default_does_not_compile_a_captured_step(monkeypatch):
+    """``compile=None`` on a class that compiles by default (here from its first step: the
+    threshold lowered to 1 element) makes no compiled step where the steps are captured, the first
+    step included: the graph removes the host cost compiling would save."""
+    monkeypatch.setattr(_torch_compile, "AUTO_MIN_ELEMENTS", 1)
+    assert _torch_compile.Auto().options_for(1, 0) == {}  # without capture, the first step would compile
+    made = []
+    monkeypatch.setattr(_torch_compile, "CompiledStep", lambda *args: made.append(args) or pytest.fail("compiled"))
+    with fake_graphs() as double:
+        got, opt = _run("agd", capture=True, compile=None)
+    assert not made and double.replays() == STEPS - 2
+    want, _ = _run("agd", capture=False)
+    _identical(got, want)

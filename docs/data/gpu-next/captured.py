@@ -1,6 +1,6 @@
 """The bench's GPT training step (forward, backward, optimizer step) with each method uncaptured and
 captured (``capture=False`` / ``True``, ``compile=False`` both: the captured step needs no
-Inductor), against AdamW(fused), synchronised, in one process; gradients set to None between
+Inductor; AGD also compiled and captured), against AdamW(fused), synchronised, in one process; gradients set to None between
 steps (so each captured step copies them into its static buffers).
 
     python captured.py [SIZE [METHOD,...]]     (defaults: reference; every method that captures)
@@ -16,6 +16,7 @@ from precond_ref.adapters._torch_compile import transient_patterns
 
 size_name = sys.argv[1] if len(sys.argv) > 1 else "reference"
 methods = sys.argv[2] if len(sys.argv) > 2 else "agd,rf_rmsprop,rf_adamw,dasgo,mbf,if_shampoo"
+COMPILED = ("agd",)  # also timed compiled and captured (compile=True: the per-leaf kernels' first compilation)
 size, dev, TIMED = SIZES["gpt"][size_name], os.environ.get("DEV", "cuda"), 30  # DEV=cpu: a dry run
 cuda = dev.startswith("cuda")
 sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -64,15 +65,17 @@ print(f"GPT {size_name} on {torch.cuda.get_device_name() if cuda else dev}, torc
 for method in methods.split(","):
     (c,), _ = contenders(method, False)
     extra = update_extra(c, size["batch"] * size["seq"])
-    for capture in (False, True):
+    modes = [(False, False), (False, True)] + ([(True, True)] if method in COMPILED else [])
+    for compile, capture in modes:
         def make(named):
             return make_torch_optimizer(c.entry, named, core_kwargs_for(c.entry, torch, "torch"),
-                                        {"compile": False, "capture": capture})[0]
+                                        {"compile": compile, "capture": capture})[0]
         try:
             warm, steps, median, mean, graphs, peak = run(make, extra)
         except Exception as error:  # one method's failure does not end the run
-            print(f"{method} capture={capture}: {type(error).__name__}: {str(error)[:300]}", flush=True)
+            print(f"{method} compile={compile} capture={capture}: {type(error).__name__}: {str(error)[:300]}", flush=True)
             continue
-        print(f"{method:10s} {'captured' if capture else 'eager':8s}: warm-up {warm:5.1f} s ({steps} steps); "
+        label = ("compiled+" if compile else "") + ("captured" if capture else "eager")
+        print(f"{method:10s} {label:17s}: warm-up {warm:5.1f} s ({steps} steps); "
               f"median {median:6.1f} ms ({median / base_median:.2f}x), mean {mean:6.1f} ms ({mean / base_mean:.2f}x); "
               f"{graphs} graphs; peak {peak:.0f} MiB", flush=True)
