@@ -104,6 +104,10 @@ class CoreOptimizer(torch.optim.Optimizer):
     ``torch.optim``) allows capturing ``step`` in a CUDA graph: CUDA parameters only, and a method
     step without periodic work; give ``lr`` as a tensor to schedule it under replay. The first step
     makes the state (capture after warm-up steps); every later one writes each state tensor in place.
+    ``capture`` (default ``None``: on for CUDA parameters where the class's step can be captured;
+    ``PRECOND_REF_CAPTURE=0`` or ``1`` overrides the default) makes the optimizer capture each
+    pattern of its periodic work once as a CUDA graph and replay it (:mod:`._torch_capture`: what
+    a graph holds, what captures again, what falls back).
     """
 
     core_factory: Callable[..., Transform]
