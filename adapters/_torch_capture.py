@@ -276,11 +276,16 @@ class Captures:
             s.transform, s.transient = transform, transient_patterns(transform)
         if calls == 0:
             return update(grads, False)  # the first step makes the state: run, never captured
+        pointers = tuple(p.data_ptr() for p in plan.tensors)
+        if s.pointers and pointers != s.pointers:
+            # A parameter's storage replaced (a dtype or device move, p.data = ...): a set made
+            # anew, its device checked and its gradient buffers made again.
+            del self.sets[id(plan)]
+            return self.step(opt, plan, transform, state, calls, extra, update)
         pattern = _pattern(transform, calls, extra)
         inputs = _leaves(state)
-        pointers = tuple(p.data_ptr() for p in plan.tensors)
-        if s.graphs and not (_same(inputs, s.inputs) and pointers == s.pointers):
-            s.graphs.clear()  # what the graphs were captured with is gone
+        if s.graphs and not _same(inputs, s.inputs):
+            s.graphs.clear()  # the state the graphs read and write is gone
         graph = s.graphs.get(pattern)
         if graph is not None:
             torch._foreach_copy_(s.buffers, grads)
@@ -295,6 +300,10 @@ class Captures:
     ) -> Any:
         """The pattern's first step, eagerly from the static buffers on the side stream, then its capture."""
         device = s.plan.tensors[0].device
+        if not all(GRAPHS.accepts(t.device) for t in inputs):
+            s.refusal = f"a state tensor on {next(t.device for t in inputs if not GRAPHS.accepts(t.device))}"
+            self._warn(s.refusal)
+            return update(grads, False)
         if device not in self.devices:
             self.devices[device] = (GRAPHS.pool(device), GRAPHS.stream(device))
         pool, stream = self.devices[device]
