@@ -22,7 +22,7 @@ from precond_ref.adapters import torch as pt
 
 P, K = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
 REQ = inspect.Parameter.empty
-_TAIL = (("compile", K, None, "CompileSetting"), ("capturable", K, False, "bool"))
+_TAIL = (("compile", K, None, "CompileSetting"), ("capture", K, None, "Optional[bool]"), ("capturable", K, False, "bool"))
 _ROOT_FREE = ("batch_size", P, None, "Optional[int]"), ("model", P, None, "Optional[torch.nn.Module]")
 _FALLBACK = (
     ("fallback_betas", P, (0.9, 0.95), "tuple[float, float]"),
@@ -209,7 +209,7 @@ def test_param_group_layout_and_core_arguments_are_mains(name):
     ``core_kwargs`` makes of it, and the torch names that errors put for core names."""
     opt = _build(name)
     group = opt.param_groups[0]
-    expected_keys = [s[0] for s in SIGNATURES[name] if s[0] not in ("params", "model", "compile", "capturable")]
+    expected_keys = [s[0] for s in SIGNATURES[name] if s[0] not in ("params", "model", "compile", "capture", "capturable")]
     assert [k for k in group if k not in ("params", "param_names")] == expected_keys
     assert list(opt.defaults) == expected_keys
     got = opt.core_kwargs(group)
