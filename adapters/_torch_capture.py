@@ -36,7 +36,8 @@ optimizer; a pattern beyond them runs eagerly.
 A step that cannot be captured runs as it would otherwise (eagerly, or compiled): a method whose
 step reads the device on the host (``not_capturable_because``: Sketchy's and S-AdaGrad's
 decompositions, principled ASGO's checked roots), parameters that are not CUDA tensors or are
-sharded (DTensor), ``compile`` with Inductor's own CUDA graphs, a step inside a capture the user
+sharded (DTensor), the distributed classes (their step exchanges blocks between ranks),
+``compile`` with Inductor's own CUDA graphs, a step inside a capture the user
 makes; a capture that raises turns capturing off for the optimizer. With ``capture=True`` each
 such fallback warns once; with the default (``None``) only an unexpected failure does.
 
@@ -236,7 +237,9 @@ class Captures:
             return s
         tensors = plan.tensors
         refusal = None
-        if any(hasattr(p, "device_mesh") for p in tensors):
+        if getattr(opt, "_accepts_dtensor", False):  # torch_distributed's classes
+            refusal = "the distributed classes exchange blocks between ranks within the step"
+        elif any(hasattr(p, "device_mesh") for p in tensors):
             refusal = "sharded (DTensor) parameters"
         elif not all(GRAPHS.accepts(p.device) for p in tensors):
             device = next(p.device for p in tensors if not GRAPHS.accepts(p.device))

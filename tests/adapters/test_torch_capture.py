@@ -295,3 +295,15 @@ def test_the_class_default_does_not_compile_a_captured_step(monkeypatch):
     assert not made and double.replays() == STEPS - 2
     want, _ = _run("agd", capture=False)
     _identical(got, want)
+
+
+def test_the_distributed_classes_are_not_captured(monkeypatch):
+    """A class of ``torch_distributed`` (which exchanges blocks between ranks within its step,
+    marked by ``_accepts_dtensor``) steps without capture, quietly under the default."""
+    monkeypatch.setattr(pm.torch_class("agd"), "_accepts_dtensor", True, raising=False)
+    with fake_graphs() as double, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got, opt = _run("agd", capture=None)
+    assert not double.graphs and opt._captures.graphs() == 0
+    want, _ = _run("agd", capture=False)
+    _identical(got, want)
