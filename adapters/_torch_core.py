@@ -119,6 +119,9 @@ class CoreOptimizer(torch.optim.Optimizer):
     #: captured in a CUDA graph (an operation of the step reads the device on the host), or None;
     #: a step taken during capture raises it.
     not_capturable_because: Optional[str] = None
+    #: The constructor's ``capture`` as :func:`._torch_capture.capture_setting` resolved it (the
+    #: class's value serves an optimizer unpickled from a version without it).
+    _capture: Optional[bool] = None
     # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
     _transient_attributes: tuple[str, ...] = (
         "_transforms", "_compiled", "_learning_rates", "_member_plans", "_captures"
