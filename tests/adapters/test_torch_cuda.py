@@ -85,16 +85,23 @@ def test_steps_never_synchronise(case, compile):
             p.grad = g
         opt.step(**case.step_kwargs)
 
-    for i in range(WARM_STEPS):
+    _unsynchronised_after(step, WARM_STEPS, STEPS)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _unsynchronised_after(step, warm: int, steps: int, guard: bool = True) -> None:
+    """``step(i)`` for ``warm`` steps, then ``steps`` more under
+    ``torch.cuda.set_sync_debug_mode("error")`` (with ``guard``), which raises on any host wait."""
+    for i in range(warm):
         step(i)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    if guard:
+        torch.cuda.set_sync_debug_mode("error")
     try:
-        for i in range(WARM_STEPS, WARM_STEPS + STEPS):
+        for i in range(warm, warm + steps):
             step(i)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 # A step that reads the host cannot be captured (an attempt invalidates the capture, and later
@@ -217,16 +224,7 @@ def _captured_run(case, compile, capture, guard: bool) -> tuple:
         opt.step(**case.step_kwargs)
         scheduler.step()
 
-    for i in range(warm):
-        step(i)
-    torch.cuda.synchronize()
-    if guard:
-        torch.cuda.set_sync_debug_mode("error")
-    try:
-        for i in range(warm, warm + TIMED):
-            step(i)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    _unsynchronised_after(step, warm, TIMED, guard)
     torch.cuda.synchronize()
     return [p.detach().clone() for p in model.parameters()], opt
 
