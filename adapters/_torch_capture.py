@@ -134,12 +134,13 @@ class CudaGraphs:
     def capture(fn: Callable[[], Any], *, pool: Any, stream: Any, writes: list) -> tuple:
         """``(graph, fn())`` with ``fn``'s kernels recorded on ``stream`` into ``pool``, not run.
 
-        As ``torch.cuda.graph``, but the capture ends (and the stream is restored) whatever ``fn``
-        raises. Nothing runs during a capture, so a failed one leaves ``writes`` (the tensors the
-        step writes) as they were.
+        As ``torch.cuda.graph``, but without its host synchronisation, and the capture ends (and
+        the stream is restored) whatever ``fn`` raises. Nothing runs during a capture, so a failed
+        one leaves ``writes`` (the tensors the step writes) as they were.
         """
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(stream.device)  # the warm-up's work done, as torch.cuda.graph does
+        # No synchronisation first (torch.cuda.graph's is to free memory for the graph): work
+        # already on the stream (the warm-up's) runs, and is not part of the graph.
         with torch.cuda.stream(stream):
             graph.capture_begin(pool, capture_error_mode="thread_local")
             try:
