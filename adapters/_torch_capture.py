@@ -49,6 +49,7 @@ bookkeeping is tested on a CPU.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import operator
 import os
 import sys
@@ -362,7 +363,7 @@ def _pattern(transform: Any, calls: int, extra: dict) -> Optional[tuple]:
     if not extra:
         return (decisions,)
     items = tuple(sorted(extra.items()))
-    if not all(v is None or isinstance(v, (bool, int, float, str)) for _, v in items):
+    if not all(v is None or isinstance(v, (numbers.Number, str)) for _, v in items):
         return None
     return (decisions, items)
 
