@@ -261,9 +261,10 @@ class Captures:
         """The new state of ``plan``'s parameters after this step, ``None`` where the step is not
         the captured path's (the caller then runs it as without capture).
 
-        ``update(grads, capturing)`` runs the core update from the gradient leaves ``grads`` (in the
-        plan's order), writing parameters and state in place, and returns the new state; with
-        ``capturing`` it raises :class:`Spoiled` if what it ran is not what the warm-up ran.
+        ``update(grads, capturing, in_place=True)`` runs the core update from the gradient leaves
+        ``grads`` (in the plan's order), writing the parameters and (``in_place``) the state in
+        place, and returns the new state; with ``capturing`` it raises :class:`Spoiled` if what it
+        ran is not what the warm-up ran.
         """
         if self.off is not None or GRAPHS.capturing():
             return None
@@ -279,8 +280,8 @@ class Captures:
                 return None
             s.graphs.clear()
             s.transform, s.transient = transform, transient_patterns(transform)
-        if calls == 0:
-            return update(grads, False)  # the first step makes the state: run, never captured
+        if calls == 0:  # the first step makes the state (its tensors as the step lays them out): never captured
+            return update(grads, False, in_place=False)
         pointers = tuple(p.data_ptr() for p in plan.tensors)
         if s.pointers and pointers != s.pointers:
             # A parameter's storage replaced (a dtype or device move, p.data = ...): a set made

@@ -384,7 +384,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         if captures is None:
             return None
 
-        def update(grads: list, capturing: bool) -> PrecondState:
+        def update(grads: list, capturing: bool, in_place: bool = True) -> PrecondState:
             options = self._compile_options
             grads_tree = tree_unflatten(plan.treedef, grads)
             if isinstance(options, _torch_compile.Auto) and not getattr(self, "_under_outer_compile", False):
@@ -393,7 +393,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                 new_state = self._run_update(transform, grads_tree, state, params, calls, extra, plan.numel)
             if capturing and self._compile_options is not options:
                 raise _torch_capture.Spoiled("the compiled step fell back to eager during the capture")
-            return _written_in_place(state, new_state)
+            return _written_in_place(state, new_state) if in_place else new_state
 
         return captures.step(self, plan, transform, state, calls, extra, update)
 
