@@ -127,9 +127,11 @@ class CudaGraphs:
         """Work on ``stream``, ordered after the current stream's and before its later work."""
         current = torch.cuda.current_stream(stream.device)
         stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            yield
-        current.wait_stream(stream)
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:
+            current.wait_stream(stream)
 
     @staticmethod
     def capture(fn: Callable[[], Any], *, pool: Any, stream: Any, writes: list) -> tuple:
