@@ -246,6 +246,20 @@ def state_bytes(state: Any) -> int:
     return 0
 
 
+def warms_every_pattern(torch_compile: str, torch_device: str) -> bool:
+    """Whether our torch rows warm up until every pattern of their interval decisions has occurred
+    once: compiled (``--torch-compile on``: a graph compiles per pattern) or captured (CUDA with
+    the adapters' default ``capture``: a pattern's first step is its capture's warm-up), so that
+    the window times compiled or replayed steps, not compilations or captures."""
+    if torch_compile == "on":
+        return True
+    if not str(torch_device).startswith("cuda"):
+        return False
+    from ..adapters._torch_capture import capture_setting
+
+    return capture_setting(None, False, "bench") is not False
+
+
 def torch_optimizer(contender: Contender, named: list, torch_compile: str) -> tuple[Any, list[str]]:
     """Our torch optimizer for ``contender``; ``torch_compile`` is ``"default"``, ``"on"`` or ``"off"``."""
     import torch

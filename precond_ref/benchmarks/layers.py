@@ -15,7 +15,9 @@ import numpy as np
 
 from ..cli import UserError
 from .authors import authors_rows
-from .common import BUDGET_S, Contender, core_kwargs_for, jax_optimizer, time_steps, torch_optimizer, update_extra
+from .common import (
+    BUDGET_S, Contender, core_kwargs_for, jax_optimizer, time_steps, torch_optimizer, update_extra, warms_every_pattern,
+)
 from .measure import add_ratios, core_measure, jax_measure, section_rows, timing_for, torch_measure, torch_sync
 
 __all__ = ["CASES", "QUICK_CASES", "parse_cases", "bench_case", "eigh_reference", "FRAMEWORKS"]
@@ -142,7 +144,8 @@ def bench_case(
     grads = _gradients(initial)
     size = sum(int(np.prod(v.shape)) for v in initial.values())
     timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s)
-    torch_timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s, torch_compile == "on")
+    every_pattern = warms_every_pattern(torch_compile, torch_device)
+    torch_timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s, every_pattern)
 
     def too_large(contender: Contender) -> Optional[str]:
         limit = contender.entry.bench_max_size

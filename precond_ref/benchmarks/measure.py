@@ -209,7 +209,7 @@ def timing_for(
 ) -> Callable[[Optional[Contender]], dict]:
     """``time_steps`` settings per contender (``None``: a baseline): its refresh period sets the window.
 
-    ``compiled`` (torch rows with ``--torch-compile on``): a contender's warm-up runs at least
+    ``compiled`` (torch rows with ``--torch-compile on``, or captured: :func:`~.common.warms_every_pattern`): a contender's warm-up runs at least
     until every pattern of its interval decisions has occurred once
     (:func:`~.common.steps_until_every_pattern`), since a compiled step compiles one graph per
     pattern (a refresh spread over T phases: the first call's, then one per phase); the window

@@ -318,7 +318,7 @@ def bench_model(
     import torch
 
     from .authors import authors_rows
-    from .common import jax_optimizer, torch_optimizer, update_extra
+    from .common import jax_optimizer, torch_optimizer, update_extra, warms_every_pattern
     from .measure import add_ratios, section_rows, timing_for
 
     tdtype = getattr(torch, dtype)
@@ -330,7 +330,8 @@ def bench_model(
     for framework in frameworks:
         if framework == "torch":
             torch_measure_ = _torch_measurer(model, size, initial, tdtype, torch_device)
-            torch_timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s, torch_compile == "on")
+            every_pattern = warms_every_pattern(torch_compile, torch_device)
+            torch_timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s, every_pattern)
             baselines = [
                 (label, lambda f=factory: torch_measure_(lambda module, named: (f([p for _, p in named]), []), {}, timing(None)))
                 for label, factory in torch_baselines()
