@@ -451,7 +451,8 @@ def _coupled_newton(a: Array, p: int, steps: int) -> tuple[Array, Array]:
 
 
 # --------------------------------------------------------------------------------------------
-# Residual-checked roots: an iteration where matmuls are cheap, eigh where it did not converge.
+# Residual-checked roots: an iteration where matmuls are cheap, eigh (or the caller's replacement)
+# where it did not converge.
 
 #: Largest distance from the identity, ``‖M - I‖_F``, of an iteration's convergence measure
 #: (:func:`inverse_root`: Z·Y for the coupled polynomial iterations, M for Newton) accepted before
