@@ -21,12 +21,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 STEPS = 6
 WARM_STEPS = 12  # compiled, no case makes a new graph after step 10 (MBF's spread refreshes; counted on a CPU)
-# Known host reads, by case (docs/backends.md, "no host synchronisation"). Not ASGO: its checked
-# iterative root (root_method="auto" for float32 on a GPU) keeps a failed block's previous root
-# by an element-wise selection, no branch (docs/methods/asgo.md, D13). Sketchy and S-AdaGrad: torch's CUDA eigh and svd read their LAPACK status on the host (no
-# ``_ex`` variant exists), and the Frequent Directions update calls one of them on every sketch
-# update: S-AdaGrad's every step, Sketchy's refresh steps (some block refreshes on every step with
-# the spread default, every second step in the interval case).
+# Known host reads, by case (docs/backends.md, "no host synchronisation"). Sketchy and S-AdaGrad:
+# torch's CUDA eigh and svd read their LAPACK status on the host (no ``_ex`` variant exists), and
+# the Frequent Directions update calls one of them on every sketch update: S-AdaGrad's every step,
+# Sketchy's refresh steps (some block refreshes on every step with the spread default, every
+# second step in the interval case). Not ASGO: its checked iterative root (root_method="auto" for
+# float32 on a GPU) keeps a failed block's previous root by an element-wise selection, no branch
+# (docs/methods/asgo.md, D13).
 # tests/adapters/test_torch_host_reads.py checks on the CPU that no case outside this table reads
 # a device value or calls eigh/svd, and that no case calls a torch function that checks its status
 # on the host.
