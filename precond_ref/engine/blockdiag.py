@@ -135,10 +135,10 @@ def finite_root_or_previous(
     if rejected is None:
         rejected = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
     else:
-        kept = has_previous()
-        if kept is not False:
+        usable = has_previous()
+        if usable is not False:
             keep = xp.astype(rejected, xp.bool)
-            keep = keep if kept is True else xp.logical_and(keep, kept)
+            keep = keep if usable is True else xp.logical_and(keep, usable)
             z = select(xp, per_block(xp, keep), previous, z)
     ok = xp.logical_and(all_finite(z, axis=(-2, -1)), p_ok)
     return select(xp, per_block(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), rejected
