@@ -275,8 +275,8 @@ def _asgo_capture_refusal(self: CoreOptimizer) -> Optional[str]:
     status there (no ``_ex`` variant). The root a group takes is the core's choice
     (``root_method="auto"``: eigh for float64, the checked iterative root on a GPU). The iterative
     roots read nothing: a block that fails its convergence check keeps its previous root, selected
-    on the device (``docs/methods/asgo.md``, D13); faithful mode's roots are unchecked; a group without a matrix (all on
-    the built-in Adam by ``ndim``) roots nothing."""
+    on the device (``docs/methods/asgo.md``, D13); faithful mode's roots are unchecked; a group
+    without a matrix (all on the built-in Adam by ``ndim``) roots nothing."""
     for group in self.param_groups:
         matrices = [p for p in group["params"] if p.ndim >= 2]
         if group["mode"] == "faithful" or not matrices:
