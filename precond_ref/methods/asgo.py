@@ -178,8 +178,8 @@ def _damped_inverse_sqrt(
     z, failed = inverse_root(normalised, 2, shift=shift, method=method, steps=steps, tolerance=tolerance, fallback=None)
     if tolerance is None:
         return z * scale, None
-    mean = select(xp, zero, xp.zeros_like(tau), xp.ones_like(tau))  # of the eigenvalues of P/τ
-    damped_identity = identity_like(p) * per_block(xp, (mean + shift) ** -0.5)
+    isotropic = select(xp, zero, shift, shift + 1.0)  # the mean eigenvalue of P/τ (1; 0 for P = 0) + shift
+    damped_identity = identity_like(p) * per_block(xp, isotropic**-0.5)
     return select(xp, per_block(xp, failed != 0), damped_identity, z) * scale, failed
 
 
