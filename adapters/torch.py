@@ -271,22 +271,20 @@ ASGO = _torch_class(
 )
 
 def _asgo_capture_refusal(self: CoreOptimizer) -> Optional[str]:
-    """Principled ASGO's roots read the host on CUDA: ``"eigh"`` calls torch's eigh, which reads
-    its status there, and the iterative roots are checked, which reads their convergence flag on
-    refresh steps (the torch class has no ``root_tolerance``: the check is always on). The root a
-    group takes is the core's choice (``root_method="auto"``: eigh for float64, the iterative root
-    on a GPU). Faithful mode's unchecked iterative root reads nothing; a group without a matrix
-    (all on the built-in Adam by ``ndim``) roots nothing."""
+    """Principled ASGO with ``root_method="eigh"`` reads the host on CUDA: torch's eigh reads its
+    status there (no ``_ex`` variant). The root a group takes is the core's choice
+    (``root_method="auto"``: eigh for float64, the checked iterative root on a GPU). The iterative
+    roots read nothing: a block that fails its convergence check keeps its previous root, selected
+    on the device (``docs/methods/asgo.md``, D13); faithful mode's roots are unchecked; a group
+    without a matrix (all on the built-in Adam by ``ndim``) roots nothing."""
     for group in self.param_groups:
         matrices = [p for p in group["params"] if p.ndim >= 2]
         if group["mode"] == "faithful" or not matrices:
             continue
         chosen = group["root_method"] or "auto"
-        method = _asgo_root_method_for(array_namespace(matrices[0]), matrices[0], chosen)
-        if method == "eigh":
-            return f"its root_method {chosen!r} calls torch's eigh, which on CUDA reads its status on the host"
-        return (f"its {method!r} root is checked for convergence, which reads a flag on the host on refresh steps "
-                "(mode='faithful' roots unchecked)")
+        if _asgo_root_method_for(array_namespace(matrices[0]), matrices[0], chosen) == "eigh":
+            return (f"its root_method {chosen!r} calls torch's eigh, which on CUDA reads its status on the host "
+                    "(root_method='polar_express' reads nothing)")
     return None
 
 

@@ -451,7 +451,8 @@ def _coupled_newton(a: Array, p: int, steps: int) -> tuple[Array, Array]:
 
 
 # --------------------------------------------------------------------------------------------
-# Residual-checked roots: an iteration where matmuls are cheap, eigh where it did not converge.
+# Residual-checked roots: an iteration where matmuls are cheap, eigh (or the caller's replacement)
+# where it did not converge.
 
 #: Largest distance from the identity, ``‖M - I‖_F``, of an iteration's convergence measure
 #: (:func:`inverse_root`: Z·Y for the coupled polynomial iterations, M for Newton) accepted before
@@ -472,9 +473,10 @@ def inverse_root(
     method: str = "eigh",
     steps: Optional[int] = None,
     tolerance: Optional[float] = ROOT_RESIDUAL_TOLERANCE,
+    fallback: Optional[str] = "eigh",
 ) -> tuple[Array, Array]:
     r""":math:`(A + sI)^{-1/p}` of a stack of symmetric PSD matrices, by ``eigh`` or by a matmul
-    iteration whose result is checked and, where it failed, recomputed by ``eigh``.
+    iteration whose result is checked and, where it failed, recomputed by ``eigh`` (or flagged).
 
     Parameters
     ----------
@@ -494,24 +496,30 @@ def inverse_root(
         Iterations (``None``: the defaults above).
     tolerance:
         Iterations only: a matrix whose iteration ends farther than this from convergence
-        (:data:`ROOT_RESIDUAL_TOLERANCE`), or not finite, is recomputed by ``eigh``. ``None`` skips
-        the check (no fallback, no host read; matmuls only).
+        (:data:`ROOT_RESIDUAL_TOLERANCE`), or not finite, failed the check. ``None`` skips the
+        check (no fallback, no host read; matmuls only).
+    fallback:
+        Iterations with a ``tolerance`` only: ``"eigh"`` recomputes the matrices that failed the
+        check by ``eigh``; ``None`` returns them as the iteration left them, flagged, for the
+        caller to replace (element-wise, e.g. by a previous root): no branch, no host read.
 
     Returns
     -------
-    (root, fell_back)
-        The roots, and int32 flags of the batch shape ``a.shape[:-2]``: 1 for a matrix recomputed
-        by ``eigh``, 0 otherwise (always 0 for ``"eigh"``).
+    (root, failed)
+        The roots, and int32 flags of the batch shape ``a.shape[:-2]``: 1 for a matrix that failed
+        the check (recomputed by ``eigh``, or with ``fallback=None`` left as it is), 0 otherwise
+        (always 0 for ``"eigh"`` and without a check).
 
     Notes
     -----
-    The fallback is a :func:`precond_ref.transform.cond` on "every residual is within tolerance":
-    a ``lax.cond`` under ``jax.jit`` and a ``torch.cond`` under ``torch.compile`` (TorchInductor
-    reads the predicate on the host), a host read of one bool with eager arrays. On a GPU that is
-    one synchronisation per call, i.e. on refresh steps only; ``tolerance=None`` has none. The check
-    costs one matmul per matrix for the polynomial iterations (Polar-Express itself: 4 per step, 40
-    by default) and none for Newton. It measures convergence, not the rounding error of the result:
-    that is about the error of a float32 ``eigh`` (``docs/methods/asgo.md`` lists both).
+    The ``"eigh"`` fallback is a :func:`precond_ref.transform.cond` on "every residual is within
+    tolerance": a ``lax.cond`` under ``jax.jit`` and a ``torch.cond`` under ``torch.compile``
+    (TorchInductor reads the predicate on the host), a host read of one bool with eager arrays. On
+    a GPU that is one synchronisation per call, i.e. on refresh steps only; ``tolerance=None`` and
+    ``fallback=None`` have none. The check costs one matmul per matrix for the polynomial
+    iterations (Polar-Express itself: 4 per step, 40 by default) and none for Newton. It measures
+    convergence, not the rounding error of the result: that is about the error of a float32
+    ``eigh`` (``docs/methods/asgo.md`` lists both).
     """
     xp = array_namespace(a)
     if method not in ROOT_METHODS:
@@ -520,6 +528,8 @@ def inverse_root(
         raise ValueError(f"p must be an integer >= 1, got {p!r}")
     if method in ("polar_express", "newton_schulz") and p != 2:
         raise ValueError(f"method={method!r} computes inverse square roots only (p=2), got p={p!r}")
+    if fallback not in ("eigh", None):
+        raise ValueError(f"fallback must be 'eigh' or None, got {fallback!r}")
     no_fallback = xp.zeros(a.shape[:-2], dtype=xp.int32, device=placement(xp, a))
     if method == "eigh":
         return inverse_root_eigh(a, p, shift=shift), no_fallback
@@ -546,6 +556,8 @@ def inverse_root(
     # residual of the result (testing.oracles.inverse_root_residual, which float32 roots of a
     # κ = 1e6 matrix do not pass even when exact).
     good = xp.linalg.matrix_norm(convergence() - eye, ord="fro") <= tolerance  # False for NaN
+    if fallback is None:
+        return root, xp.astype(xp.logical_not(good), xp.int32)
     all_good = xp.all(good)
 
     def accept(root, damped, good, no_fallback):

@@ -450,14 +450,18 @@ def test_inverse_root_falls_back_to_eigh_where_the_iteration_did_not_converge(ba
     """A stack of a well- and an ill-conditioned matrix (cond 10 and 1e6) and 5 Newton–Schulz
     steps, whose fixed map x -> 2x - 1.5x³ + 0.5x⁵ raises a small eigenvalue ratio x only ~2x per
     step: the first has converged (error 3e-13), the second has not (error 0.96); it alone is
-    recomputed by eigh (flagged), the first keeps its iterate."""
+    recomputed by eigh (flagged), the first keeps its iterate. ``fallback=None`` flags the same
+    matrix and returns both iterates as they are (the caller replaces the failed one)."""
     well, q0, w0 = spd(5, 10.0, seed=14)
     ill, q1, w1 = spd(5, 1e6, seed=15)
     a = backend.asarray(np.stack([well, ill]))
     z, fell_back = linalg.inverse_root(a, 2, method="newton_schulz", steps=5)
     raw, unchecked = linalg.inverse_root(a, 2, method="newton_schulz", steps=5, tolerance=None)
+    flagged_raw, flagged = linalg.inverse_root(a, 2, method="newton_schulz", steps=5, fallback=None)
     assert backend.to_numpy(fell_back).tolist() == [0, 1]
     assert backend.to_numpy(unchecked).tolist() == [0, 0]
+    assert backend.to_numpy(flagged).tolist() == [0, 1]
+    np.testing.assert_array_equal(backend.to_numpy(flagged_raw), backend.to_numpy(raw))
     z, raw = backend.to_numpy(z), backend.to_numpy(raw)
     np.testing.assert_array_equal(z[0], raw[0])
     assert rel(z[0], power_of(q0, w0, -0.5)) < 1e-13 * 10
@@ -527,6 +531,8 @@ def test_inverse_root_invalid_arguments():
         linalg.inverse_root(a, 3, method="polar_express")
     with pytest.raises(ValueError, match="p must be an integer"):
         linalg.inverse_root(a, 1.5, method="newton")
+    with pytest.raises(ValueError, match="fallback must be 'eigh' or None, got 'previous'"):
+        linalg.inverse_root(a, 2, method="newton", fallback="previous")
 
 
 # ---------------------------------------------------------------- LAPACK calls on stacks

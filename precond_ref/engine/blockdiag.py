@@ -10,8 +10,8 @@ rest of the layout for such a method, on the stacks of :func:`~precond_ref.engin
 
 * the rows of each block (:func:`side_blocks`) and the block-diagonal product ``Z M`` (:func:`block_diagonal_product`);
 * the roots of the blocks whose phase is due, the equal blocks of all leaves in one batched call,
-  a root that is not finite replaced (:func:`refresh_roots`), and the hand-back of roots and
-  counters to the leaves (:func:`hand_back_roots`);
+  a root that is not finite or that the method rejected replaced element-wise, without a branch
+  (:func:`refresh_roots`), and the hand-back of roots and counters to the leaves (:func:`hand_back_roots`);
 * the hint naming the block size that continues a state saved under another one (:func:`block_layout_hint`).
 """
 
@@ -34,7 +34,7 @@ __all__ = [
 
 Array = Any
 
-#: the per-leaf counters of the roots: blocks whose root was not finite, iterative roots that fell back
+#: the per-leaf counters of the roots: blocks whose root was not finite, roots the method rejected (replaced)
 COUNTERS = ("root_failures", "root_fallbacks")
 #: the entries stacked across the matrix leaves of one shape (:func:`~precond_ref.engine.matrices.matrix_stacks`)
 STACKED = ("momentum", "statistic", "statistic_tail", "root", "root_tail")
@@ -110,18 +110,38 @@ def block_diagonal_product(xp: Any, z: Array, z_tail: Optional[Array], momentum:
 
 
 def finite_root_or_previous(
-    xp: Any, p: Array, previous: Array, inverse_root: Callable[[Array], tuple[Array, Array]]
+    xp: Any,
+    p: Array,
+    previous: Array,
+    inverse_root: Callable[[Array], tuple[Array, Optional[Array]]],
+    has_previous: Callable[[], Any] = lambda: True,
 ) -> tuple[Array, Array, Array]:
-    """Per block of a stack: ``Z = inverse_root(P)`` where ``P`` and ``Z`` are finite, else
-    ``previous``; returns (roots, failed, fell back), the last two int32 per block.
+    """Per block of a stack: ``Z = inverse_root(P)`` where ``P`` and ``Z`` are finite and the
+    method accepted ``Z``, else ``previous``; returns (roots, failed, rejected), the last two int32
+    per block (failed: not finite; rejected: the method's own check failed).
+
+    ``inverse_root(P)`` returns ``(Z, rejected)``: ``rejected`` is ``None`` for a method that never
+    rejects its roots (``eigh``, an unchecked iteration), else int32 flags of the blocks whose root
+    failed the method's check (an iteration that did not converge). There ``Z`` holds the method's
+    substitute for a block without a previous root, and the previous root is kept instead where
+    ``has_previous()`` (a Python bool or a 0-D bool array, asked only when a flag can be set): a
+    selection on the device, no branch and no host read.
 
     A non-finite statistic never reaches the decomposition (NumPy and torch ``eigh`` raise on it,
     JAX returns NaN): the identity is rooted in its place and the block counts as failed.
     """
     p_ok = all_finite(p, axis=(-2, -1))
-    z, fell_back = inverse_root(select(xp, per_block(xp, p_ok), p, identity_like(p)))
+    z, rejected = inverse_root(select(xp, per_block(xp, p_ok), p, identity_like(p)))
+    if rejected is None:
+        rejected = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
+    else:
+        usable = has_previous()
+        if usable is not False:
+            keep = xp.astype(rejected, xp.bool)
+            keep = keep if usable is True else xp.logical_and(keep, usable)
+            z = select(xp, per_block(xp, keep), previous, z)
     ok = xp.logical_and(all_finite(z, axis=(-2, -1)), p_ok)
-    return select(xp, per_block(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), fell_back
+    return select(xp, per_block(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), rejected
 
 
 def unrefreshed(xp: Any, p: Array, previous: Array) -> tuple[Array, Array, Array]:
@@ -220,17 +240,22 @@ def refresh_roots(
     Each block is refreshed on the calls its phase is due (``schedule``: one interval predicate per
     phase, :func:`~precond_ref.engine.phases.hashed_phases`; every call when the roots are not
     ``stored``), all blocks of one shape across leaves and chunks in one batched
-    ``inverse_root(P) -> (Z, fell back)`` (:func:`~precond_ref.engine.phases.refresh_due`); a
+    ``inverse_root(P) -> (Z, rejected)`` (:func:`~precond_ref.engine.phases.refresh_due`); a
     root that is not finite is replaced by the previous one, or by the identity with
-    ``identity_on_failure`` (:func:`finite_root_or_previous`). Blocks not due keep their stored roots.
+    ``identity_on_failure``, and a root the method rejected by the previous one after the first
+    update (before it the stored roots are the initial ones: the method's substitute is kept,
+    :func:`finite_root_or_previous`). Blocks not due keep their stored roots.
     """
     if not stacks:
         return []
     dues = [ctx.every(interval) if stored else True for interval in schedule]
 
+    def has_previous() -> Any:  # per call, not once per update: a value made in a cond's branch stays there
+        return ctx.count > 0
+
     def refresh(p: Array, previous: Array) -> tuple[Array, Array, Array]:
         kept = _identity(xp, p) if identity_on_failure else previous
-        return finite_root_or_previous(xp, p, kept, inverse_root)
+        return finite_root_or_previous(xp, p, kept, inverse_root, has_previous)
 
     units, owners, keys = _root_units(xp, stacks, statistics, len(dues) > 1)
     due = refresh_due(xp, dues, hashed_phases(keys, len(dues)), units, refresh, partial(unrefreshed, xp))

@@ -12,7 +12,7 @@ Layout of a leaf's state (arrays only):
   ``block_size`` chunks plus ``statistic_tail``), ``root`` (same shapes as the statistic; faithful
   mode keeps it only when ``precondition_every > 1``), ``root_failures`` (0-D int32: roots that
   were not finite) and, in principled mode, ``root_fallbacks`` (0-D int32: iterative roots that did
-  not converge and were recomputed by ``eigh``);
+  not converge, replaced by the previous root, D13);
 * matrix leaves (DASGO): ``momentum`` and ``statistic`` (a vector along the preconditioned side);
 * fallback leaves: ``mu``, ``nu`` (Adam moments in the leaf's shape).
 
@@ -28,9 +28,12 @@ import numbers
 from functools import partial
 from typing import Any, NamedTuple, Optional
 
-from .._backend import array_device, cast, compute_dtype, computed_once, ema, is_zero, on_cpu, placement, scalar_zero, select, squared_sums
+from .._backend import array_device, cast, compute_dtype, computed_once, ema, is_zero, on_cpu, scalar_zero, select, squared_sums
 from ..blocking import spread_schedule
-from ..linalg import ROOT_RESIDUAL_TOLERANCE, inverse_root, inverse_sqrt_newton_schulz, inverse_sqrt_polar_express, symmetrize, trace
+from ..linalg import (
+    ROOT_RESIDUAL_TOLERANCE, identity_like, inverse_root, inverse_root_eigh, inverse_sqrt_newton_schulz,
+    inverse_sqrt_polar_express, symmetrize, trace,
+)
 from ..engine import StepContext, build_transform
 from ..engine.blockdiag import (
     STACKED, block_diagonal_product, block_layout_hint, block_state, hand_back_roots, per_block, refresh_roots, side_blocks,
@@ -138,9 +141,10 @@ def _second_moment(xp: Any, c: ASGOConfig, p_old: Array, x: Array) -> Array:
     return p if c.faithful else symmetrize(p)
 
 
-def _inverse_sqrt(xp: Any, c: ASGOConfig, p: Array) -> tuple[Array, Array]:
+def _inverse_sqrt(xp: Any, c: ASGOConfig, p: Array) -> tuple[Array, Optional[Array]]:
     """``Z = (P + sI)^{-1/2}`` of a stack of statistics (faithful: the authors' undamped root),
-    and per block whether the iterative root fell back to ``eigh``."""
+    and per block whether the checked iterative root failed its check (``None``: a root that is
+    never checked); the engine keeps the previous root there (:func:`~precond_ref.engine.blockdiag.finite_root_or_previous`)."""
     if c.faithful:
         return _faithful_inverse_sqrt(xp, p, c.root_method, c.root_steps, c.eps)
     method = _root_method_for(xp, p, c.root_method)
@@ -149,38 +153,50 @@ def _inverse_sqrt(xp: Any, c: ASGOConfig, p: Array) -> tuple[Array, Array]:
 
 def _damped_inverse_sqrt(
     xp: Any, p: Array, damping: float, eps: float, method: str, steps: int, tolerance: Optional[float]
-) -> tuple[Array, Array]:
+) -> tuple[Array, Optional[Array]]:
     r"""``(P + sI)^{-1/2}`` with ``s = δ tr(P)/k + ε`` per block of a stack of PSD statistics, and
-    per block whether the iterative root fell back to ``eigh`` (int32; D1, D5).
+    per block whether the checked iterative root failed its check (int32; ``None`` for ``eigh`` and
+    an unchecked iteration; D1, D5, D13).
 
     Computed in the scale-invariant form (D12): the root of ``P/τ + (δ + ε/τ) I``, ``τ = tr(P)/k``,
     times ``τ^{-1/2}``, which is the same matrix; neither the eigensolver nor an iteration's
     Frobenius normaliser then sees a statistic whose squares under- or overflow. The eigenvalues of
     ``P/τ + shift`` lie in ``[δ, k + δ]``: a condition number below ``k/δ + 1``, which the default 10
     Polar-Express steps cover for ``k/δ`` up to ~1e8 (spec I15). ``P = 0`` gives ``ε^{-1/2} I``.
+
+    A block whose iteration failed its check gets the damped identity ``(τ(1 + δ) + ε)^{-1/2} I``
+    instead (``ε^{-1/2} I`` for ``P = 0``): the root of ``P`` with its eigenvalues replaced by their
+    mean, of the right scale, which the engine keeps where the block has no previous root (D13).
     """
     tau = trace(p) / p.shape[-1]
     zero = tau <= 0.0  # P = 0 (PSD): the root is ε^{-1/2} I, from τ = 1 and shift ε
     tau = select(xp, zero, xp.ones_like(tau), tau)
     shift = select(xp, zero, xp.zeros_like(tau), damping + xp.zeros_like(tau)) + eps / tau
-    z, fell_back = inverse_root(p / per_block(xp, tau), 2, shift=shift, method=method, steps=steps, tolerance=tolerance)
-    return z * per_block(xp, tau**-0.5), fell_back
+    normalised, scale = p / per_block(xp, tau), per_block(xp, tau**-0.5)
+    if method == "eigh":
+        return inverse_root_eigh(normalised, 2, shift=shift) * scale, None
+    z, failed = inverse_root(normalised, 2, shift=shift, method=method, steps=steps, tolerance=tolerance, fallback=None)
+    if tolerance is None:
+        return z * scale, None
+    isotropic = select(xp, zero, shift, shift + 1.0)  # the mean eigenvalue of P/τ (1; 0 for P = 0) + shift
+    damped_identity = identity_like(p) * per_block(xp, isotropic**-0.5)
+    return select(xp, per_block(xp, failed != 0), damped_identity, z) * scale, failed
 
 
-def _faithful_inverse_sqrt(xp: Any, p: Array, method: str, steps: int, eps: float) -> tuple[Array, Array]:
+def _faithful_inverse_sqrt(xp: Any, p: Array, method: str, steps: int, eps: float) -> tuple[Array, None]:
     """The authors' root: ``steps`` iterations (Polar-Express or Newton–Schulz) towards
     ``P^{-1/2}`` of the *undamped* statistic, ``eps`` only in the iteration's normaliser; never
-    checked, so no block falls back (the second result is all zeros)."""
-    no_fallback = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
+    checked, so no block is rejected (the second result is ``None``)."""
     if method == "polar_express":
-        return inverse_sqrt_polar_express(p, steps, eps=eps), no_fallback
-    return inverse_sqrt_newton_schulz(p, steps, eps=eps), no_fallback
+        return inverse_sqrt_polar_express(p, steps, eps=eps), None
+    return inverse_sqrt_newton_schulz(p, steps, eps=eps), None
 
 
 def _root_method_for(xp: Any, p: Array, root_method: str) -> str:
     """``root_method="auto"``: ``eigh`` for float64 (reference runs) and on CPUs, where a k×k
     ``eigh`` (LAPACK) costs about six k×k matmuls and is exact; the checked Polar-Express iteration
-    on accelerators, where it costs hundreds and synchronises with the host (cuSOLVER's info check)."""
+    on accelerators, where it costs hundreds and synchronises with the host (cuSOLVER's info check):
+    the iteration's check reads nothing on the host (a failed block keeps its previous root, D13)."""
     if root_method != "auto":
         return root_method
     return "eigh" if p.dtype == xp.float64 or on_cpu(xp, p) else "polar_express"
@@ -309,10 +325,10 @@ def asgo(
         ``"newton"`` converge more slowly and want about 20 and 30).
     root_tolerance:
         Principled iterative roots: a block whose iteration ends farther than this from
-        convergence is recomputed by ``eigh`` and counted in ``root_fallbacks`` (default
-        :data:`precond_ref.linalg.ROOT_RESIDUAL_TOLERANCE`, 0.05). The check reads one bool on the
-        host per refresh step (a synchronisation on a GPU, except under ``jax.jit``);
-        ``math.inf`` turns it off: matmuls only, no host read. Faithful mode has no check.
+        convergence (or not finite) keeps its previous root, and is counted in ``root_fallbacks``
+        (default :data:`precond_ref.linalg.ROOT_RESIDUAL_TOLERANCE`, 0.05; D13). The check and the
+        replacement are element-wise on the device: no branch, no host read, capturable in a CUDA
+        graph. ``math.inf`` turns the check off. Faithful mode has no check.
     precondition_every:
         Recompute the roots every ``precondition_every`` steps (the first update always does); the
         statistic is updated every step and the stored root is used in between. Principled default
@@ -377,10 +393,9 @@ def asgo(
       authors recompute every step), with the refreshes of the blocks spread over the interval
       (``spread_refresh``).
     * D5: the root by ``eigh`` on CPUs and for float64, by the 10-step Polar-Express iteration of
-      the damped statistic on accelerators (``root_method="auto"``), whose convergence is checked:
-      a block that did not converge is recomputed by ``eigh`` and counted (``root_fallbacks``).
-      The roots of all blocks of one shape, across the parameters of a call and the chunks of a
-      blocked side, are computed together (one batched ``eigh`` or iteration).
+      the damped statistic on accelerators (``root_method="auto"``), whose convergence is checked
+      (D13). The roots of all blocks of one shape, across the parameters of a call and the chunks
+      of a blocked side, are computed together (one batched ``eigh`` or iteration).
     * D6: a non-finite root keeps the previous root (the identity before the first success)
       instead of the identity; failures are counted in ``root_failures``.
     * D7: momentum, statistic and root in the compute dtype (float32 for bf16/fp16 parameters,
@@ -394,6 +409,11 @@ def asgo(
       root is taken of :math:`P/\tau`, :math:`\tau = \operatorname{tr}(P)/k`, and rescaled; momentum
       entries below the smallest normal number are flushed to zero, so the step of a matrix whose
       gradient stays exactly zero has RMS :math:`r` and then becomes exactly zero.
+    * D13: a block whose checked iterative root did not converge keeps its previous root (on the
+      first update, which has none, the damped identity
+      :math:`(\tau(1+\delta)+\epsilon)^{-1/2} I`), selected element-wise, and is counted in
+      ``root_fallbacks``: no ``eigh`` fallback, no branch and no host read, so the step can be
+      captured in a CUDA graph. ``root_method="eigh"`` stays exact (a host read on CUDA).
 
     References
     ----------

@@ -21,22 +21,18 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 STEPS = 6
 WARM_STEPS = 12  # compiled, no case makes a new graph after step 10 (MBF's spread refreshes; counted on a CPU)
-# Known host reads, by case (docs/backends.md, "no host synchronisation"). ASGO: the checked
-# iterative root reads its convergence flag on refresh steps (linalg.inverse_root); ASGO's
-# root_method="auto" takes it for float32 on a GPU; compiled too, as Inductor's torch.cond reads
-# its predicate with ``.item()`` in the wrapper code (seen in the CPU's generated code, 2026-11-26).
-# Sketchy and S-AdaGrad: torch's CUDA eigh and svd read their LAPACK status on the host (no
-# ``_ex`` variant exists), and the Frequent Directions update calls one of them on every sketch
-# update: S-AdaGrad's every step, Sketchy's refresh steps (some block refreshes on every step with
-# the spread default, every second step in the interval case).
+# Known host reads, by case (docs/backends.md, "no host synchronisation"). Sketchy and S-AdaGrad:
+# torch's CUDA eigh and svd read their LAPACK status on the host (no ``_ex`` variant exists), and
+# the Frequent Directions update calls one of them on every sketch update: S-AdaGrad's every step,
+# Sketchy's refresh steps (some block refreshes on every step with the spread default, every
+# second step in the interval case). Not ASGO: its checked iterative root (root_method="auto" for
+# float32 on a GPU) keeps a failed block's previous root by an element-wise selection, no branch
+# (docs/methods/asgo.md, D13).
 # tests/adapters/test_torch_host_reads.py checks on the CPU that no case outside this table reads
 # a device value or calls eigh/svd, and that no case calls a torch function that checks its status
 # on the host.
 _FD_DECOMPOSITION = "torch's CUDA eigh/svd (the Frequent Directions update) read their status on the host"
 KNOWN_SYNCS = {
-    **dict.fromkeys(
-        ("asgo", "asgo-pe-interval"), "ASGO's checked root reads its convergence flag on the host on refresh steps"
-    ),
     **dict.fromkeys(("sketchy", "sketchy-faithful-interval", "s_adagrad", "s_adagrad-faithful"), _FD_DECOMPOSITION),
 }
 

@@ -7,14 +7,15 @@ LAPACK/cuSOLVER status after ``inv``/``solve``/``cholesky`` (``_linalg_check_err
 CUDA kernel (no ``_ex`` variant). All are dispatched on a CPU too, so a recorder of the dispatched
 operations finds them without a GPU once ``host_bool`` (which reads a CPU tensor for free) answers
 as for a GPU tensor (the first GPU run found MBF's ``inv`` there: a synchronisation per inverse
-step, and no capture). What a CPU cannot see: choices made by device (ASGO's ``root_method="auto"``
-is ``eigh`` on a CPU, the checked iteration on a GPU). With them: what MBF does now that a
-singular block no longer raises, and the named refusal of a captured step of the methods that
-must read the host.
+step, and no capture), and ASGO's ``root_method="auto"`` chooses its root as for a GPU tensor (the
+checked iteration for float32; ``eigh`` on a CPU). With them: what MBF does now that a singular
+block no longer raises, and the named refusal of a captured step of the methods that must read
+the host.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import pytest
@@ -52,6 +53,12 @@ def _set(model: torch.nn.Module, grads: list[torch.Tensor]) -> None:
         p.grad = g
 
 
+def _asgo_root_as_on_a_gpu(monkeypatch) -> None:
+    """ASGO's ``root_method="auto"`` as for a GPU tensor: ``eigh`` for float64 only, else the
+    checked Polar-Express iteration (``methods.asgo._root_method_for`` asks ``on_cpu``)."""
+    monkeypatch.setattr(importlib.import_module("precond_ref.methods.asgo"), "on_cpu", lambda xp, x: False)
+
+
 def _host_bool_as_on_a_gpu(monkeypatch) -> None:
     """``_backend.host_bool`` reads a CPU tensor for free and answers None for a GPU one (the
     caller then selects on the device): its GPU answer in every module that imported it."""
@@ -63,15 +70,16 @@ def _host_bool_as_on_a_gpu(monkeypatch) -> None:
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: c.id)
 def test_steps_read_the_host_only_where_documented(monkeypatch, case):
-    """The steps of ``test_steps_never_synchronise`` (2-5, eager, on the CPU, ``host_bool`` giving
-    its GPU answer) under a recorder of the dispatched ATen operations. Every host read of a
+    """The steps of ``test_steps_never_synchronise`` (2-5, eager, on the CPU, ``host_bool`` and
+    ASGO's root choice giving their GPU answers) under a recorder of the dispatched ATen operations. Every host read of a
     device value is an operation there: ``_local_scalar_dense`` (``bool``, ``int``, ``item``), and
     ``_linalg_check_errors`` (after ``inv``/``solve``/``cholesky``: an ``_ex`` function or
     ``linalg.inverse`` must stand for each); ``eigh``/``svd`` check inside their CUDA kernel. The
     first two appear in no case, the last two only in the cases ``test_torch_cuda.KNOWN_SYNCS``
-    lists (on a CPU ASGO's ``root_method="auto"`` is ``eigh``, a case listed there for its GPU
-    root's check). Sketchy and S-AdaGrad must decompose, so that their entries there stay true."""
+    lists (principled ASGO's checked iterative root in none). Sketchy and S-AdaGrad must
+    decompose, so that their entries there stay true."""
     _host_bool_as_on_a_gpu(monkeypatch)
+    _asgo_root_as_on_a_gpu(monkeypatch)
     model = _model()
     opt = case.make(model.named_parameters(), compile=False)
     grads = _gradients(model)
@@ -152,7 +160,7 @@ def test_a_step_during_cuda_graph_capture_names_why_it_cannot_be_captured(monkey
 @pytest.mark.parametrize(
     "kwargs, refusal",
     [
-        ({"root_method": "polar_express"}, r"'polar_express' root is checked for convergence, which reads a flag"),
+        ({"root_method": "polar_express"}, None),
         ({}, r"root_method 'auto' calls torch's eigh, which on CUDA reads its status on the host"),
         ({"root_method": "eigh"}, r"root_method 'eigh' calls torch's eigh, which on CUDA reads its status on the host"),
         ({"mode": "faithful"}, None),
@@ -160,11 +168,12 @@ def test_a_step_during_cuda_graph_capture_names_why_it_cannot_be_captured(monkey
     ids=["principled-polar-express", "principled-auto-cpu", "principled-eigh", "faithful"],
 )
 def test_asgo_capture_refusal_follows_its_root(monkeypatch, kwargs, refusal):
-    """Principled ASGO's roots read the host on CUDA (the checked iterative root, which "auto"
-    takes for float32 on a GPU, reads its convergence flag; torch's eigh, which "auto" takes on
-    these CPU tensors, its status), so a step taken during CUDA graph capture raises naming the
-    root, before it changes anything; faithful mode's unchecked root reads nothing and steps
-    (tests/adapters/test_torch_cuda.py captures it)."""
+    """Principled ASGO's ``eigh`` root reads the host on CUDA (torch's eigh, which "auto" takes
+    on these CPU tensors and for float64, reads its status), so a step taken during CUDA graph
+    capture raises naming the root, before it changes anything; the checked iterative root, which
+    "auto" takes for float32 on a GPU, keeps a failed block's previous root on the device (D13)
+    and steps, as does faithful mode's unchecked root (tests/adapters/test_torch_cuda.py captures
+    both)."""
     model = _model()
     opt = pt.ASGO(model.named_parameters(), lr=1e-2, precondition_every=1, **kwargs)
     grads = _gradients(model)

@@ -462,16 +462,16 @@ def test_failed_root_keeps_previous_and_counts(eager_backend, root_method, monke
     backend = eager_backend
     rng = np.random.default_rng(9)
     p = backend.tree({"w": rng.standard_normal((3, 4))})
-    real = asgo_module.inverse_root
+    real = asgo_module._damped_inverse_sqrt
 
     def broken(*args, **kwargs):
-        root, fell_back = real(*args, **kwargs)
-        return root * float("nan"), fell_back
+        root, rejected = real(*args, **kwargs)
+        return root * float("nan"), rejected
 
     opt = pr.asgo(root_method=root_method, weight_decay=0.0, precondition_every=1)
     state = opt.init(p)
     _, state = opt.update(backend.tree({"w": rng.standard_normal((3, 4))}), state, p)
-    monkeypatch.setattr(asgo_module, "inverse_root", broken)
+    monkeypatch.setattr(asgo_module, "_damped_inverse_sqrt", broken)
     updates, new_state = opt.update(backend.tree({"w": rng.standard_normal((3, 4))}), state, p)
     np.testing.assert_array_equal(
         backend.to_numpy(new_state.groups["w"]["root"]), backend.to_numpy(state.groups["w"]["root"])
@@ -491,6 +491,65 @@ def test_failed_root_keeps_previous_and_counts(eager_backend, root_method, monke
     updates, new_state = faithful.update(backend.tree({"w": g}), state, p)
     np.testing.assert_allclose(backend.to_numpy(updates["w"]), -1e-2 * g, rtol=1e-12)  # Z = I
     assert int(new_state.groups["w"]["root_failures"]) == 1
+
+
+def _rank_one(rng: np.random.Generator, m: int, n: int) -> np.ndarray:
+    return np.outer(rng.standard_normal(m), rng.standard_normal(n))
+
+
+def test_rejected_root_keeps_the_previous_one_and_counts(backend):
+    """D13: a block whose checked iterative root fails its convergence check keeps its previous
+    root, bitwise (an element-wise selection: no eigh, no branch), and its leaf's
+    ``root_fallbacks`` counts it; on the first update, with no previous root, the block takes the
+    damped identity ``(τ(1+δ)+ε)^{-1/2} I``, ``τ = tr(P)/k``, the root of its statistic with the
+    eigenvalues replaced by their mean. One Polar-Express step (``root_steps=1``) converges on
+    none of these 2×2 blocks of rank-1 gradients (its first step is made to lift small eigenvalue
+    ratios: ‖ZY - I‖_F ends at 0.2 to 2 against the tolerance 0.05, so rounding cannot decide it),
+    ten steps do (spec I15; 1e-14). Blocks of 2 on ``w`` (two per leaf) and one unblocked 2×2
+    side on ``v``; on JAX jitted."""
+    rng = np.random.default_rng(3)
+    params = backend.tree({"v": rng.standard_normal((6, 2)), "w": rng.standard_normal((4, 6))})
+    options = dict(root_method="polar_express", precondition_every=1, block_size=2, weight_decay=0.0)
+    checked, failing = pr.asgo(**options), pr.asgo(root_steps=1, **options)
+    blocks = {"v": 1, "w": 2}
+
+    def gradients():
+        return backend.tree({"v": _rank_one(rng, 6, 2), "w": _rank_one(rng, 4, 6)})
+
+    _, accepted = updater(backend, checked)(gradients(), checked.init(params), params)
+    assert all(int(accepted.groups[k]["root_fallbacks"]) == 0 for k in blocks)
+    updates, kept = updater(backend, failing)(gradients(), accepted, params)
+    for k, count in blocks.items():
+        np.testing.assert_array_equal(backend.to_numpy(kept.groups[k]["root"]), backend.to_numpy(accepted.groups[k]["root"]))
+        assert int(kept.groups[k]["root_fallbacks"]) == count and int(kept.groups[k]["root_failures"]) == 0
+        assert np.all(np.isfinite(backend.to_numpy(updates[k]))) and np.any(backend.to_numpy(updates[k]) != 0)
+
+    _, first = updater(backend, failing)(gradients(), failing.init(params), params)
+    eps64 = np.finfo(np.float64).eps
+    for k, count in blocks.items():
+        p = backend.to_numpy(first.groups[k]["statistic"]).reshape(-1, 2, 2)
+        tau = np.trace(p, axis1=-2, axis2=-1) / 2
+        damped_identity = (tau * (1 + 1e-4) + 1e-30)[:, None, None] ** -0.5 * np.eye(2)
+        root = backend.to_numpy(first.groups[k]["root"]).reshape(-1, 2, 2)
+        np.testing.assert_allclose(root, damped_identity, rtol=16 * eps64, atol=0)
+        assert int(first.groups[k]["root_fallbacks"]) == count
+
+
+def test_jax_checked_iterative_root_has_no_branch_and_no_eigh():
+    """D13 under ``jax.jit``: the checked Polar-Express root is matmuls and selections only: the
+    step's jaxpr holds no ``eigh`` anywhere and, with every block refreshed on every step (no
+    refresh interval to branch on), no ``cond`` at all (a ``lax.cond`` on a GPU copies its
+    predicate to the host)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    params = {"v": jnp.ones((6, 2), dtype=jnp.float32), "w": jnp.ones((4, 6), dtype=jnp.float32)}
+    for every in (1, 2):
+        opt = pr.asgo(root_method="polar_express", precondition_every=every, block_size=2)
+        jaxpr = jax.make_jaxpr(opt.update)(params, opt.init(params), params).jaxpr
+        names = _primitives(jaxpr, skip_cond=False)
+        assert not any("eigh" in name for name in names)
+        assert ("cond" in names) == (every > 1)
 
 
 def test_nonfinite_state_never_reaches_the_parameters(eager_backend):
@@ -897,6 +956,22 @@ def test_I13_blocking_is_exact_when_it_does_nothing(property_backend, seed, size
         assert rel(d["w"], a["w"]) < 1e-9
 
 
+def _primitives(jaxpr, skip_cond):
+    """Primitive names in ``jaxpr`` and its sub-jaxprs (jit, custom calls), optionally not
+    descending into ``cond`` branches."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        if skip_cond and eqn.primitive.name == "cond":
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names |= _primitives(inner, skip_cond)
+    return names
+
+
 def test_jax_root_runs_inside_cond_only():
     """Under jit the root (eigh) is traced only inside the lax.cond of the refresh interval, so
     steps between refreshes never compute it (spec §2.4 step 3, README rule 10)."""
@@ -907,24 +982,8 @@ def test_jax_root_runs_inside_cond_only():
     params = {"w": jnp.ones((3, 5), dtype=jnp.float32)}
     state = opt.init(params)
     jaxpr = jax.make_jaxpr(opt.update)(params, state, params).jaxpr
-
-    def primitives(jaxpr, skip_cond):
-        """Primitive names in ``jaxpr`` and its sub-jaxprs (jit, custom calls), optionally not
-        descending into ``cond`` branches."""
-        names = set()
-        for eqn in jaxpr.eqns:
-            names.add(eqn.primitive.name)
-            if skip_cond and eqn.primitive.name == "cond":
-                continue
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else [value]:
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        names |= primitives(inner, skip_cond)
-        return names
-
-    outside = primitives(jaxpr, skip_cond=True)
-    everywhere = primitives(jaxpr, skip_cond=False)
+    outside = _primitives(jaxpr, skip_cond=True)
+    everywhere = _primitives(jaxpr, skip_cond=False)
     assert "cond" in outside
     assert not any("eigh" in name for name in outside)
     assert any("eigh" in name for name in everywhere)

@@ -48,12 +48,30 @@ def test_damped_inverse_sqrt_is_the_damped_root_of_p():
     rng = np.random.default_rng(0)
     p = _psd(rng, 3, 5, 2) * np.array([1e-30, 1.0, 1e30])[:, None, None]  # rank 2 of 5, any scale
     delta, eps = 1e-4, 1e-30
-    z, fell_back = A._damped_inverse_sqrt(xp, p, delta, eps, "eigh", 10, None)
+    z, rejected = A._damped_inverse_sqrt(xp, p, delta, eps, "eigh", 10, None)
     s = delta * np.trace(p, axis1=-2, axis2=-1) / 5 + eps
     plain = _plain_inverse_sqrt(p + s[:, None, None] * np.eye(5))
     for i in range(3):
         np.testing.assert_allclose(z[i], plain[i], rtol=0, atol=(5 / delta + 1) * 5 * 64 * EPS * np.abs(plain[i]).max())
-    assert np.all(np.asarray(fell_back) == 0)
+    assert rejected is None  # eigh is exact: never rejected
+
+
+def test_damped_inverse_sqrt_substitutes_the_damped_identity_where_the_check_fails():
+    """D13: blocks whose Polar-Express root fails the convergence check are flagged and hold the
+    damped identity (τ(1+δ)+ε)^{-1/2} I; the others hold the iterated root, bitwise as without the
+    check. With δ = 1e-12 the rank-1 block's null space sits at δ·τ: 10 steps multiply its value
+    x ≈ 6e-7 by at most ∏a_j ≈ 2.2e4, far from 1, while the full-rank block and P = 0 (the
+    root of εI) converge (spec I15)."""
+    rng = np.random.default_rng(4)
+    p = np.stack([_psd(rng, 1, 3, 1)[0], _psd(rng, 1, 3, 5)[0], np.zeros((3, 3))])
+    delta, eps = 1e-12, 1e-30
+    z, rejected = A._damped_inverse_sqrt(xp, p, delta, eps, "polar_express", 10, 0.05)
+    unchecked, none = A._damped_inverse_sqrt(xp, p, delta, eps, "polar_express", 10, None)
+    assert none is None
+    np.testing.assert_array_equal(rejected, [1, 0, 0])
+    tau = np.trace(p[0]) / 3
+    np.testing.assert_allclose(z[0], (tau * (1 + delta) + eps) ** -0.5 * np.eye(3), rtol=8 * EPS, atol=0)
+    np.testing.assert_array_equal(z[1:], unchecked[1:])
 
 
 def test_damped_inverse_sqrt_of_zero_is_eps_root():
@@ -82,6 +100,23 @@ def test_finite_root_or_previous_keeps_previous_where_not_finite():
     np.testing.assert_array_equal(z[0], _plain_inverse_sqrt(p[:1])[0])
     np.testing.assert_array_equal(z[1:], previous[1:])
     np.testing.assert_array_equal(failed, [0, 1, 1])
+
+
+@pytest.mark.parametrize("has_previous", [True, False, np.bool_(True), np.bool_(False)])
+def test_finite_root_or_previous_keeps_previous_where_rejected(has_previous):
+    """D13: a block the method rejected keeps the previous root where there is one (``has_previous``
+    a host bool or a 0-D array), else the method's substitute; rejected is not failed (the root
+    kept is finite), and both flags come back per block."""
+    rng = np.random.default_rng(5)
+    p = _psd(rng, 3, 4, 6)
+    previous = rng.standard_normal((3, 4, 4))
+    roots = _plain_inverse_sqrt(p)
+    flags = np.array([0, 1, 0], dtype=np.int32)
+    z, failed, rejected = finite_root_or_previous(xp, p, previous, lambda q: (roots, flags), lambda: has_previous)
+    np.testing.assert_array_equal(z[[0, 2]], roots[[0, 2]])
+    np.testing.assert_array_equal(z[1], previous[1] if has_previous else roots[1])
+    np.testing.assert_array_equal(failed, [0, 0, 0])
+    np.testing.assert_array_equal(rejected, flags)
 
 
 @pytest.mark.parametrize("due", [True, False, np.bool_(False)])
