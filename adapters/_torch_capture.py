@@ -35,7 +35,7 @@ optimizer; a pattern beyond them runs eagerly.
 
 A step that cannot be captured runs as it would otherwise (eagerly, or compiled): a method whose
 step reads the device on the host (``not_capturable_because``: Sketchy's and S-AdaGrad's
-decompositions, principled ASGO's checked roots), parameters that are not CUDA tensors or are
+decompositions, ASGO's ``eigh`` roots), parameters that are not CUDA tensors or are
 sharded (DTensor), the distributed classes (their step exchanges blocks between ranks),
 ``compile`` with Inductor's own CUDA graphs, a step inside a capture the user
 makes; a capture that raises turns capturing off for the optimizer. With ``capture=True`` each
