@@ -9,6 +9,7 @@ from __future__ import annotations
 import array_api_compat.numpy as xp
 import numpy as np
 
+from precond_ref.blocking import stack
 from precond_ref.engine import axes
 from precond_ref.sketch import fd_apply, fd_init
 
@@ -82,9 +83,22 @@ def test_multiply_axes_applies_each_axis_blocks_in_turn():
 
 
 def test_chunks_hold_at_most_the_bound():
-    """Consecutive members totalling at most the bound per chunk; a member over it alone."""
+    """Members of one layout, in order, totalling at most the bound per chunk; a member over it
+    alone; layouts in order of first appearance."""
     members = [(np.zeros((1, 10, 3)),), (np.zeros((2, 10, 3)),), (np.zeros((1, 40, 3)),), (np.zeros((1, 10, 3)),)]
-    assert axes.bounded_chunks(np, members, limit=8 * 3 * 30) == [[0, 1], [2], [3]]
+    assert axes.bounded_chunks(np, members, limit=8 * 3 * 30) == [[0, 1], [3], [2]]
+
+
+def test_chunks_are_one_stack_each():
+    """Each chunk is the members that ``blocking.stack`` makes one stack (one label, one layout):
+    a member of another layout or label between two equal ones does not end their chunk, so a
+    layout's blocks take one batched call while they fit the bound (the stacks a GPU step issues)."""
+    members = [(np.zeros((1, 10, 3)),), (np.zeros((1, 40, 3)),), (np.zeros((1, 10, 3)),), (np.zeros((2, 10, 3)),)]
+    labels = [0, 0, 0, 1]
+    chunks = axes.bounded_chunks(np, members, 2**20, labels)
+    assert chunks == [[0, 2], [1], [3]]
+    for chunk in chunks:
+        assert len(stack(np, [members[i] for i in chunk], labels=[labels[i] for i in chunk])) == 1
 
 
 def test_legacy_names_map_each_old_entry_to_its_field():

@@ -26,8 +26,8 @@ import math
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import array_device, compute_dtype, cond, is_number
-from ..blocking import block_bounds, roll_first_axis_last, stack, unfold, unstack
+from .._backend import array_device, compute_dtype, cond, is_number, on_cpu
+from ..blocking import _same_layout, block_bounds, roll_first_axis_last, stack, unfold, unstack
 from ..tree import from_entries
 from .context import StepContext
 from .phases import refresh_due, shape_phase
@@ -284,15 +284,18 @@ def multiply_axes(
 
 def flat_runs(
     xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
-    keep: Callable[..., tuple], limit: int,
+    keep: Callable[..., tuple], limit: int, accelerator_limit: int,
 ) -> list[tuple[tuple, Array, Array]]:
     """Each flattened leaf's blocks after this step and its rows through them (``leaves``:
     ``(plan, blocks, failures, g)``, ``plan`` of one axis, the flattened ``g``'s length): the runs
     of phase p, where ``ctx.every(dues[p])``, get ``refresh(block, rows, accept) -> (new block, ok,
     out)`` (the refresh and the new block applied to the rows in one pass), elsewhere ``keep(block,
     rows) -> (block, out)``. The runs of one length and phase, across leaves, go through one
-    batched call, in stacks of at most ``limit`` bytes of the blocks' first field
-    (:func:`bounded_chunks`; a run larger alone). Returns per leaf its blocks, its failure count
+    batched call, in stacks of at most ``limit`` bytes of the blocks' first field on a CPU and
+    ``accelerator_limit`` elsewhere (:func:`bounded_chunks`; a run larger alone): each stack is
+    one batched decomposition, which on a GPU is also one host synchronisation (``eigh`` reads its
+    status), and each a fixed number of launches, so an accelerator's bound is the larger, sized so
+    that a stack's kernels outlast its launches. Returns per leaf its blocks, its failure count
     plus its blocks whose refresh was not finite, and ``out`` in ``g``'s shape. The new blocks are
     settled, as in :func:`refresh_axes`."""
     members, phases, kind = [], [], type(leaves[0][1][0][0])
@@ -310,15 +313,17 @@ def flat_runs(
         new, out = keep(block, rows)
         return (*new, _none_failed(xp, rows), out)
 
-    pieces = []
-    for chunk in bounded_chunks(xp, members, limit):
+    pieces: list = [None] * len(members)
+    bound = limit if on_cpu(xp, members[0][0]) else accelerator_limit
+    for chunk in bounded_chunks(xp, members, bound, phases):
         stacks = stack(xp, [members[i] for i in chunk], labels=[phases[i] for i in chunk])
         outputs = []
         for s in stacks:
             block, rows, due = kind(*s.operands[:-1]), s.operands[-1], dues[phases[chunk[s.indices[0]]]]
             every_step = is_number(due) and due == 1  # the plain schedule: no branch
             outputs.append(refreshed(block, rows) if every_step else cond(xp, ctx.every(due), refreshed, kept, block, rows))
-        pieces.extend(unstack(stacks, outputs, len(chunk)))
+        for i, piece in zip(chunk, unstack(stacks, outputs, len(chunk))):
+            pieces[i] = piece
         del stacks, outputs, block, rows  # this chunk's stacked copies go before the next chunk's are made
     pieces = iter(pieces)
     results = []
@@ -333,20 +338,25 @@ def flat_runs(
     return results
 
 
-def bounded_chunks(xp: Any, members: Sequence[tuple], limit: int) -> list[list[int]]:
-    """Consecutive runs of member indices whose first operands total at most ``limit`` bytes; a
-    member over the limit alone."""
-    chunks: list[list[int]] = [[]]
-    total = 0
+def bounded_chunks(xp: Any, members: Sequence[tuple], limit: int, labels: Optional[Sequence] = None) -> list[list[int]]:
+    """Member indices in chunks of one stack each (:func:`precond_ref.blocking.stack`): the members
+    of one label and layout (trailing shapes, dtypes, device), in order, cut into consecutive runs
+    whose first operands total at most ``limit`` bytes, a member over the limit alone; groups in
+    order of first appearance. Members of another layout never end a chunk, so a layout's blocks
+    take as few stacks (batched calls) as the bound allows."""
+    groups: dict[Any, list[list[int]]] = {}
+    totals: dict[Any, int] = {}
     for i, member in enumerate(members):
+        key = (None if labels is None else labels[i], _same_layout(member))
         first = member[0]
         nbytes = math.prod(first.shape) * (xp.finfo(first.dtype).bits // 8)
-        if chunks[-1] and total + nbytes > limit:
+        chunks = groups.setdefault(key, [[]])
+        if chunks[-1] and totals[key] + nbytes > limit:
             chunks.append([])
-            total = 0
+            totals[key] = 0
         chunks[-1].append(i)
-        total += nbytes
-    return [c for c in chunks if c]
+        totals[key] = totals.get(key, 0) + nbytes
+    return [chunk for chunks in groups.values() for chunk in chunks]
 
 
 def axis_legacy_names(group: str, fields: Sequence[str], marker: str) -> Callable[[dict], dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import precond_ref as pr
+from precond_ref.sketch import fd_update_apply
 import importlib
 
 sketchy = importlib.import_module("precond_ref.methods.sketchy")  # (the package exports a function of that name)
@@ -34,3 +35,32 @@ def test_chunked_steps_equal_one_stack(monkeypatch):
     for a, b in zip(default, chunked):
         for key in a:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-12, atol=1e-14)
+
+
+def _fd_steps(monkeypatch, on_cpu, steps=2):
+    """The batched FD steps S-AdaGrad runs in ``steps`` steps of :func:`_run`'s model, the engine
+    told that the arrays are (``on_cpu``) or are not on a CPU."""
+    axes = importlib.import_module("precond_ref.engine.axes")
+    monkeypatch.setattr(axes, "on_cpu", lambda xp, x: on_cpu)
+    calls = []
+
+    def counted(xp, sketch, rows, **options):
+        calls.append(tuple(rows.shape))
+        return fd_update_apply(xp, sketch, rows, **options)
+
+    monkeypatch.setattr(sketchy, "fd_update_apply", counted)
+    _run(steps)
+    return calls
+
+
+def test_off_a_cpu_one_stack_per_block_length(monkeypatch):
+    """Off a CPU (a GPU, where each batched FD step is a fixed number of launches and one host
+    synchronisation of its ``eigh``) the runs of one block length take one stack while they fit
+    ``S_ADAGRAD_ACCELERATOR_STACK_BYTES``, though ``S_ADAGRAD_STACK_BYTES`` (the CPU's bound, here
+    1 byte) cuts every run apart: per step one FD step of the bias's block of 7 and one of the 4
+    weights' 3 blocks of 10 each, where the CPU's bound makes one per leaf."""
+    monkeypatch.setattr(sketchy, "S_ADAGRAD_STACK_BYTES", 1)
+    assert _fd_steps(monkeypatch, on_cpu=False) == [(1, 7, 1), (12, 10, 1)] * 2
+    monkeypatch.undo()
+    monkeypatch.setattr(sketchy, "S_ADAGRAD_STACK_BYTES", 1)
+    assert _fd_steps(monkeypatch, on_cpu=True) == ([(1, 7, 1)] + [(3, 10, 1)] * 4) * 2
