@@ -111,3 +111,17 @@ def test_legacy_names_map_each_old_entry_to_its_field():
                                  "sketch_failures": 3, "momentum": 4, "sketches/0/0/basis_weights": 5}
     current = {"sketches/0/0/basis": 1, "sketch_failures": 3}
     assert legacy_names(current) is current
+
+
+def test_padded_lengths_within_the_growth_bound():
+    """Runs of one label and rank that ``may_pad`` admits are padded to the longest among them while
+    the padded rows stay within ``PAD_GROWTH`` (2) times the real ones, taken from the longest down:
+    12 blocks of 10 and one of 7 all at 10 (130 rows for 127); one block of 100 with 10 of 8 not
+    (1100 rows for 180), nor a run ``may_pad`` refuses, nor runs of another label or rank."""
+    def member(count, length, rank=3):
+        return (np.zeros((count, length, rank)), np.zeros((count, length, 1)))
+
+    members = [member(12, 10), member(1, 7), member(1, 100), member(10, 8), member(2, 5), member(1, 9, rank=2), member(3, 6)]
+    labels = [0, 0, 1, 1, 0, 0, 2]
+    assert axes.padded_lengths(members, labels, lambda length, rank: length > 5) == [10, 10, 100, 8, 5, 9, 6]
+    assert axes.padded_lengths(members, labels, lambda length, rank: False) == [10, 7, 100, 8, 5, 9, 6]

@@ -140,9 +140,10 @@ _FAKE_HOST_READS = {"host_bool": lambda xp, x: None, "host_all_finite": lambda x
 @contextlib.contextmanager
 def gpu_grouping() -> Iterator[None]:
     """Inside, the core groups and reads as it does on a GPU, on whatever device: no large block
-    kept out of a stack (``precond_ref.blocking.CPU_BATCHED_ENOUGH``), and ``host_bool`` and
-    ``host_all_finite`` answer ``None`` in every loaded module of the library that imported them.
-    Everything is restored on the way out."""
+    kept out of a stack (``precond_ref.blocking.CPU_BATCHED_ENOUGH``), ``host_bool`` and
+    ``host_all_finite`` answer ``None`` in every loaded module of the library that imported them,
+    and ``precond_ref.engine.axes`` takes its device branch (``on_cpu`` False: S-AdaGrad's stack
+    bound and padding). Everything is restored on the way out."""
     from precond_ref import _backend, blocking
 
     originals = {getattr(_backend, name): name for name in _FAKE_HOST_READS}
@@ -154,6 +155,10 @@ def gpu_grouping() -> Iterator[None]:
             if callable(value) and value in originals:
                 patched.append((module, attr, value))
                 setattr(module, attr, _FAKE_HOST_READS[originals[value]])
+    axes = sys.modules.get("precond_ref.engine.axes")
+    if axes is not None:
+        patched.append((axes, "on_cpu", axes.on_cpu))
+        axes.on_cpu = lambda xp, x: False
     threshold = blocking.CPU_BATCHED_ENOUGH
     blocking.CPU_BATCHED_ENOUGH = 2**62
     try:

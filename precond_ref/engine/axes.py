@@ -26,7 +26,7 @@ import math
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import array_device, compute_dtype, cond, is_number, on_cpu
+from .._backend import array_device, compute_dtype, cond, device_key, is_number, on_cpu
 from ..blocking import _same_layout, block_bounds, roll_first_axis_last, stack, unfold, unstack
 from ..tree import from_entries
 from .context import StepContext
@@ -34,7 +34,7 @@ from .phases import refresh_due, shape_phase
 
 __all__ = [
     "Run", "AxisPlan", "LeafPlan", "leaf_plan", "axis_leaves", "empty_blocks", "run_rows", "join_runs", "units_in_phase",
-    "refresh_axes", "multiply_axes", "flat_runs", "bounded_chunks", "axis_legacy_names", "unblocked_hint",
+    "refresh_axes", "multiply_axes", "flat_runs", "padded_lengths", "bounded_chunks", "axis_legacy_names", "unblocked_hint",
 ]
 
 Array = Any
@@ -284,7 +284,7 @@ def multiply_axes(
 
 def flat_runs(
     xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
-    keep: Callable[..., tuple], limit: int, accelerator_limit: int,
+    keep: Callable[..., tuple], limit: int, accelerator_limit: int, may_pad: Optional[Callable[[int, int], bool]] = None,
 ) -> list[tuple[tuple, Array, Array]]:
     """Each flattened leaf's blocks after this step and its rows through them (``leaves``:
     ``(plan, blocks, failures, g)``, ``plan`` of one axis, the flattened ``g``'s length): the runs
@@ -295,9 +295,14 @@ def flat_runs(
     ``accelerator_limit`` elsewhere (:func:`bounded_chunks`; a run larger alone): each stack is
     one batched decomposition, which on a GPU is also one host synchronisation (``eigh`` reads its
     status), and each a fixed number of launches, so an accelerator's bound is the larger, sized so
-    that a stack's kernels outlast its launches. Returns per leaf its blocks, its failure count
-    plus its blocks whose refresh was not finite, and ``out`` in ``g``'s shape. The new blocks are
-    settled, as in :func:`refresh_axes`."""
+    that a stack's kernels outlast its launches. Off a CPU, with ``may_pad(length, rank)`` given,
+    the runs of one rank and phase whose ``may_pad`` holds also share a stack across lengths: each
+    zero-padded to the longest of them (:func:`padded_lengths`) in the block's first field (count,
+    length, rank) and the rows (count, length, 1), and its results cut back; ``may_pad`` says that
+    the rule's refresh and keep give such a run's zero rows zero results and leave every other
+    value as unpadded (to rounding: a sum with zero terms added). Returns per leaf its blocks, its
+    failure count plus its blocks whose refresh was not finite, and ``out`` in ``g``'s shape. The
+    new blocks are settled, as in :func:`refresh_axes`."""
     members, phases, kind = [], [], type(leaves[0][1][0][0])
     for plan, blocks, _, g in leaves:
         column = xp.reshape(g, (plan.merged_shape[0], 1))
@@ -313,9 +318,13 @@ def flat_runs(
         new, out = keep(block, rows)
         return (*new, _none_failed(xp, rows), out)
 
+    count = len(members)
+    host = on_cpu(xp, members[0][0])
+    hand_back = None
+    if not host and may_pad is not None:
+        members, phases, hand_back = _padded_stacks(xp, members, phases, may_pad)
     pieces: list = [None] * len(members)
-    bound = limit if on_cpu(xp, members[0][0]) else accelerator_limit
-    for chunk in bounded_chunks(xp, members, bound, phases):
+    for chunk in bounded_chunks(xp, members, limit if host else accelerator_limit, phases):
         stacks = stack(xp, [members[i] for i in chunk], labels=[phases[i] for i in chunk])
         outputs = []
         for s in stacks:
@@ -325,7 +334,7 @@ def flat_runs(
         for i, piece in zip(chunk, unstack(stacks, outputs, len(chunk))):
             pieces[i] = piece
         del stacks, outputs, block, rows  # this chunk's stacked copies go before the next chunk's are made
-    pieces = iter(pieces)
+    pieces = iter(pieces if hand_back is None else hand_back(pieces, count))
     results = []
     for plan, blocks, failures, g in leaves:
         axis = plan.axes[0]
@@ -336,6 +345,69 @@ def flat_runs(
         results.append(((tuple(kind(*piece[:-2]) for piece in runs),), failures, out))
     _settle(ctx, [blocks for blocks, _, _ in results])
     return results
+
+
+#: Off a CPU, :func:`flat_runs` stacks runs of other lengths zero-padded to a longer one while the
+#: padded runs hold at most this many times the rows of the real ones (:func:`padded_lengths`).
+PAD_GROWTH = 2
+
+
+def padded_lengths(members: Sequence[tuple], labels: Sequence, may_pad: Callable[[int, int], bool]) -> list[int]:
+    """The length each member of :func:`flat_runs` is stacked at: its own, or, where ``may_pad(length,
+    rank)`` holds, the longest length of the members of its label, rank, dtype and device that
+    ``may_pad`` admits, taken from the longest down while the padded rows stay within
+    :data:`PAD_GROWTH` times the real ones (a length that would exceed it keeps its own stacks)."""
+    groups: dict[Any, dict[int, int]] = {}
+    for member, label in zip(members, labels):
+        basis, rows = member[0], member[-1]
+        count, length, rank = rows.shape[0], rows.shape[1], basis.shape[-1]
+        if may_pad(length, rank):
+            rows_of = groups.setdefault((label, rank, basis.dtype, device_key(basis)), {})
+            rows_of[length] = rows_of.get(length, 0) + count
+    targets: dict[tuple, int] = {}
+    for key, counts in groups.items():
+        longest = max(counts)
+        real = padded = 0
+        for length in sorted(counts, reverse=True):
+            if padded + counts[length] * longest <= PAD_GROWTH * (real + counts[length] * length):
+                real, padded = real + counts[length] * length, padded + counts[length] * longest
+                targets[key + (length,)] = longest
+    return [targets.get((label, m[0].shape[-1], m[0].dtype, device_key(m[0]), m[-1].shape[1]), m[-1].shape[1])
+            for m, label in zip(members, labels)]
+
+
+def _padded_stacks(xp: Any, members: Sequence[tuple], labels: Sequence, may_pad: Callable) -> tuple[list, list, Callable]:
+    """:func:`flat_runs`'s members with those that :func:`padded_lengths` pads stacked by label and
+    length, each such stack zero-padded once (its block's first field and its rows, axis 1):
+    ``(units, their labels, hand_back)``, ``hand_back(pieces, count)`` the units' results as the
+    ``count`` members' own, cut back to their lengths."""
+    targets = padded_lengths(members, labels, may_pad)
+    short = [i for i, member in enumerate(members) if targets[i] > member[-1].shape[1]]
+    alone = [i for i, member in enumerate(members) if targets[i] == member[-1].shape[1]]
+    stacks = stack(xp, [members[i] for i in short], labels=[labels[i] for i in short])
+
+    def padded(a: Array, length: int) -> Array:
+        zeros = xp.zeros((a.shape[0], length - a.shape[1]) + tuple(a.shape[2:]), dtype=a.dtype, device=array_device(a))
+        return xp.concat([a, zeros], axis=1)
+
+    units = [members[i] for i in alone]
+    for s in stacks:
+        target = targets[short[s.indices[0]]]
+        units.append((padded(s.operands[0], target), *s.operands[1:-1], padded(s.operands[-1], target)))
+
+    def hand_back(pieces: Sequence[tuple], count: int) -> list:
+        out: list = [None] * count
+        for i, piece in zip(alone, pieces):
+            out[i] = piece
+        for s, piece in zip(stacks, pieces[len(alone):]):
+            length = s.operands[-1].shape[1]
+            cut = (piece[0][:, :length, ...], *piece[1:-1], piece[-1][:, :length, ...])
+            for j, member in enumerate(unstack([s], [cut], len(short))):
+                if member is not None:
+                    out[short[j]] = member
+        return out
+
+    return units, [labels[i] for i in alone] + [labels[short[s.indices[0]]] for s in stacks], hand_back
 
 
 def bounded_chunks(xp: Any, members: Sequence[tuple], limit: int, labels: Optional[Sequence] = None) -> list[list[int]]:

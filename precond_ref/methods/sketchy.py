@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 from .._backend import array_device, cast, compute_dtype, is_number, is_zero, scalar_array
 from ..blocking import merge_small_dims, spread_schedule
-from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply
+from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply, resolve_decomposition
 from ..tree import cached_template, to_entries
 from ..engine import StepContext, build_transform, leafwise
 from ..engine.axes import (
@@ -799,7 +799,7 @@ def s_adagrad(
         stepped = flat_runs(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
                             c.dues, ctx, functools.partial(_adagrad_refresh, xp, c.fd),
                             functools.partial(_adagrad_keep, xp), S_ADAGRAD_STACK_BYTES,
-                            S_ADAGRAD_ACCELERATOR_STACK_BYTES)
+                            S_ADAGRAD_ACCELERATOR_STACK_BYTES, functools.partial(_adagrad_may_pad, c))
         finished = _finished(xp, ctx, c, _adagrad_finish, [direction for _, _, direction in stepped], leaves, params)
         return [((out[0],), to_entries(_State(sketches, failures, momentum=out[1] if c.has_momentum else None)))
                 for (sketches, failures, _), out in zip(stepped, finished)]
@@ -835,6 +835,16 @@ def _adagrad_init(xp: Any, c: SAdaGradConfig, w: Array, plan: LeafPlan) -> _Stat
         sketch_failures=xp.zeros((), dtype=xp.int32, device=device),
         momentum=xp.zeros(w.shape, dtype=dtype, device=device) if c.has_momentum else None,
     )
+
+
+def _adagrad_may_pad(c: SAdaGradConfig, length: int, rank: int) -> bool:
+    """Whether a run of blocks of this length and rank may share a stack with longer ones, zero rows
+    appended (``engine.axes.flat_runs``): where its FD step takes the incremental path (k + 1 < d,
+    :func:`precond_ref.sketch.resolve_decomposition`), as it then does at every longer length, and
+    zero rows of x and U add only zero terms to every product (U^T x, |x - U U^T x|, the new basis
+    [U, fresh] W, its rows zero), so the step's values are the unpadded ones to rounding and its
+    padded rows zero."""
+    return resolve_decomposition(c.fd["decomposition"], length, rank, 1) == "incremental"
 
 
 def _adagrad_refresh(xp: Any, options: dict, sketch: _Sketch, rows: Array, accept: Any) -> tuple:

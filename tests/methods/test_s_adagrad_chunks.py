@@ -11,10 +11,10 @@ import importlib
 sketchy = importlib.import_module("precond_ref.methods.sketchy")  # (the package exports a function of that name)
 
 
-def _run(steps=4):
+def _run(steps=4, **options):
     rng = np.random.default_rng(0)
     params = {f"w{i}": rng.standard_normal((6, 5)) for i in range(4)} | {"b": rng.standard_normal(7)}
-    opt = pr.s_adagrad(learning_rate=0.1, rank=3, block_size=10, momentum=0.5)
+    opt = pr.s_adagrad(**{"learning_rate": 0.1, "rank": 3, "block_size": 10, "momentum": 0.5, **options})
     state = opt.init(params)
     out = []
     for _ in range(steps):
@@ -37,9 +37,9 @@ def test_chunked_steps_equal_one_stack(monkeypatch):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-12, atol=1e-14)
 
 
-def _fd_steps(monkeypatch, on_cpu, steps=2):
-    """The batched FD steps S-AdaGrad runs in ``steps`` steps of :func:`_run`'s model, the engine
-    told that the arrays are (``on_cpu``) or are not on a CPU."""
+def _fd_steps(monkeypatch, on_cpu, steps=2, **options):
+    """The batched FD steps (the rows' shapes) S-AdaGrad runs in ``steps`` steps of :func:`_run`'s
+    model, the engine told that the arrays are (``on_cpu``) or are not on a CPU; and the updates."""
     axes = importlib.import_module("precond_ref.engine.axes")
     monkeypatch.setattr(axes, "on_cpu", lambda xp, x: on_cpu)
     calls = []
@@ -49,18 +49,42 @@ def _fd_steps(monkeypatch, on_cpu, steps=2):
         return fd_update_apply(xp, sketch, rows, **options)
 
     monkeypatch.setattr(sketchy, "fd_update_apply", counted)
-    _run(steps)
-    return calls
+    return calls, _run(steps, **options)
 
 
-def test_off_a_cpu_one_stack_per_block_length(monkeypatch):
+def test_off_a_cpu_one_stack(monkeypatch):
     """Off a CPU (a GPU, where each batched FD step is a fixed number of launches and one host
-    synchronisation of its ``eigh``) the runs of one block length take one stack while they fit
+    synchronisation of its ``eigh``) the runs of every leaf take one stack while they fit
     ``S_ADAGRAD_ACCELERATOR_STACK_BYTES``, though ``S_ADAGRAD_STACK_BYTES`` (the CPU's bound, here
-    1 byte) cuts every run apart: per step one FD step of the bias's block of 7 and one of the 4
-    weights' 3 blocks of 10 each, where the CPU's bound makes one per leaf."""
+    1 byte) cuts every run apart, and the bias's block of 7 joins the weights' 3 blocks of 10 each,
+    zero-padded to 10: one FD step a step, where the CPU's bound makes one per leaf."""
     monkeypatch.setattr(sketchy, "S_ADAGRAD_STACK_BYTES", 1)
-    assert _fd_steps(monkeypatch, on_cpu=False) == [(1, 7, 1), (12, 10, 1)] * 2
+    assert _fd_steps(monkeypatch, on_cpu=False)[0] == [(13, 10, 1)] * 2
     monkeypatch.undo()
     monkeypatch.setattr(sketchy, "S_ADAGRAD_STACK_BYTES", 1)
-    assert _fd_steps(monkeypatch, on_cpu=True) == ([(1, 7, 1)] + [(3, 10, 1)] * 4) * 2
+    assert _fd_steps(monkeypatch, on_cpu=True)[0] == ([(1, 7, 1)] + [(3, 10, 1)] * 4) * 2
+
+
+def test_padded_runs_step_as_unpadded(monkeypatch):
+    """A run zero-padded into a stack of longer blocks (off a CPU) takes the step it takes alone:
+    zero rows add only zero terms to the FD step's products, so the updates of 4 steps (the sketch,
+    its escaped mass and the momentum carried between them) equal the unpadded ones to rounding
+    (rtol 1e-12 in float64), with a refresh every step and every other step (the step between
+    applies the last sketch with the gradient's own mass)."""
+    for every in (1, 2):
+        padded_calls, padded = _fd_steps(monkeypatch, on_cpu=False, steps=4, precondition_every=every)
+        assert all(shape[1] == 10 for shape in padded_calls)
+        monkeypatch.setattr(sketchy, "_adagrad_may_pad", lambda c, length, rank: False)
+        alone_calls, alone = _fd_steps(monkeypatch, on_cpu=False, steps=4, precondition_every=every)
+        assert (1, 7, 1) in alone_calls
+        monkeypatch.undo()
+        for a, b in zip(padded, alone):
+            for key in a:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-12, atol=1e-14)
+
+
+def test_faithful_runs_are_not_padded(monkeypatch):
+    """Faithful S-AdaGrad's FD step is the SVD of the whole factor, whose path depends on the
+    length: its runs keep their own lengths off a CPU too (one unblocked leaf per length here)."""
+    calls, _ = _fd_steps(monkeypatch, on_cpu=False, steps=1, mode="faithful", momentum=0.0, block_size=None)
+    assert sorted(calls) == [(1, 7, 1), (4, 30, 1)]
