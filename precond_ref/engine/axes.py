@@ -294,8 +294,8 @@ def flat_runs(
     batched call, in stacks of at most ``limit`` bytes of the blocks' first field on a CPU and
     ``accelerator_limit`` elsewhere (:func:`bounded_chunks`; a run larger alone): each stack is
     one batched decomposition, which on a GPU is also one host synchronisation (``eigh`` reads its
-    status), and each a fixed number of launches, so an accelerator's bound is the larger, sized so
-    that a stack's kernels outlast its launches. Off a CPU, with ``may_pad(length, rank)`` given,
+    status), and each a fixed number of launches, so an accelerator's bound is the larger, about the
+    size at which a stack's kernels take as long as its launches. Off a CPU, with ``may_pad(length, rank)`` given,
     the runs of one rank and phase whose ``may_pad`` holds also share a stack across lengths: each
     zero-padded to the longest of them (:func:`padded_lengths`) in the block's first field (count,
     length, rank) and the rows (count, length, 1), and its results cut back; ``may_pad`` says that

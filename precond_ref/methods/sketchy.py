@@ -57,8 +57,8 @@ S_ADAGRAD_PRECONDITION_EVERY = 1
 S_ADAGRAD_STACK_BYTES = 2**28
 #: The bound of :data:`S_ADAGRAD_STACK_BYTES` off a CPU (a GPU): there each stack costs a fixed
 #: number of kernel launches and one host synchronisation (its batched ``eigh`` reads its status),
-#: so the bound is the size at which a stack's kernels outlast its launches, and the blocks of one
-#: length take one stack up to it (docs/methods/sketchy.md, "On a GPU").
+#: so the bound is about the size at which a stack's kernels take as long as its launches, and the
+#: blocks of one rank and phase take one stack up to it (docs/methods/sketchy.md, "On a GPU").
 S_ADAGRAD_ACCELERATOR_STACK_BYTES = 2**31
 
 
