@@ -125,3 +125,35 @@ def test_padded_lengths_within_the_growth_bound():
     labels = [0, 0, 1, 1, 0, 0, 2]
     assert axes.padded_lengths(members, labels, lambda length, rank: length > 5) == [10, 10, 100, 8, 5, 9, 6]
     assert axes.padded_lengths(members, labels, lambda length, rank: False) == [10, 7, 100, 8, 5, 9, 6]
+
+
+def test_a_skipped_step_counts_no_failure():
+    """On a skipped step (the skip predicate ``ok`` False) a refresh that reports its blocks not
+    finite adds nothing to the leaf's failure count, which is settled (the non-finite rule does not
+    select it again): a skipped step keeps the state (specs README rule 5). On a step taken each
+    failed block counts (here the 2 blocks of one run and the unstacked leaf's one)."""
+    from typing import Any, NamedTuple
+
+    from precond_ref._backend import IdentityDict
+    from precond_ref.engine.context import StepContext
+
+    class Block(NamedTuple):
+        basis: Any
+
+    def leaves():
+        out = []
+        for length in (8, 3):
+            plan = axes.leaf_plan((length,), 2, 4, 1)
+            blocks = axes.empty_blocks(plan, lambda d, k, batch: fd_init(xp, d, k, dtype=np.float64, device=None, batch=batch))
+            out.append((plan, tuple(tuple(Block(b["basis"]) for b in axis) for axis in blocks),
+                        np.zeros((), np.int32), np.ones(length)))
+        return out
+
+    def refresh(block, rows, accept):
+        return block, np.zeros(rows.shape[:1], dtype=bool), rows  # every block "not finite"
+
+    for ok, expected in ((np.asarray(False), [0, 0]), (np.asarray(True), [2, 1])):
+        ctx = StepContext(xp=xp, count=np.zeros((), np.int32), extra={}, ok=ok, settled=IdentityDict(), shared={})
+        results = axes.flat_runs(xp, leaves(), (1,), ctx, refresh, None, 2**20, 2**20)
+        assert [int(failures) for _, failures, _ in results] == expected
+        assert all(failures in ctx.settled for _, failures, _ in results)

@@ -170,10 +170,13 @@ def _unstacked(axis: AxisPlan, piece: tuple) -> tuple:
     return piece if axis.batched else tuple(v[0, ...] for v in piece)
 
 
-def _failed(xp: Any, ok: Array) -> Array:
-    """``1`` where ``ok`` is False, else ``0`` (int32): a stack's per-block failure flags, made once
-    per stack; :func:`_count` adds a run's to its leaf's count."""
-    return xp.astype(xp.logical_not(ok), xp.int32)
+def _failed(xp: Any, ok: Array, accept: Any) -> Array:
+    """``1`` where ``ok`` is False on a step that is taken (``accept``, the step's skip predicate;
+    None where the step is known to be taken), else ``0`` (int32): a stack's per-block failure flags, made once per
+    stack; :func:`_count` adds a run's to its leaf's count, which on a skipped step is then the
+    previous count, so it needs no selection by the non-finite rule (it is settled)."""
+    failed = xp.logical_not(ok)
+    return xp.astype(failed if accept is None else xp.logical_and(failed, accept), xp.int32)
 
 
 def _none_failed(xp: Any, rows: Array) -> Array:
@@ -226,7 +229,7 @@ def refresh_axes(
 
     def refreshed(*operands: Array, label: float) -> tuple:
         new, ok = refresh(kind(*operands[:-1]), operands[-1], label, ctx.ok)
-        return (*new, _failed(xp, ok))
+        return (*new, _failed(xp, ok, None if ctx.applied else ctx.ok))
 
     def kept(*operands: Array) -> tuple:
         return (*operands[:-1], _none_failed(xp, operands[-1]))
@@ -239,14 +242,16 @@ def refresh_axes(
         (leaf[1] if table is None else tuple(tuple(axis) for axis in table), failure)
         for leaf, table, failure in zip(leaves, tables, failures)
     ]
-    _settle(ctx, [blocks for blocks, _ in results])
+    _settle(ctx, [blocks for blocks, _ in results], [failure for _, failure in results])
     return results
 
 
-def _settle(ctx: StepContext, leaves: Sequence[tuple]) -> None:
-    """:meth:`StepContext.settle` of every field of every block of ``leaves`` (each ``blocks[n][j]``)."""
+def _settle(ctx: StepContext, leaves: Sequence[tuple], failures: Sequence[Optional[Array]]) -> None:
+    """:meth:`StepContext.settle` of every field of every block of ``leaves`` (each ``blocks[n][j]``)
+    and of the leaves' failure counts (:func:`_failed`)."""
     for blocks in leaves:
         ctx.settle(value for axis in blocks for block in axis for value in block)
+    ctx.settle(count for count in failures if count is not None)
 
 
 def multiply_axes(
@@ -312,7 +317,7 @@ def flat_runs(
 
     def refreshed(block: Any, rows: Array) -> tuple:
         new, ok, out = refresh(block, rows, ctx.ok)
-        return (*new, _failed(xp, ok), out)
+        return (*new, _failed(xp, ok, None if ctx.applied else ctx.ok), out)
 
     def kept(block: Any, rows: Array) -> tuple:
         new, out = keep(block, rows)
@@ -343,7 +348,7 @@ def flat_runs(
             failures = failures + _count(xp, piece[-2])
         out = xp.reshape(join_runs(xp, axis, [piece[-1] for piece in runs]), tuple(g.shape))
         results.append(((tuple(kind(*piece[:-2]) for piece in runs),), failures, out))
-    _settle(ctx, [blocks for blocks, _, _ in results])
+    _settle(ctx, [blocks for blocks, _, _ in results], [failures for _, failures, _ in results])
     return results
 
 
