@@ -1,13 +1,13 @@
 """One eager torch step of a method on the bench's GPT parameter shapes as a GPU would issue it, counted
 on a CPU: the non-view operations, and each decomposition call (eigh, svd, qr) with its operands'
 shapes and dtypes (on CUDA each eigh/svd call is also a host synchronisation: torch reads its status).
-CUDA's branches are taken as in docs/data/rules-engine/ops.py's "gpu" grouping (no CPU-only
-unbatching, no host reads) and engine/axes' device predicate answers "not a CPU". Random gradients.
+CUDA's branches are taken as in ``bench``'s operation count (``precond_ref.benchmarks.operations.
+gpu_grouping``: no CPU-only unbatching, no host reads, engine/axes' device branch). Random gradients.
 
-Usage: ``python decomp_ops.py [method] [small|reference] [steps]`` (default s_adagrad reference 1);
-with ``PYTHONPATH`` naming another checkout it counts that code (the older codes have no
-``engine/axes``: then the predicate is left alone). docs/methods/sketchy.md, "On a GPU", has the
-counts of 9905ce3, 486b05e and the decomp branch."""
+Usage: ``python decomp_ops.py [method] [small|reference] [steps]`` (default s_adagrad reference 1).
+docs/methods/sketchy.md, "On a GPU", has the counts of this code, and of 9905ce3 and 486b05e,
+which have no ``benchmarks.operations``: those were counted by this script's first version
+(git history) with ``PYTHONPATH`` naming their checkouts."""
 import collections
 import sys
 import time
@@ -17,25 +17,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import precond_ref
 import precond_ref.adapters.torch  # noqa: F401
-from precond_ref import _backend, blocking
 from precond_ref.benchmarks.common import contenders, torch_optimizer
 from precond_ref.benchmarks.models import SIZES, build_torch
+from precond_ref.benchmarks.operations import VIEWS, gpu_grouping
 
 print("code at", precond_ref.__file__)
-blocking.CPU_BATCHED_ENOUGH = 2**62
-fakes = {_backend.host_bool: lambda xp, x: None, _backend.host_all_finite: lambda xp, arrays: None}
-for name, module in list(sys.modules.items()):
-    if name.startswith(("precond_ref", "adapters")):
-        for attr, value in list(vars(module).items()):
-            if callable(value) and value in fakes:
-                setattr(module, attr, fakes[value])
-try:
-    import precond_ref.engine.axes as axes
-    axes.on_cpu = lambda xp, x: False
-except ImportError:
-    pass
-VIEWS = {"view", "_unsafe_view", "as_strided", "transpose", "t", "expand", "permute", "unsqueeze", "squeeze", "select",
-         "slice", "alias", "detach", "unbind", "split", "split_with_sizes", "reshape", "diagonal", "narrow", "lift_fresh"}
 DECOMPOSITIONS = ("eigh", "svd", "linalg_qr", "geqrf")
 method = sys.argv[1] if len(sys.argv) > 1 else "s_adagrad"
 size = SIZES["gpt"][sys.argv[2] if len(sys.argv) > 2 else "reference"]
@@ -55,10 +41,11 @@ def step(i):
     opt.step()
 
 
-for i in range(3):
-    t = time.process_time()
-    step(i)
-    print("step", i, f"{time.process_time() - t:.2f} s CPU")
+with gpu_grouping():
+    for i in range(3):
+        t = time.process_time()
+        step(i)
+        print("step", i, f"{time.process_time() - t:.2f} s CPU")
 counts, calls = collections.Counter(), collections.Counter()
 
 
@@ -72,9 +59,10 @@ class Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-for i in range(rounds):
-    with Count():
-        step(3 + i)
+with gpu_grouping():
+    for i in range(rounds):
+        with Count():
+            step(3 + i)
 print(method, "non-view operations a step", sum(v for k, v in counts.items() if k not in VIEWS) / rounds)
 for k, v in sorted(calls.items(), key=str):
     print(f"  {v / rounds:6.2f} x {k}")
