@@ -51,7 +51,8 @@ import torch
 
 from precond_ref.engine.elementwise import EAGER_WRITES, in_place_step
 from precond_ref.transform import Transform
-from precond_ref.tree import tree_flatten
+from precond_ref.engine.skip import gradient_ok
+from precond_ref.tree import path_str, tree_flatten
 
 __all__ = ["ENVIRONMENT_VARIABLE", "compile_options", "CompiledStep", "check_capturable"]
 
@@ -261,6 +262,9 @@ class CompiledStep:
         # (KernelWrites) instead (PER_LEAF_MIN_TENSORS).
         self._in_place = in_place_step(transform)
         self._writes = KernelWrites(self.options) if self._in_place is not None else None
+        # A rule whose leaves step independently (leafwise_step) runs a large group's step as one
+        # compiled call per leaf instead (LeafCalls).
+        self._leaf_calls = LeafCalls(transform, self.options) if leafwise_step(transform) else None
 
     def _notice_if_slow(self, grads: Any) -> Optional[threading.Timer]:
         """A timer that says, once, that a step is compiling if it still is after
@@ -284,6 +288,8 @@ class CompiledStep:
             new_state = self._writes.step(self._in_place, grads, state, params, extra)
             if new_state is not None:
                 return new_state
+        if self._leaf_calls is not None and len(state.groups) >= PER_LEAF_MIN_TENSORS:
+            return self._leaf_calls(grads, state, params, due, extra)
         timer = None
         if due not in self._compiled_patterns:  # this call may compile
             self._compiled_patterns.add(due)
@@ -333,6 +339,74 @@ def _timer(tell: Callable[[], None]) -> threading.Timer:
 #: 148 on a CPU), the per-leaf step's host cost with the number of calls (each step a few times
 #: the whole graph's on a small model): docs/performance.md, "The first step at GPT-2-small".
 PER_LEAF_MIN_TENSORS = 64
+
+
+def leafwise_step(transform: Transform) -> bool:
+    """Whether each leaf of ``transform``'s update can be stepped alone: a rule of one leaf per
+    group whose update of a leaf reads nothing of the others but the step's skip decision
+    (``update.leafwise``, set by the method: DASGO)."""
+    return bool(getattr(transform.update, "leafwise", False))
+
+
+def _apply_leaf(transform: Transform, ok: Any, g: Any, state: Any, w: Any, due: tuple, extra: dict) -> Any:
+    """:func:`_apply` of one leaf (a tree of that leaf alone), whose step is skipped where the
+    whole tree's skip decision ``ok`` says: its gradient is then NaN, which the core's own test
+    of this leaf skips on (the arithmetic then runs on zeros, the state is kept, the update is zero)."""
+    g = torch.where(ok, g, torch.full((), float("nan"), dtype=g.dtype, device=g.device))
+    return _apply(transform, g, state, w, due, extra)
+
+
+class LeafCalls:
+    """The compiled step of a :func:`leafwise_step` rule as one call per leaf of one function
+    compiled for leaves of every size (``dynamic=True``): a large model's first step compiles the
+    step of one matrix leaf and one fallback leaf (and of each other layout: dtype, dimensions)
+    rather than a graph of every leaf. The step's skip decision is taken once over every
+    gradient, eagerly, and is an operand of each call (:func:`_apply_leaf`); each call writes
+    its leaf's parameter and state in place."""
+
+    def __init__(self, transform: Transform, options: dict) -> None:
+        self.transform = transform
+        options = {"fullgraph": True, "dynamic": True, **options}
+        if "mode" not in options:
+            options["options"] = {"guard_filter_fn": _guard_filter, **options.get("options", {})}
+        self._compiled = torch.compile(_fresh(_apply_leaf), **options)
+        self._quiet = _cached_helpers_traced_quietly()
+        self._told = False
+
+    def __call__(self, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
+        grad_leaves, treedef = tree_flatten(grads)
+        param_leaves = tree_flatten(params)[0]
+        ok = gradient_ok(torch, grad_leaves)
+        groups = dict(state.groups)
+        count, nonfinite_count, scalars = state.count, state.nonfinite_count, []
+        timer = _timer(self._tell) if not self._told else None
+        try:
+            with contextlib.nullcontext() if self._quiet else _quiet_tracing():
+                for path, g, w in zip(treedef.paths, grad_leaves, param_leaves):
+                    key = path_str(path)
+                    if not groups[key]:  # a zero-size leaf: nothing to step
+                        continue
+                    leaf_state = type(state)(state.count, state.nonfinite_count, {".": groups[key]})
+                    count, nonfinite_count, returned, scalar_updates = self._compiled(
+                        self.transform, ok, g, leaf_state, w, due, extra
+                    )
+                    if returned:
+                        groups[key] = {**groups[key], **returned["."]}
+                    scalars += [(w, u) for u in scalar_updates]
+        finally:
+            if timer is not None:
+                timer.cancel()
+        for w, u in scalars:
+            w.add_(u)
+        return type(state)(count, nonfinite_count, groups)
+
+    def _tell(self) -> None:
+        self._told = True
+        _LOG.warning(
+            "precond_ref: compiling the optimizer's update of one tensor of each layout with torch.compile (once per "
+            "param group; seconds to a minute on a CPU). compile=False, or %s=0, steps eagerly instead",
+            ENVIRONMENT_VARIABLE,
+        )
 
 
 #: The compiled per-leaf functions of element-wise rules (``KernelWrites``), by the engine's key

@@ -558,13 +558,20 @@ def sum_across(xp: Any, x: Array, axis: int) -> Array:
 
     TorchInductor's CPU code otherwise walks the matrix in strips of 8 columns from the first row
     to the last, a 4-KiB stride per row; summed in blocks, it reads whole rows (``docs/backends.md``,
-    "ASGO and DASGO").
+    "ASGO and DASGO"). Under ``torch.compile`` the rows past the last block are summed from the
+    last block's worth of rows, those already summed replaced by zeros: no branch on the row count
+    and no slice that may be empty, so that one graph compiled for matrices of every size
+    (``dynamic=True``) serves every row count.
     """
     rows = x.shape[0] // ROW_BLOCK * ROW_BLOCK
     if axis != 0 or rows < 2 * ROW_BLOCK:
         return xp.sum(x, axis=axis)
     blocks = xp.reshape(x[:rows, :], (rows // ROW_BLOCK, ROW_BLOCK, x.shape[1]))
     total = xp.sum(xp.sum(blocks, axis=1), axis=0)
+    if torch_compiling():
+        start = x.shape[0] - ROW_BLOCK
+        tail = xp.arange(ROW_BLOCK, dtype=xp.int64, device=placement(xp, x)) >= rows - start
+        return total + xp.sum(xp.where(xp.expand_dims(tail, axis=1), x[start:, :], xp.zeros_like(x[:1, :])), axis=0)
     return total if rows == x.shape[0] else total + xp.sum(x[rows:, :], axis=0)
 
 

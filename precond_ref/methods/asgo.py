@@ -614,13 +614,18 @@ def dasgo(
         new = {name: ctx.unless_skipped(entry, state[name]) for name, entry in new.items()}
         return (_dasgo_update(xp, c, new, g_m, w, tuple(g.shape), ctx),), new
 
-    return build_transform(
+    transform = build_transform(
         name="dasgo",
         init_group=init_group,
         update_group=update_group,
         on_nonfinite=on_nonfinite,
         needs_params=not is_zero(weight_decay) or not is_zero(fallback_weight_decay),
     )
+    # Each leaf's step reads no other leaf but through the step's skip decision: an adapter may
+    # step the leaves one by one, given that decision (the torch adapter's compiled step of a
+    # large param group); not with on_nonfinite="raise", whose test reads the host.
+    transform.update.leafwise = on_nonfinite == "skip"  # type: ignore[attr-defined]
+    return transform
 
 
 def _principled_only(option: str, given: Any, why: str = "") -> None:
