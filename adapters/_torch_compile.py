@@ -27,7 +27,9 @@ An element-wise method (AGD, RF-RMSProp, RF-AdamW) in a param group of many tens
 (:func:`precond_ref.engine.elementwise.in_place_step`) calls one per-leaf function per large leaf
 and per pack of small ones, and :class:`KernelWrites` compiles that function once per method,
 dtype and option set, for every length, so that the first step of a large model compiles one
-small kernel rather than a graph of every leaf.
+small kernel rather than a graph of every leaf. DASGO, whose leaves step independently but for
+the step's skip decision (:func:`leafwise_step`), does likewise through :class:`LeafCalls`: one
+call per leaf of the core update compiled for leaves of every size, one graph per layout.
 
 If compilation fails (no C++ compiler for TorchInductor's CPU backend, an unsupported
 operation), the optimizer says so once and runs the same core eagerly.
@@ -289,7 +291,9 @@ class CompiledStep:
             if new_state is not None:
                 return new_state
         if self._leaf_calls is not None and len(state.groups) >= PER_LEAF_MIN_TENSORS:
-            return self._leaf_calls(grads, state, params, due, extra)
+            new_state = self._leaf_calls(grads, state, params, due, extra)
+            if new_state is not None:
+                return new_state
         timer = None
         if due not in self._compiled_patterns:  # this call may compile
             self._compiled_patterns.add(due)
@@ -333,8 +337,9 @@ def _timer(tell: Callable[[], None]) -> threading.Timer:
 
 
 #: An element-wise rule's compiled step runs as per-leaf kernels (one compiled function for every
-#: length, called once per large tensor and once per pack of small ones) in a param group of at
-#: least this many tensors, and as one graph of the whole group's step in a smaller one. The
+#: length, called once per large tensor and once per pack of small ones), and a leafwise rule's as
+#: one call per leaf (:class:`LeafCalls`), in a param group of at least this many tensors, and as
+#: one graph of the whole group's step in a smaller one. The
 #: whole-group graph's compilation grows with the number of tensors (minutes for GPT-2-small's
 #: 148 on a CPU), the per-leaf step's host cost with the number of calls (each step a few times
 #: the whole graph's on a small model): docs/performance.md, "The first step at GPT-2-small".
@@ -359,10 +364,16 @@ def _apply_leaf(transform: Transform, ok: Any, g: Any, state: Any, w: Any, due: 
 class LeafCalls:
     """The compiled step of a :func:`leafwise_step` rule as one call per leaf of one function
     compiled for leaves of every size (``dynamic=True``): a large model's first step compiles the
-    step of one matrix leaf and one fallback leaf (and of each other layout: dtype, dimensions)
-    rather than a graph of every leaf. The step's skip decision is taken once over every
-    gradient, eagerly, and is an operand of each call (:func:`_apply_leaf`); each call writes
-    its leaf's parameter and state in place."""
+    step of one leaf of each layout (rank, dtype, state entries: a matrix and a fallback vector)
+    rather than a graph of every leaf. The step's skip decision is taken once over every gradient,
+    eagerly, and is an operand of each call (:func:`_apply_leaf`); each call writes its leaf's
+    parameter and state in place.
+
+    A compilation that fails before the step has written anything propagates (the optimizer then
+    runs the step eagerly and says so); one that fails later in a step (a leaf of another layout)
+    finishes that step with :func:`_apply_leaf` run eagerly and is raised at the next step, before
+    anything is written (as :class:`KernelWrites`).
+    """
 
     def __init__(self, transform: Transform, options: dict) -> None:
         self.transform = transform
@@ -371,25 +382,34 @@ class LeafCalls:
             options["options"] = {"guard_filter_fn": _guard_filter, **options.get("options", {})}
         self._compiled = torch.compile(_fresh(_apply_leaf), **options)
         self._quiet = _cached_helpers_traced_quietly()
-        self._told = False
+        self._first = True
+        self.pending: Optional[BaseException] = None
 
     def __call__(self, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
+        """The new state, or ``None`` (nothing written) for a group of zero-size leaves alone."""
+        if self.pending is not None:
+            error, self.pending = self.pending, None
+            raise error
         grad_leaves, treedef = tree_flatten(grads)
-        param_leaves = tree_flatten(params)[0]
+        live = [(path_str(path), g, w) for path, g, w in zip(treedef.paths, grad_leaves, tree_flatten(params)[0])
+                if state.groups[path_str(path)]]  # a zero-size leaf has no state and no step
+        if not live:
+            return None
         ok = gradient_ok(torch, grad_leaves)
         groups = dict(state.groups)
-        count, nonfinite_count, scalars = state.count, state.nonfinite_count, []
-        timer = _timer(self._tell) if not self._told else None
+        scalars, step = [], self._compiled
+        timer, self._first = (_timer(self._tell) if self._first else None), False
         try:
             with contextlib.nullcontext() if self._quiet else _quiet_tracing():
-                for path, g, w in zip(treedef.paths, grad_leaves, param_leaves):
-                    key = path_str(path)
-                    if not groups[key]:  # a zero-size leaf: nothing to step
-                        continue
+                for n, (key, g, w) in enumerate(live):
                     leaf_state = type(state)(state.count, state.nonfinite_count, {".": groups[key]})
-                    count, nonfinite_count, returned, scalar_updates = self._compiled(
-                        self.transform, ok, g, leaf_state, w, due, extra
-                    )
+                    try:
+                        count, nonfinite_count, returned, scalar_updates = step(self.transform, ok, g, leaf_state, w, due, extra)
+                    except Exception as error:  # noqa: BLE001 - see the class docstring
+                        if n == 0 or step is _apply_leaf:
+                            raise
+                        self.pending, step = error, _apply_leaf
+                        count, nonfinite_count, returned, scalar_updates = step(self.transform, ok, g, leaf_state, w, due, extra)
                     if returned:
                         groups[key] = {**groups[key], **returned["."]}
                     scalars += [(w, u) for u in scalar_updates]
@@ -400,8 +420,8 @@ class LeafCalls:
             w.add_(u)
         return type(state)(count, nonfinite_count, groups)
 
-    def _tell(self) -> None:
-        self._told = True
+    @staticmethod
+    def _tell() -> None:
         _LOG.warning(
             "precond_ref: compiling the optimizer's update of one tensor of each layout with torch.compile (once per "
             "param group; seconds to a minute on a CPU). compile=False, or %s=0, steps eagerly instead",

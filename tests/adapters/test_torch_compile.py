@@ -611,3 +611,36 @@ def test_dasgo_steps_leaf_by_leaf_one_graph_per_rank(monkeypatch):
         assert got[i].keys() == want[i].keys()
         for name in want[i]:
             torch.testing.assert_close(got[i][name], want[i][name], rtol=1e-10, atol=1e-12)
+
+
+def test_dasgo_leaf_compilation_failing_mid_step_finishes_it_eagerly(monkeypatch):
+    """A leaf-by-leaf step (``LeafCalls``) whose compilation fails after earlier leaves were written
+    (the second layout, a vector after a matrix) finishes that step eagerly, leaf by leaf, and
+    raises at the next step before writing anything: the optimizer then says so once and steps
+    eagerly. No leaf is stepped twice: the parameters equal the eager optimizer's (float64, eager
+    kernels: 1e-10 relative)."""
+    graphs = []
+
+    def second_fails(gm, example_inputs):
+        graphs.append(gm)
+        if len(graphs) == 2:
+            raise RuntimeError("InductorError: cannot compile this layout")
+        return gm.forward
+
+    monkeypatch.setattr(_torch_compile, "PER_LEAF_MIN_TENSORS", 1)
+    torch.manual_seed(0)
+    compiled = [(k, torch.nn.Parameter(torch.randn(s, dtype=torch.float64))) for k, s in (("a", (40, 6)), ("b", (6,)))]
+    eager = [(k, torch.nn.Parameter(p.detach().clone())) for k, p in compiled]
+    opts = [pt.DASGO(compiled, lr=1e-2, compile={"backend": second_fails}), pt.DASGO(eager, lr=1e-2, compile=False)]
+    for step in range(3):
+        for (_, p), (_, q) in zip(compiled, eager):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for o in opts:
+                o.step()
+        assert [str(w.message) for w in caught if "torch.compile failed" in str(w.message)] != [] if step == 1 else not caught
+    assert opts[0]._compile_options is None
+    for (_, p), (_, q) in zip(compiled, eager):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)
