@@ -361,13 +361,22 @@ def _apply_leaf(transform: Transform, ok: Any, g: Any, state: Any, w: Any, due: 
     return _apply(transform, g, state, w, due, extra)
 
 
+#: :class:`LeafCalls` compiles the step of a leaf of at least this many elements for its shape
+#: (one graph per such shape) rather than for every size: TorchInductor's CPU code for a size it
+#: does not know took 2.2x as long on GPT-2-small's 50257x768 embedding (one thread) as the code
+#: for its shape, and on smaller matrices as long; a model has few such leaves (embeddings, output
+#: layers), each worth its own graph (docs/data/first-step-2026-11-27/dasgo_leaf.txt).
+PER_SHAPE_MIN_ELEMENTS = 2**24
+
+
 class LeafCalls:
     """The compiled step of a :func:`leafwise_step` rule as one call per leaf of one function
     compiled for leaves of every size (``dynamic=True``): a large model's first step compiles the
-    step of one leaf of each layout (rank, dtype, state entries: a matrix and a fallback vector)
-    rather than a graph of every leaf. The step's skip decision is taken once over every gradient,
-    eagerly, and is an operand of each call (:func:`_apply_leaf`); each call writes its leaf's
-    parameter and state in place.
+    step of one leaf of each layout (rank, dtype, state entries: a matrix and a fallback vector),
+    and of each shape of :data:`PER_SHAPE_MIN_ELEMENTS` elements or more, rather than a graph of
+    every leaf. The step's skip decision is taken once over every gradient, eagerly, and is an
+    operand of each call (:func:`_apply_leaf`); each call writes its leaf's parameter and state in
+    place.
 
     A compilation that fails before the step has written anything propagates (the optimizer then
     runs the step eagerly and says so); one that fails later in a step (a leaf of another layout)
@@ -377,10 +386,11 @@ class LeafCalls:
 
     def __init__(self, transform: Transform, options: dict) -> None:
         self.transform = transform
-        options = {"fullgraph": True, "dynamic": True, **options}
+        options = {"fullgraph": True, **options}
         if "mode" not in options:
             options["options"] = {"guard_filter_fn": _guard_filter, **options.get("options", {})}
-        self._compiled = torch.compile(_fresh(_apply_leaf), **options)
+        self._any_size = torch.compile(_fresh(_apply_leaf), **{"dynamic": True, **options})
+        self._per_shape = torch.compile(_fresh(_apply_leaf), **{"dynamic": False, **options})
         self._quiet = _cached_helpers_traced_quietly()
         self._first = True
         self.pending: Optional[BaseException] = None
@@ -395,21 +405,31 @@ class LeafCalls:
                 if state.groups[path_str(path)]]  # a zero-size leaf has no state and no step
         if not live:
             return None
+        large = sum(g.numel() >= PER_SHAPE_MIN_ELEMENTS for _, g, _ in live)
+        # one graph per large leaf's shape at most: dynamo's default limit of 8 would stop short
+        shapes = torch._dynamo.config.patch(recompile_limit=max(large, torch._dynamo.config.recompile_limit))
         ok = gradient_ok(torch, grad_leaves)
         groups = dict(state.groups)
-        scalars, step = [], self._compiled
+        scalars, eager = [], False
         timer, self._first = (_timer(self._tell) if self._first else None), False
         try:
             with contextlib.nullcontext() if self._quiet else _quiet_tracing():
                 for n, (key, g, w) in enumerate(live):
                     leaf_state = type(state)(state.count, state.nonfinite_count, {".": groups[key]})
+                    per_shape = g.numel() >= PER_SHAPE_MIN_ELEMENTS
                     try:
-                        count, nonfinite_count, returned, scalar_updates = step(self.transform, ok, g, leaf_state, w, due, extra)
+                        if eager:
+                            out = _apply_leaf(self.transform, ok, g, leaf_state, w, due, extra)
+                        else:
+                            with shapes if per_shape else contextlib.nullcontext():
+                                step = self._per_shape if per_shape else self._any_size
+                                out = step(self.transform, ok, g, leaf_state, w, due, extra)
                     except Exception as error:  # noqa: BLE001 - see the class docstring
-                        if n == 0 or step is _apply_leaf:
+                        if n == 0 or eager:
                             raise
-                        self.pending, step = error, _apply_leaf
-                        count, nonfinite_count, returned, scalar_updates = step(self.transform, ok, g, leaf_state, w, due, extra)
+                        self.pending, eager = error, True
+                        out = _apply_leaf(self.transform, ok, g, leaf_state, w, due, extra)
+                    count, nonfinite_count, returned, scalar_updates = out
                     if returned:
                         groups[key] = {**groups[key], **returned["."]}
                     scalars += [(w, u) for u in scalar_updates]
