@@ -52,8 +52,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from precond_ref.engine.elementwise import EAGER_WRITES, in_place_step
-from precond_ref.transform import Transform
 from precond_ref.engine.skip import gradient_ok
+from precond_ref.transform import Transform
 from precond_ref.tree import path_str, tree_flatten
 
 __all__ = ["ENVIRONMENT_VARIABLE", "compile_options", "CompiledStep", "check_capturable"]
@@ -363,9 +363,9 @@ def _apply_leaf(transform: Transform, ok: Any, g: Any, state: Any, w: Any, due: 
 
 #: :class:`LeafCalls` compiles the step of a leaf of at least this many elements for its shape
 #: (one graph per such shape) rather than for every size: TorchInductor's CPU code for a size it
-#: does not know took 2.2x as long on GPT-2-small's 50257x768 embedding (one thread) as the code
-#: for its shape, and on smaller matrices as long; a model has few such leaves (embeddings, output
-#: layers), each worth its own graph (docs/data/first-step-2026-11-27/dasgo_leaf.txt).
+#: does not know ran a large embedding's step much slower than the code for its shape, and the
+#: step of a transformer's smaller matrices as fast; a model has few such leaves (embeddings,
+#: output layers), each worth its own graph (measured: docs/data/first-step-2026-11-27/dasgo_leaf.txt).
 PER_SHAPE_MIN_ELEMENTS = 2**24
 
 

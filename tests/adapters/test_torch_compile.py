@@ -573,8 +573,9 @@ def test_small_group_compiles_the_whole_step(monkeypatch):
 def test_dasgo_steps_leaf_by_leaf_one_graph_per_rank(monkeypatch):
     """A DASGO param group of ``PER_LEAF_MIN_TENSORS`` tensors or more (the threshold lowered here)
     steps each leaf by one call of a function compiled for leaves of every size (``LeafCalls``):
-    matrices of three shapes (row counts that are multiples of ``sum_across``'s block and not),
-    vectors of two lengths and a 0-D parameter compile one graph per rank (3), not one per shape. A NaN in one leaf's gradient skips the step in every leaf (the core's
+    matrices of two shapes (row counts that are multiples of ``sum_across``'s block and not),
+    vectors of two lengths and a 0-D parameter compile one graph per rank (3), not one per shape,
+    and a matrix of ``PER_SHAPE_MIN_ELEMENTS`` or more (the threshold lowered) one for its shape. A NaN in one leaf's gradient skips the step in every leaf (the core's
     non-finite rule, one decision per step: spec DESIGN §non-finite). Parameters and state equal
     the eager optimizer's after 4 steps (float64, the graphs run with eager kernels: 1e-10 relative)."""
     graphs = []
@@ -584,6 +585,7 @@ def test_dasgo_steps_leaf_by_leaf_one_graph_per_rank(monkeypatch):
         return gm.forward
 
     monkeypatch.setattr(_torch_compile, "PER_LEAF_MIN_TENSORS", 1)
+    monkeypatch.setattr(_torch_compile, "PER_SHAPE_MIN_ELEMENTS", 600)  # c alone
     shapes = {"a": (48, 7), "b": (37, 7), "c": (33, 20), "u": (7,), "v": (20,), "s": ()}
     torch.manual_seed(0)
     compiled = [(k, torch.nn.Parameter(torch.randn(s, dtype=torch.float64))) for k, s in shapes.items()]
@@ -602,7 +604,7 @@ def test_dasgo_steps_leaf_by_leaf_one_graph_per_rank(monkeypatch):
                 o.step()
             if step == 2:
                 assert all(torch.equal(p.detach(), b) for (_, p), b in zip(compiled, before))
-    assert len(graphs) == 3
+    assert len(graphs) == 4
     for (_, p), (_, q) in zip(compiled, eager):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)
     got, want = opts[0].state_dict()["state"], opts[1].state_dict()["state"]
