@@ -38,7 +38,8 @@ step reads the device on the host (``not_capturable_because``: Sketchy's and S-A
 decompositions, ASGO's ``eigh`` roots), parameters that are not CUDA tensors or are
 sharded (DTensor), the distributed classes (their step exchanges blocks between ranks),
 ``compile`` with Inductor's own CUDA graphs, a step inside a capture the user
-makes; a capture that raises turns capturing off for the optimizer. With ``capture=True`` each
+makes; a capture that raises refuses its pattern (the others stay captured), and
+:data:`MAX_FAILED_CAPTURES` of them turn capturing off for the optimizer. With ``capture=True`` each
 such fallback warns once; with the default (``None``) only an unexpected failure does.
 
 The CUDA specifics are one object, :data:`GRAPHS`, which tests replace by a double that records
@@ -71,6 +72,9 @@ BY_DEFAULT = True
 
 #: The most graphs an optimizer keeps; a further pattern runs eagerly.
 MAX_GRAPHS = 32
+
+#: Failed captures (each refuses its own pattern) after which the optimizer stops capturing.
+MAX_FAILED_CAPTURES = 8
 
 #: Captures of one set of parameters after which its state is taken to change identity at every
 #: step (a step that cannot write in place), and it steps without capture from then on.
@@ -216,6 +220,7 @@ class Captures:
         self.sets: dict = {}  # id(plan) -> _Set
         self.devices: dict = {}  # device -> (pool, stream)
         self.off: Optional[str] = None  # why capturing stopped for good
+        self.failed = 0  # captures that raised
         self.warned = False
 
     def clear(self) -> None:
@@ -334,9 +339,16 @@ class Captures:
         except Spoiled:
             return new_state
         except Exception as error:  # noqa: BLE001 - any failure of a capture falls back
-            self.off = f"capturing raised {type(error).__name__}: {str(error).strip()[:200]}"
-            self.sets.clear()
-            self._warn(self.off, failure=True)
+            # The pattern's steps run without capture from now on (a routine that cannot be
+            # captured, e.g. a batched LU of cuSOLVER's, is usually one phase's); a step failing
+            # in every pattern stops capturing altogether.
+            reason = f"capturing raised {type(error).__name__}: {str(error).strip()[:200]}"
+            s.refused_patterns.add(pattern)
+            self.failed += 1
+            if self.failed >= MAX_FAILED_CAPTURES:
+                self.off = reason
+                self.sets.clear()
+            self._warn(f"{reason}; the steps of that pattern of periodic work run without it", failure=True)
             return new_state
         if _same_set(_leaves(out), inputs):
             s.graphs[pattern] = graph

@@ -30,11 +30,12 @@ class FakeGraph:
 
 
 class FakeGraphs:
-    """Graphs on any device; ``fail`` makes every capture raise (after the callable ran, as a
-    capture invalidated by an operation it recorded)."""
+    """Graphs on any device; ``fail`` makes every capture raise, ``fail_first`` the first ones
+    (after the callable ran, as a capture invalidated by an operation it recorded)."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, fail_first: int = 0) -> None:
         self.fail = fail
+        self.fail_first = fail_first  # the first captures fail, later ones succeed
         self.graphs: list[FakeGraph] = []
 
     @staticmethod
@@ -61,7 +62,8 @@ class FakeGraphs:
         saved = [w.detach().clone() for w in writes]
         try:
             out = fn()
-            if self.fail:
+            self.attempts = getattr(self, "attempts", 0) + 1
+            if self.fail or self.attempts <= self.fail_first:
                 raise RuntimeError("operation not permitted when stream is capturing")
         finally:
             with torch.no_grad():
