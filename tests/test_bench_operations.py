@@ -119,6 +119,10 @@ def test_readme_and_detail_tables_show_the_count_where_the_report_has_it():
     stored = json.loads((Path(__file__).parents[1] / "docs" / "data" / "bench.json").read_text())
     reports = {key: stored[key] for key in ("gpt", "gpt on a GPU") if key in stored}
     assert reports, "docs/data/bench.json holds a GPT report"
+    for stored_report in reports.values():  # the stored reports as if none had counted
+        for rows in stored_report["results"].values():
+            for row in rows:
+                row.pop("operations", None)
     before = report.readme_section(reports)
     counted = json.loads(json.dumps(reports))
     first = next(iter(counted))

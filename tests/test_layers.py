@@ -132,21 +132,24 @@ def test_backend_imports_nothing_from_the_package():
 def test_no_import_circle_in_the_house():
     """No circle of imports among the modules of ``precond_ref`` and its adapters (issue 32, "the
     house has no import circle"): the torch adapter's modules stack ``_torch_state``,
-    ``_torch_compile`` -> ``_torch_core`` -> ``torch`` -> ``torch_distributed``."""
+    ``_torch_compile`` -> ``_torch_capture`` -> ``_torch_core`` -> ``torch`` -> ``torch_distributed``."""
     assert cycles(GRAPH) == []
 
 
 def test_the_torch_adapter_modules_import_downwards_only():
     """The layering the torch adapter is written in: the state, compile and memory helpers import
-    no other module of the adapter's; ``_torch_core`` (``CoreOptimizer``) imports them and nothing
-    above; ``_torch_methods`` (the classes' behaviour beyond their table rows) imports only those
+    no other module of the adapter's, the capture helper only the compile one (the patterns a
+    compiled step runs eagerly are those it does not capture); ``_torch_core``
+    (``CoreOptimizer``) imports them and nothing above; ``_torch_methods`` (the classes' behaviour beyond their table rows) imports only those
     below it; ``torch`` (the method table) does not import the distributed classes."""
     adapters = {m: {t for t in GRAPH[m] if t.startswith("precond_ref.adapters.")} for m in GRAPH
                 if m.startswith("precond_ref.adapters.")}
     helpers = {"precond_ref.adapters._torch_state", "precond_ref.adapters._torch_compile", "precond_ref.adapters._torch_memory"}
     for helper in helpers:
         assert adapters[helper] == set(), helper
-    assert adapters["precond_ref.adapters._torch_core"] == helpers
+    capture = "precond_ref.adapters._torch_capture"
+    assert adapters[capture] == {"precond_ref.adapters._torch_compile"}
+    assert adapters["precond_ref.adapters._torch_core"] == helpers | {capture}
     assert adapters["precond_ref.adapters._torch_methods"] <= helpers | {"precond_ref.adapters._torch_core"}
     assert "precond_ref.adapters.torch_distributed" not in adapters["precond_ref.adapters.torch"]
 

@@ -129,7 +129,7 @@ def _operations_after(
     """The operations of the refresh period that follows the timed window, counted as a GPU would
     issue them (:func:`~.operations.count_after`, within the measurement's budget of seconds), and
     a note if they could not be counted."""
-    from .operations import count_after
+    from .counting import count_after
 
     first = timed["settle_steps"] + timed["warmup_steps"] + timed["steps"]
     try:
