@@ -26,7 +26,7 @@ from ._backend import array_device, device_key, torch_compiling
 
 __all__ = [
     "merge_small_dims", "block_bounds", "chunk_sizes", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks",
-    "PhaseDue", "spread_schedule", "stable_hash",
+    "PhaseDue", "spread_schedule", "stable_hash", "same_layout",
 ]
 
 Array = Any
@@ -103,7 +103,7 @@ class Stack(NamedTuple):
     lengths: tuple[int, ...]
 
 
-def _same_layout(operands: tuple) -> Hashable:
+def same_layout(operands: tuple) -> Hashable:
     """The default stacking key: every operand's trailing shape, dtype and device."""
     return tuple((tuple(a.shape[1:]), a.dtype, device_key(a)) for a in operands)
 
@@ -143,7 +143,7 @@ def stack(
     groups: dict[Hashable, list[int]] = {}
     for index, operands in enumerate(members):
         label = None if labels is None else labels[index]
-        layout = None if _batched_enough_on_cpu(operands) else (key or _same_layout)(operands)
+        layout = None if _batched_enough_on_cpu(operands) else (key or same_layout)(operands)
         # (index,), a 1-tuple, equals no (label, layout) pair
         groups.setdefault((index,) if layout is None else (label, layout), []).append(index)
     stacks = []

@@ -684,3 +684,21 @@ def test_compiled_torch_rows_warm_up_through_every_phase_graph():
     assert timing_for(6, 10, 1.0, True, compiled=True)(sketchy)["warmup"] == 6
     agd = common.Contender(entry_by_name("agd"))
     assert compiled(agd)["warmup"] == 2  # no intervals: one pattern
+
+
+def test_scale_command_line_refuses_unknown_names_and_estimates_on_meta(capsys):
+    """``python -m precond_ref.benchmarks.scale``: ``--help`` prints its usage, an unknown method or
+    ``--estimate`` model is one line naming it and the choices (exit 2, before any process is
+    started), and ``--estimate`` gives every method's state over its parameters from meta-device
+    parameters (AGD keeps two moments: 2.0x; DASGO one and a short vector per matrix: about 1.0x)."""
+    from precond_ref.benchmarks import scale
+
+    assert scale.main(["--help"]) == 0 and "--estimate" in capsys.readouterr().out
+    assert scale.main(["AGD", "Nope:rank=4"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method(s) Nope:rank=4" in err and "SAdaGrad" in err
+    assert scale.main(["--estimate", "gpt3"]) == 2 and "unknown model(s) gpt3" in capsys.readouterr().err
+    assert scale.main(["--estimate", "reference-gpt"]) == 0
+    rows = {row["method"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(rows) == set(scale.METHODS[1:])
+    assert rows["AGD"]["state_over_params"] == 2.0 and 1.0 <= rows["DASGO"]["state_over_params"] < 1.01

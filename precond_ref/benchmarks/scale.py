@@ -122,21 +122,33 @@ def estimates(model: str) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if argv[:1] == ["--estimate"]:
-        for model in argv[1:] or ("gpt2-small", "reference-gpt"):
+        models = argv[1:] or ["gpt2-small", "reference-gpt"]
+        unknown = [m for m in models if m not in ("gpt2-small", "reference-gpt")]
+        if unknown:
+            print(f"unknown model(s) {', '.join(unknown)}; --estimate takes gpt2-small, reference-gpt", file=sys.stderr)
+            return 2
+        for model in models:
             for row in estimates(model):
                 print(json.dumps(row), flush=True)
         return 0
     if argv[:1] == ["--one"]:
         print(json.dumps(measure(argv[1])), flush=True)
         return 0
+    unknown = [spec for spec in argv if _spec(spec)[0] not in METHODS]
+    if unknown:
+        print(f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(METHODS)} (NAME or NAME:key=value,...), "
+              "or --estimate [gpt2-small] [reference-gpt], or --help", file=sys.stderr)
+        return 2
     for method in argv or METHODS:
         done = subprocess.run([sys.executable, "-m", "precond_ref.benchmarks.scale", "--one", method], capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         print(lines[-1] if lines else json.dumps({"method": method, "exit": done.returncode, "error": done.stderr[-400:]}),
               flush=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -27,7 +27,7 @@ import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from .._backend import array_device, compute_dtype, cond, device_key, is_number, on_cpu
-from ..blocking import _same_layout, block_bounds, roll_first_axis_last, stack, unfold, unstack
+from ..blocking import same_layout, block_bounds, roll_first_axis_last, stack, unfold, unstack
 from ..tree import from_entries
 from .context import StepContext
 from .phases import refresh_due, shape_phase
@@ -424,7 +424,7 @@ def bounded_chunks(xp: Any, members: Sequence[tuple], limit: int, labels: Option
     groups: dict[Any, list[list[int]]] = {}
     totals: dict[Any, int] = {}
     for i, member in enumerate(members):
-        key = (None if labels is None else labels[i], _same_layout(member))
+        key = (None if labels is None else labels[i], same_layout(member))
         first = member[0]
         nbytes = math.prod(first.shape) * (xp.finfo(first.dtype).bits // 8)
         chunks = groups.setdefault(key, [[]])
