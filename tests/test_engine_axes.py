@@ -154,6 +154,6 @@ def test_a_skipped_step_counts_no_failure():
 
     for ok, expected in ((np.asarray(False), [0, 0]), (np.asarray(True), [2, 1])):
         ctx = StepContext(xp=xp, count=np.zeros((), np.int32), extra={}, ok=ok, settled=IdentityDict(), shared={})
-        results = axes.flat_runs(xp, leaves(), (1,), ctx, refresh, None, 2**20, 2**20)
+        results = axes.flat_runs(xp, leaves(), (1,), ctx, refresh, None)
         assert [int(failures) for _, failures, _ in results] == expected
         assert all(failures in ctx.settled for _, failures, _ in results)

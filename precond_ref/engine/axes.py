@@ -34,7 +34,8 @@ from .phases import refresh_due, shape_phase
 
 __all__ = [
     "Run", "AxisPlan", "LeafPlan", "leaf_plan", "axis_leaves", "empty_blocks", "run_rows", "join_runs", "units_in_phase",
-    "refresh_axes", "multiply_axes", "flat_runs", "padded_lengths", "bounded_chunks", "axis_legacy_names", "unblocked_hint",
+    "refresh_axes", "multiply_axes", "flat_runs", "FLAT_STACK_BYTES", "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths",
+    "bounded_chunks", "axis_legacy_names", "unblocked_hint",
 ]
 
 Array = Any
@@ -287,17 +288,30 @@ def multiply_axes(
     return [None if x is None else xp.reshape(x, tuple(g.shape)) for x, (_, _, g) in zip(xs, leaves)]
 
 
+#: :func:`flat_runs` steps its runs in stacks of at most this many bytes of the blocks' first field
+#: on a CPU (a run larger than it goes alone): each stack's step holds about three copies of its
+#: blocks (S-AdaGrad's FD step: the stacked input, the [U, fresh] frame, the product) until the next
+#: stack starts, so a step's peak is the old and the new state plus about three times the larger of
+#: this and the largest run.
+FLAT_STACK_BYTES = 2**28
+#: The bound of :data:`FLAT_STACK_BYTES` off a CPU (a GPU): there each stack costs a fixed number of
+#: kernel launches and one host synchronisation (a batched ``eigh`` reads its status), so the bound
+#: is about the size at which a stack's kernels take as long as its launches, and the blocks of one
+#: rank and phase take one stack up to it (docs/methods/sketchy.md, "On a GPU").
+FLAT_ACCELERATOR_STACK_BYTES = 2**31
+
+
 def flat_runs(
     xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
-    keep: Callable[..., tuple], limit: int, accelerator_limit: int, may_pad: Optional[Callable[[int, int], bool]] = None,
+    keep: Callable[..., tuple], may_pad: Optional[Callable[[int, int], bool]] = None,
 ) -> list[tuple[tuple, Array, Array]]:
     """Each flattened leaf's blocks after this step and its rows through them (``leaves``:
     ``(plan, blocks, failures, g)``, ``plan`` of one axis, the flattened ``g``'s length): the runs
     of phase p, where ``ctx.every(dues[p])``, get ``refresh(block, rows, accept) -> (new block, ok,
     out)`` (the refresh and the new block applied to the rows in one pass), elsewhere ``keep(block,
     rows) -> (block, out)``. The runs of one length and phase, across leaves, go through one
-    batched call, in stacks of at most ``limit`` bytes of the blocks' first field on a CPU and
-    ``accelerator_limit`` elsewhere (:func:`bounded_chunks`; a run larger alone): each stack is
+    batched call, in stacks of at most :data:`FLAT_STACK_BYTES` of the blocks' first field on a CPU
+    and :data:`FLAT_ACCELERATOR_STACK_BYTES` elsewhere (:func:`bounded_chunks`; a run larger alone): each stack is
     one batched decomposition, which on a GPU is also one host synchronisation (``eigh`` reads its
     status), and each a fixed number of launches, so an accelerator's bound is the larger, about the
     size at which a stack's kernels take as long as its launches. Off a CPU, with ``may_pad(length, rank)`` given,
@@ -329,7 +343,7 @@ def flat_runs(
     if not host and may_pad is not None:
         members, phases, hand_back = _padded_stacks(xp, members, phases, may_pad)
     pieces: list = [None] * len(members)
-    for chunk in bounded_chunks(xp, members, limit if host else accelerator_limit, phases):
+    for chunk in bounded_chunks(xp, members, FLAT_STACK_BYTES if host else FLAT_ACCELERATOR_STACK_BYTES, phases):
         stacks = stack(xp, [members[i] for i in chunk], labels=[phases[i] for i in chunk])
         outputs = []
         for s in stacks:

@@ -50,16 +50,6 @@ PRINCIPLED_BLOCK_SIZE = 1024
 PRINCIPLED_PRECONDITION_EVERY = 3
 #: Principled default of :func:`s_adagrad`'s ``precondition_every``.
 S_ADAGRAD_PRECONDITION_EVERY = 1
-#: :func:`s_adagrad` runs its FD steps on stacks of at most this many bytes of sketch basis (a run
-#: larger than it goes alone): each stack's step holds about three copies of its bases (the
-#: stacked input, the [U, fresh] frame, the product) until the next stack starts, so a step's
-#: peak is the old and the new state plus about three times the larger of this and the largest run.
-S_ADAGRAD_STACK_BYTES = 2**28
-#: The bound of :data:`S_ADAGRAD_STACK_BYTES` off a CPU (a GPU): there each stack costs a fixed
-#: number of kernel launches and one host synchronisation (its batched ``eigh`` reads its status),
-#: so the bound is about the size at which a stack's kernels take as long as its launches, and the
-#: blocks of one rank and phase take one stack up to it (docs/methods/sketchy.md, "On a GPU").
-S_ADAGRAD_ACCELERATOR_STACK_BYTES = 2**31
 
 
 # --------------------------------------------------------------------------------------------
@@ -798,8 +788,7 @@ def s_adagrad(
         leaves = axis_leaves(xp, grads, states, plan_for, layout, len(c.dues))
         stepped = flat_runs(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
                             c.dues, ctx, functools.partial(_adagrad_refresh, xp, c.fd),
-                            functools.partial(_adagrad_keep, xp), S_ADAGRAD_STACK_BYTES,
-                            S_ADAGRAD_ACCELERATOR_STACK_BYTES, functools.partial(_adagrad_may_pad, c))
+                            functools.partial(_adagrad_keep, xp), functools.partial(_adagrad_may_pad, c))
         finished = _finished(xp, ctx, c, _adagrad_finish, [direction for _, _, direction in stepped], leaves, params)
         return [((out[0],), to_entries(_State(sketches, failures, momentum=out[1] if c.has_momentum else None)))
                 for (sketches, failures, _), out in zip(stepped, finished)]

@@ -1,4 +1,4 @@
-"""S-AdaGrad's FD steps in stacks of bounded size (``S_ADAGRAD_STACK_BYTES``)."""
+"""S-AdaGrad's FD steps in stacks of bounded size (``engine.axes.FLAT_STACK_BYTES``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from precond_ref.sketch import fd_update_apply
 import importlib
 
 sketchy = importlib.import_module("precond_ref.methods.sketchy")  # (the package exports a function of that name)
+
+from precond_ref.engine import axes  # noqa: E402
 
 
 def _run(steps=4, **options):
@@ -30,7 +32,7 @@ def test_chunked_steps_equal_one_stack(monkeypatch):
     where the equal runs of the 4 weights share a stack: a batched product of the same numbers,
     so equal to a few ulps (rtol 1e-12 in float64)."""
     default = _run()
-    monkeypatch.setattr(sketchy, "S_ADAGRAD_STACK_BYTES", 1)
+    monkeypatch.setattr(axes, "FLAT_STACK_BYTES", 1)
     chunked = _run()
     for a, b in zip(default, chunked):
         for key in a:
@@ -40,7 +42,6 @@ def test_chunked_steps_equal_one_stack(monkeypatch):
 def _fd_steps(monkeypatch, on_cpu, steps=2, **options):
     """The batched FD steps (the rows' shapes) S-AdaGrad runs in ``steps`` steps of :func:`_run`'s
     model, the engine told that the arrays are (``on_cpu``) or are not on a CPU; and the updates."""
-    axes = importlib.import_module("precond_ref.engine.axes")
     monkeypatch.setattr(axes, "on_cpu", lambda xp, x: on_cpu)
     calls = []
 
@@ -55,13 +56,13 @@ def _fd_steps(monkeypatch, on_cpu, steps=2, **options):
 def test_off_a_cpu_one_stack(monkeypatch):
     """Off a CPU (a GPU, where each batched FD step is a fixed number of launches and one host
     synchronisation of its ``eigh``) the runs of every leaf take one stack while they fit
-    ``S_ADAGRAD_ACCELERATOR_STACK_BYTES``, though ``S_ADAGRAD_STACK_BYTES`` (the CPU's bound, here
+    ``engine.axes.FLAT_ACCELERATOR_STACK_BYTES``, though ``engine.axes.FLAT_STACK_BYTES`` (the CPU's bound, here
     1 byte) cuts every run apart, and the bias's block of 7 joins the weights' 3 blocks of 10 each,
     zero-padded to 10: one FD step a step, where the CPU's bound makes one per leaf."""
-    monkeypatch.setattr(sketchy, "S_ADAGRAD_STACK_BYTES", 1)
+    monkeypatch.setattr(axes, "FLAT_STACK_BYTES", 1)
     assert _fd_steps(monkeypatch, on_cpu=False)[0] == [(13, 10, 1)] * 2
     monkeypatch.undo()
-    monkeypatch.setattr(sketchy, "S_ADAGRAD_STACK_BYTES", 1)
+    monkeypatch.setattr(axes, "FLAT_STACK_BYTES", 1)
     assert _fd_steps(monkeypatch, on_cpu=True)[0] == ([(1, 7, 1)] + [(3, 10, 1)] * 4) * 2
 
 
