@@ -197,9 +197,10 @@ def test_torch_compiled_equals_core(method):
     _close(got, _numpy_core(cell), RTOL, "torch compiled vs the NumPy core")
 
 
-@pytest.mark.parametrize("method", ["agd", "rf_rmsprop", "rf_adamw"])
+@pytest.mark.parametrize("method", ["agd", "rf_rmsprop", "rf_adamw", "dasgo"])
 def test_torch_compiled_per_leaf_equals_core(method, monkeypatch):
-    """The element-wise classes' compiled per-leaf kernels (a param group of
+    """The element-wise classes' compiled per-leaf kernels and DASGO's compiled per-leaf calls of
+    its core update (``LeafCalls``) (a param group of
     ``PER_LEAF_MIN_TENSORS`` tensors or more; lowered to 1 here, so the MLP's group takes that path)
     give the NumPy core's trajectory to RTOL, as the whole-group graph does (``aot_eager``)."""
     from precond_ref.adapters import _torch_compile
