@@ -146,6 +146,7 @@ def bench_case(
     timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s)
     every_pattern = warms_every_pattern(torch_compile, torch_device)
     torch_timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s, every_pattern)
+    captured_timing = timing_for(warmup, repeats, budget_s, refresh_windows, min_window_s, True)  # CuPy rows
 
     def too_large(contender: Contender) -> Optional[str]:
         limit = contender.entry.bench_max_size
@@ -170,7 +171,10 @@ def bench_case(
                     settle=settle,
                 )
             else:
-                measure = lambda c, f=framework: _core_layer(c, initial, grads, dtype, update_extra(c, BATCH_SIZE), f, timing(c))  # noqa: E731
+                core_timing = captured_timing if framework == "cupy" else timing
+                measure = lambda c, f=framework, t=core_timing: _core_layer(  # noqa: E731
+                    c, initial, grads, dtype, update_extra(c, BATCH_SIZE), f, t(c)
+                )
         section = section_rows(framework, baselines, contenders, measure, progress, too_large, rounds, on_row=on_row)
         if framework == "torch" and with_authors:
             authors, skipped = authors_rows(contenders, torch_measure_, BATCH_SIZE, timing)
@@ -233,4 +237,8 @@ def _core_layer(contender: Contender, initial: dict, grads: list, dtype: str, ex
     params = nest({k: xp.asarray(v, dtype=xdtype) for k, v in initial.items()})
     batches = [nest({k: xp.asarray(v, dtype=xdtype) for k, v in g.items()}) for g in grads]
     transform = getattr(precond_ref, contender.entry.factory)(**core_kwargs_for(contender.entry, xp, framework))
+    if framework == "cupy":  # each pattern's step captured once as a CUDA graph and replayed
+        from ..adapters.cupy import captured
+
+        transform = captured(transform)
     return core_measure(transform, params, batches, extra, sync, timing)

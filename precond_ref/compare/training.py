@@ -59,8 +59,8 @@ def core_baseline(name: str, **hyperparameters: Any) -> Any:
             nu = b2 * state["nu"] + (1.0 - b2) * g * g
             t = xp.astype(ctx.count + 1, g.dtype)
             dev = array_device(g)
-            c1 = 1.0 - xp.pow(xp.asarray(b1, dtype=g.dtype, device=dev), t)
-            c2 = 1.0 - xp.pow(xp.asarray(b2, dtype=g.dtype, device=dev), t)
+            c1 = 1.0 - xp.pow(xp.full((), b1, dtype=g.dtype, device=dev), t)  # a fill kernel, not a host copy
+            c2 = 1.0 - xp.pow(xp.full((), b2, dtype=g.dtype, device=dev), t)
             return (-learning_rate * (mu / c1) / (xp.sqrt(nu / c2) + eps),), {"mu": mu, "nu": nu}
 
     else:
@@ -99,6 +99,10 @@ class _CoreSession:
             self.transform = core_baseline(entry.name, **kwargs)
         else:
             self.transform = getattr(precond_ref, entry.factory)(**kwargs)
+        if device is not None:  # CuPy: each pattern's step captured once as a CUDA graph and replayed
+            from ..adapters.cupy import captured
+
+            self.transform = captured(self.transform)
         self.extra = _extra_kwargs(entry, batch_size)
         with self._on_device():
             self.state = self.transform.init(self.params)
