@@ -187,10 +187,16 @@ def _copy(params: dict) -> dict:
 
 def core_trajectory(
     method: str, mode: str, model: str, *, xp: Any = np, jit: bool = False, missing: Optional[dict] = None,
-    warm: Optional[list] = None, steps: int = STEPS, **overrides: Any,
+    warm: Optional[list] = None, steps: int = STEPS, guarded: bool = False, cupy_captured: bool = False,
+    **overrides: Any,
 ) -> list:
     """The core's trajectory on ``xp`` (``numpy`` by default; ``torch`` or ``jax.numpy`` for a
     float32 path, compared on its own backend), eagerly.
+
+    ``guarded``: on NumPy arrays that stand for a GPU's (``tests/sync_guard.py``: the core reads
+    nothing on the host, as on CuPy); ``cupy_captured`` (with ``guarded``): through CuPy's captured
+    step (``precond_ref.adapters.cupy.captured``), CuPy's stream capture replaced by its CPU double
+    (``fake_cupy_graphs``), whose captures and replays refuse host reads.
 
     ``missing`` (``{step: [names]}``): those leaves have no gradient on that step, which the core
     expresses as the adapter rule does (:func:`precond_ref.transform.missing_members`): a zero
@@ -202,6 +208,14 @@ def core_trajectory(
     transform = getattr(pr, method)(**{**core_kwargs(method, mode), **overrides})
     if xp is torch:
         to = lambda a: torch.from_numpy(np.array(a, dtype=np.float64))  # noqa: E731
+    elif guarded:
+        import sync_guard
+        from fake_cupy_graphs import FakeCupyGraphs
+        from precond_ref.adapters.cupy import CapturedTransform
+
+        if cupy_captured:
+            transform = CapturedTransform(transform, enabled=True, graphs=FakeCupyGraphs())
+        to = lambda a: sync_guard.wrap(np.asarray(a, dtype=np.float64))  # noqa: E731
     elif xp is np:
         to = np.asarray
     else:  # jax.numpy
@@ -438,6 +452,10 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
                  torch_trajectory(*cell, restore_at=4, old_names=True), eager, cell)
         note("torch, two param groups", "one group", torch_trajectory(*cell, groups=[names[:2], names[2:]]), eager, cell)
         note("optax state pickled mid-run", "uninterrupted optax jax.jit", optax_trajectory(*cell, pickle_at=4), jitted, cell)
+        captured = core_trajectory(*cell, guarded=True, cupy_captured=True)
+        note("CuPy captured step (stream capture's CPU double)", "the eager core on the same arrays",
+             captured, core_trajectory(*cell, guarded=True), cell)
+        note("CuPy captured step (stream capture's CPU double)", "NumPy core", captured, core, cell)
         if cell[1] == "principled" and cell[2] == "mlp" and compile_backend is not None:
             note(f"torch compiled ({compile_backend['backend']})", "NumPy core",
                  torch_trajectory(*cell, compile=compile_backend), core, cell)

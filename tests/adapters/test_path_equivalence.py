@@ -172,6 +172,20 @@ def _lr_factor(t: int) -> float:
     return 0.8**t
 
 
+@pytest.mark.parametrize("cell", [pytest.param(c, id=_cell_id(c)) for c in CELLS])
+def test_cupy_captured_path(cell):
+    """CuPy's captured step (``precond_ref.adapters.cupy.captured``), its stream capture replaced
+    by the CPU double of ``fake_cupy_graphs`` (a capture writes nothing and reads nothing on the
+    host; a replay runs the recorded update again with the objects it was recorded with) on NumPy
+    arrays behind ``tests/sync_guard.py`` (which stand for a GPU's: nothing is read on the host):
+    bit-identical to the eager core on the same arrays (the same arithmetic on the same values),
+    which meets the NumPy core to RTOL (where the NumPy core reads a value on the host, e.g. a step
+    count, it may compute a scalar on the host instead of in an array: a last-bit difference)."""
+    got = pm.core_trajectory(*cell, guarded=True, cupy_captured=True)
+    _identical(got, pm.core_trajectory(*cell, guarded=True), "CuPy captured vs the eager core on the same arrays")
+    _close(got, _numpy_core(cell), RTOL, "CuPy captured vs the NumPy core")
+
+
 @pytest.mark.parametrize(
     "cell", [pytest.param(c, id=_cell_id(c)) for c in CELLS if c[0] in pm.LEGACY_NAMED]
 )
