@@ -128,9 +128,9 @@ def agd(
         learning_rate, b1, b2, delta, weight_decay, amsgrad=amsgrad, clip=clip, win=win, faithful=faithful,
         decay=None if is_zero(weight_decay) or win else weight_decay_mode,
     )
+    rule, state_dtype = (AGD_FAITHFUL, lambda xp, dtype: dtype) if faithful else (AGD, compute_dtype)  # D2: the state dtype
     return elementwise_transform(
-        AGD_FAITHFUL if faithful else AGD, config, state_dtype=lambda xp, dtype: dtype if faithful else compute_dtype(xp, dtype),
-        reads_params=win or not is_zero(weight_decay), on_nonfinite=on_nonfinite,
+        rule, config, state_dtype=state_dtype, reads_params=win or not is_zero(weight_decay), on_nonfinite=on_nonfinite
     )
 
 
@@ -223,7 +223,8 @@ def _agd_state(xp, c: AGDConfig, state: AGDState, g, w, h: _Step) -> AGDState:
     s = _faithful_difference(h, state.m, m) if c.faithful else _stepwise_difference(h, g, state.m, m)  # s_t
     b = c.b2 * state.b + (1.0 - c.b2) * (s * s)  # b_t
     b_max = xp.maximum(state.b_max, b) if c.amsgrad else None  # amsgrad's running maximum
-    z = _win_iterate(c, h, state.z, _auto_switch(xp, c, h, m, b if b_max is None else b_max)) if c.win else None  # Win's z
+    v = b if b_max is None else b_max
+    z = _win_iterate(c, h, state.z, _auto_switch(xp, c, h, m, v)) if c.win else None  # Win's iterate, from r_t
     return AGDState(m, b, b_max, z)
 
 
@@ -304,7 +305,8 @@ def _faithful_scalars(xp, c: AGDConfig, t) -> _Step:
     bc1_prev = xp.where(step == 1.0, xp.ones_like(step), 1.0 - float32_power(xp, c.b1, step - 1.0))
     sqrt_bc2 = float32_sqrt(xp, bc2)
     eta32 = _float32(xp, lr, step) * sqrt_bc2 / bc1
-    h = dict(eta=eta32, floor=_float32(xp, t.value(c.delta), step) * sqrt_bc2, inv_bc1=1.0 / bc1, inv_bc1_prev=1.0 / bc1_prev)
+    floor = _float32(xp, t.value(c.delta), step) * sqrt_bc2
+    h = dict(eta=eta32, floor=floor, inv_bc1=1.0 / bc1, inv_bc1_prev=1.0 / bc1_prev)
     if c.win:
         wd32 = _float32(xp, wd, step)
         tau = 1.0 / (3.0 + (2.0 * eta32) * wd32)
