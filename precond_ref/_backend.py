@@ -174,11 +174,9 @@ def float64_where_available(xp: Any, x: Array) -> Any:
 def float32_power(xp: Any, base: Any, exponent: Array) -> Array:
     """``float32(float32(base) ** exponent)``: the authors' ``beta ** step`` for their float32 step.
 
-    Backends' float32 ``pow`` differ by ulps (on this project's CPU, for t = 1..2000, torch's
-    vectorised kernel in 30-43 places per beta, XLA's in up to 322), and faithful trajectories
-    amplify that; computed in float64 (where the backend has it) and rounded once, the
-    result is the float32 power every backend agrees on, which torch's 0-D CPU kernel returns for
-    the authors' 0-D step too (for t = 1..199 and beta 0.9, 0.999, 0.95, all but one).
+    Backends' float32 ``pow`` differ by ulps (docs/backends.md, AGD), and faithful trajectories
+    amplify that; computed in float64 (where the backend has it) and rounded once, the result is
+    the float32 power every backend agrees on.
     """
     wide = float64_where_available(xp, exponent) or xp.float32
     base32 = xp.full((), base, dtype=xp.float32, device=placement(xp, exponent))
@@ -192,12 +190,10 @@ def float32_sqrt(xp: Any, x: Array) -> Array:
     root, which the standard requires to be correctly rounded and which CUDA (the authors' GPUs),
     NumPy and XLA return. torch's eager CPU kernel is not correctly rounded on every CPU:
     sqrt(float32(1 - 0.999^4)) = sqrt(0.0039939284) is 0.06319753 there and 0.06319754 correctly
-    rounded, which moved faithful float64 trajectories by 4e-9 from step 4. The square root taken
-    in float64 and rounded once to float32 is the correctly rounded one on every backend: float64
-    carries 53 >= 2*24 + 2 bits, for which double rounding of a square root is innocuous
-    (Figueroa 1995), and checked exhaustively over every float32 mantissa in [1, 4) with torch's
-    float64 CPU kernel, itself off by one float64 ulp on 1.3% of those inputs. Where float64 is
-    missing (JAX without x64, torch on MPS) this is the backend's float32 sqrt.
+    rounded. The square root taken in float64 and rounded once to float32 is the correctly rounded
+    one on every backend: float64 carries 53 >= 2*24 + 2 bits, for which double rounding of a
+    square root is innocuous (Figueroa 1995; docs/backends.md, AGD). Where float64 is missing (JAX
+    without x64, torch on MPS) this is the backend's float32 sqrt.
     """
     wide = float64_where_available(xp, x) or xp.float32
     return xp.astype(xp.sqrt(xp.astype(x, wide)), xp.float32)

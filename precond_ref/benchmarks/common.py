@@ -26,8 +26,8 @@ __all__ = [
 # Seconds of timed steps one measurement may take: the window of steps stops there (and says so).
 BUDGET_S = 10.0
 #: A window of ``repeats`` sub-millisecond steps is a sample of a few milliseconds, which a burst of
-#: load elsewhere on the machine decides (a lone conv layer's median moved by 25% between runs of
-#: 10 steps): short steps are timed for at least this long, up to ``MAX_WINDOW_STEPS`` steps.
+#: load elsewhere on the machine decides (docs/performance-archive.md): short steps are timed for
+#: at least this long, up to ``MAX_WINDOW_STEPS`` steps.
 MIN_WINDOW_S = 1.0
 MAX_WINDOW_STEPS = 1000
 

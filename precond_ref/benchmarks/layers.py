@@ -97,7 +97,7 @@ def torch_baselines() -> list[tuple[str, Callable[[list], Any]]]:
 
 
 def eigh_reference(device: str, warmup: int, repeats: int, budget_s: float, n: int = EIGH_SIZE) -> dict:
-    """One ``torch.linalg.eigh`` of a symmetric positive definite ``n x n`` float32 matrix (issue 13's yardstick)."""
+    """One ``torch.linalg.eigh`` of a symmetric positive definite ``n x n`` float32 matrix: the yardstick of the layer cases (docs/performance.md)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)

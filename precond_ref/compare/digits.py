@@ -117,8 +117,7 @@ def init_params(model: str, seed: int) -> dict[str, dict[str, np.ndarray]]:
 # arithmetic. The first convolution (one input channel) is a single gather of the 3x3 patches and
 # a (B*64, 9) x (9, 8) product; its activations stay position-major ``(B, y, x, channel)`` through
 # the pooling. The second runs as one product with the dense (256, 128) matrix of the linear map it
-# is, filled from the 3x3 weights. This is ~2x faster per training step than im2col at batch 64 and
-# ~4x on the evaluation sets.
+# is, filled from the 3x3 weights (measured against im2col: docs/compare.md).
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,7 +185,8 @@ def _pool(x: Any, half: int, inner: int) -> Any:
     """2x2 average pooling of flat activations laid out as ``(outer, 2*half rows, 2*half cols, inner)``.
 
     ``inner`` is the channel count for position-major activations and 1 for channel-major ones.
-    Sums of strided views: ~10x faster here than ``mean`` over two non-adjacent axes.
+    Sums of strided views, which NumPy runs faster than ``mean`` over two non-adjacent axes
+    (docs/compare.md).
     """
     window = x.reshape(-1, 2, half, 2, inner)
     rows = window[:, 0] + window[:, 1]

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-from .._backend import array_device, compute_dtype, computed_once, float32_power, float32_sqrt, is_number, is_zero, scalar_array
+from .._backend import array_device, compute_dtype, float32_power, float32_sqrt, is_number, is_zero, scalar_array
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
-from ..transform import (
-    ScalarOrSchedule,
-    Transform,
-    check_bool,
-    check_choice,
-    check_learning_rate,
-    check_nonnegative,
-    check_positive,
-    check_unit_interval,
-)
+from ..transform import ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_nonnegative
+from ..transform import check_positive, check_unit_interval
 
 __all__ = ["agd"]
 
@@ -136,9 +128,9 @@ def agd(
         learning_rate, b1, b2, delta, weight_decay, amsgrad=amsgrad, clip=clip, win=win, faithful=faithful,
         decay=None if is_zero(weight_decay) or win else weight_decay_mode,
     )
+    rule, state_dtype = (AGD_FAITHFUL, lambda xp, dtype: dtype) if faithful else (AGD, compute_dtype)  # D2: the state dtype
     return elementwise_transform(
-        AGD, config, state_dtype=lambda xp, dtype: dtype if faithful else compute_dtype(xp, dtype),
-        reads_params=win or not is_zero(weight_decay), on_nonfinite=on_nonfinite,
+        rule, config, state_dtype=state_dtype, reads_params=win or not is_zero(weight_decay), on_nonfinite=on_nonfinite
     )
 
 
@@ -153,8 +145,8 @@ def agd(
 #   r_t     =  m^_t / max(sqrt(b^_t), delta)               the auto-switch (clip: to [-clip, clip])
 #   theta_{t+1} = theta_t - eta_t r_t - eta_t lambda theta_t   ("fixed": - lambda theta_t)
 #
-# Faithful mode swaps in the authors' arithmetic for the bias corrections, s_t and r_t (their
-# clip bounds r_t before the factor sqrt(1 - b2^t)/(1 - b1^t)) and Win: the _faithful_ helpers.
+# Faithful mode swaps in the authors' arithmetic for the step's scalars, s_t and r_t (their clip
+# bounds r_t before the factor sqrt(1 - b2^t)/(1 - b1^t)) and Win: the _faithful_ functions.
 
 
 class AGDConfig(NamedTuple):
@@ -183,24 +175,21 @@ class AGDState(NamedTuple):
     z: Any = None
 
 
-def _agd_init(xp, c: AGDConfig, w, dtype) -> AGDState:
-    zeros = xp.zeros(w.shape, dtype=dtype, device=array_device(w))
-    z = (zeros if c.faithful else xp.astype(w, dtype, copy=True)) if c.win else None  # D4: z_0 = theta_0
-    return AGDState(m=zeros, b=zeros, b_max=zeros if c.amsgrad else None, z=z)
-
-
 class _Step(NamedTuple):
-    """A step's scalars: ``eta`` (η_t), ``lr_wd`` (η_t λ), and those of the mode: the bias
-    corrections and the coefficients of s_t (:func:`_scalars`, :func:`_faithful_scalars`), Win's."""
+    """A step's scalars (:func:`_agd_scalars`, :func:`_faithful_scalars`): ``eta`` (η_t), ``lr_wd``
+    (η_t λ), ``floor`` (δ); principled: ``bc1``, ``bc2`` (1 − β_i^t) and the coefficients of s_t,
+    ``a``, ``d`` (β₁ ≥ 1/2) or ``k``, ``bc1_prev`` (:func:`_stepwise_difference`); faithful:
+    ``inv_bc1``, ``inv_bc1_prev``; Win's ``win_shrink``, ``win_tau`` (faithful: ``win_r``, ``win_z``)."""
 
     eta: Any
     lr_wd: Any
+    floor: Any
     bc1: Any = None
     bc2: Any = None
-    floor: Any = None
-    g_coefficient: Any = None
-    m_coefficient: Any = None
-    old_m_scale: Any = None
+    a: Any = None
+    d: Any = None
+    k: Any = None
+    bc1_prev: Any = None
     inv_bc1: Any = None
     inv_bc1_prev: Any = None
     win_shrink: Any = None
@@ -209,16 +198,33 @@ class _Step(NamedTuple):
     win_z: Any = None
 
 
+def _agd_init(xp, c: AGDConfig, w, dtype) -> AGDState:
+    zeros = xp.zeros(w.shape, dtype=dtype, device=array_device(w))
+    z = (zeros if c.faithful else xp.astype(w, dtype, copy=True)) if c.win else None  # D4: z_0 = theta_0
+    return AGDState(m=zeros, b=zeros, b_max=zeros if c.amsgrad else None, z=z)
+
+
+def _agd_scalars(xp, c: AGDConfig, t) -> _Step:
+    """The step's scalars at ``t = count + 1``, in the state dtype from an integer counter (D6):
+    ``1 - b_i^t``, the floor ``delta`` as a 0-D array, the coefficients of s_t (D2) and Win's
+    ``1 + wd eta`` and ``tau = 1/(3 + 2 eta wd)``."""
+    lr, wd = t.value(c.learning_rate), t.value(c.weight_decay)
+    step = xp.astype(t.count + 1, t.dtype)
+    bc1, bc2 = 1.0 - c.b1**step, 1.0 - c.b2**step
+    h = _Step(eta=lr, lr_wd=lr * wd, floor=scalar_array(xp, t.value(c.delta), t.dtype, t.device), bc1=bc1, bc2=bc2)
+    h = h._replace(**_difference_coefficients(xp, c.b1, bc1, 1.0 - c.b1 ** (step - 1.0)))
+    return h._replace(win_shrink=1.0 + wd * lr, win_tau=1.0 / (3.0 + 2.0 * lr * wd)) if c.win else h
+
+
 def _agd_state(xp, c: AGDConfig, state: AGDState, g, w, h: _Step) -> AGDState:
     if c.decay == "l2":
         g = g + c.weight_decay * w  # g_t + lambda theta_t
     m = c.b1 * state.m + (1.0 - c.b1) * g  # m_t
-    s = _faithful_difference(h, state.m, m) if c.faithful else _stepwise_difference(c, h, g, state.m, m)  # s_t
+    s = _faithful_difference(h, state.m, m) if c.faithful else _stepwise_difference(h, g, state.m, m)  # s_t
     b = c.b2 * state.b + (1.0 - c.b2) * (s * s)  # b_t
     b_max = xp.maximum(state.b_max, b) if c.amsgrad else None  # amsgrad's running maximum
-    z = None
-    if c.win:  # Win's auxiliary iterate, from r_t
-        z = _win_iterate(c, h, state.z, _auto_switch(xp, c, h, m, b if b_max is None else b_max))
+    v = b if b_max is None else b_max
+    z = _win_iterate(c, h, state.z, _auto_switch(xp, c, h, m, v)) if c.win else None  # Win's iterate, from r_t
     return AGDState(m, b, b_max, z)
 
 
@@ -240,12 +246,32 @@ def _auto_switch(xp, c: AGDConfig, h: _Step, m, v):
     return r if c.clip is None else xp.clip(r, -c.clip, c.clip)
 
 
-def _stepwise_difference(c: AGDConfig, h: _Step, g, m_prev, m):
+def _stepwise_difference(h: _Step, g, m_prev, m):
     r"""``s_t = m^_t - m^_{t-1}`` without its cancellation (D2): ``a g_t - d m_t`` for ``b1 >= 1/2``,
-    else ``k (g_t - m_{t-1}/(1 - b1^{t-1}))``, with the step's coefficients (:func:`_scalars`)."""
-    if h.m_coefficient is not None:
-        return h.g_coefficient * g - h.m_coefficient * m
-    return h.g_coefficient * (g - m_prev / h.old_m_scale)
+    else ``k (g_t - m_{t-1}/(1 - b1^{t-1}))``, with the coefficients of :func:`_difference_coefficients`."""
+    return h.a * g - h.d * m if h.d is not None else h.k * (g - m_prev / h.bc1_prev)
+
+
+def _difference_coefficients(xp, b1, bc1, bc1_prev) -> dict:
+    r"""The coefficients of the stepwise difference (D2), from ``bc1 = 1 - b1^t`` and ``bc1_prev =
+    1 - b1^{t-1}``.
+
+    With ``m_t = b1 m_{t-1} + (1 - b1) g_t`` the difference is exactly
+    ``k (g_t - m_{t-1}/(1 - b1^{t-1}))``, ``k = (1 - b1)/(1 - b1^t)`` (spec §2.3 step 4), which
+    subtracts ``g_t`` from the old bias-corrected momentum instead of two nearly equal momenta.
+    For ``b1 >= 1/2`` it is formed from the new momentum, ``m_{t-1} = (m_t - (1 - b1) g_t)/b1``:
+    ``s_t = a g_t - d m_t`` with ``a = (1 - b1)/(b1 (1 - b1^{t-1}))`` and ``d = a/(1 - b1^t)``
+    (``a = 0``, ``d = -1/(1 - b1)`` at ``t = 1``), so that the difference reads the new momentum
+    only (docs/methods/agd.md, D2). Its factor over the first form is
+    ``(1 - b1^t)/(b1 (1 - b1^{t-1})) <= (1 + b1)/b1``, and so about its rounding error: for
+    ``b1 < 1/2``, or a ``b1`` given as an array, the first form is used.
+    """
+    first = bc1_prev <= 0.0  # t = 1, where m_{t-1} = 0
+    bc1_prev = xp.where(first, xp.ones_like(bc1_prev), bc1_prev)
+    if not (is_number(b1) and b1 >= 0.5):
+        return dict(k=(1.0 - b1) / bc1, bc1_prev=bc1_prev)
+    a = (1.0 - b1) / (b1 * bc1_prev)
+    return dict(a=xp.where(first, xp.zeros_like(a), a), d=xp.where(first, -xp.ones_like(a), a) / bc1)
 
 
 def _win_iterate(c: AGDConfig, h: _Step, z, r):
@@ -263,79 +289,35 @@ def _win_step(c: AGDConfig, h: _Step, theta, z, r):
 
 
 # --------------------------------------------------------------------------------------------
-# Principled mode (the default): bias corrections in the state dtype from an integer counter (D6)
-
-
-def _agd_scalars(xp, config: AGDConfig, t) -> _Step:
-    """The step's scalars of either mode at ``t = count + 1``."""
-    lr, wd = t.value(config.learning_rate), t.value(config.weight_decay)
-    if config.faithful:
-        return _faithful_scalars(xp, config, t, lr, wd)
-    return _scalars(xp, config, t, lr, wd)
-
-
-def _scalars(xp, c: AGDConfig, t, lr, wd) -> _Step:
-    r"""``bc_i = 1 - b_i^t`` in the state dtype (D6); the floor ``delta`` as a 0-D array; the
-    coefficients of the stepwise difference (D2):
-
-    With ``m_t = b1 m_{t-1} + (1 - b1) g_t`` the difference is exactly
-    ``(1 - b1)/(1 - b1^t) * (g_t - m_{t-1}/(1 - b1^{t-1}))`` (spec §2.3 step 4), which subtracts
-    ``g_t`` from the old bias-corrected momentum instead of two nearly equal momenta. For
-    ``b1 >= 1/2`` it is formed from the new momentum, ``m_{t-1} = (m_t - (1 - b1) g_t)/b1``:
-    ``s_t = a g_t - d m_t`` with ``a = (1 - b1)/(b1 (1 - b1^{t-1}))`` and ``d = a/(1 - b1^t)``
-    (``a = 0``, ``d = -1/(1 - b1)`` at ``t = 1``), so that no loop of a compiled step reads the old
-    momentum after the momentum's own loop has overwritten it in place (which made XLA's CPU
-    backend copy it; docs/backends.md, AGD). Its factor over the first form is
-    ``(1 - b1^t)/(b1 (1 - b1^{t-1})) <= (1 + b1)/b1``, and so about its rounding error: for
-    ``b1 < 1/2``, or a ``b1`` given as an array, the first form is used.
-    """
-    b1, b2 = c.b1, c.b2
-    step = xp.astype(t.count + 1, t.dtype)
-    bc1, bc2 = 1.0 - b1**step, 1.0 - b2**step
-    bc1_prev = 1.0 - b1 ** (step - 1.0)
-    first = bc1_prev <= 0.0  # t = 1, where m_{t-1} = 0
-    bc1_prev = xp.where(first, xp.ones_like(bc1_prev), bc1_prev)
-    h = _Step(eta=lr, lr_wd=lr * wd, bc1=bc1, bc2=bc2, floor=scalar_array(xp, t.value(c.delta), t.dtype, t.device))
-    if is_number(b1) and b1 >= 0.5:
-        a = (1.0 - b1) / (b1 * bc1_prev)
-        h = h._replace(g_coefficient=xp.where(first, xp.zeros_like(a), a), m_coefficient=xp.where(first, -xp.ones_like(a), a) / bc1)
-    else:
-        h = h._replace(g_coefficient=(1.0 - b1) / bc1, old_m_scale=bc1_prev)
-    if c.win:  # z' = (z - u)/(1 + wd eta);  tau = 1/(3 + 2 eta wd)
-        h = h._replace(win_shrink=1.0 + wd * lr, win_tau=1.0 / (3.0 + 2.0 * lr * wd))
-    return h
-
-
-# --------------------------------------------------------------------------------------------
 # Faithful mode: the authors' arithmetic (atorch ``agd.py``)
 
 
-def _faithful_scalars(xp, c: AGDConfig, t, lr, wd) -> _Step:
+def _faithful_scalars(xp, c: AGDConfig, t) -> _Step:
     """The authors' float32 bias-correction scalars at ``t = count + 1`` (spec §2.2 steps 2, 7, 9),
     float32 whatever the parameter dtype (their step counter is a float32 tensor), cast to the
     state dtype where they meet the state: ``inv_bc1 = 1/(1 - b1^t)``, ``inv_bc1_prev = 1/(1 -
     b1^{t-1})`` (1 at t = 1, where ``m_0 = 0``), ``eta = lr sqrt(1 - b2^t)/(1 - b1^t)``,
     ``floor = delta sqrt(1 - b2^t)``; and Win's coefficients in the authors' order (and their
     ``z_0 = 0``, D4)."""
+    lr, wd = t.value(c.learning_rate), t.value(c.weight_decay)
     step = xp.astype(t.count + 1, xp.float32)
-    bc1 = 1.0 - float32_power(xp, c.b1, step)
-    bc2 = 1.0 - float32_power(xp, c.b2, step)
+    bc1, bc2 = 1.0 - float32_power(xp, c.b1, step), 1.0 - float32_power(xp, c.b2, step)
     bc1_prev = xp.where(step == 1.0, xp.ones_like(step), 1.0 - float32_power(xp, c.b1, step - 1.0))
-    sqrt_bc2 = computed_once(xp, float32_sqrt(xp, bc2))
-    # torch multiplies a float32 tensor by a Python scalar in float32; explicit float32 operands
-    # make every backend round exactly as it does.
-    eta32 = scalar_array(xp, lr, xp.float32, array_device(step)) * sqrt_bc2 / bc1
-    floor = scalar_array(xp, t.value(c.delta), xp.float32, array_device(step)) * sqrt_bc2
-    h = _Step(
-        eta=xp.astype(eta32, t.dtype), lr_wd=lr * wd, floor=xp.astype(floor, t.dtype),
-        inv_bc1=xp.astype(1.0 / bc1, t.dtype), inv_bc1_prev=xp.astype(1.0 / bc1_prev, t.dtype),
-    )
+    sqrt_bc2 = float32_sqrt(xp, bc2)
+    eta32 = _float32(xp, lr, step) * sqrt_bc2 / bc1
+    floor = _float32(xp, t.value(c.delta), step) * sqrt_bc2
+    h = dict(eta=eta32, floor=floor, inv_bc1=1.0 / bc1, inv_bc1_prev=1.0 / bc1_prev)
     if c.win:
-        wd32 = scalar_array(xp, wd, xp.float32, array_device(eta32))
+        wd32 = _float32(xp, wd, step)
         tau = 1.0 / (3.0 + (2.0 * eta32) * wd32)
-        h = h._replace(win_shrink=xp.astype(1.0 / (1.0 + wd32 * eta32), t.dtype), win_tau=xp.astype(tau, t.dtype),
-                       win_r=xp.astype(-tau * (2.0 * eta32), t.dtype), win_z=xp.astype(2.0 * tau, t.dtype))
-    return h
+        h.update(win_shrink=1.0 / (1.0 + wd32 * eta32), win_tau=tau, win_r=-tau * (2.0 * eta32), win_z=2.0 * tau)
+    return _Step(lr_wd=lr * wd, **{k: xp.astype(v, t.dtype) for k, v in h.items()})
+
+
+def _float32(xp, value, like):
+    """``value`` as a float32 0-D array on ``like``'s device: torch multiplies a float32 tensor by a
+    Python scalar in float32, and explicit float32 operands make every backend round as it does."""
+    return scalar_array(xp, value, xp.float32, array_device(like))
 
 
 def _faithful_difference(h: _Step, m_prev, m):
@@ -352,5 +334,6 @@ def _faithful_ratio(xp, h: _Step, m, v):
 
 AGD = ElementwiseRule(
     "agd", AGDState, _agd_init, _agd_scalars, _agd_state, _agd_update, scheduled=("learning_rate", "delta"),
-    computed=("bc1", "bc2", "g_coefficient", "m_coefficient", "old_m_scale", "inv_bc1", "inv_bc1_prev", "eta", "floor"),
+    computed=("eta", "floor", "bc1", "bc2", "a", "d", "k", "bc1_prev"),
 )
+AGD_FAITHFUL = AGD._replace(scalars=_faithful_scalars, computed=("eta", "floor", "inv_bc1", "inv_bc1_prev"))

@@ -31,15 +31,15 @@ def _step_values(backend, t):
 
 
 def _scalars(backend, b1, b2, t, lr=0.1, delta=1e-3, wd=0.0, win=False):
-    """The step's scalars of principled AGD (``agd._scalars``) at step ``t``, float64."""
+    """The step's scalars of principled AGD (``agd._agd_scalars``) at step ``t``, float64."""
     config = _config(b1, b2, lr, delta, wd, win=win)
-    return agd_module._scalars(backend.xp, config, _step_values(backend, t), lr, wd)
+    return agd_module._agd_scalars(backend.xp, config, _step_values(backend, t))
 
 
 @pytest.mark.parametrize("b1", [0.0, 0.3, 0.5, 0.9, 0.999])
 @pytest.mark.parametrize("t", [1, 2, 3, 10, 300])
 def test_stepwise_difference_is_the_papers_difference(property_backend, b1, t):
-    """``_stepwise_difference`` (either rewriting, with its coefficients from ``_scalars``) equals the paper's s_t = m^_t - m^_{t-1}.
+    """``_stepwise_difference`` (either rewriting, with its coefficients from ``_difference_coefficients``) equals the paper's s_t = m^_t - m^_{t-1}.
 
     Plain formula (spec §2.1): s_t = m_t/(1 - b1^t) - m_{t-1}/(1 - b1^{t-1}), with m^_0 = 0, where
     m_t = b1 m_{t-1} + (1 - b1) g_t is the momentum the step passes in. Rounding model: the plain
@@ -56,7 +56,7 @@ def test_stepwise_difference_is_the_papers_difference(property_backend, b1, t):
     m_new = b1 * m_prev + (1.0 - b1) * G
     c = _scalars(backend, b1, 0.999, t)
     got = backend.to_numpy(
-        agd_module._stepwise_difference(_config(b1, 0.999), c, backend.asarray(G), backend.asarray(m_prev), backend.asarray(m_new))
+        agd_module._stepwise_difference(c, backend.asarray(G), backend.asarray(m_prev), backend.asarray(m_new))
     )
     bc1, bc1_prev = 1.0 - b1**t, 1.0 - b1 ** (t - 1)
     m_hat, m_hat_prev = m_new / bc1, (m_prev / bc1_prev if t > 1 else np.zeros_like(G))
@@ -82,10 +82,10 @@ def test_stepwise_difference_reads_the_new_momentum_for_large_b1(property_backen
     args = (backend.asarray(G), backend.asarray(M_PREV), backend.asarray(m_new))
     wrong = (backend.asarray(G), backend.asarray(2.0 * M_PREV), backend.asarray(m_new))
     c = _scalars(backend, 0.9, 0.999, 5)
-    same = [backend.to_numpy(agd_module._stepwise_difference(_config(0.9, 0.999), c, *x)) for x in (args, wrong)]
+    same = [backend.to_numpy(agd_module._stepwise_difference(c, *x)) for x in (args, wrong)]
     np.testing.assert_array_equal(same[0], same[1])
     c = _scalars(backend, 0.3, 0.999, 5)
-    moved = [backend.to_numpy(agd_module._stepwise_difference(_config(0.3, 0.999), c, *x)) for x in (args, wrong)]
+    moved = [backend.to_numpy(agd_module._stepwise_difference(c, *x)) for x in (args, wrong)]
     assert not np.array_equal(moved[0], moved[1])
 
 
@@ -143,7 +143,7 @@ def test_faithful_corrections_are_the_authors_float32_scalars(property_backend):
     f = np.float32
     b1, b2, lr, delta = 0.9, 0.95, 0.05, 1e-5
     for t in (1, 2, 9, 40):
-        c = agd_module._faithful_scalars(xp, _config(b1, b2, lr, delta, faithful=True), _step_values(backend, t), lr, 0.0)
+        c = agd_module._faithful_scalars(xp, _config(b1, b2, lr, delta, faithful=True), _step_values(backend, t))
         power = lambda b, n: f(np.float64(f(b)) ** n)  # noqa: E731
         bc1, bc2 = f(1) - power(b1, t), f(1) - power(b2, t)
         bc1_prev = f(1) if t == 1 else f(1) - power(b1, t - 1)
