@@ -267,14 +267,22 @@ class CapturedTransform:
             new_leaves, new_def = tree_flatten(new)
             if new_def.paths != s.state_def.paths:
                 raise RuntimeError("captured step: the state's structure changed in a step")
-            for dst, src in zip(s.state_leaves, new_leaves):
-                if dst is not src:
-                    graphs.copy(dst, src)
+            # The updates first: one may be an entry of the old state, which the state's copies overwrite.
             u_leaves = tree_flatten(updates)[0]
             if s.updates is None:  # the first step's outputs give the updates' shapes and dtypes
                 s.updates = [graphs.empty_like(u) for u in u_leaves]
             for dst, src in zip(s.updates, u_leaves):
                 graphs.copy(dst, src)
+            # A new entry that is another entry's old buffer is copied aside before that buffer is written.
+            position = {id(b): i for i, b in enumerate(s.state_leaves)}
+            for i, src in enumerate(new_leaves):
+                if position.get(id(src), i) != i:
+                    aside = graphs.empty_like(src)
+                    graphs.copy(aside, src)
+                    new_leaves[i] = aside
+            for dst, src in zip(s.state_leaves, new_leaves):
+                if dst is not src:
+                    graphs.copy(dst, src)
 
         graph = s.graphs.get(pattern)
         if graph is not None:

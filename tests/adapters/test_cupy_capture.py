@@ -251,3 +251,26 @@ def test_cupy_captured_step_equals_eager(name):
             tree_map(lambda a, b: np.testing.assert_allclose(cupy.asnumpy(a), b, rtol=1e-12, atol=0), updates, eager[i])
     patterns = {tuple(opt.due(i)) for i in range(STEPS)}
     assert wrapper.graph_count + len(set().union(*(s.refused for s in wrapper._sets.values()))) == len(patterns)
+
+
+def test_entries_that_trade_buffers():
+    """An update function whose new state hands one entry's old array to another entry
+    (``b <- a``, written after ``a``) and whose update is an old entry itself keeps its numbers: the wrapper writes the
+    updates first and copies such an entry aside before overwriting its buffer (an in-order copy
+    would not). The engine's selections make new arrays, so the case is built by hand here."""
+    from precond_ref.transform import PrecondState, Transform
+
+    def init(params):
+        w = params["w"]
+        xp = w.__array_namespace__()
+        return PrecondState(xp.zeros((), dtype=xp.int32), xp.zeros((), dtype=xp.int32), {"w": {"a": w * 0.0, "b": w * 0.0 + 1.0}})
+
+    def update(grads, state, params=None, step=None, due=None):
+        a, b = state.groups["w"]["a"], state.groups["w"]["b"]
+        return {"w": b}, PrecondState(state.count + 1, state.nonfinite_count, {"w": {"a": b + grads["w"], "b": a}})
+
+    opt = Transform(init, update)
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((3, 2))}
+    grads = [{"w": rng.standard_normal((3, 2))} for _ in range(5)]
+    _assert_same(_captured(opt, params, grads, FakeCupyGraphs())[1], _eager(opt, params, grads))
