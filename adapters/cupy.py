@@ -147,7 +147,8 @@ class CupyGraphs:
                     pass
                 raise
             graph = side.end_capture()
-            graph.upload(side)
+            if hasattr(graph, "upload"):  # instantiate on the device now, not at the first replay
+                graph.upload(side)
             return graph
 
         return self._ordered(device, record)
