@@ -17,25 +17,34 @@ runs of consecutive phases (:func:`leaf_plan`). The engine then
   size (:func:`flat_runs`);
 * renames the entries of a state saved under the per-axis names of earlier versions
   (:func:`axis_legacy_names`) and says which ``block_size`` loads a state saved unblocked
-  (:func:`unblocked_hint`).
+  (:func:`unblocked_hint`);
+* runs an :class:`AxesRule` (:func:`kronecker_transform`, :func:`flat_transform`): a leaf's state
+  made and read in the rule's NamedTuples, the compute dtype, the refresh schedule with the mode's
+  defaults (:func:`resolve_schedule`), the graft's joined leaves and its start, the step's
+  :math:`-\\eta_t` and the finish of the leaves joined end to end.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import array_device, compute_dtype, cond, device_key, is_number, on_cpu
-from ..blocking import same_layout, block_bounds, roll_first_axis_last, stack, unfold, unstack
-from ..tree import from_entries
+from .._backend import array_device, cast, compute_dtype, cond, device_key, is_number, on_cpu
+from ..blocking import same_layout, block_bounds, roll_first_axis_last, spread_schedule, stack, unfold, unstack
+from ..transform import Transform
+from ..tree import cached_template, from_entries, to_entries
 from .context import StepContext
+from .joined import leafwise
 from .phases import refresh_due, shape_phase
+from .run import build_transform
 
 __all__ = [
     "Run", "AxisPlan", "LeafPlan", "leaf_plan", "axis_leaves", "empty_blocks", "run_rows", "join_runs", "units_in_phase",
     "refresh_axes", "multiply_axes", "flat_runs", "FLAT_STACK_BYTES", "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths",
-    "bounded_chunks", "axis_legacy_names", "unblocked_hint",
+    "bounded_chunks", "axis_legacy_names", "unblocked_hint", "AxesRule", "resolve_schedule", "kronecker_transform",
+    "flat_transform",
 ]
 
 Array = Any
@@ -482,3 +491,168 @@ def unblocked_hint(name: str, block_size: int, field: str, found: dict, layout: 
         f"sketches): a state saved with the earlier default loads with block_size={max(unblocked)} (its "
         "longest axis, or larger), and follows the earlier trajectory with precondition_every=1 too"
     )
+
+
+class AxesRule(NamedTuple):
+    """A per-axis rule (Sketchy's, S-AdaGrad's): its state's types and its functions, each of one
+    stack of blocks (a leading axis); ``c`` is its configuration, which holds ``learning_rate`` (None
+    for a bare direction), ``dues`` (the refresh predicate of each phase), ``has_momentum`` and
+    ``has_weight_decay``.
+
+    ``State``: a leaf's state, a NamedTuple of the fields ``sketches`` (``sketches[n][j]`` a
+    ``Block``, the stack of run j of axis n), ``sketch_failures`` (how many refreshes were not
+    finite), ``graft_second_moment`` and ``momentum`` (of the parameter's shape), None where absent,
+    stored as the entries ``sketches/{n}/{j}/{field}``, ... (:func:`precond_ref.tree.to_entries`);
+    ``plan(c, shape, first_phase)``: the leaf's :class:`LeafPlan`, None for a leaf without blocks;
+    ``empty(xp, c, length, rank, batch, dtype, device)``: a stack of ``batch`` empty blocks;
+    ``finish(xp, c, minus_lr, u, *rest)``: ``(update, m)`` with momentum (``rest``: ``m``), else
+    ``(update,)``, from the direction ``u`` (``rest`` ends with the parameter with weight decay).
+
+    A Kronecker rule (:func:`kronecker_transform`) also has ``refresh(xp, c, block, rows, exponent,
+    accept) -> (block, ok)``, ``apply(xp, c, fields, rows)`` (``fields``: a dict of the block's
+    fields named in ``reads``), and optionally ``graft(xp, c, g, v) -> (v, D)`` (None: ``D = g``
+    and no moment) and ``grafted(xp, p, D)`` (None: the direction is ``p``). A flat rule
+    (:func:`flat_transform`) has ``refresh(xp, c, block, rows, accept) -> (block, ok, out)`` (the new
+    block applied to the rows in the same pass), ``keep(xp, c, block, rows) -> out`` between
+    refreshes and ``may_pad(c, length, rank)`` (:func:`flat_runs`). ``accept`` is the engine's
+    decision to keep the step, which the refresh folds into its own selection of the previous block.
+    """
+
+    State: type
+    Block: type
+    plan: Callable
+    empty: Callable
+    refresh: Callable
+    finish: Callable
+    apply: Optional[Callable] = None
+    reads: tuple = ()
+    graft: Optional[Callable] = None
+    grafted: Optional[Callable] = None
+    keep: Optional[Callable] = None
+    may_pad: Optional[Callable] = None
+
+
+def resolve_schedule(
+    faithful: bool, block_size: Optional[int], precondition_every: Any, spread_refresh: Optional[bool],
+    principled_block_size: Optional[int], principled_every: int,
+) -> tuple[Optional[int], tuple]:
+    """``(block_size, dues)`` with the mode's defaults for the None arguments: the authors' in faithful
+    mode (unblocked, every step, every block on the same steps), else ``principled_block_size``,
+    ``principled_every`` and refreshes spread over the interval; ``dues`` the refresh predicate of
+    each phase (:func:`precond_ref.blocking.spread_schedule`)."""
+    if faithful:
+        return block_size, spread_schedule(1 if precondition_every is None else precondition_every, False)
+    every = principled_every if precondition_every is None else precondition_every
+    return principled_block_size if block_size is None else block_size, spread_schedule(every, spread_refresh is not False)
+
+
+@cached_template
+def _template(state: type, block: type, graft_moment: bool, momentum: bool, plan: Optional[LeafPlan]) -> tuple:
+    """The structure of a leaf's state with placeholder leaves (``from_entries``'s template)."""
+    sketches = tuple(tuple(block(*(0,) * len(block._fields)) for _ in axis.runs) for axis in plan.axes) if plan else ()
+    return state(sketches, 0 if sketches else None, 0 if graft_moment else None, 0 if momentum else None)
+
+
+def _axes_transform(
+    rule: AxesRule, c: Any, update_groups: Callable, name: str, on_nonfinite: str, default_block_size: Optional[int],
+) -> Transform:
+    """The transform of ``rule``: a parameter's state (empty blocks in the compute dtype, no failures,
+    zero graft moment and momentum), the step ``update_groups``; a state saved under the per-axis
+    names of earlier versions renamed (:func:`axis_legacy_names`), and with ``default_block_size``
+    the hint for one saved unblocked (:func:`unblocked_hint`)."""
+
+    def init_group(leaves, paths, xp):
+        (w,) = leaves
+        dtype, device = compute_dtype(xp, w.dtype), array_device(w)
+        plan = rule.plan(c, tuple(w.shape))
+        sketches = empty_blocks(plan, lambda length, rank, batch: rule.empty(xp, c, length, rank, batch, dtype, device))
+        zeros = functools.partial(xp.zeros, tuple(w.shape), dtype=dtype, device=device)
+        return to_entries(rule.State(
+            sketches, xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
+            zeros() if rule.graft is not None else None, zeros() if c.has_momentum else None,
+        ))
+
+    hint = None if default_block_size is None else functools.partial(unblocked_hint, name, default_block_size, "basis")
+    return build_transform(
+        name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
+        needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=hint,
+        legacy_names=axis_legacy_names("sketches", rule.Block._fields, "sketch_failures"),
+    )
+
+
+def _leaves(rule: AxesRule, c: Any, xp: Any, grads: Sequence[tuple], states: Sequence[dict]) -> list[tuple]:
+    """:func:`axis_leaves` of the rule's plans and state layout."""
+    layout = functools.partial(_template, rule.State, rule.Block, rule.graft is not None, c.has_momentum)
+    return axis_leaves(xp, grads, states, functools.partial(rule.plan, c), layout, len(c.dues))
+
+
+def _finished(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, directions: list, leaves: list, params: Any) -> list:
+    """``rule.finish(xp, c, -η_t, u, m, W)`` of every leaf (``m`` with momentum, ``W`` with weight
+    decay, cast to the direction's dtype; -η_t once a step), the leaves of one layout joined end to
+    end (:func:`~precond_ref.engine.joined.leafwise`)."""
+    operands = [directions]
+    if c.has_momentum:
+        operands.append([state.momentum for _, _, state in leaves])
+    finish = functools.partial(rule.finish, xp, c, -ctx.value(c.learning_rate))
+    if not c.has_weight_decay:
+        return leafwise(xp, finish, *operands)
+    operands.append([param[0] for param in params])
+    return leafwise(xp, lambda u, *rest: finish(u, *rest[:-1], cast(xp, rest[-1], u.dtype)), *operands)
+
+
+def kronecker_transform(
+    rule: AxesRule, c: Any, *, name: str, on_nonfinite: str, start: int = 0, default_block_size: Optional[int] = None,
+) -> Transform:
+    """The transform of a Kronecker rule (Sketchy). A step: the graft of every leaf
+    (``rule.graft``, the leaves of one layout joined end to end); the refresh of the runs due
+    (:func:`refresh_axes`); the mode-n products :math:`P(G)` (:func:`multiply_axes`); the direction
+    ``rule.grafted(p, D)``, ``D`` itself before step ``start`` (and on a leaf without blocks); the
+    updates ``rule.finish`` (:func:`_finished`), or the direction itself without a learning rate."""
+
+    def update_groups(grads, states, params, ctxs: list[StepContext]):
+        xp, ctx = ctxs[0].xp, ctxs[0]
+        leaves = _leaves(rule, c, xp, grads, states)
+        if rule.graft is None:
+            grafts = [(state.graft_second_moment, g) for g, _, state in leaves]
+        else:
+            grafts = leafwise(xp, functools.partial(rule.graft, xp, c), [g for g, _, _ in leaves],
+                              [state.graft_second_moment for _, _, state in leaves])
+        refreshed = refresh_axes(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
+                                 c.dues, ctx, functools.partial(rule.refresh, xp, c))
+        products = multiply_axes(
+            xp, [(plan, sketches, g) for (g, plan, _), (sketches, _) in zip(leaves, refreshed)],
+            lambda block: tuple(getattr(block, field) for field in rule.reads),
+            lambda *operands: rule.apply(xp, c, dict(zip(rule.reads, operands[:-1])), operands[-1]),
+        )
+        directions = [d if plan is None else p if rule.grafted is None else _from_start(xp, ctx, rule.grafted(xp, p, d), d, start)
+                      for (_, plan, _), (_, d), p in zip(leaves, grafts, products)]
+        finished = [(u,) for u in directions] if c.learning_rate is None else _finished(xp, ctx, rule, c, directions, leaves, params)
+        return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures, graft_second_moment=v,
+                                                      momentum=out[1] if c.has_momentum else None)))
+                for (_, _, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished)]
+
+    return _axes_transform(rule, c, update_groups, name, on_nonfinite, default_block_size)
+
+
+def _from_start(xp: Any, ctx: StepContext, u: Array, before: Array, start: int) -> Array:
+    """``u`` from step ``start`` on, ``before`` on the steps before it (``count < start``)."""
+    return xp.where(ctx.count >= start, u, before) if start > 0 else u
+
+
+def flat_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> Transform:
+    """The transform of a flat rule (S-AdaGrad): a step is the rule's fused refresh-and-apply on
+    the runs due and ``rule.keep`` on the others (:func:`flat_runs`), then the updates
+    ``rule.finish`` (:func:`_finished`)."""
+
+    def update_groups(grads, states, params, ctxs: list[StepContext]):
+        xp, ctx = ctxs[0].xp, ctxs[0]
+        leaves = _leaves(rule, c, xp, grads, states)
+        stepped = flat_runs(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
+                            c.dues, ctx, functools.partial(rule.refresh, xp, c),
+                            lambda block, rows: (block, rule.keep(xp, c, block, rows)), functools.partial(rule.may_pad, c))
+        finished = _finished(xp, ctx, rule, c, [direction for _, _, direction in stepped], leaves, params)
+        return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures,
+                                                      momentum=out[1] if c.has_momentum else None)))
+                for (_, _, state), (sketches, failures, _), out in zip(leaves, stepped, finished)]
+
+    return _axes_transform(rule, c, update_groups, name, on_nonfinite, None)

@@ -9,33 +9,43 @@ O(d²):
   tearfree optimizer (graft -> sketched direction with grafted norm -> momentum -> weight decay ->
   learning rate);
 * :func:`scale_by_sketchy` -- the bare sketched Shampoo direction, for optax-style composition.
+
+The rules, one stack of blocks at a time (a leading axis); the engine (:mod:`precond_ref.engine.axes`)
+cuts each axis into runs of equal blocks, stacks the equal runs of all leaves and runs the rules.
+Sketchy's step (Algorithm 2, FD-Shampoo, composed as the authors' tearfree optimizer, spec
+``fd_shampoo.md`` §2.3-2.4), for the merged gradient G of order N, each run of blocks of its mode-n
+unfolding :math:`G_{(n)}`::
+
+    1  v_t = β_g v + (1-β_g) G²,  D_g = G / √(v_t + ε_g)                  _graft
+    2  (U, σ, ρ, w, w_⊥) = FD([√β U diag(σ), G_(n)])   (the runs due)       _sketch_refresh
+    3  P(G) = G ×_1 P_1 ⋯ ×_N P_N,  P_n x = U diag(w) Uᵀx + w_⊥(x − UUᵀx)   _sketch_apply
+    4  U_t = P(G) ‖D_g‖_F / ‖P(G)‖_F                                       _grafted
+    5  m_t = μ m + U_t,  U_t ← U_t + μ m_t (Nesterov) or m_t               _sketchy_finish, _momentum
+    6  ΔW = −η_t (U_t + λ W)                                               _sketchy_finish
+
+with FD (:func:`precond_ref.sketch.fd_update`): the SVD :math:`P \operatorname{diag}(s) Q^\top` of
+:math:`Z = [\sqrt\beta\, U \operatorname{diag}(\sigma), X]`, :math:`c = s_k`, :math:`\sigma' =
+\sqrt{s_{:k}^2 - c^2}`, :math:`U' = P_{:,:k}`, :math:`\rho' = \gamma\rho + c^2`, :math:`w =
+(\sigma'^2 + \rho' + \epsilon)^{-1/(2N)}`, :math:`w_\perp = (\rho' + \epsilon)^{-1/(2N)}`. S-AdaGrad's
+step (Algorithm 1) on the flattened parameter x and its gradient g::
+
+    1  (U, σ, ρ, w, w_⊥) = FD([√β U diag(σ), g]),  P(g) = (Ḡ + (ρ + δ + ε) I)^{-1/2} g    _adagrad_refresh
+       between refreshes P(g) = (S + D)^{-1/2} g, g's own mass on the sketch's frame       _adagrad_keep
+    2  m_t = μ m + P(g),  Δx = −η_t m_t − η_t λ x                                          _adagrad_finish
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
 
-from .._backend import array_device, cast, compute_dtype, is_number, is_zero, scalar_array
-from ..blocking import merge_small_dims, spread_schedule
+from .._backend import is_number, is_zero
+from ..blocking import merge_small_dims
+from ..engine.axes import AxesRule, LeafPlan, flat_transform, kronecker_transform, leaf_plan, resolve_schedule
 from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply, resolve_decomposition
-from ..tree import cached_template, to_entries
-from ..engine import StepContext, build_transform, leafwise
-from ..engine.axes import (
-    LeafPlan, axis_leaves, axis_legacy_names, empty_blocks, flat_runs, leaf_plan, multiply_axes, refresh_axes, unblocked_hint,
-)
-from ..transform import (
-    ScalarOrSchedule,
-    Transform,
-    check_bool,
-    check_choice,
-    check_interval,
-    check_learning_rate,
-    check_nonnegative,
-    check_positive_int,
-)
+from ..transform import (ScalarOrSchedule, Transform, check_bool, check_choice, check_interval, check_learning_rate,
+                         check_nonnegative, check_positive_int)
 
 __all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "SketchyConfig", "SAdaGradConfig", "PRINCIPLED_BLOCK_SIZE",
            "PRINCIPLED_PRECONDITION_EVERY"]
@@ -53,7 +63,43 @@ S_ADAGRAD_PRECONDITION_EVERY = 1
 
 
 # --------------------------------------------------------------------------------------------
-# Validation helpers
+# The state: a sketch per block
+
+
+class _Sketch(NamedTuple):
+    """One Frequent Directions sketch (:mod:`precond_ref.sketch`), or a stack of them for a run of
+    equal blocks (leading axis): :math:`\\bar L = U \\operatorname{diag}(\\sigma^2) U^\\top`, the
+    escaped mass :math:`\\rho` = ``escaped_root**2``, and the weights :math:`w, w_\\perp` of
+    :math:`(\\bar L + \\rho I + \\epsilon I)^a` on the retained directions and on their complement."""
+
+    basis: Array
+    singular_values: Array
+    escaped_root: Array
+    basis_weights: Array
+    complement_weight: Array
+
+
+class _State(NamedTuple):
+    """One leaf's state (Sketchy and S-AdaGrad), stored as the entries of
+    :func:`precond_ref.tree.to_entries`: ``sketches/{n}/{j}/basis`` ... for ``sketches[n][j]``, the
+    sketch of run ``j`` of axis ``n``'s blocks (:class:`~precond_ref.engine.axes.LeafPlan`); the
+    count of sketch updates that were not finite; the graft's :math:`v` and the momentum :math:`m`
+    (absent fields are None)."""
+
+    sketches: tuple = ()
+    sketch_failures: Optional[Array] = None
+    graft_second_moment: Optional[Array] = None
+    momentum: Optional[Array] = None
+
+
+def _empty_sketch(xp: Any, c: Any, length: int, rank: int, batch: tuple, dtype: Any, device: Any) -> _Sketch:
+    """:math:`U = 0, \\sigma = 0, \\rho = 0, w = 0, w_\\perp = 0` for a ``batch`` of blocks
+    (:func:`precond_ref.sketch.fd_init`)."""
+    return _Sketch(**fd_init(xp, length, rank, dtype=dtype, device=device, batch=batch))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
 
 
 def _check_decay(name: str, value: Any) -> None:
@@ -79,127 +125,8 @@ def _check_shared(rank: Any, b2: Any, precondition_every: Any, spread_refresh: A
     return mode == "faithful"
 
 
-def _second_moment(xp: Any, previous: Array, g: Array, decay: Any) -> Array:
-    """``decay * previous + (1 - decay) * g**2``, or the sum ``previous + g**2`` when ``decay == 1``.
-
-    ``(1 - decay) g`` is formed before the second factor of g, so a float32 gradient entry up to
-    about 1.8e19 / sqrt(1 - decay) gives a finite moment (as torch's Adam), where ``g * g`` alone
-    overflows at 1.8e19.
-    """
-    if isinstance(decay, numbers.Real):
-        return previous + g * g if decay == 1.0 else ((1.0 - decay) * g) * g + decay * previous
-    return xp.where(decay == 1.0, previous + g * g, ((1.0 - decay) * g) * g + decay * previous)
-
-
-def _sketchy_decomposition(decomposition: Optional[str], faithful: bool) -> str:
-    """The FD path: the authors' QR-then-SVD in faithful mode, the fast ``"auto"`` in principled."""
-    if decomposition is None:
-        return "qr_svd" if faithful else "auto"
-    return "qr_svd" if faithful and decomposition == "svd" else decomposition
-
-
-def _safe_norm_ratio(xp: Any, numerator: Array, denominator: Array) -> Array:
-    """``numerator / denominator`` where the denominator is positive, else 0 (no 0/0)."""
-    positive = denominator > 0.0
-    return xp.where(positive, numerator / xp.where(positive, denominator, xp.ones_like(denominator)),
-                    xp.zeros_like(denominator))
-
-
 # --------------------------------------------------------------------------------------------
-# One leaf's sketched Kronecker preconditioner
-
-
-class _Sketch(NamedTuple):
-    """One Frequent Directions sketch (:mod:`precond_ref.sketch`), or a stack of them for a run of
-    equal blocks (leading axis): :math:`\\bar L = U \\operatorname{diag}(\\sigma^2) U^\\top`, the
-    escaped mass :math:`\\rho` = ``escaped_root**2``, and the weights :math:`w, w_\\perp` of
-    :math:`(\\bar L + \\rho I + \\epsilon I)^a` on the retained directions and on their complement."""
-
-    basis: Array
-    singular_values: Array
-    escaped_root: Array
-    basis_weights: Array
-    complement_weight: Array
-
-
-_LEGACY_NAMES = axis_legacy_names("sketches", _Sketch._fields, "sketch_failures")
-
-
-def _empty_sketch(xp: Any, dtype: Any, device: Any, length: int, rank: int, batch: tuple) -> _Sketch:
-    """An empty sketch (zeros, :func:`precond_ref.sketch.fd_init`) of a ``batch`` of blocks."""
-    return _Sketch(**fd_init(xp, length, rank, dtype=dtype, device=device, batch=batch))
-
-
-class _State(NamedTuple):
-    """One leaf's state (Sketchy and S-AdaGrad), stored as the entries of
-    :func:`precond_ref.tree.to_entries`: ``sketches/{n}/{j}/basis`` ... for ``sketches[n][j]``, the
-    sketch of run ``j`` of axis ``n``'s blocks (:class:`LeafPlan`); absent fields are None."""
-
-    sketches: tuple = ()
-    sketch_failures: Optional[Array] = None
-    graft_second_moment: Optional[Array] = None
-    momentum: Optional[Array] = None
-
-
-@cached_template
-def _layout(graft_moment: bool, momentum: bool, plan: Optional[LeafPlan]) -> _State:
-    """The structure of a leaf's :class:`_State` with placeholder leaves (``from_entries``'s template)."""
-    sketches = tuple(tuple(_Sketch(0, 0, 0, 0, 0) for _ in axis.runs) for axis in plan.axes) if plan else ()
-    return _State(sketches, 0 if sketches else None, 0 if graft_moment else None, 0 if momentum else None)
-
-
-def _sketch_refresh(xp: Any, options: dict, sketch: _Sketch, rows: Array, exponent: float, accept: Any) -> tuple:
-    """Step 2 on a stack of runs: :math:`(U, \\sigma, \\rho, w, w_\\perp) = \\mathrm{FD}([\\sqrt\\beta\\, U
-    \\operatorname{diag}(\\sigma), X])` (:func:`precond_ref.sketch.fd_update`, the weights for the
-    ``exponent``), the previous sketch where ``accept`` is False: ``(sketch, ok)``."""
-    new, ok = fd_update(xp, sketch._asdict(), rows, exponent=exponent, accept=accept, **options)
-    return _Sketch(**new), ok
-
-
-def _sketch_apply(xp: Any, basis: Array, weights: Array, complement: Array, rows: Array) -> Array:
-    """Step 3 on a stack of runs: :math:`U\\operatorname{diag}(w)U^\\top x + w_\\perp(x - UU^\\top x)`
-    (:func:`precond_ref.sketch.fd_apply`)."""
-    return fd_apply(xp, dict(basis=basis, basis_weights=weights, complement_weight=complement), rows)
-
-
-def _applied(sketch: _Sketch) -> tuple:
-    """The fields of a sketch that :func:`_sketch_apply` reads."""
-    return sketch.basis, sketch.basis_weights, sketch.complement_weight
-
-
-def _rmsprop_graft(xp: Any, ctx: StepContext, g: Array, v: Array, graft_eps: float) -> Array:
-    """:math:`D_g = G / \\sqrt{v + \\epsilon_g}` where :math:`v > 0`, else 0 (:math:`v = 0` only
-    where :math:`G = 0`, or its square underflowed: no 0/0 when :math:`\\epsilon_g = 0`). An
-    :math:`\\epsilon_g` that is a normal number of G's dtype (the default 1e-23 in float32 and
-    float64) makes every denominator positive: then the formula alone, three operations a leaf
-    instead of six. It differs from the guarded form only where :math:`v = 0`: a zero G gives a zero
-    of G's sign, and a G whose square underflowed (:math:`|G| \\lesssim 10^{-21}` in float32 at
-    :math:`\\beta_g = 0.999`) gives :math:`G/\\sqrt{\\epsilon_g}`, the formula's value, not 0."""
-    dtype, device = g.dtype, array_device(g)
-    if is_number(graft_eps) and graft_eps >= float(xp.finfo(dtype).smallest_normal):
-        return g / xp.sqrt(v + graft_eps)
-    one, zero = ctx.once(("one_zero", dtype, device),
-                         lambda: tuple(scalar_array(xp, v, dtype, device) for v in (1.0, 0.0)))
-    positive = v > 0.0
-    return xp.where(positive, g / xp.sqrt(xp.where(positive, v, one) + graft_eps), zero)
-
-
-def _grafted(xp: Any, ctx: StepContext, p: Array, graft_direction: Array, start: int) -> Array:
-    """:math:`P(G)\\, \\lVert D_g\\rVert_F / \\lVert P(G)\\rVert_F` (0 where :math:`P(G) = 0`), and
-    :math:`D_g` itself before step ``start`` (``start_preconditioning_step``)."""
-    u = p * _safe_norm_ratio(xp, xp.linalg.vector_norm(graft_direction), xp.linalg.vector_norm(p))
-    return xp.where(ctx.count >= start, u, graft_direction) if start > 0 else u
-
-
-def _momentum(
-    xp: Any, u: Array, previous: Array, momentum: float, nesterov: bool, ema: bool
-) -> tuple[Array, Array]:
-    """:math:`m_t = \\mu m_{t-1} + c\\,U` (:math:`c = 1 - \\mu` with ``momentum_ema``, else 1) and
-    the direction :math:`c\\,U + \\mu m_t` (Nesterov) or :math:`m_t`: ``(direction, m_t)``."""
-    if ema:
-        u = u * (1.0 - momentum)
-    trace = u + momentum * previous
-    return (u + momentum * trace if nesterov else trace), trace
+# Sketchy
 
 
 class SketchyConfig(NamedTuple):
@@ -240,95 +167,101 @@ def _sketchy_plan(c: SketchyConfig, shape: tuple[int, ...], first_phase: int = 0
     return leaf_plan(merged, c.rank, c.block_size, len(c.dues), first_phase)
 
 
-def _sketchy_init(xp: Any, c: SketchyConfig, w: Array, plan: Optional[LeafPlan]) -> _State:
-    """The state of a parameter ``w``: empty sketches, no failures, zero graft moment and momentum."""
-    dtype, device = compute_dtype(xp, w.dtype), array_device(w)
-    sketches = empty_blocks(plan, functools.partial(_empty_sketch, xp, dtype, device))
-    zeros = functools.partial(xp.zeros, dtype=dtype, device=device)
-    return _State(
-        sketches=sketches,
-        sketch_failures=xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
-        graft_second_moment=zeros(w.shape) if c.graft == "rmsprop" else None,
-        momentum=zeros(w.shape) if c.has_momentum else None,
-    )
-
-
-def _graft(xp: Any, c: SketchyConfig, ctx: StepContext, g: Array, v: Array) -> tuple[Array, Array]:
+def _graft(xp: Any, c: SketchyConfig, g: Array, v: Array) -> tuple[Array, Array]:
     """Step 1 for a leaf, or for leaves joined end to end: ``(v_t, D_g)``."""
-    v = _second_moment(xp, v, g, c.graft_b2)
-    return v, _rmsprop_graft(xp, ctx, g, v, c.graft_eps)
+    v = _second_moment(xp, v, g, c.graft_b2)  # v_t = β_g v_{t-1} + (1-β_g) G_t²
+    return v, _rmsprop_graft(xp, g, v, c.graft_eps)  # D_g = G_t / √(v_t + ε_g)
+
+
+def _second_moment(xp: Any, previous: Array, g: Array, decay: Any) -> Array:
+    """``decay * previous + (1 - decay) * g**2``, or the sum ``previous + g**2`` when ``decay == 1``.
+
+    ``(1 - decay) g`` is formed before the second factor of g, so a float32 gradient entry up to
+    about 1.8e19 / sqrt(1 - decay) gives a finite moment (as torch's Adam), where ``g * g`` alone
+    overflows at 1.8e19.
+    """
+    if isinstance(decay, numbers.Real):
+        return previous + g * g if decay == 1.0 else ((1.0 - decay) * g) * g + decay * previous
+    return xp.where(decay == 1.0, previous + g * g, ((1.0 - decay) * g) * g + decay * previous)
+
+
+def _rmsprop_graft(xp: Any, g: Array, v: Array, graft_eps: Any) -> Array:
+    """:math:`D_g = G / \\sqrt{v + \\epsilon_g}` where :math:`v > 0`, else 0 (:math:`v = 0` only
+    where :math:`G = 0`, or its square underflowed: no 0/0 when :math:`\\epsilon_g = 0`). An
+    :math:`\\epsilon_g` that is a normal number of G's dtype (the default 1e-23 in float32 and
+    float64) makes every denominator positive: then the formula alone, three operations a leaf
+    instead of six. It differs from the guarded form only where :math:`v = 0`: a zero G gives a zero
+    of G's sign, and a G whose square underflowed (:math:`|G| \\lesssim 10^{-21}` in float32 at
+    :math:`\\beta_g = 0.999`) gives :math:`G/\\sqrt{\\epsilon_g}`, the formula's value, not 0."""
+    if is_number(graft_eps) and graft_eps >= float(xp.finfo(g.dtype).smallest_normal):
+        return g / xp.sqrt(v + graft_eps)
+    positive = v > 0.0
+    return xp.where(positive, g / xp.sqrt(xp.where(positive, v, xp.ones_like(v)) + graft_eps), xp.zeros_like(g))
+
+
+def _sketch_refresh(xp: Any, c: SketchyConfig, sketch: _Sketch, x: Array, exponent: float, accept: Any) -> tuple:
+    """Step 2 on a stack of runs, the weights for the ``exponent`` :math:`a = -1/(2N)`, the previous
+    sketch where ``accept`` is False: ``(sketch, ok)``."""
+    new, ok = fd_update(xp, sketch._asdict(), x, exponent=exponent, accept=accept, **c.fd)  # FD([√β U diag(σ), X])
+    return _Sketch(**new), ok
+
+
+def _sketch_apply(xp: Any, c: SketchyConfig, sketch: dict, x: Array) -> Array:
+    """Step 3 on a stack of runs (:func:`precond_ref.sketch.fd_apply`)."""
+    return fd_apply(xp, sketch, x)  # U diag(w) Uᵀ x + w_⊥ (x − U Uᵀ x)
+
+
+def _grafted(xp: Any, p: Array, graft_direction: Array) -> Array:
+    """Step 4: :math:`P(G)\\, \\lVert D_g\\rVert_F / \\lVert P(G)\\rVert_F`, 0 where :math:`P(G) = 0`."""
+    return p * _safe_norm_ratio(xp, xp.linalg.vector_norm(graft_direction), xp.linalg.vector_norm(p))
+
+
+def _safe_norm_ratio(xp: Any, numerator: Array, denominator: Array) -> Array:
+    """``numerator / denominator`` where the denominator is positive, else 0 (no 0/0)."""
+    positive = denominator > 0.0
+    return xp.where(positive, numerator / xp.where(positive, denominator, xp.ones_like(denominator)),
+                    xp.zeros_like(denominator))
 
 
 def _sketchy_finish(xp: Any, c: SketchyConfig, minus_lr: Any, u: Array, *rest: Array) -> tuple:
     """Steps 5 and 6 for a leaf, or for leaves joined end to end (``rest``: m_{t-1} with momentum,
     then W_t with weight decay): ``(-η_t (U_t + λ W_t), m_t)``, or the step alone."""
-    m = rest[0] if c.has_momentum else None
     if c.has_momentum:
-        u, m = _momentum(xp, u, m, c.momentum, c.nesterov, c.momentum_ema)  # 5
+        u, m = _momentum(xp, u, rest[0], c.momentum, c.nesterov, c.momentum_ema)  # 5
     if c.has_weight_decay:
-        u = u + c.weight_decay * cast(xp, rest[-1], u.dtype)  # 6
+        u = u + c.weight_decay * rest[-1]  # 6: U_t + λ W_t
     return (minus_lr * u, m) if c.has_momentum else (minus_lr * u,)
 
 
-def _finished(xp: Any, ctx: StepContext, c: Any, finish: Callable, directions: list, leaves: list, params: Any) -> list:
-    """``finish(xp, c, -η_t, U, m_{t-1}, W)`` of every leaf (``m`` with momentum, ``W`` with weight
-    decay; -η_t once a step, exact), the leaves of one layout joined end to end (``engine.leafwise``)."""
-    operands = [directions]
-    if c.has_momentum:
-        operands.append([state.momentum for _, _, state in leaves])
-    if c.has_weight_decay:
-        operands.append([param[0] for param in params])
-    return leafwise(xp, functools.partial(finish, xp, c, -ctx.value(c.learning_rate)), *operands)
+def _momentum(xp: Any, u: Array, previous: Array, momentum: float, nesterov: bool, ema: bool) -> tuple[Array, Array]:
+    """:math:`m_t = \\mu m_{t-1} + c\\,U` (:math:`c = 1 - \\mu` with ``momentum_ema``, else 1) and
+    the direction :math:`c\\,U + \\mu m_t` (Nesterov) or :math:`m_t`: ``(direction, m_t)``."""
+    if ema:
+        u = u * (1.0 - momentum)
+    trace = u + momentum * previous
+    return (u + momentum * trace if nesterov else trace), trace
 
 
-def _transform(
-    name: str, c: Any, plan_for: Callable, init: Callable, update_groups: Callable, on_nonfinite: str,
-    layout_hint: Optional[Callable] = None,
-) -> Transform:
-    """The transform of either rule: a parameter's state ``init(xp, c, w, plan_for(shape))``, the
-    step ``update_groups``; a state saved under the earlier names renamed (``_LEGACY_NAMES``)."""
-
-    def init_group(leaves, paths, xp):
-        (w,) = leaves
-        return to_entries(init(xp, c, w, plan_for(tuple(w.shape))))
-
-    return build_transform(
-        name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
-        needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=layout_hint, legacy_names=_LEGACY_NAMES,
-    )
+def _sketchy_decomposition(decomposition: Optional[str], faithful: bool) -> str:
+    """The FD path: the authors' QR-then-SVD in faithful mode, the fast ``"auto"`` in principled."""
+    if decomposition is None:
+        return "qr_svd" if faithful else "auto"
+    return "qr_svd" if faithful and decomposition == "svd" else decomposition
 
 
-# --------------------------------------------------------------------------------------------
-# Sketchy
+_SKETCHY = AxesRule(
+    State=_State, Block=_Sketch, plan=_sketchy_plan, empty=_empty_sketch, refresh=_sketch_refresh, finish=_sketchy_finish,
+    apply=_sketch_apply, reads=("basis", "basis_weights", "complement_weight"), graft=_graft, grafted=_grafted,
+)
 
 
 def _sketchy_transform(
-    *,
-    name: str,
-    learning_rate: Optional[ScalarOrSchedule],
-    rank: int,
-    b2: float,
-    eps: float,
-    relative_eps: bool,
-    precondition_every: Union[int, Callable, None],
-    spread_refresh: Optional[bool],
-    start_preconditioning_step: int,
-    graft: str,
-    graft_b2: float,
-    graft_eps: float,
-    momentum: float,
-    nesterov: bool,
-    momentum_ema: bool,
-    weight_decay: float,
-    merge_dims: int,
-    max_precondition_dim: int,
-    precondition_1d: bool,
-    block_size: Optional[int],
-    decomposition: Optional[str],
-    tail_decay: Optional[str],
-    mode: str,
-    on_nonfinite: str,
+    *, name, learning_rate, rank, b2, eps, relative_eps, precondition_every, spread_refresh, start_preconditioning_step,
+    graft, graft_b2, graft_eps, momentum, nesterov, momentum_ema, weight_decay, merge_dims, max_precondition_dim,
+    precondition_1d, block_size, decomposition, tail_decay, mode, on_nonfinite,
 ) -> Transform:
+    """Sketchy's arguments (:func:`sketchy`, :func:`scale_by_sketchy`) checked, its configuration
+    with the mode's defaults, and its rule run by the engine."""
     faithful = _check_shared(rank, b2, precondition_every, spread_refresh, block_size, mode)
     check_nonnegative("eps", eps)
     check_bool("relative_eps", relative_eps)
@@ -353,9 +286,8 @@ def _sketchy_transform(
     if faithful and spread_refresh:
         raise ValueError("spread_refresh is not available in mode='faithful' (the authors update every "
                          "sketch on the same steps); use mode='principled'")
-    block_size, precondition_every, spread = _resolve_schedule(
-        faithful, block_size, precondition_every, spread_refresh
-    )
+    block_size, dues = resolve_schedule(faithful, block_size, precondition_every, spread_refresh,
+                                        PRINCIPLED_BLOCK_SIZE, PRINCIPLED_PRECONDITION_EVERY)
     if tail_decay is None:
         tail_decay = "sqrt_b2" if faithful else "b2"
     fd_options = dict(
@@ -363,67 +295,13 @@ def _sketchy_transform(
         cutoff=not faithful, noise_is_mass=faithful, decomposition=_sketchy_decomposition(decomposition, faithful),
     )
     c = SketchyConfig(
-        learning_rate, rank, fd_options, spread_schedule(precondition_every, spread), block_size, merge_dims,
-        max_precondition_dim, precondition_1d, faithful, start_preconditioning_step, graft, graft_b2, graft_eps,
-        momentum, nesterov, momentum_ema, weight_decay, not is_zero(momentum) and learning_rate is not None,
-        not is_zero(weight_decay) and learning_rate is not None,
+        learning_rate, rank, fd_options, dues, block_size, merge_dims, max_precondition_dim, precondition_1d, faithful,
+        start_preconditioning_step, graft, graft_b2, graft_eps, momentum, nesterov, momentum_ema, weight_decay,
+        not is_zero(momentum) and learning_rate is not None, not is_zero(weight_decay) and learning_rate is not None,
     )
-    plan_for = functools.partial(_sketchy_plan, c)
-    layout = functools.partial(_layout, graft == "rmsprop", c.has_momentum)
-
-    # The step, in the order of the paper's Algorithm 2 (FD-Shampoo) composed as the authors'
-    # tearfree optimizer (spec §2.3-2.4); axis n of the merged gradient G, its runs j of blocks:
-    #
-    #   1  v_t = β_g v_{t-1} + (1-β_g) G_t²,  D_g = G_t / √(v_t + ε_g)         _graft
-    #   2  if run (n, j)'s phase is due (spread_schedule), for its rows of G_(n):
-    #        (U, σ, ρ, w, w_⊥)_{n,j} = FD([√β U diag(σ), G_(n)])                _sketch_refresh
-    #   3  P(G) = G ×_1 (L̄_1 + ρ_1 I + ε_1 I)^{-1/2N} ⋯ ×_N (L̄_N + ρ_N I + ε_N I)^{-1/2N}
-    #                                                                          _sketch_apply
-    #   4  U_t = P(G) ‖D_g‖_F / ‖P(G)‖_F   (D_g before start_preconditioning_step)  _grafted
-    #   5  m_t = μ m_{t-1} + U_t,  U_t ← U_t + μ m_t (Nesterov) or m_t           _sketchy_finish, _momentum
-    #   6  W_{t+1} = W_t - η_t (U_t + λ W_t)                                     _sketchy_finish
-    #
-    # Leaves without sketches (vectors, axes over max_precondition_dim) take U_t = D_g.
-    def update_groups(grads, states, params, ctxs: list[StepContext]):
-        xp, ctx = ctxs[0].xp, ctxs[0]
-        leaves = axis_leaves(xp, grads, states, plan_for, layout, len(c.dues))
-        if graft == "rmsprop":  # (v, D_g) of every leaf, the leaves of one layout joined end to end
-            grafts = leafwise(xp, functools.partial(_graft, xp, c, ctx),
-                              [g for g, _, _ in leaves], [state.graft_second_moment for _, _, state in leaves])  # 1
-        else:  # graft="sgd" or "none": D_g = G
-            grafts = [(state.graft_second_moment, g) for g, _, state in leaves]
-        # 2 and 3 for all leaves at once: equal runs of different leaves go through one batched call.
-        refreshed = refresh_axes(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
-                                 c.dues, ctx, functools.partial(_sketch_refresh, xp, c.fd))  # 2
-        preconditioned = multiply_axes(xp, [(plan, sketches, g) for (g, plan, _), (sketches, _) in zip(leaves, refreshed)],
-                                       _applied, functools.partial(_sketch_apply, xp))  # 3
-        directions = [u if plan is None else p if graft == "none" else _grafted(xp, ctx, p, u, start_preconditioning_step)
-                      for (_, plan, _), (_, u), p in zip(leaves, grafts, preconditioned)]  # 4
-        if learning_rate is None:  # scale_by_sketchy: the direction U_t itself
-            finished = [(u,) for u in directions]
-        else:
-            finished = _finished(xp, ctx, c, _sketchy_finish, directions, leaves, params)  # 5, 6
-        return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures, graft_second_moment=v,
-                                                      momentum=out[1] if c.has_momentum else None)))
-                for (_, _, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished)]
-
-    hint = None if faithful else functools.partial(unblocked_hint, name, PRINCIPLED_BLOCK_SIZE, "basis")
-    return _transform(name, c, plan_for, _sketchy_init, update_groups, on_nonfinite, hint)
-
-
-def _resolve_schedule(
-    faithful: bool, block_size: Optional[int], precondition_every: Any, spread_refresh: Optional[bool]
-) -> tuple[Optional[int], Any, bool]:
-    """``(block_size, precondition_every, spread)`` with the mode's defaults for the None ones: the
-    authors' (unblocked, every step, all sketches together) in faithful mode, else
-    :data:`PRINCIPLED_BLOCK_SIZE`, :data:`PRINCIPLED_PRECONDITION_EVERY` and spread refreshes."""
-    if faithful:
-        return block_size, 1 if precondition_every is None else precondition_every, False
-    return (
-        PRINCIPLED_BLOCK_SIZE if block_size is None else block_size,
-        PRINCIPLED_PRECONDITION_EVERY if precondition_every is None else precondition_every,
-        True if spread_refresh is None else spread_refresh,
-    )
+    rule = _SKETCHY._replace(graft=_graft if graft == "rmsprop" else None, grafted=None if graft == "none" else _grafted)
+    return kronecker_transform(rule, c, name=name, on_nonfinite=on_nonfinite, start=start_preconditioning_step,
+                               default_block_size=None if faithful else PRINCIPLED_BLOCK_SIZE)
 
 
 def sketchy(
@@ -748,19 +626,13 @@ def s_adagrad(
     check_interval("momentum", momentum, 0.0, 1.0)
     check_nonnegative("weight_decay", weight_decay)
     if faithful:
-        # Arrays (e.g. injected by optax.inject_hyperparams, possibly traced) cannot be checked.
-        def is_number(v: Any) -> bool:
-            return isinstance(v, numbers.Real) and not hasattr(v, "shape")
+        def differs(value: Any, default: Any) -> bool:  # an array (optax.inject_hyperparams, traced) cannot be checked
+            return value is not None and isinstance(value, numbers.Real) and not hasattr(value, "shape") and value != default
 
-        refused = {
-            "eps": eps is not None and is_number(eps) and eps != 0,
-            "b2": is_number(b2) and b2 != 1.0,
-            "momentum": is_number(momentum) and momentum != 0,
-            "weight_decay": is_number(weight_decay) and weight_decay != 0,
-            "block_size": block_size is not None,
-            "precondition_every": precondition_every is not None and precondition_every != 1,
-            "spread_refresh": bool(spread_refresh),
-        }
+        refused = dict(eps=differs(eps, 0), b2=differs(b2, 1.0), momentum=differs(momentum, 0),
+                       weight_decay=differs(weight_decay, 0), block_size=block_size is not None,
+                       precondition_every=precondition_every is not None and precondition_every != 1,
+                       spread_refresh=bool(spread_refresh))
         bad = [k for k, v in refused.items() if v]
         if bad:
             raise ValueError(
@@ -774,26 +646,11 @@ def s_adagrad(
         decay=b2, tail_decay=b2, eps=eps, relative_eps=True, delta=delta,
         cutoff=not faithful, decomposition="svd" if faithful else "auto",
     )
-    if precondition_every is None:
-        precondition_every = S_ADAGRAD_PRECONDITION_EVERY
-    c = SAdaGradConfig(learning_rate, rank, fd_options, spread_schedule(precondition_every, spread_refresh is not False),
-                       block_size, momentum, weight_decay, not is_zero(momentum), not is_zero(weight_decay))
-    plan_for = functools.partial(_adagrad_plan, c)
-    layout = functools.partial(_layout, False, c.has_momentum)
-
-    def update_groups(grads, states, params, ctxs: list[StepContext]):
-        # The runs of every leaf (blocks of one length, in one refresh phase) go through the FD
-        # step in stacks of equal runs across leaves (on a CPU a run already a large batch alone).
-        xp, ctx = ctxs[0].xp, ctxs[0]
-        leaves = axis_leaves(xp, grads, states, plan_for, layout, len(c.dues))
-        stepped = flat_runs(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
-                            c.dues, ctx, functools.partial(_adagrad_refresh, xp, c.fd),
-                            functools.partial(_adagrad_keep, xp), functools.partial(_adagrad_may_pad, c))
-        finished = _finished(xp, ctx, c, _adagrad_finish, [direction for _, _, direction in stepped], leaves, params)
-        return [((out[0],), to_entries(_State(sketches, failures, momentum=out[1] if c.has_momentum else None)))
-                for (sketches, failures, _), out in zip(stepped, finished)]
-
-    return _transform("s_adagrad", c, plan_for, _adagrad_init, update_groups, on_nonfinite)
+    block_size, dues = resolve_schedule(faithful, block_size, precondition_every, spread_refresh, None,
+                                        S_ADAGRAD_PRECONDITION_EVERY)
+    c = SAdaGradConfig(learning_rate, rank, fd_options, dues, block_size, momentum, weight_decay, not is_zero(momentum),
+                       not is_zero(weight_decay))
+    return flat_transform(_S_ADAGRAD, c, name="s_adagrad", on_nonfinite=on_nonfinite)
 
 
 class SAdaGradConfig(NamedTuple):
@@ -816,14 +673,21 @@ def _adagrad_plan(c: SAdaGradConfig, shape: tuple[int, ...], first_phase: int = 
     return leaf_plan((math.prod(shape),), c.rank, c.block_size, len(c.dues), first_phase)
 
 
-def _adagrad_init(xp: Any, c: SAdaGradConfig, w: Array, plan: LeafPlan) -> _State:
-    """The state of a parameter ``w``: empty sketches, no failures, zero momentum."""
-    dtype, device = compute_dtype(xp, w.dtype), array_device(w)
-    return _State(
-        sketches=empty_blocks(plan, functools.partial(_empty_sketch, xp, dtype, device)),
-        sketch_failures=xp.zeros((), dtype=xp.int32, device=device),
-        momentum=xp.zeros(w.shape, dtype=dtype, device=device) if c.has_momentum else None,
-    )
+def _adagrad_refresh(xp: Any, c: SAdaGradConfig, sketch: _Sketch, x: Array, accept: Any) -> tuple:
+    r"""Step 1 on a stack of runs when the sketch is due: the FD step adds the gradient's rows x
+    (n, length, 1) to each sketch and applies the new sketch to them in one pass
+    (:func:`precond_ref.sketch.fd_update_apply`; the previous sketch where ``accept`` is False):
+    ``(sketch, ok, P(g))``."""
+    new, ok, out = fd_update_apply(xp, sketch._asdict(), x, exponent=-0.5, accept=accept, **c.fd)  # (Ḡ + ρI + εI)^{-1/2} g
+    return _Sketch(**new), ok, out
+
+
+def _adagrad_keep(xp: Any, c: SAdaGradConfig, sketch: _Sketch, x: Array) -> Array:
+    r"""Step 1 between refreshes: the last sketch applied with x's own mass on its frame,
+    :math:`(S + D)^{-1/2} x` (:func:`precond_ref.sketch.fd_apply_with_own_mass`: the last sketch
+    alone, :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x`, leaves the part of x it has not seen
+    unbounded, and diverged on every seed measured)."""
+    return fd_apply_with_own_mass(xp, sketch._asdict(), x)
 
 
 def _adagrad_may_pad(c: SAdaGradConfig, length: int, rank: int) -> bool:
@@ -836,30 +700,18 @@ def _adagrad_may_pad(c: SAdaGradConfig, length: int, rank: int) -> bool:
     return resolve_decomposition(c.fd["decomposition"], length, rank, 1) == "incremental"
 
 
-def _adagrad_refresh(xp: Any, options: dict, sketch: _Sketch, rows: Array, accept: Any) -> tuple:
-    r"""S-AdaGrad's step on a stack of runs when the sketch is due: the FD step adds the gradient's
-    rows x (n, length, 1) to each sketch and applies the new sketch to them in one pass,
-    :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x` (:func:`precond_ref.sketch.fd_update_apply`;
-    the previous sketch where ``accept`` is False): ``(sketch, ok, out)``."""
-    new, ok, out = fd_update_apply(xp, sketch._asdict(), rows, exponent=-0.5, accept=accept, **options)
-    return _Sketch(**new), ok, out
-
-
-def _adagrad_keep(xp: Any, sketch: _Sketch, rows: Array) -> tuple:
-    r"""S-AdaGrad's step between refreshes: the last sketch applied with x's own mass on its frame,
-    :math:`(S + D)^{-1/2} x` (:func:`precond_ref.sketch.fd_apply_with_own_mass`: the last sketch
-    alone, :math:`(\bar G + \rho I + \epsilon I)^{-1/2} x`, leaves the part of x it has not seen
-    unbounded, and diverged on every seed measured): ``(sketch, out)``."""
-    return sketch, fd_apply_with_own_mass(xp, sketch._asdict(), rows)
-
-
 def _adagrad_finish(xp: Any, c: SAdaGradConfig, minus_lr: Any, direction: Array, *rest: Array) -> tuple:
-    """m <- mu m + P(g);  updates = -eta m - eta lambda x  (``minus_lr``: -eta, once a step;
-    ``rest``: m with momentum, then x with weight decay): ``(updates, m)`` or ``(updates,)``, for
-    one leaf or the leaves of one layout joined end to end (``engine.leafwise``)."""
+    """Step 2 (``minus_lr``: -η_t; ``rest``: m with momentum, then x with weight decay):
+    ``(updates, m)`` or ``(updates,)``, for one leaf or the leaves of one layout joined end to end."""
     if c.has_momentum:
-        direction = m = c.momentum * rest[0] + direction
-    updates = minus_lr * direction
+        direction = m = c.momentum * rest[0] + direction  # m_t = μ m_{t-1} + P(g)
+    updates = minus_lr * direction  # −η_t m_t
     if c.has_weight_decay:
-        updates = updates + (minus_lr * c.weight_decay) * cast(xp, rest[-1], direction.dtype)
+        updates = updates + (minus_lr * c.weight_decay) * rest[-1]  # − η_t λ x
     return (updates, m) if c.has_momentum else (updates,)
+
+
+_S_ADAGRAD = AxesRule(
+    State=_State, Block=_Sketch, plan=_adagrad_plan, empty=_empty_sketch, refresh=_adagrad_refresh,
+    finish=_adagrad_finish, keep=_adagrad_keep, may_pad=_adagrad_may_pad,
+)

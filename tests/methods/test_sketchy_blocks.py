@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import numpy as np
 import pytest
-
-import importlib
 
 import precond_ref as pr
 from precond_ref.blocking import PhaseDue
@@ -127,8 +128,11 @@ def test_zero_size_axis_gets_no_factor_and_stays_unchanged(factory):
 def test_principled_defaults_and_faithful_refusals():
     """None picks the mode's defaults: principled blocks of PRINCIPLED_BLOCK_SIZE refreshed every
     PRINCIPLED_PRECONDITION_EVERY steps (spread), faithful the authors' (unblocked, every step)."""
-    assert sk._resolve_schedule(False, None, None, None) == (sk.PRINCIPLED_BLOCK_SIZE, sk.PRINCIPLED_PRECONDITION_EVERY, True)
-    assert sk._resolve_schedule(True, None, None, None) == (None, 1, False)
+    every = sk.PRINCIPLED_PRECONDITION_EVERY
+    resolve = functools.partial(axes.resolve_schedule, principled_block_size=sk.PRINCIPLED_BLOCK_SIZE, principled_every=every)
+    assert resolve(False, None, None, None) == (sk.PRINCIPLED_BLOCK_SIZE, tuple(PhaseDue(every, p) for p in range(every)))
+    assert resolve(False, None, None, False) == (sk.PRINCIPLED_BLOCK_SIZE, (every,))
+    assert resolve(True, None, None, None) == (None, (1,))
     groups = pr.sketchy(1e-2, rank=4).init({"emb": np.zeros((2048, 8))}).groups
     assert groups["emb"]["sketches/0/0/basis"].shape == (1, 1024, 4)
     assert groups["emb"]["sketches/0/1/basis"].shape == (1, 1024, 4)
@@ -189,8 +193,8 @@ def _each_leaf_as_alone(factory, kw: dict, shapes: dict, steps: int, seed: int, 
     alone_states = {k: alone[k].init({k: params[k]}) for k in shapes}
     stack_sizes, fd_calls = [], []
     real_stack = axes.stack
-    refresh = "_sketch_refresh" if factory is pr.sketchy else "_adagrad_refresh"
-    real_fd = getattr(sk, refresh)
+    fd_step = "fd_update" if factory is pr.sketchy else "fd_update_apply"  # the FD step each rule calls
+    real_fd = getattr(sk, fd_step)
 
     def counted(xp, members, *args, **kwargs):
         stacks = real_stack(xp, members, *args, **kwargs)
@@ -198,7 +202,7 @@ def _each_leaf_as_alone(factory, kw: dict, shapes: dict, steps: int, seed: int, 
         return stacks
 
     monkeypatch.setattr(axes, "stack", counted)
-    monkeypatch.setattr(sk, refresh, lambda xp, o, sketch, rows, *a: fd_calls.append(rows.shape) or real_fd(xp, o, sketch, rows, *a))
+    monkeypatch.setattr(sk, fd_step, lambda xp, sketch, rows, **o: fd_calls.append(rows.shape) or real_fd(xp, sketch, rows, **o))
     for step in range(steps):
         grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
         fd_calls.clear()
@@ -265,14 +269,14 @@ def test_sketch_failures_count_each_failed_block_of_each_leaf(factory, monkeypat
     report failure (its ``ok`` all False): each leaf's count after a step is then its number of
     blocks refreshed, whether the leaf is one unstacked sketch (0-D flags) or runs of stacked blocks
     (flags summed), and whether it shares its stack with other leaves."""
-    refresh = "_sketch_refresh" if factory == "sketchy" else "_adagrad_refresh"
-    real_fd = getattr(sk, refresh)
+    fd_step = "fd_update" if factory == "sketchy" else "fd_update_apply"  # the FD step each rule calls
+    real_fd = getattr(sk, fd_step)
 
-    def failing(*args):
-        new, ok, *out = real_fd(*args)
+    def failing(*args, **options):
+        new, ok, *out = real_fd(*args, **options)
         return (new, ok & False, *out)
 
-    monkeypatch.setattr(sk, refresh, failing)
+    monkeypatch.setattr(sk, fd_step, failing)
     if factory == "sketchy":
         shapes = {"w1": (6, 4), "w2": (6, 4), "blk": (23, 4), "v": (5,)}
         tx = pr.sketchy(learning_rate=0.1, rank=3, block_size=10, precondition_every=1, precondition_1d=True, merge_dims=2)

@@ -1,8 +1,9 @@
 """Each helper of Sketchy's step (precond_ref/methods/sketchy.py) computes the formula its docstring
 states, checked on small NumPy arrays against that formula written out (float64; the helpers do
 the same operations, so equality is to a few ulps: rtol 1e-15 or exact). The step composes them in
-the order of the comment table above ``update_groups``; docs/methods/sketchy.md maps each equation
-to these names, and the last test checks that every name there exists."""
+the order of the table in the module's docstring (the engine, ``engine.axes.kronecker_transform``,
+runs them); docs/methods/sketchy.md maps each equation to these names, and the last test checks that
+every name there exists."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import array_api_compat.numpy as xp
 import numpy as np
 import pytest
 
+from precond_ref.engine import axes
 from precond_ref.transform import StepContext
 
 sk = importlib.import_module("precond_ref.methods.sketchy")
@@ -36,7 +38,7 @@ def test_rmsprop_graft_is_g_over_root_of_v_and_zero_where_v_is_zero(eps, dtype):
     g[0, 0] = v[0, 0] = 0.0
     g[1, 1], v[1, 1] = -0.0, 0.0
     g[2, 2], v[2, 2] = 1e-22, 0.0
-    got = sk._rmsprop_graft(xp, _ctx(), g, v, eps)
+    got = sk._rmsprop_graft(xp, g, v, eps)
     if dtype(eps) >= np.finfo(dtype).smallest_normal:
         want = g / np.sqrt(v + dtype(eps))
     else:
@@ -47,13 +49,15 @@ def test_rmsprop_graft_is_g_over_root_of_v_and_zero_where_v_is_zero(eps, dtype):
 
 
 def test_grafted_direction_has_the_graft_norm_and_is_the_graft_before_start():
-    """U = P ||D_g||_F / ||P||_F (0 for P = 0); D_g itself while count < start_preconditioning_step."""
+    """U = P ||D_g||_F / ||P||_F (0 for P = 0); the engine takes D_g itself while count <
+    start_preconditioning_step (``engine.axes._from_start``)."""
     p, d = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
-    got = sk._grafted(xp, _ctx(5), p, d, 0)
+    got = sk._grafted(xp, p, d)
     np.testing.assert_allclose(got, p * (np.linalg.norm(d) / np.linalg.norm(p)), rtol=1e-15)
-    np.testing.assert_array_equal(sk._grafted(xp, _ctx(5), np.zeros_like(p), d, 0), np.zeros_like(p))
-    np.testing.assert_array_equal(sk._grafted(xp, _ctx(2), p, d, 3), d)
-    np.testing.assert_allclose(sk._grafted(xp, _ctx(3), p, d, 3), got, rtol=1e-15)
+    np.testing.assert_array_equal(sk._grafted(xp, np.zeros_like(p), d), np.zeros_like(p))
+    np.testing.assert_array_equal(axes._from_start(xp, _ctx(2), got, d, 3), d)
+    np.testing.assert_array_equal(axes._from_start(xp, _ctx(3), got, d, 3), got)
+    np.testing.assert_array_equal(axes._from_start(xp, _ctx(0), got, d, 0), got)
 
 
 @pytest.mark.parametrize("nesterov", [True, False])
