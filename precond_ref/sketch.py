@@ -320,22 +320,119 @@ def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Arr
     return _Ritz(s, vectors=p[..., :k])
 
 
-def _masked_power(xp: Any, base: Array, mask: Array, exponent: float) -> Array:
-    """``base ** exponent`` where ``mask``, else 0, never forming ``0 ** negative`` (no Inf)."""
-    safe = select(xp, mask, base, xp.ones_like(base))
-    return select(xp, mask, safe**exponent, xp.zeros_like(base))
+def _masked_power(xp: Any, base: Array, mask: Array, exponent: float, one: Array, zero: Array) -> Array:
+    """``base ** exponent`` where ``mask``, else 0, never forming ``0 ** negative`` (no Inf); ``one``
+    and ``zero`` are 0-D arrays of ``base``'s dtype (made once per step, not once per use)."""
+    safe = select(xp, mask, base, one)
+    return select(xp, mask, safe**exponent, zero)
 
 
-def _power_of_two_scale(xp: Any, value: Array) -> Array:
+def _power_of_two_scale(xp: Any, value: Array, one: Array) -> Array:
     """2**ceil(log2(value)) where value > 0, else 1: an exact (rounding-free) rescaling factor.
 
     The exponent is capped at the dtype's largest (2**128 is not a float32): in the top binade
-    value / scale lies in (1, 2), still far from overflow once squared.
+    value / scale lies in (1, 2), still far from overflow once squared. ``one``: a 0-D 1 of
+    ``value``'s dtype.
     """
     positive = value > 0.0
-    safe = select(xp, positive, value, xp.ones_like(value))
+    safe = select(xp, positive, value, one)
     top = float(math.frexp(float(xp.finfo(value.dtype).max))[1] - 1)
-    return select(xp, positive, 2.0 ** xp.clip(xp.ceil(xp.log2(safe)), max=top), xp.ones_like(value))
+    return select(xp, positive, 2.0 ** xp.clip(xp.ceil(xp.log2(safe)), max=top), one)
+
+
+def _in_units(xp: Any, x: Array, decayed: Array, kept_root: Array, one: Array, zero: Array) -> tuple[Array, Array, Array]:
+    """``(x / u, u, ok)``: the unit :math:`u = 2^{\\lceil \\log_2 \\max(|x|, \\sqrt\\beta\\sigma,
+    \\sqrt{\\gamma\\rho})\\rceil}` (``decayed`` = :math:`\\sqrt\\beta\\sigma`, ``kept_root`` =
+    :math:`\\sqrt{\\gamma\\rho}`; :func:`_power_of_two_scale`) of each block, and whether its x is finite.
+
+    An exact rescaling: squares are formed in these units, and divided by a unit once per factor,
+    so squares of tiny data (float32 |g| ~ 1e-25) do not underflow against each other nor those of
+    large data overflow, and updates are invariant to the data's scale (F-I11) up to rounding.
+    NaN/Inf anywhere in x makes its largest magnitude non-finite (max propagates NaN). NumPy and
+    torch raise inside the SVD on NaN/Inf (JAX returns NaN): such a block's x / u is zeros, and the
+    caller discards its result, so a non-finite input never reaches the decomposition or the state.
+    """
+    largest_entry = xp.max(xp.abs(x), axis=(-2, -1))
+    ok = all_finite(largest_entry[..., None], axis=(-1,))
+    largest = xp.maximum(select(xp, ok, largest_entry, zero), xp.max(decayed, axis=-1))
+    scale = _power_of_two_scale(xp, xp.maximum(largest, kept_root), one)
+    return select(xp, ok[..., None, None], x / scale[..., None, None], zero), scale, ok
+
+
+def _shrink(
+    xp: Any, s: Array, k: int, root: Array, zero: Array, tolerance: float, cutoff: bool
+) -> tuple[Array, Array, Array]:
+    """``(s, noise, c)``: the singular values s (..., r), descending, which of them are rounding
+    noise (:math:`s_i \\le` ``tolerance`` :math:`s_0`, :func:`shrink_cutoff_tolerance`), and the
+    shrink value :math:`c = s_k` (0 where no (k+1)-th value exists). With ``cutoff`` (K3) the noise
+    values are set to 0, which keeps :math:`\\rho'` (and :math:`w_\\perp`) exactly 0 and
+    rank-deficient directions masked until real mass arrives; without it a noise c is still 0 (it
+    adds nothing to :math:`\\rho`)."""
+    noise = s <= tolerance * s[..., :1]
+    if cutoff:
+        s = select(xp, noise, zero, s)
+    has_shrink = k < s.shape[-1]
+    shrink = xp.maximum(s[..., k], zero) if has_shrink else xp.zeros_like(root)
+    if has_shrink and not cutoff:
+        shrink = select(xp, noise[..., k], zero, shrink)
+    return s, noise, shrink
+
+
+def _weights(
+    xp: Any, undeflated: Array, mass: Array, mask: Array, present: Array, scale: Array, one: Array, zero: Array,
+    exponent: float, eps: Any, relative_eps: bool, delta: Any,
+) -> tuple[Array, Array]:
+    """``(w, w_perp)``: :math:`w_i = (\\sigma_i'^2 + \\rho' + \\epsilon')^a` on the retained
+    directions (``mask``), else 0, and :math:`w_\\perp = (\\rho' + \\epsilon')^a` where the
+    complement has mass (``present``), else 0; from ``undeflated`` = :math:`(\\sigma'^2 + \\rho')/u^2`
+    and ``mass`` = :math:`\\rho'/u^2` in the data's unit u (``scale``), with :math:`\\epsilon' =
+    \\epsilon \\max_i(\\sigma_i'^2 + \\rho')` (``relative_eps``) or :math:`\\epsilon`, plus
+    :math:`\\delta`. The weights' unit also covers the absolute shifts, which may dwarf the data
+    (S-AdaGrad's :math:`\\delta` against tiny gradients: :math:`\\delta / u^2` would overflow); with
+    no absolute shift (Sketchy's default, S-AdaGrad's :math:`\\delta = 0`) it is the data's unit,
+    and nothing is rescaled."""
+    absolute = delta if relative_eps else delta + eps
+    if is_zero(absolute):
+        weight_scale, ratio = scale, None
+    else:
+        weight_scale = _power_of_two_scale(xp, xp.maximum(scale, zero + absolute**0.5), one)
+        ratio = scale / weight_scale
+        undeflated = undeflated * (ratio * ratio)[..., None]
+    if relative_eps:
+        eps_abs = eps * xp.max(undeflated, axis=-1)
+    else:
+        eps_abs = eps / weight_scale / weight_scale
+    shift = eps_abs if is_zero(delta) else eps_abs + delta / weight_scale / weight_scale
+    unscale = weight_scale ** (2.0 * exponent)
+    weights = _masked_power(xp, undeflated + shift[..., None], mask, exponent, one, zero) * unscale[..., None]
+    mass = (mass if ratio is None else mass * ratio * ratio) + shift
+    complement = _masked_power(xp, mass, xp.logical_and(present, mass > 0.0), exponent, one, zero) * unscale
+    return weights, complement
+
+
+def _accepted(
+    xp: Any, sketch: dict[str, Array], ritz: _Ritz, keep: Array, small: dict[str, Array], chosen: Array
+) -> tuple[dict[str, Array], Optional[Array]]:
+    """The new sketch where ``chosen`` (the step finite and taken), the previous one elsewhere: a
+    failed decomposition never poisons the sketch (specs README rule 5, deviation K4). The basis is
+    :math:`U' = P_{:, :k}` with the directions ``keep`` masks zeroed; ``small`` holds the other
+    fields. Also the incremental path's frame [U, fresh] (None on the other paths)."""
+    basis = sketch["basis"]
+    if ritz.vectors is not None:
+        new_basis, frame = select(xp, chosen[..., None, None], ritz.vectors * keep, basis), None
+    else:
+        # [U, fresh] @ rotation, with the mask and the fallback (the rotation [I; 0] reproduces U
+        # exactly) folded into the small rotation: a single pass writes the d x k basis, contiguous
+        # and already the previous one where the step is not taken (no selection of it after).
+        k = basis.shape[-1]
+        identity = xp.eye(ritz.s.shape[-1], k, dtype=basis.dtype, device=placement(xp, ritz.s))
+        rotation = select(xp, chosen[..., None, None], ritz.frame[..., :, :k] * keep, identity)
+        frame = xp.concat([basis, ritz.fresh], axis=-1)
+        new_basis = matmul(xp, frame, rotation)
+    chosen_per_value = chosen[..., None]  # the selection for the k-vectors; the scalars take chosen
+    small = {key: select(xp, chosen_per_value if value.ndim > chosen.ndim else chosen, value, sketch[key])
+             for key, value in small.items()}
+    return {"basis": new_basis, **small}, frame
 
 
 def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tuple[dict[str, Array], Array]:
@@ -455,104 +552,41 @@ def _fd_step(
         decomposition = "gram"  # an iterate as wide as the axis: the exact d x d problem
     x = unscaled = xp.astype(x, dtype, copy=False)
     gamma = decay if tail_decay is None else tail_decay
-    kept_root = root * gamma**0.5  # sqrt(gamma rho)
     zero = scalar_zero(xp, x)
-
-    # Work in units of a power of two near the largest of the entries and the decayed sketch (an
-    # exact rescaling; squares are formed in these units, and divided by a unit once per factor):
-    # squares of tiny data (float32 |g| ~ 1e-25) do not underflow against each other nor those of
-    # large data overflow, and updates are invariant to the data's scale (F-I11) up to rounding.
-    root_beta = decay**0.5
-    largest_entry = xp.max(xp.abs(x), axis=(-2, -1))
-    # NaN/Inf anywhere in x makes its largest magnitude non-finite (max propagates NaN). NumPy and
-    # torch raise inside the SVD on NaN/Inf (JAX returns NaN): feed zeros instead and discard the
-    # result, so a non-finite input never reaches the decomposition or the state.
-    input_ok = xp.isfinite(largest_entry)
-    largest = xp.maximum(select(xp, input_ok, largest_entry, zero), xp.max(sigma, axis=-1) * root_beta)
-    scale = _power_of_two_scale(xp, xp.maximum(largest, kept_root))
-    x = select(xp, input_ok[..., None, None], x / scale[..., None, None], zero)
-    ritz = _descending_left_singular(xp, basis, sigma * root_beta / scale[..., None], x, decomposition)
-    s = ritz.s
-    r = s.shape[-1]
-
-    tol = shrink_cutoff_tolerance(xp, dtype, decomposition) * s[..., :1]
-    noise = s <= tol
-    if cutoff:
-        # Singular values at rounding level are 0: this keeps rho' (and w_perp) exactly 0 and
-        # rank-deficient directions masked until real mass arrives.
-        s = select(xp, noise, xp.zeros_like(s), s)
-    shrink = xp.maximum(s[..., k], zero) if k < r else xp.zeros_like(root)
-    if k < r and not cutoff:
-        shrink = select(xp, noise[..., k], xp.zeros_like(shrink), shrink)
+    one = zero + 1.0
+    root_beta, kept_root = decay**0.5, root * gamma**0.5  # √β, √(γρ)
+    decayed = sigma * root_beta  # √β σ
+    x, scale, input_ok = _in_units(xp, x, decayed, kept_root, one, zero)  # X/u, u a power of two
+    ritz = _descending_left_singular(xp, basis, decayed / scale[..., None], x, decomposition)  # Z/u = P diag(s) Qᵀ
+    tolerance = shrink_cutoff_tolerance(xp, dtype, decomposition)
+    s, noise, shrink = _shrink(xp, ritz.s, k, root, zero, tolerance, cutoff)  # c = s_k (0 at rounding level)
     top = xp.maximum(s[..., :k], zero)
-    deflated = xp.sqrt(xp.maximum(top - shrink[..., None], zero)) * xp.sqrt(top + shrink[..., None])
+    deflated = xp.sqrt(xp.maximum(top - shrink[..., None], zero)) * xp.sqrt(top + shrink[..., None])  # σ'/u = √(s² − c²)
     scaled_root = kept_root / scale
-    scaled_tail = scaled_root * scaled_root
-    # sqrt(gamma rho + c^2): c is either 0 or above the cutoff, a fraction of the unit (no underflow).
-    new_root = xp.sqrt(scaled_tail + shrink * shrink) * scale
+    scaled_tail = scaled_root * scaled_root  # γρ/u²
+    # gamma rho + c^2: c is either 0 or above the cutoff, a fraction of the unit (no underflow).
+    mass = scaled_tail + shrink * shrink  # ρ'/u², ρ' = γρ + c²
+    new_root = xp.sqrt(mass) * scale  # √ρ'
     # sigma'^2 + rho' computed directly, not by subtracting c^2 and adding it back (scaled units).
-    undeflated = top * top + scaled_tail[..., None]
-
-    mask = xp.logical_and(deflated > 0.0, xp.logical_not(noise[..., :k]))
-    new_sigma = select(xp, mask, deflated * scale[..., None], xp.zeros_like(deflated))
-    # The weights' unit also covers the absolute shifts, which may dwarf the data (S-AdaGrad's delta
-    # against tiny gradients: delta / scale^2 would overflow); ratio = 1 unless they do.
-    absolute = delta if relative_eps else delta + eps
-    no_delta = is_zero(delta)
-    if is_zero(absolute):
-        # No absolute shift (Sketchy's default, S-AdaGrad's delta = 0): the weights' unit is the
-        # data's, a power of two already (ratio 1), and the four passes below that scale by it
-        # would multiply by 1.
-        weight_scale, ratio = scale, None
-    else:
-        weight_scale = _power_of_two_scale(xp, xp.maximum(scale, zero + absolute**0.5))
-        ratio = scale / weight_scale
-        undeflated = undeflated * (ratio * ratio)[..., None]
-    if relative_eps:
-        eps_abs = eps * xp.max(undeflated, axis=-1)
-    else:
-        eps_abs = eps / weight_scale / weight_scale
-    shift = eps_abs if no_delta else eps_abs + delta / weight_scale / weight_scale
-    unscale = weight_scale ** (2.0 * exponent)
-    weights = _masked_power(xp, undeflated + shift[..., None], mask, exponent) * unscale[..., None]
-    present = (new_root if no_delta else new_root + delta) > 0.0
-    if noise_is_mass and k < r:
+    undeflated = top * top + scaled_tail[..., None]  # (σ'² + ρ')/u²
+    mask = xp.logical_and(deflated > 0.0, xp.logical_not(noise[..., :k]))  # the retained directions
+    new_sigma = select(xp, mask, deflated * scale[..., None], zero)  # σ'
+    present = (new_root if is_zero(delta) else new_root + delta) > 0.0  # mass in the complement
+    if noise_is_mass and k < s.shape[-1]:
         present = xp.logical_or(present, s[..., 0] > 0.0)
-    mass = scaled_tail + shrink * shrink
-    mass = (mass if ratio is None else mass * ratio * ratio) + shift
-    complement = _masked_power(xp, mass, xp.logical_and(present, mass > 0.0), exponent) * unscale
+    weights, complement = _weights(  # w = (σ'² + ρ' + ε)^a, w_⊥ = (ρ' + ε)^a
+        xp, undeflated, mass, mask, present, scale, one, zero, exponent, eps, relative_eps, delta,
+    )
 
-    ok = xp.logical_and(input_ok, all_finite(s, axis=(-1,)))
-    ok = xp.logical_and(ok, all_finite(weights, axis=(-1,)))
-    ok = xp.logical_and(ok, xp.isfinite(complement))
-    ok = xp.logical_and(ok, xp.isfinite(new_root))
+    # One finiteness test of the step's small outputs joined (a reduction, not one per output).
+    small_outputs = xp.concat([s, weights, complement[..., None], new_root[..., None]], axis=-1)
+    ok = xp.logical_and(input_ok, all_finite(small_outputs, axis=(-1,)))
     keep = xp.astype(mask, dtype)[..., None, :]
     factor = ritz.frame if ritz.vectors is None else ritz.vectors
     ok = xp.logical_and(ok, all_finite(factor, axis=(-2, -1)))
     chosen = ok if accept is None else xp.logical_and(ok, accept)
-    if ritz.vectors is not None:
-        new_basis = select(xp, chosen[..., None, None], ritz.vectors * keep, basis)
-    else:
-        # [U, fresh] @ rotation, with the mask and the fallback (the rotation [I; 0] reproduces U
-        # exactly) folded into the small rotation: a single pass writes the d x k basis, contiguous
-        # and already the previous one where the step is not taken (no selection of it after).
-        identity = xp.eye(r, k, dtype=dtype, device=placement(xp, s))
-        rotation = select(xp, chosen[..., None, None], ritz.frame[..., :, :k] * keep, identity)
-        frame = xp.concat([basis, ritz.fresh], axis=-1)
-        new_basis = matmul(xp, frame, rotation)
-    small = {
-        "singular_values": new_sigma,
-        "escaped_root": new_root,
-        "basis_weights": weights,
-        "complement_weight": complement,
-    }
-    # Never let a failed decomposition poison the sketch (specs README rule 5, deviation K4).
-    chosen_per_value = chosen[..., None]  # the selection for the k-vectors; the scalars take chosen
-    small = {
-        key: select(xp, chosen_per_value if value.ndim > chosen.ndim else chosen, value, sketch[key])
-        for key, value in small.items()
-    }
-    new = {"basis": new_basis, **small}
+    small = dict(singular_values=new_sigma, escaped_root=new_root, basis_weights=weights, complement_weight=complement)
+    new, frame = _accepted(xp, sketch, ritz, keep, small, chosen)
     if not apply:
         return new, ok, None
     if ritz.vectors is not None:
@@ -633,7 +667,8 @@ def fd_apply_with_own_mass(xp: Any, sketch: dict[str, Array], x: Array) -> Array
     basis = sketch["basis"]
     weights = sketch["basis_weights"][..., :, None]
     complement = sketch["complement_weight"][..., None, None]
-    scale = _power_of_two_scale(xp, xp.max(xp.abs(x), axis=(-2, -1)))[..., None, None]
+    largest = xp.max(xp.abs(x), axis=(-2, -1))
+    scale = _power_of_two_scale(xp, largest, xp.ones((), dtype=largest.dtype, device=placement(xp, largest)))[..., None, None]
     x = x / scale
     coords, residual = _split_by_basis(xp, basis, x)
     unit, norm = _unit_column(xp, residual)

@@ -811,7 +811,7 @@ def test_power_of_two_scale():
     import array_api_compat.numpy as xp
 
     v = np.array([0.0, 1e-30, 0.3, 1.0, 3.0, 4.0, 1.8e19, 1.7e38, 3e38], dtype=np.float32)
-    scale = _power_of_two_scale(xp, v)
+    scale = _power_of_two_scale(xp, v, np.ones((), dtype=np.float32))
     assert scale[0] == 1.0 and np.all(np.isfinite(scale))
     np.testing.assert_array_equal(np.frexp(scale[1:])[0], 0.5)  # powers of two
     ratio = v[1:-1] / scale[1:-1]
