@@ -15,7 +15,10 @@ from hypothesis import given, strategies as st
 from precond_ref.blocking import block_bounds, merge_small_dims, unfold
 from precond_ref.sketch import (
     SUBSPACE_MIN_DIM,
+    _in_units,
     _power_of_two_scale,
+    _shrink,
+    _weights,
     _split_by_basis,
     _probe,
     fd_apply,
@@ -817,6 +820,66 @@ def test_power_of_two_scale():
     ratio = v[1:-1] / scale[1:-1]
     assert np.all((ratio > 0.5) & (ratio <= 1.0))
     assert scale[-1] == 2.0**127
+
+
+def test_in_units_is_an_exact_power_of_two_rescaling():
+    """_in_units: each block's unit u is the power of two with max(|x|, sqrt(beta) sigma,
+    sqrt(gamma rho)) in (u/2, u] (the exact rescaling the FD step works in, F-I11), x / u exact (x
+    recovered bitwise from it), and a block whose x is not finite is flagged and given zeros."""
+    import array_api_compat.numpy as xp
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 6, 2)) * np.array([1e-25, 1.0, 3e18, 1.0])[:, None, None]).astype(np.float32)
+    x[3, 2, 1] = np.nan
+    decayed = np.abs(rng.standard_normal((4, 3))).astype(np.float32) * np.float32(1e-3)
+    kept_root = np.array([0.0, 5.0, 0.0, 0.0], dtype=np.float32)
+    one, zero = np.ones((), np.float32), np.zeros((), np.float32)
+    scaled, unit, ok = _in_units(xp, x, decayed, kept_root, one, zero)
+    np.testing.assert_array_equal(ok, [True, True, True, False])
+    np.testing.assert_array_equal(np.frexp(unit)[0], 0.5)
+    largest = np.maximum(np.maximum(np.abs(x).max(axis=(1, 2)), decayed.max(axis=1)), kept_root)[:3]
+    assert np.all((largest > unit[:3] / 2) & (largest <= unit[:3]))
+    np.testing.assert_array_equal(scaled[:3] * unit[:3, None, None], x[:3])
+    np.testing.assert_array_equal(scaled[3], 0.0)
+
+
+@pytest.mark.parametrize("cutoff", [True, False])
+def test_shrink_value_is_s_k_and_zero_at_rounding_level(cutoff):
+    """_shrink (K3): the shrink value c = s_k (0 when there is no (k+1)-th value); the values at
+    most ``tolerance`` s_0 are noise, set to 0 with the cutoff; without it the values stay, and a
+    noise c is 0 (it adds nothing to the escaped mass)."""
+    import array_api_compat.numpy as xp
+
+    s = np.array([[4.0, 2.0, 1.0], [4.0, 2.0, 1e-9], [4.0, 1e-9, 1e-12]])
+    root, zero = np.zeros(3), np.zeros(())
+    got, noise, c = _shrink(xp, s, 2, root, zero, 1e-8, cutoff)
+    np.testing.assert_array_equal(noise, s <= 1e-8 * s[:, :1])
+    np.testing.assert_array_equal(got, np.where(noise, 0.0, s) if cutoff else s)
+    np.testing.assert_array_equal(c, [1.0, 0.0, 0.0])
+    _, _, none = _shrink(xp, s, 3, root, zero, 1e-8, cutoff)
+    np.testing.assert_array_equal(none, 0.0)
+
+
+@pytest.mark.parametrize("relative_eps, delta", [(True, 0.0), (True, 1e6), (False, 0.0), (False, 1e-3)])
+def test_weights_are_the_shifted_powers(relative_eps, delta):
+    """_weights: w_i = (sigma_i'^2 + rho' + eps')^a on the retained directions, else 0, and
+    w_perp = (rho' + eps')^a where the complement has mass, else 0 (module docstring), eps' =
+    eps max_i(sigma_i'^2 + rho') (relative) or eps, plus delta; given in the data's unit u (a power
+    of two) and computed in a unit that also covers delta: equal to the formula in float64 to a few
+    ulps of each power (rtol 1e-14)."""
+    import array_api_compat.numpy as xp
+
+    rng = np.random.default_rng(4)
+    unit = np.array([2.0**-30, 1.0, 2.0**20])
+    undeflated, mass = rng.random((3, 4)) + 0.5, rng.random(3)
+    mask = np.array([[True, True, False, True]] * 3)
+    present = np.array([True, False, True])
+    eps, a = 1e-3, -0.25
+    w, w_perp = _weights(xp, undeflated, mass, mask, present, unit, np.ones(()), np.zeros(()), a, eps, relative_eps, delta)
+    true_undeflated, true_mass = undeflated * unit[:, None] ** 2, mass * unit**2
+    shift = (eps * true_undeflated.max(axis=1) if relative_eps else eps) + delta
+    np.testing.assert_allclose(w, np.where(mask, (true_undeflated + np.asarray(shift)[..., None]) ** a, 0.0), rtol=1e-14)
+    np.testing.assert_allclose(w_perp, np.where(present, (true_mass + shift) ** a, 0.0), rtol=1e-14)
 
 
 def test_resolve_decomposition():
