@@ -340,11 +340,11 @@ def flat_runs(
 
     def refreshed(block: Any, rows: Array) -> tuple:
         new, ok, out = refresh(block, rows, ctx.ok)
-        return (*new, _failed(xp, ok, None if ctx.applied else ctx.ok), out)
+        return (*new, ok, out)
 
     def kept(block: Any, rows: Array) -> tuple:
         new, out = keep(block, rows)
-        return (*new, _none_failed(xp, rows), out)
+        return (*new, xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows)), out)
 
     count = len(members)
     host = on_cpu(xp, members[0][0])
@@ -352,6 +352,7 @@ def flat_runs(
     if not host and may_pad is not None:
         members, phases, hand_back = _padded_stacks(xp, members, phases, may_pad)
     pieces: list = [None] * len(members)
+    oks, stepped = [], []
     for chunk in bounded_chunks(xp, members, FLAT_STACK_BYTES if host else FLAT_ACCELERATOR_STACK_BYTES, phases):
         stacks = stack(xp, [members[i] for i in chunk], labels=[phases[i] for i in chunk])
         outputs = []
@@ -359,9 +360,12 @@ def flat_runs(
             block, rows, due = kind(*s.operands[:-1]), s.operands[-1], dues[phases[chunk[s.indices[0]]]]
             every_step = is_number(due) and due == 1  # the plain schedule: no branch
             outputs.append(refreshed(block, rows) if every_step else cond(xp, ctx.every(due), refreshed, kept, block, rows))
-        for i, piece in zip(chunk, unstack(stacks, outputs, len(chunk))):
+        for i, piece in zip(chunk, unstack(stacks, [out[:-2] + out[-1:] for out in outputs], len(chunk))):
             pieces[i] = piece
+        oks.extend(out[-2] for out in outputs)
+        stepped.append((chunk, [s._replace(operands=()) for s in stacks]))
         del stacks, outputs, block, rows  # this chunk's stacked copies go before the next chunk's are made
+    _with_failures(xp, ctx, pieces, oks, stepped)
     pieces = iter(pieces if hand_back is None else hand_back(pieces, count))
     results = []
     for plan, blocks, failures, g in leaves:
@@ -373,6 +377,23 @@ def flat_runs(
         results.append(((tuple(kind(*piece[:-2]) for piece in runs),), failures, out))
     _settle(ctx, [blocks for blocks, _, _ in results], [failures for _, failures, _ in results])
     return results
+
+
+def _with_failures(xp: Any, ctx: StepContext, pieces: list, oks: Sequence[Array], stepped: Sequence[tuple]) -> None:
+    """Each member's failure flags (:func:`_failed`) put into its piece of :func:`flat_runs`
+    (``(*block, out)`` becomes ``(*block, flags, out)``), from ``oks``, the finite flags of every
+    stack in order (``stepped``: each chunk's members and its stacks without operands): the flags
+    of all stacks in one pass over their join, not a pass per stack."""
+    flags = _failed(xp, oks[0] if len(oks) == 1 else xp.concat(list(oks), axis=0), None if ctx.applied else ctx.ok)
+    start = 0
+    for chunk, stacks in stepped:
+        cut = []
+        for s in stacks:
+            size = sum(s.lengths)
+            cut.append((flags[start:start + size],))
+            start += size
+        for i, (flag,) in zip(chunk, unstack(stacks, cut, len(chunk))):
+            pieces[i] = (*pieces[i][:-1], flag, pieces[i][-1])
 
 
 #: Off a CPU, :func:`flat_runs` stacks runs of other lengths zero-padded to a longer one while the
