@@ -10,8 +10,9 @@ O(d²):
   learning rate);
 * :func:`scale_by_sketchy` -- the bare sketched Shampoo direction, for optax-style composition.
 
-The rules, one stack of blocks at a time (a leading axis); the engine (:mod:`precond_ref.engine.axes`)
-cuts each axis into runs of equal blocks, stacks the equal runs of all leaves and runs the rules.
+The rules below are written for one stack of blocks (a leading axis); the engine
+(:mod:`precond_ref.engine.axes`) cuts each axis into runs of equal blocks, stacks the equal runs of
+all leaves and runs the rules.
 Sketchy's step (Algorithm 2, FD-Shampoo, composed as the authors' tearfree optimizer, spec
 ``fd_shampoo.md`` §2.3-2.4), for the merged gradient G of order N, each run of blocks of its mode-n
 unfolding :math:`G_{(n)}`::
@@ -23,7 +24,9 @@ unfolding :math:`G_{(n)}`::
     5  m_t = μ m + U_t,  U_t ← U_t + μ m_t (Nesterov) or m_t               _sketchy_finish, _momentum
     6  ΔW = −η_t (U_t + λ W)                                               _sketchy_finish
 
-with FD (:func:`precond_ref.sketch.fd_update`): the SVD :math:`P \operatorname{diag}(s) Q^\top` of
+with FD (:func:`precond_ref.sketch.fd_update`, in the units of ``sketch._in_units``, the cutoff of
+``sketch._shrink``, the weights of ``sketch._weights``, the previous sketch kept by
+``sketch._accepted`` where the step is not finite): the SVD :math:`P \operatorname{diag}(s) Q^\top` of
 :math:`Z = [\sqrt\beta\, U \operatorname{diag}(\sigma), X]`, :math:`c = s_k`, :math:`\sigma' =
 \sqrt{s_{:k}^2 - c^2}`, :math:`U' = P_{:,:k}`, :math:`\rho' = \gamma\rho + c^2`, :math:`w =
 (\sigma'^2 + \rho' + \epsilon)^{-1/(2N)}`, :math:`w_\perp = (\rho' + \epsilon)^{-1/(2N)}`. S-AdaGrad's
