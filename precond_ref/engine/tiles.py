@@ -24,12 +24,13 @@ from .._backend import (
     array_device, compute_dtype, cond, device_key, host_bool, is_number, is_tracer, placement, scalar_zero,
     torch_compiling,
 )
-from ..blocking import block_bounds, stack as stack_alike, unstack as unstack_alike
-from ..linalg import all_finite
-from ..transform import Transform, check_positive
+from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
+from ..linalg import all_finite, half_precision_dtype
+from ..transform import Transform, check_bool, check_positive, check_positive_int, singleton_groups
 from ..tree import cached_template, from_entries, path_str, to_entries
 from .joined import leafwise
-from .layout import group_tensor, grouped_shape, ungroup_tensor
+from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
+from .options import state_dtype
 from .phases import tile_phase
 from .run import build_transform
 
@@ -37,7 +38,8 @@ __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks",
     "sum_in_tile_order", "per_tile", "per_block", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
-    "each_block", "kept_where_usable", "TiledRule", "TileLayout", "tiled_transform",
+    "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
+    "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
 
 Array = Any
@@ -401,28 +403,123 @@ class TiledRule(NamedTuple):
 
 
 class TileLayout(NamedTuple):
-    """How a group's tensor is tiled and its state laid out (:func:`tiled_transform`).
+    """How a group's tensor is tiled and its state laid out (:func:`tiled_transform`), from the
+    options of the method's factory (checked by :func:`check_layout`).
 
     ``block_size``: dense axes longer than it are cut (``None``: none); ``interval``, ``stagger``:
     the refresh interval and whether the tiles of a blocked tensor spread over it
-    (:func:`~precond_ref.engine.phases.tile_phase`); ``diagonal(dims, where)``: which axes of a
-    group's tensor have a diagonal factor; ``factor_dtypes(xp, leaf, rank, where)``: the factors'
-    dtype per axis; ``work_dtype(xp, dtype)``: the dtype of the grouped gradient and of the
-    momentum, from the gradient's or parameter's; ``group_scale``:
-    ``path -> float`` multiplying the refresh's step size per group, or ``None``; ``counted``:
-    whether a tile whose gradient is zero or whose refresh is not finite keeps its factors
-    (:func:`kept_where_usable`), the failures counted per group; then a skipped step's factors (its
-    gradient zeroed) are known kept; ``old_layout``: the hint where a state does not fit, or ``None``."""
+    (:func:`~precond_ref.engine.phases.tile_phase`); ``structures``: ``"dense"``, ``"diagonal"``,
+    or SIRFShampoo's ``{rank: name or tuple of names per axis}`` (:func:`per_axis`); axes longer
+    than ``max_dense_dim`` are diagonal too (:func:`diagonal_axes`); ``factor_dtype``: the factors'
+    dtype, or ``None`` (:func:`factor_dtypes`); ``parameter_dtype``: the grouped gradient, the
+    momentum and the default factors in the parameters' dtype, else in their compute dtype
+    (:func:`work_dtype`); ``weight_bias``: a layer's weight and bias are one group
+    (:func:`~precond_ref.engine.layout.weight_bias_groups`); ``group_scale``: ``path -> float``
+    multiplying the refresh's step size per group, or ``None``; ``counted``: whether a tile whose
+    gradient is zero or whose refresh is not finite keeps its factors (:func:`kept_where_usable`),
+    the failures counted per group; then a skipped step's factors (its gradient zeroed) are known
+    kept; ``old_layout``: the hint where a state does not fit, or ``None``."""
 
     block_size: Optional[int]
     interval: Any
     stagger: bool
-    diagonal: Callable
-    factor_dtypes: Callable
-    work_dtype: Callable
-    group_scale: Optional[Callable]
-    counted: bool
-    old_layout: Optional[Callable]
+    structures: Any = "dense"
+    max_dense_dim: Optional[int] = None
+    factor_dtype: Any = None
+    parameter_dtype: bool = False
+    weight_bias: bool = False
+    group_scale: Optional[Callable] = None
+    counted: bool = True
+    old_layout: Optional[Callable] = None
+
+
+STRUCTURES = ("dense", "diagonal")
+
+MISFIT = (
+    "with grouping='weight_bias' a weight and its bias are one group (give both gradients, a zero one for a member "
+    "without); a state saved unblocked (before block_size existed, or with another block_size) loads with that "
+    "block_size (block_size=4096, max_dense_dim=4096 reproduce the layout of version 0.x's principled defaults)"
+)
+
+
+def check_layout(layout: TileLayout) -> None:
+    """The factory's errors for a layout's options, in the factory's words: the interval a positive
+    integer or a predicate, ``stagger`` a bool; ``structures`` names a structure per axis, keyed by
+    tensor rank; ``factor_dtype`` is a dtype (an array is a dtype that ``optax.inject_hyperparams``
+    took for a schedule); ``max_dense_dim`` a positive integer; ``group_scale`` a callable."""
+    if not hasattr(layout.interval, "shape"):
+        check_positive_int("precondition_every", layout.interval, allow_callable=True)
+    check_bool("spread_refresh", layout.stagger)
+    structures = layout.structures
+    if isinstance(structures, dict) and not all(
+        isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in structures
+    ):
+        raise ValueError(f"structures: dict keys must be tensor ranks >= 1, got {sorted(structures, key=str)}")
+    for value in structures.values() if isinstance(structures, dict) else [structures]:
+        for name in value if isinstance(value, (tuple, list)) else (value,):
+            if name not in STRUCTURES:
+                raise ValueError(f"structures must name one of {STRUCTURES} per axis, got {name!r}")
+    for value in layout.factor_dtype.values() if isinstance(layout.factor_dtype, dict) else (layout.factor_dtype,):
+        # NumPy's dtypes have a ``shape`` too (``np.float32`` the class, ``np.dtype("float32")`` no ``dtype``).
+        if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type):
+            raise ValueError(
+                "factor_dtype must be a dtype, got an array; under optax.inject_hyperparams pass "
+                "static_args=('factor_dtype',) (a dtype is callable, so it is taken for a schedule)"
+            )
+    if layout.max_dense_dim is not None and not hasattr(layout.max_dense_dim, "shape"):
+        check_positive_int("max_dense_dim", layout.max_dense_dim)
+    if layout.group_scale is not None and not callable(layout.group_scale):
+        raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {layout.group_scale!r}")
+
+
+def per_axis(name: str, option: Any, rank: int, what: str, where: str) -> tuple:
+    """SIRFShampoo's per-rank option format, one value per axis of the ``rank``-D tensor of
+    ``where``: a single value, or ``{rank: value or tuple per axis}``."""
+    if isinstance(option, dict):
+        if rank not in option:
+            raise ValueError(
+                f"{name}: {what} has no entry for the {rank}-D preconditioned tensor of {where!r} "
+                f"(keys {sorted(option)})"
+            )
+        option = option[rank]
+    if isinstance(option, (tuple, list)):
+        if len(option) != rank:
+            raise ValueError(
+                f"{name}: {what} for {where!r} lists {len(option)} entries, but its preconditioned "
+                f"tensor has {rank} axes (one Kronecker factor each)"
+            )
+        return tuple(option)
+    return (option,) * rank
+
+
+def diagonal_axes(name: str, layout: TileLayout, dims: tuple, where: str) -> tuple:
+    """Which axes of a group's tensor have a diagonal factor: those ``structures`` names so, and
+    those longer than ``max_dense_dim``."""
+    kinds = per_axis(name, layout.structures, len(dims), "structures", where)
+    limit = None if layout.max_dense_dim is None else int(layout.max_dense_dim)
+    return tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
+
+
+def factor_dtypes(name: str, layout: TileLayout, xp, leaf, rank: int, where: str) -> list:
+    """The factors' dtype per axis: ``factor_dtype``, else the parameters' (``parameter_dtype``),
+    else bf16 on an accelerator (:func:`precond_ref.linalg.half_precision_dtype`) for parameters of
+    at most 32 bits, else their compute dtype."""
+    dtypes = []
+    for dtype in per_axis(name, layout.factor_dtype, rank, "factor_dtype", where):
+        if dtype is None and not layout.parameter_dtype and xp.finfo(leaf.dtype).bits <= 32:
+            dtype = half_precision_dtype(leaf)
+        dtypes.append(state_dtype(xp, leaf.dtype, dtype, _parameters_dtype if layout.parameter_dtype else None))
+    return dtypes
+
+
+def _parameters_dtype(xp, dtype):
+    return dtype
+
+
+def work_dtype(layout: TileLayout, xp, dtype):
+    """The dtype of the grouped gradient and of the momentum: the parameters' (``parameter_dtype``),
+    else their compute dtype."""
+    return dtype if layout.parameter_dtype else compute_dtype(xp, dtype)
 
 
 class _Group(NamedTuple):
@@ -437,21 +534,22 @@ class _Group(NamedTuple):
 
 
 def tiled_transform(
-    rule: TiledRule, c: NamedTuple, layout: TileLayout, *, group_leaves: Callable, on_nonfinite: str,
-    needs_params: bool, intervals: Sequence[Any], misfit: str,
+    rule: TiledRule, c: NamedTuple, layout: TileLayout, *, on_nonfinite: str,
 ) -> Transform:
     """The :class:`~precond_ref.transform.Transform` that runs ``rule`` with configuration ``c`` on
     every group's tiles (``layout``).
 
     Per step: each group's members joined into one tensor (:func:`~precond_ref.engine.layout.group_tensor`)
     and cut into its stacks of tiles (:func:`cut_stacks`); on the calls where a refresh phase is due,
-    the stacks of that phase refreshed (``intervals[p]``: phase ``p``'s interval), the stacks of all
+    the stacks of that phase refreshed (phase ``p``'s interval: :func:`precond_ref.blocking.spread_schedule`), the stacks of all
     groups of one tile shape, dtype and device concatenated into one call
     (:func:`precond_ref.blocking.stack`); every stack preconditioned, clipped per group, joined back
     (:func:`join_stacks`) and cut into its members; the members' last lines element-wise, joined
-    end to end (:func:`~precond_ref.engine.joined.leafwise`). ``misfit``: the end of the error where a
-    group's gradients fit no layout of its state.
+    end to end (:func:`~precond_ref.engine.joined.leafwise`).
     """
+    check_layout(layout)
+    spread = layout.stagger and isinstance(layout.interval, int) and layout.interval > 1
+    intervals = spread_schedule(layout.interval, spread)
     plans: dict = {}  # (shapes, out_first) -> (dims, diagonal, plan): made once per layout, not every step
 
     def plan(shapes, out_first: bool, where: str) -> tuple:
@@ -459,7 +557,7 @@ def tiled_transform(
         key = (tuple(shapes), out_first)
         if key not in plans:
             _, dims = grouped_shape(shapes, out_first)
-            diagonal = layout.diagonal(dims, where)
+            diagonal = diagonal_axes(rule.name, layout, dims, where)
             plans[key] = dims, diagonal, stack_plan(tile_plan(dims, diagonal, layout.block_size, layout.interval, layout.stagger))
         return plans[key]
 
@@ -479,13 +577,13 @@ def tiled_transform(
         where = path_str(paths[0])
         dims, diagonal, tiles = plan(shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
         param_dtype, dev = leaves[0].dtype, array_device(leaves[0])
-        dtypes = layout.factor_dtypes(xp, leaves[0], len(dims), where)
+        dtypes = factor_dtypes(rule.name, layout, xp, leaves[0], len(dims), where)
         scale = None
         if layout.group_scale is not None:
             value = layout.group_scale(paths[0])
             check_positive(f"preconditioner_lr_scale({where!r})", value)
             scale = xp.asarray(value, dtype=compute_dtype(xp, param_dtype), device=dev)
-        buffer_dtype = layout.work_dtype(xp, param_dtype)
+        buffer_dtype = work_dtype(layout, xp, param_dtype)
         return to_entries(rule.State(
             stacks=tuple(rule.init(xp, c, len(stack.tiles), tile_shape(tiles.tiles[stack.tiles[0]]), diagonal, dtypes, dev)
                          for stack in tiles.stacks),
@@ -509,7 +607,7 @@ def tiled_transform(
         found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k and k != "factor_failures"}
         raise ValueError(
             f"{rule.name}: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
-            f"state ({found}); {misfit}"
+            f"state ({found}); {MISFIT}"
         )
 
     def prepare(grads, state, ctx):
@@ -519,7 +617,7 @@ def tiled_transform(
         shapes = [tuple(g.shape) for g in grads]
         out_first, tiles, fields = laid_out(state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
         full, squeezed = grouped_shape(shapes, out_first)
-        grouped = group_tensor(xp, grads, full, squeezed, out_first, layout.work_dtype(xp, grads[0].dtype))
+        grouped = group_tensor(xp, grads, full, squeezed, out_first, work_dtype(layout, xp, grads[0].dtype))
         return _Group(grouped, shapes, full, out_first, tiles, cut_stacks(xp, grouped, tiles)), fields
 
     def batches(xp, groups, stack_states, phase, refreshing: bool) -> tuple:
@@ -655,9 +753,9 @@ def tiled_transform(
         name=rule.name,
         init_group=init_group,
         update_groups=update_groups,
-        group_leaves=group_leaves,
+        group_leaves=weight_bias_groups if layout.weight_bias else singleton_groups,
         on_nonfinite=on_nonfinite,
-        needs_params=needs_params,
+        needs_params=c.use_decay,
         intervals=intervals,
         layout_hint=layout.old_layout,
         legacy_names=legacy_names,

@@ -17,91 +17,26 @@ import math
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Union
 
-from .._backend import array_device, as_operand, cast, compute_dtype, is_number, is_zero, scalar_zero
-from ..blocking import spread_schedule
-from ..linalg import half_precision_dtype, kl_clip_of_quadratic, mode_product
-from ..engine import weight_bias_groups
+from .._backend import array_device, as_operand, cast, is_number, is_zero, scalar_zero
+from ..linalg import kl_clip_of_quadratic, mode_product
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
 from ..engine.factors import (
     along, frobenius, gram, identity, is_diagonal, mean_trace, product_except, times, times_transposed, unfolding_gram,
 )
+from ..engine.options import batch_size as step_batch_size, check_batch_size, filled, state_dtype as chosen_dtype
 from ..engine.phases import prototype_schedule
 from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, per_block, tiled_transform
 from ..transform import (
-    ScalarOrSchedule,
-    Transform,
-    check_bool,
-    check_choice,
-    check_learning_rate,
-    check_nonnegative,
-    check_positive,
-    check_positive_int,
-    check_unit_interval,
-    singleton_groups,
+    ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_nonnegative, check_positive,
+    check_positive_int, check_unit_interval,
 )
 from ..tree import Path
 
-__all__ = [
-    "rf_rmsprop",
-    "rf_adamw",
-    "if_shampoo",
-    "prototype_lr_scale",
-    "prototype_schedule",
-]
-
-Array = Any
-
-_BATCH_SIZE_HELP = (
-    "the root-free methods multiply the squared gradient by the batch size B, the number of "
-    "examples the loss averages over (B*g*g estimates the per-example second moment; a summed, "
-    "not averaged, loss makes it wrong by B**2). Pass batch_size= to the factory or to update"
-)
-
-
-# --------------------------------------------------------------------------------------------
-# Shared helpers
-
+__all__ = ["rf_rmsprop", "rf_adamw", "if_shampoo", "prototype_lr_scale", "prototype_schedule"]
 
 _KL_CLIP = 0.1  # principled default of if_shampoo's kl_clip (S8)
 _BLOCK_SIZE = 64  # principled default of if_shampoo's block_size (S9; docs/methods/root_free.md)
 _PRECONDITION_EVERY = 2  # principled default of if_shampoo's precondition_every (S7)
-
-
-def _check_batch_size(value: Any, where: str = "batch_size") -> None:
-    if value is None or hasattr(value, "shape"):
-        return
-    check_positive_int(where, value)
-
-
-def _filled(xp, shape, value, dtype, dev):
-    if is_number(value):
-        return xp.full(shape, value, dtype=dtype, device=dev)
-    return xp.ones(shape, dtype=dtype, device=dev) * as_operand(xp, value, dtype)
-
-
-def _batch_size(name: str, factory_value: Any, extra: dict) -> Any:
-    """B for this update: the per-call ``batch_size`` (in ``update``'s keyword arguments ``extra``)
-    overrides the factory's."""
-    value = extra.get("batch_size")
-    if value is None:
-        value = factory_value
-    else:
-        _check_batch_size(value, f"{name}: update's batch_size")
-    if value is None:
-        raise ValueError(f"{name}: no batch size given; {_BATCH_SIZE_HELP}")
-    return value
-
-
-def _state_dtype(xp: Any, param_dtype: Any, requested: Any, faithful_default: Any, faithful: bool) -> Any:
-    if requested is not None:
-        dtype = requested
-    elif faithful and faithful_default is not None:
-        dtype = faithful_default(xp, param_dtype)
-    else:
-        dtype = compute_dtype(xp, param_dtype)
-    if not xp.isdtype(dtype, "real floating"):
-        raise TypeError(f"state/factor dtype must be a real floating dtype, got {dtype}")
-    return dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,15 +50,14 @@ def _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_
     else:
         check_nonnegative("damping", damping)
     check_nonnegative("weight_decay", weight_decay)
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     check_nonnegative("initial_scale", initial_scale)
     check_bool("scale_by_batch_size", scale_by_batch_size)
 
 
-def _rf_state_dtype(requested: Any, faithful: bool, xp: Any, param_dtype: Any) -> Any:
-    """R1: the state in the compute dtype of the parameters (principled), float32 (faithful), or
-    the ``state_dtype`` asked for."""
-    return _state_dtype(xp, param_dtype, requested, lambda xp, _: xp.float32, faithful)
+def _float32(xp, param_dtype):
+    """R1, faithful: the authors keep the state in float32 whatever the parameters' dtype."""
+    return xp.float32
 
 
 def _divided(xp, numerator, denominator, faithful: bool):
@@ -151,7 +85,7 @@ class _RFStep(NamedTuple):
 
 def _rf_step(name: str, xp, c, t) -> _RFStep:
     """η_t and B of this step (B from ``update(..., batch_size=)`` or the factory)."""
-    B = as_operand(xp, _batch_size(name, c.batch_size, t.extra), t.dtype) if c.scale_by_batch_size else 1
+    B = as_operand(xp, step_batch_size(name, c.batch_size, t.extra), t.dtype) if c.scale_by_batch_size else 1
     return _RFStep(lr=as_operand(xp, t.value(c.learning_rate), t.dtype), B=B)
 
 
@@ -186,7 +120,7 @@ class RFRMSPropState(NamedTuple):
 
 def _rf_rmsprop_init(xp, c: RFRMSPropConfig, w, dtype) -> RFRMSPropState:
     dev = array_device(w)
-    s = _filled(xp, w.shape, c.initial_scale, dtype, dev)  # s₀ = 1
+    s = filled(xp, w.shape, c.initial_scale, dtype, dev)  # s₀ = 1
     return RFRMSPropState(s, xp.zeros(w.shape, dtype=dtype, device=dev) if c.use_momentum else None)
 
 
@@ -245,7 +179,7 @@ class RFAdamWState(NamedTuple):
 
 def _rf_adamw_init(xp, c: RFAdamWConfig, w, dtype) -> RFAdamWState:
     dev = array_device(w)
-    return RFAdamWState(xp.zeros(w.shape, dtype=dtype, device=dev), _filled(xp, w.shape, c.initial_scale, dtype, dev))
+    return RFAdamWState(xp.zeros(w.shape, dtype=dtype, device=dev), filled(xp, w.shape, c.initial_scale, dtype, dev))
 
 
 def _rf_adamw_step(xp, c: RFAdamWConfig, t) -> _RFStep:
@@ -375,7 +309,7 @@ def rf_rmsprop(
         faithful=mode == "faithful", use_momentum=not is_zero(momentum), use_decay=not is_zero(weight_decay),
     )
     return elementwise_transform(
-        RF_RMSPROP, config, state_dtype=partial(_rf_state_dtype, state_dtype, config.faithful),
+        RF_RMSPROP, config, state_dtype=partial(chosen_dtype, requested=state_dtype, default=_float32 if config.faithful else None),
         reads_params=config.use_decay, on_nonfinite=on_nonfinite,
     )
 
@@ -441,7 +375,7 @@ def rf_adamw(
         scale_by_batch_size, faithful=mode == "faithful", use_decay=not is_zero(weight_decay),
     )
     return elementwise_transform(
-        RF_ADAMW, config, state_dtype=partial(_rf_state_dtype, state_dtype, config.faithful),
+        RF_ADAMW, config, state_dtype=partial(chosen_dtype, requested=state_dtype, default=_float32 if config.faithful else None),
         reads_params=config.use_decay, on_nonfinite=on_nonfinite,
     )
 
@@ -513,7 +447,7 @@ class _IFShampooStep(NamedTuple):
 
 
 def _if_shampoo_step(c: IFShampooConfig, value, extra) -> _IFShampooStep:
-    B = _batch_size("if_shampoo", c.batch_size, extra)  # from update(..., batch_size=) or the factory
+    B = step_batch_size("if_shampoo", c.batch_size, extra)  # from update(..., batch_size=) or the factory
     eta = value(c.learning_rate)
     return _IFShampooStep(B, value(c.preconditioner_lr), eta, -eta)
 
@@ -624,73 +558,7 @@ IF_SHAMPOO = TiledRule(
 
 
 # --------------------------------------------------------------------------------------------
-# IF-Shampoo: layouts, dtypes and the prototype's options
-
-
-_STRUCTURES = ("dense", "diagonal")
-
-_MISFIT = (
-    "with grouping='weight_bias' a weight and its bias are one group (give both gradients, a zero one for a member "
-    "without); a state saved unblocked (before block_size existed, or with another block_size) loads with that "
-    "block_size (block_size=4096, max_dense_dim=4096 reproduce the layout of version 0.x's principled defaults)"
-)
-
-
-def _diagonal_axes(structures: Any, max_dense_dim: Optional[int], dims: tuple, where: str) -> tuple:
-    """Which axes of a group's tensor have a diagonal factor: those ``structures`` names so, and (S4,
-    only on request) those longer than ``max_dense_dim``."""
-    kinds = _per_axis(structures, len(dims), "structures", where)
-    limit = None if max_dense_dim is None else int(max_dense_dim)
-    return tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
-
-
-def _factor_dtypes(factor_dtype: Any, faithful: bool, xp, leaf, rank: int, where: str) -> list:
-    """The factors' dtype per axis: ``factor_dtype``, else bf16 on an accelerator (S1, principled),
-    else the compute dtype (principled) or the parameter's (faithful)."""
-    dtypes = []
-    for dtype in _per_axis(factor_dtype, rank, "factor_dtype", where):
-        if dtype is None and not faithful and xp.finfo(leaf.dtype).bits <= 32:
-            dtype = half_precision_dtype(leaf)  # S1: bf16 factors on an accelerator
-        dtypes.append(_state_dtype(xp, leaf.dtype, dtype, lambda xp, p: p, faithful))
-    return dtypes
-
-
-def _work_dtype(faithful: bool, xp, dtype):
-    """The dtype of the grouped gradient and of the momentum: the parameters' (faithful), else their
-    compute dtype (S6)."""
-    return dtype if faithful else compute_dtype(xp, dtype)
-
-
-def _per_axis(option: Any, rank: int, what: str, where: str) -> tuple:
-    """SIRFShampoo's per-rank option format: a single value, or {rank: value or tuple per axis}."""
-    if isinstance(option, dict):
-        if rank not in option:
-            raise ValueError(
-                f"if_shampoo: {what} has no entry for the {rank}-D preconditioned tensor of {where!r} "
-                f"(keys {sorted(option)})"
-            )
-        option = option[rank]
-    if isinstance(option, (tuple, list)):
-        if len(option) != rank:
-            raise ValueError(
-                f"if_shampoo: {what} for {where!r} lists {len(option)} entries, but its preconditioned "
-                f"tensor has {rank} axes (one Kronecker factor each)"
-            )
-        return tuple(option)
-    return (option,) * rank
-
-
-def _check_structures(structures: Any) -> None:
-    values = list(structures.values()) if isinstance(structures, dict) else [structures]
-    if isinstance(structures, dict) and not all(
-        isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in structures
-    ):
-        raise ValueError(f"structures: dict keys must be tensor ranks >= 1, got {sorted(structures, key=str)}")
-    for value in values:
-        names = value if isinstance(value, (tuple, list)) else (value,)
-        for name in names:
-            if name not in _STRUCTURES:
-                raise ValueError(f"structures must name one of {_STRUCTURES} per axis, got {name!r}")
+# IF-Shampoo's factory and the prototype's options
 
 
 def prototype_lr_scale(path: Path) -> float:
@@ -869,28 +737,11 @@ def if_shampoo(
     check_unit_interval("preconditioner_momentum", preconditioner_momentum)
     check_nonnegative("damping", damping)
     check_nonnegative("weight_decay", weight_decay)
-    _check_batch_size(batch_size)
-    if precondition_every is not None and not hasattr(precondition_every, "shape"):
-        check_positive_int("precondition_every", precondition_every, allow_callable=True)
-    _check_structures(structures)
-    for value in factor_dtype.values() if isinstance(factor_dtype, dict) else (factor_dtype,):
-        # An array, not a dtype: optax.inject_hyperparams called a dtype like a schedule. NumPy's
-        # dtypes have a ``shape`` too (``np.float32`` the class, ``np.dtype("float32")`` no ``dtype``).
-        if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type):
-            raise ValueError(
-                "factor_dtype must be a dtype, got an array; under optax.inject_hyperparams pass "
-                "static_args=('factor_dtype',) (a dtype is callable, so it is taken for a schedule)"
-            )
-    if max_dense_dim is not None and not hasattr(max_dense_dim, "shape"):
-        check_positive_int("max_dense_dim", max_dense_dim)
+    check_batch_size(batch_size)
     if block_size is not None:
         check_positive_int("block_size", block_size)
     check_choice("grouping", grouping, ("per_parameter", "weight_bias"))
-    if preconditioner_lr_scale is not None and not callable(preconditioner_lr_scale):
-        raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {preconditioner_lr_scale!r}")
     check_bool("clamp_factor_step", clamp_factor_step)
-    if spread_refresh is not None:
-        check_bool("spread_refresh", spread_refresh)
     if kl_clip is not None:
         check_nonnegative("kl_clip", kl_clip)
     check_choice("mode", mode, ("principled", "faithful"))
@@ -912,17 +763,9 @@ def if_shampoo(
         use_factor_momentum=not is_zero(preconditioner_momentum), use_decay=not is_zero(weight_decay),
         use_kl_clip=not is_zero(kl_clip),
     )
-    layout = TileLayout(
-        block_size=block_size, interval=precondition_every, stagger=spread_refresh,
-        diagonal=partial(_diagonal_axes, structures, max_dense_dim), factor_dtypes=partial(_factor_dtypes, factor_dtype, faithful),
-        work_dtype=partial(_work_dtype, faithful), group_scale=preconditioner_lr_scale, counted=not faithful,
+    layout = TileLayout(  # S1, S6: factors and momentum in the parameters' dtype only in faithful mode; S3 counted
+        block_size, precondition_every, spread_refresh, structures, max_dense_dim, factor_dtype, parameter_dtype=faithful,
+        weight_bias=grouping == "weight_bias", group_scale=preconditioner_lr_scale, counted=not faithful,
         old_layout=None if faithful else old_layout_hint,
     )
-    # One refresh predicate per phase (S10): tile t of a blocked group refreshes when count % T == t % T
-    # (and on the first call); phase 0 is the plain interval, so an unblocked model refreshes as before.
-    spread = spread_refresh and isinstance(precondition_every, int) and precondition_every > 1
-    return tiled_transform(
-        IF_SHAMPOO, config, layout, group_leaves=weight_bias_groups if grouping == "weight_bias" else singleton_groups,
-        on_nonfinite=on_nonfinite, needs_params=config.use_decay, intervals=spread_schedule(precondition_every, spread),
-        misfit=_MISFIT,
-    )
+    return tiled_transform(IF_SHAMPOO, config, layout, on_nonfinite=on_nonfinite)
