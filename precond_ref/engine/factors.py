@@ -5,13 +5,23 @@ docstring gives its plain formula; ``tests/test_factors.py`` checks it against t
 
 from __future__ import annotations
 
-from .._backend import placement
+from .._backend import cast, device_key, is_number, is_tracer, placement, torch_compiling
 from ..linalg import mode_gram, mode_product
 
 __all__ = [
     "along", "is_diagonal", "times_transposed", "gram", "mean_trace", "unfolding_gram", "identity", "times", "frobenius",
-    "product_except",
+    "product_except", "per_block", "constant",
 ]
+
+
+def per_block(xp, value, like):
+    """A per-block value of shape (b,) shaped to multiply a stack ``like`` (b, ...) block by block
+    (``value`` with ``like.ndim - 1`` unit axes); scalars pass through."""
+    if is_number(value):  # a host number (under torch.compile maybe a symbolic one, with no attributes)
+        return value
+    if hasattr(value, "shape") and len(value.shape) == 1:
+        return xp.reshape(value, (value.shape[0],) + (1,) * (len(like.shape) - 1))
+    return value
 
 
 def along(xp, diagonal, axis: int, ndim: int):
@@ -54,10 +64,12 @@ def unfolding_gram(xp, tensor, axis: int, factor):
 
 
 def identity(xp, factor):
-    """``I`` in the structure of ``factor`` (diagonal: the number 1)."""
+    """``I`` in the structure of ``factor`` (diagonal: the number 1); made once per size, dtype and
+    device (:func:`constant`)."""
     if is_diagonal(factor):
         return 1.0
-    return xp.eye(factor.shape[-1], dtype=factor.dtype, device=placement(xp, factor))
+    d, dtype = factor.shape[-1], factor.dtype
+    return constant(xp, ("eye", d, dtype), lambda: xp.eye(d, dtype=dtype, device=placement(xp, factor)), factor)
 
 
 def times(xp, factor, matrix):
@@ -72,8 +84,25 @@ def frobenius(xp, matrix):
 
 def product_except(xp, values, n: int, dtype):
     """``Π_{i≠n} values_i`` in ``dtype`` (the empty product is 1), multiplied left to right."""
-    product = 1.0
+    product = None
     for i, value in enumerate(values):
         if i != n:
-            product = product * xp.astype(value, dtype)
-    return product
+            value = cast(xp, value, dtype)
+            product = value if product is None else product * value
+    return 1.0 if product is None else product
+
+
+_CONSTANTS: dict = {}  # (namespace, device, key) -> the array ``make`` made (see constant)
+
+
+def constant(xp, key, make, like):
+    """``make()``, an array that depends on nothing but ``key`` and ``like``'s namespace and device
+    (an identity, an index array), made once and kept: made anew, it is a kernel of every eager
+    step (from host data on an accelerator, a copy the step waits for). Under a compiler (a JAX
+    tracer, ``torch.compile``) it is made in the traced step, where it is a constant."""
+    if is_tracer(like) or torch_compiling():
+        return make()
+    full_key = (xp.__name__, device_key(like), key)
+    if full_key not in _CONSTANTS:
+        _CONSTANTS[full_key] = make()
+    return _CONSTANTS[full_key]

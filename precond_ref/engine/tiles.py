@@ -20,14 +20,12 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from array_api_compat import array_namespace, is_jax_namespace
 
-from .._backend import (
-    array_device, compute_dtype, cond, device_key, host_bool, is_number, is_tracer, placement, scalar_zero,
-    torch_compiling,
-)
+from .._backend import array_device, compute_dtype, cond, device_key, host_bool, placement, scalar_zero
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype
 from ..transform import Transform, check_bool, check_positive, check_positive_int, singleton_groups
 from ..tree import cached_template, from_entries, path_str, to_entries
+from .factors import constant, per_block
 from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
 from .options import state_dtype
@@ -37,7 +35,7 @@ from .run import build_transform
 __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks",
-    "sum_in_tile_order", "per_tile", "per_block", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
+    "sums_in_tile_order", "per_tile", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
     "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
@@ -238,19 +236,10 @@ def from_tiles(xp, tiles, counts: tuple, size: tuple):
     return xp.reshape(split, dims)
 
 
-_INDEX_ARRAYS: dict = {}  # (namespace, device, positions) -> the index array, made once (see index_array)
-
-
 def index_array(xp, positions: tuple, like):
-    """``positions`` as an index array for ``take`` beside ``like``. Made from host data, so on an
-    accelerator a copy to the device (which an eager CUDA step would wait for): made once per
-    device and kept, except under a compiler, where it is a constant of the traced step."""
-    if is_tracer(like) or torch_compiling():
-        return xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))
-    key = (xp.__name__, device_key(like), positions)
-    if key not in _INDEX_ARRAYS:
-        _INDEX_ARRAYS[key] = xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))
-    return _INDEX_ARRAYS[key]
+    """``positions`` as an index array for ``take`` beside ``like``, made once per device
+    (:func:`~precond_ref.engine.factors.constant`)."""
+    return constant(xp, ("index", positions), lambda: xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like)), like)
 
 
 def pick(xp, stack, positions: tuple):
@@ -310,10 +299,35 @@ def join_stacks(xp, parts: Sequence[Any], plan: TilePlan):
     return join(xp, boxes, plan.grid)
 
 
-def sum_in_tile_order(xp, parts: Sequence[Any], plan: TilePlan):
-    """``Σ_t x_t`` of a per-stack quantity (one entry ``x_t`` per tile), summed over the tiles in
-    row-major order (one ``sum`` of the entries in that memory order)."""
-    return xp.sum(unpick(xp, parts, [stack.tiles for stack in plan.stacks], flat=False))
+def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tuple]], plans: Sequence[TilePlan]) -> list:
+    """``Σ_t x_t`` per group of a per-tile quantity, summed over the group's tiles in row-major
+    order. ``vectors[m]`` holds the values of batch ``m``, the tiles of its members ``members[m]``
+    ((group, stack) numbers of ``plans``) one after the other. The batches of one dtype and device
+    joined (one ``concat``), put in each group's row-major tile order by one ``take`` (none where
+    they are in it), and each group's run summed (one ``sum`` of the entries in that memory order)."""
+    out: list = [None] * len(plans)
+    kinds: dict = {}
+    for m, vector in enumerate(vectors):
+        kinds.setdefault((vector.dtype, device_key(vector)), []).append(m)
+    for batches in kinds.values():
+        start, first = 0, {}  # (group, stack) -> the place of its first tile in the joined vector
+        for m in batches:
+            for i, s in members[m]:
+                first[i, s] = start
+                start += len(plans[i].stacks[s].tiles)
+        groups = list(dict.fromkeys(i for m in batches for i, _ in members[m]))
+        order = []
+        for i in groups:
+            place = {t: first[i, s] + j for s, stack in enumerate(plans[i].stacks) for j, t in enumerate(stack.tiles)}
+            order.extend(place[t] for t in range(len(plans[i].tiles)))
+        joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
+        if order != list(range(len(order))):
+            joined = xp.take(joined, index_array(xp, tuple(order), joined), axis=0)
+        start = 0
+        for i in groups:
+            out[i] = xp.sum(joined[start : start + len(plans[i].tiles)])
+            start += len(plans[i].tiles)
+    return out
 
 
 def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
@@ -326,16 +340,6 @@ def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
     return per_block(xp, per_tile, like)
 
 
-def per_block(xp, value, like):
-    """A per-block value of shape (b,) shaped to multiply a stack ``like`` (b, ...) block by block
-    (``value`` with ``like.ndim - 1`` unit axes); scalars pass through."""
-    if is_number(value):  # a host number (under torch.compile maybe a symbolic one, with no attributes)
-        return value
-    if hasattr(value, "shape") and len(value.shape) == 1:
-        return xp.reshape(value, (value.shape[0],) + (1,) * (len(like.shape) - 1))
-    return value
-
-
 def each_block(xp, reduce, mask):
     """``reduce`` (``xp.all`` or ``xp.any``) of each block of a (b, ...) boolean stack over all its
     entries: one reduction of the (b, -1) view (a reduction over several axes is a transpose and a
@@ -346,14 +350,16 @@ def each_block(xp, reduce, mask):
 def kept_where_usable(xp, grouped, old, new):
     """Per block of a stack: a block whose gradient is exactly zero keeps its state ``old``, so does
     one whose new state is not finite (IF-Shampoo's S2, S3). Returns the kept state and, per block,
-    whether it failed (a non-finite state from a non-zero gradient; counted by the caller).
-    Element-wise (``where``): no device value is read, except where reading is free
+    whether it failed (a non-finite state from a non-zero gradient; counted by the caller). The
+    state's arrays of one dtype are tested together, their blocks side by side (one test, not one
+    per array). Element-wise (``where``): no device value is read, except where reading is free
     (:func:`precond_ref._backend.host_bool`: NumPy, torch eagerly on the CPU), where a stack whose
     every block is usable returns ``new`` itself (what the selections would give) without selecting."""
     nonzero = each_block(xp, xp.any, grouped != 0.0)
     finite = None
-    for a in new:
-        ok = all_finite(xp.reshape(a, (a.shape[0], -1)), axis=(1,))
+    for dtype in dict.fromkeys(a.dtype for a in new):  # one test of the entries of all arrays of one dtype
+        rows = [xp.reshape(a, (a.shape[0], -1)) for a in new if a.dtype == dtype]
+        ok = all_finite(rows[0] if len(rows) == 1 else xp.concat(rows, axis=1), axis=(1,))
         finite = ok if finite is None else xp.logical_and(finite, ok)
     accept = xp.logical_and(finite, nonzero)
     failed = xp.logical_and(xp.logical_not(finite), nonzero)
@@ -692,11 +698,9 @@ def tiled_transform(
         chosen, batched = batches(xp, groups, stack_states, None, refreshing=False)
         D_batched = [rule.precondition(xp, c, batch.operands[0], tuple(batch.operands[1:])) for batch in batched]
         if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
-            inner = [[None] * len(group.plan.stacks) for group in groups]
-            tile_inner = [(rule.inner(xp, D, batch.operands[0]),) for D, batch in zip(D_batched, batched)]
-            for (i, s), (out,) in zip(chosen, unstack_alike(batched, tile_inner, len(chosen))):
-                inner[i][s] = out
-            sums = [sum_in_tile_order(xp, inner[g], group.plan) for g, group in enumerate(groups)]
+            tile_inner = [rule.inner(xp, D, batch.operands[0]) for D, batch in zip(D_batched, batched)]
+            members = [[chosen[m] for m in batch.indices] for batch in batched]
+            sums = sums_in_tile_order(xp, tile_inner, members, [group.plan for group in groups])
             nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
             D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
                          for D, batch in zip(D_batched, batched)]

@@ -21,11 +21,12 @@ from .._backend import array_device, as_operand, cast, is_number, is_zero, scala
 from ..linalg import kl_clip_of_quadratic, mode_product
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
 from ..engine.factors import (
-    along, frobenius, gram, identity, is_diagonal, mean_trace, product_except, times, times_transposed, unfolding_gram,
+    along, frobenius, gram, identity, is_diagonal, mean_trace, per_block, product_except, times, times_transposed,
+    unfolding_gram,
 )
 from ..engine.options import batch_size as step_batch_size, check_batch_size, filled, state_dtype as chosen_dtype
 from ..engine.phases import prototype_schedule
-from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, per_block, tiled_transform
+from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, tiled_transform
 from ..transform import (
     ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_nonnegative, check_positive,
     check_positive_int, check_unit_interval,
@@ -487,7 +488,7 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
             M = factor_momentum * momenta[n] + (1 - factor_momentum) * M  # m_n ← α₂ m_n + (1−α₂) M_n
             new_momenta.append(M)
         norm = frobenius(xp, M)
-        step_size = factor_lr / xp.maximum(norm, xp.ones_like(norm)) if clamp else factor_lr
+        step_size = factor_lr / xp.clip(norm, min=1.0) if clamp else factor_lr
         new_factors.append(K - times(xp, K, M) * per_block(xp, step_size, K))  # K_n ← K_n − β₂/max(1,‖m_n‖)·K_n m_n
     return tuple(new_factors), (tuple(new_momenta) if momenta is not None else None)
 
