@@ -452,9 +452,12 @@ def check_layout(layout: TileLayout) -> None:
     """The factory's errors for a layout's options, in the factory's words: the interval a positive
     integer or a predicate, ``stagger`` a bool; ``structures`` names a structure per axis, keyed by
     tensor rank; ``factor_dtype`` is a dtype (an array is a dtype that ``optax.inject_hyperparams``
-    took for a schedule); ``max_dense_dim`` a positive integer; ``group_scale`` a callable."""
+    took for a schedule); ``block_size`` and ``max_dense_dim`` positive integers; ``group_scale`` a
+    callable."""
     if not hasattr(layout.interval, "shape"):
         check_positive_int("precondition_every", layout.interval, allow_callable=True)
+    if layout.block_size is not None:
+        check_positive_int("block_size", layout.block_size)
     check_bool("spread_refresh", layout.stagger)
     structures = layout.structures
     if isinstance(structures, dict) and not all(

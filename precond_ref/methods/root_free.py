@@ -29,7 +29,7 @@ from ..engine.phases import prototype_schedule
 from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, tiled_transform
 from ..transform import (
     ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_nonnegative, check_positive,
-    check_positive_int, check_unit_interval,
+    check_unit_interval,
 )
 from ..tree import Path
 
@@ -739,8 +739,6 @@ def if_shampoo(
     check_nonnegative("damping", damping)
     check_nonnegative("weight_decay", weight_decay)
     check_batch_size(batch_size)
-    if block_size is not None:
-        check_positive_int("block_size", block_size)
     check_choice("grouping", grouping, ("per_parameter", "weight_bias"))
     check_bool("clamp_factor_step", clamp_factor_step)
     if kl_clip is not None:
