@@ -239,7 +239,8 @@ def from_tiles(xp, tiles, counts: tuple, size: tuple):
 def index_array(xp, positions: tuple, like):
     """``positions`` as an index array for ``take`` beside ``like``, made once per device
     (:func:`~precond_ref.engine.factors.constant`)."""
-    return constant(xp, ("index", positions), lambda: xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like)), like)
+    make = lambda: xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))  # noqa: E731
+    return constant(xp, ("index", positions), make, like)
 
 
 def pick(xp, stack, positions: tuple):
@@ -299,7 +300,8 @@ def join_stacks(xp, parts: Sequence[Any], plan: TilePlan):
     return join(xp, boxes, plan.grid)
 
 
-def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tuple]], plans: Sequence[TilePlan]) -> list:
+def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tuple]], plans: Sequence[TilePlan]
+                       ) -> list:
     """``Σ_t x_t`` per group of a per-tile quantity, summed over the group's tiles in row-major
     order. ``vectors[m]`` holds the values of batch ``m``, the tiles of its members ``members[m]``
     ((group, stack) numbers of ``plans``) one after the other. The batches of one dtype and device
@@ -522,6 +524,7 @@ def factor_dtypes(name: str, layout: TileLayout, xp, leaf, rank: int, where: str
 
 
 def _parameters_dtype(xp, dtype):
+    """The parameters' own dtype (``state_dtype``'s default where ``parameter_dtype``)."""
     return dtype
 
 
@@ -549,9 +552,9 @@ def tiled_transform(
     every group's tiles (``layout``).
 
     Per step: each group's members joined into one tensor (:func:`~precond_ref.engine.layout.group_tensor`)
-    and cut into its stacks of tiles (:func:`cut_stacks`); on the calls where a refresh phase is due,
-    the stacks of that phase refreshed (phase ``p``'s interval: :func:`precond_ref.blocking.spread_schedule`), the stacks of all
-    groups of one tile shape, dtype and device concatenated into one call
+    and cut into its stacks of tiles (:func:`cut_stacks`); on the calls where a refresh phase is due
+    (:func:`precond_ref.blocking.spread_schedule` of the layout's interval), the stacks of that
+    phase refreshed, the stacks of all groups of one tile shape, dtype and device concatenated into one call
     (:func:`precond_ref.blocking.stack`); every stack preconditioned, clipped per group, joined back
     (:func:`join_stacks`) and cut into its members; the members' last lines element-wise, joined
     end to end (:func:`~precond_ref.engine.joined.leafwise`).

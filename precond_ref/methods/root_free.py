@@ -309,10 +309,8 @@ def rf_rmsprop(
         learning_rate, b2, damping, momentum, weight_decay, batch_size, initial_scale, scale_by_batch_size,
         faithful=mode == "faithful", use_momentum=not is_zero(momentum), use_decay=not is_zero(weight_decay),
     )
-    return elementwise_transform(
-        RF_RMSPROP, config, state_dtype=partial(chosen_dtype, requested=state_dtype, default=_float32 if config.faithful else None),
-        reads_params=config.use_decay, on_nonfinite=on_nonfinite,
-    )
+    dtype = partial(chosen_dtype, requested=state_dtype, default=_float32 if config.faithful else None)  # R1
+    return elementwise_transform(RF_RMSPROP, config, state_dtype=dtype, reads_params=config.use_decay, on_nonfinite=on_nonfinite)
 
 
 def rf_adamw(
@@ -375,10 +373,8 @@ def rf_adamw(
         learning_rate, b1, b2, damping, weight_decay, bias_correction, batch_size, initial_scale,
         scale_by_batch_size, faithful=mode == "faithful", use_decay=not is_zero(weight_decay),
     )
-    return elementwise_transform(
-        RF_ADAMW, config, state_dtype=partial(chosen_dtype, requested=state_dtype, default=_float32 if config.faithful else None),
-        reads_params=config.use_decay, on_nonfinite=on_nonfinite,
-    )
+    dtype = partial(chosen_dtype, requested=state_dtype, default=_float32 if config.faithful else None)  # R1
+    return elementwise_transform(RF_ADAMW, config, state_dtype=dtype, reads_params=config.use_decay, on_nonfinite=on_nonfinite)
 
 
 # --------------------------------------------------------------------------------------------
