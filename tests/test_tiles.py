@@ -155,6 +155,27 @@ def test_per_tile_scales_each_tile_by_its_groups_value():
     assert tiling.per_tile(np_xp, values[:1], [6], stack) is values[0]
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("lengths", [(5,), (2, 1, 3), (1, 1, 1, 4), (4, 2)])
+def test_counts_per_run_are_the_sums_of_the_runs(library, lengths):
+    """S3's count of a group's failed tiles, ``counts_per_run``: per run of consecutive flags (a
+    group's tiles in a batch of stacks), the number set, as 0-D int32 arrays: the sum of each
+    slice (integers, so exact whatever the order of summation)."""
+    from array_api_compat import array_namespace
+
+    rng = np.random.default_rng(len(lengths))
+    flags = rng.random(sum(lengths)) < 0.5
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        flags = torch.from_numpy(flags)
+    xp = array_namespace(flags)
+    got = tiling.counts_per_run(xp, flags, lengths)
+    starts = np.cumsum((0,) + lengths)
+    want = [int(np.sum(np.asarray(flags)[a:b])) for a, b in zip(starts[:-1], starts[1:])]
+    assert [int(x) for x in got] == want
+    assert all(x.dtype == xp.int32 and x.shape == () for x in got)
+
+
 def test_kept_where_usable_per_block():
     """IF-Shampoo's S2/S3 per block: a zero-gradient block keeps its old state, a non-finite new state is
     discarded and flagged as failed (the caller counts the flags), an ordinary block takes the new state."""

@@ -35,7 +35,7 @@ from .run import build_transform
 __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks",
-    "sums_in_tile_order", "per_tile", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
+    "sums_in_tile_order", "counts_per_run", "per_tile", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
     "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
@@ -305,7 +305,7 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
     """``Σ_t x_t`` per group of a per-tile quantity, summed over the group's tiles in row-major
     order. ``vectors[m]`` holds the values of batch ``m``, the tiles of its members ``members[m]``
     ((group, stack) numbers of ``plans``) one after the other. The batches of one dtype and device
-    joined (one ``concat``), put in each group's row-major tile order by one ``take`` (none where
+    joined (one ``concat``), put in each group's row-major tile order by one gather (none where
     they are in it), and each group's run summed (one ``sum`` of the entries in that memory order)."""
     out: list = [None] * len(plans)
     kinds: dict = {}
@@ -324,12 +324,25 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
             order.extend(place[t] for t in range(len(plans[i].tiles)))
         joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
         if order != list(range(len(order))):
-            joined = xp.take(joined, index_array(xp, tuple(order), joined), axis=0)
+            joined = joined[index_array(xp, tuple(order), joined)]
         start = 0
         for i in groups:
             out[i] = xp.sum(joined[start : start + len(plans[i].tiles)])
             start += len(plans[i].tiles)
     return out
+
+
+def counts_per_run(xp, flags, lengths: Sequence[int]) -> list:
+    """How many of ``flags`` (a (n,) bool vector, consecutive runs of ``lengths``) are set in each
+    run, as 0-D int32 arrays: one ``sum`` for a single run; else one cumulative sum read at the
+    runs' ends (integers: the counts a sum per run gives, whatever the order)."""
+    ones = xp.astype(flags, xp.int32)
+    if len(lengths) == 1:
+        return [xp.sum(ones, dtype=xp.int32)]
+    ends = tuple(end - 1 for end in itertools.accumulate(lengths))
+    totals = xp.cumulative_sum(ones, dtype=xp.int32)[index_array(xp, ends, flags)]
+    counts = xp.concat([totals[:1], totals[1:] - totals[:-1]], axis=0)
+    return [counts[j, ...] for j in range(len(lengths))]
 
 
 def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
@@ -660,18 +673,18 @@ def tiled_transform(
 
     def store(xp, stack_states, failures, chosen, batched, results, ctx) -> None:
         """Refreshed batches back into the groups' stacks (one split per operand and batch); each
-        group adds its tiles' failures to its count, none on a skipped step (the non-finite rule's
-        selection, made once per batch on the failure flags)."""
+        group adds its tiles' failures to its count (:func:`counts_per_run`, one count per batch), none
+        on a skipped step (the non-finite rule's selection, made once per batch on the failure flags)."""
         counted = [layout.counted and host_bool(xp, xp.any(out[-1])) is not False for out in results]  # read where free
-        counted = {m: flag for batch, flag in zip(batched, counted) for m in batch.indices}
         selecting = layout.counted and ctx.ok is not None and not ctx.applied
         if selecting:
             results = [(*out[:-1], xp.logical_and(out[-1], ctx.ok)) for out in results]
-        for m, ((i, s), out) in enumerate(zip(chosen, unstack_alike(batched, results, len(chosen)))):
-            *state, failed = out
+        for (i, s), (*state, _) in zip(chosen, unstack_alike(batched, results, len(chosen))):
             stack_states[i][s] = _stack_of(rule, state, len(state) // 2 if c.use_factor_momentum else len(state))
-            if counted[m]:
-                failures[i] = failures[i] + xp.sum(xp.astype(failed, xp.int32), dtype=xp.int32)
+        for batch, out, flag in zip(batched, results, counted):
+            for m, count in zip(batch.indices, counts_per_run(xp, out[-1], batch.lengths) if flag else ()):
+                i = chosen[m][0]
+                failures[i] = failures[i] + count
                 if selecting:
                     ctx.settled[failures[i]] = True
 
