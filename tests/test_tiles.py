@@ -51,13 +51,14 @@ def _oracle_stacks(G, plan):
 
 @pytest.mark.parametrize("dims, block, interval", [
     ((8, 12), 4, 2), ((8, 12), 4, 5), ((16, 16), 4, 2), ((10, 7), 4, 2), ((10, 7), 4, 3), ((6, 9, 2), 3, 4),
-    ((9,), 2, 3), ((4, 4), 8, 2), ((6, 5, 7), 4, 3), ((6, 2), 2, 3),
+    ((9,), 2, 3), ((4, 4), 8, 2), ((6, 5, 7), 4, 3), ((6, 2), 2, 3), ((12, 8), 4, 2), ((4, 6, 8), 2, 2), ((8,), 2, 2),
+    ((12, 13), 4, 3),
 ])
 def test_stacks_of_tiles_are_the_slices_of_each_stack(dims, block, interval):
     """``cut_stacks`` (region reshapes, then every T-th tile or a ``take``) gives each stack of
     ``stack_plan`` exactly the slices of its tiles (the slicing oracle), and ``join_stacks`` puts
-    them back: equal tiles with T dividing their number or not, ragged ends on one axis or
-    several, unblocked. The stacks are the tiles of one shape and refresh phase (t % T), tiles
+    them back: equal tiles with T dividing their number or not, T dividing the tiles of the last
+    axis (``phases_in_place``) or not, ragged ends on one axis or several, unblocked. The stacks are the tiles of one shape and refresh phase (t % T), tiles
     ascending, and every tile is in one stack. Exact (no arithmetic)."""
     np_xp = _np()
     G = np.arange(np.prod(dims), dtype=np.float64).reshape(dims)

@@ -34,7 +34,7 @@ from .run import build_transform
 
 __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
-    "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks",
+    "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
     "sums_in_tile_order", "counts_per_run", "per_tile", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
     "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
@@ -291,13 +291,33 @@ def cut_stacks(xp, G, plan: TilePlan) -> list:
 
 def join_stacks(xp, parts: Sequence[Any], plan: TilePlan):
     """The inverse of :func:`cut_stacks`: the tensor whose tiles are the stacks ``parts`` (each
-    region's tiles put in order by :func:`unpick`, its box by :func:`from_tiles`, the boxes
-    joined by :func:`join`)."""
+    region's box by :func:`phases_in_place`, or its tiles put in order by :func:`unpick` and the
+    box by :func:`from_tiles`; the boxes joined by :func:`join`)."""
     boxes = []
     for region in plan.regions:
-        tiles = unpick(xp, [parts[s] for s in region.stacks], [plan.stacks[s].positions for s in region.stacks], flat=False)
-        boxes.append(from_tiles(xp, tiles, region.counts, region.size))
+        pieces, positions = [parts[s] for s in region.stacks], [plan.stacks[s].positions for s in region.stacks]
+        box = phases_in_place(xp, pieces, positions, region.counts, region.size)
+        if box is None:
+            box = from_tiles(xp, unpick(xp, pieces, positions, flat=False), region.counts, region.size)
+        boxes.append(box)
     return join(xp, boxes, plan.grid)
+
+
+def phases_in_place(xp, parts: Sequence[Any], positions: Sequence[tuple], counts: tuple, size: tuple):
+    """The box whose equal tiles, row-major over ``counts``, are the ``T`` phase stacks ``parts``
+    (part ``p`` holds tiles ``p, p+T, ...``), where ``T`` divides the tiles of the last axis: then
+    part ``p`` holds the tiles whose last grid index is ``p`` modulo ``T``, and one ``stack`` of
+    the parts, each seen as ``(c_1, b_1, ..., c_N/T, b_N)``, along a new axis before ``b_N`` is the
+    box (a reshape of it), where :func:`unpick` and :func:`from_tiles` copy twice. ``None``
+    elsewhere."""
+    phases, rank = len(parts), len(counts)
+    k = sum(len(p) for p in positions)
+    if phases == 1 or counts[-1] % phases or any(p != tuple(range(i, k, phases)) for i, p in enumerate(positions)):
+        return None
+    grid = counts[:-1] + (counts[-1] // phases,)
+    order = tuple(x for n in range(rank) for x in (n, rank + n))
+    views = [xp.permute_dims(xp.reshape(part, grid + tuple(size)), order) for part in parts]
+    return xp.reshape(xp.stack(views, axis=2 * rank - 1), tuple(c * b for c, b in zip(counts, size)))
 
 
 def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tuple]], plans: Sequence[TilePlan]
