@@ -325,8 +325,10 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
     """``Σ_t x_t`` per group of a per-tile quantity, summed over the group's tiles in row-major
     order. ``vectors[m]`` holds the values of batch ``m``, the tiles of its members ``members[m]``
     ((group, stack) numbers of ``plans``) one after the other. The batches of one dtype and device
-    joined (one ``concat``), put in each group's row-major tile order by one gather (none where
-    they are in it), and each group's run summed (one ``sum`` of the entries in that memory order)."""
+    joined (one ``concat``), put in each group's row-major tile order, the groups of one number of
+    tiles next to each other, by one gather (none where they are so already), and the groups of
+    one number ``k`` of tiles summed by one ``sum`` over the rows of their ``(groups, k)`` matrix:
+    each group's row, its entries in tile order (a row's sum is the sum of that row alone)."""
     out: list = [None] * len(plans)
     kinds: dict = {}
     for m, vector in enumerate(vectors):
@@ -337,7 +339,7 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
             for i, s in members[m]:
                 first[i, s] = start
                 start += len(plans[i].stacks[s].tiles)
-        groups = list(dict.fromkeys(i for m in batches for i, _ in members[m]))
+        groups = sorted(dict.fromkeys(i for m in batches for i, _ in members[m]), key=lambda i: len(plans[i].tiles))
         order = []
         for i in groups:
             place = {t: first[i, s] + j for s, stack in enumerate(plans[i].stacks) for j, t in enumerate(stack.tiles)}
@@ -346,9 +348,12 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
         if order != list(range(len(order))):
             joined = joined[index_array(xp, tuple(order), joined)]
         start = 0
-        for i in groups:
-            out[i] = xp.sum(joined[start : start + len(plans[i].tiles)])
-            start += len(plans[i].tiles)
+        for k, same in itertools.groupby(groups, key=lambda i: len(plans[i].tiles)):
+            same = list(same)
+            rows = xp.sum(xp.reshape(joined[start : start + k * len(same)], (len(same), k)), axis=1)
+            for j, i in enumerate(same):
+                out[i] = rows[j, ...]
+            start += k * len(same)
     return out
 
 
