@@ -46,19 +46,21 @@ def test_times_transposed_is_the_mode_product_with_the_transpose(rng, axis):
 
 
 def test_gram_trace_identity_times_frobenius(rng):
-    """KᵀK, Tr(A)/d, I, K m and ‖m‖_F per block, dense (b, d, d) and diagonal (b, d)."""
+    """KᵀK, Tr(A)/d, sI, K m and ‖m‖_F per block, dense (b, d, d) and diagonal (b, d)."""
     k, m = rng.standard_normal((3, 4, 4)), rng.standard_normal((3, 4, 4))
     _close_sum(kf.gram(xp, k), np.einsum("bij,bik->bjk", k, k), np.einsum("bij,bik->bjk", abs(k), abs(k)), 4)
     _close_sum(kf.times(xp, k, m), np.einsum("bij,bjk->bik", k, m), np.einsum("bij,bjk->bik", abs(k), abs(m)), 4)
     a = kf.gram(xp, k)
     _close_sum(kf.mean_trace(xp, a), np.trace(a, axis1=1, axis2=2) / 4, np.trace(abs(a), axis1=1, axis2=2) / 4, 4)
     np.testing.assert_array_equal(kf.identity(xp, k), np.eye(4))
+    np.testing.assert_array_equal(kf.identity(xp, k, 0.5), 0.5 * np.eye(4))
+    assert kf.identity(xp, k, 0.5) is kf.identity(xp, m, 0.5)  # made once per size, scale, dtype, device
     _close_sum(kf.frobenius(xp, m), np.sqrt(np.sum(m * m, axis=(1, 2))), np.sqrt(np.sum(m * m, axis=(1, 2))), 16)
     kd, md = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
     np.testing.assert_array_equal(kf.gram(xp, kd), kd * kd)
     np.testing.assert_array_equal(kf.times(xp, kd, md), kd * md)
     _close_sum(kf.mean_trace(xp, kd * kd), np.mean(kd * kd, axis=1), np.mean(kd * kd, axis=1), 4)
-    assert kf.identity(xp, kd) == 1.0
+    assert kf.identity(xp, kd) == 1.0 and kf.identity(xp, kd, 0.5) == 0.5
     _close_sum(kf.frobenius(xp, md), np.sqrt(np.sum(md * md, axis=1)), np.sqrt(np.sum(md * md, axis=1)), 4)
 
 

@@ -63,13 +63,14 @@ def unfolding_gram(xp, tensor, axis: int, factor):
     return xp.sum(square, axis=rest) if rest else square
 
 
-def identity(xp, factor):
-    """``I`` in the structure of ``factor`` (diagonal: the number 1); made once per size, dtype and
-    device (:func:`constant`)."""
+def identity(xp, factor, scale: float = 1.0):
+    """``scale·I`` in the structure of ``factor`` (diagonal: the number ``scale``); made once per
+    size, scale, dtype and device (:func:`constant`)."""
     if is_diagonal(factor):
-        return 1.0
+        return scale * 1.0
     d, dtype = factor.shape[-1], factor.dtype
-    return constant(xp, ("eye", d, dtype), lambda: xp.eye(d, dtype=dtype, device=placement(xp, factor)), factor)
+    make = lambda: scale * xp.eye(d, dtype=dtype, device=placement(xp, factor))  # noqa: E731
+    return constant(xp, ("eye", d, scale, dtype), make, factor)
 
 
 def times(xp, factor, matrix):

@@ -479,7 +479,7 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
     for n, K in enumerate(factors):
         Y = cast(xp, Y, K.dtype)
         M = (KtK[n] * per_block(xp, (damping / 2) * product_except(xp, t, n, K.dtype) * math.prod(dims), K)
-             + unfolding_gram(xp, Y, n + 1, K) * (dims[n] / 2) - 0.5 * identity(xp, K))
+             + unfolding_gram(xp, Y, n + 1, K) * (dims[n] / 2) - identity(xp, K, 0.5))
         if momenta is not None:
             M = factor_momentum * momenta[n] + (1 - factor_momentum) * M  # m_n ← α₂ m_n + (1−α₂) M_n
             new_momenta.append(M)
