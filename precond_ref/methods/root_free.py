@@ -24,7 +24,8 @@ from ..engine.factors import (
     along, frobenius, gram, identity, is_diagonal, mean_trace, per_block, product_except, times, times_transposed,
     unfolding_gram,
 )
-from ..engine.options import batch_size as step_batch_size, check_batch_size, filled, state_dtype as chosen_dtype
+from ..engine import options
+from ..engine.options import check_batch_size, filled
 from ..engine.phases import prototype_schedule
 from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, tiled_transform
 from ..transform import (
@@ -86,7 +87,7 @@ class _RFStep(NamedTuple):
 
 def _rf_step(name: str, xp, c, t) -> _RFStep:
     """η_t and B of this step (B from ``update(..., batch_size=)`` or the factory)."""
-    B = as_operand(xp, step_batch_size(name, c.batch_size, t.extra), t.dtype) if c.scale_by_batch_size else 1
+    B = as_operand(xp, options.batch_size(name, c.batch_size, t.extra), t.dtype) if c.scale_by_batch_size else 1
     return _RFStep(lr=as_operand(xp, t.value(c.learning_rate), t.dtype), B=B)
 
 
@@ -309,7 +310,7 @@ def rf_rmsprop(
         learning_rate, b2, damping, momentum, weight_decay, batch_size, initial_scale, scale_by_batch_size,
         faithful=mode == "faithful", use_momentum=not is_zero(momentum), use_decay=not is_zero(weight_decay),
     )
-    dtype = partial(chosen_dtype, requested=state_dtype, default=_float32 if config.faithful else None)  # R1
+    dtype = partial(options.state_dtype, requested=state_dtype, default=_float32 if config.faithful else None)  # R1
     return elementwise_transform(RF_RMSPROP, config, state_dtype=dtype, reads_params=config.use_decay, on_nonfinite=on_nonfinite)
 
 
@@ -373,7 +374,7 @@ def rf_adamw(
         learning_rate, b1, b2, damping, weight_decay, bias_correction, batch_size, initial_scale,
         scale_by_batch_size, faithful=mode == "faithful", use_decay=not is_zero(weight_decay),
     )
-    dtype = partial(chosen_dtype, requested=state_dtype, default=_float32 if config.faithful else None)  # R1
+    dtype = partial(options.state_dtype, requested=state_dtype, default=_float32 if config.faithful else None)  # R1
     return elementwise_transform(RF_ADAMW, config, state_dtype=dtype, reads_params=config.use_decay, on_nonfinite=on_nonfinite)
 
 
@@ -444,7 +445,7 @@ class _IFShampooStep(NamedTuple):
 
 
 def _if_shampoo_step(c: IFShampooConfig, value, extra) -> _IFShampooStep:
-    B = step_batch_size("if_shampoo", c.batch_size, extra)  # from update(..., batch_size=) or the factory
+    B = options.batch_size("if_shampoo", c.batch_size, extra)  # from update(..., batch_size=) or the factory
     eta = value(c.learning_rate)
     return _IFShampooStep(B, value(c.preconditioner_lr), eta, -eta)
 
