@@ -8,7 +8,11 @@ reshapes; :func:`legacy_entry_names` and :func:`stacked_tiles` migrate a state s
 under the names of earlier versions) to the stacks. :func:`tiled_transform` runs a rule stated for
 one stack of tiles (:class:`TiledRule`, IF-Shampoo's) on every group of a tree: grouping, tiling,
 stacking across groups, the refresh phases, the keeping of unusable refreshes
-(:func:`kept_where_usable`), the skip rule's settling and the element-wise last lines."""
+(:func:`kept_where_usable`) and their counts (:func:`counts_per_run`), the per-group sums of the KL
+clip (:func:`sums_in_tile_order`), the skip rule's settling and the element-wise last lines. The
+factory's layout options (:class:`TileLayout`: per-axis structures, factor dtypes, blocking,
+grouping) are checked and read here (:func:`check_layout`, :func:`diagonal_axes`,
+:func:`factor_dtypes`, :func:`work_dtype`)."""
 
 from __future__ import annotations
 
