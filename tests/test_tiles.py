@@ -84,8 +84,9 @@ def test_stacks_of_tiles_are_the_slices_of_each_stack(dims, block, interval):
 def test_sums_in_tile_order_are_the_sums_of_the_tiles_in_row_major_order(dims, block, interval, library):
     """S8's ⟨D, G⟩ of a group, ``sums_in_tile_order``: the per-tile values summed over the tiles in
     row-major order, bitwise the ``sum`` of the vector in that order (what the per-tile layout
-    summed), whatever the stacks' order and batches: values of mixed magnitudes, so that another
-    order of summation rounds differently; two groups of one plan, each stack a batch of both."""
+    summed), whatever the stacks' order: values of mixed magnitudes, so that another order of
+    summation rounds differently; two groups of one plan (summed as the rows of one matrix) and a
+    group of one tile."""
     from array_api_compat import array_namespace
 
     if library == "torch":
@@ -98,11 +99,11 @@ def test_sums_in_tile_order_are_the_sums_of_the_tiles_in_row_major_order(dims, b
     rng = np.random.default_rng(k)
     values = rng.normal(size=k) * 10.0 ** rng.integers(-8, 8, size=k)
     xp = array_namespace(asarray(values))
-    other = values[::-1].copy()
-    batches = [xp.concat([asarray(v[list(stack.tiles)]) for v in (values, other)]) for stack in plan.stacks]
-    members = [[(0, s), (1, s)] for s in range(len(plan.stacks))]
-    got = tiling.sums_in_tile_order(xp, batches, members, [plan, plan])
-    assert [float(x) for x in got] == [float(xp.sum(asarray(values))), float(xp.sum(asarray(other)))]
+    other, single = values[::-1].copy(), values[:1].copy()
+    one = tiling.stack_plan(tiling.tile_plan((block,), (False,), block, interval, True))  # one tile
+    parts = [[asarray(v[list(stack.tiles)]) for stack in plan.stacks] for v in (values, other)] + [[asarray(single)]]
+    got = tiling.sums_in_tile_order(xp, parts, [plan, plan, one])
+    assert [float(x) for x in got] == [float(xp.sum(asarray(v))) for v in (values, other, single)]
 
 
 @pytest.mark.parametrize("positions", [(0, 1, 2, 3, 4), (1, 3), (2,), (0, 4, 1), (3, 0)])

@@ -324,54 +324,34 @@ def phases_in_place(xp, parts: Sequence[Any], positions: Sequence[tuple], counts
     return xp.reshape(xp.stack(views, axis=2 * rank - 1), tuple(c * b for c, b in zip(counts, size)))
 
 
-def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tuple]], plans: Sequence[TilePlan]
-                       ) -> list:
-    """``Σ_t x_t`` per group of a per-tile quantity, summed over the group's tiles in row-major
-    order. ``vectors[m]`` holds the values of batch ``m``, the tiles of its members ``members[m]``
-    ((group, stack) numbers of ``plans``) one after the other. The batches of one dtype and device
-    joined (one ``concat``), put in each group's row-major tile order, the groups of one number of
-    tiles next to each other, by one gather (none where they are so already), and the groups of
-    one number ``k`` of tiles summed by one ``sum`` over the rows of their ``(groups, k)`` matrix:
-    each group's row, its entries in tile order (a row's sum is the sum of that row alone)."""
+def sums_in_tile_order(xp, parts: Sequence[Sequence[Any]], plans: Sequence[TilePlan]) -> list:
+    """``Σ_t x_t`` per group of a per-tile quantity (``parts[g]``: the values of group ``g``'s
+    stacks, one entry per tile), summed over the group's tiles in row-major order: each group's
+    values put in that order (:func:`unpick`: the stack itself where there is one), and the
+    groups of one number ``k`` of tiles, dtype and device summed by one ``sum`` over the rows of
+    their stacked ``(groups, k)`` matrix (a row's sum is the sum of that row alone); a group of its
+    own by one ``sum``."""
     out: list = [None] * len(plans)
-    kinds: dict = {}
-    for m, vector in enumerate(vectors):
-        kinds.setdefault((vector.dtype, device_key(vector)), []).append(m)
-    for batches in kinds.values():
-        start, first = 0, {}  # (group, stack) -> the place of its first tile in the joined vector
-        for m in batches:
-            for i, s in members[m]:
-                first[i, s] = start
-                start += len(plans[i].stacks[s].tiles)
-        groups = sorted(dict.fromkeys(i for m in batches for i, _ in members[m]), key=lambda i: len(plans[i].tiles))
-        order = []
-        for i in groups:
-            place = {t: first[i, s] + j for s, stack in enumerate(plans[i].stacks) for j, t in enumerate(stack.tiles)}
-            order.extend(place[t] for t in range(len(plans[i].tiles)))
-        joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
-        if order != list(range(len(order))):
-            joined = joined[index_array(xp, tuple(order), joined)]
-        start = 0
-        for k, same in itertools.groupby(groups, key=lambda i: len(plans[i].tiles)):
-            same = list(same)
-            rows = xp.sum(xp.reshape(joined[start : start + k * len(same)], (len(same), k)), axis=1)
-            for j, i in enumerate(same):
-                out[i] = rows[j, ...]
-            start += k * len(same)
+    rows: dict = {}
+    for g, (values, plan) in enumerate(zip(parts, plans)):
+        x = xp.reshape(unpick(xp, values, [stack.tiles for stack in plan.stacks], flat=False), (-1,))
+        rows.setdefault((x.shape[0], x.dtype, device_key(x)), []).append((g, x))
+    for members in rows.values():
+        if len(members) == 1:
+            out[members[0][0]] = xp.sum(members[0][1])
+            continue
+        sums = xp.sum(xp.stack([x for _, x in members]), axis=1)
+        for j, (g, _) in enumerate(members):
+            out[g] = sums[j, ...]
     return out
 
 
 def counts_per_run(xp, flags, lengths: Sequence[int]) -> list:
     """How many of ``flags`` (a (n,) bool vector, consecutive runs of ``lengths``) are set in each
-    run, as 0-D int32 arrays: one ``sum`` for a single run; else one cumulative sum read at the
-    runs' ends (integers: the counts a sum per run gives, whatever the order)."""
+    run, as 0-D int32 arrays: one cast of the vector, then one ``sum`` per run."""
     ones = xp.astype(flags, xp.int32)
-    if len(lengths) == 1:
-        return [xp.sum(ones, dtype=xp.int32)]
-    ends = tuple(end - 1 for end in itertools.accumulate(lengths))
-    totals = xp.cumulative_sum(ones, dtype=xp.int32)[index_array(xp, ends, flags)]
-    counts = xp.concat([totals[:1], totals[1:] - totals[:-1]], axis=0)
-    return [counts[j, ...] for j in range(len(lengths))]
+    starts = (0,) + tuple(itertools.accumulate(lengths))
+    return [xp.sum(ones[a:b], dtype=xp.int32) for a, b in zip(starts[:-1], starts[1:])]
 
 
 def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
@@ -702,7 +682,7 @@ def tiled_transform(
 
     def store(xp, stack_states, failures, chosen, batched, results, ctx) -> None:
         """Refreshed batches back into the groups' stacks (one split per operand and batch); each
-        group adds its tiles' failures to its count (:func:`counts_per_run`, one count per batch), none
+        group adds its tiles' failures to its count (:func:`counts_per_run`, one cast per batch), none
         on a skipped step (the non-finite rule's selection, made once per batch on the failure flags)."""
         counted = [layout.counted and host_bool(xp, xp.any(out[-1])) is not False for out in results]  # read where free
         selecting = layout.counted and ctx.ok is not None and not ctx.applied
@@ -746,9 +726,11 @@ def tiled_transform(
         chosen, batched = batches(xp, groups, stack_states, None, refreshing=False)
         D_batched = [rule.precondition(xp, c, batch.operands[0], tuple(batch.operands[1:])) for batch in batched]
         if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
-            tile_inner = [rule.inner(xp, D, batch.operands[0]) for D, batch in zip(D_batched, batched)]
-            members = [[chosen[m] for m in batch.indices] for batch in batched]
-            sums = sums_in_tile_order(xp, tile_inner, members, [group.plan for group in groups])
+            inner = [[None] * len(group.plan.stacks) for group in groups]
+            tile_inner = [(rule.inner(xp, D, batch.operands[0]),) for D, batch in zip(D_batched, batched)]
+            for (i, s), (out,) in zip(chosen, unstack_alike(batched, tile_inner, len(chosen))):
+                inner[i][s] = out
+            sums = sums_in_tile_order(xp, inner, [group.plan for group in groups])
             nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
             D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
                          for D, batch in zip(D_batched, batched)]
