@@ -85,8 +85,8 @@ def test_sums_in_tile_order_are_the_sums_of_the_tiles_in_row_major_order(dims, b
     """S8's ⟨D, G⟩ of a group, ``sums_in_tile_order``: the per-tile values summed over the tiles in
     row-major order, bitwise the ``sum`` of the vector in that order (what the per-tile layout
     summed), whatever the stacks' order: values of mixed magnitudes, so that another order of
-    summation rounds differently; two groups of one plan (summed as the rows of one matrix) and a
-    group of one tile."""
+    summation rounds differently; two groups of one plan (summed as the rows of one matrix; each
+    stack a batch of both), and a group of one tile; evenly interleaved phases (one gather) or not."""
     from array_api_compat import array_namespace
 
     if library == "torch":
@@ -101,8 +101,9 @@ def test_sums_in_tile_order_are_the_sums_of_the_tiles_in_row_major_order(dims, b
     xp = array_namespace(asarray(values))
     other, single = values[::-1].copy(), values[:1].copy()
     one = tiling.stack_plan(tiling.tile_plan((block,), (False,), block, interval, True))  # one tile
-    parts = [[asarray(v[list(stack.tiles)]) for stack in plan.stacks] for v in (values, other)] + [[asarray(single)]]
-    got = tiling.sums_in_tile_order(xp, parts, [plan, plan, one])
+    batches = [xp.concat([asarray(v[list(stack.tiles)]) for v in (values, other)]) for stack in plan.stacks]
+    members = [[(0, s), (1, s)] for s in range(len(plan.stacks))] + [[(2, 0)]]
+    got = tiling.sums_in_tile_order(xp, batches + [asarray(single)], members, [plan, plan, one])
     assert [float(x) for x in got] == [float(xp.sum(asarray(v))) for v in (values, other, single)]
 
 

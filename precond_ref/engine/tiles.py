@@ -39,7 +39,7 @@ from .run import build_transform
 __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
-    "sums_in_tile_order", "counts_per_run", "per_tile", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
+    "sums_in_tile_order", "interleaved_places", "counts_per_run", "per_tile", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
     "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
@@ -324,26 +324,81 @@ def phases_in_place(xp, parts: Sequence[Any], positions: Sequence[tuple], counts
     return xp.reshape(xp.stack(views, axis=2 * rank - 1), tuple(c * b for c, b in zip(counts, size)))
 
 
-def sums_in_tile_order(xp, parts: Sequence[Sequence[Any]], plans: Sequence[TilePlan]) -> list:
-    """``Σ_t x_t`` per group of a per-tile quantity (``parts[g]``: the values of group ``g``'s
-    stacks, one entry per tile), summed over the group's tiles in row-major order: each group's
-    values put in that order (:func:`unpick`: the stack itself where there is one), and the
-    groups of one number ``k`` of tiles, dtype and device summed by one ``sum`` over the rows of
-    their stacked ``(groups, k)`` matrix (a row's sum is the sum of that row alone); a group of its
-    own by one ``sum``."""
+def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tuple]], plans: Sequence[TilePlan]
+                       ) -> list:
+    """``Σ_t x_t`` per group of a per-tile quantity, summed over the group's tiles in row-major
+    order. ``vectors[m]`` holds the values of batch ``m``, the tiles of its members ``members[m]``
+    ((group, stack) numbers of ``plans``) one after the other. Each group's values are put in that
+    order, and the groups of one number ``k`` of tiles (and dtype and device) summed by one
+    ``sum`` over the rows of their ``(groups, k)`` matrix (a row's sum is the sum of that row
+    alone). The groups whose stacks are their phases, evenly interleaved (tile ``t`` in stack
+    ``t mod T``): the batches of one dtype and device joined (one ``concat``) and their tiles put
+    in that order by one ``take`` of an index made on the device (:func:`interleaved_places`),
+    the groups of one ``k`` next to each other; any other group's stacks joined in order by
+    :func:`unpick`, the rows of one ``k`` stacked."""
     out: list = [None] * len(plans)
-    rows: dict = {}
-    for g, (values, plan) in enumerate(zip(parts, plans)):
-        x = xp.reshape(unpick(xp, values, [stack.tiles for stack in plan.stacks], flat=False), (-1,))
-        rows.setdefault((x.shape[0], x.dtype, device_key(x)), []).append((g, x))
-    for members in rows.values():
-        if len(members) == 1:
-            out[members[0][0]] = xp.sum(members[0][1])
-            continue
-        sums = xp.sum(xp.stack([x for _, x in members]), axis=1)
-        for j, (g, _) in enumerate(members):
-            out[g] = sums[j, ...]
+    kinds: dict = {}
+    for m, vector in enumerate(vectors):
+        kinds.setdefault((vector.dtype, device_key(vector)), []).append(m)
+    for batches in kinds.values():
+        start, first, values = 0, {}, {}  # (group, stack) -> its first tile's place in the joined vector, its values
+        for m in batches:
+            for (i, s), v in zip(members[m], _runs(vectors[m], [len(plans[i].stacks[s].tiles) for i, s in members[m]])):
+                first[i, s], values[i, s] = start, v
+                start += len(plans[i].stacks[s].tiles)
+        groups = sorted(dict.fromkeys(i for m in batches for i, _ in members[m]), key=lambda i: len(plans[i].tiles))
+        even = [i for i in groups if _interleaved(plans[i])]
+        if even:  # their tiles in order by one gather (none where they are so already), groups of one k side by side
+            joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
+            places = tuple((len(plans[i].tiles), tuple(first[i, s] for s in range(len(plans[i].stacks)))) for i in even)
+            ends = tuple(itertools.accumulate([k for k, _ in places], initial=0))
+            if places != tuple((k, (a,)) for (k, _), a in zip(places, ends)) or ends[-1] != joined.shape[0]:
+                joined = xp.take(joined, interleaved_places(xp, places, joined), axis=0)
+            for k, same in itertools.groupby(zip(even, ends), key=lambda pair: len(plans[pair[0]].tiles)):
+                same = list(same)
+                a = same[0][1]
+                sums = xp.sum(xp.reshape(joined[a : a + k * len(same)], (len(same), k)), axis=1)
+                for j, (i, _) in enumerate(same):
+                    out[i] = sums[j, ...]
+        rows: dict = {}
+        for i in groups:
+            if i not in even:
+                parts = [values[i, s] for s in range(len(plans[i].stacks))]
+                x = xp.reshape(unpick(xp, parts, [stack.tiles for stack in plans[i].stacks], flat=False), (-1,))
+                rows.setdefault(len(plans[i].tiles), []).append((i, x))
+        for same in rows.values():
+            sums = xp.sum(xp.stack([x for _, x in same]), axis=1) if len(same) > 1 else None
+            for j, (i, x) in enumerate(same):
+                out[i] = xp.sum(x) if sums is None else sums[j, ...]
     return out
+
+
+def _runs(vector, lengths: Sequence[int]) -> list:
+    """``vector`` cut into consecutive runs of ``lengths`` (views)."""
+    starts = (0,) + tuple(itertools.accumulate(lengths))
+    return [vector[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _interleaved(plan: TilePlan) -> bool:
+    """Whether the plan's stacks are its phases, evenly interleaved: stack ``p`` of ``T`` holds
+    tiles ``p, p+T, ...``, and ``T`` divides the number of tiles (one stack: all tiles in order)."""
+    k, T = len(plan.tiles), len(plan.stacks)
+    return k % T == 0 and all(stack.tiles == tuple(range(p, k, T)) for p, stack in enumerate(plan.stacks))
+
+
+def interleaved_places(xp, places: tuple, like):
+    """The gather that puts evenly interleaved groups' tiles in row-major order: ``places`` is,
+    per group, (its number of tiles ``k``, the places of its ``T`` stacks' first tiles); tile
+    ``t = rT + p`` is at ``first[p] + r``. Made once per ``places`` from ``arange`` on the device
+    (no host data copied; :func:`~precond_ref.engine.factors.constant`)."""
+    def make():
+        dev = placement(xp, like)
+        pieces = []
+        for k, firsts in places:
+            r = xp.arange(k // len(firsts), dtype=xp.int64, device=dev)
+            pieces.append(xp.reshape(xp.stack([r + f for f in firsts], axis=1), (-1,)))
+        return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
+    return constant(xp, ("interleaved", places), make, like)
 
 
 def counts_per_run(xp, flags, lengths: Sequence[int]) -> list:
@@ -726,11 +781,9 @@ def tiled_transform(
         chosen, batched = batches(xp, groups, stack_states, None, refreshing=False)
         D_batched = [rule.precondition(xp, c, batch.operands[0], tuple(batch.operands[1:])) for batch in batched]
         if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
-            inner = [[None] * len(group.plan.stacks) for group in groups]
-            tile_inner = [(rule.inner(xp, D, batch.operands[0]),) for D, batch in zip(D_batched, batched)]
-            for (i, s), (out,) in zip(chosen, unstack_alike(batched, tile_inner, len(chosen))):
-                inner[i][s] = out
-            sums = sums_in_tile_order(xp, inner, [group.plan for group in groups])
+            tile_inner = [rule.inner(xp, D, batch.operands[0]) for D, batch in zip(D_batched, batched)]
+            members = [[chosen[m] for m in batch.indices] for batch in batched]
+            sums = sums_in_tile_order(xp, tile_inner, members, [group.plan for group in groups])
             nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
             D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
                          for D, batch in zip(D_batched, batched)]
