@@ -39,7 +39,7 @@ from .run import build_transform
 __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
-    "sums_in_tile_order", "interleaved_places", "counts_per_run", "per_tile", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
+    "sums_in_tile_order", "interleaved_places", "counts_per_run", "run_ends", "per_tile", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
     "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
@@ -403,10 +403,25 @@ def interleaved_places(xp, places: tuple, like):
 
 def counts_per_run(xp, flags, lengths: Sequence[int]) -> list:
     """How many of ``flags`` (a (n,) bool vector, consecutive runs of ``lengths``) are set in each
-    run, as 0-D int32 arrays: one cast of the vector, then one ``sum`` per run."""
+    run, as 0-D int32 arrays: one ``sum`` for a single run; else one cumulative sum read at the
+    runs' ends (:func:`run_ends`; integers: the counts a sum per run gives, whatever the order)."""
     ones = xp.astype(flags, xp.int32)
-    starts = (0,) + tuple(itertools.accumulate(lengths))
-    return [xp.sum(ones[a:b], dtype=xp.int32) for a, b in zip(starts[:-1], starts[1:])]
+    if len(lengths) == 1:
+        return [xp.sum(ones, dtype=xp.int32)]
+    totals = xp.take(xp.cumulative_sum(ones, dtype=xp.int32), run_ends(xp, tuple(lengths), flags), axis=0)
+    counts = xp.concat([totals[:1], totals[1:] - totals[:-1]], axis=0)
+    return [counts[j, ...] for j in range(len(lengths))]
+
+
+def run_ends(xp, lengths: tuple, like):
+    """The places of the last entries of consecutive runs of ``lengths`` as an index beside
+    ``like``, made once on the device from fills (no host data copied;
+    :func:`~precond_ref.engine.factors.constant`)."""
+    def make():
+        dev = placement(xp, like)
+        ends = itertools.accumulate(lengths)
+        return xp.concat([xp.full((1,), end - 1, dtype=xp.int64, device=dev) for end in ends], axis=0)
+    return constant(xp, ("run ends", lengths), make, like)
 
 
 def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
@@ -737,7 +752,7 @@ def tiled_transform(
 
     def store(xp, stack_states, failures, chosen, batched, results, ctx) -> None:
         """Refreshed batches back into the groups' stacks (one split per operand and batch); each
-        group adds its tiles' failures to its count (:func:`counts_per_run`, one cast per batch), none
+        group adds its tiles' failures to its count (:func:`counts_per_run`, one count per batch), none
         on a skipped step (the non-finite rule's selection, made once per batch on the failure flags)."""
         counted = [layout.counted and host_bool(xp, xp.any(out[-1])) is not False for out in results]  # read where free
         selecting = layout.counted and ctx.ok is not None and not ctx.applied
