@@ -446,7 +446,9 @@ def parts_transform(
         c = ops(xp, dtype)
         correction = ctx.once(("diagonal_correction", dtype, device), lambda: rule.correction(xp, c, ctx.count, dtype))
         direction, new = rule.diagonal(xp, c, rule.State(**state), g, correction)
-        return (direction * ctx.negated("learning_rate", lr_of, dtype, device),), new._asdict()
+        # selected here, on the joined entries, so the transform does not select each leaf's piece
+        kept = {name: ctx.unless_skipped(entry, state[name]) for name, entry in new._asdict().items()}
+        return (direction * ctx.negated("learning_rate", lr_of, dtype, device),), kept
 
     def update_groups(grads_list: list, states: list, params_list: list, ctxs: list[StepContext]) -> list:
         xp, n, ctx = ctxs[0].xp, len(grads_list), ctxs[0]
