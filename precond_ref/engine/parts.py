@@ -370,13 +370,19 @@ def parts_transform(
     # lru_cache-wrapped call it traces, and cannot compare modules as dict keys.
     branches: dict[tuple, tuple[Callable, Callable]] = {}
 
-    def statistic_branches(xp: Any, kind: str) -> tuple[Callable, Callable]:
-        key = ("statistic", xp.__name__, kind)
+    def statistic_branches(xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...]) -> tuple[Callable, Callable]:
+        key = ("statistic", xp.__name__, kinds, owners)
         if key not in branches:
-            branches[key] = (
-                lambda f, n, g: finite_or_previous(xp, rule.ema(xp, ops(xp, f.dtype), kind, f, g), f, n),
-                lambda f, n, g: (f, n),
-            )
+
+            def update(f: list, n: list, g: list) -> tuple[list, list]:
+                statistics, counts = [], list(n)
+                for kind, owner, f_part, g_part in zip(kinds, owners, f, g):
+                    new = rule.ema(xp, ops(xp, f_part.dtype), kind, f_part, g_part)
+                    new, counts[owner] = finite_or_previous(xp, new, f_part, counts[owner])
+                    statistics.append(new)
+                return statistics, counts
+
+            branches[key] = (update, lambda f, n, g: (f, n))
         return branches[key]
 
     def inverse_branches(xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...], run: tuple[int, int]) -> tuple[Callable, Callable]:
@@ -440,7 +446,9 @@ def parts_transform(
         c = ops(xp, dtype)
         correction = ctx.once(("diagonal_correction", dtype, device), lambda: rule.correction(xp, c, ctx.count, dtype))
         direction, new = rule.diagonal(xp, c, rule.State(**state), g, correction)
-        return (direction * ctx.negated("learning_rate", lr_of, dtype, device),), new._asdict()
+        # selected here, on the joined entries, so the transform does not select each leaf's piece
+        kept = {name: ctx.unless_skipped(entry, state[name]) for name, entry in new._asdict().items()}
+        return (direction * ctx.negated("learning_rate", lr_of, dtype, device),), kept
 
     def update_groups(grads_list: list, states: list, params_list: list, ctxs: list[StepContext]) -> list:
         xp, n, ctx = ctxs[0].xp, len(grads_list), ctxs[0]
@@ -462,21 +470,22 @@ def parts_transform(
 
         # on the blocks of one layout joined end to end (leafwise)
         m = dict(zip(blocked, leafwise(xp, heavy_ball, [states[i]["momentum"] for i in blocked], [g[i] for i in blocked], ctx=ctx)))
-        statistic, failures = {}, {}
-        for i in blocked:
-            failures[i] = states[i]["failures"]
-            for (suffix, *_), g_part in zip(cut[i], split_rows(xp, g[i], cut[i])):
-                statistic[i, suffix], failures[i] = cond(
-                    xp, statistics_due, *statistic_branches(xp, kinds[i]), states[i]["statistic" + suffix], failures[i], g_part
-                )
         members = [(i, suffix) for i in blocked for suffix, *_ in cut[i]]  # every statistic part
         owners = tuple(blocked.index(i) for i, _ in members)
+        part_kinds = tuple(kinds[i] for i, _ in members)
+        g_parts = [piece for i in blocked for piece in split_rows(xp, g[i], cut[i])]
+        # one branch for the statistics of every part (a count per group, advanced per rejected part)
+        new_statistics, failures = cond(
+            xp, statistics_due, *statistic_branches(xp, part_kinds, owners),
+            [states[i]["statistic" + suffix] for i, suffix in members], [states[i]["failures"] for i in blocked], g_parts,
+        ) if members else ([], [])  # fmt: skip
+        statistic = dict(zip(members, new_statistics))
         inverse = {key: states[key[0]]["inverse" + key[1]] for key in members}
-        counts = before = [failures[i] for i in blocked]  # a refresh call counts one failure per group
+        counts = before = list(failures)  # a refresh call counts one failure per group
         decisions = [ctx.every(interval) for interval in phase_due] if members else []
         for due, first, stop in refresh_runs(xp, decisions):  # due phases first..stop-1, one batched call
             refreshed, counts = cond(
-                xp, due, *inverse_branches(xp, tuple(kinds[i] for i, _ in members), owners, (first, stop)),
+                xp, due, *inverse_branches(xp, part_kinds, owners, (first, stop)),
                 [statistic[key] for key in members], [inverse[key] for key in members], counts, before,
             )  # fmt: skip
             inverse = dict(zip(members, refreshed))

@@ -20,7 +20,7 @@ _VIEWS = frozenset({"view", "unsqueeze", "select", "slice", "split", "split_with
                     "expand", "transpose", "t", "permute", "squeeze", "as_strided", "alias", "detach", "unbind"})
 
 
-def _plain_step_ops(n_fc: int, n_diagonal: int, kernels: bool = False) -> int:
+def _plain_step_ops(n_fc: int, n_diagonal: int, kernels: bool = False, weight_decay: float = 1e-3) -> int:
     """Dispatcher calls of one plain MBF step (principled defaults, KL clip on) on ``n_fc`` FC
     layers 8 x 5 with bias and ``n_diagonal`` scale vectors of length 8, float64; with ``kernels``
     only those that are not views (each a kernel launch on a GPU)."""
@@ -34,7 +34,7 @@ def _plain_step_ops(n_fc: int, n_diagonal: int, kernels: bool = False) -> int:
     params = {f"fc{i}": {"bias": randn(8), "weight": randn(8, 5)} for i in range(n_fc)}
     params.update({f"norm{i}": {"scale": randn(8)} for i in range(n_diagonal)})
     grads = {k: {n: randn(*v.shape) for n, v in d.items()} for k, d in params.items()}
-    opt = pr.mbf(learning_rate=1e-2, weight_decay=1e-3, statistics_every=1000, precondition_every=1000)
+    opt = pr.mbf(learning_rate=1e-2, weight_decay=weight_decay, statistics_every=1000, precondition_every=1000)
     state = opt.init(params)
     _, state = opt.update(grads, state, params, step=0)  # statistics and refresh: step 0
     with Dispatched() as dispatched:
@@ -62,6 +62,22 @@ def test_plain_step_operations_per_layer():
     assert fc <= 16, fc
     assert fc_kernels <= 8, fc_kernels
     assert diagonal <= 2, diagonal
+
+
+def test_diagonal_leaves_selected_joined_on_a_gpu():
+    """Invariant: with a GPU's grouping (the skip decision not read on the host, so every new state
+    entry is selected by the non-finite rule, ``StepContext.unless_skipped``), one more
+    diagonal-rule leaf costs a plain step no kernel: the diagonal rule runs on all small diagonal
+    leaves concatenated and its new entries (a, v) are selected once on the joined vectors, each
+    leaf's slices marked selected (``engine.context.settle_pieces``); before, each leaf's two
+    entries were selected again by the transform (2 kernels per leaf). Without weight decay, whose
+    2 kernels per leaf are the leaf's own update."""
+    from precond_ref.benchmarks.counting import gpu_grouping
+
+    with gpu_grouping():
+        counts = [_plain_step_ops(1, n, kernels=True, weight_decay=0.0) for n in (2, 6)]
+    diagonal = (counts[1] - counts[0]) / 4
+    assert diagonal == 0, diagonal
 
 
 def test_warm_up_refresh_inverts_each_stack_once():
