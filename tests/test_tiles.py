@@ -83,10 +83,14 @@ def test_stacks_of_tiles_are_the_slices_of_each_stack(dims, block, interval):
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 def test_sums_in_tile_order_are_the_sums_of_the_tiles_in_row_major_order(dims, block, interval, library):
     """S8's ⟨D, G⟩ of a group, ``sums_in_tile_order``: the per-tile values summed over the tiles in
-    row-major order, bitwise the ``sum`` of the vector in that order (what the per-tile layout
-    summed), whatever the stacks' order: values of mixed magnitudes, so that another order of
-    summation rounds differently; two groups of one plan (summed as the rows of one matrix; each
-    stack a batch of both), and a group of one tile; evenly interleaved phases (one gather) or not."""
+    row-major order, the ``sum`` of the vector in that order (what the per-tile layout summed),
+    whatever the stacks' order: values of mixed magnitudes; two groups of one plan (summed as the
+    rows of one matrix; each stack a batch of both), and a group of one tile; evenly interleaved
+    phases (one gather) or not. NumPy: bitwise (a row of a C-contiguous matrix and a vector go
+    through the same pairwise summation of a contiguous run, so another order of the tiles, the
+    stacks' order, fails: the values' magnitudes span 16 decades). torch: within the rounding of a
+    k-term sum (k eps sum|v|), since its row and vector reductions are different kernels that no
+    release promises round alike (on this project's CPUs they do, bit for bit)."""
     from array_api_compat import array_namespace
 
     if library == "torch":
@@ -104,7 +108,12 @@ def test_sums_in_tile_order_are_the_sums_of_the_tiles_in_row_major_order(dims, b
     batches = [xp.concat([asarray(v[list(stack.tiles)]) for v in (values, other)]) for stack in plan.stacks]
     members = [[(0, s), (1, s)] for s in range(len(plan.stacks))] + [[(2, 0)]]
     got = tiling.sums_in_tile_order(xp, batches + [asarray(single)], members, [plan, plan, one])
-    assert [float(x) for x in got] == [float(xp.sum(asarray(v))) for v in (values, other, single)]
+    for x, v in zip(got, (values, other, single)):
+        want = float(xp.sum(asarray(v)))
+        if library == "torch":
+            assert abs(float(x) - want) <= len(v) * np.finfo(np.float64).eps * float(np.sum(np.abs(v)))
+        else:
+            assert float(x) == want
 
 
 @pytest.mark.parametrize("positions", [(0, 1, 2, 3, 4), (1, 3), (2,), (0, 4, 1), (3, 0)])
