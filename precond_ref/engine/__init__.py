@@ -19,7 +19,7 @@ everything around it, the same way for every method:
   leaves stacked into one batched call (:func:`precond_ref.blocking.on_stacks`);
 * **dtypes and operands**: updates cast back to the parameters' dtypes, per-step values computed
   once for all groups (:meth:`~precond_ref.engine.context.StepContext.once`), the float32 matmul
-  precision of the step;
+  precision of the step, a rule's batch size and state dtype (:mod:`~precond_ref.engine.options`);
 * **migration**: a state saved under an earlier version's entry names renamed on the way in
   (``legacy_names``), with a hint for a state saved under another layout (``layout_hint``);
 * **the state's invariants**: a step never changes an entry's shape or dtype, never aliases two
