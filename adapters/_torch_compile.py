@@ -28,8 +28,9 @@ An element-wise method (AGD, RF-RMSProp, RF-AdamW) in a param group of many tens
 and per pack of small ones, and :class:`KernelWrites` compiles that function once per method,
 dtype and option set, for every length, so that the first step of a large model compiles one
 small kernel rather than a graph of every leaf. DASGO, whose leaves step independently but for
-the step's skip decision (:func:`leafwise_step`), does likewise through :class:`LeafCalls`: one
-call per leaf of the core update compiled for leaves of every size, one graph per layout.
+the step's skip decision (:func:`~precond_ref.engine.run.steps_leaf_by_leaf`), does likewise
+through :class:`LeafCalls`: one call per leaf of the core update compiled for leaves of every
+size, one graph per layout.
 
 If compilation fails (no C++ compiler for TorchInductor's CPU backend, an unsupported
 operation), the optimizer says so once and runs the same core eagerly.
@@ -52,6 +53,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from precond_ref.engine.elementwise import EAGER_WRITES, in_place_step
+from precond_ref.engine.run import steps_leaf_by_leaf
 from precond_ref.engine.skip import gradient_ok
 from precond_ref.transform import Transform
 from precond_ref.tree import path_str, tree_flatten
@@ -264,9 +266,9 @@ class CompiledStep:
         # (KernelWrites) instead (PER_LEAF_MIN_TENSORS).
         self._in_place = in_place_step(transform)
         self._writes = KernelWrites(self.options) if self._in_place is not None else None
-        # A rule whose leaves step independently (leafwise_step) runs a large group's step as one
+        # A rule whose leaves step independently (steps_leaf_by_leaf) runs a large group's step as one
         # compiled call per leaf instead (LeafCalls).
-        self._leaf_calls = LeafCalls(transform, self.options) if leafwise_step(transform) else None
+        self._leaf_calls = LeafCalls(transform, self.options) if steps_leaf_by_leaf(transform) else None
 
     def _notice_if_slow(self, grads: Any) -> Optional[threading.Timer]:
         """A timer that says, once, that a step is compiling if it still is after
@@ -346,13 +348,6 @@ def _timer(tell: Callable[[], None]) -> threading.Timer:
 PER_LEAF_MIN_TENSORS = 64
 
 
-def leafwise_step(transform: Transform) -> bool:
-    """Whether each leaf of ``transform``'s update can be stepped alone: a rule of one leaf per
-    group whose update of a leaf reads nothing of the others but the step's skip decision
-    (``update.leafwise``, set by the method: DASGO)."""
-    return bool(getattr(transform.update, "leafwise", False))
-
-
 def _apply_leaf(transform: Transform, ok: Any, g: Any, state: Any, w: Any, due: tuple, extra: dict) -> Any:
     """:func:`_apply` of one leaf (a tree of that leaf alone), whose step is skipped where the
     whole tree's skip decision ``ok`` says: its gradient is then NaN, which the core's own test
@@ -370,11 +365,11 @@ PER_SHAPE_MIN_ELEMENTS = 2**24
 
 
 class LeafCalls:
-    """The compiled step of a :func:`leafwise_step` rule as one call per leaf of one function
-    compiled for leaves of every size (``dynamic=True``): a large model's first step compiles the
-    step of one leaf of each layout (rank, dtype, state entries: a matrix and a fallback vector),
-    and of each shape of :data:`PER_SHAPE_MIN_ELEMENTS` elements or more, rather than a graph of
-    every leaf. The step's skip decision is taken once over every gradient, eagerly, and is an
+    """The compiled step of a :func:`~precond_ref.engine.run.steps_leaf_by_leaf` rule as one call
+    per leaf of one function compiled for leaves of every size (``dynamic=True``): a large model's
+    first step compiles the step of one leaf of each layout (rank, dtype, state entries: a matrix
+    and a fallback vector), and of each shape of :data:`PER_SHAPE_MIN_ELEMENTS` elements or more,
+    rather than a graph of every leaf. The step's skip decision is taken once over every gradient, eagerly, and is an
     operand of each call (:func:`_apply_leaf`); each call writes its leaf's parameter and state in
     place.
 

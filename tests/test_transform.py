@@ -708,3 +708,27 @@ def test_leafwise_equals_the_function_leaf_by_leaf(backend):
         for g, e in ((g1, e1), (g2, e2)):
             assert tuple(g.shape) == tuple(x.shape) and g.dtype == x.dtype
             np.testing.assert_array_equal(backend.to_numpy(g), backend.to_numpy(e))
+
+
+def test_independent_leaves_let_adapters_step_leaf_by_leaf():
+    """``build_transform(independent_leaves=True)`` says to adapters that a tree's update is its
+    leaves' updates, each called alone given the tree's skip decision
+    (``engine.run.steps_leaf_by_leaf``: DASGO), with ``on_nonfinite="skip"`` only (``"raise"``
+    reads the host on each call); not by default (ASGO, element-wise rules). A rule of
+    independent leaves has one leaf per group: other groupings raise ``TypeError``."""
+    from precond_ref.engine import build_transform
+    from precond_ref.engine.run import steps_leaf_by_leaf
+    from precond_ref.transform import weight_bias_groups
+
+    assert steps_leaf_by_leaf(pr.dasgo())
+    assert not steps_leaf_by_leaf(pr.dasgo(on_nonfinite="raise"))
+    assert not steps_leaf_by_leaf(pr.asgo()) and not steps_leaf_by_leaf(pr.agd())
+
+    def step(g, s, p, ctx):
+        return g, s
+
+    made = build_transform(name="plain", init_group=lambda leaves, paths, xp: {}, update_group=step)
+    assert not steps_leaf_by_leaf(made)
+    with pytest.raises(TypeError, match="independent_leaves=True needs the default singleton groups"):
+        build_transform(name="pairs", init_group=lambda leaves, paths, xp: {}, update_group=step,
+                        group_leaves=weight_bias_groups, independent_leaves=True)

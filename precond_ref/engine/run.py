@@ -32,7 +32,7 @@ from .context import StepContext
 from .joined import leafwise, pack
 from .skip import first_bad_gradient, gradient_ok
 
-__all__ = ["build_transform"]
+__all__ = ["build_transform", "steps_leaf_by_leaf"]
 
 Array = Any
 
@@ -51,6 +51,7 @@ def build_transform(
     elementwise: bool = False,
     layout_hint: Optional[Callable[[dict, dict], str]] = None,
     legacy_names: Optional[Callable[[dict], dict]] = None,
+    independent_leaves: bool = False,
 ) -> Transform:
     """Assemble a tree-level :class:`Transform` from a method's per-group functions.
 
@@ -111,6 +112,12 @@ def build_transform(
         old). ``update`` renames such a state before anything else (a restored optax state keeps
         working; the state it returns has the current names); kept as ``init.legacy_names`` for
         adapters that rename on load (torch's ``load_state_dict``).
+    independent_leaves:
+        Each group is one leaf whose updates and new state ``update_group(s)`` computes from that
+        leaf's arrays alone (``update_groups`` may stack leaves, but only to run them together):
+        the update of a tree is then the updates of its leaves, each called alone as a tree of one
+        leaf, given the whole tree's skip decision. With ``on_nonfinite="skip"`` the transform
+        says so to adapters (:func:`steps_leaf_by_leaf`); ``"raise"`` reads the host per call.
     """
     check_choice("matmul_precision", matmul_precision, tuple(_JAX_PRECISION))
     check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
@@ -118,6 +125,8 @@ def build_transform(
         raise TypeError(f"{name}: build_transform needs exactly one of update_group and update_groups")
     if elementwise and (update_group is None or group_leaves is not singleton_groups):
         raise TypeError(f"{name}: elementwise=True needs update_group and the default singleton groups")
+    if independent_leaves and group_leaves is not singleton_groups:
+        raise TypeError(f"{name}: independent_leaves=True needs the default singleton groups")
     # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes: update
     # compares it with the state it is given (the gradients stand in for the parameters).
     # init records the layouts it makes, so that update builds a state only for gradients unlike
@@ -348,7 +357,15 @@ def build_transform(
 
     init.layout_hint = layout_hint  # type: ignore[attr-defined]
     init.legacy_names = legacy_names  # type: ignore[attr-defined]
+    update.leafwise = independent_leaves and on_nonfinite == "skip"  # type: ignore[attr-defined]
     return Transform(init, update, due, matmul_precision, group_leaves)
+
+
+def steps_leaf_by_leaf(transform: Transform) -> bool:
+    """Whether an adapter may step ``transform``'s leaves one by one, each as a tree of one leaf
+    given the whole tree's skip decision, and get the update of the whole tree: a transform of
+    ``independent_leaves`` (:func:`build_transform`) with ``on_nonfinite="skip"``."""
+    return bool(getattr(transform.update, "leafwise", False))
 
 
 #: The largest leaf an ``elementwise`` method runs together with others as one flat leaf, eagerly
