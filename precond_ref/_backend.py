@@ -396,15 +396,16 @@ def _copies(xp: Any, tree: Any) -> Any:
 
 def cond_under_cpu_jit(xp: Any, pred: Array, fast_fn: Callable, safe_fn: Callable, *operands: Any) -> Any:
     """``tuple(where(pred, f, s) for f, s in zip(fast_fn(*operands), safe_fn(*operands)))``: two ways
-    to the same arrays (to rounding), the first cheaper but valid only where the 0-D ``pred`` holds.
+    to the same arrays (to rounding), the first cheaper but valid only where ``pred`` holds (0-D, or
+    one per row of the results, e.g. per matrix of a stack, broadcast against them).
 
-    Under ``jax.jit`` for a CPU, a ``lax.cond``: only the branch taken runs. Elsewhere both run and
-    an element-wise selection picks, never a host read of ``pred``: eagerly a read would be a
+    Under ``jax.jit`` for a CPU, a ``lax.cond`` of a 0-D ``pred``: only the branch taken runs.
+    Elsewhere both run and an element-wise selection picks, never a host read of ``pred``: eagerly a read would be a
     synchronisation on a GPU, and XLA's GPU conditional copies its predicate to the host and waits
     for it, once per step (what running both branches costs there is unmeasured). Both branches
     return a tuple of arrays of identical shapes and dtypes.
     """
-    if is_jax_namespace(xp) and is_tracer(pred) and sys.modules["jax"].default_backend() == "cpu":
+    if is_jax_namespace(xp) and is_tracer(pred) and pred.ndim == 0 and sys.modules["jax"].default_backend() == "cpu":
         return sys.modules["jax"].lax.cond(pred, fast_fn, safe_fn, *operands)
     return tuple(xp.where(pred, f, s) for f, s in zip(fast_fn(*operands), safe_fn(*operands)))
 
@@ -549,8 +550,9 @@ ROW_BLOCK = 16
 
 
 def sum_across(xp: Any, x: Array, axis: int) -> Array:
-    """``xp.sum(x, axis=axis)`` of a matrix, in another order: column sums (``axis=0``) of at least
-    two blocks of :data:`ROW_BLOCK` rows add the rows of each block first.
+    """``xp.sum(x, axis=axis)`` of a matrix, or of each matrix of a stack ``(..., m, n)``, in
+    another order: column sums (the rows' axis, ``-2``) of at least two blocks of
+    :data:`ROW_BLOCK` rows add the rows of each block first.
 
     TorchInductor's CPU code otherwise walks the matrix in strips of 8 columns from the first row
     to the last, a 4-KiB stride per row; summed in blocks, it reads whole rows (``docs/backends.md``,
@@ -559,20 +561,22 @@ def sum_across(xp: Any, x: Array, axis: int) -> Array:
     and no slice that may be empty, so that one graph compiled for matrices of every size
     (``dynamic=True``) serves every row count.
     """
-    rows = x.shape[0] // ROW_BLOCK * ROW_BLOCK
-    if axis != 0 or rows < 2 * ROW_BLOCK:
+    rows = x.shape[-2] // ROW_BLOCK * ROW_BLOCK
+    if axis % x.ndim != x.ndim - 2 or rows < 2 * ROW_BLOCK:
         return xp.sum(x, axis=axis)
-    blocks = xp.reshape(x[:rows, :], (rows // ROW_BLOCK, ROW_BLOCK, x.shape[1]))
-    total = xp.sum(xp.sum(blocks, axis=1), axis=0)
+    blocks = xp.reshape(x[..., :rows, :], (*x.shape[:-2], rows // ROW_BLOCK, ROW_BLOCK, x.shape[-1]))
+    total = xp.sum(xp.sum(blocks, axis=-2), axis=-2)
     if torch_compiling():
-        start = x.shape[0] - ROW_BLOCK
+        start = x.shape[-2] - ROW_BLOCK
         tail = xp.arange(ROW_BLOCK, dtype=xp.int64, device=placement(xp, x)) >= rows - start
-        return total + xp.sum(xp.where(xp.expand_dims(tail, axis=1), x[start:, :], xp.zeros_like(x[:1, :])), axis=0)
-    return total if rows == x.shape[0] else total + xp.sum(x[rows:, :], axis=0)
+        zeros = xp.zeros_like(x[..., :1, :])
+        return total + xp.sum(xp.where(xp.expand_dims(tail, axis=1), x[..., start:, :], zeros), axis=-2)
+    return total if rows == x.shape[-2] else total + xp.sum(x[..., rows:, :], axis=-2)
 
 
 def squared_sums(xp: Any, g: Array, axis: int) -> Array:
-    """``Σ_i G_ij²`` (``axis=0``: ``diag(GᵀG)``; ``axis=1``: ``diag(GGᵀ)``), by :func:`sum_across`.
+    """``Σ_i G_ij²`` (``axis=0`` or ``-2``: ``diag(GᵀG)``; ``axis=1`` or ``-1``: ``diag(GGᵀ)``) of a
+    matrix, or of each matrix of a stack ``(..., m, n)`` (negative axes), by :func:`sum_across`.
 
     On JAX the squares are formed as ``(G/2)·G`` and the sums doubled (exact but for subnormals),
     so that XLA does not share one ``G·G`` with the non-finite check's sum and write it out for

@@ -8,7 +8,7 @@ import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from .._backend import cast, compute_dtype, device_key
-from ..blocking import stack, unstack
+from ..blocking import Stack, stack, unstack
 from .context import StepContext, settle_pieces
 
 __all__ = ["MatrixStack", "matrix_stacks", "hand_back", "leaves_of", "as_matrix", "matrix_shape", "joined_leaves"]
@@ -56,8 +56,11 @@ def matrix_stacks(
             operands.append(as_matrix(xp, params[i][0], shape))
         members.append(tuple(operands))
         labels.append(tuple(n for n in names if n in state))
+    # One leaf is its own stack: no stacking key read (its shape in a key would make a compiler
+    # specialise a graph of every size to that shape).
+    alone = [Stack((0,), members[0], (members[0][0].shape[0],))] if len(members) == 1 else None
     stacks = []
-    for s in stack(xp, members, key=_full_layout, labels=labels):
+    for s in alone or stack(xp, members, key=_full_layout, labels=labels):
         count, entries = len(s.indices), labels[s.indices[0]]
         joined = [a if a.ndim == 3 or count == 1 else xp.reshape(a, (count, *members[s.indices[0]][k].shape)) for k, a in enumerate(s.operands)]
         m, n = joined[0].shape[-2:]
@@ -106,13 +109,14 @@ def hand_back(
     (an entry not given: the stored array itself); and each of its counters ``state[c] +
     counts[c][l]`` (``counters``: the names of its counters; one not in ``counts``: the stored
     one). The non-finite rule's selection of the new entries (:meth:`StepContext.unless_skipped`)
-    is made here, once on each stacked entry rather than on each leaf's slice (:func:`~precond_ref.engine.settle_pieces`)."""
+    is made here, once on each stacked entry rather than on each leaf's slice (:func:`~precond_ref.engine.settle_pieces`),
+    unless the method made it already."""
     count = len(s.leaves)
     steps = leaves_of(xp, step, count, tuple(step.shape[-2:]))
     first = states[s.leaves[0]]
     pieces = {}
     for name, a in entries.items():
-        if name in s.state and s.state[name] is not a:
+        if name in s.state and s.state[name] is not a and not (ctx.settled is not None and a in ctx.settled):
             a = ctx.unless_skipped(a, s.state[name])
         pieces[name] = settle_pieces(ctx, a, leaves_of(xp, a, count, tuple(first[name].shape)))
     for name in counters:

@@ -67,15 +67,16 @@ def rms_renormalised(xp: Any, u: Array, rms_target: Optional[float], exact_dtype
 def scaled_rms_renormalised(
     xp: Any, m: Array, scale: Array, axis: int, rms_target: Optional[float], exact_dtype: bool
 ) -> Array:
-    """``r√(mn) U/‖U‖_F`` for ``U = M diag(s)`` (``axis=0``; ``diag(s) M`` for ``axis=1``) of a
-    matrix ``M``, a zero ``U`` staying zero; ``U`` itself for ``rms_target=None``.
+    """``r√(mn) U/‖U‖_F`` for ``U = M diag(s)`` (``axis=-2``; ``diag(s) M`` for ``axis=-1``) of a
+    matrix ``M``, or of each matrix of a stack ``(L, m, n)`` with its scale ``s`` (``(L, n)`` or
+    ``(L, m)``), a zero ``U`` staying zero; ``U`` itself for ``rms_target=None``.
 
     With ``exact_dtype`` ``U`` is formed and renormalised by :func:`rms_renormalised`. Otherwise
     ``U`` is never formed before the pass that writes the result: ``‖U‖_F²`` comes from the column
     sums of ``M²`` (:func:`scaled_squared_norm`) and the factor joins the per-column scale, float32
     summed in float64 where the backend has it, else by :func:`column_factored_renormalise`.
     """
-    rows, columns = m.shape
+    rows, columns = m.shape[-2:]
     if exact_dtype or rms_target is None or rows * columns == 0:
         return rms_renormalised(xp, m * xp.expand_dims(scale, axis=axis), rms_target, exact_dtype)
     target = rms_target * math.sqrt(rows * columns)
@@ -84,12 +85,19 @@ def scaled_rms_renormalised(
         return column_factored_renormalise(xp, m, scale, axis, target)
     m_w, scale_w = xp.astype(m, wide), xp.astype(scale, wide)
     factor = _renormalising_factor(xp, scaled_squared_norm(xp, m_w, scale_w, axis), target)
-    return xp.astype(m_w * xp.expand_dims(computed_once(xp, scale_w * factor), axis=axis), m.dtype)
+    return xp.astype(m_w * xp.expand_dims(computed_once(xp, scale_w * _per_matrix(xp, factor)), axis=axis), m.dtype)
+
+
+def _per_matrix(xp: Any, x: Array) -> Array:
+    """Per-matrix values of a stack ``(L,)`` shaped ``(L, 1)`` to scale its vectors ``(L, k)``; a
+    0-D value (one matrix) as it is."""
+    return x if x.ndim == 0 else xp.expand_dims(x, axis=-1)
 
 
 def column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, target: float) -> Array:
-    r"""``U · target/‖U‖_F`` for ``U = M diag(s)`` (``axis=0``; ``diag(s) M`` for ``axis=1``) without
-    float64 and without forming ``U`` first: D12 in the compute dtype.
+    r"""``U · target/‖U‖_F`` for ``U = M diag(s)`` (``axis=-2``; ``diag(s) M`` for ``axis=-1``) of a
+    matrix, or of each matrix of a stack, without float64 and without forming ``U`` first: D12 in
+    the compute dtype.
 
     Two ways to the same result (to rounding), chosen per step without a host read
     (:func:`~precond_ref.transform.cond_under_cpu_jit`):
@@ -120,23 +128,23 @@ def column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, targ
     def expand(x: Array) -> Array:
         return xp.expand_dims(x, axis=axis)
 
-    def over_max(x: Array) -> Array:  # x / max(x), or x if that is zero (x >= 0)
-        top = xp.max(x)
+    def over_max(x: Array) -> Array:  # x / max(x) per vector, or x if that is zero (x >= 0)
+        top = _per_matrix(xp, xp.max(x, axis=-1))
         return x / xp.where(top > 0, top, xp.ones_like(top))
 
     total = scaled_squared_norm(xp, m, scale, axis)
-    rows, columns = m.shape
+    rows, columns = m.shape[-2:]
     info = xp.finfo(m.dtype)
     # Each underflowing square or product is off by less than smallest_normal: together at most
     # 2^-10 of the dtype's rounding unit of T.
-    top = xp.max(scale)
-    lost = (rows * columns * (top * top) + scale.shape[0]) * (info.smallest_normal * 2.0**10 / info.eps)
+    top = xp.max(scale, axis=-1)
+    lost = (rows * columns * (top * top) + scale.shape[-1]) * (info.smallest_normal * 2.0**10 / info.eps)
     plain = (total >= lost) & (total < float("inf"))
 
     def fast(m: Array, scale: Array, total: Array) -> tuple[Array, Array]:
         # T replaced where this branch is not taken: evaluated anyway, it must not overflow (warnings).
         factor = _renormalising_factor(xp, xp.where(plain, total, xp.ones_like(total)), target)
-        return scale * factor, xp.ones_like(scale)
+        return scale * _per_matrix(xp, factor), xp.ones_like(scale)
 
     def safe(m: Array, scale: Array, total: Array) -> tuple[Array, Array]:
         peaks = xp.max(xp.abs(m), axis=axis)
@@ -147,17 +155,18 @@ def column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, targ
         # maxima themselves: XLA merges it with their reduction into one over the whole matrix,
         # and then writes |M| out for the two reductions to share.
         relative = over_max(peaks * over_max(scale))
-        norm = xp.sqrt(xp.sum(relative * relative * column_sums))
-        return inverse, relative * (target / xp.maximum(norm, xp.ones_like(norm)))
+        norm = xp.sqrt(xp.sum(relative * relative * column_sums, axis=-1))
+        return inverse, relative * _per_matrix(xp, target / xp.maximum(norm, xp.ones_like(norm)))
 
-    a, b = cond_under_cpu_jit(xp, plain, fast, safe, m, scale, total)
+    a, b = cond_under_cpu_jit(xp, _per_matrix(xp, plain), fast, safe, m, scale, total)
     return (m * expand(a)) * expand(b)
 
 
 def scaled_squared_norm(xp: Any, m: Array, scale: Array, axis: int) -> Array:
-    r""":math:`‖M \operatorname{diag}(s)‖_F^2 = \sum_j s_j^2 \sum_i M_{ij}^2` (``axis=0``;
-    :math:`‖\operatorname{diag}(s) M‖_F^2` for ``axis=1``) from the column sums of :math:`M^2`,
-    without forming the product: a compiler fuses the sums with the pass that reads M."""
-    return xp.sum(scale * scale * sum_across(xp, m * m, axis))
+    r""":math:`‖M \operatorname{diag}(s)‖_F^2 = \sum_j s_j^2 \sum_i M_{ij}^2` (``axis=-2``;
+    :math:`‖\operatorname{diag}(s) M‖_F^2` for ``axis=-1``) from the column sums of :math:`M^2`,
+    without forming the product: a compiler fuses the sums with the pass that reads M. Of a
+    stack ``(L, m, n)``: one value per matrix ``(L,)``."""
+    return xp.sum(scale * scale * sum_across(xp, m * m, axis), axis=-1)
 
 

@@ -38,8 +38,8 @@ from ..engine import StepContext, build_transform
 from ..engine.blockdiag import (
     STACKED, block_diagonal_product, block_layout_hint, block_state, hand_back_roots, per_block, refresh_roots, side_blocks,
 )
-from ..engine.fallback import FallbackAdam, FallbackMask, adam_init, adam_step, fallback_leaves, fallback_predicate
-from ..engine.matrices import MatrixStack, matrix_shape, matrix_stacks
+from ..engine.fallback import FallbackAdam, FallbackMask, adam_init, fallback_leaves, fallback_predicate
+from ..engine.matrices import MatrixStack, hand_back, matrix_shape, matrix_stacks
 from ..engine.rms import rms_renormalised, scaled_rms_renormalised
 from ..transform import (
     ScalarOrSchedule, Transform, check_choice, check_learning_rate, check_nonnegative, check_positive, check_positive_int,
@@ -104,7 +104,7 @@ class DASGOConfig(NamedTuple):
 #   U_t = Z_t M_t,   W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)      _asgo_step, _finish
 #
 # DASGO (right side): v_t = β₂ v_{t-1} + (1-β₂) diag(G_tᵀ G_t), U_t = M_t diag(v_t + ε)^{-1/2}
-# (_dasgo_state, _dasgo_update). The engine runs them: the matrix stacks, the blocks of a long side, the refresh
+# (_dasgo_state, _dasgo_step). The engine runs them: the matrix stacks, the blocks of a long side, the refresh
 # phases and the replacement of a non-finite root (engine.blockdiag), the fallback Adam
 # (engine.fallback), the scale-invariant renormalisation (engine.rms), the non-finite rule.
 
@@ -220,26 +220,24 @@ def _asgo_step(xp: Any, c: ASGOConfig, s: MatrixStack, momentum: Array, roots: d
     return _finish(xp, c, u, s.param, tuple(u.shape), ctx)
 
 
-def _dasgo_state(xp: Any, c: DASGOConfig, state: dict, g: Array, zero: Array) -> dict[str, Array]:
-    """A matrix leaf's new momentum and statistic, from its m×n gradient ``g`` in the compute dtype."""
-    momentum = _momentum(xp, c, state["momentum"], g, zero)  # M_t
-    q = cast(xp, squared_sums(xp, g, _summed_axis(c, g)), state["statistic"].dtype)  # q_t = diag(G_tᵀ G_t)
-    return {"momentum": momentum, "statistic": ema(state["statistic"], q, c.b2, c.faithful)}  # v_t
+def _dasgo_state(xp: Any, c: DASGOConfig, s: MatrixStack, zero: Array) -> dict[str, Array]:
+    """A stack's new momentum and statistic, from its m×n gradients ``s.g`` in the compute dtype."""
+    momentum = _momentum(xp, c, s.state["momentum"], s.g, zero)  # M_t
+    q = cast(xp, squared_sums(xp, s.g, _summed_axis(s)), s.state["statistic"].dtype)  # q_t = diag(G_tᵀ G_t)
+    return {"momentum": momentum, "statistic": ema(s.state["statistic"], q, c.b2, c.faithful)}  # v_t
 
 
-def _dasgo_update(
-    xp: Any, c: DASGOConfig, new: dict, g: Array, param: Optional[Array], shape: tuple, ctx: StepContext
-) -> Array:
-    """A matrix leaf's step ``-η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)``, ``U_t = M_t diag(v_t + ε)^{-1/2}``."""
-    scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(new["statistic"] + c.eps), g.dtype))  # diag(v_t + ε)^{-1/2}
-    m = cast(xp, new["momentum"], g.dtype)
-    u = scaled_rms_renormalised(xp, m, scale, _summed_axis(c, g), c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
-    return _finish(xp, c, u, param, shape, ctx)
+def _dasgo_step(xp: Any, c: DASGOConfig, s: MatrixStack, new: dict, ctx: StepContext) -> Array:
+    """A stack's step ``-η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)``, ``U_t = M_t diag(v_t + ε)^{-1/2}``."""
+    scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(new["statistic"] + c.eps), s.g.dtype))  # diag(v_t + ε)^{-1/2}
+    m = cast(xp, new["momentum"], s.g.dtype)
+    u = scaled_rms_renormalised(xp, m, scale, _summed_axis(s), c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
+    return _finish(xp, c, u, s.param, tuple(u.shape), ctx)
 
 
-def _summed_axis(c: DASGOConfig, g: Array) -> int:
-    """The axis DASGO's statistic sums over: 0 (the columns' sums) on the right side."""
-    return 1 if _is_left(c.side, *g.shape) else 0
+def _summed_axis(s: MatrixStack) -> int:
+    """The axis DASGO's statistic sums over: the rows' (the columns' sums) on the right side."""
+    return -1 if s.left else -2
 
 
 def _zero(ctx: StepContext, x: Array) -> Array:
@@ -601,31 +599,28 @@ def dasgo(
             "statistic": xp.zeros((k,), dtype=v_dtype, device=dev),
         }
 
-    # Leaf by leaf: stacking DASGO's equal matrices made its CPU step slower, eager and compiled
-    # (the copies into and out of the stacks cost more than the operations they save).
-    def update_group(grads, state, params, ctx: StepContext):
-        (g,), w, xp = grads, (None if params is None else params[0]), ctx.xp
-        if "mu" in state:  # not a matrix: the fallback Adam
-            return adam_step(fallback, g, state, w, ctx)
-        g_m = cast(xp, xp.reshape(g, tuple(state["momentum"].shape)), compute_dtype(xp, g.dtype))
-        new = _dasgo_state(xp, c, state, g_m, _zero(ctx, g_m))
-        # The non-finite rule's selection before the step reads the new state: a compiler then
-        # reads the stored entries rather than recomputing them (StepContext.unless_skipped).
-        new = {name: ctx.unless_skipped(entry, state[name]) for name, entry in new.items()}
-        return (_dasgo_update(xp, c, new, g_m, w, tuple(g.shape), ctx),), new
+    def update_groups(grads, states, params, ctxs):
+        xp, ctx = ctxs[0].xp, ctxs[0]
+        results, matrices = fallback_leaves(xp, grads, states, params, ctx, fallback)
+        stacks = matrix_stacks(xp, grads, states, params, matrices, ("momentum", "statistic"), partial(_is_left, side),
+                               not is_zero(weight_decay))
+        for s in stacks:
+            # The non-finite rule's selection before the step reads the new state: a compiler then
+            # reads the stored entries rather than recomputing them (StepContext.unless_skipped).
+            new = _dasgo_state(xp, c, s, _zero(ctx, s.g))  # M_t, v_t
+            new = {name: ctx.unless_skipped(entry, s.state[name]) for name, entry in new.items()}
+            for i, result in hand_back(xp, s, states, _dasgo_step(xp, c, s, new, ctx), new, {}, ctx):
+                results[i] = result
+        return results
 
-    transform = build_transform(
+    return build_transform(
         name="dasgo",
         init_group=init_group,
-        update_group=update_group,
+        update_groups=update_groups,
         on_nonfinite=on_nonfinite,
         needs_params=not is_zero(weight_decay) or not is_zero(fallback_weight_decay),
+        independent_leaves=True,
     )
-    # Each leaf's step reads no other leaf but through the step's skip decision: an adapter may
-    # step the leaves one by one, given that decision (the torch adapter's compiled step of a
-    # large param group); not with on_nonfinite="raise", whose test reads the host.
-    transform.update.leafwise = on_nonfinite == "skip"  # type: ignore[attr-defined]
-    return transform
 
 
 def _principled_only(option: str, given: Any, why: str = "") -> None:
