@@ -5,9 +5,11 @@ an element-wise step over leaves of any shape joined end to end."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import cast, compute_dtype, device_key
+from .. import blocking
+from .._backend import array_device, cast, compute_dtype, device_key
 from ..blocking import Stack, stack, unstack
 from .context import StepContext, settle_pieces
 
@@ -38,14 +40,20 @@ class MatrixStack(NamedTuple):
 
 def matrix_stacks(
     xp: Any, grads: list, states: list, params: Any, leaves: list[int], names: Sequence[str],
-    left: Callable[[int, int], bool], with_param: bool,
+    left: Callable[[int, int], bool], with_param: bool, passes: bool = False,
 ) -> list[MatrixStack]:
     """The matrix leaves ``leaves`` (each group one leaf whose state's ``momentum`` is its m×n
     matrix view) grouped into stacks of equal matrix shape, dtype and device
     (:func:`~precond_ref.blocking.stack`): per leaf its gradient as an m×n matrix in the compute
     dtype, its state entries ``names`` (those it has) and, with ``with_param``, its parameter as an
     m×n matrix, joined along a new leading axis. ``left(m, n)``: whether the method preconditions
-    the left side of an m×n matrix."""
+    the left side of an m×n matrix.
+
+    ``passes``: the method's work on a stack is passes over its entries (element-wise operations
+    and reductions), no batched product or decomposition. Stacked, it saves one call per leaf and
+    nothing else, which on a CPU is worth less than the stack's copies and its larger temporaries
+    (fresh pages from the allocator on every step) for all but small matrices: there only matrices
+    below :func:`_cpu_passes_bound` entries stack."""
     members, labels = [], []
     for i in leaves:
         (g,), state = grads[i], states[i]
@@ -60,7 +68,8 @@ def matrix_stacks(
     # specialise a graph of every size to that shape).
     alone = [Stack((0,), members[0], (members[0][0].shape[0],))] if len(members) == 1 else None
     stacks = []
-    for s in alone or stack(xp, members, key=_full_layout, labels=labels):
+    key = _full_layout if not passes else partial(_small_on_cpu, _cpu_passes_bound())
+    for s in alone or stack(xp, members, key=key, labels=labels):
         count, entries = len(s.indices), labels[s.indices[0]]
         joined = [a if a.ndim == 3 or count == 1 else xp.reshape(a, (count, *members[s.indices[0]][k].shape)) for k, a in enumerate(s.operands)]
         m, n = joined[0].shape[-2:]
@@ -98,6 +107,22 @@ def as_matrix(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:
 def _full_layout(operands: tuple) -> tuple:
     """The stacking key of a matrix leaf: the whole shape, dtype and device of every operand."""
     return tuple((tuple(a.shape), a.dtype, device_key(a)) for a in operands)
+
+
+def _cpu_passes_bound() -> int:
+    """The entries from which a matrix stays alone on a CPU for a method of ``passes``: an eighth
+    of :data:`~precond_ref.blocking.CPU_BATCHED_ENOUGH` (64 KiB of float32; read per call, as that
+    bound is, so that a GPU's grouping lifts both)."""
+    return blocking.CPU_BATCHED_ENOUGH // 8
+
+
+def _small_on_cpu(bound: int, operands: tuple) -> Optional[tuple]:
+    """The stacking key :func:`_full_layout`, or ``None`` (alone) for a matrix of ``bound`` entries
+    or more on a CPU."""
+    first = operands[0]
+    if str(array_device(first)) == "cpu" and math.prod(first.shape) >= bound:
+        return None
+    return _full_layout(operands)
 
 
 def hand_back(

@@ -603,7 +603,7 @@ def dasgo(
         xp, ctx = ctxs[0].xp, ctxs[0]
         results, matrices = fallback_leaves(xp, grads, states, params, ctx, fallback)
         stacks = matrix_stacks(xp, grads, states, params, matrices, ("momentum", "statistic"), partial(_is_left, side),
-                               not is_zero(weight_decay))
+                               not is_zero(weight_decay), passes=True)
         for s in stacks:
             # The non-finite rule's selection before the step reads the new state: a compiler then
             # reads the stored entries rather than recomputing them (StepContext.unless_skipped).

@@ -1091,3 +1091,42 @@ def test_column_factored_renormalise_keeps_zero_zero(backend):
     result = _column_factored(backend, mat, scale, 0, 1.0)
     assert np.all(result == 0.0)
 
+
+
+@pytest.mark.parametrize("options", [dict(), dict(side="auto", weight_decay=0.0), dict(mode="faithful", fallback_mask=lambda p, x: x.ndim != 2)],
+                         ids=["principled", "auto-side", "faithful"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dasgo_stacked_matrices_step_as_each_alone(eager_backend, options, dtype, monkeypatch):
+    """DASGO's equal matrices stacked (``engine.matrices.matrix_stacks``, a GPU's grouping: every
+    equal shape stacks) give each leaf the numbers of its step alone, bit for bit: every line of
+    the rule is element-wise or a reduction within one matrix (``sum_across``, the per-matrix
+    renormalisation of ``engine.rms``, spec asgo.md §2.7, D12), and stacking is execution only
+    (docs/engine.md). Matrices of row counts above and below ``sum_across``'s two blocks, both
+    sides, a NaN step (skipped), float64 (the column-factored renormalisation) and float32 (its
+    float64 form)."""
+    from precond_ref.benchmarks.counting import gpu_grouping
+    from precond_ref.engine import matrices
+
+    shapes = {"a": (40, 7), "b": (40, 7), "c": (7, 40), "d": (7, 40), "e": (6, 5), "f": (6, 5), "v": (7,)}
+    rng = np.random.default_rng(0)
+    start = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+    grads = [{k: rng.standard_normal(s).astype(dtype) * 10.0 ** (t - 2) for k, s in shapes.items()} for t in range(5)]
+    grads[3]["c"][1, 1] = np.nan
+
+    def run():
+        opt = pr.dasgo(learning_rate=1e-2, **options)
+        params = eager_backend.tree(start)
+        state = opt.init(params)
+        for g in grads:
+            updates, state = opt.update(eager_backend.tree(g), state, params)
+            params = {k: params[k] + updates[k] for k in params}
+        return eager_backend.numpy_tree(params), {k: eager_backend.numpy_tree(v) for k, v in state.groups.items()}
+
+    with gpu_grouping():
+        stacked = run()
+    monkeypatch.setattr(matrices, "_full_layout", lambda operands: None)  # every leaf its own stack
+    alone = run()
+    for k in shapes:
+        np.testing.assert_array_equal(stacked[0][k], alone[0][k], err_msg=k)
+        for entry in stacked[1][k]:
+            np.testing.assert_array_equal(stacked[1][k][entry], alone[1][k][entry], err_msg=f"{k}/{entry}")
