@@ -118,18 +118,20 @@ def compile_options(setting: CompileSetting, by_default: bool) -> Union[None, di
     return {} if setting else None
 
 
-def _apply(transform: Transform, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
+def _apply(transform: Transform, grads: Any, state: Any, params: Any, due: tuple, extra: dict, ok: Any = None) -> Any:
     """One core update of a param group: updates added to the parameters and the new state arrays
     written into the old ones, in place (Inductor then writes each result once, where it belongs).
 
-    Returns the new counters, the state entries not written in place (``{key: {name: array}}``)
-    and the updates of 0-D parameters. Entries written in place are not returned: each output that
+    ``ok``: the skip decision of the step this update is part of (``update(..., gradients_ok=)``),
+    or ``None`` (the update tests its gradients). Returns the new counters, the state entries not
+    written in place (``{key: {name: array}}``) and the updates of 0-D parameters. Entries written in place are not returned: each output that
     aliases an input costs the compiled function's runtime wrapper a view per call, and the caller
     has them already. 0-D entries (state, and the updates of 0-D parameters) are returned instead
     of written: torch 2.13 drops an in-place write into a 0-D float64 CPU input under
     ``aot_eager`` and Inductor (``a.add_(1.0)`` leaves ``a`` unchanged), and they cost nothing.
     """
-    updates, new_state = transform.update(grads, state, params, due=due, **extra)
+    with_ok = {} if ok is None else {"gradients_ok": ok}
+    updates, new_state = transform.update(grads, state, params, due=due, **with_ok, **extra)
     scalar_updates = []
     for p, u in zip(tree_flatten(params)[0], tree_flatten(updates)[0]):
         if p.ndim == 0:
@@ -349,11 +351,10 @@ PER_LEAF_MIN_TENSORS = 64
 
 
 def _apply_leaf(transform: Transform, ok: Any, g: Any, state: Any, w: Any, due: tuple, extra: dict) -> Any:
-    """:func:`_apply` of one leaf (a tree of that leaf alone), whose step is skipped where the
-    whole tree's skip decision ``ok`` says: its gradient is then NaN, which the core's own test
-    of this leaf skips on (the arithmetic then runs on zeros, the state is kept, the update is zero)."""
-    g = torch.where(ok, g, torch.full((), float("nan"), dtype=g.dtype, device=g.device))
-    return _apply(transform, g, state, w, due, extra)
+    """:func:`_apply` of one leaf (a tree of that leaf alone), given the whole tree's skip
+    decision ``ok`` (where it is false the core steps on zeros, keeps the state and returns a zero
+    update), with no test of this leaf's gradient of its own."""
+    return _apply(transform, g, state, w, due, extra, ok)
 
 
 #: :class:`LeafCalls` compiles the step of a leaf of at least this many elements for its shape

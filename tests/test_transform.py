@@ -732,3 +732,26 @@ def test_independent_leaves_let_adapters_step_leaf_by_leaf():
     with pytest.raises(TypeError, match="independent_leaves=True needs the default singleton groups"):
         build_transform(name="pairs", init_group=lambda leaves, paths, xp: {}, update_group=step,
                         group_leaves=weight_bias_groups, independent_leaves=True)
+
+
+def test_a_given_skip_decision_replaces_the_test_of_the_gradients():
+    """``update(..., gradients_ok=ok)``: the step takes the skip decision of the larger tree it is
+    part of (a leaf stepped alone, ``independent_leaves``) instead of testing its own gradients
+    (specs README §4.6, one decision per step): a false one skips a finite gradient (zero update,
+    state kept, ``nonfinite_count`` advanced), a true one gives the step of the plain call
+    bit for bit; with ``on_nonfinite="raise"`` it is refused."""
+    import torch
+
+    opt = pr.dasgo(learning_rate=0.1)
+    params = {"w": torch.randn(6, 4, dtype=torch.float64)}
+    grads = {"w": torch.randn(6, 4, dtype=torch.float64)}
+    state = opt.init(params)
+    plain, plain_state = opt.update(grads, state, params)
+    given, given_state = opt.update(grads, state, params, gradients_ok=torch.tensor(True))
+    assert torch.equal(plain["w"], given["w"]) and int(given_state.count) == 1
+    skipped, kept = opt.update(grads, state, params, gradients_ok=torch.tensor(False))
+    assert bool((skipped["w"] == 0).all()) and int(kept.count) == 0 and int(kept.nonfinite_count) == 1
+    for name, old in state.groups["w"].items():
+        assert torch.equal(kept.groups["w"][name], old)
+    with pytest.raises(ValueError, match="gradients_ok is the skip decision of on_nonfinite='skip'"):
+        pr.dasgo(on_nonfinite="raise").update(grads, state, params, gradients_ok=torch.tensor(True))

@@ -82,7 +82,10 @@ def build_transform(
         synchronisation (NumPy; torch on the CPU outside ``torch.compile``: ``_backend.host_bool``),
         where a step read as finite makes no selections at all (the same numbers). ``"raise"``: ``FloatingPointError``
         naming the first offending gradient leaf, or the state entry that overflowed (needs
-        concrete arrays, so it is refused under ``jax.jit``).
+        concrete arrays, so it is refused under ``jax.jit``). ``update(..., gradients_ok=ok)``
+        (``"skip"`` only) takes the decision ``ok`` (a 0-D bool array) instead of testing the
+        gradients it is given: that of a larger tree whose leaves are stepped one by one
+        (``independent_leaves``).
     needs_params:
         Whether ``update`` requires ``params`` (e.g. for weight decay).
     intervals:
@@ -180,6 +183,7 @@ def build_transform(
         *,
         step: int | None = None,
         due: tuple[bool, ...] | None = None,
+        gradients_ok: Any = None,
         **extra: Any,
     ) -> tuple[Any, PrecondState]:
         try:
@@ -194,12 +198,12 @@ def build_transform(
             if elementwise and on_nonfinite == "skip" and xp is not None:
                 packed = pack(name, layout_for, grad_leaves, treedef, state, params, xp)
             if packed is None:
-                return _update(grads, state, params, step, due, extra)
+                return _update(grads, state, params, step, due, gradients_ok, extra)
             flat_grads, flat_state, flat_params, unpack = packed
-            return unpack(*_update(flat_grads, flat_state, flat_params, step, due, extra))
+            return unpack(*_update(flat_grads, flat_state, flat_params, step, due, gradients_ok, extra))
 
     def _update(
-        grads: Any, state: PrecondState, params: Any, step: int | None, due: Any, extra: dict
+        grads: Any, state: PrecondState, params: Any, step: int | None, due: Any, given_ok: Any, extra: dict
     ) -> tuple[Any, PrecondState]:
         if not isinstance(state, PrecondState):
             raise TypeError(f"{name}: state must be the PrecondState returned by init, got {type(state)}")
@@ -246,7 +250,10 @@ def build_transform(
                 f"{sorted(expected - found)}, state entries with no gradient {sorted(found - expected)}"
             )
 
-        ok = gradient_ok(xp, grad_leaves)
+        # A caller that steps a tree leaf by leaf (independent_leaves) gives the whole tree's decision.
+        if given_ok is not None and on_nonfinite == "raise":
+            raise ValueError(f"{name}: gradients_ok is the skip decision of on_nonfinite='skip'")
+        ok = gradient_ok(xp, grad_leaves) if given_ok is None else given_ok
         if on_nonfinite == "raise":
             if _is_tracer(ok):
                 raise ValueError(
