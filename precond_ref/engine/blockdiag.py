@@ -24,11 +24,12 @@ from .._backend import cast, placement, select
 from ..blocking import chunk_sizes
 from ..linalg import all_finite, identity_like
 from .context import StepContext
+from .factors import per_block
 from .matrices import MatrixStack, hand_back
 from .phases import hashed_phases, refresh_due
 
 __all__ = [
-    "side_blocks", "block_diagonal_product", "per_block", "finite_root_or_previous", "unrefreshed",
+    "side_blocks", "block_diagonal_product", "finite_root_or_previous", "unrefreshed",
     "refresh_roots", "hand_back_roots", "block_layout_hint", "block_state", "COUNTERS", "STACKED",
 ]
 
@@ -73,11 +74,6 @@ def side_blocks(xp: Any, x: Array, block_size: Optional[int]) -> tuple[Array, Op
     when the chunks cover ``k``)."""
     b, full, tail = chunk_sizes(x.shape[-2], block_size)
     return _chunk_rows(xp, x, b, full), (x[..., full * b :, :] if tail else None)
-
-
-def per_block(xp: Any, x: Array) -> Array:
-    """Per-block scalars ``(n,)`` shaped ``(n, 1, 1)`` to scale a stack of blocks."""
-    return xp.expand_dims(xp.expand_dims(x, axis=-1), axis=-1)
 
 
 def _as_stack(xp: Any, x: Array) -> Array:
@@ -131,7 +127,7 @@ def finite_root_or_previous(
     JAX returns NaN): the identity is rooted in its place and the block counts as failed.
     """
     p_ok = all_finite(p, axis=(-2, -1))
-    z, rejected = inverse_root(select(xp, per_block(xp, p_ok), p, identity_like(p)))
+    z, rejected = inverse_root(select(xp, per_block(xp, p_ok, p), p, identity_like(p)))
     if rejected is None:
         rejected = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
     else:
@@ -139,9 +135,9 @@ def finite_root_or_previous(
         if usable is not False:
             keep = xp.astype(rejected, xp.bool)
             keep = keep if usable is True else xp.logical_and(keep, usable)
-            z = select(xp, per_block(xp, keep), previous, z)
+            z = select(xp, per_block(xp, keep, z), previous, z)
     ok = xp.logical_and(all_finite(z, axis=(-2, -1)), p_ok)
-    return select(xp, per_block(xp, ok), z, previous), xp.astype(xp.logical_not(ok), xp.int32), rejected
+    return select(xp, per_block(xp, ok, z), z, previous), xp.astype(xp.logical_not(ok), xp.int32), rejected
 
 
 def unrefreshed(xp: Any, p: Array, previous: Array) -> tuple[Array, Array, Array]:

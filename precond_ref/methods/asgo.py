@@ -36,8 +36,9 @@ from ..linalg import (
 )
 from ..engine import StepContext, build_transform
 from ..engine.blockdiag import (
-    STACKED, block_diagonal_product, block_layout_hint, block_state, hand_back_roots, per_block, refresh_roots, side_blocks,
+    STACKED, block_diagonal_product, block_layout_hint, block_state, hand_back_roots, refresh_roots, side_blocks,
 )
+from ..engine.factors import per_block
 from ..engine.fallback import FallbackAdam, FallbackMask, adam_init, fallback_leaves, fallback_predicate
 from ..engine.matrices import MatrixStack, hand_back, matrix_shape, matrix_stacks
 from ..engine.rms import rms_renormalised, scaled_rms_renormalised
@@ -172,15 +173,15 @@ def _damped_inverse_sqrt(
     zero = tau <= 0.0  # P = 0 (PSD): the root is ε^{-1/2} I, from τ = 1 and shift ε
     tau = select(xp, zero, xp.ones_like(tau), tau)
     shift = select(xp, zero, xp.zeros_like(tau), damping + xp.zeros_like(tau)) + eps / tau
-    normalised, scale = p / per_block(xp, tau), per_block(xp, tau**-0.5)
+    normalised, scale = p / per_block(xp, tau, p), per_block(xp, tau**-0.5, p)
     if method == "eigh":
         return inverse_root_eigh(normalised, 2, shift=shift) * scale, None
     z, failed = inverse_root(normalised, 2, shift=shift, method=method, steps=steps, tolerance=tolerance, fallback=None)
     if tolerance is None:
         return z * scale, None
     isotropic = select(xp, zero, shift, shift + 1.0)  # the mean eigenvalue of P/τ (1; 0 for P = 0) + shift
-    damped_identity = identity_like(p) * per_block(xp, isotropic**-0.5)
-    return select(xp, per_block(xp, failed != 0), damped_identity, z) * scale, failed
+    damped_identity = identity_like(p) * per_block(xp, isotropic**-0.5, p)
+    return select(xp, per_block(xp, failed != 0, p), damped_identity, z) * scale, failed
 
 
 def _faithful_inverse_sqrt(xp: Any, p: Array, method: str, steps: int, eps: float) -> tuple[Array, None]:
