@@ -21,6 +21,7 @@ from precond_ref.tree import tree_flatten, tree_map
 
 import sync_guard
 from fake_cupy_graphs import FakeCupyGraphs
+from test_sync_free import _params  # fc2 and conv2 share block shapes with fc and conv: stacked paths
 
 # Every method, with short intervals so that every pattern recurs within STEPS.
 CONFIGS = {
@@ -37,15 +38,6 @@ CONFIGS = {
 }
 STEPS = 10
 NAN_STEP = 5
-
-
-def _params(rng: np.random.Generator) -> dict:
-    return {
-        "fc": {"weight": rng.standard_normal((5, 4)), "bias": rng.standard_normal(5)},
-        "fc2": {"weight": rng.standard_normal((5, 4))},
-        "conv": {"weight": rng.standard_normal((3, 2, 2, 2))},
-        "scale": rng.standard_normal(4),
-    }
 
 
 def _problem(seed: int = 0):
