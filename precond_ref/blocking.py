@@ -119,8 +119,13 @@ def _batched_enough_on_cpu(operands: tuple) -> bool:
     with its equals would copy each of its operands through memory, which on a CPU costs more than
     the calls it saves (docs/performance-archive.md); on an accelerator a copy is cheap beside a kernel
     launch, and equal members always concatenate. Each block's result is the same either way."""
+    return large_on_cpu(operands, CPU_BATCHED_ENOUGH)
+
+
+def large_on_cpu(operands: tuple, entries: int) -> bool:
+    """Whether a member's first operand lives on the CPU and has at least ``entries`` entries."""
     first = operands[0]
-    return str(array_device(first)) == "cpu" and math.prod(first.shape) >= CPU_BATCHED_ENOUGH
+    return str(array_device(first)) == "cpu" and math.prod(first.shape) >= entries
 
 
 def stack(

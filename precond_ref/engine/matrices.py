@@ -9,7 +9,7 @@ from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from .. import blocking
-from .._backend import array_device, cast, compute_dtype, device_key
+from .._backend import cast, compute_dtype, device_key
 from ..blocking import Stack, stack, unstack
 from .context import StepContext, settle_pieces
 
@@ -119,10 +119,7 @@ def _cpu_passes_bound() -> int:
 def _small_on_cpu(bound: int, operands: tuple) -> Optional[tuple]:
     """The stacking key :func:`_full_layout`, or ``None`` (alone) for a matrix of ``bound`` entries
     or more on a CPU."""
-    first = operands[0]
-    if str(array_device(first)) == "cpu" and math.prod(first.shape) >= bound:
-        return None
-    return _full_layout(operands)
+    return None if blocking.large_on_cpu(operands, bound) else _full_layout(operands)
 
 
 def hand_back(
