@@ -365,6 +365,14 @@ def _apply_leaf(transform: Transform, ok: Any, g: Any, state: Any, w: Any, due: 
 PER_SHAPE_MIN_ELEMENTS = 2**24
 
 
+def _raise_postponed(owner: Any) -> None:
+    """Raise, once, the compilation error an earlier step postponed (``owner.pending``) after
+    finishing that step eagerly: at the start of the next step, before anything is written."""
+    error, owner.pending = owner.pending, None
+    if error is not None:
+        raise error
+
+
 class LeafCalls:
     """The compiled step of a :func:`~precond_ref.engine.run.steps_leaf_by_leaf` rule as one call
     per leaf of one function compiled for leaves of every size (``dynamic=True``): a large model's
@@ -393,9 +401,7 @@ class LeafCalls:
 
     def __call__(self, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
         """The new state, or ``None`` (nothing written) for a group of zero-size leaves alone."""
-        if self.pending is not None:
-            error, self.pending = self.pending, None
-            raise error
+        _raise_postponed(self)
         grad_leaves, treedef = tree_flatten(grads)
         live = [(path_str(path), g, w) for path, g, w in zip(treedef.paths, grad_leaves, tree_flatten(params)[0])
                 if state.groups[path_str(path)]]  # a zero-size leaf has no state and no step
@@ -487,9 +493,7 @@ class KernelWrites:
         self.pending: Optional[BaseException] = None
 
     def step(self, in_place: Callable, grads: Any, state: Any, params: Any, extra: dict) -> Any:
-        if self.pending is not None:
-            error, self.pending = self.pending, None
-            raise error
+        _raise_postponed(self)
         self.wrote = False
         return in_place(grads, state, params, writes=self, **extra)
 
