@@ -12,25 +12,32 @@ rest of the layout for such a method, on the stacks of :func:`~precond_ref.engin
 * the roots of the blocks whose phase is due, the equal blocks of all leaves in one batched call,
   a root that is not finite or that the method rejected replaced element-wise, without a branch
   (:func:`refresh_roots`), and the hand-back of roots and counters to the leaves (:func:`hand_back_roots`);
-* the hint naming the block size that continues a state saved under another one (:func:`block_layout_hint`).
+* the hint naming the block size that continues a state saved under another one (:func:`block_layout_hint`);
+* the transform of a :class:`OneSidedRule` (:func:`one_sided_transform`): the fallback Adam's leaves
+  routed and stepped, the matrix leaves stacked, the rule's state, roots and direction per stack, the
+  step and the hand-back to the leaves.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import cast, placement, select
+from .._backend import array_device, cast, is_zero, placement, scalar_zero, select
 from ..blocking import chunk_sizes
 from ..linalg import all_finite, identity_like
+from ..transform import Transform
 from .context import StepContext
 from .factors import per_block
-from .matrices import MatrixStack, hand_back
+from .fallback import FallbackAdam, FallbackMask, adam_init, fallback_leaves, fallback_predicate
+from .matrices import MatrixStack, hand_back, matrix_stacks
 from .phases import hashed_phases, refresh_due
+from .run import build_transform
 
 __all__ = [
     "side_blocks", "block_diagonal_product", "finite_root_or_previous", "unrefreshed",
     "refresh_roots", "hand_back_roots", "block_layout_hint", "block_state", "COUNTERS", "STACKED",
+    "is_left", "OneSidedRule", "one_sided_transform",
 ]
 
 Array = Any
@@ -40,6 +47,12 @@ COUNTERS = ("root_failures", "root_fallbacks")
 #: the entries stacked across the matrix leaves of one shape (:func:`~precond_ref.engine.matrices.matrix_stacks`)
 STACKED = ("momentum", "statistic", "statistic_tail", "root", "root_tail")
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
+
+
+def is_left(side: str, m: int, n: int) -> bool:
+    """Whether ``side`` preconditions the left side of an m×n matrix; ``"auto"``: the smaller
+    side, the right one for a square matrix (ASGO spec §2.1)."""
+    return m < n if side == "auto" else side == "left"
 
 
 def block_state(xp: Any, k: int, block_size: Optional[int], dtype: Any, device: Any, roots: bool, fallbacks: bool) -> dict:
@@ -287,3 +300,82 @@ def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple], default
         f" Or a state saved with another block size: its statistic {shape} {what}; build the optimizer with "
         f"{again} to continue from it (the principled default is {default}; earlier versions did not block)"
     )
+
+
+class OneSidedRule(NamedTuple):
+    """A one-sided rule (ASGO's, DASGO's): functions of one stack of matrix leaves ``s`` (a
+    :class:`~precond_ref.engine.matrices.MatrixStack`: ``s.g`` the gradients in the compute dtype,
+    ``s.state`` the stored entries, ``s.left`` the side), ``c`` the rule's configuration, which holds
+    ``learning_rate``, ``weight_decay``, ``side`` and ``faithful``.
+
+    ``init(xp, c, w, path)``: a matrix leaf's state, its ``momentum`` the leaf's m×n matrix view;
+    ``state(xp, c, s, zero)``: the stack's new entries (``zero`` a 0-D zero of the gradients' dtype);
+    ``direction(xp, c, s, new, roots)``: the stack's direction ``U_t`` from its new entries and the
+    roots of :func:`refresh_roots` (``{}`` for a rule without roots);
+    ``finish(xp, c, minus_lr, u, w)``: the update from ``U_t`` (``w``: the parameters, ``None``
+    without weight decay); ``stacked``: the entries a stack holds; ``inverse_root(xp, c, P) -> (Z,
+    rejected)``: the root of a stack of statistics (``None``: a rule without roots); ``passes``: the
+    rule's stacked work is element-wise passes and reductions (:func:`~precond_ref.engine.matrices.matrix_stacks`);
+    ``settle_first``: the new entries are selected for the non-finite rule before the direction reads
+    them, so that a compiler reads the stored entries rather than recomputing them
+    (:meth:`StepContext.unless_skipped`).
+    """
+
+    init: Callable
+    state: Callable
+    direction: Callable
+    finish: Callable
+    stacked: tuple
+    inverse_root: Optional[Callable] = None
+    passes: bool = False
+    settle_first: bool = False
+
+
+def one_sided_transform(
+    rule: OneSidedRule, c: Any, *, name: str, on_nonfinite: str, fallback: FallbackAdam, fallback_mask: FallbackMask,
+    schedule: tuple = (), keeps_root: bool = False, layout_hint: Optional[Callable] = None, independent_leaves: bool = False,
+) -> Transform:
+    """The transform of a one-sided rule. A leaf that ``fallback_mask`` names (default: fewer than
+    2 dimensions) is a fallback Adam leaf (:mod:`~precond_ref.engine.fallback`), all of them stepped
+    in one pass; the others are matrix leaves (``rule.init``), stacked by matrix shape, dtype and
+    device. A step of a stack: its new entries (``rule.state``), its roots refreshed by phase
+    (``schedule``; every call unless ``keeps_root``), all equal blocks in one batched
+    ``rule.inverse_root`` (:func:`refresh_roots`; a root that is not finite kept from before, or the
+    identity in faithful mode), the direction and the update ``rule.finish(-η_t, U_t, W)``, handed
+    back to its leaves with the roots and counters (:func:`hand_back_roots`)."""
+    goes_to_fallback = fallback_predicate(fallback_mask)
+
+    def init_group(leaves, paths, xp):
+        (w,), (path,) = leaves, paths
+        return adam_init(xp, w, c.faithful) if goes_to_fallback(path, w) else rule.init(xp, c, w, path)
+
+    def update_groups(grads, states, params, ctxs: list[StepContext]):
+        xp, ctx = ctxs[0].xp, ctxs[0]
+        results, matrices = fallback_leaves(xp, grads, states, params, ctx, fallback)
+        stacks = matrix_stacks(xp, grads, states, params, matrices, rule.stacked, partial(is_left, c.side),
+                               not is_zero(c.weight_decay), passes=rule.passes)
+        new = [rule.state(xp, c, s, _zero(ctx, s.g)) for s in stacks]
+        if rule.settle_first:
+            new = [{k: ctx.unless_skipped(entry, s.state[k]) for k, entry in entries.items()} for s, entries in zip(stacks, new)]
+        if rule.inverse_root is None:
+            roots: list[dict] = [{} for _ in stacks]
+        else:
+            roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful)
+        for s, entries, z in zip(stacks, new, roots):
+            u = rule.direction(xp, c, s, entries, z)
+            step = rule.finish(xp, c, ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u)), u, s.param)
+            for i, result in hand_back_roots(xp, s, states, step, entries, z, ctx, keeps_root):
+                results[i] = result
+        return results
+
+    return build_transform(
+        name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
+        needs_params=not is_zero(c.weight_decay) or not is_zero(fallback.weight_decay), intervals=schedule,
+        layout_hint=layout_hint, independent_leaves=independent_leaves,
+    )
+
+
+def _zero(ctx: StepContext, x: Array) -> Array:
+    """A 0-D zero of ``x``'s dtype on its device, made once per update (the one the transform
+    makes for its own selections)."""
+    return ctx.once(("zero", x.dtype, array_device(x)), lambda: scalar_zero(ctx.xp, x))

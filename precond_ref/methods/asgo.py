@@ -28,19 +28,18 @@ import numbers
 from functools import partial
 from typing import Any, NamedTuple, Optional
 
-from .._backend import array_device, cast, compute_dtype, computed_once, ema, is_zero, on_cpu, scalar_zero, select, squared_sums
+from .._backend import array_device, cast, compute_dtype, computed_once, ema, on_cpu, select, squared_sums
 from ..blocking import spread_schedule
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE, identity_like, inverse_root, inverse_root_eigh, inverse_sqrt_newton_schulz,
     inverse_sqrt_polar_express, symmetrize, trace,
 )
-from ..engine import StepContext, build_transform
 from ..engine.blockdiag import (
-    STACKED, block_diagonal_product, block_layout_hint, block_state, hand_back_roots, refresh_roots, side_blocks,
+    STACKED, OneSidedRule, block_diagonal_product, block_layout_hint, block_state, is_left, one_sided_transform, side_blocks,
 )
 from ..engine.factors import per_block
-from ..engine.fallback import FallbackAdam, FallbackMask, adam_init, fallback_leaves, fallback_predicate
-from ..engine.matrices import MatrixStack, hand_back, matrix_shape, matrix_stacks
+from ..engine.fallback import FallbackAdam, FallbackMask
+from ..engine.matrices import MatrixStack, matrix_shape
 from ..engine.rms import rms_renormalised, scaled_rms_renormalised
 from ..transform import (
     ScalarOrSchedule, Transform, check_choice, check_learning_rate, check_nonnegative, check_positive, check_positive_int,
@@ -64,7 +63,8 @@ PRINCIPLED_BLOCK_SIZE = 1024
 
 class ASGOConfig(NamedTuple):
     """ASGO's hyperparameters (:func:`asgo`), validated and defaulted there; ``tolerance`` is the
-    iterative root's convergence check (``None``: unchecked), ``summed`` Algorithm 1's AdaGrad sum."""
+    iterative root's convergence check (``None``: unchecked), ``summed`` Algorithm 1's AdaGrad sum,
+    ``keeps_root`` whether the state stores the roots between refreshes."""
 
     learning_rate: Any
     b1: float
@@ -80,6 +80,7 @@ class ASGOConfig(NamedTuple):
     side: str
     block_size: Optional[int]
     faithful: bool
+    keeps_root: bool = True
 
 
 class DASGOConfig(NamedTuple):
@@ -102,18 +103,13 @@ class DASGOConfig(NamedTuple):
 #   M_t = μ M_{t-1} + (1-μ) G_t                                           _momentum
 #   P_t = β₂ P_{t-1} + (1-β₂) G_t G_tᵀ   (or P_{t-1} + G_t G_tᵀ)           _second_moment
 #   Z_t = (P_t + s_t I)^{-1/2},  s_t = δ tr(P_t)/k + ε   on refresh steps   _inverse_sqrt
-#   U_t = Z_t M_t,   W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)      _asgo_step, _finish
+#   U_t = Z_t M_t,   W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)      _asgo_direction, _finish
 #
 # DASGO (right side): v_t = β₂ v_{t-1} + (1-β₂) diag(G_tᵀ G_t), U_t = M_t diag(v_t + ε)^{-1/2}
-# (_dasgo_state, _dasgo_step). The engine runs them: the matrix stacks, the blocks of a long side, the refresh
-# phases and the replacement of a non-finite root (engine.blockdiag), the fallback Adam
-# (engine.fallback), the scale-invariant renormalisation (engine.rms), the non-finite rule.
-
-
-def _is_left(side: str, m: int, n: int) -> bool:
-    """Whether ``side`` preconditions the left side of an m×n matrix; ``"auto"``: the smaller
-    side, the right one for a square matrix (spec §2.1)."""
-    return m < n if side == "auto" else side == "left"
+# (_dasgo_state, _dasgo_direction). The engine runs them (engine.blockdiag.one_sided_transform): the
+# matrix stacks, the blocks of a long side, the refresh phases and the replacement of a non-finite
+# root, the fallback Adam (engine.fallback), the scale-invariant renormalisation (engine.rms), the
+# non-finite rule.
 
 
 def _momentum(xp: Any, c: Any, old: Array, g: Array, zero: Array) -> Array:
@@ -203,7 +199,14 @@ def _root_method_for(xp: Any, p: Array, root_method: str) -> str:
     return "eigh" if p.dtype == xp.float64 or on_cpu(xp, p) else "polar_express"
 
 
-def _statistics(xp: Any, c: ASGOConfig, s: MatrixStack, zero: Array) -> dict[str, Array]:
+def _asgo_init(xp: Any, c: ASGOConfig, w: Array, path: Path) -> dict[str, Array]:
+    """A matrix leaf's state: ``M_0 = 0``; per block ``P_0 = 0`` and ``Z_0 = I``."""
+    m, n, k, momentum_dtype, p_dtype = _matrix_leaf(xp, "asgo", w, path, c.side, c.faithful)
+    momentum = {"momentum": xp.zeros((m, n), dtype=momentum_dtype, device=array_device(w))}
+    return {**momentum, **block_state(xp, k, c.block_size, p_dtype, array_device(w), c.keeps_root, not c.faithful)}
+
+
+def _asgo_state(xp: Any, c: ASGOConfig, s: MatrixStack, zero: Array) -> dict[str, Array]:
     """A stack's new momentum and statistics."""
     x, x_tail = side_blocks(xp, s.g if s.left else s.g.mT, c.block_size)  # rows: the preconditioned side
     new = {"momentum": _momentum(xp, c, s.state["momentum"], s.g, zero)}  # M_t
@@ -213,12 +216,17 @@ def _statistics(xp: Any, c: ASGOConfig, s: MatrixStack, zero: Array) -> dict[str
     return new
 
 
-def _asgo_step(xp: Any, c: ASGOConfig, s: MatrixStack, momentum: Array, roots: dict[str, Array], ctx: StepContext) -> Array:
-    """A stack's step ``-η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)``, ``U_t = Z_t M_t``."""
-    dtype = compute_dtype(xp, s.g.dtype)
-    u = block_diagonal_product(xp, roots["root"], roots.get("root_tail"), momentum, s.left, dtype)  # U_t = Z_t M_t
-    u = rms_renormalised(xp, u, c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
-    return _finish(xp, c, u, s.param, tuple(u.shape), ctx)
+def _asgo_direction(xp: Any, c: ASGOConfig, s: MatrixStack, new: dict, roots: dict[str, Array]) -> Array:
+    """A stack's direction ``r√(mn) U_t/‖U_t‖_F``, ``U_t = Z_t M_t``."""
+    u = block_diagonal_product(xp, roots["root"], roots.get("root_tail"), new["momentum"], s.left, s.g.dtype)  # U_t = Z_t M_t
+    return rms_renormalised(xp, u, c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
+
+
+def _dasgo_init(xp: Any, c: DASGOConfig, w: Array, path: Path) -> dict[str, Array]:
+    """A matrix leaf's state: ``M_0 = 0``, ``v_0 = 0``."""
+    m, n, k, momentum_dtype, v_dtype = _matrix_leaf(xp, "dasgo", w, path, c.side, c.faithful)
+    return {"momentum": xp.zeros((m, n), dtype=momentum_dtype, device=array_device(w)),
+            "statistic": xp.zeros((k,), dtype=v_dtype, device=array_device(w))}
 
 
 def _dasgo_state(xp: Any, c: DASGOConfig, s: MatrixStack, zero: Array) -> dict[str, Array]:
@@ -228,12 +236,11 @@ def _dasgo_state(xp: Any, c: DASGOConfig, s: MatrixStack, zero: Array) -> dict[s
     return {"momentum": momentum, "statistic": ema(s.state["statistic"], q, c.b2, c.faithful)}  # v_t
 
 
-def _dasgo_step(xp: Any, c: DASGOConfig, s: MatrixStack, new: dict, ctx: StepContext) -> Array:
-    """A stack's step ``-η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)``, ``U_t = M_t diag(v_t + ε)^{-1/2}``."""
+def _dasgo_direction(xp: Any, c: DASGOConfig, s: MatrixStack, new: dict, roots: dict) -> Array:
+    """A stack's direction ``r√(mn) U_t/‖U_t‖_F``, ``U_t = M_t diag(v_t + ε)^{-1/2}``."""
     scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(new["statistic"] + c.eps), s.g.dtype))  # diag(v_t + ε)^{-1/2}
     m = cast(xp, new["momentum"], s.g.dtype)
-    u = scaled_rms_renormalised(xp, m, scale, _summed_axis(s), c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
-    return _finish(xp, c, u, s.param, tuple(u.shape), ctx)
+    return scaled_rms_renormalised(xp, m, scale, _summed_axis(s), c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
 
 
 def _summed_axis(s: MatrixStack) -> int:
@@ -241,19 +248,14 @@ def _summed_axis(s: MatrixStack) -> int:
     return -1 if s.left else -2
 
 
-def _zero(ctx: StepContext, x: Array) -> Array:
-    """A 0-D zero of ``x``'s dtype on its device, made once per update (the one the transform
-    makes for its own selections)."""
-    return ctx.once(("zero", x.dtype, array_device(x)), lambda: scalar_zero(ctx.xp, x))
+def _finish(xp: Any, c: Any, minus_lr: Array, u: Array, w: Optional[Array]) -> Array:
+    """The update ``-η_t (U_t + λ W_t)`` (``w``: ``None`` without weight decay)."""
+    return minus_lr * (u if w is None else u + c.weight_decay * cast(xp, w, u.dtype))
 
 
-def _finish(xp: Any, c: Any, u: Array, param: Optional[Array], shape: tuple[int, ...], ctx: StepContext) -> Array:
-    """``-η (U + λ W)`` in the leaf's ``shape``, ``-η`` made once per update."""
-    neg_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
-    u = u if tuple(u.shape) == shape else xp.reshape(u, shape)
-    if not is_zero(c.weight_decay):
-        u = u + c.weight_decay * cast(xp, param, u.dtype)
-    return neg_lr * u
+_ASGO = OneSidedRule(_asgo_init, _asgo_state, _asgo_direction, _finish, STACKED, inverse_root=_inverse_sqrt)
+_DASGO = OneSidedRule(_dasgo_init, _dasgo_state, _dasgo_direction, _finish, ("momentum", "statistic"), passes=True,
+                      settle_first=True)
 
 
 def asgo(
@@ -463,40 +465,12 @@ def asgo(
     check_choice("root_method", root_method, _ROOT_METHODS)
     check_nonnegative("damping", damping)
     check_nonnegative("eps", eps)
-    c = ASGOConfig(learning_rate, b1, b2, weight_decay, damping, eps, root_method, root_steps, tolerance, rms_target,
-                   accumulator == "sum", side, block_size, faithful)
-    goes_to_fallback = fallback_predicate(fallback_mask)
     keeps_root = (not faithful) or precondition_every != 1
-    schedule = spread_schedule(precondition_every, spread_refresh)
-
-    def init_group(leaves, paths, xp):
-        (w,), (path,) = leaves, paths
-        if goes_to_fallback(path, w):
-            return adam_init(xp, w, faithful)
-        m, n, k, momentum_dtype, p_dtype = _matrix_leaf(xp, "asgo", w, path, side, faithful)
-        dev = array_device(w)  # M_0 = 0; per block P_0 = 0 and Z_0 = I
-        momentum = {"momentum": xp.zeros((m, n), dtype=momentum_dtype, device=dev)}
-        return {**momentum, **block_state(xp, k, block_size, p_dtype, dev, keeps_root, not faithful)}
-
-    def update_groups(grads, states, params, ctxs):
-        xp, ctx = ctxs[0].xp, ctxs[0]
-        results, matrices = fallback_leaves(xp, grads, states, params, ctx, fallback)
-        stacks = matrix_stacks(xp, grads, states, params, matrices, STACKED, partial(_is_left, side), not is_zero(weight_decay))
-        new = [_statistics(xp, c, s, _zero(ctx, s.g)) for s in stacks]  # M_t, P_t
-        roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(_inverse_sqrt, xp, c), faithful)  # Z_t
-        for s, entries, z in zip(stacks, new, roots):
-            step = _asgo_step(xp, c, s, entries["momentum"], z, ctx)  # -η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)
-            for i, result in hand_back_roots(xp, s, states, step, entries, z, ctx, keeps_root):
-                results[i] = result
-        return results
-
-    return build_transform(
-        name="asgo",
-        init_group=init_group,
-        update_groups=update_groups,
-        on_nonfinite=on_nonfinite,
-        needs_params=not is_zero(weight_decay) or not is_zero(fallback_weight_decay),
-        intervals=schedule,
+    c = ASGOConfig(learning_rate, b1, b2, weight_decay, damping, eps, root_method, root_steps, tolerance, rms_target,
+                   accumulator == "sum", side, block_size, faithful, keeps_root)
+    return one_sided_transform(
+        _ASGO, c, name="asgo", on_nonfinite=on_nonfinite, fallback=fallback, fallback_mask=fallback_mask,
+        schedule=spread_schedule(precondition_every, spread_refresh), keeps_root=keeps_root,
         layout_hint=partial(block_layout_hint, default=PRINCIPLED_BLOCK_SIZE),
     )
 
@@ -587,41 +561,8 @@ def dasgo(
         check_positive("rms_target", rms_target)
     fallback = FallbackAdam.checked(learning_rate, fallback_b1, fallback_b2, fallback_eps, fallback_weight_decay, faithful)
     c = DASGOConfig(learning_rate, b1, b2, eps, weight_decay, rms_target, side, faithful)
-    goes_to_fallback = fallback_predicate(fallback_mask)
-
-    def init_group(leaves, paths, xp):
-        (w,), (path,) = leaves, paths
-        if goes_to_fallback(path, w):
-            return adam_init(xp, w, faithful)
-        m, n, k, momentum_dtype, v_dtype = _matrix_leaf(xp, "dasgo", w, path, side, faithful)
-        dev = array_device(w)
-        return {
-            "momentum": xp.zeros((m, n), dtype=momentum_dtype, device=dev),
-            "statistic": xp.zeros((k,), dtype=v_dtype, device=dev),
-        }
-
-    def update_groups(grads, states, params, ctxs):
-        xp, ctx = ctxs[0].xp, ctxs[0]
-        results, matrices = fallback_leaves(xp, grads, states, params, ctx, fallback)
-        stacks = matrix_stacks(xp, grads, states, params, matrices, ("momentum", "statistic"), partial(_is_left, side),
-                               not is_zero(weight_decay), passes=True)
-        for s in stacks:
-            # The non-finite rule's selection before the step reads the new state: a compiler then
-            # reads the stored entries rather than recomputing them (StepContext.unless_skipped).
-            new = _dasgo_state(xp, c, s, _zero(ctx, s.g))  # M_t, v_t
-            new = {name: ctx.unless_skipped(entry, s.state[name]) for name, entry in new.items()}
-            for i, result in hand_back(xp, s, states, _dasgo_step(xp, c, s, new, ctx), new, {}, ctx):
-                results[i] = result
-        return results
-
-    return build_transform(
-        name="dasgo",
-        init_group=init_group,
-        update_groups=update_groups,
-        on_nonfinite=on_nonfinite,
-        needs_params=not is_zero(weight_decay) or not is_zero(fallback_weight_decay),
-        independent_leaves=True,
-    )
+    return one_sided_transform(_DASGO, c, name="dasgo", on_nonfinite=on_nonfinite, fallback=fallback,
+                               fallback_mask=fallback_mask, independent_leaves=True)
 
 
 def _principled_only(option: str, given: Any, why: str = "") -> None:
@@ -642,4 +583,4 @@ def _matrix_leaf(xp: Any, name: str, param: Array, path: Path, side: str, faithf
         )
     m, n = matrix_shape(tuple(param.shape), path)
     dtype = compute_dtype(xp, param.dtype)
-    return m, n, (m if _is_left(side, m, n) else n), (param.dtype if faithful else dtype), (xp.float32 if faithful else dtype)
+    return m, n, (m if is_left(side, m, n) else n), (param.dtype if faithful else dtype), (xp.float32 if faithful else dtype)
