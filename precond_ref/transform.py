@@ -67,6 +67,8 @@ __all__ = [
     "check_positive_int",
     "check_learning_rate",
     "check_bool",
+    "check_mode",
+    "check_optional",
 ]
 
 
@@ -261,6 +263,18 @@ def check_choice(name: str, value: Any, choices: Iterable[Hashable]) -> None:
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         _fail(name, value, "True or False")
+
+
+def check_mode(mode: Any) -> bool:
+    """A method's ``mode``, ``"principled"`` or ``"faithful"``; returns whether it is ``"faithful"``."""
+    check_choice("mode", mode, ("principled", "faithful"))
+    return mode == "faithful"
+
+
+def check_optional(check: Callable[[str, Any], None], name: str, value: Any) -> None:
+    """``check(name, value)`` unless ``value`` is ``None`` (an option left to its default)."""
+    if value is not None:
+        check(name, value)
 
 
 # --------------------------------------------------------------------------------------------

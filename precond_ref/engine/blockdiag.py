@@ -356,14 +356,15 @@ def one_sided_transform(
                                not is_zero(c.weight_decay), passes=rule.passes)
         new = [rule.state(xp, c, s, _zero(ctx, s.g)) for s in stacks]
         if rule.settle_first:
-            new = [{k: ctx.unless_skipped(entry, s.state[k]) for k, entry in entries.items()} for s, entries in zip(stacks, new)]
+            new = [{k: ctx.unless_skipped(a, s.state[k]) for k, a in entries.items()} for s, entries in zip(stacks, new)]
         if rule.inverse_root is None:
             roots: list[dict] = [{} for _ in stacks]
         else:
             roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful)
         for s, entries, z in zip(stacks, new, roots):
             u = rule.direction(xp, c, s, entries, z)
-            step = rule.finish(xp, c, ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u)), u, s.param)
+            minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
+            step = rule.finish(xp, c, minus_lr, u, s.param)
             for i, result in hand_back_roots(xp, s, states, step, entries, z, ctx, keeps_root):
                 results[i] = result
         return results

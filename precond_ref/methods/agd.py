@@ -6,8 +6,8 @@ from typing import Any, NamedTuple, Optional
 
 from .._backend import array_device, compute_dtype, float32_power, float32_sqrt, is_number, is_zero, scalar_array
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
-from ..transform import ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_nonnegative
-from ..transform import check_positive, check_unit_interval
+from ..transform import ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_mode, check_nonnegative
+from ..transform import check_optional, check_positive, check_unit_interval
 
 __all__ = ["agd"]
 
@@ -119,19 +119,14 @@ def agd(
     check_nonnegative("weight_decay", weight_decay)
     check_choice("weight_decay_mode", weight_decay_mode, _WEIGHT_DECAY_MODES)
     check_bool("amsgrad", amsgrad)
-    if clip is not None:
-        check_positive("clip", clip)
+    check_optional(check_positive, "clip", clip)
     check_bool("win", win)
-    check_choice("mode", mode, ("principled", "faithful"))
-    faithful = mode == "faithful"
-    config = AGDConfig(
-        learning_rate, b1, b2, delta, weight_decay, amsgrad=amsgrad, clip=clip, win=win, faithful=faithful,
-        decay=None if is_zero(weight_decay) or win else weight_decay_mode,
-    )
+    faithful = check_mode(mode)
+    config = AGDConfig(learning_rate, b1, b2, delta, weight_decay, amsgrad=amsgrad, clip=clip, win=win, faithful=faithful,
+                       decay=None if is_zero(weight_decay) or win else weight_decay_mode)
     rule, state_dtype = (AGD_FAITHFUL, lambda xp, dtype: dtype) if faithful else (AGD, compute_dtype)  # D2: the state dtype
-    return elementwise_transform(
-        rule, config, state_dtype=state_dtype, reads_params=win or not is_zero(weight_decay), on_nonfinite=on_nonfinite
-    )
+    return elementwise_transform(rule, config, state_dtype=state_dtype, reads_params=win or not is_zero(weight_decay),
+                                 on_nonfinite=on_nonfinite)
 
 
 # Yue et al. 2023, Algorithm 1, with the authors' bias corrections (spec agd.md §2.1-2.3);
@@ -233,11 +228,8 @@ def _agd_update(xp, c: AGDConfig, state: AGDState, g, w, h: _Step):
     if c.win:
         return _win_step(c, h, w, state.z, r) - w
     update = -(h.eta * r)  # -eta_t r_t
-    if c.decay == "decoupled":
-        update = update - h.lr_wd * w  # - eta_t lambda theta_t
-    elif c.decay == "fixed":
-        update = update - c.weight_decay * w  # - lambda theta_t
-    return update
+    decay = {"decoupled": h.lr_wd, "fixed": c.weight_decay}.get(c.decay)  # eta_t lambda ("fixed": lambda; "l2": none)
+    return update if decay is None else update - decay * w  # - eta_t lambda theta_t
 
 
 def _auto_switch(xp, c: AGDConfig, h: _Step, m, v):

@@ -42,8 +42,8 @@ from ..engine.fallback import FallbackAdam, FallbackMask
 from ..engine.matrices import MatrixStack, matrix_shape
 from ..engine.rms import rms_renormalised, scaled_rms_renormalised
 from ..transform import (
-    ScalarOrSchedule, Transform, check_choice, check_learning_rate, check_nonnegative, check_positive, check_positive_int,
-    check_unit_interval,
+    ScalarOrSchedule, Transform, check_choice, check_learning_rate, check_mode, check_nonnegative, check_optional,
+    check_positive, check_positive_int, check_unit_interval,
 )
 from ..tree import Path, path_str
 
@@ -51,7 +51,6 @@ __all__ = ["asgo", "dasgo", "PRINCIPLED_BLOCK_SIZE", "PRINCIPLED_PRECONDITION_EV
 
 Array = Any
 
-_MODES = ("principled", "faithful")
 _SIDES = ("auto", "left", "right")
 _ROOT_METHODS = ("auto", "eigh", "polar_express", "newton_schulz", "newton")
 
@@ -218,7 +217,8 @@ def _asgo_state(xp: Any, c: ASGOConfig, s: MatrixStack, zero: Array) -> dict[str
 
 def _asgo_direction(xp: Any, c: ASGOConfig, s: MatrixStack, new: dict, roots: dict[str, Array]) -> Array:
     """A stack's direction ``r√(mn) U_t/‖U_t‖_F``, ``U_t = Z_t M_t``."""
-    u = block_diagonal_product(xp, roots["root"], roots.get("root_tail"), new["momentum"], s.left, s.g.dtype)  # U_t = Z_t M_t
+    z, z_tail = roots["root"], roots.get("root_tail")
+    u = block_diagonal_product(xp, z, z_tail, new["momentum"], s.left, s.g.dtype)  # U_t = Z_t M_t
     return rms_renormalised(xp, u, c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
 
 
@@ -422,22 +422,14 @@ def asgo(
     Gradient Optimization". arXiv:2503.20762 (NeurIPS 2025), Algorithm 1 (idealised ASGO) and the
     practical variant of the experiments; code https://github.com/infinity-stars/ASGO.
     """
-    check_choice("mode", mode, _MODES)
-    faithful = mode == "faithful"
-    check_learning_rate("learning_rate", learning_rate)
-    check_unit_interval("b1", b1)
-    check_unit_interval("b2", b2)
-    check_nonnegative("weight_decay", weight_decay)
+    faithful, fallback = _checked_shared(mode, learning_rate, b1, b2, weight_decay, rms_target, fallback_b1, fallback_b2,
+                                         fallback_eps, fallback_weight_decay)
     check_choice("accumulator", accumulator, ("ema", "sum"))
     check_choice("side", side, _SIDES)
     check_positive_int("root_steps", root_steps)
-    if precondition_every is not None:
-        check_positive_int("precondition_every", precondition_every)
+    check_optional(check_positive_int, "precondition_every", precondition_every)
     if spread_refresh is not None and not isinstance(spread_refresh, bool):
         raise ValueError(f"spread_refresh must be True, False or None, got {spread_refresh!r}")
-    if rms_target is not None:
-        check_positive("rms_target", rms_target)
-    fallback = FallbackAdam.checked(learning_rate, fallback_b1, fallback_b2, fallback_eps, fallback_weight_decay, faithful)
     if faithful:
         _principled_only("damping", damping is not None, " (the authors' root is undamped)")
         _principled_only("block_size", block_size is not None)
@@ -545,24 +537,30 @@ def dasgo(
     K. An et al. "ASGO: Adaptive Structured Gradient Optimization". arXiv:2503.20762; DASGO is in
     the authors' repository (https://github.com/infinity-stars/ASGO, ``optimizers/dasgo.py``).
     """
-    check_choice("mode", mode, _MODES)
-    faithful = mode == "faithful"
-    check_learning_rate("learning_rate", learning_rate)
-    check_unit_interval("b1", b1)
-    check_unit_interval("b2", b2)
+    faithful, fallback = _checked_shared(mode, learning_rate, b1, b2, weight_decay, rms_target, fallback_b1, fallback_b2,
+                                         fallback_eps, fallback_weight_decay)
     if faithful:
         check_nonnegative("eps", eps)
         _principled_only(f"side={side!r}", side != "right", " (the authors precondition the columns, side='right')")
     else:
         check_positive("eps", eps)
         check_choice("side", side, _SIDES)
-    check_nonnegative("weight_decay", weight_decay)
-    if rms_target is not None:
-        check_positive("rms_target", rms_target)
-    fallback = FallbackAdam.checked(learning_rate, fallback_b1, fallback_b2, fallback_eps, fallback_weight_decay, faithful)
     c = DASGOConfig(learning_rate, b1, b2, eps, weight_decay, rms_target, side, faithful)
     return one_sided_transform(_DASGO, c, name="dasgo", on_nonfinite=on_nonfinite, fallback=fallback,
                                fallback_mask=fallback_mask, independent_leaves=True)
+
+
+def _checked_shared(mode: str, learning_rate: Any, b1: float, b2: float, weight_decay: float, rms_target: Optional[float],
+                    *fallback: float) -> tuple[bool, FallbackAdam]:
+    """The options ASGO and DASGO share, validated: whether ``mode`` is faithful, and the fallback
+    Adam of ``fallback`` (``fallback_b1``, ``fallback_b2``, ``fallback_eps``, ``fallback_weight_decay``)."""
+    faithful = check_mode(mode)
+    check_learning_rate("learning_rate", learning_rate)
+    check_unit_interval("b1", b1)
+    check_unit_interval("b2", b2)
+    check_nonnegative("weight_decay", weight_decay)
+    check_optional(check_positive, "rms_target", rms_target)
+    return faithful, FallbackAdam.checked(learning_rate, *fallback, faithful)
 
 
 def _principled_only(option: str, given: Any, why: str = "") -> None:
