@@ -29,8 +29,8 @@ from ..engine.options import check_batch_size, filled
 from ..engine.phases import prototype_schedule
 from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, tiled_transform
 from ..transform import (
-    ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_nonnegative, check_positive,
-    check_unit_interval,
+    ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_mode, check_nonnegative,
+    check_optional, check_positive, check_unit_interval,
 )
 from ..tree import Path
 
@@ -738,10 +738,8 @@ def if_shampoo(
     check_batch_size(batch_size)
     check_choice("grouping", grouping, ("per_parameter", "weight_bias"))
     check_bool("clamp_factor_step", clamp_factor_step)
-    if kl_clip is not None:
-        check_nonnegative("kl_clip", kl_clip)
-    check_choice("mode", mode, ("principled", "faithful"))
-    faithful = mode == "faithful"
+    check_optional(check_nonnegative, "kl_clip", kl_clip)
+    faithful = check_mode(mode)
     if faithful and block_size is not None:
         raise ValueError("block_size is not available with mode='faithful' (SIRFShampoo has no blocking); "
                          "use mode='principled'")

@@ -48,7 +48,7 @@ from ..blocking import merge_small_dims
 from ..engine.axes import AxesRule, LeafPlan, flat_transform, kronecker_transform, leaf_plan, resolve_schedule
 from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply, resolve_decomposition
 from ..transform import (ScalarOrSchedule, Transform, check_bool, check_choice, check_interval, check_learning_rate,
-                         check_nonnegative, check_positive_int)
+                         check_mode, check_nonnegative, check_optional, check_positive_int)
 
 __all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "SketchyConfig", "SAdaGradConfig", "PRINCIPLED_BLOCK_SIZE",
            "PRINCIPLED_PRECONDITION_EVERY"]
@@ -120,12 +120,9 @@ def _check_shared(rank: Any, b2: Any, precondition_every: Any, spread_refresh: A
     _check_decay("b2", b2)
     if precondition_every is not None:
         check_positive_int("precondition_every", precondition_every, allow_callable=True)
-    if spread_refresh is not None:
-        check_bool("spread_refresh", spread_refresh)
-    if block_size is not None:
-        _check_int("block_size", block_size, 1)
-    check_choice("mode", mode, ("principled", "faithful"))
-    return mode == "faithful"
+    check_optional(check_bool, "spread_refresh", spread_refresh)
+    check_optional(check_positive_int, "block_size", block_size)
+    return check_mode(mode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,8 +621,7 @@ def s_adagrad(
     check_learning_rate("learning_rate", learning_rate)
     faithful = _check_shared(rank, b2, precondition_every, spread_refresh, block_size, mode)
     check_nonnegative("delta", delta)
-    if eps is not None:
-        check_nonnegative("eps", eps)
+    check_optional(check_nonnegative, "eps", eps)
     check_interval("momentum", momentum, 0.0, 1.0)
     check_nonnegative("weight_decay", weight_decay)
     if faithful:
