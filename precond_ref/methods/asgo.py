@@ -253,9 +253,10 @@ def _finish(xp: Any, c: Any, minus_lr: Array, u: Array, w: Optional[Array]) -> A
     return minus_lr * (u if w is None else u + c.weight_decay * cast(xp, w, u.dtype))
 
 
-_ASGO = OneSidedRule(_asgo_init, _asgo_state, _asgo_direction, _finish, STACKED, inverse_root=_inverse_sqrt)
-_DASGO = OneSidedRule(_dasgo_init, _dasgo_state, _dasgo_direction, _finish, ("momentum", "statistic"), passes=True,
-                      settle_first=True)
+_ASGO = OneSidedRule(init=_asgo_init, state=_asgo_state, direction=_asgo_direction, finish=_finish, stacked=STACKED,
+                     inverse_root=_inverse_sqrt)
+_DASGO = OneSidedRule(init=_dasgo_init, state=_dasgo_state, direction=_dasgo_direction, finish=_finish,
+                      stacked=("momentum", "statistic"), passes=True, settle_first=True)
 
 
 def asgo(

@@ -10,14 +10,17 @@ NumPy float64 (array_api_compat.numpy); tolerances from the rounding model: a su
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
 
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
 from precond_ref._backend import ema, squared_sums
-from precond_ref.engine.blockdiag import block_diagonal_product, finite_root_or_previous, side_blocks, unrefreshed
+from precond_ref.engine.blockdiag import (
+    OneSidedRule, block_diagonal_product, finite_root_or_previous, one_sided_transform, side_blocks, unrefreshed,
+)
 from precond_ref.engine.fallback import FallbackAdam, adam_update
-from precond_ref.engine.matrices import joined_leaves
+from precond_ref.engine.matrices import joined_leaves, matrix_shape
 from precond_ref.engine.rms import rms_renormalised, scaled_rms_renormalised
 
 A = importlib.import_module("precond_ref.methods.asgo")
@@ -370,3 +373,64 @@ def test_rms_renormalise_of_a_stack_renormalises_each_matrix(faithful, dtype):
         plain = 0.2 * np.sqrt(30) * wide / np.linalg.norm(wide)
         np.testing.assert_allclose(got[i], plain, rtol=64 * 30 * np.finfo(dtype).eps, atol=0)
     np.testing.assert_array_equal(got[2], 0 * u[2])
+
+
+class _ToyConfig(NamedTuple):
+    learning_rate: float
+    weight_decay: float
+    side: str
+    faithful: bool
+    b1: float
+
+
+def _toy_rule():
+    """A one-sided rule of the plainest arithmetic: ``M_t = b1 M_{t-1} + G_t``, ``U_t = 2 M_t``."""
+
+    def init(xp, c, w, path):
+        return {"momentum": xp.zeros(matrix_shape(tuple(w.shape), path), dtype=w.dtype)}
+
+    def state(xp, c, s, zero):
+        return {"momentum": c.b1 * s.state["momentum"] + s.g}
+
+    def direction(xp, c, s, new, roots):
+        assert roots == {}  # a rule without roots gets none
+        return 2.0 * new["momentum"]
+
+    def finish(xp, c, minus_lr, u, w):
+        return minus_lr * (u if w is None else u + c.weight_decay * w)
+
+    return OneSidedRule(init=init, state=state, direction=direction, finish=finish, stacked=("momentum",),
+                        passes=True, settle_first=True)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.25])
+def test_one_sided_runner_steps_each_leaf_by_its_rule(weight_decay):
+    """The runner of a one-sided rule (``engine.blockdiag.one_sided_transform``): every matrix leaf,
+    stacked with the leaves of its matrix shape or alone, steps by the rule's equations applied to
+    its own matrix view, ``-η (U_t + λ W)`` with ``U_t = 2 M_t``, ``M_t = b1 M_{t-1} + G_t``, in its
+    own shape; a leaf of fewer than 2 dimensions steps by the fallback Adam, whose first step is
+    ``-η g/(|g| + ε)`` (bias-corrected moments, ASGO spec §2.4). A handful of roundings per entry: a
+    few ulps."""
+    lr, b1 = 0.5, 0.75
+    c = _ToyConfig(lr, weight_decay, "auto", False, b1)
+    fallback = FallbackAdam.checked(lr, 0.9, 0.95, 1e-8, 0.0, False)
+    opt = one_sided_transform(_toy_rule(), c, name="toy", on_nonfinite="skip", fallback=fallback, fallback_mask=None)
+    rng = np.random.default_rng(11)
+    shapes = {"a": (3, 5), "b": (3, 5), "conv": (3, 5, 1), "c": (4, 2), "bias": (5,)}
+    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    state = opt.init(params)
+    momenta = {k: np.zeros((s[0], int(np.prod(s[1:])))) for k, s in shapes.items() if len(s) > 1}
+    for t in range(3):
+        grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
+        updates, state = opt.update(grads, state, params)
+        for k, m in momenta.items():
+            momenta[k] = b1 * m + grads[k].reshape(m.shape)
+            w = params[k].reshape(m.shape)
+            expected = (-lr * (2.0 * momenta[k] + weight_decay * w)).reshape(shapes[k])
+            assert updates[k].shape == shapes[k]
+            np.testing.assert_allclose(updates[k], expected, rtol=8 * EPS, atol=8 * EPS * np.abs(expected).max())
+            np.testing.assert_allclose(state.groups[k]["momentum"], momenta[k], rtol=4 * EPS)
+        if t == 0:
+            g = grads["bias"]
+            np.testing.assert_allclose(updates["bias"], -lr * g / (np.abs(g) + 1e-8), rtol=16 * EPS)
+    assert set(state.groups["bias"]) == {"mu", "nu"}
