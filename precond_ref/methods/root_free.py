@@ -29,8 +29,8 @@ from ..engine.options import check_batch_size, filled
 from ..engine.phases import prototype_schedule
 from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, tiled_transform
 from ..transform import (
-    ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_mode, check_nonnegative,
-    check_optional, check_positive, check_unit_interval,
+    ScalarOrSchedule, Transform, check_bool, check_choice, check_interval, check_learning_rate, check_mode,
+    check_nonnegative, check_optional, check_unit_interval,
 )
 from ..tree import Path
 
@@ -46,11 +46,8 @@ _PRECONDITION_EVERY = 2  # principled default of if_shampoo's precondition_every
 
 
 def _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_batch_size, mode):
-    check_choice("mode", mode, ("principled", "faithful"))
-    if mode == "principled":
-        check_positive("damping", damping)
-    else:
-        check_nonnegative("damping", damping)
+    faithful = check_mode(mode)
+    check_interval("damping", damping, 0.0, math.inf, low_closed=faithful)  # λ > 0; faithful λ ≥ 0 (R2)
     check_nonnegative("weight_decay", weight_decay)
     check_batch_size(batch_size)
     check_nonnegative("initial_scale", initial_scale)
