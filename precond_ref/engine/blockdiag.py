@@ -306,7 +306,8 @@ class OneSidedRule(NamedTuple):
     """A one-sided rule (ASGO's, DASGO's): functions of one stack of matrix leaves ``s`` (a
     :class:`~precond_ref.engine.matrices.MatrixStack`: ``s.g`` the gradients in the compute dtype,
     ``s.state`` the stored entries, ``s.left`` the side), ``c`` the rule's configuration, which holds
-    ``learning_rate``, ``weight_decay``, ``side`` and ``faithful``.
+    ``learning_rate``, ``weight_decay``, ``side``, ``faithful`` and, for a rule with roots,
+    ``keeps_root`` (whether the state stores the roots between refreshes).
 
     ``init(xp, c, w, path)``: a matrix leaf's state, its ``momentum`` the leaf's m×n matrix view;
     ``state(xp, c, s, zero)``: the stack's new entries (``zero`` a 0-D zero of the gradients' dtype);
@@ -333,17 +334,18 @@ class OneSidedRule(NamedTuple):
 
 def one_sided_transform(
     rule: OneSidedRule, c: Any, *, name: str, on_nonfinite: str, fallback: FallbackAdam, fallback_mask: FallbackMask,
-    schedule: tuple = (), keeps_root: bool = False, layout_hint: Optional[Callable] = None, independent_leaves: bool = False,
+    schedule: tuple = (), layout_hint: Optional[Callable] = None, independent_leaves: bool = False,
 ) -> Transform:
     """The transform of a one-sided rule. A leaf that ``fallback_mask`` names (default: fewer than
     2 dimensions) is a fallback Adam leaf (:mod:`~precond_ref.engine.fallback`), all of them stepped
     in one pass; the others are matrix leaves (``rule.init``), stacked by matrix shape, dtype and
     device. A step of a stack: its new entries (``rule.state``), its roots refreshed by phase
-    (``schedule``; every call unless ``keeps_root``), all equal blocks in one batched
+    (``schedule``; every call unless ``c.keeps_root``), all equal blocks in one batched
     ``rule.inverse_root`` (:func:`refresh_roots`; a root that is not finite kept from before, or the
     identity in faithful mode), the direction and the update ``rule.finish(-η_t, U_t, W)``, handed
     back to its leaves with the roots and counters (:func:`hand_back_roots`)."""
     goes_to_fallback = fallback_predicate(fallback_mask)
+    keeps_root = rule.inverse_root is not None and c.keeps_root
 
     def init_group(leaves, paths, xp):
         (w,), (path,) = leaves, paths

@@ -458,12 +458,11 @@ def asgo(
     check_choice("root_method", root_method, _ROOT_METHODS)
     check_nonnegative("damping", damping)
     check_nonnegative("eps", eps)
-    keeps_root = (not faithful) or precondition_every != 1
     c = ASGOConfig(learning_rate, b1, b2, weight_decay, damping, eps, root_method, root_steps, tolerance, rms_target,
-                   accumulator == "sum", side, block_size, faithful, keeps_root)
+                   accumulator == "sum", side, block_size, faithful, keeps_root=not faithful or precondition_every != 1)
     return one_sided_transform(
         _ASGO, c, name="asgo", on_nonfinite=on_nonfinite, fallback=fallback, fallback_mask=fallback_mask,
-        schedule=spread_schedule(precondition_every, spread_refresh), keeps_root=keeps_root,
+        schedule=spread_schedule(precondition_every, spread_refresh),
         layout_hint=partial(block_layout_hint, default=PRINCIPLED_BLOCK_SIZE),
     )
 
