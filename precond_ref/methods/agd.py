@@ -6,8 +6,8 @@ from typing import Any, NamedTuple, Optional
 
 from .._backend import array_device, compute_dtype, float32_power, float32_sqrt, is_number, is_zero, scalar_array
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
-from ..transform import ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_mode, check_nonnegative
-from ..transform import check_optional, check_positive, check_unit_interval
+from ..transform import ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_mode
+from ..transform import check_nonnegative, check_optional, check_positive, check_unit_interval
 
 __all__ = ["agd"]
 
