@@ -63,7 +63,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple, Optional
 
-from ._backend import is_zero, matmul, placement, scalar_zero, select
+from ._backend import host_bool, is_zero, matmul, placement, scalar_zero, select
 from .linalg import _reduced_svd, all_finite, eigh_widened, left_singular, per_matrix, symmetric_eigh, symmetrize
 
 __all__ = [
@@ -216,25 +216,55 @@ class _Ritz(NamedTuple):
     data: Optional[Array] = None
 
 
-def _incremental(xp: Any, basis: Array, scaled_sigma: Array, x: Array, gram: bool = False) -> _Ritz:
+def _incremental(
+    xp: Any, basis: Array, scaled_sigma: Array, x: Array, gram: bool = False, apply: bool = False, empty: bool = False,
+) -> _Ritz:
     """Brand's incremental SVD: Z = [U, Q] K with Q an orthonormal basis of x's component outside
     span(U), so the left singular pairs (W, s) of the small (k+m) x (k+m) K give those of Z exactly
     (U orthonormal or zero columns): :func:`~precond_ref.linalg.left_singular`, or with ``gram``
-    the eigendecomposition of K K^T formed in K's dtype (:func:`_left_singular_by_gram`). The new data in the
-    frame, W^T [coords; corner], is diag(s) V^T's last m columns. Cost: four d x k x m products and
-    one d x (k+m) x k, about one QR of Z."""
+    the eigendecomposition of K K^T formed in K's dtype (:func:`_left_singular_by_gram`). With
+    ``apply`` also the new data in the frame, W^T [coords; corner], diag(s) V^T's last m columns.
+    Cost: four d x k x m products and one d x (k+m) x k, about one QR of Z.
+
+    With ``empty`` (every sketch of the stack has sigma = 0, so Z = [0, x]): Q R = x, and K's
+    pairs are R's (m x m) with the k zero directions of the sketch after them, W = [[0, I],
+    [W_R, 0]]: the same pairs in exact arithmetic, without the products with U and with an m x m
+    decomposition in place of the (k+m)-square one.
+    """
     k = basis.shape[-1]
-    coords, residual = _split_by_basis(xp, basis, x)
+    if empty:
+        coords, residual = xp.zeros(x.shape[:-2] + (k, x.shape[-1]), dtype=x.dtype, device=placement(xp, x)), x
+    else:
+        coords, residual = _split_by_basis(xp, basis, x)
     if x.shape[-1] == 1:
         fresh, corner = _unit_column(xp, residual)
     else:
         fresh, corner = per_matrix(xp, xp.linalg.qr, residual)
-    top = xp.concat([_diag(xp, scaled_sigma), coords], axis=-1)
-    bottom = xp.concat([xp.zeros(corner.shape[:-1] + (k,), dtype=x.dtype, device=placement(xp, x)), corner], axis=-1)
-    core = xp.concat([top, bottom], axis=-2)
+    if empty:
+        w, s = _left_singular_by_gram(xp, corner) if gram else left_singular(corner)
+        w, s = _after_empty_sketch(xp, w, s, k)
+    else:
+        top = xp.concat([_diag(xp, scaled_sigma), coords], axis=-1)
+        bottom = xp.concat([xp.zeros(corner.shape[:-1] + (k,), dtype=x.dtype, device=placement(xp, x)), corner], axis=-1)
+        core = xp.concat([top, bottom], axis=-2)
+        w, s = _left_singular_by_gram(xp, core) if gram else left_singular(core)
+    if not apply:
+        return _Ritz(s, fresh=fresh, frame=w)
     projection = xp.concat([coords, corner], axis=-2)
-    w, s = _left_singular_by_gram(xp, core) if gram else left_singular(core)
     return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=matmul(xp, w.mT, projection))
+
+
+def _after_empty_sketch(xp: Any, w: Array, s: Array, k: int) -> tuple[Array, Array]:
+    """The left singular pairs ``(W, s)`` of the core [[0, 0], [0, R]] ((k+m)-square) from R's
+    ``(w, s)`` (m x m, s descending): s followed by k zeros, and W = [[0, I_k], [w, 0]] (the sketch's
+    k empty directions last, where a descending order puts them)."""
+    m = w.shape[-1]
+    batch, dtype, device = tuple(w.shape[:-2]), w.dtype, placement(xp, w)
+    empty = xp.broadcast_to(xp.eye(k, dtype=dtype, device=device), batch + (k, k))
+    top = xp.concat([xp.zeros(batch + (k, m), dtype=dtype, device=device), empty], axis=-1)
+    bottom = xp.concat([w, xp.zeros(batch + (m, k), dtype=dtype, device=device)], axis=-1)
+    values = xp.concat([s, xp.zeros(batch + (k,), dtype=s.dtype, device=device)], axis=-1)
+    return xp.concat([top, bottom], axis=-2), values
 
 
 def _left_singular_by_gram(xp: Any, a: Array) -> tuple[Array, Array]:
@@ -284,12 +314,16 @@ def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
     return _Ritz(s, vectors=matmul(xp, q, w[..., :, :k]))
 
 
-def _descending_left_singular(xp: Any, basis: Array, scaled_sigma: Array, x: Array, decomposition: str) -> _Ritz:
+def _descending_left_singular(
+    xp: Any, basis: Array, scaled_sigma: Array, x: Array, decomposition: str, apply: bool, empty: bool,
+) -> _Ritz:
     """Top-k left singular vectors and the singular values (..., r), descending, of
-    Z = [basis diag(scaled_sigma), x] (..., d, k + m); r > k exactly when a shrink value exists."""
+    Z = [basis diag(scaled_sigma), x] (..., d, k + m); r > k exactly when a shrink value exists.
+    ``apply`` and ``empty`` as for :func:`_incremental` (the other paths need neither)."""
     d, k = basis.shape[-2:]
     if decomposition in ("incremental", "incremental_gram"):
-        return _incremental(xp, basis, scaled_sigma, x, gram=decomposition == "incremental_gram")
+        gram = decomposition == "incremental_gram"
+        return _incremental(xp, basis, scaled_sigma, x, gram=gram, apply=apply, empty=empty)
     if decomposition == "subspace":
         return _subspace(xp, basis, scaled_sigma, x)
     z = xp.concat([basis * scaled_sigma[..., None, :], x], axis=-1)
@@ -486,6 +520,12 @@ def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tu
         ``"subspace"`` (one warm-started block power step with Rayleigh-Ritz: approximate, for long
         axes with k + m >= d; where :func:`subspace_width` reaches d it is the exact ``"gram"``
         path, as the whole axis is the subspace) or ``"auto"`` (:func:`resolve_decomposition`).
+    maybe_empty:
+        The caller's word that the sketch may be empty (every :math:`\sigma = 0`, as after
+        :func:`fd_init`): where the sketch's values can be read on the host without a
+        synchronisation (``_backend.host_bool``: NumPy, torch on a CPU outside ``torch.compile``)
+        and are all 0, the incremental paths decompose x's m x m triangular factor alone instead of
+        the (k+m)-square core (the same values in exact arithmetic; rounding differs).
 
     Returns
     -------
@@ -526,6 +566,7 @@ def _fd_step(
     noise_is_mass: bool = False,
     decomposition: str = "svd",
     accept: Optional[Array] = None,
+    maybe_empty: bool = False,
     apply: bool = False,
 ) -> tuple[dict[str, Array], Array, Optional[Array]]:
     """:func:`fd_update`, and with ``apply`` also the new sketch applied to ``x`` (else None).
@@ -533,7 +574,8 @@ def _fd_step(
     ``accept`` (a 0-D bool array or None) is the caller's own keep-or-discard decision for this
     step (a transform's skip of a non-finite step): where it is False the previous sketch is
     returned, by the same selection that discards a failed decomposition, so the caller need not
-    select every entry again. It does not change ``ok``.
+    select every entry again. It does not change ``ok``. ``maybe_empty`` (a host bool) says that the
+    sketch may be empty (a first step); see :func:`fd_update`.
     """
     if decomposition not in _DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {_DECOMPOSITIONS}, got {decomposition!r}")
@@ -557,7 +599,12 @@ def _fd_step(
     root_beta, kept_root = decay**0.5, root * gamma**0.5  # √β, √(γρ)
     decayed = sigma * root_beta  # √β σ
     x, scale, input_ok = _in_units(xp, x, decayed, kept_root, one, zero)  # X/u, u a power of two
-    ritz = _descending_left_singular(xp, basis, decayed / scale[..., None], x, decomposition)  # Z/u = P diag(s) Qᵀ
+    # An empty sketch (every sigma 0: Z = [0, X]) where the caller says it may be and the host
+    # reads sigma without a synchronisation: the incremental path's m x m problem of X alone.
+    empty = (maybe_empty and decomposition in ("incremental", "incremental_gram")
+             and host_bool(xp, xp.all(sigma == 0.0)) is True)
+    scaled_sigma = decayed / scale[..., None]
+    ritz = _descending_left_singular(xp, basis, scaled_sigma, x, decomposition, apply, empty)  # Z/u = P diag(s) Qᵀ
     tolerance = shrink_cutoff_tolerance(xp, dtype, decomposition)
     s, noise, shrink = _shrink(xp, ritz.s, k, root, zero, tolerance, cutoff)  # c = s_k (0 at rounding level)
     top = xp.maximum(s[..., :k], zero)

@@ -207,10 +207,12 @@ def refresh_axes(
     g)``; plan None where the leaf has no blocks): the runs of
     refresh phase p refreshed on the steps ``ctx.every(dues[p])`` only, the others as they were.
     Run j of axis n gets its rows of the mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's
-    merged shape as ``refresh(block, rows, exponent, accept) -> (new block, ok)``, ``block`` a
+    merged shape as ``refresh(block, rows, exponent, accept, first) -> (new block, ok)``, ``block`` a
     stack of blocks (the rule's NamedTuple),
-    ``exponent`` the leaf's :attr:`LeafPlan.exponent` and ``accept`` the step's skip predicate,
-    which the refresh folds into its own selection of the previous block; ``ok`` says, per block,
+    ``exponent`` the leaf's :attr:`LeafPlan.exponent`, ``accept`` the step's skip predicate,
+    which the refresh folds into its own selection of the previous block, and ``first`` True on a
+    first call known on the host (``ctx.calls == 0``: the blocks are the initial ones unless a state
+    was loaded that says otherwise, which the rule may check); ``ok`` says, per block,
     whether the refresh was finite. The runs of one shape and exponent, across leaves, go through
     one batched call (:func:`precond_ref.engine.phases.refresh_due`; a block's refresh reads only
     its own rows). Returns each leaf's blocks and its failure count plus its blocks whose refresh
@@ -237,8 +239,10 @@ def refresh_axes(
                 phases.append(phase)
     kind = next((type(t[0][0]) for t in tables if t), tuple)
 
+    first = is_number(ctx.calls) and ctx.calls == 0  # known on the host: the blocks are new unless loaded
+
     def refreshed(*operands: Array, label: float) -> tuple:
-        new, ok = refresh(kind(*operands[:-1]), operands[-1], label, ctx.ok)
+        new, ok = refresh(kind(*operands[:-1]), operands[-1], label, ctx.ok, first)
         return (*new, _failed(xp, ok, None if ctx.applied else ctx.ok))
 
     def kept(*operands: Array) -> tuple:
@@ -530,9 +534,9 @@ class AxesRule(NamedTuple):
     ``(update,)``, from the direction ``u`` (``rest`` ends with the parameter with weight decay).
 
     A Kronecker rule (:func:`kronecker_transform`) also has ``refresh(xp, c, block, rows, exponent,
-    accept) -> (block, ok)``, ``apply(xp, c, fields, rows)`` (``fields``: a dict of the block's
-    fields named in ``reads``), and optionally ``graft(xp, c, g, v) -> (v, D)`` (None: ``D = g``
-    and no moment) and ``grafted(xp, p, D)`` (None: the direction is ``p``). A flat rule
+    accept, first) -> (block, ok)`` (``first``: :func:`refresh_axes`), ``apply(xp, c, fields, rows)``
+    (``fields``: a dict of the block's fields named in ``reads``), and optionally ``graft(xp, c, g,
+    v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, p, D)`` (None: the direction is ``p``). A flat rule
     (:func:`flat_transform`) has ``refresh(xp, c, block, rows, accept) -> (block, ok, out)`` (the new
     block applied to the rows in the same pass), ``keep(xp, c, block, rows) -> out`` between
     refreshes and ``may_pad(c, length, rank)`` (:func:`flat_runs`). ``accept`` is the engine's

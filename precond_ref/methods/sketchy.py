@@ -199,10 +199,13 @@ def _rmsprop_graft(xp: Any, g: Array, v: Array, graft_eps: Any) -> Array:
     return xp.where(positive, g / xp.sqrt(xp.where(positive, v, xp.ones_like(v)) + graft_eps), xp.zeros_like(g))
 
 
-def _sketch_refresh(xp: Any, c: SketchyConfig, sketch: _Sketch, x: Array, exponent: float, accept: Any) -> tuple:
+def _sketch_refresh(xp: Any, c: SketchyConfig, sketch: _Sketch, x: Array, exponent: float, accept: Any,
+                    first: bool) -> tuple:
     """Step 2 on a stack of runs, the weights for the ``exponent`` :math:`a = -1/(2N)`, the previous
-    sketch where ``accept`` is False: ``(sketch, ok)``."""
-    new, ok = fd_update(xp, sketch._asdict(), x, exponent=exponent, accept=accept, **c.fd)  # FD([√β U diag(σ), X])
+    sketch where ``accept`` is False: ``(sketch, ok)``. On a first call (``first``) principled mode
+    lets the FD step check for empty sketches and decompose X alone (deviation K8)."""
+    new, ok = fd_update(xp, sketch._asdict(), x, exponent=exponent, accept=accept,  # FD([√β U diag(σ), X])
+                        maybe_empty=first and not c.faithful, **c.fd)
     return _Sketch(**new), ok
 
 
