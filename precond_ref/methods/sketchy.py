@@ -462,6 +462,10 @@ def sketchy(
       "Long axes, intervals and cost", has the measurements behind these defaults.
     * K7: ``decomposition="gram"`` is offered in both modes (the authors use the SVD, after a QR
       of the factor that is a mathematical no-op).
+    * K8: on a first call known on the host (``update(..., step=0)``, as the torch classes pass
+      it), where the sketches' values are read on the host for free (NumPy, torch on a CPU) and
+      are all 0, the incremental FD step decomposes the m x m triangular factor of X alone: the
+      same step in exact arithmetic, without the (k+m)-square core (docs/methods/sketchy.md).
 
     The authors' Adafactor graft and their post-paper extensions (rank reallocation, EKFAC-style
     basis, power-law tail fit) are not implemented.
