@@ -204,7 +204,7 @@ class _Ritz(NamedTuple):
     left singular vectors: either ``vectors`` (..., d, k), or, on the incremental path,
     ``[basis, fresh] @ frame[..., :, :k]`` with ``fresh`` (..., d, m) and the small orthogonal
     ``frame`` (..., k + m, k + m), which the caller masks and, on failure, replaces by [I; 0], so
-    the big product is formed once. The incremental path also gives x's coordinates:
+    the big product is formed once. The incremental path also gives, to apply the sketch, x's coordinates:
     ``projection`` = [U, fresh]^T x (..., k + m, m), and ``data`` = frame^T [U, fresh]^T x computed as
     diag(s) V^T from the small SVD, exact zeros on null directions (see :func:`fd_update_apply`)."""
 
