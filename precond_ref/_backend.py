@@ -53,6 +53,8 @@ __all__ = [
     "ema",
     "sum_across",
     "squared_sums",
+    "joined",
+    "stacked",
 ]
 
 
@@ -585,3 +587,115 @@ def squared_sums(xp: Any, g: Array, axis: int) -> Array:
     if is_jax_namespace(xp):
         return sum_across(xp, (g * 0.5) * g, axis) * 2
     return sum_across(xp, g * g, axis)
+
+
+# --------------------------------------------------------------------------------------------
+# Persistent stacks: a join of consecutive pieces of one allocation is a view of it
+
+
+def joined(xp: Any, arrays: Any) -> Array:
+    """``xp.concat(arrays, axis=0)``, as a view of the pieces' memory where they lie end to end.
+
+    A step hands each leaf back its slice of a stacked state entry (a view); when the next step
+    joins the same slices in the same order, they are consecutive, C-contiguous pieces of one
+    allocation, and their join is that memory itself: a view (no copy, no operation), equal to the
+    concatenation element for element, so the stack persists across steps. Otherwise (pieces of
+    different allocations, with gaps, out of order or overlapping, of different dtypes, not
+    contiguous, a torch piece that requires grad or is a subclass such as a DTensor or a
+    compiler's fake tensor), and always for JAX, array_api_strict and under ``torch.compile``, the
+    concatenation. The view covers exactly the pieces' memory, so writing it writes only them.
+    """
+    arrays = list(arrays)
+    if len(arrays) > 1:
+        first = arrays[0]
+        view = _consecutive_view(arrays, (sum(a.shape[0] for a in arrays), *first.shape[1:]) if first.ndim else None)
+        if view is not None:
+            return view
+    return xp.concat(arrays, axis=0)
+
+
+def stacked(xp: Any, arrays: Any) -> Array:
+    """``xp.stack(arrays)`` (along a new leading axis), as a view of the pieces' memory where they
+    lie end to end (:func:`joined`'s rule)."""
+    arrays = list(arrays)
+    if len(arrays) > 1:
+        first = arrays[0]
+        if all(tuple(a.shape) == tuple(first.shape) for a in arrays[1:]):
+            view = _consecutive_view(arrays, (len(arrays), *first.shape))
+            if view is not None:
+                return view
+    return xp.stack(arrays)
+
+
+def _consecutive_view(arrays: list, shape: Optional[tuple]) -> Optional[Array]:
+    """A C-contiguous array of ``shape`` over the memory of ``arrays`` when they are consecutive,
+    non-empty, C-contiguous pieces of one allocation, of one dtype and one exact array type
+    (torch's ``Tensor``, NumPy's or CuPy's ``ndarray``); ``None`` otherwise."""
+    if shape is None:
+        return None
+    kind = type(arrays[0])
+    if any(type(a) is not kind for a in arrays):
+        return None
+    torch, np, cp = sys.modules.get("torch"), sys.modules.get("numpy"), sys.modules.get("cupy")
+    if torch is not None and kind is torch.Tensor:
+        return _torch_view(torch, arrays, shape)
+    if np is not None and kind is np.ndarray:
+        return _numpy_view(np, arrays, shape)
+    if cp is not None and kind is cp.ndarray:
+        return _cupy_view(cp, arrays, shape)
+    return None
+
+
+def _torch_view(torch: Any, arrays: list, shape: tuple) -> Optional[Array]:
+    """:func:`_consecutive_view` of eager torch tensors: one ``_base`` (the allocation's tensor,
+    which torch keeps for every view of it), consecutive storage offsets; ``as_strided``."""
+    if torch.compiler.is_compiling():
+        return None
+    first = arrays[0]
+    base, dtype, offset = first._base, first.dtype, first.storage_offset()
+    if base is None:
+        return None
+    end = offset
+    for a in arrays:
+        n = a.numel()
+        if a._base is not base or a.dtype != dtype or a.requires_grad or n == 0 or not a.is_contiguous() or a.storage_offset() != end:
+            return None
+        end += n
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return first.as_strided(shape, tuple(reversed(strides)), offset)
+
+
+def _numpy_view(np: Any, arrays: list, shape: tuple) -> Optional[Array]:
+    """:func:`_consecutive_view` of NumPy arrays: one owning ``base`` (NumPy points every view at
+    the array that owns the memory), consecutive data addresses; an ``ndarray`` over that base."""
+    first = arrays[0]
+    base, dtype = first.base, first.dtype
+    if type(base) is not np.ndarray or not base.flags.c_contiguous:
+        return None
+    start = end = first.__array_interface__["data"][0]
+    for a in arrays:
+        if a.base is not base or a.dtype != dtype or a.size == 0 or not a.flags.c_contiguous:
+            return None
+        if a.__array_interface__["data"][0] != end:
+            return None
+        end += a.nbytes
+    view = np.ndarray(shape, dtype=dtype, buffer=base, offset=start - base.__array_interface__["data"][0])
+    if not first.flags.writeable:
+        view.flags.writeable = False
+    return view
+
+
+def _cupy_view(cp: Any, arrays: list, shape: tuple) -> Optional[Array]:
+    """:func:`_consecutive_view` of CuPy arrays: one memory allocation (``data.mem``), consecutive
+    device addresses; an ``ndarray`` at the first piece's address."""
+    first = arrays[0]
+    mem, dtype = first.data.mem, first.dtype
+    end = first.data.ptr
+    for a in arrays:
+        if a.data.mem is not mem or a.dtype != dtype or a.size == 0 or not a.flags.c_contiguous or a.data.ptr != end:
+            return None
+        end += a.nbytes
+    return cp.ndarray(shape, dtype=dtype, memptr=first.data)
