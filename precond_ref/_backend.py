@@ -606,36 +606,30 @@ def joined(xp: Any, arrays: Any) -> Array:
     concatenation. The view covers exactly the pieces' memory, so writing it writes only them.
     """
     arrays = list(arrays)
-    if len(arrays) > 1:
-        first = arrays[0]
-        view = _consecutive_view(arrays, (sum(a.shape[0] for a in arrays), *first.shape[1:]) if first.ndim else None)
-        if view is not None:
-            return view
-    return xp.concat(arrays, axis=0)
+    view = _consecutive_view(arrays, new_axis=False) if len(arrays) > 1 else None
+    return xp.concat(arrays, axis=0) if view is None else view
 
 
 def stacked(xp: Any, arrays: Any) -> Array:
     """``xp.stack(arrays)`` (along a new leading axis), as a view of the pieces' memory where they
     lie end to end (:func:`joined`'s rule)."""
     arrays = list(arrays)
-    if len(arrays) > 1:
-        first = arrays[0]
-        if all(tuple(a.shape) == tuple(first.shape) for a in arrays[1:]):
-            view = _consecutive_view(arrays, (len(arrays), *first.shape))
-            if view is not None:
-                return view
-    return xp.stack(arrays)
+    view = _consecutive_view(arrays, new_axis=True) if len(arrays) > 1 else None
+    return xp.stack(arrays) if view is None else view
 
 
-def _consecutive_view(arrays: list, shape: Optional[tuple]) -> Optional[Array]:
-    """A C-contiguous array of ``shape`` over the memory of ``arrays`` when they are consecutive,
-    non-empty, C-contiguous pieces of one allocation, of one dtype and one exact array type
-    (torch's ``Tensor``, NumPy's or CuPy's ``ndarray``); ``None`` otherwise."""
-    if shape is None:
-        return None
-    kind = type(arrays[0])
+def _consecutive_view(arrays: list, new_axis: bool) -> Optional[Array]:
+    """The C-contiguous array of their stack (``new_axis``: pieces of one shape) or concatenation
+    along axis 0 over the memory of ``arrays`` when they are consecutive, non-empty, C-contiguous
+    pieces of one allocation, of one dtype and one exact array type (torch's ``Tensor``, NumPy's or
+    CuPy's ``ndarray``); ``None`` otherwise."""
+    kind, first = type(arrays[0]), arrays[0]
     if any(type(a) is not kind for a in arrays):
         return None
+    rest = tuple(first.shape) if new_axis else tuple(first.shape[1:])
+    if (len(first.shape) == 0 and not new_axis) or any(tuple(a.shape if new_axis else a.shape[1:]) != rest for a in arrays):
+        return None
+    shape = (len(arrays), *rest) if new_axis else (sum(a.shape[0] for a in arrays), *rest)
     torch, np, cp = sys.modules.get("torch"), sys.modules.get("numpy"), sys.modules.get("cupy")
     if torch is not None and kind is torch.Tensor:
         return _torch_view(torch, arrays, shape)

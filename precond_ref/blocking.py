@@ -22,7 +22,7 @@ from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
 
 from array_api_compat import is_torch_array
 
-from ._backend import array_device, device_key, torch_compiling
+from ._backend import array_device, device_key, joined, torch_compiling
 
 __all__ = [
     "merge_small_dims", "block_bounds", "chunk_sizes", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks",
@@ -143,7 +143,9 @@ def stack(
     member whose ``key(operands)`` is ``None``, or that is already a large batch on a CPU
     (:func:`_batched_enough_on_cpu`), forms a stack alone. Stacks are in order of first
     appearance, members within a stack in their given order. :func:`unstack` hands results
-    computed on the stacks back member by member.
+    computed on the stacks back member by member, as views of them; so a state entry handed back
+    and joined again in the next step is already its stack (:func:`~precond_ref._backend.joined`:
+    a view, no copy), and the stack persists across steps.
     """
     groups: dict[Hashable, list[int]] = {}
     for index, operands in enumerate(members):
@@ -157,7 +159,7 @@ def stack(
         if len(indices) == 1:
             operands = tuple(members[indices[0]])
         else:
-            operands = tuple(xp.concat([members[i][k] for i in indices], axis=0) for k in range(len(members[indices[0]])))
+            operands = tuple(joined(xp, [members[i][k] for i in indices]) for k in range(len(members[indices[0]])))
         stacks.append(Stack(tuple(indices), operands, lengths))
     return stacks
 

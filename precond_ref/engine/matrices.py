@@ -9,7 +9,7 @@ from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from .. import blocking
-from .._backend import cast, compute_dtype, device_key
+from .._backend import cast, compute_dtype, device_key, stacked as stacked_view
 from ..blocking import Stack, stack, unstack
 from .context import StepContext, settle_pieces
 
@@ -149,7 +149,7 @@ def hand_back(
             elif count == 1:
                 pieces[name] = (old[0] + counts[name],)
             else:
-                stacked = xp.stack(old)
+                stacked = stacked_view(xp, old)
                 summed = ctx.unless_skipped(stacked + counts[name], stacked)
                 pieces[name] = settle_pieces(ctx, summed, xp.unstack(summed))
     out = []
