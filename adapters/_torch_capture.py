@@ -287,7 +287,9 @@ class Captures:
                 return None
             s.graphs.clear()
             s.transform, s.transient = transform, transient_patterns(transform)
-        if calls == 0:  # the first step makes the state (its tensors as the step lays them out): never captured
+        if calls == 0 or opt._restack:
+            # The first step makes the state, and the first after a load remakes it (its tensors as
+            # the step lays them out, views of its stacks): never captured.
             return update(grads, False, in_place=False)
         pointers = tuple(p.data_ptr() for p in plan.tensors)
         if s.pointers and pointers != s.pointers:

@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from precond_ref._backend import float32_matmul_precision
+from precond_ref._backend import consecutive_view, float32_matmul_precision
 from precond_ref.transform import PrecondState, Transform, missing_members
 from precond_ref.tree import TreeDef, path_str, tree_flatten, tree_unflatten
 
@@ -122,6 +122,10 @@ class CoreOptimizer(torch.optim.Optimizer):
     #: The constructor's ``capture`` as :func:`._torch_capture.capture_setting` resolved it (the
     #: class's value serves an optimizer unpickled from a version without it).
     _capture: Optional[bool] = None
+    #: Set by ``load_state_dict``: the next step keeps the state it hands back (each entry a view of
+    #: its stack, :func:`precond_ref._backend.joined`) instead of writing it into the loaded tensors,
+    #: which are separate allocations that every later join would copy.
+    _restack: bool = False
     # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
     _transient_attributes: tuple[str, ...] = (
         "_transforms", "_compiled", "_learning_rates", "_member_plans", "_captures"
@@ -195,6 +199,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         :func:`precond_ref.adapters._torch_state.load_state_dict`."""
         _torch_state.load_state_dict(self, state_dict, self._build)
         self._drop_graphs()
+        self._restack = True
 
     def _drop_graphs(self) -> None:
         """Forget the captured steps (their state tensors or param groups are gone)."""
@@ -327,6 +332,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                 by_calls.setdefault(calls, []).append((index - 1, p))
             for calls, members in by_calls.items():
                 self._step_members(transform, members, calls=calls, extra=extra)
+        self._restack = False
 
     def _step_members(self, transform: Transform, members: list, *, calls: int, extra: dict) -> None:
         """One core update of parameters that took part in ``calls`` earlier steps together."""
@@ -359,7 +365,7 @@ class CoreOptimizer(torch.optim.Optimizer):
             new_state = self._captured_update(plan, transform, core_state, params_tree, calls, extra)
         if new_state is None:
             new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra, plan.numel)
-            if self._capturable and calls > 0:
+            if self._capturable and calls > 0 and not self._restack:
                 new_state = _written_in_place(core_state, new_state)
         if self._behind:
             self._behind.difference_update(tensors)  # stepped: their counters are the set's again
@@ -506,16 +512,55 @@ def _written_in_place(old: PrecondState, new: PrecondState) -> PrecondState:
     array in a new tensor (the counters, which the compiled step returns; every entry of an eager
     step) would have every replay start from the capture-time input, which is freed once the state
     drops it and whose memory is then reused. The compiled step writes its larger entries in place
-    already (nothing to copy); an eager step pays one copy of its state.
+    already (nothing to copy); an eager step pays one copy of its state: one ``copy_`` per run of
+    an entry's leaves whose old and new arrays are each consecutive pieces of one stack (the
+    persistent stacks: :func:`_copied_by_runs`), one per leaf elsewhere.
     """
+    pairs: dict[str, list] = {}  # by entry name, in group order: (old array, new array)
 
-    def keep(before: Any, after: Any) -> Any:
+    def keep(name: str, before: Any, after: Any) -> Any:
         if after is before or before is None or before.shape != after.shape or before.dtype != after.dtype:
             return after
-        return before.copy_(after)
+        pairs.setdefault(name, []).append((before, after))
+        return before
 
     groups = {
-        key: {name: keep(old.groups.get(key, {}).get(name), value) for name, value in entries.items()}
+        key: {name: keep(name, old.groups.get(key, {}).get(name), value) for name, value in entries.items()}
         for key, entries in new.groups.items()
     }
-    return PrecondState(keep(old.count, new.count), keep(old.nonfinite_count, new.nonfinite_count), groups)
+    state = PrecondState(keep("", old.count, new.count), keep("", old.nonfinite_count, new.nonfinite_count), groups)
+    for runs in pairs.values():
+        _copied_by_runs(runs)
+    return state
+
+
+def _copied_by_runs(pairs: list) -> None:
+    """``before.copy_(after)`` for each pair, as one ``copy_`` for each run of pairs whose old
+    arrays are consecutive pieces of one allocation and whose new arrays are too
+    (:func:`precond_ref._backend.consecutive_view` of each side, flattened); a run whose two sides
+    share memory at different places is copied pair by pair (``copy_`` refuses overlapping
+    operands)."""
+
+    def view(arrays: list) -> Any:
+        return consecutive_view([a.reshape(-1) for a in arrays], new_axis=False)
+
+    start = 0
+    while start < len(pairs):
+        end = start + 1
+        while end < len(pairs) and all(view([pairs[end - 1][k], pairs[end][k]]) is not None for k in (0, 1)):
+            end += 1
+        run = pairs[start:end]
+        before, after = (view([p[k] for p in run]) for k in (0, 1)) if len(run) > 1 else (None, None)
+        if before is not None and after is not None and not _overlapping(before, after):
+            before.copy_(after)
+        else:
+            for b, a in run:
+                b.copy_(a)
+        start = end
+
+
+def _overlapping(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors share memory at different places."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    return a.storage_offset() != b.storage_offset()

@@ -55,6 +55,7 @@ __all__ = [
     "squared_sums",
     "joined",
     "stacked",
+    "consecutive_view",
 ]
 
 
@@ -606,7 +607,7 @@ def joined(xp: Any, arrays: Any) -> Array:
     concatenation. The view covers exactly the pieces' memory, so writing it writes only them.
     """
     arrays = list(arrays)
-    view = _consecutive_view(arrays, new_axis=False) if len(arrays) > 1 else None
+    view = consecutive_view(arrays, new_axis=False) if len(arrays) > 1 else None
     return xp.concat(arrays, axis=0) if view is None else view
 
 
@@ -614,11 +615,11 @@ def stacked(xp: Any, arrays: Any) -> Array:
     """``xp.stack(arrays)`` (along a new leading axis), as a view of the pieces' memory where they
     lie end to end (:func:`joined`'s rule)."""
     arrays = list(arrays)
-    view = _consecutive_view(arrays, new_axis=True) if len(arrays) > 1 else None
+    view = consecutive_view(arrays, new_axis=True) if len(arrays) > 1 else None
     return xp.stack(arrays) if view is None else view
 
 
-def _consecutive_view(arrays: list, new_axis: bool) -> Optional[Array]:
+def consecutive_view(arrays: list, new_axis: bool) -> Optional[Array]:
     """The C-contiguous array of their stack (``new_axis``: pieces of one shape) or concatenation
     along axis 0 over the memory of ``arrays`` when they are consecutive, non-empty, C-contiguous
     pieces of one allocation, of one dtype and one exact array type (torch's ``Tensor``, NumPy's or
@@ -641,7 +642,7 @@ def _consecutive_view(arrays: list, new_axis: bool) -> Optional[Array]:
 
 
 def _torch_view(torch: Any, arrays: list, shape: tuple) -> Optional[Array]:
-    """:func:`_consecutive_view` of eager torch tensors: one ``_base`` (the allocation's tensor,
+    """:func:`consecutive_view` of eager torch tensors: one ``_base`` (the allocation's tensor,
     which torch keeps for every view of it), consecutive storage offsets; ``as_strided``."""
     if torch.compiler.is_compiling():
         return None
@@ -663,7 +664,7 @@ def _torch_view(torch: Any, arrays: list, shape: tuple) -> Optional[Array]:
 
 
 def _numpy_view(np: Any, arrays: list, shape: tuple) -> Optional[Array]:
-    """:func:`_consecutive_view` of NumPy arrays: one owning ``base`` (NumPy points every view at
+    """:func:`consecutive_view` of NumPy arrays: one owning ``base`` (NumPy points every view at
     the array that owns the memory), consecutive data addresses; an ``ndarray`` over that base."""
     first = arrays[0]
     base, dtype = first.base, first.dtype
@@ -683,7 +684,7 @@ def _numpy_view(np: Any, arrays: list, shape: tuple) -> Optional[Array]:
 
 
 def _cupy_view(cp: Any, arrays: list, shape: tuple) -> Optional[Array]:
-    """:func:`_consecutive_view` of CuPy arrays: one memory allocation (``data.mem``), consecutive
+    """:func:`consecutive_view` of CuPy arrays: one memory allocation (``data.mem``), consecutive
     device addresses; an ``ndarray`` at the first piece's address."""
     first = arrays[0]
     mem, dtype = first.data.mem, first.dtype
