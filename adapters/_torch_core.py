@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from precond_ref._backend import consecutive_view, float32_matmul_precision
+from precond_ref._backend import consecutive_runs, consecutive_view, float32_matmul_precision
 from precond_ref.transform import PrecondState, Transform, missing_members
 from precond_ref.tree import TreeDef, path_str, tree_flatten, tree_unflatten
 
@@ -537,26 +537,17 @@ def _written_in_place(old: PrecondState, new: PrecondState) -> PrecondState:
 def _copied_by_runs(pairs: list) -> None:
     """``before.copy_(after)`` for each pair, as one ``copy_`` for each run of pairs whose old
     arrays are consecutive pieces of one allocation and whose new arrays are too
-    (:func:`precond_ref._backend.consecutive_view` of each side, flattened); a run whose two sides
-    share memory at different places is copied pair by pair (``copy_`` refuses overlapping
-    operands)."""
-
-    def view(arrays: list) -> Any:
-        return consecutive_view([a.reshape(-1) for a in arrays], new_axis=False)
-
-    start = 0
-    while start < len(pairs):
-        end = start + 1
-        while end < len(pairs) and all(view([pairs[end - 1][k], pairs[end][k]]) is not None for k in (0, 1)):
-            end += 1
-        run = pairs[start:end]
-        before, after = (view([p[k] for p in run]) for k in (0, 1)) if len(run) > 1 else (None, None)
-        if before is not None and after is not None and not _overlapping(before, after):
-            before.copy_(after)
-        else:
-            for b, a in run:
-                b.copy_(a)
-        start = end
+    (:func:`precond_ref._backend.consecutive_runs`); a run whose two sides share memory at
+    different places is copied pair by pair (``copy_`` refuses overlapping operands)."""
+    sides = ([b for b, _ in pairs], [a for _, a in pairs])
+    for start, stop in consecutive_runs(torch, sides):
+        if stop - start > 1:
+            before, after = (consecutive_view([x.reshape(-1) for x in side[start:stop]], new_axis=False) for side in sides)
+            if not _overlapping(before, after):
+                before.copy_(after)
+                continue
+        for b, a in pairs[start:stop]:
+            b.copy_(a)
 
 
 def _overlapping(a: torch.Tensor, b: torch.Tensor) -> bool:

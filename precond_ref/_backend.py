@@ -12,6 +12,7 @@ no number. Measurements behind these forms are in ``docs/backends.md`` ("Backend
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import sys
 from typing import Any, Callable, ContextManager, Iterator, Optional
@@ -56,6 +57,8 @@ __all__ = [
     "joined",
     "stacked",
     "consecutive_view",
+    "consecutive_runs",
+    "selected_by_runs",
 ]
 
 
@@ -619,6 +622,45 @@ def stacked(xp: Any, arrays: Any) -> Array:
     return xp.stack(arrays) if view is None else view
 
 
+def consecutive_runs(xp: Any, columns: Any) -> list:
+    """The runs ``(start, stop)`` of positions, in order, at which the arrays of every column
+    (sequences of one length), flattened, are consecutive pieces of one allocation
+    (:func:`consecutive_view`); a position that continues no run is a run of its own."""
+    count = len(columns[0])
+    if not all(_viewable(column[0]) for column in columns if count):
+        return [(i, i + 1) for i in range(count)]
+    flat = [[xp.reshape(a, (-1,)) for a in column] for column in columns]
+    runs, start = [], 0
+    while start < count:
+        stop = start + 1
+        while stop < count and all(consecutive_view(f[stop - 1 : stop + 1], new_axis=False) is not None for f in flat):
+            stop += 1
+        runs.append((start, stop))
+        start = stop
+    return runs
+
+
+def selected_by_runs(xp: Any, pred: Array, news: Any, olds: Any) -> list:
+    """``[select(xp, pred, new, old) for new, old in zip(news, olds)]``, as one selection for each
+    run of ``news`` that are consecutive pieces of one allocation (a stack a step handed back,
+    :func:`consecutive_runs`): on the run's news and olds, flattened and joined (:func:`joined`: a
+    view where the olds are such a run too, as last step's selection leaves them), each pair
+    handed its slice of it, a view in the new array's shape. The same numbers, element for element;
+    the selection's result is a stack whose slices the next step joins again without a copy."""
+    out = []
+    for start, stop in consecutive_runs(xp, [news]):
+        if stop - start == 1:
+            out.append(select(xp, pred, news[start], olds[start]))
+            continue
+        whole = select(xp, pred, *(joined(xp, [xp.reshape(a, (-1,)) for a in side[start:stop]]) for side in (news, olds)))
+        offset = 0
+        for new in news[start:stop]:
+            size = math.prod(new.shape)
+            out.append(xp.reshape(whole[offset : offset + size], tuple(new.shape)))
+            offset += size
+    return out
+
+
 def consecutive_view(arrays: list, new_axis: bool) -> Optional[Array]:
     """The C-contiguous array of their stack (``new_axis``: pieces of one shape) or concatenation
     along axis 0 over the memory of ``arrays`` when they are consecutive, non-empty, C-contiguous
@@ -639,6 +681,16 @@ def consecutive_view(arrays: list, new_axis: bool) -> Optional[Array]:
     if cp is not None and kind is cp.ndarray:
         return _cupy_view(cp, arrays, shape)
     return None
+
+
+def _viewable(x: Array) -> bool:
+    """Whether ``x`` is of an array type :func:`consecutive_view` may view (an eager torch
+    ``Tensor``, a NumPy or CuPy ``ndarray``)."""
+    kind = type(x)
+    torch, np, cp = sys.modules.get("torch"), sys.modules.get("numpy"), sys.modules.get("cupy")
+    if torch is not None and kind is torch.Tensor:
+        return not torch.compiler.is_compiling()
+    return (np is not None and kind is np.ndarray) or (cp is not None and kind is cp.ndarray)
 
 
 def _torch_view(torch: Any, arrays: list, shape: tuple) -> Optional[Array]:

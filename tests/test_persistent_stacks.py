@@ -23,8 +23,9 @@ def _array(name, values):
 
 
 def _shares(name, a, b):
+    """Whether ``a`` and ``b`` lie in one allocation."""
     if name == "numpy":
-        return np.shares_memory(a, b)
+        return (a if a.base is None else a.base) is (b if b.base is None else b.base)
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
@@ -128,3 +129,26 @@ def test_jax_and_strict_get_the_concatenation():
     x = jnp.arange(4.0)
     assert (joined(jnp, [x[:2], x[2:]]) == x).all()
 
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_selected_by_runs(name):
+    """``selected_by_runs`` equals ``where(pred, new, old)`` pair by pair (the non-finite rule's
+    selection), and selects each run of news that are consecutive pieces of one allocation at once:
+    its results are then views of one new allocation (the next step's join needs no copy)."""
+    from precond_ref._backend import consecutive_runs, selected_by_runs
+
+    xp = _namespace(name)
+    news_whole = _array(name, np.arange(20.0))
+    olds_whole = _array(name, -np.arange(20.0))
+    news = [xp.reshape(news_whole[0:6], (2, 3)), news_whole[6:10], news_whole[12:16], news_whole[16:20]]  # a gap at 10:12
+    olds = [xp.reshape(olds_whole[0:6], (2, 3)), olds_whole[6:10], _array(name, np.ones(4)), olds_whole[16:20]]
+    assert consecutive_runs(xp, [news]) == [(0, 2), (2, 4)]
+    assert consecutive_runs(xp, [news, olds]) == [(0, 2), (2, 3), (3, 4)]
+    for pred in (True, False):
+        ok = xp.asarray(pred)
+        out = selected_by_runs(xp, ok, news, olds)
+        for got, new, old in zip(out, news, olds):
+            assert _equal(got, xp.where(ok, new, old))
+        assert _shares(name, out[0], out[1]) and _shares(name, out[2], out[3]) and not _shares(name, out[1], out[2])
+        assert not any(_shares(name, o, news_whole) or _shares(name, o, olds_whole) for o in out)

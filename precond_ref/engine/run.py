@@ -23,6 +23,7 @@ from .._backend import (
     is_tracer as _is_tracer,
     scalar_zero,
     select,
+    selected_by_runs,
     torch_compiling as _torch_compiling,
 )
 from ..transform import Interval, LeafGroup, PrecondState, Transform, check_choice, is_due, singleton_groups
@@ -344,13 +345,18 @@ def build_transform(
             updates = leafwise(xp, lambda u, zero: finite_or_zero(xp, u, zero), updates, zeros=zeros)
         if selecting:
             new_groups = {key: dict(entries) for key, entries in new_groups.items()}
+            pending: dict[str, list] = {}  # by entry name, in group order: (group, new, old)
             for key, entries in new_groups.items():
                 for k, v in entries.items():
                     old = state.groups[key][k]
                     # An entry the step left untouched, or that the method selected, needs no
                     # selection; nor does a dense one of a step known to be applied.
                     if v is not old and v not in ctx.settled and not (finite_step and is_dense(v)):
-                        entries[k] = select(xp, ok, v, old)
+                        pending.setdefault(k, []).append((key, v, old))
+            for k, items in pending.items():  # the pieces of one stack selected at once
+                selected = selected_by_runs(xp, ok, [v for _, v, _ in items], [old for _, _, old in items])
+                for (key, _, _), v in zip(items, selected):
+                    new_groups[key][k] = v
         if finite_step:  # the step is applied: one addition, the skipped steps' count as it was
             new_state = PrecondState(count=state.count + 1, nonfinite_count=state.nonfinite_count, groups=new_groups)
         else:
