@@ -31,7 +31,7 @@ import math
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import array_device, cast, compute_dtype, cond, device_key, is_number, on_cpu
+from .._backend import array_device, cast, compute_dtype, cond, device_key, is_number, is_zero, on_cpu
 from ..blocking import same_layout, block_bounds, roll_first_axis_last, spread_schedule, stack, unfold, unstack
 from ..transform import Transform
 from ..tree import cached_template, from_entries, to_entries
@@ -239,7 +239,7 @@ def refresh_axes(
                 phases.append(phase)
     kind = next((type(t[0][0]) for t in tables if t), tuple)
 
-    first = is_number(ctx.calls) and ctx.calls == 0  # known on the host: the blocks are new unless loaded
+    first = is_zero(ctx.calls)  # the first call, known on the host: the blocks are new unless loaded
 
     def refreshed(*operands: Array, label: float) -> tuple:
         new, ok = refresh(kind(*operands[:-1]), operands[-1], label, ctx.ok, first)
