@@ -629,11 +629,15 @@ def consecutive_runs(xp: Any, columns: Any) -> list:
     count = len(columns[0])
     if not all(_viewable(column[0]) for column in columns if count):
         return [(i, i + 1) for i in range(count)]
-    flat = [[xp.reshape(a, (-1,)) for a in column] for column in columns]
+    # Only a C-contiguous array can lie in a run: flattening another would copy it.
+    flat = [[xp.reshape(a, (-1,)) if _contiguous(a) else None for a in column] for column in columns]
     runs, start = [], 0
     while start < count:
         stop = start + 1
-        while stop < count and all(consecutive_view(f[stop - 1 : stop + 1], new_axis=False) is not None for f in flat):
+        while stop < count and all(
+            f[stop - 1] is not None and f[stop] is not None and consecutive_view(f[stop - 1 : stop + 1], new_axis=False) is not None
+            for f in flat
+        ):
             stop += 1
         runs.append((start, stop))
         start = stop
@@ -643,14 +647,15 @@ def consecutive_runs(xp: Any, columns: Any) -> list:
 def selected_by_runs(xp: Any, pred: Array, news: Any, olds: Any) -> list:
     """``[select(xp, pred, new, old) for new, old in zip(news, olds)]``, as one selection for each
     run of ``news`` that are consecutive pieces of one allocation (a stack a step handed back,
-    :func:`consecutive_runs`): on the run's news and olds, flattened and joined (:func:`joined`: a
-    view where the olds are such a run too, as last step's selection leaves them), each pair
-    handed its slice of it, a view in the new array's shape. The same numbers, element for element;
+    :func:`consecutive_runs`) whose olds are C-contiguous: on the run's news and olds, flattened
+    and joined (:func:`joined`: a view where the olds are such a run too, as last step's selection
+    leaves them), each pair handed its slice of it, a view in the new array's shape; elsewhere one
+    selection per pair (flattening a non-contiguous old would copy it). The same numbers, element for element;
     the selection's result is a stack whose slices the next step joins again without a copy."""
     out = []
     for start, stop in consecutive_runs(xp, [news]):
-        if stop - start == 1:
-            out.append(select(xp, pred, news[start], olds[start]))
+        if stop - start == 1 or not all(_contiguous(old) for old in olds[start:stop]):
+            out += [select(xp, pred, new, old) for new, old in zip(news[start:stop], olds[start:stop])]
             continue
         whole = select(xp, pred, *(joined(xp, [xp.reshape(a, (-1,)) for a in side[start:stop]]) for side in (news, olds)))
         offset = 0
@@ -681,6 +686,12 @@ def consecutive_view(arrays: list, new_axis: bool) -> Optional[Array]:
     if cp is not None and kind is cp.ndarray:
         return _cupy_view(cp, arrays, shape)
     return None
+
+
+def _contiguous(x: Array) -> bool:
+    """Whether ``x`` (an array :func:`_viewable` accepts) is C-contiguous."""
+    contiguous = getattr(x, "is_contiguous", None)
+    return contiguous() if callable(contiguous) else bool(x.flags.c_contiguous)
 
 
 def _viewable(x: Array) -> bool:

@@ -152,3 +152,26 @@ def test_selected_by_runs(name):
             assert _equal(got, xp.where(ok, new, old))
         assert _shares(name, out[0], out[1]) and _shares(name, out[2], out[3]) and not _shares(name, out[1], out[2])
         assert not any(_shares(name, o, news_whole) or _shares(name, o, olds_whole) for o in out)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_runs_never_flatten_a_non_contiguous_array(name):
+    """A non-contiguous array (a transposed slice) lies in no run, and a run of news whose olds are
+    not all contiguous is selected pair by pair: flattening such an array would copy it, an
+    operation a step did not issue before (the non-finite rule's selection adds no copies). The
+    selections still equal ``where(pred, new, old)``."""
+    from precond_ref._backend import consecutive_runs, selected_by_runs
+
+    xp = _namespace(name)
+    whole = xp.reshape(_array(name, np.arange(24.0)), (4, 6))
+    transposed = xp.reshape(_array(name, np.arange(12.0)), (3, 4)).mT  # (4, 3), not contiguous
+    news = [whole[0:2], whole[2:4]]
+    assert consecutive_runs(xp, [news]) == [(0, 2)]
+    assert consecutive_runs(xp, [[whole[0:2], transposed]]) == [(0, 1), (1, 2)]
+    olds = [xp.reshape(_array(name, np.ones(12)), (2, 6)), xp.reshape(_array(name, -np.arange(12.0)), (6, 2)).mT]
+    for pred in (True, False):
+        ok = xp.asarray(pred)
+        out = selected_by_runs(xp, ok, news, olds)
+        for got, new, old in zip(out, news, olds):
+            assert _equal(got, xp.where(ok, new, old))
+        assert not _shares(name, out[0], out[1])  # pair by pair: two selections
