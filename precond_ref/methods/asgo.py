@@ -28,7 +28,7 @@ import numbers
 from functools import partial
 from typing import Any, NamedTuple, Optional
 
-from .._backend import array_device, cast, compute_dtype, computed_once, ema, on_cpu, select, squared_sums
+from .._backend import array_device, cast, compute_dtype, ema, on_cpu, select, squared_sums
 from ..blocking import spread_schedule
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE, identity_like, inverse_root, inverse_root_eigh, inverse_sqrt_newton_schulz,
@@ -238,7 +238,7 @@ def _dasgo_state(xp: Any, c: DASGOConfig, s: MatrixStack, zero: Array) -> dict[s
 
 def _dasgo_direction(xp: Any, c: DASGOConfig, s: MatrixStack, new: dict, roots: dict) -> Array:
     """A stack's direction ``r√(mn) U_t/‖U_t‖_F``, ``U_t = M_t diag(v_t + ε)^{-1/2}``."""
-    scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(new["statistic"] + c.eps), s.g.dtype))  # diag(v_t + ε)^{-1/2}
+    scale = cast(xp, 1.0 / xp.sqrt(new["statistic"] + c.eps), s.g.dtype)  # diag(v_t + ε)^{-1/2}
     m = cast(xp, new["momentum"], s.g.dtype)
     return scaled_rms_renormalised(xp, m, scale, _summed_axis(s), c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
 
