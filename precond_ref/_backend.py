@@ -471,6 +471,14 @@ def matmul(xp: Any, a: Array, b: Array) -> Array:
     return xp.matmul(a, b)
 
 
+def ratio_or_zero(xp: Any, numerator: Array, denominator: Array) -> Array:
+    """``numerator / denominator`` where the denominator is positive, else 0: no 0/0 where both
+    vanish, and no division by the placeholder of the unselected branch."""
+    positive = denominator > 0.0
+    return xp.where(positive, numerator / xp.where(positive, denominator, xp.ones_like(denominator)),
+                    xp.zeros_like(denominator))
+
+
 def finite_or_zero(xp: Any, u: Array, zero: Array) -> Array:
     """``where(isfinite(u), u, zero)`` for a 0-D ``zero`` of ``u``'s dtype: the non-finite entries of
     ``u`` set to zero, every other entry (``-0.0`` included) kept.

@@ -64,11 +64,14 @@ __all__ = [
     "check_nonnegative",
     "check_unit_interval",
     "check_choice",
+    "check_int",
     "check_positive_int",
     "check_learning_rate",
     "check_bool",
     "check_mode",
     "check_optional",
+    "check_principled_only",
+    "mode_default",
 ]
 
 
@@ -246,12 +249,17 @@ def check_learning_rate(name: str, value: Any) -> None:
         check_nonnegative(name, value)
 
 
-def check_positive_int(name: str, value: Any, *, allow_callable: bool = False) -> None:
+def check_int(name: str, value: Any, low: int, *, allow_callable: bool = False) -> None:
+    """An integer at least ``low`` (not a bool), or with ``allow_callable`` a callable."""
     if allow_callable and callable(value):
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         extra = " or a callable count -> bool" if allow_callable else ""
-        _fail(name, value, f"an integer >= 1{extra}")
+        _fail(name, value, f"an integer >= {low}{extra}")
+
+
+def check_positive_int(name: str, value: Any, *, allow_callable: bool = False) -> None:
+    check_int(name, value, 1, allow_callable=allow_callable)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Hashable]) -> None:
@@ -269,6 +277,20 @@ def check_mode(mode: Any) -> bool:
     """A method's ``mode``, ``"principled"`` or ``"faithful"``; returns whether it is ``"faithful"``."""
     check_choice("mode", mode, ("principled", "faithful"))
     return mode == "faithful"
+
+
+def check_principled_only(option: str, given: Any, why: str = "", preposition: str = "with") -> None:
+    """An option the authors' code does not have, ``given`` in faithful mode: raises, naming it and
+    ``why`` (the caller passes ``given`` only where ``mode`` is faithful)."""
+    if given:
+        raise ValueError(f"{option} is not available {preposition} mode='faithful'{why}; use mode='principled'")
+
+
+def mode_default(value: Any, faithful: bool, faithful_default: Any, principled_default: Any) -> Any:
+    """``value``, or where it is None (left to its default) the default of the mode."""
+    if value is not None:
+        return value
+    return faithful_default if faithful else principled_default
 
 
 def check_optional(check: Callable[[str, Any], None], name: str, value: Any) -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from precond_ref._backend import (
     NO_CONTEXT, IdentityDict, _copies, array_device, as_operand, cast, compute_dtype, computed_once, cond, cond_under_cpu_jit,
-    device_key, float32_matmul_precision, is_number, is_tracer, is_zero, placement, scalar_array, scalar_zero,
-    torch_compiling,
+    device_key, float32_matmul_precision, is_number, is_tracer, is_zero, placement, ratio_or_zero, scalar_array,
+    scalar_zero, torch_compiling,
 )
 
 
@@ -505,3 +505,14 @@ def test_the_core_calls_no_builtin_that_older_dynamo_cannot_trace():
         path = file.relative_to(root).as_posix()
         visit(ast.parse(file.read_text()), path, None)
     assert found == []
+
+
+def test_ratio_or_zero_is_the_quotient_where_the_denominator_is_positive():
+    """``ratio_or_zero(n, d)`` is ``n / d`` where ``d > 0`` and exactly 0 elsewhere (Sketchy's
+    grafted norm ratio, spec ``fd_shampoo.md`` §2.3 step 4: a zero P(G) gives a zero step), with no
+    0/0 warning or NaN from the unselected branch."""
+    n = np.array([3.0, 0.0, 2.0, 5.0])
+    d = np.array([2.0, 0.0, 0.0, -1.0])
+    with np.errstate(all="raise"):
+        got = ratio_or_zero(np, n, d)
+    np.testing.assert_array_equal(got, [1.5, 0.0, 0.0, 0.0])

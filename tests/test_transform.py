@@ -14,8 +14,10 @@ from precond_ref.engine.run import renamed
 from precond_ref.transform import (
     LeafGroup,
     build_transform,
+    check_int,
     check_interval,
     check_positive_int,
+    check_principled_only,
     cond,
     is_zero,
 )
@@ -262,8 +264,25 @@ def test_validators():
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="every"):
             check_positive_int("every", bad)
+    check_int("merge_dims", 2, 2)
+    for bad in (1, 2.0, True, None):
+        with pytest.raises(ValueError, match=re.escape(f"merge_dims must be an integer >= 2, got {bad!r}")):
+            check_int("merge_dims", bad, 2)
     assert is_zero(0.0) and is_zero(0) and not is_zero(1e-9)
     assert not is_zero(np.asarray(0.0))  # an injected hyperparameter may change: never static zero
+
+
+def test_principled_only_options_and_mode_defaults():
+    """A faithful-only refusal names the option, the reason and the way out (spec: each method's
+    faithful mode is the authors' code, whose absent options raise); an option left to None takes
+    its mode's default, one given is kept."""
+    check_principled_only("block_size", False)
+    with pytest.raises(ValueError, match=re.escape("block_size is not available with mode='faithful' (why); use mode='principled'")):
+        check_principled_only("block_size", True, " (why)")
+    with pytest.raises(ValueError, match=re.escape("spread_refresh is not available in mode='faithful'; use")):
+        check_principled_only("spread_refresh", True, "", "in")
+    assert pr.transform.mode_default(None, True, 1, 2) == 1 and pr.transform.mode_default(None, False, 1, 2) == 2
+    assert pr.transform.mode_default(0.0, False, 1, 2) == 0.0  # a given value, even a false one, is kept
 
 
 def test_dict_order_does_not_matter():

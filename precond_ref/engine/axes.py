@@ -529,7 +529,8 @@ class AxesRule(NamedTuple):
     finite), ``graft_second_moment`` and ``momentum`` (of the parameter's shape), None where absent,
     stored as the entries ``sketches/{n}/{j}/{field}``, ... (:func:`precond_ref.tree.to_entries`);
     ``plan(c, shape, first_phase)``: the leaf's :class:`LeafPlan`, None for a leaf without blocks;
-    ``empty(xp, c, length, rank, batch, dtype, device)``: a stack of ``batch`` empty blocks;
+    ``empty(xp, length, rank, *, dtype, device, batch)``: the fields of a stack of ``batch`` empty
+    blocks, as a dict (:func:`precond_ref.sketch.fd_init`);
     ``finish(xp, c, minus_lr, u, *rest)``: ``(update, m)`` with momentum (``rest``: ``m``), else
     ``(update,)``, from the direction ``u`` (``rest`` ends with the parameter with weight decay).
 
@@ -590,7 +591,8 @@ def _axes_transform(
         (w,) = leaves
         dtype, device = compute_dtype(xp, w.dtype), array_device(w)
         plan = rule.plan(c, tuple(w.shape))
-        sketches = empty_blocks(plan, lambda length, rank, batch: rule.empty(xp, c, length, rank, batch, dtype, device))
+        sketches = empty_blocks(plan, lambda length, rank, batch: rule.Block(**rule.empty(
+            xp, length, rank, dtype=dtype, device=device, batch=batch)))
         zeros = functools.partial(xp.zeros, tuple(w.shape), dtype=dtype, device=device)
         return to_entries(rule.State(
             sketches, xp.zeros((), dtype=xp.int32, device=device) if sketches else None,

@@ -54,6 +54,12 @@ def state_dtype(xp: Any, param_dtype: Any, requested: Any = None, default: Optio
     return dtype
 
 
+def float32(xp: Any, param_dtype: Any) -> Any:
+    """float32 whatever the parameters' dtype (a ``default`` of :func:`state_dtype`: the state
+    dtype of methods whose authors keep it in float32)."""
+    return xp.float32
+
+
 def filled(xp: Any, shape: tuple, value: Any, dtype: Any, device: Any):
     """An array of ``shape`` whose every entry is the hyperparameter ``value`` (a number, or an
     array as ``optax.inject_hyperparams`` passes it) in ``dtype``."""

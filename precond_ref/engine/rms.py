@@ -75,7 +75,10 @@ def scaled_rms_renormalised(
     ``U`` is never formed before the pass that writes the result: ``‖U‖_F²`` comes from the column
     sums of ``M²`` (:func:`scaled_squared_norm`) and the factor joins the per-column scale, float32
     summed in float64 where the backend has it, else by :func:`column_factored_renormalise`.
+    ``s`` is read by every entry of ``M``: a compiler is given it in the form it computes once per
+    step (:func:`~precond_ref._backend.computed_once`), not inlined into each entry's loop.
     """
+    scale = computed_once(xp, scale)
     rows, columns = m.shape[-2:]
     if exact_dtype or rms_target is None or rows * columns == 0:
         return rms_renormalised(xp, m * xp.expand_dims(scale, axis=axis), rms_target, exact_dtype)

@@ -28,7 +28,7 @@ import numbers
 from functools import partial
 from typing import Any, NamedTuple, Optional
 
-from .._backend import array_device, cast, compute_dtype, computed_once, ema, on_cpu, select, squared_sums
+from .._backend import array_device, cast, compute_dtype, ema, on_cpu, select, squared_sums
 from ..blocking import spread_schedule
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE, identity_like, inverse_root, inverse_root_eigh, inverse_sqrt_newton_schulz,
@@ -43,7 +43,7 @@ from ..engine.matrices import MatrixStack, matrix_shape
 from ..engine.rms import rms_renormalised, scaled_rms_renormalised
 from ..transform import (
     ScalarOrSchedule, Transform, check_choice, check_learning_rate, check_mode, check_nonnegative, check_optional,
-    check_positive, check_positive_int, check_unit_interval,
+    check_positive, check_positive_int, check_principled_only, check_unit_interval,
 )
 from ..tree import Path, path_str
 
@@ -238,7 +238,7 @@ def _dasgo_state(xp: Any, c: DASGOConfig, s: MatrixStack, zero: Array) -> dict[s
 
 def _dasgo_direction(xp: Any, c: DASGOConfig, s: MatrixStack, new: dict, roots: dict) -> Array:
     """A stack's direction ``r√(mn) U_t/‖U_t‖_F``, ``U_t = M_t diag(v_t + ε)^{-1/2}``."""
-    scale = computed_once(xp, cast(xp, 1.0 / xp.sqrt(new["statistic"] + c.eps), s.g.dtype))  # diag(v_t + ε)^{-1/2}
+    scale = cast(xp, 1.0 / xp.sqrt(new["statistic"] + c.eps), s.g.dtype)  # diag(v_t + ε)^{-1/2}
     m = cast(xp, new["momentum"], s.g.dtype)
     return scaled_rms_renormalised(xp, m, scale, _summed_axis(s), c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
 
@@ -432,13 +432,13 @@ def asgo(
     if spread_refresh is not None and not isinstance(spread_refresh, bool):
         raise ValueError(f"spread_refresh must be True, False or None, got {spread_refresh!r}")
     if faithful:
-        _principled_only("damping", damping is not None, " (the authors' root is undamped)")
-        _principled_only("block_size", block_size is not None)
-        _principled_only("spread_refresh=True", spread_refresh, " (the authors refresh every root every step)")
+        check_principled_only("damping", damping is not None, " (the authors' root is undamped)")
+        check_principled_only("block_size", block_size is not None)
+        check_principled_only("spread_refresh=True", spread_refresh, " (the authors refresh every root every step)")
         if root_method not in (None, "polar_express", "newton_schulz"):
             check_choice("root_method", root_method, _ROOT_METHODS)
-            _principled_only(f"root_method={root_method!r}", True, " (the authors use 'polar_express' or 'newton_schulz')")
-        _principled_only("root_tolerance", root_tolerance is not None, " (the authors' root is not checked)")
+            check_principled_only(f"root_method={root_method!r}", True, " (the authors use 'polar_express' or 'newton_schulz')")
+        check_principled_only("root_tolerance", root_tolerance is not None, " (the authors' root is not checked)")
         precondition_every = 1 if precondition_every is None else precondition_every
         spread_refresh, damping, tolerance = False, 0.0, None
         root_method = "polar_express" if root_method is None else root_method
@@ -541,7 +541,7 @@ def dasgo(
                                          fallback_eps, fallback_weight_decay)
     if faithful:
         check_nonnegative("eps", eps)
-        _principled_only(f"side={side!r}", side != "right", " (the authors precondition the columns, side='right')")
+        check_principled_only(f"side={side!r}", side != "right", " (the authors precondition the columns, side='right')")
     else:
         check_positive("eps", eps)
         check_choice("side", side, _SIDES)
@@ -561,12 +561,6 @@ def _checked_shared(mode: str, learning_rate: Any, b1: float, b2: float, weight_
     check_nonnegative("weight_decay", weight_decay)
     check_optional(check_positive, "rms_target", rms_target)
     return faithful, FallbackAdam.checked(learning_rate, *fallback, faithful)
-
-
-def _principled_only(option: str, given: Any, why: str = "") -> None:
-    """Faithful mode: an option the authors' code does not have raises, naming it."""
-    if given:
-        raise ValueError(f"{option} is not available with mode='faithful'{why}; use mode='principled'")
 
 
 def _matrix_leaf(xp: Any, name: str, param: Array, path: Path, side: str, faithful: bool) -> tuple:

@@ -25,12 +25,11 @@ from ..engine.factors import (
     unfolding_gram,
 )
 from ..engine import options
-from ..engine.options import check_batch_size, filled
 from ..engine.phases import prototype_schedule
 from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, tiled_transform
 from ..transform import (
     ScalarOrSchedule, Transform, check_bool, check_choice, check_interval, check_learning_rate, check_mode,
-    check_nonnegative, check_optional, check_unit_interval,
+    check_nonnegative, check_optional, check_principled_only, check_unit_interval, mode_default,
 )
 from ..tree import Path
 
@@ -49,14 +48,9 @@ def _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_
     faithful = check_mode(mode)
     check_interval("damping", damping, 0.0, math.inf, low_closed=faithful)  # λ > 0; faithful λ ≥ 0 (R2)
     check_nonnegative("weight_decay", weight_decay)
-    check_batch_size(batch_size)
+    options.check_batch_size(batch_size)
     check_nonnegative("initial_scale", initial_scale)
     check_bool("scale_by_batch_size", scale_by_batch_size)
-
-
-def _float32(xp, param_dtype):
-    """R1, faithful: the authors keep the state in float32 whatever the parameters' dtype."""
-    return xp.float32
 
 
 def _divided(xp, numerator, denominator, faithful: bool):
@@ -119,7 +113,7 @@ class RFRMSPropState(NamedTuple):
 
 def _rf_rmsprop_init(xp, c: RFRMSPropConfig, w, dtype) -> RFRMSPropState:
     dev = array_device(w)
-    s = filled(xp, w.shape, c.initial_scale, dtype, dev)  # s₀ = 1
+    s = options.filled(xp, w.shape, c.initial_scale, dtype, dev)  # s₀ = 1
     return RFRMSPropState(s, xp.zeros(w.shape, dtype=dtype, device=dev) if c.use_momentum else None)
 
 
@@ -178,7 +172,7 @@ class RFAdamWState(NamedTuple):
 
 def _rf_adamw_init(xp, c: RFAdamWConfig, w, dtype) -> RFAdamWState:
     dev = array_device(w)
-    return RFAdamWState(xp.zeros(w.shape, dtype=dtype, device=dev), filled(xp, w.shape, c.initial_scale, dtype, dev))
+    return RFAdamWState(xp.zeros(w.shape, dtype=dtype, device=dev), options.filled(xp, w.shape, c.initial_scale, dtype, dev))
 
 
 def _rf_adamw_step(xp, c: RFAdamWConfig, t) -> _RFStep:
@@ -307,7 +301,7 @@ def rf_rmsprop(
         learning_rate, b2, damping, momentum, weight_decay, batch_size, initial_scale, scale_by_batch_size,
         faithful=mode == "faithful", use_momentum=not is_zero(momentum), use_decay=not is_zero(weight_decay),
     )
-    dtype = partial(options.state_dtype, requested=state_dtype, default=_float32 if config.faithful else None)  # R1
+    dtype = partial(options.state_dtype, requested=state_dtype, default=options.float32 if config.faithful else None)  # R1
     return elementwise_transform(RF_RMSPROP, config, state_dtype=dtype, reads_params=config.use_decay, on_nonfinite=on_nonfinite)
 
 
@@ -371,7 +365,7 @@ def rf_adamw(
         learning_rate, b1, b2, damping, weight_decay, bias_correction, batch_size, initial_scale,
         scale_by_batch_size, faithful=mode == "faithful", use_decay=not is_zero(weight_decay),
     )
-    dtype = partial(options.state_dtype, requested=state_dtype, default=_float32 if config.faithful else None)  # R1
+    dtype = partial(options.state_dtype, requested=state_dtype, default=options.float32 if config.faithful else None)  # R1
     return elementwise_transform(RF_ADAMW, config, state_dtype=dtype, reads_params=config.use_decay, on_nonfinite=on_nonfinite)
 
 
@@ -732,22 +726,16 @@ def if_shampoo(
     check_unit_interval("preconditioner_momentum", preconditioner_momentum)
     check_nonnegative("damping", damping)
     check_nonnegative("weight_decay", weight_decay)
-    check_batch_size(batch_size)
+    options.check_batch_size(batch_size)
     check_choice("grouping", grouping, ("per_parameter", "weight_bias"))
     check_bool("clamp_factor_step", clamp_factor_step)
     check_optional(check_nonnegative, "kl_clip", kl_clip)
     faithful = check_mode(mode)
-    if faithful and block_size is not None:
-        raise ValueError("block_size is not available with mode='faithful' (SIRFShampoo has no blocking); "
-                         "use mode='principled'")
-    if precondition_every is None:
-        precondition_every = 1 if faithful else _PRECONDITION_EVERY  # S7
-    if block_size is None:
-        block_size = None if faithful else _BLOCK_SIZE  # S9: long axes cut into blocks
-    if spread_refresh is None:
-        spread_refresh = not faithful  # S10
-    if kl_clip is None:
-        kl_clip = 0.0 if faithful else _KL_CLIP
+    check_principled_only("block_size", faithful and block_size is not None, " (SIRFShampoo has no blocking)")
+    precondition_every = mode_default(precondition_every, faithful, 1, _PRECONDITION_EVERY)  # S7
+    block_size = mode_default(block_size, faithful, None, _BLOCK_SIZE)  # S9: long axes cut into blocks
+    spread_refresh = mode_default(spread_refresh, faithful, False, True)  # S10
+    kl_clip = mode_default(kl_clip, faithful, 0.0, _KL_CLIP)  # S8
     config = IFShampooConfig(
         learning_rate, momentum, preconditioner_lr, preconditioner_momentum, damping, weight_decay, batch_size, kl_clip,
         clamp_factor_step, faithful, use_momentum=not is_zero(momentum),

@@ -43,12 +43,13 @@ import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
 
-from .._backend import is_number, is_zero
+from .._backend import is_number, is_zero, ratio_or_zero
 from ..blocking import merge_small_dims
 from ..engine.axes import AxesRule, LeafPlan, flat_transform, kronecker_transform, leaf_plan, resolve_schedule
 from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply, resolve_decomposition
-from ..transform import (ScalarOrSchedule, Transform, check_bool, check_choice, check_interval, check_learning_rate,
-                         check_mode, check_nonnegative, check_optional, check_positive_int)
+from ..transform import (ScalarOrSchedule, Transform, check_bool, check_choice, check_int, check_interval,
+                         check_learning_rate, check_mode, check_nonnegative, check_optional, check_positive_int,
+                         check_principled_only, mode_default)
 
 __all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "SketchyConfig", "SAdaGradConfig", "PRINCIPLED_BLOCK_SIZE",
            "PRINCIPLED_PRECONDITION_EVERY"]
@@ -95,29 +96,14 @@ class _State(NamedTuple):
     momentum: Optional[Array] = None
 
 
-def _empty_sketch(xp: Any, c: Any, length: int, rank: int, batch: tuple, dtype: Any, device: Any) -> _Sketch:
-    """:math:`U = 0, \\sigma = 0, \\rho = 0, w = 0, w_\\perp = 0` for a ``batch`` of blocks
-    (:func:`precond_ref.sketch.fd_init`)."""
-    return _Sketch(**fd_init(xp, length, rank, dtype=dtype, device=device, batch=batch))
-
-
 # --------------------------------------------------------------------------------------------
 # Validation
-
-
-def _check_decay(name: str, value: Any) -> None:
-    check_interval(name, value, 0.0, 1.0, low_closed=False, high_closed=True)
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _check_shared(rank: Any, b2: Any, precondition_every: Any, spread_refresh: Any, block_size: Any, mode: Any) -> bool:
     """The arguments of both methods checked; whether ``mode`` is ``"faithful"``."""
     check_positive_int("rank", rank)
-    _check_decay("b2", b2)
+    check_interval("b2", b2, 0.0, 1.0, low_closed=False, high_closed=True)
     if precondition_every is not None:
         check_positive_int("precondition_every", precondition_every, allow_callable=True)
     check_optional(check_bool, "spread_refresh", spread_refresh)
@@ -216,14 +202,7 @@ def _sketch_apply(xp: Any, c: SketchyConfig, sketch: dict, x: Array) -> Array:
 
 def _grafted(xp: Any, p: Array, graft_direction: Array) -> Array:
     """Step 4: :math:`P(G)\\, \\lVert D_g\\rVert_F / \\lVert P(G)\\rVert_F`, 0 where :math:`P(G) = 0`."""
-    return p * _safe_norm_ratio(xp, xp.linalg.vector_norm(graft_direction), xp.linalg.vector_norm(p))
-
-
-def _safe_norm_ratio(xp: Any, numerator: Array, denominator: Array) -> Array:
-    """``numerator / denominator`` where the denominator is positive, else 0 (no 0/0)."""
-    positive = denominator > 0.0
-    return xp.where(positive, numerator / xp.where(positive, denominator, xp.ones_like(denominator)),
-                    xp.zeros_like(denominator))
+    return p * ratio_or_zero(xp, xp.linalg.vector_norm(graft_direction), xp.linalg.vector_norm(p))
 
 
 def _sketchy_finish(xp: Any, c: SketchyConfig, minus_lr: Any, u: Array, *rest: Array) -> tuple:
@@ -253,7 +232,7 @@ def _sketchy_decomposition(decomposition: Optional[str], faithful: bool) -> str:
 
 
 _SKETCHY = AxesRule(
-    State=_State, Block=_Sketch, plan=_sketchy_plan, empty=_empty_sketch, refresh=_sketch_refresh, finish=_sketchy_finish,
+    State=_State, Block=_Sketch, plan=_sketchy_plan, empty=fd_init, refresh=_sketch_refresh, finish=_sketchy_finish,
     apply=_sketch_apply, reads=("basis", "basis_weights", "complement_weight"), graft=_graft, grafted=_grafted,
 )
 
@@ -268,31 +247,27 @@ def _sketchy_transform(
     faithful = _check_shared(rank, b2, precondition_every, spread_refresh, block_size, mode)
     check_nonnegative("eps", eps)
     check_bool("relative_eps", relative_eps)
-    _check_int("start_preconditioning_step", start_preconditioning_step, 0)
+    check_int("start_preconditioning_step", start_preconditioning_step, 0)
     check_choice("graft", graft, _GRAFTS)
-    _check_decay("graft_b2", graft_b2)
+    check_interval("graft_b2", graft_b2, 0.0, 1.0, low_closed=False, high_closed=True)
     check_nonnegative("graft_eps", graft_eps)
     check_interval("momentum", momentum, 0.0, 1.0, high_closed=True)
     check_bool("nesterov", nesterov)
     check_bool("momentum_ema", momentum_ema)
     check_nonnegative("weight_decay", weight_decay)
-    _check_int("merge_dims", merge_dims, 2)
-    _check_int("max_precondition_dim", max_precondition_dim, 1)
+    check_int("merge_dims", merge_dims, 2)
+    check_int("max_precondition_dim", max_precondition_dim, 1)
     check_bool("precondition_1d", precondition_1d)
     if decomposition is not None:
         check_choice("decomposition", decomposition, _SKETCHY_DECOMPOSITIONS)
     if tail_decay is not None:
         check_choice("tail_decay", tail_decay, ("b2", "sqrt_b2"))
-    if faithful and block_size is not None:
-        raise ValueError("block_size is not available in mode='faithful' (the authors' Sketchy has no "
-                         "blocking); use mode='principled'")
-    if faithful and spread_refresh:
-        raise ValueError("spread_refresh is not available in mode='faithful' (the authors update every "
-                         "sketch on the same steps); use mode='principled'")
+    if faithful:
+        check_principled_only("block_size", block_size is not None, " (the authors' Sketchy has no blocking)", "in")
+        check_principled_only("spread_refresh", spread_refresh, " (the authors update every sketch on the same steps)", "in")
     block_size, dues = resolve_schedule(faithful, block_size, precondition_every, spread_refresh,
                                         PRINCIPLED_BLOCK_SIZE, PRINCIPLED_PRECONDITION_EVERY)
-    if tail_decay is None:
-        tail_decay = "sqrt_b2" if faithful else "b2"
+    tail_decay = mode_default(tail_decay, faithful, "sqrt_b2", "b2")
     fd_options = dict(
         decay=b2, tail_decay=b2**0.5 if tail_decay == "sqrt_b2" else b2, eps=eps, relative_eps=relative_eps,
         cutoff=not faithful, noise_is_mass=faithful, decomposition=_sketchy_decomposition(decomposition, faithful),
@@ -718,6 +693,6 @@ def _adagrad_finish(xp: Any, c: SAdaGradConfig, minus_lr: Any, direction: Array,
 
 
 _S_ADAGRAD = AxesRule(
-    State=_State, Block=_Sketch, plan=_adagrad_plan, empty=_empty_sketch, refresh=_adagrad_refresh,
+    State=_State, Block=_Sketch, plan=_adagrad_plan, empty=fd_init, refresh=_adagrad_refresh,
     finish=_adagrad_finish, keep=_adagrad_keep, may_pad=_adagrad_may_pad,
 )
