@@ -638,7 +638,7 @@ def consecutive_runs(xp: Any, columns: Any) -> list:
     if not all(_viewable(column[0]) for column in columns if count):
         return [(i, i + 1) for i in range(count)]
     # Only a C-contiguous array can lie in a run: flattening another would copy it.
-    flat = [[xp.reshape(a, (-1,)) if _contiguous(a) else None for a in column] for column in columns]
+    flat = [[xp.reshape(a, (-1,)) if is_dense(a) else None for a in column] for column in columns]
     runs, start = [], 0
     while start < count:
         stop = start + 1
@@ -662,7 +662,7 @@ def selected_by_runs(xp: Any, pred: Array, news: Any, olds: Any) -> list:
     the selection's result is a stack whose slices the next step joins again without a copy."""
     out = []
     for start, stop in consecutive_runs(xp, [news]):
-        if stop - start == 1 or not all(_contiguous(old) for old in olds[start:stop]):
+        if stop - start == 1 or not all(is_dense(old) for old in olds[start:stop]):
             out += [select(xp, pred, new, old) for new, old in zip(news[start:stop], olds[start:stop])]
             continue
         whole = select(xp, pred, *(joined(xp, [xp.reshape(a, (-1,)) for a in side[start:stop]]) for side in (news, olds)))
@@ -694,12 +694,6 @@ def consecutive_view(arrays: list, new_axis: bool) -> Optional[Array]:
     if cp is not None and kind is cp.ndarray:
         return _cupy_view(cp, arrays, shape)
     return None
-
-
-def _contiguous(x: Array) -> bool:
-    """Whether ``x`` (an array :func:`_viewable` accepts) is C-contiguous."""
-    contiguous = getattr(x, "is_contiguous", None)
-    return contiguous() if callable(contiguous) else bool(x.flags.c_contiguous)
 
 
 def _viewable(x: Array) -> bool:
