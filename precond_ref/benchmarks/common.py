@@ -49,6 +49,7 @@ VARIANTS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
     "sketchy": (
         ("gram", {"decomposition": "gram"}),
         ("incremental gram", {"decomposition": "incremental_gram"}),
+        ("subspace", {"decomposition": "subspace"}),
         ("every 10", {"precondition_every": 10}),
         ("faithful", {"mode": "faithful", "block_size": None}),
     ),
