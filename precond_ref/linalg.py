@@ -56,6 +56,7 @@ __all__ = [
     "CUDA_JACOBI_EIGH_ORDERS",
     "per_matrix",
     "inverse",
+    "spd_inverse",
     "identity_like",
     "trace",
     "matrix_power_eigh",
@@ -205,7 +206,7 @@ def _jax_cpu_lapack_waits_on_pool(xp: Any, a: Array) -> bool:
     return tuple(int(part) for part in jaxlib.__version__.split(".")[:2]) < (0, 11)
 
 
-def inverse(xp: Any, a: Array) -> Array:
+def inverse(xp: Any, a: Array, *, symmetric_positive_definite: bool = False) -> Array:
     """:math:`A^{-1}` for a stack of square matrices ``(..., k, k)`` by LU (through
     :func:`per_matrix`). A matrix whose LU has an exactly zero pivot gives non-finite entries on
     torch and JAX; NumPy raises ``LinAlgError`` for the whole call.
@@ -215,10 +216,47 @@ def inverse(xp: Any, a: Array) -> Array:
     singular matrix (its ``aten::_linalg_check_errors``): on a GPU a synchronisation in every call,
     which also makes the step impossible to capture in a CUDA graph. JAX's ``inv`` returns
     non-finite entries for a singular matrix by itself.
+
+    ``symmetric_positive_definite=True`` is the caller's promise that every matrix is symmetric
+    positive definite. A torch tensor on a CUDA device is then inverted by Cholesky
+    (:func:`spd_inverse`), which can be captured in a CUDA graph: torch's CUDA LU of a stack of
+    matrices of order above 16 (more than 16 of them, or of order above 128) is MAGMA's batched
+    ``getrf``, which cannot. Everywhere else the flag changes nothing (LU, bit for bit as without
+    it).
     """
     if is_torch_namespace(xp):
+        if symmetric_positive_definite and getattr(a.device, "type", None) == "cuda":
+            return spd_inverse(xp, a)
         return per_matrix(xp, _torch_inverse_without_host_check, a)
     return per_matrix(xp, xp.linalg.inv, a)
+
+
+def spd_inverse(xp: Any, a: Array) -> Array:
+    r""":math:`A^{-1}` for a stack of symmetric positive definite matrices ``(..., k, k)`` by
+    Cholesky: :math:`A = L L^\top`, :math:`A^{-1} = L^{-\top} L^{-1}` (``cholesky_inverse``).
+
+    On torch, ``torch.linalg.cholesky_ex`` (cuSOLVER ``potrf`` / ``potrfBatched`` on CUDA, LAPACK
+    on a CPU; the status stays on the device), :math:`X = L^{-1}` by ``torch.linalg.solve_triangular``
+    (cuBLAS ``trsm`` / ``trsmBatched``) and the product :math:`X^\top X`: no step reads the host,
+    so the call can be captured in a CUDA graph, which torch's batched LU of larger stacks
+    (MAGMA's ``getrf``, :func:`inverse`) cannot. ``torch.cholesky_inverse`` would do the
+    last two steps in one call but checks its status on the host. Only the lower triangle of
+    :math:`A` is read. A matrix whose Cholesky fails (``info != 0``: not positive definite in the
+    working precision) gives NaN, as :func:`inverse` gives for a singular one, so a caller's
+    finiteness test rejects that block alone. The result is symmetric positive semi-definite up to
+    the rounding of the product; its error is that of the LU inverse, a few
+    :math:`k\,\varepsilon\,\kappa(A)` relative.
+
+    Other namespaces have no triangular solve in the array API: there, :func:`inverse` (LU).
+    """
+    if not is_torch_namespace(xp):
+        return inverse(xp, a)
+    torch = sys.modules["torch"]
+    factor, info = torch.linalg.cholesky_ex(a)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    factor_inverse = torch.linalg.solve_triangular(factor, eye, upper=False)  # X = L^-1
+    result = factor_inverse.mT @ factor_inverse  # A^-1 = L^-T L^-1
+    return torch.where((info == 0)[..., None, None], result, math.nan)
 
 
 def _torch_inverse_without_host_check(a: Array) -> Array:
@@ -740,7 +778,7 @@ def damped_inverse_stable(
     requested = xp.zeros_like(floor) + damping
     raised = floor > requested
     lam = xp.where(raised, floor, requested)
-    inverse = _symmetric_part(_lu_inverse(xp, safe + lam[..., None, None] * identity_like(safe)))
+    inverse = _symmetric_part(_lu_inverse(xp, safe + lam[..., None, None] * identity_like(safe), symmetric_positive_definite=True))
     ok = xp.logical_and(finite_in, all_finite(inverse, axis=(-2, -1)))
     return xp.where(ok[..., None, None], inverse, previous), xp.logical_or(xp.logical_not(ok), raised)
 

@@ -10,6 +10,8 @@ from precond_ref.linalg import (
     damped_inverse,
     damped_inverse_init,
     damped_inverse_stable,
+    inverse,
+    spd_inverse,
 )
 from precond_ref.testing.oracles import damped_inverse_residual, damped_solve
 
@@ -192,3 +194,65 @@ def test_residual_measures_the_inverse_error():
     exact = np.linalg.inv(stats + 0.5 * np.eye(4))
     np.testing.assert_allclose(damped_inverse_residual(stats, 0.5, exact), 0.0, atol=1e-13)
     np.testing.assert_allclose(damped_inverse_residual(stats, 0.5, 1.01 * exact), 0.01, rtol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# spd_inverse: A^{-1} = L^{-T} L^{-1} with A = L L^T (Cholesky), the capturable inverse of SPD blocks.
+
+
+def _spd_stack(k: int, conds: list, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, A^{-1}) in float64: a stack of Q diag(w) Q^T, one per condition number, eigenvalues
+    log-spaced in [1/cond, 1], and its exact inverse Q diag(1/w) Q^T."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((len(conds), k, k)))
+    w = np.stack([np.logspace(0.0, -np.log10(c), k) for c in conds])
+    return (q * w[:, None, :]) @ q.mT, (q / w[:, None, :]) @ q.mT
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_spd_inverse_is_the_inverse_to_the_rounding_model(backend, dtype):
+    """[rounding model; linalg.spd_inverse] For SPD A of order k and condition κ, the Cholesky
+    inverse L^{-T} L^{-1} (torch) and the LU inverse (every other namespace, bit for bit the plain
+    :func:`inverse`) are within a few k·u·κ of A^{-1}, relative (u the unit roundoff of the dtype;
+    the rounding of A to the dtype alone costs about u·κ): tolerance 4·k·u·κ, per block."""
+    k, conds = 12, [1.0, 1e2, 1e3 if dtype == "float32" else 1e8]
+    a, exact = _spd_stack(k, conds, seed=5)
+    got = spd_inverse(backend.xp, backend.asarray(a.astype(dtype)))
+    out = backend.to_numpy(got)
+    assert out.shape == a.shape and out.dtype == np.dtype(dtype)
+    u = np.finfo(dtype).eps / 2
+    for block, cond in enumerate(conds):
+        error = np.linalg.norm(out[block] - exact[block]) / np.linalg.norm(exact[block])
+        assert error <= 4 * k * u * cond, (block, cond, error)
+    if backend.name != "torch":  # no triangular solve in the array API: the LU inverse
+        np.testing.assert_array_equal(out, backend.to_numpy(inverse(backend.xp, backend.asarray(a.astype(dtype)))))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_spd_inverse_of_a_block_that_is_not_positive_definite_is_nan(dtype):
+    """[linalg.spd_inverse] A block whose Cholesky fails (an eigenvalue -1/2: not positive definite)
+    is NaN, as :func:`inverse` gives a singular block, so a caller's finiteness test rejects it alone;
+    every other block of the stack is bit for bit what it is with that block positive definite (the
+    blocks are independent)."""
+    import array_api_compat.torch as xp
+    import torch
+
+    a, _ = _spd_stack(5, [1.0, 10.0, 100.0], seed=6)
+    indefinite = a.copy()
+    indefinite[1] = np.diag([1.0, 2.0, -0.5, 1.0, 3.0])
+    got = spd_inverse(xp, torch.tensor(indefinite.astype(dtype))).numpy()
+    want = spd_inverse(xp, torch.tensor(a.astype(dtype))).numpy()
+    assert np.isnan(got[1]).all()
+    np.testing.assert_array_equal(got[[0, 2]], want[[0, 2]])
+    assert np.isfinite(want).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_spd_flag_changes_nothing_off_cuda(backend, dtype):
+    """[linalg.inverse] ``symmetric_positive_definite=True`` routes only torch CUDA tensors to
+    :func:`spd_inverse`; on a CPU and on every other namespace the inverse is the LU one, bit for
+    bit (MBF's CPU trajectories are unchanged)."""
+    a, _ = _spd_stack(6, [1.0, 1e3], seed=7)
+    x = backend.asarray(a.astype(dtype))
+    flagged = backend.to_numpy(inverse(backend.xp, x, symmetric_positive_definite=True))
+    np.testing.assert_array_equal(flagged, backend.to_numpy(inverse(backend.xp, x)))

@@ -15,7 +15,8 @@ import warnings
 import pytest
 import torch
 
-from cases import CAPTURABLE_CASES, TORCH_CASES
+import precond_ref.adapters.torch as pt
+from cases import CAPTURABLE_CASES, TORCH_CASES, TorchCase
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -203,11 +204,11 @@ def _warm_steps(opt) -> int:
     return max(call for pattern, call in first.items() if pattern not in transient) + 1
 
 
-def _captured_run(case, compile, capture, guard: bool) -> tuple:
-    """The parameters after warm-up and ``TIMED`` further steps, new ``.grad`` tensors every step
-    (``set_to_none``), ``lr`` x 0.9 a step by a ``LambdaLR`` scheduler; the last ``TIMED`` steps
-    under ``torch.cuda.set_sync_debug_mode("error")`` with ``guard``."""
-    model = _model()
+def _captured_run(case, compile, capture, guard: bool, model_fn=_model) -> tuple:
+    """The parameters of ``model_fn()`` after warm-up and ``TIMED`` further steps, new ``.grad``
+    tensors every step (``set_to_none``), ``lr`` x 0.9 a step by a ``LambdaLR`` scheduler; the last
+    ``TIMED`` steps under ``torch.cuda.set_sync_debug_mode("error")`` with ``guard``."""
+    model = model_fn()
     opt = case.make(model.named_parameters(), compile=compile, capture=capture)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9**t)
     warm = _warm_steps(opt)
@@ -244,6 +245,79 @@ def test_captured_steps_replay_like_uncaptured_ones_without_a_host_sync(case, co
     want, _ = _captured_run(case, compile, False, guard=False)
     graphs = opt._captures.graphs()
     assert (graphs == 0) if case.id in REFUSED else (graphs > 0)
+    for p, q in zip(got, want):
+        torch.testing.assert_close(p, q)
+
+
+# MBF's principled inverse of a stack of blocks larger than 16 x 16, more than 16 of them: torch's
+# CUDA LU of such a stack is MAGMA's batched getrf, which a CUDA graph cannot capture; the SPD
+# route (Cholesky, linalg.spd_inverse) can.
+_STACK_BLOCKS, _STACK_ORDER = 17, 32
+MBF_STACK = TorchCase(
+    "mbf-stack",
+    pt.MBF,
+    lr=3e-3,
+    kwargs=dict(damping=0.1, statistics_every=1, precondition_every=5, block_size=_STACK_ORDER, refresh_phases=1),
+)
+
+
+def _stack_model() -> torch.nn.Module:
+    """One linear layer of 17 x 32 outputs: with ``block_size=32`` MBF inverts 17 blocks of order
+    32 in one batched call on every inverse step (``refresh_phases=1``)."""
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"fc": torch.nn.Linear(8, _STACK_BLOCKS * _STACK_ORDER)}).cuda()
+
+
+def test_mbf_spd_inverse_of_a_large_stack_is_captured_in_a_cuda_graph():
+    """``linalg.inverse(..., symmetric_positive_definite=True)`` of 17 SPD blocks of order 32 on
+    CUDA (the Cholesky route, ``linalg.spd_inverse``) records in a CUDA graph; replayed on new
+    matrices copied into the captured input, it gives the inverse taken without capture (the same
+    kernels: float32 rounding, ``assert_close``'s default), and NaN for a block that is not positive
+    definite."""
+    import array_api_compat.torch as xp
+
+    from precond_ref import linalg
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+
+    def spd_stack() -> torch.Tensor:
+        b = torch.randn(_STACK_BLOCKS, _STACK_ORDER, 2 * _STACK_ORDER, generator=gen, device="cuda")
+        return b @ b.mT / (2 * _STACK_ORDER) + 0.1 * torch.eye(_STACK_ORDER, device="cuda")
+
+    def invert(a: torch.Tensor) -> torch.Tensor:
+        return linalg.inverse(xp, a, symmetric_positive_definite=True)
+
+    static = spd_stack()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        invert(static)  # torch's recipe: warm up (workspaces, handles) on a side stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = invert(static)
+    new = spd_stack()
+    new[3] = -new[3]
+    static.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = invert(new)
+    assert torch.isnan(out[3]).all() and torch.isnan(want[3]).all()
+    keep = [i for i in range(_STACK_BLOCKS) if i != 3]
+    torch.testing.assert_close(out[keep], want[keep])
+    torch.testing.assert_close(want[keep] @ new[keep], torch.eye(_STACK_ORDER, device="cuda").expand(len(keep), -1, -1), atol=1e-4, rtol=0)
+
+
+def test_mbf_refresh_of_a_large_block_stack_is_captured():
+    """MBF (principled) on a layer of 17 blocks of order 32 inverted together: the captured steps,
+    inverse phases included, replay without a host synchronisation and without falling back to the
+    uncaptured step, and give the parameters of the same steps without capture (float32 rounding,
+    ``assert_close``'s default)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not captured in a CUDA graph", category=RuntimeWarning)
+        got, opt = _captured_run(MBF_STACK, False, None, guard=True, model_fn=_stack_model)
+    want, _ = _captured_run(MBF_STACK, False, False, guard=False, model_fn=_stack_model)
+    assert opt._captures.graphs() > 0
     for p, q in zip(got, want):
         torch.testing.assert_close(p, q)
 
