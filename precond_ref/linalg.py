@@ -266,7 +266,7 @@ def _torch_inverse_without_host_check(a: Array) -> Array:
 
 
 # The damped inverses below call their result ``inverse``, which shadows the function there.
-_lu_inverse = inverse
+_matrix_inverse = inverse
 
 
 def identity_like(a: Array) -> Array:
@@ -699,7 +699,7 @@ def damped_inverse(
     finite_in = all_finite(matrices, axis=(-2, -1))
     damped = xp.where(finite_in[..., None, None], matrices + damping * eye, eye)
     try:
-        inverse = _lu_inverse(xp, damped)
+        inverse = _matrix_inverse(xp, damped)
     except ValueError:  # NumPy's LinAlgError on an exactly singular block (torch and JAX give Inf/NaN)
         inverse = xp.full(damped.shape, xp.nan, dtype=damped.dtype, device=placement(xp, damped))
     if symmetrize:
@@ -751,7 +751,10 @@ def damped_inverse_stable(
     No value is read on the host (no branch, no fallback decomposition): the whole stack is one
     batched ``inv`` (:func:`inverse`, which on torch leaves LAPACK's status on the device) and
     element-wise work, so it runs under ``jax.jit`` and ``torch.compile`` and on a GPU without
-    synchronisation.
+    synchronisation. The damped matrix is symmetric positive definite (:math:`F_b` PSD,
+    :math:`\lambda_b \ge \lambda > 0`, and :math:`\lambda_b` above the rounding of :math:`F_b`), so
+    on torch CUDA tensors the inverse is by Cholesky (:func:`spd_inverse`), which CUDA graphs can
+    capture; a block that is not positive definite after all keeps ``previous`` and is flagged.
 
     Parameters
     ----------
@@ -778,7 +781,8 @@ def damped_inverse_stable(
     requested = xp.zeros_like(floor) + damping
     raised = floor > requested
     lam = xp.where(raised, floor, requested)
-    inverse = _symmetric_part(_lu_inverse(xp, safe + lam[..., None, None] * identity_like(safe), symmetric_positive_definite=True))
+    damped = safe + lam[..., None, None] * identity_like(safe)  # SPD: F PSD, lam_b > 0
+    inverse = _symmetric_part(_matrix_inverse(xp, damped, symmetric_positive_definite=True))
     ok = xp.logical_and(finite_in, all_finite(inverse, axis=(-2, -1)))
     return xp.where(ok[..., None, None], inverse, previous), xp.logical_or(xp.logical_not(ok), raised)
 

@@ -331,8 +331,11 @@ def mbf(
     ``refresh_phases`` P, one call for the due shares where the step is known on the host (all of
     them in the warm-up, one after it), one per due share under ``jit`` without it. No step reads
     a device value (the inverse is branch-free; the intervals are host decisions given
-    ``update(..., step=)``); on torch the batched inverse is ``inv_ex``, whose status stays on the
-    device (:func:`precond_ref.linalg.inverse`).
+    ``update(..., step=)``); on torch the batched inverse leaves its status on the device: LU by
+    ``inv_ex`` (:func:`precond_ref.linalg.inverse`), except principled mode on CUDA, which inverts its
+    symmetric positive definite blocks by Cholesky (:func:`precond_ref.linalg.spd_inverse`), so that
+    the inverse steps too can be captured in a CUDA graph. Faithful mode keeps the authors' LU of
+    the unsymmetrised matrix everywhere.
 
     ``mode="faithful"`` reproduces ``mbngd_update`` + ``update_parameter`` of the authors' code
     (achrafba96/mbf ``b0ace6e``, algorithm ``MBNGD-all-to-one-Avg``) on finite inputs. Deviations
@@ -345,7 +348,7 @@ def mbf(
       (faithful: plain ``inv``). Both modes reject a non-finite inverse or statistic block-wise,
       keep the previous value (:math:`I/\lambda` before the first success) and count a failure.
     * B6: the damping of each block is raised to the precision floor of its statistic,
-      :math:`\lambda_b = \max(\lambda, 100\,\varepsilon\|F\|_F)`, before the LU inverse
+      :math:`\lambda_b = \max(\lambda, 100\,\varepsilon\|F\|_F)`, before the inverse
       (:func:`precond_ref.linalg.damped_inverse_stable`): where :math:`\|F\|/\lambda \gtrsim
       1/(100\varepsilon)` (a gradient spike) the authors' inverse is garbage or singular; here it
       is accurate to 1e-2 and no longer than the exact damped inverse along any direction. Each

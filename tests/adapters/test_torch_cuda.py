@@ -305,7 +305,8 @@ def test_mbf_spd_inverse_of_a_large_stack_is_captured_in_a_cuda_graph():
     assert torch.isnan(out[3]).all() and torch.isnan(want[3]).all()
     keep = [i for i in range(_STACK_BLOCKS) if i != 3]
     torch.testing.assert_close(out[keep], want[keep])
-    torch.testing.assert_close(want[keep] @ new[keep], torch.eye(_STACK_ORDER, device="cuda").expand(len(keep), -1, -1), atol=1e-4, rtol=0)
+    eye = torch.eye(_STACK_ORDER, device="cuda").expand(len(keep), -1, -1)
+    torch.testing.assert_close(want[keep] @ new[keep], eye, atol=1e-4, rtol=0)
 
 
 def test_mbf_refresh_of_a_large_block_stack_is_captured():
