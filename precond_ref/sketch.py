@@ -63,7 +63,12 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple, Optional
 
-from ._backend import host_bool, is_zero, matmul, placement, scalar_zero, select
+from array_api_compat import is_cupy_array
+
+from ._backend import (
+    host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul, placement, scalar_zero, select,
+    torch_compiling,
+)
 from .linalg import _reduced_svd, all_finite, eigh_widened, left_singular, per_matrix, symmetric_eigh, symmetrize
 
 __all__ = [
@@ -77,6 +82,8 @@ __all__ = [
     "subspace_width",
     "resolve_decomposition",
     "SUBSPACE_MIN_DIM",
+    "FD_ROWS_BYTES",
+    "frame_products_in_rows",
 ]
 
 Array = Any
@@ -87,6 +94,12 @@ _DECOMPOSITIONS = ("svd", "gram", "qr_svd", "incremental", "incremental_gram", "
 # "auto" uses the (approximate) subspace iteration only for axes at least this long, where an
 # exact d x d eigendecomposition per step is the cost that matters; shorter axes stay exact.
 SUBSPACE_MIN_DIM = 256
+#: A sketch whose basis (d, k) holds more than this many bytes takes the incremental path's
+#: products with its frame [U, fresh] by blocks of rows, each block of the frame at most this many
+#: bytes (:func:`frame_products_in_rows`), the new basis written over the old one where the array
+#: can be written: its step then needs two such blocks and a few d-vectors beside its state, not
+#: copies of its basis. A smaller sketch takes each product whole, in one call.
+FD_ROWS_BYTES = 2**28
 
 
 def fd_init(xp: Any, d: int, k: int, *, dtype: Any, device: Any, batch: tuple[int, ...] = ()) -> dict[str, Array]:
@@ -445,28 +458,92 @@ def _weights(
 
 
 def _accepted(
-    xp: Any, sketch: dict[str, Array], ritz: _Ritz, keep: Array, small: dict[str, Array], chosen: Array
+    xp: Any, sketch: dict[str, Array], ritz: _Ritz, keep: Array, small: dict[str, Array], chosen: Array,
+    coefficients: Optional[Array] = None,
 ) -> tuple[dict[str, Array], Optional[Array]]:
     """The new sketch where ``chosen`` (the step finite and taken), the previous one elsewhere: a
     failed decomposition never poisons the sketch (specs README rule 5, deviation K4). The basis is
     :math:`U' = P_{:, :k}` with the directions ``keep`` masks zeroed; ``small`` holds the other
-    fields. Also the incremental path's frame [U, fresh] (None on the other paths)."""
+    fields. Also, on the incremental path, its frame [U, fresh] times ``coefficients`` (None
+    without them), formed from the previous basis (:func:`frame_products_in_rows` for a sketch over
+    :data:`FD_ROWS_BYTES`, which may write the new basis over it)."""
     basis = sketch["basis"]
+    out = None
     if ritz.vectors is not None:
-        new_basis, frame = select(xp, chosen[..., None, None], ritz.vectors * keep, basis), None
+        new_basis = select(xp, chosen[..., None, None], ritz.vectors * keep, basis)
     else:
         # [U, fresh] @ rotation, with the mask and the fallback (the rotation [I; 0] reproduces U
         # exactly) folded into the small rotation: a single pass writes the d x k basis, contiguous
         # and already the previous one where the step is not taken (no selection of it after).
-        k = basis.shape[-1]
+        d, k = basis.shape[-2:]
         identity = xp.eye(ritz.s.shape[-1], k, dtype=basis.dtype, device=placement(xp, ritz.s))
         rotation = select(xp, chosen[..., None, None], ritz.frame[..., :, :k] * keep, identity)
-        frame = xp.concat([basis, ritz.fresh], axis=-1)
-        new_basis = matmul(xp, frame, rotation)
+        if d * k * (xp.finfo(basis.dtype).bits // 8) > FD_ROWS_BYTES:
+            new_basis, out = frame_products_in_rows(xp, basis, ritz.fresh, rotation, coefficients)
+        else:
+            frame = xp.concat([basis, ritz.fresh], axis=-1)
+            new_basis = matmul(xp, frame, rotation)
+            out = None if coefficients is None else _combination(xp, frame, coefficients)
     chosen_per_value = chosen[..., None]  # the selection for the k-vectors; the scalars take chosen
     small = {key: select(xp, chosen_per_value if value.ndim > chosen.ndim else chosen, value, sketch[key])
              for key, value in small.items()}
-    return {"basis": new_basis, **small}, frame
+    return {"basis": new_basis, **small}, out
+
+
+def frame_products_in_rows(
+    xp: Any, basis: Array, fresh: Array, rotation: Array, coefficients: Optional[Array] = None,
+    block_bytes: Optional[int] = None,
+) -> tuple[Array, Optional[Array]]:
+    r"""``(F R, F c)`` for the frame :math:`F = [U, \text{fresh}]` (..., d, k + m), the rotation
+    R (..., k + m, k) and coefficients c (..., k + m, n) (``None``: no second product, None
+    returned), over consecutive blocks of rows of F of at most ``block_bytes`` (default
+    :data:`FD_ROWS_BYTES`) each, at least one row:
+
+    .. math::
+
+        (F R)_{i,:} = F_{i,:} R, \qquad (F c)_{i,:} = F_{i,:}\, c \qquad \text{for every block of rows } i,
+
+    so each entry is the same sum over k + m terms as in the whole product (the libraries may order
+    it otherwise for a block than for the whole: a few units of rounding of :math:`|F_{i,:}|\,|R_{:,j}|`).
+    Block i of F R needs only block i of U, so it is written over U's block once that block has been
+    read, in U's own array where it can be written (a torch tensor outside ``torch.compile`` that
+    needs no gradient, a writable NumPy array, a CuPy array): the returned basis is then that
+    array, and the caller's previous basis is overwritten. Elsewhere (JAX) the blocks are joined into
+    one new array. Beside U and the result's d x n rows this holds one block of F and one of F R.
+    """
+    limit = FD_ROWS_BYTES if block_bytes is None else block_bytes
+    d, width = fresh.shape[-2], basis.shape[-1] + fresh.shape[-1]
+    row_bytes = math.prod(tuple(basis.shape[:-2])) * width * (xp.finfo(basis.dtype).bits // 8)
+    rows = max(1, limit // row_bytes)
+    in_place = _writable(xp, basis)
+    blocks, outs = [], []
+    for start in range(0, d, rows):
+        stop = min(d, start + rows)
+        frame = xp.concat([basis[..., start:stop, :], fresh[..., start:stop, :]], axis=-1)
+        if coefficients is not None:
+            outs.append(_combination(xp, frame, coefficients))
+        block = matmul(xp, frame, rotation)
+        del frame  # this block's copy goes before the next block's is made
+        if in_place:
+            basis[..., start:stop, :] = block
+        else:
+            blocks.append(block)
+        del block
+    new_basis = basis if in_place else xp.concat(blocks, axis=-2)
+    return new_basis, None if coefficients is None else xp.concat(outs, axis=-2)
+
+
+def _writable(xp: Any, a: Array) -> bool:
+    """Whether ``a`` may be written in place by item assignment: a torch tensor outside
+    ``torch.compile`` that needs no gradient, a writable NumPy array, a CuPy array; never a JAX
+    array (immutable) or a traced value."""
+    if is_tracer(a) or torch_compiling():
+        return False
+    if is_torch_namespace(xp):
+        return not a.requires_grad
+    if is_numpy_namespace(xp):
+        return bool(a.flags.writeable)
+    return is_cupy_array(a)
 
 
 def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tuple[dict[str, Array], Array]:
@@ -633,12 +710,15 @@ def _fd_step(
     ok = xp.logical_and(ok, all_finite(factor, axis=(-2, -1)))
     chosen = ok if accept is None else xp.logical_and(ok, accept)
     small = dict(singular_values=new_sigma, escaped_root=new_root, basis_weights=weights, complement_weight=complement)
-    new, frame = _accepted(xp, sketch, ritz, keep, small, chosen)
+    coefficients = None  # the new sketch applied to x, on the incremental path's frame [U, fresh]
+    if apply and ritz.vectors is None:
+        coefficients = _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale)
+    new, out = _accepted(xp, sketch, ritz, keep, small, chosen, coefficients)
     if not apply:
         return new, ok, None
     if ritz.vectors is not None:
         return new, ok, fd_apply(xp, new, select(xp, input_ok[..., None, None], unscaled, zero))
-    return new, ok, _combination(xp, frame, _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale))
+    return new, ok, out
 
 
 def _frame_direction(

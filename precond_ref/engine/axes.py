@@ -302,10 +302,13 @@ def multiply_axes(
 
 
 #: :func:`flat_runs` steps its runs in stacks of at most this many bytes of the blocks' first field
-#: on a CPU (a run larger than it goes alone): each stack's step holds about three copies of its
-#: blocks (S-AdaGrad's FD step: the stacked input, the [U, fresh] frame, the product) until the next
-#: stack starts, so a step's peak is the old and the new state plus about three times the larger of
-#: this and the largest run.
+#: on a CPU, and a run larger than it alone on every device, in its own arrays: each stack's step
+#: holds about three copies of its blocks (S-AdaGrad's FD step: the stacked input, the [U, fresh]
+#: frame, the product) until the next stack starts, and a lone run over
+#: :data:`precond_ref.sketch.FD_ROWS_BYTES` (the same bound) takes that step by blocks of rows,
+#: writing its new basis over the old one where the backend can. So a step's peak on a CPU is the
+#: state, the new state of the runs within the bound, three times this bound and a few vectors of
+#: the longest run's length.
 FLAT_STACK_BYTES = 2**28
 #: The bound of :data:`FLAT_STACK_BYTES` off a CPU (a GPU): there each stack costs a fixed number of
 #: kernel launches and one host synchronisation (a batched ``eigh`` reads its status), so the bound
@@ -324,7 +327,8 @@ def flat_runs(
     out)`` (the refresh and the new block applied to the rows in one pass), elsewhere ``keep(block,
     rows) -> (block, out)``. The runs of one length and phase, across leaves, go through one
     batched call, in stacks of at most :data:`FLAT_STACK_BYTES` of the blocks' first field on a CPU
-    and :data:`FLAT_ACCELERATOR_STACK_BYTES` elsewhere (:func:`bounded_chunks`; a run larger alone): each stack is
+    and :data:`FLAT_ACCELERATOR_STACK_BYTES` elsewhere (:func:`bounded_chunks`; a run larger, or
+    larger than :data:`FLAT_STACK_BYTES` anywhere, alone, never padded): each stack is
     one batched decomposition, which on a GPU is also one host synchronisation (``eigh`` reads its
     status), and each a fixed number of launches, so an accelerator's bound is the larger, about the
     size at which a stack's kernels take as long as its launches. Off a CPU, with ``may_pad(length, rank)`` given,
@@ -354,10 +358,14 @@ def flat_runs(
     host = on_cpu(xp, members[0][0])
     hand_back = None
     if not host and may_pad is not None:
-        members, phases, hand_back = _padded_stacks(xp, members, phases, may_pad)
+        # a block over FLAT_STACK_BYTES is stepped alone, in its own arrays (no padded copy)
+        wide = max(xp.finfo(member[0].dtype).bits // 8 for member in members)
+        members, phases, hand_back = _padded_stacks(
+            xp, members, phases, lambda length, rank: may_pad(length, rank) and length * rank * wide <= FLAT_STACK_BYTES)
     pieces: list = [None] * len(members)
     oks, stepped = [], []
-    for chunk in bounded_chunks(xp, members, FLAT_STACK_BYTES if host else FLAT_ACCELERATOR_STACK_BYTES, phases):
+    limit = FLAT_STACK_BYTES if host else FLAT_ACCELERATOR_STACK_BYTES
+    for chunk in bounded_chunks(xp, members, limit, phases, alone_from=FLAT_STACK_BYTES):
         stacks = stack(xp, [members[i] for i in chunk], labels=[phases[i] for i in chunk])
         outputs = []
         for s in stacks:
@@ -463,18 +471,22 @@ def _padded_stacks(xp: Any, members: Sequence[tuple], labels: Sequence, may_pad:
     return units, [labels[i] for i in alone] + [labels[short[s.indices[0]]] for s in stacks], hand_back
 
 
-def bounded_chunks(xp: Any, members: Sequence[tuple], limit: int, labels: Optional[Sequence] = None) -> list[list[int]]:
+def bounded_chunks(
+    xp: Any, members: Sequence[tuple], limit: int, labels: Optional[Sequence] = None, alone_from: Optional[int] = None,
+) -> list[list[int]]:
     """Member indices in chunks of one stack each (:func:`precond_ref.blocking.stack`): the members
     of one label and layout (trailing shapes, dtypes, device), in order, cut into consecutive runs
-    whose first operands total at most ``limit`` bytes, a member over the limit alone; groups in
-    order of first appearance. Members of another layout never end a chunk, so a layout's blocks
-    take as few stacks (batched calls) as the bound allows."""
+    whose first operands total at most ``limit`` bytes, a member over the limit, or over
+    ``alone_from`` bytes where given, alone; groups in order of first appearance. Members of another
+    layout never end a chunk, so a layout's blocks take as few stacks (batched calls) as the bound
+    allows."""
     groups: dict[Any, list[list[int]]] = {}
     totals: dict[Any, int] = {}
     for i, member in enumerate(members):
-        key = (None if labels is None else labels[i], same_layout(member))
         first = member[0]
         nbytes = math.prod(first.shape) * (xp.finfo(first.dtype).bits // 8)
+        alone = alone_from is not None and nbytes > alone_from  # a stack of its own arrays (no copy)
+        key = (i,) if alone else (None if labels is None else labels[i], same_layout(member))
         chunks = groups.setdefault(key, [[]])
         if chunks[-1] and totals[key] + nbytes > limit:
             chunks.append([])

@@ -1,0 +1,106 @@
+"""The FD step of a sketch larger than ``precond_ref.sketch.FD_ROWS_BYTES``: its products with the
+frame [U, fresh] taken by blocks of rows (:func:`precond_ref.sketch.frame_products_in_rows`), the
+new basis written over the old one where the array can be written. The bound is lowered here so
+that a small sketch takes that path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from array_api_compat import array_namespace
+
+import precond_ref.adapters.torch as pt
+from precond_ref import sketch as fd
+from precond_ref.engine import axes
+
+_OPTIONS = dict(exponent=-0.5, eps=1e-7, relative_eps=True, cutoff=True, decomposition="auto")
+
+
+def _state(xp, d, k, dtype, steps, seed):
+    """A sketch after ``steps`` whole-product FD steps of Gaussian columns, and the next column."""
+    rng = np.random.default_rng(seed)
+    sketch = fd.fd_init(xp, d, k, dtype=dtype, device=None)
+    for _ in range(steps):
+        sketch, _, _ = fd.fd_update_apply(xp, sketch, xp.asarray(rng.standard_normal((d, 1)), dtype=dtype), **_OPTIONS)
+    return sketch, xp.asarray(rng.standard_normal((d, 1)), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("steps", [0, 3, 12])
+def test_step_by_rows_is_the_whole_step(monkeypatch, dtype, steps):
+    """One FD step of a sketch over the bound (by row blocks) against the same step under it (whole
+    products), from the same sketch and column. Both paths compute the same small decomposition;
+    they differ only in how the library orders each entry's sum of k + 1 products in
+    F R and F c (F = [U, fresh] (d, k + 1), R its rotation, c the coefficients of the direction), so
+    entry-wise |by rows - whole| <= 2 (k + 1) u (|F| |R|) (the standard bound gamma_{k+1} for each
+    of two orderings); the small fields are bitwise equal. The input basis is overwritten (torch)."""
+    torch_dtype = getattr(torch, dtype)
+    xp = array_namespace(torch.zeros(1))
+    d, k = 203, 8
+    sketch, x = _state(xp, d, k, torch_dtype, steps, seed=steps)
+    whole, ok, out = fd.fd_update_apply(xp, {key: v.clone() for key, v in sketch.items()}, x, **_OPTIONS)
+    given = {key: v.clone() for key, v in sketch.items()}
+    monkeypatch.setattr(fd, "FD_ROWS_BYTES", 7 * (k + 1) * torch.finfo(torch_dtype).bits // 8)  # blocks of 7 rows
+    rows, ok_rows, out_rows = fd.fd_update_apply(xp, given, x, **_OPTIONS)
+    assert rows["basis"].data_ptr() == given["basis"].data_ptr()  # written over the old basis
+    assert bool(torch.equal(ok, ok_rows))
+    for key in fd.SKETCH_KEYS[1:]:
+        assert torch.equal(rows[key], whole[key]), key
+    u = torch.finfo(torch_dtype).eps / 2
+    # |F| |R| with |R| <= 1 entry-wise (columns of an orthogonal matrix) and |fresh| <= 1: bounded by
+    # a row's sum of |U| plus 1
+    scale = sketch["basis"].abs().sum(dim=-1, keepdim=True) + 1.0
+    assert torch.all((rows["basis"] - whole["basis"]).abs() <= 2 * (k + 1) * u * scale)
+    # each coefficient is a weight times a coordinate of x on an orthonormal frame: at most
+    # max(w, w_perp) |x|
+    largest = torch.maximum(whole["basis_weights"].max(), whole["complement_weight"]) * torch.linalg.vector_norm(x)
+    assert torch.all((out_rows - out).abs() <= 2 * (k + 1) * u * largest * scale)
+
+
+def test_rows_into_a_new_array_where_the_basis_cannot_be_written(monkeypatch):
+    """A read-only NumPy basis is not written: the row blocks are joined into a new array, and the
+    caller's sketch is unchanged; the values are those of the in-place path (the same blocks)."""
+    xp = array_namespace(np.zeros(1))
+    sketch, x = _state(xp, 97, 5, np.float64, 4, seed=1)
+    monkeypatch.setattr(fd, "FD_ROWS_BYTES", 10 * 6 * 8)
+    writable = {key: np.array(v, copy=True) for key, v in sketch.items()}
+    frozen = {key: np.array(v, copy=True) for key, v in sketch.items()}
+    frozen["basis"].flags.writeable = False
+    before = frozen["basis"].copy()
+    a, _, out_a = fd.fd_update_apply(xp, writable, x, **_OPTIONS)
+    b, _, out_b = fd.fd_update_apply(xp, frozen, x, **_OPTIONS)
+    assert a["basis"] is writable["basis"] and b["basis"] is not frozen["basis"]
+    np.testing.assert_array_equal(frozen["basis"], before)
+    np.testing.assert_array_equal(a["basis"], b["basis"])
+    np.testing.assert_array_equal(out_a, out_b)
+
+
+def test_torch_optimizer_steps_a_large_sketch_in_place(monkeypatch):
+    """Through the torch class: a parameter whose sketch is over the bound (lowered) keeps its basis
+    tensor across steps (written in place), and the first step's update equals the whole path's to
+    the rounding of the frame products (float64; the first step's frame is [0, x/|x|], one nonzero
+    term per entry, so the two agree to a unit roundoff of the update)."""
+    def run(patched):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(40, 30, dtype=torch.float64)
+        opt = pt.SAdaGrad(model.parameters(), lr=0.1, rank=4)
+        if patched:
+            monkeypatch.setattr(fd, "FD_ROWS_BYTES", 256)
+            monkeypatch.setattr(axes, "FLAT_STACK_BYTES", 256)
+        pointers, weights = [], []
+        for step in range(3):
+            model.zero_grad()
+            model(torch.linspace(-1, 1, 40, dtype=torch.float64)[None] * (step + 1)).square().sum().backward()
+            opt.step()
+            state = opt.state[model.weight]
+            pointers.append(next(v.data_ptr() for key, v in state.items() if key.endswith("basis")))
+            weights.append(model.weight.detach().clone())
+        monkeypatch.undo()
+        return pointers, weights
+
+    pointers, weights = run(True)
+    _, reference = run(False)
+    assert pointers[0] == pointers[1] == pointers[2]
+    assert torch.allclose(weights[0], reference[0], rtol=0, atol=4 * torch.finfo(torch.float64).eps * 0.1)
+    assert all(torch.isfinite(w).all() for w in weights)
