@@ -59,7 +59,7 @@ def state_arrays(transform: Any, tree: Any) -> dict[str, dict[str, tuple]]:
     leaves, treedef = tree_flatten(tree)
     meta = tree_unflatten(treedef, [torch.empty_like(p, device="meta") for p in leaves])
     return {leaf: {key: (tuple(a.shape), a.numel() * a.element_size()) for key, a in entries.items()
-                   if isinstance(a, torch.Tensor) and a.ndim > 0}
+                   if isinstance(a, torch.Tensor)}
             for leaf, entries in transform.init(meta).groups.items()}
 
 
@@ -130,8 +130,8 @@ def check_state_fits(opt: Any) -> None:
             remedy = _REMEDIES.get(name, "precondition fewer or smaller tensors with it")
             raise MemoryError(
                 f"{name}: the state for these parameters needs about {state / 2**30:.1f} GiB ({state / params[device]:.2f}x "
-                f"the parameters' {params[device] / 2**30:.2f} GiB; the largest, parameter {largest.replace('/', '.')!r}'s, "
-                f"{largest_bytes / 2**30:.2f} GiB) and a step about {step / 2**30:.1f} GiB more beside it, "
+                f"the parameters' {params[device] / 2**30:.2f} GiB; the most, {largest_bytes / 2**30:.2f} GiB, for parameter "
+                f"{largest.replace('/', '.')!r}) and a step about {step / 2**30:.1f} GiB more beside it, "
                 f"{(state + step) / 2**30:.1f} GiB in all, more than the {free / 2**30:.1f} GiB of memory free on "
                 f"{device}; {remedy}"
             )

@@ -63,7 +63,7 @@ def test_step_beside_the_state_is_counted(monkeypatch):
     step = _torch_memory.step_bytes("SAdaGrad", arrays, torch.device("cpu"))
     assert step >= state + 2 * basis  # the new state, the frame and the stacked input of the weight's sketch
     monkeypatch.setattr(_torch_memory, "available_bytes", lambda device: state + step // 2)
-    with pytest.raises(MemoryError, match=r"parameter 'weight''s, 0\.01 GiB\) and a step about 0\.0 GiB more beside it"):
+    with pytest.raises(MemoryError, match=r"the most, 0\.01 GiB, for parameter 'weight'\) and a step about 0\.0 GiB more beside it"):
         pt.SAdaGrad(model.named_parameters(), rank=32)
     monkeypatch.setattr(sketch, "FD_ROWS_BYTES", 2**16)  # the weight's basis (8 MiB) is now stepped in place
     in_rows = _torch_memory.step_bytes("SAdaGrad", arrays, torch.device("cpu"))
