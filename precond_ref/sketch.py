@@ -492,12 +492,11 @@ def _accepted(
 
 def frame_products_in_rows(
     xp: Any, basis: Array, fresh: Array, rotation: Array, coefficients: Optional[Array] = None,
-    block_bytes: Optional[int] = None,
 ) -> tuple[Array, Optional[Array]]:
     r"""``(F R, F c)`` for the frame :math:`F = [U, \text{fresh}]` (..., d, k + m), the rotation
     R (..., k + m, k) and coefficients c (..., k + m, n) (``None``: no second product, None
-    returned), over consecutive blocks of rows of F of at most ``block_bytes`` (default
-    :data:`FD_ROWS_BYTES`) each, at least one row:
+    returned), over consecutive blocks of rows of F of at most :data:`FD_ROWS_BYTES` each (at least
+    one row):
 
     .. math::
 
@@ -511,10 +510,9 @@ def frame_products_in_rows(
     array, and the caller's previous basis is overwritten. Elsewhere (JAX) the blocks are joined into
     one new array. Beside U and the result's d x n rows this holds one block of F and one of F R.
     """
-    limit = FD_ROWS_BYTES if block_bytes is None else block_bytes
     d, width = fresh.shape[-2], basis.shape[-1] + fresh.shape[-1]
     row_bytes = math.prod(tuple(basis.shape[:-2])) * width * (xp.finfo(basis.dtype).bits // 8)
-    rows = max(1, limit // row_bytes)
+    rows = max(1, FD_ROWS_BYTES // row_bytes)
     in_place = _writable(xp, basis)
     blocks, outs = [], []
     for start in range(0, d, rows):
@@ -609,6 +607,10 @@ def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tu
     (new_sketch, ok)
         ``ok`` is a bool array of the stack's shape, False when ``x`` or the decomposition is not
         finite; the previous sketch is then returned unchanged (the caller counts the failure).
+        On the incremental paths a sketch whose basis exceeds :data:`FD_ROWS_BYTES` is stepped by
+        blocks of rows (:func:`frame_products_in_rows`): where its basis array can be written
+        (torch, NumPy, CuPy) the new basis is written over it and returned as the same array, so
+        the ``sketch`` passed in no longer holds the previous basis.
     """
     new, ok, _ = _fd_step(xp, sketch, x, **options)
     return new, ok

@@ -590,6 +590,11 @@ def s_adagrad(
     * (both modes) non-finite gradients never reach the sketch, a non-finite decomposition keeps the
       previous sketch and increments ``sketch_failures``.
 
+    A block whose sketch basis exceeds :data:`precond_ref.sketch.FD_ROWS_BYTES` (256 MiB) is
+    stepped by blocks of rows, its new basis written over the state's own array where the backend
+    allows (torch, NumPy, CuPy; :func:`precond_ref.sketch.frame_products_in_rows`): a step then
+    holds a bounded workspace beside the state, not a second copy of it.
+
     Without ``momentum`` no state entry has the parameter's shape (the sketch is of the flattened
     gradient): ``update`` without ``params`` then cannot tell a gradient of another shape but the
     same size (e.g. transposed) from the right one. Pass ``params`` to have it named.
