@@ -104,3 +104,13 @@ def test_torch_optimizer_steps_a_large_sketch_in_place(monkeypatch):
     assert pointers[0] == pointers[1] == pointers[2]
     assert torch.allclose(weights[0], reference[0], rtol=0, atol=4 * torch.finfo(torch.float64).eps * 0.1)
     assert all(torch.isfinite(w).all() for w in weights)
+
+
+def test_a_block_over_the_bound_is_stepped_alone():
+    """``bounded_chunks(alone_from=...)`` (``flat_runs`` off a CPU, where stacks may hold more than
+    ``FLAT_STACK_BYTES``): a member over ``alone_from`` bytes is a chunk of its own, though the
+    stack limit would take it with its equals, so it is stepped in its own arrays (a lone member's
+    stack is the member itself: no joined copy to write into)."""
+    members = [(np.zeros((1, 40, 3)),), (np.zeros((1, 40, 3)),), (np.zeros((1, 10, 3)),), (np.zeros((1, 10, 3)),)]
+    assert axes.bounded_chunks(np, members, limit=2**20) == [[0, 1], [2, 3]]
+    assert axes.bounded_chunks(np, members, limit=2**20, alone_from=8 * 3 * 30) == [[0], [1], [2, 3]]
