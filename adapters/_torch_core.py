@@ -10,12 +10,14 @@ table on top of it. Import order: ``_torch_state``, ``_torch_compile`` -> ``_tor
 
 from __future__ import annotations
 
+import contextlib
+
 import operator
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from precond_ref._backend import consecutive_runs, consecutive_view, float32_matmul_precision
+from precond_ref._backend import consecutive_runs, consecutive_view, float32_matmul_precision, owned_state
 from precond_ref.transform import PrecondState, Transform, missing_members
 from precond_ref.tree import TreeDef, path_str, tree_flatten, tree_unflatten
 
@@ -459,7 +461,10 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _eager_update(transform: Any, grads: dict, state: PrecondState, params: dict, calls: int, extra: dict) -> PrecondState:
-        updates, new_state = transform.update(grads, state, params, step=calls, **extra)
+        # The optimizer's own state: a step may write over it (no second copy). Under torch.compile
+        # nothing is written in place, so dynamo is not handed the context manager.
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else owned_state():
+            updates, new_state = transform.update(grads, state, params, step=calls, **extra)
         torch._foreach_add_(tree_flatten(params)[0], tree_flatten(updates)[0])
         return new_state
 

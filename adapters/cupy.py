@@ -61,6 +61,7 @@ import os
 import warnings
 from typing import Any, Callable, Optional
 
+from .._backend import owned_state
 from ..transform import PrecondState, Transform
 from ..tree import tree_flatten, tree_unflatten
 
@@ -264,7 +265,8 @@ class CapturedTransform:
         params_tree = None if params is None else tree_unflatten(tree_flatten(params)[1], s.params)
 
         def body() -> None:
-            updates, new = self.transform.update(tree_unflatten(g_def, s.grads), s.state, params_tree, due=pattern, **extra)
+            with owned_state():  # the buffers are this wrapper's: a step may write over them
+                updates, new = self.transform.update(tree_unflatten(g_def, s.grads), s.state, params_tree, due=pattern, **extra)
             new_leaves, new_def = tree_flatten(new)
             if new_def.paths != s.state_def.paths:
                 raise RuntimeError("captured step: the state's structure changed in a step")

@@ -12,6 +12,7 @@ no number. Measurements behind these forms are in ``docs/backends.md`` ("Backend
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
 import sys
@@ -39,6 +40,8 @@ __all__ = [
     "IdentityDict",
     "is_tracer",
     "torch_compiling",
+    "owned_state",
+    "state_owned",
     "JAX_MATMUL_PRECISION",
     "NO_CONTEXT",
     "float32_matmul_precision",
@@ -241,6 +244,28 @@ def torch_compiling() -> bool:
     """Whether ``torch.compile`` (TorchDynamo) is tracing the current call; False without torch."""
     torch = sys.modules.get("torch")
     return torch is not None and torch.compiler.is_compiling()
+
+
+_OWNED_STATE: contextvars.ContextVar[bool] = contextvars.ContextVar("precond_ref_owned_state", default=False)
+
+
+@contextlib.contextmanager
+def owned_state() -> Iterator[None]:
+    """Within it, an ``update`` may write a new state entry over the array of the state it was given
+    (:func:`state_owned`): for a caller that owns its state and drops the previous one after the
+    step (a torch optimizer, CuPy's captured step), so that a step of a state larger than the free
+    memory needs no second copy of it. Outside it the core is pure: ``update`` writes no array it
+    was given, and the previous state stays valid."""
+    token = _OWNED_STATE.set(True)
+    try:
+        yield
+    finally:
+        _OWNED_STATE.reset(token)
+
+
+def state_owned() -> bool:
+    """Whether the current ``update`` may write over the state it was given (:func:`owned_state`)."""
+    return _OWNED_STATE.get()
 
 
 def computed_once(xp: Any, value: Any) -> Any:

@@ -67,7 +67,7 @@ from array_api_compat import is_cupy_array
 
 from ._backend import (
     host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul, placement, scalar_zero, select,
-    torch_compiling,
+    state_owned, torch_compiling,
 )
 from .linalg import _reduced_svd, all_finite, eigh_widened, left_singular, per_matrix, symmetric_eigh, symmetrize
 
@@ -505,10 +505,13 @@ def frame_products_in_rows(
     so each entry is the same sum over k + m terms as in the whole product (the libraries may order
     it otherwise for a block than for the whole: a few units of rounding of :math:`|F_{i,:}|\,|R_{:,j}|`).
     Block i of F R needs only block i of U, so it is written over U's block once that block has been
-    read, in U's own array where it can be written (a torch tensor outside ``torch.compile`` that
-    needs no gradient, a writable NumPy array, a CuPy array): the returned basis is then that
-    array, and the caller's previous basis is overwritten. Elsewhere (JAX) the blocks are joined into
-    one new array. Beside U and the result's d x n rows this holds one block of F and one of F R.
+    read, in U's own array where the caller owns its state (:func:`precond_ref._backend.owned_state`:
+    the torch optimizers, CuPy's captured step) and the array can be written (a torch tensor outside
+    ``torch.compile`` that needs no gradient, a writable NumPy array, a CuPy array): the returned
+    basis is then that array, and the caller's previous basis is overwritten. Elsewhere (the pure
+    core's own calls, JAX) the blocks are joined into one new array. Beside U (and the new basis
+    where it is not written over U) and the result's d x n rows this holds one block of F and one
+    of F R.
     """
     d, width = fresh.shape[-2], basis.shape[-1] + fresh.shape[-1]
     row_bytes = math.prod(tuple(basis.shape[:-2])) * width * (xp.finfo(basis.dtype).bits // 8)
@@ -532,10 +535,11 @@ def frame_products_in_rows(
 
 
 def _writable(xp: Any, a: Array) -> bool:
-    """Whether ``a`` may be written in place by item assignment: a torch tensor outside
-    ``torch.compile`` that needs no gradient, a writable NumPy array, a CuPy array; never a JAX
-    array (immutable) or a traced value."""
-    if is_tracer(a) or torch_compiling():
+    """Whether the state entry ``a`` may be written in place by item assignment: within
+    :func:`~precond_ref._backend.owned_state`, a torch tensor outside ``torch.compile`` that needs
+    no gradient, a writable NumPy array, a CuPy array; never a JAX array (immutable) or a traced
+    value, and never outside ``owned_state`` (the pure core writes no array it was given)."""
+    if not state_owned() or is_tracer(a) or torch_compiling():
         return False
     if is_torch_namespace(xp):
         return not a.requires_grad
@@ -608,9 +612,10 @@ def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tu
         ``ok`` is a bool array of the stack's shape, False when ``x`` or the decomposition is not
         finite; the previous sketch is then returned unchanged (the caller counts the failure).
         On the incremental paths a sketch whose basis exceeds :data:`FD_ROWS_BYTES` is stepped by
-        blocks of rows (:func:`frame_products_in_rows`): where its basis array can be written
-        (torch, NumPy, CuPy) the new basis is written over it and returned as the same array, so
-        the ``sketch`` passed in no longer holds the previous basis.
+        blocks of rows (:func:`frame_products_in_rows`): within
+        :func:`~precond_ref._backend.owned_state`, where its basis array can be written (torch,
+        NumPy, CuPy), the new basis is written over it and returned as the same array, so the
+        ``sketch`` passed in no longer holds the previous basis.
     """
     new, ok, _ = _fd_step(xp, sketch, x, **options)
     return new, ok

@@ -12,6 +12,7 @@ from array_api_compat import array_namespace
 
 import precond_ref.adapters.torch as pt
 from precond_ref import sketch as fd
+from precond_ref._backend import owned_state
 from precond_ref.engine import axes
 
 _OPTIONS = dict(exponent=-0.5, eps=1e-7, relative_eps=True, cutoff=True, decomposition="auto")
@@ -42,7 +43,8 @@ def test_step_by_rows_is_the_whole_step(monkeypatch, dtype, steps):
     whole, ok, out = fd.fd_update_apply(xp, {key: v.clone() for key, v in sketch.items()}, x, **_OPTIONS)
     given = {key: v.clone() for key, v in sketch.items()}
     monkeypatch.setattr(fd, "FD_ROWS_BYTES", 7 * (k + 1) * torch.finfo(torch_dtype).bits // 8)  # blocks of 7 rows
-    rows, ok_rows, out_rows = fd.fd_update_apply(xp, given, x, **_OPTIONS)
+    with owned_state():
+        rows, ok_rows, out_rows = fd.fd_update_apply(xp, given, x, **_OPTIONS)
     assert rows["basis"].data_ptr() == given["basis"].data_ptr()  # written over the old basis
     assert bool(torch.equal(ok, ok_rows))
     for key in fd.SKETCH_KEYS[1:]:
@@ -58,22 +60,29 @@ def test_step_by_rows_is_the_whole_step(monkeypatch, dtype, steps):
     assert torch.all((out_rows - out).abs() <= 2 * (k + 1) * u * largest * scale)
 
 
-def test_rows_into_a_new_array_where_the_basis_cannot_be_written(monkeypatch):
-    """A read-only NumPy basis is not written: the row blocks are joined into a new array, and the
-    caller's sketch is unchanged; the values are those of the in-place path (the same blocks)."""
+def test_rows_into_a_new_array_where_the_basis_may_not_be_written(monkeypatch):
+    """The pure core writes no array it was given: outside ``owned_state`` a writable NumPy basis,
+    and within it a read-only one, are not written: the row blocks are joined into a new array,
+    and the caller's sketch is unchanged; the values are those of the in-place path (the same
+    blocks), which only a writable basis within ``owned_state`` takes."""
     xp = array_namespace(np.zeros(1))
     sketch, x = _state(xp, 97, 5, np.float64, 4, seed=1)
     monkeypatch.setattr(fd, "FD_ROWS_BYTES", 10 * 6 * 8)
     writable = {key: np.array(v, copy=True) for key, v in sketch.items()}
+    pure = {key: np.array(v, copy=True) for key, v in sketch.items()}
     frozen = {key: np.array(v, copy=True) for key, v in sketch.items()}
     frozen["basis"].flags.writeable = False
     before = frozen["basis"].copy()
-    a, _, out_a = fd.fd_update_apply(xp, writable, x, **_OPTIONS)
-    b, _, out_b = fd.fd_update_apply(xp, frozen, x, **_OPTIONS)
-    assert a["basis"] is writable["basis"] and b["basis"] is not frozen["basis"]
+    with owned_state():
+        a, _, out_a = fd.fd_update_apply(xp, writable, x, **_OPTIONS)
+        b, _, out_b = fd.fd_update_apply(xp, frozen, x, **_OPTIONS)
+    c, _, out_c = fd.fd_update_apply(xp, pure, x, **_OPTIONS)
+    assert a["basis"] is writable["basis"] and b["basis"] is not frozen["basis"] and c["basis"] is not pure["basis"]
     np.testing.assert_array_equal(frozen["basis"], before)
-    np.testing.assert_array_equal(a["basis"], b["basis"])
-    np.testing.assert_array_equal(out_a, out_b)
+    np.testing.assert_array_equal(pure["basis"], before)
+    for other, out in ((b, out_b), (c, out_c)):
+        np.testing.assert_array_equal(a["basis"], other["basis"])
+        np.testing.assert_array_equal(out_a, out)
 
 
 def test_torch_optimizer_steps_a_large_sketch_in_place(monkeypatch):

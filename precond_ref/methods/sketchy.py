@@ -591,9 +591,10 @@ def s_adagrad(
       previous sketch and increments ``sketch_failures``.
 
     A block whose sketch basis exceeds :data:`precond_ref.sketch.FD_ROWS_BYTES` (256 MiB) is
-    stepped by blocks of rows, its new basis written over the state's own array where the backend
-    allows (torch, NumPy, CuPy; :func:`precond_ref.sketch.frame_products_in_rows`): a step then
-    holds a bounded workspace beside the state, not a second copy of it.
+    stepped by blocks of rows (:func:`precond_ref.sketch.frame_products_in_rows`). A caller that owns
+    its state (the torch class, CuPy's captured step: :func:`precond_ref._backend.owned_state`) has
+    the new basis written over the state's own array: a step then holds a bounded workspace beside
+    the state, not a second copy of it. The pure ``update`` writes no array it was given.
 
     Without ``momentum`` no state entry has the parameter's shape (the sketch is of the flattened
     gradient): ``update`` without ``params`` then cannot tell a gradient of another shape but the
