@@ -1,7 +1,8 @@
-"""SAGMEM's H100 check: S-AdaGrad at its defaults (rank 128) on GPT-2-small's shapes, two steps.
+"""S-AdaGrad at its defaults (rank 128) on GPT-2-small's shapes on CUDA, two steps (the eighth GPU
+run's out-of-memory, since bounded: docs/performance.md, "Memory at GPT-2-small").
 
-Run with the precond_ref wheel of branch ``sagmem`` installed and torch with CUDA:
-    timeout 120 python /work/briefs/sagmem_gpu.py
+Run with the precond_ref wheel installed and torch with CUDA (next9.sh):
+    timeout 120 python sagmem_gpu.py
 Prints one JSON line: the construction estimate (state + step), each step's seconds, the peak
 ``torch.cuda.max_memory_allocated()`` over the state bytes and over state + parameters +
 gradients, whether the largest sketch's basis kept its storage (written in place); or the
