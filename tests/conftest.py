@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import os
 
+# One intra-op thread per test process (torch's OpenMP pool, MKL, OpenBLAS; inherited by the
+# suite's subprocesses). The suite's tensors are tiny and pytest-xdist runs one worker per core:
+# with each worker's pool as large as the machine, a parallel region waits for threads the other
+# workers have descheduled, and the torch adapter tests ran several times slower than one thread.
+# Set before numpy and torch are imported (they size their pools at import); an explicit
+# OMP_NUM_THREADS is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import xla_flags  # noqa: E402,F401 - sets XLA_FLAGS (compile time) before jax is imported
 
