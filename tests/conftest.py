@@ -49,3 +49,34 @@ def backend(request):
 def property_backend(request):
     """The float64 backends property tests run on: numpy and array_api_strict."""
     return request.param
+
+
+#: Files holding the suite's longest single tests (a spawned worker, a torch.compile of a whole
+#: step, a long run), collected first. pytest-xdist's worksteal scheduler hands each worker a
+#: contiguous share of the collection and an idle worker steals from the end of another's: with
+#: these at the front, no long test is left to start when the other worker has nothing left.
+LONGEST_FIRST = (
+    "tests/distributed/test_jax_sharding.py",
+    "tests/adapters/test_path_equivalence.py",
+    "tests/adapters/test_torch_compile_recipe.py",
+    "tests/adapters/test_torch_compile.py",
+    "tests/test_soak.py",
+    "tests/test_backend.py",
+    "tests/peers/test_peer_heavyball.py",
+    "tests/test_docs.py",
+    "tests/distributed/test_torch_distributed.py",
+    "tests/test_reproduce.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Moves the files of :data:`LONGEST_FIRST` to the front, in that order; each file's tests stay
+    together and in their order (module-scoped fixtures are set up once)."""
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    root = config.rootpath
+
+    def key(item):
+        path = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
+        return rank.get(path, len(rank))
+
+    items.sort(key=key)  # stable: the rest keep the collection's order
