@@ -380,6 +380,7 @@ IFShampoo = _torch_class(
         *_MODE,
         _Arg("block_size", None, "Optional[int]", since="0.2.0"),
         _Arg("spread_refresh", None, "Optional[bool]", since="0.2.0"),
+        _Arg("factor_rounding", "nearest", "str", since="0.3.0"),
     ),
     base=_RootFreeOptimizer,
 )

@@ -4,10 +4,10 @@ phase kept as one stack (a leading tile axis), so that a rule states its step fo
 
 :func:`tile_plan` cuts a tensor, :func:`stack_plan` groups its tiles into stacks and regions (boxes of
 equal tiles), :func:`cut_stacks` and :func:`join_stacks` take a tensor to its stacks and back by
-reshapes; :func:`legacy_entry_names` and :func:`stacked_tiles` migrate a state saved per tile (or
-under the names of earlier versions) to the stacks. :func:`tiled_transform` runs a rule stated for
-one stack of tiles (:class:`TiledRule`, IF-Shampoo's) on every group of a tree: grouping, tiling,
-stacking across groups, the refresh phases, the keeping of unusable refreshes
+reshapes; :func:`legacy_entry_names`, :func:`stacked_tiles` and :func:`diagonal_vector` migrate a
+state saved per tile, under the names of earlier versions or with a vector's dense tiles to the
+stacks. :func:`tiled_transform` runs a rule stated for one stack of tiles (:class:`TiledRule`,
+IF-Shampoo's) on every group of a tree: grouping, tiling, stacking across groups, the refresh phases, the keeping of unusable refreshes
 (:func:`kept_where_usable`) and their counts (:func:`counts_per_run`), the per-group sums of the KL
 clip (:func:`sums_in_tile_order`), the skip rule's settling and the element-wise last lines. The
 factory's layout options (:class:`TileLayout`: per-axis structures, factor dtypes, blocking,
@@ -27,19 +27,20 @@ from array_api_compat import array_namespace, is_jax_namespace
 from .._backend import array_device, compute_dtype, cond, device_key, host_bool, placement, scalar_zero
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype
-from ..transform import Transform, check_bool, check_positive, check_positive_int, singleton_groups
+from ..transform import Transform, check_bool, check_choice, check_positive, check_positive_int, singleton_groups
 from ..tree import cached_template, from_entries, path_str, to_entries
 from .factors import constant, per_block
 from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
 from .options import state_dtype
 from .phases import tile_phase
+from .rounding import check_stochastic_dtypes, hash_bits, round_stochastic
 from .run import build_transform
 
 __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
-    "sums_in_tile_order", "interleaved_places", "counts_per_run", "run_ends", "per_tile", "legacy_entry_names", "stacked_tiles", "old_layout_hint",
+    "sums_in_tile_order", "interleaved_places", "counts_per_run", "run_ends", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
     "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
@@ -65,11 +66,13 @@ class Tile(NamedTuple):
     offset: int  # its refresh phase (precond_ref.blocking.PhaseDue)
 
 
-def tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], interval: Any, stagger: bool) -> tuple:
+def tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], interval: Any, stagger: bool,
+              cut_diagonal: bool = False) -> tuple:
     """The tiles of a grouped tensor of shape ``dims``: every dense axis longer than ``block_size``
-    cut by :func:`precond_ref.blocking.block_bounds` (diagonal axes are never cut), tiles in
-    row-major order (tile ``t``), each with its refresh phase (:func:`~precond_ref.engine.phases.tile_phase`)."""
-    bounds = [((0, d),) if diag else block_bounds(d, block_size) for d, diag in zip(dims, diagonal)]
+    cut by :func:`precond_ref.blocking.block_bounds` (a diagonal axis only with ``cut_diagonal``),
+    tiles in row-major order (tile ``t``), each with its refresh phase (:func:`~precond_ref.engine.phases.tile_phase`)."""
+    bounds = [((0, d),) if diag and not cut_diagonal else block_bounds(d, block_size)
+              for d, diag in zip(dims, diagonal)]
     return tuple(Tile(index=index, offset=tile_phase(t, interval, stagger))
                  for t, index in enumerate(itertools.product(*bounds)))
 
@@ -189,6 +192,28 @@ def stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
                 if (members[0], name, n) in per_tile:
                     out[f"stacks/{s}/{name}/{n}"] = xp.stack([per_tile[t, name, n] for t in members])
     return out
+
+
+def diagonal_vector(entries: dict) -> dict:
+    """The third step of ``legacy_names``, where a vector's factor is diagonal (``structures=None``):
+    a vector's state saved with dense tiles (``stacks/s/factor/0`` of shape ``(k, b, b)``) as its
+    diagonal factors, the same tiles in the same stacks (``(k, b)``): on each tile's entries the
+    square root of the diagonal of its ``P = K Kᵀ``, the diagonal preconditioner nearest to the
+    dense one's in the entries it scales; the tiles' factor momenta, if any, become zero momenta
+    of the diagonal factors. The very dict when it is not a vector's dense state."""
+    factors = {k: v for k, v in entries.items() if _TILE_FACTOR.fullmatch(k)}
+    if not factors or any(not k.endswith("/factor/0") or len(v.shape) != 3 for k, v in factors.items()):
+        return entries
+    xp = array_namespace(*factors.values())
+    out = {k: v for k, v in entries.items() if "/factor_momentum/" not in k}
+    for key, K in factors.items():
+        out[key] = xp.sqrt(xp.sum(K * K, axis=2))  # √diag(K Kᵀ) of each tile
+        if key.replace("/factor/", "/factor_momentum/") in entries:
+            out[key.replace("/factor/", "/factor_momentum/")] = xp.zeros_like(out[key])
+    return out
+
+
+_TILE_FACTOR = re.compile(r"stacks/(\d+)/factor/(\d+)")
 
 
 def cut(G, index: tuple):
@@ -509,7 +534,9 @@ class TileLayout(NamedTuple):
     ``block_size``: dense axes longer than it are cut (``None``: none); ``interval``, ``stagger``:
     the refresh interval and whether the tiles of a blocked tensor spread over it
     (:func:`~precond_ref.engine.phases.tile_phase`); ``structures``: ``"dense"``, ``"diagonal"``,
-    or SIRFShampoo's ``{rank: name or tuple of names per axis}`` (:func:`per_axis`); axes longer
+    SIRFShampoo's ``{rank: name or tuple of names per axis}`` (:func:`per_axis`), or ``None``: a
+    diagonal factor for a vector (a group whose squeezed tensor has one axis), dense factors for
+    every axis of a matrix or higher tensor; axes longer
     than ``max_dense_dim`` are diagonal too (:func:`diagonal_axes`); ``factor_dtype``: the factors'
     dtype, or ``None`` (:func:`factor_dtypes`); ``parameter_dtype``: the grouped gradient, the
     momentum and the default factors in the parameters' dtype, else in their compute dtype
@@ -518,7 +545,10 @@ class TileLayout(NamedTuple):
     multiplying the refresh's step size per group, or ``None``; ``counted``: whether a tile whose
     gradient is zero or whose refresh is not finite keeps its factors (:func:`kept_where_usable`),
     the failures counted per group; then a skipped step's factors (its gradient zeroed) are known
-    kept; ``old_layout``: the hint where a state does not fit, or ``None``."""
+    kept; ``old_layout``: the hint where a state does not fit, or ``None``; ``factor_rounding``:
+    ``"nearest"`` (the rule computes in the factors' dtype) or ``"stochastic"`` (factors narrower
+    than the work dtype are read into it, the rule computes there, and the refreshed factors and
+    momenta are stored back by :func:`~precond_ref.engine.rounding.round_stochastic`)."""
 
     block_size: Optional[int]
     interval: Any
@@ -531,9 +561,11 @@ class TileLayout(NamedTuple):
     group_scale: Optional[Callable] = None
     counted: bool = True
     old_layout: Optional[Callable] = None
+    factor_rounding: str = "nearest"
 
 
 STRUCTURES = ("dense", "diagonal")
+FACTOR_ROUNDINGS = ("nearest", "stochastic")
 
 MISFIT = (
     "with grouping='weight_bias' a weight and its bias are one group (give both gradients, a zero one for a member "
@@ -558,7 +590,8 @@ def check_layout(layout: TileLayout) -> None:
         isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in structures
     ):
         raise ValueError(f"structures: dict keys must be tensor ranks >= 1, got {sorted(structures, key=str)}")
-    for value in structures.values() if isinstance(structures, dict) else [structures]:
+    named = [structures] if structures is not None else []  # None: the default by rank, known names
+    for value in structures.values() if isinstance(structures, dict) else named:
         for name in value if isinstance(value, (tuple, list)) else (value,):
             if name not in STRUCTURES:
                 raise ValueError(f"structures must name one of {STRUCTURES} per axis, got {name!r}")
@@ -571,6 +604,7 @@ def check_layout(layout: TileLayout) -> None:
             )
     if layout.max_dense_dim is not None and not hasattr(layout.max_dense_dim, "shape"):
         check_positive_int("max_dense_dim", layout.max_dense_dim)
+    check_choice("factor_rounding", layout.factor_rounding, FACTOR_ROUNDINGS)
     if layout.group_scale is not None and not callable(layout.group_scale):
         raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {layout.group_scale!r}")
 
@@ -596,9 +630,13 @@ def per_axis(name: str, option: Any, rank: int, what: str, where: str) -> tuple:
 
 
 def diagonal_axes(name: str, layout: TileLayout, dims: tuple, where: str) -> tuple:
-    """Which axes of a group's tensor have a diagonal factor: those ``structures`` names so, and
-    those longer than ``max_dense_dim``."""
-    kinds = per_axis(name, layout.structures, len(dims), "structures", where)
+    """Which axes of a group's tensor have a diagonal factor: those ``structures`` names so (``None``:
+    the axis of a vector), and those longer than ``max_dense_dim``."""
+    if layout.structures is None:
+        # A vector's dense tiles would hold block_size times its entries, a diagonal factor one per entry.
+        kinds = ("diagonal",) if len(dims) == 1 else ("dense",) * len(dims)
+    else:
+        kinds = per_axis(name, layout.structures, len(dims), "structures", where)
     limit = None if layout.max_dense_dim is None else int(layout.max_dense_dim)
     return tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
 
@@ -662,7 +700,11 @@ def tiled_transform(
         if key not in plans:
             _, dims = grouped_shape(shapes, out_first)
             diagonal = diagonal_axes(rule.name, layout, dims, where)
-            plans[key] = dims, diagonal, stack_plan(tile_plan(dims, diagonal, layout.block_size, layout.interval, layout.stagger))
+            # A vector's default diagonal factor is cut like a dense axis: its blocks stack with every
+            # other vector's, and each block's factor step is clamped alone, as its dense tiles' were.
+            vector = layout.structures is None and len(dims) == 1
+            plans[key] = dims, diagonal, stack_plan(
+                tile_plan(dims, diagonal, layout.block_size, layout.interval, layout.stagger, cut_diagonal=vector))
         return plans[key]
 
     @cached_template  # one object per layout: from_entries caches it by identity
@@ -682,6 +724,11 @@ def tiled_transform(
         dims, diagonal, tiles = plan(shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
         param_dtype, dev = leaves[0].dtype, array_device(leaves[0])
         dtypes = factor_dtypes(rule.name, layout, xp, leaves[0], len(dims), where)
+        if layout.factor_rounding == "stochastic":
+            work = work_dtype(layout, xp, param_dtype)
+            for dtype in dtypes:
+                if xp.finfo(dtype).bits < xp.finfo(work).bits:
+                    check_stochastic_dtypes(xp, work, dtype, f"{rule.name}: factor_rounding='stochastic' for {where!r}")
         scale = None
         if layout.group_scale is not None:
             value = layout.group_scale(paths[0])
@@ -742,10 +789,22 @@ def tiled_transform(
                   for m, k in zip(batch.indices, batch.lengths)]
         return beta2 * (scales[0] if len(scales) == 1 else xp.concat(scales))
 
-    def refreshed(xp, h, lr, G, *state):
-        """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`)."""
-        new = _stack_operands(rule.refresh(xp, c, h, lr, G, _stack_of(rule, state, len(G.shape) - 1)), True)
+    def refreshed(xp, h, lr, counter, salt, G, *state):
+        """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
+        With stochastic rounding the rule computes in G's dtype (:func:`read_factors`) and each
+        narrower operand is stored back by :func:`round_stochastic`, its bits hashed from
+        ``counter``, ``salt`` and the operand's number."""
+        new = _stack_operands(rule.refresh(xp, c, h, lr, G, _stack_of(rule, read_factors(xp, state, G), len(G.shape) - 1)), True)
+        new = tuple(round_stochastic(xp, a, old.dtype, hash_bits(xp, counter, salt * 64 + n, tuple(a.shape), placement(xp, a)))
+                    if a.dtype != old.dtype else a for n, (a, old) in enumerate(zip(new, state)))
         return kept_where_usable(xp, G, state, new) if layout.counted else new + (_no_failures(xp, G),)
+
+    def read_factors(xp, factors, G) -> tuple:
+        """The factors (or factors and momenta) a rule computes with: with stochastic rounding those
+        narrower than G's dtype (the work dtype) read into it, else as stored."""
+        if layout.factor_rounding != "stochastic":
+            return tuple(factors)
+        return tuple(xp.astype(K, G.dtype) if xp.finfo(K.dtype).bits < xp.finfo(G.dtype).bits else K for K in factors)
 
     def unchanged(xp, G, *state):
         return state + (_no_failures(xp, G),)
@@ -781,10 +840,11 @@ def tiled_transform(
                 continue
             chosen, batched = batches(xp, groups, stack_states, phase, refreshing=True)
             results = []
-            for batch in batched:
+            for b, batch in enumerate(batched):
                 G, *state = batch.operands
                 lr = step_size(xp, h.beta2, fields, chosen, batch)
-                results.append(cond(xp, due, partial(refreshed, xp, h, lr, G), partial(unchanged, xp, G), *state))
+                salt = phase * 1024 + b  # with the operand's number: which array the rounding bits are for
+                results.append(cond(xp, due, partial(refreshed, xp, h, lr, ctx.count, salt, G), partial(unchanged, xp, G), *state))
             store(xp, stack_states, failures, chosen, batched, results, ctx)
         if layout.counted and not is_jax_namespace(xp):
             # A skipped step's gradient is zero (except on JAX, where the selection is fused anyway), and a
@@ -794,7 +854,8 @@ def tiled_transform(
                        if new is not old for entry in new.factor + new.factor_momentum)
 
         chosen, batched = batches(xp, groups, stack_states, None, refreshing=False)
-        D_batched = [rule.precondition(xp, c, batch.operands[0], tuple(batch.operands[1:])) for batch in batched]
+        D_batched = [rule.precondition(xp, c, batch.operands[0], read_factors(xp, batch.operands[1:], batch.operands[0]))
+                     for batch in batched]
         if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
             tile_inner = [rule.inner(xp, D, batch.operands[0]) for D, batch in zip(D_batched, batched)]
             members = [[chosen[m] for m in batch.indices] for batch in batched]
@@ -847,9 +908,13 @@ def tiled_transform(
     def legacy_names(entries: dict) -> dict:
         """``build_transform``'s ``legacy_names``: a group's state under the names of an earlier
         version (:func:`legacy_entry_names`) or in its per-tile layout (:func:`stacked_tiles`, the
-        tiles' phases from the layout's interval) as the current stacks; the very dict when it is
-        current."""
-        return stacked_tiles(legacy_entry_names(entries), layout.interval, layout.stagger)
+        tiles' phases from the layout's interval) as the current stacks; with ``structures=None`` a
+        vector's dense tiles as its diagonal factor (:func:`diagonal_vector`). The very dict when it
+        is current."""
+        entries = stacked_tiles(legacy_entry_names(entries), layout.interval, layout.stagger)
+        if layout.structures is None:
+            entries = diagonal_vector(entries)
+        return entries
 
     return build_transform(
         name=rule.name,

@@ -569,9 +569,10 @@ def if_shampoo(
     weight_decay: float = 0.0,
     batch_size: Optional[int] = None,
     precondition_every: Union[None, int, Callable[[Any], Any]] = None,
-    structures: Union[str, dict] = "dense",
+    structures: Union[None, str, dict] = "dense",
     max_dense_dim: Optional[int] = None,
     factor_dtype: Any = None,
+    factor_rounding: str = "nearest",
     grouping: str = "per_parameter",
     preconditioner_lr_scale: Optional[Callable[[Path], float]] = None,
     clamp_factor_step: bool = True,
@@ -629,6 +630,11 @@ def if_shampoo(
         callable must be listed in ``static_args``.
     structures:
         ``"dense"``, ``"diagonal"``, or SIRFShampoo's ``{rank: name or tuple of names per axis}``.
+        ``None`` (principled mode; S12): a diagonal factor for a vector (a bias, a norm's scale),
+        cut into ``block_size`` blocks as a dense axis is, and dense factors for every axis of a
+        matrix or higher tensor; in faithful mode ``"dense"``. A state saved with a vector's dense
+        tiles loads: each becomes the diagonal factor :math:`\sqrt{\operatorname{diag}(KK^\top)}`
+        of the same tile, its factor momentum zero.
     max_dense_dim:
         Axes longer than this get a diagonal factor (S4; the paper's and SIRFShampoo's device for
         long axes). Default ``None``: no axis is diagonal for its length (principled mode cuts long
@@ -639,6 +645,17 @@ def if_shampoo(
         the parameters live on an accelerator, else the compute dtype (float32 for bf16, fp16 and
         float32 parameters; float64 parameters keep float64); faithful: the parameter dtype. Under
         ``optax.inject_hyperparams`` list it in ``static_args`` (a dtype is callable).
+    factor_rounding:
+        How factors narrower than the compute dtype (bf16) are kept: ``"nearest"`` (default): the
+        factor step and the preconditioning compute in the factors' dtype, each result rounded to
+        nearest; ``"stochastic"``: they compute in the compute dtype (float32) and the refreshed
+        factors and factor momenta are stored to bf16 by stochastic rounding
+        (:func:`precond_ref.engine.rounding.round_stochastic`: the expected stored value is the
+        computed one), so that a factor step smaller than bf16's spacing (about 1e-3 at the
+        default :math:`\beta_2` against :math:`2^{-7}` near 1) is kept on average instead of lost.
+        The random bits are a hash of the step count, the element and the array: reproducible,
+        no state. Only bf16 factors (of float32 or float64 work) can be rounded stochastically;
+        another narrower dtype is an error when the state is made.
     grouping:
         ``"per_parameter"`` or ``"weight_bias"`` (see :func:`precond_ref.engine.weight_bias_groups`).
     preconditioner_lr_scale:
@@ -704,6 +721,8 @@ def if_shampoo(
       step stays bounded until the factors adapt, and it converges.
     * S9: axes longer than ``block_size`` (64) are cut into blocks, each tile with its own factors.
     * S10: the tiles of a blocked parameter refresh at staggered calls of the interval.
+    * S12 (``structures=None``): a vector's factor is diagonal (a root-free RMSProp of its entries),
+      cut into ``block_size`` blocks: dense 64x64 tiles would hold 64 times its entries.
 
     Groups whose grouped tensors and factors have one shape and dtype are stacked: each product
     of the factor step and of the preconditioning runs once for the stack
@@ -736,6 +755,7 @@ def if_shampoo(
     block_size = mode_default(block_size, faithful, None, _BLOCK_SIZE)  # S9: long axes cut into blocks
     spread_refresh = mode_default(spread_refresh, faithful, False, True)  # S10
     kl_clip = mode_default(kl_clip, faithful, 0.0, _KL_CLIP)  # S8
+    structures = "dense" if structures is None and faithful else structures  # principled None: vectors diagonal (S12)
     config = IFShampooConfig(
         learning_rate, momentum, preconditioner_lr, preconditioner_momentum, damping, weight_decay, batch_size, kl_clip,
         clamp_factor_step, faithful, use_momentum=not is_zero(momentum),
@@ -745,6 +765,6 @@ def if_shampoo(
     layout = TileLayout(  # S1, S6: factors and momentum in the parameters' dtype only in faithful mode; S3 counted
         block_size, precondition_every, spread_refresh, structures, max_dense_dim, factor_dtype, parameter_dtype=faithful,
         weight_bias=grouping == "weight_bias", group_scale=preconditioner_lr_scale, counted=not faithful,
-        old_layout=None if faithful else old_layout_hint,
+        old_layout=None if faithful else old_layout_hint, factor_rounding=factor_rounding,
     )
     return tiled_transform(IF_SHAMPOO, config, layout, on_nonfinite=on_nonfinite)

@@ -15,6 +15,7 @@ CANDS = {
     "a2=0+1d-diag": {"preconditioner_momentum": 0.0, "structures": D},
     "bf16": {"factor_dtype": torch.bfloat16}, "bf16+1d-diag": {"factor_dtype": torch.bfloat16, "structures": D},
     "f32-b0.1": {"preconditioner_lr": 0.1}, "bf16-b0.1": {"factor_dtype": torch.bfloat16, "preconditioner_lr": 0.1},
+    "bf16-sr+S12": {"factor_dtype": torch.bfloat16, "factor_rounding": "stochastic", "structures": None},
 }
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 300
 import os

@@ -17,6 +17,7 @@ CANDS = {
     "bf16+1d-diag": {"factor_dtype": torch.bfloat16, "structures": {1: "diagonal", 2: "dense", 3: "dense", 4: "dense"}},
     "bf16-b0.1": {"factor_dtype": torch.bfloat16, "preconditioner_lr": 0.1},
     "f32-b0.1": {"preconditioner_lr": 0.1},
+    "bf16-sr+S12": {"factor_dtype": torch.bfloat16, "factor_rounding": "stochastic", "structures": None},
 }
 import precond_ref.adapters.torch as pt
 _orig_step = pt.IFShampoo.step
