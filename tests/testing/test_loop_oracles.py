@@ -226,6 +226,7 @@ def test_mbf(mode, options):
 
 @pytest.mark.parametrize("mode, options", [
     ("principled", {}),
+    ("principled", {"structures": None, "block_size": 2}),  # S12: a vector's factor diagonal, in blocks
     ("principled", {"block_size": 2, "precondition_every": 3}),
     ("principled", {"block_size": 2, "precondition_every": 3, "spread_refresh": False, "weight_decay": 0.1}),
     ("principled", {"grouping": "weight_bias", "block_size": 4, "preconditioner_momentum": 0.0, "kl_clip": 0.0}),

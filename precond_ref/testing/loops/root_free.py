@@ -137,7 +137,8 @@ class LoopIFShampoo:
     axes are cut into tiles (principled: every dense axis longer than ``block_size`` by
     :func:`precond_ref.blocking.block_bounds`, S9; tiles in row-major order), each tile an
     independent IF-Shampoo block with factors K_n (identity at start; a vector for a diagonal axis:
-    ``structures="diagonal"`` or longer than ``max_dense_dim``). Per tile, on its refresh steps, from
+    ``structures="diagonal"``, longer than ``max_dense_dim``, or the axis of
+    a vector group with ``structures=None``, S12, which is cut like a dense axis). Per tile, on its refresh steps, from
     the old factors of all axes at once::
 
         Y   = √B·G ×_1 K_1ᵀ ×_2 K_2ᵀ … ×_N K_Nᵀ         (×_n: contract axis n with K's first index;
@@ -166,11 +167,13 @@ class LoopIFShampoo:
     def __init__(self, params: dict, *, learning_rate: Any = 1e-3, momentum: float = 0.9,
                  preconditioner_lr: Any = 0.01, preconditioner_momentum: float = 0.5, damping: float = 1e-3,
                  weight_decay: float = 0.0, batch_size: Optional[int] = None, precondition_every: Any = None,
-                 structures: str = "dense", max_dense_dim: Optional[int] = None, grouping: str = "per_parameter",
+                 structures: Optional[str] = "dense", max_dense_dim: Optional[int] = None, grouping: str = "per_parameter",
                  preconditioner_lr_scale: Optional[Callable] = None, clamp_factor_step: bool = True,
                  kl_clip: Optional[float] = None, mode: str = "principled", block_size: Optional[int] = None,
                  spread_refresh: Optional[bool] = None):
         faithful = mode == "faithful"
+        if structures is None and faithful:
+            structures = "dense"
         T = (1 if faithful else 2) if precondition_every is None else precondition_every
         block_size = (None if faithful else 64) if block_size is None else block_size
         spread = (not faithful if spread_refresh is None else spread_refresh) and isinstance(T, int) and T > 1
@@ -185,8 +188,10 @@ class LoopIFShampoo:
             w = flat[paths[0]]
             full = w.shape if len(paths) == 1 else (w.shape[0], w.shape[1] + 1)
             dims = tuple(d for d in full if d != 1) or (1,)
-            diagonal = [structures == "diagonal" or (max_dense_dim is not None and d > max_dense_dim) for d in dims]
-            bounds = [((0, d),) if diag else block_bounds(d, block_size) for d, diag in zip(dims, diagonal)]
+            vector = structures is None and len(dims) == 1  # S12: diagonal, cut into blocks as a dense axis
+            diagonal = [structures == "diagonal" or vector or (max_dense_dim is not None and d > max_dense_dim)
+                        for d in dims]
+            bounds = [((0, d),) if diag and not vector else block_bounds(d, block_size) for d, diag in zip(dims, diagonal)]
             tiles = []
             for t, index in enumerate(itertools.product(*bounds)):
                 sizes = [b - a for a, b in index]
