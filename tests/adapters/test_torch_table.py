@@ -40,7 +40,8 @@ _MODE = (("mode", P, "principled", "str"), ("on_nonfinite", P, "skip", "str"))
 ADDED = {
     "Sketchy": (("spread_refresh", P, None, "Optional[bool]"),),
     "SAdaGrad": (("precondition_every", P, None, "Optional[int]"), ("spread_refresh", P, None, "Optional[bool]")),
-    "IFShampoo": (("block_size", P, None, "Optional[int]"), ("spread_refresh", P, None, "Optional[bool]")),
+    "IFShampoo": (("block_size", P, None, "Optional[int]"), ("spread_refresh", P, None, "Optional[bool]"),
+                  ("factor_rounding", P, "nearest", "str")),
     "ASGO": (("spread_refresh", P, None, "Optional[bool]"),),
     "MBF": (("block_size", P, None, "Optional[int]"), ("refresh_phases", P, None, "Optional[int]")),
 }
@@ -152,7 +153,7 @@ CORE_KWARGS = {
                   "preconditioner_momentum": 0.5, "damping": 0.001, "weight_decay": 0.0, "batch_size": 4,
                   "precondition_every": None, "structures": "dense", "max_dense_dim": None, "factor_dtype": None,
                   "grouping": "per_parameter", "preconditioner_lr_scale": None, "kl_clip": None,
-                  "block_size": None, "spread_refresh": None},
+                  "block_size": None, "spread_refresh": None, "factor_rounding": "nearest"},
     "MBF": {"learning_rate": 1e-05, "damping": 0.001, "momentum": 0.9, "b2": 0.9, "weight_decay": 0.0,
             "statistics_every": 10, "precondition_every": 100, "fc_blocks": None, "diagonal_b2": 0.999,
             "diagonal_eps": 1e-08, "diagonal_second_moment": "momentum", "max_block_dim": None, "kl_clip": None,

@@ -244,3 +244,66 @@ def test_core_state_of_the_per_tile_layout_steps_on_like_the_old_code():
                 np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=TOL, err_msg=f"{backend} step {k}")
         assert not any(key.startswith("tiles/") for key in state.groups["l1/weight"])
         assert "stacks/0/factor/0" in state.groups["l1/weight"]
+
+
+def test_diagonal_vector_takes_each_dense_tile_to_the_root_of_its_diagonal():
+    """``diagonal_vector`` (``legacy_names`` with ``structures=None``, S12): a vector of 10 saved with
+    dense tiles at block_size=4, refreshes staggered over 2 calls (tiles 0..2 of 4, 4, 2 entries,
+    phases 0, 1, 0: three stacks of one) becomes the diagonal factors ``init`` now makes for it, the
+    same tiles in the same stacks, each ``√diag(K Kᵀ)`` of its tile (the diagonal of the dense
+    preconditioner ``P = K Kᵀ``: the entries it scales keep their scale), the momenta zero; other
+    entries pass through; a current state is the very dict."""
+    rng = np.random.default_rng(0)
+    tiles = [rng.normal(size=(1, d, d)) for d in (4, 4, 2)]
+    saved = {f"stacks/{s}/{name}/0": (K if name == "factor" else 0.1 * K)
+             for s, K in enumerate(tiles) for name in ("factor", "factor_momentum")}
+    saved.update({"momentum/0": rng.normal(size=10), "factor_failures": np.zeros((), np.int32)})
+    got = tiling.diagonal_vector(saved)
+    for s, K in enumerate(tiles):
+        want = np.sqrt(np.diag(K[0] @ K[0].T))[None]
+        np.testing.assert_allclose(got[f"stacks/{s}/factor/0"], want, rtol=4 * np.finfo(np.float64).eps)
+        np.testing.assert_array_equal(got[f"stacks/{s}/factor_momentum/0"], np.zeros_like(want))
+    assert got["momentum/0"] is saved["momentum/0"] and got["factor_failures"] is saved["factor_failures"]
+    init = pr.if_shampoo(batch_size=2, block_size=4, structures=None).init({"v": np.zeros(10)})
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in init.groups["v"].items()}
+    current = init.groups["v"]
+    assert tiling.diagonal_vector(current) is current
+
+
+def test_state_saved_with_dense_vector_factors_steps_on_with_diagonal_ones():
+    """The core state saved by 2fdbd40 (a vector's factor dense) loads into ``if_shampoo`` with
+    ``structures=None`` (S12: a vector's factor diagonal): ``legacy_names`` keeps every matrix
+    factor and momentum as saved and turns the vector's dense tile into ``√diag(K Kᵀ)``; the state
+    then has the layout ``init`` makes, and ``update`` steps on with it (NumPy, and the optax
+    adapter under ``jax.jit``) to finite parameters that move."""
+    make = _maker()
+    kw = dict(learning_rate=1e-2, batch_size=make.BATCH, block_size=4, grouping="weight_bias", structures=None)
+    for backend in ("numpy", "jax"):
+        if backend == "jax":
+            jax = pytest.importorskip("jax")
+            import jax.numpy as jnp
+            from precond_ref.adapters import jax as pjax
+
+            asarray, opt = jnp.asarray, pjax.if_shampoo(**kw)
+            step = jax.jit(opt.update)
+        else:
+            asarray, opt = np.asarray, pr.if_shampoo(**kw)
+            step = opt.update
+        saved, state = _core_checkpoint(asarray)
+        params = _core_params(saved, "params", asarray)
+        fresh = opt.init(params).groups
+        migrated = {key: pr.if_shampoo(**kw).init.legacy_names(entries) for key, entries in state.groups.items()}
+        for key, entries in migrated.items():
+            assert {k: v.shape for k, v in entries.items()} == {k: v.shape for k, v in fresh[key].items()}, key
+        K = np.asarray(state.groups["scale"]["factor_0"])
+        np.testing.assert_allclose(np.asarray(migrated["scale"]["stacks/0/factor/0"])[0], np.sqrt(np.diag(K @ K.T)),
+                                   rtol=4 * np.finfo(np.float64).eps)
+        np.testing.assert_array_equal(np.asarray(migrated["l1/weight"]["stacks/1/factor/1"][1]),
+                                      np.asarray(state.groups["l1/weight"]["tile_3/factor_1"]))
+        before = [np.asarray(x) for x in tree_flatten(params)[0]]
+        grads = make.grads(tree_unflatten(tree_flatten(params)[1], before), make.N0)
+        updates, state = step(tree_unflatten(tree_flatten(grads)[1], [asarray(x) for x in tree_flatten(grads)[0]]),
+                              state, params)
+        after = [np.asarray(x) for x in tree_flatten(pr.apply_updates(params, updates) if backend == "numpy" else
+                                                       jax.tree_util.tree_map(lambda p, u: p + u, params, updates))[0]]
+        assert all(np.all(np.isfinite(a)) and np.any(a != b) for a, b in zip(after, before)), backend
