@@ -371,7 +371,7 @@ IFShampoo = _torch_class(
         _Arg("weight_decay", 0.0, "float"),
         *_BATCH,
         _Arg("precondition_every", None, "Any"),
-        _Arg("structures", "dense", "Any"),
+        _Arg("structures", None, "Any"),
         _Arg("max_dense_dim", None, "Optional[int]"),
         _Arg("factor_dtype", None, "Any"),
         _Arg("grouping", "per_parameter", "str"),
@@ -380,7 +380,7 @@ IFShampoo = _torch_class(
         *_MODE,
         _Arg("block_size", None, "Optional[int]", since="0.2.0"),
         _Arg("spread_refresh", None, "Optional[bool]", since="0.2.0"),
-        _Arg("factor_rounding", "nearest", "str", since="0.3.0"),
+        _Arg("factor_rounding", None, "Optional[str]", since="0.3.0"),
     ),
     base=_RootFreeOptimizer,
 )

@@ -16,7 +16,7 @@ from array_api_compat import is_jax_namespace
 
 from .._backend import is_numpy_namespace, is_torch_namespace
 
-__all__ = ["round_stochastic", "hash_bits", "check_stochastic_dtypes"]
+__all__ = ["round_stochastic", "hash_bits", "is_bfloat16"]
 
 Array = Any
 
@@ -82,15 +82,9 @@ def _bitcast(xp, x: Array, dtype) -> Array:
     raise TypeError(f"stochastic rounding needs a bitcast, which {getattr(xp, '__name__', xp)!r} does not offer")
 
 
-def check_stochastic_dtypes(xp, source, target, what: str) -> None:
-    """A clear error unless ``target`` is bfloat16 and ``source`` float32 or float64 (the only pair
-    whose rounding is a truncation of float32's bits)."""
-    if "bfloat16" not in str(target):
-        raise ValueError(
-            f"{what}: stochastic rounding stores float32 values into bfloat16 only, but the dtype is "
-            f"{target}; use 'nearest' for it")
-    if source not in (xp.float32, xp.float64):
-        raise ValueError(f"{what}: stochastic rounding rounds float32 or float64 values, got {source}")
+def is_bfloat16(dtype) -> bool:
+    """Whether ``dtype`` is bfloat16 (torch's, JAX's or ml_dtypes' for NumPy)."""
+    return "bfloat16" in str(dtype)
 
 
 def round_stochastic(xp, x: Array, dtype: Any, bits: Array) -> Array:

@@ -34,7 +34,7 @@ from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
 from .options import state_dtype
 from .phases import tile_phase
-from .rounding import check_stochastic_dtypes, hash_bits, round_stochastic
+from .rounding import hash_bits, is_bfloat16, round_stochastic
 from .run import build_transform
 
 __all__ = [
@@ -546,9 +546,9 @@ class TileLayout(NamedTuple):
     gradient is zero or whose refresh is not finite keeps its factors (:func:`kept_where_usable`),
     the failures counted per group; then a skipped step's factors (its gradient zeroed) are known
     kept; ``old_layout``: the hint where a state does not fit, or ``None``; ``factor_rounding``:
-    ``"nearest"`` (the rule computes in the factors' dtype) or ``"stochastic"`` (factors narrower
-    than the work dtype are read into it, the rule computes there, and the refreshed factors and
-    momenta are stored back by :func:`~precond_ref.engine.rounding.round_stochastic`)."""
+    ``"nearest"`` (the rule computes in the factors' dtype) or ``"stochastic"`` (bf16 factors are
+    read into the work dtype, the rule computes there, and the refreshed factors and momenta are
+    stored back by :func:`~precond_ref.engine.rounding.round_stochastic`)."""
 
     block_size: Optional[int]
     interval: Any
@@ -643,12 +643,14 @@ def diagonal_axes(name: str, layout: TileLayout, dims: tuple, where: str) -> tup
 
 def factor_dtypes(name: str, layout: TileLayout, xp, leaf, rank: int, where: str) -> list:
     """The factors' dtype per axis: ``factor_dtype``, else the parameters' (``parameter_dtype``),
-    else bf16 on an accelerator (:func:`precond_ref.linalg.half_precision_dtype`) for parameters of
-    at most 32 bits, else their compute dtype."""
+    else for parameters of at most 32 bits bf16: on every device where the factors are stored by
+    stochastic rounding (where the namespace has bf16: torch, JAX), else on an accelerator
+    (:func:`precond_ref.linalg.half_precision_dtype`); else their compute dtype."""
     dtypes = []
     for dtype in per_axis(name, layout.factor_dtype, rank, "factor_dtype", where):
         if dtype is None and not layout.parameter_dtype and xp.finfo(leaf.dtype).bits <= 32:
-            dtype = half_precision_dtype(leaf)
+            stochastic = layout.factor_rounding == "stochastic"
+            dtype = getattr(xp, "bfloat16", None) if stochastic else half_precision_dtype(leaf)
         dtypes.append(state_dtype(xp, leaf.dtype, dtype, _parameters_dtype if layout.parameter_dtype else None))
     return dtypes
 
@@ -724,11 +726,6 @@ def tiled_transform(
         dims, diagonal, tiles = plan(shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
         param_dtype, dev = leaves[0].dtype, array_device(leaves[0])
         dtypes = factor_dtypes(rule.name, layout, xp, leaves[0], len(dims), where)
-        if layout.factor_rounding == "stochastic":
-            work = work_dtype(layout, xp, param_dtype)
-            for dtype in dtypes:
-                if xp.finfo(dtype).bits < xp.finfo(work).bits:
-                    check_stochastic_dtypes(xp, work, dtype, f"{rule.name}: factor_rounding='stochastic' for {where!r}")
         scale = None
         if layout.group_scale is not None:
             value = layout.group_scale(paths[0])
@@ -796,15 +793,17 @@ def tiled_transform(
         ``counter``, ``salt`` and the operand's number."""
         new = _stack_operands(rule.refresh(xp, c, h, lr, G, _stack_of(rule, read_factors(xp, state, G), len(G.shape) - 1)), True)
         new = tuple(round_stochastic(xp, a, old.dtype, hash_bits(xp, counter, salt * 64 + n, tuple(a.shape), placement(xp, a)))
-                    if a.dtype != old.dtype else a for n, (a, old) in enumerate(zip(new, state)))
+                    if a.dtype != old.dtype and is_bfloat16(old.dtype) else a for n, (a, old) in enumerate(zip(new, state)))
         return kept_where_usable(xp, G, state, new) if layout.counted else new + (_no_failures(xp, G),)
 
     def read_factors(xp, factors, G) -> tuple:
-        """The factors (or factors and momenta) a rule computes with: with stochastic rounding those
-        narrower than G's dtype (the work dtype) read into it, else as stored."""
+        """The factors (or factors and momenta) a rule computes with: with stochastic rounding bf16
+        ones read into G's dtype (the work dtype, float32 or float64), else as stored. Another
+        narrower dtype (float16; float32 of float64 work) is computed in and rounded to nearest:
+        stochastic rounding here is a truncation of float32's bits, which only bf16 is."""
         if layout.factor_rounding != "stochastic":
             return tuple(factors)
-        return tuple(xp.astype(K, G.dtype) if xp.finfo(K.dtype).bits < xp.finfo(G.dtype).bits else K for K in factors)
+        return tuple(xp.astype(K, G.dtype) if is_bfloat16(K.dtype) and not is_bfloat16(G.dtype) else K for K in factors)
 
     def unchanged(xp, G, *state):
         return state + (_no_failures(xp, G),)

@@ -569,10 +569,10 @@ def if_shampoo(
     weight_decay: float = 0.0,
     batch_size: Optional[int] = None,
     precondition_every: Union[None, int, Callable[[Any], Any]] = None,
-    structures: Union[None, str, dict] = "dense",
+    structures: Union[None, str, dict] = None,
     max_dense_dim: Optional[int] = None,
     factor_dtype: Any = None,
-    factor_rounding: str = "nearest",
+    factor_rounding: Optional[str] = None,
     grouping: str = "per_parameter",
     preconditioner_lr_scale: Optional[Callable[[Path], float]] = None,
     clamp_factor_step: bool = True,
@@ -630,7 +630,7 @@ def if_shampoo(
         callable must be listed in ``static_args``.
     structures:
         ``"dense"``, ``"diagonal"``, or SIRFShampoo's ``{rank: name or tuple of names per axis}``.
-        ``None`` (principled mode; S12): a diagonal factor for a vector (a bias, a norm's scale),
+        ``None``: in principled mode (S12) a diagonal factor for a vector (a bias, a norm's scale),
         cut into ``block_size`` blocks as a dense axis is, and dense factors for every axis of a
         matrix or higher tensor; in faithful mode ``"dense"``. A state saved with a vector's dense
         tiles loads: each becomes the diagonal factor :math:`\sqrt{\operatorname{diag}(KK^\top)}`
@@ -641,21 +641,25 @@ def if_shampoo(
         axes into blocks instead, ``block_size``).
     factor_dtype:
         dtype of the factors and their momenta (a dtype of the parameters' namespace, or a dict
-        like ``structures``). Default, principled: bf16 (the paper's half-precision mode) where
-        the parameters live on an accelerator, else the compute dtype (float32 for bf16, fp16 and
-        float32 parameters; float64 parameters keep float64); faithful: the parameter dtype. Under
+        like ``structures``). Default, principled: bf16 (the paper's half-precision mode) for
+        parameters of at most 32 bits, on every device whose namespace has bf16 (torch, JAX; with
+        ``factor_rounding="nearest"`` only where they live on an accelerator), else the compute
+        dtype (NumPy: float32; float64 parameters keep float64); faithful: the parameter dtype. Under
         ``optax.inject_hyperparams`` list it in ``static_args`` (a dtype is callable).
     factor_rounding:
-        How factors narrower than the compute dtype (bf16) are kept: ``"nearest"`` (default): the
-        factor step and the preconditioning compute in the factors' dtype, each result rounded to
-        nearest; ``"stochastic"``: they compute in the compute dtype (float32) and the refreshed
+        How factors narrower than the compute dtype (bf16) are kept: ``"stochastic"`` (principled
+        default, S1): the factor step and the preconditioning compute in the compute dtype
+        (float32) and the refreshed
         factors and factor momenta are stored to bf16 by stochastic rounding
         (:func:`precond_ref.engine.rounding.round_stochastic`: the expected stored value is the
         computed one), so that a factor step smaller than bf16's spacing (about 1e-3 at the
-        default :math:`\beta_2` against :math:`2^{-7}` near 1) is kept on average instead of lost.
+        default :math:`\beta_2` against :math:`2^{-7}` near 1) is kept on average instead of lost;
+        ``"nearest"`` (faithful default, SIRFShampoo's): they compute in the factors' dtype, each
+        result rounded to nearest.
         The random bits are a hash of the step count, the element and the array: reproducible,
-        no state. Only bf16 factors (of float32 or float64 work) can be rounded stochastically;
-        another narrower dtype is an error when the state is made.
+        no state. It applies to bf16 factors; another dtype narrower than the compute dtype
+        (float16, float32 factors of float64 parameters) computes in its own dtype and rounds to
+        nearest (stochastic rounding here truncates float32's bits, which only bf16 is).
     grouping:
         ``"per_parameter"`` or ``"weight_bias"`` (see :func:`precond_ref.engine.weight_bias_groups`).
     preconditioner_lr_scale:
@@ -699,11 +703,15 @@ def if_shampoo(
     singd ``1ac69a3``), including its neutral scaling devices (:math:`K_n/\sqrt{d_n}` in the factor
     update, :math:`\sigma_n` when preconditioning). Deviations of the default mode (spec §2.4):
 
-    * S1: factors and factor momenta in bf16 on an accelerator (GPU, TPU; see
-      :func:`precond_ref.linalg.half_precision_dtype`), in the compute dtype elsewhere (float32
-      for bf16/fp16 parameters; CPUs emulate bf16 products) and for float64 parameters, unless
-      ``factor_dtype`` says otherwise. bf16 tracks the fixed point to about 2e-1 relative (float32:
-      3e-6; spec §5).
+    * S1: factors and factor momenta stored in bf16 for parameters of at most 32 bits (float64
+      parameters: float64; NumPy, which has no bf16: the compute dtype), unless ``factor_dtype``
+      says otherwise; the factor step and the preconditioning compute in the compute dtype
+      (float32) and the refreshed factors are stored by stochastic rounding
+      (``factor_rounding="stochastic"``), so that steps below bf16's spacing are kept on average:
+      within seed noise of float32 factors on every task measured (docs/performance.md).
+      Rounded to nearest instead (the authors' bf16 mode) they lose most factor steps at the
+      default :math:`\beta_2` and track the fixed point to about 2e-1 relative (float32: 3e-6;
+      spec §5).
     * S2: a group whose gradient is exactly zero skips the factor update (the authors' factors
       drift toward the damping-only fixed point, without bound when :math:`\lambda = 0`).
     * S3: a factor update that produces a non-finite factor is discarded and counted in the
@@ -756,6 +764,7 @@ def if_shampoo(
     spread_refresh = mode_default(spread_refresh, faithful, False, True)  # S10
     kl_clip = mode_default(kl_clip, faithful, 0.0, _KL_CLIP)  # S8
     structures = "dense" if structures is None and faithful else structures  # principled None: vectors diagonal (S12)
+    factor_rounding = mode_default(factor_rounding, faithful, "nearest", "stochastic")  # S1
     config = IFShampooConfig(
         learning_rate, momentum, preconditioner_lr, preconditioner_momentum, damping, weight_decay, batch_size, kl_clip,
         clamp_factor_step, faithful, use_momentum=not is_zero(momentum),

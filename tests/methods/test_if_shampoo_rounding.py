@@ -47,7 +47,7 @@ def test_stochastic_rounding_without_a_narrower_factor_dtype_changes_nothing():
     params = {"w": rng.normal(size=(9, 70)).astype(np.float32), "b": rng.normal(size=9).astype(np.float32)}
     runs = []
     for rounding in ("nearest", "stochastic"):
-        opt = pr.if_shampoo(batch_size=4, factor_rounding=rounding, precondition_every=1, structures=None)
+        opt = pr.if_shampoo(batch_size=4, factor_rounding=rounding, precondition_every=1, factor_dtype=torch.float32)
         p = {k: torch.from_numpy(v.copy()) for k, v in params.items()}
         state = opt.init(p)
         for step in range(3):
@@ -95,15 +95,21 @@ def test_bf16_stochastic_steps_are_reproducible_and_keep_their_dtypes():
     assert all(bool(jnp.all(jnp.isfinite(a.astype(jnp.float32)))) for a in jax.tree_util.tree_leaves(state))
 
 
-def test_bad_factor_rounding_is_refused_naming_the_option_and_the_leaf():
-    """An unknown rounding is refused when the transform is made; stochastic rounding into a
-    narrower dtype other than bf16 (float16) when the state is made, naming the leaf."""
+def test_bad_factor_rounding_is_refused_and_float16_factors_round_to_nearest():
+    """An unknown rounding is refused when the transform is made (core and torch class, naming the
+    option); float16 factors, which are no truncation of float32's bits, keep the rounding to
+    nearest under ``"stochastic"``: bitwise the steps of ``"nearest"``."""
     with pytest.raises(ValueError, match="factor_rounding"):
         pr.if_shampoo(batch_size=1, factor_rounding="up")
-    opt = pr.if_shampoo(batch_size=1, factor_dtype=torch.float16, factor_rounding="stochastic")
-    with pytest.raises(ValueError, match=r"factor_rounding='stochastic' for 'layer/w'.*bfloat16 only.*'nearest'"):
-        opt.init({"layer": {"w": torch.zeros(3, 2)}})
     from precond_ref.adapters.torch import IFShampoo
 
     with pytest.raises(ValueError, match="factor_rounding"):
         IFShampoo([torch.nn.Parameter(torch.zeros(3))], batch_size=1, factor_rounding="sometimes")
+    g = {"layer": {"w": torch.linspace(-1, 1, 6).reshape(3, 2)}}
+    states = []
+    for rounding in ("nearest", "stochastic"):
+        opt = pr.if_shampoo(batch_size=1, factor_dtype=torch.float16, factor_rounding=rounding)
+        _, state = opt.update(g, opt.init({"layer": {"w": torch.zeros(3, 2)}}))
+        states.append(state.groups["layer/w"])
+    assert states[0]["stacks/0/factor/0"].dtype == torch.float16
+    assert all(torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values()))

@@ -58,7 +58,7 @@ def test_fixed_point_1d_dense(property_backend, g, batch, damping, momentum):
     if not np.any(g):
         g = np.ones_like(g)
     opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.8, precondition_every=1,
-                        preconditioner_momentum=momentum, momentum=0.0, learning_rate=1e-3)
+                        preconditioner_momentum=momentum, momentum=0.0, learning_rate=1e-3, structures="dense")
     state = _iterate(property_backend, opt, {"w": np.zeros_like(g)}, {"w": g}, FIXED_POINT_STEPS)
     k = _np(property_backend, state.groups["w"]["stacks/0/factor/0"])[0]
     want = np.linalg.inv(batch * np.outer(g, g) + damping * np.eye(g.size))
@@ -141,7 +141,7 @@ def test_factor_step_matches_spec_formula(property_backend, shape, seed, batch, 
     g = rng.normal(size=shape)
     factors = [np.eye(d) + 0.3 * rng.normal(size=(d, d)) for d in shape]
     opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=lr, preconditioner_momentum=0.0,
-                        momentum=0.0, learning_rate=0.1, kl_clip=0.0)  # the unclipped step (S8 tested alone)
+                        momentum=0.0, learning_rate=0.1, kl_clip=0.0, structures="dense")  # the unclipped step (S8 tested alone)
     xb = property_backend
     state = opt.init({"w": xb.asarray(np.zeros(shape))})
     state = _with_group(state, "w", **{f"stacks/0/factor/{n}": xb.asarray(k[None]) for n, k in enumerate(factors)})
@@ -161,7 +161,7 @@ def test_factor_step_matches_spec_formula(property_backend, shape, seed, batch, 
 
 def _one_step_precision(backend, k0, g, batch, damping, lr):
     opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=lr, preconditioner_momentum=0.0,
-                        momentum=0.0)
+                        momentum=0.0, structures="dense")
     state = opt.init({"w": backend.asarray(np.zeros_like(g))})
     state = _with_group(state, "w", **{"stacks/0/factor/0": backend.asarray(k0[None])})
     _, state = opt.update({"w": backend.asarray(g)}, state)
@@ -328,7 +328,8 @@ def test_if_shampoo_kl_clip_bounds_the_step(property_backend, seed, kappa, batch
     g = {"w": 30.0 * rng.normal(size=(3, 4)), "b": 30.0 * rng.normal(size=5)}
     eta = 0.5
     xb = property_backend
-    kw = dict(learning_rate=eta, batch_size=batch, damping=1e-3, preconditioner_lr=0.3)
+    # faithful's dense vector factors, so that the unclipped steps agree
+    kw = dict(learning_rate=eta, batch_size=batch, damping=1e-3, preconditioner_lr=0.3, structures="dense")
     steps = {}
     for name, extra in [("clipped", dict(kl_clip=kappa)), ("plain", dict(kl_clip=0.0)), ("faithful", dict(mode="faithful"))]:
         opt = pr.if_shampoo(**kw, **extra)
