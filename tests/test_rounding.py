@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from precond_ref.engine.rounding import hash_bits, round_stochastic
+from precond_ref.engine.rounding import hash_bits, round_stochastic, rounding_key
 
 torch = pytest.importorskip("torch")
 
@@ -23,7 +23,8 @@ def _neighbours(x: np.ndarray) -> tuple:
 
 def _round(x: np.ndarray, counter: int = 0, salt: int = 0) -> np.ndarray:
     t = torch.from_numpy(x)
-    bits = hash_bits(XT, torch.tensor(counter, dtype=torch.int32), salt, tuple(t.shape), t.device)
+    key = rounding_key(XT, torch.tensor(counter, dtype=torch.int32), t.device)
+    bits = hash_bits(XT, key, salt, tuple(t.shape), t.device)
     out = round_stochastic(XT, t, torch.bfloat16, bits)
     assert out.dtype == torch.bfloat16
     return out.float().numpy()
@@ -31,23 +32,23 @@ def _round(x: np.ndarray, counter: int = 0, salt: int = 0) -> np.ndarray:
 
 def test_bits_are_the_same_on_numpy_torch_and_jax():
     """The hash is integer arithmetic modulo 2^32 (int64 masked, or uint32 on JAX), so every backend
-    gives the same bits for the same (counter, salt, index), a traced counter under ``jax.jit`` too;
-    each is a 32-bit value, and counter, salt and index each change them."""
+    gives the same 16-bit values for the same (counter, salt, index), a traced counter under
+    ``jax.jit`` too; counter, salt and index each change them."""
     shape = (3, 5, 7)
-    want = hash_bits(array_namespace(np.zeros(1)), np.int32(123456), 77, shape, None)
-    assert want.dtype == np.int64 and want.min() >= 0 and want.max() < 2**32
-    got_torch = hash_bits(XT, torch.tensor(123456, dtype=torch.int32), 77, shape, torch.device("cpu"))
-    np.testing.assert_array_equal(got_torch.numpy(), want)
-    np.testing.assert_array_equal(hash_bits(XT, 123456, 77, shape, torch.device("cpu")).numpy(), want)
+    xn = array_namespace(np.zeros(1))
+    want = hash_bits(xn, rounding_key(xn, np.int32(123456), None), 77, shape, None)
+    assert want.dtype == np.int32 and want.min() >= 0 and want.max() < 2**16
+    key = rounding_key(XT, torch.tensor(123456, dtype=torch.int32), torch.device("cpu"))
+    np.testing.assert_array_equal(hash_bits(XT, key, 77, shape, torch.device("cpu")).numpy(), want)
+    np.testing.assert_array_equal(hash_bits(XT, rounding_key(XT, 123456, None), 77, shape, None).numpy(), want)
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
 
-    jitted = jax.jit(lambda c: hash_bits(jnp, c, 77, shape, None))
-    got_jax = np.asarray(jitted(jnp.int32(123456))).astype(np.int64)
-    np.testing.assert_array_equal(got_jax, want)
-    for other in (hash_bits(XT, 123457, 77, shape, None), hash_bits(XT, 123456, 78, shape, None)):
-        assert np.mean(other.numpy() == want) < 0.01
-    assert len(np.unique(want)) == want.size
+    jitted = jax.jit(lambda c: hash_bits(jnp, rounding_key(jnp, c, None), 77, shape, None))
+    np.testing.assert_array_equal(np.asarray(jitted(jnp.int32(123456))), want)
+    for other in (hash_bits(XT, rounding_key(XT, 123457, None), 77, shape, None), hash_bits(XT, key, 78, shape, None)):
+        assert np.mean(other.numpy() == want) < 0.02
+    assert len(np.unique(want)) > 0.9 * want.size
 
 
 def test_rounds_to_a_neighbour_and_keeps_the_mean():
@@ -92,6 +93,6 @@ def test_float64_values_round_from_their_nearest_float32():
     neighbour of that float32."""
     x = np.random.default_rng(1).normal(size=1000)
     t = torch.from_numpy(x)
-    got = round_stochastic(XT, t, torch.bfloat16, hash_bits(XT, 3, 0, (1000,), None)).float().numpy()
+    got = round_stochastic(XT, t, torch.bfloat16, hash_bits(XT, rounding_key(XT, 3, None), 0, (1000,), None)).float().numpy()
     down, up = _neighbours(x.astype(np.float32))
     assert np.all((got == down) | (got == up))

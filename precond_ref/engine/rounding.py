@@ -16,12 +16,12 @@ from array_api_compat import is_jax_namespace
 
 from .._backend import is_numpy_namespace, is_torch_namespace
 
-__all__ = ["round_stochastic", "hash_bits", "is_bfloat16"]
+__all__ = ["round_stochastic", "rounding_key", "hash_bits", "is_bfloat16"]
 
 Array = Any
 
 _MASK = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive counters and salts apart
+_GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive salts apart
 _JAX_UINT32 = "uint32"  # compared with a dtype: JAX's dtypes equal their names
 
 
@@ -37,40 +37,38 @@ def _low32(x: Array) -> Array:
     return x & _MASK if x.dtype != _JAX_UINT32 else x
 
 
-def _mul32(x: Array, c: int) -> Array:
-    """``x * c mod 2^32`` for ``0 <= x < 2^32``: in two 16-bit halves of ``c``, so that no product
-    exceeds 2^48 (exact in int64; modulo 2^32 in uint32, as wanted)."""
-    low = x * (c & 0xFFFF)
-    high = ((x * (c >> 16)) & 0xFFFF) << 16
-    return _low32(low + high)
-
-
 def _mix32(x: Array) -> Array:
-    """lowbias32 (C. Wellons' hash-prospector): a bijection of 32-bit integers whose every output
-    bit depends on every input bit."""
+    """lowbias32 with C. Wellons' 2022 constants (hash-prospector): a bijection of 32-bit integers
+    whose every output bit depends on every input bit. Both multipliers are below 2^31, so for
+    ``x < 2^32`` a product stays below 2^63: exact in int64, then taken modulo 2^32."""
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = _low32(x * 0x21F0AAAD)
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    x = _low32(x * 0x735A2D97)
+    return x ^ (x >> 15)
 
 
-def hash_bits(xp, counter: Any, salt: int, shape: tuple, device: Any) -> Array:
-    """32 random bits per element of an array of ``shape``: ``mix(mix(index + key))`` with ``index``
-    the element's row-major index and ``key = mix(counter * φ + salt)`` (φ = 0x9E3779B9), in the
-    integer dtype of :func:`_uint32_dtype` (values in [0, 2^32)). ``counter``: a Python int or a 0-D
-    integer array (the step count, possibly traced); ``salt``: a Python int naming the array."""
+def rounding_key(xp, counter: Any, device: Any) -> Array:
+    """The step's key of :func:`hash_bits`: ``mix(counter)``, a 0-D integer of [0, 2^32) in the
+    dtype of :func:`_uint32_dtype`. ``counter``: a Python int or a 0-D integer array (the step
+    count, possibly traced)."""
     dtype = _uint32_dtype(xp)
     if isinstance(counter, int):
-        key = xp.asarray(counter & _MASK, dtype=dtype, device=device)
-    else:
-        key = _low32(xp.astype(counter, dtype))
-    key = _mix32(_low32(_mul32(key, _GOLDEN) + xp.asarray(salt & _MASK, dtype=dtype, device=device)))
+        return _mix32(xp.asarray(counter & _MASK, dtype=dtype, device=device))
+    return _mix32(_low32(xp.astype(counter, dtype)))
+
+
+def hash_bits(xp, key: Array, salt: int, shape: tuple, device: Any) -> Array:
+    """16 random bits per element of an array of ``shape`` (int32 in [0, 2^16)): the high half of
+    ``mix(index + key + salt·φ mod 2^32)``, ``index`` the element's row-major index, ``key`` the
+    step's :func:`rounding_key`, ``salt`` a Python int naming the array (φ = 0x9E3779B9)."""
+    dtype = _uint32_dtype(xp)
     size = 1
     for d in shape:
         size *= d
     index = xp.reshape(xp.arange(size, dtype=dtype, device=device), shape)
-    return _mix32(_mix32(_low32(index + key)))
+    offset = _low32(key + xp.asarray((salt * _GOLDEN) & _MASK, dtype=dtype, device=device))
+    return xp.astype(_mix32(_low32(index + offset)) >> 16, xp.int32)
 
 
 def _bitcast(xp, x: Array, dtype) -> Array:
@@ -91,19 +89,17 @@ def round_stochastic(xp, x: Array, dtype: Any, bits: Array) -> Array:
     """``x`` (float32; float64 is first rounded to nearest float32) as ``dtype`` (bfloat16), rounded
     stochastically: of the two bfloat16 neighbours ``down <= x <= up``, ``up`` with probability
     ``(x - down)/(up - down)`` and ``down`` otherwise, so ``E[result] = x``; a representable ``x``
-    (``down = up``) is returned exactly, NaN and ±inf are kept.
+    (``down = up``) is returned exactly, NaN and ±inf are kept (a finite ``x`` above bfloat16's
+    largest value may round to inf).
 
-    Implemented on the bit pattern: the low 16 bits of ``bits`` (32 random bits per element,
-    :func:`hash_bits`) added to ``x``'s float32 bits as an integer, and the low 16 bits cleared.
-    The sign is a separate bit, so this rounds the magnitude: it carries into the kept bits with
-    probability (low 16 bits of x) / 2^16, the distance to ``down`` in units of the gap.
+    Implemented on the bit pattern: ``bits`` (int32 in [0, 2^16), :func:`hash_bits`) added to
+    ``x``'s float32 bits as an int32, and the low 16 bits cleared. The sign is a separate bit, so
+    this rounds the magnitude: it carries into the kept bits with probability (low 16 bits of x)
+    / 2^16, the distance to ``down`` in units of the gap. The addition wraps (two's complement)
+    only for NaN patterns, which are put back.
     """
     x32 = xp.astype(x, xp.float32) if x.dtype != xp.float32 else x
-    wide = bits.dtype == xp.int64  # int64 holding 32-bit values; else uint32 (JAX)
-    raw = xp.astype(_bitcast(xp, x32, xp.int32), xp.int64) & _MASK if wide else _bitcast(xp, x32, xp.uint32)
-    rounded = _low32(((raw + (bits & 0xFFFF)) >> 16) << 16)  # bits 16..31 only: a carry out of bit 31 dropped
-    if wide:  # back to int32's range (two's complement) before the bitcast
-        rounded = xp.astype(xp.where(rounded >= 0x80000000, rounded - 0x100000000, rounded), xp.int32)
+    rounded = (_bitcast(xp, x32, xp.int32) + bits) & -65536  # the low 16 bits cleared
     out = _bitcast(xp, rounded, xp.float32)
     out = xp.where(xp.isnan(x32), x32, out)  # a NaN's payload may carry into the exponent
     return xp.astype(out, dtype)

@@ -34,7 +34,7 @@ from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
 from .options import state_dtype
 from .phases import tile_phase
-from .rounding import hash_bits, is_bfloat16, round_stochastic
+from .rounding import hash_bits, is_bfloat16, round_stochastic, rounding_key
 from .run import build_transform
 
 __all__ = [
@@ -786,15 +786,29 @@ def tiled_transform(
                   for m, k in zip(batch.indices, batch.lengths)]
         return beta2 * (scales[0] if len(scales) == 1 else xp.concat(scales))
 
-    def refreshed(xp, h, lr, counter, salt, G, *state):
+    def refreshed(xp, h, lr, key, salt, G, *state):
         """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
         With stochastic rounding the rule computes in G's dtype (:func:`read_factors`) and each
-        narrower operand is stored back by :func:`round_stochastic`, its bits hashed from
-        ``counter``, ``salt`` and the operand's number."""
+        bf16 operand is stored back by :func:`round_stochastic`, its bits hashed from the step's
+        ``key``, ``salt`` and the operand's number."""
         new = _stack_operands(rule.refresh(xp, c, h, lr, G, _stack_of(rule, read_factors(xp, state, G), len(G.shape) - 1)), True)
-        new = tuple(round_stochastic(xp, a, old.dtype, hash_bits(xp, counter, salt * 64 + n, tuple(a.shape), placement(xp, a)))
-                    if a.dtype != old.dtype and is_bfloat16(old.dtype) else a for n, (a, old) in enumerate(zip(new, state)))
+        new = stored(xp, new, state, key, salt) if key is not None else new
         return kept_where_usable(xp, G, state, new) if layout.counted else new + (_no_failures(xp, G),)
+
+    def stored(xp, new, old, key, salt) -> tuple:
+        """The refreshed operands ``new`` in their stored dtypes: each computed in a wider dtype than
+        its bf16 ``old`` rounded stochastically (:func:`round_stochastic`), the bits of all of them
+        one hash of the step's ``key``, ``salt`` and the element's place in their concatenation."""
+        narrow = [n for n, (a, b) in enumerate(zip(new, old)) if a.dtype != b.dtype and is_bfloat16(b.dtype)]
+        if not narrow:
+            return new
+        sizes = [math.prod(new[n].shape) for n in narrow]
+        bits = hash_bits(xp, key, salt, (sum(sizes),), placement(xp, new[narrow[0]]))
+        out, start = list(new), 0
+        for n, size in zip(narrow, sizes):
+            out[n] = round_stochastic(xp, new[n], old[n].dtype, xp.reshape(bits[start:start + size], new[n].shape))
+            start += size
+        return tuple(out)
 
     def read_factors(xp, factors, G) -> tuple:
         """The factors (or factors and momenta) a rule computes with: with stochastic rounding bf16
@@ -842,8 +856,10 @@ def tiled_transform(
             for b, batch in enumerate(batched):
                 G, *state = batch.operands
                 lr = step_size(xp, h.beta2, fields, chosen, batch)
-                salt = phase * 1024 + b  # with the operand's number: which array the rounding bits are for
-                results.append(cond(xp, due, partial(refreshed, xp, h, lr, ctx.count, salt, G), partial(unchanged, xp, G), *state))
+                salt = phase * 1024 + b  # which batch the rounding bits are for
+                key = ctx.once(("rounding key", device_key(G)), partial(rounding_key, xp, ctx.count, placement(xp, G))) \
+                    if layout.factor_rounding == "stochastic" else None
+                results.append(cond(xp, due, partial(refreshed, xp, h, lr, key, salt, G), partial(unchanged, xp, G), *state))
             store(xp, stack_states, failures, chosen, batched, results, ctx)
         if layout.counted and not is_jax_namespace(xp):
             # A skipped step's gradient is zero (except on JAX, where the selection is fused anyway), and a

@@ -92,7 +92,7 @@ TORCH_CASES = [
                     structures={1: "diagonal", 2: ("dense", "diagonal")}, precondition_every=2, batch_size=1),
         step_kwargs=dict(batch_size=32),  # overrides the constructor's
     ),
-    TorchCase(  # the paper's half-precision factors (the principled default on GPUs), on the CPU
+    TorchCase(  # the paper's half-precision factors (the principled default, S1), given explicitly
         "if_shampoo-bf16-factors", pt.IFShampoo, lr=5e-2,
         kwargs=dict(preconditioner_lr=0.2, damping=1e-2, batch_size=32, factor_dtype=torch.bfloat16, grouping="weight_bias"),
         state_float32_for_bf16=False,
