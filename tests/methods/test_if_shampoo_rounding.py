@@ -113,3 +113,41 @@ def test_bad_factor_rounding_is_refused_and_float16_factors_round_to_nearest():
         states.append(state.groups["layer/w"])
     assert states[0]["stacks/0/factor/0"].dtype == torch.float16
     assert all(torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values()))
+
+
+def test_torch_checkpoint_with_float32_factors_loads_into_bf16_factors():
+    """A torch checkpoint of the former CPU defaults (float32 factors; saved before
+    ``factor_rounding`` existed, so its groups lack it) loads into today's ``IFShampoo``: by torch's
+    ``load_state_dict`` rule each state tensor takes the dtype the optimizer's state has, here the
+    factors bf16 (each the float32 value rounded to nearest bf16); the saved ``structures="dense"``
+    is the group's hyperparameter, so the bias keeps its dense factor; the next step is finite."""
+    from precond_ref.adapters.torch import IFShampoo
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, y = torch.randn(8, 5), torch.randn(8, 3)
+
+    def step(opt):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    old = IFShampoo(model.parameters(), lr=0.1, batch_size=8, structures="dense", factor_rounding="nearest",
+                    precondition_every=1)
+    for _ in range(3):
+        step(old)
+    saved = old.state_dict()
+    assert saved["state"][0]["stacks/0/factor/0"].dtype == torch.float32
+    for group in saved["param_groups"]:
+        del group["factor_rounding"]
+    new = IFShampoo(model.parameters(), lr=0.1, batch_size=8, precondition_every=1)
+    new.load_state_dict(saved)
+    for i, p in enumerate(model.parameters()):
+        for key, value in new.state[p].items():
+            if "/factor/" in key:
+                assert value.dtype == torch.bfloat16, key
+                assert torch.equal(value, saved["state"][i][key].to(torch.bfloat16)), key
+    assert new.state[model.bias]["stacks/0/factor/0"].shape == (1, 3, 3)
+    step(new)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert new.state[model.weight]["stacks/0/factor/0"].dtype == torch.bfloat16
