@@ -789,8 +789,7 @@ def tiled_transform(
     def refreshed(xp, h, lr, key, salt, G, *state):
         """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
         With stochastic rounding the rule computes in G's dtype (:func:`read_factors`) and each
-        bf16 operand is stored back by :func:`round_stochastic`, its bits hashed from the step's
-        ``key``, ``salt`` and the operand's number."""
+        bf16 operand is stored back by :func:`stored`."""
         new = _stack_operands(rule.refresh(xp, c, h, lr, G, _stack_of(rule, read_factors(xp, state, G), len(G.shape) - 1)), True)
         new = stored(xp, new, state, key, salt) if key is not None else new
         return kept_where_usable(xp, G, state, new) if layout.counted else new + (_no_failures(xp, G),)
@@ -856,9 +855,10 @@ def tiled_transform(
             for b, batch in enumerate(batched):
                 G, *state = batch.operands
                 lr = step_size(xp, h.beta2, fields, chosen, batch)
-                salt = phase * 1024 + b  # which batch the rounding bits are for
-                key = ctx.once(("rounding key", device_key(G)), partial(rounding_key, xp, ctx.count, placement(xp, G))) \
-                    if layout.factor_rounding == "stochastic" else None
+                key = None  # the step's key of the rounding bits, once per device; salt: which batch they are for
+                if layout.factor_rounding == "stochastic":
+                    key = ctx.once(("rounding key", device_key(G)), partial(rounding_key, xp, ctx.count, placement(xp, G)))
+                salt = phase * 1024 + b
                 results.append(cond(xp, due, partial(refreshed, xp, h, lr, key, salt, G), partial(unchanged, xp, G), *state))
             store(xp, stack_states, failures, chosen, batched, results, ctx)
         if layout.counted and not is_jax_namespace(xp):
