@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from precond_ref.engine.rounding import hash_bits, round_stochastic, rounding_key
+from precond_ref.engine.rounding import hash_bits, round_stochastic, rounding_key, salts
 
 torch = pytest.importorskip("torch")
 
@@ -24,7 +24,7 @@ def _neighbours(x: np.ndarray) -> tuple:
 def _round(x: np.ndarray, counter: int = 0, salt: int = 0) -> np.ndarray:
     t = torch.from_numpy(x)
     key = rounding_key(XT, torch.tensor(counter, dtype=torch.int32), t.device)
-    bits = hash_bits(XT, key, salt, tuple(t.shape), t.device)
+    bits = hash_bits(XT, key, salts(XT, [f"x{salt}"], t.device), t.numel(), t.device).reshape(t.shape)
     out = round_stochastic(XT, t, torch.bfloat16, bits)
     assert out.dtype == torch.bfloat16
     return out.float().numpy()
@@ -32,22 +32,26 @@ def _round(x: np.ndarray, counter: int = 0, salt: int = 0) -> np.ndarray:
 
 def test_bits_are_the_same_on_numpy_torch_and_jax():
     """The hash is integer arithmetic modulo 2^32 (int64 masked, or uint32 on JAX), so every backend
-    gives the same 16-bit values for the same (counter, salt, index), a traced counter under
-    ``jax.jit`` too; counter, salt and index each change them."""
-    shape = (3, 5, 7)
+    gives the same 16-bit values for the same (counter, array name, place), a traced counter under
+    ``jax.jit`` too; counter, name and place each change them, and an array's row does not depend
+    on the arrays hashed with it."""
+    names, size = ["a#0", "a#1", "b#0"], 35
     xn = array_namespace(np.zeros(1))
-    want = hash_bits(xn, rounding_key(xn, np.int32(123456), None), 77, shape, None)
-    assert want.dtype == np.int32 and want.min() >= 0 and want.max() < 2**16
+    want = hash_bits(xn, rounding_key(xn, np.int32(123456), None), salts(xn, names, None), size, None)
+    assert want.dtype == np.int32 and want.shape == (3, size) and want.min() >= 0 and want.max() < 2**16
     key = rounding_key(XT, torch.tensor(123456, dtype=torch.int32), torch.device("cpu"))
-    np.testing.assert_array_equal(hash_bits(XT, key, 77, shape, torch.device("cpu")).numpy(), want)
-    np.testing.assert_array_equal(hash_bits(XT, rounding_key(XT, 123456, None), 77, shape, None).numpy(), want)
+    got = hash_bits(XT, key, salts(XT, names, torch.device("cpu")), size, torch.device("cpu"))
+    np.testing.assert_array_equal(got.numpy(), want)
+    np.testing.assert_array_equal(hash_bits(XT, rounding_key(XT, 123456, None), salts(XT, names, None), size, None), want)
+    alone = hash_bits(XT, key, salts(XT, names[1:2], None), size, None)
+    np.testing.assert_array_equal(alone.numpy()[0], want[1])
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
 
-    jitted = jax.jit(lambda c: hash_bits(jnp, rounding_key(jnp, c, None), 77, shape, None))
+    jitted = jax.jit(lambda c: hash_bits(jnp, rounding_key(jnp, c, None), salts(jnp, names, None), size, None))
     np.testing.assert_array_equal(np.asarray(jitted(jnp.int32(123456))), want)
-    for other in (hash_bits(XT, rounding_key(XT, 123457, None), 77, shape, None), hash_bits(XT, key, 78, shape, None)):
-        assert np.mean(other.numpy() == want) < 0.02
+    other = hash_bits(XT, rounding_key(XT, 123457, None), salts(XT, names, None), size, None).numpy()
+    assert np.mean(other == want) < 0.02 and np.mean(want[0] == want[1]) < 0.02
     assert len(np.unique(want)) > 0.9 * want.size
 
 
@@ -93,6 +97,7 @@ def test_float64_values_round_from_their_nearest_float32():
     neighbour of that float32."""
     x = np.random.default_rng(1).normal(size=1000)
     t = torch.from_numpy(x)
-    got = round_stochastic(XT, t, torch.bfloat16, hash_bits(XT, rounding_key(XT, 3, None), 0, (1000,), None)).float().numpy()
+    bits = hash_bits(XT, rounding_key(XT, 3, None), salts(XT, ["x"], None), 1000, None)[0]
+    got = round_stochastic(XT, t, torch.bfloat16, bits).float().numpy()
     down, up = _neighbours(x.astype(np.float32))
     assert np.all((got == down) | (got == up))

@@ -3,20 +3,21 @@ value kept, the random bits a hash of the step, the element and the array (no PR
 
 :func:`round_stochastic` rounds; :func:`hash_bits` makes its bits. A counter-based hash (lowbias32, an
 integer mix of xorshifts and multiplies, in 32-bit arithmetic) of (the step counter, the element's
-index in its array, a salt naming the array) gives the same bits on every backend, eagerly, under
+place in its array, a salt naming the array) gives the same bits on every backend, eagerly, under
 ``jax.jit`` or ``torch.compile``, with no host randomness and no state to save.
 """
 
 from __future__ import annotations
 
 import sys
+import zlib
 from typing import Any
 
 from array_api_compat import is_jax_namespace
 
 from .._backend import is_numpy_namespace, is_torch_namespace
 
-__all__ = ["round_stochastic", "rounding_key", "hash_bits", "is_bfloat16"]
+__all__ = ["round_stochastic", "rounding_key", "salts", "hash_bits", "is_bfloat16"]
 
 Array = Any
 
@@ -58,17 +59,23 @@ def rounding_key(xp, counter: Any, device: Any) -> Array:
     return _mix32(_low32(xp.astype(counter, dtype)))
 
 
-def hash_bits(xp, key: Array, salt: int, shape: tuple, device: Any) -> Array:
-    """16 random bits per element of an array of ``shape`` (int32 in [0, 2^16)): the high half of
-    ``mix(index + key + salt·φ mod 2^32)``, ``index`` the element's row-major index, ``key`` the
-    step's :func:`rounding_key`, ``salt`` a Python int naming the array (φ = 0x9E3779B9)."""
+def salts(xp, names: list, device: Any) -> Array:
+    """The arrays' salts of :func:`hash_bits`, one per name (a string naming an array: a leaf and
+    a tile), as integers of [0, 2^32) in the dtype of :func:`_uint32_dtype`: CRC-32 of the name, the
+    same on every host and backend."""
+    return xp.asarray([zlib.crc32(name.encode()) for name in names], dtype=_uint32_dtype(xp), device=device)
+
+
+def hash_bits(xp, key: Array, salt: Array, size: int, device: Any) -> Array:
+    """16 random bits (int32 in [0, 2^16)) for each of ``size`` elements of each array named by
+    ``salt`` ((k,), :func:`salts`): shape (k, size), row a ``mix(index + mix(salt + key))`` with
+    ``index`` the element's place 0 .. size - 1 and ``key`` the step's :func:`rounding_key`; so
+    an array's bits depend on its name, the step and the element only, not on which arrays are
+    hashed with it."""
     dtype = _uint32_dtype(xp)
-    size = 1
-    for d in shape:
-        size *= d
-    index = xp.reshape(xp.arange(size, dtype=dtype, device=device), shape)
-    offset = _low32(key + xp.asarray((salt * _GOLDEN) & _MASK, dtype=dtype, device=device))
-    return xp.astype(_mix32(_low32(index + offset)) >> 16, xp.int32)
+    offset = _mix32(_low32(salt + key))
+    index = xp.arange(size, dtype=dtype, device=device)
+    return xp.astype(_mix32(_low32(index[None, :] + offset[:, None])) >> 16, xp.int32)
 
 
 def _bitcast(xp, x: Array, dtype) -> Array:

@@ -34,7 +34,7 @@ from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
 from .options import state_dtype
 from .phases import tile_phase
-from .rounding import hash_bits, is_bfloat16, round_stochastic, rounding_key
+from .rounding import hash_bits, is_bfloat16, round_stochastic, rounding_key, salts
 from .run import build_transform
 
 __all__ = [
@@ -795,19 +795,33 @@ def tiled_transform(
         return kept_where_usable(xp, G, state, new) if layout.counted else new + (_no_failures(xp, G),)
 
     def stored(xp, new, old, key, salt) -> tuple:
-        """The refreshed operands ``new`` in their stored dtypes: each computed in a wider dtype than
-        its bf16 ``old`` rounded stochastically (:func:`round_stochastic`), the bits of all of them
-        one hash of the step's ``key``, ``salt`` and the element's place in their concatenation."""
+        """The refreshed operands ``new`` (k tiles each) in their stored dtypes: each computed in a
+        wider dtype than its bf16 ``old`` rounded stochastically (:func:`round_stochastic`), the
+        bits one hash per tile (:func:`hash_bits`) of the step's ``key``, the tile's ``salt`` (k,)
+        and the element's place in the tile's operands, end to end: the same whichever tiles are
+        batched together (one process, or a split over ranks)."""
         narrow = [n for n, (a, b) in enumerate(zip(new, old)) if a.dtype != b.dtype and is_bfloat16(b.dtype)]
         if not narrow:
             return new
-        sizes = [math.prod(new[n].shape) for n in narrow]
-        bits = hash_bits(xp, key, salt, (sum(sizes),), placement(xp, new[narrow[0]]))
+        sizes = [math.prod(new[n].shape[1:]) for n in narrow]
+        bits = hash_bits(xp, key, salt, sum(sizes), placement(xp, new[narrow[0]]))
         out, start = list(new), 0
         for n, size in zip(narrow, sizes):
-            out[n] = round_stochastic(xp, new[n], old[n].dtype, xp.reshape(bits[start:start + size], new[n].shape))
+            out[n] = round_stochastic(xp, new[n], old[n].dtype, xp.reshape(bits[:, start:start + size], new[n].shape))
             start += size
         return tuple(out)
+
+    tile_salts: dict = {}  # (tile names, device) -> their salts: made once per batch composition
+
+    def salts_of(xp, names: tuple, groups, chosen, batch, G):
+        """The salts of a batch's tiles (:func:`~precond_ref.engine.rounding.salts`), each named by
+        its group's path and its number in the group's plan."""
+        tiles = tuple(f"{names[chosen[m][0]]}#{t}" for m in batch.indices
+                      for t in groups[chosen[m][0]].plan.stacks[chosen[m][1]].tiles)
+        key = (tiles, device_key(G))
+        if key not in tile_salts:
+            tile_salts[key] = salts(xp, list(tiles), placement(xp, G))
+        return tile_salts[key]
 
     def read_factors(xp, factors, G) -> tuple:
         """The factors (or factors and momenta) a rule computes with: with stochastic rounding bf16
@@ -844,6 +858,7 @@ def tiled_transform(
         refresh = [ctx.every(interval) for interval in intervals]  # per phase: a host bool, or an array
         h = rule.scalars(c, ctx.value, ctx.extra)
         groups, fields = zip(*(prepare(g, s, cx) for g, s, cx in zip(grads_list, states, ctxs)))
+        names = tuple(path_str(cx.paths[0]) if cx.paths else str(i) for i, cx in enumerate(ctxs))
         stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
         failures = [f.factor_failures for f in fields]
 
@@ -852,13 +867,13 @@ def tiled_transform(
                 continue
             chosen, batched = batches(xp, groups, stack_states, phase, refreshing=True)
             results = []
-            for b, batch in enumerate(batched):
+            for batch in batched:
                 G, *state = batch.operands
                 lr = step_size(xp, h.beta2, fields, chosen, batch)
-                key = None  # the step's key of the rounding bits, once per device; salt: which batch they are for
+                key = salt = None  # the rounding bits' key of the step (once per device) and salts of the tiles
                 if layout.factor_rounding == "stochastic":
                     key = ctx.once(("rounding key", device_key(G)), partial(rounding_key, xp, ctx.count, placement(xp, G)))
-                salt = phase * 1024 + b
+                    salt = salts_of(xp, names, groups, chosen, batch, G)
                 results.append(cond(xp, due, partial(refreshed, xp, h, lr, key, salt, G), partial(unchanged, xp, G), *state))
             store(xp, stack_states, failures, chosen, batched, results, ctx)
         if layout.counted and not is_jax_namespace(xp):

@@ -138,7 +138,7 @@ class LoopIFShampoo:
     :func:`precond_ref.blocking.block_bounds`, S9; tiles in row-major order), each tile an
     independent IF-Shampoo block with factors K_n (identity at start; a vector for a diagonal axis:
     ``structures="diagonal"``, longer than ``max_dense_dim``, or the axis of
-    a vector group with ``structures=None``, S12, which is cut like a dense axis). Per tile, on its refresh steps, from
+    a vector group with ``structures=None`` (principled default), S12, which is cut like a dense axis). Per tile, on its refresh steps, from
     the old factors of all axes at once::
 
         Y   = √B·G ×_1 K_1ᵀ ×_2 K_2ᵀ … ×_N K_Nᵀ         (×_n: contract axis n with K's first index;
@@ -167,7 +167,7 @@ class LoopIFShampoo:
     def __init__(self, params: dict, *, learning_rate: Any = 1e-3, momentum: float = 0.9,
                  preconditioner_lr: Any = 0.01, preconditioner_momentum: float = 0.5, damping: float = 1e-3,
                  weight_decay: float = 0.0, batch_size: Optional[int] = None, precondition_every: Any = None,
-                 structures: Optional[str] = "dense", max_dense_dim: Optional[int] = None, grouping: str = "per_parameter",
+                 structures: Optional[str] = None, max_dense_dim: Optional[int] = None, grouping: str = "per_parameter",
                  preconditioner_lr_scale: Optional[Callable] = None, clamp_factor_step: bool = True,
                  kl_clip: Optional[float] = None, mode: str = "principled", block_size: Optional[int] = None,
                  spread_refresh: Optional[bool] = None):
