@@ -22,7 +22,6 @@ __all__ = ["round_stochastic", "rounding_key", "salts", "hash_bits", "is_bfloat1
 Array = Any
 
 _MASK = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive salts apart
 _JAX_UINT32 = "uint32"  # compared with a dtype: JAX's dtypes equal their names
 
 
