@@ -1,23 +1,22 @@
 """Stochastic rounding, pure and reproducible: float32 values stored into bfloat16 with the expected
-value kept, the random bits a hash of the step, the element and the array (no PRNG state).
+value kept, the random bits a hash of the step, the element's place and its value (no PRNG state).
 
-:func:`round_stochastic` rounds; :func:`hash_bits` makes its bits. A counter-based hash (lowbias32, an
-integer mix of xorshifts and multiplies, in 32-bit arithmetic) of (the step counter, the element's
-place in its array, a salt naming the array) gives the same bits on every backend, eagerly, under
-``jax.jit`` or ``torch.compile``, with no host randomness and no state to save.
+:func:`round_stochastic` rounds; :func:`rounding_key` and :func:`place_keys` key its bits. A
+counter-based hash (lowbias32, an integer mix of xorshifts and multiplies, in 32-bit arithmetic)
+gives the same bits on every backend, eagerly, under ``jax.jit`` or ``torch.compile``, with no
+host data, no host randomness and no state to save.
 """
 
 from __future__ import annotations
 
 import sys
-import zlib
 from typing import Any
 
 from array_api_compat import is_jax_namespace
 
 from .._backend import is_numpy_namespace, is_torch_namespace
 
-__all__ = ["round_stochastic", "rounding_key", "salts", "hash_bits", "is_bfloat16"]
+__all__ = ["round_stochastic", "rounding_key", "place_keys", "is_bfloat16"]
 
 Array = Any
 
@@ -49,7 +48,7 @@ def _mix32(x: Array) -> Array:
 
 
 def rounding_key(xp, counter: Any, device: Any) -> Array:
-    """The step's key of :func:`hash_bits`: ``mix(counter)``, a 0-D integer of [0, 2^32) in the
+    """The step's key of :func:`place_keys`: ``mix(counter)``, a 0-D integer of [0, 2^32) in the
     dtype of :func:`_uint32_dtype`. ``counter``: a Python int or a 0-D integer array (the step
     count, possibly traced)."""
     dtype = _uint32_dtype(xp)
@@ -58,23 +57,10 @@ def rounding_key(xp, counter: Any, device: Any) -> Array:
     return _mix32(_low32(xp.astype(counter, dtype)))
 
 
-def salts(xp, names: list, device: Any) -> Array:
-    """The arrays' salts of :func:`hash_bits`, one per name (a string naming an array: a leaf and
-    a tile), as integers of [0, 2^32) in the dtype of :func:`_uint32_dtype`: CRC-32 of the name, the
-    same on every host and backend."""
-    return xp.asarray([zlib.crc32(name.encode()) for name in names], dtype=_uint32_dtype(xp), device=device)
-
-
-def hash_bits(xp, key: Array, salt: Array, size: int, device: Any) -> Array:
-    """16 random bits (int32 in [0, 2^16)) for each of ``size`` elements of each array named by
-    ``salt`` ((k,), :func:`salts`): shape (k, size), row a ``mix(index + mix(salt + key))`` with
-    ``index`` the element's place 0 .. size - 1 and ``key`` the step's :func:`rounding_key`; so
-    an array's bits depend on its name, the step and the element only, not on which arrays are
-    hashed with it."""
-    dtype = _uint32_dtype(xp)
-    offset = _mix32(_low32(salt + key))
-    index = xp.arange(size, dtype=dtype, device=device)
-    return xp.astype(_mix32(_low32(index[None, :] + offset[:, None])) >> 16, xp.int32)
+def place_keys(xp, key: Array, size: int, device: Any) -> Array:
+    """The bits' keys of ``size`` places (shape (size,)): ``mix(place + key)``, ``key`` the step's
+    :func:`rounding_key`."""
+    return _mix32(_low32(xp.arange(size, dtype=_uint32_dtype(xp), device=device) + key))
 
 
 def _bitcast(xp, x: Array, dtype) -> Array:
@@ -91,21 +77,26 @@ def is_bfloat16(dtype) -> bool:
     return "bfloat16" in str(dtype)
 
 
-def round_stochastic(xp, x: Array, dtype: Any, bits: Array) -> Array:
+def round_stochastic(xp, x: Array, dtype: Any, keys: Array) -> Array:
     """``x`` (float32; float64 is first rounded to nearest float32) as ``dtype`` (bfloat16), rounded
     stochastically: of the two bfloat16 neighbours ``down <= x <= up``, ``up`` with probability
-    ``(x - down)/(up - down)`` and ``down`` otherwise, so ``E[result] = x``; a representable ``x``
-    (``down = up``) is returned exactly, NaN and ±inf are kept (a finite ``x`` above bfloat16's
-    largest value may round to inf).
+    ``(x - down)/(up - down)`` and ``down`` otherwise, so ``E[result] = x`` over the steps; a
+    representable ``x`` (``down = up``) is returned exactly, NaN and ±inf are kept (a finite ``x``
+    above bfloat16's largest value may round to inf).
 
-    Implemented on the bit pattern: ``bits`` (int32 in [0, 2^16), :func:`hash_bits`) added to
-    ``x``'s float32 bits as an int32, and the low 16 bits cleared. The sign is a separate bit, so
-    this rounds the magnitude: it carries into the kept bits with probability (low 16 bits of x)
-    / 2^16, the distance to ``down`` in units of the gap. The addition wraps (two's complement)
-    only for NaN patterns, which are put back.
+    Implemented on the bit pattern: 16 random bits added to ``x``'s float32 bits as an int32, and
+    the low 16 bits cleared. The sign is a separate bit, so this rounds the magnitude: it carries
+    into the kept bits with probability (low 16 bits of x) / 2^16, the distance to ``down`` in
+    units of the gap. The random bits of an element are the high half of ``mix(bits(x) ^ keys)``,
+    ``keys`` (:func:`place_keys`, broadcast against x's last axis) naming the step and the
+    element's place: so they depend on the step, the place and the value only, not on which arrays
+    are rounded together (one process, or a split over ranks), and are uniform over the steps.
+    The addition wraps (two's complement) only for NaN patterns, which are put back.
     """
     x32 = xp.astype(x, xp.float32) if x.dtype != xp.float32 else x
-    rounded = (_bitcast(xp, x32, xp.int32) + bits) & -65536  # the low 16 bits cleared
-    out = _bitcast(xp, rounded, xp.float32)
+    raw = _bitcast(xp, x32, xp.int32)
+    wide = _low32(xp.astype(raw, _uint32_dtype(xp)))  # the same bits as a value of [0, 2^32)
+    noise = xp.astype(_mix32(wide ^ keys) >> 16, xp.int32)
+    out = _bitcast(xp, (raw + noise) & -65536, xp.float32)  # the low 16 bits cleared
     out = xp.where(xp.isnan(x32), x32, out)  # a NaN's payload may carry into the exponent
     return xp.astype(out, dtype)

@@ -34,7 +34,7 @@ from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
 from .options import state_dtype
 from .phases import tile_phase
-from .rounding import hash_bits, is_bfloat16, round_stochastic, rounding_key, salts
+from .rounding import is_bfloat16, place_keys, round_stochastic, rounding_key
 from .run import build_transform
 
 __all__ = [
@@ -786,42 +786,32 @@ def tiled_transform(
                   for m, k in zip(batch.indices, batch.lengths)]
         return beta2 * (scales[0] if len(scales) == 1 else xp.concat(scales))
 
-    def refreshed(xp, h, lr, key, salt, G, *state):
+    def refreshed(xp, h, lr, key, G, *state):
         """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
         With stochastic rounding the rule computes in G's dtype (:func:`read_factors`) and each
         bf16 operand is stored back by :func:`stored`."""
         new = _stack_operands(rule.refresh(xp, c, h, lr, G, _stack_of(rule, read_factors(xp, state, G), len(G.shape) - 1)), True)
-        new = stored(xp, new, state, key, salt) if key is not None else new
+        new = stored(xp, new, state, key) if key is not None else new
         return kept_where_usable(xp, G, state, new) if layout.counted else new + (_no_failures(xp, G),)
 
-    def stored(xp, new, old, key, salt) -> tuple:
-        """The refreshed operands ``new`` (k tiles each) in their stored dtypes: each computed in a
-        wider dtype than its bf16 ``old`` rounded stochastically (:func:`round_stochastic`), the
-        bits one hash per tile (:func:`hash_bits`) of the step's ``key``, the tile's ``salt`` (k,)
-        and the element's place in the tile's operands, end to end: the same whichever tiles are
-        batched together (one process, or a split over ranks)."""
+    def stored(xp, new, old, key) -> tuple:
+        """The refreshed operands ``new`` (k tiles each) in their stored dtypes: those computed in a
+        wider dtype than their bf16 ``old``, side by side per tile, rounded stochastically in one
+        call (:func:`round_stochastic`), keyed by the step's ``key`` and each element's place in its
+        tile's operands (:func:`place_keys`)."""
         narrow = [n for n, (a, b) in enumerate(zip(new, old)) if a.dtype != b.dtype and is_bfloat16(b.dtype)]
         if not narrow:
             return new
-        sizes = [math.prod(new[n].shape[1:]) for n in narrow]
-        bits = hash_bits(xp, key, salt, sum(sizes), placement(xp, new[narrow[0]]))
+        k = new[narrow[0]].shape[0]
+        flat = [xp.reshape(new[n], (k, -1)) for n in narrow]
+        joined = flat[0] if len(flat) == 1 else xp.concat(flat, axis=1)
+        keys = place_keys(xp, key, joined.shape[1], placement(xp, joined))
+        rounded = round_stochastic(xp, joined, old[narrow[0]].dtype, keys)
         out, start = list(new), 0
-        for n, size in zip(narrow, sizes):
-            out[n] = round_stochastic(xp, new[n], old[n].dtype, xp.reshape(bits[:, start:start + size], new[n].shape))
-            start += size
+        for n, part in zip(narrow, flat):
+            out[n] = xp.reshape(rounded[:, start:start + part.shape[1]], new[n].shape)
+            start += part.shape[1]
         return tuple(out)
-
-    tile_salts: dict = {}  # (tile names, device) -> their salts: made once per batch composition
-
-    def salts_of(xp, names: tuple, groups, chosen, batch, G):
-        """The salts of a batch's tiles (:func:`~precond_ref.engine.rounding.salts`), each named by
-        its group's path and its number in the group's plan."""
-        tiles = tuple(f"{names[chosen[m][0]]}#{t}" for m in batch.indices
-                      for t in groups[chosen[m][0]].plan.stacks[chosen[m][1]].tiles)
-        key = (tiles, device_key(G))
-        if key not in tile_salts:
-            tile_salts[key] = salts(xp, list(tiles), placement(xp, G))
-        return tile_salts[key]
 
     def read_factors(xp, factors, G) -> tuple:
         """The factors (or factors and momenta) a rule computes with: with stochastic rounding bf16
@@ -858,7 +848,6 @@ def tiled_transform(
         refresh = [ctx.every(interval) for interval in intervals]  # per phase: a host bool, or an array
         h = rule.scalars(c, ctx.value, ctx.extra)
         groups, fields = zip(*(prepare(g, s, cx) for g, s, cx in zip(grads_list, states, ctxs)))
-        names = tuple(path_str(cx.paths[0]) if cx.paths else str(i) for i, cx in enumerate(ctxs))
         stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
         failures = [f.factor_failures for f in fields]
 
@@ -870,11 +859,10 @@ def tiled_transform(
             for batch in batched:
                 G, *state = batch.operands
                 lr = step_size(xp, h.beta2, fields, chosen, batch)
-                key = salt = None  # the rounding bits' key of the step (once per device) and salts of the tiles
+                key = None  # the step's key of the rounding bits, once per device
                 if layout.factor_rounding == "stochastic":
                     key = ctx.once(("rounding key", device_key(G)), partial(rounding_key, xp, ctx.count, placement(xp, G)))
-                    salt = salts_of(xp, names, groups, chosen, batch, G)
-                results.append(cond(xp, due, partial(refreshed, xp, h, lr, key, salt, G), partial(unchanged, xp, G), *state))
+                results.append(cond(xp, due, partial(refreshed, xp, h, lr, key, G), partial(unchanged, xp, G), *state))
             store(xp, stack_states, failures, chosen, batched, results, ctx)
         if layout.counted and not is_jax_namespace(xp):
             # A skipped step's gradient is zero (except on JAX, where the selection is fused anyway), and a
