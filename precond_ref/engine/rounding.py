@@ -1,5 +1,5 @@
 """Stochastic rounding, pure and reproducible: float32 values stored into bfloat16 with the expected
-value kept, the random bits a hash of the step, the element's place and its value (no PRNG state).
+value kept, the random bits a hash of the step and the element's place (no PRNG state).
 
 :func:`round_stochastic` rounds; :func:`rounding_key` and :func:`place_keys` key its bits. A
 counter-based hash (lowbias32, an integer mix of xorshifts and multiplies, in 32-bit arithmetic)
@@ -87,16 +87,15 @@ def round_stochastic(xp, x: Array, dtype: Any, keys: Array) -> Array:
     Implemented on the bit pattern: 16 random bits added to ``x``'s float32 bits as an int32, and
     the low 16 bits cleared. The sign is a separate bit, so this rounds the magnitude: it carries
     into the kept bits with probability (low 16 bits of x) / 2^16, the distance to ``down`` in
-    units of the gap. The random bits of an element are the high half of ``mix(bits(x) ^ keys)``,
-    ``keys`` (:func:`place_keys`, broadcast against x's last axis) naming the step and the
-    element's place: so they depend on the step, the place and the value only, not on which arrays
-    are rounded together (one process, or a split over ranks), and are uniform over the steps.
-    The addition wraps (two's complement) only for NaN patterns, which are put back.
+    units of the gap. The random bits of an element are the high half of its ``keys``
+    (:func:`place_keys`, broadcast against x's last axis), a hash of the step and the element's
+    place: uniform over the steps, the same whichever arrays are rounded together (one process or a
+    split over ranks) and unchanged by a rounding-level change of ``x`` (which flips a rounding only
+    within one float32 ulp of its threshold). The addition wraps (two's complement) only for NaN
+    patterns, which are put back.
     """
     x32 = xp.astype(x, xp.float32) if x.dtype != xp.float32 else x
-    raw = _bitcast(xp, x32, xp.int32)
-    wide = _low32(xp.astype(raw, _uint32_dtype(xp)))  # the same bits as a value of [0, 2^32)
-    noise = xp.astype(_mix32(wide ^ keys) >> 16, xp.int32)
-    out = _bitcast(xp, (raw + noise) & -65536, xp.float32)  # the low 16 bits cleared
+    noise = xp.astype(keys >> 16, xp.int32)
+    out = _bitcast(xp, (_bitcast(xp, x32, xp.int32) + noise) & -65536, xp.float32)  # the low 16 bits cleared
     out = xp.where(xp.isnan(x32), x32, out)  # a NaN's payload may carry into the exponent
     return xp.astype(out, dtype)
