@@ -33,7 +33,8 @@ CHECK_FROM_ELEMENTS = 2**24
 _REMEDIES = {
     "SAdaGrad": "its sketch holds rank x the parameter's elements: lower rank, or give some tensors to another optimizer",
     "Sketchy": "its sketches hold rank x each axis's length: lower rank or max_precondition_dim",
-    "IFShampoo": "its factors are dense up to max_dense_dim per axis: lower max_dense_dim or factor_dtype=torch.bfloat16",
+    "IFShampoo": "its factors and their momenta hold about twice the parameters (bf16, in block_size tiles): "
+                 "preconditioner_momentum=0 (no factor momenta), or structures='diagonal'",
 }
 
 
