@@ -31,6 +31,7 @@ import math
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
+from .. import sketch as _sketch
 from .._backend import array_device, cast, compute_dtype, cond, device_key, is_number, is_zero, on_cpu
 from ..blocking import same_layout, block_bounds, roll_first_axis_last, spread_schedule, stack, unfold, unstack
 from ..transform import Transform
@@ -302,13 +303,13 @@ def multiply_axes(
 
 
 #: :func:`flat_runs` steps its runs in stacks of at most this many bytes of the blocks' first field
-#: on a CPU, and a run larger than it alone on every device, in its own arrays: each stack's step
-#: holds about three copies of its blocks (S-AdaGrad's FD step: the stacked input, the [U, fresh]
-#: frame, the product) until the next stack starts, and a lone run over
-#: :data:`precond_ref.sketch.FD_ROWS_BYTES` (the same bound) takes that step by blocks of rows,
-#: writing its new basis over the old one where the backend can. So a step's peak on a CPU is the
-#: state, the new state of the runs within the bound, three times this bound and a few vectors of
-#: the longest run's length.
+#: on a CPU (a run larger than it alone), and a run over :data:`precond_ref.sketch.FD_ROWS_BYTES`
+#: (by default the same bound) alone on every device, in its own arrays: each stack's step holds
+#: about three copies of its blocks (S-AdaGrad's FD step: the stacked input, the [U, fresh] frame,
+#: the product) until the next stack starts, and a lone run over ``FD_ROWS_BYTES`` takes that step
+#: by blocks of rows, writing its new basis over the old one where the caller owns the state. So a
+#: step's peak on a CPU is the state, the new state of the runs within the bound, three times this
+#: bound and a few vectors of the longest run's length.
 FLAT_STACK_BYTES = 2**28
 #: The bound of :data:`FLAT_STACK_BYTES` off a CPU (a GPU): there each stack costs a fixed number of
 #: kernel launches and one host synchronisation (a batched ``eigh`` reads its status), so the bound
@@ -328,7 +329,7 @@ def flat_runs(
     rows) -> (block, out)``. The runs of one length and phase, across leaves, go through one
     batched call, in stacks of at most :data:`FLAT_STACK_BYTES` of the blocks' first field on a CPU
     and :data:`FLAT_ACCELERATOR_STACK_BYTES` elsewhere (:func:`bounded_chunks`; a run larger, or
-    larger than :data:`FLAT_STACK_BYTES` anywhere, alone, never padded): each stack is
+    larger than :data:`precond_ref.sketch.FD_ROWS_BYTES` anywhere, alone, never padded): each stack is
     one batched decomposition, which on a GPU is also one host synchronisation (``eigh`` reads its
     status), and each a fixed number of launches, so an accelerator's bound is the larger, about the
     size at which a stack's kernels take as long as its launches. Off a CPU, with ``may_pad(length, rank)`` given,
@@ -358,14 +359,15 @@ def flat_runs(
     host = on_cpu(xp, members[0][0])
     hand_back = None
     if not host and may_pad is not None:
-        # a block over FLAT_STACK_BYTES is stepped alone, in its own arrays (no padded copy)
+        # a block over FD_ROWS_BYTES is stepped alone, in its own arrays (no padded copy)
         wide = max(xp.finfo(member[0].dtype).bits // 8 for member in members)
         members, phases, hand_back = _padded_stacks(
-            xp, members, phases, lambda length, rank: may_pad(length, rank) and length * rank * wide <= FLAT_STACK_BYTES)
+            xp, members, phases,
+            lambda length, rank: may_pad(length, rank) and length * rank * wide <= _sketch.FD_ROWS_BYTES)
     pieces: list = [None] * len(members)
     oks, stepped = [], []
     limit = FLAT_STACK_BYTES if host else FLAT_ACCELERATOR_STACK_BYTES
-    for chunk in bounded_chunks(xp, members, limit, phases, alone_from=FLAT_STACK_BYTES):
+    for chunk in bounded_chunks(xp, members, limit, phases, alone_from=_sketch.FD_ROWS_BYTES):
         stacks = stack(xp, [members[i] for i in chunk], labels=[phases[i] for i in chunk])
         outputs = []
         for s in stacks:
