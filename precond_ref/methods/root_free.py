@@ -656,8 +656,9 @@ def if_shampoo(
         default :math:`\beta_2` against :math:`2^{-7}` near 1) is kept on average instead of lost;
         ``"nearest"`` (faithful default, SIRFShampoo's): they compute in the factors' dtype, each
         result rounded to nearest.
-        The random bits are a hash of the step count, the element and the array: reproducible,
-        no state. It applies to bf16 factors; another dtype narrower than the compute dtype
+        The random bits are a hash of the step count and the element's place in its tile:
+        reproducible, no state (every tile uses the same bits at a place in a step; each element's
+        rounding is still unbiased over the steps). It applies to bf16 factors; another dtype narrower than the compute dtype
         (float16, float32 factors of float64 parameters) computes in its own dtype and rounds to
         nearest (stochastic rounding here truncates float32's bits, which only bf16 is).
     grouping:
