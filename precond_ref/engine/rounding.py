@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from array_api_compat import is_jax_namespace
+from array_api_compat import is_cupy_namespace, is_jax_namespace
 
 from .._backend import is_numpy_namespace, is_torch_namespace
 
@@ -65,7 +65,7 @@ def place_keys(xp, key: Array, size: int, device: Any) -> Array:
 
 def _bitcast(xp, x: Array, dtype) -> Array:
     """``x``'s bits read as ``dtype`` of the same width (no conversion)."""
-    if is_torch_namespace(xp) or is_numpy_namespace(xp) or getattr(xp, "__name__", "").endswith("cupy"):
+    if is_torch_namespace(xp) or is_numpy_namespace(xp) or is_cupy_namespace(xp):
         return x.view(dtype)
     if is_jax_namespace(xp):
         return sys.modules["jax"].lax.bitcast_convert_type(x, dtype)
