@@ -475,7 +475,31 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
             want = core_trajectory("mbf", mode, model, warm=warm)
             note("MBF warm start, optax mbf_warm_start", "core warm_start", optax_trajectory("mbf", mode, model, warm=warm), want, ("mbf", mode, model))
             note("MBF warm start, torch MBF.warm_start [item 1]", "core warm_start", torch_trajectory("mbf", mode, model, warm=warm), want, ("mbf", mode, model))
+    for path, against, d in row_block_rows():
+        rows[(path, against)] = (d, "s_adagrad/principled/mlp")
     return [(path, against, d, where) for (path, against), (d, where) in rows.items()]
+
+
+def row_block_rows() -> list[tuple[str, str, float]]:
+    """The table's rows of S-AdaGrad's FD step by blocks of rows (``precond_ref.sketch.FD_ROWS_BYTES``
+    lowered to 1 byte, so that each sketch of the MLP takes it): ``(path, compared with, difference)``."""
+    from precond_ref import sketch
+
+    cell = ("s_adagrad", "principled", "mlp")
+    whole, bound = core_trajectory(*cell), sketch.FD_ROWS_BYTES
+    sketch.FD_ROWS_BYTES = 1
+    try:
+        core = core_trajectory(*cell)
+        eager, captured = core_trajectory(*cell, guarded=True), core_trajectory(*cell, guarded=True, cupy_captured=True)
+        torch_rows = torch_trajectory(*cell)
+    finally:
+        sketch.FD_ROWS_BYTES = bound
+    label = "S-AdaGrad's sketches stepped by blocks of rows"
+    return [
+        (f"{label}, NumPy core (new arrays)", "NumPy core, whole products", difference(core, whole)[0]),
+        (f"{label}, torch eager (written in place)", "NumPy core by blocks of rows", difference(torch_rows, core)[0]),
+        (f"{label}, CuPy captured step (CPU double, in place)", "the eager core on the same arrays", difference(captured, eager)[0]),
+    ]
 
 
 def main() -> None:

@@ -186,6 +186,53 @@ def test_cupy_captured_path(cell):
     _close(got, _numpy_core(cell), RTOL, "CuPy captured vs the NumPy core")
 
 
+ROW_BLOCK_PATHS = ("core", "torch-eager", "torch-captured", "cupy-captured")
+
+
+@pytest.mark.parametrize("path", ROW_BLOCK_PATHS)
+def test_s_adagrad_sketch_stepped_by_row_blocks(path, monkeypatch):
+    """S-AdaGrad's FD step of a sketch over ``precond_ref.sketch.FD_ROWS_BYTES`` (lowered here to 1
+    byte, so that every sketch of the MLP takes it, one row a block): the frame products taken by
+    blocks of rows, written over the old basis where the caller owns the state (the torch class,
+    CuPy's captured step) and joined into a new array by the pure core. The NumPy core on this path
+    meets the whole-product core to RTOL (each entry the same sum of k + 1 products, ordered per
+    block: a few ulps, see ``tests/test_sketch_rows.py``); torch eager (another BLAS) meets it to
+    RTOL; the captured steps (CPU doubles, the same arithmetic on the same values as their eager
+    runs) are bit-identical to them. Each run takes the row-block path. Principled mode: its
+    incremental FD step is the one with row blocks (faithful mode's SVD of the whole frame has none)."""
+    from precond_ref import sketch
+
+    cell = ("s_adagrad", "principled", "mlp")
+    whole = _numpy_core(cell)  # before the bound is lowered
+    calls = []
+    by_rows = sketch.frame_products_in_rows
+    monkeypatch.setattr(sketch, "frame_products_in_rows", lambda *a, **k: calls.append(1) or by_rows(*a, **k))
+    monkeypatch.setattr(sketch, "FD_ROWS_BYTES", 1)
+    if path == "core":
+        got = pm.core_trajectory(*cell)
+        calls_here = len(calls)
+        _close(got, whole, RTOL, "NumPy core by row blocks vs the whole products")
+    elif path == "torch-eager":
+        got = pm.torch_trajectory(*cell)
+        calls_here = len(calls)
+        _close(got, pm.core_trajectory(*cell), RTOL, "torch eager by row blocks vs the NumPy core by row blocks")
+    elif path == "torch-captured":
+        from fake_graphs import fake_graphs
+
+        monkeypatch.setattr(pm.torch_class("s_adagrad"), "not_capturable_because", None)
+        with fake_graphs() as graphs, warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback from capture warns
+            got = pm.torch_trajectory(*cell, capture=True)
+        calls_here = len(calls)
+        assert graphs.replays() > 0
+        _identical(got, pm.torch_trajectory(*cell), "torch captured vs torch eager, by row blocks")
+    else:
+        got = pm.core_trajectory(*cell, guarded=True, cupy_captured=True)
+        calls_here = len(calls)
+        _identical(got, pm.core_trajectory(*cell, guarded=True), "CuPy captured vs the eager core, by row blocks")
+    assert calls_here > 0
+
+
 @pytest.mark.parametrize(
     "cell", [pytest.param(c, id=_cell_id(c)) for c in CELLS if c[0] in pm.LEGACY_NAMED]
 )
