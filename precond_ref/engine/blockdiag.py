@@ -20,17 +20,18 @@ rest of the layout for such a method, on the stacks of :func:`~precond_ref.engin
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import array_device, cast, is_zero, placement, scalar_zero, select
+from .._backend import array_device, cast, is_zero, joined, placement, scalar_zero, select
 from ..blocking import chunk_sizes
 from ..linalg import all_finite, identity_like
 from ..transform import Transform
-from .context import StepContext
+from .context import StepContext, settle_pieces
 from .factors import per_block
 from .fallback import FallbackAdam, FallbackMask, adam_init, fallback_leaves, fallback_predicate
-from .matrices import MatrixStack, hand_back, matrix_stacks
+from .matrices import MatrixStack, hand_back, matrix_joins, stack_view
 from .phases import hashed_phases, refresh_due
 from .run import build_transform
 
@@ -44,8 +45,8 @@ Array = Any
 
 #: the per-leaf counters of the roots: blocks whose root was not finite, roots the method rejected (replaced)
 COUNTERS = ("root_failures", "root_fallbacks")
-#: the entries stacked across the matrix leaves of one shape (:func:`~precond_ref.engine.matrices.matrix_stacks`)
-STACKED = ("momentum", "statistic", "statistic_tail", "root", "root_tail")
+#: the block entries stacked across the matrix leaves of one shape (:func:`~precond_ref.engine.matrices.matrix_joins`)
+STACKED = ("statistic", "statistic_tail", "root", "root_tail")
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
 
 
@@ -315,11 +316,15 @@ class OneSidedRule(NamedTuple):
     roots of :func:`refresh_roots` (``{}`` for a rule without roots);
     ``finish(xp, c, minus_lr, u, w)``: the update from ``U_t`` (``w``: the parameters, ``None``
     without weight decay); ``stacked``: the entries a stack holds; ``inverse_root(xp, c, P) -> (Z,
-    rejected)``: the root of a stack of statistics (``None``: a rule without roots); ``passes``: the
-    rule's stacked work is element-wise passes and reductions (:func:`~precond_ref.engine.matrices.matrix_stacks`);
+    rejected)``: the root of a stack of statistics (``None``: a rule without roots);
     ``settle_first``: the new entries are selected for the non-finite rule before the direction reads
     them, so that a compiler reads the stored entries rather than recomputing them
-    (:meth:`StepContext.unless_skipped`).
+    (:meth:`StepContext.unless_skipped`); ``joined``: the entries computed element-wise over all
+    matrix leaves joined end to end (:class:`~precond_ref.engine.matrices.MatrixJoin`), by
+    ``joined_state(xp, c, old, g, terms, zero)`` from the joined old entries, gradients and the
+    joined ``terms(xp, c, s)`` of each stack (``None``: none), and selected for the non-finite rule
+    before anything reads them; the stacks' ``state`` and ``direction`` get their views.
+    ``finish`` is element-wise: it runs once on the joined directions and parameters.
     """
 
     init: Callable
@@ -328,8 +333,10 @@ class OneSidedRule(NamedTuple):
     finish: Callable
     stacked: tuple
     inverse_root: Optional[Callable] = None
-    passes: bool = False
     settle_first: bool = False
+    joined: tuple = ()
+    joined_state: Optional[Callable] = None
+    terms: Optional[Callable] = None
 
 
 def one_sided_transform(
@@ -354,28 +361,59 @@ def one_sided_transform(
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         xp, ctx = ctxs[0].xp, ctxs[0]
         results, matrices = fallback_leaves(xp, grads, states, params, ctx, fallback)
-        stacks = matrix_stacks(xp, grads, states, params, matrices, rule.stacked, partial(is_left, c.side),
-                               not is_zero(c.weight_decay), passes=rule.passes)
-        new = [rule.state(xp, c, s, _zero(ctx, s.g)) for s in stacks]
+        joins = matrix_joins(xp, grads, states, params, matrices, rule.stacked, rule.joined, partial(is_left, c.side),
+                             not is_zero(c.weight_decay))
+        for join in joins:
+            for i, result in _joined_step(xp, ctx, join, states):
+                results[i] = result
+        return results
+
+    def _joined_step(xp, ctx, join, states):
+        zero = _zero(ctx, join.g)
+        stacks = join.stacks
+        new = [{} for _ in stacks]
+        if rule.joined:
+            terms = [rule.terms(xp, c, s) for s in stacks] if rule.terms is not None else []
+            joined_terms = {k: _flat(xp, [t[k] for t in terms]) for k in (terms[0] if terms else {})}
+            made = rule.joined_state(xp, c, join.state, join.g, joined_terms, zero)
+            made = {k: ctx.unless_skipped(a, join.state[k]) for k, a in made.items()}
+            for entries, s in zip(new, stacks):
+                entries.update({k: settle_pieces(ctx, a, (stack_view(xp, a, join.leaves, states, s.leaves, k),))[0]
+                                for k, a in made.items()})
+        for entries, s in zip(new, stacks):
+            entries.update(rule.state(xp, c, s._replace(state={**s.state, **entries}), zero))
         if rule.settle_first:
-            new = [{k: ctx.unless_skipped(a, s.state[k]) for k, a in entries.items()} for s, entries in zip(stacks, new)]
+            new = [{k: a if k in rule.joined else ctx.unless_skipped(a, s.state[k]) for k, a in entries.items()}
+                   for s, entries in zip(stacks, new)]
         if rule.inverse_root is None:
             roots: list[dict] = [{} for _ in stacks]
         else:
             roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful)
+        u = _flat(xp, [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)])
+        minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
+        step = rule.finish(xp, c, minus_lr, u, join.param)
+        out = []
+        start = 0
         for s, entries, z in zip(stacks, new, roots):
-            u = rule.direction(xp, c, s, entries, z)
-            minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
-            step = rule.finish(xp, c, minus_lr, u, s.param)
-            for i, result in hand_back_roots(xp, s, states, step, entries, z, ctx, keeps_root):
-                results[i] = result
-        return results
+            shape = tuple(states[s.leaves[0]]["momentum"].shape)
+            stop = start + len(s.leaves) * math.prod(shape)
+            view = xp.reshape(step[start:stop], shape if len(s.leaves) == 1 else (len(s.leaves), *shape))
+            out += hand_back_roots(xp, s, states, view, entries, z, ctx, keeps_root)
+            start = stop
+        return out
 
     return build_transform(
         name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
         needs_params=not is_zero(c.weight_decay) or not is_zero(fallback.weight_decay), intervals=schedule,
         layout_hint=layout_hint, independent_leaves=independent_leaves,
     )
+
+
+def _flat(xp: Any, arrays: list) -> Array:
+    """The arrays flattened and joined end to end (:func:`~precond_ref._backend.joined`); one array
+    flattened (a view)."""
+    flat = [xp.reshape(a, (-1,)) for a in arrays]
+    return flat[0] if len(flat) == 1 else joined(xp, flat)
 
 
 def _zero(ctx: StepContext, x: Array) -> Array:

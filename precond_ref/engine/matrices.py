@@ -5,15 +5,13 @@ an element-wise step over leaves of any shape joined end to end."""
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .. import blocking
-from .._backend import cast, compute_dtype, device_key, stacked as stacked_view
+from .._backend import cast, compute_dtype, device_key, joined, stacked as stacked_view
 from ..blocking import Stack, stack, unstack
 from .context import StepContext, settle_pieces
 
-__all__ = ["MatrixStack", "matrix_stacks", "hand_back", "leaves_of", "as_matrix", "matrix_shape", "joined_leaves"]
+__all__ = ["MatrixStack", "MatrixJoin", "matrix_joins", "stack_view", "hand_back", "leaves_of", "as_matrix", "matrix_shape", "joined_leaves"]
 
 Array = Any
 
@@ -38,50 +36,109 @@ class MatrixStack(NamedTuple):
     param: Optional[Array]
 
 
-def matrix_stacks(
-    xp: Any, grads: list, states: list, params: Any, leaves: list[int], names: Sequence[str],
-    left: Callable[[int, int], bool], with_param: bool, passes: bool = False,
-) -> list[MatrixStack]:
-    """The matrix leaves ``leaves`` (each group one leaf whose state's ``momentum`` is its m×n
-    matrix view) grouped into stacks of equal matrix shape, dtype and device
-    (:func:`~precond_ref.blocking.stack`): per leaf its gradient as an m×n matrix in the compute
-    dtype, its state entries ``names`` (those it has) and, with ``with_param``, its parameter as an
-    m×n matrix, joined along a new leading axis. ``left(m, n)``: whether the method preconditions
-    the left side of an m×n matrix.
+class MatrixJoin(NamedTuple):
+    """The matrix leaves of one gradient dtype and device end to end, and their stacks.
 
-    ``passes``: the method's work on a stack is passes over its entries (element-wise operations
-    and reductions), no batched product or decomposition. Stacked, it saves one call per leaf and
-    nothing else, which on a CPU is worth less than the stack's copies and its larger temporaries
-    (fresh pages from the allocator on every step) for all but small matrices: there only matrices
-    below :func:`_cpu_passes_bound` entries stack."""
-    members, labels = [], []
+    ``leaves``: their indices among the groups, in the order of their stacks (so that a stack's
+    part of every joined array is one slice); ``g``: their gradients, each flattened, joined
+    (``concat``) and cast to the compute dtype; ``state``: the entries joined likewise (a view of
+    last step's new entry where the leaves hold its consecutive pieces, :func:`~precond_ref._backend.joined`);
+    ``param``: the parameters joined, or ``None`` when the step does not read them; ``stacks``: the
+    :class:`MatrixStack` of each matrix shape, whose gradients, parameters and joined entries are
+    views of these arrays.
+    """
+
+    leaves: tuple[int, ...]
+    g: Array
+    state: dict[str, Array]
+    param: Optional[Array]
+    stacks: list[MatrixStack]
+
+
+def matrix_joins(
+    xp: Any, grads: list, states: list, params: Any, leaves: list[int], stacked: Sequence[str], joined: Sequence[str],
+    left: Callable[[int, int], bool], with_param: bool,
+) -> list[MatrixJoin]:
+    """The matrix leaves ``leaves`` (each group one leaf whose state's ``momentum`` is its m×n
+    matrix view), joined end to end by gradient dtype, device and the dtypes of their ``joined``
+    entries and parameter (:class:`MatrixJoin`), and within a join grouped into stacks of equal
+    matrix shape (a leading axis, the DASH layout): per leaf its gradient as an m×n matrix in the
+    compute dtype, its state entries ``stacked`` (those it has) stacked along a new leading axis
+    (:func:`~precond_ref._backend.joined`), its ``joined`` entries and, with ``with_param``, its
+    parameter as an m×n matrix, the last three views of the join's arrays.
+
+    An element-wise line of a method's step then runs once per join, not once per stack or leaf;
+    a matrix product or a reduction within each matrix once per stack. The gradients and
+    parameters are joined once (one copy each, which the stacks would otherwise make stack by
+    stack), so every equal shape stacks on every device; the stacked entries are the pieces of
+    last step's stack (a view, no copy, after the first step)."""
+    joins: dict[Any, dict[Any, list[int]]] = {}
     for i in leaves:
         (g,), state = grads[i], states[i]
-        shape = tuple(state["momentum"].shape)
-        operands = [cast(xp, as_matrix(xp, g, shape), compute_dtype(xp, g.dtype))]
-        operands += [state[n] for n in names if n in state]
-        if with_param:
-            operands.append(as_matrix(xp, params[i][0], shape))
-        members.append(tuple(operands))
-        labels.append(tuple(n for n in names if n in state))
-    # One leaf is its own stack: no stacking key read (its shape in a key would make a compiler
-    # specialise a graph of every size to that shape).
-    alone = [Stack((0,), members[0], (members[0][0].shape[0],))] if len(members) == 1 else None
-    stacks = []
-    key = _full_layout if not passes else partial(_small_on_cpu, _cpu_passes_bound())
-    for s in alone or stack(xp, members, key=key, labels=labels):
-        count, entries = len(s.indices), labels[s.indices[0]]
-        joined = [a if a.ndim == 3 or count == 1 else xp.reshape(a, (count, *members[s.indices[0]][k].shape)) for k, a in enumerate(s.operands)]
-        m, n = joined[0].shape[-2:]
-        stacks.append(MatrixStack(
-            leaves=tuple(leaves[j] for j in s.indices),
-            shapes=tuple(tuple(grads[leaves[j]][0].shape) for j in s.indices),
-            left=left(m, n),
-            g=joined[0],
-            state=dict(zip(entries, joined[1 : 1 + len(entries)])),
-            param=joined[-1] if with_param else None,
-        ))
-    return stacks
+        names = [n for n in stacked if n in state]
+        join_key = (g.dtype, device_key(g), tuple(state[n].dtype for n in joined), with_param and params[i][0].dtype)
+        layout = _full_layout((as_matrix(xp, g, tuple(state["momentum"].shape)), *(state[n] for n in names)))
+        stack_key = (i,) if layout is None else (tuple(names), layout)
+        joins.setdefault(join_key, {}).setdefault(stack_key, []).append(i)
+    out = []
+    for groups in joins.values():
+        order = [i for members in groups.values() for i in members]
+        flat = [xp.reshape(grads[i][0], (-1,)) for i in order]
+        g = _joined_flat(xp, flat)
+        g = cast(xp, g, compute_dtype(xp, g.dtype))
+        state = {n: _joined_flat(xp, [xp.reshape(states[i][n], (-1,)) for i in order]) for n in joined}
+        param = _joined_flat(xp, [xp.reshape(params[i][0], (-1,)) for i in order]) if with_param else None
+        stacks, start = [], 0
+        for members in groups.values():
+            first = states[members[0]]
+            shape = tuple(first["momentum"].shape)
+            count = len(members)
+            names = [n for n in stacked if n in first]
+            entries = {n: _stacked_entry(xp, [states[i][n] for i in members]) for n in names}
+            entries.update({n: stack_view(xp, state[n], order, states, members, n) for n in joined})
+            stop = start + count * math.prod(shape)
+            stacks.append(MatrixStack(
+                leaves=tuple(members),
+                shapes=tuple(tuple(grads[i][0].shape) for i in members),
+                left=left(*shape),
+                g=_view(xp, g[start:stop], count, shape),
+                state=entries,
+                param=_view(xp, param[start:stop], count, shape) if with_param else None,
+            ))
+            start = stop
+        out.append(MatrixJoin(tuple(order), g, state, param, stacks))
+    return out
+
+
+def _joined_flat(xp: Any, pieces: list) -> Array:
+    """The flat ``pieces`` joined end to end; one piece itself (no copy)."""
+    return pieces[0] if len(pieces) == 1 else joined(xp, pieces)
+
+
+def _stacked_entry(xp: Any, arrays: list) -> Array:
+    """The entries of a stack's leaves along a leading axis: a 3-D entry (a blocked side's chunks)
+    joined along its block axis, any other stacked along a new one; one leaf's entry itself."""
+    if len(arrays) == 1:
+        return arrays[0]
+    if arrays[0].ndim == 3:
+        return joined(xp, arrays)
+    return stacked_view(xp, arrays)
+
+
+def _view(xp: Any, flat: Array, count: int, shape: tuple) -> Array:
+    """A stack's slice of a joined array in its shape: ``(count, *shape)``, or ``shape`` for one leaf."""
+    return xp.reshape(flat, shape if count == 1 else (count, *shape))
+
+
+def stack_view(xp: Any, flat: Array, order: Sequence[int], states: list, members: Sequence[int], name: str) -> Array:
+    """The part of a joined array ``flat`` (the leaves ``order`` end to end, each in the shape of its
+    entry ``name``) that belongs to the stack of ``members`` (consecutive in ``order``), in the
+    stack's shape (:func:`_view`)."""
+    sizes = [math.prod(states[i][name].shape) for i in order]
+    first = order.index(members[0])
+    start = sum(sizes[:first])
+    stop = start + sum(sizes[first : first + len(members)])
+    return _view(xp, flat[start:stop], len(members), tuple(states[members[0]][name].shape))
 
 
 def matrix_shape(shape: tuple[int, ...], path: Any) -> tuple[int, int]:
@@ -107,19 +164,6 @@ def as_matrix(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:
 def _full_layout(operands: tuple) -> tuple:
     """The stacking key of a matrix leaf: the whole shape, dtype and device of every operand."""
     return tuple((tuple(a.shape), a.dtype, device_key(a)) for a in operands)
-
-
-def _cpu_passes_bound() -> int:
-    """The entries from which a matrix stays alone on a CPU for a method of ``passes``: an eighth
-    of :data:`~precond_ref.blocking.CPU_BATCHED_ENOUGH` (64 KiB of float32; read per call, as that
-    bound is, so that a GPU's grouping lifts both)."""
-    return blocking.CPU_BATCHED_ENOUGH // 8
-
-
-def _small_on_cpu(bound: int, operands: tuple) -> Optional[tuple]:
-    """The stacking key :func:`_full_layout`, or ``None`` (alone) for a matrix of ``bound`` entries
-    or more on a CPU."""
-    return None if blocking.large_on_cpu(operands, bound) else _full_layout(operands)
 
 
 def hand_back(

@@ -205,11 +205,15 @@ def _asgo_init(xp: Any, c: ASGOConfig, w: Array, path: Path) -> dict[str, Array]
     return {**momentum, **block_state(xp, k, c.block_size, p_dtype, array_device(w), c.keeps_root, not c.faithful)}
 
 
+def _joined_momentum(xp: Any, c: Any, old: dict, g: Array, terms: dict, zero: Array) -> dict[str, Array]:
+    """The new momentum of all matrix leaves joined end to end (element-wise)."""
+    return {"momentum": _momentum(xp, c, old["momentum"], g, zero)}  # M_t
+
+
 def _asgo_state(xp: Any, c: ASGOConfig, s: MatrixStack, zero: Array) -> dict[str, Array]:
-    """A stack's new momentum and statistics."""
+    """A stack's new statistics."""
     x, x_tail = side_blocks(xp, s.g if s.left else s.g.mT, c.block_size)  # rows: the preconditioned side
-    new = {"momentum": _momentum(xp, c, s.state["momentum"], s.g, zero)}  # M_t
-    new["statistic"] = _second_moment(xp, c, s.state["statistic"], x)  # P_t, per block
+    new = {"statistic": _second_moment(xp, c, s.state["statistic"], x)}  # P_t, per block
     if x_tail is not None:
         new["statistic_tail"] = _second_moment(xp, c, s.state["statistic_tail"], x_tail)
     return new
@@ -229,11 +233,22 @@ def _dasgo_init(xp: Any, c: DASGOConfig, w: Array, path: Path) -> dict[str, Arra
             "statistic": xp.zeros((k,), dtype=v_dtype, device=array_device(w))}
 
 
+def _dasgo_terms(xp: Any, c: DASGOConfig, s: MatrixStack) -> dict[str, Array]:
+    """A stack's ``q_t = diag(G_tᵀ G_t)`` (the column sums of squares), from its m×n gradients
+    ``s.g`` in the compute dtype."""
+    return {"q": squared_sums(xp, s.g, _summed_axis(s))}
+
+
+def _dasgo_joined(xp: Any, c: DASGOConfig, old: dict, g: Array, terms: dict, zero: Array) -> dict[str, Array]:
+    """The new momentum and statistic of all matrix leaves joined end to end (element-wise)."""
+    q = cast(xp, terms["q"], old["statistic"].dtype)
+    return {"momentum": _momentum(xp, c, old["momentum"], g, zero),  # M_t
+            "statistic": ema(old["statistic"], q, c.b2, c.faithful)}  # v_t = β₂ v_{t-1} + (1-β₂) q_t
+
+
 def _dasgo_state(xp: Any, c: DASGOConfig, s: MatrixStack, zero: Array) -> dict[str, Array]:
-    """A stack's new momentum and statistic, from its m×n gradients ``s.g`` in the compute dtype."""
-    momentum = _momentum(xp, c, s.state["momentum"], s.g, zero)  # M_t
-    q = cast(xp, squared_sums(xp, s.g, _summed_axis(s)), s.state["statistic"].dtype)  # q_t = diag(G_tᵀ G_t)
-    return {"momentum": momentum, "statistic": ema(s.state["statistic"], q, c.b2, c.faithful)}  # v_t
+    """No entry a stack makes alone (the momentum and statistic are joined)."""
+    return {}
 
 
 def _dasgo_direction(xp: Any, c: DASGOConfig, s: MatrixStack, new: dict, roots: dict) -> Array:
@@ -254,9 +269,9 @@ def _finish(xp: Any, c: Any, minus_lr: Array, u: Array, w: Optional[Array]) -> A
 
 
 _ASGO = OneSidedRule(init=_asgo_init, state=_asgo_state, direction=_asgo_direction, finish=_finish, stacked=STACKED,
-                     inverse_root=_inverse_sqrt)
-_DASGO = OneSidedRule(init=_dasgo_init, state=_dasgo_state, direction=_dasgo_direction, finish=_finish,
-                      stacked=("momentum", "statistic"), passes=True, settle_first=True)
+                     inverse_root=_inverse_sqrt, joined=("momentum",), joined_state=_joined_momentum)
+_DASGO = OneSidedRule(init=_dasgo_init, state=_dasgo_state, direction=_dasgo_direction, finish=_finish, stacked=(),
+                      settle_first=True, joined=("momentum", "statistic"), joined_state=_dasgo_joined, terms=_dasgo_terms)
 
 
 def asgo(
