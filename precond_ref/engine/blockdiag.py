@@ -316,7 +316,8 @@ class OneSidedRule(NamedTuple):
     roots of :func:`refresh_roots` (``{}`` for a rule without roots);
     ``finish(xp, c, minus_lr, u, w)``: the update from ``U_t`` (``w``: the parameters, ``None``
     without weight decay); ``stacked``: the entries a stack holds; ``inverse_root(xp, c, P) -> (Z,
-    rejected)``: the root of a stack of statistics (``None``: a rule without roots);
+    rejected)``: the root of a stack of statistics (``None``: a rule without roots); ``passes``: the
+    rule's stacked work is element-wise passes and reductions (:func:`~precond_ref.engine.matrices.matrix_joins`);
     ``settle_first``: the new entries are selected for the non-finite rule before the direction reads
     them, so that a compiler reads the stored entries rather than recomputing them
     (:meth:`StepContext.unless_skipped`); ``joined``: the entries computed element-wise over all
@@ -325,6 +326,11 @@ class OneSidedRule(NamedTuple):
     joined ``terms(xp, c, s)`` of each stack (``None``: none), and selected for the non-finite rule
     before anything reads them; the stacks' ``state`` and ``direction`` get their views.
     ``finish`` is element-wise: it runs once on the joined directions and parameters.
+    ``joined_direction(xp, c, stacks, new, roots, joined, views)``, given instead of ``direction``:
+    the directions of all stacks of a join, flattened and joined end to end (``new`` and ``roots``
+    per stack, ``joined`` the joined new entries, ``views(flat, name)`` a joined array's pieces per
+    stack in the shapes of entry ``name``), for a direction whose element-wise work runs once
+    over the join.
     """
 
     init: Callable
@@ -333,10 +339,12 @@ class OneSidedRule(NamedTuple):
     finish: Callable
     stacked: tuple
     inverse_root: Optional[Callable] = None
+    passes: bool = False
     settle_first: bool = False
     joined: tuple = ()
     joined_state: Optional[Callable] = None
     terms: Optional[Callable] = None
+    joined_direction: Optional[Callable] = None
 
 
 def one_sided_transform(
@@ -362,7 +370,7 @@ def one_sided_transform(
         xp, ctx = ctxs[0].xp, ctxs[0]
         results, matrices = fallback_leaves(xp, grads, states, params, ctx, fallback)
         joins = matrix_joins(xp, grads, states, params, matrices, rule.stacked, rule.joined, partial(is_left, c.side),
-                             not is_zero(c.weight_decay))
+                             not is_zero(c.weight_decay), passes=rule.passes)
         for join in joins:
             for i, result in _joined_step(xp, ctx, join, states):
                 results[i] = result
@@ -371,7 +379,8 @@ def one_sided_transform(
     def _joined_step(xp, ctx, join, states):
         zero = _zero(ctx, join.g)
         stacks = join.stacks
-        new = [{} for _ in stacks]
+        new: list[dict] = [{} for _ in stacks]
+        made: dict = {}
         if rule.joined:
             terms = [rule.terms(xp, c, s) for s in stacks] if rule.terms is not None else []
             joined_terms = {k: _flat(xp, [t[k] for t in terms]) for k in (terms[0] if terms else {})}
@@ -389,7 +398,13 @@ def one_sided_transform(
             roots: list[dict] = [{} for _ in stacks]
         else:
             roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful)
-        u = _flat(xp, [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)])
+        if rule.joined_direction is not None:
+            def views(flat: Array, name: str) -> list:
+                return [stack_view(xp, flat, join.leaves, states, s.leaves, name) for s in stacks]
+
+            u = rule.joined_direction(xp, c, stacks, new, roots, made, views)
+        else:
+            u = _flat(xp, [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)])
         minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
         step = rule.finish(xp, c, minus_lr, u, join.param)
         out = []

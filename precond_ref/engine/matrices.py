@@ -7,7 +7,10 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import cast, compute_dtype, device_key, joined, stacked as stacked_view
+from array_api_compat import is_jax_namespace
+
+from .. import blocking
+from .._backend import cast, compute_dtype, device_key, joined, stacked as stacked_view, torch_compiling
 from ..blocking import Stack, stack, unstack
 from .context import StepContext, settle_pieces
 
@@ -57,7 +60,7 @@ class MatrixJoin(NamedTuple):
 
 def matrix_joins(
     xp: Any, grads: list, states: list, params: Any, leaves: list[int], stacked: Sequence[str], joined: Sequence[str],
-    left: Callable[[int, int], bool], with_param: bool,
+    left: Callable[[int, int], bool], with_param: bool, passes: bool = False,
 ) -> list[MatrixJoin]:
     """The matrix leaves ``leaves`` (each group one leaf whose state's ``momentum`` is its m×n
     matrix view), joined end to end by gradient dtype, device and the dtypes of their ``joined``
@@ -70,16 +73,27 @@ def matrix_joins(
     An element-wise line of a method's step then runs once per join, not once per stack or leaf;
     a matrix product or a reduction within each matrix once per stack. The gradients and
     parameters are joined once (one copy each, which the stacks would otherwise make stack by
-    stack), so every equal shape stacks on every device; the stacked entries are the pieces of
-    last step's stack (a view, no copy, after the first step)."""
+    stack) and the state's entries are the pieces of last step's join or stack (a view, no copy,
+    after the first step), so every equal shape stacks on every device.
+
+    Where a join is a copy of every entry on every step (under ``torch.compile``, on JAX: no
+    views), and a compiler fuses a stack's element-wise lines anyway, each stack is a join of its
+    own, and on a CPU a large matrix a stack of its own (its copies would cost more than the calls
+    they save): of :data:`~precond_ref.blocking.CPU_BATCHED_ENOUGH` entries or more, or of an
+    eighth of that for a rule whose stacked work is ``passes`` (element-wise passes and reductions,
+    no batched product or decomposition)."""
+    persist = not (torch_compiling() or is_jax_namespace(xp))
+    bound = blocking.CPU_BATCHED_ENOUGH // 8 if passes else blocking.CPU_BATCHED_ENOUGH
     joins: dict[Any, dict[Any, list[int]]] = {}
     for i in leaves:
         (g,), state = grads[i], states[i]
         names = [n for n in stacked if n in state]
-        join_key = (g.dtype, device_key(g), tuple(state[n].dtype for n in joined), with_param and params[i][0].dtype)
-        layout = _full_layout((as_matrix(xp, g, tuple(state["momentum"].shape)), *(state[n] for n in names)))
+        matrix = as_matrix(xp, g, tuple(state["momentum"].shape))
+        alone = not persist and blocking.large_on_cpu((matrix,), bound)
+        layout = None if alone else _full_layout((matrix, *(state[n] for n in names)))
         stack_key = (i,) if layout is None else (tuple(names), layout)
-        joins.setdefault(join_key, {}).setdefault(stack_key, []).append(i)
+        join_key = (g.dtype, device_key(g), tuple(state[n].dtype for n in joined), with_param and params[i][0].dtype)
+        joins.setdefault(join_key if persist else stack_key, {}).setdefault(stack_key, []).append(i)
     out = []
     for groups in joins.values():
         order = [i for members in groups.values() for i in members]

@@ -13,9 +13,12 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from .._backend import computed_once, cond_under_cpu_jit, float64_where_available, select, sum_across
+from .._backend import computed_once, cond_under_cpu_jit, float64_where_available, joined, select, sum_across
 
-__all__ = ["rms_renormalised", "scaled_rms_renormalised", "column_factored_renormalise", "scaled_squared_norm"]
+__all__ = [
+    "rms_renormalised", "scaled_rms_renormalised", "column_factored_renormalise", "scaled_squared_norm",
+    "joined_rms_renormalised", "joined_scaled_rms_renormalised",
+]
 
 Array = Any
 
@@ -32,8 +35,7 @@ def _wide_dtype(xp: Any, x: Array) -> Any:
 
 def _renormalising_factor(xp: Any, sum_of_squares: Array, target: float) -> Array:
     """``target / sqrt(sum_of_squares)``, and ``target`` for a zero sum (a zero direction stays zero)."""
-    norm = xp.sqrt(sum_of_squares)
-    return target / select(xp, norm > 0, norm, xp.ones_like(norm))
+    return target / _nonzero(xp, xp.sqrt(sum_of_squares))
 
 
 def rms_renormalised(xp: Any, u: Array, rms_target: Optional[float], exact_dtype: bool) -> Array:
@@ -55,7 +57,7 @@ def rms_renormalised(xp: Any, u: Array, rms_target: Optional[float], exact_dtype
     if wide is not None:
         w = xp.astype(u, wide)  # a new array: scaled in place below, no second float64 copy
         norm = xp.linalg.matrix_norm(w, ord="fro", keepdims=True)
-        w *= target / select(xp, norm > 0, norm, xp.ones_like(norm))
+        w *= target / _nonzero(xp, norm)
         return xp.astype(w, u.dtype)
     peak = xp.max(xp.abs(u), axis=matrices, keepdims=True)
     v = u / select(xp, peak > 0, peak, xp.ones_like(peak))
@@ -89,6 +91,71 @@ def scaled_rms_renormalised(
     m_w, scale_w = xp.astype(m, wide), xp.astype(scale, wide)
     factor = _renormalising_factor(xp, scaled_squared_norm(xp, m_w, scale_w, axis), target)
     return xp.astype(m_w * xp.expand_dims(computed_once(xp, scale_w * _per_matrix(xp, factor)), axis=axis), m.dtype)
+
+
+def joined_rms_renormalised(xp: Any, us: list, rms_target: Optional[float], exact_dtype: bool) -> Array:
+    """``[rms_renormalised(xp, u, rms_target, exact_dtype) for u in us]`` (each ``u`` a matrix or a
+    stack of them, all of one dtype), flattened and joined end to end: the same numbers, with the
+    element-wise work done once over all of them where it is the float64 form (one cast to float64
+    and one back, one selection of the norms), not once per array. The norms and the scaling stay
+    per array (each matrix by its own norm and target)."""
+    wide = None if exact_dtype or rms_target is None else _wide_dtype(xp, us[0])
+    if len(us) == 1 or wide is None or any(math.prod(u.shape[-2:]) == 0 for u in us):
+        return _joined(xp, [rms_renormalised(xp, u, rms_target, exact_dtype) for u in us])
+    views = _pieces(xp, xp.astype(_joined(xp, us), wide), us)
+    norms = [xp.linalg.matrix_norm(v, ord="fro", keepdims=True) for v in views]
+    safe = _pieces(xp, _nonzero(xp, _joined(xp, norms)), norms)
+    scaled = [v * (_target(rms_target, v) / n) for v, n in zip(views, safe)]
+    return xp.astype(_joined(xp, scaled), us[0].dtype)
+
+
+def joined_scaled_rms_renormalised(
+    xp: Any, m: Array, scale: Array, ms: list, scales: list, axes: list, rms_target: Optional[float], exact_dtype: bool
+) -> Array:
+    """``[scaled_rms_renormalised(xp, ms[j], scales[j], axes[j], rms_target, exact_dtype) for j]``,
+    flattened and joined end to end, where ``ms`` and ``scales`` are the consecutive pieces of the
+    joined ``m`` and ``scale`` (a method's stacks of matrices and their scales): the same numbers,
+    with the element-wise work done once over the joined arrays where it is the float64 form (the
+    casts, the scales' squares, the factors' selection), the column sums and the scaling per piece."""
+    wide = None if exact_dtype or rms_target is None else _wide_dtype(xp, m)
+    if len(ms) == 1 or wide is None or any(math.prod(a.shape[-2:]) == 0 for a in ms):
+        return _joined(xp, [scaled_rms_renormalised(xp, *args, rms_target, exact_dtype) for args in zip(ms, scales, axes)])
+    scale_w = xp.astype(scale, wide)
+    m_ws, scale_ws, squares = _pieces(xp, xp.astype(m, wide), ms), _pieces(xp, scale_w, scales), _pieces(xp, scale_w * scale_w, scales)
+    # scaled_squared_norm, whose scale * scale is the joined square's piece
+    totals = [xp.sum(q * sum_across(xp, a * a, axis), axis=-1) for q, a, axis in zip(squares, m_ws, axes)]
+    safe = _pieces(xp, _nonzero(xp, xp.sqrt(_joined(xp, totals))), totals)
+    out = [a * xp.expand_dims(s * _per_matrix(xp, _target(rms_target, a) / n), axis=axis)
+           for a, s, n, axis in zip(m_ws, scale_ws, safe, axes)]
+    return xp.astype(_joined(xp, out), m.dtype)
+
+
+def _target(rms_target: float, u: Array) -> float:
+    """``r·sqrt(mn)`` of the m×n matrices of ``u``."""
+    rows, columns = u.shape[-2:]
+    return rms_target * math.sqrt(rows * columns)
+
+
+def _nonzero(xp: Any, norm: Array) -> Array:
+    """``norm``, with 1 where it is zero (the divisor that keeps a zero direction zero)."""
+    return select(xp, norm > 0, norm, xp.ones_like(norm))
+
+
+def _joined(xp: Any, arrays: list) -> Array:
+    """The arrays flattened and joined end to end (:func:`~precond_ref._backend.joined`); one array
+    flattened."""
+    flat = [xp.reshape(a, (-1,)) for a in arrays]
+    return flat[0] if len(flat) == 1 else joined(xp, flat)
+
+
+def _pieces(xp: Any, flat: Array, like: list) -> list:
+    """``flat`` cut into consecutive pieces of the shapes of the arrays ``like`` (views)."""
+    out, start = [], 0
+    for a in like:
+        size = math.prod(a.shape)
+        out.append(xp.reshape(flat[start : start + size], tuple(a.shape)))
+        start += size
+    return out
 
 
 def _per_matrix(xp: Any, x: Array) -> Array:

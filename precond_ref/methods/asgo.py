@@ -40,7 +40,7 @@ from ..engine.blockdiag import (
 from ..engine.factors import per_block
 from ..engine.fallback import FallbackAdam, FallbackMask
 from ..engine.matrices import MatrixStack, matrix_shape
-from ..engine.rms import rms_renormalised, scaled_rms_renormalised
+from ..engine.rms import joined_rms_renormalised, joined_scaled_rms_renormalised
 from ..transform import (
     ScalarOrSchedule, Transform, check_choice, check_learning_rate, check_mode, check_nonnegative, check_optional,
     check_positive, check_positive_int, check_principled_only, check_unit_interval,
@@ -219,11 +219,11 @@ def _asgo_state(xp: Any, c: ASGOConfig, s: MatrixStack, zero: Array) -> dict[str
     return new
 
 
-def _asgo_direction(xp: Any, c: ASGOConfig, s: MatrixStack, new: dict, roots: dict[str, Array]) -> Array:
-    """A stack's direction ``r√(mn) U_t/‖U_t‖_F``, ``U_t = Z_t M_t``."""
-    z, z_tail = roots["root"], roots.get("root_tail")
-    u = block_diagonal_product(xp, z, z_tail, new["momentum"], s.left, s.g.dtype)  # U_t = Z_t M_t
-    return rms_renormalised(xp, u, c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
+def _asgo_direction(xp: Any, c: ASGOConfig, stacks: list, new: list, roots: list, joined: dict, views: Any) -> Array:
+    """The stacks' directions ``r√(mn) U_t/‖U_t‖_F``, ``U_t = Z_t M_t``, joined end to end."""
+    us = [block_diagonal_product(xp, z["root"], z.get("root_tail"), entries["momentum"], s.left, s.g.dtype)  # U_t = Z_t M_t
+          for s, entries, z in zip(stacks, new, roots)]
+    return joined_rms_renormalised(xp, us, c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
 
 
 def _dasgo_init(xp: Any, c: DASGOConfig, w: Array, path: Path) -> dict[str, Array]:
@@ -251,11 +251,14 @@ def _dasgo_state(xp: Any, c: DASGOConfig, s: MatrixStack, zero: Array) -> dict[s
     return {}
 
 
-def _dasgo_direction(xp: Any, c: DASGOConfig, s: MatrixStack, new: dict, roots: dict) -> Array:
-    """A stack's direction ``r√(mn) U_t/‖U_t‖_F``, ``U_t = M_t diag(v_t + ε)^{-1/2}``."""
-    scale = cast(xp, 1.0 / xp.sqrt(new["statistic"] + c.eps), s.g.dtype)  # diag(v_t + ε)^{-1/2}
-    m = cast(xp, new["momentum"], s.g.dtype)
-    return scaled_rms_renormalised(xp, m, scale, _summed_axis(s), c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
+def _dasgo_direction(xp: Any, c: DASGOConfig, stacks: list, new: list, roots: list, joined: dict, views: Any) -> Array:
+    """The stacks' directions ``r√(mn) U_t/‖U_t‖_F``, ``U_t = M_t diag(v_t + ε)^{-1/2}``, joined end to end."""
+    dtype = stacks[0].g.dtype
+    scale = cast(xp, 1.0 / xp.sqrt(joined["statistic"] + c.eps), dtype)  # diag(v_t + ε)^{-1/2}
+    m = cast(xp, joined["momentum"], dtype)
+    axes = [_summed_axis(s) for s in stacks]
+    return joined_scaled_rms_renormalised(xp, m, scale, views(m, "momentum"), views(scale, "statistic"), axes,
+                                          c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
 
 
 def _summed_axis(s: MatrixStack) -> int:
@@ -268,10 +271,10 @@ def _finish(xp: Any, c: Any, minus_lr: Array, u: Array, w: Optional[Array]) -> A
     return minus_lr * (u if w is None else u + c.weight_decay * cast(xp, w, u.dtype))
 
 
-_ASGO = OneSidedRule(init=_asgo_init, state=_asgo_state, direction=_asgo_direction, finish=_finish, stacked=STACKED,
+_ASGO = OneSidedRule(init=_asgo_init, state=_asgo_state, direction=None, joined_direction=_asgo_direction, finish=_finish, stacked=STACKED,
                      inverse_root=_inverse_sqrt, joined=("momentum",), joined_state=_joined_momentum)
-_DASGO = OneSidedRule(init=_dasgo_init, state=_dasgo_state, direction=_dasgo_direction, finish=_finish, stacked=(),
-                      settle_first=True, joined=("momentum", "statistic"), joined_state=_dasgo_joined, terms=_dasgo_terms)
+_DASGO = OneSidedRule(init=_dasgo_init, state=_dasgo_state, direction=None, joined_direction=_dasgo_direction, finish=_finish, stacked=(),
+                      passes=True, settle_first=True, joined=("momentum", "statistic"), joined_state=_dasgo_joined, terms=_dasgo_terms)
 
 
 def asgo(

@@ -400,7 +400,7 @@ def _toy_rule():
         return minus_lr * (u if w is None else u + c.weight_decay * w)
 
     return OneSidedRule(init=init, state=state, direction=direction, finish=finish, stacked=("momentum",),
-                        settle_first=True)
+                        passes=True, settle_first=True)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.25])
