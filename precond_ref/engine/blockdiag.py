@@ -45,8 +45,8 @@ Array = Any
 
 #: the per-leaf counters of the roots: blocks whose root was not finite, roots the method rejected (replaced)
 COUNTERS = ("root_failures", "root_fallbacks")
-#: the block entries stacked across the matrix leaves of one shape (:func:`~precond_ref.engine.matrices.matrix_joins`)
-STACKED = ("statistic", "statistic_tail", "root", "root_tail")
+#: the block entries stacked across the matrix leaves of one shape, besides the joined statistic (:func:`~precond_ref.engine.matrices.matrix_joins`)
+STACKED = ("statistic_tail", "root", "root_tail")
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
 
 
@@ -322,8 +322,8 @@ class OneSidedRule(NamedTuple):
     them, so that a compiler reads the stored entries rather than recomputing them
     (:meth:`StepContext.unless_skipped`); ``joined``: the entries computed element-wise over all
     matrix leaves joined end to end (:class:`~precond_ref.engine.matrices.MatrixJoin`), by
-    ``joined_state(xp, c, old, g, terms, zero)`` from the joined old entries, gradients and the
-    joined ``terms(xp, c, s)`` of each stack (``None``: none), and selected for the non-finite rule
+    ``joined_state(xp, c, old, g, terms, zero, views)`` from the joined old entries, gradients and the
+    joined ``terms(xp, c, s)`` of each stack (``None``: none; ``views`` as below), and selected for the non-finite rule
     before anything reads them; the stacks' ``state`` and ``direction`` get their views.
     ``finish`` is element-wise: it runs once on the joined directions and parameters.
     ``joined_direction(xp, c, stacks, new, roots, joined, views)``, given instead of ``direction``:
@@ -381,10 +381,14 @@ def one_sided_transform(
         stacks = join.stacks
         new: list[dict] = [{} for _ in stacks]
         made: dict = {}
+
+        def views(flat: Array, name: str) -> list:
+            return [stack_view(xp, flat, join.leaves, states, s.leaves, name) for s in stacks]
+
         if rule.joined:
             terms = [rule.terms(xp, c, s) for s in stacks] if rule.terms is not None else []
             joined_terms = {k: _flat(xp, [t[k] for t in terms]) for k in (terms[0] if terms else {})}
-            made = rule.joined_state(xp, c, join.state, join.g, joined_terms, zero)
+            made = rule.joined_state(xp, c, join.state, join.g, joined_terms, zero, views)
             made = {k: ctx.unless_skipped(a, join.state[k]) for k, a in made.items()}
             for entries, s in zip(new, stacks):
                 entries.update({k: settle_pieces(ctx, a, (stack_view(xp, a, join.leaves, states, s.leaves, k),))[0]
@@ -399,9 +403,6 @@ def one_sided_transform(
         else:
             roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful)
         if rule.joined_direction is not None:
-            def views(flat: Array, name: str) -> list:
-                return [stack_view(xp, flat, join.leaves, states, s.leaves, name) for s in stacks]
-
             u = rule.joined_direction(xp, c, stacks, new, roots, made, views)
         else:
             u = _flat(xp, [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)])

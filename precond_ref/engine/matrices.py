@@ -14,7 +14,7 @@ from .._backend import cast, compute_dtype, device_key, joined, stacked as stack
 from ..blocking import Stack, stack, unstack
 from .context import StepContext, settle_pieces
 
-__all__ = ["MatrixStack", "MatrixJoin", "matrix_joins", "stack_view", "hand_back", "leaves_of", "as_matrix", "matrix_shape", "joined_leaves"]
+__all__ = ["MatrixStack", "MatrixJoin", "matrix_joins", "stack_view", "symmetrized_pieces", "hand_back", "leaves_of", "as_matrix", "matrix_shape", "joined_leaves"]
 
 Array = Any
 
@@ -137,6 +137,15 @@ def _stacked_entry(xp: Any, arrays: list) -> Array:
     if arrays[0].ndim == 3:
         return joined(xp, arrays)
     return stacked_view(xp, arrays)
+
+
+def symmetrized_pieces(xp: Any, flat: Array, pieces: Sequence[Array]) -> Array:
+    """``(A + Aᵀ)/2`` (:func:`~precond_ref.linalg.symmetrize`) of every square matrix of ``pieces``
+    (the consecutive views of the joined array ``flat``, each a matrix or a stack of them), joined
+    end to end as ``flat``: ``(flat + T)/2`` with ``T`` the pieces' transposes joined, the same
+    numbers in three operations for all the pieces instead of two per piece."""
+    transposed = [xp.reshape(a.mT, (-1,)) for a in pieces]
+    return (flat + (transposed[0] if len(transposed) == 1 else joined(xp, transposed))) / 2.0
 
 
 def _view(xp: Any, flat: Array, count: int, shape: tuple) -> Array:

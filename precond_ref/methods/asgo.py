@@ -39,7 +39,7 @@ from ..engine.blockdiag import (
 )
 from ..engine.factors import per_block
 from ..engine.fallback import FallbackAdam, FallbackMask
-from ..engine.matrices import MatrixStack, matrix_shape
+from ..engine.matrices import MatrixStack, matrix_shape, symmetrized_pieces
 from ..engine.rms import joined_rms_renormalised, joined_scaled_rms_renormalised
 from ..transform import (
     ScalarOrSchedule, Transform, check_choice, check_learning_rate, check_mode, check_nonnegative, check_optional,
@@ -132,9 +132,14 @@ def _flush_subnormal(xp: Any, x: Array, zero: Array) -> Array:
 def _second_moment(xp: Any, c: ASGOConfig, p_old: Array, x: Array) -> Array:
     """``P_t = β₂ P_{t-1} + (1-β₂) X Xᵀ`` (``summed``: ``P_{t-1} + X Xᵀ``) per block of a stack,
     in the statistic's dtype; principled mode stores it symmetrised (D10)."""
-    s = cast(xp, x @ x.mT, p_old.dtype)
-    p = p_old + s if c.summed else ema(p_old, s, c.b2, c.faithful)
+    p = _accumulated(xp, c, p_old, x @ x.mT)
     return p if c.faithful else symmetrize(p)
+
+
+def _accumulated(xp: Any, c: ASGOConfig, p_old: Array, s: Array) -> Array:
+    """``β₂ P_{t-1} + (1-β₂) S`` (``summed``: ``P_{t-1} + S``) in the statistic's dtype (element-wise)."""
+    s = cast(xp, s, p_old.dtype)
+    return p_old + s if c.summed else ema(p_old, s, c.b2, c.faithful)
 
 
 def _inverse_sqrt(xp: Any, c: ASGOConfig, p: Array) -> tuple[Array, Optional[Array]]:
@@ -205,18 +210,25 @@ def _asgo_init(xp: Any, c: ASGOConfig, w: Array, path: Path) -> dict[str, Array]
     return {**momentum, **block_state(xp, k, c.block_size, p_dtype, array_device(w), c.keeps_root, not c.faithful)}
 
 
-def _joined_momentum(xp: Any, c: Any, old: dict, g: Array, terms: dict, zero: Array) -> dict[str, Array]:
-    """The new momentum of all matrix leaves joined end to end (element-wise)."""
-    return {"momentum": _momentum(xp, c, old["momentum"], g, zero)}  # M_t
+def _asgo_joined(xp: Any, c: ASGOConfig, old: dict, g: Array, terms: dict, zero: Array, views: Any) -> dict[str, Array]:
+    """The new momentum and statistics (one block per leaf, or its chunks) of all matrix leaves
+    joined end to end, from the stacks' ``X Xᵀ`` (:func:`_asgo_terms`)."""
+    p = _accumulated(xp, c, old["statistic"], terms["gram"])  # P_t, per block
+    if not c.faithful:
+        p = symmetrized_pieces(xp, p, views(p, "statistic"))  # stored symmetrised (D10)
+    return {"momentum": _momentum(xp, c, old["momentum"], g, zero), "statistic": p}  # M_t, P_t
+
+
+def _asgo_terms(xp: Any, c: ASGOConfig, s: MatrixStack) -> dict[str, Array]:
+    """A stack's ``X Xᵀ`` per block of its preconditioned side (the rows of the oriented gradients)."""
+    x, _ = side_blocks(xp, s.g if s.left else s.g.mT, c.block_size)
+    return {"gram": x @ x.mT}
 
 
 def _asgo_state(xp: Any, c: ASGOConfig, s: MatrixStack, zero: Array) -> dict[str, Array]:
-    """A stack's new statistics."""
-    x, x_tail = side_blocks(xp, s.g if s.left else s.g.mT, c.block_size)  # rows: the preconditioned side
-    new = {"statistic": _second_moment(xp, c, s.state["statistic"], x)}  # P_t, per block
-    if x_tail is not None:
-        new["statistic_tail"] = _second_moment(xp, c, s.state["statistic_tail"], x_tail)
-    return new
+    """A stack's new tail statistics (a blocked side's last, shorter block)."""
+    _, x_tail = side_blocks(xp, s.g if s.left else s.g.mT, c.block_size)
+    return {} if x_tail is None else {"statistic_tail": _second_moment(xp, c, s.state["statistic_tail"], x_tail)}
 
 
 def _asgo_direction(xp: Any, c: ASGOConfig, stacks: list, new: list, roots: list, joined: dict, views: Any) -> Array:
@@ -239,7 +251,7 @@ def _dasgo_terms(xp: Any, c: DASGOConfig, s: MatrixStack) -> dict[str, Array]:
     return {"q": squared_sums(xp, s.g, _summed_axis(s))}
 
 
-def _dasgo_joined(xp: Any, c: DASGOConfig, old: dict, g: Array, terms: dict, zero: Array) -> dict[str, Array]:
+def _dasgo_joined(xp: Any, c: DASGOConfig, old: dict, g: Array, terms: dict, zero: Array, views: Any) -> dict[str, Array]:
     """The new momentum and statistic of all matrix leaves joined end to end (element-wise)."""
     q = cast(xp, terms["q"], old["statistic"].dtype)
     return {"momentum": _momentum(xp, c, old["momentum"], g, zero),  # M_t
@@ -272,7 +284,7 @@ def _finish(xp: Any, c: Any, minus_lr: Array, u: Array, w: Optional[Array]) -> A
 
 
 _ASGO = OneSidedRule(init=_asgo_init, state=_asgo_state, direction=None, joined_direction=_asgo_direction, finish=_finish, stacked=STACKED,
-                     inverse_root=_inverse_sqrt, joined=("momentum",), joined_state=_joined_momentum)
+                     inverse_root=_inverse_sqrt, joined=("momentum", "statistic"), joined_state=_asgo_joined, terms=_asgo_terms)
 _DASGO = OneSidedRule(init=_dasgo_init, state=_dasgo_state, direction=None, joined_direction=_dasgo_direction, finish=_finish, stacked=(),
                       passes=True, settle_first=True, joined=("momentum", "statistic"), joined_state=_dasgo_joined, terms=_dasgo_terms)
 
