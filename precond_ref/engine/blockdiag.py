@@ -20,7 +20,6 @@ rest of the layout for such a method, on the stacks of :func:`~precond_ref.engin
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -409,13 +408,8 @@ def one_sided_transform(
         minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
         step = rule.finish(xp, c, minus_lr, u, join.param)
         out = []
-        start = 0
-        for s, entries, z in zip(stacks, new, roots):
-            shape = tuple(states[s.leaves[0]]["momentum"].shape)
-            stop = start + len(s.leaves) * math.prod(shape)
-            view = xp.reshape(step[start:stop], shape if len(s.leaves) == 1 else (len(s.leaves), *shape))
-            out += hand_back_roots(xp, s, states, view, entries, z, ctx, keeps_root)
-            start = stop
+        for s, entries, z, piece in zip(stacks, new, roots, views(step, "momentum")):
+            out += hand_back_roots(xp, s, states, piece, entries, z, ctx, keeps_root)
         return out
 
     return build_transform(
@@ -426,10 +420,9 @@ def one_sided_transform(
 
 
 def _flat(xp: Any, arrays: list) -> Array:
-    """The arrays flattened and joined end to end (:func:`~precond_ref._backend.joined`); one array
-    flattened (a view)."""
-    flat = [xp.reshape(a, (-1,)) for a in arrays]
-    return flat[0] if len(flat) == 1 else joined(xp, flat)
+    """The stacks' arrays of a join flattened and joined end to end (:func:`~precond_ref._backend.joined`);
+    the array of a join of one stack itself (:func:`~precond_ref.engine.matrices.stack_view`)."""
+    return arrays[0] if len(arrays) == 1 else joined(xp, [xp.reshape(a, (-1,)) for a in arrays])
 
 
 def _zero(ctx: StepContext, x: Array) -> Array:

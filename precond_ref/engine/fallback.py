@@ -92,7 +92,8 @@ def adam_update(
         t = xp.astype(ctx.count + 1, dtype)
         bc1 = 1.0 - h.b1**t
         bc2 = 1.0 - h.b2**t
-        return -(lr / bc1), xp.sqrt(bc2)
+        # (-lr)/bc1 is -(lr/bc1) exactly; -lr is the step's own, made once (StepContext.negated)
+        return ctx.negated("learning_rate", h.learning_rate, dtype, dev) / bc1, xp.sqrt(bc2)
 
     neg_step, root_bc2 = ctx.once(("fallback_adam", dtype, dev), corrections)
     update = neg_step * (mu / (xp.sqrt(nu) / root_bc2 + h.eps))

@@ -12,6 +12,7 @@ from array_api_compat import is_jax_namespace
 from .. import blocking
 from .._backend import cast, compute_dtype, device_key, joined, stacked as stacked_view, torch_compiling
 from ..blocking import Stack, stack, unstack
+from ..linalg import symmetrize
 from .context import StepContext, settle_pieces
 
 __all__ = ["MatrixStack", "MatrixJoin", "matrix_joins", "stack_view", "symmetrized_pieces", "hand_back", "leaves_of", "as_matrix", "matrix_shape", "joined_leaves"]
@@ -97,29 +98,31 @@ def matrix_joins(
     out = []
     for groups in joins.values():
         order = [i for members in groups.values() for i in members]
-        flat = [xp.reshape(grads[i][0], (-1,)) for i in order]
-        g = _joined_flat(xp, flat)
+        g = _joined_flat(xp, [xp.reshape(grads[i][0], (-1,)) for i in order])
         g = cast(xp, g, compute_dtype(xp, g.dtype))
-        state = {n: _joined_flat(xp, [xp.reshape(states[i][n], (-1,)) for i in order]) for n in joined}
         param = _joined_flat(xp, [xp.reshape(params[i][0], (-1,)) for i in order]) if with_param else None
-        stacks, start = [], 0
+        if len(groups) == 1:  # one stack: the join is the stack, in its own shapes
+            members = order
+            shape, count = tuple(states[order[0]]["momentum"].shape), len(order)
+            g, param = _view(xp, g, count, shape), None if param is None else _view(xp, param, count, shape)
+            state = {n: _stacked_entry(xp, [states[i][n] for i in members]) for n in joined}
+        else:
+            state = {n: _joined_flat(xp, [xp.reshape(states[i][n], (-1,)) for i in order]) for n in joined}
+        stacks = []
         for members in groups.values():
             first = states[members[0]]
             shape = tuple(first["momentum"].shape)
-            count = len(members)
             names = [n for n in stacked if n in first]
             entries = {n: _stacked_entry(xp, [states[i][n] for i in members]) for n in names}
             entries.update({n: stack_view(xp, state[n], order, states, members, n) for n in joined})
-            stop = start + count * math.prod(shape)
             stacks.append(MatrixStack(
                 leaves=tuple(members),
                 shapes=tuple(tuple(grads[i][0].shape) for i in members),
                 left=left(*shape),
-                g=_view(xp, g[start:stop], count, shape),
+                g=stack_view(xp, g, order, states, members, "momentum"),
                 state=entries,
-                param=_view(xp, param[start:stop], count, shape) if with_param else None,
+                param=stack_view(xp, param, order, states, members, "momentum") if with_param else None,
             ))
-            start = stop
         out.append(MatrixJoin(tuple(order), g, state, param, stacks))
     return out
 
@@ -144,19 +147,27 @@ def symmetrized_pieces(xp: Any, flat: Array, pieces: Sequence[Array]) -> Array:
     (the consecutive views of the joined array ``flat``, each a matrix or a stack of them), joined
     end to end as ``flat``: ``(flat + T)/2`` with ``T`` the pieces' transposes joined, the same
     numbers in three operations for all the pieces instead of two per piece."""
-    transposed = [xp.reshape(a.mT, (-1,)) for a in pieces]
-    return (flat + (transposed[0] if len(transposed) == 1 else joined(xp, transposed))) / 2.0
+    if len(pieces) == 1:
+        return xp.reshape(symmetrize(pieces[0]), tuple(flat.shape))
+    return (flat + joined(xp, [xp.reshape(a.mT, (-1,)) for a in pieces])) / 2.0
 
 
 def _view(xp: Any, flat: Array, count: int, shape: tuple) -> Array:
-    """A stack's slice of a joined array in its shape: ``(count, *shape)``, or ``shape`` for one leaf."""
-    return xp.reshape(flat, shape if count == 1 else (count, *shape))
+    """A stack's slice of a joined array in its shape: ``(count, *shape)``, or ``shape`` for one leaf;
+    for a 3-D entry (a blocked side's chunks) the chunks of all its leaves, ``(count·c, b, b)``
+    (:func:`_stacked_entry`)."""
+    if count == 1:
+        return xp.reshape(flat, shape)
+    return xp.reshape(flat, (count * shape[0], *shape[1:]) if len(shape) == 3 else (count, *shape))
 
 
 def stack_view(xp: Any, flat: Array, order: Sequence[int], states: list, members: Sequence[int], name: str) -> Array:
     """The part of a joined array ``flat`` (the leaves ``order`` end to end, each in the shape of its
     entry ``name``) that belongs to the stack of ``members`` (consecutive in ``order``), in the
-    stack's shape (:func:`_view`)."""
+    stack's shape (:func:`_view`). A join of one stack holds its arrays in the stack's shapes:
+    ``flat`` itself."""
+    if len(members) == len(order):
+        return flat
     sizes = [math.prod(states[i][name].shape) for i in order]
     first = order.index(members[0])
     start = sum(sizes[:first])

@@ -143,9 +143,8 @@ def _nonzero(xp: Any, norm: Array) -> Array:
 
 def _joined(xp: Any, arrays: list) -> Array:
     """The arrays flattened and joined end to end (:func:`~precond_ref._backend.joined`); one array
-    flattened."""
-    flat = [xp.reshape(a, (-1,)) for a in arrays]
-    return flat[0] if len(flat) == 1 else joined(xp, flat)
+    itself."""
+    return arrays[0] if len(arrays) == 1 else joined(xp, [xp.reshape(a, (-1,)) for a in arrays])
 
 
 def _pieces(xp: Any, flat: Array, like: list) -> list:

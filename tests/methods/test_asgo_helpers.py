@@ -434,3 +434,112 @@ def test_one_sided_runner_steps_each_leaf_by_its_rule(weight_decay):
             g = grads["bias"]
             np.testing.assert_allclose(updates["bias"], -lr * g / (np.abs(g) + 1e-8), rtol=16 * EPS)
     assert set(state.groups["bias"]) == {"mu", "nu"}
+
+
+# ------------------------------------------------------------------------------------------------
+# joins: the matrix leaves of one dtype and device end to end (engine.matrices.matrix_joins)
+
+
+def _join_leaves(rng, shapes, dtype=np.float64):
+    """Groups as ``one_sided_transform`` gives them: per leaf its gradient and parameter (1-tuples)
+    and a state with ``momentum`` (the matrix view) and a per-block ``statistic``."""
+    grads, params, states = [], [], []
+    for shape in shapes:
+        m, n = matrix_shape(shape, ())
+        grads.append((rng.standard_normal(shape).astype(dtype),))
+        params.append((rng.standard_normal(shape).astype(dtype),))
+        states.append({"momentum": rng.standard_normal((m, n)).astype(dtype), "statistic": rng.standard_normal((n, n)).astype(dtype)})
+    return grads, params, states
+
+
+def test_matrix_joins_are_the_leaves_end_to_end_and_their_stacks():
+    """The plain formula of a join (``engine.matrices.matrix_joins``, docs/engine.md "Persistent
+    stacks"): its gradients, parameters and joined entries are the concatenation of its leaves'
+    arrays flattened, in the order of its stacks; each stack of equal matrix shapes holds its
+    leaves' arrays stacked along a leading axis (a conv-shaped leaf by its matrix view), as views of
+    the join; leaves of another dtype form another join. A join of one stack holds that stack's
+    arrays in its own shapes. After the leaves are handed their consecutive pieces of a new joined
+    entry, the next join of that entry is a view of it (no copy)."""
+    from precond_ref.engine.matrices import matrix_joins, stack_view
+
+    rng = np.random.default_rng(21)
+    shapes = [(3, 5), (4, 2), (3, 5, 1), (4, 2), (3, 5)]
+    grads, params, states = _join_leaves(rng, shapes)
+    g32, p32, s32 = _join_leaves(rng, [(2, 3)], np.float32)
+    grads, params, states = grads + g32, params + p32, states + s32
+    leaves = list(range(len(grads)))
+    joins = matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), lambda m, n: m < n, True)
+    assert [j.leaves for j in joins] == [(0, 2, 4, 1, 3), (5,)]
+    wide, narrow = joins
+    order = wide.leaves
+    np.testing.assert_array_equal(wide.g, np.concatenate([grads[i][0].ravel() for i in order]))
+    np.testing.assert_array_equal(wide.param, np.concatenate([params[i][0].ravel() for i in order]))
+    np.testing.assert_array_equal(wide.state["momentum"], np.concatenate([states[i]["momentum"].ravel() for i in order]))
+    for s in wide.stacks:
+        m, n = states[s.leaves[0]]["momentum"].shape
+        np.testing.assert_array_equal(s.g, np.stack([grads[i][0].reshape(m, n) for i in s.leaves]))
+        np.testing.assert_array_equal(s.param, np.stack([params[i][0].reshape(m, n) for i in s.leaves]))
+        np.testing.assert_array_equal(s.state["momentum"], np.stack([states[i]["momentum"] for i in s.leaves]))
+        assert np.shares_memory(s.g, wide.g) and s.left == (m < n)
+    assert narrow.g.shape == (2, 3) and narrow.g.dtype == np.float32  # one stack of one leaf: its own shapes
+    # hand each leaf its piece of a new joined entry: the next join is a view of it
+    new = wide.state["momentum"] * 2.0
+    for s in wide.stacks:
+        for i, piece in zip(s.leaves, stack_view(xp, new, order, states, s.leaves, "momentum")):
+            states[i] = {**states[i], "momentum": piece}
+    again = matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), lambda m, n: m < n, True)[0]
+    assert np.shares_memory(again.state["momentum"], new)
+    np.testing.assert_array_equal(again.state["momentum"], new)
+
+
+def test_symmetrized_pieces_is_symmetrize_of_each_piece():
+    """``engine.matrices.symmetrized_pieces``: ``(A + Aᵀ)/2`` (``linalg.symmetrize``) of every
+    matrix of the pieces of a joined array, joined as the array, bitwise (the same two roundings per
+    entry); one piece in its own shape."""
+    from precond_ref.engine.matrices import symmetrized_pieces
+    from precond_ref.linalg import symmetrize
+
+    rng = np.random.default_rng(22)
+    pieces = [rng.standard_normal(s) for s in [(2, 3, 3), (4, 4), (4, 2, 2)]]
+    flat = np.concatenate([p.ravel() for p in pieces])
+    views, start = [], 0
+    for p in pieces:
+        views.append(flat[start : start + p.size].reshape(p.shape))
+        start += p.size
+    got = symmetrized_pieces(xp, flat, views)
+    np.testing.assert_array_equal(got, np.concatenate([symmetrize(p).ravel() for p in pieces]))
+    np.testing.assert_array_equal(symmetrized_pieces(xp, pieces[0], [pieces[0]]), symmetrize(pieces[0]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("faithful", [False, True])
+def test_joined_renormalisations_are_each_alone(dtype, faithful):
+    """``engine.rms.joined_rms_renormalised`` and ``joined_scaled_rms_renormalised``: each stack's
+    directions renormalised as alone (``rms_renormalised``, ``scaled_rms_renormalised``: r√(mn)
+    U/‖U‖_F per matrix, D12), flattened and joined, bitwise: the joined casts, squares and
+    selections are element-wise, the norms and scaling per stack. Stacks of several shapes and
+    sides, a lone matrix, a zero matrix (its step stays zero), float32 (the float64 form) and
+    float64 (the column-factored form, per stack), faithful (the dtype's own arithmetic)."""
+    from precond_ref.engine.rms import joined_rms_renormalised, joined_scaled_rms_renormalised
+
+    rng = np.random.default_rng(23)
+    us = [rng.standard_normal(s).astype(dtype) * 10.0 ** e for s, e in [((2, 3, 4), -20), ((5, 6), 3), ((3, 4, 2), 0)]]
+    us[2][1] = 0.0
+    expected = np.concatenate([rms_renormalised(xp, u, 0.2, faithful).ravel() for u in us])
+    np.testing.assert_array_equal(joined_rms_renormalised(xp, us, 0.2, faithful), expected)
+
+    axes = [-2, -1, -2]
+    scales = [np.abs(rng.standard_normal(u.shape[:-2] + (u.shape[-1 if a == -2 else -2],))).astype(dtype) + 0.5
+              for u, a in zip(us, axes)]  # the columns' scales for the sums over rows (axis -2), else the rows'
+    m, scale = np.concatenate([u.ravel() for u in us]), np.concatenate([s.ravel() for s in scales])
+
+    def pieces(flat, like):
+        out, start = [], 0
+        for a in like:
+            out.append(flat[start : start + a.size].reshape(a.shape))
+            start += a.size
+        return out
+
+    expected = np.concatenate([scaled_rms_renormalised(xp, u, s, a, 0.2, faithful).ravel() for u, s, a in zip(us, scales, axes)])
+    got = joined_scaled_rms_renormalised(xp, m, scale, pieces(m, us), pieces(scale, scales), axes, 0.2, faithful)
+    np.testing.assert_array_equal(got, expected)
