@@ -23,14 +23,14 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import array_device, cast, is_zero, joined, placement, scalar_zero, select
+from .._backend import array_device, cast, is_zero, placement, scalar_zero, select
 from ..blocking import chunk_sizes
 from ..linalg import all_finite, identity_like
 from ..transform import Transform
 from .context import StepContext, settle_pieces
 from .factors import per_block
 from .fallback import FallbackAdam, FallbackMask, adam_init, fallback_leaves, fallback_predicate
-from .matrices import MatrixStack, hand_back, matrix_joins, stack_view
+from .matrices import MatrixStack, end_to_end, hand_back, matrix_joins, stack_view
 from .phases import hashed_phases, refresh_due
 from .run import build_transform
 
@@ -386,12 +386,12 @@ def one_sided_transform(
 
         if rule.joined:
             terms = [rule.terms(xp, c, s) for s in stacks] if rule.terms is not None else []
-            joined_terms = {k: _flat(xp, [t[k] for t in terms]) for k in (terms[0] if terms else {})}
+            joined_terms = {k: end_to_end(xp, [t[k] for t in terms]) for k in (terms[0] if terms else {})}
             made = rule.joined_state(xp, c, join.state, join.g, joined_terms, zero, views)
             made = {k: ctx.unless_skipped(a, join.state[k]) for k, a in made.items()}
-            for entries, s in zip(new, stacks):
-                entries.update({k: settle_pieces(ctx, a, (stack_view(xp, a, join.leaves, states, s.leaves, k),))[0]
-                                for k, a in made.items()})
+            for k, a in made.items():
+                for entries, piece in zip(new, settle_pieces(ctx, a, views(a, k))):
+                    entries[k] = piece
         for entries, s in zip(new, stacks):
             entries.update(rule.state(xp, c, s._replace(state={**s.state, **entries}), zero))
         if rule.settle_first:
@@ -404,7 +404,7 @@ def one_sided_transform(
         if rule.joined_direction is not None:
             u = rule.joined_direction(xp, c, stacks, new, roots, made, views)
         else:
-            u = _flat(xp, [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)])
+            u = end_to_end(xp, [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)])
         minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
         step = rule.finish(xp, c, minus_lr, u, join.param)
         out = []
@@ -417,12 +417,6 @@ def one_sided_transform(
         needs_params=not is_zero(c.weight_decay) or not is_zero(fallback.weight_decay), intervals=schedule,
         layout_hint=layout_hint, independent_leaves=independent_leaves,
     )
-
-
-def _flat(xp: Any, arrays: list) -> Array:
-    """The stacks' arrays of a join flattened and joined end to end (:func:`~precond_ref._backend.joined`);
-    the array of a join of one stack itself (:func:`~precond_ref.engine.matrices.stack_view`)."""
-    return arrays[0] if len(arrays) == 1 else joined(xp, [xp.reshape(a, (-1,)) for a in arrays])
 
 
 def _zero(ctx: StepContext, x: Array) -> Array:

@@ -15,7 +15,7 @@ from ..blocking import Stack, stack, unstack
 from ..linalg import symmetrize
 from .context import StepContext, settle_pieces
 
-__all__ = ["MatrixStack", "MatrixJoin", "matrix_joins", "stack_view", "symmetrized_pieces", "hand_back", "leaves_of", "as_matrix", "matrix_shape", "joined_leaves"]
+__all__ = ["MatrixStack", "MatrixJoin", "matrix_joins", "stack_view", "end_to_end", "symmetrized_pieces", "hand_back", "leaves_of", "as_matrix", "matrix_shape", "joined_leaves"]
 
 Array = Any
 
@@ -86,7 +86,9 @@ def matrix_joins(
     persist = not (torch_compiling() or is_jax_namespace(xp))
     bound = blocking.CPU_BATCHED_ENOUGH // 8 if passes else blocking.CPU_BATCHED_ENOUGH
     joins: dict[Any, dict[Any, list[int]]] = {}
-    for i in leaves:
+    # One leaf is its own join and stack: no key read (its shape in a key would make a compiler
+    # specialise a graph of every size to that shape).
+    for i in leaves if len(leaves) > 1 else ():
         (g,), state = grads[i], states[i]
         names = [n for n in stacked if n in state]
         matrix = as_matrix(xp, g, tuple(state["momentum"].shape))
@@ -95,19 +97,21 @@ def matrix_joins(
         stack_key = (i,) if layout is None else (tuple(names), layout)
         join_key = (g.dtype, device_key(g), tuple(state[n].dtype for n in joined), with_param and params[i][0].dtype)
         joins.setdefault(join_key if persist else stack_key, {}).setdefault(stack_key, []).append(i)
+    if len(leaves) == 1:
+        joins[None] = {None: list(leaves)}
     out = []
     for groups in joins.values():
         order = [i for members in groups.values() for i in members]
-        g = _joined_flat(xp, [xp.reshape(grads[i][0], (-1,)) for i in order])
+        g = end_to_end(xp, [xp.reshape(grads[i][0], (-1,)) for i in order])
         g = cast(xp, g, compute_dtype(xp, g.dtype))
-        param = _joined_flat(xp, [xp.reshape(params[i][0], (-1,)) for i in order]) if with_param else None
+        param = end_to_end(xp, [xp.reshape(params[i][0], (-1,)) for i in order]) if with_param else None
         if len(groups) == 1:  # one stack: the join is the stack, in its own shapes
             members = order
             shape, count = tuple(states[order[0]]["momentum"].shape), len(order)
             g, param = _view(xp, g, count, shape), None if param is None else _view(xp, param, count, shape)
             state = {n: _stacked_entry(xp, [states[i][n] for i in members]) for n in joined}
         else:
-            state = {n: _joined_flat(xp, [xp.reshape(states[i][n], (-1,)) for i in order]) for n in joined}
+            state = {n: end_to_end(xp, [xp.reshape(states[i][n], (-1,)) for i in order]) for n in joined}
         stacks = []
         for members in groups.values():
             first = states[members[0]]
@@ -127,9 +131,11 @@ def matrix_joins(
     return out
 
 
-def _joined_flat(xp: Any, pieces: list) -> Array:
-    """The flat ``pieces`` joined end to end; one piece itself (no copy)."""
-    return pieces[0] if len(pieces) == 1 else joined(xp, pieces)
+def end_to_end(xp: Any, arrays: Sequence[Array]) -> Array:
+    """The arrays flattened and joined end to end (:func:`~precond_ref._backend.joined`: a view
+    where they are consecutive pieces of one allocation); one array itself (a join of one stack
+    holds its arrays in their own shapes)."""
+    return arrays[0] if len(arrays) == 1 else joined(xp, [xp.reshape(a, (-1,)) for a in arrays])
 
 
 def _stacked_entry(xp: Any, arrays: list) -> Array:
@@ -146,10 +152,22 @@ def symmetrized_pieces(xp: Any, flat: Array, pieces: Sequence[Array]) -> Array:
     """``(A + Aᵀ)/2`` (:func:`~precond_ref.linalg.symmetrize`) of every square matrix of ``pieces``
     (the consecutive views of the joined array ``flat``, each a matrix or a stack of them), joined
     end to end as ``flat``: ``(flat + T)/2`` with ``T`` the pieces' transposes joined, the same
-    numbers in three operations for all the pieces instead of two per piece."""
+    numbers in a few operations for all the pieces (a join of the transposes per matrix shape, one
+    of those joins' slices in order, the sum and the halving) instead of two per piece."""
     if len(pieces) == 1:
         return xp.reshape(symmetrize(pieces[0]), tuple(flat.shape))
-    return (flat + joined(xp, [xp.reshape(a.mT, (-1,)) for a in pieces])) / 2.0
+    stacks = [a if a.ndim == 3 else xp.expand_dims(a, axis=0) for a in pieces]
+    by_shape: dict[tuple, list[int]] = {}
+    for i, a in enumerate(stacks):
+        by_shape.setdefault(tuple(a.shape[1:]), []).append(i)
+    transposed: list[Any] = [None] * len(stacks)
+    for members in by_shape.values():
+        joined_t = xp.concat([stacks[i].mT for i in members], axis=0)  # one copy for the pieces of one shape
+        start = 0
+        for i in members:
+            transposed[i] = xp.reshape(joined_t[start : start + stacks[i].shape[0], ...], (-1,))
+            start += stacks[i].shape[0]
+    return (flat + joined(xp, transposed)) / 2.0
 
 
 def _view(xp: Any, flat: Array, count: int, shape: tuple) -> Array:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from .._backend import computed_once, cond_under_cpu_jit, float64_where_available, joined, select, sum_across
+from .._backend import computed_once, cond_under_cpu_jit, float64_where_available, select, sum_across
+from .matrices import end_to_end
 
 __all__ = [
     "rms_renormalised", "scaled_rms_renormalised", "column_factored_renormalise", "scaled_squared_norm",
@@ -101,12 +102,12 @@ def joined_rms_renormalised(xp: Any, us: list, rms_target: Optional[float], exac
     per array (each matrix by its own norm and target)."""
     wide = None if exact_dtype or rms_target is None else _wide_dtype(xp, us[0])
     if len(us) == 1 or wide is None or any(math.prod(u.shape[-2:]) == 0 for u in us):
-        return _joined(xp, [rms_renormalised(xp, u, rms_target, exact_dtype) for u in us])
-    views = _pieces(xp, xp.astype(_joined(xp, us), wide), us)
+        return end_to_end(xp, [rms_renormalised(xp, u, rms_target, exact_dtype) for u in us])
+    views = _pieces(xp, xp.astype(end_to_end(xp, us), wide), us)
     norms = [xp.linalg.matrix_norm(v, ord="fro", keepdims=True) for v in views]
-    safe = _pieces(xp, _nonzero(xp, _joined(xp, norms)), norms)
+    safe = _pieces(xp, _nonzero(xp, end_to_end(xp, norms)), norms)
     scaled = [v * (_target(rms_target, v) / n) for v, n in zip(views, safe)]
-    return xp.astype(_joined(xp, scaled), us[0].dtype)
+    return xp.astype(end_to_end(xp, scaled), us[0].dtype)
 
 
 def joined_scaled_rms_renormalised(
@@ -119,15 +120,17 @@ def joined_scaled_rms_renormalised(
     casts, the scales' squares, the factors' selection), the column sums and the scaling per piece."""
     wide = None if exact_dtype or rms_target is None else _wide_dtype(xp, m)
     if len(ms) == 1 or wide is None or any(math.prod(a.shape[-2:]) == 0 for a in ms):
-        return _joined(xp, [scaled_rms_renormalised(xp, *args, rms_target, exact_dtype) for args in zip(ms, scales, axes)])
+        alone = [scaled_rms_renormalised(xp, *args, rms_target, exact_dtype) for args in zip(ms, scales, axes)]
+        return end_to_end(xp, alone)
     scale_w = xp.astype(scale, wide)
-    m_ws, scale_ws, squares = _pieces(xp, xp.astype(m, wide), ms), _pieces(xp, scale_w, scales), _pieces(xp, scale_w * scale_w, scales)
+    m_ws, scale_ws = _pieces(xp, xp.astype(m, wide), ms), _pieces(xp, scale_w, scales)
+    squares = _pieces(xp, scale_w * scale_w, scales)
     # scaled_squared_norm, whose scale * scale is the joined square's piece
     totals = [xp.sum(q * sum_across(xp, a * a, axis), axis=-1) for q, a, axis in zip(squares, m_ws, axes)]
-    safe = _pieces(xp, _nonzero(xp, xp.sqrt(_joined(xp, totals))), totals)
+    safe = _pieces(xp, _nonzero(xp, xp.sqrt(end_to_end(xp, totals))), totals)
     out = [a * xp.expand_dims(s * _per_matrix(xp, _target(rms_target, a) / n), axis=axis)
            for a, s, n, axis in zip(m_ws, scale_ws, safe, axes)]
-    return xp.astype(_joined(xp, out), m.dtype)
+    return xp.astype(end_to_end(xp, out), m.dtype)
 
 
 def _target(rms_target: float, u: Array) -> float:
@@ -139,12 +142,6 @@ def _target(rms_target: float, u: Array) -> float:
 def _nonzero(xp: Any, norm: Array) -> Array:
     """``norm``, with 1 where it is zero (the divisor that keeps a zero direction zero)."""
     return select(xp, norm > 0, norm, xp.ones_like(norm))
-
-
-def _joined(xp: Any, arrays: list) -> Array:
-    """The arrays flattened and joined end to end (:func:`~precond_ref._backend.joined`); one array
-    itself."""
-    return arrays[0] if len(arrays) == 1 else joined(xp, [xp.reshape(a, (-1,)) for a in arrays])
 
 
 def _pieces(xp: Any, flat: Array, like: list) -> list:

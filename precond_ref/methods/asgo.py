@@ -283,10 +283,12 @@ def _finish(xp: Any, c: Any, minus_lr: Array, u: Array, w: Optional[Array]) -> A
     return minus_lr * (u if w is None else u + c.weight_decay * cast(xp, w, u.dtype))
 
 
-_ASGO = OneSidedRule(init=_asgo_init, state=_asgo_state, direction=None, joined_direction=_asgo_direction, finish=_finish, stacked=STACKED,
-                     inverse_root=_inverse_sqrt, joined=("momentum", "statistic"), joined_state=_asgo_joined, terms=_asgo_terms)
-_DASGO = OneSidedRule(init=_dasgo_init, state=_dasgo_state, direction=None, joined_direction=_dasgo_direction, finish=_finish, stacked=(),
-                      passes=True, settle_first=True, joined=("momentum", "statistic"), joined_state=_dasgo_joined, terms=_dasgo_terms)
+_ASGO = OneSidedRule(init=_asgo_init, state=_asgo_state, direction=None, finish=_finish, stacked=STACKED,
+                     inverse_root=_inverse_sqrt, joined=("momentum", "statistic"), joined_state=_asgo_joined,
+                     terms=_asgo_terms, joined_direction=_asgo_direction)
+_DASGO = OneSidedRule(init=_dasgo_init, state=_dasgo_state, direction=None, finish=_finish, stacked=(), passes=True,
+                      settle_first=True, joined=("momentum", "statistic"), joined_state=_dasgo_joined,
+                      terms=_dasgo_terms, joined_direction=_dasgo_direction)
 
 
 def asgo(
