@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+from array_api_compat import is_array_api_strict_namespace, is_jax_namespace
+
 from .._backend import computed_once, cond_under_cpu_jit, float64_where_available, select, sum_across
 from .matrices import end_to_end
 
@@ -101,13 +103,14 @@ def joined_rms_renormalised(xp: Any, us: list, rms_target: Optional[float], exac
     and one back, one selection of the norms), not once per array. The norms and the scaling stay
     per array (each matrix by its own norm and target)."""
     wide = None if exact_dtype or rms_target is None else _wide_dtype(xp, us[0])
-    if len(us) == 1 or wide is None or any(math.prod(u.shape[-2:]) == 0 for u in us):
+    if len(us) == 1 or wide is None or not _writable_views(xp) or any(math.prod(u.shape[-2:]) == 0 for u in us):
         return end_to_end(xp, [rms_renormalised(xp, u, rms_target, exact_dtype) for u in us])
-    views = _pieces(xp, xp.astype(end_to_end(xp, us), wide), us)
+    w = xp.astype(end_to_end(xp, us), wide)  # a new array: its pieces scaled in place below
+    views = _pieces(xp, w, us)
     norms = [xp.linalg.matrix_norm(v, ord="fro", keepdims=True) for v in views]
-    safe = _pieces(xp, _nonzero(xp, end_to_end(xp, norms)), norms)
-    scaled = [v * (_target(rms_target, v) / n) for v, n in zip(views, safe)]
-    return xp.astype(end_to_end(xp, scaled), us[0].dtype)
+    for v, n in zip(views, _pieces(xp, _nonzero(xp, end_to_end(xp, norms)), norms)):
+        v *= _target(rms_target, v) / n
+    return xp.astype(w, us[0].dtype)
 
 
 def joined_scaled_rms_renormalised(
@@ -131,6 +134,12 @@ def joined_scaled_rms_renormalised(
     out = [a * xp.expand_dims(s * _per_matrix(xp, _target(rms_target, a) / n), axis=axis)
            for a, s, n, axis in zip(m_ws, scale_ws, safe, axes)]
     return xp.astype(end_to_end(xp, out), m.dtype)
+
+
+def _writable_views(xp: Any) -> bool:
+    """Whether a slice or reshape of an array is a view that writes through to it (torch, NumPy,
+    CuPy), so that a piece scaled in place scales the joined array; not on JAX and array_api_strict."""
+    return not (is_jax_namespace(xp) or is_array_api_strict_namespace(xp))
 
 
 def _target(rms_target: float, u: Array) -> float:
