@@ -15,7 +15,10 @@ from ..blocking import Stack, stack, unstack
 from ..linalg import symmetrize
 from .context import StepContext, settle_pieces
 
-__all__ = ["MatrixStack", "MatrixJoin", "matrix_joins", "stack_view", "end_to_end", "symmetrized_pieces", "hand_back", "leaves_of", "as_matrix", "matrix_shape", "joined_leaves"]
+__all__ = [
+    "MatrixStack", "MatrixJoin", "matrix_joins", "stack_view", "end_to_end", "symmetrized_pieces", "hand_back", "leaves_of",
+    "as_matrix", "matrix_shape", "joined_leaves",
+]
 
 Array = Any
 
