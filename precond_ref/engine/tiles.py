@@ -34,7 +34,7 @@ from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
 from .options import state_dtype
 from .phases import tile_phase
-from .rounding import is_bfloat16, place_keys, round_stochastic, rounding_key
+from .rounding import is_bfloat16, place_keys, place_noise, rounded_with_noise, rounding_key
 from .run import build_transform
 
 __all__ = [
@@ -786,27 +786,27 @@ def tiled_transform(
                   for m, k in zip(batch.indices, batch.lengths)]
         return beta2 * (scales[0] if len(scales) == 1 else xp.concat(scales))
 
-    def refreshed(xp, h, lr, key, G, *state):
+    def refreshed(xp, h, lr, noise, G, *state):
         """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
         With stochastic rounding the rule computes in G's dtype (:func:`read_factors`) and each
         bf16 operand is stored back by :func:`stored`."""
         new = _stack_operands(rule.refresh(xp, c, h, lr, G, _stack_of(rule, read_factors(xp, state, G), len(G.shape) - 1)), True)
-        new = stored(xp, new, state, key) if key is not None else new
+        new = stored(xp, new, state, noise) if noise is not None else new
         return kept_where_usable(xp, G, state, new) if layout.counted else new + (_no_failures(xp, G),)
 
-    def stored(xp, new, old, key) -> tuple:
+    def stored(xp, new, old, noise) -> tuple:
         """The refreshed operands ``new`` (k tiles each) in their stored dtypes: those computed in a
         wider dtype than their bf16 ``old``, side by side per tile, rounded stochastically in one
-        call (:func:`round_stochastic`), keyed by the step's ``key`` and each element's place in its
-        tile's operands (:func:`place_keys`)."""
+        call (:func:`~precond_ref.engine.rounding.round_stochastic`), its bits keyed by the step and
+        each element's place in its tile's operands: the first places of the step's ``noise``
+        (:func:`step_noise`)."""
         narrow = [n for n, (a, b) in enumerate(zip(new, old)) if a.dtype != b.dtype and is_bfloat16(b.dtype)]
         if not narrow:
             return new
         k = new[narrow[0]].shape[0]
         flat = [xp.reshape(new[n], (k, -1)) for n in narrow]
         joined = flat[0] if len(flat) == 1 else xp.concat(flat, axis=1)
-        keys = place_keys(xp, key, joined.shape[1], placement(xp, joined))
-        rounded = round_stochastic(xp, joined, old[narrow[0]].dtype, keys)
+        rounded = rounded_with_noise(xp, joined, old[narrow[0]].dtype, noise[: joined.shape[1]])
         out, start = list(new), 0
         for n, part in zip(narrow, flat):
             out[n] = xp.reshape(rounded[:, start:start + part.shape[1]], new[n].shape)
@@ -821,6 +821,18 @@ def tiled_transform(
         if layout.factor_rounding != "stochastic":
             return tuple(factors)
         return tuple(xp.astype(K, G.dtype) if is_bfloat16(K.dtype) and not is_bfloat16(G.dtype) else K for K in factors)
+
+    def step_noise(xp, ctx, fields, G):
+        """The rounding bits of this step (:func:`~precond_ref.engine.rounding.place_noise`), made
+        once per step and device for the most places any tile of the step stores in bf16 (its
+        factors and momenta side by side): every refreshed batch rounds with the first places of
+        it, the bits of a place the same in every tile and batch of the step."""
+        def make():
+            widest = max(sum(math.prod(a.shape[1:]) for a in _stack_operands(stack, True) if is_bfloat16(a.dtype))
+                         for group in fields for stack in group.stacks)
+            dev = placement(xp, G)
+            return place_noise(xp, place_keys(xp, rounding_key(xp, ctx.count, dev), widest, dev))
+        return ctx.once(("rounding noise", device_key(G)), make)
 
     def unchanged(xp, G, *state):
         return state + (_no_failures(xp, G),)
@@ -859,10 +871,8 @@ def tiled_transform(
             for batch in batched:
                 G, *state = batch.operands
                 lr = step_size(xp, h.beta2, fields, chosen, batch)
-                key = None  # the step's key of the rounding bits, once per device
-                if layout.factor_rounding == "stochastic":
-                    key = ctx.once(("rounding key", device_key(G)), partial(rounding_key, xp, ctx.count, placement(xp, G)))
-                results.append(cond(xp, due, partial(refreshed, xp, h, lr, key, G), partial(unchanged, xp, G), *state))
+                noise = step_noise(xp, ctx, fields, G) if layout.factor_rounding == "stochastic" else None
+                results.append(cond(xp, due, partial(refreshed, xp, h, lr, noise, G), partial(unchanged, xp, G), *state))
             store(xp, stack_states, failures, chosen, batched, results, ctx)
         if layout.counted and not is_jax_namespace(xp):
             # A skipped step's gradient is zero (except on JAX, where the selection is fused anyway), and a
