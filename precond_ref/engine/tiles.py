@@ -24,7 +24,9 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from array_api_compat import array_namespace, is_jax_namespace
 
-from .._backend import array_device, compute_dtype, cond, device_key, host_bool, placement, scalar_zero
+from .._backend import (
+    array_device, compute_dtype, cond, device_key, host_bool, is_torch_namespace, placement, scalar_zero, stacked,
+)
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype
 from ..transform import Transform, check_bool, check_choice, check_positive, check_positive_int, singleton_groups
@@ -40,7 +42,7 @@ from .run import build_transform
 __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
-    "sums_in_tile_order", "interleaved_places", "counts_per_run", "run_ends", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
+    "sums_in_tile_order", "interleaved_places", "counts_per_run", "taken", "read_if_free", "run_ends", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
     "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
@@ -281,7 +283,7 @@ def pick(xp, stack, positions: tuple):
     step = positions[1] - first if len(positions) > 1 else 1
     if step > 0 and positions == tuple(range(first, last + 1, step)):
         return stack[first : last + 1 : step, ...]
-    return xp.take(stack, index_array(xp, positions, stack), axis=0)
+    return taken(xp, stack, index_array(xp, positions, stack))
 
 
 def unpick(xp, parts: Sequence[Any], positions: Sequence[tuple], flat: bool = True):
@@ -302,7 +304,7 @@ def unpick(xp, parts: Sequence[Any], positions: Sequence[tuple], flat: bool = Tr
         return head if extra == 0 else xp.concat([head] + [part[rows:, ...] for part in parts[:extra]], axis=0)
     order = [j for p in positions for j in p]
     inverse = tuple(sorted(range(k), key=order.__getitem__))  # S[j] = concat(parts)[inverse[j]]
-    return xp.take(xp.concat(list(parts), axis=0), index_array(xp, inverse, parts[0]), axis=0)
+    return taken(xp, xp.concat(list(parts), axis=0), index_array(xp, inverse, parts[0]))
 
 
 def cut_stacks(xp, G, plan: TilePlan) -> list:
@@ -378,7 +380,7 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
             places = tuple((len(plans[i].tiles), tuple(first[i, s] for s in range(len(plans[i].stacks)))) for i in even)
             ends = tuple(itertools.accumulate([k for k, _ in places], initial=0))
             if places != tuple((k, (a,)) for (k, _), a in zip(places, ends)) or ends[-1] != joined.shape[0]:
-                joined = xp.take(joined, interleaved_places(xp, places, joined), axis=0)
+                joined = taken(xp, joined, interleaved_places(xp, places, joined))
             for k, same in itertools.groupby(zip(even, ends), key=lambda pair: len(plans[pair[0]].tiles)):
                 same = list(same)
                 a = same[0][1]
@@ -426,16 +428,43 @@ def interleaved_places(xp, places: tuple, like):
     return constant(xp, ("interleaved", places), make, like)
 
 
-def counts_per_run(xp, flags, lengths: Sequence[int]) -> list:
+def counts_per_run(xp, flags, lengths: Sequence[int]):
     """How many of ``flags`` (a (n,) bool vector, consecutive runs of ``lengths``) are set in each
-    run, as 0-D int32 arrays: one ``sum`` for a single run; else one cumulative sum read at the
-    runs' ends (:func:`run_ends`; integers: the counts a sum per run gives, whatever the order)."""
+    run, as a (runs,) int32 vector: runs of one length, one ``sum`` of the rows of their (runs,
+    length) matrix; else one cumulative sum read at the runs' ends (:func:`run_ends`) and
+    differenced (integers: the counts a sum per run gives, whatever the order)."""
     ones = xp.astype(flags, xp.int32)
-    if len(lengths) == 1:
-        return [xp.sum(ones, dtype=xp.int32)]
-    totals = xp.take(xp.cumulative_sum(ones, dtype=xp.int32), run_ends(xp, tuple(lengths), flags), axis=0)
-    counts = xp.concat([totals[:1], totals[1:] - totals[:-1]], axis=0)
-    return [counts[j, ...] for j in range(len(lengths))]
+    if len(set(lengths)) == 1:
+        return xp.sum(xp.reshape(ones, (len(lengths), lengths[0])), axis=1, dtype=xp.int32)
+    totals = taken(xp, xp.cumulative_sum(ones, dtype=xp.int32), run_ends(xp, tuple(lengths), flags))
+    return xp.concat([totals[:1], totals[1:] - totals[:-1]], axis=0)
+
+
+def taken(xp, x, index):
+    """``xp.take(x, index, axis=0)`` for an ``index`` of non-negative places (the engine's
+    constants): on torch one ``index_select`` (array_api_compat's ``take`` first maps negative
+    places, three more operations)."""
+    return x.index_select(0, index) if is_torch_namespace(xp) else xp.take(x, index, axis=0)
+
+
+class _ReadIfFree:
+    """A 0-D value for :func:`~precond_ref._backend.host_bool` that is computed only when read:
+    where reading is free (NumPy, torch eagerly on the CPU) ``compute()`` is issued and read;
+    elsewhere (a GPU, a compiler) ``host_bool`` answers ``None`` without it, so the reduction that
+    only serves the read is not issued at all."""
+
+    def __init__(self, like, compute: Callable):
+        self.device = getattr(like, "device", None)
+        self._compute = compute
+
+    def __bool__(self) -> bool:
+        return bool(self._compute())
+
+
+def read_if_free(xp, like, compute: Callable):
+    """``host_bool(xp, compute())``, ``compute()`` (a 0-D bool beside ``like``) issued only where
+    :func:`~precond_ref._backend.host_bool` reads it (:class:`_ReadIfFree`); else ``None``."""
+    return host_bool(xp, _ReadIfFree(like, compute))
 
 
 def run_ends(xp, lengths: tuple, like):
@@ -481,8 +510,8 @@ def kept_where_usable(xp, grouped, old, new):
         ok = all_finite(rows[0] if len(rows) == 1 else xp.concat(rows, axis=1), axis=(1,))
         finite = ok if finite is None else xp.logical_and(finite, ok)
     accept = xp.logical_and(finite, nonzero)
-    failed = xp.logical_and(xp.logical_not(finite), nonzero)
-    if host_bool(xp, xp.all(accept)):  # read where that is free: the selections would keep all of `new`
+    failed = xp.logical_xor(nonzero, accept)  # nonzero and not finite
+    if read_if_free(xp, accept, lambda: xp.all(accept)):  # the selections would keep all of `new`
         return tuple(new) + (failed,)
     kept = tuple(xp.where(per_block(xp, accept, a), a, b) for a, b in zip(new, old))
     return kept + (failed,)
@@ -839,20 +868,25 @@ def tiled_transform(
 
     def store(xp, stack_states, failures, chosen, batched, results, ctx) -> None:
         """Refreshed batches back into the groups' stacks (one split per operand and batch); each
-        group adds its tiles' failures to its count (:func:`counts_per_run`, one count per batch), none
-        on a skipped step (the non-finite rule's selection, made once per batch on the failure flags)."""
-        counted = [layout.counted and host_bool(xp, xp.any(out[-1])) is not False for out in results]  # read where free
+        group adds its tiles' failures to its count, for all groups of a batch at once (their counts
+        stacked, a view where last step's addition left them side by side, plus
+        :func:`counts_per_run`), none on a skipped step (the non-finite rule's selection, made once
+        per batch on the failure flags); where reading is free, a batch without failures adds nothing."""
+        counted = [layout.counted and read_if_free(xp, out[-1], partial(xp.any, out[-1])) is not False for out in results]
         selecting = layout.counted and ctx.ok is not None and not ctx.applied
         if selecting:
             results = [(*out[:-1], xp.logical_and(out[-1], ctx.ok)) for out in results]
         for (i, s), (*state, _) in zip(chosen, unstack_alike(batched, results, len(chosen))):
             stack_states[i][s] = _stack_of(rule, state, len(state) // 2 if c.use_factor_momentum else len(state))
         for batch, out, flag in zip(batched, results, counted):
-            for m, count in zip(batch.indices, counts_per_run(xp, out[-1], batch.lengths) if flag else ()):
-                i = chosen[m][0]
-                failures[i] = failures[i] + count
+            if not flag:
+                continue
+            groups = [chosen[m][0] for m in batch.indices]  # a group has at most one stack in a batch of one phase
+            totals = stacked(xp, [failures[i] for i in groups]) + counts_per_run(xp, out[-1], batch.lengths)
+            for i, total in zip(groups, xp.unstack(totals)):
+                failures[i] = total
                 if selecting:
-                    ctx.settled[failures[i]] = True
+                    ctx.settled[total] = True
 
     def update_groups(grads_list, states, params_list, ctxs: list):
         ctx = ctxs[0]
