@@ -235,3 +235,42 @@ def test_kept_where_usable_of_usable_blocks_is_the_new_state_itself(rng):
     *kept, failed = tiling.kept_where_usable(_np(), grouped, old, new)
     assert kept[0] is new[0]
     np.testing.assert_array_equal(failed, [False, False, False])
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_leaves_of_batches_is_the_joins(library, rng):
+    """``leaves_of_batches`` (the batches' per-tile results joined, then one gather by an index
+    made once per layout) hands every member exactly the part that joining its group's stacks
+    back and cutting the group into its members gives (``_leaves_by_joins``, the plain formula):
+    groups of equal, ragged and weight-and-bias tiles, batched across groups and phases as the
+    runner batches them. Exact (no arithmetic); on torch the members lie end to end in one
+    allocation, in order (what lets the element-wise work after join them without a copy)."""
+    from precond_ref.blocking import stack
+    from precond_ref.engine.layout import grouped_shape
+
+    members_of = [[(12, 8)], [(8, 11), (8,)], [(10,)], [(4, 8)], [(7,)]]
+    groups, parts = [], []
+    for shapes in members_of:
+        full, dims = grouped_shape(shapes, True)
+        plan = tiling.stack_plan(tiling.tile_plan(dims, [False] * len(dims), 4, 2, True))
+        groups.append(tiling._Group(None, shapes, full, True, plan, None))
+        for s, st in enumerate(plan.stacks):
+            parts.append(((len(groups) - 1, s), rng.normal(size=(len(st.tiles),) + tiling.tile_shape(plan.tiles[st.tiles[0]]))))
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        parts = [(m, torch.from_numpy(x)) for m, x in parts]
+    from array_api_compat import array_namespace
+
+    xp = array_namespace(parts[0][1])
+    chosen = [m for m, _ in parts]
+    batched = stack(xp, [(x,) for _, x in parts])
+    assert len(batched) < len(parts)  # stacks of one tile shape batched across groups
+    results = [b.operands[0] for b in batched]
+    got = tiling.leaves_of_batches(xp, results, chosen, batched, groups)
+    want = tiling._leaves_by_joins(xp, results, chosen, batched, groups)
+    assert [tuple(a.shape) for a in got] == [tuple(s) for shapes in members_of for s in shapes]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if library == "torch":
+        ends = [a.data_ptr() + a.numel() * a.element_size() for a in got[:-1]]
+        assert ends == [a.data_ptr() for a in got[1:]]

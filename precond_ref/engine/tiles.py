@@ -26,6 +26,7 @@ from array_api_compat import array_namespace, is_jax_namespace
 
 from .._backend import (
     array_device, compute_dtype, cond, device_key, host_bool, is_torch_namespace, placement, scalar_zero, stacked,
+    torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype
@@ -43,7 +44,7 @@ __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
     "sums_in_tile_order", "interleaved_places", "counts_per_run", "taken", "read_if_free", "run_ends", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
-    "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
+    "leaves_of_batches", "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
 
@@ -517,6 +518,50 @@ def kept_where_usable(xp, grouped, old, new):
     return kept + (failed,)
 
 
+def _leaves_by_joins(xp, results: Sequence[Any], chosen: Sequence[tuple], batched: Sequence[Any], groups: Sequence[Any]
+                     ) -> list:
+    """Every member's part of per-tile results computed on batches of stacks (``results[b]`` of
+    ``batched[b]``'s shape, its members the (group, stack) numbers ``chosen``): each group's stacks
+    joined back into its tensor (:func:`join_stacks`) and cut into its members
+    (:func:`~precond_ref.engine.layout.ungroup_tensor`), groups and members in order."""
+    parts = [[None] * len(group.plan.stacks) for group in groups]
+    for (i, s), (part,) in zip(chosen, unstack_alike(batched, [(r,) for r in results], len(chosen))):
+        parts[i][s] = part
+    return [leaf for group, stacks in zip(groups, parts)
+            for leaf in ungroup_tensor(xp, join_stacks(xp, stacks, group.plan), group.shapes, group.full, group.out_first)]
+
+
+def leaves_of_batches(xp, results: Sequence[Any], chosen: Sequence[tuple], batched: Sequence[Any],
+                      groups: Sequence[Any]) -> list:
+    """``_leaves_by_joins(xp, results, chosen, batched, groups)``, the members' parts of per-tile
+    results, eagerly (not JAX, not under ``torch.compile``) and for results of one dtype and device
+    as one gather: the results flattened and joined, their elements taken in the members' order
+    by one index (:func:`taken`), and each member a view of its piece, so the members lie end to
+    end for the element-wise work after (:func:`~precond_ref.engine.joined.leafwise`: no copy). The
+    index is made once per layout (:func:`~precond_ref.engine.factors.constant`) by the same joins
+    applied to the elements' places: one operation where the joins are one per group."""
+    if (is_jax_namespace(xp) or torch_compiling()
+            or len({(r.dtype, device_key(r)) for r in results}) != 1):
+        return _leaves_by_joins(xp, results, chosen, batched, groups)
+    sizes = [math.prod(r.shape) for r in results]
+    starts = tuple(itertools.accumulate(sizes, initial=0))
+
+    def make():
+        places = xp.arange(starts[-1], dtype=xp.int64, device=placement(xp, results[0]))
+        ids = [xp.reshape(places[a:b], tuple(r.shape)) for a, b, r in zip(starts[:-1], starts[1:], results)]
+        return xp.concat([xp.reshape(leaf, (-1,)) for leaf in _leaves_by_joins(xp, ids, chosen, batched, groups)], axis=0)
+
+    key = ("leaves of batches", tuple(chosen), tuple((b.indices, b.lengths, tuple(r.shape)) for b, r in zip(batched, results)),
+           tuple((tuple(map(tuple, group.shapes)), group.out_first) for group in groups))
+    flat = [xp.reshape(r, (-1,)) for r in results]
+    out = taken(xp, flat[0] if len(flat) == 1 else xp.concat(flat, axis=0), constant(xp, key, make, results[0]))
+    leaves, start = [], 0
+    for shape in (tuple(shape) for group in groups for shape in group.shapes):
+        leaves.append(xp.reshape(out[start : start + math.prod(shape)], shape))
+        start += math.prod(shape)
+    return leaves
+
+
 # --------------------------------------------------------------------------------------------
 # The runner of a rule stated for one stack of tiles
 
@@ -925,16 +970,8 @@ def tiled_transform(
             nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
             D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
                          for D, batch in zip(D_batched, batched)]
-        parts = [[None] * len(group.plan.stacks) for group in groups]
-        for (i, s), (D,) in zip(chosen, unstack_alike(batched, [(D,) for D in D_batched], len(chosen))):
-            parts[i][s] = D
-
-        directions, members = [], []  # every leaf's D, and its (group, member) numbers
-        for g, group in enumerate(groups):
-            D = join_stacks(xp, parts[g], group.plan)
-            for k, D_k in enumerate(ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
-                directions.append(D_k)
-                members.append((g, k))
+        directions = leaves_of_batches(xp, D_batched, chosen, batched, groups)  # every leaf's D
+        members = [(g, k) for g, group in enumerate(groups) for k in range(len(group.shapes))]  # its (group, member)
 
         def operand(name, like):
             value = getattr(h, name) if name in h._fields else getattr(c, name)
