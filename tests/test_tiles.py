@@ -253,7 +253,7 @@ def test_leaves_of_batches_is_the_joins(library, rng):
     for shapes in members_of:
         full, dims = grouped_shape(shapes, True)
         plan = tiling.stack_plan(tiling.tile_plan(dims, [False] * len(dims), 4, 2, True))
-        groups.append(tiling._Group(None, shapes, full, True, plan, None))
+        groups.append(tiling._Group(None, shapes, full, True, plan, None, tiling.numbered((tuple(shapes), True, plan))))
         for s, st in enumerate(plan.stacks):
             parts.append(((len(groups) - 1, s), rng.normal(size=(len(st.tiles),) + tiling.tile_shape(plan.tiles[st.tiles[0]]))))
     if library == "torch":
@@ -274,3 +274,35 @@ def test_leaves_of_batches_is_the_joins(library, rng):
     if library == "torch":
         ends = [a.data_ptr() + a.numel() * a.element_size() for a in got[:-1]]
         assert ends == [a.data_ptr() for a in got[1:]]
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_tiles_of_groups_are_the_cuts(library, rng):
+    """``tiles_of_groups`` (all gradients joined, then one gather by an index made once per layout)
+    gives every group exactly the stacks that joining its members and cutting the tensor give
+    (``_cut_each``, the plain formula: ``cut_stacks`` of ``group_tensor``): equal, ragged and
+    weight-and-bias tiles, a squeezed (1, n) weight and its bias. Exact (no arithmetic); on
+    torch the stacks of one key lie end to end, groups in order (a batch of them joins as a view)."""
+    from array_api_compat import array_namespace
+
+    from precond_ref.engine.layout import grouped_shape
+
+    members_of = [[(8, 6), (8,)], [(8, 8)], [(4,)], [(1, 8), (1,)], [(12, 8)]]
+    grads = [[rng.normal(size=s) for s in shapes] for shapes in members_of]
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        grads = [[torch.from_numpy(g) for g in gs] for gs in grads]
+    xp = array_namespace(grads[0][0])
+    groups, keys = [], []
+    for shapes in members_of:
+        full, dims = grouped_shape(shapes, True)
+        plan = tiling.stack_plan(tiling.tile_plan(dims, [False] * len(dims), 4, 2, True))
+        groups.append(tiling._Group(grads[0][0].dtype, shapes, full, True, plan, None, tiling.numbered((tuple(shapes), True, plan))))
+        keys.append([tiling.tile_shape(plan.tiles[st.tiles[0]]) for st in plan.stacks])
+    got = tiling.tiles_of_groups(xp, grads, groups, keys)
+    want = tiling._cut_each(xp, grads, groups)
+    assert [len(g) for g in got] == [len(g.plan.stacks) for g in groups]
+    for a, b in zip((x for g in got for x in g), (x for g in want for x in g)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if library == "torch":  # the (4, 4) stacks of groups 1 and 4, in order: consecutive pieces
+        assert got[1][1].data_ptr() + got[1][1].numel() * 8 == got[4][0].data_ptr()

@@ -44,7 +44,7 @@ __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
     "sums_in_tile_order", "interleaved_places", "counts_per_run", "taken", "read_if_free", "run_ends", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
-    "leaves_of_batches", "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
+    "leaves_of_batches", "tiles_of_groups", "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
 
@@ -518,6 +518,70 @@ def kept_where_usable(xp, grouped, old, new):
     return kept + (failed,)
 
 
+def _cut_each(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any]) -> list:
+    """Each group's members joined into its tensor G (:func:`~precond_ref.engine.layout.group_tensor`,
+    in its work dtype) and cut into the stacks of its plan (:func:`cut_stacks`)."""
+    return [cut_stacks(xp, group_tensor(xp, grads, g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype),
+                       g.plan) for grads, g in zip(grads_list, groups)]
+
+
+def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
+                    ) -> list:
+    """``_cut_each(xp, grads_list, groups)``: every group's gradient as the stacks of its plan;
+    eagerly (not JAX, not under ``torch.compile``), for gradients of one dtype and device cut in
+    one work dtype, as one join of all gradients (flattened, in order) and one gather by an index
+    made once per layout (:func:`~precond_ref.engine.factors.constant`; the same cuts applied to
+    the elements' places), each stack a view of the result: the stacks of one key (``keys[i][s]``,
+    what batches them: their tile shape and factor layout) end to end, groups in order, so that a
+    batch of all of them is a view too (:func:`~precond_ref._backend.joined`). One operation
+    (two where the work dtype differs) where the cuts are a copy per group with tiles across
+    several axes and the batches a join each."""
+    leaves = [g for grads in grads_list for g in grads]
+    if (is_jax_namespace(xp) or torch_compiling() or len({(g.dtype, device_key(g)) for g in leaves}) != 1
+            or len({g.dtype for g in groups}) != 1):
+        return _cut_each(xp, grads_list, groups)
+    first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
+    order = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
+                   key=lambda m: (first[keys[m[0]][m[1]]], m))
+    shapes = {(i, s): (len(groups[i].plan.stacks[s].tiles),) + tile_shape(groups[i].plan.tiles[groups[i].plan.stacks[s].tiles[0]])
+              for i, s in order}
+
+    def make():
+        ends = tuple(itertools.accumulate((math.prod(g.shape) for g in leaves), initial=0))
+        places = xp.arange(ends[-1], dtype=xp.int64, device=placement(xp, leaves[0]))
+        ids = iter(xp.reshape(places[a:b], tuple(g.shape)) for a, b, g in zip(ends[:-1], ends[1:], leaves))
+        cut = _cut_each(xp, [[next(ids) for _ in grads] for grads in grads_list], [g._replace(dtype=xp.int64) for g in groups])
+        return xp.concat([xp.reshape(cut[i][s], (-1,)) for i, s in order], axis=0)
+
+    key = ("tiles of groups", tuple(g.number for g in groups), tuple(order))
+    flat = [xp.reshape(g, (-1,)) for g in leaves]
+    flat = flat[0] if len(flat) == 1 else xp.concat(flat, axis=0)
+    gathered = taken(xp, xp.astype(flat, groups[0].dtype) if flat.dtype != groups[0].dtype else flat,
+                     constant(xp, key, make, leaves[0]))
+    out, start = [[None] * len(g.plan.stacks) for g in groups], 0
+    for i, s in order:
+        out[i][s] = xp.reshape(gathered[start : start + math.prod(shapes[i, s])], shapes[i, s])
+        start += math.prod(shapes[i, s])
+    return out
+
+
+_NUMBERS: dict = {}  # a group's layout -> its number
+
+
+def numbered(layout: Any) -> int:
+    """A number for a group's layout (its members' shapes, their pairing and its :class:`TilePlan`),
+    the same for equal layouts in every transform: the key of the gathers' indices
+    (:func:`tiles_of_groups`, :func:`leaves_of_batches`), given once per layout so that a step
+    does not hash plans."""
+    return _NUMBERS.setdefault(layout, len(_NUMBERS))
+
+
+def _batch_key(stack: NamedTuple) -> tuple:
+    """What batches a stack with the equal stacks of other groups besides its tile shape (its
+    factors' trailing shapes and dtypes, as :func:`precond_ref.blocking.same_layout` reads them)."""
+    return tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor)
+
+
 def _leaves_by_joins(xp, results: Sequence[Any], chosen: Sequence[tuple], batched: Sequence[Any], groups: Sequence[Any]
                      ) -> list:
     """Every member's part of per-tile results computed on batches of stacks (``results[b]`` of
@@ -552,7 +616,7 @@ def leaves_of_batches(xp, results: Sequence[Any], chosen: Sequence[tuple], batch
         return xp.concat([xp.reshape(leaf, (-1,)) for leaf in _leaves_by_joins(xp, ids, chosen, batched, groups)], axis=0)
 
     key = ("leaves of batches", tuple(chosen), tuple((b.indices, b.lengths, tuple(r.shape)) for b, r in zip(batched, results)),
-           tuple((tuple(map(tuple, group.shapes)), group.out_first) for group in groups))
+           tuple(group.number for group in groups))
     flat = [xp.reshape(r, (-1,)) for r in results]
     out = taken(xp, flat[0] if len(flat) == 1 else xp.concat(flat, axis=0), constant(xp, key, make, results[0]))
     leaves, start = [], 0
@@ -743,12 +807,13 @@ def work_dtype(layout: TileLayout, xp, dtype):
 class _Group(NamedTuple):
     """One group's gradient as the tensor G it preconditions, and how to cut the step back."""
 
-    grouped: Array  # G, size-1 axes squeezed, in the work dtype
+    dtype: Any  # the work dtype G is cut in
     shapes: list  # the members' shapes (a weight, or a weight and its bias)
     full: tuple  # G's shape before squeezing
     out_first: bool  # bias as an extra column (out-first weight) or row (out-last kernel)
     plan: Any  # its TilePlan: tiles, and the stacks their state is stored in
     stacks: list  # G's tiles as the plan's stacks (k_s, *tile shape), s = 0, 1, ...
+    number: int  # its layout's number (:func:`numbered`): shapes, pairing and plan
 
 
 def tiled_transform(
@@ -769,6 +834,7 @@ def tiled_transform(
     spread = layout.stagger and isinstance(layout.interval, int) and layout.interval > 1
     intervals = spread_schedule(layout.interval, spread)
     plans: dict = {}  # (shapes, out_first) -> (dims, diagonal, plan): made once per layout, not every step
+    numbers: dict = {}  # (shapes, out_first) -> its number (numbered), the key of the gathers' indices
 
     def plan(shapes, out_first: bool, where: str) -> tuple:
         """(squeezed dims, per-axis diagonal flags, tile plan) of a group's tensor."""
@@ -781,6 +847,7 @@ def tiled_transform(
             vector = layout.structures is None and len(dims) == 1
             plans[key] = dims, diagonal, stack_plan(
                 tile_plan(dims, diagonal, layout.block_size, layout.interval, layout.stagger, cut_diagonal=vector))
+            numbers[key] = numbered((key, plans[key][2]))
         return plans[key]
 
     @cached_template  # one object per layout: from_entries caches it by identity
@@ -833,14 +900,14 @@ def tiled_transform(
         )
 
     def prepare(grads, state, ctx):
-        """One group's grouped tensor G (work dtype), its tiles as the stacks of its plan, and what it
-        takes to ungroup the step; and its state as fields."""
+        """What it takes to cut one group's gradient into its tiles (:func:`tiles_of_groups`: the
+        work dtype, its plan) and to ungroup the step; and its state as fields."""
         xp = ctx.xp
         shapes = [tuple(g.shape) for g in grads]
         out_first, tiles, fields = laid_out(state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
-        full, squeezed = grouped_shape(shapes, out_first)
-        grouped = group_tensor(xp, grads, full, squeezed, out_first, work_dtype(layout, xp, grads[0].dtype))
-        return _Group(grouped, shapes, full, out_first, tiles, cut_stacks(xp, grouped, tiles)), fields
+        full, _ = grouped_shape(shapes, out_first)
+        return _Group(work_dtype(layout, xp, grads[0].dtype), shapes, full, out_first, tiles, None,
+                      numbers[tuple(shapes), out_first]), fields
 
     def batches(xp, groups, stack_states, phase, refreshing: bool) -> tuple:
         """The stacks on refresh phase ``phase`` (every stack: ``None``) of all groups, as
@@ -939,6 +1006,8 @@ def tiled_transform(
         refresh = [ctx.every(interval) for interval in intervals]  # per phase: a host bool, or an array
         h = rule.scalars(c, ctx.value, ctx.extra)
         groups, fields = zip(*(prepare(g, s, cx) for g, s, cx in zip(grads_list, states, ctxs)))
+        keys = [[_batch_key(stack) for stack in f.stacks] for f in fields]
+        groups = [g._replace(stacks=t) for g, t in zip(groups, tiles_of_groups(xp, grads_list, groups, keys))]
         stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
         failures = [f.factor_failures for f in fields]
 
@@ -989,7 +1058,7 @@ def tiled_transform(
         if c.use_momentum:
             operands.append([fields[g].momentum[k] for g, k in members])
         work_zeros = [ctx.once(("zero", G.dtype, device_key(G)), partial(scalar_zero, xp, G))  # G: the work dtype
-                      for G in (groups[g].grouped for g, _ in members)]
+                      for G in (groups[g].stacks[0] for g, _ in members)]
         steps = leafwise(xp, descend, *operands, zeros=work_zeros, ctx=ctx)
         updates: list = [[] for _ in groups]
         velocities: list = [[] for _ in groups]
