@@ -43,7 +43,7 @@ from .run import build_transform
 __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
-    "sums_in_tile_order", "interleaved_places", "counts_per_run", "taken", "read_if_free", "run_ends", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
+    "sums_in_tile_order", "interleaved_places", "counts_per_run", "taken", "read_if_free", "run_indicator", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
     "leaves_of_batches", "tiles_of_groups", "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
@@ -432,13 +432,24 @@ def interleaved_places(xp, places: tuple, like):
 def counts_per_run(xp, flags, lengths: Sequence[int]):
     """How many of ``flags`` (a (n,) bool vector, consecutive runs of ``lengths``) are set in each
     run, as a (runs,) int32 vector: runs of one length, one ``sum`` of the rows of their (runs,
-    length) matrix; else one cumulative sum read at the runs' ends (:func:`run_ends`) and
-    differenced (integers: the counts a sum per run gives, whatever the order)."""
-    ones = xp.astype(flags, xp.int32)
+    length) matrix; else the product of the runs' 0/1 indicator (:func:`run_indicator`) with the
+    flags as float32, exact for counts below 2^24 whatever the order of summation (integers, every
+    partial sum representable)."""
     if len(set(lengths)) == 1:
-        return xp.sum(xp.reshape(ones, (len(lengths), lengths[0])), axis=1, dtype=xp.int32)
-    totals = taken(xp, xp.cumulative_sum(ones, dtype=xp.int32), run_ends(xp, tuple(lengths), flags))
-    return xp.concat([totals[:1], totals[1:] - totals[:-1]], axis=0)
+        return xp.sum(xp.reshape(xp.astype(flags, xp.int32), (len(lengths), lengths[0])), axis=1, dtype=xp.int32)
+    return xp.astype(xp.matmul(run_indicator(xp, tuple(lengths), flags), xp.astype(flags, xp.float32)), xp.int32)
+
+
+def run_indicator(xp, lengths: tuple, like):
+    """The (runs, n) float32 matrix whose row ``j`` is 1 on the places of run ``j`` of consecutive
+    runs of ``lengths`` and 0 elsewhere, made once on the device from ``arange`` (no host data
+    copied; :func:`~precond_ref.engine.factors.constant`)."""
+    def make():
+        places = xp.arange(sum(lengths), dtype=xp.int64, device=placement(xp, like))
+        ends = tuple(itertools.accumulate(lengths, initial=0))
+        rows = [xp.logical_and(places >= a, places < b) for a, b in zip(ends[:-1], ends[1:])]
+        return xp.astype(xp.stack(rows), xp.float32)
+    return constant(xp, ("run indicator", lengths), make, like)
 
 
 def taken(xp, x, index):
@@ -466,17 +477,6 @@ def read_if_free(xp, like, compute: Callable):
     """``host_bool(xp, compute())``, ``compute()`` (a 0-D bool beside ``like``) issued only where
     :func:`~precond_ref._backend.host_bool` reads it (:class:`_ReadIfFree`); else ``None``."""
     return host_bool(xp, _ReadIfFree(like, compute))
-
-
-def run_ends(xp, lengths: tuple, like):
-    """The places of the last entries of consecutive runs of ``lengths`` as an index beside
-    ``like``, made once on the device from fills (no host data copied;
-    :func:`~precond_ref.engine.factors.constant`)."""
-    def make():
-        dev = placement(xp, like)
-        ends = itertools.accumulate(lengths)
-        return xp.concat([xp.full((1,), end - 1, dtype=xp.int64, device=dev) for end in ends], axis=0)
-    return constant(xp, ("run ends", lengths), make, like)
 
 
 def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
@@ -532,8 +532,9 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
     one work dtype, as one join of all gradients (flattened, in order) and one gather by an index
     made once per layout (:func:`~precond_ref.engine.factors.constant`; the same cuts applied to
     the elements' places), each stack a view of the result: the stacks of one key (``keys[i][s]``,
-    what batches them: their tile shape and factor layout) end to end, groups in order, so that a
-    batch of all of them is a view too (:func:`~precond_ref._backend.joined`). One operation
+    what batches them: their tile shape and factor layout) end to end, by refresh phase, then
+    group and stack, so that a batch of them (one phase's, or all phases') is a view too
+    (:func:`~precond_ref._backend.joined`). One operation
     (two where the work dtype differs) where the cuts are a copy per group with tiles across
     several axes and the batches a join each."""
     leaves = [g for grads in grads_list for g in grads]
@@ -542,7 +543,7 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
         return _cut_each(xp, grads_list, groups)
     first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
     order = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
-                   key=lambda m: (first[keys[m[0]][m[1]]], m))
+                   key=lambda m: (first[keys[m[0]][m[1]]], groups[m[0]].plan.stacks[m[1]].phase, m))
     shapes = {(i, s): (len(groups[i].plan.stacks[s].tiles),) + tile_shape(groups[i].plan.tiles[groups[i].plan.stacks[s].tiles[0]])
               for i, s in order}
 
@@ -911,11 +912,12 @@ def tiled_transform(
 
     def batches(xp, groups, stack_states, phase, refreshing: bool) -> tuple:
         """The stacks on refresh phase ``phase`` (every stack: ``None``) of all groups, as
-        (their (group, stack) numbers, :func:`precond_ref.blocking.stack` of their operands
-        (G, K_1..K_N[, m_1..m_N])): the stacks of one tile shape, factor layout and device are
-        concatenated along the tile axis, one ``concat`` per operand whatever the number of tiles."""
-        chosen = [(i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks)
-                  if phase is None or stack.phase == phase]
+        (their (group, stack) numbers, by phase, then group and stack; :func:`precond_ref.blocking.stack`
+        of their operands (G, K_1..K_N[, m_1..m_N])): the stacks of one tile shape, factor layout
+        and device are concatenated along the tile axis, one ``concat`` per operand whatever the
+        number of tiles (none for G, whose tiles lie in that order: :func:`tiles_of_groups`)."""
+        chosen = sorted(((i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks)
+                         if phase is None or stack.phase == phase), key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
         operands = [(groups[i].stacks[s],) + _stack_operands(stack_states[i][s], refreshing) for i, s in chosen]
         return chosen, stack_alike(xp, operands)
 
