@@ -199,6 +199,36 @@ def test_kept_where_usable_per_block():
     np.testing.assert_array_equal(failed, [False, True, False])
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("shapes", [((2, 2), (2, 2), (2, 2)), ((2, 2), (3, 3))])
+def test_kept_where_usable_side_by_side_is_the_selection_of_each(library, shapes):
+    """S2/S3 for a stack's several arrays: arrays of one shape are tested and selected side by side
+    (``side_by_side``: one ``where``), others one by one; either way each array's kept blocks are
+    ``where(accept, new, old)`` of its own blocks (accept: a non-zero gradient and every array of
+    the block finite), the flags those of the plain rule, and on torch (no free read of all-usable
+    here: a block fails) the arrays of one shape are handed back as one allocation's consecutive
+    pieces (the next refresh joins them without a copy)."""
+    rng = np.random.default_rng(len(shapes))
+    grouped = np.stack([np.zeros((2, 2)), np.ones((2, 2)), np.ones((2, 2))])
+    old = tuple(rng.normal(size=(3,) + s) for s in shapes)
+    new = [rng.normal(size=(3,) + s) for s in shapes]
+    new[-1][2, 0, 0] = np.nan  # block 2 fails in one array only: every array of it keeps its old state
+    accept = np.array([False, True, False])
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        old, new = tuple(torch.from_numpy(a) for a in old), tuple(torch.from_numpy(a) for a in new)
+        grouped = torch.from_numpy(grouped)
+    from array_api_compat import array_namespace
+
+    xp = array_namespace(grouped)
+    *kept, failed = tiling.kept_where_usable(xp, grouped, old, tuple(new))
+    for k, a, b in zip(kept, new, old):
+        np.testing.assert_array_equal(np.asarray(k), np.where(accept.reshape((3,) + (1,) * (a.ndim - 1)), np.asarray(a), np.asarray(b)))
+    np.testing.assert_array_equal(np.asarray(failed), [False, False, True])
+    if library == "torch" and len(set(shapes)) == 1:
+        assert [k.data_ptr() for k in kept[1:]] == [k.data_ptr() + k.numel() * 8 for k in kept[:-1]]
+
+
 @pytest.mark.parametrize("shape", [(3, 4), (3, 2, 5), (2, 3, 2, 2)])
 def test_each_block_reduces_every_entry_of_a_block(rng, shape):
     """``each_block(xp, xp.all | xp.any, mask)`` is ``all``/``any`` over every axis but the first

@@ -44,7 +44,7 @@ __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
     "sums_in_tile_order", "interleaved_places", "counts_per_run", "taken", "read_if_free", "run_indicator", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
-    "leaves_of_batches", "tiles_of_groups", "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
+    "leaves_of_batches", "tiles_of_groups", "each_block", "side_by_side", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
 
@@ -505,17 +505,38 @@ def kept_where_usable(xp, grouped, old, new):
     (:func:`precond_ref._backend.host_bool`: NumPy, torch eagerly on the CPU), where a stack whose
     every block is usable returns ``new`` itself (what the selections would give) without selecting."""
     nonzero = each_block(xp, xp.any, grouped != 0.0)
-    finite = None
+    finite, joints = None, {}
     for dtype in dict.fromkeys(a.dtype for a in new):  # one test of the entries of all arrays of one dtype
-        rows = [xp.reshape(a, (a.shape[0], -1)) for a in new if a.dtype == dtype]
-        ok = all_finite(rows[0] if len(rows) == 1 else xp.concat(rows, axis=1), axis=(1,))
+        members = [n for n, a in enumerate(new) if a.dtype == dtype]
+        joint = side_by_side(xp, [new[n] for n in members])
+        if joint is not None:  # (arrays, k, ...): each block's entries of all arrays
+            joints[tuple(members)] = joint
+            ok = all_finite(xp.reshape(joint, (joint.shape[0], joint.shape[1], -1)), axis=(0, 2))
+        else:
+            rows = [xp.reshape(new[n], (new[n].shape[0], -1)) for n in members]
+            ok = all_finite(rows[0] if len(rows) == 1 else xp.concat(rows, axis=1), axis=(1,))
         finite = ok if finite is None else xp.logical_and(finite, ok)
     accept = xp.logical_and(finite, nonzero)
     failed = xp.logical_xor(nonzero, accept)  # nonzero and not finite
     if read_if_free(xp, accept, lambda: xp.all(accept)):  # the selections would keep all of `new`
         return tuple(new) + (failed,)
-    kept = tuple(xp.where(per_block(xp, accept, a), a, b) for a, b in zip(new, old))
-    return kept + (failed,)
+    kept = [xp.where(per_block(xp, accept, a), a, b) if not any(n in m for m in joints) else None
+            for n, (a, b) in enumerate(zip(new, old))]
+    for members, joint in joints.items():  # one selection of the arrays side by side
+        chosen = xp.where(per_block(xp, accept, joint[0, ...])[None, ...], joint, stacked(xp, [old[n] for n in members]))
+        for j, n in enumerate(members):
+            kept[n] = chosen[j, ...]
+    return tuple(kept) + (failed,)
+
+
+def side_by_side(xp, arrays: Sequence[Any]):
+    """``stack(arrays)`` (a new leading axis) of two or more arrays of one shape, a view where they
+    lie end to end in one allocation (:func:`~precond_ref._backend.stacked`: the operands a refresh
+    stored side by side, :func:`tiled_transform`); ``None`` for one array, or arrays of several
+    shapes."""
+    if len(arrays) < 2 or len({tuple(a.shape) for a in arrays}) != 1:
+        return None
+    return stacked(xp, arrays)
 
 
 def _cut_each(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any]) -> list:
@@ -946,6 +967,16 @@ def tiled_transform(
         narrow = [n for n, (a, b) in enumerate(zip(new, old)) if a.dtype != b.dtype and is_bfloat16(b.dtype)]
         if not narrow:
             return new
+        joint = side_by_side(xp, [new[n] for n in narrow])
+        if joint is not None:  # one shape: operand-major (arrays, k, w), place j·w + e of each tile as below
+            count, k = joint.shape[0], joint.shape[1]
+            joint = xp.reshape(joint, (count, k, -1))
+            bits = xp.reshape(noise[: count * joint.shape[2]], (count, 1, joint.shape[2]))
+            rounded = rounded_with_noise(xp, joint, old[narrow[0]].dtype, bits)
+            out = list(new)
+            for j, n in enumerate(narrow):
+                out[n] = xp.reshape(rounded[j, ...], new[n].shape)
+            return tuple(out)
         k = new[narrow[0]].shape[0]
         flat = [xp.reshape(new[n], (k, -1)) for n in narrow]
         joined = flat[0] if len(flat) == 1 else xp.concat(flat, axis=1)
@@ -963,7 +994,15 @@ def tiled_transform(
         stochastic rounding here is a truncation of float32's bits, which only bf16 is."""
         if layout.factor_rounding != "stochastic":
             return tuple(factors)
-        return tuple(xp.astype(K, G.dtype) if is_bfloat16(K.dtype) and not is_bfloat16(G.dtype) else K for K in factors)
+        narrow = [n for n, K in enumerate(factors) if is_bfloat16(K.dtype) and not is_bfloat16(G.dtype)]
+        joint = side_by_side(xp, [factors[n] for n in narrow])  # one cast of them side by side
+        if joint is None:
+            return tuple(xp.astype(K, G.dtype) if n in narrow else K for n, K in enumerate(factors))
+        wide = xp.astype(joint, G.dtype)
+        out = list(factors)
+        for j, n in enumerate(narrow):
+            out[n] = wide[j, ...]
+        return tuple(out)
 
     def step_noise(xp, ctx, fields, G):
         """The rounding bits of this step (:func:`~precond_ref.engine.rounding.place_noise`), made
