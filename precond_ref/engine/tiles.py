@@ -501,7 +501,8 @@ def kept_where_usable(xp, grouped, old, new):
     one whose new state is not finite (IF-Shampoo's S2, S3). Returns the kept state and, per block,
     whether it failed (a non-finite state from a non-zero gradient; counted by the caller). The
     state's arrays of one dtype are tested together, their blocks side by side (one test, not one
-    per array). Element-wise (``where``): no device value is read, except where reading is free
+    per array); those of one dtype and one shape are also selected together (:func:`side_by_side`:
+    one ``where``, the kept arrays consecutive pieces of its result). Element-wise (``where``): no device value is read, except where reading is free
     (:func:`precond_ref._backend.host_bool`: NumPy, torch eagerly on the CPU), where a stack whose
     every block is usable returns ``new`` itself (what the selections would give) without selecting."""
     nonzero = each_block(xp, xp.any, grouped != 0.0)
@@ -962,8 +963,10 @@ def tiled_transform(
         """The refreshed operands ``new`` (k tiles each) in their stored dtypes: those computed in a
         wider dtype than their bf16 ``old``, side by side per tile, rounded stochastically in one
         call (:func:`~precond_ref.engine.rounding.round_stochastic`), its bits keyed by the step and
-        each element's place in its tile's operands: the first places of the step's ``noise``
-        (:func:`step_noise`)."""
+        each element's place in its tile's operands (element ``e`` of the ``j``-th such operand,
+        after those before it): the first places of the step's ``noise`` (:func:`step_noise`).
+        Operands of one shape are rounded stacked, operand-major (:func:`side_by_side`), and stored
+        as consecutive pieces of one array, which the next refresh reads back as a view."""
         narrow = [n for n, (a, b) in enumerate(zip(new, old)) if a.dtype != b.dtype and is_bfloat16(b.dtype)]
         if not narrow:
             return new
