@@ -44,7 +44,7 @@ __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
     "sums_in_tile_order", "interleaved_places", "counts_per_run", "taken", "read_if_free", "run_indicator", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
-    "leaves_of_batches", "tiles_of_groups", "each_block", "side_by_side", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
+    "leaves_of_batches", "tiles_of_groups", "rearranged", "each_block", "side_by_side", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
 
@@ -551,14 +551,12 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
                     ) -> list:
     """``_cut_each(xp, grads_list, groups)``: every group's gradient as the stacks of its plan;
     eagerly (not JAX, not under ``torch.compile``), for gradients of one dtype and device cut in
-    one work dtype, as one join of all gradients (flattened, in order) and one gather by an index
-    made once per layout (:func:`~precond_ref.engine.factors.constant`; the same cuts applied to
-    the elements' places), each stack a view of the result: the stacks of one key (``keys[i][s]``,
-    what batches them: their tile shape and factor layout) end to end, by refresh phase, then
-    group and stack, so that a batch of them (one phase's, or all phases') is a view too
-    (:func:`~precond_ref._backend.joined`). One operation
-    (two where the work dtype differs) where the cuts are a copy per group with tiles across
-    several axes and the batches a join each."""
+    one work dtype, as one join of all gradients and one gather (:func:`rearranged`), each stack a
+    view of the result: the stacks of one key (``keys[i][s]``, what batches them: their tile
+    shape and factor layout) end to end, by refresh phase, then group and stack, so that a batch
+    of them (one phase's, or all phases') is a view too (:func:`~precond_ref._backend.joined`).
+    Two operations (three where the work dtype differs) where the cuts are a copy per group with
+    tiles across several axes and the batches a join each."""
     leaves = [g for grads in grads_list for g in grads]
     if (is_jax_namespace(xp) or torch_compiling() or len({(g.dtype, device_key(g)) for g in leaves}) != 1
             or len({g.dtype for g in groups}) != 1):
@@ -566,25 +564,42 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
     first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
     order = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
                    key=lambda m: (first[keys[m[0]][m[1]]], groups[m[0]].plan.stacks[m[1]].phase, m))
-    shapes = {(i, s): (len(groups[i].plan.stacks[s].tiles),) + tile_shape(groups[i].plan.tiles[groups[i].plan.stacks[s].tiles[0]])
-              for i, s in order}
+
+    def cut(ids):
+        ids = iter(ids)
+        stacks = _cut_each(xp, [[next(ids) for _ in grads] for grads in grads_list], [g._replace(dtype=xp.int64) for g in groups])
+        return [stacks[i][s] for i, s in order]
+
+    shapes = [(len(groups[i].plan.stacks[s].tiles),) + tile_shape(groups[i].plan.tiles[groups[i].plan.stacks[s].tiles[0]])
+              for i, s in order]
+    key = ("tiles of groups", tuple(g.number for g in groups), tuple(order))
+    out = [[None] * len(g.plan.stacks) for g in groups]
+    for (i, s), stack in zip(order, rearranged(xp, key, leaves, cut, shapes, groups[0].dtype)):
+        out[i][s] = stack
+    return out
+
+
+def rearranged(xp, key, arrays: Sequence[Any], rearrange: Callable, shapes: Sequence[tuple], dtype: Any = None) -> list:
+    """``rearrange(arrays)`` for a rearrangement (arrays of ``shapes`` whose entries are entries of
+    ``arrays``: cuts, joins, transposes, no arithmetic), in ``dtype`` if given: the arrays
+    flattened and joined, cast, and their entries taken by one gather (:func:`taken`) by an index
+    made once per ``key`` (:func:`~precond_ref.engine.factors.constant`) as ``rearrange`` of the
+    entries' places; each result a view of the gathered array's next piece."""
+    ends = tuple(itertools.accumulate((math.prod(a.shape) for a in arrays), initial=0))
 
     def make():
-        ends = tuple(itertools.accumulate((math.prod(g.shape) for g in leaves), initial=0))
-        places = xp.arange(ends[-1], dtype=xp.int64, device=placement(xp, leaves[0]))
-        ids = iter(xp.reshape(places[a:b], tuple(g.shape)) for a, b, g in zip(ends[:-1], ends[1:], leaves))
-        cut = _cut_each(xp, [[next(ids) for _ in grads] for grads in grads_list], [g._replace(dtype=xp.int64) for g in groups])
-        return xp.concat([xp.reshape(cut[i][s], (-1,)) for i, s in order], axis=0)
+        places = xp.arange(ends[-1], dtype=xp.int64, device=placement(xp, arrays[0]))
+        ids = [xp.reshape(places[a:b], tuple(x.shape)) for a, b, x in zip(ends[:-1], ends[1:], arrays)]
+        return xp.concat([xp.reshape(part, (-1,)) for part in rearrange(ids)], axis=0)
 
-    key = ("tiles of groups", tuple(g.number for g in groups), tuple(order))
-    flat = [xp.reshape(g, (-1,)) for g in leaves]
+    flat = [xp.reshape(a, (-1,)) for a in arrays]
     flat = flat[0] if len(flat) == 1 else xp.concat(flat, axis=0)
-    gathered = taken(xp, xp.astype(flat, groups[0].dtype) if flat.dtype != groups[0].dtype else flat,
-                     constant(xp, key, make, leaves[0]))
-    out, start = [[None] * len(g.plan.stacks) for g in groups], 0
-    for i, s in order:
-        out[i][s] = xp.reshape(gathered[start : start + math.prod(shapes[i, s])], shapes[i, s])
-        start += math.prod(shapes[i, s])
+    gathered = taken(xp, xp.astype(flat, dtype) if dtype is not None and flat.dtype != dtype else flat,
+                     constant(xp, key, make, arrays[0]))
+    out, start = [], 0
+    for shape in shapes:
+        out.append(xp.reshape(gathered[start : start + math.prod(shape)], tuple(shape)))
+        start += math.prod(shape)
     return out
 
 
@@ -621,32 +636,17 @@ def _leaves_by_joins(xp, results: Sequence[Any], chosen: Sequence[tuple], batche
 def leaves_of_batches(xp, results: Sequence[Any], chosen: Sequence[tuple], batched: Sequence[Any],
                       groups: Sequence[Any]) -> list:
     """``_leaves_by_joins(xp, results, chosen, batched, groups)``, the members' parts of per-tile
-    results, eagerly (not JAX, not under ``torch.compile``) and for results of one dtype and device
-    as one gather: the results flattened and joined, their elements taken in the members' order
-    by one index (:func:`taken`), and each member a view of its piece, so the members lie end to
-    end for the element-wise work after (:func:`~precond_ref.engine.joined.leafwise`: no copy). The
-    index is made once per layout (:func:`~precond_ref.engine.factors.constant`) by the same joins
-    applied to the elements' places: one operation where the joins are one per group."""
+    results; eagerly (not JAX, not under ``torch.compile``), for results of one dtype and device,
+    as one gather (:func:`rearranged`), one operation where the joins are one per group, and the
+    members views of its consecutive pieces, so that the element-wise work after joins them
+    without a copy (:func:`~precond_ref.engine.joined.leafwise`)."""
     if (is_jax_namespace(xp) or torch_compiling()
             or len({(r.dtype, device_key(r)) for r in results}) != 1):
         return _leaves_by_joins(xp, results, chosen, batched, groups)
-    sizes = [math.prod(r.shape) for r in results]
-    starts = tuple(itertools.accumulate(sizes, initial=0))
-
-    def make():
-        places = xp.arange(starts[-1], dtype=xp.int64, device=placement(xp, results[0]))
-        ids = [xp.reshape(places[a:b], tuple(r.shape)) for a, b, r in zip(starts[:-1], starts[1:], results)]
-        return xp.concat([xp.reshape(leaf, (-1,)) for leaf in _leaves_by_joins(xp, ids, chosen, batched, groups)], axis=0)
-
     key = ("leaves of batches", tuple(chosen), tuple((b.indices, b.lengths, tuple(r.shape)) for b, r in zip(batched, results)),
            tuple(group.number for group in groups))
-    flat = [xp.reshape(r, (-1,)) for r in results]
-    out = taken(xp, flat[0] if len(flat) == 1 else xp.concat(flat, axis=0), constant(xp, key, make, results[0]))
-    leaves, start = [], 0
-    for shape in (tuple(shape) for group in groups for shape in group.shapes):
-        leaves.append(xp.reshape(out[start : start + math.prod(shape)], shape))
-        start += math.prod(shape)
-    return leaves
+    return rearranged(xp, key, results, lambda ids: _leaves_by_joins(xp, ids, chosen, batched, groups),
+                      [shape for group in groups for shape in group.shapes])
 
 
 # --------------------------------------------------------------------------------------------
