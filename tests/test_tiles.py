@@ -337,3 +337,31 @@ def test_tiles_of_groups_are_the_cuts(library, rng):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     if library == "torch":  # the (4, 4) stacks of phase 0 of groups 1 and 4, in order: consecutive pieces
         assert got[1][0].data_ptr() + got[1][0].numel() * 8 == got[4][0].data_ptr()
+
+
+def test_gathers_only_below_their_bound(monkeypatch):
+    """``gathering``: a gather's int32 index is as large as the entries it covers, so above
+    ``GATHER_MAX_ELEMENTS`` entries the tiles are cut group by group (no gather issued), with the
+    same stacks."""
+    torch = pytest.importorskip("torch")
+    from array_api_compat import array_namespace
+    from dispatched import Dispatched
+
+    from precond_ref.engine.layout import grouped_shape
+
+    grads = [[torch.randn(8, 12, dtype=torch.float64)], [torch.randn(8, 8, dtype=torch.float64)]]
+    groups = []
+    for (g,) in grads:
+        full, dims = grouped_shape([tuple(g.shape)], True)
+        plan = tiling.stack_plan(tiling.tile_plan(dims, [False, False], 4, 2, True))
+        groups.append(tiling._Group(torch.float64, [tuple(g.shape)], full, True, plan, None,
+                                    tiling.numbered(((tuple(g.shape),), True, plan))))
+    xp, keys = array_namespace(grads[0][0]), [[0, 0], [0, 0]]
+    assert tiling.gathering(xp, [g for (g,) in grads])
+    monkeypatch.setattr(tiling, "GATHER_MAX_ELEMENTS", 8 * 12 + 8 * 8 - 1)
+    assert not tiling.gathering(xp, [g for (g,) in grads])  # one entry over
+    with Dispatched() as seen:
+        got = tiling.tiles_of_groups(xp, grads, groups, keys)
+    assert "index_select" not in seen.names
+    for a, b in zip((x for g in got for x in g), (x for g in tiling._cut_each(xp, grads, groups) for x in g)):
+        assert torch.equal(a, b)

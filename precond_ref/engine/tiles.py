@@ -44,7 +44,7 @@ __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
     "sums_in_tile_order", "interleaved_places", "counts_per_run", "taken", "read_if_free", "run_indicator", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
-    "leaves_of_batches", "tiles_of_groups", "rearranged", "each_block", "side_by_side", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
+    "leaves_of_batches", "tiles_of_groups", "rearranged", "gathering", "GATHER_MAX_ELEMENTS", "each_block", "side_by_side", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
 
@@ -550,15 +550,14 @@ def _cut_each(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any]) ->
 def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
                     ) -> list:
     """``_cut_each(xp, grads_list, groups)``: every group's gradient as the stacks of its plan;
-    eagerly (not JAX, not under ``torch.compile``), for gradients of one dtype and device cut in
-    one work dtype, as one join of all gradients and one gather (:func:`rearranged`), each stack a
+    where :func:`gathering`, for gradients of one dtype and device cut in one work dtype, as one join of all gradients and one gather (:func:`rearranged`), each stack a
     view of the result: the stacks of one key (``keys[i][s]``, what batches them: their tile
     shape and factor layout) end to end, by refresh phase, then group and stack, so that a batch
     of them (one phase's, or all phases') is a view too (:func:`~precond_ref._backend.joined`).
     Two operations (three where the work dtype differs) where the cuts are a copy per group with
     tiles across several axes and the batches a join each."""
     leaves = [g for grads in grads_list for g in grads]
-    if (is_jax_namespace(xp) or torch_compiling() or len({(g.dtype, device_key(g)) for g in leaves}) != 1
+    if (not gathering(xp, leaves) or len({(g.dtype, device_key(g)) for g in leaves}) != 1
             or len({g.dtype for g in groups}) != 1):
         return _cut_each(xp, grads_list, groups)
     first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
@@ -567,7 +566,7 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
 
     def cut(ids):
         ids = iter(ids)
-        stacks = _cut_each(xp, [[next(ids) for _ in grads] for grads in grads_list], [g._replace(dtype=xp.int64) for g in groups])
+        stacks = _cut_each(xp, [[next(ids) for _ in grads] for grads in grads_list], [g._replace(dtype=xp.int32) for g in groups])
         return [stacks[i][s] for i, s in order]
 
     shapes = [(len(groups[i].plan.stacks[s].tiles),) + tile_shape(groups[i].plan.tiles[groups[i].plan.stacks[s].tiles[0]])
@@ -579,6 +578,18 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
     return out
 
 
+#: entries: the most a gather's index covers (:func:`gathering`; int32, 128 MiB)
+GATHER_MAX_ELEMENTS = 2**25
+
+
+def gathering(xp, arrays: Sequence[Any]) -> bool:
+    """Whether :func:`rearranged` serves ``arrays``: eagerly (not JAX, not under ``torch.compile``,
+    which fuse the rearrangements anyway), for at most :data:`GATHER_MAX_ELEMENTS` entries, whose
+    index (int32, as large as the arrays' float32 entries) stays small. A larger model's
+    rearrangements, a few operations per group, are few beside its arithmetic."""
+    return not (is_jax_namespace(xp) or torch_compiling()) and sum(math.prod(a.shape) for a in arrays) <= GATHER_MAX_ELEMENTS
+
+
 def rearranged(xp, key, arrays: Sequence[Any], rearrange: Callable, shapes: Sequence[tuple], dtype: Any = None) -> list:
     """``rearrange(arrays)`` for a rearrangement (arrays of ``shapes`` whose entries are entries of
     ``arrays``: cuts, joins, transposes, no arithmetic), in ``dtype`` if given: the arrays
@@ -588,7 +599,7 @@ def rearranged(xp, key, arrays: Sequence[Any], rearrange: Callable, shapes: Sequ
     ends = tuple(itertools.accumulate((math.prod(a.shape) for a in arrays), initial=0))
 
     def make():
-        places = xp.arange(ends[-1], dtype=xp.int64, device=placement(xp, arrays[0]))
+        places = xp.arange(ends[-1], dtype=xp.int32, device=placement(xp, arrays[0]))
         ids = [xp.reshape(places[a:b], tuple(x.shape)) for a, b, x in zip(ends[:-1], ends[1:], arrays)]
         return xp.concat([xp.reshape(part, (-1,)) for part in rearrange(ids)], axis=0)
 
@@ -636,12 +647,10 @@ def _leaves_by_joins(xp, results: Sequence[Any], chosen: Sequence[tuple], batche
 def leaves_of_batches(xp, results: Sequence[Any], chosen: Sequence[tuple], batched: Sequence[Any],
                       groups: Sequence[Any]) -> list:
     """``_leaves_by_joins(xp, results, chosen, batched, groups)``, the members' parts of per-tile
-    results; eagerly (not JAX, not under ``torch.compile``), for results of one dtype and device,
-    as one gather (:func:`rearranged`), one operation where the joins are one per group, and the
+    results; where :func:`gathering`, for results of one dtype and device, as one gather (:func:`rearranged`), one operation where the joins are one per group, and the
     members views of its consecutive pieces, so that the element-wise work after joins them
     without a copy (:func:`~precond_ref.engine.joined.leafwise`)."""
-    if (is_jax_namespace(xp) or torch_compiling()
-            or len({(r.dtype, device_key(r)) for r in results}) != 1):
+    if not gathering(xp, results) or len({(r.dtype, device_key(r)) for r in results}) != 1:
         return _leaves_by_joins(xp, results, chosen, batched, groups)
     key = ("leaves of batches", tuple(chosen), tuple((b.indices, b.lengths, tuple(r.shape)) for b, r in zip(batched, results)),
            tuple(group.number for group in groups))
