@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from precond_ref.engine.rounding import place_keys, round_stochastic, rounding_key
+from precond_ref.engine.rounding import place_keys, place_noise, round_stochastic, rounded_with_noise, rounding_key
 
 torch = pytest.importorskip("torch")
 
@@ -100,3 +100,17 @@ def test_float64_values_round_from_their_nearest_float32():
     down, up = _neighbours(x.astype(np.float32))
     got = got.float().numpy()
     assert np.all((got == down) | (got == up))
+
+
+def test_noise_of_the_most_places_sliced_is_the_noise_of_fewer():
+    """The engine makes a step's bits once, for the most places any tile stores, and rounds every
+    batch with its first places: ``place_noise(place_keys(key, N))[:n]`` gives the rounding of
+    ``round_stochastic`` with the keys of ``n`` places, bit for bit (a place's key depends on the
+    step and the place alone, engine/rounding.py)."""
+    x = torch.from_numpy(np.random.default_rng(5).normal(size=(3, 70)).astype(np.float32))
+    key = rounding_key(XT, torch.tensor(99, dtype=torch.int32), None)
+    want = round_stochastic(XT, x, torch.bfloat16, place_keys(XT, key, 70, None))
+    noise = place_noise(XT, place_keys(XT, key, 5000, None))
+    got = rounded_with_noise(XT, x, torch.bfloat16, noise[:70])
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert not torch.equal(rounded_with_noise(XT, x, torch.bfloat16, noise[1:71]).view(torch.int16), want.view(torch.int16))

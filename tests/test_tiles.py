@@ -168,10 +168,10 @@ def test_per_tile_scales_each_tile_by_its_groups_value():
 
 
 @pytest.mark.parametrize("library", ["numpy", "torch"])
-@pytest.mark.parametrize("lengths", [(5,), (2, 1, 3), (1, 1, 1, 4), (4, 2)])
+@pytest.mark.parametrize("lengths", [(5,), (2, 1, 3), (1, 1, 1, 4), (4, 2), (3, 3, 3)])
 def test_counts_per_run_are_the_sums_of_the_runs(library, lengths):
     """S3's count of a group's failed tiles, ``counts_per_run``: per run of consecutive flags (a
-    group's tiles in a batch of stacks), the number set, as 0-D int32 arrays: the sum of each
+    group's tiles in a batch of stacks), the number set, as a (runs,) int32 vector: the sum of each
     slice (integers, so exact whatever the order of summation)."""
     from array_api_compat import array_namespace
 
@@ -185,7 +185,7 @@ def test_counts_per_run_are_the_sums_of_the_runs(library, lengths):
     starts = np.cumsum((0,) + lengths)
     want = [int(np.sum(np.asarray(flags)[a:b])) for a, b in zip(starts[:-1], starts[1:])]
     assert [int(x) for x in got] == want
-    assert all(x.dtype == xp.int32 and x.shape == () for x in got)
+    assert got.dtype == xp.int32 and tuple(got.shape) == (len(lengths),)
 
 
 def test_kept_where_usable_per_block():
@@ -197,6 +197,36 @@ def test_kept_where_usable_per_block():
     *kept, failed = tiling.kept_where_usable(_np(), grouped, old, new)
     np.testing.assert_array_equal(kept[0], np.stack([old[0][0], old[0][1], np.full((2, 2), 2.0)]))
     np.testing.assert_array_equal(failed, [False, True, False])
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("shapes", [((2, 2), (2, 2), (2, 2)), ((2, 2), (3, 3))])
+def test_kept_where_usable_side_by_side_is_the_selection_of_each(library, shapes):
+    """S2/S3 for a stack's several arrays: arrays of one shape are tested and selected side by side
+    (``side_by_side``: one ``where``), others one by one; either way each array's kept blocks are
+    ``where(accept, new, old)`` of its own blocks (accept: a non-zero gradient and every array of
+    the block finite), the flags those of the plain rule, and on torch (no free read of all-usable
+    here: a block fails) the arrays of one shape are handed back as one allocation's consecutive
+    pieces (the next refresh joins them without a copy)."""
+    rng = np.random.default_rng(len(shapes))
+    grouped = np.stack([np.zeros((2, 2)), np.ones((2, 2)), np.ones((2, 2))])
+    old = tuple(rng.normal(size=(3,) + s) for s in shapes)
+    new = [rng.normal(size=(3,) + s) for s in shapes]
+    new[-1][2, 0, 0] = np.nan  # block 2 fails in one array only: every array of it keeps its old state
+    accept = np.array([False, True, False])
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        old, new = tuple(torch.from_numpy(a) for a in old), tuple(torch.from_numpy(a) for a in new)
+        grouped = torch.from_numpy(grouped)
+    from array_api_compat import array_namespace
+
+    xp = array_namespace(grouped)
+    *kept, failed = tiling.kept_where_usable(xp, grouped, old, tuple(new))
+    for k, a, b in zip(kept, new, old):
+        np.testing.assert_array_equal(np.asarray(k), np.where(accept.reshape((3,) + (1,) * (a.ndim - 1)), np.asarray(a), np.asarray(b)))
+    np.testing.assert_array_equal(np.asarray(failed), [False, False, True])
+    if library == "torch" and len(set(shapes)) == 1:
+        assert [k.data_ptr() for k in kept[1:]] == [k.data_ptr() + k.numel() * 8 for k in kept[:-1]]
 
 
 @pytest.mark.parametrize("shape", [(3, 4), (3, 2, 5), (2, 3, 2, 2)])
@@ -235,3 +265,103 @@ def test_kept_where_usable_of_usable_blocks_is_the_new_state_itself(rng):
     *kept, failed = tiling.kept_where_usable(_np(), grouped, old, new)
     assert kept[0] is new[0]
     np.testing.assert_array_equal(failed, [False, False, False])
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_leaves_of_batches_is_the_joins(library, rng):
+    """``leaves_of_batches`` (the batches' per-tile results joined, then one gather by an index
+    made once per layout) hands every member exactly the part that joining its group's stacks
+    back and cutting the group into its members gives (``_leaves_by_joins``, the plain formula):
+    groups of equal, ragged and weight-and-bias tiles, batched across groups and phases as the
+    runner batches them. Exact (no arithmetic); on torch the members lie end to end in one
+    allocation, in order (what lets the element-wise work after join them without a copy)."""
+    from precond_ref.blocking import stack
+    from precond_ref.engine.layout import grouped_shape
+
+    members_of = [[(12, 8)], [(8, 11), (8,)], [(10,)], [(4, 8)], [(7,)]]
+    groups, parts = [], []
+    for shapes in members_of:
+        full, dims = grouped_shape(shapes, True)
+        plan = tiling.stack_plan(tiling.tile_plan(dims, [False] * len(dims), 4, 2, True))
+        groups.append(tiling._Group(None, shapes, full, True, plan, None, tiling.numbered((tuple(shapes), True, plan))))
+        for s, st in enumerate(plan.stacks):
+            parts.append(((len(groups) - 1, s), rng.normal(size=(len(st.tiles),) + tiling.tile_shape(plan.tiles[st.tiles[0]]))))
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        parts = [(m, torch.from_numpy(x)) for m, x in parts]
+    from array_api_compat import array_namespace
+
+    xp = array_namespace(parts[0][1])
+    chosen = [m for m, _ in parts]
+    batched = stack(xp, [(x,) for _, x in parts])
+    assert len(batched) < len(parts)  # stacks of one tile shape batched across groups
+    results = [b.operands[0] for b in batched]
+    got = tiling.leaves_of_batches(xp, results, chosen, batched, groups)
+    want = tiling._leaves_by_joins(xp, results, chosen, batched, groups)
+    assert [tuple(a.shape) for a in got] == [tuple(s) for shapes in members_of for s in shapes]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if library == "torch":
+        ends = [a.data_ptr() + a.numel() * a.element_size() for a in got[:-1]]
+        assert ends == [a.data_ptr() for a in got[1:]]
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_tiles_of_groups_are_the_cuts(library, rng):
+    """``tiles_of_groups`` (all gradients joined, then one gather by an index made once per layout)
+    gives every group exactly the stacks that joining its members and cutting the tensor give
+    (``_cut_each``, the plain formula: ``cut_stacks`` of ``group_tensor``): equal, ragged and
+    weight-and-bias tiles, a squeezed (1, n) weight and its bias. Exact (no arithmetic); on
+    torch the stacks of one key lie end to end by refresh phase, then group (a batch of them joins
+    as a view)."""
+    from array_api_compat import array_namespace
+
+    from precond_ref.engine.layout import grouped_shape
+
+    members_of = [[(8, 6), (8,)], [(8, 8)], [(4,)], [(1, 8), (1,)], [(12, 8)]]
+    grads = [[rng.normal(size=s) for s in shapes] for shapes in members_of]
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        grads = [[torch.from_numpy(g) for g in gs] for gs in grads]
+    xp = array_namespace(grads[0][0])
+    groups, keys = [], []
+    for shapes in members_of:
+        full, dims = grouped_shape(shapes, True)
+        plan = tiling.stack_plan(tiling.tile_plan(dims, [False] * len(dims), 4, 2, True))
+        groups.append(tiling._Group(grads[0][0].dtype, shapes, full, True, plan, None, tiling.numbered((tuple(shapes), True, plan))))
+        keys.append([tiling.tile_shape(plan.tiles[st.tiles[0]]) for st in plan.stacks])
+    got = tiling.tiles_of_groups(xp, grads, groups, keys)
+    want = tiling._cut_each(xp, grads, groups)
+    assert [len(g) for g in got] == [len(g.plan.stacks) for g in groups]
+    for a, b in zip((x for g in got for x in g), (x for g in want for x in g)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if library == "torch":  # the (4, 4) stacks of phase 0 of groups 1 and 4, in order: consecutive pieces
+        assert got[1][0].data_ptr() + got[1][0].numel() * 8 == got[4][0].data_ptr()
+
+
+def test_gathers_only_below_their_bound(monkeypatch):
+    """``gathering``: a gather's int32 index is as large as the entries it covers, so above
+    ``GATHER_MAX_ELEMENTS`` entries the tiles are cut group by group (no gather issued), with the
+    same stacks."""
+    torch = pytest.importorskip("torch")
+    from array_api_compat import array_namespace
+    from dispatched import Dispatched
+
+    from precond_ref.engine.layout import grouped_shape
+
+    grads = [[torch.randn(8, 12, dtype=torch.float64)], [torch.randn(8, 8, dtype=torch.float64)]]
+    groups = []
+    for (g,) in grads:
+        full, dims = grouped_shape([tuple(g.shape)], True)
+        plan = tiling.stack_plan(tiling.tile_plan(dims, [False, False], 4, 2, True))
+        groups.append(tiling._Group(torch.float64, [tuple(g.shape)], full, True, plan, None,
+                                    tiling.numbered(((tuple(g.shape),), True, plan))))
+    xp, keys = array_namespace(grads[0][0]), [[0, 0], [0, 0]]
+    assert tiling.gathering(xp, [g for (g,) in grads])
+    monkeypatch.setattr(tiling, "GATHER_MAX_ELEMENTS", 8 * 12 + 8 * 8 - 1)
+    assert not tiling.gathering(xp, [g for (g,) in grads])  # one entry over
+    with Dispatched() as seen:
+        got = tiling.tiles_of_groups(xp, grads, groups, keys)
+    assert "index_select" not in seen.names
+    for a, b in zip((x for g in got for x in g), (x for g in tiling._cut_each(xp, grads, groups) for x in g)):
+        assert torch.equal(a, b)

@@ -1,7 +1,8 @@
 """Stochastic rounding, pure and reproducible: float32 values stored into bfloat16 with the expected
 value kept, the random bits a hash of the step and the element's place (no PRNG state).
 
-:func:`round_stochastic` rounds; :func:`rounding_key` and :func:`place_keys` key its bits. A
+:func:`round_stochastic` rounds; :func:`rounding_key` and :func:`place_keys` key its bits
+(:func:`place_noise`: the bits themselves, made once and sliced for any number of places). A
 counter-based hash (lowbias32, an integer mix of xorshifts and multiplies, in 32-bit arithmetic)
 gives the same bits on every backend, eagerly, under ``jax.jit`` or ``torch.compile``, with no
 host data, no host randomness and no state to save.
@@ -16,7 +17,7 @@ from array_api_compat import is_cupy_namespace, is_jax_namespace
 
 from .._backend import is_numpy_namespace, is_torch_namespace
 
-__all__ = ["round_stochastic", "rounding_key", "place_keys", "is_bfloat16"]
+__all__ = ["round_stochastic", "rounded_with_noise", "rounding_key", "place_keys", "place_noise", "is_bfloat16"]
 
 Array = Any
 
@@ -63,6 +64,13 @@ def place_keys(xp, key: Array, size: int, device: Any) -> Array:
     return _mix32(_low32(xp.arange(size, dtype=_uint32_dtype(xp), device=device) + key))
 
 
+def place_noise(xp, keys: Array) -> Array:
+    """The 16 random bits of each place, the high half of its key (:func:`place_keys`), as the
+    int32 that :func:`rounded_with_noise` adds: ``noise[:n]`` is the noise of the first ``n``
+    places, so one array made for the most places of a step serves every smaller rounding of it."""
+    return xp.astype(keys >> 16, xp.int32)
+
+
 def _bitcast(xp, x: Array, dtype) -> Array:
     """``x``'s bits read as ``dtype`` of the same width (no conversion)."""
     if is_torch_namespace(xp) or is_numpy_namespace(xp) or is_cupy_namespace(xp):
@@ -94,8 +102,14 @@ def round_stochastic(xp, x: Array, dtype: Any, keys: Array) -> Array:
     within one float32 ulp of its threshold). The addition wraps (two's complement) only for NaN
     patterns, which are put back.
     """
+    return rounded_with_noise(xp, x, dtype, place_noise(xp, keys))
+
+
+def rounded_with_noise(xp, x: Array, dtype: Any, noise: Array) -> Array:
+    """:func:`round_stochastic` with the bits given as :func:`place_noise` of the keys (broadcast
+    against x's last axis): ``round_stochastic(xp, x, dtype, keys) == rounded_with_noise(xp, x,
+    dtype, place_noise(xp, keys))``, bit for bit."""
     x32 = xp.astype(x, xp.float32) if x.dtype != xp.float32 else x
-    noise = xp.astype(keys >> 16, xp.int32)
     out = _bitcast(xp, (_bitcast(xp, x32, xp.int32) + noise) & -65536, xp.float32)  # the low 16 bits cleared
     out = xp.where(xp.isnan(x32), x32, out)  # a NaN's payload may carry into the exponent
     return xp.astype(out, dtype)

@@ -24,7 +24,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from array_api_compat import array_namespace, is_jax_namespace
 
-from .._backend import array_device, compute_dtype, cond, device_key, host_bool, placement, scalar_zero
+from .._backend import (
+    array_device, compute_dtype, cond, device_key, host_bool, is_torch_namespace, placement, scalar_zero, stacked,
+    torch_compiling,
+)
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype
 from ..transform import Transform, check_bool, check_choice, check_positive, check_positive_int, singleton_groups
@@ -34,14 +37,14 @@ from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
 from .options import state_dtype
 from .phases import tile_phase
-from .rounding import is_bfloat16, place_keys, round_stochastic, rounding_key
+from .rounding import is_bfloat16, place_keys, place_noise, rounded_with_noise, rounding_key
 from .run import build_transform
 
 __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
-    "sums_in_tile_order", "interleaved_places", "counts_per_run", "run_ends", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
-    "each_block", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
+    "sums_in_tile_order", "interleaved_places", "counts_per_run", "taken", "read_if_free", "run_indicator", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
+    "leaves_of_batches", "tiles_of_groups", "rearranged", "gathering", "GATHER_MAX_ELEMENTS", "each_block", "side_by_side", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
 
@@ -281,7 +284,7 @@ def pick(xp, stack, positions: tuple):
     step = positions[1] - first if len(positions) > 1 else 1
     if step > 0 and positions == tuple(range(first, last + 1, step)):
         return stack[first : last + 1 : step, ...]
-    return xp.take(stack, index_array(xp, positions, stack), axis=0)
+    return taken(xp, stack, index_array(xp, positions, stack))
 
 
 def unpick(xp, parts: Sequence[Any], positions: Sequence[tuple], flat: bool = True):
@@ -302,7 +305,7 @@ def unpick(xp, parts: Sequence[Any], positions: Sequence[tuple], flat: bool = Tr
         return head if extra == 0 else xp.concat([head] + [part[rows:, ...] for part in parts[:extra]], axis=0)
     order = [j for p in positions for j in p]
     inverse = tuple(sorted(range(k), key=order.__getitem__))  # S[j] = concat(parts)[inverse[j]]
-    return xp.take(xp.concat(list(parts), axis=0), index_array(xp, inverse, parts[0]), axis=0)
+    return taken(xp, xp.concat(list(parts), axis=0), index_array(xp, inverse, parts[0]))
 
 
 def cut_stacks(xp, G, plan: TilePlan) -> list:
@@ -378,7 +381,7 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
             places = tuple((len(plans[i].tiles), tuple(first[i, s] for s in range(len(plans[i].stacks)))) for i in even)
             ends = tuple(itertools.accumulate([k for k, _ in places], initial=0))
             if places != tuple((k, (a,)) for (k, _), a in zip(places, ends)) or ends[-1] != joined.shape[0]:
-                joined = xp.take(joined, interleaved_places(xp, places, joined), axis=0)
+                joined = taken(xp, joined, interleaved_places(xp, places, joined))
             for k, same in itertools.groupby(zip(even, ends), key=lambda pair: len(plans[pair[0]].tiles)):
                 same = list(same)
                 a = same[0][1]
@@ -426,27 +429,54 @@ def interleaved_places(xp, places: tuple, like):
     return constant(xp, ("interleaved", places), make, like)
 
 
-def counts_per_run(xp, flags, lengths: Sequence[int]) -> list:
+def counts_per_run(xp, flags, lengths: Sequence[int]):
     """How many of ``flags`` (a (n,) bool vector, consecutive runs of ``lengths``) are set in each
-    run, as 0-D int32 arrays: one ``sum`` for a single run; else one cumulative sum read at the
-    runs' ends (:func:`run_ends`; integers: the counts a sum per run gives, whatever the order)."""
-    ones = xp.astype(flags, xp.int32)
-    if len(lengths) == 1:
-        return [xp.sum(ones, dtype=xp.int32)]
-    totals = xp.take(xp.cumulative_sum(ones, dtype=xp.int32), run_ends(xp, tuple(lengths), flags), axis=0)
-    counts = xp.concat([totals[:1], totals[1:] - totals[:-1]], axis=0)
-    return [counts[j, ...] for j in range(len(lengths))]
+    run, as a (runs,) int32 vector: runs of one length, one ``sum`` of the rows of their (runs,
+    length) matrix; else the product of the runs' 0/1 indicator (:func:`run_indicator`) with the
+    flags as float32, exact for counts below 2^24 whatever the order of summation (integers, every
+    partial sum representable)."""
+    if len(set(lengths)) == 1:
+        return xp.sum(xp.reshape(xp.astype(flags, xp.int32), (len(lengths), lengths[0])), axis=1, dtype=xp.int32)
+    return xp.astype(xp.matmul(run_indicator(xp, tuple(lengths), flags), xp.astype(flags, xp.float32)), xp.int32)
 
 
-def run_ends(xp, lengths: tuple, like):
-    """The places of the last entries of consecutive runs of ``lengths`` as an index beside
-    ``like``, made once on the device from fills (no host data copied;
-    :func:`~precond_ref.engine.factors.constant`)."""
+def run_indicator(xp, lengths: tuple, like):
+    """The (runs, n) float32 matrix whose row ``j`` is 1 on the places of run ``j`` of consecutive
+    runs of ``lengths`` and 0 elsewhere, made once on the device from ``arange`` (no host data
+    copied; :func:`~precond_ref.engine.factors.constant`)."""
     def make():
-        dev = placement(xp, like)
-        ends = itertools.accumulate(lengths)
-        return xp.concat([xp.full((1,), end - 1, dtype=xp.int64, device=dev) for end in ends], axis=0)
-    return constant(xp, ("run ends", lengths), make, like)
+        places = xp.arange(sum(lengths), dtype=xp.int64, device=placement(xp, like))
+        ends = tuple(itertools.accumulate(lengths, initial=0))
+        rows = [xp.logical_and(places >= a, places < b) for a, b in zip(ends[:-1], ends[1:])]
+        return xp.astype(xp.stack(rows), xp.float32)
+    return constant(xp, ("run indicator", lengths), make, like)
+
+
+def taken(xp, x, index):
+    """``xp.take(x, index, axis=0)`` for an ``index`` of non-negative places (the engine's
+    constants): on torch one ``index_select`` (array_api_compat's ``take`` first maps negative
+    places, three more operations)."""
+    return x.index_select(0, index) if is_torch_namespace(xp) else xp.take(x, index, axis=0)
+
+
+class _ReadIfFree:
+    """A 0-D value for :func:`~precond_ref._backend.host_bool` that is computed only when read:
+    where reading is free (NumPy, torch eagerly on the CPU) ``compute()`` is issued and read;
+    elsewhere (a GPU, a compiler) ``host_bool`` answers ``None`` without it, so the reduction that
+    only serves the read is not issued at all."""
+
+    def __init__(self, like, compute: Callable):
+        self.device = getattr(like, "device", None)
+        self._compute = compute
+
+    def __bool__(self) -> bool:
+        return bool(self._compute())
+
+
+def read_if_free(xp, like, compute: Callable):
+    """``host_bool(xp, compute())``, ``compute()`` (a 0-D bool beside ``like``) issued only where
+    :func:`~precond_ref._backend.host_bool` reads it (:class:`_ReadIfFree`); else ``None``."""
+    return host_bool(xp, _ReadIfFree(like, compute))
 
 
 def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
@@ -471,21 +501,161 @@ def kept_where_usable(xp, grouped, old, new):
     one whose new state is not finite (IF-Shampoo's S2, S3). Returns the kept state and, per block,
     whether it failed (a non-finite state from a non-zero gradient; counted by the caller). The
     state's arrays of one dtype are tested together, their blocks side by side (one test, not one
-    per array). Element-wise (``where``): no device value is read, except where reading is free
+    per array); those of one dtype and one shape are also selected together (:func:`side_by_side`:
+    one ``where``, the kept arrays consecutive pieces of its result). Element-wise (``where``): no device value is read, except where reading is free
     (:func:`precond_ref._backend.host_bool`: NumPy, torch eagerly on the CPU), where a stack whose
     every block is usable returns ``new`` itself (what the selections would give) without selecting."""
     nonzero = each_block(xp, xp.any, grouped != 0.0)
-    finite = None
+    finite, joints = None, {}
     for dtype in dict.fromkeys(a.dtype for a in new):  # one test of the entries of all arrays of one dtype
-        rows = [xp.reshape(a, (a.shape[0], -1)) for a in new if a.dtype == dtype]
-        ok = all_finite(rows[0] if len(rows) == 1 else xp.concat(rows, axis=1), axis=(1,))
+        members = [n for n, a in enumerate(new) if a.dtype == dtype]
+        joint = side_by_side(xp, [new[n] for n in members])
+        if joint is not None:  # (arrays, k, ...): each block's entries of all arrays
+            joints[tuple(members)] = joint
+            ok = all_finite(xp.reshape(joint, (joint.shape[0], joint.shape[1], -1)), axis=(0, 2))
+        else:
+            rows = [xp.reshape(new[n], (new[n].shape[0], -1)) for n in members]
+            ok = all_finite(rows[0] if len(rows) == 1 else xp.concat(rows, axis=1), axis=(1,))
         finite = ok if finite is None else xp.logical_and(finite, ok)
     accept = xp.logical_and(finite, nonzero)
-    failed = xp.logical_and(xp.logical_not(finite), nonzero)
-    if host_bool(xp, xp.all(accept)):  # read where that is free: the selections would keep all of `new`
+    failed = xp.logical_xor(nonzero, accept)  # nonzero and not finite
+    if read_if_free(xp, accept, lambda: xp.all(accept)):  # the selections would keep all of `new`
         return tuple(new) + (failed,)
-    kept = tuple(xp.where(per_block(xp, accept, a), a, b) for a, b in zip(new, old))
-    return kept + (failed,)
+    kept = [xp.where(per_block(xp, accept, a), a, b) if not any(n in m for m in joints) else None
+            for n, (a, b) in enumerate(zip(new, old))]
+    for members, joint in joints.items():  # one selection of the arrays side by side
+        chosen = xp.where(per_block(xp, accept, joint[0, ...])[None, ...], joint, stacked(xp, [old[n] for n in members]))
+        for j, n in enumerate(members):
+            kept[n] = chosen[j, ...]
+    return tuple(kept) + (failed,)
+
+
+def side_by_side(xp, arrays: Sequence[Any]):
+    """``stack(arrays)`` (a new leading axis) of two or more arrays of one shape, a view where they
+    lie end to end in one allocation (:func:`~precond_ref._backend.stacked`: the operands a refresh
+    stored side by side, :func:`tiled_transform`); ``None`` for one array, or arrays of several
+    shapes."""
+    if len(arrays) < 2 or len({tuple(a.shape) for a in arrays}) != 1:
+        return None
+    return stacked(xp, arrays)
+
+
+def _cut_each(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any]) -> list:
+    """Each group's members joined into its tensor G (:func:`~precond_ref.engine.layout.group_tensor`,
+    in its work dtype) and cut into the stacks of its plan (:func:`cut_stacks`)."""
+    return [cut_stacks(xp, group_tensor(xp, grads, g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype),
+                       g.plan) for grads, g in zip(grads_list, groups)]
+
+
+def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
+                    ) -> list:
+    """``_cut_each(xp, grads_list, groups)``: every group's gradient as the stacks of its plan;
+    where :func:`gathering`, for gradients of one dtype and device cut in one work dtype, as one join of all gradients and one gather (:func:`rearranged`), each stack a
+    view of the result: the stacks of one key (``keys[i][s]``, what batches them: their tile
+    shape and factor layout) end to end, by refresh phase, then group and stack, so that a batch
+    of them (one phase's, or all phases') is a view too (:func:`~precond_ref._backend.joined`).
+    Two operations (three where the work dtype differs) where the cuts are a copy per group with
+    tiles across several axes and the batches a join each."""
+    leaves = [g for grads in grads_list for g in grads]
+    if (not gathering(xp, leaves) or len({(g.dtype, device_key(g)) for g in leaves}) != 1
+            or len({g.dtype for g in groups}) != 1):
+        return _cut_each(xp, grads_list, groups)
+    first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
+    order = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
+                   key=lambda m: (first[keys[m[0]][m[1]]], groups[m[0]].plan.stacks[m[1]].phase, m))
+
+    def cut(ids):
+        ids = iter(ids)
+        stacks = _cut_each(xp, [[next(ids) for _ in grads] for grads in grads_list], [g._replace(dtype=xp.int32) for g in groups])
+        return [stacks[i][s] for i, s in order]
+
+    shapes = [(len(groups[i].plan.stacks[s].tiles),) + tile_shape(groups[i].plan.tiles[groups[i].plan.stacks[s].tiles[0]])
+              for i, s in order]
+    key = ("tiles of groups", tuple(g.number for g in groups), tuple(order))
+    out = [[None] * len(g.plan.stacks) for g in groups]
+    for (i, s), stack in zip(order, rearranged(xp, key, leaves, cut, shapes, groups[0].dtype)):
+        out[i][s] = stack
+    return out
+
+
+#: entries: the most a gather's index covers (:func:`gathering`; int32, 128 MiB)
+GATHER_MAX_ELEMENTS = 2**25
+
+
+def gathering(xp, arrays: Sequence[Any]) -> bool:
+    """Whether :func:`rearranged` serves ``arrays``: eagerly (not JAX, not under ``torch.compile``,
+    which fuse the rearrangements anyway), for at most :data:`GATHER_MAX_ELEMENTS` entries, whose
+    index (int32, as large as the arrays' float32 entries) stays small. A larger model's
+    rearrangements, a few operations per group, are few beside its arithmetic."""
+    return not (is_jax_namespace(xp) or torch_compiling()) and sum(math.prod(a.shape) for a in arrays) <= GATHER_MAX_ELEMENTS
+
+
+def rearranged(xp, key, arrays: Sequence[Any], rearrange: Callable, shapes: Sequence[tuple], dtype: Any = None) -> list:
+    """``rearrange(arrays)`` for a rearrangement (arrays of ``shapes`` whose entries are entries of
+    ``arrays``: cuts, joins, transposes, no arithmetic), in ``dtype`` if given: the arrays
+    flattened and joined, cast, and their entries taken by one gather (:func:`taken`) by an index
+    made once per ``key`` (:func:`~precond_ref.engine.factors.constant`) as ``rearrange`` of the
+    entries' places; each result a view of the gathered array's next piece."""
+    ends = tuple(itertools.accumulate((math.prod(a.shape) for a in arrays), initial=0))
+
+    def make():
+        places = xp.arange(ends[-1], dtype=xp.int32, device=placement(xp, arrays[0]))
+        ids = [xp.reshape(places[a:b], tuple(x.shape)) for a, b, x in zip(ends[:-1], ends[1:], arrays)]
+        return xp.concat([xp.reshape(part, (-1,)) for part in rearrange(ids)], axis=0)
+
+    flat = [xp.reshape(a, (-1,)) for a in arrays]
+    flat = flat[0] if len(flat) == 1 else xp.concat(flat, axis=0)
+    gathered = taken(xp, xp.astype(flat, dtype) if dtype is not None and flat.dtype != dtype else flat,
+                     constant(xp, key, make, arrays[0]))
+    out, start = [], 0
+    for shape in shapes:
+        out.append(xp.reshape(gathered[start : start + math.prod(shape)], tuple(shape)))
+        start += math.prod(shape)
+    return out
+
+
+_NUMBERS: dict = {}  # a group's layout -> its number
+
+
+def numbered(layout: Any) -> int:
+    """A number for a group's layout (its members' shapes, their pairing and its :class:`TilePlan`),
+    the same for equal layouts in every transform: the key of the gathers' indices
+    (:func:`tiles_of_groups`, :func:`leaves_of_batches`), given once per layout so that a step
+    does not hash plans."""
+    return _NUMBERS.setdefault(layout, len(_NUMBERS))
+
+
+def _batch_key(stack: NamedTuple) -> tuple:
+    """What batches a stack with the equal stacks of other groups besides its tile shape (its
+    factors' trailing shapes and dtypes, as :func:`precond_ref.blocking.same_layout` reads them)."""
+    return tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor)
+
+
+def _leaves_by_joins(xp, results: Sequence[Any], chosen: Sequence[tuple], batched: Sequence[Any], groups: Sequence[Any]
+                     ) -> list:
+    """Every member's part of per-tile results computed on batches of stacks (``results[b]`` of
+    ``batched[b]``'s shape, its members the (group, stack) numbers ``chosen``): each group's stacks
+    joined back into its tensor (:func:`join_stacks`) and cut into its members
+    (:func:`~precond_ref.engine.layout.ungroup_tensor`), groups and members in order."""
+    parts = [[None] * len(group.plan.stacks) for group in groups]
+    for (i, s), (part,) in zip(chosen, unstack_alike(batched, [(r,) for r in results], len(chosen))):
+        parts[i][s] = part
+    return [leaf for group, stacks in zip(groups, parts)
+            for leaf in ungroup_tensor(xp, join_stacks(xp, stacks, group.plan), group.shapes, group.full, group.out_first)]
+
+
+def leaves_of_batches(xp, results: Sequence[Any], chosen: Sequence[tuple], batched: Sequence[Any],
+                      groups: Sequence[Any]) -> list:
+    """``_leaves_by_joins(xp, results, chosen, batched, groups)``, the members' parts of per-tile
+    results; where :func:`gathering`, for results of one dtype and device, as one gather (:func:`rearranged`), one operation where the joins are one per group, and the
+    members views of its consecutive pieces, so that the element-wise work after joins them
+    without a copy (:func:`~precond_ref.engine.joined.leafwise`)."""
+    if not gathering(xp, results) or len({(r.dtype, device_key(r)) for r in results}) != 1:
+        return _leaves_by_joins(xp, results, chosen, batched, groups)
+    key = ("leaves of batches", tuple(chosen), tuple((b.indices, b.lengths, tuple(r.shape)) for b, r in zip(batched, results)),
+           tuple(group.number for group in groups))
+    return rearranged(xp, key, results, lambda ids: _leaves_by_joins(xp, ids, chosen, batched, groups),
+                      [shape for group in groups for shape in group.shapes])
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,12 +839,13 @@ def work_dtype(layout: TileLayout, xp, dtype):
 class _Group(NamedTuple):
     """One group's gradient as the tensor G it preconditions, and how to cut the step back."""
 
-    grouped: Array  # G, size-1 axes squeezed, in the work dtype
+    dtype: Any  # the work dtype G is cut in
     shapes: list  # the members' shapes (a weight, or a weight and its bias)
     full: tuple  # G's shape before squeezing
     out_first: bool  # bias as an extra column (out-first weight) or row (out-last kernel)
     plan: Any  # its TilePlan: tiles, and the stacks their state is stored in
     stacks: list  # G's tiles as the plan's stacks (k_s, *tile shape), s = 0, 1, ...
+    number: int  # its layout's number (:func:`numbered`): shapes, pairing and plan
 
 
 def tiled_transform(
@@ -695,6 +866,7 @@ def tiled_transform(
     spread = layout.stagger and isinstance(layout.interval, int) and layout.interval > 1
     intervals = spread_schedule(layout.interval, spread)
     plans: dict = {}  # (shapes, out_first) -> (dims, diagonal, plan): made once per layout, not every step
+    numbers: dict = {}  # (shapes, out_first) -> its number (numbered), the key of the gathers' indices
 
     def plan(shapes, out_first: bool, where: str) -> tuple:
         """(squeezed dims, per-axis diagonal flags, tile plan) of a group's tensor."""
@@ -707,6 +879,7 @@ def tiled_transform(
             vector = layout.structures is None and len(dims) == 1
             plans[key] = dims, diagonal, stack_plan(
                 tile_plan(dims, diagonal, layout.block_size, layout.interval, layout.stagger, cut_diagonal=vector))
+            numbers[key] = numbered((key, plans[key][2]))
         return plans[key]
 
     @cached_template  # one object per layout: from_entries caches it by identity
@@ -759,22 +932,23 @@ def tiled_transform(
         )
 
     def prepare(grads, state, ctx):
-        """One group's grouped tensor G (work dtype), its tiles as the stacks of its plan, and what it
-        takes to ungroup the step; and its state as fields."""
+        """What it takes to cut one group's gradient into its tiles (:func:`tiles_of_groups`: the
+        work dtype, its plan) and to ungroup the step; and its state as fields."""
         xp = ctx.xp
         shapes = [tuple(g.shape) for g in grads]
         out_first, tiles, fields = laid_out(state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
-        full, squeezed = grouped_shape(shapes, out_first)
-        grouped = group_tensor(xp, grads, full, squeezed, out_first, work_dtype(layout, xp, grads[0].dtype))
-        return _Group(grouped, shapes, full, out_first, tiles, cut_stacks(xp, grouped, tiles)), fields
+        full, _ = grouped_shape(shapes, out_first)
+        return _Group(work_dtype(layout, xp, grads[0].dtype), shapes, full, out_first, tiles, None,
+                      numbers[tuple(shapes), out_first]), fields
 
     def batches(xp, groups, stack_states, phase, refreshing: bool) -> tuple:
         """The stacks on refresh phase ``phase`` (every stack: ``None``) of all groups, as
-        (their (group, stack) numbers, :func:`precond_ref.blocking.stack` of their operands
-        (G, K_1..K_N[, m_1..m_N])): the stacks of one tile shape, factor layout and device are
-        concatenated along the tile axis, one ``concat`` per operand whatever the number of tiles."""
-        chosen = [(i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks)
-                  if phase is None or stack.phase == phase]
+        (their (group, stack) numbers, by phase, then group and stack; :func:`precond_ref.blocking.stack`
+        of their operands (G, K_1..K_N[, m_1..m_N])): the stacks of one tile shape, factor layout
+        and device are concatenated along the tile axis, one ``concat`` per operand whatever the
+        number of tiles (none for G, whose tiles lie in that order: :func:`tiles_of_groups`)."""
+        chosen = sorted(((i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks)
+                         if phase is None or stack.phase == phase), key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
         operands = [(groups[i].stacks[s],) + _stack_operands(stack_states[i][s], refreshing) for i, s in chosen]
         return chosen, stack_alike(xp, operands)
 
@@ -786,27 +960,39 @@ def tiled_transform(
                   for m, k in zip(batch.indices, batch.lengths)]
         return beta2 * (scales[0] if len(scales) == 1 else xp.concat(scales))
 
-    def refreshed(xp, h, lr, key, G, *state):
+    def refreshed(xp, h, lr, noise, G, *state):
         """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
         With stochastic rounding the rule computes in G's dtype (:func:`read_factors`) and each
         bf16 operand is stored back by :func:`stored`."""
         new = _stack_operands(rule.refresh(xp, c, h, lr, G, _stack_of(rule, read_factors(xp, state, G), len(G.shape) - 1)), True)
-        new = stored(xp, new, state, key) if key is not None else new
+        new = stored(xp, new, state, noise) if noise is not None else new
         return kept_where_usable(xp, G, state, new) if layout.counted else new + (_no_failures(xp, G),)
 
-    def stored(xp, new, old, key) -> tuple:
+    def stored(xp, new, old, noise) -> tuple:
         """The refreshed operands ``new`` (k tiles each) in their stored dtypes: those computed in a
         wider dtype than their bf16 ``old``, side by side per tile, rounded stochastically in one
-        call (:func:`round_stochastic`), keyed by the step's ``key`` and each element's place in its
-        tile's operands (:func:`place_keys`)."""
+        call (:func:`~precond_ref.engine.rounding.round_stochastic`), its bits keyed by the step and
+        each element's place in its tile's operands (element ``e`` of the ``j``-th such operand,
+        after those before it): the first places of the step's ``noise`` (:func:`step_noise`).
+        Operands of one shape are rounded stacked, operand-major (:func:`side_by_side`), and stored
+        as consecutive pieces of one array, which the next refresh reads back as a view."""
         narrow = [n for n, (a, b) in enumerate(zip(new, old)) if a.dtype != b.dtype and is_bfloat16(b.dtype)]
         if not narrow:
             return new
+        joint = side_by_side(xp, [new[n] for n in narrow])
+        if joint is not None:  # one shape: operand-major (arrays, k, w), place j·w + e of each tile as below
+            count, k = joint.shape[0], joint.shape[1]
+            joint = xp.reshape(joint, (count, k, -1))
+            bits = xp.reshape(noise[: count * joint.shape[2]], (count, 1, joint.shape[2]))
+            rounded = rounded_with_noise(xp, joint, old[narrow[0]].dtype, bits)
+            out = list(new)
+            for j, n in enumerate(narrow):
+                out[n] = xp.reshape(rounded[j, ...], new[n].shape)
+            return tuple(out)
         k = new[narrow[0]].shape[0]
         flat = [xp.reshape(new[n], (k, -1)) for n in narrow]
         joined = flat[0] if len(flat) == 1 else xp.concat(flat, axis=1)
-        keys = place_keys(xp, key, joined.shape[1], placement(xp, joined))
-        rounded = round_stochastic(xp, joined, old[narrow[0]].dtype, keys)
+        rounded = rounded_with_noise(xp, joined, old[narrow[0]].dtype, noise[: joined.shape[1]])
         out, start = list(new), 0
         for n, part in zip(narrow, flat):
             out[n] = xp.reshape(rounded[:, start:start + part.shape[1]], new[n].shape)
@@ -820,27 +1006,52 @@ def tiled_transform(
         stochastic rounding here is a truncation of float32's bits, which only bf16 is."""
         if layout.factor_rounding != "stochastic":
             return tuple(factors)
-        return tuple(xp.astype(K, G.dtype) if is_bfloat16(K.dtype) and not is_bfloat16(G.dtype) else K for K in factors)
+        narrow = [n for n, K in enumerate(factors) if is_bfloat16(K.dtype) and not is_bfloat16(G.dtype)]
+        joint = side_by_side(xp, [factors[n] for n in narrow])  # one cast of them side by side
+        if joint is None:
+            return tuple(xp.astype(K, G.dtype) if n in narrow else K for n, K in enumerate(factors))
+        wide = xp.astype(joint, G.dtype)
+        out = list(factors)
+        for j, n in enumerate(narrow):
+            out[n] = wide[j, ...]
+        return tuple(out)
+
+    def step_noise(xp, ctx, fields, G):
+        """The rounding bits of this step (:func:`~precond_ref.engine.rounding.place_noise`), made
+        once per step and device for the most places any tile of the step stores in bf16 (its
+        factors and momenta side by side): every refreshed batch rounds with the first places of
+        it, the bits of a place the same in every tile and batch of the step."""
+        def make():
+            widest = max(sum(math.prod(a.shape[1:]) for a in _stack_operands(stack, True) if is_bfloat16(a.dtype))
+                         for group in fields for stack in group.stacks)
+            dev = placement(xp, G)
+            return place_noise(xp, place_keys(xp, rounding_key(xp, ctx.count, dev), widest, dev))
+        return ctx.once(("rounding noise", device_key(G)), make)
 
     def unchanged(xp, G, *state):
         return state + (_no_failures(xp, G),)
 
     def store(xp, stack_states, failures, chosen, batched, results, ctx) -> None:
         """Refreshed batches back into the groups' stacks (one split per operand and batch); each
-        group adds its tiles' failures to its count (:func:`counts_per_run`, one count per batch), none
-        on a skipped step (the non-finite rule's selection, made once per batch on the failure flags)."""
-        counted = [layout.counted and host_bool(xp, xp.any(out[-1])) is not False for out in results]  # read where free
+        group adds its tiles' failures to its count, for all groups of a batch at once (their counts
+        stacked, a view where last step's addition left them side by side, plus
+        :func:`counts_per_run`), none on a skipped step (the non-finite rule's selection, made once
+        per batch on the failure flags); where reading is free, a batch without failures adds nothing."""
+        counted = [layout.counted and read_if_free(xp, out[-1], partial(xp.any, out[-1])) is not False for out in results]
         selecting = layout.counted and ctx.ok is not None and not ctx.applied
         if selecting:
             results = [(*out[:-1], xp.logical_and(out[-1], ctx.ok)) for out in results]
         for (i, s), (*state, _) in zip(chosen, unstack_alike(batched, results, len(chosen))):
             stack_states[i][s] = _stack_of(rule, state, len(state) // 2 if c.use_factor_momentum else len(state))
         for batch, out, flag in zip(batched, results, counted):
-            for m, count in zip(batch.indices, counts_per_run(xp, out[-1], batch.lengths) if flag else ()):
-                i = chosen[m][0]
-                failures[i] = failures[i] + count
+            if not flag:
+                continue
+            groups = [chosen[m][0] for m in batch.indices]  # a group has at most one stack in a batch of one phase
+            totals = stacked(xp, [failures[i] for i in groups]) + counts_per_run(xp, out[-1], batch.lengths)
+            for i, total in zip(groups, xp.unstack(totals)):
+                failures[i] = total
                 if selecting:
-                    ctx.settled[failures[i]] = True
+                    ctx.settled[total] = True
 
     def update_groups(grads_list, states, params_list, ctxs: list):
         ctx = ctxs[0]
@@ -848,6 +1059,8 @@ def tiled_transform(
         refresh = [ctx.every(interval) for interval in intervals]  # per phase: a host bool, or an array
         h = rule.scalars(c, ctx.value, ctx.extra)
         groups, fields = zip(*(prepare(g, s, cx) for g, s, cx in zip(grads_list, states, ctxs)))
+        keys = [[_batch_key(stack) for stack in f.stacks] for f in fields]
+        groups = [g._replace(stacks=t) for g, t in zip(groups, tiles_of_groups(xp, grads_list, groups, keys))]
         stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
         failures = [f.factor_failures for f in fields]
 
@@ -859,10 +1072,8 @@ def tiled_transform(
             for batch in batched:
                 G, *state = batch.operands
                 lr = step_size(xp, h.beta2, fields, chosen, batch)
-                key = None  # the step's key of the rounding bits, once per device
-                if layout.factor_rounding == "stochastic":
-                    key = ctx.once(("rounding key", device_key(G)), partial(rounding_key, xp, ctx.count, placement(xp, G)))
-                results.append(cond(xp, due, partial(refreshed, xp, h, lr, key, G), partial(unchanged, xp, G), *state))
+                noise = step_noise(xp, ctx, fields, G) if layout.factor_rounding == "stochastic" else None
+                results.append(cond(xp, due, partial(refreshed, xp, h, lr, noise, G), partial(unchanged, xp, G), *state))
             store(xp, stack_states, failures, chosen, batched, results, ctx)
         if layout.counted and not is_jax_namespace(xp):
             # A skipped step's gradient is zero (except on JAX, where the selection is fused anyway), and a
@@ -881,16 +1092,8 @@ def tiled_transform(
             nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
             D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
                          for D, batch in zip(D_batched, batched)]
-        parts = [[None] * len(group.plan.stacks) for group in groups]
-        for (i, s), (D,) in zip(chosen, unstack_alike(batched, [(D,) for D in D_batched], len(chosen))):
-            parts[i][s] = D
-
-        directions, members = [], []  # every leaf's D, and its (group, member) numbers
-        for g, group in enumerate(groups):
-            D = join_stacks(xp, parts[g], group.plan)
-            for k, D_k in enumerate(ungroup_tensor(xp, D, group.shapes, group.full, group.out_first)):
-                directions.append(D_k)
-                members.append((g, k))
+        directions = leaves_of_batches(xp, D_batched, chosen, batched, groups)  # every leaf's D
+        members = [(g, k) for g, group in enumerate(groups) for k in range(len(group.shapes))]  # its (group, member)
 
         def operand(name, like):
             value = getattr(h, name) if name in h._fields else getattr(c, name)
@@ -908,7 +1111,7 @@ def tiled_transform(
         if c.use_momentum:
             operands.append([fields[g].momentum[k] for g, k in members])
         work_zeros = [ctx.once(("zero", G.dtype, device_key(G)), partial(scalar_zero, xp, G))  # G: the work dtype
-                      for G in (groups[g].grouped for g, _ in members)]
+                      for G in (groups[g].stacks[0] for g, _ in members)]
         steps = leafwise(xp, descend, *operands, zeros=work_zeros, ctx=ctx)
         updates: list = [[] for _ in groups]
         velocities: list = [[] for _ in groups]
