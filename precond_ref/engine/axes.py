@@ -32,8 +32,8 @@ import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
-from .._backend import array_device, cast, compute_dtype, cond, device_key, is_number, is_zero, on_cpu
-from ..blocking import same_layout, block_bounds, roll_first_axis_last, spread_schedule, stack, unfold, unstack
+from .._backend import array_device, cast, compute_dtype, cond, device_key, is_number, is_zero, joined, on_cpu
+from ..blocking import Stack, same_layout, block_bounds, roll_first_axis_last, spread_schedule, stack, unfold, unstack
 from ..transform import Transform
 from ..tree import cached_template, from_entries, to_entries
 from .context import StepContext
@@ -304,13 +304,17 @@ def multiply_axes(
 
 #: :func:`flat_runs` steps its runs in stacks of at most this many bytes of the blocks' first field
 #: on a CPU (a run larger than it alone), and a run over :data:`precond_ref.sketch.FD_ROWS_BYTES`
-#: (by default the same bound) alone on every device, in its own arrays: each stack's step holds
-#: about three copies of its blocks (S-AdaGrad's FD step: the stacked input, the [U, fresh] frame,
-#: the product) until the next stack starts, and a lone run over ``FD_ROWS_BYTES`` takes that step
-#: by blocks of rows, writing its new basis over the old one where the caller owns the state. So a
-#: step's peak on a CPU is the state, the new state of the runs within the bound, three times this
-#: bound and a few vectors of the longest run's length.
-FLAT_STACK_BYTES = 2**28
+#: alone on every device, in its own arrays. A stack's FD step passes over its blocks several times
+#: (the projections on the basis, the [U, fresh] frame, the new basis): a stack this small stays
+#: near a CPU's caches between those passes, where the cost per block of a larger one grows (its
+#: blocks fall out of cache: docs/performance.md), and still holds the equal runs of many leaves,
+#: so a step issues a few stacks' operations, not one stack's per leaf. Each stack's step holds about
+#: three copies of its blocks (the stacked input, the [U, fresh] frame, the product) until the next
+#: stack starts, and a lone run over ``FD_ROWS_BYTES`` takes that step by blocks of rows, writing its
+#: new basis over the old one where the caller owns the state. So a step's peak on a CPU is the
+#: state, the new state of the runs within the bound, three times this bound and a few vectors of
+#: the longest run's length.
+FLAT_STACK_BYTES = 2**24
 #: The bound of :data:`FLAT_STACK_BYTES` off a CPU (a GPU): there each stack costs a fixed number of
 #: kernel launches and one host synchronisation (a batched ``eigh`` reads its status), so the bound
 #: is about the size at which a stack's kernels take as long as its launches, and the blocks of one
@@ -368,7 +372,7 @@ def flat_runs(
     oks, stepped = [], []
     limit = FLAT_STACK_BYTES if host else FLAT_ACCELERATOR_STACK_BYTES
     for chunk in bounded_chunks(xp, members, limit, phases, alone_from=_sketch.FD_ROWS_BYTES):
-        stacks = stack(xp, [members[i] for i in chunk], labels=[phases[i] for i in chunk])
+        stacks = [_chunk_stack(xp, [members[i] for i in chunk])]
         outputs = []
         for s in stacks:
             block, rows, due = kind(*s.operands[:-1]), s.operands[-1], dues[phases[chunk[s.indices[0]]]]
@@ -391,6 +395,20 @@ def flat_runs(
         results.append(((tuple(kind(*piece[:-2]) for piece in runs),), failures, out))
     _settle(ctx, [blocks for blocks, _, _ in results], [failures for _, failures, _ in results])
     return results
+
+
+def _chunk_stack(xp: Any, members: Sequence[tuple]) -> Stack:
+    """The members of one chunk of :func:`bounded_chunks` (one label and layout, within its byte
+    bound) as one :class:`~precond_ref.blocking.Stack`, each operand ``xp.concat`` of the members'
+    along the leading axis (:func:`~precond_ref._backend.joined`: a view where the members are the
+    previous step's stack handed back), on a CPU too: the chunk's bound, not blocking's rule that a
+    large member stays alone on a CPU, limits it, since a flat run's step costs a fixed number of
+    calls per stack and its join is a view from the second step on."""
+    lengths = tuple(member[0].shape[0] for member in members)
+    if len(members) == 1:
+        return Stack((0,), tuple(members[0]), lengths)
+    operands = tuple(joined(xp, [member[k] for member in members]) for k in range(len(members[0])))
+    return Stack(tuple(range(len(members))), operands, lengths)
 
 
 def _with_failures(xp: Any, ctx: StepContext, pieces: list, oks: Sequence[Array], stepped: Sequence[tuple]) -> None:
