@@ -569,7 +569,9 @@ class AxesRule(NamedTuple):
     A Kronecker rule (:func:`kronecker_transform`) also has ``refresh(xp, c, block, rows, exponent,
     accept, first) -> (block, ok)`` (``first``: :func:`refresh_axes`), ``apply(xp, c, fields, rows)``
     (``fields``: a dict of the block's fields named in ``reads``), and optionally ``graft(xp, c, g,
-    v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, p, D)`` (None: the direction is ``p``). A flat rule
+    v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, |D|, |p|)``, the scale of the
+    direction ``p`` from its Frobenius norm and ``D``'s (None: the direction is ``p``), called on the
+    norms of many leaves stacked (:func:`_scaled_by_norms`). A flat rule
     (:func:`flat_transform`) has ``refresh(xp, c, block, rows, accept) -> (block, ok, out)`` (the new
     block applied to the rows in the same pass), ``keep(xp, c, block, rows) -> out`` between
     refreshes and ``may_pad(c, length, rank)`` (:func:`flat_runs`). ``accept`` is the engine's
@@ -665,7 +667,7 @@ def kronecker_transform(
     """The transform of a Kronecker rule (Sketchy). A step: the graft of every leaf
     (``rule.graft``, the leaves of one layout joined end to end); the refresh of the runs due
     (:func:`refresh_axes`); the mode-n products :math:`P(G)` (:func:`multiply_axes`); the direction
-    ``rule.grafted(p, D)``, ``D`` itself before step ``start`` (and on a leaf without blocks); the
+    ``p`` times ``rule.grafted(|D|, |p|)`` (:func:`_scaled_by_norms`), ``D`` itself before step ``start`` (and on a leaf without blocks); the
     updates ``rule.finish`` (:func:`_finished`), or the direction itself without a learning rate."""
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
@@ -683,14 +685,32 @@ def kronecker_transform(
             lambda block: tuple(getattr(block, field) for field in rule.reads),
             lambda *operands: rule.apply(xp, c, dict(zip(rule.reads, operands[:-1])), operands[-1]),
         )
-        directions = [d if plan is None else p if rule.grafted is None else _from_start(xp, ctx, rule.grafted(xp, p, d), d, start)
-                      for (_, plan, _), (_, d), p in zip(leaves, grafts, products)]
+        if rule.grafted is not None:
+            blocked = [i for i, p in enumerate(products) if p is not None]
+            scaled = _scaled_by_norms(xp, functools.partial(rule.grafted, xp), [products[i] for i in blocked],
+                                      [grafts[i][1] for i in blocked])
+            for i, u in zip(blocked, scaled):
+                products[i] = _from_start(xp, ctx, u, grafts[i][1], start)
+        directions = [d if p is None else p for (_, d), p in zip(grafts, products)]
         finished = [(u,) for u in directions] if c.learning_rate is None else _finished(xp, ctx, rule, c, directions, leaves, params)
         return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures, graft_second_moment=v,
                                                       momentum=out[1] if c.has_momentum else None)))
                 for (_, _, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished)]
 
     return _axes_transform(rule, c, update_groups, name, on_nonfinite, default_block_size)
+
+
+def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequence[Array], ds: Sequence[Array]) -> list:
+    """``[p * scale(|d|, |p|) for p, d in zip(ps, ds)]``, ``|.|`` the Frobenius norm of a leaf: the
+    norms of all leaves stacked (one stack per dtype and device, :func:`precond_ref.blocking.stack`)
+    and ``scale`` called once per stack on them, not once per leaf; each leaf multiplied by its
+    scale, a 0-D view of the stack's. The numbers are the per-leaf formula's (an element-wise
+    ``scale`` of the same norms)."""
+    members = [(xp.reshape(xp.linalg.vector_norm(d), (1,)), xp.reshape(xp.linalg.vector_norm(p), (1,)))
+               for p, d in zip(ps, ds)]
+    stacks = stack(xp, members)
+    scales = unstack(stacks, [(scale(*s.operands),) for s in stacks], len(members))
+    return [p * factor[0] for p, (factor,) in zip(ps, scales)]
 
 
 def _from_start(xp: Any, ctx: StepContext, u: Array, before: Array, start: int) -> Array:
