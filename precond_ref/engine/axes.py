@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -201,6 +202,24 @@ def _count(xp: Any, flags: Array) -> Array:
     return flags if flags.ndim == 0 else xp.sum(flags, dtype=xp.int32)
 
 
+def _with_counts(xp: Any, failures: Sequence[Optional[Array]], counts: Sequence[Sequence[Array]]) -> list:
+    """``failures[i] + sum(counts[i])`` for each leaf (0-D int32 arrays: a leaf's failure count and
+    the counts of its runs refreshed this step, :func:`_count`; a leaf with none keeps its count),
+    the leaves' additions made as one per device on their counts stacked
+    (:func:`precond_ref.blocking.stack`), not one per run: each new count is a 0-D view of that
+    sum, so the next step's stack of them is that sum's memory (a view, no copy). Integer sums:
+    the counts are those of the additions one by one."""
+    added = [i for i, runs in enumerate(counts) if runs]
+    members = [(xp.reshape(failures[i], (1,)), xp.reshape(functools.reduce(operator.add, counts[i]), (1,)))
+               for i in added]
+    stacks = stack(xp, members)
+    sums = unstack(stacks, [(s.operands[0] + s.operands[1],) for s in stacks], len(members))
+    new = list(failures)
+    for i, (total,) in zip(added, sums):
+        new[i] = total[0]
+    return new
+
+
 def refresh_axes(
     xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
 ) -> list[tuple[tuple, Array]]:
@@ -249,10 +268,12 @@ def refresh_axes(
     def kept(*operands: Array) -> tuple:
         return (*operands[:-1], _none_failed(xp, operands[-1]))
 
+    counts: list[list] = [[] for _ in leaves]
     for (i, n, j), piece in zip(owners, refresh_due(xp, decisions, phases, members, refreshed, kept, labels=exponents)):
         piece = _unstacked(leaves[i][0].axes[n], piece)
         tables[i][n][j] = kind(*piece[:-1])
-        failures[i] = failures[i] + _count(xp, piece[-1])
+        counts[i].append(_count(xp, piece[-1]))
+    failures = _with_counts(xp, failures, counts)
     results = [
         (leaf[1] if table is None else tuple(tuple(axis) for axis in table), failure)
         for leaf, table, failure in zip(leaves, tables, failures)
@@ -385,14 +406,15 @@ def flat_runs(
         del stacks, outputs, block, rows  # this chunk's stacked copies go before the next chunk's are made
     _with_failures(xp, ctx, pieces, oks, stepped)
     pieces = iter(pieces if hand_back is None else hand_back(pieces, count))
-    results = []
+    results, counts = [], []
     for plan, blocks, failures, g in leaves:
         axis = plan.axes[0]
         runs = [_unstacked(axis, next(pieces)) for _ in axis.runs]
-        for piece in runs:
-            failures = failures + _count(xp, piece[-2])
+        counts.append([_count(xp, piece[-2]) for piece in runs])
         out = xp.reshape(join_runs(xp, axis, [piece[-1] for piece in runs]), tuple(g.shape))
-        results.append(((tuple(kind(*piece[:-2]) for piece in runs),), failures, out))
+        results.append(((tuple(kind(*piece[:-2]) for piece in runs),), out))
+    failures = _with_counts(xp, [leaf[2] for leaf in leaves], counts)
+    results = [(blocks, failure, out) for (blocks, out), failure in zip(results, failures)]
     _settle(ctx, [blocks for blocks, _, _ in results], [failures for _, failures, _ in results])
     return results
 
