@@ -89,6 +89,15 @@ def test_chunks_hold_at_most_the_bound():
     assert axes.bounded_chunks(np, members, limit=8 * 3 * 30) == [[0, 1], [3], [2]]
 
 
+def test_chunks_packed_largest_first():
+    """First-fit decreasing: each member, largest first, joins the first chunk it fits within the
+    bound, so blocks of 3, 2, 1 and 2 units under a bound of 4 take two chunks ([3, 1], [2, 2]),
+    where cutting them in order would take three; each chunk's members in order."""
+    unit = 8 * 3 * 10
+    members = [(np.zeros((n, 10, 3)),) for n in (3, 2, 1, 2)]
+    assert axes.bounded_chunks(np, members, limit=4 * unit) == [[0, 2], [1, 3]]
+
+
 def test_chunks_are_one_stack_each():
     """Each chunk is the members that ``blocking.stack`` makes one stack (one label, one layout):
     a member of another layout or label between two equal ones does not end their chunk, so a

@@ -517,25 +517,35 @@ def bounded_chunks(
     xp: Any, members: Sequence[tuple], limit: int, labels: Optional[Sequence] = None, alone_from: Optional[int] = None,
 ) -> list[list[int]]:
     """Member indices in chunks of one stack each (:func:`precond_ref.blocking.stack`): the members
-    of one label and layout (trailing shapes, dtypes, device), in order, cut into consecutive runs
-    whose first operands total at most ``limit`` bytes, a member over the limit, or over
-    ``alone_from`` bytes where given, alone; groups in order of first appearance. Members of another
-    layout never end a chunk, so a layout's blocks take as few stacks (batched calls) as the bound
-    allows."""
-    groups: dict[Any, list[list[int]]] = {}
-    totals: dict[Any, int] = {}
+    of one label and layout (trailing shapes, dtypes, device) packed into chunks whose first
+    operands total at most ``limit`` bytes, largest member first, each into the first chunk it fits
+    (first-fit decreasing: close to the fewest chunks the bound allows), a member over the limit,
+    or over ``alone_from`` bytes where given, alone; each chunk's members in order, the chunks in
+    order of their first members, groups in order of first appearance. Members of another layout
+    never end a chunk, so a layout's blocks take as few stacks (batched calls) as the bound allows.
+    The packing depends on the members' shapes only, so a step's chunks are the previous step's
+    (whose stacks it joins as views)."""
+    groups: dict[Any, list[tuple[int, int]]] = {}
     for i, member in enumerate(members):
         first = member[0]
         nbytes = math.prod(first.shape) * (xp.finfo(first.dtype).bits // 8)
         alone = alone_from is not None and nbytes > alone_from  # a stack of its own arrays (no copy)
         key = (i,) if alone else (None if labels is None else labels[i], same_layout(member))
-        chunks = groups.setdefault(key, [[]])
-        if chunks[-1] and totals[key] + nbytes > limit:
-            chunks.append([])
-            totals[key] = 0
-        chunks[-1].append(i)
-        totals[key] = totals.get(key, 0) + nbytes
-    return [chunk for chunks in groups.values() for chunk in chunks]
+        groups.setdefault(key, []).append((i, nbytes))
+    out = []
+    for group in groups.values():
+        chunks: list[list[int]] = []
+        totals: list[int] = []
+        for i, nbytes in sorted(group, key=lambda item: -item[1]):  # stable: equal sizes in order
+            fit = next((c for c, total in enumerate(totals) if total + nbytes <= limit), None)
+            if fit is None:
+                chunks.append([])
+                totals.append(0)
+                fit = len(chunks) - 1
+            chunks[fit].append(i)
+            totals[fit] += nbytes
+        out.extend(sorted(sorted(chunk) for chunk in chunks))
+    return out
 
 
 def axis_legacy_names(group: str, fields: Sequence[str], marker: str) -> Callable[[dict], dict]:
