@@ -400,7 +400,7 @@ def _in_units(xp: Any, x: Array, decayed: Array, kept_root: Array, one: Array, z
     caller discards its result, so a non-finite input never reaches the decomposition or the state.
     """
     largest_entry = xp.max(xp.abs(x), axis=(-2, -1))
-    ok = all_finite(largest_entry[..., None], axis=(-1,))
+    ok = largest_entry <= float(xp.finfo(x.dtype).max)  # False for NaN and Inf: one comparison
     largest = xp.maximum(select(xp, ok, largest_entry, zero), xp.max(decayed, axis=-1))
     scale = _power_of_two_scale(xp, xp.maximum(largest, kept_root), one)
     return select(xp, ok[..., None, None], x / scale[..., None, None], zero), scale, ok
