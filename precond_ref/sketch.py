@@ -159,10 +159,10 @@ def resolve_decomposition(decomposition: str, d: int, k: int, m: int) -> str:
     return "gram"
 
 
-def _diag(xp: Any, v: Array) -> Array:
-    """A (stack of) diagonal matrices from a (stack of) vectors."""
-    k = v.shape[-1]
-    return xp.eye(k, dtype=v.dtype, device=placement(xp, v)) * v[..., None, :]
+def _diag(xp: Any, v: Array, rows: int) -> Array:
+    """``[[diag(v)], [0]]``: a (stack of) diagonal k x k matrices from a (stack of) k-vectors v, with
+    ``rows - k`` zero rows below them (the first k columns of the incremental core)."""
+    return xp.eye(rows, v.shape[-1], dtype=v.dtype, device=placement(xp, v)) * v[..., None, :]
 
 
 def _probe(xp: Any, m: int, width: int, dtype: Any, device: Any) -> Array:
@@ -253,17 +253,15 @@ def _incremental(
         fresh, corner = _unit_column(xp, residual)
     else:
         fresh, corner = per_matrix(xp, xp.linalg.qr, residual)
+    projection = xp.concat([coords, corner], axis=-2)  # [U, fresh]^T x
     if empty:
         w, s = _left_singular_by_gram(xp, corner) if gram else left_singular(corner)
         w, s = _after_empty_sketch(xp, w, s, k)
     else:
-        top = xp.concat([_diag(xp, scaled_sigma), coords], axis=-1)
-        bottom = xp.concat([xp.zeros(corner.shape[:-1] + (k,), dtype=x.dtype, device=placement(xp, x)), corner], axis=-1)
-        core = xp.concat([top, bottom], axis=-2)
+        core = xp.concat([_diag(xp, scaled_sigma, projection.shape[-2]), projection], axis=-1)  # [[diag σ, c], [0, R]]
         w, s = _left_singular_by_gram(xp, core) if gram else left_singular(core)
     if not apply:
         return _Ritz(s, fresh=fresh, frame=w)
-    projection = xp.concat([coords, corner], axis=-2)
     return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=matmul(xp, w.mT, projection))
 
 
