@@ -698,7 +698,9 @@ def _fd_step(
     new_root = xp.sqrt(mass) * scale  # √ρ'
     # sigma'^2 + rho' computed directly, not by subtracting c^2 and adding it back (scaled units).
     undeflated = top * top + scaled_tail[..., None]  # (σ'² + ρ')/u²
-    mask = xp.logical_and(deflated > 0.0, xp.logical_not(noise[..., :k]))  # the retained directions
+    mask = deflated > 0.0  # the retained directions; with the cutoff a noise value is 0 already, so is its σ'
+    if not cutoff:
+        mask = xp.logical_and(mask, xp.logical_not(noise[..., :k]))
     new_sigma = select(xp, mask, deflated * scale[..., None], zero)  # σ'
     present = (new_root if is_zero(delta) else new_root + delta) > 0.0  # mass in the complement
     if noise_is_mass and k < s.shape[-1]:
