@@ -201,7 +201,7 @@ def _sketch_apply(xp: Any, c: SketchyConfig, sketch: dict, x: Array) -> Array:
 
 
 def _grafted(xp: Any, graft_norm: Array, norm: Array) -> Array:
-    """Step 4's scale :math:`\lVert D_g\rVert_F / \lVert P(G)\rVert_F` of :math:`P(G)`, 0 where
+    """Step 4's scale :math:`\\lVert D_g\\rVert_F / \\lVert P(G)\\rVert_F` of :math:`P(G)`, 0 where
     :math:`P(G) = 0`, from the norms (of one leaf, or of many leaves stacked)."""
     return ratio_or_zero(xp, graft_norm, norm)
 
