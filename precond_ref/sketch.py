@@ -159,12 +159,6 @@ def resolve_decomposition(decomposition: str, d: int, k: int, m: int) -> str:
     return "gram"
 
 
-def _diag(xp: Any, v: Array, rows: int) -> Array:
-    """``[[diag(v)], [0]]``: a (stack of) diagonal k x k matrices from a (stack of) k-vectors v, with
-    ``rows - k`` zero rows below them (the first k columns of the incremental core)."""
-    return xp.eye(rows, v.shape[-1], dtype=v.dtype, device=placement(xp, v)) * v[..., None, :]
-
-
 def _probe(xp: Any, m: int, width: int, dtype: Any, device: Any) -> Array:
     """A fixed m x width matrix of pseudo-random entries in [-1, 1] (an int32 hash, no RNG state).
 
@@ -216,8 +210,8 @@ class _Ritz(NamedTuple):
     """Singular values s (..., r), descending, of Z = [basis diag(scaled_sigma), x], and its top-k
     left singular vectors: either ``vectors`` (..., d, k), or, on the incremental path,
     ``[basis, fresh] @ frame[..., :, :k]`` with ``fresh`` (..., d, m) and the small orthogonal
-    ``frame`` (..., k + m, k + m), which the caller masks and, on failure, replaces by [I; 0], so
-    the big product is formed once. The incremental path also gives, to apply the sketch, x's coordinates:
+    ``frame`` (..., k + m, k + m), which the caller masks and, on failure, replaces by
+    ``identity`` = [I; 0] ((k + m) x k), so the big product is formed once. The incremental path also gives, to apply the sketch, x's coordinates:
     ``projection`` = [U, fresh]^T x (..., k + m, m), and ``data`` = frame^T [U, fresh]^T x computed as
     diag(s) V^T from the small SVD, exact zeros on null directions (see :func:`fd_update_apply`)."""
 
@@ -227,6 +221,7 @@ class _Ritz(NamedTuple):
     frame: Optional[Array] = None
     projection: Optional[Array] = None
     data: Optional[Array] = None
+    identity: Optional[Array] = None
 
 
 def _incremental(
@@ -254,15 +249,16 @@ def _incremental(
     else:
         fresh, corner = per_matrix(xp, xp.linalg.qr, residual)
     projection = xp.concat([coords, corner], axis=-2)  # [U, fresh]^T x
+    identity = xp.eye(projection.shape[-2], k, dtype=x.dtype, device=placement(xp, x))  # [I; 0]
     if empty:
         w, s = _left_singular_by_gram(xp, corner) if gram else left_singular(corner)
         w, s = _after_empty_sketch(xp, w, s, k)
     else:
-        core = xp.concat([_diag(xp, scaled_sigma, projection.shape[-2]), projection], axis=-1)  # [[diag σ, c], [0, R]]
+        core = xp.concat([identity * scaled_sigma[..., None, :], projection], axis=-1)  # [[diag σ, c], [0, R]]
         w, s = _left_singular_by_gram(xp, core) if gram else left_singular(core)
     if not apply:
-        return _Ritz(s, fresh=fresh, frame=w)
-    return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=matmul(xp, w.mT, projection))
+        return _Ritz(s, fresh=fresh, frame=w, identity=identity)
+    return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=matmul(xp, w.mT, projection), identity=identity)
 
 
 def _after_empty_sketch(xp: Any, w: Array, s: Array, k: int) -> tuple[Array, Array]:
@@ -474,8 +470,7 @@ def _accepted(
         # exactly) folded into the small rotation: a single pass writes the d x k basis, contiguous
         # and already the previous one where the step is not taken (no selection of it after).
         d, k = basis.shape[-2:]
-        identity = xp.eye(ritz.s.shape[-1], k, dtype=basis.dtype, device=placement(xp, ritz.s))
-        rotation = select(xp, chosen[..., None, None], ritz.frame[..., :, :k] * keep, identity)
+        rotation = select(xp, chosen[..., None, None], ritz.frame[..., :, :k] * keep, ritz.identity)
         if d * k * (xp.finfo(basis.dtype).bits // 8) > FD_ROWS_BYTES:
             new_basis, out = frame_products_in_rows(xp, basis, ritz.fresh, rotation, coefficients)
         else:
