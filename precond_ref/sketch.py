@@ -159,12 +159,6 @@ def resolve_decomposition(decomposition: str, d: int, k: int, m: int) -> str:
     return "gram"
 
 
-def _diag(xp: Any, v: Array) -> Array:
-    """A (stack of) diagonal matrices from a (stack of) vectors."""
-    k = v.shape[-1]
-    return xp.eye(k, dtype=v.dtype, device=placement(xp, v)) * v[..., None, :]
-
-
 def _probe(xp: Any, m: int, width: int, dtype: Any, device: Any) -> Array:
     """A fixed m x width matrix of pseudo-random entries in [-1, 1] (an int32 hash, no RNG state).
 
@@ -216,8 +210,8 @@ class _Ritz(NamedTuple):
     """Singular values s (..., r), descending, of Z = [basis diag(scaled_sigma), x], and its top-k
     left singular vectors: either ``vectors`` (..., d, k), or, on the incremental path,
     ``[basis, fresh] @ frame[..., :, :k]`` with ``fresh`` (..., d, m) and the small orthogonal
-    ``frame`` (..., k + m, k + m), which the caller masks and, on failure, replaces by [I; 0], so
-    the big product is formed once. The incremental path also gives, to apply the sketch, x's coordinates:
+    ``frame`` (..., k + m, k + m), which the caller masks and, on failure, replaces by
+    ``identity`` = [I; 0] ((k + m) x k), so the big product is formed once. The incremental path also gives, to apply the sketch, x's coordinates:
     ``projection`` = [U, fresh]^T x (..., k + m, m), and ``data`` = frame^T [U, fresh]^T x computed as
     diag(s) V^T from the small SVD, exact zeros on null directions (see :func:`fd_update_apply`)."""
 
@@ -227,6 +221,7 @@ class _Ritz(NamedTuple):
     frame: Optional[Array] = None
     projection: Optional[Array] = None
     data: Optional[Array] = None
+    identity: Optional[Array] = None
 
 
 def _incremental(
@@ -253,18 +248,17 @@ def _incremental(
         fresh, corner = _unit_column(xp, residual)
     else:
         fresh, corner = per_matrix(xp, xp.linalg.qr, residual)
+    projection = xp.concat([coords, corner], axis=-2)  # [U, fresh]^T x
+    identity = xp.eye(projection.shape[-2], k, dtype=x.dtype, device=placement(xp, x))  # [I; 0]
     if empty:
         w, s = _left_singular_by_gram(xp, corner) if gram else left_singular(corner)
         w, s = _after_empty_sketch(xp, w, s, k)
     else:
-        top = xp.concat([_diag(xp, scaled_sigma), coords], axis=-1)
-        bottom = xp.concat([xp.zeros(corner.shape[:-1] + (k,), dtype=x.dtype, device=placement(xp, x)), corner], axis=-1)
-        core = xp.concat([top, bottom], axis=-2)
+        core = xp.concat([identity * scaled_sigma[..., None, :], projection], axis=-1)  # [[diag σ, c], [0, R]]
         w, s = _left_singular_by_gram(xp, core) if gram else left_singular(core)
     if not apply:
-        return _Ritz(s, fresh=fresh, frame=w)
-    projection = xp.concat([coords, corner], axis=-2)
-    return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=matmul(xp, w.mT, projection))
+        return _Ritz(s, fresh=fresh, frame=w, identity=identity)
+    return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=matmul(xp, w.mT, projection), identity=identity)
 
 
 def _after_empty_sketch(xp: Any, w: Array, s: Array, k: int) -> tuple[Array, Array]:
@@ -400,7 +394,7 @@ def _in_units(xp: Any, x: Array, decayed: Array, kept_root: Array, one: Array, z
     caller discards its result, so a non-finite input never reaches the decomposition or the state.
     """
     largest_entry = xp.max(xp.abs(x), axis=(-2, -1))
-    ok = all_finite(largest_entry[..., None], axis=(-1,))
+    ok = largest_entry <= float(xp.finfo(x.dtype).max)  # False for NaN and Inf: one comparison
     largest = xp.maximum(select(xp, ok, largest_entry, zero), xp.max(decayed, axis=-1))
     scale = _power_of_two_scale(xp, xp.maximum(largest, kept_root), one)
     return select(xp, ok[..., None, None], x / scale[..., None, None], zero), scale, ok
@@ -476,8 +470,7 @@ def _accepted(
         # exactly) folded into the small rotation: a single pass writes the d x k basis, contiguous
         # and already the previous one where the step is not taken (no selection of it after).
         d, k = basis.shape[-2:]
-        identity = xp.eye(ritz.s.shape[-1], k, dtype=basis.dtype, device=placement(xp, ritz.s))
-        rotation = select(xp, chosen[..., None, None], ritz.frame[..., :, :k] * keep, identity)
+        rotation = select(xp, chosen[..., None, None], ritz.frame[..., :, :k] * keep, ritz.identity)
         if d * k * (xp.finfo(basis.dtype).bits // 8) > FD_ROWS_BYTES:
             new_basis, out = frame_products_in_rows(xp, basis, ritz.fresh, rotation, coefficients)
         else:
@@ -700,7 +693,9 @@ def _fd_step(
     new_root = xp.sqrt(mass) * scale  # √ρ'
     # sigma'^2 + rho' computed directly, not by subtracting c^2 and adding it back (scaled units).
     undeflated = top * top + scaled_tail[..., None]  # (σ'² + ρ')/u²
-    mask = xp.logical_and(deflated > 0.0, xp.logical_not(noise[..., :k]))  # the retained directions
+    mask = deflated > 0.0  # the retained directions; with the cutoff a noise value is 0 already, so is its σ'
+    if not cutoff:
+        mask = xp.logical_and(mask, xp.logical_not(noise[..., :k]))
     new_sigma = select(xp, mask, deflated * scale[..., None], zero)  # σ'
     present = (new_root if is_zero(delta) else new_root + delta) > 0.0  # mass in the complement
     if noise_is_mass and k < s.shape[-1]:

@@ -89,6 +89,15 @@ def test_chunks_hold_at_most_the_bound():
     assert axes.bounded_chunks(np, members, limit=8 * 3 * 30) == [[0, 1], [3], [2]]
 
 
+def test_chunks_packed_largest_first():
+    """First-fit decreasing: each member, largest first, joins the first chunk it fits within the
+    bound, so blocks of 3, 2, 1 and 2 units under a bound of 4 take two chunks ([3, 1], [2, 2]),
+    where cutting them in order would take three; each chunk's members in order."""
+    unit = 8 * 3 * 10
+    members = [(np.zeros((n, 10, 3)),) for n in (3, 2, 1, 2)]
+    assert axes.bounded_chunks(np, members, limit=4 * unit) == [[0, 2], [1, 3]]
+
+
 def test_chunks_are_one_stack_each():
     """Each chunk is the members that ``blocking.stack`` makes one stack (one label, one layout):
     a member of another layout or label between two equal ones does not end their chunk, so a
@@ -157,3 +166,27 @@ def test_a_skipped_step_counts_no_failure():
         results = axes.flat_runs(xp, leaves(), (1,), ctx, refresh, None)
         assert [int(failures) for _, failures, _ in results] == expected
         assert all(failures in ctx.settled for _, failures, _ in results)
+
+
+def test_failure_counts_added_per_leaf_as_one_stack():
+    """``_with_counts``: each leaf's count is its previous count plus its runs' counts (integer
+    sums, exact), a leaf without refreshed runs keeps its very array; on torch the new counts are
+    0-D views of one allocation, which the next step's join takes as it is (no copy)."""
+    import array_api_compat.torch as tx
+    import torch
+
+    from precond_ref._backend import joined
+
+    failures = [torch.tensor(v, dtype=torch.int32) for v in (3, 0, 7, 1)]
+    counts = [[torch.tensor(1, dtype=torch.int32), torch.tensor(2, dtype=torch.int32)], [], [torch.tensor(0, dtype=torch.int32)],
+              [torch.tensor(4, dtype=torch.int32)]]
+    new = axes._with_counts(tx, failures, counts)
+    assert [int(v) for v in new] == [6, 0, 7, 5]
+    assert new[1] is failures[1] and all(v.ndim == 0 and v.dtype == torch.int32 for v in new)
+    again = axes._with_counts(tx, new, [[torch.tensor(1, dtype=torch.int32)], [], [torch.tensor(1, dtype=torch.int32)],
+                                        [torch.tensor(1, dtype=torch.int32)]])
+    assert [int(v) for v in again] == [7, 0, 8, 6]
+    kept = [again[i] for i in (0, 2, 3)]
+    assert joined(tx, [torch.reshape(v, (1,)) for v in kept]).data_ptr() == kept[0].data_ptr()
+    np_new = axes._with_counts(xp, [np.int32(2) * np.ones((), np.int32)], [[np.ones((), np.int32)] * 3])
+    assert int(np_new[0]) == 5

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
-from .._backend import array_device, cast, compute_dtype, cond, device_key, is_number, is_zero, on_cpu
-from ..blocking import same_layout, block_bounds, roll_first_axis_last, spread_schedule, stack, unfold, unstack
+from .._backend import array_device, cast, compute_dtype, cond, device_key, is_number, is_zero, joined, on_cpu
+from ..blocking import Stack, same_layout, block_bounds, roll_first_axis_last, spread_schedule, stack, unfold, unstack
 from ..transform import Transform
 from ..tree import cached_template, from_entries, to_entries
 from .context import StepContext
@@ -201,6 +202,24 @@ def _count(xp: Any, flags: Array) -> Array:
     return flags if flags.ndim == 0 else xp.sum(flags, dtype=xp.int32)
 
 
+def _with_counts(xp: Any, failures: Sequence[Optional[Array]], counts: Sequence[Sequence[Array]]) -> list:
+    """``failures[i] + sum(counts[i])`` for each leaf (0-D int32 arrays: a leaf's failure count and
+    the counts of its runs refreshed this step, :func:`_count`; a leaf with none keeps its count),
+    the leaves' additions made as one per device on their counts stacked
+    (:func:`precond_ref.blocking.stack`), not one per run: each new count is a 0-D view of that
+    sum, so the next step's stack of them is that sum's memory (a view, no copy). Integer sums:
+    the counts are those of the additions one by one."""
+    added = [i for i, runs in enumerate(counts) if runs]
+    members = [(xp.reshape(failures[i], (1,)), xp.reshape(functools.reduce(operator.add, counts[i]), (1,)))
+               for i in added]
+    stacks = stack(xp, members)
+    sums = unstack(stacks, [(s.operands[0] + s.operands[1],) for s in stacks], len(members))
+    new = list(failures)
+    for i, (total,) in zip(added, sums):
+        new[i] = total[0]
+    return new
+
+
 def refresh_axes(
     xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
 ) -> list[tuple[tuple, Array]]:
@@ -249,10 +268,12 @@ def refresh_axes(
     def kept(*operands: Array) -> tuple:
         return (*operands[:-1], _none_failed(xp, operands[-1]))
 
+    counts: list[list] = [[] for _ in leaves]
     for (i, n, j), piece in zip(owners, refresh_due(xp, decisions, phases, members, refreshed, kept, labels=exponents)):
         piece = _unstacked(leaves[i][0].axes[n], piece)
         tables[i][n][j] = kind(*piece[:-1])
-        failures[i] = failures[i] + _count(xp, piece[-1])
+        counts[i].append(_count(xp, piece[-1]))
+    failures = _with_counts(xp, failures, counts)
     results = [
         (leaf[1] if table is None else tuple(tuple(axis) for axis in table), failure)
         for leaf, table, failure in zip(leaves, tables, failures)
@@ -304,13 +325,17 @@ def multiply_axes(
 
 #: :func:`flat_runs` steps its runs in stacks of at most this many bytes of the blocks' first field
 #: on a CPU (a run larger than it alone), and a run over :data:`precond_ref.sketch.FD_ROWS_BYTES`
-#: (by default the same bound) alone on every device, in its own arrays: each stack's step holds
-#: about three copies of its blocks (S-AdaGrad's FD step: the stacked input, the [U, fresh] frame,
-#: the product) until the next stack starts, and a lone run over ``FD_ROWS_BYTES`` takes that step
-#: by blocks of rows, writing its new basis over the old one where the caller owns the state. So a
-#: step's peak on a CPU is the state, the new state of the runs within the bound, three times this
-#: bound and a few vectors of the longest run's length.
-FLAT_STACK_BYTES = 2**28
+#: alone on every device, in its own arrays. A stack's FD step passes over its blocks several times
+#: (the projections on the basis, the [U, fresh] frame, the new basis): a stack this small stays
+#: near a CPU's caches between those passes, where the cost per block of a larger one grows (its
+#: blocks fall out of cache: docs/performance.md), and still holds the equal runs of many leaves,
+#: so a step issues a few stacks' operations, not one stack's per leaf. Each stack's step holds about
+#: three copies of its blocks (the stacked input, the [U, fresh] frame, the product) until the next
+#: stack starts, and a lone run over ``FD_ROWS_BYTES`` takes that step by blocks of rows, writing its
+#: new basis over the old one where the caller owns the state. So a step's peak on a CPU is the
+#: state, the new state of the runs within the bound, three times this bound and a few vectors of
+#: the longest run's length.
+FLAT_STACK_BYTES = 2**24
 #: The bound of :data:`FLAT_STACK_BYTES` off a CPU (a GPU): there each stack costs a fixed number of
 #: kernel launches and one host synchronisation (a batched ``eigh`` reads its status), so the bound
 #: is about the size at which a stack's kernels take as long as its launches, and the blocks of one
@@ -368,7 +393,7 @@ def flat_runs(
     oks, stepped = [], []
     limit = FLAT_STACK_BYTES if host else FLAT_ACCELERATOR_STACK_BYTES
     for chunk in bounded_chunks(xp, members, limit, phases, alone_from=_sketch.FD_ROWS_BYTES):
-        stacks = stack(xp, [members[i] for i in chunk], labels=[phases[i] for i in chunk])
+        stacks = [_chunk_stack(xp, [members[i] for i in chunk])]
         outputs = []
         for s in stacks:
             block, rows, due = kind(*s.operands[:-1]), s.operands[-1], dues[phases[chunk[s.indices[0]]]]
@@ -381,16 +406,31 @@ def flat_runs(
         del stacks, outputs, block, rows  # this chunk's stacked copies go before the next chunk's are made
     _with_failures(xp, ctx, pieces, oks, stepped)
     pieces = iter(pieces if hand_back is None else hand_back(pieces, count))
-    results = []
+    results, counts = [], []
     for plan, blocks, failures, g in leaves:
         axis = plan.axes[0]
         runs = [_unstacked(axis, next(pieces)) for _ in axis.runs]
-        for piece in runs:
-            failures = failures + _count(xp, piece[-2])
+        counts.append([_count(xp, piece[-2]) for piece in runs])
         out = xp.reshape(join_runs(xp, axis, [piece[-1] for piece in runs]), tuple(g.shape))
-        results.append(((tuple(kind(*piece[:-2]) for piece in runs),), failures, out))
+        results.append(((tuple(kind(*piece[:-2]) for piece in runs),), out))
+    failures = _with_counts(xp, [leaf[2] for leaf in leaves], counts)
+    results = [(blocks, failure, out) for (blocks, out), failure in zip(results, failures)]
     _settle(ctx, [blocks for blocks, _, _ in results], [failures for _, failures, _ in results])
     return results
+
+
+def _chunk_stack(xp: Any, members: Sequence[tuple]) -> Stack:
+    """The members of one chunk of :func:`bounded_chunks` (one label and layout, within its byte
+    bound) as one :class:`~precond_ref.blocking.Stack`, each operand ``xp.concat`` of the members'
+    along the leading axis (:func:`~precond_ref._backend.joined`: a view where the members are the
+    previous step's stack handed back), on a CPU too: the chunk's bound, not blocking's rule that a
+    large member stays alone on a CPU, limits it, since a flat run's step costs a fixed number of
+    calls per stack and its join is a view from the second step on."""
+    lengths = tuple(member[0].shape[0] for member in members)
+    if len(members) == 1:
+        return Stack((0,), tuple(members[0]), lengths)
+    operands = tuple(joined(xp, [member[k] for member in members]) for k in range(len(members[0])))
+    return Stack(tuple(range(len(members))), operands, lengths)
 
 
 def _with_failures(xp: Any, ctx: StepContext, pieces: list, oks: Sequence[Array], stepped: Sequence[tuple]) -> None:
@@ -477,25 +517,35 @@ def bounded_chunks(
     xp: Any, members: Sequence[tuple], limit: int, labels: Optional[Sequence] = None, alone_from: Optional[int] = None,
 ) -> list[list[int]]:
     """Member indices in chunks of one stack each (:func:`precond_ref.blocking.stack`): the members
-    of one label and layout (trailing shapes, dtypes, device), in order, cut into consecutive runs
-    whose first operands total at most ``limit`` bytes, a member over the limit, or over
-    ``alone_from`` bytes where given, alone; groups in order of first appearance. Members of another
-    layout never end a chunk, so a layout's blocks take as few stacks (batched calls) as the bound
-    allows."""
-    groups: dict[Any, list[list[int]]] = {}
-    totals: dict[Any, int] = {}
+    of one label and layout (trailing shapes, dtypes, device) packed into chunks whose first
+    operands total at most ``limit`` bytes, largest member first, each into the first chunk it fits
+    (first-fit decreasing: close to the fewest chunks the bound allows), a member over the limit,
+    or over ``alone_from`` bytes where given, alone; each chunk's members in order, the chunks in
+    order of their first members, groups in order of first appearance. Members of another layout
+    never end a chunk, so a layout's blocks take as few stacks (batched calls) as the bound allows.
+    The packing depends on the members' shapes only, so a step's chunks are the previous step's
+    (whose stacks it joins as views)."""
+    groups: dict[Any, list[tuple[int, int]]] = {}
     for i, member in enumerate(members):
         first = member[0]
         nbytes = math.prod(first.shape) * (xp.finfo(first.dtype).bits // 8)
         alone = alone_from is not None and nbytes > alone_from  # a stack of its own arrays (no copy)
         key = (i,) if alone else (None if labels is None else labels[i], same_layout(member))
-        chunks = groups.setdefault(key, [[]])
-        if chunks[-1] and totals[key] + nbytes > limit:
-            chunks.append([])
-            totals[key] = 0
-        chunks[-1].append(i)
-        totals[key] = totals.get(key, 0) + nbytes
-    return [chunk for chunks in groups.values() for chunk in chunks]
+        groups.setdefault(key, []).append((i, nbytes))
+    out = []
+    for group in groups.values():
+        chunks: list[list[int]] = []
+        totals: list[int] = []
+        for i, nbytes in sorted(group, key=lambda item: -item[1]):  # stable: equal sizes in order
+            fit = next((c for c, total in enumerate(totals) if total + nbytes <= limit), None)
+            if fit is None:
+                chunks.append([])
+                totals.append(0)
+                fit = len(chunks) - 1
+            chunks[fit].append(i)
+            totals[fit] += nbytes
+        out.extend(sorted(sorted(chunk) for chunk in chunks))
+    return out
 
 
 def axis_legacy_names(group: str, fields: Sequence[str], marker: str) -> Callable[[dict], dict]:
@@ -551,7 +601,9 @@ class AxesRule(NamedTuple):
     A Kronecker rule (:func:`kronecker_transform`) also has ``refresh(xp, c, block, rows, exponent,
     accept, first) -> (block, ok)`` (``first``: :func:`refresh_axes`), ``apply(xp, c, fields, rows)``
     (``fields``: a dict of the block's fields named in ``reads``), and optionally ``graft(xp, c, g,
-    v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, p, D)`` (None: the direction is ``p``). A flat rule
+    v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, |D|, |p|)``, the scale of the
+    direction ``p`` from its Frobenius norm and ``D``'s (None: the direction is ``p``), called on the
+    norms of many leaves stacked (:func:`_scaled_by_norms`). A flat rule
     (:func:`flat_transform`) has ``refresh(xp, c, block, rows, accept) -> (block, ok, out)`` (the new
     block applied to the rows in the same pass), ``keep(xp, c, block, rows) -> out`` between
     refreshes and ``may_pad(c, length, rank)`` (:func:`flat_runs`). ``accept`` is the engine's
@@ -647,7 +699,7 @@ def kronecker_transform(
     """The transform of a Kronecker rule (Sketchy). A step: the graft of every leaf
     (``rule.graft``, the leaves of one layout joined end to end); the refresh of the runs due
     (:func:`refresh_axes`); the mode-n products :math:`P(G)` (:func:`multiply_axes`); the direction
-    ``rule.grafted(p, D)``, ``D`` itself before step ``start`` (and on a leaf without blocks); the
+    ``p`` times ``rule.grafted(|D|, |p|)`` (:func:`_scaled_by_norms`), ``D`` itself before step ``start`` (and on a leaf without blocks); the
     updates ``rule.finish`` (:func:`_finished`), or the direction itself without a learning rate."""
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
@@ -665,14 +717,32 @@ def kronecker_transform(
             lambda block: tuple(getattr(block, field) for field in rule.reads),
             lambda *operands: rule.apply(xp, c, dict(zip(rule.reads, operands[:-1])), operands[-1]),
         )
-        directions = [d if plan is None else p if rule.grafted is None else _from_start(xp, ctx, rule.grafted(xp, p, d), d, start)
-                      for (_, plan, _), (_, d), p in zip(leaves, grafts, products)]
+        if rule.grafted is not None:
+            blocked = [i for i, p in enumerate(products) if p is not None]
+            scaled = _scaled_by_norms(xp, functools.partial(rule.grafted, xp), [products[i] for i in blocked],
+                                      [grafts[i][1] for i in blocked])
+            for i, u in zip(blocked, scaled):
+                products[i] = _from_start(xp, ctx, u, grafts[i][1], start)
+        directions = [d if p is None else p for (_, d), p in zip(grafts, products)]
         finished = [(u,) for u in directions] if c.learning_rate is None else _finished(xp, ctx, rule, c, directions, leaves, params)
         return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures, graft_second_moment=v,
                                                       momentum=out[1] if c.has_momentum else None)))
                 for (_, _, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished)]
 
     return _axes_transform(rule, c, update_groups, name, on_nonfinite, default_block_size)
+
+
+def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequence[Array], ds: Sequence[Array]) -> list:
+    """``[p * scale(|d|, |p|) for p, d in zip(ps, ds)]``, ``|.|`` the Frobenius norm of a leaf: the
+    norms of all leaves stacked (one stack per dtype and device, :func:`precond_ref.blocking.stack`)
+    and ``scale`` called once per stack on them, not once per leaf; each leaf multiplied by its
+    scale, a 0-D view of the stack's. The numbers are the per-leaf formula's (an element-wise
+    ``scale`` of the same norms)."""
+    members = [(xp.reshape(xp.linalg.vector_norm(d), (1,)), xp.reshape(xp.linalg.vector_norm(p), (1,)))
+               for p, d in zip(ps, ds)]
+    stacks = stack(xp, members)
+    scales = unstack(stacks, [(scale(*s.operands),) for s in stacks], len(members))
+    return [p * factor[0] for p, (factor,) in zip(ps, scales)]
 
 
 def _from_start(xp: Any, ctx: StepContext, u: Array, before: Array, start: int) -> Array:

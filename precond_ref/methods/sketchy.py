@@ -200,9 +200,10 @@ def _sketch_apply(xp: Any, c: SketchyConfig, sketch: dict, x: Array) -> Array:
     return fd_apply(xp, sketch, x)  # U diag(w) Uᵀ x + w_⊥ (x − U Uᵀ x)
 
 
-def _grafted(xp: Any, p: Array, graft_direction: Array) -> Array:
-    """Step 4: :math:`P(G)\\, \\lVert D_g\\rVert_F / \\lVert P(G)\\rVert_F`, 0 where :math:`P(G) = 0`."""
-    return p * ratio_or_zero(xp, xp.linalg.vector_norm(graft_direction), xp.linalg.vector_norm(p))
+def _grafted(xp: Any, graft_norm: Array, norm: Array) -> Array:
+    """Step 4's scale :math:`\\lVert D_g\\rVert_F / \\lVert P(G)\\rVert_F` of :math:`P(G)`, 0 where
+    :math:`P(G) = 0`, from the norms (of one leaf, or of many leaves stacked)."""
+    return ratio_or_zero(xp, graft_norm, norm)
 
 
 def _sketchy_finish(xp: Any, c: SketchyConfig, minus_lr: Any, u: Array, *rest: Array) -> tuple:

@@ -89,3 +89,14 @@ def test_faithful_runs_are_not_padded(monkeypatch):
     length: its runs keep their own lengths off a CPU too (one unblocked leaf per length here)."""
     calls, _ = _fd_steps(monkeypatch, on_cpu=False, steps=1, mode="faithful", momentum=0.0, block_size=None)
     assert sorted(calls) == [(1, 7, 1), (4, 30, 1)]
+
+
+def test_on_a_cpu_large_equal_runs_share_a_stack(monkeypatch):
+    """On a CPU the equal runs of all leaves take one FD step per chunk of ``FLAT_STACK_BYTES``,
+    though each is a member ``blocking.stack`` would keep alone on a CPU (here every member counts
+    as large): the 4 weights' 3 blocks of 10 one step of 12 blocks, the bias's block of 7 another."""
+    from precond_ref import blocking
+
+    monkeypatch.setattr(blocking, "CPU_BATCHED_ENOUGH", 1)
+    calls, _ = _fd_steps(monkeypatch, on_cpu=True)
+    assert sorted(calls) == sorted([(12, 10, 1), (1, 7, 1)] * 2)

@@ -183,7 +183,7 @@ def _each_leaf_as_alone(factory, kw: dict, shapes: dict, steps: int, seed: int, 
     """Runs ``factory(**kw)`` on the tree of ``shapes`` for ``steps`` steps beside one transform per
     leaf, and checks every leaf's update and state against its own transform's (rtol 1e-10 in
     float64: a batched product may sum in another order than an unbatched one). Returns the sizes
-    of every stack formed (``blocking.stack``) and the shapes of the FD calls' rows of the last
+    of every stack formed (``blocking.stack``, ``engine.axes._chunk_stack``) and the shapes of the FD calls' rows of the last
     step."""
     rng = np.random.default_rng(seed)
     params = {k: rng.standard_normal(s) for k, s in shapes.items()}
@@ -201,7 +201,13 @@ def _each_leaf_as_alone(factory, kw: dict, shapes: dict, steps: int, seed: int, 
         stack_sizes.extend(len(s.indices) for s in stacks)
         return stacks
 
+    def counted_chunk(xp, members):  # flat_runs' stack of one bounded chunk
+        stack_sizes.append(len(members))
+        return real_chunk(xp, members)
+
+    real_chunk = axes._chunk_stack
     monkeypatch.setattr(axes, "stack", counted)
+    monkeypatch.setattr(axes, "_chunk_stack", counted_chunk)
     monkeypatch.setattr(sk, fd_step, lambda xp, sketch, rows, **o: fd_calls.append(rows.shape) or real_fd(xp, sketch, rows, **o))
     for step in range(steps):
         grads = {k: rng.standard_normal(s) for k, s in shapes.items()}

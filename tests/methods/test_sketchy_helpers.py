@@ -7,6 +7,7 @@ every name there exists."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pathlib
 import re
@@ -49,12 +50,17 @@ def test_rmsprop_graft_is_g_over_root_of_v_and_zero_where_v_is_zero(eps, dtype):
 
 
 def test_grafted_direction_has_the_graft_norm_and_is_the_graft_before_start():
-    """U = P ||D_g||_F / ||P||_F (0 for P = 0); the engine takes D_g itself while count <
+    """U = P ||D_g||_F / ||P||_F (0 for P = 0), spec ``fd_shampoo.md`` §2.3 step 4, each leaf's from
+    its own norms though the scales of all leaves are made on their norms stacked
+    (``engine.axes._scaled_by_norms``); the engine takes D_g itself while count <
     start_preconditioning_step (``engine.axes._from_start``)."""
     p, d = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
-    got = sk._grafted(xp, p, d)
+    q, e = rng.standard_normal(5), rng.standard_normal(5)
+    scale = functools.partial(sk._grafted, xp)
+    got, other, zero = axes._scaled_by_norms(xp, scale, [p, q, np.zeros_like(p)], [d, e, d])
     np.testing.assert_allclose(got, p * (np.linalg.norm(d) / np.linalg.norm(p)), rtol=1e-15)
-    np.testing.assert_array_equal(sk._grafted(xp, np.zeros_like(p), d), np.zeros_like(p))
+    np.testing.assert_allclose(other, q * (np.linalg.norm(e) / np.linalg.norm(q)), rtol=1e-15)
+    np.testing.assert_array_equal(zero, np.zeros_like(p))
     np.testing.assert_array_equal(axes._from_start(xp, _ctx(2), got, d, 3), d)
     np.testing.assert_array_equal(axes._from_start(xp, _ctx(3), got, d, 3), got)
     np.testing.assert_array_equal(axes._from_start(xp, _ctx(0), got, d, 0), got)
