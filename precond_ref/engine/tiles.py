@@ -578,8 +578,12 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
     return out
 
 
-#: entries: the most a gather's index covers (:func:`gathering`; int32, 128 MiB)
-GATHER_MAX_ELEMENTS = 2**25
+#: entries: the most a gather's index covers (:func:`gathering`; int32, 16 MiB). The indices of a
+#: layout (two: the tiles' cut and the leaves' order) stay in the process-wide cache of
+#: :func:`~precond_ref.engine.factors.constant` on the arrays' device, so they are held to a small
+#: share of the device's memory: a model of up to 4M parameters (where a step's operations, not
+#: its arithmetic, bound it) takes the gathers; a larger one pays no index memory.
+GATHER_MAX_ELEMENTS = 2**22
 
 
 def gathering(xp, arrays: Sequence[Any]) -> bool:
