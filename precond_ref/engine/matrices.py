@@ -16,7 +16,7 @@ from ..linalg import symmetrize
 from .context import StepContext, settle_pieces
 
 __all__ = [
-    "MatrixStack", "MatrixJoin", "matrix_joins", "stack_view", "end_to_end", "symmetrized_pieces", "hand_back", "leaves_of",
+    "MatrixStack", "MatrixJoin", "matrix_joins", "JOIN_MAX_ELEMENTS", "stack_view", "end_to_end", "symmetrized_pieces", "hand_back", "leaves_of",
     "as_matrix", "matrix_shape", "joined_leaves",
 ]
 
@@ -62,6 +62,13 @@ class MatrixJoin(NamedTuple):
     stacks: list[MatrixStack]
 
 
+#: entries: the most matrix leaves joined end to end across their shapes (:func:`matrix_joins`). A
+#: model of up to 4M parameters, whose step is bound by its operations rather than its arithmetic,
+#: steps each element-wise line once for all its matrices; a larger one stack by stack, so that
+#: its step holds one stack's copies at a time, not every leaf's.
+JOIN_MAX_ELEMENTS = 2**22
+
+
 def matrix_joins(
     xp: Any, grads: list, states: list, params: Any, leaves: list[int], stacked: Sequence[str], joined: Sequence[str],
     left: Callable[[int, int], bool], with_param: bool, passes: bool = False,
@@ -85,8 +92,11 @@ def matrix_joins(
     own, and on a CPU a large matrix a stack of its own (its copies would cost more than the calls
     they save): of :data:`~precond_ref.blocking.CPU_BATCHED_ENOUGH` entries or more, or of an
     eighth of that for a rule whose stacked work is ``passes`` (element-wise passes and reductions,
-    no batched product or decomposition)."""
-    persist = not (torch_compiling() or is_jax_namespace(xp))
+    no batched product or decomposition). So also for matrix leaves of more than
+    :data:`JOIN_MAX_ELEMENTS` entries in all, where a join's copies (the gradients, the parameters
+    and the float64 directions of every leaf at once) would raise the step's peak memory."""
+    persist = not (torch_compiling() or is_jax_namespace(xp)) and (
+        sum(math.prod(tuple(grads[i][0].shape)) for i in leaves) <= JOIN_MAX_ELEMENTS)
     bound = blocking.CPU_BATCHED_ENOUGH // 8 if passes else blocking.CPU_BATCHED_ENOUGH
     joins: dict[Any, dict[Any, list[int]]] = {}
     # One leaf is its own join and stack: no key read (its shape in a key would make a compiler

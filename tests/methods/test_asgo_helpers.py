@@ -15,6 +15,7 @@ from typing import NamedTuple
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
+import precond_ref as pr
 from precond_ref._backend import ema, squared_sums
 from precond_ref.engine.blockdiag import (
     OneSidedRule, block_diagonal_product, finite_root_or_previous, one_sided_transform, side_blocks, unrefreshed,
@@ -490,6 +491,40 @@ def test_matrix_joins_are_the_leaves_end_to_end_and_their_stacks():
     again = matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), lambda m, n: m < n, True)[0]
     assert np.shares_memory(again.state["momentum"], new)
     np.testing.assert_array_equal(again.state["momentum"], new)
+
+
+def test_leaves_over_the_join_bound_step_stack_by_stack(monkeypatch):
+    """Matrix leaves of more than ``engine.matrices.JOIN_MAX_ELEMENTS`` entries in all are not
+    joined across shapes (each stack of equal shapes is a join of its own, so a step holds one
+    stack's copies at a time), and ASGO's and DASGO's updates are bitwise those of the joined step:
+    the same element-wise lines on the same entries, run per stack instead of once."""
+    from precond_ref.engine import matrices
+
+    rng = np.random.default_rng(5)
+    shapes = [(3, 5), (4, 2), (3, 5), (4, 2)]
+    grads, params, states = _join_leaves(rng, shapes)
+    leaves = list(range(len(grads)))
+    assert len(matrices.matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), lambda m, n: m < n, True)) == 1
+    params0 = {f"w{i}": rng.standard_normal(shape) for i, shape in enumerate(shapes)}
+    batches = [{k: rng.standard_normal(v.shape) for k, v in params0.items()} for _ in range(4)]
+
+    def run(method):
+        opt = getattr(pr, method)(learning_rate=0.1, **({"precondition_every": 2} if method == "asgo" else {}))
+        params, state, out = dict(params0), None, []
+        state = opt.init(params)
+        for g in batches:
+            updates, state = opt.update(g, state, params)
+            params = {k: params[k] + updates[k] for k in params}
+            out.append(updates)
+        return out
+
+    joined = {m: run(m) for m in ("asgo", "dasgo")}
+    monkeypatch.setattr(matrices, "JOIN_MAX_ELEMENTS", 0)
+    assert len(matrices.matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), lambda m, n: m < n, True)) == 2
+    for method, want in joined.items():
+        for a, b in zip(run(method), want):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_symmetrized_pieces_is_symmetrize_of_each_piece():
