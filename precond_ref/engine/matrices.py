@@ -136,12 +136,22 @@ def matrix_joins(
                 leaves=tuple(members),
                 shapes=tuple(tuple(grads[i][0].shape) for i in members),
                 left=left(*shape),
-                g=stack_view(xp, g, order, states, members, "momentum"),
+                g=_own_copy(xp, stack_view(xp, g, order, states, members, "momentum")) if len(groups) > 1 else g,
                 state=entries,
                 param=stack_view(xp, param, order, states, members, "momentum") if with_param else None,
             ))
         out.append(MatrixJoin(tuple(order), g, state, param, stacks))
     return out
+
+
+def _own_copy(xp: Any, view: Array) -> Array:
+    """A stack's gradients as an array of their own (a copy of its piece of the join), which the
+    stack's products read: a BLAS may round a product of a piece that starts inside an allocation
+    otherwise than the same product of an array of its own (the CPU BLAS's ``X Xᵀ`` of a float32 piece
+    at an offset that is not a multiple of 16 entries), and a stack's numbers must not depend on
+    which leaves share its join (a rank that owns a subset of the leaves steps them as one process
+    does)."""
+    return xp.asarray(view, copy=True)
 
 
 def end_to_end(xp: Any, arrays: Sequence[Array]) -> Array:

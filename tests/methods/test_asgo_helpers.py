@@ -481,7 +481,8 @@ def test_matrix_joins_are_the_leaves_end_to_end_and_their_stacks():
         np.testing.assert_array_equal(s.g, np.stack([grads[i][0].reshape(m, n) for i in s.leaves]))
         np.testing.assert_array_equal(s.param, np.stack([params[i][0].reshape(m, n) for i in s.leaves]))
         np.testing.assert_array_equal(s.state["momentum"], np.stack([states[i]["momentum"] for i in s.leaves]))
-        assert np.shares_memory(s.g, wide.g) and s.left == (m < n)
+        assert not np.shares_memory(s.g, wide.g) and s.left == (m < n)  # its products read an array of its own
+        assert np.shares_memory(s.param, wide.param)
     assert narrow.g.shape == (2, 3) and narrow.g.dtype == np.float32  # one stack of one leaf: its own shapes
     # hand each leaf its piece of a new joined entry: the next join is a view of it
     new = wide.state["momentum"] * 2.0
@@ -578,3 +579,32 @@ def test_joined_renormalisations_are_each_alone(dtype, faithful):
     expected = np.concatenate([scaled_rms_renormalised(xp, u, s, a, 0.2, faithful).ravel() for u, s, a in zip(us, scales, axes)])
     got = joined_scaled_rms_renormalised(xp, m, scale, pieces(m, us), pieces(scale, scales), axes, 0.2, faithful)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_leaf_steps_alike_whatever_leaves_share_its_join():
+    """A matrix leaf's ASGO update does not depend on the other leaves given with it (the invariant
+    that lets a rank step the leaves it owns as one process steps all of them, and two param groups
+    step as one): float32 torch, the leaves (4, 5) and (3, 4) alone or after a (5, 6) leaf in the
+    join, bit-identical. A BLAS rounds ``X Xᵀ`` of a piece at an unaligned offset of an allocation
+    otherwise than of an array of its own, so a stack's products read their own copy."""
+    import torch
+
+    torch.manual_seed(0)
+    shapes = {"a": (5, 6), "b": (4, 5), "c": (3, 4)}
+    params = {k: torch.randn(s, dtype=torch.float32) for k, s in shapes.items()}
+    grads = [{k: torch.randn(s, dtype=torch.float32) for k, s in shapes.items()} for _ in range(3)]
+
+    def run(names):
+        opt = pr.asgo(learning_rate=3e-2, weight_decay=1e-3)
+        p = {k: params[k].clone() for k in names}
+        state = opt.init(p)
+        for g in grads:
+            u, state = opt.update({k: g[k] for k in names}, state, p)
+            p = {k: p[k] + u[k] for k in names}
+        return p
+
+    full = run(list(shapes))
+    for subset in (["b", "c"], ["b"], ["a", "c"]):
+        alone = run(subset)
+        for k in subset:
+            assert torch.equal(alone[k], full[k]), (subset, k)
