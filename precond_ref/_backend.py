@@ -58,6 +58,7 @@ __all__ = [
     "sum_across",
     "squared_sums",
     "joined",
+    "pieces",
     "stacked",
     "consecutive_view",
     "consecutive_runs",
@@ -645,6 +646,17 @@ def joined(xp: Any, arrays: Any) -> Array:
     arrays = list(arrays)
     view = consecutive_view(arrays, new_axis=False) if len(arrays) > 1 else None
     return xp.concat(arrays, axis=0) if view is None else view
+
+
+def pieces(xp: Any, flat: Array, shapes: Any) -> list:
+    """``flat`` (1-D) cut into consecutive pieces of ``shapes``, each reshaped to its shape (views
+    where the backend has them): the inverse of :func:`joined` of arrays of those shapes flattened."""
+    out, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(xp.reshape(flat[start : start + size], tuple(shape)))
+        start += size
+    return out
 
 
 def stacked(xp: Any, arrays: Any) -> Array:

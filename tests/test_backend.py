@@ -516,3 +516,22 @@ def test_ratio_or_zero_is_the_quotient_where_the_denominator_is_positive():
     with np.errstate(all="raise"):
         got = ratio_or_zero(np, n, d)
     np.testing.assert_array_equal(got, [1.5, 0.0, 0.0, 0.0])
+
+
+def test_pieces_cut_a_join_back_into_its_arrays():
+    """``_backend.pieces(xp, flat, shapes)`` is the inverse of joining arrays of ``shapes``
+    flattened: ``joined([reshape(a, (-1,)) for a in arrays])`` cut back gives each array, each a
+    view of the flat array on NumPy (writing a piece writes the join)."""
+    import array_api_compat.numpy as xp
+
+    from precond_ref._backend import joined, pieces
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal(s) for s in [(2, 3), (4,), (1, 2, 2), ()]]
+    flat = joined(xp, [xp.reshape(a, (-1,)) for a in arrays])
+    got = pieces(xp, flat, [a.shape for a in arrays])
+    assert [g.shape for g in got] == [a.shape for a in arrays]
+    for g, a in zip(got, arrays):
+        np.testing.assert_array_equal(g, a)
+    got[1][...] = 0.0
+    np.testing.assert_array_equal(flat[6:10], np.zeros(4))

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from array_api_compat import is_array_api_strict_namespace, is_jax_namespace
 
-from .._backend import computed_once, cond_under_cpu_jit, float64_where_available, select, sum_across
+from .._backend import computed_once, cond_under_cpu_jit, float64_where_available, pieces, select, sum_across
 from .matrices import end_to_end
 
 __all__ = [
@@ -106,9 +106,9 @@ def joined_rms_renormalised(xp: Any, us: list, rms_target: Optional[float], exac
     if len(us) == 1 or wide is None or not _writable_views(xp) or any(math.prod(u.shape[-2:]) == 0 for u in us):
         return end_to_end(xp, [rms_renormalised(xp, u, rms_target, exact_dtype) for u in us])
     w = xp.astype(end_to_end(xp, us), wide)  # a new array: its pieces scaled in place below
-    views = _pieces(xp, w, us)
+    views = pieces(xp, w, [a.shape for a in us])
     norms = [xp.linalg.matrix_norm(v, ord="fro", keepdims=True) for v in views]
-    for v, n in zip(views, _pieces(xp, _nonzero(xp, end_to_end(xp, norms)), norms)):
+    for v, n in zip(views, pieces(xp, _nonzero(xp, end_to_end(xp, norms)), [a.shape for a in norms])):
         v *= _target(rms_target, v) / n
     return xp.astype(w, us[0].dtype)
 
@@ -126,11 +126,12 @@ def joined_scaled_rms_renormalised(
         alone = [scaled_rms_renormalised(xp, *args, rms_target, exact_dtype) for args in zip(ms, scales, axes)]
         return end_to_end(xp, alone)
     scale_w = xp.astype(scale, wide)
-    m_ws, scale_ws = _pieces(xp, xp.astype(m, wide), ms), _pieces(xp, scale_w, scales)
-    squares = _pieces(xp, scale_w * scale_w, scales)
+    scale_shapes = [a.shape for a in scales]
+    m_ws, scale_ws = pieces(xp, xp.astype(m, wide), [a.shape for a in ms]), pieces(xp, scale_w, scale_shapes)
+    squares = pieces(xp, scale_w * scale_w, scale_shapes)
     # scaled_squared_norm, whose scale * scale is the joined square's piece
     totals = [xp.sum(q * sum_across(xp, a * a, axis), axis=-1) for q, a, axis in zip(squares, m_ws, axes)]
-    safe = _pieces(xp, _nonzero(xp, xp.sqrt(end_to_end(xp, totals))), totals)
+    safe = pieces(xp, _nonzero(xp, xp.sqrt(end_to_end(xp, totals))), [a.shape for a in totals])
     out = [a * xp.expand_dims(s * _per_matrix(xp, _target(rms_target, a) / n), axis=axis)
            for a, s, n, axis in zip(m_ws, scale_ws, safe, axes)]
     return xp.astype(end_to_end(xp, out), m.dtype)
@@ -151,16 +152,6 @@ def _target(rms_target: float, u: Array) -> float:
 def _nonzero(xp: Any, norm: Array) -> Array:
     """``norm``, with 1 where it is zero (the divisor that keeps a zero direction zero)."""
     return select(xp, norm > 0, norm, xp.ones_like(norm))
-
-
-def _pieces(xp: Any, flat: Array, like: list) -> list:
-    """``flat`` cut into consecutive pieces of the shapes of the arrays ``like`` (views)."""
-    out, start = [], 0
-    for a in like:
-        size = math.prod(a.shape)
-        out.append(xp.reshape(flat[start : start + size], tuple(a.shape)))
-        start += size
-    return out
 
 
 def _per_matrix(xp: Any, x: Array) -> Array:

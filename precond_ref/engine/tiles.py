@@ -25,8 +25,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from array_api_compat import array_namespace, is_jax_namespace
 
 from .._backend import (
-    array_device, compute_dtype, cond, device_key, host_bool, is_torch_namespace, placement, scalar_zero, stacked,
-    torch_compiling,
+    array_device, compute_dtype, cond, device_key, host_bool, is_torch_namespace, pieces, placement, scalar_zero,
+    stacked, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype
@@ -611,11 +611,7 @@ def rearranged(xp, key, arrays: Sequence[Any], rearrange: Callable, shapes: Sequ
     flat = flat[0] if len(flat) == 1 else xp.concat(flat, axis=0)
     gathered = taken(xp, xp.astype(flat, dtype) if dtype is not None and flat.dtype != dtype else flat,
                      constant(xp, key, make, arrays[0]))
-    out, start = [], 0
-    for shape in shapes:
-        out.append(xp.reshape(gathered[start : start + math.prod(shape)], tuple(shape)))
-        start += math.prod(shape)
-    return out
+    return pieces(xp, gathered, shapes)
 
 
 _NUMBERS: dict = {}  # a group's layout -> its number
