@@ -6,7 +6,7 @@ of ``b`` rows and a shorter tail (:func:`precond_ref.blocking.chunk_sizes`), wit
 tail×tail statistic ``P`` and root ``Z`` per block. Its state then holds ``statistic`` (a k×k
 matrix, or the ``c`` chunks ``(c, b, b)``), ``statistic_tail``, ``root`` and ``root_tail`` in the
 same shapes, and the counters ``root_failures`` and ``root_fallbacks``. This module does the
-rest of the layout for such a method, on the stacks of :func:`~precond_ref.engine.matrices.matrix_stacks`:
+rest of the layout for such a method, on the joins and stacks of :func:`~precond_ref.engine.matrices.matrix_joins`:
 
 * the rows of each block (:func:`side_blocks`) and the block-diagonal product ``Z M`` (:func:`block_diagonal_product`);
 * the roots of the blocks whose phase is due, the equal blocks of all leaves in one batched call,

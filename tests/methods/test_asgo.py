@@ -1097,7 +1097,7 @@ def test_column_factored_renormalise_keeps_zero_zero(backend):
                          ids=["principled", "auto-side", "faithful"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_dasgo_stacked_matrices_step_as_each_alone(eager_backend, options, dtype, monkeypatch):
-    """DASGO's equal matrices stacked (``engine.matrices.matrix_stacks``, a GPU's grouping: every
+    """DASGO's equal matrices stacked (``engine.matrices.matrix_joins``, a GPU's grouping: every
     equal shape stacks) give each leaf the numbers of its step alone, bit for bit: every line of
     the rule is element-wise or a reduction within one matrix (``sum_across``, the per-matrix
     renormalisation of ``engine.rms``, spec asgo.md §2.7, D12), and stacking is execution only
