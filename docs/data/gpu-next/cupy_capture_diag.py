@@ -22,7 +22,7 @@ cs, _ = contenders(sys.argv[1] if len(sys.argv) > 1 else "all", False)
 for c in cs:
     print(c.entry.name, flush=True)
     params = {"w": cupy.asarray(rng.standard_normal((1024, 1024)), dtype=cupy.float32), "b": cupy.zeros((1024,), cupy.float32)}
-    t = pc.captured(getattr(precond_ref, c.entry.factory)(**core_kwargs_for(c.entry, cupy, "cupy")), graphs=Diag())
+    t = pc.CapturedTransform(getattr(precond_ref, c.entry.factory)(**core_kwargs_for(c.entry, cupy, "cupy")), graphs=Diag())
     s = t.init(params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
