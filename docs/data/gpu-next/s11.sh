@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU run, one call (set-up here: bash ../shared/gpu/prepare.sh && cp docs/data/gpu-next/{s11.sh,
 # jax_svd_routes.py,cupy_capture_diag.py} .gpukit/; then `run` bash .gpukit/s11.sh, carry [".whl", ".gpukit"],
-# timeout_s 560): CUDA/CuPy tests, the reference GPT torch bench, JAX Sketchy's FD core by the float32 Gram's
+# timeout_s 560): CUDA/CuPy tests, the reference GPT torch bench (default, then compiled element-wise rows), JAX Sketchy's FD core by the float32 Gram's
 # eigh (the tenth run's open measurement), which operation refuses each method's CuPy capture (the tenth run's
 # diag called an old signature), then the JAX GPT rows of the methods whose HLO changed. Each step bounded.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -22,6 +22,13 @@ timeout $(left 75) python3 -m precond_ref bench --model gpt --size reference --f
   --out /tmp/gpt --no-progress > "$OUT/bench_gpt.txt" 2>&1
 echo "bench gpt rc $?"; grep "^| torch" "$OUT/bench_gpt.txt" | cut -d'|' -f3-9,13; cp /tmp/gpt/bench.json "$OUT/bench_gpt.json" 2>/dev/null
 grep -i "warn\|not captured\|error" "$OUT/bench_gpt.txt" | cut -c1-250 | sort | uniq -c | head -6
+echo "== bench gpt torch compiled at $((SECONDS-T0)) s"
+# compile=True under the captured step: Inductor's fused kernels replayed in the CUDA graph. The element-wise
+# steps move 35-66x the parameters' bytes eagerly (docs/data/traffic-2026-11-28), AdamW(fused) 8x; is a fused
+# captured step within the 1.05x / 1.15x targets, and at what first-step cost?
+timeout $(left 150) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 2 \
+  --methods agd,rf_rmsprop,rf_adamw,dasgo,mbf --torch-compile on --out /tmp/gptc --no-progress > "$OUT/bench_gpt_compiled.txt" 2>&1
+echo "bench gpt compiled rc $?"; grep "^| torch" "$OUT/bench_gpt_compiled.txt" | cut -d'|' -f3-9,13; cp /tmp/gptc/bench.json "$OUT/bench_gpt_compiled.json" 2>/dev/null
 echo "== jax svd routes at $((SECONDS-T0)) s"
 timeout $(left 120) python3 "$ROOT/.gpukit/jax_svd_routes.py" reference dec:incremental_gram,polar 2>&1 | grep -v Warning > "$OUT/jax_svd_routes.txt"
 echo "routes rc $?"; grep "sketchy update" "$OUT/jax_svd_routes.txt" | cut -c1-200
