@@ -43,6 +43,18 @@ for shape in shapes:
         except Exception as err:
             print(f"eigh {name:7s} {shape} error {type(err).__name__}: {str(err)[:100]}", flush=True)
 
+# The incremental FD path's other per-block decomposition: the QR of the residual (d x m), batched as the
+# reference GPT's stacks are (22 and 18 blocks of 1024 x 512 refresh on one step).
+for shape in ([(2, 96, 48)] if small else [(22, 1024, 512), (22, 640, 640)]):
+    a = jax.random.normal(key, shape, jnp.float32)
+    for what, fn in (("qr", lambda x: jnp.linalg.qr(x)), ("eigh-gram", lambda x: jnp.linalg.eigh(x @ jnp.swapaxes(x, -1, -2))),
+                     ("svd-polar", lambda x: lax.linalg.svd(x, full_matrices=False, algorithm=lax.linalg.SvdAlgorithm.POLAR))):
+        try:
+            first, ms = timed(fn, a, reps=2)
+            print(f"{what:9s} {shape} {ms:9.2f} ms (first {first:.1f} s)", flush=True)
+        except Exception as err:
+            print(f"{what:9s} {shape} error {type(err).__name__}: {str(err)[:100]}", flush=True)
+
 import torch
 import precond_ref as pr
 from precond_ref import linalg, sketch
