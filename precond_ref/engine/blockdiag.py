@@ -23,12 +23,12 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import array_device, cast, is_zero, placement, scalar_zero, select
+from .._backend import array_device, cast, is_zero, placement, scalar_zero, select, stacked as stacked_view
 from ..blocking import chunk_sizes
 from ..linalg import all_finite, identity_like
 from ..transform import Transform
 from .context import StepContext, settle_pieces
-from .factors import identity, per_block
+from .factors import constant, identity, per_block
 from .fallback import FallbackAdam, FallbackMask, adam_init, fallback_leaves, fallback_predicate
 from .matrices import MatrixStack, end_to_end, hand_back, matrix_joins, stack_view
 from .phases import hashed_phases, refresh_due
@@ -36,7 +36,7 @@ from .run import build_transform
 
 __all__ = [
     "side_blocks", "block_diagonal_product", "finite_root_or_previous", "unrefreshed",
-    "refresh_roots", "hand_back_roots", "block_layout_hint", "block_state", "COUNTERS", "STACKED",
+    "refresh_roots", "joined_counters", "hand_back_roots", "block_layout_hint", "block_state", "COUNTERS", "STACKED",
     "is_left", "OneSidedRule", "one_sided_transform",
 ]
 
@@ -294,15 +294,50 @@ def refresh_roots(
     return roots
 
 
+def joined_counters(
+    xp: Any, ctx: StepContext, leaves: Sequence[int], stacks: Sequence[MatrixStack], states: list, roots: list[dict]
+) -> list[dict[str, Array]]:
+    """Per stack (the stacks of a join, whose ``leaves`` are theirs in order): its leaves' new
+    counters ``state[c] + counts[c][l]`` (``counts``: the per-leaf sums :func:`refresh_roots`
+    made, none for a stack none of whose blocks was refreshed), an array ``(L,)`` per counter that
+    some stack counted; the counters of all the join's leaves added (and selected for the
+    non-finite rule) in one operation, not one per stack."""
+    out: list[dict[str, Array]] = [{} for _ in stacks]
+    for name in COUNTERS:
+        counted = [r[name] for r in roots if name in r]
+        if not counted or name not in states[leaves[0]]:
+            continue
+        counts = [xp.reshape(r[name], (len(s.leaves),)) if name in r else _no_counts(xp, len(s.leaves), counted[0])
+                  for s, r in zip(stacks, roots)]
+        old = stacked_view(xp, [states[i][name] for i in leaves])
+        summed = ctx.unless_skipped(old + end_to_end(xp, counts), old)
+        bounds = [0]
+        for s in stacks:
+            bounds.append(bounds[-1] + len(s.leaves))
+        pieces = [summed[start:stop] for start, stop in zip(bounds, bounds[1:])]
+        for entries, piece in zip(out, settle_pieces(ctx, summed, pieces)):
+            entries[name] = piece
+    return out
+
+
+def _no_counts(xp: Any, leaves: int, like: Array) -> Array:
+    """Zero counts of ``leaves`` leaves (int32, on ``like``'s device), made once."""
+    make = lambda: xp.zeros((leaves,), dtype=xp.int32, device=placement(xp, like))  # noqa: E731
+    return constant(xp, ("no counts", leaves), make, like)
+
+
 def hand_back_roots(
     xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[str, Array], roots: dict[str, Array],
-    ctx: StepContext, stored: bool,
+    ctx: StepContext, stored: bool, counters: Optional[dict[str, Array]] = None,
 ) -> list[tuple[int, tuple]]:
     """:func:`~precond_ref.engine.matrices.hand_back` of a stack's step, its new ``entries`` and
     (``stored``) its refreshed roots and counters of :func:`refresh_roots`; a stack none of whose
-    blocks was refreshed keeps its stored roots themselves."""
+    blocks was refreshed keeps its stored roots themselves. ``counters``: the stack's new counters
+    themselves (:func:`joined_counters`), instead of its counts."""
     if stored and "root_failures" in roots:
         entries = {**entries, **{name: roots[name] for name in ("root", "root_tail") if name in roots}}
+    if counters is not None:
+        return hand_back(xp, s, states, step, {**entries, **counters}, {}, ctx)
     counts = {name: roots[name] for name in COUNTERS if name in roots}
     return hand_back(xp, s, states, step, entries, counts, ctx, COUNTERS)
 
@@ -429,9 +464,10 @@ def one_sided_transform(
             u = end_to_end(xp, [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)])
         minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
         step = rule.finish(xp, c, minus_lr, u, join.param)
+        counters = joined_counters(xp, ctx, join.leaves, stacks, states, roots) if len(stacks) > 1 else [None] * len(stacks)
         out = []
-        for s, entries, z, piece in zip(stacks, new, roots, views(step, "momentum")):
-            out += hand_back_roots(xp, s, states, piece, entries, z, ctx, keeps_root)
+        for s, entries, z, piece, n in zip(stacks, new, roots, views(step, "momentum"), counters):
+            out += hand_back_roots(xp, s, states, piece, entries, z, ctx, keeps_root, n)
         return out
 
     return build_transform(

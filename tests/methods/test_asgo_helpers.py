@@ -615,3 +615,51 @@ def test_a_leaf_steps_alike_whatever_leaves_share_its_join(sizes):
         alone = run(subset)
         for k in subset:
             assert torch.equal(alone[k], full[k]), (subset, k)
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_joined_counters_are_each_leafs_counter_plus_its_count(ok):
+    """``engine.blockdiag.joined_counters``' plain formula: per stack of a join, its leaves'
+    counters ``state[c] + counts[c][l]`` (a stack without counts: its stored counters), one
+    array per stack, whatever their order in memory; on a skipped step (``ok`` false) the stored
+    counters, and the new ones marked selected (``ctx.settled``). A counter no stack counted is
+    not handed back."""
+    from precond_ref._backend import IdentityDict
+    from precond_ref.engine.blockdiag import joined_counters
+    from precond_ref.engine.matrices import MatrixStack
+    from precond_ref.transform import StepContext
+
+    leaves = [0, 1, 2, 3, 4]
+    states = [{"root_failures": np.asarray(3 * i, dtype=np.int32), "root_fallbacks": np.asarray(i, dtype=np.int32)}
+              for i in leaves]
+    stacks = [MatrixStack((0, 1), (), True, None, {}, None), MatrixStack((2,), (), True, None, {}, None),
+              MatrixStack((3, 4), (), True, None, {}, None)]
+    roots = [{"root_failures": np.asarray([1, 0], dtype=np.int32)}, {}, {"root_failures": np.asarray([0, 2], dtype=np.int32)}]
+    ctx = StepContext(xp=xp, count=np.asarray(2, dtype=np.int32), extra={}, ok=np.asarray(ok), settled=IdentityDict(), shared={})
+    out = joined_counters(xp, ctx, leaves, stacks, states, roots)
+    counts = {0: 1, 1: 0, 2: 0, 3: 0, 4: 2}
+    for s, new in zip(stacks, out):
+        assert set(new) == {"root_failures"}
+        expected = [3 * i + (counts[i] if ok else 0) for i in s.leaves]
+        np.testing.assert_array_equal(new["root_failures"], np.asarray(expected, dtype=np.int32))
+        assert new["root_failures"].dtype == np.int32 and new["root_failures"] in ctx.settled
+
+
+def test_numbers_over_rounds_as_each_number_over_the_array():
+    """``engine.rms.numbers_over(numbers, d)`` is ``[number / d_i]``, element for element as each
+    Python number over the array: on torch the reciprocal times the number (``Tensor.__rtruediv__``),
+    on NumPy the quotient (bitwise, float32 and float64)."""
+    import array_api_compat.torch as xt
+    import torch
+
+    from precond_ref.engine.rms import numbers_over
+
+    rng = np.random.default_rng(3)
+    numbers = [51.2, 25.6, 44.34050067376326, 102.4, 18.10193359837562, 0.3]
+    for dtype in (np.float32, np.float64):
+        d = (rng.random(len(numbers)) * 10.0 ** rng.integers(-5, 5, len(numbers))).astype(dtype)
+        got = numbers_over(xp, np.asarray(numbers, dtype=dtype), d)
+        np.testing.assert_array_equal(got, np.asarray([n / d[i:i + 1] for i, n in enumerate(numbers)]).ravel())
+        t = torch.from_numpy(d)
+        got_t = numbers_over(xt, torch.tensor(numbers, dtype=t.dtype), t)
+        assert torch.equal(got_t, torch.cat([n / t[i:i + 1] for i, n in enumerate(numbers)]))
