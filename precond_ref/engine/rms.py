@@ -165,9 +165,10 @@ def _targets(xp: Any, rms_target: float, shapes: list, like: Array) -> Array:
     """The targets ``r·sqrt(mn)`` (:func:`_target`) of pieces given as ``(matrix shape (m, n), shape
     of their norms)``, each repeated for its norms, joined end to end: an array of ``like``'s dtype
     and device, made once (:func:`~precond_ref.engine.factors.constant`)."""
-    def make() -> Array:
-        values = [rms_target * math.sqrt(math.prod(matrix)) for matrix, norms in shapes for _ in range(math.prod(norms))]
-        return xp.asarray(values, dtype=like.dtype, device=placement(xp, like))
+    def make() -> Array:  # filled on the device: no host data copied
+        device = placement(xp, like)
+        return xp.concat([xp.full((math.prod(norms),), rms_target * math.sqrt(math.prod(matrix)), dtype=like.dtype,
+                                  device=device) for matrix, norms in shapes])
 
     key = ("rms targets", rms_target, tuple((tuple(m), tuple(n)) for m, n in shapes), like.dtype)
     return constant(xp, key, make, like)

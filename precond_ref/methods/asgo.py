@@ -187,7 +187,7 @@ def _damped_inverse_sqrt(
 def _number(xp: Any, value: float, like: Array) -> Array:
     """``value`` as a 0-D array of ``like``'s dtype and device, made once (a number the selections
     above broadcast, not a new array of the batch's shape each step)."""
-    make = lambda: xp.asarray(value, dtype=like.dtype, device=placement(xp, like))  # noqa: E731
+    make = lambda: xp.full((), value, dtype=like.dtype, device=placement(xp, like))  # noqa: E731
     return constant(xp, ("number", value, like.dtype), make, like)
 
 
