@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from .._backend import array_device, cast, is_zero, placement, scalar_zero, select, stacked as stacked_view
 from ..blocking import chunk_sizes
-from ..linalg import all_finite, identity_like
+from ..linalg import all_finite
 from ..transform import Transform
 from .context import StepContext, settle_pieces
 from .factors import constant, identity, per_block
