@@ -23,12 +23,12 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import array_device, cast, is_zero, placement, scalar_zero, select
+from .._backend import array_device, cast, is_zero, placement, scalar_zero, select, stacked as stacked_view
 from ..blocking import chunk_sizes
-from ..linalg import all_finite, identity_like
+from ..linalg import all_finite
 from ..transform import Transform
 from .context import StepContext, settle_pieces
-from .factors import per_block
+from .factors import constant, identity, per_block
 from .fallback import FallbackAdam, FallbackMask, adam_init, fallback_leaves, fallback_predicate
 from .matrices import MatrixStack, end_to_end, hand_back, matrix_joins, stack_view
 from .phases import hashed_phases, refresh_due
@@ -36,7 +36,7 @@ from .run import build_transform
 
 __all__ = [
     "side_blocks", "block_diagonal_product", "finite_root_or_previous", "unrefreshed",
-    "refresh_roots", "hand_back_roots", "block_layout_hint", "block_state", "COUNTERS", "STACKED",
+    "refresh_roots", "joined_counters", "hand_back_roots", "block_layout_hint", "block_state", "COUNTERS", "STACKED",
     "is_left", "OneSidedRule", "one_sided_transform",
 ]
 
@@ -127,7 +127,8 @@ def finite_root_or_previous(
 ) -> tuple[Array, Array, Array]:
     """Per block of a stack: ``Z = inverse_root(P)`` where ``P`` and ``Z`` are finite and the
     method accepted ``Z``, else ``previous``; returns (roots, failed, rejected), the last two int32
-    per block (failed: not finite; rejected: the method's own check failed).
+    per block (failed: not finite; rejected: the method's own check failed; ``None`` for a method
+    that never rejects its roots: nothing to count).
 
     ``inverse_root(P)`` returns ``(Z, rejected)``: ``rejected`` is ``None`` for a method that never
     rejects its roots (``eigh``, an unchecked iteration), else int32 flags of the blocks whose root
@@ -140,10 +141,8 @@ def finite_root_or_previous(
     JAX returns NaN): the identity is rooted in its place and the block counts as failed.
     """
     p_ok = all_finite(p, axis=(-2, -1))
-    z, rejected = inverse_root(select(xp, per_block(xp, p_ok, p), p, identity_like(p)))
-    if rejected is None:
-        rejected = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
-    else:
+    z, rejected = inverse_root(select(xp, per_block(xp, p_ok, p), p, _eye(xp, p)))
+    if rejected is not None:
         usable = has_previous()
         if usable is not False:
             keep = xp.astype(rejected, xp.bool)
@@ -160,8 +159,14 @@ def unrefreshed(xp: Any, p: Array, previous: Array) -> tuple[Array, Array, Array
     return previous, none, none
 
 
+def _eye(xp: Any, p: Array) -> Array:
+    """The identity of ``p``'s k×k blocks (broadcasts against the stack), made once
+    (:func:`~precond_ref.engine.factors.identity`)."""
+    return identity(xp, p if p.ndim > 2 else xp.expand_dims(p, axis=0))
+
+
 def _identity(xp: Any, p: Array) -> Array:
-    return xp.zeros_like(p) + identity_like(p)
+    return xp.zeros_like(p) + _eye(xp, p)
 
 
 def _root_units(
@@ -220,6 +225,8 @@ def _collect_roots(
             continue
         leaves = len(stacks[index].leaves)
         for position, counter in ((1, "root_failures"), (2, "root_fallbacks")):
+            if all(r[position] is None for r in results):
+                continue  # roots a method never rejects: no fallback to count
             counts = [r[position] if r[position] is not None else xp.zeros(r[0].shape[:1], dtype=xp.int32, device=placement(xp, r[0])) for r in results]
             per_block_counts = cast(xp, counts[0] if len(counts) == 1 else xp.concat(counts, axis=0), xp.int32)
             if leaves == 1:
@@ -262,25 +269,75 @@ def refresh_roots(
     def has_previous() -> Any:  # per call, not once per update: a value made in a cond's branch stays there
         return ctx.count > 0
 
-    def refresh(p: Array, previous: Array) -> tuple[Array, Array, Array]:
+    host_decided = all(isinstance(due, bool) for due in dues)
+    # Decided on the host, each batch's roots are selected for the non-finite rule as they are
+    # made (one selection a batch, not one a stack), and the stacks' roots are slices of it.
+    settle = stored and host_decided
+
+    def refresh(p: Array, previous: Array) -> tuple:
         kept = _identity(xp, p) if identity_on_failure else previous
-        return finite_root_or_previous(xp, p, kept, inverse_root, has_previous)
+        z, failed, rejected = finite_root_or_previous(xp, p, kept, inverse_root, has_previous)
+        if settle:
+            z = ctx.unless_skipped(z, previous)
+        if rejected is not None:
+            return z, failed, rejected
+        # roots never rejected: (Z, failed), nothing to count; or, where a cond's branches must
+        # agree in structure (a phase decided on the device), no fallback counted (unrefreshed's)
+        return (z, failed) if host_decided else (z, failed, unrefreshed(xp, p, previous)[2])
 
     units, owners, keys = _root_units(xp, stacks, statistics, len(dues) > 1)
     due = refresh_due(xp, dues, hashed_phases(keys, len(dues)), units, refresh, partial(unrefreshed, xp))
-    refreshed = [(z, None, None) if r is None else r for (_, z), r in zip(units, due)]
-    return _collect_roots(xp, owners, stacks, statistics, refreshed)
+    refreshed = [(z, None, None) if r is None else (*r, None)[:3] for (_, z), r in zip(units, due)]
+    roots = _collect_roots(xp, owners, stacks, statistics, refreshed)
+    if settle:
+        ctx.settle([entry[name] for entry in roots if "root_failures" in entry for name in ("root", "root_tail") if name in entry])
+    return roots
+
+
+def joined_counters(
+    xp: Any, ctx: StepContext, leaves: Sequence[int], stacks: Sequence[MatrixStack], states: list, roots: list[dict]
+) -> list[dict[str, Array]]:
+    """Per stack (the stacks of a join, whose ``leaves`` are theirs in order): its leaves' new
+    counters ``state[c] + counts[c][l]`` (``counts``: the per-leaf sums :func:`refresh_roots`
+    made, none for a stack none of whose blocks was refreshed), an array ``(L,)`` per counter that
+    some stack counted; the counters of all the join's leaves added (and selected for the
+    non-finite rule) in one operation, not one per stack."""
+    out: list[dict[str, Array]] = [{} for _ in stacks]
+    for name in COUNTERS:
+        counted = [r[name] for r in roots if name in r]
+        if not counted or name not in states[leaves[0]]:
+            continue
+        counts = [xp.reshape(r[name], (len(s.leaves),)) if name in r else _no_counts(xp, len(s.leaves), counted[0])
+                  for s, r in zip(stacks, roots)]
+        old = stacked_view(xp, [states[i][name] for i in leaves])
+        summed = ctx.unless_skipped(old + end_to_end(xp, counts), old)
+        bounds = [0]
+        for s in stacks:
+            bounds.append(bounds[-1] + len(s.leaves))
+        pieces = [summed[start:stop] for start, stop in zip(bounds, bounds[1:])]
+        for entries, piece in zip(out, settle_pieces(ctx, summed, pieces)):
+            entries[name] = piece
+    return out
+
+
+def _no_counts(xp: Any, leaves: int, like: Array) -> Array:
+    """Zero counts of ``leaves`` leaves (int32, on ``like``'s device), made once."""
+    make = lambda: xp.zeros((leaves,), dtype=xp.int32, device=placement(xp, like))  # noqa: E731
+    return constant(xp, ("no counts", leaves), make, like)
 
 
 def hand_back_roots(
     xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[str, Array], roots: dict[str, Array],
-    ctx: StepContext, stored: bool,
+    ctx: StepContext, stored: bool, counters: Optional[dict[str, Array]] = None,
 ) -> list[tuple[int, tuple]]:
     """:func:`~precond_ref.engine.matrices.hand_back` of a stack's step, its new ``entries`` and
     (``stored``) its refreshed roots and counters of :func:`refresh_roots`; a stack none of whose
-    blocks was refreshed keeps its stored roots themselves."""
+    blocks was refreshed keeps its stored roots themselves. ``counters``: the stack's new counters
+    themselves (:func:`joined_counters`), instead of its counts."""
     if stored and "root_failures" in roots:
         entries = {**entries, **{name: roots[name] for name in ("root", "root_tail") if name in roots}}
+    if counters is not None:
+        return hand_back(xp, s, states, step, {**entries, **counters}, {}, ctx)
     counts = {name: roots[name] for name in COUNTERS if name in roots}
     return hand_back(xp, s, states, step, entries, counts, ctx, COUNTERS)
 
@@ -407,9 +464,10 @@ def one_sided_transform(
             u = end_to_end(xp, [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)])
         minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
         step = rule.finish(xp, c, minus_lr, u, join.param)
+        counters = joined_counters(xp, ctx, join.leaves, stacks, states, roots) if len(stacks) > 1 else [None] * len(stacks)
         out = []
-        for s, entries, z, piece in zip(stacks, new, roots, views(step, "momentum")):
-            out += hand_back_roots(xp, s, states, piece, entries, z, ctx, keeps_root)
+        for s, entries, z, piece, n in zip(stacks, new, roots, views(step, "momentum"), counters):
+            out += hand_back_roots(xp, s, states, piece, entries, z, ctx, keeps_root, n)
         return out
 
     return build_transform(

@@ -5,12 +5,13 @@ an element-wise step over leaves of any shape joined end to end."""
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from array_api_compat import is_jax_namespace
 
 from .. import blocking
-from .._backend import cast, compute_dtype, device_key, joined, stacked as stacked_view, torch_compiling
+from .._backend import cast, compute_dtype, device_key, joined, on_cpu, stacked as stacked_view, torch_compiling
 from ..blocking import Stack, stack, unstack
 from ..linalg import symmetrize
 from .context import StepContext, settle_pieces
@@ -145,13 +146,34 @@ def matrix_joins(
 
 
 def _own_copy(xp: Any, view: Array) -> Array:
-    """A stack's gradients as an array of their own (a copy of its piece of the join), which the
-    stack's products read: a BLAS may round a product of a piece that starts inside an allocation
-    otherwise than the same product of an array of its own (the CPU BLAS's ``X Xᵀ`` of a float32 piece
-    at an offset that is not a multiple of 16 entries), and a stack's numbers must not depend on
-    which leaves share its join (a rank that owns a subset of the leaves steps them as one process
-    does)."""
-    return xp.asarray(view, copy=True)
+    """A stack's gradients as an array of their own where its piece of the join is not aligned
+    as one (:func:`_aligned`), which the stack's products read: a BLAS may round a product of a
+    piece that starts inside an allocation otherwise than the same product of an array of its own
+    (the CPU BLAS's ``X Xᵀ`` of a float32 piece at an offset that is not a multiple of 16 entries),
+    and a stack's numbers must not depend on which leaves share its join (a rank that owns a subset
+    of the leaves steps them as one process does). An aligned piece is read as it is (no copy)."""
+    return view if _aligned(xp, view) else xp.asarray(view, copy=True)
+
+
+#: bytes: the alignment of a new array's memory, as a BLAS sees it: the CPU's (torch's CPU
+#: allocator's, the widest vector registers') and a GPU's (CUDA's caching allocator's blocks)
+_ALIGNMENT = {"cpu": 64, "device": 512}
+
+
+def _aligned(xp: Any, x: Array) -> bool:
+    """Whether ``x`` (a C-contiguous piece of an eager torch, NumPy or CuPy array) starts at an
+    address a new array of its own could have (a multiple of :data:`_ALIGNMENT`): then a product
+    cannot tell it from one. ``False`` where the address is not known."""
+    torch, cp = sys.modules.get("torch"), sys.modules.get("cupy")
+    if torch is not None and type(x) is torch.Tensor and not torch_compiling():
+        address = x.data_ptr()
+    elif cp is not None and type(x) is cp.ndarray:
+        address = x.data.ptr
+    elif hasattr(x, "__array_interface__") and not is_jax_namespace(xp):
+        address = x.__array_interface__["data"][0]
+    else:
+        return False
+    return address % _ALIGNMENT["cpu" if on_cpu(xp, x) else "device"] == 0
 
 
 def end_to_end(xp: Any, arrays: Sequence[Array]) -> Array:

@@ -15,7 +15,10 @@ from typing import Any, Optional
 
 from array_api_compat import is_array_api_strict_namespace, is_jax_namespace
 
-from .._backend import computed_once, cond_under_cpu_jit, float64_where_available, pieces, select, sum_across
+from .._backend import (
+    computed_once, cond_under_cpu_jit, float64_where_available, is_torch_namespace, pieces, placement, select, sum_across,
+)
+from .factors import constant
 from .matrices import end_to_end
 
 __all__ = [
@@ -108,8 +111,11 @@ def joined_rms_renormalised(xp: Any, us: list, rms_target: Optional[float], exac
     w = xp.astype(end_to_end(xp, us), wide)  # a new array: its pieces scaled in place below
     views = pieces(xp, w, [a.shape for a in us])
     norms = [xp.linalg.matrix_norm(v, ord="fro", keepdims=True) for v in views]
-    for v, n in zip(views, pieces(xp, _nonzero(xp, end_to_end(xp, norms)), [a.shape for a in norms])):
-        v *= _target(rms_target, v) / n
+    norm_shapes = [a.shape for a in norms]
+    safe = _nonzero(xp, end_to_end(xp, norms))
+    targets = _targets(xp, rms_target, [(v.shape[-2:], s) for v, s in zip(views, norm_shapes)], safe)
+    for v, factor in zip(views, pieces(xp, numbers_over(xp, targets, safe), norm_shapes)):
+        v *= factor  # r·sqrt(mn)/‖U‖_F of each matrix, as `_target(rms_target, v) / norm`
     return xp.astype(w, us[0].dtype)
 
 
@@ -151,7 +157,31 @@ def _target(rms_target: float, u: Array) -> float:
 
 def _nonzero(xp: Any, norm: Array) -> Array:
     """``norm``, with 1 where it is zero (the divisor that keeps a zero direction zero)."""
-    return select(xp, norm > 0, norm, xp.ones_like(norm))
+    one = constant(xp, ("one", norm.dtype), lambda: xp.ones((), dtype=norm.dtype, device=placement(xp, norm)), norm)
+    return select(xp, norm > 0, norm, one)
+
+
+def _targets(xp: Any, rms_target: float, shapes: list, like: Array) -> Array:
+    """The targets ``r·sqrt(mn)`` (:func:`_target`) of pieces given as ``(matrix shape (m, n), shape
+    of their norms)``, each repeated for its norms, joined end to end: an array of ``like``'s dtype
+    and device, made once (:func:`~precond_ref.engine.factors.constant`)."""
+    def make() -> Array:  # filled on the device: no host data copied
+        device = placement(xp, like)
+        return xp.concat([xp.full((math.prod(norms),), rms_target * math.sqrt(math.prod(matrix)), dtype=like.dtype,
+                                  device=device) for matrix, norms in shapes])
+
+    key = ("rms targets", rms_target, tuple((tuple(m), tuple(n)) for m, n in shapes), like.dtype)
+    return constant(xp, key, make, like)
+
+
+def numbers_over(xp: Any, numbers: Array, denominator: Array) -> Array:
+    """``number / denominator`` element by element, rounded as each Python number over the array
+    would be: torch divides a number by a tensor as the tensor's reciprocal times the number (two
+    roundings, ``Tensor.__rtruediv__``), the other backends divide (one rounding). One operation
+    or two for all the numbers, where a number at a time is two per number."""
+    if is_torch_namespace(xp):
+        return xp.reciprocal(denominator) * numbers
+    return numbers / denominator
 
 
 def _per_matrix(xp: Any, x: Array) -> Array:

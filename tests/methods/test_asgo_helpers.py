@@ -481,7 +481,11 @@ def test_matrix_joins_are_the_leaves_end_to_end_and_their_stacks():
         np.testing.assert_array_equal(s.g, np.stack([grads[i][0].reshape(m, n) for i in s.leaves]))
         np.testing.assert_array_equal(s.param, np.stack([params[i][0].reshape(m, n) for i in s.leaves]))
         np.testing.assert_array_equal(s.state["momentum"], np.stack([states[i]["momentum"] for i in s.leaves]))
-        assert not np.shares_memory(s.g, wide.g) and s.left == (m < n)  # its products read an array of its own
+        # its products read its piece of the join where that starts as a new array could (an
+        # address a multiple of 64 bytes on a CPU), else an array of its own
+        start = wide.g.__array_interface__["data"][0]
+        start += sum(grads[i][0].nbytes for i in order[: order.index(s.leaves[0])])
+        assert np.shares_memory(s.g, wide.g) == (start % 64 == 0) and s.left == (m < n)
         assert np.shares_memory(s.param, wide.param)
     assert narrow.g.shape == (2, 3) and narrow.g.dtype == np.float32  # one stack of one leaf: its own shapes
     # hand each leaf its piece of a new joined entry: the next join is a view of it
@@ -581,16 +585,19 @@ def test_joined_renormalisations_are_each_alone(dtype, faithful):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_a_leaf_steps_alike_whatever_leaves_share_its_join():
+@pytest.mark.parametrize("sizes", [((5, 6), (4, 5), (3, 4)), ((16, 24), (8, 16), (16, 8))])
+def test_a_leaf_steps_alike_whatever_leaves_share_its_join(sizes):
     """A matrix leaf's ASGO update does not depend on the other leaves given with it (the invariant
     that lets a rank step the leaves it owns as one process steps all of them, and two param groups
-    step as one): float32 torch, the leaves (4, 5) and (3, 4) alone or after a (5, 6) leaf in the
-    join, bit-identical. A BLAS rounds ``X Xᵀ`` of a piece at an unaligned offset of an allocation
-    otherwise than of an array of its own, so a stack's products read their own copy."""
+    step as one): float32 torch, the leaves b and c alone or after a leaf a in the join,
+    bit-identical. A BLAS rounds ``X Xᵀ`` of a piece at an unaligned offset of an allocation
+    otherwise than of an array of its own, so a stack's products read their own copy there
+    (the first sizes); pieces of multiples of 16 entries start where an array of their own
+    could, and the products read them in place (the second)."""
     import torch
 
     torch.manual_seed(0)
-    shapes = {"a": (5, 6), "b": (4, 5), "c": (3, 4)}
+    shapes = dict(zip("abc", sizes))
     params = {k: torch.randn(s, dtype=torch.float32) for k, s in shapes.items()}
     grads = [{k: torch.randn(s, dtype=torch.float32) for k, s in shapes.items()} for _ in range(3)]
 
@@ -608,3 +615,51 @@ def test_a_leaf_steps_alike_whatever_leaves_share_its_join():
         alone = run(subset)
         for k in subset:
             assert torch.equal(alone[k], full[k]), (subset, k)
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_joined_counters_are_each_leafs_counter_plus_its_count(ok):
+    """``engine.blockdiag.joined_counters``' plain formula: per stack of a join, its leaves'
+    counters ``state[c] + counts[c][l]`` (a stack without counts: its stored counters), one
+    array per stack, whatever their order in memory; on a skipped step (``ok`` false) the stored
+    counters, and the new ones marked selected (``ctx.settled``). A counter no stack counted is
+    not handed back."""
+    from precond_ref._backend import IdentityDict
+    from precond_ref.engine.blockdiag import joined_counters
+    from precond_ref.engine.matrices import MatrixStack
+    from precond_ref.transform import StepContext
+
+    leaves = [0, 1, 2, 3, 4]
+    states = [{"root_failures": np.asarray(3 * i, dtype=np.int32), "root_fallbacks": np.asarray(i, dtype=np.int32)}
+              for i in leaves]
+    stacks = [MatrixStack((0, 1), (), True, None, {}, None), MatrixStack((2,), (), True, None, {}, None),
+              MatrixStack((3, 4), (), True, None, {}, None)]
+    roots = [{"root_failures": np.asarray([1, 0], dtype=np.int32)}, {}, {"root_failures": np.asarray([0, 2], dtype=np.int32)}]
+    ctx = StepContext(xp=xp, count=np.asarray(2, dtype=np.int32), extra={}, ok=np.asarray(ok), settled=IdentityDict(), shared={})
+    out = joined_counters(xp, ctx, leaves, stacks, states, roots)
+    counts = {0: 1, 1: 0, 2: 0, 3: 0, 4: 2}
+    for s, new in zip(stacks, out):
+        assert set(new) == {"root_failures"}
+        expected = [3 * i + (counts[i] if ok else 0) for i in s.leaves]
+        np.testing.assert_array_equal(new["root_failures"], np.asarray(expected, dtype=np.int32))
+        assert new["root_failures"].dtype == np.int32 and new["root_failures"] in ctx.settled
+
+
+def test_numbers_over_rounds_as_each_number_over_the_array():
+    """``engine.rms.numbers_over(numbers, d)`` is ``[number / d_i]``, element for element as each
+    Python number over the array: on torch the reciprocal times the number (``Tensor.__rtruediv__``),
+    on NumPy the quotient (bitwise, float32 and float64)."""
+    import array_api_compat.torch as xt
+    import torch
+
+    from precond_ref.engine.rms import numbers_over
+
+    rng = np.random.default_rng(3)
+    numbers = [51.2, 25.6, 44.34050067376326, 102.4, 18.10193359837562, 0.3]
+    for dtype in (np.float32, np.float64):
+        d = (rng.random(len(numbers)) * 10.0 ** rng.integers(-5, 5, len(numbers))).astype(dtype)
+        got = numbers_over(xp, np.asarray(numbers, dtype=dtype), d)
+        np.testing.assert_array_equal(got, np.asarray([n / d[i:i + 1] for i, n in enumerate(numbers)]).ravel())
+        t = torch.from_numpy(d)
+        got_t = numbers_over(xt, torch.tensor(numbers, dtype=t.dtype), t)
+        assert torch.equal(got_t, torch.cat([n / t[i:i + 1] for i, n in enumerate(numbers)]))
