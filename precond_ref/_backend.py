@@ -16,6 +16,7 @@ import contextvars
 import math
 import numbers
 import sys
+from functools import partial
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import array_api_compat
@@ -645,7 +646,9 @@ def joined(xp: Any, arrays: Any) -> Array:
     """
     arrays = list(arrays)
     view = consecutive_view(arrays, new_axis=False) if len(arrays) > 1 else None
-    return xp.concat(arrays, axis=0) if view is None else view
+    if view is not None:
+        return view
+    return _as_bits(xp, arrays, partial(xp.concat, axis=0)) if is_jax_namespace(xp) else xp.concat(arrays, axis=0)
 
 
 def pieces(xp: Any, flat: Array, shapes: Any) -> list:
@@ -664,7 +667,21 @@ def stacked(xp: Any, arrays: Any) -> Array:
     lie end to end (:func:`joined`'s rule)."""
     arrays = list(arrays)
     view = consecutive_view(arrays, new_axis=True) if len(arrays) > 1 else None
-    return xp.stack(arrays) if view is None else view
+    if view is not None:
+        return view
+    return _as_bits(xp, arrays, xp.stack) if is_jax_namespace(xp) else xp.stack(arrays)
+
+
+def _as_bits(xp: Any, arrays: list, join: Callable) -> Array:
+    """``join(arrays)`` on JAX; for several arrays of a 16-bit float dtype, joined as their bits
+    (``uint16``) and read back, the same array bit for bit. XLA's CPU compiler leaves a join of more
+    than a few pieces unfused and moves a widening ``convert`` that follows it onto each piece, one
+    fusion (a kernel) per piece; a join of the bits is one copy, and the ``convert`` stays one."""
+    dtype = arrays[0].dtype
+    if len(arrays) < 2 or dtype not in (xp.float16, xp.bfloat16) or any(a.dtype != dtype for a in arrays):
+        return join(arrays)
+    bitcast = sys.modules["jax"].lax.bitcast_convert_type
+    return bitcast(join([bitcast(a, xp.uint16) for a in arrays]), dtype)
 
 
 def consecutive_runs(xp: Any, columns: Any) -> list:
