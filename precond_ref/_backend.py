@@ -42,6 +42,8 @@ __all__ = [
     "is_tracer",
     "torch_compiling",
     "owned_state",
+    "remembered_slices",
+    "leading_slices",
     "state_owned",
     "JAX_MATMUL_PRECISION",
     "NO_CONTEXT",
@@ -268,6 +270,79 @@ def owned_state() -> Iterator[None]:
 def state_owned() -> bool:
     """Whether the current ``update`` may write over the state it was given (:func:`owned_state`)."""
     return _OWNED_STATE.get()
+
+
+_SLICES: contextvars.ContextVar[Optional["IdentityDict"]] = contextvars.ContextVar("precond_ref_slices", default=None)
+
+
+@contextlib.contextmanager
+def remembered_slices(xp: Any) -> Iterator[None]:
+    """Within it, on JAX (which has no views), the slices along the leading axis that
+    :func:`leading_slices` cuts are remembered with the array they were cut from, so that a join of
+    consecutive ones (:func:`joined`, :func:`selected_by_runs`) is that array, or one slice of it,
+    instead of a concatenation: within one traced step, what a view gives eagerly (a stack a step
+    handed back in slices is the stack again where the next operation joins the slices). XLA joins
+    slices of one array only where nothing lies between them and their join, and a join of more
+    than a few pieces stays unfused, each piece then written out by a kernel of its own. Elsewhere
+    nothing is remembered."""
+    if not is_jax_namespace(xp) or _SLICES.get() is not None:
+        yield
+        return
+    token = _SLICES.set(IdentityDict())
+    try:
+        yield
+    finally:
+        _SLICES.reset(token)
+
+
+def remembered() -> Optional["IdentityDict"]:
+    """The slices :func:`remembered_slices` remembers, or ``None`` outside it (and while
+    ``torch.compile`` traces: dynamo cannot read a context variable)."""
+    return None if torch_compiling() else _SLICES.get()
+
+
+def leading_slices(a: Array, lengths: Any) -> list:
+    """``a`` cut along its leading axis into consecutive slices of ``lengths``, each remembered
+    within :func:`remembered_slices`."""
+    slices, start, known = [], 0, remembered()
+    for length in lengths:
+        piece = a[start : start + length, ...]
+        if known is not None:
+            known[piece] = (a, start, start + length)
+        slices.append(piece)
+        start += length
+    return slices
+
+
+def _slice_runs(arrays: list) -> Optional[list]:
+    """``arrays`` as runs: each maximal run of consecutive remembered slices of one array
+    (:func:`leading_slices`) as that array or its one slice, each other array as itself; ``None``
+    where no two arrays make such a run (nothing remembered, or nothing to gain)."""
+    known = remembered()
+    if known is None:
+        return None
+    runs: list = []  # [array, (parent, start, stop) or None]
+    for a in arrays:
+        where = known.get(a)
+        last = runs[-1][1] if runs else None
+        if where is not None and last is not None and where[0] is last[0] and where[1] == last[2]:
+            runs[-1][1] = (last[0], last[1], where[2])
+            runs[-1][0] = None
+        else:
+            runs.append([a, where])
+    if len(runs) == len(arrays):
+        return None
+    out = []
+    for a, where in runs:
+        if a is None:
+            parent, start, stop = where
+            if start == 0 and stop == parent.shape[0]:
+                a = parent
+            else:
+                a = parent[start:stop, ...]
+                known[a] = where
+        out.append(a)
+    return out
 
 
 def computed_once(xp: Any, value: Any) -> Any:
@@ -648,7 +723,12 @@ def joined(xp: Any, arrays: Any) -> Array:
     view = consecutive_view(arrays, new_axis=False) if len(arrays) > 1 else None
     if view is not None:
         return view
-    return _as_bits(xp, arrays, partial(xp.concat, axis=0)) if is_jax_namespace(xp) else xp.concat(arrays, axis=0)
+    runs = _slice_runs(arrays) if len(arrays) > 1 else None
+    if runs is not None:
+        if len(runs) == 1:
+            return runs[0]
+        arrays = runs
+    return _as_bits(xp, arrays, partial(xp.concat, axis=0))
 
 
 def pieces(xp: Any, flat: Array, shapes: Any) -> list:
@@ -669,16 +749,17 @@ def stacked(xp: Any, arrays: Any) -> Array:
     view = consecutive_view(arrays, new_axis=True) if len(arrays) > 1 else None
     if view is not None:
         return view
-    return _as_bits(xp, arrays, xp.stack) if is_jax_namespace(xp) else xp.stack(arrays)
+    return _as_bits(xp, arrays, xp.stack)
 
 
 def _as_bits(xp: Any, arrays: list, join: Callable) -> Array:
-    """``join(arrays)`` on JAX; for several arrays of a 16-bit float dtype, joined as their bits
+    """``join(arrays)``; on JAX, for several arrays of a 16-bit float dtype, joined as their bits
     (``uint16``) and read back, the same array bit for bit. XLA's CPU compiler leaves a join of more
     than a few pieces unfused and moves a widening ``convert`` that follows it onto each piece, one
     fusion (a kernel) per piece; a join of the bits is one copy, and the ``convert`` stays one."""
     dtype = arrays[0].dtype
-    if len(arrays) < 2 or dtype not in (xp.float16, xp.bfloat16) or any(a.dtype != dtype for a in arrays):
+    if (len(arrays) < 2 or getattr(xp, "__name__", None) != "jax.numpy" or dtype not in (xp.float16, xp.bfloat16)
+            or any(a.dtype != dtype for a in arrays)):
         return join(arrays)
     bitcast = sys.modules["jax"].lax.bitcast_convert_type
     return bitcast(join([bitcast(a, xp.uint16) for a in arrays]), dtype)
@@ -713,7 +794,42 @@ def selected_by_runs(xp: Any, pred: Array, news: Any, olds: Any) -> list:
     and joined (:func:`joined`: a view where the olds are such a run too, as last step's selection
     leaves them), each pair handed its slice of it, a view in the new array's shape; elsewhere one
     selection per pair (flattening a non-contiguous old would copy it). The same numbers, element for element;
-    the selection's result is a stack whose slices the next step joins again without a copy."""
+    the selection's result is a stack whose slices the next step joins again without a copy.
+    Within :func:`remembered_slices` (JAX), the news that are consecutive slices of one array, in
+    whatever order they come, are selected at once likewise: one selection of that array (or its
+    slice) and of their olds joined, each handed its slice of the result."""
+    out: list = [None] * len(news)
+    known = remembered()
+    if known is not None:
+        families, order = IdentityDict(), []  # the array they were cut from -> its slices here
+        for i, new in enumerate(news):
+            where = known.get(new)
+            if where is not None:
+                if where[0] not in families:
+                    families[where[0]] = []
+                    order.append(families.get(where[0]))
+                families.get(where[0]).append((where[1], where[2], i))
+        for members in order:
+            members.sort()
+            run = [members[0]]
+            for member in members[1:] + [None]:
+                if member is not None and member[0] == run[-1][1]:
+                    run.append(member)
+                    continue
+                if len(run) > 1:
+                    ids = [i for _, _, i in run]
+                    whole = select(xp, pred, joined(xp, [news[i] for i in ids]), joined(xp, [olds[i] for i in ids]))
+                    for i, piece in zip(ids, leading_slices(whole, [news[i].shape[0] for i in ids])):
+                        out[i] = piece
+                run = [member]
+    rest = [i for i, o in enumerate(out) if o is None]
+    for i, o in zip(rest, _selected_by_views(xp, pred, [news[i] for i in rest], [olds[i] for i in rest])):
+        out[i] = o
+    return out
+
+
+def _selected_by_views(xp: Any, pred: Array, news: list, olds: list) -> list:
+    """:func:`selected_by_runs` of pieces of one allocation (eager torch, NumPy, CuPy)."""
     out = []
     for start, stop in consecutive_runs(xp, [news]):
         if stop - start == 1 or not all(is_dense(old) for old in olds[start:stop]):
