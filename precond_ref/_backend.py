@@ -44,6 +44,7 @@ __all__ = [
     "owned_state",
     "remembered_slices",
     "leading_slices",
+    "leading_rows",
     "state_owned",
     "JAX_MATMUL_PRECISION",
     "NO_CONTEXT",
@@ -314,6 +315,41 @@ def leading_slices(a: Array, lengths: Any) -> list:
     return slices
 
 
+def leading_rows(xp: Any, a: Array) -> list:
+    """``xp.unstack(a)``: the rows ``a[j]`` along the leading axis, each remembered within
+    :func:`remembered_slices`, so that a stack of rows of a few arrays (:func:`stacked`) is those
+    arrays, joined and gathered from, not a join of one piece each."""
+    known = remembered()
+    if known is None:
+        return list(xp.unstack(a))
+    rows = [a[j, ...] for j in range(a.shape[0])]
+    for j, row in enumerate(rows):
+        known[row] = (a, j, None)
+    return rows
+
+
+def _gathered_rows(xp: Any, arrays: list) -> Optional[Array]:
+    """``xp.stack(arrays)`` where every array is a remembered row (:func:`leading_rows`): the
+    arrays they are rows of, joined, and one gather of the rows (a slice where they are consecutive
+    rows of one array); ``None`` otherwise."""
+    known = remembered()
+    where = [known.get(a) for a in arrays] if known is not None else [None]
+    if any(w is None or w[2] is not None for w in where):
+        return None
+    parents, offsets = [], IdentityDict()
+    for parent, _, _ in where:
+        if parent not in offsets:
+            offsets[parent] = sum(p.shape[0] for p in parents)
+            parents.append(parent)
+    if any(p.dtype != parents[0].dtype or tuple(p.shape[1:]) != tuple(parents[0].shape[1:]) for p in parents):
+        return None
+    whole = joined(xp, parents) if len(parents) > 1 else parents[0]
+    index = [offsets.get(parent) + j for parent, j, _ in where]
+    if index == list(range(index[0], index[0] + len(index))):
+        return whole if len(index) == whole.shape[0] else whole[index[0] : index[0] + len(index), ...]
+    return xp.take(whole, xp.asarray(index, dtype=xp.int32), axis=0)
+
+
 def _slice_runs(arrays: list) -> Optional[list]:
     """``arrays`` as runs: each maximal run of consecutive remembered slices of one array
     (:func:`leading_slices`) as that array or its one slice, each other array as itself; ``None``
@@ -324,6 +360,7 @@ def _slice_runs(arrays: list) -> Optional[list]:
     runs: list = []  # [array, (parent, start, stop) or None]
     for a in arrays:
         where = known.get(a)
+        where = None if where is None or where[2] is None else where  # a row is no slice
         last = runs[-1][1] if runs else None
         if where is not None and last is not None and where[0] is last[0] and where[1] == last[2]:
             runs[-1][1] = (last[0], last[1], where[2])
@@ -747,6 +784,8 @@ def stacked(xp: Any, arrays: Any) -> Array:
     lie end to end (:func:`joined`'s rule)."""
     arrays = list(arrays)
     view = consecutive_view(arrays, new_axis=True) if len(arrays) > 1 else None
+    if view is None and len(arrays) > 1:
+        view = _gathered_rows(xp, arrays)
     if view is not None:
         return view
     return _as_bits(xp, arrays, xp.stack)
@@ -804,7 +843,7 @@ def selected_by_runs(xp: Any, pred: Array, news: Any, olds: Any) -> list:
         families, order = IdentityDict(), []  # the array they were cut from -> its slices here
         for i, new in enumerate(news):
             where = known.get(new)
-            if where is not None:
+            if where is not None and where[2] is not None:
                 if where[0] not in families:
                     families[where[0]] = []
                     order.append(families.get(where[0]))
