@@ -16,7 +16,6 @@ import contextvars
 import math
 import numbers
 import sys
-from functools import partial
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import array_api_compat
@@ -765,7 +764,7 @@ def joined(xp: Any, arrays: Any) -> Array:
         if len(runs) == 1:
             return runs[0]
         arrays = runs
-    return _as_bits(xp, arrays, partial(xp.concat, axis=0))
+    return _concatenated(xp, arrays)
 
 
 def pieces(xp: Any, flat: Array, shapes: Any) -> list:
@@ -788,20 +787,23 @@ def stacked(xp: Any, arrays: Any) -> Array:
         view = _gathered_rows(xp, arrays)
     if view is not None:
         return view
-    return _as_bits(xp, arrays, xp.stack)
+    if len(arrays) > 1 and getattr(xp, "__name__", None) == "jax.numpy":  # a stack of bits reshaped is a kernel a piece
+        return _concatenated(xp, [xp.reshape(a, (1, *a.shape)) for a in arrays])
+    return xp.stack(arrays)
 
 
-def _as_bits(xp: Any, arrays: list, join: Callable) -> Array:
-    """``join(arrays)``; on JAX, for several arrays of a 16-bit float dtype, joined as their bits
-    (``uint16``) and read back, the same array bit for bit. XLA's CPU compiler leaves a join of more
-    than a few pieces unfused and moves a widening ``convert`` that follows it onto each piece, one
-    fusion (a kernel) per piece; a join of the bits is one copy, and the ``convert`` stays one."""
+def _concatenated(xp: Any, arrays: list) -> Array:
+    """``xp.concat(arrays, axis=0)``; on JAX, for several arrays of a 16-bit float dtype, joined as
+    their bits (``uint16``) and read back: the same array, every piece's bits kept (a NaN's payload
+    too). XLA's CPU compiler leaves a join of more than a few pieces unfused and moves a widening
+    ``convert`` that follows it onto each piece, one fusion (a kernel) per piece; a join of the
+    bits is one copy, and the ``convert`` stays one."""
     dtype = arrays[0].dtype
     if (len(arrays) < 2 or getattr(xp, "__name__", None) != "jax.numpy" or dtype not in (xp.float16, xp.bfloat16)
             or any(a.dtype != dtype for a in arrays)):
-        return join(arrays)
+        return xp.concat(arrays, axis=0)
     bitcast = sys.modules["jax"].lax.bitcast_convert_type
-    return bitcast(join([bitcast(a, xp.uint16) for a in arrays]), dtype)
+    return bitcast(xp.concat([bitcast(a, xp.uint16) for a in arrays], axis=0), dtype)
 
 
 def consecutive_runs(xp: Any, columns: Any) -> list:
