@@ -81,6 +81,12 @@ def is_torch_namespace(xp: Any) -> bool:
     return getattr(xp, "__name__", None) in _TORCH_NAMES
 
 
+def _is_jax_numpy(xp: Any) -> bool:
+    """Whether ``xp`` is ``jax.numpy`` (``False`` for ``None`` and for a stand-in without a name,
+    where array_api_compat's test raises)."""
+    return getattr(xp, "__name__", None) == "jax.numpy"
+
+
 def is_numpy_namespace(xp: Any) -> bool:
     """Whether ``xp`` is NumPy's namespace (NumPy itself or array_api_compat's wrapper of it)."""
     return getattr(xp, "__name__", None) in _NUMPY_NAMES
@@ -285,7 +291,7 @@ def remembered_slices(xp: Any) -> Iterator[None]:
     slices of one array only where nothing lies between them and their join, and a join of more
     than a few pieces stays unfused, each piece then written out by a kernel of its own. Elsewhere
     nothing is remembered."""
-    if not is_jax_namespace(xp) or _SLICES.get() is not None:
+    if not _is_jax_numpy(xp) or _SLICES.get() is not None:
         yield
         return
     token = _SLICES.set(IdentityDict())
@@ -787,7 +793,7 @@ def stacked(xp: Any, arrays: Any) -> Array:
         view = _gathered_rows(xp, arrays)
     if view is not None:
         return view
-    if len(arrays) > 1 and getattr(xp, "__name__", None) == "jax.numpy":  # a stack of bits reshaped is a kernel a piece
+    if len(arrays) > 1 and _is_jax_numpy(xp):  # a stack of bits reshaped is a kernel a piece
         return _concatenated(xp, [xp.reshape(a, (1, *a.shape)) for a in arrays])
     return xp.stack(arrays)
 
@@ -799,7 +805,7 @@ def _concatenated(xp: Any, arrays: list) -> Array:
     ``convert`` that follows it onto each piece, one fusion (a kernel) per piece; a join of the
     bits is one copy, and the ``convert`` stays one."""
     dtype = arrays[0].dtype
-    if (len(arrays) < 2 or getattr(xp, "__name__", None) != "jax.numpy" or dtype not in (xp.float16, xp.bfloat16)
+    if (len(arrays) < 2 or not _is_jax_numpy(xp) or dtype not in (xp.float16, xp.bfloat16)
             or any(a.dtype != dtype for a in arrays)):
         return xp.concat(arrays, axis=0)
     bitcast = sys.modules["jax"].lax.bitcast_convert_type
