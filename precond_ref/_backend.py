@@ -41,6 +41,9 @@ __all__ = [
     "is_tracer",
     "torch_compiling",
     "owned_state",
+    "remembered_slices",
+    "leading_slices",
+    "leading_rows",
     "state_owned",
     "JAX_MATMUL_PRECISION",
     "NO_CONTEXT",
@@ -76,6 +79,12 @@ _NUMPY_NAMES = frozenset({"numpy", f"{array_api_compat.__name__}.numpy"})
 def is_torch_namespace(xp: Any) -> bool:
     """Whether ``xp`` is torch's namespace (torch itself or array_api_compat's wrapper of it)."""
     return getattr(xp, "__name__", None) in _TORCH_NAMES
+
+
+def _is_jax_numpy(xp: Any) -> bool:
+    """Whether ``xp`` is ``jax.numpy`` (``False`` for ``None`` and for a stand-in without a name,
+    where array_api_compat's test raises)."""
+    return getattr(xp, "__name__", None) == "jax.numpy"
 
 
 def is_numpy_namespace(xp: Any) -> bool:
@@ -267,6 +276,115 @@ def owned_state() -> Iterator[None]:
 def state_owned() -> bool:
     """Whether the current ``update`` may write over the state it was given (:func:`owned_state`)."""
     return _OWNED_STATE.get()
+
+
+_SLICES: contextvars.ContextVar[Optional["IdentityDict"]] = contextvars.ContextVar("precond_ref_slices", default=None)
+
+
+@contextlib.contextmanager
+def remembered_slices(xp: Any) -> Iterator[None]:
+    """Within it, on JAX (which has no views), the slices along the leading axis that
+    :func:`leading_slices` cuts are remembered with the array they were cut from, so that a join of
+    consecutive ones (:func:`joined`, :func:`selected_by_runs`) is that array, or one slice of it,
+    instead of a concatenation: within one traced step, what a view gives eagerly (a stack a step
+    handed back in slices is the stack again where the next operation joins the slices). XLA joins
+    slices of one array only where nothing lies between them and their join, and a join of more
+    than a few pieces stays unfused, each piece then written out by a kernel of its own. Elsewhere
+    nothing is remembered."""
+    if not _is_jax_numpy(xp) or _SLICES.get() is not None:
+        yield
+        return
+    token = _SLICES.set(IdentityDict())
+    try:
+        yield
+    finally:
+        _SLICES.reset(token)
+
+
+def remembered() -> Optional["IdentityDict"]:
+    """The slices :func:`remembered_slices` remembers, or ``None`` outside it (and while
+    ``torch.compile`` traces: dynamo cannot read a context variable)."""
+    return None if torch_compiling() else _SLICES.get()
+
+
+def leading_slices(a: Array, lengths: Any) -> list:
+    """``a`` cut along its leading axis into consecutive slices of ``lengths``, each remembered
+    within :func:`remembered_slices`."""
+    slices, start, known = [], 0, remembered()
+    for length in lengths:
+        piece = a[start : start + length, ...]
+        if known is not None:
+            known[piece] = (a, start, start + length)
+        slices.append(piece)
+        start += length
+    return slices
+
+
+def leading_rows(xp: Any, a: Array) -> list:
+    """``xp.unstack(a)``: the rows ``a[j]`` along the leading axis, each remembered within
+    :func:`remembered_slices`, so that a stack of rows of a few arrays (:func:`stacked`) is those
+    arrays, joined and gathered from, not a join of one piece each."""
+    known = remembered()
+    if known is None:
+        return list(xp.unstack(a))
+    rows = [a[j, ...] for j in range(a.shape[0])]
+    for j, row in enumerate(rows):
+        known[row] = (a, j, None)
+    return rows
+
+
+def _gathered_rows(xp: Any, arrays: list) -> Optional[Array]:
+    """``xp.stack(arrays)`` where every array is a remembered row (:func:`leading_rows`): the
+    arrays they are rows of, joined, and one gather of the rows (a slice where they are consecutive
+    rows of one array); ``None`` otherwise."""
+    known = remembered()
+    where = [known.get(a) for a in arrays] if known is not None else [None]
+    if any(w is None or w[2] is not None for w in where):
+        return None
+    parents, offsets = [], IdentityDict()
+    for parent, _, _ in where:
+        if parent not in offsets:
+            offsets[parent] = sum(p.shape[0] for p in parents)
+            parents.append(parent)
+    if any(p.dtype != parents[0].dtype or tuple(p.shape[1:]) != tuple(parents[0].shape[1:]) for p in parents):
+        return None
+    whole = joined(xp, parents) if len(parents) > 1 else parents[0]
+    index = [offsets.get(parent) + j for parent, j, _ in where]
+    if index == list(range(index[0], index[0] + len(index))):
+        return whole if len(index) == whole.shape[0] else whole[index[0] : index[0] + len(index), ...]
+    return xp.take(whole, xp.asarray(index, dtype=xp.int32), axis=0)
+
+
+def _slice_runs(arrays: list) -> Optional[list]:
+    """``arrays`` as runs: each maximal run of consecutive remembered slices of one array
+    (:func:`leading_slices`) as that array or its one slice, each other array as itself; ``None``
+    where no two arrays make such a run (nothing remembered, or nothing to gain)."""
+    known = remembered()
+    if known is None:
+        return None
+    runs: list = []  # [array, (parent, start, stop) or None]
+    for a in arrays:
+        where = known.get(a)
+        where = None if where is None or where[2] is None else where  # a row is no slice
+        last = runs[-1][1] if runs else None
+        if where is not None and last is not None and where[0] is last[0] and where[1] == last[2]:
+            runs[-1][1] = (last[0], last[1], where[2])
+            runs[-1][0] = None
+        else:
+            runs.append([a, where])
+    if len(runs) == len(arrays):
+        return None
+    out = []
+    for a, where in runs:
+        if a is None:
+            parent, start, stop = where
+            if start == 0 and stop == parent.shape[0]:
+                a = parent
+            else:
+                a = parent[start:stop, ...]
+                known[a] = where
+        out.append(a)
+    return out
 
 
 def computed_once(xp: Any, value: Any) -> Any:
@@ -645,7 +763,14 @@ def joined(xp: Any, arrays: Any) -> Array:
     """
     arrays = list(arrays)
     view = consecutive_view(arrays, new_axis=False) if len(arrays) > 1 else None
-    return xp.concat(arrays, axis=0) if view is None else view
+    if view is not None:
+        return view
+    runs = _slice_runs(arrays) if len(arrays) > 1 else None
+    if runs is not None:
+        if len(runs) == 1:
+            return runs[0]
+        arrays = runs
+    return _concatenated(xp, arrays)
 
 
 def pieces(xp: Any, flat: Array, shapes: Any) -> list:
@@ -664,7 +789,27 @@ def stacked(xp: Any, arrays: Any) -> Array:
     lie end to end (:func:`joined`'s rule)."""
     arrays = list(arrays)
     view = consecutive_view(arrays, new_axis=True) if len(arrays) > 1 else None
-    return xp.stack(arrays) if view is None else view
+    if view is None and len(arrays) > 1:
+        view = _gathered_rows(xp, arrays)
+    if view is not None:
+        return view
+    if len(arrays) > 1 and _is_jax_numpy(xp):  # a stack of bits reshaped is a kernel a piece
+        return _concatenated(xp, [xp.reshape(a, (1, *a.shape)) for a in arrays])
+    return xp.stack(arrays)
+
+
+def _concatenated(xp: Any, arrays: list) -> Array:
+    """``xp.concat(arrays, axis=0)``; on JAX, for several arrays of a 16-bit float dtype, joined as
+    their bits (``uint16``) and read back: the same array, every piece's bits kept (a NaN's payload
+    too). XLA's CPU compiler leaves a join of more than a few pieces unfused and moves a widening
+    ``convert`` that follows it onto each piece, one fusion (a kernel) per piece; a join of the
+    bits is one copy, and the ``convert`` stays one."""
+    dtype = arrays[0].dtype
+    if (len(arrays) < 2 or not _is_jax_numpy(xp) or dtype not in (xp.float16, xp.bfloat16)
+            or any(a.dtype != dtype for a in arrays)):
+        return xp.concat(arrays, axis=0)
+    bitcast = sys.modules["jax"].lax.bitcast_convert_type
+    return bitcast(xp.concat([bitcast(a, xp.uint16) for a in arrays], axis=0), dtype)
 
 
 def consecutive_runs(xp: Any, columns: Any) -> list:
@@ -696,7 +841,42 @@ def selected_by_runs(xp: Any, pred: Array, news: Any, olds: Any) -> list:
     and joined (:func:`joined`: a view where the olds are such a run too, as last step's selection
     leaves them), each pair handed its slice of it, a view in the new array's shape; elsewhere one
     selection per pair (flattening a non-contiguous old would copy it). The same numbers, element for element;
-    the selection's result is a stack whose slices the next step joins again without a copy."""
+    the selection's result is a stack whose slices the next step joins again without a copy.
+    Within :func:`remembered_slices` (JAX), the news that are consecutive slices of one array, in
+    whatever order they come, are selected at once likewise: one selection of that array (or its
+    slice) and of their olds joined, each handed its slice of the result."""
+    out: list = [None] * len(news)
+    known = remembered()
+    if known is not None:
+        families, order = IdentityDict(), []  # the array they were cut from -> its slices here
+        for i, new in enumerate(news):
+            where = known.get(new)
+            if where is not None and where[2] is not None:
+                if where[0] not in families:
+                    families[where[0]] = []
+                    order.append(families.get(where[0]))
+                families.get(where[0]).append((where[1], where[2], i))
+        for members in order:
+            members.sort()
+            run = [members[0]]
+            for member in members[1:] + [None]:
+                if member is not None and member[0] == run[-1][1]:
+                    run.append(member)
+                    continue
+                if len(run) > 1:
+                    ids = [i for _, _, i in run]
+                    whole = select(xp, pred, joined(xp, [news[i] for i in ids]), joined(xp, [olds[i] for i in ids]))
+                    for i, piece in zip(ids, leading_slices(whole, [news[i].shape[0] for i in ids])):
+                        out[i] = piece
+                run = [member]
+    rest = [i for i, o in enumerate(out) if o is None]
+    for i, o in zip(rest, _selected_by_views(xp, pred, [news[i] for i in rest], [olds[i] for i in rest])):
+        out[i] = o
+    return out
+
+
+def _selected_by_views(xp: Any, pred: Array, news: list, olds: list) -> list:
+    """:func:`selected_by_runs` of pieces of one allocation (eager torch, NumPy, CuPy)."""
     out = []
     for start, stop in consecutive_runs(xp, [news]):
         if stop - start == 1 or not all(is_dense(old) for old in olds[start:stop]):

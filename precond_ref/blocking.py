@@ -22,7 +22,7 @@ from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
 
 from array_api_compat import is_torch_array
 
-from ._backend import array_device, device_key, joined, torch_compiling
+from ._backend import array_device, device_key, joined, leading_slices, torch_compiling
 
 __all__ = [
     "merge_small_dims", "block_bounds", "chunk_sizes", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks",
@@ -186,15 +186,12 @@ def _split(a: Array, lengths: tuple[int, ...]) -> Sequence[Array]:
     """``a`` cut along its leading axis into consecutive slices of ``lengths``.
 
     Eagerly on torch one ``split`` (views, as slices are) instead of one slicing operation per
-    piece; elsewhere the slices (free in NumPy, fused by a compiler).
+    piece; elsewhere the slices (free in NumPy, fused by a compiler; on JAX remembered, so that a
+    join of them is ``a`` again: :func:`~precond_ref._backend.leading_slices`).
     """
     if is_torch_array(a) and not torch_compiling():
         return a.split(list(lengths))
-    pieces, start = [], 0
-    for length in lengths:
-        pieces.append(a[start : start + length, ...])
-        start += length
-    return pieces
+    return leading_slices(a, lengths)
 
 
 def on_stacks(

@@ -5,6 +5,8 @@ docstring gives its plain formula; ``tests/test_factors.py`` checks it against t
 
 from __future__ import annotations
 
+import sys
+
 from .._backend import cast, device_key, is_number, is_tracer, placement, torch_compiling
 from ..linalg import mode_gram, mode_product
 
@@ -99,9 +101,15 @@ _CONSTANTS: dict = {}  # (namespace, device, key) -> the array ``make`` made (se
 def constant(xp, key, make, like):
     """``make()``, an array that depends on nothing but ``key`` and ``like``'s namespace and device
     (an identity, an index array), made once and kept: made anew, it is a kernel of every eager
-    step (from host data on an accelerator, a copy the step waits for). Under a compiler (a JAX
-    tracer, ``torch.compile``) it is made in the traced step, where it is a constant."""
-    if is_tracer(like) or torch_compiling():
+    step (from host data on an accelerator, a copy the step waits for). Under a compiler it is made
+    anew for the traced step: under ``torch.compile`` traced; under ``jax.jit`` evaluated while
+    tracing (``jax.ensure_compile_time_eval``), so that the compiled step holds it as a literal:
+    XLA does not fold a constant computed from ``iota``, and the step would compute it, a kernel
+    per piece of it."""
+    if is_tracer(like):
+        with sys.modules["jax"].ensure_compile_time_eval():
+            return make()
+    if torch_compiling():
         return make()
     full_key = (xp.__name__, device_key(like), key)
     if full_key not in _CONSTANTS:

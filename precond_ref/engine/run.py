@@ -21,6 +21,7 @@ from .._backend import (
     host_bool,
     is_dense,
     is_tracer as _is_tracer,
+    remembered_slices,
     scalar_zero,
     select,
     selected_by_runs,
@@ -194,7 +195,7 @@ def build_transform(
             xp = None  # _update names the problem
         if legacy_names is not None and isinstance(state, PrecondState):
             state = renamed(state, legacy_names)
-        with float32_matmul_precision(xp, precision) if xp is not None else _NO_CONTEXT:
+        with float32_matmul_precision(xp, precision) if xp is not None else _NO_CONTEXT, remembered_slices(xp):
             packed = None
             if elementwise and on_nonfinite == "skip" and xp is not None:
                 packed = pack(name, layout_for, grad_leaves, treedef, state, params, xp)
@@ -353,10 +354,10 @@ def build_transform(
                     # selection; nor does a dense one of a step known to be applied.
                     if v is not old and v not in ctx.settled and not (finite_step and is_dense(v)):
                         pending.setdefault(k, []).append((key, v, old))
-            for k, items in pending.items():  # the pieces of one stack selected at once
-                selected = selected_by_runs(xp, ok, [v for _, v, _ in items], [old for _, _, old in items])
-                for (key, _, _), v in zip(items, selected):
-                    new_groups[key][k] = v
+            items = [(key, k, v, old) for k, same in pending.items() for key, v, old in same]
+            selected = selected_by_runs(xp, ok, [v for _, _, v, _ in items], [old for _, _, _, old in items])
+            for (key, k, _, _), v in zip(items, selected):  # the pieces of one stack selected at once
+                new_groups[key][k] = v
         if finite_step:  # the step is applied: one addition, the skipped steps' count as it was
             new_state = PrecondState(count=state.count + 1, nonfinite_count=state.nonfinite_count, groups=new_groups)
         else:

@@ -25,8 +25,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from array_api_compat import array_namespace, is_jax_namespace
 
 from .._backend import (
-    array_device, compute_dtype, cond, device_key, host_bool, is_torch_namespace, pieces, placement, scalar_zero,
-    stacked, torch_compiling,
+    array_device, compute_dtype, cond, device_key, host_bool, is_torch_namespace, leading_rows, leading_slices, pieces,
+    placement, scalar_zero, stacked, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype
@@ -385,9 +385,9 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
             for k, same in itertools.groupby(zip(even, ends), key=lambda pair: len(plans[pair[0]].tiles)):
                 same = list(same)
                 a = same[0][1]
-                sums = xp.sum(xp.reshape(joined[a : a + k * len(same)], (len(same), k)), axis=1)
+                sums = leading_rows(xp, xp.sum(xp.reshape(joined[a : a + k * len(same)], (len(same), k)), axis=1))
                 for j, (i, _) in enumerate(same):
-                    out[i] = sums[j, ...]
+                    out[i] = sums[j]
         rows: dict = {}
         for i in groups:
             if i not in even:
@@ -395,9 +395,9 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
                 x = xp.reshape(unpick(xp, parts, [stack.tiles for stack in plans[i].stacks], flat=False), (-1,))
                 rows.setdefault(len(plans[i].tiles), []).append((i, x))
         for same in rows.values():
-            sums = xp.sum(xp.stack([x for _, x in same]), axis=1) if len(same) > 1 else None
+            sums = leading_rows(xp, xp.sum(xp.stack([x for _, x in same]), axis=1)) if len(same) > 1 else None
             for j, (i, x) in enumerate(same):
-                out[i] = xp.sum(x) if sums is None else sums[j, ...]
+                out[i] = xp.sum(x) if sums is None else sums[j]
     return out
 
 
@@ -485,7 +485,11 @@ def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
     group (it broadcasts), else the (b, 1, ..., 1) vector of each tile's value."""
     if len(values) == 1:
         return values[0]
-    per_tile = xp.concat([xp.broadcast_to(xp.reshape(v, (1,)), (n,)) for v, n in zip(values, lengths)])
+    if is_jax_namespace(xp):  # one gather (XLA writes each piece of a join of many out by a kernel of its own)
+        each = tuple(j for j, n in enumerate(lengths) for _ in range(n))
+        per_tile = taken(xp, stacked(xp, values), index_array(xp, each, like))
+    else:
+        per_tile = xp.concat([xp.broadcast_to(xp.reshape(v, (1,)), (n,)) for v, n in zip(values, lengths)])
     return per_block(xp, per_tile, like)
 
 
@@ -557,9 +561,11 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
     Two operations (three where the work dtype differs) where the cuts are a copy per group with
     tiles across several axes and the batches a join each."""
     leaves = [g for grads in grads_list for g in grads]
-    if (not gathering(xp, leaves) or len({(g.dtype, device_key(g)) for g in leaves}) != 1
-            or len({g.dtype for g in groups}) != 1):
+    if (len({(g.dtype, device_key(g)) for g in leaves}) != 1 or len({g.dtype for g in groups}) != 1
+            or not (gathering(xp, leaves) or is_jax_namespace(xp))):
         return _cut_each(xp, grads_list, groups)
+    if is_jax_namespace(xp):
+        return _tiles_gathered(xp, grads_list, groups, keys)
     first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
     order = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
                    key=lambda m: (first[keys[m[0]][m[1]]], groups[m[0]].plan.stacks[m[1]].phase, m))
@@ -575,6 +581,49 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
     out = [[None] * len(g.plan.stacks) for g in groups]
     for (i, s), stack in zip(order, rearranged(xp, key, leaves, cut, shapes, groups[0].dtype)):
         out[i][s] = stack
+    return out
+
+
+def _tiles_gathered(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
+                    ) -> list:
+    """:func:`tiles_of_groups` on JAX: per key, the tiles of its groups (each group's tensor cut
+    into its equal tiles by reshapes, :func:`to_tiles`) joined, and its stacks taken from the join
+    in the order of :func:`tiles_of_groups` by one gather (of tiles: an index of a few entries per
+    tile), each stack a remembered slice of the result
+    (:func:`~precond_ref._backend.leading_slices`), so that a batch of them is one slice of it. XLA
+    leaves a join of more than a few pieces unfused, and the cuts of each group's tensor into its
+    phases' stacks, joined across groups, were each a kernel. A group whose tiles are not all of
+    one shape is cut as by :func:`_cut_each`."""
+    out = [[None] * len(g.plan.stacks) for g in groups]
+    even = [i for i, g in enumerate(groups) if len(g.plan.regions) == 1]
+    for i in set(range(len(groups))) - set(even):
+        out[i] = _cut_each(xp, [grads_list[i]], [groups[i]])[0]
+    by_key: dict = {}  # key -> the groups of its stacks, in order of first appearance
+    for i in even:
+        for s in range(len(groups[i].plan.stacks)):
+            by_key.setdefault(keys[i][s], {}).setdefault(i, None)
+    for key, members in by_key.items():
+        members = list(members)
+        tiles, offsets, start = [], {}, 0
+        for i in members:
+            g = groups[i]
+            region = g.plan.regions[0]
+            G = group_tensor(xp, grads_list[i], g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype)
+            tiles.append(to_tiles(xp, G, region.counts, region.size))
+            offsets[i], start = start, start + tiles[-1].shape[0]
+        if len({tuple(t.shape[1:]) for t in tiles}) != 1:
+            for i in members:
+                out[i] = _cut_each(xp, [grads_list[i]], [groups[i]])[0]
+            continue
+        order = sorted(((i, s) for i in members for s in range(len(groups[i].plan.stacks)) if keys[i][s] == key),
+                       key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
+        each = tuple(offsets[i] + p for i, s in order for p in groups[i].plan.stacks[s].positions)
+        whole = tiles[0] if len(tiles) == 1 else xp.concat(tiles, axis=0)
+        if each != tuple(range(whole.shape[0])):
+            whole = taken(xp, whole, index_array(xp, each, whole))
+        lengths = [len(groups[i].plan.stacks[s].tiles) for i, s in order]
+        for (i, s), stack in zip(order, leading_slices(whole, lengths)):
+            out[i][s] = stack
     return out
 
 
@@ -1163,7 +1212,7 @@ def _by_dtype(xp, fn, values: Sequence[Array]) -> list:
     for g, value in enumerate(values):
         by_dtype.setdefault(value.dtype, []).append(g)
     for members in by_dtype.values():
-        for g, result in zip(members, xp.unstack(fn(xp.stack([values[g] for g in members])))):
+        for g, result in zip(members, leading_rows(xp, fn(stacked(xp, [values[g] for g in members])))):
             out[g] = result
     return out
 
