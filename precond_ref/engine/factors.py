@@ -12,7 +12,7 @@ from ..linalg import mode_gram, mode_product
 
 __all__ = [
     "along", "is_diagonal", "times_transposed", "gram", "mean_trace", "unfolding_gram", "identity", "times", "frobenius",
-    "product_except", "per_block", "constant",
+    "product_except", "per_block", "constant", "number",
 ]
 
 
@@ -73,6 +73,14 @@ def identity(xp, factor, scale: float = 1.0):
     d, dtype = factor.shape[-1], factor.dtype
     make = lambda: scale * xp.eye(d, dtype=dtype, device=placement(xp, factor))  # noqa: E731
     return constant(xp, ("eye", d, scale, dtype), make, factor)
+
+
+def number(xp, value: float, like):
+    """``value`` as a 0-D array of ``like``'s dtype and device, made once (:func:`constant`): a
+    number a selection broadcasts, not a new array of the operands' shape each step; filled on the
+    device (no host data copied)."""
+    make = lambda: xp.full((), value, dtype=like.dtype, device=placement(xp, like))  # noqa: E731
+    return constant(xp, ("number", value, like.dtype), make, like)
 
 
 def times(xp, factor, matrix):

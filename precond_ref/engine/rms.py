@@ -18,7 +18,7 @@ from array_api_compat import is_array_api_strict_namespace, is_jax_namespace
 from .._backend import (
     computed_once, cond_under_cpu_jit, float64_where_available, is_torch_namespace, pieces, placement, select, sum_across,
 )
-from .factors import constant
+from .factors import constant, number
 from .matrices import end_to_end
 
 __all__ = [
@@ -157,8 +157,7 @@ def _target(rms_target: float, u: Array) -> float:
 
 def _nonzero(xp: Any, norm: Array) -> Array:
     """``norm``, with 1 where it is zero (the divisor that keeps a zero direction zero)."""
-    one = constant(xp, ("one", norm.dtype), lambda: xp.ones((), dtype=norm.dtype, device=placement(xp, norm)), norm)
-    return select(xp, norm > 0, norm, one)
+    return select(xp, norm > 0, norm, number(xp, 1.0, norm))
 
 
 def _targets(xp: Any, rms_target: float, shapes: list, like: Array) -> Array:

@@ -28,7 +28,7 @@ import numbers
 from functools import partial
 from typing import Any, NamedTuple, Optional
 
-from .._backend import array_device, cast, compute_dtype, ema, on_cpu, placement, select, squared_sums
+from .._backend import array_device, cast, compute_dtype, ema, on_cpu, select, squared_sums
 from ..blocking import spread_schedule
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE, identity_like, inverse_root, inverse_root_eigh, inverse_sqrt_newton_schulz,
@@ -37,7 +37,7 @@ from ..linalg import (
 from ..engine.blockdiag import (
     STACKED, OneSidedRule, block_diagonal_product, block_layout_hint, block_state, is_left, one_sided_transform, side_blocks,
 )
-from ..engine.factors import constant, per_block
+from ..engine.factors import number, per_block
 from ..engine.fallback import FallbackAdam, FallbackMask
 from ..engine.matrices import MatrixStack, matrix_shape, symmetrized_pieces
 from ..engine.rms import joined_rms_renormalised, joined_scaled_rms_renormalised
@@ -171,8 +171,8 @@ def _damped_inverse_sqrt(
     """
     tau = trace(p) / p.shape[-1]
     zero = tau <= 0.0  # P = 0 (PSD): the root is ε^{-1/2} I, from τ = 1 and shift ε
-    tau = select(xp, zero, _number(xp, 1.0, tau), tau)
-    shift = select(xp, zero, _number(xp, 0.0, tau), _number(xp, damping, tau)) + eps / tau
+    tau = select(xp, zero, number(xp, 1.0, tau), tau)
+    shift = select(xp, zero, number(xp, 0.0, tau), number(xp, damping, tau)) + eps / tau
     normalised, scale = p / per_block(xp, tau, p), per_block(xp, tau**-0.5, p)
     if method == "eigh":
         return inverse_root_eigh(normalised, 2, shift=shift) * scale, None
@@ -182,13 +182,6 @@ def _damped_inverse_sqrt(
     isotropic = select(xp, zero, shift, shift + 1.0)  # the mean eigenvalue of P/τ (1; 0 for P = 0) + shift
     damped_identity = identity_like(p) * per_block(xp, isotropic**-0.5, p)
     return select(xp, per_block(xp, failed != 0, p), damped_identity, z) * scale, failed
-
-
-def _number(xp: Any, value: float, like: Array) -> Array:
-    """``value`` as a 0-D array of ``like``'s dtype and device, made once (a number the selections
-    above broadcast, not a new array of the batch's shape each step)."""
-    make = lambda: xp.full((), value, dtype=like.dtype, device=placement(xp, like))  # noqa: E731
-    return constant(xp, ("number", value, like.dtype), make, like)
 
 
 def _faithful_inverse_sqrt(xp: Any, p: Array, method: str, steps: int, eps: float) -> tuple[Array, None]:
