@@ -49,6 +49,14 @@ def test_rmsprop_graft_is_g_over_root_of_v_and_zero_where_v_is_zero(eps, dtype):
     np.testing.assert_array_equal(got, want)
 
 
+def _norm_ratio_rtol(n: int) -> float:
+    """Two float64 evaluations of ``p ||d||_F / ||p||_F`` (n entries each), in any summation order,
+    differ by at most ``2 (n + 4) u``: each norm's sum of squares carries ``n u`` (recursive
+    summation, the squares' rounding included), halved by the square root, plus a rounding for the
+    root, the quotient and the product: ``(n + 4) u`` for one evaluation (u = eps / 2)."""
+    return 2 * (n + 4) * float(np.finfo(np.float64).eps) / 2
+
+
 def test_grafted_direction_has_the_graft_norm_and_is_the_graft_before_start():
     """U = P ||D_g||_F / ||P||_F (0 for P = 0), spec ``fd_shampoo.md`` §2.3 step 4, each leaf's from
     its own norms though the scales of all leaves are made on their norms stacked
@@ -58,8 +66,8 @@ def test_grafted_direction_has_the_graft_norm_and_is_the_graft_before_start():
     q, e = rng.standard_normal(5), rng.standard_normal(5)
     scale = functools.partial(sk._grafted, xp)
     got, other, zero = axes._scaled_by_norms(xp, scale, [p, q, np.zeros_like(p)], [d, e, d])
-    np.testing.assert_allclose(got, p * (np.linalg.norm(d) / np.linalg.norm(p)), rtol=1e-15)
-    np.testing.assert_allclose(other, q * (np.linalg.norm(e) / np.linalg.norm(q)), rtol=1e-15)
+    np.testing.assert_allclose(got, p * (np.linalg.norm(d) / np.linalg.norm(p)), rtol=_norm_ratio_rtol(p.size))
+    np.testing.assert_allclose(other, q * (np.linalg.norm(e) / np.linalg.norm(q)), rtol=_norm_ratio_rtol(q.size))
     np.testing.assert_array_equal(zero, np.zeros_like(p))
     np.testing.assert_array_equal(axes._from_start(xp, _ctx(2), got, d, 3), d)
     np.testing.assert_array_equal(axes._from_start(xp, _ctx(3), got, d, 3), got)
