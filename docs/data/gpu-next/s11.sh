@@ -2,7 +2,7 @@
 # The next GPU run, one call (set-up here: bash ../shared/gpu/prepare.sh && cp docs/data/gpu-next/{s11.sh,
 # jax_svd_routes.py,cupy_capture_diag.py} .gpukit/; then `run` bash .gpukit/s11.sh, carry [".whl", ".gpukit"],
 # timeout_s 560): CUDA/CuPy tests, the reference GPT torch bench (default, then compiled element-wise rows), JAX Sketchy's FD core by the float32 Gram's
-# eigh (the tenth run's open measurement), which operation refuses each method's CuPy capture (the tenth run's
+# eigh (the tenth run's open measurement), a profile of S-AdaGrad's, Sketchy's and ASGO's steps, which operation refuses each method's CuPy capture (the tenth run's
 # diag called an old signature), then the JAX GPT rows of the methods whose HLO changed. Each step bounded.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 ROOT=$PWD; T0=$SECONDS; END=${END_S:-520}
@@ -22,6 +22,11 @@ timeout $(left 75) python3 -m precond_ref bench --model gpt --size reference --f
   --out /tmp/gpt --no-progress > "$OUT/bench_gpt.txt" 2>&1
 echo "bench gpt rc $?"; grep "^| torch" "$OUT/bench_gpt.txt" | cut -d'|' -f3-9,13; cp /tmp/gpt/bench.json "$OUT/bench_gpt.json" 2>/dev/null
 grep -i "warn\|not captured\|error" "$OUT/bench_gpt.txt" | cut -c1-250 | sort | uniq -c | head -6
+echo "== profile of the uncaptured and slowest steps at $((SECONDS-T0)) s"
+# Where S-AdaGrad's 33 ms over AdamW go (its bytes explain ~6 ms), Sketchy's eigh calls, ASGO's refreshes.
+timeout $(left 60) python3 "$ROOT/docs/data/gpu-next/profile_step.py" s_adagrad,sketchy,asgo reference 3 2>&1 \
+  | grep -v Warning > "$OUT/profile_step.txt"
+echo "profile rc $?"; grep -E "^== |Self CUDA time total|Self CPU time total" "$OUT/profile_step.txt"
 echo "== bench gpt torch compiled at $((SECONDS-T0)) s"
 # compile=True under the captured step: Inductor's fused kernels replayed in the CUDA graph. The element-wise
 # steps move 35-66x the parameters' bytes eagerly (docs/data/traffic-2026-11-28), AdamW(fused) 8x; is a fused
