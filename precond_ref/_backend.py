@@ -655,6 +655,16 @@ def sums_of_squares(xp: Any, arrays: list) -> Any:
     return None if powsum is None else list(powsum(arrays, 2))
 
 
+def vector_norms(xp: Any, arrays: list) -> list:
+    """``[xp.linalg.vector_norm(a) for a in arrays]`` (0-D arrays). Eagerly on torch, for at least
+    two arrays, one ``_foreach_norm(arrays, 2)``: one dispatch for all (one multi-tensor kernel on
+    a GPU). torch's CPU kernel computes each norm as ``linalg.vector_norm`` does (the same numbers);
+    a GPU's multi-tensor kernel sums in its own order (each norm within a few ulps)."""
+    if not torch_compiling() and len(arrays) > 1 and is_torch_namespace(xp):
+        return list(sys.modules["torch"]._foreach_norm(arrays, 2))
+    return [xp.linalg.vector_norm(a) for a in arrays]
+
+
 def host_all_finite(xp: Any, arrays: list) -> Any:
     """``True`` where every entry of every array is surely finite, read on the host where that
     costs no synchronisation and fewer operations than a guard per array; ``False`` where some entry

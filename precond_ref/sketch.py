@@ -66,9 +66,10 @@ from typing import Any, NamedTuple, Optional
 from array_api_compat import is_cupy_array
 
 from ._backend import (
-    host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul, placement, scalar_zero, select,
+    host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul, placement, select,
     state_owned, torch_compiling,
 )
+from .engine.factors import constant, number
 from .linalg import _reduced_svd, all_finite, eigh_widened, left_singular, per_matrix, symmetric_eigh, symmetrize
 
 __all__ = [
@@ -203,7 +204,7 @@ def _split_by_basis(xp: Any, basis: Array, x: Array) -> tuple[Array, Array]:
 def _unit_column(xp: Any, r: Array) -> tuple[Array, Array]:
     """``(r / |r|, |r|)`` for columns r (..., d, 1); the zero column where ``|r| = 0``."""
     norm = xp.linalg.vector_norm(r, axis=-2, keepdims=True)
-    return r / select(xp, norm > 0.0, norm, xp.ones_like(norm)), norm
+    return r / select(xp, norm > 0.0, norm, number(xp, 1.0, norm)), norm
 
 
 class _Ritz(NamedTuple):
@@ -249,7 +250,7 @@ def _incremental(
     else:
         fresh, corner = per_matrix(xp, xp.linalg.qr, residual)
     projection = xp.concat([coords, corner], axis=-2)  # [U, fresh]^T x
-    identity = xp.eye(projection.shape[-2], k, dtype=x.dtype, device=placement(xp, x))  # [I; 0]
+    identity = _eye(xp, projection.shape[-2], k, x)  # [I; 0]
     if empty:
         w, s = _left_singular_by_gram(xp, corner) if gram else left_singular(corner)
         w, s = _after_empty_sketch(xp, w, s, k)
@@ -259,6 +260,13 @@ def _incremental(
     if not apply:
         return _Ritz(s, fresh=fresh, frame=w, identity=identity)
     return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=matmul(xp, w.mT, projection), identity=identity)
+
+
+def _eye(xp: Any, rows: int, columns: int, like: Array) -> Array:
+    """``eye(rows, columns)`` of ``like``'s dtype and device, made once per shape, dtype and device
+    (:func:`precond_ref.engine.factors.constant`): a constant of the step, not a kernel of it."""
+    return constant(xp, ("eye", rows, columns, like.dtype),
+                    lambda: xp.eye(rows, columns, dtype=like.dtype, device=placement(xp, like)), like)
 
 
 def _after_empty_sketch(xp: Any, w: Array, s: Array, k: int) -> tuple[Array, Array]:
@@ -285,7 +293,7 @@ def _left_singular_by_gram(xp: Any, a: Array) -> tuple[Array, Array]:
     """
     values, vectors = symmetric_eigh(symmetrize(matmul(xp, a, a.mT)))
     values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
-    return vectors, xp.sqrt(xp.maximum(values, xp.zeros_like(values)))
+    return vectors, xp.sqrt(xp.maximum(values, number(xp, 0.0, values)))
 
 
 def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
@@ -317,7 +325,7 @@ def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
     h = matmul(xp, proj_u.mT, proj_u) + matmul(xp, proj_x.mT, proj_x)
     theta, w = eigh_widened(symmetrize(h))
     theta, w = xp.flip(theta, axis=-1), xp.flip(w, axis=-1)
-    s = xp.sqrt(xp.maximum(theta, xp.zeros_like(theta)))
+    s = xp.sqrt(xp.maximum(theta, number(xp, 0.0, theta)))
     return _Ritz(s, vectors=matmul(xp, q, w[..., :, :k]))
 
 
@@ -351,21 +359,30 @@ def _descending_left_singular(
         gram = matmul(xp, z.mT, z)
         evals, v = symmetric_eigh(symmetrize(gram))
         evals, v = xp.flip(evals, axis=-1), xp.flip(v, axis=-1)
-        evals = xp.maximum(evals, xp.zeros_like(evals))
+        evals = xp.maximum(evals, number(xp, 0.0, evals))
         keep = evals > tiny_rel * evals[..., :1]
-        s = select(xp, keep, xp.sqrt(evals), xp.zeros_like(evals))
-        safe_s = select(xp, keep, s, xp.ones_like(s))
+        s = select(xp, keep, xp.sqrt(evals), number(xp, 0.0, evals))
+        safe_s = select(xp, keep, s, number(xp, 1.0, s))
         p = matmul(xp, z, v[..., :, :k]) / safe_s[..., None, :k] * xp.astype(keep[..., :k], z.dtype)[..., None, :]
         return _Ritz(s, vectors=p)
     p, s = _left_singular_by_gram(xp, z)
     return _Ritz(s, vectors=p[..., :k])
 
 
+def _warns_on_division_by_zero(xp: Any) -> bool:
+    """Whether ``xp`` warns where IEEE arithmetic divides by zero (``0 ** -1``, ``log2(0)``): NumPy
+    and array_api_strict (NumPy's arithmetic beneath)."""
+    return is_numpy_namespace(xp) or getattr(xp, "__name__", "").startswith("array_api_strict")
+
+
 def _masked_power(xp: Any, base: Array, mask: Array, exponent: float, one: Array, zero: Array) -> Array:
-    """``base ** exponent`` where ``mask``, else 0, never forming ``0 ** negative`` (no Inf); ``one``
-    and ``zero`` are 0-D arrays of ``base``'s dtype (made once per step, not once per use)."""
-    safe = select(xp, mask, base, one)
-    return select(xp, mask, safe**exponent, zero)
+    """``base ** exponent`` where ``mask``, else 0; ``one`` and ``zero`` are 0-D arrays of ``base``'s
+    dtype (made once per step, not once per use). The entries ``mask`` leaves out are raised too
+    (``0 ** negative`` is Inf there) and not selected: the same values as raising only the others.
+    Where the backend warns on that (:func:`_warns_on_division_by_zero`) those entries are made 1 first."""
+    if _warns_on_division_by_zero(xp):
+        base = select(xp, mask, base, one)
+    return select(xp, mask, base**exponent, zero)
 
 
 def _power_of_two_scale(xp: Any, value: Array, one: Array) -> Array:
@@ -373,12 +390,15 @@ def _power_of_two_scale(xp: Any, value: Array, one: Array) -> Array:
 
     The exponent is capped at the dtype's largest (2**128 is not a float32): in the top binade
     value / scale lies in (1, 2), still far from overflow once squared. ``one``: a 0-D 1 of
-    ``value``'s dtype.
+    ``value``'s dtype. A value that is not positive gives 1 by the last selection (its own power,
+    0 for a 0 or NaN, is computed and not selected); where the backend warns on ``log2(0)``
+    (:func:`_warns_on_division_by_zero`) such values are made 1 first.
     """
     positive = value > 0.0
-    safe = select(xp, positive, value, one)
+    if _warns_on_division_by_zero(xp):
+        value = select(xp, positive, value, one)
     top = float(math.frexp(float(xp.finfo(value.dtype).max))[1] - 1)
-    return select(xp, positive, 2.0 ** xp.clip(xp.ceil(xp.log2(safe)), max=top), one)
+    return select(xp, positive, 2.0 ** xp.clip(xp.ceil(xp.log2(value)), max=top), one)
 
 
 def _in_units(xp: Any, x: Array, decayed: Array, kept_root: Array, one: Array, zero: Array) -> tuple[Array, Array, Array]:
@@ -413,7 +433,7 @@ def _shrink(
     if cutoff:
         s = select(xp, noise, zero, s)
     has_shrink = k < s.shape[-1]
-    shrink = xp.maximum(s[..., k], zero) if has_shrink else xp.zeros_like(root)
+    shrink = s[..., k] if has_shrink else xp.broadcast_to(zero, tuple(root.shape))
     if has_shrink and not cutoff:
         shrink = select(xp, noise[..., k], zero, shrink)
     return s, noise, shrink
@@ -671,8 +691,7 @@ def _fd_step(
         decomposition = "gram"  # an iterate as wide as the axis: the exact d x d problem
     x = unscaled = xp.astype(x, dtype, copy=False)
     gamma = decay if tail_decay is None else tail_decay
-    zero = scalar_zero(xp, x)
-    one = zero + 1.0
+    zero, one = number(xp, 0.0, x), number(xp, 1.0, x)
     root_beta, kept_root = decay**0.5, root * gamma**0.5  # √β, √(γρ)
     decayed = sigma * root_beta  # √β σ
     x, scale, input_ok = _in_units(xp, x, decayed, kept_root, one, zero)  # X/u, u a power of two
@@ -684,7 +703,7 @@ def _fd_step(
     ritz = _descending_left_singular(xp, basis, scaled_sigma, x, decomposition, apply, empty)  # Z/u = P diag(s) Qᵀ
     tolerance = shrink_cutoff_tolerance(xp, dtype, decomposition)
     s, noise, shrink = _shrink(xp, ritz.s, k, root, zero, tolerance, cutoff)  # c = s_k (0 at rounding level)
-    top = xp.maximum(s[..., :k], zero)
+    top = s[..., :k]  # s >= 0 (or NaN) on every path, as the shrink value c
     deflated = xp.sqrt(xp.maximum(top - shrink[..., None], zero)) * xp.sqrt(top + shrink[..., None])  # σ'/u = √(s² − c²)
     scaled_root = kept_root / scale
     scaled_tail = scaled_root * scaled_root  # γρ/u²
@@ -706,10 +725,9 @@ def _fd_step(
 
     # One finiteness test of the step's small outputs joined (a reduction, not one per output).
     small_outputs = xp.concat([s, weights, complement[..., None], new_root[..., None]], axis=-1)
-    ok = xp.logical_and(input_ok, all_finite(small_outputs, axis=(-1,)))
-    keep = xp.astype(mask, dtype)[..., None, :]
     factor = ritz.frame if ritz.vectors is None else ritz.vectors
-    ok = xp.logical_and(ok, all_finite(factor, axis=(-2, -1)))
+    ok = xp.logical_and(input_ok, _finite_blocks(xp, small_outputs, factor))
+    keep = xp.astype(mask, dtype)[..., None, :]
     chosen = ok if accept is None else xp.logical_and(ok, accept)
     small = dict(singular_values=new_sigma, escaped_root=new_root, basis_weights=weights, complement_weight=complement)
     coefficients = None  # the new sketch applied to x, on the incremental path's frame [U, fresh]
@@ -721,6 +739,18 @@ def _fd_step(
     if ritz.vectors is not None:
         return new, ok, fd_apply(xp, new, select(xp, input_ok[..., None, None], unscaled, zero))
     return new, ok, out
+
+
+def _finite_blocks(xp: Any, vectors: Array, matrices: Array) -> Array:
+    """``all(isfinite(vectors), -1) & all(isfinite(matrices), (-2, -1))``, per block of a stack.
+
+    Eagerly on torch one comparison with 0 of the two blocks' sums of ``x * 0`` added
+    (:func:`~precond_ref.linalg.all_finite`'s test: each sum is ±0 when every entry is finite, else
+    NaN, and so is their sum): one operation fewer than the two tests joined. Elsewhere the two
+    tests of :func:`~precond_ref.linalg.all_finite`."""
+    if is_torch_namespace(xp) and not torch_compiling():
+        return xp.sum(vectors * 0.0, axis=-1) + xp.sum(matrices * 0.0, axis=(-2, -1)) == 0.0
+    return xp.logical_and(all_finite(vectors, axis=(-1,)), all_finite(matrices, axis=(-2, -1)))
 
 
 def _frame_direction(
@@ -803,8 +833,8 @@ def fd_apply_with_own_mass(xp: Any, sketch: dict[str, Array], x: Array) -> Array
     unit, norm = _unit_column(xp, residual)
     noise = shrink_cutoff_tolerance(xp, x.dtype) * xp.linalg.vector_norm(x, axis=-2, keepdims=True)
     along = select(xp, weights > 0.0, _saturated(xp, weights * scale * coords), xp.sign(coords))
-    across = select(xp, complement > 0.0, _saturated(xp, complement * scale * norm), xp.ones_like(norm))
-    across = select(xp, norm > noise, across, xp.zeros_like(norm))
+    across = select(xp, complement > 0.0, _saturated(xp, complement * scale * norm), number(xp, 1.0, norm))
+    across = select(xp, norm > noise, across, number(xp, 0.0, norm))
     return _combination(xp, basis, along) + across * unit
 
 
@@ -813,4 +843,4 @@ def _saturated(xp: Any, t: Array) -> Array:
     beyond which the value is +-1 to rounding (an infinite ``t`` gives +-1, not NaN)."""
     cap = 1.0 / float(xp.finfo(t.dtype).eps)
     t = xp.clip(t, min=-cap, max=cap)
-    return t / xp.hypot(xp.ones_like(t), t)
+    return t / xp.hypot(number(xp, 1.0, t), t)

@@ -190,3 +190,33 @@ def test_failure_counts_added_per_leaf_as_one_stack():
     assert joined(tx, [torch.reshape(v, (1,)) for v in kept]).data_ptr() == kept[0].data_ptr()
     np_new = axes._with_counts(xp, [np.int32(2) * np.ones((), np.int32)], [[np.ones((), np.int32)] * 3])
     assert int(np_new[0]) == 5
+
+
+def test_padded_join_is_padding_then_concatenation():
+    """``padded_join`` equals ``concat([pad(a, length) for a in arrays])`` element for element,
+    ``pad`` appending zero rows on axis 1: arrays of 3 and 4 rows padded to 5 around one of 5, and
+    a non-contiguous slice (a step's block cut back to its rows) among them."""
+    length = 5
+    wide = rng.standard_normal((2, length, 3))
+    arrays = [rng.standard_normal((2, 3, 3)), wide, wide[:, :4, :], rng.standard_normal((1, 4, 3))]
+
+    def pad(a):
+        return np.concatenate([a, np.zeros((a.shape[0], length - a.shape[1], a.shape[2]))], axis=1)
+
+    expected = np.concatenate([pad(a) for a in arrays], axis=0)
+    out = axes.padded_join(xp, arrays, length)
+    assert out.shape == expected.shape
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_failures_added_sums_each_leafs_flags():
+    """``failures_added`` gives ``failures[o] + sum(flags[i] for i with owners[i] == o)`` for every
+    leaf o: flags in any order of their owners (as stacks of several leaves' blocks leave them), a
+    leaf with no flag this step (its count kept), and a leaf with several runs."""
+    failures = [np.asarray(c, dtype=np.int32) for c in (3, 0, 7, 1)]
+    owners = [2, 0, 0, 3, 2, 0, 3, 0]
+    flags = np.asarray([1, 0, 1, 1, 1, 1, 0, 0], dtype=np.int32)
+    out = axes.failures_added(xp, failures, flags, owners)
+    expected = [int(failures[o]) + sum(int(f) for f, owner in zip(flags, owners) if owner == o) for o in range(4)]
+    assert [int(v) for v in out] == expected == [5, 0, 9, 2]
+    assert all(v.shape == () and v.dtype == np.int32 for v in out)

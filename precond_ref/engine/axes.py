@@ -33,11 +33,13 @@ import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
-from .._backend import array_device, cast, compute_dtype, cond, device_key, is_number, is_zero, joined, on_cpu
+from .._backend import (array_device, cast, compute_dtype, cond, device_key, is_number, is_zero, joined, on_cpu,
+                        vector_norms)
 from ..blocking import Stack, same_layout, block_bounds, roll_first_axis_last, spread_schedule, stack, unfold, unstack
 from ..transform import Transform
 from ..tree import cached_template, from_entries, to_entries
 from .context import StepContext
+from .factors import constant
 from .joined import leafwise
 from .phases import refresh_due, shape_phase
 from .run import build_transform
@@ -184,40 +186,43 @@ def _unstacked(axis: AxisPlan, piece: tuple) -> tuple:
 
 def _failed(xp: Any, ok: Array, accept: Any) -> Array:
     """``1`` where ``ok`` is False on a step that is taken (``accept``, the step's skip predicate;
-    None where the step is known to be taken), else ``0`` (int32): a stack's per-block failure flags, made once per
-    stack; :func:`_count` adds a run's to its leaf's count, which on a skipped step is then the
-    previous count, so it needs no selection by the non-finite rule (it is settled)."""
+    None where the step is known to be taken), else ``0`` (int32): the per-block failure flags of
+    all stacks of a step joined, made once per step; :func:`failures_added` adds each leaf's to its
+    count, which on a skipped step is then the previous count, so it needs no selection by the
+    non-finite rule (it is settled)."""
     failed = xp.logical_not(ok)
     return xp.astype(failed if accept is None else xp.logical_and(failed, accept), xp.int32)
 
 
-def _none_failed(xp: Any, rows: Array) -> Array:
-    """The failure flags of a stack whose blocks were not refreshed: 0 for each."""
-    return xp.zeros(tuple(rows.shape[:1]), dtype=xp.int32, device=array_device(rows))
+def failures_added(xp: Any, failures: Sequence[Array], flags: Array, owners: Sequence[int]) -> list:
+    """``[failures[o] + sum(flags[i] for i with owners[i] == o) for o in range(len(failures))]``:
+    each leaf's failure count (a 0-D int32) plus its blocks' flags (the int32 flags of
+    :func:`_failed`, ``owners[i]`` the leaf of flag i), in five operations whatever the number of
+    leaves and blocks: a 0, the counts and the flags joined; reordered so that each leaf's count is
+    followed by its flags (one indexing, by an order made once per layout,
+    :func:`precond_ref.engine.factors.constant`); their running sums; and each leaf's new count
+    the running sum at its last entry less the running sum at the previous leaf's last (the 0 for
+    the first leaf). Integer sums: the numbers of the additions one by one. Each new count is a
+    0-D view of one array, so the next step joins them without a copy."""
+    count, owners = len(failures), tuple(owners)
 
+    def make() -> Array:
+        order, ends = [0], [0]
+        mine: dict[int, list[int]] = {}
+        for i, owner in enumerate(owners):
+            mine.setdefault(owner, []).append(1 + count + i)
+        for o in range(count):
+            order.extend([1 + o] + mine.get(o, []))
+            ends.append(len(order) - 1)
+        return xp.asarray(order + ends, dtype=xp.int32, device=array_device(flags))
 
-def _count(xp: Any, flags: Array) -> Array:
-    """The number of failures among a run's flags (:func:`_failed`), a 0-D int32: the flag itself
-    for a leaf that is one unstacked block (0-D already; no reduction to launch)."""
-    return flags if flags.ndim == 0 else xp.sum(flags, dtype=xp.int32)
-
-
-def _with_counts(xp: Any, failures: Sequence[Optional[Array]], counts: Sequence[Sequence[Array]]) -> list:
-    """``failures[i] + sum(counts[i])`` for each leaf (0-D int32 arrays: a leaf's failure count and
-    the counts of its runs refreshed this step, :func:`_count`; a leaf with none keeps its count),
-    the leaves' additions made as one per device on their counts stacked
-    (:func:`precond_ref.blocking.stack`), not one per run: each new count is a 0-D view of that
-    sum, so the next step's stack of them is that sum's memory (a view, no copy). Integer sums:
-    the counts are those of the additions one by one."""
-    added = [i for i, runs in enumerate(counts) if runs]
-    members = [(xp.reshape(failures[i], (1,)), xp.reshape(functools.reduce(operator.add, counts[i]), (1,)))
-               for i in added]
-    stacks = stack(xp, members)
-    sums = unstack(stacks, [(s.operands[0] + s.operands[1],) for s in stacks], len(members))
-    new = list(failures)
-    for i, (total,) in zip(added, sums):
-        new[i] = total[0]
-    return new
+    index = constant(xp, ("failures added", count, owners), make, flags)
+    zero = constant(xp, ("int32 zero",), lambda: xp.zeros((1,), dtype=xp.int32, device=array_device(flags)), flags)
+    values = xp.concat([zero, *(xp.reshape(f, (1,)) for f in failures), flags], axis=0)
+    running = xp.cumulative_sum(values[index[:-count - 1]], axis=0, dtype=xp.int32)
+    totals = running[index[-count - 1:]]
+    new = totals[1:] - totals[:-1]
+    return [new[o] for o in range(count)]
 
 
 def refresh_axes(
@@ -263,17 +268,23 @@ def refresh_axes(
 
     def refreshed(*operands: Array, label: float) -> tuple:
         new, ok = refresh(kind(*operands[:-1]), operands[-1], label, ctx.ok, first)
-        return (*new, _failed(xp, ok, None if ctx.applied else ctx.ok))
+        return (*new, ok)
 
     def kept(*operands: Array) -> tuple:
-        return (*operands[:-1], _none_failed(xp, operands[-1]))
+        rows = operands[-1]
+        return (*operands[:-1], xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows)))
 
-    counts: list[list] = [[] for _ in leaves]
+    oks, flag_owners = [], []
+    counted = [i for i, failure in enumerate(failures) if failure is not None]
+    position = {i: p for p, i in enumerate(counted)}
     for (i, n, j), piece in zip(owners, refresh_due(xp, decisions, phases, members, refreshed, kept, labels=exponents)):
-        piece = _unstacked(leaves[i][0].axes[n], piece)
-        tables[i][n][j] = kind(*piece[:-1])
-        counts[i].append(_count(xp, piece[-1]))
-    failures = _with_counts(xp, failures, counts)
+        oks.append(piece[-1])  # the stack's flags, one per block (a view)
+        flag_owners.extend([position[i]] * piece[-1].shape[0])
+        tables[i][n][j] = kind(*_unstacked(leaves[i][0].axes[n], piece[:-1]))
+    if oks:
+        flags = _failed(xp, joined(xp, oks), None if ctx.applied else ctx.ok)
+        for i, total in zip(counted, failures_added(xp, [failures[i] for i in counted], flags, flag_owners)):
+            failures[i] = total
     results = [
         (leaf[1] if table is None else tuple(tuple(axis) for axis in table), failure)
         for leaf, table, failure in zip(leaves, tables, failures)
@@ -365,12 +376,13 @@ def flat_runs(
     value as unpadded (to rounding: a sum with zero terms added). Returns per leaf its blocks, its
     failure count plus its blocks whose refresh was not finite, and ``out`` in ``g``'s shape. The
     new blocks are settled, as in :func:`refresh_axes`."""
-    members, phases, kind = [], [], type(leaves[0][1][0][0])
-    for plan, blocks, _, g in leaves:
+    members, phases, owners, kind = [], [], [], type(leaves[0][1][0][0])
+    for leaf, (plan, blocks, _, g) in enumerate(leaves):
         column = xp.reshape(g, (plan.merged_shape[0], 1))
         for j, run in enumerate(plan.axes[0].runs):
             members.append(_member(xp, plan.axes[0], run, blocks[0][j], column))
             phases.append(run.phase)
+            owners.append(leaf)
 
     def refreshed(block: Any, rows: Array) -> tuple:
         new, ok, out = refresh(block, rows, ctx.ok)
@@ -380,74 +392,91 @@ def flat_runs(
         new, out = keep(block, rows)
         return (*new, xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows)), out)
 
-    count = len(members)
     host = on_cpu(xp, members[0][0])
-    hand_back = None
+    lengths = None
     if not host and may_pad is not None:
         # a block over FD_ROWS_BYTES is stepped alone, in its own arrays (no padded copy)
         wide = max(xp.finfo(member[0].dtype).bits // 8 for member in members)
-        members, phases, hand_back = _padded_stacks(
-            xp, members, phases,
+        lengths = padded_lengths(
+            members, phases,
             lambda length, rank: may_pad(length, rank) and length * rank * wide <= _sketch.FD_ROWS_BYTES)
     pieces: list = [None] * len(members)
-    oks, stepped = [], []
+    oks, flag_owners = [], []
     limit = FLAT_STACK_BYTES if host else FLAT_ACCELERATOR_STACK_BYTES
-    for chunk in bounded_chunks(xp, members, limit, phases, alone_from=_sketch.FD_ROWS_BYTES):
-        stacks = [_chunk_stack(xp, [members[i] for i in chunk])]
+    for chunk in bounded_chunks(xp, members, limit, phases, alone_from=_sketch.FD_ROWS_BYTES, lengths=lengths):
+        length = None if lengths is None else lengths[chunk[0]]
+        stacks = [_chunk_stack(xp, [members[i] for i in chunk], length)]
         outputs = []
         for s in stacks:
             block, rows, due = kind(*s.operands[:-1]), s.operands[-1], dues[phases[chunk[s.indices[0]]]]
             every_step = is_number(due) and due == 1  # the plain schedule: no branch
             outputs.append(refreshed(block, rows) if every_step else cond(xp, ctx.every(due), refreshed, kept, block, rows))
         for i, piece in zip(chunk, unstack(stacks, [out[:-2] + out[-1:] for out in outputs], len(chunk))):
-            pieces[i] = piece
+            pieces[i] = _unpadded(piece, members[i][-1].shape[1])
         oks.extend(out[-2] for out in outputs)
-        stepped.append((chunk, [s._replace(operands=()) for s in stacks]))
+        flag_owners.extend(owners[i] for i in chunk for _ in range(members[i][0].shape[0]))
         del stacks, outputs, block, rows  # this chunk's stacked copies go before the next chunk's are made
-    _with_failures(xp, ctx, pieces, oks, stepped)
-    pieces = iter(pieces if hand_back is None else hand_back(pieces, count))
-    results, counts = [], []
-    for plan, blocks, failures, g in leaves:
+    flags = _failed(xp, oks[0] if len(oks) == 1 else xp.concat(oks, axis=0), None if ctx.applied else ctx.ok)
+    failures = failures_added(xp, [leaf[2] for leaf in leaves], flags, flag_owners)
+    pieces = iter(pieces)
+    results = []
+    for plan, blocks, _, g in leaves:
         axis = plan.axes[0]
         runs = [_unstacked(axis, next(pieces)) for _ in axis.runs]
-        counts.append([_count(xp, piece[-2]) for piece in runs])
         out = xp.reshape(join_runs(xp, axis, [piece[-1] for piece in runs]), tuple(g.shape))
-        results.append(((tuple(kind(*piece[:-2]) for piece in runs),), out))
-    failures = _with_counts(xp, [leaf[2] for leaf in leaves], counts)
+        results.append(((tuple(kind(*piece[:-1]) for piece in runs),), out))
     results = [(blocks, failure, out) for (blocks, out), failure in zip(results, failures)]
     _settle(ctx, [blocks for blocks, _, _ in results], [failures for _, failures, _ in results])
     return results
 
 
-def _chunk_stack(xp: Any, members: Sequence[tuple]) -> Stack:
+def _chunk_stack(xp: Any, members: Sequence[tuple], length: Optional[int] = None) -> Stack:
     """The members of one chunk of :func:`bounded_chunks` (one label and layout, within its byte
     bound) as one :class:`~precond_ref.blocking.Stack`, each operand ``xp.concat`` of the members'
     along the leading axis (:func:`~precond_ref._backend.joined`: a view where the members are the
     previous step's stack handed back), on a CPU too: the chunk's bound, not blocking's rule that a
     large member stays alone on a CPU, limits it, since a flat run's step costs a fixed number of
-    calls per stack and its join is a view from the second step on."""
+    calls per stack and its join is a view from the second step on. With ``length``, the first and
+    last operands (the block's first field and the rows) of members shorter on axis 1 are
+    zero-padded to it within the same join (:func:`padded_join`: one operation each)."""
     lengths = tuple(member[0].shape[0] for member in members)
-    if len(members) == 1:
+    padded = length is not None and any(member[-1].shape[1] != length for member in members)
+    if len(members) == 1 and not padded:
         return Stack((0,), tuple(members[0]), lengths)
-    operands = tuple(joined(xp, [member[k] for member in members]) for k in range(len(members[0])))
+    last = len(members[0]) - 1
+    operands = tuple(padded_join(xp, [member[k] for member in members], length) if padded and k in (0, last)
+                     else joined(xp, [member[k] for member in members]) for k in range(last + 1))
     return Stack(tuple(range(len(members))), operands, lengths)
 
 
-def _with_failures(xp: Any, ctx: StepContext, pieces: list, oks: Sequence[Array], stepped: Sequence[tuple]) -> None:
-    """Each member's failure flags (:func:`_failed`) put into its piece of :func:`flat_runs`
-    (``(*block, out)`` becomes ``(*block, flags, out)``), from ``oks``, the finite flags of every
-    stack in order (``stepped``: each chunk's members and its stacks without operands): the flags
-    of all stacks in one pass over their join, not a pass per stack."""
-    flags = _failed(xp, oks[0] if len(oks) == 1 else xp.concat(list(oks), axis=0), None if ctx.applied else ctx.ok)
-    start = 0
-    for chunk, stacks in stepped:
-        cut = []
-        for s in stacks:
-            size = sum(s.lengths)
-            cut.append((flags[start:start + size],))
-            start += size
-        for i, (flag,) in zip(chunk, unstack(stacks, cut, len(chunk))):
-            pieces[i] = (*pieces[i][:-1], flag, pieces[i][-1])
+def padded_join(xp: Any, arrays: Sequence[Array], length: int) -> Array:
+    """``concat([pad(a, length) for a in arrays], axis=0)``, ``pad`` appending zero rows to axis 1
+    of each ``a`` (count, rows, ...) up to ``length`` rows, as one concatenation: each block of a
+    padded array flattened and followed by a slice of one zero vector (made once per size, dtype
+    and device: :func:`precond_ref.engine.factors.constant`), an array already of ``length`` rows
+    flattened whole; the flat join reshaped to (count, length, ...). The same values, element for
+    element, as the padding of each array followed by their concatenation."""
+    trailing = tuple(arrays[0].shape[2:])
+    row = math.prod(trailing)
+    widest = max(length - a.shape[1] for a in arrays) * row
+    pad = constant(xp, ("zeros", widest, arrays[0].dtype), lambda: xp.zeros((widest,), dtype=arrays[0].dtype,
+                                                                           device=array_device(arrays[0])), arrays[0])
+    flat = []
+    for a in arrays:
+        if a.shape[1] == length:
+            flat.append(xp.reshape(a, (-1,)))
+            continue
+        for j in range(a.shape[0]):
+            flat.extend((xp.reshape(a[j, ...], (-1,)), pad[:(length - a.shape[1]) * row]))
+    return xp.reshape(xp.concat(flat, axis=0), (sum(a.shape[0] for a in arrays), length) + trailing)
+
+
+def _unpadded(piece: tuple, length: int) -> tuple:
+    """A member's results from a stack of :func:`_chunk_stack`, its first and last (the block's
+    first field and its rows' result) cut back to its own ``length`` rows (axis 1): views."""
+    if piece[-1].shape[1] == length:
+        return piece
+    return (piece[0][:, :length, ...], *piece[1:-1], piece[-1][:, :length, ...])
 
 
 #: Off a CPU, :func:`flat_runs` stacks runs of other lengths zero-padded to a longer one while the
@@ -479,42 +508,9 @@ def padded_lengths(members: Sequence[tuple], labels: Sequence, may_pad: Callable
             for m, label in zip(members, labels)]
 
 
-def _padded_stacks(xp: Any, members: Sequence[tuple], labels: Sequence, may_pad: Callable) -> tuple[list, list, Callable]:
-    """:func:`flat_runs`'s members with those that :func:`padded_lengths` pads stacked by label and
-    length, each such stack zero-padded once (its block's first field and its rows, axis 1):
-    ``(units, their labels, hand_back)``, ``hand_back(pieces, count)`` the units' results as the
-    ``count`` members' own, cut back to their lengths."""
-    targets = padded_lengths(members, labels, may_pad)
-    short = [i for i, member in enumerate(members) if targets[i] > member[-1].shape[1]]
-    alone = [i for i, member in enumerate(members) if targets[i] == member[-1].shape[1]]
-    stacks = stack(xp, [members[i] for i in short], labels=[labels[i] for i in short])
-
-    def padded(a: Array, length: int) -> Array:
-        zeros = xp.zeros((a.shape[0], length - a.shape[1]) + tuple(a.shape[2:]), dtype=a.dtype, device=array_device(a))
-        return xp.concat([a, zeros], axis=1)
-
-    units = [members[i] for i in alone]
-    for s in stacks:
-        target = targets[short[s.indices[0]]]
-        units.append((padded(s.operands[0], target), *s.operands[1:-1], padded(s.operands[-1], target)))
-
-    def hand_back(pieces: Sequence[tuple], count: int) -> list:
-        out: list = [None] * count
-        for i, piece in zip(alone, pieces):
-            out[i] = piece
-        for s, piece in zip(stacks, pieces[len(alone):]):
-            length = s.operands[-1].shape[1]
-            cut = (piece[0][:, :length, ...], *piece[1:-1], piece[-1][:, :length, ...])
-            for j, member in enumerate(unstack([s], [cut], len(short))):
-                if member is not None:
-                    out[short[j]] = member
-        return out
-
-    return units, [labels[i] for i in alone] + [labels[short[s.indices[0]]] for s in stacks], hand_back
-
-
 def bounded_chunks(
     xp: Any, members: Sequence[tuple], limit: int, labels: Optional[Sequence] = None, alone_from: Optional[int] = None,
+    lengths: Optional[Sequence[int]] = None,
 ) -> list[list[int]]:
     """Member indices in chunks of one stack each (:func:`precond_ref.blocking.stack`): the members
     of one label and layout (trailing shapes, dtypes, device) packed into chunks whose first
@@ -524,13 +520,18 @@ def bounded_chunks(
     order of their first members, groups in order of first appearance. Members of another layout
     never end a chunk, so a layout's blocks take as few stacks (batched calls) as the bound allows.
     The packing depends on the members' shapes only, so a step's chunks are the previous step's
-    (whose stacks it joins as views)."""
+    (whose stacks it joins as views). With ``lengths`` (:func:`padded_lengths`) a member counts as
+    its first and last operands zero-padded on axis 1 to ``lengths[i]`` rows (:func:`_chunk_stack`)."""
     groups: dict[Any, list[tuple[int, int]]] = {}
     for i, member in enumerate(members):
+        layout = same_layout(member)
+        if lengths is not None:
+            layout = tuple(((lengths[i],) + shape[1:], *rest) if k in (0, len(layout) - 1) else (shape, *rest)
+                           for k, (shape, *rest) in enumerate(layout))
         first = member[0]
-        nbytes = math.prod(first.shape) * (xp.finfo(first.dtype).bits // 8)
+        nbytes = math.prod((first.shape[0],) + layout[0][0]) * (xp.finfo(first.dtype).bits // 8)
         alone = alone_from is not None and nbytes > alone_from  # a stack of its own arrays (no copy)
-        key = (i,) if alone else (None if labels is None else labels[i], same_layout(member))
+        key = (i,) if alone else (None if labels is None else labels[i], layout)
         groups.setdefault(key, []).append((i, nbytes))
     out = []
     for group in groups.values():
@@ -734,15 +735,18 @@ def kronecker_transform(
 
 def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequence[Array], ds: Sequence[Array]) -> list:
     """``[p * scale(|d|, |p|) for p, d in zip(ps, ds)]``, ``|.|`` the Frobenius norm of a leaf: the
-    norms of all leaves stacked (one stack per dtype and device, :func:`precond_ref.blocking.stack`)
-    and ``scale`` called once per stack on them, not once per leaf; each leaf multiplied by its
-    scale, a 0-D view of the stack's. The numbers are the per-leaf formula's (an element-wise
-    ``scale`` of the same norms)."""
-    members = [(xp.reshape(xp.linalg.vector_norm(d), (1,)), xp.reshape(xp.linalg.vector_norm(p), (1,)))
-               for p, d in zip(ps, ds)]
+    norms of all leaves in one call (:func:`precond_ref._backend.vector_norms`), stacked (one stack
+    per dtype and device, :func:`precond_ref.blocking.stack`) and ``scale`` called once per stack on
+    them, not once per leaf; the products of all leaves in one pass over the leaves joined end to
+    end (:func:`~precond_ref.engine.joined.leafwise`, each scale spread over its leaf's shape), which
+    the finish then joins as a view. The numbers are the per-leaf formula's (an element-wise
+    ``scale`` of the same norms, the same products)."""
+    norms = vector_norms(xp, list(ds) + list(ps))  # one operation on torch
+    members = [(xp.reshape(d, (1,)), xp.reshape(p, (1,))) for d, p in zip(norms[:len(ds)], norms[len(ds):])]
     stacks = stack(xp, members)
     scales = unstack(stacks, [(scale(*s.operands),) for s in stacks], len(members))
-    return [p * factor[0] for p, (factor,) in zip(ps, scales)]
+    # each p times its scale spread over its shape (a view), the leaves joined end to end (leafwise)
+    return leafwise(xp, operator.mul, list(ps), [xp.broadcast_to(factor[0], tuple(p.shape)) for p, (factor,) in zip(ps, scales)])
 
 
 def _from_start(xp: Any, ctx: StepContext, u: Array, before: Array, start: int) -> Array:

@@ -201,9 +201,9 @@ def _each_leaf_as_alone(factory, kw: dict, shapes: dict, steps: int, seed: int, 
         stack_sizes.extend(len(s.indices) for s in stacks)
         return stacks
 
-    def counted_chunk(xp, members):  # flat_runs' stack of one bounded chunk
+    def counted_chunk(xp, members, *args):  # flat_runs' stack of one bounded chunk
         stack_sizes.append(len(members))
-        return real_chunk(xp, members)
+        return real_chunk(xp, members, *args)
 
     real_chunk = axes._chunk_stack
     monkeypatch.setattr(axes, "stack", counted)
