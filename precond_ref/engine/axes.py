@@ -40,6 +40,7 @@ from ..transform import Transform
 from ..tree import cached_template, from_entries, to_entries
 from .context import StepContext
 from .factors import constant
+from .tiles import taken
 from .joined import leafwise
 from .phases import refresh_due, shape_phase
 from .run import build_transform
@@ -199,7 +200,8 @@ def failures_added(xp: Any, failures: Sequence[Array], flags: Array, owners: Seq
     each leaf's failure count (a 0-D int32) plus its blocks' flags (the int32 flags of
     :func:`_failed`, ``owners[i]`` the leaf of flag i), in five operations whatever the number of
     leaves and blocks: a 0, the counts and the flags joined; reordered so that each leaf's count is
-    followed by its flags (one indexing, by an order made once per layout,
+    followed by its flags (one :func:`~precond_ref.engine.tiles.taken`, by an order made once per
+    layout from ``arange``s on the device, no host data copied:
     :func:`precond_ref.engine.factors.constant`); their running sums; and each leaf's new count
     the running sum at its last entry less the running sum at the previous leaf's last (the 0 for
     the first leaf). Integer sums: the numbers of the additions one by one. Each new count is a
@@ -214,13 +216,20 @@ def failures_added(xp: Any, failures: Sequence[Array], flags: Array, owners: Seq
         for o in range(count):
             order.extend([1 + o] + mine.get(o, []))
             ends.append(len(order) - 1)
-        return xp.asarray(order + ends, dtype=xp.int32, device=array_device(flags))
+        runs: list[list[int]] = []  # the places as runs of consecutive ones, each an arange on the device
+        for place in order + ends:
+            if runs and runs[-1][1] == place:
+                runs[-1][1] += 1
+            else:
+                runs.append([place, place + 1])
+        device = array_device(flags)
+        return xp.concat([xp.arange(a, b, dtype=xp.int32, device=device) for a, b in runs], axis=0)
 
-    index = constant(xp, ("failures added", count, owners), make, flags)
+    index = constant(xp, ("failures added", count, owners), make, flags)  # no host data copied
     zero = constant(xp, ("int32 zero",), lambda: xp.zeros((1,), dtype=xp.int32, device=array_device(flags)), flags)
     values = xp.concat([zero, *(xp.reshape(f, (1,)) for f in failures), flags], axis=0)
-    running = xp.cumulative_sum(values[index[:-count - 1]], axis=0, dtype=xp.int32)
-    totals = running[index[-count - 1:]]
+    running = xp.cumulative_sum(taken(xp, values, index[:-count - 1]), axis=0, dtype=xp.int32)
+    totals = taken(xp, running, index[-count - 1:])
     new = totals[1:] - totals[:-1]
     return [new[o] for o in range(count)]
 
