@@ -168,28 +168,23 @@ def test_a_skipped_step_counts_no_failure():
         assert all(failures in ctx.settled for _, failures, _ in results)
 
 
-def test_failure_counts_added_per_leaf_as_one_stack():
-    """``_with_counts``: each leaf's count is its previous count plus its runs' counts (integer
-    sums, exact), a leaf without refreshed runs keeps its very array; on torch the new counts are
-    0-D views of one allocation, which the next step's join takes as it is (no copy)."""
+def test_failure_counts_added_per_leaf_as_one_array_on_torch():
+    """``failures_added`` on torch: each leaf's count is its previous count plus its flags (integer
+    sums, exact), a leaf without flags this step keeps its count; the new counts are 0-D views of
+    one allocation, which the next step's join takes as it is (no copy)."""
     import array_api_compat.torch as tx
     import torch
 
     from precond_ref._backend import joined
 
     failures = [torch.tensor(v, dtype=torch.int32) for v in (3, 0, 7, 1)]
-    counts = [[torch.tensor(1, dtype=torch.int32), torch.tensor(2, dtype=torch.int32)], [], [torch.tensor(0, dtype=torch.int32)],
-              [torch.tensor(4, dtype=torch.int32)]]
-    new = axes._with_counts(tx, failures, counts)
-    assert [int(v) for v in new] == [6, 0, 7, 5]
-    assert new[1] is failures[1] and all(v.ndim == 0 and v.dtype == torch.int32 for v in new)
-    again = axes._with_counts(tx, new, [[torch.tensor(1, dtype=torch.int32)], [], [torch.tensor(1, dtype=torch.int32)],
-                                        [torch.tensor(1, dtype=torch.int32)]])
-    assert [int(v) for v in again] == [7, 0, 8, 6]
-    kept = [again[i] for i in (0, 2, 3)]
-    assert joined(tx, [torch.reshape(v, (1,)) for v in kept]).data_ptr() == kept[0].data_ptr()
-    np_new = axes._with_counts(xp, [np.int32(2) * np.ones((), np.int32)], [[np.ones((), np.int32)] * 3])
-    assert int(np_new[0]) == 5
+    flags = torch.tensor([1, 1, 0, 1, 1, 0], dtype=torch.int32)
+    new = axes.failures_added(tx, failures, flags, [0, 0, 2, 3, 3, 3])
+    assert [int(v) for v in new] == [5, 0, 7, 3]
+    assert all(v.ndim == 0 and v.dtype == torch.int32 for v in new)
+    again = axes.failures_added(tx, new, torch.ones(3, dtype=torch.int32), [0, 2, 3])
+    assert [int(v) for v in again] == [6, 0, 8, 4]
+    assert joined(tx, [torch.reshape(v, (1,)) for v in again]).data_ptr() == again[0].data_ptr()
 
 
 def test_padded_join_is_padding_then_concatenation():
