@@ -215,3 +215,36 @@ def test_failures_added_sums_each_leafs_flags():
     expected = [int(failures[o]) + sum(int(f) for f, owner in zip(flags, owners) if owner == o) for o in range(4)]
     assert [int(v) for v in out] == expected == [5, 0, 9, 2]
     assert all(v.shape == () and v.dtype == np.int32 for v in out)
+
+
+def test_finite_blocks_is_both_tests_per_block():
+    """``sketch._finite_blocks`` is ``all(isfinite(v), -1) & all(isfinite(m), (-2, -1))`` per block,
+    on torch (one comparison of the summed ``x * 0``) as on NumPy: blocks with a NaN or an Inf in
+    either operand, or in neither (and large finite entries, whose ``x * 0`` is still 0)."""
+    import array_api_compat.torch as tx
+    import torch
+
+    from precond_ref.sketch import _finite_blocks
+
+    vectors = rng.standard_normal((5, 4)) * 1e300
+    matrices = rng.standard_normal((5, 3, 3))
+    vectors[1, 2], matrices[2, 0, 1], vectors[3, 0], matrices[4, 2, 2] = np.nan, np.inf, -np.inf, np.nan
+    expected = np.all(np.isfinite(vectors), axis=-1) & np.all(np.isfinite(matrices), axis=(-2, -1))
+    assert expected.tolist() == [True, False, False, False, False]
+    np.testing.assert_array_equal(_finite_blocks(xp, vectors, matrices), expected)
+    np.testing.assert_array_equal(_finite_blocks(tx, torch.from_numpy(vectors), torch.from_numpy(matrices)).numpy(), expected)
+
+
+def test_vector_norms_are_each_arrays_norm():
+    """``_backend.vector_norms`` is ``[vector_norm(a) for a in arrays]``; on torch's CPU (one
+    ``_foreach_norm``) the very numbers, for contiguous and transposed arrays of two dtypes."""
+    import array_api_compat.torch as tx
+    import torch
+
+    from precond_ref._backend import vector_norms
+
+    arrays = [torch.randn(6, 5).T, torch.randn(7), torch.randn(3, 4, dtype=torch.float64)[:, :2]]
+    for got, a in zip(vector_norms(tx, arrays), arrays):
+        assert got.dtype == a.dtype and torch.equal(got, torch.linalg.vector_norm(a))
+    numpy_arrays = [a.numpy() for a in arrays]
+    assert [float(v) for v in vector_norms(xp, numpy_arrays)] == [float(xp.linalg.vector_norm(a)) for a in numpy_arrays]
