@@ -265,7 +265,7 @@ def _incremental(
 def _eye(xp: Any, rows: int, columns: int, like: Array) -> Array:
     """``eye(rows, columns)`` of ``like``'s dtype and device, made once per shape, dtype and device
     (:func:`precond_ref.engine.factors.constant`): a constant of the step, not a kernel of it."""
-    return constant(xp, ("eye", rows, columns, like.dtype),
+    return constant(xp, ("[I; 0]", rows, columns, like.dtype),
                     lambda: xp.eye(rows, columns, dtype=like.dtype, device=placement(xp, like)), like)
 
 
