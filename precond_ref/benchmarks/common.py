@@ -20,7 +20,7 @@ from ..compare.methods import BENCH_ONLY, METHODS, MethodEntry
 
 __all__ = [
     "Contender", "VARIANTS", "contenders", "refresh_period", "time_steps", "state_bytes", "core_kwargs_for",
-    "torch_optimizer", "jax_optimizer", "update_extra", "machine", "jsonable", "BUDGET_S",
+    "torch_optimizer", "jax_optimizer", "update_extra", "stepping", "machine", "jsonable", "BUDGET_S",
 ]
 
 # Seconds of timed steps one measurement may take: the window of steps stops there (and says so).
@@ -156,6 +156,23 @@ def core_kwargs_for(entry: MethodEntry, namespace: Any, framework: str) -> dict:
 def update_extra(contender: Contender, batch_size: int) -> dict:
     """The per-call arguments of ``update`` / ``step``: ``batch_size`` for the methods that need B."""
     return {"batch_size": batch_size} if "batch_size" in contender.entry.update_kwargs else {}
+
+
+def stepping(method: str, named: list, grads: list, batch_size: int, torch_compile: str = "default") -> Callable[[int], None]:
+    """``step(i)``: each parameter's ``.grad`` set to ``grads[i % len(grads)]`` (lists in ``named``'s
+    order), then one ``step`` of the bench's torch optimizer of ``method`` (its hyperparameters,
+    ``torch_compile`` as bench's flag, ``batch_size`` for the methods that need B): the optimizer
+    step alone, on fixed gradients."""
+    (contender,), _ = contenders(method, False)
+    optimizer, _ = torch_optimizer(contender, named, torch_compile)
+    extra = update_extra(contender, batch_size)
+
+    def step(i: int) -> None:
+        for (_, p), g in zip(named, grads[i % len(grads)]):
+            p.grad = g
+        optimizer.step(**extra)
+
+    return step
 
 
 def jax_optimizer(contender: Contender) -> Any:

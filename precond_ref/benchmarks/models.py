@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Optional
 
-__all__ = ["SIZES", "MODELS", "bench_model", "build_torch", "nest", "jax_loss", "torch_loss", "random_batches", "batch_size_of"]
+__all__ = ["SIZES", "MODELS", "bench_model", "build_torch", "nest", "jax_loss", "torch_loss", "random_batches", "batch_gradients", "batch_size_of"]
 
 MODELS = ("gpt", "resnet")
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
@@ -163,6 +163,19 @@ def random_batches(model: str, size: dict, device: str, dtype: Any, seed: int = 
             labels = torch.randint(size["classes"], (size["batch"],), generator=gen)
             out.append((images.to(device), labels.to(device)))
     return out
+
+
+def batch_gradients(model: str, module: Any, named: list, batches: list, count: int) -> list[list]:
+    """The gradients of ``module``'s parameters ``named`` (``(name, parameter)`` pairs) on the first
+    ``count`` of ``batches`` (cycled), each a list in ``named``'s order, from a fresh backward pass
+    each (``.grad`` cleared first): fixed gradients for timing or counting optimizer steps alone."""
+    grads = []
+    for i in range(count):
+        for _, p in named:
+            p.grad = None
+        torch_loss(model)(module, *batches[i % len(batches)]).backward()
+        grads.append([p.grad.clone() for _, p in named])
+    return grads
 
 
 def fresh_copy(module: Any) -> Any:

@@ -53,7 +53,7 @@ def model_step_counts(method: str, grouping: str, *, warmup: int = 12, rounds: i
     import torch
 
     from .common import contenders, torch_optimizer, update_extra
-    from .models import SIZES, build_torch, random_batches, torch_baselines, torch_loss
+    from .models import SIZES, batch_gradients, build_torch, random_batches, torch_baselines
 
     shape = SIZES[model][size]
     with gpu_grouping() if grouping == "gpu" else contextlib.nullcontext():
@@ -66,12 +66,7 @@ def model_step_counts(method: str, grouping: str, *, warmup: int = 12, rounds: i
             optimizer, _ = torch_optimizer(contender, named, "off")
             extra = update_extra(contender, shape["batch"] * shape["seq"])
         batches = random_batches(model, shape, "cpu", torch.float32)
-        grads = []
-        for i in range(2):
-            for _, p in named:
-                p.grad = None
-            torch_loss(model)(module, *batches[i % len(batches)]).backward()
-            grads.append([p.grad.clone() for _, p in named])
+        grads = batch_gradients(model, module, named, batches, 2)
 
         def set_grads(i: int) -> None:
             for (_, p), g in zip(named, grads[i % 2]):

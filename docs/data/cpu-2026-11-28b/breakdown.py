@@ -19,10 +19,10 @@ import collections, contextlib, sys, time
 import torch
 
 from precond_ref.benchmarks.allocator import keep_freed_memory
-from precond_ref.benchmarks.common import contenders, torch_optimizer, update_extra
+from precond_ref.benchmarks.common import contenders, stepping
 from precond_ref.benchmarks.cost import machine_rates, method_cost
 from precond_ref.benchmarks.counting import gpu_grouping
-from precond_ref.benchmarks.models import SIZES, build_torch, random_batches, torch_loss
+from precond_ref.benchmarks.models import SIZES, batch_gradients, build_torch, random_batches
 
 methods = (sys.argv[1] if len(sys.argv) > 1 else "asgo,if_shampoo,mbf,sketchy,s_adagrad").split(",")
 threads = int(sys.argv[2]) if len(sys.argv) > 2 else 1
@@ -52,24 +52,11 @@ module = build_torch("gpt", shape, torch.float32, "cpu")
 named = list(module.named_parameters())
 params = [(n, tuple(p.shape)) for n, p in named]
 batches = random_batches("gpt", shape, "cpu", torch.float32)
-grads = []
-for i in range(2):
-    for _, p in named:
-        p.grad = None
-    torch_loss("gpt")(module, *batches[i]).backward()
-    grads.append([p.grad.clone() for _, p in named])
+grads = batch_gradients("gpt", module, named, batches, 2)
 print(f"{'method':12s} {'step ms':>8s} {'model ms':>8s} | {'products':>8s} {'decomp':>8s} {'moves':>8s} {'elemwise':>8s} {'host':>8s} (ms a step)")
 for method in methods:
     with gpu_grouping() if grouping == "gpu" else contextlib.nullcontext():
-        (contender,), _ = contenders(method, False)
-        optimizer, _ = torch_optimizer(contender, named, "default")
-        extra = update_extra(contender, shape["batch"] * shape["seq"])
-
-        def step(i):
-            for (_, p), g in zip(named, grads[i % 2]):
-                p.grad = g
-            optimizer.step(**extra)
-
+        step = stepping(method, named, grads, shape["batch"] * shape["seq"])
         for i in range(12):
             step(i)
         t0 = time.perf_counter()
@@ -86,7 +73,7 @@ for method in methods:
             if e.key.startswith("aten::") or e.key.startswith("Torch-Compiled") or "Compiled" in e.key:
                 parts[kind(e.key)] += e.self_cpu_time_total / 1e3 / steps
         host = profiled - sum(parts.values())
-        cost = method_cost(contender.entry, params, 4)
+        cost = method_cost(contenders(method, False)[0][0].entry, params, 4)
         model = "" if cost is None else f"{(cost.flops / rates['matmul_flops_per_s'] + cost.bytes / rates['copy_bytes_per_s']) * 1e3:8.2f}"
         print(f"{method:12s} {ms:8.2f} {model:>8s} | " + " ".join(f"{parts[k]:8.2f}" for k in ("products", "decomp", "moves", "elementwise")) + f" {host:8.2f}", flush=True)
-        del optimizer
+        del step

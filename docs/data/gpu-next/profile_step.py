@@ -9,8 +9,8 @@ import sys, time
 
 import torch
 
-from precond_ref.benchmarks.common import contenders, torch_optimizer, update_extra
-from precond_ref.benchmarks.models import SIZES, build_torch, random_batches, torch_loss
+from precond_ref.benchmarks.common import stepping
+from precond_ref.benchmarks.models import SIZES, batch_gradients, build_torch, random_batches
 
 methods = sys.argv[1].split(",")
 size = sys.argv[2] if len(sys.argv) > 2 else "reference"
@@ -21,23 +21,10 @@ shape = SIZES["gpt"][size]
 module = build_torch("gpt", shape, torch.float32, device)
 named = list(module.named_parameters())
 batches = random_batches("gpt", shape, device, torch.float32)
-grads = []
-for i in range(2):
-    for _, p in named:
-        p.grad = None
-    torch_loss("gpt")(module, *batches[i]).backward()
-    grads.append([p.grad.clone() for _, p in named])
+grads = batch_gradients("gpt", module, named, batches, 2)
 activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
 for method in methods:
-    (contender,), _ = contenders(method, False)
-    optimizer, _ = torch_optimizer(contender, named, "default")
-    extra = update_extra(contender, shape["batch"] * shape["seq"])
-
-    def step(i):
-        for (_, p), g in zip(named, grads[i % 2]):
-            p.grad = g
-        optimizer.step(**extra)
-
+    step = stepping(method, named, grads, shape["batch"] * shape["seq"])
     for i in range(8):
         step(i)
     sync()
@@ -55,4 +42,4 @@ for method in methods:
     print(averages.table(sort_by=key, row_limit=14, max_name_column_width=60), flush=True)
     if device == "cuda":
         print(averages.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60), flush=True)
-    del optimizer
+    del step
