@@ -1008,11 +1008,18 @@ def test_left_singular_by_gram_is_the_svd_at_the_gram_accuracy(dtype):
 def test_constants_of_the_fd_step_do_not_collide_with_other_cached_constants():
     """The FD step's [I; 0] ((k + m) x k, ``sketch._eye``) comes from the process-wide cache of
     constants (``engine.factors.constant``), which other modules fill too: an identity ``scale·I``
-    of ``engine.factors.identity`` made first (its key of size and scale 1.0, equal to a column
-    count 1) must not be handed back for it (a (2, 2) identity turned a (3, 1) basis into (3, 2))."""
+    of ``engine.factors.identity`` made first (its key of size and scale 1.0 once equalled the FD
+    step's for a column count 1) must not be handed back for it (a (2, 2) identity turned a (3, 1)
+    basis into (3, 2)); nor does any other maker with an equal key get it (the maker is in the key)."""
     from precond_ref.engine.factors import identity
     from precond_ref.sketch import _eye
 
     factors = np.zeros((1, 2, 2))  # a stack of one 2 x 2 factor
     np.testing.assert_array_equal(identity(np, factors), np.eye(2))
     np.testing.assert_array_equal(_eye(np, 2, 1, factors), np.eye(2, 1))
+    from precond_ref.engine.factors import constant
+
+    first = constant(np, ("same key",), lambda: np.zeros(1), factors)
+    second = constant(np, ("same key",), lambda: np.ones(2), factors)
+    np.testing.assert_array_equal(first, np.zeros(1))
+    np.testing.assert_array_equal(second, np.ones(2))

@@ -103,7 +103,7 @@ def product_except(xp, values, n: int, dtype):
     return 1.0 if product is None else product
 
 
-_CONSTANTS: dict = {}  # (namespace, device, key) -> the array ``make`` made (see constant)
+_CONSTANTS: dict = {}  # (namespace, device, maker, key) -> the array ``make`` made (see constant)
 
 
 def constant(xp, key, make, like):
@@ -119,7 +119,10 @@ def constant(xp, key, make, like):
             return make()
     if torch_compiling():
         return make()
-    full_key = (xp.__name__, device_key(like), key)
+    # The maker's code (its definition in the source, not the closure) is part of the key: two callers
+    # that happen to choose equal keys (an ``("eye", 2, 1.0, dtype)`` and an ``("eye", 2, 1, dtype)``)
+    # never get each other's array.
+    full_key = (xp.__name__, device_key(like), getattr(make, "__code__", make), key)
     if full_key not in _CONSTANTS:
         _CONSTANTS[full_key] = make()
     return _CONSTANTS[full_key]
