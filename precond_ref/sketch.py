@@ -63,7 +63,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple, Optional
 
-from array_api_compat import is_cupy_array
+from array_api_compat import is_array_api_strict_namespace, is_cupy_array
 
 from ._backend import (
     host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul, placement, select,
@@ -372,7 +372,7 @@ def _descending_left_singular(
 def _warns_on_division_by_zero(xp: Any) -> bool:
     """Whether ``xp`` warns where IEEE arithmetic divides by zero (``0 ** -1``, ``log2(0)``): NumPy
     and array_api_strict (NumPy's arithmetic beneath)."""
-    return is_numpy_namespace(xp) or getattr(xp, "__name__", "").startswith("array_api_strict")
+    return is_numpy_namespace(xp) or is_array_api_strict_namespace(xp)
 
 
 def _masked_power(xp: Any, base: Array, mask: Array, exponent: float, one: Array, zero: Array) -> Array:
