@@ -81,7 +81,7 @@ def test_site_builds_strictly(tmp_path):
     assert result.returncode == 0, output
     assert "WARNING" not in output, output
     # Reported at INFO level, so --strict lets them pass: links to files that are no page of the
-    # site (docs/data/ folders) and anchors that do not exist.
+    # site (records/ folders) and anchors that do not exist.
     assert "unrecognized relative link" not in output and "does not contain an anchor" not in output, output
     site = tmp_path / "site"
     assert (site / "validating" / "index.html").exists()

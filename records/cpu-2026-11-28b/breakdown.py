@@ -1,7 +1,7 @@
 """Where the small GPT's eager optimizer step spends its CPU time, per method, with the bench's own
 optimizers (its hyperparameters, compile as its default rows) and its allocator setting (--malloc keep):
 
-  python docs/data/cpu-2026-11-28b/breakdown.py [method,...] [threads] [steps] [cpu|gpu]
+  python records/cpu-2026-11-28b/breakdown.py [method,...] [threads] [steps] [cpu|gpu]
 
 (the last: this CPU's grouping, the default, or a GPU's, precond_ref.benchmarks.counting.gpu_grouping:
 no large block kept out of a stack, no host read of the non-finite test, the device branch of

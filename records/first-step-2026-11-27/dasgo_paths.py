@@ -1,5 +1,5 @@
 """DASGO's compiled step at GPT-2-small's shapes, leaf by leaf or as one graph of the whole param
-group, on the same tensors (docs/data/first-step-2026-11-27/dasgo_leaf.txt):
+group, on the same tensors (records/first-step-2026-11-27/dasgo_leaf.txt):
 ``PATH_MODE=leaf|whole|eager [LAYERS=12] [WTE=1] [NT=1] python dasgo_paths.py``.
 
 ``leaf`` runs the torch adapter's ``LeafCalls`` (a group of any size: ``PER_LEAF_MIN_TENSORS``

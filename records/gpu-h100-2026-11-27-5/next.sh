@@ -3,7 +3,7 @@
 # step at this code and at 8abb850 alternating, three rounds (the fifth run saw it slower at the
 # new code in both of its rounds while its optimizer step alone was faster); then the reference
 # GPT's eager rows of every method for the README's GPU block. Set-up, here:
-#   bash ../shared/gpu/prepare.sh && cp docs/data/gpu-h100-2026-11-27-5/next.sh .gpukit/
+#   bash ../shared/gpu/prepare.sh && cp records/gpu-h100-2026-11-27-5/next.sh .gpukit/
 #   git worktree add /tmp/wt_old 8abb850 && python3 -m pip wheel -q --no-deps /tmp/wt_old -w .whl/old
 # then `run` with carry [".whl", ".gpukit"]: bash .gpukit/next.sh   (about 8 minutes); back here:
 #   python -m precond_ref bench --readme-from <files_at>/all/bench.json

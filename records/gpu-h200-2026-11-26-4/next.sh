@@ -2,7 +2,7 @@
 # The next GPU session's first command (docs/performance.md, "On a GPU: the fourth run"): the
 # reference GPT's eager torch rows at this code and, on the same machine, at 8abb850 (the second
 # run's code), twice, alternating, so the host-bound rows compare on one host. Set-up, here:
-#   bash ../shared/gpu/prepare.sh && cp docs/data/gpu-h200-2026-11-26-4/next.sh .gpukit/
+#   bash ../shared/gpu/prepare.sh && cp records/gpu-h200-2026-11-26-4/next.sh .gpukit/
 #   git worktree add /tmp/wt_old 8abb850 && python3 -m pip wheel -q --no-deps /tmp/wt_old -w .whl/old
 # then `run` with carry [".whl", ".gpukit"]: bash .gpukit/next.sh   (about 6 minutes)
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false

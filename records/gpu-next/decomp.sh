@@ -2,7 +2,7 @@
 # Sketchy and S-AdaGrad on the GPU after the decomp branch (docs/methods/sketchy.md, "On a GPU"):
 # the reference GPT's default eager step (the seventh run: S-AdaGrad 182 ms, 10.07x; Sketchy 274 ms),
 # the host synchronisations of a step, and the eigh routes of the decompositions these steps batch.
-# Set-up, here: bash ../shared/gpu/prepare.sh && cp docs/data/gpu-next/decomp.sh .gpukit/
+# Set-up, here: bash ../shared/gpu/prepare.sh && cp records/gpu-next/decomp.sh .gpukit/
 # then `run` with carry [".whl", ".gpukit"], timeout_s 150: bash .gpukit/decomp.sh  (about 80 s)
 # Small files under $OUT only (a bench --out folder holds too many files to come back).
 export PYTHONUNBUFFERED=1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next GPU session's commands (docs/performance.md, "On a GPU: the sixth run"). Set-up, here:
-#   bash ../shared/gpu/prepare.sh && cp docs/data/gpu-next/{next.sh,overhead.py} .gpukit/
+#   bash ../shared/gpu/prepare.sh && cp records/gpu-next/{next.sh,overhead.py} .gpukit/
 # then `run` with carry [".whl", ".gpukit"], timeout_s 590, once per line:
 #   bash .gpukit/next.sh if_shampoo                               (about 8 minutes: 2 graphs)
 #   OV='{"root_tolerance": Infinity}' bash .gpukit/next.sh asgo   (about 3 minutes)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next GPU session's own measurements, after the kit's `tests` and `bench` (about 4 minutes). Set-up, here:
-#   bash ../shared/gpu/prepare.sh && cp docs/data/gpu-next/{next9.sh,cupy_probe.py,cupy_capture_diag.py,eigh_streams.py,first_steps_cuda.py,sagmem_gpu.py,jax_compile.py} .gpukit/
+#   bash ../shared/gpu/prepare.sh && cp records/gpu-next/{next9.sh,cupy_probe.py,cupy_capture_diag.py,eigh_streams.py,first_steps_cuda.py,sagmem_gpu.py,jax_compile.py} .gpukit/
 # then one `run` with carry [".whl", ".gpukit"], timeout_s 300: `bash .gpukit/next9.sh`.
 # 1. What CuPy's stream capture may hold (cuBLAS is refused by CuPy; cuTENSOR is not, cupy/cupy#6290) and which
 #    operation refuses each method's CuPy capture; 2. whether cuSOLVER syevd calls on several streams overlap

@@ -2,14 +2,14 @@
 step, the gradient copy into the static buffers, the graph's launch) against the uncaptured
 eager step, on the bench's GPT parameter shapes, one thread.
 
-    python docs/data/gpu-next/replay_host_cost.py [SIZE [METHOD,...]]   (defaults: small; five methods)
+    python records/gpu-next/replay_host_cost.py [SIZE [METHOD,...]]   (defaults: small; five methods)
 
 CUDA graphs are replaced by the test double of tests/adapters/fake_graphs.py with a replay that
 does nothing, so a replayed step's time here is its host work alone (and the gradient copy, a
 kernel launch on a GPU, is done by the CPU); the eager step's time is its host work plus the CPU's
 arithmetic, an upper bound of its host work on a GPU."""
 import os, statistics, sys, time, torch
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tests", "adapters"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests", "adapters"))
 import fake_graphs
 from precond_ref.benchmarks.models import SIZES, build_torch
 from precond_ref.benchmarks.common import contenders, update_extra, core_kwargs_for

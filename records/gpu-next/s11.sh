@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU run, one call (set-up here: bash ../shared/gpu/prepare.sh && cp docs/data/gpu-next/{s11.sh,
+# The next GPU run, one call (set-up here: bash ../shared/gpu/prepare.sh && cp records/gpu-next/{s11.sh,
 # jax_svd_routes.py,cupy_capture_diag.py} .gpukit/; then `run` bash .gpukit/s11.sh, carry [".whl", ".gpukit"],
 # timeout_s 560): CUDA/CuPy tests, the reference GPT torch bench (default, then compiled element-wise rows), JAX Sketchy's FD core by the float32 Gram's
 # eigh (the tenth run's open measurement), a profile of S-AdaGrad's, Sketchy's and ASGO's steps, which operation refuses each method's CuPy capture (the tenth run's
@@ -24,12 +24,12 @@ echo "bench gpt rc $?"; grep "^| torch" "$OUT/bench_gpt.txt" | cut -d'|' -f3-9,1
 grep -i "warn\|not captured\|error" "$OUT/bench_gpt.txt" | cut -c1-250 | sort | uniq -c | head -6
 echo "== profile of the uncaptured and slowest steps at $((SECONDS-T0)) s"
 # Where S-AdaGrad's 33 ms over AdamW go (its bytes explain ~6 ms), Sketchy's eigh calls, ASGO's refreshes.
-timeout $(left 60) python3 "$ROOT/docs/data/gpu-next/profile_step.py" s_adagrad,sketchy,asgo reference 3 2>&1 \
+timeout $(left 60) python3 "$ROOT/records/gpu-next/profile_step.py" s_adagrad,sketchy,asgo reference 3 2>&1 \
   | grep -v Warning > "$OUT/profile_step.txt"
 echo "profile rc $?"; grep -E "^== |Self CUDA time total|Self CPU time total" "$OUT/profile_step.txt"
 echo "== bench gpt torch compiled at $((SECONDS-T0)) s"
 # compile=True under the captured step: Inductor's fused kernels replayed in the CUDA graph. The element-wise
-# steps move 35-66x the parameters' bytes eagerly (docs/data/traffic-2026-11-28), AdamW(fused) 8x; is a fused
+# steps move 35-66x the parameters' bytes eagerly (records/traffic-2026-11-28), AdamW(fused) 8x; is a fused
 # captured step within the 1.05x / 1.15x targets, and at what first-step cost?
 timeout $(left 150) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 2 \
   --methods agd,rf_rmsprop,rf_adamw,dasgo,mbf --torch-compile on --out /tmp/gptc --no-progress > "$OUT/bench_gpt_compiled.txt" 2>&1
