@@ -545,6 +545,9 @@ def run(args: argparse.Namespace) -> int:
         "summary": report.summarize(runs, sweeps),
         "runs": runs,
     }
+    # First the README's table (one row per method), then every model's row with losses, times and state.
+    print(report.format_short_table(full["summary"]))
+    print()
     print(report.format_table(full["summary"]))
     print()
     print(report.format_failures(full["summary"]))
