@@ -113,7 +113,7 @@ def test_site_builds_strictly(built_site):
 # folders. Run records live in records/ (outside the site) and the history in CHANGELOG.md.
 NOTEBOOK_WORDS = {
     "a session": re.compile(r"\bsessions?\b", re.I),
-    "an issue": re.compile(r"\bissue\s*#?\d+|\bissues\s+#\d+|\b(?:PR|pull request)\s*#?\d+|\bthe issue(?:'s)?\b", re.I),
+    "an issue": re.compile(r"\bissue\s*#?\d+|\bissues\s+#\d+|\b(?:PR|pull request)\s*#?\d+|\bthe (?:\w+ )?issue(?:'s)?\b", re.I),
     "a #number": re.compile(r"(?<![&\w])#\d+\b"),
     "a commit id": re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b|\b(?:commit|main)\s+[0-9a-f]{7,40}\b"),
     "a date": re.compile(r"\b20\d\d-\d\d-\d\d\b"),
@@ -161,7 +161,7 @@ def test_the_built_site_documents_the_product_not_its_history(built_site):
 
 def test_notebook_words_are_found_where_they_are():
     """The detector finds each kind of word in a page's text and passes the product's own words."""
-    history = ("<p>the fifteenth session</p> <p>issue 53's aim, the issue's target</p> <p>see #35</p> <p>at main 1782535</p>"
+    history = ("<p>the fifteenth session</p> <p>issue 53's aim, the GPU issue's target</p> <p>see #35</p> <p>at main 1782535</p>"
                "<p>commit 8ceb254a</p> <p>records/gpu-h100-2026-11-28-10</p> <p>the tenth GPU run</p>")
     assert {kind for kind, _ in notebook_words(history)} == set(NOTEBOOK_WORDS)
     product = ('<p>Adam&#39;s step, 1024x1024 layers, a 3e-4 rate, 12345678 parameters, a step issues 195 operations, '
