@@ -149,8 +149,9 @@ def notebook_words(text: str) -> list[tuple[str, str]]:
 
 
 def test_the_built_site_documents_the_product_not_its_history(built_site):
-    """The site documents the product as it is: every built page's visible text (markup and math left out) has none of
-    :data:`NOTEBOOK_WORDS`; the measurements such words named are linked in records/."""
+    """The site documents the product as it is: every built page's visible text (markup and math
+    left out) has none of :data:`NOTEBOOK_WORDS`; the measurements such words named are linked in
+    records/."""
     returncode, output, site = built_site
     assert returncode == 0, output
     pages = sorted(site.rglob("*.html"))
