@@ -45,7 +45,7 @@ def _built(cls: type, model) -> object:
 
 def _state_dtypes(name: str, dtype: str) -> dict[str, str]:
     """Every state entry of the torch class ``name`` at its defaults after one step on a small MLP
-    (a bias and two weight matrices) of parameters of ``dtype``: entry -> its dtype's name."""
+    (two linear layers, weights and biases) of parameters of ``dtype``: entry -> its dtype's name."""
     import torch
     import precond_ref.adapters.torch as pt
 
@@ -54,12 +54,12 @@ def _state_dtypes(name: str, dtype: str) -> dict[str, str]:
     opt = _built(getattr(pt, name), model)
     model(torch.randn(8, 12, dtype=getattr(torch, dtype))).square().mean().backward()
     opt.step()
-    found: dict[str, str] = {}
+    found: dict[str, set[str]] = {}
     for state in opt.state_dict()["state"].values():
         for path, value in state.items():
             if torch.is_tensor(value):
-                found.setdefault(_entry(path), str(value.dtype).removeprefix("torch."))
-    return found
+                found.setdefault(_entry(path), set()).add(str(value.dtype).removeprefix("torch."))
+    return {entry: " or ".join(sorted(dtypes)) for entry, dtypes in found.items()}  # an entry stored two ways says so
 
 
 def state_dtype_table() -> str:
