@@ -361,7 +361,7 @@ def _apply_leaf(transform: Transform, ok: Any, g: Any, state: Any, w: Any, due: 
 #: (one graph per such shape) rather than for every size: TorchInductor's CPU code for a size it
 #: does not know ran a large embedding's step much slower than the code for its shape, and the
 #: step of a transformer's smaller matrices as fast; a model has few such leaves (embeddings,
-#: output layers), each worth its own graph (measured: docs/data/first-step-2026-11-27/dasgo_leaf.txt).
+#: output layers), each worth its own graph (measured: records/first-step-2026-11-27/dasgo_leaf.txt).
 PER_SHAPE_MIN_ELEMENTS = 2**24
 
 

@@ -116,9 +116,9 @@ def test_readme_and_detail_tables_show_the_count_where_the_report_has_it():
     """The README block gains one ``ops / step`` column per machine whose report counted, and no
     line (the README's sections stay a screen long); docs/performance.md's model table gains the
     column and its legend; a report without counts renders as before."""
-    stored = json.loads((Path(__file__).parents[1] / "docs" / "data" / "bench.json").read_text())
+    stored = json.loads((Path(__file__).parents[1] / "records" / "bench.json").read_text())
     reports = {key: stored[key] for key in ("gpt", "gpt on a GPU") if key in stored}
-    assert reports, "docs/data/bench.json holds a GPT report"
+    assert reports, "records/bench.json holds a GPT report"
     for stored_report in reports.values():  # the stored reports as if none had counted
         for rows in stored_report["results"].values():
             for row in rows:
@@ -145,7 +145,7 @@ def test_readme_and_detail_tables_show_the_count_where_the_report_has_it():
 
 
 def test_the_command_line_prints_a_count_per_method_and_refuses_unknown_names(capsys):
-    """``python -m precond_ref.benchmarks.operations`` (docs/data/rules-engine/ops.py): one
+    """``python -m precond_ref.benchmarks.operations`` (records/rules-engine/ops.py): one
     ``method count`` line per name; an unknown grouping or method is a usage error naming it."""
     assert operations.main(["gpu", "adamw_fused"]) == 0
     name, count = capsys.readouterr().out.split()

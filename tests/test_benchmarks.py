@@ -337,12 +337,12 @@ def test_readme_from_stores_a_gpu_run_beside_the_cpu_one_and_refuses_what_is_not
                 "settings": {"kind": "gpt", "dtype": "float32", "repeats": 3, "warmup": 1, "model_description": "gpt: tiny"}}
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "docs" / "data").mkdir(parents=True)
-    (tmp_path / "docs" / "data" / "bench.json").write_text(json.dumps({"gpt": report_of(False, 3.0)}))
+    (tmp_path / "records").mkdir(parents=True)
+    (tmp_path / "records" / "bench.json").write_text(json.dumps({"gpt": report_of(False, 3.0)}))
     (tmp_path / "README.md").write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\nrest\n")
     (tmp_path / "gpu.json").write_text(json.dumps(report_of(True, 5.0)))
     assert cli.main(["bench", "--readme-from", "gpu.json"]) == 0
-    stored = json.loads((tmp_path / "docs" / "data" / "bench.json").read_text())
+    stored = json.loads((tmp_path / "records" / "bench.json").read_text())
     assert list(stored) == ["gpt", "gpt on a GPU"] and stored["gpt on a GPU"]["machine"]["gpu"] == "Some GPU"
     readme = (tmp_path / "README.md").read_text()
     assert readme == f"intro\n{report.readme_section(stored)}\nrest\n"
@@ -362,7 +362,7 @@ def test_readme_from_stores_a_gpu_run_beside_the_cpu_one_and_refuses_what_is_not
         err = capsys.readouterr().err
         assert f"--readme-from {name!r}: {message}" in err and "Traceback" not in err
     assert (tmp_path / "README.md").read_text() == readme
-    assert json.loads((tmp_path / "docs" / "data" / "bench.json").read_text()) == stored
+    assert json.loads((tmp_path / "records" / "bench.json").read_text()) == stored
     (tmp_path / "README.md").unlink()
     assert cli.main(["bench", "--readme-from", "gpu.json"]) == 2
     assert "run it from the repository root" in capsys.readouterr().err

@@ -391,6 +391,9 @@ def test_cli_end_to_end_writes_table_json_and_plot(tmp_path, capsys, monkeypatch
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| mlp | AGD |" in printed and "| autoencoder | SGD-momentum |" in printed
+    result = json.loads((out / "compare.json").read_text())
+    # The README's table (compare --readme renders it from the saved JSON) is the first thing printed.
+    assert printed.startswith(report.format_short_table(result["summary"]) + "\n")
     assert "Tuned: for every method and model, the learning rate alone was swept" in printed
     assert "source:" in printed and " ± " in printed
     result = json.loads((out / "compare.json").read_text())

@@ -63,27 +63,32 @@ def test_every_page_is_in_the_site():
         assert str(page.relative_to(DOCS)) in nav, f"{page} is not in mkdocs.yml's nav"
 
 
-@pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers")),
-    reason="the docs extra (mkdocs-material, mkdocstrings[python]) is not installed",
-)
-def test_site_builds_strictly(tmp_path):
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory):
+    """``mkdocs build --strict`` of the documentation: ``(return code, its output, the site folder)``.
+    Skipped when the docs extra (mkdocs-material, mkdocstrings[python]) is not installed."""
+    if not all(importlib.util.find_spec(m) for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers")):
+        pytest.skip("the docs extra (mkdocs-material, mkdocstrings[python]) is not installed")
+    site = tmp_path_factory.mktemp("docs") / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    return result.returncode, result.stdout + result.stderr, site
+
+
+def test_site_builds_strictly(built_site):
+    returncode, output, site = built_site
+    assert returncode == 0, output
     assert "WARNING" not in output, output
     # Reported at INFO level, so --strict lets them pass: links to files that are no page of the
-    # site (docs/data/ folders) and anchors that do not exist.
+    # site (records/ folders) and anchors that do not exist.
     assert "unrecognized relative link" not in output and "does not contain an anchor" not in output, output
-    site = tmp_path / "site"
     assert (site / "validating" / "index.html").exists()
     # Self-contained: the equations are MathML in the HTML (no MathJax/KaTeX from a CDN), none is
     # left as TeX source, and nothing is loaded from the network.
@@ -101,6 +106,69 @@ def test_site_builds_strictly(tmp_path):
             assert not _BARE_AMPERSAND.search(math_ml), f"{html}: a literal '&' in rendered math: {math_ml[:300]}"
             aligned += "<mtable" in math_ml
     assert aligned >= 5  # the method pages' aligned systems, as tables
+
+
+# Words of the project's working history, which the documentation of the product does not use: the
+# sessions and runs that measured something, issue and pull-request numbers, commit ids, dated run
+# folders. Run records live in records/ (outside the site) and the history in CHANGELOG.md.
+NOTEBOOK_WORDS = {
+    "a session": re.compile(r"\bsessions?\b", re.I),
+    "an issue": re.compile(r"\bissue\s*#?\d+|\bissues\s+#\d+|\b(?:PR|pull request)\s*#?\d+|\bthe (?:\w+ )?issue(?:'s)?\b", re.I),
+    "a #number": re.compile(r"(?<![&\w])#\d+\b"),
+    "a commit id": re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b|\b(?:commit|main)\s+[0-9a-f]{7,40}\b"),
+    "a date": re.compile(r"\b20\d\d-\d\d-\d\d\b"),
+    "a numbered run": re.compile(
+        r"\b(?:second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|\w+teenth|next)"
+        r"\s+(?:(?:GPU|CPU|H100|H200)\s+)?(?:runs?|sessions?)\b", re.I),
+}
+#: The authors' code that faithful modes reproduce, pinned by commit (a method page names its
+#: reference code this way): the one kind of commit id the product's documentation states.
+UPSTREAM_COMMITS = {
+    "intelligent-machine-learning/atorch": "7fb7da86be5794c57440db5b96f3278c158f0c7a",
+    "intelligent-machine-learning/dlrover": "b5406a7",
+    "infinity-stars/ASGO": "d3ef14beb8b3e5489e1ed9eb0a2a59565ac362ca",
+    "google-research/precondition": "239a8cda03e243b8119a8e672893b7e6acc18c37",
+    "yorkerlin/remove-the-square-root": "e26d7c917c2cd9e89214fbc018aa67404997cd32",
+    "yorkerlin/remove-the-square-root, RF-AdamW": "c8d43f2",
+    "f-dangel/sirfshampoo": "7bc5eaf4bca5b908dc36c4f83da73784a4f2b41d",
+    "f-dangel/singd": "1ac69a3",
+    "achrafba96/mbf": "b0ace6e18e6e861af97fcc6ff9720c42b6f4d092",
+}
+
+
+def notebook_words(text: str) -> list[tuple[str, str]]:
+    """``(kind, the text around it)`` for each of :data:`NOTEBOOK_WORDS` in a page's visible text
+    (an id of :data:`UPSTREAM_COMMITS` is not one)."""
+    import html
+
+    text = re.sub(r"<(script|style|math)\b.*?</\1>", " ", text, flags=re.S | re.I)
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", text)).split())
+    upstream = lambda word: any(pin.startswith(word) for pin in UPSTREAM_COMMITS.values())  # noqa: E731
+    return [(kind, text[max(m.start() - 40, 0): m.end() + 40]) for kind, pattern in NOTEBOOK_WORDS.items()
+            for m in pattern.finditer(text) if not (kind == "a commit id" and upstream(m.group(0).split()[-1]))]
+
+
+def test_the_built_site_documents_the_product_not_its_history(built_site):
+    """The site documents the product as it is: every built page's visible text (markup and math
+    left out) has none of :data:`NOTEBOOK_WORDS`; the measurements such words named are linked in
+    records/."""
+    returncode, output, site = built_site
+    assert returncode == 0, output
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > 20
+    found = {str(page.relative_to(site)): hits for page in pages if (hits := notebook_words(page.read_text()))}
+    assert not found, "\n".join(f"{page}: {kind}: ...{around}..." for page, hits in found.items() for kind, around in hits)
+
+
+def test_notebook_words_are_found_where_they_are():
+    """The detector finds each kind of word in a page's text and passes the product's own words."""
+    history = ("<p>the fifteenth session</p> <p>issue 53's aim, the GPU issue's target</p> <p>see #35</p> <p>at main 1782535</p>"
+               "<p>commit 8ceb254a</p> <p>records/gpu-h100-2026-11-28-10</p> <p>the tenth GPU run</p>")
+    assert {kind for kind, _ in notebook_words(history)} == set(NOTEBOOK_WORDS)
+    product = ('<p>Adam&#39;s step, 1024x1024 layers, a 3e-4 rate, 12345678 parameters, a step issues 195 operations, '
+               'atorch at 7fb7da8, <a href="https://x/records/gpu-h100-2026-11-28-10">the run record</a>, '
+               '<math>deadbeef1</math></p>')
+    assert notebook_words(product) == []
 
 
 # An '&' in MathML that is not an entity (&#x0003D;, &amp;): a TeX alignment mark printed as text.

@@ -322,11 +322,11 @@ def test_tuning_extends_past_a_winning_edge_and_keeps_every_score():
 
 def test_packaged_corpus_is_the_text_of_the_committed_report():
     """The packaged text has the length the committed report's run recorded (corpus_characters in
-    docs/data/reproduce.json): the report's char-LM numbers come from this text, whatever the
+    records/reproduce.json): the report's char-LM numbers come from this text, whatever the
     documentation says today."""
     from precond_ref.compare.reproduce import corpus
 
-    data = json.loads((ROOT / "docs" / "data" / "reproduce.json").read_text())
+    data = json.loads((ROOT / "records" / "reproduce.json").read_text())
     text = corpus.text()
     assert len(text) == data["corpus_characters"]
     assert "precond" in text and "\r" not in text
@@ -475,7 +475,7 @@ def test_missing_torch_names_the_extras(monkeypatch, capsys, tmp_path):
 
 
 def test_committed_report_is_the_rendering_of_the_committed_json():
-    """docs/reproduce.md is exactly what ``reproduce --docs`` renders from docs/data/reproduce.json,
+    """docs/reproduce.md is exactly what ``reproduce --docs`` renders from records/reproduce.json,
     from the default command, within the issue's budget on two cores: 30 minutes for all, 10 per
     paper. The budget is checked on CPU seconds (one thread: the wall time of an otherwise idle
     machine), which do not depend on the other work sharing the machine while it ran."""
@@ -483,7 +483,7 @@ def test_committed_report_is_the_rendering_of_the_committed_json():
 
     from precond_ref.compare.reproduce import PAPER_NAMES, add_arguments, report
 
-    data = json.loads((ROOT / "docs" / "data" / "reproduce.json").read_text())
+    data = json.loads((ROOT / "records" / "reproduce.json").read_text())
     assert (ROOT / "docs" / "reproduce.md").read_text() == report.render(data, "images/")
     argv = shlex.split(data["command_line"])
     assert argv[:4] == ["python", "-m", "precond_ref", "reproduce"]
@@ -505,7 +505,7 @@ def test_committed_report_meets_the_evidence_standard():
     every tuned rate comes from >= 5 grid points scored over >= 2 seeds, with every score kept, and
     a rate still at the edge of its extended grid is flagged on the page; no source points outside
     the repository."""
-    data = json.loads((ROOT / "docs" / "data" / "reproduce.json").read_text())
+    data = json.loads((ROOT / "records" / "reproduce.json").read_text())
     page = (ROOT / "docs" / "reproduce.md").read_text()
     assert len(data["settings"]["seeds"]) >= 5 and len(data["settings"]["lm_seeds"]) >= 3
     for paper in data["papers"].values():

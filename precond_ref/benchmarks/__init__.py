@@ -26,7 +26,7 @@ implementations run beside ours where they can be imported (:mod:`precond_ref.be
 ``bench.json`` in ``--out`` (with every step's time and the machine; written with ``"complete":
 false`` once the machine's rates are measured and again after each row, so that a run stopped
 early keeps every row it measured, and with ``"complete": true`` at the end), and with
-``--readme`` the README's performance block and ``docs/data/bench.json``.
+``--readme`` the README's performance block and ``records/bench.json``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from .report import KINDS
 __all__ = ["add_arguments", "run"]
 
 SIZE_NAMES = ("auto", "tiny", "small", "reference")
-README_DATA = os.path.join("docs", "data", "bench.json")
+README_DATA = os.path.join("records", "bench.json")
 PERFORMANCE_PAGE = os.path.join("docs", "performance.md")
 
 

@@ -1,6 +1,6 @@
 """What ``bench`` prints and what its ``--readme`` writes: tables rendered from the report alone.
 
-``docs/data/bench.json`` holds one report per kind (``layers``, ``gpt``, ``resnet``, each on a CPU
+``records/bench.json`` holds one report per kind (``layers``, ``gpt``, ``resnet``, each on a CPU
 and on a GPU). The README's performance block is :func:`readme_section` of it: one short table of
 where each method stands (the GPT training step on a CPU and on a GPU); docs/performance.md's block
 is :func:`detail_section`: every table of every stored report. Tests check that both agree with it.
@@ -162,7 +162,7 @@ def format_table(section: str, rows: list[dict]) -> str:
 
 
 def compact(report: dict) -> dict:
-    """The report without the per-step times and operation counts (what ``docs/data/bench.json`` keeps)."""
+    """The report without the per-step times and operation counts (what ``records/bench.json`` keeps)."""
     out = dict(report)
     out["results"] = {k: [_compact_row(r) for r in rows] for k, rows in report["results"].items()}
     return out

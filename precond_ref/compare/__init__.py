@@ -19,7 +19,7 @@ shown apart, never averaged in. ``--no-tune`` runs the papers' values instead.
 The runs are independent, so they are spread over ``--jobs`` worker processes (one BLAS thread
 each); the numbers do not depend on ``--jobs``. Output in ``--out``: ``compare.json`` (every number),
 ``loss_curves.png`` and the printed tables. ``--readme`` also regenerates the README's results
-section, ``docs/data/compare.json`` and ``docs/images/compare_loss_curves.png``.
+section, ``records/compare.json`` and ``docs/images/compare_loss_curves.png``.
 
 This module imports no NumPy at import time, so that ``compare --help`` works, and ``compare``
 says which extra to install, in an environment without the ``compare`` extra.
@@ -144,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-plot", action="store_true", help="do not write the PNG plot")
     add(
         "--readme", action="store_true",
-        help="also rewrite the results section of ./README.md, docs/data/compare.json and "
+        help="also rewrite the results section of ./README.md, records/compare.json and "
         "docs/images/compare_loss_curves.png (run from the repository root)",
     )
     add("--list", action="store_true", help="list the methods (those of --methods) with their hyperparameters and sources, and exit")
@@ -545,6 +545,9 @@ def run(args: argparse.Namespace) -> int:
         "summary": report.summarize(runs, sweeps),
         "runs": runs,
     }
+    # First the README's table (one row per method), then every model's row with losses, times and state.
+    print(report.format_short_table(full["summary"]))
+    print()
     print(report.format_table(full["summary"]))
     print()
     print(report.format_failures(full["summary"]))
@@ -640,14 +643,14 @@ def _write_outputs(full: dict, out_dir: str, args: argparse.Namespace) -> None:
             print(f"plot: {plot_path}")
         print(f"numbers: {json_path}")
         if args.readme:
-            os.makedirs(os.path.join("docs", "data"), exist_ok=True)
-            with open(os.path.join("docs", "data", "compare.json"), "w") as handle:
+            os.makedirs("records", exist_ok=True)
+            with open(os.path.join("records", "compare.json"), "w") as handle:
                 json.dump(report.compact(full), handle, indent=1)
             shutil.copyfile(plot_path, os.path.join("docs", "images", "compare_loss_curves.png"))
             pages = [("README.md", report.readme_section(report.compact(full)))]
             if os.path.exists(COMPARE_PAGE):
                 pages.append((COMPARE_PAGE, report.detail_section(report.compact(full))))
             rewrite_sections(pages, report.replace_readme_section)
-            print(f"{', '.join(p for p, _ in pages)}, docs/data/compare.json and docs/images/compare_loss_curves.png rewritten")
+            print(f"{', '.join(p for p, _ in pages)}, records/compare.json and docs/images/compare_loss_curves.png rewritten")
     except OSError as err:
         raise UserError(f"cannot write results: {err.strerror or err} ({err.filename})") from None

@@ -444,7 +444,7 @@ def format_short_table(summary: list[dict]) -> str:
 
 
 def readme_section(report: dict) -> str:
-    """The README's results block, generated from the report (``docs/data/compare.json``): the run,
+    """The README's results block, generated from the report (``records/compare.json``): the run,
     one row per method, the failed runs and the plot. The whole table is :func:`detail_section`."""
     lines = [
         README_BEGIN,

@@ -10,7 +10,7 @@ not testable on this hardware (a claim about GPU time on a run that is not on a 
 cuda`` tests those). Output in ``--out``: ``reproduce.md`` (a summary table, then a section per
 paper), ``reproduce.json`` (every number, per seed, and every tuning score) and
 ``reproduce_<paper>.png``; ``--docs`` also writes ``docs/reproduce.md``,
-``docs/data/reproduce.json`` and ``docs/images/reproduce_<paper>.png``.
+``records/reproduce.json`` and ``docs/images/reproduce_<paper>.png``.
 
 Sizes (:mod:`precond_ref.compare.reproduce.config`): the default takes under 30 minutes of one CPU
 thread for all five papers; ``--quick`` seconds (a smoke test: its verdicts mean nothing); ``--size
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=nonnegative_int, default=0, help="first seed (default 0)")
     add("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     add("--docs", action="store_true",
-        help="also write docs/reproduce.md, docs/data/reproduce.json and docs/images/reproduce_*.png (repository root)")
+        help="also write docs/reproduce.md, records/reproduce.json and docs/images/reproduce_*.png (repository root)")
     add("--no-progress", action="store_true", help="no progress bar (plain lines are printed when stderr is not a terminal)")
     add("--no-plot", action="store_true", help="do not write the PNG plots")
 
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     if args.docs:
         if not os.path.isdir("docs"):
             raise UserError("--docs writes into ./docs: run from the repository root")
-        for sub in ("docs/data", "docs/images"):
+        for sub in ("records", "docs/images"):
             _prepare(sub)
 
     import numpy as np
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
 def _write(data: dict, directory: str, image_dir: str, plot: bool, docs: bool = False) -> None:
     from . import report
 
-    json_path = os.path.join(directory, "data", "reproduce.json") if docs else os.path.join(directory, "reproduce.json")
+    json_path = os.path.join("records", "reproduce.json") if docs else os.path.join(directory, "reproduce.json")
     with open(json_path, "w") as handle:
         json.dump(_finite_or_none(data), handle, indent=1, allow_nan=False, default=_jsonable)
         handle.write("\n")

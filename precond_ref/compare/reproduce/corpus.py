@@ -5,7 +5,7 @@ frozen into ``corpus.txt.gz`` beside this module (package data, so that an insta
 Why frozen: the text was read from the working tree, which changes with every documentation
 commit, so every char-LM number depended on the commit the command ran from, and an installed
 package has no docs/ at all. The pinned commit is the one whose documentation the committed report
-(``docs/reproduce.md``, ``docs/data/reproduce.json``) was run on: its ``corpus_characters`` is this
+(``docs/reproduce.md``, ``records/reproduce.json``) was run on: its ``corpus_characters`` is this
 text's length.
 
 The rule, as the experiments used it: README.md, then every ``docs/**/*.md`` in path order, less

@@ -30,7 +30,7 @@ __all__ = ["EXPERIMENTS", "Context", "COMPARE_TUNED"]
 
 #: Centres of the learning-rate sweeps on the digits models where the paper's value does not
 #: transfer: the rates ``compare``'s default run chose for the same model (its 7-point sweep, 20
-#: epochs; docs/data/compare.json). Configuration, not results: this run sweeps around them again.
+#: epochs; records/compare.json). Configuration, not results: this run sweeps around them again.
 COMPARE_TUNED = {
     ("cnn", "rf_rmsprop"): 0.157, ("cnn", "sgd_momentum"): 0.316, ("cnn", "adam"): 0.0316, ("cnn", "agd"): 0.0316,
     ("cnn", "mbf"): 9.49e-4, ("cnn", "if_shampoo"): 0.0316, ("autoencoder", "mbf"): 1e-4, ("autoencoder", "adam"): 0.0316,
