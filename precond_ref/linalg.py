@@ -1016,7 +1016,7 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     hi = xp.where(top, y2[..., None] + 0.0 * d, half)
     bound = xp.where(from_pole, 1.0 + 2.0 * beyond, 2.0 * beyond)
     lo = xp.where(active, at_origin / xp.where(active, bound, 1.0), hi)
-    lo = xp.minimum(xp.maximum(lo, smallest), hi)
+    lo = xp.minimum(xp.maximum(lo, xp.full_like(lo, smallest)), hi)
     steps = round(-math.log2(eps)) + math.ceil(math.log2(-math.log2(smallest) - math.log2(eps))) + 2
 
     def bisect(bracket: tuple[Array, Array]) -> tuple[Array, Array]:
