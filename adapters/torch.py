@@ -479,12 +479,24 @@ SAdaGrad = _torch_class(
         *_MODE,
         _Arg("precondition_every", None, "Optional[int]", since="0.2.0"),
         _Arg("spread_refresh", None, "Optional[bool]", since="0.2.0"),
+        _Arg("decomposition", None, "Optional[str]", since="0.3.0"),
     ),
 )
 
 # torch's CUDA eigh and svd check their LAPACK status on the host (they have no ``_ex`` variant),
 # and the Frequent Directions update calls one of them on every step that ``capturable=True``
 # allows (intervals of 1): a capture would be invalidated, and the process's later cuSOLVER calls fail.
-Sketchy.not_capturable_because = SAdaGrad.not_capturable_because = (
-    "its Frequent Directions update calls torch's eigh or svd, which on CUDA read their status on the host"
-)
+_FD_REFUSAL = "its Frequent Directions update calls torch's eigh or svd, which on CUDA read their status on the host"
+Sketchy.not_capturable_because = _FD_REFUSAL
+
+
+def _s_adagrad_capture_refusal(self: CoreOptimizer) -> Optional[str]:
+    """S-AdaGrad's FD step decomposes its core by the secular equation with
+    ``decomposition="incremental_secular"`` (no LAPACK call, no host read); any other group calls
+    torch's eigh or svd."""
+    if all(g["mode"] == "principled" and g["decomposition"] == "incremental_secular" for g in self.param_groups):
+        return None
+    return _FD_REFUSAL + " (decomposition='incremental_secular' reads nothing)"
+
+
+SAdaGrad.not_capturable_because = property(_s_adagrad_capture_refusal)  # type: ignore[assignment]

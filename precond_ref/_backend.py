@@ -526,6 +526,19 @@ def cond(xp: Any, pred: Any, true_fn: Callable, false_fn: Callable, *operands: A
     return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
 
+def repeat(xp: Any, count: int, body: Callable, carry: Any) -> Any:
+    """``carry = body(carry)`` ``count`` times (a host count), a fixed-length loop of device work.
+
+    Under ``jax.jit`` a ``lax.fori_loop``, traced once (a Python loop would trace ``count`` copies of
+    the body, and XLA's compilation time grows with them); elsewhere a Python loop.
+    """
+    if is_jax_namespace(xp) and any(is_tracer(x) for x in carry):
+        return sys.modules["jax"].lax.fori_loop(0, count, lambda _, c: body(c), carry)
+    for _ in range(count):
+        carry = body(carry)
+    return carry
+
+
 def _copies(xp: Any, tree: Any) -> Any:
     """``tree`` with every array copied, in the traversal of :func:`precond_ref.tree.tree_map` (dict
     keys sorted where they sort, so both branches of a ``torch.cond`` return one structure)."""

@@ -66,11 +66,13 @@ from typing import Any, NamedTuple, Optional
 from array_api_compat import is_array_api_strict_namespace, is_cupy_array
 
 from ._backend import (
-    host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul, placement, select,
-    state_owned, torch_compiling,
+    float64_where_available, host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul, placement,
+    select, state_owned, torch_compiling,
 )
 from .engine.factors import constant, number
-from .linalg import _reduced_svd, all_finite, eigh_widened, left_singular, per_matrix, symmetric_eigh, symmetrize
+from .linalg import (
+    _reduced_svd, all_finite, eigh_widened, left_singular, per_matrix, rank_one_update_eigh, symmetric_eigh, symmetrize,
+)
 
 __all__ = [
     "SKETCH_KEYS",
@@ -91,7 +93,7 @@ Array = Any
 
 
 SKETCH_KEYS = ("basis", "singular_values", "escaped_root", "basis_weights", "complement_weight")
-_DECOMPOSITIONS = ("svd", "gram", "qr_svd", "incremental", "incremental_gram", "subspace", "auto")
+_DECOMPOSITIONS = ("svd", "gram", "qr_svd", "incremental", "incremental_gram", "incremental_secular", "subspace", "auto")
 # "auto" uses the (approximate) subspace iteration only for axes at least this long, where an
 # exact d x d eigendecomposition per step is the cost that matters; shorter axes stay exact.
 SUBSPACE_MIN_DIM = 256
@@ -119,17 +121,18 @@ def fd_init(xp: Any, d: int, k: int, *, dtype: Any, device: Any, batch: tuple[in
     }
 
 
-def shrink_cutoff_tolerance(xp: Any, dtype: Any, decomposition: str = "svd") -> float:
+def shrink_cutoff_tolerance(xp: Any, dtype: Any, decomposition: str = "svd", widened: bool = False) -> float:
     """Relative level below which a singular value of the FD step is rounding noise (K3).
 
     For the SVD (and the ``"incremental"`` projection, whose residual carries an absolute error of
     a few unit roundoffs of the inputs), singular values carry an absolute error of a few unit
     roundoffs times the largest one, so :math:`c \\le 10 u\\, s_0` is treated as 0. The Gram,
     incremental-Gram and subspace paths square the matrix: their eigenvalues carry :math:`u\\, s_0^2`, i.e. singular
-    values :math:`\\sqrt{u}\\, s_0`, so the test is :math:`c^2 \\le 10 u\\, s_0^2`.
+    values :math:`\\sqrt{u}\\, s_0`, so the test is :math:`c^2 \\le 10 u\\, s_0^2`. The secular path squares it
+    too, unless it is ``widened`` (float32 data solved in float64, as accurate as the float32 SVD).
     """
     unit_roundoff = float(xp.finfo(dtype).eps) / 2.0
-    if decomposition in ("gram", "incremental_gram", "subspace"):
+    if decomposition in ("gram", "incremental_gram", "subspace") or (decomposition == "incremental_secular" and not widened):
         return math.sqrt(10.0 * unit_roundoff)
     return 10.0 * unit_roundoff
 
@@ -226,12 +229,16 @@ class _Ritz(NamedTuple):
 
 
 def _incremental(
-    xp: Any, basis: Array, scaled_sigma: Array, x: Array, gram: bool = False, apply: bool = False, empty: bool = False,
+    xp: Any, basis: Array, scaled_sigma: Array, x: Array, core: str = "incremental", apply: bool = False,
+    empty: bool = False,
 ) -> _Ritz:
     """Brand's incremental SVD: Z = [U, Q] K with Q an orthonormal basis of x's component outside
     span(U), so the left singular pairs (W, s) of the small (k+m) x (k+m) K give those of Z exactly
-    (U orthonormal or zero columns): :func:`~precond_ref.linalg.left_singular`, or with ``gram``
-    the eigendecomposition of K K^T formed in K's dtype (:func:`_left_singular_by_gram`). With
+    (U orthonormal or zero columns): :func:`~precond_ref.linalg.left_singular` (``core`` =
+    ``"incremental"``), the eigendecomposition of K K^T formed in K's dtype
+    (``"incremental_gram"``, :func:`_left_singular_by_gram`), or, for one new column, that of
+    K K^T = diag(sigma^2, 0) + [c; r] [c; r]^T by its secular equation (``"incremental_secular"``,
+    :func:`_left_singular_by_secular`: no LAPACK call, no host read). With
     ``apply`` also the new data in the frame, W^T [coords; corner], diag(s) V^T's last m columns.
     Cost: four d x k x m products and one d x (k+m) x k, about one QR of Z.
 
@@ -251,12 +258,15 @@ def _incremental(
         fresh, corner = per_matrix(xp, xp.linalg.qr, residual)
     projection = xp.concat([coords, corner], axis=-2)  # [U, fresh]^T x
     identity = _eye(xp, projection.shape[-2], k, x)  # [I; 0]
-    if empty:
-        w, s = _left_singular_by_gram(xp, corner) if gram else left_singular(corner)
+    if core == "incremental_secular":
+        sigma = xp.concat([scaled_sigma, xp.zeros_like(projection[..., k:, 0])], axis=-1)
+        w, s = _left_singular_by_secular(xp, sigma, projection[..., 0])  # [[diag σ, c], [0, r]]
+    elif empty:
+        w, s = _left_singular_by_gram(xp, corner) if core == "incremental_gram" else left_singular(corner)
         w, s = _after_empty_sketch(xp, w, s, k)
     else:
-        core = xp.concat([identity * scaled_sigma[..., None, :], projection], axis=-1)  # [[diag σ, c], [0, R]]
-        w, s = _left_singular_by_gram(xp, core) if gram else left_singular(core)
+        factor = xp.concat([identity * scaled_sigma[..., None, :], projection], axis=-1)  # [[diag σ, c], [0, R]]
+        w, s = _left_singular_by_gram(xp, factor) if core == "incremental_gram" else left_singular(factor)
     if not apply:
         return _Ritz(s, fresh=fresh, frame=w, identity=identity)
     return _Ritz(s, fresh=fresh, frame=w, projection=projection, data=matmul(xp, w.mT, projection), identity=identity)
@@ -292,6 +302,15 @@ def _left_singular_by_gram(xp: Any, a: Array) -> tuple[Array, Array]:
     paths (``shrink_cutoff_tolerance``); W stays orthogonal to working precision.
     """
     values, vectors = symmetric_eigh(symmetrize(matmul(xp, a, a.mT)))
+    values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
+    return vectors, xp.sqrt(xp.maximum(values, number(xp, 0.0, values)))
+
+
+def _left_singular_by_secular(xp: Any, sigma: Array, z: Array) -> tuple[Array, Array]:
+    """``(W, s)``, s descending, of the square ``[diag(sigma[:-1]), z[:-1]; 0, z[-1]]`` with
+    ``sigma[-1] = 0``: its Gram is ``diag(sigma^2) + z z^T``, decomposed by
+    :func:`~precond_ref.linalg.rank_one_update_eigh`, ``s = sqrt(max(lambda, 0))``."""
+    values, vectors = rank_one_update_eigh(sigma * sigma, z)
     values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
     return vectors, xp.sqrt(xp.maximum(values, number(xp, 0.0, values)))
 
@@ -336,9 +355,8 @@ def _descending_left_singular(
     Z = [basis diag(scaled_sigma), x] (..., d, k + m); r > k exactly when a shrink value exists.
     ``apply`` and ``empty`` as for :func:`_incremental` (the other paths need neither)."""
     d, k = basis.shape[-2:]
-    if decomposition in ("incremental", "incremental_gram"):
-        gram = decomposition == "incremental_gram"
-        return _incremental(xp, basis, scaled_sigma, x, gram=gram, apply=apply, empty=empty)
+    if decomposition.startswith("incremental"):
+        return _incremental(xp, basis, scaled_sigma, x, core=decomposition, apply=apply, empty=empty)
     if decomposition == "subspace":
         return _subspace(xp, basis, scaled_sigma, x)
     z = xp.concat([basis * scaled_sigma[..., None, :], x], axis=-1)
@@ -609,6 +627,10 @@ def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tu
         (k+m)-square matrix: exact, about one d x (k+m) matmul pass; needs k + m < d, else the SVD),
         ``"incremental_gram"`` (the same with that small matrix's eigendecomposition of its Gram in
         place of its SVD: about a third of its work, the Gram path's accuracy; else ``"gram"``),
+        ``"incremental_secular"`` (one new column, m = 1: the same small matrix's pairs from the secular
+        equation of its rank-one Gram update, :func:`~precond_ref.linalg.rank_one_update_eigh`; no
+        LAPACK call and no host read, so a CUDA step can be captured; any k <= d; the Gram path's
+        accuracy in float64, the SVD's for float32 data where the backend has float64),
         ``"subspace"`` (one warm-started block power step with Rayleigh-Ritz: approximate, for long
         axes with k + m >= d; where :func:`subspace_width` reaches d it is the exact ``"gram"``
         path, as the whole axis is the subspace) or ``"auto"`` (:func:`resolve_decomposition`).
@@ -683,6 +705,8 @@ def _fd_step(
         expected = ", ".join(str(n) for n in tuple(basis.shape[:-2]) + (d,))
         raise ValueError(f"FD update expects x of shape ({expected}, m), got {tuple(x.shape)}")
     m = x.shape[-1]
+    if decomposition == "incremental_secular" and m != 1:
+        raise ValueError(f"decomposition='incremental_secular' adds one column a step, got {m}")
     decomposition = resolve_decomposition(decomposition, d, k, m)
     if decomposition in ("incremental", "incremental_gram") and k + m >= d:
         # nothing to save: the factor is not tall (the whole-factor path of the same accuracy)
@@ -701,7 +725,8 @@ def _fd_step(
              and host_bool(xp, xp.all(sigma == 0.0)) is True)
     scaled_sigma = decayed / scale[..., None]
     ritz = _descending_left_singular(xp, basis, scaled_sigma, x, decomposition, apply, empty)  # Z/u = P diag(s) Qᵀ
-    tolerance = shrink_cutoff_tolerance(xp, dtype, decomposition)
+    widened = dtype == xp.float32 and float64_where_available(xp, x) is not None
+    tolerance = shrink_cutoff_tolerance(xp, dtype, decomposition, widened)
     s, noise, shrink = _shrink(xp, ritz.s, k, root, zero, tolerance, cutoff)  # c = s_k (0 at rounding level)
     top = s[..., :k]  # s >= 0 (or NaN) on every path, as the shrink value c
     deflated = xp.sqrt(xp.maximum(top - shrink[..., None], zero)) * xp.sqrt(top + shrink[..., None])  # σ'/u = √(s² − c²)

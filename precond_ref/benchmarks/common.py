@@ -54,6 +54,7 @@ VARIANTS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
         ("faithful", {"mode": "faithful", "block_size": None}),
     ),
     "s_adagrad": (
+        ("secular", {"decomposition": "incremental_secular"}),
         ("every 3", {"precondition_every": 3}),
         ("faithful", {"mode": "faithful", "block_size": None}),
     ),

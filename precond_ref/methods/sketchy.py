@@ -57,6 +57,7 @@ __all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "SketchyConfig", "SAdaGra
 Array = Any
 _GRAFTS = ("rmsprop", "sgd", "none")
 _SKETCHY_DECOMPOSITIONS = ("auto", "svd", "gram", "incremental", "incremental_gram", "subspace")
+_S_ADAGRAD_DECOMPOSITIONS = ("auto", "incremental_secular")
 #: Principled defaults of :func:`sketchy` (docs/methods/sketchy.md, "Long axes, intervals and cost"):
 #: merged axes longer than this are split into blocks with their own sketches, and the sketches are
 #: updated every this many steps, each block in its own phase of the interval.
@@ -512,6 +513,7 @@ def s_adagrad(
     on_nonfinite: str = "skip",
     precondition_every: Union[int, Callable, None] = None,
     spread_refresh: Optional[bool] = None,
+    decomposition: Optional[str] = None,
 ) -> Transform:
     r"""S-AdaGrad: full-matrix AdaGrad with the statistic kept as a rank-k FD sketch.
 
@@ -562,6 +564,12 @@ def s_adagrad(
         ``"principled"`` (default) or ``"faithful"``.
     on_nonfinite:
         ``"skip"`` (default) or ``"raise"``.
+    decomposition:
+        Principled only: how the FD step decomposes the (k + 1)-square core of its incremental
+        update (:func:`precond_ref.sketch.fd_update`): None (default, ``"auto"``: its SVD, or the
+        whole factor's where k + 1 >= d) or ``"incremental_secular"`` (the secular equation of the
+        core's rank-one Gram update, :func:`precond_ref.linalg.rank_one_update_eigh`: no LAPACK call
+        and no host read, so a CUDA step can be captured). Faithful mode takes the authors' SVD.
 
     Returns
     -------
@@ -613,6 +621,8 @@ def s_adagrad(
     check_optional(check_nonnegative, "eps", eps)
     check_interval("momentum", momentum, 0.0, 1.0)
     check_nonnegative("weight_decay", weight_decay)
+    if decomposition is not None:
+        check_choice("decomposition", decomposition, _S_ADAGRAD_DECOMPOSITIONS)
     if faithful:
         def differs(value: Any, default: Any) -> bool:  # an array (optax.inject_hyperparams, traced) cannot be checked
             return value is not None and isinstance(value, numbers.Real) and not hasattr(value, "shape") and value != default
@@ -620,19 +630,20 @@ def s_adagrad(
         refused = dict(eps=differs(eps, 0), b2=differs(b2, 1.0), momentum=differs(momentum, 0),
                        weight_decay=differs(weight_decay, 0), block_size=block_size is not None,
                        precondition_every=precondition_every is not None and precondition_every != 1,
-                       spread_refresh=bool(spread_refresh))
+                       spread_refresh=bool(spread_refresh), decomposition=decomposition is not None)
         bad = [k for k, v in refused.items() if v]
         if bad:
             raise ValueError(
                 f"s_adagrad(mode='faithful') cannot honour {', '.join(bad)} (the authors' S-AdaGrad "
-                "has no relative eps, decay, momentum, weight decay, blocking or refresh interval); use mode='principled'"
+                "has no relative eps, decay, momentum, weight decay, blocking, refresh interval or other decomposition); "
+                "use mode='principled'"
             )
         eps = 0.0
     elif eps is None:
         eps = 1e-7
     fd_options = dict(
         decay=b2, tail_decay=b2, eps=eps, relative_eps=True, delta=delta,
-        cutoff=not faithful, decomposition="svd" if faithful else "auto",
+        cutoff=not faithful, decomposition="svd" if faithful else decomposition or "auto",
     )
     block_size, dues = resolve_schedule(faithful, block_size, precondition_every, spread_refresh, None,
                                         S_ADAGRAD_PRECONDITION_EVERY)
@@ -685,7 +696,7 @@ def _adagrad_may_pad(c: SAdaGradConfig, length: int, rank: int) -> bool:
     zero rows of x and U add only zero terms to every product (U^T x, |x - U U^T x|, the new basis
     [U, fresh] W, its rows zero), so the step's values are the unpadded ones to rounding and its
     padded rows zero."""
-    return resolve_decomposition(c.fd["decomposition"], length, rank, 1) == "incremental"
+    return resolve_decomposition(c.fd["decomposition"], length, rank, 1) in ("incremental", "incremental_secular")
 
 
 def _adagrad_finish(xp: Any, c: SAdaGradConfig, minus_lr: Any, direction: Array, *rest: Array) -> tuple:

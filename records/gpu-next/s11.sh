@@ -27,6 +27,14 @@ echo "== profile of the uncaptured and slowest steps at $((SECONDS-T0)) s"
 timeout $(left 60) python3 "$ROOT/records/gpu-next/profile_step.py" s_adagrad,sketchy,asgo reference 3 2>&1 \
   | grep -v Warning > "$OUT/profile_step.txt"
 echo "profile rc $?"; grep -E "^== |Self CUDA time total|Self CPU time total" "$OUT/profile_step.txt"
+echo "== s_adagrad's secular core at $((SECONDS-T0)) s"
+# The FD core by the secular equation (no host read): per-call times against svd/eigh, then the reference GPT's
+# captured S-AdaGrad with it (bench --variants row "secular"; the target is 1.6x AdamW(fused)).
+timeout $(left 40) python3 "$ROOT/docs/data/gpu-next/secular_eigh.py" cuda 20 > "$OUT/secular_eigh.txt" 2>&1
+echo "secular rc $?"; cat "$OUT/secular_eigh.txt"
+timeout $(left 90) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 2 \
+  --methods s_adagrad --variants --out /tmp/gpts --no-progress > "$OUT/bench_gpt_s_adagrad.txt" 2>&1
+echo "bench s_adagrad rc $?"; grep "^| torch" "$OUT/bench_gpt_s_adagrad.txt" | cut -d'|' -f3-9,13
 echo "== bench gpt torch compiled at $((SECONDS-T0)) s"
 # compile=True under the captured step: Inductor's fused kernels replayed in the CUDA graph. The element-wise
 # steps move 35-66x the parameters' bytes eagerly (records/traffic-2026-11-28), AdamW(fused) 8x; is a fused

@@ -108,6 +108,7 @@ TORCH_CASES = [
     ),
     TorchCase("s_adagrad", pt.SAdaGrad, lr=3e-1, kwargs=dict(rank=4, momentum=0.5, weight_decay=1e-3)),
     TorchCase("s_adagrad-faithful", pt.SAdaGrad, lr=3e-1, kwargs=dict(rank=4, delta=1e-3, mode="faithful")),
+    TorchCase("s_adagrad-secular", pt.SAdaGrad, lr=3e-1, kwargs=dict(rank=4, momentum=0.5, decomposition="incremental_secular")),
 ]
 
 JAX_CASES = [

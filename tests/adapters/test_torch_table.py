@@ -39,7 +39,8 @@ _MODE = (("mode", P, "principled", "str"), ("on_nonfinite", P, "skip", "str"))
 #: positional ones: ``added_since_first_release`` of the class, absent from a 0.1.0 checkpoint.
 ADDED = {
     "Sketchy": (("spread_refresh", P, None, "Optional[bool]"),),
-    "SAdaGrad": (("precondition_every", P, None, "Optional[int]"), ("spread_refresh", P, None, "Optional[bool]")),
+    "SAdaGrad": (("precondition_every", P, None, "Optional[int]"), ("spread_refresh", P, None, "Optional[bool]"),
+                 ("decomposition", P, None, "Optional[str]")),
     "IFShampoo": (("block_size", P, None, "Optional[int]"), ("spread_refresh", P, None, "Optional[bool]"),
                   ("factor_rounding", P, None, "Optional[str]")),
     "ASGO": (("spread_refresh", P, None, "Optional[bool]"),),

@@ -305,13 +305,15 @@ def _dense_root(mat, exponent, eps_rel=0.0, tol=1e-10):
     return (v * powered) @ v.T
 
 
+@pytest.mark.parametrize("decomposition", [None, "incremental_secular"])
 @given(d=st.integers(1, 6), steps=st.integers(1, 5), seed=st.integers(0, 2**16),
        delta=st.sampled_from([0.0, 0.1]), b2=st.sampled_from([1.0, 0.9]))
-def test_s_adagrad_full_rank_is_full_matrix_adagrad(property_backend, d, steps, seed, delta, b2):
+def test_s_adagrad_full_rank_is_full_matrix_adagrad(property_backend, decomposition, d, steps, seed, delta, b2):
     """F-I6: with k ≥ d S-AdaGrad is full-matrix AdaGrad, Δx = −η (G_t + δI)^{−1/2} g_t
-    (pseudo-inverse when δ = 0), G_t = Σ β^{t−s} g_s g_sᵀ (Sketchy paper, S-AdaGrad with ℓ > d)."""
+    (pseudo-inverse when δ = 0), G_t = Σ β^{t−s} g_s g_sᵀ (Sketchy paper, S-AdaGrad with ℓ > d),
+    whichever way the FD step decomposes its core."""
     rng = np.random.default_rng(seed)
-    opt = pr.s_adagrad(0.3, rank=d, delta=delta, eps=0.0, b2=b2)
+    opt = pr.s_adagrad(0.3, rank=d, delta=delta, eps=0.0, b2=b2, decomposition=decomposition)
     xp = property_backend
     x = xp.asarray(np.zeros(d))
     state = opt.init(x)
@@ -388,15 +390,16 @@ def test_s_adagrad_faithful_is_oco(property_backend, d, ell, steps, seed, delta)
         np.testing.assert_allclose(xp.to_numpy(upd), e, rtol=1e-7, atol=1e-9 * np.abs(e).max())
 
 
+@pytest.mark.parametrize("decomposition", [None, "incremental_secular"])
 @given(d=st.integers(3, 8), rank=st.integers(1, 4), steps=st.integers(2, 40), seed=st.integers(0, 2**16),
        delta=st.sampled_from([0.0, 0.1]), lr=st.sampled_from([0.05, 1.0]))
-def test_s_adagrad_regret_bound(property_backend, d, rank, steps, seed, delta, lr):
+def test_s_adagrad_regret_bound(property_backend, decomposition, d, rank, steps, seed, delta, lr):
     """F-I9 (S-AdaGrad regret, unconstrained form; Sketchy paper's S-AdaGrad theorem): on online
     linear/absolute losses, for any x*, Σ⟨g_t, x_t − x*⟩ ≤ D²/(2η)·tr((Ḡ_T + (ρ_T + δ)I)^{1/2})
     + η·tr(G_T^{1/2}), D = max_t ‖x_t − x*‖."""
     rng = np.random.default_rng(seed)
     rank = min(rank, d)
-    opt = pr.s_adagrad(lr, rank=rank, delta=delta, eps=0.0)
+    opt = pr.s_adagrad(lr, rank=rank, delta=delta, eps=0.0, decomposition=decomposition)
     xp = property_backend
     x = np.zeros(d)
     state = opt.init(xp.asarray(x))

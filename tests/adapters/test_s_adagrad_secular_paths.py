@@ -1,0 +1,71 @@
+"""Path-matrix rows of S-AdaGrad with ``decomposition="incremental_secular"`` (the FD core's pairs
+from the secular equation, ``precond_ref.linalg.rank_one_update_eigh``): the path a captured CUDA
+step takes, since it calls no LAPACK routine and reads nothing on the host.
+
+The cell is the matrix's principled S-AdaGrad on the MLP (rank 2, a sketch smaller than every
+layer: each FD step truncates; refreshes every 3 steps), float64. Tolerances as in
+``test_path_equivalence.py``: RTOL between paths whose reductions may sum in another order, bit
+identity between a captured step and its eager run (the same arithmetic on the same values).
+Against the default decomposition (the SVD of the same core) the secular core's rounding is the
+Gram's (u s_0^2 on s^2, ``precond_ref.sketch.shrink_cutoff_tolerance``); through the 10 steps'
+inverse square roots of sketches whose smallest retained singular values are about 1e-2 of the
+largest, 1e-9 of the parameters bounds that with a margin of about 100 (measured 1e-11).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+import path_matrix as pm
+from test_path_equivalence import RTOL, TORCH_COMPILE, _close, _identical
+
+CELL = ("s_adagrad", "principled", "mlp")
+SECULAR = dict(decomposition="incremental_secular")
+GRAM_RTOL = 1e-9
+
+
+@pytest.fixture(scope="module")
+def core() -> list:
+    return pm.core_trajectory(*CELL, **SECULAR)
+
+
+def test_core_meets_the_default_decomposition(core):
+    _close(core, pm.core_trajectory(*CELL), GRAM_RTOL, "secular core vs the SVD core")
+
+
+def test_torch_eager(core):
+    _close(pm.torch_trajectory(*CELL, **SECULAR), core, RTOL, "torch eager vs the NumPy core")
+
+
+def test_torch_compiled(core):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager warns
+        got = pm.torch_trajectory(*CELL, compile=TORCH_COMPILE, **SECULAR)
+    _close(got, core, RTOL, "torch compiled vs the NumPy core")
+
+
+def test_torch_captured_without_a_refusal():
+    """The class accepts capture with this decomposition (no refusal lifted, unlike the matrix's
+    captured rows) and replays graphs (the CPU double of ``fake_graphs``), bit-identical to eager."""
+    from fake_graphs import fake_graphs
+
+    with fake_graphs() as graphs, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback from capture warns
+        got = pm.torch_trajectory(*CELL, capture=True, **SECULAR)
+    assert graphs.replays() > 0
+    _identical(got, pm.torch_trajectory(*CELL, **SECULAR), "torch captured vs torch eager")
+
+
+def test_cupy_captured(core):
+    """CuPy's captured step on NumPy arrays behind ``sync_guard`` (nothing read on the host)."""
+    got = pm.core_trajectory(*CELL, guarded=True, cupy_captured=True, **SECULAR)
+    _identical(got, pm.core_trajectory(*CELL, guarded=True, **SECULAR), "CuPy captured vs the eager core")
+    _close(got, core, RTOL, "CuPy captured vs the NumPy core")
+
+
+def test_jax_jit(core):
+    import jax.numpy as jnp
+
+    _close(pm.core_trajectory(*CELL, xp=jnp, jit=True, **SECULAR), core, RTOL, "the core under jax.jit vs NumPy")
