@@ -30,7 +30,7 @@ echo "profile rc $?"; grep -E "^== |Self CUDA time total|Self CPU time total" "$
 echo "== s_adagrad's secular core at $((SECONDS-T0)) s"
 # The FD core by the secular equation (no host read): per-call times against svd/eigh, then the reference GPT's
 # captured S-AdaGrad with it (bench --variants row "secular"; the target is 1.6x AdamW(fused)).
-timeout $(left 40) python3 "$ROOT/docs/data/gpu-next/secular_eigh.py" cuda 20 > "$OUT/secular_eigh.txt" 2>&1
+timeout $(left 40) python3 "$ROOT/records/gpu-next/secular_eigh.py" cuda 20 > "$OUT/secular_eigh.txt" 2>&1
 echo "secular rc $?"; cat "$OUT/secular_eigh.txt"
 timeout $(left 90) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 2 \
   --methods s_adagrad --variants --out /tmp/gpts --no-progress > "$OUT/bench_gpt_s_adagrad.txt" 2>&1
