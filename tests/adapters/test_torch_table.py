@@ -165,7 +165,8 @@ CORE_KWARGS = {
                 "max_precondition_dim": 4096, "precondition_1d": False, "block_size": None, "decomposition": None,
                 "momentum_ema": False, "tail_decay": None, "spread_refresh": None},
     "SAdaGrad": {"learning_rate": 0.01, "rank": 128, "delta": 0.0, "eps": None, "b2": 1.0, "momentum": 0.0,
-                 "weight_decay": 0.0, "block_size": None, "precondition_every": None, "spread_refresh": None},
+                 "weight_decay": 0.0, "block_size": None, "precondition_every": None, "spread_refresh": None,
+                 "decomposition": None},
 }
 for _kwargs in CORE_KWARGS.values():
     _kwargs.update(mode="principled", on_nonfinite="skip")
