@@ -127,7 +127,7 @@ def _apply(transform: Transform, grads: Any, state: Any, params: Any, due: tuple
     written in place (``{key: {name: array}}``) and the updates of 0-D parameters. Entries written in place are not returned: each output that
     aliases an input costs the compiled function's runtime wrapper a view per call, and the caller
     has them already. 0-D entries (state, and the updates of 0-D parameters) are returned instead
-    of written: torch 2.13 drops an in-place write into a 0-D float64 CPU input under
+    of written: torch drops an in-place write into a 0-D float64 CPU input under
     ``aot_eager`` and Inductor (``a.add_(1.0)`` leaves ``a`` unchanged), and they cost nothing.
     """
     with_ok = {} if ok is None else {"gradients_ok": ok}
@@ -361,7 +361,7 @@ def _apply_leaf(transform: Transform, ok: Any, g: Any, state: Any, w: Any, due: 
 #: (one graph per such shape) rather than for every size: TorchInductor's CPU code for a size it
 #: does not know ran a large embedding's step much slower than the code for its shape, and the
 #: step of a transformer's smaller matrices as fast; a model has few such leaves (embeddings,
-#: output layers), each worth its own graph (measured: records/first-step-2026-11-27/dasgo_leaf.txt).
+#: output layers), each worth its own graph (measured: docs/performance.md, "The first step at GPT-2-small").
 PER_SHAPE_MIN_ELEMENTS = 2**24
 
 

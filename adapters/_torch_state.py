@@ -287,7 +287,7 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
     expected = {
         k for k, v in opt.defaults.items()
         if k not in TORCH_ADDED_DEFAULTS and not (callable(v) and not isinstance(v, torch.Tensor))
-        and k not in getattr(opt, "added_since_first_release", ())  # a checkpoint of 0.1.0 lacks these
+        and k not in getattr(opt, "added_since_first_release", ())  # an older checkpoint lacks these
     }
     new_groups = []
     for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):

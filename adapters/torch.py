@@ -257,7 +257,7 @@ ASGO = _torch_class(
         _Arg("eps", None, "Optional[float]"),
         _Arg("root_method", None, "Optional[str]"),
         _Arg("root_steps", 10, "int"),
-        _Arg("precondition_every", None, "Optional[int]"),  # 0.1.0: 1; now the core's (2, spread)
+        _Arg("precondition_every", None, "Optional[int]"),  # None: the core's principled default (2, spread)
         _Arg("rms_target", 0.2, "Optional[float]"),
         _Arg("accumulator", "ema", "str"),
         _Arg("side", "auto", "str"),
@@ -447,7 +447,7 @@ Sketchy = _torch_class(
         _Arg("graft", "rmsprop", "str"),
         _Arg("graft_beta2", 0.999, "float", "graft_b2"),
         _Arg("graft_eps", 1e-23, "float"),
-        _Arg("precondition_every", None, "Optional[int]"),  # 0.1.0: 1; now the core's (3, spread)
+        _Arg("precondition_every", None, "Optional[int]"),  # None: the core's principled default (3, spread)
         _Arg("start_preconditioning_step", 0, "int"),
         _Arg("merge_dims", 1024, "int"),
         _Arg("max_precondition_dim", 4096, "int"),

@@ -220,10 +220,10 @@ def float32_sqrt(xp: Any, x: Array) -> Array:
 
 def hashable(value: Any) -> Any:
     """``value`` itself where its type is hashable, else a hashable stand-in equal for equal
-    values: the name of its type and its ``repr`` (CuPy 14's ``Device`` is unhashable, and its
+    values: the name of its type and its ``repr`` (CuPy's ``Device`` is unhashable, and its
     ``repr`` names the device, ``<CUDA Device 0>``). Hashability is read off the type
     (``__hash__ = None``, as ``collections.abc.Hashable`` reads it), not tried with ``hash``,
-    which dynamo before torch 2.13 cannot trace."""
+    which dynamo cannot always trace."""
     if type(value).__hash__ is None:
         return (type(value).__name__, repr(value))
     return value
@@ -414,7 +414,7 @@ class IdentityDict:
 
     Eagerly a dict by ``id(k)`` that holds ``k`` beside its value, so that no other object takes
     its ``id`` while it is here. Made under ``torch.compile``, a list of ``(k, value)`` searched
-    with ``is``: dynamo before torch 2.13 cannot trace ``id`` of a tensor made in the traced
+    with ``is``: dynamo cannot always trace ``id`` of a tensor made in the traced
     function, and the search runs while tracing only, not in the compiled step.
     """
 

@@ -172,7 +172,7 @@ def left_singular(a: Array) -> tuple[Array, Array]:
     return xp.astype(vectors, a.dtype), xp.astype(s, a.dtype)
 
 
-# The damped solvers below take a ``symmetrize`` flag, which shadows the function there.
+# damped_inverse takes a ``symmetrize`` flag (its public keyword), which shadows the function there.
 _symmetric_part = symmetrize
 
 
@@ -266,9 +266,6 @@ def _torch_inverse_without_host_check(a: Array) -> Array:
     result, info = torch.linalg.inv_ex(a)
     return torch.where((info == 0)[..., None, None], result, math.nan)
 
-
-# The damped inverses below call their result ``inverse``, which shadows the function there.
-_matrix_inverse = inverse
 
 
 def identity_like(a: Array) -> Array:
@@ -701,13 +698,13 @@ def damped_inverse(
     finite_in = all_finite(matrices, axis=(-2, -1))
     damped = xp.where(finite_in[..., None, None], matrices + damping * eye, eye)
     try:
-        inverse = _matrix_inverse(xp, damped)
+        result = inverse(xp, damped)
     except ValueError:  # NumPy's LinAlgError on an exactly singular block (torch and JAX give Inf/NaN)
-        inverse = xp.full(damped.shape, xp.nan, dtype=damped.dtype, device=placement(xp, damped))
+        result = xp.full(damped.shape, xp.nan, dtype=damped.dtype, device=placement(xp, damped))
     if symmetrize:
-        inverse = _symmetric_part(inverse)
-    ok = xp.logical_and(finite_in, all_finite(inverse, axis=(-2, -1)))
-    return xp.where(ok[..., None, None], inverse, previous), xp.logical_not(ok)
+        result = _symmetric_part(result)
+    ok = xp.logical_and(finite_in, all_finite(result, axis=(-2, -1)))
+    return xp.where(ok[..., None, None], result, previous), xp.logical_not(ok)
 
 
 #: Relative accuracy :func:`damped_inverse_stable` guarantees for its LU inverses: the damping is
@@ -778,15 +775,15 @@ def damped_inverse_stable(
     """
     xp = array_namespace(matrices, previous)
     finite_in = all_finite(matrices, axis=(-2, -1))
-    safe = xp.where(finite_in[..., None, None], _symmetric_part(matrices), xp.zeros_like(matrices))
+    safe = xp.where(finite_in[..., None, None], symmetrize(matrices), xp.zeros_like(matrices))
     floor = (xp.finfo(safe.dtype).eps / accuracy) * _frobenius_norm(xp, safe)
     requested = xp.zeros_like(floor) + damping
     raised = floor > requested
     lam = xp.where(raised, floor, requested)
     damped = safe + lam[..., None, None] * identity_like(safe)  # SPD: F PSD, lam_b > 0
-    inverse = _symmetric_part(_matrix_inverse(xp, damped, symmetric_positive_definite=True))
-    ok = xp.logical_and(finite_in, all_finite(inverse, axis=(-2, -1)))
-    return xp.where(ok[..., None, None], inverse, previous), xp.logical_or(xp.logical_not(ok), raised)
+    result = symmetrize(inverse(xp, damped, symmetric_positive_definite=True))
+    ok = xp.logical_and(finite_in, all_finite(result, axis=(-2, -1)))
+    return xp.where(ok[..., None, None], result, previous), xp.logical_or(xp.logical_not(ok), raised)
 
 
 # --------------------------------------------------------------------------------------------

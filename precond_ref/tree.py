@@ -8,10 +8,9 @@ Adapters with richer tree types (JAX pytrees, torch param groups) translate to t
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Hashable, NamedTuple
 
-from ._backend import IdentityDict, torch_compiling
+from ._backend import torch_compiling
 
 __all__ = [
     "Path",
@@ -22,7 +21,7 @@ __all__ = [
     "path_str",
     "to_entries",
     "from_entries",
-    "cached_template",
+    "filled",
 ]
 
 Path = tuple[Hashable, ...]
@@ -157,38 +156,27 @@ def from_entries(template: Any, entries: Any) -> Any:
     template: ``None`` is an empty subtree; use any non-``None`` placeholder such as ``0``).
     A missing entry raises ``KeyError`` naming it.
     """
-    tracing = torch_compiling()  # dynamo cannot carry a container's id across a graph break
-    cached = None if tracing else _TEMPLATES.get(template)
-    if cached is None:
-        treedef = tree_flatten(template)[1]
-        cached = (treedef, tuple(path_str(path) for path in treedef.paths))
-        if isinstance(template, tuple) and not tracing:  # not a dict, which could change once cached
-            if len(_TEMPLATES) >= 4096:
-                _TEMPLATES.clear()
-            _TEMPLATES[template] = cached
-    treedef, keys = cached
+    return _filled(_filler(template), entries)
+
+
+def filled(fillers: dict, key: Hashable, template: Callable[[], Any], entries: Any) -> Any:
+    """``from_entries(template(), entries)``, the template's structure read once per ``key`` and
+    kept in ``fillers``, a dict of the caller's (a transform's own, filled every step, dropped with
+    it). While dynamo traces, read anew: the same structure, at trace time only."""
+    if torch_compiling():
+        return from_entries(template(), entries)
+    filler = fillers.get(key)
+    if filler is None:
+        filler = fillers[key] = _filler(template())
+    return _filled(filler, entries)
+
+
+def _filler(template: Any) -> tuple:
+    """``template``'s structure and its entries' keys, in order."""
+    treedef = tree_flatten(template)[1]
+    return treedef, tuple(path_str(path) for path in treedef.paths)
+
+
+def _filled(filler: tuple, entries: Any) -> Any:
+    treedef, keys = filler
     return tree_unflatten(treedef, [entries[key] for key in keys])
-
-
-# from_entries's tuple templates by identity (an IdentityDict keeps each template, so its id is
-# not reused): a method's layouts are cached objects (cached_template) filled every step; equal
-# NamedTuples of different types (equal as tuples) must not share an entry.
-_TEMPLATES = IdentityDict()
-
-
-def cached_template(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``functools.lru_cache(maxsize=None)(fn)``, except while dynamo traces: then ``fn`` itself.
-
-    A method's state layouts (:func:`from_entries`' templates) are made once per layout so that
-    :func:`from_entries` finds them by identity. Dynamo warns on every ``lru_cache``-wrapped call
-    it traces (a ``UserWarning`` a ``compile=True`` user would see on the first step), and
-    :func:`from_entries` does not cache a template while tracing, so a traced call builds the
-    template afresh: the same structure, at trace time only.
-    """
-    cached = functools.lru_cache(maxsize=None)(fn)
-
-    @functools.wraps(fn)
-    def template(*args: Any) -> Any:
-        return fn(*args) if torch_compiling() else cached(*args)
-
-    return template

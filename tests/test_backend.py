@@ -294,7 +294,7 @@ def test_computed_once_is_the_value_itself(compiler):
 
 # Spellings of the two hyperparameter helpers that _backend holds once. S-AdaGrad's faithful-mode
 # refusal (methods/sketchy.py) still has a local is_number and `is_number(v) and v != 0`; it is
-# another change's file (issue 32), listed here until that change moves it onto _backend.
+# another change's file, listed here until that change moves it onto _backend.
 _ALLOWED_SPELLINGS = {("precond_ref/methods/sketchy.py", "def is_number"), ("precond_ref/methods/sketchy.py", "zero test")}
 
 
@@ -329,7 +329,7 @@ def _other_spellings(source: str):
 
 def test_hyperparameter_helpers_are_spelled_once():
     """``_backend.is_number``, ``is_zero`` and ``as_operand`` are the one spelling of their test or
-    conversion in the package [issue 32: one "statically zero" and one "as an operand" helper]:
+    conversion in the package (one "statically zero" and one "as an operand" helper):
     no module of ``precond_ref/`` or ``adapters/`` defines a function of those names again, writes
     ``isinstance(v, numbers.Real) and not isinstance(v, bool)``, ``is_number(v) and v == 0`` (or
     ``!=``), or ``type(v) in (int, float)``. The checker itself is checked on those spellings."""

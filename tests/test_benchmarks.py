@@ -437,7 +437,7 @@ def test_rounds_keep_each_rows_lowest_median_and_its_first_compile():
 
 
 def test_bench_takes_compares_device_option(tmp_path, capsys):
-    """Issue 33, item 9: ``bench --device`` is accepted (it used to be refused by the top-level
+    """``bench --device`` is accepted (it used to be refused by the top-level
     parser) and checked like ``compare --device``: a CUDA device on a machine without one is a
     one-line error, and ``--device cpu`` keeps the torch rows on the CPU even where a GPU exists."""
     import torch

@@ -189,7 +189,7 @@ def test_table_entries_are_well_formed():
 
 
 def test_defaults_are_the_tuned_protocol():
-    """Issue 15's protocol is the default: tuning on, a 5-7 point grid centred on the paper's value,
+    """The protocol is the default: tuning on, a 5-7 point grid centred on the paper's value,
     3 seeds, a validation split of the training set."""
     import argparse
 
@@ -248,7 +248,7 @@ def test_sweep_keeps_the_lowest_validation_loss_and_flags_edges_and_divergence()
 
 
 def test_sweep_chooses_by_the_median_over_seeds_so_a_rate_failing_one_seed_loses():
-    """Issue 33, item 3: a rate that trains best for seed 0 but collapses for seed 1 (ends at its
+    """A rate that trains best for seed 0 but collapses for seed 1 (ends at its
     initial loss) must not win over one that trains for both; the score is the median over the
     sweep's seeds, a failed run scoring +inf."""
     entry = entry_by_name("adam")
@@ -299,7 +299,7 @@ def _fake_sweep_job(best_exponent, diverge_above=None):
     ],
 )
 def test_sweep_extends_the_grid_past_a_winning_edge(best, diverge_above, extra, grid_exponents, edge, tmp_path, capsys, monkeypatch):
-    """Issue 33, item 2: a winner at an end of the grid sends the sweep one sqrt(10) step further
+    """A winner at an end of the grid sends the sweep one sqrt(10) step further
     that way, round after round, until the winner is inside the grid or the next rate diverges, at
     most --max-extra-rates times; a rate still at an edge then is marked so in the table."""
     full = digits.load_digits_split
@@ -321,7 +321,7 @@ def test_sweep_extends_the_grid_past_a_winning_edge(best, diverge_above, extra, 
 
 
 def test_a_collapsed_run_is_flagged_and_never_averaged():
-    """Issue 33, item 1: a run that ends at or above its initial loss, or at chance accuracy, or
+    """A run that ends at or above its initial loss, or at chance accuracy, or
     diverged, is a failure: counted, its cells saying "k of 3 seeds failed", the mean taken over
     nothing it produced. The chance line is 1/10 plus 3 binomial standard deviations on the
     evaluation set (a guesser stays below it with probability 0.999)."""
@@ -442,7 +442,7 @@ def test_cli_user_errors(argv, message, tmp_path, capsys):
 
 
 def test_methods_are_named_by_name_or_label_in_any_case_and_rf_adamw_is_compared():
-    """Issue 33, item 9: --methods takes the table's own labels (AGD, RF-RMSProp) in any case, and
+    """--methods takes the table's own labels (AGD, RF-RMSProp) in any case, and
     compare runs RF-AdamW like bench and trace do."""
     entries, skipped = compare.resolve_methods("AGD, rf_adamw,RF-RMSProp,Sgd-Momentum,agd")
     assert [e.name for e in entries] == ["agd", "rf_adamw", "rf_rmsprop", "sgd_momentum"] and skipped == []
@@ -556,7 +556,7 @@ def test_progress_bar_is_off_when_stderr_is_not_a_terminal(capsys):
 
 
 def test_progress_lines_in_every_phase_when_stderr_is_not_a_terminal(capsys):
-    """Issue 33, item 8: in a log (stderr not a TTY) each phase, the final runs included, prints a
+    """In a log (stderr not a TTY) each phase, the final runs included, prints a
     line at every tenth of its runs; --no-progress prints nothing."""
     progress = compare._Progress(100, enabled=True)
     for phase, jobs in (("sweep", 30), ("final", 20)):
@@ -614,7 +614,7 @@ def _fake_report(models=("mlp", "autoencoder"), seeds=3, epochs=6):
 
 
 def test_plot_shows_seed_bands_chosen_rates_and_a_legend_off_the_curves():
-    """Issue 15: mean curves with a band for the seeds, each method's chosen learning rate in the
+    """Mean curves with a band for the seeds, each method's chosen learning rate in the
     legend, and legends that cover no curve (drawn outside every panel)."""
     pytest.importorskip("matplotlib")
     from matplotlib.collections import PolyCollection
@@ -646,7 +646,7 @@ def test_plot_shows_seed_bands_chosen_rates_and_a_legend_off_the_curves():
 
 
 def test_plot_tells_eleven_methods_apart_shows_every_epoch_and_flags_failed_runs():
-    """Issue 33, item 7 (and item 1 for the plot): every method of the table has its own colour
+    """Every method of the table has its own colour
     and its own (line style, marker) pair; the epoch axis has whole-number ticks; the classifier's
     bottom panel (test error, log scale) shows every epoch's point, the first included; a failed
     seed is not in the mean: it is drawn apart (dotted) and the legend counts it."""
@@ -713,7 +713,7 @@ def test_commands_name_their_extra_without_numpy(argv, expected, code):
 
 
 def test_timing_explains_a_wall_time_longer_than_the_cpu_time_needs():
-    """Issue 33, item 5 (no contradictory numbers): a run on a busy machine prints a wall time far
+    """No contradictory numbers: a run on a busy machine prints a wall time far
     above its idle-core estimate; the line then says why, instead of leaving two numbers that disagree."""
     base = {"job_count": 3, "settings": {"jobs": 2}}
     busy = report.timing({**base, "total_s": 1900.0, "cpu_s": {"main": 1.0, "workers": 380.0, "quiet_wall_estimate": 191.0}})

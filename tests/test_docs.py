@@ -99,7 +99,7 @@ def test_site_builds_strictly(built_site):
         assert "\\(" not in text and "\\[" not in text, f"{html}: TeX left unrendered"
     agd = (site / "methods" / "agd" / "index.html").read_text()
     assert agd.count("<math") >= 10 and 'class="arithmatex"' in agd
-    # Issue 33: inside an aligned system, '&' is alignment, never text, and '\\' starts a row.
+    # Inside an aligned system, '&' is alignment, never text, and '\\' starts a row.
     aligned = 0
     for html in site.rglob("*.html"):
         for math_ml in re.findall(r"<math.*?</math>", html.read_text(), re.S):
@@ -180,7 +180,7 @@ def _hooks():
 
 
 def test_aligned_math_renders_as_a_table_without_literal_ampersands():
-    """Issue 33, item 4: latex2mathml has no ``aligned`` environment; it printed each alignment '&'
+    """Latex2mathml has no ``aligned`` environment; it printed each alignment '&'
     as a literal and dropped the ``\\`` row breaks, so every method page's system of equations
     came out on one line. The hook renders it as an <mtable>: one <mtr> per row, the cells split at
     '&' and aligned right, left, right, ... like TeX's aligned."""
@@ -201,7 +201,7 @@ def test_aligned_math_renders_as_a_table_without_literal_ampersands():
 
 
 def test_the_sites_readme_page_is_the_readme_with_working_links():
-    """Issue 33, item 7: the docs' README page was a stub; it now renders the repository's README,
+    """The docs' README page was a stub; it now renders the repository's README,
     every relative link rewritten to where it leads from docs/readme.md (docs/X -> X, any other
     file of the repository -> GitHub), and each rewritten site link names a file of docs/."""
     hooks = _hooks()

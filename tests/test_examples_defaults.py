@@ -1,4 +1,4 @@
-"""Issue 33, item 6: the examples' command lines end cleanly on a machine without the device asked
+"""The examples' command lines end cleanly on a machine without the device asked
 for, and their per-optimizer default learning rates are the measured ones."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _measurement_table(path: pathlib.Path) -> dict:
 def test_example_default_rates_are_the_measured_ones(script):
     """Every optimizer the example offers has a row in the measurement table in its source (from
     examples/measure_rates.py), its default rate is the row's starred rate, the starred rate has the
-    row's lowest loss, and it is not at an end of the row: issue 33 (items 2 and 6) asks for a grid
+    row's lowest loss, and it is not at an end of the row: the rule is a grid
     extended past an edge until the best rate is interior, or the next rate fails (an ``inf`` cell),
     so that no default is a rate the measurement could not tell from a better one further out. The
     JAX example, the same model on the same text, uses the torch measurement's rates."""
@@ -77,8 +77,8 @@ def test_root_free_examples_train_at_their_default_rate(optimizer, tmp_path, cap
     """At the old default (3e-3) RF-RMSProp barely trained (4.24 after 300 steps of the default
     model, uniform being 4.74; on this tiny model the mean of the last 8 of 40 steps is 0.03 above
     the first loss, 4.94, for both root-free methods). At the measured default (1 and 3) the tiny
-    model's loss falls by more than 0.3 in 40 steps (measured: 1.39 and 1.40, with the docs of
-    commit 2b73586 as the text)."""
+    model's loss falls by more than 0.3 in 40 steps (measured: 1.39 and 1.40, with the
+    docs as the text)."""
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     module = _load("char_lm_torch")

@@ -115,7 +115,7 @@ def test_the_graph_sees_the_known_imports():
 @pytest.mark.parametrize("module", BOTTOM)
 def test_bottom_modules_import_neither_the_contract_nor_the_methods(module):
     """The shims, trees, matrix numerics and sketches sit below the contract: none imports
-    ``transform`` or a method module (issue 32, item 2)."""
+    ``transform`` or a method module."""
     above = {m for m in GRAPH[module] if m == "precond_ref.transform" or m.startswith("precond_ref.methods")}
     assert above == set(), f"{module} imports {sorted(above)}"
 
@@ -130,7 +130,7 @@ def test_backend_imports_nothing_from_the_package():
 
 
 def test_no_import_circle_in_the_house():
-    """No circle of imports among the modules of ``precond_ref`` and its adapters (issue 32, "the
+    """No circle of imports among the modules of ``precond_ref`` and its adapters ("the
     house has no import circle"): the torch adapter's modules stack ``_torch_state``,
     ``_torch_compile`` -> ``_torch_capture`` -> ``_torch_core`` -> ``torch`` -> ``torch_distributed``."""
     assert cycles(GRAPH) == []

@@ -112,7 +112,7 @@ def test_solve_matches_sherman_morrison(backend, dtype):
 
 
 # ------------------------------------------------------------------------------------------------
-# Large ‖F‖/λ (issue 16 item 2): the damping below the rounding of F. damped_inverse_stable raises
+# Large ‖F‖/λ: the damping below the rounding of F. damped_inverse_stable raises
 # it to the precision floor τ‖F‖_F, τ = ε/accuracy, branch-free.
 
 

@@ -1,4 +1,4 @@
-"""The skip rule for bad gradients, on every method (issue 16, item 3).
+"""The skip rule for bad gradients, on every method.
 
 A float32 gradient entry of 1.8e19 is finite, but its square overflows: before the rule, AGD, ASGO,
 DASGO, Sketchy, RF-RMSProp and RF-AdamW kept +Inf in their state forever with ``nonfinite_count``

@@ -66,7 +66,7 @@ def test_testing_toolkit_imports_array_libraries_only_lazily():
 
 
 def test_license_changelog_and_extras_a_new_user_needs():
-    """Issue 15: the license pyproject names ships as a file; a changelog exists; the torch extra
+    """The license pyproject names ships as a file; a changelog exists; the torch extra
     (what docs/validating.md installs) brings NumPy, which the validation toolkit needs."""
     import tomllib
 

@@ -588,7 +588,7 @@ def _rotate_null_spaces(monkeypatch, xp, seed=0):
 @pytest.mark.parametrize("path", ["svd", "qr_svd", "gram", "incremental", "incremental_gram"])
 @pytest.mark.parametrize("faithful", [True, False])
 def test_answer_does_not_depend_on_the_null_space_basis(path, faithful, monkeypatch):
-    """Issue 16 item 5: while the sketch is not full (rank-deficient early steps, a vector with
+    """While the sketch is not full (rank-deficient early steps, a vector with
     rank 3), the decomposition's null space has no preferred basis, and CuPy's, NumPy's and torch's
     differ. The sketch, the weights and the preconditioned direction must not depend on it:
     rounding-level directions join the complement (both modes). Checked by rotating every null
@@ -1006,20 +1006,25 @@ def test_left_singular_by_gram_is_the_svd_at_the_gram_accuracy(dtype):
 
 
 def test_constants_of_the_fd_step_do_not_collide_with_other_cached_constants():
-    """The FD step's [I; 0] ((k + m) x k, ``sketch._eye``) comes from the process-wide cache of
-    constants (``engine.factors.constant``), which other modules fill too: an identity ``scale·I``
-    of ``engine.factors.identity`` made first (its key of size and scale 1.0 once equalled the FD
-    step's for a column count 1) must not be handed back for it (a (2, 2) identity turned a (3, 1)
-    basis into (3, 2)); nor does any other maker with an equal key get it (the maker is in the key)."""
-    from precond_ref.engine.factors import identity
+    """The FD step's [I; 0] ((k + m) x k, ``sketch._eye``) comes from the cache of constants a
+    transform keeps (``engine.factors.constant`` within ``keeping_constants``), which other modules
+    fill too: an identity ``scale·I`` of ``engine.factors.identity`` made first (its key of size and
+    scale 1.0 equals the FD step's in value for a column count 1) must not be handed back for it (a
+    (2, 2) identity would turn a (3, 1) basis into (3, 2)); nor does any other maker with an equal
+    key get it (the maker is in the key). What is kept is in the transform's dict alone: outside
+    it, a constant is made anew."""
+    from precond_ref.engine.factors import constant, identity, keeping_constants
     from precond_ref.sketch import _eye
 
     factors = np.zeros((1, 2, 2))  # a stack of one 2 x 2 factor
-    np.testing.assert_array_equal(identity(np, factors), np.eye(2))
-    np.testing.assert_array_equal(_eye(np, 2, 1, factors), np.eye(2, 1))
-    from precond_ref.engine.factors import constant
-
-    first = constant(np, ("same key",), lambda: np.zeros(1), factors)
-    second = constant(np, ("same key",), lambda: np.ones(2), factors)
+    kept: dict = {}
+    with keeping_constants(kept):
+        np.testing.assert_array_equal(identity(np, factors), np.eye(2))
+        np.testing.assert_array_equal(_eye(np, 2, 1, factors), np.eye(2, 1))
+        first = constant(np, ("same key",), lambda: np.zeros(1), factors)
+        second = constant(np, ("same key",), lambda: np.ones(2), factors)
+        assert identity(np, factors) is identity(np, factors)
     np.testing.assert_array_equal(first, np.zeros(1))
     np.testing.assert_array_equal(second, np.ones(2))
+    assert len(kept) == 4
+    assert identity(np, factors) is not identity(np, factors)

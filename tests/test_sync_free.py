@@ -1,4 +1,4 @@
-"""Every method's ``update`` runs without host synchronisation (issue 12, item 1).
+"""Every method's ``update`` runs without host synchronisation.
 
 On a GPU a step stalls the device queue whenever the host reads a device value or copies host data
 into a device array. The core must do neither once the caller says on which call it is

@@ -142,16 +142,20 @@ def test_unpick_interleaves_the_phases_of_equal_tiles(k, phases):
 def test_index_arrays_of_a_take_are_made_once():
     """``index_array`` (the index array of an irregular pick) is made from host data, a copy to the
     device on an accelerator (an eager CUDA step would wait for it): it is made once per
-    namespace, device and positions and kept, so a step of a ragged group makes no new one."""
+    namespace, device and positions and kept by the transform (``keeping_constants``), so a step of
+    a ragged group makes no new one."""
     torch = pytest.importorskip("torch")
     from array_api_compat import array_namespace
 
+    from precond_ref.engine.factors import keeping_constants
+
     x = torch.zeros(3)
     xp = array_namespace(x)
-    first = tiling.index_array(xp, (2, 0, 1), x)
-    assert first.tolist() == [2, 0, 1] and first.dtype == torch.int64
-    assert tiling.index_array(xp, (2, 0, 1), x) is first
-    assert tiling.index_array(xp, (0, 2, 1), x) is not first
+    with keeping_constants({}):
+        first = tiling.index_array(xp, (2, 0, 1), x)
+        assert first.tolist() == [2, 0, 1] and first.dtype == torch.int64
+        assert tiling.index_array(xp, (2, 0, 1), x) is first
+        assert tiling.index_array(xp, (0, 2, 1), x) is not first
 
 
 def test_per_tile_scales_each_tile_by_its_groups_value():
@@ -283,7 +287,7 @@ def test_leaves_of_batches_is_the_joins(library, rng):
     for shapes in members_of:
         full, dims = grouped_shape(shapes, True)
         plan = tiling.stack_plan(tiling.tile_plan(dims, [False] * len(dims), 4, 2, True))
-        groups.append(tiling._Group(None, shapes, full, True, plan, None, tiling.numbered((tuple(shapes), True, plan))))
+        groups.append(tiling._Group(None, shapes, full, True, plan, None, len(groups)))
         for s, st in enumerate(plan.stacks):
             parts.append(((len(groups) - 1, s), rng.normal(size=(len(st.tiles),) + tiling.tile_shape(plan.tiles[st.tiles[0]]))))
     if library == "torch":
@@ -328,7 +332,7 @@ def test_tiles_of_groups_are_the_cuts(library, rng):
     for shapes in members_of:
         full, dims = grouped_shape(shapes, True)
         plan = tiling.stack_plan(tiling.tile_plan(dims, [False] * len(dims), 4, 2, True))
-        groups.append(tiling._Group(grads[0][0].dtype, shapes, full, True, plan, None, tiling.numbered((tuple(shapes), True, plan))))
+        groups.append(tiling._Group(grads[0][0].dtype, shapes, full, True, plan, None, len(groups)))
         keys.append([tiling.tile_shape(plan.tiles[st.tiles[0]]) for st in plan.stacks])
     got = tiling.tiles_of_groups(xp, grads, groups, keys)
     want = tiling._cut_each(xp, grads, groups)
@@ -355,7 +359,7 @@ def test_gathers_only_below_their_bound(monkeypatch):
         full, dims = grouped_shape([tuple(g.shape)], True)
         plan = tiling.stack_plan(tiling.tile_plan(dims, [False, False], 4, 2, True))
         groups.append(tiling._Group(torch.float64, [tuple(g.shape)], full, True, plan, None,
-                                    tiling.numbered(((tuple(g.shape),), True, plan))))
+                                    len(groups)))
     xp, keys = array_namespace(grads[0][0]), [[0, 0], [0, 0]]
     assert tiling.gathering(xp, [g for (g,) in grads])
     monkeypatch.setattr(tiling, "GATHER_MAX_ELEMENTS", 8 * 12 + 8 * 8 - 1)

@@ -305,7 +305,7 @@ def test_numpy_scalar_hyperparameters_on_strict():
 
 
 def test_matmul_precision_is_explicit_on_jax_and_torch():
-    """Issue 13 item 4 / issue 16 item 4: every float32 product of a step runs at the transform's
+    """Every float32 product of a step runs at the transform's
     precision whatever the backend default (JAX picks TF32 on GPUs) or the process-wide torch
     setting. On a CPU the precision changes no digit, so the check reads what the step records:
     every dot of ASGO's traced JAX step carries precision HIGHEST, and a torch step sees
@@ -344,7 +344,7 @@ def test_matmul_precision_is_explicit_on_jax_and_torch():
         build_transform(name="toy", init_group=init_group, update_group=update_group, matmul_precision="tf32")
 
 
-# Issue 16 item 13: update without params names gradients that do not fit the state.
+# Update without params names gradients that do not fit the state.
 _WITHOUT_PARAMS = {
     "agd": lambda: pr.agd(learning_rate=0.1),
     "asgo": lambda: pr.asgo(learning_rate=0.1, weight_decay=0.0),
@@ -407,7 +407,7 @@ def test_s_adagrad_without_momentum_names_a_transposed_gradient_by_the_shapes_in
 @pytest.mark.parametrize("method", sorted(_WITHOUT_PARAMS))
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
 def test_skipped_nonfinite_step_prints_no_numpy_warning(method, bad):
-    """Issue 16 item 14: a skipped non-finite step computes nothing from the Inf/NaN (7 of 9
+    """A skipped non-finite step computes nothing from the Inf/NaN (7 of 9
     methods printed NumPy RuntimeWarnings); it is still skipped and counted."""
     import warnings
 
@@ -666,8 +666,7 @@ def test_per_step_scalars_are_made_once_per_update(name):
     Counted by torch's dispatcher over 0-D results between models with 2 and 6 bias vectors (the
     matrix methods' fallback Adam, MBF's diagonal rule): a leaf keeps none (the skip test's sums of
     squares are one ``_foreach_powsum`` for all leaves, which returns a list; MBF's ``-lr`` is made
-    once per update since issue 35). Before, each fallback leaf made about ten 0-D arrays (kernel
-    launches on a GPU), then one (its own sum of squares)."""
+    once per update)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 

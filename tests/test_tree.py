@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from precond_ref.tree import cached_template, from_entries, path_str, to_entries, tree_flatten
+from precond_ref.tree import filled, from_entries, path_str, to_entries, tree_flatten
 
 
 class _A(NamedTuple):
@@ -40,8 +40,7 @@ def test_to_entries_is_path_str_of_each_leaf_in_flatten_order():
 
 
 def test_from_entries_keeps_templates_of_equal_values_apart():
-    """Templates are cached by identity: two NamedTuple types with equal values (equal as tuples)
-    each get their own structure, and a template made again (a new object) is filled as the first."""
+    """Two NamedTuple types with equal values (equal as tuples) each get their own structure."""
     a, b = _A(x=0, y=(0, 0)), _B(p=0, q=(0, 0))
     assert a == b  # equal tuples: a cache keyed by value would mix them up
     assert from_entries(a, {"x": 1, "y/0": 2, "y/1": 3}) == _A(1, (2, 3))
@@ -50,34 +49,39 @@ def test_from_entries_keeps_templates_of_equal_values_apart():
     assert from_entries({"k": a}, {"k/x": 1, "k/y/0": 2, "k/y/1": 3}) == {"k": _A(1, (2, 3))}
 
 
-def test_cached_template_is_one_object_per_key_and_traces_without_warning():
-    """``cached_template(fn)`` is ``lru_cache(fn)`` eagerly (one object per arguments, which
-    ``from_entries`` then finds by identity) and ``fn`` itself under dynamo, which warns on every
-    ``lru_cache``-wrapped call it traces (what a ``compile=True`` user of Sketchy, S-AdaGrad and
-    IF-Shampoo saw on the first step)."""
-    import functools
+def test_filled_makes_a_template_once_per_key_in_the_callers_dict():
+    """``filled(fillers, key, template, entries)`` is ``from_entries(template(), entries)``, the
+    template made and read once per key and kept in the caller's ``fillers`` (nothing kept
+    elsewhere); templates of equal values under their own keys keep their types."""
+    fillers, calls = {}, []
+
+    def template_of(kind):
+        calls.append(kind)
+        return kind(0, (0, 0))
+
+    for _ in range(2):
+        assert filled(fillers, "a", lambda: template_of(_A), {"x": 1, "y/0": 2, "y/1": 3}) == _A(1, (2, 3))
+        assert type(filled(fillers, "b", lambda: template_of(_B), {"p": 1, "q/0": 2, "q/1": 3})) is _B
+    assert calls == [_A, _B] and list(fillers) == ["a", "b"]
+
+
+def test_filled_traces_under_dynamo_without_warning():
+    """Under dynamo (``fullgraph``: no graph break) ``filled`` gives the same fields, warns of
+    nothing, and keeps nothing (the template is read at trace time only)."""
     import warnings
 
     import pytest
 
     torch = pytest.importorskip("torch")
-    calls = []
+    fillers: dict = {}
 
-    def layout(n: int) -> _A:
-        calls.append(n)
-        return _A(x=(0,) * n, y=0)
-
-    cached = cached_template(layout)
-    assert cached(2) is cached(2) and cached(3) == _A((0, 0, 0), 0) and calls == [2, 3]
-
-    def step(template_of, v):
-        state = from_entries(template_of(2), {"x/0": v, "x/1": v * 2.0, "y": v * 3.0})
+    def step(v):
+        state = filled(fillers, 2, lambda: _A(x=(0, 0), y=0), {"x/0": v, "x/1": v * 2.0, "y": v * 3.0})
         return state.x[0] + state.x[1] + state.y
 
-    for template_of, warns in ((cached, False), (functools.lru_cache(maxsize=None)(layout), True)):
-        torch._dynamo.reset()
-        compiled = torch.compile(functools.partial(step, template_of), fullgraph=True, backend="eager")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert float(compiled(torch.tensor(1.0))) == 6.0
-        assert any("lru_cache" in str(w.message) for w in caught) == warns
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(compiled(torch.tensor(1.0))) == 6.0
+    assert not fillers

@@ -20,7 +20,7 @@ everything around it, the same way for every method:
 * **dtypes and operands**: updates cast back to the parameters' dtypes, per-step values computed
   once for all groups (:meth:`~precond_ref.engine.context.StepContext.once`), the float32 matmul
   precision of the step, a rule's batch size and state dtype (:mod:`~precond_ref.engine.options`);
-* **migration**: a state saved under an earlier version's entry names renamed on the way in
+* **migration**: a state saved under older entry names renamed on the way in
   (``legacy_names``), with a hint for a state saved under another layout (``layout_hint``);
 * **the state's invariants**: a step never changes an entry's shape or dtype, never aliases two
   entries, never writes a NaN or Inf into the parameters.

@@ -37,7 +37,7 @@ from .._backend import (array_device, cast, compute_dtype, cond, device_key, is_
                         vector_norms)
 from ..blocking import Stack, same_layout, block_bounds, roll_first_axis_last, spread_schedule, stack, unfold, unstack
 from ..transform import Transform
-from ..tree import cached_template, from_entries, to_entries
+from ..tree import filled, to_entries
 from .context import StepContext
 from .factors import constant
 from .tiles import taken
@@ -123,17 +123,17 @@ def leaf_plan(
 
 
 def axis_leaves(
-    xp: Any, grads: Sequence[tuple], states: Sequence[dict], plan_for: Callable, layout: Callable, phases: int,
+    xp: Any, grads: Sequence[tuple], states: Sequence[dict], plan_for: Callable, state_of: Callable, phases: int,
 ) -> list[tuple]:
     """Each group's one leaf as ``(g, plan, state)``: its gradient in the compute dtype, its plan
     ``plan_for(shape, first_phase)`` (the first of ``phases`` refresh phases from its shape,
     :func:`precond_ref.engine.phases.shape_phase`) and its stored entries as the rule's state,
-    ``from_entries(layout(plan), entries)``."""
+    ``state_of(plan, entries)``."""
     leaves = []
     for (leaf,), entries in zip(grads, states):
         g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
         plan = plan_for(tuple(g.shape), shape_phase(tuple(g.shape), phases))
-        leaves.append((g, plan, from_entries(layout(plan), entries)))
+        leaves.append((g, plan, state_of(plan, entries)))
     return leaves
 
 
@@ -579,16 +579,16 @@ def axis_legacy_names(group: str, fields: Sequence[str], marker: str) -> Callabl
 
 
 def unblocked_hint(name: str, block_size: int, field: str, found: dict, layout: dict) -> str:
-    """``build_transform``'s ``layout_hint`` for a method whose default ``block_size`` changed from
-    unblocked: for a state saved unblocked (an axis's ``field`` entry of shape ``(d, k)``), the
-    ``block_size`` that loads it, its longest axis."""
+    """``build_transform``'s ``layout_hint`` for a method whose principled default blocks its axes:
+    for a state saved unblocked (an axis's ``field`` entry of shape ``(d, k)``), the ``block_size``
+    that loads it, its longest axis."""
     unblocked = [shape[0] for key, (shape, _) in found.items() if key.endswith("/" + field) and len(shape) == 2]
     if not unblocked or found == layout:
         return ""
     return (
-        f". {name}'s principled block_size now defaults to {block_size} (before: unblocked "
-        f"sketches): a state saved with the earlier default loads with block_size={max(unblocked)} (its "
-        "longest axis, or larger), and follows the earlier trajectory with precondition_every=1 too"
+        f". {name}'s principled block_size defaults to {block_size}: a state saved with unblocked sketches "
+        f"loads with block_size={max(unblocked)} (its longest axis, or larger), and follows the trajectory it "
+        "was saved on with precondition_every=1 too"
     )
 
 
@@ -648,7 +648,6 @@ def resolve_schedule(
     return principled_block_size if block_size is None else block_size, spread_schedule(every, spread_refresh is not False)
 
 
-@cached_template
 def _template(state: type, block: type, graft_moment: bool, momentum: bool, plan: Optional[LeafPlan]) -> tuple:
     """The structure of a leaf's state with placeholder leaves (``from_entries``'s template)."""
     sketches = tuple(tuple(block(*(0,) * len(block._fields)) for _ in axis.runs) for axis in plan.axes) if plan else ()
@@ -683,10 +682,14 @@ def _axes_transform(
     )
 
 
-def _leaves(rule: AxesRule, c: Any, xp: Any, grads: Sequence[tuple], states: Sequence[dict]) -> list[tuple]:
-    """:func:`axis_leaves` of the rule's plans and state layout."""
-    layout = functools.partial(_template, rule.State, rule.Block, rule.graft is not None, c.has_momentum)
-    return axis_leaves(xp, grads, states, functools.partial(rule.plan, c), layout, len(c.dues))
+def _leaves(rule: AxesRule, c: Any, xp: Any, grads: Sequence[tuple], states: Sequence[dict], fillers: dict) -> list[tuple]:
+    """:func:`axis_leaves` of the rule's plans and state layout, each layout's structure kept in
+    the transform's ``fillers`` (:func:`precond_ref.tree.filled`)."""
+    def state_of(plan, entries):
+        return filled(fillers, plan, lambda: _template(rule.State, rule.Block, rule.graft is not None, c.has_momentum,
+                                                       plan), entries)
+
+    return axis_leaves(xp, grads, states, functools.partial(rule.plan, c), state_of, len(c.dues))
 
 
 def _finished(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, directions: list, leaves: list, params: Any) -> list:
@@ -711,10 +714,11 @@ def kronecker_transform(
     (:func:`refresh_axes`); the mode-n products :math:`P(G)` (:func:`multiply_axes`); the direction
     ``p`` times ``rule.grafted(|D|, |p|)`` (:func:`_scaled_by_norms`), ``D`` itself before step ``start`` (and on a leaf without blocks); the
     updates ``rule.finish`` (:func:`_finished`), or the direction itself without a learning rate."""
+    fillers: dict = {}  # a leaf's state layout -> its structure
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         xp, ctx = ctxs[0].xp, ctxs[0]
-        leaves = _leaves(rule, c, xp, grads, states)
+        leaves = _leaves(rule, c, xp, grads, states, fillers)
         if rule.graft is None:
             grafts = [(state.graft_second_moment, g) for g, _, state in leaves]
         else:
@@ -767,10 +771,11 @@ def flat_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
     """The transform of a flat rule (S-AdaGrad): a step is the rule's fused refresh-and-apply on
     the runs due and ``rule.keep`` on the others (:func:`flat_runs`), then the updates
     ``rule.finish`` (:func:`_finished`)."""
+    fillers: dict = {}  # a leaf's state layout -> its structure
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         xp, ctx = ctxs[0].xp, ctxs[0]
-        leaves = _leaves(rule, c, xp, grads, states)
+        leaves = _leaves(rule, c, xp, grads, states, fillers)
         stepped = flat_runs(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
                             c.dues, ctx, functools.partial(rule.refresh, xp, c),
                             lambda block, rows: (block, rule.keep(xp, c, block, rows)), functools.partial(rule.may_pad, c))

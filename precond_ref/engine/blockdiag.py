@@ -344,8 +344,8 @@ def hand_back_roots(
 
 def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple], default: int) -> str:
     """For a state whose statistic has another block layout than this ``block_size`` makes (one
-    saved by another setting, e.g. by a version whose default was no blocking): the
-    ``block_size`` that continues it (``default``: the method's default block size)."""
+    saved by another setting, e.g. unblocked): the ``block_size`` that continues it (``default``:
+    the method's default block size)."""
     if "statistic" not in found or "statistic" not in layout:
         return ""
     shape = found["statistic"][0]
@@ -355,7 +355,7 @@ def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple], default
     again = f"block_size={shape[-1]}" + (" (or larger)" if len(shape) == 2 else "")
     return (
         f" Or a state saved with another block size: its statistic {shape} {what}; build the optimizer with "
-        f"{again} to continue from it (the principled default is {default}; earlier versions did not block)"
+        f"{again} to continue from it (the principled default is {default})"
     )
 
 
@@ -367,9 +367,8 @@ class OneSidedRule(NamedTuple):
     ``keeps_root`` (whether the state stores the roots between refreshes).
 
     ``init(xp, c, w, path)``: a matrix leaf's state, its ``momentum`` the leaf's m×n matrix view;
-    ``state(xp, c, s, zero)``: the stack's new entries (``zero`` a 0-D zero of the gradients' dtype);
-    ``direction(xp, c, s, new, roots)``: the stack's direction ``U_t`` from its new entries and the
-    roots of :func:`refresh_roots` (``{}`` for a rule without roots);
+    ``state(xp, c, s, zero)``: the stack's new entries besides the joined ones (``zero`` a 0-D zero
+    of the gradients' dtype; ``None``: none);
     ``finish(xp, c, minus_lr, u, w)``: the update from ``U_t`` (``w``: the parameters, ``None``
     without weight decay); ``stacked``: the entries a stack holds; ``inverse_root(xp, c, P) -> (Z,
     rejected)``: the root of a stack of statistics (``None``: a rule without roots); ``passes``: the
@@ -380,18 +379,18 @@ class OneSidedRule(NamedTuple):
     matrix leaves joined end to end (:class:`~precond_ref.engine.matrices.MatrixJoin`), by
     ``joined_state(xp, c, old, g, terms, zero, views)`` from the joined old entries, gradients and the
     joined ``terms(xp, c, s)`` of each stack (``None``: none; ``views`` as below), and selected for the non-finite rule
-    before anything reads them; the stacks' ``state`` and ``direction`` get their views.
+    before anything reads them; the stacks' ``state`` and ``joined_direction`` get their views.
     ``finish`` is element-wise: it runs once on the joined directions and parameters.
-    ``joined_direction(xp, c, stacks, new, roots, joined, views)``, given instead of ``direction``:
-    the directions of all stacks of a join, flattened and joined end to end (``new`` and ``roots``
-    per stack, ``joined`` the joined new entries, ``views(flat, name)`` a joined array's pieces per
-    stack in the shapes of entry ``name``), for a direction whose element-wise work runs once
-    over the join.
+    ``joined_direction(xp, c, stacks, new, roots, joined, views)``: the directions ``U_t`` of all
+    stacks of a join, flattened and joined end to end (``new`` the new entries and ``roots`` the
+    roots of :func:`refresh_roots` per stack, ``{}`` for a rule without roots; ``joined`` the joined
+    new entries, ``views(flat, name)`` a joined array's pieces per stack in the shapes of entry
+    ``name``), so that a direction's element-wise work runs once over the join.
     """
 
     init: Callable
-    state: Callable
-    direction: Callable
+    state: Optional[Callable]
+    joined_direction: Callable
     finish: Callable
     stacked: tuple
     inverse_root: Optional[Callable] = None
@@ -400,7 +399,6 @@ class OneSidedRule(NamedTuple):
     joined: tuple = ()
     joined_state: Optional[Callable] = None
     terms: Optional[Callable] = None
-    joined_direction: Optional[Callable] = None
 
 
 def one_sided_transform(
@@ -449,8 +447,9 @@ def one_sided_transform(
             for k, a in made.items():
                 for entries, piece in zip(new, settle_pieces(ctx, a, views(a, k))):
                     entries[k] = piece
-        for entries, s in zip(new, stacks):
-            entries.update(rule.state(xp, c, s._replace(state={**s.state, **entries}), zero))
+        if rule.state is not None:
+            for entries, s in zip(new, stacks):
+                entries.update(rule.state(xp, c, s._replace(state={**s.state, **entries}), zero))
         if rule.settle_first:
             new = [{k: a if k in rule.joined else ctx.unless_skipped(a, s.state[k]) for k, a in entries.items()}
                    for s, entries in zip(stacks, new)]
@@ -458,10 +457,7 @@ def one_sided_transform(
             roots: list[dict] = [{} for _ in stacks]
         else:
             roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful)
-        if rule.joined_direction is not None:
-            u = rule.joined_direction(xp, c, stacks, new, roots, made, views)
-        else:
-            u = end_to_end(xp, [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)])
+        u = rule.joined_direction(xp, c, stacks, new, roots, made, views)
         minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
         step = rule.finish(xp, c, minus_lr, u, join.param)
         counters = joined_counters(xp, ctx, join.leaves, stacks, states, roots) if len(stacks) > 1 else [None] * len(stacks)

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from array_api_compat import array_namespace
 
-from .._backend import torch_compiling as _torch_compiling
+from .._backend import torch_compiling
 from ..transform import LeafGroup
 from ..tree import Path, path_str
 
@@ -76,7 +76,7 @@ def check_namespace(
     arrays). Leaves of the gradient's type (or a subclass: torch's ``Parameter``) pass at the cost
     of an ``isinstance`` each; otherwise one namespace lookup for the whole tree, and leaf by leaf
     only to name the culprit. Not under ``torch.compile``, whose tensors are all torch's."""
-    if _torch_compiling() or all(isinstance(o, type(g)) for g, o in zip(grads, others)):
+    if torch_compiling() or all(isinstance(o, type(g)) for g, o in zip(grads, others)):
         return
     try:
         if array_namespace(*others) is xp:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import IdentityDict, hashable as _hashable, is_dense, is_number, scalar_array, select
-from .._backend import torch_compiling as _torch_compiling
+from .._backend import IdentityDict, hashable, is_dense, is_number, scalar_array, select
+from .._backend import torch_compiling
 from ..transform import Interval, ScalarOrSchedule, is_due, schedule_value
 from ..tree import Path
 
@@ -60,7 +60,7 @@ class StepContext(NamedTuple):
         """
         if self.shared is None:
             return compute()
-        key = tuple([_hashable(k) for k in key])
+        key = tuple([hashable(k) for k in key])
         if key not in self.shared:
             self.shared[key] = compute()
         return self.shared[key]
@@ -75,7 +75,7 @@ class StepContext(NamedTuple):
         non-finite rule: the method knows each already is its old value on a skipped step (a
         refresh that kept its state, a phase not due). Nothing to tell where nothing is selected,
         nor under ``torch.compile`` (the identity of a traced value would recompile)."""
-        if self.ok is None or self.settled is None or _torch_compiling():
+        if self.ok is None or self.settled is None or torch_compiling():
             return
         for entry in entries:
             self.settled[entry] = True

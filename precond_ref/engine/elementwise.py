@@ -289,10 +289,12 @@ class _InPlace:
         for state entries ``names`` of ``dtype``, with the step's scalars ``held`` as operands and
         the others (numbers, ``None``) as constants."""
         rule, c, reads_params = self.rule, operands(xp, self.config, dtype, self.rule.scheduled), self.reads_params
-        fields = {k: v for k, v in h._asdict().items() if k not in held}
+        # The function keeps the scalars' type and numbers, not ``h``: a compiled one is shared by
+        # every optimizer of the rule (adapters' kernel cache), and ``h``'s arrays are this step's.
+        scalars, fields = type(h), {k: v for k, v in h._asdict().items() if k not in held}
 
         def step(ok: Any, arrays: tuple, g: Any, w: Any, *entries: Any) -> tuple:
-            h_ = type(h)(**fields, **{k: xp.reshape(a, ()) for k, a in zip(held, arrays)})
+            h_ = scalars(**fields, **{k: xp.reshape(a, ()) for k, a in zip(held, arrays)})
             zero = scalar_zero(xp, g)
             g_ = cast(xp, select(xp, ok, g, zero), dtype)  # a skipped step's arithmetic runs on zeros
             w_ = cast(xp, w, dtype) if reads_params else None

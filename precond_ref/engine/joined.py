@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from array_api_compat import is_jax_namespace
 
-from .._backend import device_key as _device_key, is_tracer as _is_tracer, torch_compiling as _torch_compiling
+from .._backend import device_key, is_tracer, torch_compiling
 from ..blocking import stack, unstack
 from ..transform import PrecondState, singleton_groups
 from ..tree import tree_flatten, tree_unflatten
@@ -42,7 +42,7 @@ def leafwise(
     the same either way.
     """
     count = len(operands[0])
-    if count < 2 or _torch_compiling() or is_jax_namespace(xp):
+    if count < 2 or torch_compiling() or is_jax_namespace(xp):
         return [fn(*args) for args in zip(*operands, *(() if zeros is None else (zeros,)))]
     tupled = []
 
@@ -52,7 +52,7 @@ def leafwise(
         return out if tupled[-1] else (out,)
 
     members = [tuple(xp.reshape(values[i], (-1,)) for values in operands) for i in range(count)]
-    stacks = stack(xp, members, labels=None if zeros is None else [(z.dtype, _device_key(z)) for z in zeros])
+    stacks = stack(xp, members, labels=None if zeros is None else [(z.dtype, device_key(z)) for z in zeros])
     computed = [joined(*s.operands, first=s.indices[0]) for s in stacks]
     outs = unstack(stacks, computed, count)
     results = [tuple(xp.reshape(a, tuple(leaf.shape)) for a in out) for out, leaf in zip(outs, operands[0])]
@@ -63,6 +63,11 @@ def leafwise(
     return results if tupled[0] else [out for (out,) in results]
 
 
+#: The largest leaf an ``elementwise`` method runs together with others as one flat leaf, eagerly
+#: and under a compiler (``torch.compile``, ``jax.jit``). Larger leaves run alone: the copies into
+#: and out of a flat leaf cost passes over the data, against a per-leaf cost of a few dozen
+#: Python-level operations eagerly and of a kernel or two compiled (measurements: docs/backends.md,
+#: "Flat leaves of element-wise methods").
 FLAT_MAX_ELEMENTS = 2**16
 FLAT_MAX_TRACED_ELEMENTS = 2**14
 
@@ -91,10 +96,10 @@ def pack(
     groups = singleton_groups(treedef.paths, grad_leaves)
     if {g.key for g in groups} != set(state.groups) or len(groups) != len(state.groups):
         return None
-    if not _torch_compiling():
+    if not torch_compiling():
         for group, g in zip(groups, grad_leaves):
             check_state_namespace(name, xp, group, (g,), state.groups[group.key])
-    limit = FLAT_MAX_TRACED_ELEMENTS if _torch_compiling() or any(map(_is_tracer, grad_leaves)) else FLAT_MAX_ELEMENTS
+    limit = FLAT_MAX_TRACED_ELEMENTS if torch_compiling() or any(map(is_tracer, grad_leaves)) else FLAT_MAX_ELEMENTS
     states = [state.groups[group.key] for group in groups]
     leaves = [(g,) if param_leaves is None else (g, param_leaves[i]) for i, g in enumerate(grad_leaves)]
 

@@ -577,8 +577,8 @@ def parts_transform(
 
 def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
     """``build_transform``'s ``layout_hint``: for a state whose statistic blocks are not the ones
-    this ``block_size`` makes (one saved with another ``block_size`` or ``max_block_dim``, e.g. by
-    a version that did not block), the settings that load it."""
+    this ``block_size`` makes (one saved with another ``block_size`` or ``max_block_dim``), the
+    settings that load it."""
     have = {k: v[0] for k, v in found.items() if k.startswith("statistic")}
     want = {k: v[0] for k, v in layout.items() if k.startswith("statistic")}
     if have == want or "momentum" not in layout:
@@ -587,9 +587,8 @@ def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
     old = f" (block_size={o} or larger reproduces it)" if have == {"statistic": (o, o)} else ""
     return (
         f" Or a state saved with another block_size or max_block_dim{old}: its statistic blocks are {have}, "
-        f"these settings make {want}; build the optimizer with the settings that saved it (version 0.1.0's "
-        "principled layout was one O x O block per FC layer: block_size at least every layer's output size, "
-        "max_block_dim=4096)"
+        f"these settings make {want}; build the optimizer with the settings that saved it (one O x O block per "
+        "FC layer: block_size at least every layer's output size, max_block_dim=4096)"
     )
 
 

@@ -14,23 +14,24 @@ from .._backend import (
     JAX_MATMUL_PRECISION as _JAX_PRECISION,
     NO_CONTEXT as _NO_CONTEXT,
     array_device,
-    device_key as _device_key,
+    device_key,
     finite_or_zero,
     float32_matmul_precision,
     host_all_finite,
     host_bool,
     is_dense,
-    is_tracer as _is_tracer,
+    is_tracer,
     remembered_slices,
     scalar_zero,
     select,
     selected_by_runs,
-    torch_compiling as _torch_compiling,
+    torch_compiling,
 )
 from ..transform import Interval, LeafGroup, PrecondState, Transform, check_choice, is_due, singleton_groups
 from ..tree import Path, path_str, tree_flatten, tree_unflatten
 from .checks import check_fits, check_group, check_leaves, check_namespace, check_state_namespace, layout_of, unaliased
 from .context import StepContext
+from .factors import keeping_constants
 from .joined import leafwise, pack
 from .skip import first_bad_gradient, gradient_ok
 
@@ -109,11 +110,11 @@ def build_transform(
     layout_hint:
         ``(found, layout) -> str``, both ``{entry: (shape, dtype)}``: text appended to the error for
         a state that does not fit the gradients, or ``""``; kept as ``init.layout_hint`` for
-        adapters that check loaded state. Says which arguments reproduce a layout an older version
-        made, where a default changed the layout.
+        adapters that check loaded state. Says which arguments reproduce the layout of a state saved
+        with other settings.
     legacy_names:
-        ``entries -> entries``: a group's state saved under the entry names an earlier version
-        wrote, as the same arrays under the current names (the very dict given when no name is
+        ``entries -> entries``: a group's state saved under older entry names, as the same
+        arrays under the current names (the very dict given when no name is
         old). ``update`` renames such a state before anything else (a restored optax state keeps
         working; the state it returns has the current names); kept as ``init.legacy_names`` for
         adapters that rename on load (torch's ``load_state_dict``).
@@ -142,6 +143,9 @@ def build_transform(
     # (S-AdaGrad's sketch of the flattened leaf). A set: one transform may be initialised on
     # several trees.
     leaf_shapes: dict[str, set] = {}
+    # The arrays a step makes once and keeps (engine.factors.constant: identities, index arrays),
+    # this transform's own: they go with it.
+    constants: dict = {}
 
     def layout_key(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> tuple:
         return (group.key, group.paths, tuple(tuple(x.shape) for x in leaves), tuple(x.dtype for x in leaves), xp.__name__)
@@ -153,6 +157,10 @@ def build_transform(
         return layouts[key]
 
     def init(params: Any) -> PrecondState:
+        with keeping_constants(constants):
+            return _init(params)
+
+    def _init(params: Any) -> PrecondState:
         leaves, treedef = tree_flatten(params)
         xp = check_leaves(leaves, treedef.paths, f"{name}: params")
         dev = array_device(leaves[0])
@@ -195,7 +203,8 @@ def build_transform(
             xp = None  # _update names the problem
         if legacy_names is not None and isinstance(state, PrecondState):
             state = renamed(state, legacy_names)
-        with float32_matmul_precision(xp, precision) if xp is not None else _NO_CONTEXT, remembered_slices(xp):
+        with (float32_matmul_precision(xp, precision) if xp is not None else _NO_CONTEXT, remembered_slices(xp),
+              keeping_constants(constants)):
             packed = None
             if elementwise and on_nonfinite == "skip" and xp is not None:
                 packed = pack(name, layout_for, grad_leaves, treedef, state, params, xp)
@@ -257,7 +266,7 @@ def build_transform(
             raise ValueError(f"{name}: gradients_ok is the skip decision of on_nonfinite='skip'")
         ok = gradient_ok(xp, grad_leaves) if given_ok is None else given_ok
         if on_nonfinite == "raise":
-            if _is_tracer(ok):
+            if is_tracer(ok):
                 raise ValueError(
                     f"{name}: on_nonfinite='raise' needs concrete arrays and cannot run under "
                     "jax.jit; use on_nonfinite='skip'"
@@ -280,7 +289,7 @@ def build_transform(
         # A 0-D zero per dtype and device serves every leaf's selections (the update is cast to
         # the gradient's dtype).
         ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
-        zeros = [ctx.once(("zero", g.dtype, _device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
+        zeros = [ctx.once(("zero", g.dtype, device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
         if elementwise or not is_jax_namespace(xp):
             chosen = [i for i, g in enumerate(grad_leaves) if not (finite_step and is_dense(g))]
             joined = leafwise(xp, lambda g, zero: select(xp, ok, g, zero),
@@ -310,7 +319,7 @@ def build_transform(
             for group in groups
         ]
         live = [m for m in members if not all(math.prod(leaf.shape) == 0 for leaf in m[1])]
-        if not _torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
+        if not torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
             for group, g, _ in live:
                 check_state_namespace(name, xp, group, g, state.groups[group.key])
                 check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp), layout_hint)
@@ -380,13 +389,6 @@ def steps_leaf_by_leaf(transform: Transform) -> bool:
     given the whole tree's skip decision, and get the update of the whole tree: a transform of
     ``independent_leaves`` (:func:`build_transform`) with ``on_nonfinite="skip"``."""
     return bool(getattr(transform.update, "leafwise", False))
-
-
-#: The largest leaf an ``elementwise`` method runs together with others as one flat leaf, eagerly
-#: and under a compiler (``torch.compile``, ``jax.jit``). Larger leaves run alone: the copies into
-#: and out of a flat leaf cost passes over the data, against a per-leaf cost of a few dozen
-#: Python-level operations eagerly and of a kernel or two compiled (measurements: docs/backends.md,
-#: "Flat leaves of element-wise methods").
 
 
 def renamed(state: PrecondState, legacy_names: Callable[[dict], dict]) -> PrecondState:

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from array_api_compat import is_jax_namespace
 
-from .._backend import cast, compute_dtype, device_key as _device_key, sums_of_squares, torch_compiling as _torch_compiling
+from .._backend import cast, compute_dtype, device_key, sums_of_squares, torch_compiling
 from ..tree import Path, path_str
 
 __all__ = ["OVERFLOW_MARGIN", "gradient_ok", "first_bad_gradient"]
@@ -61,7 +61,7 @@ def _sum_of_squares(xp: Any, x: Array) -> Array:
     operations (kernel launches on a GPU) where one does; XLA gains nothing.
     """
     square = x * x
-    if x.ndim < 2 or not _torch_compiling():
+    if x.ndim < 2 or not torch_compiling():
         return xp.sum(square)
     return xp.sum(xp.sum(xp.reshape(square, (x.shape[0], math.prod(x.shape[1:]))), axis=-1))
 
@@ -93,7 +93,7 @@ def _stacked_sums(xp: Any, arrays: Sequence[Array]) -> list:
 
 def _dtype_and_device(leaf: Array, dtype: Any) -> tuple:
     """A key grouping leaves whose 0-D results can be stacked: ``dtype`` and the leaf's device."""
-    return (dtype, _device_key(leaf))
+    return (dtype, device_key(leaf))
 
 
 def first_bad_gradient(xp: Any, leaves: Sequence[Array], paths: Sequence[Path]) -> str:

@@ -5,7 +5,7 @@ phase kept as one stack (a leading tile axis), so that a rule states its step fo
 :func:`tile_plan` cuts a tensor, :func:`stack_plan` groups its tiles into stacks and regions (boxes of
 equal tiles), :func:`cut_stacks` and :func:`join_stacks` take a tensor to its stacks and back by
 reshapes; :func:`legacy_entry_names`, :func:`stacked_tiles` and :func:`diagonal_vector` migrate a
-state saved per tile, under the names of earlier versions or with a vector's dense tiles to the
+state saved per tile, under older entry names or with a vector's dense tiles to the
 stacks. :func:`tiled_transform` runs a rule stated for one stack of tiles (:class:`TiledRule`,
 IF-Shampoo's) on every group of a tree: grouping, tiling, stacking across groups, the refresh phases, the keeping of unusable refreshes
 (:func:`kept_where_usable`) and their counts (:func:`counts_per_run`), the per-group sums of the KL
@@ -31,7 +31,7 @@ from .._backend import (
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype
 from ..transform import Transform, check_bool, check_choice, check_positive, check_positive_int, singleton_groups
-from ..tree import cached_template, from_entries, path_str, to_entries
+from ..tree import filled, path_str, to_entries
 from .factors import constant, per_block
 from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
@@ -51,14 +51,14 @@ __all__ = [
 Array = Any
 
 _OLD_LAYOUT_HINT = (
-    "if_shampoo: a state saved before block_size existed (principled defaults: unblocked factors, diagonal "
-    "beyond 4096) loads with if_shampoo(block_size=4096, max_dense_dim=4096)"
+    "if_shampoo: a state saved with unblocked factors, diagonal beyond 4096, loads with "
+    "if_shampoo(block_size=4096, max_dense_dim=4096)"
 )
 
 
 def old_layout_hint(found: dict, layout: dict) -> str:
     """``build_transform``'s ``layout_hint``: where a saved state does not fit, the arguments that
-    load one saved by 0.1.0 (its principled default was unblocked)."""
+    load one saved unblocked."""
     return " " + _OLD_LAYOUT_HINT
 
 
@@ -146,7 +146,7 @@ _LEGACY_ENTRY = re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum|momentum)_(
 
 def legacy_entry_names(entries: dict) -> dict:
     """The first step of ``legacy_names``: a group's state saved with the formatted keys of
-    earlier versions (0.1.0 and the development versions before named fields: ``factor_n``,
+    older checkpoints (``factor_n``,
     ``factor_momentum_n``, ``tile_t/factor_n``, ``tile_t/factor_momentum_n``, ``momentum_i``) under the
     per-tile paths that followed (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``, ``momentum/i``;
     an unblocked group is tile 0), which :func:`stacked_tiles` stacks; the very dict when it has no
@@ -628,7 +628,7 @@ def _tiles_gathered(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
 
 
 #: entries: the most a gather's index covers (:func:`gathering`; int32, 16 MiB). The indices of a
-#: layout (two: the tiles' cut and the leaves' order) stay in the process-wide cache of
+#: layout (two: the tiles' cut and the leaves' order) stay with the transform, in the cache of
 #: :func:`~precond_ref.engine.factors.constant` on the arrays' device, so they are held to a small
 #: share of the device's memory: a model of up to 4M parameters (where a step's operations, not
 #: its arithmetic, bound it) takes the gathers; a larger one pays no index memory.
@@ -661,17 +661,6 @@ def rearranged(xp, key, arrays: Sequence[Any], rearrange: Callable, shapes: Sequ
     gathered = taken(xp, xp.astype(flat, dtype) if dtype is not None and flat.dtype != dtype else flat,
                      constant(xp, key, make, arrays[0]))
     return pieces(xp, gathered, shapes)
-
-
-_NUMBERS: dict = {}  # a group's layout -> its number
-
-
-def numbered(layout: Any) -> int:
-    """A number for a group's layout (its members' shapes, their pairing and its :class:`TilePlan`),
-    the same for equal layouts in every transform: the key of the gathers' indices
-    (:func:`tiles_of_groups`, :func:`leaves_of_batches`), given once per layout so that a step
-    does not hash plans."""
-    return _NUMBERS.setdefault(layout, len(_NUMBERS))
 
 
 def _batch_key(stack: NamedTuple) -> tuple:
@@ -788,8 +777,8 @@ FACTOR_ROUNDINGS = ("nearest", "stochastic")
 
 MISFIT = (
     "with grouping='weight_bias' a weight and its bias are one group (give both gradients, a zero one for a member "
-    "without); a state saved unblocked (before block_size existed, or with another block_size) loads with that "
-    "block_size (block_size=4096, max_dense_dim=4096 reproduce the layout of version 0.x's principled defaults)"
+    "without); a state saved with another block_size loads with that block_size (block_size=4096, "
+    "max_dense_dim=4096 for unblocked factors, diagonal beyond 4096)"
 )
 
 
@@ -894,7 +883,7 @@ class _Group(NamedTuple):
     out_first: bool  # bias as an extra column (out-first weight) or row (out-last kernel)
     plan: Any  # its TilePlan: tiles, and the stacks their state is stored in
     stacks: list  # G's tiles as the plan's stacks (k_s, *tile shape), s = 0, 1, ...
-    number: int  # its layout's number (:func:`numbered`): shapes, pairing and plan
+    number: int  # its layout's number in the transform (its shapes and pairing, which give its plan)
 
 
 def tiled_transform(
@@ -915,7 +904,8 @@ def tiled_transform(
     spread = layout.stagger and isinstance(layout.interval, int) and layout.interval > 1
     intervals = spread_schedule(layout.interval, spread)
     plans: dict = {}  # (shapes, out_first) -> (dims, diagonal, plan): made once per layout, not every step
-    numbers: dict = {}  # (shapes, out_first) -> its number (numbered), the key of the gathers' indices
+    numbers: dict = {}  # (shapes, out_first) -> its number, the key of the gathers' indices
+    fillers: dict = {}  # a group's state layout -> its structure (precond_ref.tree.filled)
 
     def plan(shapes, out_first: bool, where: str) -> tuple:
         """(squeezed dims, per-axis diagonal flags, tile plan) of a group's tensor."""
@@ -928,10 +918,9 @@ def tiled_transform(
             vector = layout.structures is None and len(dims) == 1
             plans[key] = dims, diagonal, stack_plan(
                 tile_plan(dims, diagonal, layout.block_size, layout.interval, layout.stagger, cut_diagonal=vector))
-            numbers[key] = numbered((key, plans[key][2]))
+            numbers[key] = len(numbers)
         return plans[key]
 
-    @cached_template  # one object per layout: from_entries caches it by identity
     def template(tiles: TilePlan, rank: int, members: int) -> NamedTuple:
         """The fields a group's state has (any leaves; :func:`precond_ref.tree.from_entries`' template)."""
         return rule.State(
@@ -968,7 +957,8 @@ def tiled_transform(
         for out_first in (True, False) if len(shapes) > 1 else (True,):
             dims, diagonal, tiles = plan(shapes, out_first, where)
             try:
-                fields = from_entries(template(tiles, len(dims), len(shapes)), state)
+                fields = filled(fillers, (tiles, len(dims), len(shapes)),
+                                lambda: template(tiles, len(dims), len(shapes)), state)
             except KeyError:
                 continue
             if all(tuple(K.shape[:2]) == (len(stack.tiles), d) for stack, stack_state in zip(tiles.stacks, fields.stacks)

@@ -105,7 +105,7 @@ class DASGOConfig(NamedTuple):
 #   U_t = Z_t M_t,   W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)      _asgo_direction, _finish
 #
 # DASGO (right side): v_t = β₂ v_{t-1} + (1-β₂) diag(G_tᵀ G_t), U_t = M_t diag(v_t + ε)^{-1/2}
-# (_dasgo_state, _dasgo_direction). The engine runs them (engine.blockdiag.one_sided_transform): the
+# (_dasgo_joined, _dasgo_direction). The engine runs them (engine.blockdiag.one_sided_transform): the
 # matrix stacks, the blocks of a long side, the refresh phases and the replacement of a non-finite
 # root, the fallback Adam (engine.fallback), the scale-invariant renormalisation (engine.rms), the
 # non-finite rule.
@@ -258,11 +258,6 @@ def _dasgo_joined(xp: Any, c: DASGOConfig, old: dict, g: Array, terms: dict, zer
             "statistic": ema(old["statistic"], q, c.b2, c.faithful)}  # v_t = β₂ v_{t-1} + (1-β₂) q_t
 
 
-def _dasgo_state(xp: Any, c: DASGOConfig, s: MatrixStack, zero: Array) -> dict[str, Array]:
-    """No entry a stack makes alone (the momentum and statistic are joined)."""
-    return {}
-
-
 def _dasgo_direction(xp: Any, c: DASGOConfig, stacks: list, new: list, roots: list, joined: dict, views: Any) -> Array:
     """The stacks' directions ``r√(mn) U_t/‖U_t‖_F``, ``U_t = M_t diag(v_t + ε)^{-1/2}``, joined end to end."""
     dtype = stacks[0].g.dtype
@@ -283,10 +278,10 @@ def _finish(xp: Any, c: Any, minus_lr: Array, u: Array, w: Optional[Array]) -> A
     return minus_lr * (u if w is None else u + c.weight_decay * cast(xp, w, u.dtype))
 
 
-_ASGO = OneSidedRule(init=_asgo_init, state=_asgo_state, direction=None, finish=_finish, stacked=STACKED,
+_ASGO = OneSidedRule(init=_asgo_init, state=_asgo_state, finish=_finish, stacked=STACKED,
                      inverse_root=_inverse_sqrt, joined=("momentum", "statistic"), joined_state=_asgo_joined,
                      terms=_asgo_terms, joined_direction=_asgo_direction)
-_DASGO = OneSidedRule(init=_dasgo_init, state=_dasgo_state, direction=None, finish=_finish, stacked=(), passes=True,
+_DASGO = OneSidedRule(init=_dasgo_init, state=None, finish=_finish, stacked=(), passes=True,
                       settle_first=True, joined=("momentum", "statistic"), joined_state=_dasgo_joined,
                       terms=_dasgo_terms, joined_direction=_dasgo_direction)
 

@@ -279,7 +279,7 @@ def mbf(
         FC layers with more than this many outputs use the block-size-1 limit
         :math:`D = m/(v+\lambda)`, :math:`v = \mathrm{EMA}_\rho(g^2)`, instead of an
         :math:`O\times O` matrix (or its ``block_size`` blocks). ``None``: unlimited (principled
-        mode bounds long axes by ``block_size`` instead; version 0.1.0 used 4096 here).
+        mode bounds long axes by ``block_size`` instead).
     block_size:
         Principled, ``columns_avg`` only: an FC layer's output axis longer than this is cut into
         chunks of ``block_size`` rows (the last one shorter), each with its own

@@ -1,4 +1,4 @@
-"""The path-equivalence matrix (issue 31): every public path of every method against the NumPy core.
+"""The path-equivalence matrix: every public path of every method against the NumPy core.
 
 A *cell* is one method in one mode on one model; a *path* is one way a user runs it (torch eager,
 torch compiled, a torch ``state_dict`` restored mid-run, optax under ``jax.jit``, ...). Each path's
@@ -168,7 +168,7 @@ def float32_state(method: str, mode: str, model: str) -> bool:
 
 def torch_float32_sqrt_misrounds(steps: int = STEPS) -> bool:
     """Whether torch's eager CPU float32 ``sqrt`` misrounds one of faithful AGD's bias corrections
-    ``1 - 0.999**t`` (t = 1..steps) on this CPU (issue 31 item 3; it does on some CPUs only)."""
+    ``1 - 0.999**t`` (t = 1..steps) on this CPU (it does on some CPUs only)."""
     for t in range(1, steps + 1):
         x = np.float32(np.float32(1) - np.float32(0.999) ** np.float32(t))
         want = np.float32(np.sqrt(np.float64(x)))
@@ -252,7 +252,7 @@ LEGACY_NAMED = ("sketchy", "s_adagrad", "if_shampoo")
 
 
 def old_entry_names(method: str, entries: dict) -> dict:
-    """A group's current entries under the names 2fdbd40 and earlier wrote (the inverse of the
+    """A group's current entries under the older entry names (the inverse of the
     method's ``legacy_names``): IF-Shampoo ``stacks/0/X/n`` -> ``X_n`` (the models' groups are
     unblocked: one stack of one tile, whose tile is the old unblocked factor), ``momentum/i`` ->
     ``momentum_i``; Sketchy and S-AdaGrad ``sketches/n/j/name`` -> ``axis{n}_{name}`` (one run) or

@@ -62,7 +62,7 @@ def test_torch_model_argument_names_plain_parameters_and_unnamed_warns():
 
 
 def test_torch_lr_defaults_to_the_cores():
-    """Every torch.optim class has a default lr; MBF's is the core factory's (issue 31 item 10)."""
+    """Every torch.optim class has a default lr; MBF's is the core factory's."""
     with pytest.warns(UserWarning, match="no names"):
         opt = pt.MBF([{"params": list(_cnn().parameters())}])
     assert opt.param_groups[0]["lr"] == 1e-5 == pr.mbf.__defaults__[0]
@@ -236,7 +236,7 @@ def _core_tree(named):
 def test_torch_warm_start_follows_the_core_schedule(resume):
     """After ``MBF.warm_start`` the torch steps are the core's ``warm_start`` + ``update`` calls 0, 1, 2, ...
 
-    Invariant (spec mbf.md 2.5, issue 31 item 1): the warm start makes state and takes no call, so
+    Invariant (spec mbf.md 2.5): the warm start makes state and takes no call, so
     the first step is the core's call 0 (statistic and inverse both due) and every interval decision
     after it is the core's; also across a ``state_dict`` round trip taken right after the warm start.
     Both run the same core on the same float64 torch tensors, so they agree exactly.
@@ -294,7 +294,7 @@ def test_torch_paired_weight_first_in_group_without_gradient_keeps_the_group_cou
     """A step where a paired weight that comes first in its param group has no gradient leaves the
     group's count (``"step"``, which MBF's diagonal bias correction reads) at the number of steps taken.
 
-    Invariant (transform.missing_members, issue 31 item 2): the weight takes part with a zero
+    Invariant (transform.missing_members): the weight takes part with a zero
     gradient and keeps its value and own counter; every other member advances. The reference is the
     core on the same float64 tensors (zero gradient for the weight at that step, its update
     discarded), so the two agree exactly, conv bias included; also when the optimizer is rebuilt
@@ -374,7 +374,7 @@ def _train_both(a, b, opt_a, opt_b, steps=5):
 @pytest.mark.parametrize("how", ["model=", "named_parameters"])
 def test_torch_inputs_first_weights_pair_like_their_linear_twins(how):
     """A weight stored inputs x outputs (GPT-2's ``Conv1D``) is paired with its bias as the
-    ``nn.Linear`` of the transposed weight is (issue 31 item 9): MBF on the Conv1D model takes the
+    ``nn.Linear`` of the transposed weight is: MBF on the Conv1D model takes the
     steps of MBF on its Linear twin, transposed. By the module with ``model=``; by the axis that
     matches the bias's length from names alone, where the square layer cannot be told apart and a
     warning names it (it is then paired as outputs-first, so only the non-square layer's first step,

@@ -107,7 +107,7 @@ def test_every_upstream_test_is_bound():
     ids=["asgo", "mbf", "sketchy", "s_adagrad", "asgo_blocks", "mbf_blocks", "if_shampoo_blocks"],
 )
 def test_injected_static_integer_names_the_static_args(factory, kwargs, static):
-    """Issue 16 item 11: plain inject_hyperparams works with the defaults (upstream's inject test
+    """Plain inject_hyperparams works with the defaults (upstream's inject test
     above); an integer that fixes shapes, loops or refresh steps, given explicitly, raises an
     error naming the exact ``static_args``; with them the transformation is built."""
     import jax.numpy as jnp

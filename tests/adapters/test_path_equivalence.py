@@ -1,4 +1,4 @@
-"""The path-equivalence matrix (issue 31): every public path gives the NumPy core's trajectory.
+"""The path-equivalence matrix: every public path gives the NumPy core's trajectory.
 
 For the 9 methods in both modes (where the mode takes the model) on a float64 MLP and a small conv
 model, with refreshes (interval 3) inside a 10-step run, each public path's parameters after every
@@ -17,7 +17,7 @@ about 100 over that bound (measured: at most 4.5e-14, see docs/adapters/paths.md
 A float32 faithful path (the authors' float32 state, documented for ASGO/DASGO's statistic and
 the root-free methods) rounds differently on each backend's float32 kernels, so it is compared
 with the core run on its own backend: torch eager with the core on torch, optax under ``jax.jit``
-with the core under ``jax.jit``. Every divergence issue 31 listed (MBF's torch warm start, a paired
+with the core under ``jax.jit``. Every divergence known before it (MBF's torch warm start, a paired
 weight without a gradient first in its group, faithful AGD's float32 square root) and the one this
 matrix found (faithful RF-AdamW's ``lr * weight_decay`` rounded three times when the torch adapter
 passed the learning rate as a float64 tensor) is fixed: no cell is marked.
@@ -237,7 +237,7 @@ def test_s_adagrad_sketch_stepped_by_row_blocks(path, monkeypatch):
     "cell", [pytest.param(c, id=_cell_id(c)) for c in CELLS if c[0] in pm.LEGACY_NAMED]
 )
 def test_torch_restored_from_old_entry_names(cell):
-    """A ``state_dict`` saved mid-interval under the entry names of 2fdbd40 and earlier (IF-Shampoo's
+    """A ``state_dict`` saved mid-interval under the older entry names (IF-Shampoo's
     ``tile_t/factor_n``, Sketchy's ``axis{n}_run{j}_{name}``) loads into the current optimizer
     (``legacy_names``) and continues bit-identically to the uninterrupted eager run, so it meets
     the core as that run does."""

@@ -244,8 +244,8 @@ class _KeywordModel(torch.nn.Module):
 
 @pytest.mark.parametrize("cls", [pt.RFRMSProp, pt.RFAdamW, pt.IFShampoo], ids=lambda c: c.__name__)
 def test_batch_size_counted_from_keyword_only_forwards(cls):
-    """model= counts the leading size of the first tensor argument, positional or keyword (issue 31
-    item 7): ``model(input_ids=x[:8], labels=...)`` then ``model(x[8:], labels=...)`` counts 8 + 4
+    """model= counts the leading size of the first tensor argument, positional or keyword:
+    ``model(input_ids=x[:8], labels=...)`` then ``model(x[8:], labels=...)`` counts 8 + 4
     examples, a leading non-tensor argument is passed over, and the steps equal those given
     ``batch_size=12`` exactly (same arithmetic)."""
     x, y = _data(12)

@@ -1,4 +1,4 @@
-"""Checkpoints, copies and schedules of every torch adapter (issue 16 items 6-10 and 14).
+"""Checkpoints, copies and schedules of every torch adapter.
 
 Each test runs on every entry of ``cases.TORCH_CASES`` unless it is about one class.
 """
@@ -55,7 +55,7 @@ def _same(a, b):
 
 @each_case
 def test_lr_schedulers_reaching_zero(case):
-    """torch accepts lr = 0 (issue 16 item 7): CosineAnnealingLR to eta_min=0 keeps stepping, and
+    """torch accepts lr = 0: CosineAnnealingLR to eta_min=0 keeps stepping, and
     with LambdaLR returning 0 from the start the parameters do not move (the step is lr times a
     finite direction, and every case's weight decay is scaled by lr)."""
     x, y = _data()
@@ -90,7 +90,7 @@ def test_lr_schedulers_reaching_zero(case):
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copy_continues_like_the_original(case, how):
     """A copy of (model, optimizer) taken after 3 steps takes the same next 3 steps as the original
-    (issue 16 item 8: the copy used to crash on its first step)."""
+    (the copy used to crash on its first step)."""
     model, opt, (x, y) = _trained(case)
     pair = {"model": model, "opt": opt}
     if how == "deepcopy":
@@ -163,7 +163,7 @@ def _corrupt(saved, kind):
 @each_case
 @pytest.mark.parametrize("kind", ["nan", "inf", "transposed", "wrong_shape", "missing"])
 def test_load_state_dict_rejects_corrupt_state_atomically(case, kind):
-    """Issue 16 item 6: NaN/Inf, a transposed or wrong-shape tensor or a missing entry raise
+    """NaN/Inf, a transposed or wrong-shape tensor or a missing entry raise
     ``ValueError`` naming the parameter, and the optimizer is left exactly as it was (it then
     takes the same step as an untouched copy)."""
     model, opt, (x, y) = _trained(case)
@@ -185,7 +185,7 @@ _OTHER = {pt.AGD: pt.ASGO, pt.ASGO: pt.DASGO, pt.DASGO: pt.ASGO, pt.MBF: pt.AGD,
 
 @each_case
 def test_load_state_dict_rejects_another_class(case):
-    """Issue 16 item 6: another optimizer's state_dict (ours or torch's Adam) raises a
+    """Another optimizer's state_dict (ours or torch's Adam) raises a
     ``ValueError`` and changes nothing."""
     model, opt, (x, y) = _trained(case)
     other_case = next(c for c in TORCH_CASES if c.cls is _OTHER[case.cls])
@@ -279,7 +279,7 @@ def test_step_saved_as_a_python_number_loads_and_steps(case):
     ids=["asgo-fallback_filter", "dasgo-fallback_filter", "if_shampoo-prototype_schedule"],
 )
 def test_checkpoints_with_callable_hyperparameters_save_and_resume(make):
-    """Issue 16 item 10: the docs' callables stay out of ``state_dict`` (it pickles), and loading
+    """The docs' callables stay out of ``state_dict`` (it pickles), and loading
     keeps the loading optimizer's callable; the resumed run equals the uninterrupted one."""
     x, y = _data()
     model = _model()
@@ -338,7 +338,7 @@ def test_rf_adamw_takes_the_core_factorys_state_arguments():
 
 
 # --------------------------------------------------------------------------------------------
-# issue 31 item 4: resuming with a learning-rate scheduler
+# Resuming with a learning-rate scheduler
 
 _ONE_CASE_PER_CLASS = list({c.cls: c for c in reversed(TORCH_CASES)}.values())[::-1]
 
@@ -354,8 +354,7 @@ def test_resume_with_a_scheduler_is_bit_exact(case, schedule):
     """Saving optimizer and scheduler after 3 steps, building both anew, loading and taking 3 more
     steps gives the parameters of 6 uninterrupted steps bit for bit.
 
-    Invariant (torch's Optimizer.load_state_dict keeps param-group keys the class does not take;
-    issue 31 item 4): schedulers keep their own entries in the param groups (``initial_lr``;
+    Invariant (torch's Optimizer.load_state_dict keeps param-group keys the class does not take): schedulers keep their own entries in the param groups (``initial_lr``;
     OneCycleLR's ``max_lr``, ``min_lr``, ``max_momentum``, ``base_momentum``), which a resume must
     carry over. Same operations on the same float64 numbers, so equal exactly.
     """

@@ -1,4 +1,4 @@
-"""The torch optimizers' compiled step (issue 12, item 2): ``torch.compile`` of the core update.
+"""The torch optimizers' compiled step: ``torch.compile`` of the core update.
 
 The compiled path must give the eager path's numbers (to rounding), compile a bounded number of
 times (interval decisions and the learning rate are inputs, not constants), share checkpoints with
@@ -420,7 +420,7 @@ def test_changes_between_steps_reach_the_compiled_step():
 
 
 # --------------------------------------------------------------------------------------------
-# torch.compile(opt.step), torch's recipe for compiled optimizers (issue 31 item 6)
+# torch.compile(opt.step), torch's recipe for compiled optimizers
 
 
 def _counting_inner_compiler(monkeypatch):

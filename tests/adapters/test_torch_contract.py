@@ -264,7 +264,7 @@ def _nest(flat):
 
 
 def test_invalid_hyperparameter_raises_at_construction(case):
-    """Issue 16 item 14: the error names the torch argument (``lr``), not the core's."""
+    """The error names the torch argument (``lr``), not the core's."""
     model = _model()
     with pytest.raises(ValueError, match=r"^lr must be") as info:
         case.make(model.named_parameters(), lr=-1.0)

@@ -1,4 +1,4 @@
-"""The torch optimizers on a CUDA GPU (issue 12, items 1 and 2; issue 53, item 2): skipped where
+"""The torch optimizers on a CUDA GPU: skipped where
 torch sees none.
 
 No host synchronisation in a step (torch's sync debug mode), ``capturable=True`` steps that
@@ -65,7 +65,7 @@ def test_steps_never_synchronise(case, compile):
     """Without capture (``capture=False``; the captured steps: ``test_captured_steps_*`` below),
     steps 12-17 (refresh and reuse steps alike) run under
     ``torch.cuda.set_sync_debug_mode("error")``, which raises on any operation that makes the host
-    wait for the GPU: no step reads a device value (issue 12, item 1). The first 12 steps make the
+    wait for the GPU: no step reads a device value. The first 12 steps make the
     state and, compiled, a graph for every pattern of refresh decisions (torch._dynamo's
     ``unique_graphs`` counted on a CPU: the last new one at step 10, MBF's spread refreshes):
     compiling reads values on the host (Inductor folds a uniform constant with ``.item()``), which

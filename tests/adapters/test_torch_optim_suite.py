@@ -35,7 +35,7 @@ each_case = pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: c.id)
 
 # Default settings of every class (every class has a default learning rate, as every torch.optim
 # class does), plus the number of examples of the root-free methods' loss. Plus the two settings of
-# issue 16 item 12: MBF at lr = damping = 1e-3 (diverged without KL clipping: loss 149 -> 2.5e21)
+# MBF at lr = damping = 1e-3 (diverged without KL clipping: loss 149 -> 2.5e21)
 # and IF-Shampoo with momentum at lr 5e-2.
 DEFAULTS = {
     "agd": (pt.AGD, {}),
@@ -66,7 +66,7 @@ def _schedulers(opt, with_lrsched):
 def test_forloop_goes_right_direction(name, contiguous, with_lrsched):
     """torch's test: 20 steps on ||W x + b||^2 (W 10x5, b 10, float32, unnamed ``[weight, bias]``,
     non-contiguous views when ``strided``) lower the loss, for default settings, here on 3 seeds
-    (issue 16 item 12: MBF rose on 22 of 30 seeds before its principled KL clipping)."""
+    (MBF rose on 22 of 30 seeds before its principled KL clipping)."""
     cls, kwargs = DEFAULTS[name]
     for seed in range(3):
         torch.manual_seed(seed)
@@ -266,7 +266,7 @@ def _assert_state_dicts_equal(a, b):
 
 
 # --------------------------------------------------------------------------------------------
-# torch's param-group tests and generic error inputs, for every class (issue 31 item 10)
+# torch's param-group tests and generic error inputs, for every class
 
 
 def _weight_bias(seed):
@@ -368,7 +368,7 @@ def _torch_error_inputs():
 @pytest.mark.parametrize("cls", sorted({c for c, _ in DEFAULTS.values()}, key=lambda c: c.__name__), ids=lambda c: c.__name__)
 def test_errors(cls):
     """torch's ``test_errors`` on its generic error inputs: the same exception types with messages
-    matching torch's regexes (issue 31 item 10: a tensor ``params``; a 2-element tensor ``lr``
+    matching torch's regexes (a tensor ``params``; a 2-element tensor ``lr``
     given with ``params=None``, which must be refused before the parameters are looked at)."""
     for desc, params, kwargs, error_type, regex in _torch_error_inputs():
         kwargs = {**_required(cls), **kwargs}
@@ -382,7 +382,7 @@ def test_errors(cls):
 
 def test_every_class_and_core_factory_has_the_same_default_learning_rate():
     """Every torch class and every core factory constructs without a learning rate, and a class's
-    default ``lr`` is its core factory's default ``learning_rate`` (issue 31 item 10; the values
+    default ``lr`` is its core factory's default ``learning_rate`` (the values
     are documented in each factory's docstring)."""
     import precond_ref as pr
 

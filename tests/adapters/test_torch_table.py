@@ -1,8 +1,8 @@
-"""The nine torch classes, pinned as the release before the table (issue 32, item 5) made them.
+"""The nine torch classes, pinned as the release before the table made them.
 
 ``adapters/torch.py`` generates ``AGD`` ... ``SAdaGrad`` from one table. What a user sees of a
 class must not change with that: its ``inspect.signature`` (names, kinds, defaults, annotations,
-recorded below from main at 2b73586, when each class was written out by hand), the param-group
+recorded below from the classes written out by hand), the param-group
 keys and their order (the layout of ``state_dict()["param_groups"]``), the core arguments that
 ``core_kwargs`` makes of the default group, the torch names errors use for core arguments, the
 base classes, and that an instance pickles by the class's qualified name.

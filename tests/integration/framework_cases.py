@@ -15,7 +15,7 @@ import precond_ref.adapters.torch as pt
 
 # (id, class, keyword arguments): small intervals so that refreshes happen on both sides of the
 # interruption; the root-free methods get a fixed batch_size (the frameworks call the model
-# with keyword arguments, which `model=` counting does not see: issue 31 item 7).
+# with keyword arguments, which `model=` counting does not see).
 TORCH_OPTIMIZERS = {
     "agd": (pt.AGD, dict(lr=1e-2)),
     "mbf": (pt.MBF, dict(lr=1e-2, damping=0.1, statistics_every=1, precondition_every=3)),

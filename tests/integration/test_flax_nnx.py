@@ -4,7 +4,7 @@ Invariant: ``nnx.Optimizer`` is optax's ``init``/``update`` applied to the model
 leaves, so 5 training steps through it give the losses and parameters of the same transformation
 run by hand (``tx.init`` / ``tx.update`` / ``optax.apply_updates``) on the pure dict of those
 arrays (``nnx.split`` + ``nnx.to_pure_dict``), the same forward pass rebuilt by ``nnx.merge``.
-NNX hands ``init`` the ``Param`` variables and ``update`` plain arrays (issue 31 item 5).
+NNX hands ``init`` the ``Param`` variables and ``update`` plain arrays.
 """
 
 from __future__ import annotations

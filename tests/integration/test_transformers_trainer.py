@@ -5,7 +5,7 @@ Invariant: ``Trainer.train(resume_from_checkpoint=...)`` restores the model, the
 checkpoint are the uninterrupted run's steps: the same losses and the same final parameters,
 bit for bit (the same arithmetic on the same values). The model is a one-layer Llama built
 from a config (random weights, no download); Llama's ``nn.Linear`` layers are outputs-first, as
-MBF's pairing expects (GPT-2's ``Conv1D`` is not: issue 31 item 9).
+MBF's pairing expects (GPT-2's ``Conv1D`` is not).
 """
 
 from __future__ import annotations

@@ -374,7 +374,7 @@ def test_zero_gradient_gives_weight_decay_only(backend, factory, mode):
 
 @pytest.mark.parametrize("factory", [pr.asgo, pr.dasgo])
 def test_gradient_that_stops_gives_bounded_then_zero_steps(eager_backend, factory):
-    """Issue 16 item 1 / D12: float32, random gradients of scale 1e-2 and then exact zeros (an
+    """D12: float32, random gradients of scale 1e-2 and then exact zeros (an
     unused layer). The momentum decays geometrically and the statistic with it; the mathematically
     renormalised step has RMS exactly r·η while the momentum is non-zero, so every step must have
     RMS <= r·η (1 + 8·eps32: the renormalisation is a few roundings per entry), and once the
@@ -397,7 +397,7 @@ def test_gradient_that_stops_gives_bounded_then_zero_steps(eager_backend, factor
 
 @pytest.mark.parametrize("factory", [pr.asgo, pr.dasgo])
 def test_tiny_gradient_is_renormalised_like_a_normal_one(backend, factory):
-    """Issue 16 item 1 / D12: the RMS renormalisation is scale-invariant in floating point too. For
+    """D12: the RMS renormalisation is scale-invariant in floating point too. For
     a float32 gradient of scale 1e-30 the statistic's squares underflow, so the absolute ``eps``
     dominates the preconditioner (a multiple of I) and the step is the renormalised momentum
     M = (1-μ)G: U = -η r sqrt(mn) G/‖G‖_F, up to float32 rounding of a few operations per entry
@@ -414,7 +414,7 @@ def test_tiny_gradient_is_renormalised_like_a_normal_one(backend, factory):
 
 @pytest.mark.parametrize("b1", [0.0, 0.5, 0.9])
 def test_step_follows_the_momentum_not_the_gradient(property_backend, b1):
-    """Issue 16 item 15 [derived from the update rule]: U_t = (P_t + s_t I)^{-1/2} M_t with the
+    """[derived from the update rule]: U_t = (P_t + s_t I)^{-1/2} M_t with the
     momentum M_t = μ M_{t-1} + (1-μ) G_t. With G_1 = G and G_2 = 0: M_2 = μ M_1 and P_2 = β₂ P_1,
     and with relative damping (eps = 0) s_2 = β₂ s_1, so U_2 = (μ/√β₂) U_1 exactly (rms_target=None).
     A step built from the gradient would be zero at t = 2; one that ignored μ would differ."""

@@ -1,4 +1,4 @@
-"""ASGO's long-axis policy and refresh schedule (issue 35): blocks, spread refreshes, bad input,
+"""ASGO's long-axis policy and refresh schedule: blocks, spread refreshes, bad input,
 zero-size leaves and states saved in the unblocked layout of earlier versions."""
 
 from __future__ import annotations
@@ -115,9 +115,8 @@ def test_zero_size_axis_is_left_unchanged_with_no_factor():
 
 
 def test_state_of_the_unblocked_default_names_the_block_size_that_continues_it():
-    """A state saved by the earlier default (no blocking: one k×k statistic and root, which is the
-    layout of ``block_size >= k`` here, as ``git show 2b73586:precond_ref/methods/asgo.py`` builds
-    it) does not fit the new default when the side is longer than the block size: the update
+    """A state saved unblocked (one k×k statistic and root, which is the layout of
+    ``block_size >= k`` here) does not fit the default when the side is longer than the block size: the update
     raises a ValueError naming the parameter and ``block_size=k``, and with that value the same
     state steps."""
     k = PRINCIPLED_BLOCK_SIZE + 1

@@ -21,7 +21,7 @@ from precond_ref.engine.blockdiag import (
     OneSidedRule, block_diagonal_product, finite_root_or_previous, one_sided_transform, side_blocks, unrefreshed,
 )
 from precond_ref.engine.fallback import FallbackAdam, adam_update
-from precond_ref.engine.matrices import joined_leaves, matrix_shape
+from precond_ref.engine.matrices import end_to_end, joined_leaves, matrix_shape
 from precond_ref.engine.rms import rms_renormalised, scaled_rms_renormalised
 
 A = importlib.import_module("precond_ref.methods.asgo")
@@ -393,14 +393,14 @@ def _toy_rule():
     def state(xp, c, s, zero):
         return {"momentum": c.b1 * s.state["momentum"] + s.g}
 
-    def direction(xp, c, s, new, roots):
-        assert roots == {}  # a rule without roots gets none
-        return 2.0 * new["momentum"]
+    def joined_direction(xp, c, stacks, new, roots, joined, views):
+        assert roots == [{}] * len(stacks)  # a rule without roots gets none
+        return end_to_end(xp, [2.0 * entries["momentum"] for entries in new])
 
     def finish(xp, c, minus_lr, u, w):
         return minus_lr * (u if w is None else u + c.weight_decay * w)
 
-    return OneSidedRule(init=init, state=state, direction=direction, finish=finish, stacked=("momentum",),
+    return OneSidedRule(init=init, state=state, joined_direction=joined_direction, finish=finish, stacked=("momentum",),
                         passes=True, settle_first=True)
 
 

@@ -1,4 +1,4 @@
-"""How many array operations an eager ASGO step issues (issue 35): an eager step costs about one
+"""How many array operations an eager ASGO step issues: an eager step costs about one
 dispatch per operation, so work that scales with the number of leaves is what these tests bound.
 
 Counts are of calls, not of time: exact, and the same on every machine. torch's dispatcher is
@@ -116,7 +116,7 @@ def _step_dispatched(shapes: dict, **options) -> _Count:
     "options", [{}, {"block_size": 2}, {"mode": "faithful"}], ids=["unblocked", "blocked-with-tail", "faithful"]
 )
 def test_equal_matrices_take_each_line_of_the_step_once(options):
-    """Invariant (issue 35; DASH's stacked blocks, ``update_groups``' comment table): the matrix
+    """Invariant (DASH's stacked blocks, ``update_groups``' comment table): the matrix
     leaves of one shape, dtype and device take the step as one stack (a leading axis), so each
     line of the step is one operation for all of them: three equal 5×7 matrices issue as many
     matrix products (steps 2, 3, 4), multiplications (the EMAs, the renormalisation, the finish),

@@ -1,4 +1,4 @@
-"""IF-Shampoo's long-axis policy (issue 35): blocks (``block_size``), staggered refreshes, bad input,
+"""IF-Shampoo's long-axis policy: blocks (``block_size``), staggered refreshes, bad input,
 and the state saved before blocking existed. NumPy float64, tiny shapes: one process, no compiler."""
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def test_tiles_refresh_at_their_offsets(stagger):
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, "64", np.float64(8.0)])
 def test_bad_block_size_is_a_clear_error(bad):
-    """Issue 35: a block size below 1 or not an integer is a ValueError naming block_size."""
+    """A block size below 1 or not an integer is a ValueError naming block_size."""
     with pytest.raises(ValueError, match="block_size"):
         pr.if_shampoo(block_size=bad)
 
@@ -120,7 +120,7 @@ def test_block_size_is_refused_in_faithful_mode():
 
 
 def test_zero_size_axis_is_left_unchanged_without_factors():
-    """Issue 35: a parameter with a zero-size axis (here beside an axis longer than the block size)
+    """A parameter with a zero-size axis (here beside an axis longer than the block size)
     has no state and a zero update; the other parameters step as usual."""
     rng = np.random.default_rng(4)
     params = {"empty": np.zeros((0, 300)), "w": rng.normal(size=(300, 2))}
@@ -137,8 +137,8 @@ _OLD_NAMES = {"stacks/0/factor/0": "factor_0", "stacks/0/factor/1": "factor_1", 
 
 
 def _main_state(opt_old, params, grads):
-    """A state in the layout main's principled defaults made before block_size existed: unblocked
-    dense factors (``factor_n``, ``factor_momentum_n``: the entry names of that version) for axes up to 4096."""
+    """A state in the unblocked layout: dense factors (``factor_n``, ``factor_momentum_n``: the
+    older entry names) for axes up to 4096."""
     state = opt_old.init(params)
     _, state = opt_old.update(grads, state, params)
     return state._replace(groups={k: {_OLD_NAMES.get(n, n): v[0] if n.startswith("stacks/") else v for n, v in g.items()}
@@ -146,14 +146,14 @@ def _main_state(opt_old, params, grads):
 
 
 def test_state_saved_before_blocking_names_the_arguments_that_load_it():
-    """Checkpoints: a state of main's layout (a 300 x 5 weight: one 300 x 300 factor, longer than
-    the default block size) given to the new default is a ValueError naming block_size=4096,
+    """Checkpoints: a state of the unblocked layout (a 300 x 5 weight: one 300 x 300 factor, longer
+    than the default block size) given to the default is a ValueError naming block_size=4096,
     max_dense_dim=4096, and those arguments load it and step on from it."""
     rng = np.random.default_rng(5)
     params, grads = {"w": rng.normal(size=(300, 5))}, {"w": rng.normal(size=(300, 5))}
     old = pr.if_shampoo(batch_size=2, block_size=4096, max_dense_dim=4096)
     state = _main_state(old, params, grads)
-    # main's layout, spelled out: what main's init made for this weight
+    # the unblocked layout, spelled out: what its init made for this weight
     assert {k: v.shape for k, v in state.groups["w"].items()} == {
         "factor_0": (300, 300), "factor_momentum_0": (300, 300), "factor_1": (5, 5), "factor_momentum_1": (5, 5),
         "momentum_0": (300, 5), "factor_failures": (),

@@ -1,10 +1,10 @@
-"""IF-Shampoo's state as named fields (issue 32): a group's state is an ``_IFShampooState`` of
+"""IF-Shampoo's state as named fields: a group's state is an ``_IFShampooState`` of
 ``_StackFactors`` (its tiles' factors as stacks: one per tile shape and refresh phase), stored as
 the flat entries of their paths, and checkpoints saved under the formatted keys of earlier
 versions (``factor_n``, ``tile_t/factor_n``, ``momentum_n``, ...) or in the per-tile layout that
 followed (``tiles/t/factor/n``) keep loading: the fixtures in tests/data (made by
-``tests/data/if_shampoo_legacy_make.py`` with the code of 2fdbd40, and by
-``tests/data/if_shampoo_tiles_make.py`` with the code of b69b61c) step on to the parameters that
+``tests/data/if_shampoo_legacy_make.py`` and ``tests/data/if_shampoo_tiles_make.py``, each with the
+older code it names) step on to the parameters that
 code reached."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_legacy_entry_names_give_every_old_key_its_field_path():
 
 @pytest.mark.parametrize("mode", ["principled", "faithful"])
 def test_torch_checkpoint_with_the_old_names_steps_on_like_the_old_code(mode):
-    """A torch ``state_dict`` saved by 2fdbd40 (float64; principled: block_size=4 with ragged and
+    """A torch ``state_dict`` saved under the formatted keys (float64; principled: block_size=4 with ragged and
     equal tiles, an unblocked vector, weight+bias groups; faithful: unblocked) loads into the new
     code (``load_state_dict`` renames before validating) and the next 4 steps give the
     parameters the old code gave, to 1e-12 (the same operations in the same order)."""
@@ -133,7 +133,7 @@ def _core_params(saved, tag, asarray):
 
 
 def test_core_state_with_the_old_names_steps_on_like_the_old_code():
-    """The core ``PrecondState`` (NumPy) saved by 2fdbd40 under the old names (block_size=4,
+    """The core ``PrecondState`` (NumPy) saved under the formatted keys (block_size=4,
     weight+bias grouping) steps on through ``update`` (``legacy_names`` renames it) to the
     parameters the old code reached, to 1e-12; the state it returns has the current names."""
     make = _maker()
@@ -201,7 +201,7 @@ def test_stacked_tiles_stacks_each_tile_of_one_shape_and_phase():
 
 @pytest.mark.parametrize("mode", ["principled", "faithful"])
 def test_torch_checkpoint_of_the_per_tile_layout_steps_on_like_the_old_code(mode):
-    """A torch ``state_dict`` saved by b69b61c, one entry per tile (principled: block_size=2 with
+    """A torch ``state_dict`` saved one entry per tile (principled: block_size=2 with
     refreshes staggered over 3 calls, so stacks of tiles in irregular and regular phase order;
     faithful: one tile), loads into the stacked layout (``load_state_dict`` stacks the tiles before
     validating) and the next 4 steps give the old code's parameters to 1e-12 (TOL's rounding
@@ -217,7 +217,7 @@ def test_torch_checkpoint_of_the_per_tile_layout_steps_on_like_the_old_code(mode
 
 
 def test_core_state_of_the_per_tile_layout_steps_on_like_the_old_code():
-    """The core ``PrecondState`` (NumPy) saved by b69b61c in the per-tile layout (block_size=2,
+    """The core ``PrecondState`` (NumPy) saved in the per-tile layout (block_size=2,
     refreshes staggered over 3 calls, weight+bias grouping) steps on through ``update``
     (``legacy_names`` stacks it) to the parameters the old code reached, to 1e-12; under
     ``jax.jit`` through the optax adapter too; the states returned are stacked."""
@@ -274,7 +274,7 @@ def test_diagonal_vector_takes_each_dense_tile_to_the_root_of_its_diagonal():
 
 
 def test_state_saved_with_dense_vector_factors_steps_on_with_diagonal_ones():
-    """The core state saved by 2fdbd40 (a vector's factor dense) loads into ``if_shampoo`` with
+    """The core state saved under the formatted keys (a vector's factor dense) loads into ``if_shampoo`` with
     ``structures=None`` (S12: a vector's factor diagonal): ``legacy_names`` keeps every matrix
     factor and momentum as saved and turns the vector's dense tile into ``√diag(K Kᵀ)``; the state
     then has the layout ``init`` makes, and ``update`` steps on with it (NumPy, and the optax

@@ -1,4 +1,4 @@
-"""IF-Shampoo's tile stacks (issue 35): a group's equal tiles are cut by one reshape and transpose,
+"""IF-Shampoo's tile stacks: a group's equal tiles are cut by one reshape and transpose,
 every product runs once per stack of equal tiles whatever their number, and S8's ν is computed for
 all groups at once. NumPy float64 and torch eager, tiny shapes."""
 
@@ -87,7 +87,7 @@ def _top_level_ops(torch, opt, params, grads) -> int:
 
 
 def test_operations_do_not_grow_with_the_number_of_equal_tiles():
-    """The speed property of the tile stacks (issue 35): an eager step costs a number of array
+    """The speed property of the tile stacks: an eager step costs a number of array
     operations set by the number of groups and distinct tile shapes, not by the number of tiles.
     A (16, 16) weight cut into 4x4 tiles (16 tiles) takes exactly as many top-level torch
     operations as an (8, 8) one (4 tiles). Cutting tile by tile (slices, per-tile stacking and

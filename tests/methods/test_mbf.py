@@ -49,7 +49,7 @@ _COMPILATIONS: list[int] = []
 
 def _run_core(backend, params, grad_seq, **kw):
     # The loop reference and closed forms are the unclipped update (KL clipping, B7, is tested alone),
-    # with every inverse refreshed at once unless a test asks for spread refreshes (issue 35).
+    # with every inverse refreshed at once unless a test asks for spread refreshes.
     opt = pr.mbf(**{"kl_clip": 0.0, "refresh_phases": 1, **kw})
     update = _update_fn(backend, opt)
     p = backend.tree(params)
@@ -113,7 +113,7 @@ def test_max_block_dim_uses_block_size_one_limit():
 
 
 def test_equal_size_blocks_of_different_layers_share_one_inverse_call(monkeypatch):
-    """Batched blocks (issue 13 item 1): on an inverse step, the blocks of every layer with the same
+    """Batched blocks: on an inverse step, the blocks of every layer with the same
     block size go through one batched call (FC layers with the same output size, convs with the same
     kernel size), and each layer gets what it gets alone; a precision event (a layer whose damping
     had to be raised) is counted in that layer's ``failures`` only."""
@@ -354,7 +354,7 @@ def test_overflowing_statistic_is_rejected_and_counted():
 
 @pytest.mark.parametrize("spike", [1e1, 1e4, 1e8])
 def test_large_conv_statistic_against_float64(backend, spike):
-    """Issue 16 item 2 / B6: a conv gradient spike makes (1-ρ)‖g_b‖²/λ ≈ 0.1·9·spike²/1e-3 exceed
+    """B6: a conv gradient spike makes (1-ρ)‖g_b‖²/λ ≈ 0.1·9·spike²/1e-3 exceed
     1/ε32 (spike 1e4, 1e8) or even 1/ε64 (spike 1e8). Before the fix float32 LU gave steps 365-514x
     the float64 ones with no failure counted, JAX non-finite ones, and float64 raised LinAlgError.
 
@@ -535,7 +535,7 @@ def test_faithful_matches_authors_golden_trajectory(backend):
 
 
 def test_torch_partner_without_gradient_is_unchanged_and_rejoins_the_pair_count():
-    """Issue 16 item 14: what the MBF adapter's docstring says. A bias without a gradient takes
+    """What the MBF adapter's docstring says. A bias without a gradient takes
     part in its weight's block step with a zero gradient, is left unchanged and its "step" is not
     advanced; at the next step where both have gradients it takes the pair's count again."""
     torch = pytest.importorskip("torch")

@@ -1,4 +1,4 @@
-"""MBF's long-axis policy and spread refreshes (issue 35): ``block_size`` and ``refresh_phases``."""
+"""MBF's long-axis policy and spread refreshes: ``block_size`` and ``refresh_phases``."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _run(params, grads, **kw):
 
 @pytest.mark.parametrize("phases", [1, 3])
 def test_blocked_and_spread_equal_the_loop_reference(phases):
-    """Spec README section 6 and issue 35: with ``block_size = b`` every chunk of b rows of an FC
+    """Spec README section 6: with ``block_size = b`` every chunk of b rows of an FC
     layer's [W | b] (the last one shorter) has its own mini-block Fisher statistic and inverse; with
     ``refresh_phases = P`` the k-th of the n equal-size blocks refreshes its inverse on the calls
     ``i % T2 == (p T2) // P`` for its share p (plus every statistics step up to T2). The loop oracle
@@ -169,7 +169,7 @@ def test_bad_spreading_arguments(kw, match):
 
 @pytest.mark.parametrize("shape", [(0, 3), (4, 0)])
 def test_zero_size_axis_is_left_unchanged_without_a_factor(shape):
-    """Issue 35: a parameter with a zero-size axis has no state and a zero (empty) update, blocked
+    """A parameter with a zero-size axis has no state and a zero (empty) update, blocked
     or not; the other layers step as usual."""
     rng = np.random.default_rng(3)
     params = {"empty": {"weight": np.zeros(shape)}, "fc": {"weight": rng.standard_normal((5, 2))}}
@@ -182,7 +182,7 @@ def test_zero_size_axis_is_left_unchanged_without_a_factor(shape):
 
 
 def test_state_of_the_unblocked_layout_is_refused_naming_the_setting():
-    """A checkpoint of main before issue 35 (principled: one O x O statistic and inverse per FC
+    """A checkpoint in the unblocked layout (principled: one O x O statistic and inverse per FC
     layer up to max_block_dim=4096), built here by hand in that layout, loaded into the blocked
     default: a ValueError naming the leaf and the block_size that reproduces the layout."""
     rng = np.random.default_rng(4)

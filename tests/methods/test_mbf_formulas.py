@@ -1,4 +1,4 @@
-"""The named formula helpers of ``precond_ref.methods.mbf`` against their plain formulas (issue 32 item 3).
+"""The named formula helpers of ``precond_ref.methods.mbf`` against their plain formulas.
 
 Each test states the formula of the helper's docstring in the plainest loop NumPy allows and
 compares in float64. Tolerances come from the rounding model: a sum of ``k`` products is within

@@ -1,4 +1,4 @@
-"""Eager cost of an MBF step in operations (issue 35): an eager step's time is its number of
+"""Eager cost of an MBF step in operations: an eager step's time is its number of
 operations (about 20 us each on a CPU, a kernel launch each on a GPU), not its FLOPs, so the
 per-layer count of a plain step (no statistics, no refresh) is pinned here.
 
@@ -53,9 +53,7 @@ def test_plain_step_operations_per_layer():
     transform's non-finite check runs on all leaves at once, the KL clip's scalar algebra once per
     step on the vector of all layers (linalg.kl_clip_of_quadratic, its entries handed back by one
     unstack), the diagonal rule once on all small diagonal leaves concatenated (per leaf: its
-    slices). Before (main 331606f): 52 and 29; main 2fdbd40: 15 and 2 (the quadratic was a product
-    and a sum, 2, and each layer's factor a select, 1); d0b04c9: 15 calls, 10 kernels (the heavy
-    ball per layer, 2 kernels and 2 views)."""
+    slices)."""
     fc = (_plain_step_ops(6, 1) - _plain_step_ops(2, 1)) / 4
     fc_kernels = (_plain_step_ops(6, 1, kernels=True) - _plain_step_ops(2, 1, kernels=True)) / 4
     diagonal = (_plain_step_ops(1, 6) - _plain_step_ops(1, 2)) / 4
@@ -124,7 +122,6 @@ def test_warm_up_step_operations_per_layer():
     (read on the host: a finite statistic is kept without a selection), and its share of the
     stacked refresh (its blocks in the stack and back, its flags); the batched inverse itself runs
     once per stack, not per layer. A stack-shaped statistic (full, b, b) enters the stack without
-    a reshape. Before (main 2fdbd40): 57 (one refresh per share); 46 with the shares merged,
-    reshaping every part; 43 selecting every statistic."""
+    a reshape."""
     per_layer = (_warm_up_step_ops(6) - _warm_up_step_ops(2)) / 4
     assert per_layer <= 40, per_layer

@@ -28,7 +28,7 @@ def _run(backend, params, grads, **kw):
 
     The identities of this file are those of the unclipped update (KL clipping, B7, has its own
     test), hence ``kl_clip=0`` unless a test sets it; and of the authors' schedule, every inverse at
-    once (``refresh_phases=1``; the spread schedule of issue 35 has its own tests).
+    once (``refresh_phases=1``; the spread schedule has its own tests).
     """
     opt = pr.mbf(**{"kl_clip": 0.0, "refresh_phases": 1, **kw})
     p = backend.tree(params)
@@ -348,7 +348,7 @@ def test_statistics_are_symmetric_psd_and_inverse_spectrum_is_bounded(property_b
 
 @given(seed=seeds, mu=decays, beta=st.floats(0.5, 0.999), steps=st.integers(1, 6))
 def test_diagonal_rule_bias_correction_closed_form(property_backend, seed, mu, beta, steps):
-    """Issue 16 item 15 [derived from the diagonal rule, paper's Adam-like update for BN/bias
+    """[derived from the diagonal rule, paper's Adam-like update for BN/bias
     leaves]: with ``diagonal_second_moment="gradient"`` and a constant gradient g from step 0,
     v_t = (1 - β'^{t+1}) g², so the bias-corrected v_t/(1 - β'^{t+1}) is exactly g² and, with
     a_t = (1 - μ^{t+1}) g (the first moment is not corrected, as in the authors' code),

@@ -395,7 +395,7 @@ def test_if_shampoo_weight_bias_equals_concatenated_matrix():
 
 
 def test_if_shampoo_equal_shape_groups_share_one_factor_step(monkeypatch):
-    """Batched blocks (issue 13): groups whose tensors and factors have one shape go through one
+    """Batched blocks: groups whose tensors and factors have one shape go through one
     stacked factor step and one stacked preconditioning, and each gets what it gets alone (per-group
     factor step sizes included: prototype_lr_scale gives proj/weight and the biases 0.25)."""
     calls = []

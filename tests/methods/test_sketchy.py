@@ -627,7 +627,7 @@ def test_faithful_s_adagrad_matches_oco_golden():
 
 # --------------------------------------------------------------------------------------------
 # Invariants of principled Sketchy with b2 < 1, Nesterov momentum and the graft-only start
-# (issue 16 item 15: each was caught only by the faithful golden test or not at all).
+# (each was caught only by the faithful golden test or not at all).
 
 
 @given(d=st.integers(3, 7), k=st.integers(1, 2), steps=st.integers(4, 8), seed=st.integers(0, 2**16),

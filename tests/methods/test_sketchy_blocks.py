@@ -1,4 +1,4 @@
-"""Sketchy / S-AdaGrad long axes and refresh schedule (issue 35): block_size, spread refreshes, defaults."""
+"""Sketchy / S-AdaGrad long axes and refresh schedule: block_size, spread refreshes, defaults."""
 
 from __future__ import annotations
 

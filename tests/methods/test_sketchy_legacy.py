@@ -1,7 +1,7 @@
-"""Sketchy / S-AdaGrad checkpoints saved under the earlier entry names keep loading (issue 32 item 7).
+"""Sketchy / S-AdaGrad checkpoints saved under the earlier entry names keep loading.
 
 The fixtures (tests/data/sketchy_legacy_{torch.pt,core.pkl}, made by tests/data/sketchy_legacy_make.py
-with precond_ref at 2fdbd40) hold states whose sketch entries are ``axis{n}_{name}`` and
+with the older code it names) hold states whose sketch entries are ``axis{n}_{name}`` and
 ``axis{n}_run{j}_{name}``, and the parameters that code reached in the next steps. Loaded into the
 current code, whose entries are ``sketches/{n}/{j}/{name}``, the same steps reach the same parameters:
 the renaming (``legacy_names``) moves arrays without touching them, so the float64 trajectories are

@@ -1,6 +1,6 @@
 """A skipped step (non-finite gradient) under ``on_nonfinite="skip"`` leaves every sketch entry as
 it was, now that the FD step itself returns the previous sketch on such a step (``accept``) and the
-transform no longer selects those entries again (issue 35: one d x k pass less per sketch)."""
+transform no longer selects those entries again (one d x k pass less per sketch)."""
 
 from __future__ import annotations
 

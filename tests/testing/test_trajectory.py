@@ -145,7 +145,7 @@ def test_trace_command_writes_the_documented_file(tmp_path, capsys):
         (["trace", "agd"], "--out FILE is required"),
         (["trace", "--out", "X"], "a METHOD is required"),
         (["trace", "agd", "--out", "/nonexistent/dir/x.npz"], "does not exist"),
-        # The unknown method is reported before the missing --out (issue 15).
+        # The unknown method is reported before the missing --out.
         (["trace", "nope"], "unknown method 'nope'; available methods: "),
     ],
 )
