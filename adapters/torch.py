@@ -36,6 +36,7 @@ from array_api_compat import array_namespace
 
 import precond_ref as pr
 from precond_ref.methods.asgo import _root_method_for as _asgo_root_method_for
+from precond_ref.methods.root_free import IF_SHAMPOO_LEARNING_RATE
 
 from ._torch_core import CoreOptimizer
 from ._torch_methods import _MBFOptimizer, _RootFreeOptimizer
@@ -368,10 +369,12 @@ IFShampoo = _torch_class(
     ``step(batch_size=...)``. ``grouping="weight_bias"`` needs parameter names: pass
     ``model.named_parameters()`` or ``model=``; a weight or bias without a gradient then takes part
     in its pair's step with a zero gradient and is left unchanged (as in :class:`MBF`).
+    ``lr=None`` is the core's default of the constructor's ``mode`` (0.1 principled, SIRFShampoo's
+    1e-3 faithful), set in the param groups as a number.
     """,
     (
         _Arg("params", None, "Any"),  # None: model='s parameters (_RootFreeOptimizer)
-        _lr(pr.if_shampoo),
+        _lr(pr.if_shampoo, "Optional[float]"),  # None: IF_SHAMPOO_LEARNING_RATE of the mode
         _Arg("momentum", 0.9, "float"),
         _Arg("preconditioner_lr", 0.01, "float", convert=_float),
         _Arg("preconditioner_momentum", 0.5, "float"),
@@ -391,6 +394,7 @@ IFShampoo = _torch_class(
         _Arg("factor_rounding", None, "Optional[str]", since="0.3.0"),
     ),
     base=_RootFreeOptimizer,
+    lr_by_mode=IF_SHAMPOO_LEARNING_RATE,
 )
 
 MBF = _torch_class(

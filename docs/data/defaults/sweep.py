@@ -58,6 +58,12 @@ START = {
     "IFShampoo": [0.0316, 0.1, 0.316],
     "MBF": [1e-5, 3.16e-5, 1e-4],
 }
+#: The authors' learning rates (code defaults or experiment values), kept where near the best.
+AUTHORS = {"AGD": 1e-3, "ASGO": 1e-2, "DASGO": 1e-2, "IFShampoo": 1e-3, "MBF": 1e-5}
+#: The least ratio to each problem's best share at which the authors' rate counts as near the best.
+NEAR = 0.8
+#: A share difference within which two rates tie (the teacher's shares saturate as its loss nears 0).
+TIE = 0.01
 #: The share of Adam's progress a default's next larger rate must still make on every problem.
 SAFE = 0.5
 #: How many grid points the sweep adds past each edge of the starting grid at most.
@@ -192,54 +198,76 @@ def _grid_point(rate: float) -> float:
     return float(f"{10.0 ** (round(2 * math.log10(rate)) / 2):.3g}")
 
 
-def sweep_method(method: str, rates: list[float], log: Callable[[str], None], extend: bool = True, done: Optional[dict] = None) -> dict:
-    """``{rate: {problem: [share per seed]}}``, the grid extended past an edge while that edge is the
-    best rate of some problem (so that each problem's best rate is interior, or the edge diverged),
-    at most ``MAX_EXTENSIONS`` times per edge. ``done``: results already measured (a former output)."""
-    results: dict[float, dict] = {}
+def sweep_method(method: str, rates: list[float], save: Callable[[dict], None], extend: bool = True,
+                 done: Optional[dict] = None) -> dict:
+    """``{rate: {problem: [share per seed]}}``, the grid extended past an edge while that edge is a
+    problem's best rate by more than ``TIE`` (so that each problem's best rate is interior, or the
+    edge failed), at most ``MAX_EXTENSIONS`` times per edge. ``done``: results already measured (a
+    former output); ``save`` receives the results after every rate."""
+    results: dict[str, dict] = dict(done or {})
     extensions = {0: 0, -1: 0}
 
     def run(rate: float) -> None:
-        earlier = (done or {}).get(f"{rate:g}", {})
-        results[rate] = {p: earlier[p] if p in earlier else shares(p, method, lr=rate) for p in PROBLEMS}
-        log(f"{method} lr {rate:g}: " + ", ".join(f"{p} {np.mean(s):.3f}" for p, s in results[rate].items()))
+        key = f"{rate:g}"
+        results[key] = {p: results.get(key, {}).get(p) or shares(p, method, lr=rate) for p in PROBLEMS}
+        print(f"{method} lr {key}: " + ", ".join(f"{p} {np.mean(s):.3f}" for p, s in results[key].items()),
+              file=sys.stderr, flush=True)
+        save(results)
+
+    def edge_is_best(edge: str, problem: str) -> bool:
+        others = [np.mean(results[r][problem]) for r in results if r != edge]
+        return np.mean(results[edge][problem]) > max(others) + TIE
 
     for rate in rates:
         run(rate)
-    while True:
-        grid = sorted(results)
-        best = {max(grid, key=lambda r: np.mean(results[r][p])) for p in PROBLEMS}
-        edges = [side for side in (0, -1) if grid[side] in best and extensions[side] < MAX_EXTENSIONS]
-        if not edges or not extend:
-            return {f"{r:g}": results[r] for r in grid}
+    while extend:
+        grid = sorted(results, key=float)
+        edges = [side for side in (0, -1)
+                 if extensions[side] < MAX_EXTENSIONS and any(edge_is_best(grid[side], p) for p in PROBLEMS)]
+        if not edges:
+            break
         for side in edges:
             extensions[side] += 1
-            run(_grid_point(grid[side] / HALF_DECADE if side == 0 else grid[side] * HALF_DECADE))
+            run(_grid_point(float(grid[side]) / HALF_DECADE if side == 0 else float(grid[side]) * HALF_DECADE))
+    return results
 
 
-def chosen_rate(rows: dict) -> str:
-    """The default the evidence supports among the rates of ``rows`` (``{rate: {problem: shares}}``):
-    of the rates whose next larger rate on the grid still makes at least ``SAFE`` of Adam's progress
-    on every problem (a half-decade margin below a rate that fails), the one whose least ratio to
-    each problem's best mean share is highest: near the best on every problem, not the best on one."""
-    means = {float(r): {p: float(np.mean(s)) for p, s in row.items()} for r, row in rows.items()}
-    grid = sorted(means)
+def _means(rows: dict) -> dict:
+    return {float(r): {p: float(np.mean(s)) for p, s in row.items()} for r, row in rows.items()}
+
+
+def least_ratio(rows: dict) -> dict:
+    """Per rate, the least over problems of its mean share over the problem's best mean share."""
+    means = _means(rows)
     best = {p: max(m[p] for m in means.values()) for p in PROBLEMS}
+    return {r: min(m[p] / best[p] for p in PROBLEMS) for r, m in means.items()}
+
+
+def chosen_rate(method: str, rows: dict) -> float:
+    """The default the evidence supports among the rates of ``rows`` (``{rate: {problem: shares}}``):
+    the authors' rate (``AUTHORS``) where it makes at least ``NEAR`` of the best share on every
+    problem; otherwise, of the rates whose next larger rate on the grid still makes at least
+    ``SAFE`` of Adam's progress on every problem (a half-decade margin below a rate that fails), the
+    one whose least ratio to each problem's best is highest: near the best on every problem, not the
+    best on one."""
+    means, ratio = _means(rows), least_ratio(rows)
+    if ratio.get(AUTHORS.get(method), 0.0) >= NEAR:
+        return AUTHORS[method]
+    grid = sorted(means)
     safe = [r for r, above in zip(grid, grid[1:]) if min(means[above].values()) >= SAFE]
-    chosen = max(safe, key=lambda r: min(means[r][p] / best[p] for p in PROBLEMS))
-    return f"{chosen:g}"
+    return max(safe, key=ratio.get)
 
 
 def table(data: dict) -> str:
-    """The Markdown table: per method and rate the mean share of Adam's progress on each problem,
-    the rate :func:`chosen_rate` picks in bold."""
-    lines = ["| method | lr | " + " | ".join(PROBLEMS) + " |", "|---|---:|" + "---:|" * len(PROBLEMS)]
+    """The Markdown table: per method and rate the mean share of Adam's progress on each problem and
+    the least ratio to a problem's best, the rate :func:`chosen_rate` picks in bold."""
+    lines = ["| method | lr | " + " | ".join(PROBLEMS) + " | least of best |", "|---|---:|" + "---:|" * (len(PROBLEMS) + 1)]
     for method, rows in data["methods"].items():
-        chosen = chosen_rate(rows)
+        chosen, ratio = chosen_rate(method, rows), least_ratio(rows)
         for rate in sorted(rows, key=float):
-            mark = "**" if rate == chosen else ""
-            cells = " | ".join(f"{mark}{np.mean(rows[rate][p]):.2f}{mark}" for p in PROBLEMS)
-            lines.append(f"| {method} | {mark}{rate}{mark} | {cells} |")
+            mark = "**" if float(rate) == chosen else ""
+            cells = " | ".join(f"{np.mean(rows[rate][p]):.2f}" for p in PROBLEMS)
+            lines.append(f"| {method} | {mark}{rate}{mark} | {cells} | {ratio[float(rate)]:.2f} |")
     return "\n".join(lines)
 
 
@@ -262,13 +290,15 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError:
         data = {"steps": STEPS, "seeds": list(SEEDS), "problems": list(PROBLEMS), "reference": "torch.optim.Adam, lr 1e-3",
                 "torch": torch.__version__, "methods": {}}
-    for method in args.methods.split(","):
-        rates = [float(r) for r in args.rates.split(",")] if args.rates else START[method]
-        log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-        done = data["methods"].get(method, {})
-        data["methods"][method] = sweep_method(method, rates, log, extend=not args.no_extend, done=done)
+    def save(method: str, results: dict) -> None:
+        data["methods"][method] = dict(sorted(results.items(), key=lambda item: float(item[0])))
         with open(args.out, "w") as f:
             json.dump(data, f, indent=1)
+
+    for method in args.methods.split(","):
+        rates = [float(r) for r in args.rates.split(",")] if args.rates else START[method]
+        sweep_method(method, rates, functools.partial(save, method), extend=not args.no_extend,
+                     done=data["methods"].get(method))
     print(table(data))
 
 
