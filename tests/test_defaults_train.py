@@ -13,6 +13,7 @@ two fifths of it.
 
 from __future__ import annotations
 
+import inspect
 import math
 import pathlib
 
@@ -86,3 +87,19 @@ def test_core_factory_trains_at_its_defaults(method, problem, start_and_adam):
 
     share = _share(SWEEP.final_loss(problem, make), start_and_adam)
     assert share >= SHARE, f"precond_ref.{factory.__name__} at its defaults: {share:.3f} of Adam's progress"
+
+
+def test_defaults_are_the_sweeps_choice():
+    """Each swept method's principled default is the rate ``chosen_rate`` picks from the sweep's data
+    (``docs/data/defaults/sweep.json``), so the code and its evidence page cannot drift apart."""
+    import json
+
+    from precond_ref.methods.root_free import IF_SHAMPOO_LEARNING_RATE
+
+    data = json.loads(pathlib.Path(SWEEP.__file__).with_name("sweep.json").read_text())
+    assert set(data["methods"]) >= {"RFAdamW", "RFRMSProp", "IFShampoo", "SAdaGrad", "DASGO"}
+    for method, rows in data["methods"].items():
+        default = inspect.signature(FACTORIES[method]).parameters["learning_rate"].default
+        if method == "IFShampoo":
+            default = IF_SHAMPOO_LEARNING_RATE["principled"]
+        assert SWEEP.chosen_rate(method, rows) == default, method

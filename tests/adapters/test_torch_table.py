@@ -117,7 +117,7 @@ SIGNATURES = {
         ("on_nonfinite", P, "skip", "str"), *ADDED["Sketchy"], *_TAIL,
     ),
     "SAdaGrad": (
-        ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.01, "float"), ("rank", P, 128, "int"),
+        ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.316, "float"), ("rank", P, 128, "int"),
         ("delta", P, 0.0, "float"), ("eps", P, None, "Optional[float]"), ("beta2", P, 1.0, "float"),
         ("momentum", P, 0.0, "float"), ("weight_decay", P, 0.0, "float"),
         ("block_size", P, None, "Optional[int]"), *_MODE, *ADDED["SAdaGrad"], *_TAIL,
@@ -164,7 +164,7 @@ CORE_KWARGS = {
                 "graft_eps": 1e-23, "precondition_every": None, "start_preconditioning_step": 0, "merge_dims": 1024,
                 "max_precondition_dim": 4096, "precondition_1d": False, "block_size": None, "decomposition": None,
                 "momentum_ema": False, "tail_decay": None, "spread_refresh": None},
-    "SAdaGrad": {"learning_rate": 0.01, "rank": 128, "delta": 0.0, "eps": None, "b2": 1.0, "momentum": 0.0,
+    "SAdaGrad": {"learning_rate": 0.316, "rank": 128, "delta": 0.0, "eps": None, "b2": 1.0, "momentum": 0.0,
                  "weight_decay": 0.0, "block_size": None, "precondition_every": None, "spread_refresh": None},
 }
 for _kwargs in CORE_KWARGS.values():
