@@ -20,7 +20,10 @@ order: the ``state_dict`` layout).
 *Adding a torch argument is one line:* ``_Arg("new_name", default, "annotation", "core_name")``
 in the class's row, where it should stand in the signature (at the end of the positional ones, so
 that existing positional calls keep their meaning). A changed core default needs no edit here
-unless the torch default should follow it (torch defaults are the torch API, written out).
+unless the torch default should follow it (torch defaults are the torch API, written out), except
+``lr``: every class's ``lr`` default is read from its core factory's ``learning_rate`` (``_lr``); where
+that is ``None`` (a default that depends on ``mode``), the constructor sets the mode's number, so
+that learning-rate schedulers find one in each param group.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from array_api_compat import array_namespace
 
 import precond_ref as pr
 from precond_ref.methods.asgo import _root_method_for as _asgo_root_method_for
+from precond_ref.methods.root_free import IF_SHAMPOO_LEARNING_RATE
 
 from ._torch_core import CoreOptimizer
 from ._torch_methods import _MBFOptimizer, _RootFreeOptimizer
@@ -116,10 +120,12 @@ def _unpack(owner: str, arg: _Arg, value: Any) -> tuple:
 def _torch_class(
     name: str, core_factory: Callable, doc: str, arguments: tuple, *, base: type = CoreOptimizer,
     compile_by_default: bool = False, derive: Optional[Callable[[dict], dict]] = None,
+    lr_by_mode: Optional[dict] = None,
 ) -> type:
     """A row of the table as a class: ``__init__`` with the row's signature (bound, then
     ``params``/``model``/``compile``/``capture``/``capturable`` to ``base``'s constructor and every other
-    argument into ``defaults``, in signature order) and ``core_kwargs`` from the row's mapping."""
+    argument into ``defaults``, in signature order) and ``core_kwargs`` from the row's mapping.
+    ``lr_by_mode``: the core's default learning rate per ``mode``, for an ``lr`` default of ``None``."""
     signature = _signature(arguments)
 
     def __init__(self: CoreOptimizer, *args: Any, **kwargs: Any) -> None:
@@ -129,6 +135,8 @@ def _torch_class(
         del values["self"]
         options = {key: values.pop(key) for key in ("model", "compile", "capture", "capturable") if key in values}
         params = values.pop("params")
+        if lr_by_mode is not None and values["lr"] is None:  # the mode's default, a number for lr schedulers
+            values["lr"] = lr_by_mode.get(values["mode"])
         self._build(values)  # invalid hyperparameters are refused before params is looked at, as in torch.optim
         base.__init__(self, params, values, **options)
 
@@ -211,8 +219,9 @@ _ROOT_FREE_TAIL = (
 )
 
 
-def _lr(default: float, annotation: str = "float") -> _Arg:
-    return _Arg("lr", default, annotation, "learning_rate")
+def _lr(core_factory: Callable, annotation: str = "float") -> _Arg:
+    """``lr``, defaulting to the core factory's ``learning_rate`` default (one source for both)."""
+    return _Arg("lr", inspect.signature(core_factory).parameters["learning_rate"].default, annotation, "learning_rate")
 
 
 AGD = _torch_class(
@@ -224,7 +233,7 @@ AGD = _torch_class(
     """,
     (
         _PARAMS,
-        _lr(1e-3),
+        _lr(pr.agd),
         _Arg("betas", (0.9, 0.999), "tuple[float, float]", _BETAS),
         _Arg("delta", 1e-5, "float"),
         _Arg("weight_decay", 0.0, "float"),
@@ -250,7 +259,7 @@ ASGO = _torch_class(
     """,
     (
         _PARAMS,
-        _lr(1e-2),
+        _lr(pr.asgo),
         _Arg("betas", (0.9, 0.8), "tuple[float, float]", _BETAS),
         _Arg("weight_decay", 0.1, "float"),
         _Arg("damping", None, "Optional[float]"),
@@ -298,7 +307,7 @@ DASGO = _torch_class(
     """,
     (
         _PARAMS,
-        _lr(1e-3),
+        _lr(pr.dasgo),
         _Arg("betas", (0.9, 0.95), "tuple[float, float]", _BETAS),
         _Arg("eps", 1e-8, "float"),
         _Arg("weight_decay", 0.1, "float"),
@@ -322,7 +331,7 @@ RFRMSProp = _torch_class(
     """,
     (
         _Arg("params", _REQUIRED, "Any"),
-        _lr(1e-2),
+        _lr(pr.rf_rmsprop),
         _Arg("alpha", 0.999, "float", "b2"),
         _Arg("damping", 1e-4, "float"),
         _Arg("momentum", 0.0, "float"),
@@ -339,7 +348,7 @@ RFAdamW = _torch_class(
     see :func:`precond_ref.rf_adamw`. Batch size as in :class:`RFRMSProp`.""",
     (
         _Arg("params", _REQUIRED, "Any"),
-        _lr(1e-3),
+        _lr(pr.rf_adamw),
         _Arg("betas", (0.9, 0.999), "tuple[float, float]", _BETAS),
         _Arg("damping", 1e-4, "float"),
         _Arg("weight_decay", 0.0, "float"),
@@ -360,10 +369,12 @@ IFShampoo = _torch_class(
     ``step(batch_size=...)``. ``grouping="weight_bias"`` needs parameter names: pass
     ``model.named_parameters()`` or ``model=``; a weight or bias without a gradient then takes part
     in its pair's step with a zero gradient and is left unchanged (as in :class:`MBF`).
+    ``lr=None`` is the core's default of the constructor's ``mode`` (0.1 principled, SIRFShampoo's
+    1e-3 faithful), set in the param groups as a number.
     """,
     (
         _Arg("params", None, "Any"),  # None: model='s parameters (_RootFreeOptimizer)
-        _lr(1e-3),
+        _lr(pr.if_shampoo, "Optional[float]"),  # None: IF_SHAMPOO_LEARNING_RATE of the mode
         _Arg("momentum", 0.9, "float"),
         _Arg("preconditioner_lr", 0.01, "float", convert=_float),
         _Arg("preconditioner_momentum", 0.5, "float"),
@@ -383,6 +394,7 @@ IFShampoo = _torch_class(
         _Arg("factor_rounding", None, "Optional[str]", since="0.3.0"),
     ),
     base=_RootFreeOptimizer,
+    lr_by_mode=IF_SHAMPOO_LEARNING_RATE,
 )
 
 MBF = _torch_class(
@@ -406,7 +418,7 @@ MBF = _torch_class(
     """,
     (
         _PARAMS,
-        _lr(1e-5, "Any"),
+        _lr(pr.mbf, "Any"),
         _Arg("damping", 1e-3, "float"),
         _Arg("momentum", 0.9, "float"),
         _Arg("beta2", 0.9, "float", "b2"),
@@ -436,7 +448,7 @@ Sketchy = _torch_class(
     """,
     (
         _PARAMS,
-        _lr(1e-3),
+        _lr(pr.sketchy),
         _Arg("rank", 128, "int"),
         _Arg("beta2", 0.999, "float", "b2"),
         _Arg("eps", 1e-7, "float"),
@@ -468,7 +480,7 @@ SAdaGrad = _torch_class(
     core's ``b2`` (1 = AdaGrad's sum).""",
     (
         _PARAMS,
-        _lr(1e-2),
+        _lr(pr.s_adagrad),
         _Arg("rank", 128, "int"),
         _Arg("delta", 0.0, "float"),
         _Arg("eps", None, "Optional[float]"),

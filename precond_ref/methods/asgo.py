@@ -495,7 +495,7 @@ def asgo(
 
 
 def dasgo(
-    learning_rate: ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-2,
     b1: float = 0.9,
     b2: float = 0.95,
     eps: float = 1e-8,
@@ -524,7 +524,9 @@ def dasgo(
     Parameters
     ----------
     learning_rate:
-        :math:`\eta > 0` or a schedule (the authors' constructor default 1e-3; their config 1e-2).
+        :math:`\eta > 0` or a schedule. Default 1e-2, the authors' config (their constructor's
+        default is 1e-3): on each of the three small problems of ``docs/defaults.md`` it makes at
+        least 0.85 of the best share of Adam's progress that the sweep found.
     b1, b2:
         Momentum and statistic EMA coefficients in [0, 1).
     eps:

@@ -38,6 +38,9 @@ __all__ = ["rf_rmsprop", "rf_adamw", "if_shampoo", "prototype_lr_scale", "protot
 _KL_CLIP = 0.1  # principled default of if_shampoo's kl_clip (S8)
 _BLOCK_SIZE = 64  # principled default of if_shampoo's block_size (S9; docs/methods/root_free.md)
 _PRECONDITION_EVERY = 2  # principled default of if_shampoo's precondition_every (S7)
+#: if_shampoo's default learning rate per mode: SIRFShampoo's 1e-3 (faithful); principled, the rate
+#: that trains the small problems of docs/defaults.md (the torch class reads it too).
+IF_SHAMPOO_LEARNING_RATE = {"faithful": 1e-3, "principled": 0.1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +210,7 @@ RF_ADAMW = ElementwiseRule(
 
 
 def rf_rmsprop(
-    learning_rate: ScalarOrSchedule = 1e-2,
+    learning_rate: ScalarOrSchedule = 0.316,
     b2: float = 0.999,
     damping: float = 1e-4,
     momentum: float = 0.0,
@@ -238,8 +241,11 @@ def rf_rmsprop(
     Parameters
     ----------
     learning_rate:
-        :math:`\eta_t` (the paper's :math:`\beta_1`), a positive number or a schedule. Default 1e-2:
-        SGD-like (the statistic starts at 1), within the authors' best CIFAR-100 CNN values (5e-3 to 1e-1).
+        :math:`\eta_t` (the paper's :math:`\beta_1`), a positive number or a schedule. Default 0.316,
+        on SGD's scale (the statistic starts at 1): the rate of the sweep in ``docs/defaults.md``, near
+        the best on three small problems and a half-decade below a rate that diverges on one. The
+        authors' best CIFAR-100 CNN values (5e-3 to 1e-1) come with heavy-ball momentum 0.6 to 0.96,
+        which multiplies the step by up to 25.
     b2:
         EMA decay of the second moment, :math:`1-\beta_2` in the paper (torch's ``alpha``).
     damping:
@@ -306,7 +312,7 @@ def rf_rmsprop(
 
 
 def rf_adamw(
-    learning_rate: ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1.0,
     b1: float = 0.9,
     b2: float = 0.999,
     damping: float = 1e-4,
@@ -338,7 +344,10 @@ def rf_adamw(
     learning_rate, b1, b2, damping, weight_decay, bias_correction:
         :math:`\eta`, the EMA decays, :math:`\lambda`, decoupled :math:`\kappa` (applied first),
         and the authors' bias-correction switch (off by default, as in their code). The learning
-        rate defaults to AdamW's 1e-3 (Adam-scaled step; the method is not in the paper).
+        rate is on SGD's scale, not Adam's: the statistic starts at 1 and :math:`m` is an
+        uncorrected EMA, so the first steps are SGD's at :math:`\eta(1-b_1)`. Default 1: the rate
+        of the sweep in ``docs/defaults.md``, near the best on three small problems and a
+        half-decade below a rate that diverges on one (the method is not in the paper).
     batch_size, initial_scale, scale_by_batch_size, state_dtype, mode, on_nonfinite:
         As in :func:`rf_rmsprop` (the authors' :math:`v_0 = 1/B` is :math:`s_0 = 1`).
 
@@ -561,7 +570,7 @@ def prototype_lr_scale(path: Path) -> float:
 
 
 def if_shampoo(
-    learning_rate: ScalarOrSchedule = 1e-3,
+    learning_rate: Optional[ScalarOrSchedule] = None,
     momentum: float = 0.9,
     preconditioner_lr: ScalarOrSchedule = 0.01,
     preconditioner_momentum: float = 0.5,
@@ -609,7 +618,9 @@ def if_shampoo(
     Parameters
     ----------
     learning_rate:
-        :math:`\eta_t` (paper :math:`\beta_1`), positive or a schedule.
+        :math:`\eta_t` (paper :math:`\beta_1`), positive or a schedule. ``None``: 0.1 in principled
+        mode, the rate of the sweep in ``docs/defaults.md`` (near the best on three small problems,
+        where 1e-3 makes a fifth of Adam's progress or less); 1e-3 in faithful mode (SIRFShampoo).
     momentum:
         :math:`\alpha_1` in [0, 1), heavy ball on the preconditioned step.
     preconditioner_lr:
@@ -748,6 +759,8 @@ def if_shampoo(
     Gradient Methods? A Second-Order Perspective". ICML 2024, arXiv:2402.03496 (IF-Shampoo,
     Figure 3). Clean implementation: https://github.com/f-dangel/sirfshampoo.
     """
+    faithful = check_mode(mode)
+    learning_rate = IF_SHAMPOO_LEARNING_RATE[mode] if learning_rate is None else learning_rate
     check_learning_rate("learning_rate", learning_rate)
     check_unit_interval("momentum", momentum)
     check_learning_rate("preconditioner_lr", preconditioner_lr)
@@ -758,7 +771,6 @@ def if_shampoo(
     check_choice("grouping", grouping, ("per_parameter", "weight_bias"))
     check_bool("clamp_factor_step", clamp_factor_step)
     check_optional(check_nonnegative, "kl_clip", kl_clip)
-    faithful = check_mode(mode)
     check_principled_only("block_size", faithful and block_size is not None, " (SIRFShampoo has no blocking)")
     precondition_every = mode_default(precondition_every, faithful, 1, _PRECONDITION_EVERY)  # S7
     block_size = mode_default(block_size, faithful, None, _BLOCK_SIZE)  # S9: long axes cut into blocks

@@ -383,8 +383,10 @@ def test_errors(cls):
 def test_every_class_and_core_factory_has_the_same_default_learning_rate():
     """Every torch class and every core factory constructs without a learning rate, and a class's
     default ``lr`` is its core factory's default ``learning_rate`` (the values
-    are documented in each factory's docstring)."""
+    are documented in each factory's docstring). IF-Shampoo's is ``None`` in both, the mode's
+    default, which the class sets in its param groups as a number for learning-rate schedulers."""
     import precond_ref as pr
+    from precond_ref.methods.root_free import IF_SHAMPOO_LEARNING_RATE
 
     classes = sorted({c for c, _ in DEFAULTS.values()}, key=lambda c: c.__name__)
     assert len(classes) == 9
@@ -394,7 +396,13 @@ def test_every_class_and_core_factory_has_the_same_default_learning_rate():
     for cls in classes:
         lr = inspect.signature(cls).parameters["lr"].default
         core_lr = inspect.signature(cls.core_factory).parameters["learning_rate"].default
-        assert isinstance(lr, float) and lr == core_lr > 0, (cls.__name__, lr, core_lr)
         cls.core_factory()  # no learning_rate
         opt = cls([torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))], **_required(cls))
+        if cls is pt.IFShampoo:
+            assert lr is None and core_lr is None
+            core_lr = IF_SHAMPOO_LEARNING_RATE["principled"]
+            faithful = cls([torch.nn.Parameter(torch.zeros(3, 2))], mode="faithful", **_required(cls))
+            assert faithful.defaults["lr"] == IF_SHAMPOO_LEARNING_RATE["faithful"]
+        else:
+            assert isinstance(lr, float) and lr == core_lr > 0, (cls.__name__, lr, core_lr)
         assert opt.defaults["lr"] == core_lr

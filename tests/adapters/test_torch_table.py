@@ -48,7 +48,7 @@ ADDED = {
 }
 
 #: (name, kind, default, annotation) of every parameter, as main's hand-written classes had them
-#: (plus :data:`ADDED`).
+#: (plus :data:`ADDED`), except ``lr``, the core's default learning rate (``docs/defaults.md``).
 SIGNATURES = {
     "AGD": (
         ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.001, "float"),
@@ -68,25 +68,25 @@ SIGNATURES = {
         *_FALLBACK[:-1], *ADDED["ASGO"], _FALLBACK[-1], *_TAIL,
     ),
     "DASGO": (
-        ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.001, "float"),
+        ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.01, "float"),
         ("betas", P, (0.9, 0.95), "tuple[float, float]"), ("eps", P, 1e-08, "float"),
         ("weight_decay", P, 0.1, "float"), ("rms_target", P, 0.2, "Optional[float]"), ("side", P, "right", "str"),
         *_FALLBACK, *_TAIL,
     ),
     "RFRMSProp": (
-        ("params", P, REQ, "Any"), ("lr", P, 0.01, "float"), ("alpha", P, 0.999, "float"),
+        ("params", P, REQ, "Any"), ("lr", P, 0.316, "float"), ("alpha", P, 0.999, "float"),
         ("damping", P, 0.0001, "float"), ("momentum", P, 0.0, "float"), ("weight_decay", P, 0.0, "float"),
         *_ROOT_FREE, ("initial_scale", P, 1.0, "float"), ("scale_by_batch_size", P, True, "bool"),
         ("state_dtype", P, None, "Optional[torch.dtype]"), *_MODE, *_TAIL,
     ),
     "RFAdamW": (
-        ("params", P, REQ, "Any"), ("lr", P, 0.001, "float"), ("betas", P, (0.9, 0.999), "tuple[float, float]"),
+        ("params", P, REQ, "Any"), ("lr", P, 1.0, "float"), ("betas", P, (0.9, 0.999), "tuple[float, float]"),
         ("damping", P, 0.0001, "float"), ("weight_decay", P, 0.0, "float"), *_ROOT_FREE,
         ("bias_correction", P, False, "bool"), ("initial_scale", P, 1.0, "float"),
         ("scale_by_batch_size", P, True, "bool"), ("state_dtype", P, None, "Optional[torch.dtype]"), *_MODE, *_TAIL,
     ),
     "IFShampoo": (
-        ("params", P, None, "Any"), ("lr", P, 0.001, "float"), ("momentum", P, 0.9, "float"),
+        ("params", P, None, "Any"), ("lr", P, None, "Optional[float]"), ("momentum", P, 0.9, "float"),
         ("preconditioner_lr", P, 0.01, "float"), ("preconditioner_momentum", P, 0.5, "float"),
         ("damping", P, 0.001, "float"), ("weight_decay", P, 0.0, "float"), *_ROOT_FREE,
         ("precondition_every", P, None, "Any"), ("structures", P, None, "Any"),
@@ -118,7 +118,7 @@ SIGNATURES = {
         ("on_nonfinite", P, "skip", "str"), *ADDED["Sketchy"], *_TAIL,
     ),
     "SAdaGrad": (
-        ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.01, "float"), ("rank", P, 128, "int"),
+        ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.316, "float"), ("rank", P, 128, "int"),
         ("delta", P, 0.0, "float"), ("eps", P, None, "Optional[float]"), ("beta2", P, 1.0, "float"),
         ("momentum", P, 0.0, "float"), ("weight_decay", P, 0.0, "float"),
         ("block_size", P, None, "Optional[int]"), *_MODE, *ADDED["SAdaGrad"], *_TAIL,
@@ -133,7 +133,8 @@ BASES = {
     "Sketchy": ("CoreOptimizer", False), "SAdaGrad": ("CoreOptimizer", False),
 }
 
-#: ``core_kwargs`` of the default group (root-free classes built with ``batch_size=4``), main's.
+#: ``core_kwargs`` of the default group (root-free classes built with ``batch_size=4``), main's,
+#: except ``learning_rate`` (the core's default, ``docs/defaults.md``; IF-Shampoo's principled one).
 CORE_KWARGS = {
     "AGD": {"learning_rate": 0.001, "b1": 0.9, "b2": 0.999, "delta": 1e-05, "weight_decay": 0.0,
             "weight_decay_mode": "decoupled", "amsgrad": False, "clip": None, "win": False},
@@ -142,15 +143,15 @@ CORE_KWARGS = {
              "accumulator": "ema", "side": "auto", "block_size": None, "fallback_mask": "_FallbackByName(None)",
              "fallback_b1": 0.9, "fallback_b2": 0.95, "fallback_eps": 1e-08, "fallback_weight_decay": 0.0,
              "spread_refresh": None},
-    "DASGO": {"learning_rate": 0.001, "b1": 0.9, "b2": 0.95, "eps": 1e-08, "weight_decay": 0.1,
+    "DASGO": {"learning_rate": 0.01, "b1": 0.9, "b2": 0.95, "eps": 1e-08, "weight_decay": 0.1,
               "rms_target": 0.2, "side": "right", "fallback_mask": "_FallbackByName(None)", "fallback_b1": 0.9,
               "fallback_b2": 0.95, "fallback_eps": 1e-08, "fallback_weight_decay": 0.0},
-    "RFRMSProp": {"learning_rate": 0.01, "b2": 0.999, "damping": 0.0001, "momentum": 0.0, "weight_decay": 0.0,
+    "RFRMSProp": {"learning_rate": 0.316, "b2": 0.999, "damping": 0.0001, "momentum": 0.0, "weight_decay": 0.0,
                   "batch_size": 4, "initial_scale": 1.0, "scale_by_batch_size": True, "state_dtype": None},
-    "RFAdamW": {"learning_rate": 0.001, "b1": 0.9, "b2": 0.999, "damping": 0.0001, "weight_decay": 0.0,
+    "RFAdamW": {"learning_rate": 1.0, "b1": 0.9, "b2": 0.999, "damping": 0.0001, "weight_decay": 0.0,
                 "batch_size": 4, "bias_correction": False, "initial_scale": 1.0, "scale_by_batch_size": True,
                 "state_dtype": None},
-    "IFShampoo": {"learning_rate": 0.001, "momentum": 0.9, "preconditioner_lr": 0.01,
+    "IFShampoo": {"learning_rate": 0.1, "momentum": 0.9, "preconditioner_lr": 0.01,
                   "preconditioner_momentum": 0.5, "damping": 0.001, "weight_decay": 0.0, "batch_size": 4,
                   "precondition_every": None, "structures": None, "max_dense_dim": None, "factor_dtype": None,
                   "grouping": "per_parameter", "preconditioner_lr_scale": None, "kl_clip": None,
@@ -164,7 +165,7 @@ CORE_KWARGS = {
                 "graft_eps": 1e-23, "precondition_every": None, "start_preconditioning_step": 0, "merge_dims": 1024,
                 "max_precondition_dim": 4096, "precondition_1d": False, "block_size": None, "decomposition": None,
                 "momentum_ema": False, "tail_decay": None, "spread_refresh": None},
-    "SAdaGrad": {"learning_rate": 0.01, "rank": 128, "delta": 0.0, "eps": None, "b2": 1.0, "momentum": 0.0,
+    "SAdaGrad": {"learning_rate": 0.316, "rank": 128, "delta": 0.0, "eps": None, "b2": 1.0, "momentum": 0.0,
                  "weight_decay": 0.0, "block_size": None, "precondition_every": None, "spread_refresh": None,
                  "decomposition": None},
 }
