@@ -13,9 +13,10 @@ rest of the layout for such a method, on the joins and stacks of :func:`~precond
   a root that is not finite or that the method rejected replaced element-wise, without a branch
   (:func:`refresh_roots`), and the hand-back of roots and counters to the leaves (:func:`hand_back_roots`);
 * the hint naming the block size that continues a state saved under another one (:func:`block_layout_hint`);
-* the transform of a :class:`OneSidedRule` (:func:`one_sided_transform`): the fallback Adam's leaves
-  routed and stepped, the matrix leaves stacked, the rule's state, roots and direction per stack, the
-  step and the hand-back to the leaves.
+* the transform of a :class:`OneSidedRule` (:func:`one_sided_transform`): the fallback rule's leaves
+  routed and stepped, the matrix leaves joined and stacked, the rule's element-wise lines once per
+  join and its per-matrix ones per stack, the roots, the renormalised directions, the step and the
+  hand-back to the leaves.
 """
 
 from __future__ import annotations
@@ -372,8 +373,10 @@ class OneSidedRule(NamedTuple):
     ``init(xp, c, w, path)``: a matrix leaf's state, its ``momentum`` the leaf's m×n matrix view;
     ``terms(xp, c, s)``: the new term ``S_t`` of each statistic of a stack (its name: ``statistic``,
     a blocked side's ``statistic_tail``);
-    ``momentum(xp, c, m, g, zero)``: ``M_t``, element-wise (``zero`` a 0-D zero of ``g``'s dtype);
-    ``statistic(xp, c, p, s)``: ``P_t`` from ``P_{t-1}`` and ``S_t``, element-wise, of every statistic;
+    ``momentum(xp, c, m, g, zero)``: ``M_t``, element-wise (``g`` cast to the momentum's dtype,
+    ``zero`` a 0-D zero of the gradients' compute dtype);
+    ``statistic(xp, c, p, s)``: ``P_t`` from ``P_{t-1}`` and ``S_t`` (cast to ``P``'s dtype),
+    element-wise, of every statistic;
     ``symmetric``: ``P_t`` is stored as ``(P_t + P_tᵀ)/2`` (:func:`~precond_ref.linalg.symmetrize`);
     ``inverse_root(xp, c, P) -> (Z, rejected)``: the roots of a stack of statistics (``None``: a
     rule without roots), refreshed by :func:`refresh_roots`;
@@ -383,8 +386,8 @@ class OneSidedRule(NamedTuple):
     ``renormalise``: the RMS renormalisation of ``U_t`` (:func:`~precond_ref.linalg.rms_renormalised`
     for ``direction``, :func:`~precond_ref.linalg.scaled_rms_renormalised` for ``scale``), applied
     with ``c.rms_target``, exactly in the direction's dtype where ``c.faithful``;
-    ``finish(xp, c, minus_lr, u, w)``: the update from ``U_t``, element-wise (``w``: the parameters,
-    ``None`` without weight decay); ``fallback``: the rule of the leaves not preconditioned
+    ``finish(xp, c, minus_lr, u, w)``: the update from ``U_t``, element-wise (``w``: the parameters
+    in ``U_t``'s dtype, ``None`` without weight decay); ``fallback``: the rule of the leaves not preconditioned
     (:class:`~precond_ref.engine.fallback.FallbackRule`).
     """
 
@@ -458,7 +461,7 @@ def _joined_step(
         roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful)
     u = _directions(xp, rule, c, stacks, new, roots, made, views)
     minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
-    step = rule.finish(xp, c, minus_lr, u, join.param)
+    step = rule.finish(xp, c, minus_lr, u, None if join.param is None else cast(xp, join.param, u.dtype))
     counters = joined_counters(xp, ctx, join.leaves, stacks, states, roots) if len(stacks) > 1 else [None] * len(stacks)
     out = []
     for s, entries, z, piece, n in zip(stacks, new, roots, views(step, "momentum"), counters):
@@ -472,19 +475,20 @@ def _new_entries(xp: Any, ctx: StepContext, rule: OneSidedRule, c: Any, join: Ma
     and selected for the non-finite rule before anything reads them; and per stack its new entries:
     its views of those, and the statistics it holds alone (a blocked side's tail)."""
     terms = [rule.terms(xp, c, s) for s in join.stacks]
-    p = rule.statistic(xp, c, join.state["statistic"], end_to_end(xp, [t["statistic"] for t in terms]))
+    old = join.state
+    p = rule.statistic(xp, c, old["statistic"], cast(xp, end_to_end(xp, [t["statistic"] for t in terms]), old["statistic"].dtype))
     made = {
-        "momentum": rule.momentum(xp, c, join.state["momentum"], join.g, _zero(ctx, join.g)),
+        "momentum": rule.momentum(xp, c, old["momentum"], cast(xp, join.g, old["momentum"].dtype), _zero(ctx, join.g)),
         "statistic": symmetrized_pieces(xp, p, views(p, "statistic")) if rule.symmetric else p,
     }
-    made = {k: ctx.unless_skipped(a, join.state[k]) for k, a in made.items()}
+    made = {k: ctx.unless_skipped(a, old[k]) for k, a in made.items()}
     new: list[dict] = [{} for _ in join.stacks]
     for k, a in made.items():
         for entries, piece in zip(new, settle_pieces(ctx, a, views(a, k))):
             entries[k] = piece
     for entries, s, t in zip(new, join.stacks, terms):
         for name in [name for name in t if name not in made]:
-            p = rule.statistic(xp, c, s.state[name], t[name])
+            p = rule.statistic(xp, c, s.state[name], cast(xp, t[name], s.state[name].dtype))
             entries[name] = symmetrize(p) if rule.symmetric else p
     return made, new
 

@@ -27,7 +27,7 @@ import math
 import numbers
 from typing import Any, NamedTuple, Optional
 
-from .._backend import array_device, cast, compute_dtype, ema, is_zero, select, squared_sums
+from .._backend import array_device, compute_dtype, ema, is_zero, select, squared_sums
 from ..blocking import spread_schedule
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE, auto_root_method, identity_like, inverse_root, inverse_root_eigh, inverse_sqrt_newton_schulz,
@@ -112,9 +112,9 @@ class DASGOConfig(NamedTuple):
 
 
 def _momentum(xp: Any, c: Any, old: Array, g: Array, zero: Array) -> Array:
-    """``M_t = μ M_{t-1} + (1-μ) G_t`` in the momentum's dtype; principled mode flushes entries
-    below the smallest normal number to ``zero`` (a 0-D zero of that dtype; D12, :func:`_flush_subnormal`)."""
-    momentum = ema(old, cast(xp, g, old.dtype), c.b1, c.faithful)
+    """``M_t = μ M_{t-1} + (1-μ) G_t``; principled mode flushes entries below the smallest normal
+    number to ``zero`` (a 0-D zero of the momentum's dtype; D12, :func:`_flush_subnormal`)."""
+    momentum = ema(old, g, c.b1, c.faithful)
     return momentum if c.faithful else _flush_subnormal(xp, momentum, zero)
 
 
@@ -141,8 +141,7 @@ def _asgo_terms(xp: Any, c: ASGOConfig, s: MatrixStack) -> dict[str, Array]:
 
 
 def _accumulated(xp: Any, c: ASGOConfig, p_old: Array, s: Array) -> Array:
-    """``P_t = β₂ P_{t-1} + (1-β₂) S_t`` (``summed``: ``P_{t-1} + S_t``) in the statistic's dtype."""
-    s = cast(xp, s, p_old.dtype)
+    """``P_t = β₂ P_{t-1} + (1-β₂) S_t`` (``summed``: ``P_{t-1} + S_t``)."""
     return p_old + s if c.summed else ema(p_old, s, c.b2, c.faithful)
 
 
@@ -223,8 +222,8 @@ def _dasgo_terms(xp: Any, c: DASGOConfig, s: MatrixStack) -> dict[str, Array]:
 
 
 def _dasgo_statistic(xp: Any, c: DASGOConfig, v: Array, q: Array) -> Array:
-    """``v_t = β₂ v_{t-1} + (1-β₂) q_t`` in the statistic's dtype."""
-    return ema(v, cast(xp, q, v.dtype), c.b2, c.faithful)
+    """``v_t = β₂ v_{t-1} + (1-β₂) q_t``."""
+    return ema(v, q, c.b2, c.faithful)
 
 
 def _dasgo_scale(xp: Any, c: DASGOConfig, v: Array) -> Array:
@@ -234,7 +233,7 @@ def _dasgo_scale(xp: Any, c: DASGOConfig, v: Array) -> Array:
 
 def _finish(xp: Any, c: Any, minus_lr: Array, u: Array, w: Optional[Array]) -> Array:
     """The update ``-η_t (U_t + λ W_t)`` (``w``: ``None`` without weight decay)."""
-    return minus_lr * (u if w is None else u + c.weight_decay * cast(xp, w, u.dtype))
+    return minus_lr * (u if w is None else u + c.weight_decay * w)
 
 
 # The fallback Adam: the leaves ASGO and DASGO do not precondition (biases, norms, masked leaves)
