@@ -1,4 +1,5 @@
-r"""Shared matrix numerics: symmetrisation, inverse matrix roots of symmetric PSD matrices.
+r"""Shared matrix numerics: symmetrisation, inverse matrix roots of symmetric PSD matrices, a
+direction renormalised to a fixed RMS at any scale.
 
 Every function takes its namespace from its input, works on a matrix ``(k, k)`` or a batch
 ``(..., k, k)``, and computes in the input's dtype (callers cast to float32/float64 first: no
