@@ -38,8 +38,8 @@ from .run import build_transform
 
 __all__ = [
     "side_blocks", "block_diagonal_product", "finite_root_or_previous", "unrefreshed",
-    "refresh_roots", "joined_counters", "hand_back_roots", "block_layout_hint", "block_state", "COUNTERS", "STACKED",
-    "JOINED", "is_left", "OneSidedRule", "one_sided_transform",
+    "refresh_roots", "joined_counters", "hand_back_roots", "block_layout_hint", "block_state", "COUNTERS",
+    "is_left", "OneSidedRule", "one_sided_transform",
 ]
 
 Array = Any
@@ -47,9 +47,9 @@ Array = Any
 #: the per-leaf counters of the roots: blocks whose root was not finite, roots the method rejected (replaced)
 COUNTERS = ("root_failures", "root_fallbacks")
 #: the block entries stacked across the matrix leaves of one shape, besides the joined statistic (:func:`~precond_ref.engine.matrices.matrix_joins`)
-STACKED = ("statistic_tail", "root", "root_tail")
+_STACKED = ("statistic_tail", "root", "root_tail")
 #: the entries of a one-sided rule's matrix leaves computed element-wise over a whole join (:class:`~precond_ref.engine.matrices.MatrixJoin`)
-JOINED = ("momentum", "statistic")
+_JOINED = ("momentum", "statistic")
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
 
 
@@ -428,7 +428,7 @@ def one_sided_transform(
         xp, ctx = ctxs[0].xp, ctxs[0]
         results, matrices = fallback_leaves(xp, grads, states, params, ctx, rule.fallback, fallback)
         # a rule without roots stacks element-wise passes and reductions only (matrix_joins' ``passes``)
-        joins = matrix_joins(xp, grads, states, params, matrices, STACKED if has_roots else (), JOINED,
+        joins = matrix_joins(xp, grads, states, params, matrices, _STACKED if has_roots else (), _JOINED,
                              partial(is_left, c.side), not is_zero(c.weight_decay), passes=not has_roots)
         for join in joins:
             for i, result in _joined_step(xp, ctx, rule, c, join, states, schedule, keeps_root):
