@@ -12,7 +12,7 @@ from ..tree import Path, path_str, tree_flatten
 from .context import StepContext
 from .matrices import joined_leaves
 
-__all__ = ["FallbackMask", "FallbackRule", "fallback_predicate", "fallback_leaves"]
+__all__ = ["FallbackMask", "FallbackRule", "fallback_predicate", "fallback_step", "fallback_leaves"]
 
 Array = Any
 FallbackMask = Union[None, Any, Callable[[Path, Array], bool]]
