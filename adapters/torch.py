@@ -32,10 +32,9 @@ import inspect
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
-from array_api_compat import array_namespace
 
 import precond_ref as pr
-from precond_ref.methods.asgo import _root_method_for as _asgo_root_method_for
+from precond_ref.linalg import auto_root_method
 from precond_ref.methods.root_free import IF_SHAMPOO_LEARNING_RATE
 
 from ._torch_core import CoreOptimizer
@@ -291,7 +290,7 @@ def _asgo_capture_refusal(self: CoreOptimizer) -> Optional[str]:
         if group["mode"] == "faithful" or not matrices:
             continue
         chosen = group["root_method"] or "auto"
-        if _asgo_root_method_for(array_namespace(matrices[0]), matrices[0], chosen) == "eigh":
+        if (auto_root_method(matrices[0]) if chosen == "auto" else chosen) == "eigh":
             return (f"its root_method {chosen!r} calls torch's eigh, which on CUDA reads its status on the host "
                     "(root_method='polar_express' reads nothing)")
     return None

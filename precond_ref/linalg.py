@@ -1,4 +1,5 @@
-r"""Shared matrix numerics: symmetrisation, inverse matrix roots of symmetric PSD matrices.
+r"""Shared matrix numerics: symmetrisation, inverse matrix roots of symmetric PSD matrices, a
+direction renormalised to a fixed RMS at any scale.
 
 Every function takes its namespace from its input, works on a matrix ``(k, k)`` or a batch
 ``(..., k, k)``, and computes in the input's dtype (callers cast to float32/float64 first: no
@@ -42,8 +43,8 @@ from typing import Any, Optional, Sequence, Union
 from array_api_compat import array_namespace, is_jax_namespace
 
 from ._backend import (
-    array_device, as_operand, cond, float64_where_available, is_torch_namespace, is_tracer, is_zero, placement, repeat,
-    torch_compiling,
+    array_device, as_operand, computed_once, cond, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
+    is_zero, on_cpu, placement, repeat, select, sum_across, torch_compiling,
 )
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "inverse_sqrt_polar_express",
     "inverse_sqrt_newton_schulz",
     "inverse_root",
+    "auto_root_method",
     "ROOT_RESIDUAL_TOLERANCE",
     "ROOT_METHODS",
     "damped_inverse",
@@ -77,6 +79,13 @@ __all__ = [
     "mode_product",
     "mode_gram",
     "half_precision_dtype",
+    "rms_renormalised",
+    "scaled_rms_renormalised",
+    "scaled_squared_norm",
+    "column_factored_renormalise",
+    "wide_dtype",
+    "nonzero_divisor",
+    "per_matrix_column",
 ]
 
 Array = Any
@@ -500,6 +509,17 @@ ROOT_RESIDUAL_TOLERANCE = 5e-2
 
 #: The iterations :func:`inverse_root` runs (``"eigh"`` is the exact reference).
 ROOT_METHODS = ("eigh", "polar_express", "newton_schulz", "newton")
+
+
+
+def auto_root_method(p: Array) -> str:
+    """The inverse root of ``root_method="auto"`` for a stack of statistics ``p``: ``"eigh"`` for
+    float64 (reference runs) and on CPUs, where a k×k ``eigh`` (LAPACK) costs about six k×k matmuls
+    and is exact; the Polar-Express iteration (``"polar_express"``) on accelerators, where ``eigh``
+    costs hundreds and synchronises with the host (cuSOLVER's info check), and the iteration's
+    convergence check reads nothing on the host."""
+    xp = array_namespace(p)
+    return "eigh" if p.dtype == xp.float64 or on_cpu(xp, p) else "polar_express"
 
 
 def inverse_root(
@@ -1039,3 +1059,177 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     ascending = xp.argsort(values, axis=-1, stable=True)
     values, vectors = _along(xp, values, ascending, -1), _along(xp, vectors, ascending[..., None, :], -1)
     return xp.astype(values, out_dtype), xp.astype(vectors, out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Renormalising a direction to a fixed RMS at any scale (ASGO and DASGO, spec ``asgo.md`` D2, D12):
+# ``r·sqrt(mn)·U/‖U‖_F`` of each m×n matrix of a stack, a zero matrix staying zero. The plain
+# formula under- or overflows for a direction of size 1e-30 or 1e30 (its squares leave the range),
+# and the products of a scaled direction ``M diag(s)`` may too. The forms here give the formula's
+# result to rounding at every scale: in float64 where the backend has it for a float32 direction
+# (every float32 square is a normal float64 number), else scaled by the largest entry first, or,
+# for ``M diag(s)``, from per-column maxima chosen per step without a host read.
+
+
+def _one(xp: Any, like: Array) -> Array:
+    """``1`` as a 0-D array of ``like``'s dtype and device, made once (:func:`precond_ref.engine.factors.number`)."""
+    from .engine.factors import number  # the engine's constants import this module
+
+    return number(xp, 1.0, like)
+
+
+def wide_dtype(xp: Any, x: Array) -> Any:
+    """float64 for a float32 ``x`` where the backend has it (not JAX without x64, not torch MPS),
+    else ``None``: every float32 number squares into the float64 range without underflow or
+    overflow (2^-149 and 2^128 square to 2^-298 and 2^256), so a float64 sum of squares is the
+    Frobenius norm of any float32 array in one pass, whatever its scale."""
+    if x.dtype != xp.float32:
+        return None
+    return float64_where_available(xp, x)
+
+
+def _renormalising_factor(xp: Any, sum_of_squares: Array, target: float) -> Array:
+    """``target / sqrt(sum_of_squares)``, and ``target`` for a zero sum (a zero direction stays zero)."""
+    return target / nonzero_divisor(xp, xp.sqrt(sum_of_squares))
+
+
+def nonzero_divisor(xp: Any, norm: Array) -> Array:
+    """``norm``, with 1 where it is zero (the divisor that keeps a zero direction zero)."""
+    return select(xp, norm > 0, norm, _one(xp, norm))
+
+
+def per_matrix_column(xp: Any, x: Array) -> Array:
+    """Per-matrix values of a stack ``(L,)`` shaped ``(L, 1)`` to scale its vectors ``(L, k)``; a
+    0-D value (one matrix) as it is."""
+    return x if x.ndim == 0 else xp.expand_dims(x, axis=-1)
+
+
+def rms_renormalised(xp: Any, u: Array, rms_target: Optional[float], exact_dtype: bool) -> Array:
+    """``u · r·sqrt(mn)/‖u‖_F`` for each m×n matrix of ``u`` (a matrix or a stack ``(L, m, n)``,
+    each by its own norm); ``u`` for ``rms_target=None``.
+
+    A float32 ``u`` (unless ``exact_dtype``, which keeps every operation in u's dtype, as the
+    authors' float32 arithmetic) is renormalised in float64 where the backend has it: one
+    reduction over each matrix of one float64 copy of u, scaled in place and rounded once to u's
+    dtype. Otherwise u is first divided by its largest magnitude, so that the norm is taken of
+    entries in [-1, 1] with at least one of modulus 1 (>= 1 and <= sqrt(mn)): one more pass.
+    """
+    rows, columns = u.shape[-2:]
+    if rms_target is None or rows * columns == 0:
+        return u
+    target = rms_target * math.sqrt(rows * columns)
+    matrices = (-2, -1)
+    wide = None if exact_dtype else wide_dtype(xp, u)
+    if wide is not None:
+        w = xp.astype(u, wide)  # a new array: scaled in place below, no second float64 copy
+        norm = xp.linalg.matrix_norm(w, ord="fro", keepdims=True)
+        w *= target / nonzero_divisor(xp, norm)
+        return xp.astype(w, u.dtype)
+    peak = xp.max(xp.abs(u), axis=matrices, keepdims=True)
+    v = u / select(xp, peak > 0, peak, xp.ones_like(peak))
+    norm = xp.linalg.matrix_norm(v, ord="fro", keepdims=True)
+    # norm >= 1 unless u == 0, where v == 0 and any divisor >= 1 keeps the step exactly zero.
+    return v * (target / xp.maximum(norm, xp.ones_like(norm)))
+
+
+def scaled_rms_renormalised(
+    xp: Any, m: Array, scale: Array, axis: int, rms_target: Optional[float], exact_dtype: bool
+) -> Array:
+    """``r√(mn) U/‖U‖_F`` for ``U = M diag(s)`` (``axis=-2``; ``diag(s) M`` for ``axis=-1``) of a
+    matrix ``M``, or of each matrix of a stack ``(L, m, n)`` with its scale ``s`` (``(L, n)`` or
+    ``(L, m)``), a zero ``U`` staying zero; ``U`` itself for ``rms_target=None``.
+
+    With ``exact_dtype`` ``U`` is formed and renormalised by :func:`rms_renormalised`. Otherwise
+    ``U`` is never formed before the pass that writes the result: ``‖U‖_F²`` comes from the column
+    sums of ``M²`` (:func:`scaled_squared_norm`) and the factor joins the per-column scale, float32
+    summed in float64 where the backend has it, else by :func:`column_factored_renormalise`.
+    ``s`` is read by every entry of ``M``: a compiler is given it in the form it computes once per
+    step (:func:`~precond_ref._backend.computed_once`), not inlined into each entry's loop.
+    """
+    scale = computed_once(xp, scale)
+    rows, columns = m.shape[-2:]
+    if exact_dtype or rms_target is None or rows * columns == 0:
+        return rms_renormalised(xp, m * xp.expand_dims(scale, axis=axis), rms_target, exact_dtype)
+    target = rms_target * math.sqrt(rows * columns)
+    wide = wide_dtype(xp, m)
+    if wide is None:
+        return column_factored_renormalise(xp, m, scale, axis, target)
+    m_w, scale_w = xp.astype(m, wide), xp.astype(scale, wide)
+    factor = _renormalising_factor(xp, scaled_squared_norm(xp, m_w, scale_w, axis), target)
+    return xp.astype(m_w * xp.expand_dims(computed_once(xp, scale_w * per_matrix_column(xp, factor)), axis=axis), m.dtype)
+
+
+def scaled_squared_norm(xp: Any, m: Array, scale: Array, axis: int) -> Array:
+    r""":math:`‖M \operatorname{diag}(s)‖_F^2 = \sum_j s_j^2 \sum_i M_{ij}^2` (``axis=-2``;
+    :math:`‖\operatorname{diag}(s) M‖_F^2` for ``axis=-1``) from the column sums of :math:`M^2`,
+    without forming the product: a compiler fuses the sums with the pass that reads M. Of a
+    stack ``(L, m, n)``: one value per matrix ``(L,)``."""
+    return xp.sum(scale * scale * sum_across(xp, m * m, axis), axis=-1)
+
+
+def column_factored_renormalise(xp: Any, m: Array, scale: Array, axis: int, target: float) -> Array:
+    r"""``U · target/‖U‖_F`` for ``U = M diag(s)`` (``axis=-2``; ``diag(s) M`` for ``axis=-1``) of a
+    matrix, or of each matrix of a stack, without float64 and without forming ``U`` first: D12 in
+    the compute dtype.
+
+    Two ways to the same result (to rounding), chosen per step without a host read
+    (:func:`~precond_ref.transform.cond_under_cpu_jit`):
+
+    * the column sums :math:`\sigma_j = \sum_i M_{ij}^2` and :math:`T = \sum_j s_j^2 \sigma_j`,
+      formed as they stand, and :math:`M_{ij}\,s_j\,\mathrm{target}/\sqrt{T}`: one reduction of
+      the stored momentum. Valid where :math:`T` is finite and
+      :math:`T \ge 2^{10}\,(\mathrm{tiny}/\epsilon)\,(mn \max_j s_j^2 + n)`: a square or a product
+      :math:`s_j^2\sigma_j` that underflows (flush-to-zero included) is off by less than the
+      smallest normal number tiny, so that all of them together change :math:`T` by less than
+      :math:`2^{-10}` of its rounding unit :math:`\epsilon`. Training scales pass: in float32,
+      on a 4096x1024 matrix with :math:`s` up to 1e4 (:math:`\epsilon` = 1e-8 inside the root) the
+      bound is 4e-14, met by momenta from about 1e-14 on;
+    * otherwise, with column maxima :math:`c_j = \max_i |M_{ij}|`,
+      :math:`\rho_j = c_j s_j / \max_k c_k s_k` (formed from :math:`c_j` and :math:`s_j/\max s`) and
+      :math:`q_j = \sum_i (M_{ij}/c_j)^2`, :math:`‖U‖_F = \max_k c_k s_k \sqrt{\sum_j \rho_j^2 q_j}`
+      and the result is :math:`(M_{ij}/c_j)\,\rho_j\,\mathrm{target}/\sqrt{\sum_j \rho_j^2 q_j}`.
+      Every factor is at most 1 in modulus and the root at least 1 (the largest entry's column),
+      so nothing over- or underflows that could change the result in its leading digits, at any
+      scale of M or s, unless :math:`c_j s_j/\max s` leaves the normal range (a momentum near
+      1e-38 with column scales 1e-3 apart; forming U in float32 fails wherever :math:`c_j s_j`
+      does). Two more column reductions of the momentum, one of them of a scaled copy.
+
+    Both give the result as :math:`M_{ij} a_j b_j` with two per-column factors (:math:`a_j` alone
+    may overflow where :math:`a_j b_j` does not), formed in the pass that writes the step. A zero
+    column or a zero U stays zero.
+    """
+    def expand(x: Array) -> Array:
+        return xp.expand_dims(x, axis=axis)
+
+    def over_max(x: Array) -> Array:  # x / max(x) per vector, or x if that is zero (x >= 0)
+        top = per_matrix_column(xp, xp.max(x, axis=-1))
+        return x / xp.where(top > 0, top, xp.ones_like(top))
+
+    total = scaled_squared_norm(xp, m, scale, axis)
+    rows, columns = m.shape[-2:]
+    info = xp.finfo(m.dtype)
+    # Each underflowing square or product is off by less than smallest_normal: together at most
+    # 2^-10 of the dtype's rounding unit of T.
+    top = xp.max(scale, axis=-1)
+    lost = (rows * columns * (top * top) + scale.shape[-1]) * (info.smallest_normal * 2.0**10 / info.eps)
+    plain = (total >= lost) & (total < float("inf"))
+
+    def fast(m: Array, scale: Array, total: Array) -> tuple[Array, Array]:
+        # T replaced where this branch is not taken: evaluated anyway, it must not overflow (warnings).
+        factor = _renormalising_factor(xp, xp.where(plain, total, xp.ones_like(total)), target)
+        return scale * per_matrix_column(xp, factor), xp.ones_like(scale)
+
+    def safe(m: Array, scale: Array, total: Array) -> tuple[Array, Array]:
+        peaks = xp.max(xp.abs(m), axis=axis)
+        inverse = 1.0 / xp.where(peaks > 0, peaks, xp.ones_like(peaks))
+        ratios = m * expand(inverse)
+        column_sums = sum_across(xp, ratios * ratios, axis)
+        # s_j alone may span the float32 range (s/max s cannot overflow). No max of the column
+        # maxima themselves: XLA merges it with their reduction into one over the whole matrix,
+        # and then writes |M| out for the two reductions to share.
+        relative = over_max(peaks * over_max(scale))
+        norm = xp.sqrt(xp.sum(relative * relative * column_sums, axis=-1))
+        return inverse, relative * per_matrix_column(xp, target / xp.maximum(norm, xp.ones_like(norm)))
+
+    a, b = cond_under_cpu_jit(xp, per_matrix_column(xp, plain), fast, safe, m, scale, total)
+    return (m * expand(a)) * expand(b)

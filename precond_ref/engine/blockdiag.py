@@ -13,9 +13,10 @@ rest of the layout for such a method, on the joins and stacks of :func:`~precond
   a root that is not finite or that the method rejected replaced element-wise, without a branch
   (:func:`refresh_roots`), and the hand-back of roots and counters to the leaves (:func:`hand_back_roots`);
 * the hint naming the block size that continues a state saved under another one (:func:`block_layout_hint`);
-* the transform of a :class:`OneSidedRule` (:func:`one_sided_transform`): the fallback Adam's leaves
-  routed and stepped, the matrix leaves stacked, the rule's state, roots and direction per stack, the
-  step and the hand-back to the leaves.
+* the transform of a :class:`OneSidedRule` (:func:`one_sided_transform`): the fallback rule's leaves
+  routed and stepped, the matrix leaves joined and stacked, the rule's element-wise lines once per
+  join and its per-matrix ones per stack, the roots, the renormalised directions, the step and the
+  hand-back to the leaves.
 """
 
 from __future__ import annotations
@@ -25,18 +26,19 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from .._backend import array_device, cast, is_zero, placement, scalar_zero, select, stacked as stacked_view
 from ..blocking import chunk_sizes
-from ..linalg import all_finite
+from ..linalg import all_finite, symmetrize
 from ..transform import Transform
 from .context import StepContext, settle_pieces
 from .factors import constant, identity, per_block
-from .fallback import FallbackAdam, FallbackMask, adam_init, fallback_leaves, fallback_predicate
-from .matrices import MatrixStack, end_to_end, hand_back, matrix_joins, stack_view
+from .fallback import FallbackMask, FallbackRule, fallback_leaves, fallback_predicate
+from .matrices import MatrixJoin, MatrixStack, end_to_end, hand_back, matrix_joins, stack_view, symmetrized_pieces
+from .rms import joined_form
 from .phases import hashed_phases, refresh_due
 from .run import build_transform
 
 __all__ = [
     "side_blocks", "block_diagonal_product", "finite_root_or_previous", "unrefreshed",
-    "refresh_roots", "joined_counters", "hand_back_roots", "block_layout_hint", "block_state", "COUNTERS", "STACKED",
+    "refresh_roots", "joined_counters", "hand_back_roots", "block_layout_hint", "block_state", "COUNTERS",
     "is_left", "OneSidedRule", "one_sided_transform",
 ]
 
@@ -45,7 +47,9 @@ Array = Any
 #: the per-leaf counters of the roots: blocks whose root was not finite, roots the method rejected (replaced)
 COUNTERS = ("root_failures", "root_fallbacks")
 #: the block entries stacked across the matrix leaves of one shape, besides the joined statistic (:func:`~precond_ref.engine.matrices.matrix_joins`)
-STACKED = ("statistic_tail", "root", "root_tail")
+_STACKED = ("statistic_tail", "root", "root_tail")
+#: the entries of a one-sided rule's matrix leaves computed element-wise over a whole join (:class:`~precond_ref.engine.matrices.MatrixJoin`)
+_JOINED = ("momentum", "statistic")
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
 
 
@@ -342,135 +346,167 @@ def hand_back_roots(
     return hand_back(xp, s, states, step, entries, counts, ctx, COUNTERS)
 
 
-def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple], default: int) -> str:
-    """For a state whose statistic has another block layout than this ``block_size`` makes (one
-    saved by another setting, e.g. unblocked): the ``block_size`` that continues it (``default``:
-    the method's default block size)."""
-    if "statistic" not in found or "statistic" not in layout:
+def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
+    """``build_transform``'s ``layout_hint``: for a state whose statistic has another block layout
+    than this ``block_size`` makes (one saved with another block size), the ``block_size`` that
+    continues it."""
+    if "statistic" not in found or "statistic" not in layout or found["statistic"] == layout["statistic"]:
         return ""
     shape = found["statistic"][0]
-    if found["statistic"] == layout["statistic"]:
-        return ""
     what = "is unblocked" if len(shape) == 2 and "statistic_tail" not in found else f"has blocks of {shape[-1]}"
     again = f"block_size={shape[-1]}" + (" (or larger)" if len(shape) == 2 else "")
     return (
         f" Or a state saved with another block size: its statistic {shape} {what}; build the optimizer with "
-        f"{again} to continue from it (the principled default is {default})"
+        f"{again} to continue from it"
     )
 
 
 class OneSidedRule(NamedTuple):
-    """A one-sided rule (ASGO's, DASGO's): functions of one stack of matrix leaves ``s`` (a
+    """A one-sided rule (ASGO's, DASGO's): pure functions of one stack of matrix leaves ``s`` (a
     :class:`~precond_ref.engine.matrices.MatrixStack`: ``s.g`` the gradients in the compute dtype,
-    ``s.state`` the stored entries, ``s.left`` the side), ``c`` the rule's configuration, which holds
-    ``learning_rate``, ``weight_decay``, ``side``, ``faithful`` and, for a rule with roots,
-    ``keeps_root`` (whether the state stores the roots between refreshes).
+    ``s.state`` the stored entries, ``s.left`` the side) or, for those marked element-wise, of the
+    arrays of any number of leaves joined end to end (nothing in them reads a shape); ``c`` is the
+    rule's configuration, which holds ``learning_rate``, ``weight_decay``, ``side``, ``faithful``,
+    ``rms_target`` and, for a rule with roots, ``keeps_root`` (whether the state stores the roots
+    between refreshes).
 
     ``init(xp, c, w, path)``: a matrix leaf's state, its ``momentum`` the leaf's m×n matrix view;
-    ``state(xp, c, s, zero)``: the stack's new entries besides the joined ones (``zero`` a 0-D zero
-    of the gradients' dtype; ``None``: none);
-    ``finish(xp, c, minus_lr, u, w)``: the update from ``U_t`` (``w``: the parameters, ``None``
-    without weight decay); ``stacked``: the entries a stack holds; ``inverse_root(xp, c, P) -> (Z,
-    rejected)``: the root of a stack of statistics (``None``: a rule without roots); ``passes``: the
-    rule's stacked work is element-wise passes and reductions (:func:`~precond_ref.engine.matrices.matrix_joins`);
-    ``settle_first``: the new entries are selected for the non-finite rule before the direction reads
-    them, so that a compiler reads the stored entries rather than recomputing them
-    (:meth:`StepContext.unless_skipped`); ``joined``: the entries computed element-wise over all
-    matrix leaves joined end to end (:class:`~precond_ref.engine.matrices.MatrixJoin`), by
-    ``joined_state(xp, c, old, g, terms, zero, views)`` from the joined old entries, gradients and the
-    joined ``terms(xp, c, s)`` of each stack (``None``: none; ``views`` as below), and selected for the non-finite rule
-    before anything reads them; the stacks' ``state`` and ``joined_direction`` get their views.
-    ``finish`` is element-wise: it runs once on the joined directions and parameters.
-    ``joined_direction(xp, c, stacks, new, roots, joined, views)``: the directions ``U_t`` of all
-    stacks of a join, flattened and joined end to end (``new`` the new entries and ``roots`` the
-    roots of :func:`refresh_roots` per stack, ``{}`` for a rule without roots; ``joined`` the joined
-    new entries, ``views(flat, name)`` a joined array's pieces per stack in the shapes of entry
-    ``name``), so that a direction's element-wise work runs once over the join.
+    ``terms(xp, c, s)``: the new term ``S_t`` of each statistic of a stack (its name: ``statistic``,
+    a blocked side's ``statistic_tail``);
+    ``momentum(xp, c, m, g, zero)``: ``M_t``, element-wise (``g`` cast to the momentum's dtype,
+    ``zero`` a 0-D zero of the gradients' compute dtype);
+    ``statistic(xp, c, p, s)``: ``P_t`` from ``P_{t-1}`` and ``S_t`` (cast to ``P``'s dtype),
+    element-wise, of every statistic;
+    ``symmetric``: ``P_t`` is stored as ``(P_t + P_tᵀ)/2`` (:func:`~precond_ref.linalg.symmetrize`);
+    ``inverse_root(xp, c, P) -> (Z, rejected)``: the roots of a stack of statistics (``None``: a
+    rule without roots), refreshed by :func:`refresh_roots`;
+    ``direction(xp, c, s, new, roots)``: a stack's ``U_t`` from its new entries and roots;
+    ``scale(xp, c, v)``, given instead of ``direction``: ``s_t``, element-wise from the new
+    statistic, of the direction ``U_t = M_t diag(s_t)`` (``diag(s_t) M_t`` on the left side);
+    ``renormalise``: the RMS renormalisation of ``U_t`` (:func:`~precond_ref.linalg.rms_renormalised`
+    for ``direction``, :func:`~precond_ref.linalg.scaled_rms_renormalised` for ``scale``), applied
+    with ``c.rms_target``, exactly in the direction's dtype where ``c.faithful``;
+    ``finish(xp, c, minus_lr, u, w)``: the update from ``U_t``, element-wise (``w``: the parameters
+    in ``U_t``'s dtype, ``None`` without weight decay); ``fallback``: the rule of the leaves not preconditioned
+    (:class:`~precond_ref.engine.fallback.FallbackRule`).
     """
 
     init: Callable
-    state: Optional[Callable]
-    joined_direction: Callable
+    terms: Callable
+    momentum: Callable
+    statistic: Callable
+    symmetric: bool
+    inverse_root: Optional[Callable]
+    direction: Optional[Callable]
+    scale: Optional[Callable]
+    renormalise: Callable
     finish: Callable
-    stacked: tuple
-    inverse_root: Optional[Callable] = None
-    passes: bool = False
-    settle_first: bool = False
-    joined: tuple = ()
-    joined_state: Optional[Callable] = None
-    terms: Optional[Callable] = None
+    fallback: FallbackRule
 
 
 def one_sided_transform(
-    rule: OneSidedRule, c: Any, *, name: str, on_nonfinite: str, fallback: FallbackAdam, fallback_mask: FallbackMask,
-    schedule: tuple = (), layout_hint: Optional[Callable] = None, independent_leaves: bool = False,
+    rule: OneSidedRule, c: Any, *, name: str, on_nonfinite: str, fallback: Any, fallback_mask: FallbackMask,
+    schedule: tuple = (),
 ) -> Transform:
     """The transform of a one-sided rule. A leaf that ``fallback_mask`` names (default: fewer than
-    2 dimensions) is a fallback Adam leaf (:mod:`~precond_ref.engine.fallback`), all of them stepped
-    in one pass; the others are matrix leaves (``rule.init``), stacked by matrix shape, dtype and
-    device. A step of a stack: its new entries (``rule.state``), its roots refreshed by phase
-    (``schedule``; every call unless ``c.keeps_root``), all equal blocks in one batched
-    ``rule.inverse_root`` (:func:`refresh_roots`; a root that is not finite kept from before, or the
-    identity in faithful mode), the direction and the update ``rule.finish(-η_t, U_t, W)``, handed
-    back to its leaves with the roots and counters (:func:`hand_back_roots`)."""
+    2 dimensions) is a leaf of ``rule.fallback`` (configuration ``fallback``), all of them stepped
+    in one pass (:mod:`~precond_ref.engine.fallback`); the others are matrix leaves (``rule.init``),
+    joined by dtype and device and stacked by matrix shape (:func:`~precond_ref.engine.matrices.matrix_joins`),
+    each join stepped by :func:`_joined_step`. The roots are refreshed by phase (``schedule``; every
+    call unless ``c.keeps_root``). A rule without roots steps each leaf from its own arrays alone
+    (``independent_leaves``); one with roots names the ``block_size`` that continues a state saved
+    with other blocks (:func:`block_layout_hint`)."""
     goes_to_fallback = fallback_predicate(fallback_mask)
-    keeps_root = rule.inverse_root is not None and c.keeps_root
+    has_roots = rule.inverse_root is not None
+    keeps_root = has_roots and c.keeps_root
 
     def init_group(leaves, paths, xp):
         (w,), (path,) = leaves, paths
-        return adam_init(xp, w, c.faithful) if goes_to_fallback(path, w) else rule.init(xp, c, w, path)
+        return rule.fallback.init(xp, fallback, w)._asdict() if goes_to_fallback(path, w) else rule.init(xp, c, w, path)
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         xp, ctx = ctxs[0].xp, ctxs[0]
-        results, matrices = fallback_leaves(xp, grads, states, params, ctx, fallback)
-        joins = matrix_joins(xp, grads, states, params, matrices, rule.stacked, rule.joined, partial(is_left, c.side),
-                             not is_zero(c.weight_decay), passes=rule.passes)
+        results, matrices = fallback_leaves(xp, grads, states, params, ctx, rule.fallback, fallback)
+        # a rule without roots stacks element-wise passes and reductions only (matrix_joins' ``passes``)
+        joins = matrix_joins(xp, grads, states, params, matrices, _STACKED if has_roots else (), _JOINED,
+                             partial(is_left, c.side), not is_zero(c.weight_decay), passes=not has_roots)
         for join in joins:
-            for i, result in _joined_step(xp, ctx, join, states):
+            for i, result in _joined_step(xp, ctx, rule, c, join, states, schedule, keeps_root):
                 results[i] = result
         return results
-
-    def _joined_step(xp, ctx, join, states):
-        zero = _zero(ctx, join.g)
-        stacks = join.stacks
-        new: list[dict] = [{} for _ in stacks]
-        made: dict = {}
-
-        def views(flat: Array, name: str) -> list:
-            return [stack_view(xp, flat, join.leaves, states, s.leaves, name) for s in stacks]
-
-        if rule.joined:
-            terms = [rule.terms(xp, c, s) for s in stacks] if rule.terms is not None else []
-            joined_terms = {k: end_to_end(xp, [t[k] for t in terms]) for k in (terms[0] if terms else {})}
-            made = rule.joined_state(xp, c, join.state, join.g, joined_terms, zero, views)
-            made = {k: ctx.unless_skipped(a, join.state[k]) for k, a in made.items()}
-            for k, a in made.items():
-                for entries, piece in zip(new, settle_pieces(ctx, a, views(a, k))):
-                    entries[k] = piece
-        if rule.state is not None:
-            for entries, s in zip(new, stacks):
-                entries.update(rule.state(xp, c, s._replace(state={**s.state, **entries}), zero))
-        if rule.settle_first:
-            new = [{k: a if k in rule.joined else ctx.unless_skipped(a, s.state[k]) for k, a in entries.items()}
-                   for s, entries in zip(stacks, new)]
-        if rule.inverse_root is None:
-            roots: list[dict] = [{} for _ in stacks]
-        else:
-            roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful)
-        u = rule.joined_direction(xp, c, stacks, new, roots, made, views)
-        minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
-        step = rule.finish(xp, c, minus_lr, u, join.param)
-        counters = joined_counters(xp, ctx, join.leaves, stacks, states, roots) if len(stacks) > 1 else [None] * len(stacks)
-        out = []
-        for s, entries, z, piece, n in zip(stacks, new, roots, views(step, "momentum"), counters):
-            out += hand_back_roots(xp, s, states, piece, entries, z, ctx, keeps_root, n)
-        return out
 
     return build_transform(
         name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
         needs_params=not is_zero(c.weight_decay) or not is_zero(fallback.weight_decay), intervals=schedule,
-        layout_hint=layout_hint, independent_leaves=independent_leaves,
+        layout_hint=block_layout_hint if has_roots else None, independent_leaves=not has_roots,
     )
+
+
+def _joined_step(
+    xp: Any, ctx: StepContext, rule: OneSidedRule, c: Any, join: MatrixJoin, states: list, schedule: tuple, keeps_root: bool,
+) -> list[tuple[int, tuple]]:
+    """The step of one join of matrix leaves: the new entries (:func:`_new_entries`), the roots
+    refreshed (:func:`refresh_roots`), the renormalised directions of all stacks joined
+    (:func:`_directions`), the update ``rule.finish(-η_t, U_t, W)`` once over the join, and each
+    stack's step, entries, roots and counters handed back to its leaves (:func:`hand_back_roots`)."""
+    stacks = join.stacks
+
+    def views(flat: Array, name: str) -> list:  # a joined array's piece of each stack, in the shapes of entry ``name``
+        return [stack_view(xp, flat, join.leaves, states, s.leaves, name) for s in stacks]
+
+    made, new = _new_entries(xp, ctx, rule, c, join, views)
+    if rule.inverse_root is None:
+        roots: list[dict] = [{} for _ in stacks]
+    else:
+        roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful)
+    u = _directions(xp, rule, c, stacks, new, roots, made, views)
+    minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
+    step = rule.finish(xp, c, minus_lr, u, None if join.param is None else cast(xp, join.param, u.dtype))
+    counters = joined_counters(xp, ctx, join.leaves, stacks, states, roots) if len(stacks) > 1 else [None] * len(stacks)
+    out = []
+    for s, entries, z, piece, n in zip(stacks, new, roots, views(step, "momentum"), counters):
+        out += hand_back_roots(xp, s, states, piece, entries, z, ctx, keeps_root, n)
+    return out
+
+
+def _new_entries(xp: Any, ctx: StepContext, rule: OneSidedRule, c: Any, join: MatrixJoin, views: Callable) -> tuple:
+    """The join's new ``momentum`` and ``statistic``, element-wise over the join (the stacks' terms
+    joined; a symmetric statistic symmetrised piece by piece, :func:`~precond_ref.engine.matrices.symmetrized_pieces`)
+    and selected for the non-finite rule before anything reads them; and per stack its new entries:
+    its views of those, and the statistics it holds alone (a blocked side's tail)."""
+    terms = [rule.terms(xp, c, s) for s in join.stacks]
+    old = join.state
+    p = rule.statistic(xp, c, old["statistic"], cast(xp, end_to_end(xp, [t["statistic"] for t in terms]), old["statistic"].dtype))
+    made = {
+        "momentum": rule.momentum(xp, c, old["momentum"], cast(xp, join.g, old["momentum"].dtype), _zero(ctx, join.g)),
+        "statistic": symmetrized_pieces(xp, p, views(p, "statistic")) if rule.symmetric else p,
+    }
+    made = {k: ctx.unless_skipped(a, old[k]) for k, a in made.items()}
+    new: list[dict] = [{} for _ in join.stacks]
+    for k, a in made.items():
+        for entries, piece in zip(new, settle_pieces(ctx, a, views(a, k))):
+            entries[k] = piece
+    for entries, s, t in zip(new, join.stacks, terms):
+        for name in [name for name in t if name not in made]:
+            p = rule.statistic(xp, c, s.state[name], cast(xp, t[name], s.state[name].dtype))
+            entries[name] = symmetrize(p) if rule.symmetric else p
+    return made, new
+
+
+def _directions(xp: Any, rule: OneSidedRule, c: Any, stacks: list, new: list, roots: list, made: dict, views: Callable) -> Array:
+    """The stacks' directions ``U_t``, renormalised by ``rule.renormalise``, flattened and joined end
+    to end (:func:`~precond_ref.engine.rms.joined_form`: the element-wise work once over the join):
+    ``rule.direction`` of each stack, or ``M_t diag(s_t)`` with ``s_t = rule.scale`` of the joined
+    statistic, both in the gradients' dtype."""
+    joined_renormalised = joined_form(rule.renormalise)
+    if rule.scale is None:
+        us = [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)]
+        return joined_renormalised(xp, us, c.rms_target, c.faithful)
+    dtype = stacks[0].g.dtype
+    scale = cast(xp, rule.scale(xp, c, made["statistic"]), dtype)
+    m = cast(xp, made["momentum"], dtype)
+    axes = [-1 if s.left else -2 for s in stacks]  # the scaled axis: the rows' on the left, the columns' on the right
+    return joined_renormalised(xp, m, scale, views(m, "momentum"), views(scale, "statistic"), axes, c.rms_target, c.faithful)
 
 
 def _zero(ctx: StepContext, x: Array) -> Array:

@@ -1,48 +1,46 @@
-"""The fallback Adam of a matrix method: the leaves it does not precondition (biases, norms, any
-leaf a ``fallback_mask`` names) take a bias-corrected Adam step, as in the authors' trainers
-(ASGO, DASGO). Such a leaf's state is ``mu``, ``nu`` (the Adam moments in the leaf's shape); all
-of them step in one element-wise pass per dtype and device (:func:`fallback_leaves`)."""
+"""The fallback rule of a matrix method: the leaves it does not precondition (biases, norms, any
+leaf a ``fallback_mask`` names) step by an element-wise rule of their own (ASGO's and DASGO's
+bias-corrected Adam, ``methods/asgo.py``). This module routes the leaves to it and runs it: all
+such leaves in one element-wise pass per dtype and device (:func:`fallback_leaves`)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Union
 
-from .._backend import array_device, cast, compute_dtype, ema, is_zero
-from ..transform import ScalarOrSchedule, check_nonnegative, check_positive, check_unit_interval
+from .._backend import array_device, cast
 from ..tree import Path, path_str, tree_flatten
 from .context import StepContext
 from .matrices import joined_leaves
 
-__all__ = ["FallbackMask", "FallbackAdam", "fallback_predicate", "adam_init", "adam_update", "fallback_leaves"]
+__all__ = ["FallbackMask", "FallbackRule", "fallback_predicate", "fallback_step", "fallback_leaves"]
 
 Array = Any
 FallbackMask = Union[None, Any, Callable[[Path, Array], bool]]
 
 
-class FallbackAdam(NamedTuple):
-    """The fallback Adam's hyperparameters. ``faithful``: ``torch.optim.Adam`` (weight decay as an
-    L2 term, EMA in ``torch.lerp`` form, state in the parameter's dtype); else decoupled weight
-    decay (AdamW) and state in the compute dtype."""
+class FallbackRule(NamedTuple):
+    """An element-wise rule for the leaves a matrix method does not precondition, of one leaf (or
+    of many joined into one flat vector: nothing in it reads a shape), with ``c`` its configuration
+    (which holds ``learning_rate``):
 
-    learning_rate: ScalarOrSchedule
-    b1: float
-    b2: float
-    eps: float
-    weight_decay: float
-    faithful: bool
+    ``init(xp, c, w) -> State`` (a NamedTuple of arrays in ``w``'s shape);
+    ``scalars(xp, c, count, minus_lr) -> Step``: the step's scalars from ``count`` (the updates
+    before this one, a 0-D int32 array) and ``-η_t`` (a 0-D array of the state's dtype), made once
+    per step, dtype and device;
+    ``state(xp, c, s, g, w, h) -> State``: the state after this step (``g`` and ``w`` in the
+    state's dtype; ``w`` is ``None`` when the transform does not read the parameters);
+    ``update(xp, c, s, g, w, h)``: the step added to the parameter, from the state after it.
+    """
 
-    @classmethod
-    def checked(cls, learning_rate, b1, b2, eps, weight_decay, faithful) -> "FallbackAdam":
-        """The hyperparameters as the user gave them (``fallback_b1`` ...), validated."""
-        check_unit_interval("fallback_b1", b1)
-        check_unit_interval("fallback_b2", b2)
-        check_positive("fallback_eps", eps)
-        check_nonnegative("fallback_weight_decay", weight_decay)
-        return cls(learning_rate, b1, b2, eps, weight_decay, faithful)
+    State: type
+    init: Callable
+    scalars: Callable
+    state: Callable
+    update: Callable
 
 
 def fallback_predicate(fallback_mask: FallbackMask) -> Callable[[Path, Array], bool]:
-    """``(path, leaf) -> bool``: does this leaf go to the fallback Adam? ``None``: leaves of fewer
+    """``(path, leaf) -> bool``: does this leaf go to the fallback rule? ``None``: leaves of fewer
     than 2 dimensions; a callable ``(path, leaf) -> bool``; or a tree of bools like the parameters."""
     if fallback_mask is None:
         return lambda path, leaf: leaf.ndim < 2
@@ -65,56 +63,30 @@ def fallback_predicate(fallback_mask: FallbackMask) -> Callable[[Path, Array], b
     return lookup
 
 
-def adam_init(xp: Any, param: Array, faithful: bool) -> dict[str, Array]:
-    """``mu = nu = 0`` in the parameter's shape."""
-    dtype = param.dtype if faithful else compute_dtype(xp, param.dtype)
-    zeros = xp.zeros(param.shape, dtype=dtype, device=array_device(param))
-    return {"mu": zeros, "nu": zeros}
-
-
-def adam_update(
-    g: Array, state: dict[str, Array], param: Optional[Array], ctx: StepContext, h: FallbackAdam
-) -> tuple[Array, dict[str, Array]]:
-    """Bias-corrected Adam: ``mu = b1 mu + (1-b1) g``, ``nu = b2 nu + (1-b2) g²``, the step
-    ``-lr mu/(1-b1^t) / (sqrt(nu/(1-b2^t)) + eps)``, weight decay as :class:`FallbackAdam` says."""
+def fallback_step(rule: FallbackRule, c: Any, g: Array, state: dict, param: Any, ctx: StepContext) -> tuple:
+    """The fallback rule's step of one leaf (or of leaves joined), as ``((update,), new state)``:
+    the gradient and parameter cast to the state's dtype, the step's scalars made once per update
+    (``-η_t`` the one the matrix step shares, :meth:`StepContext.negated`), and the new state
+    selected for the non-finite rule before the update is formed from it."""
     xp = ctx.xp
-    dtype = state["mu"].dtype
-    dev = array_device(state["mu"])
+    old = rule.State(**state)
+    dtype, device = old[0].dtype, array_device(old[0])
     g = cast(xp, g, dtype)
     w = None if param is None else cast(xp, param, dtype)
-    if h.faithful and not is_zero(h.weight_decay):
-        g = g + h.weight_decay * w
-    mu = ctx.unless_skipped(ema(state["mu"], g, h.b1, h.faithful), state["mu"])
-    nu = ctx.unless_skipped(h.b2 * state["nu"] + (1.0 - h.b2) * (g * g), state["nu"])
-    lr = ctx.scalar("learning_rate", h.learning_rate, dtype, dev)
-
-    def corrections() -> tuple[Array, Array]:
-        t = xp.astype(ctx.count + 1, dtype)
-        bc1 = 1.0 - h.b1**t
-        bc2 = 1.0 - h.b2**t
-        # (-lr)/bc1 is -(lr/bc1) exactly; -lr is the step's own, made once (StepContext.negated)
-        return ctx.negated("learning_rate", h.learning_rate, dtype, dev) / bc1, xp.sqrt(bc2)
-
-    neg_step, root_bc2 = ctx.once(("fallback_adam", dtype, dev), corrections)
-    update = neg_step * (mu / (xp.sqrt(nu) / root_bc2 + h.eps))
-    if not h.faithful and not is_zero(h.weight_decay):
-        update = update - (lr * h.weight_decay) * w
-    return update, {"mu": mu, "nu": nu}
+    h = ctx.once(("fallback", dtype, device),
+                 lambda: rule.scalars(xp, c, ctx.count, ctx.negated("learning_rate", c.learning_rate, dtype, device)))
+    new = rule.State(*(ctx.unless_skipped(n, o) for n, o in zip(rule.state(xp, c, old, g, w, h), old)))
+    return (rule.update(xp, c, new, g, w, h),), new._asdict()
 
 
-def adam_step(h: FallbackAdam, g: Array, state: dict, param: Optional[Array], ctx: StepContext) -> tuple:
-    """The fallback Adam's step of one leaf (or of leaves joined), as ``((update,), new state)``."""
-    u, new = adam_update(g, state, param, ctx, h)
-    return (u,), new
-
-
-def fallback_leaves(xp: Any, grads: list, states: list, params: Any, ctx: StepContext, h: FallbackAdam) -> tuple:
-    """The groups' results with the fallback Adam's leaves (state ``mu``) stepped, all of them in
-    one pass (:func:`precond_ref.engine.matrices.joined_leaves`), the others ``None``; and the
-    indices of the others (the matrix leaves)."""
+def fallback_leaves(xp: Any, grads: list, states: list, params: Any, ctx: StepContext, rule: FallbackRule, c: Any) -> tuple:
+    """The groups' results with the fallback rule's leaves (those whose state is ``rule.State``'s)
+    stepped, all of them in one pass (:func:`precond_ref.engine.matrices.joined_leaves`), the others
+    ``None``; and the indices of the others (the matrix leaves)."""
+    names = set(rule.State._fields)
     results: list[Any] = [None] * len(grads)
-    adam = [i for i, state in enumerate(states) if "mu" in state]
-    leaves = [(grads[i][0], states[i], None if params[i] is None else params[i][0]) for i in adam]
-    for i, result in zip(adam, joined_leaves(xp, lambda *a: adam_step(h, *a), leaves, ctx)):
+    ours = [i for i, state in enumerate(states) if set(state) == names]
+    leaves = [(grads[i][0], states[i], None if params[i] is None else params[i][0]) for i in ours]
+    for i, result in zip(ours, joined_leaves(xp, lambda *a: fallback_step(rule, c, *a), leaves, ctx)):
         results[i] = result
-    return results, [i for i, state in enumerate(states) if "mu" not in state]
+    return results, [i for i, result in enumerate(results) if result is None]

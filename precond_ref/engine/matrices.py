@@ -12,7 +12,7 @@ from array_api_compat import is_jax_namespace
 
 from .. import blocking
 from .._backend import cast, compute_dtype, device_key, joined, on_cpu, stacked as stacked_view, torch_compiling
-from ..blocking import Stack, stack, unstack
+from ..blocking import stack, unstack
 from ..linalg import symmetrize
 from .context import StepContext, settle_pieces
 

@@ -25,22 +25,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from functools import partial
 from typing import Any, NamedTuple, Optional
 
-from .._backend import array_device, cast, compute_dtype, ema, on_cpu, select, squared_sums
+from .._backend import array_device, compute_dtype, ema, is_zero, select, squared_sums
 from ..blocking import spread_schedule
 from ..linalg import (
-    ROOT_RESIDUAL_TOLERANCE, identity_like, inverse_root, inverse_root_eigh, inverse_sqrt_newton_schulz,
-    inverse_sqrt_polar_express, symmetrize, trace,
+    ROOT_RESIDUAL_TOLERANCE, auto_root_method, identity_like, inverse_root, inverse_root_eigh, inverse_sqrt_newton_schulz,
+    inverse_sqrt_polar_express, rms_renormalised, scaled_rms_renormalised, trace,
 )
-from ..engine.blockdiag import (
-    STACKED, OneSidedRule, block_diagonal_product, block_layout_hint, block_state, is_left, one_sided_transform, side_blocks,
-)
+from ..engine.blockdiag import OneSidedRule, block_diagonal_product, block_state, is_left, one_sided_transform, side_blocks
 from ..engine.factors import number, per_block
-from ..engine.fallback import FallbackAdam, FallbackMask
-from ..engine.matrices import MatrixStack, matrix_shape, symmetrized_pieces
-from ..engine.rms import joined_rms_renormalised, joined_scaled_rms_renormalised
+from ..engine.fallback import FallbackMask, FallbackRule
+from ..engine.matrices import MatrixStack, matrix_shape
 from ..transform import (
     ScalarOrSchedule, Transform, check_choice, check_learning_rate, check_mode, check_nonnegative, check_optional,
     check_positive, check_positive_int, check_principled_only, check_unit_interval,
@@ -97,24 +93,28 @@ class DASGOConfig(NamedTuple):
 
 # ------------------------------------------------------------------------------------------------
 # The rule: pure functions of one stack of matrices (a leading ``...`` batch dimension), left side;
-# the right side is the transpose, and a blocked side has one P, Z per block of rows.
+# the right side is the transpose, and a blocked side has one P, Z per block of rows. The
+# element-wise lines (M_t, P_t, v_t, s_t, the update) hold for any number of matrices at once.
 #
 #   M_t = μ M_{t-1} + (1-μ) G_t                                           _momentum
-#   P_t = β₂ P_{t-1} + (1-β₂) G_t G_tᵀ   (or P_{t-1} + G_t G_tᵀ)           _second_moment
+#   S_t = X Xᵀ,  X the rows of a block of G_t                              _asgo_terms
+#   P_t = β₂ P_{t-1} + (1-β₂) S_t   (or P_{t-1} + S_t)                     _accumulated
+#   P_t ← (P_t + P_tᵀ)/2   (principled, D10)                              symmetric
 #   Z_t = (P_t + s_t I)^{-1/2},  s_t = δ tr(P_t)/k + ε   on refresh steps   _inverse_sqrt
-#   U_t = Z_t M_t,   W_{t+1} = W_t - η_t (r√(mn) U_t/‖U_t‖_F + λ W_t)      _asgo_direction, _finish
+#   U_t = Z_t M_t                                                          _asgo_direction
+#   U_t ← r√(mn) U_t/‖U_t‖_F   at any scale (D2, D12)                     linalg.rms_renormalised
+#   W_{t+1} = W_t - η_t (U_t + λ W_t)                                      _finish
 #
-# DASGO (right side): v_t = β₂ v_{t-1} + (1-β₂) diag(G_tᵀ G_t), U_t = M_t diag(v_t + ε)^{-1/2}
-# (_dasgo_joined, _dasgo_direction). The engine runs them (engine.blockdiag.one_sided_transform): the
-# matrix stacks, the blocks of a long side, the refresh phases and the replacement of a non-finite
-# root, the fallback Adam (engine.fallback), the scale-invariant renormalisation (engine.rms), the
-# non-finite rule.
+# DASGO (right side): q_t = diag(G_tᵀ G_t) (_dasgo_terms), v_t = β₂ v_{t-1} + (1-β₂) q_t
+# (_dasgo_statistic), U_t = M_t diag(s_t) with s_t = (v_t + ε)^{-1/2} (_dasgo_scale), renormalised
+# by linalg.scaled_rms_renormalised. The leaves neither preconditions take the fallback Adam
+# below. The engine runs the rules (engine.blockdiag.one_sided_transform).
 
 
 def _momentum(xp: Any, c: Any, old: Array, g: Array, zero: Array) -> Array:
-    """``M_t = μ M_{t-1} + (1-μ) G_t`` in the momentum's dtype; principled mode flushes entries
-    below the smallest normal number to ``zero`` (a 0-D zero of that dtype; D12, :func:`_flush_subnormal`)."""
-    momentum = ema(old, cast(xp, g, old.dtype), c.b1, c.faithful)
+    """``M_t = μ M_{t-1} + (1-μ) G_t``; principled mode flushes entries below the smallest normal
+    number to ``zero`` (a 0-D zero of the momentum's dtype; D12, :func:`_flush_subnormal`)."""
+    momentum = ema(old, g, c.b1, c.faithful)
     return momentum if c.faithful else _flush_subnormal(xp, momentum, zero)
 
 
@@ -129,16 +129,19 @@ def _flush_subnormal(xp: Any, x: Array, zero: Array) -> Array:
     return select(xp, xp.abs(x) < tiny, zero, x)
 
 
-def _second_moment(xp: Any, c: ASGOConfig, p_old: Array, x: Array) -> Array:
-    """``P_t = β₂ P_{t-1} + (1-β₂) X Xᵀ`` (``summed``: ``P_{t-1} + X Xᵀ``) per block of a stack,
-    in the statistic's dtype; principled mode stores it symmetrised (D10)."""
-    p = _accumulated(xp, c, p_old, x @ x.mT)
-    return p if c.faithful else symmetrize(p)
+def _asgo_terms(xp: Any, c: ASGOConfig, s: MatrixStack) -> dict[str, Array]:
+    """``S_t = X Xᵀ`` per block of a stack's preconditioned side, ``X`` the block's rows of the
+    oriented gradients: the chunks' (``statistic``) and a blocked side's shorter tail's
+    (``statistic_tail``)."""
+    x, x_tail = side_blocks(xp, s.g if s.left else s.g.mT, c.block_size)
+    terms = {"statistic": x @ x.mT}
+    if x_tail is not None:
+        terms["statistic_tail"] = x_tail @ x_tail.mT
+    return terms
 
 
 def _accumulated(xp: Any, c: ASGOConfig, p_old: Array, s: Array) -> Array:
-    """``β₂ P_{t-1} + (1-β₂) S`` (``summed``: ``P_{t-1} + S``) in the statistic's dtype (element-wise)."""
-    s = cast(xp, s, p_old.dtype)
+    """``P_t = β₂ P_{t-1} + (1-β₂) S_t`` (``summed``: ``P_{t-1} + S_t``)."""
     return p_old + s if c.summed else ema(p_old, s, c.b2, c.faithful)
 
 
@@ -148,7 +151,7 @@ def _inverse_sqrt(xp: Any, c: ASGOConfig, p: Array) -> tuple[Array, Optional[Arr
     never checked); the engine keeps the previous root there (:func:`~precond_ref.engine.blockdiag.finite_root_or_previous`)."""
     if c.faithful:
         return _faithful_inverse_sqrt(xp, p, c.root_method, c.root_steps, c.eps)
-    method = _root_method_for(xp, p, c.root_method)
+    method = auto_root_method(p) if c.root_method == "auto" else c.root_method
     return _damped_inverse_sqrt(xp, p, c.damping, c.eps, method, c.root_steps, c.tolerance)
 
 
@@ -193,16 +196,6 @@ def _faithful_inverse_sqrt(xp: Any, p: Array, method: str, steps: int, eps: floa
     return inverse_sqrt_newton_schulz(p, steps, eps=eps), None
 
 
-def _root_method_for(xp: Any, p: Array, root_method: str) -> str:
-    """``root_method="auto"``: ``eigh`` for float64 (reference runs) and on CPUs, where a k×k
-    ``eigh`` (LAPACK) costs about six k×k matmuls and is exact; the checked Polar-Express iteration
-    on accelerators, where it costs hundreds and synchronises with the host (cuSOLVER's info check):
-    the iteration's check reads nothing on the host (a failed block keeps its previous root, D13)."""
-    if root_method != "auto":
-        return root_method
-    return "eigh" if p.dtype == xp.float64 or on_cpu(xp, p) else "polar_express"
-
-
 def _asgo_init(xp: Any, c: ASGOConfig, w: Array, path: Path) -> dict[str, Array]:
     """A matrix leaf's state: ``M_0 = 0``; per block ``P_0 = 0`` and ``Z_0 = I``."""
     m, n, k, momentum_dtype, p_dtype = _matrix_leaf(xp, "asgo", w, path, c.side, c.faithful)
@@ -210,32 +203,9 @@ def _asgo_init(xp: Any, c: ASGOConfig, w: Array, path: Path) -> dict[str, Array]
     return {**momentum, **block_state(xp, k, c.block_size, p_dtype, array_device(w), c.keeps_root, not c.faithful)}
 
 
-def _asgo_joined(xp: Any, c: ASGOConfig, old: dict, g: Array, terms: dict, zero: Array, views: Any) -> dict[str, Array]:
-    """The new momentum and statistics (one block per leaf, or its chunks) of all matrix leaves
-    joined end to end, from the stacks' ``X Xᵀ`` (:func:`_asgo_terms`)."""
-    p = _accumulated(xp, c, old["statistic"], terms["gram"])  # P_t, per block
-    if not c.faithful:
-        p = symmetrized_pieces(xp, p, views(p, "statistic"))  # stored symmetrised (D10)
-    return {"momentum": _momentum(xp, c, old["momentum"], g, zero), "statistic": p}  # M_t, P_t
-
-
-def _asgo_terms(xp: Any, c: ASGOConfig, s: MatrixStack) -> dict[str, Array]:
-    """A stack's ``X Xᵀ`` per block of its preconditioned side (the rows of the oriented gradients)."""
-    x, _ = side_blocks(xp, s.g if s.left else s.g.mT, c.block_size)
-    return {"gram": x @ x.mT}
-
-
-def _asgo_state(xp: Any, c: ASGOConfig, s: MatrixStack, zero: Array) -> dict[str, Array]:
-    """A stack's new tail statistics (a blocked side's last, shorter block)."""
-    _, x_tail = side_blocks(xp, s.g if s.left else s.g.mT, c.block_size)
-    return {} if x_tail is None else {"statistic_tail": _second_moment(xp, c, s.state["statistic_tail"], x_tail)}
-
-
-def _asgo_direction(xp: Any, c: ASGOConfig, stacks: list, new: list, roots: list, joined: dict, views: Any) -> Array:
-    """The stacks' directions ``r√(mn) U_t/‖U_t‖_F``, ``U_t = Z_t M_t``, joined end to end."""
-    us = [block_diagonal_product(xp, z["root"], z.get("root_tail"), entries["momentum"], s.left, s.g.dtype)  # U_t = Z_t M_t
-          for s, entries, z in zip(stacks, new, roots)]
-    return joined_rms_renormalised(xp, us, c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
+def _asgo_direction(xp: Any, c: ASGOConfig, s: MatrixStack, new: dict, roots: dict) -> Array:
+    """``U_t = Z_t M_t`` (``M_t Z_t`` on the right) of a stack, ``Z_t`` block-diagonal, in the gradients' dtype."""
+    return block_diagonal_product(xp, roots["root"], roots.get("root_tail"), new["momentum"], s.left, s.g.dtype)
 
 
 def _dasgo_init(xp: Any, c: DASGOConfig, w: Array, path: Path) -> dict[str, Array]:
@@ -246,44 +216,109 @@ def _dasgo_init(xp: Any, c: DASGOConfig, w: Array, path: Path) -> dict[str, Arra
 
 
 def _dasgo_terms(xp: Any, c: DASGOConfig, s: MatrixStack) -> dict[str, Array]:
-    """A stack's ``q_t = diag(G_tᵀ G_t)`` (the column sums of squares), from its m×n gradients
-    ``s.g`` in the compute dtype."""
-    return {"q": squared_sums(xp, s.g, _summed_axis(s))}
+    """``q_t = diag(G_tᵀ G_t)``, the column sums of squares of a stack's gradients (``diag(G_t G_tᵀ)``,
+    the row sums, on the left side)."""
+    return {"statistic": squared_sums(xp, s.g, -1 if s.left else -2)}
 
 
-def _dasgo_joined(xp: Any, c: DASGOConfig, old: dict, g: Array, terms: dict, zero: Array, views: Any) -> dict[str, Array]:
-    """The new momentum and statistic of all matrix leaves joined end to end (element-wise)."""
-    q = cast(xp, terms["q"], old["statistic"].dtype)
-    return {"momentum": _momentum(xp, c, old["momentum"], g, zero),  # M_t
-            "statistic": ema(old["statistic"], q, c.b2, c.faithful)}  # v_t = β₂ v_{t-1} + (1-β₂) q_t
+def _dasgo_statistic(xp: Any, c: DASGOConfig, v: Array, q: Array) -> Array:
+    """``v_t = β₂ v_{t-1} + (1-β₂) q_t``."""
+    return ema(v, q, c.b2, c.faithful)
 
 
-def _dasgo_direction(xp: Any, c: DASGOConfig, stacks: list, new: list, roots: list, joined: dict, views: Any) -> Array:
-    """The stacks' directions ``r√(mn) U_t/‖U_t‖_F``, ``U_t = M_t diag(v_t + ε)^{-1/2}``, joined end to end."""
-    dtype = stacks[0].g.dtype
-    scale = cast(xp, 1.0 / xp.sqrt(joined["statistic"] + c.eps), dtype)  # diag(v_t + ε)^{-1/2}
-    m = cast(xp, joined["momentum"], dtype)
-    axes = [_summed_axis(s) for s in stacks]
-    return joined_scaled_rms_renormalised(xp, m, scale, views(m, "momentum"), views(scale, "statistic"), axes,
-                                          c.rms_target, c.faithful)  # r√(mn) U_t/‖U_t‖_F
-
-
-def _summed_axis(s: MatrixStack) -> int:
-    """The axis DASGO's statistic sums over: the rows' (the columns' sums) on the right side."""
-    return -1 if s.left else -2
+def _dasgo_scale(xp: Any, c: DASGOConfig, v: Array) -> Array:
+    """``s_t = (v_t + ε)^{-1/2}``, the direction's scale ``U_t = M_t diag(s_t)``."""
+    return 1.0 / xp.sqrt(v + c.eps)
 
 
 def _finish(xp: Any, c: Any, minus_lr: Array, u: Array, w: Optional[Array]) -> Array:
     """The update ``-η_t (U_t + λ W_t)`` (``w``: ``None`` without weight decay)."""
-    return minus_lr * (u if w is None else u + c.weight_decay * cast(xp, w, u.dtype))
+    return minus_lr * (u if w is None else u + c.weight_decay * w)
 
 
-_ASGO = OneSidedRule(init=_asgo_init, state=_asgo_state, finish=_finish, stacked=STACKED,
-                     inverse_root=_inverse_sqrt, joined=("momentum", "statistic"), joined_state=_asgo_joined,
-                     terms=_asgo_terms, joined_direction=_asgo_direction)
-_DASGO = OneSidedRule(init=_dasgo_init, state=None, finish=_finish, stacked=(), passes=True,
-                      settle_first=True, joined=("momentum", "statistic"), joined_state=_dasgo_joined,
-                      terms=_dasgo_terms, joined_direction=_dasgo_direction)
+# The fallback Adam: the leaves ASGO and DASGO do not precondition (biases, norms, masked leaves)
+# step as in the authors' trainer (torch.optim.Adam), per entry and bias-corrected:
+#
+#   g_t ← g_t + λ W_t   (faithful: an L2 term; principled: decoupled below, D11)   _adam_state
+#   m_t = β₁ m_{t-1} + (1-β₁) g_t,   v_t = β₂ v_{t-1} + (1-β₂) g_t²                 _adam_state
+#   W_{t+1} = W_t - η_t/(1-β₁ᵗ) · m_t/(√v_t/√(1-β₂ᵗ) + ε)  (- η_t λ W_t)           _adam_scalars, _adam_update
+
+
+class AdamConfig(NamedTuple):
+    """The fallback Adam's hyperparameters (``fallback_b1`` ... of :func:`asgo`, :func:`dasgo`).
+    ``faithful``: ``torch.optim.Adam`` (weight decay as an L2 term, EMA in ``torch.lerp`` form,
+    state in the parameter's dtype); else decoupled weight decay and state in the compute dtype."""
+
+    learning_rate: ScalarOrSchedule
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    faithful: bool
+
+    @classmethod
+    def checked(cls, learning_rate, b1, b2, eps, weight_decay, faithful) -> "AdamConfig":
+        """The hyperparameters as the user gave them (``fallback_b1`` ...), validated."""
+        check_unit_interval("fallback_b1", b1)
+        check_unit_interval("fallback_b2", b2)
+        check_positive("fallback_eps", eps)
+        check_nonnegative("fallback_weight_decay", weight_decay)
+        return cls(learning_rate, b1, b2, eps, weight_decay, faithful)
+
+
+class AdamState(NamedTuple):
+    """A fallback leaf's state: the Adam moments in the leaf's shape."""
+
+    mu: Any
+    nu: Any
+
+
+class AdamStep(NamedTuple):
+    """A step's scalars: ``minus_lr`` (``-η_t``), ``step`` (``-η_t/(1-β₁ᵗ)``) and ``root_bc2`` (``√(1-β₂ᵗ)``)."""
+
+    minus_lr: Any
+    step: Any
+    root_bc2: Any
+
+
+def _adam_init(xp: Any, c: AdamConfig, w: Array) -> AdamState:
+    """``m_0 = v_0 = 0`` in the parameter's shape."""
+    zeros = xp.zeros(w.shape, dtype=w.dtype if c.faithful else compute_dtype(xp, w.dtype), device=array_device(w))
+    return AdamState(zeros, zeros)
+
+
+def _adam_scalars(xp: Any, c: AdamConfig, count: Array, minus_lr: Array) -> AdamStep:
+    """The bias corrections at ``t = count + 1``, in ``-η_t``'s dtype."""
+    t = xp.astype(count + 1, minus_lr.dtype)
+    bc1 = 1.0 - c.b1**t
+    bc2 = 1.0 - c.b2**t
+    return AdamStep(minus_lr, minus_lr / bc1, xp.sqrt(bc2))
+
+
+def _adam_state(xp: Any, c: AdamConfig, s: AdamState, g: Array, w: Optional[Array], h: AdamStep) -> AdamState:
+    """``m_t``, ``v_t`` (faithful, with weight decay: of ``g_t + λ W_t``)."""
+    if c.faithful and not is_zero(c.weight_decay):
+        g = g + c.weight_decay * w  # g_t + λ W_t
+    return AdamState(ema(s.mu, g, c.b1, c.faithful),  # m_t = β₁ m_{t-1} + (1-β₁) g_t
+                     c.b2 * s.nu + (1.0 - c.b2) * (g * g))  # v_t = β₂ v_{t-1} + (1-β₂) g_t²
+
+
+def _adam_update(xp: Any, c: AdamConfig, s: AdamState, g: Array, w: Optional[Array], h: AdamStep) -> Array:
+    """The update ``-η_t/(1-β₁ᵗ) · m_t/(√v_t/√(1-β₂ᵗ) + ε)``, principled with ``- η_t λ W_t``."""
+    update = h.step * (s.mu / (xp.sqrt(s.nu) / h.root_bc2 + c.eps))
+    if c.faithful or is_zero(c.weight_decay):
+        return update
+    return update + (h.minus_lr * c.weight_decay) * w  # - η_t λ W_t (D11)
+
+
+_ADAM = FallbackRule(AdamState, _adam_init, _adam_scalars, _adam_state, _adam_update)
+_ASGO = OneSidedRule(init=_asgo_init, terms=_asgo_terms, momentum=_momentum, statistic=_accumulated, symmetric=True,
+                     inverse_root=_inverse_sqrt, direction=_asgo_direction, scale=None, renormalise=rms_renormalised,
+                     finish=_finish, fallback=_ADAM)
+_ASGO_FAITHFUL = _ASGO._replace(symmetric=False)  # the authors store P as accumulated
+_DASGO = OneSidedRule(init=_dasgo_init, terms=_dasgo_terms, momentum=_momentum, statistic=_dasgo_statistic,
+                      symmetric=False, inverse_root=None, direction=None, scale=_dasgo_scale,
+                      renormalise=scaled_rms_renormalised, finish=_finish, fallback=_ADAM)
 
 
 def asgo(
@@ -487,11 +522,9 @@ def asgo(
     check_nonnegative("eps", eps)
     c = ASGOConfig(learning_rate, b1, b2, weight_decay, damping, eps, root_method, root_steps, tolerance, rms_target,
                    accumulator == "sum", side, block_size, faithful, keeps_root=not faithful or precondition_every != 1)
-    return one_sided_transform(
-        _ASGO, c, name="asgo", on_nonfinite=on_nonfinite, fallback=fallback, fallback_mask=fallback_mask,
-        schedule=spread_schedule(precondition_every, spread_refresh),
-        layout_hint=partial(block_layout_hint, default=PRINCIPLED_BLOCK_SIZE),
-    )
+    return one_sided_transform(_ASGO_FAITHFUL if faithful else _ASGO, c, name="asgo", on_nonfinite=on_nonfinite,
+                               fallback=fallback, fallback_mask=fallback_mask,
+                               schedule=spread_schedule(precondition_every, spread_refresh))
 
 
 def dasgo(
@@ -576,11 +609,11 @@ def dasgo(
         check_choice("side", side, _SIDES)
     c = DASGOConfig(learning_rate, b1, b2, eps, weight_decay, rms_target, side, faithful)
     return one_sided_transform(_DASGO, c, name="dasgo", on_nonfinite=on_nonfinite, fallback=fallback,
-                               fallback_mask=fallback_mask, independent_leaves=True)
+                               fallback_mask=fallback_mask)
 
 
 def _checked_shared(mode: str, learning_rate: Any, b1: float, b2: float, weight_decay: float, rms_target: Optional[float],
-                    *fallback: float) -> tuple[bool, FallbackAdam]:
+                    *fallback: float) -> tuple[bool, AdamConfig]:
     """The options ASGO and DASGO share, validated: whether ``mode`` is faithful, and the fallback
     Adam of ``fallback`` (``fallback_b1``, ``fallback_b2``, ``fallback_eps``, ``fallback_weight_decay``)."""
     faithful = check_mode(mode)
@@ -589,7 +622,7 @@ def _checked_shared(mode: str, learning_rate: Any, b1: float, b2: float, weight_
     check_unit_interval("b2", b2)
     check_nonnegative("weight_decay", weight_decay)
     check_optional(check_positive, "rms_target", rms_target)
-    return faithful, FallbackAdam.checked(learning_rate, *fallback, faithful)
+    return faithful, AdamConfig.checked(learning_rate, *fallback, faithful)
 
 
 def _matrix_leaf(xp: Any, name: str, param: Array, path: Path, side: str, faithful: bool) -> tuple:

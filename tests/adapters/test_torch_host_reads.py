@@ -55,8 +55,8 @@ def _set(model: torch.nn.Module, grads: list[torch.Tensor]) -> None:
 
 def _asgo_root_as_on_a_gpu(monkeypatch) -> None:
     """ASGO's ``root_method="auto"`` as for a GPU tensor: ``eigh`` for float64 only, else the
-    checked Polar-Express iteration (``methods.asgo._root_method_for`` asks ``on_cpu``)."""
-    monkeypatch.setattr(importlib.import_module("precond_ref.methods.asgo"), "on_cpu", lambda xp, x: False)
+    checked Polar-Express iteration (``linalg.auto_root_method`` asks ``on_cpu``)."""
+    monkeypatch.setattr(importlib.import_module("precond_ref.linalg"), "on_cpu", lambda xp, x: False)
 
 
 def _host_bool_as_on_a_gpu(monkeypatch) -> None:

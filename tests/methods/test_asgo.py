@@ -990,8 +990,8 @@ def test_jax_root_runs_inside_cond_only():
 
 
 def _column_factored(backend, mat, scale, axis, target):
-    """``engine.rms.column_factored_renormalise`` on ``backend``; on JAX under ``jax.jit`` (its ``lax.cond``)."""
-    from precond_ref.engine.rms import column_factored_renormalise
+    """``linalg.column_factored_renormalise`` on ``backend``; on JAX under ``jax.jit`` (its ``lax.cond``)."""
+    from precond_ref.linalg import column_factored_renormalise
 
     def run(m, s):
         return column_factored_renormalise(backend.xp, m, s, axis, target)
@@ -1012,7 +1012,7 @@ def _column_factored(backend, mat, scale, axis, target):
     [(0, 0, True), (-10, 3, True), (10, -3, True), (-30, -10, False), (14, 4, False), (-37, 0, False), (0, -20, False)],
 )
 def test_column_factored_renormalise_is_the_renormalised_product(backend, axis, log_m, log_s, plain):
-    """D12 without float64 [closed form]: ``engine.rms.column_factored_renormalise`` returns
+    """D12 without float64 [closed form]: ``linalg.column_factored_renormalise`` returns
     U · target/‖U‖_F for U = M diag(s) (axis 0) or diag(s) M (axis 1), in float32, by its plain
     column sums of squares where they are exact to rounding (``plain``: the docstring's bound on
     what underflow can lose holds and nothing overflows) and else by its column maxima, at scales
@@ -1053,7 +1053,7 @@ def test_column_factored_renormalise_is_the_renormalised_product(backend, axis, 
 @pytest.mark.parametrize("log_g", [0, -30])
 def test_dasgo_jitted_without_x64_matches_the_float64_renormalisation(log_g):
     """D12 on JAX as most users run it [derived]: without x64, the jitted step of float32
-    parameters renormalises in float32 (``engine.rms.column_factored_renormalise``, its plain column sums
+    parameters renormalises in float32 (``linalg.column_factored_renormalise``, its plain column sums
     for gradients of order 1 and its column maxima for gradients of 1e-30, whose squares underflow);
     with x64, in float64. The state updates are the same float32 operations, so the updates of
     three steps agree to the renormalisation's (m + n + 8)·eps of the largest entry (see
@@ -1100,7 +1100,7 @@ def test_dasgo_stacked_matrices_step_as_each_alone(eager_backend, options, dtype
     """DASGO's equal matrices stacked (``engine.matrices.matrix_joins``, a GPU's grouping: every
     equal shape stacks) give each leaf the numbers of its step alone, bit for bit: every line of
     the rule is element-wise or a reduction within one matrix (``sum_across``, the per-matrix
-    renormalisation of ``engine.rms``, spec asgo.md §2.7, D12), and stacking is execution only
+    renormalisation of ``linalg``, spec asgo.md §2.7, D12), and stacking is execution only
     (docs/engine.md). Matrices of row counts above and below ``sum_across``'s two blocks, both
     sides, a NaN step (skipped), float64 (the column-factored renormalisation) and float32 (its
     float64 form). Bit for bit on a CPU backend, whose reductions run in one order whatever the

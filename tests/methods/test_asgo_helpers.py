@@ -1,5 +1,5 @@
 """The helpers of the ASGO and DASGO steps (the rule's, and the engine's and backend's it calls:
-``engine.blockdiag``, ``engine.rms``, ``engine.fallback``, ``_backend``) against the plain
+``engine.blockdiag``, ``engine.rms``, ``engine.fallback``, ``linalg``, ``_backend``) against the plain
 formulas their docstrings state.
 
 NumPy float64 (array_api_compat.numpy); tolerances from the rounding model: a sum or product of
@@ -20,9 +20,9 @@ from precond_ref._backend import ema, squared_sums
 from precond_ref.engine.blockdiag import (
     OneSidedRule, block_diagonal_product, finite_root_or_previous, one_sided_transform, side_blocks, unrefreshed,
 )
-from precond_ref.engine.fallback import FallbackAdam, adam_update
-from precond_ref.engine.matrices import end_to_end, joined_leaves, matrix_shape
-from precond_ref.engine.rms import rms_renormalised, scaled_rms_renormalised
+from precond_ref.engine.fallback import fallback_step
+from precond_ref.engine.matrices import joined_leaves, matrix_shape
+from precond_ref.linalg import rms_renormalised, scaled_rms_renormalised, symmetrize
 
 A = importlib.import_module("precond_ref.methods.asgo")
 
@@ -222,7 +222,7 @@ def test_renormalise_scaled_is_rms_target_times_direction(axis, scale_of_m):
 
 def test_momentum_and_second_moment_are_the_emas():
     """M_t = μM + (1-μ)G (principled flushes subnormals) and P_t = β₂P + (1-β₂)XXᵀ (or P + XXᵀ),
-    symmetrised in principled mode, per block of a stack; to a few eps."""
+    symmetrised as principled mode stores it, per block of a stack; to a few eps."""
     rng = np.random.default_rng(6)
     old, g = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
     old[0, 0] = 1e-310  # subnormal after the EMA with g[0, 0] = 0
@@ -235,7 +235,7 @@ def test_momentum_and_second_moment_are_the_emas():
     assert x.shape == (2, 3, 5) and tail.shape == (1, 5)
     p_old = _psd(rng, 2, 3, 3)
     for summed in (False, True):
-        got = A._second_moment(xp, _config(b2=0.8, summed=summed), p_old, x)
+        got = symmetrize(A._accumulated(xp, _config(b2=0.8, summed=summed), p_old, x @ x.mT))
         s = x @ np.swapaxes(x, -1, -2)
         plain = p_old + s if summed else 0.8 * p_old + 0.2 * s
         np.testing.assert_allclose(got, plain, rtol=0, atol=16 * EPS * (np.abs(p_old) + np.abs(s)).max())
@@ -261,8 +261,7 @@ def test_joined_fallback_adam_is_each_leaf_alone_in_one_pass_per_dtype():
 
     def step(g, state, param, ctx):
         calls.append(g.shape)
-        u, new = adam_update(g, state, param, ctx, FallbackAdam(0.1, 0.9, 0.95, 1e-8, 0.01, False))
-        return (u,), new
+        return fallback_step(A._ADAM, A.AdamConfig(0.1, 0.9, 0.95, 1e-8, 0.01, False), g, state, param, ctx)
 
     joined = joined_leaves(xp, step, leaves, StepContext(xp=xp, count=count, extra={}, shared={}))
     assert sorted(calls) == [(8,), (17,)]  # one pass per dtype: 5 + 1 + 2 float64 entries, 12 + 5 float32
@@ -287,8 +286,7 @@ def test_joined_pieces_of_selected_entries_count_as_selected(ok):
     leaves = [(rng.standard_normal(s), {"mu": rng.standard_normal(s), "nu": rng.random(s)}, None) for s in shapes]
 
     def step(g, state, param, ctx):
-        u, new = adam_update(g, state, param, ctx, FallbackAdam(0.1, 0.9, 0.95, 1e-8, 0.0, False))
-        return (u,), new
+        return fallback_step(A._ADAM, A.AdamConfig(0.1, 0.9, 0.95, 1e-8, 0.0, False), g, state, param, ctx)
 
     ctx = StepContext(xp=xp, count=np.asarray(2, dtype=np.int32), extra={}, ok=np.asarray(ok), settled=IdentityDict(), shared={})
     for (g, state, _), (_, new) in zip(leaves, joined_leaves(xp, step, leaves, ctx)):
@@ -381,56 +379,57 @@ class _ToyConfig(NamedTuple):
     weight_decay: float
     side: str
     faithful: bool
+    rms_target: None
     b1: float
 
 
 def _toy_rule():
-    """A one-sided rule of the plainest arithmetic: ``M_t = b1 M_{t-1} + G_t``, ``U_t = 2 M_t``."""
+    """A one-sided rule of the plainest arithmetic, without roots: ``M_t = b1 M_{t-1} + G_t``,
+    ``v_t = v_{t-1} + diag(G_tᵀ G_t)``, ``U_t = M_t diag(s_t)`` with ``s_t = 2`` (no renormalisation)."""
 
     def init(xp, c, w, path):
-        return {"momentum": xp.zeros(matrix_shape(tuple(w.shape), path), dtype=w.dtype)}
+        m, n = matrix_shape(tuple(w.shape), path)
+        return {"momentum": xp.zeros((m, n), dtype=w.dtype), "statistic": xp.zeros((n,), dtype=w.dtype)}
 
-    def state(xp, c, s, zero):
-        return {"momentum": c.b1 * s.state["momentum"] + s.g}
-
-    def joined_direction(xp, c, stacks, new, roots, joined, views):
-        assert roots == [{}] * len(stacks)  # a rule without roots gets none
-        return end_to_end(xp, [2.0 * entries["momentum"] for entries in new])
-
-    def finish(xp, c, minus_lr, u, w):
-        return minus_lr * (u if w is None else u + c.weight_decay * w)
-
-    return OneSidedRule(init=init, state=state, joined_direction=joined_direction, finish=finish, stacked=("momentum",),
-                        passes=True, settle_first=True)
+    return OneSidedRule(
+        init=init, terms=lambda xp, c, s: {"statistic": xp.sum(s.g * s.g, axis=-2)},
+        momentum=lambda xp, c, m, g, zero: c.b1 * m + g, statistic=lambda xp, c, v, q: v + q, symmetric=False,
+        inverse_root=None, direction=None, scale=lambda xp, c, v: 0.0 * v + 2.0, renormalise=scaled_rms_renormalised,
+        finish=lambda xp, c, minus_lr, u, w: minus_lr * (u if w is None else u + c.weight_decay * w), fallback=A._ADAM,
+    )
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.25])
 def test_one_sided_runner_steps_each_leaf_by_its_rule(weight_decay):
     """The runner of a one-sided rule (``engine.blockdiag.one_sided_transform``): every matrix leaf,
     stacked with the leaves of its matrix shape or alone, steps by the rule's equations applied to
-    its own matrix view, ``-η (U_t + λ W)`` with ``U_t = 2 M_t``, ``M_t = b1 M_{t-1} + G_t``, in its
-    own shape; a leaf of fewer than 2 dimensions steps by the fallback Adam, whose first step is
-    ``-η g/(|g| + ε)`` (bias-corrected moments, ASGO spec §2.4). A handful of roundings per entry: a
-    few ulps."""
+    its own matrix view, ``-η (U_t + λ W)`` with ``U_t = 2 M_t``, ``M_t = b1 M_{t-1} + G_t``, and
+    keeps ``v_t = v_{t-1} + diag(G_tᵀ G_t)``, in its own shape; a leaf of fewer than 2 dimensions
+    steps by the fallback Adam, whose first step is ``-η g/(|g| + ε)`` (bias-corrected moments,
+    ASGO spec §2.4). A handful of roundings per entry: a few ulps."""
     lr, b1 = 0.5, 0.75
-    c = _ToyConfig(lr, weight_decay, "auto", False, b1)
-    fallback = FallbackAdam.checked(lr, 0.9, 0.95, 1e-8, 0.0, False)
+    c = _ToyConfig(lr, weight_decay, "right", False, None, b1)
+    fallback = A.AdamConfig.checked(lr, 0.9, 0.95, 1e-8, 0.0, False)
     opt = one_sided_transform(_toy_rule(), c, name="toy", on_nonfinite="skip", fallback=fallback, fallback_mask=None)
     rng = np.random.default_rng(11)
     shapes = {"a": (3, 5), "b": (3, 5), "conv": (3, 5, 1), "c": (4, 2), "bias": (5,)}
     params = {k: rng.standard_normal(s) for k, s in shapes.items()}
     state = opt.init(params)
     momenta = {k: np.zeros((s[0], int(np.prod(s[1:])))) for k, s in shapes.items() if len(s) > 1}
+    sums = {k: np.zeros(m.shape[1]) for k, m in momenta.items()}
     for t in range(3):
         grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
         updates, state = opt.update(grads, state, params)
         for k, m in momenta.items():
-            momenta[k] = b1 * m + grads[k].reshape(m.shape)
+            g = grads[k].reshape(m.shape)
+            momenta[k] = b1 * m + g
+            sums[k] = sums[k] + (g * g).sum(axis=0)
             w = params[k].reshape(m.shape)
             expected = (-lr * (2.0 * momenta[k] + weight_decay * w)).reshape(shapes[k])
             assert updates[k].shape == shapes[k]
             np.testing.assert_allclose(updates[k], expected, rtol=8 * EPS, atol=8 * EPS * np.abs(expected).max())
             np.testing.assert_allclose(state.groups[k]["momentum"], momenta[k], rtol=4 * EPS)
+            np.testing.assert_allclose(state.groups[k]["statistic"], sums[k], rtol=8 * EPS)
         if t == 0:
             g = grads["bias"]
             np.testing.assert_allclose(updates["bias"], -lr * g / (np.abs(g) + 1e-8), rtol=16 * EPS)
