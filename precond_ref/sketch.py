@@ -61,7 +61,7 @@ matrix sketching", SIAM J. Comput. 2016.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 from array_api_compat import is_array_api_strict_namespace, is_cupy_array
 
@@ -748,10 +748,8 @@ def _fd_step(
         xp, undeflated, mass, mask, present, scale, one, zero, exponent, eps, relative_eps, delta,
     )
 
-    # One finiteness test of the step's small outputs joined (a reduction, not one per output).
-    small_outputs = xp.concat([s, weights, complement[..., None], new_root[..., None]], axis=-1)
     factor = ritz.frame if ritz.vectors is None else ritz.vectors
-    ok = xp.logical_and(input_ok, _finite_blocks(xp, small_outputs, factor))
+    ok = xp.logical_and(input_ok, _finite_blocks(xp, [s, weights, complement[..., None], new_root[..., None]], factor))
     keep = xp.astype(mask, dtype)[..., None, :]
     chosen = ok if accept is None else xp.logical_and(ok, accept)
     small = dict(singular_values=new_sigma, escaped_root=new_root, basis_weights=weights, complement_weight=complement)
@@ -766,16 +764,28 @@ def _fd_step(
     return new, ok, out
 
 
-def _finite_blocks(xp: Any, vectors: Array, matrices: Array) -> Array:
-    """``all(isfinite(vectors), -1) & all(isfinite(matrices), (-2, -1))``, per block of a stack.
+def _finite_blocks(xp: Any, vectors: Sequence[Array], matrices: Array) -> Array:
+    """``all(isfinite(v), -1)`` for every ``v`` in ``vectors`` and ``all(isfinite(matrices), (-2, -1))``,
+    joined by ``&``, per block of a stack.
 
-    Eagerly on torch one comparison with 0 of the two blocks' sums of ``x * 0`` added
+    Eagerly the vectors are joined along their last axis and tested once (a reduction, not one per
+    vector); on torch that test is one comparison with 0 of the two blocks' sums of ``x * 0`` added
     (:func:`~precond_ref.linalg.all_finite`'s test: each sum is ±0 when every entry is finite, else
-    NaN, and so is their sum): one operation fewer than the two tests joined. Elsewhere the two
-    tests of :func:`~precond_ref.linalg.all_finite`."""
-    if is_torch_namespace(xp) and not torch_compiling():
-        return xp.sum(vectors * 0.0, axis=-1) + xp.sum(matrices * 0.0, axis=(-2, -1)) == 0.0
-    return xp.logical_and(all_finite(vectors, axis=(-1,)), all_finite(matrices, axis=(-2, -1)))
+    NaN, and so is their sum): one operation fewer than the two tests joined. Under
+    ``torch.compile`` each vector is tested where it is, not joined: TorchInductor (on a CPU)
+    writes the pieces of a join into the joined buffer and may then hand that buffer to another
+    value while a later value still lives in a piece's place, so a step's basis weights were
+    overwritten before the direction read them (faithful S-AdaGrad, several leaves in one graph);
+    the compiler fuses the separate tests with the reductions anyway."""
+    if is_torch_namespace(xp) and torch_compiling():
+        finite = all_finite(matrices, axis=(-2, -1))
+        for v in vectors:
+            finite = xp.logical_and(finite, all_finite(v, axis=(-1,)))
+        return finite
+    joined_vectors = xp.concat(list(vectors), axis=-1)
+    if is_torch_namespace(xp):
+        return xp.sum(joined_vectors * 0.0, axis=-1) + xp.sum(matrices * 0.0, axis=(-2, -1)) == 0.0
+    return xp.logical_and(all_finite(joined_vectors, axis=(-1,)), all_finite(matrices, axis=(-2, -1)))
 
 
 def _frame_direction(

@@ -217,22 +217,28 @@ def test_failures_added_sums_each_leafs_flags():
     assert all(v.shape == () and v.dtype == np.int32 for v in out)
 
 
-def test_finite_blocks_is_both_tests_per_block():
-    """``sketch._finite_blocks`` is ``all(isfinite(v), -1) & all(isfinite(m), (-2, -1))`` per block,
-    on torch (one comparison of the summed ``x * 0``) as on NumPy: blocks with a NaN or an Inf in
-    either operand, or in neither (and large finite entries, whose ``x * 0`` is still 0)."""
+def test_finite_blocks_is_both_tests_per_block(monkeypatch):
+    """``sketch._finite_blocks`` is ``all(isfinite(v), -1)`` for each vector operand ``&
+    all(isfinite(m), (-2, -1))`` per block, on torch (one comparison of the summed ``x * 0`` of the
+    vectors joined) as on NumPy, and on the branch ``torch.compile`` takes (each vector tested
+    where it is, not joined): blocks with a NaN or an Inf in a vector or the matrices, or in
+    neither (and large finite entries, whose ``x * 0`` is still 0)."""
     import array_api_compat.torch as tx
     import torch
 
-    from precond_ref.sketch import _finite_blocks
+    from precond_ref import sketch
 
     vectors = rng.standard_normal((5, 4)) * 1e300
     matrices = rng.standard_normal((5, 3, 3))
     vectors[1, 2], matrices[2, 0, 1], vectors[3, 0], matrices[4, 2, 2] = np.nan, np.inf, -np.inf, np.nan
     expected = np.all(np.isfinite(vectors), axis=-1) & np.all(np.isfinite(matrices), axis=(-2, -1))
     assert expected.tolist() == [True, False, False, False, False]
-    np.testing.assert_array_equal(_finite_blocks(xp, vectors, matrices), expected)
-    np.testing.assert_array_equal(_finite_blocks(tx, torch.from_numpy(vectors), torch.from_numpy(matrices)).numpy(), expected)
+    pieces = [vectors[:, :2], vectors[:, 2:3], vectors[:, 3:]]
+    np.testing.assert_array_equal(sketch._finite_blocks(xp, pieces, matrices), expected)
+    torch_pieces = [torch.from_numpy(v) for v in pieces]
+    np.testing.assert_array_equal(sketch._finite_blocks(tx, torch_pieces, torch.from_numpy(matrices)).numpy(), expected)
+    monkeypatch.setattr(sketch, "torch_compiling", lambda: True)
+    np.testing.assert_array_equal(sketch._finite_blocks(tx, torch_pieces, torch.from_numpy(matrices)).numpy(), expected)
 
 
 def test_vector_norms_are_each_arrays_norm():
