@@ -526,7 +526,7 @@ def cond(xp: Any, pred: Any, true_fn: Callable, false_fn: Callable, *operands: A
     return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
 
-def repeat(xp: Any, count: int, body: Callable, carry: Any) -> Any:
+def iterate(xp: Any, count: int, body: Callable, carry: Any) -> Any:
     """``carry = body(carry)`` ``count`` times (a host count), a fixed-length loop of device work.
 
     Under ``jax.jit`` a ``lax.fori_loop``, traced once (a Python loop would trace ``count`` copies of

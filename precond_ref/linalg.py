@@ -44,7 +44,7 @@ from array_api_compat import array_namespace, is_jax_namespace
 
 from ._backend import (
     array_device, as_operand, computed_once, cond, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
-    is_zero, on_cpu, placement, repeat, select, sum_across, torch_compiling,
+    is_zero, iterate, on_cpu, placement, select, sum_across, torch_compiling,
 )
 
 __all__ = [
@@ -1042,7 +1042,7 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
         up = (f(delta, direction * mid) < 0.0) == from_pole  # the root beyond mid, away from the origin
         return xp.where(up, mid, lo), xp.where(up, hi, mid)
 
-    lo, hi = repeat(xp, steps, bisect, (lo, hi))
+    lo, hi = iterate(xp, steps, bisect, (lo, hi))
     tau = direction * ((lo + hi) / 2.0)
     # 5. y_hat_j^2 = prod_i |lambda_i - d_j| / |d_i' - d_j|, d_i' = d_i below d_j, the next pole above it.
     pairs = xp.logical_and(active[..., :, None], active[..., None, :])
