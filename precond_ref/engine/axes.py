@@ -10,9 +10,6 @@ runs of consecutive phases (:func:`leaf_plan`). The engine then
 * refreshes the runs due at a step, the runs of one shape across all leaves in one batched call
   of the rule's refresh (:func:`refresh_axes`), and counts each leaf's blocks whose refresh was
   not finite;
-* multiplies a leaf's tensor by each axis's blocks in turn, the mode-n product
-  :math:`G \\times_1 P_1 \\cdots \\times_N P_N` with :math:`P_n` block-diagonal, the runs of one
-  shape across leaves in one batched call of the rule's apply (:func:`multiply_axes`);
 * for a flattened leaf (one axis), runs the rule's fused refresh-and-apply on stacks of bounded
   size (:func:`flat_runs`);
 * renames the entries of a state saved under the per-axis names of earlier versions
@@ -35,7 +32,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from .. import sketch as _sketch
 from .._backend import (array_device, cast, compute_dtype, cond, device_key, is_number, is_zero, joined, on_cpu,
                         vector_norms)
-from ..blocking import Stack, same_layout, block_bounds, roll_first_axis_last, spread_schedule, stack, unfold, unstack
+from ..blocking import Stack, same_layout, block_bounds, spread_schedule, stack, unfold, unstack
 from ..transform import Transform
 from ..tree import cached_template, from_entries, to_entries
 from .context import StepContext
@@ -47,7 +44,7 @@ from .run import build_transform
 
 __all__ = [
     "Run", "AxisPlan", "LeafPlan", "leaf_plan", "axis_leaves", "empty_blocks", "run_rows", "join_runs", "units_in_phase",
-    "refresh_axes", "multiply_axes", "flat_runs", "FLAT_STACK_BYTES", "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths",
+    "refresh_axes", "flat_runs", "FLAT_STACK_BYTES", "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths",
     "bounded_chunks", "axis_legacy_names", "unblocked_hint", "AxesRule", "resolve_schedule", "kronecker_transform",
     "flat_transform",
 ]
@@ -308,39 +305,6 @@ def _settle(ctx: StepContext, leaves: Sequence[tuple], failures: Sequence[Option
     for blocks in leaves:
         ctx.settle(value for axis in blocks for block in axis for value in block)
     ctx.settle(count for count in failures if count is not None)
-
-
-def multiply_axes(
-    xp: Any, leaves: Sequence[tuple], operands: Callable[[Any], tuple], apply: Callable[..., Array],
-) -> list[Optional[Array]]:
-    """Every leaf multiplied by its axes' blocks in turn (``leaves``: ``(plan, blocks, g)``, plan
-    None where the leaf has no blocks, which gets None): :math:`G \\times_1 P_1 \\cdots \\times_N
-    P_N`, :math:`P_n` block-diagonal with the blocks of axis n, each ``apply(*operands(block),
-    rows)`` on a stack of blocks and their rows of the mode-n unfolding; each axis in turn (first,
-    then rolled last), at each axis the runs of one shape, across leaves, in one batched call
-    (:func:`precond_ref.blocking.stack`)."""
-    xs = [None if plan is None else xp.reshape(g, plan.merged_shape) for plan, _, g in leaves]
-    for n in range(max([0] + [len(plan.axes) for plan, _, _ in leaves if plan is not None])):  # dynamo: no default=
-        members, owners = [], []
-        for i, (plan, blocks, _) in enumerate(leaves):
-            if plan is None or n >= len(plan.axes):
-                continue
-            x = xs[i]  # the axis being multiplied is first: axes are rolled, and ndim rolls restore order
-            flat = xp.reshape(x, (x.shape[0], math.prod(tuple(x.shape[1:]))))
-            for j, run in enumerate(plan.axes[n].runs):
-                members.append(_member(xp, plan.axes[n], run, operands(blocks[n][j]), flat))
-                owners.append(i)
-        stacks = stack(xp, members)
-        outputs = [(apply(*s.operands),) for s in stacks]
-        parts: list[list] = [[] for _ in leaves]
-        for i, piece in zip(owners, unstack(stacks, outputs, len(members))):
-            parts[i].append(_unstacked(leaves[i][0].axes[n], piece)[0])
-        for i, (plan, _, _) in enumerate(leaves):
-            if parts[i]:
-                x = xs[i]
-                joined = join_runs(xp, plan.axes[n], parts[i])
-                xs[i] = roll_first_axis_last(xp, xp.reshape(joined, (x.shape[0],) + tuple(x.shape[1:])))
-    return [None if x is None else xp.reshape(x, tuple(g.shape)) for x, (_, _, g) in zip(xs, leaves)]
 
 
 #: :func:`flat_runs` steps its runs in stacks of at most this many bytes of the blocks' first field
@@ -609,8 +573,9 @@ class AxesRule(NamedTuple):
     ``(update,)``, from the direction ``u`` (``rest`` ends with the parameter with weight decay).
 
     A Kronecker rule (:func:`kronecker_transform`) also has ``refresh(xp, c, block, rows, exponent,
-    accept, first) -> (block, ok)`` (``first``: :func:`refresh_axes`), ``apply(xp, c, fields, rows)``
-    (``fields``: a dict of the block's fields named in ``reads``), and optionally ``graft(xp, c, g,
+    accept, first) -> (block, ok)`` (``first``: :func:`refresh_axes`), ``precondition(xp, c, gs,
+    blocks)``, the preconditioned gradient of each leaf ``gs[i]`` (in its plan's merged shape) from
+    its blocks ``blocks[i][n][j]``, and optionally ``graft(xp, c, g,
     v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, |D|, |p|)``, the scale of the
     direction ``p`` from its Frobenius norm and ``D``'s (None: the direction is ``p``), called on the
     norms of many leaves stacked (:func:`_scaled_by_norms`). A flat rule
@@ -626,8 +591,7 @@ class AxesRule(NamedTuple):
     empty: Callable
     refresh: Callable
     finish: Callable
-    apply: Optional[Callable] = None
-    reads: tuple = ()
+    precondition: Optional[Callable] = None
     graft: Optional[Callable] = None
     grafted: Optional[Callable] = None
     keep: Optional[Callable] = None
@@ -708,7 +672,7 @@ def kronecker_transform(
 ) -> Transform:
     """The transform of a Kronecker rule (Sketchy). A step: the graft of every leaf
     (``rule.graft``, the leaves of one layout joined end to end); the refresh of the runs due
-    (:func:`refresh_axes`); the mode-n products :math:`P(G)` (:func:`multiply_axes`); the direction
+    (:func:`refresh_axes`); the preconditioned gradient :math:`P(G)` (``rule.precondition``); the direction
     ``p`` times ``rule.grafted(|D|, |p|)`` (:func:`_scaled_by_norms`), ``D`` itself before step ``start`` (and on a leaf without blocks); the
     updates ``rule.finish`` (:func:`_finished`), or the direction itself without a learning rate."""
 
@@ -722,13 +686,12 @@ def kronecker_transform(
                               [state.graft_second_moment for _, _, state in leaves])
         refreshed = refresh_axes(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
                                  c.dues, ctx, functools.partial(rule.refresh, xp, c))
-        products = multiply_axes(
-            xp, [(plan, sketches, g) for (g, plan, _), (sketches, _) in zip(leaves, refreshed)],
-            lambda block: tuple(getattr(block, field) for field in rule.reads),
-            lambda *operands: rule.apply(xp, c, dict(zip(rule.reads, operands[:-1])), operands[-1]),
-        )
+        blocked = [i for i, (_, plan, _) in enumerate(leaves) if plan is not None]
+        products: list = [None] * len(leaves)
+        merged = [xp.reshape(leaves[i][0], leaves[i][1].merged_shape) for i in blocked]
+        for i, p in zip(blocked, rule.precondition(xp, c, merged, [refreshed[i][0] for i in blocked])):
+            products[i] = xp.reshape(p, tuple(leaves[i][0].shape))
         if rule.grafted is not None:
-            blocked = [i for i, p in enumerate(products) if p is not None]
             scaled = _scaled_by_norms(xp, functools.partial(rule.grafted, xp), [products[i] for i in blocked],
                                       [grafts[i][1] for i in blocked])
             for i, u in zip(blocked, scaled):

@@ -19,7 +19,7 @@ unfolding :math:`G_{(n)}`::
 
     1  v_t = β_g v + (1-β_g) G²,  D_g = G / √(v_t + ε_g)                  _graft
     2  (U, σ, ρ, w, w_⊥) = FD([√β U diag(σ), G_(n)])   (the runs due)       _sketch_refresh
-    3  P(G) = G ×_1 P_1 ⋯ ×_N P_N,  P_n x = U diag(w) Uᵀx + w_⊥(x − UUᵀx)   _sketch_apply
+    3  P(G) = G ×_1 P_1 ⋯ ×_N P_N,  P_n x = U diag(w) Uᵀx + w_⊥(x − UUᵀx)   _precondition
     4  U_t = P(G) ‖D_g‖_F / ‖P(G)‖_F                                       _grafted
     5  m_t = μ m + U_t,  U_t ← U_t + μ m_t (Nesterov) or m_t               _sketchy_finish, _momentum
     6  ΔW = −η_t (U_t + λ W)                                               _sketchy_finish
@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from .._backend import is_number, is_zero, ratio_or_zero
 from ..blocking import merge_small_dims
 from ..engine.axes import AxesRule, LeafPlan, flat_transform, kronecker_transform, leaf_plan, resolve_schedule
+from ..linalg import block_mode_products
 from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply, resolve_decomposition
 from ..transform import (ScalarOrSchedule, Transform, check_bool, check_choice, check_int, check_interval,
                          check_learning_rate, check_mode, check_nonnegative, check_optional, check_positive_int,
@@ -195,9 +196,17 @@ def _sketch_refresh(xp: Any, c: SketchyConfig, sketch: _Sketch, x: Array, expone
     return _Sketch(**new), ok
 
 
-def _sketch_apply(xp: Any, c: SketchyConfig, sketch: dict, x: Array) -> Array:
-    """Step 3 on a stack of runs (:func:`precond_ref.sketch.fd_apply`)."""
-    return fd_apply(xp, sketch, x)  # U diag(w) Uᵀ x + w_⊥ (x − U Uᵀ x)
+def _precondition(xp: Any, c: SketchyConfig, gs: Sequence[Array], sketches: Sequence[tuple]) -> list[Array]:
+    """Step 3 for leaves, each G in its merged shape with its ``sketches[n][j]`` (run j of axis n):
+    :math:`P(G)`, each :math:`P_n` block-diagonal, of the blocks' :func:`precond_ref.sketch.fd_apply`
+    (:func:`precond_ref.linalg.block_mode_products`: the equal blocks of all leaves at each axis in
+    one call)."""
+    factors = [[[(s.basis, s.basis_weights, s.complement_weight) for s in axis] for axis in leaf] for leaf in sketches]
+
+    def p_n(u: Array, w: Array, w_perp: Array, x: Array) -> Array:
+        return fd_apply(xp, dict(basis=u, basis_weights=w, complement_weight=w_perp), x)  # U diag(w) Uᵀ x + w_⊥ (x − U Uᵀ x)
+
+    return block_mode_products(xp, gs, factors, p_n)  # P(G) = G ×_1 P_1 ⋯ ×_N P_N
 
 
 def _grafted(xp: Any, graft_norm: Array, norm: Array) -> Array:
@@ -234,7 +243,7 @@ def _sketchy_decomposition(decomposition: Optional[str], faithful: bool) -> str:
 
 _SKETCHY = AxesRule(
     State=_State, Block=_Sketch, plan=_sketchy_plan, empty=fd_init, refresh=_sketch_refresh, finish=_sketchy_finish,
-    apply=_sketch_apply, reads=("basis", "basis_weights", "complement_weight"), graft=_graft, grafted=_grafted,
+    precondition=_precondition, graft=_graft, grafted=_grafted,
 )
 
 
