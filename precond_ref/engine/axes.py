@@ -13,8 +13,8 @@ runs of consecutive phases (:func:`leaf_plan`). The engine then
 * for a flattened leaf (one axis), runs the rule's fused refresh-and-apply on stacks of bounded
   size (:func:`flat_runs`);
 * renames the entries of a state saved under the per-axis names of earlier versions
-  (:func:`axis_legacy_names`) and says which ``block_size`` loads a state saved unblocked
-  (:func:`unblocked_hint`);
+  (:func:`axis_legacy_names`) and says which ``block_size`` loads a state saved unblocked into a
+  blocked layout (:func:`unblocked_hint`);
 * runs an :class:`AxesRule` (:func:`kronecker_transform`, :func:`flat_transform`): a leaf's state
   made and read in the rule's NamedTuples, the compute dtype, the refresh schedule with the mode's
   defaults (:func:`resolve_schedule`), the graft's joined leaves and its start, the step's
@@ -542,17 +542,15 @@ def axis_legacy_names(group: str, fields: Sequence[str], marker: str) -> Callabl
     return legacy_names
 
 
-def unblocked_hint(name: str, block_size: int, field: str, found: dict, layout: dict) -> str:
-    """``build_transform``'s ``layout_hint`` for a method whose default ``block_size`` changed from
-    unblocked: for a state saved unblocked (an axis's ``field`` entry of shape ``(d, k)``), the
-    ``block_size`` that loads it, its longest axis."""
+def unblocked_hint(field: str, found: dict, layout: dict) -> str:
+    """``build_transform``'s ``layout_hint`` for a blocked layout: for a state saved unblocked (an
+    axis's ``field`` entry of shape ``(d, k)``), the ``block_size`` that loads it, its longest axis."""
     unblocked = [shape[0] for key, (shape, _) in found.items() if key.endswith("/" + field) and len(shape) == 2]
     if not unblocked or found == layout:
         return ""
     return (
-        f". {name}'s principled block_size now defaults to {block_size} (before: unblocked "
-        f"sketches): a state saved with the earlier default loads with block_size={max(unblocked)} (its "
-        "longest axis, or larger), and follows the earlier trajectory with precondition_every=1 too"
+        f" A state saved with unblocked sketches loads with block_size={max(unblocked)} (its longest axis, or "
+        "larger), and follows its trajectory with precondition_every=1 too"
     )
 
 
@@ -580,8 +578,9 @@ class AxesRule(NamedTuple):
     direction ``p`` from its Frobenius norm and ``D``'s (None: the direction is ``p``), called on the
     norms of many leaves stacked (:func:`_scaled_by_norms`). A flat rule
     (:func:`flat_transform`) has ``refresh(xp, c, block, rows, accept) -> (block, ok, out)`` (the new
-    block applied to the rows in the same pass), ``keep(xp, c, block, rows) -> out`` between
-    refreshes and ``may_pad(c, length, rank)`` (:func:`flat_runs`). ``accept`` is the engine's
+    block applied to the rows in the same pass) and ``keep(xp, c, block, rows) -> out`` between
+    refreshes; its stacks of blocks of other lengths are zero-padded where the FD step allows it
+    (:func:`precond_ref.sketch.zero_rows_exact` of ``c.fd["decomposition"]``, :func:`flat_runs`). ``accept`` is the engine's
     decision to keep the step, which the refresh folds into its own selection of the previous block.
     """
 
@@ -595,7 +594,6 @@ class AxesRule(NamedTuple):
     graft: Optional[Callable] = None
     grafted: Optional[Callable] = None
     keep: Optional[Callable] = None
-    may_pad: Optional[Callable] = None
 
 
 def resolve_schedule(
@@ -620,12 +618,11 @@ def _template(state: type, block: type, graft_moment: bool, momentum: bool, plan
 
 
 def _axes_transform(
-    rule: AxesRule, c: Any, update_groups: Callable, name: str, on_nonfinite: str, default_block_size: Optional[int],
+    rule: AxesRule, c: Any, update_groups: Callable, name: str, on_nonfinite: str, hint: Optional[Callable],
 ) -> Transform:
     """The transform of ``rule``: a parameter's state (empty blocks in the compute dtype, no failures,
     zero graft moment and momentum), the step ``update_groups``; a state saved under the per-axis
-    names of earlier versions renamed (:func:`axis_legacy_names`), and with ``default_block_size``
-    the hint for one saved unblocked (:func:`unblocked_hint`)."""
+    names of earlier versions renamed (:func:`axis_legacy_names`), and ``hint`` the ``layout_hint``."""
 
     def init_group(leaves, paths, xp):
         (w,) = leaves
@@ -639,7 +636,6 @@ def _axes_transform(
             zeros() if rule.graft is not None else None, zeros() if c.has_momentum else None,
         ))
 
-    hint = None if default_block_size is None else functools.partial(unblocked_hint, name, default_block_size, "basis")
     return build_transform(
         name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
         needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=hint,
@@ -668,7 +664,7 @@ def _finished(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, directions: lis
 
 
 def kronecker_transform(
-    rule: AxesRule, c: Any, *, name: str, on_nonfinite: str, start: int = 0, default_block_size: Optional[int] = None,
+    rule: AxesRule, c: Any, *, name: str, on_nonfinite: str, start: int = 0,
 ) -> Transform:
     """The transform of a Kronecker rule (Sketchy). A step: the graft of every leaf
     (``rule.graft``, the leaves of one layout joined end to end); the refresh of the runs due
@@ -702,7 +698,8 @@ def kronecker_transform(
                                                       momentum=out[1] if c.has_momentum else None)))
                 for (_, _, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished)]
 
-    return _axes_transform(rule, c, update_groups, name, on_nonfinite, default_block_size)
+    hint = None if c.block_size is None else functools.partial(unblocked_hint, "basis")  # blocked: say what loads unblocked
+    return _axes_transform(rule, c, update_groups, name, on_nonfinite, hint)
 
 
 def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequence[Array], ds: Sequence[Array]) -> list:
@@ -736,7 +733,8 @@ def flat_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
         leaves = _leaves(rule, c, xp, grads, states)
         stepped = flat_runs(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
                             c.dues, ctx, functools.partial(rule.refresh, xp, c),
-                            lambda block, rows: (block, rule.keep(xp, c, block, rows)), functools.partial(rule.may_pad, c))
+                            lambda block, rows: (block, rule.keep(xp, c, block, rows)),
+                            lambda length, rank: _sketch.zero_rows_exact(c.fd["decomposition"], length, rank))
         finished = _finished(xp, ctx, rule, c, [direction for _, _, direction in stepped], leaves, params)
         return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures,
                                                       momentum=out[1] if c.has_momentum else None)))

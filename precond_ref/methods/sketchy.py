@@ -47,7 +47,7 @@ from .._backend import is_number, is_zero, ratio_or_zero
 from ..blocking import merge_small_dims
 from ..engine.axes import AxesRule, LeafPlan, flat_transform, kronecker_transform, leaf_plan, resolve_schedule
 from ..linalg import block_mode_products
-from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply, resolve_decomposition
+from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply
 from ..transform import (ScalarOrSchedule, Transform, check_bool, check_choice, check_int, check_interval,
                          check_learning_rate, check_mode, check_nonnegative, check_optional, check_positive_int,
                          check_principled_only, mode_default)
@@ -288,8 +288,7 @@ def _sketchy_transform(
         not is_zero(momentum) and learning_rate is not None, not is_zero(weight_decay) and learning_rate is not None,
     )
     rule = _SKETCHY._replace(graft=_graft if graft == "rmsprop" else None, grafted=None if graft == "none" else _grafted)
-    return kronecker_transform(rule, c, name=name, on_nonfinite=on_nonfinite, start=start_preconditioning_step,
-                               default_block_size=None if faithful else PRINCIPLED_BLOCK_SIZE)
+    return kronecker_transform(rule, c, name=name, on_nonfinite=on_nonfinite, start=start_preconditioning_step)
 
 
 def sketchy(
@@ -687,16 +686,6 @@ def _adagrad_keep(xp: Any, c: SAdaGradConfig, sketch: _Sketch, x: Array) -> Arra
     return fd_apply_with_own_mass(xp, sketch._asdict(), x)
 
 
-def _adagrad_may_pad(c: SAdaGradConfig, length: int, rank: int) -> bool:
-    """Whether a run of blocks of this length and rank may share a stack with longer ones, zero rows
-    appended (``engine.axes.flat_runs``): where its FD step takes the incremental path (k + 1 < d,
-    :func:`precond_ref.sketch.resolve_decomposition`), as it then does at every longer length, and
-    zero rows of x and U add only zero terms to every product (U^T x, |x - U U^T x|, the new basis
-    [U, fresh] W, its rows zero), so the step's values are the unpadded ones to rounding and its
-    padded rows zero."""
-    return resolve_decomposition(c.fd["decomposition"], length, rank, 1) == "incremental"
-
-
 def _adagrad_finish(xp: Any, c: SAdaGradConfig, minus_lr: Any, direction: Array, *rest: Array) -> tuple:
     """Step 2 (``minus_lr``: -η_t; ``rest``: m with momentum, then x with weight decay):
     ``(updates, m)`` or ``(updates,)``, for one leaf or the leaves of one layout joined end to end."""
@@ -710,5 +699,5 @@ def _adagrad_finish(xp: Any, c: SAdaGradConfig, minus_lr: Any, direction: Array,
 
 _S_ADAGRAD = AxesRule(
     State=_State, Block=_Sketch, plan=_adagrad_plan, empty=fd_init, refresh=_adagrad_refresh,
-    finish=_adagrad_finish, keep=_adagrad_keep, may_pad=_adagrad_may_pad,
+    finish=_adagrad_finish, keep=_adagrad_keep,
 )
