@@ -171,9 +171,8 @@ def _faithful_chunk_precondition(xp: Any, inverse: Array, h: Array) -> Array:
 
 
 def _quadratic(xp: Any, c: MBFConfig, d: Array, m: Array) -> Array:
-    r""":math:`\langle D, m\rangle = \sum D_{j\ldots} m_{j\ldots}`, a layer's quadratic :math:`\alpha^{-2}`
-    times the KL of its step (B7): the dot product of the flattened arrays (views), which reads each
-    once where ``sum(D * m)`` writes the product and reads it again."""
+    r""":math:`\langle D, m\rangle = \sum D_{j\ldots} m_{j\ldots}` of a layer, the quadratic of its KL
+    clip (B7), as the dot product of the flattened arrays."""
     return xp.reshape(d, (-1,)) @ xp.reshape(m, (-1,))  # <D, m>
 
 
