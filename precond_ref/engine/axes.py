@@ -576,7 +576,8 @@ class AxesRule(NamedTuple):
     its blocks ``blocks[i][n][j]``, and optionally ``graft(xp, c, g,
     v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, |D|, |p|)``, the scale of the
     direction ``p`` from its Frobenius norm and ``D``'s (None: the direction is ``p``), called on the
-    norms of many leaves stacked (:func:`_scaled_by_norms`). A flat rule
+    norms of many leaves stacked (:func:`_scaled_by_norms`), then ``started(xp, c, count, u, D)``, the
+    direction of a leaf at step ``count`` from that scaled ``u`` and ``D``. A flat rule
     (:func:`flat_transform`) has ``refresh(xp, c, block, rows, accept) -> (block, ok, out)`` (the new
     block applied to the rows in the same pass) and ``keep(xp, c, block, rows) -> out`` between
     refreshes; its stacks of blocks of other lengths are zero-padded where the FD step allows it
@@ -593,6 +594,7 @@ class AxesRule(NamedTuple):
     precondition: Optional[Callable] = None
     graft: Optional[Callable] = None
     grafted: Optional[Callable] = None
+    started: Optional[Callable] = None
     keep: Optional[Callable] = None
 
 
@@ -664,12 +666,13 @@ def _finished(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, directions: lis
 
 
 def kronecker_transform(
-    rule: AxesRule, c: Any, *, name: str, on_nonfinite: str, start: int = 0,
+    rule: AxesRule, c: Any, *, name: str, on_nonfinite: str,
 ) -> Transform:
     """The transform of a Kronecker rule (Sketchy). A step: the graft of every leaf
     (``rule.graft``, the leaves of one layout joined end to end); the refresh of the runs due
     (:func:`refresh_axes`); the preconditioned gradient :math:`P(G)` (``rule.precondition``); the direction
-    ``p`` times ``rule.grafted(|D|, |p|)`` (:func:`_scaled_by_norms`), ``D`` itself before step ``start`` (and on a leaf without blocks); the
+    ``p`` times ``rule.grafted(|D|, |p|)`` (:func:`_scaled_by_norms`) as ``rule.started`` takes it
+    (``D`` itself on a leaf without blocks); the
     updates ``rule.finish`` (:func:`_finished`), or the direction itself without a learning rate."""
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
@@ -691,7 +694,7 @@ def kronecker_transform(
             scaled = _scaled_by_norms(xp, functools.partial(rule.grafted, xp), [products[i] for i in blocked],
                                       [grafts[i][1] for i in blocked])
             for i, u in zip(blocked, scaled):
-                products[i] = _from_start(xp, ctx, u, grafts[i][1], start)
+                products[i] = rule.started(xp, c, ctx.count, u, grafts[i][1])
         directions = [d if p is None else p for (_, d), p in zip(grafts, products)]
         finished = [(u,) for u in directions] if c.learning_rate is None else _finished(xp, ctx, rule, c, directions, leaves, params)
         return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures, graft_second_moment=v,
@@ -716,11 +719,6 @@ def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequen
     scales = unstack(stacks, [(scale(*s.operands),) for s in stacks], len(members))
     # each p times its scale spread over its shape (a view), the leaves joined end to end (leafwise)
     return leafwise(xp, operator.mul, list(ps), [xp.broadcast_to(factor[0], tuple(p.shape)) for p, (factor,) in zip(ps, scales)])
-
-
-def _from_start(xp: Any, ctx: StepContext, u: Array, before: Array, start: int) -> Array:
-    """``u`` from step ``start`` on, ``before`` on the steps before it (``count < start``)."""
-    return xp.where(ctx.count >= start, u, before) if start > 0 else u
 
 
 def flat_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> Transform:

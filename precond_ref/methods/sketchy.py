@@ -20,7 +20,7 @@ unfolding :math:`G_{(n)}`::
     1  v_t = β_g v + (1-β_g) G²,  D_g = G / √(v_t + ε_g)                  _graft
     2  (U, σ, ρ, w, w_⊥) = FD([√β U diag(σ), G_(n)])   (the runs due)       _sketch_refresh
     3  P(G) = G ×_1 P_1 ⋯ ×_N P_N,  P_n x = U diag(w) Uᵀx + w_⊥(x − UUᵀx)   _precondition
-    4  U_t = P(G) ‖D_g‖_F / ‖P(G)‖_F                                       _grafted
+    4  U_t = P(G) ‖D_g‖_F / ‖P(G)‖_F  (D_g before start_preconditioning_step)  _grafted, _started
     5  m_t = μ m + U_t,  U_t ← U_t + μ m_t (Nesterov) or m_t               _sketchy_finish, _momentum
     6  ΔW = −η_t (U_t + λ W)                                               _sketchy_finish
 
@@ -215,6 +215,13 @@ def _grafted(xp: Any, graft_norm: Array, norm: Array) -> Array:
     return ratio_or_zero(xp, graft_norm, norm)
 
 
+def _started(xp: Any, c: SketchyConfig, count: Array, u: Array, d_g: Array) -> Array:
+    """Step 4 from step ``start_preconditioning_step`` on, the graft's :math:`D_g` before it."""
+    if c.start_preconditioning_step == 0:
+        return u
+    return xp.where(count >= c.start_preconditioning_step, u, d_g)  # U_t = D_g while t < start
+
+
 def _sketchy_finish(xp: Any, c: SketchyConfig, minus_lr: Any, u: Array, *rest: Array) -> tuple:
     """Steps 5 and 6 for a leaf, or for leaves joined end to end (``rest``: m_{t-1} with momentum,
     then W_t with weight decay): ``(-η_t (U_t + λ W_t), m_t)``, or the step alone."""
@@ -243,7 +250,7 @@ def _sketchy_decomposition(decomposition: Optional[str], faithful: bool) -> str:
 
 _SKETCHY = AxesRule(
     State=_State, Block=_Sketch, plan=_sketchy_plan, empty=fd_init, refresh=_sketch_refresh, finish=_sketchy_finish,
-    precondition=_precondition, graft=_graft, grafted=_grafted,
+    precondition=_precondition, graft=_graft, grafted=_grafted, started=_started,
 )
 
 
@@ -288,7 +295,7 @@ def _sketchy_transform(
         not is_zero(momentum) and learning_rate is not None, not is_zero(weight_decay) and learning_rate is not None,
     )
     rule = _SKETCHY._replace(graft=_graft if graft == "rmsprop" else None, grafted=None if graft == "none" else _grafted)
-    return kronecker_transform(rule, c, name=name, on_nonfinite=on_nonfinite, start=start_preconditioning_step)
+    return kronecker_transform(rule, c, name=name, on_nonfinite=on_nonfinite)
 
 
 def sketchy(
