@@ -17,7 +17,7 @@ runs of consecutive phases (:func:`leaf_plan`). The engine then
   blocked layout (:func:`unblocked_hint`);
 * runs an :class:`AxesRule` (:func:`kronecker_transform`, :func:`flat_transform`): a leaf's state
   made and read in the rule's NamedTuples, the compute dtype, the refresh schedule with the mode's
-  defaults (:func:`resolve_schedule`), the graft's joined leaves and its start, the step's
+  defaults (:func:`resolve_schedule`), the graft's joined leaves, the step's
   :math:`-\\eta_t` and the finish of the leaves joined end to end.
 """
 
@@ -573,16 +573,16 @@ class AxesRule(NamedTuple):
     A Kronecker rule (:func:`kronecker_transform`) also has ``refresh(xp, c, block, rows, exponent,
     accept, first) -> (block, ok)`` (``first``: :func:`refresh_axes`), ``precondition(xp, c, gs,
     blocks)``, the preconditioned gradient of each leaf ``gs[i]`` (in its plan's merged shape) from
-    its blocks ``blocks[i][n][j]``, and optionally ``graft(xp, c, g,
-    v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, |D|, |p|)``, the scale of the
+    its blocks ``blocks[i][n][j]``, and optionally ``graft(xp, c, g, v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, |D|, |p|)``, the scale of the
     direction ``p`` from its Frobenius norm and ``D``'s (None: the direction is ``p``), called on the
     norms of many leaves stacked (:func:`_scaled_by_norms`), then ``started(xp, c, count, u, D)``, the
     direction of a leaf at step ``count`` from that scaled ``u`` and ``D``. A flat rule
     (:func:`flat_transform`) has ``refresh(xp, c, block, rows, accept) -> (block, ok, out)`` (the new
     block applied to the rows in the same pass) and ``keep(xp, c, block, rows) -> out`` between
     refreshes; its stacks of blocks of other lengths are zero-padded where the FD step allows it
-    (:func:`precond_ref.sketch.zero_rows_exact` of ``c.fd["decomposition"]``, :func:`flat_runs`). ``accept`` is the engine's
-    decision to keep the step, which the refresh folds into its own selection of the previous block.
+    (:func:`precond_ref.sketch.zero_rows_exact` of ``c.fd["decomposition"]``, :func:`flat_runs`).
+    ``accept`` is the engine's decision to keep the step, which the refresh folds into its own
+    selection of the previous block.
     """
 
     State: type
