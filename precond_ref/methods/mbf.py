@@ -19,7 +19,6 @@ The rule, one stack of mini-blocks at a time (a leading ``...`` axis); the engin
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
@@ -227,7 +226,7 @@ def _schedule(c: MBFConfig) -> tuple[int, tuple[Callable[[Any], Any], ...]]:
     r"""The authors' intervals (spec ``mbf.md`` 2.2): the statistics on the steps :math:`i \bmod T_1 = 0`
     (an interval), and for each share :math:`p` of the :math:`P` = ``refresh_phases`` shares of a stack
     of equal blocks the predicate of its inverses' refresh, :func:`_inverse_due`."""
-    return c.statistics_every, tuple(functools.partial(_inverse_due, c, p) for p in range(c.refresh_phases))
+    return c.statistics_every, tuple((lambda i, p=p: _inverse_due(c, p, i)) for p in range(c.refresh_phases))
 
 
 def _inverse_due(c: MBFConfig, p: int, i: Any) -> Any:
