@@ -42,6 +42,7 @@ from typing import Any, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, is_jax_namespace
 
+from .blocking import roll_first_axis_last, stack, unstack
 from ._backend import (
     array_device, as_operand, computed_once, cond, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
     is_zero, iterate, on_cpu, placement, select, sum_across, torch_compiling,
@@ -77,6 +78,7 @@ __all__ = [
     "DAMPED_INVERSE_ACCURACY",
     "damped_inverse_init",
     "mode_product",
+    "block_mode_products",
     "mode_gram",
     "half_precision_dtype",
     "rms_renormalised",
@@ -881,6 +883,51 @@ def mode_gram(tensor: Array, axis: int, *, batch: int = 0) -> Array:
     moved, _ = _axis_to_last(xp, tensor, axis)
     flat = xp.reshape(moved, lead + (-1, d))
     return xp.matmul(flat.mT, flat)
+
+
+def block_mode_products(
+    xp: Any, tensors: Sequence[Array], factors: Sequence[Sequence[Sequence[tuple]]], apply: Any,
+) -> list[Array]:
+    r""":math:`X \times_1 P_1 \cdots \times_N P_N` of each tensor :math:`X` of ``tensors``, each
+    :math:`P_n` block-diagonal: ``factors[i][n]`` are the blocks of axis ``n`` of ``tensors[i]`` as
+    stacks of consecutive equal blocks, in order, each a tuple of arrays whose first holds one
+    ``(length, .)`` matrix per block along a leading axis (no leading axis where the axis is one
+    block), :math:`P` of a stack applied to its rows of the unfolding, ``(count, length, m)``, as
+    ``apply(*stack, rows)``.
+
+    Axis by axis, :math:`X \times_n P_n` is :math:`P_n X_{(n)}` folded back: the axis multiplied
+    is first, its rows cut into the stacks' blocks, and the result's first axis is then rolled last
+    (:func:`precond_ref.blocking.roll_first_axis_last`; :math:`N` rolls restore the order). At each
+    axis the stacks of one shape, dtype and device, across tensors, go through one call of ``apply``
+    (:func:`precond_ref.blocking.stack`), which must act block by block along the leading axis.
+    """
+    xs = list(tensors)
+    for n in range(max([0] + [len(f) for f in factors])):  # dynamo: no default=
+        members, owners, whole = [], [], [len(f) > n and factors[i][n][0][0].ndim == 2 for i, f in enumerate(factors)]
+        for i, x in enumerate(xs):
+            if n >= len(factors[i]):
+                continue
+            flat = xp.reshape(x, (x.shape[0], math.prod(tuple(x.shape[1:]))))
+            start = 0
+            for blocks in factors[i][n]:
+                if whole[i]:  # one block: a stack of one
+                    members.append((*(xp.expand_dims(v, axis=0) for v in blocks), xp.expand_dims(flat, axis=0)))
+                else:
+                    count, length = blocks[0].shape[:2]
+                    rows = flat[start:start + count * length, :]
+                    members.append((*blocks, xp.reshape(rows, (count, length, flat.shape[-1]))))
+                    start += count * length
+                owners.append(i)
+        stacks = stack(xp, members)
+        outputs = [(apply(*s.operands),) for s in stacks]
+        pieces: list[list] = [[] for _ in xs]
+        for i, (out,) in zip(owners, unstack(stacks, outputs, len(members))):
+            pieces[i].append(out[0, ...] if whole[i] else xp.reshape(out, (out.shape[0] * out.shape[1], out.shape[-1])))
+        for i, x in enumerate(xs):
+            if pieces[i]:
+                rows = pieces[i][0] if len(pieces[i]) == 1 else xp.concat(pieces[i], axis=0)
+                xs[i] = roll_first_axis_last(xp, xp.reshape(rows, (x.shape[0],) + tuple(x.shape[1:])))
+    return xs
 
 
 def half_precision_dtype(x: Array) -> Any:

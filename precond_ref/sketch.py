@@ -76,6 +76,7 @@ from .linalg import (
 
 __all__ = [
     "SKETCH_KEYS",
+    "zero_rows_exact",
     "fd_init",
     "fd_update",
     "fd_update_apply",
@@ -161,6 +162,16 @@ def resolve_decomposition(decomposition: str, d: int, k: int, m: int) -> str:
     if d >= SUBSPACE_MIN_DIM and 2 * subspace_width(d, k) <= d:
         return "subspace"
     return "gram"
+
+
+def zero_rows_exact(decomposition: str, d: int, k: int) -> bool:
+    """Whether the FD step of one new column (:func:`fd_update_apply`, :func:`fd_apply_with_own_mass`)
+    of a sketch of an axis of length d and rank k, given zero rows appended to its basis and column,
+    gives them zero rows and every other value as without them, to rounding: where it takes the
+    incremental path (k + 1 < d, :func:`resolve_decomposition`; ``"incremental_secular"`` at every
+    length), as it then does at every longer length, since zero rows add only zero terms to every
+    product (U^T x, |x - U U^T x|, the new basis [U, fresh] W, its rows zero)."""
+    return resolve_decomposition(decomposition, d, k, 1) in ("incremental", "incremental_secular")
 
 
 def _probe(xp: Any, m: int, width: int, dtype: Any, device: Any) -> Array:

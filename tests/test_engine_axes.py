@@ -1,6 +1,6 @@
 """The engine's per-axis block layout (precond_ref/engine/axes.py): a leaf's axes cut into runs of
 equal blocks with refresh phases, the rows of an unfolding cut into those runs and joined back,
-the mode-n product by each axis's blocks, stacks of bounded size, and the renaming of the entries
+stacks of bounded size, and the renaming of the entries
 earlier versions wrote. Each test checks the plain statement of its docstring on small NumPy arrays
 (float64; the same operations, so exact or a few ulps)."""
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from precond_ref.blocking import stack
 from precond_ref.engine import axes
+from precond_ref.linalg import block_mode_products
 from precond_ref.sketch import fd_apply, fd_init
 
 rng = np.random.default_rng(0)
@@ -55,9 +56,10 @@ def test_units_of_a_phase():
     assert axes.units_in_phase(plan, None) == tuple((n, j) for n, j, _ in units)
 
 
-def test_multiply_axes_applies_each_axis_blocks_in_turn():
-    """G x_1 P_1 x_2 P_2 = P_1 G P_2^T for a matrix, with P_n = fd_apply of axis n's sketches (P_n
-    symmetric), the first axis cut into two runs of blocks (block-diagonal P_1)."""
+def test_block_mode_products_apply_each_axis_blocks_in_turn():
+    """linalg.block_mode_products over a plan's runs: G x_1 P_1 x_2 P_2 = P_1 G P_2^T for a matrix,
+    with P_n = fd_apply of axis n's sketches (P_n symmetric), the first axis cut into two runs of
+    blocks (block-diagonal P_1), the second one block."""
     plan = axes.leaf_plan((10, 3), 2, 4, 1)
     state = axes.empty_blocks(plan, lambda d, k, batch: fd_init(xp, d, k, dtype=np.float64, device=None, batch=batch))
 
@@ -78,7 +80,7 @@ def test_multiply_axes_applies_each_axis_blocks_in_turn():
             for j, run in enumerate(plan.axes[n].runs)])
 
     g = rng.standard_normal((10, 3))
-    (got,) = axes.multiply_axes(xp, [(plan, sketches, g)], fields, apply)
+    (got,) = block_mode_products(xp, [g], [[[fields(s) for s in axis] for axis in sketches]], apply)
     np.testing.assert_allclose(got, dense(0) @ g @ dense(1).T, rtol=1e-12, atol=1e-14)
 
 

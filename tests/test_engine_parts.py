@@ -63,22 +63,6 @@ def test_join_rows_of_one_row_stack_is_a_view():
     np.testing.assert_array_equal(P.join_rows(np, P.split_rows(np, h14, tailed), tailed), h14)
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6)])
-def test_inner_is_the_sum_of_the_products(shape):
-    """<a, b> = sum over every axis of a * b (the KL clip's quadratic <D, m>, B7), as one dot
-    product of the flattened arrays: within n eps sum|a b| of the loop over the n entries (Higham,
-    Accuracy and Stability, eq. 3.5: any summation order of n products)."""
-    rng = np.random.default_rng(7)
-    a, b = rng.standard_normal(shape), rng.standard_normal(shape)
-    loop = 0.0
-    for index in np.ndindex(*shape):
-        loop += a[index] * b[index]
-    got = P.inner(np, a, b)
-    assert got.shape == ()
-    n = a.size
-    assert abs(float(got) - loop) <= 2 * n * EPS * float(np.sum(np.abs(a * b)))
-
-
 @pytest.mark.parametrize("namespace", ["numpy", "array_api_strict"])
 def test_finite_or_previous_is_the_selection(namespace):
     """finite_or_previous is (where(all(isfinite(new)), new, previous), failures + not all finite)

@@ -10,17 +10,14 @@ runs of consecutive phases (:func:`leaf_plan`). The engine then
 * refreshes the runs due at a step, the runs of one shape across all leaves in one batched call
   of the rule's refresh (:func:`refresh_axes`), and counts each leaf's blocks whose refresh was
   not finite;
-* multiplies a leaf's tensor by each axis's blocks in turn, the mode-n product
-  :math:`G \\times_1 P_1 \\cdots \\times_N P_N` with :math:`P_n` block-diagonal, the runs of one
-  shape across leaves in one batched call of the rule's apply (:func:`multiply_axes`);
 * for a flattened leaf (one axis), runs the rule's fused refresh-and-apply on stacks of bounded
   size (:func:`flat_runs`);
 * renames the entries of a state saved under the per-axis names of earlier versions
-  (:func:`axis_legacy_names`) and says which ``block_size`` loads a state saved unblocked
-  (:func:`unblocked_hint`);
+  (:func:`axis_legacy_names`) and says which ``block_size`` loads a state saved unblocked into a
+  blocked layout (:func:`unblocked_hint`);
 * runs an :class:`AxesRule` (:func:`kronecker_transform`, :func:`flat_transform`): a leaf's state
   made and read in the rule's NamedTuples, the compute dtype, the refresh schedule with the mode's
-  defaults (:func:`resolve_schedule`), the graft's joined leaves and its start, the step's
+  defaults (:func:`resolve_schedule`), the graft's joined leaves, the step's
   :math:`-\\eta_t` and the finish of the leaves joined end to end.
 """
 
@@ -35,7 +32,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from .. import sketch as _sketch
 from .._backend import (array_device, cast, compute_dtype, cond, device_key, is_number, is_zero, joined, on_cpu,
                         vector_norms)
-from ..blocking import Stack, same_layout, block_bounds, roll_first_axis_last, spread_schedule, stack, unfold, unstack
+from ..blocking import Stack, same_layout, block_bounds, spread_schedule, stack, unfold, unstack
 from ..transform import Transform
 from ..tree import filled, to_entries
 from .context import StepContext
@@ -47,7 +44,7 @@ from .run import build_transform
 
 __all__ = [
     "Run", "AxisPlan", "LeafPlan", "leaf_plan", "axis_leaves", "empty_blocks", "run_rows", "join_runs", "units_in_phase",
-    "refresh_axes", "multiply_axes", "flat_runs", "FLAT_STACK_BYTES", "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths",
+    "refresh_axes", "flat_runs", "FLAT_STACK_BYTES", "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths",
     "bounded_chunks", "axis_legacy_names", "unblocked_hint", "AxesRule", "resolve_schedule", "kronecker_transform",
     "flat_transform",
 ]
@@ -310,39 +307,6 @@ def _settle(ctx: StepContext, leaves: Sequence[tuple], failures: Sequence[Option
     ctx.settle(count for count in failures if count is not None)
 
 
-def multiply_axes(
-    xp: Any, leaves: Sequence[tuple], operands: Callable[[Any], tuple], apply: Callable[..., Array],
-) -> list[Optional[Array]]:
-    """Every leaf multiplied by its axes' blocks in turn (``leaves``: ``(plan, blocks, g)``, plan
-    None where the leaf has no blocks, which gets None): :math:`G \\times_1 P_1 \\cdots \\times_N
-    P_N`, :math:`P_n` block-diagonal with the blocks of axis n, each ``apply(*operands(block),
-    rows)`` on a stack of blocks and their rows of the mode-n unfolding; each axis in turn (first,
-    then rolled last), at each axis the runs of one shape, across leaves, in one batched call
-    (:func:`precond_ref.blocking.stack`)."""
-    xs = [None if plan is None else xp.reshape(g, plan.merged_shape) for plan, _, g in leaves]
-    for n in range(max([0] + [len(plan.axes) for plan, _, _ in leaves if plan is not None])):  # dynamo: no default=
-        members, owners = [], []
-        for i, (plan, blocks, _) in enumerate(leaves):
-            if plan is None or n >= len(plan.axes):
-                continue
-            x = xs[i]  # the axis being multiplied is first: axes are rolled, and ndim rolls restore order
-            flat = xp.reshape(x, (x.shape[0], math.prod(tuple(x.shape[1:]))))
-            for j, run in enumerate(plan.axes[n].runs):
-                members.append(_member(xp, plan.axes[n], run, operands(blocks[n][j]), flat))
-                owners.append(i)
-        stacks = stack(xp, members)
-        outputs = [(apply(*s.operands),) for s in stacks]
-        parts: list[list] = [[] for _ in leaves]
-        for i, piece in zip(owners, unstack(stacks, outputs, len(members))):
-            parts[i].append(_unstacked(leaves[i][0].axes[n], piece)[0])
-        for i, (plan, _, _) in enumerate(leaves):
-            if parts[i]:
-                x = xs[i]
-                joined = join_runs(xp, plan.axes[n], parts[i])
-                xs[i] = roll_first_axis_last(xp, xp.reshape(joined, (x.shape[0],) + tuple(x.shape[1:])))
-    return [None if x is None else xp.reshape(x, tuple(g.shape)) for x, (_, _, g) in zip(xs, leaves)]
-
-
 #: :func:`flat_runs` steps its runs in stacks of at most this many bytes of the blocks' first field
 #: on a CPU (a run larger than it alone), and a run over :data:`precond_ref.sketch.FD_ROWS_BYTES`
 #: alone on every device, in its own arrays. A stack's FD step passes over its blocks several times
@@ -578,17 +542,15 @@ def axis_legacy_names(group: str, fields: Sequence[str], marker: str) -> Callabl
     return legacy_names
 
 
-def unblocked_hint(name: str, block_size: int, field: str, found: dict, layout: dict) -> str:
-    """``build_transform``'s ``layout_hint`` for a method whose principled default blocks its axes:
-    for a state saved unblocked (an axis's ``field`` entry of shape ``(d, k)``), the ``block_size``
-    that loads it, its longest axis."""
+def unblocked_hint(field: str, found: dict, layout: dict) -> str:
+    """``build_transform``'s ``layout_hint`` for a blocked layout: for a state saved unblocked (an
+    axis's ``field`` entry of shape ``(d, k)``), the ``block_size`` that loads it, its longest axis."""
     unblocked = [shape[0] for key, (shape, _) in found.items() if key.endswith("/" + field) and len(shape) == 2]
     if not unblocked or found == layout:
         return ""
     return (
-        f". {name}'s principled block_size defaults to {block_size}: a state saved with unblocked sketches "
-        f"loads with block_size={max(unblocked)} (its longest axis, or larger), and follows the trajectory it "
-        "was saved on with precondition_every=1 too"
+        f" A state saved with unblocked sketches loads with block_size={max(unblocked)} (its longest axis, or "
+        "larger), and follows its trajectory with precondition_every=1 too"
     )
 
 
@@ -609,15 +571,18 @@ class AxesRule(NamedTuple):
     ``(update,)``, from the direction ``u`` (``rest`` ends with the parameter with weight decay).
 
     A Kronecker rule (:func:`kronecker_transform`) also has ``refresh(xp, c, block, rows, exponent,
-    accept, first) -> (block, ok)`` (``first``: :func:`refresh_axes`), ``apply(xp, c, fields, rows)``
-    (``fields``: a dict of the block's fields named in ``reads``), and optionally ``graft(xp, c, g,
-    v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, |D|, |p|)``, the scale of the
+    accept, first) -> (block, ok)`` (``first``: :func:`refresh_axes`), ``precondition(xp, c, gs,
+    blocks)``, the preconditioned gradient of each leaf ``gs[i]`` (in its plan's merged shape) from
+    its blocks ``blocks[i][n][j]``, and optionally ``graft(xp, c, g, v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, |D|, |p|)``, the scale of the
     direction ``p`` from its Frobenius norm and ``D``'s (None: the direction is ``p``), called on the
-    norms of many leaves stacked (:func:`_scaled_by_norms`). A flat rule
+    norms of many leaves stacked (:func:`_scaled_by_norms`), then ``started(xp, c, count, u, D)``, the
+    direction of a leaf at step ``count`` from that scaled ``u`` and ``D``. A flat rule
     (:func:`flat_transform`) has ``refresh(xp, c, block, rows, accept) -> (block, ok, out)`` (the new
-    block applied to the rows in the same pass), ``keep(xp, c, block, rows) -> out`` between
-    refreshes and ``may_pad(c, length, rank)`` (:func:`flat_runs`). ``accept`` is the engine's
-    decision to keep the step, which the refresh folds into its own selection of the previous block.
+    block applied to the rows in the same pass) and ``keep(xp, c, block, rows) -> out`` between
+    refreshes; its stacks of blocks of other lengths are zero-padded where the FD step allows it
+    (:func:`precond_ref.sketch.zero_rows_exact` of ``c.fd["decomposition"]``, :func:`flat_runs`).
+    ``accept`` is the engine's decision to keep the step, which the refresh folds into its own
+    selection of the previous block.
     """
 
     State: type
@@ -626,12 +591,11 @@ class AxesRule(NamedTuple):
     empty: Callable
     refresh: Callable
     finish: Callable
-    apply: Optional[Callable] = None
-    reads: tuple = ()
+    precondition: Optional[Callable] = None
     graft: Optional[Callable] = None
     grafted: Optional[Callable] = None
+    started: Optional[Callable] = None
     keep: Optional[Callable] = None
-    may_pad: Optional[Callable] = None
 
 
 def resolve_schedule(
@@ -655,12 +619,11 @@ def _template(state: type, block: type, graft_moment: bool, momentum: bool, plan
 
 
 def _axes_transform(
-    rule: AxesRule, c: Any, update_groups: Callable, name: str, on_nonfinite: str, default_block_size: Optional[int],
+    rule: AxesRule, c: Any, update_groups: Callable, name: str, on_nonfinite: str, hint: Optional[Callable],
 ) -> Transform:
     """The transform of ``rule``: a parameter's state (empty blocks in the compute dtype, no failures,
     zero graft moment and momentum), the step ``update_groups``; a state saved under the per-axis
-    names of earlier versions renamed (:func:`axis_legacy_names`), and with ``default_block_size``
-    the hint for one saved unblocked (:func:`unblocked_hint`)."""
+    names of earlier versions renamed (:func:`axis_legacy_names`), and ``hint`` the ``layout_hint``."""
 
     def init_group(leaves, paths, xp):
         (w,) = leaves
@@ -674,7 +637,6 @@ def _axes_transform(
             zeros() if rule.graft is not None else None, zeros() if c.has_momentum else None,
         ))
 
-    hint = None if default_block_size is None else functools.partial(unblocked_hint, name, default_block_size, "basis")
     return build_transform(
         name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
         needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=hint,
@@ -707,12 +669,13 @@ def _finished(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, directions: lis
 
 
 def kronecker_transform(
-    rule: AxesRule, c: Any, *, name: str, on_nonfinite: str, start: int = 0, default_block_size: Optional[int] = None,
+    rule: AxesRule, c: Any, *, name: str, on_nonfinite: str,
 ) -> Transform:
     """The transform of a Kronecker rule (Sketchy). A step: the graft of every leaf
     (``rule.graft``, the leaves of one layout joined end to end); the refresh of the runs due
-    (:func:`refresh_axes`); the mode-n products :math:`P(G)` (:func:`multiply_axes`); the direction
-    ``p`` times ``rule.grafted(|D|, |p|)`` (:func:`_scaled_by_norms`), ``D`` itself before step ``start`` (and on a leaf without blocks); the
+    (:func:`refresh_axes`); the preconditioned gradient :math:`P(G)` (``rule.precondition``); the direction
+    ``p`` times ``rule.grafted(|D|, |p|)`` (:func:`_scaled_by_norms`) as ``rule.started`` takes it
+    (``D`` itself on a leaf without blocks); the
     updates ``rule.finish`` (:func:`_finished`), or the direction itself without a learning rate."""
     fillers: dict = {}  # a leaf's state layout -> its structure
 
@@ -726,24 +689,24 @@ def kronecker_transform(
                               [state.graft_second_moment for _, _, state in leaves])
         refreshed = refresh_axes(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
                                  c.dues, ctx, functools.partial(rule.refresh, xp, c))
-        products = multiply_axes(
-            xp, [(plan, sketches, g) for (g, plan, _), (sketches, _) in zip(leaves, refreshed)],
-            lambda block: tuple(getattr(block, field) for field in rule.reads),
-            lambda *operands: rule.apply(xp, c, dict(zip(rule.reads, operands[:-1])), operands[-1]),
-        )
+        blocked = [i for i, (_, plan, _) in enumerate(leaves) if plan is not None]
+        products: list = [None] * len(leaves)
+        merged = [xp.reshape(leaves[i][0], leaves[i][1].merged_shape) for i in blocked]
+        for i, p in zip(blocked, rule.precondition(xp, c, merged, [refreshed[i][0] for i in blocked])):
+            products[i] = xp.reshape(p, tuple(leaves[i][0].shape))
         if rule.grafted is not None:
-            blocked = [i for i, p in enumerate(products) if p is not None]
             scaled = _scaled_by_norms(xp, functools.partial(rule.grafted, xp), [products[i] for i in blocked],
                                       [grafts[i][1] for i in blocked])
             for i, u in zip(blocked, scaled):
-                products[i] = _from_start(xp, ctx, u, grafts[i][1], start)
+                products[i] = rule.started(xp, c, ctx.count, u, grafts[i][1])
         directions = [d if p is None else p for (_, d), p in zip(grafts, products)]
         finished = [(u,) for u in directions] if c.learning_rate is None else _finished(xp, ctx, rule, c, directions, leaves, params)
         return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures, graft_second_moment=v,
                                                       momentum=out[1] if c.has_momentum else None)))
                 for (_, _, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished)]
 
-    return _axes_transform(rule, c, update_groups, name, on_nonfinite, default_block_size)
+    hint = None if c.block_size is None else functools.partial(unblocked_hint, "basis")  # blocked: say what loads unblocked
+    return _axes_transform(rule, c, update_groups, name, on_nonfinite, hint)
 
 
 def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequence[Array], ds: Sequence[Array]) -> list:
@@ -762,11 +725,6 @@ def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequen
     return leafwise(xp, operator.mul, list(ps), [xp.broadcast_to(factor[0], tuple(p.shape)) for p, (factor,) in zip(ps, scales)])
 
 
-def _from_start(xp: Any, ctx: StepContext, u: Array, before: Array, start: int) -> Array:
-    """``u`` from step ``start`` on, ``before`` on the steps before it (``count < start``)."""
-    return xp.where(ctx.count >= start, u, before) if start > 0 else u
-
-
 def flat_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> Transform:
     """The transform of a flat rule (S-AdaGrad): a step is the rule's fused refresh-and-apply on
     the runs due and ``rule.keep`` on the others (:func:`flat_runs`), then the updates
@@ -778,7 +736,8 @@ def flat_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
         leaves = _leaves(rule, c, xp, grads, states, fillers)
         stepped = flat_runs(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
                             c.dues, ctx, functools.partial(rule.refresh, xp, c),
-                            lambda block, rows: (block, rule.keep(xp, c, block, rows)), functools.partial(rule.may_pad, c))
+                            lambda block, rows: (block, rule.keep(xp, c, block, rows)),
+                            lambda length, rank: _sketch.zero_rows_exact(c.fd["decomposition"], length, rank))
         finished = _finished(xp, ctx, rule, c, [direction for _, _, direction in stepped], leaves, params)
         return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures,
                                                       momentum=out[1] if c.has_momentum else None)))

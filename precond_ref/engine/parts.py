@@ -11,11 +11,11 @@ and a shorter tail, each its own statistic (state entries ``statistic``/``invers
 ``statistic_tail``/``inverse_tail``).
 
 The runner (:func:`parts_transform`) does for a :class:`PartsRule` what every step needs around its
-formulas: the casts, the statistics step's and the refresh phases' decisions (one batched refresh
+formulas, in named sub-steps: the casts, the decisions of the rule's schedule (one batched refresh
 call for the equal blocks of all layers, :func:`~precond_ref.engine.phases.refresh_runs`), the
 non-finite rule (a statistic or inverse that is not finite is rejected and counted, the heavy ball
 kept on a skipped step), the stacking of the diagonal leaves and of the step sizes across layers,
-and the warm start's running mean.
+and the warm start's loop over the gradient trees, a non-finite one left out.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from .elementwise import operands
 from .joined import leafwise
 from .layout import weight_bias_groups
 from .matrices import as_matrix, joined_leaves
-from .phases import phase_share, refresh_runs, warmup_phase_due
+from .phases import phase_share, refresh_runs
 from .run import build_transform
 
 __all__ = [
     "FC", "CONV", "ELEMENTWISE", "DIAGONAL", "TAIL", "PartsRule", "parts_transform", "out_first", "restore",
     "block_kind", "block_shape", "to_block", "from_block", "parts", "statistic_shapes", "split_rows", "join_rows",
-    "finite_or_previous", "refresh_parts", "inner",
+    "finite_or_previous", "refresh_parts",
 ]
 
 Array = Any
@@ -278,24 +278,17 @@ def _add_flags(
     ]
 
 
-def inner(xp: Any, a: Array, b: Array) -> Array:
-    r""":math:`\langle a, b\rangle = \sum a_{j\ldots} b_{j\ldots}` over every axis, as a 0-D array: the
-    dot product of the two flattened (dense: views) arrays, which reads each operand once, where
-    ``sum(a * b)`` writes the product and reads it again (two passes more over a layer)."""
-    return xp.reshape(a, (-1,)) @ xp.reshape(b, (-1,))
-
-
 def _stack_key(x: Array) -> Any:
     """Arrays with equal keys (dtype and device) can be stacked."""
     return (x.dtype, device_key(x))
 
 
 # --------------------------------------------------------------------------------------------
-# The runner.
+# The runner: named sub-steps of one step, and the warm start.
 
 
 class PartsRule(NamedTuple):
-    """A block-statistic method (MBF): its name and its functions, each of one stack of blocks (a
+    r"""A block-statistic method (MBF): its name and its functions, each of one stack of blocks (a
     leading ``...``); ``c`` is the configuration, its numbers operands of the state's dtype.
 
     ``init_part(xp, c, kind, shape, dtype, device)``: a part's ``(statistic, inverse)``;
@@ -303,11 +296,15 @@ class PartsRule(NamedTuple):
     gradient part; ``ema(xp, c, kind, F, g)``: the statistic after a statistics step;
     ``inverse(xp, c, F, previous)``: a stack of matrices' inverses and which were flagged;
     ``elementwise_inverse(xp, c, v, previous)``: the same for block size 1;
-    ``direction(xp, c, kind, inverse, m)``: the preconditioned direction; ``clip(xp, c, q, lr)``:
-    the factor of each layer's step from its quadratic ``q`` (a stack, one per layer);
-    ``decay(xp, c, lr)``: the factor of the parameter in the step (decoupled weight decay);
+    ``direction(xp, c, kind, inverse, m)``: the preconditioned direction :math:`D`;
+    ``quadratic(xp, c, D, m)``: a layer's :math:`\langle D, m\rangle`; ``step_size(xp, c, q, lr,
+    minus_lr)``: the factor of each layer's direction in its step from its quadratic (a stack, one
+    per layer); ``step(xp, c, size, D)``: the step; ``decay(xp, c, lr)``: the factor of the parameter
+    in the step, and ``decayed(xp, c, step, w, decay)`` the step with it (decoupled weight decay);
     ``diagonal(xp, c, state, g, correction)``: the diagonal kind's direction and state after the
-    step; ``correction(xp, c, count, dtype)``: its step's bias correction.
+    step; ``correction(xp, c, count, dtype)``: its step's bias correction; ``warm_start(xp, c, F, S,
+    j)``: the warm start's mean after its ``j``-th statistic ``S``; ``schedule(c)``: the statistics
+    interval and the inverse refresh predicate ``calls -> bool`` of each share of a stack.
     """
 
     name: str
@@ -318,11 +315,278 @@ class PartsRule(NamedTuple):
     inverse: Callable
     elementwise_inverse: Callable
     direction: Callable
-    clip: Callable
+    quadratic: Callable
+    step_size: Callable
+    step: Callable
     decay: Callable
+    decayed: Callable
     diagonal: Callable
     correction: Callable
+    warm_start: Callable
+    schedule: Callable
     State: type  # the diagonal kind's state: a NamedTuple of its entries
+
+
+_SCHEDULED = ("learning_rate",)  # configuration fields read at the step's count, not as operands
+
+
+class _Parts(NamedTuple):
+    """What the sub-steps of one transform share: the rule and its configuration (``plain``: the
+    configuration as operands where every hyperparameter is a number), the layout's options, the
+    schedule (``rule.schedule``) and the ``cond`` branches made."""
+
+    rule: PartsRule
+    config: NamedTuple
+    plain: Optional[NamedTuple]
+    max_block_dim: Optional[int]
+    block_size: Optional[int]
+    statistics_every: Any
+    inverse_dues: tuple
+    clips: bool
+    decays: bool
+    branches: dict
+
+
+def _ops(p: _Parts, xp: Any, dtype: Any) -> NamedTuple:
+    """The configuration with its numbers as operands of ``dtype``."""
+    return p.plain if p.plain is not None else operands(xp, p.config, dtype, _SCHEDULED)
+
+
+def _step_ops(p: _Parts, ctx: StepContext, dtype: Any, device: Any) -> NamedTuple:
+    """:func:`_ops`, made once per update, dtype and device."""
+    if p.plain is not None:
+        return p.plain
+    return ctx.once(("operands", dtype, device), lambda: operands(ctx.xp, p.config, dtype, _SCHEDULED))
+
+
+def _statistic_branches(p: _Parts, xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...]) -> tuple[Callable, Callable]:
+    """The ``cond`` branches of the statistics step: every part's :attr:`PartsRule.ema`, a part that
+    is not finite rejected and counted (:func:`finite_or_previous`), or every part kept. Made once per
+    (namespace, kinds) and kept in ``p.branches``: JAX caches a traced branch by the function's
+    identity, so a fresh closure per call would trace it again on every eager step. Keyed by the
+    namespace's name, not ``functools.cache``: dynamo warns on every lru_cache-wrapped call it
+    traces, and cannot compare modules as dict keys."""
+    key = ("statistic", xp.__name__, kinds, owners)
+    if key not in p.branches:
+
+        def update(f: list, n: list, g: list) -> tuple[list, list]:
+            statistics, counts = [], list(n)
+            for kind, owner, f_part, g_part in zip(kinds, owners, f, g):
+                new = p.rule.ema(xp, _ops(p, xp, f_part.dtype), kind, f_part, g_part)
+                new, counts[owner] = finite_or_previous(xp, new, f_part, counts[owner])
+                statistics.append(new)
+            return statistics, counts
+
+        p.branches[key] = (update, lambda f, n, g: (f, n))
+    return p.branches[key]
+
+
+def _inverse_branches(
+    p: _Parts, xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...], run: tuple[int, int]
+) -> tuple[Callable, Callable]:
+    """The ``cond`` branches of the refresh of the shares ``run`` (:func:`refresh_parts`, a flagged
+    refresh counted once per group, :func:`_add_flags`), or every inverse kept; kept as
+    :func:`_statistic_branches`."""
+    key = ("inverse", xp.__name__, kinds, owners, run)
+    if key not in p.branches:
+
+        def refresh(f: list, inv: list, n: list, before: list) -> tuple[list, list]:
+            inverses, flags = refresh_parts(
+                xp, kinds, f, inv,
+                lambda s, q: p.rule.inverse(xp, _ops(p, xp, s.dtype), s, q),
+                lambda v, q: p.rule.elementwise_inverse(xp, _ops(p, xp, v.dtype), v, q),
+                run, len(p.inverse_dues),
+            )  # fmt: skip
+            return inverses, _add_flags(xp, n, before, owners, flags)
+
+        p.branches[key] = (refresh, lambda f, inv, n, before: (inv, n))
+    return p.branches[key]
+
+
+def _init_group(p: _Parts, leaves: tuple, paths: tuple, xp: Any) -> dict[str, Array]:
+    """A group's state: the diagonal kind's zero entries, or the zero momentum, no failures and
+    each part's initial statistic and inverse (:attr:`PartsRule.init_part`)."""
+    kind = block_kind(leaves, p.max_block_dim)
+    dtype, dev = compute_dtype(xp, leaves[0].dtype), array_device(leaves[0])
+    if kind == DIAGONAL:
+        zeros = xp.zeros(tuple(leaves[0].shape), dtype=dtype, device=dev)
+        return p.rule.State(zeros, zeros)._asdict()
+    shape = block_shape(leaves)
+    state = {"momentum": xp.zeros(shape, dtype=dtype, device=dev), "failures": xp.zeros((), dtype=xp.int32, device=dev)}
+    for suffix, stat_shape in statistic_shapes(kind, shape, p.block_size).items():
+        state["statistic" + suffix], state["inverse" + suffix] = p.rule.init_part(
+            xp, _ops(p, xp, dtype), kind, stat_shape, dtype, dev)
+    return state
+
+
+def _diagonal_step(p: _Parts, g: Array, state: dict, w: Any, ctx: StepContext) -> tuple:
+    """The diagonal kind's step :math:`-\alpha_i D` and its entries after the step (selected for the
+    non-finite rule here, on the joined entries, so the transform does not select each leaf's piece)."""
+    xp, dtype, device = ctx.xp, g.dtype, array_device(g)
+    c = _step_ops(p, ctx, dtype, device)
+    correction = ctx.once(("diagonal_correction", dtype, device), lambda: p.rule.correction(xp, c, ctx.count, dtype))
+    direction, new = p.rule.diagonal(xp, c, p.rule.State(**state), g, correction)
+    kept = {name: ctx.unless_skipped(entry, state[name]) for name, entry in new._asdict().items()}
+    minus_lr = ctx.negated("learning_rate", p.config.learning_rate, dtype, device)
+    return (p.rule.step(xp, c, minus_lr, direction),), kept
+
+
+def _statistics(p: _Parts, xp: Any, ctx: StepContext, members: list, part_kinds: tuple, owners: tuple,
+                statistics: list, failures: list, g_parts: list) -> tuple[list, list]:
+    """Every part's statistic after the statistics step, where it is due (one ``cond`` for all parts),
+    and each group's failure count with the parts rejected."""
+    if not members:
+        return [], []
+    due = ctx.every(p.statistics_every)
+    return cond(xp, due, *_statistic_branches(p, xp, part_kinds, owners), statistics, failures, g_parts)
+
+
+def _inverses(p: _Parts, xp: Any, ctx: StepContext, part_kinds: tuple, owners: tuple, statistics: list,
+              inverses: list, failures: list) -> tuple[list, list]:
+    """Every part's inverse after the refresh of the shares due (:func:`refresh_runs`: the shares due
+    on the host in runs, one batched call per stack of equal blocks and run), and each group's
+    failure count, one failure per call however many of its parts were flagged."""
+    counts, before = list(failures), list(failures)
+    decisions = [ctx.every(due) for due in p.inverse_dues] if statistics else []
+    for due, first, stop in refresh_runs(xp, decisions):
+        inverses, counts = cond(
+            xp, due, *_inverse_branches(p, xp, part_kinds, owners, (first, stop)), statistics, inverses, counts, before)
+    return list(inverses), counts
+
+
+def _step_sizes(p: _Parts, xp: Any, directions: Sequence[Array], momenta: Sequence[Array], ctx: StepContext) -> list:
+    r"""Per block group, the factor of its direction in the step: :attr:`PartsRule.step_size` of the
+    quadratics of all groups of a dtype and device at once; :math:`-\alpha_i` without ``clips``."""
+    lr_of = p.config.learning_rate
+    rates = [ctx.negated("learning_rate", lr_of, d.dtype, array_device(d)) for d in directions]
+    if not p.clips:
+        return rates
+    stacks: dict[Any, list[int]] = {}
+    for k, d in enumerate(directions):
+        stacks.setdefault(_stack_key(d), []).append(k)
+    sizes: list[Any] = [None] * len(directions)
+    for members in stacks.values():
+        first = directions[members[0]]
+        c = _step_ops(p, ctx, first.dtype, array_device(first))
+        lr = ctx.scalar("learning_rate", lr_of, first.dtype, array_device(first))
+        quadratics = xp.stack([p.rule.quadratic(xp, c, directions[k], momenta[k]) for k in members])
+        for k, size in zip(members, xp.unstack(p.rule.step_size(xp, c, quadratics, lr, rates[members[0]]))):
+            sizes[k] = size
+    return sizes
+
+
+def _descend(p: _Parts, xp: Any, step: tuple, params: Any, ctx: StepContext) -> tuple:
+    """The update from the step: with ``decays``, :attr:`PartsRule.decayed` of each leaf."""
+    if not p.decays:
+        return step
+    dtype, device = step[0].dtype, array_device(step[0])
+    c = _step_ops(p, ctx, dtype, device)
+    lr = ctx.scalar("learning_rate", p.config.learning_rate, dtype, device)
+    decay = ctx.once(("decay", dtype, device), lambda: p.rule.decay(xp, c, lr))
+    return tuple(p.rule.decayed(xp, c, s, cast(xp, w, dtype), decay) for s, w in zip(step, params))
+
+
+def _block_steps(p: _Parts, xp: Any, ctx: StepContext, grads: dict, states: dict, kinds: dict) -> dict:
+    """The step and new state of every block group (``grads``: its gradient in block layout): the
+    heavy ball (the groups of one layout joined end to end, kept on a skipped step), the statistics
+    and inverses of its parts, its direction and the step."""
+    blocked = list(grads)
+    cut = {i: parts(kinds[i], tuple(grads[i].shape), p.block_size) for i in blocked}
+
+    def heavy_ball(old: Array, grad: Array) -> Array:
+        return ctx.unless_skipped(p.rule.momentum(xp, _ops(p, xp, old.dtype), old, grad), old)
+
+    m = dict(zip(blocked, leafwise(xp, heavy_ball, [states[i]["momentum"] for i in blocked], [grads[i] for i in blocked], ctx=ctx)))
+    members = [(i, suffix) for i in blocked for suffix, *_ in cut[i]]  # every statistic part
+    owners = tuple(blocked.index(i) for i, _ in members)
+    part_kinds = tuple(kinds[i] for i, _ in members)
+    g_parts = [piece for i in blocked for piece in split_rows(xp, grads[i], cut[i])]
+    statistics, failures = _statistics(
+        p, xp, ctx, members, part_kinds, owners, [states[i]["statistic" + suffix] for i, suffix in members],
+        [states[i]["failures"] for i in blocked], g_parts)
+    inverses, counts = _inverses(
+        p, xp, ctx, part_kinds, owners, statistics, [states[i]["inverse" + suffix] for i, suffix in members], failures)
+    statistic, inverse = dict(zip(members, statistics)), dict(zip(members, inverses))
+    d, ops = {}, {i: _step_ops(p, ctx, grads[i].dtype, array_device(grads[i])) for i in blocked}
+    for i in blocked:
+        c = ops[i]
+        d[i] = join_rows(xp, [
+            p.rule.direction(xp, c, kinds[i], inverse[i, suffix], m_part)
+            for (suffix, *_), m_part in zip(cut[i], split_rows(xp, m[i], cut[i]))
+        ], cut[i])
+    sizes = _step_sizes(p, xp, [d[i] for i in blocked], [m[i] for i in blocked], ctx)
+    out = {}
+    for i, count, size in zip(blocked, counts, sizes):
+        new = {"momentum": m[i], "failures": count}
+        for suffix, *_ in cut[i]:
+            new["statistic" + suffix], new["inverse" + suffix] = statistic[i, suffix], inverse[i, suffix]
+        out[i] = (p.rule.step(xp, ops[i], size, d[i]), new)
+    return out
+
+
+def _update_groups(p: _Parts, grads_list: list, states: list, params_list: list, ctxs: list[StepContext]) -> list:
+    """One step of every group: the gradients cast to the state's dtype, the diagonal kind's leaves
+    joined into vectors (:func:`~precond_ref.engine.matrices.joined_leaves`), the block groups
+    (:func:`_block_steps`) mapped from and to their leaves, and the decoupled decay (:func:`_descend`)."""
+    xp, n, ctx = ctxs[0].xp, len(grads_list), ctxs[0]
+    kinds = [block_kind(grads, p.max_block_dim) for grads in grads_list]
+    dtypes = [s["momentum" if k != DIAGONAL else p.rule.State._fields[0]].dtype for k, s in zip(kinds, states)]
+    grads_list = [tuple(cast(xp, g, dtype) for g in grads) for grads, dtype in zip(grads_list, dtypes)]
+    steps, new_states = [None] * n, [None] * n
+    diagonal = [i for i in range(n) if kinds[i] == DIAGONAL]
+    step = functools.partial(_diagonal_step, p)
+    for i, (u, new) in zip(diagonal, joined_leaves(xp, step, [(grads_list[i][0], states[i], None) for i in diagonal], ctx)):
+        steps[i], new_states[i] = u, new
+    blocked = {i: to_block(xp, grads_list[i]) for i in range(n) if kinds[i] != DIAGONAL}
+    stepped = _block_steps(p, xp, ctx, blocked, {i: states[i] for i in blocked}, {i: kinds[i] for i in blocked})
+    for i, (u, new) in stepped.items():
+        steps[i], new_states[i] = from_block(xp, u, grads_list[i]), new
+    return [(_descend(p, xp, u, w, c), s) for u, s, w, c in zip(steps, new_states, params_list, ctxs)]
+
+
+def _warm_start(p: _Parts, state: PrecondState, grads_batches: Iterable[Any]) -> PrecondState:
+    """``state`` with every part's statistic the mean of its statistics over the finite gradient
+    trees of ``grads_batches`` (:attr:`PartsRule.warm_start`; a tree with a non-finite entry is
+    left out of every part's mean)."""
+    name = p.rule.name
+    if not isinstance(state, PrecondState):
+        raise TypeError(f"{name}.warm_start: state must be the PrecondState returned by init, got {type(state)}")
+    groups = dict(state.groups)
+    running: dict[tuple, Any] = {}
+    n_batches = 0
+    for grads in grads_batches:
+        _, treedef, _, leaves = out_first(grads)
+        xp = array_namespace(*leaves)
+        finite = functools.reduce(xp.logical_and, [xp.all(xp.isfinite(leaf)) for leaf in leaves])
+        batch_groups = _groups(treedef.paths, leaves)
+        _check_batch(name, groups, batch_groups, leaves, p.max_block_dim, p.rule.State._fields[0])
+        for group in batch_groups:
+            key, entries = group.key, groups[group.key]
+            members = tuple(leaves[i] for i in group.indices)
+            kind = block_kind(members, p.max_block_dim)
+            if kind == DIAGONAL or not entries:
+                continue
+            dtype = entries["statistic"].dtype
+            c = _ops(p, xp, dtype)
+            block = to_block(xp, tuple(xp.astype(g, dtype) for g in members))
+            cut = parts(kind, tuple(block.shape), p.block_size)
+            for (suffix, *_), g_part in zip(cut, split_rows(xp, block, cut)):
+                stat = p.rule.statistic(xp, c, kind, g_part)
+                if (key, suffix) not in running:
+                    running[key, suffix] = (xp.zeros_like(stat), xp.zeros((), dtype=xp.int32, device=placement(xp, stat)))
+                mean, j = running[key, suffix]
+                j = j + xp.astype(finite, j.dtype)  # the finite batches so far
+                stat = xp.where(finite, stat, xp.zeros_like(stat))
+                new = p.rule.warm_start(xp, c, mean, stat, xp.astype(xp.maximum(j, xp.ones_like(j)), dtype))
+                running[key, suffix] = (xp.where(finite, new, mean), j)
+        n_batches += 1
+    if n_batches == 0:
+        raise ValueError(f"{name}.warm_start: grads_batches is empty")
+    for (key, suffix), (mean, j) in running.items():
+        entries = dict(groups[key])
+        entries["statistic" + suffix] = xp.where(j > 0, mean, entries["statistic" + suffix])
+        groups[key] = entries
+    return PrecondState(state.count, state.nonfinite_count, groups)
 
 
 def parts_transform(
@@ -331,9 +595,6 @@ def parts_transform(
     *,
     max_block_dim: Optional[int],
     block_size: Optional[int],
-    statistics_every: int,
-    precondition_every: int,
-    refresh_phases: int,
     clips: bool,
     decays: bool,
     on_nonfinite: str,
@@ -341,179 +602,29 @@ def parts_transform(
     r"""``(init, update, due, matmul_precision, group_leaves, warm_start)`` of ``rule`` with
     ``config`` (a NamedTuple of its hyperparameters, ``learning_rate`` among them).
 
-    One step, with :math:`i` the updates already applied and the statistics step every
-    :math:`T_1` = ``statistics_every`` calls: the heavy ball of every block group (joined, kept on
-    a skipped step); each part's statistic (:attr:`PartsRule.ema`; rejected and counted when not
-    finite); the inverses of the phases due (``refresh_phases`` shares of each stack of equal
-    blocks, :func:`~precond_ref.engine.phases.warmup_phase_due`: every statistics step up to
-    :math:`T_2` = ``precondition_every``, then one share per :math:`T_2 // P`), one batched call
-    per stack (:func:`refresh_parts`; a flagged refresh counts one failure per group); the
-    directions; the step :math:`-\alpha_i \nu D` (``clips``: :attr:`PartsRule.clip` of all layers
-    of a dtype at once, else :math:`\nu = 1`); the diagonal kind's leaves joined into vectors
-    (:attr:`PartsRule.diagonal`); and with ``decays`` the decoupled weight decay on every leaf.
+    A tree is read out-first (:func:`out_first`), its groups laid out as blocks and parts; one step
+    (:func:`_update_groups`) runs the rule on them: the heavy ball, the statistics on the rule's
+    statistics interval, the inverses of the shares of each stack of equal blocks whose predicate
+    (``rule.schedule``) holds, one batched call per stack (:func:`refresh_parts`; a non-finite
+    statistic or a flagged refresh counts one failure per group), the directions, the step sizes
+    (``clips``: :attr:`PartsRule.step_size` of all layers of a dtype at once, else :math:`-\alpha_i`),
+    the diagonal kind's leaves joined into vectors, and with ``decays`` the decoupled weight decay
+    on every leaf.
     """
-    t1, t2, scheduled = statistics_every, precondition_every, ("learning_rate",)
-    lr_of = config.learning_rate
-    phase_due = tuple(
-        (lambda calls, phase=phase: warmup_phase_due(calls, phase, refresh_phases, t1, t2)) for phase in range(refresh_phases)
-    )
-    numbers = all(not hasattr(v, "shape") for k, v in config._asdict().items() if k not in scheduled)
-    plain = operands(None, config, None, scheduled) if numbers else None
-
-    def ops(xp: Any, dtype: Any) -> NamedTuple:
-        """The configuration with its numbers as operands of ``dtype``."""
-        return plain if plain is not None else operands(xp, config, dtype, scheduled)
-
-    # ``cond`` branches are made once per (namespace, kinds): JAX caches a traced branch by the
-    # function's identity, so a fresh closure per call would trace it again on every eager step.
-    # A dict keyed by the namespace's name, not ``functools.cache``: dynamo warns on every
-    # lru_cache-wrapped call it traces, and cannot compare modules as dict keys.
-    branches: dict[tuple, tuple[Callable, Callable]] = {}
-
-    def statistic_branches(xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...]) -> tuple[Callable, Callable]:
-        key = ("statistic", xp.__name__, kinds, owners)
-        if key not in branches:
-
-            def update(f: list, n: list, g: list) -> tuple[list, list]:
-                statistics, counts = [], list(n)
-                for kind, owner, f_part, g_part in zip(kinds, owners, f, g):
-                    new = rule.ema(xp, ops(xp, f_part.dtype), kind, f_part, g_part)
-                    new, counts[owner] = finite_or_previous(xp, new, f_part, counts[owner])
-                    statistics.append(new)
-                return statistics, counts
-
-            branches[key] = (update, lambda f, n, g: (f, n))
-        return branches[key]
-
-    def inverse_branches(xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...], run: tuple[int, int]) -> tuple[Callable, Callable]:
-        key = ("inverse", xp.__name__, kinds, owners, run)
-        if key not in branches:
-
-            def refresh(f: list, inv: list, n: list, before: list) -> tuple[list, list]:
-                inverses, flags = refresh_parts(
-                    xp, kinds, f, inv,
-                    lambda s, p: rule.inverse(xp, ops(xp, s.dtype), s, p),
-                    lambda v, p: rule.elementwise_inverse(xp, ops(xp, v.dtype), v, p),
-                    run, refresh_phases,
-                )  # fmt: skip
-                return inverses, _add_flags(xp, n, before, owners, flags)
-
-            branches[key] = (refresh, lambda f, inv, n, before: (inv, n))
-        return branches[key]
-
-    def init_group(leaves: tuple, paths: tuple, xp: Any) -> dict[str, Array]:
-        kind = block_kind(leaves, max_block_dim)
-        dtype, dev = compute_dtype(xp, leaves[0].dtype), array_device(leaves[0])
-        if kind == DIAGONAL:
-            zeros = xp.zeros(tuple(leaves[0].shape), dtype=dtype, device=dev)
-            return rule.State(zeros, zeros)._asdict()
-        shape = block_shape(leaves)
-        state = {"momentum": xp.zeros(shape, dtype=dtype, device=dev), "failures": xp.zeros((), dtype=xp.int32, device=dev)}
-        for suffix, stat_shape in statistic_shapes(kind, shape, block_size).items():
-            state["statistic" + suffix], state["inverse" + suffix] = rule.init_part(xp, ops(xp, dtype), kind, stat_shape, dtype, dev)
-        return state
-
-    def step_sizes(xp: Any, directions: Sequence[Array], momenta: Sequence[Array], ctx: StepContext) -> list[Array]:
-        """Per block group, the factor of its direction in the step: :math:`-\\alpha_i \\nu`, one
-        :attr:`PartsRule.clip` for all groups of a dtype and device; :math:`-\\alpha_i` without ``clips``."""
-        rates = [ctx.negated("learning_rate", lr_of, d.dtype, array_device(d)) for d in directions]
-        if not clips:
-            return rates
-        stacks: dict[Any, list[int]] = {}
-        for k, d in enumerate(directions):
-            stacks.setdefault(_stack_key(d), []).append(k)
-        sizes: list[Any] = [None] * len(directions)
-        for members in stacks.values():
-            first = directions[members[0]]
-            lr = ctx.scalar("learning_rate", lr_of, first.dtype, array_device(first))
-            quadratics = xp.stack([inner(xp, directions[k], momenta[k]) for k in members])
-            scaled = rates[members[0]] * rule.clip(xp, ops(xp, first.dtype), quadratics, lr)
-            for k, size in zip(members, xp.unstack(scaled)):
-                sizes[k] = size
-        return sizes
-
-    def descend(xp: Any, step: tuple, params: Any, ctx: StepContext) -> tuple:
-        """The update from the step: with ``decays``, ``step - decay * w`` (:attr:`PartsRule.decay`)."""
-        if not decays:
-            return step
-        dtype, device = step[0].dtype, array_device(step[0])
-        lr = ctx.scalar("learning_rate", lr_of, dtype, device)
-        decay = ctx.once(("decay", dtype, device), lambda: rule.decay(xp, ops(xp, dtype), lr))
-        return tuple(s - decay * cast(xp, p, dtype) for s, p in zip(step, params))
-
-    def diagonal_step(g: Array, state: dict, w: Any, ctx: StepContext) -> tuple:
-        xp, dtype, device = ctx.xp, g.dtype, array_device(g)
-        c = ops(xp, dtype)
-        correction = ctx.once(("diagonal_correction", dtype, device), lambda: rule.correction(xp, c, ctx.count, dtype))
-        direction, new = rule.diagonal(xp, c, rule.State(**state), g, correction)
-        # selected here, on the joined entries, so the transform does not select each leaf's piece
-        kept = {name: ctx.unless_skipped(entry, state[name]) for name, entry in new._asdict().items()}
-        return (direction * ctx.negated("learning_rate", lr_of, dtype, device),), kept
-
-    def update_groups(grads_list: list, states: list, params_list: list, ctxs: list[StepContext]) -> list:
-        xp, n, ctx = ctxs[0].xp, len(grads_list), ctxs[0]
-        statistics_due = ctx.every(t1)
-        kinds = [block_kind(grads, max_block_dim) for grads in grads_list]
-        dtypes = [s["momentum" if k != DIAGONAL else rule.State._fields[0]].dtype for k, s in zip(kinds, states)]
-        grads_list = [tuple(cast(xp, g, dtype) for g in grads) for grads, dtype in zip(grads_list, dtypes)]
-        steps, new_states = [None] * n, [None] * n
-        diagonal = [i for i in range(n) if kinds[i] == DIAGONAL]  # element-wise: small leaves as one vector
-        joined = joined_leaves(xp, diagonal_step, [(grads_list[i][0], states[i], None) for i in diagonal], ctx)
-        for i, (step, new) in zip(diagonal, joined):
-            steps[i], new_states[i] = step, new
-        blocked = [i for i in range(n) if kinds[i] != DIAGONAL]
-        g = {i: to_block(xp, grads_list[i]) for i in blocked}
-        cut = {i: parts(kinds[i], tuple(g[i].shape), block_size) for i in blocked}
-
-        def heavy_ball(old: Array, grad: Array) -> Array:  # kept on a skipped step
-            return ctx.unless_skipped(rule.momentum(xp, ops(xp, old.dtype), old, grad), old)
-
-        # on the blocks of one layout joined end to end (leafwise)
-        m = dict(zip(blocked, leafwise(xp, heavy_ball, [states[i]["momentum"] for i in blocked], [g[i] for i in blocked], ctx=ctx)))
-        members = [(i, suffix) for i in blocked for suffix, *_ in cut[i]]  # every statistic part
-        owners = tuple(blocked.index(i) for i, _ in members)
-        part_kinds = tuple(kinds[i] for i, _ in members)
-        g_parts = [piece for i in blocked for piece in split_rows(xp, g[i], cut[i])]
-        # one branch for the statistics of every part (a count per group, advanced per rejected part)
-        new_statistics, failures = cond(
-            xp, statistics_due, *statistic_branches(xp, part_kinds, owners),
-            [states[i]["statistic" + suffix] for i, suffix in members], [states[i]["failures"] for i in blocked], g_parts,
-        ) if members else ([], [])  # fmt: skip
-        statistic = dict(zip(members, new_statistics))
-        inverse = {key: states[key[0]]["inverse" + key[1]] for key in members}
-        counts = before = list(failures)  # a refresh call counts one failure per group
-        decisions = [ctx.every(interval) for interval in phase_due] if members else []
-        for due, first, stop in refresh_runs(xp, decisions):  # due phases first..stop-1, one batched call
-            refreshed, counts = cond(
-                xp, due, *inverse_branches(xp, part_kinds, owners, (first, stop)),
-                [statistic[key] for key in members], [inverse[key] for key in members], counts, before,
-            )  # fmt: skip
-            inverse = dict(zip(members, refreshed))
-        d = {}
-        for i in blocked:
-            c = ops(xp, dtypes[i])
-            pieces = [
-                rule.direction(xp, c, kinds[i], inverse[i, suffix], m_part)
-                for (suffix, *_), m_part in zip(cut[i], split_rows(xp, m[i], cut[i]))
-            ]
-            d[i] = join_rows(xp, pieces, cut[i])
-        sizes = step_sizes(xp, [d[i] for i in blocked], [m[i] for i in blocked], ctx)
-        for i, count, size in zip(blocked, counts, sizes):
-            steps[i] = from_block(xp, size * d[i], grads_list[i])
-            new_states[i] = {"momentum": m[i], "failures": count}
-            for suffix, *_ in cut[i]:
-                new_states[i]["statistic" + suffix] = statistic[i, suffix]
-                new_states[i]["inverse" + suffix] = inverse[i, suffix]
-        return [(descend(xp, u, p, c), s) for u, s, p, c in zip(steps, new_states, params_list, ctxs)]
-
+    statistics_every, inverse_dues = rule.schedule(config)
+    numbers = all(not hasattr(v, "shape") for k, v in config._asdict().items() if k not in _SCHEDULED)
+    p = _Parts(
+        rule, config, operands(None, config, None, _SCHEDULED) if numbers else None, max_block_dim, block_size,
+        statistics_every, inverse_dues, clips, decays, {},
+    )  # fmt: skip
     inner_transform = build_transform(
         name=rule.name,
-        init_group=init_group,
-        update_groups=update_groups,
+        init_group=functools.partial(_init_group, p),
+        update_groups=functools.partial(_update_groups, p),
         group_leaves=_groups,
         on_nonfinite=on_nonfinite,
         needs_params=decays,
-        intervals=(t1,) + phase_due,
+        intervals=(statistics_every,) + inverse_dues,
         layout_hint=_layout_hint,
     )
 
@@ -526,53 +637,9 @@ def parts_transform(
         updates, new_state = inner_transform.update(canonical_grads, state, canonical_params, **extra)
         return restore(updates, treedef, flags), new_state
 
-    def warm_start(state: PrecondState, grads_batches: Iterable[Any]) -> PrecondState:
-        """``state`` with every part's statistic the mean of its statistics over the finite
-        gradient trees of ``grads_batches`` (the authors' running mean)."""
-        if not isinstance(state, PrecondState):
-            raise TypeError(f"{rule.name}.warm_start: state must be the PrecondState returned by init, got {type(state)}")
-        groups = dict(state.groups)
-        running: dict[tuple, Any] = {}
-        n_batches = 0
-        for grads in grads_batches:
-            _, treedef, _, leaves = out_first(grads)
-            xp = array_namespace(*leaves)
-            finite = functools.reduce(xp.logical_and, [xp.all(xp.isfinite(leaf)) for leaf in leaves])
-            batch_groups = _groups(treedef.paths, leaves)
-            _check_batch(rule.name, groups, batch_groups, leaves, max_block_dim, rule.State._fields[0])
-            for group in batch_groups:
-                key = group.key
-                entries = groups[key]
-                members = tuple(leaves[i] for i in group.indices)
-                kind = block_kind(members, max_block_dim)
-                if kind == DIAGONAL or not entries:
-                    continue
-                dtype = entries["statistic"].dtype
-                block = to_block(xp, tuple(xp.astype(g, dtype) for g in members))
-                cut = parts(kind, tuple(block.shape), block_size)
-                for (suffix, *_), g_part in zip(cut, split_rows(xp, block, cut)):
-                    stat = rule.statistic(xp, ops(xp, dtype), kind, g_part)
-                    if (key, suffix) not in running:
-                        zero = xp.zeros((), dtype=xp.int32, device=placement(xp, stat))
-                        running[key, suffix] = (xp.zeros_like(stat), zero)
-                    mean, j = running[key, suffix]
-                    j = j + xp.astype(finite, j.dtype)
-                    # F <- ((j-1)/j) F + stat/j, over finite batches only
-                    weight = xp.astype(finite, dtype) / xp.astype(xp.maximum(j, xp.ones_like(j)), dtype)
-                    stat = xp.where(finite, stat, xp.zeros_like(stat))
-                    mean = xp.where(finite, (1.0 - weight) * mean + weight * stat, mean)
-                    running[key, suffix] = (mean, j)
-            n_batches += 1
-        if n_batches == 0:
-            raise ValueError(f"{rule.name}.warm_start: grads_batches is empty")
-        for (key, suffix), (mean, j) in running.items():
-            entries = dict(groups[key])
-            entries["statistic" + suffix] = xp.where(j > 0, mean, entries["statistic" + suffix])
-            groups[key] = entries
-        return PrecondState(state.count, state.nonfinite_count, groups)
-
     # group_leaves on the caller's (raw) tree: out-last kernels pair by their last axis
-    return init, update, inner_transform.due, inner_transform.matmul_precision, weight_bias_groups, warm_start
+    return (init, update, inner_transform.due, inner_transform.matmul_precision, weight_bias_groups,
+            functools.partial(_warm_start, p))
 
 
 def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:

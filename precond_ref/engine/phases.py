@@ -21,8 +21,7 @@ from ..blocking import stable_hash, stack, unstack
 from ..transform import check_positive_int
 
 __all__ = [
-    "refresh_due", "hashed_phases", "shape_phase", "tile_phase", "phase_share", "refresh_runs", "warmup_phase_due",
-    "prototype_schedule",
+    "refresh_due", "hashed_phases", "shape_phase", "tile_phase", "phase_share", "refresh_runs", "prototype_schedule",
 ]
 
 
@@ -64,7 +63,7 @@ def phase_share(n: int, first: int, stop: int, phases: int) -> tuple[int, int]:
 def refresh_runs(xp: Any, decisions: Sequence[Any]) -> list[tuple[Any, int, int]]:
     """MBF: the inverse refreshes of one call as ``(predicate, first, stop)``: phases ``first`` to
     ``stop - 1`` refresh together where ``predicate`` holds. ``decisions[p]`` says whether phase
-    :math:`p` is due (:func:`warmup_phase_due`). Decisions known on the host (Python bools, or arrays
+    :math:`p` is due (the rule's predicate, ``precond_ref.methods.mbf._inverse_due``). Decisions known on the host (Python bools, or arrays
     that read for free, :func:`precond_ref._backend.host_bool`) merge into runs of consecutive due
     phases, ``predicate`` True: in the warm-up, where every phase is due, each stack is inverted by
     one batched call instead of one per share. A device decision keeps its own phase."""
@@ -78,18 +77,6 @@ def refresh_runs(xp: Any, decisions: Sequence[Any]) -> list[tuple[Any, int, int]
         elif known:
             runs.append((True, phase, phase + 1))
     return runs
-
-
-def warmup_phase_due(calls: Any, phase: int, phases: int, t1: int, t2: int) -> Any:
-    r"""MBF: whether the inverses of ``phase`` (of ``phases`` :math:`P`) refresh on call ``calls``.
-
-    The authors' schedule, spread: during the warm-up (``calls <= T2``) every phase refreshes on
-    every statistics step (``calls % T1 == 0``); afterwards phase :math:`p` refreshes when
-    ``calls % T2 == (p T2) // P``, so each block is still refreshed once every :math:`T2` calls
-    and the :math:`P` shares take turns. A static schedule (host ints or a 0-D array, no device
-    read); :math:`P = 1` is the unspread ``(calls <= T2 and calls % T1 == 0) or calls % T2 == 0``.
-    """
-    return ((calls <= t2) & (calls % t1 == 0)) | (calls % t2 == (phase * t2) // phases)
 
 
 def refresh_due(

@@ -5,14 +5,16 @@ The rule, one stack of mini-blocks at a time (a leading ``...`` axis); the engin
 :math:`i` (Algorithm 1 with the authors' schedule, spec ``mbf.md`` 2.2-2.3), for each mini-block
 :math:`b`::
 
-    m      <- mu m + g                                              _heavy_ball
-    F_b    <- rho F_b + (1 - rho) g_b g_b^T         if i % T1 == 0   _ema_statistic
-    F_b^-1 <- (F_b + lam I)^-1                      phase due        _inverse (B2, B6), _elementwise_inverse (B4)
-    D_b     = F_b^-1 m_b                                            _precondition
-    nu      = min(1, sqrt(kappa / (alpha_i^2 <D, m>)))               _kl_clip (B7)
-    w      <- (1 - alpha_i wd) w - alpha_i nu D                     _decay
+    m      <- mu m + g                                                   _heavy_ball
+    F_b    <- rho F_b + (1 - rho) g_b g_b^T          if i % T1 == 0       _ema_statistic, _schedule
+    F_b^-1 <- (F_b + lam I)^-1                       if share p is due    _inverse (B2, B6), _elementwise_inverse (B4)
+              share p due: (i <= T2 and i % T1 == 0) or i % T2 == (p T2) // P        _inverse_due
+    D_b     = F_b^-1 m_b                                                 _precondition
+    nu      = min(1, sqrt(kappa / (alpha_i^2 <D, m>)))   per layer       _quadratic, _step_size (B7)
+    w      <- (1 - alpha_i wd) w - alpha_i nu D                          _step, _decay, _decayed
     diagonal rule (other leaves): a <- mu a + (1-mu) g, v <- b2' v + (1-b2') a^2,
-                                  D = a / (eps + sqrt(v / (1-b2'^(i+1))))   _diagonal_rule
+                                  D = a / (eps + sqrt(v / (1-b2'^(i+1)))), nu = 1     _diagonal_rule
+    warm start, gradients g_1..g_J: F_b <- ((j-1)/j) F_b + (1/j) g_jb g_jb^T          _warm_start_mean
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ class MBFTransform(Transform):
 
 
 class MBFConfig(NamedTuple):
-    """The validated hyperparameters the rule reads (:func:`mbf`; the layout's and the schedule's
-    are the engine's): :math:`\\alpha, \\lambda, \\mu, \\rho`, wd, :math:`\\beta_2', \\epsilon`, :math:`\\kappa`."""
+    """The validated hyperparameters the rule reads (:func:`mbf`; the layout's are the engine's):
+    :math:`\\alpha, \\lambda, \\mu, \\rho`, wd, :math:`\\beta_2', \\epsilon`, :math:`\\kappa`, and the
+    schedule's :math:`T_1, T_2, P`."""
 
     learning_rate: ScalarOrSchedule
     damping: Any
@@ -68,6 +71,9 @@ class MBFConfig(NamedTuple):
     kl_clip: Any
     fc_blocks: str
     mode: str
+    statistics_every: int = 1
+    precondition_every: int = 1
+    refresh_phases: int = 1
 
 
 class PartState(NamedTuple):
@@ -163,12 +169,28 @@ def _faithful_chunk_precondition(xp: Any, inverse: Array, h: Array) -> Array:
     return xp.reshape(rows @ inverse.mT, tuple(h.shape))
 
 
-def _kl_clip(xp: Any, c: MBFConfig, quadratics: Array, lr: Array) -> Array:
-    return kl_clip_of_quadratic(xp, quadratics, lr, c.kl_clip)  # nu = min(1, sqrt(kappa / (alpha^2 <D, m>))), B7
+def _quadratic(xp: Any, c: MBFConfig, d: Array, m: Array) -> Array:
+    r""":math:`\langle D, m\rangle = \sum D_{j\ldots} m_{j\ldots}` of a layer, the quadratic of its KL
+    clip (B7), as the dot product of the flattened arrays."""
+    return xp.reshape(d, (-1,)) @ xp.reshape(m, (-1,))  # <D, m>
+
+
+def _step_size(xp: Any, c: MBFConfig, quadratics: Array, lr: Array, minus_lr: Array) -> Array:
+    r""":math:`-\alpha_i \nu` of each layer of a stack, from their :math:`\langle D, m\rangle` (B7;
+    :func:`precond_ref.linalg.kl_clip_of_quadratic`)."""
+    return minus_lr * kl_clip_of_quadratic(xp, quadratics, lr, c.kl_clip)  # nu = min(1, sqrt(kappa / (alpha^2 <D, m>)))
+
+
+def _step(xp: Any, c: MBFConfig, size: Array, d: Array) -> Array:
+    return size * d  # -alpha_i nu D (nu = 1 without the clip, and for the diagonal rule)
 
 
 def _decay(xp: Any, c: MBFConfig, lr: Array) -> Array:
-    return lr * c.weight_decay  # alpha_i wd: w <- (1 - alpha_i wd) w - alpha_i nu D
+    return lr * c.weight_decay  # alpha_i wd
+
+
+def _decayed(xp: Any, c: MBFConfig, step: Array, w: Array, decay: Array) -> Array:
+    return step - decay * w  # w <- (1 - alpha_i wd) w - alpha_i nu D
 
 
 def _diagonal_rule(xp: Any, c: MBFConfig, s: DiagonalState, g: Array, correction: Array) -> tuple[Array, DiagonalState]:
@@ -194,10 +216,33 @@ def _diagonal_correction(xp: Any, c: MBFConfig, count: Any, dtype: Any) -> Array
     return _bias_correction(xp, c.diagonal_b2, count, dtype)  # 1 - b2'^(i+1)
 
 
+def _warm_start_mean(xp: Any, c: MBFConfig, mean: Array, statistic: Array, j: Array) -> Array:
+    r"""The running mean of the warm start after its :math:`j`-th gradient (spec ``mbf.md`` 2.5)."""
+    weight = 1.0 / j
+    return (1.0 - weight) * mean + weight * statistic  # F <- ((j-1)/j) F + (1/j) stat(g_j)
+
+
+def _schedule(c: MBFConfig) -> tuple[int, tuple[Callable[[Any], Any], ...]]:
+    r"""The authors' intervals (spec ``mbf.md`` 2.2): the statistics on the steps :math:`i \bmod T_1 = 0`
+    (an interval), and for each share :math:`p` of the :math:`P` = ``refresh_phases`` shares of a stack
+    of equal blocks the predicate of its inverses' refresh, :func:`_inverse_due`."""
+    return c.statistics_every, tuple((lambda i, p=p: _inverse_due(c, p, i)) for p in range(c.refresh_phases))
+
+
+def _inverse_due(c: MBFConfig, p: int, i: Any) -> Any:
+    r"""Whether share :math:`p` refreshes its inverses on step :math:`i` (a host int or a 0-D array):
+    every statistics step of the warm-up :math:`i \le T_2`, then :math:`i \bmod T_2 = \lfloor p T_2 / P
+    \rfloor`, so each block is refreshed once every :math:`T_2` steps and the shares take turns.
+    :math:`P = 1` is the authors' ``(i <= T2 and i % T1 == 0) or i % T2 == 0`` (M-I10)."""
+    t1, t2 = c.statistics_every, c.precondition_every
+    return ((i <= t2) & (i % t1 == 0)) | (i % t2 == (p * t2) // c.refresh_phases)
+
+
 _RULE = PartsRule(
     name="mbf", init_part=_init_part, momentum=_heavy_ball, statistic=_block_statistic, ema=_ema_statistic,
-    inverse=_inverse, elementwise_inverse=_elementwise_inverse, direction=_precondition, clip=_kl_clip,
-    decay=_decay, diagonal=_diagonal_rule, correction=_diagonal_correction, State=DiagonalState,
+    inverse=_inverse, elementwise_inverse=_elementwise_inverse, direction=_precondition, quadratic=_quadratic,
+    step_size=_step_size, step=_step, decay=_decay, decayed=_decayed, diagonal=_diagonal_rule,
+    correction=_diagonal_correction, warm_start=_warm_start_mean, schedule=_schedule, State=DiagonalState,
 )
 
 
@@ -428,11 +473,10 @@ def mbf(
         kl_clip = 0.0 if faithful else _KL_CLIP
     config = MBFConfig(
         learning_rate, damping, momentum, b2, weight_decay, diagonal_b2, diagonal_eps, diagonal_second_moment,
-        kl_clip, fc_blocks, mode,
+        kl_clip, fc_blocks, mode, statistics_every, precondition_every, refresh_phases,
     )  # fmt: skip
     *transform, warm_start = parts_transform(
-        _RULE, config, max_block_dim=max_block_dim, block_size=block_size, statistics_every=statistics_every,
-        precondition_every=precondition_every, refresh_phases=refresh_phases, on_nonfinite=on_nonfinite,
+        _RULE, config, max_block_dim=max_block_dim, block_size=block_size, on_nonfinite=on_nonfinite,
         clips=not is_zero(kl_clip), decays=not is_zero(weight_decay),  # an array may be traced: always applied
     )  # fmt: skip
     result = MBFTransform(*transform)

@@ -19,8 +19,8 @@ unfolding :math:`G_{(n)}`::
 
     1  v_t = β_g v + (1-β_g) G²,  D_g = G / √(v_t + ε_g)                  _graft
     2  (U, σ, ρ, w, w_⊥) = FD([√β U diag(σ), G_(n)])   (the runs due)       _sketch_refresh
-    3  P(G) = G ×_1 P_1 ⋯ ×_N P_N,  P_n x = U diag(w) Uᵀx + w_⊥(x − UUᵀx)   _sketch_apply
-    4  U_t = P(G) ‖D_g‖_F / ‖P(G)‖_F                                       _grafted
+    3  P(G) = G ×_1 P_1 ⋯ ×_N P_N,  P_n x = U diag(w) Uᵀx + w_⊥(x − UUᵀx)   _precondition
+    4  U_t = P(G) ‖D_g‖_F / ‖P(G)‖_F  (D_g before start_preconditioning_step)  _grafted, _started
     5  m_t = μ m + U_t,  U_t ← U_t + μ m_t (Nesterov) or m_t               _sketchy_finish, _momentum
     6  ΔW = −η_t (U_t + λ W)                                               _sketchy_finish
 
@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from .._backend import is_number, is_zero, ratio_or_zero
 from ..blocking import merge_small_dims
 from ..engine.axes import AxesRule, LeafPlan, flat_transform, kronecker_transform, leaf_plan, resolve_schedule
-from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply, resolve_decomposition
+from ..linalg import block_mode_products
+from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply
 from ..transform import (ScalarOrSchedule, Transform, check_bool, check_choice, check_int, check_interval,
                          check_learning_rate, check_mode, check_nonnegative, check_optional, check_positive_int,
                          check_principled_only, mode_default)
@@ -196,15 +197,30 @@ def _sketch_refresh(xp: Any, c: SketchyConfig, sketch: _Sketch, x: Array, expone
     return _Sketch(**new), ok
 
 
-def _sketch_apply(xp: Any, c: SketchyConfig, sketch: dict, x: Array) -> Array:
-    """Step 3 on a stack of runs (:func:`precond_ref.sketch.fd_apply`)."""
-    return fd_apply(xp, sketch, x)  # U diag(w) Uᵀ x + w_⊥ (x − U Uᵀ x)
+def _precondition(xp: Any, c: SketchyConfig, gs: Sequence[Array], sketches: Sequence[tuple]) -> list[Array]:
+    """Step 3 for leaves, each G in its merged shape with its ``sketches[n][j]`` (run j of axis n):
+    :math:`P(G)`, each :math:`P_n` block-diagonal, of the blocks' :func:`precond_ref.sketch.fd_apply`
+    (:func:`precond_ref.linalg.block_mode_products`: the equal blocks of all leaves at each axis in
+    one call)."""
+    factors = [[[(s.basis, s.basis_weights, s.complement_weight) for s in axis] for axis in leaf] for leaf in sketches]
+
+    def p_n(u: Array, w: Array, w_perp: Array, x: Array) -> Array:
+        return fd_apply(xp, dict(basis=u, basis_weights=w, complement_weight=w_perp), x)  # U diag(w) Uᵀ x + w_⊥ (x − U Uᵀ x)
+
+    return block_mode_products(xp, gs, factors, p_n)  # P(G) = G ×_1 P_1 ⋯ ×_N P_N
 
 
 def _grafted(xp: Any, graft_norm: Array, norm: Array) -> Array:
     """Step 4's scale :math:`\\lVert D_g\\rVert_F / \\lVert P(G)\\rVert_F` of :math:`P(G)`, 0 where
     :math:`P(G) = 0`, from the norms (of one leaf, or of many leaves stacked)."""
     return ratio_or_zero(xp, graft_norm, norm)
+
+
+def _started(xp: Any, c: SketchyConfig, count: Array, u: Array, d_g: Array) -> Array:
+    """Step 4 from step ``start_preconditioning_step`` on, the graft's :math:`D_g` before it."""
+    if c.start_preconditioning_step == 0:
+        return u
+    return xp.where(count >= c.start_preconditioning_step, u, d_g)  # U_t = D_g while t < start
 
 
 def _sketchy_finish(xp: Any, c: SketchyConfig, minus_lr: Any, u: Array, *rest: Array) -> tuple:
@@ -235,7 +251,7 @@ def _sketchy_decomposition(decomposition: Optional[str], faithful: bool) -> str:
 
 _SKETCHY = AxesRule(
     State=_State, Block=_Sketch, plan=_sketchy_plan, empty=fd_init, refresh=_sketch_refresh, finish=_sketchy_finish,
-    apply=_sketch_apply, reads=("basis", "basis_weights", "complement_weight"), graft=_graft, grafted=_grafted,
+    precondition=_precondition, graft=_graft, grafted=_grafted, started=_started,
 )
 
 
@@ -280,8 +296,7 @@ def _sketchy_transform(
         not is_zero(momentum) and learning_rate is not None, not is_zero(weight_decay) and learning_rate is not None,
     )
     rule = _SKETCHY._replace(graft=_graft if graft == "rmsprop" else None, grafted=None if graft == "none" else _grafted)
-    return kronecker_transform(rule, c, name=name, on_nonfinite=on_nonfinite, start=start_preconditioning_step,
-                               default_block_size=None if faithful else PRINCIPLED_BLOCK_SIZE)
+    return kronecker_transform(rule, c, name=name, on_nonfinite=on_nonfinite)
 
 
 def sketchy(
@@ -691,16 +706,6 @@ def _adagrad_keep(xp: Any, c: SAdaGradConfig, sketch: _Sketch, x: Array) -> Arra
     return fd_apply_with_own_mass(xp, sketch._asdict(), x)
 
 
-def _adagrad_may_pad(c: SAdaGradConfig, length: int, rank: int) -> bool:
-    """Whether a run of blocks of this length and rank may share a stack with longer ones, zero rows
-    appended (``engine.axes.flat_runs``): where its FD step takes the incremental path (k + 1 < d,
-    :func:`precond_ref.sketch.resolve_decomposition`), as it then does at every longer length, and
-    zero rows of x and U add only zero terms to every product (U^T x, |x - U U^T x|, the new basis
-    [U, fresh] W, its rows zero), so the step's values are the unpadded ones to rounding and its
-    padded rows zero."""
-    return resolve_decomposition(c.fd["decomposition"], length, rank, 1) in ("incremental", "incremental_secular")
-
-
 def _adagrad_finish(xp: Any, c: SAdaGradConfig, minus_lr: Any, direction: Array, *rest: Array) -> tuple:
     """Step 2 (``minus_lr``: -η_t; ``rest``: m with momentum, then x with weight decay):
     ``(updates, m)`` or ``(updates,)``, for one leaf or the leaves of one layout joined end to end."""
@@ -714,5 +719,5 @@ def _adagrad_finish(xp: Any, c: SAdaGradConfig, minus_lr: Any, direction: Array,
 
 _S_ADAGRAD = AxesRule(
     State=_State, Block=_Sketch, plan=_adagrad_plan, empty=fd_init, refresh=_adagrad_refresh,
-    finish=_adagrad_finish, keep=_adagrad_keep, may_pad=_adagrad_may_pad,
+    finish=_adagrad_finish, keep=_adagrad_keep,
 )

@@ -9,7 +9,7 @@ import pytest
 
 import precond_ref as pr
 from precond_ref.testing.loops import LoopMBF
-from precond_ref.engine.phases import phase_share, refresh_runs, warmup_phase_due
+from precond_ref.engine.phases import phase_share, refresh_runs
 
 M = importlib.import_module("precond_ref.methods.mbf")  # the package re-exports the factory under this name
 
@@ -113,11 +113,16 @@ def test_warm_start_fills_every_block():
 
 
 def test_phase_due_schedule():
-    """The spread schedule (``engine.phases.warmup_phase_due``): P = 1 is the authors' ``mbngd_if_inverse`` (every
+    """The spread schedule (the rule's ``_inverse_due``): P = 1 is the authors' ``mbngd_if_inverse`` (every
     statistics step up to T2, then multiples of T2); for P > 1 every phase is due on every
     statistics step up to T2, then exactly once in every T2 consecutive calls, the P phases on
     distinct calls; a 0-D integer array gives the same decisions as a Python int."""
     t1, t2 = 3, 12
+
+    def warmup_phase_due(i, p, phases, t1, t2):
+        config = M.MBFConfig(*(None,) * 11, statistics_every=t1, precondition_every=t2, refresh_phases=phases)
+        return M._inverse_due(config, p, i)
+
     authors = [(i <= t2 and i % t1 == 0) or i % t2 == 0 for i in range(60)]
     assert [bool(warmup_phase_due(i, 0, 1, t1, t2)) for i in range(60)] == authors
     phases = 4

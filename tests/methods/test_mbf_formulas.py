@@ -150,3 +150,17 @@ def test_kl_clip_of_quadratic_is_kl_clip_factor_per_layer():
     assert np.sum(got < 1) >= 2 and got[-1] == 1 and got[-2] == 1  # both branches taken
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6)])
+def test_quadratic_is_the_sum_of_the_products(shape):
+    """<a, b> = sum over every axis of a * b (the KL clip's quadratic <D, m>, B7), as one dot
+    product of the flattened arrays: within n eps sum|a b| of the loop over the n entries (Higham,
+    Accuracy and Stability, eq. 3.5: any summation order of n products)."""
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal(shape), rng.standard_normal(shape)
+    loop = 0.0
+    for index in np.ndindex(*shape):
+        loop += a[index] * b[index]
+    got = M._quadratic(np, COLUMNS, a, b)
+    assert got.shape == ()
+    n = a.size
+    assert abs(float(got) - loop) <= 2 * n * EPS * float(np.sum(np.abs(a * b)))

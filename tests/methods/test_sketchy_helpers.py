@@ -17,15 +17,10 @@ import numpy as np
 import pytest
 
 from precond_ref.engine import axes
-from precond_ref.transform import StepContext
 
 sk = importlib.import_module("precond_ref.methods.sketchy")
 sketch_module = importlib.import_module("precond_ref.sketch")
 rng = np.random.default_rng(0)
-
-
-def _ctx(count: int = 0) -> StepContext:
-    return StepContext(xp=xp, count=np.asarray(count, dtype=np.int32), extra={})
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -60,8 +55,8 @@ def _norm_ratio_rtol(n: int) -> float:
 def test_grafted_direction_has_the_graft_norm_and_is_the_graft_before_start():
     """U = P ||D_g||_F / ||P||_F (0 for P = 0), spec ``fd_shampoo.md`` §2.3 step 4, each leaf's from
     its own norms though the scales of all leaves are made on their norms stacked
-    (``engine.axes._scaled_by_norms``); the engine takes D_g itself while count <
-    start_preconditioning_step (``engine.axes._from_start``)."""
+    (``engine.axes._scaled_by_norms``); D_g itself while count < start_preconditioning_step
+    (``_started``)."""
     p, d = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
     q, e = rng.standard_normal(5), rng.standard_normal(5)
     scale = functools.partial(sk._grafted, xp)
@@ -69,9 +64,10 @@ def test_grafted_direction_has_the_graft_norm_and_is_the_graft_before_start():
     np.testing.assert_allclose(got, p * (np.linalg.norm(d) / np.linalg.norm(p)), rtol=_norm_ratio_rtol(p.size))
     np.testing.assert_allclose(other, q * (np.linalg.norm(e) / np.linalg.norm(q)), rtol=_norm_ratio_rtol(q.size))
     np.testing.assert_array_equal(zero, np.zeros_like(p))
-    np.testing.assert_array_equal(axes._from_start(xp, _ctx(2), got, d, 3), d)
-    np.testing.assert_array_equal(axes._from_start(xp, _ctx(3), got, d, 3), got)
-    np.testing.assert_array_equal(axes._from_start(xp, _ctx(0), got, d, 0), got)
+    start = sk.SketchyConfig(*(None,) * len(sk.SketchyConfig._fields))._replace
+    for count, first, want in ((2, 3, d), (3, 3, got), (0, 0, got)):
+        c = start(start_preconditioning_step=first)
+        np.testing.assert_array_equal(sk._started(xp, c, np.asarray(count, dtype=np.int32), got, d), want)
 
 
 @pytest.mark.parametrize("nesterov", [True, False])
@@ -88,7 +84,7 @@ def test_momentum_trace_and_direction(nesterov, ema):
 
 def test_every_function_named_in_the_docs_table_exists():
     """The 'Where each equation is computed' table of docs/methods/sketchy.md names functions of
-    sketchy.py (or ``sketch.<name>`` / ``blocking.<name>`` / ``axes.<name>`` of the engine) and
+    sketchy.py (or ``sketch.<name>`` / ``blocking.<name>`` / ``linalg.<name>`` / ``axes.<name>`` of the engine) and
     closures of the factory; each exists."""
     page = (pathlib.Path(__file__).parents[2] / "docs/methods/sketchy.md").read_text()
     table = page.split("### Where each equation is computed", 1)[1].split("\n\n## ", 1)[0]
@@ -101,7 +97,7 @@ def test_every_function_named_in_the_docs_table_exists():
     for name in names:
         if name in closures:
             assert f"def {name}(" in source, name
-        elif name.startswith(("sketch.", "blocking.", "axes.")):
+        elif name.startswith(("sketch.", "blocking.", "linalg.", "axes.")):
             module, attr = name.split(".")
             package = "precond_ref.engine" if module == "axes" else "precond_ref"
             assert hasattr(importlib.import_module(f"{package}.{module}"), attr), name

@@ -77,3 +77,12 @@ def test_a_torch_state_dict_of_the_earlier_names_loads_and_continues(method):
             _close(params[k].detach().numpy(), want[k].numpy())
     keys = {key for entries in opt.state_dict()["state"].values() for key in entries}
     assert "sketches/0/1/basis" in keys and not any(key.startswith("axis") for key in keys)
+
+
+def test_unblocked_state_names_the_block_size_that_loads_it():
+    """A state with unblocked sketches (one (d, k) basis per axis) given to a blocked Sketchy is
+    refused, and the error names the block_size that lays it out again: its longest axis (50)."""
+    params = {"w": np.ones((40, 50))}
+    state = pr.sketchy(block_size=64, rank=2, precondition_every=1).init(params)
+    with pytest.raises(ValueError, match=r"unblocked sketches loads with block_size=50 \(its longest axis"):
+        pr.sketchy(block_size=16, rank=2, precondition_every=1).update(params, state, params)
