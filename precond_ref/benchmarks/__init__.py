@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
                     if bar is not None:
                         bar.set_postfix(case=case)
                     results[case], skipped_here = layers.bench_case(
-                        chosen, spec, frameworks, reference=reference, settle=not args.quick, peers=peers,
+                        chosen, spec, frameworks, reference=reference, peers=peers,
                         on_row=saving_rows_of(case), **common,
                     )
                     shapes = [(n, tuple(p.shape)) for n, p in layers.case_module(spec, torch.float32, "cpu").named_parameters()]
