@@ -34,6 +34,7 @@ from array_api_compat import array_namespace
 import precond_ref as pr
 from precond_ref.methods.asgo import _root_method_for as _asgo_root_method_for
 
+from ._keywords import check_keywords
 from ._torch_core import CoreOptimizer
 from ._torch_methods import _MBFOptimizer, _RootFreeOptimizer
 
@@ -123,6 +124,7 @@ def _torch_class(
     signature = _signature(arguments)
 
     def __init__(self: CoreOptimizer, *args: Any, **kwargs: Any) -> None:
+        check_keywords(type(self).__name__, signature, kwargs)
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         values = dict(bound.arguments)

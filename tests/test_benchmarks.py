@@ -536,7 +536,7 @@ def test_peers_without_the_extra_is_a_clean_message(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(peers, "_import", lambda module: None)
     assert cli.main(["bench", "--quick", "--methods", "agd", "--peers", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--peers needs the optional extra 'peers'" in err and "precond-ref[peers]" in err and "Traceback" not in err
+    assert "--peers needs the optional extra 'peers'" in err and 'pip install -e ".[peers]"' in err and "Traceback" not in err
     assert cli.main(["bench", "--quick", "--methods", "agd", "--peers", "hb-nothing", "--out", str(tmp_path)]) == 2
     assert "unknown peer(s) 'hb-nothing'" in capsys.readouterr().err
 

@@ -41,7 +41,7 @@ def test_bench_without_a_default_framework_names_the_extra(monkeypatch, missing,
     with pytest.raises(cli.UserError) as err:
         _check_frameworks(None, "gpt")
     message = str(err.value)
-    assert f"pip install 'precond-ref[{extra}]'" in message and "--frameworks" in message
+    assert f'pip install -e ".[{extra}]"' in message and "--frameworks" in message
     assert not message.startswith("--frameworks")
     with pytest.raises(cli.UserError, match=rf"^--frameworks torch,jax needs|^--frameworks \w+ needs {missing}"):
         _check_frameworks("torch,jax", "gpt")

@@ -467,7 +467,7 @@ def test_missing_torch_names_the_extras(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
     assert main(["reproduce", "--quick", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "needs torch" in err and "precond-ref[compare,torch]" in err
+    assert "needs torch" in err and 'pip install -e ".[compare,torch]"' in err
 
 
 # ---------------------------------------------------------------------------------------------

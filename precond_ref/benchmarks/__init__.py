@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np  # noqa: F401  (bench needs NumPy: without it the command line names the extra to install)
 
-from ..cli import UserError, positive_int, rewrite_sections
+from ..cli import UserError, pip_install, positive_int, rewrite_sections
 from ..compare.methods import BENCH_ONLY, METHODS
 from .common import BUDGET_S, MIN_WINDOW_S, jsonable
 from .report import KINDS
@@ -115,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--peers", nargs="?", const="all", default=None, metavar="KEYS",
         help="also time other libraries' optimizers beside ours (HeavyBall's AdamW, Muon, SOAP, PSGDKron, KLShampoo; "
         "pytorch_optimizer's Shampoo and SOAP where it imports): all, or some of hb-adamw, hb-muon, hb-soap, "
-        "hb-psgdkron, hb-klshampoo, po-shampoo, po-soap; the optional extra, pip install 'precond-ref[peers]'")
+        "hb-psgdkron, hb-klshampoo, po-shampoo, po-soap; the optional extra, " + pip_install("peers"))
     add("--peer-compile", choices=("library", "off"), default="library",
         help="library (default): HeavyBall compiles as it does by default; off: its steps run eagerly")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -154,7 +154,7 @@ def _check_frameworks(text: Optional[str], kind: str) -> list[str]:
         except ImportError as err:
             chosen = f"--frameworks {framework}" if text is not None else f"bench (by default it times {' and '.join(frameworks)})"
             other = "" if text is not None else "; or time only what is installed with --frameworks"
-            raise UserError(f"{chosen} needs {module} ({err}): pip install 'precond-ref[{extra}]'{other}") from None
+            raise UserError(f"{chosen} needs {module} ({err}): {pip_install(extra)}{other}") from None
     if "cupy" in frameworks:
         import cupy
 

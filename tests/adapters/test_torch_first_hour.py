@@ -121,3 +121,30 @@ def test_a_slow_compilation_says_so_once(monkeypatch, caplog, notice_s, told):
             opt.step()
     notices = [r for r in caplog.records if "compiling the optimizer's update of 2 tensors" in r.getMessage()]
     assert len(notices) == told
+
+
+@pytest.mark.parametrize("name", [n for n in pt.__all__ if n != "CoreOptimizer"])
+def test_an_unknown_keyword_names_the_class_and_the_closest_argument(name):
+    """optax's ``learning_rate`` (or a misspelling) given to a torch class is refused before
+    anything is built, naming the class, the bad keyword and the torch name it should be; a
+    name near none of them lists what the class takes."""
+    cls = getattr(pt, name)
+    params = _model().parameters()
+    with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword 'learning_rate'; did you mean 'lr'\?$"):
+        cls(params, learning_rate=1e-3)
+    with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword 'weight_decy'; did you mean 'weight_decay'\?$"):
+        cls(params, weight_decy=0.1)
+    with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword 'zzz'; it takes params, lr, "):
+        cls(params, zzz=1)
+
+
+def test_an_unknown_keyword_of_an_optax_factory_names_the_optax_argument():
+    """The optax factories in their own words: torch's ``lr`` and ``betas`` point to
+    ``learning_rate`` and ``b1``."""
+    pj = pytest.importorskip("precond_ref.adapters.jax")
+    for factory in (pj.agd, pj.rf_adamw, pj.asgo, pj.mbf):
+        name = factory.__name__
+        with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword 'lr'; did you mean 'learning_rate'\?$"):
+            factory(lr=1e-3)
+    with pytest.raises(TypeError, match=r"^agd got an unexpected keyword 'betas'; did you mean 'b1'\?$"):
+        pj.agd(betas=(0.9, 0.999))

@@ -16,7 +16,7 @@ Sizes (:mod:`precond_ref.compare.reproduce.config`): the default takes under 30 
 thread for all five papers; ``--quick`` seconds (a smoke test: its verdicts mean nothing); ``--size
 large`` is a configuration for one GPU (``--device cuda``).
 
-Needs the ``compare`` and ``torch`` extras: ``pip install 'precond-ref[compare,torch]'``. This
+Needs the ``compare`` and ``torch`` extras: ``pip install -e ".[compare,torch]"``. This
 module imports neither NumPy nor torch, so ``reproduce --help`` works without them.
 """
 
@@ -30,14 +30,14 @@ import sys
 import time
 from typing import Any
 
-from ...cli import UserError, nonnegative_int
+from ...cli import UserError, nonnegative_int, pip_install
 from .. import _importable, _prepare_out_dir as _prepare
 from .config import PAPERS, SIZES
 
 __all__ = ["add_arguments", "run", "PAPER_NAMES", "INSTALL"]
 
 PAPER_NAMES = tuple(PAPERS)
-INSTALL = "pip install 'precond-ref[compare,torch]'"
+INSTALL = pip_install("compare,torch")
 _REQUIRED = ("numpy", "sklearn", "tqdm", "threadpoolctl", "torch")
 DEFAULT_OUT = "results"
 

@@ -257,7 +257,7 @@ def render(data: dict, image_dir: str = "images/") -> str:
         "Every number above is in `docs/data/reproduce.json` with its per-seed values and every tuning score; the "
         "plots are drawn from the same run (shaded: ± one sample std over the seeds). Regenerate with `python -m "
         "precond_ref reproduce --docs` from the repository root (needs the `compare` and `torch` extras: `pip install "
-        "'precond-ref[compare,torch]'`). `--paper NAME` runs one paper, `--quick` a seconds-long smoke version whose "
+        '-e ".[compare,torch]"`). `--paper NAME` runs one paper, `--quick` a seconds-long smoke version whose "
         "verdicts mean nothing, `--device cuda` the GPU-time claims on a GPU.",
         "",
     ]
