@@ -671,3 +671,16 @@ def test_scale_command_line_refuses_unknown_names_and_estimates_on_meta(capsys):
     rows = {row["method"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
     assert set(rows) == set(scale.METHODS[1:])
     assert rows["AGD"]["state_over_params"] == 2.0 and 1.0 <= rows["DASGO"]["state_over_params"] < 1.01
+
+
+def test_quick_run_says_its_timings_are_not_comparable(tmp_path, capsys):
+    """bench --quick times 1-3 steps without refresh windows: one refresh in or out of the window
+    moves a row by orders of magnitude, so the run says first, and again under its tables, that
+    its figures are a smoke test and not comparable."""
+    from precond_ref import benchmarks
+
+    code, _ = _bench(tmp_path, "--methods", "agd", "--frameworks", "torch", "--cases", "8x4")
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0] == benchmarks.QUICK_NOTE and "not comparable" in out[0]
+    assert out.count(benchmarks.QUICK_NOTE) == 2

@@ -121,6 +121,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-progress", action="store_true", help="no progress bar")
 
 
+#: What a ``--quick`` run prints first and again under its tables: its timed steps are too few to
+#: include a method's refresh steps in their share, so a row can differ by orders of magnitude
+#: between two runs, as one refresh falls inside its window or not.
+QUICK_NOTE = (
+    "bench --quick is a smoke test: 1-3 timed steps and no refresh windows, so its timings are not "
+    "comparable between rows or runs (a refresh inside the window or not changes a row by orders of "
+    "magnitude); run without --quick to compare"
+)
+
+
 def _default_frameworks(kind: str) -> list[str]:
     frameworks = ["torch", "jax"]
     if kind == "layers":
@@ -193,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
     chosen, skipped = resolve_contenders(args.methods, args.variants)
     if not chosen:
         raise UserError("no method to benchmark (the baselines are always measured)")
+    if args.quick:
+        print(QUICK_NOTE, flush=True)
     frameworks = _check_frameworks(args.frameworks, args.model)
     peers: Any = None
     if getattr(args, "peers", None):
@@ -361,6 +373,8 @@ def run(args: argparse.Namespace) -> int:
             if "crashed" in row:
                 print(f"{where}: crashes: {row['crashed']}: {row.get('crash_message', '')}")
     _write(json_path, report)
+    if args.quick:
+        print(QUICK_NOTE)
     print(f"numbers: {json_path}")
     if args.readme:
         _write_readme(report, report_module)

@@ -148,3 +148,37 @@ def test_an_unknown_keyword_of_an_optax_factory_names_the_optax_argument():
             factory(lr=1e-3)
     with pytest.raises(TypeError, match=r"^agd got an unexpected keyword 'betas'; did you mean 'b1'\?$"):
         pj.agd(betas=(0.9, 0.999))
+
+
+@pytest.mark.parametrize("cls", ROOT_FREE, ids=lambda c: c.__name__)
+def test_model_does_not_guess_the_batch_size_of_token_sequences(cls):
+    """B is the number of examples the loss averages over (spec root_free.md §2). A model whose
+    first input is a (sequences, length) batch of token ids does not tell it: a per-token loss
+    averages over sequences x length tokens, a per-sequence one over the sequences. model= alone
+    then refuses at the step, naming the shape and batch_size=; given batch_size= at the step,
+    the step is that of an optimizer built with it."""
+    def lm():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5))
+
+    tokens = torch.randint(0, 5, (4, 6), generator=torch.Generator().manual_seed(1))
+    counted, explicit = lm(), lm()
+    opt = cls(None, model=counted, lr=1e-2)
+    reference = cls(explicit.named_parameters(), lr=1e-2, batch_size=24)
+
+    def backward(model):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(tokens).reshape(-1, 5), tokens.reshape(-1)).backward()
+
+    backward(counted)
+    with pytest.raises(ValueError) as err:
+        opt.step()
+    message = str(err.value)
+    assert message.startswith(f"{cls.__name__}: model='s input is a batch of integer sequences (4, 6)")
+    assert "4 x 6" in message and "batch_size=" in message
+    backward(counted)
+    opt.step(batch_size=24)
+    backward(explicit)
+    reference.step()
+    assert torch.equal(torch.cat([p.flatten() for p in counted.parameters()]),
+                       torch.cat([p.flatten() for p in explicit.parameters()]))

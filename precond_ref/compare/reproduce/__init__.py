@@ -123,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--quick and --size large are exclusive")
     size_name = "quick" if args.quick else args.size
     check_dependencies(plot=not args.no_plot)
+    if args.quick:
+        from .report import QUICK_NOTE
+
+        print(QUICK_NOTE, flush=True)
     out = _prepare(args.out)
     if args.docs:
         if not os.path.isdir("docs"):
@@ -196,7 +200,7 @@ def _write(data: dict, directory: str, image_dir: str, plot: bool, docs: bool = 
     with open(json_path) as handle:
         written = json.load(handle)
     with open(os.path.join(directory, "reproduce.md"), "w") as handle:
-        handle.write(report.render(written, image_dir))
+        handle.write(report.render(written, image_dir, json_path))
     if plot:
         images = os.path.join(directory, "images") if docs else directory
         for name, paper in written["papers"].items():
