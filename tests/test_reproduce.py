@@ -448,7 +448,7 @@ def test_quick_run_markdown_is_the_rendering_of_its_json(quick_run):
     json_path = str(out / "reproduce.json")
     page = (out / "reproduce.md").read_text()
     assert page == report.render(data, "", json_path)
-    assert f"Every number above is in `{json_path}`" in page and "docs/data/reproduce.json" not in page
+    assert f"Every number above is in `{json_path}`" in page and "is in `docs/data/reproduce.json`" not in page
 
 
 def test_quick_run_says_first_that_its_verdicts_are_a_smoke_test(quick_run):
