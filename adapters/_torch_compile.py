@@ -67,31 +67,23 @@ ENVIRONMENT_VARIABLE = "PRECOND_REF_COMPILE"
 CompileSetting = Union[None, bool, dict]
 
 
-#: ``compile=None`` on a class that compiles by default compiles a param group from this many
-#: elements on, from its first step: its eager steps are slow enough that the first step's
-#: compilation (seconds) is repaid within a few hundred steps.
+#: ``compile=None`` on a class that compiles by default compiles a param group of this many
+#: elements or more, from its first step: its eager steps are slow enough that the first step's
+#: compilation (seconds) is repaid within a few hundred steps. A smaller group steps eagerly
+#: throughout: its compiled step saves about a millisecond whatever its size (the eager step's
+#: cost is per operation, not per element), so a compilation of seconds pays only after
+#: thousands of steps, which a test or a notebook never takes; deciding it at the first step,
+#: from the group's size alone, means no run meets a compilation after its first steps. The
+#: measurements behind the number: docs/backends.md, "The torch adapter's compiled step".
 AUTO_MIN_ELEMENTS = 2**18
-
-#: ... and a smaller group once it has taken this many eager steps. Below ``AUTO_MIN_ELEMENTS`` a
-#: compiled step saves about the same time whatever the group's size, because the eager step's
-#: cost is per operation, not per element. Whether a run lasts long enough to repay a compilation
-#: is unknown at its first step, so the group steps eagerly until the time it has lost to eager
-#: steps is about what compiling costs (the rent-or-buy rule: at most twice the time of the best
-#: choice made knowing the run's length, when the two costs match). Short runs (tests, a
-#: notebook's few hundred steps) never compile; long ones run compiled on. The measurements
-#: behind the number: docs/backends.md, "The torch adapter's compiled step".
-AUTO_AFTER_CALLS = 2**12
 
 
 class Auto:
-    """The default of a class that compiles where it pays: decided per param group and step."""
+    """The default of a class that compiles where it pays: decided per param group, from its size,
+    at its first step (the same answer at every later step)."""
 
-    def first_compiled_call(self, numel: int) -> int:
-        """The number of earlier steps after which a group of ``numel`` elements runs compiled."""
-        return 0 if numel >= AUTO_MIN_ELEMENTS else AUTO_AFTER_CALLS
-
-    def options_for(self, numel: int, calls: int) -> Optional[dict]:
-        return {} if calls >= self.first_compiled_call(numel) else None
+    def options_for(self, numel: int) -> Optional[dict]:
+        return {} if numel >= AUTO_MIN_ELEMENTS else None
 
     def __repr__(self) -> str:
         return "Auto()"

@@ -97,8 +97,8 @@ class CoreOptimizer(torch.optim.Optimizer):
     selection. ``compile`` (default: the class's ``compile_by_default``; the environment variable
     ``PRECOND_REF_COMPILE=0`` or ``1`` overrides the default; a class that compiles by default
     compiles a param group of at least ``_torch_compile.AUTO_MIN_ELEMENTS`` elements from its first
-    step and a smaller one from its ``_torch_compile.AUTO_AFTER_CALLS``-th, once a run has shown
-    itself long enough to repay the seconds of compilation) runs each param group's core update
+    step and steps a smaller one eagerly throughout, where the seconds of compilation would be
+    repaid only by a long run) runs each param group's core update
     and the in-place parameter update under ``torch.compile(fullgraph=True)``, which fuses the
     element-wise work into a few kernels; a dict is passed to ``torch.compile`` as options. If
     compilation fails the optimizer warns once and runs the same core eagerly. Compiled and eager
@@ -436,7 +436,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         if getattr(self, "_under_outer_compile", False) and not isinstance(options, dict):
             options = {}  # torch.compile(opt.step): the core update runs compiled, from the first step
         if isinstance(options, _torch_compile.Auto):
-            options = options.options_for(numel, calls)
+            options = options.options_for(numel)
         if options is not None and isinstance(transform, Transform):
             compiled = self._compiled.get(id(transform))
             if compiled is None or compiled.transform is not transform:

@@ -33,6 +33,12 @@ class _BatchCounter:
     optimizer step (so gradient accumulation over several forwards counts every example of the
     accumulated mean).
 
+    B is the number of examples the loss averages over. The leading size is that number where each
+    row of the input is one example (features, images). A first input of integer sequences (token
+    ids, ``(sequences, length, ...)``) does not tell: a per-token loss averages over every token, a
+    per-sequence one over the sequences. Such a forward is recorded in ``sequences`` (its input's
+    shape) and counts nothing, and the step refuses to guess (:meth:`_RootFreeOptimizer.step`).
+
     ``copy.deepcopy`` of the optimizer alone hooks the copy onto the same model. Copied or pickled
     together with the model (``deepcopy({"model": m, "opt": o})``), the model's copy carries the
     hook of the optimizer's copy. An optimizer pickled without its model counts nothing: give
@@ -41,6 +47,7 @@ class _BatchCounter:
 
     def __init__(self, model: Optional[torch.nn.Module]) -> None:
         self.count = 0
+        self.sequences: Optional[tuple] = None
         self._model = weakref.ref(model) if model is not None else None
         self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True) if model is not None else None
 
@@ -64,8 +71,12 @@ class _BatchCounter:
         first = next(
             (x for x in itertools.chain(inputs, (kwargs or {}).values()) if isinstance(x, torch.Tensor)), None
         )
-        if first is not None and first.ndim > 0:
-            self.count += int(first.shape[0])
+        if first is None or first.ndim == 0:
+            return
+        if first.ndim >= 2 and not (first.is_floating_point() or first.is_complex() or first.dtype == torch.bool):
+            self.sequences = tuple(first.shape)
+            return
+        self.count += int(first.shape[0])
 
 
 _BATCH_SIZE_AT_EACH_STEP = False
@@ -100,7 +111,9 @@ class _RootFreeOptimizer(CoreOptimizer):
     B (the number of examples the loss *averages*; a summed loss makes B·g² wrong by B²) comes from,
     in this order: ``step(batch_size=...)``; the constructor's ``batch_size``; or, when ``model=``
     is given without ``batch_size``, the examples its training-mode forward passes saw since the
-    last ``step`` (the authors' hook). The constructor raises ``ValueError`` when neither
+    last ``step`` (the authors' hook: the leading size of each one's first input; a first input of
+    integer sequences, which does not tell tokens from sequences, makes the step ask for
+    ``batch_size=``). The constructor raises ``ValueError`` when neither
     ``batch_size=`` nor ``model=`` is given (and B scales the statistic), so that a missing B is
     found when the optimizer is built, not at its first step.
     """
@@ -134,6 +147,14 @@ class _RootFreeOptimizer(CoreOptimizer):
 
     def _counted_step(self, closure: Optional[Callable[[], Any]], extra: dict) -> Any:
         counter = self._batch_counter
+        if counter is not None and counter.sequences is not None and extra.get("batch_size") is None:
+            shape, counter.sequences, counter.count = counter.sequences, None, 0
+            raise ValueError(
+                f"{type(self).__name__}: model='s input is a batch of integer sequences {shape}, which does not "
+                "tell B, the number of examples the loss averages over: a per-token loss averages over every "
+                f"token ({shape[0]} x {shape[1]} here), a per-sequence one over the {shape[0]} sequences. Give "
+                "batch_size= to the constructor or opt.step(batch_size=...)"
+            )
         if counter is not None and extra.get("batch_size") is None and counter.count > 0:
             extra = {**extra, "batch_size": counter.count}
         if extra.get("batch_size") is None and self._groups_without_batch_size():
@@ -147,7 +168,7 @@ class _RootFreeOptimizer(CoreOptimizer):
             return super().step(closure, **extra)
         finally:
             if counter is not None:
-                counter.count = 0
+                counter.count, counter.sequences = 0, None
 
 
 # --------------------------------------------------------------------------------------------

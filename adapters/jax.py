@@ -22,6 +22,8 @@ import precond_ref as pr
 from precond_ref.transform import PrecondState, Transform
 from precond_ref.tree import path_str, tree_flatten
 
+from ._keywords import check_keywords
+
 __all__ = [
     "to_optax",
     "optax_factory",
@@ -244,6 +246,7 @@ def optax_factory(
 
     @functools.wraps(core_factory)
     def factory(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+        check_keywords(name, presented, kwargs)
         arguments = presented.bind(*args, **kwargs).arguments
         injected = tuple(arg for arg in static if hasattr(arguments.get(arg), "shape"))
         if injected:

@@ -37,6 +37,7 @@ import precond_ref as pr
 from precond_ref.linalg import auto_root_method
 from precond_ref.methods.root_free import IF_SHAMPOO_LEARNING_RATE
 
+from ._keywords import check_keywords
 from ._torch_core import CoreOptimizer
 from ._torch_methods import _MBFOptimizer, _RootFreeOptimizer
 
@@ -128,6 +129,7 @@ def _torch_class(
     signature = _signature(arguments)
 
     def __init__(self: CoreOptimizer, *args: Any, **kwargs: Any) -> None:
+        check_keywords(type(self).__name__, signature, kwargs)
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         values = dict(bound.arguments)

@@ -145,6 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
     lr = args.lr if args.lr is not None else default_lr
     optimizer = factory(learning_rate=lr)
     state = optimizer.init(params)
+    # B, the number of examples the loss averages over, is by the library's definition the
+    # batch_size x context tokens of this per-token loss; this example gives the root-free methods the
+    # batch_size sequences instead, which divides their statistic B*g*g by the context length, and its
+    # learning rates (OPTIMIZERS) were tuned with that B. Giving batch_size * context follows the
+    # definition and needs rates tuned for it.
     extra = {"batch_size": args.batch_size} if needs_batch else {}
     print(
         f"{len(train_ids)} training / {len(validation_ids)} validation characters, vocabulary {len(vocabulary)}; "

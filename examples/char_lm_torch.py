@@ -106,8 +106,12 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, batch_size: int
     cls, _, needs_batch = OPTIMIZERS[name]
     if cls is None:
         return torch.optim.AdamW(model.parameters(), lr=lr)
-    # Named parameters: MBF and IF-Shampoo pair each layer's weight with its bias by name. The
-    # root-free methods scale by the number of sequences the loss averages over.
+    # Named parameters: MBF and IF-Shampoo pair each layer's weight with its bias by name.
+    # B, the number of examples the loss averages over, is by the library's definition the
+    # batch_size x context tokens of this per-token loss; this example gives the root-free methods the
+    # batch_size sequences instead, which divides their statistic B*g*g by the context length, and its
+    # learning rates (OPTIMIZERS) were tuned with that B. Giving batch_size * context follows the
+    # definition and needs rates tuned for it.
     return cls(model.named_parameters(), lr=lr, **({"batch_size": batch_size} if needs_batch else {}))
 
 

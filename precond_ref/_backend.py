@@ -33,6 +33,7 @@ __all__ = [
     "scalar_array",
     "scalar_zero",
     "placement",
+    "index_dtype",
     "compute_dtype",
     "hashable",
     "device_key",
@@ -167,6 +168,16 @@ def placement(xp: Any, x: Array) -> Any:
     device of a sharded array is a multi-device sharding, which an array of another shape cannot
     take)."""
     return _placed(xp, array_device(x))
+
+
+def index_dtype(xp: Any, x: Array) -> Any:
+    """The integer dtype of index arrays made beside ``x``: the namespace's default for indexing
+    (int32 on JAX without x64, where asking for int64 would warn and give int32 anyway; int64
+    elsewhere), int64 where the namespace does not say."""
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is None:
+        return xp.int64
+    return info().default_dtypes(device=array_device(x))["indexing"]
 
 
 def _placed(xp: Any, device: Any) -> Any:

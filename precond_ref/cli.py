@@ -26,9 +26,15 @@ COMMANDS = {
 }
 
 
+def pip_install(extras: str) -> str:
+    """The command that installs the package with ``extras`` (e.g. ``"compare,torch"``) from a
+    checkout of its repository, the one place it is installed from."""
+    return f'pip install -e ".[{extras}]" (from a checkout of precond_ref)'
+
+
 def install_hint(command: str) -> str:
-    """``pip install 'precond-ref[EXTRA]'`` for a command (what its error messages tell the user)."""
-    return f"pip install 'precond-ref[{COMMANDS[command][2]}]'"
+    """:func:`pip_install` of a command's extras (what its error messages tell the user)."""
+    return pip_install(COMMANDS[command][2])
 
 
 def _int_at_least(text: str, minimum: int, what: str) -> int:
@@ -91,6 +97,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         module.add_arguments(command_parser)
         modules[name] = module
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # what a first try without arguments needs is the help, not an error
+        parser.print_help()
+        return 0
     args, unknown = parser.parse_known_args(argv)
     if unknown and getattr(args, "_import_error", None) is None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

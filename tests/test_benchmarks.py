@@ -89,7 +89,7 @@ def test_model_bench_times_whole_training_steps(model, frameworks, tmp_path, cap
         row = by["torch", label]
         ops = row["operations"]
         assert ops["grouping"] == "gpu" and ops["steps"] == [ops["mean"]] and ops["mean"] >= 1, (label, ops)
-        assert ops["first_step"] == row["settle_steps"] + row["warmup_steps"] + row["steps"]
+        assert ops["first_step"] == row["warmup_steps"] + row["steps"]
     assert by["torch", "torch AdamW(fused)"]["operations"]["mean"] < by["torch", "torch AdamW(foreach)"]["operations"]["mean"]
     assert "| ops / step |" in capsys.readouterr().out
 
@@ -147,13 +147,6 @@ def test_time_steps_first_step_apart_and_refresh_window(monkeypatch):
     cut = common.time_steps(stepper(lambda i: 0.6), lambda: None, warmup=1, repeats=2, period=100, budget_s=1.0, clock=lambda: clock["now"])
     assert cut["steps"] == 2 and cut["window"] == 100 and not cut["covers_period"]
 
-    # settle=3: steps 0-2 untimed (an eager start), step 3 (the compiling one) reported apart.
-    clock["now"] = 0.0
-    cost = lambda i: {3: 5.0}.get(i, 1.0 if i < 3 else 0.1)  # noqa: E731
-    settled = common.time_steps(stepper(cost), lambda: None, warmup=2, repeats=3, settle=3, clock=lambda: clock["now"])
-    assert settled["first_step_ms"] == pytest.approx(5000.0) and settled["times_ms"] == pytest.approx([100.0] * 3)
-    assert settled["settle_steps"] == 3
-
     # min_window_s: short steps go on past `repeats`, by whole refresh periods, up to MAX_WINDOW_STEPS.
     clock["now"] = 0.0
     long = common.time_steps(stepper(lambda i: 0.1), lambda: None, warmup=1, repeats=3, period=4, min_window_s=1.0,
@@ -164,30 +157,6 @@ def test_time_steps_first_step_apart_and_refresh_window(monkeypatch):
     capped = common.time_steps(stepper(lambda i: 0.1), lambda: None, warmup=1, repeats=3, period=4, min_window_s=1.0,
                                clock=lambda: clock["now"])
     assert capped["steps"] == 8
-
-
-def test_torch_rows_of_a_default_that_compiles_later_are_timed_after_the_switch(monkeypatch):
-    """AGD at compile=None on a group below AUTO_MIN_ELEMENTS steps eagerly for AUTO_AFTER_CALLS
-    steps: the layer bench times it after them (its first timed step is the switch), and says so."""
-    import precond_ref.adapters.torch as pt
-    from precond_ref.adapters import _torch_compile
-    from precond_ref.benchmarks import measure
-
-    monkeypatch.delenv(_torch_compile.ENVIRONMENT_VARIABLE, raising=False)
-    monkeypatch.setattr(_torch_compile, "AUTO_AFTER_CALLS", 5)
-    seen = []
-    monkeypatch.setattr(_torch_compile.Auto, "options_for", lambda self, numel, calls: seen.append(calls) or None)
-    p = torch.nn.Parameter(torch.zeros(4))
-    make = lambda: (pt.AGD([p], lr=1e-3), [])  # noqa: E731
-
-    def set_grads(i):
-        p.grad = torch.ones_like(p)
-
-    timing = dict(warmup=1, repeats=2, period=1, budget_s=10.0)
-    settled = measure.torch_measure(make, set_grads, {}, "cpu", timing, settle=True)
-    assert settled["settle_steps"] == 5 and seen[5] == 5 and "timed after them" in settled["notes"][0]
-    eager = measure.torch_measure(make, set_grads, {}, "cpu", timing)
-    assert eager["settle_steps"] == 0 and "the eager steps" in eager["notes"][0]
 
 
 def test_refresh_period_reads_every_interval_with_the_factory_defaults():
@@ -567,7 +536,7 @@ def test_peers_without_the_extra_is_a_clean_message(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(peers, "_import", lambda module: None)
     assert cli.main(["bench", "--quick", "--methods", "agd", "--peers", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--peers needs the optional extra 'peers'" in err and "precond-ref[peers]" in err and "Traceback" not in err
+    assert "--peers needs the optional extra 'peers'" in err and 'pip install -e ".[peers]"' in err and "Traceback" not in err
     assert cli.main(["bench", "--quick", "--methods", "agd", "--peers", "hb-nothing", "--out", str(tmp_path)]) == 2
     assert "unknown peer(s) 'hb-nothing'" in capsys.readouterr().err
 
@@ -702,3 +671,16 @@ def test_scale_command_line_refuses_unknown_names_and_estimates_on_meta(capsys):
     rows = {row["method"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
     assert set(rows) == set(scale.METHODS[1:])
     assert rows["AGD"]["state_over_params"] == 2.0 and 1.0 <= rows["DASGO"]["state_over_params"] < 1.01
+
+
+def test_quick_run_says_its_timings_are_not_comparable(tmp_path, capsys):
+    """bench --quick times 1-3 steps without refresh windows: one refresh in or out of the window
+    moves a row by orders of magnitude, so the run says first, and again under its tables, that
+    its figures are a smoke test and not comparable."""
+    from precond_ref import benchmarks
+
+    code, _ = _bench(tmp_path, "--methods", "agd", "--frameworks", "torch", "--cases", "8x4")
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0] == benchmarks.QUICK_NOTE and "not comparable" in out[0]
+    assert out.count(benchmarks.QUICK_NOTE) == 2

@@ -41,7 +41,7 @@ def test_bench_without_a_default_framework_names_the_extra(monkeypatch, missing,
     with pytest.raises(cli.UserError) as err:
         _check_frameworks(None, "gpt")
     message = str(err.value)
-    assert f"pip install 'precond-ref[{extra}]'" in message and "--frameworks" in message
+    assert f'pip install -e ".[{extra}]"' in message and "--frameworks" in message
     assert not message.startswith("--frameworks")
     with pytest.raises(cli.UserError, match=rf"^--frameworks torch,jax needs|^--frameworks \w+ needs {missing}"):
         _check_frameworks("torch,jax", "gpt")
@@ -77,3 +77,41 @@ def test_compare_list_honours_methods_and_models(capsys):
     assert cli.main(["compare", "--methods", "AGD", "--models", "mlp", "--list"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("- AGD: mlp:") and out.count("\n- ") == 0 and "cnn" not in out
+
+
+def test_no_arguments_print_the_help(capsys):
+    """``python -m precond_ref`` alone is a first try: it prints the help (every command) and exits 0."""
+    assert cli.main([]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "usage: precond-ref" in out and all(command in out for command in cli.COMMANDS)
+
+
+def test_trace_runs_at_its_defaults_on_jax(tmp_path, capsys):
+    """``trace agd --backend jax`` at the default float64, in a fresh process (JAX at its default,
+    no x64; this suite enables it), enables JAX's 64-bit mode itself (the advice to call
+    jax.config.update cannot be followed from a command line) and writes the file --out defaults
+    to, in float64."""
+    import subprocess
+
+    pytest.importorskip("jax")
+    np = pytest.importorskip("numpy")
+    done = subprocess.run([sys.executable, "-m", "precond_ref", "trace", "agd", "--backend", "jax", "--steps", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "wrote agd-quadratic.npz" in done.stdout
+    with np.load(tmp_path / "agd-quadratic.npz") as archive:
+        assert all(archive[k].dtype == np.float64 for k in archive.files if k.startswith("params/"))
+    assert "default: METHOD-PROBLEM.npz" in _help(capsys, ["trace"])
+
+
+def test_install_hints_name_a_checkout_install():
+    """No distribution named precond-ref is on an index: every install hint, in the package and
+    in the docs, is the checkout's ``pip install -e ".[EXTRA]"``."""
+    from pathlib import Path
+
+    root = Path(cli.__file__).resolve().parent.parent
+    assert cli.install_hint("compare").startswith('pip install -e ".[compare]"')
+    pages = [*root.joinpath("precond_ref").rglob("*.py"), *root.joinpath("adapters").rglob("*.py"),
+             *root.joinpath("docs").rglob("*.md"), root / "README.md"]
+    offending = [str(p.relative_to(root)) for p in pages if "precond-ref[" in p.read_text(errors="replace")]
+    assert offending == []

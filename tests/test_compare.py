@@ -698,9 +698,9 @@ sys.exit(main(sys.argv[1:]))
     "argv, expected, code",
     [
         (["compare", "--help"], "--tune-epochs", 0),
-        (["compare", "--epochs", "1"], "pip install 'precond-ref[compare]'", 2),
-        (["bench", "--quick"], "pip install 'precond-ref[compare,torch]'", 2),
-        (["bench", "--help"], "pip install 'precond-ref[compare,torch]'", 0),
+        (["compare", "--epochs", "1"], 'pip install -e ".[compare]"', 2),
+        (["bench", "--quick"], 'pip install -e ".[compare,torch]"', 2),
+        (["bench", "--help"], 'pip install -e ".[compare,torch]"', 0),
     ],
 )
 def test_commands_name_their_extra_without_numpy(argv, expected, code):

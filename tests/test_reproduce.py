@@ -445,7 +445,20 @@ def test_quick_run_markdown_is_the_rendering_of_its_json(quick_run):
     from precond_ref.compare.reproduce import report
 
     out, data = quick_run
-    assert (out / "reproduce.md").read_text() == report.render(data, "")
+    json_path = str(out / "reproduce.json")
+    page = (out / "reproduce.md").read_text()
+    assert page == report.render(data, "", json_path)
+    assert f"Every number above is in `{json_path}`" in page and "is in `records/reproduce.json`" not in page
+
+
+def test_quick_run_says_first_that_its_verdicts_are_a_smoke_test(quick_run):
+    """A --quick run's verdicts come from seconds of training: what it prints above them says so."""
+    from precond_ref.compare.reproduce import report
+
+    _, data = quick_run
+    lines = report.summary_lines(data)
+    assert lines[0] == report.QUICK_NOTE and "smoke test" in lines[0] and "mean nothing" in lines[0]
+    assert all("quick" not in line for line in report.summary_lines({**data, "settings": {**data["settings"], "size": "default"}}))
 
 
 def test_bad_paper_name_is_a_one_line_error(capsys):
@@ -467,7 +480,7 @@ def test_missing_torch_names_the_extras(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
     assert main(["reproduce", "--quick", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "needs torch" in err and "precond-ref[compare,torch]" in err
+    assert "needs torch" in err and 'pip install -e ".[compare,torch]"' in err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -369,3 +369,23 @@ def test_gathers_only_below_their_bound(monkeypatch):
     assert "index_select" not in seen.names
     for a, b in zip((x for g in got for x in g), (x for g in tiling._cut_each(xp, grads, groups) for x in g)):
         assert torch.equal(a, b)
+
+
+def test_jitted_if_shampoo_without_x64_warns_of_nothing():
+    """JAX's default settings (no x64) have no int64: an array asked for in int64 comes back int32
+    with a UserWarning at every trace. The tiles' index arrays (takes, interleaved places, run
+    indicators) take the namespace's own indexing dtype, so IF-Shampoo's jitted optax step on a
+    weight with its bias (tiles of unequal groups) traces without a warning and keeps int32."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    import warnings
+
+    from precond_ref.adapters import jax as pj
+
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = pj.if_shampoo(learning_rate=0.1, batch_size=8)
+        params = {"fc": {"weight": jnp.ones((300, 20)), "bias": jnp.ones(300)}, "w2": jnp.ones((7, 5))}
+        state = opt.init(params)
+        updates, state = jax.jit(opt.update)(params, state, params)
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree_util.tree_leaves(updates))

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np  # noqa: F401  (bench needs NumPy: without it the command line names the extra to install)
 
-from ..cli import UserError, positive_int, rewrite_sections
+from ..cli import UserError, pip_install, positive_int, rewrite_sections
 from ..compare.methods import BENCH_ONLY, METHODS
 from .common import BUDGET_S, MIN_WINDOW_S, jsonable
 from .report import KINDS
@@ -115,10 +115,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--peers", nargs="?", const="all", default=None, metavar="KEYS",
         help="also time other libraries' optimizers beside ours (HeavyBall's AdamW, Muon, SOAP, PSGDKron, KLShampoo; "
         "pytorch_optimizer's Shampoo and SOAP where it imports): all, or some of hb-adamw, hb-muon, hb-soap, "
-        "hb-psgdkron, hb-klshampoo, po-shampoo, po-soap; the optional extra, pip install 'precond-ref[peers]'")
+        "hb-psgdkron, hb-klshampoo, po-shampoo, po-soap; the optional extra, " + pip_install("peers"))
     add("--peer-compile", choices=("library", "off"), default="library",
         help="library (default): HeavyBall compiles as it does by default; off: its steps run eagerly")
     add("--no-progress", action="store_true", help="no progress bar")
+
+
+#: What a ``--quick`` run prints first and again under its tables: its timed steps are too few to
+#: include a method's refresh steps in their share, so a row can differ by orders of magnitude
+#: between two runs, as one refresh falls inside its window or not.
+QUICK_NOTE = (
+    "bench --quick is a smoke test: 1-3 timed steps and no refresh windows, so its timings are not "
+    "comparable between rows or runs (a refresh inside the window or not changes a row by orders of "
+    "magnitude); run without --quick to compare"
+)
 
 
 def _default_frameworks(kind: str) -> list[str]:
@@ -154,7 +164,7 @@ def _check_frameworks(text: Optional[str], kind: str) -> list[str]:
         except ImportError as err:
             chosen = f"--frameworks {framework}" if text is not None else f"bench (by default it times {' and '.join(frameworks)})"
             other = "" if text is not None else "; or time only what is installed with --frameworks"
-            raise UserError(f"{chosen} needs {module} ({err}): pip install 'precond-ref[{extra}]'{other}") from None
+            raise UserError(f"{chosen} needs {module} ({err}): {pip_install(extra)}{other}") from None
     if "cupy" in frameworks:
         import cupy
 
@@ -193,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
     chosen, skipped = resolve_contenders(args.methods, args.variants)
     if not chosen:
         raise UserError("no method to benchmark (the baselines are always measured)")
+    if args.quick:
+        print(QUICK_NOTE, flush=True)
     frameworks = _check_frameworks(args.frameworks, args.model)
     peers: Any = None
     if getattr(args, "peers", None):
@@ -311,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
                     if bar is not None:
                         bar.set_postfix(case=case)
                     results[case], skipped_here = layers.bench_case(
-                        chosen, spec, frameworks, reference=reference, settle=not args.quick, peers=peers,
+                        chosen, spec, frameworks, reference=reference, peers=peers,
                         on_row=saving_rows_of(case), **common,
                     )
                     shapes = [(n, tuple(p.shape)) for n, p in layers.case_module(spec, torch.float32, "cpu").named_parameters()]
@@ -361,6 +373,8 @@ def run(args: argparse.Namespace) -> int:
             if "crashed" in row:
                 print(f"{where}: crashes: {row['crashed']}: {row.get('crash_message', '')}")
     _write(json_path, report)
+    if args.quick:
+        print(QUICK_NOTE)
     print(f"numbers: {json_path}")
     if args.readme:
         _write_readme(report, report_module)

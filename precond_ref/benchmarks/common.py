@@ -194,7 +194,6 @@ def time_steps(
     period: int = 1,
     budget_s: float = BUDGET_S,
     clock: Callable[[], float] = time.perf_counter,
-    settle: int = 0,
     min_window_s: float = 0.0,
 ) -> dict:
     """Time ``step(0), step(1), ...``; the device is synchronised around every timed step.
@@ -207,17 +206,13 @@ def time_steps(
     its steps have taken ``budget_s`` seconds (``covers_period`` is then false when it stopped short
     of ``period`` steps: its mean misses refresh steps), and goes on by whole periods while its
     steps have taken less than ``min_window_s`` and number fewer than ``MAX_WINDOW_STEPS``.
-    ``settle`` steps run untimed before all of that, for an optimizer that changes its path after
-    them (the first timed step is the change).
     """
-    for i in range(settle):
-        step(i)
     sync()
     start = clock()
-    step(settle)
+    step(0)
     sync()
     first = clock() - start
-    for i in range(settle + 1, settle + warmup):
+    for i in range(1, warmup):
         step(i)
     sync()
     warm = clock() - start
@@ -226,7 +221,7 @@ def time_steps(
     elapsed = 0.0
     while elapsed < budget_s:
         start = clock()
-        step(settle + warmup + len(times))
+        step(warmup + len(times))
         sync()
         times.append(clock() - start)
         elapsed += times[-1]
@@ -237,7 +232,6 @@ def time_steps(
         "first_step_ms": 1e3 * first,
         "warmup_ms": 1e3 * warm,
         "warmup_steps": max(warmup, 1),
-        "settle_steps": settle,
         "median_ms": 1e3 * statistics.median(times),
         "mean_ms": 1e3 * statistics.fmean(times),
         "max_ms": 1e3 * max(times),

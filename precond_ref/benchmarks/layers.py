@@ -128,15 +128,12 @@ def bench_case(
     progress: Optional[Callable[[str], None]] = None,
     on_row: Optional[Callable[[dict], None]] = None,
     rounds: int = 1,
-    settle: bool = True,
     peers: Any = None,
 ) -> tuple[list[dict], list[str]]:
     """Rows of one layer case (per framework: its baselines first, then every contender, then the
     authors' code for torch), and the reasons the authors' code was skipped. The torch rows'
     ``reference_ratio`` is their mean over the mean of ``reference`` (the eigh yardstick). With
-    ``settle``, our torch optimizers that compile a small group after some eager steps by default
-    are timed after those steps (see :func:`~.measure.torch_measure`). With ``peers``, the torch
-    section also holds the other libraries' rows (:mod:`~.peers`)."""
+    ``peers``, the torch section also holds the other libraries' rows (:mod:`~.peers`)."""
     import torch
 
     tdtype = getattr(torch, dtype)
@@ -167,8 +164,7 @@ def bench_case(
             ]
             if framework == "torch":
                 measure = lambda c: torch_measure_(  # noqa: E731
-                    lambda module, named: torch_optimizer(c, named, torch_compile), update_extra(c, BATCH_SIZE), torch_timing(c),
-                    settle=settle,
+                    lambda module, named: torch_optimizer(c, named, torch_compile), update_extra(c, BATCH_SIZE), torch_timing(c)
                 )
             else:
                 core_timing = captured_timing if framework == "cupy" else timing
@@ -196,7 +192,7 @@ def _torch_measurer(spec: tuple, tdtype: Any, device: str, grads: list) -> Calla
 
     tgrads = [{k: torch.tensor(v, dtype=tdtype, device=device) for k, v in g.items()} for g in grads]
 
-    def measure(make: Callable[[Any, list], tuple[Any, list[str]]], extra: dict, timing: dict, settle: bool = False) -> dict:
+    def measure(make: Callable[[Any, list], tuple[Any, list[str]]], extra: dict, timing: dict) -> dict:
         module = case_module(spec, tdtype, device)
         named = list(module.named_parameters())
 
@@ -204,7 +200,7 @@ def _torch_measurer(spec: tuple, tdtype: Any, device: str, grads: list) -> Calla
             for name, p in named:
                 p.grad = tgrads[i % len(tgrads)][name]
 
-        return torch_measure(lambda: make(module, named), set_grads, extra, device, timing, settle)
+        return torch_measure(lambda: make(module, named), set_grads, extra, device, timing)
 
     return measure
 

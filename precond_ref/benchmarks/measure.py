@@ -74,30 +74,17 @@ def torch_measure(
     extra: dict,
     device: str,
     timing: dict,
-    settle: bool = False,
 ) -> dict:
-    """``set_grads(i)`` fills ``.grad`` (and returns the loss or ``None``), then ``optimizer.step(**extra)``.
-
-    An optimizer of ours that compiles a small param group only after some eager steps
-    (``compile=None``) is timed after them with ``settle`` (its first timed step then compiles);
-    without, its eager steps are timed. A note says which.
-    """
+    """``set_grads(i)`` fills ``.grad`` (and returns the loss or ``None``), then ``optimizer.step(**extra)``."""
     peak = _PeakMemory(device)
     optimizer, notes = make_optimizer()
     last: dict = {}
-    eager_steps = _eager_steps_before_compiling(optimizer)
-    if eager_steps:
-        notes = notes + [
-            f"compile=None: eager for {eager_steps} steps, then compiled; timed after them (first step: the compiling one)"
-            if settle
-            else f"compile=None: the eager steps, timed before step {eager_steps + 1} compiles"
-        ]
 
     def step(i: int) -> None:
         last["loss"] = set_grads(i)
         optimizer.step(**extra)
 
-    result = time_steps(step, torch_sync(device), settle=eager_steps if settle else 0, **timing)
+    result = time_steps(step, torch_sync(device), **timing)
     result["state_bytes"] = state_bytes(dict(optimizer.state))
     result["peak_bytes"] = peak.since_start()
     if last.get("loss") is not None:
@@ -131,22 +118,11 @@ def _operations_after(
     a note if they could not be counted."""
     from .counting import count_after
 
-    first = timed["settle_steps"] + timed["warmup_steps"] + timed["steps"]
+    first = timed["warmup_steps"] + timed["steps"]
     try:
         return count_after(optimizer, set_grads, extra, device, first, timed["period"], budget_s), []
     except Exception as err:  # a count that fails leaves the timings it follows intact
         return None, [f"operations not counted: {type(err).__name__}: {err}"]
-
-
-def _eager_steps_before_compiling(optimizer: Any) -> int:
-    """How many steps one of our torch optimizers at ``compile=None`` runs eagerly before compiling
-    its param groups (0: compiled from the first step, never compiled, or not ours)."""
-    from precond_ref.adapters._torch_compile import Auto
-
-    options = getattr(optimizer, "_compile_options", None)
-    if not isinstance(options, Auto):
-        return 0
-    return max(options.first_compiled_call(sum(p.numel() for p in group["params"])) for group in optimizer.param_groups)
 
 
 def jax_measure(

@@ -2,7 +2,7 @@
 
 HeavyBall (a compile-first torch optimizer library: Muon, SOAP, PSGD-Kron and a Shampoo-family
 optimizer, with its AdamW as a same-library reference) and, where it imports, pytorch_optimizer
-(Shampoo, SOAP). They are the optional extra ``peers`` (``pip install 'precond-ref[peers]'``). Each
+(Shampoo, SOAP). They are the optional extra ``peers`` (``pip install -e ".[peers]"``). Each
 runs at its library's defaults with learning rate 1e-3, on the same models and layer cases, through
 the same measurement as our torch rows. A peer that raises while it is built or stepped (HeavyBall's
 compiled optimizers can fail inside Inductor) gets the row ``crashes: <error type>`` and the run goes
@@ -16,11 +16,11 @@ import importlib
 import sys
 from typing import Any, Callable, Optional
 
-from ..cli import UserError
+from ..cli import UserError, pip_install
 
 __all__ = ["PEERS", "PeerCode", "select", "check_available", "set_compile", "peer_rows", "INSTALL_HINT"]
 
-INSTALL_HINT = "pip install 'precond-ref[peers]' (HeavyBall and pytorch_optimizer)"
+INSTALL_HINT = pip_install("peers") + ", which installs HeavyBall and pytorch_optimizer"
 LEARNING_RATE = 1e-3
 
 

@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from ..cli import UserError, install_hint, nonnegative_int, positive_int, rewrite_sections
+from ..cli import UserError, install_hint, nonnegative_int, pip_install, positive_int, rewrite_sections
 from .methods import METHODS, MODELS, MethodEntry
 
 __all__ = ["add_arguments", "run", "resolve_methods", "grid_factors", "train_one", "core_baseline", "make_torch_optimizer"]
@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Train an MLP, a CNN and a deep autoencoder on scikit-learn's 8x8 digits with every optimizer. By default "
         "each method's learning rate is tuned on a validation split (a log grid around its paper's value), then "
         "the best is trained with several seeds: mean ± std of the test metrics. Needs the 'compare' extra: "
-        "pip install 'precond-ref[compare]'."
+        f"{install_hint('compare')}."
     )
     add = parser.add_argument
     add("--methods", default="all", help=f"comma-separated subset of: {names} (default: all)")
@@ -236,7 +236,7 @@ def _check_dependencies(backend: str, dtype: str, plot: bool) -> None:
 
             from ..adapters import torch as _  # noqa: F401
         except ImportError as err:
-            raise UserError(f"--backend torch needs PyTorch (pip install 'precond-ref[torch]'): {err}") from None
+            raise UserError(f"--backend torch needs PyTorch ({pip_install('torch')}): {err}") from None
     elif backend == "jax":
         try:
             import jax
@@ -244,14 +244,14 @@ def _check_dependencies(backend: str, dtype: str, plot: bool) -> None:
 
             from ..adapters import jax as _  # noqa: F401,F811
         except ImportError as err:
-            raise UserError(f"--backend jax needs JAX and optax (pip install 'precond-ref[jax]'): {err}") from None
+            raise UserError(f"--backend jax needs JAX and optax ({pip_install('jax')}): {err}") from None
         if dtype == "float64":
             jax.config.update("jax_enable_x64", True)
     elif backend == "cupy":
         try:
             import cupy
         except ImportError as err:
-            raise UserError(f"--backend cupy needs CuPy (pip install 'precond-ref[cupy]'): {err}") from None
+            raise UserError(f"--backend cupy needs CuPy ({pip_install('cupy')}): {err}") from None
         if not cupy.is_available():
             raise UserError("--backend cupy needs a CUDA device, and cupy.is_available() is False on this machine")
 

@@ -25,8 +25,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from array_api_compat import array_namespace, is_jax_namespace
 
 from .._backend import (
-    array_device, compute_dtype, cond, device_key, host_bool, is_torch_namespace, leading_rows, leading_slices, pieces,
-    placement, scalar_zero, stacked, torch_compiling,
+    array_device, compute_dtype, cond, device_key, host_bool, index_dtype, is_torch_namespace, leading_rows,
+    leading_slices, pieces, placement, scalar_zero, stacked, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype
@@ -271,7 +271,7 @@ def from_tiles(xp, tiles, counts: tuple, size: tuple):
 def index_array(xp, positions: tuple, like):
     """``positions`` as an index array for ``take`` beside ``like``, made once per device
     (:func:`~precond_ref.engine.factors.constant`)."""
-    make = lambda: xp.asarray(list(positions), dtype=xp.int64, device=placement(xp, like))  # noqa: E731
+    make = lambda: xp.asarray(list(positions), dtype=index_dtype(xp, like), device=placement(xp, like))  # noqa: E731
     return constant(xp, ("index", positions), make, like)
 
 
@@ -423,7 +423,7 @@ def interleaved_places(xp, places: tuple, like):
         dev = placement(xp, like)
         pieces = []
         for k, firsts in places:
-            r = xp.arange(k // len(firsts), dtype=xp.int64, device=dev)
+            r = xp.arange(k // len(firsts), dtype=index_dtype(xp, like), device=dev)
             pieces.append(xp.reshape(xp.stack([r + f for f in firsts], axis=1), (-1,)))
         return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
     return constant(xp, ("interleaved", places), make, like)
@@ -445,7 +445,7 @@ def run_indicator(xp, lengths: tuple, like):
     runs of ``lengths`` and 0 elsewhere, made once on the device from ``arange`` (no host data
     copied; :func:`~precond_ref.engine.factors.constant`)."""
     def make():
-        places = xp.arange(sum(lengths), dtype=xp.int64, device=placement(xp, like))
+        places = xp.arange(sum(lengths), dtype=index_dtype(xp, like), device=placement(xp, like))
         ends = tuple(itertools.accumulate(lengths, initial=0))
         rows = [xp.logical_and(places >= a, places < b) for a, b in zip(ends[:-1], ends[1:])]
         return xp.astype(xp.stack(rows), xp.float32)

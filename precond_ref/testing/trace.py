@@ -1,4 +1,4 @@
-"""The ``trace`` command: ``python -m precond_ref trace METHOD --problem P --steps N --out FILE``.
+"""The ``trace`` command: ``python -m precond_ref trace METHOD --problem P --steps N [--out FILE]``.
 
 Exports a reference trajectory (initial parameters, data, every step's parameters, gradients and
 loss, the exact configuration and the library version) as a ``.npz`` trace file; the format is
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("method", nargs="?", help="method name (see --list)")
     parser.add_argument("--problem", default="quadratic", help="standard problem (default: quadratic; see --list)")
     parser.add_argument("--steps", type=_positive_int, default=10, help="number of updates, at least 1 (default: 10)")
-    parser.add_argument("--out", help="output file (.npz)")
+    parser.add_argument("--out", help="output file (.npz; default: METHOD-PROBLEM.npz in the current directory)")
     parser.add_argument(
         "--config",
         action="append",
@@ -29,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a factory argument as key=value (value parsed as JSON, else taken as a string), or a JSON "
         "object of them; repeatable",
     )
-    parser.add_argument("--dtype", default="float64", choices=("float32", "float64"), help="default: float64")
+    parser.add_argument(
+        "--dtype", default="float64", choices=("float32", "float64"),
+        help="default: float64 (on JAX, the run enables JAX's 64-bit mode for it)",
+    )
     parser.add_argument(
         "--backend",
         default="numpy",
@@ -44,6 +47,16 @@ def _positive_int(text: str) -> int:
     from ..cli import positive_int
 
     return positive_int(text)
+
+
+def _enable_jax_x64() -> None:
+    """JAX's 64-bit mode, without which it makes float32 arrays where float64 ones are asked for
+    (the ``compare`` command does the same for ``--dtype float64``)."""
+    try:
+        import jax
+    except ImportError:
+        return  # the backend's own check names what is missing
+    jax.config.update("jax_enable_x64", True)
 
 
 def parse_config(items: list[str]) -> dict[str, Any]:
@@ -83,25 +96,25 @@ def run(args: argparse.Namespace) -> int:
         print("methods: " + ", ".join(available_methods()))
         print("problems: " + ", ".join(available_problems()))
         return 0
-    # The method first: a wrong name is the more fundamental mistake than a missing --out.
     if not args.method:
         raise UserError("a METHOD is required; available methods: " + ", ".join(available_methods()))
     if args.method not in available_methods():
         raise UserError(f"unknown method {args.method!r}; available methods: {', '.join(available_methods())}")
     if args.problem not in available_problems():
         raise UserError(f"unknown problem {args.problem!r}; available problems: {', '.join(available_problems())}")
-    if not args.out:
-        raise UserError("--out FILE is required")
+    out = args.out or f"{args.method}-{args.problem}.npz"
     try:
         import numpy  # noqa: F401  (the .npz trace file)
     except ImportError:
         from ..cli import install_hint
 
         raise UserError(f"trace writes .npz files with NumPy: {install_hint('trace')}") from None
-    out_dir = os.path.dirname(os.path.abspath(args.out))
+    out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
-        raise UserError(f"cannot write {args.out}: directory {out_dir} does not exist")
+        raise UserError(f"cannot write {out}: directory {out_dir} does not exist")
     config = parse_config(args.config)
+    if args.backend == "jax" and args.dtype == "float64":
+        _enable_jax_x64()
     try:
         problem = get_problem(args.problem, seed=args.seed)
         trajectory = reference_trajectory(
@@ -110,11 +123,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, ImportError) as err:
         raise UserError(str(err)) from None
     try:
-        save_trajectory(trajectory, args.out, problem)
+        save_trajectory(trajectory, out, problem)
     except OSError as err:
-        raise UserError(f"cannot write {args.out}: {err}") from None
+        raise UserError(f"cannot write {out}: {err}") from None
     print(
-        f"wrote {args.out}: {args.method} on {problem.name}, {args.steps} steps, {args.dtype} ({args.backend}); "
+        f"wrote {out}: {args.method} on {problem.name}, {args.steps} steps, {args.dtype} ({args.backend}); "
         f"loss {trajectory.losses[0]:.6g} -> {trajectory.losses[-1]:.6g}"
     )
     return 0

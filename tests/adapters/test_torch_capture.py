@@ -310,7 +310,7 @@ def test_the_class_default_does_not_compile_a_captured_step(monkeypatch):
     threshold lowered to 1 element) makes no compiled step where the steps are captured, the first
     step included: the graph removes the host cost compiling would save."""
     monkeypatch.setattr(_torch_compile, "AUTO_MIN_ELEMENTS", 1)
-    assert _torch_compile.Auto().options_for(1, 0) == {}  # without capture, the first step would compile
+    assert _torch_compile.Auto().options_for(1) == {}  # without capture, the first step would compile
     made = []
     monkeypatch.setattr(_torch_compile, "CompiledStep", lambda *args: made.append(args) or pytest.fail("compiled"))
     with fake_graphs() as double:

@@ -121,3 +121,64 @@ def test_a_slow_compilation_says_so_once(monkeypatch, caplog, notice_s, told):
             opt.step()
     notices = [r for r in caplog.records if "compiling the optimizer's update of 2 tensors" in r.getMessage()]
     assert len(notices) == told
+
+
+@pytest.mark.parametrize("name", [n for n in pt.__all__ if n != "CoreOptimizer"])
+def test_an_unknown_keyword_names_the_class_and_the_closest_argument(name):
+    """optax's ``learning_rate`` (or a misspelling) given to a torch class is refused before
+    anything is built, naming the class, the bad keyword and the torch name it should be; a
+    name near none of them lists what the class takes."""
+    cls = getattr(pt, name)
+    params = _model().parameters()
+    with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword 'learning_rate'; did you mean 'lr'\?$"):
+        cls(params, learning_rate=1e-3)
+    with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword 'weight_decy'; did you mean 'weight_decay'\?$"):
+        cls(params, weight_decy=0.1)
+    with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword 'zzz'; it takes params, lr, "):
+        cls(params, zzz=1)
+
+
+def test_an_unknown_keyword_of_an_optax_factory_names_the_optax_argument():
+    """The optax factories in their own words: torch's ``lr`` and ``betas`` point to
+    ``learning_rate`` and ``b1``."""
+    pj = pytest.importorskip("precond_ref.adapters.jax")
+    for factory in (pj.agd, pj.rf_adamw, pj.asgo, pj.mbf):
+        name = factory.__name__
+        with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword 'lr'; did you mean 'learning_rate'\?$"):
+            factory(lr=1e-3)
+    with pytest.raises(TypeError, match=r"^agd got an unexpected keyword 'betas'; did you mean 'b1'\?$"):
+        pj.agd(betas=(0.9, 0.999))
+
+
+@pytest.mark.parametrize("cls", ROOT_FREE, ids=lambda c: c.__name__)
+def test_model_does_not_guess_the_batch_size_of_token_sequences(cls):
+    """B is the number of examples the loss averages over (spec root_free.md §2). A model whose
+    first input is a (sequences, length) batch of token ids does not tell it: a per-token loss
+    averages over sequences x length tokens, a per-sequence one over the sequences. model= alone
+    then refuses at the step, naming the shape and batch_size=; given batch_size= at the step,
+    the step is that of an optimizer built with it."""
+    def lm():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5))
+
+    tokens = torch.randint(0, 5, (4, 6), generator=torch.Generator().manual_seed(1))
+    counted, explicit = lm(), lm()
+    opt = cls(None, model=counted, lr=1e-2)
+    reference = cls(explicit.named_parameters(), lr=1e-2, batch_size=24)
+
+    def backward(model):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(tokens).reshape(-1, 5), tokens.reshape(-1)).backward()
+
+    backward(counted)
+    with pytest.raises(ValueError) as err:
+        opt.step()
+    message = str(err.value)
+    assert message.startswith(f"{cls.__name__}: model='s input is a batch of integer sequences (4, 6)")
+    assert "4 x 6" in message and "batch_size=" in message
+    backward(counted)
+    opt.step(batch_size=24)
+    backward(explicit)
+    reference.step()
+    assert torch.equal(torch.cat([p.flatten() for p in counted.parameters()]),
+                       torch.cat([p.flatten() for p in explicit.parameters()]))

@@ -16,7 +16,7 @@ Sizes (:mod:`precond_ref.compare.reproduce.config`): the default takes under 30 
 thread for all five papers; ``--quick`` seconds (a smoke test: its verdicts mean nothing); ``--size
 large`` is a configuration for one GPU (``--device cuda``).
 
-Needs the ``compare`` and ``torch`` extras: ``pip install 'precond-ref[compare,torch]'``. This
+Needs the ``compare`` and ``torch`` extras: ``pip install -e ".[compare,torch]"``. This
 module imports neither NumPy nor torch, so ``reproduce --help`` works without them.
 """
 
@@ -30,14 +30,14 @@ import sys
 import time
 from typing import Any
 
-from ...cli import UserError, nonnegative_int
+from ...cli import UserError, nonnegative_int, pip_install
 from .. import _importable, _prepare_out_dir as _prepare
 from .config import PAPERS, SIZES
 
 __all__ = ["add_arguments", "run", "PAPER_NAMES", "INSTALL"]
 
 PAPER_NAMES = tuple(PAPERS)
-INSTALL = "pip install 'precond-ref[compare,torch]'"
+INSTALL = pip_install("compare,torch")
 _REQUIRED = ("numpy", "sklearn", "tqdm", "threadpoolctl", "torch")
 DEFAULT_OUT = "results"
 
@@ -123,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--quick and --size large are exclusive")
     size_name = "quick" if args.quick else args.size
     check_dependencies(plot=not args.no_plot)
+    if args.quick:
+        from .report import QUICK_NOTE
+
+        print(QUICK_NOTE, flush=True)
     out = _prepare(args.out)
     if args.docs:
         if not os.path.isdir("docs"):
@@ -196,7 +200,7 @@ def _write(data: dict, directory: str, image_dir: str, plot: bool, docs: bool = 
     with open(json_path) as handle:
         written = json.load(handle)
     with open(os.path.join(directory, "reproduce.md"), "w") as handle:
-        handle.write(report.render(written, image_dir))
+        handle.write(report.render(written, image_dir, json_path))
     if plot:
         images = os.path.join(directory, "images") if docs else directory
         for name, paper in written["papers"].items():

@@ -92,9 +92,14 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+#: What a ``--quick`` run says first, and again above its verdicts.
+QUICK_NOTE = "reproduce --quick is a smoke test of seconds: its verdicts mean nothing (run without --quick for them)"
+
+
 def summary_lines(data: dict) -> list[str]:
-    """One line per claim: ``paper  id  verdict`` (what the command prints)."""
-    lines = []
+    """One line per claim: ``paper  id  verdict`` (what the command prints), after
+    :data:`QUICK_NOTE` for a ``--quick`` run."""
+    lines = [QUICK_NOTE] if data["settings"]["size"] == "quick" else []
     for name, paper in data["papers"].items():
         for claim in paper["claims"]:
             lines.append(f"{name:10s} {claim['id']:12s} {claim['verdict']}")
@@ -135,8 +140,9 @@ def _tuning_table(paper: dict) -> list[str]:
     return out
 
 
-def render(data: dict, image_dir: str = "images/") -> str:
-    """The Markdown report of a run (``image_dir``: where the PNGs are, relative to the page)."""
+def render(data: dict, image_dir: str = "images/", json_path: str = "records/reproduce.json") -> str:
+    """The Markdown report of a run (``image_dir``: where the PNGs are, relative to the page;
+    ``json_path``: where the run's JSON was written)."""
     settings = data["settings"]
     size = settings["size"]
     config = settings["config"]
@@ -254,10 +260,10 @@ def render(data: dict, image_dir: str = "images/") -> str:
         "",
         "## Regenerating",
         "",
-        "Every number above is in `records/reproduce.json` with its per-seed values and every tuning score; the "
+        f"Every number above is in `{json_path}` with its per-seed values and every tuning score; the "
         "plots are drawn from the same run (shaded: ± one sample std over the seeds). Regenerate with `python -m "
         "precond_ref reproduce --docs` from the repository root (needs the `compare` and `torch` extras: `pip install "
-        "'precond-ref[compare,torch]'`). `--paper NAME` runs one paper, `--quick` a seconds-long smoke version whose "
+        '-e ".[compare,torch]"`). `--paper NAME` runs one paper, `--quick` a seconds-long smoke version whose '
         "verdicts mean nothing, `--device cuda` the GPU-time claims on a GPU.",
         "",
     ]
