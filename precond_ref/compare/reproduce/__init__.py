@@ -12,9 +12,10 @@ paper), ``reproduce.json`` (every number, per seed, and every tuning score) and
 ``reproduce_<paper>.png``; ``--docs`` also writes ``docs/reproduce.md``,
 ``docs/data/reproduce.json`` and ``docs/images/reproduce_<paper>.png``.
 
-Sizes (:mod:`precond_ref.compare.reproduce.config`): the default takes under 30 minutes of one CPU
-thread for all five papers; ``--quick`` seconds (a smoke test: its verdicts mean nothing); ``--size
-large`` is a configuration for one GPU (``--device cuda``).
+Sizes (:mod:`precond_ref.compare.reproduce.config`): the default is the report's run (its wall
+time, measured by the run, is written into the report); ``--quick`` seconds (a smoke test: its
+verdicts mean nothing, and its output says so first); ``--size large`` is a configuration for one
+GPU (``--device cuda``). ``--claims`` runs only the named claims (and what they need).
 
 Needs the ``compare`` and ``torch`` extras: ``pip install 'precond-ref[compare,torch]'``. This
 module imports neither NumPy nor torch, so ``reproduce --help`` works without them.
@@ -38,6 +39,8 @@ __all__ = ["add_arguments", "run", "PAPER_NAMES", "INSTALL"]
 
 PAPER_NAMES = tuple(PAPERS)
 INSTALL = "pip install 'precond-ref[compare,torch]'"
+#: The first line a ``--quick`` run prints (and its report's first line after the title).
+SMOKE_LINE = "SMOKE TEST (--quick): a seconds-long run of tiny sizes; its verdicts below mean nothing."
 _REQUIRED = ("numpy", "sklearn", "tqdm", "threadpoolctl", "torch")
 DEFAULT_OUT = "results"
 
@@ -50,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add = parser.add_argument
     add("--paper", default="all", help=f"one of {', '.join(PAPER_NAMES)}, a comma-separated list, or all (default)")
+    add("--claims", default=None,
+        help="only these claims, comma-separated ids (e.g. ASGO-4,RootFree-4); their papers are run (default: every claim)")
     add("--quick", action="store_true", help="a smoke run of seconds (for the tests; its verdicts mean nothing)")
     add("--size", choices=("default", "large"), default="default",
         help="default (minutes on a CPU) or large (a configuration for one GPU; use with --device cuda)")
@@ -74,6 +79,26 @@ def resolve_papers(spec: str) -> list[str]:
         raise UserError(f"unknown paper(s) {', '.join(map(repr, unknown)) or '(none given)'}; available: "
                         f"{', '.join(PAPER_NAMES)}, all")
     return [name for name in PAPER_NAMES if name in wanted]
+
+
+def resolve_claims(spec: Any) -> Any:
+    """``(papers, claim ids)`` named by ``--claims`` (ids as ``ASGO-4``, any case), or ``None``."""
+    if spec is None:
+        return None
+    prefixes = {"asgo": "asgo", "sketchy": "sketchy", "rootfree": "root_free", "mbf": "mbf", "agd": "agd"}
+    ids, papers = [], []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        head, _, number = item.rpartition("-")
+        paper = prefixes.get(head.lower().replace("_", "").replace("-", ""))
+        if paper is None or not number.isdigit():
+            raise UserError(f"--claims: {item!r} is not a claim id (e.g. ASGO-4, RootFree-4, MBF-2)")
+        canonical = {"asgo": "ASGO", "sketchy": "Sketchy", "root_free": "RootFree", "mbf": "MBF", "agd": "AGD"}[paper]
+        ids.append(f"{canonical}-{int(number)}")
+        if paper not in papers:
+            papers.append(paper)
+    if not ids:
+        raise UserError("--claims: no claim named")
+    return [p for p in PAPER_NAMES if p in papers], ids
 
 
 def check_dependencies(plot: bool) -> None:
@@ -119,8 +144,15 @@ class _Progress:
 
 def run(args: argparse.Namespace) -> int:
     papers = resolve_papers(args.paper)
+    claims = resolve_claims(getattr(args, "claims", None))
+    if claims is not None:
+        papers, claims = [p for p in papers if p in claims[0]], claims[1]
+        if not papers:
+            raise UserError("--claims names no claim of the papers --paper selects")
     if args.quick and args.size != "default":
         raise UserError("--quick and --size large are exclusive")
+    if args.quick:
+        print(SMOKE_LINE, flush=True)
     size_name = "quick" if args.quick else args.size
     check_dependencies(plot=not args.no_plot)
     out = _prepare(args.out)
@@ -154,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
     argv = list(getattr(args, "argv", []) or [])
     data: dict[str, Any] = {
         "command_line": shlex.join(["python", "-m", "precond_ref", "reproduce", *argv]),
-        "settings": {"size": size_name, "papers": papers, "seeds": list(range(args.seed, args.seed + size["seeds"])),
+        "settings": {"size": size_name, "papers": papers, "claims": claims,
+                     "seeds": list(range(args.seed, args.seed + size["seeds"])),
                      "lm_seeds": list(range(args.seed, args.seed + size["lm_seeds"])),
                      "config": size, "device": str(dev), "threads": 1},
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
@@ -168,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
         with threadpool_limits(limits=1):
             for name in papers:
                 progress.start(name)
-                ctx = Context(runner, size, seed=args.seed, device=str(dev))
+                runner.paper = name
+                ctx = Context(runner, size, seed=args.seed, device=str(dev), claims=claims)
                 result = run_paper(name, ctx)
                 data["papers"][name] = result
                 progress.paper_done(", ".join(f"{c['id']} {c['verdict']}" for c in result["claims"]))
@@ -177,9 +211,12 @@ def run(args: argparse.Namespace) -> int:
     data["wall_s"] = time.perf_counter() - started
     data["cpu_s"] = time.process_time() - cpu
     data["corpus_characters"] = harness._CORPUS.get("characters")
+    data["fingerprints"] = list(runner.fingerprints.values())
     _write(data, out, "", plot=not args.no_plot)
     if args.docs:
         _write(data, "docs", "images/", plot=not args.no_plot, docs=True)
+    if args.quick:
+        print(SMOKE_LINE)
     print("\n".join(report.summary_lines(data)))
     print(f"report: {os.path.join(out, 'reproduce.md')} ({data['wall_s']:.0f} s)")
     return 0

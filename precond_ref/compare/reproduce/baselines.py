@@ -14,6 +14,10 @@ torch lacks is here:
   the coupled Newton iteration in the factors' own dtype (``root="newton"``: what a root-based
   Shampoo does in half precision, where there is no eigendecomposition); parameters with fewer than
   two dimensions take the Adam update.
+- :class:`RootRMSPropReference`: RMSProp as RF-RMSProp's rule with the root put back (Lin et al.,
+  Figure 1, left against right): the same batch-scaled statistic ``s`` (started at 1), damping,
+  weight decay and heavy-ball momentum, and the direction ``g / (sqrt(s) + lambda) + kappa theta``;
+  ``root=False`` is RF-RMSProp itself (the test checks it against the library's).
 - :class:`MuonReference`: Muon (Jordan et al. 2024): Nesterov momentum 0.95 whose matrix is
   orthogonalised by five steps of the quintic Newton-Schulz iteration (coefficients 3.4445,
   -4.7750, 2.0315), the update scaled to root-mean-square ``rms * sqrt(max(m, n))`` as in Liu et
@@ -39,7 +43,47 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-__all__ = ["ShampooReference", "MuonReference", "KFACReference", "orthogonalize", "oco_adagrad"]
+__all__ = ["ShampooReference", "RootRMSPropReference", "MuonReference", "KFACReference", "orthogonalize", "oco_adagrad"]
+
+
+def _root_rmsprop_class() -> Any:
+    import torch
+
+    class RootRMSPropReference(torch.optim.Optimizer):
+        """RF-RMSProp's rule with the root put back; see the module docstring."""
+
+        def __init__(self, params: Any, lr: float = 1e-2, b2: float = 0.999, damping: float = 1e-4, momentum: float = 0.0,
+                     weight_decay: float = 0.0, batch_size: Any = None, initial_scale: float = 1.0,
+                     scale_by_batch_size: bool = True, root: bool = True) -> None:
+            params = list(params)
+            if params and isinstance(params[0], tuple):  # named parameters
+                params = [p for _, p in params]
+            super().__init__(params, dict(lr=lr, b2=b2, damping=damping, momentum=momentum, weight_decay=weight_decay,
+                                          batch_size=batch_size, initial_scale=initial_scale,
+                                          scale_by_batch_size=scale_by_batch_size, root=root))
+
+        @torch.no_grad()
+        def step(self, closure: Callable | None = None, batch_size: Any = None) -> Any:
+            loss = None if closure is None else closure()
+            for group in self.param_groups:
+                scale = (batch_size or group["batch_size"]) if group["scale_by_batch_size"] else 1
+                if scale is None:
+                    raise ValueError("RootRMSPropReference: batch_size is needed (the examples the loss averages over)")
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    g, state = p.grad, self.state[p]
+                    if not state:
+                        state["s"] = torch.full_like(p, group["initial_scale"])  # s_0
+                        state["v"] = torch.zeros_like(p)
+                    s = state["s"].mul_(group["b2"]).add_(g * g * scale, alpha=1 - group["b2"])  # s <- b2 s + (1-b2) B g^2
+                    denominator = (s.sqrt() if group["root"] else s) + group["damping"]
+                    delta = g / denominator + group["weight_decay"] * p  # g / (sqrt(s) + lambda) + kappa theta
+                    v = state["v"].mul_(group["momentum"]).add_(delta)  # v <- alpha1 v + delta
+                    p.add_(v, alpha=-group["lr"])
+            return loss
+
+    return RootRMSPropReference
 
 
 def _shampoo_class() -> Any:
@@ -51,18 +95,20 @@ def _shampoo_class() -> Any:
         def __init__(
             self, params: Any, lr: float = 3e-3, momentum: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
             sides: int = 2, precondition_every: int = 1, adam_betas: tuple = (0.9, 0.999), adam_eps: float = 1e-8,
-            root: str = "eigh", newton_steps: int = 20,
+            root: str = "eigh", newton_steps: int = 20, graft: bool = True, accumulate: str = "ema",
         ) -> None:
             if sides not in (1, 2):
                 raise ValueError(f"ShampooReference: sides must be 1 or 2, got {sides!r}")
             if root not in ("eigh", "newton"):
                 raise ValueError(f"ShampooReference: root must be 'eigh' or 'newton', got {root!r}")
+            if accumulate not in ("ema", "sum"):
+                raise ValueError(f"ShampooReference: accumulate must be 'ema' or 'sum', got {accumulate!r}")
             params = list(params)
             if params and isinstance(params[0], tuple):  # named parameters
                 params = [p for _, p in params]
             super().__init__(params, dict(lr=lr, momentum=momentum, b2=b2, eps=eps, sides=sides,
                                           precondition_every=precondition_every, adam_betas=adam_betas, adam_eps=adam_eps,
-                                          root=root, newton_steps=newton_steps))
+                                          root=root, newton_steps=newton_steps, graft=graft, accumulate=accumulate))
 
         @staticmethod
         def _root(factor: Any, power: float, eps: float) -> Any:
@@ -122,24 +168,27 @@ def _shampoo_class() -> Any:
                     left = group["sides"] == 2 or rows <= cols
                     right = group["sides"] == 2 or rows > cols
                     power = 0.25 if group["sides"] == 2 else 0.5
+                    # EMA: F <- b2 F + (1 - b2) G G^T; sum (Gupta et al.): F <- F + G G^T
+                    decay, weight = (group["b2"], 1 - group["b2"]) if group["accumulate"] == "ema" else (1.0, 1.0)
                     if left:
                         state.setdefault("L", torch.zeros(rows, rows, dtype=p.dtype, device=p.device))
-                        state["L"].mul_(group["b2"]).add_(g2 @ g2.T, alpha=1 - group["b2"])
+                        state["L"].mul_(decay).add_(g2 @ g2.T, alpha=weight)
                     if right:
                         state.setdefault("R", torch.zeros(cols, cols, dtype=p.dtype, device=p.device))
-                        state["R"].mul_(group["b2"]).add_(g2.T @ g2, alpha=1 - group["b2"])
+                        state["R"].mul_(decay).add_(g2.T @ g2, alpha=weight)
                     if (t - 1) % group["precondition_every"] == 0:
                         for side, on in (("L", left), ("R", right)):
                             if on:
                                 state[side + "_root"] = (
                                     self._root(state[side], power, group["eps"]) if group["root"] == "eigh"
                                     else self._newton_root(state[side], power, group["eps"], group["newton_steps"]))
-                    direction = m
+                    # Without momentum (momentum 0) the preconditioned matrix is the gradient itself.
+                    direction = m if group["momentum"] > 0 else g2
                     if left:
                         direction = state["L_root"] @ direction
                     if right:
                         direction = direction @ state["R_root"]
-                    scale = adam.norm() / direction.norm().clamp_min(1e-30)
+                    scale = adam.norm() / direction.norm().clamp_min(1e-30) if group["graft"] else 1.0
                     p.add_(direction.reshape(p.shape) * scale, alpha=-group["lr"])
             return loss
 
@@ -328,7 +377,8 @@ def _kfac_class() -> Any:
     return KFACReference
 
 
-_CLASSES = {"ShampooReference": _shampoo_class, "MuonReference": _muon_class, "KFACReference": _kfac_class}
+_CLASSES = {"ShampooReference": _shampoo_class, "RootRMSPropReference": _root_rmsprop_class, "MuonReference": _muon_class,
+            "KFACReference": _kfac_class}
 
 
 def __getattr__(name: str) -> Any:
