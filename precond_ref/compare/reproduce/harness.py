@@ -11,10 +11,11 @@ keeps the summation order fixed). The tasks:
   commit and shipped with the package: :mod:`precond_ref.compare.reproduce.corpus`), as the
   examples train; random windows, validation on the held-out last 10% of the text.
 
-The learning-rate sweep (:meth:`Runner.tune`): a log grid of at least five powers of sqrt(10)
-(:func:`precond_ref.compare.grid_factors`) centred on a method's paper value, extended past an edge
-that wins, each rate trained on the first 80% of the training data (90% of the LM text) and scored
-on the rest with two seeds; the best mean is then run on every seed against the test data.
+The learning-rate sweep (:meth:`Runner.tune`): a log grid of powers of sqrt(10)
+(:func:`precond_ref.compare.grid_factors`) centred on a method's paper value, extended until a rate
+beats both neighbours, each rate trained as long as the evaluation runs on the first 80% of the
+training data (90% of the LM text) and scored on the rest with tuning seeds that are never
+evaluation seeds; the best mean is then run on every evaluation seed against the test data.
 """
 
 from __future__ import annotations
