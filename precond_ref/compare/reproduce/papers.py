@@ -273,7 +273,7 @@ def _asgo_lm(ctx: Context) -> tuple:
         "held-out loss after {} steps: ASGO {}, AdamW (weight decay 0, i.e. Adam) {}, one-sided Shampoo {}, Muon {}".format(
             steps, _ms(loss["asgo"]), _ms(loss["adam"]), _ms(loss["shampoo1"]), _ms(loss["muon"])),
         {m: loss[m] for m in methods},
-        f"a 2-layer width-{ctx.lm['width']} char transformer for {steps} steps, not GPT-2 for 2400; constant rates, no "
+        f"a {ctx.lm['layers']}-layer width-{ctx.lm['width']} char transformer for {steps} steps, not GPT-2 for 2400; constant rates, no "
         "warm-up; the baseline list is a summary's", lm=True, secondary=True,
     )
     budgets = [min(runs[m][i]["seconds"] for m in ("asgo", *baselines2)) for i in range(len(seeds))]

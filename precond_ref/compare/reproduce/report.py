@@ -40,7 +40,8 @@ PROTOCOL_CHANGES = (
      "seeds (were seeds 0-1, also evaluated); every tuning run as long as the evaluation runs (were 4 epochs / 120 LM "
      "steps against 10 / 300); 3-point grids extended until a rate beats both neighbours, and below the lowest rate "
      "while all diverge (were 5 points, extended only upward past a winning edge). To pay for this on a shared "
-     "two-core machine, shorter runs: digits 3 epochs (were 10), MBF 7 (were 30), the LM 100 steps (were 300), the "
+     "two-core machine, shorter runs and one tuning seed (were two): digits 3 epochs (were 10), MBF 7 (were 30), the "
+     "LM one layer and 80 steps (were two and 300), AGD at deltas 1e-8 and 1e-2 (were five), the "
      "wide MLP 128 wide with Sketchy at ranks 4 and 16 (were 256; 4, 16, 64), 400 online rounds on 5 rates at ranks "
      "2, 8 and 32 (were 1000 on 7 at 1, 4, 8, 16, 32). Equal treatment: one weight decay, none, for every method (was ASGO 0.1 against "
      "AdamW and Muon 0.01, AGD's decay scaling with its rate, RF-RMSProp's kappa against an RMSProp without); AdamW "
@@ -93,7 +94,7 @@ PROTOCOL_CHANGES = (
 
 #: Limits that hold for every run of this protocol (the data-dependent ones are derived by :func:`limits`).
 LIMITS = (
-    "Scale: every model here is tiny (8x8 digits, a 2-layer char transformer of width 32, least squares of 32 x 64) "
+    "Scale: every model here is tiny (8x8 digits, a char transformer of width 32, least squares of 32 x 64) "
     "and every budget short; a claim that does not hold here may hold at the paper's scale, and one that holds here "
     "may not survive it.",
     "Tuning: the learning rate is tuned for every method (MBF's damping with it; AGD's delta is swept where it is "
