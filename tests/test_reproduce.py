@@ -287,54 +287,6 @@ def test_muon_reference_step_is_the_scaled_orthogonal_factor():
     assert torch.allclose(head.detach(), head_start * (1 - 0.1 * 0.01) - 0.1 / (1 + 1e-8), rtol=0, atol=1e-15)
 
 
-def test_kfac_reference_records_the_layers_and_steps_by_the_kronecker_inverse():
-    """K-FAC's statistics (Martens and Grosse 2015; KFC, Grosse and Martens 2016): the recorded
-    activation rows a (with a ones column for the bias; a convolution's unfolded patches) and output
-    gradients d of a layer give its gradient exactly, sum over rows of d a^T = [dW, db] (the chain
-    rule of a linear map), for a linear layer and a padded convolution alike; the first step with
-    momentum 0 is -lr (G + sqrt(lambda)/pi I)^-1 [dW, db] (A + pi sqrt(lambda) I)^-1 with
-    A = a^T a / B, G = B d^T d / positions and pi^2 the ratio of their mean eigenvalues."""
-    torch = pytest.importorskip("torch")
-    import torch.nn.functional as F
-
-    from precond_ref.compare.reproduce.baselines import KFACReference
-
-    gen = torch.Generator().manual_seed(8)
-    x = torch.randn(6, 2, 5, 5, dtype=torch.float64, generator=gen)
-    conv_w = torch.nn.Parameter(torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=gen))
-    conv_b = torch.nn.Parameter(torch.randn(3, dtype=torch.float64, generator=gen))
-    fc_w = torch.nn.Parameter(torch.randn(4, 75, dtype=torch.float64, generator=gen))
-    fc_b = torch.nn.Parameter(torch.randn(4, dtype=torch.float64, generator=gen))
-    named = [("conv.weight", conv_w), ("conv.bias", conv_b), ("fc.weight", fc_w), ("fc.bias", fc_b)]
-    start = {n: p.detach().clone() for n, p in named}
-    opt = KFACReference(named, lr=0.1, damping=1e-2, momentum=0.0, b2=0.9)
-    with opt.capture():
-        hidden = torch.tanh(F.conv2d(x, conv_w, conv_b, padding=1))
-        loss = (F.linear(hidden.reshape(6, -1), fc_w, fc_b) ** 2).mean()
-    loss.backward()
-    tol = 1e3 * torch.finfo(torch.float64).eps
-    for w, b in ((conv_w, conv_b), (fc_w, fc_b)):
-        record = opt._store[id(w)]
-        rebuilt = record["grad"].T @ record["rows"]
-        assert torch.allclose(rebuilt[:, :-1], w.grad.reshape(w.shape[0], -1), rtol=0, atol=tol)
-        assert torch.allclose(rebuilt[:, -1], b.grad, rtol=0, atol=tol)
-    expected = {}
-    for name, w, b in (("conv", conv_w, conv_b), ("fc", fc_w, fc_b)):
-        record = opt._store[id(w)]
-        rows, grads = record["rows"], record["grad"]
-        a = rows.T @ rows / 6
-        g = grads.T @ grads * 6 / (rows.shape[0] // 6)
-        pi = (torch.trace(a) / a.shape[0] / (torch.trace(g) / g.shape[0])).sqrt()
-        step = (torch.linalg.inv(g + 0.1 / pi * torch.eye(g.shape[0], dtype=g.dtype))
-                @ torch.cat([w.grad.reshape(w.shape[0], -1), b.grad[:, None]], 1)
-                @ torch.linalg.inv(a + pi * 0.1 * torch.eye(a.shape[0], dtype=a.dtype)))
-        expected[f"{name}.weight"] = start[f"{name}.weight"] - 0.1 * step[:, :-1].reshape(w.shape)
-        expected[f"{name}.bias"] = start[f"{name}.bias"] - 0.1 * step[:, -1]
-    opt.step()
-    for n, p in named:
-        assert torch.allclose(p.detach(), expected[n], rtol=1e-9, atol=1e-12), n
-
-
 def test_second_moment_bytes_count_statistics_only():
     """Adam's second moment is its v (one value per parameter); the reference Shampoo's its two
     Kronecker factors (m^2 + n^2); Sketchy's its rank-k FD sketches, about k (m + n) values for an

@@ -24,15 +24,6 @@ torch lacks is here:
   al.'s "Muon is scalable" (so that one learning rate serves it and AdamW), with decoupled weight
   decay; parameters that are not matrices, and those ``adam_filter(name)`` selects (embeddings and
   the read-out, by Muon's convention), take AdamW's step at the same rate.
-- :class:`KFACReference`: K-FAC (Martens and Grosse, ICML 2015; convolutions as KFC, Grosse and
-  Martens, ICML 2016) for the layers that ``F.linear`` and ``F.conv2d`` compute: per layer the
-  Kronecker factors ``A`` (inputs with a ones column for the bias; a convolution's unfolded
-  patches) and ``G`` (gradients of the layer's outputs, per example), exponential moving averages
-  updated every ``statistics_every`` steps and inverted every ``precondition_every`` steps with
-  factored Tikhonov damping (``A + pi sqrt(damping) I``, ``G + sqrt(damping) / pi I``), heavy-ball
-  momentum on the preconditioned gradient. The statistics are those of the training loss itself
-  (the empirical Fisher, as MBF's), recorded while :meth:`KFACReference.capture` is active around
-  the forward pass; a parameter no recorded layer uses takes the plain gradient.
 - :func:`oco_adagrad`: online diagonal or full-matrix AdaGrad (Duchi, Hazan, Singer, JMLR 2011)
   with ``delta = 0`` (the pseudo-inverse root, as the Sketchy paper's Appendix A protocol), for the
   online logistic regression of the Sketchy experiment (NumPy).
@@ -40,10 +31,9 @@ torch lacks is here:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
-__all__ = ["ShampooReference", "RootRMSPropReference", "MuonReference", "KFACReference", "orthogonalize", "oco_adagrad"]
+__all__ = ["ShampooReference", "RootRMSPropReference", "MuonReference", "orthogonalize", "oco_adagrad"]
 
 
 def _root_rmsprop_class() -> Any:
@@ -259,126 +249,7 @@ def _muon_class() -> Any:
     return MuonReference
 
 
-def _kfac_class() -> Any:
-    import torch
-    import torch.nn.functional as F
-    from torch.overrides import TorchFunctionMode
-
-    class _Record(TorchFunctionMode):
-        """Records, for each weight of ``weights`` that a linear or 2-D convolution uses, the layer's
-        input (as K-FAC's activation rows) and, by a hook, the gradient of its output."""
-
-        def __init__(self, weights: dict, store: dict):
-            super().__init__()
-            self.weights, self.store = weights, store
-
-        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            if func in (F.linear, F.conv2d) and id(args[1]) in self.weights:
-                x, weight = args[0], args[1]
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                if func is F.conv2d:
-                    stride, padding, dilation = (kwargs.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
-                    if len(args) > 3:
-                        stride = args[3]
-                    if len(args) > 4:
-                        padding = args[4]
-                    if len(args) > 5:
-                        dilation = args[5]
-                    # Patches (examples x positions, C_in * kh * kw), the rows of KFC's A.
-                    rows = F.unfold(x.detach(), weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
-                    rows = rows.transpose(1, 2).reshape(-1, rows.shape[1])
-                else:
-                    rows = x.detach().reshape(-1, x.shape[-1])
-                if bias is not None:
-                    rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-                entry = {"rows": rows, "examples": x.shape[0]}
-                self.store[id(weight)] = entry
-                if out.requires_grad:
-                    def keep(grad: Any, entry: dict = entry, conv: bool = func is F.conv2d) -> None:
-                        entry["grad"] = (grad.transpose(1, 0).reshape(grad.shape[1], -1).T if conv
-                                         else grad.reshape(-1, grad.shape[-1]))
-                    out.register_hook(keep)
-            return out
-
-    class KFACReference(torch.optim.Optimizer):
-        """Reference K-FAC; see the module docstring."""
-
-        def __init__(
-            self, named: Any, lr: float = 1e-3, damping: float = 1e-3, momentum: float = 0.9, b2: float = 0.9,
-            statistics_every: int = 1, precondition_every: int = 10,
-        ) -> None:
-            named = list(named)
-            super().__init__([p for _, p in named], dict(lr=lr, damping=damping, momentum=momentum, b2=b2,
-                                                         statistics_every=statistics_every,
-                                                         precondition_every=precondition_every))
-            # A weight and its bias (the parameter named like it, ".weight" -> ".bias").
-            by_name = dict(named)
-            self._bias = {id(p): by_name.get(n[: -len("weight")] + "bias") for n, p in named if n.endswith("weight")}
-            self._store: dict = {}
-            self._count = 0
-
-        def capture(self) -> Any:
-            """A context for the forward pass whose statistics the next :meth:`step` uses."""
-            self._store.clear()
-            weights = {id(p): p for group in self.param_groups for p in group["params"] if p.ndim in (2, 4)}
-            return _Record(weights, self._store)
-
-        @torch.no_grad()
-        def step(self, closure: Callable | None = None) -> Any:
-            loss = None if closure is None else closure()
-            self._count += 1
-            t = self._count
-            for group in self.param_groups:
-                directions: dict = {}
-                for p in group["params"]:  # recorded layers first: each takes its bias along
-                    record = self._store.get(id(p))
-                    if p.grad is not None and record is not None and "grad" in record:
-                        directions.update(self._precondition(p, self._bias.get(id(p)), record, group, t))
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                    buf.mul_(group["momentum"]).add_(directions.get(p, p.grad))
-                    p.add_(buf, alpha=-group["lr"])
-            return loss
-
-        def _precondition(self, weight: Any, bias: Any, record: dict, group: dict, t: int) -> dict:
-            state = self.state[weight]
-            rows, grads, examples = record["rows"], record["grad"], record["examples"]
-            # Per-example output gradients of a mean loss are the recorded ones times the batch;
-            # G is their second moment over examples (averaged over a convolution's positions),
-            # A the activations' summed over positions and averaged over examples.
-            positions = rows.shape[0] // examples
-            if (t - 1) % group["statistics_every"] == 0:
-                a = rows.T @ rows / examples
-                g = grads.T @ grads * examples / positions
-                for key, new in (("A", a), ("G", g)):
-                    if key in state:
-                        state[key].mul_(group["b2"]).add_(new, alpha=1 - group["b2"])
-                    else:
-                        state[key] = new.clone()
-            if (t - 1) % group["precondition_every"] == 0 or "A_inv" not in state:
-                a, g = state["A"], state["G"]
-                pi = math.sqrt(max(float(torch.trace(a)) / a.shape[0], 1e-30) / max(float(torch.trace(g)) / g.shape[0], 1e-30))
-                root = math.sqrt(group["damping"])
-                state["A_inv"] = torch.linalg.inv(a + pi * root * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
-                state["G_inv"] = torch.linalg.inv(g + root / pi * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
-            gradient = weight.grad.reshape(weight.shape[0], -1)
-            if bias is not None:
-                gradient = torch.cat([gradient, bias.grad.reshape(-1, 1)], dim=1)
-            step = state["G_inv"] @ gradient @ state["A_inv"]
-            out = {weight: step[:, : gradient.shape[1] - (bias is not None)].reshape(weight.shape)}
-            if bias is not None:
-                out[bias] = step[:, -1].reshape(bias.shape)
-            return out
-
-    return KFACReference
-
-
-_CLASSES = {"ShampooReference": _shampoo_class, "RootRMSPropReference": _root_rmsprop_class, "MuonReference": _muon_class,
-            "KFACReference": _kfac_class}
+_CLASSES = {"ShampooReference": _shampoo_class, "RootRMSPropReference": _root_rmsprop_class, "MuonReference": _muon_class}
 
 
 def __getattr__(name: str) -> Any:

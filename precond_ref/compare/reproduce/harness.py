@@ -20,7 +20,6 @@ evaluation seeds; the best mean is then run on every evaluation seed against the
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -89,10 +88,6 @@ class Opt:
             return baselines.RootRMSPropReference(named, lr=lr, **core)
         if n == "muon":  # embeddings and the read-out to its AdamW part, by Muon's convention
             return baselines.MuonReference(named, lr=lr, adam_filter=_muon_excluded, **{"weight_decay": 0.0, **kw})
-        if n == "kfac":  # MBF's statistics decay, intervals and damping for the model (compare's table)
-            mbf = entry_by_name("mbf").kwargs_for(model)
-            keys = ("damping", "b2", "statistics_every", "precondition_every", "momentum")
-            return baselines.KFACReference(named, lr=lr, **{**{k: mbf[k] for k in keys}, **kw})
         if n in ("shampoo1", "shampoo2"):
             return baselines.ShampooReference(named, lr=lr, **{"sides": int(n[-1]), **kw})
         if n == "shampoo_sum":  # Gupta et al.'s Algorithm: summed factors, powers -1/4, no momentum, no graft
@@ -128,7 +123,6 @@ OPTS = {
         Opt("shampoo2", "Shampoo (reference baseline)", False),
         Opt("shampoo_sum", "Shampoo (Gupta et al.'s algorithm, reference baseline)", False),
         Opt("muon", "Muon (reference baseline)", False),
-        Opt("kfac", "K-FAC (reference baseline)", False),
         Opt("asgo", "ASGO", True),
         Opt("asgo_theory", "ASGO (Algorithm 1)", True),
         Opt("dasgo", "DASGO", True),
@@ -151,9 +145,7 @@ def _timed_step(optimizer: Any, loss_fn: Callable, extra: dict, observe: Optiona
     backward pass and the optimizer step, outside the timed part."""
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    # An optimizer that reads the layers' inputs (K-FAC) records them during the forward pass.
-    with getattr(optimizer, "capture", contextlib.nullcontext)():
-        loss = loss_fn()
+    loss = loss_fn()
     loss.backward()
     _sync()
     elapsed = time.perf_counter() - start
