@@ -95,10 +95,10 @@ SIZES = {
         "grid": 3,
         "grid_extend": 4,
         "checkpoints": 10,
-        "oco_rounds": 400,  # 0: every example of the data set
+        "oco_rounds": 150,  # 0: every example of the data set
         "oco_grid": 5,
         "oco_rank": 8,
-        "oco_ranks": [2, 8, 32],
+        "oco_ranks": [2, 8],
         "agd_deltas": [1e-8, 1e-2],
         "synthetic_steps": 60,
         "asgo_ranks": [1, 4, 32],

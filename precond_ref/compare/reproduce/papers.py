@@ -392,10 +392,11 @@ def sketchy(ctx: Context) -> dict:
     size, run = ctx.size, ctx.runner
     epochs = size["digits_epochs"]
     entry_lr = 1e-3
-    # (1) and (2): the Kronecker factors' spectra while Sketchy trains the MLP and the CNN.
+    # (1) and (2): the Kronecker factors' spectra while Sketchy trains the MLP and the CNN. Each
+    # block runs only when one of its claims is asked for (``--claims``); the others' claims are dropped.
     fractions, distances, successive, curves_frac = [], [], [], {}
-    gaussian_fracs = []
-    for seed in ctx.seeds:
+    gaussian_fracs = [math.nan]
+    for seed in ctx.seeds if ctx.wants("Sketchy-1", "Sketchy-2") else []:
         per_factor_final, per_factor_dist, per_factor_succ = [], [], []
         for model in ("mlp", "cnn"):
             steps_per_epoch = len(digits_data(False)[0]) // 64
@@ -431,6 +432,7 @@ def sketchy(ctx: Context) -> dict:
                     curves_frac[f"{model} {key[0]} {key[1]}"] = [[s[0] for s in series], [s[1] for s in series]]
             if seed == ctx.seeds[0]:
                 # Isotropic reference: EMA of as many Gaussian matrices of each weight's shape.
+                gaussian_fracs = gaussian_fracs[1:] if gaussian_fracs and math.isnan(gaussian_fracs[0]) else gaussian_fracs
                 rng = np.random.default_rng(seed)
                 for key, series in snaps.items():
                     d = series[0][2].shape[0]
@@ -473,7 +475,7 @@ def sketchy(ctx: Context) -> dict:
     )
     # (3) Online logistic regression: regret of S-AdaGrad, full-matrix and diagonal AdaGrad, and the
     # FD trade-off: regret against the rank k and the bottom eigenvalues' mass.
-    oco = _oco(ctx)
+    oco = _oco(ctx, ctx.seeds if ctx.wants("Sketchy-3", "Sketchy-4", "Sketchy-6") else [])
     c3 = _claim(
         "Sketchy-3", "In online convex optimization, rank-k S-AdaGrad's regret approaches full-matrix AdaGrad's, up "
         "to the mass of the bottom d-k eigenvalues of the gradient covariance",
@@ -514,7 +516,7 @@ def sketchy(ctx: Context) -> dict:
          "full": oco["regret"]["full"]},
         "the bound is an upper bound; a smaller regret gap at larger k agrees with it but does not test its constant",
     )
-    c5, c7, pareto_panel = _sketchy_pareto(ctx)
+    c5, c7, pareto_panel = _sketchy_pareto(ctx) if ctx.wants("Sketchy-5", "Sketchy-7") else ({"id": "Sketchy-5"}, {"id": "Sketchy-7"}, None)
     ctx.hyper.append("Sketchy (spectra runs): lr 1e-3, rank 16 and the tearfree defaults of compare's table (not tuned)")
     ctx.hyper.append(f"online logistic regression: d = {oco['dim']} (digits pixels / 16 and an intercept; label: digit >= 5), "
                      f"delta 0 for all (the paper's Appendix A), each method's best of {oco['grid']} learning rates "
@@ -532,7 +534,7 @@ def sketchy(ctx: Context) -> dict:
     frac_panel = _panel("top-25% trace fraction of the Kronecker factors (first seed)", "step", "fraction",
                         {k: {"x": v[0], "mean": v[1]} for k, v in curves_frac.items()}, ylim=[0, 1.02], legend=False)
     return {"claims": [c for c in (c1, c2, c3, c4, c5, c6, c7) if ctx.wants(c["id"])],
-            "panels": [frac_panel, regret_panel, rank_panel, pareto_panel]}
+            "panels": [p for p in (frac_panel, regret_panel, rank_panel, pareto_panel) if p is not None]}
 
 
 _LABELS = {"s_adagrad": "S-AdaGrad", "full": "full-matrix AdaGrad (reference)", "diag": "diagonal AdaGrad (reference)"}
@@ -676,7 +678,7 @@ def stale(data: dict) -> list:
     return out
 
 
-def _oco(ctx: Context) -> dict:
+def _oco(ctx: Context, seeds: list) -> dict:
     import precond_ref
 
     from sklearn.exceptions import ConvergenceWarning
@@ -692,7 +694,7 @@ def _oco(ctx: Context) -> dict:
     by_rank: dict = {k: [] for k in ranks}
     bottom: dict = {k: [] for k in ranks}
     cumulative: dict = {k: [] for k in regret}
-    for seed in ctx.seeds:
+    for seed in seeds:
         xs, ys = _oco_rounds(seed, rounds)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # scikit-learn >= 1.8 deprecates penalty=None (older ones need it)
