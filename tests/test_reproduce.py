@@ -583,3 +583,29 @@ def test_claims_option_runs_only_the_named_claims_and_quick_says_smoke_first(tmp
     assert (tmp_path / "reproduce.md").read_text().startswith("**SMOKE TEST")
     assert main(["reproduce", "--quick", "--claims", "ASGO-x", "--out", str(tmp_path)]) == 2
     assert "not a claim id" in capsys.readouterr().err
+
+
+def test_merge_of_claim_groups_is_the_run_they_split(quick_run):
+    """``--merge``: the JSONs of disjoint claim groups (one paper's claims split between two runs
+    too) merge into the whole run's claims in order, its fingerprints once each, the longest
+    group's wall time and the sum of the CPU times; a claim in two groups is refused."""
+    import copy
+
+    from precond_ref.cli import UserError
+    from precond_ref.compare.reproduce import merge_shards, report
+
+    _, data = quick_run
+    first, second = copy.deepcopy(data), copy.deepcopy(data)
+    first["papers"] = {k: v for k, v in first["papers"].items() if k in ("asgo", "root_free")}
+    second["papers"] = {k: v for k, v in second["papers"].items() if k != "asgo"}
+    first["papers"]["root_free"]["claims"] = [c for c in first["papers"]["root_free"]["claims"] if c["id"] == "RootFree-4"]
+    second["papers"]["root_free"]["claims"] = [c for c in second["papers"]["root_free"]["claims"] if c["id"] != "RootFree-4"]
+    first["wall_s"], second["wall_s"] = 10.0, 20.0
+    merged = merge_shards([first, second])
+    assert [c["id"] for p in merged["papers"].values() for c in p["claims"]] == [
+        c["id"] for p in data["papers"].values() for c in p["claims"]]
+    assert len(merged["fingerprints"]) == len(data["fingerprints"]) and merged["wall_s"] == 20.0
+    assert merged["cpu_s"] == pytest.approx(first["cpu_s"] + second["cpu_s"])
+    assert "It ran as 2 processes side by side" in report.render(merged)
+    with pytest.raises(UserError, match="more than one run"):
+        merge_shards([data, data])

@@ -35,7 +35,7 @@ from ...cli import UserError, nonnegative_int
 from .. import _importable, _prepare_out_dir as _prepare
 from .config import PAPERS, SIZES
 
-__all__ = ["add_arguments", "run", "PAPER_NAMES", "INSTALL"]
+__all__ = ["add_arguments", "run", "merge_shards", "PAPER_NAMES", "INSTALL", "SMOKE_LINE"]
 
 PAPER_NAMES = tuple(PAPERS)
 INSTALL = "pip install 'precond-ref[compare,torch]'"
@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write docs/reproduce.md, docs/data/reproduce.json and docs/images/reproduce_*.png (repository root)")
     add("--no-progress", action="store_true", help="no progress bar (plain lines are printed when stderr is not a terminal)")
     add("--no-plot", action="store_true", help="do not write the PNG plots")
+    add("--merge", default=None,
+        help="run nothing: merge the reproduce.json of these output directories (comma-separated), each a run of some "
+             "--claims of the same size, into one report (a default run split into processes run side by side)")
 
 
 def resolve_papers(spec: str) -> list[str]:
@@ -142,7 +145,58 @@ class _Progress:
             self.bar.close()
 
 
+def merge_shards(parts: list) -> dict:
+    """One run's JSON from the JSONs of runs of disjoint ``--claims`` groups of one size, run side by
+    side: claims in their papers' order, every tuning record, panel (the fullest of a title) and
+    fingerprint once; a paper's time the sum of its shards', the run's wall time the longest shard's
+    and its CPU time their sum; ``shards`` keeps each shard's command line and times."""
+    sizes = {p["settings"]["size"] for p in parts}
+    if len(sizes) != 1:
+        raise UserError(f"--merge: the runs have different sizes ({', '.join(sorted(sizes))})")
+    first = parts[0]
+    papers = [name for name in PAPER_NAMES if any(name in p["papers"] for p in parts)]
+    data: dict = {
+        "command_line": shlex.join(["python", "-m", "precond_ref", "reproduce", "--docs"]),
+        "settings": {**first["settings"], "papers": papers, "claims": None},
+        "versions": first["versions"], "papers": {}, "machine": first["machine"],
+        "wall_s": max(p["wall_s"] for p in parts), "cpu_s": sum(p["cpu_s"] for p in parts),
+        "corpus_characters": next((p["corpus_characters"] for p in parts if p.get("corpus_characters")), None),
+        "shards": [{"command_line": p["command_line"], "wall_s": p["wall_s"], "cpu_s": p["cpu_s"]} for p in parts],
+    }
+
+    def fullness(panel: dict) -> int:
+        return sum(v is not None for series in panel["series"].values() for v in series.get("mean", []))
+
+    for name in papers:
+        pieces = [p["papers"][name] for p in parts if name in p["papers"]]
+        claims = sorted((c for piece in pieces for c in piece["claims"]), key=lambda c: int(c["id"].rsplit("-", 1)[1]))
+        ids = [c["id"] for c in claims]
+        if len(set(ids)) != len(ids):
+            raise UserError(f"--merge: claims of {name} appear in more than one run: {', '.join(ids)}")
+        panels: dict = {}
+        for piece in pieces:
+            for panel in piece["panels"]:
+                if panel["title"] not in panels or fullness(panel) > fullness(panels[panel["title"]]):
+                    panels[panel["title"]] = panel
+        data["papers"][name] = {
+            "claims": claims, "panels": list(panels.values()),
+            "hyperparameters": list(dict.fromkeys(h for piece in pieces for h in piece["hyperparameters"])),
+            "tuning": [t for i, t in enumerate(r for piece in pieces for r in piece["tuning"])
+                       if t not in [r for piece in pieces for r in piece["tuning"]][:i]],
+            "wall_s": sum(piece["wall_s"] for piece in pieces), "cpu_s": sum(piece["cpu_s"] for piece in pieces),
+        }
+    fingerprints: dict = {}
+    for record in (r for p in parts for r in p.get("fingerprints", [])):
+        key = json.dumps({k: v for k, v in record.items() if k != "papers"}, sort_keys=True)
+        kept = fingerprints.setdefault(key, {**record, "papers": []})
+        kept["papers"] += [name for name in record["papers"] if name not in kept["papers"]]
+    data["fingerprints"] = list(fingerprints.values())
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "merge", None):
+        return _run_merge(args)
     papers = resolve_papers(args.paper)
     claims = resolve_claims(getattr(args, "claims", None))
     if claims is not None:
@@ -219,6 +273,30 @@ def run(args: argparse.Namespace) -> int:
         print(SMOKE_LINE)
     print("\n".join(report.summary_lines(data)))
     print(f"report: {os.path.join(out, 'reproduce.md')} ({data['wall_s']:.0f} s)")
+    return 0
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    paths = [os.path.join(d.strip(), "reproduce.json") for d in args.merge.split(",") if d.strip()]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing or not paths:
+        raise UserError(f"--merge: no reproduce.json in {', '.join(missing) or '(no directory given)'}")
+    check_dependencies(plot=not args.no_plot)
+    parts = []
+    for path in paths:
+        with open(path) as handle:
+            parts.append(json.load(handle))
+    data = merge_shards(parts)
+    out = _prepare(args.out)
+    _write(data, out, "", plot=not args.no_plot)
+    if args.docs:
+        if not os.path.isdir("docs"):
+            raise UserError("--docs writes into ./docs: run from the repository root")
+        _write(data, "docs", "images/", plot=not args.no_plot, docs=True)
+    from . import report
+
+    print("\n".join(report.summary_lines(data)))
+    print(f"report: {os.path.join(out, 'reproduce.md')} (merged from {len(parts)} runs)")
     return 0
 
 

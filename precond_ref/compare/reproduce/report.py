@@ -221,7 +221,10 @@ def render(data: dict, image_dir: str = "images/") -> str:
         f"{data['wall_s'] / 60:.1f} minutes of wall time ({data['cpu_s'] / 60:.1f} minutes of CPU time) on "
         f"{data['machine'].get('processor') or data['machine'].get('platform')} "
         f"({data['machine'].get('usable_cpus', data['machine'].get('cpu_count'))} usable CPUs, shared with other work "
-        "while it ran: timings are noisy).",
+        "while it ran: timings are noisy)."
+        + (f" It ran as {len(data['shards'])} processes side by side, each a group of claims (`--claims`), merged by "
+           "`reproduce --merge`: the wall time is the longest process's, the CPU time their sum; every number is what "
+           "one process would compute (each run is seeded and single-threaded)." if data.get("shards") else ""),
         "",
         "## Summary",
         "",
@@ -320,6 +323,8 @@ def render(data: dict, image_dir: str = "images/") -> str:
                f"{data['cpu_s'] / 60:.1f} of CPU time, one thread on {machine.get('processor') or machine.get('platform')} "
                f"({machine.get('usable_cpus', machine.get('cpu_count'))} usable CPUs shared with other work), torch "
                f"{data['versions']['torch']}.")
+    out += [f"    - `{shard['command_line']}`: {shard['wall_s'] / 60:.1f} minutes of wall time, {shard['cpu_s'] / 60:.1f} of "
+            "CPU time" for shard in data.get("shards", [])]
     out += [f"- **{when}**: {what}" for when, what in PROTOCOL_CHANGES]
     out += [
         "",
