@@ -15,7 +15,8 @@ paper), ``reproduce.json`` (every number, per seed, and every tuning score) and
 Sizes (:mod:`precond_ref.compare.reproduce.config`): the default is the report's run (its wall
 time, measured by the run, is written into the report); ``--quick`` seconds (a smoke test: its
 verdicts mean nothing, and its output says so first); ``--size large`` is a configuration for one
-GPU (``--device cuda``). ``--claims`` runs only the named claims (and what they need).
+GPU (``--device cuda``). ``--claims`` runs only the named claims (and what they need); ``--merge``
+makes one report of runs of disjoint claim groups of one size run side by side.
 
 Needs the ``compare`` and ``torch`` extras: ``pip install 'precond-ref[compare,torch]'``. This
 module imports neither NumPy nor torch, so ``reproduce --help`` works without them.
