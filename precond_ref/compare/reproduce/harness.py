@@ -76,8 +76,6 @@ class Opt:
         n = self.name
         if n == "adam":
             return torch.optim.Adam(params, lr=lr, **kw)
-        if n == "adamw":
-            return torch.optim.AdamW(params, lr=lr, **{"weight_decay": 0.0, **kw})
         if n == "sgd_momentum":
             return torch.optim.SGD(params, lr=lr, **{"momentum": 0.9, **kw})
         if n == "adagrad":  # diagonal AdaGrad (Duchi et al.): a sum of squares, no decay
@@ -115,7 +113,6 @@ OPTS = {
     o.name: o
     for o in (
         Opt("adam", "Adam (torch.optim)", False),
-        Opt("adamw", "AdamW (torch.optim)", False),
         Opt("sgd_momentum", "SGD-momentum (torch.optim)", False),
         Opt("adagrad", "diagonal AdaGrad (torch.optim)", False),
         Opt("rmsprop", "RMSProp (RF-RMSProp with the root, reference baseline)", False, needs_batch=True),
@@ -125,7 +122,6 @@ OPTS = {
         Opt("muon", "Muon (reference baseline)", False),
         Opt("asgo", "ASGO", True),
         Opt("asgo_theory", "ASGO (Algorithm 1)", True),
-        Opt("dasgo", "DASGO", True),
         Opt("agd", "AGD", True),
         Opt("sketchy", "Sketchy", True),
         Opt("rf_rmsprop", "RF-RMSProp", True, needs_batch=True),
@@ -424,7 +420,7 @@ def train_synthetic(opt: Opt, rank: int, seed: int, steps: int, lr: float, *, tu
     w_star = torch.tensor(target, dtype=DTYPE, device=DEVICE)
     weight = torch.zeros(shape, dtype=DTYPE, device=DEVICE, requires_grad=True)
     # No weight decay: the minimiser is W*, not a shrunk W*.
-    optimizer = opt.build([("fc.weight", weight)], lr, "mlp", **({"weight_decay": 0.0} if opt.library or opt.name == "adamw" else {}))
+    optimizer = opt.build([("fc.weight", weight)], lr, "mlp", **({"weight_decay": 0.0} if opt.library else {}))
     extra = {"batch_size": batch} if opt.needs_batch else {}
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
