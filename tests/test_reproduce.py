@@ -585,27 +585,40 @@ def test_claims_option_runs_only_the_named_claims_and_quick_says_smoke_first(tmp
     assert "not a claim id" in capsys.readouterr().err
 
 
-def test_merge_of_claim_groups_is_the_run_they_split(quick_run):
-    """``--merge``: the JSONs of disjoint claim groups (one paper's claims split between two runs
-    too) merge into the whole run's claims in order, its fingerprints once each, the longest
-    group's wall time and the sum of the CPU times; a claim in two groups is refused."""
-    import copy
+def _run_json(papers: dict, wall: float, cpu: float) -> dict:
+    """A run's JSON with the fields ``--merge`` reads: ``papers`` maps a paper to its claim ids."""
+    return {
+        "command_line": "python -m precond_ref reproduce --claims " + ",".join(i for ids in papers.values() for i in ids),
+        "settings": {"size": "default", "papers": list(papers), "claims": [i for ids in papers.values() for i in ids]},
+        "versions": {}, "machine": {}, "wall_s": wall, "cpu_s": cpu, "corpus_characters": None,
+        "papers": {name: {"claims": [{"id": i} for i in ids], "hyperparameters": ["shared", name + " " + ids[0]],
+                          "tuning": [{"method": "Adam", "task": name}],
+                          "panels": [{"title": name, "series": {"a": {"mean": [1.0] * len(ids)}}}],
+                          "wall_s": wall, "cpu_s": cpu} for name, ids in papers.items()},
+        "fingerprints": [{"task": "digits", "opt": "adam", "lr": 0.1, "losses": [1.0], "papers": list(papers)}],
+    }
 
+
+def test_merge_of_claim_groups_is_the_run_they_split():
+    """``--merge``: runs of disjoint claim groups (one paper's claims split between two runs) merge
+    into one run: claims in their order, each tuning record, hyperparameter line and fingerprint
+    once, the fullest panel of a title, a paper's time the sum of its runs', the run's wall time
+    the longest run's and its CPU time the sum; a claim in two runs is refused."""
     from precond_ref.cli import UserError
-    from precond_ref.compare.reproduce import merge_shards, report
+    from precond_ref.compare.reproduce import merge_shards
 
-    _, data = quick_run
-    first, second = copy.deepcopy(data), copy.deepcopy(data)
-    first["papers"] = {k: v for k, v in first["papers"].items() if k in ("asgo", "root_free")}
-    second["papers"] = {k: v for k, v in second["papers"].items() if k != "asgo"}
-    first["papers"]["root_free"]["claims"] = [c for c in first["papers"]["root_free"]["claims"] if c["id"] == "RootFree-4"]
-    second["papers"]["root_free"]["claims"] = [c for c in second["papers"]["root_free"]["claims"] if c["id"] != "RootFree-4"]
-    first["wall_s"], second["wall_s"] = 10.0, 20.0
+    first = _run_json({"asgo": ["ASGO-4"], "root_free": ["RootFree-4"]}, 10.0, 5.0)
+    second = _run_json({"root_free": ["RootFree-1", "RootFree-2"], "agd": ["AGD-1"]}, 20.0, 7.0)
     merged = merge_shards([first, second])
-    assert [c["id"] for p in merged["papers"].values() for c in p["claims"]] == [
-        c["id"] for p in data["papers"].values() for c in p["claims"]]
-    assert len(merged["fingerprints"]) == len(data["fingerprints"]) and merged["wall_s"] == 20.0
-    assert merged["cpu_s"] == pytest.approx(first["cpu_s"] + second["cpu_s"])
-    assert "It ran as 2 processes side by side" in report.render(merged)
+    assert list(merged["papers"]) == ["asgo", "root_free", "agd"]
+    root_free = merged["papers"]["root_free"]
+    assert [c["id"] for c in root_free["claims"]] == ["RootFree-1", "RootFree-2", "RootFree-4"]
+    assert root_free["tuning"] == [{"method": "Adam", "task": "root_free"}]
+    assert root_free["hyperparameters"] == ["shared", "root_free RootFree-4", "root_free RootFree-1"]
+    assert [p["series"]["a"]["mean"] for p in root_free["panels"]] == [[1.0, 1.0]]  # the fuller panel
+    assert (root_free["wall_s"], root_free["cpu_s"]) == (30.0, 12.0)
+    assert (merged["wall_s"], merged["cpu_s"]) == (20.0, 12.0) and len(merged["shards"]) == 2
+    assert len(merged["fingerprints"]) == 1 and merged["fingerprints"][0]["papers"] == ["asgo", "root_free", "agd"]
+    assert merged["command_line"] == "python -m precond_ref reproduce --docs"
     with pytest.raises(UserError, match="more than one run"):
-        merge_shards([data, data])
+        merge_shards([first, first])
