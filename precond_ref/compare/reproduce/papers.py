@@ -395,7 +395,7 @@ def sketchy(ctx: Context) -> dict:
     # (1) and (2): the Kronecker factors' spectra while Sketchy trains the MLP and the CNN. Each
     # block runs only when one of its claims is asked for (``--claims``); the others' claims are dropped.
     fractions, distances, successive, curves_frac = [], [], [], {}
-    gaussian_fracs = [math.nan]
+    gaussian_fracs = []
     for seed in ctx.seeds if ctx.wants("Sketchy-1", "Sketchy-2") else []:
         per_factor_final, per_factor_dist, per_factor_succ = [], [], []
         for model in ("mlp", "cnn"):
@@ -432,7 +432,6 @@ def sketchy(ctx: Context) -> dict:
                     curves_frac[f"{model} {key[0]} {key[1]}"] = [[s[0] for s in series], [s[1] for s in series]]
             if seed == ctx.seeds[0]:
                 # Isotropic reference: EMA of as many Gaussian matrices of each weight's shape.
-                gaussian_fracs = gaussian_fracs[1:] if gaussian_fracs and math.isnan(gaussian_fracs[0]) else gaussian_fracs
                 rng = np.random.default_rng(seed)
                 for key, series in snaps.items():
                     d = series[0][2].shape[0]
@@ -445,7 +444,7 @@ def sketchy(ctx: Context) -> dict:
         distances.append(float(np.mean(per_factor_dist)) if per_factor_dist else 0.0)
         successive.append(float(np.mean(per_factor_succ)) if per_factor_succ else 0.0)
     rule1 = Threshold("the median (over Kronecker factors) fraction of the trace in the top 25% eigenvalues", 0.8, below=False)
-    gaussian_frac = float(np.median(gaussian_fracs))
+    gaussian_frac = float(np.median(gaussian_fracs)) if gaussian_fracs else math.nan
     c1 = _claim(
         "Sketchy-1", "The spectra of the Kronecker factors of the gradient covariance concentrate on a small leading "
         "eigenspace", _SKETCHY_ABSTRACT + ": \"We find the spectra of the Kronecker-factored gradient covariance matrix in "
