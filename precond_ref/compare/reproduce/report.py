@@ -257,15 +257,16 @@ def render(data: dict, image_dir: str = "images/") -> str:
         "",
         "## Protocol",
         "",
-        "Baselines the library does not implement (Adam, AdamW, SGD-momentum, RMSProp) are `torch.optim`'s; "
-        "Shampoo (one- and two-sided) and the online diagonal / full-matrix AdaGrad are minimal reference "
-        "baselines in `precond_ref/compare/reproduce/baselines.py`, labelled as such. Every learning rate is tuned "
+        "Baselines the library does not implement (Adam, SGD-momentum, diagonal AdaGrad) are `torch.optim`'s; "
+        "Shampoo (one- and two-sided, and Gupta et al.'s summed form), Muon, RMSProp (RF-RMSProp's rule with the "
+        "root) and the online diagonal / full-matrix AdaGrad are minimal reference baselines in "
+        "`precond_ref/compare/reproduce/baselines.py`, labelled as such. Every learning rate is tuned "
         "with the same budget rule for every method of a claim: "
         f"a grid of {config['grid']} powers of √10 around a centre, extended (by up to {config['grid_extend']} rates) "
         "past an edge that wins, or below the lowest rate while every rate diverges, until a rate scores better than "
         "both neighbours; each rate trained as long as the evaluation runs, on 80% of the training data (90% of the LM "
         "text; a separate problem for the synthetic tasks) and scored on the rest, mean over "
-        f"{config['tune_seeds']} tuning seeds ({config.get('lm_tune_seeds', config['tune_seeds'])} on the char LM) "
+        f"{config['tune_seeds']} tuning seed(s) ({config.get('lm_tune_seeds', config['tune_seeds'])} on the char LM) "
         "that are never evaluation seeds; every score is in the tables below and the JSON. One weight decay for "
         "every method: none. Other hyperparameters are the paper's (or the authors' code's) where they transfer, as "
         "listed per paper.",
