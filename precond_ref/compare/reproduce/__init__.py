@@ -12,9 +12,11 @@ paper), ``reproduce.json`` (every number, per seed, and every tuning score) and
 ``reproduce_<paper>.png``; ``--docs`` also writes ``docs/reproduce.md``,
 ``records/reproduce.json`` and ``docs/images/reproduce_<paper>.png``.
 
-Sizes (:mod:`precond_ref.compare.reproduce.config`): the default takes under 30 minutes of one CPU
-thread for all five papers; ``--quick`` seconds (a smoke test: its verdicts mean nothing); ``--size
-large`` is a configuration for one GPU (``--device cuda``).
+Sizes (:mod:`precond_ref.compare.reproduce.config`): the default is the report's run (its wall
+time, measured by the run, is written into the report); ``--quick`` seconds (a smoke test: its
+verdicts mean nothing, and its output says so first); ``--size large`` is a configuration for one
+GPU (``--device cuda``). ``--claims`` runs only the named claims (and what they need); ``--merge``
+makes one report of runs of disjoint claim groups of one size run side by side.
 
 Needs the ``compare`` and ``torch`` extras: ``pip install -e ".[compare,torch]"``. This
 module imports neither NumPy nor torch, so ``reproduce --help`` works without them.
@@ -34,10 +36,12 @@ from ...cli import UserError, nonnegative_int, pip_install
 from .. import _importable, _prepare_out_dir as _prepare
 from .config import PAPERS, SIZES
 
-__all__ = ["add_arguments", "run", "PAPER_NAMES", "INSTALL"]
+__all__ = ["add_arguments", "run", "merge_shards", "PAPER_NAMES", "INSTALL", "SMOKE_LINE"]
 
 PAPER_NAMES = tuple(PAPERS)
 INSTALL = pip_install("compare,torch")
+#: The first line a ``--quick`` run prints (and its report's first line after the title).
+SMOKE_LINE = "SMOKE TEST (--quick): a seconds-long run of tiny sizes; its verdicts below mean nothing."
 _REQUIRED = ("numpy", "sklearn", "tqdm", "threadpoolctl", "torch")
 DEFAULT_OUT = "results"
 
@@ -50,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add = parser.add_argument
     add("--paper", default="all", help=f"one of {', '.join(PAPER_NAMES)}, a comma-separated list, or all (default)")
+    add("--claims", default=None,
+        help="only these claims, comma-separated ids (e.g. ASGO-4,RootFree-4); their papers are run (default: every claim)")
     add("--quick", action="store_true", help="a smoke run of seconds (for the tests; its verdicts mean nothing)")
     add("--size", choices=("default", "large"), default="default",
         help="default (minutes on a CPU) or large (a configuration for one GPU; use with --device cuda)")
@@ -60,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write docs/reproduce.md, records/reproduce.json and docs/images/reproduce_*.png (repository root)")
     add("--no-progress", action="store_true", help="no progress bar (plain lines are printed when stderr is not a terminal)")
     add("--no-plot", action="store_true", help="do not write the PNG plots")
+    add("--merge", default=None,
+        help="run nothing: merge the reproduce.json of these output directories (comma-separated), each a run of some "
+             "--claims of the same size, into one report (a default run split into processes run side by side)")
 
 
 def resolve_papers(spec: str) -> list[str]:
@@ -74,6 +83,26 @@ def resolve_papers(spec: str) -> list[str]:
         raise UserError(f"unknown paper(s) {', '.join(map(repr, unknown)) or '(none given)'}; available: "
                         f"{', '.join(PAPER_NAMES)}, all")
     return [name for name in PAPER_NAMES if name in wanted]
+
+
+def resolve_claims(spec: Any) -> Any:
+    """``(papers, claim ids)`` named by ``--claims`` (ids as ``ASGO-4``, any case), or ``None``."""
+    if spec is None:
+        return None
+    prefixes = {"asgo": "asgo", "sketchy": "sketchy", "rootfree": "root_free", "mbf": "mbf", "agd": "agd"}
+    ids, papers = [], []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        head, _, number = item.rpartition("-")
+        paper = prefixes.get(head.lower().replace("_", "").replace("-", ""))
+        if paper is None or not number.isdigit():
+            raise UserError(f"--claims: {item!r} is not a claim id (e.g. ASGO-4, RootFree-4, MBF-2)")
+        canonical = {"asgo": "ASGO", "sketchy": "Sketchy", "root_free": "RootFree", "mbf": "MBF", "agd": "AGD"}[paper]
+        ids.append(f"{canonical}-{int(number)}")
+        if paper not in papers:
+            papers.append(paper)
+    if not ids:
+        raise UserError("--claims: no claim named")
+    return [p for p in PAPER_NAMES if p in papers], ids
 
 
 def check_dependencies(plot: bool) -> None:
@@ -117,10 +146,68 @@ class _Progress:
             self.bar.close()
 
 
+def merge_shards(parts: list) -> dict:
+    """One run's JSON from the JSONs of runs of disjoint ``--claims`` groups of one size, run side by
+    side: claims in their papers' order, every tuning record, panel (the fullest of a title) and
+    fingerprint once; a paper's time the sum of its shards', the run's wall time the longest shard's
+    and its CPU time their sum; ``shards`` keeps each shard's command line and times."""
+    sizes = {p["settings"]["size"] for p in parts}
+    if len(sizes) != 1:
+        raise UserError(f"--merge: the runs have different sizes ({', '.join(sorted(sizes))})")
+    first = parts[0]
+    papers = [name for name in PAPER_NAMES if any(name in p["papers"] for p in parts)]
+    data: dict = {
+        "command_line": shlex.join(["python", "-m", "precond_ref", "reproduce", "--docs"]),
+        "settings": {**first["settings"], "papers": papers, "claims": None},
+        "versions": first["versions"], "papers": {}, "machine": first["machine"],
+        "wall_s": max(p["wall_s"] for p in parts), "cpu_s": sum(p["cpu_s"] for p in parts),
+        "corpus_characters": next((p["corpus_characters"] for p in parts if p.get("corpus_characters")), None),
+        "shards": [{"command_line": p["command_line"], "wall_s": p["wall_s"], "cpu_s": p["cpu_s"]} for p in parts],
+    }
+
+    def fullness(panel: dict) -> int:
+        return sum(v is not None for series in panel["series"].values() for v in series.get("mean", []))
+
+    for name in papers:
+        pieces = [p["papers"][name] for p in parts if name in p["papers"]]
+        claims = sorted((c for piece in pieces for c in piece["claims"]), key=lambda c: int(c["id"].rsplit("-", 1)[1]))
+        ids = [c["id"] for c in claims]
+        if len(set(ids)) != len(ids):
+            raise UserError(f"--merge: claims of {name} appear in more than one run: {', '.join(ids)}")
+        panels: dict = {}
+        for piece in pieces:
+            for panel in piece["panels"]:
+                if panel["title"] not in panels or fullness(panel) > fullness(panels[panel["title"]]):
+                    panels[panel["title"]] = panel
+        data["papers"][name] = {
+            "claims": claims, "panels": list(panels.values()),
+            "hyperparameters": list(dict.fromkeys(h for piece in pieces for h in piece["hyperparameters"])),
+            "tuning": [t for i, t in enumerate(r for piece in pieces for r in piece["tuning"])
+                       if t not in [r for piece in pieces for r in piece["tuning"]][:i]],
+            "wall_s": sum(piece["wall_s"] for piece in pieces), "cpu_s": sum(piece["cpu_s"] for piece in pieces),
+        }
+    fingerprints: dict = {}
+    for record in (r for p in parts for r in p.get("fingerprints", [])):
+        key = json.dumps({k: v for k, v in record.items() if k != "papers"}, sort_keys=True)
+        kept = fingerprints.setdefault(key, {**record, "papers": []})
+        kept["papers"] += [name for name in record["papers"] if name not in kept["papers"]]
+    data["fingerprints"] = list(fingerprints.values())
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "merge", None):
+        return _run_merge(args)
     papers = resolve_papers(args.paper)
+    claims = resolve_claims(getattr(args, "claims", None))
+    if claims is not None:
+        papers, claims = [p for p in papers if p in claims[0]], claims[1]
+        if not papers:
+            raise UserError("--claims names no claim of the papers --paper selects")
     if args.quick and args.size != "default":
         raise UserError("--quick and --size large are exclusive")
+    if args.quick:
+        print(SMOKE_LINE, flush=True)
     size_name = "quick" if args.quick else args.size
     check_dependencies(plot=not args.no_plot)
     if args.quick:
@@ -158,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
     argv = list(getattr(args, "argv", []) or [])
     data: dict[str, Any] = {
         "command_line": shlex.join(["python", "-m", "precond_ref", "reproduce", *argv]),
-        "settings": {"size": size_name, "papers": papers, "seeds": list(range(args.seed, args.seed + size["seeds"])),
+        "settings": {"size": size_name, "papers": papers, "claims": claims,
+                     "seeds": list(range(args.seed, args.seed + size["seeds"])),
                      "lm_seeds": list(range(args.seed, args.seed + size["lm_seeds"])),
                      "config": size, "device": str(dev), "threads": 1},
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
@@ -172,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
         with threadpool_limits(limits=1):
             for name in papers:
                 progress.start(name)
-                ctx = Context(runner, size, seed=args.seed, device=str(dev))
+                runner.paper = name
+                ctx = Context(runner, size, seed=args.seed, device=str(dev), claims=claims)
                 result = run_paper(name, ctx)
                 data["papers"][name] = result
                 progress.paper_done(", ".join(f"{c['id']} {c['verdict']}" for c in result["claims"]))
@@ -181,11 +270,38 @@ def run(args: argparse.Namespace) -> int:
     data["wall_s"] = time.perf_counter() - started
     data["cpu_s"] = time.process_time() - cpu
     data["corpus_characters"] = harness._CORPUS.get("characters")
+    data["fingerprints"] = list(runner.fingerprints.values())
     _write(data, out, "", plot=not args.no_plot)
     if args.docs:
         _write(data, "docs", "images/", plot=not args.no_plot, docs=True)
+    if args.quick:
+        print(SMOKE_LINE)
     print("\n".join(report.summary_lines(data)))
     print(f"report: {os.path.join(out, 'reproduce.md')} ({data['wall_s']:.0f} s)")
+    return 0
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    paths = [os.path.join(d.strip(), "reproduce.json") for d in args.merge.split(",") if d.strip()]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing or not paths:
+        raise UserError(f"--merge: no reproduce.json in {', '.join(missing) or '(no directory given)'}")
+    check_dependencies(plot=not args.no_plot)
+    parts = []
+    for path in paths:
+        with open(path) as handle:
+            parts.append(json.load(handle))
+    data = merge_shards(parts)
+    out = _prepare(args.out)
+    _write(data, out, "", plot=not args.no_plot)
+    if args.docs:
+        if not os.path.isdir("docs"):
+            raise UserError("--docs writes into ./docs: run from the repository root")
+        _write(data, "docs", "images/", plot=not args.no_plot, docs=True)
+    from . import report
+
+    print("\n".join(report.summary_lines(data)))
+    print(f"report: {os.path.join(out, 'reproduce.md')} (merged from {len(parts)} runs)")
     return 0
 
 

@@ -14,21 +14,16 @@ torch lacks is here:
   the coupled Newton iteration in the factors' own dtype (``root="newton"``: what a root-based
   Shampoo does in half precision, where there is no eigendecomposition); parameters with fewer than
   two dimensions take the Adam update.
+- :class:`RootRMSPropReference`: RMSProp as RF-RMSProp's rule with the root put back (Lin et al.,
+  Figure 1, left against right): the same batch-scaled statistic ``s`` (started at 1), damping,
+  weight decay and heavy-ball momentum, and the direction ``g / (sqrt(s) + lambda) + kappa theta``;
+  ``root=False`` is RF-RMSProp itself (the test checks it against the library's).
 - :class:`MuonReference`: Muon (Jordan et al. 2024): Nesterov momentum 0.95 whose matrix is
   orthogonalised by five steps of the quintic Newton-Schulz iteration (coefficients 3.4445,
   -4.7750, 2.0315), the update scaled to root-mean-square ``rms * sqrt(max(m, n))`` as in Liu et
   al.'s "Muon is scalable" (so that one learning rate serves it and AdamW), with decoupled weight
   decay; parameters that are not matrices, and those ``adam_filter(name)`` selects (embeddings and
   the read-out, by Muon's convention), take AdamW's step at the same rate.
-- :class:`KFACReference`: K-FAC (Martens and Grosse, ICML 2015; convolutions as KFC, Grosse and
-  Martens, ICML 2016) for the layers that ``F.linear`` and ``F.conv2d`` compute: per layer the
-  Kronecker factors ``A`` (inputs with a ones column for the bias; a convolution's unfolded
-  patches) and ``G`` (gradients of the layer's outputs, per example), exponential moving averages
-  updated every ``statistics_every`` steps and inverted every ``precondition_every`` steps with
-  factored Tikhonov damping (``A + pi sqrt(damping) I``, ``G + sqrt(damping) / pi I``), heavy-ball
-  momentum on the preconditioned gradient. The statistics are those of the training loss itself
-  (the empirical Fisher, as MBF's), recorded while :meth:`KFACReference.capture` is active around
-  the forward pass; a parameter no recorded layer uses takes the plain gradient.
 - :func:`oco_adagrad`: online diagonal or full-matrix AdaGrad (Duchi, Hazan, Singer, JMLR 2011)
   with ``delta = 0`` (the pseudo-inverse root, as the Sketchy paper's Appendix A protocol), for the
   online logistic regression of the Sketchy experiment (NumPy).
@@ -36,10 +31,49 @@ torch lacks is here:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
-__all__ = ["ShampooReference", "MuonReference", "KFACReference", "orthogonalize", "oco_adagrad"]
+__all__ = ["ShampooReference", "RootRMSPropReference", "MuonReference", "orthogonalize", "oco_adagrad"]
+
+
+def _root_rmsprop_class() -> Any:
+    import torch
+
+    class RootRMSPropReference(torch.optim.Optimizer):
+        """RF-RMSProp's rule with the root put back; see the module docstring."""
+
+        def __init__(self, params: Any, lr: float = 1e-2, b2: float = 0.999, damping: float = 1e-4, momentum: float = 0.0,
+                     weight_decay: float = 0.0, batch_size: Any = None, initial_scale: float = 1.0,
+                     scale_by_batch_size: bool = True, root: bool = True) -> None:
+            params = list(params)
+            if params and isinstance(params[0], tuple):  # named parameters
+                params = [p for _, p in params]
+            super().__init__(params, dict(lr=lr, b2=b2, damping=damping, momentum=momentum, weight_decay=weight_decay,
+                                          batch_size=batch_size, initial_scale=initial_scale,
+                                          scale_by_batch_size=scale_by_batch_size, root=root))
+
+        @torch.no_grad()
+        def step(self, closure: Callable | None = None, batch_size: Any = None) -> Any:
+            loss = None if closure is None else closure()
+            for group in self.param_groups:
+                scale = (batch_size or group["batch_size"]) if group["scale_by_batch_size"] else 1
+                if scale is None:
+                    raise ValueError("RootRMSPropReference: batch_size is needed (the examples the loss averages over)")
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    g, state = p.grad, self.state[p]
+                    if not state:
+                        state["s"] = torch.full_like(p, group["initial_scale"])  # s_0
+                        state["v"] = torch.zeros_like(p)
+                    s = state["s"].mul_(group["b2"]).add_(g * g * scale, alpha=1 - group["b2"])  # s <- b2 s + (1-b2) B g^2
+                    denominator = (s.sqrt() if group["root"] else s) + group["damping"]
+                    delta = g / denominator + group["weight_decay"] * p  # g / (sqrt(s) + lambda) + kappa theta
+                    v = state["v"].mul_(group["momentum"]).add_(delta)  # v <- alpha1 v + delta
+                    p.add_(v, alpha=-group["lr"])
+            return loss
+
+    return RootRMSPropReference
 
 
 def _shampoo_class() -> Any:
@@ -51,18 +85,20 @@ def _shampoo_class() -> Any:
         def __init__(
             self, params: Any, lr: float = 3e-3, momentum: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
             sides: int = 2, precondition_every: int = 1, adam_betas: tuple = (0.9, 0.999), adam_eps: float = 1e-8,
-            root: str = "eigh", newton_steps: int = 20,
+            root: str = "eigh", newton_steps: int = 20, graft: bool = True, accumulate: str = "ema",
         ) -> None:
             if sides not in (1, 2):
                 raise ValueError(f"ShampooReference: sides must be 1 or 2, got {sides!r}")
             if root not in ("eigh", "newton"):
                 raise ValueError(f"ShampooReference: root must be 'eigh' or 'newton', got {root!r}")
+            if accumulate not in ("ema", "sum"):
+                raise ValueError(f"ShampooReference: accumulate must be 'ema' or 'sum', got {accumulate!r}")
             params = list(params)
             if params and isinstance(params[0], tuple):  # named parameters
                 params = [p for _, p in params]
             super().__init__(params, dict(lr=lr, momentum=momentum, b2=b2, eps=eps, sides=sides,
                                           precondition_every=precondition_every, adam_betas=adam_betas, adam_eps=adam_eps,
-                                          root=root, newton_steps=newton_steps))
+                                          root=root, newton_steps=newton_steps, graft=graft, accumulate=accumulate))
 
         @staticmethod
         def _root(factor: Any, power: float, eps: float) -> Any:
@@ -122,24 +158,27 @@ def _shampoo_class() -> Any:
                     left = group["sides"] == 2 or rows <= cols
                     right = group["sides"] == 2 or rows > cols
                     power = 0.25 if group["sides"] == 2 else 0.5
+                    # EMA: F <- b2 F + (1 - b2) G G^T; sum (Gupta et al.): F <- F + G G^T
+                    decay, weight = (group["b2"], 1 - group["b2"]) if group["accumulate"] == "ema" else (1.0, 1.0)
                     if left:
                         state.setdefault("L", torch.zeros(rows, rows, dtype=p.dtype, device=p.device))
-                        state["L"].mul_(group["b2"]).add_(g2 @ g2.T, alpha=1 - group["b2"])
+                        state["L"].mul_(decay).add_(g2 @ g2.T, alpha=weight)
                     if right:
                         state.setdefault("R", torch.zeros(cols, cols, dtype=p.dtype, device=p.device))
-                        state["R"].mul_(group["b2"]).add_(g2.T @ g2, alpha=1 - group["b2"])
+                        state["R"].mul_(decay).add_(g2.T @ g2, alpha=weight)
                     if (t - 1) % group["precondition_every"] == 0:
                         for side, on in (("L", left), ("R", right)):
                             if on:
                                 state[side + "_root"] = (
                                     self._root(state[side], power, group["eps"]) if group["root"] == "eigh"
                                     else self._newton_root(state[side], power, group["eps"], group["newton_steps"]))
-                    direction = m
+                    # Without momentum (momentum 0) the preconditioned matrix is the gradient itself.
+                    direction = m if group["momentum"] > 0 else g2
                     if left:
                         direction = state["L_root"] @ direction
                     if right:
                         direction = direction @ state["R_root"]
-                    scale = adam.norm() / direction.norm().clamp_min(1e-30)
+                    scale = adam.norm() / direction.norm().clamp_min(1e-30) if group["graft"] else 1.0
                     p.add_(direction.reshape(p.shape) * scale, alpha=-group["lr"])
             return loss
 
@@ -210,125 +249,7 @@ def _muon_class() -> Any:
     return MuonReference
 
 
-def _kfac_class() -> Any:
-    import torch
-    import torch.nn.functional as F
-    from torch.overrides import TorchFunctionMode
-
-    class _Record(TorchFunctionMode):
-        """Records, for each weight of ``weights`` that a linear or 2-D convolution uses, the layer's
-        input (as K-FAC's activation rows) and, by a hook, the gradient of its output."""
-
-        def __init__(self, weights: dict, store: dict):
-            super().__init__()
-            self.weights, self.store = weights, store
-
-        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            if func in (F.linear, F.conv2d) and id(args[1]) in self.weights:
-                x, weight = args[0], args[1]
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                if func is F.conv2d:
-                    stride, padding, dilation = (kwargs.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
-                    if len(args) > 3:
-                        stride = args[3]
-                    if len(args) > 4:
-                        padding = args[4]
-                    if len(args) > 5:
-                        dilation = args[5]
-                    # Patches (examples x positions, C_in * kh * kw), the rows of KFC's A.
-                    rows = F.unfold(x.detach(), weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
-                    rows = rows.transpose(1, 2).reshape(-1, rows.shape[1])
-                else:
-                    rows = x.detach().reshape(-1, x.shape[-1])
-                if bias is not None:
-                    rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-                entry = {"rows": rows, "examples": x.shape[0]}
-                self.store[id(weight)] = entry
-                if out.requires_grad:
-                    def keep(grad: Any, entry: dict = entry, conv: bool = func is F.conv2d) -> None:
-                        entry["grad"] = (grad.transpose(1, 0).reshape(grad.shape[1], -1).T if conv
-                                         else grad.reshape(-1, grad.shape[-1]))
-                    out.register_hook(keep)
-            return out
-
-    class KFACReference(torch.optim.Optimizer):
-        """Reference K-FAC; see the module docstring."""
-
-        def __init__(
-            self, named: Any, lr: float = 1e-3, damping: float = 1e-3, momentum: float = 0.9, b2: float = 0.9,
-            statistics_every: int = 1, precondition_every: int = 10,
-        ) -> None:
-            named = list(named)
-            super().__init__([p for _, p in named], dict(lr=lr, damping=damping, momentum=momentum, b2=b2,
-                                                         statistics_every=statistics_every,
-                                                         precondition_every=precondition_every))
-            # A weight and its bias (the parameter named like it, ".weight" -> ".bias").
-            by_name = dict(named)
-            self._bias = {id(p): by_name.get(n[: -len("weight")] + "bias") for n, p in named if n.endswith("weight")}
-            self._store: dict = {}
-            self._count = 0
-
-        def capture(self) -> Any:
-            """A context for the forward pass whose statistics the next :meth:`step` uses."""
-            self._store.clear()
-            weights = {id(p): p for group in self.param_groups for p in group["params"] if p.ndim in (2, 4)}
-            return _Record(weights, self._store)
-
-        @torch.no_grad()
-        def step(self, closure: Callable | None = None) -> Any:
-            loss = None if closure is None else closure()
-            self._count += 1
-            t = self._count
-            for group in self.param_groups:
-                directions: dict = {}
-                for p in group["params"]:  # recorded layers first: each takes its bias along
-                    record = self._store.get(id(p))
-                    if p.grad is not None and record is not None and "grad" in record:
-                        directions.update(self._precondition(p, self._bias.get(id(p)), record, group, t))
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                    buf.mul_(group["momentum"]).add_(directions.get(p, p.grad))
-                    p.add_(buf, alpha=-group["lr"])
-            return loss
-
-        def _precondition(self, weight: Any, bias: Any, record: dict, group: dict, t: int) -> dict:
-            state = self.state[weight]
-            rows, grads, examples = record["rows"], record["grad"], record["examples"]
-            # Per-example output gradients of a mean loss are the recorded ones times the batch;
-            # G is their second moment over examples (averaged over a convolution's positions),
-            # A the activations' summed over positions and averaged over examples.
-            positions = rows.shape[0] // examples
-            if (t - 1) % group["statistics_every"] == 0:
-                a = rows.T @ rows / examples
-                g = grads.T @ grads * examples / positions
-                for key, new in (("A", a), ("G", g)):
-                    if key in state:
-                        state[key].mul_(group["b2"]).add_(new, alpha=1 - group["b2"])
-                    else:
-                        state[key] = new.clone()
-            if (t - 1) % group["precondition_every"] == 0 or "A_inv" not in state:
-                a, g = state["A"], state["G"]
-                pi = math.sqrt(max(float(torch.trace(a)) / a.shape[0], 1e-30) / max(float(torch.trace(g)) / g.shape[0], 1e-30))
-                root = math.sqrt(group["damping"])
-                state["A_inv"] = torch.linalg.inv(a + pi * root * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
-                state["G_inv"] = torch.linalg.inv(g + root / pi * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
-            gradient = weight.grad.reshape(weight.shape[0], -1)
-            if bias is not None:
-                gradient = torch.cat([gradient, bias.grad.reshape(-1, 1)], dim=1)
-            step = state["G_inv"] @ gradient @ state["A_inv"]
-            out = {weight: step[:, : gradient.shape[1] - (bias is not None)].reshape(weight.shape)}
-            if bias is not None:
-                out[bias] = step[:, -1].reshape(bias.shape)
-            return out
-
-    return KFACReference
-
-
-_CLASSES = {"ShampooReference": _shampoo_class, "MuonReference": _muon_class, "KFACReference": _kfac_class}
+_CLASSES = {"ShampooReference": _shampoo_class, "RootRMSPropReference": _root_rmsprop_class, "MuonReference": _muon_class}
 
 
 def __getattr__(name: str) -> Any:

@@ -11,15 +11,15 @@ keeps the summation order fixed). The tasks:
   commit and shipped with the package: :mod:`precond_ref.compare.reproduce.corpus`), as the
   examples train; random windows, validation on the held-out last 10% of the text.
 
-The learning-rate sweep (:meth:`Runner.tune`): a log grid of at least five powers of sqrt(10)
-(:func:`precond_ref.compare.grid_factors`) centred on a method's paper value, extended past an edge
-that wins, each rate trained on the first 80% of the training data (90% of the LM text) and scored
-on the rest with two seeds; the best mean is then run on every seed against the test data.
+The learning-rate sweep (:meth:`Runner.tune`): a log grid of powers of sqrt(10)
+(:func:`precond_ref.compare.grid_factors`) centred on a method's paper value, extended until a rate
+beats both neighbours, each rate trained as long as the evaluation runs on the first 80% of the
+training data (90% of the LM text) and scored on the rest with tuning seeds that are never
+evaluation seeds; the best mean is then run on every evaluation seed against the test data.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -76,26 +76,32 @@ class Opt:
         n = self.name
         if n == "adam":
             return torch.optim.Adam(params, lr=lr, **kw)
-        if n == "adamw":
-            return torch.optim.AdamW(params, lr=lr, **{"weight_decay": 0.01, **kw})
         if n == "sgd_momentum":
             return torch.optim.SGD(params, lr=lr, **{"momentum": 0.9, **kw})
-        if n == "rmsprop":
-            return torch.optim.RMSprop(params, lr=lr, **kw)
+        if n == "adagrad":  # diagonal AdaGrad (Duchi et al.): a sum of squares, no decay
+            return torch.optim.Adagrad(params, lr=lr, **kw)
+        if n == "rmsprop":  # RF-RMSProp's rule and hyperparameters with the root put back
+            core = {**entry_by_name("rf_rmsprop").kwargs_for(model), "weight_decay": 0.0, **kw}
+            core.pop("learning_rate", None)
+            return baselines.RootRMSPropReference(named, lr=lr, **core)
         if n == "muon":  # embeddings and the read-out to its AdamW part, by Muon's convention
-            return baselines.MuonReference(named, lr=lr, adam_filter=_muon_excluded, **kw)
-        if n == "kfac":  # MBF's statistics decay, intervals and damping for the model (compare's table)
-            mbf = entry_by_name("mbf").kwargs_for(model)
-            keys = ("damping", "b2", "statistics_every", "precondition_every", "momentum")
-            return baselines.KFACReference(named, lr=lr, **{**{k: mbf[k] for k in keys}, **kw})
+            return baselines.MuonReference(named, lr=lr, adam_filter=_muon_excluded, **{"weight_decay": 0.0, **kw})
         if n in ("shampoo1", "shampoo2"):
             return baselines.ShampooReference(named, lr=lr, **{"sides": int(n[-1]), **kw})
-        entry = entry_by_name(n)
-        core = {**entry.kwargs_for(model), **kw, "learning_rate": lr}
-        if n == "asgo":  # the authors' split: embeddings (and 1-D parameters) to the fallback Adam
+        if n == "shampoo_sum":  # Gupta et al.'s Algorithm: summed factors, powers -1/4, no momentum, no graft
+            return baselines.ShampooReference(named, lr=lr, **{"sides": 2, "b2": 1.0, "momentum": 0.0, "graft": False,
+                                                                 "accumulate": "sum", **kw})
+        entry = entry_by_name("asgo" if n == "asgo_theory" else n)
+        # One weight decay for every method of a claim: none (the caller may override it).
+        core = {**entry.kwargs_for(model), **({"weight_decay": 0.0} if "weight_decay" in entry.kwargs_for(model) else {}),
+                **kw, "learning_rate": lr}
+        if n == "asgo_theory":  # Algorithm 1: no momentum, summed statistic, no RMS target, no decay
+            core.update(b1=0.0, accumulator="sum", rms_target=None, weight_decay=0.0, precondition_every=1)
+        if n in ("asgo", "asgo_theory"):  # the authors' split: embeddings (and 1-D parameters) to the fallback Adam
+            extra = {k: core[k] for k in ("accumulator", "precondition_every") if k in core}
             return pt.ASGO(
                 named, lr=lr, betas=(core["b1"], core["b2"]), weight_decay=core["weight_decay"],
-                rms_target=core["rms_target"], fallback_filter=_embedding, compile=False,
+                rms_target=core["rms_target"], fallback_filter=_embedding, compile=False, **extra,
             )
         optimizer, notes = make_torch_optimizer(entry, named, core, {"compile": False})
         if notes:  # pragma: no cover - every method has its torch class
@@ -107,15 +113,15 @@ OPTS = {
     o.name: o
     for o in (
         Opt("adam", "Adam (torch.optim)", False),
-        Opt("adamw", "AdamW (torch.optim)", False),
         Opt("sgd_momentum", "SGD-momentum (torch.optim)", False),
-        Opt("rmsprop", "RMSProp (torch.optim)", False),
+        Opt("adagrad", "diagonal AdaGrad (torch.optim)", False),
+        Opt("rmsprop", "RMSProp (RF-RMSProp with the root, reference baseline)", False, needs_batch=True),
         Opt("shampoo1", "one-sided Shampoo (reference baseline)", False),
         Opt("shampoo2", "Shampoo (reference baseline)", False),
+        Opt("shampoo_sum", "Shampoo (Gupta et al.'s algorithm, reference baseline)", False),
         Opt("muon", "Muon (reference baseline)", False),
-        Opt("kfac", "K-FAC (reference baseline)", False),
         Opt("asgo", "ASGO", True),
-        Opt("dasgo", "DASGO", True),
+        Opt("asgo_theory", "ASGO (Algorithm 1)", True),
         Opt("agd", "AGD", True),
         Opt("sketchy", "Sketchy", True),
         Opt("rf_rmsprop", "RF-RMSProp", True, needs_batch=True),
@@ -135,9 +141,7 @@ def _timed_step(optimizer: Any, loss_fn: Callable, extra: dict, observe: Optiona
     backward pass and the optimizer step, outside the timed part."""
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    # An optimizer that reads the layers' inputs (K-FAC) records them during the forward pass.
-    with getattr(optimizer, "capture", contextlib.nullcontext)():
-        loss = loss_fn()
+    loss = loss_fn()
     loss.backward()
     _sync()
     elapsed = time.perf_counter() - start
@@ -232,13 +236,15 @@ def _classifier(model: str) -> bool:
 def train_digits(
     opt: Opt, model: str, seed: int, epochs: int, lr: float, *, tuning: bool = False, batch_size: int = 64,
     overrides: Optional[dict] = None, observe: Optional[Callable] = None, observe_every: int = 1, dtype: Any = DTYPE,
+    stop_after: Optional[int] = None,
 ) -> dict:
     """Train a ``compare`` model (or ``wide<W>``); per-epoch losses, accuracies and cumulative seconds.
 
     ``dtype`` is the dtype of the parameters, the data and the forward pass (bfloat16: a
     half-precision model). ``observe(step, named, optimizer)`` is called after every
     ``observe_every``-th backward pass, before the optimizer step (the gradients are in ``.grad``).
-    Its time is not counted.
+    Its time is not counted. ``stop_after``: return the first losses after that many steps (a
+    fingerprint, :func:`fingerprint`).
     """
     x_train, y_train, x_eval, y_eval = digits_data(tuning)
     params = _init(model, seed, dtype)
@@ -249,7 +255,7 @@ def train_digits(
     xe, ye = torch.tensor(x_eval, dtype=dtype, device=DEVICE), torch.tensor(y_eval, device=DEVICE)
     steps_per_epoch = len(x_train) // batch_size
     out: dict = {"epoch_train_loss": [], "epoch_eval_loss": [], "epoch_eval_accuracy": [], "epoch_seconds": [], "step_seconds": []}
-    clock, step, diverged = 0.0, 0, False
+    clock, step, diverged, first = 0.0, 0, False, []
     with torch.no_grad():
         out["initial_train_loss"] = _loss(model, params, xt, yt).item()
     for epoch in range(epochs):
@@ -263,6 +269,10 @@ def train_digits(
             out["step_seconds"].append(elapsed)
             clock += elapsed
             step += 1
+            if len(first) < FINGERPRINT_STEPS:
+                first.append(value)
+            if stop_after is not None and step >= stop_after:
+                return {"first_losses": first}
             if not math.isfinite(value):
                 diverged = True
                 break
@@ -283,7 +293,7 @@ def train_digits(
         diverged=diverged, state_bytes=state_bytes(optimizer), second_moment_bytes=second_moment_bytes(optimizer),
         nonfinite_steps=nonfinite_steps(optimizer), final_train_loss=out["epoch_train_loss"][-1],
         final_eval_loss=out["epoch_eval_loss"][-1], final_eval_accuracy=out["epoch_eval_accuracy"][-1], steps=step,
-        seconds=clock, parameter_bytes=sum(p.numel() * p.element_size() for p in params.values()),
+        seconds=clock, parameter_bytes=sum(p.numel() * p.element_size() for p in params.values()), first_losses=first,
     )
     return out
 
@@ -338,7 +348,7 @@ def _windows(ids: np.ndarray, batch: int, context: int, rng: np.random.Generator
 
 def train_lm(
     opt: Opt, lm: dict, seed: int, steps: int, lr: float, *, tuning: bool = False, overrides: Optional[dict] = None,
-    observe: Optional[Callable] = None, observe_every: int = 1,
+    observe: Optional[Callable] = None, observe_every: int = 1, stop_after: Optional[int] = None,
 ) -> dict:
     """Train the char transformer ``lm`` (width, layers, heads, context, batch) for ``steps`` steps.
 
@@ -366,6 +376,8 @@ def train_lm(
         clock += elapsed
         losses.append(value if math.isfinite(value) else None)
         seconds.append(clock)
+        if stop_after is not None and step + 1 >= stop_after:
+            return {"first_losses": losses[:FINGERPRINT_STEPS]}
         if not math.isfinite(value):
             diverged = True
             break
@@ -382,7 +394,7 @@ def train_lm(
         "final_eval_loss": eval_loss if math.isfinite(eval_loss) else None,
         "final_train_loss": float(np.mean(tail)) if tail and not diverged else None,
         "seconds": clock, "steps": len(losses), "state_bytes": state_bytes(optimizer),
-        "nonfinite_steps": nonfinite_steps(optimizer),
+        "nonfinite_steps": nonfinite_steps(optimizer), "first_losses": losses[:FINGERPRINT_STEPS],
     }
 
 
@@ -397,7 +409,8 @@ def train_synthetic(opt: Opt, rank: int, seed: int, steps: int, lr: float, *, tu
     rank at most ``rank``. Within the subspace the input scales are spread over two decades (an
     ill-conditioned problem that rewards preconditioning). The problem (subspace, scales, W*) is
     fixed per seed; ``tuning`` draws the problem of seed ``1000 + seed`` (a validation problem).
-    Returns the final expected loss ``0.5 ||(W - W*) C^{1/2}||_F^2`` (C the input covariance)."""
+    Returns the expected loss ``0.5 ||(W - W*) C^{1/2}||_F^2`` (C the input covariance) after
+    every step, the final one, and ``log_area``: the mean of its log10 over the run."""
     out_dim, in_dim = shape
     rng = np.random.default_rng([seed + (1000 if tuning else 0), 31])
     basis, _ = np.linalg.qr(rng.standard_normal((in_dim, rank)))
@@ -407,7 +420,7 @@ def train_synthetic(opt: Opt, rank: int, seed: int, steps: int, lr: float, *, tu
     w_star = torch.tensor(target, dtype=DTYPE, device=DEVICE)
     weight = torch.zeros(shape, dtype=DTYPE, device=DEVICE, requires_grad=True)
     # No weight decay: the minimiser is W*, not a shrunk W*.
-    optimizer = opt.build([("fc.weight", weight)], lr, "mlp", **({"weight_decay": 0.0} if opt.library or opt.name == "adamw" else {}))
+    optimizer = opt.build([("fc.weight", weight)], lr, "mlp", **({"weight_decay": 0.0} if opt.library else {}))
     extra = {"batch_size": batch} if opt.needs_batch else {}
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -424,7 +437,10 @@ def train_synthetic(opt: Opt, rank: int, seed: int, steps: int, lr: float, *, tu
             break
         losses.append(expected())
     final = losses[-1] if not diverged and math.isfinite(losses[-1]) else None
-    return {"losses": losses, "final_loss": final, "diverged": diverged or final is None}
+    # The area under the log10 loss curve per step: what ASGO-4 scores (lower is faster).
+    area = float(np.mean(np.log10(np.maximum(losses, 1e-300)))) if final is not None else None
+    return {"losses": losses, "final_loss": final, "log_area": area, "diverged": diverged or final is None,
+            "first_losses": losses[1 : FINGERPRINT_STEPS + 1]}
 
 
 def beale(point: torch.Tensor) -> torch.Tensor:
@@ -460,7 +476,7 @@ def train_beale(opt: Opt, seed: int, steps: int, lr: float, *, tuning: bool = Fa
         final = float(beale(point))
     ok = math.isfinite(final) and not diverged
     reached = next((i + 1 for i, v in enumerate(values) if v < BEALE_REACHED), steps + 1)
-    return {"path": path, "values": values, "diverged": not ok,
+    return {"path": path, "values": values, "diverged": not ok, "first_losses": values[:FINGERPRINT_STEPS],
             "final_log10": math.log10(max(final, 1e-300)) if ok else None,
             "steps_to_minimum": float(reached) if ok else None,
             "score": float(reached) + (max(0.0, math.log10(max(final, 1e-300) / BEALE_REACHED)) if reached > steps else 0.0)
@@ -471,14 +487,73 @@ def train_beale(opt: Opt, seed: int, steps: int, lr: float, *, tuning: bool = Fa
 # Runs, cached, and the learning-rate sweep
 
 
+#: Steps whose losses make a run's fingerprint (the first loss is before any update).
+FINGERPRINT_STEPS = 5
+
+
+def _jsonable_kw(kw: dict) -> dict:
+    """Overrides as JSON values: a torch dtype as its name (``"torch.bfloat16"``)."""
+    return {k: str(v) if isinstance(v, torch.dtype) else v for k, v in (kw or {}).items()}
+
+
+def _torch_kw(kw: dict) -> dict:
+    return {k: getattr(torch, v[len("torch."):]) if isinstance(v, str) and v.startswith("torch.") else v
+            for k, v in (kw or {}).items()}
+
+
+def fingerprint(recipe: dict) -> list:
+    """The first :data:`FINGERPRINT_STEPS` losses of the run ``recipe`` describes (a record of
+    :attr:`Runner.fingerprints`), recomputed by running only those steps."""
+    task, opt, seed, lr = recipe["task"], OPTS[recipe["opt"]], recipe["seed"], recipe["lr"]
+    overrides = _torch_kw(recipe.get("overrides"))
+    if task == "digits":
+        dtype = getattr(torch, recipe["dtype"][len("torch."):])
+        return train_digits(opt, recipe["model"], seed, 1, lr, overrides=overrides, dtype=dtype,
+                            stop_after=FINGERPRINT_STEPS)["first_losses"]
+    if task == "lm":
+        return train_lm(opt, recipe["lm"], seed, FINGERPRINT_STEPS, lr, overrides=overrides)["first_losses"]
+    if task == "synthetic":
+        return train_synthetic(opt, recipe["rank"], seed, FINGERPRINT_STEPS, lr)["first_losses"]
+    if task == "beale":
+        return train_beale(opt, seed, FINGERPRINT_STEPS, lr, overrides=overrides)["first_losses"]
+    raise ValueError(f"fingerprint: unknown task {task!r}")
+
+
+def fingerprint_tolerance(recipe: dict) -> float:
+    """Relative tolerance of a recomputed fingerprint, from the rounding model: ``c * eps`` of the
+    run's dtype, ``c = 1000`` for float32 (a loss after a few steps sums products over up to about
+    a thousand terms per forward and backward pass, each rounding differently on another BLAS
+    kernel), ``c = 4`` for bfloat16 (a few rounding units of the parameters themselves)."""
+    if recipe.get("dtype") == "torch.bfloat16":
+        return 4 * float(torch.finfo(torch.bfloat16).eps)
+    return 1000 * float(torch.finfo(torch.float32).eps)
+
+
+def _rounded(values: list) -> list:
+    """Six significant digits: far finer than :func:`fingerprint_tolerance`, far coarser than noise."""
+    return [None if v is None or not math.isfinite(v) else float(f"{v:.6g}") for v in values]
+
+
 class Runner:
-    """Runs experiments with a cache (``--paper all`` shares e.g. the AdamW char-LM runs) and a
-    progress callback per finished run."""
+    """Runs experiments with a cache (``--paper all`` shares e.g. the Adam char-LM runs), a
+    progress callback per finished run, and a fingerprint per evaluated configuration (its first
+    seed's first losses, :attr:`fingerprints`) for the freshness test."""
 
     def __init__(self, on_run: Callable[[str], None] = lambda text: None):
         self.cache: dict = {}
         self.on_run = on_run
         self.tuned: dict = {}
+        self.fingerprints: dict = {}
+        self.paper = ""
+
+    def record(self, recipe: dict, result: dict) -> None:
+        """Keep the fingerprint of an evaluation run's configuration (one seed per configuration)."""
+        if recipe.get("tuning") or "first_losses" not in result:
+            return
+        config = repr(sorted((k, repr(v)) for k, v in recipe.items() if k != "seed"))
+        record = self.fingerprints.setdefault(config, {**recipe, "losses": _rounded(result["first_losses"]), "papers": []})
+        if self.paper and self.paper not in record["papers"]:
+            record["papers"].append(self.paper)
 
     def digits(self, opt: str, model: str, seed: int, epochs: int, lr: float, **kw: Any) -> dict:
         key = ("digits", opt, model, seed, epochs, lr, kw.get("tuning", False), repr(sorted((kw.get("overrides") or {}).items())),
@@ -486,6 +561,9 @@ class Runner:
         if kw.get("observe") is not None or key not in self.cache:
             result = train_digits(OPTS[opt], model, seed, epochs, lr, **kw)
             self.on_run(f"{opt} on digits {model}, seed {seed}" + (", lr sweep" if kw.get("tuning") else ""))
+            self.record({"task": "digits", "opt": opt, "model": model, "seed": seed, "lr": lr,
+                          "tuning": kw.get("tuning", False), "overrides": _jsonable_kw(kw.get("overrides")),
+                          "dtype": str(kw.get("dtype", DTYPE))}, result)
             if kw.get("observe") is not None:
                 return result
             self.cache[key] = result
@@ -497,6 +575,8 @@ class Runner:
         if kw.get("observe") is not None or key not in self.cache:
             result = train_lm(OPTS[opt], lm, seed, steps, lr, **kw)
             self.on_run(f"{opt} on the char LM, seed {seed}" + (", lr sweep" if kw.get("tuning") else ""))
+            self.record({"task": "lm", "opt": opt, "lm": dict(lm), "seed": seed, "lr": lr, "tuning": kw.get("tuning", False),
+                          "overrides": _jsonable_kw(kw.get("overrides"))}, result)
             if kw.get("observe") is not None:
                 return result
             self.cache[key] = result
@@ -507,12 +587,16 @@ class Runner:
         if key not in self.cache:
             self.cache[key] = train_synthetic(OPTS[opt], rank, seed, steps, lr, **kw)
             self.on_run(f"{opt} on the rank-{rank} regression, seed {seed}" + (", lr sweep" if kw.get("tuning") else ""))
+            self.record({"task": "synthetic", "opt": opt, "rank": rank, "seed": seed, "lr": lr,
+                          "tuning": kw.get("tuning", False)}, self.cache[key])
         return self.cache[key]
 
     def beale(self, opt: str, seed: int, steps: int, lr: float, **kw: Any) -> dict:
         key = ("beale", opt, seed, steps, lr, kw.get("tuning", False), repr(sorted((kw.get("overrides") or {}).items())))
         if key not in self.cache:
             self.cache[key] = train_beale(OPTS[opt], seed, steps, lr, **kw)
+            self.record({"task": "beale", "opt": opt, "seed": seed, "lr": lr, "tuning": kw.get("tuning", False),
+                          "overrides": _jsonable_kw(kw.get("overrides"))}, self.cache[key])
         return self.cache[key]
 
     def tune(
@@ -521,11 +605,13 @@ class Runner:
     ) -> dict:
         """Best learning rate by ``metric`` (lower is better) averaged over ``seeds``.
 
-        The grid is ``points`` powers of sqrt(10) around ``center``; while the best rate sits at an
-        edge of the grid, one more rate beyond that edge is tried (at most ``extend`` times). A
-        rate where any seed diverged scores +inf. ``points == 1`` is no sweep (the centre is the
-        paper's value). The result keeps every score per rate and seed, and ``edge``: whether the
-        chosen rate is still at an edge of the extended grid (the optimum may lie beyond it).
+        The grid is ``points`` powers of sqrt(10) around ``center``. While the best rate sits at an
+        edge of the grid, one more rate beyond that edge is tried, and while every rate diverged,
+        one below the lowest (at most ``extend`` times in all): the sweep ends when a rate scores
+        better than both of its neighbours. A rate where any seed diverged scores +inf.
+        ``points == 1`` is no sweep (the centre is the paper's value). The result keeps every score
+        per rate and seed, and ``edge``: whether the chosen rate is still at an edge of the
+        extended grid (the optimum may lie beyond it).
         """
         key = (task, opt, center, points, tuple(seeds))
         if key in self.tuned:
@@ -550,18 +636,19 @@ class Runner:
         for factor in grid_factors(points):
             score(center * factor)
         extended = 0
+        step = math.sqrt(10.0)
         while True:
             rates = sorted(scores)
             means = [score(lr) for lr in rates]
             best = min(range(len(rates)), key=lambda i: means[i])
-            at_edge = math.isfinite(means[best]) and best in (0, len(rates) - 1)
+            finite = math.isfinite(means[best])
+            at_edge = not finite or best in (0, len(rates) - 1)
             if not at_edge or extended >= extend:
                 break
-            step = math.sqrt(10.0)
-            score(rates[0] / step if best == 0 else rates[-1] * step)
+            score(rates[-1] * step if finite and best == len(rates) - 1 else rates[0] / step)
             extended += 1
         result = {
-            "lr": rates[best] if math.isfinite(means[best]) else center, "center": center, "tuned": True,
+            "lr": rates[best] if finite else center, "center": center, "tuned": True,
             "seeds": list(seeds), "metric": metric, "edge": at_edge, "extended": extended,
             "scores": {f"{lr:.3g}": scores[lr] for lr in rates},
         }

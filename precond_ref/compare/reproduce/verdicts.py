@@ -10,8 +10,11 @@ method minus its baseline on the same seed, same data order and same initial wei
 claim about one quantity, the quantity itself; its noise is the two-sided 95% Student-t interval of
 the mean, ``mean ± t(0.975, n - 1) * s / sqrt(n)`` (:func:`interval`). A claim **holds** when the
 whole interval is on the claimed side, **does not hold** when the whole interval is on the other
-side, and is **inconclusive at this scale** when the interval straddles the boundary. A claim about
-GPU time is **not testable on this hardware** when the run is not on a GPU (:class:`OnHardware`).
+side, and is **inconclusive at this scale** when the interval straddles the boundary; it is
+**underpowered** instead when the claim states the size of its effect (a tolerance of a match, an
+``effect`` of an ordering) and the interval's half-width, the smallest effect this many seeds
+could detect, exceeds it. A claim about GPU time is **not testable on this hardware** when the run
+is not on a GPU (:class:`OnHardware`).
 
 One interval per rule, of the differences: a seed that is bad for both methods alike moves both
 sides and cancels in its difference, and a noisy method widens only its own differences' interval.
@@ -27,15 +30,16 @@ from dataclasses import dataclass
 from typing import Sequence
 
 __all__ = [
-    "HOLDS", "FAILS", "INCONCLUSIVE", "NOT_TESTABLE", "VERDICTS", "Rule", "Ordering", "MatchesOrBeats", "Threshold",
+    "HOLDS", "FAILS", "INCONCLUSIVE", "UNDERPOWERED", "NOT_TESTABLE", "VERDICTS", "Rule", "Ordering", "MatchesOrBeats", "Threshold",
     "OnHardware", "combine", "interval", "t_quantile", "spread",
 ]
 
 HOLDS = "holds"
 FAILS = "does not hold"
 INCONCLUSIVE = "inconclusive at this scale"
+UNDERPOWERED = "underpowered"
 NOT_TESTABLE = "not testable on this hardware"
-VERDICTS = (HOLDS, FAILS, INCONCLUSIVE, NOT_TESTABLE)
+VERDICTS = (HOLDS, FAILS, INCONCLUSIVE, UNDERPOWERED, NOT_TESTABLE)
 
 # Two-sided 95% quantiles t(0.975, df) of Student's t distribution, df = 1..30 (standard tables,
 # e.g. NIST/SEMATECH e-Handbook of Statistical Methods, table 1.3.6.7.2), to three decimals.
@@ -99,7 +103,16 @@ def _check(values: Sequence[float], what: str) -> list[float]:
 def _evidence(statistic: str, values: list[float]) -> dict:
     mean, low, high = interval(values)
     finite = lambda x: x if math.isfinite(x) else None  # noqa: E731 - JSON has no infinity
-    return {"statistic": statistic, "n": len(values), "mean": mean, "low": finite(low), "high": finite(high)}
+    return {"statistic": statistic, "n": len(values), "mean": mean, "low": finite(low), "high": finite(high),
+            "detectable": finite((high - low) / 2)}
+
+
+def _powered(verdict: str, low: float, high: float, effect: float | None) -> str:
+    """An inconclusive verdict is underpowered when the claimed ``effect`` is smaller than the
+    interval's half-width (the smallest effect these seeds could tell from none)."""
+    if verdict == INCONCLUSIVE and effect is not None and (high - low) / 2 > effect:
+        return UNDERPOWERED
+    return verdict
 
 
 _NOISE = "the 95% t-interval of the mean over the seeds"
@@ -127,18 +140,22 @@ class Ordering(Rule):
     """Claim: ``a`` is better than ``b`` (lower when ``lower_is_better``), seed by seed (paired).
 
     The statistic is the per-seed gain ``b - a`` (``a - b`` when higher is better): holds if its
-    interval lies above 0, does not hold if below 0, else inconclusive.
+    interval lies above 0, does not hold if below 0, else inconclusive (underpowered when
+    ``effect``, the gain the claim states, is below the interval's half-width).
     """
 
     a: str
     b: str
     lower_is_better: bool = True
+    effect: float | None = None
 
     def describe(self) -> str:
         better = "lower" if self.lower_is_better else "higher"
+        power = (f" (underpowered if the interval's half-width exceeds the claimed gain {self.effect:g})"
+                 if self.effect is not None else "")
         return (
             f"paired per seed, the gain of {self.a} over {self.b} ({better} is better); holds if {_NOISE} of the gain "
-            f"lies above 0, does not hold if it lies below 0, otherwise inconclusive"
+            f"lies above 0, does not hold if it lies below 0, otherwise inconclusive{power}"
         )
 
     def assess(self, a: Sequence[float], b: Sequence[float]) -> tuple[str, dict]:
@@ -147,7 +164,7 @@ class Ordering(Rule):
         gains = [sign * (y - x) for x, y in zip(a, b)]  # > 0 where a is better
         evidence = _evidence(f"gain of {self.a} over {self.b}", gains)
         _, low, high = interval(gains)
-        return (HOLDS if low > 0 else FAILS if high < 0 else INCONCLUSIVE), evidence
+        return _powered(HOLDS if low > 0 else FAILS if high < 0 else INCONCLUSIVE, low, high, self.effect), evidence
 
 
 @dataclass
@@ -171,7 +188,8 @@ class MatchesOrBeats(Rule):
         worse = "above" if self.lower_is_better else "below"
         return (
             f"paired per seed, the shortfall of {self.a} behind {self.b} (how far {worse}); holds if {_NOISE} of the "
-            f"shortfall lies below the tolerance {tol}, does not hold if it lies above it, otherwise inconclusive"
+            f"shortfall lies below the tolerance {tol}, does not hold if it lies above it, otherwise inconclusive "
+            f"(underpowered if the interval's half-width exceeds the tolerance)"
         )
 
     def assess(self, a: Sequence[float], b: Sequence[float]) -> tuple[str, dict]:
@@ -181,7 +199,7 @@ class MatchesOrBeats(Rule):
         tol = self.tolerance * abs(_mean(b)) if self.relative else self.tolerance
         evidence = {**_evidence(f"shortfall of {self.a} behind {self.b}", shortfalls), "tolerance": tol}
         _, low, high = interval(shortfalls)
-        return (HOLDS if high <= tol else FAILS if low > tol else INCONCLUSIVE), evidence
+        return _powered(HOLDS if high <= tol else FAILS if low > tol else INCONCLUSIVE, low, high, tol), evidence
 
 
 @dataclass
@@ -238,7 +256,7 @@ class OnHardware(Rule):
 def combine(verdicts: Sequence[str]) -> str:
     """A claim made of several parts (e.g. "beats Adam *and* SGD"): not testable if any part is
     not testable on this hardware, else does not hold if any part does not hold, holds if every
-    part holds, otherwise inconclusive."""
+    part holds, underpowered if any part is, otherwise inconclusive."""
     if not verdicts:
         raise ValueError("combine: no verdicts")
     unknown = [v for v in verdicts if v not in VERDICTS]
@@ -250,4 +268,6 @@ def combine(verdicts: Sequence[str]) -> str:
         return FAILS
     if all(v == HOLDS for v in verdicts):
         return HOLDS
+    if any(v == UNDERPOWERED for v in verdicts):
+        return UNDERPOWERED
     return INCONCLUSIVE
