@@ -143,11 +143,20 @@ def _torch_class(
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{name}.__init__"
+
+    def add_param_group(self: CoreOptimizer, param_group: dict) -> None:
+        """``torch.optim.Optimizer.add_param_group``; a group's ``lr=None`` is its mode's default."""
+        base.add_param_group(self, param_group)
+        group = self.param_groups[-1]
+        if lr_by_mode is not None and group["lr"] is None:
+            group["lr"] = lr_by_mode.get(group["mode"])
+
     namespace = {
         "__doc__": doc,
         "__module__": __name__,
         "__qualname__": name,
         "__init__": __init__,
+        "add_param_group": add_param_group,
         "core_factory": staticmethod(core_factory),
         "compile_by_default": compile_by_default,
         "core_kwargs": _core_kwargs_from(arguments, derive, name),

@@ -109,6 +109,7 @@ def test_step_is_noop_for_zero_grads(case):
 
 
 @each_case
+@pytest.mark.filterwarnings("ignore:MBF. .* parameter")  # unnamed parameters: MBF says it cannot pair them
 def test_optimizer_can_be_printed(case):
     text = repr(case.make(_model().named_parameters()))
     assert type(case.make(_model().parameters())).__name__ in text and "lr" in text
@@ -380,6 +381,7 @@ def test_errors(cls):
                 cls(params, **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore:MBF. .* parameter")  # unnamed parameters: MBF says it cannot pair them
 def test_every_class_and_core_factory_has_the_same_default_learning_rate():
     """Every torch class and every core factory constructs without a learning rate, and a class's
     default ``lr`` is its core factory's default ``learning_rate`` (the values
