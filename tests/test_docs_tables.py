@@ -94,7 +94,7 @@ def capture_table() -> str:
     import torch
     import precond_ref.adapters.torch as pt
 
-    asgo = importlib.import_module("precond_ref.methods.asgo")  # the module (the package exports its factory by this name)
+    linalg = importlib.import_module("precond_ref.linalg")  # where ASGO's root_method="auto" asks on_cpu
 
     def refusal(name: str, dtype: torch.dtype) -> str | None:
         cls = getattr(pt, name)
@@ -102,12 +102,12 @@ def capture_table() -> str:
             return cls.not_capturable_because
         model = torch.nn.Linear(6, 4).to(dtype)
         opt = _built(cls, model)
-        on_cpu = asgo.on_cpu
-        asgo.on_cpu = lambda xp, x: False  # as on CUDA: the choice the core makes for an accelerator
+        on_cpu = linalg.on_cpu
+        linalg.on_cpu = lambda xp, x: False  # as on CUDA: the choice the core makes for an accelerator
         try:
             return opt.not_capturable_because
         finally:
-            asgo.on_cpu = on_cpu
+            linalg.on_cpu = on_cpu
 
     lines = ["| torch class | float32 parameters | float64 parameters |", "|---|---|---|"]
     for name, label in CLASSES.items():
