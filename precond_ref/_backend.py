@@ -1010,3 +1010,58 @@ def _cupy_view(cp: Any, arrays: list, shape: tuple) -> Optional[Array]:
             return None
         end += a.nbytes
     return cp.ndarray(shape, dtype=dtype, memptr=first.data)
+
+
+# --------------------------------------------------------------------------------------------
+# Constants a step makes once, kept by the transform that made them
+
+
+_KEPT: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("precond_ref_constants", default=None)
+
+
+@contextlib.contextmanager
+def keeping_constants(kept: dict) -> Iterator[None]:
+    """Within it, :func:`constant` keeps the arrays it makes in ``kept`` and finds them there on
+    later calls: ``kept`` is a transform's own (made with it, dropped with it), so that nothing a
+    step makes outlives the optimizer. Nothing is set while ``torch.compile`` traces (dynamo cannot
+    set a context variable; :func:`constant` makes its arrays for the traced step then)."""
+    if torch_compiling():
+        yield
+        return
+    token = _KEPT.set(kept)
+    try:
+        yield
+    finally:
+        _KEPT.reset(token)
+
+
+def constant(xp, key, make, like):
+    """``make()``, an array that depends on nothing but ``key`` and ``like``'s namespace and device
+    (an identity, an index array), made once per transform and kept with it
+    (:func:`keeping_constants`): made anew, it is a kernel of every eager step (from host data on
+    an accelerator, a copy the step waits for). Outside a transform's ``init`` and ``update`` it is
+    made anew. Under a compiler it is made anew for the traced step: under ``torch.compile``
+    traced; under ``jax.jit`` evaluated while tracing (``jax.ensure_compile_time_eval``), so that
+    the compiled step holds it as a literal: XLA does not fold a constant computed from ``iota``,
+    and the step would compute it, a kernel per piece of it."""
+    if is_tracer(like):
+        with sys.modules["jax"].ensure_compile_time_eval():
+            return make()
+    kept = None if torch_compiling() else _KEPT.get()
+    if kept is None:
+        return make()
+    # The maker's code (its definition in the source, not the closure) is part of the key: two callers
+    # that happen to choose equal keys (an ``("eye", 2, 1.0, dtype)`` and an ``("eye", 2, 1, dtype)``)
+    # never get each other's array.
+    full_key = (xp.__name__, device_key(like), getattr(make, "__code__", make), key)
+    if full_key not in kept:
+        kept[full_key] = make()
+    return kept[full_key]
+
+
+def number(xp, value: float, like):
+    """``value`` as a 0-D array of ``like``'s dtype and device, made once (:func:`constant`): a
+    number a selection broadcasts, not a new array of the operands' shape each step; filled on the
+    device (no host data copied)."""
+    make = lambda: xp.full((), value, dtype=like.dtype, device=placement(xp, like))  # noqa: E731
+    return constant(xp, ("number", value, like.dtype), make, like)

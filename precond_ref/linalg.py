@@ -45,7 +45,7 @@ from array_api_compat import array_namespace, is_jax_namespace
 from .blocking import roll_first_axis_last, stack, unstack
 from ._backend import (
     array_device, as_operand, computed_once, cond, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
-    is_zero, iterate, on_cpu, placement, select, sum_across, torch_compiling,
+    is_zero, iterate, number, on_cpu, placement, select, sum_across, torch_compiling,
 )
 
 __all__ = [
@@ -1119,9 +1119,7 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
 
 
 def _one(xp: Any, like: Array) -> Array:
-    """``1`` as a 0-D array of ``like``'s dtype and device, made once (:func:`precond_ref.engine.factors.number`)."""
-    from .engine.factors import number  # the engine's constants import this module
-
+    """``1`` as a 0-D array of ``like``'s dtype and device, made once (:func:`precond_ref._backend.number`)."""
     return number(xp, 1.0, like)
 
 

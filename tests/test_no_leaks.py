@@ -5,8 +5,8 @@ A user sweeping model widths in one process makes, steps and drops an optimizer 
 invariant (DESIGN.md, "No process-wide mutable state in the core"): once such an optimizer and its
 model are dropped and the garbage collected, the live arrays' bytes are what they were before it
 was made, for every method, in torch (the ``torch.optim`` classes) and in NumPy (the core
-factories). Equality, not a tolerance: a kept array of any size is a leak, and a cache keyed by
-shapes would grow with every width.
+factories). No tolerance: a kept array of any size is a leak, and a cache keyed by shapes would
+grow with every width.
 """
 
 from __future__ import annotations
@@ -112,4 +112,7 @@ def test_dropped_optimizers_leave_no_arrays(method):
     before = _live_bytes()
     for sweep in (_torch_sweep, _numpy_sweep):
         sweep(method, WIDTHS)
-    assert _live_bytes() == before
+    after = _live_bytes()
+    # Not more bytes: a kept array of any size is a leak. (Fewer is other tests' garbage, in a
+    # process that ran them first, freed meanwhile.)
+    assert all(after[backend] <= before[backend] for backend in before), (before, after)
