@@ -1020,7 +1020,7 @@ _KEPT: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("precond_
 
 
 @contextlib.contextmanager
-def keeping_constants(kept: dict) -> Iterator[None]:
+def keeping_constants(kept: Optional[dict]) -> Iterator[None]:
     """Within it, :func:`constant` keeps the arrays it makes in ``kept`` and finds them there on
     later calls: ``kept`` is a transform's own (made with it, dropped with it), so that nothing a
     step makes outlives the optimizer. Nothing is set while ``torch.compile`` traces (dynamo cannot

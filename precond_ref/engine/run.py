@@ -204,7 +204,7 @@ def build_transform(
         if legacy_names is not None and isinstance(state, PrecondState):
             state = renamed(state, legacy_names)
         with (float32_matmul_precision(xp, precision) if xp is not None else _NO_CONTEXT, remembered_slices(xp),
-              keeping_constants(constants)):
+              keeping_constants(None if torch_compiling() else constants)):  # dynamo would guard on the dict's keys
             packed = None
             if elementwise and on_nonfinite == "skip" and xp is not None:
                 packed = pack(name, layout_for, grad_leaves, treedef, state, params, xp)
