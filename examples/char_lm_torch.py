@@ -12,6 +12,11 @@ curve to ``--out`` and ends with a sample of generated text.
 Each optimizer's default learning rate was chosen by a short measurement (``examples/measure_rates.py``:
 100 steps per rate of a half-decade grid on this model, extended until the lowest final loss is
 inside it); the table above ``OPTIMIZERS`` lists what was measured.
+
+Batch size: the root-free methods (RF-RMSProp, RF-AdamW, IF-Shampoo) get ``batch_size`` =
+``--batch-size``, the sequences of a batch, not the ``--batch-size`` x ``--context`` tokens that this
+per-token loss averages over (the library's B). Their statistic B*g*g is thus divided by the context
+length, and their default learning rates were tuned with that B.
 """
 
 from __future__ import annotations
