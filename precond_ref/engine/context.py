@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import IdentityDict, hashable, is_dense, is_number, scalar_array, select
+from .._backend import IdentityDict, hashable, is_dense, is_number, scalar_array
 from .._backend import torch_compiling
 from ..transform import Interval, ScalarOrSchedule, is_due, schedule_value
 from ..tree import Path
+from .skip import entry_kept
 
 __all__ = ["StepContext", "settle_pieces"]
 
@@ -116,7 +117,7 @@ class StepContext(NamedTuple):
         """
         if self.ok is None or (self.applied and is_dense(new)):
             return new
-        selected = select(self.xp, self.ok, new, old)
+        selected = entry_kept(self.xp, self.ok, new, old)
         self.settled[selected] = True
         return selected
 

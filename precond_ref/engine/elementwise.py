@@ -37,8 +37,8 @@ from typing import Any, Callable, NamedTuple, Optional
 from array_api_compat import array_namespace
 
 from .._backend import (
-    as_operand, array_device, cast, computed_once, device_key, finite_or_zero, host_bool, is_dense, is_number,
-    scalar_zero, select,
+    as_operand, array_device, cast, computed_once, device_key, host_bool, is_dense, is_number,
+    scalar_zero,
 )
 from ..blocking import stack, unstack
 from ..transform import PrecondState, Transform
@@ -47,7 +47,7 @@ from .context import StepContext
 from . import joined
 from .joined import _dtypes, _flat
 from .run import build_transform
-from .skip import first_bad_gradient, gradient_ok
+from .skip import entry_kept, first_bad_gradient, gradient_ok, gradient_used, update_applied
 
 __all__ = [
     "ElementwiseRule", "StepValues", "Writes", "EAGER_WRITES", "elementwise_transform", "in_place_step", "operands",
@@ -296,13 +296,12 @@ class _InPlace:
         def step(ok: Any, arrays: tuple, g: Any, w: Any, *entries: Any) -> tuple:
             h_ = scalars(**fields, **{k: xp.reshape(a, ()) for k, a in zip(held, arrays)})
             zero = scalar_zero(xp, g)
-            g_ = cast(xp, select(xp, ok, g, zero), dtype)  # a skipped step's arithmetic runs on zeros
+            g_ = cast(xp, gradient_used(xp, ok, g, zero), dtype)
             w_ = cast(xp, w, dtype) if reads_params else None
             old = _fields(rule, dict(zip(names, entries)))
             new = rule.state(xp, c, old, g_, w_, h_)
-            new = type(old)(*(n if n is None or n is o else select(xp, ok, n, o) for n, o in zip(new, old)))
-            u = cast(xp, rule.update(xp, c, new, g_, w_, h_), g.dtype)
-            u = finite_or_zero(xp, select(xp, ok, u, zero), zero)
+            new = type(old)(*(n if n is None or n is o else entry_kept(xp, ok, n, o) for n, o in zip(new, old)))
+            u = update_applied(xp, ok, cast(xp, rule.update(xp, c, new, g_, w_, h_), g.dtype), zero)
             return (w + u, *(v for v in new if v is not None))
 
         return step

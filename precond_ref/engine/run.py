@@ -23,7 +23,6 @@ from .._backend import (
     is_tracer,
     remembered_slices,
     scalar_zero,
-    select,
     selected_by_runs,
     torch_compiling,
 )
@@ -33,7 +32,7 @@ from .checks import check_fits, check_group, check_leaves, check_namespace, chec
 from .context import StepContext
 from .factors import keeping_constants
 from .joined import leafwise, pack
-from .skip import first_bad_gradient, gradient_ok
+from .skip import first_bad_gradient, gradient_ok, gradient_used, update_applied
 
 __all__ = ["build_transform", "steps_leaf_by_leaf"]
 
@@ -133,58 +132,15 @@ def build_transform(
         raise TypeError(f"{name}: elementwise=True needs update_group and the default singleton groups")
     if independent_leaves and group_leaves is not singleton_groups:
         raise TypeError(f"{name}: independent_leaves=True needs the default singleton groups")
-    # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes: update
-    # compares it with the state it is given (the gradients stand in for the parameters).
-    # init records the layouts it makes, so that update builds a state only for gradients unlike
-    # the parameters init saw (a state from elsewhere, another dtype): no second copy of the state.
-    layouts: dict[tuple, dict[str, tuple]] = {}
-    # The shapes init saw at each leaf path, so that update can name a gradient of the wrong shape
-    # (a transposed one) when it is given no params and the state's layout would not show it
-    # (S-AdaGrad's sketch of the flattened leaf). A set: one transform may be initialised on
-    # several trees.
-    leaf_shapes: dict[str, set] = {}
-    # The arrays a step makes once and keeps (engine.factors.constant: identities, index arrays),
-    # this transform's own: they go with it.
-    constants: dict = {}
-
-    def layout_key(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> tuple:
-        return (group.key, group.paths, tuple(tuple(x.shape) for x in leaves), tuple(x.dtype for x in leaves), xp.__name__)
-
-    def layout_for(group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> dict[str, tuple]:
-        key = layout_key(group, leaves, xp)
-        if key not in layouts:
-            layouts[key] = layout_of(init_group(leaves, group.paths, xp))
-        return layouts[key]
+    if update_groups is None:
+        def update_groups(grads, states, params, contexts):
+            return [update_group(g, s, p, c) for g, s, p, c in zip(grads, states, params, contexts)]
+    runner = _Runner(name, init_group, update_groups, group_leaves, on_nonfinite, needs_params, tuple(intervals),
+                     matmul_precision, elementwise, layout_hint)
 
     def init(params: Any) -> PrecondState:
-        with keeping_constants(constants):
-            return _init(params)
-
-    def _init(params: Any) -> PrecondState:
-        leaves, treedef = tree_flatten(params)
-        xp = check_leaves(leaves, treedef.paths, f"{name}: params")
-        dev = array_device(leaves[0])
-        for path, leaf in zip(treedef.paths, leaves):
-            leaf_shapes.setdefault(path_str(path), set()).add(tuple(leaf.shape))
-        groups = {}
-        for group in group_leaves(treedef.paths, leaves):
-            members = tuple(leaves[i] for i in group.indices)
-            if all(math.prod(leaf.shape) == 0 for leaf in members):
-                groups[group.key] = {}
-            else:
-                groups[group.key] = unaliased(xp, init_group(members, group.paths, xp), members)
-                layouts[layout_key(group, members, xp)] = layout_of(groups[group.key])
-
-        def counter() -> Array:
-            return xp.zeros((), dtype=xp.int32, device=dev)
-
-        return PrecondState(count=counter(), nonfinite_count=counter(), groups=groups)
-
-    declared = tuple(intervals)
-    precision = matmul_precision
-
-    def due(step: int) -> tuple[bool, ...]:
-        return tuple(bool(is_due(interval, step)) for interval in declared)
+        with keeping_constants(runner.constants):
+            return runner.init(params)
 
     def update(
         grads: Any,
@@ -196,192 +152,277 @@ def build_transform(
         gradients_ok: Any = None,
         **extra: Any,
     ) -> tuple[Any, PrecondState]:
+        if legacy_names is not None and isinstance(state, PrecondState):
+            state = renamed(state, legacy_names)
+        return runner.update(grads, state, params, step, due, gradients_ok, extra)
+
+    init.layout_hint = layout_hint  # type: ignore[attr-defined]
+    init.legacy_names = legacy_names  # type: ignore[attr-defined]
+    update.leafwise = independent_leaves and on_nonfinite == "skip"  # type: ignore[attr-defined]
+    return Transform(init, update, runner.due, matmul_precision, group_leaves)
+
+
+class _Runner:
+    """The run loop of one transform (:func:`build_transform`): its checks, the non-finite rule,
+    the call of the method's groups and the new counters, as named sub-steps in the order
+    :meth:`step` runs them; and what the transform keeps (the state layouts, the shapes ``init``
+    saw, the arrays a step makes once), which goes with it."""
+
+    def __init__(self, name, init_group, update_groups, group_leaves, on_nonfinite, needs_params, intervals,
+                 matmul_precision, elementwise, layout_hint):
+        self.name, self.init_group, self.update_groups, self.group_leaves = name, init_group, update_groups, group_leaves
+        self.on_nonfinite, self.needs_params, self.intervals = on_nonfinite, needs_params, intervals
+        self.precision, self.elementwise, self.layout_hint = matmul_precision, elementwise, layout_hint
+        # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes:
+        # update compares it with the state it is given (the gradients stand in for the
+        # parameters). init records the layouts it makes, so that update builds a state only for
+        # gradients unlike the parameters init saw (a state from elsewhere, another dtype): no
+        # second copy of the state.
+        self.layouts: dict[tuple, dict[str, tuple]] = {}
+        # The shapes init saw at each leaf path, so that update can name a gradient of the wrong
+        # shape (a transposed one) when it is given no params and the state's layout would not
+        # show it (S-AdaGrad's sketch of the flattened leaf). A set: one transform may be
+        # initialised on several trees.
+        self.leaf_shapes: dict[str, set] = {}
+        # The arrays a step makes once and keeps (engine.factors.constant: identities, index
+        # arrays), this transform's own: they go with it.
+        self.constants: dict = {}
+
+    def layout_key(self, group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> tuple:
+        return (group.key, group.paths, tuple(tuple(x.shape) for x in leaves), tuple(x.dtype for x in leaves), xp.__name__)
+
+    def layout_for(self, group: LeafGroup, leaves: tuple[Array, ...], xp: Any) -> dict[str, tuple]:
+        key = self.layout_key(group, leaves, xp)
+        if key not in self.layouts:
+            self.layouts[key] = layout_of(self.init_group(leaves, group.paths, xp))
+        return self.layouts[key]
+
+    def init(self, params: Any) -> PrecondState:
+        leaves, treedef = tree_flatten(params)
+        xp = check_leaves(leaves, treedef.paths, f"{self.name}: params")
+        dev = array_device(leaves[0])
+        for path, leaf in zip(treedef.paths, leaves):
+            self.leaf_shapes.setdefault(path_str(path), set()).add(tuple(leaf.shape))
+        groups = {}
+        for group in self.group_leaves(treedef.paths, leaves):
+            members = tuple(leaves[i] for i in group.indices)
+            if all(math.prod(leaf.shape) == 0 for leaf in members):
+                groups[group.key] = {}
+            else:
+                groups[group.key] = unaliased(xp, self.init_group(members, group.paths, xp), members)
+                self.layouts[self.layout_key(group, members, xp)] = layout_of(groups[group.key])
+        return PrecondState(count=_counter(xp, dev), nonfinite_count=_counter(xp, dev), groups=groups)
+
+    def due(self, step: int) -> tuple[bool, ...]:
+        return tuple(bool(is_due(interval, step)) for interval in self.intervals)
+
+    def update(self, grads: Any, state: PrecondState, params: Any, step: Any, due: Any, given_ok: Any,
+               extra: dict) -> tuple[Any, PrecondState]:
+        """:meth:`step` under the step's settings (matmul precision, kept slices and constants);
+        an element-wise method's small leaves packed into one flat leaf for the whole step."""
         try:
             grad_leaves, treedef = tree_flatten(grads)
             xp = array_namespace(*grad_leaves)
         except TypeError:
-            xp = None  # _update names the problem
-        if legacy_names is not None and isinstance(state, PrecondState):
-            state = renamed(state, legacy_names)
-        with (float32_matmul_precision(xp, precision) if xp is not None else _NO_CONTEXT, remembered_slices(xp),
-              keeping_constants(None if torch_compiling() else constants)):  # dynamo would guard on the dict's keys
+            xp = None  # step names the problem
+        with (float32_matmul_precision(xp, self.precision) if xp is not None else _NO_CONTEXT, remembered_slices(xp),
+              keeping_constants(None if torch_compiling() else self.constants)):  # dynamo would guard on the dict's keys
             packed = None
-            if elementwise and on_nonfinite == "skip" and xp is not None:
-                packed = pack(name, layout_for, grad_leaves, treedef, state, params, xp)
+            if self.elementwise and self.on_nonfinite == "skip" and xp is not None:
+                packed = pack(self.name, self.layout_for, grad_leaves, treedef, state, params, xp)
             if packed is None:
-                return _update(grads, state, params, step, due, gradients_ok, extra)
+                return self.step(grads, state, params, step, due, given_ok, extra)
             flat_grads, flat_state, flat_params, unpack = packed
-            return unpack(*_update(flat_grads, flat_state, flat_params, step, due, gradients_ok, extra))
+            return unpack(*self.step(flat_grads, flat_state, flat_params, step, due, given_ok, extra))
 
-    def _update(
-        grads: Any, state: PrecondState, params: Any, step: int | None, due: Any, given_ok: Any, extra: dict
-    ) -> tuple[Any, PrecondState]:
+    def step(self, grads: Any, state: PrecondState, params: Any, step: Any, due: Any, given_ok: Any,
+             extra: dict) -> tuple[Any, PrecondState]:
+        """One step of the tree: checks, the skip decision, the groups' updates and new state, the
+        non-finite rule's selections, the counters."""
         if not isinstance(state, PrecondState):
-            raise TypeError(f"{name}: state must be the PrecondState returned by init, got {type(state)}")
+            raise TypeError(f"{self.name}: state must be the PrecondState returned by init, got {type(state)}")
         grad_leaves, treedef = tree_flatten(grads)
-        xp = check_leaves(grad_leaves, treedef.paths, f"{name}: grads")
-        param_leaves = None
-        if params is not None:
-            param_leaves, param_def = tree_flatten(params)
-            if param_def.paths != treedef.paths:
-                raise ValueError(
-                    f"{name}: grads and params have different tree structures: grads leaves "
-                    f"{[path_str(p) for p in treedef.paths]}, params leaves "
-                    f"{[path_str(p) for p in param_def.paths]}"
-                )
-            check_namespace(name, xp, treedef.paths, grad_leaves, param_leaves, "parameter")
-            for path, g, p in zip(treedef.paths, grad_leaves, param_leaves):
-                if tuple(g.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"{name}: gradient of {path_str(path)!r} has shape {tuple(g.shape)}, "
-                        f"parameter has shape {tuple(p.shape)}"
-                    )
-                if g.dtype != p.dtype:
-                    raise TypeError(
-                        f"{name}: gradient of {path_str(path)!r} has dtype {g.dtype}, "
-                        f"parameter has dtype {p.dtype}"
-                    )
-        elif needs_params:
-            raise ValueError(f"{name}: update needs params (pass update(grads, state, params))")
-        else:
+        xp = check_leaves(grad_leaves, treedef.paths, f"{self.name}: grads")
+        param_leaves = self.checked_params(xp, grad_leaves, treedef, params)
+        groups = self.group_leaves(treedef.paths, grad_leaves)
+        expected, found = {g.key for g in groups}, set(state.groups)
+        if expected != found:
+            raise ValueError(
+                f"{self.name}: grads do not match the optimizer state: leaves missing from the state "
+                f"{sorted(expected - found)}, state entries with no gradient {sorted(found - expected)}"
+            )
+        ok, finite_step = self.skip_decision(xp, grad_leaves, treedef, given_ok)
+        ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
+        zeros = [ctx.once(("zero", g.dtype, device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
+        grad_leaves = self.skipped_gradients(xp, ok, finite_step, grad_leaves, zeros)
+        ctx = ctx._replace(calls=None, due=None, ok=ok if self.on_nonfinite == "skip" else None,
+                           settled=IdentityDict(), applied=finite_step)
+        ctx = self.phase_context(ctx, state, step, due)
+        updates, new_groups = self.run_groups(xp, ctx, groups, grad_leaves, param_leaves, state)
+        updates = self.finite_updates(xp, ok, finite_step, updates, zeros)
+        if self.on_nonfinite == "skip":
+            new_groups = _selected_state(xp, ok, finite_step, ctx, state, new_groups)
+        return tree_unflatten(treedef, updates), _counted(xp, ok, finite_step, state, new_groups)
+
+    def checked_params(self, xp: Any, grad_leaves: list, treedef: Any, params: Any) -> Optional[list]:
+        """The parameter leaves (``None`` without params), checked against the gradients: tree,
+        library, shapes, dtypes; without params, the gradients' shapes against those ``init`` saw."""
+        name = self.name
+        if params is None:
+            if self.needs_params:
+                raise ValueError(f"{name}: update needs params (pass update(grads, state, params))")
             for path, g in zip(treedef.paths, grad_leaves):
-                seen = leaf_shapes.get(path_str(path))
+                seen = self.leaf_shapes.get(path_str(path))
                 if seen and tuple(g.shape) not in seen:
                     shapes = " or ".join(str(shape) for shape in sorted(seen))
                     raise ValueError(
                         f"{name}: gradient of {path_str(path)!r} has shape {tuple(g.shape)}, "
                         f"parameter has shape {shapes} (as given to init)"
                     )
-
-        groups = group_leaves(treedef.paths, grad_leaves)
-        expected, found = {g.key for g in groups}, set(state.groups)
-        if expected != found:
+            return None
+        param_leaves, param_def = tree_flatten(params)
+        if param_def.paths != treedef.paths:
             raise ValueError(
-                f"{name}: grads do not match the optimizer state: leaves missing from the state "
-                f"{sorted(expected - found)}, state entries with no gradient {sorted(found - expected)}"
+                f"{name}: grads and params have different tree structures: grads leaves "
+                f"{[path_str(p) for p in treedef.paths]}, params leaves "
+                f"{[path_str(p) for p in param_def.paths]}"
             )
+        check_namespace(name, xp, treedef.paths, grad_leaves, param_leaves, "parameter")
+        for path, g, p in zip(treedef.paths, grad_leaves, param_leaves):
+            if tuple(g.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{name}: gradient of {path_str(path)!r} has shape {tuple(g.shape)}, "
+                    f"parameter has shape {tuple(p.shape)}"
+                )
+            if g.dtype != p.dtype:
+                raise TypeError(
+                    f"{name}: gradient of {path_str(path)!r} has dtype {g.dtype}, parameter has dtype {p.dtype}"
+                )
+        return param_leaves
 
-        # A caller that steps a tree leaf by leaf (independent_leaves) gives the whole tree's decision.
-        if given_ok is not None and on_nonfinite == "raise":
-            raise ValueError(f"{name}: gradients_ok is the skip decision of on_nonfinite='skip'")
+    def skip_decision(self, xp: Any, grad_leaves: list, treedef: Any, given_ok: Any) -> tuple[Any, bool]:
+        """The non-finite rule's decision: ``ok`` (0-D bool: the step is applied) and whether it is
+        known on the host to be applied (``finite_step``). A caller that steps a tree leaf by leaf
+        (``independent_leaves``) gives the whole tree's decision."""
+        if given_ok is not None and self.on_nonfinite == "raise":
+            raise ValueError(f"{self.name}: gradients_ok is the skip decision of on_nonfinite='skip'")
         ok = gradient_ok(xp, grad_leaves) if given_ok is None else given_ok
-        if on_nonfinite == "raise":
+        if self.on_nonfinite == "raise":
             if is_tracer(ok):
                 raise ValueError(
-                    f"{name}: on_nonfinite='raise' needs concrete arrays and cannot run under "
+                    f"{self.name}: on_nonfinite='raise' needs concrete arrays and cannot run under "
                     "jax.jit; use on_nonfinite='skip'"
                 )
             if not bool(ok):
-                raise FloatingPointError(f"{name}: {first_bad_gradient(xp, grad_leaves, treedef.paths)}")
+                raise FloatingPointError(f"{self.name}: {first_bad_gradient(xp, grad_leaves, treedef.paths)}")
         # Where reading the skip predicate costs no synchronisation (NumPy, torch on the CPU,
         # eagerly), a step known to be finite makes none of the skip's selections: they would
         # select their first operand. Except of an operand that is not dense, whose selection
         # would also lay it out anew (is_dense): the later steps then round as they would have.
         # Every other step (a skipped one included) selects element-wise, never reading a device
         # value.
-        finite_step = on_nonfinite == "raise" or host_bool(xp, ok) is True
-        # A skipped step's arithmetic runs on zeros: its results are discarded anyway, and NaN or
-        # huge inputs would only raise warnings (NumPy) or errors (LAPACK on NaN) on the way.
-        # Not on JAX for a method with reductions or matmuls: JAX neither warns nor raises (its
-        # factorisations return NaN), and XLA's CPU backend cannot fuse the selection into a
-        # column reduction (YNNPACK) or a matmul reading the gradient, so it wrote a zeroed copy.
-        # An element-wise method's loops take the selection in (measured: docs/backends.md).
-        # A 0-D zero per dtype and device serves every leaf's selections (the update is cast to
-        # the gradient's dtype).
-        ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
-        zeros = [ctx.once(("zero", g.dtype, device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
-        if elementwise or not is_jax_namespace(xp):
-            chosen = [i for i, g in enumerate(grad_leaves) if not (finite_step and is_dense(g))]
-            joined = leafwise(xp, lambda g, zero: select(xp, ok, g, zero),
-                              [grad_leaves[i] for i in chosen], zeros=[zeros[i] for i in chosen])
-            grad_leaves = list(grad_leaves)
-            for i, g in zip(chosen, joined):
-                grad_leaves[i] = g
+        return ok, self.on_nonfinite == "raise" or host_bool(xp, ok) is True
 
+    def skipped_gradients(self, xp: Any, ok: Any, finite_step: bool, grad_leaves: list, zeros: list) -> list:
+        """The gradients a step computes on: a skipped step's arithmetic runs on zeros (its results
+        are discarded anyway, and NaN or huge inputs would only raise warnings (NumPy) or errors
+        (LAPACK on NaN) on the way). Not on JAX for a method with reductions or matmuls: JAX
+        neither warns nor raises (its factorisations return NaN), and XLA's CPU backend cannot fuse
+        the selection into a column reduction (YNNPACK) or a matmul reading the gradient, so it
+        wrote a zeroed copy. An element-wise method's loops take the selection in (measured:
+        docs/backends.md). A 0-D zero per dtype and device serves every leaf's selections."""
+        if not (self.elementwise or not is_jax_namespace(xp)):
+            return grad_leaves
+        chosen = [i for i, g in enumerate(grad_leaves) if not (finite_step and is_dense(g))]
+        joined = leafwise(xp, lambda g, zero: gradient_used(xp, ok, g, zero),
+                          [grad_leaves[i] for i in chosen], zeros=[zeros[i] for i in chosen])
+        grad_leaves = list(grad_leaves)
+        for i, g in zip(chosen, joined):
+            grad_leaves[i] = g
+        return grad_leaves
+
+    def phase_context(self, ctx: StepContext, state: PrecondState, step: Any, due: Any) -> StepContext:
+        """The step's periodic decisions: those a compiled caller took on the host (``due``), or
+        the call number they are taken from (``step``, else the state's counters)."""
         if due is not None:
-            if len(due) != len(declared):
-                raise ValueError(f"{name}: due has {len(due)} decisions, the method declares {len(declared)} intervals")
-            decisions, calls = tuple(zip(declared, due)), None
-        else:
-            decisions = None
-            calls = step if step is not None else state.count + state.nonfinite_count
-        skipping = on_nonfinite == "skip" and not finite_step
-        selecting = on_nonfinite == "skip"
-        ctx = ctx._replace(calls=calls, due=decisions, ok=ok if selecting else None, settled=IdentityDict(), applied=finite_step)
-        updates: list[Any] = [None] * len(grad_leaves)
-        new_groups = {}
+            if len(due) != len(self.intervals):
+                raise ValueError(
+                    f"{self.name}: due has {len(due)} decisions, the method declares {len(self.intervals)} intervals")
+            return ctx._replace(due=tuple(zip(self.intervals, due)))
+        return ctx._replace(calls=step if step is not None else state.count + state.nonfinite_count)
+
+    def run_groups(self, xp: Any, ctx: StepContext, groups: list, grad_leaves: list, param_leaves: Optional[list],
+                   state: PrecondState) -> tuple[list, dict]:
+        """The method's updates and new state of every group (zero-size groups: zero updates, no
+        state), checked against the old state, and the updates cast to the gradients' dtypes."""
         members = [
-            (
-                group,
-                tuple(grad_leaves[i] for i in group.indices),
-                None if param_leaves is None else tuple(param_leaves[i] for i in group.indices),
-            )
+            (group, tuple(grad_leaves[i] for i in group.indices),
+             None if param_leaves is None else tuple(param_leaves[i] for i in group.indices))
             for group in groups
         ]
         live = [m for m in members if not all(math.prod(leaf.shape) == 0 for leaf in m[1])]
         if not torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
             for group, g, _ in live:
-                check_state_namespace(name, xp, group, g, state.groups[group.key])
-                check_fits(name, group, g, state.groups[group.key], layout_for(group, g, xp), layout_hint)
-        contexts = [ctx._replace(paths=group.paths) for group, _, _ in live]
-        if not live:  # every group is zero-size: nothing for the method to compute
-            results = []
-        elif update_groups is not None:
-            results = update_groups(
-                [g for _, g, _ in live], [state.groups[group.key] for group, _, _ in live], [p for _, _, p in live], contexts
-            )
-        else:
-            results = [update_group(g, state.groups[group.key], p, c) for (group, g, p), c in zip(live, contexts)]
+                check_state_namespace(self.name, xp, group, g, state.groups[group.key])
+                check_fits(self.name, group, g, state.groups[group.key], self.layout_for(group, g, xp), self.layout_hint)
+        results = self.update_groups(
+            [g for _, g, _ in live], [state.groups[group.key] for group, _, _ in live], [p for _, _, p in live],
+            [ctx._replace(paths=group.paths) for group, _, _ in live],
+        ) if live else []
         by_key = {group.key: result for (group, _, _), result in zip(live, results)}
+        updates: list[Any] = [None] * len(grad_leaves)
+        new_groups = {}
         for group, g, _ in members:
             old = state.groups[group.key]
-            if group.key in by_key:
-                upd, new = by_key[group.key]
-            else:  # a zero-size group: no state, zero updates
-                upd, new = tuple(xp.zeros_like(leaf) for leaf in g), {}
-            check_group(name, group, g, upd, old, new)
+            upd, new = by_key[group.key] if group.key in by_key else (tuple(xp.zeros_like(leaf) for leaf in g), {})
+            check_group(self.name, group, g, upd, old, new)
             for i, u in zip(group.indices, upd):
                 target = grad_leaves[i].dtype
                 updates[i] = u if u.dtype == target else xp.astype(u, target)
             new_groups[group.key] = new
+        return updates, new_groups
 
-        # The parameters never receive a NaN or Inf, whatever a method's numerics did; the step's
-        # own skip selects element-wise (no device read), fused into the kernels computing it.
-        # Two selections, not one on ok & isfinite(u): XLA's CPU backend does not fuse an expensive
-        # producer of u (a division) into a consumer that reads u twice, and would write u out.
-        if skipping:  # (finite_step is False: the finite test below would not read the host)
-            updates = leafwise(xp, lambda u, zero: finite_or_zero(xp, select(xp, ok, u, zero), zero), updates, zeros=zeros)
-        elif not (finite_step and host_all_finite(xp, updates)):  # the step's own test reads nothing else
-            updates = leafwise(xp, lambda u, zero: finite_or_zero(xp, u, zero), updates, zeros=zeros)
-        if selecting:
-            new_groups = {key: dict(entries) for key, entries in new_groups.items()}
-            pending: dict[str, list] = {}  # by entry name, in group order: (group, new, old)
-            for key, entries in new_groups.items():
-                for k, v in entries.items():
-                    old = state.groups[key][k]
-                    # An entry the step left untouched, or that the method selected, needs no
-                    # selection; nor does a dense one of a step known to be applied.
-                    if v is not old and v not in ctx.settled and not (finite_step and is_dense(v)):
-                        pending.setdefault(k, []).append((key, v, old))
-            items = [(key, k, v, old) for k, same in pending.items() for key, v, old in same]
-            selected = selected_by_runs(xp, ok, [v for _, _, v, _ in items], [old for _, _, _, old in items])
-            for (key, k, _, _), v in zip(items, selected):  # the pieces of one stack selected at once
-                new_groups[key][k] = v
-        if finite_step:  # the step is applied: one addition, the skipped steps' count as it was
-            new_state = PrecondState(count=state.count + 1, nonfinite_count=state.nonfinite_count, groups=new_groups)
-        else:
-            applied = xp.astype(ok, xp.int32)
-            new_state = PrecondState(
-                count=state.count + applied,
-                nonfinite_count=state.nonfinite_count + (1 - applied),
-                groups=new_groups,
-            )
-        return tree_unflatten(treedef, updates), new_state
+    def finite_updates(self, xp: Any, ok: Any, finite_step: bool, updates: list, zeros: list) -> list:
+        """The parameters never receive a NaN or Inf, whatever a method's numerics did; the step's
+        own skip selects element-wise (no device read), fused into the kernels computing it."""
+        if self.on_nonfinite == "skip" and not finite_step:  # the finite test below would not read the host
+            return leafwise(xp, lambda u, zero: update_applied(xp, ok, u, zero), updates, zeros=zeros)
+        if not (finite_step and host_all_finite(xp, updates)):  # the step's own test reads nothing else
+            return leafwise(xp, lambda u, zero: finite_or_zero(xp, u, zero), updates, zeros=zeros)
+        return updates
 
-    init.layout_hint = layout_hint  # type: ignore[attr-defined]
-    init.legacy_names = legacy_names  # type: ignore[attr-defined]
-    update.leafwise = independent_leaves and on_nonfinite == "skip"  # type: ignore[attr-defined]
-    return Transform(init, update, due, matmul_precision, group_leaves)
+
+def _counter(xp: Any, device: Any) -> Array:
+    return xp.zeros((), dtype=xp.int32, device=device)
+
+
+def _selected_state(xp: Any, ok: Any, finite_step: bool, ctx: StepContext, state: PrecondState, new_groups: dict) -> dict:
+    """The non-finite rule's selection of the new state: each entry, or its old value on a skipped
+    step; the pieces of one stack selected at once. An entry the step left untouched, or that the
+    method selected (``ctx.settled``), needs no selection; nor does a dense one of a step known to
+    be applied."""
+    new_groups = {key: dict(entries) for key, entries in new_groups.items()}
+    pending: dict[str, list] = {}  # by entry name, in group order: (group, new, old)
+    for key, entries in new_groups.items():
+        for k, v in entries.items():
+            old = state.groups[key][k]
+            if v is not old and v not in ctx.settled and not (finite_step and is_dense(v)):
+                pending.setdefault(k, []).append((key, v, old))
+    items = [(key, k, v, old) for k, same in pending.items() for key, v, old in same]
+    selected = selected_by_runs(xp, ok, [v for _, _, v, _ in items], [old for _, _, _, old in items])
+    for (key, k, _, _), v in zip(items, selected):
+        new_groups[key][k] = v
+    return new_groups
+
+
+def _counted(xp: Any, ok: Any, finite_step: bool, state: PrecondState, new_groups: dict) -> PrecondState:
+    """The new state with its counters: an applied step advances ``count`` (one addition when
+    known on the host), a skipped one ``nonfinite_count``."""
+    if finite_step:
+        return PrecondState(count=state.count + 1, nonfinite_count=state.nonfinite_count, groups=new_groups)
+    applied = xp.astype(ok, xp.int32)
+    return PrecondState(count=state.count + applied, nonfinite_count=state.nonfinite_count + (1 - applied),
+                        groups=new_groups)
 
 
 def steps_leaf_by_leaf(transform: Transform) -> bool:

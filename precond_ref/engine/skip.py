@@ -8,10 +8,10 @@ from typing import Any, Sequence
 
 from array_api_compat import is_jax_namespace
 
-from .._backend import cast, compute_dtype, device_key, sums_of_squares, torch_compiling
+from .._backend import cast, compute_dtype, device_key, finite_or_zero, select, sums_of_squares, torch_compiling
 from ..tree import Path, path_str
 
-__all__ = ["OVERFLOW_MARGIN", "gradient_ok", "first_bad_gradient"]
+__all__ = ["OVERFLOW_MARGIN", "gradient_ok", "first_bad_gradient", "gradient_used", "entry_kept", "update_applied"]
 
 Array = Any
 
@@ -49,6 +49,29 @@ def gradient_ok(xp: Any, leaves: Sequence[Array]) -> Array:
             group_ok = xp.all(xp.concat([xp.reshape(v, (-1,)) for v in values]) < limit)
         ok = group_ok if ok is None else xp.logical_and(ok, group_ok)
     return ok
+
+
+# The non-finite rule element-wise, one function per operand of a step: the in-place step
+# (engine.elementwise) and the run loop (engine.run) apply these same selections.
+
+
+def gradient_used(xp: Any, ok: Array, g: Array, zero: Array) -> Array:
+    """The gradient a step computes on: ``g``, or zeros on a skipped step (its results are
+    discarded, and NaN or huge inputs would only raise warnings or LAPACK errors on the way)."""
+    return select(xp, ok, g, zero)
+
+
+def entry_kept(xp: Any, ok: Array, new: Array, old: Array) -> Array:
+    """A state entry after a step: ``new``, or ``old`` on a skipped step."""
+    return select(xp, ok, new, old)
+
+
+def update_applied(xp: Any, ok: Array, u: Array, zero: Array) -> Array:
+    """The update the parameters receive: ``u`` with its non-finite entries zeroed, zeros on a
+    skipped step. Two selections, not one on ``ok & isfinite(u)``: XLA's CPU backend does not fuse
+    an expensive producer of ``u`` (a division) into a consumer that reads ``u`` twice, and would
+    write ``u`` out."""
+    return finite_or_zero(xp, select(xp, ok, u, zero), zero)
 
 
 def _sum_of_squares(xp: Any, x: Array) -> Array:
