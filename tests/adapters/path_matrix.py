@@ -96,6 +96,9 @@ ALL_MODELS = {
         TRUNCATING_MODEL, {"fc1.weight": (5, 6), "fc1.bias": (5,), "fc2.weight": (3, 5), "fc2.bias": (3,)}, (6,), 3, _mlp_loss,
     ),
 }
+#: The cells of a truncating sketch (``TRUNCATING_RANK`` on ``TRUNCATING_MODEL``): the two methods
+#: of the Frequent Directions step, in both modes.
+TRUNCATING_CELLS = [(method, mode, TRUNCATING_MODEL) for method in ("s_adagrad", "sketchy") for mode in MODES]
 
 
 def nested(flat: dict) -> dict:
@@ -337,11 +340,6 @@ def torch_trajectory(
     return history
 
 
-#: The cells of a sketch that truncates (``TRUNCATING_RANK`` on ``TRUNCATING_MODEL``): the two
-#: methods of the Frequent Directions step, in both modes.
-TRUNCATING_CELLS = [(method, mode, TRUNCATING_MODEL) for method in ("s_adagrad", "sketchy") for mode in MODES]
-
-
 def inductor_trajectory(method: str, mode: str, *, captured: bool = False) -> list:
     """``method`` on ``TRUNCATING_MODEL`` with sketches of rank ``TRUNCATING_RANK``, as a torch
     optimizer under ``compile=True`` (TorchInductor). ``captured``: its captured step
@@ -391,7 +389,7 @@ def optax_trajectory(
 
     import precond_ref.adapters.jax as pj
 
-    spec = ALL_MODELS[model]
+    spec = MODELS[model]
     opt, step = _jitted(method, mode, model)
     params = {n: jnp.asarray(v, dtype=jnp.float64) for n, v in spec.init().items()}
     state = opt.init(nested(params))
@@ -413,7 +411,7 @@ def optax_trajectory(
 def warm_batches(model: str, n: int = 3) -> list:
     """Gradient batches for MBF's warm start: the loss gradient at the initial parameters with the
     targets redrawn (as the authors sample labels from the model's predictive distribution)."""
-    spec = ALL_MODELS[model]
+    spec = MODELS[model]
     rng = np.random.default_rng(7)
     params = {n: torch.tensor(v, requires_grad=True) for n, v in spec.init().items()}
     out = []
