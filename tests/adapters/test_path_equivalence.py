@@ -295,9 +295,9 @@ def test_truncating_sketch_compiled_by_inductor_equals_core(cell, path):
     another order of a reduction), which the rounding model behind RTOL covers. A compiled graph
     that lets one value's buffer overwrite another still live (a leaf's basis weights overwritten
     by the next leaf's coordinates before the direction read them) moves the parameters by about
-    an update, a tenth of them or more. The model is one on which faithful S-AdaGrad's graph gives Inductor's
+    an update, a tenth of them or more. On this model faithful S-AdaGrad's graph gives Inductor's
     buffer reuse that overlap to make wherever a value is left inside a joined buffer (the FD
-    step's finiteness test); the matrix's 3-5-2 MLP with rank 2 is not."""
+    step's finiteness test); on the matrix's 3-5-2 MLP with rank 2 it does not."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager, or from capture, warns
         got = pm.inductor_trajectory(*cell[:2], captured=path == "compiled-captured")
