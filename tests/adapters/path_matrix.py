@@ -86,6 +86,20 @@ MODELS = {
         (2, 4, 4), 2, _conv_loss,
     ),
 }
+#: A model outside the matrix's cells (not in ``MODELS``), for the rows of a sketch that truncates:
+#: a 6-5-3 MLP, whose weights' axes (5, 6 and 3, 5) are longer than ``TRUNCATING_RANK``.
+TRUNCATING_MODEL = "mlp-6-5-3"
+TRUNCATING_RANK = 4
+ALL_MODELS = {
+    **MODELS,
+    TRUNCATING_MODEL: Model(
+        TRUNCATING_MODEL, {"fc1.weight": (5, 6), "fc1.bias": (5,), "fc2.weight": (3, 5), "fc2.bias": (3,)}, (6,), 3, _mlp_loss,
+    ),
+}
+#: The cells of a truncating sketch (``TRUNCATING_RANK`` on ``TRUNCATING_MODEL``): S-AdaGrad in
+#: both modes (Sketchy runs the same Frequent Directions step per axis; its compiled graph on this
+#: model leaves no overlap to reuse, and each row costs a compilation of minutes).
+TRUNCATING_CELLS = [("s_adagrad", mode, TRUNCATING_MODEL) for mode in MODES]
 
 
 def nested(flat: dict) -> dict:
@@ -204,7 +218,7 @@ def core_trajectory(
     (flat dicts) given to ``warm_start`` before the first step (MBF). ``jit`` (JAX): each update
     under ``jax.jit``.
     """
-    spec = MODELS[model]
+    spec = ALL_MODELS[model]
     transform = getattr(pr, method)(**{**core_kwargs(method, mode), **overrides})
     if xp is torch:
         to = lambda a: torch.from_numpy(np.array(a, dtype=np.float64))  # noqa: E731
@@ -288,7 +302,7 @@ def torch_trajectory(
     (:func:`old_entry_names`). ``groups``: lists of names, one param group each (same hyperparameters).
     ``lr_factor``: a ``LambdaLR`` scheduler of that factor steps after every step (not with ``restore_at``).
     """
-    spec = MODELS[model]
+    spec = ALL_MODELS[model]
     cls, kwargs = torch_class(method), {**torch_kwargs(method, mode), **overrides, "compile": compile}
 
     def make(named: list) -> Any:
@@ -324,6 +338,28 @@ def torch_trajectory(
         history.append(_copy({n: p.detach().numpy() for n, p in named}))
     if keep is not None:
         keep.extend([opt, named])
+    return history
+
+
+def inductor_trajectory(method: str, mode: str, *, captured: bool = False) -> list:
+    """``method`` on ``TRUNCATING_MODEL`` with sketches of rank ``TRUNCATING_RANK``, as a torch
+    optimizer under ``compile=True`` (TorchInductor). ``captured``: its captured step
+    (``capture=True``) with CUDA graphs replaced by the CPU double of ``fake_graphs`` and the
+    class's refusal lifted, so that the replays run the compiled update again (checked to replay)."""
+    cell = (method, mode, TRUNCATING_MODEL)
+    if not captured:
+        return torch_trajectory(*cell, compile=True, rank=TRUNCATING_RANK)
+    from fake_graphs import fake_graphs
+
+    cls = torch_class(method)
+    refusal = cls.__dict__["not_capturable_because"]
+    cls.not_capturable_because = None
+    try:
+        with fake_graphs() as graphs:
+            history = torch_trajectory(*cell, compile=True, capture=True, rank=TRUNCATING_RANK)
+    finally:
+        cls.not_capturable_because = refusal
+    assert graphs.replays() > 0, "the captured step never replayed"
     return history
 
 
@@ -477,6 +513,11 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
             note("MBF warm start, torch MBF.warm_start [item 1]", "core warm_start", torch_trajectory("mbf", mode, model, warm=warm), want, ("mbf", mode, model))
     for path, against, d in row_block_rows():
         rows[(path, against)] = (d, "s_adagrad/principled/mlp")
+    for cell in TRUNCATING_CELLS:
+        core = core_trajectory(*cell, rank=TRUNCATING_RANK)
+        note("torch compiled (TorchInductor), a truncating sketch", "NumPy core", inductor_trajectory(*cell[:2]), core, cell)
+        note("torch compiled (TorchInductor) and captured (CPU double), a truncating sketch", "NumPy core",
+             inductor_trajectory(*cell[:2], captured=True), core, cell)
     return [(path, against, d, where) for (path, against), (d, where) in rows.items()]
 
 
