@@ -545,10 +545,14 @@ def side_by_side(xp, arrays: Sequence[Any]):
 
 
 def _cut_each(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any]) -> list:
-    """Each group's members joined into its tensor G (:func:`~precond_ref.engine.layout.group_tensor`,
-    in its work dtype) and cut into the stacks of its plan (:func:`cut_stacks`)."""
-    return [cut_stacks(xp, group_tensor(xp, grads, g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype),
-                       g.plan) for grads, g in zip(grads_list, groups)]
+    """Each group's tensor G (:func:`_tensor`) cut into the stacks of its plan (:func:`cut_stacks`)."""
+    return [cut_stacks(xp, _tensor(xp, grads, g), g.plan) for grads, g in zip(grads_list, groups)]
+
+
+def _tensor(xp, grads: Sequence[Any], g) -> Any:
+    """A group's members joined into its tensor G, in its work dtype
+    (:func:`~precond_ref.engine.layout.group_tensor`)."""
+    return group_tensor(xp, grads, g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype)
 
 
 def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
@@ -605,16 +609,10 @@ def _tiles_gathered(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
     for key, members in by_key.items():
         members = list(members)
         tiles, offsets, start = [], {}, 0
-        for i in members:
-            g = groups[i]
-            region = g.plan.regions[0]
-            G = group_tensor(xp, grads_list[i], g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype)
-            tiles.append(to_tiles(xp, G, region.counts, region.size))
+        for i in members:  # one key, one tile shape (its factors' lengths): the tiles join
+            region = groups[i].plan.regions[0]
+            tiles.append(to_tiles(xp, _tensor(xp, grads_list[i], groups[i]), region.counts, region.size))
             offsets[i], start = start, start + tiles[-1].shape[0]
-        if len({tuple(t.shape[1:]) for t in tiles}) != 1:
-            for i in members:
-                out[i] = _cut_each(xp, [grads_list[i]], [groups[i]])[0]
-            continue
         order = sorted(((i, s) for i in members for s in range(len(groups[i].plan.stacks)) if keys[i][s] == key),
                        key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
         each = tuple(offsets[i] + p for i, s in order for p in groups[i].plan.stacks[s].positions)
