@@ -234,13 +234,10 @@ def join(xp, pieces: Sequence[Any], counts: Sequence[int]):
     return xp.concat(rows, axis=len(pieces[0].shape) - len(counts))
 
 
-def tile_grid(tiles: Sequence[Tile]) -> tuple[tuple, Optional[tuple]]:
-    """(tiles per axis, the common tile shape or ``None`` when the last tile of an axis is shorter)."""
-    rank = len(tiles[0].index)
-    bounds = [sorted({tile.index[n] for tile in tiles}) for n in range(rank)]
-    counts = tuple(len(b) for b in bounds)
-    sizes = [{stop - start for start, stop in b} for b in bounds]
-    return counts, (tuple(s.pop() for s in sizes) if all(len(s) == 1 for s in sizes) else None)
+def tile_grid(tiles: Sequence[Tile]) -> tuple[tuple, tuple]:
+    """(tiles per axis, the tile shape) of a box of tiles of one shape (a :class:`Region`'s)."""
+    counts = tuple(len({tile.index[n] for tile in tiles}) for n in range(len(tiles[0].index)))
+    return counts, tile_shape(tiles[0])
 
 
 def to_tiles(xp, G, counts: tuple, size: tuple):
@@ -854,16 +851,13 @@ def factor_dtypes(name: str, layout: TileLayout, xp, leaf, rank: int, where: str
     (:func:`precond_ref.linalg.half_precision_dtype`); else their compute dtype."""
     dtypes = []
     for dtype in per_axis(name, layout.factor_dtype, rank, "factor_dtype", where):
-        if dtype is None and not layout.parameter_dtype and xp.finfo(leaf.dtype).bits <= 32:
+        if dtype is None and layout.parameter_dtype:
+            dtype = leaf.dtype
+        elif dtype is None and xp.finfo(leaf.dtype).bits <= 32:
             stochastic = layout.factor_rounding == "stochastic"
             dtype = getattr(xp, "bfloat16", None) if stochastic else half_precision_dtype(leaf)
-        dtypes.append(state_dtype(xp, leaf.dtype, dtype, _parameters_dtype if layout.parameter_dtype else None))
+        dtypes.append(state_dtype(xp, leaf.dtype, dtype))
     return dtypes
-
-
-def _parameters_dtype(xp, dtype):
-    """The parameters' own dtype (``state_dtype``'s default where ``parameter_dtype``)."""
-    return dtype
 
 
 def work_dtype(layout: TileLayout, xp, dtype):
@@ -945,13 +939,12 @@ def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
 
 def _template(t: _Tiling, tiles: TilePlan, rank: int, members: int) -> NamedTuple:
     """The fields a group's state has (any leaves; :func:`precond_ref.tree.from_entries`' template)."""
-    rule, c, layout = t.rule, t.c, t.layout
-    return rule.State(
-        stacks=tuple(rule.Stack(factor=(0,) * rank, factor_momentum=(0,) * rank if c.use_factor_momentum else ())
+    return t.rule.State(
+        stacks=tuple(t.rule.Stack(factor=(0,) * rank, factor_momentum=(0,) * rank if t.c.use_factor_momentum else ())
                      for _ in tiles.stacks),
-        momentum=(0,) * members if c.use_momentum else (),
-        preconditioner_lr_scale=0 if layout.group_scale is not None else None,
-        factor_failures=0 if layout.counted else None,
+        momentum=(0,) * members if t.c.use_momentum else (),
+        preconditioner_lr_scale=0 if t.layout.group_scale is not None else None,
+        factor_failures=0 if t.layout.counted else None,
     )
 
 
@@ -1002,24 +995,20 @@ def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
 
 
 def _statistics(t: _Tiling, grads_list, states, ctxs) -> tuple:
-    """Every group (:class:`_Group`: its plan, and its gradient as the plan's stacks of tiles,
-    :func:`tiles_of_groups`) and its state as fields."""
+    """Every group (:class:`_Group`: its work dtype, its pairing and plan read off its state by
+    :func:`_laid_out`, and its gradient as the plan's stacks of tiles, :func:`tiles_of_groups`) and
+    its state as fields."""
     xp = ctxs[0].xp
-    groups, fields = zip(*(_prepare(t, g, s, cx) for g, s, cx in zip(grads_list, states, ctxs)))
+    groups, fields = [], []
+    for grads, state, ctx in zip(grads_list, states, ctxs):
+        shapes = [tuple(g.shape) for g in grads]
+        out_first, tiles, f = _laid_out(t, state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
+        groups.append(_Group(work_dtype(t.layout, xp, grads[0].dtype), shapes, grouped_shape(shapes, out_first)[0],
+                             out_first, tiles, None, t.numbers[tuple(shapes), out_first]))
+        fields.append(f)
     keys = [[_batch_key(stack) for stack in f.stacks] for f in fields]
     groups = [g._replace(stacks=tiles) for g, tiles in zip(groups, tiles_of_groups(xp, grads_list, groups, keys))]
     return groups, fields
-
-
-def _prepare(t: _Tiling, grads, state, ctx):
-    """What it takes to cut one group's gradient into its tiles (:func:`tiles_of_groups`: the
-    work dtype, its plan) and to ungroup the step; and its state as fields."""
-    xp = ctx.xp
-    shapes = [tuple(g.shape) for g in grads]
-    out_first, tiles, fields = _laid_out(t, state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
-    full, _ = grouped_shape(shapes, out_first)
-    return _Group(work_dtype(t.layout, xp, grads[0].dtype), shapes, full, out_first, tiles, None,
-                  t.numbers[tuple(shapes), out_first]), fields
 
 
 def _laid_out(t: _Tiling, state, shapes, where: str):
@@ -1093,8 +1082,8 @@ def _refreshed(t: _Tiling, xp, h, scale, noise, G, *state):
     """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
     With stochastic rounding the rule computes in G's dtype (:func:`_read_factors`) and each
     bf16 operand is stored back by :func:`_stored`."""
-    rule, c = t.rule, t.c
-    new = _stack_operands(rule.refresh(xp, c, h, scale, G, _stack_of(rule, _read_factors(t.layout, xp, state, G), len(G.shape) - 1)), True)
+    factors = _stack_of(t.rule, _read_factors(t.layout, xp, state, G), len(G.shape) - 1)
+    new = _stack_operands(t.rule.refresh(xp, t.c, h, scale, G, factors), True)
     new = _stored(xp, new, state, noise) if noise is not None else new
     return kept_where_usable(xp, G, state, new) if t.layout.counted else new + (_no_failures(xp, G),)
 
