@@ -491,9 +491,9 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
 
 
 def _refresh(xp, c: IFShampooConfig, h: _IFShampooStep, scale, G, s: _StackFactors) -> _StackFactors:
-    """Figure 3's factor step on one stack of tiles (:func:`_factor_step`), step size β₂, or β₂ times
-    each tile's group's ``preconditioner_lr_scale`` ``scale``."""
-    beta2 = h.beta2 if scale is None else h.beta2 * scale  # β₂, or β₂ times the tile's group's scale
+    """Figure 3's factor step on one stack of tiles (:func:`_factor_step`), step size β₂ times each
+    tile's group's ``preconditioner_lr_scale`` ``scale`` (one per tile; ``None``: β₂ alone)."""
+    beta2 = h.beta2 if scale is None else h.beta2 * scale  # β₂ s
     dtype = s.factor[0].dtype
     sqrt_B = math.sqrt(h.B) if is_number(h.B) else xp.sqrt(xp.astype(h.B, G.dtype))
     K, m = _factor_step(
