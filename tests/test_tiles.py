@@ -37,13 +37,6 @@ def test_tile_stack_is_the_row_major_cut(dims, block):
     np.testing.assert_array_equal(tiling.from_tiles(np_xp, stacked, counts, size), G)
 
 
-def test_grid_of_unequal_tiles_has_no_common_size():
-    """An axis that ends in a shorter tile (10 = 4 + 4 + 2) leaves the group to the tile-by-tile
-    cut: ``tile_grid`` gives no common tile shape."""
-    tiles = tiling.tile_plan((10, 8), (False, False), 4, 1, False)
-    assert tiling.tile_grid(tiles) == ((3, 2), None)
-
-
 def _oracle_stacks(G, plan):
     """The slicing oracle: stack s is ``stack([cut(G, tiles[t].index) for t in stacks[s].tiles])``."""
     return [np.stack([tiling.cut(G, plan.tiles[t].index) for t in stack.tiles]) for stack in plan.stacks]

@@ -234,13 +234,10 @@ def join(xp, pieces: Sequence[Any], counts: Sequence[int]):
     return xp.concat(rows, axis=len(pieces[0].shape) - len(counts))
 
 
-def tile_grid(tiles: Sequence[Tile]) -> tuple[tuple, Optional[tuple]]:
-    """(tiles per axis, the common tile shape or ``None`` when the last tile of an axis is shorter)."""
-    rank = len(tiles[0].index)
-    bounds = [sorted({tile.index[n] for tile in tiles}) for n in range(rank)]
-    counts = tuple(len(b) for b in bounds)
-    sizes = [{stop - start for start, stop in b} for b in bounds]
-    return counts, (tuple(s.pop() for s in sizes) if all(len(s) == 1 for s in sizes) else None)
+def tile_grid(tiles: Sequence[Tile]) -> tuple[tuple, tuple]:
+    """(tiles per axis, the tile shape) of a box of tiles of one shape (a :class:`Region`'s)."""
+    counts = tuple(len({tile.index[n] for tile in tiles}) for n in range(len(tiles[0].index)))
+    return counts, tile_shape(tiles[0])
 
 
 def to_tiles(xp, G, counts: tuple, size: tuple):
@@ -545,10 +542,14 @@ def side_by_side(xp, arrays: Sequence[Any]):
 
 
 def _cut_each(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any]) -> list:
-    """Each group's members joined into its tensor G (:func:`~precond_ref.engine.layout.group_tensor`,
-    in its work dtype) and cut into the stacks of its plan (:func:`cut_stacks`)."""
-    return [cut_stacks(xp, group_tensor(xp, grads, g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype),
-                       g.plan) for grads, g in zip(grads_list, groups)]
+    """Each group's tensor G (:func:`_tensor`) cut into the stacks of its plan (:func:`cut_stacks`)."""
+    return [cut_stacks(xp, _tensor(xp, grads, g), g.plan) for grads, g in zip(grads_list, groups)]
+
+
+def _tensor(xp, grads: Sequence[Any], g) -> Any:
+    """A group's members joined into its tensor G, in its work dtype
+    (:func:`~precond_ref.engine.layout.group_tensor`)."""
+    return group_tensor(xp, grads, g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype)
 
 
 def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
@@ -605,16 +606,10 @@ def _tiles_gathered(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
     for key, members in by_key.items():
         members = list(members)
         tiles, offsets, start = [], {}, 0
-        for i in members:
-            g = groups[i]
-            region = g.plan.regions[0]
-            G = group_tensor(xp, grads_list[i], g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype)
-            tiles.append(to_tiles(xp, G, region.counts, region.size))
+        for i in members:  # one key, one tile shape (its factors' lengths): the tiles join
+            region = groups[i].plan.regions[0]
+            tiles.append(to_tiles(xp, _tensor(xp, grads_list[i], groups[i]), region.counts, region.size))
             offsets[i], start = start, start + tiles[-1].shape[0]
-        if len({tuple(t.shape[1:]) for t in tiles}) != 1:
-            for i in members:
-                out[i] = _cut_each(xp, [grads_list[i]], [groups[i]])[0]
-            continue
         order = sorted(((i, s) for i in members for s in range(len(groups[i].plan.stacks)) if keys[i][s] == key),
                        key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
         each = tuple(offsets[i] + p for i, s in order for p in groups[i].plan.stacks[s].positions)
@@ -713,8 +708,8 @@ class TiledRule(NamedTuple):
 
     * ``scalars(c, value, extra) -> h``: the step's scalars, ``h.beta2`` the refresh's step size;
     * ``init(xp, c, k, dims, diagonal, dtypes, device) -> Stack``;
-    * ``refresh(xp, c, h, lr, G, stack) -> Stack``: the periodic factor step with step size ``lr`` (a
-      number, or one per tile);
+    * ``refresh(xp, c, h, scale, G, stack) -> Stack``: the periodic factor step, ``scale`` each tile's
+      group's multiplier of its step size (``None`` without);
     * ``precondition(xp, c, G, factors) -> D``;
     * ``inner(xp, D, G)`` (per tile, summed per group by the runner) and ``clip(xp, c, h, inner)``
       (the per-group scales of ``D`` from the per-group sums; with ``c.use_kl_clip``);
@@ -856,16 +851,13 @@ def factor_dtypes(name: str, layout: TileLayout, xp, leaf, rank: int, where: str
     (:func:`precond_ref.linalg.half_precision_dtype`); else their compute dtype."""
     dtypes = []
     for dtype in per_axis(name, layout.factor_dtype, rank, "factor_dtype", where):
-        if dtype is None and not layout.parameter_dtype and xp.finfo(leaf.dtype).bits <= 32:
+        if dtype is None and layout.parameter_dtype:
+            dtype = leaf.dtype
+        elif dtype is None and xp.finfo(leaf.dtype).bits <= 32:
             stochastic = layout.factor_rounding == "stochastic"
             dtype = getattr(xp, "bfloat16", None) if stochastic else half_precision_dtype(leaf)
-        dtypes.append(state_dtype(xp, leaf.dtype, dtype, _parameters_dtype if layout.parameter_dtype else None))
+        dtypes.append(state_dtype(xp, leaf.dtype, dtype))
     return dtypes
-
-
-def _parameters_dtype(xp, dtype):
-    """The parameters' own dtype (``state_dtype``'s default where ``parameter_dtype``)."""
-    return dtype
 
 
 def work_dtype(layout: TileLayout, xp, dtype):
@@ -886,14 +878,28 @@ class _Group(NamedTuple):
     number: int  # its layout's number in the transform (its shapes and pairing, which give its plan)
 
 
+class _Tiling(NamedTuple):
+    """What a tiled transform keeps between steps: the rule, its configuration, the layout, the
+    refresh schedule, and what it has worked out once per group layout."""
+
+    rule: TiledRule
+    c: NamedTuple
+    layout: TileLayout
+    intervals: tuple  # per refresh phase, its interval (precond_ref.blocking.spread_schedule)
+    plans: dict  # (shapes, out_first) -> (dims, diagonal, plan): made once per layout, not every step
+    numbers: dict  # (shapes, out_first) -> its number, the key of the gathers' indices
+    fillers: dict  # a group's state layout -> its structure (precond_ref.tree.filled)
+
+
 def tiled_transform(
     rule: TiledRule, c: NamedTuple, layout: TileLayout, *, on_nonfinite: str,
 ) -> Transform:
     """The :class:`~precond_ref.transform.Transform` that runs ``rule`` with configuration ``c`` on
     every group's tiles (``layout``).
 
-    Per step: each group's members joined into one tensor (:func:`~precond_ref.engine.layout.group_tensor`)
-    and cut into its stacks of tiles (:func:`cut_stacks`); on the calls where a refresh phase is due
+    Per step (:func:`_update_groups`): each group's members joined into one tensor
+    (:func:`~precond_ref.engine.layout.group_tensor`) and cut into its stacks of tiles
+    (:func:`cut_stacks`); on the calls where a refresh phase is due
     (:func:`precond_ref.blocking.spread_schedule` of the layout's interval), the stacks of that
     phase refreshed, the stacks of all groups of one tile shape, dtype and device concatenated into one call
     (:func:`precond_ref.blocking.stack`); every stack preconditioned, clipped per group, joined back
@@ -902,291 +908,340 @@ def tiled_transform(
     """
     check_layout(layout)
     spread = layout.stagger and isinstance(layout.interval, int) and layout.interval > 1
-    intervals = spread_schedule(layout.interval, spread)
-    plans: dict = {}  # (shapes, out_first) -> (dims, diagonal, plan): made once per layout, not every step
-    numbers: dict = {}  # (shapes, out_first) -> its number, the key of the gathers' indices
-    fillers: dict = {}  # a group's state layout -> its structure (precond_ref.tree.filled)
-
-    def plan(shapes, out_first: bool, where: str) -> tuple:
-        """(squeezed dims, per-axis diagonal flags, tile plan) of a group's tensor."""
-        key = (tuple(shapes), out_first)
-        if key not in plans:
-            _, dims = grouped_shape(shapes, out_first)
-            diagonal = diagonal_axes(rule.name, layout, dims, where)
-            # A vector's default diagonal factor is cut like a dense axis: its blocks stack with every
-            # other vector's, and each block's factor step is clamped alone, as its dense tiles' were.
-            vector = layout.structures is None and len(dims) == 1
-            plans[key] = dims, diagonal, stack_plan(
-                tile_plan(dims, diagonal, layout.block_size, layout.interval, layout.stagger, cut_diagonal=vector))
-            numbers[key] = len(numbers)
-        return plans[key]
-
-    def template(tiles: TilePlan, rank: int, members: int) -> NamedTuple:
-        """The fields a group's state has (any leaves; :func:`precond_ref.tree.from_entries`' template)."""
-        return rule.State(
-            stacks=tuple(rule.Stack(factor=(0,) * rank, factor_momentum=(0,) * rank if c.use_factor_momentum else ())
-                         for _ in tiles.stacks),
-            momentum=(0,) * members if c.use_momentum else (),
-            preconditioner_lr_scale=0 if layout.group_scale is not None else None,
-            factor_failures=0 if layout.counted else None,
-        )
-
-    def init_group(leaves, paths, xp):
-        shapes = [tuple(x.shape) for x in leaves]
-        where = path_str(paths[0])
-        dims, diagonal, tiles = plan(shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
-        param_dtype, dev = leaves[0].dtype, array_device(leaves[0])
-        dtypes = factor_dtypes(rule.name, layout, xp, leaves[0], len(dims), where)
-        scale = None
-        if layout.group_scale is not None:
-            value = layout.group_scale(paths[0])
-            check_positive(f"preconditioner_lr_scale({where!r})", value)
-            scale = xp.asarray(value, dtype=compute_dtype(xp, param_dtype), device=dev)
-        buffer_dtype = work_dtype(layout, xp, param_dtype)
-        return to_entries(rule.State(
-            stacks=tuple(rule.init(xp, c, len(stack.tiles), tile_shape(tiles.tiles[stack.tiles[0]]), diagonal, dtypes, dev)
-                         for stack in tiles.stacks),
-            momentum=tuple(xp.zeros(shape, dtype=buffer_dtype, device=dev) for shape in shapes) if c.use_momentum else (),
-            preconditioner_lr_scale=scale,
-            factor_failures=xp.zeros((), dtype=xp.int32, device=dev) if layout.counted else None,
-        ))
-
-    def laid_out(state, shapes, where: str):
-        """Out-first (weight (d_out, d_in)) or out-last pairing, read off the state's factor sizes,
-        the group's plan, and its state as fields; a state that fits neither is a clear error."""
-        for out_first in (True, False) if len(shapes) > 1 else (True,):
-            dims, diagonal, tiles = plan(shapes, out_first, where)
-            try:
-                fields = filled(fillers, (tiles, len(dims), len(shapes)),
-                                lambda: template(tiles, len(dims), len(shapes)), state)
-            except KeyError:
-                continue
-            if all(tuple(K.shape[:2]) == (len(stack.tiles), d) for stack, stack_state in zip(tiles.stacks, fields.stacks)
-                   for K, d in zip(stack_state.factor, tile_shape(tiles.tiles[stack.tiles[0]]))):
-                return out_first, tiles, fields
-        found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k and k != "factor_failures"}
-        raise ValueError(
-            f"{rule.name}: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
-            f"state ({found}); {MISFIT}"
-        )
-
-    def prepare(grads, state, ctx):
-        """What it takes to cut one group's gradient into its tiles (:func:`tiles_of_groups`: the
-        work dtype, its plan) and to ungroup the step; and its state as fields."""
-        xp = ctx.xp
-        shapes = [tuple(g.shape) for g in grads]
-        out_first, tiles, fields = laid_out(state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
-        full, _ = grouped_shape(shapes, out_first)
-        return _Group(work_dtype(layout, xp, grads[0].dtype), shapes, full, out_first, tiles, None,
-                      numbers[tuple(shapes), out_first]), fields
-
-    def batches(xp, groups, stack_states, phase, refreshing: bool) -> tuple:
-        """The stacks on refresh phase ``phase`` (every stack: ``None``) of all groups, as
-        (their (group, stack) numbers, by phase, then group and stack; :func:`precond_ref.blocking.stack`
-        of their operands (G, K_1..K_N[, m_1..m_N])): the stacks of one tile shape, factor layout
-        and device are concatenated along the tile axis, one ``concat`` per operand whatever the
-        number of tiles (none for G, whose tiles lie in that order: :func:`tiles_of_groups`)."""
-        chosen = sorted(((i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks)
-                         if phase is None or stack.phase == phase), key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
-        operands = [(groups[i].stacks[s],) + _stack_operands(stack_states[i][s], refreshing) for i, s in chosen]
-        return chosen, stack_alike(xp, operands)
-
-    def step_size(xp, beta2, fields, chosen, batch):
-        """β₂ for a batch of stacks: one number, or with ``group_scale`` each tile's group's multiple (b,)."""
-        if layout.group_scale is None:
-            return beta2
-        scales = [xp.broadcast_to(fields[chosen[m][0]].preconditioner_lr_scale, (k,))
-                  for m, k in zip(batch.indices, batch.lengths)]
-        return beta2 * (scales[0] if len(scales) == 1 else xp.concat(scales))
-
-    def refreshed(xp, h, lr, noise, G, *state):
-        """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
-        With stochastic rounding the rule computes in G's dtype (:func:`read_factors`) and each
-        bf16 operand is stored back by :func:`stored`."""
-        new = _stack_operands(rule.refresh(xp, c, h, lr, G, _stack_of(rule, read_factors(xp, state, G), len(G.shape) - 1)), True)
-        new = stored(xp, new, state, noise) if noise is not None else new
-        return kept_where_usable(xp, G, state, new) if layout.counted else new + (_no_failures(xp, G),)
-
-    def stored(xp, new, old, noise) -> tuple:
-        """The refreshed operands ``new`` (k tiles each) in their stored dtypes: those computed in a
-        wider dtype than their bf16 ``old``, side by side per tile, rounded stochastically in one
-        call (:func:`~precond_ref.engine.rounding.round_stochastic`), its bits keyed by the step and
-        each element's place in its tile's operands (element ``e`` of the ``j``-th such operand,
-        after those before it): the first places of the step's ``noise`` (:func:`step_noise`).
-        Operands of one shape are rounded stacked, operand-major (:func:`side_by_side`), and stored
-        as consecutive pieces of one array, which the next refresh reads back as a view."""
-        narrow = [n for n, (a, b) in enumerate(zip(new, old)) if a.dtype != b.dtype and is_bfloat16(b.dtype)]
-        if not narrow:
-            return new
-        joint = side_by_side(xp, [new[n] for n in narrow])
-        if joint is not None:  # one shape: operand-major (arrays, k, w), place j·w + e of each tile as below
-            count, k = joint.shape[0], joint.shape[1]
-            joint = xp.reshape(joint, (count, k, -1))
-            bits = xp.reshape(noise[: count * joint.shape[2]], (count, 1, joint.shape[2]))
-            rounded = rounded_with_noise(xp, joint, old[narrow[0]].dtype, bits)
-            out = list(new)
-            for j, n in enumerate(narrow):
-                out[n] = xp.reshape(rounded[j, ...], new[n].shape)
-            return tuple(out)
-        k = new[narrow[0]].shape[0]
-        flat = [xp.reshape(new[n], (k, -1)) for n in narrow]
-        joined = flat[0] if len(flat) == 1 else xp.concat(flat, axis=1)
-        rounded = rounded_with_noise(xp, joined, old[narrow[0]].dtype, noise[: joined.shape[1]])
-        out, start = list(new), 0
-        for n, part in zip(narrow, flat):
-            out[n] = xp.reshape(rounded[:, start:start + part.shape[1]], new[n].shape)
-            start += part.shape[1]
-        return tuple(out)
-
-    def read_factors(xp, factors, G) -> tuple:
-        """The factors (or factors and momenta) a rule computes with: with stochastic rounding bf16
-        ones read into G's dtype (the work dtype, float32 or float64), else as stored. Another
-        narrower dtype (float16; float32 of float64 work) is computed in and rounded to nearest:
-        stochastic rounding here is a truncation of float32's bits, which only bf16 is."""
-        if layout.factor_rounding != "stochastic":
-            return tuple(factors)
-        narrow = [n for n, K in enumerate(factors) if is_bfloat16(K.dtype) and not is_bfloat16(G.dtype)]
-        joint = side_by_side(xp, [factors[n] for n in narrow])  # one cast of them side by side
-        if joint is None:
-            return tuple(xp.astype(K, G.dtype) if n in narrow else K for n, K in enumerate(factors))
-        wide = xp.astype(joint, G.dtype)
-        out = list(factors)
-        for j, n in enumerate(narrow):
-            out[n] = wide[j, ...]
-        return tuple(out)
-
-    def step_noise(xp, ctx, fields, G):
-        """The rounding bits of this step (:func:`~precond_ref.engine.rounding.place_noise`), made
-        once per step and device for the most places any tile of the step stores in bf16 (its
-        factors and momenta side by side): every refreshed batch rounds with the first places of
-        it, the bits of a place the same in every tile and batch of the step."""
-        def make():
-            widest = max(sum(math.prod(a.shape[1:]) for a in _stack_operands(stack, True) if is_bfloat16(a.dtype))
-                         for group in fields for stack in group.stacks)
-            dev = placement(xp, G)
-            return place_noise(xp, place_keys(xp, rounding_key(xp, ctx.count, dev), widest, dev))
-        return ctx.once(("rounding noise", device_key(G)), make)
-
-    def unchanged(xp, G, *state):
-        return state + (_no_failures(xp, G),)
-
-    def store(xp, stack_states, failures, chosen, batched, results, ctx) -> None:
-        """Refreshed batches back into the groups' stacks (one split per operand and batch); each
-        group adds its tiles' failures to its count, for all groups of a batch at once (their counts
-        stacked, a view where last step's addition left them side by side, plus
-        :func:`counts_per_run`), none on a skipped step (the non-finite rule's selection, made once
-        per batch on the failure flags); where reading is free, a batch without failures adds nothing."""
-        counted = [layout.counted and read_if_free(xp, out[-1], partial(xp.any, out[-1])) is not False for out in results]
-        selecting = layout.counted and ctx.ok is not None and not ctx.applied
-        if selecting:
-            results = [(*out[:-1], xp.logical_and(out[-1], ctx.ok)) for out in results]
-        for (i, s), (*state, _) in zip(chosen, unstack_alike(batched, results, len(chosen))):
-            stack_states[i][s] = _stack_of(rule, state, len(state) // 2 if c.use_factor_momentum else len(state))
-        for batch, out, flag in zip(batched, results, counted):
-            if not flag:
-                continue
-            groups = [chosen[m][0] for m in batch.indices]  # a group has at most one stack in a batch of one phase
-            totals = stacked(xp, [failures[i] for i in groups]) + counts_per_run(xp, out[-1], batch.lengths)
-            for i, total in zip(groups, xp.unstack(totals)):
-                failures[i] = total
-                if selecting:
-                    ctx.settled[total] = True
-
-    def update_groups(grads_list, states, params_list, ctxs: list):
-        ctx = ctxs[0]
-        xp = ctx.xp
-        refresh = [ctx.every(interval) for interval in intervals]  # per phase: a host bool, or an array
-        h = rule.scalars(c, ctx.value, ctx.extra)
-        groups, fields = zip(*(prepare(g, s, cx) for g, s, cx in zip(grads_list, states, ctxs)))
-        keys = [[_batch_key(stack) for stack in f.stacks] for f in fields]
-        groups = [g._replace(stacks=t) for g, t in zip(groups, tiles_of_groups(xp, grads_list, groups, keys))]
-        stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
-        failures = [f.factor_failures for f in fields]
-
-        for phase, due in enumerate(refresh):  # the refresh, on the stacks due
-            if due is False:
-                continue
-            chosen, batched = batches(xp, groups, stack_states, phase, refreshing=True)
-            results = []
-            for batch in batched:
-                G, *state = batch.operands
-                lr = step_size(xp, h.beta2, fields, chosen, batch)
-                noise = step_noise(xp, ctx, fields, G) if layout.factor_rounding == "stochastic" else None
-                results.append(cond(xp, due, partial(refreshed, xp, h, lr, noise, G), partial(unchanged, xp, G), *state))
-            store(xp, stack_states, failures, chosen, batched, results, ctx)
-        if layout.counted and not is_jax_namespace(xp):
-            # A skipped step's gradient is zero (except on JAX, where the selection is fused anyway), and a
-            # tile whose gradient is zero keeps its factor state: each new factor entry already is its old
-            # value, and needs no selection by the non-finite rule.
-            ctx.settle(entry for stacks, state in zip(stack_states, fields) for new, old in zip(stacks, state.stacks)
-                       if new is not old for entry in new.factor + new.factor_momentum)
-
-        chosen, batched = batches(xp, groups, stack_states, None, refreshing=False)
-        D_batched = [rule.precondition(xp, c, batch.operands[0], read_factors(xp, batch.operands[1:], batch.operands[0]))
-                     for batch in batched]
-        if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
-            tile_inner = [rule.inner(xp, D, batch.operands[0]) for D, batch in zip(D_batched, batched)]
-            members = [[chosen[m] for m in batch.indices] for batch in batched]
-            sums = sums_in_tile_order(xp, tile_inner, members, [group.plan for group in groups])
-            nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
-            D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
-                         for D, batch in zip(D_batched, batched)]
-        directions = leaves_of_batches(xp, D_batched, chosen, batched, groups)  # every leaf's D
-        members = [(g, k) for g, group in enumerate(groups) for k in range(len(group.shapes))]  # its (group, member)
-
-        def operand(name, like):
-            value = getattr(h, name) if name in h._fields else getattr(c, name)
-            return ctx.scalar(name, value, like.dtype, array_device(like))
-
-        def descend(D, *rest):  # one leaf, or the leaves of one layout joined end to end (leafwise)
-            W = rest[0] if c.use_decay else None
-            v = rest[-2] if c.use_momentum else None
-            update, U = rule.descend(xp, c, operand, D, W, v, rest[-1])
-            return update, (ctx.unless_skipped(U, v) if c.use_momentum else U)
-
-        operands = [directions]
-        if c.use_decay:
-            operands.append([params_list[g][k] for g, k in members])
-        if c.use_momentum:
-            operands.append([fields[g].momentum[k] for g, k in members])
-        work_zeros = [ctx.once(("zero", G.dtype, device_key(G)), partial(scalar_zero, xp, G))  # G: the work dtype
-                      for G in (groups[g].stacks[0] for g, _ in members)]
-        steps = leafwise(xp, descend, *operands, zeros=work_zeros, ctx=ctx)
-        updates: list = [[] for _ in groups]
-        velocities: list = [[] for _ in groups]
-        for (g, _), (update, velocity) in zip(members, steps):
-            updates[g].append(update)
-            if c.use_momentum:
-                velocities[g].append(velocity)
-        results = []
-        for g, state in enumerate(fields):
-            new_state = state._replace(
-                stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]), factor_failures=failures[g])
-            results.append((tuple(updates[g]), to_entries(new_state)))
-        return results
-
-    def legacy_names(entries: dict) -> dict:
-        """``build_transform``'s ``legacy_names``: a group's state under the names of an earlier
-        version (:func:`legacy_entry_names`) or in its per-tile layout (:func:`stacked_tiles`, the
-        tiles' phases from the layout's interval) as the current stacks; with ``structures=None`` a
-        vector's dense tiles as its diagonal factor (:func:`diagonal_vector`). The very dict when it
-        is current."""
-        entries = stacked_tiles(legacy_entry_names(entries), layout.interval, layout.stagger)
-        if layout.structures is None:
-            entries = diagonal_vector(entries)
-        return entries
-
+    t = _Tiling(rule, c, layout, spread_schedule(layout.interval, spread), {}, {}, {})
     return build_transform(
         name=rule.name,
-        init_group=init_group,
-        update_groups=update_groups,
+        init_group=partial(_init_group, t),
+        update_groups=partial(_update_groups, t),
         group_leaves=weight_bias_groups if layout.weight_bias else singleton_groups,
         on_nonfinite=on_nonfinite,
         needs_params=c.use_decay,
-        intervals=intervals,
+        intervals=t.intervals,
         layout_hint=layout.old_layout,
-        legacy_names=legacy_names,
+        legacy_names=partial(_legacy_names, layout),
     )
+
+
+def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
+    """(squeezed dims, per-axis diagonal flags, tile plan) of a group's tensor."""
+    key = (tuple(shapes), out_first)
+    if key not in t.plans:
+        _, dims = grouped_shape(shapes, out_first)
+        diagonal = diagonal_axes(t.rule.name, t.layout, dims, where)
+        # A vector's default diagonal factor is cut like a dense axis: its blocks stack with every
+        # other vector's, and each block's factor step is clamped alone, as its dense tiles' were.
+        vector = t.layout.structures is None and len(dims) == 1
+        t.plans[key] = dims, diagonal, stack_plan(
+            tile_plan(dims, diagonal, t.layout.block_size, t.layout.interval, t.layout.stagger, cut_diagonal=vector))
+        t.numbers[key] = len(t.numbers)
+    return t.plans[key]
+
+
+def _template(t: _Tiling, tiles: TilePlan, rank: int, members: int) -> NamedTuple:
+    """The fields a group's state has (any leaves; :func:`precond_ref.tree.from_entries`' template)."""
+    return t.rule.State(
+        stacks=tuple(t.rule.Stack(factor=(0,) * rank, factor_momentum=(0,) * rank if t.c.use_factor_momentum else ())
+                     for _ in tiles.stacks),
+        momentum=(0,) * members if t.c.use_momentum else (),
+        preconditioner_lr_scale=0 if t.layout.group_scale is not None else None,
+        factor_failures=0 if t.layout.counted else None,
+    )
+
+
+def _init_group(t: _Tiling, leaves, paths, xp):
+    """``build_transform``'s ``init_group``: a group's state, the rule's stacks of its tiles."""
+    rule, c, layout = t.rule, t.c, t.layout
+    shapes = [tuple(x.shape) for x in leaves]
+    where = path_str(paths[0])
+    dims, diagonal, tiles = _plan(t, shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
+    param_dtype, dev = leaves[0].dtype, array_device(leaves[0])
+    dtypes = factor_dtypes(rule.name, layout, xp, leaves[0], len(dims), where)
+    scale = None
+    if layout.group_scale is not None:
+        value = layout.group_scale(paths[0])
+        check_positive(f"preconditioner_lr_scale({where!r})", value)
+        scale = xp.asarray(value, dtype=compute_dtype(xp, param_dtype), device=dev)
+    buffer_dtype = work_dtype(layout, xp, param_dtype)
+    return to_entries(rule.State(
+        stacks=tuple(rule.init(xp, c, len(stack.tiles), tile_shape(tiles.tiles[stack.tiles[0]]), diagonal, dtypes, dev)
+                     for stack in tiles.stacks),
+        momentum=tuple(xp.zeros(shape, dtype=buffer_dtype, device=dev) for shape in shapes) if c.use_momentum else (),
+        preconditioner_lr_scale=scale,
+        factor_failures=xp.zeros((), dtype=xp.int32, device=dev) if layout.counted else None,
+    ))
+
+
+def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
+    """``build_transform``'s ``update_groups``: one step of every group, in the order of
+    Distributed Shampoo's per-group step: the statistics (each group's gradient as its stacks of
+    tiles, :func:`_statistics`), the refresh of the stacks on their phase (:func:`_refresh_due`),
+    the preconditioning (:func:`_preconditioned`), the finish (:func:`_finish`) and the hand-back
+    of each group's updates and state."""
+    ctx = ctxs[0]
+    refresh = [ctx.every(interval) for interval in t.intervals]  # per phase: a host bool, or an array
+    h = t.rule.scalars(t.c, ctx.value, ctx.extra)
+    groups, fields = _statistics(t, grads_list, states, ctxs)
+    stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
+    failures = [f.factor_failures for f in fields]
+    _refresh_due(t, ctx, h, refresh, groups, fields, stack_states, failures)
+    directions = _preconditioned(t, ctx.xp, h, groups, stack_states)
+    updates, velocities = _finish(t, ctx, h, directions, groups, fields, params_list)
+    results = []
+    for g, state in enumerate(fields):
+        new_state = state._replace(
+            stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]), factor_failures=failures[g])
+        results.append((tuple(updates[g]), to_entries(new_state)))
+    return results
+
+
+def _statistics(t: _Tiling, grads_list, states, ctxs) -> tuple:
+    """Every group (:class:`_Group`: its work dtype, its pairing and plan read off its state by
+    :func:`_laid_out`, and its gradient as the plan's stacks of tiles, :func:`tiles_of_groups`) and
+    its state as fields."""
+    xp = ctxs[0].xp
+    groups, fields = [], []
+    for grads, state, ctx in zip(grads_list, states, ctxs):
+        shapes = [tuple(g.shape) for g in grads]
+        out_first, tiles, f = _laid_out(t, state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
+        groups.append(_Group(work_dtype(t.layout, xp, grads[0].dtype), shapes, grouped_shape(shapes, out_first)[0],
+                             out_first, tiles, None, t.numbers[tuple(shapes), out_first]))
+        fields.append(f)
+    keys = [[_batch_key(stack) for stack in f.stacks] for f in fields]
+    groups = [g._replace(stacks=tiles) for g, tiles in zip(groups, tiles_of_groups(xp, grads_list, groups, keys))]
+    return groups, fields
+
+
+def _laid_out(t: _Tiling, state, shapes, where: str):
+    """Out-first (weight (d_out, d_in)) or out-last pairing, read off the state's factor sizes,
+    the group's plan, and its state as fields; a state that fits neither is a clear error."""
+    for out_first in (True, False) if len(shapes) > 1 else (True,):
+        dims, diagonal, tiles = _plan(t, shapes, out_first, where)
+        try:
+            fields = filled(t.fillers, (tiles, len(dims), len(shapes)),
+                            lambda: _template(t, tiles, len(dims), len(shapes)), state)
+        except KeyError:
+            continue
+        if all(tuple(K.shape[:2]) == (len(stack.tiles), d) for stack, stack_state in zip(tiles.stacks, fields.stacks)
+               for K, d in zip(stack_state.factor, tile_shape(tiles.tiles[stack.tiles[0]]))):
+            return out_first, tiles, fields
+    found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k and k != "factor_failures"}
+    raise ValueError(
+        f"{t.rule.name}: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
+        f"state ({found}); {MISFIT}"
+    )
+
+
+def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, failures) -> None:
+    """On each refresh phase due (``refresh``: per phase a host bool, or an array), the stacks of
+    that phase of all groups refreshed batch by batch (:func:`_refreshed`, under ``cond`` where
+    the phase is decided on the device) and stored back (:func:`_store`); then the factor
+    entries it wrote marked settled for the skip rule."""
+    xp = ctx.xp
+    for phase, due in enumerate(refresh):  # the refresh, on the stacks due
+        if due is False:
+            continue
+        chosen, batched = _batches(xp, groups, stack_states, phase, refreshing=True)
+        results = []
+        for batch in batched:
+            G, *state = batch.operands
+            scale = _tile_scales(t.layout, xp, fields, chosen, batch)
+            noise = _step_noise(xp, ctx, fields, G) if t.layout.factor_rounding == "stochastic" else None
+            results.append(cond(xp, due, partial(_refreshed, t, xp, h, scale, noise, G), partial(_unchanged, xp, G), *state))
+        _store(t, xp, stack_states, failures, chosen, batched, results, ctx)
+    if t.layout.counted and not is_jax_namespace(xp):
+        # A skipped step's gradient is zero (except on JAX, where the selection is fused anyway), and a
+        # tile whose gradient is zero keeps its factor state: each new factor entry already is its old
+        # value, and needs no selection by the non-finite rule.
+        ctx.settle(entry for stacks, state in zip(stack_states, fields) for new, old in zip(stacks, state.stacks)
+                   if new is not old for entry in new.factor + new.factor_momentum)
+
+
+def _batches(xp, groups, stack_states, phase, refreshing: bool) -> tuple:
+    """The stacks on refresh phase ``phase`` (every stack: ``None``) of all groups, as
+    (their (group, stack) numbers, by phase, then group and stack; :func:`precond_ref.blocking.stack`
+    of their operands (G, K_1..K_N[, m_1..m_N])): the stacks of one tile shape, factor layout
+    and device are concatenated along the tile axis, one ``concat`` per operand whatever the
+    number of tiles (none for G, whose tiles lie in that order: :func:`tiles_of_groups`)."""
+    chosen = sorted(((i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks)
+                     if phase is None or stack.phase == phase), key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
+    operands = [(groups[i].stacks[s],) + _stack_operands(stack_states[i][s], refreshing) for i, s in chosen]
+    return chosen, stack_alike(xp, operands)
+
+
+def _tile_scales(layout: TileLayout, xp, fields, chosen, batch):
+    """Each tile's group's ``preconditioner_lr_scale`` for a batch of stacks (b,); ``None`` without
+    ``group_scale``."""
+    if layout.group_scale is None:
+        return None
+    scales = [xp.broadcast_to(fields[chosen[m][0]].preconditioner_lr_scale, (k,))
+              for m, k in zip(batch.indices, batch.lengths)]
+    return scales[0] if len(scales) == 1 else xp.concat(scales)
+
+
+def _refreshed(t: _Tiling, xp, h, scale, noise, G, *state):
+    """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
+    With stochastic rounding the rule computes in G's dtype (:func:`_read_factors`) and each
+    bf16 operand is stored back by :func:`_stored`."""
+    factors = _stack_of(t.rule, _read_factors(t.layout, xp, state, G), len(G.shape) - 1)
+    new = _stack_operands(t.rule.refresh(xp, t.c, h, scale, G, factors), True)
+    new = _stored(xp, new, state, noise) if noise is not None else new
+    return kept_where_usable(xp, G, state, new) if t.layout.counted else new + (_no_failures(xp, G),)
+
+
+def _unchanged(xp, G, *state):
+    """A stack not refreshed: its state as it was, no tile failed."""
+    return state + (_no_failures(xp, G),)
+
+
+def _read_factors(layout: TileLayout, xp, factors, G) -> tuple:
+    """The factors (or factors and momenta) a rule computes with: with stochastic rounding bf16
+    ones read into G's dtype (the work dtype, float32 or float64), else as stored. Another
+    narrower dtype (float16; float32 of float64 work) is computed in and rounded to nearest:
+    stochastic rounding here is a truncation of float32's bits, which only bf16 is."""
+    if layout.factor_rounding != "stochastic":
+        return tuple(factors)
+    narrow = [n for n, K in enumerate(factors) if is_bfloat16(K.dtype) and not is_bfloat16(G.dtype)]
+    joint = side_by_side(xp, [factors[n] for n in narrow])  # one cast of them side by side
+    if joint is None:
+        return tuple(xp.astype(K, G.dtype) if n in narrow else K for n, K in enumerate(factors))
+    wide = xp.astype(joint, G.dtype)
+    out = list(factors)
+    for j, n in enumerate(narrow):
+        out[n] = wide[j, ...]
+    return tuple(out)
+
+
+def _stored(xp, new, old, noise) -> tuple:
+    """The refreshed operands ``new`` (k tiles each) in their stored dtypes: those computed in a
+    wider dtype than their bf16 ``old``, side by side per tile, rounded stochastically in one
+    call (:func:`~precond_ref.engine.rounding.round_stochastic`), its bits keyed by the step and
+    each element's place in its tile's operands (element ``e`` of the ``j``-th such operand,
+    after those before it): the first places of the step's ``noise`` (:func:`_step_noise`).
+    Operands of one shape are rounded stacked, operand-major (:func:`side_by_side`), and stored
+    as consecutive pieces of one array, which the next refresh reads back as a view."""
+    narrow = [n for n, (a, b) in enumerate(zip(new, old)) if a.dtype != b.dtype and is_bfloat16(b.dtype)]
+    if not narrow:
+        return new
+    joint = side_by_side(xp, [new[n] for n in narrow])
+    if joint is not None:  # one shape: operand-major (arrays, k, w), place j·w + e of each tile as below
+        count, k = joint.shape[0], joint.shape[1]
+        joint = xp.reshape(joint, (count, k, -1))
+        bits = xp.reshape(noise[: count * joint.shape[2]], (count, 1, joint.shape[2]))
+        rounded = rounded_with_noise(xp, joint, old[narrow[0]].dtype, bits)
+        out = list(new)
+        for j, n in enumerate(narrow):
+            out[n] = xp.reshape(rounded[j, ...], new[n].shape)
+        return tuple(out)
+    k = new[narrow[0]].shape[0]
+    flat = [xp.reshape(new[n], (k, -1)) for n in narrow]
+    joined = flat[0] if len(flat) == 1 else xp.concat(flat, axis=1)
+    rounded = rounded_with_noise(xp, joined, old[narrow[0]].dtype, noise[: joined.shape[1]])
+    out, start = list(new), 0
+    for n, part in zip(narrow, flat):
+        out[n] = xp.reshape(rounded[:, start:start + part.shape[1]], new[n].shape)
+        start += part.shape[1]
+    return tuple(out)
+
+
+def _step_noise(xp, ctx, fields, G):
+    """The rounding bits of this step (:func:`~precond_ref.engine.rounding.place_noise`), made
+    once per step and device for the most places any tile of the step stores in bf16 (its
+    factors and momenta side by side): every refreshed batch rounds with the first places of
+    it, the bits of a place the same in every tile and batch of the step."""
+    def make():
+        widest = max(sum(math.prod(a.shape[1:]) for a in _stack_operands(stack, True) if is_bfloat16(a.dtype))
+                     for group in fields for stack in group.stacks)
+        dev = placement(xp, G)
+        return place_noise(xp, place_keys(xp, rounding_key(xp, ctx.count, dev), widest, dev))
+    return ctx.once(("rounding noise", device_key(G)), make)
+
+
+def _store(t: _Tiling, xp, stack_states, failures, chosen, batched, results, ctx) -> None:
+    """Refreshed batches back into the groups' stacks (one split per operand and batch); each
+    group adds its tiles' failures to its count, for all groups of a batch at once (their counts
+    stacked, a view where last step's addition left them side by side, plus
+    :func:`counts_per_run`), none on a skipped step (the non-finite rule's selection, made once
+    per batch on the failure flags); where reading is free, a batch without failures adds nothing."""
+    layout = t.layout
+    counted = [layout.counted and read_if_free(xp, out[-1], partial(xp.any, out[-1])) is not False for out in results]
+    selecting = layout.counted and ctx.ok is not None and not ctx.applied
+    if selecting:
+        results = [(*out[:-1], xp.logical_and(out[-1], ctx.ok)) for out in results]
+    for (i, s), (*state, _) in zip(chosen, unstack_alike(batched, results, len(chosen))):
+        stack_states[i][s] = _stack_of(t.rule, state, len(state) // 2 if t.c.use_factor_momentum else len(state))
+    for batch, out, flag in zip(batched, results, counted):
+        if not flag:
+            continue
+        groups = [chosen[m][0] for m in batch.indices]  # a group has at most one stack in a batch of one phase
+        totals = stacked(xp, [failures[i] for i in groups]) + counts_per_run(xp, out[-1], batch.lengths)
+        for i, total in zip(groups, xp.unstack(totals)):
+            failures[i] = total
+            if selecting:
+                ctx.settled[total] = True
+
+
+def _preconditioned(t: _Tiling, xp, h, groups, stack_states) -> list:
+    """Every stack of every group preconditioned by the rule (batched as by :func:`_batches`), with
+    the KL clip scaled per group by its tiles' sum in row-major order
+    (:func:`sums_in_tile_order`), and handed back as every leaf's ``D`` (:func:`leaves_of_batches`)."""
+    rule, c = t.rule, t.c
+    chosen, batched = _batches(xp, groups, stack_states, None, refreshing=False)
+    D_batched = [rule.precondition(xp, c, batch.operands[0], _read_factors(t.layout, xp, batch.operands[1:], batch.operands[0]))
+                 for batch in batched]
+    if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
+        tile_inner = [rule.inner(xp, D, batch.operands[0]) for D, batch in zip(D_batched, batched)]
+        members = [[chosen[m] for m in batch.indices] for batch in batched]
+        sums = sums_in_tile_order(xp, tile_inner, members, [group.plan for group in groups])
+        nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
+        D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
+                     for D, batch in zip(D_batched, batched)]
+    return leaves_of_batches(xp, D_batched, chosen, batched, groups)
+
+
+def _finish(t: _Tiling, ctx, h, directions, groups, fields, params_list) -> tuple:
+    """The rule's last lines (``descend``) of every leaf from its ``D`` (``directions``), element-wise,
+    the leaves joined end to end (:func:`~precond_ref.engine.joined.leafwise`): per group its
+    members' updates and new momenta."""
+    rule, c, xp = t.rule, t.c, ctx.xp
+    members = [(g, k) for g, group in enumerate(groups) for k in range(len(group.shapes))]  # its (group, member)
+
+    def operand(name, like):
+        value = getattr(h, name) if name in h._fields else getattr(c, name)
+        return ctx.scalar(name, value, like.dtype, array_device(like))
+
+    def descend(D, *rest):  # one leaf, or the leaves of one layout joined end to end (leafwise)
+        W = rest[0] if c.use_decay else None
+        v = rest[-2] if c.use_momentum else None
+        update, U = rule.descend(xp, c, operand, D, W, v, rest[-1])
+        return update, (ctx.unless_skipped(U, v) if c.use_momentum else U)
+
+    operands = [directions]
+    if c.use_decay:
+        operands.append([params_list[g][k] for g, k in members])
+    if c.use_momentum:
+        operands.append([fields[g].momentum[k] for g, k in members])
+    work_zeros = [ctx.once(("zero", G.dtype, device_key(G)), partial(scalar_zero, xp, G))  # G: the work dtype
+                  for G in (groups[g].stacks[0] for g, _ in members)]
+    steps = leafwise(xp, descend, *operands, zeros=work_zeros, ctx=ctx)
+    updates: list = [[] for _ in groups]
+    velocities: list = [[] for _ in groups]
+    for (g, _), (update, velocity) in zip(members, steps):
+        updates[g].append(update)
+        if c.use_momentum:
+            velocities[g].append(velocity)
+    return updates, velocities
+
+
+def _legacy_names(layout: TileLayout, entries: dict) -> dict:
+    """``build_transform``'s ``legacy_names``: a group's state under the names of an earlier
+    version (:func:`legacy_entry_names`) or in its per-tile layout (:func:`stacked_tiles`, the
+    tiles' phases from the layout's interval) as the current stacks; with ``structures=None`` a
+    vector's dense tiles as its diagonal factor (:func:`diagonal_vector`). The very dict when it
+    is current."""
+    entries = stacked_tiles(legacy_entry_names(entries), layout.interval, layout.stagger)
+    if layout.structures is None:
+        entries = diagonal_vector(entries)
+    return entries
 
 
 def _no_failures(xp, G):

@@ -490,14 +490,15 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
     return tuple(new_factors), (tuple(new_momenta) if momenta is not None else None)
 
 
-def _refresh(xp, c: IFShampooConfig, h: _IFShampooStep, lr, G, s: _StackFactors) -> _StackFactors:
-    """Figure 3's factor step on one stack of tiles (:func:`_factor_step`), step size ``lr``: β₂, or
-    β₂ times each tile's group's ``preconditioner_lr_scale``."""
+def _refresh(xp, c: IFShampooConfig, h: _IFShampooStep, scale, G, s: _StackFactors) -> _StackFactors:
+    """Figure 3's factor step on one stack of tiles (:func:`_factor_step`), step size β₂ times each
+    tile's group's ``preconditioner_lr_scale`` ``scale`` (one per tile; ``None``: β₂ alone)."""
+    beta2 = h.beta2 if scale is None else h.beta2 * scale  # β₂ s
     dtype = s.factor[0].dtype
     sqrt_B = math.sqrt(h.B) if is_number(h.B) else xp.sqrt(xp.astype(h.B, G.dtype))
     K, m = _factor_step(
         xp, G, s.factor, s.factor_momentum if c.use_factor_momentum else None, sqrt_B, as_operand(xp, c.damping, dtype),
-        as_operand(xp, lr, dtype), as_operand(xp, c.preconditioner_momentum, dtype), c.clamp_factor_step,
+        as_operand(xp, beta2, dtype), as_operand(xp, c.preconditioner_momentum, dtype), c.clamp_factor_step,
     )
     return _StackFactors(factor=K, factor_momentum=m or ())
 
