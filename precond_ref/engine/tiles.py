@@ -32,6 +32,7 @@ from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unst
 from ..linalg import all_finite, half_precision_dtype
 from ..transform import Transform, check_bool, check_choice, check_positive, check_positive_int, singleton_groups
 from ..tree import filled, path_str, to_entries
+from .checks import renamed_failures
 from .factors import constant, per_block
 from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
@@ -705,9 +706,9 @@ class TiledRule(NamedTuple):
     :func:`tiled_transform`.
 
     ``State`` is a group's state, a NamedTuple ``(stacks, momentum, preconditioner_lr_scale,
-    factor_failures)``: one ``Stack`` per stack of the group's :class:`TilePlan`, the momentum of each
+    failures)``: one ``Stack`` per stack of the group's :class:`TilePlan`, the momentum of each
     member (``()`` without), the group's multiplier of the refresh's step size (``None`` without) and
-    its count of discarded refreshes (``None`` where none is counted). ``Stack`` is one stack's state,
+    its count ``failures`` of discarded tile refreshes (:mod:`precond_ref.engine`; ``None`` where none is counted). ``Stack`` is one stack's state,
     a NamedTuple ``(factor, factor_momentum)`` of one array per axis with a leading tile axis. The
     functions, of one stack of ``k`` tiles ``G`` (``(k, d_1, ..., d_N)``, the work dtype):
 
@@ -928,7 +929,7 @@ def tiled_transform(
                          for _ in tiles.stacks),
             momentum=(0,) * members if c.use_momentum else (),
             preconditioner_lr_scale=0 if layout.group_scale is not None else None,
-            factor_failures=0 if layout.counted else None,
+            failures=0 if layout.counted else None,
         )
 
     def init_group(leaves, paths, xp):
@@ -948,7 +949,7 @@ def tiled_transform(
                          for stack in tiles.stacks),
             momentum=tuple(xp.zeros(shape, dtype=buffer_dtype, device=dev) for shape in shapes) if c.use_momentum else (),
             preconditioner_lr_scale=scale,
-            factor_failures=xp.zeros((), dtype=xp.int32, device=dev) if layout.counted else None,
+            failures=xp.zeros((), dtype=xp.int32, device=dev) if layout.counted else None,
         ))
 
     def laid_out(state, shapes, where: str):
@@ -964,7 +965,7 @@ def tiled_transform(
             if all(tuple(K.shape[:2]) == (len(stack.tiles), d) for stack, stack_state in zip(tiles.stacks, fields.stacks)
                    for K, d in zip(stack_state.factor, tile_shape(tiles.tiles[stack.tiles[0]]))):
                 return out_first, tiles, fields
-        found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k and k != "factor_failures"}
+        found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k}
         raise ValueError(
             f"{rule.name}: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
             f"state ({found}); {MISFIT}"
@@ -1101,7 +1102,7 @@ def tiled_transform(
         keys = [[_batch_key(stack) for stack in f.stacks] for f in fields]
         groups = [g._replace(stacks=t) for g, t in zip(groups, tiles_of_groups(xp, grads_list, groups, keys))]
         stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
-        failures = [f.factor_failures for f in fields]
+        failures = [f.failures for f in fields]
 
         for phase, due in enumerate(refresh):  # the refresh, on the stacks due
             if due is False:
@@ -1161,7 +1162,7 @@ def tiled_transform(
         results = []
         for g, state in enumerate(fields):
             new_state = state._replace(
-                stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]), factor_failures=failures[g])
+                stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]), failures=failures[g])
             results.append((tuple(updates[g]), to_entries(new_state)))
         return results
 
@@ -1170,8 +1171,8 @@ def tiled_transform(
         version (:func:`legacy_entry_names`) or in its per-tile layout (:func:`stacked_tiles`, the
         tiles' phases from the layout's interval) as the current stacks; with ``structures=None`` a
         vector's dense tiles as its diagonal factor (:func:`diagonal_vector`). The very dict when it
-        is current."""
-        entries = stacked_tiles(legacy_entry_names(entries), layout.interval, layout.stagger)
+        is current. The failure counter under its earlier name: :func:`~precond_ref.engine.checks.renamed_failures`."""
+        entries = stacked_tiles(renamed_failures(legacy_entry_names(entries)), layout.interval, layout.stagger)
         if layout.structures is None:
             entries = diagonal_vector(entries)
         return entries
