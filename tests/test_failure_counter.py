@@ -64,8 +64,9 @@ def test_an_optax_state_under_an_earlier_counter_name_steps_as_the_current_one(c
     state = tx.init(params)
     _, state = tx.update(grads[0], state, params)
     int32 = lambda n: jnp.asarray(n, dtype=jnp.int32)  # noqa: E731
-    current = state._replace(groups={k: {**e, "failures": int32(7)} if "failures" in e else e for k, e in state.groups.items()})
-    old = state._replace(groups={k: _saved_under(e, names, 7, int32) if "failures" in e else e for k, e in state.groups.items()})
+    groups = state.groups
+    current = state._replace(groups={k: {**e, "failures": int32(7)} if "failures" in e else e for k, e in groups.items()})
+    old = state._replace(groups={k: _saved_under(e, names, 7, int32) if "failures" in e else e for k, e in groups.items()})
     assert _counted(current.groups) and not _counted(old.groups)
     runs = []
     for s in (current, old):

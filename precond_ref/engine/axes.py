@@ -562,8 +562,8 @@ class AxesRule(NamedTuple):
     ``has_weight_decay``.
 
     ``State``: a leaf's state, a NamedTuple of the fields ``sketches`` (``sketches[n][j]`` a
-    ``Block``, the stack of run j of axis n), ``failures`` (:mod:`precond_ref.engine`: how many
-    blocks' refreshes were not finite), ``graft_second_moment`` and ``momentum`` (of the parameter's shape), None where absent,
+    ``Block``, the stack of run j of axis n), ``failures`` (:mod:`precond_ref.engine`: blocks whose
+    refresh was not finite), ``graft_second_moment`` and ``momentum`` (of the parameter's shape), None where absent,
     stored as the entries ``sketches/{n}/{j}/{field}``, ... (:func:`precond_ref.tree.to_entries`);
     ``plan(c, shape, first_phase)``: the leaf's :class:`LeafPlan`, None for a leaf without blocks;
     ``empty(xp, length, rank, *, dtype, device, batch)``: the fields of a stack of ``batch`` empty

@@ -224,7 +224,8 @@ def _collect_roots(
         if all(failed is None for _, failed in results):
             continue
         leaves = len(stacks[index].leaves)
-        counts = [failed if failed is not None else xp.zeros(z.shape[:1], dtype=xp.int32, device=placement(xp, z)) for z, failed in results]
+        counts = [xp.zeros(z.shape[:1], dtype=xp.int32, device=placement(xp, z)) if failed is None else failed
+                  for z, failed in results]
         per_block_counts = cast(xp, counts[0] if len(counts) == 1 else xp.concat(counts, axis=0), xp.int32)
         if leaves == 1:
             per_leaf = xp.sum(per_block_counts, dtype=xp.int32)

@@ -708,7 +708,7 @@ class TiledRule(NamedTuple):
     ``State`` is a group's state, a NamedTuple ``(stacks, momentum, preconditioner_lr_scale,
     failures)``: one ``Stack`` per stack of the group's :class:`TilePlan`, the momentum of each
     member (``()`` without), the group's multiplier of the refresh's step size (``None`` without) and
-    its count ``failures`` of discarded tile refreshes (:mod:`precond_ref.engine`; ``None`` where none is counted). ``Stack`` is one stack's state,
+    its count of discarded refreshes (``failures``; ``None`` where none is counted). ``Stack`` is one stack's state,
     a NamedTuple ``(factor, factor_momentum)`` of one array per axis with a leading tile axis. The
     functions, of one stack of ``k`` tiles ``G`` (``(k, d_1, ..., d_N)``, the work dtype):
 
