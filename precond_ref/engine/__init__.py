@@ -11,6 +11,11 @@ everything around it, the same way for every method:
   (:func:`~precond_ref.engine.skip.gradient_ok`); a skipped step returns zero updates and keeps the
   state, selected element-wise without a host read (:meth:`~precond_ref.engine.context.StepContext.unless_skipped`),
   or ``FloatingPointError`` naming the leaf with ``on_nonfinite="raise"``;
+* **the failure counter**: a group whose preconditioner update can fail holds ``failures``, 0-D
+  int32: how many of this entry's preconditioner updates were discarded because their result was
+  not usable (not finite, or an iterative root that did not converge); the previous
+  preconditioner was kept. One name and meaning for every method; a state saved with the
+  counter under an earlier name is renamed on the way in (:func:`~precond_ref.engine.checks.renamed_failures`);
 * **phases**: the host decisions of periodic work (``step=``, ``due=``) or their device form, one
   interval predicate per refresh phase (:class:`~precond_ref.engine.context.StepContext`);
 * **stacking and joining**: the leaves of one layout joined end to end for element-wise work

@@ -35,6 +35,7 @@ from .._backend import (array_device, cast, compute_dtype, cond, device_key, is_
 from ..blocking import Stack, same_layout, block_bounds, spread_schedule, stack, unfold, unstack
 from ..transform import Transform
 from ..tree import filled, to_entries
+from .checks import renamed_failures
 from .context import StepContext
 from .factors import constant
 from .tiles import taken
@@ -561,8 +562,8 @@ class AxesRule(NamedTuple):
     ``has_weight_decay``.
 
     ``State``: a leaf's state, a NamedTuple of the fields ``sketches`` (``sketches[n][j]`` a
-    ``Block``, the stack of run j of axis n), ``sketch_failures`` (how many refreshes were not
-    finite), ``graft_second_moment`` and ``momentum`` (of the parameter's shape), None where absent,
+    ``Block``, the stack of run j of axis n), ``failures`` (:mod:`precond_ref.engine`: blocks whose
+    refresh was not finite), ``graft_second_moment`` and ``momentum`` (of the parameter's shape), None where absent,
     stored as the entries ``sketches/{n}/{j}/{field}``, ... (:func:`precond_ref.tree.to_entries`);
     ``plan(c, shape, first_phase)``: the leaf's :class:`LeafPlan`, None for a leaf without blocks;
     ``empty(xp, length, rank, *, dtype, device, batch)``: the fields of a stack of ``batch`` empty
@@ -623,7 +624,9 @@ def _axes_transform(
 ) -> Transform:
     """The transform of ``rule``: a parameter's state (empty blocks in the compute dtype, no failures,
     zero graft moment and momentum), the step ``update_groups``; a state saved under the per-axis
-    names of earlier versions renamed (:func:`axis_legacy_names`), and ``hint`` the ``layout_hint``."""
+    names of earlier versions renamed (:func:`axis_legacy_names`, then
+    :func:`~precond_ref.engine.checks.renamed_failures`), and ``hint`` the ``layout_hint``."""
+    axis_names = axis_legacy_names("sketches", rule.Block._fields, "sketch_failures")
 
     def init_group(leaves, paths, xp):
         (w,) = leaves
@@ -640,7 +643,7 @@ def _axes_transform(
     return build_transform(
         name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
         needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=hint,
-        legacy_names=axis_legacy_names("sketches", rule.Block._fields, "sketch_failures"),
+        legacy_names=lambda entries: renamed_failures(axis_names(entries)),
     )
 
 
@@ -687,7 +690,7 @@ def kronecker_transform(
         else:
             grafts = leafwise(xp, functools.partial(rule.graft, xp, c), [g for g, _, _ in leaves],
                               [state.graft_second_moment for _, _, state in leaves])
-        refreshed = refresh_axes(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
+        refreshed = refresh_axes(xp, [(plan, state.sketches, state.failures, g) for g, plan, state in leaves],
                                  c.dues, ctx, functools.partial(rule.refresh, xp, c))
         blocked = [i for i, (_, plan, _) in enumerate(leaves) if plan is not None]
         products: list = [None] * len(leaves)
@@ -701,7 +704,7 @@ def kronecker_transform(
                 products[i] = rule.started(xp, c, ctx.count, u, grafts[i][1])
         directions = [d if p is None else p for (_, d), p in zip(grafts, products)]
         finished = [(u,) for u in directions] if c.learning_rate is None else _finished(xp, ctx, rule, c, directions, leaves, params)
-        return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures, graft_second_moment=v,
+        return [((out[0],), to_entries(state._replace(sketches=sketches, failures=failures, graft_second_moment=v,
                                                       momentum=out[1] if c.has_momentum else None)))
                 for (_, _, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished)]
 
@@ -734,12 +737,12 @@ def flat_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         xp, ctx = ctxs[0].xp, ctxs[0]
         leaves = _leaves(rule, c, xp, grads, states, fillers)
-        stepped = flat_runs(xp, [(plan, state.sketches, state.sketch_failures, g) for g, plan, state in leaves],
+        stepped = flat_runs(xp, [(plan, state.sketches, state.failures, g) for g, plan, state in leaves],
                             c.dues, ctx, functools.partial(rule.refresh, xp, c),
                             lambda block, rows: (block, rule.keep(xp, c, block, rows)),
                             lambda length, rank: _sketch.zero_rows_exact(c.fd["decomposition"], length, rank))
         finished = _finished(xp, ctx, rule, c, [direction for _, _, direction in stepped], leaves, params)
-        return [((out[0],), to_entries(state._replace(sketches=sketches, sketch_failures=failures,
+        return [((out[0],), to_entries(state._replace(sketches=sketches, failures=failures,
                                                       momentum=out[1] if c.has_momentum else None)))
                 for (_, _, state), (sketches, failures, _), out in zip(leaves, stepped, finished)]
 

@@ -5,7 +5,7 @@ matrix on the left side, its transpose on the right) may split that side into co
 of ``b`` rows and a shorter tail (:func:`precond_ref.blocking.chunk_sizes`), with a k×k, b×b or
 tail×tail statistic ``P`` and root ``Z`` per block. Its state then holds ``statistic`` (a k×k
 matrix, or the ``c`` chunks ``(c, b, b)``), ``statistic_tail``, ``root`` and ``root_tail`` in the
-same shapes, and the counters ``root_failures`` and ``root_fallbacks``. This module does the
+same shapes, and the counter ``failures`` (:mod:`precond_ref.engine`). This module does the
 rest of the layout for such a method, on the joins and stacks of :func:`~precond_ref.engine.matrices.matrix_joins`:
 
 * the rows of each block (:func:`side_blocks`) and the block-diagonal product ``Z M`` (:func:`block_diagonal_product`);
@@ -28,6 +28,7 @@ from .._backend import array_device, cast, is_zero, placement, scalar_zero, sele
 from ..blocking import chunk_sizes
 from ..linalg import all_finite, symmetrize
 from ..transform import Transform
+from .checks import renamed_failures
 from .context import StepContext, settle_pieces
 from .factors import constant, identity, per_block
 from .fallback import FallbackMask, FallbackRule, fallback_leaves, fallback_predicate
@@ -38,14 +39,12 @@ from .run import build_transform
 
 __all__ = [
     "side_blocks", "block_diagonal_product", "finite_root_or_previous", "unrefreshed",
-    "refresh_roots", "joined_counters", "hand_back_roots", "block_layout_hint", "block_state", "COUNTERS",
+    "refresh_roots", "joined_counters", "hand_back_roots", "block_layout_hint", "block_state",
     "is_left", "OneSidedRule", "one_sided_transform",
 ]
 
 Array = Any
 
-#: the per-leaf counters of the roots: blocks whose root was not finite, roots the method rejected (replaced)
-COUNTERS = ("root_failures", "root_fallbacks")
 #: the block entries stacked across the matrix leaves of one shape, besides the joined statistic (:func:`~precond_ref.engine.matrices.matrix_joins`)
 _STACKED = ("statistic_tail", "root", "root_tail")
 #: the entries of a one-sided rule's matrix leaves computed element-wise over a whole join (:class:`~precond_ref.engine.matrices.MatrixJoin`)
@@ -59,9 +58,9 @@ def is_left(side: str, m: int, n: int) -> bool:
     return m < n if side == "auto" else side == "left"
 
 
-def block_state(xp: Any, k: int, block_size: Optional[int], dtype: Any, device: Any, roots: bool, fallbacks: bool) -> dict:
+def block_state(xp: Any, k: int, block_size: Optional[int], dtype: Any, device: Any, roots: bool) -> dict:
     """The block entries of a side of length ``k``: per block a zero statistic and (``roots``) an
-    identity root, in ``dtype``; the counter ``root_failures`` and (``fallbacks``) ``root_fallbacks``."""
+    identity root, in ``dtype``; the counter ``failures``."""
     b, full, tail = chunk_sizes(k, block_size)
     shape = (full, b, b) if full else (k, k)
     state = {"statistic": xp.zeros(shape, dtype=dtype, device=device)}
@@ -70,9 +69,7 @@ def block_state(xp: Any, k: int, block_size: Optional[int], dtype: Any, device: 
     if tail:
         state["statistic_tail"] = xp.zeros((tail, tail), dtype=dtype, device=device)
         state["root_tail"] = xp.eye(tail, dtype=dtype, device=device)
-    state["root_failures"] = xp.zeros((), dtype=xp.int32, device=device)
-    if fallbacks:
-        state["root_fallbacks"] = xp.zeros((), dtype=xp.int32, device=device)
+    state["failures"] = xp.zeros((), dtype=xp.int32, device=device)
     return state
 
 
@@ -128,11 +125,10 @@ def finite_root_or_previous(
     previous: Array,
     inverse_root: Callable[[Array], tuple[Array, Optional[Array]]],
     has_previous: Callable[[], Any] = lambda: True,
-) -> tuple[Array, Array, Array]:
+) -> tuple[Array, Array]:
     """Per block of a stack: ``Z = inverse_root(P)`` where ``P`` and ``Z`` are finite and the
-    method accepted ``Z``, else ``previous``; returns (roots, failed, rejected), the last two int32
-    per block (failed: not finite; rejected: the method's own check failed; ``None`` for a method
-    that never rejects its roots: nothing to count).
+    method accepted ``Z``, else ``previous``; returns (roots, failed), ``failed`` int32 per block:
+    1 where the block's new root was discarded (not finite, or rejected by the method's own check).
 
     ``inverse_root(P)`` returns ``(Z, rejected)``: ``rejected`` is ``None`` for a method that never
     rejects its roots (``eigh``, an unchecked iteration), else int32 flags of the blocks whose root
@@ -147,20 +143,20 @@ def finite_root_or_previous(
     p_ok = all_finite(p, axis=(-2, -1))
     z, rejected = inverse_root(select(xp, per_block(xp, p_ok, p), p, _eye(xp, p)))
     if rejected is not None:
+        rejected = xp.astype(rejected, xp.bool)
         usable = has_previous()
         if usable is not False:
-            keep = xp.astype(rejected, xp.bool)
-            keep = keep if usable is True else xp.logical_and(keep, usable)
+            keep = rejected if usable is True else xp.logical_and(rejected, usable)
             z = select(xp, per_block(xp, keep, z), previous, z)
     ok = xp.logical_and(all_finite(z, axis=(-2, -1)), p_ok)
-    return select(xp, per_block(xp, ok, z), z, previous), xp.astype(xp.logical_not(ok), xp.int32), rejected
+    failed = xp.logical_not(ok) if rejected is None else xp.logical_or(xp.logical_not(ok), rejected)
+    return select(xp, per_block(xp, ok, z), z, previous), xp.astype(failed, xp.int32)
 
 
-def unrefreshed(xp: Any, p: Array, previous: Array) -> tuple[Array, Array, Array]:
+def unrefreshed(xp: Any, p: Array, previous: Array) -> tuple[Array, Array]:
     """A stack of blocks whose phase is not due on this call: its roots as they were, no failure
-    and no fallback counted (the other branch of :func:`finite_root_or_previous`)."""
-    none = xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
-    return previous, none, none
+    counted (the other branch of :func:`finite_root_or_previous`)."""
+    return previous, xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
 
 
 def _eye(xp: Any, p: Array) -> Array:
@@ -215,32 +211,30 @@ def _collect_roots(
     xp: Any, owners: list[tuple[int, str]], stacks: Sequence[MatrixStack], statistics: Sequence[dict], refreshed: list[tuple]
 ) -> list[dict[str, Array]]:
     """Per stack: its roots in the shapes of its statistics (the units of one statistic joined in
-    order) and, where any of its blocks was refreshed, per leaf the sums of its blocks' failure and
-    fallback counts (int32: a vector, one entry per leaf; 0-D for a leaf alone in its stack)."""
+    order) and, where any of its blocks was refreshed, ``failures``: per leaf the sum of its
+    blocks' failures (int32: a vector, one entry per leaf; 0-D for a leaf alone in its stack)."""
     parts: dict[tuple[int, str], list[tuple]] = {}
     for owner, result in zip(owners, refreshed):
         parts.setdefault(owner, []).append(result)
     roots: list[dict[str, Any]] = [{} for _ in stacks]
     for (index, name), results in parts.items():
-        zs = [z for z, _, _ in results]
+        zs = [z for z, _ in results]
         z = zs[0] if len(zs) == 1 else xp.concat(zs, axis=0)
         roots[index][_ROOT_OF[name]] = z if statistics[index][name].ndim == 3 else z[0, ...]
-        if all(failed is None for _, failed, _ in results):
+        if all(failed is None for _, failed in results):
             continue
         leaves = len(stacks[index].leaves)
-        for position, counter in ((1, "root_failures"), (2, "root_fallbacks")):
-            if all(r[position] is None for r in results):
-                continue  # roots a method never rejects: no fallback to count
-            counts = [r[position] if r[position] is not None else xp.zeros(r[0].shape[:1], dtype=xp.int32, device=placement(xp, r[0])) for r in results]
-            per_block_counts = cast(xp, counts[0] if len(counts) == 1 else xp.concat(counts, axis=0), xp.int32)
-            if leaves == 1:
-                per_leaf = xp.sum(per_block_counts, dtype=xp.int32)
-            elif per_block_counts.shape[0] == leaves:
-                per_leaf = per_block_counts
-            else:
-                per_leaf = xp.sum(xp.reshape(per_block_counts, (leaves, -1)), axis=1, dtype=xp.int32)
-            entry = roots[index]
-            entry[counter] = entry[counter] + per_leaf if counter in entry else per_leaf
+        counts = [xp.zeros(z.shape[:1], dtype=xp.int32, device=placement(xp, z)) if failed is None else failed
+                  for z, failed in results]
+        per_block_counts = cast(xp, counts[0] if len(counts) == 1 else xp.concat(counts, axis=0), xp.int32)
+        if leaves == 1:
+            per_leaf = xp.sum(per_block_counts, dtype=xp.int32)
+        elif per_block_counts.shape[0] == leaves:
+            per_leaf = per_block_counts
+        else:
+            per_leaf = xp.sum(xp.reshape(per_block_counts, (leaves, -1)), axis=1, dtype=xp.int32)
+        entry = roots[index]
+        entry["failures"] = entry["failures"] + per_leaf if "failures" in entry else per_leaf
     return roots
 
 
@@ -255,7 +249,7 @@ def refresh_roots(
     identity_on_failure: bool,
 ) -> list[dict[str, Array]]:
     """Per stack: ``{"root": Z, "root_tail": Z_tail}`` for its new ``statistics`` and, where any of
-    its blocks was refreshed, its per-leaf counters ``root_failures`` and ``root_fallbacks``.
+    its blocks was refreshed, its per-leaf count ``failures``.
 
     Each block is refreshed on the calls its phase is due (``schedule``: one interval predicate per
     phase, :func:`~precond_ref.engine.phases.hashed_phases`; every call when the roots are not
@@ -278,23 +272,17 @@ def refresh_roots(
     # made (one selection a batch, not one a stack), and the stacks' roots are slices of it.
     settle = stored and host_decided
 
-    def refresh(p: Array, previous: Array) -> tuple:
+    def refresh(p: Array, previous: Array) -> tuple[Array, Array]:
         kept = _identity(xp, p) if identity_on_failure else previous
-        z, failed, rejected = finite_root_or_previous(xp, p, kept, inverse_root, has_previous)
-        if settle:
-            z = ctx.unless_skipped(z, previous)
-        if rejected is not None:
-            return z, failed, rejected
-        # roots never rejected: (Z, failed), nothing to count; or, where a cond's branches must
-        # agree in structure (a phase decided on the device), no fallback counted (unrefreshed's)
-        return (z, failed) if host_decided else (z, failed, unrefreshed(xp, p, previous)[2])
+        z, failed = finite_root_or_previous(xp, p, kept, inverse_root, has_previous)
+        return (ctx.unless_skipped(z, previous) if settle else z), failed
 
     units, owners, keys = _root_units(xp, stacks, statistics, len(dues) > 1)
     due = refresh_due(xp, dues, hashed_phases(keys, len(dues)), units, refresh, partial(unrefreshed, xp))
-    refreshed = [(z, None, None) if r is None else (*r, None)[:3] for (_, z), r in zip(units, due)]
+    refreshed = [(z, None) if r is None else r for (_, z), r in zip(units, due)]
     roots = _collect_roots(xp, owners, stacks, statistics, refreshed)
     if settle:
-        ctx.settle([entry[name] for entry in roots if "root_failures" in entry for name in ("root", "root_tail") if name in entry])
+        ctx.settle([entry[name] for entry in roots if "failures" in entry for name in ("root", "root_tail") if name in entry])
     return roots
 
 
@@ -302,25 +290,24 @@ def joined_counters(
     xp: Any, ctx: StepContext, leaves: Sequence[int], stacks: Sequence[MatrixStack], states: list, roots: list[dict]
 ) -> list[dict[str, Array]]:
     """Per stack (the stacks of a join, whose ``leaves`` are theirs in order): its leaves' new
-    counters ``state[c] + counts[c][l]`` (``counts``: the per-leaf sums :func:`refresh_roots`
-    made, none for a stack none of whose blocks was refreshed), an array ``(L,)`` per counter that
-    some stack counted; the counters of all the join's leaves added (and selected for the
-    non-finite rule) in one operation, not one per stack."""
+    ``failures``, ``state["failures"] + counts[l]`` (``counts``: the per-leaf sums
+    :func:`refresh_roots` made, none for a stack none of whose blocks was refreshed), an array
+    ``(L,)``, where some stack counted; the counters of all the join's leaves added (and selected
+    for the non-finite rule) in one operation, not one per stack."""
     out: list[dict[str, Array]] = [{} for _ in stacks]
-    for name in COUNTERS:
-        counted = [r[name] for r in roots if name in r]
-        if not counted or name not in states[leaves[0]]:
-            continue
-        counts = [xp.reshape(r[name], (len(s.leaves),)) if name in r else _no_counts(xp, len(s.leaves), counted[0])
-                  for s, r in zip(stacks, roots)]
-        old = stacked_view(xp, [states[i][name] for i in leaves])
-        summed = ctx.unless_skipped(old + end_to_end(xp, counts), old)
-        bounds = [0]
-        for s in stacks:
-            bounds.append(bounds[-1] + len(s.leaves))
-        pieces = [summed[start:stop] for start, stop in zip(bounds, bounds[1:])]
-        for entries, piece in zip(out, settle_pieces(ctx, summed, pieces)):
-            entries[name] = piece
+    counted = [r["failures"] for r in roots if "failures" in r]
+    if not counted:
+        return out
+    counts = [xp.reshape(r["failures"], (len(s.leaves),)) if "failures" in r else _no_counts(xp, len(s.leaves), counted[0])
+              for s, r in zip(stacks, roots)]
+    old = stacked_view(xp, [states[i]["failures"] for i in leaves])
+    summed = ctx.unless_skipped(old + end_to_end(xp, counts), old)
+    bounds = [0]
+    for s in stacks:
+        bounds.append(bounds[-1] + len(s.leaves))
+    pieces = [summed[start:stop] for start, stop in zip(bounds, bounds[1:])]
+    for entries, piece in zip(out, settle_pieces(ctx, summed, pieces)):
+        entries["failures"] = piece
     return out
 
 
@@ -335,15 +322,15 @@ def hand_back_roots(
     ctx: StepContext, stored: bool, counters: Optional[dict[str, Array]] = None,
 ) -> list[tuple[int, tuple]]:
     """:func:`~precond_ref.engine.matrices.hand_back` of a stack's step, its new ``entries`` and
-    (``stored``) its refreshed roots and counters of :func:`refresh_roots`; a stack none of whose
-    blocks was refreshed keeps its stored roots themselves. ``counters``: the stack's new counters
-    themselves (:func:`joined_counters`), instead of its counts."""
-    if stored and "root_failures" in roots:
+    (``stored``) its refreshed roots and the count ``failures`` of :func:`refresh_roots`; a stack
+    none of whose blocks was refreshed keeps its stored roots themselves. ``counters``: the stack's
+    new ``failures`` itself (:func:`joined_counters`), instead of its count."""
+    if stored and "failures" in roots:
         entries = {**entries, **{name: roots[name] for name in ("root", "root_tail") if name in roots}}
     if counters is not None:
         return hand_back(xp, s, states, step, {**entries, **counters}, {}, ctx)
-    counts = {name: roots[name] for name in COUNTERS if name in roots}
-    return hand_back(xp, s, states, step, entries, counts, ctx, COUNTERS)
+    counts = {"failures": roots["failures"]} if "failures" in roots else {}
+    return hand_back(xp, s, states, step, entries, counts, ctx, ("failures",))
 
 
 def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
@@ -438,7 +425,8 @@ def one_sided_transform(
     return build_transform(
         name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
         needs_params=not is_zero(c.weight_decay) or not is_zero(fallback.weight_decay), intervals=schedule,
-        layout_hint=block_layout_hint if has_roots else None, independent_leaves=not has_roots,
+        layout_hint=block_layout_hint if has_roots else None, legacy_names=renamed_failures if has_roots else None,
+        independent_leaves=not has_roots,
     )
 
 

@@ -1,9 +1,11 @@
 """The engine's checks of what it is given, each naming the offending leaf: trees of arrays of one
 library and real floating dtype, gradients that fit the state, updates and new state that keep
-the state's layout."""
+the state's layout; and a state's failure counter under its older names (:func:`renamed_failures`)."""
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any, Callable, Optional, Sequence
 
 from array_api_compat import array_namespace
@@ -14,6 +16,7 @@ from ..tree import Path, path_str
 
 __all__ = [
     "check_leaves", "check_namespace", "check_state_namespace", "check_fits", "check_group", "layout_of", "unaliased",
+    "renamed_failures",
 ]
 
 Array = Any
@@ -45,6 +48,24 @@ def check_leaves(leaves: Sequence[Array], paths: Sequence[Path], what: str) -> A
 def layout_of(entries: dict[str, Array]) -> dict[str, tuple]:
     """The layout of a group's state: ``{name: (shape, dtype)}``."""
     return {k: (tuple(v.shape), v.dtype) for k, v in entries.items()}
+
+
+#: The earlier names of a group's ``failures`` counter (engine docs): the roots' two counters, the
+#: sketches' and the factors'.
+_OLD_FAILURES = ("root_failures", "root_fallbacks", "sketch_failures", "factor_failures")
+
+
+def renamed_failures(entries: dict[str, Array]) -> dict[str, Array]:
+    """``build_transform``'s ``legacy_names`` of the failure counter: a group's state saved with
+    the counter under an earlier name as the same state with ``failures``, the sum of the old
+    counters it held (the roots' failures and fallbacks were counted apart); the very dict when
+    it holds none."""
+    old = [k for k in _OLD_FAILURES if k in entries]
+    if not old:
+        return entries
+    renamed = {k: v for k, v in entries.items() if k not in old}
+    renamed["failures"] = functools.reduce(operator.add, [entries[k] for k in old])
+    return renamed
 
 
 def unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> dict[str, Array]:

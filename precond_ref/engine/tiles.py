@@ -32,6 +32,7 @@ from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unst
 from ..linalg import all_finite, half_precision_dtype
 from ..transform import Transform, check_bool, check_choice, check_positive, check_positive_int, singleton_groups
 from ..tree import filled, path_str, to_entries
+from .checks import renamed_failures
 from .factors import constant, per_block
 from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
@@ -700,7 +701,7 @@ class TiledRule(NamedTuple):
     :func:`tiled_transform`.
 
     ``State`` is a group's state, a NamedTuple ``(stacks, momentum, preconditioner_lr_scale,
-    factor_failures)``: one ``Stack`` per stack of the group's :class:`TilePlan`, the momentum of each
+    failures)``: one ``Stack`` per stack of the group's :class:`TilePlan`, the momentum of each
     member (``()`` without), the group's multiplier of the refresh's step size (``None`` without) and
     its count of discarded refreshes (``None`` where none is counted). ``Stack`` is one stack's state,
     a NamedTuple ``(factor, factor_momentum)`` of one array per axis with a leading tile axis. The
@@ -944,7 +945,7 @@ def _template(t: _Tiling, tiles: TilePlan, rank: int, members: int) -> NamedTupl
                      for _ in tiles.stacks),
         momentum=(0,) * members if t.c.use_momentum else (),
         preconditioner_lr_scale=0 if t.layout.group_scale is not None else None,
-        factor_failures=0 if t.layout.counted else None,
+        failures=0 if t.layout.counted else None,
     )
 
 
@@ -967,7 +968,7 @@ def _init_group(t: _Tiling, leaves, paths, xp):
                      for stack in tiles.stacks),
         momentum=tuple(xp.zeros(shape, dtype=buffer_dtype, device=dev) for shape in shapes) if c.use_momentum else (),
         preconditioner_lr_scale=scale,
-        factor_failures=xp.zeros((), dtype=xp.int32, device=dev) if layout.counted else None,
+        failures=xp.zeros((), dtype=xp.int32, device=dev) if layout.counted else None,
     ))
 
 
@@ -982,14 +983,14 @@ def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
     h = t.rule.scalars(t.c, ctx.value, ctx.extra)
     groups, fields = _statistics(t, grads_list, states, ctxs)
     stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
-    failures = [f.factor_failures for f in fields]
+    failures = [f.failures for f in fields]
     _refresh_due(t, ctx, h, refresh, groups, fields, stack_states, failures)
     directions = _preconditioned(t, ctx.xp, h, groups, stack_states)
     updates, velocities = _finish(t, ctx, h, directions, groups, fields, params_list)
     results = []
     for g, state in enumerate(fields):
         new_state = state._replace(
-            stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]), factor_failures=failures[g])
+            stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]), failures=failures[g])
         results.append((tuple(updates[g]), to_entries(new_state)))
     return results
 
@@ -1024,7 +1025,7 @@ def _laid_out(t: _Tiling, state, shapes, where: str):
         if all(tuple(K.shape[:2]) == (len(stack.tiles), d) for stack, stack_state in zip(tiles.stacks, fields.stacks)
                for K, d in zip(stack_state.factor, tile_shape(tiles.tiles[stack.tiles[0]]))):
             return out_first, tiles, fields
-    found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k and k != "factor_failures"}
+    found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k}
     raise ValueError(
         f"{t.rule.name}: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
         f"state ({found}); {MISFIT}"
@@ -1238,7 +1239,7 @@ def _legacy_names(layout: TileLayout, entries: dict) -> dict:
     tiles' phases from the layout's interval) as the current stacks; with ``structures=None`` a
     vector's dense tiles as its diagonal factor (:func:`diagonal_vector`). The very dict when it
     is current."""
-    entries = stacked_tiles(legacy_entry_names(entries), layout.interval, layout.stagger)
+    entries = stacked_tiles(renamed_failures(legacy_entry_names(entries)), layout.interval, layout.stagger)
     if layout.structures is None:
         entries = diagonal_vector(entries)
     return entries

@@ -10,9 +10,10 @@ Layout of a leaf's state (arrays only):
 
 * matrix leaves (ASGO): ``momentum`` (the leaf as an m×n matrix), ``statistic`` (k×k, or a batch of
   ``block_size`` chunks plus ``statistic_tail``), ``root`` (same shapes as the statistic; faithful
-  mode keeps it only when ``precondition_every > 1``), ``root_failures`` (0-D int32: roots that
-  were not finite) and, in principled mode, ``root_fallbacks`` (0-D int32: iterative roots that did
-  not converge, replaced by the previous root, D13);
+  mode keeps it only when ``precondition_every > 1``), ``failures`` (0-D int32: how many of this
+  entry's preconditioner updates were discarded because their result was not usable (not finite,
+  or an iterative root that did not converge); the previous preconditioner was kept: the previous
+  root, in faithful mode the identity for a non-finite root, D6, D13);
 * matrix leaves (DASGO): ``momentum`` and ``statistic`` (a vector along the preconditioned side);
 * fallback leaves: ``mu``, ``nu`` (Adam moments in the leaf's shape).
 
@@ -200,7 +201,7 @@ def _asgo_init(xp: Any, c: ASGOConfig, w: Array, path: Path) -> dict[str, Array]
     """A matrix leaf's state: ``M_0 = 0``; per block ``P_0 = 0`` and ``Z_0 = I``."""
     m, n, k, momentum_dtype, p_dtype = _matrix_leaf(xp, "asgo", w, path, c.side, c.faithful)
     momentum = {"momentum": xp.zeros((m, n), dtype=momentum_dtype, device=array_device(w))}
-    return {**momentum, **block_state(xp, k, c.block_size, p_dtype, array_device(w), c.keeps_root, not c.faithful)}
+    return {**momentum, **block_state(xp, k, c.block_size, p_dtype, array_device(w), c.keeps_root)}
 
 
 def _asgo_direction(xp: Any, c: ASGOConfig, s: MatrixStack, new: dict, roots: dict) -> Array:
@@ -389,7 +390,7 @@ def asgo(
         ``"newton"`` converge more slowly and want about 20 and 30).
     root_tolerance:
         Principled iterative roots: a block whose iteration ends farther than this from
-        convergence (or not finite) keeps its previous root, and is counted in ``root_fallbacks``
+        convergence (or not finite) keeps its previous root, and is counted in ``failures``
         (default :data:`precond_ref.linalg.ROOT_RESIDUAL_TOLERANCE`, 0.05; D13). The check and the
         replacement are element-wise on the device: no branch, no host read, capturable in a CUDA
         graph. ``math.inf`` turns the check off. Faithful mode has no check.
@@ -461,7 +462,7 @@ def asgo(
       (D13). The roots of all blocks of one shape, across the parameters of a call and the chunks
       of a blocked side, are computed together (one batched ``eigh`` or iteration).
     * D6: a non-finite root keeps the previous root (the identity before the first success)
-      instead of the identity; failures are counted in ``root_failures``.
+      instead of the identity; failures are counted in ``failures``.
     * D7: momentum, statistic and root in the compute dtype (float32 for bf16/fp16 parameters,
       float64 for float64 ones); the authors' code fails for bf16 and float64 parameters.
     * D8: ≥3-D leaves are reshaped to matrices (conv weights); 0-D/1-D leaves go to the fallback.
@@ -476,7 +477,7 @@ def asgo(
     * D13: a block whose checked iterative root did not converge keeps its previous root (on the
       first update, which has none, the damped identity
       :math:`(\tau(1+\delta)+\epsilon)^{-1/2} I`), selected element-wise, and is counted in
-      ``root_fallbacks``: no ``eigh`` fallback, no branch and no host read, so the step can be
+      ``failures``: no ``eigh`` fallback, no branch and no host read, so the step can be
       captured in a CUDA graph. ``root_method="eigh"`` stays exact (a host read on CUDA).
 
     References

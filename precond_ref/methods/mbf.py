@@ -366,9 +366,11 @@ def mbf(
     (block layout: :math:`[W\mid b]` as (O, I+1), conv as (O, C, q)), ``statistic``, ``inverse``
     (an FC layer cut into blocks: (full, b, b), plus ``statistic_tail`` / ``inverse_tail`` for
     the shorter last block),
-    ``failures`` (inverse or statistic refreshes that produced non-finite values and were
-    rejected, and principled inverse refreshes that had to raise the damping, B6; one per call
-    and layer however many of its blocks did); diagonal-rule
+    ``failures`` (0-D int32: how many of this entry's preconditioner updates were discarded
+    because their result was not usable (not finite); the previous preconditioner was kept. Here a
+    statistic or inverse refresh of the layer counts once per call however many of its blocks were
+    discarded, and a principled inverse refresh that had to raise a block's damping, B6, counts
+    too, although its result is used); diagonal-rule
     leaves hold ``ema`` (:math:`a`) and ``second_moment`` (:math:`v`).
 
     On an inverse step the blocks of all layers with the same block size (FC row chunks of one

@@ -426,12 +426,15 @@ class _StackFactors(NamedTuple):
 class _IFShampooState(NamedTuple):
     """A group's state as named fields. Stored as the flat entries of their paths
     (:func:`precond_ref.tree.to_entries`: ``stacks/s/factor/n``, ``stacks/s/factor_momentum/n``,
-    ``momentum/i``, ``preconditioner_lr_scale``, ``factor_failures``)."""
+    ``momentum/i``, ``preconditioner_lr_scale``, ``failures``). ``failures`` (0-D int32): how many of
+    this entry's preconditioner updates were discarded because their result was not usable (not
+    finite); the previous preconditioner was kept (S3: one count per tile whose factor step was
+    discarded)."""
 
     stacks: tuple  # a _StackFactors per stack of the group's TilePlan (one stack of one tile when unblocked)
     momentum: tuple  # v of each member (weight[, bias]); () when α₁ = 0
     preconditioner_lr_scale: Any  # the group's β₂ multiplier (0-D); None without preconditioner_lr_scale
-    factor_failures: Any  # S3's count of discarded factor steps (0-D int32); None in faithful mode
+    failures: Any  # 0-D int32; None in faithful mode
 
 
 class _IFShampooStep(NamedTuple):
@@ -728,7 +731,7 @@ def if_shampoo(
     * S2: a group whose gradient is exactly zero skips the factor update (the authors' factors
       drift toward the damping-only fixed point, without bound when :math:`\lambda = 0`).
     * S3: a factor update that produces a non-finite factor is discarded and counted in the
-      group's ``factor_failures``.
+      group's ``failures``.
     * S4: axes longer than ``max_dense_dim`` get diagonal factors, only on request (before
       ``block_size`` existed: 4096 by default).
     * S5: :math:`B` is an argument (the torch adapter offers the authors' forward-hook counting).

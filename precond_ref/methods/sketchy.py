@@ -88,12 +88,14 @@ class _Sketch(NamedTuple):
 class _State(NamedTuple):
     """One leaf's state (Sketchy and S-AdaGrad), stored as the entries of
     :func:`precond_ref.tree.to_entries`: ``sketches/{n}/{j}/basis`` ... for ``sketches[n][j]``, the
-    sketch of run ``j`` of axis ``n``'s blocks (:class:`~precond_ref.engine.axes.LeafPlan`); the
-    count of sketch updates that were not finite; the graft's :math:`v` and the momentum :math:`m`
+    sketch of run ``j`` of axis ``n``'s blocks (:class:`~precond_ref.engine.axes.LeafPlan`);
+    ``failures`` (0-D int32: how many of this entry's preconditioner updates were discarded because
+    their result was not usable (not finite); the previous preconditioner was kept, one count per
+    block whose sketch update was not finite); the graft's :math:`v` and the momentum :math:`m`
     (absent fields are None)."""
 
     sketches: tuple = ()
-    sketch_failures: Optional[Array] = None
+    failures: Optional[Array] = None
     graft_second_moment: Optional[Array] = None
     momentum: Optional[Array] = None
 
@@ -423,7 +425,7 @@ def sketchy(
         ``weight_decay > 0``. Per leaf the state holds, for each merged axis (and block) of length
         d, ``basis`` (d, k), ``singular_values``/``basis_weights`` (k) and two scalars -- about
         k(m + n) numbers for an m x n matrix -- plus the graft accumulator and the momentum (both
-        of the parameter's shape) and a ``sketch_failures`` counter.
+        of the parameter's shape) and a ``failures`` counter.
 
     Notes
     -----
@@ -431,7 +433,7 @@ def sketchy(
     ``optimizer.py`` composing ``grafting.py``, ``second_order.py`` with ``reshaper.py``,
     ``sketchy.py`` and ``momentum.py``) to about 1e-6 relative per step in float32. Both modes share
     the guards the specs README requires (non-finite gradients skipped or raised; a non-finite
-    decomposition keeps the previous sketch and increments ``sketch_failures``; no 0/0 in the graft).
+    decomposition keeps the previous sketch and increments ``failures``; no 0/0 in the graft).
 
     Deviations of the default ``mode="principled"`` (spec ``fd_shampoo.md`` §2.4):
 
@@ -614,7 +616,7 @@ def s_adagrad(
       ``weight_decay`` and ``block_size``, absent from the authors' code;
     * compute dtype per the specs README (float32 state for bf16/fp16 parameters);
     * (both modes) non-finite gradients never reach the sketch, a non-finite decomposition keeps the
-      previous sketch and increments ``sketch_failures``.
+      previous sketch and increments ``failures``.
 
     A block whose sketch basis exceeds :data:`precond_ref.sketch.FD_ROWS_BYTES` (256 MiB) is
     stepped by blocks of rows (:func:`precond_ref.sketch.frame_products_in_rows`). A caller that owns

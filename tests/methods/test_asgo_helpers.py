@@ -99,7 +99,7 @@ def test_finite_root_or_previous_keeps_previous_where_not_finite():
         z[2] = np.inf  # block 2: the root itself is not finite
         return z, np.zeros(3, dtype=np.int32)
 
-    z, failed, _ = finite_root_or_previous(xp, p, previous, inverse_sqrt)
+    z, failed = finite_root_or_previous(xp, p, previous, inverse_sqrt)
     np.testing.assert_array_equal(seen[0][1], np.eye(4))
     np.testing.assert_array_equal(z[0], _plain_inverse_sqrt(p[:1])[0])
     np.testing.assert_array_equal(z[1:], previous[1:])
@@ -109,18 +109,17 @@ def test_finite_root_or_previous_keeps_previous_where_not_finite():
 @pytest.mark.parametrize("has_previous", [True, False, np.bool_(True), np.bool_(False)])
 def test_finite_root_or_previous_keeps_previous_where_rejected(has_previous):
     """D13: a block the method rejected keeps the previous root where there is one (``has_previous``
-    a host bool or a 0-D array), else the method's substitute; rejected is not failed (the root
-    kept is finite), and both flags come back per block."""
+    a host bool or a 0-D array), else the method's substitute, and is counted failed per block
+    whichever root it keeps (its new root was discarded)."""
     rng = np.random.default_rng(5)
     p = _psd(rng, 3, 4, 6)
     previous = rng.standard_normal((3, 4, 4))
     roots = _plain_inverse_sqrt(p)
     flags = np.array([0, 1, 0], dtype=np.int32)
-    z, failed, rejected = finite_root_or_previous(xp, p, previous, lambda q: (roots, flags), lambda: has_previous)
+    z, failed = finite_root_or_previous(xp, p, previous, lambda q: (roots, flags), lambda: has_previous)
     np.testing.assert_array_equal(z[[0, 2]], roots[[0, 2]])
     np.testing.assert_array_equal(z[1], previous[1] if has_previous else roots[1])
-    np.testing.assert_array_equal(failed, [0, 0, 0])
-    np.testing.assert_array_equal(rejected, flags)
+    np.testing.assert_array_equal(failed, flags)
 
 
 @pytest.mark.parametrize("due", [True, False, np.bool_(False)])
@@ -137,14 +136,14 @@ def test_refresh_due_is_refresh_per_member(due):
 
     def refresh(p, z):
         calls.append(p.shape)
-        return _plain_inverse_sqrt(p) + z, np.ones(p.shape[0], np.int32), np.zeros(p.shape[0], np.int32)
+        return _plain_inverse_sqrt(p) + z, np.ones(p.shape[0], np.int32)
 
     out = refresh_due(xp, [due], [0] * len(stacks), stacks, refresh, lambda p, z: unrefreshed(xp, p, z))
     for (p, z), result in zip(stacks, out):
         if due is False:
             assert result is None
             continue
-        r, failed, _ = result
+        r, failed = result
         if due:
             np.testing.assert_array_equal(r, refresh(p, z)[0])
             np.testing.assert_array_equal(failed, np.ones(p.shape[0]))
@@ -619,29 +618,29 @@ def test_a_leaf_steps_alike_whatever_leaves_share_its_join(sizes):
 @pytest.mark.parametrize("ok", [True, False])
 def test_joined_counters_are_each_leafs_counter_plus_its_count(ok):
     """``engine.blockdiag.joined_counters``' plain formula: per stack of a join, its leaves'
-    counters ``state[c] + counts[c][l]`` (a stack without counts: its stored counters), one
+    ``failures`` ``state[l] + counts[l]`` (a stack without counts: its stored counters), one
     array per stack, whatever their order in memory; on a skipped step (``ok`` false) the stored
-    counters, and the new ones marked selected (``ctx.settled``). A counter no stack counted is
-    not handed back."""
+    counters, and the new ones marked selected (``ctx.settled``); nothing handed back where no
+    stack counted."""
     from precond_ref._backend import IdentityDict
     from precond_ref.engine.blockdiag import joined_counters
     from precond_ref.engine.matrices import MatrixStack
     from precond_ref.transform import StepContext
 
     leaves = [0, 1, 2, 3, 4]
-    states = [{"root_failures": np.asarray(3 * i, dtype=np.int32), "root_fallbacks": np.asarray(i, dtype=np.int32)}
-              for i in leaves]
+    states = [{"failures": np.asarray(3 * i, dtype=np.int32)} for i in leaves]
     stacks = [MatrixStack((0, 1), (), True, None, {}, None), MatrixStack((2,), (), True, None, {}, None),
               MatrixStack((3, 4), (), True, None, {}, None)]
-    roots = [{"root_failures": np.asarray([1, 0], dtype=np.int32)}, {}, {"root_failures": np.asarray([0, 2], dtype=np.int32)}]
+    roots = [{"failures": np.asarray([1, 0], dtype=np.int32)}, {}, {"failures": np.asarray([0, 2], dtype=np.int32)}]
     ctx = StepContext(xp=xp, count=np.asarray(2, dtype=np.int32), extra={}, ok=np.asarray(ok), settled=IdentityDict(), shared={})
     out = joined_counters(xp, ctx, leaves, stacks, states, roots)
     counts = {0: 1, 1: 0, 2: 0, 3: 0, 4: 2}
     for s, new in zip(stacks, out):
-        assert set(new) == {"root_failures"}
+        assert set(new) == {"failures"}
         expected = [3 * i + (counts[i] if ok else 0) for i in s.leaves]
-        np.testing.assert_array_equal(new["root_failures"], np.asarray(expected, dtype=np.int32))
-        assert new["root_failures"].dtype == np.int32 and new["root_failures"] in ctx.settled
+        np.testing.assert_array_equal(new["failures"], np.asarray(expected, dtype=np.int32))
+        assert new["failures"].dtype == np.int32 and new["failures"] in ctx.settled
+    assert joined_counters(xp, ctx, leaves, stacks, states, [{}, {}, {}]) == [{}, {}, {}]
 
 
 def test_numbers_over_rounds_as_each_number_over_the_array():

@@ -66,16 +66,16 @@ def test_state_entries_are_the_paths_of_its_named_fields():
     groups = opt.init(params).groups
     entries = groups["l/weight"]
     assert sorted(entries) == sorted(
-        ["factor_failures", "momentum/0", "momentum/1"]
+        ["failures", "momentum/0", "momentum/1"]
         + [f"stacks/{s}/{name}/{n}" for s in range(2) for name in ("factor", "factor_momentum") for n in range(2)])
     shapes = {"stacks/0/factor/0": (2, 4, 4), "stacks/0/factor/1": (2, 4, 4), "stacks/1/factor/0": (2, 4, 4),
               "stacks/1/factor/1": (2, 3, 3)}
     for key, shape in shapes.items():
         assert entries[key].shape == shape, key
-    assert sorted(groups["s"]) == ["factor_failures", "momentum/0", "stacks/0/factor/0", "stacks/0/factor_momentum/0"]
+    assert sorted(groups["s"]) == ["failures", "momentum/0", "stacks/0/factor/0", "stacks/0/factor_momentum/0"]
     template = root_free._IFShampooState(
         stacks=(root_free._StackFactors(factor=(0, 0), factor_momentum=(0, 0)),) * 2,
-        momentum=(0, 0), preconditioner_lr_scale=None, factor_failures=0)
+        momentum=(0, 0), preconditioner_lr_scale=None, failures=0)
     fields = from_entries(template, entries)
     assert fields.stacks[1].factor[1] is entries["stacks/1/factor/1"] and fields.momentum[1] is entries["momentum/1"]
     assert to_entries(fields) == entries
@@ -96,7 +96,7 @@ def test_legacy_entry_names_give_every_old_key_its_field_path():
                    "momentum_1": f}
     assert tiling.legacy_entry_names(old_blocked) == {
         "tiles/0/factor/0": a, "tiles/11/factor/1": b, "tiles/11/factor_momentum/1": c, "momentum/1": f}
-    current = {"tiles/0/factor/0": a, "momentum/0": c, "factor_failures": d}
+    current = {"tiles/0/factor/0": a, "momentum/0": c, "failures": d}
     assert tiling.legacy_entry_names(current) is current
 
 
@@ -184,10 +184,10 @@ def test_stacked_tiles_stacks_each_tile_of_one_shape_and_phase():
     shapes = [(4, 4), (4, 3), (4, 4), (4, 3), (2, 4), (2, 3)]  # (d_0, d_1) of tiles 0..5 (10 x 7 cut at 4)
     per_tile = {f"tiles/{t}/{name}/{n}": rng.normal(size=(d, d))
                 for t, dims in enumerate(shapes) for name in ("factor", "factor_momentum") for n, d in enumerate(dims)}
-    per_tile.update({"momentum/0": rng.normal(size=(10, 7)), "factor_failures": np.zeros((), np.int32)})
+    per_tile.update({"momentum/0": rng.normal(size=(10, 7)), "failures": np.zeros((), np.int32)})
     for every, stacks in ((3, [(0,), (1,), (2,), (3,), (4,), (5,)]), (1, [(0, 2), (1, 3), (4,), (5,)])):
         got = tiling.stacked_tiles(per_tile, every, True)
-        assert got["momentum/0"] is per_tile["momentum/0"] and "factor_failures" in got
+        assert got["momentum/0"] is per_tile["momentum/0"] and "failures" in got
         for s, tiles in enumerate(stacks):
             for name in ("factor", "factor_momentum"):
                 for n in range(2):
@@ -260,13 +260,13 @@ def test_diagonal_vector_takes_each_dense_tile_to_the_root_of_its_diagonal():
     tiles = [rng.normal(size=(1, d, d)) for d in (4, 4, 2)]
     saved = {f"stacks/{s}/{name}/0": (K if name == "factor" else 0.1 * K)
              for s, K in enumerate(tiles) for name in ("factor", "factor_momentum")}
-    saved.update({"momentum/0": rng.normal(size=10), "factor_failures": np.zeros((), np.int32)})
+    saved.update({"momentum/0": rng.normal(size=10), "failures": np.zeros((), np.int32)})
     got = tiling.diagonal_vector(saved)
     for s, K in enumerate(tiles):
         want = np.sqrt(np.diag(K[0] @ K[0].T))[None]
         np.testing.assert_allclose(got[f"stacks/{s}/factor/0"], want, rtol=4 * np.finfo(np.float64).eps)
         np.testing.assert_array_equal(got[f"stacks/{s}/factor_momentum/0"], np.zeros_like(want))
-    assert got["momentum/0"] is saved["momentum/0"] and got["factor_failures"] is saved["factor_failures"]
+    assert got["momentum/0"] is saved["momentum/0"] and got["failures"] is saved["failures"]
     init = pr.if_shampoo(batch_size=2, block_size=4, structures=None).init({"v": np.zeros(10)})
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in init.groups["v"].items()}
     current = init.groups["v"]

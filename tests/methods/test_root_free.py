@@ -328,7 +328,7 @@ def test_if_shampoo_dtypes(backend, dtype):
     for entries in state.groups.values():
         for name, value in entries.items():
             want_entry = factor_dtype if "/factor" in name else want_dtype
-            assert value.dtype == (xp.int32 if name == "factor_failures" else want_entry), name
+            assert value.dtype == (xp.int32 if name == "failures" else want_entry), name
     assert got["conv"].dtype == dtype
     # bf16 factors: each stored factor within one bf16 spacing (2^-7 relative) of its float32 value,
     # P = K Kᵀ of two axes' factors four such errors; float32 factors a few float32 roundings
@@ -435,7 +435,7 @@ def test_if_shampoo_zero_gradient_and_overflow_rules_are_per_group_in_a_stack():
     state = opt.init(params)
     with np.errstate(all="ignore"):
         _, new = opt.update(grads, state)
-    assert [int(new.groups[k]["factor_failures"]) for k in ("huge", "normal", "zero")] == [1, 0, 0]
+    assert [int(new.groups[k]["failures"]) for k in ("huge", "normal", "zero")] == [1, 0, 0]
     for key, moved in (("huge", False), ("normal", True), ("zero", False)):
         assert np.all(np.isfinite(new.groups[key]["stacks/0/factor/0"]))
         assert (not np.array_equal(new.groups[key]["stacks/0/factor/0"], state.groups[key]["stacks/0/factor/0"])) == moved, key
@@ -557,7 +557,7 @@ def test_if_shampoo_nonfinite_factor_is_discarded_and_counted():
     large = {"w": np.full((3, 3), 1e10, dtype=np.float32)}
     with np.errstate(all="ignore"):
         u, new = opt.update(large, state)
-    assert int(new.groups["w"]["factor_failures"]) == 1
+    assert int(new.groups["w"]["failures"]) == 1
     np.testing.assert_array_equal(new.groups["w"]["stacks/0/factor/0"], state.groups["w"]["stacks/0/factor/0"])
     assert int(new.count) == 1 and int(new.nonfinite_count) == 0
     faithful = pr.if_shampoo(mode="faithful", **kwargs)

@@ -50,7 +50,7 @@ def test_factor_step_first_refresh_is_the_spec_formula(rng):
 def test_if_shampoo_eager_cpu_step_selects_nothing():
     """torch eagerly on the CPU (reading is free): a step with finite gradients and usable factor
     steps makes no element-wise selection (no ``where``: S2/S3 keep the whole new stack) and adds
-    nothing to ``factor_failures`` (no ``sum`` of the (b,) failure flags; the finiteness tests,
+    nothing to ``failures`` (no ``sum`` of the (b,) failure flags; the finiteness tests,
     :func:`precond_ref.linalg.all_finite`, sum (b, n) stacks), on refresh steps (every tile on the
     first, half of them later) and between. ``kl_clip=0``: S8's ν has a ``where`` and a ``sum``
     of its own."""
@@ -70,7 +70,7 @@ def test_if_shampoo_eager_cpu_step_selects_nothing():
             _, state = opt.update(grads, state, params)
         flag_sums = [key for key in seen.calls if "sum" in key[0] and key[1] is not None and len(key[1]) == 1]
         assert "bmm" in seen.names and "where" not in seen.names and not flag_sums, seen.names
-    assert int(state.groups["w"]["factor_failures"]) == 0
+    assert int(state.groups["w"]["failures"]) == 0
 
 
 @pytest.mark.parametrize("namespace", ["numpy", "torch"])

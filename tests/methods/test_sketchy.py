@@ -83,7 +83,7 @@ def test_backends_agree_with_numpy(backend, name, mode, dtype):
             np.testing.assert_allclose(g[k], r[k], rtol=rtol, atol=rtol * np.abs(r[k]).max())
     for entries in state.groups.values():
         for key, value in entries.items():
-            expected = backend.xp.int32 if key == "sketch_failures" else getattr(backend.xp, dtype)
+            expected = backend.xp.int32 if key == "failures" else getattr(backend.xp, dtype)
             assert value.dtype == expected, key
 
 
@@ -271,7 +271,7 @@ def test_tiny_and_huge_float32_gradients(scale):
     data, S-AdaGrad's step is delta^(-1/2) g. Tolerance: float32 rounding of a few steps (the
     rescaling itself is exact). Before the FD step worked in power-of-two units that include
     sqrt(delta) and divided by the unit once per factor (unit * unit underflows), and before rho was
-    stored as a root, tiny gradients gave zero updates and counted sketch failures."""
+    stored as a root, tiny gradients gave zero updates and counted failures."""
     rng = np.random.default_rng(0)
     shapes = {"mat": (6, 40), "vec": (12,)}
     grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
@@ -283,7 +283,7 @@ def test_tiny_and_huge_float32_gradients(scale):
         for a, b in zip(plain, scaled):
             for k in a:
                 np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6 * np.abs(a[k]).max())
-        assert all(int(v) == 0 for e in state.groups.values() for n, v in e.items() if n == "sketch_failures")
+        assert all(int(v) == 0 for e in state.groups.values() for n, v in e.items() if n == "failures")
     if scale < 1:
         delta = 1e-3
         tiny = [{k: v * np.float32(scale) for k, v in g.items()} for g in grads]

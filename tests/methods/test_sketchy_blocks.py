@@ -156,6 +156,7 @@ def test_state_of_the_earlier_default_layout_names_the_block_size_that_loads_it(
     }
     new = pr.sketchy(1e-2, rank=4, block_size=2048, precondition_every=1).init(params)
     old_names = {f"sketches/{n}/0/{name}": f"axis{n}_{name}" for n in (0, 1) for name in pr.sketch.SKETCH_KEYS}
+    old_names["failures"] = "sketch_failures"
     old = new._replace(groups={"emb": {old_names.get(k, k): v for k, v in new.groups["emb"].items()}})
     assert {k: tuple(v.shape) for k, v in old.groups["emb"].items()} == old_layout
     grads = {"emb": np.ones((2048, 8))}
@@ -269,8 +270,8 @@ def test_sketchy_stacked_leaves_get_what_each_would_alone(interval, monkeypatch)
 
 
 @pytest.mark.parametrize("factory", ["sketchy", "s_adagrad"])
-def test_sketch_failures_count_each_failed_block_of_each_leaf(factory, monkeypatch):
-    """``sketch_failures`` of a leaf grows by the number of its blocks whose FD step was not finite
+def test_failures_count_each_failed_block_of_each_leaf(factory, monkeypatch):
+    """``failures`` of a leaf grows by the number of its blocks whose FD step was not finite
     (spec: a failed decomposition keeps the previous sketch and counts). Every FD step is made to
     report failure (its ``ok`` all False): each leaf's count after a step is then its number of
     blocks refreshed, whether the leaf is one unstacked sketch (0-D flags) or runs of stacked blocks
@@ -296,4 +297,4 @@ def test_sketch_failures_count_each_failed_block_of_each_leaf(factory, monkeypat
     state = tx.init(params)
     for step in (1, 2):
         _, state = tx.update({k: rng.standard_normal(s) for k, s in shapes.items()}, state, params)
-        assert {k: int(state.groups[k]["sketch_failures"]) for k in shapes} == {k: step * n for k, n in blocks.items()}
+        assert {k: int(state.groups[k]["failures"]) for k in shapes} == {k: step * n for k, n in blocks.items()}
