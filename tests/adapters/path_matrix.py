@@ -265,12 +265,16 @@ def _fresh_torch(values: dict) -> list:
 LEGACY_NAMED = ("sketchy", "s_adagrad", "if_shampoo")
 
 
+#: The failure counter's name in the states the older entry names come from.
+OLD_FAILURES = {"if_shampoo": "factor_failures", "sketchy": "sketch_failures", "s_adagrad": "sketch_failures"}
+
+
 def old_entry_names(method: str, entries: dict) -> dict:
     """A group's current entries under the older entry names (the inverse of the
     method's ``legacy_names``): IF-Shampoo ``stacks/0/X/n`` -> ``X_n`` (the models' groups are
     unblocked: one stack of one tile, whose tile is the old unblocked factor), ``momentum/i`` ->
     ``momentum_i``; Sketchy and S-AdaGrad ``sketches/n/j/name`` -> ``axis{n}_{name}`` (one run) or
-    ``axis{n}_run{j}_{name}``."""
+    ``axis{n}_run{j}_{name}``; the failure counter under its name of then (:data:`OLD_FAILURES`)."""
     keys = [k.split("/") for k in entries]
     out = {}
     for key, value in entries.items():
@@ -280,6 +284,8 @@ def old_entry_names(method: str, entries: dict) -> dict:
             out[f"{part[2]}_{part[3]}"] = value[0]
         elif method == "if_shampoo" and part[0] == "momentum":
             out[f"momentum_{part[1]}"] = value
+        elif key == "failures" and method in OLD_FAILURES:
+            out[OLD_FAILURES[method]] = value
         elif part[0] == "sketches":
             runs = {k[2] for k in keys if k[0] == "sketches" and k[1] == part[1]}
             out[f"axis{part[1]}_{part[3]}" if len(runs) == 1 else f"axis{part[1]}_run{part[2]}_{part[3]}"] = value
