@@ -312,7 +312,7 @@ def _fast(cell, path: str) -> list:
     if path == "core":
         return _numpy_core(cell)
     if path == "core-device-decisions":
-        return _cached(("guarded",) + cell, lambda: pm.core_trajectory(*cell, guarded=True))
+        return _cached(("device decisions",) + cell, lambda: pm.core_trajectory(*cell))
     return _torch_eager(cell) if path == "torch-eager" else _optax_jit(cell)
 
 
@@ -321,7 +321,7 @@ def _plain(cell, path: str) -> list:
         return pm.torch_trajectory(*cell, plain=True)
     if path == "optax-jit":
         return pm.optax_trajectory(*cell, plain=True)
-    return pm.core_trajectory(*cell, guarded=path == "core-device-decisions", plain=True)
+    return pm.core_trajectory(*cell, plain=True)
 
 
 def _packed_rounding(cell) -> float:
@@ -341,16 +341,21 @@ def _packed_rounding(cell) -> float:
     "cell, path",
     [pytest.param(c, p, id=f"{_cell_id(c)}-{p}") for c in CELLS if c[2] == "mlp" for p in PLAIN_PATHS],
 )
-def test_plain_forms_give_the_fast_forms_trajectory(cell, path):
+def test_plain_forms_give_the_fast_forms_trajectory(cell, path, monkeypatch):
     """Every method in both modes on the MLP (the cheapest model: the conv cells' plain runs were
     bit-identical too, not repeated here for the suite's time), run within
     ``precond_ref.plain_forms()``, gives the trajectory of its fast forms bit for bit on the NumPy
-    core (host decisions, and device decisions behind ``sync_guard``, where the non-finite rule
-    selects runs of stack pieces at once), on torch eager and under ``jax.jit``: each fast form
+    core (with the non-finite rule's decision read on the host, and left on the device as on a GPU,
+    where the rule selects each run of stack pieces at once), on torch eager and under
+    ``jax.jit``: each fast form
     computes its plain form's numbers element for element (a view of the pieces' memory, one
     selection of the joined pieces, a remembered slice, the leaves of a flat leaf), in the same
     operations on the same operands. The exception is a packed method under ``jax.jit``, held to the
     rounding model of :func:`_packed_rounding` (a float32 cell rounds in float32)."""
+    if path == "core-device-decisions":
+        from precond_ref.engine import run
+
+        monkeypatch.setattr(run, "host_bool", lambda xp, x: None)
     got, want = _plain(cell, path), _fast(cell, path)
     if path == "optax-jit" and cell[0] in PACKED:
         tol = _packed_rounding(cell)
