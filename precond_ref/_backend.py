@@ -658,7 +658,7 @@ def squared_sums(xp: Any, g: Array, axis: int) -> Array:
 # per leaf, a value itself) in fewer operations or copies: views of a persistent stack, runs of
 # pieces selected at once, slices remembered within a traced step, a per-step value a compiler
 # computes once. Each gives the plain form's numbers, bit for bit, and within :func:`plain_forms`
-# each takes its plain form. Forms elsewhere that read the same switch: the joins of
+# each takes its plain form (docs/engine.md, "The plain forms"). Forms elsewhere that read the same switch: the joins of
 # :func:`precond_ref.engine.joined.leafwise` and :func:`~precond_ref.engine.joined.pack`, the
 # joins across shapes of :func:`precond_ref.engine.matrices.matrix_joins`, the torch adapter's
 # copies by runs (through :func:`consecutive_runs`).
@@ -671,8 +671,10 @@ _PLAIN: contextvars.ContextVar[bool] = contextvars.ContextVar("precond_ref_plain
 def plain_forms(plain: bool = True) -> Iterator[None]:
     """Within it (``plain=True``), every form of the core that differs from its plain formula takes
     the plain one: a join is ``concat``, a stack ``stack``, a selection one per leaf, leaves run
-    one by one, nothing of a step is remembered or viewed. The numbers are the same; only the
-    operations a step issues, and their cost, differ. ``plain=False`` is the default, fast forms.
+    one by one, nothing of a step is remembered or viewed. The numbers are the same, bit for bit,
+    but for an element-wise method's packed leaves under ``jax.jit``, which XLA compiles as other
+    kernels than the leaves alone (within an ulp or so of each result); only the operations a step
+    issues, and their cost, differ. ``plain=False`` is the default, the fast forms.
 
     A context variable: it holds for the thread (or task) that enters it, around a call of a
     transform's ``update``, a torch optimizer's ``step`` or an optax update, eagerly. A step
