@@ -19,6 +19,7 @@ from .methods import (
     scale_by_sketchy,
     sketchy,
 )
+from ._backend import plain_forms
 from .transform import PrecondState, Transform, apply_updates
 
 __version__ = "0.2.0"
@@ -32,6 +33,7 @@ __all__ = [
     "dasgo",
     "if_shampoo",
     "mbf",
+    "plain_forms",
     "prototype_lr_scale",
     "prototype_schedule",
     "rf_adamw",

@@ -67,6 +67,8 @@ __all__ = [
     "consecutive_view",
     "consecutive_runs",
     "selected_by_runs",
+    "plain_forms",
+    "plain",
 ]
 
 
@@ -287,136 +289,6 @@ def owned_state() -> Iterator[None]:
 def state_owned() -> bool:
     """Whether the current ``update`` may write over the state it was given (:func:`owned_state`)."""
     return _OWNED_STATE.get()
-
-
-_SLICES: contextvars.ContextVar[Optional["IdentityDict"]] = contextvars.ContextVar("precond_ref_slices", default=None)
-
-
-@contextlib.contextmanager
-def remembered_slices(xp: Any) -> Iterator[None]:
-    """Within it, on JAX (which has no views), the slices along the leading axis that
-    :func:`leading_slices` cuts are remembered with the array they were cut from, so that a join of
-    consecutive ones (:func:`joined`, :func:`selected_by_runs`) is that array, or one slice of it,
-    instead of a concatenation: within one traced step, what a view gives eagerly (a stack a step
-    handed back in slices is the stack again where the next operation joins the slices). XLA joins
-    slices of one array only where nothing lies between them and their join, and a join of more
-    than a few pieces stays unfused, each piece then written out by a kernel of its own. Elsewhere
-    nothing is remembered."""
-    if not _is_jax_numpy(xp) or _SLICES.get() is not None:
-        yield
-        return
-    token = _SLICES.set(IdentityDict())
-    try:
-        yield
-    finally:
-        _SLICES.reset(token)
-
-
-def remembered() -> Optional["IdentityDict"]:
-    """The slices :func:`remembered_slices` remembers, or ``None`` outside it (and while
-    ``torch.compile`` traces: dynamo cannot read a context variable)."""
-    return None if torch_compiling() else _SLICES.get()
-
-
-def leading_slices(a: Array, lengths: Any) -> list:
-    """``a`` cut along its leading axis into consecutive slices of ``lengths``, each remembered
-    within :func:`remembered_slices`."""
-    slices, start, known = [], 0, remembered()
-    for length in lengths:
-        piece = a[start : start + length, ...]
-        if known is not None:
-            known[piece] = (a, start, start + length)
-        slices.append(piece)
-        start += length
-    return slices
-
-
-def leading_rows(xp: Any, a: Array) -> list:
-    """``xp.unstack(a)``: the rows ``a[j]`` along the leading axis, each remembered within
-    :func:`remembered_slices`, so that a stack of rows of a few arrays (:func:`stacked`) is those
-    arrays, joined and gathered from, not a join of one piece each."""
-    known = remembered()
-    if known is None:
-        return list(xp.unstack(a))
-    rows = [a[j, ...] for j in range(a.shape[0])]
-    for j, row in enumerate(rows):
-        known[row] = (a, j, None)
-    return rows
-
-
-def _gathered_rows(xp: Any, arrays: list) -> Optional[Array]:
-    """``xp.stack(arrays)`` where every array is a remembered row (:func:`leading_rows`): the
-    arrays they are rows of, joined, and one gather of the rows (a slice where they are consecutive
-    rows of one array); ``None`` otherwise."""
-    known = remembered()
-    where = [known.get(a) for a in arrays] if known is not None else [None]
-    if any(w is None or w[2] is not None for w in where):
-        return None
-    parents, offsets = [], IdentityDict()
-    for parent, _, _ in where:
-        if parent not in offsets:
-            offsets[parent] = sum(p.shape[0] for p in parents)
-            parents.append(parent)
-    if any(p.dtype != parents[0].dtype or tuple(p.shape[1:]) != tuple(parents[0].shape[1:]) for p in parents):
-        return None
-    whole = joined(xp, parents) if len(parents) > 1 else parents[0]
-    index = [offsets.get(parent) + j for parent, j, _ in where]
-    if index == list(range(index[0], index[0] + len(index))):
-        return whole if len(index) == whole.shape[0] else whole[index[0] : index[0] + len(index), ...]
-    return xp.take(whole, xp.asarray(index, dtype=xp.int32), axis=0)
-
-
-def _slice_runs(arrays: list) -> Optional[list]:
-    """``arrays`` as runs: each maximal run of consecutive remembered slices of one array
-    (:func:`leading_slices`) as that array or its one slice, each other array as itself; ``None``
-    where no two arrays make such a run (nothing remembered, or nothing to gain)."""
-    known = remembered()
-    if known is None:
-        return None
-    runs: list = []  # [array, (parent, start, stop) or None]
-    for a in arrays:
-        where = known.get(a)
-        where = None if where is None or where[2] is None else where  # a row is no slice
-        last = runs[-1][1] if runs else None
-        if where is not None and last is not None and where[0] is last[0] and where[1] == last[2]:
-            runs[-1][1] = (last[0], last[1], where[2])
-            runs[-1][0] = None
-        else:
-            runs.append([a, where])
-    if len(runs) == len(arrays):
-        return None
-    out = []
-    for a, where in runs:
-        if a is None:
-            parent, start, stop = where
-            if start == 0 and stop == parent.shape[0]:
-                a = parent
-            else:
-                a = parent[start:stop, ...]
-                known[a] = where
-        out.append(a)
-    return out
-
-
-def computed_once(xp: Any, value: Any) -> Any:
-    """``value`` itself (the same numbers), in a form a compiler computes once per step.
-
-    For a per-step value read by every element of an array: a 0-D value (a bias correction, a
-    scheduled rate) or a vector broadcast over a matrix (DASGO's column scale). Eagerly, and for
-    anything without a ``shape``, ``value`` passes through. Under ``torch.compile`` or JAX tracing
-    it is ``max`` over eight broadcast copies of ``value``: exact (the maximum of equal values is
-    that value), and a reduction, which TorchInductor materialises before the loops that read it;
-    an element-wise value it would inline into every such loop, recomputing e.g. ``pow(b, t)`` per
-    element. Copies by a broadcast, not ``stack`` (which gives Inductor a buffer to allocate on
-    every call); eight, because Inductor unrolls a smaller multi-output reduction back into its
-    readers (``config.unroll_reductions_threshold``).
-    """
-    if not hasattr(value, "shape") or not (is_tracer(value) or torch_compiling()):
-        return value
-    return xp.max(xp.broadcast_to(value, (_COPIES, *value.shape)), axis=0)
-
-
-_COPIES = 8
 
 
 class IdentityDict:
@@ -780,7 +652,188 @@ def squared_sums(xp: Any, g: Array, axis: int) -> Array:
 
 
 # --------------------------------------------------------------------------------------------
-# Persistent stacks: a join of consecutive pieces of one allocation is a view of it
+# Fast forms, each beside its plain form
+#
+# The forms below compute what their plain form states (a concatenation, a stack, a selection
+# per leaf, a value itself) in fewer operations or copies: views of a persistent stack, runs of
+# pieces selected at once, slices remembered within a traced step, a per-step value a compiler
+# computes once. Each gives the plain form's numbers, bit for bit, and within :func:`plain_forms`
+# each takes its plain form (docs/engine.md, "The plain forms"). Forms elsewhere that read the same switch: the joins of
+# :func:`precond_ref.engine.joined.leafwise` and :func:`~precond_ref.engine.joined.pack`, the
+# joins across shapes of :func:`precond_ref.engine.matrices.matrix_joins`, the torch adapter's
+# copies by runs (through :func:`consecutive_runs`).
+
+
+_PLAIN: contextvars.ContextVar[bool] = contextvars.ContextVar("precond_ref_plain_forms", default=False)
+
+
+@contextlib.contextmanager
+def plain_forms(plain: bool = True) -> Iterator[None]:
+    """Within it (``plain=True``), every form of the core that differs from its plain formula takes
+    the plain one: a join is ``concat``, a stack ``stack``, a selection one per leaf, leaves run
+    one by one, nothing of a step is remembered or viewed. The numbers are the same, bit for bit,
+    but for an element-wise method's packed leaves under ``jax.jit``, which XLA compiles as other
+    kernels than the leaves alone (within an ulp or so of each result); only the operations a step
+    issues, and their cost, differ. ``plain=False`` is the default, the fast forms.
+
+    A context variable: it holds for the thread (or task) that enters it, around a call of a
+    transform's ``update``, a torch optimizer's ``step`` or an optax update, eagerly. A step
+    compiled by ``torch.compile`` or traced by ``jax.jit`` reads it while it is traced: a step
+    traced outside it keeps its fast forms within it, and the other way round, until it is traced
+    again.
+    """
+    token = _PLAIN.set(bool(plain))
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
+
+
+def plain() -> bool:
+    """Whether the plain forms run (:func:`plain_forms`); under ``torch.compile`` read once while
+    the step is traced, as a constant of the traced step (dynamo cannot read a context variable)."""
+    return _plain_while_tracing() if torch_compiling() else _PLAIN.get()
+
+
+def _plain_while_tracing() -> bool:
+    return _PLAIN.get()
+
+
+# What ``torch._dynamo.assume_constant_result`` marks (the core imports no framework): dynamo calls
+# the function while it traces and keeps the result as a constant of the traced step.
+_plain_while_tracing._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+_SLICES: contextvars.ContextVar[Optional["IdentityDict"]] = contextvars.ContextVar("precond_ref_slices", default=None)
+
+
+@contextlib.contextmanager
+def remembered_slices(xp: Any) -> Iterator[None]:
+    """Within it, on JAX (which has no views), the slices along the leading axis that
+    :func:`leading_slices` cuts are remembered with the array they were cut from, so that a join of
+    consecutive ones (:func:`joined`, :func:`selected_by_runs`) is that array, or one slice of it,
+    instead of a concatenation: within one traced step, what a view gives eagerly (a stack a step
+    handed back in slices is the stack again where the next operation joins the slices). XLA joins
+    slices of one array only where nothing lies between them and their join, and a join of more
+    than a few pieces stays unfused, each piece then written out by a kernel of its own. Elsewhere,
+    and within :func:`plain_forms`, nothing is remembered."""
+    if plain() or not _is_jax_numpy(xp) or _SLICES.get() is not None:
+        yield
+        return
+    token = _SLICES.set(IdentityDict())
+    try:
+        yield
+    finally:
+        _SLICES.reset(token)
+
+
+def remembered() -> Optional["IdentityDict"]:
+    """The slices :func:`remembered_slices` remembers, or ``None`` outside it (and while
+    ``torch.compile`` traces: dynamo cannot read a context variable)."""
+    return None if torch_compiling() else _SLICES.get()
+
+
+def leading_slices(a: Array, lengths: Any) -> list:
+    """``a`` cut along its leading axis into consecutive slices of ``lengths``, each remembered
+    within :func:`remembered_slices`."""
+    slices, start, known = [], 0, remembered()
+    for length in lengths:
+        piece = a[start : start + length, ...]
+        if known is not None:
+            known[piece] = (a, start, start + length)
+        slices.append(piece)
+        start += length
+    return slices
+
+
+def leading_rows(xp: Any, a: Array) -> list:
+    """``xp.unstack(a)``: the rows ``a[j]`` along the leading axis, each remembered within
+    :func:`remembered_slices`, so that a stack of rows of a few arrays (:func:`stacked`) is those
+    arrays, joined and gathered from, not a join of one piece each."""
+    known = remembered()
+    if known is None:
+        return list(xp.unstack(a))
+    rows = [a[j, ...] for j in range(a.shape[0])]
+    for j, row in enumerate(rows):
+        known[row] = (a, j, None)
+    return rows
+
+
+def _gathered_rows(xp: Any, arrays: list) -> Optional[Array]:
+    """``xp.stack(arrays)`` where every array is a remembered row (:func:`leading_rows`): the
+    arrays they are rows of, joined, and one gather of the rows (a slice where they are consecutive
+    rows of one array); ``None`` otherwise."""
+    known = remembered()
+    where = [known.get(a) for a in arrays] if known is not None else [None]
+    if any(w is None or w[2] is not None for w in where):
+        return None
+    parents, offsets = [], IdentityDict()
+    for parent, _, _ in where:
+        if parent not in offsets:
+            offsets[parent] = sum(p.shape[0] for p in parents)
+            parents.append(parent)
+    if any(p.dtype != parents[0].dtype or tuple(p.shape[1:]) != tuple(parents[0].shape[1:]) for p in parents):
+        return None
+    whole = joined(xp, parents) if len(parents) > 1 else parents[0]
+    index = [offsets.get(parent) + j for parent, j, _ in where]
+    if index == list(range(index[0], index[0] + len(index))):
+        return whole if len(index) == whole.shape[0] else whole[index[0] : index[0] + len(index), ...]
+    return xp.take(whole, xp.asarray(index, dtype=xp.int32), axis=0)
+
+
+def _slice_runs(arrays: list) -> Optional[list]:
+    """``arrays`` as runs: each maximal run of consecutive remembered slices of one array
+    (:func:`leading_slices`) as that array or its one slice, each other array as itself; ``None``
+    where no two arrays make such a run (nothing remembered, or nothing to gain)."""
+    known = remembered()
+    if known is None:
+        return None
+    runs: list = []  # [array, (parent, start, stop) or None]
+    for a in arrays:
+        where = known.get(a)
+        where = None if where is None or where[2] is None else where  # a row is no slice
+        last = runs[-1][1] if runs else None
+        if where is not None and last is not None and where[0] is last[0] and where[1] == last[2]:
+            runs[-1][1] = (last[0], last[1], where[2])
+            runs[-1][0] = None
+        else:
+            runs.append([a, where])
+    if len(runs) == len(arrays):
+        return None
+    out = []
+    for a, where in runs:
+        if a is None:
+            parent, start, stop = where
+            if start == 0 and stop == parent.shape[0]:
+                a = parent
+            else:
+                a = parent[start:stop, ...]
+                known[a] = where
+        out.append(a)
+    return out
+
+
+def computed_once(xp: Any, value: Any) -> Any:
+    """``value`` itself (the same numbers), in a form a compiler computes once per step.
+
+    For a per-step value read by every element of an array: a 0-D value (a bias correction, a
+    scheduled rate) or a vector broadcast over a matrix (DASGO's column scale). Eagerly, and for
+    anything without a ``shape``, ``value`` passes through. Under ``torch.compile`` or JAX tracing
+    it is ``max`` over eight broadcast copies of ``value``: exact (the maximum of equal values is
+    that value), and a reduction, which TorchInductor materialises before the loops that read it;
+    an element-wise value it would inline into every such loop, recomputing e.g. ``pow(b, t)`` per
+    element. Copies by a broadcast, not ``stack`` (which gives Inductor a buffer to allocate on
+    every call); eight, because Inductor unrolls a smaller multi-output reduction back into its
+    readers (``config.unroll_reductions_threshold``). Within :func:`plain_forms`, ``value``.
+    """
+    if plain() or not hasattr(value, "shape") or not (is_tracer(value) or torch_compiling()):
+        return value
+    return xp.max(xp.broadcast_to(value, (_COPIES, *value.shape)), axis=0)
+
+
+_COPIES = 8
+
+
 
 
 def joined(xp: Any, arrays: Any) -> Array:
@@ -794,8 +847,11 @@ def joined(xp: Any, arrays: Any) -> Array:
     contiguous, a torch piece that requires grad or is a subclass such as a DTensor or a
     compiler's fake tensor), and always for JAX, array_api_strict and under ``torch.compile``, the
     concatenation. The view covers exactly the pieces' memory, so writing it writes only them.
+    Within :func:`plain_forms`, the concatenation.
     """
     arrays = list(arrays)
+    if plain():
+        return xp.concat(arrays, axis=0)
     view = consecutive_view(arrays, new_axis=False) if len(arrays) > 1 else None
     if view is not None:
         return view
@@ -820,8 +876,10 @@ def pieces(xp: Any, flat: Array, shapes: Any) -> list:
 
 def stacked(xp: Any, arrays: Any) -> Array:
     """``xp.stack(arrays)`` (along a new leading axis), as a view of the pieces' memory where they
-    lie end to end (:func:`joined`'s rule)."""
+    lie end to end (:func:`joined`'s rule); within :func:`plain_forms`, the stack."""
     arrays = list(arrays)
+    if plain():
+        return xp.stack(arrays)
     view = consecutive_view(arrays, new_axis=True) if len(arrays) > 1 else None
     if view is None and len(arrays) > 1:
         view = _gathered_rows(xp, arrays)
@@ -878,7 +936,10 @@ def selected_by_runs(xp: Any, pred: Array, news: Any, olds: Any) -> list:
     the selection's result is a stack whose slices the next step joins again without a copy.
     Within :func:`remembered_slices` (JAX), the news that are consecutive slices of one array, in
     whatever order they come, are selected at once likewise: one selection of that array (or its
-    slice) and of their olds joined, each handed its slice of the result."""
+    slice) and of their olds joined, each handed its slice of the result. Within
+    :func:`plain_forms`, one selection per pair."""
+    if plain():
+        return [select(xp, pred, new, old) for new, old in zip(news, olds)]
     out: list = [None] * len(news)
     known = remembered()
     if known is not None:
@@ -929,7 +990,9 @@ def consecutive_view(arrays: list, new_axis: bool) -> Optional[Array]:
     """The C-contiguous array of their stack (``new_axis``: pieces of one shape) or concatenation
     along axis 0 over the memory of ``arrays`` when they are consecutive, non-empty, C-contiguous
     pieces of one allocation, of one dtype and one exact array type (torch's ``Tensor``, NumPy's or
-    CuPy's ``ndarray``); ``None`` otherwise."""
+    CuPy's ``ndarray``); ``None`` otherwise, and within :func:`plain_forms`."""
+    if plain():
+        return None
     kind, first = type(arrays[0]), arrays[0]
     if any(type(a) is not kind for a in arrays):
         return None

@@ -175,3 +175,43 @@ def test_runs_never_flatten_a_non_contiguous_array(name):
         for got, new, old in zip(out, news, olds):
             assert _equal(got, xp.where(ok, new, old))
         assert not _shares(name, out[0], out[1])  # pair by pair: two selections
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_plain_forms_copy_and_select_pair_by_pair(name):
+    """Within ``precond_ref.plain_forms()`` a join and a stack of consecutive pieces of one
+    allocation are the concatenation and the stack, new arrays sharing no memory with the pieces,
+    and a run of such pieces is selected pair by pair; after the block, views again (the switch
+    holds for the block that sets it, docs/engine.md "Persistent stacks")."""
+    from precond_ref import plain_forms
+    from precond_ref._backend import consecutive_runs, selected_by_runs
+
+    xp = _namespace(name)
+    whole = _array(name, np.arange(24.0).reshape(6, 4))
+    pieces, rows = _pieces(name, whole, (1, 3, 2)), list(xp.unstack(whole, axis=0))
+    with plain_forms():
+        out, stack = joined(xp, pieces), stacked(xp, rows)
+        assert consecutive_runs(xp, [pieces]) == [(0, 1), (1, 2), (2, 3)]
+        selected = selected_by_runs(xp, xp.asarray(True), rows[:2], rows[2:4])
+    assert _equal(out, xp.concat(pieces, axis=0)) and not _shares(name, out, whole)
+    assert _equal(stack, xp.stack(rows)) and not _shares(name, stack, whole)
+    assert all(_equal(s, r) for s, r in zip(selected, rows)) and not _shares(name, selected[0], selected[1])
+    assert _shares(name, joined(xp, pieces), whole) and consecutive_runs(xp, [pieces]) == [(0, 3)]
+
+
+def test_plain_forms_are_read_while_a_step_is_traced():
+    """A compiled step reads the switch while it is traced (``torch.compile`` with
+    ``fullgraph=True``: no graph break; ``jax.jit``): traced within ``plain_forms()`` it takes the
+    plain forms (``computed_once`` is then the value itself, no reduction in the traced program)."""
+    import jax
+    import jax.numpy as jnp
+
+    from precond_ref import plain_forms
+    from precond_ref._backend import computed_once, plain
+
+    fn = torch.compile(lambda x: x + (1.0 if plain() else 0.0), backend="eager", fullgraph=True)
+    with plain_forms():
+        assert torch.equal(fn(torch.zeros(2)), torch.ones(2))
+        program = jax.jit(lambda v: computed_once(jnp, v)).lower(jnp.ones(3)).as_text()
+    assert "reduce" not in program
+    assert "reduce" in jax.jit(lambda v: computed_once(jnp, v)).lower(jnp.ones(3)).as_text()

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from array_api_compat import is_jax_namespace
 
-from .._backend import device_key, is_tracer, torch_compiling
+from .._backend import device_key, is_tracer, plain, torch_compiling
 from ..blocking import stack, unstack
 from ..transform import PrecondState, singleton_groups
 from ..tree import tree_flatten, tree_unflatten
@@ -38,11 +38,11 @@ def leafwise(
     is a kernel the host issues: on a GPU, where a step's skip predicate cannot be read on the host
     and every leaf is selected, that is three calls for all the leaves instead of three per leaf.
     On a CPU a leaf already large stays alone (blocking's policy: a copy costs a CPU more than a
-    call). Under a compiler (``torch.compile``, JAX) leaf by leaf, which it fuses. The numbers are
-    the same either way.
+    call). Under a compiler (``torch.compile``, JAX) leaf by leaf, which it fuses; so too within
+    :func:`~precond_ref._backend.plain_forms`. The numbers are the same either way.
     """
     count = len(operands[0])
-    if count < 2 or torch_compiling() or is_jax_namespace(xp):
+    if count < 2 or torch_compiling() or is_jax_namespace(xp) or plain():
         return [fn(*args) for args in zip(*operands, *(() if zeros is None else (zeros,)))]
     tupled = []
 
@@ -83,8 +83,9 @@ def pack(
     (:func:`blocking.unstack`) in its own shape; ``None`` when no two leaves pack. Leaves that do
     not fit their state, or a tree that does not match, are left to ``_update``, which names the
     problem. ``layout_for(group, leaves, xp)`` is the state layout ``init_group`` gives the leaves.
+    Within :func:`~precond_ref._backend.plain_forms` nothing packs: every leaf steps alone.
     """
-    if not isinstance(state, PrecondState):
+    if plain() or not isinstance(state, PrecondState):
         return None
     param_leaves = None
     if params is not None:

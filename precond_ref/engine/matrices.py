@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from array_api_compat import is_jax_namespace
 
 from .. import blocking
-from .._backend import cast, compute_dtype, device_key, joined, on_cpu, stacked as stacked_view, torch_compiling
+from .._backend import cast, compute_dtype, device_key, joined, on_cpu, plain, stacked as stacked_view, torch_compiling
 from ..blocking import stack, unstack
 from ..linalg import symmetrize
 from .context import StepContext, settle_pieces
@@ -95,8 +95,9 @@ def matrix_joins(
     eighth of that for a rule whose stacked work is ``passes`` (element-wise passes and reductions,
     no batched product or decomposition). So also for matrix leaves of more than
     :data:`JOIN_MAX_ELEMENTS` entries in all, where a join's copies (the gradients, the parameters
-    and the float64 directions of every leaf at once) would raise the step's peak memory."""
-    persist = not (torch_compiling() or is_jax_namespace(xp)) and (
+    and the float64 directions of every leaf at once) would raise the step's peak memory, and
+    within :func:`~precond_ref._backend.plain_forms`."""
+    persist = not (torch_compiling() or is_jax_namespace(xp) or plain()) and (
         sum(math.prod(tuple(grads[i][0].shape)) for i in leaves) <= JOIN_MAX_ELEMENTS)
     bound = blocking.CPU_BATCHED_ENOUGH // 8 if passes else blocking.CPU_BATCHED_ENOUGH
     joins: dict[Any, dict[Any, list[int]]] = {}

@@ -202,7 +202,7 @@ def _copy(params: dict) -> dict:
 def core_trajectory(
     method: str, mode: str, model: str, *, xp: Any = np, jit: bool = False, missing: Optional[dict] = None,
     warm: Optional[list] = None, steps: int = STEPS, guarded: bool = False, cupy_captured: bool = False,
-    **overrides: Any,
+    plain: bool = False, **overrides: Any,
 ) -> list:
     """The core's trajectory on ``xp`` (``numpy`` by default; ``torch`` or ``jax.numpy`` for a
     float32 path, compared on its own backend), eagerly.
@@ -216,7 +216,7 @@ def core_trajectory(
     expresses as the adapter rule does (:func:`precond_ref.transform.missing_members`): a zero
     gradient in the block's update, and that leaf's update dropped. ``warm``: gradient batches
     (flat dicts) given to ``warm_start`` before the first step (MBF). ``jit`` (JAX): each update
-    under ``jax.jit``.
+    under ``jax.jit``. ``plain``: each update within ``precond_ref.plain_forms()``.
     """
     spec = ALL_MODELS[model]
     transform = getattr(pr, method)(**{**core_kwargs(method, mode), **overrides})
@@ -249,7 +249,8 @@ def core_trajectory(
         gone = (missing or {}).get(t, ())
         for n in gone:
             grads[n] = grads[n] * 0
-        updates, state = update(nested(grads), state, nested(params))
+        with pr.plain_forms(plain):
+            updates, state = update(nested(grads), state, nested(params))
         updates = flat(updates, params)
         params = {n: (v if n in gone else v + updates[n]) for n, v in params.items()}
         history.append(_copy({n: np.asarray(v) for n, v in params.items()}))
@@ -298,7 +299,7 @@ def torch_trajectory(
     method: str, mode: str, model: str, *, compile: Any = False, restore_at: Optional[int] = None,
     groups: Optional[list] = None, missing: Optional[dict] = None, warm: Optional[list] = None,
     steps: int = STEPS, keep: Optional[list] = None, old_names: bool = False,
-    lr_factor: Optional[Callable[[int], float]] = None, **overrides: Any,
+    lr_factor: Optional[Callable[[int], float]] = None, plain: bool = False, **overrides: Any,
 ) -> list:
     """A torch optimizer's trajectory (``keep``, a list, receives the optimizer and its parameters).
 
@@ -307,6 +308,7 @@ def torch_trajectory(
     values); ``old_names``: with its entries under the names an earlier version wrote
     (:func:`old_entry_names`). ``groups``: lists of names, one param group each (same hyperparameters).
     ``lr_factor``: a ``LambdaLR`` scheduler of that factor steps after every step (not with ``restore_at``).
+    ``plain``: each ``step`` within ``precond_ref.plain_forms()``.
     """
     spec = ALL_MODELS[model]
     cls, kwargs = torch_class(method), {**torch_kwargs(method, mode), **overrides, "compile": compile}
@@ -338,7 +340,8 @@ def torch_trajectory(
         gone = (missing or {}).get(t, ())
         for n, p in named:
             p.grad = None if n in gone else torch.from_numpy(grads[n].copy())
-        opt.step()
+        with pr.plain_forms(plain):
+            opt.step()
         if scheduler is not None:
             scheduler.step()
         history.append(_copy({n: p.detach().numpy() for n, p in named}))
@@ -370,8 +373,9 @@ def inductor_trajectory(method: str, mode: str, *, captured: bool = False) -> li
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(method: str, mode: str, model: str):
-    """One optax optimizer and one jitted step per cell (the plain and the pickled run share it)."""
+def _jitted(method: str, mode: str, model: str, plain: bool = False):
+    """One optax optimizer and one jitted step per cell (the plain and the pickled run share it), and
+    one more for a run within ``precond_ref.plain_forms()`` (``plain``: read while the step is traced)."""
     import jax
     import optax
 
@@ -389,15 +393,16 @@ def _jitted(method: str, mode: str, model: str):
 
 def optax_trajectory(
     method: str, mode: str, model: str, *, pickle_at: Optional[int] = None, warm: Optional[list] = None,
-    steps: int = STEPS,
+    steps: int = STEPS, plain: bool = False,
 ) -> list:
-    """optax under ``jax.jit``; ``pickle_at=k``: the state goes through ``pickle`` after ``k`` steps."""
+    """optax under ``jax.jit``; ``pickle_at=k``: the state goes through ``pickle`` after ``k`` steps;
+    ``plain``: the step traced and run within ``precond_ref.plain_forms()``."""
     import jax.numpy as jnp
 
     import precond_ref.adapters.jax as pj
 
     spec = MODELS[model]
-    opt, step = _jitted(method, mode, model)
+    opt, step = _jitted(method, mode, model, plain)
     params = {n: jnp.asarray(v, dtype=jnp.float64) for n, v in spec.init().items()}
     state = opt.init(nested(params))
     if warm is not None:
@@ -410,7 +415,8 @@ def optax_trajectory(
         if t == pickle_at:
             state = pickle.loads(pickle.dumps(state))
         grads = {n: jnp.asarray(g) for n, g in spec.grads(history[-1], t).items()}
-        tree, state = step(nested(grads), state, tree)
+        with pr.plain_forms(plain):
+            tree, state = step(nested(grads), state, tree)
         history.append(_copy({n: np.asarray(v) for n, v in flat(tree, spec.shapes).items()}))
     return history
 

@@ -329,7 +329,72 @@ def test_optax_path(cell, path):
             _close(jitted, want, RTOL, "optax jit vs the NumPy core")
     else:
         _identical(pm.optax_trajectory(*cell, pickle_at=4), jitted, "pickled vs uninterrupted")
-    assert pm._jitted(*cell)[1]._cache_size() == 1
+    assert pm._jitted(*cell, False)[1]._cache_size() == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The plain forms (``precond_ref.plain_forms``) against the fast forms, on every path's base runs
+
+PLAIN_PATHS = ("core", "core-device-decisions", "torch-eager", "optax-jit")
+
+#: The methods whose small leaves run as one flat leaf (``engine.joined.pack``), under ``jax.jit`` too.
+PACKED = ("agd", "rf_rmsprop", "rf_adamw")
+
+
+def _fast(cell, path: str) -> list:
+    if path == "core":
+        return _numpy_core(cell)
+    if path == "core-device-decisions":
+        return _cached(("device decisions",) + cell, lambda: pm.core_trajectory(*cell))
+    return _torch_eager(cell) if path == "torch-eager" else _optax_jit(cell)
+
+
+def _plain(cell, path: str) -> list:
+    if path == "torch-eager":
+        return pm.torch_trajectory(*cell, plain=True)
+    if path == "optax-jit":
+        return pm.optax_trajectory(*cell, plain=True)
+    return pm.core_trajectory(*cell, plain=True)
+
+
+def _packed_rounding(cell) -> float:
+    """The rounding model of a packed step against its leaves stepped alone under ``jax.jit``: XLA
+    compiles a flat leaf's element-wise loop as another kernel than a lone leaf's, whose operations
+    may round each result otherwise by about an ulp. An update is about 30 such operations and about
+    1e-2 of the parameters, and a parameter plus an update that differs by an ulp rounds to one of two
+    neighbours: per step at most ``(1 + 30e-2) eps`` of the parameters, over ``STEPS`` steps
+    ``STEPS (1 + 0.3) eps``, with ``eps`` of the dtype the cell's state rounds in."""
+    import numpy as np
+
+    eps = np.finfo(np.float32 if cell in FLOAT32 else np.float64).eps
+    return pm.STEPS * (1 + 30e-2) * float(eps)
+
+
+@pytest.mark.parametrize(
+    "cell, path",
+    [pytest.param(c, p, id=f"{_cell_id(c)}-{p}") for c in CELLS if c[2] == "mlp" for p in PLAIN_PATHS],
+)
+def test_plain_forms_give_the_fast_forms_trajectory(cell, path, monkeypatch):
+    """Every method in both modes on the MLP (the cheapest model: the conv cells' plain runs were
+    bit-identical too, not repeated here for the suite's time), run within
+    ``precond_ref.plain_forms()``, gives the trajectory of its fast forms bit for bit on the NumPy
+    core (with the non-finite rule's decision read on the host, and left on the device as on a GPU,
+    where the rule selects each run of stack pieces at once), on torch eager and under
+    ``jax.jit``: each fast form
+    computes its plain form's numbers element for element (a view of the pieces' memory, one
+    selection of the joined pieces, a remembered slice, the leaves of a flat leaf), in the same
+    operations on the same operands. The exception is a packed method under ``jax.jit``, held to the
+    rounding model of :func:`_packed_rounding` (a float32 cell rounds in float32)."""
+    if path == "core-device-decisions":
+        from precond_ref.engine import run
+
+        monkeypatch.setattr(run, "host_bool", lambda xp, x: None)
+    got, want = _plain(cell, path), _fast(cell, path)
+    if path == "optax-jit" and cell[0] in PACKED:
+        tol = _packed_rounding(cell)
+        _close(got, want, tol, "plain forms vs fast forms, a packed step under jax.jit")
+    else:
+        _identical(got, want, f"plain forms vs fast forms ({path})")
 
 
 # --------------------------------------------------------------------------------------------
