@@ -675,7 +675,8 @@ def plain_forms(plain: bool = True) -> Iterator[None]:
     but for an element-wise method's packed leaves under ``jax.jit``, which XLA compiles as other
     kernels than the leaves alone (within an ulp or so of each result), and for a product BLAS
     may round differently on a view at an offset than on a fresh copy (MBF on torch, within the
-    rounding model); only the operations a step issues, and their cost, differ. ``plain=False`` is the default, the fast forms.
+    rounding model); only the operations a step issues, and their cost, differ. ``plain=False``
+    is the default, the fast forms.
 
     A context variable: it holds for the thread (or task) that enters it, around a call of a
     transform's ``update``, a torch optimizer's ``step`` or an optax update, eagerly. A step

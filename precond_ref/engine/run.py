@@ -255,8 +255,7 @@ class _Runner:
         ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
         zeros = [ctx.once(("zero", g.dtype, device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
         grad_leaves = self.skipped_gradients(xp, ok, finite_step, grad_leaves, zeros)
-        ctx = ctx._replace(calls=None, due=None, ok=ok if self.on_nonfinite == "skip" else None,
-                           settled=IdentityDict(), applied=finite_step)
+        ctx = ctx._replace(ok=ok if self.on_nonfinite == "skip" else None, settled=IdentityDict(), applied=finite_step)
         ctx = self.phase_context(ctx, state, step, due)
         updates, new_groups = self.run_groups(xp, ctx, groups, grad_leaves, param_leaves, state)
         updates = self.finite_updates(xp, ok, finite_step, updates, zeros)
