@@ -93,7 +93,7 @@ SIZES = {
         "lm": {"width": 32, "layers": 1, "heads": 4, "context": 32, "batch": 16, "eval_batches": 8},
         "lm_steps": 80,
         "grid": 3,
-        "grid_extend": 4,
+        "grid_extend": 8,
         "checkpoints": 10,
         "oco_rounds": 150,  # 0: every example of the data set
         "oco_grid": 5,
