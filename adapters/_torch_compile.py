@@ -19,8 +19,8 @@ number of times:
   it calls are not patched while it lives: its guards check the arguments that vary (tensor
   layouts, the state's structure, the interval decisions, the step's keyword arguments) and the
   ambient torch state, not the transform's closures or module globals. Those were most of the
-  guards and most of a small step's time (measured: docs/backends.md, "The torch adapter's
-  compiled step").
+  guards and most of a small step's time (measured: records/backends-measurements.md, "The torch
+  adapter's compiled step").
 
 An element-wise method (AGD, RF-RMSProp, RF-AdamW) in a param group of many tensors
 (:data:`PER_LEAF_MIN_TENSORS`) compiles less: the engine's in-place step
@@ -74,7 +74,8 @@ CompileSetting = Union[None, bool, dict]
 #: cost is per operation, not per element), so a compilation of seconds pays only after
 #: thousands of steps, which a test or a notebook never takes; deciding it at the first step,
 #: from the group's size alone, means no run meets a compilation after its first steps. The
-#: measurements behind the number: docs/backends.md, "The torch adapter's compiled step".
+#: measurements behind the number: records/backends-measurements.md, "The torch adapter's
+#: compiled step".
 AUTO_MIN_ELEMENTS = 2**18
 
 
@@ -179,7 +180,7 @@ def _cached_helpers_traced_quietly() -> bool:
     """Tell dynamo that array_api_compat's ``functools.lru_cache`` helpers (the namespace lookups
     the core makes) may be traced without its warning (once per call site; harmless, and the
     user's to ignore). False where this torch has no such list: each call then filters the
-    warning around itself (a cost per call: docs/backends.md)."""
+    warning around itself (a cost per call: records/backends-measurements.md)."""
     allow = getattr(torch._dynamo.utils, "allow_lru_cache_wrapper_trace_without_warning", None)
     if allow is None:
         return False
@@ -226,17 +227,17 @@ class CompiledStep:
             inductor = {}
             if options.get("backend", "inductor") == "inductor":
                 # Inductor's check of every input's sizes and strides repeats what dynamo's tensor
-                # guards checked just before (its cost: docs/backends.md).
+                # guards checked just before (its cost: records/backends-measurements.md).
                 inductor["size_asserts"] = False
             options["options"] = {"guard_filter_fn": _guard_filter, **inductor, **options.get("options", {})}
         # A new Python number among the step's arguments (the last, smaller batch's batch_size)
         # compiles once more with it as a constant: automatic dynamic shapes would make it a
         # symbolic int, which the core's checks cannot trace (the step then fell back to eager).
         # torch.compile(dynamic=False) would patch dynamo's configuration around every call
-        # (half of a small call's host time: docs/backends.md); the patch is applied here, and only to steps
-        # given a number. Nothing else among the arguments can change size or value between
-        # compilations: a parameter's shape is fixed, and a different set of parameters has other
-        # keys, which dynamo treats as new inputs.
+        # (half of a small call's host time: records/backends-measurements.md); the patch is
+        # applied here, and only to steps given a number. Nothing else among the arguments can
+        # change size or value between compilations: a parameter's shape is fixed, and a different
+        # set of parameters has other keys, which dynamo treats as new inputs.
         self._static = None if "dynamic" in options else torch._dynamo.config.patch(
             automatic_dynamic_shapes=False, assume_static_by_default=True
         )

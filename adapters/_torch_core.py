@@ -351,7 +351,8 @@ class CoreOptimizer(torch.optim.Optimizer):
         else:
             # Stepped before, or warm-started (MBF.warm_start: state made, no call taken yet).
             # In the tree's order, as init made them (a compiled step guards on the order). A copy
-            # less the bookkeeping keys (cheaper than a filtering comprehension: docs/backends.md).
+            # less the bookkeeping keys (cheaper than a filtering comprehension:
+            # records/backends-measurements.md).
             groups = {}
             for key, entries in zip(plan.keys, states):
                 if entries.get(_HEAD):

@@ -35,6 +35,8 @@ import torch
 
 import precond_ref as pr
 from precond_ref.linalg import auto_root_method
+from precond_ref.methods.asgo import ASGO_LEARNING_RATE
+from precond_ref.methods.mbf import MBF_LEARNING_RATE
 from precond_ref.methods.root_free import IF_SHAMPOO_LEARNING_RATE
 
 from ._keywords import check_keywords
@@ -265,11 +267,13 @@ ASGO = _torch_class(
     to ``None`` mean the mode's default. Parameters with fewer than 2 dimensions go to the built-in
     Adam (``fallback_betas``, ``fallback_eps``, ``fallback_weight_decay``, same ``lr``); pass
     named parameters (``model.named_parameters()``) and ``fallback_filter=lambda name, p: "emb" in
-    name`` to route more by name, as the authors' trainer does for embeddings.
+    name`` to route more by name, as the authors' trainer does for embeddings. ``lr=None`` is the
+    core's default of the constructor's ``mode`` (0.0316 principled, the authors' 1e-2 faithful),
+    set in the param groups as a number.
     """,
     (
         _PARAMS,
-        _lr(pr.asgo),
+        _lr(pr.asgo, "Optional[float]"),  # None: ASGO_LEARNING_RATE of the mode
         _Arg("betas", (0.9, 0.8), "tuple[float, float]", _BETAS),
         _Arg("weight_decay", 0.1, "float"),
         _Arg("damping", None, "Optional[float]"),
@@ -287,6 +291,7 @@ ASGO = _torch_class(
         _KEYWORD_ONLY,
         _MODEL,
     ),
+    lr_by_mode=ASGO_LEARNING_RATE,
 )
 
 def _asgo_capture_refusal(self: CoreOptimizer) -> Optional[str]:
@@ -423,12 +428,14 @@ MBF = _torch_class(
     (the rule of :func:`precond_ref.transform.missing_members`, shared with IF-Shampoo).
 
     :meth:`warm_start` initialises the block statistics before training (spec ``mbf.md`` 2.5).
-    ``lr`` defaults to the core's 1e-5 (the authors' values range from 1e-5 to 3e-5 with damping
-    3e-4 to 3e-3; ``lr/damping`` is the effective heavy-ball rate, 1e-2 at the defaults).
+    ``lr=None`` is the core's default of the constructor's ``mode``, set in the param groups as a
+    number: 1e-3 principled (``lr/damping``, the effective heavy-ball rate, is 1 at the defaults;
+    the KL clip bounds the step), the authors' 1e-5 faithful (their values range from 1e-5 to 3e-5
+    with damping 3e-4 to 3e-3).
     """,
     (
         _PARAMS,
-        _lr(pr.mbf, "Any"),
+        _lr(pr.mbf, "Any"),  # None: MBF_LEARNING_RATE of the mode
         _Arg("damping", 1e-3, "float"),
         _Arg("momentum", 0.9, "float"),
         _Arg("beta2", 0.9, "float", "b2"),
@@ -447,6 +454,7 @@ MBF = _torch_class(
         _Arg("refresh_phases", None, "Optional[int]", since="0.2.0"),
     ),
     base=_MBFOptimizer,
+    lr_by_mode=MBF_LEARNING_RATE,
 )
 
 Sketchy = _torch_class(

@@ -38,8 +38,12 @@ from precond_ref.adapters import torch as pt  # noqa: E402
 # --steps 100` (this example's default model, seed 0, 100 steps per rate, the mean loss of the last 20
 # steps; the lowest marked *), the grid extended past an end until the lowest is inside it (a loss in
 # the tens or hundreds: the run blew up). Measured on a shared 2-core CPU with each class's keyword
-# defaults of commit 2b73586 (printed by the script; no axis of this model exceeds 256, so block sizes
-# do not apply) and the docs of that commit as the text; other docs give slightly different losses.
+# defaults as they were then (the script prints them), today's except that ASGO's roots and Sketchy's
+# sketches were refreshed at every step (`precondition_every=1`; now every 2 and 3 steps, spread),
+# IF-Shampoo's factors were float32 and dense on whole axes, vectors' too (now bf16, axes cut into
+# blocks of 64, diagonal for vectors), and MBF inverted whole FC output axes, all on one step (now
+# blocks of 128, refreshed in 10 shares); the text was the README and docs/ of the time, and other
+# docs give slightly different losses.
 #   adamw       3e-3: 2.895  *1e-2: 2.795   3e-2: 2.996
 #   agd         1e-3: 2.875  *3e-3: 2.816   1e-2: 2.823   3e-2: 3.466
 #   asgo        1e-3: 3.679   3e-3: 3.043   1e-2: 2.788  *3e-2: 2.748   0.1: 2.862

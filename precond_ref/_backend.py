@@ -206,9 +206,9 @@ def float64_where_available(xp: Any, x: Array) -> Any:
 def float32_power(xp: Any, base: Any, exponent: Array) -> Array:
     """``float32(float32(base) ** exponent)``: the authors' ``beta ** step`` for their float32 step.
 
-    Backends' float32 ``pow`` differ by ulps (docs/backends.md, AGD), and faithful trajectories
-    amplify that; computed in float64 (where the backend has it) and rounded once, the result is
-    the float32 power every backend agrees on.
+    Backends' float32 ``pow`` differ by ulps (records/backends-measurements.md, AGD), and faithful
+    trajectories amplify that; computed in float64 (where the backend has it) and rounded once, the
+    result is the float32 power every backend agrees on.
     """
     wide = float64_where_available(xp, exponent) or xp.float32
     base32 = xp.full((), base, dtype=xp.float32, device=placement(xp, exponent))
@@ -224,8 +224,8 @@ def float32_sqrt(xp: Any, x: Array) -> Array:
     sqrt(float32(1 - 0.999^4)) = sqrt(0.0039939284) is 0.06319753 there and 0.06319754 correctly
     rounded. The square root taken in float64 and rounded once to float32 is the correctly rounded
     one on every backend: float64 carries 53 >= 2*24 + 2 bits, for which double rounding of a
-    square root is innocuous (Figueroa 1995; docs/backends.md, AGD). Where float64 is missing (JAX
-    without x64, torch on MPS) this is the backend's float32 sqrt.
+    square root is innocuous (Figueroa 1995; records/backends-measurements.md, AGD). Where float64
+    is missing (JAX without x64, torch on MPS) this is the backend's float32 sqrt.
     """
     wide = float64_where_available(xp, x) or xp.float32
     return xp.astype(xp.sqrt(xp.astype(x, wide)), xp.float32)
@@ -526,7 +526,7 @@ def finite_or_zero(xp: Any, u: Array, zero: Array) -> Array:
     Eagerly on torch one ``nan_to_num`` (NaN and both infinities to zero: the same entries) instead
     of two operations. Under ``torch.compile`` ``|u| <= finfo.max`` tests finiteness (false for NaN
     and ±Inf): TorchInductor's CPU code tests ``isfinite`` as ``u == u`` and ``|u| != inf`` with
-    mask conversions between them (a cost measured in ``docs/backends.md``).
+    mask conversions between them (a cost measured in ``records/backends-measurements.md``).
     """
     if torch_compiling():
         return xp.where(xp.abs(u) <= xp.finfo(u.dtype).max, u, zero)
@@ -571,7 +571,7 @@ def host_all_finite(xp: Any, arrays: list) -> Any:
     entry makes its array's norm NaN or Inf; so do finite entries whose squares sum past the dtype's
     largest number (``False`` then only sends the caller to its element-wise guard, which keeps every
     finite entry). Not the maximum norm (``inf``): torch's CPU kernel for it is about 20 times slower
-    than the 2-norm's (docs/backends.md).
+    than the 2-norm's (records/backends-measurements.md).
     """
     if torch_compiling() or not is_torch_namespace(xp):
         return None
@@ -619,11 +619,11 @@ def sum_across(xp: Any, x: Array, axis: int) -> Array:
     :data:`ROW_BLOCK` rows add the rows of each block first.
 
     TorchInductor's CPU code otherwise walks the matrix in strips of 8 columns from the first row
-    to the last, a 4-KiB stride per row; summed in blocks, it reads whole rows (``docs/backends.md``,
-    "ASGO and DASGO"). Under ``torch.compile`` the rows past the last block are summed from the
-    last block's worth of rows, those already summed replaced by zeros: no branch on the row count
-    and no slice that may be empty, so that one graph compiled for matrices of every size
-    (``dynamic=True``) serves every row count.
+    to the last, a 4-KiB stride per row; summed in blocks, it reads whole rows
+    (``records/backends-measurements.md``, "ASGO and DASGO"). Under ``torch.compile`` the rows past
+    the last block are summed from the last block's worth of rows, those already summed replaced
+    by zeros: no branch on the row count and no slice that may be empty, so that one graph
+    compiled for matrices of every size (``dynamic=True``) serves every row count.
     """
     rows = x.shape[-2] // ROW_BLOCK * ROW_BLOCK
     if axis % x.ndim != x.ndim - 2 or rows < 2 * ROW_BLOCK:
@@ -644,7 +644,7 @@ def squared_sums(xp: Any, g: Array, axis: int) -> Array:
 
     On JAX the squares are formed as ``(G/2)·G`` and the sums doubled (exact but for subnormals),
     so that XLA does not share one ``G·G`` with the non-finite check's sum and write it out for
-    two CPU reductions (``docs/backends.md``, ASGO and DASGO).
+    two CPU reductions (``records/backends-measurements.md``, ASGO and DASGO).
     """
     if is_jax_namespace(xp):
         return sum_across(xp, (g * 0.5) * g, axis) * 2

@@ -935,7 +935,7 @@ def half_precision_dtype(x: Array) -> Any:
 
     The precision policy of matmul-only paths (IF-Shampoo's factors): GPUs and TPUs multiply bf16
     matrices several times faster than float32 (tensor cores); CPUs mostly do not (without AMX,
-    x86 emulates them; measured in ``docs/backends.md``).
+    x86 emulates them; measured in ``records/backends-measurements.md``).
     ``None`` on a CPU, and where the namespace has no ``bfloat16`` (NumPy, CuPy,
     ``array_api_strict``). A JAX array traced under ``jax.jit`` has no device; JAX's default
     backend decides then.

@@ -66,8 +66,8 @@ def leafwise(
 #: The largest leaf an ``elementwise`` method runs together with others as one flat leaf, eagerly
 #: and under a compiler (``torch.compile``, ``jax.jit``). Larger leaves run alone: the copies into
 #: and out of a flat leaf cost passes over the data, against a per-leaf cost of a few dozen
-#: Python-level operations eagerly and of a kernel or two compiled (measurements: docs/backends.md,
-#: "Flat leaves of element-wise methods").
+#: Python-level operations eagerly and of a kernel or two compiled (measurements:
+#: records/backends-measurements.md, "Flat leaves of element-wise methods").
 FLAT_MAX_ELEMENTS = 2**16
 FLAT_MAX_TRACED_ELEMENTS = 2**14
 

@@ -79,9 +79,9 @@ def _sum_of_squares(xp: Any, x: Array) -> Array:
 
     TorchInductor's CPU code sums a whole tensor in one loop that carries its partial sum through
     memory (cascade summation), slower than the contiguous row sums (measured in
-    ``docs/backends.md``, "The contract's step"). The trailing axes are merged, not split: rows
-    that cut across the tensor's own rows make it slower still. Eagerly the two sums would be two
-    operations (kernel launches on a GPU) where one does; XLA gains nothing.
+    ``records/backends-measurements.md``, "The contract's step"). The trailing axes are merged, not
+    split: rows that cut across the tensor's own rows make it slower still. Eagerly the two sums
+    would be two operations (kernel launches on a GPU) where one does; XLA gains nothing.
     """
     square = x * x
     if x.ndim < 2 or not torch_compiling():

@@ -44,6 +44,9 @@ _FC_BLOCKS = ("columns_avg", "official_chunks")
 _SECOND_MOMENTS = ("momentum", "gradient")
 _KL_CLIP = 1e-4  # principled default of kl_clip (see the docstring, deviation B7)
 _BLOCK_SIZE = 128  # principled default of block_size (measured: docs/methods/mbf.md, "Long axes")
+#: mbf's default learning rate per mode: the authors' MNIST 1e-5 (faithful); principled, the rate
+#: that trains the small problems of docs/defaults.md (the torch class reads it too).
+MBF_LEARNING_RATE = {"faithful": 1e-5, "principled": 1e-3}
 
 
 class MBFTransform(Transform):
@@ -247,7 +250,7 @@ _RULE = PartsRule(
 
 
 def mbf(
-    learning_rate: ScalarOrSchedule = 1e-5,
+    learning_rate: Optional[ScalarOrSchedule] = None,
     damping: float = 1e-3,
     momentum: float = 0.9,
     b2: float = 0.9,
@@ -295,8 +298,11 @@ def mbf(
     learning_rate:
         :math:`\alpha`, a positive number or a schedule ``count -> value``. The authors used 1e-5
         (MNIST autoencoder, :math:`\lambda=3\cdot10^{-4}`) and 3e-5 (CIFAR-100 VGG16,
-        :math:`\lambda=3\cdot10^{-3}`). Default 1e-5: their MNIST value, and with the default
-        damping the effective heavy-ball rate :math:`\alpha/\lambda = 10^{-2}` of their CIFAR-100 run.
+        :math:`\lambda=3\cdot10^{-3}`). ``None``: 1e-3 in principled mode, the rate of the sweep in
+        ``docs/defaults.md`` (near the best on three small problems, where 1e-5 makes about 0.02 of
+        Adam's progress on a small CNN; the KL clip, B7, bounds its steps); 1e-5 in faithful mode,
+        their MNIST value, and with the default damping the effective heavy-ball rate
+        :math:`\alpha/\lambda = 10^{-2}` of their CIFAR-100 run.
     damping:
         :math:`\lambda > 0`, added to every block before inversion.
     momentum:
@@ -430,6 +436,9 @@ def mbf(
     PMLR 206:9191-9220, arXiv:2202.04124. Authors' code: github.com/achrafba96/mbf
     (``mbf/train.py``: ``mbngd_update``, ``mbngd_if_inverse``, ``get_warm_start``).
     """
+    if learning_rate is None:
+        check_choice("mode", mode, ("principled", "faithful"))
+        learning_rate = MBF_LEARNING_RATE[mode]
     check_learning_rate("learning_rate", learning_rate)
     check_positive("damping", damping)
     check_unit_interval("momentum", momentum)

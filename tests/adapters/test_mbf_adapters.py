@@ -62,10 +62,16 @@ def test_torch_model_argument_names_plain_parameters_and_unnamed_warns():
 
 
 def test_torch_lr_defaults_to_the_cores():
-    """Every torch.optim class has a default lr; MBF's is the core factory's."""
+    """Every torch.optim class has a default lr; MBF's is the core factory's of the group's mode."""
+    from precond_ref.methods.mbf import MBF_LEARNING_RATE
+
+    assert pr.mbf.__defaults__[0] is None
     with pytest.warns(UserWarning, match="no names"):
         opt = pt.MBF([{"params": list(_cnn().parameters())}])
-    assert opt.param_groups[0]["lr"] == 1e-5 == pr.mbf.__defaults__[0]
+    with pytest.warns(UserWarning, match="no names"):
+        faithful = pt.MBF([{"params": list(_cnn().parameters())}], mode="faithful")
+    assert opt.param_groups[0]["lr"] == 1e-3 == MBF_LEARNING_RATE["principled"]
+    assert faithful.param_groups[0]["lr"] == 1e-5 == MBF_LEARNING_RATE["faithful"]
 
 
 def test_torch_matches_core_on_the_same_tree():

@@ -385,10 +385,15 @@ def test_errors(cls):
 def test_every_class_and_core_factory_has_the_same_default_learning_rate():
     """Every torch class and every core factory constructs without a learning rate, and a class's
     default ``lr`` is its core factory's default ``learning_rate`` (the values
-    are documented in each factory's docstring). IF-Shampoo's is ``None`` in both, the mode's
-    default, which the class sets in its param groups as a number for learning-rate schedulers."""
+    are documented in each factory's docstring). ASGO's, IF-Shampoo's and MBF's are ``None`` in
+    both, the mode's default, which the class sets in its param groups as a number for
+    learning-rate schedulers."""
     import precond_ref as pr
+    from precond_ref.methods.asgo import ASGO_LEARNING_RATE
+    from precond_ref.methods.mbf import MBF_LEARNING_RATE
     from precond_ref.methods.root_free import IF_SHAMPOO_LEARNING_RATE
+
+    by_mode = {pt.ASGO: ASGO_LEARNING_RATE, pt.IFShampoo: IF_SHAMPOO_LEARNING_RATE, pt.MBF: MBF_LEARNING_RATE}
 
     classes = sorted({c for c, _ in DEFAULTS.values()}, key=lambda c: c.__name__)
     assert len(classes) == 9
@@ -400,11 +405,11 @@ def test_every_class_and_core_factory_has_the_same_default_learning_rate():
         core_lr = inspect.signature(cls.core_factory).parameters["learning_rate"].default
         cls.core_factory()  # no learning_rate
         opt = cls([torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))], **_required(cls))
-        if cls is pt.IFShampoo:
+        if cls in by_mode:
             assert lr is None and core_lr is None
-            core_lr = IF_SHAMPOO_LEARNING_RATE["principled"]
+            core_lr = by_mode[cls]["principled"]
             faithful = cls([torch.nn.Parameter(torch.zeros(3, 2))], mode="faithful", **_required(cls))
-            assert faithful.defaults["lr"] == IF_SHAMPOO_LEARNING_RATE["faithful"]
+            assert faithful.defaults["lr"] == by_mode[cls]["faithful"] != core_lr
         else:
             assert isinstance(lr, float) and lr == core_lr > 0, (cls.__name__, lr, core_lr)
         assert opt.defaults["lr"] == core_lr

@@ -58,7 +58,7 @@ SIGNATURES = {
         ("clip", P, None, "Optional[float]"), *_MODE, *_TAIL,
     ),
     "ASGO": (
-        ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.01, "float"),
+        ("params", P, REQ, "Iterable[Any]"), ("lr", P, None, "Optional[float]"),
         ("betas", P, (0.9, 0.8), "tuple[float, float]"), ("weight_decay", P, 0.1, "float"),
         ("damping", P, None, "Optional[float]"), ("eps", P, None, "Optional[float]"),
         ("root_method", P, None, "Optional[str]"), ("root_steps", P, 10, "int"),
@@ -95,7 +95,7 @@ SIGNATURES = {
         ("kl_clip", P, None, "Optional[float]"), *_MODE, *ADDED["IFShampoo"], *_TAIL,
     ),
     "MBF": (
-        ("params", P, REQ, "Iterable[Any]"), ("lr", P, 1e-05, "Any"), ("damping", P, 0.001, "float"),
+        ("params", P, REQ, "Iterable[Any]"), ("lr", P, None, "Any"), ("damping", P, 0.001, "float"),
         ("momentum", P, 0.9, "float"), ("beta2", P, 0.9, "float"), ("weight_decay", P, 0.0, "float"),
         ("statistics_every", P, 10, "int"), ("precondition_every", P, 100, "int"),
         ("fc_blocks", P, None, "Optional[str]"), ("diagonal_beta2", P, 0.999, "float"),
@@ -134,11 +134,12 @@ BASES = {
 }
 
 #: ``core_kwargs`` of the default group (root-free classes built with ``batch_size=4``), main's,
-#: except ``learning_rate`` (the core's default, ``docs/defaults.md``; IF-Shampoo's principled one).
+#: except ``learning_rate`` (the core's default, ``docs/defaults.md``; ASGO's, IF-Shampoo's and MBF's
+#: principled one).
 CORE_KWARGS = {
     "AGD": {"learning_rate": 0.001, "b1": 0.9, "b2": 0.999, "delta": 1e-05, "weight_decay": 0.0,
             "weight_decay_mode": "decoupled", "amsgrad": False, "clip": None, "win": False},
-    "ASGO": {"learning_rate": 0.01, "b1": 0.9, "b2": 0.8, "weight_decay": 0.1, "damping": None, "eps": None,
+    "ASGO": {"learning_rate": 0.0316, "b1": 0.9, "b2": 0.8, "weight_decay": 0.1, "damping": None, "eps": None,
              "root_method": None, "root_steps": 10, "precondition_every": None, "rms_target": 0.2,
              "accumulator": "ema", "side": "auto", "block_size": None, "fallback_mask": "_FallbackByName(None)",
              "fallback_b1": 0.9, "fallback_b2": 0.95, "fallback_eps": 1e-08, "fallback_weight_decay": 0.0,
@@ -156,7 +157,7 @@ CORE_KWARGS = {
                   "precondition_every": None, "structures": None, "max_dense_dim": None, "factor_dtype": None,
                   "grouping": "per_parameter", "preconditioner_lr_scale": None, "kl_clip": None,
                   "block_size": None, "spread_refresh": None, "factor_rounding": None},
-    "MBF": {"learning_rate": 1e-05, "damping": 0.001, "momentum": 0.9, "b2": 0.9, "weight_decay": 0.0,
+    "MBF": {"learning_rate": 0.001, "damping": 0.001, "momentum": 0.9, "b2": 0.9, "weight_decay": 0.0,
             "statistics_every": 10, "precondition_every": 100, "fc_blocks": None, "diagonal_b2": 0.999,
             "diagonal_eps": 1e-08, "diagonal_second_moment": "momentum", "max_block_dim": None, "kl_clip": None,
             "block_size": None, "refresh_phases": None},

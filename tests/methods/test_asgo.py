@@ -343,7 +343,7 @@ def test_zero_size_and_unmasked_vector_leaves(eager_backend):
     rng = np.random.default_rng(7)
     params = {"empty": np.zeros((0, 4)), "v": rng.standard_normal(5), "s": np.asarray(1.5)}
     grads = [{"empty": np.zeros((0, 4)), "v": rng.standard_normal(5), "s": np.asarray(0.3)}]
-    opt = pr.asgo(fallback_mask=lambda path, leaf: False, weight_decay=0.0)
+    opt = pr.asgo(learning_rate=1e-2, fallback_mask=lambda path, leaf: False, weight_decay=0.0)
     history, updates, state = run(backend, opt, params, grads)
     assert state.groups["empty"] == {}
     assert backend.to_numpy(state.groups["v"]["statistic"]).shape == (1, 1)
