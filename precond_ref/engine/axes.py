@@ -358,11 +358,11 @@ def flat_runs(
             phases.append(run.phase)
             owners.append(leaf)
 
-    def refreshed(batch: Stack, *operands: Array) -> tuple:
+    def refreshed(*operands: Array) -> tuple:
         new, ok, out = refresh(kind(*operands[:-1]), operands[-1], ctx.ok)
         return (*new, ok, out)
 
-    def kept(batch: Stack, *operands: Array) -> tuple:
+    def kept(*operands: Array) -> tuple:
         rows = operands[-1]
         new, out = keep(kind(*operands[:-1]), rows)
         return (*new, xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows)), out)
@@ -389,7 +389,7 @@ def flat_runs(
     present = set(phases)  # the plain schedule (an interval of 1) refreshes without a branch
     decisions = [(is_number(due) and due == 1) or (ctx.every(due) if phase in present else False)
                  for phase, due in enumerate(dues)]
-    for batch, out in refreshes(xp, decisions, batches, refreshed, kept, kept=True):
+    for batch, out in refreshes(xp, decisions, batches, lambda batch: (refreshed, kept), kept=True):
         for i, piece in handed_back(batch, out[:-2] + out[-1:]):
             pieces[i] = _unpadded(piece, members[i][-1].shape[1])
         oks.append(out[-2])

@@ -3,9 +3,12 @@
 A method with a refresh interval ``T`` may spread its blocks' refreshes over the interval: each
 block gets a phase ``p < T`` and refreshes on the calls ``count % T == p`` (and on the first), so
 that no call does all the blocks' expensive work (:class:`precond_ref.blocking.PhaseDue`,
-:func:`precond_ref.blocking.spread_schedule`). Each method's rule for a block's phase is one named
-function here, and :func:`refresh_due` runs the refresh of the blocks whose phase is due, the equal
-blocks of all leaves in one batched call.
+:func:`precond_ref.blocking.spread_schedule`; each phase's predicate read by
+:meth:`~precond_ref.engine.context.StepContext.every`). Each method's rule for a block's phase is
+one named function here, and :func:`refreshes` is every layout's refresh driver: for each phase
+due, for each batch of its blocks (the layout's stacking, :func:`phase_stacks` for the equal blocks
+of all leaves), ``cond(due, refresh, keep)``; :func:`refresh_due` is its form for blocks handed
+back one by one.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def phase_share(n: int, first: int, stop: int, phases: int) -> tuple[int, int]:
 
 
 def refresh_runs(xp: Any, decisions: Sequence[Any]) -> list[tuple[Any, int, int]]:
-    """MBF: the inverse refreshes of one call as ``(predicate, first, stop)``: phases ``first`` to
+    """The refreshes of one call as ``(predicate, first, stop)`` (:func:`refreshes` with ``merged``,
+    MBF's inverses): phases ``first`` to
     ``stop - 1`` refresh together where ``predicate`` holds. ``decisions[p]`` says whether phase
     :math:`p` is due (the rule's predicate, ``precond_ref.methods.mbf._inverse_due``). Decisions known on the host (Python bools, or arrays
     that read for free, :func:`precond_ref._backend.host_bool`) merge into runs of consecutive due
@@ -82,13 +86,12 @@ def refresh_runs(xp: Any, decisions: Sequence[Any]) -> list[tuple[Any, int, int]
 def refreshes(
     xp: Any,
     decisions: Sequence[Any],
-    batches: Callable[[int, int], Iterable[Stack]],
-    refresh: Callable[..., Any],
-    keep: Callable[..., Any],
+    batches: Callable[[int, int], Iterable[Any]],
+    branches: Callable[[Any], tuple[Callable, Callable]],
     *,
     merged: bool = False,
     kept: bool = False,
-) -> Iterator[tuple[Stack, Any]]:
+) -> Iterator[tuple[Any, Any]]:
     """The refresh driver: for each phase due, for each batch of its blocks, ``cond(due, refresh,
     keep)``; yields each batch with its result, one batch at a time (a layout stores a batch's
     results, and lets its stacked copies go, before the next batch is made).
@@ -98,9 +101,9 @@ def refreshes(
     decided ``False`` on the host computes nothing, unless ``kept`` (a layout whose blocks have
     work between refreshes: its batches then go through ``keep``). With ``merged``, the phases due
     on the host that follow each other are one run (:func:`refresh_runs`). ``batches(first, stop)``
-    is the layout's stacking: the batches of the blocks of phases ``first`` to ``stop - 1``, each a
-    :class:`~precond_ref.blocking.Stack` (:func:`phase_stacks`); a batch's result is
-    ``refresh(batch, *batch.operands)`` where the run is due, else ``keep(batch, *batch.operands)``.
+    is the layout's stacking: the batches of the blocks of phases ``first`` to ``stop - 1``, each
+    with its ``operands`` (a :class:`~precond_ref.blocking.Stack`: :func:`phase_stacks`), and
+    ``branches(batch)`` the ``(refresh, keep)`` of a batch, each called on its operands.
     """
     if merged:
         runs = refresh_runs(xp, decisions)
@@ -108,7 +111,7 @@ def refreshes(
         runs = [(due, phase, phase + 1) for phase, due in enumerate(decisions) if kept or due is not False]
     for due, first, stop in runs:
         for batch in batches(first, stop):
-            result = cond(xp, due, partial(refresh, batch), partial(keep, batch), *batch.operands)
+            result = cond(xp, due, *branches(batch), *batch.operands)
             yield batch, result
             del batch, result  # the batch's stacked copies go before the next batch is made
 
@@ -157,12 +160,11 @@ def refresh_due(
     FD step).
     """
 
-    def refreshed(batch: Stack, *operands: Any) -> tuple:
-        return refresh(*operands) if labels is None else refresh(*operands, label=labels[batch.indices[0]])
+    def branches(batch: Stack) -> tuple[Callable, Callable]:
+        return (refresh if labels is None else partial(refresh, label=labels[batch.indices[0]])), keep
 
     out: list[Optional[tuple]] = [None] * len(members)
-    for batch, result in refreshes(xp, decisions, phase_stacks(xp, phases, members, labels), refreshed,
-                                   lambda batch, *operands: keep(*operands)):
+    for batch, result in refreshes(xp, decisions, phase_stacks(xp, phases, members, labels), branches):
         for u, piece in handed_back(batch, result):
             out[u] = piece
     return out

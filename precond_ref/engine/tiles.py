@@ -1038,15 +1038,14 @@ def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, fail
     the phase is decided on the device: :func:`~precond_ref.engine.phases.refreshes`) and stored
     back (:func:`_store`); then the factor entries it wrote marked settled for the skip rule."""
     xp = ctx.xp
-    chosen, stacks = _batches(xp, groups, stack_states, refreshing=True)
+    chosen, batches = _batches(xp, groups, stack_states, refreshing=True)
 
-    def batches(first: int, stop: int):
-        for s in stacks(first, stop):  # each batch's scales and rounding bits made outside the cond
-            G, *state = s.operands
-            noise = _step_noise(xp, ctx, fields, G) if t.layout.factor_rounding == "stochastic" else None
-            yield _Batch(s.indices, tuple(state), s.lengths, G, _tile_scales(t.layout, xp, fields, chosen, s), noise)
+    def branches(batch) -> tuple:  # each batch's scales and rounding bits made outside the cond
+        scale = _tile_scales(t.layout, xp, fields, chosen, batch)
+        noise = _step_noise(xp, ctx, fields, batch.operands[0]) if t.layout.factor_rounding == "stochastic" else None
+        return partial(_refreshed, t, xp, h, scale, noise), partial(_unchanged, xp)
 
-    for batch, out in refreshes(xp, refresh, batches, partial(_refreshed, t, xp, h), partial(_unchanged, xp)):
+    for batch, out in refreshes(xp, refresh, batches, branches):
         _store(t, xp, stack_states, failures, chosen, batch, out, ctx)
     if t.layout.counted and not is_jax_namespace(xp):
         # A skipped step's gradient is zero (except on JAX, where the selection is fused anyway), and a
@@ -1054,19 +1053,6 @@ def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, fail
         # value, and needs no selection by the non-finite rule.
         ctx.settle(entry for stacks, state in zip(stack_states, fields) for new, old in zip(stacks, state.stacks)
                    if new is not old for entry in new.factor + new.factor_momentum)
-
-
-class _Batch(NamedTuple):
-    """A batch of stacks to refresh: its members (:class:`precond_ref.blocking.Stack`'s ``indices``
-    and ``lengths``), its state operands (the ``cond``'s), its gradient tiles ``G``, each tile's
-    ``scale`` (:func:`_tile_scales`) and the step's rounding bits ``noise`` (:func:`_step_noise`)."""
-
-    indices: tuple
-    operands: tuple
-    lengths: tuple
-    G: Any
-    scale: Any
-    noise: Any
 
 
 def _batches(xp, groups, stack_states, refreshing: bool) -> tuple:
@@ -1091,20 +1077,19 @@ def _tile_scales(layout: TileLayout, xp, fields, chosen, batch):
     return scales[0] if len(scales) == 1 else xp.concat(scales)
 
 
-def _refreshed(t: _Tiling, xp, h, batch: _Batch, *state):
-    """The rule's refresh of a batch, and per tile whether it failed (:func:`kept_where_usable`).
+def _refreshed(t: _Tiling, xp, h, scale, noise, G, *state):
+    """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
     With stochastic rounding the rule computes in G's dtype (:func:`_read_factors`) and each
     bf16 operand is stored back by :func:`_stored`."""
-    G = batch.G
     factors = _stack_of(t.rule, _read_factors(t.layout, xp, state, G), len(G.shape) - 1)
-    new = _stack_operands(t.rule.refresh(xp, t.c, h, batch.scale, G, factors), True)
-    new = _stored(xp, new, state, batch.noise) if batch.noise is not None else new
+    new = _stack_operands(t.rule.refresh(xp, t.c, h, scale, G, factors), True)
+    new = _stored(xp, new, state, noise) if noise is not None else new
     return kept_where_usable(xp, G, state, new) if t.layout.counted else new + (_no_failures(xp, G),)
 
 
-def _unchanged(xp, batch: _Batch, *state):
-    """A batch not refreshed: its state as it was, no tile failed."""
-    return state + (_no_failures(xp, batch.G),)
+def _unchanged(xp, G, *state):
+    """A stack not refreshed: its state as it was, no tile failed."""
+    return state + (_no_failures(xp, G),)
 
 
 def _read_factors(layout: TileLayout, xp, factors, G) -> tuple:
@@ -1199,8 +1184,8 @@ def _preconditioned(t: _Tiling, xp, h, groups, stack_states) -> list:
     the KL clip scaled per group by its tiles' sum in row-major order
     (:func:`sums_in_tile_order`), and handed back as every leaf's ``D`` (:func:`leaves_of_batches`)."""
     rule, c = t.rule, t.c
-    chosen, stacks = _batches(xp, groups, stack_states, refreshing=False)
-    batched = stacks(0, len(t.intervals))
+    chosen, batches = _batches(xp, groups, stack_states, refreshing=False)
+    batched = batches(0, len(t.intervals))
     D_batched = [rule.precondition(xp, c, batch.operands[0], _read_factors(t.layout, xp, batch.operands[1:], batch.operands[0]))
                  for batch in batched]
     if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
