@@ -386,7 +386,7 @@ def flat_runs(
 
     pieces: list = [None] * len(members)
     oks, flag_owners = [], []
-    present = set(phases)  # the plain schedule (an interval of 1) refreshes without a branch
+    present = set(phases)  # a phase without runs decides nothing; the plain schedule (interval 1) needs no branch
     decisions = [(is_number(due) and due == 1) or (ctx.every(due) if phase in present else False)
                  for phase, due in enumerate(dues)]
     for batch, out in refreshes(xp, decisions, batches, lambda batch: (refreshed, kept), kept=True):
