@@ -12,7 +12,7 @@ and a shorter tail, each its own statistic (state entries ``statistic``/``invers
 
 The runner (:func:`parts_transform`) does for a :class:`PartsRule` what every step needs around its
 formulas, in named sub-steps: the casts, the decisions of the rule's schedule (one batched refresh
-call for the equal blocks of all layers, :func:`~precond_ref.engine.phases.refresh_runs`), the
+call for the equal blocks of all layers, :func:`~precond_ref.engine.phases.refreshes`), the
 non-finite rule (a statistic or inverse that is not finite is rejected and counted, the heavy ball
 kept on a skipped step), the stacking of the diagonal leaves and of the step sizes across layers,
 and the warm start's loop over the gradient trees, a non-finite one left out.
