@@ -24,7 +24,8 @@ from ..blocking import Stack, stable_hash, stack, unstack
 from ..transform import check_positive_int
 
 __all__ = [
-    "refreshes", "phase_stacks", "handed_back", "refresh_due", "hashed_phases", "shape_phase", "tile_phase", "phase_share", "refresh_runs", "prototype_schedule",
+    "refreshes", "phase_stacks", "handed_back", "refresh_due", "hashed_phases", "shape_phase", "tile_phase",
+    "phase_share", "refresh_runs", "prototype_schedule",
 ]
 
 
