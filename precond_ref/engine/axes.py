@@ -27,10 +27,10 @@ import functools
 import math
 import operator
 import re
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
-from .._backend import (array_device, cast, compute_dtype, cond, device_key, is_number, is_zero, joined, on_cpu,
+from .._backend import (array_device, cast, compute_dtype, device_key, is_number, is_zero, joined, on_cpu,
                         vector_norms)
 from ..blocking import Stack, same_layout, block_bounds, spread_schedule, stack, unfold, unstack
 from ..transform import Transform
@@ -40,7 +40,7 @@ from .context import StepContext
 from .factors import constant
 from .tiles import taken
 from .joined import leafwise
-from .phases import refresh_due, shape_phase
+from .phases import handed_back, refresh_due, refreshes, shape_phase
 from .run import build_transform
 
 __all__ = [
@@ -358,12 +358,13 @@ def flat_runs(
             phases.append(run.phase)
             owners.append(leaf)
 
-    def refreshed(block: Any, rows: Array) -> tuple:
-        new, ok, out = refresh(block, rows, ctx.ok)
+    def refreshed(*operands: Array) -> tuple:
+        new, ok, out = refresh(kind(*operands[:-1]), operands[-1], ctx.ok)
         return (*new, ok, out)
 
-    def kept(block: Any, rows: Array) -> tuple:
-        new, out = keep(block, rows)
+    def kept(*operands: Array) -> tuple:
+        rows = operands[-1]
+        new, out = keep(kind(*operands[:-1]), rows)
         return (*new, xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows)), out)
 
     host = on_cpu(xp, members[0][0])
@@ -374,22 +375,26 @@ def flat_runs(
         lengths = padded_lengths(
             members, phases,
             lambda length, rank: may_pad(length, rank) and length * rank * wide <= _sketch.FD_ROWS_BYTES)
+    limit = FLAT_STACK_BYTES if host else FLAT_ACCELERATOR_STACK_BYTES
+    chunks = bounded_chunks(xp, members, limit, phases, alone_from=_sketch.FD_ROWS_BYTES, lengths=lengths)
+
+    def batches(first: int, stop: int) -> Iterator[Stack]:
+        for chunk in chunks:
+            if first <= phases[chunk[0]] < stop:
+                length = None if lengths is None else lengths[chunk[0]]
+                yield _chunk_stack(xp, [members[i] for i in chunk], length)._replace(indices=tuple(chunk))
+
     pieces: list = [None] * len(members)
     oks, flag_owners = [], []
-    limit = FLAT_STACK_BYTES if host else FLAT_ACCELERATOR_STACK_BYTES
-    for chunk in bounded_chunks(xp, members, limit, phases, alone_from=_sketch.FD_ROWS_BYTES, lengths=lengths):
-        length = None if lengths is None else lengths[chunk[0]]
-        stacks = [_chunk_stack(xp, [members[i] for i in chunk], length)]
-        outputs = []
-        for s in stacks:
-            block, rows, due = kind(*s.operands[:-1]), s.operands[-1], dues[phases[chunk[s.indices[0]]]]
-            every_step = is_number(due) and due == 1  # the plain schedule: no branch
-            outputs.append(refreshed(block, rows) if every_step else cond(xp, ctx.every(due), refreshed, kept, block, rows))
-        for i, piece in zip(chunk, unstack(stacks, [out[:-2] + out[-1:] for out in outputs], len(chunk))):
+    present = set(phases)  # a phase without runs decides nothing; the plain schedule (interval 1) needs no branch
+    decisions = [(is_number(due) and due == 1) or (ctx.every(due) if phase in present else False)
+                 for phase, due in enumerate(dues)]
+    for batch, out in refreshes(xp, decisions, batches, lambda batch: (refreshed, kept), kept=True):
+        for i, piece in handed_back(batch, out[:-2] + out[-1:]):
             pieces[i] = _unpadded(piece, members[i][-1].shape[1])
-        oks.extend(out[-2] for out in outputs)
-        flag_owners.extend(owners[i] for i in chunk for _ in range(members[i][0].shape[0]))
-        del stacks, outputs, block, rows  # this chunk's stacked copies go before the next chunk's are made
+        oks.append(out[-2])
+        flag_owners.extend(owners[i] for i in batch.indices for _ in range(members[i][0].shape[0]))
+        del batch, out  # this batch's stacked copies go before the next batch's are made
     flags = _failed(xp, oks[0] if len(oks) == 1 else xp.concat(oks, axis=0), None if ctx.applied else ctx.ok)
     failures = failures_added(xp, [leaf[2] for leaf in leaves], flags, flag_owners)
     pieces = iter(pieces)

@@ -12,7 +12,7 @@ and a shorter tail, each its own statistic (state entries ``statistic``/``invers
 
 The runner (:func:`parts_transform`) does for a :class:`PartsRule` what every step needs around its
 formulas, in named sub-steps: the casts, the decisions of the rule's schedule (one batched refresh
-call for the equal blocks of all layers, :func:`~precond_ref.engine.phases.refresh_runs`), the
+call for the equal blocks of all layers, :func:`~precond_ref.engine.phases.refreshes`), the
 non-finite rule (a statistic or inverse that is not finite is rejected and counted, the heavy ball
 kept on a skipped step), the stacking of the diagonal leaves and of the step sizes across layers,
 and the warm start's loop over the gradient trees, a non-finite one left out.
@@ -36,7 +36,7 @@ from .elementwise import operands
 from .joined import leafwise
 from .layout import weight_bias_groups
 from .matrices import as_matrix, joined_leaves
-from .phases import phase_share, refresh_runs
+from .phases import phase_share, refreshes
 from .run import build_transform
 
 __all__ = [
@@ -443,15 +443,30 @@ def _statistics(p: _Parts, xp: Any, ctx: StepContext, members: list, part_kinds:
 
 def _inverses(p: _Parts, xp: Any, ctx: StepContext, part_kinds: tuple, owners: tuple, statistics: list,
               inverses: list, failures: list) -> tuple[list, list]:
-    """Every part's inverse after the refresh of the shares due (:func:`refresh_runs`: the shares due
-    on the host in runs, one batched call per stack of equal blocks and run), and each group's
-    failure count, one failure per call however many of its parts were flagged."""
+    """Every part's inverse after the refresh of the shares due (:func:`refreshes`, merged: the
+    shares due on the host in runs, one batched call per stack of equal blocks and run; each run
+    one batch of every part, :func:`_inverse_branches`), and each group's failure count, one
+    failure per call however many of its parts were flagged."""
     counts, before = list(failures), list(failures)
     decisions = [ctx.every(due) for due in p.inverse_dues] if statistics else []
-    for due, first, stop in refresh_runs(xp, decisions):
-        inverses, counts = cond(
-            xp, due, *_inverse_branches(p, xp, part_kinds, owners, (first, stop)), statistics, inverses, counts, before)
+
+    def batches(first: int, stop: int) -> list[_Run]:  # made as its run starts, from what the runs before left
+        return [_Run((first, stop), (statistics, inverses, counts, before))]
+
+    def branches(run: _Run) -> tuple[Callable, Callable]:
+        return _inverse_branches(p, xp, part_kinds, owners, run.shares)
+
+    for _, (inverses, counts) in refreshes(xp, decisions, batches, branches, merged=True):
+        pass
     return list(inverses), counts
+
+
+class _Run(NamedTuple):
+    """One run of :func:`_inverses`: the phases ``shares`` = ``(first, stop)`` and the ``cond``'s
+    operands (every part's statistic and inverse, each group's count and its count before the call)."""
+
+    shares: tuple
+    operands: tuple
 
 
 def _step_sizes(p: _Parts, xp: Any, directions: Sequence[Array], momenta: Sequence[Array], ctx: StepContext) -> list:

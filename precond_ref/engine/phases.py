@@ -3,25 +3,29 @@
 A method with a refresh interval ``T`` may spread its blocks' refreshes over the interval: each
 block gets a phase ``p < T`` and refreshes on the calls ``count % T == p`` (and on the first), so
 that no call does all the blocks' expensive work (:class:`precond_ref.blocking.PhaseDue`,
-:func:`precond_ref.blocking.spread_schedule`). Each method's rule for a block's phase is one named
-function here, and :func:`refresh_due` runs the refresh of the blocks whose phase is due, the equal
-blocks of all leaves in one batched call.
+:func:`precond_ref.blocking.spread_schedule`; each phase's predicate read by
+:meth:`~precond_ref.engine.context.StepContext.every`). Each method's rule for a block's phase is
+one named function here, and :func:`refreshes` is every layout's refresh driver: for each phase
+due, for each batch of its blocks (the layout's stacking, :func:`phase_stacks` for the equal blocks
+of all leaves), ``cond(due, refresh, keep)``; :func:`refresh_due` is its form for blocks handed
+back one by one.
 """
 
 from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, Hashable, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Optional, Sequence
 
 from array_api_compat import array_namespace
 
 from .._backend import cond, host_bool, placement
-from ..blocking import stable_hash, stack, unstack
+from ..blocking import Stack, stable_hash, stack, unstack
 from ..transform import check_positive_int
 
 __all__ = [
-    "refresh_due", "hashed_phases", "shape_phase", "tile_phase", "phase_share", "refresh_runs", "prototype_schedule",
+    "refreshes", "phase_stacks", "handed_back", "refresh_due", "hashed_phases", "shape_phase", "tile_phase",
+    "phase_share", "refresh_runs", "prototype_schedule",
 ]
 
 
@@ -61,7 +65,8 @@ def phase_share(n: int, first: int, stop: int, phases: int) -> tuple[int, int]:
 
 
 def refresh_runs(xp: Any, decisions: Sequence[Any]) -> list[tuple[Any, int, int]]:
-    """MBF: the inverse refreshes of one call as ``(predicate, first, stop)``: phases ``first`` to
+    """The refreshes of one call as ``(predicate, first, stop)`` (:func:`refreshes` with ``merged``,
+    MBF's inverses): phases ``first`` to
     ``stop - 1`` refresh together where ``predicate`` holds. ``decisions[p]`` says whether phase
     :math:`p` is due (the rule's predicate, ``precond_ref.methods.mbf._inverse_due``). Decisions known on the host (Python bools, or arrays
     that read for free, :func:`precond_ref._backend.host_bool`) merge into runs of consecutive due
@@ -79,6 +84,62 @@ def refresh_runs(xp: Any, decisions: Sequence[Any]) -> list[tuple[Any, int, int]
     return runs
 
 
+def refreshes(
+    xp: Any,
+    decisions: Sequence[Any],
+    batches: Callable[[int, int], Iterable[Any]],
+    branches: Callable[[Any], tuple[Callable, Callable]],
+    *,
+    merged: bool = False,
+    kept: bool = False,
+) -> Iterator[tuple[Any, Any]]:
+    """The refresh driver: for each phase due, for each batch of its blocks, ``cond(due, refresh,
+    keep)``; yields each batch with its result, one batch at a time (a layout stores a batch's
+    results, and lets its stacked copies go, before the next batch is made).
+
+    ``decisions[p]`` says whether phase ``p`` is due: a Python bool (decided on the host) or a 0-D
+    bool array (then :func:`precond_ref._backend.cond` selects, without a host read). A phase
+    decided ``False`` on the host computes nothing, unless ``kept`` (a layout whose blocks have
+    work between refreshes: its batches then go through ``keep``). With ``merged``, the phases due
+    on the host that follow each other are one run (:func:`refresh_runs`). ``batches(first, stop)``
+    is the layout's stacking: the batches of the blocks of phases ``first`` to ``stop - 1``, each
+    with its ``operands`` (a :class:`~precond_ref.blocking.Stack`: :func:`phase_stacks`), and
+    ``branches(batch)`` the ``(refresh, keep)`` of a batch, each called on its operands.
+    """
+    if merged:
+        runs = refresh_runs(xp, decisions)
+    else:
+        runs = [(due, phase, phase + 1) for phase, due in enumerate(decisions) if kept or due is not False]
+    for due, first, stop in runs:
+        for batch in batches(first, stop):
+            result = cond(xp, due, *branches(batch), *batch.operands)
+            yield batch, result
+            del batch, result  # the batch's stacked copies go before the next batch is made
+
+
+def phase_stacks(
+    xp: Any, phases: Sequence[int], members: Sequence[tuple], labels: Optional[Sequence[Hashable]] = None,
+) -> Callable[[int, int], list[Stack]]:
+    """The ``batches`` of :func:`refreshes` for blocks ``members[u]`` (operands with a leading block
+    axis) in phase ``phases[u]``: the blocks of the phases asked for whose operands agree in trailing
+    shape, dtype and device (and in ``labels[u]``) as one stack (:func:`precond_ref.blocking.stack`),
+    each stack's ``indices`` those of ``members``."""
+
+    def batches(first: int, stop: int) -> list[Stack]:
+        chosen = [u for u, phase in enumerate(phases) if first <= phase < stop]
+        stacks = stack(xp, [members[u] for u in chosen], labels=None if labels is None else [labels[u] for u in chosen])
+        return [s._replace(indices=tuple(chosen[i] for i in s.indices)) for s in stacks]
+
+    return batches
+
+
+def handed_back(batch: Stack, result: tuple) -> list[tuple[int, tuple]]:
+    """``(u, piece)`` for each member ``u`` of ``batch``: its slice of the batch's ``result``
+    (:func:`precond_ref.blocking.unstack`: views)."""
+    pieces = unstack([batch], [result], max(batch.indices) + 1)
+    return [(u, pieces[u]) for u in batch.indices]
+
+
 def refresh_due(
     xp: Any,
     decisions: Sequence[Any],
@@ -89,31 +150,24 @@ def refresh_due(
     labels: Optional[Sequence[Hashable]] = None,
 ) -> list[Optional[tuple]]:
     """``refresh(*members[u])`` for every block ``u`` whose phase is due, ``keep(*members[u])``
-    where it is not; ``None`` for a block whose phase was decided not due on the host.
+    where it is not; ``None`` for a block whose phase was decided not due on the host
+    (:func:`refreshes` over :func:`phase_stacks`).
 
-    ``decisions[p]`` says whether phase ``p`` is due: a Python bool (decided on the host: ``False``
-    computes nothing) or a 0-D bool array (then :func:`precond_ref._backend.cond` selects, without a
-    host read). ``phases[u]`` is block ``u``'s phase and ``members[u]`` its operands, each with a
-    leading block axis. The blocks of one phase whose operands agree in trailing shape, dtype and
-    device (and in ``labels[u]``, which ``refresh`` then gets as its keyword ``label``) go through
-    ``refresh`` together (:func:`precond_ref.blocking.stack`), so ``refresh`` must act block by
-    block along the leading axis (a batched ``eigh``, an FD step).
+    ``decisions[p]`` says whether phase ``p`` is due (a Python bool or a 0-D bool array);
+    ``phases[u]`` is block ``u``'s phase and ``members[u]`` its operands, each with a leading block
+    axis. The blocks of one phase whose operands agree in trailing shape, dtype and device (and in
+    ``labels[u]``, which ``refresh`` then gets as its keyword ``label``) go through ``refresh``
+    together, so ``refresh`` must act block by block along the leading axis (a batched ``eigh``, an
+    FD step).
     """
+
+    def branches(batch: Stack) -> tuple[Callable, Callable]:
+        return (refresh if labels is None else partial(refresh, label=labels[batch.indices[0]])), keep
+
     out: list[Optional[tuple]] = [None] * len(members)
-    for phase, due in enumerate(decisions):
-        if due is False:
-            continue
-        chosen = [u for u in range(len(members)) if phases[u] == phase]
-        if not chosen:
-            continue
-        chosen_labels = None if labels is None else [labels[u] for u in chosen]
-        stacks = stack(xp, [members[u] for u in chosen], labels=chosen_labels)
-        results = []
-        for s in stacks:
-            fn = refresh if labels is None else partial(refresh, label=chosen_labels[s.indices[0]])
-            results.append(cond(xp, due, fn, keep, *s.operands))
-        for u, result in zip(chosen, unstack(stacks, results, len(chosen))):
-            out[u] = result
+    for batch, result in refreshes(xp, decisions, phase_stacks(xp, phases, members, labels), branches):
+        for u, piece in handed_back(batch, result):
+            out[u] = piece
     return out
 
 

@@ -25,10 +25,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from array_api_compat import array_namespace, is_jax_namespace
 
 from .._backend import (
-    array_device, compute_dtype, cond, device_key, host_bool, index_dtype, is_torch_namespace, leading_rows,
+    array_device, compute_dtype, device_key, host_bool, index_dtype, is_torch_namespace, leading_rows,
     leading_slices, pieces, placement, scalar_zero, stacked, torch_compiling,
 )
-from ..blocking import block_bounds, spread_schedule, stack as stack_alike, unstack as unstack_alike
+from ..blocking import block_bounds, spread_schedule, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype
 from ..transform import Transform, check_bool, check_choice, check_positive, check_positive_int, singleton_groups
 from ..tree import filled, path_str, to_entries
@@ -37,7 +37,7 @@ from .factors import constant, per_block
 from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
 from .options import state_dtype
-from .phases import tile_phase
+from .phases import handed_back, phase_stacks, refreshes, tile_phase
 from .rounding import is_bfloat16, place_keys, place_noise, rounded_with_noise, rounding_key
 from .run import build_transform
 
@@ -1035,20 +1035,18 @@ def _laid_out(t: _Tiling, state, shapes, where: str):
 def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, failures) -> None:
     """On each refresh phase due (``refresh``: per phase a host bool, or an array), the stacks of
     that phase of all groups refreshed batch by batch (:func:`_refreshed`, under ``cond`` where
-    the phase is decided on the device) and stored back (:func:`_store`); then the factor
-    entries it wrote marked settled for the skip rule."""
+    the phase is decided on the device: :func:`~precond_ref.engine.phases.refreshes`) and stored
+    back (:func:`_store`); then the factor entries it wrote marked settled for the skip rule."""
     xp = ctx.xp
-    for phase, due in enumerate(refresh):  # the refresh, on the stacks due
-        if due is False:
-            continue
-        chosen, batched = _batches(xp, groups, stack_states, phase, refreshing=True)
-        results = []
-        for batch in batched:
-            G, *state = batch.operands
-            scale = _tile_scales(t.layout, xp, fields, chosen, batch)
-            noise = _step_noise(xp, ctx, fields, G) if t.layout.factor_rounding == "stochastic" else None
-            results.append(cond(xp, due, partial(_refreshed, t, xp, h, scale, noise, G), partial(_unchanged, xp, G), *state))
-        _store(t, xp, stack_states, failures, chosen, batched, results, ctx)
+    chosen, batches = _batches(xp, groups, stack_states, refreshing=True)
+
+    def branches(batch) -> tuple:  # each batch's scales and rounding bits made outside the cond
+        scale = _tile_scales(t.layout, xp, fields, chosen, batch)
+        noise = _step_noise(xp, ctx, fields, batch.operands[0]) if t.layout.factor_rounding == "stochastic" else None
+        return partial(_refreshed, t, xp, h, scale, noise), partial(_unchanged, xp)
+
+    for batch, out in refreshes(xp, refresh, batches, branches):
+        _store(t, xp, stack_states, failures, chosen, batch, out, ctx)
     if t.layout.counted and not is_jax_namespace(xp):
         # A skipped step's gradient is zero (except on JAX, where the selection is fused anyway), and a
         # tile whose gradient is zero keeps its factor state: each new factor entry already is its old
@@ -1057,16 +1055,16 @@ def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, fail
                    if new is not old for entry in new.factor + new.factor_momentum)
 
 
-def _batches(xp, groups, stack_states, phase, refreshing: bool) -> tuple:
-    """The stacks on refresh phase ``phase`` (every stack: ``None``) of all groups, as
-    (their (group, stack) numbers, by phase, then group and stack; :func:`precond_ref.blocking.stack`
-    of their operands (G, K_1..K_N[, m_1..m_N])): the stacks of one tile shape, factor layout
+def _batches(xp, groups, stack_states, refreshing: bool) -> tuple:
+    """The stacks of all groups, as (their (group, stack) numbers, by phase, then group and stack;
+    the ``batches`` of :func:`~precond_ref.engine.phases.phase_stacks` of their operands (G,
+    K_1..K_N[, m_1..m_N]) on their phases): the stacks of one phase, tile shape, factor layout
     and device are concatenated along the tile axis, one ``concat`` per operand whatever the
     number of tiles (none for G, whose tiles lie in that order: :func:`tiles_of_groups`)."""
-    chosen = sorted(((i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks)
-                     if phase is None or stack.phase == phase), key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
+    chosen = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
+                    key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
     operands = [(groups[i].stacks[s],) + _stack_operands(stack_states[i][s], refreshing) for i, s in chosen]
-    return chosen, stack_alike(xp, operands)
+    return chosen, phase_stacks(xp, [groups[i].plan.stacks[s].phase for i, s in chosen], operands)
 
 
 def _tile_scales(layout: TileLayout, xp, fields, chosen, batch):
@@ -1157,28 +1155,28 @@ def _step_noise(xp, ctx, fields, G):
     return ctx.once(("rounding noise", device_key(G)), make)
 
 
-def _store(t: _Tiling, xp, stack_states, failures, chosen, batched, results, ctx) -> None:
-    """Refreshed batches back into the groups' stacks (one split per operand and batch); each
-    group adds its tiles' failures to its count, for all groups of a batch at once (their counts
-    stacked, a view where last step's addition left them side by side, plus
-    :func:`counts_per_run`), none on a skipped step (the non-finite rule's selection, made once
-    per batch on the failure flags); where reading is free, a batch without failures adds nothing."""
+def _store(t: _Tiling, xp, stack_states, failures, chosen, batch, out, ctx) -> None:
+    """A refreshed batch back into the groups' stacks (one split per operand); each group adds its
+    tiles' failures to its count, for all groups of the batch at once (their counts stacked, a
+    view where last step's addition left them side by side, plus :func:`counts_per_run`), none
+    on a skipped step (the non-finite rule's selection, made once per batch on the failure
+    flags); where reading is free, a batch without failures adds nothing."""
     layout = t.layout
-    counted = [layout.counted and read_if_free(xp, out[-1], partial(xp.any, out[-1])) is not False for out in results]
+    counted = layout.counted and read_if_free(xp, out[-1], partial(xp.any, out[-1])) is not False
     selecting = layout.counted and ctx.ok is not None and not ctx.applied
     if selecting:
-        results = [(*out[:-1], xp.logical_and(out[-1], ctx.ok)) for out in results]
-    for (i, s), (*state, _) in zip(chosen, unstack_alike(batched, results, len(chosen))):
+        out = (*out[:-1], xp.logical_and(out[-1], ctx.ok))
+    for m, (*state, _) in handed_back(batch, out):
+        i, s = chosen[m]
         stack_states[i][s] = _stack_of(t.rule, state, len(state) // 2 if t.c.use_factor_momentum else len(state))
-    for batch, out, flag in zip(batched, results, counted):
-        if not flag:
-            continue
-        groups = [chosen[m][0] for m in batch.indices]  # a group has at most one stack in a batch of one phase
-        totals = stacked(xp, [failures[i] for i in groups]) + counts_per_run(xp, out[-1], batch.lengths)
-        for i, total in zip(groups, xp.unstack(totals)):
-            failures[i] = total
-            if selecting:
-                ctx.settled[total] = True
+    if not counted:
+        return
+    groups = [chosen[m][0] for m in batch.indices]  # a group has at most one stack in a batch of one phase
+    totals = stacked(xp, [failures[i] for i in groups]) + counts_per_run(xp, out[-1], batch.lengths)
+    for i, total in zip(groups, xp.unstack(totals)):
+        failures[i] = total
+        if selecting:
+            ctx.settled[total] = True
 
 
 def _preconditioned(t: _Tiling, xp, h, groups, stack_states) -> list:
@@ -1186,7 +1184,8 @@ def _preconditioned(t: _Tiling, xp, h, groups, stack_states) -> list:
     the KL clip scaled per group by its tiles' sum in row-major order
     (:func:`sums_in_tile_order`), and handed back as every leaf's ``D`` (:func:`leaves_of_batches`)."""
     rule, c = t.rule, t.c
-    chosen, batched = _batches(xp, groups, stack_states, None, refreshing=False)
+    chosen, batches = _batches(xp, groups, stack_states, refreshing=False)
+    batched = batches(0, len(t.intervals))
     D_batched = [rule.precondition(xp, c, batch.operands[0], _read_factors(t.layout, xp, batch.operands[1:], batch.operands[0]))
                  for batch in batched]
     if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
