@@ -513,8 +513,9 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
              captured, core_trajectory(*cell, guarded=True), cell)
         note("CuPy captured step (stream capture's CPU double)", "NumPy core", captured, core, cell)
         if cell[1] == "principled" and cell[2] == "mlp" and compile_backend is not None:
+            layer = (cell[0], "principled", ONE_LAYER_MODEL)
             note(f"torch compiled ({compile_backend['backend']})", "NumPy core",
-                 torch_trajectory(*cell, compile=compile_backend), core, cell)
+                 torch_trajectory(*layer, compile=compile_backend), core_trajectory(*layer), layer)
     for method, extra in [("mbf", {}), ("if_shampoo", {"grouping": "weight_bias"})]:
         for mode in MODES:
             for model in MODELS:
