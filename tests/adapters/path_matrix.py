@@ -44,6 +44,10 @@ def _mlp_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((h @ p["fc2.weight"].T + p["fc2.bias"] - y) ** 2).mean()
 
 
+def _linear_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((x @ p["fc.weight"].T + p["fc.bias"] - y) ** 2).mean()
+
+
 def _conv_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     h = torch.tanh(torch.nn.functional.conv2d(x, p["conv.weight"], p["conv.bias"]))
     return 0.5 * ((h.flatten(1) @ p["fc.weight"].T + p["fc.bias"] - y) ** 2).mean()
@@ -90,11 +94,15 @@ MODELS = {
 #: a 6-5-3 MLP, whose weights' axes (5, 6 and 3, 5) are longer than ``TRUNCATING_RANK``.
 TRUNCATING_MODEL = "mlp-6-5-3"
 TRUNCATING_RANK = 4
+#: A model outside the matrix's cells, for a compiled row whose trace grows with every leaf and
+#: needs one leaf of each kind: one Linear layer 3 -> 5 (a matrix and a vector).
+ONE_LAYER_MODEL = "linear-3-5"
 ALL_MODELS = {
     **MODELS,
     TRUNCATING_MODEL: Model(
         TRUNCATING_MODEL, {"fc1.weight": (5, 6), "fc1.bias": (5,), "fc2.weight": (3, 5), "fc2.bias": (3,)}, (6,), 3, _mlp_loss,
     ),
+    ONE_LAYER_MODEL: Model(ONE_LAYER_MODEL, {"fc.weight": (5, 3), "fc.bias": (5,)}, (3,), 5, _linear_loss),
 }
 #: The cells of a truncating sketch (``TRUNCATING_RANK`` on ``TRUNCATING_MODEL``): S-AdaGrad in
 #: both modes (Sketchy runs the same Frequent Directions step per axis; its compiled graph on this
@@ -505,8 +513,9 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
              captured, core_trajectory(*cell, guarded=True), cell)
         note("CuPy captured step (stream capture's CPU double)", "NumPy core", captured, core, cell)
         if cell[1] == "principled" and cell[2] == "mlp" and compile_backend is not None:
+            layer = (cell[0], "principled", ONE_LAYER_MODEL)
             note(f"torch compiled ({compile_backend['backend']})", "NumPy core",
-                 torch_trajectory(*cell, compile=compile_backend), core, cell)
+                 torch_trajectory(*layer, compile=compile_backend), core_trajectory(*layer), layer)
     for method, extra in [("mbf", {}), ("if_shampoo", {"grouping": "weight_bias"})]:
         for mode in MODES:
             for model in MODELS:
