@@ -92,8 +92,8 @@ def test_ema_statistic_keeps_the_statistic_when_the_new_one_is_not_finite():
     g[0, 0, 0] = 1e200  # finite, its square overflows
     with np.errstate(over="ignore"):
         kept, count = P.finite_or_previous(np, M._ema_statistic(np, COLUMNS._replace(b2=rho), P.CONV, f, g), f, zero)
+        expected = rho * f + (1.0 - rho) * (g[..., :, None] * g[..., None, :])
     np.testing.assert_array_equal(kept[0, 0], f[0, 0])
-    expected = rho * f + (1.0 - rho) * (g[..., :, None] * g[..., None, :])
     np.testing.assert_array_equal(kept[0, 1], expected[0, 1])
     np.testing.assert_array_equal(kept[1], expected[1])
     assert int(count) == 1
