@@ -791,21 +791,20 @@ def damped_inverse_stable(
 
     Returns
     -------
-    (inverse, flagged)
-        The symmetrised inverses, and (...,) bool: the blocks that kept ``previous`` or had their
-        damping raised, for the caller's failure counter (a precision event is never silent).
+    (inverse, failed)
+        The symmetrised inverses, and (...,) bool: the blocks that failed and kept ``previous``
+        (for the caller's failure counter). A raised damping is not a failure: its result is used.
     """
     xp = array_namespace(matrices, previous)
     finite_in = all_finite(matrices, axis=(-2, -1))
     safe = xp.where(finite_in[..., None, None], symmetrize(matrices), xp.zeros_like(matrices))
     floor = (xp.finfo(safe.dtype).eps / accuracy) * _frobenius_norm(xp, safe)
     requested = xp.zeros_like(floor) + damping
-    raised = floor > requested
-    lam = xp.where(raised, floor, requested)
+    lam = xp.where(floor > requested, floor, requested)
     damped = safe + lam[..., None, None] * identity_like(safe)  # SPD: F PSD, lam_b > 0
     result = symmetrize(inverse(xp, damped, symmetric_positive_definite=True))
     ok = xp.logical_and(finite_in, all_finite(result, axis=(-2, -1)))
-    return xp.where(ok[..., None, None], result, previous), xp.logical_or(xp.logical_not(ok), raised)
+    return xp.where(ok[..., None, None], result, previous), xp.logical_not(ok)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ EPS = np.finfo(np.float64).eps
 def test_refresh_parts_equals_one_group_at_a_time():
     """refresh_parts stacks the equal-size blocks of all groups (blocking.on_stacks); its result
     for a group must be the one it gives that group alone (bitwise: the same batched call per block),
-    and a part is flagged iff one of ITS blocks was."""
+    and a part counts the failed blocks of ITS own (an element-wise part: its non-finite entries)."""
     rng = np.random.default_rng(5)
 
     def psd(*shape):
@@ -30,18 +30,20 @@ def test_refresh_parts_equals_one_group_at_a_time():
         return damped_inverse_stable(f, 0.1, before)
 
     def invert_elementwise(v, before):
-        return np.where(np.isfinite(v), 1.0 / (v + 0.1), before), np.logical_not(np.all(np.isfinite(v)))
+        return np.where(np.isfinite(v), 1.0 / (v + 0.1), before), np.logical_not(np.isfinite(v))
 
     kinds = [P.FC, P.CONV, P.ELEMENTWISE, P.FC, P.CONV]
     stats = [psd(4), psd(3, 2, 4), np.abs(rng.standard_normal((4, 3))), psd(4), psd(2, 2, 4)]
     stats[3][0, 0] = np.nan  # the second FC group fails, the first must not
+    stats[4][1, 0, 2, 3] = np.inf  # one of the four blocks of the second conv group
+    stats[2][0, 1] = stats[2][2, 2] = np.nan  # two entries of the element-wise group
     previous = [np.full(s.shape, 2.0) for s in stats]
-    inverses, flags = P.refresh_parts(np, kinds, stats, previous, invert, invert_elementwise)
+    inverses, counts = P.refresh_parts(np, kinds, stats, previous, invert, invert_elementwise)
     for i in range(len(kinds)):
-        alone, flag = P.refresh_parts(np, kinds[i : i + 1], stats[i : i + 1], previous[i : i + 1], invert, invert_elementwise)
+        alone, count = P.refresh_parts(np, kinds[i : i + 1], stats[i : i + 1], previous[i : i + 1], invert, invert_elementwise)
         np.testing.assert_array_equal(inverses[i], alone[0])
         assert inverses[i].shape == stats[i].shape
-        assert bool(flags[i]) == bool(flag[0]) == (i == 3)
+        assert int(counts[i]) == int(count[0]) == {2: 2, 3: 1, 4: 1}.get(i, 0)
     np.testing.assert_array_equal(inverses[3], previous[3])  # a non-finite block keeps its previous inverse
 
 
@@ -65,20 +67,28 @@ def test_join_rows_of_one_row_stack_is_a_view():
 
 @pytest.mark.parametrize("namespace", ["numpy", "array_api_strict"])
 def test_finite_or_previous_is_the_selection(namespace):
-    """finite_or_previous is (where(all(isfinite(new)), new, previous), failures + not all finite)
-    exactly, whether the decision is read on the host (NumPy) or stays an array (array_api_strict,
-    never read by host_bool): a finite new is kept, one non-finite entry keeps previous and counts."""
+    """finite_or_previous selects block-wise, where(all(isfinite(block)), new, previous), and adds
+    the number of blocks kept, exactly, whether the decision is read on the host (NumPy) or stays an
+    array (array_api_strict, never read by host_bool): a finite new is kept; one non-finite entry
+    keeps its block's previous value and counts one; with block_ndim=0 each entry is a block."""
     xp = np if namespace == "numpy" else pytest.importorskip(namespace)
-    previous = xp.asarray([[1.0, 2.0], [3.0, 4.0]])
+    previous = xp.asarray([[[1.0, 2.0], [3.0, 4.0]], [[-1.0, -2.0], [-3.0, -4.0]]])
     failures = xp.asarray(2, dtype=xp.int32)
-    finite = xp.asarray([[5.0, 6.0], [7.0, 8.0]])
+    finite = xp.asarray([[[5.0, 6.0], [7.0, 8.0]], [[9.0, 10.0], [11.0, 12.0]]])
     got, count = P.finite_or_previous(xp, finite, previous, failures)
-    np.testing.assert_array_equal(np.asarray(got), [[5.0, 6.0], [7.0, 8.0]])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(finite))
     assert int(count) == 2
-    overflowed = xp.asarray([[5.0, float("inf")], [7.0, 8.0]])
-    got, count = P.finite_or_previous(xp, overflowed, previous, failures)
-    np.testing.assert_array_equal(np.asarray(got), [[1.0, 2.0], [3.0, 4.0]])
+    one = xp.asarray([[[5.0, float("inf")], [7.0, 8.0]], [[9.0, 10.0], [11.0, 12.0]]])
+    got, count = P.finite_or_previous(xp, one, previous, failures)
+    np.testing.assert_array_equal(np.asarray(got), [[[1.0, 2.0], [3.0, 4.0]], [[9.0, 10.0], [11.0, 12.0]]])
     assert int(count) == 3
+    both = xp.asarray([[[5.0, float("inf")], [7.0, 8.0]], [[9.0, 10.0], [float("nan"), 12.0]]])
+    got, count = P.finite_or_previous(xp, both, previous, failures)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(previous))
+    assert int(count) == 4
+    got, count = P.finite_or_previous(xp, both, previous, failures, 0)
+    np.testing.assert_array_equal(np.asarray(got), [[[5.0, 2.0], [7.0, 8.0]], [[9.0, 10.0], [-3.0, 12.0]]])
+    assert int(count) == 4
 
 
 def test_out_first_permutes_only_out_last_kernels():

@@ -199,16 +199,22 @@ def join_rows(xp: Any, pieces: Sequence[Array], cut: Sequence[tuple]) -> Array:
 # The non-finite rule of statistics, the refresh of inverses by phase, the step-size stacks.
 
 
-def finite_or_previous(xp: Any, new: Array, previous: Array, failures: Array) -> tuple[Array, Array]:
-    r"""``(new, failures)`` if every entry of ``new`` is finite, else ``(previous, failures + 1)``:
-    ``where(all(isfinite(new)), new, previous)`` and the count. Where that decision reads on the
-    host for free (:func:`precond_ref._backend.host_bool`: NumPy, a CPU tensor outside
-    ``torch.compile``) a finite ``new`` is returned as it is, without the selection and the count's
-    arithmetic."""
-    ok = all_finite(new, axis=tuple(range(new.ndim)))
-    if host_bool(xp, ok):
+def finite_or_previous(xp: Any, new: Array, previous: Array, failures: Array, block_ndim: int = 2) -> tuple[Array, Array]:
+    r"""Block-wise, ``new`` where the block is finite, else ``previous``, and ``failures`` plus the
+    number of blocks kept: a block is the last ``block_ndim`` axes (2: a stack of matrices; 0: each
+    entry, block size 1). Where the decision that every entry is finite reads on the host for free
+    (:func:`precond_ref._backend.host_bool`: NumPy, a CPU tensor outside ``torch.compile``) a finite
+    ``new`` is returned as it is, without the selection and the count's arithmetic."""
+    if host_bool(xp, all_finite(new, axis=tuple(range(new.ndim)))):
         return new, failures
-    return xp.where(ok, new, previous), failures + xp.astype(xp.logical_not(ok), failures.dtype)
+    ok = all_finite(new, axis=tuple(range(new.ndim - block_ndim, new.ndim))) if block_ndim else xp.isfinite(new)
+    kept = xp.where(xp.reshape(ok, tuple(ok.shape) + (1,) * block_ndim), new, previous)
+    return kept, failures + _count(xp, xp.logical_not(ok), failures.dtype)
+
+
+def _count(xp: Any, flags: Array, dtype: Any) -> Array:
+    """How many entries of the bool array ``flags`` are true, a 0-D array of ``dtype``."""
+    return xp.sum(xp.astype(flags, dtype), dtype=dtype)
 
 
 def refresh_parts(
@@ -223,7 +229,8 @@ def refresh_parts(
 ) -> tuple[list[Array], list[Array]]:
     r"""``block_inverse(F, previous)`` (``elementwise_inverse`` for block size 1) of every statistic
     part whose blocks belong to the phases ``run`` = ``(first, stop)`` of ``phases``, the previous
-    inverse for the others; and per part whether any refreshed block was flagged.
+    inverse for the others; and per part how many refreshed blocks failed and kept their previous
+    inverse (0-D int32).
 
     The equal-size blocks of all parts (FC blocks of one size, convs with one kernel size) form
     one stack (:func:`precond_ref.blocking.on_stacks`); the run refreshes its contiguous share
@@ -247,35 +254,18 @@ def refresh_parts(
 
     matrices = [(square(s), square(p)) for k, s, p in zip(kinds, statistics, previous) if k != ELEMENTWISE]
     inverted = iter(on_stacks(xp, invert, matrices))
-    inverses, flags = [], []
+    inverses, failures = [], []
     for kind, statistic, before in zip(kinds, statistics, previous):
         if kind != ELEMENTWISE:
             inverse, flagged_blocks = next(inverted)
-            inverse, flagged = as_matrix(xp, inverse, tuple(statistic.shape)), xp.any(flagged_blocks)
+            inverse, failed = as_matrix(xp, inverse, tuple(statistic.shape)), flagged_blocks
         elif run[0] == 0:
-            inverse, flagged = elementwise_inverse(statistic, before)
+            inverse, failed = elementwise_inverse(statistic, before)
         else:
-            inverse, flagged = before, xp.zeros((), dtype=xp.bool, device=placement(xp, before))
+            inverse, failed = before, xp.zeros((), dtype=xp.bool, device=placement(xp, before))
         inverses.append(inverse)
-        flags.append(flagged)
-    return inverses, flags
-
-
-def _add_flags(
-    xp: Any, counts: Sequence[Array], before: Sequence[Array], owners: Sequence[int], flags: Sequence[Array]
-) -> list[Array]:
-    """Each group's failure count after one run of refreshes: ``before + 1`` (``before``: its count
-    when the call's refreshes began) where any of its statistic parts (``owners[k]`` is the group
-    of part ``k``) was flagged by this run, else ``counts`` unchanged. So a call counts one failure
-    per flagged group, however its phases were split into runs. A count that is still ``before``
-    itself (the call's first run) is ``before + flagged``, the same number."""
-    flagged: list[Any] = [None] * len(counts)
-    for owner, flag in zip(owners, flags):
-        flagged[owner] = flag if flagged[owner] is None else xp.logical_or(flagged[owner], flag)
-    return [
-        c if f is None else b + xp.astype(f, b.dtype) if c is b else xp.where(f, b + 1, c)
-        for c, b, f in zip(counts, before, flagged)
-    ]
+        failures.append(_count(xp, failed, xp.int32))
+    return inverses, failures
 
 
 def _stack_key(x: Array) -> Any:
@@ -294,7 +284,7 @@ class PartsRule(NamedTuple):
     ``init_part(xp, c, kind, shape, dtype, device)``: a part's ``(statistic, inverse)``;
     ``momentum(xp, c, m, g)``: the heavy ball; ``statistic(xp, c, kind, g)``: the statistic of a
     gradient part; ``ema(xp, c, kind, F, g)``: the statistic after a statistics step;
-    ``inverse(xp, c, F, previous)``: a stack of matrices' inverses and which were flagged;
+    ``inverse(xp, c, F, previous)``: a stack of matrices' inverses and which failed (kept ``previous``);
     ``elementwise_inverse(xp, c, v, previous)``: the same for block size 1;
     ``direction(xp, c, kind, inverse, m)``: the preconditioned direction :math:`D`;
     ``quadratic(xp, c, D, m)``: a layer's :math:`\langle D, m\rangle`; ``step_size(xp, c, q, lr,
@@ -361,7 +351,7 @@ def _step_ops(p: _Parts, ctx: StepContext, dtype: Any, device: Any) -> NamedTupl
 
 def _statistic_branches(p: _Parts, xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...]) -> tuple[Callable, Callable]:
     """The ``cond`` branches of the statistics step: every part's :attr:`PartsRule.ema`, a part that
-    is not finite rejected and counted (:func:`finite_or_previous`), or every part kept. Made once per
+    is not finite rejected and counted block-wise (:func:`finite_or_previous`), or every part kept. Made once per
     (namespace, kinds) and kept in ``p.branches``: JAX caches a traced branch by the function's
     identity, so a fresh closure per call would trace it again on every eager step. Keyed by the
     namespace's name, not ``functools.cache``: dynamo warns on every lru_cache-wrapped call it
@@ -373,7 +363,7 @@ def _statistic_branches(p: _Parts, xp: Any, kinds: tuple[str, ...], owners: tupl
             statistics, counts = [], list(n)
             for kind, owner, f_part, g_part in zip(kinds, owners, f, g):
                 new = p.rule.ema(xp, _ops(p, xp, f_part.dtype), kind, f_part, g_part)
-                new, counts[owner] = finite_or_previous(xp, new, f_part, counts[owner])
+                new, counts[owner] = finite_or_previous(xp, new, f_part, counts[owner], 0 if kind == ELEMENTWISE else 2)
                 statistics.append(new)
             return statistics, counts
 
@@ -384,22 +374,24 @@ def _statistic_branches(p: _Parts, xp: Any, kinds: tuple[str, ...], owners: tupl
 def _inverse_branches(
     p: _Parts, xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...], run: tuple[int, int]
 ) -> tuple[Callable, Callable]:
-    """The ``cond`` branches of the refresh of the shares ``run`` (:func:`refresh_parts`, a flagged
-    refresh counted once per group, :func:`_add_flags`), or every inverse kept; kept as
-    :func:`_statistic_branches`."""
+    """The ``cond`` branches of the refresh of the shares ``run`` (:func:`refresh_parts`, each
+    failed block counted in its group), or every inverse kept; kept as :func:`_statistic_branches`."""
     key = ("inverse", xp.__name__, kinds, owners, run)
     if key not in p.branches:
 
-        def refresh(f: list, inv: list, n: list, before: list) -> tuple[list, list]:
-            inverses, flags = refresh_parts(
+        def refresh(f: list, inv: list, n: list) -> tuple[list, list]:
+            inverses, failed = refresh_parts(
                 xp, kinds, f, inv,
                 lambda s, q: p.rule.inverse(xp, _ops(p, xp, s.dtype), s, q),
                 lambda v, q: p.rule.elementwise_inverse(xp, _ops(p, xp, v.dtype), v, q),
                 run, len(p.inverse_dues),
             )  # fmt: skip
-            return inverses, _add_flags(xp, n, before, owners, flags)
+            counts = list(n)
+            for owner, count in zip(owners, failed):
+                counts[owner] = counts[owner] + count
+            return inverses, counts
 
-        p.branches[key] = (refresh, lambda f, inv, n, before: (inv, n))
+        p.branches[key] = (refresh, lambda f, inv, n: (inv, n))
     return p.branches[key]
 
 
@@ -434,7 +426,7 @@ def _diagonal_step(p: _Parts, g: Array, state: dict, w: Any, ctx: StepContext) -
 def _statistics(p: _Parts, xp: Any, ctx: StepContext, members: list, part_kinds: tuple, owners: tuple,
                 statistics: list, failures: list, g_parts: list) -> tuple[list, list]:
     """Every part's statistic after the statistics step, where it is due (one ``cond`` for all parts),
-    and each group's failure count with the parts rejected."""
+    and each group's failure count with the blocks rejected."""
     if not members:
         return [], []
     due = ctx.every(p.statistics_every)
@@ -446,12 +438,12 @@ def _inverses(p: _Parts, xp: Any, ctx: StepContext, part_kinds: tuple, owners: t
     """Every part's inverse after the refresh of the shares due (:func:`refreshes`, merged: the
     shares due on the host in runs, one batched call per stack of equal blocks and run; each run
     one batch of every part, :func:`_inverse_branches`), and each group's failure count, one
-    failure per call however many of its parts were flagged."""
-    counts, before = list(failures), list(failures)
+    failure per block whose refresh failed."""
+    counts = list(failures)
     decisions = [ctx.every(due) for due in p.inverse_dues] if statistics else []
 
     def batches(first: int, stop: int) -> list[_Run]:  # made as its run starts, from what the runs before left
-        return [_Run((first, stop), (statistics, inverses, counts, before))]
+        return [_Run((first, stop), (statistics, inverses, counts))]
 
     def branches(run: _Run) -> tuple[Callable, Callable]:
         return _inverse_branches(p, xp, part_kinds, owners, run.shares)
@@ -463,7 +455,7 @@ def _inverses(p: _Parts, xp: Any, ctx: StepContext, part_kinds: tuple, owners: t
 
 class _Run(NamedTuple):
     """One run of :func:`_inverses`: the phases ``shares`` = ``(first, stop)`` and the ``cond``'s
-    operands (every part's statistic and inverse, each group's count and its count before the call)."""
+    operands (every part's statistic and inverse, each group's count)."""
 
     shares: tuple
     operands: tuple
@@ -620,8 +612,8 @@ def parts_transform(
     A tree is read out-first (:func:`out_first`), its groups laid out as blocks and parts; one step
     (:func:`_update_groups`) runs the rule on them: the heavy ball, the statistics on the rule's
     statistics interval, the inverses of the shares of each stack of equal blocks whose predicate
-    (``rule.schedule``) holds, one batched call per stack (:func:`refresh_parts`; a non-finite
-    statistic or a flagged refresh counts one failure per group), the directions, the step sizes
+    (``rule.schedule``) holds, one batched call per stack (:func:`refresh_parts`; each block whose
+    statistic or inverse was not finite keeps its previous one and counts one failure), the directions, the step sizes
     (``clips``: :attr:`PartsRule.step_size` of all layers of a dtype at once, else :math:`-\alpha_i`),
     the diagonal kind's leaves joined into vectors, and with ``decays`` the decoupled weight decay
     on every leaf.

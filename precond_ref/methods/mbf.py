@@ -129,7 +129,7 @@ def _ema_statistic(xp: Any, c: MBFConfig, kind: str, statistic: Array, g: Array)
 
 
 def _inverse(xp: Any, c: MBFConfig, statistic: Array, previous: Array) -> tuple[Array, Array]:
-    r""":math:`(F_b + \lambda_b I)^{-1}` of a stack of blocks and which were flagged: symmetrised, the
+    r""":math:`(F_b + \lambda_b I)^{-1}` of a stack of blocks and which failed: symmetrised, the
     damping raised to the precision floor (B2, B6; :func:`precond_ref.linalg.damped_inverse_stable`),
     or the authors' plain inverse (:func:`_faithful_inverse`)."""
     if c.mode == "faithful":
@@ -145,11 +145,11 @@ def _faithful_inverse(matrices: Array, damping: Any, previous: Array) -> tuple[A
 
 def _elementwise_inverse(xp: Any, c: MBFConfig, statistic: Array, previous: Array) -> tuple[Array, Array]:
     r""":math:`1/(v + \lambda)` element-wise where :math:`v` is finite, ``previous`` elsewhere; and
-    whether any entry was not finite (the block-size-1 limit of the damped inverse, B4)."""
+    the entries that were not finite (the block-size-1 limit of the damped inverse, B4)."""
     finite = xp.isfinite(statistic)
     safe = xp.where(finite, statistic, xp.zeros_like(statistic))
     new = 1.0 / (safe + c.damping)
-    return xp.where(finite, new, previous), xp.logical_not(xp.all(finite))
+    return xp.where(finite, new, previous), xp.logical_not(finite)
 
 
 def _precondition(xp: Any, c: MBFConfig, kind: str, inverse: Array, m: Array) -> Array:
@@ -373,10 +373,9 @@ def mbf(
     (an FC layer cut into blocks: (full, b, b), plus ``statistic_tail`` / ``inverse_tail`` for
     the shorter last block),
     ``failures`` (0-D int32: how many of this entry's preconditioner updates were discarded
-    because their result was not usable (not finite); the previous preconditioner was kept. Here a
-    statistic or inverse refresh of the layer counts once per call however many of its blocks were
-    discarded, and a principled inverse refresh that had to raise a block's damping, B6, counts
-    too, although its result is used); diagonal-rule
+    because their result was not usable (not finite); the previous preconditioner was kept. Each
+    block whose statistic or inverse update was discarded counts one, block size 1 each entry; a
+    damping raised by B6 is not counted, its result is used); diagonal-rule
     leaves hold ``ema`` (:math:`a`) and ``second_moment`` (:math:`v`).
 
     On an inverse step the blocks of all layers with the same block size (FC row chunks of one
@@ -404,8 +403,8 @@ def mbf(
       :math:`\lambda_b = \max(\lambda, 100\,\varepsilon\|F\|_F)`, before the inverse
       (:func:`precond_ref.linalg.damped_inverse_stable`): where :math:`\|F\|/\lambda \gtrsim
       1/(100\varepsilon)` (a gradient spike) the authors' inverse is garbage or singular; here it
-      is accurate to 1e-2 and no longer than the exact damped inverse along any direction. Each
-      refresh that raised a layer's damping counts one ``failures``.
+      is accurate to 1e-2 and no longer than the exact damped inverse along any direction. A raised
+      damping is not a failure (its result is used) and is not counted in ``failures``.
     * B3: state in the compute dtype (float64 for float64 parameters; the authors' models are
       float32). bf16/fp16 parameters keep float32 state in both modes (no backend inverts in bf16).
     * B4: long FC output axes are cut into ``block_size`` blocks (default 128; faithful: one

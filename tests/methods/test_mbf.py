@@ -116,7 +116,7 @@ def test_equal_size_blocks_of_different_layers_share_one_inverse_call(monkeypatc
     """Batched blocks: on an inverse step, the blocks of every layer with the same
     block size go through one batched call (FC layers with the same output size, convs with the same
     kernel size), and each layer gets what it gets alone; a precision event (a layer whose damping
-    had to be raised) is counted in that layer's ``failures`` only."""
+    had to be raised) is not a failure: its result is used, no layer counts one."""
     import importlib
 
     mbf_module = importlib.import_module("precond_ref.methods.mbf")
@@ -142,7 +142,7 @@ def test_equal_size_blocks_of_different_layers_share_one_inverse_call(monkeypatc
         alone, alone_state = _run_core(_backend("numpy"), {name: params[name]}, [{name: g[name]} for g in grads], **hyper)
         _close({name: together[name]}, alone, rtol=1e-12, atol=1e-14)
         assert int(state.groups[f"{name}/weight"]["failures"]) == int(alone_state.groups[f"{name}/weight"]["failures"])
-    assert [int(state.groups[f"{n}/weight"]["failures"]) for n in "abcd"] == [0, 0, 0, 1]
+    assert [int(state.groups[f"{n}/weight"]["failures"]) for n in "abcd"] == [0, 0, 0, 0]
 
 
 def _backend(name):
@@ -362,7 +362,7 @@ def test_large_conv_statistic_against_float64(backend, spike):
     float64 one (beyond rounding: where the damping is below the float32 precision floor of the
     statistic it is raised to 100·ε‖F‖_F, which only shortens the step); while the statistic is
     resolved (spike 1e1: κ(F + λI) ≈ 1e4, floor ≈ 1e-4 < λ) it matches float64 to 1e-2 (about κ·ε32);
-    a raised damping is counted in ``failures``; float64 never raises."""
+    a raised damping is not counted in ``failures`` (its result is used)."""
     rng = np.random.default_rng(5)
     shape = (4, 3, 3, 3)
     grads = [rng.standard_normal(shape) for _ in range(3)] + [spike * rng.standard_normal(shape)]
@@ -382,8 +382,7 @@ def test_large_conv_statistic_against_float64(backend, spike):
     assert np.linalg.norm(u32) <= 1.01 * np.linalg.norm(u64)
     if spike == 1e1:
         assert np.linalg.norm(u32 - u64) / np.linalg.norm(u64) < 1e-2
-    else:
-        assert out["float32_failures"] >= 1
+    assert out["float32_failures"] == out["float64_failures"] == 0
 
 
 def test_zero_gradients_give_finite_state_and_decay_only_updates(backend):

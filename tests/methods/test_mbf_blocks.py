@@ -232,19 +232,25 @@ def test_refresh_runs_merge_the_phases_due_on_the_host():
     assert [(r[1], r[2]) for r in runs] == [(0, 1), (1, 2)] and all(r[0] is d for r, d in zip(runs, device))
 
 
-def test_failures_count_refresh_calls_however_the_phases_run():
-    """Spec ``mbf.md`` B6: ``failures`` counts the refreshes (calls) that had to raise a layer's
-    damping, one per call and layer. In the warm-up every phase refreshes on every statistics
-    call: merged into one run where the decisions are on the host (NumPy with ``step=``), one
-    ``cond`` per phase where they are device arrays (``array_api_strict`` without ``step=``);
-    both count one per call. Damping 1e-14 against statistics of order 1 raises the damping of
-    every block (gradients of order 10: floor 100 eps |F| > 1e-14), and the layer's three blocks of 2 rows lie in both
-    shares (P = 2): 5 warm-up calls (0..4, T1 = 1, T2 = 4) and call 6 (phase 1: 6 % 4 == 4 // 2)."""
+def test_failures_count_failed_blocks_however_the_phases_run(monkeypatch):
+    """``failures`` counts each block whose inverse refresh failed (kept its previous inverse), one
+    per block and refresh. In the warm-up every phase refreshes on every statistics call: merged
+    into one run where the decisions are on the host (NumPy with ``step=``), one ``cond`` per
+    phase where they are device arrays (``array_api_strict`` without ``step=``); both count the
+    same. Every refresh is made to fail (the inverse patched to keep ``previous`` and report every
+    block failed); the layer's three blocks of 2 rows lie in both shares (P = 2): 5 warm-up calls
+    (0..4, T1 = 1, T2 = 4) refresh all 3 blocks, call 6 (phase 1: 6 % 4 == 4 // 2) its share."""
     strict = pytest.importorskip("array_api_strict")
+
+    def failing(matrices, damping, previous):
+        xp = matrices.__array_namespace__()
+        return previous, xp.ones(tuple(matrices.shape[:-2]), dtype=xp.bool)
+
+    monkeypatch.setattr(M, "damped_inverse_stable", failing)
     rng = np.random.default_rng(3)
     params = {"big": {"weight": rng.standard_normal((6, 2))}}
-    grads = [{"big": {"weight": 10.0 * rng.standard_normal((6, 2))}} for _ in range(7)]
-    hyper = dict(learning_rate=1e-3, damping=1e-14, statistics_every=1, precondition_every=4, block_size=2, refresh_phases=2)
+    grads = [{"big": {"weight": rng.standard_normal((6, 2))}} for _ in range(7)]
+    hyper = dict(learning_rate=1e-3, statistics_every=1, precondition_every=4, block_size=2, refresh_phases=2)
     counts = {}
     for name, xp, step in (("host", np, True), ("device", strict, False)):
         opt = pr.mbf(**hyper)
@@ -255,4 +261,48 @@ def test_failures_count_refresh_calls_however_the_phases_run():
             updates, state = opt.update(g, state, p, **({"step": i} if step else {}))
             p = pr.apply_updates(p, updates)
         counts[name] = int(state.groups["big/weight"]["failures"])
-    assert counts == {"host": 6, "device": 6}
+    start, stop = phase_share(3, 1, 2, 2)
+    assert counts == {"host": 5 * 3 + stop - start, "device": 5 * 3 + stop - start}
+
+
+@pytest.mark.parametrize("blocks, expected", [((0,), 1), ((0, 1), 2)])
+def test_failures_count_each_block_whose_statistic_is_not_finite(blocks, expected):
+    """``failures`` counts one per block whose statistic update was discarded. The gradient's skip
+    rule bounds its squared norm, so a statistic step cannot overflow from a gradient; the
+    non-finite statistic is planted in the state instead (Inf in the chosen blocks of an FC layer of
+    4 outputs in two blocks of 2 rows). One statistics step without an inverse refresh (T1 = 1, T2 = 4,
+    one share, step 11, after the warm-up): the planted blocks keep their previous value, the other block of the same
+    stack takes its new one, and each planted block counts one."""
+    rng = np.random.default_rng(6)
+    params = {"fc": {"weight": rng.standard_normal((4, 3))}}
+    opt = pr.mbf(learning_rate=1e-3, block_size=2, statistics_every=1, precondition_every=4,
+                 refresh_phases=1)
+    state = opt.init(params)
+    group = dict(state.groups["fc/weight"])
+    planted = np.array(group["statistic"])
+    planted[list(blocks)] = np.inf
+    group["statistic"] = planted
+    state = state._replace(groups={"fc/weight": group})
+    _, state = opt.update({"fc": {"weight": rng.standard_normal((4, 3))}}, state, params, step=11)
+    new = state.groups["fc/weight"]
+    assert int(new["failures"]) == expected
+    statistic = np.asarray(new["statistic"])
+    for b in range(2):
+        if b in blocks:
+            assert np.all(statistic[b] == np.inf)
+        else:
+            assert np.all(np.isfinite(statistic[b])) and np.abs(statistic[b]).max() > 0
+    np.testing.assert_array_equal(new["inverse"], group["inverse"])  # no refresh on this step
+
+
+def test_raised_damping_is_not_a_failure():
+    """B6: damping 1e-14 against statistics of order 100 raises the damping of every block
+    (floor 100 eps |F| > 1e-14); the raised inverse is used, so nothing is counted."""
+    rng = np.random.default_rng(3)
+    params = {"big": {"weight": rng.standard_normal((6, 2))}}
+    opt = pr.mbf(learning_rate=1e-3, damping=1e-14, statistics_every=1, precondition_every=1, block_size=2)
+    state = opt.init(params)
+    for i in range(3):
+        updates, state = opt.update({"big": {"weight": 10.0 * rng.standard_normal((6, 2))}}, state, params, step=i)
+        assert np.all(np.isfinite(updates["big"]["weight"]))
+    assert int(state.groups["big/weight"]["failures"]) == 0

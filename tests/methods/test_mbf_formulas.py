@@ -82,7 +82,7 @@ def test_precondition_per_kind_is_the_plain_block_product():
 
 def test_ema_statistic_keeps_the_statistic_when_the_new_one_is_not_finite():
     """F <- rho F + (1-rho) stat(g) (the same floating-point expression, so bitwise); a non-finite
-    result keeps F and counts one failure."""
+    block keeps its F and counts one failure, the other blocks take their new value."""
     rng = np.random.default_rng(3)
     f, g, rho = rng.standard_normal((2, 2, 3, 3)), rng.standard_normal((2, 2, 3)), np.float64(0.9)
     zero = np.zeros((), np.int32)
@@ -92,18 +92,21 @@ def test_ema_statistic_keeps_the_statistic_when_the_new_one_is_not_finite():
     g[0, 0, 0] = 1e200  # finite, its square overflows
     with np.errstate(over="ignore"):
         kept, count = P.finite_or_previous(np, M._ema_statistic(np, COLUMNS._replace(b2=rho), P.CONV, f, g), f, zero)
-    np.testing.assert_array_equal(kept, f)
+        expected = rho * f + (1.0 - rho) * (g[..., :, None] * g[..., None, :])
+    np.testing.assert_array_equal(kept[0, 0], f[0, 0])
+    np.testing.assert_array_equal(kept[0, 1], expected[0, 1])
+    np.testing.assert_array_equal(kept[1], expected[1])
     assert int(count) == 1
 
 
 def test_elementwise_inverse_is_the_reciprocal_with_a_fallback():
-    """1/(v + lam) where v is finite (one rounding: bitwise), the previous value elsewhere, and a flag."""
+    """1/(v + lam) where v is finite (one rounding: bitwise), the previous value elsewhere, and the
+    entries that were not finite."""
     v = np.array([0.0, 2.0, np.inf, np.nan])
     previous = np.full(4, 7.0)
     inverse, flagged = M._elementwise_inverse(np, COLUMNS._replace(damping=0.5), v, previous)
     np.testing.assert_array_equal(inverse, [1 / 0.5, 1 / 2.5, 7.0, 7.0])
-    assert bool(flagged)
-    assert not bool(M._elementwise_inverse(np, COLUMNS._replace(damping=0.5), v[:2], previous[:2])[1])
+    np.testing.assert_array_equal(flagged, [False, False, True, True])
 
 
 def test_faithful_inverse_is_the_plain_inverse():
