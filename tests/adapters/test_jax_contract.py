@@ -50,6 +50,19 @@ PROBLEMS = {
 }
 
 
+_UPDATES: dict = {}
+
+
+def _one_update(case):
+    """``case``'s optimizer and its update under ``jax.jit``, made once per case: the tests that
+    take one update on the mixed problem's float32 leaves (a non-finite gradient, MultiSteps'
+    expected update) share its compilation."""
+    if case.id not in _UPDATES:
+        opt = case.make()
+        _UPDATES[case.id] = opt, jax.jit(lambda g, s, p: opt.update(g, s, p, **case.update_kwargs))
+    return _UPDATES[case.id]
+
+
 def _run(opt, loss, params, steps, update_kwargs):
     state = opt.init(params)
 
@@ -125,9 +138,9 @@ def test_multisteps_zero_on_accumulation_steps(case):
         if i < 2:
             for leaf in jax.tree_util.tree_leaves(updates):
                 assert not np.any(np.asarray(leaf))
-    inner = case.make()
+    inner, update = _one_update(case)
     mean = jax.tree_util.tree_map(lambda *g: sum(g) / 3.0, *grads)
-    expected, _ = jax.jit(lambda g, s, p: inner.update(g, s, p, **case.update_kwargs))(mean, inner.init(params), params)
+    expected, _ = update(mean, inner.init(params), params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), updates, expected)
 
 
@@ -166,10 +179,10 @@ def test_arbitrary_pytree_and_chain(case):
 
 def test_nonfinite_gradient_is_skipped_under_jit(case):
     params = PROBLEMS["mixed_1d_2d"][1]()
-    opt = case.make()
+    opt, update = _one_update(case)
     state = opt.init(params)
     grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, jnp.nan), params)
-    updates, new_state = jax.jit(lambda g, s, p: opt.update(g, s, p, **case.update_kwargs))(grads, state, params)
+    updates, new_state = update(grads, state, params)
     assert all(not np.any(np.asarray(u)) for u in jax.tree_util.tree_leaves(updates))
     assert int(new_state.nonfinite_count) == 1 and int(new_state.count) == 0
     for a, b in zip(jax.tree_util.tree_leaves(state.groups), jax.tree_util.tree_leaves(new_state.groups)):

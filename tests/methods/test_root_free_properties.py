@@ -89,11 +89,13 @@ def test_fixed_point_1d_diagonal(property_backend, g, batch, damping):
 def test_fixed_point_2d_flip_flop(property_backend, shape, seed, batch, damping):
     """I-P2: for a fixed G the factors solve the flip-flop equations of §2.5:
     Cᵀ S_C C = I with S_C = [λ Tr(KKᵀ) I + B G KKᵀ Gᵀ]/d_i and Kᵀ S_K K = I with
-    S_K = [λ Tr(CCᵀ) I + B Gᵀ CCᵀ G]/d_o."""
+    S_K = [λ Tr(CCᵀ) I + B Gᵀ CCᵀ G]/d_o. The fixed point does not depend on the factor step size;
+    at 0.9 the iteration reaches it within 1e-10 in at most ~110 steps over these ranges (200
+    random draws), so 200 steps leave a margin."""
     g = np.random.default_rng(seed).normal(size=shape)
-    opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.6, momentum=0.0, learning_rate=1e-3,
+    opt = pr.if_shampoo(batch_size=batch, damping=damping, preconditioner_lr=0.9, momentum=0.0, learning_rate=1e-3,
                         precondition_every=1)
-    state = _iterate(property_backend, opt, {"w": np.zeros(shape)}, {"w": g}, 300)
+    state = _iterate(property_backend, opt, {"w": np.zeros(shape)}, {"w": g}, 200)
     c = _np(property_backend, state.groups["w"]["stacks/0/factor/0"])[0]
     k = _np(property_backend, state.groups["w"]["stacks/0/factor/1"])[0]
     d_o, d_i = shape

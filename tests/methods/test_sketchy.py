@@ -31,7 +31,12 @@ def _run(opt, params, grads_seq, backend=None, **extra):
     if backend is not None and backend.name == "jax":  # eager lax.cond re-traces every call
         import jax
 
-        update = jax.jit(opt.update)
+        # Committed arguments: the first step's parameters would otherwise be uncommitted and the
+        # later ones committed (results of the earlier steps), which compiles the step twice.
+        step, device = jax.jit(opt.update), jax.devices()[0]
+
+        def update(*args, **kwargs):
+            return step(*jax.device_put(args, device), **kwargs)
     outs = []
     for g in grads_seq:
         upd, state = update({k: conv(v) for k, v in g.items()}, state, p, **extra)
