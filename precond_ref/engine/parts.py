@@ -439,18 +439,18 @@ def _inverses(p: _Parts, xp: Any, ctx: StepContext, part_kinds: tuple, owners: t
     shares due on the host in runs, one batched call per stack of equal blocks and run; each run
     one batch of every part, :func:`_inverse_branches`), and each group's failure count, one
     failure per block whose refresh failed."""
-    counts = list(failures)
     decisions = [ctx.every(due) for due in p.inverse_dues] if statistics else []
+    operands = (statistics, inverses, list(failures))
 
-    def batches(first: int, stop: int) -> list[_Run]:  # made as its run starts, from what the runs before left
-        return [_Run((first, stop), (statistics, inverses, counts))]
+    def batches(first: int, stop: int) -> list[_Run]:  # made as its run starts: the runs before it left operands
+        return [_Run((first, stop), operands)]
 
     def branches(run: _Run) -> tuple[Callable, Callable]:
         return _inverse_branches(p, xp, part_kinds, owners, run.shares)
 
-    for _, (inverses, counts) in refreshes(xp, decisions, batches, branches, merged=True):
-        pass
-    return list(inverses), counts
+    for _, (new_inverses, counts) in refreshes(xp, decisions, batches, branches, merged=True):
+        operands = (statistics, new_inverses, counts)
+    return list(operands[1]), operands[2]
 
 
 class _Run(NamedTuple):
