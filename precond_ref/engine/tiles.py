@@ -43,8 +43,8 @@ from .run import build_transform
 
 __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
-    "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
-    "sums_in_tile_order", "interleaved_places", "counts_per_run", "taken", "read_if_free", "run_indicator", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
+    "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks",
+    "sums_in_tile_order", "counts_per_run", "taken", "read_if_free", "run_indicator", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
     "leaves_of_batches", "tiles_of_groups", "rearranged", "gathering", "GATHER_MAX_ELEMENTS", "each_block", "side_by_side", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
@@ -285,24 +285,14 @@ def pick(xp, stack, positions: tuple):
     return taken(xp, stack, index_array(xp, positions, stack))
 
 
-def unpick(xp, parts: Sequence[Any], positions: Sequence[tuple], flat: bool = True):
+def unpick(xp, parts: Sequence[Any], positions: Sequence[tuple]):
     """The stack ``S`` with ``S[positions[i][j]] = parts[i][j]`` (the inverse of :func:`pick`; the
-    positions of all parts together are ``0..k-1``): the part itself; the T phases of equal tiles
-    (part ``p`` holds positions ``p, p+T, ...``) interleaved by one ``stack`` and a reshape; else a
-    ``concat`` and one ``take``. ``flat=False`` (for a consumer that reshapes or sums anyway): the
-    interleave may stay ``(k/T, T, ...)``, the same entries in the same memory order."""
+    positions of all parts together are ``0..k-1``): the part itself, else a ``concat`` and one
+    ``take``."""
     if len(parts) == 1:
         return parts[0]
-    k, phases = sum(len(p) for p in positions), len(parts)
-    if all(p == tuple(range(i, k, phases)) for i, p in enumerate(positions)):
-        rows, extra = divmod(k, phases)  # parts[:extra] hold one more tile, at position rows * phases + p
-        head = xp.stack([part if part.shape[0] == rows else part[:rows, ...] for part in parts], axis=1)
-        if extra == 0 and not flat:
-            return head
-        head = xp.reshape(head, (rows * phases,) + tuple(parts[0].shape[1:]))
-        return head if extra == 0 else xp.concat([head] + [part[rows:, ...] for part in parts[:extra]], axis=0)
     order = [j for p in positions for j in p]
-    inverse = tuple(sorted(range(k), key=order.__getitem__))  # S[j] = concat(parts)[inverse[j]]
+    inverse = tuple(sorted(range(len(order)), key=order.__getitem__))  # S[j] = concat(parts)[inverse[j]]
     return taken(xp, xp.concat(list(parts), axis=0), index_array(xp, inverse, parts[0]))
 
 
@@ -321,110 +311,42 @@ def cut_stacks(xp, G, plan: TilePlan) -> list:
 
 def join_stacks(xp, parts: Sequence[Any], plan: TilePlan):
     """The inverse of :func:`cut_stacks`: the tensor whose tiles are the stacks ``parts`` (each
-    region's box by :func:`phases_in_place`, or its tiles put in order by :func:`unpick` and the
-    box by :func:`from_tiles`; the boxes joined by :func:`join`)."""
-    boxes = []
-    for region in plan.regions:
-        pieces, positions = [parts[s] for s in region.stacks], [plan.stacks[s].positions for s in region.stacks]
-        box = phases_in_place(xp, pieces, positions, region.counts, region.size)
-        if box is None:
-            box = from_tiles(xp, unpick(xp, pieces, positions, flat=False), region.counts, region.size)
-        boxes.append(box)
+    region's tiles put in order by :func:`unpick`, the box by :func:`from_tiles`; the boxes joined
+    by :func:`join`)."""
+    boxes = [from_tiles(xp, unpick(xp, [parts[s] for s in region.stacks], [plan.stacks[s].positions for s in region.stacks]),
+                        region.counts, region.size) for region in plan.regions]
     return join(xp, boxes, plan.grid)
-
-
-def phases_in_place(xp, parts: Sequence[Any], positions: Sequence[tuple], counts: tuple, size: tuple):
-    """The box whose equal tiles, row-major over ``counts``, are the ``T`` phase stacks ``parts``
-    (part ``p`` holds tiles ``p, p+T, ...``), where ``T`` divides the tiles of the last axis: then
-    part ``p`` holds the tiles whose last grid index is ``p`` modulo ``T``, and one ``stack`` of
-    the parts, each seen as ``(c_1, b_1, ..., c_N/T, b_N)``, along a new axis before ``b_N`` is the
-    box (a reshape of it), where :func:`unpick` and :func:`from_tiles` copy twice. ``None``
-    elsewhere."""
-    phases, rank = len(parts), len(counts)
-    k = sum(len(p) for p in positions)
-    if phases == 1 or counts[-1] % phases or any(p != tuple(range(i, k, phases)) for i, p in enumerate(positions)):
-        return None
-    grid = counts[:-1] + (counts[-1] // phases,)
-    order = tuple(x for n in range(rank) for x in (n, rank + n))
-    views = [xp.permute_dims(xp.reshape(part, grid + tuple(size)), order) for part in parts]
-    return xp.reshape(xp.stack(views, axis=2 * rank - 1), tuple(c * b for c, b in zip(counts, size)))
 
 
 def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tuple]], plans: Sequence[TilePlan]
                        ) -> list:
     """``Σ_t x_t`` per group of a per-tile quantity, summed over the group's tiles in row-major
     order. ``vectors[m]`` holds the values of batch ``m``, the tiles of its members ``members[m]``
-    ((group, stack) numbers of ``plans``) one after the other. Each group's values are put in that
-    order, and the groups of one number ``k`` of tiles (and dtype and device) summed by one
-    ``sum`` over the rows of their ``(groups, k)`` matrix (a row's sum is the sum of that row
-    alone). The groups whose stacks are their phases, evenly interleaved (tile ``t`` in stack
-    ``t mod T``): the batches of one dtype and device joined (one ``concat``) and their tiles put
-    in that order by one ``take`` of an index made on the device (:func:`interleaved_places`),
-    the groups of one ``k`` next to each other; any other group's stacks joined in order by
-    :func:`unpick`, the rows of one ``k`` stacked."""
+    ((group, stack) numbers of ``plans``) one after the other. The batches of one dtype and device
+    joined, every group's values put in its tile order by one ``take`` (none where they are so
+    already), the groups of one number ``k`` of tiles next to each other, and each such run summed
+    by one ``sum`` over the rows of its ``(groups, k)`` matrix (a row's sum is that row's alone)."""
     out: list = [None] * len(plans)
     kinds: dict = {}
     for m, vector in enumerate(vectors):
         kinds.setdefault((vector.dtype, device_key(vector)), []).append(m)
     for batches in kinds.values():
-        start, first, values = 0, {}, {}  # (group, stack) -> its first tile's place in the joined vector, its values
-        for m in batches:
-            for (i, s), v in zip(members[m], _runs(vectors[m], [len(plans[i].stacks[s].tiles) for i, s in members[m]])):
-                first[i, s], values[i, s] = start, v
-                start += len(plans[i].stacks[s].tiles)
-        groups = sorted(dict.fromkeys(i for m in batches for i, _ in members[m]), key=lambda i: len(plans[i].tiles))
-        even = [i for i in groups if _interleaved(plans[i])]
-        if even:  # their tiles in order by one gather (none where they are so already), groups of one k side by side
-            joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
-            places = tuple((len(plans[i].tiles), tuple(first[i, s] for s in range(len(plans[i].stacks)))) for i in even)
-            ends = tuple(itertools.accumulate([k for k, _ in places], initial=0))
-            if places != tuple((k, (a,)) for (k, _), a in zip(places, ends)) or ends[-1] != joined.shape[0]:
-                joined = taken(xp, joined, interleaved_places(xp, places, joined))
-            for k, same in itertools.groupby(zip(even, ends), key=lambda pair: len(plans[pair[0]].tiles)):
-                same = list(same)
-                a = same[0][1]
-                sums = leading_rows(xp, xp.sum(xp.reshape(joined[a : a + k * len(same)], (len(same), k)), axis=1))
-                for j, (i, _) in enumerate(same):
-                    out[i] = sums[j]
-        rows: dict = {}
-        for i in groups:
-            if i not in even:
-                parts = [values[i, s] for s in range(len(plans[i].stacks))]
-                x = xp.reshape(unpick(xp, parts, [stack.tiles for stack in plans[i].stacks], flat=False), (-1,))
-                rows.setdefault(len(plans[i].tiles), []).append((i, x))
-        for same in rows.values():
-            sums = leading_rows(xp, xp.sum(xp.stack([x for _, x in same]), axis=1)) if len(same) > 1 else None
-            for j, (i, x) in enumerate(same):
-                out[i] = xp.sum(x) if sums is None else sums[j]
+        place: dict = {}  # (group, tile) -> its place in the batches joined
+        for i, s in (member for m in batches for member in members[m]):
+            place.update(((i, t), len(place)) for t in plans[i].stacks[s].tiles)
+        groups = sorted(dict.fromkeys(i for i, _ in place), key=lambda i: len(plans[i].tiles))
+        order = tuple(place[i, t] for i in groups for t in range(len(plans[i].tiles)))
+        joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
+        if order != tuple(range(len(order))):
+            joined = taken(xp, joined, index_array(xp, order, joined))
+        start = 0
+        for k, same in itertools.groupby(groups, key=lambda i: len(plans[i].tiles)):
+            same = list(same)
+            rows = xp.reshape(joined[start : start + k * len(same)], (len(same), k))
+            for i, total in zip(same, leading_rows(xp, xp.sum(rows, axis=1))):
+                out[i] = total
+            start += k * len(same)
     return out
-
-
-def _runs(vector, lengths: Sequence[int]) -> list:
-    """``vector`` cut into consecutive runs of ``lengths`` (views)."""
-    starts = (0,) + tuple(itertools.accumulate(lengths))
-    return [vector[a:b] for a, b in zip(starts[:-1], starts[1:])]
-
-
-def _interleaved(plan: TilePlan) -> bool:
-    """Whether the plan's stacks are its phases, evenly interleaved: stack ``p`` of ``T`` holds
-    tiles ``p, p+T, ...``, and ``T`` divides the number of tiles (one stack: all tiles in order)."""
-    k, T = len(plan.tiles), len(plan.stacks)
-    return k % T == 0 and all(stack.tiles == tuple(range(p, k, T)) for p, stack in enumerate(plan.stacks))
-
-
-def interleaved_places(xp, places: tuple, like):
-    """The gather that puts evenly interleaved groups' tiles in row-major order: ``places`` is,
-    per group, (its number of tiles ``k``, the places of its ``T`` stacks' first tiles); tile
-    ``t = rT + p`` is at ``first[p] + r``. Made once per ``places`` from ``arange`` on the device
-    (no host data copied; :func:`~precond_ref.engine.factors.constant`)."""
-    def make():
-        dev = placement(xp, like)
-        pieces = []
-        for k, firsts in places:
-            r = xp.arange(k // len(firsts), dtype=index_dtype(xp, like), device=dev)
-            pieces.append(xp.reshape(xp.stack([r + f for f in firsts], axis=1), (-1,)))
-        return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
-    return constant(xp, ("interleaved", places), make, like)
 
 
 def counts_per_run(xp, flags, lengths: Sequence[int]):
@@ -483,12 +405,7 @@ def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
     group (it broadcasts), else the (b, 1, ..., 1) vector of each tile's value."""
     if len(values) == 1:
         return values[0]
-    if is_jax_namespace(xp):  # one gather (XLA writes each piece of a join of many out by a kernel of its own)
-        each = tuple(j for j, n in enumerate(lengths) for _ in range(n))
-        per_tile = taken(xp, stacked(xp, values), index_array(xp, each, like))
-    else:
-        per_tile = xp.concat([xp.broadcast_to(xp.reshape(v, (1,)), (n,)) for v, n in zip(values, lengths)])
-    return per_block(xp, per_tile, like)
+    return per_block(xp, xp.concat([xp.broadcast_to(xp.reshape(v, (1,)), (n,)) for v, n in zip(values, lengths)]), like)
 
 
 def each_block(xp, reduce, mask):
@@ -563,11 +480,8 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
     Two operations (three where the work dtype differs) where the cuts are a copy per group with
     tiles across several axes and the batches a join each."""
     leaves = [g for grads in grads_list for g in grads]
-    if (len({(g.dtype, device_key(g)) for g in leaves}) != 1 or len({g.dtype for g in groups}) != 1
-            or not (gathering(xp, leaves) or is_jax_namespace(xp))):
+    if len({(g.dtype, device_key(g)) for g in leaves}) != 1 or len({g.dtype for g in groups}) != 1 or not gathering(xp, leaves):
         return _cut_each(xp, grads_list, groups)
-    if is_jax_namespace(xp):
-        return _tiles_gathered(xp, grads_list, groups, keys)
     first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
     order = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
                    key=lambda m: (first[keys[m[0]][m[1]]], groups[m[0]].plan.stacks[m[1]].phase, m))
@@ -583,43 +497,6 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
     out = [[None] * len(g.plan.stacks) for g in groups]
     for (i, s), stack in zip(order, rearranged(xp, key, leaves, cut, shapes, groups[0].dtype)):
         out[i][s] = stack
-    return out
-
-
-def _tiles_gathered(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
-                    ) -> list:
-    """:func:`tiles_of_groups` on JAX: per key, the tiles of its groups (each group's tensor cut
-    into its equal tiles by reshapes, :func:`to_tiles`) joined, and its stacks taken from the join
-    in the order of :func:`tiles_of_groups` by one gather (of tiles: an index of a few entries per
-    tile), each stack a remembered slice of the result
-    (:func:`~precond_ref._backend.leading_slices`), so that a batch of them is one slice of it. XLA
-    leaves a join of more than a few pieces unfused, and the cuts of each group's tensor into its
-    phases' stacks, joined across groups, were each a kernel. A group whose tiles are not all of
-    one shape is cut as by :func:`_cut_each`."""
-    out = [[None] * len(g.plan.stacks) for g in groups]
-    even = [i for i, g in enumerate(groups) if len(g.plan.regions) == 1]
-    for i in set(range(len(groups))) - set(even):
-        out[i] = _cut_each(xp, [grads_list[i]], [groups[i]])[0]
-    by_key: dict = {}  # key -> the groups of its stacks, in order of first appearance
-    for i in even:
-        for s in range(len(groups[i].plan.stacks)):
-            by_key.setdefault(keys[i][s], {}).setdefault(i, None)
-    for key, members in by_key.items():
-        members = list(members)
-        tiles, offsets, start = [], {}, 0
-        for i in members:  # one key, one tile shape (its factors' lengths): the tiles join
-            region = groups[i].plan.regions[0]
-            tiles.append(to_tiles(xp, _tensor(xp, grads_list[i], groups[i]), region.counts, region.size))
-            offsets[i], start = start, start + tiles[-1].shape[0]
-        order = sorted(((i, s) for i in members for s in range(len(groups[i].plan.stacks)) if keys[i][s] == key),
-                       key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
-        each = tuple(offsets[i] + p for i, s in order for p in groups[i].plan.stacks[s].positions)
-        whole = tiles[0] if len(tiles) == 1 else xp.concat(tiles, axis=0)
-        if each != tuple(range(whole.shape[0])):
-            whole = taken(xp, whole, index_array(xp, each, whole))
-        lengths = [len(groups[i].plan.stacks[s].tiles) for i, s in order]
-        for (i, s), stack in zip(order, leading_slices(whole, lengths)):
-            out[i][s] = stack
     return out
 
 
@@ -1042,7 +919,8 @@ def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, fail
 
     def branches(batch) -> tuple:  # each batch's scales and rounding bits made outside the cond
         scale = _tile_scales(t.layout, xp, fields, chosen, batch)
-        noise = _step_noise(xp, ctx, fields, batch.operands[0]) if t.layout.factor_rounding == "stochastic" else None
+        rounded = t.layout.factor_rounding == "stochastic" and any(is_bfloat16(a.dtype) for a in batch.operands[1:])
+        noise = _step_noise(xp, ctx, fields, batch.operands[0]) if rounded else None
         return partial(_refreshed, t, xp, h, scale, noise), partial(_unchanged, xp)
 
     for batch, out in refreshes(xp, refresh, batches, branches):
