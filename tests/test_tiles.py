@@ -29,7 +29,8 @@ def test_tile_stack_is_the_row_major_cut(dims, block):
     np_xp = _np()
     G = np.arange(np.prod(dims), dtype=np.float64).reshape(dims)
     tiles = tiling.tile_plan(dims, (False,) * len(dims), block, 1, False)
-    counts, size = tiling.tile_grid(tiles)
+    (region,) = tiling.stack_plan(tiles).regions  # every dimension a multiple of the block: one region
+    counts, size = region.counts, region.size
     stacked = tiling.to_tiles(np_xp, G, counts, size)
     assert stacked.shape == (len(tiles),) + size
     for b, tile in enumerate(tiles):
@@ -112,7 +113,7 @@ def test_sums_in_tile_order_are_the_sums_of_the_tiles_in_row_major_order(dims, b
 @pytest.mark.parametrize("positions", [(0, 1, 2, 3, 4), (1, 3), (2,), (0, 4, 1), (3, 0)])
 def test_pick_is_the_positions_and_unpick_its_inverse(positions):
     """``pick`` is ``stack[positions]`` (itself, a slice, or a take) and ``unpick`` rebuilds the
-    stack from the picks of a partition of its positions (phase interleave or take). Exact."""
+    stack from the picks of a partition of its positions (a join and a take). Exact."""
     np_xp = _np()
     stack = np.arange(5 * 2, dtype=np.float64).reshape(5, 2)
     np.testing.assert_array_equal(tiling.pick(np_xp, stack, positions), stack[list(positions)])
@@ -125,7 +126,7 @@ def test_pick_is_the_positions_and_unpick_its_inverse(positions):
 @pytest.mark.parametrize("k, phases", [(6, 2), (7, 3), (5, 5), (4, 3)])
 def test_unpick_interleaves_the_phases_of_equal_tiles(k, phases):
     """The phases of equal tiles (part p holds positions p, p+T, ...; the first k % T parts one
-    more) are interleaved back into 0..k-1. Exact."""
+    more) are put back in the order 0..k-1. Exact."""
     np_xp = _np()
     stack = np.arange(k * 3, dtype=np.float64).reshape(k, 3)
     positions = [tuple(range(p, k, phases)) for p in range(phases)]

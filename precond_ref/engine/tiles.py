@@ -26,11 +26,11 @@ from array_api_compat import array_namespace, is_jax_namespace
 
 from .._backend import (
     array_device, compute_dtype, device_key, host_bool, index_dtype, is_torch_namespace, leading_rows,
-    leading_slices, pieces, placement, scalar_zero, stacked, torch_compiling,
+    pieces, placement, plain, scalar_zero, stacked, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype
-from ..transform import Transform, check_bool, check_choice, check_positive, check_positive_int, singleton_groups
+from ..transform import Transform, check_positive, singleton_groups
 from ..tree import filled, path_str, to_entries
 from .checks import renamed_failures
 from .factors import constant, per_block
@@ -43,9 +43,9 @@ from .run import build_transform
 
 __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
-    "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks",
+    "cut", "join", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks",
     "sums_in_tile_order", "counts_per_run", "taken", "read_if_free", "run_indicator", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
-    "leaves_of_batches", "tiles_of_groups", "rearranged", "gathering", "GATHER_MAX_ELEMENTS", "each_block", "side_by_side", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
+    "leaves_of_batches", "tiles_of_groups", "rearranged", "gathering", "GATHER_MAX_ELEMENTS", "each_block", "side_by_side", "kept_where_usable", "TiledRule", "TileLayout", "MISFIT", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
 
@@ -131,14 +131,12 @@ def stack_plan(tiles: Sequence[Tile]) -> TilePlan:
     stacks = tuple(TileStack(tiles=members, phase=tiles[members[0]].offset,
                               positions=tuple(place[t][1] for t in members))
                    for members in first_appearance([(shapes[t], tile.offset) for t, tile in enumerate(tiles)]))
-    rank = len(shapes[0])
     regions = []
     for r, members in enumerate(by_shape):
-        box = tuple((min(tiles[t].index[n][0] for t in members), max(tiles[t].index[n][1] for t in members))
-                    for n in range(rank))
-        counts, size = tile_grid([tiles[t] for t in members])
-        regions.append(Region(box, counts, size, tuple(s for s, stack in enumerate(stacks) if place[stack.tiles[0]][0] == r)))
-    grid = tuple(len({region.index[n] for region in regions}) for n in range(rank))
+        axes = [sorted({tiles[t].index[n] for t in members}) for n in range(len(shapes[0]))]  # the box's cuts per axis
+        regions.append(Region(tuple((cuts[0][0], cuts[-1][1]) for cuts in axes), tuple(len(cuts) for cuts in axes),
+                              shapes[members[0]], tuple(s for s, stack in enumerate(stacks) if place[stack.tiles[0]][0] == r)))
+    grid = tuple(len({region.index[n] for region in regions}) for n in range(len(shapes[0])))
     return TilePlan(tuple(tiles), stacks, tuple(regions), grid)
 
 
@@ -235,19 +233,9 @@ def join(xp, pieces: Sequence[Any], counts: Sequence[int]):
     return xp.concat(rows, axis=len(pieces[0].shape) - len(counts))
 
 
-def tile_grid(tiles: Sequence[Tile]) -> tuple[tuple, tuple]:
-    """(tiles per axis, the tile shape) of a box of tiles of one shape (a :class:`Region`'s)."""
-    counts = tuple(len({tile.index[n] for tile in tiles}) for n in range(len(tiles[0].index)))
-    return counts, tile_shape(tiles[0])
-
-
 def to_tiles(xp, G, counts: tuple, size: tuple):
     """The stack ``(k, b_1, ..., b_N)`` of the equal tiles of ``G`` in row-major order: one reshape
-    to ``(c_1, b_1, ..., c_N, b_N)`` and one transpose, not ``k`` slices."""
-    if math.prod(counts) == 1:
-        return G[None, ...]
-    if all(c == 1 for c in counts[1:]):  # only the first axis is cut: the tiles are contiguous
-        return xp.reshape(G, (counts[0],) + size)
+    to ``(c_1, b_1, ..., c_N, b_N)``, one transpose and one reshape, not ``k`` slices."""
     rank = len(counts)
     split = xp.reshape(G, tuple(x for pair in zip(counts, size) for x in pair))
     grid_first = xp.permute_dims(split, tuple(range(0, 2 * rank, 2)) + tuple(range(1, 2 * rank, 2)))
@@ -256,14 +244,11 @@ def to_tiles(xp, G, counts: tuple, size: tuple):
 
 def from_tiles(xp, tiles, counts: tuple, size: tuple):
     """The tensor whose equal tiles, in row-major order, are the stack ``tiles`` (inverse of
-    :func:`to_tiles`; any leading shape of the tiles' number, e.g. ``(k/T, T)``, reads as ``k``)."""
-    dims = tuple(c * b for c, b in zip(counts, size))
-    if math.prod(counts) == 1 or all(c == 1 for c in counts[1:]):
-        return xp.reshape(tiles, dims)
+    :func:`to_tiles`)."""
     rank = len(counts)
     grid_first = xp.reshape(tiles, counts + size)
     split = xp.permute_dims(grid_first, tuple(x for n in range(rank) for x in (n, rank + n)))
-    return xp.reshape(split, dims)
+    return xp.reshape(split, tuple(c * b for c, b in zip(counts, size)))
 
 
 def index_array(xp, positions: tuple, like):
@@ -349,54 +334,11 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
     return out
 
 
-def counts_per_run(xp, flags, lengths: Sequence[int]):
-    """How many of ``flags`` (a (n,) bool vector, consecutive runs of ``lengths``) are set in each
-    run, as a (runs,) int32 vector: runs of one length, one ``sum`` of the rows of their (runs,
-    length) matrix; else the product of the runs' 0/1 indicator (:func:`run_indicator`) with the
-    flags as float32, exact for counts below 2^24 whatever the order of summation (integers, every
-    partial sum representable)."""
-    if len(set(lengths)) == 1:
-        return xp.sum(xp.reshape(xp.astype(flags, xp.int32), (len(lengths), lengths[0])), axis=1, dtype=xp.int32)
-    return xp.astype(xp.matmul(run_indicator(xp, tuple(lengths), flags), xp.astype(flags, xp.float32)), xp.int32)
-
-
-def run_indicator(xp, lengths: tuple, like):
-    """The (runs, n) float32 matrix whose row ``j`` is 1 on the places of run ``j`` of consecutive
-    runs of ``lengths`` and 0 elsewhere, made once on the device from ``arange`` (no host data
-    copied; :func:`~precond_ref.engine.factors.constant`)."""
-    def make():
-        places = xp.arange(sum(lengths), dtype=index_dtype(xp, like), device=placement(xp, like))
-        ends = tuple(itertools.accumulate(lengths, initial=0))
-        rows = [xp.logical_and(places >= a, places < b) for a, b in zip(ends[:-1], ends[1:])]
-        return xp.astype(xp.stack(rows), xp.float32)
-    return constant(xp, ("run indicator", lengths), make, like)
-
-
 def taken(xp, x, index):
     """``xp.take(x, index, axis=0)`` for an ``index`` of non-negative places (the engine's
     constants): on torch one ``index_select`` (array_api_compat's ``take`` first maps negative
     places, three more operations)."""
     return x.index_select(0, index) if is_torch_namespace(xp) else xp.take(x, index, axis=0)
-
-
-class _ReadIfFree:
-    """A 0-D value for :func:`~precond_ref._backend.host_bool` that is computed only when read:
-    where reading is free (NumPy, torch eagerly on the CPU) ``compute()`` is issued and read;
-    elsewhere (a GPU, a compiler) ``host_bool`` answers ``None`` without it, so the reduction that
-    only serves the read is not issued at all."""
-
-    def __init__(self, like, compute: Callable):
-        self.device = getattr(like, "device", None)
-        self._compute = compute
-
-    def __bool__(self) -> bool:
-        return bool(self._compute())
-
-
-def read_if_free(xp, like, compute: Callable):
-    """``host_bool(xp, compute())``, ``compute()`` (a 0-D bool beside ``like``) issued only where
-    :func:`~precond_ref._backend.host_bool` reads it (:class:`_ReadIfFree`); else ``None``."""
-    return host_bool(xp, _ReadIfFree(like, compute))
 
 
 def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
@@ -449,16 +391,6 @@ def kept_where_usable(xp, grouped, old, new):
     return tuple(kept) + (failed,)
 
 
-def side_by_side(xp, arrays: Sequence[Any]):
-    """``stack(arrays)`` (a new leading axis) of two or more arrays of one shape, a view where they
-    lie end to end in one allocation (:func:`~precond_ref._backend.stacked`: the operands a refresh
-    stored side by side, :func:`tiled_transform`); ``None`` for one array, or arrays of several
-    shapes."""
-    if len(arrays) < 2 or len({tuple(a.shape) for a in arrays}) != 1:
-        return None
-    return stacked(xp, arrays)
-
-
 def _cut_each(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any]) -> list:
     """Each group's tensor G (:func:`_tensor`) cut into the stacks of its plan (:func:`cut_stacks`)."""
     return [cut_stacks(xp, _tensor(xp, grads, g), g.plan) for grads, g in zip(grads_list, groups)]
@@ -468,72 +400,6 @@ def _tensor(xp, grads: Sequence[Any], g) -> Any:
     """A group's members joined into its tensor G, in its work dtype
     (:func:`~precond_ref.engine.layout.group_tensor`)."""
     return group_tensor(xp, grads, g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype)
-
-
-def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
-                    ) -> list:
-    """``_cut_each(xp, grads_list, groups)``: every group's gradient as the stacks of its plan;
-    where :func:`gathering`, for gradients of one dtype and device cut in one work dtype, as one join of all gradients and one gather (:func:`rearranged`), each stack a
-    view of the result: the stacks of one key (``keys[i][s]``, what batches them: their tile
-    shape and factor layout) end to end, by refresh phase, then group and stack, so that a batch
-    of them (one phase's, or all phases') is a view too (:func:`~precond_ref._backend.joined`).
-    Two operations (three where the work dtype differs) where the cuts are a copy per group with
-    tiles across several axes and the batches a join each."""
-    leaves = [g for grads in grads_list for g in grads]
-    if len({(g.dtype, device_key(g)) for g in leaves}) != 1 or len({g.dtype for g in groups}) != 1 or not gathering(xp, leaves):
-        return _cut_each(xp, grads_list, groups)
-    first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
-    order = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
-                   key=lambda m: (first[keys[m[0]][m[1]]], groups[m[0]].plan.stacks[m[1]].phase, m))
-
-    def cut(ids):
-        ids = iter(ids)
-        stacks = _cut_each(xp, [[next(ids) for _ in grads] for grads in grads_list], [g._replace(dtype=xp.int32) for g in groups])
-        return [stacks[i][s] for i, s in order]
-
-    shapes = [(len(groups[i].plan.stacks[s].tiles),) + tile_shape(groups[i].plan.tiles[groups[i].plan.stacks[s].tiles[0]])
-              for i, s in order]
-    key = ("tiles of groups", tuple(g.number for g in groups), tuple(order))
-    out = [[None] * len(g.plan.stacks) for g in groups]
-    for (i, s), stack in zip(order, rearranged(xp, key, leaves, cut, shapes, groups[0].dtype)):
-        out[i][s] = stack
-    return out
-
-
-#: entries: the most a gather's index covers (:func:`gathering`; int32, 16 MiB). The indices of a
-#: layout (two: the tiles' cut and the leaves' order) stay with the transform, in the cache of
-#: :func:`~precond_ref.engine.factors.constant` on the arrays' device, so they are held to a small
-#: share of the device's memory: a model of up to 4M parameters (where a step's operations, not
-#: its arithmetic, bound it) takes the gathers; a larger one pays no index memory.
-GATHER_MAX_ELEMENTS = 2**22
-
-
-def gathering(xp, arrays: Sequence[Any]) -> bool:
-    """Whether :func:`rearranged` serves ``arrays``: eagerly (not JAX, not under ``torch.compile``,
-    which fuse the rearrangements anyway), for at most :data:`GATHER_MAX_ELEMENTS` entries, whose
-    index (int32, as large as the arrays' float32 entries) stays small. A larger model's
-    rearrangements, a few operations per group, are few beside its arithmetic."""
-    return not (is_jax_namespace(xp) or torch_compiling()) and sum(math.prod(a.shape) for a in arrays) <= GATHER_MAX_ELEMENTS
-
-
-def rearranged(xp, key, arrays: Sequence[Any], rearrange: Callable, shapes: Sequence[tuple], dtype: Any = None) -> list:
-    """``rearrange(arrays)`` for a rearrangement (arrays of ``shapes`` whose entries are entries of
-    ``arrays``: cuts, joins, transposes, no arithmetic), in ``dtype`` if given: the arrays
-    flattened and joined, cast, and their entries taken by one gather (:func:`taken`) by an index
-    made once per ``key`` (:func:`~precond_ref.engine.factors.constant`) as ``rearrange`` of the
-    entries' places; each result a view of the gathered array's next piece."""
-    ends = tuple(itertools.accumulate((math.prod(a.shape) for a in arrays), initial=0))
-
-    def make():
-        places = xp.arange(ends[-1], dtype=xp.int32, device=placement(xp, arrays[0]))
-        ids = [xp.reshape(places[a:b], tuple(x.shape)) for a, b, x in zip(ends[:-1], ends[1:], arrays)]
-        return xp.concat([xp.reshape(part, (-1,)) for part in rearrange(ids)], axis=0)
-
-    flat = [xp.reshape(a, (-1,)) for a in arrays]
-    flat = flat[0] if len(flat) == 1 else xp.concat(flat, axis=0)
-    gathered = taken(xp, xp.astype(flat, dtype) if dtype is not None and flat.dtype != dtype else flat,
-                     constant(xp, key, make, arrays[0]))
-    return pieces(xp, gathered, shapes)
 
 
 def _batch_key(stack: NamedTuple) -> tuple:
@@ -553,20 +419,6 @@ def _leaves_by_joins(xp, results: Sequence[Any], chosen: Sequence[tuple], batche
         parts[i][s] = part
     return [leaf for group, stacks in zip(groups, parts)
             for leaf in ungroup_tensor(xp, join_stacks(xp, stacks, group.plan), group.shapes, group.full, group.out_first)]
-
-
-def leaves_of_batches(xp, results: Sequence[Any], chosen: Sequence[tuple], batched: Sequence[Any],
-                      groups: Sequence[Any]) -> list:
-    """``_leaves_by_joins(xp, results, chosen, batched, groups)``, the members' parts of per-tile
-    results; where :func:`gathering`, for results of one dtype and device, as one gather (:func:`rearranged`), one operation where the joins are one per group, and the
-    members views of its consecutive pieces, so that the element-wise work after joins them
-    without a copy (:func:`~precond_ref.engine.joined.leafwise`)."""
-    if not gathering(xp, results) or len({(r.dtype, device_key(r)) for r in results}) != 1:
-        return _leaves_by_joins(xp, results, chosen, batched, groups)
-    key = ("leaves of batches", tuple(chosen), tuple((b.indices, b.lengths, tuple(r.shape)) for b, r in zip(batched, results)),
-           tuple(group.number for group in groups))
-    return rearranged(xp, key, results, lambda ids: _leaves_by_joins(xp, ids, chosen, batched, groups),
-                      [shape for group in groups for shape in group.shapes])
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,7 +462,7 @@ class TiledRule(NamedTuple):
 
 class TileLayout(NamedTuple):
     """How a group's tensor is tiled and its state laid out (:func:`tiled_transform`), from the
-    options of the method's factory (checked by :func:`check_layout`).
+    options of the method's factory (which checks them).
 
     ``block_size``: dense axes longer than it are cut (``None``: none); ``interval``, ``stagger``:
     the refresh interval and whether the tiles of a blocked tensor spread over it
@@ -645,49 +497,11 @@ class TileLayout(NamedTuple):
     factor_rounding: str = "nearest"
 
 
-STRUCTURES = ("dense", "diagonal")
-FACTOR_ROUNDINGS = ("nearest", "stochastic")
-
 MISFIT = (
     "with grouping='weight_bias' a weight and its bias are one group (give both gradients, a zero one for a member "
     "without); a state saved with another block_size loads with that block_size (block_size=4096, "
     "max_dense_dim=4096 for unblocked factors, diagonal beyond 4096)"
 )
-
-
-def check_layout(layout: TileLayout) -> None:
-    """The factory's errors for a layout's options, in the factory's words: the interval a positive
-    integer or a predicate, ``stagger`` a bool; ``structures`` names a structure per axis, keyed by
-    tensor rank; ``factor_dtype`` is a dtype (an array is a dtype that ``optax.inject_hyperparams``
-    took for a schedule); ``block_size`` and ``max_dense_dim`` positive integers; ``group_scale`` a
-    callable."""
-    if not hasattr(layout.interval, "shape"):
-        check_positive_int("precondition_every", layout.interval, allow_callable=True)
-    if layout.block_size is not None:
-        check_positive_int("block_size", layout.block_size)
-    check_bool("spread_refresh", layout.stagger)
-    structures = layout.structures
-    if isinstance(structures, dict) and not all(
-        isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in structures
-    ):
-        raise ValueError(f"structures: dict keys must be tensor ranks >= 1, got {sorted(structures, key=str)}")
-    named = [structures] if structures is not None else []  # None: the default by rank, known names
-    for value in structures.values() if isinstance(structures, dict) else named:
-        for name in value if isinstance(value, (tuple, list)) else (value,):
-            if name not in STRUCTURES:
-                raise ValueError(f"structures must name one of {STRUCTURES} per axis, got {name!r}")
-    for value in layout.factor_dtype.values() if isinstance(layout.factor_dtype, dict) else (layout.factor_dtype,):
-        # NumPy's dtypes have a ``shape`` too (``np.float32`` the class, ``np.dtype("float32")`` no ``dtype``).
-        if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type):
-            raise ValueError(
-                "factor_dtype must be a dtype, got an array; under optax.inject_hyperparams pass "
-                "static_args=('factor_dtype',) (a dtype is callable, so it is taken for a schedule)"
-            )
-    if layout.max_dense_dim is not None and not hasattr(layout.max_dense_dim, "shape"):
-        check_positive_int("max_dense_dim", layout.max_dense_dim)
-    check_choice("factor_rounding", layout.factor_rounding, FACTOR_ROUNDINGS)
-    if layout.group_scale is not None and not callable(layout.group_scale):
-        raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {layout.group_scale!r}")
 
 
 def per_axis(name: str, option: Any, rank: int, what: str, where: str) -> tuple:
@@ -784,7 +598,6 @@ def tiled_transform(
     (:func:`join_stacks`) and cut into its members; the members' last lines element-wise, joined
     end to end (:func:`~precond_ref.engine.joined.leafwise`).
     """
-    check_layout(layout)
     spread = layout.stagger and isinstance(layout.interval, int) and layout.interval > 1
     t = _Tiling(rule, c, layout, spread_schedule(layout.interval, spread), {}, {}, {})
     return build_transform(
@@ -1127,19 +940,6 @@ def _no_failures(xp, G):
     return xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G))
 
 
-def _by_dtype(xp, fn, values: Sequence[Array]) -> list:
-    """``fn`` of the 0-D ``values`` (one per group), computed once for the vector of all values of one
-    dtype instead of once per value, and handed back one per value."""
-    out: list = [None] * len(values)
-    by_dtype: dict = {}
-    for g, value in enumerate(values):
-        by_dtype.setdefault(value.dtype, []).append(g)
-    for members in by_dtype.values():
-        for g, result in zip(members, leading_rows(xp, fn(stacked(xp, [values[g] for g in members])))):
-            out[g] = result
-    return out
-
-
 def _stack_operands(state: NamedTuple, refreshing: bool) -> tuple:
     """A stack's state as operands: K_1..K_N, then (refreshing) m_1..m_N (none without momenta)."""
     return state.factor + state.factor_momentum if refreshing else state.factor
@@ -1148,3 +948,166 @@ def _stack_operands(state: NamedTuple, refreshing: bool) -> tuple:
 def _stack_of(rule: TiledRule, operands: Sequence[Array], rank: int) -> NamedTuple:
     """The inverse of :func:`_stack_operands` (refreshing): the stack's state from its operands."""
     return rule.Stack(factor=tuple(operands[:rank]), factor_momentum=tuple(operands[rank:]))
+
+
+# --------------------------------------------------------------------------------------------
+# Fast forms, each beside its plain form
+#
+# Each computes what its plain form states (the cuts and joins of the groups' tensors, one sum or
+# selection per array or run, one call per value) in fewer operations: the rearrangements of all
+# groups as one gather by an index made once per layout, the operands of one shape side by side,
+# the failure counts of a batch at once, a selection skipped where reading shows it would keep
+# everything. Each gives its plain form's numbers, bit for bit, and within
+# :func:`~precond_ref._backend.plain_forms` each takes its plain form.
+
+
+def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
+                    ) -> list:
+    """``_cut_each(xp, grads_list, groups)``: every group's gradient as the stacks of its plan;
+    where :func:`gathering`, for gradients of one dtype and device cut in one work dtype, as one join of all gradients and one gather (:func:`rearranged`), each stack a
+    view of the result: the stacks of one key (``keys[i][s]``, what batches them: their tile
+    shape and factor layout) end to end, by refresh phase, then group and stack, so that a batch
+    of them (one phase's, or all phases') is a view too (:func:`~precond_ref._backend.joined`).
+    Two operations (three where the work dtype differs) where the cuts are a copy per group with
+    tiles across several axes and the batches a join each."""
+    leaves = [g for grads in grads_list for g in grads]
+    if len({(g.dtype, device_key(g)) for g in leaves}) != 1 or len({g.dtype for g in groups}) != 1 or not gathering(xp, leaves):
+        return _cut_each(xp, grads_list, groups)
+    first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
+    order = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
+                   key=lambda m: (first[keys[m[0]][m[1]]], groups[m[0]].plan.stacks[m[1]].phase, m))
+
+    def cut(ids):
+        ids = iter(ids)
+        stacks = _cut_each(xp, [[next(ids) for _ in grads] for grads in grads_list], [g._replace(dtype=xp.int32) for g in groups])
+        return [stacks[i][s] for i, s in order]
+
+    shapes = [(len(groups[i].plan.stacks[s].tiles),) + tile_shape(groups[i].plan.tiles[groups[i].plan.stacks[s].tiles[0]])
+              for i, s in order]
+    key = ("tiles of groups", tuple(g.number for g in groups), tuple(order))
+    out = [[None] * len(g.plan.stacks) for g in groups]
+    for (i, s), stack in zip(order, rearranged(xp, key, leaves, cut, shapes, groups[0].dtype)):
+        out[i][s] = stack
+    return out
+
+
+#: entries: the most a gather's index covers (:func:`gathering`; int32, 16 MiB). The indices of a
+#: layout (two: the tiles' cut and the leaves' order) stay with the transform, in the cache of
+#: :func:`~precond_ref.engine.factors.constant` on the arrays' device, so they are held to a small
+#: share of the device's memory: a model of up to 4M parameters (where a step's operations, not
+#: its arithmetic, bound it) takes the gathers; a larger one pays no index memory.
+GATHER_MAX_ELEMENTS = 2**22
+
+
+def gathering(xp, arrays: Sequence[Any]) -> bool:
+    """Whether :func:`rearranged` serves ``arrays``: eagerly (not JAX, not under ``torch.compile``,
+    which fuse the rearrangements anyway; not within :func:`~precond_ref._backend.plain_forms`), for at most :data:`GATHER_MAX_ELEMENTS` entries, whose
+    index (int32, as large as the arrays' float32 entries) stays small. A larger model's
+    rearrangements, a few operations per group, are few beside its arithmetic."""
+    return not (is_jax_namespace(xp) or torch_compiling() or plain()) and sum(math.prod(a.shape) for a in arrays) <= GATHER_MAX_ELEMENTS
+
+
+def rearranged(xp, key, arrays: Sequence[Any], rearrange: Callable, shapes: Sequence[tuple], dtype: Any = None) -> list:
+    """``rearrange(arrays)`` for a rearrangement (arrays of ``shapes`` whose entries are entries of
+    ``arrays``: cuts, joins, transposes, no arithmetic), in ``dtype`` if given: the arrays
+    flattened and joined, cast, and their entries taken by one gather (:func:`taken`) by an index
+    made once per ``key`` (:func:`~precond_ref.engine.factors.constant`) as ``rearrange`` of the
+    entries' places; each result a view of the gathered array's next piece."""
+    ends = tuple(itertools.accumulate((math.prod(a.shape) for a in arrays), initial=0))
+
+    def make():
+        places = xp.arange(ends[-1], dtype=xp.int32, device=placement(xp, arrays[0]))
+        ids = [xp.reshape(places[a:b], tuple(x.shape)) for a, b, x in zip(ends[:-1], ends[1:], arrays)]
+        return xp.concat([xp.reshape(part, (-1,)) for part in rearrange(ids)], axis=0)
+
+    flat = [xp.reshape(a, (-1,)) for a in arrays]
+    flat = flat[0] if len(flat) == 1 else xp.concat(flat, axis=0)
+    gathered = taken(xp, xp.astype(flat, dtype) if dtype is not None and flat.dtype != dtype else flat,
+                     constant(xp, key, make, arrays[0]))
+    return pieces(xp, gathered, shapes)
+
+
+def leaves_of_batches(xp, results: Sequence[Any], chosen: Sequence[tuple], batched: Sequence[Any],
+                      groups: Sequence[Any]) -> list:
+    """``_leaves_by_joins(xp, results, chosen, batched, groups)``, the members' parts of per-tile
+    results; where :func:`gathering`, for results of one dtype and device, as one gather (:func:`rearranged`), one operation where the joins are one per group, and the
+    members views of its consecutive pieces, so that the element-wise work after joins them
+    without a copy (:func:`~precond_ref.engine.joined.leafwise`)."""
+    if not gathering(xp, results) or len({(r.dtype, device_key(r)) for r in results}) != 1:
+        return _leaves_by_joins(xp, results, chosen, batched, groups)
+    key = ("leaves of batches", tuple(chosen), tuple((b.indices, b.lengths, tuple(r.shape)) for b, r in zip(batched, results)),
+           tuple(group.number for group in groups))
+    return rearranged(xp, key, results, lambda ids: _leaves_by_joins(xp, ids, chosen, batched, groups),
+                      [shape for group in groups for shape in group.shapes])
+
+
+def counts_per_run(xp, flags, lengths: Sequence[int]):
+    """How many of ``flags`` (a (n,) bool vector, consecutive runs of ``lengths``) are set in each
+    run, as a (runs,) int32 vector: runs of one length, one ``sum`` of the rows of their (runs,
+    length) matrix; else the product of the runs' 0/1 indicator (:func:`run_indicator`) with the
+    flags as float32, exact for counts below 2^24 whatever the order of summation (integers, every
+    partial sum representable)."""
+    if plain():
+        return xp.stack([xp.sum(xp.astype(run, xp.int32), dtype=xp.int32) for run in pieces(xp, flags, [(n,) for n in lengths])])
+    if len(set(lengths)) == 1:
+        return xp.sum(xp.reshape(xp.astype(flags, xp.int32), (len(lengths), lengths[0])), axis=1, dtype=xp.int32)
+    return xp.astype(xp.matmul(run_indicator(xp, tuple(lengths), flags), xp.astype(flags, xp.float32)), xp.int32)
+
+
+def run_indicator(xp, lengths: tuple, like):
+    """The (runs, n) float32 matrix whose row ``j`` is 1 on the places of run ``j`` of consecutive
+    runs of ``lengths`` and 0 elsewhere, made once on the device from ``arange`` (no host data
+    copied; :func:`~precond_ref.engine.factors.constant`)."""
+    def make():
+        places = xp.arange(sum(lengths), dtype=index_dtype(xp, like), device=placement(xp, like))
+        ends = tuple(itertools.accumulate(lengths, initial=0))
+        rows = [xp.logical_and(places >= a, places < b) for a, b in zip(ends[:-1], ends[1:])]
+        return xp.astype(xp.stack(rows), xp.float32)
+    return constant(xp, ("run indicator", lengths), make, like)
+
+
+class _ReadIfFree:
+    """A 0-D value for :func:`~precond_ref._backend.host_bool` that is computed only when read:
+    where reading is free (NumPy, torch eagerly on the CPU) ``compute()`` is issued and read;
+    elsewhere (a GPU, a compiler) ``host_bool`` answers ``None`` without it, so the reduction that
+    only serves the read is not issued at all."""
+
+    def __init__(self, like, compute: Callable):
+        self.device = getattr(like, "device", None)
+        self._compute = compute
+
+    def __bool__(self) -> bool:
+        return bool(self._compute())
+
+
+def read_if_free(xp, like, compute: Callable):
+    """``host_bool(xp, compute())``, ``compute()`` (a 0-D bool beside ``like``) issued only where
+    :func:`~precond_ref._backend.host_bool` reads it (:class:`_ReadIfFree`); else ``None``, and so
+    within :func:`~precond_ref._backend.plain_forms`."""
+    return None if plain() else host_bool(xp, _ReadIfFree(like, compute))
+
+
+def side_by_side(xp, arrays: Sequence[Any]):
+    """``stack(arrays)`` (a new leading axis) of two or more arrays of one shape, a view where they
+    lie end to end in one allocation (:func:`~precond_ref._backend.stacked`: the operands a refresh
+    stored side by side, :func:`tiled_transform`); ``None`` for one array, or arrays of several
+    shapes, and within :func:`~precond_ref._backend.plain_forms` (each array then alone)."""
+    if plain() or len(arrays) < 2 or len({tuple(a.shape) for a in arrays}) != 1:
+        return None
+    return stacked(xp, arrays)
+
+
+def _by_dtype(xp, fn, values: Sequence[Array]) -> list:
+    """``fn`` of the 0-D ``values`` (one per group), computed once for the vector of all values of one
+    dtype instead of once per value, and handed back one per value; within
+    :func:`~precond_ref._backend.plain_forms`, once per value."""
+    if plain():
+        return [fn(value) for value in values]
+    out: list = [None] * len(values)
+    by_dtype: dict = {}
+    for g, value in enumerate(values):
+        by_dtype.setdefault(value.dtype, []).append(g)
+    for members in by_dtype.values():
+        for g, result in zip(members, leading_rows(xp, fn(stacked(xp, [values[g] for g in members])))):
+            out[g] = result
+    return out

@@ -29,7 +29,7 @@ from ..engine.phases import prototype_schedule
 from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, tiled_transform
 from ..transform import (
     ScalarOrSchedule, Transform, check_bool, check_choice, check_interval, check_learning_rate, check_mode,
-    check_nonnegative, check_optional, check_principled_only, check_unit_interval, mode_default,
+    check_nonnegative, check_optional, check_positive_int, check_principled_only, check_unit_interval, mode_default,
 )
 from ..tree import Path
 
@@ -563,6 +563,45 @@ IF_SHAMPOO = TiledRule(
 # IF-Shampoo's factory and the prototype's options
 
 
+_STRUCTURES = ("dense", "diagonal")
+_FACTOR_ROUNDINGS = ("nearest", "stochastic")
+
+
+def _check_layout(layout: TileLayout) -> None:
+    """:func:`if_shampoo`'s errors for its layout's options: the interval a positive
+    integer or a predicate, ``stagger`` a bool; ``structures`` names a structure per axis, keyed by
+    tensor rank; ``factor_dtype`` is a dtype (an array is a dtype that ``optax.inject_hyperparams``
+    took for a schedule); ``block_size`` and ``max_dense_dim`` positive integers; ``group_scale`` a
+    callable."""
+    if not hasattr(layout.interval, "shape"):
+        check_positive_int("precondition_every", layout.interval, allow_callable=True)
+    if layout.block_size is not None:
+        check_positive_int("block_size", layout.block_size)
+    check_bool("spread_refresh", layout.stagger)
+    structures = layout.structures
+    if isinstance(structures, dict) and not all(
+        isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in structures
+    ):
+        raise ValueError(f"structures: dict keys must be tensor ranks >= 1, got {sorted(structures, key=str)}")
+    named = [structures] if structures is not None else []  # None: the default by rank, known names
+    for value in structures.values() if isinstance(structures, dict) else named:
+        for name in value if isinstance(value, (tuple, list)) else (value,):
+            if name not in _STRUCTURES:
+                raise ValueError(f"structures must name one of {_STRUCTURES} per axis, got {name!r}")
+    for value in layout.factor_dtype.values() if isinstance(layout.factor_dtype, dict) else (layout.factor_dtype,):
+        # NumPy's dtypes have a ``shape`` too (``np.float32`` the class, ``np.dtype("float32")`` no ``dtype``).
+        if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type):
+            raise ValueError(
+                "factor_dtype must be a dtype, got an array; under optax.inject_hyperparams pass "
+                "static_args=('factor_dtype',) (a dtype is callable, so it is taken for a schedule)"
+            )
+    if layout.max_dense_dim is not None and not hasattr(layout.max_dense_dim, "shape"):
+        check_positive_int("max_dense_dim", layout.max_dense_dim)
+    check_choice("factor_rounding", layout.factor_rounding, _FACTOR_ROUNDINGS)
+    if layout.group_scale is not None and not callable(layout.group_scale):
+        raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {layout.group_scale!r}")
+
+
 def prototype_lr_scale(path: Path) -> float:
     """The prototype's factor-step scale: 0.25 for parameters named ``*norm*``, ``*proj*``, ``*bias*``.
 
@@ -793,4 +832,5 @@ def if_shampoo(
         weight_bias=grouping == "weight_bias", group_scale=preconditioner_lr_scale, counted=not faithful,
         old_layout=None if faithful else old_layout_hint, factor_rounding=factor_rounding,
     )
+    _check_layout(layout)
     return tiled_transform(IF_SHAMPOO, config, layout, on_nonfinite=on_nonfinite)
