@@ -254,17 +254,6 @@ def test_each_block_is_one_reduction_in_torch():
         assert len(seen.names) == 2 and seen.names[0] in ("view", "reshape", "_unsafe_view"), seen.names
 
 
-def test_kept_where_usable_of_usable_blocks_is_the_new_state_itself(rng):
-    """Where reading a device value is free (NumPy here), a stack whose every block has a non-zero
-    gradient and a finite new state returns the new state itself (what ``where`` would select,
-    without the copies) and no failures."""
-    grouped = rng.normal(size=(3, 2, 2))
-    old, new = (rng.normal(size=(3, 2, 2)),), (rng.normal(size=(3, 2, 2)),)
-    *kept, failed = tiling.kept_where_usable(_np(), grouped, old, new)
-    assert kept[0] is new[0]
-    np.testing.assert_array_equal(failed, [False, False, False])
-
-
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 def test_leaves_of_batches_is_the_joins(library, rng):
     """``leaves_of_batches`` (the batches' per-tile results joined, then one gather by an index

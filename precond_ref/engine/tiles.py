@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from array_api_compat import array_namespace, is_jax_namespace
 
 from .._backend import (
-    array_device, compute_dtype, device_key, host_bool, index_dtype, is_torch_namespace, leading_rows,
+    array_device, compute_dtype, device_key, index_dtype, is_torch_namespace, leading_rows,
     pieces, placement, plain, scalar_zero, stacked, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, unstack as unstack_alike
@@ -44,7 +44,7 @@ from .run import build_transform
 __all__ = [
     "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
     "cut", "join", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks",
-    "sums_in_tile_order", "counts_per_run", "taken", "read_if_free", "run_indicator", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
+    "sums_in_tile_order", "counts_per_run", "taken", "run_indicator", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
     "leaves_of_batches", "tiles_of_groups", "rearranged", "gathering", "GATHER_MAX_ELEMENTS", "each_block", "side_by_side", "kept_where_usable", "TiledRule", "TileLayout", "MISFIT", "per_axis",
     "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
 ]
@@ -363,9 +363,8 @@ def kept_where_usable(xp, grouped, old, new):
     whether it failed (a non-finite state from a non-zero gradient; counted by the caller). The
     state's arrays of one dtype are tested together, their blocks side by side (one test, not one
     per array); those of one dtype and one shape are also selected together (:func:`side_by_side`:
-    one ``where``, the kept arrays consecutive pieces of its result). Element-wise (``where``): no device value is read, except where reading is free
-    (:func:`precond_ref._backend.host_bool`: NumPy, torch eagerly on the CPU), where a stack whose
-    every block is usable returns ``new`` itself (what the selections would give) without selecting."""
+    one ``where``, the kept arrays consecutive pieces of its result). Element-wise (``where``): no
+    device value is read."""
     nonzero = each_block(xp, xp.any, grouped != 0.0)
     finite, joints = None, {}
     for dtype in dict.fromkeys(a.dtype for a in new):  # one test of the entries of all arrays of one dtype
@@ -380,8 +379,6 @@ def kept_where_usable(xp, grouped, old, new):
         finite = ok if finite is None else xp.logical_and(finite, ok)
     accept = xp.logical_and(finite, nonzero)
     failed = xp.logical_xor(nonzero, accept)  # nonzero and not finite
-    if read_if_free(xp, accept, lambda: xp.all(accept)):  # the selections would keep all of `new`
-        return tuple(new) + (failed,)
     kept = [xp.where(per_block(xp, accept, a), a, b) if not any(n in m for m in joints) else None
             for n, (a, b) in enumerate(zip(new, old))]
     for members, joint in joints.items():  # one selection of the arrays side by side
@@ -851,16 +848,14 @@ def _store(t: _Tiling, xp, stack_states, failures, chosen, batch, out, ctx) -> N
     tiles' failures to its count, for all groups of the batch at once (their counts stacked, a
     view where last step's addition left them side by side, plus :func:`counts_per_run`), none
     on a skipped step (the non-finite rule's selection, made once per batch on the failure
-    flags); where reading is free, a batch without failures adds nothing."""
-    layout = t.layout
-    counted = layout.counted and read_if_free(xp, out[-1], partial(xp.any, out[-1])) is not False
-    selecting = layout.counted and ctx.ok is not None and not ctx.applied
+    flags)."""
+    selecting = t.layout.counted and ctx.ok is not None and not ctx.applied
     if selecting:
         out = (*out[:-1], xp.logical_and(out[-1], ctx.ok))
     for m, (*state, _) in handed_back(batch, out):
         i, s = chosen[m]
         stack_states[i][s] = _stack_of(t.rule, state, len(state) // 2 if t.c.use_factor_momentum else len(state))
-    if not counted:
+    if not t.layout.counted:
         return
     groups = [chosen[m][0] for m in batch.indices]  # a group has at most one stack in a batch of one phase
     totals = stacked(xp, [failures[i] for i in groups]) + counts_per_run(xp, out[-1], batch.lengths)
@@ -956,8 +951,7 @@ def _stack_of(rule: TiledRule, operands: Sequence[Array], rank: int) -> NamedTup
 # Each computes what its plain form states (the cuts and joins of the groups' tensors, one sum or
 # selection per array or run, one call per value) in fewer operations: the rearrangements of all
 # groups as one gather by an index made once per layout, the operands of one shape side by side,
-# the failure counts of a batch at once, a selection skipped where reading shows it would keep
-# everything. Each gives its plain form's numbers, bit for bit, and within
+# the failure counts of a batch at once. Each gives its plain form's numbers, bit for bit, and within
 # :func:`~precond_ref._backend.plain_forms` each takes its plain form.
 
 
@@ -1064,27 +1058,6 @@ def run_indicator(xp, lengths: tuple, like):
         rows = [xp.logical_and(places >= a, places < b) for a, b in zip(ends[:-1], ends[1:])]
         return xp.astype(xp.stack(rows), xp.float32)
     return constant(xp, ("run indicator", lengths), make, like)
-
-
-class _ReadIfFree:
-    """A 0-D value for :func:`~precond_ref._backend.host_bool` that is computed only when read:
-    where reading is free (NumPy, torch eagerly on the CPU) ``compute()`` is issued and read;
-    elsewhere (a GPU, a compiler) ``host_bool`` answers ``None`` without it, so the reduction that
-    only serves the read is not issued at all."""
-
-    def __init__(self, like, compute: Callable):
-        self.device = getattr(like, "device", None)
-        self._compute = compute
-
-    def __bool__(self) -> bool:
-        return bool(self._compute())
-
-
-def read_if_free(xp, like, compute: Callable):
-    """``host_bool(xp, compute())``, ``compute()`` (a 0-D bool beside ``like``) issued only where
-    :func:`~precond_ref._backend.host_bool` reads it (:class:`_ReadIfFree`); else ``None``, and so
-    within :func:`~precond_ref._backend.plain_forms`."""
-    return None if plain() else host_bool(xp, _ReadIfFree(like, compute))
 
 
 def side_by_side(xp, arrays: Sequence[Any]):

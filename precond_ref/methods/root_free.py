@@ -18,12 +18,12 @@ from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 from .._backend import array_device, as_operand, cast, is_number, is_zero, scalar_zero
-from ..linalg import kl_clip_of_quadratic, mode_product
-from ..engine.elementwise import ElementwiseRule, elementwise_transform
-from ..engine.factors import (
-    along, frobenius, gram, identity, is_diagonal, mean_trace, per_block, product_except, times, times_transposed,
-    unfolding_gram,
+from ..linalg import (
+    along, frobenius, gram, is_diagonal, kl_clip_of_quadratic, mean_trace, mode_product, product_except, times,
+    times_transposed, unfolding_gram,
 )
+from ..engine.elementwise import ElementwiseRule, elementwise_transform
+from ..engine.factors import identity, per_block
 from ..engine import options
 from ..engine.phases import prototype_schedule
 from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, tiled_transform
@@ -381,7 +381,7 @@ def rf_adamw(
 # --------------------------------------------------------------------------------------------
 # IF-Shampoo's rule, written for one stack of tiles (a leading axis b): grouped tensors
 # (b, d_1, ..., d_N), dense factors (b, d, d), diagonal factors (b, d); the products for both factor
-# structures are precond_ref.engine.factors'. The engine (precond_ref.engine.tiles.tiled_transform)
+# structures are precond_ref.linalg's. The engine (precond_ref.engine.tiles.tiled_transform)
 # groups, tiles and stacks the gradients, decides the refresh phases, keeps unusable refreshes (S2,
 # S3), batches and applies the skip rule.
 #
