@@ -196,20 +196,20 @@ def stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
     return out
 
 
-def diagonal_vector(entries: dict) -> dict:
+def diagonal_vector(entries: dict, diagonal: Callable) -> dict:
     """The third step of ``legacy_names``, where a vector's factor is diagonal (``structures=None``):
     a vector's state saved with dense tiles (``stacks/s/factor/0`` of shape ``(k, b, b)``) as its
-    diagonal factors, the same tiles in the same stacks (``(k, b)``): on each tile's entries the
-    square root of the diagonal of its ``P = K Kᵀ``, the diagonal preconditioner nearest to the
-    dense one's in the entries it scales; the tiles' factor momenta, if any, become zero momenta
-    of the diagonal factors. The very dict when it is not a vector's dense state."""
+    diagonal factors, the same tiles in the same stacks (``(k, b)``): ``diagonal(xp, K)`` of each
+    stack (the rule's diagonal factor nearest to a dense one); the tiles' factor momenta, if any,
+    become zero momenta of the diagonal factors. The very dict when it is not a vector's dense
+    state."""
     factors = {k: v for k, v in entries.items() if _TILE_FACTOR.fullmatch(k)}
     if not factors or any(not k.endswith("/factor/0") or len(v.shape) != 3 for k, v in factors.items()):
         return entries
     xp = array_namespace(*factors.values())
     out = {k: v for k, v in entries.items() if "/factor_momentum/" not in k}
     for key, K in factors.items():
-        out[key] = xp.sqrt(xp.sum(K * K, axis=2))  # √diag(K Kᵀ) of each tile
+        out[key] = diagonal(xp, K)
         if key.replace("/factor/", "/factor_momentum/") in entries:
             out[key.replace("/factor/", "/factor_momentum/")] = xp.zeros_like(out[key])
     return out
@@ -442,7 +442,9 @@ class TiledRule(NamedTuple):
       (the per-group scales of ``D`` from the per-group sums; with ``c.use_kl_clip``);
     * ``descend(xp, c, operand, D, W, v, zero) -> (update, v)``: element-wise, of a leaf (or of
       leaves joined end to end); ``W`` and ``v`` ``None`` where unused; ``operand(name, like)`` is
-      the configuration's or the step's value ``name`` as a 0-D array of ``like``'s dtype.
+      the configuration's or the step's value ``name`` as a 0-D array of ``like``'s dtype;
+    * ``diagonal(xp, K)``: the diagonal factors nearest to a stack of dense ones (a state saved with
+      a vector's dense tiles, loaded where its factor is diagonal).
     """
 
     name: str
@@ -455,6 +457,7 @@ class TiledRule(NamedTuple):
     inner: Callable
     clip: Callable
     descend: Callable
+    diagonal: Callable
 
 
 class TileLayout(NamedTuple):
@@ -606,7 +609,7 @@ def tiled_transform(
         needs_params=c.use_decay,
         intervals=t.intervals,
         layout_hint=layout.old_layout,
-        legacy_names=partial(_legacy_names, layout),
+        legacy_names=partial(_legacy_names, rule, layout),
     )
 
 
@@ -918,7 +921,7 @@ def _finish(t: _Tiling, ctx, h, directions, groups, fields, params_list) -> tupl
     return updates, velocities
 
 
-def _legacy_names(layout: TileLayout, entries: dict) -> dict:
+def _legacy_names(rule: TiledRule, layout: TileLayout, entries: dict) -> dict:
     """``build_transform``'s ``legacy_names``: a group's state under the names of an earlier
     version (:func:`legacy_entry_names`) or in its per-tile layout (:func:`stacked_tiles`, the
     tiles' phases from the layout's interval) as the current stacks; with ``structures=None`` a
@@ -926,7 +929,7 @@ def _legacy_names(layout: TileLayout, entries: dict) -> dict:
     is current."""
     entries = stacked_tiles(renamed_failures(legacy_entry_names(entries)), layout.interval, layout.stagger)
     if layout.structures is None:
-        entries = diagonal_vector(entries)
+        entries = diagonal_vector(entries, rule.diagonal)
     return entries
 
 

@@ -553,9 +553,15 @@ def _descend(xp, c: IFShampooConfig, operand, D, W, v, zero) -> tuple:
     return operand("minus_eta", U) * U, U  # W ← W − η v
 
 
+def _nearest_diagonal(xp, K):
+    """The diagonal factor nearest to each dense ``K`` of a stack in the entries it scales: the square
+    root of the diagonal of ``P = K Kᵀ`` (S12: a vector's dense tiles of an older state)."""
+    return xp.sqrt(xp.sum(K * K, axis=2))  # √diag(K Kᵀ)
+
+
 IF_SHAMPOO = TiledRule(
     "if_shampoo", _IFShampooState, _StackFactors, _if_shampoo_step, _init_factors, _refresh, _precondition,
-    _tile_inner, _kl_clip, _descend,
+    _tile_inner, _kl_clip, _descend, _nearest_diagonal,
 )
 
 
