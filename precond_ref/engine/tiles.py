@@ -7,12 +7,15 @@ equal tiles), :func:`cut_stacks` and :func:`join_stacks` take a tensor to its st
 reshapes; :func:`legacy_entry_names`, :func:`stacked_tiles` and :func:`diagonal_vector` migrate a
 state saved per tile, under older entry names or with a vector's dense tiles to the
 stacks. :func:`tiled_transform` runs a rule stated for one stack of tiles (:class:`TiledRule`,
-IF-Shampoo's) on every group of a tree: grouping, tiling, stacking across groups, the refresh phases, the keeping of unusable refreshes
-(:func:`kept_where_usable`) and their counts (:func:`counts_per_run`), the per-group sums of the KL
-clip (:func:`sums_in_tile_order`), the skip rule's settling and the element-wise last lines. The
+IF-Shampoo's) on every group of a tree: grouping, tiling, stacking across groups, the refresh
+phases (:func:`~precond_ref.engine.phases.refreshes`), the keeping of unusable refreshes
+(:func:`kept_where_usable`) and their counts, the per-group sums of the KL clip in tile order
+(:func:`sums_in_tile_order`), the skip rule's settling and the element-wise last lines. The
 factory's layout options (:class:`TileLayout`: per-axis structures, factor dtypes, blocking,
-grouping) are checked and read here (:func:`check_layout`, :func:`diagonal_axes`,
-:func:`factor_dtypes`, :func:`work_dtype`)."""
+grouping) are read here (:func:`diagonal_axes`, :func:`factor_dtypes`, :func:`work_dtype`). The
+fast forms (one gather for the cuts of all groups and one for the joins back, the failure counts
+of a batch at once, operands side by side) stand in one section at the end, each beside its plain
+form (:func:`~precond_ref._backend.plain_forms`)."""
 
 from __future__ import annotations
 
@@ -42,11 +45,11 @@ from .rounding import is_bfloat16, place_keys, place_noise, rounded_with_noise, 
 from .run import build_transform
 
 __all__ = [
-    "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
-    "cut", "join", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks",
-    "sums_in_tile_order", "counts_per_run", "taken", "run_indicator", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
-    "leaves_of_batches", "tiles_of_groups", "rearranged", "gathering", "GATHER_MAX_ELEMENTS", "each_block", "side_by_side", "kept_where_usable", "TiledRule", "TileLayout", "MISFIT", "per_axis",
-    "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
+    "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "cut_stacks", "join_stacks",
+    "sums_in_tile_order", "kept_where_usable", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
+    "TiledRule", "TileLayout", "MISFIT", "per_axis", "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
+    "tiles_of_groups", "leaves_of_batches", "rearranged", "gathering", "GATHER_MAX_ELEMENTS", "counts_per_run",
+    "side_by_side", "taken",
 ]
 
 Array = Any
