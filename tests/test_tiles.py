@@ -52,8 +52,9 @@ def test_stacks_of_tiles_are_the_slices_of_each_stack(dims, block, interval):
     """``cut_stacks`` (region reshapes, then every T-th tile or a ``take``) gives each stack of
     ``stack_plan`` exactly the slices of its tiles (the slicing oracle), and ``join_stacks`` puts
     them back: equal tiles with T dividing their number or not, T dividing the tiles of the last
-    axis (``phases_in_place``) or not, ragged ends on one axis or several, unblocked. The stacks are the tiles of one shape and refresh phase (t % T), tiles
-    ascending, and every tile is in one stack. Exact (no arithmetic)."""
+    axis or not, ragged ends on one axis or several, unblocked. The stacks are the tiles of one
+    shape and refresh phase (t % T), tiles ascending, and every tile is in one stack. Exact (no
+    arithmetic)."""
     np_xp = _np()
     G = np.arange(np.prod(dims), dtype=np.float64).reshape(dims)
     tiles = tiling.tile_plan(dims, (False,) * len(dims), block, interval, True)
