@@ -44,7 +44,7 @@ from array_api_compat import array_namespace, is_jax_namespace
 
 from .blocking import roll_first_axis_last, stack, unstack
 from ._backend import (
-    array_device, as_operand, computed_once, cond, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
+    array_device, as_operand, cast, computed_once, cond, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
     is_zero, iterate, number, on_cpu, placement, select, sum_across, torch_compiling,
 )
 
@@ -80,6 +80,15 @@ __all__ = [
     "mode_product",
     "block_mode_products",
     "mode_gram",
+    "along",
+    "is_diagonal",
+    "times_transposed",
+    "gram",
+    "mean_trace",
+    "unfolding_gram",
+    "times",
+    "frobenius",
+    "product_except",
     "half_precision_dtype",
     "rms_renormalised",
     "scaled_rms_renormalised",
@@ -882,6 +891,70 @@ def mode_gram(tensor: Array, axis: int, *, batch: int = 0) -> Array:
     moved, _ = _axis_to_last(xp, tensor, axis)
     flat = xp.reshape(moved, lead + (-1, d))
     return xp.matmul(flat.mT, flat)
+
+
+# Kronecker factors of dense or diagonal structure, stacked: a dense factor a ``(b, d, d)`` stack,
+# a diagonal one a ``(b, d)`` stack of its diagonals; each product one line of math for both
+# structures (IF-Shampoo's factor step and preconditioning).
+
+
+def along(xp, diagonal, axis: int, ndim: int):
+    """A stack of diagonal factors (b, d) shaped to multiply ``axis`` of a (b, ...) tensor."""
+    shape = [1] * ndim
+    shape[0], shape[axis] = diagonal.shape
+    return xp.reshape(diagonal, tuple(shape))
+
+
+def is_diagonal(factor) -> bool:
+    """A diagonal factor is stored as the (b, d) stack of its diagonals."""
+    return factor.ndim == 2
+
+
+def times_transposed(xp, tensor, factor, axis: int):
+    """``T ×_axis Kᵀ``: contract ``axis`` of ``T`` with the first index of ``K`` (diagonal: ``T·k`` along it)."""
+    if is_diagonal(factor):
+        return tensor * along(xp, factor, axis, len(tensor.shape))
+    return mode_product(tensor, factor, axis, transpose=True)
+
+
+def gram(xp, factor):
+    """``KᵀK`` (diagonal: ``k ⊙ k``)."""
+    return factor * factor if is_diagonal(factor) else xp.matmul(factor.mT, factor)
+
+
+def mean_trace(xp, gram):
+    """``Tr(A)/d`` of a stack of (b, d, d) matrices; of a diagonal (b, d) its mean."""
+    return xp.mean(gram if gram.ndim == 2 else xp.linalg.diagonal(gram), axis=-1)
+
+
+def unfolding_gram(xp, tensor, axis: int, factor):
+    """``Y_(n) Y_(n)ᵀ``, the Gram of the mode-``axis`` unfolding (diagonal ``factor``: its diagonal,
+    the sum of ``Y ⊙ Y`` over the other axes)."""
+    if not is_diagonal(factor):
+        return mode_gram(tensor, axis, batch=1)
+    rest = tuple(i for i in range(1, len(tensor.shape)) if i != axis)
+    square = tensor * tensor
+    return xp.sum(square, axis=rest) if rest else square
+
+
+def times(xp, factor, matrix):
+    """``K m`` (diagonal: ``k ⊙ m``)."""
+    return factor * matrix if is_diagonal(factor) else xp.matmul(factor, matrix)
+
+
+def frobenius(xp, matrix):
+    """``‖m‖_F`` per block (diagonal: the vector norm)."""
+    return xp.linalg.vector_norm(matrix, axis=-1) if matrix.ndim == 2 else xp.linalg.matrix_norm(matrix)
+
+
+def product_except(xp, values, n: int, dtype):
+    """``Π_{i≠n} values_i`` in ``dtype`` (the empty product is 1), multiplied left to right."""
+    product = None
+    for i, value in enumerate(values):
+        if i != n:
+            value = cast(xp, value, dtype)
+            product = value if product is None else product * value
+    return 1.0 if product is None else product
 
 
 def block_mode_products(

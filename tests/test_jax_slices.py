@@ -129,31 +129,3 @@ def test_the_skip_test_sums_small_leaves_of_one_shape_as_a_stack():
     sums = _stacked_sums(jnp, leaves)
     assert [tuple(s.shape) for s in sums] == [(5,), ()]
     assert _equal(sums[0], jnp.stack([jnp.sum(x * x) for x in leaves[:5]]))
-
-
-def test_if_shampoos_gradient_tiles_on_jax_are_the_cuts():
-    """``tiles_of_groups`` on JAX (the tiles of all groups of one key joined, one gather into the
-    stacks' order, each stack a remembered slice) gives every group exactly ``_cut_each``'s
-    stacks (``cut_stacks`` of ``group_tensor``), equal, ragged and weight-and-bias tiles; and a
-    batch of one key's stacks of one phase is one slice of the gather."""
-    from precond_ref.engine import tiles as tiling
-    from precond_ref.engine.layout import grouped_shape
-
-    rng = np.random.default_rng(3)
-    members_of = [[(8, 6), (8,)], [(8, 8)], [(4,)], [(1, 8), (1,)], [(12, 8)], [(8,)]]
-    grads = [[jnp.asarray(rng.normal(size=s), dtype=jnp.float32) for s in shapes] for shapes in members_of]
-    groups, keys = [], []
-    for shapes in members_of:
-        full, dims = grouped_shape(shapes, True)
-        plan = tiling.stack_plan(tiling.tile_plan(dims, [False] * len(dims), 4, 2, True))
-        groups.append(tiling._Group(jnp.float32, shapes, full, True, plan, None, len(groups)))
-        keys.append([tiling.tile_shape(plan.tiles[st.tiles[0]]) for st in plan.stacks])
-    with remembered_slices(jnp):
-        got = tiling.tiles_of_groups(jnp, grads, groups, keys)
-        phase0 = [got[1][0], got[4][0]]  # the (4, 4) stacks of phase 0 of groups 1 and 4, in order
-        assert _equal(joined(jnp, phase0), jnp.concatenate(phase0))
-        assert [e.primitive.name for e in jax.make_jaxpr(lambda: joined(jnp, phase0))().eqns] == ["slice"]
-    want = tiling._cut_each(jnp, grads, groups)
-    assert [len(g) for g in got] == [len(g.plan.stacks) for g in groups]
-    for a, b in zip((x for g in got for x in g), (x for g in want for x in g)):
-        assert _equal(a, b)

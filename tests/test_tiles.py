@@ -29,7 +29,8 @@ def test_tile_stack_is_the_row_major_cut(dims, block):
     np_xp = _np()
     G = np.arange(np.prod(dims), dtype=np.float64).reshape(dims)
     tiles = tiling.tile_plan(dims, (False,) * len(dims), block, 1, False)
-    counts, size = tiling.tile_grid(tiles)
+    (region,) = tiling.stack_plan(tiles).regions  # every dimension a multiple of the block: one region
+    counts, size = region.counts, region.size
     stacked = tiling.to_tiles(np_xp, G, counts, size)
     assert stacked.shape == (len(tiles),) + size
     for b, tile in enumerate(tiles):
@@ -51,8 +52,9 @@ def test_stacks_of_tiles_are_the_slices_of_each_stack(dims, block, interval):
     """``cut_stacks`` (region reshapes, then every T-th tile or a ``take``) gives each stack of
     ``stack_plan`` exactly the slices of its tiles (the slicing oracle), and ``join_stacks`` puts
     them back: equal tiles with T dividing their number or not, T dividing the tiles of the last
-    axis (``phases_in_place``) or not, ragged ends on one axis or several, unblocked. The stacks are the tiles of one shape and refresh phase (t % T), tiles
-    ascending, and every tile is in one stack. Exact (no arithmetic)."""
+    axis or not, ragged ends on one axis or several, unblocked. The stacks are the tiles of one
+    shape and refresh phase (t % T), tiles ascending, and every tile is in one stack. Exact (no
+    arithmetic)."""
     np_xp = _np()
     G = np.arange(np.prod(dims), dtype=np.float64).reshape(dims)
     tiles = tiling.tile_plan(dims, (False,) * len(dims), block, interval, True)
@@ -112,7 +114,7 @@ def test_sums_in_tile_order_are_the_sums_of_the_tiles_in_row_major_order(dims, b
 @pytest.mark.parametrize("positions", [(0, 1, 2, 3, 4), (1, 3), (2,), (0, 4, 1), (3, 0)])
 def test_pick_is_the_positions_and_unpick_its_inverse(positions):
     """``pick`` is ``stack[positions]`` (itself, a slice, or a take) and ``unpick`` rebuilds the
-    stack from the picks of a partition of its positions (phase interleave or take). Exact."""
+    stack from the picks of a partition of its positions (a join and a take). Exact."""
     np_xp = _np()
     stack = np.arange(5 * 2, dtype=np.float64).reshape(5, 2)
     np.testing.assert_array_equal(tiling.pick(np_xp, stack, positions), stack[list(positions)])
@@ -125,7 +127,7 @@ def test_pick_is_the_positions_and_unpick_its_inverse(positions):
 @pytest.mark.parametrize("k, phases", [(6, 2), (7, 3), (5, 5), (4, 3)])
 def test_unpick_interleaves_the_phases_of_equal_tiles(k, phases):
     """The phases of equal tiles (part p holds positions p, p+T, ...; the first k % T parts one
-    more) are interleaved back into 0..k-1. Exact."""
+    more) are put back in the order 0..k-1. Exact."""
     np_xp = _np()
     stack = np.arange(k * 3, dtype=np.float64).reshape(k, 3)
     positions = [tuple(range(p, k, phases)) for p in range(phases)]
@@ -251,17 +253,6 @@ def test_each_block_is_one_reduction_in_torch():
         with Dispatched() as seen:
             tiling.each_block(txp, reduce, mask)
         assert len(seen.names) == 2 and seen.names[0] in ("view", "reshape", "_unsafe_view"), seen.names
-
-
-def test_kept_where_usable_of_usable_blocks_is_the_new_state_itself(rng):
-    """Where reading a device value is free (NumPy here), a stack whose every block has a non-zero
-    gradient and a finite new state returns the new state itself (what ``where`` would select,
-    without the copies) and no failures."""
-    grouped = rng.normal(size=(3, 2, 2))
-    old, new = (rng.normal(size=(3, 2, 2)),), (rng.normal(size=(3, 2, 2)),)
-    *kept, failed = tiling.kept_where_usable(_np(), grouped, old, new)
-    assert kept[0] is new[0]
-    np.testing.assert_array_equal(failed, [False, False, False])
 
 
 @pytest.mark.parametrize("library", ["numpy", "torch"])

@@ -7,12 +7,15 @@ equal tiles), :func:`cut_stacks` and :func:`join_stacks` take a tensor to its st
 reshapes; :func:`legacy_entry_names`, :func:`stacked_tiles` and :func:`diagonal_vector` migrate a
 state saved per tile, under older entry names or with a vector's dense tiles to the
 stacks. :func:`tiled_transform` runs a rule stated for one stack of tiles (:class:`TiledRule`,
-IF-Shampoo's) on every group of a tree: grouping, tiling, stacking across groups, the refresh phases, the keeping of unusable refreshes
-(:func:`kept_where_usable`) and their counts (:func:`counts_per_run`), the per-group sums of the KL
-clip (:func:`sums_in_tile_order`), the skip rule's settling and the element-wise last lines. The
+IF-Shampoo's) on every group of a tree: grouping, tiling, stacking across groups, the refresh
+phases (:func:`~precond_ref.engine.phases.refreshes`), the keeping of unusable refreshes
+(:func:`kept_where_usable`) and their counts, the per-group sums of the KL clip in tile order
+(:func:`sums_in_tile_order`), the skip rule's settling and the element-wise last lines. The
 factory's layout options (:class:`TileLayout`: per-axis structures, factor dtypes, blocking,
-grouping) are checked and read here (:func:`check_layout`, :func:`diagonal_axes`,
-:func:`factor_dtypes`, :func:`work_dtype`)."""
+grouping) are read here (:func:`diagonal_axes`, :func:`factor_dtypes`, :func:`work_dtype`). The
+fast forms (one gather for the cuts of all groups and one for the joins back, the failure counts
+of a batch at once, operands side by side) stand in one section at the end, each beside its plain
+form (:func:`~precond_ref._backend.plain_forms`)."""
 
 from __future__ import annotations
 
@@ -25,12 +28,12 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from array_api_compat import array_namespace, is_jax_namespace
 
 from .._backend import (
-    array_device, compute_dtype, device_key, host_bool, index_dtype, is_torch_namespace, leading_rows,
-    leading_slices, pieces, placement, scalar_zero, stacked, torch_compiling,
+    array_device, compute_dtype, device_key, index_dtype, is_torch_namespace, leading_rows,
+    pieces, placement, plain, scalar_zero, stacked, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, unstack as unstack_alike
 from ..linalg import all_finite, half_precision_dtype
-from ..transform import Transform, check_bool, check_choice, check_positive, check_positive_int, singleton_groups
+from ..transform import Transform, check_positive, singleton_groups
 from ..tree import filled, path_str, to_entries
 from .checks import renamed_failures
 from .factors import constant, per_block
@@ -42,11 +45,11 @@ from .rounding import is_bfloat16, place_keys, place_noise, rounded_with_noise, 
 from .run import build_transform
 
 __all__ = [
-    "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "first_appearance",
-    "cut", "join", "tile_grid", "to_tiles", "from_tiles", "index_array", "pick", "unpick", "cut_stacks", "join_stacks", "phases_in_place",
-    "sums_in_tile_order", "interleaved_places", "counts_per_run", "taken", "read_if_free", "run_indicator", "per_tile", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
-    "leaves_of_batches", "tiles_of_groups", "rearranged", "gathering", "GATHER_MAX_ELEMENTS", "each_block", "side_by_side", "kept_where_usable", "TiledRule", "TileLayout", "STRUCTURES", "MISFIT", "check_layout", "per_axis",
-    "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
+    "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "cut_stacks", "join_stacks",
+    "sums_in_tile_order", "kept_where_usable", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
+    "TiledRule", "TileLayout", "MISFIT", "per_axis", "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
+    "tiles_of_groups", "leaves_of_batches", "rearranged", "gathering", "GATHER_MAX_ELEMENTS", "counts_per_run",
+    "side_by_side", "taken",
 ]
 
 Array = Any
@@ -131,14 +134,12 @@ def stack_plan(tiles: Sequence[Tile]) -> TilePlan:
     stacks = tuple(TileStack(tiles=members, phase=tiles[members[0]].offset,
                               positions=tuple(place[t][1] for t in members))
                    for members in first_appearance([(shapes[t], tile.offset) for t, tile in enumerate(tiles)]))
-    rank = len(shapes[0])
     regions = []
     for r, members in enumerate(by_shape):
-        box = tuple((min(tiles[t].index[n][0] for t in members), max(tiles[t].index[n][1] for t in members))
-                    for n in range(rank))
-        counts, size = tile_grid([tiles[t] for t in members])
-        regions.append(Region(box, counts, size, tuple(s for s, stack in enumerate(stacks) if place[stack.tiles[0]][0] == r)))
-    grid = tuple(len({region.index[n] for region in regions}) for n in range(rank))
+        axes = [sorted({tiles[t].index[n] for t in members}) for n in range(len(shapes[0]))]  # the box's cuts per axis
+        regions.append(Region(tuple((cuts[0][0], cuts[-1][1]) for cuts in axes), tuple(len(cuts) for cuts in axes),
+                              shapes[members[0]], tuple(s for s, stack in enumerate(stacks) if place[stack.tiles[0]][0] == r)))
+    grid = tuple(len({region.index[n] for region in regions}) for n in range(len(shapes[0])))
     return TilePlan(tuple(tiles), stacks, tuple(regions), grid)
 
 
@@ -198,20 +199,20 @@ def stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
     return out
 
 
-def diagonal_vector(entries: dict) -> dict:
+def diagonal_vector(entries: dict, diagonal: Callable) -> dict:
     """The third step of ``legacy_names``, where a vector's factor is diagonal (``structures=None``):
     a vector's state saved with dense tiles (``stacks/s/factor/0`` of shape ``(k, b, b)``) as its
-    diagonal factors, the same tiles in the same stacks (``(k, b)``): on each tile's entries the
-    square root of the diagonal of its ``P = K Kᵀ``, the diagonal preconditioner nearest to the
-    dense one's in the entries it scales; the tiles' factor momenta, if any, become zero momenta
-    of the diagonal factors. The very dict when it is not a vector's dense state."""
+    diagonal factors, the same tiles in the same stacks (``(k, b)``): ``diagonal(xp, K)`` of each
+    stack (the rule's diagonal factor nearest to a dense one); the tiles' factor momenta, if any,
+    become zero momenta of the diagonal factors. The very dict when it is not a vector's dense
+    state."""
     factors = {k: v for k, v in entries.items() if _TILE_FACTOR.fullmatch(k)}
     if not factors or any(not k.endswith("/factor/0") or len(v.shape) != 3 for k, v in factors.items()):
         return entries
     xp = array_namespace(*factors.values())
     out = {k: v for k, v in entries.items() if "/factor_momentum/" not in k}
     for key, K in factors.items():
-        out[key] = xp.sqrt(xp.sum(K * K, axis=2))  # √diag(K Kᵀ) of each tile
+        out[key] = diagonal(xp, K)
         if key.replace("/factor/", "/factor_momentum/") in entries:
             out[key.replace("/factor/", "/factor_momentum/")] = xp.zeros_like(out[key])
     return out
@@ -235,19 +236,9 @@ def join(xp, pieces: Sequence[Any], counts: Sequence[int]):
     return xp.concat(rows, axis=len(pieces[0].shape) - len(counts))
 
 
-def tile_grid(tiles: Sequence[Tile]) -> tuple[tuple, tuple]:
-    """(tiles per axis, the tile shape) of a box of tiles of one shape (a :class:`Region`'s)."""
-    counts = tuple(len({tile.index[n] for tile in tiles}) for n in range(len(tiles[0].index)))
-    return counts, tile_shape(tiles[0])
-
-
 def to_tiles(xp, G, counts: tuple, size: tuple):
     """The stack ``(k, b_1, ..., b_N)`` of the equal tiles of ``G`` in row-major order: one reshape
-    to ``(c_1, b_1, ..., c_N, b_N)`` and one transpose, not ``k`` slices."""
-    if math.prod(counts) == 1:
-        return G[None, ...]
-    if all(c == 1 for c in counts[1:]):  # only the first axis is cut: the tiles are contiguous
-        return xp.reshape(G, (counts[0],) + size)
+    to ``(c_1, b_1, ..., c_N, b_N)``, one transpose and one reshape, not ``k`` slices."""
     rank = len(counts)
     split = xp.reshape(G, tuple(x for pair in zip(counts, size) for x in pair))
     grid_first = xp.permute_dims(split, tuple(range(0, 2 * rank, 2)) + tuple(range(1, 2 * rank, 2)))
@@ -256,14 +247,11 @@ def to_tiles(xp, G, counts: tuple, size: tuple):
 
 def from_tiles(xp, tiles, counts: tuple, size: tuple):
     """The tensor whose equal tiles, in row-major order, are the stack ``tiles`` (inverse of
-    :func:`to_tiles`; any leading shape of the tiles' number, e.g. ``(k/T, T)``, reads as ``k``)."""
-    dims = tuple(c * b for c, b in zip(counts, size))
-    if math.prod(counts) == 1 or all(c == 1 for c in counts[1:]):
-        return xp.reshape(tiles, dims)
+    :func:`to_tiles`)."""
     rank = len(counts)
     grid_first = xp.reshape(tiles, counts + size)
     split = xp.permute_dims(grid_first, tuple(x for n in range(rank) for x in (n, rank + n)))
-    return xp.reshape(split, dims)
+    return xp.reshape(split, tuple(c * b for c, b in zip(counts, size)))
 
 
 def index_array(xp, positions: tuple, like):
@@ -285,24 +273,14 @@ def pick(xp, stack, positions: tuple):
     return taken(xp, stack, index_array(xp, positions, stack))
 
 
-def unpick(xp, parts: Sequence[Any], positions: Sequence[tuple], flat: bool = True):
+def unpick(xp, parts: Sequence[Any], positions: Sequence[tuple]):
     """The stack ``S`` with ``S[positions[i][j]] = parts[i][j]`` (the inverse of :func:`pick`; the
-    positions of all parts together are ``0..k-1``): the part itself; the T phases of equal tiles
-    (part ``p`` holds positions ``p, p+T, ...``) interleaved by one ``stack`` and a reshape; else a
-    ``concat`` and one ``take``. ``flat=False`` (for a consumer that reshapes or sums anyway): the
-    interleave may stay ``(k/T, T, ...)``, the same entries in the same memory order."""
+    positions of all parts together are ``0..k-1``): the part itself, else a ``concat`` and one
+    ``take``."""
     if len(parts) == 1:
         return parts[0]
-    k, phases = sum(len(p) for p in positions), len(parts)
-    if all(p == tuple(range(i, k, phases)) for i, p in enumerate(positions)):
-        rows, extra = divmod(k, phases)  # parts[:extra] hold one more tile, at position rows * phases + p
-        head = xp.stack([part if part.shape[0] == rows else part[:rows, ...] for part in parts], axis=1)
-        if extra == 0 and not flat:
-            return head
-        head = xp.reshape(head, (rows * phases,) + tuple(parts[0].shape[1:]))
-        return head if extra == 0 else xp.concat([head] + [part[rows:, ...] for part in parts[:extra]], axis=0)
     order = [j for p in positions for j in p]
-    inverse = tuple(sorted(range(k), key=order.__getitem__))  # S[j] = concat(parts)[inverse[j]]
+    inverse = tuple(sorted(range(len(order)), key=order.__getitem__))  # S[j] = concat(parts)[inverse[j]]
     return taken(xp, xp.concat(list(parts), axis=0), index_array(xp, inverse, parts[0]))
 
 
@@ -321,133 +299,42 @@ def cut_stacks(xp, G, plan: TilePlan) -> list:
 
 def join_stacks(xp, parts: Sequence[Any], plan: TilePlan):
     """The inverse of :func:`cut_stacks`: the tensor whose tiles are the stacks ``parts`` (each
-    region's box by :func:`phases_in_place`, or its tiles put in order by :func:`unpick` and the
-    box by :func:`from_tiles`; the boxes joined by :func:`join`)."""
-    boxes = []
-    for region in plan.regions:
-        pieces, positions = [parts[s] for s in region.stacks], [plan.stacks[s].positions for s in region.stacks]
-        box = phases_in_place(xp, pieces, positions, region.counts, region.size)
-        if box is None:
-            box = from_tiles(xp, unpick(xp, pieces, positions, flat=False), region.counts, region.size)
-        boxes.append(box)
+    region's tiles put in order by :func:`unpick`, the box by :func:`from_tiles`; the boxes joined
+    by :func:`join`)."""
+    boxes = [from_tiles(xp, unpick(xp, [parts[s] for s in region.stacks], [plan.stacks[s].positions for s in region.stacks]),
+                        region.counts, region.size) for region in plan.regions]
     return join(xp, boxes, plan.grid)
-
-
-def phases_in_place(xp, parts: Sequence[Any], positions: Sequence[tuple], counts: tuple, size: tuple):
-    """The box whose equal tiles, row-major over ``counts``, are the ``T`` phase stacks ``parts``
-    (part ``p`` holds tiles ``p, p+T, ...``), where ``T`` divides the tiles of the last axis: then
-    part ``p`` holds the tiles whose last grid index is ``p`` modulo ``T``, and one ``stack`` of
-    the parts, each seen as ``(c_1, b_1, ..., c_N/T, b_N)``, along a new axis before ``b_N`` is the
-    box (a reshape of it), where :func:`unpick` and :func:`from_tiles` copy twice. ``None``
-    elsewhere."""
-    phases, rank = len(parts), len(counts)
-    k = sum(len(p) for p in positions)
-    if phases == 1 or counts[-1] % phases or any(p != tuple(range(i, k, phases)) for i, p in enumerate(positions)):
-        return None
-    grid = counts[:-1] + (counts[-1] // phases,)
-    order = tuple(x for n in range(rank) for x in (n, rank + n))
-    views = [xp.permute_dims(xp.reshape(part, grid + tuple(size)), order) for part in parts]
-    return xp.reshape(xp.stack(views, axis=2 * rank - 1), tuple(c * b for c, b in zip(counts, size)))
 
 
 def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tuple]], plans: Sequence[TilePlan]
                        ) -> list:
     """``Σ_t x_t`` per group of a per-tile quantity, summed over the group's tiles in row-major
     order. ``vectors[m]`` holds the values of batch ``m``, the tiles of its members ``members[m]``
-    ((group, stack) numbers of ``plans``) one after the other. Each group's values are put in that
-    order, and the groups of one number ``k`` of tiles (and dtype and device) summed by one
-    ``sum`` over the rows of their ``(groups, k)`` matrix (a row's sum is the sum of that row
-    alone). The groups whose stacks are their phases, evenly interleaved (tile ``t`` in stack
-    ``t mod T``): the batches of one dtype and device joined (one ``concat``) and their tiles put
-    in that order by one ``take`` of an index made on the device (:func:`interleaved_places`),
-    the groups of one ``k`` next to each other; any other group's stacks joined in order by
-    :func:`unpick`, the rows of one ``k`` stacked."""
+    ((group, stack) numbers of ``plans``) one after the other. The batches of one dtype and device
+    joined, every group's values put in its tile order by one ``take`` (none where they are so
+    already), the groups of one number ``k`` of tiles next to each other, and each such run summed
+    by one ``sum`` over the rows of its ``(groups, k)`` matrix (a row's sum is that row's alone)."""
     out: list = [None] * len(plans)
     kinds: dict = {}
     for m, vector in enumerate(vectors):
         kinds.setdefault((vector.dtype, device_key(vector)), []).append(m)
     for batches in kinds.values():
-        start, first, values = 0, {}, {}  # (group, stack) -> its first tile's place in the joined vector, its values
-        for m in batches:
-            for (i, s), v in zip(members[m], _runs(vectors[m], [len(plans[i].stacks[s].tiles) for i, s in members[m]])):
-                first[i, s], values[i, s] = start, v
-                start += len(plans[i].stacks[s].tiles)
-        groups = sorted(dict.fromkeys(i for m in batches for i, _ in members[m]), key=lambda i: len(plans[i].tiles))
-        even = [i for i in groups if _interleaved(plans[i])]
-        if even:  # their tiles in order by one gather (none where they are so already), groups of one k side by side
-            joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
-            places = tuple((len(plans[i].tiles), tuple(first[i, s] for s in range(len(plans[i].stacks)))) for i in even)
-            ends = tuple(itertools.accumulate([k for k, _ in places], initial=0))
-            if places != tuple((k, (a,)) for (k, _), a in zip(places, ends)) or ends[-1] != joined.shape[0]:
-                joined = taken(xp, joined, interleaved_places(xp, places, joined))
-            for k, same in itertools.groupby(zip(even, ends), key=lambda pair: len(plans[pair[0]].tiles)):
-                same = list(same)
-                a = same[0][1]
-                sums = leading_rows(xp, xp.sum(xp.reshape(joined[a : a + k * len(same)], (len(same), k)), axis=1))
-                for j, (i, _) in enumerate(same):
-                    out[i] = sums[j]
-        rows: dict = {}
-        for i in groups:
-            if i not in even:
-                parts = [values[i, s] for s in range(len(plans[i].stacks))]
-                x = xp.reshape(unpick(xp, parts, [stack.tiles for stack in plans[i].stacks], flat=False), (-1,))
-                rows.setdefault(len(plans[i].tiles), []).append((i, x))
-        for same in rows.values():
-            sums = leading_rows(xp, xp.sum(xp.stack([x for _, x in same]), axis=1)) if len(same) > 1 else None
-            for j, (i, x) in enumerate(same):
-                out[i] = xp.sum(x) if sums is None else sums[j]
+        place: dict = {}  # (group, tile) -> its place in the batches joined
+        for i, s in (member for m in batches for member in members[m]):
+            place.update(((i, t), len(place)) for t in plans[i].stacks[s].tiles)
+        groups = sorted(dict.fromkeys(i for i, _ in place), key=lambda i: len(plans[i].tiles))
+        order = tuple(place[i, t] for i in groups for t in range(len(plans[i].tiles)))
+        joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
+        if order != tuple(range(len(order))):
+            joined = taken(xp, joined, index_array(xp, order, joined))
+        start = 0
+        for k, same in itertools.groupby(groups, key=lambda i: len(plans[i].tiles)):
+            same = list(same)
+            rows = xp.reshape(joined[start : start + k * len(same)], (len(same), k))
+            for i, total in zip(same, leading_rows(xp, xp.sum(rows, axis=1))):
+                out[i] = total
+            start += k * len(same)
     return out
-
-
-def _runs(vector, lengths: Sequence[int]) -> list:
-    """``vector`` cut into consecutive runs of ``lengths`` (views)."""
-    starts = (0,) + tuple(itertools.accumulate(lengths))
-    return [vector[a:b] for a, b in zip(starts[:-1], starts[1:])]
-
-
-def _interleaved(plan: TilePlan) -> bool:
-    """Whether the plan's stacks are its phases, evenly interleaved: stack ``p`` of ``T`` holds
-    tiles ``p, p+T, ...``, and ``T`` divides the number of tiles (one stack: all tiles in order)."""
-    k, T = len(plan.tiles), len(plan.stacks)
-    return k % T == 0 and all(stack.tiles == tuple(range(p, k, T)) for p, stack in enumerate(plan.stacks))
-
-
-def interleaved_places(xp, places: tuple, like):
-    """The gather that puts evenly interleaved groups' tiles in row-major order: ``places`` is,
-    per group, (its number of tiles ``k``, the places of its ``T`` stacks' first tiles); tile
-    ``t = rT + p`` is at ``first[p] + r``. Made once per ``places`` from ``arange`` on the device
-    (no host data copied; :func:`~precond_ref.engine.factors.constant`)."""
-    def make():
-        dev = placement(xp, like)
-        pieces = []
-        for k, firsts in places:
-            r = xp.arange(k // len(firsts), dtype=index_dtype(xp, like), device=dev)
-            pieces.append(xp.reshape(xp.stack([r + f for f in firsts], axis=1), (-1,)))
-        return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
-    return constant(xp, ("interleaved", places), make, like)
-
-
-def counts_per_run(xp, flags, lengths: Sequence[int]):
-    """How many of ``flags`` (a (n,) bool vector, consecutive runs of ``lengths``) are set in each
-    run, as a (runs,) int32 vector: runs of one length, one ``sum`` of the rows of their (runs,
-    length) matrix; else the product of the runs' 0/1 indicator (:func:`run_indicator`) with the
-    flags as float32, exact for counts below 2^24 whatever the order of summation (integers, every
-    partial sum representable)."""
-    if len(set(lengths)) == 1:
-        return xp.sum(xp.reshape(xp.astype(flags, xp.int32), (len(lengths), lengths[0])), axis=1, dtype=xp.int32)
-    return xp.astype(xp.matmul(run_indicator(xp, tuple(lengths), flags), xp.astype(flags, xp.float32)), xp.int32)
-
-
-def run_indicator(xp, lengths: tuple, like):
-    """The (runs, n) float32 matrix whose row ``j`` is 1 on the places of run ``j`` of consecutive
-    runs of ``lengths`` and 0 elsewhere, made once on the device from ``arange`` (no host data
-    copied; :func:`~precond_ref.engine.factors.constant`)."""
-    def make():
-        places = xp.arange(sum(lengths), dtype=index_dtype(xp, like), device=placement(xp, like))
-        ends = tuple(itertools.accumulate(lengths, initial=0))
-        rows = [xp.logical_and(places >= a, places < b) for a, b in zip(ends[:-1], ends[1:])]
-        return xp.astype(xp.stack(rows), xp.float32)
-    return constant(xp, ("run indicator", lengths), make, like)
 
 
 def taken(xp, x, index):
@@ -457,38 +344,13 @@ def taken(xp, x, index):
     return x.index_select(0, index) if is_torch_namespace(xp) else xp.take(x, index, axis=0)
 
 
-class _ReadIfFree:
-    """A 0-D value for :func:`~precond_ref._backend.host_bool` that is computed only when read:
-    where reading is free (NumPy, torch eagerly on the CPU) ``compute()`` is issued and read;
-    elsewhere (a GPU, a compiler) ``host_bool`` answers ``None`` without it, so the reduction that
-    only serves the read is not issued at all."""
-
-    def __init__(self, like, compute: Callable):
-        self.device = getattr(like, "device", None)
-        self._compute = compute
-
-    def __bool__(self) -> bool:
-        return bool(self._compute())
-
-
-def read_if_free(xp, like, compute: Callable):
-    """``host_bool(xp, compute())``, ``compute()`` (a 0-D bool beside ``like``) issued only where
-    :func:`~precond_ref._backend.host_bool` reads it (:class:`_ReadIfFree`); else ``None``."""
-    return host_bool(xp, _ReadIfFree(like, compute))
-
-
 def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
     """Per-group 0-D ``values``, the group of ``lengths[j]`` consecutive tiles of a stack ``like``
     (b, ...) taking ``values[j]``, shaped to scale ``like`` tile by tile: ``values[0]`` itself for one
     group (it broadcasts), else the (b, 1, ..., 1) vector of each tile's value."""
     if len(values) == 1:
         return values[0]
-    if is_jax_namespace(xp):  # one gather (XLA writes each piece of a join of many out by a kernel of its own)
-        each = tuple(j for j, n in enumerate(lengths) for _ in range(n))
-        per_tile = taken(xp, stacked(xp, values), index_array(xp, each, like))
-    else:
-        per_tile = xp.concat([xp.broadcast_to(xp.reshape(v, (1,)), (n,)) for v, n in zip(values, lengths)])
-    return per_block(xp, per_tile, like)
+    return per_block(xp, xp.concat([xp.broadcast_to(xp.reshape(v, (1,)), (n,)) for v, n in zip(values, lengths)]), like)
 
 
 def each_block(xp, reduce, mask):
@@ -504,9 +366,8 @@ def kept_where_usable(xp, grouped, old, new):
     whether it failed (a non-finite state from a non-zero gradient; counted by the caller). The
     state's arrays of one dtype are tested together, their blocks side by side (one test, not one
     per array); those of one dtype and one shape are also selected together (:func:`side_by_side`:
-    one ``where``, the kept arrays consecutive pieces of its result). Element-wise (``where``): no device value is read, except where reading is free
-    (:func:`precond_ref._backend.host_bool`: NumPy, torch eagerly on the CPU), where a stack whose
-    every block is usable returns ``new`` itself (what the selections would give) without selecting."""
+    one ``where``, the kept arrays consecutive pieces of its result). Element-wise (``where``): no
+    device value is read."""
     nonzero = each_block(xp, xp.any, grouped != 0.0)
     finite, joints = None, {}
     for dtype in dict.fromkeys(a.dtype for a in new):  # one test of the entries of all arrays of one dtype
@@ -521,8 +382,6 @@ def kept_where_usable(xp, grouped, old, new):
         finite = ok if finite is None else xp.logical_and(finite, ok)
     accept = xp.logical_and(finite, nonzero)
     failed = xp.logical_xor(nonzero, accept)  # nonzero and not finite
-    if read_if_free(xp, accept, lambda: xp.all(accept)):  # the selections would keep all of `new`
-        return tuple(new) + (failed,)
     kept = [xp.where(per_block(xp, accept, a), a, b) if not any(n in m for m in joints) else None
             for n, (a, b) in enumerate(zip(new, old))]
     for members, joint in joints.items():  # one selection of the arrays side by side
@@ -530,16 +389,6 @@ def kept_where_usable(xp, grouped, old, new):
         for j, n in enumerate(members):
             kept[n] = chosen[j, ...]
     return tuple(kept) + (failed,)
-
-
-def side_by_side(xp, arrays: Sequence[Any]):
-    """``stack(arrays)`` (a new leading axis) of two or more arrays of one shape, a view where they
-    lie end to end in one allocation (:func:`~precond_ref._backend.stacked`: the operands a refresh
-    stored side by side, :func:`tiled_transform`); ``None`` for one array, or arrays of several
-    shapes."""
-    if len(arrays) < 2 or len({tuple(a.shape) for a in arrays}) != 1:
-        return None
-    return stacked(xp, arrays)
 
 
 def _cut_each(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any]) -> list:
@@ -551,112 +400,6 @@ def _tensor(xp, grads: Sequence[Any], g) -> Any:
     """A group's members joined into its tensor G, in its work dtype
     (:func:`~precond_ref.engine.layout.group_tensor`)."""
     return group_tensor(xp, grads, g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype)
-
-
-def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
-                    ) -> list:
-    """``_cut_each(xp, grads_list, groups)``: every group's gradient as the stacks of its plan;
-    where :func:`gathering`, for gradients of one dtype and device cut in one work dtype, as one join of all gradients and one gather (:func:`rearranged`), each stack a
-    view of the result: the stacks of one key (``keys[i][s]``, what batches them: their tile
-    shape and factor layout) end to end, by refresh phase, then group and stack, so that a batch
-    of them (one phase's, or all phases') is a view too (:func:`~precond_ref._backend.joined`).
-    Two operations (three where the work dtype differs) where the cuts are a copy per group with
-    tiles across several axes and the batches a join each."""
-    leaves = [g for grads in grads_list for g in grads]
-    if (len({(g.dtype, device_key(g)) for g in leaves}) != 1 or len({g.dtype for g in groups}) != 1
-            or not (gathering(xp, leaves) or is_jax_namespace(xp))):
-        return _cut_each(xp, grads_list, groups)
-    if is_jax_namespace(xp):
-        return _tiles_gathered(xp, grads_list, groups, keys)
-    first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
-    order = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
-                   key=lambda m: (first[keys[m[0]][m[1]]], groups[m[0]].plan.stacks[m[1]].phase, m))
-
-    def cut(ids):
-        ids = iter(ids)
-        stacks = _cut_each(xp, [[next(ids) for _ in grads] for grads in grads_list], [g._replace(dtype=xp.int32) for g in groups])
-        return [stacks[i][s] for i, s in order]
-
-    shapes = [(len(groups[i].plan.stacks[s].tiles),) + tile_shape(groups[i].plan.tiles[groups[i].plan.stacks[s].tiles[0]])
-              for i, s in order]
-    key = ("tiles of groups", tuple(g.number for g in groups), tuple(order))
-    out = [[None] * len(g.plan.stacks) for g in groups]
-    for (i, s), stack in zip(order, rearranged(xp, key, leaves, cut, shapes, groups[0].dtype)):
-        out[i][s] = stack
-    return out
-
-
-def _tiles_gathered(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
-                    ) -> list:
-    """:func:`tiles_of_groups` on JAX: per key, the tiles of its groups (each group's tensor cut
-    into its equal tiles by reshapes, :func:`to_tiles`) joined, and its stacks taken from the join
-    in the order of :func:`tiles_of_groups` by one gather (of tiles: an index of a few entries per
-    tile), each stack a remembered slice of the result
-    (:func:`~precond_ref._backend.leading_slices`), so that a batch of them is one slice of it. XLA
-    leaves a join of more than a few pieces unfused, and the cuts of each group's tensor into its
-    phases' stacks, joined across groups, were each a kernel. A group whose tiles are not all of
-    one shape is cut as by :func:`_cut_each`."""
-    out = [[None] * len(g.plan.stacks) for g in groups]
-    even = [i for i, g in enumerate(groups) if len(g.plan.regions) == 1]
-    for i in set(range(len(groups))) - set(even):
-        out[i] = _cut_each(xp, [grads_list[i]], [groups[i]])[0]
-    by_key: dict = {}  # key -> the groups of its stacks, in order of first appearance
-    for i in even:
-        for s in range(len(groups[i].plan.stacks)):
-            by_key.setdefault(keys[i][s], {}).setdefault(i, None)
-    for key, members in by_key.items():
-        members = list(members)
-        tiles, offsets, start = [], {}, 0
-        for i in members:  # one key, one tile shape (its factors' lengths): the tiles join
-            region = groups[i].plan.regions[0]
-            tiles.append(to_tiles(xp, _tensor(xp, grads_list[i], groups[i]), region.counts, region.size))
-            offsets[i], start = start, start + tiles[-1].shape[0]
-        order = sorted(((i, s) for i in members for s in range(len(groups[i].plan.stacks)) if keys[i][s] == key),
-                       key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
-        each = tuple(offsets[i] + p for i, s in order for p in groups[i].plan.stacks[s].positions)
-        whole = tiles[0] if len(tiles) == 1 else xp.concat(tiles, axis=0)
-        if each != tuple(range(whole.shape[0])):
-            whole = taken(xp, whole, index_array(xp, each, whole))
-        lengths = [len(groups[i].plan.stacks[s].tiles) for i, s in order]
-        for (i, s), stack in zip(order, leading_slices(whole, lengths)):
-            out[i][s] = stack
-    return out
-
-
-#: entries: the most a gather's index covers (:func:`gathering`; int32, 16 MiB). The indices of a
-#: layout (two: the tiles' cut and the leaves' order) stay with the transform, in the cache of
-#: :func:`~precond_ref.engine.factors.constant` on the arrays' device, so they are held to a small
-#: share of the device's memory: a model of up to 4M parameters (where a step's operations, not
-#: its arithmetic, bound it) takes the gathers; a larger one pays no index memory.
-GATHER_MAX_ELEMENTS = 2**22
-
-
-def gathering(xp, arrays: Sequence[Any]) -> bool:
-    """Whether :func:`rearranged` serves ``arrays``: eagerly (not JAX, not under ``torch.compile``,
-    which fuse the rearrangements anyway), for at most :data:`GATHER_MAX_ELEMENTS` entries, whose
-    index (int32, as large as the arrays' float32 entries) stays small. A larger model's
-    rearrangements, a few operations per group, are few beside its arithmetic."""
-    return not (is_jax_namespace(xp) or torch_compiling()) and sum(math.prod(a.shape) for a in arrays) <= GATHER_MAX_ELEMENTS
-
-
-def rearranged(xp, key, arrays: Sequence[Any], rearrange: Callable, shapes: Sequence[tuple], dtype: Any = None) -> list:
-    """``rearrange(arrays)`` for a rearrangement (arrays of ``shapes`` whose entries are entries of
-    ``arrays``: cuts, joins, transposes, no arithmetic), in ``dtype`` if given: the arrays
-    flattened and joined, cast, and their entries taken by one gather (:func:`taken`) by an index
-    made once per ``key`` (:func:`~precond_ref.engine.factors.constant`) as ``rearrange`` of the
-    entries' places; each result a view of the gathered array's next piece."""
-    ends = tuple(itertools.accumulate((math.prod(a.shape) for a in arrays), initial=0))
-
-    def make():
-        places = xp.arange(ends[-1], dtype=xp.int32, device=placement(xp, arrays[0]))
-        ids = [xp.reshape(places[a:b], tuple(x.shape)) for a, b, x in zip(ends[:-1], ends[1:], arrays)]
-        return xp.concat([xp.reshape(part, (-1,)) for part in rearrange(ids)], axis=0)
-
-    flat = [xp.reshape(a, (-1,)) for a in arrays]
-    flat = flat[0] if len(flat) == 1 else xp.concat(flat, axis=0)
-    gathered = taken(xp, xp.astype(flat, dtype) if dtype is not None and flat.dtype != dtype else flat,
-                     constant(xp, key, make, arrays[0]))
-    return pieces(xp, gathered, shapes)
 
 
 def _batch_key(stack: NamedTuple) -> tuple:
@@ -676,20 +419,6 @@ def _leaves_by_joins(xp, results: Sequence[Any], chosen: Sequence[tuple], batche
         parts[i][s] = part
     return [leaf for group, stacks in zip(groups, parts)
             for leaf in ungroup_tensor(xp, join_stacks(xp, stacks, group.plan), group.shapes, group.full, group.out_first)]
-
-
-def leaves_of_batches(xp, results: Sequence[Any], chosen: Sequence[tuple], batched: Sequence[Any],
-                      groups: Sequence[Any]) -> list:
-    """``_leaves_by_joins(xp, results, chosen, batched, groups)``, the members' parts of per-tile
-    results; where :func:`gathering`, for results of one dtype and device, as one gather (:func:`rearranged`), one operation where the joins are one per group, and the
-    members views of its consecutive pieces, so that the element-wise work after joins them
-    without a copy (:func:`~precond_ref.engine.joined.leafwise`)."""
-    if not gathering(xp, results) or len({(r.dtype, device_key(r)) for r in results}) != 1:
-        return _leaves_by_joins(xp, results, chosen, batched, groups)
-    key = ("leaves of batches", tuple(chosen), tuple((b.indices, b.lengths, tuple(r.shape)) for b, r in zip(batched, results)),
-           tuple(group.number for group in groups))
-    return rearranged(xp, key, results, lambda ids: _leaves_by_joins(xp, ids, chosen, batched, groups),
-                      [shape for group in groups for shape in group.shapes])
 
 
 # --------------------------------------------------------------------------------------------
@@ -716,7 +445,9 @@ class TiledRule(NamedTuple):
       (the per-group scales of ``D`` from the per-group sums; with ``c.use_kl_clip``);
     * ``descend(xp, c, operand, D, W, v, zero) -> (update, v)``: element-wise, of a leaf (or of
       leaves joined end to end); ``W`` and ``v`` ``None`` where unused; ``operand(name, like)`` is
-      the configuration's or the step's value ``name`` as a 0-D array of ``like``'s dtype.
+      the configuration's or the step's value ``name`` as a 0-D array of ``like``'s dtype;
+    * ``diagonal(xp, K)``: the diagonal factors nearest to a stack of dense ones (a state saved with
+      a vector's dense tiles, loaded where its factor is diagonal).
     """
 
     name: str
@@ -729,11 +460,12 @@ class TiledRule(NamedTuple):
     inner: Callable
     clip: Callable
     descend: Callable
+    diagonal: Callable
 
 
 class TileLayout(NamedTuple):
     """How a group's tensor is tiled and its state laid out (:func:`tiled_transform`), from the
-    options of the method's factory (checked by :func:`check_layout`).
+    options of the method's factory (which checks them).
 
     ``block_size``: dense axes longer than it are cut (``None``: none); ``interval``, ``stagger``:
     the refresh interval and whether the tiles of a blocked tensor spread over it
@@ -768,49 +500,11 @@ class TileLayout(NamedTuple):
     factor_rounding: str = "nearest"
 
 
-STRUCTURES = ("dense", "diagonal")
-FACTOR_ROUNDINGS = ("nearest", "stochastic")
-
 MISFIT = (
     "with grouping='weight_bias' a weight and its bias are one group (give both gradients, a zero one for a member "
     "without); a state saved with another block_size loads with that block_size (block_size=4096, "
     "max_dense_dim=4096 for unblocked factors, diagonal beyond 4096)"
 )
-
-
-def check_layout(layout: TileLayout) -> None:
-    """The factory's errors for a layout's options, in the factory's words: the interval a positive
-    integer or a predicate, ``stagger`` a bool; ``structures`` names a structure per axis, keyed by
-    tensor rank; ``factor_dtype`` is a dtype (an array is a dtype that ``optax.inject_hyperparams``
-    took for a schedule); ``block_size`` and ``max_dense_dim`` positive integers; ``group_scale`` a
-    callable."""
-    if not hasattr(layout.interval, "shape"):
-        check_positive_int("precondition_every", layout.interval, allow_callable=True)
-    if layout.block_size is not None:
-        check_positive_int("block_size", layout.block_size)
-    check_bool("spread_refresh", layout.stagger)
-    structures = layout.structures
-    if isinstance(structures, dict) and not all(
-        isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in structures
-    ):
-        raise ValueError(f"structures: dict keys must be tensor ranks >= 1, got {sorted(structures, key=str)}")
-    named = [structures] if structures is not None else []  # None: the default by rank, known names
-    for value in structures.values() if isinstance(structures, dict) else named:
-        for name in value if isinstance(value, (tuple, list)) else (value,):
-            if name not in STRUCTURES:
-                raise ValueError(f"structures must name one of {STRUCTURES} per axis, got {name!r}")
-    for value in layout.factor_dtype.values() if isinstance(layout.factor_dtype, dict) else (layout.factor_dtype,):
-        # NumPy's dtypes have a ``shape`` too (``np.float32`` the class, ``np.dtype("float32")`` no ``dtype``).
-        if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type):
-            raise ValueError(
-                "factor_dtype must be a dtype, got an array; under optax.inject_hyperparams pass "
-                "static_args=('factor_dtype',) (a dtype is callable, so it is taken for a schedule)"
-            )
-    if layout.max_dense_dim is not None and not hasattr(layout.max_dense_dim, "shape"):
-        check_positive_int("max_dense_dim", layout.max_dense_dim)
-    check_choice("factor_rounding", layout.factor_rounding, FACTOR_ROUNDINGS)
-    if layout.group_scale is not None and not callable(layout.group_scale):
-        raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {layout.group_scale!r}")
 
 
 def per_axis(name: str, option: Any, rank: int, what: str, where: str) -> tuple:
@@ -907,7 +601,6 @@ def tiled_transform(
     (:func:`join_stacks`) and cut into its members; the members' last lines element-wise, joined
     end to end (:func:`~precond_ref.engine.joined.leafwise`).
     """
-    check_layout(layout)
     spread = layout.stagger and isinstance(layout.interval, int) and layout.interval > 1
     t = _Tiling(rule, c, layout, spread_schedule(layout.interval, spread), {}, {}, {})
     return build_transform(
@@ -919,7 +612,7 @@ def tiled_transform(
         needs_params=c.use_decay,
         intervals=t.intervals,
         layout_hint=layout.old_layout,
-        legacy_names=partial(_legacy_names, layout),
+        legacy_names=partial(_legacy_names, rule, layout),
     )
 
 
@@ -1042,7 +735,8 @@ def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, fail
 
     def branches(batch) -> tuple:  # each batch's scales and rounding bits made outside the cond
         scale = _tile_scales(t.layout, xp, fields, chosen, batch)
-        noise = _step_noise(xp, ctx, fields, batch.operands[0]) if t.layout.factor_rounding == "stochastic" else None
+        rounded = t.layout.factor_rounding == "stochastic" and any(is_bfloat16(a.dtype) for a in batch.operands[1:])
+        noise = _step_noise(xp, ctx, fields, batch.operands[0]) if rounded else None
         return partial(_refreshed, t, xp, h, scale, noise), partial(_unchanged, xp)
 
     for batch, out in refreshes(xp, refresh, batches, branches):
@@ -1160,16 +854,14 @@ def _store(t: _Tiling, xp, stack_states, failures, chosen, batch, out, ctx) -> N
     tiles' failures to its count, for all groups of the batch at once (their counts stacked, a
     view where last step's addition left them side by side, plus :func:`counts_per_run`), none
     on a skipped step (the non-finite rule's selection, made once per batch on the failure
-    flags); where reading is free, a batch without failures adds nothing."""
-    layout = t.layout
-    counted = layout.counted and read_if_free(xp, out[-1], partial(xp.any, out[-1])) is not False
-    selecting = layout.counted and ctx.ok is not None and not ctx.applied
+    flags)."""
+    selecting = t.layout.counted and ctx.ok is not None and not ctx.applied
     if selecting:
         out = (*out[:-1], xp.logical_and(out[-1], ctx.ok))
     for m, (*state, _) in handed_back(batch, out):
         i, s = chosen[m]
         stack_states[i][s] = _stack_of(t.rule, state, len(state) // 2 if t.c.use_factor_momentum else len(state))
-    if not counted:
+    if not t.layout.counted:
         return
     groups = [chosen[m][0] for m in batch.indices]  # a group has at most one stack in a batch of one phase
     totals = stacked(xp, [failures[i] for i in groups]) + counts_per_run(xp, out[-1], batch.lengths)
@@ -1232,7 +924,7 @@ def _finish(t: _Tiling, ctx, h, directions, groups, fields, params_list) -> tupl
     return updates, velocities
 
 
-def _legacy_names(layout: TileLayout, entries: dict) -> dict:
+def _legacy_names(rule: TiledRule, layout: TileLayout, entries: dict) -> dict:
     """``build_transform``'s ``legacy_names``: a group's state under the names of an earlier
     version (:func:`legacy_entry_names`) or in its per-tile layout (:func:`stacked_tiles`, the
     tiles' phases from the layout's interval) as the current stacks; with ``structures=None`` a
@@ -1240,26 +932,13 @@ def _legacy_names(layout: TileLayout, entries: dict) -> dict:
     is current."""
     entries = stacked_tiles(renamed_failures(legacy_entry_names(entries)), layout.interval, layout.stagger)
     if layout.structures is None:
-        entries = diagonal_vector(entries)
+        entries = diagonal_vector(entries, rule.diagonal)
     return entries
 
 
 def _no_failures(xp, G):
     """No tile of the stack ``G`` failed: a (k,) bool of ``False``."""
     return xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G))
-
-
-def _by_dtype(xp, fn, values: Sequence[Array]) -> list:
-    """``fn`` of the 0-D ``values`` (one per group), computed once for the vector of all values of one
-    dtype instead of once per value, and handed back one per value."""
-    out: list = [None] * len(values)
-    by_dtype: dict = {}
-    for g, value in enumerate(values):
-        by_dtype.setdefault(value.dtype, []).append(g)
-    for members in by_dtype.values():
-        for g, result in zip(members, leading_rows(xp, fn(stacked(xp, [values[g] for g in members])))):
-            out[g] = result
-    return out
 
 
 def _stack_operands(state: NamedTuple, refreshing: bool) -> tuple:
@@ -1270,3 +949,144 @@ def _stack_operands(state: NamedTuple, refreshing: bool) -> tuple:
 def _stack_of(rule: TiledRule, operands: Sequence[Array], rank: int) -> NamedTuple:
     """The inverse of :func:`_stack_operands` (refreshing): the stack's state from its operands."""
     return rule.Stack(factor=tuple(operands[:rank]), factor_momentum=tuple(operands[rank:]))
+
+
+# --------------------------------------------------------------------------------------------
+# Fast forms, each beside its plain form
+#
+# Each computes what its plain form states (the cuts and joins of the groups' tensors, one sum or
+# selection per array or run, one call per value) in fewer operations: the rearrangements of all
+# groups as one gather by an index made once per layout, the operands of one shape side by side,
+# the failure counts of a batch at once. Each gives its plain form's numbers, bit for bit, and within
+# :func:`~precond_ref._backend.plain_forms` each takes its plain form.
+
+
+def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
+                    ) -> list:
+    """``_cut_each(xp, grads_list, groups)``: every group's gradient as the stacks of its plan;
+    where :func:`gathering`, for gradients of one dtype and device cut in one work dtype, as one join of all gradients and one gather (:func:`rearranged`), each stack a
+    view of the result: the stacks of one key (``keys[i][s]``, what batches them: their tile
+    shape and factor layout) end to end, by refresh phase, then group and stack, so that a batch
+    of them (one phase's, or all phases') is a view too (:func:`~precond_ref._backend.joined`).
+    Two operations (three where the work dtype differs) where the cuts are a copy per group with
+    tiles across several axes and the batches a join each."""
+    leaves = [g for grads in grads_list for g in grads]
+    if len({(g.dtype, device_key(g)) for g in leaves}) != 1 or len({g.dtype for g in groups}) != 1 or not gathering(xp, leaves):
+        return _cut_each(xp, grads_list, groups)
+    first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
+    order = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
+                   key=lambda m: (first[keys[m[0]][m[1]]], groups[m[0]].plan.stacks[m[1]].phase, m))
+
+    def cut(ids):
+        ids = iter(ids)
+        stacks = _cut_each(xp, [[next(ids) for _ in grads] for grads in grads_list], [g._replace(dtype=xp.int32) for g in groups])
+        return [stacks[i][s] for i, s in order]
+
+    shapes = [(len(groups[i].plan.stacks[s].tiles),) + tile_shape(groups[i].plan.tiles[groups[i].plan.stacks[s].tiles[0]])
+              for i, s in order]
+    key = ("tiles of groups", tuple(g.number for g in groups), tuple(order))
+    out = [[None] * len(g.plan.stacks) for g in groups]
+    for (i, s), stack in zip(order, rearranged(xp, key, leaves, cut, shapes, groups[0].dtype)):
+        out[i][s] = stack
+    return out
+
+
+#: entries: the most a gather's index covers (:func:`gathering`; int32, 16 MiB). The indices of a
+#: layout (two: the tiles' cut and the leaves' order) stay with the transform, in the cache of
+#: :func:`~precond_ref.engine.factors.constant` on the arrays' device, so they are held to a small
+#: share of the device's memory: a model of up to 4M parameters (where a step's operations, not
+#: its arithmetic, bound it) takes the gathers; a larger one pays no index memory.
+GATHER_MAX_ELEMENTS = 2**22
+
+
+def gathering(xp, arrays: Sequence[Any]) -> bool:
+    """Whether :func:`rearranged` serves ``arrays``: eagerly (not JAX, not under ``torch.compile``,
+    which fuse the rearrangements anyway; not within :func:`~precond_ref._backend.plain_forms`), for at most :data:`GATHER_MAX_ELEMENTS` entries, whose
+    index (int32, as large as the arrays' float32 entries) stays small. A larger model's
+    rearrangements, a few operations per group, are few beside its arithmetic."""
+    return not (is_jax_namespace(xp) or torch_compiling() or plain()) and sum(math.prod(a.shape) for a in arrays) <= GATHER_MAX_ELEMENTS
+
+
+def rearranged(xp, key, arrays: Sequence[Any], rearrange: Callable, shapes: Sequence[tuple], dtype: Any = None) -> list:
+    """``rearrange(arrays)`` for a rearrangement (arrays of ``shapes`` whose entries are entries of
+    ``arrays``: cuts, joins, transposes, no arithmetic), in ``dtype`` if given: the arrays
+    flattened and joined, cast, and their entries taken by one gather (:func:`taken`) by an index
+    made once per ``key`` (:func:`~precond_ref.engine.factors.constant`) as ``rearrange`` of the
+    entries' places; each result a view of the gathered array's next piece."""
+    ends = tuple(itertools.accumulate((math.prod(a.shape) for a in arrays), initial=0))
+
+    def make():
+        places = xp.arange(ends[-1], dtype=xp.int32, device=placement(xp, arrays[0]))
+        ids = [xp.reshape(places[a:b], tuple(x.shape)) for a, b, x in zip(ends[:-1], ends[1:], arrays)]
+        return xp.concat([xp.reshape(part, (-1,)) for part in rearrange(ids)], axis=0)
+
+    flat = [xp.reshape(a, (-1,)) for a in arrays]
+    flat = flat[0] if len(flat) == 1 else xp.concat(flat, axis=0)
+    gathered = taken(xp, xp.astype(flat, dtype) if dtype is not None and flat.dtype != dtype else flat,
+                     constant(xp, key, make, arrays[0]))
+    return pieces(xp, gathered, shapes)
+
+
+def leaves_of_batches(xp, results: Sequence[Any], chosen: Sequence[tuple], batched: Sequence[Any],
+                      groups: Sequence[Any]) -> list:
+    """``_leaves_by_joins(xp, results, chosen, batched, groups)``, the members' parts of per-tile
+    results; where :func:`gathering`, for results of one dtype and device, as one gather (:func:`rearranged`), one operation where the joins are one per group, and the
+    members views of its consecutive pieces, so that the element-wise work after joins them
+    without a copy (:func:`~precond_ref.engine.joined.leafwise`)."""
+    if not gathering(xp, results) or len({(r.dtype, device_key(r)) for r in results}) != 1:
+        return _leaves_by_joins(xp, results, chosen, batched, groups)
+    key = ("leaves of batches", tuple(chosen), tuple((b.indices, b.lengths, tuple(r.shape)) for b, r in zip(batched, results)),
+           tuple(group.number for group in groups))
+    return rearranged(xp, key, results, lambda ids: _leaves_by_joins(xp, ids, chosen, batched, groups),
+                      [shape for group in groups for shape in group.shapes])
+
+
+def counts_per_run(xp, flags, lengths: Sequence[int]):
+    """How many of ``flags`` (a (n,) bool vector, consecutive runs of ``lengths``) are set in each
+    run, as a (runs,) int32 vector: runs of one length, one ``sum`` of the rows of their (runs,
+    length) matrix; else the product of the runs' 0/1 indicator (:func:`run_indicator`) with the
+    flags as float32, exact for counts below 2^24 whatever the order of summation (integers, every
+    partial sum representable)."""
+    if plain():
+        return xp.stack([xp.sum(xp.astype(run, xp.int32), dtype=xp.int32) for run in pieces(xp, flags, [(n,) for n in lengths])])
+    if len(set(lengths)) == 1:
+        return xp.sum(xp.reshape(xp.astype(flags, xp.int32), (len(lengths), lengths[0])), axis=1, dtype=xp.int32)
+    return xp.astype(xp.matmul(run_indicator(xp, tuple(lengths), flags), xp.astype(flags, xp.float32)), xp.int32)
+
+
+def run_indicator(xp, lengths: tuple, like):
+    """The (runs, n) float32 matrix whose row ``j`` is 1 on the places of run ``j`` of consecutive
+    runs of ``lengths`` and 0 elsewhere, made once on the device from ``arange`` (no host data
+    copied; :func:`~precond_ref.engine.factors.constant`)."""
+    def make():
+        places = xp.arange(sum(lengths), dtype=index_dtype(xp, like), device=placement(xp, like))
+        ends = tuple(itertools.accumulate(lengths, initial=0))
+        rows = [xp.logical_and(places >= a, places < b) for a, b in zip(ends[:-1], ends[1:])]
+        return xp.astype(xp.stack(rows), xp.float32)
+    return constant(xp, ("run indicator", lengths), make, like)
+
+
+def side_by_side(xp, arrays: Sequence[Any]):
+    """``stack(arrays)`` (a new leading axis) of two or more arrays of one shape, a view where they
+    lie end to end in one allocation (:func:`~precond_ref._backend.stacked`: the operands a refresh
+    stored side by side, :func:`tiled_transform`); ``None`` for one array, or arrays of several
+    shapes, and within :func:`~precond_ref._backend.plain_forms` (each array then alone)."""
+    if plain() or len(arrays) < 2 or len({tuple(a.shape) for a in arrays}) != 1:
+        return None
+    return stacked(xp, arrays)
+
+
+def _by_dtype(xp, fn, values: Sequence[Array]) -> list:
+    """``fn`` of the 0-D ``values`` (one per group), computed once for the vector of all values of one
+    dtype instead of once per value, and handed back one per value; within
+    :func:`~precond_ref._backend.plain_forms`, once per value."""
+    if plain():
+        return [fn(value) for value in values]
+    out: list = [None] * len(values)
+    by_dtype: dict = {}
+    for g, value in enumerate(values):
+        by_dtype.setdefault(value.dtype, []).append(g)
+    for members in by_dtype.values():
+        for g, result in zip(members, leading_rows(xp, fn(stacked(xp, [values[g] for g in members])))):
+            out[g] = result
+    return out

@@ -18,18 +18,18 @@ from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 from .._backend import array_device, as_operand, cast, is_number, is_zero, scalar_zero
-from ..linalg import kl_clip_of_quadratic, mode_product
-from ..engine.elementwise import ElementwiseRule, elementwise_transform
-from ..engine.factors import (
-    along, frobenius, gram, identity, is_diagonal, mean_trace, per_block, product_except, times, times_transposed,
-    unfolding_gram,
+from ..linalg import (
+    along, frobenius, gram, is_diagonal, kl_clip_of_quadratic, mean_trace, mode_product, product_except, times,
+    times_transposed, unfolding_gram,
 )
+from ..engine.elementwise import ElementwiseRule, elementwise_transform
+from ..engine.factors import identity, per_block
 from ..engine import options
 from ..engine.phases import prototype_schedule
 from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, tiled_transform
 from ..transform import (
     ScalarOrSchedule, Transform, check_bool, check_choice, check_interval, check_learning_rate, check_mode,
-    check_nonnegative, check_optional, check_principled_only, check_unit_interval, mode_default,
+    check_nonnegative, check_optional, check_positive_int, check_principled_only, check_unit_interval, mode_default,
 )
 from ..tree import Path
 
@@ -381,7 +381,7 @@ def rf_adamw(
 # --------------------------------------------------------------------------------------------
 # IF-Shampoo's rule, written for one stack of tiles (a leading axis b): grouped tensors
 # (b, d_1, ..., d_N), dense factors (b, d, d), diagonal factors (b, d); the products for both factor
-# structures are precond_ref.engine.factors'. The engine (precond_ref.engine.tiles.tiled_transform)
+# structures are precond_ref.linalg's. The engine (precond_ref.engine.tiles.tiled_transform)
 # groups, tiles and stacks the gradients, decides the refresh phases, keeps unusable refreshes (S2,
 # S3), batches and applies the skip rule.
 #
@@ -553,14 +553,59 @@ def _descend(xp, c: IFShampooConfig, operand, D, W, v, zero) -> tuple:
     return operand("minus_eta", U) * U, U  # W ← W − η v
 
 
+def _nearest_diagonal(xp, K):
+    """The diagonal factor nearest to each dense ``K`` of a stack in the entries it scales: the square
+    root of the diagonal of ``P = K Kᵀ`` (S12: a vector's dense tiles of an older state)."""
+    return xp.sqrt(xp.sum(K * K, axis=2))  # √diag(K Kᵀ)
+
+
 IF_SHAMPOO = TiledRule(
     "if_shampoo", _IFShampooState, _StackFactors, _if_shampoo_step, _init_factors, _refresh, _precondition,
-    _tile_inner, _kl_clip, _descend,
+    _tile_inner, _kl_clip, _descend, _nearest_diagonal,
 )
 
 
 # --------------------------------------------------------------------------------------------
 # IF-Shampoo's factory and the prototype's options
+
+
+_STRUCTURES = ("dense", "diagonal")
+_FACTOR_ROUNDINGS = ("nearest", "stochastic")
+
+
+def _check_layout(layout: TileLayout) -> None:
+    """:func:`if_shampoo`'s errors for its layout's options: the interval a positive
+    integer or a predicate, ``stagger`` a bool; ``structures`` names a structure per axis, keyed by
+    tensor rank; ``factor_dtype`` is a dtype (an array is a dtype that ``optax.inject_hyperparams``
+    took for a schedule); ``block_size`` and ``max_dense_dim`` positive integers; ``group_scale`` a
+    callable."""
+    if not hasattr(layout.interval, "shape"):
+        check_positive_int("precondition_every", layout.interval, allow_callable=True)
+    if layout.block_size is not None:
+        check_positive_int("block_size", layout.block_size)
+    check_bool("spread_refresh", layout.stagger)
+    structures = layout.structures
+    if isinstance(structures, dict) and not all(
+        isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in structures
+    ):
+        raise ValueError(f"structures: dict keys must be tensor ranks >= 1, got {sorted(structures, key=str)}")
+    named = [structures] if structures is not None else []  # None: the default by rank, known names
+    for value in structures.values() if isinstance(structures, dict) else named:
+        for name in value if isinstance(value, (tuple, list)) else (value,):
+            if name not in _STRUCTURES:
+                raise ValueError(f"structures must name one of {_STRUCTURES} per axis, got {name!r}")
+    for value in layout.factor_dtype.values() if isinstance(layout.factor_dtype, dict) else (layout.factor_dtype,):
+        # NumPy's dtypes have a ``shape`` too (``np.float32`` the class, ``np.dtype("float32")`` no ``dtype``).
+        if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type):
+            raise ValueError(
+                "factor_dtype must be a dtype, got an array; under optax.inject_hyperparams pass "
+                "static_args=('factor_dtype',) (a dtype is callable, so it is taken for a schedule)"
+            )
+    if layout.max_dense_dim is not None and not hasattr(layout.max_dense_dim, "shape"):
+        check_positive_int("max_dense_dim", layout.max_dense_dim)
+    check_choice("factor_rounding", layout.factor_rounding, _FACTOR_ROUNDINGS)
+    if layout.group_scale is not None and not callable(layout.group_scale):
+        raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {layout.group_scale!r}")
 
 
 def prototype_lr_scale(path: Path) -> float:
@@ -793,4 +838,5 @@ def if_shampoo(
         weight_bias=grouping == "weight_bias", group_scale=preconditioner_lr_scale, counted=not faithful,
         old_layout=None if faithful else old_layout_hint, factor_rounding=factor_rounding,
     )
+    _check_layout(layout)
     return tiled_transform(IF_SHAMPOO, config, layout, on_nonfinite=on_nonfinite)

@@ -261,7 +261,7 @@ def test_diagonal_vector_takes_each_dense_tile_to_the_root_of_its_diagonal():
     saved = {f"stacks/{s}/{name}/0": (K if name == "factor" else 0.1 * K)
              for s, K in enumerate(tiles) for name in ("factor", "factor_momentum")}
     saved.update({"momentum/0": rng.normal(size=10), "failures": np.zeros((), np.int32)})
-    got = tiling.diagonal_vector(saved)
+    got = tiling.diagonal_vector(saved, root_free._nearest_diagonal)
     for s, K in enumerate(tiles):
         want = np.sqrt(np.diag(K[0] @ K[0].T))[None]
         np.testing.assert_allclose(got[f"stacks/{s}/factor/0"], want, rtol=4 * np.finfo(np.float64).eps)
@@ -270,7 +270,7 @@ def test_diagonal_vector_takes_each_dense_tile_to_the_root_of_its_diagonal():
     init = pr.if_shampoo(batch_size=2, block_size=4, structures=None).init({"v": np.zeros(10)})
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in init.groups["v"].items()}
     current = init.groups["v"]
-    assert tiling.diagonal_vector(current) is current
+    assert tiling.diagonal_vector(current, root_free._nearest_diagonal) is current
 
 
 def test_state_saved_with_dense_vector_factors_steps_on_with_diagonal_ones():

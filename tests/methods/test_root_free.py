@@ -468,6 +468,8 @@ def test_if_shampoo_is_matmul_only(monkeypatch):
 
     source = inspect.getsource(root_free.if_shampoo) + inspect.getsource(root_free._factor_step)
     source += inspect.getsource(root_free._precondition) + inspect.getsource(factors) + inspect.getsource(tiles)
+    source += "".join(inspect.getsource(getattr(linalg, name)) for name in (  # the factors' products
+        "along", "times_transposed", "gram", "mean_trace", "unfolding_gram", "times", "frobenius", "product_except"))
     helpers = inspect.getsource(linalg.mode_product) + inspect.getsource(linalg.mode_gram)
     import re
 

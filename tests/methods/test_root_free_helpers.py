@@ -47,32 +47,6 @@ def test_factor_step_first_refresh_is_the_spec_formula(rng):
     np.testing.assert_allclose(k[0][0], want, rtol=0, atol=64 * EPS * (1 + batch * np.abs(g[0]).max() ** 2 * 4))
 
 
-def test_if_shampoo_eager_cpu_step_selects_nothing():
-    """torch eagerly on the CPU (reading is free): a step with finite gradients and usable factor
-    steps makes no element-wise selection (no ``where``: S2/S3 keep the whole new stack) and adds
-    nothing to ``failures`` (no ``sum`` of the (b,) failure flags; the finiteness tests,
-    :func:`precond_ref.linalg.all_finite`, sum (b, n) stacks), on refresh steps (every tile on the
-    first, half of them later) and between. ``kl_clip=0``: S8's ν has a ``where`` and a ``sum``
-    of its own."""
-    torch = pytest.importorskip("torch")
-    from dispatched import Dispatched
-
-    import precond_ref as pr
-
-    g = torch.Generator().manual_seed(0)
-    params = {"w": torch.randn(8, 6, generator=g, dtype=torch.float64),
-              "v": torch.randn(5, generator=g, dtype=torch.float64)}
-    opt = pr.if_shampoo(batch_size=2, block_size=4, kl_clip=0.0)
-    state = opt.init(params)
-    for _ in range(3):
-        grads = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in params.items()}
-        with Dispatched() as seen:
-            _, state = opt.update(grads, state, params)
-        flag_sums = [key for key in seen.calls if "sum" in key[0] and key[1] is not None and len(key[1]) == 1]
-        assert "bmm" in seen.names and "where" not in seen.names and not flag_sums, seen.names
-    assert int(state.groups["w"]["failures"]) == 0
-
-
 @pytest.mark.parametrize("namespace", ["numpy", "torch"])
 def test_if_shampoo_steps_are_the_same_when_large_stacks_stand_alone(monkeypatch, namespace):
     """A stack that stands alone instead of being concatenated with its equals
