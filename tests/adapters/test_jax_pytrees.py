@@ -105,6 +105,21 @@ def test_value_field_with_siblings_keeps_its_key():
     assert updates["p"].value.shape == (2,) and updates["p"].scale.shape == (3,)
 
 
+def test_numpy_leaves_init_like_jax_arrays():
+    """``init`` takes NumPy parameters, as optax's own transforms do: the state equals that of the
+    same values as uncommitted jax arrays, and stays uncommitted (host arrays are placed on no
+    device; committing it would compile a jitted step again once its parameters are jax arrays).
+    Before the fix: ``AttributeError: 'numpy.ndarray' object has no attribute 'committed'``."""
+    import precond_ref.adapters.jax as pj
+
+    host = {"w": np.linspace(-1.0, 1.0, 6).reshape(3, 2), "b": np.zeros(2)}
+    opt = pj.agd(1e-2)
+    state = opt.init(host)
+    want = opt.init(jax.tree_util.tree_map(jnp.asarray, host))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state, want)
+    assert not any(leaf.committed for leaf in jax.tree_util.tree_leaves(state))
+
+
 def test_optax_own_transform_takes_the_same_trees():
     """Control: optax's adam, whose state mirrors the parameter tree, takes wrapped parameters at
     ``init`` and the wrapped gradients at ``update`` (its state's nodes are the wrappers too), with
