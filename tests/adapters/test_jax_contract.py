@@ -132,8 +132,9 @@ def test_jit_compiles_once_with_committed_params(case):
     (with its own committed results) hit the first call's compilation."""
     _plain_configuration_only(case)
     opt, step = _mixed_step(case)
-    _, state, _ = _run(opt, _mixed, _committed(PROBLEMS["mixed_1d_2d"][1]()), 5, case.update_kwargs, step)
-    assert all(leaf.committed for leaf in jax.tree_util.tree_leaves(state))
+    params = _committed(PROBLEMS["mixed_1d_2d"][1]())
+    assert all(leaf.committed for leaf in jax.tree_util.tree_leaves(opt.init(params)))
+    _run(opt, _mixed, params, 5, case.update_kwargs, step)
     assert step._cache_size() == 1
 
 
@@ -178,7 +179,7 @@ def test_multisteps_zero_on_accumulation_steps(case):
 def test_dtype_and_shape_stability(case):
     """Updates have the parameters' dtype and shape; the state keeps its layout across steps. The
     tree holds one layer per dtype (float32, bfloat16, float64), so one compilation checks all
-    three (a method's blocks never span two layers)."""
+    three (each layer's kernel and bias share their dtype, as the methods that pair them need)."""
     params = {
         str(jnp.dtype(dtype)): {"kernel": jnp.full((3, 2), 0.5, dtype), "bias": jnp.zeros((2,), dtype)}
         for dtype in (jnp.float32, jnp.bfloat16, jnp.float64)
