@@ -105,7 +105,8 @@ def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
 
     # The state must be committed to a device exactly when the parameters are: otherwise the
     # second step sees arguments placed differently from the first and jit compiles again.
-    # Built under jit it is uncommitted; it is then placed like the parameters (state_shardings).
+    # Built under jit it is uncommitted; it is then placed like the parameters (state_shardings)
+    # when every parameter is a committed jax.Array (a NumPy leaf is never committed).
     jitted_init = jax.jit(transform.init)
 
     def init_fn(params: Any) -> Any:
@@ -116,7 +117,7 @@ def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
         core_params, _ = _as_core_tree(params)
         state = jitted_init(core_params)
         leaves = jax.tree_util.tree_leaves(params)
-        if leaves and all(not isinstance(x, jax.core.Tracer) and x.committed for x in leaves):
+        if leaves and all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed for x in leaves):
             state = jax.device_put(state, _shardings_like(state, core_params))
         return state
 

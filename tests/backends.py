@@ -58,9 +58,15 @@ def _torch() -> Backend:
 
 
 def _jax() -> Backend:
+    import jax
     import jax.numpy as jnp
 
-    return Backend("jax", jnp, lambda a: jnp.asarray(a), lambda a: np.asarray(a))
+    # Committed to the default device, as the results of a jitted step on committed arguments and
+    # the state the core's init makes on the parameters' device are: a jitted step first called
+    # with uncommitted arrays and then with its own results compiles twice, and eager operations
+    # compile once per placement of their operands.
+    device = jax.devices()[0]
+    return Backend("jax", jnp, lambda a: jax.device_put(jnp.asarray(a), device), lambda a: np.asarray(a))
 
 
 def _cupy() -> Backend | None:

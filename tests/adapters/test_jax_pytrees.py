@@ -78,16 +78,18 @@ def test_wrapped_init_and_bare_update_share_the_state(case):
     ``bias`` by those names), and give exactly the updates of the all-bare run; updates of wrapped
     gradients come back wrapped. Before the fix: "grads do not match the optimizer state"."""
     opt = case.make()
+    # Jitted (one compilation per tree structure, rather than every operation of eager steps).
+    update = jax.jit(lambda g, s, p: opt.update(g, s, p, **case.update_kwargs))
     bare = _bare()
     want_state = opt.init(bare)
-    want, _ = opt.update(_grads(bare), want_state, bare, **case.update_kwargs)
+    want, _ = update(_grads(bare), want_state, bare)
 
     state = opt.init(_boxed(bare))
     assert set(state.groups) == set(want_state.groups)
-    got, _ = opt.update(_grads(bare), state, bare, **case.update_kwargs)
+    got, _ = update(_grads(bare), state, bare)
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
 
-    boxed_updates, _ = opt.update(_boxed(_grads(bare)), state, _boxed(bare), **case.update_kwargs)
+    boxed_updates, _ = update(_boxed(_grads(bare)), state, _boxed(bare))
     assert jax.tree_util.tree_structure(boxed_updates) == jax.tree_util.tree_structure(_boxed(bare))
     jax.tree_util.tree_map(np.testing.assert_array_equal, _unbox(boxed_updates), want)
 
@@ -105,6 +107,21 @@ def test_value_field_with_siblings_keeps_its_key():
     assert updates["p"].value.shape == (2,) and updates["p"].scale.shape == (3,)
 
 
+def test_numpy_leaves_init_like_jax_arrays():
+    """``init`` takes NumPy parameters, as optax's own transforms do: the state equals that of the
+    same values as uncommitted jax arrays, and stays uncommitted (host arrays are placed on no
+    device; committing it would compile a jitted step again once its parameters are jax arrays).
+    Before the fix: ``AttributeError: 'numpy.ndarray' object has no attribute 'committed'``."""
+    import precond_ref.adapters.jax as pj
+
+    host = {"w": np.linspace(-1.0, 1.0, 6).reshape(3, 2), "b": np.zeros(2)}
+    opt = pj.agd(1e-2)
+    state = opt.init(host)
+    want = opt.init(jax.tree_util.tree_map(jnp.asarray, host))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state, want)
+    assert not any(leaf.committed for leaf in jax.tree_util.tree_leaves(state))
+
+
 def test_optax_own_transform_takes_the_same_trees():
     """Control: optax's adam, whose state mirrors the parameter tree, takes wrapped parameters at
     ``init`` and the wrapped gradients at ``update`` (its state's nodes are the wrappers too), with
@@ -119,8 +136,9 @@ def test_optax_own_transform_takes_the_same_trees():
 @pytest.mark.parametrize("case", PLAIN_CASES, ids=lambda c: c.id)
 def test_flax_nnx_optimizer(case):
     """``nnx.Optimizer(model, tx, wrt=nnx.Param)`` steps a two-layer Flax NNX model with every
-    method, as it does with ``optax.adam``: the parameters after two steps are exactly those of the
-    same transformation driven by hand on the model's bare parameter arrays (same arithmetic)."""
+    method, as it does with ``optax.adam``: the parameters after two steps (under ``nnx.jit``) are
+    exactly those of the same transformation driven by hand on the model's bare parameter arrays
+    (under ``jax.jit``; same arithmetic)."""
     nnx = pytest.importorskip("flax.nnx")
 
     class Model(nnx.Module):
@@ -136,25 +154,32 @@ def test_flax_nnx_optimizer(case):
     def loss(model):
         return jnp.mean((model(x) - 1.0) ** 2)
 
-    model = Model()
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tx = case.make()
-    state = tx.init(params)
-
     def pure_loss(p):
         m = Model()
         nnx.update(m, p)
         return loss(m)
 
-    for _ in range(2):
+    # Both runs jitted (one compilation each, rather than every operation of two eager steps):
+    # the same operations on the same arrays, so the same numbers.
+    @jax.jit
+    def by_hand(params, state):
         updates, state = tx.update(jax.grad(pure_loss)(params), state, params, **case.update_kwargs)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), state
 
     model = Model()
-    if case.update_kwargs:
-        tx = optax.with_extra_args_support(tx)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx = case.make()
+    state = tx.init(params)
     for _ in range(2):
+        params, state = by_hand(params, state)
+
+    @nnx.jit
+    def with_nnx(model, optimizer):
         optimizer.update(model, nnx.grad(loss)(model), **case.update_kwargs)
+
+    model = Model()
+    optimizer = nnx.Optimizer(model, optax.with_extra_args_support(tx) if case.update_kwargs else tx, wrt=nnx.Param)
+    for _ in range(2):
+        with_nnx(model, optimizer)
     got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, params)
