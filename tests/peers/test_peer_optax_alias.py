@@ -3,13 +3,13 @@ our optax factories.
 
 As in ``tests/adapters/test_optax_contrib_suite.py``: the bodies are those of the installed optax
 (it ships the file), each re-bound to a namespace in which ``_get_opt(self, name)`` returns our
-factory, and parametrised on upstream's grids. What it checks, per method: 10 000 jitted steps
+factory, and parametrised on upstream's grids. What they check, per method: 10 000 jitted steps
 reach the optimum of a parabola and of Rosenbrock's function in float32 (to 3e-2), with no
-compilation on the second ``update``; ``optax.tree.map_params`` works on the state. Upstream's
-other generic tests (extra ``update`` arguments, updates keeping the gradients' dtype, also inside
-``optax.MultiSteps``, ``inject_hyperparams``, the state's stability across ``lax.cond``) are in
-optax's contrib suite as well, which ``tests/adapters/test_optax_contrib_suite.py`` runs for every
-method on the same grids (``_NOT_BOUND``).
+compilation on the second ``update``; ``optax.tree.map_params`` works on the state; extra
+``update`` arguments are accepted; updates keep the gradients' dtype, also inside
+``optax.MultiSteps``. Upstream's ``inject_hyperparams`` test and its test that the state's
+shapes, dtypes and shardings are stable across ``lax.cond`` are in optax's contrib suite as well,
+which ``tests/adapters/test_optax_contrib_suite.py`` runs for every method on the same grids.
 
 Complex parameters: no method supports them (their statistics and roots are real); upstream runs
 complex dtypes only for optimizers that support them (it skips the others), so here they are
@@ -66,17 +66,14 @@ _JNP = upstream.jnp
 # Upstream's grids, less the complex dtypes (see the module docstring).
 _GRIDS = {
     "test_optimization": dict(target=(upstream._setup_parabola, upstream._setup_rosenbrock), dtype=(_JNP.float32,)),
+    "test_optimizers_accept_extra_args": dict(),
+    "test_preserve_dtype": dict(dtype=("bfloat16", "float32")),
+    "test_gradient_accumulation": dict(dtype=("bfloat16", "float32")),
 }
-# Not bound: sgd/adam's own dtype arguments; and the tests that optax's contrib suite holds too,
-# run for every method on the same grids (less upstream's complex dtypes) by
-# tests/adapters/test_optax_contrib_suite.py: inject_hyperparams, the state's stability across
-# lax.cond, and three whose bodies there are these ones (same arrays, same jitted calls, same
-# assertion; only the learning rates of OPTIMIZERS differ, a Python float that changes no dtype,
-# shape or compiled structure): updates keep the dtype (bf16, float32), MultiSteps(k=4) gives zero
-# updates, and extra update arguments are accepted on Rosenbrock in float32.
+# Not bound: sgd/adam's own dtype arguments; and two tests that optax's contrib suite holds too,
+# run on the same grids (less upstream's complex dtypes) by tests/adapters/test_optax_contrib_suite.py.
 _NOT_BOUND = {"test_explicit_dtype", "test_optimizers_can_be_wrapped_in_inject_hyperparams",
-              "test_state_shape_dtype_shard_stability", "test_preserve_dtype", "test_gradient_accumulation",
-              "test_optimizers_accept_extra_args"}
+              "test_state_shape_dtype_shard_stability"}
 
 PrecondAliasTest = types.new_class(
     "PrecondAliasTest",
