@@ -64,11 +64,9 @@ def _bound(name):
 
 _TARGETS = (upstream._setup_parabola, upstream._setup_rosenbrock, upstream._setup_matrix_parabola,
             upstream._setup_mixed_tensor_target)
-# Upstream's grids, per test (the optimizer list is the first product axis), less a repeat.
+# Upstream's grids, per test (the optimizer list is the first product axis).
 _GRIDS = {
-    # Upstream's wrap=True wraps an optimizer that has a wrapper_name; ours have none, so its runs
-    # would repeat those of wrap=False exactly.
-    "test_optimizers_accept_extra_args": dict(wrap=[False]),
+    "test_optimizers_accept_extra_args": dict(wrap=[True, False]),
     "test_optimizers": dict(target=_TARGETS, dtype=("float32",)),
     "test_optimizers_can_be_wrapped_in_inject_hyperparams": dict(),
     "test_preserve_dtype": dict(dtype=("bfloat16", "float32")),
