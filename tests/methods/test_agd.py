@@ -113,8 +113,8 @@ def _float32_sqrt_sensitivity(config):
         # from the base run's parameters and state at that step (the core does not mutate them).
         linear = np.zeros_like(base)
         for i in range(calls):
-            step = [s for s in starts if s[3] <= i][-1]
-            linear[step[0]:] += np.abs(run(step, i, 1.0)[0] - base[step[0]:])
+            resume = [s for s in starts if s[3] <= i][-1]
+            linear[resume[0]:] += np.abs(run(resume, i, 1.0)[0] - base[resume[0]:])
         up, down = run(start, None, 1.0)[0], run(start, None, -1.0)[0]
     finally:
         agd_module.float32_sqrt = original
