@@ -22,7 +22,10 @@ import precond_ref as pr
 from precond_ref.adapters import torch as pt
 
 METHODS = ("agd", "asgo", "dasgo", "sketchy", "s_adagrad", "rf_rmsprop", "rf_adamw", "if_shampoo", "mbf")
-WIDTHS = range(2, 32)  # 30 models of growing width
+#: Models of growing width, below and above the sketches' rank and the batch size, up to 31: one
+#: width past the baseline's would show a kept array (a cache keyed by shapes gains an entry per
+#: width, a bounded one ends holding larger arrays than after the baseline).
+WIDTHS = (2, 3, 5, 9, 17, 31)
 STEPS = 3
 BATCH = 8
 
@@ -67,9 +70,10 @@ def _live_bytes() -> dict:
     tracked = gc.get_objects()
     found = tracked + gc.get_referents(*tracked)
     # type(), not isinstance: some objects warn when asked for __class__
-    kinds = {kind for kind in set(map(type, found)) if issubclass(kind, (torch.Tensor, np.ndarray))}
+    types = list(map(type, found))
+    kinds = {kind for kind in set(types) if issubclass(kind, (torch.Tensor, np.ndarray))}
     owners: dict = {"torch": {}, "numpy": {}}
-    for x in itertools.compress(found, map(kinds.__contains__, map(type, found))):
+    for x in itertools.compress(found, map(kinds.__contains__, types)):
         if issubclass(type(x), torch.Tensor):
             try:
                 storage = x.untyped_storage()

@@ -1,10 +1,10 @@
 """A long run of every method: nothing grows and no counter drifts.
 
-Each torch class takes 350 eager steps on a tiny regression (a 4 -> 3 linear layer, weight and
+Each torch class takes 250 eager steps on a tiny regression (a 4 -> 3 linear layer, weight and
 bias in two param groups) under a learning-rate schedule that changes every step and restarts
 (``CosineAnnealingWarmRestarts``), in a configuration with periodic refreshes where the method
 has them (intervals 2-5: a hundred steps run each periodic path twenty times or more, and the
-schedule restarts at steps 150 and 300). Between step 100 and the last step:
+schedule restarts at steps 100 and 200). Between step 100 and the last step:
 
 * the Python heap allocated by the library does not grow over the last 100 of 150 traced steps
   (``tracemalloc``, filtered to the core's, the adapters' and torch.optim's files; the first 50
@@ -35,7 +35,7 @@ import precond_ref.adapters
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "adapters"))
 from cases import TORCH_CASES  # noqa: E402
 
-STEPS = 350
+STEPS = 250
 WARMUP = 100
 TRACED = 150
 COMPARED = 100
@@ -85,7 +85,7 @@ def test_long_run_keeps_memory_state_and_counters_fixed(case, own_objects_only):
             [{"params": [model.weight]}, {"params": [model.bias], "lr": case.lr / 2}],
             **{"lr": case.lr, **case.kwargs}, compile=False,
         )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=150, eta_min=case.lr / 100)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=100, eta_min=case.lr / 100)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, 4, generator=gen, dtype=torch.float64)
     y = x @ torch.randn(4, 3, generator=gen, dtype=torch.float64)

@@ -61,12 +61,13 @@ def _flat(model):
 
 
 def test_converges_on_regression(case):
-    """The loss of a small tanh-regression falls by a factor of 3 within 150 steps, and finite data
-    never makes a non-finite update (no step is skipped)."""
+    """The loss of a small tanh-regression falls by a factor of 3 within 100 steps, and finite data
+    never makes a non-finite update (no step is skipped). The slowest case, rf_adamw, is there at
+    step 64; most are by step 25."""
     model = _model()
     x, y = _data()
     opt = case.make(model.named_parameters())
-    losses = _train(model, opt, case, 150, x, y)
+    losses = _train(model, opt, case, 100, x, y)
     assert np.isfinite(losses).all()
     assert losses[-1] < losses[0] / 3, losses[:: len(losses) // 5]
     assert all(int(entries["nonfinite_count"]) == 0 for entries in opt.state.values())

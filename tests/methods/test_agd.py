@@ -85,25 +85,37 @@ def _float32_sqrt_sensitivity(config):
             root = np.asarray(np.nextafter(root, np.float32(nudge["direction"] * np.inf)))
         return root
 
-    def run(target=None, direction=0.0):
-        nudge.update(target=target, direction=direction, calls=0)
-        params = {"w": np.array(REFERENCE["w0"]), "b": np.array(REFERENCE["b0"])}
+    entry = REFERENCE["configs"][config]
+    start = (0, {"w": np.array(REFERENCE["w0"]), "b": np.array(REFERENCE["b0"])}, None, 0)
 
-        def step(opt, tree, state):
-            updates, state = opt.update(_grads(tree["w"], tree["b"]), state, tree)
-            tree = pr.apply_updates(tree, updates)
-            return tree, state
-
-        flat = [np.concatenate([t["w"].ravel(), t["b"].ravel()]) for t in _faithful_trajectory(config, params, step)]
-        return np.array(flat), nudge["calls"]
+    def run(start, target=None, direction=0.0):
+        """The trajectory from ``start`` = (step, parameters, state or None for a fresh one, sqrt
+        calls before that step) to the last step, flattened, and each of its steps' such start."""
+        step, params, state, calls = start
+        opt = pr.agd(**_core_kwargs(entry["torch_kwargs"]))
+        state = opt.init(params) if state is None else state
+        nudge.update(target=target, direction=direction, calls=calls)
+        flat, starts = [], []
+        for t in range(step, len(entry["trajectory"])):
+            starts.append((t, params, state, nudge["calls"]))
+            updates, state = opt.update(_grads(params["w"], params["b"]), state, params)
+            params = pr.apply_updates(params, updates)
+            flat.append(np.concatenate([params["w"].ravel(), params["b"].ravel()]))
+        return np.array(flat), starts
 
     agd_module.float32_sqrt = sqrt
     try:
-        base, calls = run()
+        base, starts = run(start)
+        calls = nudge["calls"]
         # Fails loudly (instead of a zero tolerance passing nothing) if agd.py stops using the helper.
         assert calls > 0, calls
-        linear = np.sum([np.abs(run(i, 1.0)[0] - base) for i in range(calls)], axis=0)
-        up, down = run(None, 1.0)[0], run(None, -1.0)[0]
+        # A nudge of call i changes nothing before the step making it: each nudged run resumes
+        # from the base run's parameters and state at that step (the core does not mutate them).
+        linear = np.zeros_like(base)
+        for i in range(calls):
+            resume = [s for s in starts if s[3] <= i][-1]
+            linear[resume[0]:] += np.abs(run(resume, i, 1.0)[0] - base[resume[0]:])
+        up, down = run(start, None, 1.0)[0], run(start, None, -1.0)[0]
     finally:
         agd_module.float32_sqrt = original
     scale = np.maximum(np.abs(base), 1e-3)
