@@ -22,10 +22,7 @@ import precond_ref as pr
 from precond_ref.adapters import torch as pt
 
 METHODS = ("agd", "asgo", "dasgo", "sketchy", "s_adagrad", "rf_rmsprop", "rf_adamw", "if_shampoo", "mbf")
-#: Models of growing width, below and above the sketches' rank and the batch size, up to 31: one
-#: width past the baseline's would show a kept array (a cache keyed by shapes gains an entry per
-#: width, a bounded one ends holding larger arrays than after the baseline).
-WIDTHS = (2, 3, 5, 9, 17, 31)
+WIDTHS = range(2, 32)  # 30 models of growing width, as a user sweeping widths in one process makes them
 STEPS = 3
 BATCH = 8
 
