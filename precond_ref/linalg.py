@@ -1063,11 +1063,15 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     top = xp.logical_not(xp.any(above, axis=-1))
     upper = xp.where(top, d + y2[..., None], xp.min(xp.where(above, d[..., None, :], float("inf")), axis=-1))
     half = (upper - d) / 2.0
+    weights, columns_active = w[..., None, :], active[..., None, :]  # rows of (..., 1, n), made once
 
-    def f(delta: Array, tau: Array) -> Array:  # 1 + sum_j w_j / (d_j - lambda_i), d_j - lambda_i = delta_ij - tau_i
-        return 1.0 + xp.sum(w[..., None, :] / xp.where(active[..., None, :], delta - tau[..., None], 1.0), axis=-1)
+    # f(lambda_i) = 1 + sum_j w_j / (d_j - lambda_i), d_j - lambda_i = delta_ij - tau_i, is tested
+    # against 0 as its sum against -1: fl(1 + s) has the sign of 1 + s (exact for s in [-2, -1/2]
+    # by Sterbenz's lemma, of the larger term's sign elsewhere), so the tests are the same.
+    def f_minus_one(delta: Array, tau: Array) -> Array:
+        return xp.sum(weights / xp.where(columns_active, delta - tau[..., None], 1.0), axis=-1)
 
-    from_pole = xp.logical_or(top, f(d[..., None, :] - d[..., :, None], half) >= 0.0)  # root in the lower half
+    from_pole = xp.logical_or(top, f_minus_one(d[..., None, :] - d[..., :, None], half) >= -1.0)  # root in the lower half
     origin = xp.where(from_pole, d, upper)
     delta = d[..., None, :] - origin[..., :, None]  # d_j - o_i
     direction = xp.where(from_pole, one, -one)
@@ -1085,7 +1089,7 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     def bisect(bracket: tuple[Array, Array]) -> tuple[Array, Array]:
         lo, hi = bracket
         mid = xp.where(hi > 2.0 * lo, xp.sqrt(lo * hi), (lo + hi) / 2.0)
-        up = (f(delta, direction * mid) < 0.0) == from_pole  # the root beyond mid, away from the origin
+        up = (f_minus_one(delta, direction * mid) < -1.0) == from_pole  # the root beyond mid, away from the origin
         return xp.where(up, mid, lo), xp.where(up, hi, mid)
 
     lo, hi = iterate(xp, steps, bisect, (lo, hi))
