@@ -1088,12 +1088,14 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     weights, columns_active = w[..., None, :], active[..., None, :]  # rows of (..., 1, n), made once
 
     # f(lambda_i) = 1 + sum_j w_j / (d_j - lambda_i), d_j - lambda_i = delta_ij - tau_i, is tested
-    # against 0 as its sum against -1: fl(1 + s) has the sign of 1 + s (exact for s in [-2, -1/2]
-    # by Sterbenz's lemma, of the larger term's sign elsewhere), so the tests are the same.
+    # against 0 as its sum s against -1: fl(1 + s) has the sign of 1 + s (it is exact for s in
+    # [-2, -1/2] by Sterbenz's lemma; elsewhere one term exceeds twice the other and the rounded
+    # sum keeps its sign), so the tests are the same, and one operation a step fewer.
     def f_minus_one(delta: Array, tau: Array) -> Array:
         return xp.sum(weights / xp.where(columns_active, delta - tau[..., None], 1.0), axis=-1)
 
-    from_pole = xp.logical_or(top, f_minus_one(d[..., None, :] - d[..., :, None], half) >= -1.0)  # root in the lower half
+    below_half = f_minus_one(d[..., None, :] - d[..., :, None], half) >= -1.0  # the root in the lower half
+    from_pole = xp.logical_or(top, below_half)
     origin = xp.where(from_pole, d, upper)
     delta = d[..., None, :] - origin[..., :, None]  # d_j - o_i
     direction = xp.where(from_pole, one, -one)
