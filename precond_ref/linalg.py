@@ -1064,6 +1064,28 @@ def _along(xp: Any, a: Array, indices: Array, axis: int) -> Array:
     return xp.take_along_axis(a, xp.broadcast_to(indices, a.shape), axis=axis)
 
 
+def _repeated(xp: Any, count: int, body: Any, carry: tuple) -> tuple:
+    """:func:`~precond_ref._backend.iterate` (``carry = body(carry)`` ``count`` times, a host count),
+    and under ``torch.compile`` for a CPU one ``while_loop`` of the body: dynamo then traces the body
+    once rather than ``count`` copies of it, and TorchInductor compiles that one body rather than
+    kernels fused from every copy (thousands of lines of C++ for the bisection of
+    :func:`rank_one_update_eigh`). The same operations on the same values. Not on a GPU:
+    TorchInductor's loop reads its condition on the host at every turn, a synchronisation that a
+    captured CUDA step cannot make."""
+    if not (is_torch_namespace(xp) and torch_compiling() and on_cpu(xp, carry[0])):
+        return iterate(xp, count, body, carry)
+    torch = sys.modules["torch"]
+
+    def more(turn: Array, *values: Array) -> Array:
+        return turn < count
+
+    def step(turn: Array, *values: Array) -> tuple:
+        return (turn + 1, *body(values))
+
+    start = torch.zeros((), dtype=torch.int64, device=carry[0].device)
+    return tuple(torch._higher_order_ops.while_loop(more, step, (start, *carry))[1:])
+
+
 def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     r"""Eigenvalues (ascending) and orthonormal eigenvectors of :math:`A = \operatorname{diag}(d) + z z^\top`
     for (stacks of) vectors ``d``, ``z`` of shape (..., n): ``eigh(A)`` without a LAPACK call, a host
@@ -1136,11 +1158,17 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     top = xp.logical_not(xp.any(above, axis=-1))
     upper = xp.where(top, d + y2[..., None], xp.min(xp.where(above, d[..., None, :], float("inf")), axis=-1))
     half = (upper - d) / 2.0
+    weights, columns_active = w[..., None, :], active[..., None, :]  # rows of (..., 1, n), made once
 
-    def f(delta: Array, tau: Array) -> Array:  # 1 + sum_j w_j / (d_j - lambda_i), d_j - lambda_i = delta_ij - tau_i
-        return 1.0 + xp.sum(w[..., None, :] / xp.where(active[..., None, :], delta - tau[..., None], 1.0), axis=-1)
+    # f(lambda_i) = 1 + sum_j w_j / (d_j - lambda_i), d_j - lambda_i = delta_ij - tau_i, is tested
+    # against 0 as its sum s against -1: fl(1 + s) has the sign of 1 + s (it is exact for s in
+    # [-2, -1/2] by Sterbenz's lemma; elsewhere one term exceeds twice the other and the rounded
+    # sum keeps its sign), so the tests are the same, and one operation a step fewer.
+    def f_minus_one(delta: Array, tau: Array) -> Array:
+        return xp.sum(weights / xp.where(columns_active, delta - tau[..., None], 1.0), axis=-1)
 
-    from_pole = xp.logical_or(top, f(d[..., None, :] - d[..., :, None], half) >= 0.0)  # root in the lower half
+    below_half = f_minus_one(d[..., None, :] - d[..., :, None], half) >= -1.0  # the root in the lower half
+    from_pole = xp.logical_or(top, below_half)
     origin = xp.where(from_pole, d, upper)
     delta = d[..., None, :] - origin[..., :, None]  # d_j - o_i
     direction = xp.where(from_pole, one, -one)
@@ -1158,10 +1186,10 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     def bisect(bracket: tuple[Array, Array]) -> tuple[Array, Array]:
         lo, hi = bracket
         mid = xp.where(hi > 2.0 * lo, xp.sqrt(lo * hi), (lo + hi) / 2.0)
-        up = (f(delta, direction * mid) < 0.0) == from_pole  # the root beyond mid, away from the origin
+        up = (f_minus_one(delta, direction * mid) < -1.0) == from_pole  # the root beyond mid, away from the origin
         return xp.where(up, mid, lo), xp.where(up, hi, mid)
 
-    lo, hi = iterate(xp, steps, bisect, (lo, hi))
+    lo, hi = _repeated(xp, steps, bisect, (lo, hi))
     tau = direction * ((lo + hi) / 2.0)
     # 5. y_hat_j^2 = prod_i |lambda_i - d_j| / |d_i' - d_j|, d_i' = d_i below d_j, the next pole above it.
     pairs = xp.logical_and(active[..., :, None], active[..., None, :])
