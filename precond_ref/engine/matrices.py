@@ -12,13 +12,12 @@ from array_api_compat import is_jax_namespace
 
 from .. import blocking
 from .._backend import cast, compute_dtype, device_key, joined, on_cpu, plain, stacked as stacked_view, torch_compiling
-from ..blocking import stack, unstack
 from ..linalg import symmetrize
 from .context import StepContext, settle_pieces
 
 __all__ = [
     "MatrixStack", "MatrixJoin", "matrix_joins", "JOIN_MAX_ELEMENTS", "stack_view", "end_to_end", "symmetrized_pieces", "hand_back", "leaves_of",
-    "as_matrix", "matrix_shape", "joined_leaves",
+    "as_matrix", "matrix_shape",
 ]
 
 Array = Any
@@ -310,33 +309,3 @@ def leaves_of(xp: Any, x: Array, count: int, shape: tuple[int, ...]) -> Sequence
     if tuple(x.shape) != (count, *shape):
         x = xp.reshape(x, (count, *shape))
     return xp.unstack(x, axis=0)
-
-
-def joined_leaves(xp: Any, step: Callable, leaves: list[tuple], ctx: StepContext) -> list[tuple]:
-    """``[step(g, state, param, ctx) for (g, state, param) in leaves]`` for an element-wise ``step``
-    (the fallback Adam), taken once per dtype and device: each leaf's gradient, state entries and
-    parameter flattened and joined end to end (:func:`~precond_ref.blocking.stack`), and each leaf
-    handed its slices of the results in its own shape. Every entry is computed by the same
-    operations as for its leaf alone (bitwise equal); the cost is a few operations per join instead
-    of a dozen per leaf (the biases and norms of a transformer are most of its leaves)."""
-    if not leaves:
-        return []
-    names = sorted(leaves[0][1])
-    with_param = leaves[0][2] is not None
-    members = [(g, *(state[k] for k in names), *((w,) if with_param else ())) for g, state, w in leaves]
-    flat = [tuple(xp.reshape(a, (-1,)) if a.ndim != 1 else a for a in operands) for operands in members]
-    stacks = stack(xp, flat)
-    outputs = []
-    for s in stacks:
-        g, entries, w = s.operands[0], s.operands[1 : 1 + len(names)], (s.operands[-1] if with_param else None)
-        (u,), new = step(g, dict(zip(names, entries)), w, ctx)
-        outputs.append((u, *(new[k] for k in names)))
-    # A leaf's part of an entry the step selected (StepContext.unless_skipped) is selected too.
-    joined_of = {i: out[1:] for s, out in zip(stacks, outputs) for i in s.indices}
-    results = []
-    for index, ((g, state, _), pieces) in enumerate(zip(leaves, unstack(stacks, outputs, len(leaves)))):
-        u, *entries = (p if p.shape == state[names[0]].shape else xp.reshape(p, state[names[0]].shape) for p in pieces)
-        for whole, entry in zip(joined_of[index], entries):
-            settle_pieces(ctx, whole, (entry,))
-        results.append(((u,), dict(zip(names, entries))))
-    return results
