@@ -263,17 +263,13 @@ def _full_layout(operands: tuple) -> tuple:
     return tuple((tuple(a.shape), a.dtype, device_key(a)) for a in operands)
 
 
-def hand_back(
-    xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[str, Array], counts: dict[str, Array],
-    ctx: StepContext, counters: Sequence[str] = (),
-) -> list[tuple[int, tuple]]:
+def hand_back(xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[str, Array], ctx: StepContext) -> list[tuple[int, tuple]]:
     """``(leaf, ((step,), new state))`` for each leaf of a stack: its slice of the stacked ``step``
     in its own shape; its slices of the stacked ``entries``, in the shapes of its stored entries
-    (an entry not given: the stored array itself); and each of its counters ``state[c] +
-    counts[c][l]`` (``counters``: the names of its counters; one not in ``counts``: the stored
-    one). The non-finite rule's selection of the new entries (:meth:`StepContext.unless_skipped`)
-    is made here, once on each stacked entry rather than on each leaf's slice (:func:`~precond_ref.engine.settle_pieces`),
-    unless the method made it already."""
+    (an entry not given: the stored array itself). The non-finite rule's selection of the new
+    entries (:meth:`StepContext.unless_skipped`) is made here, once on each stacked entry rather
+    than on each leaf's slice (:func:`~precond_ref.engine.settle_pieces`), unless the method made it
+    already."""
     count = len(s.leaves)
     steps = leaves_of(xp, step, count, tuple(step.shape[-2:]))
     first = states[s.leaves[0]]
@@ -282,17 +278,6 @@ def hand_back(
         if name in s.state and s.state[name] is not a and not (ctx.settled is not None and a in ctx.settled):
             a = ctx.unless_skipped(a, s.state[name])
         pieces[name] = settle_pieces(ctx, a, leaves_of(xp, a, count, tuple(first[name].shape)))
-    for name in counters:
-        if name in first:
-            old = [states[i][name] for i in s.leaves]
-            if name not in counts:
-                pieces[name] = old
-            elif count == 1:
-                pieces[name] = (old[0] + counts[name],)
-            else:
-                stacked = stacked_view(xp, old)
-                summed = ctx.unless_skipped(stacked + counts[name], stacked)
-                pieces[name] = settle_pieces(ctx, summed, xp.unstack(summed))
     out = []
     for l, i in enumerate(s.leaves):
         new = dict(states[i])
