@@ -11,7 +11,7 @@ rest of the layout for such a method, on the joins and stacks of :func:`~precond
 * the rows of each block (:func:`side_blocks`) and the block-diagonal product ``Z M`` (:func:`block_diagonal_product`);
 * the roots of the blocks whose phase is due, the equal blocks of all leaves in one batched call,
   a root that is not finite or that the method rejected replaced element-wise, without a branch
-  (:func:`refresh_roots`), and the hand-back of roots and counters to the leaves (:func:`hand_back_roots`);
+  (:func:`refresh_roots`), and the counters of a join's leaves added at once (:func:`joined_counters`);
 * the hint naming the block size that continues a state saved under another one (:func:`block_layout_hint`);
 * the transform of a :class:`OneSidedRule` (:func:`one_sided_transform`): the fallback rule's leaves
   routed and stepped, the matrix leaves joined and stacked, the rule's element-wise lines once per
@@ -32,14 +32,14 @@ from .checks import renamed_failures
 from .context import StepContext, settle_pieces
 from .factors import constant, identity, per_block
 from .fallback import FallbackMask, FallbackRule, fallback_leaves, fallback_predicate
-from .matrices import MatrixJoin, MatrixStack, end_to_end, hand_back, matrix_joins, stack_view, symmetrized_pieces
+from .matrices import MatrixJoin, MatrixStack, as_matrix, end_to_end, hand_back, matrix_joins, stack_view, symmetrized_pieces
 from .rms import joined_form
 from .phases import hashed_phases, refresh_due
 from .run import build_transform
 
 __all__ = [
     "side_blocks", "block_diagonal_product", "finite_root_or_previous", "unrefreshed",
-    "refresh_roots", "joined_counters", "hand_back_roots", "block_layout_hint", "block_state",
+    "refresh_roots", "joined_counters", "block_layout_hint", "block_state",
     "is_left", "OneSidedRule", "one_sided_transform",
 ]
 
@@ -291,21 +291,24 @@ def joined_counters(
 ) -> list[dict[str, Array]]:
     """Per stack (the stacks of a join, whose ``leaves`` are theirs in order): its leaves' new
     ``failures``, ``state["failures"] + counts[l]`` (``counts``: the per-leaf sums
-    :func:`refresh_roots` made, none for a stack none of whose blocks was refreshed), an array
-    ``(L,)``, where some stack counted; the counters of all the join's leaves added (and selected
-    for the non-finite rule) in one operation, not one per stack."""
+    :func:`refresh_roots` made, none for a stack none of whose blocks was refreshed), where some
+    stack counted; the counters of all the join's leaves added (and selected for the non-finite
+    rule) in one operation, not one per stack. A leaf alone in its join: its counter plus its count,
+    selected with the leaf's other entries."""
     out: list[dict[str, Array]] = [{} for _ in stacks]
     counted = [r["failures"] for r in roots if "failures" in r]
     if not counted:
         return out
-    counts = [xp.reshape(r["failures"], (len(s.leaves),)) if "failures" in r else _no_counts(xp, len(s.leaves), counted[0])
+    if len(leaves) == 1:
+        return [{"failures": states[leaves[0]]["failures"] + counted[0]}]
+    counts = [as_matrix(xp, r["failures"], (len(s.leaves),)) if "failures" in r else _no_counts(xp, len(s.leaves), counted[0])
               for s, r in zip(stacks, roots)]
     old = stacked_view(xp, [states[i]["failures"] for i in leaves])
     summed = ctx.unless_skipped(old + end_to_end(xp, counts), old)
     bounds = [0]
     for s in stacks:
         bounds.append(bounds[-1] + len(s.leaves))
-    pieces = [summed[start:stop] for start, stop in zip(bounds, bounds[1:])]
+    pieces = [summed] if len(stacks) == 1 else [summed[start:stop] for start, stop in zip(bounds, bounds[1:])]
     for entries, piece in zip(out, settle_pieces(ctx, summed, pieces)):
         entries["failures"] = piece
     return out
@@ -315,22 +318,6 @@ def _no_counts(xp: Any, leaves: int, like: Array) -> Array:
     """Zero counts of ``leaves`` leaves (int32, on ``like``'s device), made once."""
     make = lambda: xp.zeros((leaves,), dtype=xp.int32, device=placement(xp, like))  # noqa: E731
     return constant(xp, ("no counts", leaves), make, like)
-
-
-def hand_back_roots(
-    xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[str, Array], roots: dict[str, Array],
-    ctx: StepContext, stored: bool, counters: Optional[dict[str, Array]] = None,
-) -> list[tuple[int, tuple]]:
-    """:func:`~precond_ref.engine.matrices.hand_back` of a stack's step, its new ``entries`` and
-    (``stored``) its refreshed roots and the count ``failures`` of :func:`refresh_roots`; a stack
-    none of whose blocks was refreshed keeps its stored roots themselves. ``counters``: the stack's
-    new ``failures`` itself (:func:`joined_counters`), instead of its count."""
-    if stored and "failures" in roots:
-        entries = {**entries, **{name: roots[name] for name in ("root", "root_tail") if name in roots}}
-    if counters is not None:
-        return hand_back(xp, s, states, step, {**entries, **counters}, {}, ctx)
-    counts = {"failures": roots["failures"]} if "failures" in roots else {}
-    return hand_back(xp, s, states, step, entries, counts, ctx, ("failures",))
 
 
 def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
@@ -436,7 +423,8 @@ def _joined_step(
     """The step of one join of matrix leaves: the new entries (:func:`_new_entries`), the roots
     refreshed (:func:`refresh_roots`), the renormalised directions of all stacks joined
     (:func:`_directions`), the update ``rule.finish(-η_t, U_t, W)`` once over the join, and each
-    stack's step, entries, roots and counters handed back to its leaves (:func:`hand_back_roots`)."""
+    stack's step, entries, refreshed roots and counters handed back to its leaves
+    (:func:`~precond_ref.engine.matrices.hand_back`)."""
     stacks = join.stacks
 
     def views(flat: Array, name: str) -> list:  # a joined array's piece of each stack, in the shapes of entry ``name``
@@ -450,10 +438,12 @@ def _joined_step(
     u = _directions(xp, rule, c, stacks, new, roots, made, views)
     minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
     step = rule.finish(xp, c, minus_lr, u, None if join.param is None else cast(xp, join.param, u.dtype))
-    counters = joined_counters(xp, ctx, join.leaves, stacks, states, roots) if len(stacks) > 1 else [None] * len(stacks)
+    counters = joined_counters(xp, ctx, join.leaves, stacks, states, roots)
     out = []
     for s, entries, z, piece, n in zip(stacks, new, roots, views(step, "momentum"), counters):
-        out += hand_back_roots(xp, s, states, piece, entries, z, ctx, keeps_root, n)
+        if keeps_root and "failures" in z:  # refreshed roots; a stack none of whose blocks was refreshed keeps its stored ones
+            entries = {**entries, **{name: z[name] for name in ("root", "root_tail") if name in z}}
+        out += hand_back(xp, s, states, piece, {**entries, **n}, ctx)
     return out
 
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, NamedTuple, Union
 from .._backend import array_device, cast
 from ..tree import Path, path_str, tree_flatten
 from .context import StepContext
-from .matrices import joined_leaves
+from .joined import leafwise
 
 __all__ = ["FallbackMask", "FallbackRule", "fallback_predicate", "fallback_step", "fallback_leaves"]
 
@@ -81,12 +81,19 @@ def fallback_step(rule: FallbackRule, c: Any, g: Array, state: dict, param: Any,
 
 def fallback_leaves(xp: Any, grads: list, states: list, params: Any, ctx: StepContext, rule: FallbackRule, c: Any) -> tuple:
     """The groups' results with the fallback rule's leaves (those whose state is ``rule.State``'s)
-    stepped, all of them in one pass (:func:`precond_ref.engine.matrices.joined_leaves`), the others
+    stepped, all of them in one pass (:func:`~precond_ref.engine.joined.leafwise`), the others
     ``None``; and the indices of the others (the matrix leaves)."""
-    names = set(rule.State._fields)
+    names = rule.State._fields
     results: list[Any] = [None] * len(grads)
-    ours = [i for i, state in enumerate(states) if set(state) == names]
-    leaves = [(grads[i][0], states[i], None if params[i] is None else params[i][0]) for i in ours]
-    for i, result in zip(ours, joined_leaves(xp, lambda *a: fallback_step(rule, c, *a), leaves, ctx)):
-        results[i] = result
+    ours = [i for i, state in enumerate(states) if set(state) == set(names)]
+    with_param = bool(ours) and params[ours[0]] is not None
+
+    def step(g: Array, *arrays: Array) -> tuple:  # the leaf's entries, then its parameter
+        (u,), new = fallback_step(rule, c, g, dict(zip(names, arrays)), arrays[-1] if with_param else None, ctx)
+        return (u, *(new[k] for k in names))
+
+    operands = [[grads[i][0] for i in ours], *([states[i][k] for i in ours] for k in names)]
+    operands += [[params[i][0] for i in ours]] if with_param else []
+    for i, (u, *entries) in zip(ours, leafwise(xp, step, *operands, ctx=ctx) if ours else ()):
+        results[i] = ((u,), dict(zip(names, entries)))
     return results, [i for i, result in enumerate(results) if result is None]

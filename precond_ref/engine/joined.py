@@ -51,11 +51,11 @@ def leafwise(
         tupled.append(isinstance(out, tuple))
         return out if tupled[-1] else (out,)
 
-    members = [tuple(xp.reshape(values[i], (-1,)) for values in operands) for i in range(count)]
+    members = [tuple(_flat(xp, values[i]) for values in operands) for i in range(count)]
     stacks = stack(xp, members, labels=None if zeros is None else [(z.dtype, device_key(z)) for z in zeros])
     computed = [joined(*s.operands, first=s.indices[0]) for s in stacks]
     outs = unstack(stacks, computed, count)
-    results = [tuple(xp.reshape(a, tuple(leaf.shape)) for a in out) for out, leaf in zip(outs, operands[0])]
+    results = [tuple(_shaped(xp, a, tuple(leaf.shape)) for a in out) for out, leaf in zip(outs, operands[0])]
     if ctx is not None and ctx.settled:  # nothing selected yet this step (a step read as finite): nothing to mark
         for s, wholes in zip(stacks, computed):
             for k, whole in enumerate(wholes):

@@ -12,13 +12,12 @@ from array_api_compat import is_jax_namespace
 
 from .. import blocking
 from .._backend import cast, compute_dtype, device_key, joined, on_cpu, plain, stacked as stacked_view, torch_compiling
-from ..blocking import stack, unstack
 from ..linalg import symmetrize
 from .context import StepContext, settle_pieces
 
 __all__ = [
     "MatrixStack", "MatrixJoin", "matrix_joins", "JOIN_MAX_ELEMENTS", "stack_view", "end_to_end", "symmetrized_pieces", "hand_back", "leaves_of",
-    "as_matrix", "matrix_shape", "joined_leaves",
+    "as_matrix", "matrix_shape",
 ]
 
 Array = Any
@@ -264,17 +263,13 @@ def _full_layout(operands: tuple) -> tuple:
     return tuple((tuple(a.shape), a.dtype, device_key(a)) for a in operands)
 
 
-def hand_back(
-    xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[str, Array], counts: dict[str, Array],
-    ctx: StepContext, counters: Sequence[str] = (),
-) -> list[tuple[int, tuple]]:
+def hand_back(xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[str, Array], ctx: StepContext) -> list[tuple[int, tuple]]:
     """``(leaf, ((step,), new state))`` for each leaf of a stack: its slice of the stacked ``step``
     in its own shape; its slices of the stacked ``entries``, in the shapes of its stored entries
-    (an entry not given: the stored array itself); and each of its counters ``state[c] +
-    counts[c][l]`` (``counters``: the names of its counters; one not in ``counts``: the stored
-    one). The non-finite rule's selection of the new entries (:meth:`StepContext.unless_skipped`)
-    is made here, once on each stacked entry rather than on each leaf's slice (:func:`~precond_ref.engine.settle_pieces`),
-    unless the method made it already."""
+    (an entry not given: the stored array itself). The non-finite rule's selection of the new
+    entries (:meth:`StepContext.unless_skipped`) is made here, once on each stacked entry rather
+    than on each leaf's slice (:func:`~precond_ref.engine.settle_pieces`), unless the method made it
+    already."""
     count = len(s.leaves)
     steps = leaves_of(xp, step, count, tuple(step.shape[-2:]))
     first = states[s.leaves[0]]
@@ -283,17 +278,6 @@ def hand_back(
         if name in s.state and s.state[name] is not a and not (ctx.settled is not None and a in ctx.settled):
             a = ctx.unless_skipped(a, s.state[name])
         pieces[name] = settle_pieces(ctx, a, leaves_of(xp, a, count, tuple(first[name].shape)))
-    for name in counters:
-        if name in first:
-            old = [states[i][name] for i in s.leaves]
-            if name not in counts:
-                pieces[name] = old
-            elif count == 1:
-                pieces[name] = (old[0] + counts[name],)
-            else:
-                stacked = stacked_view(xp, old)
-                summed = ctx.unless_skipped(stacked + counts[name], stacked)
-                pieces[name] = settle_pieces(ctx, summed, xp.unstack(summed))
     out = []
     for l, i in enumerate(s.leaves):
         new = dict(states[i])
@@ -310,33 +294,3 @@ def leaves_of(xp: Any, x: Array, count: int, shape: tuple[int, ...]) -> Sequence
     if tuple(x.shape) != (count, *shape):
         x = xp.reshape(x, (count, *shape))
     return xp.unstack(x, axis=0)
-
-
-def joined_leaves(xp: Any, step: Callable, leaves: list[tuple], ctx: StepContext) -> list[tuple]:
-    """``[step(g, state, param, ctx) for (g, state, param) in leaves]`` for an element-wise ``step``
-    (the fallback Adam), taken once per dtype and device: each leaf's gradient, state entries and
-    parameter flattened and joined end to end (:func:`~precond_ref.blocking.stack`), and each leaf
-    handed its slices of the results in its own shape. Every entry is computed by the same
-    operations as for its leaf alone (bitwise equal); the cost is a few operations per join instead
-    of a dozen per leaf (the biases and norms of a transformer are most of its leaves)."""
-    if not leaves:
-        return []
-    names = sorted(leaves[0][1])
-    with_param = leaves[0][2] is not None
-    members = [(g, *(state[k] for k in names), *((w,) if with_param else ())) for g, state, w in leaves]
-    flat = [tuple(xp.reshape(a, (-1,)) if a.ndim != 1 else a for a in operands) for operands in members]
-    stacks = stack(xp, flat)
-    outputs = []
-    for s in stacks:
-        g, entries, w = s.operands[0], s.operands[1 : 1 + len(names)], (s.operands[-1] if with_param else None)
-        (u,), new = step(g, dict(zip(names, entries)), w, ctx)
-        outputs.append((u, *(new[k] for k in names)))
-    # A leaf's part of an entry the step selected (StepContext.unless_skipped) is selected too.
-    joined_of = {i: out[1:] for s, out in zip(stacks, outputs) for i in s.indices}
-    results = []
-    for index, ((g, state, _), pieces) in enumerate(zip(leaves, unstack(stacks, outputs, len(leaves)))):
-        u, *entries = (p if p.shape == state[names[0]].shape else xp.reshape(p, state[names[0]].shape) for p in pieces)
-        for whole, entry in zip(joined_of[index], entries):
-            settle_pieces(ctx, whole, (entry,))
-        results.append(((u,), dict(zip(names, entries))))
-    return results

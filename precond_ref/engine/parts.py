@@ -35,7 +35,7 @@ from .context import StepContext
 from .elementwise import operands
 from .joined import leafwise
 from .layout import weight_bias_groups
-from .matrices import as_matrix, joined_leaves
+from .matrices import as_matrix
 from .phases import phase_share, refreshes
 from .run import build_transform
 
@@ -533,7 +533,7 @@ def _block_steps(p: _Parts, xp: Any, ctx: StepContext, grads: dict, states: dict
 
 def _update_groups(p: _Parts, grads_list: list, states: list, params_list: list, ctxs: list[StepContext]) -> list:
     """One step of every group: the gradients cast to the state's dtype, the diagonal kind's leaves
-    joined into vectors (:func:`~precond_ref.engine.matrices.joined_leaves`), the block groups
+    joined into vectors (:func:`~precond_ref.engine.joined.leafwise`), the block groups
     (:func:`_block_steps`) mapped from and to their leaves, and the decoupled decay (:func:`_descend`)."""
     xp, n, ctx = ctxs[0].xp, len(grads_list), ctxs[0]
     kinds = [block_kind(grads, p.max_block_dim) for grads in grads_list]
@@ -541,9 +541,15 @@ def _update_groups(p: _Parts, grads_list: list, states: list, params_list: list,
     grads_list = [tuple(cast(xp, g, dtype) for g in grads) for grads, dtype in zip(grads_list, dtypes)]
     steps, new_states = [None] * n, [None] * n
     diagonal = [i for i in range(n) if kinds[i] == DIAGONAL]
-    step = functools.partial(_diagonal_step, p)
-    for i, (u, new) in zip(diagonal, joined_leaves(xp, step, [(grads_list[i][0], states[i], None) for i in diagonal], ctx)):
-        steps[i], new_states[i] = u, new
+    names = p.rule.State._fields
+
+    def step(g: Array, *entries: Array) -> tuple:
+        (u,), kept = _diagonal_step(p, g, dict(zip(names, entries)), None, ctx)
+        return (u, *(kept[k] for k in names))
+
+    operands = [[grads_list[i][0] for i in diagonal], *([states[i][k] for i in diagonal] for k in names)]
+    for i, (u, *entries) in zip(diagonal, leafwise(xp, step, *operands, ctx=ctx) if diagonal else ()):
+        steps[i], new_states[i] = (u,), dict(zip(names, entries))
     blocked = {i: to_block(xp, grads_list[i]) for i in range(n) if kinds[i] != DIAGONAL}
     stepped = _block_steps(p, xp, ctx, blocked, {i: states[i] for i in blocked}, {i: kinds[i] for i in blocked})
     for i, (u, new) in stepped.items():

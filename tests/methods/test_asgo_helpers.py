@@ -20,8 +20,8 @@ from precond_ref._backend import ema, squared_sums
 from precond_ref.engine.blockdiag import (
     OneSidedRule, block_diagonal_product, finite_root_or_previous, one_sided_transform, side_blocks, unrefreshed,
 )
-from precond_ref.engine.fallback import fallback_step
-from precond_ref.engine.matrices import joined_leaves, matrix_shape
+from precond_ref.engine.fallback import fallback_leaves, fallback_step
+from precond_ref.engine.matrices import matrix_shape
 from precond_ref.linalg import rms_renormalised, scaled_rms_renormalised, symmetrize
 
 A = importlib.import_module("precond_ref.methods.asgo")
@@ -242,30 +242,33 @@ def test_momentum_and_second_moment_are_the_emas():
 
 
 def test_joined_fallback_adam_is_each_leaf_alone_in_one_pass_per_dtype():
-    """``engine.matrices.joined_leaves(step, leaves)[i] == step(*leaves[i])`` for the element-wise fallback Adam, bitwise
-    (every entry goes through the same operations; only the arrays around it differ), with the
-    step taken once per dtype (leaves of any shape, 0-D and 2-D included, joined end to end): the
-    op count of the many biases and norms of a model no longer grows with their number."""
+    """``engine.fallback.fallback_leaves``: each leaf's fallback Adam step is ``fallback_step`` of the
+    leaf alone, bitwise (every entry goes through the same operations; only the arrays around it
+    differ), with the step taken once per dtype (leaves of any shape, 0-D and 2-D included, joined
+    end to end by ``engine.joined.leafwise``): the op count of the many biases and norms of a model
+    no longer grows with their number."""
     from precond_ref.transform import StepContext
 
     rng = np.random.default_rng(3)
     shapes = [(5,), (), (3, 4), (5,), (2,)]
     dtypes = [np.float64, np.float64, np.float32, np.float32, np.float64]
-    leaves = []
+    grads, states, params = [], [], []
     for shape, dtype in zip(shapes, dtypes):
         g, mu, nu, w = (rng.standard_normal(shape).astype(dtype) for _ in range(4))
-        leaves.append((g, {"mu": mu, "nu": np.abs(nu)}, w))
+        grads.append((g,)), states.append({"mu": mu, "nu": np.abs(nu)}), params.append((w,))
     count = np.asarray(4, dtype=np.int32)
+    c = A.AdamConfig(0.1, 0.9, 0.95, 1e-8, 0.01, False)
     calls = []
 
-    def step(g, state, param, ctx):
+    def state(xp, c, s, g, w, h):
         calls.append(g.shape)
-        return fallback_step(A._ADAM, A.AdamConfig(0.1, 0.9, 0.95, 1e-8, 0.01, False), g, state, param, ctx)
+        return A._ADAM.state(xp, c, s, g, w, h)
 
-    joined = joined_leaves(xp, step, leaves, StepContext(xp=xp, count=count, extra={}, shared={}))
-    assert sorted(calls) == [(8,), (17,)]  # one pass per dtype: 5 + 1 + 2 float64 entries, 12 + 5 float32
-    for (g, state, w), ((u,), new) in zip(leaves, joined):
-        (expected,), expected_new = step(g, state, w, StepContext(xp=xp, count=count, extra={}))
+    ctx = StepContext(xp=xp, count=count, extra={}, shared={})
+    results, others = fallback_leaves(xp, grads, states, params, ctx, A._ADAM._replace(state=state), c)
+    assert others == [] and sorted(calls) == [(8,), (17,)]  # one pass per dtype: 5 + 1 + 2 float64 entries, 12 + 5 float32
+    for (g,), old, (w,), ((u,), new) in zip(grads, states, params, results):
+        (expected,), expected_new = fallback_step(A._ADAM, c, g, old, w, StepContext(xp=xp, count=count, extra={}))
         for got, want in [(u, expected), (new["mu"], expected_new["mu"]), (new["nu"], expected_new["nu"])]:
             assert got.shape == want.shape and got.dtype == want.dtype
             np.testing.assert_array_equal(got, want)
@@ -273,8 +276,8 @@ def test_joined_fallback_adam_is_each_leaf_alone_in_one_pass_per_dtype():
 
 @pytest.mark.parametrize("ok", [True, False])
 def test_joined_pieces_of_selected_entries_count_as_selected(ok):
-    """A leaf's slice of a joined state entry that the step selected (``StepContext.unless_skipped``:
-    the new value, or the old one on a skipped step) is itself selected: ``_joined`` records it in
+    """A leaf's slice of a joined state entry that the fallback step selected (``StepContext.unless_skipped``:
+    the new value, or the old one on a skipped step) is itself selected: ``leafwise`` records it in
     ``ctx.settled``, so the transform does not select it again per leaf (one selection per join
     instead of one per leaf and entry), and it holds the old entry when the step is skipped."""
     from precond_ref._backend import IdentityDict
@@ -282,13 +285,12 @@ def test_joined_pieces_of_selected_entries_count_as_selected(ok):
 
     rng = np.random.default_rng(4)
     shapes = [(3,), (), (2, 2)]
-    leaves = [(rng.standard_normal(s), {"mu": rng.standard_normal(s), "nu": rng.random(s)}, None) for s in shapes]
-
-    def step(g, state, param, ctx):
-        return fallback_step(A._ADAM, A.AdamConfig(0.1, 0.9, 0.95, 1e-8, 0.0, False), g, state, param, ctx)
-
+    grads = [(rng.standard_normal(s),) for s in shapes]
+    states = [{"mu": rng.standard_normal(s), "nu": rng.random(s)} for s in shapes]
+    c = A.AdamConfig(0.1, 0.9, 0.95, 1e-8, 0.0, False)
     ctx = StepContext(xp=xp, count=np.asarray(2, dtype=np.int32), extra={}, ok=np.asarray(ok), settled=IdentityDict(), shared={})
-    for (g, state, _), (_, new) in zip(leaves, joined_leaves(xp, step, leaves, ctx)):
+    results, _ = fallback_leaves(xp, grads, states, [None] * len(shapes), ctx, A._ADAM, c)
+    for state, (_, new) in zip(states, results):
         for name in ("mu", "nu"):
             assert new[name] in ctx.settled
             if not ok:
