@@ -156,7 +156,25 @@ def from_entries(template: Any, entries: Any) -> Any:
     template: ``None`` is an empty subtree; use any non-``None`` placeholder such as ``0``).
     A missing entry raises ``KeyError`` naming it.
     """
-    return _filled(_filler(template), entries)
+    return _from_entries(template, "", entries)
+
+
+def _from_entries(template: Any, prefix: str, entries: Any) -> Any:
+    """:func:`from_entries` in one walk of ``template``, the key grown as the walk descends (as
+    :func:`_add_entries` does), without building its skeleton and paths first: what dynamo traces
+    is then one call per node of the template, not three walks and a join per leaf."""
+    if template is None:
+        return None
+    if isinstance(template, dict):
+        return {k: _from_entries(template[k], f"{prefix}/{k}" if prefix else str(k), entries)
+                for k in _sorted_keys(template)}
+    if _is_namedtuple(template):
+        return type(template)(*[_from_entries(v, f"{prefix}/{f}" if prefix else f, entries)
+                                for f, v in zip(template._fields, template)])
+    if isinstance(template, (list, tuple)):
+        return type(template)([_from_entries(v, f"{prefix}/{i}" if prefix else str(i), entries)
+                               for i, v in enumerate(template)])
+    return entries[prefix or "."]
 
 
 def filled(fillers: dict, key: Hashable, template: Callable[[], Any], entries: Any) -> Any:
@@ -164,7 +182,7 @@ def filled(fillers: dict, key: Hashable, template: Callable[[], Any], entries: A
     kept in ``fillers``, a dict of the caller's (a transform's own, filled every step, dropped with
     it). While dynamo traces, read anew: the same structure, at trace time only."""
     if torch_compiling():
-        return from_entries(template(), entries)
+        return _from_entries(template(), "", entries)
     filler = fillers.get(key)
     if filler is None:
         filler = fillers[key] = _filler(template())
