@@ -62,9 +62,9 @@ def _skeleton(tree: Any, path: Path, out: list[tuple[Path, Any]]) -> Any:
         return None
     if isinstance(tree, dict):
         return {k: _skeleton(tree[k], path + (k,), out) for k in _sorted_keys(tree)}
-    if _is_namedtuple(tree):
-        return type(tree)(*(_skeleton(v, path + (f,), out) for f, v in zip(tree._fields, tree)))
-    if isinstance(tree, (list, tuple)):
+    if isinstance(tree, (list, tuple)):  # tested first: a leaf then costs no call of _is_namedtuple
+        if _is_namedtuple(tree):
+            return type(tree)(*(_skeleton(v, path + (f,), out) for f, v in zip(tree._fields, tree)))
         return type(tree)(_skeleton(v, path + (i,), out) for i, v in enumerate(tree))
     out.append((path, tree))
     return _LEAF
@@ -138,10 +138,8 @@ def _add_entries(tree: Any, prefix: str, out: dict[str, Any]) -> None:
         return
     if isinstance(tree, dict):
         items = ((k, tree[k]) for k in _sorted_keys(tree))
-    elif _is_namedtuple(tree):
-        items = zip(tree._fields, tree)
     elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
+        items = zip(tree._fields, tree) if _is_namedtuple(tree) else enumerate(tree)
     else:
         out[prefix or "."] = tree
         return
@@ -168,13 +166,13 @@ def _from_entries(template: Any, prefix: str, entries: Any) -> Any:
     if isinstance(template, dict):
         return {k: _from_entries(template[k], f"{prefix}/{k}" if prefix else str(k), entries)
                 for k in _sorted_keys(template)}
+    if not isinstance(template, (list, tuple)):
+        return entries[prefix or "."]
     if _is_namedtuple(template):
         return type(template)(*[_from_entries(v, f"{prefix}/{f}" if prefix else f, entries)
                                 for f, v in zip(template._fields, template)])
-    if isinstance(template, (list, tuple)):
-        return type(template)([_from_entries(v, f"{prefix}/{i}" if prefix else str(i), entries)
-                               for i, v in enumerate(template)])
-    return entries[prefix or "."]
+    return type(template)([_from_entries(v, f"{prefix}/{i}" if prefix else str(i), entries)
+                           for i, v in enumerate(template)])
 
 
 def filled(fillers: dict, key: Hashable, template: Callable[[], Any], entries: Any) -> Any:
