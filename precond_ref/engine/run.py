@@ -235,7 +235,8 @@ class _Runner:
 
     def packed_step(self, grads: Any, state: PrecondState, params: Any, step: Any, due: Any, given_ok: Any,
                     extra: dict, grad_leaves: list, treedef: Any, xp: Any) -> tuple[Any, PrecondState]:
-        """:meth:`step`, of an element-wise method's small leaves packed into one flat leaf."""
+        """:meth:`step` of the tree, or, where an element-wise method's small leaves pack
+        (:func:`~precond_ref.engine.joined.pack`), of the tree with them as one flat leaf."""
         packed = None
         if self.elementwise and self.on_nonfinite == "skip" and xp is not None:
             packed = pack(self.name, self.layout_for, grad_leaves, treedef, state, params, xp)
