@@ -22,6 +22,7 @@ import array_api_compat
 from array_api_compat import device as _compat_device, is_jax_namespace
 
 __all__ = [
+    "namespace_of",
     "is_torch_namespace",
     "is_numpy_namespace",
     "array_device",
@@ -95,6 +96,24 @@ def is_numpy_namespace(xp: Any) -> bool:
     return getattr(xp, "__name__", None) in _NUMPY_NAMES
 
 Array = Any
+
+
+def namespace_of(*arrays: Any) -> Any:
+    """``array_api_compat.array_namespace(*arrays)``, the namespace of the arrays' library.
+
+    While ``torch.compile`` traces and every array is a torch tensor, array_api_compat's torch
+    namespace without array_api_compat's tests of each array's type: the same answer, which dynamo
+    would otherwise trace call by call (a dozen calls an array, in every traced step).
+    """
+    if arrays and torch_compiling():
+        torch, wrapped = sys.modules["torch"], sys.modules.get(f"{array_api_compat.__name__}.torch")
+        for a in arrays:
+            if not isinstance(a, torch.Tensor):
+                wrapped = None
+                break
+        if wrapped is not None:
+            return wrapped
+    return array_api_compat.array_namespace(*arrays)
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,8 +515,9 @@ def is_dense(x: Array) -> bool:
 def select(xp: Any, pred: Array, a: Array, b: Array) -> Array:
     """``where(pred, a, b)``. On torch, for arrays of one dtype, ``torch.where`` itself:
     ``array_api_compat``'s ``where`` first converts an array beside a 0-D one to their common dtype,
-    an operation even when that is its own (a dispatch per call in an eager step)."""
-    if not torch_compiling() and is_torch_namespace(xp) and getattr(a, "dtype", None) == getattr(b, "dtype", 0):
+    an operation even when that is its own (a dispatch per call in an eager step; under
+    ``torch.compile`` a conversion that does nothing, and half a dozen calls for dynamo to trace)."""
+    if is_torch_namespace(xp) and getattr(a, "dtype", None) == getattr(b, "dtype", 0):
         return sys.modules["torch"].where(pred, a, b)
     return xp.where(pred, a, b)
 
@@ -506,7 +526,7 @@ def matmul(xp: Any, a: Array, b: Array) -> Array:
     """``a @ b``. On torch, for operands of one dtype, ``torch.matmul`` itself: ``array_api_compat``'s
     ``matmul`` first converts both operands to their common dtype, an operation each even when that
     is their own (as :func:`select` for ``where``)."""
-    if not torch_compiling() and is_torch_namespace(xp) and a.dtype == b.dtype:
+    if is_torch_namespace(xp) and a.dtype == b.dtype:
         return sys.modules["torch"].matmul(a, b)
     return xp.matmul(a, b)
 
@@ -529,7 +549,7 @@ def finite_or_zero(xp: Any, u: Array, zero: Array) -> Array:
     mask conversions between them (a cost measured in ``records/backends-measurements.md``).
     """
     if torch_compiling():
-        return xp.where(xp.abs(u) <= xp.finfo(u.dtype).max, u, zero)
+        return select(xp, xp.abs(u) <= xp.finfo(u.dtype).max, u, zero)
     if is_torch_namespace(xp):
         return sys.modules["torch"].nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
     return xp.where(xp.isfinite(u), u, zero)
@@ -852,7 +872,7 @@ def joined(xp: Any, arrays: Any) -> Array:
     Within :func:`plain_forms`, the concatenation.
     """
     arrays = list(arrays)
-    if plain():
+    if torch_compiling() or plain():  # traced: no views, no slices remembered
         return xp.concat(arrays, axis=0)
     view = consecutive_view(arrays, new_axis=False) if len(arrays) > 1 else None
     if view is not None:
@@ -878,9 +898,10 @@ def pieces(xp: Any, flat: Array, shapes: Any) -> list:
 
 def stacked(xp: Any, arrays: Any) -> Array:
     """``xp.stack(arrays)`` (along a new leading axis), as a view of the pieces' memory where they
-    lie end to end (:func:`joined`'s rule); within :func:`plain_forms`, the stack."""
+    lie end to end (:func:`joined`'s rule); within :func:`plain_forms`, and while ``torch.compile``
+    traces, the stack."""
     arrays = list(arrays)
-    if plain():
+    if torch_compiling() or plain():
         return xp.stack(arrays)
     view = consecutive_view(arrays, new_axis=True) if len(arrays) > 1 else None
     if view is None and len(arrays) > 1:
@@ -939,8 +960,9 @@ def selected_by_runs(xp: Any, pred: Array, news: Any, olds: Any) -> list:
     Within :func:`remembered_slices` (JAX), the news that are consecutive slices of one array, in
     whatever order they come, are selected at once likewise: one selection of that array (or its
     slice) and of their olds joined, each handed its slice of the result. Within
-    :func:`plain_forms`, one selection per pair."""
-    if plain():
+    :func:`plain_forms`, and while ``torch.compile`` traces (which has no views of the pieces to
+    find runs in, nor slices remembered), one selection per pair."""
+    if torch_compiling() or plain():
         return [select(xp, pred, new, old) for new, old in zip(news, olds)]
     out: list = [None] * len(news)
     known = remembered()
@@ -992,8 +1014,9 @@ def consecutive_view(arrays: list, new_axis: bool) -> Optional[Array]:
     """The C-contiguous array of their stack (``new_axis``: pieces of one shape) or concatenation
     along axis 0 over the memory of ``arrays`` when they are consecutive, non-empty, C-contiguous
     pieces of one allocation, of one dtype and one exact array type (torch's ``Tensor``, NumPy's or
-    CuPy's ``ndarray``); ``None`` otherwise, and within :func:`plain_forms`."""
-    if plain():
+    CuPy's ``ndarray``); ``None`` otherwise, within :func:`plain_forms` and while ``torch.compile``
+    traces (whose tensors are no views of one allocation)."""
+    if torch_compiling() or plain():
         return None
     kind, first = type(arrays[0]), arrays[0]
     if any(type(a) is not kind for a in arrays):

@@ -62,9 +62,9 @@ def _skeleton(tree: Any, path: Path, out: list[tuple[Path, Any]]) -> Any:
         return None
     if isinstance(tree, dict):
         return {k: _skeleton(tree[k], path + (k,), out) for k in _sorted_keys(tree)}
-    if _is_namedtuple(tree):
-        return type(tree)(*(_skeleton(v, path + (f,), out) for f, v in zip(tree._fields, tree)))
-    if isinstance(tree, (list, tuple)):
+    if isinstance(tree, (list, tuple)):  # tested first: a leaf then costs no call of _is_namedtuple
+        if _is_namedtuple(tree):
+            return type(tree)(*(_skeleton(v, path + (f,), out) for f, v in zip(tree._fields, tree)))
         return type(tree)(_skeleton(v, path + (i,), out) for i, v in enumerate(tree))
     out.append((path, tree))
     return _LEAF
@@ -138,10 +138,8 @@ def _add_entries(tree: Any, prefix: str, out: dict[str, Any]) -> None:
         return
     if isinstance(tree, dict):
         items = ((k, tree[k]) for k in _sorted_keys(tree))
-    elif _is_namedtuple(tree):
-        items = zip(tree._fields, tree)
     elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
+        items = zip(tree._fields, tree) if _is_namedtuple(tree) else enumerate(tree)
     else:
         out[prefix or "."] = tree
         return
@@ -156,7 +154,25 @@ def from_entries(template: Any, entries: Any) -> Any:
     template: ``None`` is an empty subtree; use any non-``None`` placeholder such as ``0``).
     A missing entry raises ``KeyError`` naming it.
     """
-    return _filled(_filler(template), entries)
+    return _from_entries(template, "", entries)
+
+
+def _from_entries(template: Any, prefix: str, entries: Any) -> Any:
+    """:func:`from_entries` in one walk of ``template``, the key grown as the walk descends (as
+    :func:`_add_entries` does), without building its skeleton and paths first: what dynamo traces
+    is then one call per node of the template, not three walks and a join per leaf."""
+    if template is None:
+        return None
+    if isinstance(template, dict):
+        return {k: _from_entries(template[k], f"{prefix}/{k}" if prefix else str(k), entries)
+                for k in _sorted_keys(template)}
+    if not isinstance(template, (list, tuple)):
+        return entries[prefix or "."]
+    if _is_namedtuple(template):
+        return type(template)(*[_from_entries(v, f"{prefix}/{f}" if prefix else f, entries)
+                                for f, v in zip(template._fields, template)])
+    return type(template)([_from_entries(v, f"{prefix}/{i}" if prefix else str(i), entries)
+                           for i, v in enumerate(template)])
 
 
 def filled(fillers: dict, key: Hashable, template: Callable[[], Any], entries: Any) -> Any:
@@ -164,7 +180,7 @@ def filled(fillers: dict, key: Hashable, template: Callable[[], Any], entries: A
     kept in ``fillers``, a dict of the caller's (a transform's own, filled every step, dropped with
     it). While dynamo traces, read anew: the same structure, at trace time only."""
     if torch_compiling():
-        return from_entries(template(), entries)
+        return _from_entries(template(), "", entries)
     filler = fillers.get(key)
     if filler is None:
         filler = fillers[key] = _filler(template())

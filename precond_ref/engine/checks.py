@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from array_api_compat import array_namespace
 
-from .._backend import torch_compiling
+from .._backend import namespace_of, torch_compiling
 from ..transform import LeafGroup
 from ..tree import Path, path_str
 
@@ -22,13 +22,16 @@ __all__ = [
 Array = Any
 
 
-def check_leaves(leaves: Sequence[Array], paths: Sequence[Path], what: str) -> Any:
+def check_leaves(leaves: Sequence[Array], paths: Sequence[Path], what: str, xp: Any = None) -> Any:
+    """The namespace of ``leaves`` (``xp`` where the caller found it already), refusing an empty
+    tree, leaves of several libraries and leaves of other than a real floating dtype."""
     if not leaves:
         raise ValueError(f"{what} has no array leaves")
-    try:
-        xp = array_namespace(*leaves)
-    except TypeError as err:
-        raise TypeError(f"{what}: every leaf must be an array of one namespace ({err})") from None
+    if xp is None:
+        try:
+            xp = namespace_of(*leaves)
+        except TypeError as err:
+            raise TypeError(f"{what}: every leaf must be an array of one namespace ({err})") from None
     for path, leaf in zip(paths, leaves):
         if not xp.isdtype(leaf.dtype, "real floating"):
             raise TypeError(

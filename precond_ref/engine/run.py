@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional, Sequence
 
-from array_api_compat import array_namespace, is_jax_namespace
+from array_api_compat import is_jax_namespace
 
 from .._backend import (
     IdentityDict,
@@ -21,6 +21,7 @@ from .._backend import (
     host_bool,
     is_dense,
     is_tracer,
+    namespace_of,
     remembered_slices,
     scalar_zero,
     selected_by_runs,
@@ -220,29 +221,39 @@ class _Runner:
                extra: dict) -> tuple[Any, PrecondState]:
         """:meth:`step` under the step's settings (matmul precision, kept slices and constants);
         an element-wise method's small leaves packed into one flat leaf for the whole step."""
+        grad_leaves, treedef = tree_flatten(grads)
         try:
-            grad_leaves, treedef = tree_flatten(grads)
-            xp = array_namespace(*grad_leaves)
+            xp = namespace_of(*grad_leaves)
         except TypeError:
             xp = None  # step names the problem
+        args = (grads, state, params, step, due, given_ok, extra, grad_leaves, treedef, xp)
+        if torch_compiling():  # nothing to set: the adapter sets the precision, and nothing is kept or remembered
+            return self.packed_step(*args)
         with (float32_matmul_precision(xp, self.precision) if xp is not None else _NO_CONTEXT, remembered_slices(xp),
-              keeping_constants(None if torch_compiling() else self.constants)):  # dynamo would guard on the dict's keys
-            packed = None
-            if self.elementwise and self.on_nonfinite == "skip" and xp is not None:
-                packed = pack(self.name, self.layout_for, grad_leaves, treedef, state, params, xp)
-            if packed is None:
-                return self.step(grads, state, params, step, due, given_ok, extra)
-            flat_grads, flat_state, flat_params, unpack = packed
-            return unpack(*self.step(flat_grads, flat_state, flat_params, step, due, given_ok, extra))
+              keeping_constants(self.constants)):
+            return self.packed_step(*args)
+
+    def packed_step(self, grads: Any, state: PrecondState, params: Any, step: Any, due: Any, given_ok: Any,
+                    extra: dict, grad_leaves: list, treedef: Any, xp: Any) -> tuple[Any, PrecondState]:
+        """:meth:`step` of the tree, or, where an element-wise method's small leaves pack
+        (:func:`~precond_ref.engine.joined.pack`), of the tree with them as one flat leaf."""
+        packed = None
+        if self.elementwise and self.on_nonfinite == "skip" and xp is not None:
+            packed = pack(self.name, self.layout_for, grad_leaves, treedef, state, params, xp)
+        if packed is None:
+            return self.step(grads, state, params, step, due, given_ok, extra, (grad_leaves, treedef, xp))
+        flat_grads, flat_state, flat_params, unpack = packed
+        return unpack(*self.step(flat_grads, flat_state, flat_params, step, due, given_ok, extra))
 
     def step(self, grads: Any, state: PrecondState, params: Any, step: Any, due: Any, given_ok: Any,
-             extra: dict) -> tuple[Any, PrecondState]:
+             extra: dict, flat: Optional[tuple] = None) -> tuple[Any, PrecondState]:
         """One step of the tree: checks, the skip decision, the groups' updates and new state, the
-        non-finite rule's selections, the counters."""
+        non-finite rule's selections, the counters. ``flat``: ``grads``' leaves, structure and
+        namespace (``None`` where it has none) as :meth:`update` found them, or ``None``."""
         if not isinstance(state, PrecondState):
             raise TypeError(f"{self.name}: state must be the PrecondState returned by init, got {type(state)}")
-        grad_leaves, treedef = tree_flatten(grads)
-        xp = check_leaves(grad_leaves, treedef.paths, f"{self.name}: grads")
+        grad_leaves, treedef, xp = flat if flat is not None else (*tree_flatten(grads), None)
+        xp = check_leaves(grad_leaves, treedef.paths, f"{self.name}: grads", xp)
         param_leaves = self.checked_params(xp, grad_leaves, treedef, params)
         groups = self.group_leaves(treedef.paths, grad_leaves)
         expected, found = {g.key for g in groups}, set(state.groups)
@@ -252,11 +263,11 @@ class _Runner:
                 f"{sorted(expected - found)}, state entries with no gradient {sorted(found - expected)}"
             )
         ok, finite_step = self.skip_decision(xp, grad_leaves, treedef, given_ok)
-        ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={})
+        ctx = self.phase_context(StepContext(xp=xp, count=state.count, extra=extra, shared={}, settled=IdentityDict(),
+                                             ok=ok if self.on_nonfinite == "skip" else None, applied=finite_step),
+                                 state, step, due)
         zeros = [ctx.once(("zero", g.dtype, device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
         grad_leaves = self.skipped_gradients(xp, ok, finite_step, grad_leaves, zeros)
-        ctx = ctx._replace(ok=ok if self.on_nonfinite == "skip" else None, settled=IdentityDict(), applied=finite_step)
-        ctx = self.phase_context(ctx, state, step, due)
         updates, new_groups = self.run_groups(xp, ctx, groups, grad_leaves, param_leaves, state)
         updates = self.finite_updates(xp, ok, finite_step, updates, zeros)
         if self.on_nonfinite == "skip":
