@@ -111,7 +111,10 @@ def compile_options(setting: CompileSetting, by_default: bool) -> Union[None, di
     return {} if setting else None
 
 
-def _apply(transform: Transform, grads: Any, state: Any, params: Any, due: tuple, extra: dict, ok: Any = None) -> Any:
+def _apply(
+    transform: Transform, grads: Any, state: Any, params: Any, due: tuple, extra: dict, ok: Any = None,
+    boxed: tuple = (),
+) -> Any:
     """One core update of a param group: updates added to the parameters and the new state arrays
     written into the old ones, in place (Inductor then writes each result once, where it belongs).
 
@@ -122,7 +125,11 @@ def _apply(transform: Transform, grads: Any, state: Any, params: Any, due: tuple
     has them already. 0-D entries (state, and the updates of 0-D parameters) are returned instead
     of written: torch drops an in-place write into a 0-D float64 CPU input under
     ``aot_eager`` and Inductor (``a.add_(1.0)`` leaves ``a`` unchanged), and they cost nothing.
+    ``boxed``: the ``(key, name)`` of the state entries given as 1-element views of 0-D entries
+    (:func:`_boxed`), made 0-D again here.
     """
+    if boxed:
+        state = _unboxed(state, boxed)
     with_ok = {} if ok is None else {"gradients_ok": ok}
     updates, new_state = transform.update(grads, state, params, due=due, **with_ok, **extra)
     scalar_updates = []
@@ -142,6 +149,33 @@ def _apply(transform: Transform, grads: Any, state: Any, params: Any, due: tuple
             else:
                 returned.setdefault(key, {})[name] = value
     return new_state.count, new_state.nonfinite_count, returned, scalar_updates
+
+
+def _boxed(state: Any) -> tuple[Any, tuple]:
+    """``state`` with its 0-D float64 CPU entries as 1-element views, and their ``(key, name)``.
+
+    Dynamo gives such an input a symbolic float (it could be read as a Python number), which the
+    graph never uses; torch then specialises it and traces the whole step a second time. A
+    1-element view holds the same memory and is traced once.
+    """
+    boxed = tuple(
+        (key, name) for key, entries in state.groups.items() for name, value in entries.items()
+        if value.ndim == 0 and value.dtype == torch.float64 and value.device.type == "cpu"
+    )
+    if not boxed:
+        return state, boxed
+    groups = {key: dict(entries) for key, entries in state.groups.items()}
+    for key, name in boxed:
+        groups[key][name] = groups[key][name].reshape(1)
+    return type(state)(state.count, state.nonfinite_count, groups), boxed
+
+
+def _unboxed(state: Any, boxed: tuple) -> Any:
+    """The inverse of :func:`_boxed`, inside the traced step."""
+    groups = {key: dict(entries) for key, entries in state.groups.items()}
+    for key, name in boxed:
+        groups[key][name] = groups[key][name].reshape(())
+    return type(state)(state.count, state.nonfinite_count, groups)
 
 
 #: Guards kept although they check the transform or a global: cheap, and about the inputs' tensors.
@@ -303,8 +337,9 @@ class CompiledStep:
 
     def _call(self, grads: Any, state: Any, params: Any, due: tuple, extra: dict) -> Any:
         static = extra and self._static is not None and _holds_number(extra)
+        given, boxed = _boxed(state)
         if self._quiet and not static and self._limit is None:  # the step's common case: no context to enter
-            out = self._compiled(self.transform, grads, state, params, due, extra)
+            out = self._compiled(self.transform, grads, given, params, due, extra, None, boxed)
         else:
             with contextlib.ExitStack() as around:
                 if self._limit is not None:
@@ -313,7 +348,7 @@ class CompiledStep:
                     around.enter_context(self._static)
                 if not self._quiet:
                     around.enter_context(_quiet_tracing())
-                out = self._compiled(self.transform, grads, state, params, due, extra)
+                out = self._compiled(self.transform, grads, given, params, due, extra, None, boxed)
         count, nonfinite_count, returned, scalar_updates = out
         groups = state.groups
         if returned:

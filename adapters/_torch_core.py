@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import operator
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -216,7 +217,7 @@ class CoreOptimizer(torch.optim.Optimizer):
     def _transform(self, group: dict) -> Transform:
         """The group's core transform, rebuilt when a hyperparameter other than ``lr`` changes.
 
-        The learning rate enters as the group's 0-D tensor (:meth:`_learning_rate`), so a scheduler
+        The learning rate enters as the group's tensor (:meth:`_learning_rate`), so a scheduler
         changes a value the compiled kernels read, not the transform.
         """
         cached = self._transforms.get(id(group))
@@ -226,12 +227,13 @@ class CoreOptimizer(torch.optim.Optimizer):
         key = tuple(sorted((k, "<lr tensor>" if k == "learning_rate" else repr(v)) for k, v in kwargs.items()))
         if cached is None or cached[0] != key:
             self._build(group)  # validates the group's own values, torch names in errors
-            cached = (key, self._build(group, learning_rate=self._learning_rate(group)))
+            cached = (key, self._build(group, learning_rate=partial(_read, self._learning_rate(group))))
         self._transforms[id(group)] = (*cached[:2], _hyperparameters(group))
         return cached[1]
 
     def _learning_rate(self, group: dict) -> torch.Tensor:
-        """The group's learning rate as a 0-D tensor on its parameters' device, set from ``lr``.
+        """The group's learning rate as a 1-element tensor on its parameters' device, set from ``lr``;
+        the transform reads it as a 0-D view (:func:`_read`).
 
         A Python number is written only when it changed (a fill, no host-to-device copy); a tensor
         ``lr`` is copied on the device (so a captured step reads the scheduler's tensor).
@@ -241,10 +243,10 @@ class CoreOptimizer(torch.optim.Optimizer):
         if cached is None:
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             dtype = torch.float32 if device.type == "mps" else torch.float64
-            cached = (None, torch.zeros((), dtype=dtype, device=device))
+            cached = (None, torch.zeros(1, dtype=dtype, device=device))
         value, tensor = cached
         if isinstance(lr, torch.Tensor):
-            tensor.copy_(lr.detach().reshape(()))
+            tensor.copy_(lr.detach().reshape(1))
             value = None
         elif lr != value:
             _torch_state.check_learning_rate(type(self).__name__, lr)
@@ -561,3 +563,11 @@ def _overlapping(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     return a.storage_offset() != b.storage_offset()
+
+
+def _read(rate: torch.Tensor, count: Any) -> torch.Tensor:
+    """The learning rate of a step, a 0-D view of its 1-element tensor. A 0-D float64 CPU tensor
+    among a compiled step's inputs would make dynamo trace the step twice (it gives such a tensor a
+    symbolic float that the graph never uses, then specialises it and starts again); a view made
+    inside the step is not an input."""
+    return rate.reshape(())

@@ -56,14 +56,21 @@ def test_compiled_step_equals_eager(case):
     """Same parameters after 6 steps (refresh and reuse steps alike) with or without compilation.
 
     float64, and aot_eager runs the captured graph with the eager kernels: any difference is from
-    decompositions reordering a few operations, a few ulps per step, hence 1e-10 relative."""
+    decompositions reordering a few operations, a few ulps per step, hence 1e-10 relative.
+
+    Dynamo traces each graph once: no restart of its analysis, which a 0-D float64 CPU input (the
+    learning rate, S-AdaGrad's 0-D state entries) would cause by giving it a symbolic float that the
+    graph never uses (``_torch_core._read``, ``_torch_compile._boxed``)."""
     batches = _batches(torch.float64, 6)
     eager_model, compiled_model = _model(torch.float64), _model(torch.float64)
     eager = case.make(eager_model.named_parameters(), compile=False)
     compiled = case.make(compiled_model.named_parameters(), compile=AOT)
+    torch._dynamo.utils.clear_compilation_metrics()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
         got = _train(compiled_model, compiled, batches, case)
+    restarts = [m.restart_reasons for m in torch._dynamo.utils.get_compilation_metrics() if m.restart_reasons]
+    assert not restarts, f"dynamo traced a graph again: {restarts}"
     want = _train(eager_model, eager, batches, case)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
