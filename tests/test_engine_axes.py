@@ -1,5 +1,6 @@
 """The engine's per-axis block layout (precond_ref/engine/axes.py): a leaf's axes cut into runs of
-equal blocks with refresh phases, the rows of an unfolding cut into those runs and joined back,
+equal blocks with refresh phases, the runs of the phases due as members of stacks, the rows of an
+unfolding cut into those runs and joined back,
 stacks of bounded size, and the renaming of the entries
 earlier versions wrote. Each test checks the plain statement of its docstring on small NumPy arrays
 (float64; the same operations, so exact or a few ulps)."""
@@ -47,13 +48,24 @@ def test_runs_cut_an_unfolding_into_stacks_and_join_it_back():
     assert not whole.batched and axes.run_rows(xp, whole, whole.runs[0], columns) is columns
 
 
-def test_units_of_a_phase():
-    """units_in_phase: the (n, j) of the runs in a phase, axis by axis (every run for None)."""
+def test_runs_of_the_phases_not_decided_out():
+    """_runs: the runs whose phase is not decided not due on the host (every run with ``kept``), leaf
+    by leaf and axis by axis in order, each its block and its rows of its axis's unfolding (a
+    leading axis of 1 on an unblocked axis)."""
     plan = axes.leaf_plan((10, 3), 2, 4, 3, 0)
-    units = [(n, j, run.phase) for n, axis in enumerate(plan.axes) for j, run in enumerate(axis.runs)]
-    for phase in range(3):
-        assert axes.units_in_phase(plan, phase) == tuple((n, j) for n, j, p in units if p == phase)
-    assert axes.units_in_phase(plan, None) == tuple((n, j) for n, j, _ in units)
+    blocks = axes.empty_blocks(plan, lambda d, k, batch: (np.zeros(batch + (d, k)),))
+    g = rng.standard_normal((10, 3))
+    every = [(n, j, run.phase) for n, axis in enumerate(plan.axes) for j, run in enumerate(axis.runs)]
+    assert sorted({p for _, _, p in every}) == [0, 1, 2]
+    for decisions, kept in (([True, False, False], False), ([False, np.asarray(True), False], False),
+                            ([False] * 3, False), ([False] * 3, True)):
+        units, members = axes._runs(xp, [(plan, blocks, None, g)], decisions, kept)
+        assert units == [(0, n, j) for n, j, p in every if kept or decisions[p] is not False]
+        for (_, n, j), member in zip(units, members):
+            axis = plan.axes[n]
+            rows = axes.run_rows(xp, axis, axis.runs[j], g if n == 0 else g.T)
+            np.testing.assert_array_equal(member[-1], rows if axis.batched else rows[None])
+            assert member[0].shape[0] == member[-1].shape[0]
 
 
 def test_block_mode_products_apply_each_axis_blocks_in_turn():
