@@ -183,22 +183,28 @@ def test_a_skipped_step_counts_no_failure():
 
 
 def test_failure_counts_added_per_leaf_as_one_array_on_torch():
-    """``failures_added`` on torch: each leaf's count is its previous count plus its flags (integer
-    sums, exact), a leaf without flags this step keeps its count; the new counts are 0-D views of
-    one allocation, which the next step's join takes as it is (no copy)."""
+    """``_counted`` on torch: each leaf's count is its previous count plus its blocks' flags that are
+    False (integer sums, exact), a leaf without blocks stays None and one without flags this step
+    keeps its count; the new counts are 0-D views of one allocation, which the next step's join
+    takes as it is (no copy)."""
     import array_api_compat.torch as tx
     import torch
 
-    from precond_ref._backend import joined
+    from precond_ref._backend import IdentityDict, joined
+    from precond_ref.engine.context import StepContext
 
-    failures = [torch.tensor(v, dtype=torch.int32) for v in (3, 0, 7, 1)]
-    flags = torch.tensor([1, 1, 0, 1, 1, 0], dtype=torch.int32)
-    new = axes.failures_added(tx, failures, flags, [0, 0, 2, 3, 3, 3])
-    assert [int(v) for v in new] == [5, 0, 7, 3]
-    assert all(v.ndim == 0 and v.dtype == torch.int32 for v in new)
-    again = axes.failures_added(tx, new, torch.ones(3, dtype=torch.int32), [0, 2, 3])
-    assert [int(v) for v in again] == [6, 0, 8, 4]
-    assert joined(tx, [torch.reshape(v, (1,)) for v in again]).data_ptr() == again[0].data_ptr()
+    ctx = StepContext(xp=tx, count=torch.zeros((), dtype=torch.int32), extra={}, ok=torch.tensor(True),
+                      settled=IdentityDict(), shared={})
+    failures = [torch.tensor(3, dtype=torch.int32), None, torch.tensor(0, dtype=torch.int32), torch.tensor(7, dtype=torch.int32),
+                torch.tensor(1, dtype=torch.int32)]
+    oks = [torch.tensor([False, False]), torch.tensor([True]), torch.tensor([False, False, True])]
+    new = axes._counted(tx, ctx, failures, oks, [0, 0, 3, 4, 4, 4])
+    assert new[1] is None and [int(v) for v in new if v is not None] == [5, 0, 7, 3]
+    assert all(v.ndim == 0 and v.dtype == torch.int32 and v in ctx.settled for v in new if v is not None)
+    again = axes._counted(tx, ctx, new, [torch.tensor([False]), torch.tensor([False, False])], [0, 3, 4])
+    assert [int(v) for v in again if v is not None] == [6, 0, 8, 4]
+    counts = [torch.reshape(v, (1,)) for v in again if v is not None]
+    assert joined(tx, counts).data_ptr() == counts[0].data_ptr()
 
 
 def test_padded_join_is_padding_then_concatenation():
@@ -218,17 +224,25 @@ def test_padded_join_is_padding_then_concatenation():
     np.testing.assert_array_equal(out, expected)
 
 
-def test_failures_added_sums_each_leafs_flags():
-    """``failures_added`` gives ``failures[o] + sum(flags[i] for i with owners[i] == o)`` for every
-    leaf o: flags in any order of their owners (as stacks of several leaves' blocks leave them), a
-    leaf with no flag this step (its count kept), and a leaf with several runs."""
+def test_counted_sums_each_leafs_failed_flags():
+    """``_counted`` gives ``failures[o] + sum(not oks[i] for the blocks i of leaf o)`` for every leaf
+    o with a count, the blocks leaf by leaf in order (as :func:`axes._runs` makes them): a leaf with
+    no flag this step (its count kept), a leaf with several runs, and a step taken with its skip
+    predicate read (``applied``, no predicate folded in)."""
+    from precond_ref._backend import IdentityDict
+    from precond_ref.engine.context import StepContext
+
     failures = [np.asarray(c, dtype=np.int32) for c in (3, 0, 7, 1)]
-    owners = [2, 0, 0, 3, 2, 0, 3, 0]
-    flags = np.asarray([1, 0, 1, 1, 1, 1, 0, 0], dtype=np.int32)
-    out = axes.failures_added(xp, failures, flags, owners)
-    expected = [int(failures[o]) + sum(int(f) for f, owner in zip(flags, owners) if owner == o) for o in range(4)]
-    assert [int(v) for v in out] == expected == [5, 0, 9, 2]
-    assert all(v.shape == () and v.dtype == np.int32 for v in out)
+    owners = [0, 0, 0, 0, 2, 2, 3, 3]
+    oks = [np.asarray([False, True]), np.asarray([False, True]), np.asarray([False]), np.asarray([True, False, True])]
+    flags = [not ok for run in oks for ok in run]
+    for ctx in (StepContext(xp=xp, count=np.zeros((), np.int32), extra={}),
+                StepContext(xp=xp, count=np.zeros((), np.int32), extra={}, ok=np.asarray(True), settled=IdentityDict(),
+                            shared={}, applied=True)):
+        out = axes._counted(xp, ctx, failures, oks, owners)
+        expected = [int(failures[o]) + sum(f for f, owner in zip(flags, owners) if owner == o) for o in range(4)]
+        assert [int(v) for v in out] == expected == [5, 0, 8, 2]
+        assert all(v.shape == () and v.dtype == np.int32 for v in out)
 
 
 def test_finite_blocks_is_both_tests_per_block(monkeypatch):

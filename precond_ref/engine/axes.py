@@ -44,7 +44,7 @@ from .phases import handed_back, phase_share, refresh_due, refreshes, shape_phas
 from .run import build_transform
 
 __all__ = [
-    "Run", "AxisPlan", "LeafPlan", "leaf_plan", "empty_blocks", "run_rows", "join_runs", "refresh_axes", "failures_added",
+    "Run", "AxisPlan", "LeafPlan", "leaf_plan", "empty_blocks", "run_rows", "join_runs", "refresh_axes",
     "flat_runs", "FLAT_STACK_BYTES", "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths", "bounded_chunks", "axis_legacy_names", "unblocked_hint", "AxesRule", "resolve_schedule", "kronecker_transform",
     "flat_transform",
 ]
@@ -185,52 +185,32 @@ def _all_ok(xp: Any, rows: Array) -> Array:
 
 def _counted(xp: Any, ctx: StepContext, failures: Sequence[Optional[Array]], oks: Sequence[Array],
              owners: Sequence[int]) -> list:
-    """Each leaf's failure count (``failures[i]``, None for a leaf without blocks) plus its blocks
-    whose refresh was not finite on a step that is taken: ``oks`` the per-block flags of all stacks,
-    ``owners`` the leaf of each flag of their join (:func:`failures_added`). The flags of a skipped
-    step count nothing (the step's skip predicate folded in), so a count needs no selection by the
-    non-finite rule: the new counts are settled, with the new blocks of ``blocks``."""
+    """Each leaf's failure count (``failures[i]``, a 0-D int32, None for a leaf without blocks) plus
+    its blocks whose refresh was not finite on a step that is taken: ``oks`` the per-block flags of
+    the runs in :func:`_runs`' order, whose blocks are leaf by leaf, ``owners`` the leaf of each
+    block. The flags of a skipped step count nothing (the step's skip predicate folded in), so a
+    count needs no selection by the non-finite rule: the new counts are settled. In eight
+    operations whatever the number of leaves and blocks: the flags joined behind a True, negated,
+    folded with the skip predicate and made integers; their running sums; those at each leaf's last
+    block, taken by an index made once per layout (:func:`~precond_ref.engine.factors.constant`);
+    their differences, each leaf's sum, added to the counts joined (a view of the previous step's
+    counts, each a 0-D view of one array). Integer sums: the numbers of the additions one by one."""
     failures = list(failures)
+    counted = [i for i, failure in enumerate(failures) if failure is not None]
     if oks:
-        failed = xp.logical_not(oks[0] if len(oks) == 1 else joined(xp, oks))
+        like = oks[0]
+        true = constant(xp, ("true",), lambda: xp.ones((1,), dtype=xp.bool, device=array_device(like)), like)
+        failed = xp.logical_not(xp.concat([true, *oks], axis=0))
         if ctx.ok is not None and not ctx.applied:
             failed = xp.logical_and(failed, ctx.ok)
-        counted = [i for i, failure in enumerate(failures) if failure is not None]
-        position = {i: p for p, i in enumerate(counted)}
-        added = failures_added(xp, [failures[i] for i in counted], xp.astype(failed, xp.int32),
-                               [position[i] for i in owners])
-        for i, total in zip(counted, added):
-            failures[i] = total
-    ctx.settle(count for count in failures if count is not None)
+        ends = tuple(itertools.accumulate([0] + [owners.count(i) for i in counted]))
+        index = constant(xp, ("last blocks", ends), lambda: _device_index(xp, ends, like), like)
+        totals = taken(xp, xp.cumulative_sum(xp.astype(failed, xp.int32), axis=0, dtype=xp.int32), index)
+        new = joined(xp, [xp.reshape(failures[i], (1,)) for i in counted]) + (totals[1:] - totals[:-1])
+        for p, i in enumerate(counted):
+            failures[i] = new[p]
+    ctx.settle(failures[i] for i in counted)
     return failures
-
-
-def failures_added(xp: Any, failures: Sequence[Array], flags: Array, owners: Sequence[int]) -> list:
-    """``[failures[o] + sum(flags[i] for i with owners[i] == o) for o in range(len(failures))]``:
-    each leaf's failure count (a 0-D int32) plus its blocks' int32 flags (``owners[i]`` the leaf of
-    flag i), in five operations whatever the number of leaves and blocks: a 0, the counts and the
-    flags joined; reordered so that each leaf's count is followed by its flags (one
-    :func:`~precond_ref.engine.tiles.taken` by an index made once per layout,
-    :func:`~precond_ref.engine.factors.constant`); their running sums; and each leaf's new count the
-    running sum at its last entry less the one at the previous leaf's last (the 0 for the first).
-    Integer sums: the numbers of the additions one by one. Each new count is a 0-D view of one
-    array, so the next step joins them without a copy."""
-    count, owners = len(failures), tuple(owners)
-
-    def make() -> Array:
-        mine: list[list[int]] = [[] for _ in range(count)]
-        for i, owner in enumerate(owners):
-            mine[owner].append(1 + count + i)
-        order = [0] + [place for o in range(count) for place in [1 + o] + mine[o]]
-        return _device_index(xp, order + list(itertools.accumulate([0] + [1 + len(m) for m in mine])), flags)
-
-    index = constant(xp, ("failures added", count, owners), make, flags)
-    zero = constant(xp, ("int32 zero",), lambda: xp.zeros((1,), dtype=xp.int32, device=array_device(flags)), flags)
-    values = xp.concat([zero, *(xp.reshape(f, (1,)) for f in failures), flags], axis=0)
-    running = xp.cumulative_sum(taken(xp, values, index[:-count - 1]), axis=0, dtype=xp.int32)
-    totals = taken(xp, running, index[-count - 1:])
-    new = totals[1:] - totals[:-1]
-    return [new[o] for o in range(count)]
 
 
 def _device_index(xp: Any, places: Sequence[int], like: Array) -> Array:
@@ -360,19 +340,17 @@ def flat_runs(
                 yield _chunk_stack(xp, [members[i] for i in chunk], length)._replace(indices=tuple(chunk))
 
     pieces: list = [None] * len(members)
-    oks, owners = [], []
     for batch, out in refreshes(xp, decisions, batches, lambda batch: (refreshed, kept), kept=True):
-        for i, piece in handed_back(batch, out[:-2] + out[-1:]):
-            pieces[i] = _unstacked(leaves[units[i][0]][0].axes[0], _unpadded(piece, members[i][-1].shape[1]))
-        oks.append(out[-2])
-        owners.extend(units[i][0] for i in batch.indices for _ in range(members[i][0].shape[0]))
+        for i, piece in handed_back(batch, out):
+            pieces[i] = _unpadded(piece, members[i][-1].shape[1])
         del batch, out  # this batch's stacked copies go before the next batch's are made
-    failures = _counted(xp, ctx, [leaf[2] for leaf in leaves], oks, owners)
+    failures = _counted(xp, ctx, [leaf[2] for leaf in leaves], [piece[-2] for piece in pieces],
+                        [i for (i, _, _), member in zip(units, members) for _ in range(member[0].shape[0])])
     pieces = iter(pieces)
     results = []
     for (plan, _, _, g), failure in zip(leaves, failures):
-        runs = [next(pieces) for _ in plan.axes[0].runs]
-        blocks = (tuple(kind(*piece[:-1]) for piece in runs),)
+        runs = [_unstacked(plan.axes[0], next(pieces)) for _ in plan.axes[0].runs]
+        blocks = (tuple(kind(*piece[:-2]) for piece in runs),)
         ctx.settle(value for block in blocks[0] for value in block)
         out = join_runs(xp, plan.axes[0], [piece[-1] for piece in runs])
         results.append((blocks, failure, xp.reshape(out, tuple(g.shape))))
