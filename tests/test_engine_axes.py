@@ -7,6 +7,8 @@ earlier versions wrote. Each test checks the plain statement of its docstring on
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import array_api_compat.numpy as xp
 import numpy as np
 
@@ -59,7 +61,7 @@ def test_runs_of_the_phases_not_decided_out():
     assert sorted({p for _, _, p in every}) == [0, 1, 2]
     for decisions, kept in (([True, False, False], False), ([False, np.asarray(True), False], False),
                             ([False] * 3, False), ([False] * 3, True)):
-        units, members = axes._runs(xp, [(plan, blocks, None, g)], decisions, kept)
+        units, members = axes._runs(xp, [(g, plan, SimpleNamespace(sketches=blocks))], decisions, kept)
         assert units == [(0, n, j) for n, j, p in every if kept or decisions[p] is not False]
         for (_, n, j), member in zip(units, members):
             axis = plan.axes[n]
@@ -168,8 +170,9 @@ def test_a_skipped_step_counts_no_failure():
         for length in (8, 3):
             plan = axes.leaf_plan((length,), 2, 4, 1)
             blocks = axes.empty_blocks(plan, lambda d, k, batch: fd_init(xp, d, k, dtype=np.float64, device=None, batch=batch))
-            out.append((plan, tuple(tuple(Block(b["basis"]) for b in axis) for axis in blocks),
-                        np.zeros((), np.int32), np.ones(length)))
+            state = SimpleNamespace(sketches=tuple(tuple(Block(b["basis"]) for b in axis) for axis in blocks),
+                                    failures=np.zeros((), np.int32))
+            out.append((np.ones(length), plan, state))
         return out
 
     def refresh(block, rows, accept):

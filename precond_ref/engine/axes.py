@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
 from .._backend import array_device, cast, compute_dtype, device_key, is_zero, joined, on_cpu, vector_norms
-from ..blocking import Stack, chunk_sizes, same_layout, spread_schedule, stack, unfold, unstack
+from ..blocking import Stack, chunk_sizes, same_layout, spread_schedule, unfold
 from ..transform import Transform
 from ..tree import to_entries
 from .checks import renamed_failures
@@ -44,9 +44,9 @@ from .phases import handed_back, phase_share, refresh_due, refreshes, shape_phas
 from .run import build_transform
 
 __all__ = [
-    "Run", "AxisPlan", "LeafPlan", "leaf_plan", "empty_blocks", "run_rows", "join_runs", "refresh_axes",
-    "flat_runs", "FLAT_STACK_BYTES", "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths", "bounded_chunks", "axis_legacy_names", "unblocked_hint", "AxesRule", "resolve_schedule", "kronecker_transform",
-    "flat_transform",
+    "Run", "AxisPlan", "LeafPlan", "leaf_plan", "empty_blocks", "run_rows", "join_runs", "refresh_axes", "flat_runs",
+    "FLAT_STACK_BYTES", "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths", "bounded_chunks", "axis_legacy_names",
+    "unblocked_hint", "AxesRule", "resolve_schedule", "kronecker_transform", "flat_transform",
 ]
 
 Array = Any
@@ -78,11 +78,6 @@ class LeafPlan(NamedTuple):
 
     merged_shape: tuple[int, ...]
     axes: tuple[AxisPlan, ...]
-
-    @property
-    def exponent(self) -> float:
-        """:math:`-1/(2N)`, the exponent of each of the N axes' factors in a Kronecker root."""
-        return -1.0 / (2 * len(self.axes))
 
 
 def leaf_plan(
@@ -155,26 +150,26 @@ def _unstacked(axis: AxisPlan, piece: tuple) -> tuple:
 
 
 def _runs(xp: Any, leaves: Sequence[tuple], decisions: Sequence[Any], kept: bool) -> tuple[list, list]:
-    """The runs of ``leaves`` (``(plan, blocks, failures, g)``) as members of stacks (:func:`_member`:
+    """The runs of ``leaves`` (``(g, plan, state)``) as members of stacks (:func:`_member`:
     a run's block and its rows of the mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's merged
     shape), leaf by leaf, axis by axis, with ``(i, n, j)`` of each (leaf, axis, run); a run whose
     phase was decided not due on the host is left out unless ``kept``, and an axis none of whose
     runs is in is not unfolded."""
     units, members = [], []
-    for i, (plan, blocks, _, g) in enumerate(leaves):
+    for i, (g, plan, state) in enumerate(leaves):
         for n, axis in enumerate(() if plan is None else plan.axes):
             due = [j for j, run in enumerate(axis.runs) if kept or decisions[run.phase] is not False]
             rows = unfold(xp, xp.reshape(g, plan.merged_shape), axis.axis) if due else None
             for j in due:
                 units.append((i, n, j))
-                members.append(_member(xp, axis, axis.runs[j], blocks[n][j], rows))
+                members.append(_member(xp, axis, axis.runs[j], state.sketches[n][j], rows))
     return units, members
 
 
 def _decisions(ctx: StepContext, dues: tuple, leaves: Sequence[tuple]) -> list:
     """Whether each refresh phase is due on this step (``ctx.every``; a phase without runs, known
     not due, reads nothing)."""
-    present = {run.phase for plan, *_ in leaves if plan is not None for axis in plan.axes for run in axis.runs}
+    present = {run.phase for _, plan, _ in leaves if plan is not None for axis in plan.axes for run in axis.runs}
     return [ctx.every(due) if phase in present else False for phase, due in enumerate(dues)]
 
 
@@ -228,16 +223,16 @@ def _device_index(xp: Any, places: Sequence[int], like: Array) -> Array:
 def refresh_axes(
     xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
 ) -> list[tuple[tuple, Array]]:
-    """Every leaf's blocks after the refresh of those due (``leaves``: ``(plan, blocks, failures,
-    g)``; plan None where the leaf has no blocks): the runs of refresh phase p refreshed on the
+    """Every leaf's blocks after the refresh of those due (``leaves``: ``(g, plan, state)``, the
+    blocks ``state.sketches``, the count ``state.failures``; plan None where the leaf has no blocks): the runs of refresh phase p refreshed on the
     steps ``ctx.every(dues[p])`` only, the others as they were. Run j of axis n gets its rows of the
     mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's merged shape (:func:`_runs`) as
-    ``refresh(block, rows, exponent, accept, first) -> (new block, ok)``, ``block`` a stack of
-    blocks (the rule's NamedTuple), ``exponent`` the leaf's :attr:`LeafPlan.exponent`, ``accept``
+    ``refresh(block, rows, order, accept, first) -> (new block, ok)``, ``block`` a stack of
+    blocks (the rule's NamedTuple), ``order`` the leaf's number of (merged) axes, ``accept``
     the step's skip predicate, which the refresh folds into its own selection of the previous
     block, and ``first`` True on a first call known on the host (``ctx.calls == 0``: the blocks are
     the initial ones unless a state was loaded that says otherwise, which the rule may check);
-    ``ok`` says, per block, whether the refresh was finite. The runs of one shape and exponent,
+    ``ok`` says, per block, whether the refresh was finite. The runs of one shape and order,
     across leaves, go through one batched call (:func:`precond_ref.engine.phases.refresh_due`; a
     block's refresh reads only its own rows). Returns each leaf's blocks and its failure count plus
     its blocks whose refresh was not finite (:func:`_counted`). The new blocks need no selection by
@@ -245,25 +240,25 @@ def refresh_axes(
     due the block itself): they are settled (:meth:`StepContext.settle`)."""
     decisions = _decisions(ctx, dues, leaves)
     units, members = _runs(xp, leaves, decisions, kept=False)
-    tables = [[list(axis) for axis in blocks] for _, blocks, _, _ in leaves]
+    tables = [[list(axis) for axis in state.sketches] for _, _, state in leaves]
     kind = type(tables[units[0][0]][units[0][1]][units[0][2]]) if units else tuple
     first = is_zero(ctx.calls)  # the first call, known on the host: the blocks are new unless loaded
 
-    def refreshed(*operands: Array, label: float) -> tuple:
+    def refreshed(*operands: Array, label: int) -> tuple:
         new, ok = refresh(kind(*operands[:-1]), operands[-1], label, ctx.ok, first)
         return (*new, ok)
 
     def kept(*operands: Array) -> tuple:
         return (*operands[:-1], _all_ok(xp, operands[-1]))
 
-    pieces = refresh_due(xp, decisions, [leaves[i][0].axes[n].runs[j].phase for i, n, j in units], members,
-                         refreshed, kept, labels=[leaves[i][0].exponent for i, _, _ in units])
+    pieces = refresh_due(xp, decisions, [leaves[i][1].axes[n].runs[j].phase for i, n, j in units], members,
+                         refreshed, kept, labels=[len(leaves[i][1].axes) for i, _, _ in units])
     for (i, n, j), piece in zip(units, pieces):
-        tables[i][n][j] = kind(*_unstacked(leaves[i][0].axes[n], piece[:-1]))
+        tables[i][n][j] = kind(*_unstacked(leaves[i][1].axes[n], piece[:-1]))
     blocks = [tuple(tuple(axis) for axis in table) for table in tables]
     ctx.settle(value for leaf in blocks for axis in leaf for block in axis for value in block)
-    failures = _counted(xp, ctx, [failure for _, _, failure, _ in leaves], [piece[-1] for piece in pieces],
-                        [i for (i, _, _), piece in zip(units, pieces) for _ in range(piece[-1].shape[0])])
+    owners = [i for (i, _, _), member in zip(units, members) for _ in range(member[0].shape[0])]
+    failures = _counted(xp, ctx, [state.failures for _, _, state in leaves], [piece[-1] for piece in pieces], owners)
     return list(zip(blocks, failures))
 
 
@@ -292,7 +287,7 @@ def flat_runs(
     keep: Callable[..., tuple], may_pad: Optional[Callable[[int, int], bool]] = None,
 ) -> list[tuple[tuple, Array, Array]]:
     """Each flattened leaf's blocks after this step and its rows through them (``leaves``:
-    ``(plan, blocks, failures, g)``, ``plan`` of one axis, the flattened ``g``'s length): the runs
+    ``(g, plan, state)`` as for :func:`refresh_axes`, ``plan`` of one axis, the flattened ``g``'s length): the runs
     of phase p, where ``ctx.every(dues[p])``, get ``refresh(block, rows, accept) -> (new block, ok,
     out)`` (the refresh and the new block applied to the rows in one pass), elsewhere ``keep(block,
     rows) -> (block, out)``. The runs of one length and phase, across leaves, go through one
@@ -311,8 +306,8 @@ def flat_runs(
     ``g``'s shape. The new blocks are settled, as in :func:`refresh_axes`."""
     decisions = _decisions(ctx, dues, leaves)
     units, members = _runs(xp, leaves, decisions, kept=True)
-    phases = [leaves[i][0].axes[0].runs[j].phase for i, _, j in units]
-    kind = type(leaves[0][1][0][0])
+    phases = [leaves[i][1].axes[0].runs[j].phase for i, _, j in units]
+    kind = type(leaves[0][2].sketches[0][0])
 
     def refreshed(*operands: Array) -> tuple:
         new, ok, out = refresh(kind(*operands[:-1]), operands[-1], ctx.ok)
@@ -344,11 +339,11 @@ def flat_runs(
         for i, piece in handed_back(batch, out):
             pieces[i] = _unpadded(piece, members[i][-1].shape[1])
         del batch, out  # this batch's stacked copies go before the next batch's are made
-    failures = _counted(xp, ctx, [leaf[2] for leaf in leaves], [piece[-2] for piece in pieces],
-                        [i for (i, _, _), member in zip(units, members) for _ in range(member[0].shape[0])])
+    owners = [i for (i, _, _), member in zip(units, members) for _ in range(member[0].shape[0])]
+    failures = _counted(xp, ctx, [state.failures for _, _, state in leaves], [piece[-2] for piece in pieces], owners)
     pieces = iter(pieces)
     results = []
-    for (plan, _, _, g), failure in zip(leaves, failures):
+    for (g, plan, _), failure in zip(leaves, failures):
         runs = [_unstacked(plan.axes[0], next(pieces)) for _ in plan.axes[0].runs]
         blocks = (tuple(kind(*piece[:-2]) for piece in runs),)
         ctx.settle(value for block in blocks[0] for value in block)
@@ -524,12 +519,12 @@ class AxesRule(NamedTuple):
     ``finish(xp, c, minus_lr, u, *rest)``: ``(update, m)`` with momentum (``rest``: ``m``), else
     ``(update,)``, from the direction ``u`` (``rest`` ends with the parameter with weight decay).
 
-    A Kronecker rule (:func:`kronecker_transform`) also has ``refresh(xp, c, block, rows, exponent,
-    accept, first) -> (block, ok)`` (``first``: :func:`refresh_axes`), ``precondition(xp, c, gs,
+    A Kronecker rule (:func:`kronecker_transform`) also has ``refresh(xp, c, block, rows, order,
+    accept, first) -> (block, ok)`` (``order``, ``first``: :func:`refresh_axes`), ``precondition(xp, c, gs,
     blocks)``, the preconditioned gradient of each leaf ``gs[i]`` (in its plan's merged shape) from
     its blocks ``blocks[i][n][j]``, and optionally ``graft(xp, c, g, v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, |D|, |p|)``, the scale of the
     direction ``p`` from its Frobenius norm and ``D``'s (None: the direction is ``p``), called on the
-    norms of many leaves stacked (:func:`_scaled_by_norms`), then ``started(xp, c, count, u, D)``, the
+    norms of many leaves joined (:func:`_scaled_by_norms`), then ``started(xp, c, count, u, D)``, the
     direction of a leaf at step ``count`` from that scaled ``u`` and ``D``. A flat rule
     (:func:`flat_transform`) has ``refresh(xp, c, block, rows, accept) -> (block, ok, out)`` (the new
     block applied to the rows in the same pass) and ``keep(xp, c, block, rows) -> out`` between
@@ -578,19 +573,15 @@ def _axes_transform(
     def init_group(leaves, paths, xp):
         (w,) = leaves
         dtype, device = compute_dtype(xp, w.dtype), array_device(w)
-        sketches = empty_blocks(rule.plan(c, tuple(w.shape)), lambda length, rank, batch: rule.Block(**rule.empty(
-            xp, length, rank, dtype=dtype, device=device, batch=batch)))
+        empty = functools.partial(rule.empty, xp, dtype=dtype, device=device)
+        sketches = empty_blocks(rule.plan(c, tuple(w.shape)), lambda *run: rule.Block(**empty(*run[:2], batch=run[2])))
         zeros = functools.partial(xp.zeros, tuple(w.shape), dtype=dtype, device=device)
-        return to_entries(rule.State(
-            sketches, xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
-            zeros() if rule.graft is not None else None, zeros() if c.has_momentum else None,
-        ))
+        return to_entries(rule.State(sketches, xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
+                                     zeros() if rule.graft is not None else None, zeros() if c.has_momentum else None))
 
-    return build_transform(
-        name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
-        needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=hint,
-        legacy_names=lambda entries: renamed_failures(axis_names(entries)),
-    )
+    return build_transform(name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
+                           needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=hint,
+                           legacy_names=lambda entries: renamed_failures(axis_names(entries)))
 
 
 def _leaves(rule: AxesRule, c: Any, xp: Any, grads: Sequence[tuple], states: Sequence[dict]) -> list[tuple]:
@@ -639,18 +630,16 @@ def kronecker_transform(
         leaves = _leaves(rule, c, xp, grads, states)
         gs, moments = [g for g, _, _ in leaves], [state.graft_second_moment for _, _, state in leaves]
         grafts = list(zip(moments, gs)) if rule.graft is None else leafwise(xp, functools.partial(rule.graft, xp, c), gs, moments)
-        refreshed = refresh_axes(xp, [(plan, state.sketches, state.failures, g) for g, plan, state in leaves],
-                                 c.dues, ctx, functools.partial(rule.refresh, xp, c))
+        refreshed = refresh_axes(xp, leaves, c.dues, ctx, functools.partial(rule.refresh, xp, c))
         blocked = [i for i, (_, plan, _) in enumerate(leaves) if plan is not None]
-        products = rule.precondition(xp, c, [xp.reshape(gs[i], leaves[i][1].merged_shape) for i in blocked],
-                                     [refreshed[i][0] for i in blocked])
+        merged = [xp.reshape(gs[i], leaves[i][1].merged_shape) for i in blocked]
+        products = rule.precondition(xp, c, merged, [refreshed[i][0] for i in blocked])
         products = [xp.reshape(p, tuple(gs[i].shape)) for i, p in zip(blocked, products)]
         if rule.grafted is not None:
             scaled = _scaled_by_norms(xp, functools.partial(rule.grafted, xp), products, [grafts[i][1] for i in blocked])
             products = [rule.started(xp, c, ctx.count, u, grafts[i][1]) for i, u in zip(blocked, scaled)]
-        directions = [d for _, d in grafts]
-        for i, p in zip(blocked, products):
-            directions[i] = p
+        products = dict(zip(blocked, products))
+        directions = [products.get(i, d) for i, (_, d) in enumerate(grafts)]  # D itself on a leaf without blocks
         finished = [(u,) for u in directions] if c.learning_rate is None else _finished(xp, ctx, rule, c, directions, leaves, params)
         return [((out[0],), to_entries(state._replace(sketches=sketches, failures=failures, graft_second_moment=v,
                                                       momentum=out[1] if c.has_momentum else None)))
@@ -662,18 +651,14 @@ def kronecker_transform(
 
 def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequence[Array], ds: Sequence[Array]) -> list:
     """``[p * scale(|d|, |p|) for p, d in zip(ps, ds)]``, ``|.|`` the Frobenius norm of a leaf: the
-    norms of all leaves in one call (:func:`precond_ref._backend.vector_norms`), stacked (one stack
-    per dtype and device, :func:`precond_ref.blocking.stack`) and ``scale`` called once per stack on
-    them, not once per leaf; the products of all leaves in one pass over the leaves joined end to
-    end (:func:`~precond_ref.engine.joined.leafwise`, each scale spread over its leaf's shape), which
+    norms of all leaves in one call (:func:`precond_ref._backend.vector_norms`), ``scale`` of the
+    norms and the products each in one pass over the leaves joined end to end
+    (:func:`~precond_ref.engine.joined.leafwise`, each scale spread over its leaf's shape), which
     the finish then joins as a view. The numbers are the per-leaf formula's (an element-wise
     ``scale`` of the same norms, the same products)."""
-    norms = vector_norms(xp, list(ds) + list(ps))  # one operation on torch
-    members = [(xp.reshape(d, (1,)), xp.reshape(p, (1,))) for d, p in zip(norms[:len(ds)], norms[len(ds):])]
-    stacks = stack(xp, members)
-    scales = unstack(stacks, [(scale(*s.operands),) for s in stacks], len(members))
-    # each p times its scale spread over its shape (a view), the leaves joined end to end (leafwise)
-    return leafwise(xp, operator.mul, list(ps), [xp.broadcast_to(factor[0], tuple(p.shape)) for p, (factor,) in zip(ps, scales)])
+    norms = [xp.reshape(norm, (1,)) for norm in vector_norms(xp, list(ds) + list(ps))]  # one operation on torch
+    scales = leafwise(xp, scale, norms[:len(ds)], norms[len(ds):])
+    return leafwise(xp, operator.mul, list(ps), [xp.broadcast_to(s[0], tuple(p.shape)) for p, s in zip(ps, scales)])
 
 
 def flat_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> Transform:
@@ -683,8 +668,7 @@ def flat_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         xp, ctx = ctxs[0].xp, ctxs[0]
         leaves = _leaves(rule, c, xp, grads, states)
-        stepped = flat_runs(xp, [(plan, state.sketches, state.failures, g) for g, plan, state in leaves],
-                            c.dues, ctx, functools.partial(rule.refresh, xp, c),
+        stepped = flat_runs(xp, leaves, c.dues, ctx, functools.partial(rule.refresh, xp, c),
                             lambda block, rows: (block, rule.keep(xp, c, block, rows)),
                             lambda length, rank: _sketch.zero_rows_exact(c.fd["decomposition"], length, rank))
         finished = _finished(xp, ctx, rule, c, [direction for _, _, direction in stepped], leaves, params)
