@@ -96,15 +96,14 @@ def leaf_plan(
     axes, unit = [], first_phase
     for n, d in enumerate(merged_shape):
         b, full, tail = chunk_sizes(d, block_size)
-        runs = [Run(0, b, max(full, 1), min(rank, b))] + ([Run(full * b, tail, 1, min(rank, tail))] if tail else [])
-        spread = []
-        for run in runs:
-            pieces = min(run.count, phases)
+        runs: list[Run] = []
+        for start, length, count in ((0, b, max(full, 1)), (full * b, tail, 1 if tail else 0)):
+            pieces = min(count, phases)
             for i in range(pieces):
-                start, stop = phase_share(run.count, i, i + 1, pieces)
-                spread.append(run._replace(start=run.start + start * run.length, count=stop - start, phase=unit % phases))
-                unit += 1
-        axes.append(AxisPlan(n, tuple(spread)))
+                first, stop = phase_share(count, i, i + 1, pieces)
+                runs.append(Run(start + first * length, length, stop - first, min(rank, length), (unit + len(runs)) % phases))
+        unit += len(runs)
+        axes.append(AxisPlan(n, tuple(runs)))
     return LeafPlan(tuple(merged_shape), tuple(axes))
 
 
@@ -171,11 +170,6 @@ def _decisions(ctx: StepContext, dues: tuple, leaves: Sequence[tuple]) -> list:
     not due, reads nothing)."""
     present = {run.phase for _, plan, _ in leaves if plan is not None for axis in plan.axes for run in axis.runs}
     return [ctx.every(due) if phase in present else False for phase, due in enumerate(dues)]
-
-
-def _all_ok(xp: Any, rows: Array) -> Array:
-    """One True per block of a stack whose rows are ``rows``: the flags of blocks not refreshed."""
-    return xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows))
 
 
 def _counted(xp: Any, ctx: StepContext, failures: Sequence[Optional[Array]], oks: Sequence[Array],
@@ -248,8 +242,8 @@ def refresh_axes(
         new, ok = refresh(kind(*operands[:-1]), operands[-1], label, ctx.ok, first)
         return (*new, ok)
 
-    def kept(*operands: Array) -> tuple:
-        return (*operands[:-1], _all_ok(xp, operands[-1]))
+    def kept(*operands: Array) -> tuple:  # every block of the stack as it was: all usable
+        return (*operands[:-1], xp.ones(tuple(operands[-1].shape[:1]), dtype=xp.bool, device=array_device(operands[-1])))
 
     pieces = refresh_due(xp, decisions, [leaves[i][1].axes[n].runs[j].phase for i, n, j in units], members,
                          refreshed, kept, labels=[len(leaves[i][1].axes) for i, _, _ in units])
@@ -315,7 +309,7 @@ def flat_runs(
 
     def kept(*operands: Array) -> tuple:
         new, out = keep(kind(*operands[:-1]), operands[-1])
-        return (*new, _all_ok(xp, operands[-1]), out)
+        return (*new, xp.ones(tuple(operands[-1].shape[:1]), dtype=xp.bool, device=array_device(operands[-1])), out)
 
     host = on_cpu(xp, members[0][0])
     lengths = None
