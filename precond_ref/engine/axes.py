@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
 from .._backend import array_device, cast, compute_dtype, device_key, is_zero, joined, on_cpu, vector_norms
-from ..blocking import Stack, chunk_sizes, same_layout, spread_schedule, unfold
+from ..blocking import Stack, chunk_sizes, same_layout, spread_schedule, stack, unfold
 from ..transform import Transform
 from ..tree import to_entries
 from .checks import renamed_failures
@@ -348,21 +348,19 @@ def flat_runs(
 
 def _chunk_stack(xp: Any, members: Sequence[tuple], length: Optional[int] = None) -> Stack:
     """The members of one chunk of :func:`bounded_chunks` (one label and layout, within its byte
-    bound) as one :class:`~precond_ref.blocking.Stack`, each operand ``xp.concat`` of the members'
-    along the leading axis (:func:`~precond_ref._backend.joined`: a view where the members are the
-    previous step's stack handed back), on a CPU too: the chunk's bound, not blocking's rule that a
-    large member stays alone on a CPU, limits it, since a flat run's step costs a fixed number of
-    calls per stack and its join is a view from the second step on. With ``length``, the first and
-    last operands (the block's first field and the rows) of members shorter on axis 1 are
-    zero-padded to it within the same join (:func:`padded_join`: one operation each)."""
-    lengths = tuple(member[0].shape[0] for member in members)
-    padded = length is not None and any(member[-1].shape[1] != length for member in members)
-    if len(members) == 1 and not padded:
-        return Stack((0,), tuple(members[0]), lengths)
+    bound) as one :class:`~precond_ref.blocking.Stack`: :func:`precond_ref.blocking.stack` by their
+    layout (a view where the members are the previous step's stack handed back), on a CPU too (its
+    ``key``: the chunk's bound, not blocking's rule that a large member stays alone on a CPU, limits
+    it, since a flat run's step costs a fixed number of calls per stack). With ``length``, the first
+    and last operands (the block's first field and the rows) of members shorter on axis 1 are
+    zero-padded to it within one join each (:func:`padded_join`; blocking joins one layout only)."""
+    if length is None or all(member[-1].shape[1] == length for member in members):
+        (chunk,) = stack(xp, members, key=same_layout)
+        return chunk
     last = len(members[0]) - 1
-    operands = tuple(padded_join(xp, [member[k] for member in members], length) if padded and k in (0, last)
+    operands = tuple(padded_join(xp, [member[k] for member in members], length) if k in (0, last)
                      else joined(xp, [member[k] for member in members]) for k in range(last + 1))
-    return Stack(tuple(range(len(members))), operands, lengths)
+    return Stack(tuple(range(len(members))), operands, tuple(member[0].shape[0] for member in members))
 
 
 def padded_join(xp: Any, arrays: Sequence[Array], length: int) -> Array:
