@@ -8,15 +8,15 @@ written for one stack of blocks; with a refresh interval spread over phases a ru
 runs of consecutive phases (:func:`leaf_plan`). The engine then
 
 * refreshes the runs due at a step, the runs of one shape across all leaves in one batched call
-  of the rule's refresh (:func:`refresh_axes`), and counts each leaf's blocks whose refresh was
-  not finite;
+  of the rule's refresh (:func:`refresh_axes`; the runs as members of stacks: :func:`_runs`), and
+  counts each leaf's blocks whose refresh was not finite (:func:`_counted`);
 * for a flattened leaf (one axis), runs the rule's fused refresh-and-apply on stacks of bounded
   size (:func:`flat_runs`);
 * renames the entries of a state saved under the per-axis names of earlier versions
   (:func:`axis_legacy_names`) and says which ``block_size`` loads a state saved unblocked into a
   blocked layout (:func:`unblocked_hint`);
 * runs an :class:`AxesRule` (:func:`kronecker_transform`, :func:`flat_transform`): a leaf's state
-  made and read in the rule's NamedTuples, the compute dtype, the refresh schedule with the mode's
+  made and read (by its entries' names) in the rule's NamedTuples, the compute dtype, the refresh schedule with the mode's
   defaults (:func:`resolve_schedule`), the graft's joined leaves, the step's
   :math:`-\\eta_t` and the finish of the leaves joined end to end.
 """
