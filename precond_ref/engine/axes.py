@@ -23,6 +23,7 @@ runs of consecutive phases (:func:`leaf_plan`). The engine then
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import math
@@ -192,7 +193,8 @@ def _counted(xp: Any, ctx: StepContext, failures: Sequence[Optional[Array]], oks
         failed = xp.logical_not(xp.concat([true, *oks], axis=0))
         if ctx.ok is not None and not ctx.applied:
             failed = xp.logical_and(failed, ctx.ok)
-        ends = tuple(itertools.accumulate([0] + [owners.count(i) for i in counted]))
+        blocks = collections.Counter(owners)
+        ends = tuple(itertools.accumulate([0] + [blocks[i] for i in counted]))
         index = constant(xp, ("last blocks", ends), lambda: _device_index(xp, ends, like), like)
         totals = taken(xp, xp.cumulative_sum(xp.astype(failed, xp.int32), axis=0, dtype=xp.int32), index)
         new = joined(xp, [xp.reshape(failures[i], (1,)) for i in counted]) + (totals[1:] - totals[:-1])
