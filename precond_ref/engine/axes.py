@@ -16,9 +16,9 @@ runs of consecutive phases (:func:`leaf_plan`). The engine then
   (:func:`axis_legacy_names`) and says which ``block_size`` loads a state saved unblocked into a
   blocked layout (:func:`unblocked_hint`);
 * runs an :class:`AxesRule` (:func:`kronecker_transform`, :func:`flat_transform`): a leaf's state
-  made and read (by its entries' names) in the rule's NamedTuples, the compute dtype, the refresh schedule with the mode's
-  defaults (:func:`resolve_schedule`), the graft's joined leaves, the step's
-  :math:`-\\eta_t` and the finish of the leaves joined end to end.
+  made and read (by its entries' names) in the rule's NamedTuples, the compute dtype, the refresh
+  schedule with the mode's defaults (:func:`resolve_schedule`), the graft's joined leaves, the
+  step's :math:`-\\eta_t` and the finish of the leaves joined end to end.
 """
 
 from __future__ import annotations
@@ -220,8 +220,9 @@ def refresh_axes(
     xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
 ) -> list[tuple[tuple, Array]]:
     """Every leaf's blocks after the refresh of those due (``leaves``: ``(g, plan, state)``, the
-    blocks ``state.sketches``, the count ``state.failures``; plan None where the leaf has no blocks): the runs of refresh phase p refreshed on the
-    steps ``ctx.every(dues[p])`` only, the others as they were. Run j of axis n gets its rows of the
+    blocks ``state.sketches``, the count ``state.failures``; plan None where the leaf has no
+    blocks): the runs of refresh phase p refreshed on the steps ``ctx.every(dues[p])`` only, the
+    others as they were. Run j of axis n gets its rows of the
     mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's merged shape (:func:`_runs`) as
     ``refresh(block, rows, order, accept, first) -> (new block, ok)``, ``block`` a stack of
     blocks (the rule's NamedTuple), ``order`` the leaf's number of (merged) axes, ``accept``
@@ -283,8 +284,8 @@ def flat_runs(
     keep: Callable[..., tuple], may_pad: Optional[Callable[[int, int], bool]] = None,
 ) -> list[tuple[tuple, Array, Array]]:
     """Each flattened leaf's blocks after this step and its rows through them (``leaves``:
-    ``(g, plan, state)`` as for :func:`refresh_axes`, ``plan`` of one axis, the flattened ``g``'s length): the runs
-    of phase p, where ``ctx.every(dues[p])``, get ``refresh(block, rows, accept) -> (new block, ok,
+    ``(g, plan, state)`` as for :func:`refresh_axes`, ``plan`` of one axis, the flattened ``g``'s
+    length): the runs of phase p, where ``ctx.every(dues[p])``, get ``refresh(block, rows, accept) -> (new block, ok,
     out)`` (the refresh and the new block applied to the rows in one pass), elsewhere ``keep(block,
     rows) -> (block, out)``. The runs of one length and phase, across leaves, go through one
     batched call, in stacks of at most :data:`FLAT_STACK_BYTES` of the blocks' first field on a CPU
