@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
 from .._backend import array_device, cast, compute_dtype, device_key, is_zero, joined, on_cpu, vector_norms
-from ..blocking import Stack, chunk_sizes, same_layout, spread_schedule, stack, unfold
+from ..blocking import Stack, chunk_sizes, same_layout, spread_schedule, stack, unfold, unstack
 from ..transform import Transform
 from ..tree import to_entries
 from .checks import renamed_failures
@@ -519,7 +519,7 @@ class AxesRule(NamedTuple):
     blocks)``, the preconditioned gradient of each leaf ``gs[i]`` (in its plan's merged shape) from
     its blocks ``blocks[i][n][j]``, and optionally ``graft(xp, c, g, v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, |D|, |p|)``, the scale of the
     direction ``p`` from its Frobenius norm and ``D``'s (None: the direction is ``p``), called on the
-    norms of many leaves joined (:func:`_scaled_by_norms`), then ``started(xp, c, count, u, D)``, the
+    norms of many leaves stacked (:func:`_scaled_by_norms`), then ``started(xp, c, count, u, D)``, the
     direction of a leaf at step ``count`` from that scaled ``u`` and ``D``. A flat rule
     (:func:`flat_transform`) has ``refresh(xp, c, block, rows, accept) -> (block, ok, out)`` (the new
     block applied to the rows in the same pass) and ``keep(xp, c, block, rows) -> out`` between
@@ -646,14 +646,18 @@ def kronecker_transform(
 
 def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequence[Array], ds: Sequence[Array]) -> list:
     """``[p * scale(|d|, |p|) for p, d in zip(ps, ds)]``, ``|.|`` the Frobenius norm of a leaf: the
-    norms of all leaves in one call (:func:`precond_ref._backend.vector_norms`), ``scale`` of the
-    norms and the products each in one pass over the leaves joined end to end
-    (:func:`~precond_ref.engine.joined.leafwise`, each scale spread over its leaf's shape), which
+    norms of all leaves in one call (:func:`precond_ref._backend.vector_norms`), stacked (one stack
+    per dtype and device, :func:`precond_ref.blocking.stack`) and ``scale`` called once per stack on
+    them, not once per leaf; the products of all leaves in one pass over the leaves joined end to
+    end (:func:`~precond_ref.engine.joined.leafwise`, each scale spread over its leaf's shape), which
     the finish then joins as a view. The numbers are the per-leaf formula's (an element-wise
     ``scale`` of the same norms, the same products)."""
-    norms = [xp.reshape(norm, (1,)) for norm in vector_norms(xp, list(ds) + list(ps))]  # one operation on torch
-    scales = leafwise(xp, scale, norms[:len(ds)], norms[len(ds):])
-    return leafwise(xp, operator.mul, list(ps), [xp.broadcast_to(s[0], tuple(p.shape)) for p, s in zip(ps, scales)])
+    norms = vector_norms(xp, list(ds) + list(ps))  # one operation on torch
+    members = [(xp.reshape(d, (1,)), xp.reshape(p, (1,))) for d, p in zip(norms[:len(ds)], norms[len(ds):])]
+    stacks = stack(xp, members)
+    scales = unstack(stacks, [(scale(*s.operands),) for s in stacks], len(members))
+    # each p times its scale spread over its shape (a view), the leaves joined end to end (leafwise)
+    return leafwise(xp, operator.mul, list(ps), [xp.broadcast_to(factor[0], tuple(p.shape)) for p, (factor,) in zip(ps, scales)])
 
 
 def flat_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> Transform:
