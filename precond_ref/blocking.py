@@ -140,8 +140,8 @@ def stack(
     Members whose operands agree in trailing shape, dtype and device (or in ``key(operands)`` when
     given), and in ``labels[i]`` when given (what the operands are, e.g. the names of state
     entries), form one :class:`Stack`, their operands concatenated along the leading axis; a
-    member whose ``key(operands)`` is ``None``, or that is already a large batch on a CPU
-    (:func:`_batched_enough_on_cpu`), forms a stack alone. Stacks are in order of first
+    member whose ``key(operands)`` is ``None``, or, without a ``key``, that is already a large batch
+    on a CPU (:func:`_batched_enough_on_cpu`), forms a stack alone. Stacks are in order of first
     appearance, members within a stack in their given order. :func:`unstack` hands results
     computed on the stacks back member by member, as views of them; so a state entry handed back
     and joined again in the next step is already its stack (:func:`~precond_ref._backend.joined`:
@@ -150,7 +150,7 @@ def stack(
     groups: dict[Hashable, list[int]] = {}
     for index, operands in enumerate(members):
         label = None if labels is None else labels[index]
-        layout = None if _batched_enough_on_cpu(operands) else (key or same_layout)(operands)
+        layout = key(operands) if key is not None else None if _batched_enough_on_cpu(operands) else same_layout(operands)
         # (index,), a 1-tuple, equals no (label, layout) pair
         groups.setdefault((index,) if layout is None else (label, layout), []).append(index)
     stacks = []

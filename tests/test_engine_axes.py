@@ -1,10 +1,13 @@
 """The engine's per-axis block layout (precond_ref/engine/axes.py): a leaf's axes cut into runs of
-equal blocks with refresh phases, the rows of an unfolding cut into those runs and joined back,
+equal blocks with refresh phases, the runs of the phases due as members of stacks, the rows of an
+unfolding cut into those runs and joined back,
 stacks of bounded size, and the renaming of the entries
 earlier versions wrote. Each test checks the plain statement of its docstring on small NumPy arrays
 (float64; the same operations, so exact or a few ulps)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import array_api_compat.numpy as xp
 import numpy as np
@@ -47,13 +50,24 @@ def test_runs_cut_an_unfolding_into_stacks_and_join_it_back():
     assert not whole.batched and axes.run_rows(xp, whole, whole.runs[0], columns) is columns
 
 
-def test_units_of_a_phase():
-    """units_in_phase: the (n, j) of the runs in a phase, axis by axis (every run for None)."""
+def test_runs_of_the_phases_not_decided_out():
+    """_runs: the runs whose phase is not decided not due on the host (every run with ``kept``), leaf
+    by leaf and axis by axis in order, each its block and its rows of its axis's unfolding (a
+    leading axis of 1 on an unblocked axis)."""
     plan = axes.leaf_plan((10, 3), 2, 4, 3, 0)
-    units = [(n, j, run.phase) for n, axis in enumerate(plan.axes) for j, run in enumerate(axis.runs)]
-    for phase in range(3):
-        assert axes.units_in_phase(plan, phase) == tuple((n, j) for n, j, p in units if p == phase)
-    assert axes.units_in_phase(plan, None) == tuple((n, j) for n, j, _ in units)
+    blocks = axes.empty_blocks(plan, lambda d, k, batch: (np.zeros(batch + (d, k)),))
+    g = rng.standard_normal((10, 3))
+    every = [(n, j, run.phase) for n, axis in enumerate(plan.axes) for j, run in enumerate(axis.runs)]
+    assert sorted({p for _, _, p in every}) == [0, 1, 2]
+    for decisions, kept in (([True, False, False], False), ([False, np.asarray(True), False], False),
+                            ([False] * 3, False), ([False] * 3, True)):
+        units, members = axes._runs(xp, [(g, plan, SimpleNamespace(sketches=blocks))], decisions, kept)
+        assert units == [(0, n, j) for n, j, p in every if kept or decisions[p] is not False]
+        for (_, n, j), member in zip(units, members):
+            axis = plan.axes[n]
+            rows = axes.run_rows(xp, axis, axis.runs[j], g if n == 0 else g.T)
+            np.testing.assert_array_equal(member[-1], rows if axis.batched else rows[None])
+            assert member[0].shape[0] == member[-1].shape[0]
 
 
 def test_block_mode_products_apply_each_axis_blocks_in_turn():
@@ -156,8 +170,9 @@ def test_a_skipped_step_counts_no_failure():
         for length in (8, 3):
             plan = axes.leaf_plan((length,), 2, 4, 1)
             blocks = axes.empty_blocks(plan, lambda d, k, batch: fd_init(xp, d, k, dtype=np.float64, device=None, batch=batch))
-            out.append((plan, tuple(tuple(Block(b["basis"]) for b in axis) for axis in blocks),
-                        np.zeros((), np.int32), np.ones(length)))
+            state = SimpleNamespace(sketches=tuple(tuple(Block(b["basis"]) for b in axis) for axis in blocks),
+                                    failures=np.zeros((), np.int32))
+            out.append((np.ones(length), plan, state))
         return out
 
     def refresh(block, rows, accept):
@@ -171,22 +186,28 @@ def test_a_skipped_step_counts_no_failure():
 
 
 def test_failure_counts_added_per_leaf_as_one_array_on_torch():
-    """``failures_added`` on torch: each leaf's count is its previous count plus its flags (integer
-    sums, exact), a leaf without flags this step keeps its count; the new counts are 0-D views of
-    one allocation, which the next step's join takes as it is (no copy)."""
+    """``_counted`` on torch: each leaf's count is its previous count plus its blocks' flags that are
+    False (integer sums, exact), a leaf without blocks stays None and one without flags this step
+    keeps its count; the new counts are 0-D views of one allocation, which the next step's join
+    takes as it is (no copy)."""
     import array_api_compat.torch as tx
     import torch
 
-    from precond_ref._backend import joined
+    from precond_ref._backend import IdentityDict, joined
+    from precond_ref.engine.context import StepContext
 
-    failures = [torch.tensor(v, dtype=torch.int32) for v in (3, 0, 7, 1)]
-    flags = torch.tensor([1, 1, 0, 1, 1, 0], dtype=torch.int32)
-    new = axes.failures_added(tx, failures, flags, [0, 0, 2, 3, 3, 3])
-    assert [int(v) for v in new] == [5, 0, 7, 3]
-    assert all(v.ndim == 0 and v.dtype == torch.int32 for v in new)
-    again = axes.failures_added(tx, new, torch.ones(3, dtype=torch.int32), [0, 2, 3])
-    assert [int(v) for v in again] == [6, 0, 8, 4]
-    assert joined(tx, [torch.reshape(v, (1,)) for v in again]).data_ptr() == again[0].data_ptr()
+    ctx = StepContext(xp=tx, count=torch.zeros((), dtype=torch.int32), extra={}, ok=torch.tensor(True),
+                      settled=IdentityDict(), shared={})
+    failures = [torch.tensor(3, dtype=torch.int32), None, torch.tensor(0, dtype=torch.int32), torch.tensor(7, dtype=torch.int32),
+                torch.tensor(1, dtype=torch.int32)]
+    oks = [torch.tensor([False, False]), torch.tensor([True]), torch.tensor([False, False, True])]
+    new = axes._counted(tx, ctx, failures, oks, [0, 0, 3, 4, 4, 4])
+    assert new[1] is None and [int(v) for v in new if v is not None] == [5, 0, 7, 3]
+    assert all(v.ndim == 0 and v.dtype == torch.int32 and v in ctx.settled for v in new if v is not None)
+    again = axes._counted(tx, ctx, new, [torch.tensor([False]), torch.tensor([False, False])], [0, 3, 4])
+    assert [int(v) for v in again if v is not None] == [6, 0, 8, 4]
+    counts = [torch.reshape(v, (1,)) for v in again if v is not None]
+    assert joined(tx, counts).data_ptr() == counts[0].data_ptr()
 
 
 def test_padded_join_is_padding_then_concatenation():
@@ -206,17 +227,25 @@ def test_padded_join_is_padding_then_concatenation():
     np.testing.assert_array_equal(out, expected)
 
 
-def test_failures_added_sums_each_leafs_flags():
-    """``failures_added`` gives ``failures[o] + sum(flags[i] for i with owners[i] == o)`` for every
-    leaf o: flags in any order of their owners (as stacks of several leaves' blocks leave them), a
-    leaf with no flag this step (its count kept), and a leaf with several runs."""
+def test_counted_sums_each_leafs_failed_flags():
+    """``_counted`` gives ``failures[o] + sum(not oks[i] for the blocks i of leaf o)`` for every leaf
+    o with a count, the blocks leaf by leaf in order (as :func:`axes._runs` makes them): a leaf with
+    no flag this step (its count kept), a leaf with several runs, and a step taken with its skip
+    predicate read (``applied``, no predicate folded in)."""
+    from precond_ref._backend import IdentityDict
+    from precond_ref.engine.context import StepContext
+
     failures = [np.asarray(c, dtype=np.int32) for c in (3, 0, 7, 1)]
-    owners = [2, 0, 0, 3, 2, 0, 3, 0]
-    flags = np.asarray([1, 0, 1, 1, 1, 1, 0, 0], dtype=np.int32)
-    out = axes.failures_added(xp, failures, flags, owners)
-    expected = [int(failures[o]) + sum(int(f) for f, owner in zip(flags, owners) if owner == o) for o in range(4)]
-    assert [int(v) for v in out] == expected == [5, 0, 9, 2]
-    assert all(v.shape == () and v.dtype == np.int32 for v in out)
+    owners = [0, 0, 0, 0, 2, 2, 3, 3]
+    oks = [np.asarray([False, True]), np.asarray([False, True]), np.asarray([False]), np.asarray([True, False, True])]
+    flags = [not ok for run in oks for ok in run]
+    for ctx in (StepContext(xp=xp, count=np.zeros((), np.int32), extra={}),
+                StepContext(xp=xp, count=np.zeros((), np.int32), extra={}, ok=np.asarray(True), settled=IdentityDict(),
+                            shared={}, applied=True)):
+        out = axes._counted(xp, ctx, failures, oks, owners)
+        expected = [int(failures[o]) + sum(f for f, owner in zip(flags, owners) if owner == o) for o in range(4)]
+        assert [int(v) for v in out] == expected == [5, 0, 8, 2]
+        assert all(v.shape == () and v.dtype == np.int32 for v in out)
 
 
 def test_finite_blocks_is_both_tests_per_block(monkeypatch):

@@ -8,46 +8,46 @@ written for one stack of blocks; with a refresh interval spread over phases a ru
 runs of consecutive phases (:func:`leaf_plan`). The engine then
 
 * refreshes the runs due at a step, the runs of one shape across all leaves in one batched call
-  of the rule's refresh (:func:`refresh_axes`), and counts each leaf's blocks whose refresh was
-  not finite;
+  of the rule's refresh (:func:`refresh_axes`; the runs as members of stacks: :func:`_runs`), and
+  counts each leaf's blocks whose refresh was not finite (:func:`_counted`);
 * for a flattened leaf (one axis), runs the rule's fused refresh-and-apply on stacks of bounded
   size (:func:`flat_runs`);
 * renames the entries of a state saved under the per-axis names of earlier versions
   (:func:`axis_legacy_names`) and says which ``block_size`` loads a state saved unblocked into a
   blocked layout (:func:`unblocked_hint`);
 * runs an :class:`AxesRule` (:func:`kronecker_transform`, :func:`flat_transform`): a leaf's state
-  made and read in the rule's NamedTuples, the compute dtype, the refresh schedule with the mode's
-  defaults (:func:`resolve_schedule`), the graft's joined leaves, the step's
-  :math:`-\\eta_t` and the finish of the leaves joined end to end.
+  made and read (by its entries' names) in the rule's NamedTuples, the compute dtype, the refresh
+  schedule with the mode's defaults (:func:`resolve_schedule`), the graft's joined leaves, the
+  step's :math:`-\\eta_t` and the finish of the leaves joined end to end.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import math
 import operator
 import re
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
-from .._backend import (array_device, cast, compute_dtype, device_key, is_number, is_zero, joined, on_cpu,
-                        vector_norms)
-from ..blocking import Stack, same_layout, block_bounds, spread_schedule, stack, unfold, unstack
+from .._backend import array_device, cast, compute_dtype, device_key, is_zero, joined, on_cpu, vector_norms
+from ..blocking import Stack, chunk_sizes, same_layout, spread_schedule, stack, unfold, unstack
 from ..transform import Transform
-from ..tree import filled, to_entries
+from ..tree import to_entries
 from .checks import renamed_failures
 from .context import StepContext
 from .factors import constant
 from .tiles import taken
 from .joined import leafwise
-from .phases import handed_back, refresh_due, refreshes, shape_phase
+from .phases import handed_back, phase_share, refresh_due, refreshes, shape_phase
 from .run import build_transform
 
 __all__ = [
-    "Run", "AxisPlan", "LeafPlan", "leaf_plan", "axis_leaves", "empty_blocks", "run_rows", "join_runs", "units_in_phase",
-    "refresh_axes", "flat_runs", "FLAT_STACK_BYTES", "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths",
-    "bounded_chunks", "axis_legacy_names", "unblocked_hint", "AxesRule", "resolve_schedule", "kronecker_transform",
-    "flat_transform",
+    "Run", "AxisPlan", "LeafPlan", "leaf_plan", "empty_blocks", "run_rows", "join_runs", "refresh_axes", "flat_runs",
+    "FLAT_STACK_BYTES", "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths", "bounded_chunks", "axis_legacy_names",
+    "unblocked_hint", "AxesRule", "resolve_schedule", "kronecker_transform", "flat_transform",
 ]
 
 Array = Any
@@ -80,59 +80,32 @@ class LeafPlan(NamedTuple):
     merged_shape: tuple[int, ...]
     axes: tuple[AxisPlan, ...]
 
-    @property
-    def exponent(self) -> float:
-        """:math:`-1/(2N)`, the exponent of each of the N axes' factors in a Kronecker root."""
-        return -1.0 / (2 * len(self.axes))
-
 
 def leaf_plan(
     merged_shape: tuple[int, ...], rank: int, block_size: Optional[int], phases: int = 1, first_phase: int = 0,
 ) -> LeafPlan:
-    """Blocks of equal length are stacked into one run (one batched call per run).
+    """Blocks of equal length are stacked into one run (one batched call per run): an axis of
+    length d has a run of its full blocks and one of its shorter last block, if any
+    (:func:`precond_ref.blocking.chunk_sizes`).
 
     With ``phases = T > 1`` (refreshes spread over an interval T) a run of ``c`` blocks is cut into
-    ``min(c, T)`` contiguous runs, and the leaf's runs take the phases ``first_phase,
-    first_phase + 1, ...`` (mod T) in order, so one leaf's blocks refresh on different steps. The
-    layout (the runs' shapes) depends on ``phases`` only, never on ``first_phase``.
+    ``min(c, T)`` contiguous runs (:func:`~precond_ref.engine.phases.phase_share`), and the leaf's
+    runs take the phases ``first_phase, first_phase + 1, ...`` (mod T) in order, so one leaf's blocks
+    refresh on different steps. The layout (the runs' shapes) depends on ``phases`` only, never on
+    ``first_phase``.
     """
-    axes = []
-    unit = 0
+    axes, unit = [], first_phase
     for n, d in enumerate(merged_shape):
+        b, full, tail = chunk_sizes(d, block_size)
         runs: list[Run] = []
-        for start, stop in block_bounds(d, block_size):
-            length = stop - start
-            if runs and runs[-1].length == length:
-                runs[-1] = runs[-1]._replace(count=runs[-1].count + 1)
-            else:
-                runs.append(Run(start, length, 1, min(rank, length)))
-        spread: list[Run] = []
-        for run in runs:
-            pieces = min(run.count, phases)
-            done = 0
+        for start, length, count in ((0, b, max(full, 1)), (full * b, tail, 1 if tail else 0)):
+            pieces = min(count, phases)
             for i in range(pieces):
-                count = run.count * (i + 1) // pieces - done
-                spread.append(run._replace(start=run.start + done * run.length, count=count,
-                                           phase=(first_phase + unit) % phases))
-                done += count
-                unit += 1
-        axes.append(AxisPlan(n, tuple(spread)))
+                first, stop = phase_share(count, i, i + 1, pieces)
+                runs.append(Run(start + first * length, length, stop - first, min(rank, length), (unit + len(runs)) % phases))
+        unit += len(runs)
+        axes.append(AxisPlan(n, tuple(runs)))
     return LeafPlan(tuple(merged_shape), tuple(axes))
-
-
-def axis_leaves(
-    xp: Any, grads: Sequence[tuple], states: Sequence[dict], plan_for: Callable, state_of: Callable, phases: int,
-) -> list[tuple]:
-    """Each group's one leaf as ``(g, plan, state)``: its gradient in the compute dtype, its plan
-    ``plan_for(shape, first_phase)`` (the first of ``phases`` refresh phases from its shape,
-    :func:`precond_ref.engine.phases.shape_phase`) and its stored entries as the rule's state,
-    ``state_of(plan, entries)``."""
-    leaves = []
-    for (leaf,), entries in zip(grads, states):
-        g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
-        plan = plan_for(tuple(g.shape), shape_phase(tuple(g.shape), phases))
-        leaves.append((g, plan, state_of(plan, entries)))
-    return leaves
 
 
 def empty_blocks(plan: Optional[LeafPlan], init: Callable[[int, int, tuple], Any]) -> tuple:
@@ -161,16 +134,9 @@ def join_runs(xp: Any, axis: AxisPlan, parts: Sequence[Array]) -> Array:
     return parts[0] if len(parts) == 1 else xp.concat(list(parts), axis=0)
 
 
-def units_in_phase(plan: LeafPlan, phase: Optional[int]) -> tuple[tuple[int, int], ...]:
-    """``(n, j)`` of the runs of ``plan`` in refresh phase ``phase`` (every run if None), in order."""
-    return tuple((n, j) for n, axis in enumerate(plan.axes) for j, run in enumerate(axis.runs)
-                 if phase is None or run.phase == phase)
-
-
 def _member(xp: Any, axis: AxisPlan, run: Run, fields: Sequence[Array], flat: Array) -> tuple:
-    """One run of a leaf as a member of :func:`precond_ref.blocking.stack`: its statistic's
-    ``fields`` and its rows of ``flat`` (count, length, n), with a leading axis of 1 where the axis
-    is one unstacked block."""
+    """One run of a leaf as a member of a stack: its statistic's ``fields`` and its rows of
+    ``flat`` (count, length, n), with a leading axis of 1 where the axis is one unstacked block."""
     rows = run_rows(xp, axis, run, flat)
     if axis.batched:
         return (*fields, rows)
@@ -183,129 +149,114 @@ def _unstacked(axis: AxisPlan, piece: tuple) -> tuple:
     return piece if axis.batched else tuple(v[0, ...] for v in piece)
 
 
-def _failed(xp: Any, ok: Array, accept: Any) -> Array:
-    """``1`` where ``ok`` is False on a step that is taken (``accept``, the step's skip predicate;
-    None where the step is known to be taken), else ``0`` (int32): the per-block failure flags of
-    all stacks of a step joined, made once per step; :func:`failures_added` adds each leaf's to its
-    count, which on a skipped step is then the previous count, so it needs no selection by the
-    non-finite rule (it is settled)."""
-    failed = xp.logical_not(ok)
-    return xp.astype(failed if accept is None else xp.logical_and(failed, accept), xp.int32)
+def _runs(xp: Any, leaves: Sequence[tuple], decisions: Sequence[Any], kept: bool) -> tuple[list, list]:
+    """The runs of ``leaves`` (``(g, plan, state)``) as members of stacks (:func:`_member`:
+    a run's block and its rows of the mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's merged
+    shape), leaf by leaf, axis by axis, with ``(i, n, j)`` of each (leaf, axis, run); a run whose
+    phase was decided not due on the host is left out unless ``kept``, and an axis none of whose
+    runs is in is not unfolded."""
+    units, members = [], []
+    for i, (g, plan, state) in enumerate(leaves):
+        for n, axis in enumerate(() if plan is None else plan.axes):
+            due = [j for j, run in enumerate(axis.runs) if kept or decisions[run.phase] is not False]
+            rows = unfold(xp, xp.reshape(g, plan.merged_shape), axis.axis) if due else None
+            for j in due:
+                units.append((i, n, j))
+                members.append(_member(xp, axis, axis.runs[j], state.sketches[n][j], rows))
+    return units, members
 
 
-def failures_added(xp: Any, failures: Sequence[Array], flags: Array, owners: Sequence[int]) -> list:
-    """``[failures[o] + sum(flags[i] for i with owners[i] == o) for o in range(len(failures))]``:
-    each leaf's failure count (a 0-D int32) plus its blocks' flags (the int32 flags of
-    :func:`_failed`, ``owners[i]`` the leaf of flag i), in five operations whatever the number of
-    leaves and blocks: a 0, the counts and the flags joined; reordered so that each leaf's count is
-    followed by its flags (one :func:`~precond_ref.engine.tiles.taken`, by an order made once per
-    layout from ``arange``s on the device, no host data copied:
-    :func:`precond_ref.engine.factors.constant`); their running sums; and each leaf's new count
-    the running sum at its last entry less the running sum at the previous leaf's last (the 0 for
-    the first leaf). Integer sums: the numbers of the additions one by one. Each new count is a
-    0-D view of one array, so the next step joins them without a copy."""
-    count, owners = len(failures), tuple(owners)
+def _decisions(ctx: StepContext, dues: tuple, leaves: Sequence[tuple]) -> list:
+    """Whether each refresh phase is due on this step (``ctx.every``; a phase without runs, known
+    not due, reads nothing)."""
+    present = {run.phase for _, plan, _ in leaves if plan is not None for axis in plan.axes for run in axis.runs}
+    return [ctx.every(due) if phase in present else False for phase, due in enumerate(dues)]
 
-    def make() -> Array:
-        order, ends = [0], [0]
-        mine: dict[int, list[int]] = {}
-        for i, owner in enumerate(owners):
-            mine.setdefault(owner, []).append(1 + count + i)
-        for o in range(count):
-            order.extend([1 + o] + mine.get(o, []))
-            ends.append(len(order) - 1)
-        runs: list[list[int]] = []  # the places as runs of consecutive ones, each an arange on the device
-        for place in order + ends:
-            if runs and runs[-1][1] == place:
-                runs[-1][1] += 1
-            else:
-                runs.append([place, place + 1])
-        device = array_device(flags)
-        return xp.concat([xp.arange(a, b, dtype=xp.int32, device=device) for a, b in runs], axis=0)
 
-    index = constant(xp, ("failures added", count, owners), make, flags)  # no host data copied
-    zero = constant(xp, ("int32 zero",), lambda: xp.zeros((1,), dtype=xp.int32, device=array_device(flags)), flags)
-    values = xp.concat([zero, *(xp.reshape(f, (1,)) for f in failures), flags], axis=0)
-    running = xp.cumulative_sum(taken(xp, values, index[:-count - 1]), axis=0, dtype=xp.int32)
-    totals = taken(xp, running, index[-count - 1:])
-    new = totals[1:] - totals[:-1]
-    return [new[o] for o in range(count)]
+def _counted(xp: Any, ctx: StepContext, failures: Sequence[Optional[Array]], oks: Sequence[Array],
+             owners: Sequence[int]) -> list:
+    """Each leaf's failure count (``failures[i]``, a 0-D int32, None for a leaf without blocks) plus
+    its blocks whose refresh was not finite on a step that is taken: ``oks`` the per-block flags of
+    the runs in :func:`_runs`' order, whose blocks are leaf by leaf, ``owners`` the leaf of each
+    block. The flags of a skipped step count nothing (the step's skip predicate folded in), so a
+    count needs no selection by the non-finite rule: the new counts are settled. In eight
+    operations whatever the number of leaves and blocks: the flags joined behind a True, negated,
+    folded with the skip predicate and made integers; their running sums; those at each leaf's last
+    block, taken by an index made once per layout (:func:`~precond_ref.engine.factors.constant`);
+    their differences, each leaf's sum, added to the counts joined (a view of the previous step's
+    counts, each a 0-D view of one array). Integer sums: the numbers of the additions one by one."""
+    failures = list(failures)
+    counted = [i for i, failure in enumerate(failures) if failure is not None]
+    if oks:
+        like = oks[0]
+        true = constant(xp, ("true",), lambda: xp.ones((1,), dtype=xp.bool, device=array_device(like)), like)
+        failed = xp.logical_not(xp.concat([true, *oks], axis=0))
+        if ctx.ok is not None and not ctx.applied:
+            failed = xp.logical_and(failed, ctx.ok)
+        blocks = collections.Counter(owners)
+        ends = tuple(itertools.accumulate([0] + [blocks[i] for i in counted]))
+        index = constant(xp, ("last blocks", ends), lambda: _device_index(xp, ends, like), like)
+        totals = taken(xp, xp.cumulative_sum(xp.astype(failed, xp.int32), axis=0, dtype=xp.int32), index)
+        new = joined(xp, [xp.reshape(failures[i], (1,)) for i in counted]) + (totals[1:] - totals[:-1])
+        for p, i in enumerate(counted):
+            failures[i] = new[p]
+    ctx.settle(failures[i] for i in counted)
+    return failures
+
+
+def _device_index(xp: Any, places: Sequence[int], like: Array) -> Array:
+    """``places`` (non-negative) as an int32 index on ``like``'s device, joined from one ``arange``
+    per run of consecutive places (no host data copied)."""
+    runs: list[list[int]] = []
+    for place in places:
+        if runs and runs[-1][1] == place:
+            runs[-1][1] += 1
+        else:
+            runs.append([place, place + 1])
+    return xp.concat([xp.arange(a, b, dtype=xp.int32, device=array_device(like)) for a, b in runs], axis=0)
 
 
 def refresh_axes(
     xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
 ) -> list[tuple[tuple, Array]]:
-    """Every leaf's blocks after the refresh of those due (``leaves``: ``(plan, blocks, failures,
-    g)``; plan None where the leaf has no blocks): the runs of
-    refresh phase p refreshed on the steps ``ctx.every(dues[p])`` only, the others as they were.
-    Run j of axis n gets its rows of the mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's
-    merged shape as ``refresh(block, rows, exponent, accept, first) -> (new block, ok)``, ``block`` a
-    stack of blocks (the rule's NamedTuple),
-    ``exponent`` the leaf's :attr:`LeafPlan.exponent`, ``accept`` the step's skip predicate,
-    which the refresh folds into its own selection of the previous block, and ``first`` True on a
-    first call known on the host (``ctx.calls == 0``: the blocks are the initial ones unless a state
-    was loaded that says otherwise, which the rule may check); ``ok`` says, per block,
-    whether the refresh was finite. The runs of one shape and exponent, across leaves, go through
-    one batched call (:func:`precond_ref.engine.phases.refresh_due`; a block's refresh reads only
-    its own rows). Returns each leaf's blocks and its failure count plus its blocks whose refresh
-    was not finite. The new blocks need no selection by the non-finite rule (a refresh keeps the
-    previous block where ``accept`` is False, a phase not due the block itself): they are settled
-    (:meth:`StepContext.settle`)."""
-    tables = [None if plan is None else [list(axis) for axis in blocks] for plan, blocks, _, _ in leaves]
-    failures = [f for _, _, f, _ in leaves]
-    unfolded: list[dict] = [{} for _ in leaves]
-    present = {run.phase for plan, *_ in leaves if plan is not None for axis in plan.axes for run in axis.runs}
-    decisions = [ctx.every(due) if phase in present else False for phase, due in enumerate(dues)]
-    members, owners, exponents, phases = [], [], [], []
-    for phase in sorted(present):
-        if decisions[phase] is False:  # decided on the host: nothing to unfold or stack
-            continue
-        for i, (plan, _, _, g) in enumerate(leaves):
-            for n, j in () if plan is None else units_in_phase(plan, phase):
-                axis = plan.axes[n]
-                if n not in unfolded[i]:
-                    unfolded[i][n] = unfold(xp, xp.reshape(g, plan.merged_shape), axis.axis)
-                members.append(_member(xp, axis, axis.runs[j], tables[i][n][j], unfolded[i][n]))
-                owners.append((i, n, j))
-                exponents.append(plan.exponent)
-                phases.append(phase)
-    kind = next((type(t[0][0]) for t in tables if t), tuple)
-
+    """Every leaf's blocks after the refresh of those due (``leaves``: ``(g, plan, state)``, the
+    blocks ``state.sketches``, the count ``state.failures``; plan None where the leaf has no
+    blocks): the runs of refresh phase p refreshed on the steps ``ctx.every(dues[p])`` only, the
+    others as they were. Run j of axis n gets its rows of the
+    mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's merged shape (:func:`_runs`) as
+    ``refresh(block, rows, order, accept, first) -> (new block, ok)``, ``block`` a stack of
+    blocks (the rule's NamedTuple), ``order`` the leaf's number of (merged) axes, ``accept``
+    the step's skip predicate, which the refresh folds into its own selection of the previous
+    block, and ``first`` True on a first call known on the host (``ctx.calls == 0``: the blocks are
+    the initial ones unless a state was loaded that says otherwise, which the rule may check);
+    ``ok`` says, per block, whether the refresh was finite. The runs of one shape and order,
+    across leaves, go through one batched call (:func:`precond_ref.engine.phases.refresh_due`; a
+    block's refresh reads only its own rows). Returns each leaf's blocks and its failure count plus
+    its blocks whose refresh was not finite (:func:`_counted`). The new blocks need no selection by
+    the non-finite rule (a refresh keeps the previous block where ``accept`` is False, a phase not
+    due the block itself): they are settled (:meth:`StepContext.settle`)."""
+    decisions = _decisions(ctx, dues, leaves)
+    units, members = _runs(xp, leaves, decisions, kept=False)
+    tables = [[list(axis) for axis in state.sketches] for _, _, state in leaves]
+    kind = type(tables[units[0][0]][units[0][1]][units[0][2]]) if units else tuple
     first = is_zero(ctx.calls)  # the first call, known on the host: the blocks are new unless loaded
 
-    def refreshed(*operands: Array, label: float) -> tuple:
+    def refreshed(*operands: Array, label: int) -> tuple:
         new, ok = refresh(kind(*operands[:-1]), operands[-1], label, ctx.ok, first)
         return (*new, ok)
 
-    def kept(*operands: Array) -> tuple:
-        rows = operands[-1]
-        return (*operands[:-1], xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows)))
+    def kept(*operands: Array) -> tuple:  # every block of the stack as it was: all usable
+        return (*operands[:-1], xp.ones(tuple(operands[-1].shape[:1]), dtype=xp.bool, device=array_device(operands[-1])))
 
-    oks, flag_owners = [], []
-    counted = [i for i, failure in enumerate(failures) if failure is not None]
-    position = {i: p for p, i in enumerate(counted)}
-    for (i, n, j), piece in zip(owners, refresh_due(xp, decisions, phases, members, refreshed, kept, labels=exponents)):
-        oks.append(piece[-1])  # the stack's flags, one per block (a view)
-        flag_owners.extend([position[i]] * piece[-1].shape[0])
-        tables[i][n][j] = kind(*_unstacked(leaves[i][0].axes[n], piece[:-1]))
-    if oks:
-        flags = _failed(xp, joined(xp, oks), None if ctx.applied else ctx.ok)
-        for i, total in zip(counted, failures_added(xp, [failures[i] for i in counted], flags, flag_owners)):
-            failures[i] = total
-    results = [
-        (leaf[1] if table is None else tuple(tuple(axis) for axis in table), failure)
-        for leaf, table, failure in zip(leaves, tables, failures)
-    ]
-    _settle(ctx, [blocks for blocks, _ in results], [failure for _, failure in results])
-    return results
-
-
-def _settle(ctx: StepContext, leaves: Sequence[tuple], failures: Sequence[Optional[Array]]) -> None:
-    """:meth:`StepContext.settle` of every field of every block of ``leaves`` (each ``blocks[n][j]``)
-    and of the leaves' failure counts (:func:`_failed`)."""
-    for blocks in leaves:
-        ctx.settle(value for axis in blocks for block in axis for value in block)
-    ctx.settle(count for count in failures if count is not None)
+    pieces = refresh_due(xp, decisions, [leaves[i][1].axes[n].runs[j].phase for i, n, j in units], members,
+                         refreshed, kept, labels=[len(leaves[i][1].axes) for i, _, _ in units])
+    for (i, n, j), piece in zip(units, pieces):
+        tables[i][n][j] = kind(*_unstacked(leaves[i][1].axes[n], piece[:-1]))
+    blocks = [tuple(tuple(axis) for axis in table) for table in tables]
+    ctx.settle(value for leaf in blocks for axis in leaf for block in axis for value in block)
+    owners = [i for (i, _, _), member in zip(units, members) for _ in range(member[0].shape[0])]
+    failures = _counted(xp, ctx, [state.failures for _, _, state in leaves], [piece[-1] for piece in pieces], owners)
+    return list(zip(blocks, failures))
 
 
 #: :func:`flat_runs` steps its runs in stacks of at most this many bytes of the blocks' first field
@@ -333,8 +284,8 @@ def flat_runs(
     keep: Callable[..., tuple], may_pad: Optional[Callable[[int, int], bool]] = None,
 ) -> list[tuple[tuple, Array, Array]]:
     """Each flattened leaf's blocks after this step and its rows through them (``leaves``:
-    ``(plan, blocks, failures, g)``, ``plan`` of one axis, the flattened ``g``'s length): the runs
-    of phase p, where ``ctx.every(dues[p])``, get ``refresh(block, rows, accept) -> (new block, ok,
+    ``(g, plan, state)`` as for :func:`refresh_axes`, ``plan`` of one axis, the flattened ``g``'s
+    length): the runs of phase p, where ``ctx.every(dues[p])``, get ``refresh(block, rows, accept) -> (new block, ok,
     out)`` (the refresh and the new block applied to the rows in one pass), elsewhere ``keep(block,
     rows) -> (block, out)``. The runs of one length and phase, across leaves, go through one
     batched call, in stacks of at most :data:`FLAT_STACK_BYTES` of the blocks' first field on a CPU
@@ -348,24 +299,20 @@ def flat_runs(
     length, rank) and the rows (count, length, 1), and its results cut back; ``may_pad`` says that
     the rule's refresh and keep give such a run's zero rows zero results and leave every other
     value as unpadded (to rounding: a sum with zero terms added). Returns per leaf its blocks, its
-    failure count plus its blocks whose refresh was not finite, and ``out`` in ``g``'s shape. The
-    new blocks are settled, as in :func:`refresh_axes`."""
-    members, phases, owners, kind = [], [], [], type(leaves[0][1][0][0])
-    for leaf, (plan, blocks, _, g) in enumerate(leaves):
-        column = xp.reshape(g, (plan.merged_shape[0], 1))
-        for j, run in enumerate(plan.axes[0].runs):
-            members.append(_member(xp, plan.axes[0], run, blocks[0][j], column))
-            phases.append(run.phase)
-            owners.append(leaf)
+    failure count plus its blocks whose refresh was not finite (:func:`_counted`), and ``out`` in
+    ``g``'s shape. The new blocks are settled, as in :func:`refresh_axes`."""
+    decisions = _decisions(ctx, dues, leaves)
+    units, members = _runs(xp, leaves, decisions, kept=True)
+    phases = [leaves[i][1].axes[0].runs[j].phase for i, _, j in units]
+    kind = type(leaves[0][2].sketches[0][0])
 
     def refreshed(*operands: Array) -> tuple:
         new, ok, out = refresh(kind(*operands[:-1]), operands[-1], ctx.ok)
         return (*new, ok, out)
 
     def kept(*operands: Array) -> tuple:
-        rows = operands[-1]
-        new, out = keep(kind(*operands[:-1]), rows)
-        return (*new, xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows)), out)
+        new, out = keep(kind(*operands[:-1]), operands[-1])
+        return (*new, xp.ones(tuple(operands[-1].shape[:1]), dtype=xp.bool, device=array_device(operands[-1])), out)
 
     host = on_cpu(xp, members[0][0])
     lengths = None
@@ -385,47 +332,38 @@ def flat_runs(
                 yield _chunk_stack(xp, [members[i] for i in chunk], length)._replace(indices=tuple(chunk))
 
     pieces: list = [None] * len(members)
-    oks, flag_owners = [], []
-    present = set(phases)  # a phase without runs decides nothing; the plain schedule (interval 1) needs no branch
-    decisions = [(is_number(due) and due == 1) or (ctx.every(due) if phase in present else False)
-                 for phase, due in enumerate(dues)]
     for batch, out in refreshes(xp, decisions, batches, lambda batch: (refreshed, kept), kept=True):
-        for i, piece in handed_back(batch, out[:-2] + out[-1:]):
+        for i, piece in handed_back(batch, out):
             pieces[i] = _unpadded(piece, members[i][-1].shape[1])
-        oks.append(out[-2])
-        flag_owners.extend(owners[i] for i in batch.indices for _ in range(members[i][0].shape[0]))
         del batch, out  # this batch's stacked copies go before the next batch's are made
-    flags = _failed(xp, oks[0] if len(oks) == 1 else xp.concat(oks, axis=0), None if ctx.applied else ctx.ok)
-    failures = failures_added(xp, [leaf[2] for leaf in leaves], flags, flag_owners)
+    owners = [i for (i, _, _), member in zip(units, members) for _ in range(member[0].shape[0])]
+    failures = _counted(xp, ctx, [state.failures for _, _, state in leaves], [piece[-2] for piece in pieces], owners)
     pieces = iter(pieces)
     results = []
-    for plan, blocks, _, g in leaves:
-        axis = plan.axes[0]
-        runs = [_unstacked(axis, next(pieces)) for _ in axis.runs]
-        out = xp.reshape(join_runs(xp, axis, [piece[-1] for piece in runs]), tuple(g.shape))
-        results.append(((tuple(kind(*piece[:-1]) for piece in runs),), out))
-    results = [(blocks, failure, out) for (blocks, out), failure in zip(results, failures)]
-    _settle(ctx, [blocks for blocks, _, _ in results], [failures for _, failures, _ in results])
+    for (g, plan, _), failure in zip(leaves, failures):
+        runs = [_unstacked(plan.axes[0], next(pieces)) for _ in plan.axes[0].runs]
+        blocks = (tuple(kind(*piece[:-2]) for piece in runs),)
+        ctx.settle(value for block in blocks[0] for value in block)
+        out = join_runs(xp, plan.axes[0], [piece[-1] for piece in runs])
+        results.append((blocks, failure, xp.reshape(out, tuple(g.shape))))
     return results
 
 
 def _chunk_stack(xp: Any, members: Sequence[tuple], length: Optional[int] = None) -> Stack:
     """The members of one chunk of :func:`bounded_chunks` (one label and layout, within its byte
-    bound) as one :class:`~precond_ref.blocking.Stack`, each operand ``xp.concat`` of the members'
-    along the leading axis (:func:`~precond_ref._backend.joined`: a view where the members are the
-    previous step's stack handed back), on a CPU too: the chunk's bound, not blocking's rule that a
-    large member stays alone on a CPU, limits it, since a flat run's step costs a fixed number of
-    calls per stack and its join is a view from the second step on. With ``length``, the first and
-    last operands (the block's first field and the rows) of members shorter on axis 1 are
-    zero-padded to it within the same join (:func:`padded_join`: one operation each)."""
-    lengths = tuple(member[0].shape[0] for member in members)
-    padded = length is not None and any(member[-1].shape[1] != length for member in members)
-    if len(members) == 1 and not padded:
-        return Stack((0,), tuple(members[0]), lengths)
+    bound) as one :class:`~precond_ref.blocking.Stack`: :func:`precond_ref.blocking.stack` by their
+    layout (a view where the members are the previous step's stack handed back), on a CPU too (its
+    ``key``: the chunk's bound, not blocking's rule that a large member stays alone on a CPU, limits
+    it, since a flat run's step costs a fixed number of calls per stack). With ``length``, the first
+    and last operands (the block's first field and the rows) of members shorter on axis 1 are
+    zero-padded to it within one join each (:func:`padded_join`; blocking joins one layout only)."""
+    if length is None or all(member[-1].shape[1] == length for member in members):
+        (chunk,) = stack(xp, members, key=same_layout)
+        return chunk
     last = len(members[0]) - 1
-    operands = tuple(padded_join(xp, [member[k] for member in members], length) if padded and k in (0, last)
+    operands = tuple(padded_join(xp, [member[k] for member in members], length) if k in (0, last)
                      else joined(xp, [member[k] for member in members]) for k in range(last + 1))
-    return Stack(tuple(range(len(members))), operands, lengths)
+    return Stack(tuple(range(len(members))), operands, tuple(member[0].shape[0] for member in members))
 
 
 def padded_join(xp: Any, arrays: Sequence[Array], length: int) -> Array:
@@ -576,8 +514,8 @@ class AxesRule(NamedTuple):
     ``finish(xp, c, minus_lr, u, *rest)``: ``(update, m)`` with momentum (``rest``: ``m``), else
     ``(update,)``, from the direction ``u`` (``rest`` ends with the parameter with weight decay).
 
-    A Kronecker rule (:func:`kronecker_transform`) also has ``refresh(xp, c, block, rows, exponent,
-    accept, first) -> (block, ok)`` (``first``: :func:`refresh_axes`), ``precondition(xp, c, gs,
+    A Kronecker rule (:func:`kronecker_transform`) also has ``refresh(xp, c, block, rows, order,
+    accept, first) -> (block, ok)`` (``order``, ``first``: :func:`refresh_axes`), ``precondition(xp, c, gs,
     blocks)``, the preconditioned gradient of each leaf ``gs[i]`` (in its plan's merged shape) from
     its blocks ``blocks[i][n][j]``, and optionally ``graft(xp, c, g, v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, |D|, |p|)``, the scale of the
     direction ``p`` from its Frobenius norm and ``D``'s (None: the direction is ``p``), called on the
@@ -618,12 +556,6 @@ def resolve_schedule(
     return principled_block_size if block_size is None else block_size, spread_schedule(every, spread_refresh is not False)
 
 
-def _template(state: type, block: type, graft_moment: bool, momentum: bool, plan: Optional[LeafPlan]) -> tuple:
-    """The structure of a leaf's state with placeholder leaves (``from_entries``'s template)."""
-    sketches = tuple(tuple(block(*(0,) * len(block._fields)) for _ in axis.runs) for axis in plan.axes) if plan else ()
-    return state(sketches, 0 if sketches else None, 0 if graft_moment else None, 0 if momentum else None)
-
-
 def _axes_transform(
     rule: AxesRule, c: Any, update_groups: Callable, name: str, on_nonfinite: str, hint: Optional[Callable],
 ) -> Transform:
@@ -636,30 +568,32 @@ def _axes_transform(
     def init_group(leaves, paths, xp):
         (w,) = leaves
         dtype, device = compute_dtype(xp, w.dtype), array_device(w)
-        plan = rule.plan(c, tuple(w.shape))
-        sketches = empty_blocks(plan, lambda length, rank, batch: rule.Block(**rule.empty(
-            xp, length, rank, dtype=dtype, device=device, batch=batch)))
+        empty = functools.partial(rule.empty, xp, dtype=dtype, device=device)
+        sketches = empty_blocks(rule.plan(c, tuple(w.shape)), lambda *run: rule.Block(**empty(*run[:2], batch=run[2])))
         zeros = functools.partial(xp.zeros, tuple(w.shape), dtype=dtype, device=device)
-        return to_entries(rule.State(
-            sketches, xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
-            zeros() if rule.graft is not None else None, zeros() if c.has_momentum else None,
-        ))
+        return to_entries(rule.State(sketches, xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
+                                     zeros() if rule.graft is not None else None, zeros() if c.has_momentum else None))
 
-    return build_transform(
-        name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
-        needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=hint,
-        legacy_names=lambda entries: renamed_failures(axis_names(entries)),
-    )
+    return build_transform(name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
+                           needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=hint,
+                           legacy_names=lambda entries: renamed_failures(axis_names(entries)))
 
 
-def _leaves(rule: AxesRule, c: Any, xp: Any, grads: Sequence[tuple], states: Sequence[dict], fillers: dict) -> list[tuple]:
-    """:func:`axis_leaves` of the rule's plans and state layout, each layout's structure kept in
-    the transform's ``fillers`` (:func:`precond_ref.tree.filled`)."""
-    def state_of(plan, entries):
-        return filled(fillers, plan, lambda: _template(rule.State, rule.Block, rule.graft is not None, c.has_momentum,
-                                                       plan), entries)
-
-    return axis_leaves(xp, grads, states, functools.partial(rule.plan, c), state_of, len(c.dues))
+def _leaves(rule: AxesRule, c: Any, xp: Any, grads: Sequence[tuple], states: Sequence[dict]) -> list[tuple]:
+    """Each group's one leaf as ``(g, plan, state)``: its gradient in the compute dtype, its plan
+    ``rule.plan(c, shape, first_phase)`` (the first refresh phase from its shape,
+    :func:`~precond_ref.engine.phases.shape_phase`) and its stored entries as the rule's state
+    (``sketches/{n}/{j}/{field}`` the field of block ``sketches[n][j]``, the other fields under their
+    names, None where absent)."""
+    leaves = []
+    for (leaf,), entries in zip(grads, states):
+        g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
+        plan = rule.plan(c, tuple(g.shape), shape_phase(tuple(g.shape), len(c.dues)))
+        sketches = () if plan is None else tuple(
+            tuple(rule.Block(*(entries[f"sketches/{n}/{j}/{field}"] for field in rule.Block._fields)) for j in range(len(axis.runs)))
+            for n, axis in enumerate(plan.axes))
+        leaves.append((g, plan, rule.State(sketches, *(entries.get(field) for field in rule.State._fields[1:]))))
+    return leaves
 
 
 def _finished(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, directions: list, leaves: list, params: Any) -> list:
@@ -685,29 +619,22 @@ def kronecker_transform(
     ``p`` times ``rule.grafted(|D|, |p|)`` (:func:`_scaled_by_norms`) as ``rule.started`` takes it
     (``D`` itself on a leaf without blocks); the
     updates ``rule.finish`` (:func:`_finished`), or the direction itself without a learning rate."""
-    fillers: dict = {}  # a leaf's state layout -> its structure
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         xp, ctx = ctxs[0].xp, ctxs[0]
-        leaves = _leaves(rule, c, xp, grads, states, fillers)
-        if rule.graft is None:
-            grafts = [(state.graft_second_moment, g) for g, _, state in leaves]
-        else:
-            grafts = leafwise(xp, functools.partial(rule.graft, xp, c), [g for g, _, _ in leaves],
-                              [state.graft_second_moment for _, _, state in leaves])
-        refreshed = refresh_axes(xp, [(plan, state.sketches, state.failures, g) for g, plan, state in leaves],
-                                 c.dues, ctx, functools.partial(rule.refresh, xp, c))
+        leaves = _leaves(rule, c, xp, grads, states)
+        gs, moments = [g for g, _, _ in leaves], [state.graft_second_moment for _, _, state in leaves]
+        grafts = list(zip(moments, gs)) if rule.graft is None else leafwise(xp, functools.partial(rule.graft, xp, c), gs, moments)
+        refreshed = refresh_axes(xp, leaves, c.dues, ctx, functools.partial(rule.refresh, xp, c))
         blocked = [i for i, (_, plan, _) in enumerate(leaves) if plan is not None]
-        products: list = [None] * len(leaves)
-        merged = [xp.reshape(leaves[i][0], leaves[i][1].merged_shape) for i in blocked]
-        for i, p in zip(blocked, rule.precondition(xp, c, merged, [refreshed[i][0] for i in blocked])):
-            products[i] = xp.reshape(p, tuple(leaves[i][0].shape))
+        merged = [xp.reshape(gs[i], leaves[i][1].merged_shape) for i in blocked]
+        products = rule.precondition(xp, c, merged, [refreshed[i][0] for i in blocked])
+        products = [xp.reshape(p, tuple(gs[i].shape)) for i, p in zip(blocked, products)]
         if rule.grafted is not None:
-            scaled = _scaled_by_norms(xp, functools.partial(rule.grafted, xp), [products[i] for i in blocked],
-                                      [grafts[i][1] for i in blocked])
-            for i, u in zip(blocked, scaled):
-                products[i] = rule.started(xp, c, ctx.count, u, grafts[i][1])
-        directions = [d if p is None else p for (_, d), p in zip(grafts, products)]
+            scaled = _scaled_by_norms(xp, functools.partial(rule.grafted, xp), products, [grafts[i][1] for i in blocked])
+            products = [rule.started(xp, c, ctx.count, u, grafts[i][1]) for i, u in zip(blocked, scaled)]
+        products = dict(zip(blocked, products))
+        directions = [products.get(i, d) for i, (_, d) in enumerate(grafts)]  # D itself on a leaf without blocks
         finished = [(u,) for u in directions] if c.learning_rate is None else _finished(xp, ctx, rule, c, directions, leaves, params)
         return [((out[0],), to_entries(state._replace(sketches=sketches, failures=failures, graft_second_moment=v,
                                                       momentum=out[1] if c.has_momentum else None)))
@@ -737,13 +664,10 @@ def flat_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
     """The transform of a flat rule (S-AdaGrad): a step is the rule's fused refresh-and-apply on
     the runs due and ``rule.keep`` on the others (:func:`flat_runs`), then the updates
     ``rule.finish`` (:func:`_finished`)."""
-    fillers: dict = {}  # a leaf's state layout -> its structure
-
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         xp, ctx = ctxs[0].xp, ctxs[0]
-        leaves = _leaves(rule, c, xp, grads, states, fillers)
-        stepped = flat_runs(xp, [(plan, state.sketches, state.failures, g) for g, plan, state in leaves],
-                            c.dues, ctx, functools.partial(rule.refresh, xp, c),
+        leaves = _leaves(rule, c, xp, grads, states)
+        stepped = flat_runs(xp, leaves, c.dues, ctx, functools.partial(rule.refresh, xp, c),
                             lambda block, rows: (block, rule.keep(xp, c, block, rows)),
                             lambda length, rank: _sketch.zero_rows_exact(c.fd["decomposition"], length, rank))
         finished = _finished(xp, ctx, rule, c, [direction for _, _, direction in stepped], leaves, params)

@@ -189,12 +189,12 @@ def _rmsprop_graft(xp: Any, g: Array, v: Array, graft_eps: Any) -> Array:
     return xp.where(positive, g / xp.sqrt(xp.where(positive, v, xp.ones_like(v)) + graft_eps), xp.zeros_like(g))
 
 
-def _sketch_refresh(xp: Any, c: SketchyConfig, sketch: _Sketch, x: Array, exponent: float, accept: Any,
-                    first: bool) -> tuple:
-    """Step 2 on a stack of runs, the weights for the ``exponent`` :math:`a = -1/(2N)`, the previous
-    sketch where ``accept`` is False: ``(sketch, ok)``. On a first call (``first``) principled mode
-    lets the FD step check for empty sketches and decompose X alone (deviation K8)."""
-    new, ok = fd_update(xp, sketch._asdict(), x, exponent=exponent, accept=accept,  # FD([√β U diag(σ), X])
+def _sketch_refresh(xp: Any, c: SketchyConfig, sketch: _Sketch, x: Array, order: int, accept: Any, first: bool) -> tuple:
+    """Step 2 on a stack of runs of a leaf of ``order`` N (merged axes), the weights for the exponent
+    :math:`a = -1/(2N)` of each factor in the Kronecker root, the previous sketch where ``accept`` is
+    False: ``(sketch, ok)``. On a first call (``first``) principled mode lets the FD step check for
+    empty sketches and decompose X alone (deviation K8)."""
+    new, ok = fd_update(xp, sketch._asdict(), x, exponent=-1.0 / (2 * order), accept=accept,  # FD([√β U diag(σ), X])
                         maybe_empty=first and not c.faithful, **c.fd)
     return _Sketch(**new), ok
 

@@ -10,7 +10,7 @@ import pytest
 
 import precond_ref as pr
 from precond_ref.blocking import PhaseDue
-from precond_ref.engine import axes
+from precond_ref.engine import axes, phases
 from precond_ref.engine.axes import leaf_plan
 from precond_ref.engine.phases import shape_phase
 
@@ -184,7 +184,7 @@ def _each_leaf_as_alone(factory, kw: dict, shapes: dict, steps: int, seed: int, 
     """Runs ``factory(**kw)`` on the tree of ``shapes`` for ``steps`` steps beside one transform per
     leaf, and checks every leaf's update and state against its own transform's (rtol 1e-10 in
     float64: a batched product may sum in another order than an unbatched one). Returns the sizes
-    of every stack formed (``blocking.stack``, ``engine.axes._chunk_stack``) and the shapes of the FD calls' rows of the last
+    of every stack formed (``blocking.stack`` in the refresh driver ``engine.phases``, ``engine.axes._chunk_stack``) and the shapes of the FD calls' rows of the last
     step."""
     rng = np.random.default_rng(seed)
     params = {k: rng.standard_normal(s) for k, s in shapes.items()}
@@ -193,7 +193,7 @@ def _each_leaf_as_alone(factory, kw: dict, shapes: dict, steps: int, seed: int, 
     alone = {k: factory(**kw) for k in shapes}
     alone_states = {k: alone[k].init({k: params[k]}) for k in shapes}
     stack_sizes, fd_calls = [], []
-    real_stack = axes.stack
+    real_stack = phases.stack
     fd_step = "fd_update" if factory is pr.sketchy else "fd_update_apply"  # the FD step each rule calls
     real_fd = getattr(sk, fd_step)
 
@@ -207,7 +207,7 @@ def _each_leaf_as_alone(factory, kw: dict, shapes: dict, steps: int, seed: int, 
         return real_chunk(xp, members, *args)
 
     real_chunk = axes._chunk_stack
-    monkeypatch.setattr(axes, "stack", counted)
+    monkeypatch.setattr(phases, "stack", counted)
     monkeypatch.setattr(axes, "_chunk_stack", counted_chunk)
     monkeypatch.setattr(sk, fd_step, lambda xp, sketch, rows, **o: fd_calls.append(rows.shape) or real_fd(xp, sketch, rows, **o))
     for step in range(steps):
