@@ -432,10 +432,25 @@ def iterate(xp: Any, count: int, body: Callable, carry: Any) -> Any:
     """``carry = body(carry)`` ``count`` times (a host count), a fixed-length loop of device work.
 
     Under ``jax.jit`` a ``lax.fori_loop``, traced once (a Python loop would trace ``count`` copies of
-    the body, and XLA's compilation time grows with them); elsewhere a Python loop.
+    the body, and XLA's compilation time grows with them); under ``torch.compile`` for a CPU one
+    ``while_loop`` of the body, for the same reason (dynamo traces the body once, and TorchInductor
+    compiles one body rather than kernels fused from every copy), but not on a GPU, where
+    TorchInductor's loop reads its condition on the host at every turn (a synchronisation that a
+    captured CUDA step cannot make); elsewhere a Python loop. The same operations on the same values.
     """
     if is_jax_namespace(xp) and any(is_tracer(x) for x in carry):
         return sys.modules["jax"].lax.fori_loop(0, count, lambda _, c: body(c), carry)
+    if is_torch_namespace(xp) and torch_compiling() and on_cpu(xp, carry[0]):
+        torch = sys.modules["torch"]
+        start = torch.zeros((), dtype=torch.int64, device=carry[0].device)
+
+        def more(turn: Array, *values: Array) -> Array:
+            return turn < count
+
+        def step(turn: Array, *values: Array) -> tuple:
+            return (turn + 1, *body(values))
+
+        return tuple(torch._higher_order_ops.while_loop(more, step, (start, *carry))[1:])
     for _ in range(count):
         carry = body(carry)
     return carry

@@ -1064,28 +1064,6 @@ def _along(xp: Any, a: Array, indices: Array, axis: int) -> Array:
     return xp.take_along_axis(a, xp.broadcast_to(indices, a.shape), axis=axis)
 
 
-def _repeated(xp: Any, count: int, body: Any, carry: tuple) -> tuple:
-    """:func:`~precond_ref._backend.iterate` (``carry = body(carry)`` ``count`` times, a host count),
-    and under ``torch.compile`` for a CPU one ``while_loop`` of the body: dynamo then traces the body
-    once rather than ``count`` copies of it, and TorchInductor compiles that one body rather than
-    kernels fused from every copy (thousands of lines of C++ for the bisection of
-    :func:`rank_one_update_eigh`). The same operations on the same values. Not on a GPU:
-    TorchInductor's loop reads its condition on the host at every turn, a synchronisation that a
-    captured CUDA step cannot make."""
-    if not (is_torch_namespace(xp) and torch_compiling() and on_cpu(xp, carry[0])):
-        return iterate(xp, count, body, carry)
-    torch = sys.modules["torch"]
-
-    def more(turn: Array, *values: Array) -> Array:
-        return turn < count
-
-    def step(turn: Array, *values: Array) -> tuple:
-        return (turn + 1, *body(values))
-
-    start = torch.zeros((), dtype=torch.int64, device=carry[0].device)
-    return tuple(torch._higher_order_ops.while_loop(more, step, (start, *carry))[1:])
-
-
 def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     r"""Eigenvalues (ascending) and orthonormal eigenvectors of :math:`A = \operatorname{diag}(d) + z z^\top`
     for (stacks of) vectors ``d``, ``z`` of shape (..., n): ``eigh(A)`` without a LAPACK call, a host
@@ -1189,7 +1167,7 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
         up = (f_minus_one(delta, direction * mid) < -1.0) == from_pole  # the root beyond mid, away from the origin
         return xp.where(up, mid, lo), xp.where(up, hi, mid)
 
-    lo, hi = _repeated(xp, steps, bisect, (lo, hi))
+    lo, hi = iterate(xp, steps, bisect, (lo, hi))
     tau = direction * ((lo + hi) / 2.0)
     # 5. y_hat_j^2 = prod_i |lambda_i - d_j| / |d_i' - d_j|, d_i' = d_i below d_j, the next pole above it.
     pairs = xp.logical_and(active[..., :, None], active[..., None, :])
