@@ -348,9 +348,10 @@ def _windows(ids: np.ndarray, batch: int, context: int, rng: np.random.Generator
 
 def train_lm(
     opt: Opt, lm: dict, seed: int, steps: int, lr: float, *, tuning: bool = False, overrides: Optional[dict] = None,
-    observe: Optional[Callable] = None, observe_every: int = 1, stop_after: Optional[int] = None,
+    observe: Optional[Callable] = None, observe_every: int = 1, stop_after: Optional[int] = None, dtype: Any = DTYPE,
 ) -> dict:
-    """Train the char transformer ``lm`` (width, layers, heads, context, batch) for ``steps`` steps.
+    """Train the char transformer ``lm`` (width, layers, heads, context, batch) for ``steps`` steps,
+    its parameters and arithmetic in ``dtype``.
 
     Returns the per-step training loss and cumulative seconds, and the evaluation loss (mean over
     ``lm["eval_batches"]`` fixed windows) of the held-out text, or while ``tuning`` of the last 10%
@@ -361,7 +362,7 @@ def train_lm(
         cut = int(len(train_ids) * 0.9)
         train_ids, validation_ids = train_ids[:cut], train_ids[cut:]
     torch.manual_seed(seed)
-    model = CharTransformer(vocabulary, lm["context"], lm["width"], lm["layers"], lm["heads"]).to(DEVICE, DTYPE)
+    model = CharTransformer(vocabulary, lm["context"], lm["width"], lm["layers"], lm["heads"]).to(DEVICE, dtype)
     named = list(model.named_parameters())
     optimizer = opt.build(named, lr, "lm", **(overrides or {}))
     extra = {"batch_size": lm["batch"] * lm["context"]} if opt.needs_batch else {}
@@ -403,22 +404,24 @@ def train_lm(
 
 
 def train_synthetic(opt: Opt, rank: int, seed: int, steps: int, lr: float, *, tuning: bool = False,
-                    shape: tuple = (32, 64), batch: int = 32) -> dict:
+                    shape: tuple = (32, 64), batch: int = 32, dtype: Any = DTYPE) -> dict:
     """Least squares ``0.5 E||W x - W* x||^2`` over ``W`` of ``shape`` (out, in) with inputs in a
     fixed ``rank``-dimensional subspace of R^in: every mini-batch gradient ``E[(W - W*) x x^T]`` has
     rank at most ``rank``. Within the subspace the input scales are spread over two decades (an
     ill-conditioned problem that rewards preconditioning). The problem (subspace, scales, W*) is
     fixed per seed; ``tuning`` draws the problem of seed ``1000 + seed`` (a validation problem).
     Returns the expected loss ``0.5 ||(W - W*) C^{1/2}||_F^2`` (C the input covariance) after
-    every step, the final one, and ``log_area``: the mean of its log10 over the run."""
+    every step, the final one, and ``log_area``: the mean of its log10 over the run. ``dtype``: of the
+    parameters and the arithmetic (the inputs drawn in float32 whatever it is, so that runs in two
+    dtypes meet the same inputs)."""
     out_dim, in_dim = shape
     rng = np.random.default_rng([seed + (1000 if tuning else 0), 31])
     basis, _ = np.linalg.qr(rng.standard_normal((in_dim, rank)))
     scales = np.logspace(0, -2, rank)
     target = rng.standard_normal(shape) / math.sqrt(in_dim)
-    mix = torch.tensor(basis * scales, dtype=DTYPE, device=DEVICE)  # x = basis diag(scales) z
-    w_star = torch.tensor(target, dtype=DTYPE, device=DEVICE)
-    weight = torch.zeros(shape, dtype=DTYPE, device=DEVICE, requires_grad=True)
+    mix = torch.tensor(basis * scales, dtype=dtype, device=DEVICE)  # x = basis diag(scales) z
+    w_star = torch.tensor(target, dtype=dtype, device=DEVICE)
+    weight = torch.zeros(shape, dtype=dtype, device=DEVICE, requires_grad=True)
     # No weight decay: the minimiser is W*, not a shrunk W*.
     optimizer = opt.build([("fc.weight", weight)], lr, "mlp", **({"weight_decay": 0.0} if opt.library else {}))
     extra = {"batch_size": batch} if opt.needs_batch else {}
@@ -430,7 +433,7 @@ def train_synthetic(opt: Opt, rank: int, seed: int, steps: int, lr: float, *, tu
 
     losses, diverged = [expected()], False
     for step in range(steps):
-        x = torch.randn(batch, rank, generator=gen, dtype=DTYPE).to(DEVICE) @ mix.T
+        x = torch.randn(batch, rank, generator=gen, dtype=torch.float32).to(DEVICE, dtype) @ mix.T
         value, _ = _timed_step(optimizer, lambda: 0.5 * ((x @ (weight - w_star).T) ** 2).sum(1).mean(), extra, None, step, [])
         if not math.isfinite(value):
             diverged = True
@@ -501,37 +504,52 @@ def _torch_kw(kw: dict) -> dict:
             for k, v in (kw or {}).items()}
 
 
+def fingerprint_dtype(recipe: dict) -> Any:
+    """The dtype a fingerprint of ``recipe`` is taken in: float64 for a float32 run of torch
+    (digits, synthetic, char LM), else the run's own (bfloat16 runs; Beale's and the online
+    problems' runs are float64 already). A float32 run's first losses differ between CPUs by far
+    more than their rounding: another BLAS kernel rounds each product differently, and an
+    ill-conditioned preconditioner amplifies it within five steps (1e-2 relative for ASGO's
+    Algorithm 1 on a rank-1 problem between an Intel and an AMD CPU); in float64 the same
+    amplification leaves the losses within :func:`fingerprint_tolerance`."""
+    if recipe["task"] in ("digits", "synthetic", "lm") and recipe.get("dtype", str(DTYPE)) == str(torch.float32):
+        return torch.float64
+    return None
+
+
 def fingerprint(recipe: dict) -> list:
     """The first :data:`FINGERPRINT_STEPS` losses of the run ``recipe`` describes (a record of
-    :attr:`Runner.fingerprints`), recomputed by running only those steps."""
+    :attr:`Runner.fingerprints`), run for only those steps in :func:`fingerprint_dtype`."""
     task, opt, seed, lr = recipe["task"], OPTS[recipe["opt"]], recipe["seed"], recipe["lr"]
     overrides = _torch_kw(recipe.get("overrides"))
+    dtype = fingerprint_dtype(recipe) or DTYPE
     if task == "digits":
-        dtype = getattr(torch, recipe["dtype"][len("torch."):])
+        dtype = fingerprint_dtype(recipe) or getattr(torch, recipe["dtype"][len("torch."):])
         return train_digits(opt, recipe["model"], seed, 1, lr, overrides=overrides, dtype=dtype,
                             stop_after=FINGERPRINT_STEPS)["first_losses"]
     if task == "lm":
-        return train_lm(opt, recipe["lm"], seed, FINGERPRINT_STEPS, lr, overrides=overrides)["first_losses"]
+        return train_lm(opt, recipe["lm"], seed, FINGERPRINT_STEPS, lr, overrides=overrides, dtype=dtype)["first_losses"]
     if task == "synthetic":
-        return train_synthetic(opt, recipe["rank"], seed, FINGERPRINT_STEPS, lr)["first_losses"]
+        return train_synthetic(opt, recipe["rank"], seed, FINGERPRINT_STEPS, lr, dtype=dtype)["first_losses"]
     if task == "beale":
         return train_beale(opt, seed, FINGERPRINT_STEPS, lr, overrides=overrides)["first_losses"]
     raise ValueError(f"fingerprint: unknown task {task!r}")
 
 
 def fingerprint_tolerance(recipe: dict) -> float:
-    """Relative tolerance of a recomputed fingerprint, from the rounding model: ``c * eps`` of the
-    run's dtype, ``c = 1000`` for float32 (a loss after a few steps sums products over up to about
-    a thousand terms per forward and backward pass, each rounding differently on another BLAS
-    kernel), ``c = 4`` for bfloat16 (a few rounding units of the parameters themselves)."""
+    """Relative tolerance of a recomputed fingerprint, from the rounding model: for bfloat16 runs
+    ``4 eps`` (a few rounding units of the parameters themselves); for the float64 fingerprints
+    ``sqrt(eps)`` (1.5e-8): a rounding unit amplified over five steps as much as the worst float32
+    run's (about 3e5, the 1e-2 of :func:`fingerprint_dtype` from 1.2e-7) stays below 1e-10, while a
+    change of the arithmetic moves a loss by far more."""
     if recipe.get("dtype") == "torch.bfloat16":
         return 4 * float(torch.finfo(torch.bfloat16).eps)
-    return 1000 * float(torch.finfo(torch.float32).eps)
+    return math.sqrt(float(torch.finfo(torch.float64).eps))
 
 
 def _rounded(values: list) -> list:
-    """Six significant digits: far finer than :func:`fingerprint_tolerance`, far coarser than noise."""
-    return [None if v is None or not math.isfinite(v) else float(f"{v:.6g}") for v in values]
+    """Twelve significant digits: far finer than :func:`fingerprint_tolerance`."""
+    return [None if v is None or not math.isfinite(v) else float(f"{v:.12g}") for v in values]
 
 
 class Runner:
@@ -551,7 +569,10 @@ class Runner:
         if recipe.get("tuning") or "first_losses" not in result:
             return
         config = repr(sorted((k, repr(v)) for k, v in recipe.items() if k != "seed"))
-        record = self.fingerprints.setdefault(config, {**recipe, "losses": _rounded(result["first_losses"]), "papers": []})
+        if config not in self.fingerprints:
+            losses = fingerprint(recipe) if fingerprint_dtype(recipe) is not None else result["first_losses"]
+            self.fingerprints[config] = {**recipe, "losses": _rounded(losses), "papers": []}
+        record = self.fingerprints[config]
         if self.paper and self.paper not in record["papers"]:
             record["papers"].append(self.paper)
 

@@ -326,7 +326,8 @@ def render(data: dict, image_dir: str = "images/", json_path: str = "records/rep
     fingerprints = data.get("fingerprints", [])
     out += ["## Freshness", "",
             f"The JSON keeps a fingerprint of each of the {len(fingerprints)} evaluated configurations (its first "
-            "seed's first losses, to 6 significant digits); `tests/test_reproduce.py` recomputes them and names the "
+            "seed's first losses, rerun in float64 where the run is float32, to 12 significant digits); "
+            "`tests/test_reproduce.py` recomputes them and names the "
             "claims to regenerate when the code's numbers have moved beyond the rounding model's tolerance."]
     out += ["", "## Protocol changelog", "", "What changed after which run, and why (newest first):", ""]
     out += [f"- **re-run of {r['paper']}** (`{r['command_line']}`, {r['cpu_s'] / 60:.1f} CPU minutes): {r['reason']} "
