@@ -555,7 +555,7 @@ def _descend(xp, c: IFShampooConfig, operand, D, W, v, zero) -> tuple:
 
 def _nearest_diagonal(xp, K):
     """The diagonal factor nearest to each dense ``K`` of a stack in the entries it scales: the square
-    root of the diagonal of ``P = K Kᵀ`` (S12: a vector's dense tiles of an older state)."""
+    root of the diagonal of ``P = K Kᵀ`` (S12: a vector's factor taken diagonal)."""
     return xp.sqrt(xp.sum(K * K, axis=2))  # √diag(K Kᵀ)
 
 
@@ -573,8 +573,8 @@ _STRUCTURES = ("dense", "diagonal")
 _FACTOR_ROUNDINGS = ("nearest", "stochastic")
 
 
-def _check_layout(layout: TileLayout) -> None:
-    """:func:`if_shampoo`'s errors for its layout's options: the interval a positive
+def _check_tiling(layout: TileLayout) -> None:
+    """:func:`if_shampoo`'s errors for its tiling options: the interval a positive
     integer or a predicate, ``stagger`` a bool; ``structures`` names a structure per axis, keyed by
     tensor rank; ``factor_dtype`` is a dtype (an array is a dtype that ``optax.inject_hyperparams``
     took for a schedule); ``block_size`` and ``max_dense_dim`` positive integers; ``group_scale`` a
@@ -838,5 +838,5 @@ def if_shampoo(
         weight_bias=grouping == "weight_bias", group_scale=preconditioner_lr_scale, counted=not faithful,
         old_layout=None if faithful else old_layout_hint, factor_rounding=factor_rounding,
     )
-    _check_layout(layout)
+    _check_tiling(layout)
     return tiled_transform(IF_SHAMPOO, config, layout, on_nonfinite=on_nonfinite)
