@@ -11,8 +11,10 @@ rest of the layout for such a method, on the joins and stacks of :func:`~precond
 * the rows of each block (:func:`side_blocks`) and the block-diagonal product ``Z M`` (:func:`block_diagonal_product`);
 * the roots of the blocks whose phase is due, the equal blocks of all leaves in one batched call,
   a root that is not finite or that the method rejected replaced element-wise, without a branch
-  (:func:`refresh_roots`), and the counters of a join's leaves added at once (:func:`joined_counters`);
+  (:func:`refresh_roots`), and the counters of a join's leaves added at once;
 * the hint naming the block size that continues a state saved under another one (:func:`block_layout_hint`);
+* the leaves the method does not precondition routed to its fallback rule (:func:`fallback_predicate`)
+  and stepped, all of them in one element-wise pass per dtype and device (:func:`fallback_leaves`);
 * the transform of a :class:`OneSidedRule` (:func:`one_sided_transform`): the fallback rule's leaves
   routed and stepped, the matrix leaves joined and stacked, the rule's element-wise lines once per
   join and its per-matrix ones per stack, the roots, the renormalised directions, the step and the
@@ -22,16 +24,17 @@ rest of the layout for such a method, on the joins and stacks of :func:`~precond
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
-from .._backend import array_device, cast, is_zero, placement, scalar_zero, select, stacked as stacked_view
+from .._backend import array_device, cast, is_zero, placement, scalar_zero, select
 from ..blocking import chunk_sizes
 from ..linalg import all_finite, symmetrize
 from ..transform import Transform
+from ..tree import Path, path_str, tree_flatten
 from .checks import renamed_failures
 from .context import StepContext, settle_pieces
 from .factors import constant, identity, per_block
-from .fallback import FallbackMask, FallbackRule, fallback_leaves, fallback_predicate
+from .joined import leafwise
 from .matrices import MatrixJoin, MatrixStack, as_matrix, end_to_end, hand_back, matrix_joins, stack_view, symmetrized_pieces
 from .rms import joined_form
 from .phases import hashed_phases, refresh_due
@@ -39,16 +42,20 @@ from .run import build_transform
 
 __all__ = [
     "side_blocks", "block_diagonal_product", "finite_root_or_previous", "unrefreshed",
-    "refresh_roots", "joined_counters", "block_layout_hint", "block_state",
+    "refresh_roots", "block_layout_hint", "block_state",
     "is_left", "OneSidedRule", "one_sided_transform",
+    "FallbackMask", "FallbackRule", "fallback_predicate", "fallback_step", "fallback_leaves",
 ]
 
 Array = Any
+FallbackMask = Union[None, Any, Callable[[Path, Array], bool]]
 
 #: the block entries stacked across the matrix leaves of one shape, besides the joined statistic (:func:`~precond_ref.engine.matrices.matrix_joins`)
 _STACKED = ("statistic_tail", "root", "root_tail")
 #: the entries of a one-sided rule's matrix leaves computed element-wise over a whole join (:class:`~precond_ref.engine.matrices.MatrixJoin`)
 _JOINED = ("momentum", "statistic")
+#: the failure counter, joined over a join's leaves like the entries above (one sum for all of them)
+_COUNTED = ("failures",)
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
 
 
@@ -187,23 +194,15 @@ def _root_units(
     units, owners, keys = [], [], []
     for index, (s, entries) in enumerate(zip(stacks, statistics)):
         sides = str(tuple(sorted(s.g.shape[-2:])))
-        chunks = 0
-        for name in ("statistic", "statistic_tail"):
-            if name not in entries:
-                continue
-            p = _as_stack(xp, entries[name])
-            stored = s.state.get(_ROOT_OF[name])
+        b, k = entries["statistic"].shape[-1], s.g.shape[-2 if s.left else -1]
+        chunks = k // b if b < k else 0  # a blocked side's full chunks (the tail's index)
+        for name in (name for name in _ROOT_OF if name in entries):
+            p, stored = _as_stack(xp, entries[name]), s.state.get(_ROOT_OF[name])
             z = _as_stack(xp, _identity(xp, entries[name]) if stored is None else stored)
-            if name == "statistic":
-                chunks = p.shape[0] // len(s.leaves) if p.shape[-1] < s.g.shape[-2 if s.left else -1] else 0
-            if name == "statistic" and split and chunks > 1:
-                units += [(p[j : j + 1, ...], z[j : j + 1, ...]) for j in range(p.shape[0])]
-                keys += [(sides, j % chunks) for j in range(p.shape[0])]
-                owners += [(index, name)] * p.shape[0]
-            else:
-                units.append((p, z))
-                keys.append((sides, chunks if name == "statistic_tail" else 0))
-                owners.append((index, name))
+            blocks = range(p.shape[0]) if name == "statistic" and split and chunks > 1 else [None]
+            units += [(p, z) if j is None else (p[j : j + 1, ...], z[j : j + 1, ...]) for j in blocks]
+            keys += [(sides, chunks if name == "statistic_tail" else 0 if j is None else j % chunks) for j in blocks]
+            owners += [(index, name)] * len(blocks)
     return units, owners, keys
 
 
@@ -218,24 +217,20 @@ def _collect_roots(
         parts.setdefault(owner, []).append(result)
     roots: list[dict[str, Any]] = [{} for _ in stacks]
     for (index, name), results in parts.items():
-        zs = [z for z, _ in results]
-        z = zs[0] if len(zs) == 1 else xp.concat(zs, axis=0)
+        z = _in_order(xp, [z for z, _ in results])
         roots[index][_ROOT_OF[name]] = z if statistics[index][name].ndim == 3 else z[0, ...]
-        if all(failed is None for _, failed in results):
-            continue
-        leaves = len(stacks[index].leaves)
-        counts = [xp.zeros(z.shape[:1], dtype=xp.int32, device=placement(xp, z)) if failed is None else failed
-                  for z, failed in results]
-        per_block_counts = cast(xp, counts[0] if len(counts) == 1 else xp.concat(counts, axis=0), xp.int32)
-        if leaves == 1:
-            per_leaf = xp.sum(per_block_counts, dtype=xp.int32)
-        elif per_block_counts.shape[0] == leaves:
-            per_leaf = per_block_counts
-        else:
-            per_leaf = xp.sum(xp.reshape(per_block_counts, (leaves, -1)), axis=1, dtype=xp.int32)
-        entry = roots[index]
-        entry["failures"] = entry["failures"] + per_leaf if "failures" in entry else per_leaf
+        if any(failed is not None for _, failed in results):
+            per_block = cast(xp, _in_order(xp, [_no_counts(xp, z.shape[0], z) if f is None else f for z, f in results]), xp.int32)
+            leaves = len(stacks[index].leaves)
+            per_leaf = (xp.sum(per_block, dtype=xp.int32) if leaves == 1 else per_block if per_block.shape[0] == leaves
+                        else xp.sum(xp.reshape(per_block, (leaves, -1)), axis=1, dtype=xp.int32))
+            roots[index]["failures"] = roots[index]["failures"] + per_leaf if "failures" in roots[index] else per_leaf
     return roots
+
+
+def _in_order(xp: Any, blocks: list) -> Array:
+    """Stacks of blocks joined in order along the block axis; one stack itself."""
+    return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=0)
 
 
 def refresh_roots(
@@ -286,40 +281,6 @@ def refresh_roots(
     return roots
 
 
-def joined_counters(
-    xp: Any, ctx: StepContext, leaves: Sequence[int], stacks: Sequence[MatrixStack], states: list, roots: list[dict]
-) -> list[dict[str, Array]]:
-    """Per stack (the stacks of a join, whose ``leaves`` are theirs in order): its leaves' new
-    ``failures``, ``state["failures"] + counts[l]`` (``counts``: the per-leaf sums
-    :func:`refresh_roots` made, none for a stack none of whose blocks was refreshed), where some
-    stack counted; the counters of all the join's leaves added (and selected for the non-finite
-    rule) in one operation, not one per stack. A leaf alone in its join: its counter plus its count,
-    selected with the leaf's other entries."""
-    out: list[dict[str, Array]] = [{} for _ in stacks]
-    counted = [r["failures"] for r in roots if "failures" in r]
-    if not counted:
-        return out
-    if len(leaves) == 1:
-        return [{"failures": states[leaves[0]]["failures"] + counted[0]}]
-    counts = [as_matrix(xp, r["failures"], (len(s.leaves),)) if "failures" in r else _no_counts(xp, len(s.leaves), counted[0])
-              for s, r in zip(stacks, roots)]
-    old = stacked_view(xp, [states[i]["failures"] for i in leaves])
-    summed = ctx.unless_skipped(old + end_to_end(xp, counts), old)
-    bounds = [0]
-    for s in stacks:
-        bounds.append(bounds[-1] + len(s.leaves))
-    pieces = [summed] if len(stacks) == 1 else [summed[start:stop] for start, stop in zip(bounds, bounds[1:])]
-    for entries, piece in zip(out, settle_pieces(ctx, summed, pieces)):
-        entries["failures"] = piece
-    return out
-
-
-def _no_counts(xp: Any, leaves: int, like: Array) -> Array:
-    """Zero counts of ``leaves`` leaves (int32, on ``like``'s device), made once."""
-    make = lambda: xp.zeros((leaves,), dtype=xp.int32, device=placement(xp, like))  # noqa: E731
-    return constant(xp, ("no counts", leaves), make, like)
-
-
 def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
     """``build_transform``'s ``layout_hint``: for a state whose statistic has another block layout
     than this ``block_size`` makes (one saved with another block size), the ``block_size`` that
@@ -333,6 +294,84 @@ def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
         f" Or a state saved with another block size: its statistic {shape} {what}; build the optimizer with "
         f"{again} to continue from it"
     )
+
+
+class FallbackRule(NamedTuple):
+    """An element-wise rule for the leaves a matrix method does not precondition, of one leaf (or
+    of many joined into one flat vector: nothing in it reads a shape), with ``c`` its configuration
+    (which holds ``learning_rate``):
+
+    ``init(xp, c, w) -> State`` (a NamedTuple of arrays in ``w``'s shape);
+    ``scalars(xp, c, count, minus_lr) -> Step``: the step's scalars from ``count`` (the updates
+    before this one, a 0-D int32 array) and ``-η_t`` (a 0-D array of the state's dtype), made once
+    per step, dtype and device;
+    ``state(xp, c, s, g, w, h) -> State``: the state after this step (``g`` and ``w`` in the
+    state's dtype; ``w`` is ``None`` when the transform does not read the parameters);
+    ``update(xp, c, s, g, w, h)``: the step added to the parameter, from the state after it.
+    """
+
+    State: type
+    init: Callable
+    scalars: Callable
+    state: Callable
+    update: Callable
+
+
+def fallback_predicate(fallback_mask: FallbackMask) -> Callable[[Path, Array], bool]:
+    """``(path, leaf) -> bool``: does this leaf go to the fallback rule? ``None``: leaves of fewer
+    than 2 dimensions; a callable ``(path, leaf) -> bool``; or a tree of bools like the parameters."""
+    if fallback_mask is None:
+        return lambda path, leaf: leaf.ndim < 2
+    if callable(fallback_mask):
+        return lambda path, leaf: bool(fallback_mask(path, leaf))
+    leaves, treedef = tree_flatten(fallback_mask)
+    table = dict(zip(treedef.paths, leaves))
+    for path, flag in table.items():
+        if not isinstance(flag, bool):
+            raise ValueError(
+                f"fallback_mask must be a tree of bools or a callable (path, leaf) -> bool; "
+                f"entry {path_str(path)!r} is {flag!r}"
+            )
+
+    def lookup(path: Path, leaf: Array) -> bool:
+        if path not in table:
+            raise ValueError(f"fallback_mask has no entry for parameter {path_str(path)!r}")
+        return table[path]
+
+    return lookup
+
+
+def fallback_step(rule: FallbackRule, c: Any, g: Array, state: dict, param: Any, ctx: StepContext) -> tuple:
+    """The fallback rule's step of one leaf (or of leaves joined), as ``((update,), new state)``:
+    the gradient and parameter cast to the state's dtype, the step's scalars made once per update
+    (``-η_t`` the one the matrix step shares, :meth:`StepContext.negated`), and the new state
+    selected for the non-finite rule before the update is formed from it."""
+    xp, old = ctx.xp, rule.State(**state)
+    dtype, device = old[0].dtype, array_device(old[0])
+    g, w = cast(xp, g, dtype), None if param is None else cast(xp, param, dtype)
+    h = ctx.once(("fallback", dtype, device),
+                 lambda: rule.scalars(xp, c, ctx.count, ctx.negated("learning_rate", c.learning_rate, dtype, device)))
+    new = rule.State(*(ctx.unless_skipped(n, o) for n, o in zip(rule.state(xp, c, old, g, w, h), old)))
+    return (rule.update(xp, c, new, g, w, h),), new._asdict()
+
+
+def fallback_leaves(xp: Any, grads: list, states: list, params: Any, ctx: StepContext, rule: FallbackRule, c: Any) -> tuple:
+    """The groups' results with the fallback rule's leaves (those whose state is ``rule.State``'s)
+    stepped, all of them in one pass (:func:`~precond_ref.engine.joined.leafwise`), the others
+    ``None``; and the indices of the others (the matrix leaves)."""
+    names = rule.State._fields
+    results: list[Any] = [None] * len(grads)
+    ours = [i for i, state in enumerate(states) if set(state) == set(names)]
+    with_param = bool(ours) and params[ours[0]] is not None
+
+    def step(g: Array, *arrays: Array) -> tuple:  # the leaf's entries, then its parameter
+        (u,), new = fallback_step(rule, c, g, dict(zip(names, arrays)), arrays[-1] if with_param else None, ctx)
+        return (u, *(new[k] for k in names))
+
+    operands = [[grads[i][0] for i in ours], *([states[i][k] for i in ours] for k in names), *([[params[i][0] for i in ours]] if with_param else [])]
+    for i, (u, *entries) in zip(ours, leafwise(xp, step, *operands, ctx=ctx) if ours else ()):
+        results[i] = ((u,), dict(zip(names, entries)))
+    return results, [i for i, result in enumerate(results) if result is None]
 
 
 class OneSidedRule(NamedTuple):
@@ -362,7 +401,7 @@ class OneSidedRule(NamedTuple):
     with ``c.rms_target``, exactly in the direction's dtype where ``c.faithful``;
     ``finish(xp, c, minus_lr, u, w)``: the update from ``U_t``, element-wise (``w``: the parameters
     in ``U_t``'s dtype, ``None`` without weight decay); ``fallback``: the rule of the leaves not preconditioned
-    (:class:`~precond_ref.engine.fallback.FallbackRule`).
+    (:class:`FallbackRule`).
     """
 
     init: Callable
@@ -384,7 +423,7 @@ def one_sided_transform(
 ) -> Transform:
     """The transform of a one-sided rule. A leaf that ``fallback_mask`` names (default: fewer than
     2 dimensions) is a leaf of ``rule.fallback`` (configuration ``fallback``), all of them stepped
-    in one pass (:mod:`~precond_ref.engine.fallback`); the others are matrix leaves (``rule.init``),
+    in one pass (:func:`fallback_leaves`); the others are matrix leaves (``rule.init``),
     joined by dtype and device and stacked by matrix shape (:func:`~precond_ref.engine.matrices.matrix_joins`),
     each join stepped by :func:`_joined_step`. The roots are refreshed by phase (``schedule``; every
     call unless ``c.keeps_root``). A rule without roots steps each leaf from its own arrays alone
@@ -402,7 +441,7 @@ def one_sided_transform(
         xp, ctx = ctxs[0].xp, ctxs[0]
         results, matrices = fallback_leaves(xp, grads, states, params, ctx, rule.fallback, fallback)
         # a rule without roots stacks element-wise passes and reductions only (matrix_joins' ``passes``)
-        joins = matrix_joins(xp, grads, states, params, matrices, _STACKED if has_roots else (), _JOINED,
+        joins = matrix_joins(xp, grads, states, params, matrices, _STACKED if has_roots else (), _JOINED + _COUNTED if has_roots else _JOINED,
                              partial(is_left, c.side), not is_zero(c.weight_decay), passes=not has_roots)
         for join in joins:
             for i, result in _joined_step(xp, ctx, rule, c, join, states, schedule, keeps_root):
@@ -420,55 +459,49 @@ def one_sided_transform(
 def _joined_step(
     xp: Any, ctx: StepContext, rule: OneSidedRule, c: Any, join: MatrixJoin, states: list, schedule: tuple, keeps_root: bool,
 ) -> list[tuple[int, tuple]]:
-    """The step of one join of matrix leaves: the new entries (:func:`_new_entries`), the roots
-    refreshed (:func:`refresh_roots`), the renormalised directions of all stacks joined
-    (:func:`_directions`), the update ``rule.finish(-η_t, U_t, W)`` once over the join, and each
-    stack's step, entries, refreshed roots and counters handed back to its leaves
-    (:func:`~precond_ref.engine.matrices.hand_back`)."""
-    stacks = join.stacks
+    """The step of one join of matrix leaves: the new ``momentum`` and ``statistic`` element-wise
+    over the join (the stacks' terms joined; a symmetric statistic symmetrised piece by piece,
+    :func:`~precond_ref.engine.matrices.symmetrized_pieces`), selected for the non-finite rule
+    before anything reads them, and a blocked side's tail per stack; the roots refreshed
+    (:func:`refresh_roots`) and the counters of all the join's leaves added at once; the
+    renormalised directions of all stacks joined (:func:`_directions`), the update
+    ``rule.finish(-η_t, U_t, W)`` once over the join, and each stack's step, entries, refreshed
+    roots and counters handed back to its leaves (:func:`~precond_ref.engine.matrices.hand_back`)."""
+    stacks, old, new = join.stacks, join.state, [{} for _ in join.stacks]
 
     def views(flat: Array, name: str) -> list:  # a joined array's piece of each stack, in the shapes of entry ``name``
         return [stack_view(xp, flat, join.leaves, states, s.leaves, name) for s in stacks]
 
-    made, new = _new_entries(xp, ctx, rule, c, join, views)
-    if rule.inverse_root is None:
-        roots: list[dict] = [{} for _ in stacks]
-    else:
+    def selected(made: dict) -> dict:  # new joined entries selected once, each stack given its pieces
+        made = {k: ctx.unless_skipped(a, old[k]) for k, a in made.items()}
+        for k, a in made.items():
+            for entries, piece in zip(new, settle_pieces(ctx, a, views(a, k))):
+                entries[k] = piece
+        return made
+
+    terms = [rule.terms(xp, c, s) for s in stacks]
+    p = rule.statistic(xp, c, old["statistic"], cast(xp, end_to_end(xp, [t["statistic"] for t in terms]), old["statistic"].dtype))
+    made = selected({"momentum": rule.momentum(xp, c, old["momentum"], cast(xp, join.g, old["momentum"].dtype), _zero(ctx, join.g)),
+                     "statistic": symmetrized_pieces(xp, p, views(p, "statistic")) if rule.symmetric else p})
+    for entries, s, t in zip(new, stacks, terms):  # a blocked side's tail
+        for name in (name for name in t if name not in made):
+            tail = rule.statistic(xp, c, s.state[name], cast(xp, t[name], s.state[name].dtype))
+            entries[name] = symmetrize(tail) if rule.symmetric else tail
+    roots: list[dict] = [{} for _ in stacks]
+    if rule.inverse_root is not None:
         roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful)
+    counts = [z.pop("failures", None) for z in roots]
+    if any(n is not None for n in counts):  # the counters of all the join's leaves in one sum
+        selected({"failures": old["failures"] + end_to_end(xp, [
+            _no_counts(xp, len(s.leaves), join.g) if n is None else as_matrix(xp, n, tuple(s.state["failures"].shape)) for s, n in zip(stacks, counts)])})
     u = _directions(xp, rule, c, stacks, new, roots, made, views)
     minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
     step = rule.finish(xp, c, minus_lr, u, None if join.param is None else cast(xp, join.param, u.dtype))
-    counters = joined_counters(xp, ctx, join.leaves, stacks, states, roots)
     out = []
-    for s, entries, z, piece, n in zip(stacks, new, roots, views(step, "momentum"), counters):
-        if keeps_root and "failures" in z:  # refreshed roots; a stack none of whose blocks was refreshed keeps its stored ones
-            entries = {**entries, **{name: z[name] for name in ("root", "root_tail") if name in z}}
-        out += hand_back(xp, s, states, piece, {**entries, **n}, ctx)
+    for s, entries, z, piece, n in zip(stacks, new, roots, views(step, "momentum"), counts):
+        # refreshed roots; a stack none of whose blocks was refreshed keeps its stored ones
+        out += hand_back(xp, s, states, piece, {**entries, **z} if keeps_root and n is not None else entries, ctx)
     return out
-
-
-def _new_entries(xp: Any, ctx: StepContext, rule: OneSidedRule, c: Any, join: MatrixJoin, views: Callable) -> tuple:
-    """The join's new ``momentum`` and ``statistic``, element-wise over the join (the stacks' terms
-    joined; a symmetric statistic symmetrised piece by piece, :func:`~precond_ref.engine.matrices.symmetrized_pieces`)
-    and selected for the non-finite rule before anything reads them; and per stack its new entries:
-    its views of those, and the statistics it holds alone (a blocked side's tail)."""
-    terms = [rule.terms(xp, c, s) for s in join.stacks]
-    old = join.state
-    p = rule.statistic(xp, c, old["statistic"], cast(xp, end_to_end(xp, [t["statistic"] for t in terms]), old["statistic"].dtype))
-    made = {
-        "momentum": rule.momentum(xp, c, old["momentum"], cast(xp, join.g, old["momentum"].dtype), _zero(ctx, join.g)),
-        "statistic": symmetrized_pieces(xp, p, views(p, "statistic")) if rule.symmetric else p,
-    }
-    made = {k: ctx.unless_skipped(a, old[k]) for k, a in made.items()}
-    new: list[dict] = [{} for _ in join.stacks]
-    for k, a in made.items():
-        for entries, piece in zip(new, settle_pieces(ctx, a, views(a, k))):
-            entries[k] = piece
-    for entries, s, t in zip(new, join.stacks, terms):
-        for name in [name for name in t if name not in made]:
-            p = rule.statistic(xp, c, s.state[name], cast(xp, t[name], s.state[name].dtype))
-            entries[name] = symmetrize(p) if rule.symmetric else p
-    return made, new
 
 
 def _directions(xp: Any, rule: OneSidedRule, c: Any, stacks: list, new: list, roots: list, made: dict, views: Callable) -> Array:
@@ -485,6 +518,12 @@ def _directions(xp: Any, rule: OneSidedRule, c: Any, stacks: list, new: list, ro
     m = cast(xp, made["momentum"], dtype)
     axes = [-1 if s.left else -2 for s in stacks]  # the scaled axis: the rows' on the left, the columns' on the right
     return joined_renormalised(xp, m, scale, views(m, "momentum"), views(scale, "statistic"), axes, c.rms_target, c.faithful)
+
+
+def _no_counts(xp: Any, leaves: int, like: Array) -> Array:
+    """Zero counts of ``leaves`` leaves (int32, on ``like``'s device), made once."""
+    make = lambda: xp.zeros((leaves,), dtype=xp.int32, device=placement(xp, like))  # noqa: E731
+    return constant(xp, ("no counts", leaves), make, like)
 
 
 def _zero(ctx: StepContext, x: Array) -> Array:

@@ -4,6 +4,7 @@ an element-wise step over leaves of any shape joined end to end."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -104,43 +105,31 @@ def matrix_joins(
     # specialise a graph of every size to that shape).
     for i in leaves if len(leaves) > 1 else ():
         (g,), state = grads[i], states[i]
-        names = [n for n in stacked if n in state]
-        matrix = as_matrix(xp, g, tuple(state["momentum"].shape))
-        alone = not persist and blocking.large_on_cpu((matrix,), bound)
-        layout = None if alone else _full_layout((matrix, *(state[n] for n in names)))
-        stack_key = (i,) if layout is None else (tuple(names), layout)
         join_key = (g.dtype, device_key(g), tuple(state[n].dtype for n in joined), with_param and params[i][0].dtype)
+        alone = not persist and blocking.large_on_cpu((as_matrix(xp, g, tuple(state["momentum"].shape)),), bound)
+        stack_key = (i,) if alone else (join_key, *((n, tuple(state[n].shape)) for n in ("momentum", *stacked) if n in state))
         joins.setdefault(join_key if persist else stack_key, {}).setdefault(stack_key, []).append(i)
-    if len(leaves) == 1:
-        joins[None] = {None: list(leaves)}
     out = []
-    for groups in joins.values():
+    for groups in joins.values() if joins else [{None: list(leaves)}]:
         order = [i for members in groups.values() for i in members]
         g = end_to_end(xp, [xp.reshape(grads[i][0], (-1,)) for i in order])
         g = cast(xp, g, compute_dtype(xp, g.dtype))
         param = end_to_end(xp, [xp.reshape(params[i][0], (-1,)) for i in order]) if with_param else None
         if len(groups) == 1:  # one stack: the join is the stack, in its own shapes
-            members = order
-            shape, count = tuple(states[order[0]]["momentum"].shape), len(order)
-            g, param = _view(xp, g, count, shape), None if param is None else _view(xp, param, count, shape)
-            state = {n: _stacked_entry(xp, [states[i][n] for i in members]) for n in joined}
+            shape = tuple(states[order[0]]["momentum"].shape)
+            g, param = _view(xp, g, len(order), shape), None if param is None else _view(xp, param, len(order), shape)
+            state = {n: _stacked_entry(xp, [states[i][n] for i in order]) for n in joined}
         else:
             state = {n: end_to_end(xp, [xp.reshape(states[i][n], (-1,)) for i in order]) for n in joined}
         stacks = []
         for members in groups.values():
             first = states[members[0]]
-            shape = tuple(first["momentum"].shape)
-            names = [n for n in stacked if n in first]
-            entries = {n: _stacked_entry(xp, [states[i][n] for i in members]) for n in names}
+            entries = {n: _stacked_entry(xp, [states[i][n] for i in members]) for n in stacked if n in first}
             entries.update({n: stack_view(xp, state[n], order, states, members, n) for n in joined})
-            stacks.append(MatrixStack(
-                leaves=tuple(members),
-                shapes=tuple(tuple(grads[i][0].shape) for i in members),
-                left=left(*shape),
-                g=_own_copy(xp, stack_view(xp, g, order, states, members, "momentum")) if len(groups) > 1 else g,
-                state=entries,
-                param=stack_view(xp, param, order, states, members, "momentum") if with_param else None,
-            ))
+            g_stack = stack_view(xp, g, order, states, members, "momentum")
+            stacks.append(MatrixStack(tuple(members), tuple(tuple(grads[i][0].shape) for i in members), left(*first["momentum"].shape),
+                                      g_stack if len(groups) == 1 else _own_copy(xp, g_stack), entries,
+                                      stack_view(xp, param, order, states, members, "momentum") if with_param else None))
         out.append(MatrixJoin(tuple(order), g, state, param, stacks))
     return out
 
@@ -208,10 +197,9 @@ def symmetrized_pieces(xp: Any, flat: Array, pieces: Sequence[Array]) -> Array:
     transposed: list[Any] = [None] * len(stacks)
     for members in by_shape.values():
         joined_t = xp.concat([stacks[i].mT for i in members], axis=0)  # one copy for the pieces of one shape
-        start = 0
-        for i in members:
-            transposed[i] = xp.reshape(joined_t[start : start + stacks[i].shape[0], ...], (-1,))
-            start += stacks[i].shape[0]
+        sizes = [stacks[i].shape[0] for i in members]
+        for i, stop, size in zip(members, itertools.accumulate(sizes), sizes):
+            transposed[i] = xp.reshape(joined_t[stop - size : stop, ...], (-1,))
     return (flat + joined(xp, transposed)) / 2.0
 
 
@@ -258,11 +246,6 @@ def as_matrix(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:
     return x if tuple(x.shape) == shape else xp.reshape(x, shape)
 
 
-def _full_layout(operands: tuple) -> tuple:
-    """The stacking key of a matrix leaf: the whole shape, dtype and device of every operand."""
-    return tuple((tuple(a.shape), a.dtype, device_key(a)) for a in operands)
-
-
 def hand_back(xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[str, Array], ctx: StepContext) -> list[tuple[int, tuple]]:
     """``(leaf, ((step,), new state))`` for each leaf of a stack: its slice of the stacked ``step``
     in its own shape; its slices of the stacked ``entries``, in the shapes of its stored entries
@@ -278,12 +261,8 @@ def hand_back(xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[
         if name in s.state and s.state[name] is not a and not (ctx.settled is not None and a in ctx.settled):
             a = ctx.unless_skipped(a, s.state[name])
         pieces[name] = settle_pieces(ctx, a, leaves_of(xp, a, count, tuple(first[name].shape)))
-    out = []
-    for l, i in enumerate(s.leaves):
-        new = dict(states[i])
-        new.update({name: p[l] for name, p in pieces.items()})
-        out.append((i, ((as_matrix(xp, steps[l], s.shapes[l]),), new)))
-    return out
+    return [(i, ((as_matrix(xp, steps[l], s.shapes[l]),), {**states[i], **{name: p[l] for name, p in pieces.items()}}))
+            for l, i in enumerate(s.leaves)]
 
 
 def leaves_of(xp: Any, x: Array, count: int, shape: tuple[int, ...]) -> Sequence[Array]:

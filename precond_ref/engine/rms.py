@@ -3,7 +3,8 @@ method's stacks of directions renormalised each as alone (``linalg.rms_renormali
 ``linalg.scaled_rms_renormalised``), flattened and joined end to end, with the element-wise work of
 the float64 form (the casts, the selections of the norms) done once over the join instead of once
 per stack. The same numbers as the plain form beside each, which runs where the fast form does not
-apply (one stack, a form other than float64, a backend without writable views).
+apply (one stack, a form other than float64, a backend without writable views) and within
+:func:`~precond_ref._backend.plain_forms`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Optional
 
 from array_api_compat import is_array_api_strict_namespace, is_jax_namespace
 
-from .._backend import is_torch_namespace, pieces, placement, sum_across
+from .._backend import is_torch_namespace, pieces, placement, plain, sum_across
 from ..linalg import nonzero_divisor, per_matrix_column, rms_renormalised, scaled_rms_renormalised, wide_dtype
 from .factors import constant
 from .matrices import end_to_end
@@ -30,7 +31,7 @@ def joined_rms_renormalised(xp: Any, us: list, rms_target: Optional[float], exac
     and one back, one selection of the norms), not once per array. The norms and the scaling stay
     per array (each matrix by its own norm and target)."""
     wide = None if exact_dtype or rms_target is None else wide_dtype(xp, us[0])
-    if len(us) == 1 or wide is None or not _writable_views(xp) or any(math.prod(u.shape[-2:]) == 0 for u in us):
+    if plain() or len(us) == 1 or wide is None or not _writable_views(xp) or any(math.prod(u.shape[-2:]) == 0 for u in us):
         return end_to_end(xp, [rms_renormalised(xp, u, rms_target, exact_dtype) for u in us])
     w = xp.astype(end_to_end(xp, us), wide)  # a new array: its pieces scaled in place below
     views = pieces(xp, w, [a.shape for a in us])
@@ -52,7 +53,7 @@ def joined_scaled_rms_renormalised(
     with the element-wise work done once over the joined arrays where it is the float64 form (the
     casts, the scales' squares, the factors' selection), the column sums and the scaling per piece."""
     wide = None if exact_dtype or rms_target is None else wide_dtype(xp, m)
-    if len(ms) == 1 or wide is None or any(math.prod(a.shape[-2:]) == 0 for a in ms):
+    if plain() or len(ms) == 1 or wide is None or any(math.prod(a.shape[-2:]) == 0 for a in ms):
         alone = [scaled_rms_renormalised(xp, *args, rms_target, exact_dtype) for args in zip(ms, scales, axes)]
         return end_to_end(xp, alone)
     scale_w = xp.astype(scale, wide)

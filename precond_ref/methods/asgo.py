@@ -34,9 +34,10 @@ from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE, auto_root_method, identity_like, inverse_root, inverse_root_eigh, inverse_sqrt_newton_schulz,
     inverse_sqrt_polar_express, rms_renormalised, scaled_rms_renormalised, trace,
 )
-from ..engine.blockdiag import OneSidedRule, block_diagonal_product, block_state, is_left, one_sided_transform, side_blocks
+from ..engine.blockdiag import (
+    FallbackMask, FallbackRule, OneSidedRule, block_diagonal_product, block_state, is_left, one_sided_transform, side_blocks,
+)
 from ..engine.factors import number, per_block
-from ..engine.fallback import FallbackMask, FallbackRule
 from ..engine.matrices import MatrixStack, matrix_shape
 from ..transform import (
     ScalarOrSchedule, Transform, check_choice, check_learning_rate, check_mode, check_nonnegative, check_optional,

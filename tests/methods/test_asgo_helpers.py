@@ -1,5 +1,5 @@
 """The helpers of the ASGO and DASGO steps (the rule's, and the engine's and backend's it calls:
-``engine.blockdiag``, ``engine.rms``, ``engine.fallback``, ``linalg``, ``_backend``) against the plain
+``engine.blockdiag``, ``engine.rms``, ``linalg``, ``_backend``) against the plain
 formulas their docstrings state.
 
 NumPy float64 (array_api_compat.numpy); tolerances from the rounding model: a sum or product of
@@ -18,9 +18,9 @@ import pytest
 import precond_ref as pr
 from precond_ref._backend import ema, squared_sums
 from precond_ref.engine.blockdiag import (
-    OneSidedRule, block_diagonal_product, finite_root_or_previous, one_sided_transform, side_blocks, unrefreshed,
+    OneSidedRule, block_diagonal_product, fallback_leaves, fallback_step, finite_root_or_previous, one_sided_transform, side_blocks,
+    unrefreshed,
 )
-from precond_ref.engine.fallback import fallback_leaves, fallback_step
 from precond_ref.engine.matrices import matrix_shape
 from precond_ref.linalg import rms_renormalised, scaled_rms_renormalised, symmetrize
 
@@ -242,7 +242,7 @@ def test_momentum_and_second_moment_are_the_emas():
 
 
 def test_joined_fallback_adam_is_each_leaf_alone_in_one_pass_per_dtype():
-    """``engine.fallback.fallback_leaves``: each leaf's fallback Adam step is ``fallback_step`` of the
+    """``engine.blockdiag.fallback_leaves``: each leaf's fallback Adam step is ``fallback_step`` of the
     leaf alone, bitwise (every entry goes through the same operations; only the arrays around it
     differ), with the step taken once per dtype (leaves of any shape, 0-D and 2-D included, joined
     end to end by ``engine.joined.leafwise``): the op count of the many biases and norms of a model
@@ -617,32 +617,41 @@ def test_a_leaf_steps_alike_whatever_leaves_share_its_join(sizes):
             assert torch.equal(alone[k], full[k]), (subset, k)
 
 
-@pytest.mark.parametrize("ok", [True, False])
-def test_joined_counters_are_each_leafs_counter_plus_its_count(ok):
-    """``engine.blockdiag.joined_counters``' plain formula: per stack of a join, its leaves'
-    ``failures`` ``state[l] + counts[l]`` (a stack without counts: its stored counters), one
-    array per stack, whatever their order in memory; on a skipped step (``ok`` false) the stored
-    counters, and the new ones marked selected (``ctx.settled``); nothing handed back where no
-    stack counted."""
-    from precond_ref._backend import IdentityDict
-    from precond_ref.engine.blockdiag import joined_counters
-    from precond_ref.engine.matrices import MatrixStack
-    from precond_ref.transform import StepContext
+@pytest.mark.parametrize("skipped", [False, True])
+def test_joined_counters_are_each_leafs_counter_plus_its_count(skipped):
+    """The ``failures`` of the leaves of one join (three stacks of three shapes, whose blocks take
+    their own refresh phases), added for all of them at once: each leaf's counter is the one it has
+    stepped alone (its blocks whose root the method rejected, on the steps its phase is due),
+    whatever stacks share its join; a skipped step (a non-finite gradient, ``skipped``) keeps
+    every counter."""
+    from precond_ref.blocking import spread_schedule
 
-    leaves = [0, 1, 2, 3, 4]
-    states = [{"failures": np.asarray(3 * i, dtype=np.int32)} for i in leaves]
-    stacks = [MatrixStack((0, 1), (), True, None, {}, None), MatrixStack((2,), (), True, None, {}, None),
-              MatrixStack((3, 4), (), True, None, {}, None)]
-    roots = [{"failures": np.asarray([1, 0], dtype=np.int32)}, {}, {"failures": np.asarray([0, 2], dtype=np.int32)}]
-    ctx = StepContext(xp=xp, count=np.asarray(2, dtype=np.int32), extra={}, ok=np.asarray(ok), settled=IdentityDict(), shared={})
-    out = joined_counters(xp, ctx, leaves, stacks, states, roots)
-    counts = {0: 1, 1: 0, 2: 0, 3: 0, 4: 2}
-    for s, new in zip(stacks, out):
-        assert set(new) == {"failures"}
-        expected = [3 * i + (counts[i] if ok else 0) for i in s.leaves]
-        np.testing.assert_array_equal(new["failures"], np.asarray(expected, dtype=np.int32))
-        assert new["failures"].dtype == np.int32 and new["failures"] in ctx.settled
-    assert joined_counters(xp, ctx, leaves, stacks, states, [{}, {}, {}]) == [{}, {}, {}]
+    def rejecting(xp, c, p):  # rejects the blocks whose first diagonal entry exceeds their second
+        z, _ = A._inverse_sqrt(xp, c, p)
+        return z, xp.astype(p[..., 0, 0] > p[..., 1, 1], xp.int32)
+
+    def run(shapes):
+        transform = one_sided_transform(A._ASGO._replace(inverse_root=rejecting), _config(), name="asgo", on_nonfinite="skip",
+                                        fallback=A.AdamConfig(0.1, 0.9, 0.95, 1e-8, 0.0, False), fallback_mask=None,
+                                        schedule=spread_schedule(3, True))
+        rng = np.random.default_rng(5)
+        params = {k: w for k, w in [(k, rng.standard_normal(shape)) for k, shape in SHAPES.items()] if k in shapes}
+        state, counters = transform.init(params), []
+        for step in range(6):
+            grads = {k: rng.standard_normal(shape) for k, shape in SHAPES.items()}
+            if skipped and step == 3:
+                grads = {k: np.full(shape, np.nan) for k, shape in SHAPES.items()}
+            _, state = transform.update({k: grads[k] for k in shapes}, state, params)
+            counters.append({k: int(state.groups[k]["failures"]) for k in shapes})
+        return counters
+
+    SHAPES = {"a": (4, 6), "b": (5, 3), "c": (4, 6), "d": (3, 7)}
+    joint = run(SHAPES)
+    assert len({counts["a"] for counts in joint} | {counts["c"] for counts in joint}) > 2  # counted, per leaf of a stack
+    if skipped:
+        assert joint[3] == joint[2]
+    for k, shape in SHAPES.items():
+        assert [counts[k] for counts in run({k: shape})] == [counts[k] for counts in joint], k
 
 
 def test_numbers_over_rounds_as_each_number_over_the_array():

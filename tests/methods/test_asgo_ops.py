@@ -31,7 +31,7 @@ def test_fallback_adam_runs_once_for_all_non_matrix_leaves(monkeypatch):
     together, one element-wise pass per dtype and device (``_joined``), not one per leaf: the
     number of operations of the fallback does not grow with the number of such leaves."""
     calls = []
-    fallback = importlib.import_module("precond_ref.engine.fallback")
+    fallback = importlib.import_module("precond_ref.engine.blockdiag")
     step = fallback.fallback_step
 
     def counting(rule, c, g, *args):
