@@ -206,28 +206,6 @@ def _root_units(
     return units, owners, keys
 
 
-def _collect_roots(
-    xp: Any, owners: list[tuple[int, str]], stacks: Sequence[MatrixStack], statistics: Sequence[dict], refreshed: list[tuple]
-) -> list[dict[str, Array]]:
-    """Per stack: its roots in the shapes of its statistics (the units of one statistic joined in
-    order) and, where any of its blocks was refreshed, ``failures``: per leaf the sum of its
-    blocks' failures (int32: a vector, one entry per leaf; 0-D for a leaf alone in its stack)."""
-    parts: dict[tuple[int, str], list[tuple]] = {}
-    for owner, result in zip(owners, refreshed):
-        parts.setdefault(owner, []).append(result)
-    roots: list[dict[str, Any]] = [{} for _ in stacks]
-    for (index, name), results in parts.items():
-        z = _in_order(xp, [z for z, _ in results])
-        roots[index][_ROOT_OF[name]] = z if statistics[index][name].ndim == 3 else z[0, ...]
-        if any(failed is not None for _, failed in results):
-            per_block = cast(xp, _in_order(xp, [_no_counts(xp, z.shape[0], z) if f is None else f for z, f in results]), xp.int32)
-            leaves = len(stacks[index].leaves)
-            per_leaf = (xp.sum(per_block, dtype=xp.int32) if leaves == 1 else per_block if per_block.shape[0] == leaves
-                        else xp.sum(xp.reshape(per_block, (leaves, -1)), axis=1, dtype=xp.int32))
-            roots[index]["failures"] = roots[index]["failures"] + per_leaf if "failures" in roots[index] else per_leaf
-    return roots
-
-
 def _in_order(xp: Any, blocks: list) -> Array:
     """Stacks of blocks joined in order along the block axis; one stack itself."""
     return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=0)
@@ -243,8 +221,10 @@ def refresh_roots(
     inverse_root: Callable[[Array], tuple[Array, Array]],
     identity_on_failure: bool,
 ) -> list[dict[str, Array]]:
-    """Per stack: ``{"root": Z, "root_tail": Z_tail}`` for its new ``statistics`` and, where any of
-    its blocks was refreshed, its per-leaf count ``failures``.
+    """Per stack: ``{"root": Z, "root_tail": Z_tail}`` for its new ``statistics`` (the blocks of one
+    statistic joined in order) and, where any of its blocks was refreshed, ``failures``: per leaf
+    the sum of its blocks' failures (int32: a vector, one entry per leaf; 0-D for a leaf alone in
+    its stack).
 
     Each block is refreshed on the calls its phase is due (``schedule``: one interval predicate per
     phase, :func:`~precond_ref.engine.phases.hashed_phases`; every call when the roots are not
@@ -255,27 +235,31 @@ def refresh_roots(
     update (before it the stored roots are the initial ones: the method's substitute is kept,
     :func:`finite_root_or_previous`). Blocks not due keep their stored roots.
     """
-    if not stacks:
-        return []
     dues = [ctx.every(interval) if stored else True for interval in schedule]
-
-    def has_previous() -> Any:  # per call, not once per update: a value made in a cond's branch stays there
-        return ctx.count > 0
-
-    host_decided = all(isinstance(due, bool) for due in dues)
     # Decided on the host, each batch's roots are selected for the non-finite rule as they are
     # made (one selection a batch, not one a stack), and the stacks' roots are slices of it.
-    settle = stored and host_decided
+    settle = stored and all(isinstance(due, bool) for due in dues)
 
     def refresh(p: Array, previous: Array) -> tuple[Array, Array]:
-        kept = _identity(xp, p) if identity_on_failure else previous
-        z, failed = finite_root_or_previous(xp, p, kept, inverse_root, has_previous)
+        # whether a previous root exists, asked per call: a value made in a cond's branch stays there
+        z, failed = finite_root_or_previous(xp, p, _identity(xp, p) if identity_on_failure else previous, inverse_root, lambda: ctx.count > 0)
         return (ctx.unless_skipped(z, previous) if settle else z), failed
 
     units, owners, keys = _root_units(xp, stacks, statistics, len(dues) > 1)
     due = refresh_due(xp, dues, hashed_phases(keys, len(dues)), units, refresh, partial(unrefreshed, xp))
-    refreshed = [(z, None) if r is None else r for (_, z), r in zip(units, due)]
-    roots = _collect_roots(xp, owners, stacks, statistics, refreshed)
+    parts: dict[tuple[int, str], list[tuple]] = {}  # per stack and statistic its blocks' (roots, failures) in order
+    for owner, (_, z), result in zip(owners, units, due):
+        parts.setdefault(owner, []).append((z, None) if result is None else result)
+    roots: list[dict[str, Any]] = [{} for _ in stacks]
+    for (index, name), results in parts.items():
+        z = _in_order(xp, [z for z, _ in results])
+        roots[index][_ROOT_OF[name]] = z if statistics[index][name].ndim == 3 else z[0, ...]
+        if any(failed is not None for _, failed in results):  # per leaf the sum of its blocks' failures
+            per_block = cast(xp, _in_order(xp, [_no_counts(xp, z.shape[0], z) if f is None else f for z, f in results]), xp.int32)
+            leaves = len(stacks[index].leaves)
+            per_leaf = (xp.sum(per_block, dtype=xp.int32) if leaves == 1 else per_block if per_block.shape[0] == leaves
+                        else xp.sum(xp.reshape(per_block, (leaves, -1)), axis=1, dtype=xp.int32))
+            roots[index]["failures"] = roots[index]["failures"] + per_leaf if "failures" in roots[index] else per_leaf
     if settle:
         ctx.settle([entry[name] for entry in roots if "failures" in entry for name in ("root", "root_tail") if name in entry])
     return roots
@@ -441,9 +425,8 @@ def one_sided_transform(
         xp, ctx = ctxs[0].xp, ctxs[0]
         results, matrices = fallback_leaves(xp, grads, states, params, ctx, rule.fallback, fallback)
         # a rule without roots stacks element-wise passes and reductions only (matrix_joins' ``passes``)
-        joins = matrix_joins(xp, grads, states, params, matrices, _STACKED if has_roots else (), _JOINED + _COUNTED if has_roots else _JOINED,
-                             partial(is_left, c.side), not is_zero(c.weight_decay), passes=not has_roots)
-        for join in joins:
+        for join in matrix_joins(xp, grads, states, params, matrices, _STACKED if has_roots else (), _JOINED + _COUNTED if has_roots else _JOINED,
+                                 partial(is_left, c.side), not is_zero(c.weight_decay), passes=not has_roots):
             for i, result in _joined_step(xp, ctx, rule, c, join, states, schedule, keeps_root):
                 results[i] = result
         return results
@@ -480,8 +463,9 @@ def _joined_step(
         return made
 
     terms = [rule.terms(xp, c, s) for s in stacks]
+    zero = ctx.once(("zero", join.g.dtype, array_device(join.g)), lambda: scalar_zero(xp, join.g))  # the transform's own, once per update
     p = rule.statistic(xp, c, old["statistic"], cast(xp, end_to_end(xp, [t["statistic"] for t in terms]), old["statistic"].dtype))
-    made = selected({"momentum": rule.momentum(xp, c, old["momentum"], cast(xp, join.g, old["momentum"].dtype), _zero(ctx, join.g)),
+    made = selected({"momentum": rule.momentum(xp, c, old["momentum"], cast(xp, join.g, old["momentum"].dtype), zero),
                      "statistic": symmetrized_pieces(xp, p, views(p, "statistic")) if rule.symmetric else p})
     for entries, s, t in zip(new, stacks, terms):  # a blocked side's tail
         for name in (name for name in t if name not in made):
@@ -524,9 +508,3 @@ def _no_counts(xp: Any, leaves: int, like: Array) -> Array:
     """Zero counts of ``leaves`` leaves (int32, on ``like``'s device), made once."""
     make = lambda: xp.zeros((leaves,), dtype=xp.int32, device=placement(xp, like))  # noqa: E731
     return constant(xp, ("no counts", leaves), make, like)
-
-
-def _zero(ctx: StepContext, x: Array) -> Array:
-    """A 0-D zero of ``x``'s dtype on its device, made once per update (the one the transform
-    makes for its own selections)."""
-    return ctx.once(("zero", x.dtype, array_device(x)), lambda: scalar_zero(ctx.xp, x))
