@@ -97,7 +97,7 @@ class DASGOConfig(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------
-# The rule: pure functions of one stack of matrices (a leading ``...`` batch dimension), left side;
+# The rule: pure functions of a batch of matrices (a leading ``...`` axis), left side;
 # the right side is the transpose, and a blocked side has one P, Z per block of rows. The
 # element-wise lines (M_t, P_t, v_t, s_t, the update) hold for any number of matrices at once.
 #
@@ -135,7 +135,7 @@ def _flush_subnormal(xp: Any, x: Array, zero: Array) -> Array:
 
 
 def _asgo_terms(xp: Any, c: ASGOConfig, s: MatrixStack) -> dict[str, Array]:
-    """``S_t = X Xᵀ`` per block of a stack's preconditioned side, ``X`` the block's rows of the
+    """``S_t = X Xᵀ`` per block of the preconditioned side of a batch of matrices, ``X`` the block's rows of the
     oriented gradients: the chunks' (``statistic``) and a blocked side's shorter tail's
     (``statistic_tail``)."""
     x, x_tail = side_blocks(xp, s.g if s.left else s.g.mT, c.block_size)
@@ -151,7 +151,7 @@ def _accumulated(xp: Any, c: ASGOConfig, p_old: Array, s: Array) -> Array:
 
 
 def _inverse_sqrt(xp: Any, c: ASGOConfig, p: Array) -> tuple[Array, Optional[Array]]:
-    """``Z = (P + sI)^{-1/2}`` of a stack of statistics (faithful: the authors' undamped root),
+    """``Z = (P + sI)^{-1/2}`` of a batch of statistics (faithful: the authors' undamped root),
     and per block whether the checked iterative root failed its check (``None``: a root that is
     never checked); the engine keeps the previous root there (:func:`~precond_ref.engine.blockdiag.finite_root_or_previous`)."""
     if c.faithful:
@@ -163,7 +163,7 @@ def _inverse_sqrt(xp: Any, c: ASGOConfig, p: Array) -> tuple[Array, Optional[Arr
 def _damped_inverse_sqrt(
     xp: Any, p: Array, damping: float, eps: float, method: str, steps: int, tolerance: Optional[float]
 ) -> tuple[Array, Optional[Array]]:
-    r"""``(P + sI)^{-1/2}`` with ``s = δ tr(P)/k + ε`` per block of a stack of PSD statistics, and
+    r"""``(P + sI)^{-1/2}`` with ``s = δ tr(P)/k + ε`` per block of a batch of PSD statistics, and
     per block whether the checked iterative root failed its check (int32; ``None`` for ``eigh`` and
     an unchecked iteration; D1, D5, D13).
 
@@ -209,7 +209,7 @@ def _asgo_init(xp: Any, c: ASGOConfig, w: Array, path: Path) -> dict[str, Array]
 
 
 def _asgo_direction(xp: Any, c: ASGOConfig, s: MatrixStack, new: dict, roots: dict) -> Array:
-    """``U_t = Z_t M_t`` (``M_t Z_t`` on the right) of a stack, ``Z_t`` block-diagonal, in the gradients' dtype."""
+    """``U_t = Z_t M_t`` (``M_t Z_t`` on the right) of a batch of matrices, ``Z_t`` block-diagonal, in the gradients' dtype."""
     return block_diagonal_product(xp, roots["root"], roots.get("root_tail"), new["momentum"], s.left, s.g.dtype)
 
 
@@ -221,7 +221,7 @@ def _dasgo_init(xp: Any, c: DASGOConfig, w: Array, path: Path) -> dict[str, Arra
 
 
 def _dasgo_terms(xp: Any, c: DASGOConfig, s: MatrixStack) -> dict[str, Array]:
-    """``q_t = diag(G_tᵀ G_t)``, the column sums of squares of a stack's gradients (``diag(G_t G_tᵀ)``,
+    """``q_t = diag(G_tᵀ G_t)``, the column sums of squares of a batch of gradients (``diag(G_t G_tᵀ)``,
     the row sums, on the left side)."""
     return {"statistic": squared_sums(xp, s.g, -1 if s.left else -2)}
 
