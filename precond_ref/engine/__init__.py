@@ -34,7 +34,7 @@ everything around it, the same way for every method:
 :class:`~precond_ref.transform.Transform`. Each kind of rule has its layout: element-wise rules
 (:mod:`~precond_ref.engine.elementwise`), one-sided block-diagonal preconditioners of matrices
 (:mod:`~precond_ref.engine.blockdiag`, with :mod:`~precond_ref.engine.matrices` for the matrix
-views and stacks, and :mod:`~precond_ref.engine.rms`), per-axis runs of blocks (:mod:`~precond_ref.engine.axes`), tiles
+views and stacks and the joined forms of the RMS renormalisations), per-axis runs of blocks (:mod:`~precond_ref.engine.axes`), tiles
 of Kronecker factors (:mod:`~precond_ref.engine.tiles`, :mod:`~precond_ref.engine.factors`) and
 mini-blocks in parts (:mod:`~precond_ref.engine.parts`).
 """

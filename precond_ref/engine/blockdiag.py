@@ -35,8 +35,7 @@ from .checks import renamed_failures
 from .context import StepContext, settle_pieces
 from .factors import constant, identity, per_block
 from .joined import leafwise
-from .matrices import MatrixJoin, MatrixStack, as_matrix, end_to_end, hand_back, matrix_joins, stack_view, symmetrized_pieces
-from .rms import joined_form
+from .matrices import MatrixJoin, MatrixStack, as_matrix, end_to_end, hand_back, joined_form, matrix_joins, stack_view, symmetrized_pieces
 from .phases import hashed_phases, refresh_due
 from .run import build_transform
 
@@ -490,7 +489,7 @@ def _joined_step(
 
 def _directions(xp: Any, rule: OneSidedRule, c: Any, stacks: list, new: list, roots: list, made: dict, views: Callable) -> Array:
     """The stacks' directions ``U_t``, renormalised by ``rule.renormalise``, flattened and joined end
-    to end (:func:`~precond_ref.engine.rms.joined_form`: the element-wise work once over the join):
+    to end (:func:`~precond_ref.engine.matrices.joined_form`: the element-wise work once over the join):
     ``rule.direction`` of each stack, or ``M_t diag(s_t)`` with ``s_t = rule.scale`` of the joined
     statistic, both in the gradients' dtype."""
     joined_renormalised = joined_form(rule.renormalise)

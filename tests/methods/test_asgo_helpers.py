@@ -1,5 +1,5 @@
 """The helpers of the ASGO and DASGO steps (the rule's, and the engine's and backend's it calls:
-``engine.blockdiag``, ``engine.rms``, ``linalg``, ``_backend``) against the plain
+``engine.blockdiag``, ``engine.matrices``, ``linalg``, ``_backend``) against the plain
 formulas their docstrings state.
 
 NumPy float64 (array_api_compat.numpy); tolerances from the rounding model: a sum or product of
@@ -554,13 +554,13 @@ def test_symmetrized_pieces_is_symmetrize_of_each_piece():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("faithful", [False, True])
 def test_joined_renormalisations_are_each_alone(dtype, faithful):
-    """``engine.rms.joined_rms_renormalised`` and ``joined_scaled_rms_renormalised``: each stack's
+    """``engine.matrices.joined_rms_renormalised`` and ``joined_scaled_rms_renormalised``: each stack's
     directions renormalised as alone (``rms_renormalised``, ``scaled_rms_renormalised``: r√(mn)
     U/‖U‖_F per matrix, D12), flattened and joined, bitwise: the joined casts, squares and
     selections are element-wise, the norms and scaling per stack. Stacks of several shapes and
     sides, a lone matrix, a zero matrix (its step stays zero), float32 (the float64 form) and
     float64 (the column-factored form, per stack), faithful (the dtype's own arithmetic)."""
-    from precond_ref.engine.rms import joined_rms_renormalised, joined_scaled_rms_renormalised
+    from precond_ref.engine.matrices import joined_rms_renormalised, joined_scaled_rms_renormalised
 
     rng = np.random.default_rng(23)
     us = [rng.standard_normal(s).astype(dtype) * 10.0 ** e for s, e in [((2, 3, 4), -20), ((5, 6), 3), ((3, 4, 2), 0)]]
@@ -655,13 +655,13 @@ def test_joined_counters_are_each_leafs_counter_plus_its_count(skipped):
 
 
 def test_numbers_over_rounds_as_each_number_over_the_array():
-    """``engine.rms.numbers_over(numbers, d)`` is ``[number / d_i]``, element for element as each
+    """``engine.matrices.numbers_over(numbers, d)`` is ``[number / d_i]``, element for element as each
     Python number over the array: on torch the reciprocal times the number (``Tensor.__rtruediv__``),
     on NumPy the quotient (bitwise, float32 and float64)."""
     import array_api_compat.torch as xt
     import torch
 
-    from precond_ref.engine.rms import numbers_over
+    from precond_ref.engine.matrices import numbers_over
 
     rng = np.random.default_rng(3)
     numbers = [51.2, 25.6, 44.34050067376326, 102.4, 18.10193359837562, 0.3]
