@@ -120,8 +120,10 @@ def matrix_joins(
         alone = not persist and blocking.large_on_cpu((as_matrix(xp, g, tuple(state["momentum"].shape)),), bound)
         stack_key = (i,) if alone else (join_key, *((n, tuple(state[n].shape)) for n in ("momentum", *stacked) if n in state))
         joins.setdefault(join_key if persist else stack_key, {}).setdefault(stack_key, []).append(i)
+    if len(leaves) == 1:
+        joins[None] = {None: list(leaves)}
     out = []
-    for groups in joins.values() if joins else [{None: list(leaves)}]:
+    for groups in joins.values():
         order = [i for members in groups.values() for i in members]
         g = end_to_end(xp, [xp.reshape(grads[i][0], (-1,)) for i in order])
         g = cast(xp, g, compute_dtype(xp, g.dtype))

@@ -1131,7 +1131,8 @@ def test_dasgo_stacked_matrices_step_as_each_alone(eager_backend, options, dtype
 
     with gpu_grouping():
         stacked = run()
-    monkeypatch.setattr(matrices, "_full_layout", lambda operands: None)  # every leaf its own stack
+    monkeypatch.setattr(matrices, "plain", lambda: True)  # each stack its own join ...
+    monkeypatch.setattr(matrices.blocking, "large_on_cpu", lambda *args: True)  # ... and every leaf its own stack
     alone = run()
     def same(got, expected, what):
         if eager_backend.name != "cupy" or not np.issubdtype(expected.dtype, np.floating):
