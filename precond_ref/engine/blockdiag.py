@@ -470,9 +470,8 @@ def _joined_step(
         for name in (name for name in t if name not in made):
             tail = rule.statistic(xp, c, s.state[name], cast(xp, t[name], s.state[name].dtype))
             entries[name] = symmetrize(tail) if rule.symmetric else tail
-    roots: list[dict] = [{} for _ in stacks]
-    if rule.inverse_root is not None:
-        roots = refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful)
+    roots = ([{} for _ in stacks] if rule.inverse_root is None
+             else refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful))
     counts = [z.pop("failures", None) for z in roots]
     if any(n is not None for n in counts):  # the counters of all the join's leaves in one sum
         selected({"failures": old["failures"] + end_to_end(xp, [

@@ -125,8 +125,7 @@ def matrix_joins(
     out = []
     for groups in joins.values():
         order = [i for members in groups.values() for i in members]
-        g = end_to_end(xp, [xp.reshape(grads[i][0], (-1,)) for i in order])
-        g = cast(xp, g, compute_dtype(xp, g.dtype))
+        g = cast(xp, end_to_end(xp, [xp.reshape(grads[i][0], (-1,)) for i in order]), compute_dtype(xp, grads[order[0]][0].dtype))
         param = end_to_end(xp, [xp.reshape(params[i][0], (-1,)) for i in order]) if with_param else None
         if len(groups) == 1:  # one stack: the join is the stack, in its own shapes
             shape = tuple(states[order[0]]["momentum"].shape)
