@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from _shared import run_once
+from session_jobs import run_once
 
 WORKER = os.path.join(os.path.dirname(__file__), "jax_worker.py")
 METHODS = ["agd", "asgo", "dasgo", "mbf", "rf_rmsprop", "rf_adamw", "if_shampoo", "sketchy", "s_adagrad"]

@@ -1,7 +1,8 @@
-"""Helper (not collected): each multi-process job of this folder runs once per test session.
+"""Helper (not collected): a job run in its own interpreter runs once per test session.
 
-The tests of one module judge the saved results of one job; with ``pytest -n 2`` they are spread
-over both xdist workers, each with its own module fixtures. ``run_once`` makes the first worker run
+The tests of one module judge the saved results of one job (a multi-process run of
+tests/distributed, the no-leaks sweeps); with ``pytest -n 2`` they are spread over both xdist
+workers, each with its own module fixtures. ``run_once`` makes the first worker run
 the job in the session's shared temporary root (under a file lock; ``filelock`` comes with torch)
 and the others read what it saved.
 """
