@@ -121,21 +121,29 @@ def _numpy_sweep(method: str, widths) -> None:
         del transform, state, params, grads, updates
 
 
-def _measure(method: str) -> dict:
-    """Live bytes before and after ``method``'s sweeps, and the message of every warning they
-    raised. The baseline is taken after one model of width 1 (outside the sweep), which imports
-    what the libraries import lazily (modules whose constants are arrays: NumPy's polynomial
-    classes)."""
+def _measure():
+    """For each method in turn: the live bytes before and after its sweeps, and the message of
+    every warning it raised; one line per method. The baseline is taken after one model of width 1
+    of every method (outside the sweeps), which imports what the libraries import lazily (modules
+    whose constants are arrays: NumPy's polynomial classes); a method's sweeps start where the
+    previous one's ended, so what was measured after it is the next one's before."""
     with warnings.catch_warnings(record=True) as raised:
         warnings.simplefilter("always")
-        for sweep in (_torch_sweep, _numpy_sweep):
-            sweep(method, [1])
+        first = {}
+        for method in METHODS:
+            for sweep in (_torch_sweep, _numpy_sweep):
+                sweep(method, [1])
+            first[method] = [f"{w.category.__name__}: {w.message}" for w in raised]
+            raised.clear()
         before = _live_bytes()
-        for sweep in (_torch_sweep, _numpy_sweep):
-            sweep(method, WIDTHS)
-        after = _live_bytes()
-    return {"method": method, "before": before, "after": after,
-            "warnings": [f"{w.category.__name__}: {w.message}" for w in raised]}
+        for method in METHODS:
+            for sweep in (_torch_sweep, _numpy_sweep):
+                sweep(method, WIDTHS)
+            after = _live_bytes()
+            said = first[method] + [f"{w.category.__name__}: {w.message}" for w in raised]
+            raised.clear()
+            yield {"method": method, "before": before, "after": after, "warnings": said}
+            before = after
 
 
 def _run_sweeps(out) -> None:
@@ -170,5 +178,5 @@ def test_dropped_optimizers_leave_no_arrays(results, method):
 
 
 if __name__ == "__main__":
-    for name in METHODS:
-        print(json.dumps(_measure(name)), flush=True)
+    for line in _measure():
+        print(json.dumps(line), flush=True)
