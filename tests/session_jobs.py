@@ -28,3 +28,26 @@ def run_once(tmp_path_factory, name: str, produce: Callable[[pathlib.Path], None
             produce(folder)
             (folder / "done").touch()
     return folder
+
+
+def json_lines_of(tmp_path_factory, name: str, script: str, what: str, env=None, timeout: int = 300) -> dict:
+    """Runs ``python script`` once per session (``run_once``; ``env`` its environment, the suite's
+    by default, killed after ``timeout`` seconds) and returns its JSON output lines by their
+    ``"method"``: what the tests of ``name`` judge. ``what`` names the job in a failure."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    def produce(out: pathlib.Path) -> None:
+        try:
+            run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{what} hung (killed after {timeout} s)")
+        assert run.returncode == 0, run.stderr[-6000:]
+        (out / "results.jsonl").write_text(run.stdout)
+
+    out = run_once(tmp_path_factory, name, produce)
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.startswith("{")]
+    return {line["method"]: line for line in lines}

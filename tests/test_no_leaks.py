@@ -20,13 +20,12 @@ from __future__ import annotations
 import gc
 import itertools
 import json
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from session_jobs import json_lines_of
 
 import precond_ref as pr
 from precond_ref.adapters import torch as pt
@@ -146,23 +145,10 @@ def _measure():
             before = after
 
 
-def _run_sweeps(out) -> None:
-    """Runs this file as a script (every method's sweeps, one after another) with a timeout."""
-    try:
-        run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the no-leaks sweeps hung (killed after 600 s)")
-    assert run.returncode == 0, run.stderr[-6000:]
-    (out / "results.jsonl").write_text(run.stdout)
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from session_jobs import run_once
-
-    out = run_once(tmp_path_factory, "no_leaks", _run_sweeps)
-    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    return {line["method"]: line for line in lines}
+    """Every method's line of this file run as a script, once per session."""
+    return json_lines_of(tmp_path_factory, "no_leaks", __file__, "the no-leaks sweeps", timeout=600)
 
 
 @pytest.mark.parametrize("method", METHODS)
