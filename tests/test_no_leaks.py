@@ -7,16 +7,25 @@ model are dropped and the garbage collected, the live arrays' bytes are what the
 was made, for every method, in torch (the ``torch.optim`` classes) and in NumPy (the core
 factories). No tolerance: a kept array of any size is a leak, and a cache keyed by shapes would
 grow with every width.
+
+The sweeps run in one interpreter of their own (``python tests/test_no_leaks.py``, once per test
+session), every method's after the ones before it, as a user's sweeps follow each other; each test
+judges its method's line. Finding every live array walks every object the garbage collector tracks:
+in a fresh interpreter that is the libraries' own objects, where in a suite worker it is also every
+object the tests before it left (compiled graphs, traces), which made the walk the test's cost.
 """
 
 from __future__ import annotations
 
 import gc
 import itertools
+import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from session_jobs import json_lines_of
 
 import precond_ref as pr
 from precond_ref.adapters import torch as pt
@@ -111,16 +120,49 @@ def _numpy_sweep(method: str, widths) -> None:
         del transform, state, params, grads, updates
 
 
+def _measure():
+    """For each method in turn: the live bytes before and after its sweeps, and the message of
+    every warning it raised; one line per method. The baseline is taken after one model of width 1
+    of every method (outside the sweeps), which imports what the libraries import lazily (modules
+    whose constants are arrays: NumPy's polynomial classes); a method's sweeps start where the
+    previous one's ended, so what was measured after it is the next one's before."""
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        first = {}
+        for method in METHODS:
+            for sweep in (_torch_sweep, _numpy_sweep):
+                sweep(method, [1])
+            first[method] = [f"{w.category.__name__}: {w.message}" for w in raised]
+            raised.clear()
+        before = _live_bytes()
+        for method in METHODS:
+            for sweep in (_torch_sweep, _numpy_sweep):
+                sweep(method, WIDTHS)
+            after = _live_bytes()
+            said = first[method] + [f"{w.category.__name__}: {w.message}" for w in raised]
+            raised.clear()
+            yield {"method": method, "before": before, "after": after, "warnings": said}
+            before = after
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every method's line of this file run as a script, once per session."""
+    return json_lines_of(tmp_path_factory, "no_leaks", __file__, "the no-leaks sweeps", timeout=600)
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_dropped_optimizers_leave_no_arrays(method):
-    """The baseline is taken after one model of width 1 (outside the sweep), which imports what the
-    libraries import lazily (modules whose constants are arrays: NumPy's polynomial classes)."""
-    for sweep in (_torch_sweep, _numpy_sweep):
-        sweep(method, [1])
-    before = _live_bytes()
-    for sweep in (_torch_sweep, _numpy_sweep):
-        sweep(method, WIDTHS)
-    after = _live_bytes()
-    # Not more bytes: a kept array of any size is a leak. (Fewer is other tests' garbage, in a
-    # process that ran them first, freed meanwhile.)
+def test_dropped_optimizers_leave_no_arrays(results, method):
+    """After the 30 widths' optimizers and models are dropped, the live arrays' bytes are not more
+    than before the sweep, in torch and in NumPy; the sweeps raise no warning."""
+    line = results[method]
+    before, after = line["before"], line["after"]
+    assert not line["warnings"], line["warnings"]
+    # Not more bytes: a kept array of any size is a leak. (Fewer is the earlier sweeps' garbage
+    # freed meanwhile.)
     assert all(after[backend] <= before[backend] for backend in before), (before, after)
+
+
+if __name__ == "__main__":
+    for line in _measure():
+        print(json.dumps(line), flush=True)

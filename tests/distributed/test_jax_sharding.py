@@ -6,34 +6,20 @@ so it runs in its own interpreter (with a timeout); each test judges one method'
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
-from _shared import run_once
+from session_jobs import json_lines_of
 
 WORKER = os.path.join(os.path.dirname(__file__), "jax_worker.py")
 METHODS = ["agd", "asgo", "dasgo", "mbf", "rf_rmsprop", "rf_adamw", "if_shampoo", "sketchy", "s_adagrad"]
 EPS64 = 2.0**-52
 
 
-def _run_worker(out) -> None:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # XLA_FLAGS: the suite's, for compile time (xla_flags.py)
-    try:
-        run = subprocess.run([sys.executable, WORKER], capture_output=True, text=True, timeout=300, env=env)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the JAX sharding worker hung (killed after 300 s)")
-    assert run.returncode == 0, run.stderr[-6000:]
-    (out / "results.jsonl").write_text(run.stdout)
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = run_once(tmp_path_factory, "jax_sharding", _run_worker)
-    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.startswith("{")]
-    return {line["method"]: line for line in lines}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # XLA_FLAGS: the suite's, for compile time (xla_flags.py)
+    return json_lines_of(tmp_path_factory, "jax_sharding", WORKER, "the JAX sharding worker", env=env)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from _shared import run_once
+from session_jobs import run_once
 
 pytest.importorskip("torch.distributed.fsdp")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():  # pragma: no cover

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-L = pytest.importorskip("lightning")
-
-from framework_cases import (  # noqa: E402
+from framework_cases import (
     REPRESENTATIVE,
     assert_same_parameters,
     batches,
@@ -28,28 +25,37 @@ from framework_cases import (  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore:.*LeafSpec.*is deprecated")
 
 
-class _Module(L.LightningModule):
-    def __init__(self, name, scheduler):
-        super().__init__()
-        self.net = make_mlp()
-        self.name, self.scheduler, self.losses = name, scheduler, []
+def _module_class():
+    """The LightningModule of these tests. Lightning is imported here, by the tests that use it,
+    not when the file is collected: every xdist worker collects every file, and importing
+    Lightning is the costliest import of the collection. Skips the test where it is missing."""
+    L = pytest.importorskip("lightning")
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.losses.append(loss.item())
-        return loss
+    class _Module(L.LightningModule):
+        def __init__(self, name, scheduler):
+            super().__init__()
+            self.net = make_mlp()
+            self.name, self.scheduler, self.losses = name, scheduler, []
 
-    def configure_optimizers(self):
-        opt = make_optimizer(self.name, self.net.named_parameters())
-        if not self.scheduler:
-            return opt
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self):
+            opt = make_optimizer(self.name, self.net.named_parameters())
+            if not self.scheduler:
+                return opt
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return L, _Module
 
 
-def _fit(name, scheduler, root, epochs, ckpt_path=None):
-    module = _Module(name, scheduler)
+def _fit(lightning, name, scheduler, root, epochs, ckpt_path=None):
+    L, module_class = lightning
+    module = module_class(name, scheduler)
     x, y = (torch.cat(t) for t in zip(*batches(2)))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=False)
     trainer = L.Trainer(
@@ -61,10 +67,11 @@ def _fit(name, scheduler, root, epochs, ckpt_path=None):
 
 
 def _check(name, scheduler, tmp_path):
-    _, full = _fit(name, scheduler, tmp_path, epochs=4)
-    half_trainer, _ = _fit(name, scheduler, tmp_path, epochs=2)
+    lightning = _module_class()
+    _, full = _fit(lightning, name, scheduler, tmp_path, epochs=4)
+    half_trainer, _ = _fit(lightning, name, scheduler, tmp_path, epochs=2)
     half_trainer.save_checkpoint(tmp_path / "half.ckpt")
-    _, resumed = _fit(name, scheduler, tmp_path, epochs=4, ckpt_path=str(tmp_path / "half.ckpt"))
+    _, resumed = _fit(lightning, name, scheduler, tmp_path, epochs=4, ckpt_path=str(tmp_path / "half.ckpt"))
     assert len(full.losses) == 8
     assert resumed.losses == full.losses[4:]
     assert_same_parameters(parameters(full), parameters(resumed))
