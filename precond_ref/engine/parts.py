@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 from array_api_compat import array_namespace
 
-from .._backend import array_device, cast, compute_dtype, cond, device_key, host_bool, placement
+from .._backend import array_device, cast, compute_dtype, cond, device_key, placement
 from ..blocking import chunk_sizes, on_stacks
 from ..linalg import all_finite
 from ..transform import PrecondState
@@ -164,11 +164,7 @@ def join_rows(xp: Any, pieces: Sequence[Array], cut: Sequence[tuple]) -> Array:
 def finite_or_previous(xp: Any, new: Array, previous: Array, failures: Array, block_ndim: int = 2) -> tuple[Array, Array]:
     r"""Block-wise, ``new`` where the block is finite, else ``previous``, and ``failures`` plus the
     number of blocks kept: a block is the last ``block_ndim`` axes (2: a stack of matrices; 0: each
-    entry, block size 1). Where the decision that every entry is finite reads on the host for free
-    (:func:`precond_ref._backend.host_bool`: NumPy, a CPU tensor outside ``torch.compile``) a finite
-    ``new`` is returned as it is, without the selection and the count's arithmetic."""
-    if host_bool(xp, all_finite(new, axis=tuple(range(new.ndim)))):
-        return new, failures
+    entry, block size 1)."""
     ok = all_finite(new, axis=tuple(range(new.ndim - block_ndim, new.ndim))) if block_ndim else xp.isfinite(new)
     kept = xp.where(xp.reshape(ok, tuple(ok.shape) + (1,) * block_ndim), new, previous)
     return kept, failures + _count(xp, xp.logical_not(ok), failures.dtype)
@@ -179,16 +175,9 @@ def _count(xp: Any, flags: Array, dtype: Any) -> Array:
     return xp.sum(xp.astype(flags, dtype), dtype=dtype)
 
 
-def refresh_parts(
-    xp: Any,
-    kinds: Sequence[str],
-    statistics: Sequence[Array],
-    previous: Sequence[Array],
-    block_inverse: Callable[[Array, Array], tuple[Array, Array]],
-    elementwise_inverse: Callable[[Array, Array], tuple[Array, Array]],
-    run: tuple[int, int] = (0, 1),
-    share: Optional[Callable[[int, int, int], tuple[int, int]]] = None,
-) -> tuple[list[Array], list[Array]]:
+def refresh_parts(xp: Any, kinds: Sequence[str], statistics: Sequence[Array], previous: Sequence[Array],
+                  block_inverse: Callable, elementwise_inverse: Callable, run: tuple[int, int] = (0, 1),
+                  share: Optional[Callable[[int, int, int], tuple[int, int]]] = None) -> tuple[list[Array], list[Array]]:
     r"""``block_inverse(F, previous)`` (``elementwise_inverse`` for block size 1) of every statistic
     part's blocks in the shares ``run`` = ``(first, stop)``, the previous inverse for the others;
     and per part how many refreshed blocks failed and kept their previous inverse (0-D int32).
@@ -525,13 +514,12 @@ def _check_batch(p: _Parts, groups: dict, batch_groups: list, leaves: list) -> N
             continue
         diagonal = block_kind(members, p.max_block_dim) == DIAGONAL
         entry, shape = (p.rule.State._fields[0], tuple(members[0].shape)) if diagonal else ("momentum", block_shape(members))
-        found = tuple(entries[entry].shape) if entry in entries else None
-        if found != shape:
-            have = f"{entry!r} {found}" if found is not None else f"no {entry!r} (a block of another kind)"
+        have = {k: tuple(v.shape) for k, v in entries.items()}
+        if have.get(entry) != shape:
             raise ValueError(
                 f"{p.rule.name}.warm_start: the gradient of {described(group)} does not fit the optimizer state "
-                f"of its block (state has {have}, the gradient needs {entry!r} {shape}); a transposed "
-                "gradient, or a weight without its bias?"
+                f"of its block (state has {have}, the gradient needs {entry!r} {shape}); a transposed gradient, "
+                "or a weight without its bias?"
             )
     missing = [group for group in batch_groups if group.key not in groups]
     if missing:
@@ -545,16 +533,8 @@ def _check_batch(p: _Parts, groups: dict, batch_groups: list, leaves: list) -> N
 # The transform.
 
 
-def parts_transform(
-    rule: PartsRule,
-    config: NamedTuple,
-    *,
-    max_block_dim: Optional[int],
-    block_size: Optional[int],
-    clips: bool,
-    decays: bool,
-    on_nonfinite: str,
-) -> tuple[Callable, Callable, Callable, str, Callable, Callable]:
+def parts_transform(rule: PartsRule, config: NamedTuple, *, max_block_dim: Optional[int], block_size: Optional[int],
+                    clips: bool, decays: bool, on_nonfinite: str) -> tuple[Callable, ...]:
     r"""``(init, update, due, matmul_precision, group_leaves, warm_start)`` of ``rule`` with
     ``config`` (a NamedTuple of its hyperparameters, ``learning_rate`` among them).
 
@@ -570,15 +550,10 @@ def parts_transform(
     statistics_every, inverse_dues = rule.schedule(config)
     p = _Parts(rule, config, max_block_dim, block_size, statistics_every, inverse_dues, clips, decays)
     inner = build_transform(
-        name=rule.name,
-        init_group=functools.partial(_init_group, p),
-        update_groups=functools.partial(_update_groups, p),
-        group_leaves=_groups,
-        on_nonfinite=on_nonfinite,
-        needs_params=decays,
-        intervals=(statistics_every,) + inverse_dues,
-        layout_hint=_layout_hint,
-    )
+        name=rule.name, init_group=functools.partial(_init_group, p), update_groups=functools.partial(_update_groups, p),
+        group_leaves=_groups, on_nonfinite=on_nonfinite, needs_params=decays,
+        intervals=(statistics_every,) + inverse_dues, layout_hint=_layout_hint,
+    )  # fmt: skip
 
     def init(params: Any) -> PrecondState:
         return inner.init(out_first(params)[0])
