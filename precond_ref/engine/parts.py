@@ -37,7 +37,7 @@ from .elementwise import operands
 from .joined import leafwise
 from .layout import weight_bias_groups
 from .matrices import as_matrix
-from .phases import refreshes
+from .phases import phase_share, refreshes
 from .run import build_transform
 
 __all__ = ["FC", "CONV", "ELEMENTWISE", "DIAGONAL", "PartsRule", "parts_transform", "out_first", "restore", "parts",
@@ -177,22 +177,23 @@ def _count(xp: Any, flags: Array, dtype: Any) -> Array:
 
 def refresh_parts(xp: Any, kinds: Sequence[str], statistics: Sequence[Array], previous: Sequence[Array],
                   block_inverse: Callable, elementwise_inverse: Callable, run: tuple[int, int] = (0, 1),
-                  share: Optional[Callable[[int, int, int], tuple[int, int]]] = None) -> tuple[list[Array], list[Array]]:
+                  phases: int = 1) -> tuple[list[Array], list[Array]]:
     r"""``block_inverse(F, previous)`` (``elementwise_inverse`` for block size 1) of every statistic
-    part's blocks in the shares ``run`` = ``(first, stop)``, the previous inverse for the others;
-    and per part how many refreshed blocks failed and kept their previous inverse (0-D int32).
+    part's blocks in the shares ``run`` = ``(first, stop)`` of ``phases``, the previous inverse for
+    the others; and per part how many refreshed blocks failed and kept their previous inverse (0-D
+    int32).
 
     The equal-size blocks of all parts (FC blocks of one size, convs with one kernel size) form one
-    stack (:func:`precond_ref.blocking.on_stacks`), of which the run refreshes the blocks
-    ``share(n, first, stop)`` of ``n`` (the rule's; every block without ``share``) by one batched
-    call. Element-wise parts refresh with the first share."""
+    stack (:func:`precond_ref.blocking.on_stacks`), of which the run refreshes its contiguous share
+    (:func:`~precond_ref.engine.phases.phase_share`) by one batched call. Element-wise parts refresh
+    with the first share."""
 
     def square(a: Array) -> Array:
         return as_matrix(xp, a, (math.prod(a.shape[:-2]), a.shape[-1], a.shape[-1]))
 
     def invert(stack: Array, before: Array) -> tuple[Array, Array]:
         n = stack.shape[0]
-        start, stop = share(n, *run) if share is not None else (0, n)
+        start, stop = phase_share(n, *run, phases)
         if stop - start == n:
             return block_inverse(stack, before)
         flagged = xp.zeros(stack.shape[:1], dtype=xp.bool, device=placement(xp, stack))
@@ -238,9 +239,7 @@ class PartsRule(NamedTuple):
     ``diagonal(xp, c, state, g, correction)``: the diagonal kind's direction and state after the
     step; ``correction(xp, c, count, dtype)``: its step's bias correction; ``warm_start(xp, c, F, S,
     j)``: the warm start's mean after its ``j``-th statistic ``S``; ``schedule(c)``: the statistics
-    interval and the inverse refresh predicate ``calls -> bool`` of each share of a stack;
-    ``share(c, n, first, stop)``: the blocks ``(start, end)`` of a stack of ``n`` equal blocks that
-    the shares ``first`` to ``stop - 1`` refresh.
+    interval and the inverse refresh predicate ``calls -> bool`` of each share of a stack.
     """
 
     name: str
@@ -260,7 +259,6 @@ class PartsRule(NamedTuple):
     correction: Callable
     warm_start: Callable
     schedule: Callable
-    share: Callable
     State: type  # the diagonal kind's state: a NamedTuple of its entries
 
 
@@ -359,7 +357,7 @@ def _inverses(p: _Parts, xp: Any, ctx: StepContext, kinds: tuple, owners: tuple,
             new, failed = refresh_parts(
                 xp, kinds, f, inv, lambda s, q: p.rule.inverse(xp, _ops(p, xp, s.dtype), s, q),
                 lambda v, q: p.rule.elementwise_inverse(xp, _ops(p, xp, v.dtype), v, q),
-                run.shares, lambda n_blocks, first, stop: p.rule.share(p.config, n_blocks, first, stop),
+                run.shares, len(p.inverse_dues),
             )  # fmt: skip
             counts = list(n)
             for owner, count in zip(owners, failed):

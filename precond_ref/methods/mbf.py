@@ -9,7 +9,6 @@ The rule, one stack of mini-blocks at a time (a leading ``...`` axis); the engin
     F_b    <- rho F_b + (1 - rho) g_b g_b^T          if i % T1 == 0       _ema_statistic, _schedule
     F_b^-1 <- (F_b + lam I)^-1                       if share p is due    _inverse (B2, B6), _elementwise_inverse (B4)
               share p due: (i <= T2 and i % T1 == 0) or i % T2 == (p T2) // P        _inverse_due
-              share p of a stack of n blocks: blocks n p // P to n (p+1) // P - 1       _share
     D_b     = F_b^-1 m_b                                                 _precondition
     nu      = min(1, sqrt(kappa / (alpha_i^2 <D, m>)))   per layer       _quadratic, _step_size (B7)
     w      <- (1 - alpha_i wd) w - alpha_i nu D                          _step, _decay, _decayed
@@ -242,19 +241,11 @@ def _inverse_due(c: MBFConfig, p: int, i: Any) -> Any:
     return ((i <= t2) & (i % t1 == 0)) | (i % t2 == (p * t2) // c.refresh_phases)
 
 
-def _share(c: MBFConfig, n: int, first: int, stop: int) -> tuple[int, int]:
-    r"""The blocks ``start`` to ``end - 1`` of a stack of ``n`` equal blocks whose inverses refresh
-    with the shares ``first`` to ``stop - 1``: share :math:`p` owns blocks :math:`\lfloor np/P \rfloor`
-    to :math:`\lfloor n(p+1)/P \rfloor - 1`, as even as contiguous shares allow."""
-    return n * first // c.refresh_phases, n * stop // c.refresh_phases
-
-
 _RULE = PartsRule(
     name="mbf", init_part=_init_part, momentum=_heavy_ball, statistic=_block_statistic, ema=_ema_statistic,
     inverse=_inverse, elementwise_inverse=_elementwise_inverse, direction=_precondition, quadratic=_quadratic,
     step_size=_step_size, step=_step, decay=_decay, decayed=_decayed, diagonal=_diagonal_rule,
-    correction=_diagonal_correction, warm_start=_warm_start_mean, schedule=_schedule, share=_share,
-    State=DiagonalState,
+    correction=_diagonal_correction, warm_start=_warm_start_mean, schedule=_schedule, State=DiagonalState,
 )
 
 
