@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 from array_api_compat import array_namespace
 
-from .._backend import array_device, cast, compute_dtype, cond, device_key, placement
+from .._backend import array_device, cast, compute_dtype, cond, device_key, host_bool, placement
 from ..blocking import chunk_sizes, on_stacks
 from ..linalg import all_finite
 from ..transform import PrecondState
@@ -164,7 +164,11 @@ def join_rows(xp: Any, pieces: Sequence[Array], cut: Sequence[tuple]) -> Array:
 def finite_or_previous(xp: Any, new: Array, previous: Array, failures: Array, block_ndim: int = 2) -> tuple[Array, Array]:
     r"""Block-wise, ``new`` where the block is finite, else ``previous``, and ``failures`` plus the
     number of blocks kept: a block is the last ``block_ndim`` axes (2: a stack of matrices; 0: each
-    entry, block size 1)."""
+    entry, block size 1). Where the decision that every entry is finite reads on the host for free
+    (:func:`precond_ref._backend.host_bool`: NumPy, a CPU tensor outside ``torch.compile``) a finite
+    ``new`` is returned as it is, without the selection and the count's arithmetic."""
+    if host_bool(xp, all_finite(new, axis=tuple(range(new.ndim)))):
+        return new, failures
     ok = all_finite(new, axis=tuple(range(new.ndim - block_ndim, new.ndim))) if block_ndim else xp.isfinite(new)
     kept = xp.where(xp.reshape(ok, tuple(ok.shape) + (1,) * block_ndim), new, previous)
     return kept, failures + _count(xp, xp.logical_not(ok), failures.dtype)
@@ -285,7 +289,8 @@ def _ops(p: _Parts, xp: Any, dtype: Any) -> NamedTuple:
 
 
 def _step_ops(p: _Parts, ctx: StepContext, dtype: Any, device: Any) -> NamedTuple:
-    """:func:`_ops`, made once per update, dtype and device."""
+    """:func:`_ops`, made once per update, dtype and device (a branch of a ``cond`` finds them made
+    before it: an operand made in a traced branch would leave it)."""
     return ctx.once(("operands", dtype, device), lambda: _ops(p, ctx.xp, dtype))
 
 
@@ -326,7 +331,7 @@ def _statistics(p: _Parts, xp: Any, ctx: StepContext, kinds: tuple, owners: tupl
     def update(f: list, n: list, g: list) -> tuple[list, list]:
         new_statistics, counts = [], list(n)
         for kind, owner, f_part, g_part in zip(kinds, owners, f, g):
-            new = p.rule.ema(xp, _ops(p, xp, f_part.dtype), kind, f_part, g_part)
+            new = p.rule.ema(xp, _step_ops(p, ctx, f_part.dtype, array_device(f_part)), kind, f_part, g_part)
             new, counts[owner] = finite_or_previous(xp, new, f_part, counts[owner], 0 if kind == ELEMENTWISE else 2)
             new_statistics.append(new)
         return new_statistics, counts
@@ -355,8 +360,8 @@ def _inverses(p: _Parts, xp: Any, ctx: StepContext, kinds: tuple, owners: tuple,
     def branches(run: _Run) -> tuple[Callable, Callable]:
         def refresh(f: list, inv: list, n: list) -> tuple[list, list]:
             new, failed = refresh_parts(
-                xp, kinds, f, inv, lambda s, q: p.rule.inverse(xp, _ops(p, xp, s.dtype), s, q),
-                lambda v, q: p.rule.elementwise_inverse(xp, _ops(p, xp, v.dtype), v, q),
+                xp, kinds, f, inv, lambda s, q: p.rule.inverse(xp, _step_ops(p, ctx, s.dtype, array_device(s)), s, q),
+                lambda v, q: p.rule.elementwise_inverse(xp, _step_ops(p, ctx, v.dtype, array_device(v)), v, q),
                 run.shares, len(p.inverse_dues),
             )  # fmt: skip
             counts = list(n)
@@ -400,9 +405,11 @@ def _block_steps(p: _Parts, xp: Any, ctx: StepContext, grads: dict, states: dict
     and inverses of its parts, its direction and the step."""
     blocked = list(grads)
     cut = {i: parts(kinds[i], tuple(grads[i].shape), p.block_size) for i in blocked}
+    # made before the statistics' and inverses' branches, which find them made (none traced in a branch)
+    ops = {i: _step_ops(p, ctx, grads[i].dtype, array_device(grads[i])) for i in blocked}
 
     def heavy_ball(old: Array, grad: Array) -> Array:
-        return ctx.unless_skipped(p.rule.momentum(xp, _ops(p, xp, old.dtype), old, grad), old)
+        return ctx.unless_skipped(p.rule.momentum(xp, _step_ops(p, ctx, old.dtype, array_device(old)), old, grad), old)
 
     m = dict(zip(blocked, leafwise(xp, heavy_ball, [states[i]["momentum"] for i in blocked], [grads[i] for i in blocked], ctx=ctx)))
     members = [(i, suffix) for i in blocked for suffix, *_ in cut[i]]  # every statistic part
@@ -413,7 +420,6 @@ def _block_steps(p: _Parts, xp: Any, ctx: StepContext, grads: dict, states: dict
     inverses, counts = _inverses(p, xp, ctx, part_kinds, owners, statistics,
                                  [states[i]["inverse" + s] for i, s in members], failures)  # fmt: skip
     statistic, inverse = dict(zip(members, statistics)), dict(zip(members, inverses))
-    ops = {i: _step_ops(p, ctx, grads[i].dtype, array_device(grads[i])) for i in blocked}
     d = {i: join_rows(xp, [p.rule.direction(xp, ops[i], kinds[i], inverse[i, suffix], m_part)
                            for (suffix, *_), m_part in zip(cut[i], split_rows(xp, m[i], cut[i]))], cut[i])
          for i in blocked}  # fmt: skip
