@@ -289,8 +289,9 @@ def _ops(p: _Parts, xp: Any, dtype: Any) -> NamedTuple:
 
 
 def _step_ops(p: _Parts, ctx: StepContext, dtype: Any, device: Any) -> NamedTuple:
-    """:func:`_ops`, made once per update, dtype and device (a branch of a ``cond`` finds them made
-    before it: an operand made in a traced branch would leave it)."""
+    """:func:`_ops`, made once per update, dtype and device. :func:`_block_steps` makes them before
+    the ``cond`` branches that read them: an array made while a branch is traced must not be used
+    outside that branch."""
     return ctx.once(("operands", dtype, device), lambda: _ops(p, ctx.xp, dtype))
 
 
