@@ -1,4 +1,4 @@
-r"""A layer as mini-blocks in parts: the layout and the runner of a block-statistic rule (MBF).
+r"""A layer as mini-blocks in parts: the layout of a block-statistic rule (MBF) and its step.
 
 The layout (spec README sections 5-6): a parameter tree is read out-first (a Flax out-last
 ``kernel`` permuted, :func:`out_first`), a layer's weight with its bias is one group
@@ -10,12 +10,13 @@ every other leaf the diagonal kind. An FC layer's long output axis is cut into t
 and a shorter tail, each its own statistic (state entries ``statistic``/``inverse`` and
 ``statistic_tail``/``inverse_tail``).
 
-The runner (:func:`parts_transform`) does for a :class:`PartsRule` what every step needs around its
-formulas, in named sub-steps: the casts, the decisions of the rule's schedule (one batched refresh
-call for the equal blocks of all layers, :func:`~precond_ref.engine.phases.refreshes`), the
-non-finite rule (a statistic or inverse that is not finite is rejected and counted, the heavy ball
-kept on a skipped step), the stacking of the diagonal leaves and of the step sizes across layers,
-and the warm start's loop over the gradient trees, a non-finite one left out.
+:func:`parts_transform` maps the groups to and from their parts and hands them, stacked, to the
+rule's functions in the order of one step: the heavy ball, the statistics on the rule's interval,
+the inverses of the shares due (the shared refresh driver,
+:func:`~precond_ref.engine.phases.refreshes`, one batched call per stack of equal blocks,
+:func:`precond_ref.blocking.on_stacks`), the directions and the step; a statistic or inverse block
+that is not finite keeps its previous value and is counted. The warm start maps each gradient tree
+to the same parts and hands their statistics to the rule's mean, a non-finite tree left out.
 """
 
 from __future__ import annotations
@@ -39,11 +40,8 @@ from .matrices import as_matrix
 from .phases import phase_share, refreshes
 from .run import build_transform
 
-__all__ = [
-    "FC", "CONV", "ELEMENTWISE", "DIAGONAL", "TAIL", "PartsRule", "parts_transform", "out_first", "restore",
-    "block_kind", "block_shape", "to_block", "from_block", "parts", "statistic_shapes", "split_rows", "join_rows",
-    "finite_or_previous", "refresh_parts",
-]
+__all__ = ["FC", "CONV", "ELEMENTWISE", "DIAGONAL", "PartsRule", "parts_transform", "out_first", "restore", "parts",
+           "split_rows", "join_rows", "finite_or_previous", "refresh_parts"]
 
 Array = Any
 
@@ -59,11 +57,7 @@ TAIL = "_tail"  # state-key suffix of the shorter last block of a blocked FC out
 # Out-first canonical form of a tree (Flax's out-last ``kernel``).
 
 
-def _is_out_last(path: Path, leaf: Any) -> bool:
-    return bool(path) and path[-1] == "kernel" and len(leaf.shape) >= 2
-
-
-def _to_out_first_perm(ndim: int) -> tuple[int, ...]:
+def _out_first_perm(ndim: int) -> tuple[int, ...]:
     """Out-last (s..., I, O) -> out-first (O, I, s...); (I, O) -> (O, I)."""
     return (ndim - 1, ndim - 2) + tuple(range(ndim - 2))
 
@@ -72,13 +66,11 @@ def out_first(tree: Any) -> tuple[Any, Any, list[bool], list[Any]]:
     """``tree`` with every out-last ``kernel`` permuted to out-first (``tree`` itself when it has
     none); its treedef; which were; the canonical tree's leaves."""
     leaves, treedef = tree_flatten(tree)
-    flags = [_is_out_last(path, leaf) for path, leaf in zip(treedef.paths, leaves)]
+    flags = [bool(path) and path[-1] == "kernel" and len(leaf.shape) >= 2 for path, leaf in zip(treedef.paths, leaves)]
     if not any(flags):
         return tree, treedef, flags, leaves
     xp = array_namespace(*leaves)
-    leaves = [
-        xp.permute_dims(leaf, _to_out_first_perm(len(leaf.shape))) if flag else leaf for leaf, flag in zip(leaves, flags)
-    ]
+    leaves = [xp.permute_dims(a, _out_first_perm(a.ndim)) if flag else a for a, flag in zip(leaves, flags)]
     return tree_unflatten(treedef, leaves), treedef, flags, leaves
 
 
@@ -88,13 +80,9 @@ def restore(tree: Any, treedef: Any, flags: list[bool]) -> Any:
         return tree
     leaves, _ = tree_flatten(tree)
     xp = array_namespace(*leaves)
-    out = []
-    for leaf, flag in zip(leaves, flags):
-        if flag:
-            perm = _to_out_first_perm(len(leaf.shape))
-            leaf = xp.permute_dims(leaf, tuple(perm.index(k) for k in range(len(perm))))
-        out.append(leaf)
-    return tree_unflatten(treedef, out)
+    back = [xp.permute_dims(a, tuple(_out_first_perm(a.ndim).index(k) for k in range(a.ndim))) if flag else a
+            for a, flag in zip(leaves, flags)]  # fmt: skip
+    return tree_unflatten(treedef, back)
 
 
 def _groups(paths: Sequence[Path], leaves: Sequence[Array]) -> list:
@@ -103,18 +91,16 @@ def _groups(paths: Sequence[Path], leaves: Sequence[Array]) -> list:
 
 
 # --------------------------------------------------------------------------------------------
-# Block kinds and the block layout of a group, from out-first shapes alone (static).
+# Block kinds, the block layout of a group and its parts, from out-first shapes alone (static).
 
 
 def block_kind(leaves: Sequence[Any], max_block_dim: Optional[int]) -> str:
     """The kind of a group (module docstring)."""
-    weight = leaves[0]
-    ndim = len(weight.shape)
-    if len(leaves) == 2 or ndim == 2:
-        big = max_block_dim is not None and weight.shape[0] > max_block_dim
-        return ELEMENTWISE if big else FC
-    if ndim >= 3:
-        return ELEMENTWISE if math.prod(weight.shape[2:]) == 1 else CONV
+    shape = leaves[0].shape
+    if len(leaves) == 2 or len(shape) == 2:
+        return ELEMENTWISE if max_block_dim is not None and shape[0] > max_block_dim else FC
+    if len(shape) >= 3:
+        return ELEMENTWISE if math.prod(shape[2:]) == 1 else CONV
     return DIAGONAL
 
 
@@ -128,56 +114,32 @@ def block_shape(leaves: Sequence[Any]) -> tuple[int, ...]:
 
 def to_block(xp: Any, leaves: Sequence[Any]) -> Any:
     """A group's gradient in block layout: [W | b] as (O, I[+1]), a conv weight as (O, C, q)."""
-    weight = leaves[0]
-    if len(weight.shape) >= 3:
-        return xp.reshape(weight, block_shape(leaves))
+    if leaves[0].ndim >= 3:
+        return xp.reshape(leaves[0], block_shape(leaves))
     if len(leaves) == 2:
-        return xp.concat([weight, xp.expand_dims(leaves[1], axis=1)], axis=1)
-    return weight
+        return xp.concat([leaves[0], xp.expand_dims(leaves[1], axis=1)], axis=1)
+    return leaves[0]
 
 
 def from_block(xp: Any, block: Any, leaves: Sequence[Any]) -> tuple[Any, ...]:
     """Inverse of :func:`to_block`, shaped like ``leaves``."""
     weight = leaves[0]
-    if len(weight.shape) >= 3:
+    if weight.ndim >= 3:
         return (xp.reshape(block, tuple(weight.shape)),)
     if len(leaves) == 2:
-        n_in = weight.shape[1]
-        return (block[:, :n_in], block[:, n_in])
+        return (block[:, : weight.shape[1]], block[:, weight.shape[1]])
     return (block,)
-
-
-# --------------------------------------------------------------------------------------------
-# Parts: the row chunks of a long FC output axis (spec README section 6). The O x O statistic
-# becomes ``full`` diagonal b x b blocks (one stack) plus a ``tail`` x ``tail`` block for the rest.
 
 
 def parts(kind: str, shape: tuple[int, ...], block_size: Optional[int]) -> tuple[tuple[str, int, int, Optional[tuple]], ...]:
     """The statistic blocks of a group as ``(state-key suffix, first row, end row, stack shape)``:
-    one part covering every row unless an FC group's output axis is blocked, then the ``full`` row
-    chunks as one stack ``(full, b, I')`` and the ``tail`` rows (suffix ``_tail``) as a matrix."""
-    o = shape[0]
-    if kind != FC:
-        return (("", 0, o, None),)
-    b, full, tail = chunk_sizes(o, block_size)
+    one part covering every row unless an FC group's output axis is blocked (spec README section
+    6), then the ``full`` row chunks of ``b`` rows as one stack ``(full, b, I')`` (the diagonal
+    b x b blocks of the O x O statistic) and the ``tail`` rows (suffix ``_tail``) as a matrix."""
+    b, full, tail = chunk_sizes(shape[0], block_size) if kind == FC else (0, 0, 0)
     if not full:
-        return (("", 0, o, None),)
-    whole = (("", 0, full * b, (full, b) + tuple(shape[1:])),)
-    return whole + ((TAIL, full * b, o, None),) if tail else whole
-
-
-def statistic_shapes(kind: str, shape: tuple[int, ...], block_size: Optional[int]) -> dict[str, tuple[int, ...]]:
-    """State-key suffix -> statistic shape of each part of a group: (O, C, q, q) for a conv,
-    the block layout itself for block size 1, (O, O) for an unblocked FC group, and
-    (full, b, b) plus (tail, tail) for a blocked one."""
-    if kind == CONV:
-        return {"": shape + (shape[-1],)}
-    if kind == ELEMENTWISE:
-        return {"": shape}
-    return {
-        suffix: (stack[:-2] if stack else ()) + ((stop - start, stop - start) if stack is None else (stack[-2], stack[-2]))
-        for suffix, start, stop, stack in parts(kind, shape, block_size)
-    }
+        return (("", 0, shape[0], None),)
+    return (("", 0, full * b, (full, b) + tuple(shape[1:])),) + (((TAIL, full * b, shape[0], None),) if tail else ())
 
 
 def split_rows(xp: Any, x: Array, cut: Sequence[tuple]) -> list[Array]:
@@ -188,7 +150,7 @@ def split_rows(xp: Any, x: Array, cut: Sequence[tuple]) -> list[Array]:
 
 
 def join_rows(xp: Any, pieces: Sequence[Array], cut: Sequence[tuple]) -> Array:
-    """Inverse of :func:`split_rows`."""
+    """Inverse of :func:`split_rows` (a view where there is one piece)."""
     if len(pieces) == 1 and cut[0][3] is None:
         return pieces[0]
     rows = [xp.reshape(p, (stop - start,) + tuple(p.shape[-1:])) for p, (_, start, stop, _) in zip(pieces, cut)]
@@ -196,7 +158,7 @@ def join_rows(xp: Any, pieces: Sequence[Array], cut: Sequence[tuple]) -> Array:
 
 
 # --------------------------------------------------------------------------------------------
-# The non-finite rule of statistics, the refresh of inverses by phase, the step-size stacks.
+# The non-finite rule of statistics and the batched refresh of inverses.
 
 
 def finite_or_previous(xp: Any, new: Array, previous: Array, failures: Array, block_ndim: int = 2) -> tuple[Array, Array]:
@@ -217,25 +179,18 @@ def _count(xp: Any, flags: Array, dtype: Any) -> Array:
     return xp.sum(xp.astype(flags, dtype), dtype=dtype)
 
 
-def refresh_parts(
-    xp: Any,
-    kinds: Sequence[str],
-    statistics: Sequence[Array],
-    previous: Sequence[Array],
-    block_inverse: Callable[[Array, Array], tuple[Array, Array]],
-    elementwise_inverse: Callable[[Array, Array], tuple[Array, Array]],
-    run: tuple[int, int] = (0, 1),
-    phases: int = 1,
-) -> tuple[list[Array], list[Array]]:
+def refresh_parts(xp: Any, kinds: Sequence[str], statistics: Sequence[Array], previous: Sequence[Array],
+                  block_inverse: Callable, elementwise_inverse: Callable, run: tuple[int, int] = (0, 1),
+                  phases: int = 1) -> tuple[list[Array], list[Array]]:
     r"""``block_inverse(F, previous)`` (``elementwise_inverse`` for block size 1) of every statistic
-    part whose blocks belong to the phases ``run`` = ``(first, stop)`` of ``phases``, the previous
-    inverse for the others; and per part how many refreshed blocks failed and kept their previous
-    inverse (0-D int32).
+    part's blocks in the shares ``run`` = ``(first, stop)`` of ``phases``, the previous inverse for
+    the others; and per part how many refreshed blocks failed and kept their previous inverse (0-D
+    int32).
 
-    The equal-size blocks of all parts (FC blocks of one size, convs with one kernel size) form
-    one stack (:func:`precond_ref.blocking.on_stacks`); the run refreshes its contiguous share
-    of each stack (:func:`~precond_ref.engine.phases.phase_share`) by one batched call.
-    Element-wise parts refresh in phase 0."""
+    The equal-size blocks of all parts (FC blocks of one size, convs with one kernel size) form one
+    stack (:func:`precond_ref.blocking.on_stacks`), of which the run refreshes its contiguous share
+    (:func:`~precond_ref.engine.phases.phase_share`) by one batched call. Element-wise parts refresh
+    with the first share."""
 
     def square(a: Array) -> Array:
         return as_matrix(xp, a, (math.prod(a.shape[:-2]), a.shape[-1], a.shape[-1]))
@@ -252,13 +207,12 @@ def refresh_parts(
         inverse = xp.concat([before[:start, ...], inverse, before[stop:, ...]], axis=0)
         return inverse, xp.concat([flagged[:start], xp.astype(flagged_share, xp.bool), flagged[stop:]], axis=0)
 
-    matrices = [(square(s), square(p)) for k, s, p in zip(kinds, statistics, previous) if k != ELEMENTWISE]
-    inverted = iter(on_stacks(xp, invert, matrices))
+    inverted = iter(on_stacks(xp, invert, [(square(s), square(p)) for k, s, p in zip(kinds, statistics, previous) if k != ELEMENTWISE]))
     inverses, failures = [], []
     for kind, statistic, before in zip(kinds, statistics, previous):
         if kind != ELEMENTWISE:
-            inverse, flagged_blocks = next(inverted)
-            inverse, failed = as_matrix(xp, inverse, tuple(statistic.shape)), flagged_blocks
+            inverse, failed = next(inverted)
+            inverse = as_matrix(xp, inverse, tuple(statistic.shape))
         elif run[0] == 0:
             inverse, failed = elementwise_inverse(statistic, before)
         else:
@@ -268,13 +222,8 @@ def refresh_parts(
     return inverses, failures
 
 
-def _stack_key(x: Array) -> Any:
-    """Arrays with equal keys (dtype and device) can be stacked."""
-    return (x.dtype, device_key(x))
-
-
 # --------------------------------------------------------------------------------------------
-# The runner: named sub-steps of one step, and the warm start.
+# The step: the rule's functions on the parts of all groups, in named sub-steps.
 
 
 class PartsRule(NamedTuple):
@@ -321,78 +270,29 @@ _SCHEDULED = ("learning_rate",)  # configuration fields read at the step's count
 
 
 class _Parts(NamedTuple):
-    """What the sub-steps of one transform share: the rule and its configuration (``plain``: the
-    configuration as operands where every hyperparameter is a number), the layout's options, the
-    schedule (``rule.schedule``) and the ``cond`` branches made."""
+    """What the sub-steps of one transform share: the rule, its configuration, the layout's options
+    and the schedule (``rule.schedule``)."""
 
     rule: PartsRule
     config: NamedTuple
-    plain: Optional[NamedTuple]
     max_block_dim: Optional[int]
     block_size: Optional[int]
     statistics_every: Any
     inverse_dues: tuple
     clips: bool
     decays: bool
-    branches: dict
 
 
 def _ops(p: _Parts, xp: Any, dtype: Any) -> NamedTuple:
     """The configuration with its numbers as operands of ``dtype``."""
-    return p.plain if p.plain is not None else operands(xp, p.config, dtype, _SCHEDULED)
+    return operands(xp, p.config, dtype, _SCHEDULED)
 
 
 def _step_ops(p: _Parts, ctx: StepContext, dtype: Any, device: Any) -> NamedTuple:
-    """:func:`_ops`, made once per update, dtype and device."""
-    if p.plain is not None:
-        return p.plain
-    return ctx.once(("operands", dtype, device), lambda: operands(ctx.xp, p.config, dtype, _SCHEDULED))
-
-
-def _statistic_branches(p: _Parts, xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...]) -> tuple[Callable, Callable]:
-    """The ``cond`` branches of the statistics step: every part's :attr:`PartsRule.ema`, a part that
-    is not finite rejected and counted block-wise (:func:`finite_or_previous`), or every part kept. Made once per
-    (namespace, kinds) and kept in ``p.branches``: JAX caches a traced branch by the function's
-    identity, so a fresh closure per call would trace it again on every eager step. Keyed by the
-    namespace's name, not ``functools.cache``: dynamo warns on every lru_cache-wrapped call it
-    traces, and cannot compare modules as dict keys."""
-    key = ("statistic", xp.__name__, kinds, owners)
-    if key not in p.branches:
-
-        def update(f: list, n: list, g: list) -> tuple[list, list]:
-            statistics, counts = [], list(n)
-            for kind, owner, f_part, g_part in zip(kinds, owners, f, g):
-                new = p.rule.ema(xp, _ops(p, xp, f_part.dtype), kind, f_part, g_part)
-                new, counts[owner] = finite_or_previous(xp, new, f_part, counts[owner], 0 if kind == ELEMENTWISE else 2)
-                statistics.append(new)
-            return statistics, counts
-
-        p.branches[key] = (update, lambda f, n, g: (f, n))
-    return p.branches[key]
-
-
-def _inverse_branches(
-    p: _Parts, xp: Any, kinds: tuple[str, ...], owners: tuple[int, ...], run: tuple[int, int]
-) -> tuple[Callable, Callable]:
-    """The ``cond`` branches of the refresh of the shares ``run`` (:func:`refresh_parts`, each
-    failed block counted in its group), or every inverse kept; kept as :func:`_statistic_branches`."""
-    key = ("inverse", xp.__name__, kinds, owners, run)
-    if key not in p.branches:
-
-        def refresh(f: list, inv: list, n: list) -> tuple[list, list]:
-            inverses, failed = refresh_parts(
-                xp, kinds, f, inv,
-                lambda s, q: p.rule.inverse(xp, _ops(p, xp, s.dtype), s, q),
-                lambda v, q: p.rule.elementwise_inverse(xp, _ops(p, xp, v.dtype), v, q),
-                run, len(p.inverse_dues),
-            )  # fmt: skip
-            counts = list(n)
-            for owner, count in zip(owners, failed):
-                counts[owner] = counts[owner] + count
-            return inverses, counts
-
-        p.branches[key] = (refresh, lambda f, inv, n: (inv, n))
-    return p.branches[key]
+    """:func:`_ops`, made once per update, dtype and device. :func:`_block_steps` makes them before
+    the ``cond`` branches that read them: an array made while a branch is traced must not be used
+    outside that branch."""
+    return ctx.once(("operands", dtype, device), lambda: _ops(p, ctx.xp, dtype))
 
 
 def _init_group(p: _Parts, leaves: tuple, paths: tuple, xp: Any) -> dict[str, Array]:
@@ -405,63 +305,81 @@ def _init_group(p: _Parts, leaves: tuple, paths: tuple, xp: Any) -> dict[str, Ar
         return p.rule.State(zeros, zeros)._asdict()
     shape = block_shape(leaves)
     state = {"momentum": xp.zeros(shape, dtype=dtype, device=dev), "failures": xp.zeros((), dtype=xp.int32, device=dev)}
-    for suffix, stat_shape in statistic_shapes(kind, shape, p.block_size).items():
-        state["statistic" + suffix], state["inverse" + suffix] = p.rule.init_part(
-            xp, _ops(p, xp, dtype), kind, stat_shape, dtype, dev)
+    for suffix, start, stop, stack in parts(kind, shape, p.block_size):
+        # (O, C, q, q) for a conv, the block layout for block size 1, (O, O) or (full, b, b) for an FC part
+        rows = (stop - start,) if stack is None else stack[:2]
+        stat_shape = shape + shape[-1:] if kind == CONV else shape if kind == ELEMENTWISE else rows + rows[-1:]
+        state["statistic" + suffix], state["inverse" + suffix] = p.rule.init_part(xp, _ops(p, xp, dtype), kind, stat_shape, dtype, dev)
     return state
 
 
-def _diagonal_step(p: _Parts, g: Array, state: dict, w: Any, ctx: StepContext) -> tuple:
-    """The diagonal kind's step :math:`-\alpha_i D` and its entries after the step (selected for the
+def _diagonal_step(p: _Parts, ctx: StepContext, g: Array, *entries: Array) -> tuple:
+    r"""The diagonal kind's step :math:`-\alpha_i D` and its entries after the step (selected for the
     non-finite rule here, on the joined entries, so the transform does not select each leaf's piece)."""
     xp, dtype, device = ctx.xp, g.dtype, array_device(g)
     c = _step_ops(p, ctx, dtype, device)
     correction = ctx.once(("diagonal_correction", dtype, device), lambda: p.rule.correction(xp, c, ctx.count, dtype))
-    direction, new = p.rule.diagonal(xp, c, p.rule.State(**state), g, correction)
-    kept = {name: ctx.unless_skipped(entry, state[name]) for name, entry in new._asdict().items()}
+    direction, new = p.rule.diagonal(xp, c, p.rule.State(*entries), g, correction)
     minus_lr = ctx.negated("learning_rate", p.config.learning_rate, dtype, device)
-    return (p.rule.step(xp, c, minus_lr, direction),), kept
+    return (p.rule.step(xp, c, minus_lr, direction), *map(ctx.unless_skipped, new, entries))
 
 
-def _statistics(p: _Parts, xp: Any, ctx: StepContext, members: list, part_kinds: tuple, owners: tuple,
-                statistics: list, failures: list, g_parts: list) -> tuple[list, list]:
-    """Every part's statistic after the statistics step, where it is due (one ``cond`` for all parts),
-    and each group's failure count with the blocks rejected."""
-    if not members:
+def _statistics(p: _Parts, xp: Any, ctx: StepContext, kinds: tuple, owners: tuple, statistics: list,
+                failures: list, g_parts: list) -> tuple[list, list]:
+    """Every part's statistic after the statistics step where it is due (one ``cond`` for all
+    parts; a block that is not finite keeps its previous statistic and counts in its group)."""
+
+    def update(f: list, n: list, g: list) -> tuple[list, list]:
+        new_statistics, counts = [], list(n)
+        for kind, owner, f_part, g_part in zip(kinds, owners, f, g):
+            new = p.rule.ema(xp, _step_ops(p, ctx, f_part.dtype, array_device(f_part)), kind, f_part, g_part)
+            new, counts[owner] = finite_or_previous(xp, new, f_part, counts[owner], 0 if kind == ELEMENTWISE else 2)
+            new_statistics.append(new)
+        return new_statistics, counts
+
+    if not statistics:
         return [], []
-    due = ctx.every(p.statistics_every)
-    return cond(xp, due, *_statistic_branches(p, xp, part_kinds, owners), statistics, failures, g_parts)
-
-
-def _inverses(p: _Parts, xp: Any, ctx: StepContext, part_kinds: tuple, owners: tuple, statistics: list,
-              inverses: list, failures: list) -> tuple[list, list]:
-    """Every part's inverse after the refresh of the shares due (:func:`refreshes`, merged: the
-    shares due on the host in runs, one batched call per stack of equal blocks and run; each run
-    one batch of every part, :func:`_inverse_branches`), and each group's failure count, one
-    failure per block whose refresh failed."""
-    decisions = [ctx.every(due) for due in p.inverse_dues] if statistics else []
-    operands = (statistics, inverses, list(failures))
-
-    def batches(first: int, stop: int) -> list[_Run]:  # made as its run starts: the runs before it left operands
-        return [_Run((first, stop), operands)]
-
-    def branches(run: _Run) -> tuple[Callable, Callable]:
-        return _inverse_branches(p, xp, part_kinds, owners, run.shares)
-
-    for _, (new_inverses, counts) in refreshes(xp, decisions, batches, branches, merged=True):
-        operands = (statistics, new_inverses, counts)
-    return list(operands[1]), operands[2]
+    return cond(xp, ctx.every(p.statistics_every), update, lambda f, n, g: (f, n), statistics, failures, g_parts)
 
 
 class _Run(NamedTuple):
-    """One run of :func:`_inverses`: the phases ``shares`` = ``(first, stop)`` and the ``cond``'s
-    operands (every part's statistic and inverse, each group's count)."""
+    """A batch of :func:`refreshes` for :func:`_inverses`: the shares ``(first, stop)`` of a run and
+    the ``cond``'s operands (every part's statistic and inverse, each group's count)."""
 
     shares: tuple
     operands: tuple
 
 
-def _step_sizes(p: _Parts, xp: Any, directions: Sequence[Array], momenta: Sequence[Array], ctx: StepContext) -> list:
+def _inverses(p: _Parts, xp: Any, ctx: StepContext, kinds: tuple, owners: tuple, statistics: list,
+              inverses: list, failures: list) -> tuple[list, list]:
+    """Every part's inverse after the refresh of the shares due (:func:`refreshes`, merged: the
+    shares due on the host in runs, each run one batch of every part, :func:`refresh_parts`), and
+    each group's failure count, one failure per block whose refresh failed."""
+    decisions = [ctx.every(due) for due in p.inverse_dues] if statistics else []
+    operands = (statistics, inverses, list(failures))
+
+    def branches(run: _Run) -> tuple[Callable, Callable]:
+        def refresh(f: list, inv: list, n: list) -> tuple[list, list]:
+            new, failed = refresh_parts(
+                xp, kinds, f, inv, lambda s, q: p.rule.inverse(xp, _step_ops(p, ctx, s.dtype, array_device(s)), s, q),
+                lambda v, q: p.rule.elementwise_inverse(xp, _step_ops(p, ctx, v.dtype, array_device(v)), v, q),
+                run.shares, len(p.inverse_dues),
+            )  # fmt: skip
+            counts = list(n)
+            for owner, count in zip(owners, failed):
+                counts[owner] = counts[owner] + count
+            return new, counts
+
+        return refresh, lambda f, inv, n: (inv, n)
+
+    # a run's batch is made as it starts: the runs before it left their operands
+    for _, (new_inverses, counts) in refreshes(xp, decisions, lambda first, stop: [_Run((first, stop), operands)],
+                                               branches, merged=True):  # fmt: skip
+        operands = (statistics, new_inverses, counts)
+    return list(operands[1]), operands[2]
+
+
+def _step_sizes(p: _Parts, xp: Any, ctx: StepContext, directions: Sequence[Array], momenta: Sequence[Array]) -> list:
     r"""Per block group, the factor of its direction in the step: :attr:`PartsRule.step_size` of the
     quadratics of all groups of a dtype and device at once; :math:`-\alpha_i` without ``clips``."""
     lr_of = p.config.learning_rate
@@ -470,7 +388,7 @@ def _step_sizes(p: _Parts, xp: Any, directions: Sequence[Array], momenta: Sequen
         return rates
     stacks: dict[Any, list[int]] = {}
     for k, d in enumerate(directions):
-        stacks.setdefault(_stack_key(d), []).append(k)
+        stacks.setdefault((d.dtype, device_key(d)), []).append(k)
     sizes: list[Any] = [None] * len(directions)
     for members in stacks.values():
         first = directions[members[0]]
@@ -480,6 +398,39 @@ def _step_sizes(p: _Parts, xp: Any, directions: Sequence[Array], momenta: Sequen
         for k, size in zip(members, xp.unstack(p.rule.step_size(xp, c, quadratics, lr, rates[members[0]]))):
             sizes[k] = size
     return sizes
+
+
+def _block_steps(p: _Parts, xp: Any, ctx: StepContext, grads: dict, states: dict, kinds: dict) -> dict:
+    """The step and new state of every block group (``grads``: its gradient in block layout): the
+    heavy ball (the groups of one layout joined end to end, kept on a skipped step), the statistics
+    and inverses of its parts, its direction and the step."""
+    blocked = list(grads)
+    cut = {i: parts(kinds[i], tuple(grads[i].shape), p.block_size) for i in blocked}
+    # made before the statistics' and inverses' branches, which find them made (none traced in a branch)
+    ops = {i: _step_ops(p, ctx, grads[i].dtype, array_device(grads[i])) for i in blocked}
+
+    def heavy_ball(old: Array, grad: Array) -> Array:
+        return ctx.unless_skipped(p.rule.momentum(xp, _step_ops(p, ctx, old.dtype, array_device(old)), old, grad), old)
+
+    m = dict(zip(blocked, leafwise(xp, heavy_ball, [states[i]["momentum"] for i in blocked], [grads[i] for i in blocked], ctx=ctx)))
+    members = [(i, suffix) for i in blocked for suffix, *_ in cut[i]]  # every statistic part
+    owners, part_kinds = tuple(blocked.index(i) for i, _ in members), tuple(kinds[i] for i, _ in members)
+    g_parts = [piece for i in blocked for piece in split_rows(xp, grads[i], cut[i])]
+    statistics, failures = _statistics(p, xp, ctx, part_kinds, owners, [states[i]["statistic" + s] for i, s in members],
+                                       [states[i]["failures"] for i in blocked], g_parts)  # fmt: skip
+    inverses, counts = _inverses(p, xp, ctx, part_kinds, owners, statistics,
+                                 [states[i]["inverse" + s] for i, s in members], failures)  # fmt: skip
+    statistic, inverse = dict(zip(members, statistics)), dict(zip(members, inverses))
+    d = {i: join_rows(xp, [p.rule.direction(xp, ops[i], kinds[i], inverse[i, suffix], m_part)
+                           for (suffix, *_), m_part in zip(cut[i], split_rows(xp, m[i], cut[i]))], cut[i])
+         for i in blocked}  # fmt: skip
+    out = {}
+    for i, count, size in zip(blocked, counts, _step_sizes(p, xp, ctx, list(d.values()), list(m.values()))):
+        new = {"momentum": m[i], "failures": count}
+        for suffix, *_ in cut[i]:
+            new["statistic" + suffix], new["inverse" + suffix] = statistic[i, suffix], inverse[i, suffix]
+        out[i] = (p.rule.step(xp, ops[i], size, d[i]), new)
+    return out
 
 
 def _descend(p: _Parts, xp: Any, step: tuple, params: Any, ctx: StepContext) -> tuple:
@@ -493,125 +444,102 @@ def _descend(p: _Parts, xp: Any, step: tuple, params: Any, ctx: StepContext) -> 
     return tuple(p.rule.decayed(xp, c, s, cast(xp, w, dtype), decay) for s, w in zip(step, params))
 
 
-def _block_steps(p: _Parts, xp: Any, ctx: StepContext, grads: dict, states: dict, kinds: dict) -> dict:
-    """The step and new state of every block group (``grads``: its gradient in block layout): the
-    heavy ball (the groups of one layout joined end to end, kept on a skipped step), the statistics
-    and inverses of its parts, its direction and the step."""
-    blocked = list(grads)
-    cut = {i: parts(kinds[i], tuple(grads[i].shape), p.block_size) for i in blocked}
-
-    def heavy_ball(old: Array, grad: Array) -> Array:
-        return ctx.unless_skipped(p.rule.momentum(xp, _ops(p, xp, old.dtype), old, grad), old)
-
-    m = dict(zip(blocked, leafwise(xp, heavy_ball, [states[i]["momentum"] for i in blocked], [grads[i] for i in blocked], ctx=ctx)))
-    members = [(i, suffix) for i in blocked for suffix, *_ in cut[i]]  # every statistic part
-    owners = tuple(blocked.index(i) for i, _ in members)
-    part_kinds = tuple(kinds[i] for i, _ in members)
-    g_parts = [piece for i in blocked for piece in split_rows(xp, grads[i], cut[i])]
-    statistics, failures = _statistics(
-        p, xp, ctx, members, part_kinds, owners, [states[i]["statistic" + suffix] for i, suffix in members],
-        [states[i]["failures"] for i in blocked], g_parts)
-    inverses, counts = _inverses(
-        p, xp, ctx, part_kinds, owners, statistics, [states[i]["inverse" + suffix] for i, suffix in members], failures)
-    statistic, inverse = dict(zip(members, statistics)), dict(zip(members, inverses))
-    d, ops = {}, {i: _step_ops(p, ctx, grads[i].dtype, array_device(grads[i])) for i in blocked}
-    for i in blocked:
-        c = ops[i]
-        d[i] = join_rows(xp, [
-            p.rule.direction(xp, c, kinds[i], inverse[i, suffix], m_part)
-            for (suffix, *_), m_part in zip(cut[i], split_rows(xp, m[i], cut[i]))
-        ], cut[i])
-    sizes = _step_sizes(p, xp, [d[i] for i in blocked], [m[i] for i in blocked], ctx)
-    out = {}
-    for i, count, size in zip(blocked, counts, sizes):
-        new = {"momentum": m[i], "failures": count}
-        for suffix, *_ in cut[i]:
-            new["statistic" + suffix], new["inverse" + suffix] = statistic[i, suffix], inverse[i, suffix]
-        out[i] = (p.rule.step(xp, ops[i], size, d[i]), new)
-    return out
-
-
 def _update_groups(p: _Parts, grads_list: list, states: list, params_list: list, ctxs: list[StepContext]) -> list:
     """One step of every group: the gradients cast to the state's dtype, the diagonal kind's leaves
     joined into vectors (:func:`~precond_ref.engine.joined.leafwise`), the block groups
     (:func:`_block_steps`) mapped from and to their leaves, and the decoupled decay (:func:`_descend`)."""
-    xp, n, ctx = ctxs[0].xp, len(grads_list), ctxs[0]
+    xp, n, ctx, names = ctxs[0].xp, len(grads_list), ctxs[0], p.rule.State._fields
     kinds = [block_kind(grads, p.max_block_dim) for grads in grads_list]
-    dtypes = [s["momentum" if k != DIAGONAL else p.rule.State._fields[0]].dtype for k, s in zip(kinds, states)]
+    dtypes = [s["momentum" if k != DIAGONAL else names[0]].dtype for k, s in zip(kinds, states)]
     grads_list = [tuple(cast(xp, g, dtype) for g in grads) for grads, dtype in zip(grads_list, dtypes)]
     steps, new_states = [None] * n, [None] * n
     diagonal = [i for i in range(n) if kinds[i] == DIAGONAL]
-    names = p.rule.State._fields
-
-    def step(g: Array, *entries: Array) -> tuple:
-        (u,), kept = _diagonal_step(p, g, dict(zip(names, entries)), None, ctx)
-        return (u, *(kept[k] for k in names))
-
     operands = [[grads_list[i][0] for i in diagonal], *([states[i][k] for i in diagonal] for k in names)]
-    for i, (u, *entries) in zip(diagonal, leafwise(xp, step, *operands, ctx=ctx) if diagonal else ()):
+    for i, (u, *entries) in zip(diagonal, leafwise(xp, functools.partial(_diagonal_step, p, ctx), *operands, ctx=ctx) if diagonal else ()):
         steps[i], new_states[i] = (u,), dict(zip(names, entries))
     blocked = {i: to_block(xp, grads_list[i]) for i in range(n) if kinds[i] != DIAGONAL}
-    stepped = _block_steps(p, xp, ctx, blocked, {i: states[i] for i in blocked}, {i: kinds[i] for i in blocked})
-    for i, (u, new) in stepped.items():
+    for i, (u, new) in _block_steps(p, xp, ctx, blocked, {i: states[i] for i in blocked}, {i: kinds[i] for i in blocked}).items():
         steps[i], new_states[i] = from_block(xp, u, grads_list[i]), new
     return [(_descend(p, xp, u, w, c), s) for u, s, w, c in zip(steps, new_states, params_list, ctxs)]
+
+
+# --------------------------------------------------------------------------------------------
+# The warm start: each gradient tree mapped to the state's parts.
 
 
 def _warm_start(p: _Parts, state: PrecondState, grads_batches: Iterable[Any]) -> PrecondState:
     """``state`` with every part's statistic the mean of its statistics over the finite gradient
     trees of ``grads_batches`` (:attr:`PartsRule.warm_start`; a tree with a non-finite entry is
     left out of every part's mean)."""
-    name = p.rule.name
     if not isinstance(state, PrecondState):
-        raise TypeError(f"{name}.warm_start: state must be the PrecondState returned by init, got {type(state)}")
-    groups = dict(state.groups)
-    running: dict[tuple, Any] = {}
-    n_batches = 0
+        raise TypeError(f"{p.rule.name}.warm_start: state must be the PrecondState returned by init, got {type(state)}")
+    groups, running, n_batches = dict(state.groups), {}, 0
     for grads in grads_batches:
         _, treedef, _, leaves = out_first(grads)
         xp = array_namespace(*leaves)
         finite = functools.reduce(xp.logical_and, [xp.all(xp.isfinite(leaf)) for leaf in leaves])
         batch_groups = _groups(treedef.paths, leaves)
-        _check_batch(name, groups, batch_groups, leaves, p.max_block_dim, p.rule.State._fields[0])
+        _check_batch(p, groups, batch_groups, leaves)
         for group in batch_groups:
-            key, entries = group.key, groups[group.key]
             members = tuple(leaves[i] for i in group.indices)
             kind = block_kind(members, p.max_block_dim)
-            if kind == DIAGONAL or not entries:
+            if kind == DIAGONAL or not groups[group.key]:
                 continue
-            dtype = entries["statistic"].dtype
-            c = _ops(p, xp, dtype)
-            block = to_block(xp, tuple(xp.astype(g, dtype) for g in members))
+            dtype = groups[group.key]["statistic"].dtype
+            c, block = _ops(p, xp, dtype), to_block(xp, tuple(xp.astype(g, dtype) for g in members))
             cut = parts(kind, tuple(block.shape), p.block_size)
             for (suffix, *_), g_part in zip(cut, split_rows(xp, block, cut)):
                 stat = p.rule.statistic(xp, c, kind, g_part)
-                if (key, suffix) not in running:
-                    running[key, suffix] = (xp.zeros_like(stat), xp.zeros((), dtype=xp.int32, device=placement(xp, stat)))
-                mean, j = running[key, suffix]
-                j = j + xp.astype(finite, j.dtype)  # the finite batches so far
+                key = (group.key, suffix)
+                mean, j = running.get(key) or (xp.zeros_like(stat), xp.zeros((), dtype=xp.int32, device=placement(xp, stat)))
+                j = j + xp.astype(finite, j.dtype)  # the finite trees so far
                 stat = xp.where(finite, stat, xp.zeros_like(stat))
                 new = p.rule.warm_start(xp, c, mean, stat, xp.astype(xp.maximum(j, xp.ones_like(j)), dtype))
-                running[key, suffix] = (xp.where(finite, new, mean), j)
+                running[key] = (xp.where(finite, new, mean), j)
         n_batches += 1
     if n_batches == 0:
-        raise ValueError(f"{name}.warm_start: grads_batches is empty")
+        raise ValueError(f"{p.rule.name}.warm_start: grads_batches is empty")
     for (key, suffix), (mean, j) in running.items():
-        entries = dict(groups[key])
-        entries["statistic" + suffix] = xp.where(j > 0, mean, entries["statistic" + suffix])
-        groups[key] = entries
+        groups[key] = {**groups[key], "statistic" + suffix: xp.where(j > 0, mean, groups[key]["statistic" + suffix])}
     return PrecondState(state.count, state.nonfinite_count, groups)
 
 
-def parts_transform(
-    rule: PartsRule,
-    config: NamedTuple,
-    *,
-    max_block_dim: Optional[int],
-    block_size: Optional[int],
-    clips: bool,
-    decays: bool,
-    on_nonfinite: str,
-) -> tuple[Callable, Callable, Callable, str, Callable, Callable]:
+def _check_batch(p: _Parts, groups: dict, batch_groups: list, leaves: list) -> None:
+    """Refuse, naming the leaves and shapes, a warm-start batch whose blocks are not the state's: a
+    block whose gradient has another shape (a transposed weight, a weight without its bias) or that
+    the state does not have (checked first on the blocks the state has, which name the culprit: a
+    transposed weight unpairs its bias, whose block is then the missing one)."""
+
+    def described(group) -> str:
+        return ", ".join(f"{path_str(path)!r} {tuple(leaves[i].shape)}" for path, i in zip(group.paths, group.indices))
+
+    for group in batch_groups:
+        entries, members = groups.get(group.key), tuple(leaves[i] for i in group.indices)
+        if not entries:  # not in the state (refused below), or a zero-size block without state
+            continue
+        diagonal = block_kind(members, p.max_block_dim) == DIAGONAL
+        entry, shape = (p.rule.State._fields[0], tuple(members[0].shape)) if diagonal else ("momentum", block_shape(members))
+        have = {k: tuple(v.shape) for k, v in entries.items()}
+        if have.get(entry) != shape:
+            raise ValueError(
+                f"{p.rule.name}.warm_start: the gradient of {described(group)} does not fit the optimizer state "
+                f"of its block (state has {have}, the gradient needs {entry!r} {shape}); a transposed gradient, "
+                "or a weight without its bias?"
+            )
+    missing = [group for group in batch_groups if group.key not in groups]
+    if missing:
+        raise ValueError(
+            f"{p.rule.name}.warm_start: the gradient of {described(missing[0])} is not a block of the optimizer "
+            f"state (its blocks: {sorted(groups)})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The transform.
+
+
+def parts_transform(rule: PartsRule, config: NamedTuple, *, max_block_dim: Optional[int], block_size: Optional[int],
+                    clips: bool, decays: bool, on_nonfinite: str) -> tuple[Callable, ...]:
     r"""``(init, update, due, matmul_precision, group_leaves, warm_start)`` of ``rule`` with
     ``config`` (a NamedTuple of its hyperparameters, ``learning_rate`` among them).
 
@@ -619,40 +547,29 @@ def parts_transform(
     (:func:`_update_groups`) runs the rule on them: the heavy ball, the statistics on the rule's
     statistics interval, the inverses of the shares of each stack of equal blocks whose predicate
     (``rule.schedule``) holds, one batched call per stack (:func:`refresh_parts`; each block whose
-    statistic or inverse was not finite keeps its previous one and counts one failure), the directions, the step sizes
-    (``clips``: :attr:`PartsRule.step_size` of all layers of a dtype at once, else :math:`-\alpha_i`),
-    the diagonal kind's leaves joined into vectors, and with ``decays`` the decoupled weight decay
-    on every leaf.
+    statistic or inverse was not finite keeps its previous one and counts one failure), the
+    directions, the step sizes (``clips``: :attr:`PartsRule.step_size` of all layers of a dtype at
+    once, else :math:`-\alpha_i`), the diagonal kind's leaves joined into vectors, and with
+    ``decays`` the decoupled weight decay on every leaf.
     """
     statistics_every, inverse_dues = rule.schedule(config)
-    numbers = all(not hasattr(v, "shape") for k, v in config._asdict().items() if k not in _SCHEDULED)
-    p = _Parts(
-        rule, config, operands(None, config, None, _SCHEDULED) if numbers else None, max_block_dim, block_size,
-        statistics_every, inverse_dues, clips, decays, {},
+    p = _Parts(rule, config, max_block_dim, block_size, statistics_every, inverse_dues, clips, decays)
+    inner = build_transform(
+        name=rule.name, init_group=functools.partial(_init_group, p), update_groups=functools.partial(_update_groups, p),
+        group_leaves=_groups, on_nonfinite=on_nonfinite, needs_params=decays,
+        intervals=(statistics_every,) + inverse_dues, layout_hint=_layout_hint,
     )  # fmt: skip
-    inner_transform = build_transform(
-        name=rule.name,
-        init_group=functools.partial(_init_group, p),
-        update_groups=functools.partial(_update_groups, p),
-        group_leaves=_groups,
-        on_nonfinite=on_nonfinite,
-        needs_params=decays,
-        intervals=(statistics_every,) + inverse_dues,
-        layout_hint=_layout_hint,
-    )
 
     def init(params: Any) -> PrecondState:
-        return inner_transform.init(out_first(params)[0])
+        return inner.init(out_first(params)[0])
 
     def update(grads: Any, state: PrecondState, params: Any = None, **extra: Any) -> tuple[Any, PrecondState]:
         canonical_grads, treedef, flags, _ = out_first(grads)
-        canonical_params = None if params is None else out_first(params)[0]
-        updates, new_state = inner_transform.update(canonical_grads, state, canonical_params, **extra)
+        updates, new_state = inner.update(canonical_grads, state, None if params is None else out_first(params)[0], **extra)
         return restore(updates, treedef, flags), new_state
 
     # group_leaves on the caller's (raw) tree: out-last kernels pair by their last axis
-    return (init, update, inner_transform.due, inner_transform.matmul_precision, weight_bias_groups,
-            functools.partial(_warm_start, p))
+    return init, update, inner.due, inner.matmul_precision, weight_bias_groups, functools.partial(_warm_start, p)
 
 
 def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
@@ -670,42 +587,3 @@ def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
         f"these settings make {want}; build the optimizer with the settings that saved it (one O x O block per "
         "FC layer: block_size at least every layer's output size, max_block_dim=4096)"
     )
-
-
-def _check_batch(
-    name: str, groups: dict, batch_groups: list, leaves: list, max_block_dim: Optional[int], diagonal_entry: str
-) -> None:
-    """Refuse, naming the leaves and shapes, a warm-start batch whose blocks are not the state's: a
-    block whose gradient has another shape (a transposed weight, a weight without its bias) or that
-    the state does not have (checked first on the blocks the state has, which name the culprit: a
-    transposed weight unpairs its bias, whose block is then the missing one)."""
-
-    def described(group) -> str:
-        return ", ".join(f"{path_str(p)!r} {tuple(leaves[i].shape)}" for p, i in zip(group.paths, group.indices))
-
-    missing = []
-    for group in batch_groups:
-        entries = groups.get(group.key)
-        if entries is None:
-            missing.append(group)
-            continue
-        if not entries:  # a zero-size block: no state
-            continue
-        members = tuple(leaves[i] for i in group.indices)
-        if block_kind(members, max_block_dim) == DIAGONAL:
-            entry, shape = diagonal_entry, tuple(members[0].shape)
-        else:
-            entry, shape = "momentum", tuple(block_shape(members))
-        found = tuple(entries[entry].shape) if entry in entries else None
-        if found != shape:
-            have = f"{entry!r} {found}" if found is not None else f"no {entry!r} (a block of another kind)"
-            raise ValueError(
-                f"{name}.warm_start: the gradient of {described(group)} does not fit the optimizer state "
-                f"of its block (state has {have}, the gradient needs {entry!r} {shape}); a transposed "
-                "gradient, or a weight without its bias?"
-            )
-    if missing:
-        raise ValueError(
-            f"{name}.warm_start: the gradient of {described(missing[0])} is not a block of the optimizer "
-            f"state (its blocks: {sorted(groups)})"
-        )
