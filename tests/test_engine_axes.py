@@ -7,6 +7,7 @@ earlier versions wrote. Each test checks the plain statement of its docstring on
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import array_api_compat.numpy as xp
@@ -175,12 +176,14 @@ def test_a_skipped_step_counts_no_failure():
             out.append((np.ones(length), plan, state))
         return out
 
-    def refresh(block, rows, accept):
+    def refresh(xp, c, block, rows, order, accept, first):
         return block, np.zeros(rows.shape[:1], dtype=bool), rows  # every block "not finite"
 
+    rule = SimpleNamespace(Block=Block, refresh=refresh, keep=lambda xp, c, block, rows: rows)
+    c = SimpleNamespace(dues=(1,), fd={})
     for ok, expected in ((np.asarray(False), [0, 0]), (np.asarray(True), [2, 1])):
         ctx = StepContext(xp=xp, count=np.zeros((), np.int32), extra={}, ok=ok, settled=IdentityDict(), shared={})
-        results = axes.flat_runs(xp, leaves(), (1,), ctx, refresh, None)
+        results = axes._stepped(xp, ctx, rule, c, leaves(), functools.partial(axes._chunks, xp, c))
         assert [int(failures) for _, failures, _ in results] == expected
         assert all(failures in ctx.settled for _, failures, _ in results)
 
@@ -201,10 +204,10 @@ def test_failure_counts_added_per_leaf_as_one_array_on_torch():
     failures = [torch.tensor(3, dtype=torch.int32), None, torch.tensor(0, dtype=torch.int32), torch.tensor(7, dtype=torch.int32),
                 torch.tensor(1, dtype=torch.int32)]
     oks = [torch.tensor([False, False]), torch.tensor([True]), torch.tensor([False, False, True])]
-    new = axes._counted(tx, ctx, failures, oks, [0, 0, 3, 4, 4, 4])
+    new = axes._counted(tx, ctx, failures, oks, [2, 0, 0, 1, 3])
     assert new[1] is None and [int(v) for v in new if v is not None] == [5, 0, 7, 3]
     assert all(v.ndim == 0 and v.dtype == torch.int32 and v in ctx.settled for v in new if v is not None)
-    again = axes._counted(tx, ctx, new, [torch.tensor([False]), torch.tensor([False, False])], [0, 3, 4])
+    again = axes._counted(tx, ctx, new, [torch.tensor([False]), torch.tensor([False, False])], [1, 0, 0, 1, 1])
     assert [int(v) for v in again if v is not None] == [6, 0, 8, 4]
     counts = [torch.reshape(v, (1,)) for v in again if v is not None]
     assert joined(tx, counts).data_ptr() == counts[0].data_ptr()
@@ -242,7 +245,7 @@ def test_counted_sums_each_leafs_failed_flags():
     for ctx in (StepContext(xp=xp, count=np.zeros((), np.int32), extra={}),
                 StepContext(xp=xp, count=np.zeros((), np.int32), extra={}, ok=np.asarray(True), settled=IdentityDict(),
                             shared={}, applied=True)):
-        out = axes._counted(xp, ctx, failures, oks, owners)
+        out = axes._counted(xp, ctx, failures, oks, [owners.count(o) for o in range(4)])
         expected = [int(failures[o]) + sum(f for f, owner in zip(flags, owners) if owner == o) for o in range(4)]
         assert [int(v) for v in out] == expected == [5, 0, 8, 2]
         assert all(v.shape == () and v.dtype == np.int32 for v in out)

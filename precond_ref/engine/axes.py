@@ -7,23 +7,22 @@ statistics are one stack along a leading axis (:class:`Run`), so that a rule's f
 written for one stack of blocks; with a refresh interval spread over phases a run is cut into
 runs of consecutive phases (:func:`leaf_plan`). The engine then
 
-* refreshes the runs due at a step, the runs of one shape across all leaves in one batched call
-  of the rule's refresh (:func:`refresh_axes`; the runs as members of stacks: :func:`_runs`), and
-  counts each leaf's blocks whose refresh was not finite (:func:`_counted`);
-* for a flattened leaf (one axis), runs the rule's fused refresh-and-apply on stacks of bounded
-  size (:func:`flat_runs`);
+* refreshes the runs due at a step through the refresh driver
+  (:func:`~precond_ref.engine.phases.refreshes`; the runs as members of stacks: :func:`_runs`,
+  :func:`_stepped`): a Kronecker rule's runs of one shape and order across all leaves in one batched
+  call (:func:`~precond_ref.engine.phases.phase_stacks`), a flat rule's (one axis) in stacks of
+  bounded size, padded across lengths off a CPU (:func:`_chunks`), and counts each leaf's blocks
+  whose refresh was not finite (:func:`_counted`);
 * renames the entries of a state saved under the per-axis names of earlier versions
   (:func:`axis_legacy_names`) and says which ``block_size`` loads a state saved unblocked into a
   blocked layout (:func:`unblocked_hint`);
-* runs an :class:`AxesRule` (:func:`kronecker_transform`, :func:`flat_transform`): a leaf's state
-  made and read (by its entries' names) in the rule's NamedTuples, the compute dtype, the refresh
-  schedule with the mode's defaults (:func:`resolve_schedule`), the graft's joined leaves, the
-  step's :math:`-\\eta_t` and the finish of the leaves joined end to end.
+* runs an :class:`AxesRule` (:func:`axes_transform`): a leaf's state made and read (by its
+  entries' names) in the rule's NamedTuples, the compute dtype, the refresh phases, the graft's
+  joined leaves, the step's :math:`-\\eta_t` and the finish of the leaves joined end to end.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import itertools
 import math
@@ -33,7 +32,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
 from .._backend import array_device, cast, compute_dtype, device_key, is_zero, joined, on_cpu, vector_norms
-from ..blocking import Stack, chunk_sizes, same_layout, spread_schedule, stack, unfold, unstack
+from ..blocking import Stack, chunk_sizes, same_layout, stack, unfold, unstack
 from ..transform import Transform
 from ..tree import to_entries
 from .checks import renamed_failures
@@ -41,13 +40,13 @@ from .context import StepContext
 from .factors import constant
 from .tiles import taken
 from .joined import leafwise
-from .phases import handed_back, phase_share, refresh_due, refreshes, shape_phase
+from .phases import handed_back, phase_share, phase_stacks, refreshes, shape_phase
 from .run import build_transform
 
 __all__ = [
-    "Run", "AxisPlan", "LeafPlan", "leaf_plan", "empty_blocks", "run_rows", "join_runs", "refresh_axes", "flat_runs",
-    "FLAT_STACK_BYTES", "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths", "bounded_chunks", "axis_legacy_names",
-    "unblocked_hint", "AxesRule", "resolve_schedule", "kronecker_transform", "flat_transform",
+    "Run", "AxisPlan", "LeafPlan", "leaf_plan", "empty_blocks", "run_rows", "join_runs", "FLAT_STACK_BYTES",
+    "FLAT_ACCELERATOR_STACK_BYTES", "padded_lengths", "bounded_chunks", "axis_legacy_names", "unblocked_hint", "AxesRule",
+    "axes_transform",
 ]
 
 Array = Any
@@ -134,68 +133,54 @@ def join_runs(xp: Any, axis: AxisPlan, parts: Sequence[Array]) -> Array:
     return parts[0] if len(parts) == 1 else xp.concat(list(parts), axis=0)
 
 
-def _member(xp: Any, axis: AxisPlan, run: Run, fields: Sequence[Array], flat: Array) -> tuple:
-    """One run of a leaf as a member of a stack: its statistic's ``fields`` and its rows of
-    ``flat`` (count, length, n), with a leading axis of 1 where the axis is one unstacked block."""
-    rows = run_rows(xp, axis, run, flat)
-    if axis.batched:
-        return (*fields, rows)
-    return (*(xp.expand_dims(v, axis=0) for v in fields), xp.expand_dims(rows, axis=0))
-
-
 def _unstacked(axis: AxisPlan, piece: tuple) -> tuple:
     """A run's results from a stack, as its leaf takes them: without the leading axis
-    :func:`_member` gave a leaf that is one unstacked block."""
+    :func:`_runs` gave a leaf that is one unstacked block."""
     return piece if axis.batched else tuple(v[0, ...] for v in piece)
 
 
 def _runs(xp: Any, leaves: Sequence[tuple], decisions: Sequence[Any], kept: bool) -> tuple[list, list]:
-    """The runs of ``leaves`` (``(g, plan, state)``) as members of stacks (:func:`_member`:
-    a run's block and its rows of the mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's merged
-    shape), leaf by leaf, axis by axis, with ``(i, n, j)`` of each (leaf, axis, run); a run whose
-    phase was decided not due on the host is left out unless ``kept``, and an axis none of whose
-    runs is in is not unfolded."""
+    """The runs of ``leaves`` (``(g, plan, state)``) as members of stacks: a run's block and its
+    rows of the mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's merged shape (count, length,
+    n), with a leading axis of 1 where the axis is one unstacked block; leaf by leaf, axis by axis,
+    with ``(i, n, j)`` of each (leaf, axis, run). A run whose phase was decided not due on the host
+    is left out unless ``kept``, and an axis none of whose runs is in is not unfolded."""
     units, members = [], []
     for i, (g, plan, state) in enumerate(leaves):
         for n, axis in enumerate(() if plan is None else plan.axes):
             due = [j for j, run in enumerate(axis.runs) if kept or decisions[run.phase] is not False]
-            rows = unfold(xp, xp.reshape(g, plan.merged_shape), axis.axis) if due else None
+            flat = unfold(xp, xp.reshape(g, plan.merged_shape), axis.axis) if due else None
             for j in due:
+                member = (*state.sketches[n][j], run_rows(xp, axis, axis.runs[j], flat))
                 units.append((i, n, j))
-                members.append(_member(xp, axis, axis.runs[j], state.sketches[n][j], rows))
+                members.append(member if axis.batched else tuple(xp.expand_dims(v, axis=0) for v in member))
     return units, members
 
 
-def _decisions(ctx: StepContext, dues: tuple, leaves: Sequence[tuple]) -> list:
-    """Whether each refresh phase is due on this step (``ctx.every``; a phase without runs, known
-    not due, reads nothing)."""
-    present = {run.phase for _, plan, _ in leaves if plan is not None for axis in plan.axes for run in axis.runs}
-    return [ctx.every(due) if phase in present else False for phase, due in enumerate(dues)]
-
-
 def _counted(xp: Any, ctx: StepContext, failures: Sequence[Optional[Array]], oks: Sequence[Array],
-             owners: Sequence[int]) -> list:
+             blocks: Sequence[int]) -> list:
     """Each leaf's failure count (``failures[i]``, a 0-D int32, None for a leaf without blocks) plus
     its blocks whose refresh was not finite on a step that is taken: ``oks`` the per-block flags of
-    the runs in :func:`_runs`' order, whose blocks are leaf by leaf, ``owners`` the leaf of each
-    block. The flags of a skipped step count nothing (the step's skip predicate folded in), so a
+    the runs in :func:`_runs`' order, whose blocks are leaf by leaf, ``blocks[i]`` leaf i's number of
+    them. The flags of a skipped step count nothing (the step's skip predicate folded in), so a
     count needs no selection by the non-finite rule: the new counts are settled. In eight
     operations whatever the number of leaves and blocks: the flags joined behind a True, negated,
     folded with the skip predicate and made integers; their running sums; those at each leaf's last
-    block, taken by an index made once per layout (:func:`~precond_ref.engine.factors.constant`);
-    their differences, each leaf's sum, added to the counts joined (a view of the previous step's
-    counts, each a 0-D view of one array). Integer sums: the numbers of the additions one by one."""
+    block, taken by an index made once per layout (:func:`~precond_ref.engine.factors.constant`,
+    one ``arange`` per leaf: no host data copied); their differences, each leaf's sum, added to the
+    counts joined (a view of the previous step's counts, each a 0-D view of one array). Integer
+    sums: the numbers of the additions one by one."""
     failures = list(failures)
     counted = [i for i, failure in enumerate(failures) if failure is not None]
     if oks:
-        like = oks[0]
-        true = constant(xp, ("true",), lambda: xp.ones((1,), dtype=xp.bool, device=array_device(like)), like)
+        device = array_device(oks[0])
+        true = constant(xp, ("true",), lambda: xp.ones((1,), dtype=xp.bool, device=device), oks[0])
         failed = xp.logical_not(xp.concat([true, *oks], axis=0))
         if ctx.ok is not None and not ctx.applied:
             failed = xp.logical_and(failed, ctx.ok)
-        blocks = collections.Counter(owners)
         ends = tuple(itertools.accumulate([0] + [blocks[i] for i in counted]))
-        index = constant(xp, ("last blocks", ends), lambda: _device_index(xp, ends, like), like)
+        index = constant(xp, ("last blocks", ends), lambda: xp.concat(
+            [xp.arange(end, end + 1, dtype=xp.int32, device=device) for end in ends], axis=0), oks[0])
         totals = taken(xp, xp.cumulative_sum(xp.astype(failed, xp.int32), axis=0, dtype=xp.int32), index)
         new = joined(xp, [xp.reshape(failures[i], (1,)) for i in counted]) + (totals[1:] - totals[:-1])
         for p, i in enumerate(counted):
@@ -204,62 +189,65 @@ def _counted(xp: Any, ctx: StepContext, failures: Sequence[Optional[Array]], oks
     return failures
 
 
-def _device_index(xp: Any, places: Sequence[int], like: Array) -> Array:
-    """``places`` (non-negative) as an int32 index on ``like``'s device, joined from one ``arange``
-    per run of consecutive places (no host data copied)."""
-    runs: list[list[int]] = []
-    for place in places:
-        if runs and runs[-1][1] == place:
-            runs[-1][1] += 1
-        else:
-            runs.append([place, place + 1])
-    return xp.concat([xp.arange(a, b, dtype=xp.int32, device=array_device(like)) for a, b in runs], axis=0)
-
-
-def refresh_axes(
-    xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
-) -> list[tuple[tuple, Array]]:
-    """Every leaf's blocks after the refresh of those due (``leaves``: ``(g, plan, state)``, the
-    blocks ``state.sketches``, the count ``state.failures``; plan None where the leaf has no
-    blocks): the runs of refresh phase p refreshed on the steps ``ctx.every(dues[p])`` only, the
-    others as they were. Run j of axis n gets its rows of the
-    mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's merged shape (:func:`_runs`) as
-    ``refresh(block, rows, order, accept, first) -> (new block, ok)``, ``block`` a stack of
-    blocks (the rule's NamedTuple), ``order`` the leaf's number of (merged) axes, ``accept``
-    the step's skip predicate, which the refresh folds into its own selection of the previous
-    block, and ``first`` True on a first call known on the host (``ctx.calls == 0``: the blocks are
-    the initial ones unless a state was loaded that says otherwise, which the rule may check);
-    ``ok`` says, per block, whether the refresh was finite. The runs of one shape and order,
-    across leaves, go through one batched call (:func:`precond_ref.engine.phases.refresh_due`; a
-    block's refresh reads only its own rows). Returns each leaf's blocks and its failure count plus
-    its blocks whose refresh was not finite (:func:`_counted`). The new blocks need no selection by
-    the non-finite rule (a refresh keeps the previous block where ``accept`` is False, a phase not
-    due the block itself): they are settled (:meth:`StepContext.settle`)."""
-    decisions = _decisions(ctx, dues, leaves)
-    units, members = _runs(xp, leaves, decisions, kept=False)
-    tables = [[list(axis) for axis in state.sketches] for _, _, state in leaves]
-    kind = type(tables[units[0][0]][units[0][1]][units[0][2]]) if units else tuple
+def _stepped(xp: Any, ctx: StepContext, rule: "AxesRule", c: Any, leaves: Sequence[tuple], batches: Callable) -> list:
+    """Every leaf's blocks after this step, its failure count and its runs' outputs (``leaves``:
+    ``(g, plan, state)``, the blocks ``state.sketches``, the count ``state.failures``; plan None
+    where the leaf has no blocks). The runs of refresh phase p get, on the steps ``ctx.every(c.dues[p])``
+    (a phase without runs, known not due, reads nothing),
+    ``rule.refresh(xp, c, block, rows, order, accept, first) -> (new block, ok, *out)``: ``block`` a
+    stack of blocks (``rule.Block``), ``rows`` its rows of the mode-n unfolding :math:`G_{(n)}` of
+    ``g`` in the plan's merged shape (:func:`_runs`), ``order`` the leaf's number of (merged) axes,
+    ``accept`` the step's skip predicate, which the refresh folds into its own selection of the
+    previous block, ``first`` True on a first call known on the host (``ctx.calls == 0``: the blocks
+    are the initial ones unless a state was loaded that says otherwise, which the rule may check),
+    ``ok`` whether each block's refresh was finite and ``out`` the new block applied to the rows in
+    the same pass (a flat rule). The other runs keep their blocks: a flat rule's runs give
+    ``rule.keep(xp, c, block, rows)`` as their output, a Kronecker rule's are not visited where the
+    phase is decided not due on the host. ``batches(members, phases, orders)`` is the layout's
+    stacking for :func:`~precond_ref.engine.phases.refreshes` (a block's refresh reads only its own
+    rows). The new blocks need no selection by the non-finite rule (a refresh keeps the previous
+    block where ``accept`` is False, a phase not due the block itself): they are settled
+    (:meth:`StepContext.settle`), and so are the counts (:func:`_counted`)."""
+    flat, fields = rule.keep is not None, len(rule.Block._fields)
+    present = {run.phase for _, plan, _ in leaves if plan is not None for axis in plan.axes for run in axis.runs}
+    decisions = [ctx.every(due) if phase in present else False for phase, due in enumerate(c.dues)]
+    units, members = _runs(xp, leaves, decisions, kept=flat)
+    orders = [len(leaves[i][1].axes) for i, _, _ in units]
     first = is_zero(ctx.calls)  # the first call, known on the host: the blocks are new unless loaded
 
     def refreshed(*operands: Array, label: int) -> tuple:
-        new, ok = refresh(kind(*operands[:-1]), operands[-1], label, ctx.ok, first)
-        return (*new, ok)
+        new, ok, *out = rule.refresh(xp, c, rule.Block(*operands[:-1]), operands[-1], label, ctx.ok, first)
+        return (*new, ok, *out)
 
     def kept(*operands: Array) -> tuple:  # every block of the stack as it was: all usable
-        return (*operands[:-1], xp.ones(tuple(operands[-1].shape[:1]), dtype=xp.bool, device=array_device(operands[-1])))
+        block, rows = rule.Block(*operands[:-1]), operands[-1]
+        out = (rule.keep(xp, c, block, rows),) if flat else ()
+        return (*block, xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows)), *out)
 
-    pieces = refresh_due(xp, decisions, [leaves[i][1].axes[n].runs[j].phase for i, n, j in units], members,
-                         refreshed, kept, labels=[len(leaves[i][1].axes) for i, _, _ in units])
-    for (i, n, j), piece in zip(units, pieces):
-        tables[i][n][j] = kind(*_unstacked(leaves[i][1].axes[n], piece[:-1]))
-    blocks = [tuple(tuple(axis) for axis in table) for table in tables]
-    ctx.settle(value for leaf in blocks for axis in leaf for block in axis for value in block)
-    owners = [i for (i, _, _), member in zip(units, members) for _ in range(member[0].shape[0])]
-    failures = _counted(xp, ctx, [state.failures for _, _, state in leaves], [piece[-1] for piece in pieces], owners)
-    return list(zip(blocks, failures))
+    def branches(batch: Stack) -> tuple[Callable, Callable]:
+        return functools.partial(refreshed, label=orders[batch.indices[0]]), kept
+
+    phases = [leaves[i][1].axes[n].runs[j].phase for i, n, j in units]
+    pieces: list = [None] * len(members)
+    for batch, out in refreshes(xp, decisions, batches(members, phases, orders), branches, kept=flat):
+        for u, piece in handed_back(batch, out):
+            pieces[u] = _unpadded(piece, members[u][0].shape[1])
+        del batch, out  # this batch's stacked copies go before the next batch's are made
+    tables = [[list(axis) for axis in state.sketches] for _, _, state in leaves]
+    outs: list = [[] for _ in leaves]  # a flat rule's outputs, run by run
+    blocks = [0] * len(leaves)  # each leaf's number of blocks with a flag
+    for (i, n, j), member, piece in zip(units, members, pieces):
+        piece = _unstacked(leaves[i][1].axes[n], piece)
+        tables[i][n][j] = rule.Block(*piece[:fields])
+        outs[i].extend(piece[fields + 1:])
+        blocks[i] += member[0].shape[0]
+    sketches = [tuple(tuple(axis) for axis in table) for table in tables]
+    ctx.settle(value for leaf in sketches for axis in leaf for block in axis for value in block)
+    failures = _counted(xp, ctx, [state.failures for _, _, state in leaves], [piece[fields] for piece in pieces], blocks)
+    return list(zip(sketches, failures, outs))
 
 
-#: :func:`flat_runs` steps its runs in stacks of at most this many bytes of the blocks' first field
+#: A flat rule's runs (:func:`_chunks`) are stepped in stacks of at most this many bytes of the blocks' first field
 #: on a CPU (a run larger than it alone), and a run over :data:`precond_ref.sketch.FD_ROWS_BYTES`
 #: alone on every device, in its own arrays. A stack's FD step passes over its blocks several times
 #: (the projections on the basis, the [U, fresh] frame, the new basis): a stack this small stays
@@ -279,49 +267,24 @@ FLAT_STACK_BYTES = 2**24
 FLAT_ACCELERATOR_STACK_BYTES = 2**31
 
 
-def flat_runs(
-    xp: Any, leaves: Sequence[tuple], dues: tuple, ctx: StepContext, refresh: Callable[..., tuple],
-    keep: Callable[..., tuple], may_pad: Optional[Callable[[int, int], bool]] = None,
-) -> list[tuple[tuple, Array, Array]]:
-    """Each flattened leaf's blocks after this step and its rows through them (``leaves``:
-    ``(g, plan, state)`` as for :func:`refresh_axes`, ``plan`` of one axis, the flattened ``g``'s
-    length): the runs of phase p, where ``ctx.every(dues[p])``, get ``refresh(block, rows, accept) -> (new block, ok,
-    out)`` (the refresh and the new block applied to the rows in one pass), elsewhere ``keep(block,
-    rows) -> (block, out)``. The runs of one length and phase, across leaves, go through one
-    batched call, in stacks of at most :data:`FLAT_STACK_BYTES` of the blocks' first field on a CPU
-    and :data:`FLAT_ACCELERATOR_STACK_BYTES` elsewhere (:func:`bounded_chunks`; a run larger, or
-    larger than :data:`precond_ref.sketch.FD_ROWS_BYTES` anywhere, alone, never padded): each stack is
-    one batched decomposition, which on a GPU is also one host synchronisation (``eigh`` reads its
-    status), and each a fixed number of launches, so an accelerator's bound is the larger, about the
-    size at which a stack's kernels take as long as its launches. Off a CPU, with ``may_pad(length, rank)`` given,
-    the runs of one rank and phase whose ``may_pad`` holds also share a stack across lengths: each
-    zero-padded to the longest of them (:func:`padded_lengths`) in the block's first field (count,
-    length, rank) and the rows (count, length, 1), and its results cut back; ``may_pad`` says that
-    the rule's refresh and keep give such a run's zero rows zero results and leave every other
-    value as unpadded (to rounding: a sum with zero terms added). Returns per leaf its blocks, its
-    failure count plus its blocks whose refresh was not finite (:func:`_counted`), and ``out`` in
-    ``g``'s shape. The new blocks are settled, as in :func:`refresh_axes`."""
-    decisions = _decisions(ctx, dues, leaves)
-    units, members = _runs(xp, leaves, decisions, kept=True)
-    phases = [leaves[i][1].axes[0].runs[j].phase for i, _, j in units]
-    kind = type(leaves[0][2].sketches[0][0])
-
-    def refreshed(*operands: Array) -> tuple:
-        new, ok, out = refresh(kind(*operands[:-1]), operands[-1], ctx.ok)
-        return (*new, ok, out)
-
-    def kept(*operands: Array) -> tuple:
-        new, out = keep(kind(*operands[:-1]), operands[-1])
-        return (*new, xp.ones(tuple(operands[-1].shape[:1]), dtype=xp.bool, device=array_device(operands[-1])), out)
-
+def _chunks(xp: Any, c: Any, members: Sequence[tuple], phases: Sequence[int], orders: Sequence[int]) -> Callable:
+    """A flat rule's ``batches`` for :func:`_stepped`: the runs of one length and phase, across
+    leaves, in stacks of at most :data:`FLAT_STACK_BYTES` of the blocks' first field on a CPU and
+    :data:`FLAT_ACCELERATOR_STACK_BYTES` elsewhere (:func:`bounded_chunks`; a run larger, or larger
+    than :data:`precond_ref.sketch.FD_ROWS_BYTES` anywhere, alone, never padded): each stack is one
+    batched decomposition, which on a GPU is also one host synchronisation (``eigh`` reads its
+    status), and each a fixed number of launches, so an accelerator's bound is the larger. Off a
+    CPU the runs of one rank and phase whose FD step gives zero rows zero results and leaves every
+    other value as unpadded (to rounding: :func:`precond_ref.sketch.zero_rows_exact` of
+    ``c.fd["decomposition"]``) also share a stack across lengths, each zero-padded to the longest of
+    them (:func:`padded_lengths`) in the block's first field and the rows, and its results cut back."""
     host = on_cpu(xp, members[0][0])
     lengths = None
-    if not host and may_pad is not None:
+    if not host:
         # a block over FD_ROWS_BYTES is stepped alone, in its own arrays (no padded copy)
         wide = max(xp.finfo(member[0].dtype).bits // 8 for member in members)
-        lengths = padded_lengths(
-            members, phases,
-            lambda length, rank: may_pad(length, rank) and length * rank * wide <= _sketch.FD_ROWS_BYTES)
+        lengths = padded_lengths(members, phases, lambda length, rank: _sketch.zero_rows_exact(
+            c.fd["decomposition"], length, rank) and length * rank * wide <= _sketch.FD_ROWS_BYTES)
     limit = FLAT_STACK_BYTES if host else FLAT_ACCELERATOR_STACK_BYTES
     chunks = bounded_chunks(xp, members, limit, phases, alone_from=_sketch.FD_ROWS_BYTES, lengths=lengths)
 
@@ -331,22 +294,7 @@ def flat_runs(
                 length = None if lengths is None else lengths[chunk[0]]
                 yield _chunk_stack(xp, [members[i] for i in chunk], length)._replace(indices=tuple(chunk))
 
-    pieces: list = [None] * len(members)
-    for batch, out in refreshes(xp, decisions, batches, lambda batch: (refreshed, kept), kept=True):
-        for i, piece in handed_back(batch, out):
-            pieces[i] = _unpadded(piece, members[i][-1].shape[1])
-        del batch, out  # this batch's stacked copies go before the next batch's are made
-    owners = [i for (i, _, _), member in zip(units, members) for _ in range(member[0].shape[0])]
-    failures = _counted(xp, ctx, [state.failures for _, _, state in leaves], [piece[-2] for piece in pieces], owners)
-    pieces = iter(pieces)
-    results = []
-    for (g, plan, _), failure in zip(leaves, failures):
-        runs = [_unstacked(plan.axes[0], next(pieces)) for _ in plan.axes[0].runs]
-        blocks = (tuple(kind(*piece[:-2]) for piece in runs),)
-        ctx.settle(value for block in blocks[0] for value in block)
-        out = join_runs(xp, plan.axes[0], [piece[-1] for piece in runs])
-        results.append((blocks, failure, xp.reshape(out, tuple(g.shape))))
-    return results
+    return batches
 
 
 def _chunk_stack(xp: Any, members: Sequence[tuple], length: Optional[int] = None) -> Stack:
@@ -391,18 +339,18 @@ def padded_join(xp: Any, arrays: Sequence[Array], length: int) -> Array:
 def _unpadded(piece: tuple, length: int) -> tuple:
     """A member's results from a stack of :func:`_chunk_stack`, its first and last (the block's
     first field and its rows' result) cut back to its own ``length`` rows (axis 1): views."""
-    if piece[-1].shape[1] == length:
+    if piece[0].shape[1] == length:
         return piece
     return (piece[0][:, :length, ...], *piece[1:-1], piece[-1][:, :length, ...])
 
 
-#: Off a CPU, :func:`flat_runs` stacks runs of other lengths zero-padded to a longer one while the
+#: Off a CPU, :func:`_chunks` stacks runs of other lengths zero-padded to a longer one while the
 #: padded runs hold at most this many times the rows of the real ones (:func:`padded_lengths`).
 PAD_GROWTH = 2
 
 
 def padded_lengths(members: Sequence[tuple], labels: Sequence, may_pad: Callable[[int, int], bool]) -> list[int]:
-    """The length each member of :func:`flat_runs` is stacked at: its own, or, where ``may_pad(length,
+    """The length each member of :func:`_chunks` is stacked at: its own, or, where ``may_pad(length,
     rank)`` holds, the longest length of the members of its label, rank, dtype and device that
     ``may_pad`` admits, taken from the longest down while the padded rows stay within
     :data:`PAD_GROWTH` times the real ones (a length that would exceed it keeps its own stacks)."""
@@ -455,11 +403,10 @@ def bounded_chunks(
         chunks: list[list[int]] = []
         totals: list[int] = []
         for i, nbytes in sorted(group, key=lambda item: -item[1]):  # stable: equal sizes in order
-            fit = next((c for c, total in enumerate(totals) if total + nbytes <= limit), None)
-            if fit is None:
+            fit = next((c for c, total in enumerate(totals) if total + nbytes <= limit), len(chunks))
+            if fit == len(chunks):  # fits no chunk yet: a new one
                 chunks.append([])
                 totals.append(0)
-                fit = len(chunks) - 1
             chunks[fit].append(i)
             totals[fit] += nbytes
         out.extend(sorted(sorted(chunk) for chunk in chunks))
@@ -511,22 +458,21 @@ class AxesRule(NamedTuple):
     ``plan(c, shape, first_phase)``: the leaf's :class:`LeafPlan`, None for a leaf without blocks;
     ``empty(xp, length, rank, *, dtype, device, batch)``: the fields of a stack of ``batch`` empty
     blocks, as a dict (:func:`precond_ref.sketch.fd_init`);
+    ``refresh(xp, c, block, rows, order, accept, first) -> (block, ok, *out)`` (:func:`_stepped`);
     ``finish(xp, c, minus_lr, u, *rest)``: ``(update, m)`` with momentum (``rest``: ``m``), else
     ``(update,)``, from the direction ``u`` (``rest`` ends with the parameter with weight decay).
 
-    A Kronecker rule (:func:`kronecker_transform`) also has ``refresh(xp, c, block, rows, order,
-    accept, first) -> (block, ok)`` (``order``, ``first``: :func:`refresh_axes`), ``precondition(xp, c, gs,
-    blocks)``, the preconditioned gradient of each leaf ``gs[i]`` (in its plan's merged shape) from
-    its blocks ``blocks[i][n][j]``, and optionally ``graft(xp, c, g, v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp, |D|, |p|)``, the scale of the
-    direction ``p`` from its Frobenius norm and ``D``'s (None: the direction is ``p``), called on the
-    norms of many leaves stacked (:func:`_scaled_by_norms`), then ``started(xp, c, count, u, D)``, the
-    direction of a leaf at step ``count`` from that scaled ``u`` and ``D``. A flat rule
-    (:func:`flat_transform`) has ``refresh(xp, c, block, rows, accept) -> (block, ok, out)`` (the new
-    block applied to the rows in the same pass) and ``keep(xp, c, block, rows) -> out`` between
-    refreshes; its stacks of blocks of other lengths are zero-padded where the FD step allows it
-    (:func:`precond_ref.sketch.zero_rows_exact` of ``c.fd["decomposition"]``, :func:`flat_runs`).
-    ``accept`` is the engine's decision to keep the step, which the refresh folds into its own
-    selection of the previous block.
+    A Kronecker rule also has ``precondition(xp, c, gs, blocks)``, the preconditioned gradient of
+    each leaf ``gs[i]`` (in its plan's merged shape) from its blocks ``blocks[i][n][j]``, and
+    optionally ``graft(xp, c, g, v) -> (v, D)`` (None: ``D = g`` and no moment) and ``grafted(xp,
+    |D|, |p|)``, the scale of the direction ``p`` from its Frobenius norm and ``D``'s (None: the
+    direction is ``p``), called on the norms of many leaves stacked (:func:`_scaled_by_norms`), then
+    ``started(xp, c, count, u, D)``, the direction of a leaf at step ``count`` from that scaled ``u``
+    and ``D``. A flat rule (one axis, the flattened parameter) has no ``precondition``: its
+    ``refresh`` gives ``out``, the new block applied to the rows in the same pass, and ``keep(xp, c,
+    block, rows) -> out`` between refreshes; those are its directions. Its stacks of blocks of other
+    lengths are zero-padded where the FD step allows it (:func:`precond_ref.sketch.zero_rows_exact`
+    of ``c.fd["decomposition"]``, :func:`_chunks`).
     """
 
     State: type
@@ -540,43 +486,6 @@ class AxesRule(NamedTuple):
     grafted: Optional[Callable] = None
     started: Optional[Callable] = None
     keep: Optional[Callable] = None
-
-
-def resolve_schedule(
-    faithful: bool, block_size: Optional[int], precondition_every: Any, spread_refresh: Optional[bool],
-    principled_block_size: Optional[int], principled_every: int,
-) -> tuple[Optional[int], tuple]:
-    """``(block_size, dues)`` with the mode's defaults for the None arguments: the authors' in faithful
-    mode (unblocked, every step, every block on the same steps), else ``principled_block_size``,
-    ``principled_every`` and refreshes spread over the interval; ``dues`` the refresh predicate of
-    each phase (:func:`precond_ref.blocking.spread_schedule`)."""
-    if faithful:
-        return block_size, spread_schedule(1 if precondition_every is None else precondition_every, False)
-    every = principled_every if precondition_every is None else precondition_every
-    return principled_block_size if block_size is None else block_size, spread_schedule(every, spread_refresh is not False)
-
-
-def _axes_transform(
-    rule: AxesRule, c: Any, update_groups: Callable, name: str, on_nonfinite: str, hint: Optional[Callable],
-) -> Transform:
-    """The transform of ``rule``: a parameter's state (empty blocks in the compute dtype, no failures,
-    zero graft moment and momentum), the step ``update_groups``; a state saved under the per-axis
-    names of earlier versions renamed (:func:`axis_legacy_names`, then
-    :func:`~precond_ref.engine.checks.renamed_failures`), and ``hint`` the ``layout_hint``."""
-    axis_names = axis_legacy_names("sketches", rule.Block._fields, "sketch_failures")
-
-    def init_group(leaves, paths, xp):
-        (w,) = leaves
-        dtype, device = compute_dtype(xp, w.dtype), array_device(w)
-        empty = functools.partial(rule.empty, xp, dtype=dtype, device=device)
-        sketches = empty_blocks(rule.plan(c, tuple(w.shape)), lambda *run: rule.Block(**empty(*run[:2], batch=run[2])))
-        zeros = functools.partial(xp.zeros, tuple(w.shape), dtype=dtype, device=device)
-        return to_entries(rule.State(sketches, xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
-                                     zeros() if rule.graft is not None else None, zeros() if c.has_momentum else None))
-
-    return build_transform(name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
-                           needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=hint,
-                           legacy_names=lambda entries: renamed_failures(axis_names(entries)))
 
 
 def _leaves(rule: AxesRule, c: Any, xp: Any, grads: Sequence[tuple], states: Sequence[dict]) -> list[tuple]:
@@ -600,48 +509,74 @@ def _finished(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, directions: lis
     """``rule.finish(xp, c, -η_t, u, m, W)`` of every leaf (``m`` with momentum, ``W`` with weight
     decay, cast to the direction's dtype; -η_t once a step), the leaves of one layout joined end to
     end (:func:`~precond_ref.engine.joined.leafwise`)."""
-    operands = [directions]
-    if c.has_momentum:
-        operands.append([state.momentum for _, _, state in leaves])
     finish = functools.partial(rule.finish, xp, c, -ctx.value(c.learning_rate))
+    momenta = [[state.momentum for _, _, state in leaves]] if c.has_momentum else []
     if not c.has_weight_decay:
-        return leafwise(xp, finish, *operands)
-    operands.append([param[0] for param in params])
-    return leafwise(xp, lambda u, *rest: finish(u, *rest[:-1], cast(xp, rest[-1], u.dtype)), *operands)
+        return leafwise(xp, finish, directions, *momenta)
+    decayed = [param[0] for param in params]
+    return leafwise(xp, lambda u, *rest: finish(u, *rest[:-1], cast(xp, rest[-1], u.dtype)), directions, *momenta, decayed)
 
 
-def kronecker_transform(
-    rule: AxesRule, c: Any, *, name: str, on_nonfinite: str,
-) -> Transform:
-    """The transform of a Kronecker rule (Sketchy). A step: the graft of every leaf
-    (``rule.graft``, the leaves of one layout joined end to end); the refresh of the runs due
-    (:func:`refresh_axes`); the preconditioned gradient :math:`P(G)` (``rule.precondition``); the direction
-    ``p`` times ``rule.grafted(|D|, |p|)`` (:func:`_scaled_by_norms`) as ``rule.started`` takes it
-    (``D`` itself on a leaf without blocks); the
-    updates ``rule.finish`` (:func:`_finished`), or the direction itself without a learning rate."""
+def axes_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> Transform:
+    """The transform of a per-axis rule. A parameter's state: empty blocks in the compute dtype, no
+    failures, zero graft moment and momentum; a state saved under the per-axis names of earlier
+    versions renamed (:func:`axis_legacy_names`, then
+    :func:`~precond_ref.engine.checks.renamed_failures`). A step: the graft of every leaf
+    (``rule.graft``, the leaves of one layout joined end to end); the runs' refresh
+    (:func:`_stepped`): a Kronecker rule's runs due stacked by shape, order and phase
+    (:func:`~precond_ref.engine.phases.phase_stacks`), a flat rule's runs in bounded, padded chunks
+    (:func:`_chunks`) whose outputs are the directions; a Kronecker rule's directions
+    (:func:`_preconditioned`); the updates ``rule.finish`` (:func:`_finished`), or the direction
+    itself without a learning rate."""
+    axis_names = axis_legacy_names("sketches", rule.Block._fields, "sketch_failures")
+
+    def init_group(leaves, paths, xp):
+        (w,) = leaves
+        dtype, device = compute_dtype(xp, w.dtype), array_device(w)
+        empty = functools.partial(rule.empty, xp, dtype=dtype, device=device)
+        sketches = empty_blocks(rule.plan(c, tuple(w.shape)), lambda *run: rule.Block(**empty(*run[:2], batch=run[2])))
+        zeros = functools.partial(xp.zeros, tuple(w.shape), dtype=dtype, device=device)
+        return to_entries(rule.State(sketches, xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
+                                     zeros() if rule.graft is not None else None, zeros() if c.has_momentum else None))
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         xp, ctx = ctxs[0].xp, ctxs[0]
         leaves = _leaves(rule, c, xp, grads, states)
         gs, moments = [g for g, _, _ in leaves], [state.graft_second_moment for _, _, state in leaves]
         grafts = list(zip(moments, gs)) if rule.graft is None else leafwise(xp, functools.partial(rule.graft, xp, c), gs, moments)
-        refreshed = refresh_axes(xp, leaves, c.dues, ctx, functools.partial(rule.refresh, xp, c))
-        blocked = [i for i, (_, plan, _) in enumerate(leaves) if plan is not None]
-        merged = [xp.reshape(gs[i], leaves[i][1].merged_shape) for i in blocked]
-        products = rule.precondition(xp, c, merged, [refreshed[i][0] for i in blocked])
-        products = [xp.reshape(p, tuple(gs[i].shape)) for i, p in zip(blocked, products)]
-        if rule.grafted is not None:
-            scaled = _scaled_by_norms(xp, functools.partial(rule.grafted, xp), products, [grafts[i][1] for i in blocked])
-            products = [rule.started(xp, c, ctx.count, u, grafts[i][1]) for i, u in zip(blocked, scaled)]
-        products = dict(zip(blocked, products))
-        directions = [products.get(i, d) for i, (_, d) in enumerate(grafts)]  # D itself on a leaf without blocks
+        if rule.precondition is None:  # a flat rule: its runs' outputs, joined back, are the directions
+            stepped = _stepped(xp, ctx, rule, c, leaves, functools.partial(_chunks, xp, c))
+            directions = [xp.reshape(join_runs(xp, plan.axes[0], outs), tuple(g.shape))
+                          for (g, plan, _), (_, _, outs) in zip(leaves, stepped)]
+        else:
+            stepped = _stepped(xp, ctx, rule, c, leaves, lambda members, phases, orders: phase_stacks(xp, phases, members, orders))
+            directions = _preconditioned(xp, ctx, rule, c, leaves, [blocks for blocks, _, _ in stepped], grafts)
         finished = [(u,) for u in directions] if c.learning_rate is None else _finished(xp, ctx, rule, c, directions, leaves, params)
         return [((out[0],), to_entries(state._replace(sketches=sketches, failures=failures, graft_second_moment=v,
                                                       momentum=out[1] if c.has_momentum else None)))
-                for (_, _, state), (v, _), (sketches, failures), out in zip(leaves, grafts, refreshed, finished)]
+                for (_, _, state), (v, _), (sketches, failures, _), out in zip(leaves, grafts, stepped, finished)]
 
-    hint = None if c.block_size is None else functools.partial(unblocked_hint, "basis")  # blocked: say what loads unblocked
-    return _axes_transform(rule, c, update_groups, name, on_nonfinite, hint)
+    # a blocked Kronecker layout says which block_size loads a state saved unblocked
+    hint = None if c.block_size is None or rule.precondition is None else functools.partial(unblocked_hint, "basis")
+    return build_transform(name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
+                           needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=hint,
+                           legacy_names=lambda entries: renamed_failures(axis_names(entries)))
+
+
+def _preconditioned(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, leaves: list, blocks: list, grafts: list) -> list:
+    """A Kronecker rule's direction of every leaf: the preconditioned gradient :math:`P(G)`
+    (``rule.precondition`` on each leaf with blocks, in its plan's merged shape) times
+    ``rule.grafted(|D|, |p|)`` (:func:`_scaled_by_norms`) as ``rule.started`` takes it; ``D`` itself
+    on a leaf without blocks."""
+    blocked = [i for i, (_, plan, _) in enumerate(leaves) if plan is not None]
+    merged = [xp.reshape(leaves[i][0], leaves[i][1].merged_shape) for i in blocked]
+    products = rule.precondition(xp, c, merged, [blocks[i] for i in blocked])
+    products = [xp.reshape(p, tuple(leaves[i][0].shape)) for i, p in zip(blocked, products)]
+    if rule.grafted is not None:
+        scaled = _scaled_by_norms(xp, functools.partial(rule.grafted, xp), products, [grafts[i][1] for i in blocked])
+        products = [rule.started(xp, c, ctx.count, u, grafts[i][1]) for i, u in zip(blocked, scaled)]
+    products = dict(zip(blocked, products))
+    return [products.get(i, d) for i, (_, d) in enumerate(grafts)]
 
 
 def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequence[Array], ds: Sequence[Array]) -> list:
@@ -658,21 +593,3 @@ def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequen
     scales = unstack(stacks, [(scale(*s.operands),) for s in stacks], len(members))
     # each p times its scale spread over its shape (a view), the leaves joined end to end (leafwise)
     return leafwise(xp, operator.mul, list(ps), [xp.broadcast_to(factor[0], tuple(p.shape)) for p, (factor,) in zip(ps, scales)])
-
-
-def flat_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> Transform:
-    """The transform of a flat rule (S-AdaGrad): a step is the rule's fused refresh-and-apply on
-    the runs due and ``rule.keep`` on the others (:func:`flat_runs`), then the updates
-    ``rule.finish`` (:func:`_finished`)."""
-    def update_groups(grads, states, params, ctxs: list[StepContext]):
-        xp, ctx = ctxs[0].xp, ctxs[0]
-        leaves = _leaves(rule, c, xp, grads, states)
-        stepped = flat_runs(xp, leaves, c.dues, ctx, functools.partial(rule.refresh, xp, c),
-                            lambda block, rows: (block, rule.keep(xp, c, block, rows)),
-                            lambda length, rank: _sketch.zero_rows_exact(c.fd["decomposition"], length, rank))
-        finished = _finished(xp, ctx, rule, c, [direction for _, _, direction in stepped], leaves, params)
-        return [((out[0],), to_entries(state._replace(sketches=sketches, failures=failures,
-                                                      momentum=out[1] if c.has_momentum else None)))
-                for (_, _, state), (sketches, failures, _), out in zip(leaves, stepped, finished)]
-
-    return _axes_transform(rule, c, update_groups, name, on_nonfinite, None)

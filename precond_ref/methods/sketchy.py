@@ -44,8 +44,8 @@ import numbers
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from .._backend import is_number, is_zero, ratio_or_zero
-from ..blocking import merge_small_dims
-from ..engine.axes import AxesRule, LeafPlan, flat_transform, kronecker_transform, leaf_plan, resolve_schedule
+from ..blocking import merge_small_dims, spread_schedule
+from ..engine.axes import AxesRule, LeafPlan, axes_transform, leaf_plan
 from ..linalg import block_mode_products
 from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply
 from ..transform import (ScalarOrSchedule, Transform, check_bool, check_choice, check_int, check_interval,
@@ -113,6 +113,20 @@ def _check_shared(rank: Any, b2: Any, precondition_every: Any, spread_refresh: A
     check_optional(check_bool, "spread_refresh", spread_refresh)
     check_optional(check_positive_int, "block_size", block_size)
     return check_mode(mode)
+
+
+def _resolve_schedule(
+    faithful: bool, block_size: Optional[int], precondition_every: Any, spread_refresh: Optional[bool],
+    principled_block_size: Optional[int], principled_every: int,
+) -> tuple[Optional[int], tuple]:
+    """``(block_size, dues)`` with the mode's defaults for the None arguments: the authors' in faithful
+    mode (unblocked, every step, every block on the same steps), else ``principled_block_size``,
+    ``principled_every`` and refreshes spread over the interval; ``dues`` the refresh predicate of
+    each phase (:func:`precond_ref.blocking.spread_schedule`)."""
+    if faithful:
+        return block_size, spread_schedule(1 if precondition_every is None else precondition_every, False)
+    every = principled_every if precondition_every is None else precondition_every
+    return principled_block_size if block_size is None else block_size, spread_schedule(every, spread_refresh is not False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,8 +299,8 @@ def _sketchy_transform(
     if faithful:
         check_principled_only("block_size", block_size is not None, " (the authors' Sketchy has no blocking)", "in")
         check_principled_only("spread_refresh", spread_refresh, " (the authors update every sketch on the same steps)", "in")
-    block_size, dues = resolve_schedule(faithful, block_size, precondition_every, spread_refresh,
-                                        PRINCIPLED_BLOCK_SIZE, PRINCIPLED_PRECONDITION_EVERY)
+    block_size, dues = _resolve_schedule(faithful, block_size, precondition_every, spread_refresh,
+                                         PRINCIPLED_BLOCK_SIZE, PRINCIPLED_PRECONDITION_EVERY)
     tail_decay = mode_default(tail_decay, faithful, "sqrt_b2", "b2")
     fd_options = dict(
         decay=b2, tail_decay=b2**0.5 if tail_decay == "sqrt_b2" else b2, eps=eps, relative_eps=relative_eps,
@@ -298,7 +312,7 @@ def _sketchy_transform(
         not is_zero(momentum) and learning_rate is not None, not is_zero(weight_decay) and learning_rate is not None,
     )
     rule = _SKETCHY._replace(graft=_graft if graft == "rmsprop" else None, grafted=None if graft == "none" else _grafted)
-    return kronecker_transform(rule, c, name=name, on_nonfinite=on_nonfinite)
+    return axes_transform(rule, c, name=name, on_nonfinite=on_nonfinite)
 
 
 def sketchy(
@@ -664,11 +678,11 @@ def s_adagrad(
         decay=b2, tail_decay=b2, eps=eps, relative_eps=True, delta=delta,
         cutoff=not faithful, decomposition="svd" if faithful else decomposition or "auto",
     )
-    block_size, dues = resolve_schedule(faithful, block_size, precondition_every, spread_refresh, None,
-                                        S_ADAGRAD_PRECONDITION_EVERY)
+    block_size, dues = _resolve_schedule(faithful, block_size, precondition_every, spread_refresh, None,
+                                         S_ADAGRAD_PRECONDITION_EVERY)
     c = SAdaGradConfig(learning_rate, rank, fd_options, dues, block_size, momentum, weight_decay, not is_zero(momentum),
                        not is_zero(weight_decay))
-    return flat_transform(_S_ADAGRAD, c, name="s_adagrad", on_nonfinite=on_nonfinite)
+    return axes_transform(_S_ADAGRAD, c, name="s_adagrad", on_nonfinite=on_nonfinite)
 
 
 class SAdaGradConfig(NamedTuple):
@@ -691,11 +705,12 @@ def _adagrad_plan(c: SAdaGradConfig, shape: tuple[int, ...], first_phase: int = 
     return leaf_plan((math.prod(shape),), c.rank, c.block_size, len(c.dues), first_phase)
 
 
-def _adagrad_refresh(xp: Any, c: SAdaGradConfig, sketch: _Sketch, x: Array, accept: Any) -> tuple:
+def _adagrad_refresh(xp: Any, c: SAdaGradConfig, sketch: _Sketch, x: Array, order: int, accept: Any, first: bool) -> tuple:
     r"""Step 1 on a stack of runs when the sketch is due: the FD step adds the gradient's rows x
     (n, length, 1) to each sketch and applies the new sketch to them in one pass
     (:func:`precond_ref.sketch.fd_update_apply`; the previous sketch where ``accept`` is False):
-    ``(sketch, ok, P(g))``."""
+    ``(sketch, ok, P(g))``; ``order`` (1, the flattened parameter) and ``first`` as for
+    :func:`_sketch_refresh`, the exponent being AdaGrad's -1/2."""
     new, ok, out = fd_update_apply(xp, sketch._asdict(), x, exponent=-0.5, accept=accept, **c.fd)  # (Ḡ + ρI + εI)^{-1/2} g
     return _Sketch(**new), ok, out
 

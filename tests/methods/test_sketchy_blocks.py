@@ -129,7 +129,7 @@ def test_principled_defaults_and_faithful_refusals():
     """None picks the mode's defaults: principled blocks of PRINCIPLED_BLOCK_SIZE refreshed every
     PRINCIPLED_PRECONDITION_EVERY steps (spread), faithful the authors' (unblocked, every step)."""
     every = sk.PRINCIPLED_PRECONDITION_EVERY
-    resolve = functools.partial(axes.resolve_schedule, principled_block_size=sk.PRINCIPLED_BLOCK_SIZE, principled_every=every)
+    resolve = functools.partial(sk._resolve_schedule, principled_block_size=sk.PRINCIPLED_BLOCK_SIZE, principled_every=every)
     assert resolve(False, None, None, None) == (sk.PRINCIPLED_BLOCK_SIZE, tuple(PhaseDue(every, p) for p in range(every)))
     assert resolve(False, None, None, False) == (sk.PRINCIPLED_BLOCK_SIZE, (every,))
     assert resolve(True, None, None, None) == (None, (1,))
