@@ -1,8 +1,9 @@
 """Backend and compiler shims: the few places where the core asks which array library or compiler runs it.
 
 The bottom layer of :mod:`precond_ref`: it imports only the standard library and ``array_api_compat``
-(never a framework: JAX and torch are reached through ``sys.modules`` once their arrays are here),
-and every other module of the core may import it. Each helper states its plain meaning first; what
+(never a framework: JAX and torch are reached through ``sys.modules`` once their arrays are here;
+:func:`cond` walks its branches' results with :mod:`precond_ref.tree`, imported when called), and
+every other module of the core may import it. Each helper states its plain meaning first; what
 the helper does beyond it (a form a compiler treats better, a branch without a host read) changes
 no number. Measurements behind these forms are in ``docs/backends.md`` ("Backend shims").
 
@@ -20,58 +21,6 @@ from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import array_api_compat
 from array_api_compat import device as _compat_device, is_jax_namespace
-
-__all__ = [
-    "namespace_of",
-    "is_torch_namespace",
-    "is_numpy_namespace",
-    "array_device",
-    "float64_where_available",
-    "is_number",
-    "is_zero",
-    "as_operand",
-    "cast",
-    "scalar_array",
-    "scalar_zero",
-    "placement",
-    "index_dtype",
-    "compute_dtype",
-    "hashable",
-    "device_key",
-    "computed_once",
-    "IdentityDict",
-    "is_tracer",
-    "torch_compiling",
-    "owned_state",
-    "remembered_slices",
-    "leading_slices",
-    "leading_rows",
-    "state_owned",
-    "JAX_MATMUL_PRECISION",
-    "NO_CONTEXT",
-    "float32_matmul_precision",
-    "cond",
-    "cond_under_cpu_jit",
-    "host_bool",
-    "is_dense",
-    "select",
-    "finite_or_zero",
-    "host_all_finite",
-    "sums_of_squares",
-    "on_cpu",
-    "ema",
-    "sum_across",
-    "squared_sums",
-    "joined",
-    "pieces",
-    "stacked",
-    "consecutive_view",
-    "consecutive_runs",
-    "selected_by_runs",
-    "plain_forms",
-    "plain",
-]
-
 
 # array_api_compat's is_torch_namespace / is_numpy_namespace are functools.lru_cache-wrapped:
 # dynamo warns of every such call it traces (the core's steps run under torch.compile), so the
@@ -336,11 +285,6 @@ class IdentityDict:
     def __len__(self) -> int:
         return len(self._by_id) if self._pairs is None else len(self._pairs)
 
-    def clear(self) -> None:
-        self._by_id.clear()
-        if self._pairs is not None:
-            self._pairs.clear()
-
     def __setitem__(self, key: Any, value: Any) -> None:
         if self._pairs is None:
             self._by_id[id(key)] = (key, value)
@@ -459,19 +403,9 @@ def iterate(xp: Any, count: int, body: Callable, carry: Any) -> Any:
 def _copies(xp: Any, tree: Any) -> Any:
     """``tree`` with every array copied, in the traversal of :func:`precond_ref.tree.tree_map` (dict
     keys sorted where they sort, so both branches of a ``torch.cond`` return one structure)."""
-    if tree is None:
-        return None
-    if isinstance(tree, dict):
-        try:
-            keys = sorted(tree)
-        except TypeError:
-            keys = list(tree)
-        return {k: _copies(xp, tree[k]) for k in keys}
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(_copies(xp, v) for v in tree))
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_copies(xp, v) for v in tree)
-    return xp.asarray(tree, copy=True)
+    from .tree import tree_map  # the tree module builds on this one
+
+    return tree_map(lambda a: xp.asarray(a, copy=True), tree)
 
 
 def cond_under_cpu_jit(xp: Any, pred: Array, fast_fn: Callable, safe_fn: Callable, *operands: Any) -> Any:
@@ -1063,8 +997,6 @@ def _viewable(x: Array) -> bool:
 def _torch_view(torch: Any, arrays: list, shape: tuple) -> Optional[Array]:
     """:func:`consecutive_view` of eager torch tensors: one ``_base`` (the allocation's tensor,
     which torch keeps for every view of it), consecutive storage offsets; ``as_strided``."""
-    if torch.compiler.is_compiling():
-        return None
     first = arrays[0]
     base, dtype, offset = first._base, first.dtype, first.storage_offset()
     if base is None:
@@ -1075,11 +1007,7 @@ def _torch_view(torch: Any, arrays: list, shape: tuple) -> Optional[Array]:
         if a._base is not base or a.dtype != dtype or a.requires_grad or n == 0 or not a.is_contiguous() or a.storage_offset() != end:
             return None
         end += n
-    strides, step = [], 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= d
-    return first.as_strided(shape, tuple(reversed(strides)), offset)
+    return first.as_strided((end - offset,), (1,), offset).view(shape)
 
 
 def _numpy_view(np: Any, arrays: list, shape: tuple) -> Optional[Array]:
@@ -1091,9 +1019,8 @@ def _numpy_view(np: Any, arrays: list, shape: tuple) -> Optional[Array]:
         return None
     start = end = first.__array_interface__["data"][0]
     for a in arrays:
-        if a.base is not base or a.dtype != dtype or a.size == 0 or not a.flags.c_contiguous:
-            return None
-        if a.__array_interface__["data"][0] != end:
+        if (a.base is not base or a.dtype != dtype or a.size == 0 or not a.flags.c_contiguous
+                or a.__array_interface__["data"][0] != end):
             return None
         end += a.nbytes
     view = np.ndarray(shape, dtype=dtype, buffer=base, offset=start - base.__array_interface__["data"][0])

@@ -24,11 +24,6 @@ from array_api_compat import is_torch_array
 
 from ._backend import array_device, device_key, joined, leading_slices, torch_compiling
 
-__all__ = [
-    "merge_small_dims", "block_bounds", "chunk_sizes", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks",
-    "PhaseDue", "spread_schedule", "stable_hash", "same_layout",
-]
-
 Array = Any
 
 
@@ -108,18 +103,12 @@ def same_layout(operands: tuple) -> Hashable:
     return tuple((tuple(a.shape[1:]), a.dtype, device_key(a)) for a in operands)
 
 
-#: entries: on a CPU, a member of :func:`stack` whose first operand has at least this many forms a
-#: stack of its own (:func:`_batched_enough_on_cpu`)
+#: entries: on a CPU, a member of :func:`stack` whose first operand has at least this many (32 blocks
+#: of 64 x 64) forms a stack of its own. Concatenating it with its equals would copy each of its
+#: operands through memory, which on a CPU costs more than the calls it saves
+#: (docs/performance-archive.md); on an accelerator a copy is cheap beside a kernel launch, and equal
+#: members always concatenate. Each block's result is the same either way.
 CPU_BATCHED_ENOUGH = 2**17
-
-
-def _batched_enough_on_cpu(operands: tuple) -> bool:
-    """Whether a member is already a batch worth its own call on a CPU: its first operand, on the
-    CPU, has at least :data:`CPU_BATCHED_ENOUGH` entries (32 blocks of 64 x 64). Concatenating it
-    with its equals would copy each of its operands through memory, which on a CPU costs more than
-    the calls it saves (docs/performance-archive.md); on an accelerator a copy is cheap beside a kernel
-    launch, and equal members always concatenate. Each block's result is the same either way."""
-    return large_on_cpu(operands, CPU_BATCHED_ENOUGH)
 
 
 def large_on_cpu(operands: tuple, entries: int) -> bool:
@@ -141,7 +130,7 @@ def stack(
     given), and in ``labels[i]`` when given (what the operands are, e.g. the names of state
     entries), form one :class:`Stack`, their operands concatenated along the leading axis; a
     member whose ``key(operands)`` is ``None``, or, without a ``key``, that is already a large batch
-    on a CPU (:func:`_batched_enough_on_cpu`), forms a stack alone. Stacks are in order of first
+    on a CPU (:data:`CPU_BATCHED_ENOUGH`), forms a stack alone. Stacks are in order of first
     appearance, members within a stack in their given order. :func:`unstack` hands results
     computed on the stacks back member by member, as views of them; so a state entry handed back
     and joined again in the next step is already its stack (:func:`~precond_ref._backend.joined`:
@@ -150,7 +139,7 @@ def stack(
     groups: dict[Hashable, list[int]] = {}
     for index, operands in enumerate(members):
         label = None if labels is None else labels[index]
-        layout = key(operands) if key is not None else None if _batched_enough_on_cpu(operands) else same_layout(operands)
+        layout = key(operands) if key is not None else None if large_on_cpu(operands, CPU_BATCHED_ENOUGH) else same_layout(operands)
         # (index,), a 1-tuple, equals no (label, layout) pair
         groups.setdefault((index,) if layout is None else (label, layout), []).append(index)
     stacks = []

@@ -48,57 +48,6 @@ from ._backend import (
     is_zero, iterate, number, on_cpu, placement, select, sum_across, torch_compiling,
 )
 
-__all__ = [
-    "all_finite",
-    "kl_clip_factor",
-    "kl_clip_of_quadratic",
-    "symmetrize",
-    "eigh_widened",
-    "symmetric_eigh",
-    "left_singular",
-    "rank_one_update_eigh",
-    "CUDA_JACOBI_EIGH_ORDERS",
-    "per_matrix",
-    "inverse",
-    "spd_inverse",
-    "identity_like",
-    "trace",
-    "matrix_power_eigh",
-    "inverse_root_eigh",
-    "POLAR_EXPRESS_COEFFICIENTS",
-    "polar_express_coefficients",
-    "inverse_sqrt_polar_express",
-    "inverse_sqrt_newton_schulz",
-    "inverse_root",
-    "auto_root_method",
-    "ROOT_RESIDUAL_TOLERANCE",
-    "ROOT_METHODS",
-    "damped_inverse",
-    "damped_inverse_stable",
-    "DAMPED_INVERSE_ACCURACY",
-    "damped_inverse_init",
-    "mode_product",
-    "block_mode_products",
-    "mode_gram",
-    "along",
-    "is_diagonal",
-    "times_transposed",
-    "gram",
-    "mean_trace",
-    "unfolding_gram",
-    "times",
-    "frobenius",
-    "product_except",
-    "half_precision_dtype",
-    "rms_renormalised",
-    "scaled_rms_renormalised",
-    "scaled_squared_norm",
-    "column_factored_renormalise",
-    "wide_dtype",
-    "nonzero_divisor",
-    "per_matrix_column",
-]
-
 Array = Any
 # A Python number, or an array broadcastable to the batch shape of the matrices (one value each).
 Shift = Union[float, Array]
@@ -436,11 +385,7 @@ def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -
         Absolute term inside the normaliser only; a number or a batch-shaped array.
     """
     xp = array_namespace(a)
-    eye = identity_like(a)
-    if not is_zero(eps):
-        shifted = a + _batch_scalar(xp, eps, a, 2) * eye
-    else:
-        shifted = a
+    shifted = a if is_zero(eps) else a + _batch_scalar(xp, eps, a, 2) * identity_like(a)
     nu = 1.01 * xp.linalg.matrix_norm(shifted, ord="fro", keepdims=True)
     z, _ = _coupled_inverse_sqrt(a / nu, polar_express_coefficients(steps))
     return z / xp.sqrt(nu)

@@ -74,22 +74,6 @@ from .linalg import (
     _reduced_svd, all_finite, eigh_widened, left_singular, per_matrix, rank_one_update_eigh, symmetric_eigh, symmetrize,
 )
 
-__all__ = [
-    "SKETCH_KEYS",
-    "zero_rows_exact",
-    "fd_init",
-    "fd_update",
-    "fd_update_apply",
-    "fd_apply",
-    "fd_apply_with_own_mass",
-    "shrink_cutoff_tolerance",
-    "subspace_width",
-    "resolve_decomposition",
-    "SUBSPACE_MIN_DIM",
-    "FD_ROWS_BYTES",
-    "frame_products_in_rows",
-]
-
 Array = Any
 
 

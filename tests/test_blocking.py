@@ -132,7 +132,7 @@ def test_stable_hash_is_the_polynomial_hash():
 
 
 def test_a_member_already_a_large_batch_on_the_cpu_stacks_alone(monkeypatch):
-    """blocking._batched_enough_on_cpu: on a CPU, a member whose first operand has at least
+    """blocking.stack: on a CPU, a member whose first operand has at least
     CPU_BATCHED_ENOUGH entries forms a stack of its own, its operands uncopied; smaller members of
     its layout still concatenate; on_stacks gives each member fn of its own operands either way."""
     from precond_ref import blocking
