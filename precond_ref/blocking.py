@@ -20,9 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
 
-from array_api_compat import is_torch_array
-
-from ._backend import array_device, device_key, joined, leading_slices, torch_compiling
+from ._backend import array_device, device_key, joined, leading_slices
 
 Array = Any
 
@@ -144,12 +142,9 @@ def stack(
         groups.setdefault((index,) if layout is None else (label, layout), []).append(index)
     stacks = []
     for indices in groups.values():
-        lengths = tuple(members[i][0].shape[0] for i in indices)
-        if len(indices) == 1:
-            operands = tuple(members[indices[0]])
-        else:
-            operands = tuple(joined(xp, [members[i][k] for i in indices]) for k in range(len(members[indices[0]])))
-        stacks.append(Stack(tuple(indices), operands, lengths))
+        columns = zip(*(members[i] for i in indices))  # each operand of the members, in order
+        operands = tuple(members[indices[0]]) if len(indices) == 1 else tuple(joined(xp, column) for column in columns)
+        stacks.append(Stack(tuple(indices), operands, tuple(members[i][0].shape[0] for i in indices)))
     return stacks
 
 
@@ -162,25 +157,10 @@ def unstack(stacks: Sequence[Stack], results: Sequence[tuple], count: int) -> li
     """
     out: list[Optional[tuple]] = [None] * count
     for s, arrays in zip(stacks, results):
-        if len(s.indices) == 1:
-            out[s.indices[0]] = tuple(arrays)
-            continue
-        pieces = [_split(a, s.lengths) for a in arrays]
-        for n, i in enumerate(s.indices):
-            out[i] = tuple([p[n] for p in pieces])
+        pieces = [leading_slices(a, s.lengths) if len(s.indices) > 1 else (a,) for a in arrays]
+        for i, *member in zip(s.indices, *pieces):
+            out[i] = tuple(member)
     return out
-
-
-def _split(a: Array, lengths: tuple[int, ...]) -> Sequence[Array]:
-    """``a`` cut along its leading axis into consecutive slices of ``lengths``.
-
-    Eagerly on torch one ``split`` (views, as slices are) instead of one slicing operation per
-    piece; elsewhere the slices (free in NumPy, fused by a compiler; on JAX remembered, so that a
-    join of them is ``a`` again: :func:`~precond_ref._backend.leading_slices`).
-    """
-    if is_torch_array(a) and not torch_compiling():
-        return a.split(list(lengths))
-    return leading_slices(a, lengths)
 
 
 def on_stacks(

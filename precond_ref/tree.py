@@ -181,18 +181,8 @@ def filled(fillers: dict, key: Hashable, template: Callable[[], Any], entries: A
     it). While dynamo traces, read anew: the same structure, at trace time only."""
     if torch_compiling():
         return _from_entries(template(), "", entries)
-    filler = fillers.get(key)
-    if filler is None:
-        filler = fillers[key] = _filler(template())
-    return _filled(filler, entries)
-
-
-def _filler(template: Any) -> tuple:
-    """``template``'s structure and its entries' keys, in order."""
-    treedef = tree_flatten(template)[1]
-    return treedef, tuple(path_str(path) for path in treedef.paths)
-
-
-def _filled(filler: tuple, entries: Any) -> Any:
-    treedef, keys = filler
-    return tree_unflatten(treedef, [entries[key] for key in keys])
+    if key not in fillers:  # the template's structure and its entries' keys, in order
+        treedef = tree_flatten(template())[1]
+        fillers[key] = treedef, tuple(path_str(path) for path in treedef.paths)
+    treedef, keys = fillers[key]
+    return tree_unflatten(treedef, [entries[k] for k in keys])
