@@ -259,18 +259,12 @@ def _batch_scalar(xp: Any, value: Shift, ref: Array, trailing: int) -> Any:
     return value
 
 
-def matrix_power_eigh(
-    a: Array,
-    exponent: float,
-    *,
-    shift: Shift = 0.0,
-    floor: float = 0.0,
-    rcond: Optional[float] = None,
-) -> Array:
-    r""":math:`(\operatorname{sym}(A)_{\ge floor} + sI)^{e}` of a symmetric PSD matrix by ``eigh``.
+def matrix_power_eigh(a: Array, exponent: float, *, shift: Shift = 0.0) -> Array:
+    r""":math:`(\operatorname{sym}(A)_{\ge 0} + sI)^{e}` of a symmetric PSD matrix by ``eigh``.
 
     With :math:`\operatorname{sym}(A) = V \operatorname{diag}(w) V^\top`, returns
-    :math:`V \operatorname{diag}\bigl((\max(w, floor) + s)^{e}\bigr) V^\top`.
+    :math:`V \operatorname{diag}\bigl((\max(w, 0) + s)^{e}\bigr) V^\top`: eigenvalues below 0
+    (rounding can make those of a PSD matrix slightly negative) are raised to 0 before the shift.
 
     Parameters
     ----------
@@ -281,40 +275,18 @@ def matrix_power_eigh(
     shift:
         :math:`s \ge 0` added to the clamped eigenvalues (damping); a number or an array of the
         batch shape ``a.shape[:-2]``.
-    floor:
-        Eigenvalues below ``floor`` are raised to it before the shift (rounding can make the
-        eigenvalues of a PSD matrix slightly negative).
-    rcond:
-        If given, a pseudo-inverse power: shifted eigenvalues :math:`\le` ``rcond`` times the
-        largest one of their matrix contribute 0 instead of :math:`w^{e}` (meaningful for
-        :math:`e < 0`). ``None`` (default) applies the power to every eigenvalue.
     """
     xp = array_namespace(a)
     w, v = symmetric_eigh(symmetrize(a))
-    w = xp.clip(w, min=floor)
-    w = w + _batch_scalar(xp, shift, w, 1)
-    if rcond is None:
-        d = w**exponent
-    else:
-        cutoff = rcond * xp.max(w, axis=-1, keepdims=True)
-        kept = w > cutoff
-        safe = xp.where(kept, w, xp.ones_like(w))
-        d = xp.where(kept, safe**exponent, xp.zeros_like(w))
-    return xp.matmul(v * xp.expand_dims(d, axis=-2), v.mT)
+    w = xp.clip(w, min=0.0) + _batch_scalar(xp, shift, w, 1)
+    return xp.matmul(v * xp.expand_dims(w**exponent, axis=-2), v.mT)
 
 
-def inverse_root_eigh(
-    a: Array,
-    p: float = 2,
-    *,
-    shift: Shift = 0.0,
-    floor: float = 0.0,
-    rcond: Optional[float] = None,
-) -> Array:
+def inverse_root_eigh(a: Array, p: float = 2, *, shift: Shift = 0.0) -> Array:
     r"""Reference inverse p-th root :math:`(A + sI)^{-1/p}` by ``eigh`` (see :func:`matrix_power_eigh`)."""
     if not p > 0:
         raise ValueError(f"p must be > 0, got {p!r}")
-    return matrix_power_eigh(a, -1.0 / p, shift=shift, floor=floor, rcond=rcond)
+    return matrix_power_eigh(a, -1.0 / p, shift=shift)
 
 
 # --------------------------------------------------------------------------------------------
