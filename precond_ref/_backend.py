@@ -996,7 +996,7 @@ def _torch_view(arrays: list, shape: tuple) -> Optional[Array]:
         if a._base is not base or a.dtype != dtype or a.requires_grad or n == 0 or not a.is_contiguous() or a.storage_offset() != end:
             return None
         end += n
-    return first.as_strided((end - offset,), (1,), offset).view(shape)
+    return first.as_strided(shape, tuple(math.prod(shape[i + 1:]) for i in range(len(shape))), offset)  # C order
 
 
 def _numpy_view(arrays: list, shape: tuple) -> Optional[Array]:
