@@ -321,9 +321,7 @@ def polar_express_coefficients(steps: int) -> list[tuple[float, float, float]]:
     return safe[:steps] + list(repeat(safe[-1], steps - len(safe)))
 
 
-def _coupled_inverse_sqrt(
-    y: Array, coefficients: Sequence[tuple[float, float, float]]
-) -> Array:
+def _coupled_inverse_sqrt(y: Array, coefficients: Sequence[tuple[float, float, float]]) -> tuple[Array, Array]:
     """Run the coupled iteration from Y_0 = ``y``, Z_0 = I; returns (Z, Y) (Z ≈ y^{-1/2}, ZY ≈ I)."""
     xp = array_namespace(y)
     z = xp.zeros_like(y) + identity_like(y)
@@ -596,13 +594,7 @@ def damped_inverse_init(matrices: Array, damping: Any) -> Array:
     return xp.broadcast_to(eye, matrices.shape) + xp.zeros_like(matrices)
 
 
-def damped_inverse(
-    matrices: Array,
-    damping: Any,
-    previous: Array,
-    *,
-    symmetrize: bool = True,
-) -> tuple[Array, Array]:
+def damped_inverse(matrices: Array, damping: Any, previous: Array, *, symmetrize: bool = True) -> tuple[Array, Array]:
     r"""Batched :math:`(F_b + \lambda I)^{-1}` with a fallback to the previous inverse.
 
     Parameters
