@@ -116,10 +116,7 @@ def large_on_cpu(operands: tuple, entries: int) -> bool:
 
 
 def stack(
-    xp: Any,
-    members: Sequence[tuple],
-    key: Optional[Callable[[tuple], Hashable]] = None,
-    *,
+    xp: Any, members: Sequence[tuple], key: Optional[Callable[[tuple], Hashable]] = None, *,
     labels: Optional[Sequence[Hashable]] = None,
 ) -> list[Stack]:
     """The members (tuples of operands with a leading block axis) grouped into stacks.
@@ -164,10 +161,7 @@ def unstack(stacks: Sequence[Stack], results: Sequence[tuple], count: int) -> li
 
 
 def on_stacks(
-    xp: Any,
-    fn: Callable[..., tuple],
-    members: Sequence[tuple],
-    key: Optional[Callable[[tuple], Hashable]] = None,
+    xp: Any, fn: Callable[..., tuple], members: Sequence[tuple], key: Optional[Callable[[tuple], Hashable]] = None,
 ) -> list[tuple]:
     """``fn`` applied once per stack of equal blocks, results handed back member by member.
 

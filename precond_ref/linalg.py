@@ -362,11 +362,7 @@ def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -
 
 
 def inverse_sqrt_newton_schulz(
-    a: Array,
-    steps: int = 10,
-    *,
-    eps: Shift = 0.0,
-    coefficients: tuple[float, float, float] = (2.0, -1.5, 0.5),
+    a: Array, steps: int = 10, *, eps: Shift = 0.0, coefficients: tuple[float, float, float] = (2.0, -1.5, 0.5),
 ) -> Array:
     r""":math:`A^{-1/2}` by the coupled Newton–Schulz iteration of the ASGO code.
 
@@ -449,14 +445,8 @@ def auto_root_method(p: Array) -> str:
 
 
 def inverse_root(
-    a: Array,
-    p: int = 2,
-    *,
-    shift: Shift = 0.0,
-    method: str = "eigh",
-    steps: Optional[int] = None,
-    tolerance: Optional[float] = ROOT_RESIDUAL_TOLERANCE,
-    fallback: Optional[str] = "eigh",
+    a: Array, p: int = 2, *, shift: Shift = 0.0, method: str = "eigh", steps: Optional[int] = None,
+    tolerance: Optional[float] = ROOT_RESIDUAL_TOLERANCE, fallback: Optional[str] = "eigh",
 ) -> tuple[Array, Array]:
     r""":math:`(A + sI)^{-1/p}` of a stack of symmetric PSD matrices, by ``eigh`` or by a matmul
     iteration whose result is checked and, where it failed, recomputed by ``eigh`` (or flagged).
@@ -660,11 +650,7 @@ def _frobenius_norm(xp: Any, matrices: Array) -> Array:
 
 
 def damped_inverse_stable(
-    matrices: Array,
-    damping: Any,
-    previous: Array,
-    *,
-    accuracy: float = DAMPED_INVERSE_ACCURACY,
+    matrices: Array, damping: Any, previous: Array, *, accuracy: float = DAMPED_INVERSE_ACCURACY,
 ) -> tuple[Array, Array]:
     r"""Batched :math:`(\operatorname{sym}(F_b) + \lambda_b I)^{-1}` by LU, branch-free, with the
     damping raised to the precision floor of the stored statistic:

@@ -666,22 +666,10 @@ def fd_update_apply(xp: Any, sketch: dict[str, Array], x: Array, **options: Any)
 
 
 def _fd_step(
-    xp: Any,
-    sketch: dict[str, Array],
-    x: Array,
-    *,
-    exponent: float,
-    decay: float = 1.0,
-    tail_decay: Optional[float] = None,
-    eps: float = 0.0,
-    relative_eps: bool = True,
-    delta: float = 0.0,
-    cutoff: bool = False,
-    noise_is_mass: bool = False,
-    decomposition: str = "svd",
-    accept: Optional[Array] = None,
-    maybe_empty: bool = False,
-    apply: bool = False,
+    xp: Any, sketch: dict[str, Array], x: Array, *, exponent: float, decay: float = 1.0,
+    tail_decay: Optional[float] = None, eps: float = 0.0, relative_eps: bool = True, delta: float = 0.0,
+    cutoff: bool = False, noise_is_mass: bool = False, decomposition: str = "svd", accept: Optional[Array] = None,
+    maybe_empty: bool = False, apply: bool = False,
 ) -> tuple[dict[str, Array], Array, Optional[Array]]:
     """:func:`fd_update`, and with ``apply`` also the new sketch applied to ``x`` (else None).
 

@@ -197,13 +197,7 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 
 
 def check_interval(
-    name: str,
-    value: Any,
-    low: float,
-    high: float,
-    *,
-    low_closed: bool = True,
-    high_closed: bool = False,
+    name: str, value: Any, low: float, high: float, *, low_closed: bool = True, high_closed: bool = False,
 ) -> None:
     """``value`` in the interval between ``low`` and ``high`` (closed ends as flagged)."""
     if isinstance(value, bool) or (not is_number(value) and not hasattr(value, "shape")):
