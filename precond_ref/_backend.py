@@ -1,8 +1,9 @@
 """Backend and compiler shims: the few places where the core asks which array library or compiler runs it.
 
 The bottom layer of :mod:`precond_ref`: it imports only the standard library and ``array_api_compat``
-(never a framework: JAX and torch are reached through ``sys.modules`` once their arrays are here),
-and every other module of the core may import it. Each helper states its plain meaning first; what
+(never a framework: JAX and torch are reached through ``sys.modules`` once their arrays are here;
+:func:`cond` walks its branches' results with :mod:`precond_ref.tree`, imported when called), and
+every other module of the core may import it. Each helper states its plain meaning first; what
 the helper does beyond it (a form a compiler treats better, a branch without a host read) changes
 no number. Measurements behind these forms are in ``docs/backends.md`` ("Backend shims").
 
@@ -20,58 +21,6 @@ from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import array_api_compat
 from array_api_compat import device as _compat_device, is_jax_namespace
-
-__all__ = [
-    "namespace_of",
-    "is_torch_namespace",
-    "is_numpy_namespace",
-    "array_device",
-    "float64_where_available",
-    "is_number",
-    "is_zero",
-    "as_operand",
-    "cast",
-    "scalar_array",
-    "scalar_zero",
-    "placement",
-    "index_dtype",
-    "compute_dtype",
-    "hashable",
-    "device_key",
-    "computed_once",
-    "IdentityDict",
-    "is_tracer",
-    "torch_compiling",
-    "owned_state",
-    "remembered_slices",
-    "leading_slices",
-    "leading_rows",
-    "state_owned",
-    "JAX_MATMUL_PRECISION",
-    "NO_CONTEXT",
-    "float32_matmul_precision",
-    "cond",
-    "cond_under_cpu_jit",
-    "host_bool",
-    "is_dense",
-    "select",
-    "finite_or_zero",
-    "host_all_finite",
-    "sums_of_squares",
-    "on_cpu",
-    "ema",
-    "sum_across",
-    "squared_sums",
-    "joined",
-    "pieces",
-    "stacked",
-    "consecutive_view",
-    "consecutive_runs",
-    "selected_by_runs",
-    "plain_forms",
-    "plain",
-]
-
 
 # array_api_compat's is_torch_namespace / is_numpy_namespace are functools.lru_cache-wrapped:
 # dynamo warns of every such call it traces (the core's steps run under torch.compile), so the
@@ -336,11 +285,6 @@ class IdentityDict:
     def __len__(self) -> int:
         return len(self._by_id) if self._pairs is None else len(self._pairs)
 
-    def clear(self) -> None:
-        self._by_id.clear()
-        if self._pairs is not None:
-            self._pairs.clear()
-
     def __setitem__(self, key: Any, value: Any) -> None:
         if self._pairs is None:
             self._by_id[id(key)] = (key, value)
@@ -459,19 +403,9 @@ def iterate(xp: Any, count: int, body: Callable, carry: Any) -> Any:
 def _copies(xp: Any, tree: Any) -> Any:
     """``tree`` with every array copied, in the traversal of :func:`precond_ref.tree.tree_map` (dict
     keys sorted where they sort, so both branches of a ``torch.cond`` return one structure)."""
-    if tree is None:
-        return None
-    if isinstance(tree, dict):
-        try:
-            keys = sorted(tree)
-        except TypeError:
-            keys = list(tree)
-        return {k: _copies(xp, tree[k]) for k in keys}
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(_copies(xp, v) for v in tree))
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_copies(xp, v) for v in tree)
-    return xp.asarray(tree, copy=True)
+    from .tree import tree_map  # the tree module builds on this one
+
+    return tree_map(lambda a: xp.asarray(a, copy=True), tree)
 
 
 def cond_under_cpu_jit(xp: Any, pred: Array, fast_fn: Callable, safe_fn: Callable, *operands: Any) -> Any:
@@ -770,9 +704,13 @@ def remembered() -> Optional["IdentityDict"]:
     return None if torch_compiling() else _SLICES.get()
 
 
-def leading_slices(a: Array, lengths: Any) -> list:
+def leading_slices(a: Array, lengths: Any) -> Any:
     """``a`` cut along its leading axis into consecutive slices of ``lengths``, each remembered
-    within :func:`remembered_slices`."""
+    within :func:`remembered_slices`. Eagerly on torch one ``split`` (views, as slices are) instead
+    of one slicing operation per piece (a compiler fuses the slices; NumPy's are free)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(a, torch.Tensor) and not torch_compiling():
+        return a.split(list(lengths))
     slices, start, known = [], 0, remembered()
     for length in lengths:
         piece = a[start : start + length, ...]
@@ -884,20 +822,18 @@ def joined(xp: Any, arrays: Any) -> Array:
     contiguous, a torch piece that requires grad or is a subclass such as a DTensor or a
     compiler's fake tensor), and always for JAX, array_api_strict and under ``torch.compile``, the
     concatenation. The view covers exactly the pieces' memory, so writing it writes only them.
-    Within :func:`plain_forms`, the concatenation.
+    Within :func:`plain_forms`, the concatenation. On JAX, which has no views, within
+    :func:`remembered_slices` each run of consecutive slices of one array is that array or its
+    one slice, and the rest are joined by :func:`_concatenated`.
     """
     arrays = list(arrays)
-    if torch_compiling() or plain():  # traced: no views, no slices remembered
+    if len(arrays) < 2 or torch_compiling() or plain():  # traced: no views, no slices remembered
         return xp.concat(arrays, axis=0)
-    view = consecutive_view(arrays, new_axis=False) if len(arrays) > 1 else None
-    if view is not None:
-        return view
-    runs = _slice_runs(arrays) if len(arrays) > 1 else None
-    if runs is not None:
-        if len(runs) == 1:
-            return runs[0]
-        arrays = runs
-    return _concatenated(xp, arrays)
+    if not _is_jax_numpy(xp):
+        view = consecutive_view(arrays, new_axis=False)
+        return xp.concat(arrays, axis=0) if view is None else view
+    runs = _slice_runs(arrays) or arrays
+    return runs[0] if len(runs) == 1 else _concatenated(xp, runs)
 
 
 def pieces(xp: Any, flat: Array, shapes: Any) -> list:
@@ -913,30 +849,26 @@ def pieces(xp: Any, flat: Array, shapes: Any) -> list:
 
 def stacked(xp: Any, arrays: Any) -> Array:
     """``xp.stack(arrays)`` (along a new leading axis), as a view of the pieces' memory where they
-    lie end to end (:func:`joined`'s rule); within :func:`plain_forms`, and while ``torch.compile``
-    traces, the stack."""
+    lie end to end (:func:`joined`'s rule; on JAX, remembered rows gathered, :func:`_gathered_rows`);
+    within :func:`plain_forms`, and while ``torch.compile`` traces, the stack."""
     arrays = list(arrays)
-    if torch_compiling() or plain():
+    if len(arrays) < 2 or torch_compiling() or plain():
         return xp.stack(arrays)
-    view = consecutive_view(arrays, new_axis=True) if len(arrays) > 1 else None
-    if view is None and len(arrays) > 1:
-        view = _gathered_rows(xp, arrays)
-    if view is not None:
-        return view
-    if len(arrays) > 1 and _is_jax_numpy(xp):  # a stack of bits reshaped is a kernel a piece
-        return _concatenated(xp, [xp.reshape(a, (1, *a.shape)) for a in arrays])
-    return xp.stack(arrays)
+    if not _is_jax_numpy(xp):
+        view = consecutive_view(arrays, new_axis=True)
+        return xp.stack(arrays) if view is None else view
+    view = _gathered_rows(xp, arrays)  # on JAX a stack of bits reshaped is a kernel a piece: joined
+    return _concatenated(xp, [xp.reshape(a, (1, *a.shape)) for a in arrays]) if view is None else view
 
 
 def _concatenated(xp: Any, arrays: list) -> Array:
-    """``xp.concat(arrays, axis=0)``; on JAX, for several arrays of a 16-bit float dtype, joined as
+    """``xp.concat(arrays, axis=0)`` of JAX arrays; for several arrays of a 16-bit float dtype, joined as
     their bits (``uint16``) and read back: the same array, every piece's bits kept (a NaN's payload
     too). XLA's CPU compiler leaves a join of more than a few pieces unfused and moves a widening
     ``convert`` that follows it onto each piece, one fusion (a kernel) per piece; a join of the
     bits is one copy, and the ``convert`` stays one."""
     dtype = arrays[0].dtype
-    if (len(arrays) < 2 or not _is_jax_numpy(xp) or dtype not in (xp.float16, xp.bfloat16)
-            or any(a.dtype != dtype for a in arrays)):
+    if dtype not in (xp.float16, xp.bfloat16) or any(a.dtype != dtype for a in arrays):
         return xp.concat(arrays, axis=0)
     bitcast = sys.modules["jax"].lax.bitcast_convert_type
     return bitcast(xp.concat([bitcast(a, xp.uint16) for a in arrays], axis=0), dtype)
@@ -947,7 +879,7 @@ def consecutive_runs(xp: Any, columns: Any) -> list:
     (sequences of one length), flattened, are consecutive pieces of one allocation
     (:func:`consecutive_view`); a position that continues no run is a run of its own."""
     count = len(columns[0])
-    if not all(_viewable(column[0]) for column in columns if count):
+    if not all(_viewer(column[0]) for column in columns if count):
         return [(i, i + 1) for i in range(count)]
     # Only a C-contiguous array can lie in a run: flattening another would copy it.
     flat = [[xp.reshape(a, (-1,)) if is_dense(a) else None for a in column] for column in columns]
@@ -977,40 +909,39 @@ def selected_by_runs(xp: Any, pred: Array, news: Any, olds: Any) -> list:
     slice) and of their olds joined, each handed its slice of the result. Within
     :func:`plain_forms`, and while ``torch.compile`` traces (which has no views of the pieces to
     find runs in, nor slices remembered), one selection per pair."""
-    if torch_compiling() or plain():
-        return [select(xp, pred, new, old) for new, old in zip(news, olds)]
+    known = None if torch_compiling() or plain() else remembered()
+    if known is None:
+        return _selected_by_views(xp, pred, news, olds)
     out: list = [None] * len(news)
-    known = remembered()
-    if known is not None:
-        families, order = IdentityDict(), []  # the array they were cut from -> its slices here
-        for i, new in enumerate(news):
-            where = known.get(new)
-            if where is not None and where[2] is not None:
-                if where[0] not in families:
-                    families[where[0]] = []
-                    order.append(families.get(where[0]))
-                families.get(where[0]).append((where[1], where[2], i))
-        for members in order:
-            members.sort()
-            run = [members[0]]
-            for member in members[1:] + [None]:
-                if member is not None and member[0] == run[-1][1]:
-                    run.append(member)
-                    continue
-                if len(run) > 1:
-                    ids = [i for _, _, i in run]
-                    whole = select(xp, pred, joined(xp, [news[i] for i in ids]), joined(xp, [olds[i] for i in ids]))
-                    for i, piece in zip(ids, leading_slices(whole, [news[i].shape[0] for i in ids])):
-                        out[i] = piece
-                run = [member]
-    rest = [i for i, o in enumerate(out) if o is None]
-    for i, o in zip(rest, _selected_by_views(xp, pred, [news[i] for i in rest], [olds[i] for i in rest])):
-        out[i] = o
-    return out
+    families, order = IdentityDict(), []  # the array they were cut from -> its slices here
+    for i, new in enumerate(news):
+        where = known.get(new)
+        if where is not None and where[2] is not None:
+            if where[0] not in families:
+                families[where[0]] = []
+                order.append(families.get(where[0]))
+            families.get(where[0]).append((where[1], where[2], i))
+    for members in order:
+        members.sort()
+        run = [members[0]]
+        for member in members[1:] + [None]:
+            if member is not None and member[0] == run[-1][1]:
+                run.append(member)
+                continue
+            if len(run) > 1:
+                ids = [i for _, _, i in run]
+                whole = select(xp, pred, joined(xp, [news[i] for i in ids]), joined(xp, [olds[i] for i in ids]))
+                for i, piece in zip(ids, leading_slices(whole, [news[i].shape[0] for i in ids])):
+                    out[i] = piece
+            run = [member]
+    return [select(xp, pred, new, old) if o is None else o for new, old, o in zip(news, olds, out)]
 
 
 def _selected_by_views(xp: Any, pred: Array, news: list, olds: list) -> list:
-    """:func:`selected_by_runs` of pieces of one allocation (eager torch, NumPy, CuPy)."""
+    """:func:`selected_by_runs` outside :func:`remembered_slices`: of pieces of one allocation
+    (eager torch, NumPy, CuPy), one selection per pair elsewhere and within :func:`plain_forms`."""
+    if torch_compiling() or plain():
+        return [select(xp, pred, new, old) for new, old in zip(news, olds)]
     out = []
     for start, stop in consecutive_runs(xp, [news]):
         if stop - start == 1 or not all(is_dense(old) for old in olds[start:stop]):
@@ -1031,40 +962,30 @@ def consecutive_view(arrays: list, new_axis: bool) -> Optional[Array]:
     pieces of one allocation, of one dtype and one exact array type (torch's ``Tensor``, NumPy's or
     CuPy's ``ndarray``); ``None`` otherwise, within :func:`plain_forms` and while ``torch.compile``
     traces (whose tensors are no views of one allocation)."""
-    if torch_compiling() or plain():
-        return None
-    kind, first = type(arrays[0]), arrays[0]
-    if any(type(a) is not kind for a in arrays):
-        return None
+    first = arrays[0]
+    view = None if torch_compiling() or plain() else _viewer(first)
     rest = tuple(first.shape) if new_axis else tuple(first.shape[1:])
-    if (len(first.shape) == 0 and not new_axis) or any(tuple(a.shape if new_axis else a.shape[1:]) != rest for a in arrays):
+    if view is None or (len(first.shape) == 0 and not new_axis) or any(
+            type(a) is not type(first) or tuple(a.shape if new_axis else a.shape[1:]) != rest for a in arrays):
         return None
-    shape = (len(arrays), *rest) if new_axis else (sum(a.shape[0] for a in arrays), *rest)
-    torch, np, cp = sys.modules.get("torch"), sys.modules.get("numpy"), sys.modules.get("cupy")
-    if torch is not None and kind is torch.Tensor:
-        return _torch_view(torch, arrays, shape)
-    if np is not None and kind is np.ndarray:
-        return _numpy_view(np, arrays, shape)
-    if cp is not None and kind is cp.ndarray:
-        return _cupy_view(cp, arrays, shape)
-    return None
+    return view(arrays, (len(arrays), *rest) if new_axis else (sum(a.shape[0] for a in arrays), *rest))
 
 
-def _viewable(x: Array) -> bool:
-    """Whether ``x`` is of an array type :func:`consecutive_view` may view (an eager torch
-    ``Tensor``, a NumPy or CuPy ``ndarray``)."""
+def _viewer(x: Array) -> Optional[Callable]:
+    """The function of :func:`consecutive_view` for ``x``'s exact array type (an eager torch
+    ``Tensor``, a NumPy or CuPy ``ndarray``), or ``None`` for an array type it cannot view."""
     kind = type(x)
     torch, np, cp = sys.modules.get("torch"), sys.modules.get("numpy"), sys.modules.get("cupy")
     if torch is not None and kind is torch.Tensor:
-        return not torch.compiler.is_compiling()
-    return (np is not None and kind is np.ndarray) or (cp is not None and kind is cp.ndarray)
+        return None if torch.compiler.is_compiling() else _torch_view
+    if np is not None and kind is np.ndarray:
+        return _numpy_view
+    return _cupy_view if cp is not None and kind is cp.ndarray else None
 
 
-def _torch_view(torch: Any, arrays: list, shape: tuple) -> Optional[Array]:
+def _torch_view(arrays: list, shape: tuple) -> Optional[Array]:
     """:func:`consecutive_view` of eager torch tensors: one ``_base`` (the allocation's tensor,
     which torch keeps for every view of it), consecutive storage offsets; ``as_strided``."""
-    if torch.compiler.is_compiling():
-        return None
     first = arrays[0]
     base, dtype, offset = first._base, first.dtype, first.storage_offset()
     if base is None:
@@ -1075,34 +996,29 @@ def _torch_view(torch: Any, arrays: list, shape: tuple) -> Optional[Array]:
         if a._base is not base or a.dtype != dtype or a.requires_grad or n == 0 or not a.is_contiguous() or a.storage_offset() != end:
             return None
         end += n
-    strides, step = [], 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= d
-    return first.as_strided(shape, tuple(reversed(strides)), offset)
+    return first.as_strided(shape, tuple(math.prod(shape[i + 1:]) for i in range(len(shape))), offset)  # C order
 
 
-def _numpy_view(np: Any, arrays: list, shape: tuple) -> Optional[Array]:
+def _numpy_view(arrays: list, shape: tuple) -> Optional[Array]:
     """:func:`consecutive_view` of NumPy arrays: one owning ``base`` (NumPy points every view at
     the array that owns the memory), consecutive data addresses; an ``ndarray`` over that base."""
     first = arrays[0]
     base, dtype = first.base, first.dtype
-    if type(base) is not np.ndarray or not base.flags.c_contiguous:
+    if type(base) is not type(first) or not base.flags.c_contiguous:
         return None
     start = end = first.__array_interface__["data"][0]
     for a in arrays:
-        if a.base is not base or a.dtype != dtype or a.size == 0 or not a.flags.c_contiguous:
-            return None
-        if a.__array_interface__["data"][0] != end:
+        if (a.base is not base or a.dtype != dtype or a.size == 0 or not a.flags.c_contiguous
+                or a.__array_interface__["data"][0] != end):
             return None
         end += a.nbytes
-    view = np.ndarray(shape, dtype=dtype, buffer=base, offset=start - base.__array_interface__["data"][0])
+    view = type(first)(shape, dtype=dtype, buffer=base, offset=start - base.__array_interface__["data"][0])
     if not first.flags.writeable:
         view.flags.writeable = False
     return view
 
 
-def _cupy_view(cp: Any, arrays: list, shape: tuple) -> Optional[Array]:
+def _cupy_view(arrays: list, shape: tuple) -> Optional[Array]:
     """:func:`consecutive_view` of CuPy arrays: one memory allocation (``data.mem``), consecutive
     device addresses; an ``ndarray`` at the first piece's address."""
     first = arrays[0]
@@ -1112,7 +1028,7 @@ def _cupy_view(cp: Any, arrays: list, shape: tuple) -> Optional[Array]:
         if a.data.mem is not mem or a.dtype != dtype or a.size == 0 or not a.flags.c_contiguous or a.data.ptr != end:
             return None
         end += a.nbytes
-    return cp.ndarray(shape, dtype=dtype, memptr=first.data)
+    return type(first)(shape, dtype=dtype, memptr=first.data)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,14 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Hashable, NamedTuple, Optional, Sequence
 
-from array_api_compat import is_torch_array
-
-from ._backend import array_device, device_key, joined, leading_slices, torch_compiling
-
-__all__ = [
-    "merge_small_dims", "block_bounds", "chunk_sizes", "unfold", "roll_first_axis_last", "Stack", "stack", "unstack", "on_stacks",
-    "PhaseDue", "spread_schedule", "stable_hash", "same_layout",
-]
+from ._backend import array_device, device_key, joined, leading_slices
 
 Array = Any
 
@@ -108,18 +101,12 @@ def same_layout(operands: tuple) -> Hashable:
     return tuple((tuple(a.shape[1:]), a.dtype, device_key(a)) for a in operands)
 
 
-#: entries: on a CPU, a member of :func:`stack` whose first operand has at least this many forms a
-#: stack of its own (:func:`_batched_enough_on_cpu`)
+#: entries: on a CPU, a member of :func:`stack` whose first operand has at least this many (32 blocks
+#: of 64 x 64) forms a stack of its own. Concatenating it with its equals would copy each of its
+#: operands through memory, which on a CPU costs more than the calls it saves
+#: (docs/performance-archive.md); on an accelerator a copy is cheap beside a kernel launch, and equal
+#: members always concatenate. Each block's result is the same either way.
 CPU_BATCHED_ENOUGH = 2**17
-
-
-def _batched_enough_on_cpu(operands: tuple) -> bool:
-    """Whether a member is already a batch worth its own call on a CPU: its first operand, on the
-    CPU, has at least :data:`CPU_BATCHED_ENOUGH` entries (32 blocks of 64 x 64). Concatenating it
-    with its equals would copy each of its operands through memory, which on a CPU costs more than
-    the calls it saves (docs/performance-archive.md); on an accelerator a copy is cheap beside a kernel
-    launch, and equal members always concatenate. Each block's result is the same either way."""
-    return large_on_cpu(operands, CPU_BATCHED_ENOUGH)
 
 
 def large_on_cpu(operands: tuple, entries: int) -> bool:
@@ -129,10 +116,7 @@ def large_on_cpu(operands: tuple, entries: int) -> bool:
 
 
 def stack(
-    xp: Any,
-    members: Sequence[tuple],
-    key: Optional[Callable[[tuple], Hashable]] = None,
-    *,
+    xp: Any, members: Sequence[tuple], key: Optional[Callable[[tuple], Hashable]] = None, *,
     labels: Optional[Sequence[Hashable]] = None,
 ) -> list[Stack]:
     """The members (tuples of operands with a leading block axis) grouped into stacks.
@@ -141,7 +125,7 @@ def stack(
     given), and in ``labels[i]`` when given (what the operands are, e.g. the names of state
     entries), form one :class:`Stack`, their operands concatenated along the leading axis; a
     member whose ``key(operands)`` is ``None``, or, without a ``key``, that is already a large batch
-    on a CPU (:func:`_batched_enough_on_cpu`), forms a stack alone. Stacks are in order of first
+    on a CPU (:data:`CPU_BATCHED_ENOUGH`), forms a stack alone. Stacks are in order of first
     appearance, members within a stack in their given order. :func:`unstack` hands results
     computed on the stacks back member by member, as views of them; so a state entry handed back
     and joined again in the next step is already its stack (:func:`~precond_ref._backend.joined`:
@@ -150,17 +134,14 @@ def stack(
     groups: dict[Hashable, list[int]] = {}
     for index, operands in enumerate(members):
         label = None if labels is None else labels[index]
-        layout = key(operands) if key is not None else None if _batched_enough_on_cpu(operands) else same_layout(operands)
+        layout = key(operands) if key is not None else None if large_on_cpu(operands, CPU_BATCHED_ENOUGH) else same_layout(operands)
         # (index,), a 1-tuple, equals no (label, layout) pair
         groups.setdefault((index,) if layout is None else (label, layout), []).append(index)
     stacks = []
     for indices in groups.values():
-        lengths = tuple(members[i][0].shape[0] for i in indices)
-        if len(indices) == 1:
-            operands = tuple(members[indices[0]])
-        else:
-            operands = tuple(joined(xp, [members[i][k] for i in indices]) for k in range(len(members[indices[0]])))
-        stacks.append(Stack(tuple(indices), operands, lengths))
+        columns = zip(*(members[i] for i in indices))  # each operand of the members, in order
+        operands = tuple(members[indices[0]]) if len(indices) == 1 else tuple(joined(xp, column) for column in columns)
+        stacks.append(Stack(tuple(indices), operands, tuple(members[i][0].shape[0] for i in indices)))
     return stacks
 
 
@@ -173,32 +154,14 @@ def unstack(stacks: Sequence[Stack], results: Sequence[tuple], count: int) -> li
     """
     out: list[Optional[tuple]] = [None] * count
     for s, arrays in zip(stacks, results):
-        if len(s.indices) == 1:
-            out[s.indices[0]] = tuple(arrays)
-            continue
-        pieces = [_split(a, s.lengths) for a in arrays]
-        for n, i in enumerate(s.indices):
-            out[i] = tuple([p[n] for p in pieces])
+        pieces = [leading_slices(a, s.lengths) if len(s.indices) > 1 else (a,) for a in arrays]
+        for i, *member in zip(s.indices, *pieces):
+            out[i] = tuple(member)
     return out
 
 
-def _split(a: Array, lengths: tuple[int, ...]) -> Sequence[Array]:
-    """``a`` cut along its leading axis into consecutive slices of ``lengths``.
-
-    Eagerly on torch one ``split`` (views, as slices are) instead of one slicing operation per
-    piece; elsewhere the slices (free in NumPy, fused by a compiler; on JAX remembered, so that a
-    join of them is ``a`` again: :func:`~precond_ref._backend.leading_slices`).
-    """
-    if is_torch_array(a) and not torch_compiling():
-        return a.split(list(lengths))
-    return leading_slices(a, lengths)
-
-
 def on_stacks(
-    xp: Any,
-    fn: Callable[..., tuple],
-    members: Sequence[tuple],
-    key: Optional[Callable[[tuple], Hashable]] = None,
+    xp: Any, fn: Callable[..., tuple], members: Sequence[tuple], key: Optional[Callable[[tuple], Hashable]] = None,
 ) -> list[tuple]:
     """``fn`` applied once per stack of equal blocks, results handed back member by member.
 

@@ -48,57 +48,6 @@ from ._backend import (
     is_zero, iterate, number, on_cpu, placement, select, sum_across, torch_compiling,
 )
 
-__all__ = [
-    "all_finite",
-    "kl_clip_factor",
-    "kl_clip_of_quadratic",
-    "symmetrize",
-    "eigh_widened",
-    "symmetric_eigh",
-    "left_singular",
-    "rank_one_update_eigh",
-    "CUDA_JACOBI_EIGH_ORDERS",
-    "per_matrix",
-    "inverse",
-    "spd_inverse",
-    "identity_like",
-    "trace",
-    "matrix_power_eigh",
-    "inverse_root_eigh",
-    "POLAR_EXPRESS_COEFFICIENTS",
-    "polar_express_coefficients",
-    "inverse_sqrt_polar_express",
-    "inverse_sqrt_newton_schulz",
-    "inverse_root",
-    "auto_root_method",
-    "ROOT_RESIDUAL_TOLERANCE",
-    "ROOT_METHODS",
-    "damped_inverse",
-    "damped_inverse_stable",
-    "DAMPED_INVERSE_ACCURACY",
-    "damped_inverse_init",
-    "mode_product",
-    "block_mode_products",
-    "mode_gram",
-    "along",
-    "is_diagonal",
-    "times_transposed",
-    "gram",
-    "mean_trace",
-    "unfolding_gram",
-    "times",
-    "frobenius",
-    "product_except",
-    "half_precision_dtype",
-    "rms_renormalised",
-    "scaled_rms_renormalised",
-    "scaled_squared_norm",
-    "column_factored_renormalise",
-    "wide_dtype",
-    "nonzero_divisor",
-    "per_matrix_column",
-]
-
 Array = Any
 # A Python number, or an array broadcastable to the batch shape of the matrices (one value each).
 Shift = Union[float, Array]
@@ -310,18 +259,12 @@ def _batch_scalar(xp: Any, value: Shift, ref: Array, trailing: int) -> Any:
     return value
 
 
-def matrix_power_eigh(
-    a: Array,
-    exponent: float,
-    *,
-    shift: Shift = 0.0,
-    floor: float = 0.0,
-    rcond: Optional[float] = None,
-) -> Array:
-    r""":math:`(\operatorname{sym}(A)_{\ge floor} + sI)^{e}` of a symmetric PSD matrix by ``eigh``.
+def matrix_power_eigh(a: Array, exponent: float, *, shift: Shift = 0.0) -> Array:
+    r""":math:`(\operatorname{sym}(A)_{\ge 0} + sI)^{e}` of a symmetric PSD matrix by ``eigh``.
 
     With :math:`\operatorname{sym}(A) = V \operatorname{diag}(w) V^\top`, returns
-    :math:`V \operatorname{diag}\bigl((\max(w, floor) + s)^{e}\bigr) V^\top`.
+    :math:`V \operatorname{diag}\bigl((\max(w, 0) + s)^{e}\bigr) V^\top`: eigenvalues below 0
+    (rounding can make those of a PSD matrix slightly negative) are raised to 0 before the shift.
 
     Parameters
     ----------
@@ -332,40 +275,18 @@ def matrix_power_eigh(
     shift:
         :math:`s \ge 0` added to the clamped eigenvalues (damping); a number or an array of the
         batch shape ``a.shape[:-2]``.
-    floor:
-        Eigenvalues below ``floor`` are raised to it before the shift (rounding can make the
-        eigenvalues of a PSD matrix slightly negative).
-    rcond:
-        If given, a pseudo-inverse power: shifted eigenvalues :math:`\le` ``rcond`` times the
-        largest one of their matrix contribute 0 instead of :math:`w^{e}` (meaningful for
-        :math:`e < 0`). ``None`` (default) applies the power to every eigenvalue.
     """
     xp = array_namespace(a)
     w, v = symmetric_eigh(symmetrize(a))
-    w = xp.clip(w, min=floor)
-    w = w + _batch_scalar(xp, shift, w, 1)
-    if rcond is None:
-        d = w**exponent
-    else:
-        cutoff = rcond * xp.max(w, axis=-1, keepdims=True)
-        kept = w > cutoff
-        safe = xp.where(kept, w, xp.ones_like(w))
-        d = xp.where(kept, safe**exponent, xp.zeros_like(w))
-    return xp.matmul(v * xp.expand_dims(d, axis=-2), v.mT)
+    w = xp.clip(w, min=0.0) + _batch_scalar(xp, shift, w, 1)
+    return xp.matmul(v * xp.expand_dims(w**exponent, axis=-2), v.mT)
 
 
-def inverse_root_eigh(
-    a: Array,
-    p: float = 2,
-    *,
-    shift: Shift = 0.0,
-    floor: float = 0.0,
-    rcond: Optional[float] = None,
-) -> Array:
+def inverse_root_eigh(a: Array, p: float = 2, *, shift: Shift = 0.0) -> Array:
     r"""Reference inverse p-th root :math:`(A + sI)^{-1/p}` by ``eigh`` (see :func:`matrix_power_eigh`)."""
     if not p > 0:
         raise ValueError(f"p must be > 0, got {p!r}")
-    return matrix_power_eigh(a, -1.0 / p, shift=shift, floor=floor, rcond=rcond)
+    return matrix_power_eigh(a, -1.0 / p, shift=shift)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,9 +321,7 @@ def polar_express_coefficients(steps: int) -> list[tuple[float, float, float]]:
     return safe[:steps] + list(repeat(safe[-1], steps - len(safe)))
 
 
-def _coupled_inverse_sqrt(
-    y: Array, coefficients: Sequence[tuple[float, float, float]]
-) -> Array:
+def _coupled_inverse_sqrt(y: Array, coefficients: Sequence[tuple[float, float, float]]) -> tuple[Array, Array]:
     """Run the coupled iteration from Y_0 = ``y``, Z_0 = I; returns (Z, Y) (Z ≈ y^{-1/2}, ZY ≈ I)."""
     xp = array_namespace(y)
     z = xp.zeros_like(y) + identity_like(y)
@@ -436,22 +355,14 @@ def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -
         Absolute term inside the normaliser only; a number or a batch-shaped array.
     """
     xp = array_namespace(a)
-    eye = identity_like(a)
-    if not is_zero(eps):
-        shifted = a + _batch_scalar(xp, eps, a, 2) * eye
-    else:
-        shifted = a
+    shifted = a if is_zero(eps) else a + _batch_scalar(xp, eps, a, 2) * identity_like(a)
     nu = 1.01 * xp.linalg.matrix_norm(shifted, ord="fro", keepdims=True)
     z, _ = _coupled_inverse_sqrt(a / nu, polar_express_coefficients(steps))
     return z / xp.sqrt(nu)
 
 
 def inverse_sqrt_newton_schulz(
-    a: Array,
-    steps: int = 10,
-    *,
-    eps: Shift = 0.0,
-    coefficients: tuple[float, float, float] = (2.0, -1.5, 0.5),
+    a: Array, steps: int = 10, *, eps: Shift = 0.0, coefficients: tuple[float, float, float] = (2.0, -1.5, 0.5),
 ) -> Array:
     r""":math:`A^{-1/2}` by the coupled Newton–Schulz iteration of the ASGO code.
 
@@ -534,14 +445,8 @@ def auto_root_method(p: Array) -> str:
 
 
 def inverse_root(
-    a: Array,
-    p: int = 2,
-    *,
-    shift: Shift = 0.0,
-    method: str = "eigh",
-    steps: Optional[int] = None,
-    tolerance: Optional[float] = ROOT_RESIDUAL_TOLERANCE,
-    fallback: Optional[str] = "eigh",
+    a: Array, p: int = 2, *, shift: Shift = 0.0, method: str = "eigh", steps: Optional[int] = None,
+    tolerance: Optional[float] = ROOT_RESIDUAL_TOLERANCE, fallback: Optional[str] = "eigh",
 ) -> tuple[Array, Array]:
     r""":math:`(A + sI)^{-1/p}` of a stack of symmetric PSD matrices, by ``eigh`` or by a matmul
     iteration whose result is checked and, where it failed, recomputed by ``eigh`` (or flagged).
@@ -679,13 +584,7 @@ def damped_inverse_init(matrices: Array, damping: Any) -> Array:
     return xp.broadcast_to(eye, matrices.shape) + xp.zeros_like(matrices)
 
 
-def damped_inverse(
-    matrices: Array,
-    damping: Any,
-    previous: Array,
-    *,
-    symmetrize: bool = True,
-) -> tuple[Array, Array]:
+def damped_inverse(matrices: Array, damping: Any, previous: Array, *, symmetrize: bool = True) -> tuple[Array, Array]:
     r"""Batched :math:`(F_b + \lambda I)^{-1}` with a fallback to the previous inverse.
 
     Parameters
@@ -751,11 +650,7 @@ def _frobenius_norm(xp: Any, matrices: Array) -> Array:
 
 
 def damped_inverse_stable(
-    matrices: Array,
-    damping: Any,
-    previous: Array,
-    *,
-    accuracy: float = DAMPED_INVERSE_ACCURACY,
+    matrices: Array, damping: Any, previous: Array, *, accuracy: float = DAMPED_INVERSE_ACCURACY,
 ) -> tuple[Array, Array]:
     r"""Batched :math:`(\operatorname{sym}(F_b) + \lambda_b I)^{-1}` by LU, branch-free, with the
     damping raised to the precision floor of the stored statistic:

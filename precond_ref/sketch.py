@@ -74,22 +74,6 @@ from .linalg import (
     _reduced_svd, all_finite, eigh_widened, left_singular, per_matrix, rank_one_update_eigh, symmetric_eigh, symmetrize,
 )
 
-__all__ = [
-    "SKETCH_KEYS",
-    "zero_rows_exact",
-    "fd_init",
-    "fd_update",
-    "fd_update_apply",
-    "fd_apply",
-    "fd_apply_with_own_mass",
-    "shrink_cutoff_tolerance",
-    "subspace_width",
-    "resolve_decomposition",
-    "SUBSPACE_MIN_DIM",
-    "FD_ROWS_BYTES",
-    "frame_products_in_rows",
-]
-
 Array = Any
 
 
@@ -682,22 +666,10 @@ def fd_update_apply(xp: Any, sketch: dict[str, Array], x: Array, **options: Any)
 
 
 def _fd_step(
-    xp: Any,
-    sketch: dict[str, Array],
-    x: Array,
-    *,
-    exponent: float,
-    decay: float = 1.0,
-    tail_decay: Optional[float] = None,
-    eps: float = 0.0,
-    relative_eps: bool = True,
-    delta: float = 0.0,
-    cutoff: bool = False,
-    noise_is_mass: bool = False,
-    decomposition: str = "svd",
-    accept: Optional[Array] = None,
-    maybe_empty: bool = False,
-    apply: bool = False,
+    xp: Any, sketch: dict[str, Array], x: Array, *, exponent: float, decay: float = 1.0,
+    tail_decay: Optional[float] = None, eps: float = 0.0, relative_eps: bool = True, delta: float = 0.0,
+    cutoff: bool = False, noise_is_mass: bool = False, decomposition: str = "svd", accept: Optional[Array] = None,
+    maybe_empty: bool = False, apply: bool = False,
 ) -> tuple[dict[str, Array], Array, Optional[Array]]:
     """:func:`fd_update`, and with ``apply`` also the new sketch applied to ``x`` (else None).
 

@@ -84,8 +84,17 @@ def _nothing_due(step: int) -> tuple[bool, ...]:
     return ()
 
 
-def _each_leaf_alone(paths: Sequence[Any], leaves: Sequence[Any]) -> list["LeafGroup"]:
-    return singleton_groups(paths, leaves)
+class LeafGroup(NamedTuple):
+    """Leaves that one method treats as one block (usually a single parameter)."""
+
+    key: str
+    indices: tuple[int, ...]
+    paths: tuple[Path, ...]
+
+
+def singleton_groups(paths: Sequence[Path], leaves: Sequence[Array]) -> list[LeafGroup]:
+    """The default grouping: every leaf is its own block."""
+    return [LeafGroup(path_str(p), (i,), (p,)) for i, p in enumerate(paths)]
 
 
 class Transform(NamedTuple):
@@ -113,7 +122,7 @@ class Transform(NamedTuple):
     due: Callable[[int], tuple[bool, ...]] = _nothing_due
     #: The float32 matmul precision ``update`` runs at (see :func:`float32_matmul_precision`).
     matmul_precision: str = "highest"
-    group_leaves: Callable[[Sequence[Any], Sequence[Any]], list["LeafGroup"]] = _each_leaf_alone
+    group_leaves: Callable[[Sequence[Any], Sequence[Any]], list[LeafGroup]] = singleton_groups
 
 
 class PrecondState(NamedTuple):
@@ -134,14 +143,6 @@ class PrecondState(NamedTuple):
     groups: dict[str, dict[str, Array]]
 
 
-class LeafGroup(NamedTuple):
-    """Leaves that one method treats as one block (usually a single parameter)."""
-
-    key: str
-    indices: tuple[int, ...]
-    paths: tuple[Path, ...]
-
-
 Interval = Union[int, Callable[[Any], Any]]
 
 
@@ -156,12 +157,9 @@ def is_due(interval: Interval, calls: Any) -> Any:
     """
     if callable(interval):
         return interval(calls)
-    if hasattr(interval, "shape"):
-        return calls % interval == 0
-    if interval == 1:
+    if not hasattr(interval, "shape") and interval == 1:
         return True  # statically: no branch, whatever calls is
     return calls % interval == 0
-
 
 
 
@@ -174,13 +172,6 @@ def schedule_value(hyperparameter: ScalarOrSchedule, count: Array) -> Any:
     """
     value = hyperparameter(count) if callable(hyperparameter) else hyperparameter
     return as_operand(None, value, None) if is_number(value) else value
-
-
-def singleton_groups(paths: Sequence[Path], leaves: Sequence[Array]) -> list[LeafGroup]:
-    """The default grouping: every leaf is its own block."""
-    return [LeafGroup(path_str(p), (i,), (p,)) for i, p in enumerate(paths)]
-
-
 
 
 def missing_members(groups: Sequence[LeafGroup], present: Sequence[bool]) -> list[int]:
@@ -206,13 +197,7 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 
 
 def check_interval(
-    name: str,
-    value: Any,
-    low: float,
-    high: float,
-    *,
-    low_closed: bool = True,
-    high_closed: bool = False,
+    name: str, value: Any, low: float, high: float, *, low_closed: bool = True, high_closed: bool = False,
 ) -> None:
     """``value`` in the interval between ``low`` and ``high`` (closed ends as flagged)."""
     if isinstance(value, bool) or (not is_number(value) and not hasattr(value, "shape")):

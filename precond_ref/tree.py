@@ -126,25 +126,8 @@ def to_entries(fields: Any) -> dict[str, Any]:
     tile); checkpoints (torch's ``state_dict``, optax states) hold flat string keys. The key of a
     leaf is its path: ``Tile(factor=(K0, K1))`` -> ``{"factor/0": K0, "factor/1": K1}``.
     """
-    out: dict[str, Any] = {}
-    _add_entries(fields, "", out)
-    return out
-
-
-def _add_entries(tree: Any, prefix: str, out: dict[str, Any]) -> None:
-    """:func:`to_entries` without building the tree's skeleton: ``out[path_str(path)] = leaf`` in
-    :func:`tree_flatten`'s order, the key grown as the walk descends (``prefix``: the path so far)."""
-    if tree is None:
-        return
-    if isinstance(tree, dict):
-        items = ((k, tree[k]) for k in _sorted_keys(tree))
-    elif isinstance(tree, (list, tuple)):
-        items = zip(tree._fields, tree) if _is_namedtuple(tree) else enumerate(tree)
-    else:
-        out[prefix or "."] = tree
-        return
-    for key, value in items:
-        _add_entries(value, f"{prefix}/{key}" if prefix else str(key), out)
+    leaves, treedef = tree_flatten(fields)
+    return {path_str(path): leaf for path, leaf in zip(treedef.paths, leaves)}
 
 
 def from_entries(template: Any, entries: Any) -> Any:
@@ -158,8 +141,8 @@ def from_entries(template: Any, entries: Any) -> Any:
 
 
 def _from_entries(template: Any, prefix: str, entries: Any) -> Any:
-    """:func:`from_entries` in one walk of ``template``, the key grown as the walk descends (as
-    :func:`_add_entries` does), without building its skeleton and paths first: what dynamo traces
+    """:func:`from_entries` in one walk of ``template``, the key grown as the walk descends, without
+    building its skeleton and paths first: what dynamo traces
     is then one call per node of the template, not three walks and a join per leaf."""
     if template is None:
         return None
@@ -181,18 +164,8 @@ def filled(fillers: dict, key: Hashable, template: Callable[[], Any], entries: A
     it). While dynamo traces, read anew: the same structure, at trace time only."""
     if torch_compiling():
         return _from_entries(template(), "", entries)
-    filler = fillers.get(key)
-    if filler is None:
-        filler = fillers[key] = _filler(template())
-    return _filled(filler, entries)
-
-
-def _filler(template: Any) -> tuple:
-    """``template``'s structure and its entries' keys, in order."""
-    treedef = tree_flatten(template)[1]
-    return treedef, tuple(path_str(path) for path in treedef.paths)
-
-
-def _filled(filler: tuple, entries: Any) -> Any:
-    treedef, keys = filler
-    return tree_unflatten(treedef, [entries[key] for key in keys])
+    if key not in fillers:  # the template's structure and its entries' keys, in order
+        treedef = tree_flatten(template())[1]
+        fillers[key] = treedef, tuple(path_str(path) for path in treedef.paths)
+    treedef, keys = fillers[key]
+    return tree_unflatten(treedef, [entries[k] for k in keys])

@@ -39,6 +39,23 @@ def test_on_stacks_equals_one_call_per_member():
             np.testing.assert_array_equal(g, w)  # the same kernel per block: bitwise
 
 
+
+def test_on_stacks_hands_torch_members_their_own_views():
+    """On torch a stack is cut back by one ``split`` (``_backend.leading_slices``): members of
+    leading lengths 2, 3 and 1 stacked together each get fn of their own operands, as views of the
+    stack's result (a wrong cut of unequal lengths changes some member's result or shape)."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xt
+
+    rng = np.random.default_rng(1)
+    members = [tuple(torch.as_tensor(rng.standard_normal((k, 3, 3))) for _ in range(2)) for k in (2, 3, 1)]
+    fn = _gram_and_trace(xt)
+    out = on_stacks(xt, fn, members)
+    for got, operands in zip(out, members):
+        for g, w in zip(got, fn(*operands)):
+            assert g.shape == w.shape and g._base is not None  # a view of the stack's result
+            np.testing.assert_array_equal(g.numpy(), w.numpy())  # the same kernel per block: bitwise
+
 def test_on_stacks_key_decides_the_groups():
     """A caller's key replaces the shape/dtype/device key: members it separates are never batched."""
     members = [(np.ones((1, 2)),), (np.ones((1, 2)),)]
@@ -132,7 +149,7 @@ def test_stable_hash_is_the_polynomial_hash():
 
 
 def test_a_member_already_a_large_batch_on_the_cpu_stacks_alone(monkeypatch):
-    """blocking._batched_enough_on_cpu: on a CPU, a member whose first operand has at least
+    """blocking.stack: on a CPU, a member whose first operand has at least
     CPU_BATCHED_ENOUGH entries forms a stack of its own, its operands uncopied; smaller members of
     its layout still concatenate; on_stacks gives each member fn of its own operands either way."""
     from precond_ref import blocking

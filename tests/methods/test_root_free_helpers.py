@@ -50,7 +50,7 @@ def test_factor_step_first_refresh_is_the_spec_formula(rng):
 @pytest.mark.parametrize("namespace", ["numpy", "torch"])
 def test_if_shampoo_steps_are_the_same_when_large_stacks_stand_alone(monkeypatch, namespace):
     """A stack that stands alone instead of being concatenated with its equals
-    (blocking._batched_enough_on_cpu) changes no tile's arithmetic: three IF-Shampoo steps, with
+    (blocking.CPU_BATCHED_ENOUGH) changes no tile's arithmetic: three IF-Shampoo steps, with
     refreshes spread over two phases and two equal weights (so that both the refresh and the
     preconditioning batch stacks), give bitwise the same updates and state either way."""
     from precond_ref import blocking
