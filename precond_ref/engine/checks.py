@@ -15,7 +15,7 @@ from ..transform import LeafGroup
 from ..tree import Path, path_str, tree_flatten
 
 __all__ = [
-    "check_leaves", "check_params", "check_namespace", "check_state_namespace", "check_fits", "check_group", "layout_of", "unaliased",
+    "check_leaves", "check_params", "check_groups", "check_namespace", "check_state_namespace", "check_fits", "check_group", "layout_of", "unaliased",
     "renamed_failures",
 ]
 
@@ -70,6 +70,15 @@ def check_params(name: str, xp: Any, grads: Sequence[Array], paths: Sequence[Pat
     return param_leaves
 
 
+def check_groups(name: str, groups: list[LeafGroup], state_groups: dict) -> list[LeafGroup]:
+    """``groups``, refused unless they are those of the state's groups, by key."""
+    expected, found = {g.key for g in groups}, set(state_groups)
+    if expected != found:
+        raise ValueError(f"{name}: grads do not match the optimizer state: leaves missing from the state "
+                         f"{sorted(expected - found)}, state entries with no gradient {sorted(found - expected)}")
+    return groups
+
+
 def layout_of(entries: dict[str, Array]) -> dict[str, tuple]:
     """The layout of a group's state: ``{name: (shape, dtype)}``."""
     return {k: (tuple(v.shape), v.dtype) for k, v in entries.items()}
@@ -120,16 +129,13 @@ def check_namespace(
     """Refuse, by leaf, parameters of another array library than the gradients (JAX parameters
     with NumPy gradients would fail deep inside a method, or silently return the other library's
     arrays). Leaves of the gradient's type (or a subclass: torch's ``Parameter``) pass at the cost
-    of an ``isinstance`` each; otherwise one namespace lookup for the whole tree, and leaf by leaf
-    only to name the culprit. Not under ``torch.compile``, whose tensors are all torch's."""
-    if torch_compiling() or all(isinstance(o, type(g)) for g, o in zip(grads, others)):
+    of an ``isinstance`` each, the others at that of a namespace lookup each. Not under
+    ``torch.compile``, whose tensors are all torch's."""
+    if torch_compiling():
         return
-    try:
-        if array_namespace(*others) is xp:
-            return
-    except TypeError:
-        pass
     for path, g, other in zip(paths, grads, others):
+        if isinstance(other, type(g)):
+            continue
         try:
             other_xp = array_namespace(other)
         except TypeError:

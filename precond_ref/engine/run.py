@@ -14,7 +14,7 @@ from .._backend import (
 from ..transform import Interval, LeafGroup, PrecondState, Transform, check_choice, is_due, singleton_groups
 from ..tree import Path, path_str, tree_flatten, tree_unflatten
 from . import skip
-from .checks import check_fits, check_group, check_leaves, check_params, check_state_namespace, layout_of, unaliased
+from .checks import check_fits, check_group, check_groups, check_leaves, check_params, check_state_namespace, layout_of, unaliased
 from .context import StepContext
 from .factors import keeping_constants
 from .joined import pack
@@ -236,13 +236,7 @@ class _Runner:
             raise TypeError(f"{self.name}: state must be the PrecondState returned by init, got {type(state)}")
         xp = check_leaves(grad_leaves, treedef.paths, f"{self.name}: grads", xp)
         param_leaves = check_params(self.name, xp, grad_leaves, treedef.paths, params, self.needs_params, self.leaf_shapes)
-        groups = self.group_leaves(treedef.paths, grad_leaves)
-        expected, found = {g.key for g in groups}, set(state.groups)
-        if expected != found:
-            raise ValueError(
-                f"{self.name}: grads do not match the optimizer state: leaves missing from the state "
-                f"{sorted(expected - found)}, state entries with no gradient {sorted(found - expected)}"
-            )
+        groups = check_groups(self.name, self.group_leaves(treedef.paths, grad_leaves), state.groups)
         ok, finite_step = skip.decision(self.name, xp, grad_leaves, treedef.paths, self.on_nonfinite, given_ok)
         ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={}, settled=IdentityDict(),
                           ok=ok if self.on_nonfinite == "skip" else None, applied=finite_step)
@@ -267,30 +261,24 @@ class _Runner:
                    state: PrecondState) -> tuple[list, dict]:
         """The method's updates and new state of every group (zero-size groups: zero updates, no
         state), checked against the old state, and the updates cast to the gradients' dtypes."""
-        members = [
-            (group, tuple(grad_leaves[i] for i in group.indices),
-             None if param_leaves is None else tuple(param_leaves[i] for i in group.indices))
-            for group in groups
-        ]
-        live = [m for m in members if not all(math.prod(leaf.shape) == 0 for leaf in m[1])]
+        members = [(group, tuple(grad_leaves[i] for i in group.indices),
+                    None if param_leaves is None else tuple(param_leaves[i] for i in group.indices)) for group in groups]
+        live = [m for m in members if any(math.prod(leaf.shape) for leaf in m[1])]
         if not torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
             for group, g, _ in live:
                 check_state_namespace(self.name, xp, group, g, state.groups[group.key])
                 check_fits(self.name, group, g, state.groups[group.key], self.layout_for(group, g, xp), self.layout_hint)
-        results = self.update_groups(
+        results = dict(zip([group.key for group, _, _ in live], self.update_groups(
             [g for _, g, _ in live], [state.groups[group.key] for group, _, _ in live], [p for _, _, p in live],
             [ctx._replace(paths=group.paths) for group, _, _ in live],
-        ) if live else []
-        by_key = {group.key: result for (group, _, _), result in zip(live, results)}
+        ) if live else []))
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
         for group, g, _ in members:
-            old = state.groups[group.key]
-            upd, new = by_key[group.key] if group.key in by_key else (tuple(xp.zeros_like(leaf) for leaf in g), {})
-            check_group(self.name, group, g, upd, old, new)
+            upd, new = results.get(group.key) or (tuple(xp.zeros_like(leaf) for leaf in g), {})
+            check_group(self.name, group, g, upd, state.groups[group.key], new)
             for i, u in zip(group.indices, upd):
-                target = grad_leaves[i].dtype
-                updates[i] = u if u.dtype == target else xp.astype(u, target)
+                updates[i] = u if u.dtype == grad_leaves[i].dtype else xp.astype(u, grad_leaves[i].dtype)
             new_groups[group.key] = new
         return updates, new_groups
 
