@@ -229,9 +229,7 @@ class _InPlace:
         members, labels = [], []  # of the leaves with a state: (g, w, *entries), the entries' names
         for path, g, w in zip(treedef.paths, grad_leaves, param_leaves):
             entries = state.groups.get(path_str(path))
-            if entries is None or tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
-                return None
-            if not xp.isdtype(g.dtype, "real floating"):
+            if entries is None or tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype or not xp.isdtype(g.dtype, "real floating"):
                 return None
             names, dtype = self.entries(xp, w) if math.prod(w.shape) else ((), None)  # a zero-size leaf: no state
             if tuple(entries) != names or any(tuple(v.shape) != tuple(w.shape) or v.dtype != dtype for v in entries.values()):
