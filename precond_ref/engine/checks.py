@@ -12,10 +12,10 @@ from array_api_compat import array_namespace
 
 from .._backend import namespace_of, torch_compiling
 from ..transform import LeafGroup
-from ..tree import Path, path_str
+from ..tree import Path, path_str, tree_flatten
 
 __all__ = [
-    "check_leaves", "check_namespace", "check_state_namespace", "check_fits", "check_group", "layout_of", "unaliased",
+    "check_leaves", "check_params", "check_groups", "check_namespace", "check_state_namespace", "check_fits", "check_group", "layout_of", "unaliased",
     "renamed_failures",
 ]
 
@@ -41,11 +41,42 @@ def check_leaves(leaves: Sequence[Array], paths: Sequence[Path], what: str, xp: 
     return xp
 
 
-#: A gradient whose squared norm reaches this fraction of the largest number of its compute dtype
-#: is treated like a non-finite one: every statistic built from products of gradient entries
-#: (squares, outer products, Gram matrices, sums over the tensor) and scaled by up to 2^32 (a batch
-#: size, a 1/damping) then stays finite. ‖g‖ ≥ 2.8e14 in float32, 6e149 in float64: a gradient
-#: no training produces, whose squares would overflow a float32 statistic already at 1.8e19.
+def check_params(name: str, xp: Any, grads: Sequence[Array], paths: Sequence[Path], params: Any, needs_params: bool,
+                 leaf_shapes: dict[str, set]) -> Optional[list]:
+    """The parameter leaves (``None`` without params), checked against the gradients: tree,
+    library, shapes, dtypes; without params, the gradients' shapes against those ``init`` saw
+    (``leaf_shapes``: by leaf path, a set of shapes)."""
+    if params is None:
+        if needs_params:
+            raise ValueError(f"{name}: update needs params (pass update(grads, state, params))")
+        for path, g in zip(paths, grads):
+            seen = leaf_shapes.get(path_str(path))
+            if seen and tuple(g.shape) not in seen:
+                shapes = " or ".join(str(shape) for shape in sorted(seen))
+                raise ValueError(f"{name}: gradient of {path_str(path)!r} has shape {tuple(g.shape)}, "
+                                 f"parameter has shape {shapes} (as given to init)")
+        return None
+    param_leaves, param_def = tree_flatten(params)
+    if param_def.paths != paths:
+        raise ValueError(f"{name}: grads and params have different tree structures: grads leaves "
+                         f"{[path_str(p) for p in paths]}, params leaves {[path_str(p) for p in param_def.paths]}")
+    check_namespace(name, xp, paths, grads, param_leaves, "parameter")
+    for path, g, p in zip(paths, grads, param_leaves):
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(
+                f"{name}: gradient of {path_str(path)!r} has shape {tuple(g.shape)}, parameter has shape {tuple(p.shape)}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{name}: gradient of {path_str(path)!r} has dtype {g.dtype}, parameter has dtype {p.dtype}")
+    return param_leaves
+
+
+def check_groups(name: str, groups: list[LeafGroup], state_groups: dict) -> list[LeafGroup]:
+    """``groups``, refused unless they are those of the state's groups, by key."""
+    expected, found = {g.key for g in groups}, set(state_groups)
+    if expected != found:
+        raise ValueError(f"{name}: grads do not match the optimizer state: leaves missing from the state "
+                         f"{sorted(expected - found)}, state entries with no gradient {sorted(found - expected)}")
+    return groups
 
 
 def layout_of(entries: dict[str, Array]) -> dict[str, tuple]:
@@ -98,16 +129,13 @@ def check_namespace(
     """Refuse, by leaf, parameters of another array library than the gradients (JAX parameters
     with NumPy gradients would fail deep inside a method, or silently return the other library's
     arrays). Leaves of the gradient's type (or a subclass: torch's ``Parameter``) pass at the cost
-    of an ``isinstance`` each; otherwise one namespace lookup for the whole tree, and leaf by leaf
-    only to name the culprit. Not under ``torch.compile``, whose tensors are all torch's."""
-    if torch_compiling() or all(isinstance(o, type(g)) for g, o in zip(grads, others)):
+    of an ``isinstance`` each, the others at that of a namespace lookup each. Not under
+    ``torch.compile``, whose tensors are all torch's."""
+    if torch_compiling():
         return
-    try:
-        if array_namespace(*others) is xp:
-            return
-    except TypeError:
-        pass
     for path, g, other in zip(paths, grads, others):
+        if isinstance(other, type(g)):
+            continue
         try:
             other_xp = array_namespace(other)
         except TypeError:

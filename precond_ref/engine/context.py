@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .._backend import IdentityDict, hashable, is_dense, is_number, scalar_array
-from .._backend import torch_compiling
+from .._backend import IdentityDict, hashable, is_dense, is_number, scalar_array, select, torch_compiling
 from ..transform import Interval, ScalarOrSchedule, is_due, schedule_value
 from ..tree import Path
-from .skip import entry_kept
 
 __all__ = ["StepContext", "settle_pieces"]
 
@@ -100,7 +98,7 @@ class StepContext(NamedTuple):
         if self.due is not None:
             for declared, decision in self.due:
                 if is_number(declared) != is_number(interval):
-                    continue  # never `is` between a number and a function: dynamo < 2.13 cannot trace it
+                    continue  # never `is` between a number and a function, which dynamo may not trace
                 if declared == interval if is_number(declared) else declared is interval:
                     return decision
             raise ValueError(f"interval {interval!r} was not declared to build_transform(intervals=...)")
@@ -117,7 +115,7 @@ class StepContext(NamedTuple):
         """
         if self.ok is None or (self.applied and is_dense(new)):
             return new
-        selected = entry_kept(self.xp, self.ok, new, old)
+        selected = select(self.xp, self.ok, new, old)  # skip.entry_kept's selection
         self.settled[selected] = True
         return selected
 

@@ -37,8 +37,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from array_api_compat import array_namespace
 
 from .._backend import (
-    as_operand, array_device, cast, computed_once, device_key, host_bool, is_dense, is_number,
-    scalar_zero,
+    as_operand, array_device, cast, computed_once, device_key, is_dense, is_number, scalar_zero,
 )
 from ..blocking import stack, unstack
 from ..transform import PrecondState, Transform
@@ -46,8 +45,8 @@ from ..tree import path_str, tree_flatten
 from .context import StepContext
 from . import joined
 from .joined import _dtypes, _flat
+from . import skip
 from .run import build_transform
-from .skip import entry_kept, first_bad_gradient, gradient_ok, gradient_used, update_applied
 
 __all__ = [
     "ElementwiseRule", "StepValues", "Writes", "EAGER_WRITES", "elementwise_transform", "in_place_step", "operands",
@@ -134,11 +133,8 @@ def elementwise_transform(
         w = cast(xp, params[0], dtype) if reads_params else None
         values = StepValues(ctx.count, ctx.value, ctx.extra, dtype, device)
         h = ctx.once((rule.name, "scalars", dtype, device), lambda: step_scalars(xp, rule.scalars(xp, config, values), rule.computed))
-        new = rule.state(xp, c, old, g, w, h)
-        # The non-finite rule's selection of the new state, before the update is formed from it:
-        # a compiler then reads the stored entry rather than recomputing it from the old one.
-        new = type(old)(*(n if n is None or n is o else ctx.unless_skipped(n, o) for n, o in zip(new, old)))
-        return (rule.update(xp, c, new, g, w, h),), _entries(new)
+        new, u = _rule_step(xp, rule, c, old, g, w, h, ctx.unless_skipped)
+        return (u,), _entries(new)
 
     transform = build_transform(
         name=rule.name,
@@ -230,64 +226,51 @@ class _InPlace:
             xp = array_namespace(*grad_leaves, *param_leaves)
         except TypeError:
             return None
-        members, labels, live = [], [], []
-        for i, (path, g, w) in enumerate(zip(treedef.paths, grad_leaves, param_leaves)):
+        members, labels = [], []  # of the leaves with a state: (g, w, *entries), the entries' names
+        for path, g, w in zip(treedef.paths, grad_leaves, param_leaves):
             entries = state.groups.get(path_str(path))
-            if entries is None or tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
-                return None
-            if not xp.isdtype(g.dtype, "real floating"):
+            if entries is None or tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype or not xp.isdtype(g.dtype, "real floating"):
                 return None
             names, dtype = self.entries(xp, w) if math.prod(w.shape) else ((), None)  # a zero-size leaf: no state
             if tuple(entries) != names or any(tuple(v.shape) != tuple(w.shape) or v.dtype != dtype for v in entries.values()):
                 return None
-            members.append((g, w, *entries.values()))
-            labels.append(names)
             if names:
-                live.append(i)
-        ok = gradient_ok(xp, grad_leaves)
-        if self.on_nonfinite == "raise" and not bool(ok):
-            raise FloatingPointError(f"{self.rule.name}: {first_bad_gradient(xp, grad_leaves, treedef.paths)}")
-        count = state.count
-        value = StepContext(xp=xp, count=count, extra=extra).value
+                members.append((g, w, *entries.values()))
+                labels.append(names)
+        ok, finite_step = skip.decision(self.rule.name, xp, grad_leaves, treedef.paths, self.on_nonfinite)
+        value = StepContext(xp=xp, count=state.count, extra=extra).value
         scalars: dict = {}
-        flat = [tuple(_flat(xp, a) for a in members[i]) for i in live]
-        stacks = stack(xp, flat, key=_packable, labels=[labels[i] for i in live])
         targets, sources = [], []
-        for s in stacks:
+        for s in stack(xp, [tuple(_flat(xp, a) for a in m) for m in members], key=_packable, labels=labels):
             g, w = s.operands[:2]
             dtype, device = s.operands[2].dtype, array_device(w)
-            skey = (dtype, device_key(w))
-            if skey not in scalars:
-                values = StepValues(count, value, extra, dtype, device)
-                h = step_scalars(xp, self.rule.scalars(xp, self.config, values), self.rule.computed)
+            if (dtype, device_key(w)) not in scalars:
+                h = step_scalars(xp, self.rule.scalars(xp, self.config, StepValues(state.count, value, extra, dtype, device)),
+                                 self.rule.computed)
                 numbers, held = _split_scalars(h)
                 # As 1-element arrays, not 0-D: torch.compile reads a 0-D CPU float64 operand on the
                 # host at every call (as a symbolic float); the same numbers either way.
-                scalars[skey] = (numbers, held, h, tuple(xp.reshape(getattr(h, k), (1,)) for k in held))
-            numbers, held, h, arrays = scalars[skey]
-            names = labels[live[s.indices[0]]]
+                scalars[dtype, device_key(w)] = (numbers, held, h, tuple(xp.reshape(getattr(h, k), (1,)) for k in held))
+            numbers, held, h, arrays = scalars[dtype, device_key(w)]
+            names = labels[s.indices[0]]
             key = (self.rule.name, self.constants, numbers, names, str(dtype), str(g.dtype), str(getattr(device, "type", device)))
-            fn = self.functions.get(key)
-            if fn is None:
-                fn = self.functions[key] = self.function(xp, dtype, h, held, names)
-            writes.kernel(key, fn, (ok, arrays, *s.operands))
-            if len(s.indices) > 1 or not all(map(is_dense, members[live[s.indices[0]]][1:])):  # written into copies
-                pieces = unstack([s], [s.operands[1:]], len(flat))
+            if key not in self.functions:
+                self.functions[key] = self.function(xp, dtype, h, held, names)
+            writes.kernel(key, self.functions[key], (ok, arrays, *s.operands))
+            if len(s.indices) > 1 or not all(map(is_dense, members[s.indices[0]][1:])):  # written into copies
+                pieces = unstack([s], [s.operands[1:]], len(members))
                 for i in s.indices:
-                    for target, piece in zip(members[live[i]][1:], pieces[i]):
-                        targets.append(target)
-                        sources.append(xp.reshape(piece, tuple(target.shape)))
+                    targets += members[i][1:]
+                    sources += [xp.reshape(piece, tuple(target.shape)) for target, piece in zip(members[i][1:], pieces[i])]
         if targets:
             writes.copy(targets, sources)
-        if host_bool(xp, ok) is True:
-            return state._replace(count=count + 1)
-        applied = xp.astype(ok, xp.int32)
-        return state._replace(count=count + applied, nonfinite_count=state.nonfinite_count + (1 - applied))
+        return skip.counted(xp, ok, finite_step, state, state.groups)
 
     def function(self, xp: Any, dtype: Any, h: NamedTuple, held: tuple, names: tuple) -> Callable:
         """The per-leaf function: ``(ok, scalars, g, w, *entries) -> (w + update, *new entries)``
         for state entries ``names`` of ``dtype``, with the step's scalars ``held`` as operands and
-        the others (numbers, ``None``) as constants."""
+        the others (numbers, ``None``) as constants: the rule's step (:func:`_rule_step`, as
+        ``update`` runs it) between the non-finite rule's selections."""
         rule, c, reads_params = self.rule, operands(xp, self.config, dtype, self.rule.scheduled), self.reads_params
         # The function keeps the scalars' type and numbers, not ``h``: a compiled one is shared by
         # every optimizer of the rule (adapters' kernel cache), and ``h``'s arrays are this step's.
@@ -296,15 +279,23 @@ class _InPlace:
         def step(ok: Any, arrays: tuple, g: Any, w: Any, *entries: Any) -> tuple:
             h_ = scalars(**fields, **{k: xp.reshape(a, ()) for k, a in zip(held, arrays)})
             zero = scalar_zero(xp, g)
-            g_ = cast(xp, gradient_used(xp, ok, g, zero), dtype)
-            w_ = cast(xp, w, dtype) if reads_params else None
+            g_ = cast(xp, skip.gradient_used(xp, ok, g, zero), dtype)
             old = _fields(rule, dict(zip(names, entries)))
-            new = rule.state(xp, c, old, g_, w_, h_)
-            new = type(old)(*(n if n is None or n is o else entry_kept(xp, ok, n, o) for n, o in zip(new, old)))
-            u = update_applied(xp, ok, cast(xp, rule.update(xp, c, new, g_, w_, h_), g.dtype), zero)
-            return (w + u, *(v for v in new if v is not None))
+            new, u = _rule_step(xp, rule, c, old, g_, cast(xp, w, dtype) if reads_params else None, h_,
+                                lambda n, o: skip.entry_kept(xp, ok, n, o))
+            return (w + skip.update_applied(xp, ok, cast(xp, u, g.dtype), zero), *(v for v in new if v is not None))
 
         return step
+
+
+def _rule_step(xp: Any, rule: ElementwiseRule, c: NamedTuple, old: NamedTuple, g: Any, w: Any, h: NamedTuple,
+               kept: Callable) -> tuple[NamedTuple, Any]:
+    """The rule's step of one leaf: its new state, each entry it changed as ``kept(new, old)`` (the
+    non-finite rule's selection, before the update is formed from it: a compiler then reads the
+    stored entry rather than recomputing it from the old one), and the update."""
+    new = rule.state(xp, c, old, g, w, h)
+    new = type(old)(*(n if n is None or n is o else kept(n, o) for n, o in zip(new, old)))
+    return new, rule.update(xp, c, new, g, w, h)
 
 
 def _split_scalars(h: NamedTuple) -> tuple[tuple, tuple]:

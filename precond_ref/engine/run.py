@@ -7,33 +7,17 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional, Sequence
 
-from array_api_compat import is_jax_namespace
-
 from .._backend import (
-    IdentityDict,
-    JAX_MATMUL_PRECISION as _JAX_PRECISION,
-    NO_CONTEXT as _NO_CONTEXT,
-    array_device,
-    device_key,
-    finite_or_zero,
-    float32_matmul_precision,
-    host_all_finite,
-    host_bool,
-    is_dense,
-    is_tracer,
-    namespace_of,
-    remembered_slices,
-    scalar_zero,
-    selected_by_runs,
-    torch_compiling,
+    IdentityDict, JAX_MATMUL_PRECISION as _JAX_PRECISION, NO_CONTEXT as _NO_CONTEXT, array_device, device_key,
+    float32_matmul_precision, namespace_of, remembered_slices, scalar_zero, torch_compiling,
 )
 from ..transform import Interval, LeafGroup, PrecondState, Transform, check_choice, is_due, singleton_groups
 from ..tree import Path, path_str, tree_flatten, tree_unflatten
-from .checks import check_fits, check_group, check_leaves, check_namespace, check_state_namespace, layout_of, unaliased
+from . import skip
+from .checks import check_fits, check_group, check_groups, check_leaves, check_params, check_state_namespace, layout_of, unaliased
 from .context import StepContext
 from .factors import keeping_constants
-from .joined import leafwise, pack
-from .skip import first_bad_gradient, gradient_ok, gradient_used, update_applied
+from .joined import pack
 
 __all__ = ["build_transform", "steps_leaf_by_leaf"]
 
@@ -219,220 +203,88 @@ class _Runner:
 
     def update(self, grads: Any, state: PrecondState, params: Any, step: Any, due: Any, given_ok: Any,
                extra: dict) -> tuple[Any, PrecondState]:
-        """:meth:`step` under the step's settings (matmul precision, kept slices and constants);
-        an element-wise method's small leaves packed into one flat leaf for the whole step."""
-        grad_leaves, treedef = tree_flatten(grads)
+        """:meth:`step` under the step's settings (matmul precision, kept slices and constants), of
+        the tree or, where an element-wise method's small leaves pack
+        (:func:`~precond_ref.engine.joined.pack`), of the tree with them as one flat leaf."""
+        leaves, treedef = tree_flatten(grads)
         try:
-            xp = namespace_of(*grad_leaves)
+            xp = namespace_of(*leaves)
         except TypeError:
             xp = None  # step names the problem
-        args = (grads, state, params, step, due, given_ok, extra, grad_leaves, treedef, xp)
+
+        def packed_step() -> tuple[Any, PrecondState]:
+            packed = None
+            if self.elementwise and self.on_nonfinite == "skip" and xp is not None:
+                packed = pack(self.name, self.layout_for, leaves, treedef, state, params, xp)
+            if packed is None:
+                return self.step(leaves, treedef, xp, state, params, step, due, given_ok, extra)
+            flat_grads, flat_state, flat_params, unpack = packed
+            return unpack(*self.step(*tree_flatten(flat_grads), xp, flat_state, flat_params, step, due, given_ok, extra))
+
         if torch_compiling():  # nothing to set: the adapter sets the precision, and nothing is kept or remembered
-            return self.packed_step(*args)
+            return packed_step()
         with (float32_matmul_precision(xp, self.precision) if xp is not None else _NO_CONTEXT, remembered_slices(xp),
               keeping_constants(self.constants)):
-            return self.packed_step(*args)
+            return packed_step()
 
-    def packed_step(self, grads: Any, state: PrecondState, params: Any, step: Any, due: Any, given_ok: Any,
-                    extra: dict, grad_leaves: list, treedef: Any, xp: Any) -> tuple[Any, PrecondState]:
-        """:meth:`step` of the tree, or, where an element-wise method's small leaves pack
-        (:func:`~precond_ref.engine.joined.pack`), of the tree with them as one flat leaf."""
-        packed = None
-        if self.elementwise and self.on_nonfinite == "skip" and xp is not None:
-            packed = pack(self.name, self.layout_for, grad_leaves, treedef, state, params, xp)
-        if packed is None:
-            return self.step(grads, state, params, step, due, given_ok, extra, (grad_leaves, treedef, xp))
-        flat_grads, flat_state, flat_params, unpack = packed
-        return unpack(*self.step(flat_grads, flat_state, flat_params, step, due, given_ok, extra))
-
-    def step(self, grads: Any, state: PrecondState, params: Any, step: Any, due: Any, given_ok: Any,
-             extra: dict, flat: Optional[tuple] = None) -> tuple[Any, PrecondState]:
-        """One step of the tree: checks, the skip decision, the groups' updates and new state, the
-        non-finite rule's selections, the counters. ``flat``: ``grads``' leaves, structure and
-        namespace (``None`` where it has none) as :meth:`update` found them, or ``None``."""
+    def step(self, grad_leaves: list, treedef: Any, xp: Any, state: PrecondState, params: Any, step: Any, due: Any,
+             given_ok: Any, extra: dict) -> tuple[Any, PrecondState]:
+        """One step of the tree of ``grad_leaves`` (namespace ``xp``, ``None`` where they have
+        none): checks, the skip decision, the groups' updates and new state, the non-finite rule's
+        selections (:mod:`~precond_ref.engine.skip`), the counters."""
         if not isinstance(state, PrecondState):
             raise TypeError(f"{self.name}: state must be the PrecondState returned by init, got {type(state)}")
-        grad_leaves, treedef, xp = flat if flat is not None else (*tree_flatten(grads), None)
         xp = check_leaves(grad_leaves, treedef.paths, f"{self.name}: grads", xp)
-        param_leaves = self.checked_params(xp, grad_leaves, treedef, params)
-        groups = self.group_leaves(treedef.paths, grad_leaves)
-        expected, found = {g.key for g in groups}, set(state.groups)
-        if expected != found:
-            raise ValueError(
-                f"{self.name}: grads do not match the optimizer state: leaves missing from the state "
-                f"{sorted(expected - found)}, state entries with no gradient {sorted(found - expected)}"
-            )
-        ok, finite_step = self.skip_decision(xp, grad_leaves, treedef, given_ok)
-        ctx = self.phase_context(StepContext(xp=xp, count=state.count, extra=extra, shared={}, settled=IdentityDict(),
-                                             ok=ok if self.on_nonfinite == "skip" else None, applied=finite_step),
-                                 state, step, due)
+        param_leaves = check_params(self.name, xp, grad_leaves, treedef.paths, params, self.needs_params, self.leaf_shapes)
+        groups = check_groups(self.name, self.group_leaves(treedef.paths, grad_leaves), state.groups)
+        ok, finite_step = skip.decision(self.name, xp, grad_leaves, treedef.paths, self.on_nonfinite, given_ok)
+        ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={}, settled=IdentityDict(),
+                          ok=ok if self.on_nonfinite == "skip" else None, applied=finite_step)
+        # The step's periodic decisions: those a compiled caller took on the host (due), or the
+        # call number they are taken from (step, else the state's counters).
+        if due is None:
+            ctx = ctx._replace(calls=step if step is not None else state.count + state.nonfinite_count)
+        elif len(due) != len(self.intervals):
+            raise ValueError(f"{self.name}: due has {len(due)} decisions, the method declares {len(self.intervals)} intervals")
+        else:
+            ctx = ctx._replace(due=tuple(zip(self.intervals, due)))
+        # A 0-D zero per dtype and device serves every leaf's selections.
         zeros = [ctx.once(("zero", g.dtype, device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
-        grad_leaves = self.skipped_gradients(xp, ok, finite_step, grad_leaves, zeros)
+        grad_leaves = skip.skipped_gradients(xp, ok, finite_step, grad_leaves, zeros, self.elementwise)
         updates, new_groups = self.run_groups(xp, ctx, groups, grad_leaves, param_leaves, state)
-        updates = self.finite_updates(xp, ok, finite_step, updates, zeros)
+        updates = skip.finite_updates(xp, ok, finite_step, updates, zeros)
         if self.on_nonfinite == "skip":
-            new_groups = _selected_state(xp, ok, finite_step, ctx, state, new_groups)
-        return tree_unflatten(treedef, updates), _counted(xp, ok, finite_step, state, new_groups)
-
-    def checked_params(self, xp: Any, grad_leaves: list, treedef: Any, params: Any) -> Optional[list]:
-        """The parameter leaves (``None`` without params), checked against the gradients: tree,
-        library, shapes, dtypes; without params, the gradients' shapes against those ``init`` saw."""
-        name = self.name
-        if params is None:
-            if self.needs_params:
-                raise ValueError(f"{name}: update needs params (pass update(grads, state, params))")
-            for path, g in zip(treedef.paths, grad_leaves):
-                seen = self.leaf_shapes.get(path_str(path))
-                if seen and tuple(g.shape) not in seen:
-                    shapes = " or ".join(str(shape) for shape in sorted(seen))
-                    raise ValueError(
-                        f"{name}: gradient of {path_str(path)!r} has shape {tuple(g.shape)}, "
-                        f"parameter has shape {shapes} (as given to init)"
-                    )
-            return None
-        param_leaves, param_def = tree_flatten(params)
-        if param_def.paths != treedef.paths:
-            raise ValueError(
-                f"{name}: grads and params have different tree structures: grads leaves "
-                f"{[path_str(p) for p in treedef.paths]}, params leaves "
-                f"{[path_str(p) for p in param_def.paths]}"
-            )
-        check_namespace(name, xp, treedef.paths, grad_leaves, param_leaves, "parameter")
-        for path, g, p in zip(treedef.paths, grad_leaves, param_leaves):
-            if tuple(g.shape) != tuple(p.shape):
-                raise ValueError(
-                    f"{name}: gradient of {path_str(path)!r} has shape {tuple(g.shape)}, "
-                    f"parameter has shape {tuple(p.shape)}"
-                )
-            if g.dtype != p.dtype:
-                raise TypeError(
-                    f"{name}: gradient of {path_str(path)!r} has dtype {g.dtype}, parameter has dtype {p.dtype}"
-                )
-        return param_leaves
-
-    def skip_decision(self, xp: Any, grad_leaves: list, treedef: Any, given_ok: Any) -> tuple[Any, bool]:
-        """The non-finite rule's decision: ``ok`` (0-D bool: the step is applied) and whether it is
-        known on the host to be applied (``finite_step``). A caller that steps a tree leaf by leaf
-        (``independent_leaves``) gives the whole tree's decision."""
-        if given_ok is not None and self.on_nonfinite == "raise":
-            raise ValueError(f"{self.name}: gradients_ok is the skip decision of on_nonfinite='skip'")
-        ok = gradient_ok(xp, grad_leaves) if given_ok is None else given_ok
-        if self.on_nonfinite == "raise":
-            if is_tracer(ok):
-                raise ValueError(
-                    f"{self.name}: on_nonfinite='raise' needs concrete arrays and cannot run under "
-                    "jax.jit; use on_nonfinite='skip'"
-                )
-            if not bool(ok):
-                raise FloatingPointError(f"{self.name}: {first_bad_gradient(xp, grad_leaves, treedef.paths)}")
-        # Where reading the skip predicate costs no synchronisation (NumPy, torch on the CPU,
-        # eagerly), a step known to be finite makes none of the skip's selections: they would
-        # select their first operand. Except of an operand that is not dense, whose selection
-        # would also lay it out anew (is_dense): the later steps then round as they would have.
-        # Every other step (a skipped one included) selects element-wise, never reading a device
-        # value.
-        return ok, self.on_nonfinite == "raise" or host_bool(xp, ok) is True
-
-    def skipped_gradients(self, xp: Any, ok: Any, finite_step: bool, grad_leaves: list, zeros: list) -> list:
-        """The gradients a step computes on: a skipped step's arithmetic runs on zeros (its results
-        are discarded anyway, and NaN or huge inputs would only raise warnings (NumPy) or errors
-        (LAPACK on NaN) on the way). Not on JAX for a method with reductions or matmuls: JAX
-        neither warns nor raises (its factorisations return NaN), and XLA's CPU backend cannot fuse
-        the selection into a column reduction (YNNPACK) or a matmul reading the gradient, so it
-        wrote a zeroed copy. An element-wise method's loops take the selection in (measured:
-        docs/backends.md). A 0-D zero per dtype and device serves every leaf's selections."""
-        if not (self.elementwise or not is_jax_namespace(xp)):
-            return grad_leaves
-        chosen = [i for i, g in enumerate(grad_leaves) if not (finite_step and is_dense(g))]
-        joined = leafwise(xp, lambda g, zero: gradient_used(xp, ok, g, zero),
-                          [grad_leaves[i] for i in chosen], zeros=[zeros[i] for i in chosen])
-        grad_leaves = list(grad_leaves)
-        for i, g in zip(chosen, joined):
-            grad_leaves[i] = g
-        return grad_leaves
-
-    def phase_context(self, ctx: StepContext, state: PrecondState, step: Any, due: Any) -> StepContext:
-        """The step's periodic decisions: those a compiled caller took on the host (``due``), or
-        the call number they are taken from (``step``, else the state's counters)."""
-        if due is not None:
-            if len(due) != len(self.intervals):
-                raise ValueError(
-                    f"{self.name}: due has {len(due)} decisions, the method declares {len(self.intervals)} intervals")
-            return ctx._replace(due=tuple(zip(self.intervals, due)))
-        return ctx._replace(calls=step if step is not None else state.count + state.nonfinite_count)
+            new_groups = skip.selected_state(xp, ok, finite_step, ctx.settled, state.groups, new_groups)
+        return tree_unflatten(treedef, updates), skip.counted(xp, ok, finite_step, state, new_groups)
 
     def run_groups(self, xp: Any, ctx: StepContext, groups: list, grad_leaves: list, param_leaves: Optional[list],
                    state: PrecondState) -> tuple[list, dict]:
         """The method's updates and new state of every group (zero-size groups: zero updates, no
         state), checked against the old state, and the updates cast to the gradients' dtypes."""
-        members = [
-            (group, tuple(grad_leaves[i] for i in group.indices),
-             None if param_leaves is None else tuple(param_leaves[i] for i in group.indices))
-            for group in groups
-        ]
-        live = [m for m in members if not all(math.prod(leaf.shape) == 0 for leaf in m[1])]
+        members = [(group, tuple(grad_leaves[i] for i in group.indices),
+                    None if param_leaves is None else tuple(param_leaves[i] for i in group.indices)) for group in groups]
+        live = [m for m in members if any(math.prod(leaf.shape) for leaf in m[1])]
         if not torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
             for group, g, _ in live:
                 check_state_namespace(self.name, xp, group, g, state.groups[group.key])
                 check_fits(self.name, group, g, state.groups[group.key], self.layout_for(group, g, xp), self.layout_hint)
-        results = self.update_groups(
+        results = dict(zip([group.key for group, _, _ in live], self.update_groups(
             [g for _, g, _ in live], [state.groups[group.key] for group, _, _ in live], [p for _, _, p in live],
             [ctx._replace(paths=group.paths) for group, _, _ in live],
-        ) if live else []
-        by_key = {group.key: result for (group, _, _), result in zip(live, results)}
+        ) if live else []))
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
         for group, g, _ in members:
-            old = state.groups[group.key]
-            upd, new = by_key[group.key] if group.key in by_key else (tuple(xp.zeros_like(leaf) for leaf in g), {})
-            check_group(self.name, group, g, upd, old, new)
+            upd, new = results.get(group.key) or (tuple(xp.zeros_like(leaf) for leaf in g), {})
+            check_group(self.name, group, g, upd, state.groups[group.key], new)
             for i, u in zip(group.indices, upd):
-                target = grad_leaves[i].dtype
-                updates[i] = u if u.dtype == target else xp.astype(u, target)
+                updates[i] = u if u.dtype == grad_leaves[i].dtype else xp.astype(u, grad_leaves[i].dtype)
             new_groups[group.key] = new
         return updates, new_groups
-
-    def finite_updates(self, xp: Any, ok: Any, finite_step: bool, updates: list, zeros: list) -> list:
-        """The parameters never receive a NaN or Inf, whatever a method's numerics did; the step's
-        own skip selects element-wise (no device read), fused into the kernels computing it."""
-        if self.on_nonfinite == "skip" and not finite_step:  # the finite test below would not read the host
-            return leafwise(xp, lambda u, zero: update_applied(xp, ok, u, zero), updates, zeros=zeros)
-        if not (finite_step and host_all_finite(xp, updates)):  # the step's own test reads nothing else
-            return leafwise(xp, lambda u, zero: finite_or_zero(xp, u, zero), updates, zeros=zeros)
-        return updates
 
 
 def _counter(xp: Any, device: Any) -> Array:
     return xp.zeros((), dtype=xp.int32, device=device)
-
-
-def _selected_state(xp: Any, ok: Any, finite_step: bool, ctx: StepContext, state: PrecondState, new_groups: dict) -> dict:
-    """The non-finite rule's selection of the new state: each entry, or its old value on a skipped
-    step; the pieces of one stack selected at once. An entry the step left untouched, or that the
-    method selected (``ctx.settled``), needs no selection; nor does a dense one of a step known to
-    be applied."""
-    new_groups = {key: dict(entries) for key, entries in new_groups.items()}
-    pending: dict[str, list] = {}  # by entry name, in group order: (group, new, old)
-    for key, entries in new_groups.items():
-        for k, v in entries.items():
-            old = state.groups[key][k]
-            if v is not old and v not in ctx.settled and not (finite_step and is_dense(v)):
-                pending.setdefault(k, []).append((key, v, old))
-    items = [(key, k, v, old) for k, same in pending.items() for key, v, old in same]
-    selected = selected_by_runs(xp, ok, [v for _, _, v, _ in items], [old for _, _, _, old in items])
-    for (key, k, _, _), v in zip(items, selected):
-        new_groups[key][k] = v
-    return new_groups
-
-
-def _counted(xp: Any, ok: Any, finite_step: bool, state: PrecondState, new_groups: dict) -> PrecondState:
-    """The new state with its counters: an applied step advances ``count`` (one addition when
-    known on the host), a skipped one ``nonfinite_count``."""
-    if finite_step:
-        return PrecondState(count=state.count + 1, nonfinite_count=state.nonfinite_count, groups=new_groups)
-    applied = xp.astype(ok, xp.int32)
-    return PrecondState(count=state.count + applied, nonfinite_count=state.nonfinite_count + (1 - applied),
-                        groups=new_groups)
 
 
 def steps_leaf_by_leaf(transform: Transform) -> bool:
