@@ -5,16 +5,16 @@ phase kept as one stack (a leading tile axis), so that a rule states its step fo
 :func:`tile_plan` cuts a tensor, :func:`stack_plan` groups its tiles into stacks and regions (boxes of
 equal tiles), :func:`cut_stacks` and :func:`join_stacks` take a tensor to its stacks and back by
 reshapes; :func:`stacked_tiles` and :func:`diagonal_vector` migrate a state saved per tile or
-with a vector's dense tiles to the stacks. :func:`tiled_transform` runs a rule stated for one stack of tiles (:class:`TiledRule`,
-IF-Shampoo's) on every group of a tree: grouping, tiling, stacking across groups, the refresh
-phases (:func:`~precond_ref.engine.phases.refreshes`), the keeping of unusable refreshes
-(:func:`kept_where_usable`) and their counts, the per-group sums of the KL clip in tile order
-(:func:`sums_in_tile_order`), the skip rule's settling and the element-wise last lines. The
-factory's layout options (:class:`TileLayout`: blocking, grouping, the rule's choice of diagonal
-axes and factor dtypes) are read here. The
-fast forms (one gather for the cuts of all groups and one for the joins back, the failure counts
-of a batch at once, operands side by side) stand in one section at the end, each beside its plain
-form (:func:`~precond_ref._backend.plain_forms`)."""
+with a vector's dense tiles to the stacks. :func:`tiled_transform` runs a rule stated for one
+stack of tiles (:class:`TiledRule`, IF-Shampoo's) on every group of a tree: grouping, tiling,
+stacking across groups, the refresh phases (:func:`~precond_ref.engine.phases.refreshes`), the
+keeping of unusable refreshes (:func:`kept_where_usable`) and their counts, the per-group sums of
+the KL clip in tile order (:func:`sums_in_tile_order`), the skip rule's settling and the
+element-wise last lines, as the factory's :class:`TileLayout` says (blocking, grouping, and the
+rule's choice of diagonal axes and factor dtypes). The fast forms (one gather for the cuts of all
+groups and one for the joins back, the failure counts of a batch at once, operands side by side)
+stand in one section at the end, each beside its plain form
+(:func:`~precond_ref._backend.plain_forms`)."""
 
 from __future__ import annotations
 
@@ -393,7 +393,7 @@ class TiledRule(NamedTuple):
     * ``scalars(c, value, extra) -> h``: the step's scalars, ``h.beta2`` the refresh's step size;
     * ``init(xp, c, k, dims, diagonal, dtypes, device) -> Stack``;
     * ``refresh(xp, c, h, scale, G, stack) -> Stack``: the periodic factor step, ``scale`` each tile's
-      group's multiplier of its step size (``None`` without);
+      group's multiplier of its step size, a (k,) vector or one 0-D value for all (``None`` without);
     * ``precondition(xp, c, G, factors) -> D``;
     * ``inner(xp, D, G)`` (per tile, summed per group by the runner) and ``clip(xp, c, h, inner)``
       (the per-group scales of ``D`` from the per-group sums; with ``c.use_kl_clip``);
@@ -480,8 +480,7 @@ class _Tiling(NamedTuple):
     c: NamedTuple
     layout: TileLayout
     intervals: tuple  # per refresh phase, its interval (precond_ref.blocking.spread_schedule)
-    plans: dict  # (shapes, out_first) -> (dims, diagonal, plan): made once per layout, not every step
-    numbers: dict  # (shapes, out_first) -> its number, the key of the gathers' indices
+    plans: dict  # (shapes, out_first) -> (dims, diagonal, plan, number): made once per layout, not every step
     fillers: dict  # a group's state layout -> its structure (precond_ref.tree.filled)
 
 
@@ -501,7 +500,7 @@ def tiled_transform(
     end to end (:func:`~precond_ref.engine.joined.leafwise`).
     """
     spread = layout.stagger and isinstance(layout.interval, int) and layout.interval > 1
-    t = _Tiling(rule, c, layout, spread_schedule(layout.interval, spread), {}, {}, {})
+    t = _Tiling(rule, c, layout, spread_schedule(layout.interval, spread), {}, {})
     return build_transform(
         name=rule.name,
         init_group=partial(_init_group, t),
@@ -516,14 +515,15 @@ def tiled_transform(
 
 
 def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
-    """(squeezed dims, per-axis diagonal flags, tile plan) of a group's tensor."""
+    """(squeezed dims, per-axis diagonal flags, tile plan, the layout's number in the transform: the
+    key of the gathers' indices) of a group's tensor."""
     key = (tuple(shapes), out_first)
     if key not in t.plans:
         _, dims = grouped_shape(shapes, out_first)
         diagonal = t.layout.diagonal(dims, where)
-        t.plans[key] = dims, diagonal, stack_plan(tile_plan(dims, diagonal, t.layout.block_size, t.layout.interval,
-                                                            t.layout.stagger, cut_diagonal=t.layout.vectors_cut and len(dims) == 1))
-        t.numbers[key] = len(t.numbers)
+        vector = t.layout.vectors_cut and len(dims) == 1
+        t.plans[key] = dims, diagonal, stack_plan(
+            tile_plan(dims, diagonal, t.layout.block_size, t.layout.interval, t.layout.stagger, cut_diagonal=vector)), len(t.plans)
     return t.plans[key]
 
 
@@ -543,7 +543,7 @@ def _init_group(t: _Tiling, leaves, paths, xp):
     rule, c, layout = t.rule, t.c, t.layout
     shapes = [tuple(x.shape) for x in leaves]
     where = path_str(paths[0])
-    dims, diagonal, tiles = _plan(t, shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
+    dims, diagonal, tiles, _ = _plan(t, shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
     param_dtype, dev = leaves[0].dtype, array_device(leaves[0])
     dtypes = layout.dtypes(xp, leaves[0], len(dims), where)
     scale = None
@@ -590,7 +590,7 @@ def _statistics(t: _Tiling, grads_list, states, ctxs) -> tuple:
         shapes = [tuple(g.shape) for g in grads]
         out_first, tiles, f = _laid_out(t, state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
         groups.append(_Group(work_dtype(t.layout, xp, grads[0].dtype), shapes, grouped_shape(shapes, out_first)[0],
-                             out_first, tiles, None, t.numbers[tuple(shapes), out_first]))
+                             out_first, tiles, None, t.plans[tuple(shapes), out_first][3]))
         fields.append(f)
     # What batches a stack with the equal stacks of other groups besides its tile shape: its factors'
     # trailing shapes and dtypes, as precond_ref.blocking.same_layout reads them.
@@ -603,7 +603,7 @@ def _laid_out(t: _Tiling, state, shapes, where: str):
     """Out-first (weight (d_out, d_in)) or out-last pairing, read off the state's factor sizes,
     the group's plan, and its state as fields; a state that fits neither is a clear error."""
     for out_first in (True, False) if len(shapes) > 1 else (True,):
-        dims, diagonal, tiles = _plan(t, shapes, out_first, where)
+        dims, diagonal, tiles, _ = _plan(t, shapes, out_first, where)
         try:
             fields = filled(t.fillers, (tiles, len(dims), len(shapes)),
                             lambda: _template(t, tiles, len(dims), len(shapes)), state)

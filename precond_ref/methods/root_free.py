@@ -495,7 +495,7 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
 
 def _refresh(xp, c: IFShampooConfig, h: _IFShampooStep, scale, G, s: _StackFactors) -> _StackFactors:
     """Figure 3's factor step on one stack of tiles (:func:`_factor_step`), step size β₂ times each
-    tile's group's ``preconditioner_lr_scale`` ``scale`` (one per tile; ``None``: β₂ alone)."""
+    tile's group's ``preconditioner_lr_scale`` ``scale`` (one per tile, or one for all; ``None``: β₂ alone)."""
     beta2 = h.beta2 if scale is None else h.beta2 * scale  # β₂ s
     dtype = s.factor[0].dtype
     sqrt_B = math.sqrt(h.B) if is_number(h.B) else xp.sqrt(xp.astype(h.B, G.dtype))
@@ -641,9 +641,9 @@ def _diagonal_axes(structures, max_dense_dim, dims: tuple, where: str) -> tuple:
 
 def _factor_dtypes(factor_dtype, faithful: bool, stochastic: bool, xp, leaf, rank: int, where: str) -> list:
     """The factors' dtype per axis (S1): ``factor_dtype``, else the parameters' (faithful), else for
-    parameters of at most 32 bits bf16: wherever the factors are kept by stochastic rounding (where
-    the parameters' library has bf16: torch, JAX), else on an accelerator
-    (:func:`precond_ref.linalg.half_precision_dtype`); else their compute dtype."""
+    parameters of at most 32 bits bf16 where the factors are kept by stochastic rounding and bf16
+    exists (torch, JAX), else :func:`precond_ref.linalg.half_precision_dtype`'s choice; else the
+    parameters' compute dtype."""
     dtypes = []
     for dtype in _per_axis(factor_dtype, rank, "factor_dtype", where):
         if dtype is None and faithful:
