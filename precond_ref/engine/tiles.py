@@ -791,9 +791,8 @@ def _finish(t: _Tiling, ctx, h, directions, groups, fields, params_list) -> tupl
     work_zeros = [ctx.once(("zero", G.dtype, device_key(G)), partial(scalar_zero, xp, G))  # G: the work dtype
                   for G in (groups[g].stacks[0] for g, _ in members)]
     steps = leafwise(xp, descend, *operands, zeros=work_zeros, ctx=ctx)
-    updates = [[step[0] for (i, _), step in zip(members, steps) if i == g] for g in range(len(groups))]
-    velocities = [[step[1] for (i, _), step in zip(members, steps) if i == g and c.use_momentum] for g in range(len(groups))]
-    return updates, velocities
+    runs = [[step for _, step in run] for _, run in itertools.groupby(zip(members, steps), key=lambda m: m[0][0])]
+    return [[u for u, _ in run] for run in runs], [[v for _, v in run] if c.use_momentum else [] for run in runs]
 
 
 def _legacy_names(rule: TiledRule, layout: TileLayout, entries: dict) -> dict:
