@@ -4,18 +4,17 @@ phase kept as one stack (a leading tile axis), so that a rule states its step fo
 
 :func:`tile_plan` cuts a tensor, :func:`stack_plan` groups its tiles into stacks and regions (boxes of
 equal tiles), :func:`cut_stacks` and :func:`join_stacks` take a tensor to its stacks and back by
-reshapes; :func:`legacy_entry_names`, :func:`stacked_tiles` and :func:`diagonal_vector` migrate a
-state saved per tile, under older entry names or with a vector's dense tiles to the
-stacks. :func:`tiled_transform` runs a rule stated for one stack of tiles (:class:`TiledRule`,
-IF-Shampoo's) on every group of a tree: grouping, tiling, stacking across groups, the refresh
-phases (:func:`~precond_ref.engine.phases.refreshes`), the keeping of unusable refreshes
-(:func:`kept_where_usable`) and their counts, the per-group sums of the KL clip in tile order
-(:func:`sums_in_tile_order`), the skip rule's settling and the element-wise last lines. The
-factory's layout options (:class:`TileLayout`: per-axis structures, factor dtypes, blocking,
-grouping) are read here (:func:`diagonal_axes`, :func:`factor_dtypes`, :func:`work_dtype`). The
-fast forms (one gather for the cuts of all groups and one for the joins back, the failure counts
-of a batch at once, operands side by side) stand in one section at the end, each beside its plain
-form (:func:`~precond_ref._backend.plain_forms`)."""
+reshapes; :func:`stacked_tiles` and :func:`diagonal_vector` migrate a state saved per tile or
+with a vector's dense tiles to the stacks. :func:`tiled_transform` runs a rule stated for one
+stack of tiles (:class:`TiledRule`, IF-Shampoo's) on every group of a tree: grouping, tiling,
+stacking across groups, the refresh phases (:func:`~precond_ref.engine.phases.refreshes`), the
+keeping of unusable refreshes (:func:`kept_where_usable`) and their counts, the per-group sums of
+the KL clip in tile order (:func:`sums_in_tile_order`), the skip rule's settling and the
+element-wise last lines, as the factory's :class:`TileLayout` says (blocking, grouping, and the
+rule's choice of diagonal axes and factor dtypes). The fast forms (one gather for the cuts of all
+groups and one for the joins back, the failure counts of a batch at once, operands side by side)
+stand in one section at the end, each beside its plain form
+(:func:`~precond_ref._backend.plain_forms`)."""
 
 from __future__ import annotations
 
@@ -32,38 +31,26 @@ from .._backend import (
     pieces, placement, plain, scalar_zero, stacked, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, unstack as unstack_alike
-from ..linalg import all_finite, half_precision_dtype
+from ..linalg import all_finite
 from ..transform import Transform, check_positive, singleton_groups
 from ..tree import filled, path_str, to_entries
 from .checks import renamed_failures
 from .factors import constant, per_block
 from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
-from .options import state_dtype
 from .phases import handed_back, phase_stacks, refreshes, tile_phase
 from .rounding import is_bfloat16, place_keys, place_noise, rounded_with_noise, rounding_key
 from .run import build_transform
 
-__all__ = [
-    "Tile", "TileStack", "Region", "TilePlan", "tile_plan", "stack_plan", "tile_shape", "cut_stacks", "join_stacks",
-    "sums_in_tile_order", "kept_where_usable", "legacy_entry_names", "stacked_tiles", "diagonal_vector", "old_layout_hint",
-    "TiledRule", "TileLayout", "MISFIT", "per_axis", "diagonal_axes", "factor_dtypes", "work_dtype", "tiled_transform",
-    "tiles_of_groups", "leaves_of_batches", "rearranged", "gathering", "GATHER_MAX_ELEMENTS", "counts_per_run",
-    "side_by_side", "taken",
-]
+__all__ = ["TiledRule", "TileLayout", "tiled_transform", "old_layout_hint", "tile_plan", "stack_plan", "taken"]
 
 Array = Any
-
-_OLD_LAYOUT_HINT = (
-    "if_shampoo: a state saved with unblocked factors, diagonal beyond 4096, loads with "
-    "if_shampoo(block_size=4096, max_dense_dim=4096)"
-)
-
 
 def old_layout_hint(found: dict, layout: dict) -> str:
     """``build_transform``'s ``layout_hint``: where a saved state does not fit, the arguments that
     load one saved unblocked."""
-    return " " + _OLD_LAYOUT_HINT
+    return (" if_shampoo: a state saved with unblocked factors, diagonal beyond 4096, loads with "
+            "if_shampoo(block_size=4096, max_dense_dim=4096)")
 
 
 class Tile(NamedTuple):
@@ -143,49 +130,28 @@ def stack_plan(tiles: Sequence[Tile]) -> TilePlan:
     return TilePlan(tuple(tiles), stacks, tuple(regions), grid)
 
 
-_LEGACY_ENTRY = re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum|momentum)_(\d+)")
-
-
-def legacy_entry_names(entries: dict) -> dict:
-    """The first step of ``legacy_names``: a group's state saved with the formatted keys of
-    older checkpoints (``factor_n``,
-    ``factor_momentum_n``, ``tile_t/factor_n``, ``tile_t/factor_momentum_n``, ``momentum_i``) under the
-    per-tile paths that followed (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``, ``momentum/i``;
-    an unblocked group is tile 0), which :func:`stacked_tiles` stacks; the very dict when it has no
-    old key (every old state has ``factor_0`` or ``tile_0/factor_0``)."""
-    if "factor_0" not in entries and "tile_0/factor_0" not in entries:
-        return entries
-    renamed = {}
-    for key, value in entries.items():
-        old = _LEGACY_ENTRY.fullmatch(key)
-        if old is None or (old[1] is not None and old[2] == "momentum"):
-            renamed[key] = value
-        elif old[2] == "momentum":
-            renamed[f"momentum/{old[3]}"] = value
-        else:
-            renamed[f"tiles/{old[1] or 0}/{old[2]}/{old[3]}"] = value
-    return renamed
-
-
-_TILE_ENTRY = re.compile(r"tiles/(\d+)/(factor|factor_momentum)/(\d+)")
+#: The per-tile keys of earlier versions: ``tiles/t/X/n``, and before them ``tile_t/X_n`` (blocked)
+#: or ``X_n`` (unblocked, tile 0), ``X`` a factor or its momentum.
+_PER_TILE = (re.compile(r"tiles/(\d+)/(factor|factor_momentum)/(\d+)"),
+             re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum)_(\d+)"))
 
 
 def stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
-    """The second step of ``legacy_names``: a group's state in the per-tile layout of the versions
-    before stacks (``tiles/t/factor/n``, ``tiles/t/factor_momentum/n``) as the stacks of
-    :func:`stack_plan`: ``stacks/s/X/n = stack(tiles/t/X/n for t in stack s)``, the tiles of one
-    shape (their factors' lengths) and refresh phase (:func:`precond_ref.engine.phases.tile_phase` of the factory's
-    interval) in one stack, stacks in order of their first tile; the very dict when it has no
-    per-tile key (every such state has ``tiles/0/factor/0``)."""
-    if "tiles/0/factor/0" not in entries:
-        return entries
+    """A group's state saved per tile by earlier versions (:data:`_PER_TILE`; their members'
+    momenta ``momentum_i``) as the stacks of :func:`stack_plan`: ``stacks/s/X/n = stack(tile t's
+    X_n for t in stack s)``, the tiles of one shape (their factors' lengths) and refresh phase
+    (:func:`~precond_ref.engine.phases.tile_phase` of the factory's interval) in one stack,
+    stacks in order of their first tile, ``momentum/i``; other names pass through. The very dict
+    when it has no per-tile key."""
     out, per_tile = {}, {}
     for key, value in entries.items():
-        tile = _TILE_ENTRY.fullmatch(key)
-        if tile is None:
-            out[key] = value
+        tile = _PER_TILE[0].fullmatch(key) or _PER_TILE[1].fullmatch(key)
+        if tile is not None:
+            per_tile[int(tile[1] or 0), tile[2], int(tile[3])] = value
         else:
-            per_tile[int(tile[1]), tile[2], int(tile[3])] = value
+            out[re.sub(r"^momentum_(\d+)$", r"momentum/\1", key)] = value
+    if not per_tile:
+        return entries
     count = 1 + max(t for t, _, _ in per_tile)
     rank = 1 + max(n for _, _, n in per_tile)
     keys = [(tuple(per_tile[t, "factor", n].shape[0] for n in range(rank)), tile_phase(t, interval, stagger))
@@ -200,12 +166,11 @@ def stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
 
 
 def diagonal_vector(entries: dict, diagonal: Callable) -> dict:
-    """The third step of ``legacy_names``, where a vector's factor is diagonal (``structures=None``):
-    a vector's state saved with dense tiles (``stacks/s/factor/0`` of shape ``(k, b, b)``) as its
-    diagonal factors, the same tiles in the same stacks (``(k, b)``): ``diagonal(xp, K)`` of each
-    stack (the rule's diagonal factor nearest to a dense one); the tiles' factor momenta, if any,
-    become zero momenta of the diagonal factors. The very dict when it is not a vector's dense
-    state."""
+    """Where a vector's factor is diagonal (``structures=None``): a vector's state saved with
+    dense tiles (``stacks/s/factor/0`` of shape ``(k, b, b)``) as its diagonal factors, the same
+    tiles in the same stacks (``(k, b)``): ``diagonal(xp, K)`` of each stack (the rule's diagonal
+    factor nearest to a dense one); the tiles' factor momenta, if any, become zero momenta of the
+    diagonal factors. The very dict when it is not a vector's dense state."""
     factors = {k: v for k, v in entries.items() if _TILE_FACTOR.fullmatch(k)}
     if not factors or any(not k.endswith("/factor/0") or len(v.shape) != 3 for k, v in factors.items()):
         return entries
@@ -262,14 +227,11 @@ def index_array(xp, positions: tuple, like):
 
 
 def pick(xp, stack, positions: tuple):
-    """``stack[positions]`` along the leading axis: the stack itself, a slice where ``positions``
-    step evenly (a phase of equal tiles: every T-th), else one ``take``."""
-    if positions == tuple(range(stack.shape[0])):
-        return stack
-    first, last = positions[0], positions[-1]
-    step = positions[1] - first if len(positions) > 1 else 1
-    if step > 0 and positions == tuple(range(first, last + 1, step)):
-        return stack[first : last + 1 : step, ...]
+    """``stack[positions]`` along the leading axis: a slice where ``positions`` step evenly (the
+    stack itself; a phase of equal tiles: every T-th), else one ``take``."""
+    step = positions[1] - positions[0] if len(positions) > 1 else 1
+    if step > 0 and positions == tuple(range(positions[0], positions[-1] + 1, step)):
+        return stack if len(positions) == stack.shape[0] else stack[positions[0] : positions[-1] + 1 : step, ...]
     return taken(xp, stack, index_array(xp, positions, stack))
 
 
@@ -344,13 +306,14 @@ def taken(xp, x, index):
     return x.index_select(0, index) if is_torch_namespace(xp) else xp.take(x, index, axis=0)
 
 
-def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like):
-    """Per-group 0-D ``values``, the group of ``lengths[j]`` consecutive tiles of a stack ``like``
-    (b, ...) taking ``values[j]``, shaped to scale ``like`` tile by tile: ``values[0]`` itself for one
-    group (it broadcasts), else the (b, 1, ..., 1) vector of each tile's value."""
+def per_tile(xp, values: Sequence[Any], lengths: Sequence[int], like=None):
+    """Per-group 0-D ``values``, the group of ``lengths[j]`` consecutive tiles of a stack (b, ...)
+    taking ``values[j]``: ``values[0]`` itself for one group (it broadcasts), else the (b,) vector
+    of each tile's value, shaped to scale a stack ``like`` tile by tile where given."""
     if len(values) == 1:
         return values[0]
-    return per_block(xp, xp.concat([xp.broadcast_to(xp.reshape(v, (1,)), (n,)) for v, n in zip(values, lengths)]), like)
+    each = xp.concat([xp.broadcast_to(xp.reshape(v, (1,)), (n,)) for v, n in zip(values, lengths)])
+    return each if like is None else per_block(xp, each, like)
 
 
 def each_block(xp, reduce, mask):
@@ -392,20 +355,11 @@ def kept_where_usable(xp, grouped, old, new):
 
 
 def _cut_each(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any]) -> list:
-    """Each group's tensor G (:func:`_tensor`) cut into the stacks of its plan (:func:`cut_stacks`)."""
-    return [cut_stacks(xp, _tensor(xp, grads, g), g.plan) for grads, g in zip(grads_list, groups)]
-
-
-def _tensor(xp, grads: Sequence[Any], g) -> Any:
-    """A group's members joined into its tensor G, in its work dtype
-    (:func:`~precond_ref.engine.layout.group_tensor`)."""
-    return group_tensor(xp, grads, g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype)
-
-
-def _batch_key(stack: NamedTuple) -> tuple:
-    """What batches a stack with the equal stacks of other groups besides its tile shape (its
-    factors' trailing shapes and dtypes, as :func:`precond_ref.blocking.same_layout` reads them)."""
-    return tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor)
+    """Each group's members joined into its tensor G in its work dtype
+    (:func:`~precond_ref.engine.layout.group_tensor`) and cut into the stacks of its plan
+    (:func:`cut_stacks`)."""
+    return [cut_stacks(xp, group_tensor(xp, grads, g.full, grouped_shape(g.shapes, g.out_first)[1], g.out_first, g.dtype),
+                       g.plan) for grads, g in zip(grads_list, groups)]
 
 
 def _leaves_by_joins(xp, results: Sequence[Any], chosen: Sequence[tuple], batched: Sequence[Any], groups: Sequence[Any]
@@ -439,7 +393,7 @@ class TiledRule(NamedTuple):
     * ``scalars(c, value, extra) -> h``: the step's scalars, ``h.beta2`` the refresh's step size;
     * ``init(xp, c, k, dims, diagonal, dtypes, device) -> Stack``;
     * ``refresh(xp, c, h, scale, G, stack) -> Stack``: the periodic factor step, ``scale`` each tile's
-      group's multiplier of its step size (``None`` without);
+      group's multiplier of its step size, a (k,) vector or one 0-D value for all (``None`` without);
     * ``precondition(xp, c, G, factors) -> D``;
     * ``inner(xp, D, G)`` (per tile, summed per group by the runner) and ``clip(xp, c, h, inner)``
       (the per-group scales of ``D`` from the per-group sums; with ``c.use_kl_clip``);
@@ -469,14 +423,14 @@ class TileLayout(NamedTuple):
 
     ``block_size``: dense axes longer than it are cut (``None``: none); ``interval``, ``stagger``:
     the refresh interval and whether the tiles of a blocked tensor spread over it
-    (:func:`~precond_ref.engine.phases.tile_phase`); ``structures``: ``"dense"``, ``"diagonal"``,
-    SIRFShampoo's ``{rank: name or tuple of names per axis}`` (:func:`per_axis`), or ``None``: a
-    diagonal factor for a vector (a group whose squeezed tensor has one axis), dense factors for
-    every axis of a matrix or higher tensor; axes longer
-    than ``max_dense_dim`` are diagonal too (:func:`diagonal_axes`); ``factor_dtype``: the factors'
-    dtype, or ``None`` (:func:`factor_dtypes`); ``parameter_dtype``: the grouped gradient, the
-    momentum and the default factors in the parameters' dtype, else in their compute dtype
-    (:func:`work_dtype`); ``weight_bias``: a layer's weight and bias are one group
+    (:func:`~precond_ref.engine.phases.tile_phase`); ``diagonal(dims, where) -> flags``: which axes
+    of a group's squeezed tensor of ``dims`` (``where``: its first leaf's path) have a diagonal
+    factor; ``dtypes(xp, leaf, rank, where) -> list``: the factors' dtype per axis for parameters
+    like ``leaf``; ``vectors_cut``: a vector's diagonal factor is cut into blocks as a dense axis
+    is (its blocks stack with every other vector's, each clamped alone), and a state saved with a
+    vector's dense tiles loads as its diagonal factors (:func:`diagonal_vector`);
+    ``parameter_dtype``: the grouped gradient and the momentum in the parameters' dtype, else in
+    their compute dtype (:func:`work_dtype`); ``weight_bias``: a layer's weight and bias are one group
     (:func:`~precond_ref.engine.layout.weight_bias_groups`); ``group_scale``: ``path -> float``
     multiplying the refresh's step size per group, or ``None``; ``counted``: whether a tile whose
     gradient is zero or whose refresh is not finite keeps its factors (:func:`kept_where_usable`),
@@ -489,70 +443,15 @@ class TileLayout(NamedTuple):
     block_size: Optional[int]
     interval: Any
     stagger: bool
-    structures: Any = "dense"
-    max_dense_dim: Optional[int] = None
-    factor_dtype: Any = None
+    diagonal: Callable = lambda dims, where: (False,) * len(dims)
+    dtypes: Callable = lambda xp, leaf, rank, where: [compute_dtype(xp, leaf.dtype)] * rank
+    vectors_cut: bool = False
     parameter_dtype: bool = False
     weight_bias: bool = False
     group_scale: Optional[Callable] = None
     counted: bool = True
     old_layout: Optional[Callable] = None
     factor_rounding: str = "nearest"
-
-
-MISFIT = (
-    "with grouping='weight_bias' a weight and its bias are one group (give both gradients, a zero one for a member "
-    "without); a state saved with another block_size loads with that block_size (block_size=4096, "
-    "max_dense_dim=4096 for unblocked factors, diagonal beyond 4096)"
-)
-
-
-def per_axis(name: str, option: Any, rank: int, what: str, where: str) -> tuple:
-    """SIRFShampoo's per-rank option format, one value per axis of the ``rank``-D tensor of
-    ``where``: a single value, or ``{rank: value or tuple per axis}``."""
-    if isinstance(option, dict):
-        if rank not in option:
-            raise ValueError(
-                f"{name}: {what} has no entry for the {rank}-D preconditioned tensor of {where!r} "
-                f"(keys {sorted(option)})"
-            )
-        option = option[rank]
-    if isinstance(option, (tuple, list)):
-        if len(option) != rank:
-            raise ValueError(
-                f"{name}: {what} for {where!r} lists {len(option)} entries, but its preconditioned "
-                f"tensor has {rank} axes (one Kronecker factor each)"
-            )
-        return tuple(option)
-    return (option,) * rank
-
-
-def diagonal_axes(name: str, layout: TileLayout, dims: tuple, where: str) -> tuple:
-    """Which axes of a group's tensor have a diagonal factor: those ``structures`` names so (``None``:
-    the axis of a vector), and those longer than ``max_dense_dim``."""
-    if layout.structures is None:
-        # A vector's dense tiles would hold block_size times its entries, a diagonal factor one per entry.
-        kinds = ("diagonal",) if len(dims) == 1 else ("dense",) * len(dims)
-    else:
-        kinds = per_axis(name, layout.structures, len(dims), "structures", where)
-    limit = None if layout.max_dense_dim is None else int(layout.max_dense_dim)
-    return tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
-
-
-def factor_dtypes(name: str, layout: TileLayout, xp, leaf, rank: int, where: str) -> list:
-    """The factors' dtype per axis: ``factor_dtype``, else the parameters' (``parameter_dtype``),
-    else for parameters of at most 32 bits bf16: on every device where the factors are stored by
-    stochastic rounding (where the namespace has bf16: torch, JAX), else on an accelerator
-    (:func:`precond_ref.linalg.half_precision_dtype`); else their compute dtype."""
-    dtypes = []
-    for dtype in per_axis(name, layout.factor_dtype, rank, "factor_dtype", where):
-        if dtype is None and layout.parameter_dtype:
-            dtype = leaf.dtype
-        elif dtype is None and xp.finfo(leaf.dtype).bits <= 32:
-            stochastic = layout.factor_rounding == "stochastic"
-            dtype = getattr(xp, "bfloat16", None) if stochastic else half_precision_dtype(leaf)
-        dtypes.append(state_dtype(xp, leaf.dtype, dtype))
-    return dtypes
 
 
 def work_dtype(layout: TileLayout, xp, dtype):
@@ -581,8 +480,7 @@ class _Tiling(NamedTuple):
     c: NamedTuple
     layout: TileLayout
     intervals: tuple  # per refresh phase, its interval (precond_ref.blocking.spread_schedule)
-    plans: dict  # (shapes, out_first) -> (dims, diagonal, plan): made once per layout, not every step
-    numbers: dict  # (shapes, out_first) -> its number, the key of the gathers' indices
+    plans: dict  # (shapes, out_first) -> (dims, diagonal, plan, number): made once per layout, not every step
     fillers: dict  # a group's state layout -> its structure (precond_ref.tree.filled)
 
 
@@ -602,7 +500,7 @@ def tiled_transform(
     end to end (:func:`~precond_ref.engine.joined.leafwise`).
     """
     spread = layout.stagger and isinstance(layout.interval, int) and layout.interval > 1
-    t = _Tiling(rule, c, layout, spread_schedule(layout.interval, spread), {}, {}, {})
+    t = _Tiling(rule, c, layout, spread_schedule(layout.interval, spread), {}, {})
     return build_transform(
         name=rule.name,
         init_group=partial(_init_group, t),
@@ -617,17 +515,15 @@ def tiled_transform(
 
 
 def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
-    """(squeezed dims, per-axis diagonal flags, tile plan) of a group's tensor."""
+    """(squeezed dims, per-axis diagonal flags, tile plan, the layout's number in the transform: the
+    key of the gathers' indices) of a group's tensor."""
     key = (tuple(shapes), out_first)
     if key not in t.plans:
         _, dims = grouped_shape(shapes, out_first)
-        diagonal = diagonal_axes(t.rule.name, t.layout, dims, where)
-        # A vector's default diagonal factor is cut like a dense axis: its blocks stack with every
-        # other vector's, and each block's factor step is clamped alone, as its dense tiles' were.
-        vector = t.layout.structures is None and len(dims) == 1
+        diagonal = t.layout.diagonal(dims, where)
+        vector = t.layout.vectors_cut and len(dims) == 1
         t.plans[key] = dims, diagonal, stack_plan(
-            tile_plan(dims, diagonal, t.layout.block_size, t.layout.interval, t.layout.stagger, cut_diagonal=vector))
-        t.numbers[key] = len(t.numbers)
+            tile_plan(dims, diagonal, t.layout.block_size, t.layout.interval, t.layout.stagger, cut_diagonal=vector)), len(t.plans)
     return t.plans[key]
 
 
@@ -647,9 +543,9 @@ def _init_group(t: _Tiling, leaves, paths, xp):
     rule, c, layout = t.rule, t.c, t.layout
     shapes = [tuple(x.shape) for x in leaves]
     where = path_str(paths[0])
-    dims, diagonal, tiles = _plan(t, shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
+    dims, diagonal, tiles, _ = _plan(t, shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
     param_dtype, dev = leaves[0].dtype, array_device(leaves[0])
-    dtypes = factor_dtypes(rule.name, layout, xp, leaves[0], len(dims), where)
+    dtypes = layout.dtypes(xp, leaves[0], len(dims), where)
     scale = None
     if layout.group_scale is not None:
         value = layout.group_scale(paths[0])
@@ -680,12 +576,8 @@ def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
     _refresh_due(t, ctx, h, refresh, groups, fields, stack_states, failures)
     directions = _preconditioned(t, ctx.xp, h, groups, stack_states)
     updates, velocities = _finish(t, ctx, h, directions, groups, fields, params_list)
-    results = []
-    for g, state in enumerate(fields):
-        new_state = state._replace(
-            stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]), failures=failures[g])
-        results.append((tuple(updates[g]), to_entries(new_state)))
-    return results
+    return [(tuple(updates[g]), to_entries(state._replace(stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]),
+                                                          failures=failures[g]))) for g, state in enumerate(fields)]
 
 
 def _statistics(t: _Tiling, grads_list, states, ctxs) -> tuple:
@@ -698,9 +590,11 @@ def _statistics(t: _Tiling, grads_list, states, ctxs) -> tuple:
         shapes = [tuple(g.shape) for g in grads]
         out_first, tiles, f = _laid_out(t, state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
         groups.append(_Group(work_dtype(t.layout, xp, grads[0].dtype), shapes, grouped_shape(shapes, out_first)[0],
-                             out_first, tiles, None, t.numbers[tuple(shapes), out_first]))
+                             out_first, tiles, None, t.plans[tuple(shapes), out_first][3]))
         fields.append(f)
-    keys = [[_batch_key(stack) for stack in f.stacks] for f in fields]
+    # What batches a stack with the equal stacks of other groups besides its tile shape: its factors'
+    # trailing shapes and dtypes, as precond_ref.blocking.same_layout reads them.
+    keys = [[tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor) for stack in f.stacks] for f in fields]
     groups = [g._replace(stacks=tiles) for g, tiles in zip(groups, tiles_of_groups(xp, grads_list, groups, keys))]
     return groups, fields
 
@@ -709,7 +603,7 @@ def _laid_out(t: _Tiling, state, shapes, where: str):
     """Out-first (weight (d_out, d_in)) or out-last pairing, read off the state's factor sizes,
     the group's plan, and its state as fields; a state that fits neither is a clear error."""
     for out_first in (True, False) if len(shapes) > 1 else (True,):
-        dims, diagonal, tiles = _plan(t, shapes, out_first, where)
+        dims, diagonal, tiles, _ = _plan(t, shapes, out_first, where)
         try:
             fields = filled(t.fillers, (tiles, len(dims), len(shapes)),
                             lambda: _template(t, tiles, len(dims), len(shapes)), state)
@@ -721,8 +615,9 @@ def _laid_out(t: _Tiling, state, shapes, where: str):
     found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k}
     raise ValueError(
         f"{t.rule.name}: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
-        f"state ({found}); {MISFIT}"
-    )
+        f"state ({found}); with grouping='weight_bias' a weight and its bias are one group (give both gradients, "
+        "a zero one for a member without); a state saved with another block_size loads with that block_size "
+        "(block_size=4096, max_dense_dim=4096 for unblocked factors, diagonal beyond 4096)")
 
 
 def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, failures) -> None:
@@ -734,7 +629,8 @@ def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, fail
     chosen, batches = _batches(xp, groups, stack_states, refreshing=True)
 
     def branches(batch) -> tuple:  # each batch's scales and rounding bits made outside the cond
-        scale = _tile_scales(t.layout, xp, fields, chosen, batch)
+        scale = None if t.layout.group_scale is None else per_tile(
+            xp, [fields[chosen[m][0]].preconditioner_lr_scale for m in batch.indices], batch.lengths)
         rounded = t.layout.factor_rounding == "stochastic" and any(is_bfloat16(a.dtype) for a in batch.operands[1:])
         noise = _step_noise(xp, ctx, fields, batch.operands[0]) if rounded else None
         return partial(_refreshed, t, xp, h, scale, noise), partial(_unchanged, xp)
@@ -761,16 +657,6 @@ def _batches(xp, groups, stack_states, refreshing: bool) -> tuple:
     return chosen, phase_stacks(xp, [groups[i].plan.stacks[s].phase for i, s in chosen], operands)
 
 
-def _tile_scales(layout: TileLayout, xp, fields, chosen, batch):
-    """Each tile's group's ``preconditioner_lr_scale`` for a batch of stacks (b,); ``None`` without
-    ``group_scale``."""
-    if layout.group_scale is None:
-        return None
-    scales = [xp.broadcast_to(fields[chosen[m][0]].preconditioner_lr_scale, (k,))
-              for m, k in zip(batch.indices, batch.lengths)]
-    return scales[0] if len(scales) == 1 else xp.concat(scales)
-
-
 def _refreshed(t: _Tiling, xp, h, scale, noise, G, *state):
     """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
     With stochastic rounding the rule computes in G's dtype (:func:`_read_factors`) and each
@@ -778,12 +664,12 @@ def _refreshed(t: _Tiling, xp, h, scale, noise, G, *state):
     factors = _stack_of(t.rule, _read_factors(t.layout, xp, state, G), len(G.shape) - 1)
     new = _stack_operands(t.rule.refresh(xp, t.c, h, scale, G, factors), True)
     new = _stored(xp, new, state, noise) if noise is not None else new
-    return kept_where_usable(xp, G, state, new) if t.layout.counted else new + (_no_failures(xp, G),)
+    return kept_where_usable(xp, G, state, new) if t.layout.counted else _unchanged(xp, G, *new)
 
 
 def _unchanged(xp, G, *state):
-    """A stack not refreshed: its state as it was, no tile failed."""
-    return state + (_no_failures(xp, G),)
+    """A stack's state ``state`` and, per tile, that it did not fail (a (k,) bool of ``False``)."""
+    return state + (xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G)),)
 
 
 def _read_factors(layout: TileLayout, xp, factors, G) -> tuple:
@@ -798,10 +684,7 @@ def _read_factors(layout: TileLayout, xp, factors, G) -> tuple:
     if joint is None:
         return tuple(xp.astype(K, G.dtype) if n in narrow else K for n, K in enumerate(factors))
     wide = xp.astype(joint, G.dtype)
-    out = list(factors)
-    for j, n in enumerate(narrow):
-        out[n] = wide[j, ...]
-    return tuple(out)
+    return tuple(wide[narrow.index(n), ...] if n in narrow else K for n, K in enumerate(factors))
 
 
 def _stored(xp, new, old, noise) -> tuple:
@@ -815,24 +698,21 @@ def _stored(xp, new, old, noise) -> tuple:
     narrow = [n for n, (a, b) in enumerate(zip(new, old)) if a.dtype != b.dtype and is_bfloat16(b.dtype)]
     if not narrow:
         return new
+    k, dtype = new[narrow[0]].shape[0], old[narrow[0]].dtype
     joint = side_by_side(xp, [new[n] for n in narrow])
     if joint is not None:  # one shape: operand-major (arrays, k, w), place j·w + e of each tile as below
-        count, k = joint.shape[0], joint.shape[1]
-        joint = xp.reshape(joint, (count, k, -1))
-        bits = xp.reshape(noise[: count * joint.shape[2]], (count, 1, joint.shape[2]))
-        rounded = rounded_with_noise(xp, joint, old[narrow[0]].dtype, bits)
-        out = list(new)
-        for j, n in enumerate(narrow):
-            out[n] = xp.reshape(rounded[j, ...], new[n].shape)
-        return tuple(out)
-    k = new[narrow[0]].shape[0]
-    flat = [xp.reshape(new[n], (k, -1)) for n in narrow]
-    joined = flat[0] if len(flat) == 1 else xp.concat(flat, axis=1)
-    rounded = rounded_with_noise(xp, joined, old[narrow[0]].dtype, noise[: joined.shape[1]])
-    out, start = list(new), 0
-    for n, part in zip(narrow, flat):
-        out[n] = xp.reshape(rounded[:, start:start + part.shape[1]], new[n].shape)
-        start += part.shape[1]
+        joint = xp.reshape(joint, (len(narrow), k, -1))
+        w = joint.shape[2]
+        rounded = rounded_with_noise(xp, joint, dtype, xp.reshape(noise[: len(narrow) * w], (len(narrow), 1, w)))
+        parts = [rounded[j, ...] for j in range(len(narrow))]
+    else:  # tile-major (k, Σ w_j), the operands' entries after each other
+        flat = [xp.reshape(new[n], (k, -1)) for n in narrow]
+        ends = tuple(itertools.accumulate((f.shape[1] for f in flat), initial=0))
+        rounded = rounded_with_noise(xp, flat[0] if len(flat) == 1 else xp.concat(flat, axis=1), dtype, noise[: ends[-1]])
+        parts = [rounded[:, a:b] for a, b in zip(ends[:-1], ends[1:])]
+    out = list(new)
+    for n, part in zip(narrow, parts):
+        out[n] = xp.reshape(part, new[n].shape)
     return tuple(out)
 
 
@@ -902,43 +782,28 @@ def _finish(t: _Tiling, ctx, h, directions, groups, fields, params_list) -> tupl
         return ctx.scalar(name, value, like.dtype, array_device(like))
 
     def descend(D, *rest):  # one leaf, or the leaves of one layout joined end to end (leafwise)
-        W = rest[0] if c.use_decay else None
         v = rest[-2] if c.use_momentum else None
-        update, U = rule.descend(xp, c, operand, D, W, v, rest[-1])
+        update, U = rule.descend(xp, c, operand, D, rest[0] if c.use_decay else None, v, rest[-1])
         return update, (ctx.unless_skipped(U, v) if c.use_momentum else U)
 
-    operands = [directions]
-    if c.use_decay:
-        operands.append([params_list[g][k] for g, k in members])
-    if c.use_momentum:
-        operands.append([fields[g].momentum[k] for g, k in members])
+    operands = [directions] + ([[params_list[g][k] for g, k in members]] if c.use_decay else [])
+    operands += [[fields[g].momentum[k] for g, k in members]] if c.use_momentum else []
     work_zeros = [ctx.once(("zero", G.dtype, device_key(G)), partial(scalar_zero, xp, G))  # G: the work dtype
                   for G in (groups[g].stacks[0] for g, _ in members)]
     steps = leafwise(xp, descend, *operands, zeros=work_zeros, ctx=ctx)
-    updates: list = [[] for _ in groups]
-    velocities: list = [[] for _ in groups]
-    for (g, _), (update, velocity) in zip(members, steps):
-        updates[g].append(update)
-        if c.use_momentum:
-            velocities[g].append(velocity)
-    return updates, velocities
+    runs = [[step for _, step in run] for _, run in itertools.groupby(zip(members, steps), key=lambda m: m[0][0])]
+    return [[u for u, _ in run] for run in runs], [[v for _, v in run] if c.use_momentum else [] for run in runs]
 
 
 def _legacy_names(rule: TiledRule, layout: TileLayout, entries: dict) -> dict:
-    """``build_transform``'s ``legacy_names``: a group's state under the names of an earlier
-    version (:func:`legacy_entry_names`) or in its per-tile layout (:func:`stacked_tiles`, the
-    tiles' phases from the layout's interval) as the current stacks; with ``structures=None`` a
-    vector's dense tiles as its diagonal factor (:func:`diagonal_vector`). The very dict when it
-    is current."""
-    entries = stacked_tiles(renamed_failures(legacy_entry_names(entries)), layout.interval, layout.stagger)
-    if layout.structures is None:
+    """``build_transform``'s ``legacy_names``: a group's state saved per tile by an earlier version
+    as the current stacks (:func:`stacked_tiles`, the tiles' phases from the layout's interval),
+    its failure counter's earlier names renamed; with ``structures=None`` a vector's dense tiles as
+    its diagonal factor (:func:`diagonal_vector`). The very dict when it is current."""
+    entries = stacked_tiles(renamed_failures(entries), layout.interval, layout.stagger)
+    if layout.vectors_cut:
         entries = diagonal_vector(entries, rule.diagonal)
     return entries
-
-
-def _no_failures(xp, G):
-    """No tile of the stack ``G`` failed: a (k,) bool of ``False``."""
-    return xp.zeros((G.shape[0],), dtype=xp.bool, device=placement(xp, G))
 
 
 def _stack_operands(state: NamedTuple, refreshing: bool) -> tuple:
@@ -1080,13 +945,6 @@ def _by_dtype(xp, fn, values: Sequence[Array]) -> list:
     """``fn`` of the 0-D ``values`` (one per group), computed once for the vector of all values of one
     dtype instead of once per value, and handed back one per value; within
     :func:`~precond_ref._backend.plain_forms`, once per value."""
-    if plain():
+    if plain() or len({value.dtype for value in values}) > 1:
         return [fn(value) for value in values]
-    out: list = [None] * len(values)
-    by_dtype: dict = {}
-    for g, value in enumerate(values):
-        by_dtype.setdefault(value.dtype, []).append(g)
-    for members in by_dtype.values():
-        for g, result in zip(members, leading_rows(xp, fn(stacked(xp, [values[g] for g in members])))):
-            out[g] = result
-    return out
+    return list(leading_rows(xp, fn(stacked(xp, values))))

@@ -19,8 +19,8 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 from .._backend import array_device, as_operand, cast, is_number, is_zero, scalar_zero
 from ..linalg import (
-    along, frobenius, gram, is_diagonal, kl_clip_of_quadratic, mean_trace, mode_product, product_except, times,
-    times_transposed, unfolding_gram,
+    along, frobenius, gram, half_precision_dtype, is_diagonal, kl_clip_of_quadratic, mean_trace, mode_product,
+    product_except, times, times_transposed, unfolding_gram,
 )
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
 from ..engine.factors import identity, per_block
@@ -495,7 +495,7 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
 
 def _refresh(xp, c: IFShampooConfig, h: _IFShampooStep, scale, G, s: _StackFactors) -> _StackFactors:
     """Figure 3's factor step on one stack of tiles (:func:`_factor_step`), step size β₂ times each
-    tile's group's ``preconditioner_lr_scale`` ``scale`` (one per tile; ``None``: β₂ alone)."""
+    tile's group's ``preconditioner_lr_scale`` ``scale`` (one per tile, or one for all; ``None``: β₂ alone)."""
     beta2 = h.beta2 if scale is None else h.beta2 * scale  # β₂ s
     dtype = s.factor[0].dtype
     sqrt_B = math.sqrt(h.B) if is_number(h.B) else xp.sqrt(xp.astype(h.B, G.dtype))
@@ -573,7 +573,7 @@ _STRUCTURES = ("dense", "diagonal")
 _FACTOR_ROUNDINGS = ("nearest", "stochastic")
 
 
-def _check_tiling(layout: TileLayout) -> None:
+def _check_tiling(layout: TileLayout, structures, max_dense_dim, factor_dtype) -> None:
     """:func:`if_shampoo`'s errors for its tiling options: the interval a positive
     integer or a predicate, ``stagger`` a bool; ``structures`` names a structure per axis, keyed by
     tensor rank; ``factor_dtype`` is a dtype (an array is a dtype that ``optax.inject_hyperparams``
@@ -584,7 +584,6 @@ def _check_tiling(layout: TileLayout) -> None:
     if layout.block_size is not None:
         check_positive_int("block_size", layout.block_size)
     check_bool("spread_refresh", layout.stagger)
-    structures = layout.structures
     if isinstance(structures, dict) and not all(
         isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in structures
     ):
@@ -594,18 +593,65 @@ def _check_tiling(layout: TileLayout) -> None:
         for name in value if isinstance(value, (tuple, list)) else (value,):
             if name not in _STRUCTURES:
                 raise ValueError(f"structures must name one of {_STRUCTURES} per axis, got {name!r}")
-    for value in layout.factor_dtype.values() if isinstance(layout.factor_dtype, dict) else (layout.factor_dtype,):
+    for value in factor_dtype.values() if isinstance(factor_dtype, dict) else (factor_dtype,):
         # NumPy's dtypes have a ``shape`` too (``np.float32`` the class, ``np.dtype("float32")`` no ``dtype``).
         if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type):
             raise ValueError(
                 "factor_dtype must be a dtype, got an array; under optax.inject_hyperparams pass "
                 "static_args=('factor_dtype',) (a dtype is callable, so it is taken for a schedule)"
             )
-    if layout.max_dense_dim is not None and not hasattr(layout.max_dense_dim, "shape"):
-        check_positive_int("max_dense_dim", layout.max_dense_dim)
+    if max_dense_dim is not None and not hasattr(max_dense_dim, "shape"):
+        check_positive_int("max_dense_dim", max_dense_dim)
     check_choice("factor_rounding", layout.factor_rounding, _FACTOR_ROUNDINGS)
     if layout.group_scale is not None and not callable(layout.group_scale):
         raise ValueError(f"preconditioner_lr_scale must be None or a callable path -> float, got {layout.group_scale!r}")
+
+
+def _per_axis(option: Any, rank: int, what: str, where: str) -> tuple:
+    """SIRFShampoo's per-rank option format, one value per axis of the ``rank``-D tensor of
+    ``where``: a single value, or ``{rank: value or tuple per axis}``."""
+    if isinstance(option, dict):
+        if rank not in option:
+            raise ValueError(
+                f"if_shampoo: {what} has no entry for the {rank}-D preconditioned tensor of {where!r} "
+                f"(keys {sorted(option)})"
+            )
+        option = option[rank]
+    if isinstance(option, (tuple, list)):
+        if len(option) != rank:
+            raise ValueError(
+                f"if_shampoo: {what} for {where!r} lists {len(option)} entries, but its preconditioned "
+                f"tensor has {rank} axes (one Kronecker factor each)"
+            )
+        return tuple(option)
+    return (option,) * rank
+
+
+def _diagonal_axes(structures, max_dense_dim, dims: tuple, where: str) -> tuple:
+    """Which axes of a group's tensor have a diagonal factor: those ``structures`` names so (``None``:
+    the axis of a vector, S12), and those longer than ``max_dense_dim`` (S4)."""
+    if structures is None:
+        # A vector's dense tiles would hold block_size times its entries, a diagonal factor one per entry.
+        kinds = ("diagonal",) if len(dims) == 1 else ("dense",) * len(dims)
+    else:
+        kinds = _per_axis(structures, len(dims), "structures", where)
+    limit = None if max_dense_dim is None else int(max_dense_dim)
+    return tuple(kind == "diagonal" or (limit is not None and d > limit) for d, kind in zip(dims, kinds))
+
+
+def _factor_dtypes(factor_dtype, faithful: bool, stochastic: bool, xp, leaf, rank: int, where: str) -> list:
+    """The factors' dtype per axis (S1): ``factor_dtype``, else the parameters' (faithful), else for
+    parameters of at most 32 bits bf16 where the factors are kept by stochastic rounding and bf16
+    exists (torch, JAX), else :func:`precond_ref.linalg.half_precision_dtype`'s choice; else the
+    parameters' compute dtype."""
+    dtypes = []
+    for dtype in _per_axis(factor_dtype, rank, "factor_dtype", where):
+        if dtype is None and faithful:
+            dtype = leaf.dtype
+        elif dtype is None and xp.finfo(leaf.dtype).bits <= 32:
+            dtype = getattr(xp, "bfloat16", None) if stochastic else half_precision_dtype(leaf)
+        dtypes.append(options.state_dtype(xp, leaf.dtype, dtype))
+    return dtypes
 
 
 def prototype_lr_scale(path: Path) -> float:
@@ -834,9 +880,10 @@ def if_shampoo(
         use_kl_clip=not is_zero(kl_clip),
     )
     layout = TileLayout(  # S1, S6: factors and momentum in the parameters' dtype only in faithful mode; S3 counted
-        block_size, precondition_every, spread_refresh, structures, max_dense_dim, factor_dtype, parameter_dtype=faithful,
-        weight_bias=grouping == "weight_bias", group_scale=preconditioner_lr_scale, counted=not faithful,
-        old_layout=None if faithful else old_layout_hint, factor_rounding=factor_rounding,
+        block_size, precondition_every, spread_refresh, partial(_diagonal_axes, structures, max_dense_dim),
+        partial(_factor_dtypes, factor_dtype, faithful, factor_rounding == "stochastic"), vectors_cut=structures is None,
+        parameter_dtype=faithful, weight_bias=grouping == "weight_bias", group_scale=preconditioner_lr_scale,
+        counted=not faithful, old_layout=None if faithful else old_layout_hint, factor_rounding=factor_rounding,
     )
-    _check_tiling(layout)
+    _check_tiling(layout, structures, max_dense_dim, factor_dtype)
     return tiled_transform(IF_SHAMPOO, config, layout, on_nonfinite=on_nonfinite)

@@ -81,23 +81,31 @@ def test_state_entries_are_the_paths_of_its_named_fields():
     assert to_entries(fields) == entries
 
 
-def test_legacy_entry_names_give_every_old_key_its_field_path():
-    """``legacy_entry_names`` renames each key of the old layouts (unblocked ``factor_n``,
-    ``factor_momentum_n``; blocked ``tile_t/factor_n``, ``tile_t/factor_momentum_n``;
-    ``momentum_i``) to its path, keeps the names that did not change, maps the very same arrays,
-    and returns a state under the current names as the very dict (no renaming cost)."""
-    a, b, c, d, e, f = (object() for _ in range(6))
-    old_unblocked = {"factor_0": a, "factor_momentum_0": b, "momentum_0": c, "factor_failures": d,
+def test_stacked_tiles_give_every_old_key_its_field_path():
+    """``stacked_tiles`` reads each key of the layouts before the per-tile paths (unblocked
+    ``factor_n``, ``factor_momentum_n``: tile 0; blocked ``tile_t/factor_n``,
+    ``tile_t/factor_momentum_n``; ``momentum_i``) as the per-tile layout's (``tiles/t/...``) and
+    stacks it, keeps the names that did not change (the very same objects), and returns a state
+    under the current names as the very dict (no renaming cost)."""
+    rng = np.random.default_rng(1)
+    A, B = rng.normal(size=(3, 3)), rng.normal(size=(3, 3))
+    c, d, e = (object() for _ in range(3))
+    old_unblocked = {"factor_0": A, "factor_momentum_0": B, "momentum_0": c, "factor_failures": d,
                      "preconditioner_lr_scale": e}
-    assert tiling.legacy_entry_names(old_unblocked) == {
-        "tiles/0/factor/0": a, "tiles/0/factor_momentum/0": b, "momentum/0": c, "factor_failures": d,
-        "preconditioner_lr_scale": e}
-    old_blocked = {"tile_0/factor_0": a, "tile_11/factor_1": b, "tile_11/factor_momentum_1": c,
-                   "momentum_1": f}
-    assert tiling.legacy_entry_names(old_blocked) == {
-        "tiles/0/factor/0": a, "tiles/11/factor/1": b, "tiles/11/factor_momentum/1": c, "momentum/1": f}
-    current = {"tiles/0/factor/0": a, "momentum/0": c, "failures": d}
-    assert tiling.legacy_entry_names(current) is current
+    got = tiling.stacked_tiles(old_unblocked, 1, True)
+    assert set(got) == {"stacks/0/factor/0", "stacks/0/factor_momentum/0", "momentum/0", "factor_failures",
+                        "preconditioner_lr_scale"}
+    np.testing.assert_array_equal(got["stacks/0/factor/0"], A[None])
+    np.testing.assert_array_equal(got["stacks/0/factor_momentum/0"], B[None])
+    assert got["momentum/0"] is c and got["factor_failures"] is d and got["preconditioner_lr_scale"] is e
+    tiles = [rng.normal(size=(2, 2)) for _ in range(4)]
+    old_blocked = {f"tile_{t}/factor_0": K for t, K in enumerate(tiles)} | {"momentum_1": c}
+    got = tiling.stacked_tiles(old_blocked, 2, True)  # four equal tiles, phases 0, 1, 0, 1
+    assert set(got) == {"stacks/0/factor/0", "stacks/1/factor/0", "momentum/1"} and got["momentum/1"] is c
+    np.testing.assert_array_equal(got["stacks/0/factor/0"], np.stack([tiles[0], tiles[2]]))
+    np.testing.assert_array_equal(got["stacks/1/factor/0"], np.stack([tiles[1], tiles[3]]))
+    current = {"stacks/0/factor/0": A[None], "momentum/0": c, "failures": d}
+    assert tiling.stacked_tiles(current, 1, True) is current
 
 
 @pytest.mark.parametrize("mode", ["principled", "faithful"])
@@ -174,7 +182,7 @@ def test_optax_state_with_the_old_names_steps_on_under_jit():
 
 
 def test_stacked_tiles_stacks_each_tile_of_one_shape_and_phase():
-    """``stacked_tiles`` (the second step of ``legacy_names``) turns the per-tile layout
+    """``stacked_tiles`` (``legacy_names``) turns the per-tile layout
     (``tiles/t/factor/n``) into the stacks ``init`` makes for the same group: a (10, 7) weight at
     block_size=4 has tiles 4x4, 4x3, 4x4, 4x3, 2x4, 2x3, phases t % 3, so tiles 0 (4x4, phase 0),
     1 (4x3, 1), 2 (4x4, 2), 3 (4x3, 0), 4 (2x4, 1), 5 (2x3, 2) are six stacks of one, and at

@@ -622,9 +622,7 @@ def test_if_shampoo_factors_default_to_bf16(monkeypatch):
     params = {"w": torch.randn(3, 4), "v": torch.randn(3, dtype=torch.float64)}
     nearest = pr.if_shampoo(batch_size=2, factor_rounding="nearest")
     assert nearest.init(params).groups["w"]["stacks/0/factor/0"].dtype == torch.float32  # CPU
-    from precond_ref.engine import tiles
-
-    monkeypatch.setattr(tiles, "half_precision_dtype", lambda x: torch.bfloat16)
+    monkeypatch.setattr(root_free, "half_precision_dtype", lambda x: torch.bfloat16)
     assert nearest.init(params).groups["w"]["stacks/0/factor/0"].dtype == torch.bfloat16  # "accelerator"
     monkeypatch.undo()
     state = pr.if_shampoo(batch_size=2).init(params)
