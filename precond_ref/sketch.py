@@ -97,13 +97,8 @@ def fd_init(xp: Any, d: int, k: int, *, dtype: Any, device: Any, batch: tuple[in
     """
     if not 1 <= k <= d:
         raise ValueError(f"sketch rank k must be in [1, d] = [1, {d}], got {k}")
-    return {
-        "basis": xp.zeros(batch + (d, k), dtype=dtype, device=device),
-        "singular_values": xp.zeros(batch + (k,), dtype=dtype, device=device),
-        "escaped_root": xp.zeros(batch, dtype=dtype, device=device),
-        "basis_weights": xp.zeros(batch + (k,), dtype=dtype, device=device),
-        "complement_weight": xp.zeros(batch, dtype=dtype, device=device),
-    }
+    shapes = ((d, k), (k,), (), (k,), ())  # of SKETCH_KEYS, in order
+    return {key: xp.zeros(batch + shape, dtype=dtype, device=device) for key, shape in zip(SKETCH_KEYS, shapes)}
 
 
 def shrink_cutoff_tolerance(xp: Any, dtype: Any, decomposition: str = "svd", widened: bool = False) -> float:
@@ -367,8 +362,8 @@ def _descending_left_singular(
         return _Ritz(s, vectors=p[..., :k])
     # Gram path (K7): eigh of the smaller Gram matrix; cheaper when n << d, but squares the
     # condition number, so directions at rounding level are dropped (set to zero).
-    tiny_rel = float(xp.finfo(z.dtype).eps) * max(d, n)
     if n < d:
+        tiny_rel = float(xp.finfo(z.dtype).eps) * d  # d = max(d, n)
         gram = matmul(xp, z.mT, z)
         evals, v = symmetric_eigh(symmetrize(gram))
         evals, v = xp.flip(evals, axis=-1), xp.flip(v, axis=-1)
@@ -736,14 +731,15 @@ def _fd_step(
     keep = xp.astype(mask, dtype)[..., None, :]
     chosen = ok if accept is None else xp.logical_and(ok, accept)
     small = dict(singular_values=new_sigma, escaped_root=new_root, basis_weights=weights, complement_weight=complement)
-    coefficients = None  # the new sketch applied to x, on the incremental path's frame [U, fresh]
-    if apply and ritz.vectors is None:
-        coefficients = _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale)
-    new, out = _accepted(xp, sketch, ritz, keep, small, chosen, coefficients)
     if not apply:
-        return new, ok, None
-    if ritz.vectors is not None:
+        return _accepted(xp, sketch, ritz, keep, small, chosen)[0], ok, None
+    if ritz.vectors is not None:  # the new sketch applied to x
+        new, _ = _accepted(xp, sketch, ritz, keep, small, chosen)
         return new, ok, fd_apply(xp, new, select(xp, input_ok[..., None, None], unscaled, zero))
+    # the incremental path: the new sketch applied to x as coefficients on the frame [U, fresh],
+    # whose product with them is formed with the new basis
+    coefficients = _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale)
+    new, out = _accepted(xp, sketch, ritz, keep, small, chosen, coefficients)
     return new, ok, out
 
 
@@ -760,15 +756,14 @@ def _finite_blocks(xp: Any, vectors: Sequence[Array], matrices: Array) -> Array:
     value while a later value still lives in a piece's place, so a step's basis weights were
     overwritten before the direction read them (faithful S-AdaGrad, several leaves in one graph);
     the compiler fuses the separate tests with the reductions anyway."""
-    if is_torch_namespace(xp) and torch_compiling():
+    if not is_torch_namespace(xp):
+        return xp.logical_and(all_finite(xp.concat(list(vectors), axis=-1), axis=(-1,)), all_finite(matrices, axis=(-2, -1)))
+    if torch_compiling():
         finite = all_finite(matrices, axis=(-2, -1))
         for v in vectors:
             finite = xp.logical_and(finite, all_finite(v, axis=(-1,)))
         return finite
-    joined_vectors = xp.concat(list(vectors), axis=-1)
-    if is_torch_namespace(xp):
-        return xp.sum(joined_vectors * 0.0, axis=-1) + xp.sum(matrices * 0.0, axis=(-2, -1)) == 0.0
-    return xp.logical_and(all_finite(joined_vectors, axis=(-1,)), all_finite(matrices, axis=(-2, -1)))
+    return xp.sum(xp.concat(list(vectors), axis=-1) * 0.0, axis=-1) + xp.sum(matrices * 0.0, axis=(-2, -1)) == 0.0
 
 
 def _frame_direction(

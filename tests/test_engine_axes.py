@@ -130,7 +130,7 @@ def test_chunks_are_one_stack_each():
 def test_legacy_names_map_each_old_entry_to_its_field():
     """``axis{n}_{name}`` -> ``sketches/{n}/0/{name}``, ``axis{n}_run{j}_{name}`` ->
     ``sketches/{n}/{j}/{name}``, other entries unchanged; a current state is the very dict."""
-    legacy_names = axes.axis_legacy_names("sketches", ("basis", "escaped_root", "basis_weights"), "sketch_failures")
+    legacy_names = axes.axis_legacy_names
     old = {"axis0_run1_basis": 1, "axis1_escaped_root": 2, "sketch_failures": 3, "momentum": 4,
            "axis0_run0_basis_weights": 5}
     assert legacy_names(old) == {"sketches/0/1/basis": 1, "sketches/1/0/escaped_root": 2,

@@ -133,9 +133,13 @@ def join_runs(xp: Any, axis: AxisPlan, parts: Sequence[Array]) -> Array:
     return parts[0] if len(parts) == 1 else xp.concat(list(parts), axis=0)
 
 
-def _unstacked(axis: AxisPlan, piece: tuple) -> tuple:
-    """A run's results from a stack, as its leaf takes them: without the leading axis
-    :func:`_runs` gave a leaf that is one unstacked block."""
+def _unstacked(axis: AxisPlan, piece: tuple, length: int) -> tuple:
+    """A run's results from a stack, as its leaf takes them: the first and last (the block's first
+    field and its rows' result) cut back to its own ``length`` rows (axis 1) where a stack of
+    :func:`_chunk_stack` padded them, and without the leading axis :func:`_runs` gave a leaf that
+    is one unstacked block; views."""
+    if piece[0].shape[1] != length:
+        piece = (piece[0][:, :length, ...], *piece[1:-1], piece[-1][:, :length, ...])
     return piece if axis.batched else tuple(v[0, ...] for v in piece)
 
 
@@ -231,13 +235,13 @@ def _stepped(xp: Any, ctx: StepContext, rule: "AxesRule", c: Any, leaves: Sequen
     pieces: list = [None] * len(members)
     for batch, out in refreshes(xp, decisions, batches(members, phases, orders), branches, kept=flat):
         for u, piece in handed_back(batch, out):
-            pieces[u] = _unpadded(piece, members[u][0].shape[1])
+            pieces[u] = piece
         del batch, out  # this batch's stacked copies go before the next batch's are made
     tables = [[list(axis) for axis in state.sketches] for _, _, state in leaves]
     outs: list = [[] for _ in leaves]  # a flat rule's outputs, run by run
     blocks = [0] * len(leaves)  # each leaf's number of blocks with a flag
     for (i, n, j), member, piece in zip(units, members, pieces):
-        piece = _unstacked(leaves[i][1].axes[n], piece)
+        piece = _unstacked(leaves[i][1].axes[n], piece, member[0].shape[1])
         tables[i][n][j] = rule.Block(*piece[:fields])
         outs[i].extend(piece[fields + 1:])
         blocks[i] += member[0].shape[0]
@@ -336,14 +340,6 @@ def padded_join(xp: Any, arrays: Sequence[Array], length: int) -> Array:
     return xp.reshape(xp.concat(flat, axis=0), (sum(a.shape[0] for a in arrays), length) + trailing)
 
 
-def _unpadded(piece: tuple, length: int) -> tuple:
-    """A member's results from a stack of :func:`_chunk_stack`, its first and last (the block's
-    first field and its rows' result) cut back to its own ``length`` rows (axis 1): views."""
-    if piece[0].shape[1] == length:
-        return piece
-    return (piece[0][:, :length, ...], *piece[1:-1], piece[-1][:, :length, ...])
-
-
 #: Off a CPU, :func:`_chunks` stacks runs of other lengths zero-padded to a longer one while the
 #: padded runs hold at most this many times the rows of the real ones (:func:`padded_lengths`).
 PAD_GROWTH = 2
@@ -413,24 +409,23 @@ def bounded_chunks(
     return out
 
 
-def axis_legacy_names(group: str, fields: Sequence[str], marker: str) -> Callable[[dict], dict]:
-    """``build_transform``'s ``legacy_names`` for a state whose blocks' entries were once
-    ``axis{n}_{field}`` (an axis in one block) and ``axis{n}_run{j}_{field}``: the same arrays
-    under ``{group}/{n}/{j}/{field}`` (j = 0 for the former). A state without the entry ``marker``,
-    or already current, is the very dict."""
-    old_entry = re.compile(r"axis(\d+)_(?:run(\d+)_)?(" + "|".join(fields) + ")")
-    current = f"{group}/0/0/{fields[0]}"
+#: An entry of a state saved under the per-axis names of earlier versions: a sketch's field of an
+#: axis in one block, ``axis{n}_{field}``, or of run j, ``axis{n}_run{j}_{field}``.
+_OLD_ENTRY = re.compile(r"axis(\d+)_(?:run(\d+)_)?(" + "|".join(_sketch.SKETCH_KEYS) + ")")
 
-    def legacy_names(entries: dict[str, Array]) -> dict[str, Array]:
-        if marker not in entries or current in entries:
-            return entries
-        renamed = {}
-        for key, value in entries.items():
-            old = old_entry.fullmatch(key)
-            renamed[f"{group}/{old[1]}/{old[2] or 0}/{old[3]}" if old else key] = value
-        return renamed
 
-    return legacy_names
+def axis_legacy_names(entries: dict[str, Array]) -> dict[str, Array]:
+    """``build_transform``'s ``legacy_names`` for a state whose blocks' entries had per-axis names
+    (:data:`_OLD_ENTRY`, and the failure counter ``sketch_failures``): the same arrays under
+    ``sketches/{n}/{j}/{field}`` (j = 0 for an axis in one block). A state without
+    ``sketch_failures``, or already current, is the very dict."""
+    if "sketch_failures" not in entries or "sketches/0/0/basis" in entries:
+        return entries
+    renamed = {}
+    for key, value in entries.items():
+        old = _OLD_ENTRY.fullmatch(key)
+        renamed[f"sketches/{old[1]}/{old[2] or 0}/{old[3]}" if old else key] = value
+    return renamed
 
 
 def unblocked_hint(field: str, found: dict, layout: dict) -> str:
@@ -528,13 +523,11 @@ def axes_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
     (:func:`_chunks`) whose outputs are the directions; a Kronecker rule's directions
     (:func:`_preconditioned`); the updates ``rule.finish`` (:func:`_finished`), or the direction
     itself without a learning rate."""
-    axis_names = axis_legacy_names("sketches", rule.Block._fields, "sketch_failures")
-
     def init_group(leaves, paths, xp):
         (w,) = leaves
         dtype, device = compute_dtype(xp, w.dtype), array_device(w)
-        empty = functools.partial(rule.empty, xp, dtype=dtype, device=device)
-        sketches = empty_blocks(rule.plan(c, tuple(w.shape)), lambda *run: rule.Block(**empty(*run[:2], batch=run[2])))
+        sketches = empty_blocks(rule.plan(c, tuple(w.shape)), lambda length, rank, batch: rule.Block(
+            **rule.empty(xp, length, rank, dtype=dtype, device=device, batch=batch)))
         zeros = functools.partial(xp.zeros, tuple(w.shape), dtype=dtype, device=device)
         return to_entries(rule.State(sketches, xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
                                      zeros() if rule.graft is not None else None, zeros() if c.has_momentum else None))
@@ -560,7 +553,7 @@ def axes_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
     hint = None if c.block_size is None or rule.precondition is None else functools.partial(unblocked_hint, "basis")
     return build_transform(name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
                            needs_params=c.has_weight_decay, intervals=c.dues, layout_hint=hint,
-                           legacy_names=lambda entries: renamed_failures(axis_names(entries)))
+                           legacy_names=lambda entries: renamed_failures(axis_legacy_names(entries)))
 
 
 def _preconditioned(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, leaves: list, blocks: list, grafts: list) -> list:
