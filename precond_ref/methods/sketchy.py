@@ -486,7 +486,15 @@ def sketchy(
     Optimization". ICML 2018.
     """
     check_learning_rate("learning_rate", learning_rate)
-    return _sketchy_transform(name="sketchy", **locals())  # locals(): this function's arguments, by name
+    return _sketchy_transform(
+        name="sketchy", learning_rate=learning_rate, rank=rank, b2=b2, eps=eps,
+        relative_eps=relative_eps, precondition_every=precondition_every, spread_refresh=spread_refresh,
+        start_preconditioning_step=start_preconditioning_step, graft=graft, graft_b2=graft_b2,
+        graft_eps=graft_eps, momentum=momentum, nesterov=nesterov, momentum_ema=momentum_ema,
+        weight_decay=weight_decay, merge_dims=merge_dims, max_precondition_dim=max_precondition_dim,
+        precondition_1d=precondition_1d, block_size=block_size, decomposition=decomposition,
+        tail_decay=tail_decay, mode=mode, on_nonfinite=on_nonfinite,
+    )
 
 
 def scale_by_sketchy(
