@@ -468,12 +468,12 @@ def _warm_start(p: _Parts, state: PrecondState, grads_batches: Iterable[Any]) ->
     name = f"{p.rule.name}.warm_start"
     if not isinstance(state, PrecondState):
         raise TypeError(f"{name}: state must be the PrecondState returned by init, got {type(state)}")
-    running, layouts, n_batches = {}, {}, 0
+    running, n_batches = {}, 0
     for grads in grads_batches:
         _, treedef, _, leaves = out_first(grads)
         xp = array_namespace(*leaves)
         finite = functools.reduce(xp.logical_and, [xp.all(xp.isfinite(leaf)) for leaf in leaves])
-        for key, kind, members in _fitting(p, name, state.groups, treedef.paths, leaves, xp, layouts):
+        for key, kind, members in _fitting(p, name, state.groups, treedef.paths, leaves, xp):
             if kind == DIAGONAL:
                 continue
             c, block = _ops(p, xp, members[0].dtype), to_block(xp, members)
@@ -481,7 +481,7 @@ def _warm_start(p: _Parts, state: PrecondState, grads_batches: Iterable[Any]) ->
             for (suffix, *_), g_part in zip(cut, split_rows(xp, block, cut)):
                 stat = p.rule.statistic(xp, c, kind, g_part)
                 mean, j = running.get((key, suffix)) or (xp.zeros_like(stat), xp.zeros((), dtype=xp.int32, device=placement(xp, stat)))
-                j = j + xp.astype(finite, j.dtype)  # the finite trees so far; a tree that is not is left out below
+                j = j + xp.astype(finite, j.dtype)  # the finite trees so far (a tree that is not: its mean discarded below)
                 new = p.rule.warm_start(xp, c, mean, stat, xp.astype(xp.maximum(j, xp.ones_like(j)), stat.dtype))
                 running[key, suffix] = (xp.where(finite, new, mean), j)
         n_batches += 1
@@ -493,12 +493,12 @@ def _warm_start(p: _Parts, state: PrecondState, grads_batches: Iterable[Any]) ->
     return PrecondState(state.count, state.nonfinite_count, groups)
 
 
-def _fitting(p: _Parts, name: str, groups: dict, paths: Sequence[Path], leaves: list, xp: Any, layouts: dict) -> list:
+def _fitting(p: _Parts, name: str, groups: dict, paths: Sequence[Path], leaves: list, xp: Any) -> list:
     """The groups of an out-first gradient tree that have state, as ``(key, kind, leaves in the
     state's dtype)``; a group that does not fit its state (:func:`~precond_ref.engine.checks.check_fits`:
     a transposed weight, a weight without its bias) or that the state does not have is refused, the
     state's groups checked first: they name the culprit (a transposed weight unpairs its bias,
-    whose group is then the one missing). ``layouts`` keeps the layouts made, by group and shapes."""
+    whose group is then the one missing)."""
     fitting = []
     for group in sorted(_groups(paths, leaves), key=lambda group: group.key not in groups):
         if group.key not in groups:
@@ -509,10 +509,7 @@ def _fitting(p: _Parts, name: str, groups: dict, paths: Sequence[Path], leaves: 
             continue
         dtype = next(v.dtype for k, v in entries.items() if k != "failures")
         members = tuple(xp.astype(leaves[i], dtype) for i in group.indices)
-        key = (group.key, tuple(tuple(g.shape) for g in members), dtype)
-        if key not in layouts:
-            layouts[key] = layout_of(_init_group(p, members, group.paths, xp))
-        check_fits(name, group, members, entries, layouts[key])
+        check_fits(name, group, members, entries, layout_of(_init_group(p, members, group.paths, xp)))
         fitting.append((group.key, block_kind(members, p.max_block_dim), members))
     return fitting
 

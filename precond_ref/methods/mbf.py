@@ -245,10 +245,9 @@ def _inverse_due(c: MBFConfig, p: int, i: Any) -> Any:
 
 
 _RULE = PartsRule(
-    name="mbf", init_part=_init_part, momentum=_heavy_ball, statistic=_block_statistic, ema=_ema_statistic,
-    inverse=_inverse, direction=_precondition, quadratic=_quadratic,
-    step_size=_step_size, step=_step, decay=_decay, decayed=_decayed, diagonal=_diagonal_rule,
-    correction=_diagonal_correction, warm_start=_warm_start_mean, schedule=_schedule, State=DiagonalState,
+    name="mbf", init_part=_init_part, momentum=_heavy_ball, statistic=_block_statistic, ema=_ema_statistic, inverse=_inverse,
+    direction=_precondition, quadratic=_quadratic, step_size=_step_size, step=_step, decay=_decay, decayed=_decayed,
+    diagonal=_diagonal_rule, correction=_diagonal_correction, warm_start=_warm_start_mean, schedule=_schedule, State=DiagonalState,
 )
 
 
