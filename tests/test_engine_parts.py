@@ -26,11 +26,10 @@ def test_refresh_parts_equals_one_group_at_a_time():
         a = rng.standard_normal(shape + (shape[-1],))
         return a @ a.mT
 
-    def invert(f, before):
+    def invert(kind, f, before):
+        if kind == P.ELEMENTWISE:
+            return np.where(np.isfinite(f), 1.0 / (f + 0.1), before), np.logical_not(np.isfinite(f))
         return damped_inverse_stable(f, 0.1, before)
-
-    def invert_elementwise(v, before):
-        return np.where(np.isfinite(v), 1.0 / (v + 0.1), before), np.logical_not(np.isfinite(v))
 
     kinds = [P.FC, P.CONV, P.ELEMENTWISE, P.FC, P.CONV]
     stats = [psd(4), psd(3, 2, 4), np.abs(rng.standard_normal((4, 3))), psd(4), psd(2, 2, 4)]
@@ -38,9 +37,9 @@ def test_refresh_parts_equals_one_group_at_a_time():
     stats[4][1, 0, 2, 3] = np.inf  # one of the four blocks of the second conv group
     stats[2][0, 1] = stats[2][2, 2] = np.nan  # two entries of the element-wise group
     previous = [np.full(s.shape, 2.0) for s in stats]
-    inverses, counts = P.refresh_parts(np, kinds, stats, previous, invert, invert_elementwise)
+    inverses, counts = P.refresh_parts(np, kinds, stats, previous, invert)
     for i in range(len(kinds)):
-        alone, count = P.refresh_parts(np, kinds[i : i + 1], stats[i : i + 1], previous[i : i + 1], invert, invert_elementwise)
+        alone, count = P.refresh_parts(np, kinds[i : i + 1], stats[i : i + 1], previous[i : i + 1], invert)
         np.testing.assert_array_equal(inverses[i], alone[0])
         assert inverses[i].shape == stats[i].shape
         assert int(counts[i]) == int(count[0]) == {2: 2, 3: 1, 4: 1}.get(i, 0)

@@ -32,6 +32,7 @@ from ..blocking import chunk_sizes, on_stacks
 from ..linalg import all_finite
 from ..transform import PrecondState
 from ..tree import Path, path_str, tree_flatten, tree_unflatten
+from .checks import check_fits, layout_of
 from .context import StepContext
 from .elementwise import operands
 from .joined import leafwise
@@ -57,37 +58,32 @@ TAIL = "_tail"  # state-key suffix of the shorter last block of a blocked FC out
 # Out-first canonical form of a tree (Flax's out-last ``kernel``).
 
 
-def _out_first_perm(ndim: int) -> tuple[int, ...]:
-    """Out-last (s..., I, O) -> out-first (O, I, s...); (I, O) -> (O, I)."""
-    return (ndim - 1, ndim - 2) + tuple(range(ndim - 2))
+def _permuted(leaves: list, flags: list[bool], axes: Callable[[int], tuple[int, ...]]) -> list:
+    """``leaves`` with each flagged one's axes permuted to ``axes(ndim)``."""
+    xp = array_namespace(*leaves)
+    return [xp.permute_dims(a, axes(a.ndim)) if flag else a for a, flag in zip(leaves, flags)]
 
 
 def out_first(tree: Any) -> tuple[Any, Any, list[bool], list[Any]]:
-    """``tree`` with every out-last ``kernel`` permuted to out-first (``tree`` itself when it has
-    none); its treedef; which were; the canonical tree's leaves."""
+    """``tree`` with every out-last ``kernel`` permuted to out-first, (s..., I, O) -> (O, I, s...)
+    (``tree`` itself when it has none); its treedef; which were; the canonical tree's leaves."""
     leaves, treedef = tree_flatten(tree)
     flags = [bool(path) and path[-1] == "kernel" and len(leaf.shape) >= 2 for path, leaf in zip(treedef.paths, leaves)]
     if not any(flags):
         return tree, treedef, flags, leaves
-    xp = array_namespace(*leaves)
-    leaves = [xp.permute_dims(a, _out_first_perm(a.ndim)) if flag else a for a, flag in zip(leaves, flags)]
+    leaves = _permuted(leaves, flags, lambda n: (n - 1, n - 2) + tuple(range(n - 2)))
     return tree_unflatten(treedef, leaves), treedef, flags, leaves
 
 
 def restore(tree: Any, treedef: Any, flags: list[bool]) -> Any:
-    """Inverse of :func:`out_first` on a tree of the same structure."""
+    """Inverse of :func:`out_first` on a tree of the same structure: (O, I, s...) -> (s..., I, O)."""
     if not any(flags):
         return tree
-    leaves, _ = tree_flatten(tree)
-    xp = array_namespace(*leaves)
-    back = [xp.permute_dims(a, tuple(_out_first_perm(a.ndim).index(k) for k in range(a.ndim))) if flag else a
-            for a, flag in zip(leaves, flags)]  # fmt: skip
-    return tree_unflatten(treedef, back)
+    return tree_unflatten(treedef, _permuted(tree_flatten(tree)[0], flags, lambda n: tuple(range(2, n)) + (1, 0)))
 
 
-def _groups(paths: Sequence[Path], leaves: Sequence[Array]) -> list:
-    """The groups of an out-first tree (:func:`out_first`): a ``kernel`` pairs by its first axis."""
-    return weight_bias_groups(paths, leaves, kernel_out_last=False)
+#: The groups of an out-first tree (:func:`out_first`): a ``kernel`` pairs by its first axis.
+_groups = functools.partial(weight_bias_groups, kernel_out_last=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,12 +176,11 @@ def _count(xp: Any, flags: Array, dtype: Any) -> Array:
 
 
 def refresh_parts(xp: Any, kinds: Sequence[str], statistics: Sequence[Array], previous: Sequence[Array],
-                  block_inverse: Callable, elementwise_inverse: Callable, run: tuple[int, int] = (0, 1),
-                  phases: int = 1) -> tuple[list[Array], list[Array]]:
-    r"""``block_inverse(F, previous)`` (``elementwise_inverse`` for block size 1) of every statistic
-    part's blocks in the shares ``run`` = ``(first, stop)`` of ``phases``, the previous inverse for
-    the others; and per part how many refreshed blocks failed and kept their previous inverse (0-D
-    int32).
+                  inverse: Callable, run: tuple[int, int] = (0, 1), phases: int = 1) -> tuple[list[Array], list[Array]]:
+    r"""``inverse(kind, F, previous)`` of every statistic part's blocks in the shares ``run`` =
+    ``(first, stop)`` of ``phases`` (a stack of square blocks of any kind as ``FC``), the previous
+    inverse for the others; and per part how many refreshed blocks failed and kept their previous
+    inverse (0-D int32).
 
     The equal-size blocks of all parts (FC blocks of one size, convs with one kernel size) form one
     stack (:func:`precond_ref.blocking.on_stacks`), of which the run refreshes its contiguous share
@@ -199,25 +194,25 @@ def refresh_parts(xp: Any, kinds: Sequence[str], statistics: Sequence[Array], pr
         n = stack.shape[0]
         start, stop = phase_share(n, *run, phases)
         if stop - start == n:
-            return block_inverse(stack, before)
+            return inverse(FC, stack, before)
         flagged = xp.zeros(stack.shape[:1], dtype=xp.bool, device=placement(xp, stack))
         if start == stop:
             return before, flagged
-        inverse, flagged_share = block_inverse(stack[start:stop, ...], before[start:stop, ...])
-        inverse = xp.concat([before[:start, ...], inverse, before[stop:, ...]], axis=0)
-        return inverse, xp.concat([flagged[:start], xp.astype(flagged_share, xp.bool), flagged[stop:]], axis=0)
+        share, flagged_share = inverse(FC, stack[start:stop, ...], before[start:stop, ...])
+        share = xp.concat([before[:start, ...], share, before[stop:, ...]], axis=0)
+        return share, xp.concat([flagged[:start], xp.astype(flagged_share, xp.bool), flagged[stop:]], axis=0)
 
     inverted = iter(on_stacks(xp, invert, [(square(s), square(p)) for k, s, p in zip(kinds, statistics, previous) if k != ELEMENTWISE]))
     inverses, failures = [], []
     for kind, statistic, before in zip(kinds, statistics, previous):
         if kind != ELEMENTWISE:
-            inverse, failed = next(inverted)
-            inverse = as_matrix(xp, inverse, tuple(statistic.shape))
+            new, failed = next(inverted)
+            new = as_matrix(xp, new, tuple(statistic.shape))
         elif run[0] == 0:
-            inverse, failed = elementwise_inverse(statistic, before)
+            new, failed = inverse(ELEMENTWISE, statistic, before)
         else:
-            inverse, failed = before, xp.zeros((), dtype=xp.bool, device=placement(xp, before))
-        inverses.append(inverse)
+            new, failed = before, xp.zeros((), dtype=xp.bool, device=placement(xp, before))
+        inverses.append(new)
         failures.append(_count(xp, failed, xp.int32))
     return inverses, failures
 
@@ -233,8 +228,8 @@ class PartsRule(NamedTuple):
     ``init_part(xp, c, kind, shape, dtype, device)``: a part's ``(statistic, inverse)``;
     ``momentum(xp, c, m, g)``: the heavy ball; ``statistic(xp, c, kind, g)``: the statistic of a
     gradient part; ``ema(xp, c, kind, F, g)``: the statistic after a statistics step;
-    ``inverse(xp, c, F, previous)``: a stack of matrices' inverses and which failed (kept ``previous``);
-    ``elementwise_inverse(xp, c, v, previous)``: the same for block size 1;
+    ``inverse(xp, c, kind, F, previous)``: a stack's inverses and which failed (kept ``previous``), of
+    matrices (kind ``FC`` for square blocks of any kind) or, ``ELEMENTWISE``, of entries;
     ``direction(xp, c, kind, inverse, m)``: the preconditioned direction :math:`D`;
     ``quadratic(xp, c, D, m)``: a layer's :math:`\langle D, m\rangle`; ``step_size(xp, c, q, lr,
     minus_lr)``: the factor of each layer's direction in its step from its quadratic (a stack, one
@@ -252,7 +247,6 @@ class PartsRule(NamedTuple):
     statistic: Callable
     ema: Callable
     inverse: Callable
-    elementwise_inverse: Callable
     direction: Callable
     quadratic: Callable
     step_size: Callable
@@ -361,8 +355,7 @@ def _inverses(p: _Parts, xp: Any, ctx: StepContext, kinds: tuple, owners: tuple,
     def branches(run: _Run) -> tuple[Callable, Callable]:
         def refresh(f: list, inv: list, n: list) -> tuple[list, list]:
             new, failed = refresh_parts(
-                xp, kinds, f, inv, lambda s, q: p.rule.inverse(xp, _step_ops(p, ctx, s.dtype, array_device(s)), s, q),
-                lambda v, q: p.rule.elementwise_inverse(xp, _step_ops(p, ctx, v.dtype, array_device(v)), v, q),
+                xp, kinds, f, inv, lambda kind, s, q: p.rule.inverse(xp, _step_ops(p, ctx, s.dtype, array_device(s)), kind, s, q),
                 run.shares, len(p.inverse_dues),
             )  # fmt: skip
             counts = list(n)
@@ -470,68 +463,55 @@ def _update_groups(p: _Parts, grads_list: list, states: list, params_list: list,
 def _warm_start(p: _Parts, state: PrecondState, grads_batches: Iterable[Any]) -> PrecondState:
     """``state`` with every part's statistic the mean of its statistics over the finite gradient
     trees of ``grads_batches`` (:attr:`PartsRule.warm_start`; a tree with a non-finite entry is
-    left out of every part's mean)."""
+    left out of every part's mean). A tree whose groups do not fit the state is refused, naming
+    the leaf (:func:`_fitting`)."""
+    name = f"{p.rule.name}.warm_start"
     if not isinstance(state, PrecondState):
-        raise TypeError(f"{p.rule.name}.warm_start: state must be the PrecondState returned by init, got {type(state)}")
-    groups, running, n_batches = dict(state.groups), {}, 0
+        raise TypeError(f"{name}: state must be the PrecondState returned by init, got {type(state)}")
+    running, n_batches = {}, 0
     for grads in grads_batches:
         _, treedef, _, leaves = out_first(grads)
         xp = array_namespace(*leaves)
         finite = functools.reduce(xp.logical_and, [xp.all(xp.isfinite(leaf)) for leaf in leaves])
-        batch_groups = _groups(treedef.paths, leaves)
-        _check_batch(p, groups, batch_groups, leaves)
-        for group in batch_groups:
-            members = tuple(leaves[i] for i in group.indices)
-            kind = block_kind(members, p.max_block_dim)
-            if kind == DIAGONAL or not groups[group.key]:
+        for key, kind, members in _fitting(p, name, state.groups, treedef.paths, leaves, xp):
+            if kind == DIAGONAL:
                 continue
-            dtype = groups[group.key]["statistic"].dtype
-            c, block = _ops(p, xp, dtype), to_block(xp, tuple(xp.astype(g, dtype) for g in members))
+            c, block = _ops(p, xp, members[0].dtype), to_block(xp, members)
             cut = parts(kind, tuple(block.shape), p.block_size)
             for (suffix, *_), g_part in zip(cut, split_rows(xp, block, cut)):
                 stat = p.rule.statistic(xp, c, kind, g_part)
-                key = (group.key, suffix)
-                mean, j = running.get(key) or (xp.zeros_like(stat), xp.zeros((), dtype=xp.int32, device=placement(xp, stat)))
-                j = j + xp.astype(finite, j.dtype)  # the finite trees so far
-                stat = xp.where(finite, stat, xp.zeros_like(stat))
-                new = p.rule.warm_start(xp, c, mean, stat, xp.astype(xp.maximum(j, xp.ones_like(j)), dtype))
-                running[key] = (xp.where(finite, new, mean), j)
+                mean, j = running.get((key, suffix)) or (xp.zeros_like(stat), xp.zeros((), dtype=xp.int32, device=placement(xp, stat)))
+                j = j + xp.astype(finite, j.dtype)  # the finite trees so far (a tree that is not: its mean discarded below)
+                new = p.rule.warm_start(xp, c, mean, stat, xp.astype(xp.maximum(j, xp.ones_like(j)), stat.dtype))
+                running[key, suffix] = (xp.where(finite, new, mean), j)
         n_batches += 1
     if n_batches == 0:
-        raise ValueError(f"{p.rule.name}.warm_start: grads_batches is empty")
+        raise ValueError(f"{name}: grads_batches is empty")
+    groups = dict(state.groups)
     for (key, suffix), (mean, j) in running.items():
         groups[key] = {**groups[key], "statistic" + suffix: xp.where(j > 0, mean, groups[key]["statistic" + suffix])}
     return PrecondState(state.count, state.nonfinite_count, groups)
 
 
-def _check_batch(p: _Parts, groups: dict, batch_groups: list, leaves: list) -> None:
-    """Refuse, naming the leaves and shapes, a warm-start batch whose blocks are not the state's: a
-    block whose gradient has another shape (a transposed weight, a weight without its bias) or that
-    the state does not have (checked first on the blocks the state has, which name the culprit: a
-    transposed weight unpairs its bias, whose block is then the missing one)."""
-
-    def described(group) -> str:
-        return ", ".join(f"{path_str(path)!r} {tuple(leaves[i].shape)}" for path, i in zip(group.paths, group.indices))
-
-    for group in batch_groups:
-        entries, members = groups.get(group.key), tuple(leaves[i] for i in group.indices)
-        if not entries:  # not in the state (refused below), or a zero-size block without state
+def _fitting(p: _Parts, name: str, groups: dict, paths: Sequence[Path], leaves: list, xp: Any) -> list:
+    """The groups of an out-first gradient tree that have state, as ``(key, kind, leaves in the
+    state's dtype)``; a group that does not fit its state (:func:`~precond_ref.engine.checks.check_fits`:
+    a transposed weight, a weight without its bias) or that the state does not have is refused, the
+    state's groups checked first: they name the culprit (a transposed weight unpairs its bias,
+    whose group is then the one missing)."""
+    fitting = []
+    for group in sorted(_groups(paths, leaves), key=lambda group: group.key not in groups):
+        if group.key not in groups:
+            given = ", ".join(f"{path_str(path)!r} {tuple(leaves[i].shape)}" for path, i in zip(group.paths, group.indices))
+            raise ValueError(f"{name}: the gradient of {given} is not a block of the optimizer state (its blocks: {sorted(groups)})")
+        entries = groups[group.key]
+        if not entries:  # a zero-size group: no state
             continue
-        diagonal = block_kind(members, p.max_block_dim) == DIAGONAL
-        entry, shape = (p.rule.State._fields[0], tuple(members[0].shape)) if diagonal else ("momentum", block_shape(members))
-        have = {k: tuple(v.shape) for k, v in entries.items()}
-        if have.get(entry) != shape:
-            raise ValueError(
-                f"{p.rule.name}.warm_start: the gradient of {described(group)} does not fit the optimizer state "
-                f"of its block (state has {have}, the gradient needs {entry!r} {shape}); a transposed gradient, "
-                "or a weight without its bias?"
-            )
-    missing = [group for group in batch_groups if group.key not in groups]
-    if missing:
-        raise ValueError(
-            f"{p.rule.name}.warm_start: the gradient of {described(missing[0])} is not a block of the optimizer "
-            f"state (its blocks: {sorted(groups)})"
-        )
+        dtype = next(v.dtype for k, v in entries.items() if k != "failures")
+        members = tuple(xp.astype(leaves[i], dtype) for i in group.indices)
+        check_fits(name, group, members, entries, layout_of(_init_group(p, members, group.paths, xp)))
+        fitting.append((group.key, block_kind(members, p.max_block_dim), members))
+    return fitting
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,21 +57,20 @@ def tile_phase(t: int, interval: Any, stagger: bool) -> int:
 
 
 def phase_share(n: int, first: int, stop: int, phases: int) -> tuple[int, int]:
-    r"""MBF: the contiguous ``(start, end)`` of the blocks, out of a stack of ``n``, whose inverses
-    refresh in the phases ``first`` to ``stop - 1`` (of ``phases``): phase :math:`p` owns blocks
+    r"""The contiguous ``(start, end)`` of ``n`` blocks (a stack's, or a leaf's pieces) that belong
+    to the phases ``first`` to ``stop - 1`` of ``phases``: phase :math:`p` owns blocks
     :math:`\lfloor np/P \rfloor` to :math:`\lfloor n(p+1)/P \rfloor - 1`, ``n`` split as evenly as
     contiguous shares allow, so consecutive phases own consecutive blocks."""
     return n * first // phases, n * stop // phases
 
 
 def refresh_runs(xp: Any, decisions: Sequence[Any]) -> list[tuple[Any, int, int]]:
-    """The refreshes of one call as ``(predicate, first, stop)`` (:func:`refreshes` with ``merged``,
-    MBF's inverses): phases ``first`` to
-    ``stop - 1`` refresh together where ``predicate`` holds. ``decisions[p]`` says whether phase
-    :math:`p` is due (the rule's predicate, ``precond_ref.methods.mbf._inverse_due``). Decisions known on the host (Python bools, or arrays
-    that read for free, :func:`precond_ref._backend.host_bool`) merge into runs of consecutive due
-    phases, ``predicate`` True: in the warm-up, where every phase is due, each stack is inverted by
-    one batched call instead of one per share. A device decision keeps its own phase."""
+    """The refreshes of one call as ``(predicate, first, stop)`` (:func:`refreshes` with ``merged``):
+    phases ``first`` to ``stop - 1`` refresh together where ``predicate`` holds. ``decisions[p]``
+    says whether phase :math:`p` is due (the rule's schedule). Decisions known on the host (Python
+    bools, or arrays that read for free, :func:`precond_ref._backend.host_bool`) merge into runs of
+    consecutive due phases, ``predicate`` True: where every phase is due (a warm-up), each stack is
+    refreshed by one batched call instead of one per share. A device decision keeps its own phase."""
     runs: list[tuple[Any, int, int]] = []
     for phase, due in enumerate(decisions):
         known = due if isinstance(due, bool) else host_bool(xp, due)

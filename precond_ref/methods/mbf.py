@@ -7,7 +7,7 @@ The rule, one stack of mini-blocks at a time (a leading ``...`` axis); the engin
 
     m      <- mu m + g                                                   _heavy_ball
     F_b    <- rho F_b + (1 - rho) g_b g_b^T          if i % T1 == 0       _ema_statistic, _schedule
-    F_b^-1 <- (F_b + lam I)^-1                       if share p is due    _inverse (B2, B6), _elementwise_inverse (B4)
+    F_b^-1 <- (F_b + lam I)^-1                       if share p is due    _inverse (B2, B4, B6)
               share p due: (i <= T2 and i % T1 == 0) or i % T2 == (p T2) // P        _inverse_due
     D_b     = F_b^-1 m_b                                                 _precondition
     nu      = min(1, sqrt(kappa / (alpha_i^2 <D, m>)))   per layer       _quadratic, _step_size (B7)
@@ -128,10 +128,13 @@ def _ema_statistic(xp: Any, c: MBFConfig, kind: str, statistic: Array, g: Array)
     return c.b2 * statistic + (1.0 - c.b2) * _block_statistic(xp, c, kind, g)  # F <- rho F + (1-rho) stat(g)
 
 
-def _inverse(xp: Any, c: MBFConfig, statistic: Array, previous: Array) -> tuple[Array, Array]:
+def _inverse(xp: Any, c: MBFConfig, kind: str, statistic: Array, previous: Array) -> tuple[Array, Array]:
     r""":math:`(F_b + \lambda_b I)^{-1}` of a stack of blocks and which failed: symmetrised, the
     damping raised to the precision floor (B2, B6; :func:`precond_ref.linalg.damped_inverse_stable`),
-    or the authors' plain inverse (:func:`_faithful_inverse`)."""
+    or the authors' plain inverse (:func:`_faithful_inverse`); for block size 1 the reciprocal of
+    each entry (:func:`_elementwise_inverse`)."""
+    if kind == ELEMENTWISE:
+        return _elementwise_inverse(xp, c, statistic, previous)
     if c.mode == "faithful":
         return _faithful_inverse(statistic, c.damping, previous)
     return damped_inverse_stable(statistic, c.damping, previous)
@@ -242,10 +245,9 @@ def _inverse_due(c: MBFConfig, p: int, i: Any) -> Any:
 
 
 _RULE = PartsRule(
-    name="mbf", init_part=_init_part, momentum=_heavy_ball, statistic=_block_statistic, ema=_ema_statistic,
-    inverse=_inverse, elementwise_inverse=_elementwise_inverse, direction=_precondition, quadratic=_quadratic,
-    step_size=_step_size, step=_step, decay=_decay, decayed=_decayed, diagonal=_diagonal_rule,
-    correction=_diagonal_correction, warm_start=_warm_start_mean, schedule=_schedule, State=DiagonalState,
+    name="mbf", init_part=_init_part, momentum=_heavy_ball, statistic=_block_statistic, ema=_ema_statistic, inverse=_inverse,
+    direction=_precondition, quadratic=_quadratic, step_size=_step_size, step=_step, decay=_decay, decayed=_decayed,
+    diagonal=_diagonal_rule, correction=_diagonal_correction, warm_start=_warm_start_mean, schedule=_schedule, State=DiagonalState,
 )
 
 

@@ -124,17 +124,17 @@ def test_transposed_gradient_is_refused_by_leaf(name):
 @pytest.mark.parametrize(
     "grads, culprit",
     [
-        ({"l": {"weight": np.ones((4, 3)), "bias": np.ones(3)}, "v": np.ones(5)}, "'l/weight' (4, 3)"),
-        ({"l": {"weight": np.ones((3, 4))}, "v": np.ones(5)}, "'l/weight' (3, 4)"),
-        ({"l": {"weight": np.ones((3, 4)), "bias": np.ones(3)}, "v": np.ones(6)}, "'v' (6,)"),
+        ({"l": {"weight": np.ones((4, 3)), "bias": np.ones(3)}, "v": np.ones(5)}, "'l/weight' (4, 3)/float64"),
+        ({"l": {"weight": np.ones((3, 4))}, "v": np.ones(5)}, "'l/weight' (3, 4)/float64"),
+        ({"l": {"weight": np.ones((3, 4)), "bias": np.ones(3)}, "v": np.ones(6)}, "'v' (6,)/float64"),
     ],
     ids=["transposed", "bias-missing", "vector-length"],
 )
 def test_mbf_warm_start_names_the_leaf(grads, culprit):
-    """MBF's warm start refuses a batch whose blocks do not fit the state, naming the leaf and its
-    shape and the state's (it named the bias a transposed weight unpaired, and accepted a weight
-    without its bias or a vector of another length)."""
+    """MBF's warm start refuses a batch whose blocks do not fit the state, naming the leaf, its
+    shape and dtype and the state's (it named the bias a transposed weight unpaired, and accepted a
+    weight without its bias or a vector of another length)."""
     opt = METHODS["mbf"]()
     state = opt.init({**_layer(), "v": np.ones(5)})
-    with pytest.raises(ValueError, match=re.escape(f"the gradient of {culprit} does not fit the optimizer state")):
+    with pytest.raises(ValueError, match=re.escape(f"mbf.warm_start: the gradient of {culprit} does not fit the optimizer state")):
         opt.warm_start(state, [grads])
