@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from array_api_compat import array_namespace, is_jax_namespace
 
 from .._backend import (
-    array_device, compute_dtype, device_key, index_dtype, is_numpy_namespace, is_torch_namespace, leading_rows,
+    array_device, cast, compute_dtype, device_key, index_dtype, is_numpy_namespace, is_torch_namespace, leading_rows,
     pieces, placement, plain, scalar_zero, stacked, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, unstack as unstack_alike
@@ -338,10 +338,10 @@ class TiledRule(NamedTuple):
     * ``refresh(xp, c, h, scale, G, stack) -> Stack``: the periodic factor step, ``scale`` each tile's
       group's multiplier of its step size, a (k,) vector or one 0-D value for all (``None`` without);
     * ``precondition(xp, c, G, factors) -> D``;
-    * ``inner(xp, D, G)`` (per tile, summed per group by the runner) and ``clip(xp, c, h, inner)``
+    * ``inner(xp, D, G)`` (per tile, ``G`` in ``D``'s dtype; summed per group by the runner) and ``clip(xp, c, h, inner)``
       (the per-group scales of ``D`` from the per-group sums; with ``c.use_kl_clip``);
     * ``descend(xp, c, operand, D, W, v, zero) -> (update, v)``: element-wise, of a leaf (or of
-      leaves joined end to end); ``W`` and ``v`` ``None`` where unused; ``operand(name, like)`` is
+      leaves joined end to end); ``W`` in ``D``'s dtype; ``W`` and ``v`` ``None`` where unused; ``operand(name, like)`` is
       the configuration's or the step's value ``name`` as a 0-D array of ``like``'s dtype;
     * ``diagonal(xp, K)``: the diagonal factors nearest to a stack of dense ones (a state saved with
       a vector's dense tiles, loaded where its factor is diagonal).
@@ -705,7 +705,7 @@ def _preconditioned(t: _Tiling, xp, h, groups, stack_states) -> list:
     D_batched = [rule.precondition(xp, c, batch.operands[0], _read_factors(t.layout, xp, batch.operands[1:], batch.operands[0]))
                  for batch in batched]
     if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
-        tile_inner = [rule.inner(xp, D, batch.operands[0]) for D, batch in zip(D_batched, batched)]
+        tile_inner = [rule.inner(xp, D, cast(xp, batch.operands[0], D.dtype)) for D, batch in zip(D_batched, batched)]
         members = [[chosen[m] for m in batch.indices] for batch in batched]
         sums = sums_in_tile_order(xp, tile_inner, members, [group.plan for group in groups])
         nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
@@ -727,7 +727,7 @@ def _finish(t: _Tiling, ctx, h, directions, groups, fields, params_list) -> tupl
 
     def descend(D, *rest):  # one leaf, or the leaves of one layout joined end to end (leafwise)
         v = rest[-2] if c.use_momentum else None
-        update, U = rule.descend(xp, c, operand, D, rest[0] if c.use_decay else None, v, rest[-1])
+        update, U = rule.descend(xp, c, operand, D, cast(xp, rest[0], D.dtype) if c.use_decay else None, v, rest[-1])
         return update, (ctx.unless_skipped(U, v) if c.use_momentum else U)
 
     operands = [directions] + ([[params_list[g][k] for g, k in members]] if c.use_decay else [])
