@@ -23,7 +23,7 @@ import math
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from array_api_compat import array_namespace, is_jax_namespace
+from array_api_compat import is_jax_namespace
 
 from .._backend import (
     array_device, cast, compute_dtype, device_key, index_dtype, is_numpy_namespace, is_torch_namespace, leading_rows,
