@@ -256,13 +256,15 @@ def test_each_block_is_one_reduction_in_torch():
 
 
 @pytest.mark.parametrize("library", ["numpy", "torch"])
-def test_leaves_of_batches_is_the_joins(library, rng):
+def test_leaves_of_batches_is_the_joins(library, rng, monkeypatch):
     """``leaves_of_batches`` (the batches' per-tile results joined, then one gather by an index
     made once per layout) hands every member exactly the part that joining its group's stacks
     back and cutting the group into its members gives (``_leaves_by_joins``, the plain formula):
     groups of equal, ragged and weight-and-bias tiles, batched across groups and phases as the
     runner batches them. Exact (no arithmetic); on torch the members lie end to end in one
-    allocation, in order (what lets the element-wise work after join them without a copy)."""
+    allocation, in order (what lets the element-wise work after join them without a copy).
+    NumPy takes the joins (``gathering``); its case runs the gather anyway, as an array-API
+    library that launches its operations (CuPy) does."""
     from precond_ref.blocking import stack
     from precond_ref.engine.layout import grouped_shape
 
@@ -284,6 +286,9 @@ def test_leaves_of_batches_is_the_joins(library, rng):
     batched = stack(xp, [(x,) for _, x in parts])
     assert len(batched) < len(parts)  # stacks of one tile shape batched across groups
     results = [b.operands[0] for b in batched]
+    if library == "numpy":
+        assert not tiling.gathering(xp, results)
+        monkeypatch.setattr(tiling, "gathering", lambda xp, arrays: True)
     got = tiling.leaves_of_batches(xp, results, chosen, batched, groups)
     want = tiling._leaves_by_joins(xp, results, chosen, batched, groups)
     assert [tuple(a.shape) for a in got] == [tuple(s) for shapes in members_of for s in shapes]
@@ -295,13 +300,14 @@ def test_leaves_of_batches_is_the_joins(library, rng):
 
 
 @pytest.mark.parametrize("library", ["numpy", "torch"])
-def test_tiles_of_groups_are_the_cuts(library, rng):
+def test_tiles_of_groups_are_the_cuts(library, rng, monkeypatch):
     """``tiles_of_groups`` (all gradients joined, then one gather by an index made once per layout)
     gives every group exactly the stacks that joining its members and cutting the tensor give
     (``_cut_each``, the plain formula: ``cut_stacks`` of ``group_tensor``): equal, ragged and
     weight-and-bias tiles, a squeezed (1, n) weight and its bias. Exact (no arithmetic); on
     torch the stacks of one key lie end to end by refresh phase, then group (a batch of them joins
-    as a view)."""
+    as a view). NumPy takes the cuts (``gathering``); its case runs the gather anyway, as an
+    array-API library that launches its operations (CuPy) does."""
     from array_api_compat import array_namespace
 
     from precond_ref.engine.layout import grouped_shape
@@ -318,6 +324,9 @@ def test_tiles_of_groups_are_the_cuts(library, rng):
         plan = tiling.stack_plan(tiling.tile_plan(dims, [False] * len(dims), 4, 2, True))
         groups.append(tiling._Group(grads[0][0].dtype, shapes, full, True, plan, None, len(groups)))
         keys.append([tiling.tile_shape(plan.tiles[st.tiles[0]]) for st in plan.stacks])
+    if library == "numpy":
+        assert not tiling.gathering(xp, [g for gs in grads for g in gs])
+        monkeypatch.setattr(tiling, "gathering", lambda xp, arrays: True)
     got = tiling.tiles_of_groups(xp, grads, groups, keys)
     want = tiling._cut_each(xp, grads, groups)
     assert [len(g) for g in got] == [len(g.plan.stacks) for g in groups]

@@ -1,11 +1,14 @@
 """The engine's checks of what it is given, each naming the offending leaf: trees of arrays of one
 library and real floating dtype, gradients that fit the state, updates and new state that keep
-the state's layout; and a state's failure counter under its older names (:func:`renamed_failures`)."""
+the state's layout; and a state saved under older names: its failure counter
+(:func:`renamed_failures`), a tiled state's factors saved per tile or with a vector's dense tiles
+(:func:`tiled_legacy_names`)."""
 
 from __future__ import annotations
 
 import functools
 import operator
+import re
 from typing import Any, Callable, Optional, Sequence
 
 from array_api_compat import array_namespace
@@ -13,10 +16,11 @@ from array_api_compat import array_namespace
 from .._backend import namespace_of, torch_compiling
 from ..transform import LeafGroup
 from ..tree import Path, path_str, tree_flatten
+from .phases import tile_phase
 
 __all__ = [
     "check_leaves", "check_params", "check_groups", "check_namespace", "check_state_namespace", "check_fits", "check_group", "layout_of", "unaliased",
-    "renamed_failures",
+    "renamed_failures", "tiled_legacy_names", "stacked_tiles", "diagonal_vector",
 ]
 
 Array = Any
@@ -100,6 +104,78 @@ def renamed_failures(entries: dict[str, Array]) -> dict[str, Array]:
     renamed = {k: v for k, v in entries.items() if k not in old}
     renamed["failures"] = functools.reduce(operator.add, [entries[k] for k in old])
     return renamed
+
+
+def tiled_legacy_names(entries: dict, interval: Any, stagger: bool, diagonal: Optional[Callable] = None) -> dict:
+    """``build_transform``'s ``legacy_names`` of a tiled transform
+    (:func:`~precond_ref.engine.tiles.tiled_transform`): a group's state saved per tile by an
+    earlier version as the current stacks (:func:`stacked_tiles`, the tiles' phases from the
+    layout's ``interval`` and ``stagger``), its failure counter's earlier names renamed; where
+    ``diagonal`` is given (a vector's factor diagonal), a vector's dense tiles as its diagonal
+    factor (:func:`diagonal_vector`). The very dict when it is current."""
+    entries = stacked_tiles(renamed_failures(entries), interval, stagger)
+    return entries if diagonal is None else diagonal_vector(entries, diagonal)
+
+
+#: The per-tile keys of earlier versions: ``tiles/t/X/n``, and before them ``tile_t/X_n`` (blocked)
+#: or ``X_n`` (unblocked, tile 0), ``X`` a factor or its momentum.
+_PER_TILE = (re.compile(r"tiles/(\d+)/(factor|factor_momentum)/(\d+)"),
+             re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum)_(\d+)"))
+
+
+def stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
+    """A group's state saved per tile by earlier versions (:data:`_PER_TILE`; their members'
+    momenta ``momentum_i``) as the stacks of :func:`~precond_ref.engine.tiles.stack_plan`:
+    ``stacks/s/X/n = stack(tile t's X_n for t in stack s)``, the tiles of one shape (their
+    factors' lengths) and refresh phase (:func:`~precond_ref.engine.phases.tile_phase` of the
+    factory's interval) in one stack, stacks in order of their first tile, ``momentum/i``; other
+    names pass through. The very dict when it has no per-tile key (none starts with ``tile`` or
+    ``factor``)."""
+    if not any(key.startswith(("tile", "factor")) for key in entries):
+        return entries
+    out, per_tile = {}, {}
+    for key, value in entries.items():
+        tile = _PER_TILE[0].fullmatch(key) or _PER_TILE[1].fullmatch(key)
+        if tile is not None:
+            per_tile[int(tile[1] or 0), tile[2], int(tile[3])] = value
+        else:
+            out[re.sub(r"^momentum_(\d+)$", r"momentum/\1", key)] = value
+    if not per_tile:
+        return entries
+    count = 1 + max(t for t, _, _ in per_tile)
+    rank = 1 + max(n for _, _, n in per_tile)
+    stacks: dict = {}  # (factor lengths, phase) -> its tiles, in order of first appearance
+    for t in range(count):
+        key = (tuple(per_tile[t, "factor", n].shape[0] for n in range(rank)), tile_phase(t, interval, stagger))
+        stacks.setdefault(key, []).append(t)
+    xp = array_namespace(*per_tile.values())
+    for s, members in enumerate(stacks.values()):
+        for name in ("factor", "factor_momentum"):
+            for n in range(rank):
+                if (members[0], name, n) in per_tile:
+                    out[f"stacks/{s}/{name}/{n}"] = xp.stack([per_tile[t, name, n] for t in members])
+    return out
+
+
+_TILE_FACTOR = re.compile(r"stacks/(\d+)/factor/(\d+)")
+
+
+def diagonal_vector(entries: dict, diagonal: Callable) -> dict:
+    """Where a vector's factor is diagonal (``structures=None``): a vector's state saved with
+    dense tiles (``stacks/s/factor/0`` of shape ``(k, b, b)``) as its diagonal factors, the same
+    tiles in the same stacks (``(k, b)``): ``diagonal(xp, K)`` of each stack (the rule's diagonal
+    factor nearest to a dense one); the tiles' factor momenta, if any, become zero momenta of the
+    diagonal factors. The very dict when it is not a vector's dense state."""
+    factors = {k: v for k, v in entries.items() if _TILE_FACTOR.fullmatch(k)}
+    if not factors or any(not k.endswith("/factor/0") or len(v.shape) != 3 for k, v in factors.items()):
+        return entries
+    xp = array_namespace(*factors.values())
+    out = {k: v for k, v in entries.items() if "/factor_momentum/" not in k}
+    for key, K in factors.items():
+        out[key] = diagonal(xp, K)
+        if key.replace("/factor/", "/factor_momentum/") in entries:
+            out[key.replace("/factor/", "/factor_momentum/")] = xp.zeros_like(out[key])
+    return out
 
 
 def unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> dict[str, Array]:

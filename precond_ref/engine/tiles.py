@@ -4,8 +4,8 @@ phase kept as one stack (a leading tile axis), so that a rule states its step fo
 
 :func:`tile_plan` cuts a tensor, :func:`stack_plan` groups its tiles into stacks and regions (boxes of
 equal tiles), :func:`cut_stacks` and :func:`join_stacks` take a tensor to its stacks and back by
-reshapes; :func:`stacked_tiles` and :func:`diagonal_vector` migrate a state saved per tile or
-with a vector's dense tiles to the stacks. :func:`tiled_transform` runs a rule stated for one
+reshapes (a state saved per tile or with a vector's dense tiles loads as the stacks:
+:func:`~precond_ref.engine.checks.tiled_legacy_names`). :func:`tiled_transform` runs a rule stated for one
 stack of tiles (:class:`TiledRule`, IF-Shampoo's) on every group of a tree: grouping, tiling,
 stacking across groups, the refresh phases (:func:`~precond_ref.engine.phases.refreshes`), the
 keeping of unusable refreshes (:func:`kept_where_usable`) and their counts, the per-group sums of
@@ -20,21 +20,20 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from array_api_compat import array_namespace, is_jax_namespace
+from array_api_compat import is_jax_namespace
 
 from .._backend import (
-    array_device, compute_dtype, device_key, index_dtype, is_torch_namespace, leading_rows,
+    array_device, cast, compute_dtype, device_key, index_dtype, is_numpy_namespace, is_torch_namespace, leading_rows,
     pieces, placement, plain, scalar_zero, stacked, torch_compiling,
 )
 from ..blocking import block_bounds, spread_schedule, unstack as unstack_alike
 from ..linalg import all_finite
 from ..transform import Transform, check_positive, singleton_groups
 from ..tree import filled, path_str, to_entries
-from .checks import renamed_failures
+from .checks import tiled_legacy_names
 from .factors import constant, per_block
 from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
@@ -113,7 +112,7 @@ class TilePlan(NamedTuple):
 
 def stack_plan(tiles: Sequence[Tile]) -> TilePlan:
     """The stacks of ``tiles`` (one per tile shape and refresh phase, in order of first appearance,
-    tiles ascending: what :func:`stacked_tiles` rebuilds from per-tile entries) and the regions
+    tiles ascending: what :func:`~precond_ref.engine.checks.stacked_tiles` rebuilds from per-tile entries) and the regions
     (one per tile shape) that cut them out of the tensor by reshapes."""
     shapes = [tile_shape(tile) for tile in tiles]
     by_shape = first_appearance(shapes)
@@ -128,62 +127,6 @@ def stack_plan(tiles: Sequence[Tile]) -> TilePlan:
                               shapes[members[0]], tuple(s for s, stack in enumerate(stacks) if place[stack.tiles[0]][0] == r)))
     grid = tuple(len({region.index[n] for region in regions}) for n in range(len(shapes[0])))
     return TilePlan(tuple(tiles), stacks, tuple(regions), grid)
-
-
-#: The per-tile keys of earlier versions: ``tiles/t/X/n``, and before them ``tile_t/X_n`` (blocked)
-#: or ``X_n`` (unblocked, tile 0), ``X`` a factor or its momentum.
-_PER_TILE = (re.compile(r"tiles/(\d+)/(factor|factor_momentum)/(\d+)"),
-             re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum)_(\d+)"))
-
-
-def stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
-    """A group's state saved per tile by earlier versions (:data:`_PER_TILE`; their members'
-    momenta ``momentum_i``) as the stacks of :func:`stack_plan`: ``stacks/s/X/n = stack(tile t's
-    X_n for t in stack s)``, the tiles of one shape (their factors' lengths) and refresh phase
-    (:func:`~precond_ref.engine.phases.tile_phase` of the factory's interval) in one stack,
-    stacks in order of their first tile, ``momentum/i``; other names pass through. The very dict
-    when it has no per-tile key."""
-    out, per_tile = {}, {}
-    for key, value in entries.items():
-        tile = _PER_TILE[0].fullmatch(key) or _PER_TILE[1].fullmatch(key)
-        if tile is not None:
-            per_tile[int(tile[1] or 0), tile[2], int(tile[3])] = value
-        else:
-            out[re.sub(r"^momentum_(\d+)$", r"momentum/\1", key)] = value
-    if not per_tile:
-        return entries
-    count = 1 + max(t for t, _, _ in per_tile)
-    rank = 1 + max(n for _, _, n in per_tile)
-    keys = [(tuple(per_tile[t, "factor", n].shape[0] for n in range(rank)), tile_phase(t, interval, stagger))
-            for t in range(count)]
-    xp = array_namespace(*per_tile.values())
-    for s, members in enumerate(first_appearance(keys)):
-        for name in ("factor", "factor_momentum"):
-            for n in range(rank):
-                if (members[0], name, n) in per_tile:
-                    out[f"stacks/{s}/{name}/{n}"] = xp.stack([per_tile[t, name, n] for t in members])
-    return out
-
-
-def diagonal_vector(entries: dict, diagonal: Callable) -> dict:
-    """Where a vector's factor is diagonal (``structures=None``): a vector's state saved with
-    dense tiles (``stacks/s/factor/0`` of shape ``(k, b, b)``) as its diagonal factors, the same
-    tiles in the same stacks (``(k, b)``): ``diagonal(xp, K)`` of each stack (the rule's diagonal
-    factor nearest to a dense one); the tiles' factor momenta, if any, become zero momenta of the
-    diagonal factors. The very dict when it is not a vector's dense state."""
-    factors = {k: v for k, v in entries.items() if _TILE_FACTOR.fullmatch(k)}
-    if not factors or any(not k.endswith("/factor/0") or len(v.shape) != 3 for k, v in factors.items()):
-        return entries
-    xp = array_namespace(*factors.values())
-    out = {k: v for k, v in entries.items() if "/factor_momentum/" not in k}
-    for key, K in factors.items():
-        out[key] = diagonal(xp, K)
-        if key.replace("/factor/", "/factor_momentum/") in entries:
-            out[key.replace("/factor/", "/factor_momentum/")] = xp.zeros_like(out[key])
-    return out
-
-
-_TILE_FACTOR = re.compile(r"stacks/(\d+)/factor/(\d+)")
 
 
 def cut(G, index: tuple):
@@ -395,10 +338,10 @@ class TiledRule(NamedTuple):
     * ``refresh(xp, c, h, scale, G, stack) -> Stack``: the periodic factor step, ``scale`` each tile's
       group's multiplier of its step size, a (k,) vector or one 0-D value for all (``None`` without);
     * ``precondition(xp, c, G, factors) -> D``;
-    * ``inner(xp, D, G)`` (per tile, summed per group by the runner) and ``clip(xp, c, h, inner)``
+    * ``inner(xp, D, G)`` (per tile, ``G`` in ``D``'s dtype; summed per group by the runner) and ``clip(xp, c, h, inner)``
       (the per-group scales of ``D`` from the per-group sums; with ``c.use_kl_clip``);
     * ``descend(xp, c, operand, D, W, v, zero) -> (update, v)``: element-wise, of a leaf (or of
-      leaves joined end to end); ``W`` and ``v`` ``None`` where unused; ``operand(name, like)`` is
+      leaves joined end to end); ``W`` in ``D``'s dtype; ``W`` and ``v`` ``None`` where unused; ``operand(name, like)`` is
       the configuration's or the step's value ``name`` as a 0-D array of ``like``'s dtype;
     * ``diagonal(xp, K)``: the diagonal factors nearest to a stack of dense ones (a state saved with
       a vector's dense tiles, loaded where its factor is diagonal).
@@ -428,7 +371,7 @@ class TileLayout(NamedTuple):
     factor; ``dtypes(xp, leaf, rank, where) -> list``: the factors' dtype per axis for parameters
     like ``leaf``; ``vectors_cut``: a vector's diagonal factor is cut into blocks as a dense axis
     is (its blocks stack with every other vector's, each clamped alone), and a state saved with a
-    vector's dense tiles loads as its diagonal factors (:func:`diagonal_vector`);
+    vector's dense tiles loads as its diagonal factors (:func:`~precond_ref.engine.checks.diagonal_vector`);
     ``parameter_dtype``: the grouped gradient and the momentum in the parameters' dtype, else in
     their compute dtype (:func:`work_dtype`); ``weight_bias``: a layer's weight and bias are one group
     (:func:`~precond_ref.engine.layout.weight_bias_groups`); ``group_scale``: ``path -> float``
@@ -510,7 +453,8 @@ def tiled_transform(
         needs_params=c.use_decay,
         intervals=t.intervals,
         layout_hint=layout.old_layout,
-        legacy_names=partial(_legacy_names, rule, layout),
+        legacy_names=partial(tiled_legacy_names, interval=layout.interval, stagger=layout.stagger,
+                             diagonal=rule.diagonal if layout.vectors_cut else None),
     )
 
 
@@ -761,7 +705,7 @@ def _preconditioned(t: _Tiling, xp, h, groups, stack_states) -> list:
     D_batched = [rule.precondition(xp, c, batch.operands[0], _read_factors(t.layout, xp, batch.operands[1:], batch.operands[0]))
                  for batch in batched]
     if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
-        tile_inner = [rule.inner(xp, D, batch.operands[0]) for D, batch in zip(D_batched, batched)]
+        tile_inner = [rule.inner(xp, D, cast(xp, batch.operands[0], D.dtype)) for D, batch in zip(D_batched, batched)]
         members = [[chosen[m] for m in batch.indices] for batch in batched]
         sums = sums_in_tile_order(xp, tile_inner, members, [group.plan for group in groups])
         nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
@@ -783,7 +727,7 @@ def _finish(t: _Tiling, ctx, h, directions, groups, fields, params_list) -> tupl
 
     def descend(D, *rest):  # one leaf, or the leaves of one layout joined end to end (leafwise)
         v = rest[-2] if c.use_momentum else None
-        update, U = rule.descend(xp, c, operand, D, rest[0] if c.use_decay else None, v, rest[-1])
+        update, U = rule.descend(xp, c, operand, D, cast(xp, rest[0], D.dtype) if c.use_decay else None, v, rest[-1])
         return update, (ctx.unless_skipped(U, v) if c.use_momentum else U)
 
     operands = [directions] + ([[params_list[g][k] for g, k in members]] if c.use_decay else [])
@@ -793,17 +737,6 @@ def _finish(t: _Tiling, ctx, h, directions, groups, fields, params_list) -> tupl
     steps = leafwise(xp, descend, *operands, zeros=work_zeros, ctx=ctx)
     runs = [[step for _, step in run] for _, run in itertools.groupby(zip(members, steps), key=lambda m: m[0][0])]
     return [[u for u, _ in run] for run in runs], [[v for _, v in run] if c.use_momentum else [] for run in runs]
-
-
-def _legacy_names(rule: TiledRule, layout: TileLayout, entries: dict) -> dict:
-    """``build_transform``'s ``legacy_names``: a group's state saved per tile by an earlier version
-    as the current stacks (:func:`stacked_tiles`, the tiles' phases from the layout's interval),
-    its failure counter's earlier names renamed; with ``structures=None`` a vector's dense tiles as
-    its diagonal factor (:func:`diagonal_vector`). The very dict when it is current."""
-    entries = stacked_tiles(renamed_failures(entries), layout.interval, layout.stagger)
-    if layout.vectors_cut:
-        entries = diagonal_vector(entries, rule.diagonal)
-    return entries
 
 
 def _stack_operands(state: NamedTuple, refreshing: bool) -> tuple:
@@ -865,11 +798,14 @@ GATHER_MAX_ELEMENTS = 2**22
 
 
 def gathering(xp, arrays: Sequence[Any]) -> bool:
-    """Whether :func:`rearranged` serves ``arrays``: eagerly (not JAX, not under ``torch.compile``,
-    which fuse the rearrangements anyway; not within :func:`~precond_ref._backend.plain_forms`), for at most :data:`GATHER_MAX_ELEMENTS` entries, whose
+    """Whether :func:`rearranged` serves ``arrays``: eagerly on an array library that launches its
+    operations (not NumPy, whose operations run on the host with no launch for a gather to save;
+    not JAX, not under ``torch.compile``, which fuse the rearrangements anyway; not within
+    :func:`~precond_ref._backend.plain_forms`), for at most :data:`GATHER_MAX_ELEMENTS` entries, whose
     index (int32, as large as the arrays' float32 entries) stays small. A larger model's
     rearrangements, a few operations per group, are few beside its arithmetic."""
-    return not (is_jax_namespace(xp) or torch_compiling() or plain()) and sum(math.prod(a.shape) for a in arrays) <= GATHER_MAX_ELEMENTS
+    return (not (is_numpy_namespace(xp) or is_jax_namespace(xp) or torch_compiling() or plain())
+            and sum(math.prod(a.shape) for a in arrays) <= GATHER_MAX_ELEMENTS)
 
 
 def rearranged(xp, key, arrays: Sequence[Any], rearrange: Callable, shapes: Sequence[tuple], dtype: Any = None) -> list:

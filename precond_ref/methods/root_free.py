@@ -379,11 +379,11 @@ def rf_adamw(
 
 
 # --------------------------------------------------------------------------------------------
-# IF-Shampoo's rule, written for one stack of tiles (a leading axis b): grouped tensors
-# (b, d_1, ..., d_N), dense factors (b, d, d), diagonal factors (b, d); the products for both factor
-# structures are precond_ref.linalg's. The engine (precond_ref.engine.tiles.tiled_transform)
-# groups, tiles and stacks the gradients, decides the refresh phases, keeps unusable refreshes (S2,
-# S3), batches and applies the skip rule.
+# IF-Shampoo's rule, written for b tiles of one shape at once (a leading tile axis b): grouped
+# tensors (b, d_1, ..., d_N), dense factors (b, d, d), diagonal factors (b, d); the products for
+# both factor structures are precond_ref.linalg's. The layout (precond_ref.engine.tiles.TileLayout)
+# says how a group is cut into tiles and when each tile refreshes (S9, S10); a refresh that is not
+# usable keeps the old factors (S2, S3).
 #
 # IF-Shampoo, Lin et al. (ICML 2024) Figure 3 / spec §2.3, for a group G with factors K_n, P_n = K_nK_nᵀ
 # (principled: for each tile of G, S9, with its own factors; tile t refreshes at its offset, S10):
@@ -531,8 +531,8 @@ def _precondition(xp, c: IFShampooConfig, grouped, factors):
 
 
 def _tile_inner(xp, D, G):
-    """``⟨D_b, G_b⟩`` for every block b of a stack (G taken in D's dtype)."""
-    return xp.sum(D * cast(xp, G, D.dtype), axis=tuple(range(1, len(D.shape))))
+    """``⟨D_b, G_b⟩`` for every tile b (G in D's dtype)."""
+    return xp.sum(D * G, axis=tuple(range(1, len(D.shape))))
 
 
 def _kl_clip(xp, c: IFShampooConfig, h: _IFShampooStep, inner):
@@ -542,10 +542,11 @@ def _kl_clip(xp, c: IFShampooConfig, h: _IFShampooStep, inner):
 
 
 def _descend(xp, c: IFShampooConfig, operand, D, W, v, zero) -> tuple:
-    """The last lines, element-wise; ``W`` is ``None`` without weight decay, ``v`` without momentum."""
+    """The last lines, element-wise; ``W`` (in D's dtype) is ``None`` without weight decay, ``v``
+    without momentum."""
     U = D
     if W is not None:
-        U = U + operand("weight_decay", U) * cast(xp, W, U.dtype)  # U = D + κW
+        U = U + operand("weight_decay", U) * W  # U = D + κW
     if v is not None:
         U = operand("momentum", v) * v + cast(xp, U, v.dtype)  # v ← α₁ v + U
     else:

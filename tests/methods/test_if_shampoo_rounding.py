@@ -151,3 +151,20 @@ def test_torch_checkpoint_with_float32_factors_loads_into_bf16_factors():
     step(new)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert new.state[model.weight]["stacks/0/factor/0"].dtype == torch.bfloat16
+
+
+def test_decay_reads_the_parameters_in_the_preconditioned_directions_dtype():
+    """``U = D + κW`` is computed in D's dtype (float32 factors, rounded to nearest, of float64
+    parameters): parameters that differ only below float32's resolution (a relative 2^-40 of values
+    that float32 holds exactly) give the same update, bit for bit; W read in float64 would not."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((6, 5)).astype(np.float32).astype(np.float64)
+    G = rng.standard_normal((6, 5))
+    updates = []
+    for params in (W, W * (1 + 2.0**-40)):
+        opt = pr.if_shampoo(batch_size=2, factor_dtype=np.float32, factor_rounding="nearest", weight_decay=0.1)
+        state = opt.init({"w": params})
+        update, _ = opt.update({"w": G}, state, {"w": params})
+        updates.append(np.asarray(update["w"]))
+    assert not np.array_equal(W, W * (1 + 2.0**-40))
+    np.testing.assert_array_equal(updates[0], updates[1])

@@ -16,7 +16,7 @@ import pytest
 
 import precond_ref as pr
 from precond_ref.methods import root_free
-from precond_ref.engine import tiles as tiling
+from precond_ref.engine import checks
 from precond_ref.transform import PrecondState
 from precond_ref.tree import from_entries, path_str, to_entries, tree_flatten, tree_unflatten
 from loading import load_file
@@ -92,7 +92,7 @@ def test_stacked_tiles_give_every_old_key_its_field_path():
     c, d, e = (object() for _ in range(3))
     old_unblocked = {"factor_0": A, "factor_momentum_0": B, "momentum_0": c, "factor_failures": d,
                      "preconditioner_lr_scale": e}
-    got = tiling.stacked_tiles(old_unblocked, 1, True)
+    got = checks.stacked_tiles(old_unblocked, 1, True)
     assert set(got) == {"stacks/0/factor/0", "stacks/0/factor_momentum/0", "momentum/0", "factor_failures",
                         "preconditioner_lr_scale"}
     np.testing.assert_array_equal(got["stacks/0/factor/0"], A[None])
@@ -100,12 +100,12 @@ def test_stacked_tiles_give_every_old_key_its_field_path():
     assert got["momentum/0"] is c and got["factor_failures"] is d and got["preconditioner_lr_scale"] is e
     tiles = [rng.normal(size=(2, 2)) for _ in range(4)]
     old_blocked = {f"tile_{t}/factor_0": K for t, K in enumerate(tiles)} | {"momentum_1": c}
-    got = tiling.stacked_tiles(old_blocked, 2, True)  # four equal tiles, phases 0, 1, 0, 1
+    got = checks.stacked_tiles(old_blocked, 2, True)  # four equal tiles, phases 0, 1, 0, 1
     assert set(got) == {"stacks/0/factor/0", "stacks/1/factor/0", "momentum/1"} and got["momentum/1"] is c
     np.testing.assert_array_equal(got["stacks/0/factor/0"], np.stack([tiles[0], tiles[2]]))
     np.testing.assert_array_equal(got["stacks/1/factor/0"], np.stack([tiles[1], tiles[3]]))
     current = {"stacks/0/factor/0": A[None], "momentum/0": c, "failures": d}
-    assert tiling.stacked_tiles(current, 1, True) is current
+    assert checks.stacked_tiles(current, 1, True) is current
 
 
 @pytest.mark.parametrize("mode", ["principled", "faithful"])
@@ -194,7 +194,7 @@ def test_stacked_tiles_stacks_each_tile_of_one_shape_and_phase():
                 for t, dims in enumerate(shapes) for name in ("factor", "factor_momentum") for n, d in enumerate(dims)}
     per_tile.update({"momentum/0": rng.normal(size=(10, 7)), "failures": np.zeros((), np.int32)})
     for every, stacks in ((3, [(0,), (1,), (2,), (3,), (4,), (5,)]), (1, [(0, 2), (1, 3), (4,), (5,)])):
-        got = tiling.stacked_tiles(per_tile, every, True)
+        got = checks.stacked_tiles(per_tile, every, True)
         assert got["momentum/0"] is per_tile["momentum/0"] and "failures" in got
         for s, tiles in enumerate(stacks):
             for name in ("factor", "factor_momentum"):
@@ -204,7 +204,7 @@ def test_stacked_tiles_stacks_each_tile_of_one_shape_and_phase():
         init = pr.if_shampoo(batch_size=2, block_size=4, precondition_every=every).init({"w": np.zeros((10, 7))})
         assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in init.groups["w"].items()}
     current = init.groups["w"]
-    assert tiling.stacked_tiles(current, 1, True) is current
+    assert checks.stacked_tiles(current, 1, True) is current
 
 
 @pytest.mark.parametrize("mode", ["principled", "faithful"])
@@ -269,7 +269,7 @@ def test_diagonal_vector_takes_each_dense_tile_to_the_root_of_its_diagonal():
     saved = {f"stacks/{s}/{name}/0": (K if name == "factor" else 0.1 * K)
              for s, K in enumerate(tiles) for name in ("factor", "factor_momentum")}
     saved.update({"momentum/0": rng.normal(size=10), "failures": np.zeros((), np.int32)})
-    got = tiling.diagonal_vector(saved, root_free._nearest_diagonal)
+    got = checks.diagonal_vector(saved, root_free._nearest_diagonal)
     for s, K in enumerate(tiles):
         want = np.sqrt(np.diag(K[0] @ K[0].T))[None]
         np.testing.assert_allclose(got[f"stacks/{s}/factor/0"], want, rtol=4 * np.finfo(np.float64).eps)
@@ -278,7 +278,7 @@ def test_diagonal_vector_takes_each_dense_tile_to_the_root_of_its_diagonal():
     init = pr.if_shampoo(batch_size=2, block_size=4, structures=None).init({"v": np.zeros(10)})
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in init.groups["v"].items()}
     current = init.groups["v"]
-    assert tiling.diagonal_vector(current, root_free._nearest_diagonal) is current
+    assert checks.diagonal_vector(current, root_free._nearest_diagonal) is current
 
 
 def test_state_saved_with_dense_vector_factors_steps_on_with_diagonal_ones():
