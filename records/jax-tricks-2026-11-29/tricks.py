@@ -3,6 +3,7 @@
 method[,method...] [PAIRS] [STEPS]`. TRICK: `sums` (engine.skip's stacked sums of small leaves),
 `slices` (_backend.remembered_slices: remembered slices and gathered rows), `bits` (_backend's
 16-bit joins as uint16 bits). "off" replaces the fast form by its plain form in this process.
+Runs at 7be8e1f: `sums` and `bits` were deleted after this run.
 
 Per method: PAIRS alternating compilations on/off of a fresh jax.jit (seconds of lower and of
 compile, wall and process CPU), the optimized HLO's fusions, then PAIRS alternating runs of
