@@ -687,7 +687,8 @@ def remembered_slices(xp: Any) -> Iterator[None]:
     handed back in slices is the stack again where the next operation joins the slices). XLA joins
     slices of one array only where nothing lies between them and their join, and a join of more
     than a few pieces stays unfused, each piece then written out by a kernel of its own. Elsewhere,
-    and within :func:`plain_forms`, nothing is remembered."""
+    and within :func:`plain_forms`, nothing is remembered. The compilation it saves (IF-Shampoo's; a
+    step is no faster on a CPU): ``records/jax-tricks-2026-11-29``."""
     if plain() or not _is_jax_numpy(xp) or _SLICES.get() is not None:
         yield
         return
@@ -824,7 +825,7 @@ def joined(xp: Any, arrays: Any) -> Array:
     concatenation. The view covers exactly the pieces' memory, so writing it writes only them.
     Within :func:`plain_forms`, the concatenation. On JAX, which has no views, within
     :func:`remembered_slices` each run of consecutive slices of one array is that array or its
-    one slice, and the rest are joined by :func:`_concatenated`.
+    one slice, joined with the rest.
     """
     arrays = list(arrays)
     if len(arrays) < 2 or torch_compiling() or plain():  # traced: no views, no slices remembered
@@ -833,7 +834,7 @@ def joined(xp: Any, arrays: Any) -> Array:
         view = consecutive_view(arrays, new_axis=False)
         return xp.concat(arrays, axis=0) if view is None else view
     runs = _slice_runs(arrays) or arrays
-    return runs[0] if len(runs) == 1 else _concatenated(xp, runs)
+    return runs[0] if len(runs) == 1 else xp.concat(runs, axis=0)
 
 
 def pieces(xp: Any, flat: Array, shapes: Any) -> list:
@@ -857,21 +858,8 @@ def stacked(xp: Any, arrays: Any) -> Array:
     if not _is_jax_numpy(xp):
         view = consecutive_view(arrays, new_axis=True)
         return xp.stack(arrays) if view is None else view
-    view = _gathered_rows(xp, arrays)  # on JAX a stack of bits reshaped is a kernel a piece: joined
-    return _concatenated(xp, [xp.reshape(a, (1, *a.shape)) for a in arrays]) if view is None else view
-
-
-def _concatenated(xp: Any, arrays: list) -> Array:
-    """``xp.concat(arrays, axis=0)`` of JAX arrays; for several arrays of a 16-bit float dtype, joined as
-    their bits (``uint16``) and read back: the same array, every piece's bits kept (a NaN's payload
-    too). XLA's CPU compiler leaves a join of more than a few pieces unfused and moves a widening
-    ``convert`` that follows it onto each piece, one fusion (a kernel) per piece; a join of the
-    bits is one copy, and the ``convert`` stays one."""
-    dtype = arrays[0].dtype
-    if dtype not in (xp.float16, xp.bfloat16) or any(a.dtype != dtype for a in arrays):
-        return xp.concat(arrays, axis=0)
-    bitcast = sys.modules["jax"].lax.bitcast_convert_type
-    return bitcast(xp.concat([bitcast(a, xp.uint16) for a in arrays], axis=0), dtype)
+    view = _gathered_rows(xp, arrays)
+    return xp.stack(arrays) if view is None else view
 
 
 def consecutive_runs(xp: Any, columns: Any) -> list:

@@ -49,20 +49,13 @@ def gradient_ok(xp: Any, leaves: Sequence[Array]) -> Array:
     sums: dict[Any, list[Array]] = {}
     for key, arrays in wides.items():
         together = sums_of_squares(xp, arrays)  # one operation for all, where the backend has one
-        if together is None and is_jax_namespace(xp):
-            together = _stacked_sums(xp, arrays)
         sums[key] = together if together is not None else [_sum_of_squares(xp, x) for x in arrays]
     # One comparison per dtype and device, not per leaf: the 0-D operations of a step are kernel
     # launches on a GPU, and a model has dozens of small leaves.
     ok = None
     for (dtype, _), values in sums.items():
         limit = xp.finfo(dtype).max * OVERFLOW_MARGIN
-        if len(values) == 1 and values[0].ndim == 0:
-            group_ok = values[0] < limit
-        elif all(v.ndim == 0 for v in values):
-            group_ok = xp.all(xp.stack(values) < limit)
-        else:  # some sums come as the rows of a stack (_stacked_sums)
-            group_ok = xp.all(xp.concat([xp.reshape(v, (-1,)) for v in values]) < limit)
+        group_ok = values[0] < limit if len(values) == 1 else xp.all(xp.stack(values) < limit)
         ok = group_ok if ok is None else xp.logical_and(ok, group_ok)
     return ok
 
@@ -183,31 +176,6 @@ def _sum_of_squares(xp: Any, x: Array) -> Array:
     if x.ndim < 2 or not torch_compiling():
         return xp.sum(square)
     return xp.sum(xp.sum(xp.reshape(square, (x.shape[0], math.prod(x.shape[1:]))), axis=-1))
-
-
-#: entries: the largest leaf :func:`_stacked_sums` stacks with others of its shape (a copy of it).
-STACKED_SUM_MAX_ELEMENTS = 2**16
-
-
-def _stacked_sums(xp: Any, arrays: Sequence[Array]) -> list:
-    """``Σ x²`` of each array, on JAX: the arrays of one shape of at most
-    :data:`STACKED_SUM_MAX_ELEMENTS` entries stacked, each stack's sums one row sum (a (k,) vector
-    of its arrays' sums), the others summed alone (0-D). XLA's CPU backend reduces a small array
-    alone in up to three kernels (its square, a windowed partial sum, the sum), and a model has
-    dozens of small leaves (biases, norms' scales); a stack of them is one copy and two kernels."""
-    by_shape: dict = {}
-    for x in arrays:
-        small = math.prod(x.shape) <= STACKED_SUM_MAX_ELEMENTS and x.ndim > 0
-        by_shape.setdefault(tuple(x.shape) if small else ("alone", len(by_shape)), []).append(x)
-    out = []
-    for same in by_shape.values():
-        if len(same) == 1:
-            out.append(_sum_of_squares(xp, same[0]))
-        else:
-            square = xp.stack(same)
-            square = square * square
-            out.append(xp.sum(xp.reshape(square, (len(same), math.prod(same[0].shape))), axis=1))
-    return out
 
 
 def _dtype_and_device(leaf: Array, dtype: Any) -> tuple:
