@@ -1,9 +1,8 @@
 """Backend and compiler shims: the few places where the core asks which array library or compiler runs it.
 
 The bottom layer of :mod:`precond_ref`: it imports only the standard library and ``array_api_compat``
-(never a framework: JAX and torch are reached through ``sys.modules`` once their arrays are here;
-:func:`cond` walks its branches' results with :mod:`precond_ref.tree`, imported when called), and
-every other module of the core may import it. Each helper states its plain meaning first; what
+(never a framework: JAX and torch are reached through ``sys.modules`` once their arrays are here),
+and every other module of the core may import it. Each helper states its plain meaning first; what
 the helper does beyond it (a form a compiler treats better, a branch without a host read) changes
 no number. Measurements behind these forms are in ``docs/backends.md`` ("Backend shims").
 
@@ -403,9 +402,19 @@ def iterate(xp: Any, count: int, body: Callable, carry: Any) -> Any:
 def _copies(xp: Any, tree: Any) -> Any:
     """``tree`` with every array copied, in the traversal of :func:`precond_ref.tree.tree_map` (dict
     keys sorted where they sort, so both branches of a ``torch.cond`` return one structure)."""
-    from .tree import tree_map  # the tree module builds on this one
-
-    return tree_map(lambda a: xp.asarray(a, copy=True), tree)
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        try:
+            keys = sorted(tree)
+        except TypeError:
+            keys = list(tree)
+        return {k: _copies(xp, tree[k]) for k in keys}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_copies(xp, v) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copies(xp, v) for v in tree)
+    return xp.asarray(tree, copy=True)
 
 
 def cond_under_cpu_jit(xp: Any, pred: Array, fast_fn: Callable, safe_fn: Callable, *operands: Any) -> Any:
