@@ -642,8 +642,8 @@ def _diagonal_axes(structures, max_dense_dim, dims: tuple, where: str) -> tuple:
 
 def _factor_dtypes(factor_dtype, faithful: bool, stochastic: bool, xp, leaf, rank: int, where: str) -> list:
     """The factors' dtype per axis (S1): ``factor_dtype``, else the parameters' (faithful), else for
-    parameters of at most 32 bits bf16 where the factors are kept by stochastic rounding and bf16
-    exists (torch, JAX), else :func:`precond_ref.linalg.half_precision_dtype`'s choice; else the
+    parameters of at most 32 bits bf16 where the factors are kept by stochastic rounding and the
+    array library has bf16, else :func:`precond_ref.linalg.half_precision_dtype`'s choice; else the
     parameters' compute dtype."""
     dtypes = []
     for dtype in _per_axis(factor_dtype, rank, "factor_dtype", where):
