@@ -33,6 +33,7 @@ from ..transform import Transform
 from ..tree import Path, path_str, tree_flatten
 from .checks import renamed_failures
 from .context import StepContext, settle_pieces
+from .elementwise import rule_step
 from .factors import constant, identity, per_block
 from .joined import leafwise
 from .matrices import MatrixJoin, MatrixStack, as_matrix, end_to_end, hand_back, joined_form, matrix_joins, stack_view, symmetrized_pieces
@@ -334,8 +335,8 @@ def fallback_step(rule: FallbackRule, c: Any, g: Array, state: dict, param: Any,
     g, w = cast(xp, g, dtype), None if param is None else cast(xp, param, dtype)
     h = ctx.once(("fallback", dtype, device),
                  lambda: rule.scalars(xp, c, ctx.count, ctx.negated("learning_rate", c.learning_rate, dtype, device)))
-    new = rule.State(*(ctx.unless_skipped(n, o) for n, o in zip(rule.state(xp, c, old, g, w, h), old)))
-    return (rule.update(xp, c, new, g, w, h),), new._asdict()
+    new, u = rule_step(xp, rule, c, old, g, w, h, ctx.unless_skipped)
+    return (u,), new._asdict()
 
 
 def fallback_leaves(xp: Any, grads: list, states: list, params: Any, ctx: StepContext, rule: FallbackRule, c: Any) -> tuple:

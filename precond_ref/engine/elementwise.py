@@ -50,7 +50,7 @@ from .run import build_transform
 
 __all__ = [
     "ElementwiseRule", "StepValues", "Writes", "EAGER_WRITES", "elementwise_transform", "in_place_step", "operands",
-    "step_scalars",
+    "step_scalars", "rule_step",
 ]
 
 Array = Any
@@ -133,7 +133,7 @@ def elementwise_transform(
         w = cast(xp, params[0], dtype) if reads_params else None
         values = StepValues(ctx.count, ctx.value, ctx.extra, dtype, device)
         h = ctx.once((rule.name, "scalars", dtype, device), lambda: step_scalars(xp, rule.scalars(xp, config, values), rule.computed))
-        new, u = _rule_step(xp, rule, c, old, g, w, h, ctx.unless_skipped)
+        new, u = rule_step(xp, rule, c, old, g, w, h, ctx.unless_skipped)
         return (u,), _entries(new)
 
     transform = build_transform(
@@ -269,7 +269,7 @@ class _InPlace:
     def function(self, xp: Any, dtype: Any, h: NamedTuple, held: tuple, names: tuple) -> Callable:
         """The per-leaf function: ``(ok, scalars, g, w, *entries) -> (w + update, *new entries)``
         for state entries ``names`` of ``dtype``, with the step's scalars ``held`` as operands and
-        the others (numbers, ``None``) as constants: the rule's step (:func:`_rule_step`, as
+        the others (numbers, ``None``) as constants: the rule's step (:func:`rule_step`, as
         ``update`` runs it) between the non-finite rule's selections."""
         rule, c, reads_params = self.rule, operands(xp, self.config, dtype, self.rule.scheduled), self.reads_params
         # The function keeps the scalars' type and numbers, not ``h``: a compiled one is shared by
@@ -281,16 +281,17 @@ class _InPlace:
             zero = scalar_zero(xp, g)
             g_ = cast(xp, skip.gradient_used(xp, ok, g, zero), dtype)
             old = _fields(rule, dict(zip(names, entries)))
-            new, u = _rule_step(xp, rule, c, old, g_, cast(xp, w, dtype) if reads_params else None, h_,
+            new, u = rule_step(xp, rule, c, old, g_, cast(xp, w, dtype) if reads_params else None, h_,
                                 lambda n, o: skip.entry_kept(xp, ok, n, o))
             return (w + skip.update_applied(xp, ok, cast(xp, u, g.dtype), zero), *(v for v in new if v is not None))
 
         return step
 
 
-def _rule_step(xp: Any, rule: ElementwiseRule, c: NamedTuple, old: NamedTuple, g: Any, w: Any, h: NamedTuple,
-               kept: Callable) -> tuple[NamedTuple, Any]:
-    """The rule's step of one leaf: its new state, each entry it changed as ``kept(new, old)`` (the
+def rule_step(xp: Any, rule: Any, c: NamedTuple, old: NamedTuple, g: Any, w: Any, h: NamedTuple,
+              kept: Callable) -> tuple[NamedTuple, Any]:
+    """The step of an element-wise rule (an :class:`ElementwiseRule`, or a matrix method's
+    :class:`~precond_ref.engine.blockdiag.FallbackRule`: the same ``state`` and ``update``) of one leaf: its new state, each entry it changed as ``kept(new, old)`` (the
     non-finite rule's selection, before the update is formed from it: a compiler then reads the
     stored entry rather than recomputing it from the old one), and the update."""
     new = rule.state(xp, c, old, g, w, h)
