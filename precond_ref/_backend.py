@@ -696,8 +696,8 @@ def remembered_slices(xp: Any) -> Iterator[None]:
     handed back in slices is the stack again where the next operation joins the slices). XLA joins
     slices of one array only where nothing lies between them and their join, and a join of more
     than a few pieces stays unfused, each piece then written out by a kernel of its own. Elsewhere,
-    and within :func:`plain_forms`, nothing is remembered. The compilation it saves (IF-Shampoo's; a
-    step is no faster on a CPU): ``records/jax-tricks-2026-11-29``."""
+    and within :func:`plain_forms`, nothing is remembered. What it saves: ``docs/backends.md``
+    ("Backend shims")."""
     if plain() or not _is_jax_numpy(xp) or _SLICES.get() is not None:
         yield
         return
