@@ -38,7 +38,7 @@ from .elementwise import operands
 from .joined import leafwise
 from .layout import weight_bias_groups
 from .matrices import as_matrix
-from .phases import phase_share, refreshes
+from .phases import phase_share, refresh_runs
 from .run import build_transform
 
 __all__ = ["FC", "CONV", "ELEMENTWISE", "DIAGONAL", "PartsRule", "parts_transform", "out_first", "restore", "parts",
@@ -336,40 +336,30 @@ def _statistics(p: _Parts, xp: Any, ctx: StepContext, kinds: tuple, owners: tupl
     return cond(xp, ctx.every(p.statistics_every), update, lambda f, n, g: (f, n), statistics, failures, g_parts)
 
 
-class _Run(NamedTuple):
-    """A batch of :func:`refreshes` for :func:`_inverses`: the shares ``(first, stop)`` of a run and
-    the ``cond``'s operands (every part's statistic and inverse, each group's count)."""
-
-    shares: tuple
-    operands: tuple
-
-
 def _inverses(p: _Parts, xp: Any, ctx: StepContext, kinds: tuple, owners: tuple, statistics: list,
               inverses: list, failures: list) -> tuple[list, list]:
-    """Every part's inverse after the refresh of the shares due (:func:`refreshes`, merged: the
-    shares due on the host in runs, each run one batch of every part, :func:`refresh_parts`), and
-    each group's failure count, one failure per block whose refresh failed."""
-    decisions = [ctx.every(due) for due in p.inverse_dues] if statistics else []
-    operands = (statistics, inverses, list(failures))
+    """Every part's inverse after the refresh of the shares due, and each group's failure count, one
+    failure per block whose refresh failed: the shares due on the host merged into runs
+    (:func:`~precond_ref.engine.phases.refresh_runs`), each run ``cond(due, refresh, keep)`` of every
+    part at once (:func:`refresh_parts`) on the inverses and counts the runs before it left."""
 
-    def branches(run: _Run) -> tuple[Callable, Callable]:
-        def refresh(f: list, inv: list, n: list) -> tuple[list, list]:
+    def refresh(run: tuple[int, int]) -> Callable:
+        def refreshed(f: list, inv: list, n: list) -> tuple[list, list]:
             new, failed = refresh_parts(
                 xp, kinds, f, inv, lambda kind, s, q: p.rule.inverse(xp, _step_ops(p, ctx, s.dtype, array_device(s)), kind, s, q),
-                run.shares, len(p.inverse_dues),
+                run, len(p.inverse_dues),
             )  # fmt: skip
             counts = list(n)
             for owner, count in zip(owners, failed):
                 counts[owner] = counts[owner] + count
             return new, counts
 
-        return refresh, lambda f, inv, n: (inv, n)
+        return refreshed
 
-    # a run's batch is made as it starts: the runs before it left their operands
-    for _, (new_inverses, counts) in refreshes(xp, decisions, lambda first, stop: [_Run((first, stop), operands)],
-                                               branches, merged=True):  # fmt: skip
-        operands = (statistics, new_inverses, counts)
-    return list(operands[1]), operands[2]
+    counts = list(failures)
+    for due, first, stop in refresh_runs(xp, [ctx.every(due) for due in p.inverse_dues] if statistics else []):
+        inverses, counts = cond(xp, due, refresh((first, stop)), lambda f, inv, n: (inv, n), statistics, inverses, counts)
+    return list(inverses), counts
 
 
 def _step_sizes(p: _Parts, xp: Any, ctx: StepContext, directions: Sequence[Array], momenta: Sequence[Array]) -> list:
