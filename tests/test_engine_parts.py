@@ -19,7 +19,8 @@ EPS = np.finfo(np.float64).eps
 def test_refresh_parts_equals_one_group_at_a_time():
     """refresh_parts stacks the equal-size blocks of all groups (blocking.on_stacks); its result
     for a group must be the one it gives that group alone (bitwise: the same batched call per block),
-    and a part counts the failed blocks of ITS own (an element-wise part: its non-finite entries)."""
+    and a part counts the failed blocks of ITS own (an element-wise part: its non-finite entries) into
+    the count of the group that owns it."""
     rng = np.random.default_rng(5)
 
     def psd(*shape):
@@ -37,31 +38,37 @@ def test_refresh_parts_equals_one_group_at_a_time():
     stats[4][1, 0, 2, 3] = np.inf  # one of the four blocks of the second conv group
     stats[2][0, 1] = stats[2][2, 2] = np.nan  # two entries of the element-wise group
     previous = [np.full(s.shape, 2.0) for s in stats]
-    inverses, counts = P.refresh_parts(np, kinds, stats, previous, invert)
+    zero = np.zeros((), dtype=np.int32)
+    inverses, counts = P.refresh_parts(np, kinds, range(5), stats, previous, [zero] * 5, invert)
     for i in range(len(kinds)):
-        alone, count = P.refresh_parts(np, kinds[i : i + 1], stats[i : i + 1], previous[i : i + 1], invert)
+        alone, count = P.refresh_parts(np, kinds[i : i + 1], [0], stats[i : i + 1], previous[i : i + 1], [zero], invert)
         np.testing.assert_array_equal(inverses[i], alone[0])
         assert inverses[i].shape == stats[i].shape
         assert int(counts[i]) == int(count[0]) == {2: 2, 3: 1, 4: 1}.get(i, 0)
     np.testing.assert_array_equal(inverses[3], previous[3])  # a non-finite block keeps its previous inverse
+    # two groups, parts 0-2 of the first (no failure among them but the element-wise part's two) and
+    # 3-4 of the second (1 + 1), each count added to the group's own, which starts at 5
+    _, grouped = P.refresh_parts(np, kinds, [0, 0, 0, 1, 1], stats, previous, [zero + 5] * 2, invert)
+    assert [int(n) for n in grouped] == [7, 7]
 
 
 
 
 def test_join_rows_of_one_row_stack_is_a_view():
-    """join_rows inverts split_rows; a layer cut into full blocks only (no tail) is one stack, joined
+    """join_rows inverts parts; a layer cut into full blocks only (no tail) is one stack, joined
     back by a reshape (a view of the preconditioned stack, not a copy: the per-step stitch of the
-    momentum's blocks costs no pass over the layer)."""
+    momentum's blocks costs no pass over the layer); an unblocked group is its own one part."""
     h = np.arange(12.0 * 5).reshape(12, 5)
-    parts = P.parts(P.FC, (12, 5), 4)
-    assert len(parts) == 1
-    pieces = P.split_rows(np, h, parts)
-    joined = P.join_rows(np, pieces, parts)
+    pieces = P.parts(np, h, P.FC, 4)
+    assert list(pieces) == [""] and pieces[""].shape == (3, 4, 5)
+    joined = P.join_rows(np, list(pieces.values()), h.shape)
     np.testing.assert_array_equal(joined, h)
-    assert np.shares_memory(joined, pieces[0])
-    tailed = P.parts(P.FC, (14, 5), 4)  # three blocks and a tail of 2: a concatenation
-    h14 = np.arange(14.0 * 5).reshape(14, 5)
-    np.testing.assert_array_equal(P.join_rows(np, P.split_rows(np, h14, tailed), tailed), h14)
+    assert np.shares_memory(joined, pieces[""])
+    h14 = np.arange(14.0 * 5).reshape(14, 5)  # three blocks and a tail of 2: a concatenation
+    tailed = P.parts(np, h14, P.FC, 4)
+    assert list(tailed) == ["", "_tail"] and tailed[""].shape == (3, 4, 5) and tailed["_tail"].shape == (2, 5)
+    np.testing.assert_array_equal(P.join_rows(np, list(tailed.values()), h14.shape), h14)
+    assert P.parts(np, h14, P.CONV, 4)[""] is h14 and P.parts(np, h14, P.FC, None)[""] is h14
 
 
 @pytest.mark.parametrize("namespace", ["numpy", "array_api_strict"])

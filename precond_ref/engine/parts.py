@@ -42,7 +42,7 @@ from .phases import phase_share, refresh_runs
 from .run import build_transform
 
 __all__ = ["FC", "CONV", "ELEMENTWISE", "DIAGONAL", "PartsRule", "parts_transform", "out_first", "restore", "parts",
-           "split_rows", "join_rows", "finite_or_previous", "refresh_parts"]
+           "join_rows", "finite_or_previous", "refresh_parts"]
 
 Array = Any
 
@@ -119,37 +119,29 @@ def to_block(xp: Any, leaves: Sequence[Any]) -> Any:
 
 def from_block(xp: Any, block: Any, leaves: Sequence[Any]) -> tuple[Any, ...]:
     """Inverse of :func:`to_block`, shaped like ``leaves``."""
-    weight = leaves[0]
-    if weight.ndim >= 3:
-        return (xp.reshape(block, tuple(weight.shape)),)
+    if leaves[0].ndim >= 3:
+        return (xp.reshape(block, tuple(leaves[0].shape)),)
     if len(leaves) == 2:
-        return (block[:, : weight.shape[1]], block[:, weight.shape[1]])
+        return (block[:, : leaves[0].shape[1]], block[:, leaves[0].shape[1]])
     return (block,)
 
 
-def parts(kind: str, shape: tuple[int, ...], block_size: Optional[int]) -> tuple[tuple[str, int, int, Optional[tuple]], ...]:
-    """The statistic blocks of a group as ``(state-key suffix, first row, end row, stack shape)``:
-    one part covering every row unless an FC group's output axis is blocked (spec README section
-    6), then the ``full`` row chunks of ``b`` rows as one stack ``(full, b, I')`` (the diagonal
-    b x b blocks of the O x O statistic) and the ``tail`` rows (suffix ``_tail``) as a matrix."""
-    b, full, tail = chunk_sizes(shape[0], block_size) if kind == FC else (0, 0, 0)
+def parts(xp: Any, x: Array, kind: str, block_size: Optional[int]) -> dict[str, Array]:
+    """A group's array in block layout cut into its statistic parts, by state-key suffix: ``x``
+    itself, unless an FC group's output axis is blocked (spec README section 6), then its row chunks
+    of ``block_size`` as one stack ``(full, b, I')`` (the diagonal b x b blocks of the O x O
+    statistic) and the shorter tail rows (suffix ``_tail``), if any (views; the chunks of an axis
+    without a tail are ``x`` reshaped, not sliced first)."""
+    b, full, tail = chunk_sizes(x.shape[0], block_size if kind == FC else None)
     if not full:
-        return (("", 0, shape[0], None),)
-    return (("", 0, full * b, (full, b) + tuple(shape[1:])),) + (((TAIL, full * b, shape[0], None),) if tail else ())
+        return {"": x}
+    chunks = xp.reshape(x[: full * b, ...] if tail else x, (full, b) + tuple(x.shape[1:]))
+    return {"": chunks, TAIL: x[full * b :, ...]} if tail else {"": chunks}
 
 
-def split_rows(xp: Any, x: Array, cut: Sequence[tuple]) -> list[Array]:
-    """``x`` (block layout) cut into its parts (:func:`parts`); ``[x]`` when unblocked (no copy)."""
-    if len(cut) == 1:  # every row: unblocked, or full blocks only (a view)
-        return [x if cut[0][3] is None else xp.reshape(x, cut[0][3])]
-    return [x[start:stop, ...] if stack is None else xp.reshape(x[start:stop, ...], stack) for _, start, stop, stack in cut]
-
-
-def join_rows(xp: Any, pieces: Sequence[Array], cut: Sequence[tuple]) -> Array:
-    """Inverse of :func:`split_rows` (a view where there is one piece)."""
-    if len(pieces) == 1 and cut[0][3] is None:
-        return pieces[0]
-    rows = [xp.reshape(p, (stop - start,) + tuple(p.shape[-1:])) for p, (_, start, stop, _) in zip(pieces, cut)]
+def join_rows(xp: Any, pieces: Sequence[Array], shape: tuple[int, ...]) -> Array:
+    """Inverse of :func:`parts` into ``shape`` (a view where there is one piece)."""
+    rows = [piece if tuple(piece.shape) == shape else xp.reshape(piece, (-1,) + shape[1:]) for piece in pieces]
     return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
 
 
@@ -167,20 +159,17 @@ def finite_or_previous(xp: Any, new: Array, previous: Array, failures: Array, bl
         return new, failures
     ok = all_finite(new, axis=tuple(range(new.ndim - block_ndim, new.ndim))) if block_ndim else xp.isfinite(new)
     kept = xp.where(xp.reshape(ok, tuple(ok.shape) + (1,) * block_ndim), new, previous)
-    return kept, failures + _count(xp, xp.logical_not(ok), failures.dtype)
+    return kept, failures + xp.sum(xp.astype(xp.logical_not(ok), failures.dtype), dtype=failures.dtype)
 
 
-def _count(xp: Any, flags: Array, dtype: Any) -> Array:
-    """How many entries of the bool array ``flags`` are true, a 0-D array of ``dtype``."""
-    return xp.sum(xp.astype(flags, dtype), dtype=dtype)
-
-
-def refresh_parts(xp: Any, kinds: Sequence[str], statistics: Sequence[Array], previous: Sequence[Array],
-                  inverse: Callable, run: tuple[int, int] = (0, 1), phases: int = 1) -> tuple[list[Array], list[Array]]:
+def refresh_parts(xp: Any, kinds: Sequence[str], owners: Sequence[int], statistics: Sequence[Array],
+                  previous: Sequence[Array], failures: Sequence[Array], inverse: Callable,
+                  run: tuple[int, int] = (0, 1), phases: int = 1) -> tuple[list[Array], list[Array]]:
     r"""``inverse(kind, F, previous)`` of every statistic part's blocks in the shares ``run`` =
     ``(first, stop)`` of ``phases`` (a stack of square blocks of any kind as ``FC``), the previous
-    inverse for the others; and per part how many refreshed blocks failed and kept their previous
-    inverse (0-D int32).
+    inverse for the others; and the failure counts ``failures`` (0-D int32, one per group), each
+    plus how many refreshed blocks of its parts (part ``u`` is of group ``owners[u]``) failed and
+    kept their previous inverse.
 
     The equal-size blocks of all parts (FC blocks of one size, convs with one kernel size) form one
     stack (:func:`precond_ref.blocking.on_stacks`), of which the run refreshes its contiguous share
@@ -191,9 +180,8 @@ def refresh_parts(xp: Any, kinds: Sequence[str], statistics: Sequence[Array], pr
         return as_matrix(xp, a, (math.prod(a.shape[:-2]), a.shape[-1], a.shape[-1]))
 
     def invert(stack: Array, before: Array) -> tuple[Array, Array]:
-        n = stack.shape[0]
-        start, stop = phase_share(n, *run, phases)
-        if stop - start == n:
+        start, stop = phase_share(stack.shape[0], *run, phases)
+        if stop - start == stack.shape[0]:
             return inverse(FC, stack, before)
         flagged = xp.zeros(stack.shape[:1], dtype=xp.bool, device=placement(xp, stack))
         if start == stop:
@@ -203,8 +191,8 @@ def refresh_parts(xp: Any, kinds: Sequence[str], statistics: Sequence[Array], pr
         return share, xp.concat([flagged[:start], xp.astype(flagged_share, xp.bool), flagged[stop:]], axis=0)
 
     inverted = iter(on_stacks(xp, invert, [(square(s), square(p)) for k, s, p in zip(kinds, statistics, previous) if k != ELEMENTWISE]))
-    inverses, failures = [], []
-    for kind, statistic, before in zip(kinds, statistics, previous):
+    inverses, counts = [], list(failures)
+    for kind, owner, statistic, before in zip(kinds, owners, statistics, previous):
         if kind != ELEMENTWISE:
             new, failed = next(inverted)
             new = as_matrix(xp, new, tuple(statistic.shape))
@@ -213,8 +201,8 @@ def refresh_parts(xp: Any, kinds: Sequence[str], statistics: Sequence[Array], pr
         else:
             new, failed = before, xp.zeros((), dtype=xp.bool, device=placement(xp, before))
         inverses.append(new)
-        failures.append(_count(xp, failed, xp.int32))
-    return inverses, failures
+        counts[owner] = counts[owner] + xp.sum(xp.astype(failed, xp.int32), dtype=xp.int32)  # how many blocks failed
+    return inverses, counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,9 +248,6 @@ class PartsRule(NamedTuple):
     State: type  # the diagonal kind's state: a NamedTuple of its entries
 
 
-_SCHEDULED = ("learning_rate",)  # configuration fields read at the step's count, not as operands
-
-
 class _Parts(NamedTuple):
     """What the sub-steps of one transform share: the rule, its configuration, the layout's options
     and the schedule (``rule.schedule``)."""
@@ -278,8 +263,9 @@ class _Parts(NamedTuple):
 
 
 def _ops(p: _Parts, xp: Any, dtype: Any) -> NamedTuple:
-    """The configuration with its numbers as operands of ``dtype``."""
-    return operands(xp, p.config, dtype, _SCHEDULED)
+    """The configuration with its numbers as operands of ``dtype`` (the learning rate, read at the
+    step's count, as it is)."""
+    return operands(xp, p.config, dtype, ("learning_rate",))
 
 
 def _step_ops(p: _Parts, ctx: StepContext, dtype: Any, device: Any) -> NamedTuple:
@@ -297,13 +283,13 @@ def _init_group(p: _Parts, leaves: tuple, paths: tuple, xp: Any) -> dict[str, Ar
     if kind == DIAGONAL:
         zeros = xp.zeros(tuple(leaves[0].shape), dtype=dtype, device=dev)
         return p.rule.State(zeros, zeros)._asdict()
-    shape = block_shape(leaves)
-    state = {"momentum": xp.zeros(shape, dtype=dtype, device=dev), "failures": xp.zeros((), dtype=xp.int32, device=dev)}
-    for suffix, start, stop, stack in parts(kind, shape, p.block_size):
-        # (O, C, q, q) for a conv, the block layout for block size 1, (O, O) or (full, b, b) for an FC part
-        rows = (stop - start,) if stack is None else stack[:2]
-        stat_shape = shape + shape[-1:] if kind == CONV else shape if kind == ELEMENTWISE else rows + rows[-1:]
-        state["statistic" + suffix], state["inverse" + suffix] = p.rule.init_part(xp, _ops(p, xp, dtype), kind, stat_shape, dtype, dev)
+    momentum = xp.zeros(block_shape(leaves), dtype=dtype, device=dev)
+    state = {"momentum": momentum, "failures": xp.zeros((), dtype=xp.int32, device=dev)}
+    for suffix, g in parts(xp, momentum, kind, p.block_size).items():
+        # (O, C, q, q) for a conv, the block layout for block size 1, (O, O), (full, b, b), (tail, tail) for FC
+        shape = tuple(g.shape)
+        shape = shape + shape[-1:] if kind == CONV else shape if kind == ELEMENTWISE else shape[:-1] + shape[-2:-1]
+        state["statistic" + suffix], state["inverse" + suffix] = p.rule.init_part(xp, _ops(p, xp, dtype), kind, shape, dtype, dev)
     return state
 
 
@@ -343,22 +329,15 @@ def _inverses(p: _Parts, xp: Any, ctx: StepContext, kinds: tuple, owners: tuple,
     (:func:`~precond_ref.engine.phases.refresh_runs`), each run ``cond(due, refresh, keep)`` of every
     part at once (:func:`refresh_parts`) on the inverses and counts the runs before it left."""
 
-    def refresh(run: tuple[int, int]) -> Callable:
-        def refreshed(f: list, inv: list, n: list) -> tuple[list, list]:
-            new, failed = refresh_parts(
-                xp, kinds, f, inv, lambda kind, s, q: p.rule.inverse(xp, _step_ops(p, ctx, s.dtype, array_device(s)), kind, s, q),
-                run, len(p.inverse_dues),
-            )  # fmt: skip
-            counts = list(n)
-            for owner, count in zip(owners, failed):
-                counts[owner] = counts[owner] + count
-            return new, counts
+    def inverse(kind: str, f: Array, before: Array) -> tuple[Array, Array]:
+        return p.rule.inverse(xp, _step_ops(p, ctx, f.dtype, array_device(f)), kind, f, before)
 
-        return refreshed
+    def refresh(first: int, stop: int) -> Callable:  # the branch of a run of shares due
+        return lambda f, inv, n: refresh_parts(xp, kinds, owners, f, inv, n, inverse, (first, stop), len(p.inverse_dues))
 
     counts = list(failures)
     for due, first, stop in refresh_runs(xp, [ctx.every(due) for due in p.inverse_dues] if statistics else []):
-        inverses, counts = cond(xp, due, refresh((first, stop)), lambda f, inv, n: (inv, n), statistics, inverses, counts)
+        inverses, counts = cond(xp, due, refresh(first, stop), lambda f, inv, n: (inv, n), statistics, inverses, counts)
     return list(inverses), counts
 
 
@@ -369,51 +348,42 @@ def _step_sizes(p: _Parts, xp: Any, ctx: StepContext, directions: Sequence[Array
     rates = [ctx.negated("learning_rate", lr_of, d.dtype, array_device(d)) for d in directions]
     if not p.clips:
         return rates
-    stacks: dict[Any, list[int]] = {}
-    for k, d in enumerate(directions):
-        stacks.setdefault((d.dtype, device_key(d)), []).append(k)
-    sizes: list[Any] = [None] * len(directions)
-    for members in stacks.values():
-        first = directions[members[0]]
-        c = _step_ops(p, ctx, first.dtype, array_device(first))
-        lr = ctx.scalar("learning_rate", lr_of, first.dtype, array_device(first))
+    sizes = list(rates)
+    for layout in dict.fromkeys((d.dtype, device_key(d)) for d in directions):
+        members = [k for k, d in enumerate(directions) if (d.dtype, device_key(d)) == layout]
+        dtype, device = directions[members[0]].dtype, array_device(directions[members[0]])
+        c, lr = _step_ops(p, ctx, dtype, device), ctx.scalar("learning_rate", lr_of, dtype, device)
         quadratics = xp.stack([p.rule.quadratic(xp, c, directions[k], momenta[k]) for k in members])
         for k, size in zip(members, xp.unstack(p.rule.step_size(xp, c, quadratics, lr, rates[members[0]]))):
             sizes[k] = size
     return sizes
 
 
-def _block_steps(p: _Parts, xp: Any, ctx: StepContext, grads: dict, states: dict, kinds: dict) -> dict:
+def _block_steps(p: _Parts, xp: Any, ctx: StepContext, grads: list, states: list, kinds: list) -> list:
     """The step and new state of every block group (``grads``: its gradient in block layout): the
     heavy ball (the groups of one layout joined end to end, kept on a skipped step), the statistics
     and inverses of its parts, its direction and the step."""
-    blocked = list(grads)
-    cut = {i: parts(kinds[i], tuple(grads[i].shape), p.block_size) for i in blocked}
+    g_parts = [parts(xp, g, kind, p.block_size) for g, kind in zip(grads, kinds)]
     # made before the statistics' and inverses' branches, which find them made (none traced in a branch)
-    ops = {i: _step_ops(p, ctx, grads[i].dtype, array_device(grads[i])) for i in blocked}
+    ops = [_step_ops(p, ctx, g.dtype, array_device(g)) for g in grads]
 
     def heavy_ball(old: Array, grad: Array) -> Array:
         return ctx.unless_skipped(p.rule.momentum(xp, _step_ops(p, ctx, old.dtype, array_device(old)), old, grad), old)
 
-    m = dict(zip(blocked, leafwise(xp, heavy_ball, [states[i]["momentum"] for i in blocked], [grads[i] for i in blocked], ctx=ctx)))
-    members = [(i, suffix) for i in blocked for suffix, *_ in cut[i]]  # every statistic part
-    owners, part_kinds = tuple(blocked.index(i) for i, _ in members), tuple(kinds[i] for i, _ in members)
-    g_parts = [piece for i in blocked for piece in split_rows(xp, grads[i], cut[i])]
-    statistics, failures = _statistics(p, xp, ctx, part_kinds, owners, [states[i]["statistic" + s] for i, s in members],
-                                       [states[i]["failures"] for i in blocked], g_parts)  # fmt: skip
+    m = leafwise(xp, heavy_ball, [s["momentum"] for s in states], grads, ctx=ctx)
+    members = [(k, suffix) for k, pieces in enumerate(g_parts) for suffix in pieces]  # every statistic part
+    owners, part_kinds = tuple(k for k, _ in members), tuple(kinds[k] for k, _ in members)
+    statistics, failures = _statistics(p, xp, ctx, part_kinds, owners, [states[k]["statistic" + s] for k, s in members],
+                                       [s["failures"] for s in states], [g_parts[k][s] for k, s in members])  # fmt: skip
     inverses, counts = _inverses(p, xp, ctx, part_kinds, owners, statistics,
-                                 [states[i]["inverse" + s] for i, s in members], failures)  # fmt: skip
-    statistic, inverse = dict(zip(members, statistics)), dict(zip(members, inverses))
-    d = {i: join_rows(xp, [p.rule.direction(xp, ops[i], kinds[i], inverse[i, suffix], m_part)
-                           for (suffix, *_), m_part in zip(cut[i], split_rows(xp, m[i], cut[i]))], cut[i])
-         for i in blocked}  # fmt: skip
-    out = {}
-    for i, count, size in zip(blocked, counts, _step_sizes(p, xp, ctx, list(d.values()), list(m.values()))):
-        new = {"momentum": m[i], "failures": count}
-        for suffix, *_ in cut[i]:
-            new["statistic" + suffix], new["inverse" + suffix] = statistic[i, suffix], inverse[i, suffix]
-        out[i] = (p.rule.step(xp, ops[i], size, d[i]), new)
-    return out
+                                 [states[k]["inverse" + s] for k, s in members], failures)  # fmt: skip
+    new = [{"momentum": m_k, "failures": count} for m_k, count in zip(m, counts)]
+    m_parts, d_parts = [parts(xp, m_k, kind, p.block_size) for m_k, kind in zip(m, kinds)], [[] for _ in grads]
+    for (k, suffix), statistic, inverse in zip(members, statistics, inverses):
+        new[k]["statistic" + suffix], new[k]["inverse" + suffix] = statistic, inverse
+        d_parts[k].append(p.rule.direction(xp, ops[k], kinds[k], inverse, m_parts[k][suffix]))
+    d = [join_rows(xp, pieces, tuple(g.shape)) for pieces, g in zip(d_parts, grads)]
+    return [(p.rule.step(xp, c, size, d_k), s) for c, size, d_k, s in zip(ops, _step_sizes(p, xp, ctx, d, m), d, new)]
 
 
 def _descend(p: _Parts, xp: Any, step: tuple, params: Any, ctx: StepContext) -> tuple:
@@ -421,8 +391,7 @@ def _descend(p: _Parts, xp: Any, step: tuple, params: Any, ctx: StepContext) -> 
     if not p.decays:
         return step
     dtype, device = step[0].dtype, array_device(step[0])
-    c = _step_ops(p, ctx, dtype, device)
-    lr = ctx.scalar("learning_rate", p.config.learning_rate, dtype, device)
+    c, lr = _step_ops(p, ctx, dtype, device), ctx.scalar("learning_rate", p.config.learning_rate, dtype, device)
     decay = ctx.once(("decay", dtype, device), lambda: p.rule.decay(xp, c, lr))
     return tuple(p.rule.decayed(xp, c, s, cast(xp, w, dtype), decay) for s, w in zip(step, params))
 
@@ -438,10 +407,11 @@ def _update_groups(p: _Parts, grads_list: list, states: list, params_list: list,
     steps, new_states = [None] * n, [None] * n
     diagonal = [i for i in range(n) if kinds[i] == DIAGONAL]
     operands = [[grads_list[i][0] for i in diagonal], *([states[i][k] for i in diagonal] for k in names)]
-    for i, (u, *entries) in zip(diagonal, leafwise(xp, functools.partial(_diagonal_step, p, ctx), *operands, ctx=ctx) if diagonal else ()):
+    for i, (u, *entries) in zip(diagonal, leafwise(xp, functools.partial(_diagonal_step, p, ctx), *operands, ctx=ctx)):
         steps[i], new_states[i] = (u,), dict(zip(names, entries))
-    blocked = {i: to_block(xp, grads_list[i]) for i in range(n) if kinds[i] != DIAGONAL}
-    for i, (u, new) in _block_steps(p, xp, ctx, blocked, {i: states[i] for i in blocked}, {i: kinds[i] for i in blocked}).items():
+    blocked = [i for i in range(n) if kinds[i] != DIAGONAL]
+    grads = [to_block(xp, grads_list[i]) for i in blocked]
+    for i, (u, new) in zip(blocked, _block_steps(p, xp, ctx, grads, [states[i] for i in blocked], [kinds[i] for i in blocked])):
         steps[i], new_states[i] = from_block(xp, u, grads_list[i]), new
     return [(_descend(p, xp, u, w, c), s) for u, s, w, c in zip(steps, new_states, params_list, ctxs)]
 
@@ -459,22 +429,18 @@ def _warm_start(p: _Parts, state: PrecondState, grads_batches: Iterable[Any]) ->
     if not isinstance(state, PrecondState):
         raise TypeError(f"{name}: state must be the PrecondState returned by init, got {type(state)}")
     running, n_batches = {}, 0
-    for grads in grads_batches:
+    for n_batches, grads in enumerate(grads_batches, 1):
         _, treedef, _, leaves = out_first(grads)
         xp = array_namespace(*leaves)
         finite = functools.reduce(xp.logical_and, [xp.all(xp.isfinite(leaf)) for leaf in leaves])
         for key, kind, members in _fitting(p, name, state.groups, treedef.paths, leaves, xp):
-            if kind == DIAGONAL:
-                continue
-            c, block = _ops(p, xp, members[0].dtype), to_block(xp, members)
-            cut = parts(kind, tuple(block.shape), p.block_size)
-            for (suffix, *_), g_part in zip(cut, split_rows(xp, block, cut)):
+            c = _ops(p, xp, members[0].dtype)
+            for suffix, g_part in parts(xp, to_block(xp, members), kind, p.block_size).items():
                 stat = p.rule.statistic(xp, c, kind, g_part)
                 mean, j = running.get((key, suffix)) or (xp.zeros_like(stat), xp.zeros((), dtype=xp.int32, device=placement(xp, stat)))
                 j = j + xp.astype(finite, j.dtype)  # the finite trees so far (a tree that is not: its mean discarded below)
                 new = p.rule.warm_start(xp, c, mean, stat, xp.astype(xp.maximum(j, xp.ones_like(j)), stat.dtype))
                 running[key, suffix] = (xp.where(finite, new, mean), j)
-        n_batches += 1
     if n_batches == 0:
         raise ValueError(f"{name}: grads_batches is empty")
     groups = dict(state.groups)
@@ -484,7 +450,7 @@ def _warm_start(p: _Parts, state: PrecondState, grads_batches: Iterable[Any]) ->
 
 
 def _fitting(p: _Parts, name: str, groups: dict, paths: Sequence[Path], leaves: list, xp: Any) -> list:
-    """The groups of an out-first gradient tree that have state, as ``(key, kind, leaves in the
+    """The groups of an out-first gradient tree that have a statistic, as ``(key, kind, leaves in the
     state's dtype)``; a group that does not fit its state (:func:`~precond_ref.engine.checks.check_fits`:
     a transposed weight, a weight without its bias) or that the state does not have is refused, the
     state's groups checked first: they name the culprit (a transposed weight unpairs its bias,
@@ -500,7 +466,9 @@ def _fitting(p: _Parts, name: str, groups: dict, paths: Sequence[Path], leaves: 
         dtype = next(v.dtype for k, v in entries.items() if k != "failures")
         members = tuple(xp.astype(leaves[i], dtype) for i in group.indices)
         check_fits(name, group, members, entries, layout_of(_init_group(p, members, group.paths, xp)))
-        fitting.append((group.key, block_kind(members, p.max_block_dim), members))
+        kind = block_kind(members, p.max_block_dim)
+        if kind != DIAGONAL:  # the diagonal kind has no statistic
+            fitting.append((group.key, kind, members))
     return fitting
 
 
@@ -522,12 +490,11 @@ def parts_transform(rule: PartsRule, config: NamedTuple, *, max_block_dim: Optio
     once, else :math:`-\alpha_i`), the diagonal kind's leaves joined into vectors, and with
     ``decays`` the decoupled weight decay on every leaf.
     """
-    statistics_every, inverse_dues = rule.schedule(config)
-    p = _Parts(rule, config, max_block_dim, block_size, statistics_every, inverse_dues, clips, decays)
+    p = _Parts(rule, config, max_block_dim, block_size, *rule.schedule(config), clips, decays)
     inner = build_transform(
         name=rule.name, init_group=functools.partial(_init_group, p), update_groups=functools.partial(_update_groups, p),
         group_leaves=_groups, on_nonfinite=on_nonfinite, needs_params=decays,
-        intervals=(statistics_every,) + inverse_dues, layout_hint=_layout_hint,
+        intervals=(p.statistics_every,) + p.inverse_dues, layout_hint=_layout_hint,
     )  # fmt: skip
 
     def init(params: Any) -> PrecondState:
@@ -546,8 +513,7 @@ def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
     """``build_transform``'s ``layout_hint``: for a state whose statistic blocks are not the ones
     this ``block_size`` makes (one saved with another ``block_size`` or ``max_block_dim``), the
     settings that load it."""
-    have = {k: v[0] for k, v in found.items() if k.startswith("statistic")}
-    want = {k: v[0] for k, v in layout.items() if k.startswith("statistic")}
+    have, want = ({k: v[0] for k, v in entries.items() if k.startswith("statistic")} for entries in (found, layout))
     if have == want or "momentum" not in layout:
         return ""
     o = layout["momentum"][0][0]

@@ -26,22 +26,12 @@ from .._backend import is_zero
 from ..engine.parts import CONV, ELEMENTWISE, PartsRule, parts_transform
 from ..linalg import damped_inverse, damped_inverse_init, damped_inverse_stable, kl_clip_of_quadratic
 from ..transform import (
-    Array,
-    PrecondState,
-    ScalarOrSchedule,
-    Transform,
-    check_choice,
-    check_learning_rate,
-    check_nonnegative,
-    check_positive,
-    check_positive_int,
-    check_unit_interval,
+    Array, PrecondState, ScalarOrSchedule, Transform, check_choice, check_learning_rate, check_mode, check_nonnegative,
+    check_optional, check_positive, check_positive_int, check_unit_interval, mode_default,
 )
 
 __all__ = ["mbf", "MBFTransform"]
 
-_FC_BLOCKS = ("columns_avg", "official_chunks")
-_SECOND_MOMENTS = ("momentum", "gradient")
 _KL_CLIP = 1e-4  # principled default of kl_clip (see the docstring, deviation B7)
 _BLOCK_SIZE = 128  # principled default of block_size (measured: docs/methods/mbf.md, "Long axes")
 #: mbf's default learning rate per mode: the authors' MNIST 1e-5 (faithful); principled, the rate
@@ -79,13 +69,6 @@ class MBFConfig(NamedTuple):
     refresh_phases: int = 1
 
 
-class PartState(NamedTuple):
-    """One stack of mini-blocks: the statistic :math:`F_b` and its damped inverse."""
-
-    statistic: Array
-    inverse: Array
-
-
 class DiagonalState(NamedTuple):
     """A leaf of the diagonal rule: the first moment :math:`a` and the second :math:`v`."""
 
@@ -93,11 +76,11 @@ class DiagonalState(NamedTuple):
     second_moment: Array
 
 
-def _init_part(xp: Any, c: MBFConfig, kind: str, shape: tuple, dtype: Any, device: Any) -> PartState:
+def _init_part(xp: Any, c: MBFConfig, kind: str, shape: tuple, dtype: Any, device: Any) -> tuple[Array, Array]:
     statistic = xp.zeros(shape, dtype=dtype, device=device)  # F_b = 0
     if kind == ELEMENTWISE:
-        return PartState(statistic, xp.ones(shape, dtype=dtype, device=device) / c.damping)  # 1/lam
-    return PartState(statistic, damped_inverse_init(statistic, c.damping))  # I/lam
+        return statistic, xp.ones(shape, dtype=dtype, device=device) / c.damping  # 1/lam
+    return statistic, damped_inverse_init(statistic, c.damping)  # I/lam
 
 
 def _heavy_ball(xp: Any, c: MBFConfig, m: Array, g: Array) -> Array:
@@ -437,8 +420,8 @@ def mbf(
     PMLR 206:9191-9220, arXiv:2202.04124. Authors' code: github.com/achrafba96/mbf
     (``mbf/train.py``: ``mbngd_update``, ``mbngd_if_inverse``, ``get_warm_start``).
     """
+    faithful = check_mode(mode)
     if learning_rate is None:
-        check_choice("mode", mode, ("principled", "faithful"))
         learning_rate = MBF_LEARNING_RATE[mode]
     check_learning_rate("learning_rate", learning_rate)
     check_positive("damping", damping)
@@ -448,27 +431,20 @@ def mbf(
     check_positive_int("statistics_every", statistics_every)
     check_positive_int("precondition_every", precondition_every)
     if fc_blocks is not None:
-        check_choice("fc_blocks", fc_blocks, _FC_BLOCKS)
+        check_choice("fc_blocks", fc_blocks, ("columns_avg", "official_chunks"))
     check_unit_interval("diagonal_b2", diagonal_b2)
     check_positive("diagonal_eps", diagonal_eps)
-    check_choice("diagonal_second_moment", diagonal_second_moment, _SECOND_MOMENTS)
-    if max_block_dim is not None:
-        check_positive_int("max_block_dim", max_block_dim)
-    if kl_clip is not None:
-        check_nonnegative("kl_clip", kl_clip)
-    if block_size is not None:
-        check_positive_int("block_size", block_size)
-    if refresh_phases is not None:
-        check_positive_int("refresh_phases", refresh_phases)
-        if refresh_phases > precondition_every:
-            raise ValueError(
-                f"refresh_phases must be at most precondition_every ({precondition_every}): each phase "
-                f"refreshes on its own call of the interval, got {refresh_phases!r}"
-            )
-    check_choice("mode", mode, ("principled", "faithful"))
-    faithful = mode == "faithful"
-    if fc_blocks is None:
-        fc_blocks = "official_chunks" if faithful else "columns_avg"
+    check_choice("diagonal_second_moment", diagonal_second_moment, ("momentum", "gradient"))
+    check_optional(check_positive_int, "max_block_dim", max_block_dim)
+    check_optional(check_nonnegative, "kl_clip", kl_clip)
+    check_optional(check_positive_int, "block_size", block_size)
+    check_optional(check_positive_int, "refresh_phases", refresh_phases)
+    if refresh_phases is not None and refresh_phases > precondition_every:
+        raise ValueError(
+            f"refresh_phases must be at most precondition_every ({precondition_every}): each phase "
+            f"refreshes on its own call of the interval, got {refresh_phases!r}"
+        )
+    fc_blocks = mode_default(fc_blocks, faithful, "official_chunks", "columns_avg")
     chunks = fc_blocks == "official_chunks"
     if block_size is not None and (faithful or chunks):
         raise ValueError(
@@ -477,12 +453,9 @@ def mbf(
         )
     if faithful and refresh_phases not in (None, 1):
         raise ValueError(f"refresh_phases={refresh_phases!r} needs mode='principled' (the authors refresh every inverse at once)")
-    if block_size is None and not faithful and not chunks:
-        block_size = _BLOCK_SIZE
-    if refresh_phases is None:
-        refresh_phases = 1 if faithful else max(1, precondition_every // statistics_every)
-    if kl_clip is None:
-        kl_clip = 0.0 if faithful else _KL_CLIP
+    block_size = mode_default(block_size, faithful or chunks, None, _BLOCK_SIZE)
+    refresh_phases = mode_default(refresh_phases, faithful, 1, max(1, precondition_every // statistics_every))
+    kl_clip = mode_default(kl_clip, faithful, 0.0, _KL_CLIP)
     config = MBFConfig(
         learning_rate, damping, momentum, b2, weight_decay, diagonal_b2, diagonal_eps, diagonal_second_moment,
         kl_clip, fc_blocks, mode, statistics_every, precondition_every, refresh_phases,
