@@ -12,8 +12,8 @@ and a shorter tail, each its own statistic (state entries ``statistic``/``invers
 
 :func:`parts_transform` maps the groups to and from their parts and hands them, stacked, to the
 rule's functions in the order of one step: the heavy ball, the statistics on the rule's interval,
-the inverses of the shares due (the shared refresh driver,
-:func:`~precond_ref.engine.phases.refreshes`, one batched call per stack of equal blocks,
+the inverses of the shares due (the shares due on the host merged into runs,
+:func:`~precond_ref.engine.phases.refresh_runs`, one batched call per stack of equal blocks,
 :func:`precond_ref.blocking.on_stacks`), the directions and the step; a statistic or inverse block
 that is not finite keeps its previous value and is counted. The warm start maps each gradient tree
 to the same parts and hands their statistics to the rule's mean, a non-finite tree left out.
@@ -51,7 +51,6 @@ FC = "fc"  # 2-D weight [+ bias]: one O x O statistic per layer (or per row chun
 CONV = "conv"  # ndim >= 3 weight: one q x q statistic per (output, input) channel pair
 ELEMENTWISE = "elementwise"  # block size 1: 1x1 convs and FC layers above max_block_dim
 DIAGONAL = "diagonal"  # every other leaf: an element-wise rule of its own
-TAIL = "_tail"  # state-key suffix of the shorter last block of a blocked FC output axis
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +135,7 @@ def parts(xp: Any, x: Array, kind: str, block_size: Optional[int]) -> dict[str, 
     if not full:
         return {"": x}
     chunks = xp.reshape(x[: full * b, ...] if tail else x, (full, b) + tuple(x.shape[1:]))
-    return {"": chunks, TAIL: x[full * b :, ...]} if tail else {"": chunks}
+    return {"": chunks, "_tail": x[full * b :, ...]} if tail else {"": chunks}
 
 
 def join_rows(xp: Any, pieces: Sequence[Array], shape: tuple[int, ...]) -> Array:
