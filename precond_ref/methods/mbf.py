@@ -453,7 +453,7 @@ def mbf(
         )
     if faithful and refresh_phases not in (None, 1):
         raise ValueError(f"refresh_phases={refresh_phases!r} needs mode='principled' (the authors refresh every inverse at once)")
-    block_size = mode_default(block_size, faithful or chunks, None, _BLOCK_SIZE)
+    block_size = mode_default(block_size, faithful or chunks, None, _BLOCK_SIZE)  # None: one O x O block per FC layer
     refresh_phases = mode_default(refresh_phases, faithful, 1, max(1, precondition_every // statistics_every))
     kl_clip = mode_default(kl_clip, faithful, 0.0, _KL_CLIP)
     config = MBFConfig(
