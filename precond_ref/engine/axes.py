@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
 from .._backend import array_device, cast, compute_dtype, device_key, is_zero, joined, on_cpu, vector_norms
-from ..blocking import Stack, chunk_sizes, same_layout, stack, unfold, unstack
+from ..blocking import Stack, chunk_sizes, on_stacks, same_layout, stack, unfold
 from ..transform import Transform
 from ..tree import to_entries
 from .checks import renamed_failures
@@ -64,7 +64,6 @@ class Run(NamedTuple):
 
 
 class AxisPlan(NamedTuple):
-    axis: int
     runs: tuple[Run, ...]
 
     @property
@@ -94,7 +93,7 @@ def leaf_plan(
     ``first_phase``.
     """
     axes, unit = [], first_phase
-    for n, d in enumerate(merged_shape):
+    for d in merged_shape:
         b, full, tail = chunk_sizes(d, block_size)
         runs: list[Run] = []
         for start, length, count in ((0, b, max(full, 1)), (full * b, tail, 1 if tail else 0)):
@@ -103,7 +102,7 @@ def leaf_plan(
                 first, stop = phase_share(count, i, i + 1, pieces)
                 runs.append(Run(start + first * length, length, stop - first, min(rank, length), (unit + len(runs)) % phases))
         unit += len(runs)
-        axes.append(AxisPlan(n, tuple(runs)))
+        axes.append(AxisPlan(tuple(runs)))
     return LeafPlan(tuple(merged_shape), tuple(axes))
 
 
@@ -133,16 +132,6 @@ def join_runs(xp: Any, axis: AxisPlan, parts: Sequence[Array]) -> Array:
     return parts[0] if len(parts) == 1 else xp.concat(list(parts), axis=0)
 
 
-def _unstacked(axis: AxisPlan, piece: tuple, length: int) -> tuple:
-    """A run's results from a stack, as its leaf takes them: the first and last (the block's first
-    field and its rows' result) cut back to its own ``length`` rows (axis 1) where a stack of
-    :func:`_chunk_stack` padded them, and without the leading axis :func:`_runs` gave a leaf that
-    is one unstacked block; views."""
-    if piece[0].shape[1] != length:
-        piece = (piece[0][:, :length, ...], *piece[1:-1], piece[-1][:, :length, ...])
-    return piece if axis.batched else tuple(v[0, ...] for v in piece)
-
-
 def _runs(xp: Any, leaves: Sequence[tuple], decisions: Sequence[Any], kept: bool) -> tuple[list, list]:
     """The runs of ``leaves`` (``(g, plan, state)``) as members of stacks: a run's block and its
     rows of the mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's merged shape (count, length,
@@ -153,7 +142,7 @@ def _runs(xp: Any, leaves: Sequence[tuple], decisions: Sequence[Any], kept: bool
     for i, (g, plan, state) in enumerate(leaves):
         for n, axis in enumerate(() if plan is None else plan.axes):
             due = [j for j, run in enumerate(axis.runs) if kept or decisions[run.phase] is not False]
-            flat = unfold(xp, xp.reshape(g, plan.merged_shape), axis.axis) if due else None
+            flat = unfold(xp, xp.reshape(g, plan.merged_shape), n) if due else None
             for j in due:
                 member = (*state.sketches[n][j], run_rows(xp, axis, axis.runs[j], flat))
                 units.append((i, n, j))
@@ -241,7 +230,11 @@ def _stepped(xp: Any, ctx: StepContext, rule: "AxesRule", c: Any, leaves: Sequen
     outs: list = [[] for _ in leaves]  # a flat rule's outputs, run by run
     blocks = [0] * len(leaves)  # each leaf's number of blocks with a flag
     for (i, n, j), member, piece in zip(units, members, pieces):
-        piece = _unstacked(leaves[i][1].axes[n], piece, member[0].shape[1])
+        length = member[0].shape[1]
+        if piece[0].shape[1] != length:  # a padded stack's block and rows' result cut back to the run's rows
+            piece = (piece[0][:, :length, ...], *piece[1:-1], piece[-1][:, :length, ...])
+        if not leaves[i][1].axes[n].batched:  # a leaf of one unstacked block: without the leading axis _runs gave
+            piece = tuple(v[0, ...] for v in piece)
         tables[i][n][j] = rule.Block(*piece[:fields])
         outs[i].extend(piece[fields + 1:])
         blocks[i] += member[0].shape[0]
@@ -582,7 +575,6 @@ def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequen
     ``scale`` of the same norms, the same products)."""
     norms = vector_norms(xp, list(ds) + list(ps))  # one operation on torch
     members = [(xp.reshape(d, (1,)), xp.reshape(p, (1,))) for d, p in zip(norms[:len(ds)], norms[len(ds):])]
-    stacks = stack(xp, members)
-    scales = unstack(stacks, [(scale(*s.operands),) for s in stacks], len(members))
+    scales = on_stacks(xp, lambda d, p: (scale(d, p),), members)
     # each p times its scale spread over its shape (a view), the leaves joined end to end (leafwise)
     return leafwise(xp, operator.mul, list(ps), [xp.broadcast_to(factor[0], tuple(p.shape)) for p, (factor,) in zip(ps, scales)])

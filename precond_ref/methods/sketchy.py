@@ -50,7 +50,7 @@ from ..linalg import block_mode_products
 from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply
 from ..transform import (ScalarOrSchedule, Transform, check_bool, check_choice, check_int, check_interval,
                          check_learning_rate, check_mode, check_nonnegative, check_optional, check_positive_int,
-                         check_principled_only, mode_default)
+                         check_principled_only)
 
 __all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "SketchyConfig", "SAdaGradConfig", "PRINCIPLED_BLOCK_SIZE",
            "PRINCIPLED_PRECONDITION_EVERY"]
@@ -123,10 +123,9 @@ def _resolve_schedule(
     mode (unblocked, every step, every block on the same steps), else ``principled_block_size``,
     ``principled_every`` and refreshes spread over the interval; ``dues`` the refresh predicate of
     each phase (:func:`precond_ref.blocking.spread_schedule`)."""
-    if faithful:
-        return block_size, spread_schedule(1 if precondition_every is None else precondition_every, False)
-    every = principled_every if precondition_every is None else precondition_every
-    return principled_block_size if block_size is None else block_size, spread_schedule(every, spread_refresh is not False)
+    every = (1 if faithful else principled_every) if precondition_every is None else precondition_every
+    block_size = principled_block_size if block_size is None and not faithful else block_size
+    return block_size, spread_schedule(every, not faithful and spread_refresh is not False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,13 +257,6 @@ def _momentum(xp: Any, u: Array, previous: Array, momentum: float, nesterov: boo
     return (u + momentum * trace if nesterov else trace), trace
 
 
-def _sketchy_decomposition(decomposition: Optional[str], faithful: bool) -> str:
-    """The FD path: the authors' QR-then-SVD in faithful mode, the fast ``"auto"`` in principled."""
-    if decomposition is None:
-        return "qr_svd" if faithful else "auto"
-    return "qr_svd" if faithful and decomposition == "svd" else decomposition
-
-
 _SKETCHY = AxesRule(
     State=_State, Block=_Sketch, plan=_sketchy_plan, empty=fd_init, refresh=_sketch_refresh, finish=_sketchy_finish,
     precondition=_precondition, graft=_graft, grafted=_grafted, started=_started,
@@ -301,10 +293,12 @@ def _sketchy_transform(
         check_principled_only("spread_refresh", spread_refresh, " (the authors update every sketch on the same steps)", "in")
     block_size, dues = _resolve_schedule(faithful, block_size, precondition_every, spread_refresh,
                                          PRINCIPLED_BLOCK_SIZE, PRINCIPLED_PRECONDITION_EVERY)
-    tail_decay = mode_default(tail_decay, faithful, "sqrt_b2", "b2")
+    square_root = tail_decay == "sqrt_b2" or tail_decay is None and faithful  # the authors' default: sqrt(b2)
+    # the FD path: the authors' QR-then-SVD in faithful mode (for "svd" too), the fast "auto" in principled
+    decomposition = "qr_svd" if faithful and decomposition in (None, "svd") else decomposition or "auto"
     fd_options = dict(
-        decay=b2, tail_decay=b2**0.5 if tail_decay == "sqrt_b2" else b2, eps=eps, relative_eps=relative_eps,
-        cutoff=not faithful, noise_is_mass=faithful, decomposition=_sketchy_decomposition(decomposition, faithful),
+        decay=b2, tail_decay=b2**0.5 if square_root else b2, eps=eps, relative_eps=relative_eps,
+        cutoff=not faithful, noise_is_mass=faithful, decomposition=decomposition,
     )
     c = SketchyConfig(
         learning_rate, rank, fd_options, dues, block_size, merge_dims, max_precondition_dim, precondition_1d, faithful,
