@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
 from .._backend import array_device, cast, compute_dtype, device_key, is_zero, joined, on_cpu, vector_norms
-from ..blocking import Stack, chunk_sizes, on_stacks, same_layout, stack, unfold
+from ..blocking import Stack, chunk_sizes, same_layout, stack, unfold, unstack
 from ..transform import Transform
 from ..tree import to_entries
 from .checks import renamed_failures
@@ -92,7 +92,7 @@ def leaf_plan(
     refresh on different steps. The layout (the runs' shapes) depends on ``phases`` only, never on
     ``first_phase``.
     """
-    axes, unit = [], first_phase
+    axes, phase = [], itertools.count(first_phase)  # the leaf's runs take consecutive phases
     for d in merged_shape:
         b, full, tail = chunk_sizes(d, block_size)
         runs: list[Run] = []
@@ -100,8 +100,7 @@ def leaf_plan(
             pieces = min(count, phases)
             for i in range(pieces):
                 first, stop = phase_share(count, i, i + 1, pieces)
-                runs.append(Run(start + first * length, length, stop - first, min(rank, length), (unit + len(runs)) % phases))
-        unit += len(runs)
+                runs.append(Run(start + first * length, length, stop - first, min(rank, length), next(phase) % phases))
         axes.append(AxisPlan(tuple(runs)))
     return LeafPlan(tuple(merged_shape), tuple(axes))
 
@@ -109,12 +108,8 @@ def leaf_plan(
 def empty_blocks(plan: Optional[LeafPlan], init: Callable[[int, int, tuple], Any]) -> tuple:
     """``blocks[n][j]``: ``init(length, rank, batch)`` for run ``j`` of axis ``n``, ``batch``
     ``(count,)`` on a cut axis and ``()`` on an unblocked one; ``()`` for no plan."""
-    if plan is None:
-        return ()
-    return tuple(
-        tuple(init(run.length, run.rank, (run.count,) if axis.batched else ()) for run in axis.runs)
-        for axis in plan.axes
-    )
+    return () if plan is None else tuple(
+        tuple(init(run.length, run.rank, (run.count,) if axis.batched else ()) for run in axis.runs) for axis in plan.axes)
 
 
 def run_rows(xp: Any, axis: AxisPlan, run: Run, flat: Array) -> Array:
@@ -575,6 +570,7 @@ def _scaled_by_norms(xp: Any, scale: Callable[[Array, Array], Array], ps: Sequen
     ``scale`` of the same norms, the same products)."""
     norms = vector_norms(xp, list(ds) + list(ps))  # one operation on torch
     members = [(xp.reshape(d, (1,)), xp.reshape(p, (1,))) for d, p in zip(norms[:len(ds)], norms[len(ds):])]
-    scales = on_stacks(xp, lambda d, p: (scale(d, p),), members)
+    stacks = stack(xp, members)
+    scales = unstack(stacks, [(scale(*s.operands),) for s in stacks], len(members))
     # each p times its scale spread over its shape (a view), the leaves joined end to end (leafwise)
     return leafwise(xp, operator.mul, list(ps), [xp.broadcast_to(factor[0], tuple(p.shape)) for p, (factor,) in zip(ps, scales)])

@@ -161,10 +161,8 @@ class SketchyConfig(NamedTuple):
 def _sketchy_plan(c: SketchyConfig, shape: tuple[int, ...], first_phase: int = 0) -> Optional[LeafPlan]:
     """None for graft-only leaves (spec §2.3 step 1), else the sketch layout of the merged axes."""
     if c.graft != "none":  # the authors skip preconditioning only when a graft exists
-        if not c.precondition_1d and len(shape) <= 1:
-            return None
         blocked = [d if c.block_size is None else min(d, c.block_size) for d in shape]
-        if any(d > c.max_precondition_dim for d in blocked):
+        if (not c.precondition_1d and len(shape) <= 1) or any(d > c.max_precondition_dim for d in blocked):
             return None
     merged = merge_small_dims(shape, c.merge_dims, squeeze=not c.faithful)
     return leaf_plan(merged, c.rank, c.block_size, len(c.dues), first_phase)
@@ -652,19 +650,15 @@ def s_adagrad(
         check_choice("decomposition", decomposition, _S_ADAGRAD_DECOMPOSITIONS)
     if faithful:
         def differs(value: Any, default: Any) -> bool:  # an array (optax.inject_hyperparams, traced) cannot be checked
-            return value is not None and isinstance(value, numbers.Real) and not hasattr(value, "shape") and value != default
+            return isinstance(value, numbers.Real) and not hasattr(value, "shape") and value != default
 
         refused = dict(eps=differs(eps, 0), b2=differs(b2, 1.0), momentum=differs(momentum, 0),
                        weight_decay=differs(weight_decay, 0), block_size=block_size is not None,
                        precondition_every=precondition_every is not None and precondition_every != 1,
                        spread_refresh=bool(spread_refresh), decomposition=decomposition is not None)
-        bad = [k for k, v in refused.items() if v]
-        if bad:
-            raise ValueError(
-                f"s_adagrad(mode='faithful') cannot honour {', '.join(bad)} (the authors' S-AdaGrad "
-                "has no relative eps, decay, momentum, weight decay, blocking, refresh interval or other decomposition); "
-                "use mode='principled'"
-            )
+        for option, given in refused.items():
+            check_principled_only(option, given, " (the authors' S-AdaGrad has no relative eps, decay, momentum, weight "
+                                  "decay, blocking, refresh interval or other decomposition)", "in")
         eps = 0.0
     elif eps is None:
         eps = 1e-7
