@@ -23,6 +23,7 @@ runs of consecutive phases (:func:`leaf_plan`). The engine then
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import math
@@ -221,7 +222,7 @@ def _stepped(xp: Any, ctx: StepContext, rule: "AxesRule", c: Any, leaves: Sequen
         for u, piece in handed_back(batch, out):
             pieces[u] = piece
         del batch, out  # this batch's stacked copies go before the next batch's are made
-    tables = [[list(axis) for axis in state.sketches] for _, _, state in leaves]
+    sketches = [[list(axis) for axis in state.sketches] for _, _, state in leaves]  # stored as their entries
     outs: list = [[] for _ in leaves]  # a flat rule's outputs, run by run
     blocks = [0] * len(leaves)  # each leaf's number of blocks with a flag
     for (i, n, j), member, piece in zip(units, members, pieces):
@@ -230,10 +231,9 @@ def _stepped(xp: Any, ctx: StepContext, rule: "AxesRule", c: Any, leaves: Sequen
             piece = (piece[0][:, :length, ...], *piece[1:-1], piece[-1][:, :length, ...])
         if not leaves[i][1].axes[n].batched:  # a leaf of one unstacked block: without the leading axis _runs gave
             piece = tuple(v[0, ...] for v in piece)
-        tables[i][n][j] = rule.Block(*piece[:fields])
+        sketches[i][n][j] = rule.Block(*piece[:fields])
         outs[i].extend(piece[fields + 1:])
         blocks[i] += member[0].shape[0]
-    sketches = [tuple(tuple(axis) for axis in table) for table in tables]
     ctx.settle(value for leaf in sketches for axis in leaf for block in axis for value in block)
     failures = _counted(xp, ctx, [state.failures for _, _, state in leaves], [piece[fields] for piece in pieces], blocks)
     return list(zip(sketches, failures, outs))
@@ -338,17 +338,14 @@ def padded_lengths(members: Sequence[tuple], labels: Sequence, may_pad: Callable
     rank)`` holds, the longest length of the members of its label, rank, dtype and device that
     ``may_pad`` admits, taken from the longest down while the padded rows stay within
     :data:`PAD_GROWTH` times the real ones (a length that would exceed it keeps its own stacks)."""
-    groups: dict[Any, dict[int, int]] = {}
+    groups: dict[Any, collections.Counter] = collections.defaultdict(collections.Counter)  # rows of each length
     for member, label in zip(members, labels):
         basis, rows = member[0], member[-1]
-        count, length, rank = rows.shape[0], rows.shape[1], basis.shape[-1]
-        if may_pad(length, rank):
-            rows_of = groups.setdefault((label, rank, basis.dtype, device_key(basis)), {})
-            rows_of[length] = rows_of.get(length, 0) + count
+        if may_pad(rows.shape[1], basis.shape[-1]):
+            groups[label, basis.shape[-1], basis.dtype, device_key(basis)][rows.shape[1]] += rows.shape[0]
     targets: dict[tuple, int] = {}
     for key, counts in groups.items():
-        longest = max(counts)
-        real = padded = 0
+        longest, real, padded = max(counts), 0, 0
         for length in sorted(counts, reverse=True):
             if padded + counts[length] * longest <= PAD_GROWTH * (real + counts[length] * length):
                 real, padded = real + counts[length] * length, padded + counts[length] * longest
@@ -384,16 +381,15 @@ def bounded_chunks(
         groups.setdefault(key, []).append((i, nbytes))
     out = []
     for group in groups.values():
-        chunks: list[list[int]] = []
-        totals: list[int] = []
+        chunks: list[list] = []  # each chunk's bytes and members
         for i, nbytes in sorted(group, key=lambda item: -item[1]):  # stable: equal sizes in order
-            fit = next((c for c, total in enumerate(totals) if total + nbytes <= limit), len(chunks))
-            if fit == len(chunks):  # fits no chunk yet: a new one
-                chunks.append([])
-                totals.append(0)
-            chunks[fit].append(i)
-            totals[fit] += nbytes
-        out.extend(sorted(sorted(chunk) for chunk in chunks))
+            chunk = next((chunk for chunk in chunks if chunk[0] + nbytes <= limit), None)
+            if chunk is None:  # fits no chunk yet: a new one
+                chunk = [0, []]
+                chunks.append(chunk)
+            chunk[0] += nbytes
+            chunk[1].append(i)
+        out.extend(sorted(sorted(indices) for _, indices in chunks))
     return out
 
 
