@@ -110,7 +110,8 @@ def empty_blocks(plan: Optional[LeafPlan], init: Callable[[int, int, tuple], Any
     """``blocks[n][j]``: ``init(length, rank, batch)`` for run ``j`` of axis ``n``, ``batch``
     ``(count,)`` on a cut axis and ``()`` on an unblocked one; ``()`` for no plan."""
     return () if plan is None else tuple(
-        tuple(init(run.length, run.rank, (run.count,) if axis.batched else ()) for run in axis.runs) for axis in plan.axes)
+        tuple(init(run.length, run.rank, (run.count,) if axis.batched else ()) for run in axis.runs)
+        for axis in plan.axes)
 
 
 def run_rows(xp: Any, axis: AxisPlan, run: Run, flat: Array) -> Array:

@@ -57,8 +57,9 @@ __all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "SketchyConfig", "SAdaGra
 
 Array = Any
 _GRAFTS = ("rmsprop", "sgd", "none")
-_SKETCHY_DECOMPOSITIONS = ("auto", "svd", "gram", "incremental", "incremental_gram", "subspace")
-_S_ADAGRAD_DECOMPOSITIONS = ("auto", "incremental_secular")
+#: The decompositions each method's ``decomposition`` takes (None: the mode's default).
+_SKETCHY_DECOMPOSITIONS = (None, "auto", "svd", "gram", "incremental", "incremental_gram", "subspace")
+_S_ADAGRAD_DECOMPOSITIONS = (None, "auto", "incremental_secular")
 #: Principled defaults of :func:`sketchy` (docs/methods/sketchy.md, "Long axes, intervals and cost"):
 #: merged axes longer than this are split into blocks with their own sketches, and the sketches are
 #: updated every this many steps, each block in its own phase of the interval.
@@ -282,10 +283,8 @@ def _sketchy_transform(
     check_int("merge_dims", merge_dims, 2)
     check_int("max_precondition_dim", max_precondition_dim, 1)
     check_bool("precondition_1d", precondition_1d)
-    if decomposition is not None:
-        check_choice("decomposition", decomposition, _SKETCHY_DECOMPOSITIONS)
-    if tail_decay is not None:
-        check_choice("tail_decay", tail_decay, ("b2", "sqrt_b2"))
+    check_choice("decomposition", decomposition, _SKETCHY_DECOMPOSITIONS)
+    check_choice("tail_decay", tail_decay, (None, "b2", "sqrt_b2"))
     if faithful:
         check_principled_only("block_size", block_size is not None, " (the authors' Sketchy has no blocking)", "in")
         check_principled_only("spread_refresh", spread_refresh, " (the authors update every sketch on the same steps)", "in")
@@ -646,8 +645,7 @@ def s_adagrad(
     check_optional(check_nonnegative, "eps", eps)
     check_interval("momentum", momentum, 0.0, 1.0)
     check_nonnegative("weight_decay", weight_decay)
-    if decomposition is not None:
-        check_choice("decomposition", decomposition, _S_ADAGRAD_DECOMPOSITIONS)
+    check_choice("decomposition", decomposition, _S_ADAGRAD_DECOMPOSITIONS)
     if faithful:
         def differs(value: Any, default: Any) -> bool:  # an array (optax.inject_hyperparams, traced) cannot be checked
             return isinstance(value, numbers.Real) and not hasattr(value, "shape") and value != default
@@ -657,11 +655,8 @@ def s_adagrad(
                        precondition_every=precondition_every is not None and precondition_every != 1,
                        spread_refresh=bool(spread_refresh), decomposition=decomposition is not None)
         for option, given in refused.items():
-            check_principled_only(option, given, " (the authors' S-AdaGrad has no relative eps, decay, momentum, weight "
-                                  "decay, blocking, refresh interval or other decomposition)", "in")
-        eps = 0.0
-    elif eps is None:
-        eps = 1e-7
+            check_principled_only(option, given, " (the authors' S-AdaGrad has no such option)", "in")
+    eps = 0.0 if faithful else 1e-7 if eps is None else eps  # the mode's default
     fd_options = dict(
         decay=b2, tail_decay=b2, eps=eps, relative_eps=True, delta=delta,
         cutoff=not faithful, decomposition="svd" if faithful else decomposition or "auto",
