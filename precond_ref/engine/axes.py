@@ -163,14 +163,13 @@ def _counted(xp: Any, ctx: StepContext, failures: Sequence[Optional[Array]], oks
     failures = list(failures)
     counted = [i for i, failure in enumerate(failures) if failure is not None]
     if oks:
-        device = array_device(oks[0])
-        true = constant(xp, ("true",), lambda: xp.ones((1,), dtype=xp.bool, device=device), oks[0])
+        true = constant(xp, ("true",), lambda: xp.ones((1,), dtype=xp.bool, device=array_device(oks[0])), oks[0])
         failed = xp.logical_not(xp.concat([true, *oks], axis=0))
         if ctx.ok is not None and not ctx.applied:
             failed = xp.logical_and(failed, ctx.ok)
         ends = tuple(itertools.accumulate([0] + [blocks[i] for i in counted]))
         index = constant(xp, ("last blocks", ends), lambda: xp.concat(
-            [xp.arange(end, end + 1, dtype=xp.int32, device=device) for end in ends], axis=0), oks[0])
+            [xp.arange(end, end + 1, dtype=xp.int32, device=array_device(oks[0])) for end in ends], axis=0), oks[0])
         totals = taken(xp, xp.cumulative_sum(xp.astype(failed, xp.int32), axis=0, dtype=xp.int32), index)
         new = joined(xp, [xp.reshape(failures[i], (1,)) for i in counted]) + (totals[1:] - totals[:-1])
         for p, i in enumerate(counted):
