@@ -222,14 +222,14 @@ def _stepped(xp: Any, ctx: StepContext, rule: "AxesRule", c: Any, leaves: Sequen
         for u, piece in handed_back(batch, out):
             pieces[u] = piece
         del batch, out  # this batch's stacked copies go before the next batch's are made
-    sketches = [[list(axis) for axis in state.sketches] for _, _, state in leaves]  # stored as their entries
+    sketches = [[list(axis) for axis in state.sketches] for _, _, state in leaves]  # to_entries stores lists as tuples
     outs: list = [[] for _ in leaves]  # a flat rule's outputs, run by run
     blocks = [0] * len(leaves)  # each leaf's number of blocks with a flag
     for (i, n, j), member, piece in zip(units, members, pieces):
         length = member[0].shape[1]
         if piece[0].shape[1] != length:  # a padded stack's block and rows' result cut back to the run's rows
             piece = (piece[0][:, :length, ...], *piece[1:-1], piece[-1][:, :length, ...])
-        if not leaves[i][1].axes[n].batched:  # a leaf of one unstacked block: without the leading axis _runs gave
+        if not leaves[i][1].axes[n].batched:  # an axis in one block: without the leading axis _runs added
             piece = tuple(v[0, ...] for v in piece)
         sketches[i][n][j] = rule.Block(*piece[:fields])
         outs[i].extend(piece[fields + 1:])
