@@ -23,6 +23,7 @@ runs of consecutive phases (:func:`leaf_plan`). The engine then
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import math
@@ -64,7 +65,6 @@ class Run(NamedTuple):
 
 
 class AxisPlan(NamedTuple):
-    axis: int
     runs: tuple[Run, ...]
 
     @property
@@ -93,29 +93,25 @@ def leaf_plan(
     refresh on different steps. The layout (the runs' shapes) depends on ``phases`` only, never on
     ``first_phase``.
     """
-    axes, unit = [], first_phase
-    for n, d in enumerate(merged_shape):
+    axes, phase = [], itertools.count(first_phase)  # the leaf's runs take consecutive phases
+    for d in merged_shape:
         b, full, tail = chunk_sizes(d, block_size)
         runs: list[Run] = []
         for start, length, count in ((0, b, max(full, 1)), (full * b, tail, 1 if tail else 0)):
             pieces = min(count, phases)
             for i in range(pieces):
                 first, stop = phase_share(count, i, i + 1, pieces)
-                runs.append(Run(start + first * length, length, stop - first, min(rank, length), (unit + len(runs)) % phases))
-        unit += len(runs)
-        axes.append(AxisPlan(n, tuple(runs)))
+                runs.append(Run(start + first * length, length, stop - first, min(rank, length), next(phase) % phases))
+        axes.append(AxisPlan(tuple(runs)))
     return LeafPlan(tuple(merged_shape), tuple(axes))
 
 
 def empty_blocks(plan: Optional[LeafPlan], init: Callable[[int, int, tuple], Any]) -> tuple:
     """``blocks[n][j]``: ``init(length, rank, batch)`` for run ``j`` of axis ``n``, ``batch``
     ``(count,)`` on a cut axis and ``()`` on an unblocked one; ``()`` for no plan."""
-    if plan is None:
-        return ()
-    return tuple(
+    return () if plan is None else tuple(
         tuple(init(run.length, run.rank, (run.count,) if axis.batched else ()) for run in axis.runs)
-        for axis in plan.axes
-    )
+        for axis in plan.axes)
 
 
 def run_rows(xp: Any, axis: AxisPlan, run: Run, flat: Array) -> Array:
@@ -133,16 +129,6 @@ def join_runs(xp: Any, axis: AxisPlan, parts: Sequence[Array]) -> Array:
     return parts[0] if len(parts) == 1 else xp.concat(list(parts), axis=0)
 
 
-def _unstacked(axis: AxisPlan, piece: tuple, length: int) -> tuple:
-    """A run's results from a stack, as its leaf takes them: the first and last (the block's first
-    field and its rows' result) cut back to its own ``length`` rows (axis 1) where a stack of
-    :func:`_chunk_stack` padded them, and without the leading axis :func:`_runs` gave a leaf that
-    is one unstacked block; views."""
-    if piece[0].shape[1] != length:
-        piece = (piece[0][:, :length, ...], *piece[1:-1], piece[-1][:, :length, ...])
-    return piece if axis.batched else tuple(v[0, ...] for v in piece)
-
-
 def _runs(xp: Any, leaves: Sequence[tuple], decisions: Sequence[Any], kept: bool) -> tuple[list, list]:
     """The runs of ``leaves`` (``(g, plan, state)``) as members of stacks: a run's block and its
     rows of the mode-n unfolding :math:`G_{(n)}` of ``g`` in the plan's merged shape (count, length,
@@ -153,7 +139,7 @@ def _runs(xp: Any, leaves: Sequence[tuple], decisions: Sequence[Any], kept: bool
     for i, (g, plan, state) in enumerate(leaves):
         for n, axis in enumerate(() if plan is None else plan.axes):
             due = [j for j, run in enumerate(axis.runs) if kept or decisions[run.phase] is not False]
-            flat = unfold(xp, xp.reshape(g, plan.merged_shape), axis.axis) if due else None
+            flat = unfold(xp, xp.reshape(g, plan.merged_shape), n) if due else None
             for j in due:
                 member = (*state.sketches[n][j], run_rows(xp, axis, axis.runs[j], flat))
                 units.append((i, n, j))
@@ -177,14 +163,13 @@ def _counted(xp: Any, ctx: StepContext, failures: Sequence[Optional[Array]], oks
     failures = list(failures)
     counted = [i for i, failure in enumerate(failures) if failure is not None]
     if oks:
-        device = array_device(oks[0])
-        true = constant(xp, ("true",), lambda: xp.ones((1,), dtype=xp.bool, device=device), oks[0])
+        true = constant(xp, ("true",), lambda: xp.ones((1,), dtype=xp.bool, device=array_device(oks[0])), oks[0])
         failed = xp.logical_not(xp.concat([true, *oks], axis=0))
         if ctx.ok is not None and not ctx.applied:
             failed = xp.logical_and(failed, ctx.ok)
         ends = tuple(itertools.accumulate([0] + [blocks[i] for i in counted]))
         index = constant(xp, ("last blocks", ends), lambda: xp.concat(
-            [xp.arange(end, end + 1, dtype=xp.int32, device=device) for end in ends], axis=0), oks[0])
+            [xp.arange(end, end + 1, dtype=xp.int32, device=array_device(oks[0])) for end in ends], axis=0), oks[0])
         totals = taken(xp, xp.cumulative_sum(xp.astype(failed, xp.int32), axis=0, dtype=xp.int32), index)
         new = joined(xp, [xp.reshape(failures[i], (1,)) for i in counted]) + (totals[1:] - totals[:-1])
         for p, i in enumerate(counted):
@@ -237,15 +222,18 @@ def _stepped(xp: Any, ctx: StepContext, rule: "AxesRule", c: Any, leaves: Sequen
         for u, piece in handed_back(batch, out):
             pieces[u] = piece
         del batch, out  # this batch's stacked copies go before the next batch's are made
-    tables = [[list(axis) for axis in state.sketches] for _, _, state in leaves]
+    sketches = [[list(axis) for axis in state.sketches] for _, _, state in leaves]  # to_entries stores lists as tuples
     outs: list = [[] for _ in leaves]  # a flat rule's outputs, run by run
     blocks = [0] * len(leaves)  # each leaf's number of blocks with a flag
     for (i, n, j), member, piece in zip(units, members, pieces):
-        piece = _unstacked(leaves[i][1].axes[n], piece, member[0].shape[1])
-        tables[i][n][j] = rule.Block(*piece[:fields])
+        length = member[0].shape[1]
+        if piece[0].shape[1] != length:  # a padded stack's block and rows' result cut back to the run's rows
+            piece = (piece[0][:, :length, ...], *piece[1:-1], piece[-1][:, :length, ...])
+        if not leaves[i][1].axes[n].batched:  # an axis in one block: without the leading axis _runs added
+            piece = tuple(v[0, ...] for v in piece)
+        sketches[i][n][j] = rule.Block(*piece[:fields])
         outs[i].extend(piece[fields + 1:])
         blocks[i] += member[0].shape[0]
-    sketches = [tuple(tuple(axis) for axis in table) for table in tables]
     ctx.settle(value for leaf in sketches for axis in leaf for block in axis for value in block)
     failures = _counted(xp, ctx, [state.failures for _, _, state in leaves], [piece[fields] for piece in pieces], blocks)
     return list(zip(sketches, failures, outs))
@@ -350,17 +338,14 @@ def padded_lengths(members: Sequence[tuple], labels: Sequence, may_pad: Callable
     rank)`` holds, the longest length of the members of its label, rank, dtype and device that
     ``may_pad`` admits, taken from the longest down while the padded rows stay within
     :data:`PAD_GROWTH` times the real ones (a length that would exceed it keeps its own stacks)."""
-    groups: dict[Any, dict[int, int]] = {}
+    groups: dict[Any, collections.Counter] = collections.defaultdict(collections.Counter)  # rows of each length
     for member, label in zip(members, labels):
         basis, rows = member[0], member[-1]
-        count, length, rank = rows.shape[0], rows.shape[1], basis.shape[-1]
-        if may_pad(length, rank):
-            rows_of = groups.setdefault((label, rank, basis.dtype, device_key(basis)), {})
-            rows_of[length] = rows_of.get(length, 0) + count
+        if may_pad(rows.shape[1], basis.shape[-1]):
+            groups[label, basis.shape[-1], basis.dtype, device_key(basis)][rows.shape[1]] += rows.shape[0]
     targets: dict[tuple, int] = {}
     for key, counts in groups.items():
-        longest = max(counts)
-        real = padded = 0
+        longest, real, padded = max(counts), 0, 0
         for length in sorted(counts, reverse=True):
             if padded + counts[length] * longest <= PAD_GROWTH * (real + counts[length] * length):
                 real, padded = real + counts[length] * length, padded + counts[length] * longest
@@ -396,16 +381,15 @@ def bounded_chunks(
         groups.setdefault(key, []).append((i, nbytes))
     out = []
     for group in groups.values():
-        chunks: list[list[int]] = []
-        totals: list[int] = []
+        chunks: list[list] = []  # each chunk's bytes and members
         for i, nbytes in sorted(group, key=lambda item: -item[1]):  # stable: equal sizes in order
-            fit = next((c for c, total in enumerate(totals) if total + nbytes <= limit), len(chunks))
-            if fit == len(chunks):  # fits no chunk yet: a new one
-                chunks.append([])
-                totals.append(0)
-            chunks[fit].append(i)
-            totals[fit] += nbytes
-        out.extend(sorted(sorted(chunk) for chunk in chunks))
+            chunk = next((chunk for chunk in chunks if chunk[0] + nbytes <= limit), None)
+            if chunk is None:  # fits no chunk yet: a new one
+                chunk = [0, []]
+                chunks.append(chunk)
+            chunk[0] += nbytes
+            chunk[1].append(i)
+        out.extend(sorted(sorted(indices) for _, indices in chunks))
     return out
 
 

@@ -50,15 +50,16 @@ from ..linalg import block_mode_products
 from ..sketch import fd_apply, fd_apply_with_own_mass, fd_init, fd_update, fd_update_apply
 from ..transform import (ScalarOrSchedule, Transform, check_bool, check_choice, check_int, check_interval,
                          check_learning_rate, check_mode, check_nonnegative, check_optional, check_positive_int,
-                         check_principled_only, mode_default)
+                         check_principled_only)
 
 __all__ = ["sketchy", "s_adagrad", "scale_by_sketchy", "SketchyConfig", "SAdaGradConfig", "PRINCIPLED_BLOCK_SIZE",
            "PRINCIPLED_PRECONDITION_EVERY"]
 
 Array = Any
 _GRAFTS = ("rmsprop", "sgd", "none")
-_SKETCHY_DECOMPOSITIONS = ("auto", "svd", "gram", "incremental", "incremental_gram", "subspace")
-_S_ADAGRAD_DECOMPOSITIONS = ("auto", "incremental_secular")
+#: The decompositions each method's ``decomposition`` takes (None: the mode's default).
+_SKETCHY_DECOMPOSITIONS = (None, "auto", "svd", "gram", "incremental", "incremental_gram", "subspace")
+_S_ADAGRAD_DECOMPOSITIONS = (None, "auto", "incremental_secular")
 #: Principled defaults of :func:`sketchy` (docs/methods/sketchy.md, "Long axes, intervals and cost"):
 #: merged axes longer than this are split into blocks with their own sketches, and the sketches are
 #: updated every this many steps, each block in its own phase of the interval.
@@ -123,10 +124,9 @@ def _resolve_schedule(
     mode (unblocked, every step, every block on the same steps), else ``principled_block_size``,
     ``principled_every`` and refreshes spread over the interval; ``dues`` the refresh predicate of
     each phase (:func:`precond_ref.blocking.spread_schedule`)."""
-    if faithful:
-        return block_size, spread_schedule(1 if precondition_every is None else precondition_every, False)
-    every = principled_every if precondition_every is None else precondition_every
-    return principled_block_size if block_size is None else block_size, spread_schedule(every, spread_refresh is not False)
+    every = (1 if faithful else principled_every) if precondition_every is None else precondition_every
+    block_size = principled_block_size if block_size is None and not faithful else block_size
+    return block_size, spread_schedule(every, not faithful and spread_refresh is not False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,10 +162,8 @@ class SketchyConfig(NamedTuple):
 def _sketchy_plan(c: SketchyConfig, shape: tuple[int, ...], first_phase: int = 0) -> Optional[LeafPlan]:
     """None for graft-only leaves (spec §2.3 step 1), else the sketch layout of the merged axes."""
     if c.graft != "none":  # the authors skip preconditioning only when a graft exists
-        if not c.precondition_1d and len(shape) <= 1:
-            return None
         blocked = [d if c.block_size is None else min(d, c.block_size) for d in shape]
-        if any(d > c.max_precondition_dim for d in blocked):
+        if (not c.precondition_1d and len(shape) <= 1) or any(d > c.max_precondition_dim for d in blocked):
             return None
     merged = merge_small_dims(shape, c.merge_dims, squeeze=not c.faithful)
     return leaf_plan(merged, c.rank, c.block_size, len(c.dues), first_phase)
@@ -258,13 +256,6 @@ def _momentum(xp: Any, u: Array, previous: Array, momentum: float, nesterov: boo
     return (u + momentum * trace if nesterov else trace), trace
 
 
-def _sketchy_decomposition(decomposition: Optional[str], faithful: bool) -> str:
-    """The FD path: the authors' QR-then-SVD in faithful mode, the fast ``"auto"`` in principled."""
-    if decomposition is None:
-        return "qr_svd" if faithful else "auto"
-    return "qr_svd" if faithful and decomposition == "svd" else decomposition
-
-
 _SKETCHY = AxesRule(
     State=_State, Block=_Sketch, plan=_sketchy_plan, empty=fd_init, refresh=_sketch_refresh, finish=_sketchy_finish,
     precondition=_precondition, graft=_graft, grafted=_grafted, started=_started,
@@ -292,19 +283,19 @@ def _sketchy_transform(
     check_int("merge_dims", merge_dims, 2)
     check_int("max_precondition_dim", max_precondition_dim, 1)
     check_bool("precondition_1d", precondition_1d)
-    if decomposition is not None:
-        check_choice("decomposition", decomposition, _SKETCHY_DECOMPOSITIONS)
-    if tail_decay is not None:
-        check_choice("tail_decay", tail_decay, ("b2", "sqrt_b2"))
+    check_choice("decomposition", decomposition, _SKETCHY_DECOMPOSITIONS)
+    check_choice("tail_decay", tail_decay, (None, "b2", "sqrt_b2"))
     if faithful:
         check_principled_only("block_size", block_size is not None, " (the authors' Sketchy has no blocking)", "in")
         check_principled_only("spread_refresh", spread_refresh, " (the authors update every sketch on the same steps)", "in")
     block_size, dues = _resolve_schedule(faithful, block_size, precondition_every, spread_refresh,
                                          PRINCIPLED_BLOCK_SIZE, PRINCIPLED_PRECONDITION_EVERY)
-    tail_decay = mode_default(tail_decay, faithful, "sqrt_b2", "b2")
+    square_root = tail_decay == "sqrt_b2" or tail_decay is None and faithful  # the authors' default: sqrt(b2)
+    # the FD path: the authors' QR-then-SVD in faithful mode (for "svd" too), the fast "auto" in principled
+    decomposition = "qr_svd" if faithful and decomposition in (None, "svd") else decomposition or "auto"
     fd_options = dict(
-        decay=b2, tail_decay=b2**0.5 if tail_decay == "sqrt_b2" else b2, eps=eps, relative_eps=relative_eps,
-        cutoff=not faithful, noise_is_mass=faithful, decomposition=_sketchy_decomposition(decomposition, faithful),
+        decay=b2, tail_decay=b2**0.5 if square_root else b2, eps=eps, relative_eps=relative_eps,
+        cutoff=not faithful, noise_is_mass=faithful, decomposition=decomposition,
     )
     c = SketchyConfig(
         learning_rate, rank, fd_options, dues, block_size, merge_dims, max_precondition_dim, precondition_1d, faithful,
@@ -654,26 +645,18 @@ def s_adagrad(
     check_optional(check_nonnegative, "eps", eps)
     check_interval("momentum", momentum, 0.0, 1.0)
     check_nonnegative("weight_decay", weight_decay)
-    if decomposition is not None:
-        check_choice("decomposition", decomposition, _S_ADAGRAD_DECOMPOSITIONS)
+    check_choice("decomposition", decomposition, _S_ADAGRAD_DECOMPOSITIONS)
     if faithful:
         def differs(value: Any, default: Any) -> bool:  # an array (optax.inject_hyperparams, traced) cannot be checked
-            return value is not None and isinstance(value, numbers.Real) and not hasattr(value, "shape") and value != default
+            return isinstance(value, numbers.Real) and not hasattr(value, "shape") and value != default
 
         refused = dict(eps=differs(eps, 0), b2=differs(b2, 1.0), momentum=differs(momentum, 0),
                        weight_decay=differs(weight_decay, 0), block_size=block_size is not None,
                        precondition_every=precondition_every is not None and precondition_every != 1,
                        spread_refresh=bool(spread_refresh), decomposition=decomposition is not None)
-        bad = [k for k, v in refused.items() if v]
-        if bad:
-            raise ValueError(
-                f"s_adagrad(mode='faithful') cannot honour {', '.join(bad)} (the authors' S-AdaGrad "
-                "has no relative eps, decay, momentum, weight decay, blocking, refresh interval or other decomposition); "
-                "use mode='principled'"
-            )
-        eps = 0.0
-    elif eps is None:
-        eps = 1e-7
+        for option, given in refused.items():
+            check_principled_only(option, given, " (the authors' S-AdaGrad has no such option)", "in")
+    eps = 0.0 if faithful else 1e-7 if eps is None else eps  # the mode's default
     fd_options = dict(
         decay=b2, tail_decay=b2, eps=eps, relative_eps=True, delta=delta,
         cutoff=not faithful, decomposition="svd" if faithful else decomposition or "auto",
