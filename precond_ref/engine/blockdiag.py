@@ -141,20 +141,17 @@ def finite_root_or_previous(
     rejects its roots (``eigh``, an unchecked iteration), else int32 flags of the blocks whose root
     failed the method's check (an iteration that did not converge). There ``Z`` holds the method's
     substitute for a block without a previous root, and the previous root is kept instead where
-    ``has_previous()`` (a Python bool or a 0-D bool array, asked only when a flag can be set): a
+    ``has_previous()`` (a 0-D bool array or a Python bool, asked only when a flag can be set): a
     selection on the device, no branch and no host read.
 
     A non-finite statistic never reaches the decomposition (NumPy and torch ``eigh`` raise on it,
     JAX returns NaN): the identity is rooted in its place and the block counts as failed.
     """
     p_ok = all_finite(p, axis=(-2, -1))
-    z, rejected = inverse_root(select(xp, per_block(xp, p_ok, p), p, _eye(xp, p)))
+    z, rejected = inverse_root(select(xp, per_block(xp, p_ok, p), p, identity(xp, p)))
     if rejected is not None:
         rejected = xp.astype(rejected, xp.bool)
-        usable = has_previous()
-        if usable is not False:
-            keep = rejected if usable is True else xp.logical_and(rejected, usable)
-            z = select(xp, per_block(xp, keep, z), previous, z)
+        z = select(xp, per_block(xp, xp.logical_and(rejected, has_previous()), z), previous, z)
     ok = xp.logical_and(all_finite(z, axis=(-2, -1)), p_ok)
     failed = xp.logical_not(ok) if rejected is None else xp.logical_or(xp.logical_not(ok), rejected)
     return select(xp, per_block(xp, ok, z), z, previous), xp.astype(failed, xp.int32)
@@ -166,14 +163,9 @@ def unrefreshed(xp: Any, p: Array, previous: Array) -> tuple[Array, Array]:
     return previous, xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
 
 
-def _eye(xp: Any, p: Array) -> Array:
-    """The identity of ``p``'s k×k blocks (broadcasts against the stack), made once
-    (:func:`~precond_ref.engine.factors.identity`)."""
-    return identity(xp, p if p.ndim > 2 else xp.expand_dims(p, axis=0))
-
-
 def _identity(xp: Any, p: Array) -> Array:
-    return xp.zeros_like(p) + _eye(xp, p)
+    """A stack of identities in the shape of the stack ``p`` (:func:`~precond_ref.engine.factors.identity`)."""
+    return xp.zeros_like(p) + identity(xp, p)
 
 
 def _root_units(
@@ -198,7 +190,7 @@ def _root_units(
         chunks = k // b if b < k else 0  # a blocked side's full chunks (the tail's index)
         for name in (name for name in _ROOT_OF if name in entries):
             p, stored = _as_stack(xp, entries[name]), s.state.get(_ROOT_OF[name])
-            z = _as_stack(xp, _identity(xp, entries[name]) if stored is None else stored)
+            z = _identity(xp, p) if stored is None else _as_stack(xp, stored)
             blocks = range(p.shape[0]) if name == "statistic" and split and chunks > 1 else [None]
             units += [(p, z) if j is None else (p[j : j + 1, ...], z[j : j + 1, ...]) for j in blocks]
             keys += [(sides, chunks if name == "statistic_tail" else 0 if j is None else j % chunks) for j in blocks]
@@ -255,7 +247,7 @@ def refresh_roots(
         z = _in_order(xp, [z for z, _ in results])
         roots[index][_ROOT_OF[name]] = z if statistics[index][name].ndim == 3 else z[0, ...]
         if any(failed is not None for _, failed in results):  # per leaf the sum of its blocks' failures
-            per_block = cast(xp, _in_order(xp, [_no_counts(xp, z.shape[0], z) if f is None else f for z, f in results]), xp.int32)
+            per_block = _in_order(xp, [_no_counts(xp, z.shape[0], z) if f is None else f for z, f in results])
             leaves = len(stacks[index].leaves)
             per_leaf = (xp.sum(per_block, dtype=xp.int32) if leaves == 1 else per_block if per_block.shape[0] == leaves
                         else xp.sum(xp.reshape(per_block, (leaves, -1)), axis=1, dtype=xp.int32))

@@ -117,7 +117,7 @@ def matrix_joins(
     for i in leaves if len(leaves) > 1 else ():
         (g,), state = grads[i], states[i]
         join_key = (g.dtype, device_key(g), tuple(state[n].dtype for n in joined), with_param and params[i][0].dtype)
-        alone = not persist and blocking.large_on_cpu((as_matrix(xp, g, tuple(state["momentum"].shape)),), bound)
+        alone = not persist and blocking.large_on_cpu((g,), bound)  # the entries of its matrix view
         stack_key = (i,) if alone else (join_key, *((n, tuple(state[n].shape)) for n in ("momentum", *stacked) if n in state))
         joins.setdefault(join_key if persist else stack_key, {}).setdefault(stack_key, []).append(i)
     if len(leaves) == 1:
@@ -277,11 +277,7 @@ def hand_back(xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[
 def leaves_of(xp: Any, x: Array, count: int, shape: tuple[int, ...]) -> Sequence[Array]:
     """``x[l]`` for ``l < count`` of a stack ``x`` of ``count`` leaves, in ``shape`` (a blocked
     entry's ``count·c`` blocks, ``c`` per leaf, regrouped)."""
-    if count == 1:
-        return (as_matrix(xp, x, shape),)
-    if tuple(x.shape) != (count, *shape):
-        x = xp.reshape(x, (count, *shape))
-    return xp.unstack(x, axis=0)
+    return (as_matrix(xp, x, shape),) if count == 1 else xp.unstack(as_matrix(xp, x, (count, *shape)), axis=0)
 
 
 # The joined forms of the RMS renormalisations, each beside its plain form (the module's docstring).
@@ -294,7 +290,10 @@ def joined_rms_renormalised(xp: Any, us: list, rms_target: Optional[float], exac
     and one back, one selection of the norms), not once per array. The norms and the scaling stay
     per array (each matrix by its own norm and target)."""
     wide = None if exact_dtype or rms_target is None else wide_dtype(xp, us[0])
-    if plain() or len(us) == 1 or wide is None or not _writable_views(xp) or any(math.prod(u.shape[-2:]) == 0 for u in us):
+    # the pieces are scaled in place: where a slice is not a view that writes through to the
+    # joined array (JAX, array_api_strict), the plain form
+    in_place = not (is_jax_namespace(xp) or is_array_api_strict_namespace(xp))
+    if plain() or len(us) == 1 or wide is None or not in_place or any(math.prod(u.shape[-2:]) == 0 for u in us):
         return end_to_end(xp, [rms_renormalised(xp, u, rms_target, exact_dtype) for u in us])
     w = xp.astype(end_to_end(xp, us), wide)  # a new array: its pieces scaled in place below
     views = pieces(xp, w, [a.shape for a in us])
@@ -303,7 +302,7 @@ def joined_rms_renormalised(xp: Any, us: list, rms_target: Optional[float], exac
     safe = nonzero_divisor(xp, end_to_end(xp, norms))
     targets = _targets(xp, rms_target, [(v.shape[-2:], s) for v, s in zip(views, norm_shapes)], safe)
     for v, factor in zip(views, pieces(xp, numbers_over(xp, targets, safe), norm_shapes)):
-        v *= factor  # r·sqrt(mn)/‖U‖_F of each matrix, as `_target(rms_target, v) / norm`
+        v *= factor  # r·sqrt(mn)/‖U‖_F of each matrix
     return xp.astype(w, us[0].dtype)
 
 
@@ -326,25 +325,14 @@ def joined_scaled_rms_renormalised(
     # scaled_squared_norm, whose scale * scale is the joined square's piece
     totals = [xp.sum(q * sum_across(xp, a * a, axis), axis=-1) for q, a, axis in zip(squares, m_ws, axes)]
     safe = pieces(xp, nonzero_divisor(xp, xp.sqrt(end_to_end(xp, totals))), [a.shape for a in totals])
-    out = [a * xp.expand_dims(s * per_matrix_column(xp, _target(rms_target, a) / n), axis=axis)
-           for a, s, n, axis in zip(m_ws, scale_ws, safe, axes)]
+    targets = [rms_target * math.sqrt(math.prod(a.shape[-2:])) for a in m_ws]  # r·sqrt(mn) of each piece's matrices
+    out = [a * xp.expand_dims(s * per_matrix_column(xp, t / n), axis=axis)
+           for a, s, t, n, axis in zip(m_ws, scale_ws, targets, safe, axes)]
     return xp.astype(end_to_end(xp, out), m.dtype)
 
 
-def _writable_views(xp: Any) -> bool:
-    """Whether a slice or reshape of an array is a view that writes through to it (torch, NumPy,
-    CuPy), so that a piece scaled in place scales the joined array; not on JAX and array_api_strict."""
-    return not (is_jax_namespace(xp) or is_array_api_strict_namespace(xp))
-
-
-def _target(rms_target: float, u: Array) -> float:
-    """``r·sqrt(mn)`` of the m×n matrices of ``u``."""
-    rows, columns = u.shape[-2:]
-    return rms_target * math.sqrt(rows * columns)
-
-
 def _targets(xp: Any, rms_target: float, shapes: list, like: Array) -> Array:
-    """The targets ``r·sqrt(mn)`` (:func:`_target`) of pieces given as ``(matrix shape (m, n), shape
+    """The targets ``r·sqrt(mn)`` of pieces given as ``(matrix shape (m, n), shape
     of their norms)``, each repeated for its norms, joined end to end: an array of ``like``'s dtype
     and device, made once (:func:`~precond_ref.engine.factors.constant`)."""
     def make() -> Array:  # filled on the device: no host data copied
