@@ -36,7 +36,7 @@ from .context import StepContext, settle_pieces
 from .elementwise import rule_step
 from .factors import constant, identity, per_block
 from .joined import leafwise
-from .matrices import MatrixJoin, MatrixStack, as_matrix, end_to_end, hand_back, joined_form, matrix_joins, stack_view, symmetrized_pieces
+from .matrices import MatrixJoin, MatrixStack, end_to_end, hand_back, joined_form, matrix_joins, stack_views, symmetrized_pieces
 from .phases import hashed_phases, refresh_due
 from .run import build_transform
 
@@ -345,7 +345,7 @@ def fallback_leaves(xp: Any, grads: list, states: list, params: Any, ctx: StepCo
         return (u, *(new[k] for k in names))
 
     operands = [[grads[i][0] for i in ours], *([states[i][k] for i in ours] for k in names), *([[params[i][0] for i in ours]] if with_param else [])]
-    for i, (u, *entries) in zip(ours, leafwise(xp, step, *operands, ctx=ctx) if ours else ()):
+    for i, (u, *entries) in zip(ours, leafwise(xp, step, *operands, ctx=ctx)):
         results[i] = ((u,), dict(zip(names, entries)))
     return results, [i for i, result in enumerate(results) if result is None]
 
@@ -445,7 +445,7 @@ def _joined_step(
     stacks, old, new = join.stacks, join.state, [{} for _ in join.stacks]
 
     def views(flat: Array, name: str) -> list:  # a joined array's piece of each stack, in the shapes of entry ``name``
-        return [stack_view(xp, flat, join.leaves, states, s.leaves, name) for s in stacks]
+        return stack_views(xp, flat, states, [s.leaves for s in stacks], name)
 
     def selected(made: dict) -> dict:  # new joined entries selected once, each stack given its pieces
         made = {k: ctx.unless_skipped(a, old[k]) for k, a in made.items()}
@@ -467,8 +467,8 @@ def _joined_step(
              else refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful))
     counts = [z.pop("failures", None) for z in roots]
     if any(n is not None for n in counts):  # the counters of all the join's leaves in one sum
-        selected({"failures": old["failures"] + end_to_end(xp, [
-            _no_counts(xp, len(s.leaves), join.g) if n is None else as_matrix(xp, n, tuple(s.state["failures"].shape)) for s, n in zip(stacks, counts)])})
+        selected({"failures": old["failures"] + end_to_end(xp, [_no_counts(xp, len(s.leaves), join.g) if n is None else n
+                                                                 for s, n in zip(stacks, counts)])})
     u = _directions(xp, rule, c, stacks, new, roots, made, views)
     minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
     step = rule.finish(xp, c, minus_lr, u, None if join.param is None else cast(xp, join.param, u.dtype))

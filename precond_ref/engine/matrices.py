@@ -12,7 +12,6 @@ apply (one stack, a form other than float64, a backend without writable views) a
 
 from __future__ import annotations
 
-import itertools
 import math
 import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -28,7 +27,7 @@ from .context import StepContext, settle_pieces
 from .factors import constant
 
 __all__ = [
-    "MatrixStack", "MatrixJoin", "matrix_joins", "JOIN_MAX_ELEMENTS", "stack_view", "end_to_end", "symmetrized_pieces", "hand_back", "leaves_of",
+    "MatrixStack", "MatrixJoin", "matrix_joins", "JOIN_MAX_ELEMENTS", "stack_views", "end_to_end", "symmetrized_pieces", "hand_back", "leaves_of",
     "as_matrix", "matrix_shape", "joined_form", "joined_rms_renormalised", "joined_scaled_rms_renormalised", "numbers_over",
 ]
 
@@ -125,23 +124,25 @@ def matrix_joins(
     out = []
     for groups in joins.values():
         order = [i for members in groups.values() for i in members]
-        g = cast(xp, end_to_end(xp, [xp.reshape(grads[i][0], (-1,)) for i in order]), compute_dtype(xp, grads[order[0]][0].dtype))
-        param = end_to_end(xp, [xp.reshape(params[i][0], (-1,)) for i in order]) if with_param else None
+        g = cast(xp, end_to_end(xp, [grads[i][0] for i in order]), compute_dtype(xp, grads[order[0]][0].dtype))
+        param = end_to_end(xp, [params[i][0] for i in order]) if with_param else None
         if len(groups) == 1:  # one stack: the join is the stack, in its own shapes
-            shape = tuple(states[order[0]]["momentum"].shape)
-            g, param = _view(xp, g, len(order), shape), None if param is None else _view(xp, param, len(order), shape)
+            shape = _stack_shape(len(order), tuple(states[order[0]]["momentum"].shape))
+            g, param = xp.reshape(g, shape), None if param is None else xp.reshape(param, shape)
             state = {n: _stacked_entry(xp, [states[i][n] for i in order]) for n in joined}
         else:
-            state = {n: end_to_end(xp, [xp.reshape(states[i][n], (-1,)) for i in order]) for n in joined}
+            state = {n: end_to_end(xp, [states[i][n] for i in order]) for n in joined}
+        members_of = list(groups.values())
+        views = {n: stack_views(xp, state[n], states, members_of, n) for n in joined}
+        gs = stack_views(xp, g, states, members_of, "momentum")
+        ps = stack_views(xp, param, states, members_of, "momentum") if with_param else [None] * len(members_of)
         stacks = []
-        for members in groups.values():
+        for k, members in enumerate(members_of):
             first = states[members[0]]
             entries = {n: _stacked_entry(xp, [states[i][n] for i in members]) for n in stacked if n in first}
-            entries.update({n: stack_view(xp, state[n], order, states, members, n) for n in joined})
-            g_stack = stack_view(xp, g, order, states, members, "momentum")
             stacks.append(MatrixStack(tuple(members), tuple(tuple(grads[i][0].shape) for i in members), left(*first["momentum"].shape),
-                                      g_stack if len(groups) == 1 else _own_copy(xp, g_stack), entries,
-                                      stack_view(xp, param, order, states, members, "momentum") if with_param else None))
+                                      gs[k] if len(groups) == 1 else _own_copy(xp, gs[k]), {**entries, **{n: views[n][k] for n in joined}},
+                                      ps[k]))
         out.append(MatrixJoin(tuple(order), g, state, param, stacks))
     return out
 
@@ -202,40 +203,26 @@ def symmetrized_pieces(xp: Any, flat: Array, pieces: Sequence[Array]) -> Array:
     of those joins' slices in order, the sum and the halving) instead of two per piece."""
     if len(pieces) == 1:
         return xp.reshape(symmetrize(pieces[0]), tuple(flat.shape))
-    stacks = [a if a.ndim == 3 else xp.expand_dims(a, axis=0) for a in pieces]
-    by_shape: dict[tuple, list[int]] = {}
-    for i, a in enumerate(stacks):
-        by_shape.setdefault(tuple(a.shape[1:]), []).append(i)
-    transposed: list[Any] = [None] * len(stacks)
-    for members in by_shape.values():
-        joined_t = xp.concat([stacks[i].mT for i in members], axis=0)  # one copy for the pieces of one shape
-        sizes = [stacks[i].shape[0] for i in members]
-        for i, stop, size in zip(members, itertools.accumulate(sizes), sizes):
-            transposed[i] = xp.reshape(joined_t[stop - size : stop, ...], (-1,))
-    return (flat + joined(xp, transposed)) / 2.0
+    transposes = [((a if a.ndim == 3 else xp.expand_dims(a, axis=0)).mT,) for a in pieces]
+    by_shape = blocking.stack(xp, transposes, key=lambda t: tuple(t[0].shape[1:]))  # one copy for the pieces of one shape
+    transposed = blocking.unstack(by_shape, [s.operands for s in by_shape], len(pieces))
+    return (flat + joined(xp, [xp.reshape(t, (-1,)) for (t,) in transposed])) / 2.0
 
 
-def _view(xp: Any, flat: Array, count: int, shape: tuple) -> Array:
-    """A stack's slice of a joined array in its shape: ``(count, *shape)``, or ``shape`` for one leaf;
-    for a 3-D entry (a blocked side's chunks) the chunks of all its leaves, ``(count·c, b, b)``
-    (:func:`_stacked_entry`)."""
-    if count == 1:
-        return xp.reshape(flat, shape)
-    return xp.reshape(flat, (count * shape[0], *shape[1:]) if len(shape) == 3 else (count, *shape))
+def _stack_shape(count: int, shape: tuple) -> tuple:
+    """The shape of the stack of ``count`` leaves whose entry has ``shape``: ``(count, *shape)``, or
+    ``shape`` for one leaf; for a 3-D entry (a blocked side's chunks) the chunks of all its leaves,
+    ``(count·c, b, b)`` (:func:`_stacked_entry`)."""
+    return shape if count == 1 else (count * shape[0], *shape[1:]) if len(shape) == 3 else (count, *shape)
 
 
-def stack_view(xp: Any, flat: Array, order: Sequence[int], states: list, members: Sequence[int], name: str) -> Array:
-    """The part of a joined array ``flat`` (the leaves ``order`` end to end, each in the shape of its
-    entry ``name``) that belongs to the stack of ``members`` (consecutive in ``order``), in the
-    stack's shape (:func:`_view`). A join of one stack holds its arrays in the stack's shapes:
-    ``flat`` itself."""
-    if len(members) == len(order):
-        return flat
-    sizes = [math.prod(states[i][name].shape) for i in order]
-    first = order.index(members[0])
-    start = sum(sizes[:first])
-    stop = start + sum(sizes[first : first + len(members)])
-    return _view(xp, flat[start:stop], len(members), tuple(states[members[0]][name].shape))
+def stack_views(xp: Any, flat: Array, states: list, stacks: Sequence[Sequence[int]], name: str) -> list:
+    """The parts of a joined array ``flat`` (the leaves of ``stacks`` end to end, each in the shape
+    of its entry ``name``) that belong to each stack, in the stack's shape (:func:`_stack_shape`).
+    A join of one stack holds its arrays in the stack's shapes: ``flat`` itself."""
+    if len(stacks) == 1:
+        return [flat]
+    return pieces(xp, flat, [_stack_shape(len(members), tuple(states[members[0]][name].shape)) for members in stacks])
 
 
 def matrix_shape(shape: tuple[int, ...], path: Any) -> tuple[int, int]:
