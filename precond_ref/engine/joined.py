@@ -117,9 +117,9 @@ def pack(
         )
 
     candidates = [i for i in range(len(groups)) if packable(i)]
-    members = [tuple([_flat(xp, a) for a in (*leaves[i], *states[i].values())]) for i in candidates]
+    flattened = [tuple([_flat(xp, a) for a in (*leaves[i], *states[i].values())]) for i in candidates]
     # all 1-D: keyed by their dtypes, no device lookups per operand (eager steps of many small leaves)
-    stacks = [s for s in stack(xp, members, key=_dtypes, labels=[tuple(states[i]) for i in candidates]) if len(s.indices) > 1]
+    stacks = [s for s in stack(xp, flattened, key=_dtypes, labels=[tuple(states[i]) for i in candidates]) if len(s.indices) > 1]
     if not stacks:
         return None
     packs = [tuple(candidates[j] for j in s.indices) for s in stacks]

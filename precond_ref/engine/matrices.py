@@ -303,8 +303,7 @@ def joined_scaled_rms_renormalised(
     casts, the scales' squares, the factors' selection), the column sums and the scaling per piece."""
     wide = None if exact_dtype or rms_target is None else wide_dtype(xp, m)
     if plain() or len(ms) == 1 or wide is None or any(math.prod(a.shape[-2:]) == 0 for a in ms):
-        alone = [scaled_rms_renormalised(xp, *args, rms_target, exact_dtype) for args in zip(ms, scales, axes)]
-        return end_to_end(xp, alone)
+        return end_to_end(xp, [scaled_rms_renormalised(xp, *args, rms_target, exact_dtype) for args in zip(ms, scales, axes)])
     scale_w = xp.astype(scale, wide)
     scale_shapes = [a.shape for a in scales]
     m_ws, scale_ws = pieces(xp, xp.astype(m, wide), [a.shape for a in ms]), pieces(xp, scale_w, scale_shapes)
