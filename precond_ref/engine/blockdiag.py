@@ -36,7 +36,7 @@ from .context import StepContext, settle_pieces
 from .elementwise import rule_step
 from .factors import constant, identity, per_block
 from .joined import leafwise
-from .matrices import MatrixJoin, MatrixStack, as_matrix, end_to_end, hand_back, joined_form, matrix_joins, stack_view, symmetrized_pieces
+from .matrices import MatrixJoin, MatrixStack, end_to_end, hand_back, joined_form, matrix_joins, stack_views, symmetrized_pieces
 from .phases import hashed_phases, refresh_due
 from .run import build_transform
 
@@ -52,10 +52,9 @@ FallbackMask = Union[None, Any, Callable[[Path, Array], bool]]
 
 #: the block entries stacked across the matrix leaves of one shape, besides the joined statistic (:func:`~precond_ref.engine.matrices.matrix_joins`)
 _STACKED = ("statistic_tail", "root", "root_tail")
-#: the entries of a one-sided rule's matrix leaves computed element-wise over a whole join (:class:`~precond_ref.engine.matrices.MatrixJoin`)
+#: the entries of a one-sided rule's matrix leaves computed element-wise over a whole join (:class:`~precond_ref.engine.matrices.MatrixJoin`);
+#: with roots, the failure counter too (one sum for all the join's leaves)
 _JOINED = ("momentum", "statistic")
-#: the failure counter, joined over a join's leaves like the entries above (one sum for all of them)
-_COUNTED = ("failures",)
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
 
 
@@ -80,21 +79,13 @@ def block_state(xp: Any, k: int, block_size: Optional[int], dtype: Any, device: 
     return state
 
 
-def _chunk_rows(xp: Any, x: Array, b: int, full: int) -> Array:
-    """The first ``full·b`` rows of each matrix of ``x`` (a matrix or a stack ``(L, rows,
-    columns)``) as one stack ``(L·full, b, columns)`` of row chunks, the chunks of each matrix in
-    order; ``x`` itself when ``full == 0`` (unblocked)."""
-    if not full:
-        return x
-    return xp.reshape(x[..., : full * b, :], (-1, b, x.shape[-1]))
-
-
 def side_blocks(xp: Any, x: Array, block_size: Optional[int]) -> tuple[Array, Optional[Array]]:
     """The rows of ``x`` (a matrix or a stack ``(L, k, n)``) by block: the chunks of ``block_size``
-    rows as one stack ``(L·c, b, n)`` (``x`` itself when unblocked), and the tail rows (``None``
-    when the chunks cover ``k``)."""
+    rows as one stack ``(L·c, b, n)``, the chunks of each matrix in order (``x`` itself when
+    unblocked), and the tail rows (``None`` when the chunks cover ``k``)."""
     b, full, tail = chunk_sizes(x.shape[-2], block_size)
-    return _chunk_rows(xp, x, b, full), (x[..., full * b :, :] if tail else None)
+    chunks = xp.reshape(x[..., : full * b, :], (-1, b, x.shape[-1])) if full else x
+    return chunks, (x[..., full * b :, :] if tail else None)
 
 
 def _as_stack(xp: Any, x: Array) -> Array:
@@ -119,18 +110,15 @@ def block_diagonal_product(xp: Any, z: Array, z_tail: Optional[Array], momentum:
     if b == k:
         return z_p @ m_p if left else m_p @ z_p
     m_o = m_p if left else m_p.mT
-    full = k // b
-    u_o = xp.reshape(z_p @ _chunk_rows(xp, m_o, b, full), (*m_o.shape[:-2], full * b, m_o.shape[-1]))
+    chunks, tail = side_blocks(xp, m_o, b)
+    u_o = xp.reshape(z_p @ chunks, (*m_o.shape[:-2], k - k % b, m_o.shape[-1]))
     if z_tail is not None:
-        u_o = xp.concat([u_o, cast(xp, z_tail, dtype) @ m_o[..., full * b :, :]], axis=-2)
+        u_o = xp.concat([u_o, cast(xp, z_tail, dtype) @ tail], axis=-2)
     return u_o if left else u_o.mT
 
 
 def finite_root_or_previous(
-    xp: Any,
-    p: Array,
-    previous: Array,
-    inverse_root: Callable[[Array], tuple[Array, Optional[Array]]],
+    xp: Any, p: Array, previous: Array, inverse_root: Callable[[Array], tuple[Array, Optional[Array]]],
     has_previous: Callable[[], Any] = lambda: True,
 ) -> tuple[Array, Array]:
     """Per block of a stack: ``Z = inverse_root(P)`` where ``P`` and ``Z`` are finite and the
@@ -141,20 +129,17 @@ def finite_root_or_previous(
     rejects its roots (``eigh``, an unchecked iteration), else int32 flags of the blocks whose root
     failed the method's check (an iteration that did not converge). There ``Z`` holds the method's
     substitute for a block without a previous root, and the previous root is kept instead where
-    ``has_previous()`` (a Python bool or a 0-D bool array, asked only when a flag can be set): a
+    ``has_previous()`` (a 0-D bool array or a Python bool, asked only when a flag can be set): a
     selection on the device, no branch and no host read.
 
     A non-finite statistic never reaches the decomposition (NumPy and torch ``eigh`` raise on it,
     JAX returns NaN): the identity is rooted in its place and the block counts as failed.
     """
     p_ok = all_finite(p, axis=(-2, -1))
-    z, rejected = inverse_root(select(xp, per_block(xp, p_ok, p), p, _eye(xp, p)))
+    z, rejected = inverse_root(select(xp, per_block(xp, p_ok, p), p, identity(xp, p)))
     if rejected is not None:
         rejected = xp.astype(rejected, xp.bool)
-        usable = has_previous()
-        if usable is not False:
-            keep = rejected if usable is True else xp.logical_and(rejected, usable)
-            z = select(xp, per_block(xp, keep, z), previous, z)
+        z = select(xp, per_block(xp, xp.logical_and(rejected, has_previous()), z), previous, z)
     ok = xp.logical_and(all_finite(z, axis=(-2, -1)), p_ok)
     failed = xp.logical_not(ok) if rejected is None else xp.logical_or(xp.logical_not(ok), rejected)
     return select(xp, per_block(xp, ok, z), z, previous), xp.astype(failed, xp.int32)
@@ -166,14 +151,9 @@ def unrefreshed(xp: Any, p: Array, previous: Array) -> tuple[Array, Array]:
     return previous, xp.zeros(p.shape[:1], dtype=xp.int32, device=placement(xp, p))
 
 
-def _eye(xp: Any, p: Array) -> Array:
-    """The identity of ``p``'s k×k blocks (broadcasts against the stack), made once
-    (:func:`~precond_ref.engine.factors.identity`)."""
-    return identity(xp, p if p.ndim > 2 else xp.expand_dims(p, axis=0))
-
-
 def _identity(xp: Any, p: Array) -> Array:
-    return xp.zeros_like(p) + _eye(xp, p)
+    """A stack of identities in the shape of the stack ``p`` (:func:`~precond_ref.engine.factors.identity`)."""
+    return xp.zeros_like(p) + identity(xp, p)
 
 
 def _root_units(
@@ -198,7 +178,7 @@ def _root_units(
         chunks = k // b if b < k else 0  # a blocked side's full chunks (the tail's index)
         for name in (name for name in _ROOT_OF if name in entries):
             p, stored = _as_stack(xp, entries[name]), s.state.get(_ROOT_OF[name])
-            z = _as_stack(xp, _identity(xp, entries[name]) if stored is None else stored)
+            z = _identity(xp, p) if stored is None else _as_stack(xp, stored)
             blocks = range(p.shape[0]) if name == "statistic" and split and chunks > 1 else [None]
             units += [(p, z) if j is None else (p[j : j + 1, ...], z[j : j + 1, ...]) for j in blocks]
             keys += [(sides, chunks if name == "statistic_tail" else 0 if j is None else j % chunks) for j in blocks]
@@ -212,14 +192,8 @@ def _in_order(xp: Any, blocks: list) -> Array:
 
 
 def refresh_roots(
-    xp: Any,
-    ctx: StepContext,
-    stacks: Sequence[MatrixStack],
-    statistics: Sequence[dict[str, Array]],
-    schedule: tuple,
-    stored: bool,
-    inverse_root: Callable[[Array], tuple[Array, Array]],
-    identity_on_failure: bool,
+    xp: Any, ctx: StepContext, stacks: Sequence[MatrixStack], statistics: Sequence[dict[str, Array]], schedule: tuple,
+    stored: bool, inverse_root: Callable[[Array], tuple[Array, Array]], identity_on_failure: bool,
 ) -> list[dict[str, Array]]:
     """Per stack: ``{"root": Z, "root_tail": Z_tail}`` for its new ``statistics`` (the blocks of one
     statistic joined in order) and, where any of its blocks was refreshed, ``failures``: per leaf
@@ -255,7 +229,7 @@ def refresh_roots(
         z = _in_order(xp, [z for z, _ in results])
         roots[index][_ROOT_OF[name]] = z if statistics[index][name].ndim == 3 else z[0, ...]
         if any(failed is not None for _, failed in results):  # per leaf the sum of its blocks' failures
-            per_block = cast(xp, _in_order(xp, [_no_counts(xp, z.shape[0], z) if f is None else f for z, f in results]), xp.int32)
+            per_block = _in_order(xp, [_no_counts(xp, z.shape[0], z) if f is None else f for z, f in results])
             leaves = len(stacks[index].leaves)
             per_leaf = (xp.sum(per_block, dtype=xp.int32) if leaves == 1 else per_block if per_block.shape[0] == leaves
                         else xp.sum(xp.reshape(per_block, (leaves, -1)), axis=1, dtype=xp.int32))
@@ -312,10 +286,8 @@ def fallback_predicate(fallback_mask: FallbackMask) -> Callable[[Path, Array], b
     table = dict(zip(treedef.paths, leaves))
     for path, flag in table.items():
         if not isinstance(flag, bool):
-            raise ValueError(
-                f"fallback_mask must be a tree of bools or a callable (path, leaf) -> bool; "
-                f"entry {path_str(path)!r} is {flag!r}"
-            )
+            raise ValueError(f"fallback_mask must be a tree of bools or a callable (path, leaf) -> bool; "
+                             f"entry {path_str(path)!r} is {flag!r}")
 
     def lookup(path: Path, leaf: Array) -> bool:
         if path not in table:
@@ -353,7 +325,7 @@ def fallback_leaves(xp: Any, grads: list, states: list, params: Any, ctx: StepCo
         return (u, *(new[k] for k in names))
 
     operands = [[grads[i][0] for i in ours], *([states[i][k] for i in ours] for k in names), *([[params[i][0] for i in ours]] if with_param else [])]
-    for i, (u, *entries) in zip(ours, leafwise(xp, step, *operands, ctx=ctx) if ours else ()):
+    for i, (u, *entries) in zip(ours, leafwise(xp, step, *operands, ctx=ctx)):
         results[i] = ((u,), dict(zip(names, entries)))
     return results, [i for i, result in enumerate(results) if result is None]
 
@@ -425,7 +397,7 @@ def one_sided_transform(
         xp, ctx = ctxs[0].xp, ctxs[0]
         results, matrices = fallback_leaves(xp, grads, states, params, ctx, rule.fallback, fallback)
         # a rule without roots stacks element-wise passes and reductions only (matrix_joins' ``passes``)
-        for join in matrix_joins(xp, grads, states, params, matrices, _STACKED if has_roots else (), _JOINED + _COUNTED if has_roots else _JOINED,
+        for join in matrix_joins(xp, grads, states, params, matrices, _STACKED if has_roots else (), (*_JOINED, "failures") if has_roots else _JOINED,
                                  partial(is_left, c.side), not is_zero(c.weight_decay), passes=not has_roots):
             for i, result in _joined_step(xp, ctx, rule, c, join, states, schedule, keeps_root):
                 results[i] = result
@@ -447,13 +419,13 @@ def _joined_step(
     :func:`~precond_ref.engine.matrices.symmetrized_pieces`), selected for the non-finite rule
     before anything reads them, and a blocked side's tail per stack; the roots refreshed
     (:func:`refresh_roots`) and the counters of all the join's leaves added at once; the
-    renormalised directions of all stacks joined (:func:`_directions`), the update
+    renormalised directions of all stacks joined, the update
     ``rule.finish(-η_t, U_t, W)`` once over the join, and each stack's step, entries, refreshed
     roots and counters handed back to its leaves (:func:`~precond_ref.engine.matrices.hand_back`)."""
     stacks, old, new = join.stacks, join.state, [{} for _ in join.stacks]
 
     def views(flat: Array, name: str) -> list:  # a joined array's piece of each stack, in the shapes of entry ``name``
-        return [stack_view(xp, flat, join.leaves, states, s.leaves, name) for s in stacks]
+        return stack_views(xp, flat, states, [s.leaves for s in stacks], name)
 
     def selected(made: dict) -> dict:  # new joined entries selected once, each stack given its pieces
         made = {k: ctx.unless_skipped(a, old[k]) for k, a in made.items()}
@@ -475,9 +447,19 @@ def _joined_step(
              else refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful))
     counts = [z.pop("failures", None) for z in roots]
     if any(n is not None for n in counts):  # the counters of all the join's leaves in one sum
-        selected({"failures": old["failures"] + end_to_end(xp, [
-            _no_counts(xp, len(s.leaves), join.g) if n is None else as_matrix(xp, n, tuple(s.state["failures"].shape)) for s, n in zip(stacks, counts)])})
-    u = _directions(xp, rule, c, stacks, new, roots, made, views)
+        selected({"failures": old["failures"] + end_to_end(xp, [_no_counts(xp, len(s.leaves), join.g) if n is None else n
+                                                                 for s, n in zip(stacks, counts)])})
+    # the directions U_t renormalised, joined end to end (joined_form: the element-wise work once over
+    # the join): rule.direction of each stack, or M_t diag(s_t) with s_t = rule.scale of the joined
+    # statistic, in the gradients' dtype
+    renormalised = joined_form(rule.renormalise)
+    if rule.scale is None:
+        us = [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)]
+        u = renormalised(xp, us, c.rms_target, c.faithful)
+    else:
+        scale, m = cast(xp, rule.scale(xp, c, made["statistic"]), join.g.dtype), cast(xp, made["momentum"], join.g.dtype)
+        axes = [-1 if s.left else -2 for s in stacks]  # the scaled axis: the rows' on the left, the columns' on the right
+        u = renormalised(xp, m, scale, views(m, "momentum"), views(scale, "statistic"), axes, c.rms_target, c.faithful)
     minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
     step = rule.finish(xp, c, minus_lr, u, None if join.param is None else cast(xp, join.param, u.dtype))
     out = []
@@ -485,22 +467,6 @@ def _joined_step(
         # refreshed roots; a stack none of whose blocks was refreshed keeps its stored ones
         out += hand_back(xp, s, states, piece, {**entries, **z} if keeps_root and n is not None else entries, ctx)
     return out
-
-
-def _directions(xp: Any, rule: OneSidedRule, c: Any, stacks: list, new: list, roots: list, made: dict, views: Callable) -> Array:
-    """The stacks' directions ``U_t``, renormalised by ``rule.renormalise``, flattened and joined end
-    to end (:func:`~precond_ref.engine.matrices.joined_form`: the element-wise work once over the join):
-    ``rule.direction`` of each stack, or ``M_t diag(s_t)`` with ``s_t = rule.scale`` of the joined
-    statistic, both in the gradients' dtype."""
-    joined_renormalised = joined_form(rule.renormalise)
-    if rule.scale is None:
-        us = [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)]
-        return joined_renormalised(xp, us, c.rms_target, c.faithful)
-    dtype = stacks[0].g.dtype
-    scale = cast(xp, rule.scale(xp, c, made["statistic"]), dtype)
-    m = cast(xp, made["momentum"], dtype)
-    axes = [-1 if s.left else -2 for s in stacks]  # the scaled axis: the rows' on the left, the columns' on the right
-    return joined_renormalised(xp, m, scale, views(m, "momentum"), views(scale, "statistic"), axes, c.rms_target, c.faithful)
 
 
 def _no_counts(xp: Any, leaves: int, like: Array) -> Array:

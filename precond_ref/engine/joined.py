@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from array_api_compat import is_jax_namespace
 
-from .._backend import device_key, is_tracer, plain, torch_compiling
+from .._backend import device_key, is_tracer, leading_slices, plain, torch_compiling
 from ..blocking import stack, unstack
 from ..transform import PrecondState, singleton_groups
 from ..tree import tree_flatten, tree_unflatten
@@ -117,16 +117,9 @@ def pack(
         )
 
     candidates = [i for i in range(len(groups)) if packable(i)]
-    stacks = [
-        s
-        for s in stack(
-            xp,
-            [tuple([_flat(xp, a) for a in (*leaves[i], *states[i].values())]) for i in candidates],
-            key=_dtypes,  # all 1-D; no device lookups per operand (eager steps of many small leaves)
-            labels=[tuple(states[i]) for i in candidates],
-        )
-        if len(s.indices) > 1
-    ]
+    flattened = [tuple([_flat(xp, a) for a in (*leaves[i], *states[i].values())]) for i in candidates]
+    # all 1-D: keyed by their dtypes, no device lookups per operand (eager steps of many small leaves)
+    stacks = [s for s in stack(xp, flattened, key=_dtypes, labels=[tuple(states[i]) for i in candidates]) if len(s.indices) > 1]
     if not stacks:
         return None
     packs = [tuple(candidates[j] for j in s.indices) for s in stacks]
@@ -148,14 +141,11 @@ def pack(
         for key, members, s in zip(flat_keys, packs, stacks):
             new, old = new_state.groups[key], flat_groups[key]
             changed = [k for k in new if new[k] is not old[k]]  # an entry the step left untouched is the leaf's own
-            sliced = unstack([s], [(updates[key], *(new[k] for k in changed))], len(candidates))
-            for i, j in zip(members, s.indices):
+            slices = [leading_slices(a, s.lengths) for a in (updates[key], *(new[k] for k in changed))]
+            for i, update, *entries in zip(members, *slices):
                 shape = tuple(grad_leaves[i].shape)
-                update, *entries = sliced[j]
                 out[i] = _shaped(xp, update, shape)
-                own = new_groups[groups[i].key] = dict(states[i])
-                for k, entry in zip(changed, entries):
-                    own[k] = _shaped(xp, entry, shape)
+                new_groups[groups[i].key] = {**states[i], **{k: _shaped(xp, entry, shape) for k, entry in zip(changed, entries)}}
         new_groups = {key: new_groups[key] for key in state.groups}
         return tree_unflatten(treedef, out), new_state._replace(groups=new_groups)
 

@@ -12,7 +12,6 @@ apply (one stack, a form other than float64, a backend without writable views) a
 
 from __future__ import annotations
 
-import itertools
 import math
 import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -28,7 +27,7 @@ from .context import StepContext, settle_pieces
 from .factors import constant
 
 __all__ = [
-    "MatrixStack", "MatrixJoin", "matrix_joins", "JOIN_MAX_ELEMENTS", "stack_view", "end_to_end", "symmetrized_pieces", "hand_back", "leaves_of",
+    "MatrixStack", "MatrixJoin", "matrix_joins", "JOIN_MAX_ELEMENTS", "stack_views", "end_to_end", "symmetrized_pieces", "hand_back", "leaves_of",
     "as_matrix", "matrix_shape", "joined_form", "joined_rms_renormalised", "joined_scaled_rms_renormalised", "numbers_over",
 ]
 
@@ -117,7 +116,7 @@ def matrix_joins(
     for i in leaves if len(leaves) > 1 else ():
         (g,), state = grads[i], states[i]
         join_key = (g.dtype, device_key(g), tuple(state[n].dtype for n in joined), with_param and params[i][0].dtype)
-        alone = not persist and blocking.large_on_cpu((as_matrix(xp, g, tuple(state["momentum"].shape)),), bound)
+        alone = not persist and blocking.large_on_cpu((g,), bound)  # the entries of its matrix view
         stack_key = (i,) if alone else (join_key, *((n, tuple(state[n].shape)) for n in ("momentum", *stacked) if n in state))
         joins.setdefault(join_key if persist else stack_key, {}).setdefault(stack_key, []).append(i)
     if len(leaves) == 1:
@@ -125,23 +124,25 @@ def matrix_joins(
     out = []
     for groups in joins.values():
         order = [i for members in groups.values() for i in members]
-        g = cast(xp, end_to_end(xp, [xp.reshape(grads[i][0], (-1,)) for i in order]), compute_dtype(xp, grads[order[0]][0].dtype))
-        param = end_to_end(xp, [xp.reshape(params[i][0], (-1,)) for i in order]) if with_param else None
+        g = cast(xp, end_to_end(xp, [grads[i][0] for i in order]), compute_dtype(xp, grads[order[0]][0].dtype))
+        param = end_to_end(xp, [params[i][0] for i in order]) if with_param else None
         if len(groups) == 1:  # one stack: the join is the stack, in its own shapes
-            shape = tuple(states[order[0]]["momentum"].shape)
-            g, param = _view(xp, g, len(order), shape), None if param is None else _view(xp, param, len(order), shape)
+            shape = _stack_shape(len(order), tuple(states[order[0]]["momentum"].shape))
+            g, param = xp.reshape(g, shape), None if param is None else xp.reshape(param, shape)
             state = {n: _stacked_entry(xp, [states[i][n] for i in order]) for n in joined}
         else:
-            state = {n: end_to_end(xp, [xp.reshape(states[i][n], (-1,)) for i in order]) for n in joined}
+            state = {n: end_to_end(xp, [states[i][n] for i in order]) for n in joined}
+        members_of = list(groups.values())
+        views = {n: stack_views(xp, state[n], states, members_of, n) for n in joined}
+        gs = stack_views(xp, g, states, members_of, "momentum")
+        ps = stack_views(xp, param, states, members_of, "momentum") if with_param else [None] * len(members_of)
         stacks = []
-        for members in groups.values():
+        for k, members in enumerate(members_of):
             first = states[members[0]]
             entries = {n: _stacked_entry(xp, [states[i][n] for i in members]) for n in stacked if n in first}
-            entries.update({n: stack_view(xp, state[n], order, states, members, n) for n in joined})
-            g_stack = stack_view(xp, g, order, states, members, "momentum")
             stacks.append(MatrixStack(tuple(members), tuple(tuple(grads[i][0].shape) for i in members), left(*first["momentum"].shape),
-                                      g_stack if len(groups) == 1 else _own_copy(xp, g_stack), entries,
-                                      stack_view(xp, param, order, states, members, "momentum") if with_param else None))
+                                      gs[k] if len(groups) == 1 else _own_copy(xp, gs[k]), {**entries, **{n: views[n][k] for n in joined}},
+                                      ps[k]))
         out.append(MatrixJoin(tuple(order), g, state, param, stacks))
     return out
 
@@ -202,40 +203,26 @@ def symmetrized_pieces(xp: Any, flat: Array, pieces: Sequence[Array]) -> Array:
     of those joins' slices in order, the sum and the halving) instead of two per piece."""
     if len(pieces) == 1:
         return xp.reshape(symmetrize(pieces[0]), tuple(flat.shape))
-    stacks = [a if a.ndim == 3 else xp.expand_dims(a, axis=0) for a in pieces]
-    by_shape: dict[tuple, list[int]] = {}
-    for i, a in enumerate(stacks):
-        by_shape.setdefault(tuple(a.shape[1:]), []).append(i)
-    transposed: list[Any] = [None] * len(stacks)
-    for members in by_shape.values():
-        joined_t = xp.concat([stacks[i].mT for i in members], axis=0)  # one copy for the pieces of one shape
-        sizes = [stacks[i].shape[0] for i in members]
-        for i, stop, size in zip(members, itertools.accumulate(sizes), sizes):
-            transposed[i] = xp.reshape(joined_t[stop - size : stop, ...], (-1,))
-    return (flat + joined(xp, transposed)) / 2.0
+    transposes = [((a if a.ndim == 3 else xp.expand_dims(a, axis=0)).mT,) for a in pieces]
+    by_shape = blocking.stack(xp, transposes, key=lambda t: tuple(t[0].shape[1:]))  # one copy for the pieces of one shape
+    transposed = blocking.unstack(by_shape, [s.operands for s in by_shape], len(pieces))
+    return (flat + joined(xp, [xp.reshape(t, (-1,)) for (t,) in transposed])) / 2.0
 
 
-def _view(xp: Any, flat: Array, count: int, shape: tuple) -> Array:
-    """A stack's slice of a joined array in its shape: ``(count, *shape)``, or ``shape`` for one leaf;
-    for a 3-D entry (a blocked side's chunks) the chunks of all its leaves, ``(count·c, b, b)``
-    (:func:`_stacked_entry`)."""
-    if count == 1:
-        return xp.reshape(flat, shape)
-    return xp.reshape(flat, (count * shape[0], *shape[1:]) if len(shape) == 3 else (count, *shape))
+def _stack_shape(count: int, shape: tuple) -> tuple:
+    """The shape of the stack of ``count`` leaves whose entry has ``shape``: ``(count, *shape)``, or
+    ``shape`` for one leaf; for a 3-D entry (a blocked side's chunks) the chunks of all its leaves,
+    ``(count·c, b, b)`` (:func:`_stacked_entry`)."""
+    return shape if count == 1 else (count * shape[0], *shape[1:]) if len(shape) == 3 else (count, *shape)
 
 
-def stack_view(xp: Any, flat: Array, order: Sequence[int], states: list, members: Sequence[int], name: str) -> Array:
-    """The part of a joined array ``flat`` (the leaves ``order`` end to end, each in the shape of its
-    entry ``name``) that belongs to the stack of ``members`` (consecutive in ``order``), in the
-    stack's shape (:func:`_view`). A join of one stack holds its arrays in the stack's shapes:
-    ``flat`` itself."""
-    if len(members) == len(order):
-        return flat
-    sizes = [math.prod(states[i][name].shape) for i in order]
-    first = order.index(members[0])
-    start = sum(sizes[:first])
-    stop = start + sum(sizes[first : first + len(members)])
-    return _view(xp, flat[start:stop], len(members), tuple(states[members[0]][name].shape))
+def stack_views(xp: Any, flat: Array, states: list, stacks: Sequence[Sequence[int]], name: str) -> list:
+    """The parts of a joined array ``flat`` (the leaves of ``stacks`` end to end, each in the shape
+    of its entry ``name``) that belong to each stack, in the stack's shape (:func:`_stack_shape`).
+    A join of one stack holds its arrays in the stack's shapes: ``flat`` itself."""
+    if len(stacks) == 1:
+        return [flat]
+    return pieces(xp, flat, [_stack_shape(len(members), tuple(states[members[0]][name].shape)) for members in stacks])
 
 
 def matrix_shape(shape: tuple[int, ...], path: Any) -> tuple[int, int]:
@@ -277,11 +264,7 @@ def hand_back(xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[
 def leaves_of(xp: Any, x: Array, count: int, shape: tuple[int, ...]) -> Sequence[Array]:
     """``x[l]`` for ``l < count`` of a stack ``x`` of ``count`` leaves, in ``shape`` (a blocked
     entry's ``count·c`` blocks, ``c`` per leaf, regrouped)."""
-    if count == 1:
-        return (as_matrix(xp, x, shape),)
-    if tuple(x.shape) != (count, *shape):
-        x = xp.reshape(x, (count, *shape))
-    return xp.unstack(x, axis=0)
+    return (as_matrix(xp, x, shape),) if count == 1 else xp.unstack(as_matrix(xp, x, (count, *shape)), axis=0)
 
 
 # The joined forms of the RMS renormalisations, each beside its plain form (the module's docstring).
@@ -294,7 +277,10 @@ def joined_rms_renormalised(xp: Any, us: list, rms_target: Optional[float], exac
     and one back, one selection of the norms), not once per array. The norms and the scaling stay
     per array (each matrix by its own norm and target)."""
     wide = None if exact_dtype or rms_target is None else wide_dtype(xp, us[0])
-    if plain() or len(us) == 1 or wide is None or not _writable_views(xp) or any(math.prod(u.shape[-2:]) == 0 for u in us):
+    # the pieces are scaled in place: where a slice is not a view that writes through to the
+    # joined array (JAX, array_api_strict), the plain form
+    in_place = not (is_jax_namespace(xp) or is_array_api_strict_namespace(xp))
+    if plain() or len(us) == 1 or wide is None or not in_place or any(math.prod(u.shape[-2:]) == 0 for u in us):
         return end_to_end(xp, [rms_renormalised(xp, u, rms_target, exact_dtype) for u in us])
     w = xp.astype(end_to_end(xp, us), wide)  # a new array: its pieces scaled in place below
     views = pieces(xp, w, [a.shape for a in us])
@@ -303,7 +289,7 @@ def joined_rms_renormalised(xp: Any, us: list, rms_target: Optional[float], exac
     safe = nonzero_divisor(xp, end_to_end(xp, norms))
     targets = _targets(xp, rms_target, [(v.shape[-2:], s) for v, s in zip(views, norm_shapes)], safe)
     for v, factor in zip(views, pieces(xp, numbers_over(xp, targets, safe), norm_shapes)):
-        v *= factor  # r·sqrt(mn)/‖U‖_F of each matrix, as `_target(rms_target, v) / norm`
+        v *= factor  # r·sqrt(mn)/‖U‖_F of each matrix
     return xp.astype(w, us[0].dtype)
 
 
@@ -317,8 +303,7 @@ def joined_scaled_rms_renormalised(
     casts, the scales' squares, the factors' selection), the column sums and the scaling per piece."""
     wide = None if exact_dtype or rms_target is None else wide_dtype(xp, m)
     if plain() or len(ms) == 1 or wide is None or any(math.prod(a.shape[-2:]) == 0 for a in ms):
-        alone = [scaled_rms_renormalised(xp, *args, rms_target, exact_dtype) for args in zip(ms, scales, axes)]
-        return end_to_end(xp, alone)
+        return end_to_end(xp, [scaled_rms_renormalised(xp, *args, rms_target, exact_dtype) for args in zip(ms, scales, axes)])
     scale_w = xp.astype(scale, wide)
     scale_shapes = [a.shape for a in scales]
     m_ws, scale_ws = pieces(xp, xp.astype(m, wide), [a.shape for a in ms]), pieces(xp, scale_w, scale_shapes)
@@ -326,25 +311,14 @@ def joined_scaled_rms_renormalised(
     # scaled_squared_norm, whose scale * scale is the joined square's piece
     totals = [xp.sum(q * sum_across(xp, a * a, axis), axis=-1) for q, a, axis in zip(squares, m_ws, axes)]
     safe = pieces(xp, nonzero_divisor(xp, xp.sqrt(end_to_end(xp, totals))), [a.shape for a in totals])
-    out = [a * xp.expand_dims(s * per_matrix_column(xp, _target(rms_target, a) / n), axis=axis)
-           for a, s, n, axis in zip(m_ws, scale_ws, safe, axes)]
+    targets = [rms_target * math.sqrt(math.prod(a.shape[-2:])) for a in m_ws]  # r·sqrt(mn) of each piece's matrices
+    out = [a * xp.expand_dims(s * per_matrix_column(xp, t / n), axis=axis)
+           for a, s, t, n, axis in zip(m_ws, scale_ws, targets, safe, axes)]
     return xp.astype(end_to_end(xp, out), m.dtype)
 
 
-def _writable_views(xp: Any) -> bool:
-    """Whether a slice or reshape of an array is a view that writes through to it (torch, NumPy,
-    CuPy), so that a piece scaled in place scales the joined array; not on JAX and array_api_strict."""
-    return not (is_jax_namespace(xp) or is_array_api_strict_namespace(xp))
-
-
-def _target(rms_target: float, u: Array) -> float:
-    """``r·sqrt(mn)`` of the m×n matrices of ``u``."""
-    rows, columns = u.shape[-2:]
-    return rms_target * math.sqrt(rows * columns)
-
-
 def _targets(xp: Any, rms_target: float, shapes: list, like: Array) -> Array:
-    """The targets ``r·sqrt(mn)`` (:func:`_target`) of pieces given as ``(matrix shape (m, n), shape
+    """The targets ``r·sqrt(mn)`` of pieces given as ``(matrix shape (m, n), shape
     of their norms)``, each repeated for its norms, joined end to end: an array of ``like``'s dtype
     and device, made once (:func:`~precond_ref.engine.factors.constant`)."""
     def make() -> Array:  # filled on the device: no host data copied

@@ -461,7 +461,7 @@ def test_matrix_joins_are_the_leaves_end_to_end_and_their_stacks():
     the join; leaves of another dtype form another join. A join of one stack holds that stack's
     arrays in its own shapes. After the leaves are handed their consecutive pieces of a new joined
     entry, the next join of that entry is a view of it (no copy)."""
-    from precond_ref.engine.matrices import matrix_joins, stack_view
+    from precond_ref.engine.matrices import matrix_joins, stack_views
 
     rng = np.random.default_rng(21)
     shapes = [(3, 5), (4, 2), (3, 5, 1), (4, 2), (3, 5)]
@@ -490,8 +490,8 @@ def test_matrix_joins_are_the_leaves_end_to_end_and_their_stacks():
     assert narrow.g.shape == (2, 3) and narrow.g.dtype == np.float32  # one stack of one leaf: its own shapes
     # hand each leaf its piece of a new joined entry: the next join is a view of it
     new = wide.state["momentum"] * 2.0
-    for s in wide.stacks:
-        for i, piece in zip(s.leaves, stack_view(xp, new, order, states, s.leaves, "momentum")):
+    for s, view in zip(wide.stacks, stack_views(xp, new, states, [s.leaves for s in wide.stacks], "momentum")):
+        for i, piece in zip(s.leaves, view):
             states[i] = {**states[i], "momentum": piece}
     again = matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), lambda m, n: m < n, True)[0]
     assert np.shares_memory(again.state["momentum"], new)
