@@ -33,12 +33,6 @@ def is_torch_namespace(xp: Any) -> bool:
     return getattr(xp, "__name__", None) in _TORCH_NAMES
 
 
-def _is_jax_numpy(xp: Any) -> bool:
-    """Whether ``xp`` is ``jax.numpy`` (``False`` for ``None`` and for a stand-in without a name,
-    where array_api_compat's test raises)."""
-    return getattr(xp, "__name__", None) == "jax.numpy"
-
-
 def is_numpy_namespace(xp: Any) -> bool:
     """Whether ``xp`` is NumPy's namespace (NumPy itself or array_api_compat's wrapper of it)."""
     return getattr(xp, "__name__", None) in _NUMPY_NAMES
@@ -53,14 +47,9 @@ def namespace_of(*arrays: Any) -> Any:
     namespace without array_api_compat's tests of each array's type: the same answer, which dynamo
     would otherwise trace call by call (a dozen calls an array, in every traced step).
     """
-    if arrays and torch_compiling():
-        torch, wrapped = sys.modules["torch"], sys.modules.get(f"{array_api_compat.__name__}.torch")
-        for a in arrays:
-            if not isinstance(a, torch.Tensor):
-                wrapped = None
-                break
-        if wrapped is not None:
-            return wrapped
+    torch, wrapped = sys.modules.get("torch"), sys.modules.get(f"{array_api_compat.__name__}.torch")
+    if arrays and wrapped is not None and torch_compiling() and all([isinstance(a, torch.Tensor) for a in arrays]):
+        return wrapped
     return array_api_compat.array_namespace(*arrays)
 
 
@@ -116,7 +105,7 @@ def scalar_array(xp: Any, value: Any, dtype: Any, device: Any) -> Array:
     blocking host copy. On JAX ``device`` is ignored (see :func:`placement`).
     """
     if isinstance(value, numbers.Real):  # Python and NumPy scalars alike
-        return xp.full((), float(value), dtype=dtype, device=_placed(xp, device))
+        return xp.full((), float(value), dtype=dtype, device=None if is_jax_namespace(xp) else device)
     return xp.astype(value, dtype)
 
 
@@ -136,7 +125,7 @@ def placement(xp: Any, x: Array) -> Any:
     ``None`` on JAX, where the new array stays uncommitted and follows the arrays it meets (the
     device of a sharded array is a multi-device sharding, which an array of another shape cannot
     take)."""
-    return _placed(xp, array_device(x))
+    return None if is_jax_namespace(xp) else array_device(x)
 
 
 def index_dtype(xp: Any, x: Array) -> Any:
@@ -147,11 +136,6 @@ def index_dtype(xp: Any, x: Array) -> Any:
     if info is None:
         return xp.int64
     return info().default_dtypes(device=array_device(x))["indexing"]
-
-
-def _placed(xp: Any, device: Any) -> Any:
-    """``device``, or ``None`` on JAX (see :func:`placement`)."""
-    return None if is_jax_namespace(xp) else device
 
 
 def scalar_zero(xp: Any, x: Array) -> Array:
@@ -236,21 +220,28 @@ def torch_compiling() -> bool:
     return torch is not None and torch.compiler.is_compiling()
 
 
+@contextlib.contextmanager
+def _setting(read: Callable, write: Callable, value: Any) -> Iterator[None]:
+    """Within it, ``write(value)``; on leaving, ``write`` of what ``read()`` gave before (a context
+    variable of the core's, torch's float32 matmul precision)."""
+    previous = read()
+    write(value)
+    try:
+        yield
+    finally:
+        write(previous)
+
+
 _OWNED_STATE: contextvars.ContextVar[bool] = contextvars.ContextVar("precond_ref_owned_state", default=False)
 
 
-@contextlib.contextmanager
-def owned_state() -> Iterator[None]:
+def owned_state() -> ContextManager[None]:
     """Within it, an ``update`` may write a new state entry over the array of the state it was given
     (:func:`state_owned`): for a caller that owns its state and drops the previous one after the
     step (a torch optimizer, CuPy's captured step), so that a step of a state larger than the free
     memory needs no second copy of it. Outside it the core is pure: ``update`` writes no array it
     was given, and the previous state stays valid."""
-    token = _OWNED_STATE.set(True)
-    try:
-        yield
-    finally:
-        _OWNED_STATE.reset(token)
+    return _setting(_OWNED_STATE.get, _OWNED_STATE.set, True)
 
 
 def state_owned() -> bool:
@@ -287,10 +278,8 @@ class IdentityDict:
     def __setitem__(self, key: Any, value: Any) -> None:
         if self._pairs is None:
             self._by_id[id(key)] = (key, value)
-        elif key in self:
-            self._pairs = [(k, value if k is key else v) for k, v in self._pairs]
         else:
-            self._pairs.append((key, value))
+            self._pairs = [(k, v) for k, v in self._pairs if k is not key] + [(key, value)]
 
 
 _ABSENT = object()
@@ -322,25 +311,14 @@ def float32_matmul_precision(xp: Any, precision: str) -> ContextManager[None]:
     context is :data:`NO_CONTEXT`.
     """
     if precision not in JAX_MATMUL_PRECISION:
-        choices = ", ".join(repr(c) for c in JAX_MATMUL_PRECISION)
-        raise ValueError(f"precision must be one of {choices}, got {precision!r}")
+        raise ValueError(f"precision must be one of {', '.join(map(repr, JAX_MATMUL_PRECISION))}, got {precision!r}")
     if is_jax_namespace(xp):
         return sys.modules["jax"].default_matmul_precision(JAX_MATMUL_PRECISION[precision])
     if is_torch_namespace(xp) and not torch_compiling():
         torch = sys.modules["torch"]
         if torch.get_float32_matmul_precision() != precision:
-            return _torch_matmul_precision(torch, precision)
+            return _setting(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, precision)
     return NO_CONTEXT
-
-
-@contextlib.contextmanager
-def _torch_matmul_precision(torch: Any, precision: str) -> Iterator[None]:
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,16 +336,12 @@ def cond(xp: Any, pred: Any, true_fn: Callable, false_fn: Callable, *operands: A
     would trace both branches again on every call). Both branches must return arrays of identical
     shapes and dtypes.
     """
-    if isinstance(pred, bool):
-        return true_fn(*operands) if pred else false_fn(*operands)
     if is_jax_namespace(xp) and is_tracer(pred):
         return sys.modules["jax"].lax.cond(pred, true_fn, false_fn, *operands)
     if torch_compiling() and hasattr(pred, "shape"):
         # torch.cond's branches may not return their operands themselves: copies.
-        def unaliased(fn: Callable) -> Callable:
-            return lambda *ops: _copies(xp, fn(*ops))
-
-        return sys.modules["torch"].cond(pred, unaliased(true_fn), unaliased(false_fn), operands)
+        copied = [lambda *ops, fn=fn: _copies(xp, fn(*ops)) for fn in (true_fn, false_fn)]
+        return sys.modules["torch"].cond(pred, *copied, operands)
     return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
 
@@ -386,13 +360,7 @@ def iterate(xp: Any, count: int, body: Callable, carry: Any) -> Any:
     if is_torch_namespace(xp) and torch_compiling() and on_cpu(xp, carry[0]):
         torch = sys.modules["torch"]
         start = torch.zeros((), dtype=torch.int64, device=carry[0].device)
-
-        def more(turn: Array, *values: Array) -> Array:
-            return turn < count
-
-        def step(turn: Array, *values: Array) -> tuple:
-            return (turn + 1, *body(values))
-
+        more, step = (lambda turn, *values: turn < count), (lambda turn, *values: (turn + 1, *body(values)))
         return tuple(torch._higher_order_ops.while_loop(more, step, (start, *carry))[1:])
     for _ in range(count):
         carry = body(carry)
@@ -445,11 +413,8 @@ def host_bool(xp: Any, x: Array) -> Any:
     and eagerly a wait on its asynchronous dispatch), a tensor on a GPU (a synchronisation),
     anything under ``torch.compile`` (a graph break), other namespaces.
     """
-    if torch_compiling():
-        return None
-    if is_numpy_namespace(xp):
-        return bool(x)
-    if is_torch_namespace(xp) and getattr(x.device, "type", None) == "cpu":
+    cpu_tensor = is_torch_namespace(xp) and getattr(x.device, "type", None) == "cpu"
+    if not torch_compiling() and (is_numpy_namespace(xp) or cpu_tensor):
         return bool(x)
     return None
 
@@ -463,11 +428,10 @@ def is_dense(x: Array) -> bool:
     and sums may round differently. A step that drops a selection that would select ``x`` keeps it
     where ``x`` is not dense: the same numbers, bit for bit, in every later step.
     """
-    flags = getattr(x, "flags", None)
-    if flags is not None and hasattr(flags, "c_contiguous"):
-        return bool(flags.c_contiguous)
-    contiguous = getattr(x, "is_contiguous", None)
-    return bool(contiguous()) if callable(contiguous) else True
+    contiguous = getattr(x, "is_contiguous", None)  # torch's; NumPy's and CuPy's in their flags
+    if callable(contiguous):
+        return bool(contiguous())
+    return bool(getattr(getattr(x, "flags", None), "c_contiguous", True))
 
 
 def select(xp: Any, pred: Array, a: Array, b: Array) -> Array:
@@ -566,13 +530,10 @@ def host_all_finite(xp: Any, arrays: list) -> Any:
 def on_cpu(xp: Any, x: Array) -> bool:
     """Whether ``x`` lives in host memory (a tracer: whether JAX's default backend is the CPU)."""
     dev = array_device(x)
-    if is_jax_namespace(xp):
-        platform = getattr(dev, "platform", None)  # None for a tracer: the default backend
-        return (platform or sys.modules["jax"].default_backend()) == "cpu"
-    kind = getattr(dev, "type", None)  # torch
-    if isinstance(kind, str):
-        return kind == "cpu"
-    return "cpu" in str(dev).lower()  # NumPy "cpu", array_api_strict CPU_DEVICE; CuPy devices are GPUs
+    if is_jax_namespace(xp):  # a tracer's device has no platform: the default backend's
+        return (getattr(dev, "platform", None) or sys.modules["jax"].default_backend()) == "cpu"
+    kind = getattr(dev, "type", None)  # torch's; NumPy "cpu", array_api_strict CPU_DEVICE; CuPy devices are GPUs
+    return kind == "cpu" if isinstance(kind, str) else "cpu" in str(dev).lower()
 
 
 def ema(old: Array, new: Array, decay: Any, lerp_form: bool = False) -> Array:
@@ -645,8 +606,7 @@ def squared_sums(xp: Any, g: Array, axis: int) -> Array:
 _PLAIN: contextvars.ContextVar[bool] = contextvars.ContextVar("precond_ref_plain_forms", default=False)
 
 
-@contextlib.contextmanager
-def plain_forms(plain: bool = True) -> Iterator[None]:
+def plain_forms(plain: bool = True) -> ContextManager[None]:
     """Within it (``plain=True``), every form of the core that differs from its plain formula takes
     the plain one: a join is ``concat``, a stack ``stack``, a selection one per leaf, leaves run
     one by one, nothing of a step is remembered or viewed. The numbers are the same, bit for bit,
@@ -662,11 +622,7 @@ def plain_forms(plain: bool = True) -> Iterator[None]:
     traced outside it keeps its fast forms within it, and the other way round, until it is traced
     again.
     """
-    token = _PLAIN.set(bool(plain))
-    try:
-        yield
-    finally:
-        _PLAIN.reset(token)
+    return _setting(_PLAIN.get, _PLAIN.set, bool(plain))
 
 
 def plain() -> bool:
@@ -687,8 +643,7 @@ _plain_while_tracing._dynamo_marked_constant = True  # type: ignore[attr-defined
 _SLICES: contextvars.ContextVar[Optional["IdentityDict"]] = contextvars.ContextVar("precond_ref_slices", default=None)
 
 
-@contextlib.contextmanager
-def remembered_slices(xp: Any) -> Iterator[None]:
+def remembered_slices(xp: Any) -> ContextManager[None]:
     """Within it, on JAX (which has no views), the slices along the leading axis that
     :func:`leading_slices` cuts are remembered with the array they were cut from, so that a join of
     consecutive ones (:func:`joined`, :func:`selected_by_runs`) is that array, or one slice of it,
@@ -698,20 +653,15 @@ def remembered_slices(xp: Any) -> Iterator[None]:
     than a few pieces stays unfused, each piece then written out by a kernel of its own. Elsewhere,
     and within :func:`plain_forms`, nothing is remembered. What it saves: ``docs/backends.md``
     ("Backend shims")."""
-    if plain() or not _is_jax_numpy(xp) or _SLICES.get() is not None:
-        yield
-        return
-    token = _SLICES.set(IdentityDict())
-    try:
-        yield
-    finally:
-        _SLICES.reset(token)
+    if plain() or not is_jax_namespace(xp) or _SLICES.get() is not None:
+        return NO_CONTEXT
+    return _setting(_SLICES.get, _SLICES.set, IdentityDict())
 
 
 def remembered() -> Optional["IdentityDict"]:
     """The slices :func:`remembered_slices` remembers, or ``None`` outside it (and while
     ``torch.compile`` traces: dynamo cannot read a context variable)."""
-    return None if torch_compiling() else _SLICES.get()
+    return None if torch_compiling() or plain() else _SLICES.get()
 
 
 def leading_slices(a: Array, lengths: Any) -> Any:
@@ -745,11 +695,10 @@ def leading_rows(xp: Any, a: Array) -> list:
 
 
 def _gathered_rows(xp: Any, arrays: list) -> Optional[Array]:
-    """``xp.stack(arrays)`` where every array is a remembered row (:func:`leading_rows`): the
-    arrays they are rows of, joined, and one gather of the rows (a slice where they are consecutive
-    rows of one array); ``None`` otherwise."""
-    known = remembered()
-    where = [known.get(a) for a in arrays] if known is not None else [None]
+    """Within :func:`remembered_slices`, ``xp.stack(arrays)`` where every array is a remembered row
+    (:func:`leading_rows`): the arrays they are rows of, joined, and one gather of the rows (a slice
+    where they are consecutive rows of one array); ``None`` otherwise."""
+    where = [remembered().get(a) for a in arrays]
     if any(w is None or w[2] is not None for w in where):
         return None
     parents, offsets = [], IdentityDict()
@@ -767,35 +716,29 @@ def _gathered_rows(xp: Any, arrays: list) -> Optional[Array]:
 
 
 def _slice_runs(arrays: list) -> Optional[list]:
-    """``arrays`` as runs: each maximal run of consecutive remembered slices of one array
-    (:func:`leading_slices`) as that array or its one slice, each other array as itself; ``None``
-    where no two arrays make such a run (nothing remembered, or nothing to gain)."""
+    """Within :func:`remembered_slices`, ``arrays`` as runs: each maximal run of consecutive
+    remembered slices of one array (:func:`leading_slices`) as that array or its one slice, each
+    other array as itself; ``None`` where no two arrays make such a run (nothing to gain)."""
     known = remembered()
-    if known is None:
-        return None
-    runs: list = []  # [array, (parent, start, stop) or None]
+    runs: list = []  # [array, (parent, start, stop) or None]; the array None for a run of two slices or more
     for a in arrays:
         where = known.get(a)
         where = None if where is None or where[2] is None else where  # a row is no slice
         last = runs[-1][1] if runs else None
         if where is not None and last is not None and where[0] is last[0] and where[1] == last[2]:
-            runs[-1][1] = (last[0], last[1], where[2])
-            runs[-1][0] = None
+            runs[-1] = [None, (last[0], last[1], where[2])]
         else:
             runs.append([a, where])
     if len(runs) == len(arrays):
         return None
-    out = []
-    for a, where in runs:
-        if a is None:
-            parent, start, stop = where
-            if start == 0 and stop == parent.shape[0]:
-                a = parent
-            else:
-                a = parent[start:stop, ...]
-                known[a] = where
-        out.append(a)
-    return out
+    for run in runs:
+        if run[0] is None:
+            parent, start, stop = run[1]
+            whole = start == 0 and stop == parent.shape[0]
+            run[0] = parent if whole else parent[start:stop, ...]
+            if not whole:  # a slice made here, remembered as the pieces were
+                known[run[0]] = run[1]
+    return [a for a, _ in runs]
 
 
 def computed_once(xp: Any, value: Any) -> Any:
@@ -837,9 +780,9 @@ def joined(xp: Any, arrays: Any) -> Array:
     one slice, joined with the rest.
     """
     arrays = list(arrays)
-    if len(arrays) < 2 or torch_compiling() or plain():  # traced: no views, no slices remembered
+    if len(arrays) < 2:
         return xp.concat(arrays, axis=0)
-    if not _is_jax_numpy(xp):
+    if remembered() is None:
         view = consecutive_view(arrays, new_axis=False)
         return xp.concat(arrays, axis=0) if view is None else view
     runs = _slice_runs(arrays) or arrays
@@ -862,12 +805,9 @@ def stacked(xp: Any, arrays: Any) -> Array:
     lie end to end (:func:`joined`'s rule; on JAX, remembered rows gathered, :func:`_gathered_rows`);
     within :func:`plain_forms`, and while ``torch.compile`` traces, the stack."""
     arrays = list(arrays)
-    if len(arrays) < 2 or torch_compiling() or plain():
+    if len(arrays) < 2:
         return xp.stack(arrays)
-    if not _is_jax_numpy(xp):
-        view = consecutive_view(arrays, new_axis=True)
-        return xp.stack(arrays) if view is None else view
-    view = _gathered_rows(xp, arrays)
+    view = consecutive_view(arrays, new_axis=True) if remembered() is None else _gathered_rows(xp, arrays)
     return xp.stack(arrays) if view is None else view
 
 
@@ -876,7 +816,7 @@ def consecutive_runs(xp: Any, columns: Any) -> list:
     (sequences of one length), flattened, are consecutive pieces of one allocation
     (:func:`consecutive_view`); a position that continues no run is a run of its own."""
     count = len(columns[0])
-    if not all(_viewer(column[0]) for column in columns if count):
+    if torch_compiling() or not all(_extent(column[0]) is not None for column in columns if count):
         return [(i, i + 1) for i in range(count)]
     # Only a C-contiguous array can lie in a run: flattening another would copy it.
     flat = [[xp.reshape(a, (-1,)) if is_dense(a) else None for a in column] for column in columns]
@@ -906,126 +846,85 @@ def selected_by_runs(xp: Any, pred: Array, news: Any, olds: Any) -> list:
     slice) and of their olds joined, each handed its slice of the result. Within
     :func:`plain_forms`, and while ``torch.compile`` traces (which has no views of the pieces to
     find runs in, nor slices remembered), one selection per pair."""
-    known = None if torch_compiling() or plain() else remembered()
-    if known is None:
-        return _selected_by_views(xp, pred, news, olds)
-    out: list = [None] * len(news)
-    families, order = IdentityDict(), []  # the array they were cut from -> its slices here
-    for i, new in enumerate(news):
-        where = known.get(new)
-        if where is not None and where[2] is not None:
-            if where[0] not in families:
-                families[where[0]] = []
-                order.append(families.get(where[0]))
-            families.get(where[0]).append((where[1], where[2], i))
-    for members in order:
-        members.sort()
-        run = [members[0]]
-        for member in members[1:] + [None]:
-            if member is not None and member[0] == run[-1][1]:
-                run.append(member)
-                continue
-            if len(run) > 1:
-                ids = [i for _, _, i in run]
-                whole = select(xp, pred, joined(xp, [news[i] for i in ids]), joined(xp, [olds[i] for i in ids]))
-                for i, piece in zip(ids, leading_slices(whole, [news[i].shape[0] for i in ids])):
-                    out[i] = piece
-            run = [member]
-    return [select(xp, pred, new, old) if o is None else o for new, old, o in zip(news, olds, out)]
-
-
-def _selected_by_views(xp: Any, pred: Array, news: list, olds: list) -> list:
-    """:func:`selected_by_runs` outside :func:`remembered_slices`: of pieces of one allocation
-    (eager torch, NumPy, CuPy), one selection per pair elsewhere and within :func:`plain_forms`."""
     if torch_compiling() or plain():
         return [select(xp, pred, new, old) for new, old in zip(news, olds)]
-    out = []
-    for start, stop in consecutive_runs(xp, [news]):
-        if stop - start == 1 or not all(is_dense(old) for old in olds[start:stop]):
-            out += [select(xp, pred, new, old) for new, old in zip(news[start:stop], olds[start:stop])]
-            continue
-        whole = select(xp, pred, *(joined(xp, [xp.reshape(a, (-1,)) for a in side[start:stop]]) for side in (news, olds)))
-        offset = 0
-        for new in news[start:stop]:
-            size = math.prod(new.shape)
-            out.append(xp.reshape(whole[offset : offset + size], tuple(new.shape)))
-            offset += size
-    return out
+    known, out = remembered(), []
+    if known is None:  # views: runs of consecutive pieces, flattened and joined
+        for start, stop in consecutive_runs(xp, [news]):
+            if stop - start == 1 or not all(is_dense(old) for old in olds[start:stop]):
+                out += [select(xp, pred, new, old) for new, old in zip(news[start:stop], olds[start:stop])]
+                continue
+            flat = [joined(xp, [xp.reshape(a, (-1,)) for a in side[start:stop]]) for side in (news, olds)]
+            out += pieces(xp, select(xp, pred, *flat), [new.shape for new in news[start:stop]])
+        return out
+    where = [known.get(new) for new in news]
+    where = [None if w is None or w[2] is None else w for w in where]  # a row is no slice
+    rank = IdentityDict()  # the arrays the slices were cut from, numbered in order of first appearance
+    for w in where:
+        if w is not None and w[0] not in rank:
+            rank[w[0]] = len(rank)
+    runs: list = []  # runs of consecutive slices of one array, each a list of (its number, start, stop, position)
+    for k, start, stop, i in sorted((rank.get(w[0]), w[1], w[2], i) for i, w in enumerate(where) if w is not None):
+        if runs and runs[-1][-1][0] == k and runs[-1][-1][2] == start:
+            runs[-1].append((k, start, stop, i))
+        else:
+            runs.append([(k, start, stop, i)])
+    out = [None] * len(news)
+    for ids in ([i for *_, i in run] for run in runs if len(run) > 1):
+        whole = select(xp, pred, joined(xp, [news[i] for i in ids]), joined(xp, [olds[i] for i in ids]))
+        for i, piece in zip(ids, leading_slices(whole, [news[i].shape[0] for i in ids])):
+            out[i] = piece
+    return [select(xp, pred, new, old) if o is None else o for new, old, o in zip(news, olds, out)]
 
 
 def consecutive_view(arrays: list, new_axis: bool) -> Optional[Array]:
     """The C-contiguous array of their stack (``new_axis``: pieces of one shape) or concatenation
     along axis 0 over the memory of ``arrays`` when they are consecutive, non-empty, C-contiguous
     pieces of one allocation, of one dtype and one exact array type (torch's ``Tensor``, NumPy's or
-    CuPy's ``ndarray``); ``None`` otherwise, within :func:`plain_forms` and while ``torch.compile``
-    traces (whose tensors are no views of one allocation)."""
+    CuPy's ``ndarray``; a torch piece that requires grad is none); ``None`` otherwise, within
+    :func:`plain_forms` and while ``torch.compile`` traces (whose tensors are no views of one
+    allocation)."""
     first = arrays[0]
-    view = None if torch_compiling() or plain() else _viewer(first)
+    where = None if plain() or torch_compiling() else _extent(first)
     rest = tuple(first.shape) if new_axis else tuple(first.shape[1:])
-    if view is None or (len(first.shape) == 0 and not new_axis) or any(
+    if where is None or where[1] is None or (len(first.shape) == 0 and not new_axis) or any(
             type(a) is not type(first) or tuple(a.shape if new_axis else a.shape[1:]) != rest for a in arrays):
-        return None
-    return view(arrays, (len(arrays), *rest) if new_axis else (sum(a.shape[0] for a in arrays), *rest))
+        return None  # (an allocation of None: an array that is no view of another)
+    kind, owner, start, _ = where
+    end = start
+    for a in arrays:
+        _, base, begins, ends = _extent(a)
+        if (base is not owner or begins != end or ends == end or a.dtype != first.dtype or not is_dense(a)
+                or getattr(a, "requires_grad", False)):
+            return None
+        end = ends
+    shape = (len(arrays), *rest) if new_axis else (sum(a.shape[0] for a in arrays), *rest)
+    if kind == "numpy":
+        if type(owner) is not type(first) or not owner.flags.c_contiguous:
+            return None
+        view = type(first)(shape, dtype=first.dtype, buffer=owner, offset=start - owner.__array_interface__["data"][0])
+        view.flags.writeable = first.flags.writeable
+        return view
+    if kind == "torch":
+        return first.as_strided(shape, tuple(math.prod(shape[i + 1:]) for i in range(len(shape))), start)  # C order
+    return type(first)(shape, dtype=first.dtype, memptr=first.data)
 
 
-def _viewer(x: Array) -> Optional[Callable]:
-    """The function of :func:`consecutive_view` for ``x``'s exact array type (an eager torch
-    ``Tensor``, a NumPy or CuPy ``ndarray``), or ``None`` for an array type it cannot view."""
-    kind = type(x)
-    torch, np, cp = sys.modules.get("torch"), sys.modules.get("numpy"), sys.modules.get("cupy")
-    if torch is not None and kind is torch.Tensor:
-        return None if torch.compiler.is_compiling() else _torch_view
+def _extent(x: Array) -> Optional[tuple]:
+    """``(library, allocation, start, end)`` of ``x`` in its memory, for the exact array types of
+    :func:`consecutive_view` (``None`` for another): NumPy points every view at the array that owns
+    the memory (``base``) and counts addresses in bytes; torch keeps the allocation's tensor as every
+    view's ``_base`` and counts storage offsets in elements; CuPy points at its memory (``data.mem``),
+    in bytes."""
+    kind, np, torch, cp = type(x), sys.modules.get("numpy"), sys.modules.get("torch"), sys.modules.get("cupy")
     if np is not None and kind is np.ndarray:
-        return _numpy_view
-    return _cupy_view if cp is not None and kind is cp.ndarray else None
-
-
-def _torch_view(arrays: list, shape: tuple) -> Optional[Array]:
-    """:func:`consecutive_view` of eager torch tensors: one ``_base`` (the allocation's tensor,
-    which torch keeps for every view of it), consecutive storage offsets; ``as_strided``."""
-    first = arrays[0]
-    base, dtype, offset = first._base, first.dtype, first.storage_offset()
-    if base is None:
-        return None
-    end = offset
-    for a in arrays:
-        n = a.numel()
-        if a._base is not base or a.dtype != dtype or a.requires_grad or n == 0 or not a.is_contiguous() or a.storage_offset() != end:
-            return None
-        end += n
-    return first.as_strided(shape, tuple(math.prod(shape[i + 1:]) for i in range(len(shape))), offset)  # C order
-
-
-def _numpy_view(arrays: list, shape: tuple) -> Optional[Array]:
-    """:func:`consecutive_view` of NumPy arrays: one owning ``base`` (NumPy points every view at
-    the array that owns the memory), consecutive data addresses; an ``ndarray`` over that base."""
-    first = arrays[0]
-    base, dtype = first.base, first.dtype
-    if type(base) is not type(first) or not base.flags.c_contiguous:
-        return None
-    start = end = first.__array_interface__["data"][0]
-    for a in arrays:
-        if (a.base is not base or a.dtype != dtype or a.size == 0 or not a.flags.c_contiguous
-                or a.__array_interface__["data"][0] != end):
-            return None
-        end += a.nbytes
-    view = type(first)(shape, dtype=dtype, buffer=base, offset=start - base.__array_interface__["data"][0])
-    if not first.flags.writeable:
-        view.flags.writeable = False
-    return view
-
-
-def _cupy_view(arrays: list, shape: tuple) -> Optional[Array]:
-    """:func:`consecutive_view` of CuPy arrays: one memory allocation (``data.mem``), consecutive
-    device addresses; an ``ndarray`` at the first piece's address."""
-    first = arrays[0]
-    mem, dtype = first.data.mem, first.dtype
-    end = first.data.ptr
-    for a in arrays:
-        if a.data.mem is not mem or a.dtype != dtype or a.size == 0 or not a.flags.c_contiguous or a.data.ptr != end:
-            return None
-        end += a.nbytes
-    return type(first)(shape, dtype=dtype, memptr=first.data)
+        start = x.__array_interface__["data"][0]
+        return "numpy", x.base, start, start + x.nbytes
+    if torch is not None and kind is torch.Tensor:
+        return "torch", x._base, x.storage_offset(), x.storage_offset() + x.numel()
+    if cp is not None and kind is cp.ndarray:
+        return "cupy", x.data.mem, x.data.ptr, x.data.ptr + x.nbytes
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1035,20 +934,12 @@ def _cupy_view(arrays: list, shape: tuple) -> Optional[Array]:
 _KEPT: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("precond_ref_constants", default=None)
 
 
-@contextlib.contextmanager
-def keeping_constants(kept: Optional[dict]) -> Iterator[None]:
+def keeping_constants(kept: Optional[dict]) -> ContextManager[None]:
     """Within it, :func:`constant` keeps the arrays it makes in ``kept`` and finds them there on
     later calls: ``kept`` is a transform's own (made with it, dropped with it), so that nothing a
     step makes outlives the optimizer. Nothing is set while ``torch.compile`` traces (dynamo cannot
     set a context variable; :func:`constant` makes its arrays for the traced step then)."""
-    if torch_compiling():
-        yield
-        return
-    token = _KEPT.set(kept)
-    try:
-        yield
-    finally:
-        _KEPT.reset(token)
+    return NO_CONTEXT if torch_compiling() else _setting(_KEPT.get, _KEPT.set, kept)
 
 
 def constant(xp, key, make, like):

@@ -103,7 +103,7 @@ def test_stack_groups_arrays_on_an_unhashable_device_by_device():
         return ArrayOn(np.concatenate([a.array for a in arrays], axis=axis), arrays[0].device.id)
 
     members = [(ArrayOn(np.ones((1, 2)), 0),), (ArrayOn(np.ones((1, 2)), 1),), (ArrayOn(np.ones((2, 2)), 0),)]
-    stacks = stack(SimpleNamespace(concat=concat), members)
+    stacks = stack(SimpleNamespace(__name__="stand_in", concat=concat), members)  # a namespace has a name
     assert [s.indices for s in stacks] == [(0, 2), (1,)]
     assert stacks[0].operands[0].shape == (3, 2) and stacks[0].operands[0].device.id == 0
 
