@@ -214,31 +214,30 @@ def join_stacks(xp, parts: Sequence[Any], plan: TilePlan):
 def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tuple]], plans: Sequence[TilePlan]
                        ) -> list:
     """``Σ_t x_t`` per group of a per-tile quantity, summed over the group's tiles in row-major
-    order. ``vectors[m]`` holds the values of batch ``m``, the tiles of its members ``members[m]``
+    order, as ``(groups, sums)`` per dtype and device: the vector of the sums of those groups.
+    ``vectors[m]`` holds the values of batch ``m``, the tiles of its members ``members[m]``
     ((group, stack) numbers of ``plans``) one after the other. The batches of one dtype and device
     joined, every group's values put in its tile order by one ``take`` (none where they are so
     already), the groups of one number ``k`` of tiles next to each other, and each such run summed
     by one ``sum`` over the rows of its ``(groups, k)`` matrix (a row's sum is that row's alone)."""
-    out: list = [None] * len(plans)
+    out = []
     kinds: dict = {}
     for m, vector in enumerate(vectors):
         kinds.setdefault((vector.dtype, device_key(vector)), []).append(m)
     for batches in kinds.values():
-        place: dict = {}  # (group, tile) -> its place in the batches joined
-        for i, s in (member for m in batches for member in members[m]):
-            place.update(((i, t), len(place)) for t in plans[i].stacks[s].tiles)
-        groups = sorted(dict.fromkeys(i for i, _ in place), key=lambda i: len(plans[i].tiles))
+        tiles = [(i, t) for m in batches for i, s in members[m] for t in plans[i].stacks[s].tiles]  # the joined entries
+        place = {tile: p for p, tile in enumerate(tiles)}  # (group, tile) -> its place in the batches joined
+        groups = sorted(dict.fromkeys(i for i, _ in tiles), key=lambda i: len(plans[i].tiles))
         order = tuple(place[i, t] for i in groups for t in range(len(plans[i].tiles)))
         joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
         if order != tuple(range(len(order))):
             joined = taken(xp, joined, index_array(xp, order, joined))
-        start = 0
+        sums, start = [], 0
         for k, same in itertools.groupby(groups, key=lambda i: len(plans[i].tiles)):
-            same = list(same)
-            rows = xp.reshape(joined[start : start + k * len(same)], (len(same), k))
-            for i, total in zip(same, leading_rows(xp, xp.sum(rows, axis=1))):
-                out[i] = total
-            start += k * len(same)
+            n = len(list(same))
+            sums.append(xp.sum(xp.reshape(joined[start : start + k * n], (n, k)), axis=1))
+            start += k * n
+        out.append((groups, sums[0] if len(sums) == 1 else xp.concat(sums)))
     return out
 
 
@@ -275,7 +274,7 @@ def kept_where_usable(xp, grouped, old, new):
     one ``where``, the kept arrays consecutive pieces of its result). Element-wise (``where``): no
     device value is read."""
     nonzero = each_block(xp, xp.any, grouped != 0.0)
-    finite, joints = None, {}
+    accept, joints = nonzero, {}
     for dtype in dict.fromkeys(a.dtype for a in new):  # one test of the entries of all arrays of one dtype
         members = [n for n, a in enumerate(new) if a.dtype == dtype]
         joint = side_by_side(xp, [new[n] for n in members])
@@ -285,8 +284,7 @@ def kept_where_usable(xp, grouped, old, new):
         else:
             rows = [xp.reshape(new[n], (new[n].shape[0], -1)) for n in members]
             ok = all_finite(rows[0] if len(rows) == 1 else xp.concat(rows, axis=1), axis=(1,))
-        finite = ok if finite is None else xp.logical_and(finite, ok)
-    accept = xp.logical_and(finite, nonzero)
+        accept = xp.logical_and(accept, ok)
     failed = xp.logical_xor(nonzero, accept)  # nonzero and not finite
     kept = [xp.where(per_block(xp, accept, a), a, b) if not any(n in m for m in joints) else None
             for n, (a, b) in enumerate(zip(new, old))]
@@ -698,7 +696,8 @@ def _store(t: _Tiling, xp, stack_states, failures, chosen, batch, out, ctx) -> N
 def _preconditioned(t: _Tiling, xp, h, groups, stack_states) -> list:
     """Every stack of every group preconditioned by the rule (batched as by :func:`_batches`), with
     the KL clip scaled per group by its tiles' sum in row-major order
-    (:func:`sums_in_tile_order`), and handed back as every leaf's ``D`` (:func:`leaves_of_batches`)."""
+    (:func:`sums_in_tile_order`; the rule's clip once for the sums of one dtype), and handed back
+    as every leaf's ``D`` (:func:`leaves_of_batches`)."""
     rule, c = t.rule, t.c
     chosen, batches = _batches(xp, groups, stack_states, refreshing=False)
     batched = batches(0, len(t.intervals))
@@ -707,8 +706,10 @@ def _preconditioned(t: _Tiling, xp, h, groups, stack_states) -> list:
     if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
         tile_inner = [rule.inner(xp, D, cast(xp, batch.operands[0], D.dtype)) for D, batch in zip(D_batched, batched)]
         members = [[chosen[m] for m in batch.indices] for batch in batched]
-        sums = sums_in_tile_order(xp, tile_inner, members, [group.plan for group in groups])
-        nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
+        nu = [None] * len(groups)
+        for ids, sums in sums_in_tile_order(xp, tile_inner, members, [group.plan for group in groups]):
+            for i, value in zip(ids, leading_rows(xp, rule.clip(xp, c, h, sums))):
+                nu[i] = value
         D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
                      for D, batch in zip(D_batched, batched)]
     return leaves_of_batches(xp, D_batched, chosen, batched, groups)
@@ -753,9 +754,9 @@ def _stack_of(rule: TiledRule, operands: Sequence[Array], rank: int) -> NamedTup
 # Fast forms, each beside its plain form
 #
 # Each computes what its plain form states (the cuts and joins of the groups' tensors, one sum or
-# selection per array or run, one call per value) in fewer operations: the rearrangements of all
-# groups as one gather by an index made once per layout, the operands of one shape side by side,
-# the failure counts of a batch at once. Each gives its plain form's numbers, bit for bit, and within
+# selection per array or run) in fewer operations: the rearrangements of all groups as one gather
+# by an index made once per layout, the operands of one shape side by side, the failure counts of
+# a batch at once. Each gives its plain form's numbers, bit for bit, and within
 # :func:`~precond_ref._backend.plain_forms` each takes its plain form.
 
 
@@ -875,12 +876,3 @@ def side_by_side(xp, arrays: Sequence[Any]):
     if plain() or len(arrays) < 2 or len({tuple(a.shape) for a in arrays}) != 1:
         return None
     return stacked(xp, arrays)
-
-
-def _by_dtype(xp, fn, values: Sequence[Array]) -> list:
-    """``fn`` of the 0-D ``values`` (one per group), computed once for the vector of all values of one
-    dtype instead of once per value, and handed back one per value; within
-    :func:`~precond_ref._backend.plain_forms`, once per value."""
-    if plain() or len({value.dtype for value in values}) > 1:
-        return [fn(value) for value in values]
-    return list(leading_rows(xp, fn(stacked(xp, values))))
