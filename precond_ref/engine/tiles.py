@@ -214,30 +214,31 @@ def join_stacks(xp, parts: Sequence[Any], plan: TilePlan):
 def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tuple]], plans: Sequence[TilePlan]
                        ) -> list:
     """``Σ_t x_t`` per group of a per-tile quantity, summed over the group's tiles in row-major
-    order, as ``(groups, sums)`` per dtype and device: the vector of the sums of those groups.
-    ``vectors[m]`` holds the values of batch ``m``, the tiles of its members ``members[m]``
+    order. ``vectors[m]`` holds the values of batch ``m``, the tiles of its members ``members[m]``
     ((group, stack) numbers of ``plans``) one after the other. The batches of one dtype and device
     joined, every group's values put in its tile order by one ``take`` (none where they are so
     already), the groups of one number ``k`` of tiles next to each other, and each such run summed
     by one ``sum`` over the rows of its ``(groups, k)`` matrix (a row's sum is that row's alone)."""
-    out = []
+    out: list = [None] * len(plans)
     kinds: dict = {}
     for m, vector in enumerate(vectors):
         kinds.setdefault((vector.dtype, device_key(vector)), []).append(m)
     for batches in kinds.values():
-        tiles = [(i, t) for m in batches for i, s in members[m] for t in plans[i].stacks[s].tiles]  # the joined entries
-        place = {tile: p for p, tile in enumerate(tiles)}  # (group, tile) -> its place in the batches joined
-        groups = sorted(dict.fromkeys(i for i, _ in tiles), key=lambda i: len(plans[i].tiles))
+        place: dict = {}  # (group, tile) -> its place in the batches joined
+        for i, s in (member for m in batches for member in members[m]):
+            place.update(((i, t), len(place)) for t in plans[i].stacks[s].tiles)
+        groups = sorted(dict.fromkeys(i for i, _ in place), key=lambda i: len(plans[i].tiles))
         order = tuple(place[i, t] for i in groups for t in range(len(plans[i].tiles)))
         joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
         if order != tuple(range(len(order))):
             joined = taken(xp, joined, index_array(xp, order, joined))
-        sums, start = [], 0
+        start = 0
         for k, same in itertools.groupby(groups, key=lambda i: len(plans[i].tiles)):
-            n = len(list(same))
-            sums.append(xp.sum(xp.reshape(joined[start : start + k * n], (n, k)), axis=1))
-            start += k * n
-        out.append((groups, sums[0] if len(sums) == 1 else xp.concat(sums)))
+            same = list(same)
+            rows = xp.reshape(joined[start : start + k * len(same)], (len(same), k))
+            for i, total in zip(same, leading_rows(xp, xp.sum(rows, axis=1))):
+                out[i] = total
+            start += k * len(same)
     return out
 
 
@@ -527,13 +528,9 @@ def _statistics(t: _Tiling, grads_list, states, ctxs) -> tuple:
     :func:`_laid_out`, and its gradient as the plan's stacks of tiles, :func:`tiles_of_groups`) and
     its state as fields."""
     xp = ctxs[0].xp
-    groups, fields = [], []
-    for grads, state, ctx in zip(grads_list, states, ctxs):
-        shapes = [tuple(g.shape) for g in grads]
-        out_first, tiles, f = _laid_out(t, state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
-        groups.append(_Group(work_dtype(t.layout, xp, grads[0].dtype), shapes, grouped_shape(shapes, out_first)[0],
-                             out_first, tiles, None, t.plans[tuple(shapes), out_first][3]))
-        fields.append(f)
+    groups, fields = zip(*(_laid_out(t, state, grads, work_dtype(t.layout, xp, grads[0].dtype),
+                                     path_str(ctx.paths[0]) if ctx.paths else "?")
+                           for grads, state, ctx in zip(grads_list, states, ctxs)))
     # What batches a stack with the equal stacks of other groups besides its tile shape: its factors'
     # trailing shapes and dtypes, as precond_ref.blocking.same_layout reads them.
     keys = [[tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor) for stack in f.stacks] for f in fields]
@@ -541,11 +538,14 @@ def _statistics(t: _Tiling, grads_list, states, ctxs) -> tuple:
     return groups, fields
 
 
-def _laid_out(t: _Tiling, state, shapes, where: str):
-    """Out-first (weight (d_out, d_in)) or out-last pairing, read off the state's factor sizes,
-    the group's plan, and its state as fields; a state that fits neither is a clear error."""
+def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
+    """The group of the gradients ``grads`` (:class:`_Group`, cut in the work dtype ``dtype``, its
+    stacks not yet made): its out-first (weight (d_out, d_in)) or out-last pairing, read off the
+    state's factor sizes, and its plan; and its state as fields. A state that fits neither pairing
+    is a clear error."""
+    shapes = [tuple(g.shape) for g in grads]
     for out_first in (True, False) if len(shapes) > 1 else (True,):
-        dims, diagonal, tiles, _ = _plan(t, shapes, out_first, where)
+        dims, diagonal, tiles, number = _plan(t, shapes, out_first, where)
         try:
             fields = filled(t.fillers, (tiles, len(dims), len(shapes)),
                             lambda: _template(t, tiles, len(dims), len(shapes)), state)
@@ -553,7 +553,7 @@ def _laid_out(t: _Tiling, state, shapes, where: str):
             continue
         if all(tuple(K.shape[:2]) == (len(stack.tiles), d) for stack, stack_state in zip(tiles.stacks, fields.stacks)
                for K, d in zip(stack_state.factor, tile_shape(tiles.tiles[stack.tiles[0]]))):
-            return out_first, tiles, fields
+            return _Group(dtype, shapes, grouped_shape(shapes, out_first)[0], out_first, tiles, None, number), fields
     found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k}
     raise ValueError(
         f"{t.rule.name}: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
@@ -619,9 +619,8 @@ def _read_factors(layout: TileLayout, xp, factors, G) -> tuple:
     ones read into G's dtype (the work dtype, float32 or float64), else as stored. Another
     narrower dtype (float16; float32 of float64 work) is computed in and rounded to nearest:
     stochastic rounding here is a truncation of float32's bits, which only bf16 is."""
-    if layout.factor_rounding != "stochastic":
-        return tuple(factors)
-    narrow = [n for n, K in enumerate(factors) if is_bfloat16(K.dtype) and not is_bfloat16(G.dtype)]
+    stochastic = layout.factor_rounding == "stochastic"
+    narrow = [n for n, K in enumerate(factors) if stochastic and is_bfloat16(K.dtype) and not is_bfloat16(G.dtype)]
     joint = side_by_side(xp, [factors[n] for n in narrow])  # one cast of them side by side
     if joint is None:
         return tuple(xp.astype(K, G.dtype) if n in narrow else K for n, K in enumerate(factors))
@@ -696,8 +695,7 @@ def _store(t: _Tiling, xp, stack_states, failures, chosen, batch, out, ctx) -> N
 def _preconditioned(t: _Tiling, xp, h, groups, stack_states) -> list:
     """Every stack of every group preconditioned by the rule (batched as by :func:`_batches`), with
     the KL clip scaled per group by its tiles' sum in row-major order
-    (:func:`sums_in_tile_order`; the rule's clip once for the sums of one dtype), and handed back
-    as every leaf's ``D`` (:func:`leaves_of_batches`)."""
+    (:func:`sums_in_tile_order`), and handed back as every leaf's ``D`` (:func:`leaves_of_batches`)."""
     rule, c = t.rule, t.c
     chosen, batches = _batches(xp, groups, stack_states, refreshing=False)
     batched = batches(0, len(t.intervals))
@@ -706,10 +704,8 @@ def _preconditioned(t: _Tiling, xp, h, groups, stack_states) -> list:
     if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
         tile_inner = [rule.inner(xp, D, cast(xp, batch.operands[0], D.dtype)) for D, batch in zip(D_batched, batched)]
         members = [[chosen[m] for m in batch.indices] for batch in batched]
-        nu = [None] * len(groups)
-        for ids, sums in sums_in_tile_order(xp, tile_inner, members, [group.plan for group in groups]):
-            for i, value in zip(ids, leading_rows(xp, rule.clip(xp, c, h, sums))):
-                nu[i] = value
+        sums = sums_in_tile_order(xp, tile_inner, members, [group.plan for group in groups])
+        nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
         D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
                      for D, batch in zip(D_batched, batched)]
     return leaves_of_batches(xp, D_batched, chosen, batched, groups)
@@ -754,9 +750,9 @@ def _stack_of(rule: TiledRule, operands: Sequence[Array], rank: int) -> NamedTup
 # Fast forms, each beside its plain form
 #
 # Each computes what its plain form states (the cuts and joins of the groups' tensors, one sum or
-# selection per array or run) in fewer operations: the rearrangements of all groups as one gather
-# by an index made once per layout, the operands of one shape side by side, the failure counts of
-# a batch at once. Each gives its plain form's numbers, bit for bit, and within
+# selection per array or run, one call per value) in fewer operations: the rearrangements of all
+# groups as one gather by an index made once per layout, the operands of one shape side by side,
+# the failure counts of a batch at once. Each gives its plain form's numbers, bit for bit, and within
 # :func:`~precond_ref._backend.plain_forms` each takes its plain form.
 
 
@@ -876,3 +872,12 @@ def side_by_side(xp, arrays: Sequence[Any]):
     if plain() or len(arrays) < 2 or len({tuple(a.shape) for a in arrays}) != 1:
         return None
     return stacked(xp, arrays)
+
+
+def _by_dtype(xp, fn, values: Sequence[Array]) -> list:
+    """``fn`` of the 0-D ``values`` (one per group), computed once for the vector of all values of one
+    dtype instead of once per value, and handed back one per value; within
+    :func:`~precond_ref._backend.plain_forms`, once per value."""
+    if plain() or len({value.dtype for value in values}) > 1:
+        return [fn(value) for value in values]
+    return list(leading_rows(xp, fn(stacked(xp, values))))

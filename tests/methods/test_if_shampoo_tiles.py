@@ -4,11 +4,14 @@ all groups at once. NumPy float64 and torch eager, tiny shapes."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
 import precond_ref as pr
 from precond_ref import linalg
+from precond_ref.engine import tiles as tiling
 from precond_ref.methods import root_free
 
 EPS64 = np.finfo(np.float64).eps
@@ -51,7 +54,7 @@ def test_equal_tiles_step_is_the_step_of_the_tiles_alone():
 
 def test_kl_clip_scales_are_the_per_group_factor():
     """S8's ν, the rule's ``_kl_clip`` on the vector of all groups of one dtype (the engine's
-    ``sums_in_tile_order``), is ``linalg.kl_clip_factor`` of each group: from
+    ``_by_dtype``), is ``linalg.kl_clip_factor`` of each group: from
     ⟨D_g, G_g⟩ it gives ``min(1, √(κ/(η²⟨D_g, G_g⟩)))``, 1 where the clip does not bind. The inner
     products are summed in another order (tile by tile), so ν agrees to a few roundings of the sum
     of |D ⊙ G| (a square root halves the relative error)."""
@@ -63,7 +66,7 @@ def test_kl_clip_scales_are_the_per_group_factor():
     inner = [np_xp.sum(D * G) for D, G in pairs]
     config = root_free.IFShampooConfig(*[None] * 7, kappa, *[None] * 6)
     step = root_free._IFShampooStep(None, None, eta, -eta)
-    got = root_free._kl_clip(np_xp, config, step, np.stack(inner))
+    got = tiling._by_dtype(np_xp, partial(root_free._kl_clip, np_xp, config, step), [np.asarray(v) for v in inner])
     clipped = 0
     for (D, G), nu in zip(pairs, got):
         want = linalg.kl_clip_factor(D, G, eta, kappa)
