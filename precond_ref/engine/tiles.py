@@ -275,7 +275,7 @@ def kept_where_usable(xp, grouped, old, new):
     one ``where``, the kept arrays consecutive pieces of its result). Element-wise (``where``): no
     device value is read."""
     nonzero = each_block(xp, xp.any, grouped != 0.0)
-    finite, joints = None, {}
+    accept, joints = nonzero, {}
     for dtype in dict.fromkeys(a.dtype for a in new):  # one test of the entries of all arrays of one dtype
         members = [n for n, a in enumerate(new) if a.dtype == dtype]
         joint = side_by_side(xp, [new[n] for n in members])
@@ -285,8 +285,7 @@ def kept_where_usable(xp, grouped, old, new):
         else:
             rows = [xp.reshape(new[n], (new[n].shape[0], -1)) for n in members]
             ok = all_finite(rows[0] if len(rows) == 1 else xp.concat(rows, axis=1), axis=(1,))
-        finite = ok if finite is None else xp.logical_and(finite, ok)
-    accept = xp.logical_and(finite, nonzero)
+        accept = xp.logical_and(accept, ok)
     failed = xp.logical_xor(nonzero, accept)  # nonzero and not finite
     kept = [xp.where(per_block(xp, accept, a), a, b) if not any(n in m for m in joints) else None
             for n, (a, b) in enumerate(zip(new, old))]
@@ -529,13 +528,9 @@ def _statistics(t: _Tiling, grads_list, states, ctxs) -> tuple:
     :func:`_laid_out`, and its gradient as the plan's stacks of tiles, :func:`tiles_of_groups`) and
     its state as fields."""
     xp = ctxs[0].xp
-    groups, fields = [], []
-    for grads, state, ctx in zip(grads_list, states, ctxs):
-        shapes = [tuple(g.shape) for g in grads]
-        out_first, tiles, f = _laid_out(t, state, shapes, path_str(ctx.paths[0]) if ctx.paths else "?")
-        groups.append(_Group(work_dtype(t.layout, xp, grads[0].dtype), shapes, grouped_shape(shapes, out_first)[0],
-                             out_first, tiles, None, t.plans[tuple(shapes), out_first][3]))
-        fields.append(f)
+    groups, fields = zip(*(_laid_out(t, state, grads, work_dtype(t.layout, xp, grads[0].dtype),
+                                     path_str(ctx.paths[0]) if ctx.paths else "?")
+                           for grads, state, ctx in zip(grads_list, states, ctxs)))
     # What batches a stack with the equal stacks of other groups besides its tile shape: its factors'
     # trailing shapes and dtypes, as precond_ref.blocking.same_layout reads them.
     keys = [[tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor) for stack in f.stacks] for f in fields]
@@ -543,11 +538,14 @@ def _statistics(t: _Tiling, grads_list, states, ctxs) -> tuple:
     return groups, fields
 
 
-def _laid_out(t: _Tiling, state, shapes, where: str):
-    """Out-first (weight (d_out, d_in)) or out-last pairing, read off the state's factor sizes,
-    the group's plan, and its state as fields; a state that fits neither is a clear error."""
+def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
+    """The group of the gradients ``grads`` (:class:`_Group`, cut in the work dtype ``dtype``, its
+    stacks not yet made): its out-first (weight (d_out, d_in)) or out-last pairing, read off the
+    state's factor sizes, and its plan; and its state as fields. A state that fits neither pairing
+    is a clear error."""
+    shapes = [tuple(g.shape) for g in grads]
     for out_first in (True, False) if len(shapes) > 1 else (True,):
-        dims, diagonal, tiles, _ = _plan(t, shapes, out_first, where)
+        dims, diagonal, tiles, number = _plan(t, shapes, out_first, where)
         try:
             fields = filled(t.fillers, (tiles, len(dims), len(shapes)),
                             lambda: _template(t, tiles, len(dims), len(shapes)), state)
@@ -555,7 +553,7 @@ def _laid_out(t: _Tiling, state, shapes, where: str):
             continue
         if all(tuple(K.shape[:2]) == (len(stack.tiles), d) for stack, stack_state in zip(tiles.stacks, fields.stacks)
                for K, d in zip(stack_state.factor, tile_shape(tiles.tiles[stack.tiles[0]]))):
-            return out_first, tiles, fields
+            return _Group(dtype, shapes, grouped_shape(shapes, out_first)[0], out_first, tiles, None, number), fields
     found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k}
     raise ValueError(
         f"{t.rule.name}: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
@@ -621,9 +619,8 @@ def _read_factors(layout: TileLayout, xp, factors, G) -> tuple:
     ones read into G's dtype (the work dtype, float32 or float64), else as stored. Another
     narrower dtype (float16; float32 of float64 work) is computed in and rounded to nearest:
     stochastic rounding here is a truncation of float32's bits, which only bf16 is."""
-    if layout.factor_rounding != "stochastic":
-        return tuple(factors)
-    narrow = [n for n, K in enumerate(factors) if is_bfloat16(K.dtype) and not is_bfloat16(G.dtype)]
+    stochastic = layout.factor_rounding == "stochastic"
+    narrow = [n for n, K in enumerate(factors) if stochastic and is_bfloat16(K.dtype) and not is_bfloat16(G.dtype)]
     joint = side_by_side(xp, [factors[n] for n in narrow])  # one cast of them side by side
     if joint is None:
         return tuple(xp.astype(K, G.dtype) if n in narrow else K for n, K in enumerate(factors))
