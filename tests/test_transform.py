@@ -218,6 +218,28 @@ def test_legacy_names_rename_an_old_state_on_update():
     assert tx.init.legacy_names is legacy
 
 
+@pytest.mark.parametrize("wrong", ["update shape", "state shape", "state dtype", "state entries"])
+def test_a_step_that_changes_the_update_shape_or_the_state_layout_is_named(wrong):
+    """``update_group`` returning an update of another shape than its gradient, or a new state of
+    another layout than the old (a broadcast entry, another dtype, another entry) raises
+    ``ValueError`` naming the leaf."""
+    def init_group(leaves, paths, xp):
+        return {"s": xp.zeros(leaves[0].shape, dtype=leaves[0].dtype)}
+
+    def update_group(grads, state, params, ctx):
+        g, s = grads[0], state["s"]
+        new = {"update shape": s, "state shape": s + g[:, None], "state dtype": s.astype(np.float32),
+               "state entries": {"t": s}}[wrong]
+        return ((g[None] if wrong == "update shape" else g),), (new if wrong == "state entries" else {"s": new})
+
+    tx = build_transform(name="toy", init_group=init_group, update_group=update_group)
+    params = {"w": np.ones(3)}
+    words = ("toy: update of 'w' has shape (1, 3), gradient (3,)" if wrong == "update shape" else
+             "toy: the gradient of 'w' (shape (3,), dtype float64) does not fit the optimizer state: its layout would change")
+    with pytest.raises(ValueError, match=re.escape(words)):
+        tx.update(params, tx.init(params), params)
+
+
 def test_missing_members_of_a_pair():
     """The partial-gradient rule: a member without a gradient is filled only when another member of
     its group has one; singletons and groups without any gradient are left out."""

@@ -127,16 +127,8 @@ def build_transform(
         with keeping_constants(runner.constants):
             return runner.init(params)
 
-    def update(
-        grads: Any,
-        state: PrecondState,
-        params: Any = None,
-        *,
-        step: int | None = None,
-        due: tuple[bool, ...] | None = None,
-        gradients_ok: Any = None,
-        **extra: Any,
-    ) -> tuple[Any, PrecondState]:
+    def update(grads: Any, state: PrecondState, params: Any = None, *, step: int | None = None,
+               due: tuple[bool, ...] | None = None, gradients_ok: Any = None, **extra: Any) -> tuple[Any, PrecondState]:
         return runner.update(grads, state, params, step, due, gradients_ok, extra)
 
     init.layout_hint = layout_hint  # type: ignore[attr-defined]
@@ -195,7 +187,8 @@ class _Runner:
             else:
                 groups[group.key] = unaliased(xp, self.init_group(members, group.paths, xp), members)
                 self.layouts[self.layout_key(group, members, xp)] = layout_of(groups[group.key])
-        return PrecondState(count=_counter(xp, dev), nonfinite_count=_counter(xp, dev), groups=groups)
+        return PrecondState(count=xp.zeros((), dtype=xp.int32, device=dev),
+                            nonfinite_count=xp.zeros((), dtype=xp.int32, device=dev), groups=groups)
 
     def due(self, step: int) -> tuple[bool, ...]:
         return tuple(bool(is_due(interval, step)) for interval in self.intervals)
@@ -265,7 +258,9 @@ class _Runner:
         members = [(group, tuple(grad_leaves[i] for i in group.indices),
                     None if param_leaves is None else tuple(param_leaves[i] for i in group.indices)) for group in groups]
         live = [m for m in members if any(math.prod(leaf.shape) for leaf in m[1])]
-        if not torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
+        # Not under dynamo, which cannot trace the dict compare: torch's .grad always fits, and the
+        # torch adapter migrates a state on load.
+        if not torch_compiling():
             for group, g, _ in live:
                 check_state_namespace(self.name, xp, group, g, olds[group.key])
                 layout = self.layout_for(group, g, xp)
@@ -286,10 +281,6 @@ class _Runner:
                 updates[i] = u if u.dtype == grad_leaves[i].dtype else xp.astype(u, grad_leaves[i].dtype)
             new_groups[group.key] = new
         return updates, olds, new_groups
-
-
-def _counter(xp: Any, device: Any) -> Array:
-    return xp.zeros((), dtype=xp.int32, device=device)
 
 
 def steps_leaf_by_leaf(transform: Transform) -> bool:
