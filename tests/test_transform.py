@@ -235,7 +235,8 @@ def test_a_step_that_changes_the_update_shape_or_the_state_layout_is_named(wrong
     tx = build_transform(name="toy", init_group=init_group, update_group=update_group)
     params = {"w": np.ones(3)}
     words = ("toy: update of 'w' has shape (1, 3), gradient (3,)" if wrong == "update shape" else
-             "toy: the gradient of 'w' (shape (3,), dtype float64) does not fit the optimizer state: its layout would change")
+             "toy: the gradient of 'w' (shape (3,), dtype float64) does not fit the optimizer state: 's' would change"
+             if wrong in ("state shape", "state dtype") else "toy: state of 'w' changed its entries ['s'] -> ['t']")
     with pytest.raises(ValueError, match=re.escape(words)):
         tx.update(params, tx.init(params), params)
 

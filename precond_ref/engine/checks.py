@@ -249,15 +249,25 @@ def check_fits(
     )
 
 
-def check_group(name: str, group: LeafGroup, grads: tuple[Array, ...], updates: tuple[Array, ...], old: dict[str, Array],
-                new: dict[str, Array]) -> None:
-    """Refuse, by name, updates not of the gradients' shapes and a new state not of the old state's
-    layout (e.g. broadcasting)."""
+def check_group(
+    name: str,
+    group: LeafGroup,
+    grads: tuple[Array, ...],
+    updates: tuple[Array, ...],
+    old: dict[str, Array],
+    new: dict[str, Array],
+) -> None:
+    """Refuse, by name, any update that would change the layout of the state (e.g. broadcasting)."""
     where = path_str(group.paths[0])
     for g, u in zip(grads, updates):
         if tuple(u.shape) != tuple(g.shape):
             raise ValueError(f"{name}: update of {where!r} has shape {tuple(u.shape)}, gradient {tuple(g.shape)}")
-    before, after = layout_of(old), layout_of(new)
-    if after != before:
-        raise ValueError(f"{name}: the gradient of {where!r} (shape {tuple(grads[0].shape)}, dtype {grads[0].dtype}) "
-                         f"does not fit the optimizer state: its layout would change from {before} to {after}")
+    if set(new) != set(old):
+        raise ValueError(f"{name}: state of {where!r} changed its entries {sorted(old)} -> {sorted(new)}")
+    for key, value in new.items():
+        if tuple(value.shape) != tuple(old[key].shape) or value.dtype != old[key].dtype:
+            raise ValueError(
+                f"{name}: the gradient of {where!r} (shape {tuple(grads[0].shape)}, dtype "
+                f"{grads[0].dtype}) does not fit the optimizer state: {key!r} would change from "
+                f"{tuple(old[key].shape)}/{old[key].dtype} to {tuple(value.shape)}/{value.dtype}"
+            )
