@@ -13,28 +13,14 @@ from typing import Any, Callable, Hashable, NamedTuple
 from ._backend import torch_compiling
 
 __all__ = [
-    "Path",
-    "TreeDef",
-    "tree_flatten",
-    "tree_unflatten",
-    "tree_map",
-    "path_str",
-    "to_entries",
-    "from_entries",
+    "Path", "TreeDef", "tree_flatten", "tree_unflatten", "tree_map", "path_str", "to_entries", "from_entries",
     "filled",
 ]
 
 Path = tuple[Hashable, ...]
 
 
-class _Leaf:
-    __slots__ = ()
-
-    def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        return "*"
-
-
-_LEAF = _Leaf()
+_LEAF = object()  # a leaf's place in a skeleton
 
 
 class TreeDef(NamedTuple):
@@ -130,31 +116,26 @@ def to_entries(fields: Any) -> dict[str, Any]:
     return {path_str(path): leaf for path, leaf in zip(treedef.paths, leaves)}
 
 
-def from_entries(template: Any, entries: Any) -> Any:
+def from_entries(template: Any, entries: Any, prefix: str = "") -> Any:
     """Inverse of :func:`to_entries`: ``template``'s structure (any leaves) filled from ``entries``.
 
     ``template`` is the method's layout of the group (e.g. ``Tile(factor=(None, None))`` is not a
     template: ``None`` is an empty subtree; use any non-``None`` placeholder such as ``0``).
-    A missing entry raises ``KeyError`` naming it.
+    A missing entry raises ``KeyError`` naming it. One walk of ``template``, the key (under
+    ``prefix``) grown as the walk descends, without building its skeleton and paths first: what
+    dynamo traces is then one call per node of the template, not three walks and a join per leaf.
     """
-    return _from_entries(template, "", entries)
-
-
-def _from_entries(template: Any, prefix: str, entries: Any) -> Any:
-    """:func:`from_entries` in one walk of ``template``, the key grown as the walk descends, without
-    building its skeleton and paths first: what dynamo traces
-    is then one call per node of the template, not three walks and a join per leaf."""
     if template is None:
         return None
     if isinstance(template, dict):
-        return {k: _from_entries(template[k], f"{prefix}/{k}" if prefix else str(k), entries)
+        return {k: from_entries(template[k], entries, f"{prefix}/{k}" if prefix else str(k))
                 for k in _sorted_keys(template)}
     if not isinstance(template, (list, tuple)):
         return entries[prefix or "."]
     if _is_namedtuple(template):
-        return type(template)(*[_from_entries(v, f"{prefix}/{f}" if prefix else f, entries)
+        return type(template)(*[from_entries(v, entries, f"{prefix}/{f}" if prefix else f)
                                 for f, v in zip(template._fields, template)])
-    return type(template)([_from_entries(v, f"{prefix}/{i}" if prefix else str(i), entries)
+    return type(template)([from_entries(v, entries, f"{prefix}/{i}" if prefix else str(i))
                            for i, v in enumerate(template)])
 
 
@@ -163,7 +144,7 @@ def filled(fillers: dict, key: Hashable, template: Callable[[], Any], entries: A
     kept in ``fillers``, a dict of the caller's (a transform's own, filled every step, dropped with
     it). While dynamo traces, read anew: the same structure, at trace time only."""
     if torch_compiling():
-        return _from_entries(template(), "", entries)
+        return from_entries(template(), entries)
     if key not in fillers:  # the template's structure and its entries' keys, in order
         treedef = tree_flatten(template())[1]
         fillers[key] = treedef, tuple(path_str(path) for path in treedef.paths)

@@ -10,7 +10,6 @@ import pytest
 
 import precond_ref as pr
 from backends import BACKEND_NAMES, BACKENDS
-from precond_ref.engine.run import renamed
 from precond_ref.transform import (
     LeafGroup,
     build_transform,
@@ -192,14 +191,17 @@ def test_update_groups_sees_every_nonempty_group_of_a_call_at_once():
 def test_legacy_names_rename_an_old_state_on_update():
     """``build_transform(legacy_names=...)``: a state saved under an earlier version's entry names
     gives the step of the state under the current names, and the returned state has the current
-    names; a current state passes through as the very object (no renaming cost)."""
+    names; a current state (one that fits its layout) is never handed to ``legacy_names``."""
     def init_group(leaves, paths, xp):
         return {"sum/0": xp.zeros(leaves[0].shape, dtype=leaves[0].dtype)}
 
     def update_group(grads, state, params, ctx):
         return (-state["sum/0"] - grads[0],), {"sum/0": state["sum/0"] + grads[0]}
 
+    migrated = []
+
     def legacy(entries):
+        migrated.append(list(entries))
         return {"sum/0": entries["sum_0"]} if "sum_0" in entries else entries
 
     tx = build_transform(name="toy", init_group=init_group, update_group=update_group, legacy_names=legacy)
@@ -207,12 +209,36 @@ def test_legacy_names_rename_an_old_state_on_update():
     state = tx.update(params, tx.init(params), params)[1]
     old = state._replace(groups={"w": {"sum_0": state.groups["w"]["sum/0"]}})
     want, want_state = tx.update(params, state, params)
+    assert migrated == []
     got, got_state = tx.update(params, old, params)
+    assert migrated == [["sum_0"]]
     tree_map(np.testing.assert_array_equal, got, want)
     assert list(got_state.groups["w"]) == ["sum/0"]
     np.testing.assert_array_equal(got_state.groups["w"]["sum/0"], want_state.groups["w"]["sum/0"])
     assert tx.init.legacy_names is legacy
-    assert renamed(state, legacy) is state
+
+
+@pytest.mark.parametrize("wrong", ["update shape", "state shape", "state dtype", "state entries"])
+def test_a_step_that_changes_the_update_shape_or_the_state_layout_is_named(wrong):
+    """``update_group`` returning an update of another shape than its gradient, or a new state of
+    another layout than the old (a broadcast entry, another dtype, another entry) raises
+    ``ValueError`` naming the leaf."""
+    def init_group(leaves, paths, xp):
+        return {"s": xp.zeros(leaves[0].shape, dtype=leaves[0].dtype)}
+
+    def update_group(grads, state, params, ctx):
+        g, s = grads[0], state["s"]
+        new = {"update shape": s, "state shape": s + g[:, None], "state dtype": s.astype(np.float32),
+               "state entries": {"t": s}}[wrong]
+        return ((g[None] if wrong == "update shape" else g),), (new if wrong == "state entries" else {"s": new})
+
+    tx = build_transform(name="toy", init_group=init_group, update_group=update_group)
+    params = {"w": np.ones(3)}
+    words = ("toy: update of 'w' has shape (1, 3), gradient (3,)" if wrong == "update shape" else
+             "toy: the gradient of 'w' (shape (3,), dtype float64) does not fit the optimizer state: 's' would change"
+             if wrong in ("state shape", "state dtype") else "toy: state of 'w' changed its entries ['s'] -> ['t']")
+    with pytest.raises(ValueError, match=re.escape(words)):
+        tx.update(params, tx.init(params), params)
 
 
 def test_missing_members_of_a_pair():

@@ -15,7 +15,7 @@ everything around it, the same way for every method:
   int32: how many of this entry's preconditioner updates were discarded because their result was
   not usable (not finite, or an iterative root that did not converge); the previous
   preconditioner was kept. One name and meaning for every method; a state saved with the
-  counter under an earlier name is renamed on the way in (:func:`~precond_ref.engine.checks.renamed_failures`);
+  counter under an earlier name is renamed (:func:`~precond_ref.engine.checks.renamed_failures`);
 * **phases**: the host decisions of periodic work (``step=``, ``due=``) or their device form, one
   interval predicate per refresh phase (:class:`~precond_ref.engine.context.StepContext`);
 * **stacking and joining**: the leaves of one layout joined end to end for element-wise work
@@ -25,8 +25,8 @@ everything around it, the same way for every method:
 * **dtypes and operands**: updates cast back to the parameters' dtypes, per-step values computed
   once for all groups (:meth:`~precond_ref.engine.context.StepContext.once`), the float32 matmul
   precision of the step, a rule's batch size and state dtype (:mod:`~precond_ref.engine.options`);
-* **migration**: a state saved under older entry names renamed on the way in
-  (``legacy_names``), with a hint for a state saved under another layout (``layout_hint``);
+* **migration**: a group's state saved under older entry names renamed where it does not fit its
+  layout (``legacy_names``), with a hint for a state saved under another layout (``layout_hint``);
 * **the state's invariants**: a step never changes an entry's shape or dtype, never aliases two
   entries, never writes a NaN or Inf into the parameters.
 
@@ -46,14 +46,6 @@ from .run import build_transform
 from .skip import OVERFLOW_MARGIN, gradient_ok
 
 __all__ = [
-    "StepContext",
-    "settle_pieces",
-    "leafwise",
-    "pack",
-    "FLAT_MAX_ELEMENTS",
-    "FLAT_MAX_TRACED_ELEMENTS",
-    "weight_bias_groups",
-    "build_transform",
-    "OVERFLOW_MARGIN",
-    "gradient_ok",
+    "StepContext", "settle_pieces", "leafwise", "pack", "FLAT_MAX_ELEMENTS", "FLAT_MAX_TRACED_ELEMENTS",
+    "weight_bias_groups", "build_transform", "OVERFLOW_MARGIN", "gradient_ok",
 ]

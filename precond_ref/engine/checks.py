@@ -6,8 +6,6 @@ the state's layout; and a state saved under older names: its failure counter
 
 from __future__ import annotations
 
-import functools
-import operator
 import re
 from typing import Any, Callable, Optional, Sequence
 
@@ -98,11 +96,11 @@ def renamed_failures(entries: dict[str, Array]) -> dict[str, Array]:
     the counter under an earlier name as the same state with ``failures``, the sum of the old
     counters it held (the roots' failures and fallbacks were counted apart); the very dict when
     it holds none."""
-    old = [k for k in _OLD_FAILURES if k in entries]
+    old = [entries[k] for k in _OLD_FAILURES if k in entries]
     if not old:
         return entries
-    renamed = {k: v for k, v in entries.items() if k not in old}
-    renamed["failures"] = functools.reduce(operator.add, [entries[k] for k in old])
+    renamed = {k: v for k, v in entries.items() if k not in _OLD_FAILURES}
+    renamed["failures"] = sum(old[1:], old[0])
     return renamed
 
 
@@ -119,8 +117,7 @@ def tiled_legacy_names(entries: dict, interval: Any, stagger: bool, diagonal: Op
 
 #: The per-tile keys of earlier versions: ``tiles/t/X/n``, and before them ``tile_t/X_n`` (blocked)
 #: or ``X_n`` (unblocked, tile 0), ``X`` a factor or its momentum.
-_PER_TILE = (re.compile(r"tiles/(\d+)/(factor|factor_momentum)/(\d+)"),
-             re.compile(r"(?:tile_(\d+)/)?(factor|factor_momentum)_(\d+)"))
+_PER_TILE = re.compile(r"(?:tiles/(\d+)/|tile_(\d+)/)?(factor|factor_momentum)[/_](\d+)")
 
 
 def stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
@@ -129,35 +126,26 @@ def stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
     ``stacks/s/X/n = stack(tile t's X_n for t in stack s)``, the tiles of one shape (their
     factors' lengths) and refresh phase (:func:`~precond_ref.engine.phases.tile_phase` of the
     factory's interval) in one stack, stacks in order of their first tile, ``momentum/i``; other
-    names pass through. The very dict when it has no per-tile key (none starts with ``tile`` or
-    ``factor``)."""
-    if not any(key.startswith(("tile", "factor")) for key in entries):
-        return entries
+    names pass through. The very dict when it has no per-tile key."""
     out, per_tile = {}, {}
     for key, value in entries.items():
-        tile = _PER_TILE[0].fullmatch(key) or _PER_TILE[1].fullmatch(key)
-        if tile is not None:
-            per_tile[int(tile[1] or 0), tile[2], int(tile[3])] = value
-        else:
+        tile = _PER_TILE.fullmatch(key)
+        if tile is None:
             out[re.sub(r"^momentum_(\d+)$", r"momentum/\1", key)] = value
+        else:
+            per_tile[int(tile[1] or tile[2] or 0), tile[3], int(tile[4])] = value
     if not per_tile:
         return entries
-    count = 1 + max(t for t, _, _ in per_tile)
     rank = 1 + max(n for _, _, n in per_tile)
     stacks: dict = {}  # (factor lengths, phase) -> its tiles, in order of first appearance
-    for t in range(count):
+    for t in range(1 + max(t for t, _, _ in per_tile)):
         key = (tuple(per_tile[t, "factor", n].shape[0] for n in range(rank)), tile_phase(t, interval, stagger))
         stacks.setdefault(key, []).append(t)
     xp = array_namespace(*per_tile.values())
     for s, members in enumerate(stacks.values()):
-        for name in ("factor", "factor_momentum"):
-            for n in range(rank):
-                if (members[0], name, n) in per_tile:
-                    out[f"stacks/{s}/{name}/{n}"] = xp.stack([per_tile[t, name, n] for t in members])
+        for name, n in sorted((name, n) for t, name, n in per_tile if t == members[0]):
+            out[f"stacks/{s}/{name}/{n}"] = xp.stack([per_tile[t, name, n] for t in members])
     return out
-
-
-_TILE_FACTOR = re.compile(r"stacks/(\d+)/factor/(\d+)")
 
 
 def diagonal_vector(entries: dict, diagonal: Callable) -> dict:
@@ -166,15 +154,16 @@ def diagonal_vector(entries: dict, diagonal: Callable) -> dict:
     tiles in the same stacks (``(k, b)``): ``diagonal(xp, K)`` of each stack (the rule's diagonal
     factor nearest to a dense one); the tiles' factor momenta, if any, become zero momenta of the
     diagonal factors. The very dict when it is not a vector's dense state."""
-    factors = {k: v for k, v in entries.items() if _TILE_FACTOR.fullmatch(k)}
+    factors = {k: v for k, v in entries.items() if re.fullmatch(r"stacks/\d+/factor/\d+", k)}
     if not factors or any(not k.endswith("/factor/0") or len(v.shape) != 3 for k, v in factors.items()):
         return entries
     xp = array_namespace(*factors.values())
-    out = {k: v for k, v in entries.items() if "/factor_momentum/" not in k}
+    out = dict(entries)
     for key, K in factors.items():
         out[key] = diagonal(xp, K)
-        if key.replace("/factor/", "/factor_momentum/") in entries:
-            out[key.replace("/factor/", "/factor_momentum/")] = xp.zeros_like(out[key])
+        momentum = key.replace("/factor/", "/factor_momentum/")
+        if momentum in out:
+            out[momentum] = xp.zeros_like(out[key])
     return out
 
 
@@ -242,7 +231,7 @@ def check_fits(
     """Refuse, by name, gradients that do not fit the group's state: a transposed or reshaped
     gradient, another dtype (a float64 gradient for float32 state), a missing partner leaf (MBF's
     bias); ``layout`` is the state ``init_group`` gives these gradients."""
-    found = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    found = layout_of(state)
     if found == layout:
         return
     given = ", ".join(f"{path_str(path)!r} {tuple(g.shape)}/{g.dtype}" for path, g in zip(group.paths, grads))

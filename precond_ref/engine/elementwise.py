@@ -247,7 +247,10 @@ class _InPlace:
             if (dtype, device_key(w)) not in scalars:
                 h = step_scalars(xp, self.rule.scalars(xp, self.config, StepValues(state.count, value, extra, dtype, device)),
                                  self.rule.computed)
-                numbers, held = _split_scalars(h)
+                # the fields that are numbers or None, with their values (constants of the per-leaf
+                # function), and the names of those that are arrays (its operands)
+                numbers = tuple((k, v) for k, v in h._asdict().items() if v is None or is_number(v))
+                held = tuple(k for k in h._fields if k not in dict(numbers))
                 # As 1-element arrays, not 0-D: torch.compile reads a 0-D CPU float64 operand on the
                 # host at every call (as a symbolic float); the same numbers either way.
                 scalars[dtype, device_key(w)] = (numbers, held, h, tuple(xp.reshape(getattr(h, k), (1,)) for k in held))
@@ -297,14 +300,6 @@ def rule_step(xp: Any, rule: Any, c: NamedTuple, old: NamedTuple, g: Any, w: Any
     new = rule.state(xp, c, old, g, w, h)
     new = type(old)(*(n if n is None or n is o else kept(n, o) for n, o in zip(new, old)))
     return new, rule.update(xp, c, new, g, w, h)
-
-
-def _split_scalars(h: NamedTuple) -> tuple[tuple, tuple]:
-    """A step's scalars as ``(constants, held)``: the fields that are numbers or ``None``, with
-    their values (constants of the per-leaf function), and the names of those that are arrays
-    (its operands)."""
-    constants = tuple((k, v) for k, v in h._asdict().items() if v is None or is_number(v))
-    return constants, tuple(k for k in h._fields if k not in dict(constants))
 
 
 def _packable(operands: tuple) -> Any:

@@ -98,8 +98,8 @@ def build_transform(
         with other settings.
     legacy_names:
         ``entries -> entries``: a group's state saved under older entry names, as the same
-        arrays under the current names (the very dict given when no name is
-        old). ``update`` renames such a state before anything else (a restored optax state keeps
+        arrays under the current names (the very dict given when no name is old). ``update``
+        migrates the entries of a group that do not fit its layout (a restored optax state keeps
         working; the state it returns has the current names); kept as ``init.legacy_names`` for
         adapters that rename on load (torch's ``load_state_dict``).
     independent_leaves:
@@ -121,24 +121,14 @@ def build_transform(
         def update_groups(grads, states, params, contexts):
             return [update_group(g, s, p, c) for g, s, p, c in zip(grads, states, params, contexts)]
     runner = _Runner(name, init_group, update_groups, group_leaves, on_nonfinite, needs_params, tuple(intervals),
-                     matmul_precision, elementwise, layout_hint)
+                     matmul_precision, elementwise, layout_hint, legacy_names)
 
     def init(params: Any) -> PrecondState:
         with keeping_constants(runner.constants):
             return runner.init(params)
 
-    def update(
-        grads: Any,
-        state: PrecondState,
-        params: Any = None,
-        *,
-        step: int | None = None,
-        due: tuple[bool, ...] | None = None,
-        gradients_ok: Any = None,
-        **extra: Any,
-    ) -> tuple[Any, PrecondState]:
-        if legacy_names is not None and isinstance(state, PrecondState):
-            state = renamed(state, legacy_names)
+    def update(grads: Any, state: PrecondState, params: Any = None, *, step: int | None = None,
+               due: tuple[bool, ...] | None = None, gradients_ok: Any = None, **extra: Any) -> tuple[Any, PrecondState]:
         return runner.update(grads, state, params, step, due, gradients_ok, extra)
 
     init.layout_hint = layout_hint  # type: ignore[attr-defined]
@@ -154,10 +144,11 @@ class _Runner:
     saw, the arrays a step makes once), which goes with it."""
 
     def __init__(self, name, init_group, update_groups, group_leaves, on_nonfinite, needs_params, intervals,
-                 matmul_precision, elementwise, layout_hint):
+                 matmul_precision, elementwise, layout_hint, legacy_names):
         self.name, self.init_group, self.update_groups, self.group_leaves = name, init_group, update_groups, group_leaves
         self.on_nonfinite, self.needs_params, self.intervals = on_nonfinite, needs_params, intervals
-        self.precision, self.elementwise, self.layout_hint = matmul_precision, elementwise, layout_hint
+        self.precision, self.elementwise = matmul_precision, elementwise
+        self.layout_hint, self.legacy_names = layout_hint, legacy_names
         # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes:
         # update compares it with the state it is given (the gradients stand in for the
         # parameters). init records the layouts it makes, so that update builds a state only for
@@ -196,7 +187,8 @@ class _Runner:
             else:
                 groups[group.key] = unaliased(xp, self.init_group(members, group.paths, xp), members)
                 self.layouts[self.layout_key(group, members, xp)] = layout_of(groups[group.key])
-        return PrecondState(count=_counter(xp, dev), nonfinite_count=_counter(xp, dev), groups=groups)
+        return PrecondState(count=xp.zeros((), dtype=xp.int32, device=dev),
+                            nonfinite_count=xp.zeros((), dtype=xp.int32, device=dev), groups=groups)
 
     def due(self, step: int) -> tuple[bool, ...]:
         return tuple(bool(is_due(interval, step)) for interval in self.intervals)
@@ -251,40 +243,44 @@ class _Runner:
         # A 0-D zero per dtype and device serves every leaf's selections.
         zeros = [ctx.once(("zero", g.dtype, device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
         grad_leaves = skip.skipped_gradients(xp, ok, finite_step, grad_leaves, zeros, self.elementwise)
-        updates, new_groups = self.run_groups(xp, ctx, groups, grad_leaves, param_leaves, state)
+        updates, old_groups, new_groups = self.run_groups(xp, ctx, groups, grad_leaves, param_leaves, state.groups)
         updates = skip.finite_updates(xp, ok, finite_step, updates, zeros)
         if self.on_nonfinite == "skip":
-            new_groups = skip.selected_state(xp, ok, finite_step, ctx.settled, state.groups, new_groups)
+            new_groups = skip.selected_state(xp, ok, finite_step, ctx.settled, old_groups, new_groups)
         return tree_unflatten(treedef, updates), skip.counted(xp, ok, finite_step, state, new_groups)
 
     def run_groups(self, xp: Any, ctx: StepContext, groups: list, grad_leaves: list, param_leaves: Optional[list],
-                   state: PrecondState) -> tuple[list, dict]:
+                   olds: dict) -> tuple[list, dict, dict]:
         """The method's updates and new state of every group (zero-size groups: zero updates, no
-        state), checked against the old state, and the updates cast to the gradients' dtypes."""
+        state), checked against the old state ``olds``, and the updates cast to the gradients'
+        dtypes; with the old state, a group's entries that do not fit its layout (saved by an
+        earlier version) migrated by ``legacy_names``: a current state runs no migration."""
         members = [(group, tuple(grad_leaves[i] for i in group.indices),
                     None if param_leaves is None else tuple(param_leaves[i] for i in group.indices)) for group in groups]
         live = [m for m in members if any(math.prod(leaf.shape) for leaf in m[1])]
-        if not torch_compiling():  # dynamo cannot trace the dict compare; torch's .grad always fits
+        # Not under dynamo, which cannot trace the dict compare: torch's .grad always fits, and the
+        # torch adapter migrates a state on load.
+        if not torch_compiling():
             for group, g, _ in live:
-                check_state_namespace(self.name, xp, group, g, state.groups[group.key])
-                check_fits(self.name, group, g, state.groups[group.key], self.layout_for(group, g, xp), self.layout_hint)
+                check_state_namespace(self.name, xp, group, g, olds[group.key])
+                layout = self.layout_for(group, g, xp)
+                if layout_of(olds[group.key]) != layout:
+                    if self.legacy_names is not None:
+                        olds = {**olds, group.key: self.legacy_names(olds[group.key])}
+                    check_fits(self.name, group, g, olds[group.key], layout, self.layout_hint)
         results = dict(zip([group.key for group, _, _ in live], self.update_groups(
-            [g for _, g, _ in live], [state.groups[group.key] for group, _, _ in live], [p for _, _, p in live],
+            [g for _, g, _ in live], [olds[group.key] for group, _, _ in live], [p for _, _, p in live],
             [ctx._replace(paths=group.paths) for group, _, _ in live],
         ) if live else []))
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
         for group, g, _ in members:
             upd, new = results.get(group.key) or (tuple(xp.zeros_like(leaf) for leaf in g), {})
-            check_group(self.name, group, g, upd, state.groups[group.key], new)
+            check_group(self.name, group, g, upd, olds[group.key], new)
             for i, u in zip(group.indices, upd):
                 updates[i] = u if u.dtype == grad_leaves[i].dtype else xp.astype(u, grad_leaves[i].dtype)
             new_groups[group.key] = new
-        return updates, new_groups
-
-
-def _counter(xp: Any, device: Any) -> Array:
-    return xp.zeros((), dtype=xp.int32, device=device)
+        return updates, olds, new_groups
 
 
 def steps_leaf_by_leaf(transform: Transform) -> bool:
@@ -292,14 +288,4 @@ def steps_leaf_by_leaf(transform: Transform) -> bool:
     given the whole tree's skip decision, and get the update of the whole tree: a transform of
     ``independent_leaves`` (:func:`build_transform`) with ``on_nonfinite="skip"``."""
     return bool(getattr(transform.update, "leafwise", False))
-
-
-def renamed(state: PrecondState, legacy_names: Callable[[dict], dict]) -> PrecondState:
-    """``state`` with every group's entries under the current names (``build_transform``'s
-    ``legacy_names``); the very object when no group had an old name."""
-    groups = {key: legacy_names(entries) for key, entries in state.groups.items()}
-    if all(groups[key] is entries for key, entries in state.groups.items()):
-        return state
-    return state._replace(groups=groups)
-
 

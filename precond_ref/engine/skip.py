@@ -45,7 +45,7 @@ def gradient_ok(xp: Any, leaves: Sequence[Array]) -> Array:
     wides: dict[Any, list[Array]] = {}
     for leaf in leaves:
         dtype = compute_dtype(xp, leaf.dtype)
-        wides.setdefault(_dtype_and_device(leaf, dtype), []).append(cast(xp, leaf, dtype))
+        wides.setdefault((dtype, device_key(leaf)), []).append(cast(xp, leaf, dtype))  # 0-D results stack
     sums: dict[Any, list[Array]] = {}
     for key, arrays in wides.items():
         together = sums_of_squares(xp, arrays)  # one operation for all, where the backend has one
@@ -176,11 +176,6 @@ def _sum_of_squares(xp: Any, x: Array) -> Array:
     if x.ndim < 2 or not torch_compiling():
         return xp.sum(square)
     return xp.sum(xp.sum(xp.reshape(square, (x.shape[0], math.prod(x.shape[1:]))), axis=-1))
-
-
-def _dtype_and_device(leaf: Array, dtype: Any) -> tuple:
-    """A key grouping leaves whose 0-D results can be stacked: ``dtype`` and the leaf's device."""
-    return (dtype, device_key(leaf))
 
 
 def first_bad_gradient(xp: Any, leaves: Sequence[Array], paths: Sequence[Path]) -> str:
