@@ -11,8 +11,7 @@ def test_refreshes_runs_each_batch_of_each_phase_due():
     """``refreshes``: for each phase due, each batch of its blocks through ``cond(due, refresh,
     keep)``. Blocks in phases 0, 1, 1, 2 (the equal blocks of a phase one stack, ``phase_stacks``)
     with phase 1 decided False on the host: phases 0 and 2 refreshed, phase 1 computed not at all,
-    or kept with ``kept``; with ``merged``, phases 0 and 1 due on the host one run, one batch of
-    their three blocks; a device decision (a 0-D array) its own run, selected by its value."""
+    or kept with ``kept``; a device decision (a 0-D array) selected by its value."""
     members = [(np.full((1, 2), float(u)),) for u in range(4)]
     batches = phase_stacks(np, [0, 1, 1, 2], members)
     calls = []
@@ -30,6 +29,4 @@ def test_refreshes_runs_each_batch_of_each_phase_due():
     assert calls == [(0,), (3,)]
     assert run([True, False, True], kept=True) == {0: 10.0, 1: 1.0, 2: 2.0, 3: 13.0}
     assert calls == [(0,), (1, 2), (3,)]
-    assert run([True, True, False], merged=True) == {0: 10.0, 1: 11.0, 2: 12.0}
-    assert calls == [(0, 1, 2)]
     assert run([np.asarray(False), False, True]) == {0: 0.0, 3: 13.0}

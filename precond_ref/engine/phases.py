@@ -65,7 +65,7 @@ def phase_share(n: int, first: int, stop: int, phases: int) -> tuple[int, int]:
 
 
 def refresh_runs(xp: Any, decisions: Sequence[Any]) -> list[tuple[Any, int, int]]:
-    """The refreshes of one call as ``(predicate, first, stop)`` (:func:`refreshes` with ``merged``):
+    """The refreshes of one call as ``(predicate, first, stop)``:
     phases ``first`` to ``stop - 1`` refresh together where ``predicate`` holds. ``decisions[p]``
     says whether phase :math:`p` is due (the rule's schedule). Decisions known on the host (Python
     bools, or arrays that read for free, :func:`precond_ref._backend.host_bool`) merge into runs of
@@ -89,7 +89,6 @@ def refreshes(
     batches: Callable[[int, int], Iterable[Any]],
     branches: Callable[[Any], tuple[Callable, Callable]],
     *,
-    merged: bool = False,
     kept: bool = False,
 ) -> Iterator[tuple[Any, Any]]:
     """The refresh driver: for each phase due, for each batch of its blocks, ``cond(due, refresh,
@@ -99,18 +98,15 @@ def refreshes(
     ``decisions[p]`` says whether phase ``p`` is due: a Python bool (decided on the host) or a 0-D
     bool array (then :func:`precond_ref._backend.cond` selects, without a host read). A phase
     decided ``False`` on the host computes nothing, unless ``kept`` (a layout whose blocks have
-    work between refreshes: its batches then go through ``keep``). With ``merged``, the phases due
-    on the host that follow each other are one run (:func:`refresh_runs`). ``batches(first, stop)``
-    is the layout's stacking: the batches of the blocks of phases ``first`` to ``stop - 1``, each
+    work between refreshes: its batches then go through ``keep``). ``batches(first, stop)`` is the
+    layout's stacking: the batches of the blocks of phases ``first`` to ``stop - 1``, each
     with its ``operands`` (a :class:`~precond_ref.blocking.Stack`: :func:`phase_stacks`), and
     ``branches(batch)`` the ``(refresh, keep)`` of a batch, each called on its operands.
     """
-    if merged:
-        runs = refresh_runs(xp, decisions)
-    else:
-        runs = [(due, phase, phase + 1) for phase, due in enumerate(decisions) if kept or due is not False]
-    for due, first, stop in runs:
-        for batch in batches(first, stop):
+    for phase, due in enumerate(decisions):
+        if not kept and due is False:
+            continue
+        for batch in batches(phase, phase + 1):
             result = cond(xp, due, *branches(batch), *batch.operands)
             yield batch, result
             del batch, result  # the batch's stacked copies go before the next batch is made
