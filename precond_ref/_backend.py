@@ -536,18 +536,6 @@ def on_cpu(xp: Any, x: Array) -> bool:
     return kind == "cpu" if isinstance(kind, str) else "cpu" in str(dev).lower()
 
 
-def ema(old: Array, new: Array, decay: Any, lerp_form: bool = False) -> Array:
-    """``decay·old + (1 - decay)·new``; with ``lerp_form``, ``torch.lerp(old, new, 1 - decay)``
-    as torch rounds it: ``old + w (new - old)`` for a weight ``w`` below 0.5 (or an array weight),
-    else ``new - (new - old)(1 - w)`` (an authors' ``lerp_`` reproduced bit for bit)."""
-    if not lerp_form:
-        return decay * old + (1.0 - decay) * new
-    weight = 1.0 - decay
-    if hasattr(weight, "shape") or abs(weight) < 0.5:
-        return old + weight * (new - old)
-    return new - (new - old) * (1.0 - weight)
-
-
 #: rows summed together first by :func:`sum_across`
 ROW_BLOCK = 16
 

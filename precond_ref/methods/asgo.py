@@ -28,7 +28,7 @@ import math
 import numbers
 from typing import Any, NamedTuple, Optional
 
-from .._backend import array_device, compute_dtype, ema, is_zero, select, squared_sums
+from .._backend import array_device, compute_dtype, is_zero, select, squared_sums
 from ..blocking import spread_schedule
 from ..linalg import (
     ROOT_RESIDUAL_TOLERANCE, auto_root_method, identity_like, inverse_root, inverse_root_eigh, inverse_sqrt_newton_schulz,
@@ -114,6 +114,18 @@ class DASGOConfig(NamedTuple):
 # (_dasgo_statistic), U_t = M_t diag(s_t) with s_t = (v_t + ε)^{-1/2} (_dasgo_scale), renormalised
 # by linalg.scaled_rms_renormalised. The leaves neither preconditions take the fallback Adam
 # below. The engine runs the rules (engine.blockdiag.one_sided_transform).
+
+
+def ema(old: Array, new: Array, decay: Any, lerp_form: bool = False) -> Array:
+    """``decay·old + (1 - decay)·new``; with ``lerp_form`` (faithful mode), ``torch.lerp(old, new,
+    1 - decay)`` as torch rounds it: ``old + w (new - old)`` for a weight ``w`` below 0.5 (or an
+    array weight), else ``new - (new - old)(1 - w)`` (the authors' ``lerp_`` reproduced bit for bit)."""
+    if not lerp_form:
+        return decay * old + (1.0 - decay) * new
+    weight = 1.0 - decay
+    if hasattr(weight, "shape") or abs(weight) < 0.5:
+        return old + weight * (new - old)
+    return new - (new - old) * (1.0 - weight)
 
 
 def _momentum(xp: Any, c: Any, old: Array, g: Array, zero: Array) -> Array:

@@ -16,7 +16,8 @@ import array_api_compat.numpy as xp
 import numpy as np
 import pytest
 import precond_ref as pr
-from precond_ref._backend import ema, squared_sums
+from precond_ref._backend import squared_sums
+from precond_ref.methods.asgo import ema
 from precond_ref.engine.blockdiag import (
     OneSidedRule, block_diagonal_product, fallback_leaves, fallback_step, finite_root_or_previous, one_sided_transform, side_blocks,
     unrefreshed,
