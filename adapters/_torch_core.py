@@ -478,7 +478,10 @@ def _capturing_cuda_graph() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-@torch.compiler.disable
+# torch._disable_dynamo is torch.compiler.disable applied at the first call: torch.compiler.disable
+# imports dynamo when the decorator runs, a large import that a process that never compiles does
+# not need.
+@torch._disable_dynamo
 def step_outside_the_graph(opt: "CoreOptimizer", closure: Optional[Callable[[], Any]], extra: dict) -> Any:
     """``step`` called inside ``torch.compile`` (torch's recipe ``torch.compile(opt.step)``).
 

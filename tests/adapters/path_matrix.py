@@ -110,6 +110,22 @@ ALL_MODELS = {
 TRUNCATING_CELLS = [("s_adagrad", mode, TRUNCATING_MODEL) for mode in MODES]
 
 
+#: The compiled rows' refresh schedule (torch.compile compiles one graph per pattern of due
+#: refreshes): every block refreshes on the same steps, so that a method with periodic work compiles
+#: its two branches, a refresh step and a step that reuses the preconditioner. Spread over phases
+#: (the default), each phase's refresh is one more graph of the same kind of work.
+UNSPREAD = {
+    "asgo": dict(spread_refresh=False), "sketchy": dict(spread_refresh=False), "s_adagrad": dict(spread_refresh=False),
+    "if_shampoo": dict(spread_refresh=False), "mbf": dict(refresh_phases=1),
+}
+
+
+def truncating_schedule(cell: tuple) -> dict:
+    """A truncating cell's refresh schedule under TorchInductor: unspread (:data:`UNSPREAD`) where
+    the mode has an interval (principled; faithful S-AdaGrad refreshes every step)."""
+    return UNSPREAD[cell[0]] if cell[1] == "principled" else {}
+
+
 def nested(flat: dict) -> dict:
     """``{"fc1.weight": a}`` -> ``{"fc1": {"weight": a}}`` (the paths torch's names give the core)."""
     tree: dict = {}
@@ -358,14 +374,15 @@ def torch_trajectory(
     return history
 
 
-def inductor_trajectory(method: str, mode: str, *, captured: bool = False) -> list:
+def inductor_trajectory(method: str, mode: str, *, captured: bool = False, **overrides: Any) -> list:
     """``method`` on ``TRUNCATING_MODEL`` with sketches of rank ``TRUNCATING_RANK``, as a torch
     optimizer under ``compile=True`` (TorchInductor). ``captured``: its captured step
     (``capture=True``) with CUDA graphs replaced by the CPU double of ``fake_graphs`` and the
-    class's refusal lifted, so that the replays run the compiled update again (checked to replay)."""
+    class's refusal lifted, so that the replays run the compiled update again (checked to replay).
+    ``overrides``: further keyword arguments of the optimizer."""
     cell = (method, mode, TRUNCATING_MODEL)
     if not captured:
-        return torch_trajectory(*cell, compile=True, rank=TRUNCATING_RANK)
+        return torch_trajectory(*cell, compile=True, rank=TRUNCATING_RANK, **overrides)
     from fake_graphs import fake_graphs
 
     cls = torch_class(method)
@@ -373,7 +390,7 @@ def inductor_trajectory(method: str, mode: str, *, captured: bool = False) -> li
     cls.not_capturable_because = None
     try:
         with fake_graphs() as graphs:
-            history = torch_trajectory(*cell, compile=True, capture=True, rank=TRUNCATING_RANK)
+            history = torch_trajectory(*cell, compile=True, capture=True, rank=TRUNCATING_RANK, **overrides)
     finally:
         cls.not_capturable_because = refusal
     assert graphs.replays() > 0, "the captured step never replayed"
@@ -513,9 +530,9 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
              captured, core_trajectory(*cell, guarded=True), cell)
         note("CuPy captured step (stream capture's CPU double)", "NumPy core", captured, core, cell)
         if cell[1] == "principled" and cell[2] == "mlp" and compile_backend is not None:
-            layer = (cell[0], "principled", ONE_LAYER_MODEL)
+            layer, unspread = (cell[0], "principled", ONE_LAYER_MODEL), UNSPREAD.get(cell[0], {})
             note(f"torch compiled ({compile_backend['backend']})", "NumPy core",
-                 torch_trajectory(*layer, compile=compile_backend), core_trajectory(*layer), layer)
+                 torch_trajectory(*layer, compile=compile_backend, **unspread), core_trajectory(*layer, **unspread), layer)
     for method, extra in [("mbf", {}), ("if_shampoo", {"grouping": "weight_bias"})]:
         for mode in MODES:
             for model in MODELS:
@@ -535,10 +552,11 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
     for path, against, d in row_block_rows():
         rows[(path, against)] = (d, "s_adagrad/principled/mlp")
     for cell in TRUNCATING_CELLS:
-        core = core_trajectory(*cell, rank=TRUNCATING_RANK)
-        note("torch compiled (TorchInductor), a truncating sketch", "NumPy core", inductor_trajectory(*cell[:2]), core, cell)
+        unspread = truncating_schedule(cell)
+        core = core_trajectory(*cell, rank=TRUNCATING_RANK, **unspread)
+        note("torch compiled (TorchInductor), a truncating sketch", "NumPy core", inductor_trajectory(*cell[:2], **unspread), core, cell)
         note("torch compiled (TorchInductor) and captured (CPU double), a truncating sketch", "NumPy core",
-             inductor_trajectory(*cell[:2], captured=True), core, cell)
+             inductor_trajectory(*cell[:2], captured=True, **unspread), core, cell)
     return [(path, against, d, where) for (path, against), (d, where) in rows.items()]
 
 

@@ -246,18 +246,19 @@ def test_torch_restored_from_old_entry_names(cell):
 
 @pytest.mark.parametrize("method", pm.METHODS)
 def test_torch_compiled_equals_core(method):
-    """``torch.compile`` of the step (principled mode: one compilation per method and branch,
-    refresh and reuse) gives the NumPy core's trajectory to RTOL. The ``aot_eager``
+    """``torch.compile`` of the step (principled mode, refreshes unspread (``path_matrix.UNSPREAD``):
+    one compilation per method and branch, refresh and reuse) gives the NumPy core's trajectory to
+    RTOL. The ``aot_eager``
     backend: dynamo's full-graph capture, functionalisation and decompositions, which is what
     compiling changes in a float64 program; Inductor's fused kernels are checked against eager in
     test_torch_compile.py. On one Linear layer (``path_matrix.ONE_LAYER_MODEL``) rather than the
     MLP: dynamo traces every leaf's update into each graph, and one layer has a leaf of each kind
     the MLP has (a matrix and a vector)."""
-    cell = (method, "principled", pm.ONE_LAYER_MODEL)
+    cell, unspread = (method, "principled", pm.ONE_LAYER_MODEL), pm.UNSPREAD.get(method, {})
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager warns
-        got = pm.torch_trajectory(*cell, compile=TORCH_COMPILE)
-    _close(got, pm.core_trajectory(*cell), RTOL, "torch compiled vs the NumPy core")
+        got = pm.torch_trajectory(*cell, compile=TORCH_COMPILE, **unspread)
+    _close(got, pm.core_trajectory(*cell, **unspread), RTOL, "torch compiled vs the NumPy core")
 
 
 @pytest.mark.parametrize("method", ["agd", "rf_rmsprop", "rf_adamw", "dasgo"])
@@ -293,7 +294,8 @@ def test_torch_compiled_per_leaf_equals_core(method, monkeypatch):
 def test_truncating_sketch_compiled_by_inductor_equals_core(cell, path):
     """S-AdaGrad (its FD step is Sketchy's) in both modes, with sketches of rank
     ``TRUNCATING_RANK`` = 4 on a 6-5-3 MLP (every weight has an axis longer than the rank: the FD
-    step truncates), under ``compile=True`` (TorchInductor: one graph that writes every leaf's
+    step truncates; principled refreshes unspread, ``path_matrix.truncating_schedule``: a refresh
+    graph and a reuse graph), under ``compile=True`` (TorchInductor: one graph that writes every leaf's
     parameters and state in place) give the NumPy core's trajectory to RTOL; so does the captured
     step of that compiled update (``capture=True``, CUDA graphs replaced by the CPU double of
     ``fake_graphs``, the class's refusal lifted: its replays run the compiled update again).
@@ -307,8 +309,8 @@ def test_truncating_sketch_compiled_by_inductor_equals_core(cell, path):
     step's finiteness test); on the matrix's 3-5-2 MLP with rank 2 it does not."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager, or from capture, warns
-        got = pm.inductor_trajectory(*cell[:2], captured=path == "compiled-captured")
-    want = pm.core_trajectory(*cell, rank=pm.TRUNCATING_RANK)
+        got = pm.inductor_trajectory(*cell[:2], captured=path == "compiled-captured", **pm.truncating_schedule(cell))
+    want = pm.core_trajectory(*cell, rank=pm.TRUNCATING_RANK, **pm.truncating_schedule(cell))
     _close(got, want, RTOL, f"torch {path} (Inductor) vs the NumPy core")
 
 

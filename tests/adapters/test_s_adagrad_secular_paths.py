@@ -45,11 +45,13 @@ def test_torch_eager(core):
 
 def test_torch_compiled():
     """``torch.compile`` (``aot_eager``: dynamo's capture and functionalisation) of the step, each
-    pattern of due refreshes compiled, gives the NumPy core's trajectory on one Linear layer."""
+    pattern of due refreshes compiled (unspread, ``path_matrix.UNSPREAD``: a refresh step and a
+    step that reuses the preconditioner), gives the NumPy core's trajectory on one Linear layer."""
+    settings = {**SECULAR, **pm.UNSPREAD["s_adagrad"]}
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager warns
-        got = pm.torch_trajectory(*COMPILED_CELL, compile=TORCH_COMPILE, **SECULAR)
-    _close(got, pm.core_trajectory(*COMPILED_CELL, **SECULAR), RTOL, "torch compiled vs the NumPy core")
+        got = pm.torch_trajectory(*COMPILED_CELL, compile=TORCH_COMPILE, **settings)
+    _close(got, pm.core_trajectory(*COMPILED_CELL, **settings), RTOL, "torch compiled vs the NumPy core")
 
 
 def test_torch_captured_without_a_refusal():
