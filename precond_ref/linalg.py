@@ -44,7 +44,7 @@ from array_api_compat import array_namespace, is_jax_namespace
 
 from .blocking import roll_first_axis_last, stack, unstack
 from ._backend import (
-    array_device, as_operand, cast, computed_once, cond, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
+    array_device, as_operand, cast, computed_once, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
     is_zero, iterate, number, on_cpu, placement, select, sum_across, torch_compiling,
 )
 
@@ -419,19 +419,18 @@ def _coupled_newton(a: Array, p: int, steps: int) -> tuple[Array, Array]:
 
 
 # --------------------------------------------------------------------------------------------
-# Residual-checked roots: an iteration where matmuls are cheap, eigh (or the caller's replacement)
-# where it did not converge.
+# Residual-checked roots: an iteration where matmuls are cheap, its convergence checked per matrix
+# and the matrices that failed the check flagged for the caller to replace.
 
 #: Largest distance from the identity, ``‖M - I‖_F``, of an iteration's convergence measure
-#: (:func:`inverse_root`: Z·Y for the coupled polynomial iterations, M for Newton) accepted before
-#: the matrix is recomputed by ``eigh``: the eigenvalues of the iterate are then within 5% of
-#: their limit. Measured float32 values of converged roots: 1e-6 (condition number 1) to 1.5e-3
-#: (k = 1024, condition number 1e7); iterations stopped before convergence leave 0.2 and more.
+#: (:func:`inverse_root`: Z·Y for the coupled polynomial iterations, M for Newton) accepted: the
+#: eigenvalues of the iterate are then within 5% of their limit. Measured float32 values of
+#: converged roots: 1e-6 (condition number 1) to 1.5e-3 (k = 1024, condition number 1e7);
+#: iterations stopped before convergence leave 0.2 and more.
 ROOT_RESIDUAL_TOLERANCE = 5e-2
 
-#: The iterations :func:`inverse_root` runs (``"eigh"`` is the exact reference).
-ROOT_METHODS = ("eigh", "polar_express", "newton_schulz", "newton")
-
+#: The iterations :func:`inverse_root` runs (:func:`inverse_root_eigh` is the exact reference).
+ROOT_METHODS = ("polar_express", "newton_schulz", "newton")
 
 
 def auto_root_method(p: Array) -> str:
@@ -445,67 +444,53 @@ def auto_root_method(p: Array) -> str:
 
 
 def inverse_root(
-    a: Array, p: int = 2, *, shift: Shift = 0.0, method: str = "eigh", steps: Optional[int] = None,
-    tolerance: Optional[float] = ROOT_RESIDUAL_TOLERANCE, fallback: Optional[str] = "eigh",
+    a: Array, p: int = 2, *, shift: Shift = 0.0, method: str = "polar_express", steps: Optional[int] = None,
+    tolerance: Optional[float] = ROOT_RESIDUAL_TOLERANCE,
 ) -> tuple[Array, Array]:
-    r""":math:`(A + sI)^{-1/p}` of a stack of symmetric PSD matrices, by ``eigh`` or by a matmul
-    iteration whose result is checked and, where it failed, recomputed by ``eigh`` (or flagged).
+    r""":math:`(A + sI)^{-1/p}` of a stack of symmetric PSD matrices by a matmul iteration, and which
+    matrices failed its convergence check: no branch, no host read.
 
     Parameters
     ----------
     a:
         ``(..., k, k)`` symmetric PSD and finite, float32 or float64; :math:`A + sI` must be
-        positive definite for the iterations.
+        positive definite.
     p:
         The root, an integer ``>= 1`` (``"polar_express"`` and ``"newton_schulz"``: 2 only).
     shift:
         :math:`s \ge 0`, a number or an array of the batch shape.
     method:
-        ``"eigh"``: :func:`inverse_root_eigh` (exact; eigenvalues clamped at 0 before the shift).
         ``"polar_express"`` (:func:`inverse_sqrt_polar_express`, 10 steps by default),
         ``"newton_schulz"`` (:func:`inverse_sqrt_newton_schulz`, 20 steps) or ``"newton"``
-        (coupled inverse Newton, 30 steps): matmuls only, applied to :math:`A + sI`.
+        (coupled inverse Newton, 30 steps), applied to :math:`A + sI`.
     steps:
         Iterations (``None``: the defaults above).
     tolerance:
-        Iterations only: a matrix whose iteration ends farther than this from convergence
+        A matrix whose iteration ends farther than this from convergence
         (:data:`ROOT_RESIDUAL_TOLERANCE`), or not finite, failed the check. ``None`` skips the
-        check (no fallback, no host read; matmuls only).
-    fallback:
-        Iterations with a ``tolerance`` only: ``"eigh"`` recomputes the matrices that failed the
-        check by ``eigh``; ``None`` returns them as the iteration left them, flagged, for the
-        caller to replace (element-wise, e.g. by a previous root): no branch, no host read.
+        check.
 
     Returns
     -------
     (root, failed)
-        The roots, and int32 flags of the batch shape ``a.shape[:-2]``: 1 for a matrix that failed
-        the check (recomputed by ``eigh``, or with ``fallback=None`` left as it is), 0 otherwise
-        (always 0 for ``"eigh"`` and without a check).
+        The roots as the iteration left them, and int32 flags of the batch shape ``a.shape[:-2]``:
+        1 for a matrix that failed the check, for the caller to replace (element-wise, e.g. by a
+        previous root or an exact one), 0 otherwise (always 0 without a check).
 
     Notes
     -----
-    The ``"eigh"`` fallback is a :func:`precond_ref.transform.cond` on "every residual is within
-    tolerance": a ``lax.cond`` under ``jax.jit`` and a ``torch.cond`` under ``torch.compile``
-    (TorchInductor reads the predicate on the host), a host read of one bool with eager arrays. On
-    a GPU that is one synchronisation per call, i.e. on refresh steps only; ``tolerance=None`` and
-    ``fallback=None`` have none. The check costs one matmul per matrix for the polynomial
-    iterations (Polar-Express itself: 4 per step, 40 by default) and none for Newton. It measures
-    convergence, not the rounding error of the result: that is about the error of a float32
-    ``eigh`` (``docs/methods/asgo.md`` lists both).
+    The check costs one matmul per matrix for the polynomial iterations (Polar-Express itself: 4
+    per step, 40 by default) and none for Newton. It measures convergence, not the rounding error
+    of the result: that is about the error of a float32 ``eigh`` (``docs/methods/asgo.md`` lists
+    both).
     """
     xp = array_namespace(a)
     if method not in ROOT_METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, ROOT_METHODS))}, got {method!r}")
     if isinstance(p, bool) or not isinstance(p, int) or p < 1:
         raise ValueError(f"p must be an integer >= 1, got {p!r}")
-    if method in ("polar_express", "newton_schulz") and p != 2:
+    if method != "newton" and p != 2:
         raise ValueError(f"method={method!r} computes inverse square roots only (p=2), got p={p!r}")
-    if fallback not in ("eigh", None):
-        raise ValueError(f"fallback must be 'eigh' or None, got {fallback!r}")
-    no_fallback = xp.zeros(a.shape[:-2], dtype=xp.int32, device=placement(xp, a))
-    if method == "eigh":
-        return inverse_root_eigh(a, p, shift=shift), no_fallback
     eye = identity_like(a)
     damped = a + _batch_scalar(xp, shift, a, 2) * eye
     if method == "newton":
@@ -523,27 +508,13 @@ def inverse_root(
         root = z / xp.sqrt(nu)
         convergence = lambda: xp.matmul(z, y)  # noqa: E731
     if tolerance is None:
-        return root, no_fallback
+        return root, xp.zeros(a.shape[:-2], dtype=xp.int32, device=placement(xp, a))
     # The iteration's own measure of convergence, M -> I (Newton) or Z Y -> I (coupled polynomial
     # iterations, which keep Z Y = Z² A/ν): rounding enters it as ε·κ^{1/2}, not as ε·κ like the
     # residual of the result (testing.oracles.inverse_root_residual, which float32 roots of a
     # κ = 1e6 matrix do not pass even when exact).
     good = xp.linalg.matrix_norm(convergence() - eye, ord="fro") <= tolerance  # False for NaN
-    if fallback is None:
-        return root, xp.astype(xp.logical_not(good), xp.int32)
-    all_good = xp.all(good)
-
-    def accept(root, damped, good, no_fallback):
-        return root, no_fallback
-
-    def recompute(root, damped, good, no_fallback):
-        # A new array: tracing torch.cond, dynamo lifts a view of an operand (the transpose in
-        # symmetrize) as a second input aliasing the first, which it refuses.
-        exact = inverse_root_eigh(damped + 0.0, p)
-        good_b = xp.expand_dims(xp.expand_dims(good, axis=-1), axis=-1)
-        return xp.where(good_b, root, exact), xp.astype(xp.logical_not(good), xp.int32)
-
-    return cond(xp, all_good, accept, recompute, root, damped, good, no_fallback)
+    return root, xp.astype(xp.logical_not(good), xp.int32)
 
 
 # --------------------------------------------------------------------------------------------
