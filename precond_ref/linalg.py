@@ -141,10 +141,6 @@ def left_singular(a: Array) -> tuple[Array, Array]:
     return xp.astype(vectors, a.dtype), xp.astype(s, a.dtype)
 
 
-# damped_inverse takes a ``symmetrize`` flag (its public keyword), which shadows the function there.
-_symmetric_part = symmetrize
-
-
 def per_matrix(xp: Any, decomposition: Any, *operands: Array) -> Any:
     """``decomposition(*operands)``, a LAPACK call on stacks of matrices (``xp.linalg.eigh``,
     ``svd``, ``qr``, ``inv``, ``solve``): under ``jax.jit`` on a CPU with jaxlib < 0.11, one matrix
@@ -555,22 +551,19 @@ def damped_inverse_init(matrices: Array, damping: Any) -> Array:
     return xp.broadcast_to(eye, matrices.shape) + xp.zeros_like(matrices)
 
 
-def damped_inverse(matrices: Array, damping: Any, previous: Array, *, symmetrize: bool = True) -> tuple[Array, Array]:
-    r"""Batched :math:`(F_b + \lambda I)^{-1}` with a fallback to the previous inverse.
+def damped_inverse(matrices: Array, damping: Any, previous: Array) -> tuple[Array, Array]:
+    r"""Batched :math:`(F_b + \lambda I)^{-1}` of the matrices exactly as given (not symmetrised:
+    the reference code's plain ``inverse``, faithful MBF's), with a fallback to the previous inverse.
 
     Parameters
     ----------
     matrices:
-        (..., n, n) stack of symmetric PSD statistics :math:`F_b` (float32 or float64).
+        (..., n, n) stack of PSD statistics :math:`F_b` (float32 or float64).
     damping:
         :math:`\lambda > 0`, a Python number or a 0-D array.
     previous:
         (..., n, n) the inverses currently in use; a block whose new inverse is not finite keeps
         its previous value.
-    symmetrize:
-        Form :math:`\mathrm{sym}(F_b) + \lambda I` and symmetrise the computed inverse (the
-        default; specs README rule 4). ``False`` inverts :math:`F_b + \lambda I` exactly as given,
-        as reference code that calls a plain ``inverse`` does.
 
     Returns
     -------
@@ -591,8 +584,6 @@ def damped_inverse(matrices: Array, damping: Any, previous: Array, *, symmetrize
     torch's synchronisation debug mode) propagates.
     """
     xp = array_namespace(matrices, previous)
-    if symmetrize:
-        matrices = _symmetric_part(matrices)
     eye = identity_like(matrices)
     # A non-finite block is replaced by I before the call: inv maps Inf entries to finite
     # garbage (inv([[inf, 0], [0, 1]]) = [[0, 0], [0, 1]]) and NaN may make NumPy raise.
@@ -602,8 +593,6 @@ def damped_inverse(matrices: Array, damping: Any, previous: Array, *, symmetrize
         result = inverse(xp, damped)
     except ValueError:  # NumPy's LinAlgError on an exactly singular block (torch and JAX give Inf/NaN)
         result = xp.full(damped.shape, xp.nan, dtype=damped.dtype, device=placement(xp, damped))
-    if symmetrize:
-        result = _symmetric_part(result)
     ok = xp.logical_and(finite_in, all_finite(result, axis=(-2, -1)))
     return xp.where(ok[..., None, None], result, previous), xp.logical_not(ok)
 
