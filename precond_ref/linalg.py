@@ -21,8 +21,8 @@ Iterative roots (matmul only, fixed step counts, so they jit and run on GPUs wit
 
 * :func:`inverse_sqrt_polar_express`: the coupled Polar-Express iteration of the ASGO code
   (An et al. 2025, ``optimizers/utils/matrix_decom.py``), coefficients from Amsel et al. 2025.
-* :func:`inverse_sqrt_newton_schulz`: the coupled Newton–Schulz iteration with a fixed polynomial,
-  by default the classical :math:`(a, b, c) = (2, -3/2, 1/2)` of the ASGO code.
+* :func:`inverse_sqrt_newton_schulz`: the coupled Newton–Schulz iteration with the fixed
+  polynomial :math:`(a, b, c) = (2, -3/2, 1/2)` of the ASGO code.
 * :func:`inverse_root` with ``method="newton"``: the coupled inverse Newton iteration for
   :math:`A^{-1/p}` used by Shampoo implementations (Guo and Higham 2006; ASGO code
   ``_matrix_inverse_root_newton``).
@@ -135,10 +135,15 @@ def left_singular(a: Array) -> tuple[Array, Array]:
         w, s, _ = per_matrix(xp, _reduced_svd(xp), a)
         return w, s
     wide = xp.astype(a, xp.float64)
-    values, vectors = per_matrix(xp, xp.linalg.eigh, symmetrize(xp.matmul(wide, wide.mT)))
-    values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
-    s = xp.sqrt(xp.maximum(values, xp.zeros_like(values)))
+    vectors, s = descending_singular(xp, *per_matrix(xp, xp.linalg.eigh, symmetrize(xp.matmul(wide, wide.mT))))
     return xp.astype(vectors, a.dtype), xp.astype(s, a.dtype)
+
+
+def descending_singular(xp: Any, values: Array, vectors: Array) -> tuple[Array, Array]:
+    """``(W, s)``, ``s`` descending, from the eigenpairs ``(lambda, W)`` (ascending, as ``eigh``
+    gives them) of a Gram ``a a^T``: its left singular vectors and ``s = sqrt(max(lambda, 0))``."""
+    values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
+    return vectors, xp.sqrt(xp.maximum(values, number(xp, 0.0, values)))
 
 
 def per_matrix(xp: Any, decomposition: Any, *operands: Array) -> Any:
@@ -248,11 +253,7 @@ def trace(a: Array) -> Array:
 def _batch_scalar(xp: Any, value: Shift, ref: Array, trailing: int) -> Any:
     """A per-matrix scalar (Python number or batch-shaped array) with ``trailing`` unit axes added."""
     value = as_operand(xp, value, ref.dtype)
-    if not hasattr(value, "shape"):
-        return value
-    for _ in range(trailing):
-        value = xp.expand_dims(value, axis=-1)
-    return value
+    return value[(...,) + (None,) * trailing] if hasattr(value, "shape") else value
 
 
 def matrix_power_eigh(a: Array, exponent: float, *, shift: Shift = 0.0) -> Array:
@@ -307,6 +308,10 @@ POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
 )
 
 
+#: The fixed (a, b, c) of the ASGO code's Newton–Schulz iteration.
+NEWTON_SCHULZ_COEFFICIENTS = (2.0, -1.5, 0.5)
+
+
 def polar_express_coefficients(steps: int) -> list[tuple[float, float, float]]:
     """The ``steps`` triples the ASGO code uses: the first seven divided by (1.01, 1.01³, 1.01⁵),
     the eighth as is and repeated beyond step 8; with ``steps < 8`` the first ``steps`` triples."""
@@ -317,8 +322,11 @@ def polar_express_coefficients(steps: int) -> list[tuple[float, float, float]]:
     return safe[:steps] + list(repeat(safe[-1], steps - len(safe)))
 
 
-def _coupled_inverse_sqrt(y: Array, coefficients: Sequence[tuple[float, float, float]]) -> tuple[Array, Array]:
-    """Run the coupled iteration from Y_0 = ``y``, Z_0 = I; returns (Z, Y) (Z ≈ y^{-1/2}, ZY ≈ I)."""
+def _coupled_inverse_sqrt(
+    y: Array, nu: Array, coefficients: Sequence[tuple[float, float, float]]
+) -> tuple[Array, Array, Array]:
+    """Run the coupled iteration from Y_0 = ``y`` = A/``nu``, Z_0 = I; returns (Z/sqrt(nu), Z, Y)
+    (the root of A, Z ≈ y^{-1/2}, ZY ≈ I)."""
     xp = array_namespace(y)
     z = xp.zeros_like(y) + identity_like(y)
     for a, b, c in coefficients:
@@ -326,7 +334,7 @@ def _coupled_inverse_sqrt(y: Array, coefficients: Sequence[tuple[float, float, f
         poly = b * zy + c * xp.matmul(zy, zy)
         y = a * y + xp.matmul(y, poly)
         z = a * z + xp.matmul(poly, z)
-    return z, y
+    return z / xp.sqrt(nu), z, y
 
 
 def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -> Array:
@@ -353,18 +361,15 @@ def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -
     xp = array_namespace(a)
     shifted = a if is_zero(eps) else a + _batch_scalar(xp, eps, a, 2) * identity_like(a)
     nu = 1.01 * xp.linalg.matrix_norm(shifted, ord="fro", keepdims=True)
-    z, _ = _coupled_inverse_sqrt(a / nu, polar_express_coefficients(steps))
-    return z / xp.sqrt(nu)
+    return _coupled_inverse_sqrt(a / nu, nu, polar_express_coefficients(steps))[0]
 
 
-def inverse_sqrt_newton_schulz(
-    a: Array, steps: int = 10, *, eps: Shift = 0.0, coefficients: tuple[float, float, float] = (2.0, -1.5, 0.5),
-) -> Array:
+def inverse_sqrt_newton_schulz(a: Array, steps: int = 10, *, eps: Shift = 0.0) -> Array:
     r""":math:`A^{-1/2}` by the coupled Newton–Schulz iteration of the ASGO code.
 
     :math:`Y_0 = (A + \varepsilon I)/(\|A\|_F + \varepsilon)`, ``steps`` steps of the fixed triple
-    ``coefficients`` (default :math:`(2, -3/2, 1/2)`, i.e. :math:`x \mapsto 2x - 1.5x^3 + 0.5x^5`,
-    which fixes 1 with zero slope), result :math:`Z/\sqrt{\|A\|_F}` (the authors'
+    :data:`NEWTON_SCHULZ_COEFFICIENTS` (:math:`x \mapsto 2x - 1.5x^3 + 0.5x^5`, which fixes 1 with
+    zero slope), result :math:`Z/\sqrt{\|A\|_F}` (the authors'
     ``_matrix_inverse_root_newtonschulz``; the result
     is normalised without ``eps``). To root a damped matrix pass :math:`A + sI` and ``eps=0``.
 
@@ -380,8 +385,7 @@ def inverse_sqrt_newton_schulz(
         y = (a + e * identity_like(a)) / (norm + e)
     else:
         y = a / norm
-    z, _ = _coupled_inverse_sqrt(y, [tuple(coefficients)] * steps)
-    return z / xp.sqrt(norm)
+    return _coupled_inverse_sqrt(y, norm, [NEWTON_SCHULZ_COEFFICIENTS] * steps)[0]
 
 
 def _coupled_newton(a: Array, p: int, steps: int) -> tuple[Array, Array]:
@@ -499,9 +503,8 @@ def inverse_root(
             nu = 1.01 * nu
             coefficients = polar_express_coefficients(10 if steps is None else steps)
         else:
-            coefficients = [(2.0, -1.5, 0.5)] * (20 if steps is None else steps)
-        z, y = _coupled_inverse_sqrt(damped / nu, coefficients)
-        root = z / xp.sqrt(nu)
+            coefficients = [NEWTON_SCHULZ_COEFFICIENTS] * (20 if steps is None else steps)
+        root, z, y = _coupled_inverse_sqrt(damped / nu, nu, coefficients)
         convergence = lambda: xp.matmul(z, y)  # noqa: E731
     if tolerance is None:
         return root, xp.zeros(a.shape[:-2], dtype=xp.int32, device=placement(xp, a))
@@ -1051,11 +1054,6 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
 # for ``M diag(s)``, from per-column maxima chosen per step without a host read.
 
 
-def _one(xp: Any, like: Array) -> Array:
-    """``1`` as a 0-D array of ``like``'s dtype and device, made once (:func:`precond_ref._backend.number`)."""
-    return number(xp, 1.0, like)
-
-
 def wide_dtype(xp: Any, x: Array) -> Any:
     """float64 for a float32 ``x`` where the backend has it (not JAX without x64, not torch MPS),
     else ``None``: every float32 number squares into the float64 range without underflow or
@@ -1073,7 +1071,7 @@ def _renormalising_factor(xp: Any, sum_of_squares: Array, target: float) -> Arra
 
 def nonzero_divisor(xp: Any, norm: Array) -> Array:
     """``norm``, with 1 where it is zero (the divisor that keeps a zero direction zero)."""
-    return select(xp, norm > 0, norm, _one(xp, norm))
+    return select(xp, norm > 0, norm, number(xp, 1.0, norm))
 
 
 def per_matrix_column(xp: Any, x: Array) -> Array:

@@ -71,7 +71,8 @@ from ._backend import (
 )
 from .engine.factors import constant, number
 from .linalg import (
-    _reduced_svd, all_finite, eigh_widened, left_singular, per_matrix, rank_one_update_eigh, symmetric_eigh, symmetrize,
+    _reduced_svd, all_finite, descending_singular, eigh_widened, left_singular, per_matrix, rank_one_update_eigh,
+    symmetric_eigh, symmetrize,
 )
 
 Array = Any
@@ -291,18 +292,14 @@ def _left_singular_by_gram(xp: Any, a: Array) -> tuple[Array, Array]:
     (u s_0^2) limits s to an absolute sqrt(u) s_0, the accuracy of the ``"gram"`` and ``"subspace"``
     paths (``shrink_cutoff_tolerance``); W stays orthogonal to working precision.
     """
-    values, vectors = symmetric_eigh(symmetrize(matmul(xp, a, a.mT)))
-    values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
-    return vectors, xp.sqrt(xp.maximum(values, number(xp, 0.0, values)))
+    return descending_singular(xp, *symmetric_eigh(symmetrize(matmul(xp, a, a.mT))))
 
 
 def _left_singular_by_secular(xp: Any, sigma: Array, z: Array) -> tuple[Array, Array]:
     """``(W, s)``, s descending, of the square ``[diag(sigma[:-1]), z[:-1]; 0, z[-1]]`` with
     ``sigma[-1] = 0``: its Gram is ``diag(sigma^2) + z z^T``, decomposed by
     :func:`~precond_ref.linalg.rank_one_update_eigh`, ``s = sqrt(max(lambda, 0))``."""
-    values, vectors = rank_one_update_eigh(sigma * sigma, z)
-    values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
-    return vectors, xp.sqrt(xp.maximum(values, number(xp, 0.0, values)))
+    return descending_singular(xp, *rank_one_update_eigh(sigma * sigma, z))
 
 
 def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
@@ -332,9 +329,7 @@ def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
     proj_u = matmul(xp, basis.mT, q) * scaled_sigma[..., :, None]
     proj_x = matmul(xp, x.mT, q)
     h = matmul(xp, proj_u.mT, proj_u) + matmul(xp, proj_x.mT, proj_x)
-    theta, w = eigh_widened(symmetrize(h))
-    theta, w = xp.flip(theta, axis=-1), xp.flip(w, axis=-1)
-    s = xp.sqrt(xp.maximum(theta, number(xp, 0.0, theta)))
+    w, s = descending_singular(xp, *eigh_widened(symmetrize(h)))
     return _Ritz(s, vectors=matmul(xp, q, w[..., :, :k]))
 
 
