@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import sys
-from itertools import repeat
 from typing import Any, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, is_jax_namespace
@@ -319,7 +318,7 @@ def polar_express_coefficients(steps: int) -> list[tuple[float, float, float]]:
         raise ValueError(f"steps must be >= 1, got {steps!r}")
     safe = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in POLAR_EXPRESS_COEFFICIENTS[:-1]]
     safe.append(POLAR_EXPRESS_COEFFICIENTS[-1])
-    return safe[:steps] + list(repeat(safe[-1], steps - len(safe)))
+    return safe[:steps] + [safe[-1]] * (steps - len(safe))
 
 
 def _coupled_inverse_sqrt(
@@ -833,26 +832,24 @@ def block_mode_products(
     """
     xs = list(tensors)
     for n in range(max([0] + [len(f) for f in factors])):  # dynamo: no default=
-        members, owners, whole = [], [], [len(f) > n and factors[i][n][0][0].ndim == 2 for i, f in enumerate(factors)]
+        members, owners = [], []
         for i, x in enumerate(xs):
             if n >= len(factors[i]):
                 continue
             flat = xp.reshape(x, (x.shape[0], math.prod(tuple(x.shape[1:]))))
             start = 0
             for blocks in factors[i][n]:
-                if whole[i]:  # one block: a stack of one
-                    members.append((*(xp.expand_dims(v, axis=0) for v in blocks), xp.expand_dims(flat, axis=0)))
-                else:
-                    count, length = blocks[0].shape[:2]
-                    rows = flat[start:start + count * length, :]
-                    members.append((*blocks, xp.reshape(rows, (count, length, flat.shape[-1]))))
-                    start += count * length
+                if blocks[0].ndim == 2:  # the axis is one block: a stack of one
+                    blocks = tuple(xp.expand_dims(v, axis=0) for v in blocks)
+                count, length = blocks[0].shape[:2]
+                members.append((*blocks, xp.reshape(flat[start:start + count * length, :], (count, length, flat.shape[-1]))))
+                start += count * length
                 owners.append(i)
         stacks = stack(xp, members)
         outputs = [(apply(*s.operands),) for s in stacks]
         pieces: list[list] = [[] for _ in xs]
         for i, (out,) in zip(owners, unstack(stacks, outputs, len(members))):
-            pieces[i].append(out[0, ...] if whole[i] else xp.reshape(out, (out.shape[0] * out.shape[1], out.shape[-1])))
+            pieces[i].append(xp.reshape(out, (out.shape[0] * out.shape[1], out.shape[-1])))
         for i, x in enumerate(xs):
             if pieces[i]:
                 rows = pieces[i][0] if len(pieces[i]) == 1 else xp.concat(pieces[i], axis=0)

@@ -346,14 +346,12 @@ def _descending_left_singular(
         return _subspace(xp, basis, scaled_sigma, x)
     z = xp.concat([basis * scaled_sigma[..., None, :], x], axis=-1)
     n = z.shape[-1]
-    if decomposition == "svd":
+    if decomposition in ("svd", "qr_svd"):
+        if decomposition == "qr_svd":
+            # The authors' order of operations: R from a QR of z^T, then the SVD of R^T. A no-op
+            # mathematically, kept so faithful mode rounds like the authors' code.
+            z = per_matrix(xp, xp.linalg.qr, z.mT)[1].mT
         p, s, _ = per_matrix(xp, _reduced_svd(xp), z)
-        return _Ritz(s, vectors=p[..., :k])
-    if decomposition == "qr_svd":
-        # The authors' order of operations: R from a QR of z^T, then the SVD of R^T. A no-op
-        # mathematically, kept so faithful mode rounds like the authors' code.
-        _, r_factor = per_matrix(xp, xp.linalg.qr, z.mT)
-        p, s, _ = per_matrix(xp, _reduced_svd(xp), r_factor.mT)
         return _Ritz(s, vectors=p[..., :k])
     # Gram path (K7): eigh of the smaller Gram matrix; cheaper when n << d, but squares the
     # condition number, so directions at rounding level are dropped (set to zero).
@@ -726,15 +724,13 @@ def _fd_step(
     keep = xp.astype(mask, dtype)[..., None, :]
     chosen = ok if accept is None else xp.logical_and(ok, accept)
     small = dict(singular_values=new_sigma, escaped_root=new_root, basis_weights=weights, complement_weight=complement)
-    if not apply:
-        return _accepted(xp, sketch, ritz, keep, small, chosen)[0], ok, None
-    if ritz.vectors is not None:  # the new sketch applied to x
-        new, _ = _accepted(xp, sketch, ritz, keep, small, chosen)
-        return new, ok, fd_apply(xp, new, select(xp, input_ok[..., None, None], unscaled, zero))
-    # the incremental path: the new sketch applied to x as coefficients on the frame [U, fresh],
-    # whose product with them is formed with the new basis
-    coefficients = _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale)
+    # With apply, on the incremental path the new sketch applied to x as coefficients on the frame
+    # [U, fresh], whose product with them is formed with the new basis; on the others fd_apply.
+    on_frame = apply and ritz.vectors is None
+    coefficients = _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale) if on_frame else None
     new, out = _accepted(xp, sketch, ritz, keep, small, chosen, coefficients)
+    if apply and not on_frame:
+        out = fd_apply(xp, new, select(xp, input_ok[..., None, None], unscaled, zero))
     return new, ok, out
 
 
@@ -773,16 +769,14 @@ def _frame_direction(
     and w_perp / w would amplify it. Where the step failed, the previous sketch
     applied to x in its own coordinates [U^T x; fresh^T x] (x - [U, fresh] [U, fresh]^T x = 0).
     """
-    k = weights.shape[-1]
-    rest = ritz.s.shape[-1] - k
-    retained = select(xp, mask, weights, complement[..., None])
-    new_weights = xp.concat([retained, xp.broadcast_to(complement[..., None], complement.shape + (rest,))], axis=-1)
+    rest = ritz.s.shape[-1] - weights.shape[-1]
+
+    def on_frame(basis_weights: Array, complement: Array) -> Array:  # w, then w_perp on the rest of the frame
+        return xp.concat([basis_weights, xp.broadcast_to(complement[..., None], complement.shape + (rest,))], axis=-1)
+
+    new_weights = on_frame(select(xp, mask, weights, complement[..., None]), complement)
     new = matmul(xp, ritz.frame, new_weights[..., :, None] * ritz.data)
-    old_complement = sketch["complement_weight"][..., None]
-    old_weights = xp.concat(
-        [sketch["basis_weights"], xp.broadcast_to(old_complement, old_complement.shape[:-1] + (rest,))], axis=-1
-    )
-    old = old_weights[..., :, None] * ritz.projection
+    old = on_frame(sketch["basis_weights"], sketch["complement_weight"])[..., :, None] * ritz.projection
     return select(xp, ok[..., None, None], new, old) * scale[..., None, None]
 
 
