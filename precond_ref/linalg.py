@@ -8,7 +8,7 @@ with ``xp.all(xp.isfinite(...))`` (specs README, rule 5).
 
 Reference:
 
-* :func:`matrix_power_eigh` / :func:`inverse_root_eigh`: symmetrise, ``eigh``, clamp eigenvalues
+* :func:`inverse_root_eigh`: symmetrise, ``eigh``, clamp eigenvalues
   at a floor, add a shift, apply the power to the eigenvalues. Exact up to rounding; the oracle of
   every iterative root.
 
@@ -255,34 +255,30 @@ def _batch_scalar(xp: Any, value: Shift, ref: Array, trailing: int) -> Any:
     return value[(...,) + (None,) * trailing] if hasattr(value, "shape") else value
 
 
-def matrix_power_eigh(a: Array, exponent: float, *, shift: Shift = 0.0) -> Array:
-    r""":math:`(\operatorname{sym}(A)_{\ge 0} + sI)^{e}` of a symmetric PSD matrix by ``eigh``.
+def inverse_root_eigh(a: Array, p: float = 2, *, shift: Shift = 0.0) -> Array:
+    r"""The reference inverse p-th root :math:`(\operatorname{sym}(A)_{\ge 0} + sI)^{-1/p}` of a
+    symmetric PSD matrix by ``eigh``.
 
     With :math:`\operatorname{sym}(A) = V \operatorname{diag}(w) V^\top`, returns
-    :math:`V \operatorname{diag}\bigl((\max(w, 0) + s)^{e}\bigr) V^\top`: eigenvalues below 0
+    :math:`V \operatorname{diag}\bigl((\max(w, 0) + s)^{-1/p}\bigr) V^\top`: eigenvalues below 0
     (rounding can make those of a PSD matrix slightly negative) are raised to 0 before the shift.
 
     Parameters
     ----------
     a:
         ``(..., k, k)``, float32 or float64; only its symmetric part is used.
-    exponent:
-        The power :math:`e` (e.g. ``-0.5`` for the inverse square root).
+    p:
+        The root, ``> 0`` (``2`` for the inverse square root).
     shift:
         :math:`s \ge 0` added to the clamped eigenvalues (damping); a number or an array of the
         batch shape ``a.shape[:-2]``.
     """
+    if not p > 0:
+        raise ValueError(f"p must be > 0, got {p!r}")
     xp = array_namespace(a)
     w, v = symmetric_eigh(symmetrize(a))
     w = xp.clip(w, min=0.0) + _batch_scalar(xp, shift, w, 1)
-    return xp.matmul(v * xp.expand_dims(w**exponent, axis=-2), v.mT)
-
-
-def inverse_root_eigh(a: Array, p: float = 2, *, shift: Shift = 0.0) -> Array:
-    r"""Reference inverse p-th root :math:`(A + sI)^{-1/p}` by ``eigh`` (see :func:`matrix_power_eigh`)."""
-    if not p > 0:
-        raise ValueError(f"p must be > 0, got {p!r}")
-    return matrix_power_eigh(a, -1.0 / p, shift=shift)
+    return xp.matmul(v * xp.expand_dims(w ** (-1.0 / p), axis=-2), v.mT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,8 +722,7 @@ def mode_product(tensor: Array, matrix: Array, axis: int, *, transpose: bool = F
         flat = xp.reshape(tensor, lead + (d, -1))
         return xp.reshape(xp.matmul(m, flat), shape)
     moved, back = _axis_to_last(xp, tensor, axis)
-    moved_shape = tuple(moved.shape)
-    result = xp.reshape(xp.matmul(xp.reshape(moved, lead + (-1, d)), m.mT), moved_shape)
+    result = xp.reshape(xp.matmul(xp.reshape(moved, lead + (-1, d)), m.mT), tuple(moved.shape))
     return result if back is None else xp.permute_dims(result, back)
 
 

@@ -635,8 +635,7 @@ def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tu
         NumPy, CuPy), the new basis is written over it and returned as the same array, so the
         ``sketch`` passed in no longer holds the previous basis.
     """
-    new, ok, _ = _fd_step(xp, sketch, x, **options)
-    return new, ok
+    return _fd_step(xp, sketch, x, **options)[:2]
 
 
 def fd_update_apply(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tuple[dict[str, Array], Array, Array]:

@@ -190,10 +190,11 @@ def test_eigh_symmetrises_shifts_clamps_and_batches(backend):
     assert bool(xp.all(xp.isfinite(z)))
 
 
-def test_matrix_power_eigh_positive_power(backend):
+def test_inverse_root_eigh_of_a_fractional_root(backend):
+    """p = 1/2: (A)^{-2}, whose product with A A is the identity."""
     a, q, w = spd(4, 10.0, seed=6)
-    z = backend.to_numpy(linalg.matrix_power_eigh(backend.asarray(a), 0.5))
-    assert rel(z @ z, a) < 1e-13
+    z = backend.to_numpy(linalg.inverse_root_eigh(backend.asarray(a), 0.5))
+    assert rel(z @ a @ a, np.eye(4)) < 1e-13
 
 
 def test_trace_and_identity(backend):
