@@ -8,7 +8,7 @@ with ``xp.all(xp.isfinite(...))`` (specs README, rule 5).
 
 Reference:
 
-* :func:`matrix_power_eigh` / :func:`inverse_root_eigh`: symmetrise, ``eigh``, clamp eigenvalues
+* :func:`inverse_root_eigh`: symmetrise, ``eigh``, clamp eigenvalues
   at a floor, add a shift, apply the power to the eigenvalues. Exact up to rounding; the oracle of
   every iterative root.
 
@@ -21,8 +21,8 @@ Iterative roots (matmul only, fixed step counts, so they jit and run on GPUs wit
 
 * :func:`inverse_sqrt_polar_express`: the coupled Polar-Express iteration of the ASGO code
   (An et al. 2025, ``optimizers/utils/matrix_decom.py``), coefficients from Amsel et al. 2025.
-* :func:`inverse_sqrt_newton_schulz`: the coupled Newton–Schulz iteration with a fixed polynomial,
-  by default the classical :math:`(a, b, c) = (2, -3/2, 1/2)` of the ASGO code.
+* :func:`inverse_sqrt_newton_schulz`: the coupled Newton–Schulz iteration with the fixed
+  polynomial :math:`(a, b, c) = (2, -3/2, 1/2)` of the ASGO code.
 * :func:`inverse_root` with ``method="newton"``: the coupled inverse Newton iteration for
   :math:`A^{-1/p}` used by Shampoo implementations (Guo and Higham 2006; ASGO code
   ``_matrix_inverse_root_newton``).
@@ -37,14 +37,13 @@ from __future__ import annotations
 
 import math
 import sys
-from itertools import repeat
 from typing import Any, Optional, Sequence, Union
 
 from array_api_compat import array_namespace, is_jax_namespace
 
 from .blocking import roll_first_axis_last, stack, unstack
 from ._backend import (
-    array_device, as_operand, cast, computed_once, cond, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
+    array_device, as_operand, cast, computed_once, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
     is_zero, iterate, number, on_cpu, placement, select, sum_across, torch_compiling,
 )
 
@@ -135,14 +134,15 @@ def left_singular(a: Array) -> tuple[Array, Array]:
         w, s, _ = per_matrix(xp, _reduced_svd(xp), a)
         return w, s
     wide = xp.astype(a, xp.float64)
-    values, vectors = per_matrix(xp, xp.linalg.eigh, symmetrize(xp.matmul(wide, wide.mT)))
-    values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
-    s = xp.sqrt(xp.maximum(values, xp.zeros_like(values)))
+    vectors, s = descending_singular(xp, *per_matrix(xp, xp.linalg.eigh, symmetrize(xp.matmul(wide, wide.mT))))
     return xp.astype(vectors, a.dtype), xp.astype(s, a.dtype)
 
 
-# damped_inverse takes a ``symmetrize`` flag (its public keyword), which shadows the function there.
-_symmetric_part = symmetrize
+def descending_singular(xp: Any, values: Array, vectors: Array) -> tuple[Array, Array]:
+    """``(W, s)``, ``s`` descending, from the eigenpairs ``(lambda, W)`` (ascending, as ``eigh``
+    gives them) of a Gram ``a a^T``: its left singular vectors and ``s = sqrt(max(lambda, 0))``."""
+    values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
+    return vectors, xp.sqrt(xp.maximum(values, number(xp, 0.0, values)))
 
 
 def per_matrix(xp: Any, decomposition: Any, *operands: Array) -> Any:
@@ -252,41 +252,33 @@ def trace(a: Array) -> Array:
 def _batch_scalar(xp: Any, value: Shift, ref: Array, trailing: int) -> Any:
     """A per-matrix scalar (Python number or batch-shaped array) with ``trailing`` unit axes added."""
     value = as_operand(xp, value, ref.dtype)
-    if not hasattr(value, "shape"):
-        return value
-    for _ in range(trailing):
-        value = xp.expand_dims(value, axis=-1)
-    return value
+    return value[(...,) + (None,) * trailing] if hasattr(value, "shape") else value
 
 
-def matrix_power_eigh(a: Array, exponent: float, *, shift: Shift = 0.0) -> Array:
-    r""":math:`(\operatorname{sym}(A)_{\ge 0} + sI)^{e}` of a symmetric PSD matrix by ``eigh``.
+def inverse_root_eigh(a: Array, p: float = 2, *, shift: Shift = 0.0) -> Array:
+    r"""The reference inverse p-th root :math:`(\operatorname{sym}(A)_{\ge 0} + sI)^{-1/p}` of a
+    symmetric PSD matrix by ``eigh``.
 
     With :math:`\operatorname{sym}(A) = V \operatorname{diag}(w) V^\top`, returns
-    :math:`V \operatorname{diag}\bigl((\max(w, 0) + s)^{e}\bigr) V^\top`: eigenvalues below 0
+    :math:`V \operatorname{diag}\bigl((\max(w, 0) + s)^{-1/p}\bigr) V^\top`: eigenvalues below 0
     (rounding can make those of a PSD matrix slightly negative) are raised to 0 before the shift.
 
     Parameters
     ----------
     a:
         ``(..., k, k)``, float32 or float64; only its symmetric part is used.
-    exponent:
-        The power :math:`e` (e.g. ``-0.5`` for the inverse square root).
+    p:
+        The root, ``> 0`` (``2`` for the inverse square root).
     shift:
         :math:`s \ge 0` added to the clamped eigenvalues (damping); a number or an array of the
         batch shape ``a.shape[:-2]``.
     """
+    if not p > 0:
+        raise ValueError(f"p must be > 0, got {p!r}")
     xp = array_namespace(a)
     w, v = symmetric_eigh(symmetrize(a))
     w = xp.clip(w, min=0.0) + _batch_scalar(xp, shift, w, 1)
-    return xp.matmul(v * xp.expand_dims(w**exponent, axis=-2), v.mT)
-
-
-def inverse_root_eigh(a: Array, p: float = 2, *, shift: Shift = 0.0) -> Array:
-    r"""Reference inverse p-th root :math:`(A + sI)^{-1/p}` by ``eigh`` (see :func:`matrix_power_eigh`)."""
-    if not p > 0:
-        raise ValueError(f"p must be > 0, got {p!r}")
-    return matrix_power_eigh(a, -1.0 / p, shift=shift)
+    return xp.matmul(v * xp.expand_dims(w ** (-1.0 / p), axis=-2), v.mT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +303,10 @@ POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
 )
 
 
+#: The fixed (a, b, c) of the ASGO code's Newton–Schulz iteration.
+NEWTON_SCHULZ_COEFFICIENTS = (2.0, -1.5, 0.5)
+
+
 def polar_express_coefficients(steps: int) -> list[tuple[float, float, float]]:
     """The ``steps`` triples the ASGO code uses: the first seven divided by (1.01, 1.01³, 1.01⁵),
     the eighth as is and repeated beyond step 8; with ``steps < 8`` the first ``steps`` triples."""
@@ -318,11 +314,14 @@ def polar_express_coefficients(steps: int) -> list[tuple[float, float, float]]:
         raise ValueError(f"steps must be >= 1, got {steps!r}")
     safe = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in POLAR_EXPRESS_COEFFICIENTS[:-1]]
     safe.append(POLAR_EXPRESS_COEFFICIENTS[-1])
-    return safe[:steps] + list(repeat(safe[-1], steps - len(safe)))
+    return safe[:steps] + [safe[-1]] * (steps - len(safe))
 
 
-def _coupled_inverse_sqrt(y: Array, coefficients: Sequence[tuple[float, float, float]]) -> tuple[Array, Array]:
-    """Run the coupled iteration from Y_0 = ``y``, Z_0 = I; returns (Z, Y) (Z ≈ y^{-1/2}, ZY ≈ I)."""
+def _coupled_inverse_sqrt(
+    y: Array, nu: Array, coefficients: Sequence[tuple[float, float, float]]
+) -> tuple[Array, Array, Array]:
+    """Run the coupled iteration from Y_0 = ``y`` = A/``nu``, Z_0 = I; returns (Z/sqrt(nu), Z, Y)
+    (the root of A, Z ≈ y^{-1/2}, ZY ≈ I)."""
     xp = array_namespace(y)
     z = xp.zeros_like(y) + identity_like(y)
     for a, b, c in coefficients:
@@ -330,7 +329,7 @@ def _coupled_inverse_sqrt(y: Array, coefficients: Sequence[tuple[float, float, f
         poly = b * zy + c * xp.matmul(zy, zy)
         y = a * y + xp.matmul(y, poly)
         z = a * z + xp.matmul(poly, z)
-    return z, y
+    return z / xp.sqrt(nu), z, y
 
 
 def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -> Array:
@@ -357,18 +356,15 @@ def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -
     xp = array_namespace(a)
     shifted = a if is_zero(eps) else a + _batch_scalar(xp, eps, a, 2) * identity_like(a)
     nu = 1.01 * xp.linalg.matrix_norm(shifted, ord="fro", keepdims=True)
-    z, _ = _coupled_inverse_sqrt(a / nu, polar_express_coefficients(steps))
-    return z / xp.sqrt(nu)
+    return _coupled_inverse_sqrt(a / nu, nu, polar_express_coefficients(steps))[0]
 
 
-def inverse_sqrt_newton_schulz(
-    a: Array, steps: int = 10, *, eps: Shift = 0.0, coefficients: tuple[float, float, float] = (2.0, -1.5, 0.5),
-) -> Array:
+def inverse_sqrt_newton_schulz(a: Array, steps: int = 10, *, eps: Shift = 0.0) -> Array:
     r""":math:`A^{-1/2}` by the coupled Newton–Schulz iteration of the ASGO code.
 
     :math:`Y_0 = (A + \varepsilon I)/(\|A\|_F + \varepsilon)`, ``steps`` steps of the fixed triple
-    ``coefficients`` (default :math:`(2, -3/2, 1/2)`, i.e. :math:`x \mapsto 2x - 1.5x^3 + 0.5x^5`,
-    which fixes 1 with zero slope), result :math:`Z/\sqrt{\|A\|_F}` (the authors'
+    :data:`NEWTON_SCHULZ_COEFFICIENTS` (:math:`x \mapsto 2x - 1.5x^3 + 0.5x^5`, which fixes 1 with
+    zero slope), result :math:`Z/\sqrt{\|A\|_F}` (the authors'
     ``_matrix_inverse_root_newtonschulz``; the result
     is normalised without ``eps``). To root a damped matrix pass :math:`A + sI` and ``eps=0``.
 
@@ -384,8 +380,7 @@ def inverse_sqrt_newton_schulz(
         y = (a + e * identity_like(a)) / (norm + e)
     else:
         y = a / norm
-    z, _ = _coupled_inverse_sqrt(y, [tuple(coefficients)] * steps)
-    return z / xp.sqrt(norm)
+    return _coupled_inverse_sqrt(y, norm, [NEWTON_SCHULZ_COEFFICIENTS] * steps)[0]
 
 
 def _coupled_newton(a: Array, p: int, steps: int) -> tuple[Array, Array]:
@@ -419,19 +414,18 @@ def _coupled_newton(a: Array, p: int, steps: int) -> tuple[Array, Array]:
 
 
 # --------------------------------------------------------------------------------------------
-# Residual-checked roots: an iteration where matmuls are cheap, eigh (or the caller's replacement)
-# where it did not converge.
+# Residual-checked roots: an iteration where matmuls are cheap, its convergence checked per matrix
+# and the matrices that failed the check flagged for the caller to replace.
 
 #: Largest distance from the identity, ``‖M - I‖_F``, of an iteration's convergence measure
-#: (:func:`inverse_root`: Z·Y for the coupled polynomial iterations, M for Newton) accepted before
-#: the matrix is recomputed by ``eigh``: the eigenvalues of the iterate are then within 5% of
-#: their limit. Measured float32 values of converged roots: 1e-6 (condition number 1) to 1.5e-3
-#: (k = 1024, condition number 1e7); iterations stopped before convergence leave 0.2 and more.
+#: (:func:`inverse_root`: Z·Y for the coupled polynomial iterations, M for Newton) accepted: the
+#: eigenvalues of the iterate are then within 5% of their limit. Measured float32 values of
+#: converged roots: 1e-6 (condition number 1) to 1.5e-3 (k = 1024, condition number 1e7);
+#: iterations stopped before convergence leave 0.2 and more.
 ROOT_RESIDUAL_TOLERANCE = 5e-2
 
-#: The iterations :func:`inverse_root` runs (``"eigh"`` is the exact reference).
-ROOT_METHODS = ("eigh", "polar_express", "newton_schulz", "newton")
-
+#: The iterations :func:`inverse_root` runs (:func:`inverse_root_eigh` is the exact reference).
+ROOT_METHODS = ("polar_express", "newton_schulz", "newton")
 
 
 def auto_root_method(p: Array) -> str:
@@ -445,67 +439,53 @@ def auto_root_method(p: Array) -> str:
 
 
 def inverse_root(
-    a: Array, p: int = 2, *, shift: Shift = 0.0, method: str = "eigh", steps: Optional[int] = None,
-    tolerance: Optional[float] = ROOT_RESIDUAL_TOLERANCE, fallback: Optional[str] = "eigh",
+    a: Array, p: int = 2, *, shift: Shift = 0.0, method: str = "polar_express", steps: Optional[int] = None,
+    tolerance: Optional[float] = ROOT_RESIDUAL_TOLERANCE,
 ) -> tuple[Array, Array]:
-    r""":math:`(A + sI)^{-1/p}` of a stack of symmetric PSD matrices, by ``eigh`` or by a matmul
-    iteration whose result is checked and, where it failed, recomputed by ``eigh`` (or flagged).
+    r""":math:`(A + sI)^{-1/p}` of a stack of symmetric PSD matrices by a matmul iteration, and which
+    matrices failed its convergence check: no branch, no host read.
 
     Parameters
     ----------
     a:
         ``(..., k, k)`` symmetric PSD and finite, float32 or float64; :math:`A + sI` must be
-        positive definite for the iterations.
+        positive definite.
     p:
         The root, an integer ``>= 1`` (``"polar_express"`` and ``"newton_schulz"``: 2 only).
     shift:
         :math:`s \ge 0`, a number or an array of the batch shape.
     method:
-        ``"eigh"``: :func:`inverse_root_eigh` (exact; eigenvalues clamped at 0 before the shift).
         ``"polar_express"`` (:func:`inverse_sqrt_polar_express`, 10 steps by default),
         ``"newton_schulz"`` (:func:`inverse_sqrt_newton_schulz`, 20 steps) or ``"newton"``
-        (coupled inverse Newton, 30 steps): matmuls only, applied to :math:`A + sI`.
+        (coupled inverse Newton, 30 steps), applied to :math:`A + sI`.
     steps:
         Iterations (``None``: the defaults above).
     tolerance:
-        Iterations only: a matrix whose iteration ends farther than this from convergence
+        A matrix whose iteration ends farther than this from convergence
         (:data:`ROOT_RESIDUAL_TOLERANCE`), or not finite, failed the check. ``None`` skips the
-        check (no fallback, no host read; matmuls only).
-    fallback:
-        Iterations with a ``tolerance`` only: ``"eigh"`` recomputes the matrices that failed the
-        check by ``eigh``; ``None`` returns them as the iteration left them, flagged, for the
-        caller to replace (element-wise, e.g. by a previous root): no branch, no host read.
+        check.
 
     Returns
     -------
     (root, failed)
-        The roots, and int32 flags of the batch shape ``a.shape[:-2]``: 1 for a matrix that failed
-        the check (recomputed by ``eigh``, or with ``fallback=None`` left as it is), 0 otherwise
-        (always 0 for ``"eigh"`` and without a check).
+        The roots as the iteration left them, and int32 flags of the batch shape ``a.shape[:-2]``:
+        1 for a matrix that failed the check, for the caller to replace (element-wise, e.g. by a
+        previous root or an exact one), 0 otherwise (always 0 without a check).
 
     Notes
     -----
-    The ``"eigh"`` fallback is a :func:`precond_ref.transform.cond` on "every residual is within
-    tolerance": a ``lax.cond`` under ``jax.jit`` and a ``torch.cond`` under ``torch.compile``
-    (TorchInductor reads the predicate on the host), a host read of one bool with eager arrays. On
-    a GPU that is one synchronisation per call, i.e. on refresh steps only; ``tolerance=None`` and
-    ``fallback=None`` have none. The check costs one matmul per matrix for the polynomial
-    iterations (Polar-Express itself: 4 per step, 40 by default) and none for Newton. It measures
-    convergence, not the rounding error of the result: that is about the error of a float32
-    ``eigh`` (``docs/methods/asgo.md`` lists both).
+    The check costs one matmul per matrix for the polynomial iterations (Polar-Express itself: 4
+    per step, 40 by default) and none for Newton. It measures convergence, not the rounding error
+    of the result: that is about the error of a float32 ``eigh`` (``docs/methods/asgo.md`` lists
+    both).
     """
     xp = array_namespace(a)
     if method not in ROOT_METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, ROOT_METHODS))}, got {method!r}")
     if isinstance(p, bool) or not isinstance(p, int) or p < 1:
         raise ValueError(f"p must be an integer >= 1, got {p!r}")
-    if method in ("polar_express", "newton_schulz") and p != 2:
+    if method != "newton" and p != 2:
         raise ValueError(f"method={method!r} computes inverse square roots only (p=2), got p={p!r}")
-    if fallback not in ("eigh", None):
-        raise ValueError(f"fallback must be 'eigh' or None, got {fallback!r}")
-    no_fallback = xp.zeros(a.shape[:-2], dtype=xp.int32, device=placement(xp, a))
-    if method == "eigh":
-        return inverse_root_eigh(a, p, shift=shift), no_fallback
     eye = identity_like(a)
     damped = a + _batch_scalar(xp, shift, a, 2) * eye
     if method == "newton":
@@ -518,32 +498,17 @@ def inverse_root(
             nu = 1.01 * nu
             coefficients = polar_express_coefficients(10 if steps is None else steps)
         else:
-            coefficients = [(2.0, -1.5, 0.5)] * (20 if steps is None else steps)
-        z, y = _coupled_inverse_sqrt(damped / nu, coefficients)
-        root = z / xp.sqrt(nu)
+            coefficients = [NEWTON_SCHULZ_COEFFICIENTS] * (20 if steps is None else steps)
+        root, z, y = _coupled_inverse_sqrt(damped / nu, nu, coefficients)
         convergence = lambda: xp.matmul(z, y)  # noqa: E731
     if tolerance is None:
-        return root, no_fallback
+        return root, xp.zeros(a.shape[:-2], dtype=xp.int32, device=placement(xp, a))
     # The iteration's own measure of convergence, M -> I (Newton) or Z Y -> I (coupled polynomial
     # iterations, which keep Z Y = Z² A/ν): rounding enters it as ε·κ^{1/2}, not as ε·κ like the
     # residual of the result (testing.oracles.inverse_root_residual, which float32 roots of a
     # κ = 1e6 matrix do not pass even when exact).
     good = xp.linalg.matrix_norm(convergence() - eye, ord="fro") <= tolerance  # False for NaN
-    if fallback is None:
-        return root, xp.astype(xp.logical_not(good), xp.int32)
-    all_good = xp.all(good)
-
-    def accept(root, damped, good, no_fallback):
-        return root, no_fallback
-
-    def recompute(root, damped, good, no_fallback):
-        # A new array: tracing torch.cond, dynamo lifts a view of an operand (the transpose in
-        # symmetrize) as a second input aliasing the first, which it refuses.
-        exact = inverse_root_eigh(damped + 0.0, p)
-        good_b = xp.expand_dims(xp.expand_dims(good, axis=-1), axis=-1)
-        return xp.where(good_b, root, exact), xp.astype(xp.logical_not(good), xp.int32)
-
-    return cond(xp, all_good, accept, recompute, root, damped, good, no_fallback)
+    return root, xp.astype(xp.logical_not(good), xp.int32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,22 +549,19 @@ def damped_inverse_init(matrices: Array, damping: Any) -> Array:
     return xp.broadcast_to(eye, matrices.shape) + xp.zeros_like(matrices)
 
 
-def damped_inverse(matrices: Array, damping: Any, previous: Array, *, symmetrize: bool = True) -> tuple[Array, Array]:
-    r"""Batched :math:`(F_b + \lambda I)^{-1}` with a fallback to the previous inverse.
+def damped_inverse(matrices: Array, damping: Any, previous: Array) -> tuple[Array, Array]:
+    r"""Batched :math:`(F_b + \lambda I)^{-1}` of the matrices exactly as given (not symmetrised:
+    the reference code's plain ``inverse``, faithful MBF's), with a fallback to the previous inverse.
 
     Parameters
     ----------
     matrices:
-        (..., n, n) stack of symmetric PSD statistics :math:`F_b` (float32 or float64).
+        (..., n, n) stack of PSD statistics :math:`F_b` (float32 or float64).
     damping:
         :math:`\lambda > 0`, a Python number or a 0-D array.
     previous:
         (..., n, n) the inverses currently in use; a block whose new inverse is not finite keeps
         its previous value.
-    symmetrize:
-        Form :math:`\mathrm{sym}(F_b) + \lambda I` and symmetrise the computed inverse (the
-        default; specs README rule 4). ``False`` inverts :math:`F_b + \lambda I` exactly as given,
-        as reference code that calls a plain ``inverse`` does.
 
     Returns
     -------
@@ -620,8 +582,6 @@ def damped_inverse(matrices: Array, damping: Any, previous: Array, *, symmetrize
     torch's synchronisation debug mode) propagates.
     """
     xp = array_namespace(matrices, previous)
-    if symmetrize:
-        matrices = _symmetric_part(matrices)
     eye = identity_like(matrices)
     # A non-finite block is replaced by I before the call: inv maps Inf entries to finite
     # garbage (inv([[inf, 0], [0, 1]]) = [[0, 0], [0, 1]]) and NaN may make NumPy raise.
@@ -631,8 +591,6 @@ def damped_inverse(matrices: Array, damping: Any, previous: Array, *, symmetrize
         result = inverse(xp, damped)
     except ValueError:  # NumPy's LinAlgError on an exactly singular block (torch and JAX give Inf/NaN)
         result = xp.full(damped.shape, xp.nan, dtype=damped.dtype, device=placement(xp, damped))
-    if symmetrize:
-        result = _symmetric_part(result)
     ok = xp.logical_and(finite_in, all_finite(result, axis=(-2, -1)))
     return xp.where(ok[..., None, None], result, previous), xp.logical_not(ok)
 
@@ -764,8 +722,7 @@ def mode_product(tensor: Array, matrix: Array, axis: int, *, transpose: bool = F
         flat = xp.reshape(tensor, lead + (d, -1))
         return xp.reshape(xp.matmul(m, flat), shape)
     moved, back = _axis_to_last(xp, tensor, axis)
-    moved_shape = tuple(moved.shape)
-    result = xp.reshape(xp.matmul(xp.reshape(moved, lead + (-1, d)), m.mT), moved_shape)
+    result = xp.reshape(xp.matmul(xp.reshape(moved, lead + (-1, d)), m.mT), tuple(moved.shape))
     return result if back is None else xp.permute_dims(result, back)
 
 
@@ -870,26 +827,24 @@ def block_mode_products(
     """
     xs = list(tensors)
     for n in range(max([0] + [len(f) for f in factors])):  # dynamo: no default=
-        members, owners, whole = [], [], [len(f) > n and factors[i][n][0][0].ndim == 2 for i, f in enumerate(factors)]
+        members, owners = [], []
         for i, x in enumerate(xs):
             if n >= len(factors[i]):
                 continue
             flat = xp.reshape(x, (x.shape[0], math.prod(tuple(x.shape[1:]))))
             start = 0
             for blocks in factors[i][n]:
-                if whole[i]:  # one block: a stack of one
-                    members.append((*(xp.expand_dims(v, axis=0) for v in blocks), xp.expand_dims(flat, axis=0)))
-                else:
-                    count, length = blocks[0].shape[:2]
-                    rows = flat[start:start + count * length, :]
-                    members.append((*blocks, xp.reshape(rows, (count, length, flat.shape[-1]))))
-                    start += count * length
+                if blocks[0].ndim == 2:  # the axis is one block: a stack of one
+                    blocks = tuple(xp.expand_dims(v, axis=0) for v in blocks)
+                count, length = blocks[0].shape[:2]
+                members.append((*blocks, xp.reshape(flat[start:start + count * length, :], (count, length, flat.shape[-1]))))
+                start += count * length
                 owners.append(i)
         stacks = stack(xp, members)
         outputs = [(apply(*s.operands),) for s in stacks]
         pieces: list[list] = [[] for _ in xs]
         for i, (out,) in zip(owners, unstack(stacks, outputs, len(members))):
-            pieces[i].append(out[0, ...] if whole[i] else xp.reshape(out, (out.shape[0] * out.shape[1], out.shape[-1])))
+            pieces[i].append(xp.reshape(out, (out.shape[0] * out.shape[1], out.shape[-1])))
         for i, x in enumerate(xs):
             if pieces[i]:
                 rows = pieces[i][0] if len(pieces[i]) == 1 else xp.concat(pieces[i], axis=0)
@@ -1091,11 +1046,6 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
 # for ``M diag(s)``, from per-column maxima chosen per step without a host read.
 
 
-def _one(xp: Any, like: Array) -> Array:
-    """``1`` as a 0-D array of ``like``'s dtype and device, made once (:func:`precond_ref._backend.number`)."""
-    return number(xp, 1.0, like)
-
-
 def wide_dtype(xp: Any, x: Array) -> Any:
     """float64 for a float32 ``x`` where the backend has it (not JAX without x64, not torch MPS),
     else ``None``: every float32 number squares into the float64 range without underflow or
@@ -1113,7 +1063,7 @@ def _renormalising_factor(xp: Any, sum_of_squares: Array, target: float) -> Arra
 
 def nonzero_divisor(xp: Any, norm: Array) -> Array:
     """``norm``, with 1 where it is zero (the divisor that keeps a zero direction zero)."""
-    return select(xp, norm > 0, norm, _one(xp, norm))
+    return select(xp, norm > 0, norm, number(xp, 1.0, norm))
 
 
 def per_matrix_column(xp: Any, x: Array) -> Array:

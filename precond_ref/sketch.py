@@ -71,7 +71,8 @@ from ._backend import (
 )
 from .engine.factors import constant, number
 from .linalg import (
-    _reduced_svd, all_finite, eigh_widened, left_singular, per_matrix, rank_one_update_eigh, symmetric_eigh, symmetrize,
+    _reduced_svd, all_finite, descending_singular, eigh_widened, left_singular, per_matrix, rank_one_update_eigh,
+    symmetric_eigh, symmetrize,
 )
 
 Array = Any
@@ -291,18 +292,14 @@ def _left_singular_by_gram(xp: Any, a: Array) -> tuple[Array, Array]:
     (u s_0^2) limits s to an absolute sqrt(u) s_0, the accuracy of the ``"gram"`` and ``"subspace"``
     paths (``shrink_cutoff_tolerance``); W stays orthogonal to working precision.
     """
-    values, vectors = symmetric_eigh(symmetrize(matmul(xp, a, a.mT)))
-    values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
-    return vectors, xp.sqrt(xp.maximum(values, number(xp, 0.0, values)))
+    return descending_singular(xp, *symmetric_eigh(symmetrize(matmul(xp, a, a.mT))))
 
 
 def _left_singular_by_secular(xp: Any, sigma: Array, z: Array) -> tuple[Array, Array]:
     """``(W, s)``, s descending, of the square ``[diag(sigma[:-1]), z[:-1]; 0, z[-1]]`` with
     ``sigma[-1] = 0``: its Gram is ``diag(sigma^2) + z z^T``, decomposed by
     :func:`~precond_ref.linalg.rank_one_update_eigh`, ``s = sqrt(max(lambda, 0))``."""
-    values, vectors = rank_one_update_eigh(sigma * sigma, z)
-    values, vectors = xp.flip(values, axis=-1), xp.flip(vectors, axis=-1)
-    return vectors, xp.sqrt(xp.maximum(values, number(xp, 0.0, values)))
+    return descending_singular(xp, *rank_one_update_eigh(sigma * sigma, z))
 
 
 def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
@@ -332,9 +329,7 @@ def _subspace(xp: Any, basis: Array, scaled_sigma: Array, x: Array) -> _Ritz:
     proj_u = matmul(xp, basis.mT, q) * scaled_sigma[..., :, None]
     proj_x = matmul(xp, x.mT, q)
     h = matmul(xp, proj_u.mT, proj_u) + matmul(xp, proj_x.mT, proj_x)
-    theta, w = eigh_widened(symmetrize(h))
-    theta, w = xp.flip(theta, axis=-1), xp.flip(w, axis=-1)
-    s = xp.sqrt(xp.maximum(theta, number(xp, 0.0, theta)))
+    w, s = descending_singular(xp, *eigh_widened(symmetrize(h)))
     return _Ritz(s, vectors=matmul(xp, q, w[..., :, :k]))
 
 
@@ -351,14 +346,12 @@ def _descending_left_singular(
         return _subspace(xp, basis, scaled_sigma, x)
     z = xp.concat([basis * scaled_sigma[..., None, :], x], axis=-1)
     n = z.shape[-1]
-    if decomposition == "svd":
+    if decomposition in ("svd", "qr_svd"):
+        if decomposition == "qr_svd":
+            # The authors' order of operations: R from a QR of z^T, then the SVD of R^T. A no-op
+            # mathematically, kept so faithful mode rounds like the authors' code.
+            z = per_matrix(xp, xp.linalg.qr, z.mT)[1].mT
         p, s, _ = per_matrix(xp, _reduced_svd(xp), z)
-        return _Ritz(s, vectors=p[..., :k])
-    if decomposition == "qr_svd":
-        # The authors' order of operations: R from a QR of z^T, then the SVD of R^T. A no-op
-        # mathematically, kept so faithful mode rounds like the authors' code.
-        _, r_factor = per_matrix(xp, xp.linalg.qr, z.mT)
-        p, s, _ = per_matrix(xp, _reduced_svd(xp), r_factor.mT)
         return _Ritz(s, vectors=p[..., :k])
     # Gram path (K7): eigh of the smaller Gram matrix; cheaper when n << d, but squares the
     # condition number, so directions at rounding level are dropped (set to zero).
@@ -642,8 +635,7 @@ def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tu
         NumPy, CuPy), the new basis is written over it and returned as the same array, so the
         ``sketch`` passed in no longer holds the previous basis.
     """
-    new, ok, _ = _fd_step(xp, sketch, x, **options)
-    return new, ok
+    return _fd_step(xp, sketch, x, **options)[:2]
 
 
 def fd_update_apply(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tuple[dict[str, Array], Array, Array]:
@@ -731,15 +723,13 @@ def _fd_step(
     keep = xp.astype(mask, dtype)[..., None, :]
     chosen = ok if accept is None else xp.logical_and(ok, accept)
     small = dict(singular_values=new_sigma, escaped_root=new_root, basis_weights=weights, complement_weight=complement)
-    if not apply:
-        return _accepted(xp, sketch, ritz, keep, small, chosen)[0], ok, None
-    if ritz.vectors is not None:  # the new sketch applied to x
-        new, _ = _accepted(xp, sketch, ritz, keep, small, chosen)
-        return new, ok, fd_apply(xp, new, select(xp, input_ok[..., None, None], unscaled, zero))
-    # the incremental path: the new sketch applied to x as coefficients on the frame [U, fresh],
-    # whose product with them is formed with the new basis
-    coefficients = _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale)
+    # With apply, on the incremental path the new sketch applied to x as coefficients on the frame
+    # [U, fresh], whose product with them is formed with the new basis; on the others fd_apply.
+    on_frame = apply and ritz.vectors is None
+    coefficients = _frame_direction(xp, sketch, ritz, mask, weights, complement, ok, scale) if on_frame else None
     new, out = _accepted(xp, sketch, ritz, keep, small, chosen, coefficients)
+    if apply and not on_frame:
+        out = fd_apply(xp, new, select(xp, input_ok[..., None, None], unscaled, zero))
     return new, ok, out
 
 
@@ -778,16 +768,14 @@ def _frame_direction(
     and w_perp / w would amplify it. Where the step failed, the previous sketch
     applied to x in its own coordinates [U^T x; fresh^T x] (x - [U, fresh] [U, fresh]^T x = 0).
     """
-    k = weights.shape[-1]
-    rest = ritz.s.shape[-1] - k
-    retained = select(xp, mask, weights, complement[..., None])
-    new_weights = xp.concat([retained, xp.broadcast_to(complement[..., None], complement.shape + (rest,))], axis=-1)
+    rest = ritz.s.shape[-1] - weights.shape[-1]
+
+    def on_frame(basis_weights: Array, complement: Array) -> Array:  # w, then w_perp on the rest of the frame
+        return xp.concat([basis_weights, xp.broadcast_to(complement[..., None], complement.shape + (rest,))], axis=-1)
+
+    new_weights = on_frame(select(xp, mask, weights, complement[..., None]), complement)
     new = matmul(xp, ritz.frame, new_weights[..., :, None] * ritz.data)
-    old_complement = sketch["complement_weight"][..., None]
-    old_weights = xp.concat(
-        [sketch["basis_weights"], xp.broadcast_to(old_complement, old_complement.shape[:-1] + (rest,))], axis=-1
-    )
-    old = old_weights[..., :, None] * ritz.projection
+    old = on_frame(sketch["basis_weights"], sketch["complement_weight"])[..., :, None] * ritz.projection
     return select(xp, ok[..., None, None], new, old) * scale[..., None, None]
 
 

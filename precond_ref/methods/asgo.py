@@ -196,7 +196,7 @@ def _damped_inverse_sqrt(
     normalised, scale = p / per_block(xp, tau, p), per_block(xp, tau**-0.5, p)
     if method == "eigh":
         return inverse_root_eigh(normalised, 2, shift=shift) * scale, None
-    z, failed = inverse_root(normalised, 2, shift=shift, method=method, steps=steps, tolerance=tolerance, fallback=None)
+    z, failed = inverse_root(normalised, 2, shift=shift, method=method, steps=steps, tolerance=tolerance)
     if tolerance is None:
         return z * scale, None
     isotropic = select(xp, zero, shift, shift + 1.0)  # the mean eigenvalue of P/τ (1; 0 for P = 0) + shift

@@ -126,7 +126,7 @@ def _inverse(xp: Any, c: MBFConfig, kind: str, statistic: Array, previous: Array
 def _faithful_inverse(matrices: Array, damping: Any, previous: Array) -> tuple[Array, Array]:
     r"""B2/B6, the authors' plain ``inv``\ :math:`(F + \lambda I)`, not symmetrised and without the
     precision floor (the block-wise non-finite fallback is kept; :func:`precond_ref.linalg.damped_inverse`)."""
-    return damped_inverse(matrices, damping, previous, symmetrize=False)
+    return damped_inverse(matrices, damping, previous)
 
 
 def _elementwise_inverse(xp: Any, c: MBFConfig, statistic: Array, previous: Array) -> tuple[Array, Array]:
