@@ -55,7 +55,7 @@ def damped_inverse_residual(matrices: Array, damping: Any, inverse: Array) -> Ar
 
     A backward-stable inverse has residual about :math:`n\varepsilon\,\kappa(F_b+\lambda I)`, so a
     residual of order 1e-2 or more means the damping was lost to rounding (see
-    :func:`precond_ref.linalg.damped_inverse`); non-finite input gives a non-finite residual. One
+    :func:`precond_ref.linalg.damped_inverse_stable`); non-finite input gives a non-finite residual. One
     matmul per block.
     """
     xp = array_namespace(matrices, inverse)
@@ -67,7 +67,7 @@ def damped_inverse_residual(matrices: Array, damping: Any, inverse: Array) -> Ar
 def damped_solve(matrices: Array, damping: Any, rhs: Array) -> Array:
     r"""Batched solve :math:`(\operatorname{sym}(F_b) + \lambda I) X_b = B_b`, one call for the whole stack.
 
-    The route that :func:`precond_ref.linalg.damped_inverse` (an inverse, then a product) replaces:
+    The route that :func:`precond_ref.linalg.damped_inverse_stable` (an inverse, then a product) replaces:
     the two agree to rounding wherever :math:`F_b + \lambda I` is well conditioned. ``matrices``
     (..., n, n) symmetric PSD, ``damping`` a number or 0-D array with :math:`F_b + \lambda I`
     nonsingular, ``rhs`` (..., n, k) broadcast against ``matrices`` in the batch axes; returns
