@@ -220,14 +220,10 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
     already), the groups of one number ``k`` of tiles next to each other, and each such run summed
     by one ``sum`` over the rows of its ``(groups, k)`` matrix (a row's sum is that row's alone)."""
     out: list = [None] * len(plans)
-    kinds: dict = {}
-    for m, vector in enumerate(vectors):
-        kinds.setdefault((vector.dtype, device_key(vector)), []).append(m)
-    for batches in kinds.values():
-        place: dict = {}  # (group, tile) -> its place in the batches joined
-        for i, s in (member for m in batches for member in members[m]):
-            place.update(((i, t), len(place)) for t in plans[i].stacks[s].tiles)
-        groups = sorted(dict.fromkeys(i for i, _ in place), key=lambda i: len(plans[i].tiles))
+    for batches in first_appearance([(vector.dtype, device_key(vector)) for vector in vectors]):
+        tiles = [(i, t) for m in batches for i, s in members[m] for t in plans[i].stacks[s].tiles]  # (group, tile)
+        place = {tile: n for n, tile in enumerate(tiles)}  # its place in the batches joined
+        groups = sorted(dict.fromkeys(i for i, _ in tiles), key=lambda i: len(plans[i].tiles))
         order = tuple(place[i, t] for i in groups for t in range(len(plans[i].tiles)))
         joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
         if order != tuple(range(len(order))):
@@ -276,11 +272,10 @@ def kept_where_usable(xp, grouped, old, new):
     device value is read."""
     nonzero = each_block(xp, xp.any, grouped != 0.0)
     accept, joints = nonzero, {}
-    for dtype in dict.fromkeys(a.dtype for a in new):  # one test of the entries of all arrays of one dtype
-        members = [n for n, a in enumerate(new) if a.dtype == dtype]
+    for members in first_appearance([a.dtype for a in new]):  # one test of the entries of all arrays of one dtype
         joint = side_by_side(xp, [new[n] for n in members])
         if joint is not None:  # (arrays, k, ...): each block's entries of all arrays
-            joints[tuple(members)] = joint
+            joints[members] = joint
             ok = all_finite(xp.reshape(joint, (joint.shape[0], joint.shape[1], -1)), axis=(0, 2))
         else:
             rows = [xp.reshape(new[n], (new[n].shape[0], -1)) for n in members]
