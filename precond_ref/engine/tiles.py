@@ -417,8 +417,8 @@ class _Tiling(NamedTuple):
     c: NamedTuple
     layout: TileLayout
     intervals: tuple  # per refresh phase, its interval (precond_ref.blocking.spread_schedule)
-    plans: dict  # (shapes, out_first) -> (dims, diagonal, plan, number): made once per layout, not every step
-    fillers: dict  # a group's state layout -> its structure (precond_ref.tree.filled)
+    plans: dict  # (shapes, out_first) -> what _plan hands back: made once per layout, not every step
+    fillers: dict  # (shapes, out_first) -> its state's structure (precond_ref.tree.filled)
 
 
 def tiled_transform(
@@ -525,7 +525,7 @@ def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
     for out_first in (True, False) if len(shapes) > 1 else (True,):
         _, plan, sizes, template, number = _plan(t, shapes, out_first, where)
         try:
-            fields = filled(t.fillers, (tuple(shapes), out_first), lambda: template, state)  # noqa: B023
+            fields = filled(t.fillers, (tuple(shapes), out_first), lambda: template, state)
         except KeyError:
             continue
         if all(tuple(K.shape[:2]) == (k, d) for (k, shape), stack in zip(sizes, fields.stacks)
