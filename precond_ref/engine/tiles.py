@@ -41,16 +41,9 @@ from .phases import handed_back, phase_stacks, refreshes, tile_phase
 from .rounding import is_bfloat16, place_keys, place_noise, rounded_with_noise, rounding_key
 from .run import build_transform
 
-__all__ = ["TiledRule", "TileLayout", "tiled_transform", "old_layout_hint", "tile_plan", "stack_plan", "taken"]
+__all__ = ["TiledRule", "TileLayout", "tiled_transform", "tile_plan", "stack_plan", "taken"]
 
 Array = Any
-
-def old_layout_hint(found: dict, layout: dict) -> str:
-    """``build_transform``'s ``layout_hint``: where a saved state does not fit, the arguments that
-    load one saved unblocked."""
-    return (" if_shampoo: a state saved with unblocked factors, diagonal beyond 4096, loads with "
-            "if_shampoo(block_size=4096, max_dense_dim=4096)")
-
 
 class Tile(NamedTuple):
     """One tile of a group's tensor: an independent IF-Shampoo block with its own factors."""
@@ -220,14 +213,10 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
     already), the groups of one number ``k`` of tiles next to each other, and each such run summed
     by one ``sum`` over the rows of its ``(groups, k)`` matrix (a row's sum is that row's alone)."""
     out: list = [None] * len(plans)
-    kinds: dict = {}
-    for m, vector in enumerate(vectors):
-        kinds.setdefault((vector.dtype, device_key(vector)), []).append(m)
-    for batches in kinds.values():
-        place: dict = {}  # (group, tile) -> its place in the batches joined
-        for i, s in (member for m in batches for member in members[m]):
-            place.update(((i, t), len(place)) for t in plans[i].stacks[s].tiles)
-        groups = sorted(dict.fromkeys(i for i, _ in place), key=lambda i: len(plans[i].tiles))
+    for batches in first_appearance([(vector.dtype, device_key(vector)) for vector in vectors]):
+        tiles = [(i, t) for m in batches for i, s in members[m] for t in plans[i].stacks[s].tiles]  # (group, tile)
+        place = {tile: n for n, tile in enumerate(tiles)}  # its place in the batches joined
+        groups = sorted(dict.fromkeys(i for i, _ in tiles), key=lambda i: len(plans[i].tiles))
         order = tuple(place[i, t] for i in groups for t in range(len(plans[i].tiles)))
         joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
         if order != tuple(range(len(order))):
@@ -276,11 +265,10 @@ def kept_where_usable(xp, grouped, old, new):
     device value is read."""
     nonzero = each_block(xp, xp.any, grouped != 0.0)
     accept, joints = nonzero, {}
-    for dtype in dict.fromkeys(a.dtype for a in new):  # one test of the entries of all arrays of one dtype
-        members = [n for n, a in enumerate(new) if a.dtype == dtype]
+    for members in first_appearance([a.dtype for a in new]):  # one test of the entries of all arrays of one dtype
         joint = side_by_side(xp, [new[n] for n in members])
         if joint is not None:  # (arrays, k, ...): each block's entries of all arrays
-            joints[tuple(members)] = joint
+            joints[members] = joint
             ok = all_finite(xp.reshape(joint, (joint.shape[0], joint.shape[1], -1)), axis=(0, 2))
         else:
             rows = [xp.reshape(new[n], (new[n].shape[0], -1)) for n in members]
@@ -422,8 +410,8 @@ class _Tiling(NamedTuple):
     c: NamedTuple
     layout: TileLayout
     intervals: tuple  # per refresh phase, its interval (precond_ref.blocking.spread_schedule)
-    plans: dict  # (shapes, out_first) -> (dims, diagonal, plan, number): made once per layout, not every step
-    fillers: dict  # a group's state layout -> its structure (precond_ref.tree.filled)
+    plans: dict  # (shapes, out_first) -> what _plan hands back: made once per layout, not every step
+    fillers: dict  # (shapes, out_first) -> its state's structure (precond_ref.tree.filled)
 
 
 def tiled_transform(
@@ -444,41 +432,33 @@ def tiled_transform(
     spread = layout.stagger and isinstance(layout.interval, int) and layout.interval > 1
     t = _Tiling(rule, c, layout, spread_schedule(layout.interval, spread), {}, {})
     return build_transform(
-        name=rule.name,
-        init_group=partial(_init_group, t),
-        update_groups=partial(_update_groups, t),
-        group_leaves=weight_bias_groups if layout.weight_bias else singleton_groups,
-        on_nonfinite=on_nonfinite,
-        needs_params=c.use_decay,
-        intervals=t.intervals,
-        layout_hint=layout.old_layout,
+        name=rule.name, init_group=partial(_init_group, t), update_groups=partial(_update_groups, t),
+        group_leaves=weight_bias_groups if layout.weight_bias else singleton_groups, on_nonfinite=on_nonfinite,
+        needs_params=c.use_decay, intervals=t.intervals, layout_hint=layout.old_layout,
         legacy_names=partial(tiled_legacy_names, interval=layout.interval, stagger=layout.stagger,
-                             diagonal=rule.diagonal if layout.vectors_cut else None),
-    )
+                             diagonal=rule.diagonal if layout.vectors_cut else None))
 
 
 def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
-    """(squeezed dims, per-axis diagonal flags, tile plan, the layout's number in the transform: the
-    key of the gathers' indices) of a group's tensor."""
+    """A group layout's (per-axis diagonal flags of its squeezed tensor, tile plan, per stack its
+    number of tiles and tile shape, the fields its state has as :func:`precond_ref.tree.filled`'s
+    template, its number in the transform: the key of the gathers' indices): the one description of
+    its stacks that init, the reading of its state and the check of its factors' shapes use."""
     key = (tuple(shapes), out_first)
     if key not in t.plans:
-        _, dims = grouped_shape(shapes, out_first)
-        diagonal = t.layout.diagonal(dims, where)
-        vector = t.layout.vectors_cut and len(dims) == 1
-        t.plans[key] = dims, diagonal, stack_plan(
-            tile_plan(dims, diagonal, t.layout.block_size, t.layout.interval, t.layout.stagger, cut_diagonal=vector)), len(t.plans)
+        rule, c, layout = t.rule, t.c, t.layout
+        dims = grouped_shape(shapes, out_first)[1]
+        diagonal = layout.diagonal(dims, where)
+        plan = stack_plan(tile_plan(dims, diagonal, layout.block_size, layout.interval, layout.stagger,
+                                    cut_diagonal=layout.vectors_cut and len(dims) == 1))
+        sizes = tuple((len(stack.tiles), tile_shape(plan.tiles[stack.tiles[0]])) for stack in plan.stacks)
+        zeros = (0,) * len(dims)
+        template = rule.State(stacks=(rule.Stack(zeros, zeros if c.use_factor_momentum else ()),) * len(sizes),
+                              momentum=(0,) * len(shapes) if c.use_momentum else (),
+                              preconditioner_lr_scale=0 if layout.group_scale is not None else None,
+                              failures=0 if layout.counted else None)
+        t.plans[key] = diagonal, plan, sizes, template, len(t.plans)
     return t.plans[key]
-
-
-def _template(t: _Tiling, tiles: TilePlan, rank: int, members: int) -> NamedTuple:
-    """The fields a group's state has (any leaves; :func:`precond_ref.tree.from_entries`' template)."""
-    return t.rule.State(
-        stacks=tuple(t.rule.Stack(factor=(0,) * rank, factor_momentum=(0,) * rank if t.c.use_factor_momentum else ())
-                     for _ in tiles.stacks),
-        momentum=(0,) * members if t.c.use_momentum else (),
-        preconditioner_lr_scale=0 if t.layout.group_scale is not None else None,
-        failures=0 if t.layout.counted else None,
-    )
 
 
 def _init_group(t: _Tiling, leaves, paths, xp):
@@ -486,9 +466,9 @@ def _init_group(t: _Tiling, leaves, paths, xp):
     rule, c, layout = t.rule, t.c, t.layout
     shapes = [tuple(x.shape) for x in leaves]
     where = path_str(paths[0])
-    dims, diagonal, tiles, _ = _plan(t, shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
+    diagonal, _, sizes, _, _ = _plan(t, shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
     param_dtype, dev = leaves[0].dtype, array_device(leaves[0])
-    dtypes = layout.dtypes(xp, leaves[0], len(dims), where)
+    dtypes = layout.dtypes(xp, leaves[0], len(diagonal), where)
     scale = None
     if layout.group_scale is not None:
         value = layout.group_scale(paths[0])
@@ -496,8 +476,7 @@ def _init_group(t: _Tiling, leaves, paths, xp):
         scale = xp.asarray(value, dtype=compute_dtype(xp, param_dtype), device=dev)
     buffer_dtype = work_dtype(layout, xp, param_dtype)
     return to_entries(rule.State(
-        stacks=tuple(rule.init(xp, c, len(stack.tiles), tile_shape(tiles.tiles[stack.tiles[0]]), diagonal, dtypes, dev)
-                     for stack in tiles.stacks),
+        stacks=tuple(rule.init(xp, c, k, shape, diagonal, dtypes, dev) for k, shape in sizes),
         momentum=tuple(xp.zeros(shape, dtype=buffer_dtype, device=dev) for shape in shapes) if c.use_momentum else (),
         preconditioner_lr_scale=scale,
         failures=xp.zeros((), dtype=xp.int32, device=dev) if layout.counted else None,
@@ -506,36 +485,28 @@ def _init_group(t: _Tiling, leaves, paths, xp):
 
 def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
     """``build_transform``'s ``update_groups``: one step of every group, in the order of
-    Distributed Shampoo's per-group step: the statistics (each group's gradient as its stacks of
-    tiles, :func:`_statistics`), the refresh of the stacks on their phase (:func:`_refresh_due`),
-    the preconditioning (:func:`_preconditioned`), the finish (:func:`_finish`) and the hand-back
-    of each group's updates and state."""
-    ctx = ctxs[0]
+    Distributed Shampoo's per-group step: the statistics (every group, :class:`_Group`, its pairing
+    and plan read off its state by :func:`_laid_out`, its gradient as the plan's stacks of tiles,
+    :func:`tiles_of_groups`), the refresh of the stacks on their phase (:func:`_refresh_due`), the
+    preconditioning (:func:`_preconditioned`), the finish (:func:`_finish`) and the hand-back of
+    each group's updates and state."""
+    ctx, xp = ctxs[0], ctxs[0].xp
     refresh = [ctx.every(interval) for interval in t.intervals]  # per phase: a host bool, or an array
     h = t.rule.scalars(t.c, ctx.value, ctx.extra)
-    groups, fields = _statistics(t, grads_list, states, ctxs)
-    stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
-    failures = [f.failures for f in fields]
-    _refresh_due(t, ctx, h, refresh, groups, fields, stack_states, failures)
-    directions = _preconditioned(t, ctx.xp, h, groups, stack_states)
-    updates, velocities = _finish(t, ctx, h, directions, groups, fields, params_list)
-    return [(tuple(updates[g]), to_entries(state._replace(stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]),
-                                                          failures=failures[g]))) for g, state in enumerate(fields)]
-
-
-def _statistics(t: _Tiling, grads_list, states, ctxs) -> tuple:
-    """Every group (:class:`_Group`: its work dtype, its pairing and plan read off its state by
-    :func:`_laid_out`, and its gradient as the plan's stacks of tiles, :func:`tiles_of_groups`) and
-    its state as fields."""
-    xp = ctxs[0].xp
     groups, fields = zip(*(_laid_out(t, state, grads, work_dtype(t.layout, xp, grads[0].dtype),
-                                     path_str(ctx.paths[0]) if ctx.paths else "?")
-                           for grads, state, ctx in zip(grads_list, states, ctxs)))
+                                     path_str(c.paths[0]) if c.paths else "?")
+                           for grads, state, c in zip(grads_list, states, ctxs)))
     # What batches a stack with the equal stacks of other groups besides its tile shape: its factors'
     # trailing shapes and dtypes, as precond_ref.blocking.same_layout reads them.
     keys = [[tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor) for stack in f.stacks] for f in fields]
     groups = [g._replace(stacks=tiles) for g, tiles in zip(groups, tiles_of_groups(xp, grads_list, groups, keys))]
-    return groups, fields
+    stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
+    failures = [f.failures for f in fields]
+    _refresh_due(t, ctx, h, refresh, groups, fields, stack_states, failures)
+    directions = _preconditioned(t, xp, h, groups, stack_states)
+    updates, velocities = _finish(t, ctx, h, directions, groups, fields, params_list)
+    return [(tuple(updates[g]), to_entries(state._replace(stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]),
+                                                          failures=failures[g]))) for g, state in enumerate(fields)]
 
 
 def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
@@ -545,21 +516,20 @@ def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
     is a clear error."""
     shapes = [tuple(g.shape) for g in grads]
     for out_first in (True, False) if len(shapes) > 1 else (True,):
-        dims, diagonal, tiles, number = _plan(t, shapes, out_first, where)
+        _, plan, sizes, template, number = _plan(t, shapes, out_first, where)
         try:
-            fields = filled(t.fillers, (tiles, len(dims), len(shapes)),
-                            lambda: _template(t, tiles, len(dims), len(shapes)), state)
+            fields = filled(t.fillers, (tuple(shapes), out_first), lambda: template, state)
         except KeyError:
             continue
-        if all(tuple(K.shape[:2]) == (len(stack.tiles), d) for stack, stack_state in zip(tiles.stacks, fields.stacks)
-               for K, d in zip(stack_state.factor, tile_shape(tiles.tiles[stack.tiles[0]]))):
-            return _Group(dtype, shapes, grouped_shape(shapes, out_first)[0], out_first, tiles, None, number), fields
+        if all(tuple(K.shape[:2]) == (k, d) for (k, shape), stack in zip(sizes, fields.stacks)
+               for K, d in zip(stack.factor, shape)):
+            return _Group(dtype, shapes, grouped_shape(shapes, out_first)[0], out_first, plan, None, number), fields
     found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k}
     raise ValueError(
         f"{t.rule.name}: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
         f"state ({found}); with grouping='weight_bias' a weight and its bias are one group (give both gradients, "
-        "a zero one for a member without); a state saved with another block_size loads with that block_size "
-        "(block_size=4096, max_dense_dim=4096 for unblocked factors, diagonal beyond 4096)")
+        "a zero one for a member without); a state saved with another block_size loads with that block_size"
+        + (";" + t.layout.old_layout(found, {}) if t.layout.old_layout is not None else ""))
 
 
 def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, failures) -> None:
