@@ -12,8 +12,8 @@ import os
 # OMP_NUM_THREADS is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # TorchInductor's first CPU kernel of a process picks the vector instruction set from the CPU's
-# flags after compiling and loading a test program for each candidate (seconds of g++ per
-# candidate, paid again by every fresh inductor cache). With this set it takes the CPU's flags as
+# flags after compiling and loading a test program for each candidate (a g++ build per
+# candidate, made again for every fresh inductor cache). With this set it takes the CPU's flags as
 # they stand and picks the same instruction set wherever the compiler supports what the CPU
 # reports; the suite's inductor kernels are then built without the probes. Set before torch is
 # imported (inductor reads it at import); an explicit value is kept.
