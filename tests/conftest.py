@@ -11,6 +11,13 @@ import os
 # Set before numpy and torch are imported (they size their pools at import); an explicit
 # OMP_NUM_THREADS is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# TorchInductor's first CPU kernel of a process picks the vector instruction set from the CPU's
+# flags after compiling and loading a test program for each candidate (a g++ build per
+# candidate, made again for every fresh inductor cache). With this set it takes the CPU's flags as
+# they stand and picks the same instruction set wherever the compiler supports what the CPU
+# reports; the suite's inductor kernels are then built without the probes. Set before torch is
+# imported (inductor reads it at import); an explicit value is kept.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import xla_flags  # noqa: E402,F401 - sets XLA_FLAGS (compile time) before jax is imported
 
