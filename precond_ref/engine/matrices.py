@@ -252,12 +252,12 @@ def hand_back(xp: Any, s: MatrixStack, states: list, step: Array, entries: dict[
     entries (:meth:`StepContext.unless_skipped`) is made here, once on each stacked entry rather
     than on each leaf's slice (:func:`~precond_ref.engine.settle_pieces`), unless the method made it
     already."""
-    steps, pieces = leaves_of(xp, step, len(s.leaves), tuple(step.shape[-2:])), {}
+    steps, handed = leaves_of(xp, step, len(s.leaves), tuple(step.shape[-2:])), {}
     for name, a in entries.items():
         if name in s.state and s.state[name] is not a and not (ctx.settled is not None and a in ctx.settled):
             a = ctx.unless_skipped(a, s.state[name])
-        pieces[name] = settle_pieces(ctx, a, leaves_of(xp, a, len(s.leaves), tuple(states[s.leaves[0]][name].shape)))
-    return [(i, ((as_matrix(xp, steps[l], s.shapes[l]),), {**states[i], **{name: p[l] for name, p in pieces.items()}}))
+        handed[name] = settle_pieces(ctx, a, leaves_of(xp, a, len(s.leaves), tuple(states[s.leaves[0]][name].shape)))
+    return [(i, ((as_matrix(xp, steps[l], s.shapes[l]),), {**states[i], **{name: p[l] for name, p in handed.items()}}))
             for l, i in enumerate(s.leaves)]
 
 
