@@ -41,9 +41,16 @@ from .phases import handed_back, phase_stacks, refreshes, tile_phase
 from .rounding import is_bfloat16, place_keys, place_noise, rounded_with_noise, rounding_key
 from .run import build_transform
 
-__all__ = ["TiledRule", "TileLayout", "tiled_transform", "tile_plan", "stack_plan", "taken"]
+__all__ = ["TiledRule", "TileLayout", "tiled_transform", "old_layout_hint", "tile_plan", "stack_plan", "taken"]
 
 Array = Any
+
+def old_layout_hint(found: dict, layout: dict) -> str:
+    """``build_transform``'s ``layout_hint``: where a saved state does not fit, the arguments that
+    load one saved unblocked."""
+    return (" if_shampoo: a state saved with unblocked factors, diagonal beyond 4096, loads with "
+            "if_shampoo(block_size=4096, max_dense_dim=4096)")
+
 
 class Tile(NamedTuple):
     """One tile of a group's tensor: an independent IF-Shampoo block with its own factors."""

@@ -26,7 +26,7 @@ from ..engine.elementwise import ElementwiseRule, elementwise_transform
 from ..engine.factors import identity, per_block
 from ..engine import options
 from ..engine.phases import prototype_schedule
-from ..engine.tiles import TiledRule, TileLayout, tiled_transform
+from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, tiled_transform
 from ..transform import (
     ScalarOrSchedule, Transform, check_bool, check_choice, check_interval, check_learning_rate, check_mode,
     check_nonnegative, check_optional, check_positive_int, check_principled_only, check_unit_interval, mode_default,
@@ -665,13 +665,6 @@ def prototype_lr_scale(path: Path) -> float:
     return 0.25 if any(word in name for word in ("norm", "proj", "bias")) else 1.0
 
 
-def _old_layout_hint(found: dict, layout: dict) -> str:
-    """The layout's ``old_layout`` (``build_transform``'s ``layout_hint``): where a saved state does
-    not fit, the arguments that load one saved unblocked."""
-    return (" if_shampoo: a state saved with unblocked factors, diagonal beyond 4096, loads with "
-            "if_shampoo(block_size=4096, max_dense_dim=4096)")
-
-
 def if_shampoo(
     learning_rate: Optional[ScalarOrSchedule] = None,
     momentum: float = 0.9,
@@ -891,7 +884,7 @@ def if_shampoo(
         block_size, precondition_every, spread_refresh, partial(_diagonal_axes, structures, max_dense_dim),
         partial(_factor_dtypes, factor_dtype, faithful, factor_rounding == "stochastic"), vectors_cut=structures is None,
         parameter_dtype=faithful, weight_bias=grouping == "weight_bias", group_scale=preconditioner_lr_scale,
-        counted=not faithful, old_layout=None if faithful else _old_layout_hint, factor_rounding=factor_rounding,
+        counted=not faithful, old_layout=None if faithful else old_layout_hint, factor_rounding=factor_rounding,
     )
     _check_tiling(layout, structures, max_dense_dim, factor_dtype)
     return tiled_transform(IF_SHAMPOO, config, layout, on_nonfinite=on_nonfinite)
