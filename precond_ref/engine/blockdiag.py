@@ -37,7 +37,7 @@ from .elementwise import rule_step
 from .factors import constant, identity, per_block
 from .joined import leafwise
 from .matrices import MatrixJoin, MatrixStack, end_to_end, hand_back, joined_form, matrix_joins, stack_views, symmetrized_pieces
-from .phases import hashed_phases, refresh_due
+from .phases import handed_back, hashed_phases, phase_stacks, refreshes
 from .run import build_transform
 
 __all__ = [
@@ -203,7 +203,8 @@ def refresh_roots(
     Each block is refreshed on the calls its phase is due (``schedule``: one interval predicate per
     phase, :func:`~precond_ref.engine.phases.hashed_phases`; every call when the roots are not
     ``stored``), all blocks of one shape across leaves and chunks in one batched
-    ``inverse_root(P) -> (Z, rejected)`` (:func:`~precond_ref.engine.phases.refresh_due`); a
+    ``inverse_root(P) -> (Z, rejected)`` (:func:`~precond_ref.engine.phases.refreshes` over
+    :func:`~precond_ref.engine.phases.phase_stacks`); a
     root that is not finite is replaced by the previous one, or by the identity with
     ``identity_on_failure``, and a root the method rejected by the previous one after the first
     update (before it the stored roots are the initial ones: the method's substitute is kept,
@@ -220,9 +221,14 @@ def refresh_roots(
         return (ctx.unless_skipped(z, previous) if settle else z), failed
 
     units, owners, keys = _root_units(xp, stacks, statistics, len(dues) > 1)
-    due = refresh_due(xp, dues, hashed_phases(keys, len(dues)), units, refresh, partial(unrefreshed, xp))
+    # per unit its (roots, failures); None where its phase was decided not due on the host
+    results: list[Optional[tuple]] = [None] * len(units)
+    batches = phase_stacks(xp, hashed_phases(keys, len(dues)), units)
+    for batch, out in refreshes(xp, dues, batches, lambda batch: (refresh, partial(unrefreshed, xp))):
+        for u, piece in handed_back(batch, out):
+            results[u] = piece
     parts: dict[tuple[int, str], list[tuple]] = {}  # per stack and statistic its blocks' (roots, failures) in order
-    for owner, (_, z), result in zip(owners, units, due):
+    for owner, (_, z), result in zip(owners, units, results):
         parts.setdefault(owner, []).append((z, None) if result is None else result)
     roots: list[dict[str, Any]] = [{} for _ in stacks]
     for (index, name), results in parts.items():

@@ -7,24 +7,21 @@ that no call does all the blocks' expensive work (:class:`precond_ref.blocking.P
 :meth:`~precond_ref.engine.context.StepContext.every`). Each method's rule for a block's phase is
 one named function here, and :func:`refreshes` is every layout's refresh driver: for each phase
 due, for each batch of its blocks (the layout's stacking, :func:`phase_stacks` for the equal blocks
-of all leaves), ``cond(due, refresh, keep)``; :func:`refresh_due` is its form for blocks handed
-back one by one.
+of all leaves), ``cond(due, refresh, keep)``, each batch's results handed back to its blocks by
+:func:`handed_back`.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any, Callable, Hashable, Iterable, Iterator, Optional, Sequence
 
-from array_api_compat import array_namespace
-
-from .._backend import cond, host_bool, placement
+from .._backend import cond, host_bool
 from ..blocking import Stack, stable_hash, stack, unstack
 from ..transform import check_positive_int
 
 __all__ = [
-    "refreshes", "phase_stacks", "handed_back", "refresh_due", "hashed_phases", "shape_phase", "tile_phase",
+    "refreshes", "phase_stacks", "handed_back", "hashed_phases", "shape_phase", "tile_phase",
     "phase_share", "refresh_runs", "prototype_schedule",
 ]
 
@@ -135,37 +132,6 @@ def handed_back(batch: Stack, result: tuple) -> list[tuple[int, tuple]]:
     return [(u, pieces[u]) for u in batch.indices]
 
 
-def refresh_due(
-    xp: Any,
-    decisions: Sequence[Any],
-    phases: Sequence[int],
-    members: Sequence[tuple],
-    refresh: Callable[..., tuple],
-    keep: Callable[..., tuple],
-    labels: Optional[Sequence[Hashable]] = None,
-) -> list[Optional[tuple]]:
-    """``refresh(*members[u])`` for every block ``u`` whose phase is due, ``keep(*members[u])``
-    where it is not; ``None`` for a block whose phase was decided not due on the host
-    (:func:`refreshes` over :func:`phase_stacks`).
-
-    ``decisions[p]`` says whether phase ``p`` is due (a Python bool or a 0-D bool array);
-    ``phases[u]`` is block ``u``'s phase and ``members[u]`` its operands, each with a leading block
-    axis. The blocks of one phase whose operands agree in trailing shape, dtype and device (and in
-    ``labels[u]``, which ``refresh`` then gets as its keyword ``label``) go through ``refresh``
-    together, so ``refresh`` must act block by block along the leading axis (a batched ``eigh``, an
-    FD step).
-    """
-
-    def branches(batch: Stack) -> tuple[Callable, Callable]:
-        return (refresh if labels is None else partial(refresh, label=labels[batch.indices[0]])), keep
-
-    out: list[Optional[tuple]] = [None] * len(members)
-    for batch, result in refreshes(xp, decisions, phase_stacks(xp, phases, members, labels), branches):
-        for u, piece in handed_back(batch, result):
-            out[u] = piece
-    return out
-
-
 def _prototype_gap(step: int, interval: int) -> int:
     return min(max(int(math.log(step + 1, 4)), 1), interval)
 
@@ -194,19 +160,12 @@ def prototype_schedule(interval: int) -> Callable[[Any], Any]:
     bounds = [s for s, _ in starts[1:]] + [None]
 
     def predicate(count: Any) -> Any:
-        if not hasattr(count, "shape"):
-            for (start, gap), end in zip(starts, bounds):
-                if count >= start and (end is None or count < end):
-                    return (count - start) % gap == 0
-            return False  # pragma: no cover - count < 0
-        xp = array_namespace(count)
-        result = xp.zeros(count.shape, dtype=xp.bool, device=placement(xp, count))
+        # a host int gives a Python bool, a 0-D int array a 0-D bool array (the steps' ranges are disjoint)
+        due = False
         for (start, gap), end in zip(starts, bounds):
-            in_range = count >= start
-            if end is not None:
-                in_range = xp.logical_and(in_range, count < end)
-            result = xp.logical_or(result, xp.logical_and(in_range, (count - start) % gap == 0))
-        return result
+            in_range = count >= start if end is None else (count >= start) & (count < end)
+            due = due | (in_range & ((count - start) % gap == 0))
+        return due
 
     predicate.starts = tuple(starts)  # type: ignore[attr-defined]
     return predicate

@@ -124,12 +124,13 @@ def test_finite_root_or_previous_keeps_previous_where_rejected(has_previous):
 
 
 @pytest.mark.parametrize("due", [True, False, np.bool_(False)])
-def test_refresh_due_is_refresh_per_member(due):
-    """The plain formula of ``engine.phases.refresh_due``: refresh(P_i, Z_i) for every member when
+def test_phase_refresh_is_refresh_per_member(due):
+    """The plain formula of ``engine.phases.refreshes`` over ``phase_stacks`` (as ASGO's roots are
+    refreshed, ``engine.blockdiag.refresh_roots``): refresh(P_i, Z_i) for every member when
     its phase is due, ``keep`` when the decision is an array that says no, nothing (``None``) when
     the host decided no; stacks of one block shape batched into one call, bitwise equal to one
     call each (ASGO's roots: ``engine.blockdiag.finite_root_or_previous``, ``unrefreshed``)."""
-    from precond_ref.engine.phases import refresh_due
+    from precond_ref.engine.phases import handed_back, phase_stacks, refreshes
 
     rng = np.random.default_rng(2)
     stacks = [(_psd(rng, n, k, k + 1), rng.standard_normal((n, k, k))) for n, k in [(2, 3), (1, 4), (3, 3)]]
@@ -139,7 +140,11 @@ def test_refresh_due_is_refresh_per_member(due):
         calls.append(p.shape)
         return _plain_inverse_sqrt(p) + z, np.ones(p.shape[0], np.int32)
 
-    out = refresh_due(xp, [due], [0] * len(stacks), stacks, refresh, lambda p, z: unrefreshed(xp, p, z))
+    out = [None] * len(stacks)  # None: decided not due on the host, nothing computed
+    branches = (refresh, lambda p, z: unrefreshed(xp, p, z))
+    for batch, result in refreshes(xp, [due], phase_stacks(xp, [0] * len(stacks), stacks), lambda batch: branches):
+        for u, piece in handed_back(batch, result):
+            out[u] = piece
     for (p, z), result in zip(stacks, out):
         if due is False:
             assert result is None
