@@ -98,19 +98,17 @@ def test_finite_or_previous_is_the_selection(namespace):
 
 
 def test_out_first_permutes_only_out_last_kernels():
-    """out_first: a Flax ``kernel`` (s..., I, O) becomes out-first (O, I, s...), every other leaf
-    is unchanged, and a tree without one is returned itself (no rebuilt tree on the step's path);
-    the leaves it returns are the canonical tree's, and restore inverts it."""
+    """out_first: a group's Flax ``kernel`` (s..., I, O) becomes out-first (O, I, s...), every other
+    leaf is returned itself (no copy on the step's path), and ``back=True`` inverts it."""
     rng = np.random.default_rng(9)
-    torch_like = {"fc": {"bias": rng.standard_normal(3), "weight": rng.standard_normal((3, 2))}}
-    tree, _, flags, leaves = P.out_first(torch_like)
-    assert tree is torch_like and flags == [False, False]
-    assert leaves[0] is torch_like["fc"]["bias"] and leaves[1] is torch_like["fc"]["weight"]
-    flax_like = {"conv": {"kernel": rng.standard_normal((5, 4, 2, 3))}, "dense": {"kernel": rng.standard_normal((2, 3))}}
-    tree, treedef, flags, leaves = P.out_first(flax_like)
-    assert flags == [True, True]
-    np.testing.assert_array_equal(tree["conv"]["kernel"], np.transpose(flax_like["conv"]["kernel"], (3, 2, 0, 1)))
-    np.testing.assert_array_equal(tree["dense"]["kernel"], flax_like["dense"]["kernel"].T)
-    assert leaves[0] is tree["conv"]["kernel"] and leaves[1] is tree["dense"]["kernel"]
-    back = P.restore(tree, treedef, flags)
-    np.testing.assert_array_equal(back["conv"]["kernel"], flax_like["conv"]["kernel"])
+    bias, weight = rng.standard_normal(3), rng.standard_normal((3, 2))
+    same = P.out_first(np, [("fc", "bias"), ("fc", "weight")], [bias, weight])
+    assert same[0] is bias and same[1] is weight
+    conv, dense = rng.standard_normal((5, 4, 2, 3)), rng.standard_normal((2, 3))
+    paths = [("conv", "kernel"), ("dense", "kernel")]
+    canonical = P.out_first(np, paths, [conv, dense])
+    np.testing.assert_array_equal(canonical[0], np.transpose(conv, (3, 2, 0, 1)))
+    np.testing.assert_array_equal(canonical[1], dense.T)
+    back = P.out_first(np, paths, canonical, back=True)
+    np.testing.assert_array_equal(back[0], conv)
+    np.testing.assert_array_equal(back[1], dense)

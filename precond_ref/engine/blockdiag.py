@@ -222,13 +222,13 @@ def refresh_roots(
 
     units, owners, keys = _root_units(xp, stacks, statistics, len(dues) > 1)
     # per unit its (roots, failures); None where its phase was decided not due on the host
-    results: list[Optional[tuple]] = [None] * len(units)
+    refreshed: list[Optional[tuple]] = [None] * len(units)
     batches = phase_stacks(xp, hashed_phases(keys, len(dues)), units)
     for batch, out in refreshes(xp, dues, batches, lambda batch: (refresh, partial(unrefreshed, xp))):
         for u, piece in handed_back(batch, out):
-            results[u] = piece
+            refreshed[u] = piece
     parts: dict[tuple[int, str], list[tuple]] = {}  # per stack and statistic its blocks' (roots, failures) in order
-    for owner, (_, z), result in zip(owners, units, results):
+    for owner, (_, z), result in zip(owners, units, refreshed):
         parts.setdefault(owner, []).append((z, None) if result is None else result)
     roots: list[dict[str, Any]] = [{} for _ in stacks]
     for (index, name), results in parts.items():

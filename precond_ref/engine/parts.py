@@ -1,13 +1,13 @@
 r"""A layer as mini-blocks in parts: the layout of a block-statistic rule (MBF) and its step.
 
-The layout (spec README sections 5-6): a parameter tree is read out-first (a Flax out-last
-``kernel`` permuted, :func:`out_first`), a layer's weight with its bias is one group
-(:func:`~precond_ref.engine.layout.weight_bias_groups`), and a group is one block layout by its
-kind: an FC layer :math:`[W \mid b]` as (O, I+1), a conv weight as (O, C, q) with
-:math:`q = \prod s_i`, block size 1 (a 1x1 conv, an FC layer above ``max_block_dim``) element-wise,
-every other leaf the diagonal kind. An FC layer's long output axis is cut into the row chunks of
-``block_size`` (:func:`precond_ref.blocking.chunk_sizes`): its ``parts``, one stack of equal chunks
-and a shorter tail, each its own statistic (state entries ``statistic``/``inverse`` and
+The layout (spec README sections 5-6): a layer's weight with its bias is one group
+(:func:`~precond_ref.engine.layout.weight_bias_groups`), read out-first (a Flax out-last ``kernel``
+permuted, :func:`out_first`), and a group is one block layout by its kind: an FC layer
+:math:`[W \mid b]` as (O, I+1), a conv weight as (O, C, q) with :math:`q = \prod s_i`, block size 1
+(a 1x1 conv, an FC layer above ``max_block_dim``) element-wise, every other leaf the diagonal kind.
+An FC layer's long output axis is cut into the row chunks of ``block_size``
+(:func:`precond_ref.blocking.chunk_sizes`): its ``parts``, one stack of equal chunks and a shorter
+tail, each its own statistic (state entries ``statistic``/``inverse`` and
 ``statistic_tail``/``inverse_tail``).
 
 :func:`parts_transform` maps the groups to and from their parts and hands them, stacked, to the
@@ -31,7 +31,7 @@ from .._backend import array_device, cast, compute_dtype, cond, device_key, host
 from ..blocking import chunk_sizes, on_stacks
 from ..linalg import all_finite
 from ..transform import PrecondState
-from ..tree import Path, path_str, tree_flatten, tree_unflatten
+from ..tree import Path, path_str, tree_flatten
 from .checks import check_fits, layout_of
 from .context import StepContext
 from .elementwise import operands
@@ -41,7 +41,7 @@ from .matrices import as_matrix
 from .phases import phase_share, refresh_runs
 from .run import build_transform
 
-__all__ = ["FC", "CONV", "ELEMENTWISE", "DIAGONAL", "PartsRule", "parts_transform", "out_first", "restore", "parts",
+__all__ = ["FC", "CONV", "ELEMENTWISE", "DIAGONAL", "PartsRule", "parts_transform", "out_first", "parts",
            "join_rows", "finite_or_previous", "refresh_parts"]
 
 Array = Any
@@ -54,35 +54,19 @@ DIAGONAL = "diagonal"  # every other leaf: an element-wise rule of its own
 
 
 # --------------------------------------------------------------------------------------------
-# Out-first canonical form of a tree (Flax's out-last ``kernel``).
+# Out-first canonical form of a group (Flax's out-last ``kernel``).
 
 
-def _permuted(leaves: list, flags: list[bool], axes: Callable[[int], tuple[int, ...]]) -> list:
-    """``leaves`` with each flagged one's axes permuted to ``axes(ndim)``."""
-    xp = array_namespace(*leaves)
-    return [xp.permute_dims(a, axes(a.ndim)) if flag else a for a, flag in zip(leaves, flags)]
+def out_first(xp: Any, paths: Sequence[Path], leaves: Sequence[Any], back: bool = False) -> tuple:
+    """A group's ``leaves`` with every out-last ``kernel`` (the last entry of its path) permuted to
+    out-first, (s..., I, O) -> (O, I, s...) (views), the others as they are; ``back``: the inverse,
+    (O, I, s...) -> (s..., I, O)."""
 
+    def axes(n: int) -> tuple[int, ...]:
+        return tuple(range(2, n)) + (1, 0) if back else (n - 1, n - 2) + tuple(range(n - 2))
 
-def out_first(tree: Any) -> tuple[Any, Any, list[bool], list[Any]]:
-    """``tree`` with every out-last ``kernel`` permuted to out-first, (s..., I, O) -> (O, I, s...)
-    (``tree`` itself when it has none); its treedef; which were; the canonical tree's leaves."""
-    leaves, treedef = tree_flatten(tree)
-    flags = [bool(path) and path[-1] == "kernel" and len(leaf.shape) >= 2 for path, leaf in zip(treedef.paths, leaves)]
-    if not any(flags):
-        return tree, treedef, flags, leaves
-    leaves = _permuted(leaves, flags, lambda n: (n - 1, n - 2) + tuple(range(n - 2)))
-    return tree_unflatten(treedef, leaves), treedef, flags, leaves
-
-
-def restore(tree: Any, treedef: Any, flags: list[bool]) -> Any:
-    """Inverse of :func:`out_first` on a tree of the same structure: (O, I, s...) -> (s..., I, O)."""
-    if not any(flags):
-        return tree
-    return tree_unflatten(treedef, _permuted(tree_flatten(tree)[0], flags, lambda n: tuple(range(2, n)) + (1, 0)))
-
-
-#: The groups of an out-first tree (:func:`out_first`): a ``kernel`` pairs by its first axis.
-_groups = functools.partial(weight_bias_groups, kernel_out_last=False)
+    return tuple(xp.permute_dims(a, axes(a.ndim)) if path and path[-1] == "kernel" and a.ndim >= 2 else a
+                 for path, a in zip(paths, leaves))
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +260,8 @@ def _step_ops(p: _Parts, ctx: StepContext, dtype: Any, device: Any) -> NamedTupl
 
 def _init_group(p: _Parts, leaves: tuple, paths: tuple, xp: Any) -> dict[str, Array]:
     """A group's state: the diagonal kind's zero entries, or the zero momentum, no failures and
-    each part's initial statistic and inverse (:attr:`PartsRule.init_part`)."""
+    each part's initial statistic and inverse (:attr:`PartsRule.init_part`), of its out-first leaves."""
+    leaves = out_first(xp, paths, leaves)
     kind = block_kind(leaves, p.max_block_dim)
     dtype, dev = compute_dtype(xp, leaves[0].dtype), array_device(leaves[0])
     if kind == DIAGONAL:
@@ -396,10 +381,12 @@ def _descend(p: _Parts, xp: Any, step: tuple, params: Any, ctx: StepContext) -> 
 
 
 def _update_groups(p: _Parts, grads_list: list, states: list, params_list: list, ctxs: list[StepContext]) -> list:
-    """One step of every group: the gradients cast to the state's dtype, the diagonal kind's leaves
-    joined into vectors (:func:`~precond_ref.engine.joined.leafwise`), the block groups
-    (:func:`_block_steps`) mapped from and to their leaves, and the decoupled decay (:func:`_descend`)."""
+    """One step of every group: the gradients out-first (:func:`out_first`) and cast to the state's
+    dtype, the diagonal kind's leaves joined into vectors (:func:`~precond_ref.engine.joined.leafwise`),
+    the block groups (:func:`_block_steps`) mapped from and to their leaves, the steps in the leaves'
+    own layout, and the decoupled decay (:func:`_descend`)."""
     xp, n, ctx, names = ctxs[0].xp, len(grads_list), ctxs[0], p.rule.State._fields
+    grads_list = [out_first(xp, c.paths, grads) for grads, c in zip(grads_list, ctxs)]
     kinds = [block_kind(grads, p.max_block_dim) for grads in grads_list]
     dtypes = [s["momentum" if k != DIAGONAL else names[0]].dtype for k, s in zip(kinds, states)]
     grads_list = [tuple(cast(xp, g, dtype) for g in grads) for grads, dtype in zip(grads_list, dtypes)]
@@ -412,6 +399,7 @@ def _update_groups(p: _Parts, grads_list: list, states: list, params_list: list,
     grads = [to_block(xp, grads_list[i]) for i in blocked]
     for i, (u, new) in zip(blocked, _block_steps(p, xp, ctx, grads, [states[i] for i in blocked], [kinds[i] for i in blocked])):
         steps[i], new_states[i] = from_block(xp, u, grads_list[i]), new
+    steps = [out_first(xp, c.paths, u, back=True) for u, c in zip(steps, ctxs)]  # in the leaves' own layout
     return [(_descend(p, xp, u, w, c), s) for u, s, w, c in zip(steps, new_states, params_list, ctxs)]
 
 
@@ -429,7 +417,7 @@ def _warm_start(p: _Parts, state: PrecondState, grads_batches: Iterable[Any]) ->
         raise TypeError(f"{name}: state must be the PrecondState returned by init, got {type(state)}")
     running, n_batches = {}, 0
     for n_batches, grads in enumerate(grads_batches, 1):
-        _, treedef, _, leaves = out_first(grads)
+        leaves, treedef = tree_flatten(grads)
         xp = array_namespace(*leaves)
         finite = functools.reduce(xp.logical_and, [xp.all(xp.isfinite(leaf)) for leaf in leaves])
         for key, kind, members in _fitting(p, name, state.groups, treedef.paths, leaves, xp):
@@ -449,13 +437,13 @@ def _warm_start(p: _Parts, state: PrecondState, grads_batches: Iterable[Any]) ->
 
 
 def _fitting(p: _Parts, name: str, groups: dict, paths: Sequence[Path], leaves: list, xp: Any) -> list:
-    """The groups of an out-first gradient tree that have a statistic, as ``(key, kind, leaves in the
+    """The groups of a gradient tree that have a statistic, as ``(key, kind, out-first leaves in the
     state's dtype)``; a group that does not fit its state (:func:`~precond_ref.engine.checks.check_fits`:
     a transposed weight, a weight without its bias) or that the state does not have is refused, the
     state's groups checked first: they name the culprit (a transposed weight unpairs its bias,
     whose group is then the one missing)."""
     fitting = []
-    for group in sorted(_groups(paths, leaves), key=lambda group: group.key not in groups):
+    for group in sorted(weight_bias_groups(paths, leaves), key=lambda group: group.key not in groups):
         if group.key not in groups:
             given = ", ".join(f"{path_str(path)!r} {tuple(leaves[i].shape)}" for path, i in zip(group.paths, group.indices))
             raise ValueError(f"{name}: the gradient of {given} is not a block of the optimizer state (its blocks: {sorted(groups)})")
@@ -465,6 +453,7 @@ def _fitting(p: _Parts, name: str, groups: dict, paths: Sequence[Path], leaves: 
         dtype = next(v.dtype for k, v in entries.items() if k != "failures")
         members = tuple(xp.astype(leaves[i], dtype) for i in group.indices)
         check_fits(name, group, members, entries, layout_of(_init_group(p, members, group.paths, xp)))
+        members = out_first(xp, group.paths, members)
         kind = block_kind(members, p.max_block_dim)
         if kind != DIAGONAL:  # the diagonal kind has no statistic
             fitting.append((group.key, kind, members))
@@ -480,7 +469,7 @@ def parts_transform(rule: PartsRule, config: NamedTuple, *, max_block_dim: Optio
     r"""``(init, update, due, matmul_precision, group_leaves, warm_start)`` of ``rule`` with
     ``config`` (a NamedTuple of its hyperparameters, ``learning_rate`` among them).
 
-    A tree is read out-first (:func:`out_first`), its groups laid out as blocks and parts; one step
+    A group is read out-first (:func:`out_first`), laid out as blocks and parts; one step
     (:func:`_update_groups`) runs the rule on them: the heavy ball, the statistics on the rule's
     statistics interval, the inverses of the shares of each stack of equal blocks whose predicate
     (``rule.schedule``) holds, one batched call per stack (:func:`refresh_parts`; each block whose
@@ -492,20 +481,10 @@ def parts_transform(rule: PartsRule, config: NamedTuple, *, max_block_dim: Optio
     p = _Parts(rule, config, max_block_dim, block_size, *rule.schedule(config), clips, decays)
     inner = build_transform(
         name=rule.name, init_group=functools.partial(_init_group, p), update_groups=functools.partial(_update_groups, p),
-        group_leaves=_groups, on_nonfinite=on_nonfinite, needs_params=decays,
+        group_leaves=weight_bias_groups, on_nonfinite=on_nonfinite, needs_params=decays,
         intervals=(p.statistics_every,) + p.inverse_dues, layout_hint=_layout_hint,
     )  # fmt: skip
-
-    def init(params: Any) -> PrecondState:
-        return inner.init(out_first(params)[0])
-
-    def update(grads: Any, state: PrecondState, params: Any = None, **extra: Any) -> tuple[Any, PrecondState]:
-        canonical_grads, treedef, flags, _ = out_first(grads)
-        updates, new_state = inner.update(canonical_grads, state, None if params is None else out_first(params)[0], **extra)
-        return restore(updates, treedef, flags), new_state
-
-    # group_leaves on the caller's (raw) tree: out-last kernels pair by their last axis
-    return init, update, inner.due, inner.matmul_precision, weight_bias_groups, functools.partial(_warm_start, p)
+    return (*inner, functools.partial(_warm_start, p))
 
 
 def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
