@@ -36,6 +36,7 @@ from .context import StepContext, settle_pieces
 from .elementwise import rule_step
 from .factors import constant, identity, per_block
 from .joined import leafwise
+from .layout import saved_blocks_hint
 from .matrices import MatrixJoin, MatrixStack, end_to_end, hand_back, joined_form, matrix_joins, stack_views, symmetrized_pieces
 from .phases import handed_back, hashed_phases, phase_stacks, refreshes
 from .run import build_transform
@@ -246,18 +247,9 @@ def refresh_roots(
 
 
 def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
-    """``build_transform``'s ``layout_hint``: for a state whose statistic has another block layout
-    than this ``block_size`` makes (one saved with another block size), the ``block_size`` that
-    continues it."""
-    if "statistic" not in found or "statistic" not in layout or found["statistic"] == layout["statistic"]:
-        return ""
-    shape = found["statistic"][0]
-    what = "is unblocked" if len(shape) == 2 and "statistic_tail" not in found else f"has blocks of {shape[-1]}"
-    again = f"block_size={shape[-1]}" + (" (or larger)" if len(shape) == 2 else "")
-    return (
-        f" Or a state saved with another block size: its statistic {shape} {what}; build the optimizer with "
-        f"{again} to continue from it"
-    )
+    """``build_transform``'s ``layout_hint`` (:func:`~precond_ref.engine.layout.saved_blocks_hint`):
+    for a state saved with another block size, the ``block_size`` of its statistic's blocks."""
+    return saved_blocks_hint(found, layout, lambda shape: f"block_size={shape[-1]}" + (" (or larger)" if len(shape) == 2 else ""))
 
 
 class FallbackRule(NamedTuple):

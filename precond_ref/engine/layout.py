@@ -4,13 +4,13 @@ preconditions (the bias an extra column of an out-first weight, an extra row of 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .._backend import cast
 from ..transform import LeafGroup
 from ..tree import Path, path_str
 
-__all__ = ["weight_bias_groups", "grouped_shape", "group_tensor", "ungroup_tensor"]
+__all__ = ["weight_bias_groups", "grouped_shape", "group_tensor", "ungroup_tensor", "saved_blocks_hint"]
 
 Array = Any
 
@@ -88,3 +88,15 @@ def ungroup_tensor(xp, grouped, shapes, full, out_first: bool):
     else:
         weight, bias = grouped[:rows, :], grouped[rows, :]
     return weight, xp.reshape(bias, shapes[1])
+
+
+def saved_blocks_hint(found: dict[str, tuple], layout: dict[str, tuple], settings: Callable[[tuple], str]) -> str:
+    """``build_transform``'s ``layout_hint`` of a layout of blocked statistics: for a state whose
+    ``statistic`` entries (``found``, ``{entry: (shape, dtype)}``) are not the blocks these settings
+    make (``layout``), one saved with other block settings: both, and ``settings(shape)``, the
+    arguments that continue it, from its ``statistic``'s shape."""
+    have, want = ({k: v[0] for k, v in entries.items() if k.startswith("statistic")} for entries in (found, layout))
+    if have == want or "statistic" not in have or "statistic" not in want:
+        return ""
+    return (f" Or a state saved with other block settings: its statistic blocks are {have}, these settings make "
+            f"{want}; build the optimizer with {settings(have['statistic'])} to continue from it")

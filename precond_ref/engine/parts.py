@@ -36,7 +36,7 @@ from .checks import check_fits, layout_of
 from .context import StepContext
 from .elementwise import operands
 from .joined import leafwise
-from .layout import weight_bias_groups
+from .layout import saved_blocks_hint, weight_bias_groups
 from .matrices import as_matrix
 from .phases import phase_share, refresh_runs
 from .run import build_transform
@@ -488,16 +488,13 @@ def parts_transform(rule: PartsRule, config: NamedTuple, *, max_block_dim: Optio
 
 
 def _layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
-    """``build_transform``'s ``layout_hint``: for a state whose statistic blocks are not the ones
-    this ``block_size`` makes (one saved with another ``block_size`` or ``max_block_dim``), the
-    settings that load it."""
-    have, want = ({k: v[0] for k, v in entries.items() if k.startswith("statistic")} for entries in (found, layout))
-    if have == want or "momentum" not in layout:
-        return ""
-    o = layout["momentum"][0][0]
-    old = f" (block_size={o} or larger reproduces it)" if have == {"statistic": (o, o)} else ""
-    return (
-        f" Or a state saved with another block_size or max_block_dim{old}: its statistic blocks are {have}, "
-        f"these settings make {want}; build the optimizer with the settings that saved it (one O x O block per "
-        "FC layer: block_size at least every layer's output size, max_block_dim=4096)"
-    )
+    """``build_transform``'s ``layout_hint`` (:func:`~precond_ref.engine.layout.saved_blocks_hint`):
+    for a state saved with another ``block_size`` or ``max_block_dim``, the settings that load it."""
+    o = layout["momentum"][0][0] if "momentum" in layout else None
+
+    def settings(shape: tuple) -> str:  # a layer's unblocked O x O statistic: its output size as block_size loads it
+        return (f"block_size={o} or larger, or " if shape == (o, o) else "") + (
+            "the settings that saved it (one O x O block per FC layer: block_size at least every layer's output size, "
+            "max_block_dim=4096)")
+
+    return saved_blocks_hint(found, layout, settings)

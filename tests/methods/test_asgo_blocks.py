@@ -125,7 +125,7 @@ def test_state_of_the_unblocked_default_names_the_block_size_that_continues_it()
     old_state = pr.asgo(block_size=k).init(params)
     (group,) = old_state.groups.values()
     assert group["statistic"].shape == (k, k) and group["root"].shape == (k, k)
-    with pytest.raises(ValueError, match=rf"'w' \({k}, {k}\)/float32 does not fit.*statistic \({k}, {k}\) is unblocked.*block_size={k} \(or larger\)"):
+    with pytest.raises(ValueError, match=rf"'w' \({k}, {k}\)/float32 does not fit.*statistic blocks are \{{'statistic': \({k}, {k}\)\}}.*block_size={k} \(or larger\)"):
         pr.asgo().update(grads, old_state, params)
     updates, _ = pr.asgo(block_size=k).update(grads, old_state, params)
     assert updates["w"].shape == (k, k)
