@@ -1,6 +1,7 @@
 """Layout rules the engine applies to a tree of leaves before a method sees them: which leaves
 form one block (a weight with its bias), and such a group as the one tensor a method
-preconditions (the bias an extra column of an out-first weight, an extra row of an out-last one)."""
+preconditions (the bias an extra column of an out-first weight, an extra row of an out-last one);
+and the hint for a state whose statistics were saved in other blocks (:func:`saved_blocks_hint`)."""
 
 from __future__ import annotations
 
