@@ -159,22 +159,16 @@ def per_matrix(xp: Any, decomposition: Any, *operands: Array) -> Any:
     axes broadcast against the first's.
     """
     a = operands[0]
-    if a.ndim <= 2 or not _jax_cpu_lapack_waits_on_pool(xp, a):
+    waits = (a.ndim > 2 and is_jax_namespace(xp) and is_tracer(a)  # traced only: an eager call runs alone
+             and sys.modules["jax"].default_backend() == "cpu"
+             and tuple(int(part) for part in sys.modules["jaxlib"].__version__.split(".")[:2]) < (0, 11))
+    if not waits:
         return decomposition(*operands)
     jax = sys.modules["jax"]
     batch = tuple(a.shape[:-2])
     flat = tuple(xp.reshape(xp.broadcast_to(x, batch + tuple(x.shape[-2:])), (-1,) + tuple(x.shape[-2:])) for x in operands)
     out = jax.lax.map(lambda one: decomposition(*one), flat)
     return jax.tree_util.tree_map(lambda x: xp.reshape(x, batch + tuple(x.shape[1:])), out)
-
-
-def _jax_cpu_lapack_waits_on_pool(xp: Any, a: Array) -> bool:
-    if not is_jax_namespace(xp):
-        return False
-    if not is_tracer(a) or sys.modules["jax"].default_backend() != "cpu":
-        return False  # an eager call runs alone
-    jaxlib = sys.modules["jaxlib"]  # imported by jax
-    return tuple(int(part) for part in jaxlib.__version__.split(".")[:2]) < (0, 11)
 
 
 def inverse(xp: Any, a: Array, *, symmetric_positive_definite: bool = False) -> Array:
