@@ -521,10 +521,9 @@ def host_all_finite(xp: Any, arrays: list) -> Any:
     arrays = [a for a in arrays if a.numel()]  # an empty array has no largest entry (and no non-finite one)
     if not arrays:
         return True
-    norm = getattr(torch, "_foreach_norm", None)
-    if norm is None or len(arrays) < 2 or any(a.device.type != "cpu" or a.dtype != arrays[0].dtype for a in arrays):
+    if len(arrays) < 2 or any(a.device.type != "cpu" or a.dtype != arrays[0].dtype for a in arrays):
         return None
-    return bool(torch.all(torch.isfinite(torch.stack(norm(arrays, 2)))))
+    return bool(torch.all(torch.isfinite(torch.stack(torch._foreach_norm(arrays, 2)))))
 
 
 def on_cpu(xp: Any, x: Array) -> bool:
@@ -808,16 +807,13 @@ def consecutive_runs(xp: Any, columns: Any) -> list:
         return [(i, i + 1) for i in range(count)]
     # Only a C-contiguous array can lie in a run: flattening another would copy it.
     flat = [[xp.reshape(a, (-1,)) if is_dense(a) else None for a in column] for column in columns]
-    runs, start = [], 0
-    while start < count:
-        stop = start + 1
-        while stop < count and all(
-            f[stop - 1] is not None and f[stop] is not None and consecutive_view(f[stop - 1 : stop + 1], new_axis=False) is not None
-            for f in flat
-        ):
-            stop += 1
-        runs.append((start, stop))
-        start = stop
+    runs: list = []
+    for i in range(count):  # position i continues the last run where every column's pieces i-1, i lie end to end
+        if i and all(f[i - 1] is not None and f[i] is not None and consecutive_view(f[i - 1 : i + 1], new_axis=False)
+                     is not None for f in flat):
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
     return runs
 
 
@@ -833,9 +829,7 @@ def selected_by_runs(xp: Any, pred: Array, news: Any, olds: Any) -> list:
     whatever order they come, are selected at once likewise: one selection of that array (or its
     slice) and of their olds joined, each handed its slice of the result. Within
     :func:`plain_forms`, and while ``torch.compile`` traces (which has no views of the pieces to
-    find runs in, nor slices remembered), one selection per pair."""
-    if torch_compiling() or plain():
-        return [select(xp, pred, new, old) for new, old in zip(news, olds)]
+    find runs in, nor slices remembered), one selection per pair: every run is then of one pair."""
     known, out = remembered(), []
     if known is None:  # views: runs of consecutive pieces, flattened and joined
         for start, stop in consecutive_runs(xp, [news]):

@@ -25,7 +25,7 @@ from ._backend import array_device, device_key, joined, leading_slices
 Array = Any
 
 
-def merge_small_dims(shape: Sequence[int], max_dim: int, *, squeeze: bool = False) -> tuple[int, ...]:
+def merge_small_dims(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
     """Merge adjacent axes left to right while their product stays at most ``max_dim``.
 
     Walk the shape keeping a running product; while ``product * d <= max_dim`` multiply ``d`` in,
@@ -33,12 +33,7 @@ def merge_small_dims(shape: Sequence[int], max_dim: int, *, squeeze: bool = Fals
     Unit axes therefore disappear, and an all-ones (or empty) shape becomes ``()``.
     This is ``distributed_shampoo.merge_small_dims`` of google-research/precondition, e.g.
     ``(1, 2, 512, 1, 2048, 1, 3, 4) -> (1024, 2048, 12)`` for ``max_dim = 1024``.
-
-    ``squeeze=True`` drops unit axes first; the result is the same (multiplying by 1 never changes
-    the running product), it only states the intent.
     """
-    if squeeze:
-        shape = [d for d in shape if d != 1]
     merged: list[int] = []
     product = 1
     for d in shape:

@@ -159,22 +159,16 @@ def per_matrix(xp: Any, decomposition: Any, *operands: Array) -> Any:
     axes broadcast against the first's.
     """
     a = operands[0]
-    if a.ndim <= 2 or not _jax_cpu_lapack_waits_on_pool(xp, a):
+    waits = (a.ndim > 2 and is_jax_namespace(xp) and is_tracer(a)  # traced only: an eager call runs alone
+             and sys.modules["jax"].default_backend() == "cpu"
+             and tuple(int(part) for part in sys.modules["jaxlib"].__version__.split(".")[:2]) < (0, 11))
+    if not waits:
         return decomposition(*operands)
     jax = sys.modules["jax"]
     batch = tuple(a.shape[:-2])
     flat = tuple(xp.reshape(xp.broadcast_to(x, batch + tuple(x.shape[-2:])), (-1,) + tuple(x.shape[-2:])) for x in operands)
     out = jax.lax.map(lambda one: decomposition(*one), flat)
     return jax.tree_util.tree_map(lambda x: xp.reshape(x, batch + tuple(x.shape[1:])), out)
-
-
-def _jax_cpu_lapack_waits_on_pool(xp: Any, a: Array) -> bool:
-    if not is_jax_namespace(xp):
-        return False
-    if not is_tracer(a) or sys.modules["jax"].default_backend() != "cpu":
-        return False  # an eager call runs alone
-    jaxlib = sys.modules["jaxlib"]  # imported by jax
-    return tuple(int(part) for part in jaxlib.__version__.split(".")[:2]) < (0, 11)
 
 
 def inverse(xp: Any, a: Array, *, symmetric_positive_definite: bool = False) -> Array:
@@ -675,19 +669,22 @@ def damped_inverse_stable(
 # tensors go through one call.
 
 
-def _axis_to_last(xp: Any, tensor: Array, axis: int) -> tuple[Array, Optional[tuple[int, ...]]]:
-    """``tensor`` with ``axis`` moved to the end, and the permutation that moves it back."""
+def _unfolded(xp: Any, tensor: Array, axis: int, batch: int) -> tuple[Array, Optional[tuple], Optional[tuple]]:
+    """The mode-``axis`` unfolding of ``tensor`` (``batch`` leading batch axes) as a stack of matrices,
+    and how to fold a product back: ``(B..., d, rest)`` where ``axis`` is the first tensor axis (a
+    reshape; ``None, None``); else ``(B..., rest, d)`` with ``axis`` moved last, the moved tensor's
+    shape and the permutation that moves it back (``None`` for the last axis, which needs no copy)."""
     ndim = len(tensor.shape)
-    if axis == ndim - 1:
-        return tensor, None
-    perm = tuple(i for i in range(ndim) if i != axis) + (axis,)
-    back = tuple(perm.index(i) for i in range(ndim))
-    return xp.permute_dims(tensor, perm), back
-
-
-def _check_mode_axis(tensor: Array, axis: int, batch: int) -> None:
-    if not batch <= axis < len(tensor.shape):
+    if not batch <= axis < ndim:
         raise ValueError(f"axis {axis} is not a tensor axis after the {batch} batch axes of shape {tuple(tensor.shape)}")
+    lead, d = tuple(tensor.shape[:batch]), tensor.shape[axis]
+    if axis == batch:
+        return xp.reshape(tensor, lead + (d, -1)), None, None
+    perm = tuple(i for i in range(ndim) if i != axis) + (axis,)
+    last = axis == ndim - 1
+    moved = tensor if last else xp.permute_dims(tensor, perm)
+    back = None if last else tuple(perm.index(i) for i in range(ndim))
+    return xp.reshape(moved, lead + (-1, d)), tuple(moved.shape), back
 
 
 def mode_product(tensor: Array, matrix: Array, axis: int, *, transpose: bool = False) -> Array:
@@ -713,16 +710,11 @@ def mode_product(tensor: Array, matrix: Array, axis: int, *, transpose: bool = F
     One batched ``matmul``; the first and the last tensor axis need no copy.
     """
     xp = array_namespace(tensor, matrix)
-    batch = len(matrix.shape) - 2
-    _check_mode_axis(tensor, axis, batch)
-    shape = tuple(tensor.shape)
-    lead, d = shape[:batch], shape[axis]
+    flat, moved, back = _unfolded(xp, tensor, axis, len(matrix.shape) - 2)
     m = matrix.mT if transpose else matrix
-    if axis == batch:
-        flat = xp.reshape(tensor, lead + (d, -1))
-        return xp.reshape(xp.matmul(m, flat), shape)
-    moved, back = _axis_to_last(xp, tensor, axis)
-    result = xp.reshape(xp.matmul(xp.reshape(moved, lead + (-1, d)), m.mT), tuple(moved.shape))
+    if moved is None:  # the first tensor axis: M T_(n)
+        return xp.reshape(xp.matmul(m, flat), tuple(tensor.shape))
+    result = xp.reshape(xp.matmul(flat, m.mT), moved)
     return result if back is None else xp.permute_dims(result, back)
 
 
@@ -734,15 +726,8 @@ def mode_gram(tensor: Array, axis: int, *, batch: int = 0) -> Array:
     axis 1 :math:`Y^\top Y`. One batched ``matmul``.
     """
     xp = array_namespace(tensor)
-    _check_mode_axis(tensor, axis, batch)
-    shape = tuple(tensor.shape)
-    lead, d = shape[:batch], shape[axis]
-    if axis == batch:
-        flat = xp.reshape(tensor, lead + (d, -1))
-        return xp.matmul(flat, flat.mT)
-    moved, _ = _axis_to_last(xp, tensor, axis)
-    flat = xp.reshape(moved, lead + (-1, d))
-    return xp.matmul(flat.mT, flat)
+    flat, moved, _ = _unfolded(xp, tensor, axis, batch)
+    return xp.matmul(flat, flat.mT) if moved is None else xp.matmul(flat.mT, flat)
 
 
 # Kronecker factors of dense or diagonal structure, stacked: a dense factor a ``(b, d, d)`` stack,

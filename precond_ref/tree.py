@@ -39,17 +39,13 @@ def _sorted_keys(tree: dict) -> list:
         return list(tree)
 
 
-def _is_namedtuple(x: Any) -> bool:
-    return isinstance(x, tuple) and hasattr(x, "_fields")
-
-
 def _skeleton(tree: Any, path: Path, out: list[tuple[Path, Any]]) -> Any:
     if tree is None:
         return None
     if isinstance(tree, dict):
         return {k: _skeleton(tree[k], path + (k,), out) for k in _sorted_keys(tree)}
-    if isinstance(tree, (list, tuple)):  # tested first: a leaf then costs no call of _is_namedtuple
-        if _is_namedtuple(tree):
+    if isinstance(tree, (list, tuple)):
+        if hasattr(tree, "_fields"):  # a NamedTuple
             return type(tree)(*(_skeleton(v, path + (f,), out) for f, v in zip(tree._fields, tree)))
         return type(tree)(_skeleton(v, path + (i,), out) for i, v in enumerate(tree))
     out.append((path, tree))
@@ -73,7 +69,7 @@ def _fill(skeleton: Any, leaves: Any) -> Any:
         return next(leaves)
     if isinstance(skeleton, dict):
         return {k: _fill(v, leaves) for k, v in skeleton.items()}
-    if _is_namedtuple(skeleton):
+    if hasattr(skeleton, "_fields"):  # a NamedTuple (a skeleton's other nodes: lists and tuples)
         return type(skeleton)(*(_fill(v, leaves) for v in skeleton))
     return type(skeleton)(_fill(v, leaves) for v in skeleton)
 
@@ -132,7 +128,7 @@ def from_entries(template: Any, entries: Any, prefix: str = "") -> Any:
                 for k in _sorted_keys(template)}
     if not isinstance(template, (list, tuple)):
         return entries[prefix or "."]
-    if _is_namedtuple(template):
+    if hasattr(template, "_fields"):  # a NamedTuple
         return type(template)(*[from_entries(v, entries, f"{prefix}/{f}" if prefix else f)
                                 for f, v in zip(template._fields, template)])
     return type(template)([from_entries(v, entries, f"{prefix}/{i}" if prefix else str(i))

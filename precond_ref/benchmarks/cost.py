@@ -310,7 +310,7 @@ def sketchy(
         if (not precondition_1d and len(shape) <= 1) or any(d > max_precondition_dim for d in blocked):
             _elementwise(t, [(name, shape)], itemsize, 7, "graft only")
             continue
-        merged = merge_small_dims(tuple(shape), merge_dims, squeeze=True)
+        merged = merge_small_dims(tuple(shape), merge_dims)
         numel = _numel(shape)
         for count, d, k, m in _sketch_axes(merged, rank, block_size):
             t.add("FD update", flops=count * fd_update_flops(d, k, m, path), every=precondition_every)

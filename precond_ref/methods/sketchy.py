@@ -165,7 +165,7 @@ def _sketchy_plan(c: SketchyConfig, shape: tuple[int, ...], first_phase: int = 0
         blocked = [d if c.block_size is None else min(d, c.block_size) for d in shape]
         if (not c.precondition_1d and len(shape) <= 1) or any(d > c.max_precondition_dim for d in blocked):
             return None
-    merged = merge_small_dims(shape, c.merge_dims, squeeze=not c.faithful)
+    merged = merge_small_dims(shape, c.merge_dims)
     return leaf_plan(merged, c.rank, c.block_size, len(c.dues), first_phase)
 
 
@@ -453,8 +453,8 @@ def sketchy(
       :math:`\rho` whose :math:`\rho^a` is huge when :math:`\epsilon` is absolute or 0.
     * K4: (both modes) a non-finite gradient never reaches the sketch (skip/raise policy), and a
       non-finite decomposition keeps the previous sketch; the authors store NaN factors.
-    * K5: unit axes are squeezed before merging (identical result: merging already removes them;
-      the authors raise on unit axes only when they reach the sketch, which merging prevents).
+    * K5: (both modes) no unit axis reaches the sketch: merging removes them (the authors raise on
+      unit axes only when they reach the sketch, which merging prevents).
     * K6: ``block_size`` (default 1024; not in the authors' Sketchy), and the sketches updated every
       3 steps with the blocks' updates spread over the interval (``precondition_every``,
       ``spread_refresh``; the authors update every sketch every step). docs/methods/sketchy.md,

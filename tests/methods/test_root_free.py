@@ -470,7 +470,7 @@ def test_if_shampoo_is_matmul_only(monkeypatch):
     source += inspect.getsource(root_free._precondition) + inspect.getsource(factors) + inspect.getsource(tiles)
     source += "".join(inspect.getsource(getattr(linalg, name)) for name in (  # the factors' products
         "along", "times_transposed", "gram", "mean_trace", "unfolding_gram", "times", "frobenius", "product_except"))
-    helpers = inspect.getsource(linalg.mode_product) + inspect.getsource(linalg.mode_gram)
+    helpers = "".join(inspect.getsource(f) for f in (linalg.mode_product, linalg.mode_gram, linalg._unfolded))
     import re
 
     # The tensor-matrix products live in linalg (matmul, reshape and permute only).

@@ -190,7 +190,7 @@ class LoopSketchy:
             graft_only = graft != "none" and ((not precondition_1d and w.ndim <= 1)
                                               or any(d > max_precondition_dim for d in blocked))
             if not graft_only:
-                st["merged"] = merge_small_dims(w.shape, merge_dims, squeeze=not faithful)
+                st["merged"] = merge_small_dims(w.shape, merge_dims)
                 phases = T if spread else 1
                 st["axes"] = [[dict(rows=(a, b), phase=p, sketch=new_sketch(b - a, k)) for a, b, k, p in blocks]
                               for blocks in _blocks_and_phases(st["merged"], rank, block_size, phases,
