@@ -6,7 +6,8 @@ The cell is the matrix's principled S-AdaGrad on the MLP (rank 2, a sketch small
 layer: each FD step truncates; refreshes every 3 steps), float64; the compiled row runs the same
 settings on one Linear layer (``path_matrix.ONE_LAYER_MODEL``, whose two leaves a rank-2 sketch
 truncates too): dynamo traces each leaf's secular solve into the graph, so the MLP's four leaves
-would double the trace and add no other kind of leaf. Tolerances as in
+would double the trace and add no other kind of leaf; the row under ``jax.jit`` runs on that layer
+for the same reason (XLA compiles each leaf's solve). Tolerances as in
 ``test_path_equivalence.py``: RTOL between paths whose reductions may sum in another order, bit
 identity between a captured step and its eager run (the same arithmetic on the same values).
 Against the default decomposition (the SVD of the same core) the secular core's rounding is the
@@ -73,7 +74,9 @@ def test_cupy_captured(core):
     _close(got, core, RTOL, "CuPy captured vs the NumPy core")
 
 
-def test_jax_jit(core):
+def test_jax_jit():
+    """The core under ``jax.jit`` gives the NumPy core's trajectory, on one Linear layer."""
     import jax.numpy as jnp
 
-    _close(pm.core_trajectory(*CELL, xp=jnp, jit=True, **SECULAR), core, RTOL, "the core under jax.jit vs NumPy")
+    got = pm.core_trajectory(*COMPILED_CELL, xp=jnp, jit=True, **SECULAR)
+    _close(got, pm.core_trajectory(*COMPILED_CELL, **SECULAR), RTOL, "the core under jax.jit vs NumPy")

@@ -214,12 +214,12 @@ def test_nonfinite_gradient_skips_step_without_poisoning_state(case):
 
 
 def test_bf16_parameters_keep_dtype_and_make_progress(case):
-    """bf16 parameters stay bf16 and finite, the loss falls, and principled state is float32 (but
-    IF-Shampoo's factors and factor momenta: bf16, S1)."""
+    """bf16 parameters stay bf16 and finite, the loss falls within 30 steps, and principled state is
+    float32 (but IF-Shampoo's factors and factor momenta: bf16, S1)."""
     x, y = _data(torch.bfloat16)
     model = _model(torch.bfloat16)
     opt = case.make(model.named_parameters())
-    losses = _train(model, opt, case, 60, x, y)
+    losses = _train(model, opt, case, 30, x, y)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert np.isfinite(losses).all()
     assert min(losses[-5:]) < losses[0]
