@@ -26,11 +26,11 @@ An element-wise method (AGD, RF-RMSProp, RF-AdamW) in a param group of many tens
 (:data:`PER_LEAF_MIN_TENSORS`) compiles less: the engine's in-place step
 (:func:`precond_ref.engine.elementwise.in_place_step`) calls one per-leaf function per large leaf
 and per pack of small ones, and :class:`KernelWrites` compiles that function once per method,
-dtype and option set, for every length, so that the first step of a large model compiles one
-small kernel rather than a graph of every leaf. DASGO, whose leaves step independently but for
-the step's skip decision (:func:`~precond_ref.engine.run.steps_leaf_by_leaf`), does likewise
-through :class:`LeafCalls`: one call per leaf of the core update compiled for leaves of every
-size, one graph per layout.
+dtype and option set of an optimizer (kept by it, and gone with it), for every length, so that
+the first step of a large model compiles one small kernel rather than a graph of every leaf.
+DASGO, whose leaves step independently but for the step's skip decision
+(:func:`~precond_ref.engine.run.steps_leaf_by_leaf`), does likewise through :class:`LeafCalls`:
+one call per leaf of the core update compiled for leaves of every size, one graph per layout.
 
 If compilation fails (no C++ compiler for TorchInductor's CPU backend, an unsupported
 operation), the optimizer says so once and runs the same core eagerly.
@@ -253,7 +253,7 @@ def _fresh(function: Callable) -> Callable:
 class CompiledStep:
     """The compiled :func:`_apply` of one transform (rebuilt when the transform is)."""
 
-    def __init__(self, transform: Transform, options: dict) -> None:
+    def __init__(self, transform: Transform, options: dict, kernels: Optional[dict] = None) -> None:
         self.transform = transform
         self.options = dict(options)
         options = dict(self.options)
@@ -294,7 +294,9 @@ class CompiledStep:
         # An element-wise rule's step of a group of many tensors runs as compiled per-leaf kernels
         # (KernelWrites) instead (PER_LEAF_MIN_TENSORS).
         self._in_place = in_place_step(transform)
-        self._writes = KernelWrites(self.options) if self._in_place is not None else None
+        # ``kernels``: the owning optimizer's compiled kernels, shared by its compiled steps.
+        kernels = {} if kernels is None else kernels
+        self._writes = KernelWrites(self.options, kernels) if self._in_place is not None else None
         # A rule whose leaves step independently (steps_leaf_by_leaf) runs a large group's step as one
         # compiled call per leaf instead (LeafCalls).
         self._leaf_calls = LeafCalls(transform, self.options) if steps_leaf_by_leaf(transform) else None
@@ -479,11 +481,12 @@ class LeafCalls:
         )
 
 
-#: The compiled per-leaf functions of element-wise rules (``KernelWrites``), by the engine's key
-#: and the ``torch.compile`` options: one compilation per rule, dtype and option set in a process,
-#: shared by its optimizers and param groups.
-_KERNELS: dict[tuple, Callable] = {}
-_KERNEL_NOTICE_GIVEN = []
+def _kernel_notice() -> None:
+    _LOG.warning(
+        "precond_ref: compiling the optimizer's element-wise step with torch.compile (once per method, dtype and "
+        "option set of an optimizer, for tensors of every size; seconds to a minute on a CPU). compile=False, or "
+        "%s=0, steps eagerly instead", ENVIRONMENT_VARIABLE,
+    )
 
 
 def _writing(fn: Callable) -> Callable:
@@ -502,8 +505,11 @@ def _writing(fn: Callable) -> Callable:
 class KernelWrites:
     """The engine's ``Writes`` for :func:`precond_ref.engine.elementwise.in_place_step` with each
     per-leaf function compiled: ``torch.compile(dynamic=True)`` on 1-D operands, so one
-    compilation serves every leaf and pack of any length (``_KERNELS``), and a step is one call
-    per large leaf and per pack of small ones. The copies back into packed leaves are one
+    compilation serves every leaf and pack of any length, and a step is one call per large leaf
+    and per pack of small ones. The compiled functions are kept in ``kernels``, by the engine's
+    key and the ``torch.compile`` options: the owning optimizer's dict, shared by its param groups
+    and the compiled steps it rebuilds, and gone with it; the optimizer's first compilation says
+    that it is compiling if it takes long. The copies back into packed leaves are one
     ``torch._foreach_copy_``.
 
     A compilation that fails before the step has written anything propagates (the optimizer then
@@ -511,7 +517,8 @@ class KernelWrites:
     dtype) finishes that step eagerly and is raised at the next step, before anything is written.
     """
 
-    def __init__(self, options: dict) -> None:
+    def __init__(self, options: dict, kernels: dict) -> None:
+        self.kernels = kernels
         self.options = {"fullgraph": True, "dynamic": True, **options}
         if "mode" not in options:  # guards on the tensors only: the function is fixed by its key
             self.options["options"] = {"guard_filter_fn": _kernel_guard_filter, **options.get("options", {})}
@@ -529,12 +536,12 @@ class KernelWrites:
         if self.pending is not None:  # a kernel failed earlier in this step: finish it eagerly
             EAGER_WRITES.kernel(key, fn, operands)
             return
-        compiled = _KERNELS.get((key, self.options_key))
+        compiled = self.kernels.get((key, self.options_key))
         timer = None
         try:
             if compiled is None:
-                compiled = _KERNELS[(key, self.options_key)] = torch.compile(_fresh(_writing(fn)), **self.options)
-                timer = _timer(_kernel_notice) if not _KERNEL_NOTICE_GIVEN else None
+                timer = _timer(_kernel_notice) if not self.kernels else None
+                compiled = self.kernels[(key, self.options_key)] = torch.compile(_fresh(_writing(fn)), **self.options)
             operands = tuple(map(_unviewed, operands))
             if self._quiet:
                 compiled(*operands)
@@ -542,7 +549,7 @@ class KernelWrites:
                 with _quiet_tracing():
                     compiled(*operands)
         except Exception as error:  # noqa: BLE001 - see the class docstring
-            _KERNELS.pop((key, self.options_key), None)
+            self.kernels.pop((key, self.options_key), None)
             if not self.wrote:
                 raise
             self.pending = error
@@ -563,15 +570,6 @@ def _unviewed(x: Any) -> Any:
     if not isinstance(x, torch.Tensor) or x._base is None:
         return x
     return torch.empty((0,), dtype=x.dtype, device=x.device).set_(x.untyped_storage(), x.storage_offset(), x.shape, x.stride())
-
-
-def _kernel_notice() -> None:
-    _KERNEL_NOTICE_GIVEN.append(True)
-    _LOG.warning(
-        "precond_ref: compiling the optimizer's element-wise step with torch.compile (once per method, dtype and "
-        "option set in a process, for tensors of every size; seconds to a minute on a CPU). compile=False, or %s=0, "
-        "steps eagerly instead", ENVIRONMENT_VARIABLE,
-    )
 
 
 def notice_eager(owner: str, error: BaseException) -> None:

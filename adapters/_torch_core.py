@@ -131,7 +131,7 @@ class CoreOptimizer(torch.optim.Optimizer):
     _restack: bool = False
     # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
     _transient_attributes: tuple[str, ...] = (
-        "_transforms", "_compiled", "_learning_rates", "_member_plans", "_captures"
+        "_transforms", "_compiled", "_kernels", "_learning_rates", "_member_plans", "_captures"
     )
 
     def __init__(
@@ -156,6 +156,10 @@ class CoreOptimizer(torch.optim.Optimizer):
         self._param_names: dict[torch.Tensor, str] = dict(self._model_names)
         self._transforms: dict[int, tuple[tuple, Transform, tuple]] = {}
         self._compiled: dict[int, _torch_compile.CompiledStep] = {}
+        # The compiled per-leaf kernels of an element-wise rule (_torch_compile.KernelWrites): one
+        # compilation per rule, dtype and option set, shared by the param groups and the compiled
+        # steps rebuilt with new hyperparameters, and gone with the optimizer.
+        self._kernels: dict = {}
         self._learning_rates: dict[int, tuple[Any, torch.Tensor]] = {}
         self._member_plans: dict[tuple, _Members] = {}
         # Members of a block whose counters a step left behind their partners' (no gradient of
@@ -443,7 +447,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         if options is not None and isinstance(transform, Transform):
             compiled = self._compiled.get(id(transform))
             if compiled is None or compiled.transform is not transform:
-                compiled = _torch_compile.CompiledStep(transform, options)
+                compiled = _torch_compile.CompiledStep(transform, options, self._kernels)
                 live = {id(entry[1]) for entry in self._transforms.values()}
                 self._compiled = {k: v for k, v in self._compiled.items() if k in live}
                 self._compiled[id(transform)] = compiled

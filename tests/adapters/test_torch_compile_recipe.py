@@ -67,9 +67,9 @@ def test_compiled_opt_step_one_graph_per_pattern(entry, monkeypatch):
 
     transforms = []
 
-    def init(self, transform, options):
+    def init(self, transform, options, kernels=None):
         transforms.append(transform)
-        real_init(self, transform, {"backend": counting(inner)})
+        real_init(self, transform, {"backend": counting(inner)}, kernels)
 
     monkeypatch.setattr(_torch_compile.CompiledStep, "__init__", init)
     torch._dynamo.reset()
