@@ -122,7 +122,7 @@ _PER_TILE = re.compile(r"(?:tiles/(\d+)/|tile_(\d+)/)?(factor|factor_momentum)[/
 
 def stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
     """A group's state saved per tile by earlier versions (:data:`_PER_TILE`; their members'
-    momenta ``momentum_i``) as the stacks of :func:`~precond_ref.engine.tiles.stack_plan`:
+    momenta ``momentum_i``) as the stacks of :func:`~precond_ref.engine.tiles.tile_plan`:
     ``stacks/s/X/n = stack(tile t's X_n for t in stack s)``, the tiles of one shape (their
     factors' lengths) and refresh phase (:func:`~precond_ref.engine.phases.tile_phase` of the
     factory's interval) in one stack, stacks in order of their first tile, ``momentum/i``; other
