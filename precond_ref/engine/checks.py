@@ -176,10 +176,8 @@ def unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> di
     seen = {id(p) for p in params}
     out = {}
     for key, value in entries.items():
-        if id(value) in seen:
-            value = xp.asarray(value, copy=True)
-        seen.add(id(value))
-        out[key] = value
+        out[key] = xp.asarray(value, copy=True) if id(value) in seen else value
+        seen.add(id(out[key]))
     return out
 
 
@@ -258,16 +256,17 @@ def check_group(
     new: dict[str, Array],
 ) -> None:
     """Refuse, by name, any update that would change the layout of the state (e.g. broadcasting)."""
-    where = path_str(group.paths[0])
     for g, u in zip(grads, updates):
         if tuple(u.shape) != tuple(g.shape):
-            raise ValueError(f"{name}: update of {where!r} has shape {tuple(u.shape)}, gradient {tuple(g.shape)}")
+            raise ValueError(f"{name}: update of {path_str(group.paths[0])!r} has shape {tuple(u.shape)}, "
+                             f"gradient {tuple(g.shape)}")
     if set(new) != set(old):
-        raise ValueError(f"{name}: state of {where!r} changed its entries {sorted(old)} -> {sorted(new)}")
+        raise ValueError(
+            f"{name}: state of {path_str(group.paths[0])!r} changed its entries {sorted(old)} -> {sorted(new)}")
     for key, value in new.items():
         if tuple(value.shape) != tuple(old[key].shape) or value.dtype != old[key].dtype:
             raise ValueError(
-                f"{name}: the gradient of {where!r} (shape {tuple(grads[0].shape)}, dtype "
+                f"{name}: the gradient of {path_str(group.paths[0])!r} (shape {tuple(grads[0].shape)}, dtype "
                 f"{grads[0].dtype}) does not fit the optimizer state: {key!r} would change from "
                 f"{tuple(old[key].shape)}/{old[key].dtype} to {tuple(value.shape)}/{value.dtype}"
             )

@@ -108,17 +108,15 @@ def tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], 
     bounds = [((0, d),) if diag and not cut_diagonal else block_bounds(d, block_size) for d, diag in zip(dims, diagonal)]
     tiles = tuple(Tile(index, tile_phase(t, interval, stagger)) for t, index in enumerate(itertools.product(*bounds)))
     shapes = [tuple(stop - start for start, stop in tile.index) for tile in tiles]
-    by_shape = first_appearance(shapes)
-    place = {t: (r, j) for r, members in enumerate(by_shape) for j, t in enumerate(members)}
-    stacks = tuple(TileStack(tiles=members, phase=tiles[members[0]].offset,
-                              positions=tuple(place[t][1] for t in members), shape=shapes[members[0]])
-                   for members in first_appearance([(shapes[t], tile.offset) for t, tile in enumerate(tiles)]))
+    place = {t: j for members in first_appearance(shapes) for j, t in enumerate(members)}  # among the tiles of its shape
+    stacks = tuple(TileStack(members, tiles[members[0]].offset, tuple(place[t] for t in members), shapes[members[0]])
+                   for members in first_appearance([(shape, tile.offset) for shape, tile in zip(shapes, tiles)]))
     regions = []
-    for r, members in enumerate(by_shape):
-        axes = [sorted({tiles[t].index[n] for t in members}) for n in range(len(dims))]  # the box's cuts per axis
+    for size in dict.fromkeys(shapes):  # the box of the tiles of one shape: per axis, the cuts of that length
+        axes = [[(a, b) for a, b in cuts if b - a == n] for cuts, n in zip(bounds, size)]
         regions.append(Region(tuple((cuts[0][0], cuts[-1][1]) for cuts in axes), tuple(len(cuts) for cuts in axes),
-                              shapes[members[0]], tuple(s for s, stack in enumerate(stacks) if place[stack.tiles[0]][0] == r)))
-    grid = tuple(len({region.index[n] for region in regions}) for n in range(len(dims)))
+                              size, tuple(s for s, stack in enumerate(stacks) if stack.shape == size)))
+    grid = tuple(len({b - a for a, b in cuts}) for cuts in bounds)  # boxes per axis: one per length of its cuts
     return TilePlan(tiles, stacks, tuple(regions), grid)
 
 
@@ -184,13 +182,11 @@ def cut_stacks(xp, G, plan: TilePlan) -> list:
     """The tiles of ``G`` as the plan's stacks: ``out[s] = stack([cut(G, tiles[t].index) for t in
     stacks[s].tiles])``, by reshapes: each region's box cut into its equal tiles
     (:func:`to_tiles`), each stack picked from them (:func:`pick`)."""
-    out: list = [None] * len(plan.stacks)
+    out = {}
     for region in plan.regions:
-        box = G if len(plan.regions) == 1 else cut(G, region.index)
-        tiles = to_tiles(xp, box, region.counts, region.size)
-        for s in region.stacks:
-            out[s] = pick(xp, tiles, plan.stacks[s].positions)
-    return out
+        tiles = to_tiles(xp, G if len(plan.regions) == 1 else cut(G, region.index), region.counts, region.size)
+        out.update((s, pick(xp, tiles, plan.stacks[s].positions)) for s in region.stacks)
+    return [out[s] for s in range(len(plan.stacks))]
 
 
 def join_stacks(xp, parts: Sequence[Any], plan: TilePlan):
@@ -295,11 +291,9 @@ def _leaves_by_joins(xp, results: Sequence[Any], chosen: Sequence[tuple], batche
     ``batched[b]``'s shape, its members the (group, stack) numbers ``chosen``): each group's stacks
     joined back into its tensor (:func:`join_stacks`) and cut into its members
     (:func:`~precond_ref.engine.layout.ungroup_tensor`), groups and members in order."""
-    parts = [[None] * len(group.plan.stacks) for group in groups]
-    for (i, s), (part,) in zip(chosen, unstack_alike(batched, [(r,) for r in results], len(chosen))):
-        parts[i][s] = part
-    return [leaf for group, stacks in zip(groups, parts)
-            for leaf in ungroup_tensor(xp, join_stacks(xp, stacks, group.plan), group.shapes, group.full, group.out_first)]
+    parts = {m: part for m, (part,) in zip(chosen, unstack_alike(batched, [(r,) for r in results], len(chosen)))}
+    return [leaf for i, g in enumerate(groups) for leaf in ungroup_tensor(
+        xp, join_stacks(xp, [parts[i, s] for s in range(len(g.plan.stacks))], g.plan), g.shapes, g.full, g.out_first)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,7 +480,6 @@ def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
     :func:`tiles_of_groups`), the refresh of the stacks on their phase (:func:`_refresh_due`), the
     preconditioning, the rule's last lines and the hand-back of each group's updates and state."""
     ctx, xp, rule, c = ctxs[0], ctxs[0].xp, t.rule, t.c
-    refresh = [ctx.every(interval) for interval in t.intervals]  # per phase: a host bool, or an array
     h = rule.scalars(c, ctx.value, ctx.extra)
     groups, fields = zip(*(_laid_out(t, state, grads, work_dtype(t.layout, xp, grads[0].dtype),
                                      path_str(each.paths[0]) if each.paths else "?")
@@ -497,7 +490,7 @@ def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
     groups = [g._replace(stacks=tiles) for g, tiles in zip(groups, tiles_of_groups(xp, grads_list, groups, keys))]
     stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
     failures = [f.failures for f in fields]
-    _refresh_due(t, ctx, h, refresh, groups, fields, stack_states, failures)
+    _refresh_due(t, ctx, h, groups, fields, stack_states, failures)
 
     # Every stack preconditioned (the stacks of all phases batched as by _batches), with the KL clip
     # scaled per group by its tiles' sum in row-major order (sums_in_tile_order), and handed back as
@@ -560,10 +553,11 @@ def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
         + (";" + t.layout.old_layout(found, {}) if t.layout.old_layout is not None else ""))
 
 
-def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, failures) -> None:
-    """On each refresh phase due (``refresh``: per phase a host bool, or an array), the stacks of
-    that phase of all groups refreshed batch by batch (:func:`_refreshed`, under ``cond`` where
-    the phase is decided on the device: :func:`~precond_ref.engine.phases.refreshes`) and stored
+def _refresh_due(t: _Tiling, ctx, h, groups, fields, stack_states, failures) -> None:
+    """On each refresh phase due (:meth:`~precond_ref.engine.context.StepContext.every` of its
+    interval: a host bool, or an array), the stacks of that phase of all groups refreshed batch by
+    batch (:func:`_refreshed`, under ``cond`` where the phase is decided on the device:
+    :func:`~precond_ref.engine.phases.refreshes`) and stored
     back into the groups' stacks (one split per operand); then the factor entries it wrote marked
     settled for the skip rule.
 
@@ -582,7 +576,7 @@ def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, fail
         noise = _step_noise(xp, ctx, fields, batch.operands[0]) if rounded else None
         return partial(_refreshed, t, xp, h, scale, noise), partial(_unchanged, xp)
 
-    for batch, out in refreshes(xp, refresh, batches, branches):
+    for batch, out in refreshes(xp, [ctx.every(interval) for interval in t.intervals], batches, branches):
         for m, state in handed_back(batch, out[:-1]):
             i, s = chosen[m]
             rank = len(stack_states[i][s].factor)
@@ -609,11 +603,10 @@ def _batches(xp, groups, stack_states, refreshing: bool) -> tuple:
     K_1..K_N[, m_1..m_N]) on their phases): the stacks of one phase, tile shape, factor layout
     and device are concatenated along the tile axis, one ``concat`` per operand whatever the
     number of tiles (none for G, whose tiles lie in that order: :func:`tiles_of_groups`)."""
-    chosen = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
-                    key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
+    phased = sorted((stack.phase, i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks))
     operands = [(groups[i].stacks[s],) + stack_states[i][s].factor + (stack_states[i][s].factor_momentum if refreshing else ())
-                for i, s in chosen]
-    return chosen, phase_stacks(xp, [groups[i].plan.stacks[s].phase for i, s in chosen], operands)
+                for _, i, s in phased]
+    return [(i, s) for _, i, s in phased], phase_stacks(xp, [phase for phase, _, _ in phased], operands)
 
 
 def _refreshed(t: _Tiling, xp, h, scale, noise, G, *state):
