@@ -62,10 +62,7 @@ class Tile(NamedTuple):
 def first_appearance(keys: Sequence[Any]) -> tuple:
     """The positions of ``keys`` grouped by equal key, groups in order of their first position:
     ``("a", "b", "a") -> ((0, 2), (1,))``."""
-    groups: dict = {}
-    for position, key in enumerate(keys):
-        groups.setdefault(key, []).append(position)
-    return tuple(tuple(g) for g in groups.values())
+    return tuple(tuple(n for n, other in enumerate(keys) if other == key) for key in dict.fromkeys(keys))
 
 
 class TileStack(NamedTuple):
@@ -108,7 +105,8 @@ def tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], 
     bounds = [((0, d),) if diag and not cut_diagonal else block_bounds(d, block_size) for d, diag in zip(dims, diagonal)]
     tiles = tuple(Tile(index, tile_phase(t, interval, stagger)) for t, index in enumerate(itertools.product(*bounds)))
     shapes = [tuple(stop - start for start, stop in tile.index) for tile in tiles]
-    place = {t: j for members in first_appearance(shapes) for j, t in enumerate(members)}  # among the tiles of its shape
+    # a tile's place among the tiles of its shape (row-major over its region)
+    place = {t: j for members in first_appearance(shapes) for j, t in enumerate(members)}
     stacks = tuple(TileStack(members, tiles[members[0]].offset, tuple(place[t] for t in members), shapes[members[0]])
                    for members in first_appearance([(shape, tile.offset) for shape, tile in zip(shapes, tiles)]))
     regions = []
