@@ -452,20 +452,18 @@ def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
 def _init_group(t: _Tiling, leaves, paths, xp):
     """``build_transform``'s ``init_group``: a group's state, the rule's stacks of its tiles."""
     rule, c, layout = t.rule, t.c, t.layout
-    shapes = [tuple(x.shape) for x in leaves]
     where = path_str(paths[0])
-    diagonal, plan, _, _ = _plan(t, shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
+    diagonal, plan, _, _ = _plan(t, [tuple(x.shape) for x in leaves], len(leaves) == 1 or paths[0][-1] != "kernel", where)
     param_dtype, dev = leaves[0].dtype, array_device(leaves[0])
     dtypes = layout.dtypes(xp, leaves[0], len(diagonal), where)
-    scale = None
-    if layout.group_scale is not None:
-        value = layout.group_scale(paths[0])
-        check_positive(f"preconditioner_lr_scale({where!r})", value)
-        scale = xp.asarray(value, dtype=compute_dtype(xp, param_dtype), device=dev)
+    scale = None if layout.group_scale is None else layout.group_scale(paths[0])  # the refresh step size's multiplier
+    if scale is not None:
+        check_positive(f"preconditioner_lr_scale({where!r})", scale)
+        scale = xp.asarray(scale, dtype=compute_dtype(xp, param_dtype), device=dev)
     buffer_dtype = work_dtype(layout, xp, param_dtype)
     return to_entries(rule.State(
         stacks=tuple(rule.init(xp, c, len(stack.tiles), stack.shape, diagonal, dtypes, dev) for stack in plan.stacks),
-        momentum=tuple(xp.zeros(shape, dtype=buffer_dtype, device=dev) for shape in shapes) if c.use_momentum else (),
+        momentum=tuple(xp.zeros(x.shape, dtype=buffer_dtype, device=dev) for x in leaves) if c.use_momentum else (),
         preconditioner_lr_scale=scale,
         failures=xp.zeros((), dtype=xp.int32, device=dev) if layout.counted else None,
     ))
@@ -508,9 +506,8 @@ def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
 
     # The rule's last lines (descend) of every leaf from its D, element-wise, the leaves joined end to
     # end (precond_ref.engine.joined.leafwise); then per group its members' updates and new momenta.
-    def operand(name, like):
-        value = getattr(h, name) if name in h._fields else getattr(c, name)
-        return ctx.scalar(name, value, like.dtype, array_device(like))
+    def operand(name, like):  # the step's value of ``name``, else the configuration's
+        return ctx.scalar(name, getattr(h if name in h._fields else c, name), like.dtype, array_device(like))
 
     def descend(D, *rest):  # one leaf, or the leaves of one layout joined end to end (leafwise)
         v = rest[-2] if c.use_momentum else None
@@ -555,9 +552,8 @@ def _refresh_due(t: _Tiling, ctx, h, groups, fields, stack_states, failures) -> 
     """On each refresh phase due (:meth:`~precond_ref.engine.context.StepContext.every` of its
     interval: a host bool, or an array), the stacks of that phase of all groups refreshed batch by
     batch (:func:`_refreshed`, under ``cond`` where the phase is decided on the device:
-    :func:`~precond_ref.engine.phases.refreshes`) and stored
-    back into the groups' stacks (one split per operand); then the factor entries it wrote marked
-    settled for the skip rule.
+    :func:`~precond_ref.engine.phases.refreshes`) and stored back into the groups' stacks (one
+    split per operand); then the factor entries it wrote marked settled for the skip rule.
 
     Where counted, each group of a batch adds its tiles' failures to its count, for all groups of
     the batch at once (their counts stacked, a view where last step's addition left them side by
@@ -575,10 +571,9 @@ def _refresh_due(t: _Tiling, ctx, h, groups, fields, stack_states, failures) -> 
         return partial(_refreshed, t, xp, h, scale, noise), partial(_unchanged, xp)
 
     for batch, out in refreshes(xp, [ctx.every(interval) for interval in t.intervals], batches, branches):
+        rank = len(batch.operands[0].shape) - 1  # each member's factors, then their momenta
         for m, state in handed_back(batch, out[:-1]):
-            i, s = chosen[m]
-            rank = len(stack_states[i][s].factor)
-            stack_states[i][s] = t.rule.Stack(factor=state[:rank], factor_momentum=state[rank:])
+            stack_states[chosen[m][0]][chosen[m][1]] = t.rule.Stack(factor=state[:rank], factor_momentum=state[rank:])
         if counted:
             flags = xp.logical_and(out[-1], ctx.ok) if selecting else out[-1]
             owners = [chosen[m][0] for m in batch.indices]  # a group has at most one stack in a batch of one phase
