@@ -104,14 +104,14 @@ def renamed_failures(entries: dict[str, Array]) -> dict[str, Array]:
     return renamed
 
 
-def tiled_legacy_names(entries: dict, interval: Any, stagger: bool, diagonal: Optional[Callable] = None) -> dict:
+def tiled_legacy_names(entries: dict, layout: Any, diagonal: Optional[Callable] = None) -> dict:
     """``build_transform``'s ``legacy_names`` of a tiled transform
     (:func:`~precond_ref.engine.tiles.tiled_transform`): a group's state saved per tile by an
     earlier version as the current stacks (:func:`stacked_tiles`, the tiles' phases from the
-    layout's ``interval`` and ``stagger``), its failure counter's earlier names renamed; where
+    ``layout``'s ``interval`` and ``stagger``), its failure counter's earlier names renamed; where
     ``diagonal`` is given (a vector's factor diagonal), a vector's dense tiles as its diagonal
     factor (:func:`diagonal_vector`). The very dict when it is current."""
-    entries = stacked_tiles(renamed_failures(entries), interval, stagger)
+    entries = stacked_tiles(renamed_failures(entries), layout.interval, layout.stagger)
     return entries if diagonal is None else diagonal_vector(entries, diagonal)
 
 

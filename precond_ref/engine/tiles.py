@@ -424,8 +424,7 @@ def tiled_transform(
         name=rule.name, init_group=partial(_init_group, t), update_groups=partial(_update_groups, t),
         group_leaves=weight_bias_groups if layout.weight_bias else singleton_groups, on_nonfinite=on_nonfinite,
         needs_params=c.use_decay, intervals=t.intervals, layout_hint=layout.old_layout,
-        legacy_names=partial(tiled_legacy_names, interval=layout.interval, stagger=layout.stagger,
-                             diagonal=rule.diagonal if layout.vectors_cut else None))
+        legacy_names=partial(tiled_legacy_names, layout=layout, diagonal=rule.diagonal if layout.vectors_cut else None))
 
 
 def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
@@ -656,10 +655,8 @@ def _stored(xp, new, old, noise) -> tuple:
         ends = tuple(itertools.accumulate((f.shape[1] for f in flat), initial=0))
         rounded = rounded_with_noise(xp, flat[0] if len(flat) == 1 else xp.concat(flat, axis=1), dtype, noise[: ends[-1]])
         parts = [rounded[:, a:b] for a, b in zip(ends[:-1], ends[1:])]
-    out = list(new)
-    for n, part in zip(narrow, parts):
-        out[n] = xp.reshape(part, new[n].shape)
-    return tuple(out)
+    stored = dict(zip(narrow, parts))
+    return tuple(xp.reshape(stored[n], a.shape) if n in stored else a for n, a in enumerate(new))
 
 
 def _step_noise(xp, ctx, fields, G):
@@ -708,10 +705,8 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
 
     shapes = [(len(groups[i].plan.stacks[s].tiles),) + groups[i].plan.stacks[s].shape for i, s in order]
     key = ("tiles of groups", tuple(g.number for g in groups), tuple(order))
-    out = [[None] * len(g.plan.stacks) for g in groups]
-    for (i, s), stack in zip(order, rearranged(xp, key, leaves, cut, shapes, groups[0].dtype)):
-        out[i][s] = stack
-    return out
+    got = dict(zip(order, rearranged(xp, key, leaves, cut, shapes, groups[0].dtype)))
+    return [[got[i, s] for s in range(len(g.plan.stacks))] for i, g in enumerate(groups)]
 
 
 #: entries: the most a gather's index covers (:func:`gathering`; int32, 16 MiB). The indices of a
