@@ -255,7 +255,7 @@ def kept_where_usable(xp, grouped, old, new):
     one ``where``, the kept arrays consecutive pieces of its result). Element-wise (``where``): no
     device value is read."""
     nonzero = each_block(xp, xp.any, grouped != 0.0)
-    accept, joints = nonzero, {}
+    accept, joints, alone = nonzero, {}, []
     for members in first_appearance([a.dtype for a in new]):  # one test of the entries of all arrays of one dtype
         joint = side_by_side(xp, [new[n] for n in members])
         if joint is not None:  # (arrays, k, ...): each block's entries of all arrays
@@ -264,15 +264,14 @@ def kept_where_usable(xp, grouped, old, new):
         else:
             rows = [xp.reshape(new[n], (new[n].shape[0], -1)) for n in members]
             ok = all_finite(rows[0] if len(rows) == 1 else xp.concat(rows, axis=1), axis=(1,))
+            alone += members
         accept = xp.logical_and(accept, ok)
     failed = xp.logical_xor(nonzero, accept)  # nonzero and not finite
-    kept = [xp.where(per_block(xp, accept, a), a, b) if not any(n in m for m in joints) else None
-            for n, (a, b) in enumerate(zip(new, old))]
+    kept = {n: xp.where(per_block(xp, accept, new[n]), new[n], old[n]) for n in alone}  # one selection per array
     for members, joint in joints.items():  # one selection of the arrays side by side
         chosen = xp.where(per_block(xp, accept, joint[0, ...])[None, ...], joint, stacked(xp, [old[n] for n in members]))
-        for j, n in enumerate(members):
-            kept[n] = chosen[j, ...]
-    return tuple(kept) + (failed,)
+        kept.update((n, chosen[j, ...]) for j, n in enumerate(members))
+    return tuple(kept[n] for n in range(len(new))) + (failed,)
 
 
 def _cut_each(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any]) -> list:
@@ -483,8 +482,7 @@ def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
     # trailing shapes and dtypes, as precond_ref.blocking.same_layout reads them.
     keys = [[tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor) for stack in f.stacks] for f in fields]
     groups = [g._replace(stacks=tiles) for g, tiles in zip(groups, tiles_of_groups(xp, grads_list, groups, keys))]
-    stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
-    failures = [f.failures for f in fields]
+    stack_states, failures = [list(f.stacks) for f in fields], [f.failures for f in fields]  # the new state
     _refresh_due(t, ctx, h, groups, fields, stack_states, failures)
 
     # Every stack preconditioned (the stacks of all phases batched as by _batches), with the KL clip
