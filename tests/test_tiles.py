@@ -24,12 +24,12 @@ def rng():
 @pytest.mark.parametrize("dims, block", [((8, 12), 4), ((12, 4), 4), ((4, 12), 4), ((6, 3, 9), 3), ((6, 9, 2), 3), ((9,), 3), ((4, 4), 8)])
 def test_tile_stack_is_the_row_major_cut(dims, block):
     """``to_tiles`` is a pure rearrangement: its b-th entry is tile b of ``tile_plan`` (row-major
-    over the grid, the tile numbers of ``stack_plan``) cut out with ``cut``, and
+    over the grid, the tile numbers of its stacks) cut out with ``cut``, and
     ``from_tiles`` puts them back. Exact (no arithmetic)."""
     np_xp = _np()
     G = np.arange(np.prod(dims), dtype=np.float64).reshape(dims)
-    tiles = tiling.tile_plan(dims, (False,) * len(dims), block, 1, False)
-    (region,) = tiling.stack_plan(tiles).regions  # every dimension a multiple of the block: one region
+    plan = tiling.tile_plan(dims, (False,) * len(dims), block, 1, False)
+    (region,), tiles = plan.regions, plan.tiles  # every dimension a multiple of the block: one region
     counts, size = region.counts, region.size
     stacked = tiling.to_tiles(np_xp, G, counts, size)
     assert stacked.shape == (len(tiles),) + size
@@ -50,20 +50,20 @@ def _oracle_stacks(G, plan):
 ])
 def test_stacks_of_tiles_are_the_slices_of_each_stack(dims, block, interval):
     """``cut_stacks`` (region reshapes, then every T-th tile or a ``take``) gives each stack of
-    ``stack_plan`` exactly the slices of its tiles (the slicing oracle), and ``join_stacks`` puts
+    ``tile_plan`` exactly the slices of its tiles (the slicing oracle), and ``join_stacks`` puts
     them back: equal tiles with T dividing their number or not, T dividing the tiles of the last
     axis or not, ragged ends on one axis or several, unblocked. The stacks are the tiles of one
     shape and refresh phase (t % T), tiles ascending, and every tile is in one stack. Exact (no
     arithmetic)."""
     np_xp = _np()
     G = np.arange(np.prod(dims), dtype=np.float64).reshape(dims)
-    tiles = tiling.tile_plan(dims, (False,) * len(dims), block, interval, True)
-    plan = tiling.stack_plan(tiles)
+    plan = tiling.tile_plan(dims, (False,) * len(dims), block, interval, True)
+    tiles = plan.tiles
     assert sorted(t for stack in plan.stacks for t in stack.tiles) == list(range(len(tiles)))
     for stack in plan.stacks:
         assert list(stack.tiles) == sorted(stack.tiles)
-        assert {(tiling.tile_shape(tiles[t]), tiles[t].offset) for t in stack.tiles} == {
-            (tiling.tile_shape(tiles[stack.tiles[0]]), stack.phase)}
+        assert {(tuple(b - a for a, b in tiles[t].index), tiles[t].offset) for t in stack.tiles} == {
+            (stack.shape, stack.phase)}
         assert stack.phase == stack.tiles[0] % interval
     got = tiling.cut_stacks(np_xp, G, plan)
     for part, want in zip(got, _oracle_stacks(G, plan), strict=True):
@@ -93,13 +93,13 @@ def test_sums_in_tile_order_are_the_sums_of_the_tiles_in_row_major_order(dims, b
         asarray = torch.from_numpy
     else:
         asarray = np.asarray
-    plan = tiling.stack_plan(tiling.tile_plan(dims, (False,) * len(dims), block, interval, True))
+    plan = tiling.tile_plan(dims, (False,) * len(dims), block, interval, True)
     k = len(plan.tiles)
     rng = np.random.default_rng(k)
     values = rng.normal(size=k) * 10.0 ** rng.integers(-8, 8, size=k)
     xp = array_namespace(asarray(values))
     other, single = values[::-1].copy(), values[:1].copy()
-    one = tiling.stack_plan(tiling.tile_plan((block,), (False,), block, interval, True))  # one tile
+    one = tiling.tile_plan((block,), (False,), block, interval, True)  # one tile
     batches = [xp.concat([asarray(v[list(stack.tiles)]) for v in (values, other)]) for stack in plan.stacks]
     members = [[(0, s), (1, s)] for s in range(len(plan.stacks))] + [[(2, 0)]]
     got = tiling.sums_in_tile_order(xp, batches + [asarray(single)], members, [plan, plan, one])
@@ -272,10 +272,10 @@ def test_leaves_of_batches_is_the_joins(library, rng, monkeypatch):
     groups, parts = [], []
     for shapes in members_of:
         full, dims = grouped_shape(shapes, True)
-        plan = tiling.stack_plan(tiling.tile_plan(dims, [False] * len(dims), 4, 2, True))
+        plan = tiling.tile_plan(dims, [False] * len(dims), 4, 2, True)
         groups.append(tiling._Group(None, shapes, full, True, plan, None, len(groups)))
         for s, st in enumerate(plan.stacks):
-            parts.append(((len(groups) - 1, s), rng.normal(size=(len(st.tiles),) + tiling.tile_shape(plan.tiles[st.tiles[0]]))))
+            parts.append(((len(groups) - 1, s), rng.normal(size=(len(st.tiles),) + st.shape)))
     if library == "torch":
         torch = pytest.importorskip("torch")
         parts = [(m, torch.from_numpy(x)) for m, x in parts]
@@ -321,9 +321,9 @@ def test_tiles_of_groups_are_the_cuts(library, rng, monkeypatch):
     groups, keys = [], []
     for shapes in members_of:
         full, dims = grouped_shape(shapes, True)
-        plan = tiling.stack_plan(tiling.tile_plan(dims, [False] * len(dims), 4, 2, True))
+        plan = tiling.tile_plan(dims, [False] * len(dims), 4, 2, True)
         groups.append(tiling._Group(grads[0][0].dtype, shapes, full, True, plan, None, len(groups)))
-        keys.append([tiling.tile_shape(plan.tiles[st.tiles[0]]) for st in plan.stacks])
+        keys.append([st.shape for st in plan.stacks])
     if library == "numpy":
         assert not tiling.gathering(xp, [g for gs in grads for g in gs])
         monkeypatch.setattr(tiling, "gathering", lambda xp, arrays: True)
@@ -350,7 +350,7 @@ def test_gathers_only_below_their_bound(monkeypatch):
     groups = []
     for (g,) in grads:
         full, dims = grouped_shape([tuple(g.shape)], True)
-        plan = tiling.stack_plan(tiling.tile_plan(dims, [False, False], 4, 2, True))
+        plan = tiling.tile_plan(dims, [False, False], 4, 2, True)
         groups.append(tiling._Group(torch.float64, [tuple(g.shape)], full, True, plan, None,
                                     len(groups)))
     xp, keys = array_namespace(grads[0][0]), [[0, 0], [0, 0]]

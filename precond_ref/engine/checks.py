@@ -104,14 +104,14 @@ def renamed_failures(entries: dict[str, Array]) -> dict[str, Array]:
     return renamed
 
 
-def tiled_legacy_names(entries: dict, interval: Any, stagger: bool, diagonal: Optional[Callable] = None) -> dict:
+def tiled_legacy_names(entries: dict, layout: Any, diagonal: Optional[Callable] = None) -> dict:
     """``build_transform``'s ``legacy_names`` of a tiled transform
     (:func:`~precond_ref.engine.tiles.tiled_transform`): a group's state saved per tile by an
     earlier version as the current stacks (:func:`stacked_tiles`, the tiles' phases from the
-    layout's ``interval`` and ``stagger``), its failure counter's earlier names renamed; where
+    ``layout``'s ``interval`` and ``stagger``), its failure counter's earlier names renamed; where
     ``diagonal`` is given (a vector's factor diagonal), a vector's dense tiles as its diagonal
     factor (:func:`diagonal_vector`). The very dict when it is current."""
-    entries = stacked_tiles(renamed_failures(entries), interval, stagger)
+    entries = stacked_tiles(renamed_failures(entries), layout.interval, layout.stagger)
     return entries if diagonal is None else diagonal_vector(entries, diagonal)
 
 
@@ -122,7 +122,7 @@ _PER_TILE = re.compile(r"(?:tiles/(\d+)/|tile_(\d+)/)?(factor|factor_momentum)[/
 
 def stacked_tiles(entries: dict, interval: Any, stagger: bool) -> dict:
     """A group's state saved per tile by earlier versions (:data:`_PER_TILE`; their members'
-    momenta ``momentum_i``) as the stacks of :func:`~precond_ref.engine.tiles.stack_plan`:
+    momenta ``momentum_i``) as the stacks of :func:`~precond_ref.engine.tiles.tile_plan`:
     ``stacks/s/X/n = stack(tile t's X_n for t in stack s)``, the tiles of one shape (their
     factors' lengths) and refresh phase (:func:`~precond_ref.engine.phases.tile_phase` of the
     factory's interval) in one stack, stacks in order of their first tile, ``momentum/i``; other
@@ -176,10 +176,8 @@ def unaliased(xp: Any, entries: dict[str, Array], params: Sequence[Array]) -> di
     seen = {id(p) for p in params}
     out = {}
     for key, value in entries.items():
-        if id(value) in seen:
-            value = xp.asarray(value, copy=True)
-        seen.add(id(value))
-        out[key] = value
+        out[key] = xp.asarray(value, copy=True) if id(value) in seen else value
+        seen.add(id(out[key]))
     return out
 
 
@@ -258,16 +256,17 @@ def check_group(
     new: dict[str, Array],
 ) -> None:
     """Refuse, by name, any update that would change the layout of the state (e.g. broadcasting)."""
-    where = path_str(group.paths[0])
     for g, u in zip(grads, updates):
         if tuple(u.shape) != tuple(g.shape):
-            raise ValueError(f"{name}: update of {where!r} has shape {tuple(u.shape)}, gradient {tuple(g.shape)}")
+            raise ValueError(f"{name}: update of {path_str(group.paths[0])!r} has shape {tuple(u.shape)}, "
+                             f"gradient {tuple(g.shape)}")
     if set(new) != set(old):
-        raise ValueError(f"{name}: state of {where!r} changed its entries {sorted(old)} -> {sorted(new)}")
+        raise ValueError(
+            f"{name}: state of {path_str(group.paths[0])!r} changed its entries {sorted(old)} -> {sorted(new)}")
     for key, value in new.items():
         if tuple(value.shape) != tuple(old[key].shape) or value.dtype != old[key].dtype:
             raise ValueError(
-                f"{name}: the gradient of {where!r} (shape {tuple(grads[0].shape)}, dtype "
+                f"{name}: the gradient of {path_str(group.paths[0])!r} (shape {tuple(grads[0].shape)}, dtype "
                 f"{grads[0].dtype}) does not fit the optimizer state: {key!r} would change from "
                 f"{tuple(old[key].shape)}/{old[key].dtype} to {tuple(value.shape)}/{value.dtype}"
             )

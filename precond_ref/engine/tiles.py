@@ -2,7 +2,7 @@
 tensor an independent block of a method with its own state, and the tiles of one shape and refresh
 phase kept as one stack (a leading tile axis), so that a rule states its step for one stack.
 
-:func:`tile_plan` cuts a tensor, :func:`stack_plan` groups its tiles into stacks and regions (boxes of
+:func:`tile_plan` cuts a tensor and groups its tiles into stacks and regions (boxes of
 equal tiles), :func:`cut_stacks` and :func:`join_stacks` take a tensor to its stacks and back by
 reshapes (a state saved per tile or with a vector's dense tiles loads as the stacks:
 :func:`~precond_ref.engine.checks.tiled_legacy_names`). :func:`tiled_transform` runs a rule stated for one
@@ -41,7 +41,7 @@ from .phases import handed_back, phase_stacks, refreshes, tile_phase
 from .rounding import is_bfloat16, place_keys, place_noise, rounded_with_noise, rounding_key
 from .run import build_transform
 
-__all__ = ["TiledRule", "TileLayout", "tiled_transform", "old_layout_hint", "tile_plan", "stack_plan", "taken"]
+__all__ = ["TiledRule", "TileLayout", "tiled_transform", "old_layout_hint", "tile_plan", "taken"]
 
 Array = Any
 
@@ -59,28 +59,10 @@ class Tile(NamedTuple):
     offset: int  # its refresh phase (precond_ref.blocking.PhaseDue)
 
 
-def tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], interval: Any, stagger: bool,
-              cut_diagonal: bool = False) -> tuple:
-    """The tiles of a grouped tensor of shape ``dims``: every dense axis longer than ``block_size``
-    cut by :func:`precond_ref.blocking.block_bounds` (a diagonal axis only with ``cut_diagonal``),
-    tiles in row-major order (tile ``t``), each with its refresh phase (:func:`~precond_ref.engine.phases.tile_phase`)."""
-    bounds = [((0, d),) if diag and not cut_diagonal else block_bounds(d, block_size)
-              for d, diag in zip(dims, diagonal)]
-    return tuple(Tile(index=index, offset=tile_phase(t, interval, stagger))
-                 for t, index in enumerate(itertools.product(*bounds)))
-
-
 def first_appearance(keys: Sequence[Any]) -> tuple:
     """The positions of ``keys`` grouped by equal key, groups in order of their first position:
     ``("a", "b", "a") -> ((0, 2), (1,))``."""
-    groups: dict = {}
-    for position, key in enumerate(keys):
-        groups.setdefault(key, []).append(position)
-    return tuple(tuple(g) for g in groups.values())
-
-
-def tile_shape(tile: Tile) -> tuple:
-    return tuple(stop - start for start, stop in tile.index)
+    return tuple(tuple(n for n, other in enumerate(keys) if other == key) for key in dict.fromkeys(keys))
 
 
 class TileStack(NamedTuple):
@@ -89,6 +71,7 @@ class TileStack(NamedTuple):
     tiles: tuple  # their numbers t (row-major over the tile grid), ascending
     phase: int  # their refresh phase
     positions: tuple  # their places in the row-major order of their region's tiles
+    shape: tuple  # their tile shape
 
 
 class Region(NamedTuple):
@@ -110,23 +93,29 @@ class TilePlan(NamedTuple):
     grid: tuple  # boxes per axis
 
 
-def stack_plan(tiles: Sequence[Tile]) -> TilePlan:
-    """The stacks of ``tiles`` (one per tile shape and refresh phase, in order of first appearance,
-    tiles ascending: what :func:`~precond_ref.engine.checks.stacked_tiles` rebuilds from per-tile entries) and the regions
+def tile_plan(dims: tuple, diagonal: Sequence[bool], block_size: Optional[int], interval: Any, stagger: bool,
+              cut_diagonal: bool = False) -> TilePlan:
+    """How a grouped tensor of shape ``dims`` is tiled: every dense axis longer than ``block_size``
+    cut by :func:`precond_ref.blocking.block_bounds` (a diagonal axis only with ``cut_diagonal``),
+    tiles in row-major order (tile ``t``), each with its refresh phase
+    (:func:`~precond_ref.engine.phases.tile_phase`); their stacks (one per tile shape and refresh
+    phase, in order of first appearance, tiles ascending: what
+    :func:`~precond_ref.engine.checks.stacked_tiles` rebuilds from per-tile entries) and the regions
     (one per tile shape) that cut them out of the tensor by reshapes."""
-    shapes = [tile_shape(tile) for tile in tiles]
-    by_shape = first_appearance(shapes)
-    place = {t: (r, j) for r, members in enumerate(by_shape) for j, t in enumerate(members)}
-    stacks = tuple(TileStack(tiles=members, phase=tiles[members[0]].offset,
-                              positions=tuple(place[t][1] for t in members))
-                   for members in first_appearance([(shapes[t], tile.offset) for t, tile in enumerate(tiles)]))
+    bounds = [((0, d),) if diag and not cut_diagonal else block_bounds(d, block_size) for d, diag in zip(dims, diagonal)]
+    tiles = tuple(Tile(index, tile_phase(t, interval, stagger)) for t, index in enumerate(itertools.product(*bounds)))
+    shapes = [tuple(stop - start for start, stop in tile.index) for tile in tiles]
+    # a tile's place among the tiles of its shape (row-major over its region)
+    place = {t: j for members in first_appearance(shapes) for j, t in enumerate(members)}
+    stacks = tuple(TileStack(members, tiles[members[0]].offset, tuple(place[t] for t in members), shapes[members[0]])
+                   for members in first_appearance([(shape, tile.offset) for shape, tile in zip(shapes, tiles)]))
     regions = []
-    for r, members in enumerate(by_shape):
-        axes = [sorted({tiles[t].index[n] for t in members}) for n in range(len(shapes[0]))]  # the box's cuts per axis
+    for size in dict.fromkeys(shapes):  # the box of the tiles of one shape: per axis, the cuts of that length
+        axes = [[(a, b) for a, b in cuts if b - a == n] for cuts, n in zip(bounds, size)]
         regions.append(Region(tuple((cuts[0][0], cuts[-1][1]) for cuts in axes), tuple(len(cuts) for cuts in axes),
-                              shapes[members[0]], tuple(s for s, stack in enumerate(stacks) if place[stack.tiles[0]][0] == r)))
-    grid = tuple(len({region.index[n] for region in regions}) for n in range(len(shapes[0])))
-    return TilePlan(tuple(tiles), stacks, tuple(regions), grid)
+                              size, tuple(s for s, stack in enumerate(stacks) if stack.shape == size)))
+    grid = tuple(len({b - a for a, b in cuts}) for cuts in bounds)  # boxes per axis: one per length of its cuts
+    return TilePlan(tiles, stacks, tuple(regions), grid)
 
 
 def cut(G, index: tuple):
@@ -147,18 +136,16 @@ def join(xp, pieces: Sequence[Any], counts: Sequence[int]):
 def to_tiles(xp, G, counts: tuple, size: tuple):
     """The stack ``(k, b_1, ..., b_N)`` of the equal tiles of ``G`` in row-major order: one reshape
     to ``(c_1, b_1, ..., c_N, b_N)``, one transpose and one reshape, not ``k`` slices."""
-    rank = len(counts)
     split = xp.reshape(G, tuple(x for pair in zip(counts, size) for x in pair))
-    grid_first = xp.permute_dims(split, tuple(range(0, 2 * rank, 2)) + tuple(range(1, 2 * rank, 2)))
+    grid_first = xp.permute_dims(split, tuple(range(0, 2 * len(counts), 2)) + tuple(range(1, 2 * len(counts), 2)))
     return xp.reshape(grid_first, (math.prod(counts),) + size)
 
 
 def from_tiles(xp, tiles, counts: tuple, size: tuple):
     """The tensor whose equal tiles, in row-major order, are the stack ``tiles`` (inverse of
     :func:`to_tiles`)."""
-    rank = len(counts)
     grid_first = xp.reshape(tiles, counts + size)
-    split = xp.permute_dims(grid_first, tuple(x for n in range(rank) for x in (n, rank + n)))
+    split = xp.permute_dims(grid_first, tuple(x for n in range(len(counts)) for x in (n, len(counts) + n)))
     return xp.reshape(split, tuple(c * b for c, b in zip(counts, size)))
 
 
@@ -193,13 +180,11 @@ def cut_stacks(xp, G, plan: TilePlan) -> list:
     """The tiles of ``G`` as the plan's stacks: ``out[s] = stack([cut(G, tiles[t].index) for t in
     stacks[s].tiles])``, by reshapes: each region's box cut into its equal tiles
     (:func:`to_tiles`), each stack picked from them (:func:`pick`)."""
-    out: list = [None] * len(plan.stacks)
+    out = {}
     for region in plan.regions:
-        box = G if len(plan.regions) == 1 else cut(G, region.index)
-        tiles = to_tiles(xp, box, region.counts, region.size)
-        for s in region.stacks:
-            out[s] = pick(xp, tiles, plan.stacks[s].positions)
-    return out
+        tiles = to_tiles(xp, G if len(plan.regions) == 1 else cut(G, region.index), region.counts, region.size)
+        out.update((s, pick(xp, tiles, plan.stacks[s].positions)) for s in region.stacks)
+    return [out[s] for s in range(len(plan.stacks))]
 
 
 def join_stacks(xp, parts: Sequence[Any], plan: TilePlan):
@@ -226,8 +211,7 @@ def sums_in_tile_order(xp, vectors: Sequence[Any], members: Sequence[Sequence[tu
         groups = sorted(dict.fromkeys(i for i, _ in tiles), key=lambda i: len(plans[i].tiles))
         order = tuple(place[i, t] for i in groups for t in range(len(plans[i].tiles)))
         joined = vectors[batches[0]] if len(batches) == 1 else xp.concat([vectors[m] for m in batches], axis=0)
-        if order != tuple(range(len(order))):
-            joined = taken(xp, joined, index_array(xp, order, joined))
+        joined = pick(xp, joined, order)  # the tiles in order: none where they are so already
         start = 0
         for k, same in itertools.groupby(groups, key=lambda i: len(plans[i].tiles)):
             same = list(same)
@@ -271,7 +255,7 @@ def kept_where_usable(xp, grouped, old, new):
     one ``where``, the kept arrays consecutive pieces of its result). Element-wise (``where``): no
     device value is read."""
     nonzero = each_block(xp, xp.any, grouped != 0.0)
-    accept, joints = nonzero, {}
+    accept, joints, alone = nonzero, {}, []
     for members in first_appearance([a.dtype for a in new]):  # one test of the entries of all arrays of one dtype
         joint = side_by_side(xp, [new[n] for n in members])
         if joint is not None:  # (arrays, k, ...): each block's entries of all arrays
@@ -280,15 +264,14 @@ def kept_where_usable(xp, grouped, old, new):
         else:
             rows = [xp.reshape(new[n], (new[n].shape[0], -1)) for n in members]
             ok = all_finite(rows[0] if len(rows) == 1 else xp.concat(rows, axis=1), axis=(1,))
+            alone += members
         accept = xp.logical_and(accept, ok)
     failed = xp.logical_xor(nonzero, accept)  # nonzero and not finite
-    kept = [xp.where(per_block(xp, accept, a), a, b) if not any(n in m for m in joints) else None
-            for n, (a, b) in enumerate(zip(new, old))]
+    kept = {n: xp.where(per_block(xp, accept, new[n]), new[n], old[n]) for n in alone}  # one selection per array
     for members, joint in joints.items():  # one selection of the arrays side by side
         chosen = xp.where(per_block(xp, accept, joint[0, ...])[None, ...], joint, stacked(xp, [old[n] for n in members]))
-        for j, n in enumerate(members):
-            kept[n] = chosen[j, ...]
-    return tuple(kept) + (failed,)
+        kept.update((n, chosen[j, ...]) for j, n in enumerate(members))
+    return tuple(kept[n] for n in range(len(new))) + (failed,)
 
 
 def _cut_each(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any]) -> list:
@@ -305,11 +288,9 @@ def _leaves_by_joins(xp, results: Sequence[Any], chosen: Sequence[tuple], batche
     ``batched[b]``'s shape, its members the (group, stack) numbers ``chosen``): each group's stacks
     joined back into its tensor (:func:`join_stacks`) and cut into its members
     (:func:`~precond_ref.engine.layout.ungroup_tensor`), groups and members in order."""
-    parts = [[None] * len(group.plan.stacks) for group in groups]
-    for (i, s), (part,) in zip(chosen, unstack_alike(batched, [(r,) for r in results], len(chosen))):
-        parts[i][s] = part
-    return [leaf for group, stacks in zip(groups, parts)
-            for leaf in ungroup_tensor(xp, join_stacks(xp, stacks, group.plan), group.shapes, group.full, group.out_first)]
+    parts = {m: part for m, (part,) in zip(chosen, unstack_alike(batched, [(r,) for r in results], len(chosen)))}
+    return [leaf for i, g in enumerate(groups) for leaf in ungroup_tensor(
+        xp, join_stacks(xp, [parts[i, s] for s in range(len(g.plan.stacks))], g.plan), g.shapes, g.full, g.out_first)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,8 +423,7 @@ def tiled_transform(
         name=rule.name, init_group=partial(_init_group, t), update_groups=partial(_update_groups, t),
         group_leaves=weight_bias_groups if layout.weight_bias else singleton_groups, on_nonfinite=on_nonfinite,
         needs_params=c.use_decay, intervals=t.intervals, layout_hint=layout.old_layout,
-        legacy_names=partial(tiled_legacy_names, interval=layout.interval, stagger=layout.stagger,
-                             diagonal=rule.diagonal if layout.vectors_cut else None))
+        legacy_names=partial(tiled_legacy_names, layout=layout, diagonal=rule.diagonal if layout.vectors_cut else None))
 
 
 def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
@@ -456,35 +436,32 @@ def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
         rule, c, layout = t.rule, t.c, t.layout
         dims = grouped_shape(shapes, out_first)[1]
         diagonal = layout.diagonal(dims, where)
-        plan = stack_plan(tile_plan(dims, diagonal, layout.block_size, layout.interval, layout.stagger,
-                                    cut_diagonal=layout.vectors_cut and len(dims) == 1))
-        sizes = tuple((len(stack.tiles), tile_shape(plan.tiles[stack.tiles[0]])) for stack in plan.stacks)
+        plan = tile_plan(dims, diagonal, layout.block_size, layout.interval, layout.stagger,
+                         cut_diagonal=layout.vectors_cut and len(dims) == 1)
         zeros = (0,) * len(dims)
-        template = rule.State(stacks=(rule.Stack(zeros, zeros if c.use_factor_momentum else ()),) * len(sizes),
+        template = rule.State(stacks=(rule.Stack(zeros, zeros if c.use_factor_momentum else ()),) * len(plan.stacks),
                               momentum=(0,) * len(shapes) if c.use_momentum else (),
                               preconditioner_lr_scale=0 if layout.group_scale is not None else None,
                               failures=0 if layout.counted else None)
-        t.plans[key] = diagonal, plan, sizes, template, len(t.plans)
+        t.plans[key] = diagonal, plan, template, len(t.plans)
     return t.plans[key]
 
 
 def _init_group(t: _Tiling, leaves, paths, xp):
     """``build_transform``'s ``init_group``: a group's state, the rule's stacks of its tiles."""
     rule, c, layout = t.rule, t.c, t.layout
-    shapes = [tuple(x.shape) for x in leaves]
     where = path_str(paths[0])
-    diagonal, _, sizes, _, _ = _plan(t, shapes, len(leaves) == 1 or paths[0][-1] != "kernel", where)
+    diagonal, plan, _, _ = _plan(t, [tuple(x.shape) for x in leaves], len(leaves) == 1 or paths[0][-1] != "kernel", where)
     param_dtype, dev = leaves[0].dtype, array_device(leaves[0])
     dtypes = layout.dtypes(xp, leaves[0], len(diagonal), where)
-    scale = None
-    if layout.group_scale is not None:
-        value = layout.group_scale(paths[0])
-        check_positive(f"preconditioner_lr_scale({where!r})", value)
-        scale = xp.asarray(value, dtype=compute_dtype(xp, param_dtype), device=dev)
+    scale = None if layout.group_scale is None else layout.group_scale(paths[0])  # the refresh step size's multiplier
+    if scale is not None:
+        check_positive(f"preconditioner_lr_scale({where!r})", scale)
+        scale = xp.asarray(scale, dtype=compute_dtype(xp, param_dtype), device=dev)
     buffer_dtype = work_dtype(layout, xp, param_dtype)
     return to_entries(rule.State(
-        stacks=tuple(rule.init(xp, c, k, shape, diagonal, dtypes, dev) for k, shape in sizes),
-        momentum=tuple(xp.zeros(shape, dtype=buffer_dtype, device=dev) for shape in shapes) if c.use_momentum else (),
+        stacks=tuple(rule.init(xp, c, len(stack.tiles), stack.shape, diagonal, dtypes, dev) for stack in plan.stacks),
+        momentum=tuple(xp.zeros(x.shape, dtype=buffer_dtype, device=dev) for x in leaves) if c.use_momentum else (),
         preconditioner_lr_scale=scale,
         failures=xp.zeros((), dtype=xp.int32, device=dev) if layout.counted else None,
     ))
@@ -495,25 +472,54 @@ def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
     Distributed Shampoo's per-group step: the statistics (every group, :class:`_Group`, its pairing
     and plan read off its state by :func:`_laid_out`, its gradient as the plan's stacks of tiles,
     :func:`tiles_of_groups`), the refresh of the stacks on their phase (:func:`_refresh_due`), the
-    preconditioning (:func:`_preconditioned`), the finish (:func:`_finish`) and the hand-back of
-    each group's updates and state."""
-    ctx, xp = ctxs[0], ctxs[0].xp
-    refresh = [ctx.every(interval) for interval in t.intervals]  # per phase: a host bool, or an array
-    h = t.rule.scalars(t.c, ctx.value, ctx.extra)
+    preconditioning, the rule's last lines and the hand-back of each group's updates and state."""
+    ctx, xp, rule, c = ctxs[0], ctxs[0].xp, t.rule, t.c
+    h = rule.scalars(c, ctx.value, ctx.extra)
     groups, fields = zip(*(_laid_out(t, state, grads, work_dtype(t.layout, xp, grads[0].dtype),
-                                     path_str(c.paths[0]) if c.paths else "?")
-                           for grads, state, c in zip(grads_list, states, ctxs)))
+                                     path_str(each.paths[0]) if each.paths else "?")
+                           for grads, state, each in zip(grads_list, states, ctxs)))
     # What batches a stack with the equal stacks of other groups besides its tile shape: its factors'
     # trailing shapes and dtypes, as precond_ref.blocking.same_layout reads them.
     keys = [[tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor) for stack in f.stacks] for f in fields]
     groups = [g._replace(stacks=tiles) for g, tiles in zip(groups, tiles_of_groups(xp, grads_list, groups, keys))]
-    stack_states = [list(f.stacks) for f in fields]  # the new state, stack by stack
-    failures = [f.failures for f in fields]
-    _refresh_due(t, ctx, h, refresh, groups, fields, stack_states, failures)
-    directions = _preconditioned(t, xp, h, groups, stack_states)
-    updates, velocities = _finish(t, ctx, h, directions, groups, fields, params_list)
-    return [(tuple(updates[g]), to_entries(state._replace(stacks=tuple(stack_states[g]), momentum=tuple(velocities[g]),
-                                                          failures=failures[g]))) for g, state in enumerate(fields)]
+    stack_states, failures = [list(f.stacks) for f in fields], [f.failures for f in fields]  # the new state
+    _refresh_due(t, ctx, h, groups, fields, stack_states, failures)
+
+    # Every stack preconditioned (the stacks of all phases batched as by _batches), with the KL clip
+    # scaled per group by its tiles' sum in row-major order (sums_in_tile_order), and handed back as
+    # every leaf's D (leaves_of_batches).
+    chosen, batches = _batches(xp, groups, stack_states, refreshing=False)
+    batched = batches(0, len(t.intervals))
+    D_batched = [rule.precondition(xp, c, batch.operands[0], _read_factors(t.layout, xp, batch.operands[1:], batch.operands[0]))
+                 for batch in batched]
+    if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
+        tile_inner = [rule.inner(xp, D, cast(xp, batch.operands[0], D.dtype)) for D, batch in zip(D_batched, batched)]
+        members = [[chosen[m] for m in batch.indices] for batch in batched]
+        sums = sums_in_tile_order(xp, tile_inner, members, [g.plan for g in groups])
+        nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
+        D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
+                     for D, batch in zip(D_batched, batched)]
+    directions = leaves_of_batches(xp, D_batched, chosen, batched, groups)
+
+    # The rule's last lines (descend) of every leaf from its D, element-wise, the leaves joined end to
+    # end (precond_ref.engine.joined.leafwise); then per group its members' updates and new momenta.
+    def operand(name, like):  # the step's value of ``name``, else the configuration's
+        return ctx.scalar(name, getattr(h if name in h._fields else c, name), like.dtype, array_device(like))
+
+    def descend(D, *rest):  # one leaf, or the leaves of one layout joined end to end (leafwise)
+        v = rest[-2] if c.use_momentum else None
+        update, U = rule.descend(xp, c, operand, D, cast(xp, rest[0], D.dtype) if c.use_decay else None, v, rest[-1])
+        return update, (ctx.unless_skipped(U, v) if c.use_momentum else U)
+
+    operands = [directions] + ([[p for params in params_list for p in params]] if c.use_decay else [])
+    operands += [[v for f in fields for v in f.momentum]] if c.use_momentum else []
+    zeros = [ctx.once(("zero", G.dtype, device_key(G)), partial(scalar_zero, xp, G))  # G: the work dtype
+             for g in groups for G in (g.stacks[0],) * len(g.shapes)]
+    steps = iter(leafwise(xp, descend, *operands, zeros=zeros, ctx=ctx))  # (update, new momentum) per member
+    done = [tuple(zip(*(next(steps) for _ in g.shapes))) for g in groups]  # per group: (updates, new momenta)
+    return [(updates, to_entries(state._replace(stacks=tuple(stack_states[g]), failures=failures[g],
+                                                momentum=velocities if c.use_momentum else ())))
+            for g, (state, (updates, velocities)) in enumerate(zip(fields, done))]
 
 
 def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
@@ -523,13 +529,13 @@ def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
     is a clear error."""
     shapes = [tuple(g.shape) for g in grads]
     for out_first in (True, False) if len(shapes) > 1 else (True,):
-        _, plan, sizes, template, number = _plan(t, shapes, out_first, where)
+        _, plan, template, number = _plan(t, shapes, out_first, where)
         try:
             fields = filled(t.fillers, (tuple(shapes), out_first), lambda: template, state)
         except KeyError:
             continue
-        if all(tuple(K.shape[:2]) == (k, d) for (k, shape), stack in zip(sizes, fields.stacks)
-               for K, d in zip(stack.factor, shape)):
+        if all(tuple(K.shape[:2]) == (len(tiles.tiles), d) for tiles, stack in zip(plan.stacks, fields.stacks)
+               for K, d in zip(stack.factor, tiles.shape)):
             return _Group(dtype, shapes, grouped_shape(shapes, out_first)[0], out_first, plan, None, number), fields
     found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k}
     raise ValueError(
@@ -539,13 +545,20 @@ def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
         + (";" + t.layout.old_layout(found, {}) if t.layout.old_layout is not None else ""))
 
 
-def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, failures) -> None:
-    """On each refresh phase due (``refresh``: per phase a host bool, or an array), the stacks of
-    that phase of all groups refreshed batch by batch (:func:`_refreshed`, under ``cond`` where
-    the phase is decided on the device: :func:`~precond_ref.engine.phases.refreshes`) and stored
-    back (:func:`_store`); then the factor entries it wrote marked settled for the skip rule."""
-    xp = ctx.xp
+def _refresh_due(t: _Tiling, ctx, h, groups, fields, stack_states, failures) -> None:
+    """On each refresh phase due (:meth:`~precond_ref.engine.context.StepContext.every` of its
+    interval: a host bool, or an array), the stacks of that phase of all groups refreshed batch by
+    batch (:func:`_refreshed`, under ``cond`` where the phase is decided on the device:
+    :func:`~precond_ref.engine.phases.refreshes`) and stored back into the groups' stacks (one
+    split per operand); then the factor entries it wrote marked settled for the skip rule.
+
+    Where counted, each group of a batch adds its tiles' failures to its count, for all groups of
+    the batch at once (their counts stacked, a view where last step's addition left them side by
+    side, plus :func:`counts_per_run`), none on a skipped step (the non-finite rule's selection,
+    made once per batch on the failure flags)."""
+    xp, counted = ctx.xp, t.layout.counted
     chosen, batches = _batches(xp, groups, stack_states, refreshing=True)
+    selecting = counted and ctx.ok is not None and not ctx.applied
 
     def branches(batch) -> tuple:  # each batch's scales and rounding bits made outside the cond
         scale = None if t.layout.group_scale is None else per_tile(
@@ -554,9 +567,19 @@ def _refresh_due(t: _Tiling, ctx, h, refresh, groups, fields, stack_states, fail
         noise = _step_noise(xp, ctx, fields, batch.operands[0]) if rounded else None
         return partial(_refreshed, t, xp, h, scale, noise), partial(_unchanged, xp)
 
-    for batch, out in refreshes(xp, refresh, batches, branches):
-        _store(t, xp, stack_states, failures, chosen, batch, out, ctx)
-    if t.layout.counted and not is_jax_namespace(xp):
+    for batch, out in refreshes(xp, [ctx.every(interval) for interval in t.intervals], batches, branches):
+        rank = len(batch.operands[0].shape) - 1  # each member's factors, then their momenta
+        for m, state in handed_back(batch, out[:-1]):
+            stack_states[chosen[m][0]][chosen[m][1]] = t.rule.Stack(factor=state[:rank], factor_momentum=state[rank:])
+        if counted:
+            flags = xp.logical_and(out[-1], ctx.ok) if selecting else out[-1]
+            owners = [chosen[m][0] for m in batch.indices]  # a group has at most one stack in a batch of one phase
+            totals = stacked(xp, [failures[i] for i in owners]) + counts_per_run(xp, flags, batch.lengths)
+            for i, total in zip(owners, xp.unstack(totals)):
+                failures[i] = total
+                if selecting:
+                    ctx.settled[total] = True
+    if counted and not is_jax_namespace(xp):
         # A skipped step's gradient is zero (except on JAX, where the selection is fused anyway), and a
         # tile whose gradient is zero keeps its factor state: each new factor entry already is its old
         # value, and needs no selection by the non-finite rule.
@@ -570,18 +593,19 @@ def _batches(xp, groups, stack_states, refreshing: bool) -> tuple:
     K_1..K_N[, m_1..m_N]) on their phases): the stacks of one phase, tile shape, factor layout
     and device are concatenated along the tile axis, one ``concat`` per operand whatever the
     number of tiles (none for G, whose tiles lie in that order: :func:`tiles_of_groups`)."""
-    chosen = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
-                    key=lambda m: (groups[m[0]].plan.stacks[m[1]].phase, m))
-    operands = [(groups[i].stacks[s],) + _stack_operands(stack_states[i][s], refreshing) for i, s in chosen]
-    return chosen, phase_stacks(xp, [groups[i].plan.stacks[s].phase for i, s in chosen], operands)
+    phased = sorted((stack.phase, i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks))
+    operands = [(groups[i].stacks[s],) + stack_states[i][s].factor + (stack_states[i][s].factor_momentum if refreshing else ())
+                for _, i, s in phased]
+    return [(i, s) for _, i, s in phased], phase_stacks(xp, [phase for phase, _, _ in phased], operands)
 
 
 def _refreshed(t: _Tiling, xp, h, scale, noise, G, *state):
     """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
     With stochastic rounding the rule computes in G's dtype (:func:`_read_factors`) and each
     bf16 operand is stored back by :func:`_stored`."""
-    factors = _stack_of(t.rule, _read_factors(t.layout, xp, state, G), len(G.shape) - 1)
-    new = _stack_operands(t.rule.refresh(xp, t.c, h, scale, G, factors), True)
+    read, rank = _read_factors(t.layout, xp, state, G), len(G.shape) - 1
+    new = t.rule.refresh(xp, t.c, h, scale, G, t.rule.Stack(factor=read[:rank], factor_momentum=read[rank:]))
+    new = new.factor + new.factor_momentum
     new = _stored(xp, new, state, noise) if noise is not None else new
     return kept_where_usable(xp, G, state, new) if t.layout.counted else _unchanged(xp, G, *new)
 
@@ -596,8 +620,9 @@ def _read_factors(layout: TileLayout, xp, factors, G) -> tuple:
     ones read into G's dtype (the work dtype, float32 or float64), else as stored. Another
     narrower dtype (float16; float32 of float64 work) is computed in and rounded to nearest:
     stochastic rounding here is a truncation of float32's bits, which only bf16 is."""
-    stochastic = layout.factor_rounding == "stochastic"
-    narrow = [n for n, K in enumerate(factors) if stochastic and is_bfloat16(K.dtype) and not is_bfloat16(G.dtype)]
+    narrow = [n for n, K in enumerate(factors) if is_bfloat16(K.dtype) and not is_bfloat16(G.dtype)]
+    if layout.factor_rounding != "stochastic" or not narrow:
+        return factors
     joint = side_by_side(xp, [factors[n] for n in narrow])  # one cast of them side by side
     if joint is None:
         return tuple(xp.astype(K, G.dtype) if n in narrow else K for n, K in enumerate(factors))
@@ -628,10 +653,8 @@ def _stored(xp, new, old, noise) -> tuple:
         ends = tuple(itertools.accumulate((f.shape[1] for f in flat), initial=0))
         rounded = rounded_with_noise(xp, flat[0] if len(flat) == 1 else xp.concat(flat, axis=1), dtype, noise[: ends[-1]])
         parts = [rounded[:, a:b] for a, b in zip(ends[:-1], ends[1:])]
-    out = list(new)
-    for n, part in zip(narrow, parts):
-        out[n] = xp.reshape(part, new[n].shape)
-    return tuple(out)
+    stored = dict(zip(narrow, parts))
+    return tuple(xp.reshape(stored[n], a.shape) if n in stored else a for n, a in enumerate(new))
 
 
 def _step_noise(xp, ctx, fields, G):
@@ -640,87 +663,11 @@ def _step_noise(xp, ctx, fields, G):
     factors and momenta side by side): every refreshed batch rounds with the first places of
     it, the bits of a place the same in every tile and batch of the step."""
     def make():
-        widest = max(sum(math.prod(a.shape[1:]) for a in _stack_operands(stack, True) if is_bfloat16(a.dtype))
+        widest = max(sum(math.prod(a.shape[1:]) for a in stack.factor + stack.factor_momentum if is_bfloat16(a.dtype))
                      for group in fields for stack in group.stacks)
         dev = placement(xp, G)
         return place_noise(xp, place_keys(xp, rounding_key(xp, ctx.count, dev), widest, dev))
     return ctx.once(("rounding noise", device_key(G)), make)
-
-
-def _store(t: _Tiling, xp, stack_states, failures, chosen, batch, out, ctx) -> None:
-    """A refreshed batch back into the groups' stacks (one split per operand); each group adds its
-    tiles' failures to its count, for all groups of the batch at once (their counts stacked, a
-    view where last step's addition left them side by side, plus :func:`counts_per_run`), none
-    on a skipped step (the non-finite rule's selection, made once per batch on the failure
-    flags)."""
-    selecting = t.layout.counted and ctx.ok is not None and not ctx.applied
-    if selecting:
-        out = (*out[:-1], xp.logical_and(out[-1], ctx.ok))
-    for m, (*state, _) in handed_back(batch, out):
-        i, s = chosen[m]
-        stack_states[i][s] = _stack_of(t.rule, state, len(state) // 2 if t.c.use_factor_momentum else len(state))
-    if not t.layout.counted:
-        return
-    groups = [chosen[m][0] for m in batch.indices]  # a group has at most one stack in a batch of one phase
-    totals = stacked(xp, [failures[i] for i in groups]) + counts_per_run(xp, out[-1], batch.lengths)
-    for i, total in zip(groups, xp.unstack(totals)):
-        failures[i] = total
-        if selecting:
-            ctx.settled[total] = True
-
-
-def _preconditioned(t: _Tiling, xp, h, groups, stack_states) -> list:
-    """Every stack of every group preconditioned by the rule (batched as by :func:`_batches`), with
-    the KL clip scaled per group by its tiles' sum in row-major order
-    (:func:`sums_in_tile_order`), and handed back as every leaf's ``D`` (:func:`leaves_of_batches`)."""
-    rule, c = t.rule, t.c
-    chosen, batches = _batches(xp, groups, stack_states, refreshing=False)
-    batched = batches(0, len(t.intervals))
-    D_batched = [rule.precondition(xp, c, batch.operands[0], _read_factors(t.layout, xp, batch.operands[1:], batch.operands[0]))
-                 for batch in batched]
-    if c.use_kl_clip:  # per group: its tiles' sum in row-major order, then its scale of D
-        tile_inner = [rule.inner(xp, D, cast(xp, batch.operands[0], D.dtype)) for D, batch in zip(D_batched, batched)]
-        members = [[chosen[m] for m in batch.indices] for batch in batched]
-        sums = sums_in_tile_order(xp, tile_inner, members, [group.plan for group in groups])
-        nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
-        D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
-                     for D, batch in zip(D_batched, batched)]
-    return leaves_of_batches(xp, D_batched, chosen, batched, groups)
-
-
-def _finish(t: _Tiling, ctx, h, directions, groups, fields, params_list) -> tuple:
-    """The rule's last lines (``descend``) of every leaf from its ``D`` (``directions``), element-wise,
-    the leaves joined end to end (:func:`~precond_ref.engine.joined.leafwise`): per group its
-    members' updates and new momenta."""
-    rule, c, xp = t.rule, t.c, ctx.xp
-    members = [(g, k) for g, group in enumerate(groups) for k in range(len(group.shapes))]  # its (group, member)
-
-    def operand(name, like):
-        value = getattr(h, name) if name in h._fields else getattr(c, name)
-        return ctx.scalar(name, value, like.dtype, array_device(like))
-
-    def descend(D, *rest):  # one leaf, or the leaves of one layout joined end to end (leafwise)
-        v = rest[-2] if c.use_momentum else None
-        update, U = rule.descend(xp, c, operand, D, cast(xp, rest[0], D.dtype) if c.use_decay else None, v, rest[-1])
-        return update, (ctx.unless_skipped(U, v) if c.use_momentum else U)
-
-    operands = [directions] + ([[params_list[g][k] for g, k in members]] if c.use_decay else [])
-    operands += [[fields[g].momentum[k] for g, k in members]] if c.use_momentum else []
-    work_zeros = [ctx.once(("zero", G.dtype, device_key(G)), partial(scalar_zero, xp, G))  # G: the work dtype
-                  for G in (groups[g].stacks[0] for g, _ in members)]
-    steps = leafwise(xp, descend, *operands, zeros=work_zeros, ctx=ctx)
-    runs = [[step for _, step in run] for _, run in itertools.groupby(zip(members, steps), key=lambda m: m[0][0])]
-    return [[u for u, _ in run] for run in runs], [[v for _, v in run] if c.use_momentum else [] for run in runs]
-
-
-def _stack_operands(state: NamedTuple, refreshing: bool) -> tuple:
-    """A stack's state as operands: K_1..K_N, then (refreshing) m_1..m_N (none without momenta)."""
-    return state.factor + state.factor_momentum if refreshing else state.factor
-
-
-def _stack_of(rule: TiledRule, operands: Sequence[Array], rank: int) -> NamedTuple:
-    """The inverse of :func:`_stack_operands` (refreshing): the stack's state from its operands."""
-    return rule.Stack(factor=tuple(operands[:rank]), factor_momentum=tuple(operands[rank:]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -754,13 +701,10 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
         stacks = _cut_each(xp, [[next(ids) for _ in grads] for grads in grads_list], [g._replace(dtype=xp.int32) for g in groups])
         return [stacks[i][s] for i, s in order]
 
-    shapes = [(len(groups[i].plan.stacks[s].tiles),) + tile_shape(groups[i].plan.tiles[groups[i].plan.stacks[s].tiles[0]])
-              for i, s in order]
+    shapes = [(len(groups[i].plan.stacks[s].tiles),) + groups[i].plan.stacks[s].shape for i, s in order]
     key = ("tiles of groups", tuple(g.number for g in groups), tuple(order))
-    out = [[None] * len(g.plan.stacks) for g in groups]
-    for (i, s), stack in zip(order, rearranged(xp, key, leaves, cut, shapes, groups[0].dtype)):
-        out[i][s] = stack
-    return out
+    got = dict(zip(order, rearranged(xp, key, leaves, cut, shapes, groups[0].dtype)))
+    return [[got[i, s] for s in range(len(g.plan.stacks))] for i, g in enumerate(groups)]
 
 
 #: entries: the most a gather's index covers (:func:`gathering`; int32, 16 MiB). The indices of a

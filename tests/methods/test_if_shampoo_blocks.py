@@ -93,7 +93,7 @@ def test_tiles_refresh_at_their_offsets(stagger):
     T, steps = 3, 7
     opt = pr.if_shampoo(batch_size=2, precondition_every=T, block_size=2, spread_refresh=stagger)
     params = {"w": rng.normal(size=(6, 2))}  # three tiles of 2 x 2
-    plan = tiling.stack_plan(tiling.tile_plan((6, 2), (False, False), 2, T, stagger))
+    plan = tiling.tile_plan((6, 2), (False, False), 2, T, stagger)
     where = {t: (s, stack.tiles.index(t)) for s, stack in enumerate(plan.stacks) for t in stack.tiles}
     factor = lambda state, t: state.groups["w"][f"stacks/{where[t][0]}/factor/0"][where[t][1]]  # noqa: E731  tile t's K_1
     state = opt.init(params)
