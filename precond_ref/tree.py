@@ -10,11 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Hashable, NamedTuple
 
-from ._backend import torch_compiling
-
 __all__ = [
     "Path", "TreeDef", "tree_flatten", "tree_unflatten", "tree_map", "path_str", "to_entries", "from_entries",
-    "filled",
 ]
 
 Path = tuple[Hashable, ...]
@@ -133,16 +130,3 @@ def from_entries(template: Any, entries: Any, prefix: str = "") -> Any:
                                 for f, v in zip(template._fields, template)])
     return type(template)([from_entries(v, entries, f"{prefix}/{i}" if prefix else str(i))
                            for i, v in enumerate(template)])
-
-
-def filled(fillers: dict, key: Hashable, template: Callable[[], Any], entries: Any) -> Any:
-    """``from_entries(template(), entries)``, the template's structure read once per ``key`` and
-    kept in ``fillers``, a dict of the caller's (a transform's own, filled every step, dropped with
-    it). While dynamo traces, read anew: the same structure, at trace time only."""
-    if torch_compiling():
-        return from_entries(template(), entries)
-    if key not in fillers:  # the template's structure and its entries' keys, in order
-        treedef = tree_flatten(template())[1]
-        fillers[key] = treedef, tuple(path_str(path) for path in treedef.paths)
-    treedef, keys = fillers[key]
-    return tree_unflatten(treedef, [entries[k] for k in keys])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from precond_ref.tree import filled, from_entries, path_str, to_entries, tree_flatten
+from precond_ref.tree import from_entries, path_str, to_entries, tree_flatten, tree_unflatten
 
 
 class _A(NamedTuple):
@@ -49,39 +49,25 @@ def test_from_entries_keeps_templates_of_equal_values_apart():
     assert from_entries({"k": a}, {"k/x": 1, "k/y/0": 2, "k/y/1": 3}) == {"k": _A(1, (2, 3))}
 
 
-def test_filled_makes_a_template_once_per_key_in_the_callers_dict():
-    """``filled(fillers, key, template, entries)`` is ``from_entries(template(), entries)``, the
-    template made and read once per key and kept in the caller's ``fillers`` (nothing kept
-    elsewhere); templates of equal values under their own keys keep their types."""
-    fillers, calls = {}, []
-
-    def template_of(kind):
-        calls.append(kind)
-        return kind(0, (0, 0))
-
-    for _ in range(2):
-        assert filled(fillers, "a", lambda: template_of(_A), {"x": 1, "y/0": 2, "y/1": 3}) == _A(1, (2, 3))
-        assert type(filled(fillers, "b", lambda: template_of(_B), {"p": 1, "q/0": 2, "q/1": 3})) is _B
-    assert calls == [_A, _B] and list(fillers) == ["a", "b"]
-
-
-def test_filled_traces_under_dynamo_without_warning():
-    """Under dynamo (``fullgraph``: no graph break) ``filled`` gives the same fields, warns of
-    nothing, and keeps nothing (the template is read at trace time only)."""
+def test_fields_from_entries_trace_under_dynamo_without_warning():
+    """Under dynamo (``fullgraph``: no graph break) a state's fields rebuilt from its entries by a
+    structure made outside the trace (IF-Shampoo's layout plan: ``tree_unflatten`` of the entries
+    named by its paths) are the fields, with no warning."""
     import warnings
 
     import pytest
 
     torch = pytest.importorskip("torch")
-    fillers: dict = {}
+    structure = tree_flatten(_A(x=(0, 0), y=0))[1]
+    keys = [path_str(path) for path in structure.paths]
 
     def step(v):
-        state = filled(fillers, 2, lambda: _A(x=(0, 0), y=0), {"x/0": v, "x/1": v * 2.0, "y": v * 3.0})
-        return state.x[0] + state.x[1] + state.y
+        entries = {"x/0": v, "x/1": v * 2.0, "y": v * 3.0}
+        state = tree_unflatten(structure, [entries[k] for k in keys])
+        return state.x[0] + state.x[1] * 10.0 + state.y * 100.0
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert float(compiled(torch.tensor(1.0))) == 6.0
-    assert not fillers
+        assert float(compiled(torch.tensor(1.0))) == 321.0

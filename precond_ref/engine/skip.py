@@ -46,14 +46,12 @@ def gradient_ok(xp: Any, leaves: Sequence[Array]) -> Array:
     for leaf in leaves:
         dtype = compute_dtype(xp, leaf.dtype)
         wides.setdefault((dtype, device_key(leaf)), []).append(cast(xp, leaf, dtype))  # 0-D results stack
-    sums: dict[Any, list[Array]] = {}
-    for key, arrays in wides.items():
-        together = sums_of_squares(xp, arrays)  # one operation for all, where the backend has one
-        sums[key] = together if together is not None else [_sum_of_squares(xp, x) for x in arrays]
     # One comparison per dtype and device, not per leaf: the 0-D operations of a step are kernel
     # launches on a GPU, and a model has dozens of small leaves.
     ok = None
-    for (dtype, _), values in sums.items():
+    for (dtype, _), arrays in wides.items():
+        values = sums_of_squares(xp, arrays)  # one operation for all, where the backend has one
+        values = values if values is not None else [_sum_of_squares(xp, x) for x in arrays]
         limit = xp.finfo(dtype).max * OVERFLOW_MARGIN
         group_ok = values[0] < limit if len(values) == 1 else xp.all(xp.stack(values) < limit)
         ok = group_ok if ok is None else xp.logical_and(ok, group_ok)

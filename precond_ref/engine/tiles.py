@@ -32,7 +32,7 @@ from .._backend import (
 from ..blocking import block_bounds, spread_schedule, unstack as unstack_alike
 from ..linalg import all_finite
 from ..transform import Transform, check_positive, singleton_groups
-from ..tree import filled, path_str, to_entries
+from ..tree import path_str, to_entries, tree_flatten, tree_unflatten
 from .checks import tiled_legacy_names
 from .factors import constant, per_block
 from .joined import leafwise
@@ -399,7 +399,6 @@ class _Tiling(NamedTuple):
     layout: TileLayout
     intervals: tuple  # per refresh phase, its interval (precond_ref.blocking.spread_schedule)
     plans: dict  # (shapes, out_first) -> what _plan hands back: made once per layout, not every step
-    fillers: dict  # (shapes, out_first) -> its state's structure (precond_ref.tree.filled)
 
 
 def tiled_transform(
@@ -418,7 +417,7 @@ def tiled_transform(
     end to end (:func:`~precond_ref.engine.joined.leafwise`).
     """
     spread = layout.stagger and isinstance(layout.interval, int) and layout.interval > 1
-    t = _Tiling(rule, c, layout, spread_schedule(layout.interval, spread), {}, {})
+    t = _Tiling(rule, c, layout, spread_schedule(layout.interval, spread), {})
     return build_transform(
         name=rule.name, init_group=partial(_init_group, t), update_groups=partial(_update_groups, t),
         group_leaves=weight_bias_groups if layout.weight_bias else singleton_groups, on_nonfinite=on_nonfinite,
@@ -427,10 +426,11 @@ def tiled_transform(
 
 
 def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
-    """A group layout's (per-axis diagonal flags of its squeezed tensor, tile plan, per stack its
-    number of tiles and tile shape, the fields its state has as :func:`precond_ref.tree.filled`'s
-    template, its number in the transform: the key of the gathers' indices): the one description of
-    its stacks that init, the reading of its state and the check of its factors' shapes use."""
+    """A group layout's (per-axis diagonal flags of its squeezed tensor, tile plan, its state's
+    structure and entry names (the rule's ``State`` of its stacks as :func:`precond_ref.tree.to_entries`
+    names them: a state's entries are read back into fields by them), its number in the transform:
+    the key of the gathers' indices): the one description of its stacks that init, the reading of
+    its state and the check of its factors' shapes use, made once per layout."""
     key = (tuple(shapes), out_first)
     if key not in t.plans:
         rule, c, layout = t.rule, t.c, t.layout
@@ -443,7 +443,8 @@ def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
                               momentum=(0,) * len(shapes) if c.use_momentum else (),
                               preconditioner_lr_scale=0 if layout.group_scale is not None else None,
                               failures=0 if layout.counted else None)
-        t.plans[key] = diagonal, plan, template, len(t.plans)
+        structure = tree_flatten(template)[1]
+        t.plans[key] = diagonal, plan, (structure, tuple(path_str(path) for path in structure.paths)), len(t.plans)
     return t.plans[key]
 
 
@@ -529,11 +530,10 @@ def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
     is a clear error."""
     shapes = [tuple(g.shape) for g in grads]
     for out_first in (True, False) if len(shapes) > 1 else (True,):
-        _, plan, template, number = _plan(t, shapes, out_first, where)
-        try:
-            fields = filled(t.fillers, (tuple(shapes), out_first), lambda: template, state)
-        except KeyError:
+        _, plan, (structure, keys), number = _plan(t, shapes, out_first, where)
+        if any(k not in state for k in keys):
             continue
+        fields = tree_unflatten(structure, [state[k] for k in keys])
         if all(tuple(K.shape[:2]) == (len(tiles.tiles), d) for tiles, stack in zip(plan.stacks, fields.stacks)
                for K, d in zip(stack.factor, tiles.shape)):
             return _Group(dtype, shapes, grouped_shape(shapes, out_first)[0], out_first, plan, None, number), fields
