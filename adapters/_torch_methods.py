@@ -5,6 +5,7 @@ and MBF's pairing of inputs-first weights and its warm start."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import warnings
 import weakref
@@ -79,7 +80,9 @@ class _BatchCounter:
         self.count += int(first.shape[0])
 
 
-_BATCH_SIZE_AT_EACH_STEP = False
+#: Set within :func:`_batch_size_at_each_step`; a context variable, so that it holds for the
+#: caller's thread (or task) only.
+_BATCH_SIZE_AT_EACH_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar("batch_size_at_each_step", default=False)
 
 
 @contextlib.contextmanager
@@ -87,12 +90,11 @@ def _batch_size_at_each_step() -> Iterator[None]:
     """Within it, the root-free classes are built without ``batch_size=`` or ``model=``: for
     callers that give ``step(batch_size=...)`` at every step (``compare``'s and ``bench``'s
     training loops). A step without it still raises."""
-    global _BATCH_SIZE_AT_EACH_STEP
-    before, _BATCH_SIZE_AT_EACH_STEP = _BATCH_SIZE_AT_EACH_STEP, True
+    token = _BATCH_SIZE_AT_EACH_STEP.set(True)
     try:
         yield
     finally:
-        _BATCH_SIZE_AT_EACH_STEP = before
+        _BATCH_SIZE_AT_EACH_STEP.reset(token)
 
 
 def _no_batch_size(owner: str, unscaled: bool) -> str:
@@ -125,7 +127,7 @@ class _RootFreeOptimizer(CoreOptimizer):
                 raise ValueError("give params, or model= to optimize all of its parameters")
             params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         super().__init__(params, defaults, model=model, **options)
-        if model is None and not _BATCH_SIZE_AT_EACH_STEP and self._groups_without_batch_size():
+        if model is None and not _BATCH_SIZE_AT_EACH_STEP.get() and self._groups_without_batch_size():
             raise ValueError(_no_batch_size(type(self).__name__, "scale_by_batch_size" in defaults))
         self._batch_counter = _BatchCounter(model) if model is not None and defaults["batch_size"] is None else None
 

@@ -37,6 +37,32 @@ def test_no_batch_size_fails_when_built_naming_the_torch_arguments(cls):
     assert "factory" not in message and "update" not in message
 
 
+def test_batch_size_at_each_step_holds_for_its_own_thread_only():
+    """``compare``'s and ``bench``'s training loops build the root-free classes without a batch size
+    inside ``_batch_size_at_each_step`` (they give one at every step); the switch is the caller's
+    context, not the process's: another thread building meanwhile is still refused."""
+    import threading
+
+    from precond_ref.adapters._torch_methods import _batch_size_at_each_step
+
+    errors = []
+
+    def build_elsewhere():
+        try:
+            pt.RFAdamW(_model().parameters(), lr=1e-3)
+        except ValueError as error:
+            errors.append(str(error))
+
+    with _batch_size_at_each_step():
+        pt.RFAdamW(_model().parameters(), lr=1e-3)  # builds: the caller gives batch_size= at each step
+        thread = threading.Thread(target=build_elsewhere)
+        thread.start()
+        thread.join()
+    assert len(errors) == 1 and errors[0].startswith("RFAdamW: no batch size")
+    with pytest.raises(ValueError, match="^RFAdamW: no batch size"):  # and not after it
+        pt.RFAdamW(_model().parameters(), lr=1e-3)
+
+
 @pytest.mark.parametrize("cls", ROOT_FREE, ids=lambda c: c.__name__)
 def test_each_source_of_the_batch_size_builds(cls):
     """batch_size=, model= (the forward-pass count) and, for the RF classes, an unscaled statistic
