@@ -90,24 +90,31 @@ MODELS = {
         (2, 4, 4), 2, _conv_loss,
     ),
 }
-#: A model outside the matrix's cells (not in ``MODELS``), for the rows of a sketch that truncates:
-#: a 6-5-3 MLP, whose weights' axes (5, 6 and 3, 5) are longer than ``TRUNCATING_RANK``.
+#: A model outside the matrix's cells (not in ``MODELS``), for faithful S-AdaGrad's rows of a sketch
+#: that truncates: a 6-5-3 MLP, whose weights' axes (5, 6 and 3, 5) are longer than ``TRUNCATING_RANK``.
 TRUNCATING_MODEL = "mlp-6-5-3"
 TRUNCATING_RANK = 4
 #: A model outside the matrix's cells, for a compiled row whose trace grows with every leaf and
 #: needs one leaf of each kind: one Linear layer 3 -> 5 (a matrix and a vector).
 ONE_LAYER_MODEL = "linear-3-5"
+#: A model outside the matrix's cells, for principled S-AdaGrad's rows of a sketch that truncates:
+#: one Linear layer 3 -> 3, whose leaves (9 and 3 entries) a sketch of the cell's rank 2 truncates,
+#: the weight's by the incremental FD step and the bias's by the whole factor's decomposition.
+TRUNCATING_LAYER = "linear-3-3"
 ALL_MODELS = {
     **MODELS,
     TRUNCATING_MODEL: Model(
         TRUNCATING_MODEL, {"fc1.weight": (5, 6), "fc1.bias": (5,), "fc2.weight": (3, 5), "fc2.bias": (3,)}, (6,), 3, _mlp_loss,
     ),
     ONE_LAYER_MODEL: Model(ONE_LAYER_MODEL, {"fc.weight": (5, 3), "fc.bias": (5,)}, (3,), 5, _linear_loss),
+    TRUNCATING_LAYER: Model(TRUNCATING_LAYER, {"fc.weight": (3, 3), "fc.bias": (3,)}, (3,), 3, _linear_loss),
 }
-#: The cells of a truncating sketch (``TRUNCATING_RANK`` on ``TRUNCATING_MODEL``): S-AdaGrad in
-#: both modes (Sketchy runs the same Frequent Directions step per axis; its compiled graph on this
-#: model leaves no overlap to reuse, and each row costs a compilation of minutes).
-TRUNCATING_CELLS = [("s_adagrad", mode, TRUNCATING_MODEL) for mode in MODES]
+#: The cells of a truncating sketch: S-AdaGrad in both modes (Sketchy runs the same Frequent
+#: Directions step per axis; its compiled graph on the 6-5-3 MLP leaves no overlap to reuse, and
+#: each row costs a compilation of minutes). Faithful on ``TRUNCATING_MODEL``, the model on which its
+#: graph gives Inductor's buffer reuse the overlap the rows guard against; principled on
+#: ``TRUNCATING_LAYER``: each further leaf adds its own kernels to the refresh graph's compilation.
+TRUNCATING_CELLS = [("s_adagrad", "principled", TRUNCATING_LAYER), ("s_adagrad", "faithful", TRUNCATING_MODEL)]
 
 
 #: The compiled rows' refresh schedule (torch.compile compiles one graph per pattern of due
@@ -120,10 +127,13 @@ UNSPREAD = {
 }
 
 
-def truncating_schedule(cell: tuple) -> dict:
-    """A truncating cell's refresh schedule under TorchInductor: unspread (:data:`UNSPREAD`) where
-    the mode has an interval (principled; faithful S-AdaGrad refreshes every step)."""
-    return UNSPREAD[cell[0]] if cell[1] == "principled" else {}
+def truncating_settings(cell: tuple) -> dict:
+    """A truncating cell's sketch rank and refresh schedule (keyword arguments of the core and the
+    optimizer). Faithful: rank ``TRUNCATING_RANK``, a refresh every step (the sketch truncates from
+    the fifth). Principled: the cell's rank 2, refreshes unspread (:data:`UNSPREAD`: a refresh graph
+    and a reuse graph under TorchInductor) at calls 0, 3, 6 and 9, the last two of which truncate
+    (a rank-4 sketch never fills with four refreshes)."""
+    return UNSPREAD[cell[0]] if cell[1] == "principled" else {"rank": TRUNCATING_RANK}
 
 
 def nested(flat: dict) -> dict:
@@ -374,15 +384,15 @@ def torch_trajectory(
     return history
 
 
-def inductor_trajectory(method: str, mode: str, *, captured: bool = False, **overrides: Any) -> list:
-    """``method`` on ``TRUNCATING_MODEL`` with sketches of rank ``TRUNCATING_RANK``, as a torch
-    optimizer under ``compile=True`` (TorchInductor). ``captured``: its captured step
+def inductor_trajectory(method: str, mode: str, model: str, *, captured: bool = False, **overrides: Any) -> list:
+    """``method`` on ``model`` as a torch optimizer under ``compile=True`` (TorchInductor).
+    ``captured``: its captured step
     (``capture=True``) with CUDA graphs replaced by the CPU double of ``fake_graphs`` and the
     class's refusal lifted, so that the replays run the compiled update again (checked to replay).
     ``overrides``: further keyword arguments of the optimizer."""
-    cell = (method, mode, TRUNCATING_MODEL)
+    cell = (method, mode, model)
     if not captured:
-        return torch_trajectory(*cell, compile=True, rank=TRUNCATING_RANK, **overrides)
+        return torch_trajectory(*cell, compile=True, **overrides)
     from fake_graphs import fake_graphs
 
     cls = torch_class(method)
@@ -390,7 +400,7 @@ def inductor_trajectory(method: str, mode: str, *, captured: bool = False, **ove
     cls.not_capturable_because = None
     try:
         with fake_graphs() as graphs:
-            history = torch_trajectory(*cell, compile=True, capture=True, rank=TRUNCATING_RANK, **overrides)
+            history = torch_trajectory(*cell, compile=True, capture=True, **overrides)
     finally:
         cls.not_capturable_because = refusal
     assert graphs.replays() > 0, "the captured step never replayed"
@@ -552,11 +562,11 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
     for path, against, d in row_block_rows():
         rows[(path, against)] = (d, "s_adagrad/principled/mlp")
     for cell in TRUNCATING_CELLS:
-        unspread = truncating_schedule(cell)
-        core = core_trajectory(*cell, rank=TRUNCATING_RANK, **unspread)
-        note("torch compiled (TorchInductor), a truncating sketch", "NumPy core", inductor_trajectory(*cell[:2], **unspread), core, cell)
+        settings = truncating_settings(cell)
+        core = core_trajectory(*cell, **settings)
+        note("torch compiled (TorchInductor), a truncating sketch", "NumPy core", inductor_trajectory(*cell, **settings), core, cell)
         note("torch compiled (TorchInductor) and captured (CPU double), a truncating sketch", "NumPy core",
-             inductor_trajectory(*cell[:2], captured=True, **unspread), core, cell)
+             inductor_trajectory(*cell, captured=True, **settings), core, cell)
     return [(path, against, d, where) for (path, against), (d, where) in rows.items()]
 
 

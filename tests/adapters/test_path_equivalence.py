@@ -288,29 +288,33 @@ def test_torch_compiled_per_leaf_equals_core(method, monkeypatch):
     pytest.param(c, path, id=f"{_cell_id(c)}-{path}")
     for c in pm.TRUNCATING_CELLS
     # the captured step runs the compiled update: principled mode's compiled row alone would
-    # repeat its two patterns' compilation (the most costly row), with nothing else to show
+    # repeat its two patterns' compilation, with nothing else to show
     for path in (("compiled", "compiled-captured") if c[1] == "faithful" else ("compiled-captured",))
 ])
 def test_truncating_sketch_compiled_by_inductor_equals_core(cell, path):
-    """S-AdaGrad (its FD step is Sketchy's) in both modes, with sketches of rank
-    ``TRUNCATING_RANK`` = 4 on a 6-5-3 MLP (every weight has an axis longer than the rank: the FD
-    step truncates; principled refreshes unspread, ``path_matrix.truncating_schedule``: a refresh
-    graph and a reuse graph), under ``compile=True`` (TorchInductor: one graph that writes every leaf's
-    parameters and state in place) give the NumPy core's trajectory to RTOL; so does the captured
-    step of that compiled update (``capture=True``, CUDA graphs replaced by the CPU double of
-    ``fake_graphs``, the class's refusal lifted: its replays run the compiled update again).
+    """S-AdaGrad (its FD step is Sketchy's) in both modes with a sketch that truncates
+    (``path_matrix.truncating_settings``): faithful with rank ``TRUNCATING_RANK`` = 4 on a 6-5-3
+    MLP (every weight's sketch truncates from the fifth step); principled with rank 2 on one
+    Linear layer 3 -> 3 (its two leaves take the incremental FD step and the whole factor's
+    decomposition, as the MLP's do; refreshes unspread: a refresh graph and a reuse graph; the
+    third and fourth refresh truncate), under ``compile=True`` (TorchInductor: one graph that
+    writes every leaf's parameters and state in place) give the NumPy core's trajectory to RTOL;
+    so does the captured step of that compiled update (``capture=True``, CUDA graphs replaced by
+    the CPU double of ``fake_graphs``, the class's refusal lifted: its replays run the compiled
+    update again).
 
     Fused kernels round each operation as the eager ones do up to a few ulps (FMA contraction,
     another order of a reduction), which the rounding model behind RTOL covers. A compiled graph
     that lets one value's buffer overwrite another still live (a leaf's basis weights overwritten
     by the next leaf's coordinates before the direction read them) moves the parameters by about
-    an update, a tenth of them or more. On this model faithful S-AdaGrad's graph gives Inductor's
-    buffer reuse that overlap to make wherever a value is left inside a joined buffer (the FD
-    step's finiteness test); on the matrix's 3-5-2 MLP with rank 2 it does not."""
+    an update, a tenth of them or more. On the 6-5-3 MLP faithful S-AdaGrad's graph gives
+    Inductor's buffer reuse that overlap to make wherever a value is left inside a joined buffer
+    (the FD step's finiteness test); on the matrix's 3-5-2 MLP with rank 2 it does not. Principled
+    S-AdaGrad's graphs did not make it on the 6-5-3 MLP either; each leaf adds kernels to compile."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager, or from capture, warns
-        got = pm.inductor_trajectory(*cell[:2], captured=path == "compiled-captured", **pm.truncating_schedule(cell))
-    want = pm.core_trajectory(*cell, rank=pm.TRUNCATING_RANK, **pm.truncating_schedule(cell))
+        got = pm.inductor_trajectory(*cell, captured=path == "compiled-captured", **pm.truncating_settings(cell))
+    want = pm.core_trajectory(*cell, **pm.truncating_settings(cell))
     _close(got, want, RTOL, f"torch {path} (Inductor) vs the NumPy core")
 
 
