@@ -386,10 +386,10 @@ def torch_trajectory(
 
 def inductor_trajectory(method: str, mode: str, model: str, *, captured: bool = False, **overrides: Any) -> list:
     """``method`` on ``model`` as a torch optimizer under ``compile=True`` (TorchInductor).
-    ``captured``: its captured step
-    (``capture=True``) with CUDA graphs replaced by the CPU double of ``fake_graphs`` and the
-    class's refusal lifted, so that the replays run the compiled update again (checked to replay).
-    ``overrides``: further keyword arguments of the optimizer."""
+    ``captured``: its captured step (``capture=True``) with CUDA graphs replaced by the CPU double
+    of ``fake_graphs`` and the class's refusal lifted, so that the replays run the compiled update
+    again (checked to replay). ``overrides``: further keyword arguments of the optimizer (a
+    truncating cell's :func:`truncating_settings`)."""
     cell = (method, mode, model)
     if not captured:
         return torch_trajectory(*cell, compile=True, **overrides)
