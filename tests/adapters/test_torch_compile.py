@@ -30,8 +30,10 @@ COMPILED_CASES = [
 #: Refreshes unspread where a case spreads them over phases: on one Linear layer ASGO's bias phase
 #: compiles its reuse graph once more (the bias has no root to refresh), so unspread the case
 #: compiles the same two graphs, refresh and reuse, once each. Spread schedules under compile are
-#: test_scheduler_and_intervals_do_not_recompile's.
-UNSPREAD = {"asgo-pe-interval": dict(spread_refresh=False)}
+#: test_scheduler_and_intervals_do_not_recompile's. MBF's case (every 5th step over 5 phases) makes
+#: only its warm-up's decisions in 6 steps, which run eagerly: every 2nd step, unspread, it refreshes
+#: at calls 0-2 and 4 and reuses at 3 and 5, both graphs compiled.
+UNSPREAD = {"asgo-pe-interval": dict(spread_refresh=False), "mbf": dict(precondition_every=2, refresh_phases=1)}
 
 
 def _model(dtype, seed=0):
@@ -58,7 +60,9 @@ def _train(model, opt, batches, case=None, scheduler=None):
 
 @pytest.mark.parametrize("case", COMPILED_CASES, ids=lambda c: c.id)
 def test_compiled_step_equals_eager(case):
-    """Same parameters after 6 steps (refresh and reuse steps alike) with or without compilation.
+    """Same parameters after 6 steps (refresh and reuse steps alike) with or without compilation,
+    one graph compiled for each combination of interval decisions the 6 steps make that recurs
+    (those made only at the schedule's start run eagerly: ``transient_patterns``), at least one.
 
     float64, and aot_eager runs the captured graph with the eager kernels: any difference is from
     decompositions reordering a few operations, a few ulps per step, hence 1e-10 relative.
@@ -72,11 +76,15 @@ def test_compiled_step_equals_eager(case):
     eager = case.make(eager_model.named_parameters(), compile=False, **unspread)
     compiled = case.make(compiled_model.named_parameters(), compile=AOT, **unspread)
     torch._dynamo.utils.clear_compilation_metrics()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
         got = _train(compiled_model, compiled, batches, case)
     restarts = [m.restart_reasons for m in torch._dynamo.utils.get_compilation_metrics() if m.restart_reasons]
     assert not restarts, f"dynamo traced a graph again: {restarts}"
+    transform = compiled._transform(compiled.param_groups[0])
+    recurring = set(_torch_compile.due_pattern_steps(transform, len(batches))) - _torch_compile.transient_patterns(transform)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == len(recurring) > 0, recurring
     want = _train(eager_model, eager, batches, case)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
