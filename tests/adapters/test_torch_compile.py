@@ -10,6 +10,7 @@ part that can break, in seconds); TorchInductor itself is checked on the element
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 
 import pytest
@@ -89,21 +90,43 @@ def test_compiled_step_equals_eager(case):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_two_optimizers_with_different_constants_both_compile():
+@pytest.fixture(scope="module")
+def compiled_asgo():
+    """ASGO in its principled mode (``precondition_every=2``, its default: refreshes spread over two
+    phases, two graphs) compiled with aot_eager, trained on ``_batches(float64, 6)`` with a
+    checkpoint after 3 steps, none falling back to eager (its warning an error). The principled
+    optimizer of test_two_optimizers_with_different_constants_both_compile and the compiled one of
+    test_checkpoints_move_between_compiled_and_eager: one run, its graphs compiled once for both,
+    read and not stepped by them."""
+    batches = _batches(torch.float64, 6)
+    model = _model(torch.float64)
+    opt = pt.ASGO(model.named_parameters(), lr=1e-2, precondition_every=2, compile=AOT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        after_3 = _train(model, opt, batches[:3])
+        checkpoint = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        after_6 = _train(model, opt, batches[3:])
+    return types.SimpleNamespace(optimizer=opt, batches=batches, checkpoint=checkpoint, params={3: after_3, 6: after_6})
+
+
+def test_two_optimizers_with_different_constants_both_compile(compiled_asgo):
     """Two ASGO optimizers in one process whose transforms hold different floats (``eps`` of the
     principled and the faithful mode) each compile their own graph with those floats as constants.
     Dynamo records which inputs changed between calls by the compiled function's file, line and
     name, so with one name the second optimizer's ``eps`` became symbolic, the core's checks could
-    not trace it, and the step fell back to eager (the H200 run's warning; ``_torch_compile._fresh``)."""
-    batches = _batches(torch.float64, 3)
-    for kwargs in ({}, {"mode": "faithful"}):
-        model, eager_model = _model(torch.float64), _model(torch.float64)
-        compiled = pt.ASGO(model.named_parameters(), lr=1e-2, compile=AOT, **kwargs)
-        eager = pt.ASGO(eager_model.named_parameters(), lr=1e-2, compile=False, **kwargs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
-            got = _train(model, compiled, batches)
-        torch.testing.assert_close(got, _train(eager_model, eager, batches), rtol=1e-10, atol=1e-12)
+    not trace it, and the step fell back to eager (the H200 run's warning; ``_torch_compile._fresh``).
+    The principled optimizer is the ``compiled_asgo`` fixture's, compiled before the faithful one."""
+    batches = compiled_asgo.batches[:3]
+    eager_model = _model(torch.float64)
+    eager = pt.ASGO(eager_model.named_parameters(), lr=1e-2, precondition_every=2, compile=False)
+    torch.testing.assert_close(compiled_asgo.params[3], _train(eager_model, eager, batches), rtol=1e-10, atol=1e-12)
+    model, eager_model = _model(torch.float64), _model(torch.float64)
+    compiled = pt.ASGO(model.named_parameters(), lr=1e-2, compile=AOT, mode="faithful")
+    eager = pt.ASGO(eager_model.named_parameters(), lr=1e-2, compile=False, mode="faithful")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        got = _train(model, compiled, batches)
+    torch.testing.assert_close(got, _train(eager_model, eager, batches), rtol=1e-10, atol=1e-12)
 
 
 def test_inductor_agd_equals_eager_to_float32_rounding():
@@ -258,21 +281,18 @@ def test_input_errors_are_not_taken_for_compiler_failures():
     assert opt._compile_options == AOT
 
 
-def test_checkpoints_move_between_compiled_and_eager():
-    batches = _batches(torch.float64, 6)
-    model = _model(torch.float64)
-    compiled = pt.ASGO(model.named_parameters(), lr=1e-2, precondition_every=2, compile=AOT)
-    _train(model, compiled, batches[:3])
-    checkpoint = copy.deepcopy((model.state_dict(), compiled.state_dict()))
-
+def test_checkpoints_move_between_compiled_and_eager(compiled_asgo):
+    """The compiled ``compiled_asgo``'s checkpoint after 3 steps, loaded into an eager optimizer,
+    continues as the compiled optimizer did (float64, eager kernels: 1e-10 relative); a deep copy of
+    the compiled optimizer rebuilds its compiled function instead of copying it."""
     eager_model = _model(torch.float64)
-    eager_model.load_state_dict(checkpoint[0])
+    eager_model.load_state_dict(compiled_asgo.checkpoint[0])
     eager = pt.ASGO(eager_model.named_parameters(), lr=1e-2, precondition_every=2, compile=False)
-    eager.load_state_dict(checkpoint[1])
-    want = _train(eager_model, eager, batches[3:])
-    got = _train(model, compiled, batches[3:])
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    eager.load_state_dict(compiled_asgo.checkpoint[1])
+    want = _train(eager_model, eager, compiled_asgo.batches[3:])
+    torch.testing.assert_close(compiled_asgo.params[6], want, rtol=1e-10, atol=1e-12)
 
+    compiled = compiled_asgo.optimizer
     copied = copy.deepcopy(compiled)  # the compiled function is rebuilt, not copied
     assert copied._compiled == {} and copied.state_dict()["state"].keys() == compiled.state_dict()["state"].keys()
 
