@@ -31,9 +31,9 @@ COMPILED_CASES = [
 #: Refreshes unspread where a case spreads them over phases: on one Linear layer ASGO's bias phase
 #: compiles its reuse graph once more (the bias has no root to refresh), so unspread the case
 #: compiles the same two graphs, refresh and reuse, once each. Spread schedules under compile are
-#: test_scheduler_and_intervals_do_not_recompile's. MBF's case (every 5th step over 5 phases) makes
-#: only its warm-up's decisions in 6 steps, which run eagerly: every 2nd step, unspread, it refreshes
-#: at calls 0-2 and 4 and reuses at 3 and 5, both graphs compiled.
+#: test_scheduler_and_intervals_do_not_recompile's. MBF's case (inverting every 5th step, spread
+#: over 5 phases) makes only its warm-up's decisions in 6 steps, which run eagerly: inverting every
+#: 2nd step, unspread, it refreshes at calls 0-2 and 4 and reuses at 3 and 5, both graphs compiled.
 UNSPREAD = {"asgo-pe-interval": dict(spread_refresh=False), "mbf": dict(precondition_every=2, refresh_phases=1)}
 
 
