@@ -10,6 +10,7 @@ part that can break, in seconds); TorchInductor itself is checked on the element
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 
 import pytest
@@ -30,8 +31,10 @@ COMPILED_CASES = [
 #: Refreshes unspread where a case spreads them over phases: on one Linear layer ASGO's bias phase
 #: compiles its reuse graph once more (the bias has no root to refresh), so unspread the case
 #: compiles the same two graphs, refresh and reuse, once each. Spread schedules under compile are
-#: test_scheduler_and_intervals_do_not_recompile's.
-UNSPREAD = {"asgo-pe-interval": dict(spread_refresh=False)}
+#: test_scheduler_and_intervals_do_not_recompile's. MBF's case (inverting every 5th step, spread
+#: over 5 phases) makes only its warm-up's decisions in 6 steps, which run eagerly: inverting every
+#: 2nd step, unspread, it refreshes at calls 0-2 and 4 and reuses at 3 and 5, both graphs compiled.
+UNSPREAD = {"asgo-pe-interval": dict(spread_refresh=False), "mbf": dict(precondition_every=2, refresh_phases=1)}
 
 
 def _model(dtype, seed=0):
@@ -58,7 +61,9 @@ def _train(model, opt, batches, case=None, scheduler=None):
 
 @pytest.mark.parametrize("case", COMPILED_CASES, ids=lambda c: c.id)
 def test_compiled_step_equals_eager(case):
-    """Same parameters after 6 steps (refresh and reuse steps alike) with or without compilation.
+    """Same parameters after 6 steps (refresh and reuse steps alike) with or without compilation,
+    one graph compiled for each combination of interval decisions the 6 steps make that recurs
+    (those made only at the schedule's start run eagerly: ``transient_patterns``), at least one.
 
     float64, and aot_eager runs the captured graph with the eager kernels: any difference is from
     decompositions reordering a few operations, a few ulps per step, hence 1e-10 relative.
@@ -72,30 +77,58 @@ def test_compiled_step_equals_eager(case):
     eager = case.make(eager_model.named_parameters(), compile=False, **unspread)
     compiled = case.make(compiled_model.named_parameters(), compile=AOT, **unspread)
     torch._dynamo.utils.clear_compilation_metrics()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
         got = _train(compiled_model, compiled, batches, case)
     restarts = [m.restart_reasons for m in torch._dynamo.utils.get_compilation_metrics() if m.restart_reasons]
     assert not restarts, f"dynamo traced a graph again: {restarts}"
+    transform = compiled._transform(compiled.param_groups[0])
+    recurring = set(_torch_compile.due_pattern_steps(transform, len(batches))) - _torch_compile.transient_patterns(transform)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == len(recurring) > 0, recurring
     want = _train(eager_model, eager, batches, case)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_two_optimizers_with_different_constants_both_compile():
+@pytest.fixture(scope="module")
+def compiled_asgo():
+    """ASGO in its principled mode (``precondition_every=2``, its default: refreshes spread over two
+    phases, two graphs) compiled with aot_eager, trained on ``_batches(float64, 6)`` with a
+    checkpoint after 3 steps, none falling back to eager (its warning an error). The principled
+    optimizer of test_two_optimizers_with_different_constants_both_compile and the compiled one of
+    test_checkpoints_move_between_compiled_and_eager: one run, its graphs compiled once for both,
+    read and not stepped by them."""
+    batches = _batches(torch.float64, 6)
+    model = _model(torch.float64)
+    opt = pt.ASGO(model.named_parameters(), lr=1e-2, precondition_every=2, compile=AOT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        after_3 = _train(model, opt, batches[:3])
+        checkpoint = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        after_6 = _train(model, opt, batches[3:])
+    return types.SimpleNamespace(optimizer=opt, batches=batches, checkpoint=checkpoint, params={3: after_3, 6: after_6})
+
+
+def test_two_optimizers_with_different_constants_both_compile(compiled_asgo):
     """Two ASGO optimizers in one process whose transforms hold different floats (``eps`` of the
     principled and the faithful mode) each compile their own graph with those floats as constants.
     Dynamo records which inputs changed between calls by the compiled function's file, line and
     name, so with one name the second optimizer's ``eps`` became symbolic, the core's checks could
-    not trace it, and the step fell back to eager (the H200 run's warning; ``_torch_compile._fresh``)."""
-    batches = _batches(torch.float64, 3)
-    for kwargs in ({}, {"mode": "faithful"}):
-        model, eager_model = _model(torch.float64), _model(torch.float64)
-        compiled = pt.ASGO(model.named_parameters(), lr=1e-2, compile=AOT, **kwargs)
-        eager = pt.ASGO(eager_model.named_parameters(), lr=1e-2, compile=False, **kwargs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
-            got = _train(model, compiled, batches)
-        torch.testing.assert_close(got, _train(eager_model, eager, batches), rtol=1e-10, atol=1e-12)
+    not trace it, and the step fell back to eager (the H200 run's warning; ``_torch_compile._fresh``).
+    The principled optimizer is the ``compiled_asgo`` fixture's, compiled before the faithful one,
+    whose graph runs on the ``eager`` backend: the record of changed inputs is dynamo's, whatever
+    the backend."""
+    batches = compiled_asgo.batches[:3]
+    eager_model = _model(torch.float64)
+    eager = pt.ASGO(eager_model.named_parameters(), lr=1e-2, precondition_every=2, compile=False)
+    torch.testing.assert_close(compiled_asgo.params[3], _train(eager_model, eager, batches), rtol=1e-10, atol=1e-12)
+    model, eager_model = _model(torch.float64), _model(torch.float64)
+    compiled = pt.ASGO(model.named_parameters(), lr=1e-2, compile={"backend": "eager"}, mode="faithful")
+    eager = pt.ASGO(eager_model.named_parameters(), lr=1e-2, compile=False, mode="faithful")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        got = _train(model, compiled, batches)
+    torch.testing.assert_close(got, _train(eager_model, eager, batches), rtol=1e-10, atol=1e-12)
 
 
 def test_inductor_agd_equals_eager_to_float32_rounding():
@@ -222,7 +255,9 @@ def test_tracing_the_namespace_lookups_warns_nothing(fresh_dynamo_warnings, monk
     """The core's namespace lookups are array_api_compat's ``functools.lru_cache`` helpers, which
     dynamo warns about (once per call site) when it traces them; harmless, and not the user's to
     see. The compiled step registers them with dynamo's allow-list, or on a torch without one
-    filters the warning around each call."""
+    filters the warning around each call. S-AdaGrad's step traces such lookups (AGD's traces none:
+    on it this test would pass whatever the compiled step did); the warning is dynamo's, whatever
+    the backend, so the graph runs on the ``eager`` backend."""
     has_list = hasattr(torch._dynamo.utils, "allow_lru_cache_wrapper_trace_without_warning")
     if allow_list and not has_list:
         pytest.skip(f"torch {torch.__version__} has no dynamo allow-list for lru_cache helpers "
@@ -232,7 +267,7 @@ def test_tracing_the_namespace_lookups_warns_nothing(fresh_dynamo_warnings, monk
     model = _model(torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _train(model, pt.AGD(model.named_parameters(), lr=1e-2, compile=AOT), _batches(torch.float64, 2))
+        _train(model, pt.SAdaGrad(model.named_parameters(), lr=1e-2, compile={"backend": "eager"}), _batches(torch.float64, 2))
     assert _torch_compile._cached_helpers_traced_quietly() is allow_list
     assert [str(w.message)[:80] for w in caught if "lru_cache" in str(w.message)] == []
 
@@ -250,21 +285,18 @@ def test_input_errors_are_not_taken_for_compiler_failures():
     assert opt._compile_options == AOT
 
 
-def test_checkpoints_move_between_compiled_and_eager():
-    batches = _batches(torch.float64, 6)
-    model = _model(torch.float64)
-    compiled = pt.ASGO(model.named_parameters(), lr=1e-2, precondition_every=2, compile=AOT)
-    _train(model, compiled, batches[:3])
-    checkpoint = copy.deepcopy((model.state_dict(), compiled.state_dict()))
-
+def test_checkpoints_move_between_compiled_and_eager(compiled_asgo):
+    """The compiled ``compiled_asgo``'s checkpoint after 3 steps, loaded into an eager optimizer,
+    continues as the compiled optimizer did (float64, eager kernels: 1e-10 relative); a deep copy of
+    the compiled optimizer rebuilds its compiled function instead of copying it."""
     eager_model = _model(torch.float64)
-    eager_model.load_state_dict(checkpoint[0])
+    eager_model.load_state_dict(compiled_asgo.checkpoint[0])
     eager = pt.ASGO(eager_model.named_parameters(), lr=1e-2, precondition_every=2, compile=False)
-    eager.load_state_dict(checkpoint[1])
-    want = _train(eager_model, eager, batches[3:])
-    got = _train(model, compiled, batches[3:])
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    eager.load_state_dict(compiled_asgo.checkpoint[1])
+    want = _train(eager_model, eager, compiled_asgo.batches[3:])
+    torch.testing.assert_close(compiled_asgo.params[6], want, rtol=1e-10, atol=1e-12)
 
+    compiled = compiled_asgo.optimizer
     copied = copy.deepcopy(compiled)  # the compiled function is rebuilt, not copied
     assert copied._compiled == {} and copied.state_dict()["state"].keys() == compiled.state_dict()["state"].keys()
 
@@ -392,10 +424,11 @@ def test_changes_between_steps_reach_the_compiled_step():
     """The compiled step keeps no guard on the transform's closures or on module globals
     (``_torch_compile._guard_filter``): what may change between steps must still reach it. A new
     ``batch_size`` (a keyword argument: guarded, recompiles), a new learning rate (a tensor the
-    kernels read) and new betas (a new transform, so a new compiled step) give the eager numbers."""
+    kernels read) and new betas (a new transform, so a new compiled step) give the eager numbers.
+    Guards are dynamo's, whatever the backend: the graphs run on the ``eager`` backend."""
     batches = _batches(torch.float64, 6)
     models = {c: _model(torch.float64) for c in (False, True)}
-    opts = {c: pt.RFRMSProp(m.named_parameters(), lr=1e-2, momentum=0.5, batch_size=16, compile=AOT if c else False) for c, m in models.items()}
+    opts = {c: pt.RFRMSProp(m.named_parameters(), lr=1e-2, momentum=0.5, batch_size=16, compile={"backend": "eager"} if c else False) for c, m in models.items()}
     plan = [dict(batch_size=16), dict(batch_size=16), dict(batch_size=4), dict(lr=3e-2, batch_size=4),
             dict(alpha=0.9, batch_size=4), dict(alpha=0.9, batch_size=4)]
     got = {}
