@@ -59,16 +59,25 @@ def _live_tensors():
     return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))  # (type(): no attribute lookups)
 
 
-@pytest.fixture
-def own_objects_only():
-    """The process's objects so far (the libraries', other tests') are frozen out of the collector's
-    view for the test: its collections and live-tensor counts walk only the objects made since,
-    which hold every tensor the optimizer makes or keeps (a full collection of a large heap was
-    most of this file's time in a suite run)."""
+@pytest.fixture(scope="module")
+def _heap_frozen():
+    """The process's heap before this file's tests (the libraries', other tests' objects), collected
+    once and frozen out of the collector's view until the file's tests are done (a full collection
+    of a suite worker's heap before each test was most of this file's time in a suite run)."""
     gc.collect()
     gc.freeze()
     yield
     gc.unfreeze()
+
+
+@pytest.fixture
+def own_objects_only(_heap_frozen):
+    """The objects made before the test are frozen out of the collector's view: its collections
+    and live-tensor counts walk only the objects made since, which hold every tensor the optimizer
+    makes or keeps. The collection first frees what the file's earlier tests left; it walks only
+    the objects made since the heap was frozen."""
+    gc.collect()
+    gc.freeze()
 
 
 def test_soak_cases_cover_every_method():
