@@ -216,7 +216,10 @@ def test_skipped_step_keeps_every_factor_without_selecting_it(backend, interval,
     from precond_ref import _backend
 
     rng = np.random.default_rng(3)
-    shapes = {"w": (20, 12), "b": (20,), "c": (3, 5, 8)}
+    # w: two stacks of two tiles each (8 x 8, and 8 x 4: uneven columns); b: a diagonal factor in
+    # two blocks; c: whole factors of a 3-D tensor. Few tile shapes, as each distinct shape is
+    # compiled operation by operation by JAX's eager step.
+    shapes = {"w": (16, 12), "b": (16,), "c": (3, 5, 8)}
     if backend.startswith("torch"):
         torch = pytest.importorskip("torch")
         wrap, to_np = (lambda a: torch.tensor(a, dtype=torch.float64)), (lambda a: a.numpy())
