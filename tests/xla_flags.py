@@ -1,5 +1,4 @@
-"""XLA_FLAGS and JAX's compilation cache for the suite's compile time; imported by ``conftest.py``
-before jax is.
+"""XLA_FLAGS for the suite's compile time; imported by ``conftest.py`` before jax is.
 
 Compile time is most of the suite's JAX time: every small jitted program, and every operation of
 an eager step, compiles once (about 35-45 ms each on a CPU with XLA's defaults). Two XLA CPU
@@ -16,23 +15,13 @@ from the rounding model anyway):
 A jaxlib that no longer knows an option (an unknown one in XLA_FLAGS aborts the process) runs the
 suite without it: a probe in a fresh interpreter, about a second. The first interpreter decides;
 pytest-xdist's workers and the suite's subprocesses inherit the environment.
-
-JAX's persistent compilation cache, in a temporary folder that each interpreter importing this
-module makes and removes at its exit: a program whose HLO was compiled before (by another closure
-or another test of the process, or a subprocess it waited for) is loaded instead of compiled again.
-The cache holds the compiled executable itself, so the numbers are those of a compilation. Every
-compilation is written (JAX's default writes only those over a second, which none of the suite's
-small programs takes). No size limit: with one, JAX scans the whole folder on every write.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 FAST_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 
@@ -49,14 +38,6 @@ if "--xla_backend_optimization_level" not in _flags:
     if _xla_knows(FAST_EMITTERS):
         _flags += " " + FAST_EMITTERS
     os.environ["XLA_FLAGS"] = _flags.strip()
-
-# Every interpreter that imports this module (the pytest process, each xdist worker) its own
-# cache folder, shared only with the subprocesses it starts and waits for: JAX writes an entry
-# without a lock, and a process reading it while another writes it would find it incomplete.
-_cache = tempfile.mkdtemp(prefix="precond_ref-jax-cache-")
-atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 #: ``compiler_options`` that compile one program with XLA's default emitters.
 DEFAULT_EMITTERS = {"xla_cpu_use_fusion_emitters": True} if FAST_EMITTERS in _flags else {}
