@@ -114,7 +114,7 @@ def test_two_optimizers_with_different_constants_both_compile(compiled_asgo):
     principled and the faithful mode) each compile their own graph with those floats as constants.
     Dynamo records which inputs changed between calls by the compiled function's file, line and
     name, so with one name the second optimizer's ``eps`` became symbolic, the core's checks could
-    not trace it, and the step fell back to eager (the H200 run's warning; ``_torch_compile._fresh``).
+    not trace it, and the step fell back to eager (``_torch_compile._fresh`` gives each its own name).
     The principled optimizer is the ``compiled_asgo`` fixture's, compiled before the faithful one,
     whose graph runs on the ``eager`` backend: the record of changed inputs is dynamo's, whatever
     the backend."""
