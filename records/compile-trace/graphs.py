@@ -1,7 +1,8 @@
 """The graphs dynamo captures for every torch test case and their trajectories, to compare the code
 before and after a change to what runs while the step is traced: ``python graphs.py OUT.json``
 records, ``python graphs.py --compare A.json B.json`` reports per case whether the graphs and the
-parameters after the steps are the same.
+parameters after the steps are the same. ``GRAPHS_CASES=a,b`` records only the cases whose id
+contains one of the words.
 
 Each case of ``tests/adapters/cases.py``'s ``TORCH_CASES`` steps a two-layer MLP 6 times in float64
 and float32 with ``compile={"backend": recording}``: AOTAutograd's functionalised forward graph (the
@@ -27,7 +28,10 @@ def record(path):
     from torch._dynamo.backends.common import aot_autograd
 
     out = {}
+    only = [w for w in os.environ.get("GRAPHS_CASES", "").split(",") if w]
     for case in TORCH_CASES:
+        if only and not any(w in case.id for w in only):
+            continue
         for dtype in (torch.float64, torch.float32):
             graphs, dynamo_graphs = [], []
 
