@@ -39,12 +39,12 @@ import math
 import sys
 from typing import Any, Optional, Sequence, Union
 
-from array_api_compat import array_namespace, is_jax_namespace
+from array_api_compat import is_jax_namespace
 
 from .blocking import roll_first_axis_last, stack, unstack
 from ._backend import (
     array_device, as_operand, cast, computed_once, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
-    is_zero, iterate, number, on_cpu, placement, select, sum_across, torch_compiling,
+    is_zero, iterate, namespace_of, number, on_cpu, placement, select, sum_across, torch_compiling,
 )
 
 Array = Any
@@ -71,7 +71,7 @@ def eigh_widened(a: Array) -> tuple[Array, Array]:
     by 1024 decomposed. Both decompose in float64, as NumPy (which computes float32 ``eigh`` in
     float64) and JAX took them; the result is also accurate to float32's last bit.
     """
-    xp = array_namespace(a)
+    xp = namespace_of(a)
     wide = float64_where_available(xp, a)
     if wide is None or a.dtype == wide:
         return per_matrix(xp, xp.linalg.eigh, a)
@@ -103,7 +103,7 @@ def symmetric_eigh(a: Array) -> tuple[Array, Array]:
     Jacobi ``syevj`` torch picks there (docs/performance-archive.md), and more accurate. Everywhere else ``eigh``
     as it is (on a CPU float32 ``ssyevd`` is the faster; JAX's and CuPy's GPU routes unmeasured).
     """
-    xp = array_namespace(a)
+    xp = namespace_of(a)
     if _cuda_float32(xp, a) and a.shape[-1] in CUDA_JACOBI_EIGH_ORDERS:
         return eigh_widened(a)
     return per_matrix(xp, xp.linalg.eigh, a)
@@ -129,7 +129,7 @@ def left_singular(a: Array) -> tuple[Array, Array]:
     slower (docs/performance-archive.md); on a CPU LAPACK's float32 ``gesdd`` is slower too
     (docs/methods/sketchy.md, "Long axes, intervals and cost"). Elsewhere (float64, or JAX without x64) the SVD as it is.
     """
-    xp = array_namespace(a)
+    xp = namespace_of(a)
     if not _svd_by_float64_gram(xp, a):
         w, s, _ = per_matrix(xp, _reduced_svd(xp), a)
         return w, s
@@ -233,13 +233,13 @@ def _torch_inverse_without_host_check(a: Array) -> Array:
 
 def identity_like(a: Array) -> Array:
     """The ``(k, k)`` identity in ``a``'s dtype and device (broadcasts against a batch)."""
-    xp = array_namespace(a)
+    xp = namespace_of(a)
     return xp.eye(a.shape[-1], dtype=a.dtype, device=placement(xp, a))
 
 
 def trace(a: Array) -> Array:
     """Trace over the last two axes, shape ``a.shape[:-2]``."""
-    xp = array_namespace(a)
+    xp = namespace_of(a)
     return xp.sum(xp.linalg.diagonal(a), axis=-1)
 
 
@@ -269,7 +269,7 @@ def inverse_root_eigh(a: Array, p: float = 2, *, shift: Shift = 0.0) -> Array:
     """
     if not p > 0:
         raise ValueError(f"p must be > 0, got {p!r}")
-    xp = array_namespace(a)
+    xp = namespace_of(a)
     w, v = symmetric_eigh(symmetrize(a))
     w = xp.clip(w, min=0.0) + _batch_scalar(xp, shift, w, 1)
     return xp.matmul(v * xp.expand_dims(w ** (-1.0 / p), axis=-2), v.mT)
@@ -316,7 +316,7 @@ def _coupled_inverse_sqrt(
 ) -> tuple[Array, Array, Array]:
     """Run the coupled iteration from Y_0 = ``y`` = A/``nu``, Z_0 = I; returns (Z/sqrt(nu), Z, Y)
     (the root of A, Z ≈ y^{-1/2}, ZY ≈ I)."""
-    xp = array_namespace(y)
+    xp = namespace_of(y)
     z = xp.zeros_like(y) + identity_like(y)
     for a, b, c in coefficients:
         zy = xp.matmul(z, y)
@@ -347,7 +347,7 @@ def inverse_sqrt_polar_express(a: Array, steps: int = 10, *, eps: Shift = 0.0) -
     eps:
         Absolute term inside the normaliser only; a number or a batch-shaped array.
     """
-    xp = array_namespace(a)
+    xp = namespace_of(a)
     shifted = a if is_zero(eps) else a + _batch_scalar(xp, eps, a, 2) * identity_like(a)
     nu = 1.01 * xp.linalg.matrix_norm(shifted, ord="fro", keepdims=True)
     return _coupled_inverse_sqrt(a / nu, nu, polar_express_coefficients(steps))[0]
@@ -367,7 +367,7 @@ def inverse_sqrt_newton_schulz(a: Array, steps: int = 10, *, eps: Shift = 0.0) -
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r}")
-    xp = array_namespace(a)
+    xp = namespace_of(a)
     norm = xp.linalg.matrix_norm(a, ord="fro", keepdims=True)
     if not is_zero(eps):
         e = _batch_scalar(xp, eps, a, 2)
@@ -393,7 +393,7 @@ def _coupled_newton(a: Array, p: int, steps: int) -> tuple[Array, Array]:
     :math:`\|M - I\|_F/\|M\|_F` is below a tolerance: here every step runs, and
     :func:`inverse_root` checks M afterwards).
     """
-    xp = array_namespace(a)
+    xp = namespace_of(a)
     eye = identity_like(a)
     alpha = -1.0 / p
     z = (p + 1) / (2.0 * xp.linalg.matrix_norm(a, ord="fro", keepdims=True))
@@ -428,7 +428,7 @@ def auto_root_method(p: Array) -> str:
     and is exact; the Polar-Express iteration (``"polar_express"``) on accelerators, where ``eigh``
     costs hundreds and synchronises with the host (cuSOLVER's info check), and the iteration's
     convergence check reads nothing on the host."""
-    xp = array_namespace(p)
+    xp = namespace_of(p)
     return "eigh" if p.dtype == xp.float64 or on_cpu(xp, p) else "polar_express"
 
 
@@ -473,7 +473,7 @@ def inverse_root(
     of the result: that is about the error of a float32 ``eigh`` (``docs/methods/asgo.md`` lists
     both).
     """
-    xp = array_namespace(a)
+    xp = namespace_of(a)
     if method not in ROOT_METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, ROOT_METHODS))}, got {method!r}")
     if isinstance(p, bool) or not isinstance(p, int) or p < 1:
@@ -527,7 +527,7 @@ def all_finite(x: Array, axis: tuple[int, ...]) -> Array:
     ``x * 0`` to zero, as TorchInductor does for an integer zero, which IEEE arithmetic does not
     allow).
     """
-    xp = array_namespace(x)
+    xp = namespace_of(x)
     if is_torch_namespace(xp) and not torch_compiling():
         return xp.sum(x * 0.0, axis=axis) == 0.0
     return xp.all(xp.isfinite(x), axis=axis)
@@ -538,7 +538,7 @@ def damped_inverse_init(matrices: Array, damping: Any) -> Array:
 
     The value a stored inverse holds before its first successful refresh.
     """
-    xp = array_namespace(matrices)
+    xp = namespace_of(matrices)
     eye = identity_like(matrices) / damping
     return xp.broadcast_to(eye, matrices.shape) + xp.zeros_like(matrices)
 
@@ -575,7 +575,7 @@ def damped_inverse(matrices: Array, damping: Any, previous: Array) -> tuple[Arra
     entries instead (:func:`inverse`): it alone fails. Any other error of the call (a CUDA error,
     torch's synchronisation debug mode) propagates.
     """
-    xp = array_namespace(matrices, previous)
+    xp = namespace_of(matrices, previous)
     eye = identity_like(matrices)
     # A non-finite block is replaced by I before the call: inv maps Inf entries to finite
     # garbage (inv([[inf, 0], [0, 1]]) = [[0, 0], [0, 1]]) and NaN may make NumPy raise.
@@ -651,7 +651,7 @@ def damped_inverse_stable(
         The symmetrised inverses, and (...,) bool: the blocks that failed and kept ``previous``
         (for the caller's failure counter). A raised damping is not a failure: its result is used.
     """
-    xp = array_namespace(matrices, previous)
+    xp = namespace_of(matrices, previous)
     finite_in = all_finite(matrices, axis=(-2, -1))
     safe = xp.where(finite_in[..., None, None], symmetrize(matrices), xp.zeros_like(matrices))
     floor = (xp.finfo(safe.dtype).eps / accuracy) * _frobenius_norm(xp, safe)
@@ -709,7 +709,7 @@ def mode_product(tensor: Array, matrix: Array, axis: int, *, transpose: bool = F
 
     One batched ``matmul``; the first and the last tensor axis need no copy.
     """
-    xp = array_namespace(tensor, matrix)
+    xp = namespace_of(tensor, matrix)
     flat, moved, back = _unfolded(xp, tensor, axis, len(matrix.shape) - 2)
     m = matrix.mT if transpose else matrix
     if moved is None:  # the first tensor axis: M T_(n)
@@ -725,7 +725,7 @@ def mode_gram(tensor: Array, axis: int, *, batch: int = 0) -> Array:
     counts from the start of ``tensor``. For a matrix :math:`Y`, axis 0 gives :math:`YY^\top` and
     axis 1 :math:`Y^\top Y`. One batched ``matmul``.
     """
-    xp = array_namespace(tensor)
+    xp = namespace_of(tensor)
     flat, moved, _ = _unfolded(xp, tensor, axis, batch)
     return xp.matmul(flat, flat.mT) if moved is None else xp.matmul(flat.mT, flat)
 
@@ -847,7 +847,7 @@ def half_precision_dtype(x: Array) -> Any:
     ``array_api_strict``). A JAX array traced under ``jax.jit`` has no device; JAX's default
     backend decides then.
     """
-    xp = array_namespace(x)
+    xp = namespace_of(x)
     if not hasattr(xp, "bfloat16"):
         return None
     dev = array_device(x)
@@ -879,7 +879,7 @@ def kl_clip_factor(direction: Array, vector: Array, learning_rate: Any, kl_clip:
     Approximations". ICLR 2017, section 5 (KL clipping). ``direction``/``vector``: arrays of one
     shape; ``learning_rate`` and ``kl_clip`` numbers or 0-D arrays. Returns a 0-D array.
     """
-    xp = array_namespace(direction, vector)
+    xp = namespace_of(direction, vector)
     return kl_clip_of_quadratic(xp, xp.sum(direction * vector), learning_rate, kl_clip)
 
 
@@ -934,7 +934,7 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     small multiple of :math:`u_{\mathrm{round}} \|A\|`, :math:`V^\top V - I` within a few :math:`n\,u_{\mathrm{round}}`
     (``tests/test_linalg_secular.py`` against ``eigh``).
     """
-    xp = array_namespace(d, z)
+    xp = namespace_of(d, z)
     out_dtype = d.dtype
     wide = float64_where_available(xp, d)
     if wide is not None:
