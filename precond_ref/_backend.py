@@ -254,18 +254,20 @@ class IdentityDict:
     (``is``, not ``==``: arrays compare element-wise, and most do not hash).
 
     Eagerly a dict by ``id(k)`` that holds ``k`` beside its value, so that no other object takes
-    its ``id`` while it is here. Made under ``torch.compile``, a list of ``(k, value)`` searched
-    with ``is``: dynamo cannot always trace ``id`` of a tensor made in the traced
-    function, and the search runs while tracing only, not in the compiled step.
+    its ``id`` while it is here. Made under ``torch.compile``, whose keys are torch tensors, a dict
+    keyed by the tensors themselves: a tensor hashes by its identity, which dynamo traces as the
+    identity of the traced tensor (one lookup, where a search of the entries would trace a
+    comparison per entry), while ``id`` of a tensor made in the traced function it cannot always
+    trace.
     """
 
     def __init__(self) -> None:
-        self._pairs: Optional[list] = [] if torch_compiling() else None
+        self._traced: Optional[dict] = {} if torch_compiling() else None
         self._by_id: dict[int, tuple] = {}
 
     def get(self, key: Any, default: Any = None) -> Any:
-        if self._pairs is not None:
-            return next((v for k, v in self._pairs if k is key), default)
+        if self._traced is not None:
+            return self._traced.get(key, default)
         pair = self._by_id.get(id(key))
         return default if pair is None or pair[0] is not key else pair[1]
 
@@ -273,13 +275,13 @@ class IdentityDict:
         return self.get(key, _ABSENT) is not _ABSENT
 
     def __len__(self) -> int:
-        return len(self._by_id) if self._pairs is None else len(self._pairs)
+        return len(self._by_id) if self._traced is None else len(self._traced)
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        if self._pairs is None:
+        if self._traced is None:
             self._by_id[id(key)] = (key, value)
         else:
-            self._pairs = [(k, v) for k, v in self._pairs if k is not key] + [(key, value)]
+            self._traced[key] = value
 
 
 _ABSENT = object()
