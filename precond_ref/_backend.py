@@ -24,18 +24,19 @@ from array_api_compat import device as _compat_device, is_jax_namespace
 # array_api_compat's is_torch_namespace / is_numpy_namespace are functools.lru_cache-wrapped:
 # dynamo warns of every such call it traces (the core's steps run under torch.compile), so the
 # core tests the namespace's name itself, as they do.
-_TORCH_NAMES = frozenset({"torch", f"{array_api_compat.__name__}.torch"})
+_COMPAT_TORCH = f"{array_api_compat.__name__}.torch"
+_TORCH_NAMES = frozenset({"torch", _COMPAT_TORCH})
 _NUMPY_NAMES = frozenset({"numpy", f"{array_api_compat.__name__}.numpy"})
 
 
 def is_torch_namespace(xp: Any) -> bool:
-    """Whether ``xp`` is torch's namespace (torch itself or array_api_compat's wrapper of it)."""
-    return getattr(xp, "__name__", None) in _TORCH_NAMES
+    """Whether the namespace (a module) ``xp`` is torch's (torch itself or array_api_compat's wrapper of it)."""
+    return xp.__name__ in _TORCH_NAMES
 
 
 def is_numpy_namespace(xp: Any) -> bool:
-    """Whether ``xp`` is NumPy's namespace (NumPy itself or array_api_compat's wrapper of it)."""
-    return getattr(xp, "__name__", None) in _NUMPY_NAMES
+    """Whether the namespace (a module) ``xp`` is NumPy's (NumPy itself or array_api_compat's wrapper of it)."""
+    return xp.__name__ in _NUMPY_NAMES
 
 Array = Any
 
@@ -47,9 +48,10 @@ def namespace_of(*arrays: Any) -> Any:
     namespace without array_api_compat's tests of each array's type: the same answer, which dynamo
     would otherwise trace call by call (a dozen calls an array, in every traced step).
     """
-    torch, wrapped = sys.modules.get("torch"), sys.modules.get(f"{array_api_compat.__name__}.torch")
-    if arrays and wrapped is not None and torch_compiling() and all([isinstance(a, torch.Tensor) for a in arrays]):
-        return wrapped
+    if arrays and torch_compiling():
+        torch, wrapped = sys.modules["torch"], sys.modules.get(_COMPAT_TORCH)
+        if wrapped is not None and all([isinstance(a, torch.Tensor) for a in arrays]):
+            return wrapped
     return array_api_compat.array_namespace(*arrays)
 
 
@@ -195,8 +197,13 @@ def hashable(value: Any) -> Any:
 
 def device_key(x: Array) -> Any:
     """A hashable stand-in for ``array_device(x)`` (:func:`hashable` of it), for the keys that group
-    arrays by device: equal for arrays on one device, different for arrays on different devices."""
-    return hashable(array_device(x))
+    arrays by device: equal for arrays on one device, different for arrays on different devices.
+    A torch tensor's ``x.device`` (hashable) is read directly, as :func:`array_device` reads it: a
+    step under ``torch.compile`` traces a key for each operand it groups."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.device
+    return hashable(_compat_device(x))
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:
@@ -216,8 +223,7 @@ def is_tracer(x: Any) -> bool:
 
 def torch_compiling() -> bool:
     """Whether ``torch.compile`` (TorchDynamo) is tracing the current call; False without torch."""
-    torch = sys.modules.get("torch")
-    return torch is not None and torch.compiler.is_compiling()
+    return "torch" in sys.modules and sys.modules["torch"].compiler.is_compiling()
 
 
 @contextlib.contextmanager
@@ -437,11 +443,11 @@ def is_dense(x: Array) -> bool:
 
 
 def select(xp: Any, pred: Array, a: Array, b: Array) -> Array:
-    """``where(pred, a, b)``. On torch, for arrays of one dtype, ``torch.where`` itself:
+    """``where(pred, a, b)`` of arrays ``a`` and ``b``. On torch, for arrays of one dtype, ``torch.where`` itself:
     ``array_api_compat``'s ``where`` first converts an array beside a 0-D one to their common dtype,
     an operation even when that is its own (a dispatch per call in an eager step; under
     ``torch.compile`` a conversion that does nothing, and half a dozen calls for dynamo to trace)."""
-    if is_torch_namespace(xp) and getattr(a, "dtype", None) == getattr(b, "dtype", 0):
+    if is_torch_namespace(xp) and a.dtype == b.dtype:
         return sys.modules["torch"].where(pred, a, b)
     return xp.where(pred, a, b)
 
