@@ -840,7 +840,10 @@ def selected_by_runs(xp: Any, pred: Array, news: Any, olds: Any) -> list:
     find runs in, nor slices remembered), one selection per pair: every run is then of one pair."""
     known, out = remembered(), []
     if known is None:  # views: runs of consecutive pieces, flattened and joined
-        for start, stop in consecutive_runs(xp, [news]):
+        runs = consecutive_runs(xp, [news])
+        if len(runs) == len(news):  # every run of one pair (always while torch.compile traces)
+            return [select(xp, pred, new, old) for new, old in zip(news, olds)]
+        for start, stop in runs:
             if stop - start == 1 or not all(is_dense(old) for old in olds[start:stop]):
                 out += [select(xp, pred, new, old) for new, old in zip(news[start:stop], olds[start:stop])]
                 continue
