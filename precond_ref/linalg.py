@@ -680,10 +680,9 @@ def _unfolded(xp: Any, tensor: Array, axis: int, batch: int) -> tuple[Array, Opt
     lead, d = tuple(tensor.shape[:batch]), tensor.shape[axis]
     if axis == batch:
         return xp.reshape(tensor, lead + (d, -1)), None, None
-    perm = tuple(i for i in range(ndim) if i != axis) + (axis,)
     last = axis == ndim - 1
-    moved = tensor if last else xp.permute_dims(tensor, perm)
-    back = None if last else tuple(perm.index(i) for i in range(ndim))
+    moved = tensor if last else xp.permute_dims(tensor, (*range(axis), *range(axis + 1, ndim), axis))  # axis moved last
+    back = None if last else (*range(axis), ndim - 1, *range(axis, ndim - 1))  # and back to its place
     return xp.reshape(moved, lead + (-1, d)), tuple(moved.shape), back
 
 
