@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, Callable, Hashable, NamedTuple
 
 __all__ = [
-    "Path", "TreeDef", "tree_flatten", "tree_unflatten", "tree_map", "path_str", "to_entries", "from_entries",
+    "Path", "TreeDef", "tree_flatten", "tree_leaves", "tree_unflatten", "tree_map", "path_str", "to_entries",
+    "from_entries",
 ]
 
 Path = tuple[Hashable, ...]
@@ -62,6 +63,25 @@ def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:
     paths: list[Path] = []
     skeleton = _skeleton(tree, (), leaves, paths)
     return leaves, TreeDef(skeleton, tuple(paths))
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """The leaves of :func:`tree_flatten` alone, in its order, from one walk that builds no
+    skeleton or paths: for pairing the leaves of trees of one structure (parameters and their
+    updates); a leaf is appended where its container's walk meets it, without a call of its own."""
+    if not isinstance(tree, (dict, list, tuple)):
+        return [] if tree is None else [tree]
+    leaves: list[Any] = []
+    _add_leaves(tree, leaves)
+    return leaves
+
+
+def _add_leaves(tree: Any, leaves: list) -> None:
+    for value in ([tree[k] for k in _sorted_keys(tree)] if isinstance(tree, dict) else tree):
+        if isinstance(value, (dict, list, tuple)):
+            _add_leaves(value, leaves)
+        elif value is not None:
+            leaves.append(value)
 
 
 def _fill(skeleton: Any, leaves: Any) -> Any:
