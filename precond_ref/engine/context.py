@@ -61,8 +61,12 @@ class StepContext(NamedTuple):
         """
         if self.shared is None:
             return compute()
-        key = tuple([hashable(k) for k in key])
-        if key not in self.shared:
+        try:
+            found = key in self.shared
+        except TypeError:  # an unhashable element (CuPy's device): the key of stand-ins, made only then
+            key = tuple([hashable(k) for k in key])
+            found = key in self.shared
+        if not found:
             self.shared[key] = compute()
         return self.shared[key]
 
