@@ -105,7 +105,7 @@ def pack(
             check_state_namespace(name, xp, group, (g,), state.groups[group.key])
     limit = FLAT_MAX_TRACED_ELEMENTS if compiling or any(map(is_tracer, grad_leaves)) else FLAT_MAX_ELEMENTS
     states = [state.groups[group.key] for group in groups]
-    leaves = [(g,) if param_leaves is None else (g, param_leaves[i]) for i, g in enumerate(grad_leaves)]
+    leaves = [(g,) for g in grad_leaves] if param_leaves is None else list(zip(grad_leaves, param_leaves))
 
     def packable(i: int) -> bool:
         g, entries = grad_leaves[i], states[i]

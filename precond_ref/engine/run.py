@@ -270,10 +270,11 @@ class _Runner:
                     if self.legacy_names is not None:
                         olds = {**olds, group.key: self.legacy_names(olds[group.key])}
                     check_fits(self.name, group, g, olds[group.key], layout, self.layout_hint)
-        results = dict(zip([group.key for group, _, _ in live], self.update_groups(
+        outs = self.update_groups(
             [g for _, g, _ in live], [olds[group.key] for group, _, _ in live], [p for _, _, p in live],
             [ctx._replace(paths=group.paths) for group, _, _ in live],
-        ) if live else []))
+        ) if live else []
+        results = {group.key: out for (group, _, _), out in zip(live, outs)}
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
         for group, g, _ in members:

@@ -113,7 +113,7 @@ def skipped_gradients(xp: Any, ok: Any, finite_step: bool, grads: list, zeros: l
     take the selection in (measured: docs/backends.md)."""
     if not elementwise and is_jax_namespace(xp):
         return grads
-    chosen = [i for i, g in enumerate(grads) if not (finite_step and is_dense(g))]
+    chosen = [i for i in range(len(grads)) if not (finite_step and is_dense(grads[i]))]
     grads = list(grads)
     used = leafwise(xp, lambda g, zero: gradient_used(xp, ok, g, zero), [grads[i] for i in chosen],
                     zeros=[zeros[i] for i in chosen])
