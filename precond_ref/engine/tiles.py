@@ -62,7 +62,10 @@ class Tile(NamedTuple):
 def first_appearance(keys: Sequence[Any]) -> tuple:
     """The positions of ``keys`` grouped by equal key, groups in order of their first position:
     ``("a", "b", "a") -> ((0, 2), (1,))``."""
-    return tuple(tuple(n for n, other in enumerate(keys) if other == key) for key in dict.fromkeys(keys))
+    groups: dict = {}
+    for n in range(len(keys)):
+        groups.setdefault(keys[n], []).append(n)
+    return tuple([tuple(members) for members in groups.values()])
 
 
 class TileStack(NamedTuple):
