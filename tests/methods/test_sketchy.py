@@ -401,15 +401,7 @@ def test_s_adagrad_faithful_is_oco(property_backend, d, ell, steps, seed, delta)
 def test_s_adagrad_regret_bound(property_backend, decomposition, d, rank, steps, seed, delta, lr):
     """F-I9 (S-AdaGrad regret, unconstrained form; Sketchy paper's S-AdaGrad theorem): on online
     linear/absolute losses, for any x*, Σ⟨g_t, x_t − x*⟩ ≤ D²/(2η)·tr((Ḡ_T + (ρ_T + δ)I)^{1/2})
-    + η·tr(G_T^{1/2}), D = max_t ‖x_t − x*‖.
-
-    The bound's second term also holds on its own, and is checked on its own: with H_t =
-    (Ḡ_t + (ρ_t + δ)I)^{1/2} the step is u_t = −η H_t^{−1} g_t, and the derivation's
-    (η/2)·Σ g_tᵀH_t^{−1}g_t = −½·Σ⟨g_t, u_t⟩ ≤ η·tr(G_T^{1/2}) (H_t ⪰ G_t^{1/2} by F-I1; the
-    matrix-AdaGrad lemma Σ g_tᵀG_t^{+1/2}g_t ≤ 2 tr G_T^{1/2}). On these nearly constant gradient
-    directions it comes within a factor ~1.2 of its bound, where the whole bound keeps a factor of
-    ~1.7 and more: steps 1.5 times too long fail it, and so does an escaped mass that is not
-    accumulated (ρ_t the last step's alone), which the whole bound lets pass."""
+    + η·tr(G_T^{1/2}), D = max_t ‖x_t − x*‖."""
     rng = np.random.default_rng(seed)
     rank = min(rank, d)
     opt = pr.s_adagrad(lr, rank=rank, delta=delta, eps=0.0, decomposition=decomposition)
@@ -435,6 +427,13 @@ def test_s_adagrad_regret_bound(property_backend, decomposition, d, rank, steps,
     gram = sum(np.outer(g, g) for g in gs)
     tr_h = np.trace(_dense_root(h_final, 0.5, tol=0.0))
     tr_g = np.trace(_dense_root(gram, 0.5, tol=0.0))
+    # The bound's second term also holds on its own: with H_t = (Ḡ_t + (ρ_t + δ)I)^{1/2} the step
+    # is u_t = −η H_t^{−1} g_t, and the derivation's (η/2)·Σ g_tᵀH_t^{−1}g_t = −½·Σ⟨g_t, u_t⟩ ≤
+    # η·tr(G_T^{1/2}) (H_t ⪰ G_t^{1/2} by F-I1; the matrix-AdaGrad lemma Σ g_tᵀG_t^{+1/2}g_t ≤
+    # 2 tr G_T^{1/2}). On these nearly constant gradient directions it comes within a factor ~1.2
+    # of its bound, where the whole bound keeps a factor of ~1.7 and more: steps 1.5 times too
+    # long fail it, and so does an escaped mass that is not accumulated (ρ_t the last step's
+    # alone), which the whole bound lets pass.
     gradient_term = -0.5 * sum(g @ u for g, u in zip(gs, us))
     assert gradient_term <= lr * tr_g * (1 + 1e-9)
     total = sum(gs)
