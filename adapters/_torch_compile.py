@@ -56,7 +56,7 @@ from precond_ref.engine.elementwise import EAGER_WRITES, in_place_step
 from precond_ref.engine.run import steps_leaf_by_leaf
 from precond_ref.engine.skip import gradient_ok
 from precond_ref.transform import Transform
-from precond_ref.tree import path_str, tree_flatten
+from precond_ref.tree import path_str, tree_flatten, tree_leaves
 
 __all__ = ["ENVIRONMENT_VARIABLE", "compile_options", "CompiledStep", "check_capturable"]
 
@@ -133,15 +133,16 @@ def _apply(
     with_ok = {} if ok is None else {"gradients_ok": ok}
     updates, new_state = transform.update(grads, state, params, due=due, **with_ok, **extra)
     scalar_updates = []
-    for p, u in zip(tree_flatten(params)[0], tree_flatten(updates)[0]):
+    for p, u in zip(tree_leaves(params), tree_leaves(updates)):
         if p.ndim == 0:
             scalar_updates.append(u)
         else:
             p.add_(u)  # per leaf, not _foreach_add_: Inductor fuses it into the update's own loop
     returned: dict = {}
     for key, entries in new_state.groups.items():
+        olds = state.groups[key]
         for name, value in entries.items():
-            old = state.groups[key][name]
+            old = olds[name]
             if value is old:
                 continue
             if value.ndim > 0:
@@ -172,7 +173,7 @@ def _boxed(state: Any) -> tuple[Any, tuple]:
 
 def _unboxed(state: Any, boxed: tuple) -> Any:
     """The inverse of :func:`_boxed`, inside the traced step."""
-    groups = {key: dict(entries) for key, entries in state.groups.items()}
+    groups = {key: {**entries} for key, entries in state.groups.items()}
     for key, name in boxed:
         groups[key][name] = groups[key][name].reshape(())
     return type(state)(state.count, state.nonfinite_count, groups)

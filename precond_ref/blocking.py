@@ -93,7 +93,7 @@ class Stack(NamedTuple):
 
 def same_layout(operands: tuple) -> Hashable:
     """The default stacking key: every operand's trailing shape, dtype and device."""
-    return tuple((tuple(a.shape[1:]), a.dtype, device_key(a)) for a in operands)
+    return tuple([(tuple(a.shape[1:]), a.dtype, device_key(a)) for a in operands])
 
 
 #: entries: on a CPU, a member of :func:`stack` whose first operand has at least this many (32 blocks
@@ -107,7 +107,7 @@ CPU_BATCHED_ENOUGH = 2**17
 def large_on_cpu(operands: tuple, entries: int) -> bool:
     """Whether a member's first operand lives on the CPU and has at least ``entries`` entries."""
     first = operands[0]
-    return str(array_device(first)) == "cpu" and math.prod(first.shape) >= entries
+    return math.prod(first.shape) >= entries and str(array_device(first)) == "cpu"
 
 
 def stack(
@@ -127,16 +127,19 @@ def stack(
     a view, no copy), and the stack persists across steps.
     """
     groups: dict[Hashable, list[int]] = {}
-    for index, operands in enumerate(members):
+    for index in range(len(members)):
+        operands = members[index]
         label = None if labels is None else labels[index]
         layout = key(operands) if key is not None else None if large_on_cpu(operands, CPU_BATCHED_ENOUGH) else same_layout(operands)
         # (index,), a 1-tuple, equals no (label, layout) pair
         groups.setdefault((index,) if layout is None else (label, layout), []).append(index)
     stacks = []
     for indices in groups.values():
-        columns = zip(*(members[i] for i in indices))  # each operand of the members, in order
-        operands = tuple(members[indices[0]]) if len(indices) == 1 else tuple(joined(xp, column) for column in columns)
-        stacks.append(Stack(tuple(indices), operands, tuple(members[i][0].shape[0] for i in indices)))
+        if len(indices) == 1:
+            operands = tuple(members[indices[0]])
+        else:  # each operand of the members, in order, joined
+            operands = tuple([joined(xp, column) for column in zip(*[members[i] for i in indices])])
+        stacks.append(Stack(tuple(indices), operands, tuple([members[i][0].shape[0] for i in indices])))
     return stacks
 
 

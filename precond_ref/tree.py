@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, Callable, Hashable, NamedTuple
 
 __all__ = [
-    "Path", "TreeDef", "tree_flatten", "tree_unflatten", "tree_map", "path_str", "to_entries", "from_entries",
+    "Path", "TreeDef", "tree_flatten", "tree_leaves", "tree_unflatten", "tree_map", "path_str", "to_entries",
+    "from_entries",
 ]
 
 Path = tuple[Hashable, ...]
@@ -36,16 +37,20 @@ def _sorted_keys(tree: dict) -> list:
         return list(tree)
 
 
-def _skeleton(tree: Any, path: Path, out: list[tuple[Path, Any]]) -> Any:
+def _skeleton(tree: Any, path: Path, leaves: list, paths: list[Path]) -> Any:
+    """``tree`` with its leaves replaced by :data:`_LEAF`, each leaf appended to ``leaves`` and its
+    path to ``paths`` (list comprehensions and ``range``, not generators and ``enumerate``, which
+    dynamo traces as extra calls)."""
     if tree is None:
         return None
     if isinstance(tree, dict):
-        return {k: _skeleton(tree[k], path + (k,), out) for k in _sorted_keys(tree)}
+        return {k: _skeleton(tree[k], path + (k,), leaves, paths) for k in _sorted_keys(tree)}
     if isinstance(tree, (list, tuple)):
         if hasattr(tree, "_fields"):  # a NamedTuple
-            return type(tree)(*(_skeleton(v, path + (f,), out) for f, v in zip(tree._fields, tree)))
-        return type(tree)(_skeleton(v, path + (i,), out) for i, v in enumerate(tree))
-    out.append((path, tree))
+            return type(tree)(*[_skeleton(v, path + (f,), leaves, paths) for f, v in zip(tree._fields, tree)])
+        return type(tree)([_skeleton(tree[i], path + (i,), leaves, paths) for i in range(len(tree))])
+    leaves.append(tree)
+    paths.append(path)
     return _LEAF
 
 
@@ -54,9 +59,29 @@ def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:
 
     Dict keys are visited in sorted order (JAX's order); ``NamedTuple`` fields are path keys by name.
     """
-    pairs: list[tuple[Path, Any]] = []
-    skeleton = _skeleton(tree, (), pairs)
-    return [leaf for _, leaf in pairs], TreeDef(skeleton, tuple(p for p, _ in pairs))
+    leaves: list[Any] = []
+    paths: list[Path] = []
+    skeleton = _skeleton(tree, (), leaves, paths)
+    return leaves, TreeDef(skeleton, tuple(paths))
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """The leaves of :func:`tree_flatten` alone, in its order, from one walk that builds no
+    skeleton or paths: for pairing the leaves of trees of one structure (parameters and their
+    updates); a leaf is appended where its container's walk meets it, without a call of its own."""
+    if not isinstance(tree, (dict, list, tuple)):
+        return [] if tree is None else [tree]
+    leaves: list[Any] = []
+    _add_leaves(tree, leaves)
+    return leaves
+
+
+def _add_leaves(tree: Any, leaves: list) -> None:
+    for value in ([tree[k] for k in _sorted_keys(tree)] if isinstance(tree, dict) else tree):
+        if isinstance(value, (dict, list, tuple)):
+            _add_leaves(value, leaves)
+        elif value is not None:
+            leaves.append(value)
 
 
 def _fill(skeleton: Any, leaves: Any) -> Any:
@@ -67,8 +92,8 @@ def _fill(skeleton: Any, leaves: Any) -> Any:
     if isinstance(skeleton, dict):
         return {k: _fill(v, leaves) for k, v in skeleton.items()}
     if hasattr(skeleton, "_fields"):  # a NamedTuple (a skeleton's other nodes: lists and tuples)
-        return type(skeleton)(*(_fill(v, leaves) for v in skeleton))
-    return type(skeleton)(_fill(v, leaves) for v in skeleton)
+        return type(skeleton)(*[_fill(v, leaves) for v in skeleton])
+    return type(skeleton)([_fill(v, leaves) for v in skeleton])
 
 
 def tree_unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
@@ -105,8 +130,31 @@ def to_entries(fields: Any) -> dict[str, Any]:
     tile); checkpoints (torch's ``state_dict``, optax states) hold flat string keys. The key of a
     leaf is its path: ``Tile(factor=(K0, K1))`` -> ``{"factor/0": K0, "factor/1": K1}``.
     """
-    leaves, treedef = tree_flatten(fields)
-    return {path_str(path): leaf for path, leaf in zip(treedef.paths, leaves)}
+    if not isinstance(fields, (dict, list, tuple)):
+        return {} if fields is None else {".": fields}
+    out: dict[str, Any] = {}
+    _add_entries(fields, None, out)
+    return out
+
+
+def _add_entries(tree: Any, prefix: Any, out: dict[str, Any]) -> None:
+    """:func:`to_entries` of a dict, list or tuple ``tree`` in one walk: ``out[path_str(path)] =
+    leaf`` in :func:`tree_flatten`'s order, the key grown as the walk descends (``prefix``: the
+    path so far, ``None`` at the root), without building the tree's skeleton, paths and keys in
+    three walks; a leaf is stored where it is met, without a call of its own. What dynamo traces
+    is then one call per container."""
+    if isinstance(tree, dict):
+        keys = _sorted_keys(tree)
+        values = [tree[k] for k in keys]
+    else:
+        keys = tree._fields if hasattr(tree, "_fields") else range(len(tree))
+        values = tree
+    for key, value in zip(keys, values):
+        path = str(key) if prefix is None else f"{prefix}/{key}"
+        if isinstance(value, (dict, list, tuple)):
+            _add_entries(value, path, out)
+        elif value is not None:
+            out[path] = value
 
 
 def from_entries(template: Any, entries: Any, prefix: str = "") -> Any:

@@ -124,6 +124,33 @@ def test_interval_mechanism_counts_refreshes(backend):
     assert int(state.count) == 5
 
 
+def test_host_decisions_answer_each_declared_interval_and_refuse_another():
+    """``update(..., due=)``: ``ctx.every`` answers a declared number by value and a declared
+    predicate by identity, each with its own decision, and refuses an interval not declared."""
+    def odd(calls):
+        return calls % 2 == 1
+
+    def even(calls):
+        return calls % 2 == 0
+
+    asked = []
+
+    def update_group(grads, state, params, ctx):
+        asked.append((ctx.every(3), ctx.every(odd), ctx.every(5), ctx.every(even)))
+        for undeclared in (4, lambda calls: True):
+            with pytest.raises(ValueError, match="was not declared to build_transform"):
+                ctx.every(undeclared)
+        return grads, state
+
+    opt = build_transform(name="toy", init_group=lambda leaves, paths, xp: {}, update_group=update_group,
+                          intervals=(3, odd, 5, even))
+    params = {"w": np.ones(2)}
+    state = opt.init(params)
+    for due in [(True, False, False, True), (False, True, True, False)]:
+        opt.update({"w": np.ones(2)}, state, params, due=due)
+    assert asked == [(True, False, False, True), (False, True, True, False)]
+
+
 def test_grouping_pairs_weight_and_bias(backend):
     """group_leaves receives paths; a pairing function gets one call per pair."""
     seen = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from precond_ref.tree import from_entries, path_str, to_entries, tree_flatten, tree_unflatten
+from precond_ref.tree import from_entries, path_str, to_entries, tree_flatten, tree_leaves, tree_unflatten
 
 
 class _A(NamedTuple):
@@ -25,7 +25,7 @@ def _plain_entries(tree):
 
 def test_to_entries_is_path_str_of_each_leaf_in_flatten_order():
     """``to_entries`` walks the tree without building its skeleton; the keys, values and their order
-    are those of the formula, for nested NamedTuples, tuples, lists, dicts (sorted keys, and keys
+    are those of the formula (and ``tree_leaves`` the values), for nested NamedTuples, tuples, lists, dicts (sorted keys, and keys
     that do not sort in insertion order), None subtrees and a root leaf."""
     trees = [
         {"z": _A(x=(1, None, [2, 3]), y=None), "a": {"q": 4}},
@@ -36,7 +36,9 @@ def test_to_entries_is_path_str_of_each_leaf_in_flatten_order():
     for tree in trees:
         entries = to_entries(tree)
         assert list(entries.items()) == list(_plain_entries(tree).items())
+        assert tree_leaves(tree) == tree_flatten(tree)[0]  # the same walk without the keys
     assert to_entries(7) == {".": 7}
+    assert to_entries(None) == {} and tree_leaves(None) == [] and tree_leaves(7) == [7]
 
 
 def test_from_entries_keeps_templates_of_equal_values_apart():

@@ -467,21 +467,41 @@ class AxesRule(NamedTuple):
     keep: Optional[Callable] = None
 
 
-def _leaves(rule: AxesRule, c: Any, xp: Any, grads: Sequence[tuple], states: Sequence[dict]) -> list[tuple]:
+def _entry_names(rule: AxesRule, plan: Optional[LeafPlan]) -> tuple:
+    """``names[n][j]``: the entry names ``sketches/{n}/{j}/{field}`` of each field of block
+    ``sketches[n][j]`` of a leaf of ``plan`` (none without one): a function of its shape alone."""
+    return () if plan is None else tuple(
+        tuple(tuple(f"sketches/{n}/{j}/{field}" for field in rule.Block._fields) for j in range(len(axis.runs)))
+        for n, axis in enumerate(plan.axes))
+
+
+def _leaves(rule: AxesRule, c: Any, names_of: Callable, xp: Any, grads: Sequence[tuple], states: Sequence[dict]
+            ) -> list[tuple]:
     """Each group's one leaf as ``(g, plan, state)``: its gradient in the compute dtype, its plan
     ``rule.plan(c, shape, first_phase)`` (the first refresh phase from its shape,
     :func:`~precond_ref.engine.phases.shape_phase`) and its stored entries as the rule's state
-    (``sketches/{n}/{j}/{field}`` the field of block ``sketches[n][j]``, the other fields under their
-    names, None where absent)."""
+    (the fields of block ``sketches[n][j]`` read by their names ``names_of(shape, plan)``
+    (:func:`_entry_names`), the other fields under their names, None where absent)."""
     leaves = []
     for (leaf,), entries in zip(grads, states):
         g = xp.astype(leaf, compute_dtype(xp, leaf.dtype), copy=False)
         plan = rule.plan(c, tuple(g.shape), shape_phase(tuple(g.shape), len(c.dues)))
-        sketches = () if plan is None else tuple(
-            tuple(rule.Block(*(entries[f"sketches/{n}/{j}/{field}"] for field in rule.Block._fields)) for j in range(len(axis.runs)))
-            for n, axis in enumerate(plan.axes))
-        leaves.append((g, plan, rule.State(sketches, *(entries.get(field) for field in rule.State._fields[1:]))))
+        sketches = tuple(tuple(rule.Block(*[entries[k] for k in block]) for block in axis)
+                         for axis in names_of(tuple(g.shape), plan))
+        leaves.append((g, plan, rule.State(sketches, *[entries.get(field) for field in rule.State._fields[1:]])))
     return leaves
+
+
+def _entries(names: tuple, sketches: Sequence, failures: Any, graft_second_moment: Any, momentum: Any) -> dict:
+    """A leaf's new state as its stored entries: :func:`precond_ref.tree.to_entries` of the rule's
+    ``State`` of these fields, its blocks' arrays under their entry names (:func:`_entry_names`) and the
+    other fields, in the State's order, under their names where not None, without walking it."""
+    blocks = [value for axis in sketches for block in axis for value in block]
+    entries = {k: value for k, value in zip([k for axis in names for block in axis for k in block], blocks)}
+    for field, value in (("failures", failures), ("graft_second_moment", graft_second_moment), ("momentum", momentum)):
+        if value is not None:
+            entries[field] = value
+    return entries
 
 
 def _finished(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, directions: list, leaves: list, params: Any) -> list:
@@ -507,10 +527,19 @@ def axes_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
     (:func:`_chunks`) whose outputs are the directions; a Kronecker rule's directions
     (:func:`_preconditioned`); the updates ``rule.finish`` (:func:`_finished`), or the direction
     itself without a learning rate."""
+    names: dict = {}  # a leaf's shape -> its blocks' entry names, made once per shape (by init_group, eagerly)
+
+    def names_of(shape: tuple, plan: Optional[LeafPlan]) -> tuple:
+        if shape not in names:
+            names[shape] = _entry_names(rule, plan)
+        return names[shape]
+
     def init_group(leaves, paths, xp):
         (w,) = leaves
         dtype, device = compute_dtype(xp, w.dtype), array_device(w)
-        sketches = empty_blocks(rule.plan(c, tuple(w.shape)), lambda length, rank, batch: rule.Block(
+        plan = rule.plan(c, tuple(w.shape))
+        names_of(tuple(w.shape), plan)
+        sketches = empty_blocks(plan, lambda length, rank, batch: rule.Block(
             **rule.empty(xp, length, rank, dtype=dtype, device=device, batch=batch)))
         zeros = functools.partial(xp.zeros, tuple(w.shape), dtype=dtype, device=device)
         return to_entries(rule.State(sketches, xp.zeros((), dtype=xp.int32, device=device) if sketches else None,
@@ -518,7 +547,7 @@ def axes_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
 
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         xp, ctx = ctxs[0].xp, ctxs[0]
-        leaves = _leaves(rule, c, xp, grads, states)
+        leaves = _leaves(rule, c, names_of, xp, grads, states)
         gs, moments = [g for g, _, _ in leaves], [state.graft_second_moment for _, _, state in leaves]
         grafts = list(zip(moments, gs)) if rule.graft is None else leafwise(xp, functools.partial(rule.graft, xp, c), gs, moments)
         if rule.precondition is None:  # a flat rule: its runs' outputs, joined back, are the directions
@@ -529,9 +558,8 @@ def axes_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
             stepped = _stepped(xp, ctx, rule, c, leaves, lambda members, phases, orders: phase_stacks(xp, phases, members, orders))
             directions = _preconditioned(xp, ctx, rule, c, leaves, [blocks for blocks, _, _ in stepped], grafts)
         finished = [(u,) for u in directions] if c.learning_rate is None else _finished(xp, ctx, rule, c, directions, leaves, params)
-        return [((out[0],), to_entries(state._replace(sketches=sketches, failures=failures, graft_second_moment=v,
-                                                      momentum=out[1] if c.has_momentum else None)))
-                for (_, _, state), (v, _), (sketches, failures, _), out in zip(leaves, grafts, stepped, finished)]
+        return [((out[0],), _entries(names_of(tuple(g.shape), plan), sketches, failures, v, out[1] if c.has_momentum else None))
+                for (g, plan, _), (v, _), (sketches, failures, _), out in zip(leaves, grafts, stepped, finished)]
 
     # a blocked Kronecker layout says which block_size loads a state saved unblocked
     hint = None if c.block_size is None or rule.precondition is None else functools.partial(unblocked_hint, "basis")

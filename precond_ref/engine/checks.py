@@ -257,14 +257,15 @@ def check_group(
 ) -> None:
     """Refuse, by name, any update that would change the layout of the state (e.g. broadcasting)."""
     for g, u in zip(grads, updates):
-        if tuple(u.shape) != tuple(g.shape):
+        if u.shape != g.shape:  # tuples (torch.Size a subclass): compared as they are
             raise ValueError(f"{name}: update of {path_str(group.paths[0])!r} has shape {tuple(u.shape)}, "
                              f"gradient {tuple(g.shape)}")
-    if set(new) != set(old):
+    if sorted(new) != sorted(old):  # names are strings: two sorted lists, cheaper to trace than two sets
         raise ValueError(
             f"{name}: state of {path_str(group.paths[0])!r} changed its entries {sorted(old)} -> {sorted(new)}")
     for key, value in new.items():
-        if tuple(value.shape) != tuple(old[key].shape) or value.dtype != old[key].dtype:
+        before = old[key]
+        if value.shape != before.shape or value.dtype != before.dtype:
             raise ValueError(
                 f"{name}: the gradient of {path_str(group.paths[0])!r} (shape {tuple(grads[0].shape)}, dtype "
                 f"{grads[0].dtype}) does not fit the optimizer state: {key!r} would change from "

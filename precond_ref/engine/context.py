@@ -13,7 +13,7 @@ from .._backend import IdentityDict, hashable, is_dense, is_number, scalar_array
 from ..transform import Interval, ScalarOrSchedule, is_due, schedule_value
 from ..tree import Path
 
-__all__ = ["StepContext", "settle_pieces"]
+__all__ = ["StepContext", "declared_intervals", "settle_pieces"]
 
 Array = Any
 
@@ -26,7 +26,9 @@ class StepContext(NamedTuple):
     tree paths of the group's leaves (for layout rules that depend on names, such as Flax's
     out-last ``kernel``). ``calls`` counts the calls before this one, skipped steps included: a
     Python int when the caller passed ``step=``, else a 0-D int32 array. ``due`` holds the host
-    decisions a compiled caller passed (``{interval: bool}``), or ``None``. ``ok`` is the step's
+    decisions a compiled caller passed, or ``None``: ``(numbers, predicates, decisions)``, the
+    declared intervals that are numbers and the others, each as ``(position, interval)`` pairs
+    (:func:`declared_intervals`), and the decisions by position. ``ok`` is the step's
     0-D bool skip predicate (``None`` when nothing is skipped), ``settled`` the entries
     :meth:`unless_skipped` already selected (an :class:`IdentityDict` of them), and ``shared`` the values :meth:`once`
     computed for this update (one dict for all its groups). ``applied`` is ``True`` when the step
@@ -59,8 +61,12 @@ class StepContext(NamedTuple):
         """
         if self.shared is None:
             return compute()
-        key = tuple([hashable(k) for k in key])
-        if key not in self.shared:
+        try:
+            found = key in self.shared
+        except TypeError:  # an unhashable element (CuPy's device): the key of stand-ins, made only then
+            key = tuple([hashable(k) for k in key])
+            found = key in self.shared
+        if not found:
             self.shared[key] = compute()
         return self.shared[key]
 
@@ -96,11 +102,18 @@ class StepContext(NamedTuple):
         otherwise. The interval must be one the method declared to :func:`build_transform`.
         """
         if self.due is not None:
-            for declared, decision in self.due:
-                if is_number(declared) != is_number(interval):
-                    continue  # never `is` between a number and a function, which dynamo may not trace
-                if declared == interval if is_number(declared) else declared is interval:
-                    return decision
+            numbers, predicates, decisions = self.due
+            # A number is compared with the declared numbers by value, anything else with the
+            # declared predicates by identity: never `is` between a number and a function, which
+            # dynamo may not trace.
+            if is_number(interval):
+                for i, declared in numbers:
+                    if declared == interval:
+                        return decisions[i]
+            else:
+                for i, declared in predicates:
+                    if declared is interval:
+                        return decisions[i]
             raise ValueError(f"interval {interval!r} was not declared to build_transform(intervals=...)")
         return is_due(interval, self.calls)
 
@@ -118,6 +131,15 @@ class StepContext(NamedTuple):
         selected = select(self.xp, self.ok, new, old)  # skip.entry_kept's selection
         self.settled[selected] = True
         return selected
+
+
+def declared_intervals(intervals: Sequence[Interval]) -> tuple[tuple, tuple]:
+    """A method's declared ``intervals`` split once into those that are numbers and the others
+    (predicates, arrays), each as ``(position, interval)`` pairs: :meth:`StepContext.every` then
+    tests its argument's kind once and scans the declarations of that kind alone."""
+    numbers = tuple((i, interval) for i, interval in enumerate(intervals) if is_number(interval))
+    others = tuple((i, interval) for i, interval in enumerate(intervals) if not is_number(interval))
+    return numbers, others
 
 
 def settle_pieces(ctx: StepContext, whole: Array, pieces: Sequence[Array]) -> Sequence[Array]:

@@ -90,12 +90,14 @@ def operands(xp: Any, config: NamedTuple, dtype: Any, scheduled: tuple = ()) -> 
     """``config`` with every numeric field but those ``scheduled`` as an operand of arithmetic in
     ``dtype`` (:func:`precond_ref._backend.as_operand`: a Python number as itself, an array
     hyperparameter, as ``optax.inject_hyperparams`` passes, as an array of ``dtype``); the others
-    as they are."""
-    return config._replace(**{
+    as they are; ``config`` itself where every such field is a Python number already (its operand)."""
+    changed = {
         name: as_operand(xp, value, dtype)
-        for name, value in config._asdict().items()
-        if name not in scheduled and (is_number(value) or (hasattr(value, "shape") and hasattr(value, "dtype")))
-    })
+        for name, value in zip(config._fields, config)
+        if type(value) not in (int, float) and name not in scheduled
+        and (is_number(value) or (hasattr(value, "shape") and hasattr(value, "dtype")))
+    }
+    return config._replace(**changed) if changed else config
 
 
 def step_scalars(xp: Any, scalars: NamedTuple, computed: tuple) -> NamedTuple:
@@ -313,7 +315,7 @@ def _packable(operands: tuple) -> Any:
 
 def _entries(state: NamedTuple) -> dict[str, Array]:
     """A rule's state as the engine stores it: ``{field: array}`` of the fields that are not ``None``."""
-    return {name: value for name, value in state._asdict().items() if value is not None}
+    return {name: value for name, value in zip(state._fields, state) if value is not None}
 
 
 def _fields(rule: ElementwiseRule, entries: dict[str, Array]) -> NamedTuple:

@@ -97,12 +97,15 @@ def pack(
     groups = singleton_groups(treedef.paths, grad_leaves)
     if {g.key for g in groups} != set(state.groups) or len(groups) != len(state.groups):
         return None
-    if not torch_compiling():
+    # Under torch.compile a state is taken to fit its gradients, as the run loop takes it
+    # (_Runner.run_groups): torch's .grad always fits, and the torch adapter migrates a state on load.
+    compiling = torch_compiling()
+    if not compiling:
         for group, g in zip(groups, grad_leaves):
             check_state_namespace(name, xp, group, (g,), state.groups[group.key])
-    limit = FLAT_MAX_TRACED_ELEMENTS if torch_compiling() or any(map(is_tracer, grad_leaves)) else FLAT_MAX_ELEMENTS
+    limit = FLAT_MAX_TRACED_ELEMENTS if compiling or any(map(is_tracer, grad_leaves)) else FLAT_MAX_ELEMENTS
     states = [state.groups[group.key] for group in groups]
-    leaves = [(g,) if param_leaves is None else (g, param_leaves[i]) for i, g in enumerate(grad_leaves)]
+    leaves = [(g,) for g in grad_leaves] if param_leaves is None else list(zip(grad_leaves, param_leaves))
 
     def packable(i: int) -> bool:
         g, entries = grad_leaves[i], states[i]
@@ -112,7 +115,7 @@ def pack(
             and len(entries) > 0
             and xp.isdtype(g.dtype, "real floating")
             and (p is None or (tuple(p.shape) == tuple(g.shape) and p.dtype == g.dtype))
-            and layout_of(entries) == layout_for(groups[i], (g,), xp)
+            and (compiling or layout_of(entries) == layout_for(groups[i], (g,), xp))
             and all(tuple(v.shape) == tuple(g.shape) for v in entries.values())
         )
 

@@ -118,7 +118,7 @@ def phase_stacks(
     each stack's ``indices`` those of ``members``."""
 
     def batches(first: int, stop: int) -> list[Stack]:
-        chosen = [u for u, phase in enumerate(phases) if first <= phase < stop]
+        chosen = [u for u in range(len(phases)) if first <= phases[u] < stop]
         stacks = stack(xp, [members[u] for u in chosen], labels=None if labels is None else [labels[u] for u in chosen])
         return [s._replace(indices=tuple(chosen[i] for i in s.indices)) for s in stacks]
 

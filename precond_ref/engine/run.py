@@ -15,7 +15,7 @@ from ..transform import Interval, LeafGroup, PrecondState, Transform, check_choi
 from ..tree import Path, path_str, tree_flatten, tree_unflatten
 from . import skip
 from .checks import check_fits, check_group, check_groups, check_leaves, check_params, check_state_namespace, layout_of, unaliased
-from .context import StepContext
+from .context import StepContext, declared_intervals
 from .factors import keeping_constants
 from .joined import pack
 
@@ -147,6 +147,7 @@ class _Runner:
                  matmul_precision, elementwise, layout_hint, legacy_names):
         self.name, self.init_group, self.update_groups, self.group_leaves = name, init_group, update_groups, group_leaves
         self.on_nonfinite, self.needs_params, self.intervals = on_nonfinite, needs_params, intervals
+        self.declared = declared_intervals(intervals)  # StepContext.every's numbers and predicates
         self.precision, self.elementwise = matmul_precision, elementwise
         self.layout_hint, self.legacy_names = layout_hint, legacy_names
         # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes:
@@ -230,16 +231,17 @@ class _Runner:
         param_leaves = check_params(self.name, xp, grad_leaves, treedef.paths, params, self.needs_params, self.leaf_shapes)
         groups = check_groups(self.name, self.group_leaves(treedef.paths, grad_leaves), state.groups)
         ok, finite_step = skip.decision(self.name, xp, grad_leaves, treedef.paths, self.on_nonfinite, given_ok)
-        ctx = StepContext(xp=xp, count=state.count, extra=extra, shared={}, settled=IdentityDict(),
-                          ok=ok if self.on_nonfinite == "skip" else None, applied=finite_step)
         # The step's periodic decisions: those a compiled caller took on the host (due), or the
         # call number they are taken from (step, else the state's counters).
+        calls = None
         if due is None:
-            ctx = ctx._replace(calls=step if step is not None else state.count + state.nonfinite_count)
+            calls = step if step is not None else state.count + state.nonfinite_count
         elif len(due) != len(self.intervals):
             raise ValueError(f"{self.name}: due has {len(due)} decisions, the method declares {len(self.intervals)} intervals")
         else:
-            ctx = ctx._replace(due=tuple(zip(self.intervals, due)))
+            due = (*self.declared, due)
+        ctx = StepContext(xp=xp, count=state.count, extra=extra, calls=calls, due=due, shared={}, settled=IdentityDict(),
+                          ok=ok if self.on_nonfinite == "skip" else None, applied=finite_step)
         # A 0-D zero per dtype and device serves every leaf's selections.
         zeros = [ctx.once(("zero", g.dtype, device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
         grad_leaves = skip.skipped_gradients(xp, ok, finite_step, grad_leaves, zeros, self.elementwise)
@@ -268,10 +270,11 @@ class _Runner:
                     if self.legacy_names is not None:
                         olds = {**olds, group.key: self.legacy_names(olds[group.key])}
                     check_fits(self.name, group, g, olds[group.key], layout, self.layout_hint)
-        results = dict(zip([group.key for group, _, _ in live], self.update_groups(
+        outs = self.update_groups(
             [g for _, g, _ in live], [olds[group.key] for group, _, _ in live], [p for _, _, p in live],
             [ctx._replace(paths=group.paths) for group, _, _ in live],
-        ) if live else []))
+        ) if live else []
+        results = {group.key: out for (group, _, _), out in zip(live, outs)}
         updates: list[Any] = [None] * len(grad_leaves)
         new_groups = {}
         for group, g, _ in members:

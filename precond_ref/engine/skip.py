@@ -113,7 +113,7 @@ def skipped_gradients(xp: Any, ok: Any, finite_step: bool, grads: list, zeros: l
     take the selection in (measured: docs/backends.md)."""
     if not elementwise and is_jax_namespace(xp):
         return grads
-    chosen = [i for i, g in enumerate(grads) if not (finite_step and is_dense(g))]
+    chosen = [i for i in range(len(grads)) if not (finite_step and is_dense(grads[i]))]
     grads = list(grads)
     used = leafwise(xp, lambda g, zero: gradient_used(xp, ok, g, zero), [grads[i] for i in chosen],
                     zeros=[zeros[i] for i in chosen])
@@ -138,15 +138,16 @@ def selected_state(xp: Any, ok: Any, finite_step: bool, settled: Any, old_groups
     selected at once (:func:`precond_ref._backend.selected_by_runs`). An entry the step left
     untouched, or that the method selected (in ``settled``), needs no selection; nor does a dense
     one of a step known to be applied."""
-    new_groups = {key: dict(entries) for key, entries in new_groups.items()}
-    pending: dict[str, list] = {}  # by entry name, in group order: (group, new, old)
+    new_groups = {key: {**entries} for key, entries in new_groups.items()}
+    pending: dict[str, list] = {}  # by entry name, in group order: (group, name, new, old)
     for key, entries in new_groups.items():
+        olds = old_groups[key]
         for k, v in entries.items():
-            old = old_groups[key][k]
+            old = olds[k]
             if v is not old and v not in settled and not (finite_step and is_dense(v)):
-                pending.setdefault(k, []).append((key, v, old))
-    items = [(key, k, v, old) for k, same in pending.items() for key, v, old in same]
-    selected = selected_by_runs(xp, ok, [v for _, _, v, _ in items], [old for _, _, _, old in items])
+                pending.setdefault(k, []).append((key, k, v, old))
+    items = [item for same in pending.values() for item in same]
+    selected = selected_by_runs(xp, ok, [item[2] for item in items], [item[3] for item in items])
     for (key, k, _, _), v in zip(items, selected):
         new_groups[key][k] = v
     return new_groups

@@ -32,7 +32,7 @@ from .._backend import (
 from ..blocking import block_bounds, spread_schedule, unstack as unstack_alike
 from ..linalg import all_finite
 from ..transform import Transform, check_positive, singleton_groups
-from ..tree import path_str, to_entries, tree_flatten, tree_unflatten
+from ..tree import path_str, to_entries, tree_flatten
 from .checks import tiled_legacy_names
 from .factors import constant, per_block
 from .joined import leafwise
@@ -62,7 +62,10 @@ class Tile(NamedTuple):
 def first_appearance(keys: Sequence[Any]) -> tuple:
     """The positions of ``keys`` grouped by equal key, groups in order of their first position:
     ``("a", "b", "a") -> ((0, 2), (1,))``."""
-    return tuple(tuple(n for n, other in enumerate(keys) if other == key) for key in dict.fromkeys(keys))
+    groups: dict = {}
+    for n in range(len(keys)):
+        groups.setdefault(keys[n], []).append(n)
+    return tuple([tuple(members) for members in groups.values()])
 
 
 class TileStack(NamedTuple):
@@ -427,8 +430,8 @@ def tiled_transform(
 
 def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
     """A group layout's (per-axis diagonal flags of its squeezed tensor, tile plan, its state's
-    structure and entry names (the rule's ``State`` of its stacks as :func:`precond_ref.tree.to_entries`
-    names them: a state's entries are read back into fields by them), its number in the transform:
+    entry names (the rule's ``State`` of its stacks as :func:`precond_ref.tree.to_entries` names
+    them, in its order: a state's entries are read back into fields by them, :func:`_fields`), its number in the transform:
     the key of the gathers' indices): the one description of its stacks that init, the reading of
     its state and the check of its factors' shapes use, made once per layout."""
     key = (tuple(shapes), out_first)
@@ -443,8 +446,7 @@ def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
                               momentum=(0,) * len(shapes) if c.use_momentum else (),
                               preconditioner_lr_scale=0 if layout.group_scale is not None else None,
                               failures=0 if layout.counted else None)
-        structure = tree_flatten(template)[1]
-        t.plans[key] = diagonal, plan, (structure, tuple(path_str(path) for path in structure.paths)), len(t.plans)
+        t.plans[key] = diagonal, plan, tuple(path_str(path) for path in tree_flatten(template)[1].paths), len(t.plans)
     return t.plans[key]
 
 
@@ -476,9 +478,9 @@ def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
     preconditioning, the rule's last lines and the hand-back of each group's updates and state."""
     ctx, xp, rule, c = ctxs[0], ctxs[0].xp, t.rule, t.c
     h = rule.scalars(c, ctx.value, ctx.extra)
-    groups, fields = zip(*(_laid_out(t, state, grads, work_dtype(t.layout, xp, grads[0].dtype),
-                                     path_str(each.paths[0]) if each.paths else "?")
-                           for grads, state, each in zip(grads_list, states, ctxs)))
+    groups, fields, names = zip(*[_laid_out(t, state, grads, work_dtype(t.layout, xp, grads[0].dtype),
+                                            path_str(each.paths[0]) if each.paths else "?")
+                                  for grads, state, each in zip(grads_list, states, ctxs)])
     # What batches a stack with the equal stacks of other groups besides its tile shape: its factors'
     # trailing shapes and dtypes, as precond_ref.blocking.same_layout reads them.
     keys = [[tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor) for stack in f.stacks] for f in fields]
@@ -518,31 +520,58 @@ def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
              for g in groups for G in (g.stacks[0],) * len(g.shapes)]
     steps = iter(leafwise(xp, descend, *operands, zeros=zeros, ctx=ctx))  # (update, new momentum) per member
     done = [tuple(zip(*(next(steps) for _ in g.shapes))) for g in groups]  # per group: (updates, new momenta)
-    return [(updates, to_entries(state._replace(stacks=tuple(stack_states[g]), failures=failures[g],
-                                                momentum=velocities if c.use_momentum else ())))
-            for g, (state, (updates, velocities)) in enumerate(zip(fields, done))]
+    return [(updates, _entries(keys, stack_states[g], velocities if c.use_momentum else (), state.preconditioner_lr_scale,
+                               failures[g]))
+            for g, (state, keys, (updates, velocities)) in enumerate(zip(fields, names, done))]
 
 
 def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
     """The group of the gradients ``grads`` (:class:`_Group`, cut in the work dtype ``dtype``, its
     stacks not yet made): its out-first (weight (d_out, d_in)) or out-last pairing, read off the
-    state's factor sizes, and its plan; and its state as fields. A state that fits neither pairing
-    is a clear error."""
+    state's factor sizes, and its plan; its state as fields; and its plan's entry names. A state
+    that fits neither pairing is a clear error."""
     shapes = [tuple(g.shape) for g in grads]
     for out_first in (True, False) if len(shapes) > 1 else (True,):
-        _, plan, (structure, keys), number = _plan(t, shapes, out_first, where)
+        _, plan, keys, number = _plan(t, shapes, out_first, where)
         if any(k not in state for k in keys):
             continue
-        fields = tree_unflatten(structure, [state[k] for k in keys])
+        fields = _fields(t, plan, len(shapes), [state[k] for k in keys])
         if all(tuple(K.shape[:2]) == (len(tiles.tiles), d) for tiles, stack in zip(plan.stacks, fields.stacks)
                for K, d in zip(stack.factor, tiles.shape)):
-            return _Group(dtype, shapes, grouped_shape(shapes, out_first)[0], out_first, plan, None, number), fields
+            return _Group(dtype, shapes, grouped_shape(shapes, out_first)[0], out_first, plan, None, number), fields, keys
     found = {k: tuple(v.shape) for k, v in state.items() if "factor" in k}
     raise ValueError(
         f"{t.rule.name}: the gradients of {where!r} (shapes {shapes}) do not fit the Kronecker factors in the "
         f"state ({found}); with grouping='weight_bias' a weight and its bias are one group (give both gradients, "
         "a zero one for a member without); a state saved with another block_size loads with that block_size"
         + (";" + t.layout.old_layout(found, {}) if t.layout.old_layout is not None else ""))
+
+
+def _fields(t: _Tiling, plan: TilePlan, members: int, values: list):
+    """A group's stored ``values`` (in the order of its plan's entry names, :func:`_plan`) as the
+    rule's ``State``: what :func:`~precond_ref.tree.tree_unflatten` of the plan's structure gives,
+    read off the template's layout (per stack its factors, then their momenta where kept; the
+    ``members`` momenta; the step size's multiplier; the failure count) instead of walking it."""
+    rule, c, layout = t.rule, t.c, t.layout
+    rank = len(plan.stacks[0].shape)
+    width = 2 * rank if c.use_factor_momentum else rank
+    stacks = tuple(rule.Stack(tuple(values[a : a + rank]), tuple(values[a + rank : a + width]))
+                   for a in range(0, width * len(plan.stacks), width))
+    rest = values[width * len(plan.stacks):]
+    momentum = tuple(rest[:members]) if c.use_momentum else ()
+    rest = rest[len(momentum):]
+    scale = rest[0] if layout.group_scale is not None else None
+    return rule.State(stacks=stacks, momentum=momentum, preconditioner_lr_scale=scale,
+                      failures=rest[-1] if layout.counted else None)
+
+
+def _entries(keys: tuple, stacks, momentum: tuple, scale, failures) -> dict:
+    """A group's new state as its stored entries under its plan's entry names ``keys``
+    (:func:`_plan`): :func:`~precond_ref.tree.to_entries` of the rule's ``State`` of these fields,
+    its arrays listed in the template's order, not found by walking it."""
+    arrays = [a for stack in stacks for a in stack.factor + stack.factor_momentum] + list(momentum)
+    arrays += [a for a in (scale, failures) if a is not None]
+    return {k: a for k, a in zip(keys, arrays)}
 
 
 def _refresh_due(t: _Tiling, ctx, h, groups, fields, stack_states, failures) -> None:

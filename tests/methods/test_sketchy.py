@@ -411,14 +411,15 @@ def test_s_adagrad_regret_bound(property_backend, decomposition, d, rank, steps,
     # Correlated losses (a common direction plus noise), so that a method that fails to adapt
     # accumulates regret linearly and the bound can fail.
     targets = (rng.standard_normal(d) + 0.3 * rng.standard_normal((steps, d))) * np.exp(-np.arange(d) / 2)
-    xs, gs = [], []
+    xs, gs, us = [], [], []
     for t in range(steps):
         a = targets[t]
         g = a * np.sign(a @ x - 1.0 + 1e-12)  # subgradient of |⟨a, x⟩ − 1|
         xs.append(x.copy())
         gs.append(g)
         upd, state = opt.update(xp.asarray(g), state, xp.asarray(x))
-        x = x + xp.to_numpy(upd)
+        us.append(xp.to_numpy(upd))
+        x = x + us[-1]
     sketch = {k.removeprefix("sketches/0/0/"): xp.to_numpy(v) for k, v in next(iter(state.groups.values())).items() if k.startswith("sketches/0/0/")}
     import array_api_compat.numpy as np_xp
 
@@ -426,6 +427,15 @@ def test_s_adagrad_regret_bound(property_backend, decomposition, d, rank, steps,
     gram = sum(np.outer(g, g) for g in gs)
     tr_h = np.trace(_dense_root(h_final, 0.5, tol=0.0))
     tr_g = np.trace(_dense_root(gram, 0.5, tol=0.0))
+    # The bound's second term also holds on its own: with H_t = (Ḡ_t + (ρ_t + δ)I)^{1/2} the step
+    # is u_t = −η H_t^{−1} g_t, and the derivation's (η/2)·Σ g_tᵀH_t^{−1}g_t = −½·Σ⟨g_t, u_t⟩ ≤
+    # η·tr(G_T^{1/2}) (H_t ⪰ G_t^{1/2} by F-I1; the matrix-AdaGrad lemma Σ g_tᵀG_t^{+1/2}g_t ≤
+    # 2 tr G_T^{1/2}). On these nearly constant gradient directions it comes within a factor ~1.2
+    # of its bound, where the whole bound keeps a factor of ~1.7 and more: steps 1.5 times too
+    # long fail it, and so does an escaped mass that is not accumulated (ρ_t the last step's
+    # alone), which the whole bound lets pass.
+    gradient_term = -0.5 * sum(g @ u for g, u in zip(gs, us))
+    assert gradient_term <= lr * tr_g * (1 + 1e-9)
     total = sum(gs)
     push = -total / max(np.linalg.norm(total), 1e-300)
     candidates = [np.zeros(d), xs[-1], rng.standard_normal(d) * 3] + [xs[-1] + c * push for c in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)]
