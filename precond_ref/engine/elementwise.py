@@ -91,12 +91,12 @@ def operands(xp: Any, config: NamedTuple, dtype: Any, scheduled: tuple = ()) -> 
     ``dtype`` (:func:`precond_ref._backend.as_operand`: a Python number as itself, an array
     hyperparameter, as ``optax.inject_hyperparams`` passes, as an array of ``dtype``); the others
     as they are; ``config`` itself where every such field is a Python number already (its operand)."""
-    changed = {
-        name: as_operand(xp, value, dtype)
-        for name, value in zip(config._fields, config)
-        if type(value) not in (int, float) and name not in scheduled
-        and (is_number(value) or (hasattr(value, "shape") and hasattr(value, "dtype")))
-    }
+    changed = {}
+    for name, value in zip(config._fields, config):
+        if name not in scheduled and (is_number(value) or (hasattr(value, "shape") and hasattr(value, "dtype"))):
+            operand = as_operand(xp, value, dtype)
+            if operand is not value:
+                changed[name] = operand
     return config._replace(**changed) if changed else config
 
 
