@@ -492,13 +492,13 @@ def _leaves(rule: AxesRule, c: Any, names_of: Callable, xp: Any, grads: Sequence
     return leaves
 
 
-def _entries(names: tuple, sketches: Sequence, failures: Any, graft_second_moment: Any, momentum: Any) -> dict:
+def _entries(rule: AxesRule, names: tuple, sketches: Sequence, *rest: Any) -> dict:
     """A leaf's new state as its stored entries: :func:`precond_ref.tree.to_entries` of the rule's
-    ``State`` of these fields, its blocks' arrays under their entry names (:func:`_entry_names`) and the
-    other fields, in the State's order, under their names where not None, without walking it."""
+    ``State(sketches, *rest)``, its blocks' arrays under their entry names (:func:`_entry_names`) and
+    the other fields, in the State's order, under their names where not None, without walking it."""
     blocks = [value for axis in sketches for block in axis for value in block]
     entries = {k: value for k, value in zip([k for axis in names for block in axis for k in block], blocks)}
-    for field, value in (("failures", failures), ("graft_second_moment", graft_second_moment), ("momentum", momentum)):
+    for field, value in zip(rule.State._fields[1:], rest):
         if value is not None:
             entries[field] = value
     return entries
@@ -558,7 +558,7 @@ def axes_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
             stepped = _stepped(xp, ctx, rule, c, leaves, lambda members, phases, orders: phase_stacks(xp, phases, members, orders))
             directions = _preconditioned(xp, ctx, rule, c, leaves, [blocks for blocks, _, _ in stepped], grafts)
         finished = [(u,) for u in directions] if c.learning_rate is None else _finished(xp, ctx, rule, c, directions, leaves, params)
-        return [((out[0],), _entries(names_of(tuple(g.shape), plan), sketches, failures, v, out[1] if c.has_momentum else None))
+        return [((out[0],), _entries(rule, names_of(tuple(g.shape), plan), sketches, failures, v, out[1] if c.has_momentum else None))
                 for (g, plan, _), (v, _), (sketches, failures, _), out in zip(leaves, grafts, stepped, finished)]
 
     # a blocked Kronecker layout says which block_size loads a state saved unblocked
