@@ -406,6 +406,10 @@ def test_s_adagrad_regret_bound(property_backend, decomposition, d, rank, steps,
     rank = min(rank, d)
     opt = pr.s_adagrad(lr, rank=rank, delta=delta, eps=0.0, decomposition=decomposition)
     xp = property_backend
+    if xp.name == "array_api_strict":
+        # The standard's namespace checks the code's conformance; its arithmetic is NumPy's, whose
+        # runs go to 40 steps. Its checks make each step of the FD core many times NumPy's cost.
+        steps = min(steps, 8)
     x = np.zeros(d)
     state = opt.init(xp.asarray(x))
     # Correlated losses (a common direction plus noise), so that a method that fails to adapt
