@@ -59,8 +59,7 @@ def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:
 
     Dict keys are visited in sorted order (JAX's order); ``NamedTuple`` fields are path keys by name.
     """
-    leaves: list[Any] = []
-    paths: list[Path] = []
+    leaves, paths = [], []  # filled by the walk, in depth-first order
     skeleton = _skeleton(tree, (), leaves, paths)
     return leaves, TreeDef(skeleton, tuple(paths))
 
