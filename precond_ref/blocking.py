@@ -135,10 +135,9 @@ def stack(
         groups.setdefault((index,) if layout is None else (label, layout), []).append(index)
     stacks = []
     for indices in groups.values():
-        if len(indices) == 1:
-            operands = tuple(members[indices[0]])
-        else:  # each operand of the members, in order, joined
-            operands = tuple([joined(xp, column) for column in zip(*[members[i] for i in indices])])
+        # a member alone: its operands; else each operand of the members, in order, joined
+        operands = tuple(members[indices[0]]) if len(indices) == 1 else tuple(
+            [joined(xp, column) for column in zip(*[members[i] for i in indices])])
         stacks.append(Stack(tuple(indices), operands, tuple([members[i][0].shape[0] for i in indices])))
     return stacks
 

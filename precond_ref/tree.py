@@ -59,8 +59,7 @@ def tree_flatten(tree: Any) -> tuple[list[Any], TreeDef]:
 
     Dict keys are visited in sorted order (JAX's order); ``NamedTuple`` fields are path keys by name.
     """
-    leaves: list[Any] = []
-    paths: list[Path] = []
+    leaves, paths = [], []  # filled by the walk, in depth-first order
     skeleton = _skeleton(tree, (), leaves, paths)
     return leaves, TreeDef(skeleton, tuple(paths))
 
@@ -130,31 +129,8 @@ def to_entries(fields: Any) -> dict[str, Any]:
     tile); checkpoints (torch's ``state_dict``, optax states) hold flat string keys. The key of a
     leaf is its path: ``Tile(factor=(K0, K1))`` -> ``{"factor/0": K0, "factor/1": K1}``.
     """
-    if not isinstance(fields, (dict, list, tuple)):
-        return {} if fields is None else {".": fields}
-    out: dict[str, Any] = {}
-    _add_entries(fields, None, out)
-    return out
-
-
-def _add_entries(tree: Any, prefix: Any, out: dict[str, Any]) -> None:
-    """:func:`to_entries` of a dict, list or tuple ``tree`` in one walk: ``out[path_str(path)] =
-    leaf`` in :func:`tree_flatten`'s order, the key grown as the walk descends (``prefix``: the
-    path so far, ``None`` at the root), without building the tree's skeleton, paths and keys in
-    three walks; a leaf is stored where it is met, without a call of its own. What dynamo traces
-    is then one call per container."""
-    if isinstance(tree, dict):
-        keys = _sorted_keys(tree)
-        values = [tree[k] for k in keys]
-    else:
-        keys = tree._fields if hasattr(tree, "_fields") else range(len(tree))
-        values = tree
-    for key, value in zip(keys, values):
-        path = str(key) if prefix is None else f"{prefix}/{key}"
-        if isinstance(value, (dict, list, tuple)):
-            _add_entries(value, path, out)
-        elif value is not None:
-            out[path] = value
+    leaves, treedef = tree_flatten(fields)
+    return {path_str(path): leaf for path, leaf in zip(treedef.paths, leaves)}
 
 
 def from_entries(template: Any, entries: Any, prefix: str = "") -> Any:

@@ -4,6 +4,8 @@ exact rearrangements, checked against slicing. NumPy float64 and torch eager, ti
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -299,6 +301,12 @@ def test_leaves_of_batches_is_the_joins(library, rng, monkeypatch):
         assert ends == [a.data_ptr() for a in got[1:]]
 
 
+def _states_with_factors(shapes_per_stack):
+    """A group's state as far as ``tiles_of_groups`` reads it: per stack, its factors (zeros of
+    these shapes), whose trailing shapes and dtypes batch it with other groups' stacks."""
+    return SimpleNamespace(stacks=[SimpleNamespace(factor=tuple(np.zeros(s) for s in shapes)) for shapes in shapes_per_stack])
+
+
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 def test_tiles_of_groups_are_the_cuts(library, rng, monkeypatch):
     """``tiles_of_groups`` (all gradients joined, then one gather by an index made once per layout)
@@ -318,16 +326,16 @@ def test_tiles_of_groups_are_the_cuts(library, rng, monkeypatch):
         torch = pytest.importorskip("torch")
         grads = [[torch.from_numpy(g) for g in gs] for gs in grads]
     xp = array_namespace(grads[0][0])
-    groups, keys = [], []
+    groups, fields = [], []
     for shapes in members_of:
         full, dims = grouped_shape(shapes, True)
         plan = tiling.tile_plan(dims, [False] * len(dims), 4, 2, True)
         groups.append(tiling._Group(grads[0][0].dtype, shapes, full, True, plan, None, len(groups)))
-        keys.append([st.shape for st in plan.stacks])
+        fields.append(_states_with_factors([[(1,) + st.shape] for st in plan.stacks]))  # keyed by tile shape
     if library == "numpy":
         assert not tiling.gathering(xp, [g for gs in grads for g in gs])
         monkeypatch.setattr(tiling, "gathering", lambda xp, arrays: True)
-    got = tiling.tiles_of_groups(xp, grads, groups, keys)
+    got = tiling.tiles_of_groups(xp, grads, groups, fields)
     want = tiling._cut_each(xp, grads, groups)
     assert [len(g) for g in got] == [len(g.plan.stacks) for g in groups]
     for a, b in zip((x for g in got for x in g), (x for g in want for x in g)):
@@ -353,12 +361,12 @@ def test_gathers_only_below_their_bound(monkeypatch):
         plan = tiling.tile_plan(dims, [False, False], 4, 2, True)
         groups.append(tiling._Group(torch.float64, [tuple(g.shape)], full, True, plan, None,
                                     len(groups)))
-    xp, keys = array_namespace(grads[0][0]), [[0, 0], [0, 0]]
+    xp, fields = array_namespace(grads[0][0]), [_states_with_factors([[(1, 1)]] * 2)] * 2
     assert tiling.gathering(xp, [g for (g,) in grads])
     monkeypatch.setattr(tiling, "GATHER_MAX_ELEMENTS", 8 * 12 + 8 * 8 - 1)
     assert not tiling.gathering(xp, [g for (g,) in grads])  # one entry over
     with Dispatched() as seen:
-        got = tiling.tiles_of_groups(xp, grads, groups, keys)
+        got = tiling.tiles_of_groups(xp, grads, groups, fields)
     assert "index_select" not in seen.names
     for a, b in zip((x for g in got for x in g), (x for g in tiling._cut_each(xp, grads, groups) for x in g)):
         assert torch.equal(a, b)

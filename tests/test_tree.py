@@ -17,28 +17,21 @@ class _B(NamedTuple):
     q: object
 
 
-def _plain_entries(tree):
-    """The defining formula: ``{path_str(path): leaf}`` over :func:`tree_flatten`'s leaves, in order."""
-    leaves, treedef = tree_flatten(tree)
-    return {path_str(path): leaf for path, leaf in zip(treedef.paths, leaves)}
-
-
-def test_to_entries_is_path_str_of_each_leaf_in_flatten_order():
-    """``to_entries`` walks the tree without building its skeleton; the keys, values and their order
-    are those of the formula (and ``tree_leaves`` the values), for nested NamedTuples, tuples, lists, dicts (sorted keys, and keys
-    that do not sort in insertion order), None subtrees and a root leaf."""
-    trees = [
-        {"z": _A(x=(1, None, [2, 3]), y=None), "a": {"q": 4}},
-        {"b": 1, 3: 2, "a": 3},
-        _A(x=(), y=(5,)),
-        7,
+def test_to_entries_and_tree_leaves_follow_flatten_order():
+    """``to_entries`` keys each leaf by its path (:func:`path_str`) in :func:`tree_flatten`'s order,
+    and ``tree_leaves`` (a walk of its own) gives the same leaves, for nested NamedTuples, tuples,
+    lists, dicts (sorted keys, and keys that do not sort in insertion order), None subtrees, a root
+    leaf and a root None."""
+    cases = [
+        ({"z": _A(x=(1, None, [2, 3]), y=None), "a": {"q": 4}}, {"a/q": 4, "z/x/0": 1, "z/x/2/0": 2, "z/x/2/1": 3}),
+        ({"b": 1, 3: 2, "a": 3}, {"b": 1, "3": 2, "a": 3}),
+        (_A(x=(), y=(5,)), {"y/0": 5}),
+        (7, {".": 7}),
+        (None, {}),
     ]
-    for tree in trees:
-        entries = to_entries(tree)
-        assert list(entries.items()) == list(_plain_entries(tree).items())
-        assert tree_leaves(tree) == tree_flatten(tree)[0]  # the same walk without the keys
-    assert to_entries(7) == {".": 7}
-    assert to_entries(None) == {} and tree_leaves(None) == [] and tree_leaves(7) == [7]
+    for tree, expected in cases:
+        assert list(to_entries(tree).items()) == list(expected.items())
+        assert tree_leaves(tree) == tree_flatten(tree)[0] == list(expected.values())
 
 
 def test_from_entries_keeps_templates_of_equal_values_apart():

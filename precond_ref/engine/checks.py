@@ -264,8 +264,7 @@ def check_group(
         raise ValueError(
             f"{name}: state of {path_str(group.paths[0])!r} changed its entries {sorted(old)} -> {sorted(new)}")
     for key, value in new.items():
-        before = old[key]
-        if value.shape != before.shape or value.dtype != before.dtype:
+        if value.shape != old[key].shape or value.dtype != old[key].dtype:
             raise ValueError(
                 f"{name}: the gradient of {path_str(group.paths[0])!r} (shape {tuple(grads[0].shape)}, dtype "
                 f"{grads[0].dtype}) does not fit the optimizer state: {key!r} would change from "

@@ -13,7 +13,7 @@ from .._backend import IdentityDict, hashable, is_dense, is_number, scalar_array
 from ..transform import Interval, ScalarOrSchedule, is_due, schedule_value
 from ..tree import Path
 
-__all__ = ["StepContext", "declared_intervals", "settle_pieces"]
+__all__ = ["StepContext", "settle_pieces"]
 
 Array = Any
 
@@ -28,7 +28,8 @@ class StepContext(NamedTuple):
     Python int when the caller passed ``step=``, else a 0-D int32 array. ``due`` holds the host
     decisions a compiled caller passed, or ``None``: ``(numbers, predicates, decisions)``, the
     declared intervals that are numbers and the others, each as ``(position, interval)`` pairs
-    (:func:`declared_intervals`), and the decisions by position. ``ok`` is the step's
+    (split once by the runner, so that :meth:`every` tests its argument's kind once and scans the
+    declarations of that kind alone), and the decisions by position. ``ok`` is the step's
     0-D bool skip predicate (``None`` when nothing is skipped), ``settled`` the entries
     :meth:`unless_skipped` already selected (an :class:`IdentityDict` of them), and ``shared`` the values :meth:`once`
     computed for this update (one dict for all its groups). ``applied`` is ``True`` when the step
@@ -131,15 +132,6 @@ class StepContext(NamedTuple):
         selected = select(self.xp, self.ok, new, old)  # skip.entry_kept's selection
         self.settled[selected] = True
         return selected
-
-
-def declared_intervals(intervals: Sequence[Interval]) -> tuple[tuple, tuple]:
-    """A method's declared ``intervals`` split once into those that are numbers and the others
-    (predicates, arrays), each as ``(position, interval)`` pairs: :meth:`StepContext.every` then
-    tests its argument's kind once and scans the declarations of that kind alone."""
-    numbers = tuple((i, interval) for i, interval in enumerate(intervals) if is_number(interval))
-    others = tuple((i, interval) for i, interval in enumerate(intervals) if not is_number(interval))
-    return numbers, others
 
 
 def settle_pieces(ctx: StepContext, whole: Array, pieces: Sequence[Array]) -> Sequence[Array]:

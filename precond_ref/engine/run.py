@@ -9,13 +9,13 @@ from typing import Any, Callable, Optional, Sequence
 
 from .._backend import (
     IdentityDict, JAX_MATMUL_PRECISION as _JAX_PRECISION, NO_CONTEXT as _NO_CONTEXT, array_device, device_key,
-    float32_matmul_precision, namespace_of, remembered_slices, scalar_zero, torch_compiling,
+    float32_matmul_precision, is_number, namespace_of, remembered_slices, scalar_zero, torch_compiling,
 )
 from ..transform import Interval, LeafGroup, PrecondState, Transform, check_choice, is_due, singleton_groups
 from ..tree import Path, path_str, tree_flatten, tree_unflatten
 from . import skip
 from .checks import check_fits, check_group, check_groups, check_leaves, check_params, check_state_namespace, layout_of, unaliased
-from .context import StepContext, declared_intervals
+from .context import StepContext
 from .factors import keeping_constants
 from .joined import pack
 
@@ -147,7 +147,9 @@ class _Runner:
                  matmul_precision, elementwise, layout_hint, legacy_names):
         self.name, self.init_group, self.update_groups, self.group_leaves = name, init_group, update_groups, group_leaves
         self.on_nonfinite, self.needs_params, self.intervals = on_nonfinite, needs_params, intervals
-        self.declared = declared_intervals(intervals)  # StepContext.every's numbers and predicates
+        # StepContext.every's declarations: the intervals that are numbers and the others (predicates,
+        # arrays), each as (position, interval) pairs
+        self.declared = tuple(tuple((i, x) for i, x in enumerate(intervals) if is_number(x) == number) for number in (True, False))
         self.precision, self.elementwise = matmul_precision, elementwise
         self.layout_hint, self.legacy_names = layout_hint, legacy_names
         # The state layout init_group gives a group's leaves, by group and leaf shapes/dtypes:
@@ -233,13 +235,12 @@ class _Runner:
         ok, finite_step = skip.decision(self.name, xp, grad_leaves, treedef.paths, self.on_nonfinite, given_ok)
         # The step's periodic decisions: those a compiled caller took on the host (due), or the
         # call number they are taken from (step, else the state's counters).
-        calls = None
         if due is None:
             calls = step if step is not None else state.count + state.nonfinite_count
         elif len(due) != len(self.intervals):
             raise ValueError(f"{self.name}: due has {len(due)} decisions, the method declares {len(self.intervals)} intervals")
         else:
-            due = (*self.declared, due)
+            calls, due = None, (*self.declared, due)
         ctx = StepContext(xp=xp, count=state.count, extra=extra, calls=calls, due=due, shared={}, settled=IdentityDict(),
                           ok=ok if self.on_nonfinite == "skip" else None, applied=finite_step)
         # A 0-D zero per dtype and device serves every leaf's selections.

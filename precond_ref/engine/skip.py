@@ -141,9 +141,8 @@ def selected_state(xp: Any, ok: Any, finite_step: bool, settled: Any, old_groups
     new_groups = {key: {**entries} for key, entries in new_groups.items()}
     pending: dict[str, list] = {}  # by entry name, in group order: (group, name, new, old)
     for key, entries in new_groups.items():
-        olds = old_groups[key]
         for k, v in entries.items():
-            old = olds[k]
+            old = old_groups[key][k]
             if v is not old and v not in settled and not (finite_step and is_dense(v)):
                 pending.setdefault(k, []).append((key, k, v, old))
     items = [item for same in pending.values() for item in same]

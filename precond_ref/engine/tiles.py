@@ -32,7 +32,7 @@ from .._backend import (
 from ..blocking import block_bounds, spread_schedule, unstack as unstack_alike
 from ..linalg import all_finite
 from ..transform import Transform, check_positive, singleton_groups
-from ..tree import path_str, to_entries, tree_flatten
+from ..tree import path_str, tree_flatten, tree_unflatten
 from .checks import tiled_legacy_names
 from .factors import constant, per_block
 from .joined import leafwise
@@ -62,10 +62,7 @@ class Tile(NamedTuple):
 def first_appearance(keys: Sequence[Any]) -> tuple:
     """The positions of ``keys`` grouped by equal key, groups in order of their first position:
     ``("a", "b", "a") -> ((0, 2), (1,))``."""
-    groups: dict = {}
-    for n in range(len(keys)):
-        groups.setdefault(keys[n], []).append(n)
-    return tuple([tuple(members) for members in groups.values()])
+    return tuple([tuple([n for n in range(len(keys)) if keys[n] == key]) for key in dict.fromkeys(keys)])
 
 
 class TileStack(NamedTuple):
@@ -419,8 +416,7 @@ def tiled_transform(
     (:func:`join_stacks`) and cut into its members; the members' last lines element-wise, joined
     end to end (:func:`~precond_ref.engine.joined.leafwise`).
     """
-    spread = layout.stagger and isinstance(layout.interval, int) and layout.interval > 1
-    t = _Tiling(rule, c, layout, spread_schedule(layout.interval, spread), {})
+    t = _Tiling(rule, c, layout, spread_schedule(layout.interval, layout.stagger and isinstance(layout.interval, int)), {})
     return build_transform(
         name=rule.name, init_group=partial(_init_group, t), update_groups=partial(_update_groups, t),
         group_leaves=weight_bias_groups if layout.weight_bias else singleton_groups, on_nonfinite=on_nonfinite,
@@ -430,10 +426,12 @@ def tiled_transform(
 
 def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
     """A group layout's (per-axis diagonal flags of its squeezed tensor, tile plan, its state's
-    entry names (the rule's ``State`` of its stacks as :func:`precond_ref.tree.to_entries` names
-    them, in its order: a state's entries are read back into fields by them, :func:`_fields`), its number in the transform:
-    the key of the gathers' indices): the one description of its stacks that init, the reading of
-    its state and the check of its factors' shapes use, made once per layout."""
+    structure and entry names (of the rule's ``State`` of its stacks: the tree structure a state's
+    entries are read back into, :func:`~precond_ref.tree.tree_unflatten`, and its paths as
+    :func:`precond_ref.tree.to_entries` names them, in its order: :func:`_entries`), its number
+    in the transform: the key of the gathers' indices): the one description of its stacks that
+    init, the reading and writing of its state and the check of its factors' shapes use, made once
+    per layout."""
     key = (tuple(shapes), out_first)
     if key not in t.plans:
         rule, c, layout = t.rule, t.c, t.layout
@@ -446,28 +444,26 @@ def _plan(t: _Tiling, shapes, out_first: bool, where: str) -> tuple:
                               momentum=(0,) * len(shapes) if c.use_momentum else (),
                               preconditioner_lr_scale=0 if layout.group_scale is not None else None,
                               failures=0 if layout.counted else None)
-        t.plans[key] = diagonal, plan, tuple(path_str(path) for path in tree_flatten(template)[1].paths), len(t.plans)
+        structure = tree_flatten(template)[1]
+        t.plans[key] = diagonal, plan, (structure, tuple(path_str(path) for path in structure.paths)), len(t.plans)
     return t.plans[key]
 
 
 def _init_group(t: _Tiling, leaves, paths, xp):
-    """``build_transform``'s ``init_group``: a group's state, the rule's stacks of its tiles."""
+    """``build_transform``'s ``init_group``: a group's state, the rule's stacks of its tiles, as
+    its entries (:func:`_entries`)."""
     rule, c, layout = t.rule, t.c, t.layout
     where = path_str(paths[0])
-    diagonal, plan, _, _ = _plan(t, [tuple(x.shape) for x in leaves], len(leaves) == 1 or paths[0][-1] != "kernel", where)
+    diagonal, plan, (_, keys), _ = _plan(t, [tuple(x.shape) for x in leaves], len(leaves) == 1 or paths[0][-1] != "kernel", where)
     param_dtype, dev = leaves[0].dtype, array_device(leaves[0])
     dtypes = layout.dtypes(xp, leaves[0], len(diagonal), where)
     scale = None if layout.group_scale is None else layout.group_scale(paths[0])  # the refresh step size's multiplier
     if scale is not None:
         check_positive(f"preconditioner_lr_scale({where!r})", scale)
         scale = xp.asarray(scale, dtype=compute_dtype(xp, param_dtype), device=dev)
-    buffer_dtype = work_dtype(layout, xp, param_dtype)
-    return to_entries(rule.State(
-        stacks=tuple(rule.init(xp, c, len(stack.tiles), stack.shape, diagonal, dtypes, dev) for stack in plan.stacks),
-        momentum=tuple(xp.zeros(x.shape, dtype=buffer_dtype, device=dev) for x in leaves) if c.use_momentum else (),
-        preconditioner_lr_scale=scale,
-        failures=xp.zeros((), dtype=xp.int32, device=dev) if layout.counted else None,
-    ))
+    momentum = [xp.zeros(x.shape, dtype=work_dtype(layout, xp, param_dtype), device=dev) for x in leaves] if c.use_momentum else []
+    return _entries(keys, [rule.init(xp, c, len(stack.tiles), stack.shape, diagonal, dtypes, dev) for stack in plan.stacks],
+                    momentum, scale, xp.zeros((), dtype=xp.int32, device=dev) if layout.counted else None)
 
 
 def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
@@ -481,10 +477,7 @@ def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
     groups, fields, names = zip(*[_laid_out(t, state, grads, work_dtype(t.layout, xp, grads[0].dtype),
                                             path_str(each.paths[0]) if each.paths else "?")
                                   for grads, state, each in zip(grads_list, states, ctxs)])
-    # What batches a stack with the equal stacks of other groups besides its tile shape: its factors'
-    # trailing shapes and dtypes, as precond_ref.blocking.same_layout reads them.
-    keys = [[tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor) for stack in f.stacks] for f in fields]
-    groups = [g._replace(stacks=tiles) for g, tiles in zip(groups, tiles_of_groups(xp, grads_list, groups, keys))]
+    groups = [g._replace(stacks=tiles) for g, tiles in zip(groups, tiles_of_groups(xp, grads_list, groups, fields))]
     stack_states, failures = [list(f.stacks) for f in fields], [f.failures for f in fields]  # the new state
     _refresh_due(t, ctx, h, groups, fields, stack_states, failures)
 
@@ -532,10 +525,10 @@ def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
     that fits neither pairing is a clear error."""
     shapes = [tuple(g.shape) for g in grads]
     for out_first in (True, False) if len(shapes) > 1 else (True,):
-        _, plan, keys, number = _plan(t, shapes, out_first, where)
+        _, plan, (structure, keys), number = _plan(t, shapes, out_first, where)
         if any(k not in state for k in keys):
             continue
-        fields = _fields(t, plan, len(shapes), [state[k] for k in keys])
+        fields = tree_unflatten(structure, [state[k] for k in keys])
         if all(tuple(K.shape[:2]) == (len(tiles.tiles), d) for tiles, stack in zip(plan.stacks, fields.stacks)
                for K, d in zip(stack.factor, tiles.shape)):
             return _Group(dtype, shapes, grouped_shape(shapes, out_first)[0], out_first, plan, None, number), fields, keys
@@ -547,31 +540,13 @@ def _laid_out(t: _Tiling, state, grads, dtype, where: str) -> tuple:
         + (";" + t.layout.old_layout(found, {}) if t.layout.old_layout is not None else ""))
 
 
-def _fields(t: _Tiling, plan: TilePlan, members: int, values: list):
-    """A group's stored ``values`` (in the order of its plan's entry names, :func:`_plan`) as the
-    rule's ``State``: what :func:`~precond_ref.tree.tree_unflatten` of the plan's structure gives,
-    read off the template's layout (per stack its factors, then their momenta where kept; the
-    ``members`` momenta; the step size's multiplier; the failure count) instead of walking it."""
-    rule, c, layout = t.rule, t.c, t.layout
-    rank = len(plan.stacks[0].shape)
-    width = 2 * rank if c.use_factor_momentum else rank
-    stacks = tuple(rule.Stack(tuple(values[a : a + rank]), tuple(values[a + rank : a + width]))
-                   for a in range(0, width * len(plan.stacks), width))
-    rest = values[width * len(plan.stacks):]
-    momentum = tuple(rest[:members]) if c.use_momentum else ()
-    rest = rest[len(momentum):]
-    scale = rest[0] if layout.group_scale is not None else None
-    return rule.State(stacks=stacks, momentum=momentum, preconditioner_lr_scale=scale,
-                      failures=rest[-1] if layout.counted else None)
-
-
 def _entries(keys: tuple, stacks, momentum: tuple, scale, failures) -> dict:
-    """A group's new state as its stored entries under its plan's entry names ``keys``
-    (:func:`_plan`): :func:`~precond_ref.tree.to_entries` of the rule's ``State`` of these fields,
-    its arrays listed in the template's order, not found by walking it."""
+    """A group's state as its stored entries under its plan's entry names ``keys`` (:func:`_plan`):
+    :func:`~precond_ref.tree.to_entries` of the rule's ``State`` of these fields (per stack its
+    factors, then their momenta; the members' momenta; the step size's multiplier and the failure
+    count where kept), its arrays listed in the template's order, not found by walking it."""
     arrays = [a for stack in stacks for a in stack.factor + stack.factor_momentum] + list(momentum)
-    arrays += [a for a in (scale, failures) if a is not None]
-    return {k: a for k, a in zip(keys, arrays)}
+    return {k: a for k, a in zip(keys, arrays + [a for a in (scale, failures) if a is not None])}
 
 
 def _refresh_due(t: _Tiling, ctx, h, groups, fields, stack_states, failures) -> None:
@@ -622,7 +597,7 @@ def _batches(xp, groups, stack_states, refreshing: bool) -> tuple:
     K_1..K_N[, m_1..m_N]) on their phases): the stacks of one phase, tile shape, factor layout
     and device are concatenated along the tile axis, one ``concat`` per operand whatever the
     number of tiles (none for G, whose tiles lie in that order: :func:`tiles_of_groups`)."""
-    phased = sorted((stack.phase, i, s) for i, group in enumerate(groups) for s, stack in enumerate(group.plan.stacks))
+    phased = sorted([(groups[i].plan.stacks[s].phase, i, s) for i in range(len(groups)) for s in range(len(groups[i].plan.stacks))])
     operands = [(groups[i].stacks[s],) + stack_states[i][s].factor + (stack_states[i][s].factor_momentum if refreshing else ())
                 for _, i, s in phased]
     return [(i, s) for _, i, s in phased], phase_stacks(xp, [phase for phase, _, _ in phased], operands)
@@ -649,7 +624,7 @@ def _read_factors(layout: TileLayout, xp, factors, G) -> tuple:
     ones read into G's dtype (the work dtype, float32 or float64), else as stored. Another
     narrower dtype (float16; float32 of float64 work) is computed in and rounded to nearest:
     stochastic rounding here is a truncation of float32's bits, which only bf16 is."""
-    narrow = [n for n, K in enumerate(factors) if is_bfloat16(K.dtype) and not is_bfloat16(G.dtype)]
+    narrow = [n for n in range(len(factors)) if is_bfloat16(factors[n].dtype) and not is_bfloat16(G.dtype)]
     if layout.factor_rounding != "stochastic" or not narrow:
         return factors
     joint = side_by_side(xp, [factors[n] for n in narrow])  # one cast of them side by side
@@ -709,18 +684,20 @@ def _step_noise(xp, ctx, fields, G):
 # :func:`~precond_ref._backend.plain_forms` each takes its plain form.
 
 
-def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], keys: Sequence[Sequence[Any]]
-                    ) -> list:
+def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[Any], fields: Sequence[Any]) -> list:
     """``_cut_each(xp, grads_list, groups)``: every group's gradient as the stacks of its plan;
     where :func:`gathering`, for gradients of one dtype and device cut in one work dtype, as one join of all gradients and one gather (:func:`rearranged`), each stack a
     view of the result: the stacks of one key (``keys[i][s]``, what batches them: their tile
-    shape and factor layout) end to end, by refresh phase, then group and stack, so that a batch
-    of them (one phase's, or all phases') is a view too (:func:`~precond_ref._backend.joined`).
-    Two operations (three where the work dtype differs) where the cuts are a copy per group with
-    tiles across several axes and the batches a join each."""
+    shape and factor layout, read off the groups' states ``fields``) end to end, by refresh phase,
+    then group and stack, so that a batch of them (one phase's, or all phases') is a view too
+    (:func:`~precond_ref._backend.joined`). Two operations (three where the work dtype differs)
+    where the cuts are a copy per group with tiles across several axes and the batches a join each."""
     leaves = [g for grads in grads_list for g in grads]
     if len({(g.dtype, device_key(g)) for g in leaves}) != 1 or len({g.dtype for g in groups}) != 1 or not gathering(xp, leaves):
         return _cut_each(xp, grads_list, groups)
+    # What batches a stack with the equal stacks of other groups besides its tile shape: its factors'
+    # trailing shapes and dtypes, as precond_ref.blocking.same_layout reads them.
+    keys = [[tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor) for stack in f.stacks] for f in fields]
     first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
     order = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
                    key=lambda m: (first[keys[m[0]][m[1]]], groups[m[0]].plan.stacks[m[1]].phase, m))
