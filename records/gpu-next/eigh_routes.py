@@ -20,7 +20,8 @@ calls after a warm-up call), then the accuracy against float64 LAPACK eigenvalue
 (the largest over the stack's matrices; A is the float64 matrix also for the float32 routes).
 
 Environment: DEV=cuda|cpu (cpu: a dry run of the same code, CUDA-only routes skipped with a reason),
-SIZE=reference|small (default: reference on cuda, small on cpu), END_S (seconds; routes stop early after it).
+SIZE=reference|small (default: reference on cuda, small on cpu), END_S (seconds; routes stop early after it),
+SKIP=cusolver (leaves out the ctypes route and its capture, e.g. after it crashed the process).
 Captures run last: a failed capture cannot disturb the eager timings."""
 import ctypes, ctypes.util, glob, os, sys, time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -36,6 +37,7 @@ REPS = 5
 CASES = {"reference": [(15, 768, "float64"), (5, 512, "float64"), (15, 768, "float32"), (20, 288, "float64")],
          "small": [(3, 48, "float64"), (2, 32, "float64"), (3, 48, "float32"), (4, 24, "float64")]}[SIZE]
 CUDA = DEV == "cuda"
+SKIP = os.environ.get("SKIP", "").split(",")
 
 
 def say(*parts):
@@ -228,6 +230,8 @@ def main():
     lib = solvers = None
     if not CUDA:
         say("skipped: CUDA only (DEV=cpu)")
+    elif "cusolver" in SKIP:
+        say("skipped: SKIP=cusolver")
     else:
         try:
             lib, path, version = load_cusolver()
