@@ -2,15 +2,16 @@
 # The next GPU run, one call (set-up here: bash ../shared/gpu/prepare.sh && cp records/gpu-next/{s12.sh,
 # jax_svd_routes.py,cupy_capture_diag.py} .gpukit/; then `run` bash .gpukit/s12.sh, carry [".whl", ".gpukit"],
 # timeout_s 540). eigh_routes.py runs from the working tree (records/gpu-next/, tracked), not from .gpukit.
-# Steps, in order, each bounded by `timeout`: CUDA/CuPy tests (130 s); Sketchy's batched eigh routes (140 s:
-# torch eigh, cusolverDnXsyevBatched through ctypes and its CUDA-graph capture, CuPy, JAX QR/JACOBI, float32 +
-# refinement, on the reference GPT's FD core stacks); the reference GPT torch bench (75 s); a profile of
-# S-AdaGrad's, Sketchy's and ASGO's steps (45 s, was 60); S-AdaGrad's secular core (30 s, was 40) and its
-# --variants bench (60 s, was 90); then s11's later steps (compiled element-wise rows, JAX Sketchy's FD core routes,
-# the CuPy capture diag, the JAX GPT rows) with whatever time is left of END (480 s: the whole call stays within
-# 8 minutes; those steps probably get little). STEPS=name,name runs only the named steps (tests, eigh, bench,
-# profile, secular, compiled, jaxroutes, diag, jaxbench), e.g. a second call for the later ones:
-#   STEPS=compiled,jaxroutes,diag,jaxbench bash .gpukit/s12.sh
+# Steps, in order, each bounded by `timeout` (the first five fill END = 480 s, so the call stays within 8 minutes):
+# CUDA/CuPy tests (110 s); the reference GPT torch bench, default path (75 s: the README's GPU block); the same
+# with compile=True under capture for AGD, RF-RMSProp, RF-AdamW, DASGO and MBF (130 s: Inductor's fused
+# element-wise kernels in the CUDA graph); Sketchy's batched eigh routes (100 s: torch eigh, cusolverDnXsyevBatched
+# through ctypes and its CUDA-graph capture, CuPy, JAX QR/JACOBI, float32 + refinement, on the reference GPT's FD
+# core stacks); S-AdaGrad's secular core (20 s) and its --variants bench (60 s). The later steps (a profile of
+# S-AdaGrad's, Sketchy's and ASGO's steps, JAX Sketchy's FD core routes, the CuPy capture diag, the JAX GPT rows)
+# get what is left of END, probably nothing: run them as a second call,
+#   STEPS=profile,jaxroutes,diag,jaxbench bash .gpukit/s12.sh
+# STEPS=name,name runs only the named steps (tests, bench, compiled, eigh, secular, profile, jaxroutes, diag, jaxbench).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 ROOT=$PWD; T0=$SECONDS; END=${END_S:-480}
 # The seconds a step may take: its cap, or what is left of END (at least 1: `timeout 0` would mean no limit).
@@ -24,20 +25,9 @@ export PYTHONPATH=/tmp/site
 cd /tmp
 if want tests; then
   echo "== tests at $((SECONDS-T0)) s"
-  timeout $(left 130) python3 -m pytest "$ROOT/tests" -k "cupy or cuda" -q -n 12 -p no:cacheprovider -rfE --durations=5 \
+  timeout $(left 110) python3 -m pytest "$ROOT/tests" -k "cupy or cuda" -q -n 12 -p no:cacheprovider -rfE --durations=5 \
     --ignore="$ROOT/tests/test_docs.py" > "$OUT/pytest.txt" 2>&1
   echo "pytest rc $?"; grep -E "passed|failed" "$OUT/pytest.txt" | tail -2; grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | cut -c1-300 | head -20
-fi
-if want eigh; then
-  echo "== batched eigh routes at $((SECONDS-T0)) s"
-  # Sketchy's FD cores, (15,768) and (5,512) float64 a step: is there a route that does a stack in one call, faster
-  # than syevd matrix after matrix, and capturable? The script stops starting routes at END_S; its captures run last.
-  t=$(left 140); timeout $t env END_S=$((t - 15)) python3 "$ROOT/records/gpu-next/eigh_routes.py" > "$OUT/eigh_routes.txt" 2>&1
-  rc=$?; echo "eigh routes rc $rc"; grep -v -i "warn" "$OUT/eigh_routes.txt" | cut -c1-220
-  if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then   # a crash (the ctypes route can take the process down): the rest without it
-    t=$(left 90); timeout $t env END_S=$((t - 15)) SKIP=cusolver python3 "$ROOT/records/gpu-next/eigh_routes.py" > "$OUT/eigh_routes_skip.txt" 2>&1
-    echo "eigh routes without cusolver rc $?"; grep -v -i "warn" "$OUT/eigh_routes_skip.txt" | cut -c1-220
-  fi
 fi
 if want bench; then
   echo "== bench gpt torch at $((SECONDS-T0)) s"
@@ -46,31 +36,43 @@ if want bench; then
   echo "bench gpt rc $?"; grep "^| torch" "$OUT/bench_gpt.txt" | cut -d'|' -f3-9,13; cp /tmp/gpt/bench.json "$OUT/bench_gpt.json" 2>/dev/null
   grep -i "warn\|not captured\|error" "$OUT/bench_gpt.txt" | cut -c1-250 | sort | uniq -c | head -6
 fi
+if want compiled; then
+  echo "== bench gpt torch compiled at $((SECONDS-T0)) s"
+  # compile=True under the captured step: Inductor's fused kernels replayed in the CUDA graph. Counted on a CPU
+  # (records/traffic-2026-11-29), the compiled steps move 6-10.5x the parameters' bytes (AGD, RF, DASGO; MBF
+  # 15.8x) against 34-63x eagerly, AdamW(fused) 7x: is the fused captured step within the 1.05x / 1.10x targets,
+  # and at what first-step cost? If so, compile=None should compile these classes under capture too.
+  timeout $(left 130) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 2 \
+    --methods agd,rf_rmsprop,rf_adamw,dasgo,mbf --torch-compile on --out /tmp/gptc --no-progress > "$OUT/bench_gpt_compiled.txt" 2>&1
+  echo "bench gpt compiled rc $?"; grep "^| torch" "$OUT/bench_gpt_compiled.txt" | cut -d'|' -f3-9,13; cp /tmp/gptc/bench.json "$OUT/bench_gpt_compiled.json" 2>/dev/null
+fi
+if want eigh; then
+  echo "== batched eigh routes at $((SECONDS-T0)) s"
+  # Sketchy's FD cores, (15,768) and (5,512) float64 a step: is there a route that does a stack in one call, faster
+  # than syevd matrix after matrix, and capturable? The script stops starting routes at END_S; its captures run last.
+  t=$(left 100); timeout $t env END_S=$((t - 15)) python3 "$ROOT/records/gpu-next/eigh_routes.py" > "$OUT/eigh_routes.txt" 2>&1
+  rc=$?; echo "eigh routes rc $rc"; grep -v -i "warn" "$OUT/eigh_routes.txt" | cut -c1-220
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then   # a crash (the ctypes route can take the process down): the rest without it
+    t=$(left 90); timeout $t env END_S=$((t - 15)) SKIP=cusolver python3 "$ROOT/records/gpu-next/eigh_routes.py" > "$OUT/eigh_routes_skip.txt" 2>&1
+    echo "eigh routes without cusolver rc $?"; grep -v -i "warn" "$OUT/eigh_routes_skip.txt" | cut -c1-220
+  fi
+fi
+if want secular; then
+  echo "== s_adagrad's secular core at $((SECONDS-T0)) s"
+  # The FD core by the secular equation (no host read): per-call times against svd/eigh, then the reference GPT's
+  # captured S-AdaGrad with it (bench --variants row "secular"; the target is 1.6x AdamW(fused)).
+  timeout $(left 20) python3 "$ROOT/records/gpu-next/secular_eigh.py" cuda 20 > "$OUT/secular_eigh.txt" 2>&1
+  echo "secular rc $?"; cat "$OUT/secular_eigh.txt"
+  timeout $(left 60) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 2 \
+    --methods s_adagrad --variants --out /tmp/gpts --no-progress > "$OUT/bench_gpt_s_adagrad.txt" 2>&1
+  echo "bench s_adagrad rc $?"; grep "^| torch" "$OUT/bench_gpt_s_adagrad.txt" | cut -d'|' -f3-9,13
+fi
 if want profile; then
   echo "== profile of the uncaptured and slowest steps at $((SECONDS-T0)) s"
   # Where S-AdaGrad's 33 ms over AdamW go (its bytes explain ~6 ms), Sketchy's eigh calls, ASGO's refreshes.
   timeout $(left 45) python3 "$ROOT/records/gpu-next/profile_step.py" s_adagrad,sketchy,asgo reference 3 2>&1 \
     | grep -v Warning > "$OUT/profile_step.txt"
   echo "profile rc $?"; grep -E "^== |Self CUDA time total|Self CPU time total" "$OUT/profile_step.txt"
-fi
-if want secular; then
-  echo "== s_adagrad's secular core at $((SECONDS-T0)) s"
-  # The FD core by the secular equation (no host read): per-call times against svd/eigh, then the reference GPT's
-  # captured S-AdaGrad with it (bench --variants row "secular"; the target is 1.6x AdamW(fused)).
-  timeout $(left 30) python3 "$ROOT/records/gpu-next/secular_eigh.py" cuda 20 > "$OUT/secular_eigh.txt" 2>&1
-  echo "secular rc $?"; cat "$OUT/secular_eigh.txt"
-  timeout $(left 60) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 2 \
-    --methods s_adagrad --variants --out /tmp/gpts --no-progress > "$OUT/bench_gpt_s_adagrad.txt" 2>&1
-  echo "bench s_adagrad rc $?"; grep "^| torch" "$OUT/bench_gpt_s_adagrad.txt" | cut -d'|' -f3-9,13
-fi
-if want compiled; then
-  echo "== bench gpt torch compiled at $((SECONDS-T0)) s"
-  # compile=True under the captured step: Inductor's fused kernels replayed in the CUDA graph. The element-wise
-  # steps move 35-66x the parameters' bytes eagerly (records/traffic-2026-11-28), AdamW(fused) 8x; is a fused
-  # captured step within the 1.05x / 1.15x targets, and at what first-step cost?
-  timeout $(left 150) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 2 \
-    --methods agd,rf_rmsprop,rf_adamw,dasgo,mbf --torch-compile on --out /tmp/gptc --no-progress > "$OUT/bench_gpt_compiled.txt" 2>&1
-  echo "bench gpt compiled rc $?"; grep "^| torch" "$OUT/bench_gpt_compiled.txt" | cut -d'|' -f3-9,13; cp /tmp/gptc/bench.json "$OUT/bench_gpt_compiled.json" 2>/dev/null
 fi
 if want jaxroutes; then
   echo "== jax svd routes at $((SECONDS-T0)) s"
