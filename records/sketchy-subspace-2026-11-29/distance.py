@@ -223,7 +223,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--summary", default=None, help="print the tables of a results file and stop")
     args = parser.parse_args(argv)
+    if args.summary:
+        return summarize(args.summary)
     torch.set_num_threads(1)
     size = dict(SIZES["gpt"]["reference"], batch=args.batch, seq=args.seq)
     train_ids, validation_ids = word_corpus(size["vocab"])
@@ -233,8 +236,55 @@ def main(argv=None) -> None:
         results["runs"].append(run_seed(seed, args, size, train_ids, validation_ids, measure=i == 0))
         results["cpu_s"] = time.process_time() - start
         if args.out:
-            pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
+            pathlib.Path(args.out).write_text(json.dumps(results, separators=(",", ":")))
     print(f"CPU {results['cpu_s']:.0f} s")
+
+
+def summarize(path: str) -> None:
+    """The tables of README.txt from a results file: per measure, over the measured steps, the
+    median (range) of the blocks' median, and the largest block value; the updates by kind of
+    parameter; the losses per seed."""
+    results = json.loads(pathlib.Path(path).read_text())
+    first = results["runs"][0]
+    ms = first["measurements"]
+    print(f"{len(ms)} measurements, steps {ms[0]['step']}..{ms[-1]['step']}; blocks per measurement {len(ms[0]['blocks'])}")
+
+    def row(label, per_step):  # per_step: a list of value lists, one per measured step
+        medians = [statistics.median(v) for v in per_step]
+        print(f"  {label:<44} median {statistics.median(medians):.2e} [{min(medians):.2e}, {max(medians):.2e}]"
+              f"  max {max(max(v) for v in per_step):.2e}  last step median {medians[-1]:.2e} max {max(per_step[-1]):.2e}")
+
+    for d in (None, 512, 1024):
+        print(f"sketch blocks{'' if d is None else f' with d = {d}'} (ranks > 0):")
+        chosen = [[b for b in m["blocks"] if b["rank_exact"] and (d is None or b["d"] == d)] for m in ms]
+        for metric in ("projector", "sine_top", "sigma0", "sigma_top_max", "statistic", "escaped"):
+            row(metric, [[b[metric] for b in blocks] for blocks in chosen])
+        flips = [sum((b["escaped"] == 1.0) for b in blocks) for blocks in chosen]
+        print(f"  blocks with escaped mass in one sketch only: {min(flips)}-{max(flips)} of {len(chosen[0])}")
+    print("updates ||u_s - u_e|| / ||u_e|| (momentum included):")
+    kinds = ("tok_emb", "pos_emb", "qkv", "proj", "fc", "out", "head")
+    for kind in kinds:
+        row(kind, [[p["update"] for p in m["parameters"] if p["ndim"] == 2 and p["parameter"].split(".")[-2] == kind] for m in ms])
+    row("every matrix", [[p["update"] for p in m["parameters"] if p["ndim"] == 2] for m in ms])
+    row("1-D parameters (graft only)", [[p["update"] for p in m["parameters"] if p["ndim"] == 1] for m in ms])
+    overall = [m["update_overall"] for m in ms]
+    print(f"  {'overall':<44} median {statistics.median(overall):.2e} [{min(overall):.2e}, {max(overall):.2e}]")
+    no_head = []
+    for m in ms:
+        num = sum((p["update"] * p["norm"]) ** 2 for p in m["parameters"] if p["parameter"] != "head.weight")
+        den = sum(p["norm"] ** 2 for p in m["parameters"] if p["parameter"] != "head.weight")
+        no_head.append(math.sqrt(num / den))
+    print(f"  {'overall without the head':<44} median {statistics.median(no_head):.2e} [{min(no_head):.2e}, {max(no_head):.2e}]")
+    print("training loss (mean of the last 10 steps) and validation loss:")
+    diffs = []
+    for run in results["runs"]:
+        train = {k: statistics.fmean(v[-10:]) for k, v in run["losses"].items()}
+        diffs.append(train["subspace"] - train["exact"])
+        print(f"  seed {run['seed']}: exact {train['exact']:.4f} / {run['validation_exact']:.4f}, subspace"
+              f" {train['subspace']:.4f} / {run['validation_subspace']:.4f}, subspace - exact {diffs[-1]:+.4f}"
+              f" / {run['validation_subspace'] - run['validation_exact']:+.4f}; optimizer CPU s {run['optimizer_cpu_s']}")
+    exact = [statistics.fmean(run["losses"]["exact"][-10:]) for run in results["runs"]]
+    print(f"  exact over the seeds: {min(exact):.4f}-{max(exact):.4f} (spread {max(exact) - min(exact):.4f})")
 
 
 if __name__ == "__main__":
