@@ -8,7 +8,8 @@
 # element-wise kernels in the CUDA graph); Sketchy's batched eigh routes (100 s: torch eigh, cusolverDnXsyevBatched
 # through ctypes and its CUDA-graph capture, CuPy, JAX QR/JACOBI, float32 + refinement, on the reference GPT's FD
 # core stacks); S-AdaGrad's secular core (20 s) and its --variants bench (60 s). The later steps (a profile of
-# S-AdaGrad's, Sketchy's and ASGO's steps, JAX Sketchy's FD core routes, the CuPy capture diag, the JAX GPT rows)
+# S-AdaGrad's, Sketchy's and ASGO's steps, JAX Sketchy's FD core routes, the CuPy capture probes and diag (with
+# and without the cutensor accelerator), the JAX GPT rows)
 # get what is left of END, probably nothing: run them as a second call,
 #   STEPS=profile,jaxroutes,diag,jaxbench bash .gpukit/s12.sh
 # STEPS=name,name runs only the named steps (tests, bench, compiled, eigh, secular, profile, jaxroutes, diag, jaxbench).
@@ -80,9 +81,16 @@ if want jaxroutes; then
   echo "routes rc $?"; grep "sketchy update" "$OUT/jax_svd_routes.txt" | cut -c1-200
 fi
 if want diag; then
-  echo "== cupy capture diag at $((SECONDS-T0)) s"
+  echo "== cupy capture probes and diag at $((SECONDS-T0)) s"
+  # What CuPy's stream capture holds: matmul, einsum and cuTENSOR's contraction with and without CuPy's cutensor
+  # accelerator, and eigh (never run on a GPU yet); then which operation refuses each method's CuPy capture, with
+  # CuPy's default routines and with CUPY_ACCELERATORS=cub,cutensor.
+  timeout $(left 30) python3 "$ROOT/records/gpu-next/cupy_probe.py" > "$OUT/cupy_probe.txt" 2>&1
+  echo "probe rc $?"; cut -c1-200 "$OUT/cupy_probe.txt" | head -20
   timeout $(left 60) python3 "$ROOT/.gpukit/cupy_capture_diag.py" > "$OUT/cupy_capture_diag.txt" 2>&1
   echo "diag rc $?"; cut -c1-200 "$OUT/cupy_capture_diag.txt" | head -40
+  timeout $(left 60) env CUPY_ACCELERATORS=cub,cutensor python3 "$ROOT/.gpukit/cupy_capture_diag.py" > "$OUT/cupy_capture_diag_cutensor.txt" 2>&1
+  echo "diag cutensor rc $?"; grep -v "^    " "$OUT/cupy_capture_diag_cutensor.txt" | cut -c1-200 | head -30
 fi
 if want jaxbench; then
   echo "== bench gpt jax at $((SECONDS-T0)) s"
