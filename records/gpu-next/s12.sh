@@ -10,9 +10,11 @@
 # core stacks); S-AdaGrad's secular core (20 s) and its --variants bench (60 s). The later steps (a profile of
 # S-AdaGrad's, Sketchy's and ASGO's steps, JAX Sketchy's FD core routes, the CuPy capture probes and diag (with
 # and without the cutensor accelerator), the JAX GPT rows)
-# get what is left of END, probably nothing: run them as a second call,
-#   STEPS=profile,jaxroutes,diag,jaxbench bash .gpukit/s12.sh
-# STEPS=name,name runs only the named steps (tests, bench, compiled, eigh, secular, profile, jaxroutes, diag, jaxbench).
+# get what is left of END, probably nothing: run them as a second call, with the Sketchy and ASGO --variants
+# rows first (subspace against the 2.5x; ASGO's polar-express root),
+#   STEPS=variants,profile,jaxroutes,diag,jaxbench bash .gpukit/s12.sh
+# STEPS=name,name runs only the named steps (tests, bench, compiled, eigh, secular, variants,
+# profile, jaxroutes, diag, jaxbench).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 ROOT=$PWD; T0=$SECONDS; END=${END_S:-480}
 # The seconds a step may take: its cap, or what is left of END (at least 1: `timeout 0` would mean no limit).
@@ -67,6 +69,14 @@ if want secular; then
   timeout $(left 60) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 2 \
     --methods s_adagrad --variants --out /tmp/gpts --no-progress > "$OUT/bench_gpt_s_adagrad.txt" 2>&1
   echo "bench s_adagrad rc $?"; grep "^| torch" "$OUT/bench_gpt_s_adagrad.txt" | cut -d'|' -f3-9,13
+fi
+if want variants; then
+  echo "== bench gpt torch variants of sketchy and asgo at $((SECONDS-T0)) s"
+  # Sketchy's decomposition routes on the reference GPT (decomposition="subspace": the 2.5x; "gram",
+  # "incremental gram", every 10, faithful) and ASGO's matmul-only root (polar express: captured on float64 too).
+  timeout $(left 120) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 1 \
+    --methods sketchy,asgo --variants --out /tmp/gptv --no-progress > "$OUT/bench_gpt_variants.txt" 2>&1
+  echo "bench variants rc $?"; grep "^| torch" "$OUT/bench_gpt_variants.txt" | cut -d'|' -f3-9,13; cp /tmp/gptv/bench.json "$OUT/bench_gpt_variants.json" 2>/dev/null
 fi
 if want profile; then
   echo "== profile of the uncaptured and slowest steps at $((SECONDS-T0)) s"
