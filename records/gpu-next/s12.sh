@@ -11,10 +11,11 @@
 # S-AdaGrad's, Sketchy's and ASGO's steps, JAX Sketchy's FD core routes, the CuPy capture probes and diag (with
 # and without the cutensor accelerator), the JAX GPT rows)
 # get what is left of END, probably nothing: run them as a second call, with the Sketchy and ASGO --variants
-# rows first (subspace against the 2.5x; ASGO's polar-express root),
-#   STEPS=variants,profile,jaxroutes,diag,jaxbench bash .gpukit/s12.sh
+# rows first (subspace against the 2.5x; ASGO's polar-express root), then every class's first steps and
+# peak memory at GPT-2-small (the README's GPU block),
+#   STEPS=variants,gpt2,profile,jaxroutes,diag,jaxbench bash .gpukit/s12.sh
 # STEPS=name,name runs only the named steps (tests, bench, compiled, eigh, secular, variants,
-# profile, jaxroutes, diag, jaxbench).
+# gpt2, profile, jaxroutes, diag, jaxbench).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 ROOT=$PWD; T0=$SECONDS; END=${END_S:-480}
 # The seconds a step may take: its cap, or what is left of END (at least 1: `timeout 0` would mean no limit).
@@ -77,6 +78,12 @@ if want variants; then
   timeout $(left 120) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 1 \
     --methods sketchy,asgo --variants --out /tmp/gptv --no-progress > "$OUT/bench_gpt_variants.txt" 2>&1
   echo "bench variants rc $?"; grep "^| torch" "$OUT/bench_gpt_variants.txt" | cut -d'|' -f3-9,13; cp /tmp/gptv/bench.json "$OUT/bench_gpt_variants.json" 2>/dev/null
+fi
+if want gpt2; then
+  echo "== GPT-2-small first steps and peak memory at $((SECONDS-T0)) s"
+  # The README GPU block's GPT-2-small rows (steady step, peak memory over the parameters) for every class.
+  timeout $(left 100) python3 "$ROOT/records/gpu-next/first_steps_cuda.py" all 4 > "$OUT/first_steps_cuda.txt" 2>&1
+  echo "first steps rc $?"; grep "steps s\|FAILED" "$OUT/first_steps_cuda.txt" | cut -c1-220
 fi
 if want profile; then
   echo "== profile of the uncaptured and slowest steps at $((SECONDS-T0)) s"
