@@ -9,7 +9,7 @@
 # through ctypes and its CUDA-graph capture, CuPy, JAX QR/JACOBI, float32 + refinement, on the reference GPT's FD
 # core stacks); S-AdaGrad's secular core (20 s) and its --variants bench (60 s). The later steps (a profile of
 # S-AdaGrad's, Sketchy's and ASGO's steps, JAX Sketchy's FD core routes, the CuPy capture probes and diag (with
-# and without the cutensor accelerator), the JAX GPT rows)
+# and without the cutensor accelerator), the JAX GPT rows, JAX Sketchy's compilation without XLA's autotuner)
 # get what is left of END, probably nothing: run them as a second call, with the Sketchy and ASGO --variants
 # rows first (subspace against the 2.5x; ASGO's polar-express root), then every class's first steps and
 # peak memory at GPT-2-small (the README's GPU block),
@@ -115,5 +115,11 @@ if want jaxbench; then
     --methods ${JAX_METHODS:-if_shampoo,asgo,s_adagrad} --out /tmp/gptj --no-progress > "$OUT/bench_gpt_jax.txt" 2>&1
   echo "bench gpt jax rc $?"; cp /tmp/gptj/bench.json "$OUT/bench_gpt_jax.json" 2>/dev/null
   python3 -c "import json; d=json.load(open('/tmp/gptj/bench.json')); [print(r.get('label'), r.get('first_step_ms'), r.get('median_ms'), r.get('mean_ms')) for r in d['results'].get('gpt', [])]" 2>&1 | tail -12
+  # JAX Sketchy's first step (its compilation: 86.7 s in the tenth run, the limit 60 s) without XLA's GEMM
+  # autotuning: how much of it the autotuner is, and what the step costs without its choices.
+  timeout $(left 150) env XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m precond_ref bench --model gpt --size reference \
+    --frameworks jax --budget 1 --methods sketchy --out /tmp/gptj0 --no-progress > "$OUT/bench_gpt_jax_sketchy_autotune0.txt" 2>&1
+  echo "bench gpt jax sketchy autotune 0 rc $?"; cp /tmp/gptj0/bench.json "$OUT/bench_gpt_jax_sketchy_autotune0.json" 2>/dev/null
+  python3 -c "import json; d=json.load(open('/tmp/gptj0/bench.json')); [print(r.get('label'), r.get('first_step_ms'), r.get('median_ms'), r.get('mean_ms')) for r in d['results'].get('gpt', [])]" 2>&1 | tail -4
 fi
 echo "== done at $((SECONDS-T0)) s"; ls "$OUT"
