@@ -2,25 +2,30 @@
 # The next GPU run, one call (set-up here: bash ../shared/gpu/prepare.sh && cp records/gpu-next/{s12.sh,
 # jax_svd_routes.py,cupy_capture_diag.py} .gpukit/; then `run` bash .gpukit/s12.sh, carry [".whl", ".gpukit"],
 # timeout_s 540). eigh_routes.py runs from the working tree (records/gpu-next/, tracked), not from .gpukit.
-# Steps, in order, each bounded by `timeout` (the first five fill END = 480 s, so the call stays within 8 minutes):
-# CUDA/CuPy tests (110 s); the reference GPT torch bench, default path (75 s: the README's GPU block); the same
-# with compile=True under capture for AGD, RF-RMSProp, RF-AdamW, DASGO and MBF (130 s: Inductor's fused
-# element-wise kernels in the CUDA graph); Sketchy's batched eigh routes (100 s: torch eigh, cusolverDnXsyevBatched
-# through ctypes and its CUDA-graph capture, CuPy, JAX QR/JACOBI, float32 + refinement, on the reference GPT's FD
-# core stacks); S-AdaGrad's secular core (20 s) and its --variants bench (60 s). The later steps (a profile of
-# S-AdaGrad's, Sketchy's and ASGO's steps, JAX Sketchy's FD core routes, the CuPy capture probes and diag (with
-# and without the cutensor accelerator), the JAX GPT rows, JAX Sketchy's compilation without XLA's autotuner)
-# get what is left of END, probably nothing: run them as a second call, with the Sketchy and ASGO --variants
-# rows first (subspace against the 2.5x; ASGO's polar-express root), then every class's first steps and
-# peak memory at GPT-2-small (the README's GPU block),
-#   STEPS=variants,gpt2,profile,jaxroutes,diag,jaxbench bash .gpukit/s12.sh
-# STEPS=name,name runs only the named steps (tests, bench, compiled, eigh, secular, variants,
-# gpt2, profile, jaxroutes, diag, jaxbench).
+# Steps, in order, each bounded by `timeout`; END (480 s) bounds a call, so a call stays within 8 minutes, and the
+# steps are grouped into calls by what they settle, the most first (a session's 15 device minutes hold the first
+# call and most of a second):
+#   call 1 (STEPS unset: tests,bench,compiled,eigh,secular): CUDA/CuPy tests (110 s); the reference GPT torch bench, default path (75 s: the README's GPU
+#     block); the same with compile=True under capture for AGD, RF-RMSProp, RF-AdamW, DASGO and MBF (130 s:
+#     Inductor's fused element-wise kernels in the CUDA graph); Sketchy's batched eigh routes (100 s: torch eigh,
+#     cusolverDnXsyevBatched through ctypes and its CUDA-graph capture, CuPy, JAX QR/JACOBI, float32 + refinement, on
+#     the reference GPT's FD core stacks); S-AdaGrad's secular core (20 s) and its --variants bench (60 s);
+#   call 2: STEPS=variants,jaxbench bash .gpukit/s12.sh -- Sketchy's and ASGO's --variants rows (120 s: subspace
+#     against the 2.5x, ASGO's polar-express root) and the JAX GPT rows of Sketchy, IF-Shampoo, ASGO and
+#     S-AdaGrad (260 s, their compilations included);
+#   call 3: STEPS=cupybench,diag,gpt2,jaxautotune,profile,jaxroutes bash .gpukit/s12.sh -- CuPy against torch on
+#     a 1024x1024 layer (60 s), the CuPy capture probes and diag with and without the cutensor accelerator
+#     (150 s), every class's first steps and peak memory at GPT-2-small (100 s: the README's GPU block), JAX
+#     Sketchy's first step without XLA's GEMM autotuner (150 s), a profile of S-AdaGrad's, Sketchy's and ASGO's
+#     steps (45 s), JAX Sketchy's FD core routes (120 s).
+# STEPS=name,name runs only the named steps (tests, bench, compiled, eigh, secular, variants, jaxbench, cupybench,
+# diag, gpt2, jaxautotune, profile, jaxroutes).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 ROOT=$PWD; T0=$SECONDS; END=${END_S:-480}
 # The seconds a step may take: its cap, or what is left of END (at least 1: `timeout 0` would mean no limit).
 left() { local l=$((END - (SECONDS - T0))); [ "$l" -lt 1 ] && l=1; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
-want() { [ -z "$STEPS" ] || [[ ",$STEPS," == *",$1,"* ]]; }
+STEPS=${STEPS:-tests,bench,compiled,eigh,secular}   # call 1
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -79,23 +84,19 @@ if want variants; then
     --methods sketchy,asgo --variants --out /tmp/gptv --no-progress > "$OUT/bench_gpt_variants.txt" 2>&1
   echo "bench variants rc $?"; grep "^| torch" "$OUT/bench_gpt_variants.txt" | cut -d'|' -f3-9,13; cp /tmp/gptv/bench.json "$OUT/bench_gpt_variants.json" 2>/dev/null
 fi
-if want gpt2; then
-  echo "== GPT-2-small first steps and peak memory at $((SECONDS-T0)) s"
-  # The README GPU block's GPT-2-small rows (steady step, peak memory over the parameters) for every class.
-  timeout $(left 100) python3 "$ROOT/records/gpu-next/first_steps_cuda.py" all 4 > "$OUT/first_steps_cuda.txt" 2>&1
-  echo "first steps rc $?"; grep "steps s\|FAILED" "$OUT/first_steps_cuda.txt" | cut -c1-220
+if want jaxbench; then
+  echo "== bench gpt jax at $((SECONDS-T0)) s"
+  timeout $(left 260) python3 -m precond_ref bench --model gpt --size reference --frameworks jax --budget 1 \
+    --methods ${JAX_METHODS:-sketchy,if_shampoo,asgo,s_adagrad} --out /tmp/gptj --no-progress > "$OUT/bench_gpt_jax.txt" 2>&1
+  echo "bench gpt jax rc $?"; cp /tmp/gptj/bench.json "$OUT/bench_gpt_jax.json" 2>/dev/null
+  python3 -c "import json; d=json.load(open('/tmp/gptj/bench.json')); [print(r.get('label'), r.get('first_step_ms'), r.get('median_ms'), r.get('mean_ms')) for r in d['results'].get('gpt', [])]" 2>&1 | tail -12
 fi
-if want profile; then
-  echo "== profile of the uncaptured and slowest steps at $((SECONDS-T0)) s"
-  # Where S-AdaGrad's 33 ms over AdamW go (its bytes explain ~6 ms), Sketchy's eigh calls, ASGO's refreshes.
-  timeout $(left 45) python3 "$ROOT/records/gpu-next/profile_step.py" s_adagrad,sketchy,asgo reference 3 2>&1 \
-    | grep -v Warning > "$OUT/profile_step.txt"
-  echo "profile rc $?"; grep -E "^== |Self CUDA time total|Self CPU time total" "$OUT/profile_step.txt"
-fi
-if want jaxroutes; then
-  echo "== jax svd routes at $((SECONDS-T0)) s"
-  timeout $(left 120) python3 "$ROOT/.gpukit/jax_svd_routes.py" reference dec:incremental_gram,polar 2>&1 | grep -v Warning > "$OUT/jax_svd_routes.txt"
-  echo "routes rc $?"; grep "sketchy update" "$OUT/jax_svd_routes.txt" | cut -c1-200
+if want cupybench; then
+  echo "== bench layers torch and cupy at $((SECONDS-T0)) s"
+  # CuPy against torch on one 1024x1024 layer (the CuPy <= 1.3x torch), the captured CuPy step where it captures.
+  timeout $(left 60) python3 -m precond_ref bench --frameworks torch,cupy --cases 1024x1024 --budget 1 \
+    --out /tmp/layers --no-progress > "$OUT/bench_layers.txt" 2>&1
+  echo "bench layers rc $?"; grep "^| " "$OUT/bench_layers.txt" | cut -d'|' -f2-9 | head -24; cp /tmp/layers/bench.json "$OUT/bench_layers.json" 2>/dev/null
 fi
 if want diag; then
   echo "== cupy capture probes and diag at $((SECONDS-T0)) s"
@@ -109,17 +110,31 @@ if want diag; then
   timeout $(left 60) env CUPY_ACCELERATORS=cub,cutensor python3 "$ROOT/.gpukit/cupy_capture_diag.py" > "$OUT/cupy_capture_diag_cutensor.txt" 2>&1
   echo "diag cutensor rc $?"; grep -v "^    " "$OUT/cupy_capture_diag_cutensor.txt" | cut -c1-200 | head -30
 fi
-if want jaxbench; then
-  echo "== bench gpt jax at $((SECONDS-T0)) s"
-  timeout $(left 200) python3 -m precond_ref bench --model gpt --size reference --frameworks jax --budget 1 \
-    --methods ${JAX_METHODS:-if_shampoo,asgo,s_adagrad} --out /tmp/gptj --no-progress > "$OUT/bench_gpt_jax.txt" 2>&1
-  echo "bench gpt jax rc $?"; cp /tmp/gptj/bench.json "$OUT/bench_gpt_jax.json" 2>/dev/null
-  python3 -c "import json; d=json.load(open('/tmp/gptj/bench.json')); [print(r.get('label'), r.get('first_step_ms'), r.get('median_ms'), r.get('mean_ms')) for r in d['results'].get('gpt', [])]" 2>&1 | tail -12
+if want gpt2; then
+  echo "== GPT-2-small first steps and peak memory at $((SECONDS-T0)) s"
+  # The README GPU block's GPT-2-small rows (steady step, peak memory over the parameters) for every class.
+  timeout $(left 100) python3 "$ROOT/records/gpu-next/first_steps_cuda.py" all 4 > "$OUT/first_steps_cuda.txt" 2>&1
+  echo "first steps rc $?"; grep "steps s\|FAILED" "$OUT/first_steps_cuda.txt" | cut -c1-220
+fi
+if want jaxautotune; then
+  echo "== JAX Sketchy without XLA's autotuner at $((SECONDS-T0)) s"
   # JAX Sketchy's first step (its compilation: 86.7 s in the tenth run, the limit 60 s) without XLA's GEMM
   # autotuning: how much of it the autotuner is, and what the step costs without its choices.
   timeout $(left 150) env XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m precond_ref bench --model gpt --size reference \
     --frameworks jax --budget 1 --methods sketchy --out /tmp/gptj0 --no-progress > "$OUT/bench_gpt_jax_sketchy_autotune0.txt" 2>&1
   echo "bench gpt jax sketchy autotune 0 rc $?"; cp /tmp/gptj0/bench.json "$OUT/bench_gpt_jax_sketchy_autotune0.json" 2>/dev/null
   python3 -c "import json; d=json.load(open('/tmp/gptj0/bench.json')); [print(r.get('label'), r.get('first_step_ms'), r.get('median_ms'), r.get('mean_ms')) for r in d['results'].get('gpt', [])]" 2>&1 | tail -4
+fi
+if want profile; then
+  echo "== profile of the uncaptured and slowest steps at $((SECONDS-T0)) s"
+  # Where S-AdaGrad's 33 ms over AdamW go (its bytes explain ~6 ms), Sketchy's eigh calls, ASGO's refreshes.
+  timeout $(left 45) python3 "$ROOT/records/gpu-next/profile_step.py" s_adagrad,sketchy,asgo reference 3 2>&1 \
+    | grep -v Warning > "$OUT/profile_step.txt"
+  echo "profile rc $?"; grep -E "^== |Self CUDA time total|Self CPU time total" "$OUT/profile_step.txt"
+fi
+if want jaxroutes; then
+  echo "== jax svd routes at $((SECONDS-T0)) s"
+  timeout $(left 120) python3 "$ROOT/.gpukit/jax_svd_routes.py" reference dec:incremental_gram,polar 2>&1 | grep -v Warning > "$OUT/jax_svd_routes.txt"
+  echo "routes rc $?"; grep "sketchy update" "$OUT/jax_svd_routes.txt" | cut -c1-200
 fi
 echo "== done at $((SECONDS-T0)) s"; ls "$OUT"
