@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The next GPU run, one call (set-up here: bash ../shared/gpu/prepare.sh && cp records/gpu-next/{s12.sh,
-# jax_svd_routes.py,cupy_capture_diag.py} .gpukit/; then `run` bash .gpukit/s12.sh, carry [".whl", ".gpukit"],
+# The next GPU run, in up to three calls (set-up here, once: bash ../shared/gpu/prepare.sh && cp records/gpu-next/{s12.sh,
+# jax_svd_routes.py,cupy_capture_diag.py} .gpukit/; then `run` bash .gpukit/s12.sh (call 1; STEPS=... for the others, below), carry [".whl", ".gpukit"],
 # timeout_s 540). eigh_routes.py runs from the working tree (records/gpu-next/, tracked), not from .gpukit.
 # Steps, in order, each bounded by `timeout`; END (480 s) bounds a call, so a call stays within 8 minutes, and the
 # steps are grouped into calls by what they settle, the most first (a session's 15 device minutes hold the first
