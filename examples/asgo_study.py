@@ -1,4 +1,4 @@
-"""ASGO's refresh interval, block size and refresh spreading against quality (issue 35).
+"""ASGO's refresh interval, block size and refresh spreading against quality.
 
 Trains the char-LM example's transformer (``char_lm_torch.CharTransformer``, this project's docs as
 text) with principled ASGO through the torch adapter, one setting per line of ``--settings``, for

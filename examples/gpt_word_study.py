@@ -1,4 +1,4 @@
-"""A method's hyperparameters against quality on the bench's GPT (issue 35's interval/block tables).
+"""A method's hyperparameters against quality on the bench's GPT (the methods' interval and block tables).
 
 Trains ``precond_ref.benchmarks.models``' GPT at the bench's size (``--size small``: 2 layers,
 width 128, vocabulary 2048, batch 8 x 64) on word tokens of this project's README and docs (the

@@ -2,10 +2,10 @@
 
 On a GPU, Sketchy's and S-AdaGrad's steps are their decompositions: torch hands a float32
 ``linalg.svd`` to cuSOLVER's Jacobi ``gesvdj`` and a float32 ``linalg.eigh`` of order 32-512 to
-its Jacobi ``syevj`` (the H100 run of docs/performance-archive.md: 87 ms per SVD call of the 768 x 768
-FD cores). This script records the decompositions of one refresh window of an optimizer on the
-bench's GPT (the bench's settings for the method), then times each distinct call (operation,
-shape, dtype) as recorded and in the alternatives torch offers on the device:
+its Jacobi ``syevj`` (the measurements: records/performance-archive.md, "On a GPU"). This
+script records the decompositions of one refresh window of an optimizer on the bench's GPT (the
+bench's settings for the method), then times each distinct call (operation, shape, dtype) as
+recorded and in the alternatives torch offers on the device:
 
 * ``svd``: the default, and on CUDA ``driver="gesvd"`` (QR iteration), ``"gesvdj"`` (Jacobi) and,
   for tall matrices, ``"gesvda"`` (approximate);

@@ -1,4 +1,4 @@
-"""MBF's block size, refresh spreading and intervals against quality and cost (issue 35).
+"""MBF's block size, refresh spreading and intervals against quality and cost.
 
 A GPT of the bench's family (``precond_ref.benchmarks.models``) with a long vocabulary axis, trained
 on this project's own text cut into two-character tokens (the ``vocab - 1`` most frequent pairs,

@@ -69,7 +69,7 @@ def test_readme_method_table_lists_every_method():
 
 
 def test_readme_results_are_the_default_run_and_fit_in_five_minutes_on_two_cores():
-    """Issue 15's done-criterion: the README shows the main job's own output (the default command,
+    """The README shows the main job's own output (the default command,
     at most ``--readme`` and ``--out`` added), and that run needs less than 5 minutes of two
     otherwise idle cores (its CPU seconds, which do not depend on the machine's load: the main
     process's plus the workers' shared out over the two worker processes)."""
@@ -94,7 +94,7 @@ def test_readme_results_are_the_default_run_and_fit_in_five_minutes_on_two_cores
 
 
 def test_readme_is_one_screen_per_section_and_states_the_product():
-    """Issue 55's README: at most 220 lines (200, and then the state-dtype table and the links to
+    """The README: at most 220 lines (200, and then the state-dtype table and the links to
     each method's math), no part between headings longer than a screen (60 lines), and none of the contradictions a first reader met: the count of methods in words
     against the table's rows, a set-up "below" that is above, the plain PyPI torch called the CPU
     build, and internal words (issue numbers, temporary folders)."""
