@@ -178,6 +178,28 @@ def test_notebook_words_are_found_where_they_are():
     assert notebook_words(product) == []
 
 
+#: The kinds of :data:`NOTEBOOK_WORDS` the code itself must not state either (its comments,
+#: docstrings and messages say what the code does and why; the history is the git log's, the
+#: measurements records/'s). A session (a training session), a hexadecimal word and a #number (a
+#: colour) are code's own.
+CODE_HISTORY_WORDS = ("an issue", "a date", "a numbered run")
+
+
+def test_the_code_states_no_history():
+    """The package, the adapters and the examples name no issue, pull request, date or numbered
+    run (:data:`CODE_HISTORY_WORDS`) in their source (each kind found by the same pattern as on the
+    site, :func:`test_notebook_words_are_found_where_they_are`)."""
+    found = []
+    for folder in ("precond_ref", "adapters", "examples"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            text = path.read_text()
+            for kind in CODE_HISTORY_WORDS:
+                for m in NOTEBOOK_WORDS[kind].finditer(text):
+                    line = text.count("\n", 0, m.start()) + 1
+                    found.append(f"{path.relative_to(ROOT)}:{line}: {kind}: {text[max(m.start() - 30, 0): m.end() + 30]!r}")
+    assert not found, "\n".join(found)
+
+
 # An '&' in MathML that is not an entity (&#x0003D;, &amp;): a TeX alignment mark printed as text.
 _BARE_AMPERSAND = re.compile(r"&(?![#\w]+;)")
 

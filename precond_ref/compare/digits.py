@@ -116,7 +116,7 @@ def init_params(model: str, seed: int) -> dict[str, dict[str, np.ndarray]]:
 # The CNN's images are tiny (8x8, then 4x4), where im2col's many small copies cost more than the
 # arithmetic. The first convolution (one input channel) is a single gather of the 3x3 patches and
 # a (B*64, 9) x (9, 8) product; its activations stay position-major ``(B, y, x, channel)`` through
-# the pooling. The second runs as one product with the dense (256, 128) matrix of the linear map it
+# the pooling. The second convolution is one product with the dense (256, 128) matrix of the linear map it
 # is, filled from the 3x3 weights (measured against im2col: docs/compare.md).
 
 
