@@ -91,5 +91,5 @@ def available_backends() -> list[Backend]:
 
 BACKENDS = available_backends()
 BACKEND_NAMES = [b.name for b in BACKENDS]
-# Property tests run in float64 on these two (the "numpy and array_api_strict").
+# Property tests run in float64 on these two (NumPy and array_api_strict).
 PROPERTY_BACKENDS = [b for b in BACKENDS if b.name in ("numpy", "array_api_strict")]

@@ -613,9 +613,9 @@ def test_a_run_stopped_after_its_first_case_leaves_that_case_in_bench_json(tmp_p
 
 def test_a_run_stopped_inside_a_model_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     """bench.json is rewritten after each row: a ``--model`` run (one section) interrupted at its
-    third row leaves the first two, measured, with ``"complete": false``. Why: on the H100
-    (2026-11-26) two reference-GPT runs stopped by their ``timeout`` inside the section left
-    ``"results": {}`` after minutes of measurement."""
+    third row leaves the first two, measured, with ``"complete": false``. Why: a reference-GPT run
+    on a GPU stopped by its ``timeout`` inside the section would otherwise leave ``"results": {}``
+    after minutes of measurement."""
     from precond_ref.benchmarks import measure
 
     run_row = measure.run_row

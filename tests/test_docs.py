@@ -186,12 +186,14 @@ CODE_HISTORY_WORDS = ("an issue", "a date", "a numbered run")
 
 
 def test_the_code_states_no_history():
-    """The package, the adapters and the examples name no issue, pull request, date or numbered
+    """The package, the adapters, the examples and the tests name no issue, pull request, date or numbered
     run (:data:`CODE_HISTORY_WORDS`) in their source (each kind found by the same pattern as on the
     site, :func:`test_notebook_words_are_found_where_they_are`)."""
     found = []
-    for folder in ("precond_ref", "adapters", "examples"):
+    for folder in ("precond_ref", "adapters", "examples", "tests"):
         for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == pathlib.Path(__file__).resolve():  # this file's examples of the words
+                continue
             text = path.read_text()
             for kind in CODE_HISTORY_WORDS:
                 for m in NOTEBOOK_WORDS[kind].finditer(text):

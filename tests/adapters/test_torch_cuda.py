@@ -70,7 +70,7 @@ def test_steps_never_synchronise(case, compile):
     ``unique_graphs`` counted on a CPU: the last new one at step 10, MBF's spread refreshes):
     compiling reads values on the host (Inductor folds a uniform constant with ``.item()``), which
     is not a step's read. With only 2 unguarded steps, as before, ASGO's and
-    faithful MBF's later patterns compiled under the guard and failed on the H100 (2026-11-26)."""
+    faithful MBF's later patterns compiled under the guard and failed on a GPU."""
     model = _model()
     opt = case.make(model.named_parameters(), compile=compile, capture=False)
     grads = _gradients(model)
