@@ -17,9 +17,11 @@
 #     a 1024x1024 layer (60 s), the CuPy capture probes and diag with and without the cutensor accelerator
 #     (150 s), every class's first steps and peak memory at GPT-2-small (100 s: the README's GPU block), JAX
 #     Sketchy's first step without XLA's GEMM autotuner (150 s), a profile of S-AdaGrad's, Sketchy's and ASGO's
-#     steps (45 s), JAX Sketchy's FD core routes (120 s).
+#     steps (45 s), JAX Sketchy's FD core routes (120 s);
+#   call 4, if device time is left: STEPS=reproduce bash .gpukit/s12.sh -- reproduce's GPU protocol (ASGO-3, MBF-1,
+#     MBF-4 on cuda, at most 8 minutes: docs/reproduce.md, "GPU protocol"; merge its JSON with --merge).
 # STEPS=name,name runs only the named steps (tests, bench, compiled, eigh, secular, variants, jaxbench, cupybench,
-# diag, gpt2, jaxautotune, profile, jaxroutes).
+# diag, gpt2, jaxautotune, profile, jaxroutes, reproduce).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 ROOT=$PWD; T0=$SECONDS; END=${END_S:-480}
 # The seconds a step may take: its cap, or what is left of END (at least 1: `timeout 0` would mean no limit).
@@ -136,5 +138,13 @@ if want jaxroutes; then
   echo "== jax svd routes at $((SECONDS-T0)) s"
   timeout $(left 120) python3 "$ROOT/.gpukit/jax_svd_routes.py" reference dec:incremental_gram,polar 2>&1 | grep -v Warning > "$OUT/jax_svd_routes.txt"
   echo "routes rc $?"; grep "sketchy update" "$OUT/jax_svd_routes.txt" | cut -c1-200
+fi
+if want reproduce; then
+  echo "== reproduce's GPU claims at $((SECONDS-T0)) s"
+  # The GPU protocol written in docs/reproduce.md before any GPU run: ASGO-3, MBF-1, MBF-4 on cuda, default sizes,
+  # stopped at 8 minutes (a claim whose runs did not finish is "not measured").
+  timeout $(left 470) python3 -m precond_ref reproduce --claims ASGO-3,MBF-1,MBF-4 --device cuda --out /tmp/repro \
+    --no-progress --no-plot > "$OUT/reproduce_gpu.txt" 2>&1
+  echo "reproduce rc $?"; tail -30 "$OUT/reproduce_gpu.txt" | cut -c1-220; cp /tmp/repro/reproduce.json "$OUT/reproduce_gpu.json" 2>/dev/null
 fi
 echo "== done at $((SECONDS-T0)) s"; ls "$OUT"
