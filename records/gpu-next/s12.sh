@@ -1,27 +1,29 @@
 #!/usr/bin/env bash
-# The next GPU run, in up to three calls (set-up here, once: bash ../shared/gpu/prepare.sh && cp records/gpu-next/{s12.sh,
-# jax_svd_routes.py,cupy_capture_diag.py} .gpukit/; then `run` bash .gpukit/s12.sh (call 1; STEPS=... for the others, below), carry [".whl", ".gpukit"],
-# timeout_s 540). eigh_routes.py runs from the working tree (records/gpu-next/, tracked), not from .gpukit.
-# Steps, in order, each bounded by `timeout`; END (480 s) bounds a call, so a call stays within 8 minutes, and the
+# The next GPU run, in up to four calls. Set-up here, once: bash ../shared/gpu/prepare.sh && cp
+# records/gpu-next/{s12.sh,jax_svd_routes.py,cupy_capture_diag.py} .gpukit/; then `run` bash .gpukit/s12.sh
+# (call 1; STEPS=... for the others, below) with carry [".whl", ".gpukit"], timeout_s 540. The other scripts
+# (eigh_routes.py, secular_eigh.py, ...) run from the working tree (records/gpu-next/, tracked).
+# Steps, in order, each bounded by `timeout`; END (480 s) bounds a call, so a call stays within 8 minutes. The
 # steps are grouped into calls by what they settle, the most first (a session's 15 device minutes hold the first
 # call and most of a second):
-#   call 1 (STEPS unset: tests,bench,compiled,eigh,secular): CUDA/CuPy tests (110 s); the reference GPT torch bench, default path (75 s: the README's GPU
-#     block); the same with compile=True under capture for AGD, RF-RMSProp, RF-AdamW, DASGO and MBF (130 s:
-#     Inductor's fused element-wise kernels in the CUDA graph); Sketchy's batched eigh routes (100 s: torch eigh,
-#     cusolverDnXsyevBatched through ctypes and its CUDA-graph capture, CuPy, JAX QR/JACOBI, float32 + refinement, on
-#     the reference GPT's FD core stacks); S-AdaGrad's secular core (20 s) and its --variants bench (60 s);
+#   call 1 (STEPS unset: tests,bench,compiled,eigh,secular): CUDA/CuPy tests (110 s); the reference GPT torch
+#     bench, default path (75 s: the README's GPU block); the same with compile=True under capture for AGD,
+#     RF-RMSProp, RF-AdamW, DASGO and MBF (130 s: Inductor's fused element-wise kernels in the CUDA graph);
+#     Sketchy's batched eigh routes (100 s: torch eigh, cusolverDnXsyevBatched through ctypes and its CUDA-graph
+#     capture, CuPy, JAX QR/JACOBI, float32 + refinement, on the reference GPT's FD core stacks); S-AdaGrad's
+#     secular core (20 s) and its --variants bench (60 s);
 #   call 2: STEPS=variants,jaxbench bash .gpukit/s12.sh -- Sketchy's and ASGO's --variants rows (120 s: subspace
 #     against the issue's 2.5x, ASGO's polar-express root) and the JAX GPT rows of Sketchy, IF-Shampoo, ASGO and
 #     S-AdaGrad (260 s, their compilations included);
-#   call 3: STEPS=cupybench,diag,gpt2,jaxautotune,profile,jaxroutes bash .gpukit/s12.sh -- CuPy against torch on
-#     a 1024x1024 layer (60 s), the CuPy capture probes and diag with and without the cutensor accelerator
-#     (150 s), every class's first steps and peak memory at GPT-2-small (100 s: the README's GPU block), JAX
-#     Sketchy's first step without XLA's GEMM autotuner (150 s), a profile of S-AdaGrad's, Sketchy's and ASGO's
-#     steps (45 s), JAX Sketchy's FD core routes (120 s);
-#   call 4, if device time is left: STEPS=reproduce bash .gpukit/s12.sh -- reproduce's GPU protocol (ASGO-3, MBF-1,
-#     MBF-4 on cuda, at most 8 minutes: docs/reproduce.md, "GPU protocol"; merge its JSON with --merge).
+#   call 3: STEPS=cupybench,cupycompare,diag,gpt2,jaxautotune,profile,jaxroutes bash .gpukit/s12.sh -- CuPy
+#     against torch on a 1024x1024 layer (60 s), the main job on CuPy (150 s), the CuPy capture probes and diag
+#     with and without the cutensor accelerator (150 s), every class's first steps and peak memory at
+#     GPT-2-small (100 s: the README's GPU block), JAX Sketchy's first step without XLA's GEMM autotuner
+#     (150 s), a profile of S-AdaGrad's, Sketchy's and ASGO's steps (45 s), JAX Sketchy's FD core routes (120 s);
+#   call 4, if device time is left: STEPS=reproduce bash .gpukit/s12.sh -- reproduce's GPU protocol (ASGO-3,
+#     MBF-1, MBF-4 on cuda, at most 8 minutes: docs/reproduce.md, "GPU protocol"; merge its JSON with --merge).
 # STEPS=name,name runs only the named steps (tests, bench, compiled, eigh, secular, variants, jaxbench, cupybench,
-# diag, gpt2, jaxautotune, profile, jaxroutes, reproduce).
+# cupycompare, diag, gpt2, jaxautotune, profile, jaxroutes, reproduce).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 ROOT=$PWD; T0=$SECONDS; END=${END_S:-480}
 # The seconds a step may take: its cap, or what is left of END (at least 1: `timeout 0` would mean no limit).
@@ -99,6 +101,14 @@ if want cupybench; then
   timeout $(left 60) python3 -m precond_ref bench --frameworks torch,cupy --cases 1024x1024 --budget 1 \
     --out /tmp/layers --no-progress > "$OUT/bench_layers.txt" 2>&1
   echo "bench layers rc $?"; grep "^| " "$OUT/bench_layers.txt" | cut -d'|' -f2-9 | head -24; cp /tmp/layers/bench.json "$OUT/bench_layers.json" 2>/dev/null
+fi
+if want cupycompare; then
+  echo "== the main job on CuPy at $((SECONDS-T0)) s"
+  # compare --backend cupy (the mission's GPU runs through CuPy; its timing the issue asks to show), no tuning: every
+  # method at its paper's settings, float64 as on the CPU, so the table can be held against the numpy backend's.
+  timeout $(left 150) python3 -m precond_ref compare --backend cupy --device 0 --no-tune --seeds 2 --epochs 6 \
+    --out /tmp/compare_cupy --no-progress --no-plot > "$OUT/compare_cupy.txt" 2>&1
+  echo "compare cupy rc $?"; tail -20 "$OUT/compare_cupy.txt" | cut -c1-200
 fi
 if want diag; then
   echo "== cupy capture probes and diag at $((SECONDS-T0)) s"
