@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The next GPU run, in up to four calls. Set-up here, once: bash ../shared/gpu/prepare.sh && cp
-# records/gpu-next/{s12.sh,jax_svd_routes.py,cupy_capture_diag.py} .gpukit/; then `run` bash .gpukit/s12.sh
-# (call 1; STEPS=... for the others, below) with carry [".whl", ".gpukit"], timeout_s 540. The other scripts
-# (eigh_routes.py, secular_eigh.py, ...) run from the working tree (records/gpu-next/, tracked).
+# The next GPU run, in up to four calls. Set-up here, once: bash ../shared/gpu/prepare.sh (the wheels in .whl/);
+# then `run` bash records/gpu-next/s12.sh (call 1; STEPS=... bash records/gpu-next/s12.sh for the others, below)
+# with carry [".whl"], timeout_s 540. Every script it calls is in records/gpu-next/ (tracked, so on the machine).
 # Steps, in order, each bounded by `timeout`; END (480 s) bounds a call, so a call stays within 8 minutes. The
 # steps are grouped into calls by what they settle, the most first (a session's 15 device minutes hold the first
 # call and most of a second):
@@ -12,15 +11,15 @@
 #     Sketchy's batched eigh routes (100 s: torch eigh, cusolverDnXsyevBatched through ctypes and its CUDA-graph
 #     capture, CuPy, JAX QR/JACOBI, float32 + refinement, on the reference GPT's FD core stacks); S-AdaGrad's
 #     secular core (20 s) and its --variants bench (60 s);
-#   call 2: STEPS=variants,jaxbench bash .gpukit/s12.sh -- Sketchy's and ASGO's --variants rows (120 s: subspace
+#   call 2: STEPS=variants,jaxbench bash records/gpu-next/s12.sh -- Sketchy's and ASGO's --variants rows (120 s: subspace
 #     against the 2.5x, ASGO's polar-express root) and the JAX GPT rows of Sketchy, IF-Shampoo, ASGO and
 #     S-AdaGrad (260 s, their compilations included);
-#   call 3: STEPS=cupybench,cupycompare,diag,gpt2,jaxautotune,profile,jaxroutes bash .gpukit/s12.sh -- CuPy
+#   call 3: STEPS=cupybench,cupycompare,diag,gpt2,jaxautotune,profile,jaxroutes bash records/gpu-next/s12.sh -- CuPy
 #     against torch on a 1024x1024 layer (60 s), the main job on CuPy (150 s), the CuPy capture probes and diag
 #     with and without the cutensor accelerator (150 s), every class's first steps and peak memory at
 #     GPT-2-small (100 s: the README's GPU block), JAX Sketchy's first step without XLA's GEMM autotuner
 #     (150 s), a profile of S-AdaGrad's, Sketchy's and ASGO's steps (45 s), JAX Sketchy's FD core routes (120 s);
-#   call 4, if device time is left: STEPS=reproduce bash .gpukit/s12.sh -- reproduce's GPU protocol (ASGO-3,
+#   call 4, if device time is left: STEPS=reproduce bash records/gpu-next/s12.sh -- reproduce's GPU protocol (ASGO-3,
 #     MBF-1, MBF-4 on cuda, at most 8 minutes: docs/reproduce.md, "GPU protocol"; merge its JSON with --merge).
 # STEPS=name,name runs only the named steps (tests, bench, compiled, eigh, secular, variants, jaxbench, cupybench,
 # cupycompare, diag, gpt2, jaxautotune, profile, jaxroutes, reproduce).
@@ -117,9 +116,9 @@ if want diag; then
   # CuPy's default routines and with CUPY_ACCELERATORS=cub,cutensor.
   timeout $(left 30) python3 "$ROOT/records/gpu-next/cupy_probe.py" > "$OUT/cupy_probe.txt" 2>&1
   echo "probe rc $?"; cut -c1-200 "$OUT/cupy_probe.txt" | head -20
-  timeout $(left 60) python3 "$ROOT/.gpukit/cupy_capture_diag.py" > "$OUT/cupy_capture_diag.txt" 2>&1
+  timeout $(left 60) python3 "$ROOT/records/gpu-next/cupy_capture_diag.py" > "$OUT/cupy_capture_diag.txt" 2>&1
   echo "diag rc $?"; cut -c1-200 "$OUT/cupy_capture_diag.txt" | head -40
-  timeout $(left 60) env CUPY_ACCELERATORS=cub,cutensor python3 "$ROOT/.gpukit/cupy_capture_diag.py" > "$OUT/cupy_capture_diag_cutensor.txt" 2>&1
+  timeout $(left 60) env CUPY_ACCELERATORS=cub,cutensor python3 "$ROOT/records/gpu-next/cupy_capture_diag.py" > "$OUT/cupy_capture_diag_cutensor.txt" 2>&1
   echo "diag cutensor rc $?"; grep -v "^    " "$OUT/cupy_capture_diag_cutensor.txt" | cut -c1-200 | head -30
 fi
 if want gpt2; then
@@ -146,7 +145,7 @@ if want profile; then
 fi
 if want jaxroutes; then
   echo "== jax svd routes at $((SECONDS-T0)) s"
-  timeout $(left 120) python3 "$ROOT/.gpukit/jax_svd_routes.py" reference dec:incremental_gram,polar 2>&1 | grep -v Warning > "$OUT/jax_svd_routes.txt"
+  timeout $(left 120) python3 "$ROOT/records/gpu-next/jax_svd_routes.py" reference dec:incremental_gram,polar 2>&1 | grep -v Warning > "$OUT/jax_svd_routes.txt"
   echo "routes rc $?"; grep "sketchy update" "$OUT/jax_svd_routes.txt" | cut -c1-200
 fi
 if want reproduce; then
