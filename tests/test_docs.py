@@ -194,7 +194,7 @@ def test_the_code_states_no_history():
         for path in sorted((ROOT / folder).rglob("*.py")):
             if path == pathlib.Path(__file__).resolve():  # this file's examples of the words
                 continue
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
             for kind in CODE_HISTORY_WORDS:
                 for m in NOTEBOOK_WORDS[kind].finditer(text):
                     line = text.count("\n", 0, m.start()) + 1
