@@ -29,7 +29,7 @@ from .._backend import (
     array_device, cast, compute_dtype, device_key, index_dtype, is_numpy_namespace, is_torch_namespace, leading_rows,
     pieces, placement, plain, scalar_zero, stacked, torch_compiling,
 )
-from ..blocking import block_bounds, spread_schedule, unstack as unstack_alike
+from ..blocking import block_bounds, same_layout, spread_schedule, unstack as unstack_alike
 from ..linalg import all_finite
 from ..transform import Transform, check_positive, singleton_groups
 from ..tree import path_str, tree_flatten, tree_unflatten
@@ -695,9 +695,8 @@ def tiles_of_groups(xp, grads_list: Sequence[Sequence[Any]], groups: Sequence[An
     leaves = [g for grads in grads_list for g in grads]
     if len({(g.dtype, device_key(g)) for g in leaves}) != 1 or len({g.dtype for g in groups}) != 1 or not gathering(xp, leaves):
         return _cut_each(xp, grads_list, groups)
-    # What batches a stack with the equal stacks of other groups besides its tile shape: its factors'
-    # trailing shapes and dtypes, as precond_ref.blocking.same_layout reads them.
-    keys = [[tuple((tuple(K.shape[1:]), K.dtype) for K in stack.factor) for stack in f.stacks] for f in fields]
+    # What batches a stack with the equal stacks of other groups besides its tile shape: its factors' layout.
+    keys = [[same_layout(stack.factor) for stack in f.stacks] for f in fields]
     first = {k: n for n, k in enumerate(dict.fromkeys(k for ks in keys for k in ks))}  # keys by first appearance
     order = sorted(((i, s) for i, group in enumerate(groups) for s in range(len(group.plan.stacks))),
                    key=lambda m: (first[keys[m[0]][m[1]]], groups[m[0]].plan.stacks[m[1]].phase, m))
