@@ -12,7 +12,10 @@ Eager torch, one thread, float32. Run from the repository root::
         --settings "rank=256,block_size=1024;rank=64,block_size=256" --seeds 0,1,2
 
 A setting is ``name=value`` pairs joined by ``,`` (values parsed as Python literals), passed to the
-torch class ``precond_ref.adapters.torch.<method>`` beside ``lr``.
+torch class ``precond_ref.adapters.torch.<method>`` beside ``lr``; without ``--lr`` the class's own
+default rate is used (``torch.optim.AdamW``'s for ``AdamW``). ``--size reference`` trains the GPU
+model of the bench (6 layers, width 512, vocabulary 8192); ``--batch`` and ``--seq`` replace the
+size's batch shape (the reference batch, 16 x 256, is slow on one CPU thread).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import re
 import statistics
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -47,7 +51,8 @@ def word_corpus(vocab: int, validation_fraction: float = 0.1) -> tuple[np.ndarra
     return ids[:split], ids[split:]
 
 
-def run(method: str, setting: dict, seed: int, steps: int, size: dict, lr: float) -> tuple[float, float, float]:
+def run(method: str, setting: dict, seed: int, steps: int, size: dict, lr: Optional[float]) -> tuple[float, float, float]:
+    """``(mean training loss of the last 20 steps, validation loss, seconds)``; ``lr=None``: the class's default."""
     train_ids, validation_ids = word_corpus(size["vocab"])
     model = models.build_torch("gpt", size, torch.float32, "cpu", seed=seed)
     loss_of = models.torch_loss("gpt")
@@ -55,7 +60,9 @@ def run(method: str, setting: dict, seed: int, steps: int, size: dict, lr: float
     extra = {"model": model} if method == "MBF" else {}
     if method in ("IFShampoo", "RFRMSProp", "RFAdamW") and "batch_size" not in setting:
         extra["batch_size"] = models.batch_size_of("gpt", size)
-    opt = cls(model.parameters(), lr=lr, **extra, **setting)
+    if lr is not None:
+        extra["lr"] = lr
+    opt = cls(model.parameters(), **extra, **setting)
     data = batches(train_ids, size["batch"], size["seq"], seed)
     losses = []
     start = time.perf_counter()
@@ -80,10 +87,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--size", default="small", choices=sorted(models.SIZES["gpt"]))
-    parser.add_argument("--lr", type=float, required=True)
+    parser.add_argument("--lr", type=float, help="learning rate (default: the class's default)")
+    parser.add_argument("--batch", type=int, help="sequences per batch (default: the size's)")
+    parser.add_argument("--seq", type=int, help="tokens per sequence (default: the size's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    size = models.SIZES["gpt"][args.size]
+    size = dict(models.SIZES["gpt"][args.size])
+    size.update({key: value for key, value in (("batch", args.batch), ("seq", args.seq)) if value is not None})
     seeds = [int(s) for s in args.seeds.split(",")]
     for text in args.settings.split(";"):
         setting = parse_setting(text)
