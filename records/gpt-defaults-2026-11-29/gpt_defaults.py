@@ -2,7 +2,7 @@
 
 Trains ``precond_ref.benchmarks.models``' GPT (``--size small`` or ``reference``; ``--batch`` and
 ``--seq`` replace the size's batch shape) on the word tokens of examples/gpt_word_study.py (the
-README and docs), eager torch (the classes' own compile defaults), one thread, float32. Each class
+README and docs), torch on a CPU (each class's own compile default), one thread, float32. Each class
 gets only what it requires beside its defaults: ``batch_size`` (tokens per batch) for the
 root-free methods, ``model=`` for MBF; ``--lr`` overrides the rate, ``--settings`` adds keyword
 arguments. Per run one line: the first loss, the mean of the last 10 losses, the largest loss, the
@@ -12,7 +12,7 @@ last-10 mean above the first loss), the seconds per step, and the whole loss cur
 
 Sketchy variants (``--variant``), none of them in the library:
   bias_corrected  the RMSProp graft's moment divided by 1 - graft_beta2**t (Adam's correction),
-                  by replacing precond_ref.methods.sketchy._graft before the optimizer is built;
+                  by replacing precond_ref.methods.sketchy._graft while the optimizer is built and run;
   warmup:N        the rate rises linearly over the first N steps (LambdaLR on the param groups).
 ASGO and DASGO variant (a class argument that --settings cannot spell):
   fallback:A+B    fallback_filter routes the parameters whose names contain A or B (e.g. emb+head)
