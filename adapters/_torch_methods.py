@@ -221,6 +221,23 @@ def _inputs_first_weights(names: dict, model: Optional[torch.nn.Module]) -> froz
 
 
 
+class _FallbackOptimizer(CoreOptimizer):
+    """ASGO's and DASGO's behaviour beyond their table rows: a warning for a group whose
+    ``fallback_filter`` would see made-up names (``param0``, ...) for unnamed parameters, which a
+    filter by name (``"emb" in name``) would silently route nowhere."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        unnamed = sum(1 for p in group["params"] if self._param_names.get(p) is None)
+        if group.get("fallback_filter") is not None and unnamed:
+            warnings.warn(
+                f"{type(self).__name__}: fallback_filter is called with each parameter's name, but {unnamed} "
+                "parameter(s) have none (it sees 'param<index>'); pass model.named_parameters() or model=",
+                stacklevel=3,
+            )
+
+
 class _MBFOptimizer(CoreOptimizer):
     """MBF's behaviour beyond its table row: inputs-first weights found at construction, a warning
     for unnamed parameters, and :meth:`warm_start`."""

@@ -41,7 +41,7 @@ from precond_ref.methods.root_free import IF_SHAMPOO_LEARNING_RATE
 
 from ._keywords import check_keywords
 from ._torch_core import CoreOptimizer
-from ._torch_methods import _MBFOptimizer, _RootFreeOptimizer
+from ._torch_methods import _FallbackOptimizer, _MBFOptimizer, _RootFreeOptimizer
 
 __all__ = ["CoreOptimizer", "AGD", "ASGO", "DASGO", "MBF", "RFRMSProp", "RFAdamW", "IFShampoo", "Sketchy", "SAdaGrad"]
 
@@ -291,6 +291,7 @@ ASGO = _torch_class(
         _KEYWORD_ONLY,
         _MODEL,
     ),
+    base=_FallbackOptimizer,
     lr_by_mode=ASGO_LEARNING_RATE,
 )
 
@@ -333,7 +334,8 @@ DASGO = _torch_class(
         _KEYWORD_ONLY,
         _MODEL,
     ),
-    compile_by_default=True,  # element-wise per column: compiled 1.3x Adam(foreach) on CPU, eager 17x
+    base=_FallbackOptimizer,
+    compile_by_default=True,  # element-wise per column: compiling fuses its passes (docs/performance.md)
 )
 
 RFRMSProp = _torch_class(

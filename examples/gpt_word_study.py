@@ -6,7 +6,8 @@ width 128, vocabulary 2048, batch 8 x 64) on word tokens of this project's READM
 (embedding and head, 2048 x 128) are the ones whose blocks and ranks are studied. One setting per
 ``;``-separated entry of ``--settings``, ``--seeds`` seeds each; prints per run and per setting the
 mean training loss of the last 20 steps and the validation loss (mean, min-max over the seeds).
-Eager torch, one thread, float32. Run from the repository root::
+Each torch class with its own compile default (AGD, DASGO, RF-RMSProp and RF-AdamW compile their
+update), one thread, float32. Run from the repository root::
 
     python examples/gpt_word_study.py --method Sketchy --lr 3e-3 \\
         --settings "rank=256,block_size=1024;rank=64,block_size=256" --seeds 0,1,2

@@ -129,7 +129,7 @@ METHODS = BASELINES + (
         "sketchy", "Sketchy", "Sketchy", {"learning_rate": 1e-3, "rank": 16, "b2": 0.999},
         "Feinberg et al., NeurIPS 2023; tearfree defaults (google-research/precondition 239a8cd): "
         "b2 0.999, eps 1e-7, RMSProp graft, Nesterov momentum 0.9; rank = 1/4 of the largest axis as in "
-        "the paper's rank 256 at block 1024; lr 1e-3 (the graft gives Adam-scale steps; no lr is published)",
+        "the paper's rank 256 at block 1024; lr 1e-3, the class's default (no lr is published)",
         bench_hyperparameters={"rank": 256, "block_size": 1024},
     ),
     _method(

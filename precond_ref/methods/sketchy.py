@@ -363,8 +363,12 @@ def sketchy(
     Parameters
     ----------
     learning_rate:
-        :math:`\eta`, a positive number or a schedule ``count -> value``, applied last. Default 1e-3
-        (an Adam-scaled step: the RMSProp graft sets the step's size).
+        :math:`\eta`, a positive number or a schedule ``count -> value``, applied last. Default 1e-3,
+        chosen on small problems (docs/defaults.md). A step is larger than Adam's at the same rate:
+        the graft has no bias correction (the first steps are up to :math:`1/\sqrt{1-\beta_g}`, about
+        32x, an RMS-normalised gradient) and the trace momentum sums to about :math:`1/(1-\mu)` = 10x
+        for a steady gradient; on ``bench``'s reference GPT (6 layers, width 512) this rate diverges
+        (docs/defaults.md, "On a GPT").
     rank:
         Sketch rank k per axis (clipped to the axis length; to the block length when blocked).
     b2:

@@ -208,3 +208,28 @@ def test_model_does_not_guess_the_batch_size_of_token_sequences(cls):
     reference.step()
     assert torch.equal(torch.cat([p.flatten() for p in counted.parameters()]),
                        torch.cat([p.flatten() for p in explicit.parameters()]))
+
+
+@pytest.mark.parametrize("cls", [pt.ASGO, pt.DASGO], ids=lambda c: c.__name__)
+def test_a_fallback_filter_on_unnamed_parameters_warns(cls):
+    """``fallback_filter(name, p)`` sees 'param<index>' for a parameter without a name, so a filter
+    by name ("emb" in name, the authors' split) routes nothing to the fallback Adam without a word:
+    the constructor (and ``add_param_group``) says so, naming the class and the remedy; named
+    parameters, or ``model=``, build silently and route by name."""
+    by_name = lambda name, p: name.startswith("2.")  # noqa: E731: the last Linear's weight
+    with pytest.warns(UserWarning, match=rf"^{cls.__name__}: fallback_filter .* 2 parameter\(s\) have none .*named_parameters"):
+        unnamed = cls(list(_model().parameters())[2:], fallback_filter=by_name)
+    model = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        named = cls(model.named_parameters(), fallback_filter=by_name)
+        from_model = cls(model.parameters(), fallback_filter=by_name, model=model)
+        cls(model.parameters())  # no filter: names are not needed
+    for opt in (named, from_model):
+        opt.zero_grad()
+        model(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+        opt.step()
+        assert "mu" in opt.state[model[2].weight] and "momentum" in opt.state[model[0].weight]
+    with pytest.warns(UserWarning, match="1 parameter"):
+        from_model.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, 3, dtype=torch.float64))]})
+    assert unnamed.param_groups[0]["fallback_filter"] is by_name
