@@ -56,6 +56,25 @@ def test_gpt_word_study_tokens_and_training():
     assert math.isfinite(held) and loss < math.log(size["vocab"])
 
 
+
+def test_gpt_word_study_passes_its_learning_rate_or_the_class_default(monkeypatch):
+    """``--lr`` reaches the optimizer as ``lr``; without it the class is built without ``lr``, so at
+    its own default (docs/defaults.md's "On a GPT" runs rely on that)."""
+    torch = pytest.importorskip("torch")
+    study = _load("gpt_word_study")
+    seen = []
+
+    class Recorded(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            seen.append(kwargs.get("lr", "default"))
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(study.torch.optim, "AdamW", Recorded)
+    size = dict(study.models.SIZES["gpt"]["tiny"])
+    study.run("AdamW", {}, 0, 1, size, 3e-3)
+    study.run("AdamW", {}, 0, 1, size, None)
+    assert seen == [3e-3, "default"]
+
 def test_measure_decompositions_records_and_times_the_steps_decompositions(monkeypatch):
     """``examples/measure_decompositions.py``: one refresh window of Sketchy on the tiny GPT records
     its decompositions (the FD cores' SVD, a Gram path's eigh; counted per step over the window), and
