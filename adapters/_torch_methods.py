@@ -221,6 +221,11 @@ def _inputs_first_weights(names: dict, model: Optional[torch.nn.Module]) -> froz
 
 
 
+def _unnamed(optimizer: CoreOptimizer, params: list) -> int:
+    """How many of ``params`` have no name (neither named parameters nor ``model=`` gave one)."""
+    return sum(1 for p in params if optimizer._param_names.get(p) is None)
+
+
 class _FallbackOptimizer(CoreOptimizer):
     """ASGO's and DASGO's behaviour beyond their table rows: a warning for a group whose
     ``fallback_filter`` would see made-up names (``param0``, ...) for unnamed parameters, which a
@@ -229,7 +234,7 @@ class _FallbackOptimizer(CoreOptimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        unnamed = sum(1 for p in group["params"] if self._param_names.get(p) is None)
+        unnamed = _unnamed(self, group["params"])
         if group.get("fallback_filter") is not None and unnamed:
             warnings.warn(
                 f"{type(self).__name__}: fallback_filter is called with each parameter's name, but {unnamed} "
@@ -245,7 +250,7 @@ class _MBFOptimizer(CoreOptimizer):
     def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None, **options: Any) -> None:
         super().__init__(params, defaults, model=model, **options)
         self._inputs_first = _inputs_first_weights(self._param_names, model)
-        unnamed = sum(1 for g in self.param_groups for p in g["params"] if self._param_names.get(p) is None)
+        unnamed = _unnamed(self, [p for g in self.param_groups for p in g["params"]])
         if unnamed:
             warnings.warn(
                 f"MBF: {unnamed} parameter(s) have no names, so Linear weights cannot be paired with "
