@@ -23,7 +23,6 @@ runs of consecutive phases (:func:`leaf_plan`). The engine then
 
 from __future__ import annotations
 
-import collections
 import functools
 import itertools
 import math
@@ -338,11 +337,13 @@ def padded_lengths(members: Sequence[tuple], labels: Sequence, may_pad: Callable
     rank)`` holds, the longest length of the members of its label, rank, dtype and device that
     ``may_pad`` admits, taken from the longest down while the padded rows stay within
     :data:`PAD_GROWTH` times the real ones (a length that would exceed it keeps its own stacks)."""
-    groups: dict[Any, collections.Counter] = collections.defaultdict(collections.Counter)  # rows of each length
+    # Plain dicts: torch.compile traces this function, and dynamo does not trace every mapping class.
+    groups: dict[Any, dict[int, int]] = {}  # rows of each length
     for member, label in zip(members, labels):
         basis, rows = member[0], member[-1]
         if may_pad(rows.shape[1], basis.shape[-1]):
-            groups[label, basis.shape[-1], basis.dtype, device_key(basis)][rows.shape[1]] += rows.shape[0]
+            counts = groups.setdefault((label, basis.shape[-1], basis.dtype, device_key(basis)), {})
+            counts[rows.shape[1]] = counts.get(rows.shape[1], 0) + rows.shape[0]
     targets: dict[tuple, int] = {}
     for key, counts in groups.items():
         longest, real, padded = max(counts), 0, 0
