@@ -305,17 +305,23 @@ def test_the_captured_trajectory_meets_the_core():
         assert np.isfinite(diff)
 
 
-def test_the_class_default_does_not_compile_a_captured_step(monkeypatch):
+def test_the_class_default_compiles_a_captured_step(monkeypatch):
     """``compile=None`` on a class that compiles by default (here from its first step: the
-    threshold lowered to 1 element) makes no compiled step where the steps are captured, the first
-    step included: the graph removes the host cost compiling would save."""
+    threshold lowered to 1 element) captures its compiled step, as ``compile=True`` does: the graph
+    replays the fused kernels, which move a fraction of the eager step's bytes. The compiler is
+    dynamo's eager backend here (the same operations, so the eager trajectory to the bit); the
+    class default's options are what the step was made with."""
     monkeypatch.setattr(_torch_compile, "AUTO_MIN_ELEMENTS", 1)
-    assert _torch_compile.Auto().options_for(1) == {}  # without capture, the first step would compile
-    made = []
-    monkeypatch.setattr(_torch_compile, "CompiledStep", lambda *args: made.append(args) or pytest.fail("compiled"))
+    real, made = _torch_compile.CompiledStep, []
+
+    def recording(transform, options, kernels=None):
+        made.append(options)
+        return real(transform, {"backend": "eager"}, kernels)
+
+    monkeypatch.setattr(_torch_compile, "CompiledStep", recording)
     with fake_graphs() as double:
         got, opt = _run("agd", capture=True, compile=None)
-    assert not made and double.replays() == STEPS - 2
+    assert made == [{}] and double.replays() == STEPS - 2
     want, _ = _run("agd", capture=False)
     _identical(got, want)
 
