@@ -337,6 +337,72 @@ def test_readme_from_stores_a_gpu_run_beside_the_cpu_one_and_refuses_what_is_not
     assert "run it from the repository root" in capsys.readouterr().err
 
 
+def _gpt_report(size: str, gpu: str, ms: float, peak_gib: float) -> dict:
+    """A finished ``bench --model gpt --size SIZE`` report on ``gpu`` (synthetic): AdamW(fused) at
+    2 ms a step, MBF at ``ms``, MBF's peak at ``peak_gib`` GiB."""
+    from precond_ref.benchmarks.measure import add_ratios
+
+    rows = [{"framework": "torch", "method": "baseline", "variant": None, "label": "torch AdamW(fused)", "first_step_ms": 100.0,
+             "median_ms": 2.0, "mean_ms": 2.0, "steps": 3, "state_bytes": 8, "peak_bytes": 2**30},
+            {"framework": "torch", "method": "mbf", "variant": None, "label": "MBF", "first_step_ms": 200.0,
+             "median_ms": ms, "mean_ms": ms, "steps": 3, "state_bytes": 8, "peak_bytes": int(peak_gib * 2**30)}]
+    add_ratios(rows)
+    machine = {"processor": "CPU", "cpu_count": 16, "torch": "2.x+cu", "torch_threads": 16, "gpu": gpu}
+    return {"argv": ["--model", "gpt", "--size", size, "--out", "/tmp/x"], "machine": machine, "complete": True, "total_s": 5.0,
+            "results": {"gpt": rows}, "settings": {"kind": "gpt", "size": size, "dtype": "float32", "repeats": 3, "warmup": 1,
+                                                    "model_description": f"gpt: {size}"}}
+
+
+def test_readme_gpu_block_keeps_the_reference_gpt_and_gpt2_small_each_under_its_own_key(tmp_path, monkeypatch):
+    """``--readme-from`` stores a GPT-2-small GPU report under "gpt2 on a GPU" beside the
+    reference GPT's "gpt on a GPU" (storing either keeps the other), and the README's block shows
+    a column group for each: the reference's step ratio and first step, GPT-2-small's step ratio
+    and peak GiB, and a "measured by" line per run naming its command, GPU and torch. Checked to
+    fail when the key ignores the size (the GPT-2-small report then replaces the reference one)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "records").mkdir()
+    (tmp_path / "README.md").write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\nrest\n")
+    reports = {"ref.json": _gpt_report("reference", "GPU A", 3.0, 1.0), "gpt2.json": _gpt_report("gpt2", "GPU B", 5.0, 12.3),
+               "ref2.json": _gpt_report("reference", "GPU C", 4.0, 1.0)}
+    for name, data in reports.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    assert cli.main(["bench", "--readme-from", "ref.json"]) == 0
+    assert cli.main(["bench", "--readme-from", "gpt2.json"]) == 0
+    stored = json.loads((tmp_path / "records" / "bench.json").read_text())
+    assert list(stored) == ["gpt on a GPU", "gpt2 on a GPU"]
+    assert stored["gpt on a GPU"]["machine"]["gpu"] == "GPU A" and stored["gpt2 on a GPU"]["machine"]["gpu"] == "GPU B"
+    readme = (tmp_path / "README.md").read_text()
+    assert readme == f"intro\n{report.readme_section(stored)}\nrest\n"
+    assert ("| method | GPU A: step x AdamW(fused) | GPU A: first step s | GPU B, GPT-2-small: step x AdamW(fused) "
+            "| GPU B, GPT-2-small: peak GiB |") in readme
+    assert "| torch AdamW(fused) | 1.00x | 0.1 | 1.00x | 1.0 |" in readme and "| MBF | 1.50x | 0.2 | 2.50x | 12.3 |" in readme
+    assert "- GPU A: `python -m precond_ref bench --model gpt --size reference` (gpt: reference; torch 2.x+cu)" in readme
+    assert "- GPU B, GPT-2-small: `python -m precond_ref bench --model gpt --size gpt2` (gpt: gpt2; torch 2.x+cu)" in readme
+    assert report.PEAK_LEGEND in readme
+    assert cli.main(["bench", "--readme-from", "ref2.json"]) == 0  # a new reference run keeps GPT-2-small's
+    stored = json.loads((tmp_path / "records" / "bench.json").read_text())
+    assert [stored[k]["machine"]["gpu"] for k in stored] == ["GPU C", "GPU B"]
+    assert "| MBF | 2.00x | 0.2 | 2.50x | 12.3 |" in (tmp_path / "README.md").read_text()
+
+
+def test_gpt2_size_is_gpt2_smalls_shapes_with_an_untied_head():
+    """``--size gpt2`` builds (on the meta device: no memory) GPT-2-small's tensors in torch's
+    ``Linear`` layout (transformers' ``Conv1D`` weights transposed) plus the untied output head:
+    124,439,808 + 50257 x 768 = 163,037,184 parameters in 149 tensors."""
+    from precond_ref.benchmarks.scale import gpt2_small_shapes
+
+    size = models.SIZES["gpt"]["gpt2"]
+    with torch.device("meta"):
+        module = models.build_torch("gpt", size, torch.float32, "meta")
+    shapes = sorted(tuple(p.shape) for p in module.parameters())
+    linear = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+    gpt2 = [s[::-1] if name.endswith(linear) else s for name, s in gpt2_small_shapes()]
+    assert shapes == sorted(gpt2 + [(50257, 768)])
+    assert models.parameter_count(module) == 124_439_808 + 50257 * 768 == 163_037_184
+    assert models.describe("gpt", size, module).endswith("batch 8x1024 tokens; 163.04M parameters")
+    assert models.batch_size_of("gpt", size) == 8 * 1024
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -347,6 +413,7 @@ def test_readme_from_stores_a_gpu_run_beside_the_cpu_one_and_refuses_what_is_not
         (["--model", "gpt", "--frameworks", "numpy"], "--frameworks numpy times the core on layer cases only"),
         (["--model", "gpt", "--cases", "8x4"], "--cases chooses layer cases"),
         (["--size", "small"], "--size chooses the model of --model gpt|resnet"),
+        (["--model", "resnet", "--size", "gpt2"], "--size gpt2: --model resnet has the sizes auto, tiny, small, reference"),
         (["--authors-path", "/nonexistent/dir"], "--authors-path '/nonexistent/dir' is not a directory"),
     ],
 )

@@ -8,7 +8,8 @@ device:
   images (:mod:`precond_ref.benchmarks.models`), through the torch adapters against
   ``torch.optim.AdamW(fused=True)`` and ``AdamW(foreach=True)``, and through the optax adapters in
   a jitted plain-JAX training step against ``optax.adamw``. Sizes: ``--size small`` (a 2-core CPU,
-  the default there) or ``reference`` (sized for one GPU, the default when torch sees a GPU).
+  the default there), ``reference`` (sized for one GPU, the default when torch sees a GPU) or, for
+  the GPT, ``gpt2`` (GPT-2-small's shapes, for one large GPU).
 - without ``--model``, one optimizer step on the parameters of one layer case
   (:mod:`precond_ref.benchmarks.layers`: ``1024x1024``, ``4096x1024``, a 3x3 convolution, a stack
   of transformer blocks as one param group), through the torch adapters against
@@ -44,11 +45,12 @@ import numpy as np  # noqa: F401  (bench needs NumPy: without it the command lin
 from ..cli import UserError, pip_install, positive_int, rewrite_sections
 from ..compare.methods import BENCH_ONLY, METHODS
 from .common import BUDGET_S, MIN_WINDOW_S, jsonable
+from .models import SIZES
 from .report import KINDS
 
 __all__ = ["add_arguments", "run"]
 
-SIZE_NAMES = ("auto", "tiny", "small", "reference")
+SIZE_NAMES = ("auto", *dict.fromkeys(name for sizes in SIZES.values() for name in sizes))
 README_DATA = os.path.join("records", "bench.json")
 PERFORMANCE_PAGE = os.path.join("docs", "performance.md")
 
@@ -76,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--cases", default=None, help=f"layer cases, comma-separated (default {','.join(CASES)}; also OUTxIN, OUTxINxKHxKW, tfLxW)")
     add("--size", choices=SIZE_NAMES, default=None,
         help="model size for --model: small (sized for a 2-core CPU), reference (sized for one GPU: a 6-layer GPT of 27M "
-        "parameters, a ResNet of widths 64-512), tiny (tests); default auto: reference when torch sees a GPU, else small")
+        "parameters, a ResNet of widths 64-512), gpt2 (GPT only: GPT-2-small's shapes, 163M parameters with the untied "
+        "head, batch 8x1024 tokens; one large GPU), tiny (tests); default auto: reference when torch sees a GPU, else small")
     add("--frameworks", default=None,
         help="comma-separated subset of torch,jax,numpy,cupy (numpy and cupy: layer cases only; default torch,jax, "
         "and cupy for layer cases when a GPU is present)")
@@ -180,6 +183,8 @@ def _size(args: argparse.Namespace, torch_device: str) -> str:
         return ""
     if args.cases is not None:
         raise UserError(f"--cases chooses layer cases; --model {args.model} is sized with --size")
+    if args.size not in (None, "auto", *SIZES[args.model]):
+        raise UserError(f"--size {args.size}: --model {args.model} has the sizes auto, {', '.join(SIZES[args.model])}")
     if args.quick:
         return "tiny"
     if args.size in (None, "auto"):

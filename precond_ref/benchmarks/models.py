@@ -18,7 +18,10 @@ train the same network from the same initial weights, and the core pairs each ``
 
 Sizes (:data:`SIZES`): ``small`` runs on a 2-core CPU in reasonable time, ``reference`` is the GPU
 model of the speed issues (GPT: 6 layers, width 512, vocabulary 8192, batch 16 x 256 tokens;
-ResNet: the CIFAR ResNet-18 layout at batch 128), ``tiny`` is for tests.
+ResNet: the CIFAR ResNet-18 layout at batch 128), ``tiny`` is for tests. ``gpt2`` (GPT only) has
+GPT-2-small's shapes (12 layers, width 768, 12 heads, vocabulary 50257, context 1024) at batch
+8 x 1024 tokens, for one large GPU: GPT-2-small's 124.44M parameters plus this model's untied
+output head (50257 x 768), 163.04M in all.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": {"layers": 1, "width": 16, "heads": 2, "vocab": 64, "batch": 2, "seq": 8},
         "small": {"layers": 2, "width": 128, "heads": 4, "vocab": 2048, "batch": 8, "seq": 64},
         "reference": {"layers": 6, "width": 512, "heads": 8, "vocab": 8192, "batch": 16, "seq": 256},
+        "gpt2": {"layers": 12, "width": 768, "heads": 12, "vocab": 50257, "batch": 8, "seq": 1024},
     },
     "resnet": {
         "tiny": {"widths": (4, 8), "blocks": 1, "classes": 10, "batch": 4, "image": 8},

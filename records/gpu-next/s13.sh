@@ -2,7 +2,7 @@
 # The next GPU run, in up to three calls. Set-up here, once: bash ../shared/gpu/prepare.sh && git rev-parse --short HEAD
 # > .whl/COMMIT; then `run` with carry [".whl"]:
 #   bash records/gpu-next/s13.sh                                   (call 1, timeout_s 540)
-#   STEPS=gpt2,profile,cupycompare END_S=300 bash records/gpu-next/s13.sh   (call 2, at once: the machine stays warm 30 s)
+#   STEPS=gpt2bench,gpt2,profile,cupycompare END_S=300 bash records/gpu-next/s13.sh   (call 2, at once: the machine stays warm 30 s)
 #   STEPS=reproduce bash records/gpu-next/s13.sh                   (call 3, if 8 device minutes are left)
 # A call returns at most 8 files: each writes its logs under /tmp/res and packs them into $OUT/results.tgz (also on
 # a timeout of a step; the run's own timeout loses the pack, so END bounds the steps well inside it); its console
@@ -13,9 +13,10 @@
 #     and compare --backend cupy failed there); the reference GPT torch bench at the defaults (150 s), which now
 #     capture the compiled step of AGD, DASGO, RF-RMSProp and RF-AdamW (the README's GPU block: bench --readme-from);
 #     the JAX GPT rows of Sketchy, IF-Shampoo, ASGO and S-AdaGrad (240 s; never measured on an H200);
-#   call 2: GPT-2-small's first steps and peak memory with the compiled captured default (100 s), a profile of
-#     S-AdaGrad's, Sketchy's and ASGO's steps (45 s: Sketchy's ~134 ms a step outside its decompositions), the main
-#     job on CuPy (150 s);
+#   call 2: the bench's GPT-2-small training step (`--size gpt2`: every method's steady step and peak memory, the README
+#     GPU block's GPT-2-small columns: bench --readme-from; 200 s), GPT-2-small's first steps and peak memory with the
+#     compiled captured default (100 s), a profile of S-AdaGrad's, Sketchy's and ASGO's steps (45 s: Sketchy's
+#     ~134 ms a step outside its decompositions), the main job on CuPy (150 s);
 #   call 3: reproduce's GPU protocol (ASGO-3, MBF-1, MBF-4 on cuda; docs/reproduce.md, "GPU protocol").
 # Other steps s12.sh had stay available by name (compiled, eigh, secular, variants, cupybench, diag, jaxautotune,
 # jaxroutes).
@@ -119,6 +120,14 @@ if want diag; then
   echo "diag rc $?"; cut -c1-200 "$OUT/cupy_capture_diag.txt" | head -40
   timeout $(left 60) env CUPY_ACCELERATORS=cub,cutensor python3 "$ROOT/records/gpu-next/cupy_capture_diag.py" > "$OUT/cupy_capture_diag_cutensor.txt" 2>&1
   echo "diag cutensor rc $?"; grep -v "^    " "$OUT/cupy_capture_diag_cutensor.txt" | cut -c1-200 | head -30
+fi
+if want gpt2bench; then
+  echo "== bench gpt2 torch at $((SECONDS-T0)) s"
+  # GPT-2-small's shapes on the bench's GPT (163M parameters with its untied head, batch 8x1024 tokens): every
+  # method's mean training step over AdamW(fused) and its peak memory (README GPU block: bench --readme-from).
+  timeout $(left 200) python3 -m precond_ref bench --model gpt --size gpt2 --frameworks torch --budget 1 \
+    --out /tmp/gpt2 --no-progress > "$OUT/bench_gpt2.txt" 2>&1
+  echo "bench gpt2 rc $?"; grep "^| torch" "$OUT/bench_gpt2.txt" | cut -d'|' -f3-9,11,13; cp /tmp/gpt2/bench.json "$OUT/bench_gpt2.json" 2>/dev/null
 fi
 if want gpt2; then
   echo "== GPT-2-small first steps and peak memory at $((SECONDS-T0)) s"
