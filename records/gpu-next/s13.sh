@@ -125,7 +125,9 @@ if want gpt2bench; then
   echo "== bench gpt2 torch at $((SECONDS-T0)) s"
   # GPT-2-small's shapes on the bench's GPT (163M parameters with its untied head, batch 8x1024 tokens): every
   # method's mean training step over AdamW(fused) and its peak memory (README GPU block: bench --readme-from).
-  timeout $(left 200) python3 -m precond_ref bench --model gpt --size gpt2 --frameworks torch --budget 1 \
+  # --budget 2: Sketchy's and S-AdaGrad's training steps (~0.8 s) then time 3 steps, their refresh period (2 at
+  # --budget 1); estimated 110-165 s in all, MBF's 201 warm-up steps (every pattern captured) the most of it.
+  timeout $(left 200) python3 -m precond_ref bench --model gpt --size gpt2 --frameworks torch --budget 2 \
     --out /tmp/gpt2 --no-progress > "$OUT/bench_gpt2.txt" 2>&1
   echo "bench gpt2 rc $?"; grep "^| torch" "$OUT/bench_gpt2.txt" | cut -d'|' -f3-9,11,13; cp /tmp/gpt2/bench.json "$OUT/bench_gpt2.json" 2>/dev/null
 fi
