@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The next GPU run, in up to three calls. Set-up here, once: bash ../shared/gpu/prepare.sh && git rev-parse --short HEAD
+# The next GPU run, in up to four calls. Set-up here, once: bash ../shared/gpu/prepare.sh && git rev-parse --short HEAD
 # > .whl/COMMIT; then `run` with carry [".whl"]:
 #   bash records/gpu-next/s13.sh                                   (call 1, timeout_s 540)
-#   STEPS=gpt2bench,gpt2,profile,cupycompare END_S=300 bash records/gpu-next/s13.sh   (call 2, at once: the machine stays warm 30 s)
-#   STEPS=reproduce bash records/gpu-next/s13.sh                   (call 3, if 8 device minutes are left)
+#   STEPS=gpt2bench,profile END_S=260 bash records/gpu-next/s13.sh  (call 2 at once, timeout_s 300: a machine stays warm
+#     30 s; call 1 and its start leave about 320 s of the 15 device minutes)
+#   STEPS=gpt2,cupycompare, then STEPS=reproduce                    (calls 3 and 4, in a session with time left)
 # A call returns at most 8 files: each writes its logs under /tmp/res and packs them into $OUT/results.tgz (also on
 # a timeout of a step; the run's own timeout loses the pack, so END bounds the steps well inside it); its console
 # output is the summary. The twelfth run (records/gpu-h200-2026-11-29) measured the eager captured default, the
@@ -14,10 +15,10 @@
 #     capture the compiled step of AGD, DASGO, RF-RMSProp and RF-AdamW (the README's GPU block: bench --readme-from);
 #     the JAX GPT rows of Sketchy, IF-Shampoo, ASGO and S-AdaGrad (240 s; never measured on an H200);
 #   call 2: the bench's GPT-2-small training step (`--size gpt2`: every method's steady step and peak memory, the README
-#     GPU block's GPT-2-small columns: bench --readme-from; 200 s), GPT-2-small's first steps and peak memory with the
-#     compiled captured default (100 s), a profile of S-AdaGrad's, Sketchy's and ASGO's steps (45 s: Sketchy's
-#     ~134 ms a step outside its decompositions), the main job on CuPy (150 s);
-#   call 3: reproduce's GPU protocol (ASGO-3, MBF-1, MBF-4 on cuda; docs/reproduce.md, "GPU protocol").
+#     GPU block's GPT-2-small columns: bench --readme-from; 200 s), a profile of S-AdaGrad's, Sketchy's and ASGO's
+#     steps (45 s: Sketchy's ~134 ms a step outside its decompositions);
+#   call 3: GPT-2-small's first steps with random gradients (100 s), the main job on CuPy (150 s);
+#   call 4: reproduce's GPU protocol (ASGO-3, MBF-1, MBF-4 on cuda; docs/reproduce.md, "GPU protocol").
 # Other steps s12.sh had stay available by name (compiled, eigh, secular, variants, cupybench, diag, jaxautotune,
 # jaxroutes).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -133,7 +134,7 @@ if want gpt2bench; then
 fi
 if want gpt2; then
   echo "== GPT-2-small first steps and peak memory at $((SECONDS-T0)) s"
-  # The README GPU block's GPT-2-small rows (steady step, peak memory over the parameters) for every class.
+  # Every class's first 4 steps at GPT-2-small shapes from random gradients (no forward), synchronised, and peak memory.
   timeout $(left 100) python3 "$ROOT/records/gpu-next/first_steps_cuda.py" all 4 > "$OUT/first_steps_cuda.txt" 2>&1
   echo "first steps rc $?"; grep "steps s\|FAILED" "$OUT/first_steps_cuda.txt" | cut -c1-220
 fi
