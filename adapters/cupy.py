@@ -45,14 +45,25 @@ How it works, and what it asks of the caller:
   (events, no host wait). Their temporaries live in a private memory pool that nothing else uses,
   so a replay never writes into memory the caller holds.
 
-A pattern whose capture fails (a CuPy routine that reads the device on the host, e.g. a linear
-algebra call under ``cupyx.errstate(linalg='raise')``) runs eagerly on the buffers from then on,
+**Which methods capture.** CuPy's stream capture refuses every cuBLAS call (``NotImplementedError:
+calling cuBLAS API during stream capture is currently unsupported``, CuPy 14.2), and CuPy runs every
+matrix product through cuBLAS (``matmul``, ``einsum``; ``eigh`` calls it too). The methods whose
+step multiplies matrices (ASGO, Sketchy, S-AdaGrad, IF-Shampoo, MBF: :data:`MATRIX_PRODUCTS`)
+therefore step eagerly through ``transform.update`` from the first call, with no capture tried and
+no warning; the wrapper says why in :attr:`CapturedTransform.refusal`, ``None`` for AGD, DASGO,
+RF-RMSProp and RF-AdamW (element-wise lines and reductions), which capture. Setting
+``refusal = None`` makes a wrapper try.
+
+A pattern whose capture fails unexpectedly (a transform not in the table that calls a routine CuPy
+refuses, or one that reads the device on the host, e.g. a linear algebra call under
+``cupyx.errstate(linalg='raise')``) runs eagerly on the buffers from then on,
 with one :class:`CaptureWarning`; after :data:`MAX_FAILED_CAPTURES` failures the wrapper stops
 capturing. Arrays that are not CuPy arrays, or a call inside a capture the caller makes, run eagerly
 through ``transform.update``. ``PRECOND_REF_CAPTURE=0`` turns capturing off (``enabled=`` wins).
 
 The CUDA specifics are one object (:class:`CupyGraphs`), which tests replace by a double that
-re-runs the recorded callable on replay and refuses host reads (``tests/adapters/fake_cupy_graphs.py``).
+re-runs the recorded callable on replay and refuses host reads and, when asked, matrix products
+(``tests/adapters/fake_cupy_graphs.py``).
 """
 
 from __future__ import annotations
@@ -65,7 +76,10 @@ from .._backend import owned_state
 from ..transform import PrecondState, Transform
 from ..tree import tree_flatten, tree_unflatten
 
-__all__ = ["captured", "CapturedTransform", "CupyGraphs", "CaptureWarning", "MAX_GRAPHS", "MAX_FAILED_CAPTURES"]
+__all__ = [
+    "captured", "CapturedTransform", "CupyGraphs", "CaptureWarning", "MAX_GRAPHS", "MAX_FAILED_CAPTURES", "MATRIX_PRODUCTS",
+    "refusal_of",
+]
 
 #: The most graphs a wrapper keeps (over all its buffer sets); a further pattern runs eagerly.
 MAX_GRAPHS = 32
@@ -76,6 +90,31 @@ MAX_FAILED_CAPTURES = 8
 #: ``PRECOND_REF_CAPTURE=0`` turns capturing off (shared with the torch optimizers' captured step).
 ENVIRONMENT_VARIABLE = "PRECOND_REF_CAPTURE"
 _OFF = ("0", "false", "no", "off")
+
+#: The methods whose step multiplies matrices, by the name their factory gives the transform
+#: (``transform.update.method``), and what multiplies them. CuPy's stream capture refuses the
+#: cuBLAS calls these products make, so these methods step eagerly (:func:`refusal_of`); a method
+#: missing here whose capture fails warns (:class:`CaptureWarning`). Two configurations of them
+#: multiply no matrices and would capture, yet are listed with their method: ASGO on a tree
+#: without matrix leaves (every leaf stepped by the fallback Adam) and IF-Shampoo whose factors are
+#: all diagonal (``structures="diagonal"``, or every axis longer than ``max_dense_dim``).
+MATRIX_PRODUCTS = {
+    "asgo": "ASGO's statistics X Xᵀ and roots",
+    "sketchy": "Sketchy's Frequent Directions sketches",
+    "scale_by_sketchy": "Sketchy's Frequent Directions sketches",
+    "s_adagrad": "S-AdaGrad's Frequent Directions sketches",
+    "if_shampoo": "IF-Shampoo's dense Kronecker factors",
+    "mbf": "MBF's mini-block statistics and inverses",
+}
+
+
+def refusal_of(transform: Transform) -> Optional[str]:
+    """Why CuPy's stream capture cannot capture ``transform``'s step (a sentence), or ``None``
+    where it can be tried: the methods of :data:`MATRIX_PRODUCTS`."""
+    what = MATRIX_PRODUCTS.get(getattr(transform.update, "method", None))
+    if what is None:
+        return None
+    return f"the step multiplies matrices ({what}) through cuBLAS, which CuPy's stream capture refuses"
 
 
 class CaptureWarning(UserWarning):
@@ -196,6 +235,9 @@ class CapturedTransform:
             enabled = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower() not in _OFF
         self.transform = transform
         self.enabled = bool(enabled)
+        #: Why this transform's step is not captured (:func:`refusal_of`; every call is then
+        #: ``transform.update``), or ``None`` where it is. Set to ``None`` to make the wrapper try.
+        self.refusal = refusal_of(transform)
         self.capturing = self.enabled  # off after MAX_FAILED_CAPTURES failures (the buffers stay)
         self._graphs = graphs
         self._sets: dict[tuple, _Buffers] = {}
@@ -231,7 +273,7 @@ class CapturedTransform:
             raise TypeError("captured(...).update decides due= itself; pass step= (the call's index) if anything")
         step = extra.pop("step", None)
         g_leaves, g_def = tree_flatten(grads)
-        graphs = self._cuda() if self.enabled else None
+        graphs = self._cuda() if self.enabled and self.refusal is None else None
         if graphs is None or not graphs.accepts(g_leaves) or graphs.capturing() or not _hashable(extra):
             if graphs is not None and g_leaves and not _hashable(extra):
                 self._warn("extra", "captured step: array keyword arguments of update are not captured; stepping eagerly")
@@ -324,6 +366,7 @@ def captured(transform: Transform, *, enabled: Optional[bool] = None) -> Capture
         Any precond_ref transform (a method's factory's result).
     enabled:
         Capture (``True``) or step eagerly through ``transform.update`` (``False``); by default the
-        environment variable ``PRECOND_REF_CAPTURE`` decides (``0`` turns it off), else on.
+        environment variable ``PRECOND_REF_CAPTURE`` decides (``0`` turns it off), else on. A
+        method that multiplies matrices steps eagerly either way (``refusal``, module docstring).
     """
     return CapturedTransform(transform, enabled=enabled)

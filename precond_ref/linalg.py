@@ -271,7 +271,7 @@ def inverse_root_eigh(a: Array, p: float = 2, *, shift: Shift = 0.0) -> Array:
         raise ValueError(f"p must be > 0, got {p!r}")
     xp = namespace_of(a)
     w, v = symmetric_eigh(symmetrize(a))
-    w = xp.clip(w, min=0.0) + _batch_scalar(xp, shift, w, 1)
+    w = xp.maximum(w, number(xp, 0.0, w)) + _batch_scalar(xp, shift, w, 1)
     return xp.matmul(v * xp.expand_dims(w ** (-1.0 / p), axis=-2), v.mT)
 
 

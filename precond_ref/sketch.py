@@ -399,7 +399,7 @@ def _power_of_two_scale(xp: Any, value: Array, one: Array) -> Array:
     if _warns_on_division_by_zero(xp):
         value = select(xp, positive, value, one)
     top = float(math.frexp(float(xp.finfo(value.dtype).max))[1] - 1)
-    return select(xp, positive, 2.0 ** xp.clip(xp.ceil(xp.log2(value)), max=top), one)
+    return select(xp, positive, 2.0 ** xp.minimum(xp.ceil(xp.log2(value)), number(xp, top, value)), one)
 
 
 def _in_units(xp: Any, x: Array, decayed: Array, kept_root: Array, one: Array, zero: Array) -> tuple[Array, Array, Array]:
@@ -843,5 +843,5 @@ def _saturated(xp: Any, t: Array) -> Array:
     """``t / sqrt(1 + t^2)``, in (-1, 1), as ``t / hypot(1, t)`` with ``t`` capped at ``1/eps``,
     beyond which the value is +-1 to rounding (an infinite ``t`` gives +-1, not NaN)."""
     cap = 1.0 / float(xp.finfo(t.dtype).eps)
-    t = xp.clip(t, min=-cap, max=cap)
+    t = xp.minimum(xp.maximum(t, number(xp, -cap, t)), number(xp, cap, t))
     return t / xp.hypot(number(xp, 1.0, t), t)

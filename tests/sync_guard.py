@@ -97,6 +97,13 @@ class _Namespace:
             _refuse(f"asarray of host data {type(obj).__name__} (a host-to-device copy; use full)")
         return wrap(self._inner.asarray(unwrap(obj), *args, **kwargs))
 
+    def clip(self, x: Any, /, min: Any = None, max: Any = None) -> Any:
+        # array_api_compat's clip on CuPy (its generic form) copies each bound to the device and
+        # selects with a boolean mask, whose count the host reads: refused while armed, as there
+        # (NumPy's own clip, which the inner namespace runs, reads nothing).
+        _refuse("clip (on CuPy array_api_compat's clip indexes with a boolean mask, a device read)")
+        return wrap(self._inner.clip(unwrap(x), min=unwrap(min), max=unwrap(max)))
+
 
 namespace = _Namespace(_np_xp)
 

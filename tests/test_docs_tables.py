@@ -1,5 +1,6 @@
 """Tables of the documentation that the code produces: the dtype of every state entry of every torch
-class, and which class replays its step as a captured CUDA graph.
+class, which class replays its step as a captured CUDA graph, and which method's step CuPy's
+captured wrapper captures.
 
 Each table sits in its pages between ``<!-- NAME: begin ... -->`` and ``<!-- NAME: end -->``; the
 tests render it from the code and require the pages to hold exactly that, so a change of the code
@@ -24,6 +25,14 @@ CLASSES = {
 PAGES = {
     "state-dtypes": ("README.md", "docs/adapters/torch.md"),
     "capture": ("docs/adapters/torch.md", "docs/performance.md"),
+    "cupy-capture": ("docs/backends.md",),
+}
+#: The tables that ask the torch adapter.
+TORCH_TABLES = ("state-dtypes", "capture")
+#: Each method's factory (its transform's name) -> the method's name in the documentation.
+FACTORIES = {
+    "agd": "AGD", "asgo": "ASGO", "dasgo": "DASGO", "sketchy": "Sketchy", "s_adagrad": "S-AdaGrad",
+    "rf_rmsprop": "RF-RMSProp", "rf_adamw": "RF-AdamW", "if_shampoo": "IF-Shampoo", "mbf": "MBF",
 }
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -119,7 +128,20 @@ def capture_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"state-dtypes": state_dtype_table, "capture": capture_table}
+def cupy_capture_table() -> str:
+    """Whether CuPy's captured wrapper (``precond_ref.adapters.cupy.captured``) captures each method's
+    step at its factory's defaults, from the wrapper's own refusal (``refusal``)."""
+    import precond_ref
+    from precond_ref.adapters.cupy import captured
+
+    lines = ["| method | CuPy's captured wrapper |", "|---|---|"]
+    for factory, label in FACTORIES.items():
+        why = captured(getattr(precond_ref, factory)(), enabled=True).refusal
+        lines.append(f"| {label} (`{factory}`) | " + ("captured" if why is None else f"eager: {why}") + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"state-dtypes": state_dtype_table, "capture": capture_table, "cupy-capture": cupy_capture_table}
 
 
 def _markers(name: str) -> tuple[str, str]:
@@ -143,7 +165,8 @@ def _shown(name: str, page: str) -> str:
 def test_pages_show_the_table_the_code_produces(name):
     """Each page's block is the table rendered from the code now: a claim about state dtypes or
     captured steps that the code does not make cannot stand in the documentation."""
-    pytest.importorskip("torch")
+    if name in TORCH_TABLES:
+        pytest.importorskip("torch")
     expected = _block(name, TABLES[name]())
     for page in PAGES[name]:
         assert _shown(name, page) == expected, f"{page}: the {name} table is not the code's; it is\n{expected}"

@@ -45,7 +45,8 @@ def build_transform(
     Parameters
     ----------
     name:
-        The method's name, used in error messages.
+        The method's name, used in error messages; kept as ``update.method`` for adapters that
+        answer per method (CuPy's captured step: whether CuPy can capture it).
     init_group:
         ``(leaves, paths, xp) -> {name: array}``: the state of one group. Zero-size groups are not
         passed to it (they get an empty state and zero updates).
@@ -134,6 +135,7 @@ def build_transform(
     init.layout_hint = layout_hint  # type: ignore[attr-defined]
     init.legacy_names = legacy_names  # type: ignore[attr-defined]
     update.leafwise = independent_leaves and on_nonfinite == "skip"  # type: ignore[attr-defined]
+    update.method = name  # type: ignore[attr-defined]
     return Transform(init, update, runner.due, matmul_precision, group_leaves)
 
 

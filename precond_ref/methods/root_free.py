@@ -23,7 +23,7 @@ from ..linalg import (
     product_except, times, times_transposed, unfolding_gram,
 )
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
-from ..engine.factors import identity, per_block
+from ..engine.factors import identity, number, per_block
 from ..engine import options
 from ..engine.phases import prototype_schedule
 from ..engine.tiles import TiledRule, TileLayout, old_layout_hint, tiled_transform
@@ -488,7 +488,7 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
             M = factor_momentum * momenta[n] + (1 - factor_momentum) * M  # m_n ← α₂ m_n + (1−α₂) M_n
             new_momenta.append(M)
         norm = frobenius(xp, M)
-        step_size = factor_lr / xp.clip(norm, min=1.0) if clamp else factor_lr
+        step_size = factor_lr / xp.maximum(norm, number(xp, 1.0, norm)) if clamp else factor_lr
         new_factors.append(K - times(xp, K, M) * per_block(xp, step_size, K))  # K_n ← K_n − β₂/max(1,‖m_n‖)·K_n m_n
     return tuple(new_factors), (tuple(new_momenta) if momenta is not None else None)
 

@@ -23,6 +23,8 @@ for c in cs:
     print(c.entry.name, flush=True)
     params = {"w": cupy.asarray(rng.standard_normal((1024, 1024)), dtype=cupy.float32), "b": cupy.zeros((1024,), cupy.float32)}
     t = pc.CapturedTransform(getattr(precond_ref, c.entry.factory)(**core_kwargs_for(c.entry, cupy, "cupy")), graphs=Diag())
+    print("  table:", t.refusal or "captures")
+    t.refusal = None  # try every method, the refused ones too: what the capture refuses now
     s = t.init(params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -6,16 +6,55 @@ What it keeps of a real capture: a capture writes nothing (every buffer the doub
 after the recorded callable ran) and reads nothing on the host (the callable runs under the armed
 guard, as a real capture fails on a host read); a replay runs the recorded callable again with the
 very Python objects it was recorded with, so a value the wrapper fails to feed is as stale as a real
-graph would leave it; warm-up runs and replays are armed too. What it cannot show: addresses, streams.
+graph would leave it; warm-up runs and replays are armed too. With ``refuses_products=True`` a
+capture also refuses what CuPy's refuses besides host reads: every routine CuPy runs through cuBLAS
+or cuSOLVER (matrix products and decompositions, :data:`CUBLAS`), raising CuPy's error. What it
+cannot show: addresses, streams.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 import sync_guard
+
+
+#: The namespace's routines that CuPy runs through cuBLAS (a product) or cuSOLVER (a decomposition):
+#: these outside ``linalg``, and every ``linalg`` routine but :data:`LINALG_KERNELS`.
+CUBLAS = frozenset({"matmul", "tensordot", "einsum", "vecdot", "inner", "dot", "vdot"})
+#: ``linalg``'s routines that are element-wise kernels and reductions on CuPy (a norm along given axes).
+LINALG_KERNELS = frozenset({"vector_norm", "matrix_norm", "diagonal", "trace", "matrix_transpose", "outer", "cross"})
+CUBLAS_REFUSED = "calling cuBLAS API during stream capture is currently unsupported"
+
+
+def _refused(*args: Any, **kwargs: Any) -> Any:
+    raise NotImplementedError(CUBLAS_REFUSED)
+
+
+@contextlib.contextmanager
+def _products_refused() -> Iterator[None]:
+    """Within it, the guarded namespace's products and decompositions and ``@`` raise CuPy's error."""
+    namespace_getattr = sync_guard._Namespace.__getattr__
+    operators = {name: getattr(sync_guard.GuardedArray, name) for name in ("__matmul__", "__rmatmul__")}
+
+    def refusing(self: Any, name: str) -> Any:
+        in_linalg = self._inner.__name__.endswith("linalg")
+        if name in CUBLAS or (in_linalg and callable(getattr(self._inner, name)) and name not in LINALG_KERNELS):
+            return _refused
+        return namespace_getattr(self, name)
+
+    sync_guard._Namespace.__getattr__ = refusing
+    for name in operators:
+        setattr(sync_guard.GuardedArray, name, _refused)
+    try:
+        yield
+    finally:
+        sync_guard._Namespace.__getattr__ = namespace_getattr
+        for name, method in operators.items():
+            setattr(sync_guard.GuardedArray, name, method)
 
 
 class FakeGraph:
@@ -25,10 +64,12 @@ class FakeGraph:
 
 
 class FakeCupyGraphs:
-    """``fail_first``: the first captures raise (after the callable ran, as an invalidated capture)."""
+    """``fail_first``: the first captures raise (after the callable ran, as an invalidated capture);
+    ``refuses_products``: a capture raises at a matrix product or decomposition, as CuPy's does."""
 
-    def __init__(self, fail_first: int = 0) -> None:
+    def __init__(self, fail_first: int = 0, refuses_products: bool = False) -> None:
         self.fail_first = fail_first
+        self.refuses_products = refuses_products
         self.buffers: list[sync_guard.GuardedArray] = []
         self.graphs: list[FakeGraph] = []
         self.runs = 0
@@ -61,7 +102,7 @@ class FakeCupyGraphs:
     def capture(self, device: int, fn: Callable[[], None]) -> FakeGraph:
         saved = [b._array.copy() for b in self.buffers]
         try:
-            with sync_guard.armed():
+            with sync_guard.armed(), _products_refused() if self.refuses_products else contextlib.nullcontext():
                 fn()
         finally:
             for b, value in zip(self.buffers, saved):

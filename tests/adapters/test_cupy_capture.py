@@ -5,6 +5,12 @@ callables replayed, host reads refused), on a GPU through CuPy itself (skipped w
 The invariant (DESIGN.md, "A captured step on GPUs"): a replayed step is the step, so every
 update and every state entry equals the eager core's, bit for bit, on every call, whatever the
 pattern of periodic work, a skipped step, a restored state or a refused capture in between.
+
+The methods whose step multiplies matrices, which CuPy's capture refuses (``MATRIX_PRODUCTS``),
+step eagerly without trying; the bookkeeping tests make the wrapper try them all the same
+(``refusal = None``: the double, unlike CuPy, captures products unless told to refuse them), and
+the table is checked against what a capture refuses: on the double that refuses products as
+CuPy does, and on a GPU against CuPy.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import precond_ref as pr
 from precond_ref.adapters import cupy as captured_cupy
 from precond_ref.tree import tree_flatten, tree_map
 
+import fake_cupy_graphs
 import sync_guard
 from fake_cupy_graphs import FakeCupyGraphs
 from test_sync_free import _params  # fc2 and conv2 share block shapes with fc and conv: stacked paths
@@ -60,8 +67,20 @@ def _eager(opt, params, grads):
     return out
 
 
-def _captured(opt, params, grads, fake, restore_at=None, steps=None):
+def _wrapper(opt, fake, tried=True):
+    """The wrapper of ``opt`` on the double; ``tried``: its refusal set aside (every method captured)."""
     wrapper = captured_cupy.CapturedTransform(opt, enabled=True, graphs=fake)
+    if tried:
+        wrapper.refusal = None
+    return wrapper
+
+
+def _patterns(opt):
+    return {tuple(opt.due(i)) for i in range(STEPS)}
+
+
+def _captured(opt, params, grads, fake, restore_at=None, steps=None, tried=True):
+    wrapper = _wrapper(opt, fake, tried)
     params = sync_guard.wrap(params)
     state = wrapper.init(params)
     out = []
@@ -117,7 +136,7 @@ def test_count_read_only_for_a_foreign_state():
     """The call count of a state the wrapper returned is the host's own: updating under the armed
     guard raises nowhere; a fresh state without step= needs one read (refused while armed)."""
     params, grads = _problem()
-    wrapper = captured_cupy.CapturedTransform(CONFIGS["asgo"](), enabled=True, graphs=FakeCupyGraphs())
+    wrapper = _wrapper(CONFIGS["asgo"](), FakeCupyGraphs())
     params = sync_guard.wrap(params)
     state = wrapper.init(params)
     with sync_guard.armed(), pytest.raises(sync_guard.HostTransfer):
@@ -128,19 +147,79 @@ def test_count_read_only_for_a_foreign_state():
             updates, state = wrapper.update(sync_guard.wrap(g), state, params)
 
 
-def test_a_refused_capture_steps_eagerly_with_one_warning():
-    """A capture that fails refuses its pattern (warned once); that pattern then steps eagerly on
-    the buffers and the numbers stay the core's; the other patterns are captured."""
+@pytest.mark.parametrize("name", ["asgo", "dasgo"])
+def test_a_refused_capture_steps_eagerly_with_one_warning(name):
+    """A capture that fails unexpectedly (DASGO, which the table lets try; ASGO made to try)
+    refuses its pattern (warned once); that pattern then steps eagerly on the buffers and the
+    numbers stay the core's; the other patterns are captured."""
     params, grads = _problem()
     fake = FakeCupyGraphs(fail_first=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        wrapper, got = _captured(CONFIGS["asgo"](), params, grads, fake)
+        wrapper, got = _captured(CONFIGS[name](), params, grads, fake, tried=name == "asgo")
     messages = [w for w in caught if issubclass(w.category, captured_cupy.CaptureWarning)]
     assert len(messages) == 1 and "could not be captured" in str(messages[0].message)
-    _assert_same(got, _eager(CONFIGS["asgo"](), params, grads))
-    patterns = {tuple(CONFIGS["asgo"]().due(i)) for i in range(STEPS)}
-    assert wrapper.failed_captures == 1 and wrapper.graph_count == len(patterns) - 1
+    _assert_same(got, _eager(CONFIGS[name](), params, grads))
+    assert wrapper.failed_captures == 1 and wrapper.graph_count == len(_patterns(CONFIGS[name]())) - 1
+
+
+REFUSED = sorted(name for name in CONFIGS if captured_cupy.refusal_of(CONFIGS[name]()) is not None)
+
+
+def test_the_table_names_the_matrix_methods():
+    """The refused methods are those that multiply matrices, found by the names their factories
+    give (a renamed method would leave the table silently)."""
+    assert REFUSED == ["asgo", "asgo-blocked", "if_shampoo", "mbf", "s_adagrad", "sketchy"]
+    names = {CONFIGS[name]().update.method for name in REFUSED} | {pr.scale_by_sketchy().update.method}
+    assert names == set(captured_cupy.MATRIX_PRODUCTS)
+    assert "cuBLAS" in captured_cupy.refusal_of(CONFIGS["mbf"]())
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_a_refused_method_steps_eagerly_without_trying(name):
+    """A method of the table never reaches the graphs: no buffers, no run, no capture, no warning
+    (the suite makes ours errors; here they are counted), the eager core's numbers bit for bit."""
+    params, grads = _problem()
+    fake = FakeCupyGraphs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapper, got = _captured(CONFIGS[name](), params, grads, fake, tried=False)
+    assert not [w for w in caught if issubclass(w.category, captured_cupy.CaptureWarning)]
+    assert "multiplies matrices" in wrapper.refusal
+    assert fake.runs == 0 and not fake.buffers and not fake.graphs and fake.copies == 0
+    assert wrapper.graph_count == 0 and wrapper.failed_captures == 0
+    _assert_same(got, _eager(CONFIGS[name](), params, grads))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_the_table_is_what_a_capture_refuses(name):
+    """On the double that refuses matrix products as CuPy's capture does, each method made to try
+    captures every pattern where the table lets it try, and none where the table refuses it (each
+    pattern warned once); the numbers are the core's either way."""
+    params, grads = _problem()
+    fake = FakeCupyGraphs(refuses_products=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapper, got = _captured(CONFIGS[name](), params, grads, fake)
+    _assert_same(got, _eager(CONFIGS[name](), params, grads))
+    patterns = len(_patterns(CONFIGS[name]()))
+    warned = [str(w.message) for w in caught if issubclass(w.category, captured_cupy.CaptureWarning)]
+    if name in REFUSED:
+        assert wrapper.graph_count == 0 and wrapper.failed_captures == patterns == len(warned)
+        assert all(fake_cupy_graphs.CUBLAS_REFUSED in message for message in warned)
+    else:
+        assert wrapper.graph_count == patterns and wrapper.failed_captures == 0 and not warned
+
+
+def test_if_shampoo_without_dense_factors_would_capture():
+    """What the table gives up: IF-Shampoo whose factors are all diagonal multiplies no matrices
+    (it is refused with its method; made to try, it captures on the products-refusing double)."""
+    params, grads = _problem()
+    make = lambda: pr.if_shampoo(learning_rate=1e-2, batch_size=8, precondition_every=2, structures="diagonal")  # noqa: E731
+    assert captured_cupy.refusal_of(make()) is not None
+    wrapper, got = _captured(make(), params, grads, FakeCupyGraphs(refuses_products=True))
+    assert wrapper.graph_count == len(_patterns(make())) and wrapper.failed_captures == 0
+    _assert_same(got, _eager(make(), params, grads))
 
 
 def test_repeated_failures_turn_capturing_off(monkeypatch):
@@ -191,7 +270,7 @@ def test_the_double_detects_a_stale_value():
 
     fake = NoGradCopy()
     fake.fed = []
-    wrapper = captured_cupy.CapturedTransform(CONFIGS["asgo"](), enabled=True, graphs=fake)
+    wrapper = _wrapper(CONFIGS["asgo"](), fake)
     p = sync_guard.wrap(params)
     state = wrapper.init(p)
     got = []
@@ -214,18 +293,16 @@ def _cupy_available() -> bool:
     return bool(cupy.is_available())
 
 
-@pytest.mark.skipif(not _cupy_available(), reason="needs CuPy and a CUDA device")
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_cupy_captured_step_equals_eager(name):
-    """On a GPU: replayed CUDA graphs give eager CuPy's trajectory (float64; the same kernels, so
-    equal to a few ulps at most: rtol 1e-12 over 10 steps), every pattern either captured and
-    replayed or refused with a warning."""
+def _on_gpu(name, tried):
+    """The eager CuPy trajectory of ``CONFIGS[name]`` (float64) and the captured wrapper's (its
+    refusal set aside where ``tried``), each update checked against it as it comes; the
+    wrapper and the CaptureWarnings it gave."""
     import cupy
 
     params, grads = _problem()
     to_gpu = lambda t: tree_map(lambda x: cupy.asarray(x, dtype=cupy.float64), t)  # noqa: E731
     opt = CONFIGS[name]()
-    p, state = to_gpu(params), None
+    p = to_gpu(params)
     state = opt.init(p)
     eager = []
     for i, g in enumerate(grads):
@@ -233,16 +310,41 @@ def test_cupy_captured_step_equals_eager(name):
         p = pr.apply_updates(p, updates)
         eager.append(tree_map(cupy.asnumpy, updates))
     wrapper = captured_cupy.captured(CONFIGS[name](), enabled=True)
+    if tried:
+        wrapper.refusal = None
     p = to_gpu(params)
     state = wrapper.init(p)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", captured_cupy.CaptureWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", captured_cupy.CaptureWarning)
         for i, g in enumerate(grads):
             updates, state = wrapper.update(to_gpu(g), state, p)
             p = pr.apply_updates(p, updates)
             tree_map(lambda a, b: np.testing.assert_allclose(cupy.asnumpy(a), b, rtol=1e-12, atol=0), updates, eager[i])
-    patterns = {tuple(opt.due(i)) for i in range(STEPS)}
-    assert wrapper.graph_count + len(set().union(*(s.refused for s in wrapper._sets.values()))) == len(patterns)
+    return wrapper, [str(w.message) for w in caught if issubclass(w.category, captured_cupy.CaptureWarning)]
+
+
+@pytest.mark.skipif(not _cupy_available(), reason="needs CuPy and a CUDA device")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cupy_captured_step_equals_eager(name):
+    """On a GPU: replayed CUDA graphs give eager CuPy's trajectory (float64; the same kernels, so
+    equal to a few ulps at most: rtol 1e-12 over 10 steps); a method the table lets try captures
+    every pattern and replays it, a refused one steps eagerly, neither with a warning."""
+    wrapper, warned = _on_gpu(name, tried=False)
+    assert not warned
+    assert wrapper.graph_count == (0 if name in REFUSED else len(_patterns(CONFIGS[name]())))
+
+
+@pytest.mark.skipif(not _cupy_available(), reason="needs CuPy and a CUDA device")
+@pytest.mark.parametrize("name", REFUSED)
+def test_cupy_refuses_the_tables_methods(name):
+    """On a GPU, what keeps the table true: a refused method made to try captures no pattern, each
+    refused for cuBLAS (warned once), and its numbers stay the eager ones. A CuPy that captured
+    cuBLAS calls would fail here, as a method the table lets try that fails to capture fails
+    ``test_cupy_captured_step_equals_eager``."""
+    wrapper, warned = _on_gpu(name, tried=True)
+    patterns = len(_patterns(CONFIGS[name]()))
+    assert wrapper.graph_count == 0 and wrapper.failed_captures == patterns == len(warned)
+    assert all("cuBLAS" in message for message in warned), warned
 
 
 def test_entries_that_trade_buffers():
