@@ -461,6 +461,28 @@ def matmul(xp: Any, a: Array, b: Array) -> Array:
     return xp.matmul(a, b)
 
 
+def matmul_into(xp: Any, a: Array, b: Array, out: Array) -> None:
+    """``out[...] = a @ b`` for an ``out`` that overlaps neither operand (such as a block of rows of a
+    larger array). For operands of ``out``'s dtype on NumPy, CuPy and torch (there for operands that
+    need no gradient: torch's ``out=`` refuses those), the library's matmul writes the product
+    straight into ``out`` (a strided view included: the matrix kernels take its row stride), one
+    write of it instead of a new array written, read back and written again by the assignment; the
+    same kernel computes it, only its output's place differs. Elsewhere, assignment."""
+    if a.dtype == b.dtype == out.dtype:
+        if is_torch_namespace(xp):
+            torch = sys.modules["torch"]
+            if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+                torch.matmul(a, b, out=out)
+                return
+        elif is_numpy_namespace(xp):
+            sys.modules["numpy"].matmul(a, b, out=out)
+            return
+        elif array_api_compat.is_cupy_array(out):
+            sys.modules["cupy"].matmul(a, b, out=out)
+            return
+    out[...] = matmul(xp, a, b)
+
+
 def ratio_or_zero(xp: Any, numerator: Array, denominator: Array) -> Array:
     """``numerator / denominator`` where the denominator is positive, else 0: no 0/0 where both
     vanish, and no division by the placeholder of the unselected branch."""

@@ -66,7 +66,8 @@ from typing import Any, NamedTuple, Optional, Sequence
 from array_api_compat import is_array_api_strict_namespace, is_cupy_array
 
 from ._backend import (
-    float64_where_available, host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul, placement,
+    float64_where_available, host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul, matmul_into,
+    placement,
     select, state_owned, torch_compiling,
 )
 from .engine.factors import constant, number
@@ -518,14 +519,15 @@ def frame_products_in_rows(
 
     so each entry is the same sum over k + m terms as in the whole product (the libraries may order
     it otherwise for a block than for the whole: a few units of rounding of :math:`|F_{i,:}|\,|R_{:,j}|`).
-    Block i of F R needs only block i of U, so it is written over U's block once that block has been
-    read, in U's own array where the caller owns its state (:func:`precond_ref._backend.owned_state`:
-    the torch optimizers, CuPy's captured step) and the array can be written (a torch tensor outside
+    Block i of F R needs only block i of U, so once that block has been copied into block i of F
+    the product is written over it (by the matmul itself, :func:`precond_ref._backend.matmul_into`),
+    in U's own array where the caller owns its state (:func:`precond_ref._backend.owned_state`: the
+    torch optimizers, CuPy's captured step) and the array can be written (a torch tensor outside
     ``torch.compile`` that needs no gradient, a writable NumPy array, a CuPy array): the returned
     basis is then that array, and the caller's previous basis is overwritten. Elsewhere (the pure
     core's own calls, JAX) the blocks are joined into one new array. Beside U (and the new basis
-    where it is not written over U) and the result's d x n rows this holds one block of F and one
-    of F R.
+    where it is not written over U) and the result's d x n rows this holds one block of F (and one
+    of F R where they are joined).
     """
     d, width = fresh.shape[-2], basis.shape[-1] + fresh.shape[-1]
     row_bytes = math.prod(tuple(basis.shape[:-2])) * width * (xp.finfo(basis.dtype).bits // 8)
@@ -537,13 +539,11 @@ def frame_products_in_rows(
         frame = xp.concat([basis[..., start:stop, :], fresh[..., start:stop, :]], axis=-1)
         if coefficients is not None:
             outs.append(_combination(xp, frame, coefficients))
-        block = matmul(xp, frame, rotation)
-        del frame  # this block's copy goes before the next block's is made
-        if in_place:
-            basis[..., start:stop, :] = block
+        if in_place:  # U's block has been copied into the frame: its rows take F R directly
+            matmul_into(xp, frame, rotation, basis[..., start:stop, :])
         else:
-            blocks.append(block)
-        del block
+            blocks.append(matmul(xp, frame, rotation))
+        del frame  # this block's copy goes before the next block's is made
     new_basis = basis if in_place else xp.concat(blocks, axis=-2)
     return new_basis, None if coefficients is None else xp.concat(outs, axis=-2)
 

@@ -12,19 +12,20 @@ from array_api_compat import array_namespace
 
 import precond_ref.adapters.torch as pt
 from precond_ref import sketch as fd
-from precond_ref._backend import owned_state
+from precond_ref._backend import matmul, matmul_into, owned_state
 from precond_ref.engine import axes
 
 _OPTIONS = dict(exponent=-0.5, eps=1e-7, relative_eps=True, cutoff=True, decomposition="auto")
 
 
-def _state(xp, d, k, dtype, steps, seed):
+def _state(xp, d, k, dtype, steps, seed, batch=()):
     """A sketch after ``steps`` whole-product FD steps of Gaussian columns, and the next column."""
     rng = np.random.default_rng(seed)
-    sketch = fd.fd_init(xp, d, k, dtype=dtype, device=None)
+    sketch = fd.fd_init(xp, d, k, dtype=dtype, device=None, batch=batch)
     for _ in range(steps):
-        sketch, _, _ = fd.fd_update_apply(xp, sketch, xp.asarray(rng.standard_normal((d, 1)), dtype=dtype), **_OPTIONS)
-    return sketch, xp.asarray(rng.standard_normal((d, 1)), dtype=dtype)
+        column = xp.asarray(rng.standard_normal((*batch, d, 1)), dtype=dtype)
+        sketch, _, _ = fd.fd_update_apply(xp, sketch, column, **_OPTIONS)
+    return sketch, xp.asarray(rng.standard_normal((*batch, d, 1)), dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -83,6 +84,55 @@ def test_rows_into_a_new_array_where_the_basis_may_not_be_written(monkeypatch):
     for other, out in ((b, out_b), (c, out_c)):
         np.testing.assert_array_equal(a["basis"], other["basis"])
         np.testing.assert_array_equal(out_a, out)
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_rows_written_over_the_basis_are_the_joined_rows_on_torch(monkeypatch, dtype, batch):
+    """On torch, within ``owned_state``, each row block of F R is written by the matmul itself into
+    U's rows (strided views of U where the sketch is a stack): the step returns the caller's basis
+    tensor, holding the same bits as the blocks joined into a new array outside ``owned_state``
+    (the same products of the same blocks), and the same F c."""
+    xp = array_namespace(torch.zeros(1))
+    sketch, x = _state(xp, 61, 6, getattr(torch, dtype), 5, seed=2, batch=batch)
+    monkeypatch.setattr(fd, "FD_ROWS_BYTES", 3 * (batch[0] if batch else 1) * 7 * 8)  # blocks of a few rows
+    pure = {key: v.clone() for key, v in sketch.items()}
+    given = {key: v.clone() for key, v in sketch.items()}
+    joined, _, out_joined = fd.fd_update_apply(xp, pure, x, **_OPTIONS)
+    with owned_state():
+        written, _, out_written = fd.fd_update_apply(xp, given, x, **_OPTIONS)
+    assert written["basis"] is given["basis"] and joined["basis"] is not pure["basis"]
+    assert torch.equal(pure["basis"], sketch["basis"])  # the pure core's input is left as it was
+    assert not torch.equal(joined["basis"], sketch["basis"])  # the step changed the basis
+    assert torch.equal(written["basis"], joined["basis"])
+    assert torch.equal(out_written, out_joined)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("batch", [(), (1,), (3,)])
+def test_matmul_into_writes_the_product_into_the_view(lib, dtype, batch):
+    """``matmul_into`` writes ``a @ b`` into a block of rows of a larger array (strided where it is
+    a stack): the same bits as the product formed alone, in that array's memory, its other rows
+    untouched; with an operand of another dtype, or one that needs a gradient (torch), it assigns."""
+    rng = np.random.default_rng(3)
+    whole = rng.standard_normal((*batch, 40, 16)).astype(dtype)
+    a, b = rng.standard_normal((*batch, 9, 17)).astype(dtype), rng.standard_normal((*batch, 17, 16)).astype(dtype)
+    if lib == "torch":
+        whole, a, b = torch.from_numpy(whole), torch.from_numpy(a), torch.from_numpy(b)
+    xp = array_namespace(whole)
+    before = xp.asarray(whole, copy=True)
+    want = matmul(xp, a, b)
+    matmul_into(xp, a, b, whole[..., 20:29, :])
+    assert bool(xp.all(whole[..., 20:29, :] == want))
+    assert bool(xp.all(whole[..., :20, :] == before[..., :20, :])) and bool(xp.all(whole[..., 29:, :] == before[..., 29:, :]))
+    other = xp.astype(b, xp.float64 if dtype == "float32" else xp.float32)
+    matmul_into(xp, a, other, whole[..., :9, :])
+    assert bool(xp.all(whole[..., :9, :] == xp.astype(matmul(xp, a, other), whole.dtype)))
+    if lib == "torch":
+        needs_gradient = b.clone().requires_grad_(True)
+        matmul_into(xp, a, needs_gradient, whole[..., 30:39, :])
+        assert torch.equal(whole[..., 30:39, :].detach(), want)
 
 
 def test_torch_optimizer_steps_a_large_sketch_in_place(monkeypatch):
