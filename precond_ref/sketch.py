@@ -67,8 +67,7 @@ from array_api_compat import is_array_api_strict_namespace, is_cupy_array
 
 from ._backend import (
     float64_where_available, host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul, matmul_into,
-    placement,
-    select, state_owned, torch_compiling,
+    placement, select, state_owned, torch_compiling,
 )
 from .engine.factors import constant, number
 from .linalg import (
