@@ -357,13 +357,15 @@ def test_readme_gpu_block_keeps_the_reference_gpt_and_gpt2_small_each_under_its_
     """``--readme-from`` stores a GPT-2-small GPU report under "gpt2 on a GPU" beside the
     reference GPT's "gpt on a GPU" (storing either keeps the other), and the README's block shows
     a column group for each: the reference's step ratio and first step, GPT-2-small's step ratio
-    and peak GiB, and a "measured by" line per run naming its command, GPU and torch. Checked to
+    and peak GiB, and a "measured by" line per run naming its command, GPU, torch and the commit
+    measured where the report names it. Checked to
     fail when the key ignores the size (the GPT-2-small report then replaces the reference one)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "records").mkdir()
     (tmp_path / "README.md").write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\nrest\n")
     reports = {"ref.json": _gpt_report("reference", "GPU A", 3.0, 1.0), "gpt2.json": _gpt_report("gpt2", "GPU B", 5.0, 12.3),
                "ref2.json": _gpt_report("reference", "GPU C", 4.0, 1.0)}
+    reports["gpt2.json"]["machine"]["precond_ref"] = "0.2.0 at abc1234"  # what the bench records (source_version)
     for name, data in reports.items():
         (tmp_path / name).write_text(json.dumps(data))
     assert cli.main(["bench", "--readme-from", "ref.json"]) == 0
@@ -377,7 +379,8 @@ def test_readme_gpu_block_keeps_the_reference_gpt_and_gpt2_small_each_under_its_
             "| GPU B, GPT-2-small: peak GiB |") in readme
     assert "| torch AdamW(fused) | 1.00x | 0.1 | 1.00x | 1.0 |" in readme and "| MBF | 1.50x | 0.2 | 2.50x | 12.3 |" in readme
     assert "- GPU A: `python -m precond_ref bench --model gpt --size reference` (gpt: reference; torch 2.x+cu)" in readme
-    assert "- GPU B, GPT-2-small: `python -m precond_ref bench --model gpt --size gpt2` (gpt: gpt2; torch 2.x+cu)" in readme
+    assert ("- GPU B, GPT-2-small: `python -m precond_ref bench --model gpt --size gpt2` (gpt: gpt2; torch 2.x+cu; "
+            "precond_ref 0.2.0 at abc1234)") in readme
     assert report.PEAK_LEGEND in readme
     assert cli.main(["bench", "--readme-from", "ref2.json"]) == 0  # a new reference run keeps GPT-2-small's
     stored = json.loads((tmp_path / "records" / "bench.json").read_text())
@@ -752,3 +755,16 @@ def test_quick_run_says_its_timings_are_not_comparable(tmp_path, capsys):
     assert code == 0
     assert out[0] == benchmarks.QUICK_NOTE and "not comparable" in out[0]
     assert out.count(benchmarks.QUICK_NOTE) == 2
+
+
+def test_the_bench_names_the_commit_it_measured(monkeypatch):
+    """A bench report's machine record names the package's version and commit: ``PRECOND_REF_COMMIT``
+    where set (a wheel on a GPU machine has no git checkout), else the checkout's ``git rev-parse``."""
+    from precond_ref import __version__
+    from precond_ref.benchmarks import common
+
+    monkeypatch.setenv(common.COMMIT_VARIABLE, "abc1234")
+    assert common.source_version() == f"{__version__} at abc1234"
+    monkeypatch.setenv(common.COMMIT_VARIABLE, "")
+    monkeypatch.setattr(common.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
+    assert common.source_version() == __version__

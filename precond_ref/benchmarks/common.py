@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -299,6 +301,7 @@ def machine(torch_device: str, frameworks: list[str]) -> dict:
     from ..compare.report import machine as cpu_and_blas
 
     info = cpu_and_blas()
+    info.update(precond_ref=source_version())
     info.update(torch=torch.__version__, torch_device=torch_device, torch_threads=torch.get_num_threads())
     if torch_device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
@@ -312,6 +315,26 @@ def machine(torch_device: str, frameworks: list[str]) -> dict:
 
         info["cupy"] = cupy.__version__
     return info
+
+
+#: Names the commit a run measured where the package is not a git checkout (a wheel on a GPU machine).
+COMMIT_VARIABLE = "PRECOND_REF_COMMIT"
+
+
+def source_version() -> str:
+    """This package's version and the commit it was built from: ``PRECOND_REF_COMMIT`` where set,
+    else the git checkout the package lies in, else the version alone."""
+    from .. import __version__
+
+    commit = os.environ.get(COMMIT_VARIABLE, "").strip()
+    if not commit:
+        try:
+            done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                  capture_output=True, text=True, timeout=10)
+            commit = done.stdout.strip() if done.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+    return f"{__version__} at {commit}" if commit else __version__
 
 
 def ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:

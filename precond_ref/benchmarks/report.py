@@ -387,7 +387,8 @@ def readme_section(reports: dict[str, dict]) -> str:
         caption += f"; {PEAK_LEGEND}" if with_peak else ""
         parts += ["", caption + ", measured by:", ""]
         parts += [f"- {_group_name(key, report)}: `{_measuring_command(report)}` "
-                  f"({report['settings'].get('model_description', '')}; torch {report['machine']['torch']})"
+                  f"({report['settings'].get('model_description', '')}; torch {report['machine']['torch']}"
+                  + (f"; precond_ref {report['machine']['precond_ref']}" if report["machine"].get("precond_ref") else "") + ")"
                   for key, report in groups]
         parts.append("")
     parts.append(README_END)

@@ -30,7 +30,7 @@ left() { local l=$((END - (SECONDS - T0))); [ "$l" -lt 1 ] && l=1; [ "$l" -lt "$
 STEPS=${STEPS:-tests,bench,jaxbench}   # call 1
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site
+export PYTHONPATH=/tmp/site PRECOND_REF_COMMIT=$(cat .whl/COMMIT 2>/dev/null)  # the bench names the commit it measured
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, jax, numpy, cupy, optax; print('torch', torch.__version__, torch.cuda.is_available(), '| jax', jax.__version__, jax.devices(), '| cupy', cupy.__version__, cupy.is_available(), '| numpy', numpy.__version__, '| optax', optax.__version__)"
   cat .whl/COMMIT 2>/dev/null
