@@ -230,6 +230,38 @@ def test_kept_where_usable_side_by_side_is_the_selection_of_each(library, shapes
         assert [k.data_ptr() for k in kept[1:]] == [k.data_ptr() + k.numel() * 8 for k in kept[:-1]]
 
 
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_read_factors_casts_each_bf16_factor_without_a_stack_copy(side_by_side):
+    """With stochastic rounding, bf16 factors are read as G's dtype: each one cast exactly
+    (``xp.astype``), float32 factors as they are. Factors that lie side by side in one allocation
+    (as a refresh stores them) are cast in one call on their view; others are cast one by one, with
+    no ``stack`` or ``cat`` (a stack would copy every factor once more before its cast)."""
+    torch = pytest.importorskip("torch")
+    from array_api_compat import array_namespace
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gen = torch.Generator().manual_seed(3)
+    joint = torch.randn((2, 3, 4, 4), generator=gen).to(torch.bfloat16)
+    K1, K2 = (joint[0], joint[1]) if side_by_side else (joint[0].clone(), joint[1].clone())
+    other = torch.randn((3, 4, 4), generator=gen)  # float32: read as stored
+    G = torch.randn((3, 4, 4), generator=gen)
+    ops = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        read = tiling._read_factors(SimpleNamespace(factor_rounding="stochastic"), array_namespace(G), (K1, other, K2), G)
+    assert [a.dtype for a in read] == [torch.float32] * 3
+    for a, b in zip(read, (K1.to(torch.float32), other, K2.to(torch.float32))):
+        assert torch.equal(a, b)
+    assert read[1] is other
+    copies = [op for op in ops if op in ("stack", "cat", "_to_copy", "copy_", "clone")]
+    assert copies == ["_to_copy"] * (1 if side_by_side else 2), ops
+
+
 @pytest.mark.parametrize("shape", [(3, 4), (3, 2, 5), (2, 3, 2, 2)])
 def test_each_block_reduces_every_entry_of_a_block(rng, shape):
     """``each_block(xp, xp.all | xp.any, mask)`` is ``all``/``any`` over every axis but the first

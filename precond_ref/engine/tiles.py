@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from array_api_compat import is_jax_namespace
 
 from .._backend import (
-    array_device, cast, compute_dtype, device_key, index_dtype, is_numpy_namespace, is_torch_namespace, leading_rows,
+    array_device, cast, consecutive_view, compute_dtype, device_key, index_dtype, is_numpy_namespace, is_torch_namespace, leading_rows,
     pieces, placement, plain, scalar_zero, stacked, torch_compiling,
 )
 from ..blocking import block_bounds, same_layout, spread_schedule, unstack as unstack_alike
@@ -627,7 +627,9 @@ def _read_factors(layout: TileLayout, xp, factors, G) -> tuple:
     narrow = [n for n in range(len(factors)) if is_bfloat16(factors[n].dtype) and not is_bfloat16(G.dtype)]
     if layout.factor_rounding != "stochastic" or not narrow:
         return factors
-    joint = side_by_side(xp, [factors[n] for n in narrow])  # one cast of them side by side
+    # one cast of them side by side where they lie so (as a refresh stored them); else one cast
+    # each, as a stack of them would copy every factor once more before its cast
+    joint = side_by_side(xp, [factors[n] for n in narrow], views_only=True)
     if joint is None:
         return tuple(xp.astype(K, G.dtype) if n in narrow else K for n, K in enumerate(factors))
     wide = xp.astype(joint, G.dtype)
@@ -790,14 +792,15 @@ def run_indicator(xp, lengths: tuple, like):
     return constant(xp, ("run indicator", lengths), make, like)
 
 
-def side_by_side(xp, arrays: Sequence[Any]):
+def side_by_side(xp, arrays: Sequence[Any], views_only: bool = False):
     """``stack(arrays)`` (a new leading axis) of two or more arrays of one shape, a view where they
     lie end to end in one allocation (:func:`~precond_ref._backend.stacked`: the operands a refresh
     stored side by side, :func:`tiled_transform`); ``None`` for one array, or arrays of several
-    shapes, and within :func:`~precond_ref._backend.plain_forms` (each array then alone)."""
+    shapes, within :func:`~precond_ref._backend.plain_forms` (each array then alone), and, with
+    ``views_only``, where the stack would not be a view (:func:`~precond_ref._backend.consecutive_view`)."""
     if plain() or len(arrays) < 2 or len({tuple(a.shape) for a in arrays}) != 1:
         return None
-    return stacked(xp, arrays)
+    return consecutive_view(list(arrays), new_axis=True) if views_only else stacked(xp, arrays)
 
 
 def _by_dtype(xp, fn, values: Sequence[Array]) -> list:
