@@ -26,8 +26,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from array_api_compat import is_jax_namespace
 
 from .._backend import (
-    array_device, cast, consecutive_view, compute_dtype, device_key, index_dtype, is_numpy_namespace, is_torch_namespace, leading_rows,
-    pieces, placement, plain, scalar_zero, stacked, torch_compiling,
+    array_device, cast, compute_dtype, consecutive_view, device_key, index_dtype, is_numpy_namespace, is_torch_namespace,
+    leading_rows, pieces, placement, plain, scalar_zero, stacked, torch_compiling,
 )
 from ..blocking import block_bounds, same_layout, spread_schedule, unstack as unstack_alike
 from ..linalg import all_finite
@@ -627,8 +627,7 @@ def _read_factors(layout: TileLayout, xp, factors, G) -> tuple:
     narrow = [n for n in range(len(factors)) if is_bfloat16(factors[n].dtype) and not is_bfloat16(G.dtype)]
     if layout.factor_rounding != "stochastic" or not narrow:
         return factors
-    # one cast of them side by side where they lie so (as a refresh stored them); else one cast
-    # each, as a stack of them would copy every factor once more before its cast
+    # one cast of their view where they lie side by side (as a refresh stores them), else one each
     joint = side_by_side(xp, [factors[n] for n in narrow], views_only=True)
     if joint is None:
         return tuple(xp.astype(K, G.dtype) if n in narrow else K for n, K in enumerate(factors))
