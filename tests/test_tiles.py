@@ -126,13 +126,15 @@ def test_pick_is_the_positions_and_unpick_its_inverse(positions):
     np.testing.assert_array_equal(got, stack)
 
 
-@pytest.mark.parametrize("k, phases", [(6, 2), (7, 3), (5, 5), (4, 3)])
-def test_unpick_interleaves_the_phases_of_equal_tiles(k, phases):
+@pytest.mark.parametrize("k, phases", [(6, 2), (7, 3), (5, 5), (4, 3), (8, 4)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_unpick_interleaves_the_phases_of_equal_tiles(k, phases, reverse):
     """The phases of equal tiles (part p holds positions p, p+T, ...; the first k % T parts one
-    more) are put back in the order 0..k-1. Exact."""
+    more), given in phase order or reversed, are put back in the order 0..k-1 (parts of equal
+    length by one interleaving stack). Exact."""
     np_xp = _np()
     stack = np.arange(k * 3, dtype=np.float64).reshape(k, 3)
-    positions = [tuple(range(p, k, phases)) for p in range(phases)]
+    positions = [tuple(range(p, k, phases)) for p in range(phases)][:: -1 if reverse else 1]
     np.testing.assert_array_equal(tiling.unpick(np_xp, [stack[list(p)] for p in positions], positions), stack)
 
 

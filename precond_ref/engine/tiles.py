@@ -167,10 +167,16 @@ def pick(xp, stack, positions: tuple):
 
 def unpick(xp, parts: Sequence[Any], positions: Sequence[tuple]):
     """The stack ``S`` with ``S[positions[i][j]] = parts[i][j]`` (the inverse of :func:`pick`; the
-    positions of all parts together are ``0..k-1``): the part itself, else a ``concat`` and one
-    ``take``."""
+    positions of all parts together are ``0..k-1``): the part itself; for ``T`` parts that each hold
+    every ``T``-th tile (:func:`pick`'s slices), one ``stack`` along a second axis, whose rows in
+    order are the tiles in order; else a ``concat`` and one ``take``."""
     if len(parts) == 1:
         return parts[0]
+    count, k = len(parts), sum(len(p) for p in positions)
+    firsts = [p[0] for p in positions]
+    if k % count == 0 and sorted(firsts) == list(range(count)) and all(tuple(p) == tuple(range(p[0], k, count)) for p in positions):
+        interleaved = xp.stack([parts[firsts.index(first)] for first in range(count)], axis=1)
+        return xp.reshape(interleaved, (k,) + tuple(parts[0].shape[1:]))
     order = [j for p in positions for j in p]
     inverse = tuple(sorted(range(len(order)), key=order.__getitem__))  # S[j] = concat(parts)[inverse[j]]
     return taken(xp, xp.concat(list(parts), axis=0), index_array(xp, inverse, parts[0]))
