@@ -10,7 +10,7 @@ the pattern recurs, so that a step costs the host the adapter's bookkeeping, one
 
 The mechanics follow torch's CUDA-graph recipe (``torch.cuda.graphs``):
 
-* a pattern's first step runs eagerly on a side stream, from the set's static gradient buffers
+* a pattern's first step runs uncaptured on a side stream, from the set's static gradient buffers
   (warm-up: lazy initialisations, the compiled kernels' compilation and autotuning); the step is
   then captured on that stream (recorded, not run); the next step of that pattern replays it;
 * the gradients are copied into the static buffers before each replay, so ``.grad`` tensors may
@@ -313,7 +313,7 @@ class Captures:
     def _warm_up_and_capture(
         self, s: _Set, pattern: tuple, inputs: list, pointers: tuple, grads: list, update: Callable
     ) -> Any:
-        """The pattern's first step, eagerly from the static buffers on the side stream, then its capture."""
+        """The pattern's first step, uncaptured from the static buffers on the side stream, then its capture."""
         device = s.plan.tensors[0].device
         if not all(GRAPHS.accepts(t.device) for t in inputs):
             s.refusal = f"a state tensor on {next(t.device for t in inputs if not GRAPHS.accepts(t.device))}"
