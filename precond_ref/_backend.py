@@ -987,3 +987,10 @@ def number(xp, value: float, like):
     device (no host data copied)."""
     make = lambda: xp.full((), value, dtype=like.dtype, device=placement(xp, like))  # noqa: E731
     return constant(xp, ("number", value, like.dtype), make, like)
+
+
+def clip(xp, x, low: float, high: float):
+    """``x`` bounded to ``[low, high]``, as ``minimum(maximum(x, low), high)`` against 0-D numbers:
+    ``array_api_compat``'s ``clip`` on CuPy selects with a boolean mask, whose count it reads on the
+    host (no CUDA-graph capture, a wait for the device)."""
+    return xp.minimum(xp.maximum(x, number(xp, low, x)), number(xp, high, x))

@@ -66,8 +66,8 @@ from typing import Any, NamedTuple, Optional, Sequence
 from array_api_compat import is_array_api_strict_namespace, is_cupy_array
 
 from ._backend import (
-    float64_where_available, host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul, matmul_into,
-    placement, select, state_owned, torch_compiling,
+    clip, float64_where_available, host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul,
+    matmul_into, placement, select, state_owned, torch_compiling,
 )
 from .engine.factors import constant, number
 from .linalg import (
@@ -842,5 +842,5 @@ def _saturated(xp: Any, t: Array) -> Array:
     """``t / sqrt(1 + t^2)``, in (-1, 1), as ``t / hypot(1, t)`` with ``t`` capped at ``1/eps``,
     beyond which the value is +-1 to rounding (an infinite ``t`` gives +-1, not NaN)."""
     cap = 1.0 / float(xp.finfo(t.dtype).eps)
-    t = xp.minimum(xp.maximum(t, number(xp, -cap, t)), number(xp, cap, t))
+    t = clip(xp, t, -cap, cap)
     return t / xp.hypot(number(xp, 1.0, t), t)

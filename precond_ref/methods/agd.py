@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-from .._backend import array_device, compute_dtype, float32_power, float32_sqrt, is_number, is_zero, number, scalar_array
+from .._backend import array_device, clip, compute_dtype, float32_power, float32_sqrt, is_number, is_zero, scalar_array
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
 from ..transform import ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_mode
 from ..transform import check_nonnegative, check_optional, check_positive, check_unit_interval
@@ -235,7 +235,7 @@ def _agd_update(xp, c: AGDConfig, state: AGDState, g, w, h: _Step):
 def _auto_switch(xp, c: AGDConfig, h: _Step, m, v):
     """r_t = m^_t / max(sqrt(b^_t), delta), clipped to [-clip, clip] (faithful: the authors' ratio)."""
     r = _faithful_ratio(xp, h, m, v) if c.faithful else (m / h.bc1) / xp.maximum(xp.sqrt(v / h.bc2), h.floor)
-    return r if c.clip is None else xp.minimum(xp.maximum(r, number(xp, -c.clip, r)), number(xp, c.clip, r))
+    return r if c.clip is None else clip(xp, r, -c.clip, c.clip)
 
 
 def _stepwise_difference(h: _Step, g, m_prev, m):
