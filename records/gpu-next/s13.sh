@@ -19,7 +19,7 @@
 #     steps (45 s: Sketchy's ~134 ms a step outside its decompositions);
 #   call 3: GPT-2-small's first steps with random gradients (100 s), the main job on CuPy (150 s);
 #   call 4: reproduce's GPU protocol (ASGO-3, MBF-1, MBF-4 on cuda; docs/reproduce.md, "GPU protocol").
-# Other steps s12.sh had stay available by name (compiled, eigh, secular, variants, cupybench, diag, jaxautotune,
+# Other steps stay available by name (compiled, eigh, secular, variants, cupybench, diag, jaxautotune,
 # jaxroutes).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 ROOT=$PWD; T0=$SECONDS; END=${END_S:-480}

@@ -262,6 +262,28 @@ def test_torch_compiled_equals_core(method):
 
 
 @pytest.mark.parametrize("method", ["agd", "rf_rmsprop", "rf_adamw", "dasgo"])
+def test_torch_class_default_captured_equals_core(method, monkeypatch):
+    """The class default (``compile=None``) of the classes that compile by default, captured: on
+    CUDA a param group of at least ``AUTO_MIN_ELEMENTS`` elements captures its compiled step. Here
+    the threshold is 1 element, the compiler ``aot_eager`` (as ``test_torch_compiled_equals_core``)
+    and CUDA graphs the CPU double of ``fake_graphs`` (checked to replay): the NumPy core's
+    trajectory to RTOL, on the one-layer model."""
+    from fake_graphs import fake_graphs
+
+    from precond_ref.adapters import _torch_compile
+
+    monkeypatch.setattr(_torch_compile, "AUTO_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(_torch_compile.Auto, "options_for", lambda self, numel: dict(TORCH_COMPILE))
+    cell = (method, "principled", pm.ONE_LAYER_MODEL)
+    keep: list = []
+    with fake_graphs() as graphs, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager warns
+        got = pm.torch_trajectory(*cell, compile=None, capture=True, keep=keep)
+    assert graphs.replays() > 0 and keep[0]._compiled, "the captured step was not the compiled one"
+    _close(got, pm.core_trajectory(*cell), RTOL, "torch class default captured vs the NumPy core")
+
+
+@pytest.mark.parametrize("method", ["agd", "rf_rmsprop", "rf_adamw", "dasgo"])
 def test_torch_compiled_per_leaf_equals_core(method, monkeypatch):
     """The element-wise classes' compiled per-leaf kernels and DASGO's compiled per-leaf calls of
     its core update (``LeafCalls``) (a param group of
