@@ -34,10 +34,12 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import torch
 
 import precond_ref as pr
+from precond_ref._backend import namespace_of
 from precond_ref.linalg import auto_root_method
 from precond_ref.methods.asgo import ASGO_LEARNING_RATE
 from precond_ref.methods.mbf import MBF_LEARNING_RATE
 from precond_ref.methods.root_free import IF_SHAMPOO_LEARNING_RATE
+from precond_ref.sketch import secular_by_default
 
 from ._keywords import check_keywords
 from ._torch_core import CoreOptimizer
@@ -523,10 +525,18 @@ Sketchy.not_capturable_because = _FD_REFUSAL
 
 
 def _s_adagrad_capture_refusal(self: CoreOptimizer) -> Optional[str]:
-    """S-AdaGrad's FD step decomposes its core by the secular equation with
-    ``decomposition="incremental_secular"`` (no LAPACK call, no host read); any other group calls
-    torch's eigh or svd."""
-    if all(g["mode"] == "principled" and g["decomposition"] == "incremental_secular" for g in self.param_groups):
+    """S-AdaGrad's FD step decomposes its core by the secular equation (no LAPACK call, no host
+    read) with ``decomposition="incremental_secular"``, and with the default where the core's
+    ``"auto"`` takes it (:func:`precond_ref.sketch.secular_by_default`: on CUDA); any other group
+    calls torch's eigh or svd."""
+    def secular(group: dict) -> bool:
+        if group["mode"] != "principled":
+            return False
+        chosen = group["decomposition"] or "auto"
+        return chosen == "incremental_secular" or (
+            chosen == "auto" and all(secular_by_default(namespace_of(p), p) for p in group["params"]))
+
+    if all(map(secular, self.param_groups)):
         return None
     return _FD_REFUSAL + " (decomposition='incremental_secular' reads nothing)"
 

@@ -67,7 +67,7 @@ from array_api_compat import is_array_api_strict_namespace, is_cupy_array
 
 from ._backend import (
     clip, float64_where_available, host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul,
-    matmul_into, placement, select, state_owned, torch_compiling,
+    matmul_into, on_cpu, placement, select, state_owned, torch_compiling,
 )
 from .engine.factors import constant, number
 from .linalg import (
@@ -128,15 +128,19 @@ def subspace_width(d: int, k: int) -> int:
     return min(d, k + max(4, -(-k // 8)))
 
 
-def resolve_decomposition(decomposition: str, d: int, k: int, m: int) -> str:
+def resolve_decomposition(decomposition: str, d: int, k: int, m: int, secular: bool = False) -> str:
     """The path ``"auto"`` takes for a sketch of an axis of length d, rank k and m new columns.
 
-    ``"incremental"`` (exact) when k + m < d; ``"subspace"`` (approximate) when the axis is long
-    (d >= :data:`SUBSPACE_MIN_DIM`) and the iteration is at most half of it; else ``"gram"`` (the
-    exact eigendecomposition of the d x d statistic). Other names are returned unchanged.
+    ``"incremental_secular"`` (exact) for one new column where ``secular`` (:func:`secular_by_default`
+    of the data); else ``"incremental"`` (exact) when k + m < d; ``"subspace"`` (approximate) when
+    the axis is long (d >= :data:`SUBSPACE_MIN_DIM`) and the iteration is at most half of it; else
+    ``"gram"`` (the exact eigendecomposition of the d x d statistic). Other names are returned
+    unchanged.
     """
     if decomposition != "auto":
         return decomposition
+    if secular and m == 1:
+        return "incremental_secular"
     if k + m < d:
         return "incremental"
     if d >= SUBSPACE_MIN_DIM and 2 * subspace_width(d, k) <= d:
@@ -144,14 +148,26 @@ def resolve_decomposition(decomposition: str, d: int, k: int, m: int) -> str:
     return "gram"
 
 
-def zero_rows_exact(decomposition: str, d: int, k: int) -> bool:
+def secular_by_default(xp: Any, x: Array) -> bool:
+    """Whether ``"auto"`` decomposes one new column's core by its secular equation for data ``x``:
+    off a CPU, where the backend has float64. There the secular solve calls no LAPACK routine and
+    reads nothing on the host, so a captured step can hold it (torch's CUDA ``eigh`` and ``svd``
+    read their status on the host), and its fixed sequence of element-wise passes over the stack
+    costs less than the batched SVD of the (k+1)-square cores (docs/methods/sketchy.md, "The
+    secular core"). A CPU's LAPACK SVD of the core is the faster there; without float64 (JAX
+    without x64) the secular solve has the Gram's accuracy, below the SVD's."""
+    return not on_cpu(xp, x) and float64_where_available(xp, x) is not None
+
+
+def zero_rows_exact(decomposition: str, d: int, k: int, secular: bool = False) -> bool:
     """Whether the FD step of one new column (:func:`fd_update_apply`, :func:`fd_apply_with_own_mass`)
     of a sketch of an axis of length d and rank k, given zero rows appended to its basis and column,
     gives them zero rows and every other value as without them, to rounding: where it takes the
     incremental path (k + 1 < d, :func:`resolve_decomposition`; ``"incremental_secular"`` at every
     length), as it then does at every longer length, since zero rows add only zero terms to every
-    product (U^T x, |x - U U^T x|, the new basis [U, fresh] W, its rows zero)."""
-    return resolve_decomposition(decomposition, d, k, 1) in ("incremental", "incremental_secular")
+    product (U^T x, |x - U U^T x|, the new basis [U, fresh] W, its rows zero). ``secular`` as for
+    :func:`resolve_decomposition`."""
+    return resolve_decomposition(decomposition, d, k, 1, secular) in ("incremental", "incremental_secular")
 
 
 def _probe(xp: Any, m: int, width: int, dtype: Any, device: Any) -> Array:
@@ -676,7 +692,7 @@ def _fd_step(
     m = x.shape[-1]
     if decomposition == "incremental_secular" and m != 1:
         raise ValueError(f"decomposition='incremental_secular' adds one column a step, got {m}")
-    decomposition = resolve_decomposition(decomposition, d, k, m)
+    decomposition = resolve_decomposition(decomposition, d, k, m, m == 1 and secular_by_default(xp, x))
     if decomposition in ("incremental", "incremental_gram") and k + m >= d:
         # nothing to save: the factor is not tall (the whole-factor path of the same accuracy)
         decomposition = "svd" if decomposition == "incremental" else "gram"

@@ -97,13 +97,15 @@ def capture_table() -> str:
     """Whether each torch class replays its step as a captured CUDA graph (``capture=None``, the
     default), from the classes' own refusal (``not_capturable_because``), for float32 and float64
     parameters on a GPU. A class that answers per instance (ASGO: the root its ``root_method``
-    picks) is asked about an instance whose parameters the core sees as on an accelerator."""
+    picks; S-AdaGrad: the core its ``decomposition`` picks) is asked about an instance whose
+    parameters the core sees as on an accelerator."""
     import importlib
 
     import torch
     import precond_ref.adapters.torch as pt
 
-    linalg = importlib.import_module("precond_ref.linalg")  # where ASGO's root_method="auto" asks on_cpu
+    # where ASGO's root_method="auto" and S-AdaGrad's decomposition="auto" ask on_cpu
+    asking = [importlib.import_module(name) for name in ("precond_ref.linalg", "precond_ref.sketch")]
 
     def refusal(name: str, dtype: torch.dtype) -> str | None:
         cls = getattr(pt, name)
@@ -111,12 +113,14 @@ def capture_table() -> str:
             return cls.not_capturable_because
         model = torch.nn.Linear(6, 4).to(dtype)
         opt = _built(cls, model)
-        on_cpu = linalg.on_cpu
-        linalg.on_cpu = lambda xp, x: False  # as on CUDA: the choice the core makes for an accelerator
+        on_cpu = [module.on_cpu for module in asking]
+        for module in asking:
+            module.on_cpu = lambda xp, x: False  # as on CUDA: the choice the core makes for an accelerator
         try:
             return opt.not_capturable_because
         finally:
-            linalg.on_cpu = on_cpu
+            for module, original in zip(asking, on_cpu):
+                module.on_cpu = original
 
     lines = ["| torch class | float32 parameters | float64 parameters |", "|---|---|---|"]
     for name, label in CLASSES.items():

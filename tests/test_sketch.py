@@ -893,6 +893,29 @@ def test_resolve_decomposition():
     assert resolve_decomposition("svd", 1024, 256, 1024) == "svd"
 
 
+def test_auto_takes_the_secular_core_for_one_column_off_a_cpu(monkeypatch):
+    """"auto" with one new column (S-AdaGrad's step) off a CPU where the backend has float64 is the
+    secular core (no LAPACK call, no host read: a CUDA step captures it), at every length; a CPU,
+    several columns and JAX without x64 keep the other paths."""
+    import array_api_compat.numpy as xp
+    import jax
+    import jax.numpy as jnp
+
+    from precond_ref import sketch
+
+    assert resolve_decomposition("auto", 1024, 256, 1, secular=True) == "incremental_secular"
+    assert resolve_decomposition("auto", 100, 100, 1, secular=True) == "incremental_secular"  # k + 1 > d
+    assert resolve_decomposition("auto", 1024, 256, 16, secular=True) == "incremental"
+    assert resolve_decomposition("auto", 1024, 256, 1) == "incremental"
+    assert resolve_decomposition("svd", 1024, 256, 1, secular=True) == "svd"
+    x = np.zeros((8, 1), dtype=np.float32)
+    assert not sketch.secular_by_default(xp, x)
+    monkeypatch.setattr(sketch, "on_cpu", lambda xp, x: False)  # as for a GPU array
+    assert sketch.secular_by_default(xp, x)
+    with jax.enable_x64(False):
+        assert not sketch.secular_by_default(jnp, jnp.zeros((8, 1), dtype=jnp.float32))
+
+
 def test_cutoff_keeps_rank_deficient_stream_bounded():
     """K3: rank-1 inputs in float32 with ε = 0: without the cutoff the rounding-level shrink gives a
     huge complement weight; with it the complement weight stays exactly 0 until mass escapes."""

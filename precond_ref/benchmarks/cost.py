@@ -238,6 +238,9 @@ def fd_update_flops(d: int, k: int, m: int, decomposition: str) -> float:
       ``U (U^T S) + X (X^T S)`` (``4 d k w + 4 d m w``), the QR of ``d x w``, the projections
       (``2 d k w + 2 d m w``), the ``w x w`` Gram (``2 w^2 (k+m)``), its eigh and the Ritz vectors
       (``2 d w k``);
+    - ``incremental_secular`` (``m = 1``): the incremental path's products with the core's pairs
+      from its secular equation, whose one dense product is the ``(k+1)``-square eigenvectors'
+      reflection (``2 (k+1)^3``; its bisections are element-wise work);
     - ``svd`` / ``qr_svd``: the thin SVD of the ``d x (k+m)`` factor (``qr_svd``: plus its QR).
     """
     from ..sketch import resolve_decomposition, subspace_width
@@ -250,6 +253,8 @@ def fd_update_flops(d: int, k: int, m: int, decomposition: str) -> float:
         return 8.0 * d * k * m + _qr(d, m) + 2.0 * core**3 + EIGH_FLOPS * core**3 + 2.0 * d * core * k
     if path == "incremental":
         return 8.0 * d * k * m + _qr(d, m) + _thin_svd(k + m, k + m) + 2.0 * d * (k + m) * k
+    if path == "incremental_secular":
+        return 8.0 * d * k * m + 2.0 * (k + m) ** 3 + 2.0 * d * (k + m) * k
     if path == "gram":
         return 2.0 * d * d * (k + m) + EIGH_FLOPS * d**3
     if path == "subspace":
@@ -321,7 +326,8 @@ def sketchy(
 
 def s_adagrad(
     params: Params, itemsize: int = 4, *, rank: int = 128, block_size: Optional[int] = None, mode: str = "principled",
-    momentum: float = 0.0, precondition_every: Optional[int] = None, **_: Any,
+    momentum: float = 0.0, precondition_every: Optional[int] = None, decomposition: Optional[str] = None,
+    device: str = "cpu", **_: Any,
 ) -> Cost:
     """S-AdaGrad: every leaf flattened to ``N`` entries, split into blocks of ``d = min(N,
     block_size)``, each a rank ``k`` sketch updated every ``precondition_every`` steps with one new
@@ -334,14 +340,17 @@ def s_adagrad(
     (coordinates and combination, every step), and an update on the incremental path (principled,
     ``k + 1 < d``) seven more times: the projection and its re-orthogonalisation (four reads), the
     frame ``[U, q]`` written and read by the rotation, and the new basis written (9 passes on a
-    refresh step in all). The faithful SVD path's passes are not counted."""
+    refresh step in all). The faithful SVD path's passes are not counted. ``"auto"`` is the secular
+    core on a GPU (:func:`precond_ref.sketch.secular_by_default`), the core's SVD elsewhere."""
     t = _Tally()
-    path = "svd" if mode == "faithful" else "auto"
+    path = "svd" if mode == "faithful" else decomposition or "auto"
+    if path == "auto" and device != "cpu":
+        path = "incremental_secular"
     every = precondition_every or 1
     for name, shape in params:
         n = max(1, _numel(shape))
         for count, d, k, m in _sketch_axes((n,), rank, block_size):
-            incremental = mode != "faithful" and k + m < d
+            incremental = mode != "faithful" and (k + m < d or path == "incremental_secular")
             passes = 7.0 if incremental else 0.0
             t.add("FD update", flops=count * fd_update_flops(d, k, m, path), nbytes=count * passes * d * k * itemsize, every=every)
             t.add("sketch apply", flops=count * 4.0 * d * k, nbytes=count * 2.0 * d * k * itemsize)

@@ -119,8 +119,9 @@ def gpu_grouping() -> Iterator[None]:
     """Inside, the core groups and reads as it does on a GPU, on whatever device: no large block
     kept out of a stack (``precond_ref.blocking.CPU_BATCHED_ENOUGH``), ``host_bool`` and
     ``host_all_finite`` answer ``None`` in every loaded module of the library that imported them,
-    and ``precond_ref.engine.axes`` takes its device branch (``on_cpu`` False: S-AdaGrad's stack
-    bound and padding). Everything is restored on the way out."""
+    and ``precond_ref.engine.axes`` and ``precond_ref.sketch`` take their device branches
+    (``on_cpu`` False: S-AdaGrad's stack bound and padding, and its secular core). Everything is
+    restored on the way out."""
     from precond_ref import _backend, blocking
 
     originals = {getattr(_backend, name): name for name in _FAKE_HOST_READS}
@@ -132,10 +133,11 @@ def gpu_grouping() -> Iterator[None]:
             if callable(value) and value in originals:
                 patched.append((module, attr, value))
                 setattr(module, attr, _FAKE_HOST_READS[originals[value]])
-    axes = sys.modules.get("precond_ref.engine.axes")
-    if axes is not None:
-        patched.append((axes, "on_cpu", axes.on_cpu))
-        axes.on_cpu = lambda xp, x: False
+    for name in ("precond_ref.engine.axes", "precond_ref.sketch"):
+        module = sys.modules.get(name)
+        if module is not None:
+            patched.append((module, "on_cpu", module.on_cpu))
+            module.on_cpu = lambda xp, x: False
     threshold = blocking.CPU_BATCHED_ENOUGH
     blocking.CPU_BATCHED_ENOUGH = 2**62
     try:

@@ -274,8 +274,9 @@ def _chunks(xp: Any, c: Any, members: Sequence[tuple], phases: Sequence[int], or
     if not host:
         # a block over FD_ROWS_BYTES is stepped alone, in its own arrays (no padded copy)
         wide = max(xp.finfo(member[0].dtype).bits // 8 for member in members)
+        secular = _sketch.secular_by_default(xp, members[0][0])
         lengths = padded_lengths(members, phases, lambda length, rank: _sketch.zero_rows_exact(
-            c.fd["decomposition"], length, rank) and length * rank * wide <= _sketch.FD_ROWS_BYTES)
+            c.fd["decomposition"], length, rank, secular) and length * rank * wide <= _sketch.FD_ROWS_BYTES)
     limit = FLAT_STACK_BYTES if host else FLAT_ACCELERATOR_STACK_BYTES
     chunks = bounded_chunks(xp, members, limit, phases, alone_from=_sketch.FD_ROWS_BYTES, lengths=lengths)
 

@@ -594,10 +594,12 @@ def s_adagrad(
         ``"skip"`` (default) or ``"raise"``.
     decomposition:
         Principled only: how the FD step decomposes the (k + 1)-square core of its incremental
-        update (:func:`precond_ref.sketch.fd_update`): None (default, ``"auto"``: its SVD, or the
-        whole factor's where k + 1 >= d) or ``"incremental_secular"`` (the secular equation of the
-        core's rank-one Gram update, :func:`precond_ref.linalg.rank_one_update_eigh`: no LAPACK call
-        and no host read, so a CUDA step can be captured). Faithful mode takes the authors' SVD.
+        update (:func:`precond_ref.sketch.fd_update`): None (default, ``"auto"``: the secular core
+        off a CPU where the backend has float64, :func:`precond_ref.sketch.secular_by_default`;
+        else its SVD, or the whole factor's where k + 1 >= d) or ``"incremental_secular"`` (the
+        secular equation of the core's rank-one Gram update,
+        :func:`precond_ref.linalg.rank_one_update_eigh`: no LAPACK call and no host read, so a CUDA
+        step can be captured) on every device. Faithful mode takes the authors' SVD.
 
     Returns
     -------

@@ -12,13 +12,16 @@
 # left, the most settling first:
 #   call 1 (STEPS unset: tests,bench,jaxbench): the CUDA/CuPy tests (150 s; S-AdaGrad's compiled step under torch 2.11
 #     and compare --backend cupy failed there); the reference GPT torch bench at the defaults (150 s), which now
-#     capture the compiled step of AGD, DASGO, RF-RMSProp and RF-AdamW (the README's GPU block: bench --readme-from);
+#     capture the compiled step of AGD, DASGO, RF-RMSProp and RF-AdamW, and S-AdaGrad's step with the secular core
+#     (its CUDA default now; 2.25x as the twelfth run's variant) (the README's GPU block: bench --readme-from);
 #     the JAX GPT rows of Sketchy, IF-Shampoo, ASGO and S-AdaGrad (240 s; never measured on an H200);
 #   call 2: the bench's GPT-2-small training step (`--size gpt2`: every method's steady step and peak memory, the README
 #     GPU block's GPT-2-small columns: bench --readme-from; 200 s), a profile of S-AdaGrad's, Sketchy's and ASGO's
 #     steps (45 s: Sketchy's ~134 ms a step outside its decompositions);
 #   call 3: GPT-2-small's first steps with random gradients (100 s), the main job on CuPy (150 s);
 #   call 4: reproduce's GPU protocol (ASGO-3, MBF-1, MBF-4 on cuda; docs/reproduce.md, "GPU protocol").
+#   call 5 (STEPS=compiledmatrix): IF-Shampoo's and ASGO's compiled captured steps (never reached: the twelfth run's
+#     last call spent its time on MBF's compilation).
 # Other steps stay available by name (compiled, eigh, secular, variants, cupybench, diag, jaxautotune,
 # jaxroutes).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -58,6 +61,16 @@ if want compiled; then
   timeout $(left 130) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 2 \
     --methods agd,rf_rmsprop,rf_adamw,dasgo,mbf --torch-compile on --out /tmp/gptc --no-progress > "$OUT/bench_gpt_compiled.txt" 2>&1
   echo "bench gpt compiled rc $?"; grep "^| torch" "$OUT/bench_gpt_compiled.txt" | cut -d'|' -f3-9,13; cp /tmp/gptc/bench.json "$OUT/bench_gpt_compiled.json" 2>/dev/null
+fi
+if want compiledmatrix; then
+  echo "== bench gpt torch compiled, IF-Shampoo and ASGO at $((SECONDS-T0)) s"
+  # compile=True under capture for the two matrix methods whose eager captured step is bytes-bound in part
+  # (IF-Shampoo 1.35x, ASGO 1.52x; targets 1.25x): do Inductor's fused kernels in the graph close the gap, and
+  # at what first-step cost?
+  timeout $(left 200) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 2 \
+    --methods if_shampoo,asgo --torch-compile on --out /tmp/gptcm --no-progress > "$OUT/bench_gpt_compiled_matrix.txt" 2>&1
+  echo "bench gpt compiled matrix rc $?"; grep "^| torch" "$OUT/bench_gpt_compiled_matrix.txt" | cut -d'|' -f3-9,13
+  cp /tmp/gptcm/bench.json "$OUT/bench_gpt_compiled_matrix.json" 2>/dev/null
 fi
 if want eigh; then
   echo "== batched eigh routes at $((SECONDS-T0)) s"

@@ -101,7 +101,9 @@ TORCH_CASES = [
         "if_shampoo-faithful", pt.IFShampoo, lr=5e-2,
         kwargs=dict(preconditioner_lr=0.2, damping=1e-2, batch_size=32, mode="faithful"),
     ),
-    TorchCase("sketchy", pt.Sketchy, lr=3e-2, kwargs=dict(rank=4, weight_decay=1e-3, precondition_1d=True)),
+    # merge_dims=4 keeps the model's matrices two axes (Sketchy merges a matrix of at most 1024
+    # entries into one axis, whose one column a step a GPU decomposes by the secular equation)
+    TorchCase("sketchy", pt.Sketchy, lr=3e-2, kwargs=dict(rank=4, weight_decay=1e-3, precondition_1d=True, merge_dims=4)),
     TorchCase(
         "sketchy-faithful-interval", pt.Sketchy, lr=3e-2,
         kwargs=dict(rank=2, mode="faithful", precondition_every=2, graft="sgd", momentum=0.5),

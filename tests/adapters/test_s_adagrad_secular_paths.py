@@ -67,6 +67,26 @@ def test_torch_captured_without_a_refusal():
     _identical(got, pm.torch_trajectory(*CELL, **SECULAR), "torch captured vs torch eager")
 
 
+def test_the_default_on_a_gpu_is_the_secular_core(monkeypatch, core):
+    """Where the core sees a GPU (``sketch.on_cpu`` False), the class default
+    (``decomposition=None``, ``"auto"``) is the secular core: it refuses no capture, replays graphs
+    (the CPU double) and gives the trajectory of ``decomposition="incremental_secular"`` to the bit;
+    on a CPU the default is the SVD's trajectory, which the secular core meets to ``GRAM_RTOL``."""
+    from fake_graphs import fake_graphs
+
+    from precond_ref import sketch
+
+    cpu = pm.torch_trajectory(*CELL)
+    monkeypatch.setattr(sketch, "on_cpu", lambda xp, x: False)
+    with fake_graphs() as graphs, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a refused or failed capture warns
+        got = pm.torch_trajectory(*CELL, capture=True)
+    assert graphs.replays() > 0
+    _identical(got, pm.torch_trajectory(*CELL, **SECULAR), "torch default on a GPU vs the secular core")
+    _close(got, core, RTOL, "torch default on a GPU vs the NumPy secular core")
+    _close(cpu, pm.core_trajectory(*CELL), RTOL, "torch default on a CPU vs the NumPy SVD core")
+
+
 def test_cupy_captured(core):
     """CuPy's captured step on NumPy arrays behind ``sync_guard`` (nothing read on the host)."""
     got = pm.core_trajectory(*CELL, guarded=True, cupy_captured=True, **SECULAR)

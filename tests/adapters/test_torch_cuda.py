@@ -34,7 +34,7 @@ WARM_STEPS = 12  # compiled, no case makes a new graph after step 10 (MBF's spre
 # on the host.
 _FD_DECOMPOSITION = "torch's CUDA eigh/svd (the Frequent Directions update) read their status on the host"
 KNOWN_SYNCS = {
-    **dict.fromkeys(("sketchy", "sketchy-faithful-interval", "s_adagrad", "s_adagrad-faithful"), _FD_DECOMPOSITION),
+    **dict.fromkeys(("sketchy", "sketchy-faithful-interval", "s_adagrad-faithful"), _FD_DECOMPOSITION),
 }
 
 

@@ -53,10 +53,12 @@ def _set(model: torch.nn.Module, grads: list[torch.Tensor]) -> None:
         p.grad = g
 
 
-def _asgo_root_as_on_a_gpu(monkeypatch) -> None:
-    """ASGO's ``root_method="auto"`` as for a GPU tensor: ``eigh`` for float64 only, else the
-    checked Polar-Express iteration (``linalg.auto_root_method`` asks ``on_cpu``)."""
-    monkeypatch.setattr(importlib.import_module("precond_ref.linalg"), "on_cpu", lambda xp, x: False)
+def _core_choices_as_on_a_gpu(monkeypatch) -> None:
+    """The core's ``"auto"`` choices as for a GPU tensor: ASGO's ``root_method`` (``eigh`` for
+    float64 only, else the checked Polar-Express iteration: ``linalg.auto_root_method`` asks
+    ``on_cpu``) and S-AdaGrad's ``decomposition`` (the secular core: ``sketch.secular_by_default``)."""
+    for name in ("precond_ref.linalg", "precond_ref.sketch"):
+        monkeypatch.setattr(importlib.import_module(name), "on_cpu", lambda xp, x: False)
 
 
 def _host_bool_as_on_a_gpu(monkeypatch) -> None:
@@ -71,15 +73,16 @@ def _host_bool_as_on_a_gpu(monkeypatch) -> None:
 @pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: c.id)
 def test_steps_read_the_host_only_where_documented(monkeypatch, case):
     """The steps of ``test_steps_never_synchronise`` (2-5, eager, on the CPU, ``host_bool`` and
-    ASGO's root choice giving their GPU answers) under a recorder of the dispatched ATen operations. Every host read of a
+    the core's device choices giving their GPU answers) under a recorder of the dispatched ATen operations. Every host read of a
     device value is an operation there: ``_local_scalar_dense`` (``bool``, ``int``, ``item``), and
     ``_linalg_check_errors`` (after ``inv``/``solve``/``cholesky``: an ``_ex`` function or
     ``linalg.inverse`` must stand for each); ``eigh``/``svd`` check inside their CUDA kernel. The
     first two appear in no case, the last two only in the cases ``test_torch_cuda.KNOWN_SYNCS``
-    lists (principled ASGO's checked iterative root in none, S-AdaGrad's secular core in none).
+    lists (principled ASGO's checked iterative root in none, principled S-AdaGrad's secular core,
+    its default on a GPU, in none).
     Sketchy and S-AdaGrad must otherwise decompose, so that their entries there stay true."""
     _host_bool_as_on_a_gpu(monkeypatch)
-    _asgo_root_as_on_a_gpu(monkeypatch)
+    _core_choices_as_on_a_gpu(monkeypatch)
     model = _model()
     opt = case.make(model.named_parameters(), compile=False)
     grads = _gradients(model)

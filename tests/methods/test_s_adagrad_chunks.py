@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import precond_ref as pr
 from precond_ref import sketch
@@ -67,16 +68,19 @@ def test_off_a_cpu_one_stack(monkeypatch):
     assert _fd_steps(monkeypatch, on_cpu=True)[0] == ([(1, 7, 1)] + [(3, 10, 1)] * 4) * 2
 
 
-def test_padded_runs_step_as_unpadded(monkeypatch):
+@pytest.mark.parametrize("secular", [False, True], ids=["svd-core", "secular-core"])
+def test_padded_runs_step_as_unpadded(monkeypatch, secular):
     """A run zero-padded into a stack of longer blocks (off a CPU) takes the step it takes alone:
     zero rows add only zero terms to the FD step's products, so the updates of 4 steps (the sketch,
     its escaped mass and the momentum carried between them) equal the unpadded ones to rounding
     (rtol 1e-12 in float64), with a refresh every step and every other step (the step between
-    applies the last sketch with the gradient's own mass)."""
+    applies the last sketch with the gradient's own mass); with the core's SVD (a CPU's "auto")
+    and its secular equation (a GPU's, ``sketch.secular_by_default``)."""
     for every in (1, 2):
+        monkeypatch.setattr(sketch, "on_cpu", lambda xp, x: not secular)
         padded_calls, padded = _fd_steps(monkeypatch, on_cpu=False, steps=4, precondition_every=every)
         assert all(shape[1] == 10 for shape in padded_calls)
-        monkeypatch.setattr(sketch, "zero_rows_exact", lambda decomposition, d, k: False)
+        monkeypatch.setattr(sketch, "zero_rows_exact", lambda decomposition, d, k, secular=False: False)
         alone_calls, alone = _fd_steps(monkeypatch, on_cpu=False, steps=4, precondition_every=every)
         assert (1, 7, 1) in alone_calls
         monkeypatch.undo()
