@@ -34,7 +34,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import torch
 
 import precond_ref as pr
-from precond_ref._backend import namespace_of
+from precond_ref._backend import compute_dtype, namespace_of
 from precond_ref.linalg import auto_root_method
 from precond_ref.methods.asgo import ASGO_LEARNING_RATE
 from precond_ref.methods.mbf import MBF_LEARNING_RATE
@@ -524,17 +524,24 @@ _FD_REFUSAL = "its Frequent Directions update calls torch's eigh or svd, which o
 Sketchy.not_capturable_because = _FD_REFUSAL
 
 
+def _secular_sketch(p: torch.Tensor) -> bool:
+    """Whether the core's ``"auto"`` takes the secular core for ``p``'s sketches (their dtype is
+    ``p``'s compute dtype: float32 for bf16 and float16 parameters)."""
+    xp = namespace_of(p)
+    return secular_by_default(xp, xp.empty((0,), dtype=compute_dtype(xp, p.dtype), device=p.device))
+
+
 def _s_adagrad_capture_refusal(self: CoreOptimizer) -> Optional[str]:
     """S-AdaGrad's FD step decomposes its core by the secular equation (no LAPACK call, no host
     read) with ``decomposition="incremental_secular"``, and with the default where the core's
-    ``"auto"`` takes it (:func:`precond_ref.sketch.secular_by_default`: on CUDA); any other group
-    calls torch's eigh or svd."""
+    ``"auto"`` takes it (:func:`precond_ref.sketch.secular_by_default`: float32 on CUDA); any
+    other group calls torch's eigh or svd."""
     def secular(group: dict) -> bool:
         if group["mode"] != "principled":
             return False
         chosen = group["decomposition"] or "auto"
         return chosen == "incremental_secular" or (
-            chosen == "auto" and all(secular_by_default(namespace_of(p), p) for p in group["params"]))
+            chosen == "auto" and all(map(_secular_sketch, group["params"])))
 
     if all(map(secular, self.param_groups)):
         return None

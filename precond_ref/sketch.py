@@ -148,15 +148,16 @@ def resolve_decomposition(decomposition: str, d: int, k: int, m: int, secular: b
     return "gram"
 
 
-def secular_by_default(xp: Any, x: Array) -> bool:
-    """Whether ``"auto"`` decomposes one new column's core by its secular equation for data ``x``:
-    off a CPU, where the backend has float64. There the secular solve calls no LAPACK routine and
-    reads nothing on the host, so a captured step can hold it (torch's CUDA ``eigh`` and ``svd``
-    read their status on the host), and its fixed sequence of element-wise passes over the stack
-    costs less than the batched SVD of the (k+1)-square cores (docs/methods/sketchy.md, "The
-    secular core"). A CPU's LAPACK SVD of the core is the faster there; without float64 (JAX
-    without x64) the secular solve has the Gram's accuracy, below the SVD's."""
-    return not on_cpu(xp, x) and float64_where_available(xp, x) is not None
+def secular_by_default(xp: Any, basis: Array) -> bool:
+    """Whether ``"auto"`` decomposes one new column's core by its secular equation for a sketch of
+    ``basis``'s dtype and device: float32 off a CPU, where the backend has float64 to solve it in
+    (as accurate as the float32 SVD). There the secular solve calls no LAPACK routine and reads
+    nothing on the host, so a captured step can hold it (torch's CUDA ``eigh`` and ``svd`` read
+    their status on the host), and its fixed sequence of element-wise passes over the stack costs
+    less than the batched SVD of the (k+1)-square cores (docs/methods/sketchy.md, "The secular
+    core"). A CPU's LAPACK SVD of the core is the faster there; float64 data (reference runs) and
+    float32 without float64 (JAX without x64) would get the Gram's accuracy, below the SVD's."""
+    return basis.dtype == xp.float32 and not on_cpu(xp, basis) and float64_where_available(xp, basis) is not None
 
 
 def zero_rows_exact(decomposition: str, d: int, k: int, secular: bool = False) -> bool:
@@ -692,7 +693,7 @@ def _fd_step(
     m = x.shape[-1]
     if decomposition == "incremental_secular" and m != 1:
         raise ValueError(f"decomposition='incremental_secular' adds one column a step, got {m}")
-    decomposition = resolve_decomposition(decomposition, d, k, m, m == 1 and secular_by_default(xp, x))
+    decomposition = resolve_decomposition(decomposition, d, k, m, m == 1 and secular_by_default(xp, basis))
     if decomposition in ("incremental", "incremental_gram") and k + m >= d:
         # nothing to save: the factor is not tall (the whole-factor path of the same accuracy)
         decomposition = "svd" if decomposition == "incremental" else "gram"

@@ -894,9 +894,9 @@ def test_resolve_decomposition():
 
 
 def test_auto_takes_the_secular_core_for_one_column_off_a_cpu(monkeypatch):
-    """"auto" with one new column (S-AdaGrad's step) off a CPU where the backend has float64 is the
-    secular core (no LAPACK call, no host read: a CUDA step captures it), at every length; a CPU,
-    several columns and JAX without x64 keep the other paths."""
+    """"auto" with one new column (S-AdaGrad's step) for float32 off a CPU where the backend has
+    float64 is the secular core (no LAPACK call, no host read: a CUDA step captures it), at every
+    length; a CPU, several columns, float64 data and JAX without x64 keep the other paths."""
     import array_api_compat.numpy as xp
     import jax
     import jax.numpy as jnp
@@ -912,6 +912,7 @@ def test_auto_takes_the_secular_core_for_one_column_off_a_cpu(monkeypatch):
     assert not sketch.secular_by_default(xp, x)
     monkeypatch.setattr(sketch, "on_cpu", lambda xp, x: False)  # as for a GPU array
     assert sketch.secular_by_default(xp, x)
+    assert not sketch.secular_by_default(xp, x.astype(np.float64))  # the Gram's accuracy in float64
     with jax.enable_x64(False):
         assert not sketch.secular_by_default(jnp, jnp.zeros((8, 1), dtype=jnp.float32))
 

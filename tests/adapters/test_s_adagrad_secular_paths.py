@@ -67,24 +67,38 @@ def test_torch_captured_without_a_refusal():
     _identical(got, pm.torch_trajectory(*CELL, **SECULAR), "torch captured vs torch eager")
 
 
-def test_the_default_on_a_gpu_is_the_secular_core(monkeypatch, core):
-    """Where the core sees a GPU (``sketch.on_cpu`` False), the class default
-    (``decomposition=None``, ``"auto"``) is the secular core: it refuses no capture, replays graphs
-    (the CPU double) and gives the trajectory of ``decomposition="incremental_secular"`` to the bit;
-    on a CPU the default is the SVD's trajectory, which the secular core meets to ``GRAM_RTOL``."""
+def test_the_float32_default_on_a_gpu_is_the_secular_core(monkeypatch):
+    """Where the core sees a GPU (``sketch.on_cpu`` False), the class default for float32
+    parameters (``decomposition=None``: ``"auto"``, ``sketch.secular_by_default``) is the secular
+    core: it refuses no capture, replays graphs (the CPU double) and gives the trajectory of
+    ``decomposition="incremental_secular"`` to the bit, a rank-2 sketch truncating both layers.
+    float64 parameters keep the core's SVD (the secular core would have the Gram's accuracy there)
+    and refuse capture."""
+    import torch
     from fake_graphs import fake_graphs
 
+    import precond_ref.adapters.torch as pt
     from precond_ref import sketch
 
-    cpu = pm.torch_trajectory(*CELL)
+    def run(dtype=torch.float32, **kwargs) -> tuple:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(dtype)
+        opt = pt.SAdaGrad(model.parameters(), rank=2, momentum=0.5, **kwargs)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], opt
+
     monkeypatch.setattr(sketch, "on_cpu", lambda xp, x: False)
     with fake_graphs() as graphs, warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a refused or failed capture warns
-        got = pm.torch_trajectory(*CELL, capture=True)
-    assert graphs.replays() > 0
-    _identical(got, pm.torch_trajectory(*CELL, **SECULAR), "torch default on a GPU vs the secular core")
-    _close(got, core, RTOL, "torch default on a GPU vs the NumPy secular core")
-    _close(cpu, pm.core_trajectory(*CELL), RTOL, "torch default on a CPU vs the NumPy SVD core")
+        got, opt = run(capture=True)
+    assert opt.not_capturable_because is None and graphs.replays() > 0
+    want, _ = run(decomposition="incremental_secular")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert run(torch.float64)[1].not_capturable_because is not None
 
 
 def test_cupy_captured(core):

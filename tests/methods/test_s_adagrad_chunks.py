@@ -68,20 +68,20 @@ def test_off_a_cpu_one_stack(monkeypatch):
     assert _fd_steps(monkeypatch, on_cpu=True)[0] == ([(1, 7, 1)] + [(3, 10, 1)] * 4) * 2
 
 
-@pytest.mark.parametrize("secular", [False, True], ids=["svd-core", "secular-core"])
-def test_padded_runs_step_as_unpadded(monkeypatch, secular):
+@pytest.mark.parametrize("decomposition", [None, "incremental_secular"], ids=["svd-core", "secular-core"])
+def test_padded_runs_step_as_unpadded(monkeypatch, decomposition):
     """A run zero-padded into a stack of longer blocks (off a CPU) takes the step it takes alone:
     zero rows add only zero terms to the FD step's products, so the updates of 4 steps (the sketch,
     its escaped mass and the momentum carried between them) equal the unpadded ones to rounding
     (rtol 1e-12 in float64), with a refresh every step and every other step (the step between
-    applies the last sketch with the gradient's own mass); with the core's SVD (a CPU's "auto")
-    and its secular equation (a GPU's, ``sketch.secular_by_default``)."""
+    applies the last sketch with the gradient's own mass); with the core's SVD ("auto" on a CPU or for float64)
+    and its secular equation (float32's on a GPU, ``sketch.secular_by_default``)."""
     for every in (1, 2):
-        monkeypatch.setattr(sketch, "on_cpu", lambda xp, x: not secular)
-        padded_calls, padded = _fd_steps(monkeypatch, on_cpu=False, steps=4, precondition_every=every)
+        options = dict(steps=4, precondition_every=every, decomposition=decomposition)
+        padded_calls, padded = _fd_steps(monkeypatch, on_cpu=False, **options)
         assert all(shape[1] == 10 for shape in padded_calls)
         monkeypatch.setattr(sketch, "zero_rows_exact", lambda decomposition, d, k, secular=False: False)
-        alone_calls, alone = _fd_steps(monkeypatch, on_cpu=False, steps=4, precondition_every=every)
+        alone_calls, alone = _fd_steps(monkeypatch, on_cpu=False, **options)
         assert (1, 7, 1) in alone_calls
         monkeypatch.undo()
         for a, b in zip(padded, alone):
