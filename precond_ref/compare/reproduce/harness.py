@@ -225,7 +225,8 @@ def _logits(model: str, params: dict, x: torch.Tensor) -> torch.Tensor:
 
 def _loss(model: str, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if model.startswith("wide"):
-        return F.cross_entropy(_logits(model, params, x).float(), y)
+        logits = _logits(model, params, x)  # bfloat16 logits are scored in float32, others in their dtype
+        return F.cross_entropy(logits.float() if torch.finfo(logits.dtype).bits < 32 else logits, y)
     return digits.torch_loss(model, params, x, y)
 
 
