@@ -975,11 +975,16 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     # f(lambda_i) = 1 + sum_j w_j / (d_j - lambda_i), d_j - lambda_i = delta_ij - tau_i, is tested
     # against 0 as its sum s against -1: fl(1 + s) has the sign of 1 + s (it is exact for s in
     # [-2, -1/2] by Sterbenz's lemma; elsewhere one term exceeds twice the other and the rounded
-    # sum keeps its sign), so the tests are the same, and one operation a step fewer.
-    def f_minus_one(delta: Array, tau: Array) -> Array:
-        return xp.sum(weights / xp.where(columns_active, delta - tau[..., None], 1.0), axis=-1)
+    # sum keeps its sign), so the tests are the same, and one operation a step fewer. ``delta``'s
+    # inactive columns are poles at infinity (:func:`poles_of`): their terms, 0 / inf, are the 0
+    # that their weight gives, with no 0 / 0 where such a pole meets lambda_i.
+    def poles_of(delta: Array) -> Array:
+        return xp.where(columns_active, delta, float("inf"))
 
-    below_half = f_minus_one(d[..., None, :] - d[..., :, None], half) >= -1.0  # the root in the lower half
+    def f_minus_one(poles: Array, tau: Array) -> Array:
+        return xp.sum(weights / (poles - tau[..., None]), axis=-1)
+
+    below_half = f_minus_one(poles_of(d[..., None, :] - d[..., :, None]), half) >= -1.0  # the root in the lower half
     from_pole = xp.logical_or(top, below_half)
     origin = xp.where(from_pole, d, upper)
     delta = d[..., None, :] - origin[..., :, None]  # d_j - o_i
@@ -995,10 +1000,12 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     lo = xp.minimum(xp.maximum(lo, xp.full_like(lo, smallest)), hi)
     steps = round(-math.log2(eps)) + math.ceil(math.log2(-math.log2(smallest) - math.log2(eps))) + 2
 
+    poles = poles_of(delta)
+
     def bisect(bracket: tuple[Array, Array]) -> tuple[Array, Array]:
         lo, hi = bracket
         mid = xp.where(hi > 2.0 * lo, xp.sqrt(lo * hi), (lo + hi) / 2.0)
-        up = (f_minus_one(delta, direction * mid) < -1.0) == from_pole  # the root beyond mid, away from the origin
+        up = (f_minus_one(poles, direction * mid) < -1.0) == from_pole  # the root beyond mid, away from the origin
         return xp.where(up, mid, lo), xp.where(up, hi, mid)
 
     lo, hi = iterate(xp, steps, bisect, (lo, hi))

@@ -20,8 +20,9 @@
 #     steps (45 s: Sketchy's ~134 ms a step outside its decompositions);
 #   call 3: GPT-2-small's first steps with random gradients (100 s), the main job on CuPy (150 s);
 #   call 4: reproduce's GPU protocol (ASGO-3, MBF-1, MBF-4 on cuda; docs/reproduce.md, "GPU protocol").
-#   call 5 (STEPS=compiledmatrix): IF-Shampoo's and ASGO's compiled captured steps (never reached: the twelfth run's
-#     last call spent its time on MBF's compilation).
+#   call 5 (STEPS=compiledmatrix): IF-Shampoo's, ASGO's and S-AdaGrad's compiled captured steps (never reached: the
+#     twelfth run's last call spent its time on MBF's compilation; S-AdaGrad's secular core is ~66 bisection steps of
+#     element-wise passes, which Inductor fuses).
 # Other steps stay available by name (compiled, eigh, secular, variants, cupybench, diag, jaxautotune,
 # jaxroutes).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -64,11 +65,12 @@ if want compiled; then
 fi
 if want compiledmatrix; then
   echo "== bench gpt torch compiled, IF-Shampoo and ASGO at $((SECONDS-T0)) s"
-  # compile=True under capture for the two matrix methods whose eager captured step is bytes-bound in part
-  # (IF-Shampoo 1.35x, ASGO 1.52x; targets 1.25x): do Inductor's fused kernels in the graph close the gap, and
-  # at what first-step cost?
+  # compile=True under capture for the matrix methods whose eager captured step is bytes-bound in part
+  # (IF-Shampoo 1.35x, ASGO 1.52x, targets 1.25x; S-AdaGrad 2.25x with the secular core, target 1.6x, its step
+  # counted on a CPU at 304x the parameters' bytes and 1,457 launches): do Inductor's fused kernels in the graph
+  # close the gap, and at what first-step cost?
   timeout $(left 200) python3 -m precond_ref bench --model gpt --size reference --frameworks torch --budget 2 \
-    --methods if_shampoo,asgo --torch-compile on --out /tmp/gptcm --no-progress > "$OUT/bench_gpt_compiled_matrix.txt" 2>&1
+    --methods if_shampoo,asgo,s_adagrad --torch-compile on --out /tmp/gptcm --no-progress > "$OUT/bench_gpt_compiled_matrix.txt" 2>&1
   echo "bench gpt compiled matrix rc $?"; grep "^| torch" "$OUT/bench_gpt_compiled_matrix.txt" | cut -d'|' -f3-9,13
   cp /tmp/gptcm/bench.json "$OUT/bench_gpt_compiled_matrix.json" 2>/dev/null
 fi
