@@ -1,7 +1,10 @@
 """Batched symmetric eigendecomposition routes for Sketchy's FD cores, timed on one device.
 
-Sketchy's GPU step on the reference GPT is about 15 float64 `eigh` of order 768 and 5 of order 512 a step,
-which torch runs as cuSOLVER `syevd` matrix after matrix, reading each status on the host (no CUDA graph).
+Sketchy's GPU step on the reference GPT (bench settings: rank 256, blocks of 1024) is, counted on a CPU under the
+GPU's grouping (records/traffic-2026-11-29b/sketchy_linalg.txt), about 15 float64 `eigh` of order 768 (the incremental
+cores) and 13 float32 `eigh` of order 512 (the d x d Gram of the 512-long axes, where k + m >= d) a step, plus 15
+float32 QR of 1024 x 512 (the incremental path's residuals), which torch runs as cuSOLVER calls matrix after
+matrix, reading each `eigh` status on the host (no CUDA graph).
 This script times the routes that could do a stack of same-shaped cores in one call, and says which capture:
 
   1. torch.linalg.eigh on the stack (one call) and in a Python loop over its matrices;
@@ -32,10 +35,11 @@ DEV = os.environ.get("DEV", "cuda")
 SIZE = os.environ.get("SIZE", "reference" if DEV == "cuda" else "small")
 END = time.perf_counter() + float(os.environ.get("END_S", "170"))
 REPS = 5
-# (batch, order, dtype): the incremental FD cores of rank 256 (768 = 256 + a 512-column block, 512), the same
-# 768 stack in float32, and the subspace path's Rayleigh-Ritz core (order 288 = 256 + 32 oversampling columns).
-CASES = {"reference": [(15, 768, "float64"), (5, 512, "float64"), (15, 768, "float32"), (20, 288, "float64")],
-         "small": [(3, 48, "float64"), (2, 32, "float64"), (3, 48, "float32"), (4, 24, "float64")]}[SIZE]
+# (batch, order, dtype): the incremental FD cores of rank 256 (768 = 256 + a 512-column block), the Gram path's
+# float32 statistics of the 512-long axes, the 768 stack in float32, and the subspace path's Rayleigh-Ritz core
+# (order 288 = 256 + 32 oversampling columns).
+CASES = {"reference": [(15, 768, "float64"), (13, 512, "float32"), (15, 768, "float32"), (20, 288, "float64")],
+         "small": [(3, 48, "float64"), (2, 32, "float32"), (3, 48, "float32"), (4, 24, "float64")]}[SIZE]
 CUDA = DEV == "cuda"
 SKIP = os.environ.get("SKIP", "").split(",")
 
