@@ -74,8 +74,8 @@ def test_padded_runs_step_as_unpadded(monkeypatch, decomposition):
     zero rows add only zero terms to the FD step's products, so the updates of 4 steps (the sketch,
     its escaped mass and the momentum carried between them) equal the unpadded ones to rounding
     (rtol 1e-12 in float64), with a refresh every step and every other step (the step between
-    applies the last sketch with the gradient's own mass); with the core's SVD ("auto" on a CPU or for float64)
-    and its secular equation (float32's on a GPU, ``sketch.secular_by_default``)."""
+    applies the last sketch with the gradient's own mass); with the core's SVD ("auto" on a CPU or
+    for float64) and its secular equation (float32's "auto" on a GPU, ``sketch.secular_by_default``)."""
     for every in (1, 2):
         options = dict(steps=4, precondition_every=every, decomposition=decomposition)
         padded_calls, padded = _fd_steps(monkeypatch, on_cpu=False, **options)
