@@ -153,10 +153,10 @@ def secular_by_default(xp: Any, basis: Array) -> bool:
     ``basis``'s dtype and device: float32 off a CPU, where the backend has float64 to solve it in
     (as accurate as the float32 SVD). There the secular solve calls no LAPACK routine and reads
     nothing on the host, so a captured step can hold it (torch's CUDA ``eigh`` and ``svd`` read
-    their status on the host), and its fixed sequence of element-wise passes over the stack costs
-    less than the batched SVD of the (k+1)-square cores (docs/methods/sketchy.md, "The secular
-    core"). A CPU's LAPACK SVD of the core is the faster there; float64 data (reference runs) and
-    float32 without float64 (JAX without x64) would get the Gram's accuracy, below the SVD's."""
+    their status on the host); measured on a GPU, it beat the SVD of the (k+1)-square cores at the
+    default rank uncaptured too (docs/methods/sketchy.md, "The secular core"). On a CPU LAPACK's
+    SVD of the core is the faster; float64 data (reference runs) and float32 without float64 (JAX
+    without x64) would get the Gram's accuracy, below the SVD's."""
     return basis.dtype == xp.float32 and not on_cpu(xp, basis) and float64_where_available(xp, basis) is not None
 
 
