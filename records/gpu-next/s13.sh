@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU run, in up to four calls. Set-up here, once: bash ../shared/gpu/prepare.sh && git rev-parse --short HEAD
+# The next GPU run, in up to five calls. Set-up here, once: bash ../shared/gpu/prepare.sh && git rev-parse --short HEAD
 # > .whl/COMMIT; then `run` with carry [".whl"]:
 #   bash records/gpu-next/s13.sh                                   (call 1, timeout_s 540)
 #   STEPS=gpt2bench,profile END_S=260 bash records/gpu-next/s13.sh  (call 2 at once, timeout_s 300: a machine stays warm
@@ -17,7 +17,8 @@
 #     the JAX GPT rows of Sketchy, IF-Shampoo, ASGO and S-AdaGrad (240 s; never measured on an H200);
 #   call 2: the bench's GPT-2-small training step (`--size gpt2`: every method's steady step and peak memory, the README
 #     GPU block's GPT-2-small columns: bench --readme-from; 200 s), a profile of S-AdaGrad's, Sketchy's and ASGO's
-#     steps (45 s: Sketchy's ~134 ms a step outside its decompositions);
+#     steps (45 s: Sketchy's ~130 ms a step besides its order-768 eigh, where a CPU count finds 13 float32 eigh of
+#     order 512 and 15 QR of 1024 x 512 a step, records/traffic-2026-11-29b);
 #   call 3: GPT-2-small's first steps with random gradients (100 s), the main job on CuPy (150 s);
 #   call 4: reproduce's GPU protocol (ASGO-3, MBF-1, MBF-4 on cuda; docs/reproduce.md, "GPU protocol").
 #   call 5 (STEPS=compiledmatrix): IF-Shampoo's, ASGO's and S-AdaGrad's compiled captured steps (never reached: the
