@@ -150,14 +150,15 @@ def resolve_decomposition(decomposition: str, d: int, k: int, m: int, secular: b
 
 def secular_by_default(xp: Any, basis: Array) -> bool:
     """Whether ``"auto"`` decomposes one new column's core by its secular equation for a sketch of
-    ``basis``'s dtype and device: float32 off a CPU, where the backend has float64 to solve it in
-    (as accurate as the float32 SVD). There the secular solve calls no LAPACK routine and reads
-    nothing on the host, so a captured step can hold it (torch's CUDA ``eigh`` and ``svd`` read
-    their status on the host); measured on a GPU, it beat the SVD of the (k+1)-square cores at the
-    default rank uncaptured too (docs/methods/sketchy.md, "The secular core"). On a CPU LAPACK's
-    SVD of the core is the faster; float64 data (reference runs) and float32 without float64 (JAX
-    without x64) would get the Gram's accuracy, below the SVD's."""
-    return basis.dtype == xp.float32 and not on_cpu(xp, basis) and float64_where_available(xp, basis) is not None
+    ``basis``'s dtype and device: a float32 torch tensor off a CPU, solved in float64 (as accurate
+    as the float32 SVD). The secular solve calls no LAPACK routine and reads nothing on the host, so
+    torch's captured CUDA step can hold it (torch's CUDA ``eigh`` and ``svd`` read their status on
+    the host), which is where it was measured faster (docs/methods/sketchy.md, "The secular core").
+    Elsewhere the core's SVD: on a CPU LAPACK's is the faster; CuPy's step is not captured (its
+    capture refuses cuBLAS) and the secular solve's launches there are not measured; float64 data
+    (reference runs) and float32 without float64 would get the Gram's accuracy, below the SVD's."""
+    return (is_torch_namespace(xp) and basis.dtype == xp.float32 and not on_cpu(xp, basis)
+            and float64_where_available(xp, basis) is not None)
 
 
 def zero_rows_exact(decomposition: str, d: int, k: int, secular: bool = False) -> bool:

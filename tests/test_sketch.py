@@ -894,12 +894,13 @@ def test_resolve_decomposition():
 
 
 def test_auto_takes_the_secular_core_for_one_column_off_a_cpu(monkeypatch):
-    """"auto" with one new column (S-AdaGrad's step) for float32 off a CPU where the backend has
-    float64 is the secular core (no LAPACK call, no host read: a CUDA step captures it), at every
-    length; a CPU, several columns, float64 data and JAX without x64 keep the other paths."""
-    import array_api_compat.numpy as xp
-    import jax
+    """"auto" with one new column (S-AdaGrad's step) for a float32 torch tensor off a CPU is the
+    secular core (no LAPACK call, no host read: torch's CUDA step captures it), at every length; a
+    CPU, several columns, float64 data, NumPy (as CuPy) and JAX keep the other paths."""
+    import array_api_compat.numpy as xnp
+    import array_api_compat.torch as xp
     import jax.numpy as jnp
+    import torch
 
     from precond_ref import sketch
 
@@ -908,13 +909,13 @@ def test_auto_takes_the_secular_core_for_one_column_off_a_cpu(monkeypatch):
     assert resolve_decomposition("auto", 1024, 256, 16, secular=True) == "incremental"
     assert resolve_decomposition("auto", 1024, 256, 1) == "incremental"
     assert resolve_decomposition("svd", 1024, 256, 1, secular=True) == "svd"
-    x = np.zeros((8, 1), dtype=np.float32)
+    x = torch.zeros((8, 1), dtype=torch.float32)
     assert not sketch.secular_by_default(xp, x)
     monkeypatch.setattr(sketch, "on_cpu", lambda xp, x: False)  # as for a GPU array
     assert sketch.secular_by_default(xp, x)
-    assert not sketch.secular_by_default(xp, x.astype(np.float64))  # the Gram's accuracy in float64
-    with jax.enable_x64(False):
-        assert not sketch.secular_by_default(jnp, jnp.zeros((8, 1), dtype=jnp.float32))
+    assert not sketch.secular_by_default(xp, x.double())  # the Gram's accuracy in float64
+    assert not sketch.secular_by_default(xnp, np.zeros((8, 1), dtype=np.float32))  # not captured: the SVD
+    assert not sketch.secular_by_default(jnp, jnp.zeros((8, 1), dtype=jnp.float32))
 
 
 def test_cutoff_keeps_rank_deficient_stream_bounded():

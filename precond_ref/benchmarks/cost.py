@@ -341,8 +341,8 @@ def s_adagrad(
     ``k + 1 < d``) seven more times: the projection and its re-orthogonalisation (four reads), the
     frame ``[U, q]`` written and read by the rotation, and the new basis written (9 passes on a
     refresh step in all). The faithful SVD path's passes are not counted. ``"auto"`` is the secular
-    core for float32 on a GPU (:func:`precond_ref.sketch.secular_by_default`), the core's SVD
-    elsewhere."""
+    core for float32 on a torch GPU device (:func:`precond_ref.sketch.secular_by_default`), the
+    core's SVD elsewhere."""
     t = _Tally()
     path = "svd" if mode == "faithful" else decomposition or "auto"
     if path == "auto" and device != "cpu" and itemsize == 4:

@@ -595,7 +595,7 @@ def s_adagrad(
     decomposition:
         Principled only: how the FD step decomposes the (k + 1)-square core of its incremental
         update (:func:`precond_ref.sketch.fd_update`): None (default, ``"auto"``: the secular core
-        for float32 off a CPU where the backend has float64, :func:`precond_ref.sketch.secular_by_default`;
+        for float32 torch tensors on a GPU, :func:`precond_ref.sketch.secular_by_default`;
         else its SVD, or the whole factor's where k + 1 >= d) or ``"incremental_secular"`` (the
         secular equation of the core's rank-one Gram update,
         :func:`precond_ref.linalg.rank_one_update_eigh`: no LAPACK call and no host read, so a CUDA
