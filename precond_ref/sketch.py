@@ -694,7 +694,7 @@ def _fd_step(
     m = x.shape[-1]
     if decomposition == "incremental_secular" and m != 1:
         raise ValueError(f"decomposition='incremental_secular' adds one column a step, got {m}")
-    decomposition = resolve_decomposition(decomposition, d, k, m, m == 1 and secular_by_default(xp, basis))
+    decomposition = resolve_decomposition(decomposition, d, k, m, secular_by_default(xp, basis))
     if decomposition in ("incremental", "incremental_gram") and k + m >= d:
         # nothing to save: the factor is not tall (the whole-factor path of the same accuracy)
         decomposition = "svd" if decomposition == "incremental" else "gram"

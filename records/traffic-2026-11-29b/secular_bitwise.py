@@ -1,8 +1,6 @@
 """rank_one_update_eigh of the working tree against c68fecf's (/work/wt/base), bitwise, on random and degenerate cases."""
-import importlib.util, sys, numpy as np, torch
-import array_api_compat.numpy as xnp
+import sys, numpy as np, torch
 from precond_ref import linalg as new
-spec = importlib.util.spec_from_file_location("base_linalg", "/work/wt/base/precond_ref/linalg.py", submodule_search_locations=None)
 # the base module imports precond_ref's helpers relatively: load it as precond_ref.linalg_base
 src = open("/work/wt/base/precond_ref/linalg.py").read()
 mod = type(sys)("precond_ref.linalg_base"); mod.__package__ = "precond_ref"; mod.__file__ = "base"
