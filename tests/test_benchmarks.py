@@ -282,6 +282,9 @@ def test_tables_and_readme_block_from_the_report():
     block = report.detail_section({"gpt": data})
     assert block.startswith(report.DETAIL_BEGIN) and block.endswith(report.DETAIL_END)
     assert "| MBF | 2 | 2.00x | 3.00x | 0.01 |" in block and "`python -m precond_ref bench --model gpt` on CPU (2 usable CPUs)" in block
+    for x64, label in ((False, ", jax 0.9:"), (True, ", jax 0.9 (x64):")):  # JAX rows say whether float64 was enabled
+        jax_data = {**data, "machine": {**data["machine"], "jax": "0.9", "jax_x64": x64}}
+        assert f"torch 2 (2 threads){label}" in report.summary_line(jax_data)
     text = f"intro\n{report.DETAIL_BEGIN}\nold\n{report.DETAIL_END}\nrest"
     assert report.replace_readme_section(text, block) == f"intro\n{block}\nrest"
     with pytest.raises(ValueError):

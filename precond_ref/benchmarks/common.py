@@ -309,7 +309,8 @@ def machine(torch_device: str, frameworks: list[str]) -> dict:
         import jax
         import optax
 
-        info.update(jax=jax.__version__, optax=optax.__version__, jax_devices=[str(d) for d in jax.devices()])
+        info.update(jax=jax.__version__, optax=optax.__version__, jax_devices=[str(d) for d in jax.devices()],
+                    jax_x64=bool(jax.config.jax_enable_x64))
     if "cupy" in frameworks:
         import cupy
 

@@ -274,7 +274,7 @@ def _describe_machine(info: dict) -> str:
     where = info.get("gpu") or f"{info['processor']} ({info.get('usable_cpus', info['cpu_count'])} usable CPUs)"
     versions = f"torch {info['torch']} ({info['torch_threads']} threads)"
     if "jax" in info:
-        versions += f", jax {info['jax']}"
+        versions += f", jax {info['jax']}" + (" (x64)" if info.get("jax_x64") else "")
     if info.get("malloc"):  # allocator.keep_freed_memory's description
         versions += f"; {info['malloc']}"
     return f"{where}; {versions}"
