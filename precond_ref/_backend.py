@@ -156,6 +156,33 @@ def float64_where_available(xp: Any, x: Array) -> Any:
     return xp.float64
 
 
+def widened_dtype(xp: Any, x: Array) -> Any:
+    """``xp.float64`` where a :func:`widening` block of ``x``'s backend computes in float64, else
+    ``None``: :func:`float64_where_available`, and also JAX without x64 for an array on a CPU or a
+    GPU (a tracer: JAX's default backend), whose XLA computes float64 there once the block enables
+    it."""
+    wide = float64_where_available(xp, x)
+    if wide is not None or not is_jax_namespace(xp):
+        return wide
+    platform = getattr(array_device(x), "platform", None) or sys.modules["jax"].default_backend()
+    return xp.float64 if platform in ("cpu", "gpu", "cuda", "rocm") else None
+
+
+@contextlib.contextmanager
+def widening(xp: Any, x: Array) -> Iterator[Any]:
+    """A block that computes in float64 what it widens from ``x``'s dtype: yields
+    :func:`widened_dtype`. JAX without x64 has no float64 arrays (``astype`` to float64 silently
+    stays float32); there the block enables x64 for itself alone (``jax.enable_x64``: its scoped
+    setting, also while ``jax.jit`` traces), so a decomposition widened and rounded back within
+    it computes as on the other backends. What leaves the block must be back in ``x``'s dtype."""
+    wide = widened_dtype(xp, x)
+    if wide is None or float64_where_available(xp, x) is not None:
+        yield wide
+        return
+    with sys.modules["jax"].enable_x64(True):
+        yield wide
+
+
 def float32_power(xp: Any, base: Any, exponent: Array) -> Array:
     """``float32(float32(base) ** exponent)``: the authors' ``beta ** step`` for their float32 step.
 

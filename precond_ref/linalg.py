@@ -44,7 +44,7 @@ from array_api_compat import is_jax_namespace
 from .blocking import roll_first_axis_last, stack, unstack
 from ._backend import (
     array_device, as_operand, cast, computed_once, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
-    is_zero, iterate, namespace_of, number, on_cpu, placement, select, sum_across, torch_compiling,
+    is_zero, iterate, namespace_of, number, on_cpu, placement, select, sum_across, torch_compiling, widened_dtype, widening,
 )
 
 Array = Any
@@ -69,14 +69,17 @@ def eigh_widened(a: Array) -> tuple[Array, Array]:
     subnormal rounding noise (a cold step on an embedding gradient with 17 nonzero rows of 1024),
     and, with one thread, a 288 x 288 one with 196 eigenvalues at rounding level, whose copy scaled
     by 1024 decomposed. Both decompose in float64, as NumPy (which computes float32 ``eigh`` in
-    float64) and JAX took them; the result is also accurate to float32's last bit.
+    float64) and JAX took them; the result is also accurate to float32's last bit. JAX without x64
+    computes it in float64 too, within a :func:`~precond_ref._backend.widening` block.
     """
     xp = namespace_of(a)
-    wide = float64_where_available(xp, a)
-    if wide is None or a.dtype == wide:
+    if a.dtype == xp.float64:
         return per_matrix(xp, xp.linalg.eigh, a)
-    values, vectors = per_matrix(xp, xp.linalg.eigh, xp.astype(a, wide))
-    return xp.astype(values, a.dtype), xp.astype(vectors, a.dtype)
+    with widening(xp, a) as wide:
+        if wide is None:
+            return per_matrix(xp, xp.linalg.eigh, a)
+        values, vectors = per_matrix(xp, xp.linalg.eigh, xp.astype(a, wide))
+        return xp.astype(values, a.dtype), xp.astype(vectors, a.dtype)
 
 
 #: The orders at which torch decomposes a float32 matrix on CUDA with cuSOLVER's Jacobi ``syevj``
@@ -111,8 +114,8 @@ def symmetric_eigh(a: Array) -> tuple[Array, Array]:
 
 def _svd_by_float64_gram(xp: Any, a: Array) -> bool:
     """Whether :func:`left_singular` takes ``a``'s float64 Gram: ``a`` is float32 and its backend
-    has float64 arithmetic."""
-    return a.dtype == xp.float32 and float64_where_available(xp, a) is not None
+    computes float64 (:func:`~precond_ref._backend.widened_dtype`: JAX without x64 too)."""
+    return a.dtype == xp.float32 and widened_dtype(xp, a) is not None
 
 
 def left_singular(a: Array) -> tuple[Array, Array]:
@@ -127,15 +130,19 @@ def left_singular(a: Array) -> tuple[Array, Array]:
     both are noise; ``W`` is orthonormal to float64 before its rounding to float32. And faster on
     every device measured: on CUDA torch's float32 ``svd`` is cuSOLVER's Jacobi ``gesvdj``, the
     slower (docs/performance-archive.md); on a CPU LAPACK's float32 ``gesdd`` is slower too
-    (docs/methods/sketchy.md, "Long axes, intervals and cost"). Elsewhere (float64, or JAX without x64) the SVD as it is.
+    (docs/methods/sketchy.md, "Long axes, intervals and cost"); on JAX without x64, whose GPU
+    float32 ``svd`` is the slowest of these (docs/performance.md), within a
+    :func:`~precond_ref._backend.widening` block. Elsewhere (float64 data, a backend without
+    float64) the SVD as it is.
     """
     xp = namespace_of(a)
     if not _svd_by_float64_gram(xp, a):
         w, s, _ = per_matrix(xp, _reduced_svd(xp), a)
         return w, s
-    wide = xp.astype(a, xp.float64)
-    vectors, s = descending_singular(xp, *per_matrix(xp, xp.linalg.eigh, symmetrize(xp.matmul(wide, wide.mT))))
-    return xp.astype(vectors, a.dtype), xp.astype(s, a.dtype)
+    with widening(xp, a) as float64:
+        wide = xp.astype(a, float64)
+        vectors, s = descending_singular(xp, *per_matrix(xp, xp.linalg.eigh, symmetrize(xp.matmul(wide, wide.mT))))
+        return xp.astype(vectors, a.dtype), xp.astype(s, a.dtype)
 
 
 def descending_singular(xp: Any, values: Array, vectors: Array) -> tuple[Array, Array]:
@@ -931,11 +938,17 @@ def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
     Cost: :math:`O(n^2)` element-wise work per bisection step (about 70 in float64) and one
     :math:`n \times n \times n` product. Accuracy: eigenvalues and :math:`V \Lambda V^\top - A` within a
     small multiple of :math:`u_{\mathrm{round}} \|A\|`, :math:`V^\top V - I` within a few :math:`n\,u_{\mathrm{round}}`
-    (``tests/test_linalg_secular.py`` against ``eigh``).
+    (``tests/test_linalg_secular.py`` against ``eigh``). JAX without x64 solves it in float64 too,
+    within a :func:`~precond_ref._backend.widening` block.
     """
     xp = namespace_of(d, z)
+    with widening(xp, d) as wide:
+        return _rank_one_update_eigh(xp, d, z, wide)
+
+
+def _rank_one_update_eigh(xp: Any, d: Array, z: Array, wide: Any) -> tuple[Array, Array]:
+    """:func:`rank_one_update_eigh`, computed in ``wide`` (float64, or ``None``: ``d``'s dtype)."""
     out_dtype = d.dtype
-    wide = float64_where_available(xp, d)
     if wide is not None:
         d, z = xp.astype(d, wide), xp.astype(z, wide)
     n, device = d.shape[-1], array_device(d)

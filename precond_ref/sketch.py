@@ -67,7 +67,7 @@ from array_api_compat import is_array_api_strict_namespace, is_cupy_array
 
 from ._backend import (
     clip, float64_where_available, host_bool, is_numpy_namespace, is_torch_namespace, is_tracer, is_zero, matmul,
-    matmul_into, on_cpu, placement, select, state_owned, torch_compiling,
+    matmul_into, on_cpu, placement, select, state_owned, torch_compiling, widened_dtype,
 )
 from .engine.factors import constant, number
 from .linalg import (
@@ -712,7 +712,7 @@ def _fd_step(
              and host_bool(xp, xp.all(sigma == 0.0)) is True)
     scaled_sigma = decayed / scale[..., None]
     ritz = _descending_left_singular(xp, basis, scaled_sigma, x, decomposition, apply, empty)  # Z/u = P diag(s) Qᵀ
-    widened = dtype == xp.float32 and float64_where_available(xp, x) is not None
+    widened = dtype == xp.float32 and widened_dtype(xp, x) is not None
     tolerance = shrink_cutoff_tolerance(xp, dtype, decomposition, widened)
     s, noise, shrink = _shrink(xp, ritz.s, k, root, zero, tolerance, cutoff)  # c = s_k (0 at rounding level)
     top = s[..., :k]  # s >= 0 (or NaN) on every path, as the shrink value c

@@ -78,6 +78,36 @@ def test_eigh_widened_is_the_float64_decomposition_in_the_input_dtype(backend, d
     assert np.abs(rebuilt - a).max() <= 100 * u * np.abs(a).max()
 
 
+def test_jax_without_x64_widens_the_float64_decompositions_within_a_block():
+    """JAX's default settings have no float64 arrays; the decompositions the core computes in float64
+    for float32 data (``left_singular``'s Gram, ``eigh_widened``, ``rank_one_update_eigh``) enable
+    x64 for their own block (``_backend.widening``), so without x64 they give, jitted and eagerly,
+    the numbers JAX gives with x64, bit for bit, in float32 (the same XLA float64 program), with the
+    Gram's ``eigh`` in place of the float32 ``svd``; x64 is off again afterwards."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((3, 12, 20)).astype(np.float32)
+    sym = (a[:, :, :12] + np.swapaxes(a[:, :, :12], -1, -2)) / 2
+    d, z = rng.standard_normal((3, 9)).astype(np.float32), rng.standard_normal((3, 9)).astype(np.float32)
+    cases = [(linalg.left_singular, (a,)), (linalg.eigh_widened, (sym,)), (linalg.rank_one_update_eigh, (d, z))]
+
+    def run(f, args, jit):
+        out = (jax.jit(f) if jit else f)(*(jnp.asarray(x) for x in args))
+        return [np.asarray(o) for o in out]
+
+    with jax.enable_x64(True):
+        want = [run(f, args, True) for f, args in cases]
+    with jax.enable_x64(False):
+        for (f, args), expected in zip(cases, want):
+            for jit in (True, False):
+                got = run(f, args, jit)
+                assert all(g.dtype == np.float32 for g in got), f.__name__
+                assert all(np.array_equal(g, e) for g, e in zip(got, expected)), (f.__name__, jit)
+        assert not jax.config.jax_enable_x64
+        assert "svd" not in str(jax.make_jaxpr(linalg.left_singular)(jnp.asarray(a)))
+
+
 def test_eigh_widened_decomposes_a_ritz_matrix_float32_mkl_did_not():
     """A 288 x 288 float32 Rayleigh-Ritz matrix of Sketchy's subspace step on the bench's GPT (256
     nonzero entries, 196 eigenvalues at rounding level; ``tests/data/sketch_ritz_ssyevd.npz``), on

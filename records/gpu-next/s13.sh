@@ -14,8 +14,8 @@
 #     and compare --backend cupy failed there); the reference GPT torch bench at the defaults (150 s), which now
 #     capture the compiled step of AGD, DASGO, RF-RMSProp and RF-AdamW, and S-AdaGrad's step with the secular core
 #     (its CUDA default now; 2.25x as the twelfth run's variant) (the README's GPU block: bench --readme-from);
-#     the JAX GPT rows of Sketchy, IF-Shampoo, ASGO and S-AdaGrad with x64 (240 s; never measured on an H200; with x64
-#     the FD cores take the float64 Gram's eigh instead of the float32 SVD);
+#     the JAX GPT rows of Sketchy, IF-Shampoo, ASGO and S-AdaGrad (240 s; never measured on an H200; the FD cores now
+#     take the float64 Gram's eigh without x64 too, where the tenth run's took the float32 SVD);
 #   call 2: the bench's GPT-2-small training step (`--size gpt2`: every method's steady step and peak memory, the README
 #     GPU block's GPT-2-small columns: bench --readme-from; 200 s), a profile of S-AdaGrad's, Sketchy's and ASGO's
 #     steps (45 s: Sketchy's ~130 ms a step besides its order-768 eigh, where a CPU count finds 13 float32 eigh of
@@ -24,8 +24,8 @@
 #   call 4: reproduce's GPU protocol (ASGO-3, MBF-1, MBF-4 on cuda; docs/reproduce.md, "GPU protocol").
 #   call 5 (STEPS=compiledmatrix,jaxvariants): IF-Shampoo's, ASGO's and S-AdaGrad's compiled captured steps (never reached: the
 #     twelfth run's last call spent its time on MBF's compilation; S-AdaGrad's secular core is ~66 bisection steps of
-#     element-wise passes, which Inductor fuses), then JAX's S-AdaGrad and Sketchy variants with x64 (the secular
-#     core jitted against the per-matrix decompositions).
+#     element-wise passes, which Inductor fuses), then JAX's S-AdaGrad and Sketchy variants (the secular core jitted
+#     against the per-matrix decompositions).
 # Other steps stay available by name (compiled, eigh, secular, variants, cupybench, diag, jaxautotune,
 # jaxroutes).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -108,19 +108,19 @@ if want variants; then
 fi
 if want jaxbench; then
   echo "== bench gpt jax at $((SECONDS-T0)) s"
-  # JAX_ENABLE_X64=1 (the summary line says "(x64)"): the core's float32 Sketchy and S-AdaGrad cores take the float64
-  # Gram's eigh, as on torch; without x64 they take the float32 SVD, one matrix at a time (the tenth run's 118x for
-  # Sketchy on the H100; its order-640 float32 svd 26 ms against the Gram's eigh 6.8 ms). JAX_X64=0 measures that.
-  JAX_ENABLE_X64=${JAX_X64:-1} timeout $(left 240) python3 -m precond_ref bench --model gpt --size reference --frameworks jax --budget 1 \
+  # JAX's default settings (no x64): the FD cores now take the float64 Gram's eigh within a block that enables x64
+  # (the tenth run's 118x for Sketchy on the H100 was the float32 SVD, 26 ms at order 640 against the Gram's 6.8 ms).
+  # JAX_X64=1 runs the rows with x64 (the summary line then says "(x64)").
+  JAX_ENABLE_X64=${JAX_X64:-0} timeout $(left 240) python3 -m precond_ref bench --model gpt --size reference --frameworks jax --budget 1 \
     --methods ${JAX_METHODS:-sketchy,if_shampoo,asgo,s_adagrad} --out /tmp/gptj --no-progress > "$OUT/bench_gpt_jax.txt" 2>&1
   echo "bench gpt jax rc $?"; cp /tmp/gptj/bench.json "$OUT/bench_gpt_jax.json" 2>/dev/null
   python3 -c "import json; d=json.load(open('/tmp/gptj/bench.json')); [print(r.get('label'), r.get('first_step_ms'), r.get('median_ms'), r.get('mean_ms')) for r in d['results'].get('gpt', [])]" 2>&1 | tail -12
 fi
 if want jaxvariants; then
-  echo "== bench gpt jax variants (x64) at $((SECONDS-T0)) s"
-  # S-AdaGrad's and Sketchy's other cores under jax.jit with x64: the secular core (no LAPACK call; the fixed
-  # bisection jitted) against the default's per-matrix decompositions, and Sketchy's Gram, subspace and interval rows.
-  JAX_ENABLE_X64=1 timeout $(left 240) python3 -m precond_ref bench --model gpt --size reference --frameworks jax --budget 1 \
+  echo "== bench gpt jax variants at $((SECONDS-T0)) s"
+  # S-AdaGrad's and Sketchy's other cores under jax.jit: the secular core (no LAPACK call; the fixed bisection
+  # jitted) against the default's per-matrix decompositions, and Sketchy's Gram, subspace and interval rows.
+  JAX_ENABLE_X64=${JAX_X64:-0} timeout $(left 240) python3 -m precond_ref bench --model gpt --size reference --frameworks jax --budget 1 \
     --methods s_adagrad,sketchy --variants --out /tmp/gptjv --no-progress > "$OUT/bench_gpt_jax_variants.txt" 2>&1
   echo "bench gpt jax variants rc $?"; grep "^| jax" "$OUT/bench_gpt_jax_variants.txt" | cut -d'|' -f3-9
   cp /tmp/gptjv/bench.json "$OUT/bench_gpt_jax_variants.json" 2>/dev/null

@@ -720,3 +720,34 @@ def test_start_preconditioning_step_boundary(start):
         reference = runs[100] if t < start else runs[0]
         np.testing.assert_allclose(step["mat"], reference[t]["mat"], rtol=1e-13, atol=0.0)
     assert not np.allclose(runs[0][start - 1]["mat"], runs[100][start - 1]["mat"])  # the two differ
+
+
+@pytest.mark.parametrize("method, options", [
+    ("sketchy", {}), ("sketchy", {"decomposition": "subspace"}), ("s_adagrad", {}),
+    ("s_adagrad", {"decomposition": "incremental_secular"}),
+])
+def test_jax_without_x64_steps_as_with_x64(method, options):
+    """JAX's default settings (no x64) [derived]: the Frequent Directions cores of float32 sketches
+    are decomposed in float64 within a block that enables x64 for itself (``_backend.widening``), so
+    six jitted steps of float32 parameters (a 40 x 30 weight whose sketch of rank 8 truncates, and
+    its bias) give the updates the same steps give with x64, bit for bit; before, the cores took
+    the float32 SVD without x64 (and the subspace step's Ritz matrix the float32 ``eigh``)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((40, 30)).astype(np.float32), "b": rng.standard_normal(40).astype(np.float32)}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()} for _ in range(6)]
+
+    def updates(x64: bool) -> dict:
+        with jax.enable_x64(x64):
+            opt = getattr(pr, method)(learning_rate=1e-2, rank=8, **options)
+            p = {k: jnp.asarray(v) for k, v in params.items()}
+            state, step = opt.init(p), jax.jit(opt.update)
+            for g in grads:
+                u, state = step({k: jnp.asarray(v) for k, v in g.items()}, state, p)
+            return {k: np.asarray(v) for k, v in u.items()}
+
+    got, want = updates(False), updates(True)
+    for key in params:
+        assert got[key].dtype == np.float32 and np.all(np.isfinite(got[key]))
+        np.testing.assert_array_equal(got[key], want[key])
