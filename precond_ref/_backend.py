@@ -173,8 +173,9 @@ def widening(xp: Any, x: Array) -> Iterator[Any]:
     """A block that computes in float64 what it widens from ``x``'s dtype: yields
     :func:`widened_dtype`. JAX without x64 has no float64 arrays (``astype`` to float64 silently
     stays float32); there the block enables x64 for itself alone (``jax.enable_x64``: its scoped
-    setting, also while ``jax.jit`` traces), so a decomposition widened and rounded back within
-    it computes as on the other backends. What leaves the block must be back in ``x``'s dtype."""
+    setting, also while ``jax.jit`` traces), so a computation widened and rounded back within it
+    (a decomposition, a bias correction's power) gives what the other backends give. What leaves
+    the block must be back in ``x``'s dtype."""
     wide = widened_dtype(xp, x)
     if wide is None or float64_where_available(xp, x) is not None:
         yield wide
