@@ -177,7 +177,7 @@ def widening(xp: Any, x: Array) -> Iterator[Any]:
     (a decomposition, a bias correction's power) gives what the other backends give. What leaves
     the block must be back in ``x``'s dtype."""
     wide = widened_dtype(xp, x)
-    if wide is None or float64_where_available(xp, x) is not None:
+    if wide is None or not is_jax_namespace(xp) or sys.modules["jax"].config.jax_enable_x64:
         yield wide
         return
     with sys.modules["jax"].enable_x64(True):

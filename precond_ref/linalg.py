@@ -73,10 +73,8 @@ def eigh_widened(a: Array) -> tuple[Array, Array]:
     computes it in float64 too, within a :func:`~precond_ref._backend.widening` block.
     """
     xp = namespace_of(a)
-    if a.dtype == xp.float64:
-        return per_matrix(xp, xp.linalg.eigh, a)
     with widening(xp, a) as wide:
-        if wide is None:
+        if wide is None or a.dtype == wide:
             return per_matrix(xp, xp.linalg.eigh, a)
         values, vectors = per_matrix(xp, xp.linalg.eigh, xp.astype(a, wide))
         return xp.astype(values, a.dtype), xp.astype(vectors, a.dtype)
