@@ -115,11 +115,16 @@ def array_device(x: Array) -> Any:
     """``array_api_compat.device(x)``, the device ``x`` lives on, with a torch tensor's ``x.device``
     read directly: the generic lookup first tests ``x`` against NumPy, Dask, JAX and sparse
     arrays, and an eager step asks for devices hundreds of times (in torch, where the answer is
-    ``x.device`` all the same)."""
+    ``x.device`` all the same).
+
+    A JAX array sharded over several devices answers ``None``: its ``device`` is then its
+    sharding, which an array of another shape (a 0-D counter, a block's statistic) cannot take;
+    made with ``device=None`` the new array stays uncommitted and follows the arrays it meets."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
         return x.device
-    return _compat_device(x)
+    device = _compat_device(x)
+    return None if hasattr(device, "device_set") else device  # a JAX Sharding has a device_set
 
 
 def placement(xp: Any, x: Array) -> Any:

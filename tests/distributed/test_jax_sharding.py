@@ -53,6 +53,18 @@ def test_eager_step_on_sharded_parameters_matches_one_device(results, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_core_transform_inits_and_steps_on_sharded_parameters(results, method):
+    """The core transform (``precond_ref.<method>``, without the optax adapter, whose ``init`` is
+    jitted and places the state) takes sharded parameters: its eager ``init`` makes the state
+    arrays that have no parameter's shape (counters, statistics, sketches, factors) on no device,
+    since a multi-device sharding fits no other shape (it raised ``IndexError`` or
+    ``IndivisibleError``), and its jitted step gives the one-device numbers (bound as above)."""
+    core_rel = results[method]["core_rel"]
+    assert not isinstance(core_rel, str), core_rel
+    assert core_rel <= 1e-12, core_rel
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_state_is_sharded_like_the_parameters(results, method):
     """``init`` on sharded parameters works (it used to put the 0-d counter on a rank-2 sharding)
     and shards the state like the parameters where its shape allows: the counters are
