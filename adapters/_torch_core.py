@@ -323,7 +323,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         return filled
 
     def _step_groups(self, extra: dict) -> None:
-        index = 0
+        index, updates = 0, []
         for group in self.param_groups:
             transform = self._transform(group)
             self._learning_rate(group)
@@ -338,9 +338,16 @@ class CoreOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 calls = self.state[p].get(_CALLS, 0)
                 by_calls.setdefault(calls, []).append((index - 1, p))
-            for calls, members in by_calls.items():
-                self._step_members(transform, members, calls=calls, extra=extra)
+            group_extra = self._group_extra(group, extra)
+            updates.extend((group, transform, members, calls, group_extra) for calls, members in by_calls.items())
+        for group, transform, members, calls, group_extra in updates:
+            self._step_members(transform, members, calls=calls, extra=group_extra)
         self._restack = False
+
+    def _group_extra(self, group: dict, extra: dict) -> dict:
+        """The keyword arguments of ``group``'s core update: ``step``'s own (the root-free classes
+        add a counted batch size where the group has none)."""
+        return extra
 
     def _step_members(self, transform: Transform, members: list, *, calls: int, extra: dict) -> None:
         """One core update of parameters that took part in ``calls`` earlier steps together."""

@@ -39,6 +39,10 @@ BOOKKEEPING = (STEP, NONFINITE, CALLS, HEAD)
 _TORCH_TRANSIENT = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+#: Attributes an ``lr_scheduler`` sets on the optimizer it schedules: ``step``, a wrapper of the
+#: bound ``step`` holding a weak reference to that optimizer (copied, it would step the original),
+#: and its flag ``_opt_called``. torch's optimizers do not copy them either.
+_SCHEDULER_ATTRIBUTES = ("step", "_opt_called")
 #: Entries that torch's ``Optimizer.__setstate__`` adds to ``defaults`` of an optimizer restored
 #: from a pickle or a deep copy (accelerate's ``prepare`` makes one). They are not this adapter's
 #: hyperparameters: :func:`setstate` drops them again (a copy keeps the original's defaults) and
@@ -193,9 +197,10 @@ def getstate(opt: torch.optim.Optimizer) -> dict:
     """torch's ``defaults``/``state``/``param_groups`` plus the adapter's own attributes.
 
     Compiled transforms (``_transforms`` and the names in ``_transient_attributes``) are rebuilt
-    on first use; hooks are not copied, as for torch's optimizers.
+    on first use; hooks and a scheduler's wrapper of ``step`` are not copied, as for torch's
+    optimizers.
     """
-    skip = set(_TORCH_TRANSIENT) | set(opt._transient_attributes)
+    skip = set(_TORCH_TRANSIENT) | set(_SCHEDULER_ATTRIBUTES) | set(opt._transient_attributes)
     return {k: v for k, v in opt.__dict__.items() if k not in skip}
 
 

@@ -106,6 +106,27 @@ def test_copy_continues_like_the_original(case, how):
     assert torch.equal(_flat(model), _flat(clone["model"]))
 
 
+@each_case
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copy_of_a_scheduled_optimizer_steps_its_own_parameters(case, how):
+    """An ``lr_scheduler`` wraps the optimizer's ``step`` in an instance attribute holding a weak
+    reference to that optimizer. A copy of (model, optimizer) takes its next 3 steps as the
+    original does and leaves the original's parameters alone, also once the original is gone (as
+    torch's optimizers, whose copies do not take the wrapper): the copied wrapper stepped the
+    original, and pickling refused it."""
+    model, opt, (x, y) = _trained(case)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+    pair = {"model": model, "opt": opt}
+    clone = copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))
+    before = _flat(model).clone()
+    _train(clone["model"], clone["opt"], case, 3, x, y)
+    assert torch.equal(_flat(model), before)
+    _train(model, opt, case, 3, x, y)
+    assert torch.equal(_flat(model), _flat(clone["model"]))
+    del pair, model, opt
+    _train(clone["model"], clone["opt"], case, 1, x, y)
+
+
 def test_copy_of_a_model_counted_root_free_optimizer_counts_the_copy():
     """``model=`` without ``batch_size``: copied or pickled together with the model, the copy's
     batch counter sees the copied model's forward passes (and only those)."""
