@@ -11,6 +11,7 @@ table on top of it. Import order: ``_torch_state``, ``_torch_compile`` -> ``_tor
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import operator
 from functools import partial
@@ -23,6 +24,7 @@ from precond_ref.transform import PrecondState, Transform, missing_members
 from precond_ref.tree import TreeDef, path_str, tree_flatten, tree_unflatten
 
 from . import _torch_capture, _torch_compile, _torch_memory, _torch_state
+from ._keywords import check_keywords
 from ._torch_compile import CompileSetting
 from ._torch_state import BOOKKEEPING as _BOOKKEEPING
 from ._torch_state import CALLS as _CALLS
@@ -90,7 +92,8 @@ class CoreOptimizer(torch.optim.Optimizer):
     arrays. ``load_state_dict`` restores every tensor with its saved dtype (torch's default would
     cast float32 state of bf16 parameters to bf16).
 
-    ``step(closure=None, **extra)`` forwards ``extra`` (e.g. ``batch_size=``) to the core update.
+    ``step(closure=None, **extra)`` forwards ``extra`` (``batch_size=`` of the root-free classes) to
+    the core update; another keyword raises ``TypeError``.
 
     **Speed.** A step reads no device value: the core's periodic work is scheduled from a host-side
     count of the calls each parameter took part in (``update(..., step=)``), the learning rate is
@@ -268,6 +271,8 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, **extra: Any) -> Any:
+        if extra:
+            self._check_step_keywords(extra)
         if torch.compiler.is_compiling():
             return step_outside_the_graph(self, closure, extra)
         # The class attribute first (None for most classes: no capture query on their steps), then
@@ -290,6 +295,14 @@ class CoreOptimizer(torch.optim.Optimizer):
                 self.state[p].update(counters)
                 self._behind.add(p)
         return loss
+
+    def _check_step_keywords(self, extra: dict) -> None:
+        """``TypeError`` for a keyword ``step`` does not take, as ``torch.optim.Adam.step(foo=1)``
+        raises, with the closest valid name: ``batch_size`` where the class has that
+        hyperparameter (the root-free classes, whose core takes it per step), nothing else."""
+        keywords = ("closure", "batch_size") if "batch_size" in self.defaults else ("closure",)
+        signature = inspect.Signature([inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in keywords])
+        check_keywords(f"{type(self).__name__}.step", signature, extra)
 
     def _group_paths(self) -> list[list[tuple]]:
         """Each group's leaf paths, numbered as :meth:`step` numbers unnamed ones."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import re
 import warnings
 from pathlib import Path
@@ -162,6 +164,26 @@ def test_an_unknown_keyword_names_the_class_and_the_closest_argument(name):
         cls(params, weight_decy=0.1)
     with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword 'zzz'; it takes params, lr, "):
         cls(params, zzz=1)
+
+
+@pytest.mark.parametrize("name", [n for n in pt.__all__ if n != "CoreOptimizer"])
+def test_an_unknown_keyword_of_step_is_refused_before_the_step(name):
+    """``step`` takes ``closure`` and, in the root-free classes, ``batch_size`` (the core's
+    per-step B): any other keyword raises ``TypeError`` as ``torch.optim.Adam.step(foo=1)`` does,
+    naming the class and the closest valid keyword, and the parameters do not move (a misspelt
+    ``batchsize=`` used to be dropped, the step taking the constructor's B)."""
+    cls = getattr(pt, name)
+    model = _model()
+    opt = cls(model.named_parameters(), **({"batch_size": 4} if "batch_size" in inspect.signature(cls).parameters else {}))
+    model(torch.randn(5, 4, dtype=torch.float64)).square().mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    takes = "closure, batch_size" if "batch_size" in opt.defaults else "closure"
+    with pytest.raises(TypeError, match=rf"^{name}\.step got an unexpected keyword 'lr'; it takes {takes}$"):
+        opt.step(lr=1.0)
+    if "batch_size" in opt.defaults:
+        with pytest.raises(TypeError, match=rf"^{name}\.step got an unexpected keyword 'batchsize'; did you mean 'batch_size'\?$"):
+            opt.step(batchsize=8)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
 def test_an_unknown_keyword_of_an_optax_factory_names_the_optax_argument():
