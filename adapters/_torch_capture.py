@@ -264,9 +264,11 @@ class Captures:
             self._warn(refusal)
         return s
 
-    def step(self, opt: Any, plan: Any, transform: Any, state: Any, calls: int, extra: dict, update: Callable) -> Any:
+    def step(self, opt: Any, plan: Any, transform: Any, state: Any, calls: int, extra: dict, update: Callable,
+             grads: list) -> Any:
         """The new state of ``plan``'s parameters after this step, ``None`` where the step is not
-        the captured path's (the caller then runs it as without capture).
+        the captured path's (the caller then runs it as without capture). ``grads``: the gradient
+        leaves of the step, in the plan's order.
 
         ``update(grads, capturing, in_place=True)`` runs the core update from the gradient leaves
         ``grads`` (in the plan's order), writing the parameters and (``in_place``) the state in
@@ -278,7 +280,6 @@ class Captures:
         s = self._set(opt, plan)
         if s.refusal is not None:
             return None
-        grads = [p.grad for p in plan.tensors]
         if s.transform is not transform:
             refusal = opt.not_capturable_because
             if refusal is not None:
@@ -296,7 +297,7 @@ class Captures:
             # A parameter's storage replaced (a dtype or device move, p.data = ...): a set made
             # anew, its device checked and its gradient buffers made again.
             del self.sets[id(plan)]
-            return self.step(opt, plan, transform, state, calls, extra, update)
+            return self.step(opt, plan, transform, state, calls, extra, update, grads)
         pattern = _pattern(transform, calls, extra)
         inputs = _leaves(state)
         if s.graphs and not _same(inputs, s.inputs):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 
 import operator
 from functools import partial
@@ -20,6 +21,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 
 from precond_ref._backend import consecutive_runs, consecutive_view, float32_matmul_precision, owned_state
+from precond_ref.engine.skip import first_bad_gradient, gradient_ok
 from precond_ref.transform import PrecondState, Transform, missing_members
 from precond_ref.tree import TreeDef, path_str, tree_flatten, tree_unflatten
 
@@ -353,8 +355,10 @@ class CoreOptimizer(torch.optim.Optimizer):
                 by_calls.setdefault(calls, []).append((index - 1, p))
             group_extra = self._group_extra(group, extra)
             updates.extend((group, transform, members, calls, group_extra) for calls, members in by_calls.items())
+        raises = any(group.get("on_nonfinite", "skip") == "raise" for group, *_ in updates)
+        skipped = self._one_decision(updates, raises) if raises or len(updates) > 1 else None
         for group, transform, members, calls, group_extra in updates:
-            self._step_members(transform, members, calls=calls, extra=group_extra)
+            self._step_members(transform, members, calls=calls, extra=group_extra, skipped=skipped)
         self._restack = False
 
     def _group_extra(self, group: dict, extra: dict) -> dict:
@@ -362,12 +366,37 @@ class CoreOptimizer(torch.optim.Optimizer):
         add a counted batch size where the group has none)."""
         return extra
 
-    def _step_members(self, transform: Transform, members: list, *, calls: int, extra: dict) -> None:
-        """One core update of parameters that took part in ``calls`` earlier steps together."""
+    def _one_decision(self, updates: list, raises: bool) -> Optional[torch.Tensor]:
+        """The non-finite rule for the step as a whole, as for one core update, where the step
+        takes several (param groups, or parameters that missed steps): a non-finite gradient
+        anywhere skips every update, or (``raises``: ``on_nonfinite="raise"`` in some group) raises
+        ``FloatingPointError`` naming the parameter, before any parameter moves. Returns, for the
+        skip, the 0-D decision that each update's own test is made to take (:meth:`_step_members`
+        makes one of its gradients NaN on a skipped step), computed on the device without a host
+        read; ``None`` where nothing is to be made."""
+        grads = [p.grad for _, _, members, _, _ in updates for _, p in members]
+        ok = gradient_ok(torch, grads)
+        if raises:
+            if not bool(ok):  # the raise rule reads the decision on the host, as the core's does
+                names = [(self._param_names.get(p, str(i)),) for _, _, members, _, _ in updates for i, p in members]
+                raise FloatingPointError(f"{type(self).__name__}: {first_bad_gradient(torch, grads, names, 'parameter')}")
+            return None
+        return ok
+
+    def _step_members(self, transform: Transform, members: list, *, calls: int, extra: dict,
+                      skipped: Optional[torch.Tensor] = None) -> None:
+        """One core update of parameters that took part in ``calls`` earlier steps together;
+        ``skipped``: the step's decision (:meth:`_one_decision`), made this update's by a NaN in
+        its smallest gradient where it is false."""
         plan = self._members(members)
         tensors = plan.tensors
+        grads = [p.grad for p in tensors]
+        if skipped is not None:
+            i = min(range(len(grads)), key=lambda k: grads[k].numel())
+            grads[i] = torch.where(skipped, grads[i], math.nan)
         params_tree = tree_unflatten(plan.treedef, [p.detach() for p in tensors])
-        grads_tree = tree_unflatten(plan.treedef, [p.grad for p in tensors])
+        grads_tree = tree_unflatten(plan.treedef, grads)
+
         if self._capturable:
             named = [(path_str(self._path(p, i)), p) for i, p in members]
             _torch_compile.check_capturable(type(self).__name__, transform, named)
@@ -391,7 +420,7 @@ class CoreOptimizer(torch.optim.Optimizer):
             core_state = PrecondState(lead[_STEP], lead[_NONFINITE], groups)
         new_state = None
         if self._capture is not False:
-            new_state = self._captured_update(plan, transform, core_state, params_tree, calls, extra)
+            new_state = self._captured_update(plan, transform, core_state, params_tree, calls, extra, grads)
         if new_state is None:
             new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra, plan.numel)
             if self._capturable and calls > 0 and not self._restack:
@@ -408,7 +437,8 @@ class CoreOptimizer(torch.optim.Optimizer):
             head.update(entries)
 
     def _captured_update(
-        self, plan: "_Members", transform: Transform, state: PrecondState, params: dict, calls: int, extra: dict
+        self, plan: "_Members", transform: Transform, state: PrecondState, params: dict, calls: int, extra: dict,
+        grads: list,
     ) -> Optional[PrecondState]:
         """The step through its CUDA graph (:mod:`._torch_capture`), or ``None`` where it is not
         captured. The update it captures is :meth:`_run_update` (eager, or compiled where asked or
@@ -427,7 +457,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                 raise _torch_capture.Spoiled("the compiled step fell back to eager during the capture")
             return _written_in_place(state, new_state) if in_place else new_state
 
-        return captures.step(self, plan, transform, state, calls, extra, update)
+        return captures.step(self, plan, transform, state, calls, extra, update, grads)
 
     def _members(self, members: list) -> "_Members":
         """The parameter tree of ``members`` (``(index, parameter)`` pairs), made once per set."""

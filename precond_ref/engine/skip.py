@@ -176,10 +176,12 @@ def _sum_of_squares(xp: Any, x: Array) -> Array:
     return xp.sum(xp.sum(xp.reshape(square, (x.shape[0], math.prod(x.shape[1:]))), axis=-1))
 
 
-def first_bad_gradient(xp: Any, leaves: Sequence[Array], paths: Sequence[Path]) -> str:
+def first_bad_gradient(xp: Any, leaves: Sequence[Array], paths: Sequence[Path], noun: str = "leaf") -> str:
+    """What makes the first failing gradient fail :func:`gradient_ok`, naming it (``noun``: what
+    the caller's API calls it, a leaf of a tree or a framework's parameter) by its path."""
     for path, leaf in zip(paths, leaves):
         if not bool(xp.all(xp.isfinite(leaf))):
-            return f"non-finite gradient in leaf {path_str(path)!r}"
+            return f"non-finite gradient in {noun} {path_str(path)!r}"
         if not bool(gradient_ok(xp, [leaf])):
-            return f"gradient of leaf {path_str(path)!r} too large for the statistics (squared norm above {OVERFLOW_MARGIN} x the largest float)"
+            return f"gradient of {noun} {path_str(path)!r} too large for the statistics (squared norm above {OVERFLOW_MARGIN} x the largest float)"
     return "non-finite gradient"  # pragma: no cover

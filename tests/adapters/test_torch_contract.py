@@ -213,6 +213,37 @@ def test_nonfinite_gradient_skips_step_without_poisoning_state(case):
                 assert torch.equal(value, state_before[pid][key]), key
 
 
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_nonfinite_gradient_in_one_param_group_stops_the_whole_step(case, mode):
+    """The non-finite rule decides for the step, not per param group (docs/engine.md: one test of
+    the whole gradient tree, as the optax adapter's one tree and torch's GradScaler, which skips
+    the step): a NaN in the second group's gradient leaves every parameter where it was, counted
+    as a skipped step by every parameter (``"skip"``), or raises naming the parameter in torch's
+    words before any parameter moves (``"raise"``). Each group used to decide alone: the first
+    group stepped on the bad batch, and a raise came after it had moved."""
+    x, y = _data()
+    model = _model()
+    named = list(model.named_parameters())
+    opt = case.make([{"params": named[:2]}, {"params": named[2:]}], on_nonfinite=mode)
+    _train(model, opt, case, 2, x, y)
+    params_before = _flat(model).clone()
+    counts = [int(opt.state[p]["nonfinite_count"]) for _, p in named]
+    opt.zero_grad()
+    _loss(model, x, y).backward()
+    named[2][1].grad[0, 0] = float("nan")
+    if mode == "raise":
+        with pytest.raises(FloatingPointError, match=rf"^{case.cls.__name__}: non-finite gradient in parameter '2.weight'$"):
+            opt.step(**case.step_kwargs)
+    else:
+        opt.step(**case.step_kwargs)
+    assert torch.equal(params_before, _flat(model))
+    assert [int(opt.state[p]["nonfinite_count"]) for _, p in named] == [c + (mode == "skip") for c in counts]
+    opt.zero_grad()
+    _loss(model, x, y).backward()
+    opt.step(**case.step_kwargs)  # the next finite step moves every group
+    assert all(not torch.equal(a, b) for a, b in zip(params_before.split([p.numel() for _, p in named]), [p.detach().reshape(-1) for _, p in named]))
+
+
 def test_bf16_parameters_keep_dtype_and_make_progress(case):
     """bf16 parameters stay bf16 and finite, the loss falls within 30 steps, and principled state is
     float32 (but IF-Shampoo's factors and factor momenta: bf16, S1)."""
