@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import itertools
 import warnings
 import weakref
@@ -27,6 +28,75 @@ from ._torch_state import check_tensor_lr
 # The root-free methods' batch size
 
 
+def _starts_accumulation(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has parameters that require grad and none of them holds a gradient: the
+    gradients were set to None (``zero_grad()``, whose default is ``set_to_none=True``) or never
+    computed. One pass over the parameters, ending at the first gradient found. Traced in a
+    ``torch.compile``d model, it makes dynamo guard on the gradients being None: a loop whose
+    forwards find them both ways (accumulation) compiles the model for each."""
+    trainable = False
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is not None:
+                return False
+            trainable = True
+    return trainable
+
+
+def _unhook(model_ref: "weakref.ref[torch.nn.Module]", hook: "_CounterHook") -> None:
+    """Removes ``hook`` from the forward pre-hooks of the model ``model_ref`` refers to, if it is
+    still alive: what ``RemovableHandle.remove`` does, for a hook whose handle is not known (the one
+    a model's copy or an unpickled model carries)."""
+    model = model_ref()
+    if model is None:
+        return
+    for key in [key for key, value in model._forward_pre_hooks.items() if value is hook]:
+        del model._forward_pre_hooks[key]
+        model._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+class _CounterHook:
+    """The forward pre-hook that ``model=`` registers: it passes each forward to its
+    :class:`_BatchCounter` through a weak reference, so that the model does not keep the counter
+    alive after its optimizer is gone. A hook whose counter is gone does nothing and removes itself
+    from the model it is called on."""
+
+    __slots__ = ("counter",)
+
+    def __init__(self, counter: Optional["_BatchCounter"]) -> None:
+        self.counter = weakref.ref(counter) if counter is not None else None
+
+    def _target(self) -> Optional["_BatchCounter"]:
+        return self.counter() if self.counter is not None else None
+
+    def __call__(self, module: torch.nn.Module, inputs: tuple, kwargs: Optional[dict] = None) -> None:
+        counter = self._target()
+        if counter is None:
+            _unhook(weakref.ref(module), self)  # its optimizer is gone (an unpickled model's hook)
+        else:
+            counter._hook(module, inputs, kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "_CounterHook":
+        # copy.deepcopy of a weakref returns the same weakref, which would leave the model's copy
+        # counting into the original counter: map the counter to its copy through the memo (the
+        # optimizer's copy when the optimizer is copied in the same call).
+        counter = self._target()
+        if counter is None:
+            return _CounterHook(None)
+        new = _CounterHook(copy.deepcopy(counter, memo))
+        model = counter._model() if counter._model is not None else None
+        if model is not None and id(model) in memo:
+            # Copied with its model: the model's copy holds the new hook, to be removed from it
+            # when the counter's copy is collected.
+            new._target()._remove_when_gone(memo[id(model)], new)
+        return new
+
+    def __reduce__(self) -> tuple:
+        # Pickled with its optimizer, the unpickled hook calls the unpickled optimizer's counter
+        # (one object in the pickle); pickled without it, the counter is gone after unpickling.
+        return (_CounterHook, (self._target(),))
+
+
 class _BatchCounter:
     """SIRFShampoo's batch-size detection: a forward pre-hook on the model adds the leading size of
     the first tensor argument, positional or keyword (``model(x)``, ``model(input_ids=ids)`` as the
@@ -34,23 +104,53 @@ class _BatchCounter:
     optimizer step (so gradient accumulation over several forwards counts every example of the
     accumulated mean).
 
+    A training-mode forward that starts a new accumulation first drops what was counted: when the
+    model has parameters that require grad and none holds a gradient (they were zeroed with
+    ``set_to_none=True``, the default of ``optimizer.zero_grad()`` and ``model.zero_grad()``), the
+    gradients of the forwards counted so far were discarded, and so are their examples. In a loop
+    that zeroes before the forward, a step that ``torch.amp.GradScaler`` skips (it does not call
+    ``step`` on an overflow), or a batch the loop drops, is thus not added to the next step's B.
+    The later forwards of an accumulation add (they find the earlier forwards' gradients), and so
+    does the forward of a loop that calls it before ``zero_grad`` (``out = model(x);
+    opt.zero_grad(); ...``: it finds the last step's gradients, and the step reset the count).
+    The check is one pass over the model's parameters, ending at the first gradient. What remains:
+
+    - gradients zeroed with ``set_to_none=False`` (or only some of the model's), a model none of
+      whose parameters requires grad, or a loop that calls the forward before ``zero_grad``: no
+      forward is seen to start an accumulation, so a skipped step's forward is still added to the
+      next step's B;
+    - in a loop that zeroes first, several training forwards before the first backward (a model
+      called on two views of a batch) each find no gradient: B is the last one's leading size.
+
+    Give ``batch_size=`` where these apply.
+
     B is the number of examples the loss averages over. The leading size is that number where each
     row of the input is one example (features, images). A first input of integer sequences (token
     ids, ``(sequences, length, ...)``) does not tell: a per-token loss averages over every token, a
     per-sequence one over the sequences. Such a forward is recorded in ``sequences`` (its input's
     shape) and counts nothing, and the step refuses to guess (:meth:`_RootFreeOptimizer.step`).
 
+    The model holds the hook (:class:`_CounterHook`), the hook holds the counter weakly, and the
+    hook is removed from the model when the counter is collected (with its optimizer).
     ``copy.deepcopy`` of the optimizer alone hooks the copy onto the same model. Copied or pickled
     together with the model (``deepcopy({"model": m, "opt": o})``), the model's copy carries the
     hook of the optimizer's copy. An optimizer pickled without its model counts nothing: give
-    ``batch_size`` to ``step``.
+    ``batch_size`` to ``step``. A model copied without its optimizer carries no hook; one pickled
+    without it drops the hook, which counts nothing, at its first forward.
     """
 
     def __init__(self, model: Optional[torch.nn.Module]) -> None:
         self.count = 0
         self.sequences: Optional[tuple] = None
         self._model = weakref.ref(model) if model is not None else None
-        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True) if model is not None else None
+        self.handle = None
+        if model is not None:
+            self.handle = model.register_forward_pre_hook(_CounterHook(self), with_kwargs=True)
+            weakref.finalize(self, self.handle.remove).atexit = False
+
+    def _remove_when_gone(self, model: torch.nn.Module, hook: _CounterHook) -> None:
+        """Removes ``hook`` (which calls this counter) from ``model`` when this counter is collected."""
+        weakref.finalize(self, _unhook, weakref.ref(model), hook).atexit = False
 
     def __deepcopy__(self, memo: dict) -> "_BatchCounter":
         model = self._model() if self._model is not None else None
@@ -69,6 +169,9 @@ class _BatchCounter:
     def _hook(self, module: torch.nn.Module, inputs: tuple, kwargs: Optional[dict] = None) -> None:
         if not module.training:
             return
+        if _starts_accumulation(module):
+            # The gradients of the forwards counted so far were discarded (or never computed).
+            self.count, self.sequences = 0, None
         first = next(
             (x for x in itertools.chain(inputs, (kwargs or {}).values()) if isinstance(x, torch.Tensor)), None
         )
@@ -111,14 +214,21 @@ class _RootFreeOptimizer(CoreOptimizer):
     """Shared batch-size handling of the root-free methods.
 
     B (the number of examples the loss *averages*; a summed loss makes B·g² wrong by B²) comes from,
-    in this order: ``step(batch_size=...)``; the constructor's ``batch_size``; or, when ``model=``
-    is given without ``batch_size``, the examples its training-mode forward passes saw since the
-    last ``step`` (the authors' hook: the leading size of each one's first input; a first input of
-    integer sequences, which does not tell tokens from sequences, makes the step ask for
-    ``batch_size=``). The constructor raises ``ValueError`` when neither
-    ``batch_size=`` nor ``model=`` is given (and B scales the statistic), so that a missing B is
-    found when the optimizer is built, not at its first step.
+    in this order: ``step(batch_size=...)``; the constructor's ``batch_size``, or a param group's
+    own; or, when ``model=`` is given without ``batch_size``, the examples its training-mode
+    forward passes saw since the last ``step`` (the authors' hook: the leading size of each one's
+    first input; a first input of integer sequences, which does not tell tokens from sequences,
+    makes the step ask for ``batch_size=``), for the param groups without a ``batch_size`` of
+    their own. A forward that finds every gradient of the model set to None starts the count
+    again: the gradients of the forwards before it were discarded (a step ``GradScaler`` skipped);
+    :class:`_BatchCounter` says which loops this does not cover. The constructor raises
+    ``ValueError`` when neither ``batch_size=`` nor ``model=`` is given (and B scales the
+    statistic), so that a missing B is found when the optimizer is built, not at its first step.
     """
+
+    #: During a step: the batch size ``model=`` counted, for the groups without their own
+    #: (:meth:`_group_extra`); None otherwise.
+    _counted_batch_size: Optional[int] = None
 
     def __init__(self, params: Any, defaults: dict, *, model: Optional[torch.nn.Module] = None, **options: Any) -> None:
         check_tensor_lr(defaults.get("lr"))
@@ -149,7 +259,10 @@ class _RootFreeOptimizer(CoreOptimizer):
 
     def _counted_step(self, closure: Optional[Callable[[], Any]], extra: dict) -> Any:
         counter = self._batch_counter
-        if counter is not None and counter.sequences is not None and extra.get("batch_size") is None:
+        # The count serves the groups without a batch_size of their own, and only when step's
+        # batch_size does not override it.
+        wanted = counter is not None and extra.get("batch_size") is None and self._groups_without_batch_size()
+        if wanted and counter.sequences is not None:
             shape, counter.sequences, counter.count = counter.sequences, None, 0
             raise ValueError(
                 f"{type(self).__name__}: model='s input is a batch of integer sequences {shape}, which does not "
@@ -157,20 +270,29 @@ class _RootFreeOptimizer(CoreOptimizer):
                 f"token ({shape[0]} x {shape[1]} here), a per-sequence one over the {shape[0]} sequences. Give "
                 "batch_size= to the constructor or opt.step(batch_size=...)"
             )
-        if counter is not None and extra.get("batch_size") is None and counter.count > 0:
-            extra = {**extra, "batch_size": counter.count}
-        if extra.get("batch_size") is None and self._groups_without_batch_size():
+        counted = counter.count if wanted and counter.count > 0 else None
+        if extra.get("batch_size") is None and counted is None and self._groups_without_batch_size():
             if counter is not None:
-                counter.count = 0
+                counter.count, counter.sequences = 0, None
             raise ValueError(
                 _no_batch_size(type(self).__name__, "scale_by_batch_size" in self.defaults)
                 + ("; model= counted no training-mode forward pass since the last step" if counter is not None else "")
             )
+        self._counted_batch_size = counted
         try:
             return super().step(closure, **extra)
         finally:
+            self.__dict__.pop("_counted_batch_size", None)
             if counter is not None:
                 counter.count, counter.sequences = 0, None
+
+    def _group_extra(self, group: dict, extra: dict) -> dict:
+        """``step``'s keyword arguments, with the counted batch size for a group that has no
+        ``batch_size`` of its own when ``step`` gave none (a group's own value comes first)."""
+        counted = self._counted_batch_size
+        if counted is not None and extra.get("batch_size") is None and group.get("batch_size") is None:
+            return {**extra, "batch_size": counted}
+        return extra
 
 
 # --------------------------------------------------------------------------------------------

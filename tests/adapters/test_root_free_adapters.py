@@ -263,3 +263,129 @@ def test_batch_size_counted_from_keyword_only_forwards(cls):
         assert torch.equal(_flat(counted), _flat(explicit))
     opt_c._batch_counter._hook(counted, (None, 3), {"input_ids": x[:5], "labels": y})  # first *tensor*
     assert opt_c._batch_counter.count == 5
+
+
+class _WithIdleParameters(torch.nn.Module):
+    """``_model()`` beside a parameter that never gets a gradient and a frozen one."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _model()
+        self.unused = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        self.frozen = torch.nn.Parameter(torch.ones(3, dtype=torch.float64), requires_grad=False)
+
+    def forward(self, x):
+        return self.body(x) * self.frozen[0]
+
+
+@pytest.mark.parametrize("cls", [pt.RFRMSProp, pt.RFAdamW, pt.IFShampoo], ids=lambda c: c.__name__)
+def test_count_drops_the_forwards_of_discarded_gradients(cls):
+    """B is the number of examples of the loss whose gradients the step uses (spec root_free.md §2),
+    so a forward whose gradients were discarded (a step ``torch.amp.GradScaler`` skips on an
+    overflow, which does not call ``step``) must not add to the next step's B. With model=, a
+    training forward that finds every gradient of the model set to None (``zero_grad()``'s
+    default) starts the count again; one that finds gradients adds (accumulation, and the loop that
+    calls the forward before ``zero_grad``), and a parameter that never gets a gradient does not
+    make every forward a new start. Each step equals the step given its B explicitly."""
+    x, y = _data(12)
+    counted, explicit = _WithIdleParameters(), _WithIdleParameters()
+    every = {"precondition_every": 1} if cls is pt.IFShampoo else {}  # B enters each of its steps
+    opt_c = cls(None, model=counted, lr=0.05, **every)
+    opt_e = cls(explicit.named_parameters(), batch_size=8, lr=0.05, **every)
+    scalers = {opt_c: torch.amp.GradScaler("cpu", init_scale=1024.0),
+               opt_e: torch.amp.GradScaler("cpu", init_scale=1024.0)}
+
+    def zero_grad_first(model, opt, parts, overflow=False):
+        opt.zero_grad()
+        for part in parts:  # gradient accumulation of a mean over 12 when there are two parts
+            total = sum(p.stop - p.start for p in parts)
+            scalers[opt].scale(((model(x[part]) - y[part]) ** 2).sum() / total).backward()
+        if overflow:
+            model.body[0].weight.grad[0, 0] = float("inf")
+
+    def forward_first(model, opt, parts, overflow=False):
+        out = model(x[parts[0]])
+        opt.zero_grad()
+        scalers[opt].scale(((out - y[parts[0]]) ** 2).mean()).backward()
+
+    schedule = [(zero_grad_first, [slice(0, 8)], False, 8), (zero_grad_first, [slice(0, 8)], True, None),
+                (zero_grad_first, [slice(0, 8), slice(8, 12)], False, 12), (forward_first, [slice(4, 12)], False, 8),
+                (zero_grad_first, [slice(0, 8)], True, None), (zero_grad_first, [slice(4, 12)], False, 8)]
+    for loop, parts, overflow, batch_size in schedule:
+        for model, opt in ((counted, opt_c), (explicit, opt_e)):
+            loop(model, opt, parts, overflow)
+            scalers[opt].step(opt, **({"batch_size": batch_size} if opt is opt_e and batch_size else {}))
+            scalers[opt].update()
+        assert torch.equal(_flat(counted), _flat(explicit)), (loop.__name__, parts, overflow)
+    assert scalers[opt_c].get_scale() == scalers[opt_e].get_scale() < 1024.0  # two steps were skipped
+
+
+@pytest.mark.parametrize("cls", [pt.RFRMSProp, pt.RFAdamW, pt.IFShampoo], ids=lambda c: c.__name__)
+def test_a_groups_own_batch_size_comes_before_the_count(cls):
+    """B comes from step(batch_size=), then the constructor's or the param group's batch_size, then
+    model='s count (the class docstring's order): with model=, a group that gives its own
+    batch_size steps with it and only the groups without one take the counted B; step's overrides
+    both. A model whose every group has its own batch_size needs no count, so token-id inputs,
+    which the count refuses to read, do not stop its step."""
+    x, y = _data(8)
+
+    def groups(model):
+        return [{"params": list(model[0].parameters()), "batch_size": 64}, {"params": list(model[2].parameters())}]
+
+    counted, explicit = _model(), _model()
+    opt_c = cls(groups(counted), model=counted, lr=0.05)
+    opt_e = cls(groups(explicit), batch_size=8, lr=0.05)  # group 0 keeps 64, group 1 takes 8
+    for step in range(3):
+        for model, opt in ((counted, opt_c), (explicit, opt_e)):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step(**({"batch_size": 5} if step == 2 else {}))
+        assert torch.equal(_flat(counted), _flat(explicit)), step
+
+    torch.manual_seed(0)
+    lm = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5))
+    tokens = torch.randint(0, 5, (4, 6), generator=torch.Generator().manual_seed(1))
+    opt = cls([{"params": list(lm.parameters()), "batch_size": 24}], model=lm, lr=0.05)
+    torch.nn.functional.cross_entropy(lm(tokens).reshape(-1, 5), tokens.reshape(-1)).backward()
+    opt.step()
+
+
+def test_model_holds_no_hook_of_a_collected_optimizer():
+    """An optimizer built with model= must not outlive its use through the model: the forward
+    pre-hook holds its counter weakly and is removed when the counter is collected, so building
+    optimizers on one model does not pile up hooks that every forward runs. The copy semantics of
+    ``_BatchCounter``'s docstring hold: a deepcopy of the optimizer alone hooks the same model, and
+    a copy made with the model hooks the model's copy, each hook gone with its optimizer; a model
+    pickled without its optimizer drops the hook that counts nothing at its first forward."""
+    import gc
+    import pickle
+
+    x, _ = _data(8)
+    model = _model()
+    opts = [pt.RFAdamW(model.parameters(), lr=0.05, model=model) for _ in range(20)]
+    assert len(model._forward_pre_hooks) == 20
+    kept = opts[0]
+    del opts
+    gc.collect()
+    assert len(model._forward_pre_hooks) == 1
+    twin = copy.deepcopy(kept)
+    assert len(model._forward_pre_hooks) == 2
+    model(x)
+    assert kept._batch_counter.count == twin._batch_counter.count == 8
+    del twin
+    gc.collect()
+    assert len(model._forward_pre_hooks) == 1
+    kept.step()  # no gradients: nothing moves, the count starts again
+    pair = copy.deepcopy({"model": model, "opt": kept})
+    assert len(model._forward_pre_hooks) == len(pair["model"]._forward_pre_hooks) == 1
+    pair["model"](x[:3])
+    assert (kept._batch_counter.count, pair["opt"]._batch_counter.count) == (0, 3)
+    del pair["opt"]
+    gc.collect()
+    assert not pair["model"]._forward_pre_hooks and not pair["model"]._forward_pre_hooks_with_kwargs
+    alone = pickle.loads(pickle.dumps(model))
+    alone(x)
+    assert not alone._forward_pre_hooks
+    del kept
+    gc.collect()
+    assert not model._forward_pre_hooks and not model._forward_pre_hooks_with_kwargs
