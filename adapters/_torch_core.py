@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-
 import operator
+import warnings
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -136,8 +136,12 @@ class CoreOptimizer(torch.optim.Optimizer):
     _restack: bool = False
     # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
     _transient_attributes: tuple[str, ...] = (
-        "_transforms", "_compiled", "_kernels", "_learning_rates", "_member_plans", "_captures"
+        "_transforms", "_compiled", "_kernels", "_learning_rates", "_member_plans", "_captures", "_changed_at"
     )
+    #: ``step`` calls taken (the clock of :meth:`_scheduled`).
+    _step_calls: int = 0
+    #: Whether the notice of :meth:`_scheduled` was given.
+    _told_scheduled: bool = False
 
     def __init__(
         self,
@@ -166,6 +170,9 @@ class CoreOptimizer(torch.optim.Optimizer):
         # steps rebuilt with new hyperparameters, and gone with the optimizer.
         self._kernels: dict = {}
         self._learning_rates: dict[int, tuple[Any, torch.Tensor]] = {}
+        # A group's last two step calls at which a hyperparameter other than lr changed, and the
+        # core names of those that changed last.
+        self._changed_at: dict[int, tuple[Optional[int], int, tuple[str, ...]]] = {}
         self._member_plans: dict[tuple, _Members] = {}
         # Members of a block whose counters a step left behind their partners' (no gradient of
         # their own; see _fill_missing_members): never the source of a core group's counters.
@@ -236,6 +243,10 @@ class CoreOptimizer(torch.optim.Optimizer):
         key = tuple(sorted((k, "<lr tensor>" if k == "learning_rate" else repr(v)) for k, v in kwargs.items()))
         if cached is None or cached[0] != key:
             self._build(group)  # validates the group's own values, torch names in errors
+            if cached is not None:
+                names = tuple(k for (k, v), (_, w) in zip(cached[0], key) if v != w) if len(cached[0]) == len(key) else ()
+                last = self._changed_at.get(id(group), (None, None, ()))[1]
+                self._changed_at[id(group)] = (last, self._step_calls, names)
             cached = (key, self._build(group, learning_rate=partial(_read, self._learning_rate(group))))
         self._transforms[id(group)] = (*cached[:2], _hyperparameters(group))
         return cached[1]
@@ -337,8 +348,32 @@ class CoreOptimizer(torch.optim.Optimizer):
                 p.grad = torch.zeros_like(p)
         return filled
 
+    def _scheduled(self, group: dict) -> bool:
+        """Whether a hyperparameter of ``group`` other than ``lr`` changed at this step and at the
+        one before: a scheduler's (``OneCycleLR`` cycles ``betas``). Each new value builds a new
+        transform, whose compiled step would compile and whose captured step would capture again,
+        at every step; the group then steps eagerly (told once) until its hyperparameters hold
+        for a step. ``lr`` is read from a tensor and never rebuilds."""
+        last, now, names = self._changed_at.get(id(group), (None, None, ()))
+        if (last, now) != (self._step_calls - 1, self._step_calls):
+            return False
+        captures = self._capture is not False and any(p.is_cuda for p in group["params"])
+        if not self._told_scheduled and (self._compile_options is not None or captures):
+            self._told_scheduled = True
+            torch_names = _torch_state.torch_names(self.core_kwargs, group)
+            changed = ", ".join(dict.fromkeys(torch_names.get(n, n).split("[")[0] for n in names)) or "a hyperparameter"
+            warnings.warn(
+                f"{type(self).__name__}: {changed} changed at two steps in a row (a scheduler's momentum "
+                f"cycling?): each value would compile or capture the step anew, so a param group steps eagerly "
+                f"while its hyperparameters other than lr change; schedule lr alone (OneCycleLR(..., "
+                f"cycle_momentum=False)) to keep the compiled or captured step",
+                RuntimeWarning, stacklevel=5,
+            )
+        return True
+
     def _step_groups(self, extra: dict) -> None:
         index, updates = 0, []
+        self._step_calls += 1
         for group in self.param_groups:
             transform = self._transform(group)
             self._learning_rate(group)
@@ -354,11 +389,12 @@ class CoreOptimizer(torch.optim.Optimizer):
                 calls = self.state[p].get(_CALLS, 0)
                 by_calls.setdefault(calls, []).append((index - 1, p))
             group_extra = self._group_extra(group, extra)
-            updates.extend((group, transform, members, calls, group_extra) for calls, members in by_calls.items())
+            eager = self._scheduled(group)
+            updates.extend((group, transform, members, calls, group_extra, eager) for calls, members in by_calls.items())
         raises = any(group.get("on_nonfinite", "skip") == "raise" for group, *_ in updates)
         skipped = self._one_decision(updates, raises) if raises or len(updates) > 1 else None
-        for group, transform, members, calls, group_extra in updates:
-            self._step_members(transform, members, calls=calls, extra=group_extra, skipped=skipped)
+        for group, transform, members, calls, group_extra, eager in updates:
+            self._step_members(transform, members, calls=calls, extra=group_extra, skipped=skipped, eager=eager)
         self._restack = False
 
     def _group_extra(self, group: dict, extra: dict) -> dict:
@@ -374,20 +410,21 @@ class CoreOptimizer(torch.optim.Optimizer):
         skip, the 0-D decision that each update's own test is made to take (:meth:`_step_members`
         makes one of its gradients NaN on a skipped step), computed on the device without a host
         read; ``None`` where nothing is to be made."""
-        grads = [p.grad for _, _, members, _, _ in updates for _, p in members]
+        grads = [p.grad for _, _, members, *_ in updates for _, p in members]
         ok = gradient_ok(torch, grads)
         if raises:
             if not bool(ok):  # the raise rule reads the decision on the host, as the core's does
-                names = [(self._param_names.get(p, str(i)),) for _, _, members, _, _ in updates for i, p in members]
+                names = [(self._param_names.get(p, str(i)),) for _, _, members, *_ in updates for i, p in members]
                 raise FloatingPointError(f"{type(self).__name__}: {first_bad_gradient(torch, grads, names, 'parameter')}")
             return None
         return ok
 
     def _step_members(self, transform: Transform, members: list, *, calls: int, extra: dict,
-                      skipped: Optional[torch.Tensor] = None) -> None:
+                      skipped: Optional[torch.Tensor] = None, eager: bool = False) -> None:
         """One core update of parameters that took part in ``calls`` earlier steps together;
         ``skipped``: the step's decision (:meth:`_one_decision`), made this update's by a NaN in
-        its smallest gradient where it is false."""
+        its smallest gradient where it is false; ``eager``: neither captured nor compiled
+        (:meth:`_scheduled`)."""
         plan = self._members(members)
         tensors = plan.tensors
         grads = [p.grad for p in tensors]
@@ -419,9 +456,11 @@ class CoreOptimizer(torch.optim.Optimizer):
                 lead = _counters_of_the_set(states, [p in self._behind for p in tensors])  # ... unless held back
             core_state = PrecondState(lead[_STEP], lead[_NONFINITE], groups)
         new_state = None
-        if self._capture is not False:
+        if self._capture is not False and not eager:
             new_state = self._captured_update(plan, transform, core_state, params_tree, calls, extra, grads)
-        if new_state is None:
+        if new_state is None and eager:
+            new_state = self._eager_update(transform, grads_tree, core_state, params_tree, calls, extra)
+        elif new_state is None:
             new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra, plan.numel)
             if self._capturable and calls > 0 and not self._restack:
                 new_state = _written_in_place(core_state, new_state)

@@ -447,6 +447,41 @@ def test_changes_between_steps_reach_the_compiled_step():
     torch.testing.assert_close(got[True], got[False], rtol=1e-10, atol=1e-12)
 
 
+def test_a_scheduled_hyperparameter_other_than_lr_steps_eagerly_while_it_changes(monkeypatch):
+    """OneCycleLR cycles ``betas`` by default, writing a new value at every step. Each value builds
+    a new core transform, which compiled its step anew at every step (seconds each, without end).
+    A param group whose hyperparameters other than ``lr`` changed at two steps in a row steps
+    eagerly while they change, told once by a ``RuntimeWarning`` that names them, with the eager
+    optimizer's numbers; a single change (a weight decay set once by hand) compiles once more, as
+    before, without a notice."""
+    compiles = _counting_inner_compiler(monkeypatch)
+    batches = _batches(torch.float64, 8)
+    models = {c: _model(torch.float64) for c in (False, True)}
+    opts = {c: pt.AGD(m.named_parameters(), lr=1e-2, compile=c) for c, m in models.items()}
+    got = {}
+    for compiled, opt in opts.items():
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got[compiled] = _train(models[compiled], opt, batches, scheduler=sched)
+        told = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if compiled:
+            assert len(told) == 1 and told[0].startswith("AGD: betas changed at two steps in a row"), told
+        else:
+            assert told == []
+    torch.testing.assert_close(got[True], got[False], rtol=1e-10, atol=1e-12)
+    assert len(compiles) == 1  # the first step's, before the second change
+
+    model = _model(torch.float64)
+    opt = pt.AGD(model.named_parameters(), lr=1e-2, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _train(model, opt, batches[:3])
+        opt.param_groups[0]["weight_decay"] = 1e-3
+        _train(model, opt, batches[3:])
+    assert len(compiles) == 3
+
+
 # --------------------------------------------------------------------------------------------
 # torch.compile(opt.step), torch's recipe for compiled optimizers
 
