@@ -43,8 +43,8 @@ from array_api_compat import is_jax_namespace
 
 from .blocking import roll_first_axis_last, stack, unstack
 from ._backend import (
-    array_device, as_operand, cast, computed_once, cond_under_cpu_jit, float64_where_available, is_torch_namespace, is_tracer,
-    is_zero, iterate, namespace_of, number, on_cpu, placement, select, sum_across, torch_compiling, widened_dtype, widening,
+    array_device, as_operand, cast, computed_once, cond_under_cpu_jit, float64_where_available, is_number, is_torch_namespace,
+    is_tracer, is_zero, iterate, namespace_of, number, on_cpu, placement, select, sum_across, torch_compiling, widened_dtype, widening,
 )
 
 Array = Any
@@ -891,9 +891,13 @@ def kl_clip_of_quadratic(xp: Any, inner: Array, learning_rate: Any, kl_clip: Any
     r""":func:`kl_clip_factor` from the inner products :math:`q = \langle D, v\rangle`, entry by entry:
     :math:`\nu = \sqrt{\kappa/(\alpha^2 q)}` where :math:`\alpha^2 q > \kappa`, else 1 (so
     :math:`\min(1, \cdot)`, and 1 for :math:`q \le 0`). ``inner``: 0-D, or a vector of many blocks'
-    :math:`q` (one computation for all of them: the KL clip of MBF's layers, IF-Shampoo's groups)."""
+    :math:`q` (one computation for all of them: the KL clip of MBF's layers, IF-Shampoo's groups).
+    :math:`\kappa = 0` is no clip (1): an array ``kl_clip`` (``optax.inject_hyperparams``) may
+    be 0 at run time, where :math:`\sqrt{0/q}` would zero every step."""
     quadratic = learning_rate * learning_rate * inner
     clipped = quadratic > kl_clip
+    if not is_number(kl_clip):
+        clipped = xp.logical_and(clipped, kl_clip > 0)
     one = xp.ones_like(quadratic)
     return xp.where(clipped, xp.sqrt(kl_clip / xp.where(clipped, quadratic, one)), one)
 

@@ -554,3 +554,27 @@ def test_torch_partner_without_gradient_is_unchanged_and_rejoins_the_pair_count(
         assert torch.equal(before, layer.bias) == (t == 1)
         steps.append((int(opt.state[layer.weight]["step"]), int(opt.state[layer.bias]["step"])))
     assert steps == [(1, 1), (2, 1), (3, 3)]
+
+
+@pytest.mark.parametrize("factory, extra", [(pr.mbf, {}), (pr.if_shampoo, {"batch_size": 8})], ids=["mbf", "if_shampoo"])
+@pytest.mark.parametrize("kl_clip", [0.0, 1e-3])
+def test_a_kl_clip_given_as_an_array_is_the_number(factory, extra, kl_clip):
+    """``kl_clip`` as a 0-D array (what ``optax.inject_hyperparams`` passes) gives the steps of the
+    same number: 0 is no clip (the factories' docstrings: "0 turns it off"), not a clip to zero.
+    The array may be 0 only at run time, so the clip is applied where it is positive; it used to
+    make every step zero, with no error."""
+    rng = np.random.default_rng(0)
+    params = _model(rng)
+    grads = [_grads(rng, params) for _ in range(3)]
+    runs = []
+    for value in (kl_clip, np.asarray(kl_clip)):
+        opt = factory(learning_rate=0.1, kl_clip=value, **({"refresh_phases": 1} if factory is pr.mbf else {}))
+        state, steps = opt.init(params), []
+        for g in grads:
+            u, state = opt.update(g, state, params, **extra)
+            steps.append(u)
+        runs.append(steps)
+    for plain, array in zip(*runs):
+        for a, b in zip(pr.tree.tree_leaves(plain), pr.tree.tree_leaves(array)):
+            np.testing.assert_array_equal(a, b)
+    assert any(np.abs(leaf).max() > 0 for leaf in pr.tree.tree_leaves(runs[1][-1]))
