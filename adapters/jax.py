@@ -114,14 +114,21 @@ def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
             # optax.tree.map_params asks for the state's structure with a placeholder for params;
             # no field of this state is a copy of the parameter tree (see state_shardings).
             return PrecondState(_NOT_PARAMS, _NOT_PARAMS, _NOT_PARAMS)
+        leaves = jax.tree_util.tree_leaves(params)
+        if not leaves:
+            # No parameter to step (optax.masked or multi_transform selecting none, or an empty
+            # tree): an empty state, as every optax transformation's.
+            zero = jax.numpy.zeros((), jax.numpy.int32)
+            return PrecondState(zero, zero, {})
         core_params, _ = _as_core_tree(params)
         state = jitted_init(core_params)
-        leaves = jax.tree_util.tree_leaves(params)
         if leaves and all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed for x in leaves):
             state = jax.device_put(state, _shardings_like(state, core_params))
         return state
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+        if not jax.tree_util.tree_leaves(updates) and isinstance(state, PrecondState) and state.groups == {}:
+            return updates, state._replace(count=state.count + 1)
         core_grads, _ = _as_core_tree(updates)
         core_params = None if params is None else _as_core_tree(params)[0]
         core_updates, new_state = transform.update(core_grads, state, core_params, **extra_args)
@@ -220,8 +227,9 @@ def optax_factory(
     ``jax.jit``). Two kinds of arguments therefore default to ``None`` here, meaning the core's
     default, which inject_hyperparams leaves alone:
 
-    * ``static``: integers that fix array shapes, loop lengths or the steps that refresh a
-      preconditioner. Given as arrays they raise a ``ValueError`` naming the ``static_args`` to
+    * ``static``: numbers that fix array shapes, loop lengths or the steps that refresh a
+      preconditioner, or that a check made on the host reads (ASGO's ``root_tolerance``). Given
+      as arrays they raise a ``ValueError`` naming the ``static_args`` to
       pass to ``inject_hyperparams``.
     * ``switches``: coefficients whose zero default means "no state buffer" (``momentum=0``). An
       array may be non-zero, so an injected one always gets its buffer; left at ``None`` the state
@@ -253,8 +261,8 @@ def optax_factory(
         if injected:
             raise ValueError(
                 f"{name}: {', '.join(injected)} must be "
-                + ("a Python integer" if len(injected) == 1 else "Python integers")
-                + " (fixing array shapes, loop lengths or refresh steps), got an array; "
+                + ("a Python number" if len(injected) == 1 else "Python numbers")
+                + " (fixing array shapes, loop lengths, refresh steps or a check made on the host), got an array; "
                 "optax.inject_hyperparams makes every numeric argument an array: use "
                 f"optax.inject_hyperparams({name}, static_args={injected!r})"
             )
@@ -285,7 +293,7 @@ def mbf_warm_start(state: Any, grads_batches: Any, **mbf_kwargs: Any) -> Any:
     return core.warm_start(state, (_as_core_tree(g)[0] for g in grads_batches))
 
 
-asgo = optax_factory(pr.asgo, static=("root_steps", "precondition_every", "block_size", "spread_refresh"))
+asgo = optax_factory(pr.asgo, static=("root_steps", "precondition_every", "block_size", "spread_refresh", "root_tolerance"))
 dasgo = optax_factory(pr.dasgo)
 # Root-free methods: B (examples the loss averages) as batch_size= of the factory or of update.
 rf_rmsprop = optax_factory(pr.rf_rmsprop, switches=("momentum",))

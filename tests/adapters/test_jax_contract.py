@@ -224,3 +224,25 @@ def test_nonfinite_gradient_is_skipped_under_jit(case):
     assert int(new_state.nonfinite_count) == 1 and int(new_state.count) == 0
     for a, b in zip(jax.tree_util.tree_leaves(state.groups), jax.tree_util.tree_leaves(new_state.groups)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_empty_selection_of_parameters_is_an_empty_state(case):
+    """optax's own transformations take a tree with no parameter to step (``optax.masked`` with
+    every mask entry False, ``optax.multi_transform`` whose labels give this optimizer none,
+    ``init({})``): an empty state, and updates passed through, jitted. The core refuses a tree
+    without arrays (a user error there); the optax adapter used to raise "params has no array
+    leaves" from inside optax's wrappers."""
+    params = {"embed": jnp.ones((5, 3), F32), "norm": jnp.ones((3,), F32)}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    adam = optax.adam(1e-2)
+    masked = optax.masked(case.make(), {"embed": False, "norm": False})
+    split = optax.multi_transform({"precond": case.make(), "adam": adam}, {"embed": "adam", "norm": "adam"})
+    for tx, want in ((masked, grads), (split, adam.update(grads, adam.init(params), params)[0])):
+        state = tx.init(params)
+        step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, **case.update_kwargs))
+        for _ in range(2):
+            updates, state = step(grads, state, params)
+        jax.tree.map(np.testing.assert_array_equal, step(grads, tx.init(params), params)[0], want)
+    empty = case.make()
+    updates, state = empty.update({}, empty.init({}), {})
+    assert updates == {} and state.groups == {} and int(state.count) == 1

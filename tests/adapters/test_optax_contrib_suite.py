@@ -103,13 +103,16 @@ def test_every_upstream_test_is_bound():
         (pj.asgo, dict(block_size=2, spread_refresh=False), ("block_size",)),  # a bool is not injected
         (pj.mbf, dict(block_size=2, refresh_phases=2), ("block_size", "refresh_phases")),
         (pj.if_shampoo, dict(block_size=2, spread_refresh=False, batch_size=1), ("block_size",)),
+        (pj.asgo, dict(root_tolerance=1e-3), ("root_tolerance",)),
     ],
-    ids=["asgo", "mbf", "sketchy", "s_adagrad", "asgo_blocks", "mbf_blocks", "if_shampoo_blocks"],
+    ids=["asgo", "mbf", "sketchy", "s_adagrad", "asgo_blocks", "mbf_blocks", "if_shampoo_blocks", "asgo_root_tolerance"],
 )
 def test_injected_static_integer_names_the_static_args(factory, kwargs, static):
     """Plain inject_hyperparams works with the defaults (upstream's inject test
-    above); an integer that fixes shapes, loops or refresh steps, given explicitly, raises an
-    error naming the exact ``static_args``; with them the transformation is built."""
+    above); a number that fixes shapes, loops or refresh steps, or that a host-side check reads
+    (ASGO's ``root_tolerance``, which was refused without naming ``static_args``), given
+    explicitly, raises an error naming the exact ``static_args``; with them the transformation
+    is built."""
     import jax.numpy as jnp
     import optax
 
