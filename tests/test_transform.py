@@ -826,3 +826,15 @@ def test_a_given_skip_decision_replaces_the_test_of_the_gradients():
         assert torch.equal(kept.groups["w"][name], old)
     with pytest.raises(ValueError, match="gradients_ok is the skip decision of on_nonfinite='skip'"):
         pr.dasgo(on_nonfinite="raise").update(grads, state, params, gradients_ok=torch.tensor(True))
+
+
+@pytest.mark.parametrize("name", ["agd", "asgo", "dasgo", "mbf", "rf_rmsprop", "rf_adamw", "if_shampoo", "sketchy", "s_adagrad"])
+def test_two_leaves_of_one_name_are_refused(name):
+    """A block's state is stored under its leaf's path joined by '/' (``path_str``): two leaves
+    whose paths join to one name (a key holding '/', or the keys 1 and '1') would share one state
+    entry, each step reading and overwriting the other's. ``init`` refuses such a tree, naming
+    both paths; they used to share the state silently (the update of one leaf went to both)."""
+    x = np.ones((3, 2))
+    for params, paths in (({"a/b": x, "a": {"b": x}}, r"\('a', 'b'\) and \('a/b',\)"), ({1: x, "1": x}, r"\(1,\) and \('1',\)")):
+        with pytest.raises(ValueError, match=rf"^{name}: params leaves {paths} have the same name"):
+            getattr(pr, name)(**({"batch_size": 4} if name in ("rf_adamw", "if_shampoo") else {})).init(params)

@@ -184,8 +184,13 @@ class _Runner:
         dev = array_device(leaves[0])
         for path, leaf in zip(treedef.paths, leaves):
             self.leaf_shapes.setdefault(path_str(path), set()).add(tuple(leaf.shape))
-        groups = {}
+        groups, paths = {}, {}
         for group in self.group_leaves(treedef.paths, leaves):
+            if group.key in paths:  # the state of both would be one entry, read and written by each
+                raise ValueError(
+                    f"{self.name}: params leaves {paths[group.key]!r} and {group.paths[0]!r} have the same name "
+                    f"{group.key!r} (a key holding '/', or keys 1 and '1'); rename one")
+            paths[group.key] = group.paths[0]
             members = tuple(leaves[i] for i in group.indices)
             if all(math.prod(leaf.shape) == 0 for leaf in members):
                 groups[group.key] = {}
