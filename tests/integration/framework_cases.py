@@ -14,8 +14,8 @@ import torch
 import precond_ref.adapters.torch as pt
 
 # (id, class, keyword arguments): small intervals so that refreshes happen on both sides of the
-# interruption; the root-free methods get a fixed batch_size (the frameworks' models here take
-# token ids, from which `model=` counting does not guess B).
+# interruption; the root-free methods get a fixed batch_size (the same B in every framework's run
+# and in the plain loop it is compared with).
 TORCH_OPTIMIZERS = {
     "agd": (pt.AGD, dict(lr=1e-2)),
     "mbf": (pt.MBF, dict(lr=1e-2, damping=0.1, statistics_every=1, precondition_every=3)),
