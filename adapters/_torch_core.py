@@ -348,6 +348,11 @@ class CoreOptimizer(torch.optim.Optimizer):
                 p.grad = torch.zeros_like(p)
         return filled
 
+    def _torch_names_of(self, group: dict, names: tuple) -> str:
+        """The torch arguments of ``group`` behind the core arguments ``names`` (``b1`` -> ``betas``)."""
+        torch_names = _torch_state.torch_names(self.core_kwargs, group)
+        return ", ".join(dict.fromkeys(torch_names.get(n, n).split("[")[0] for n in names)) or "a hyperparameter"
+
     def _scheduled(self, group: dict) -> bool:
         """Whether a hyperparameter of ``group`` other than ``lr`` changed at this step and at the
         one before: a scheduler's (``OneCycleLR`` cycles ``betas``). Each new value builds a new
@@ -360,8 +365,7 @@ class CoreOptimizer(torch.optim.Optimizer):
         captures = self._capture is not False and any(p.is_cuda for p in group["params"])
         if not self._told_scheduled and (self._compile_options is not None or captures):
             self._told_scheduled = True
-            torch_names = _torch_state.torch_names(self.core_kwargs, group)
-            changed = ", ".join(dict.fromkeys(torch_names.get(n, n).split("[")[0] for n in names)) or "a hyperparameter"
+            changed = self._torch_names_of(group, names)
             warnings.warn(
                 f"{type(self).__name__}: {changed} changed at two steps in a row (a scheduler's momentum "
                 f"cycling?): each value would compile or capture the step anew, so a param group steps eagerly "
@@ -394,7 +398,16 @@ class CoreOptimizer(torch.optim.Optimizer):
         raises = any(group.get("on_nonfinite", "skip") == "raise" for group, *_ in updates)
         skipped = self._one_decision(updates, raises) if raises or len(updates) > 1 else None
         for group, transform, members, calls, group_extra, eager in updates:
-            self._step_members(transform, members, calls=calls, extra=group_extra, skipped=skipped, eager=eager)
+            try:
+                self._step_members(transform, members, calls=calls, extra=group_extra, skipped=skipped, eager=eager)
+            except ValueError as error:
+                last, now, names = self._changed_at.get(id(group), (None, None, ()))
+                if calls == 0 or now != self._step_calls or "does not fit the optimizer state" not in str(error):
+                    raise
+                raise ValueError(
+                    f"{type(self).__name__}: {self._torch_names_of(group, names)} changed after the optimizer state was made, and the new value "
+                    f"needs a state of another layout; set it before the first step, or build a new optimizer "
+                    f"({error})") from error
         self._restack = False
 
     def _group_extra(self, group: dict, extra: dict) -> dict:

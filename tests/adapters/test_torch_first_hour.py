@@ -186,6 +186,27 @@ def test_an_unknown_keyword_of_step_is_refused_before_the_step(name):
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("cls, key, before, after", [(pt.RFRMSProp, "momentum", 0.0, 0.9), (pt.AGD, "amsgrad", False, True)],
+                         ids=["RFRMSProp", "AGD"])
+def test_a_hyperparameter_that_changes_the_state_layout_is_named(cls, key, before, after):
+    """A hyperparameter whose value decides the state's layout (a momentum buffer, AGD's
+    ``amsgrad`` maximum), changed after the first step, cannot take the state made for the old
+    value (as in torch's Adam): the error names the hyperparameter and what to do, in torch's
+    words; it used to point at the gradient ("a transposed gradient, another dtype, or a weight
+    without its bias?")."""
+    model = _model()
+    opt = cls(model.named_parameters(), **{key: before}, **({"batch_size": 4} if cls is pt.RFRMSProp else {}))
+    for value in (before, after):
+        opt.param_groups[0][key] = value
+        opt.zero_grad()
+        model(torch.randn(5, 4, dtype=torch.float64)).square().mean().backward()
+        if value is after:
+            with pytest.raises(ValueError, match=rf"^{cls.__name__}: {key} changed after the optimizer state was made"):
+                opt.step()
+        else:
+            opt.step()
+
+
 def test_an_unknown_keyword_of_an_optax_factory_names_the_optax_argument():
     """The optax factories in their own words: torch's ``lr`` and ``betas`` point to
     ``learning_rate`` and ``b1``."""
