@@ -53,6 +53,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from precond_ref.engine.elementwise import EAGER_WRITES, in_place_step
+from precond_ref.engine.matrices import transposed_view
 from precond_ref.engine.run import steps_leaf_by_leaf
 from precond_ref.engine.skip import gradient_ok
 from precond_ref.transform import Transform
@@ -434,11 +435,11 @@ class LeafCalls:
         """The new state, or ``None`` (nothing written) for a group of zero-size leaves alone."""
         _raise_postponed(self)
         grad_leaves, treedef = tree_flatten(grads)
-        live = [(path_str(path), g, w) for path, g, w in zip(treedef.paths, grad_leaves, tree_flatten(params)[0])
+        live = [(path_str(path), _leaf_name(path, g), g, w) for path, g, w in zip(treedef.paths, grad_leaves, tree_flatten(params)[0])
                 if state.groups[path_str(path)]]  # a zero-size leaf has no state and no step
         if not live:
             return None
-        large = sum(g.numel() >= PER_SHAPE_MIN_ELEMENTS for _, g, _ in live)
+        large = sum(g.numel() >= PER_SHAPE_MIN_ELEMENTS for _, _, g, _ in live)
         # one graph per large leaf's shape at most: dynamo's default limit of 8 would stop short
         shapes = torch._dynamo.config.patch(recompile_limit=max(large, torch._dynamo.config.recompile_limit))
         ok = gradient_ok(torch, grad_leaves)
@@ -447,9 +448,11 @@ class LeafCalls:
         timer, self._first = (_timer(self._tell) if self._first else None), False
         try:
             with contextlib.nullcontext() if self._quiet else _quiet_tracing():
-                for n, (key, g, w) in enumerate(live):
-                    leaf_state = type(state)(state.count, state.nonfinite_count, {".": groups[key]})
+                for n, (key, name, g, w) in enumerate(live):
+                    leaf_state = type(state)(state.count, state.nonfinite_count, {path_str(name): groups[key]})
                     per_shape = g.numel() >= PER_SHAPE_MIN_ELEMENTS
+                    if name:  # the leaf under the name the core reads it by
+                        g, w = {name[0]: g}, {name[0]: w}
                     try:
                         if eager:
                             out = _apply_leaf(self.transform, ok, g, leaf_state, w, due, extra)
@@ -464,7 +467,7 @@ class LeafCalls:
                         out = _apply_leaf(self.transform, ok, g, leaf_state, w, due, extra)
                     count, nonfinite_count, returned, scalar_updates = out
                     if returned:
-                        groups[key] = {**groups[key], **returned["."]}
+                        groups[key] = {**groups[key], **returned[path_str(name)]}
                     scalars += [(w, u) for u in scalar_updates]
         finally:
             if timer is not None:
@@ -480,6 +483,15 @@ class LeafCalls:
             "param group; seconds to a minute on a CPU). compile=False, or %s=0, steps eagerly instead",
             ENVIRONMENT_VARIABLE,
         )
+
+
+def _leaf_name(path: tuple, g: torch.Tensor) -> tuple:
+    """The part of a leaf's ``path`` that its step of its own (:class:`LeafCalls`) keeps: the name
+    of a leaf whose matrix view the core takes by its name (an out-last ``kernel``,
+    :func:`~precond_ref.engine.matrices.transposed_view`, whose side is the other side of that
+    view), so that it steps as in its tree; ``()`` for any other (the leaf alone, one graph for
+    every name)."""
+    return path[-1:] if transposed_view(tuple(g.shape), path) else ()
 
 
 def _kernel_notice() -> None:

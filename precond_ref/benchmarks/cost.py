@@ -160,10 +160,12 @@ def dasgo(params: Params, itemsize: int = 4, **_: Any) -> Cost:
 # Matrix methods
 
 
-def _matrix_shape(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
-    from ..engine.matrices import matrix_shape
+def _matrix_side(side: str, name: str, shape: tuple[int, ...]) -> tuple[int, int, bool]:
+    """The matrix view of parameter ``name`` and whether ASGO's ``side`` is its left side, as the
+    step takes them (:func:`~precond_ref.engine.blockdiag.matrix_side`)."""
+    from ..engine.blockdiag import matrix_side
 
-    return matrix_shape(tuple(shape), tuple(name.split(".")))
+    return matrix_side(side, tuple(shape), tuple(name.split(".")))
 
 
 def asgo(
@@ -201,8 +203,8 @@ def asgo(
         if len(shape) < 2:
             _elementwise(t, [(name, shape)], itemsize, 7, "fallback AdamW")
             continue
-        m, n = _matrix_shape(name, shape)
-        k, other = (m, n) if (side == "left" or (side == "auto" and m < n)) else (n, m)
+        m, n, left = _matrix_side(side, name, shape)
+        k, other = (m, n) if left else (n, m)
         b = k if block_size is None or block_size >= k else block_size
         chunks = [b] * (k // b) + ([k % b] if k % b else [])
         for c in chunks:

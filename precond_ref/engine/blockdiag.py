@@ -12,7 +12,8 @@ rest of the layout for such a method, on the joins and stacks of :func:`~precond
 * the roots of the blocks whose phase is due, the equal blocks of all leaves in one batched call,
   a root that is not finite or that the method rejected replaced element-wise, without a branch
   (:func:`refresh_roots`), and the counters of a join's leaves added at once;
-* the hint naming the block size that continues a state saved under another one (:func:`block_layout_hint`);
+* the hints naming the block size that continues a state saved under another one (:func:`block_layout_hint`),
+  and the side that continues a state whose statistic is of the other side (:func:`side_layout_hint`);
 * the leaves the method does not precondition routed to its fallback rule (:func:`fallback_predicate`)
   and stepped, all of them in one element-wise pass per dtype and device (:func:`fallback_leaves`);
 * the transform of a :class:`OneSidedRule` (:func:`one_sided_transform`): the fallback rule's leaves
@@ -37,14 +38,16 @@ from .elementwise import rule_step
 from .factors import constant, identity, per_block
 from .joined import leafwise
 from .layout import saved_blocks_hint
-from .matrices import MatrixJoin, MatrixStack, end_to_end, hand_back, joined_form, matrix_joins, stack_views, symmetrized_pieces
+from .matrices import (
+    MatrixJoin, MatrixStack, end_to_end, hand_back, joined_form, matrix_joins, matrix_shape, stack_views, symmetrized_pieces, transposed_view,
+)
 from .phases import handed_back, hashed_phases, phase_stacks, refreshes
 from .run import build_transform
 
 __all__ = [
     "side_blocks", "block_diagonal_product", "finite_root_or_previous", "unrefreshed",
-    "refresh_roots", "block_layout_hint", "block_state",
-    "is_left", "OneSidedRule", "one_sided_transform",
+    "refresh_roots", "block_layout_hint", "side_layout_hint", "block_state",
+    "is_left", "matrix_side", "OneSidedRule", "one_sided_transform",
     "FallbackMask", "FallbackRule", "fallback_predicate", "fallback_step", "fallback_leaves",
 ]
 
@@ -59,10 +62,24 @@ _JOINED = ("momentum", "statistic")
 _ROOT_OF = {"statistic": "root", "statistic_tail": "root_tail"}
 
 
-def is_left(side: str, m: int, n: int) -> bool:
+def is_left(side: str, m: int, n: int, transposed: bool = False) -> bool:
     """Whether ``side`` preconditions the left side of an m×n matrix; ``"auto"``: the smaller
-    side, the right one for a square matrix (ASGO spec §2.1)."""
+    side, the right one for a square matrix (ASGO spec §2.1). ``side`` names a side of the
+    out-first view (left: the output rows, right: the input columns); ``transposed``: the m×n
+    matrix is the transpose of that view (an out-last Flax ``kernel``,
+    :func:`~precond_ref.engine.matrices.transposed_view`), whose left side is then the out-first
+    right one, so that its step is the transposed step of the same layer stored out-first."""
+    if transposed:
+        return not is_left(side, n, m)
     return m < n if side == "auto" else side == "left"
+
+
+def matrix_side(side: str, shape: tuple[int, ...], path: Path) -> tuple[int, int, bool]:
+    """A leaf's matrix view (m, n) (:func:`~precond_ref.engine.matrices.matrix_shape`) and whether
+    ``side`` preconditions its left side (:func:`is_left`, the view of an out-last ``kernel``
+    read as the transpose of the out-first one)."""
+    m, n = matrix_shape(shape, path)
+    return m, n, is_left(side, m, n, transposed_view(shape, path))
 
 
 def block_state(xp: Any, k: int, block_size: Optional[int], dtype: Any, device: Any, roots: bool) -> dict:
@@ -252,6 +269,39 @@ def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
     return saved_blocks_hint(found, layout, lambda shape: f"block_size={shape[-1]}" + (" (or larger)" if len(shape) == 2 else ""))
 
 
+def side_layout_hint(side: str, block_size: Optional[int], roots: bool) -> Callable[[dict, dict], str]:
+    """``build_transform``'s ``layout_hint`` of a one-sided rule (``roots``: one with a statistic
+    and root per block of ``block_size``, else a vector along the side) built with ``side``: for a
+    state whose ``momentum`` fits but whose statistic is that of the other side of the same matrix,
+    the ``side`` that continues it. Such a state was saved with the other side, or by an earlier
+    version for an out-last ``kernel`` leaf, whose side those versions named as a side of the
+    kernel's own view, not of the out-first one (:func:`is_left`). ``""`` for any other state,
+    and with ``side="auto"``, whose side of a matrix has one length in both readings."""
+    other = {"left": "right", "right": "left"}.get(side)
+
+    def statistics(entries: dict) -> dict:  # the shapes of the statistic's entries
+        return {k: v[0] for k, v in entries.items() if k.startswith("statistic")}
+
+    def of_side(k: int) -> dict:  # the statistic's entries of a side of length k (block_state)
+        if not roots:
+            return {"statistic": (k,)}
+        b, full, tail = chunk_sizes(k, block_size)
+        return {"statistic": (full, b, b) if full else (k, k), **({"statistic_tail": (tail, tail)} if tail else {})}
+
+    def hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
+        if other is None or "momentum" not in layout or found.get("momentum") != layout["momentum"]:
+            return ""
+        m, n = layout["momentum"][0]
+        have = statistics(found)
+        if have == statistics(layout) or have not in (of_side(m), of_side(n)):
+            return ""
+        return (f" Or a state whose statistic is of the other side of this {m}x{n} matrix: one saved with side={other!r}, "
+                f"or by an earlier version for a Flax `kernel` leaf (which took the side of the kernel as stored, "
+                f"the other side of the layer); build the optimizer with side={other!r} to continue from it")
+
+    return hint
+
+
 class FallbackRule(NamedTuple):
     """An element-wise rule for the leaves a matrix method does not precondition, of one leaf (or
     of many joined into one flat vector: nothing in it reads a shape), with ``c`` its configuration
@@ -335,7 +385,7 @@ class OneSidedRule(NamedTuple):
     arrays of any number of leaves joined end to end (nothing in them reads a shape); ``c`` is the
     rule's configuration, which holds ``learning_rate``, ``weight_decay``, ``side``, ``faithful``,
     ``rms_target`` and, for a rule with roots, ``keeps_root`` (whether the state stores the roots
-    between refreshes).
+    between refreshes) and ``block_size``.
 
     ``init(xp, c, w, path)``: a matrix leaf's state, its ``momentum`` the leaf's m×n matrix view;
     ``terms(xp, c, s)``: the new term ``S_t`` of each statistic of a stack (its name: ``statistic``,
@@ -381,11 +431,17 @@ def one_sided_transform(
     joined by dtype and device and stacked by matrix shape (:func:`~precond_ref.engine.matrices.matrix_joins`),
     each join stepped by :func:`_joined_step`. The roots are refreshed by phase (``schedule``; every
     call unless ``c.keeps_root``). A rule without roots steps each leaf from its own arrays alone
-    (``independent_leaves``); one with roots names the ``block_size`` that continues a state saved
-    with other blocks (:func:`block_layout_hint`)."""
+    (``independent_leaves``). A state that does not fit is refused with the ``side`` that continues
+    it where its statistic is of the other side (:func:`side_layout_hint`), else, for a rule with
+    roots, the ``block_size`` that continues a state saved with other blocks (:func:`block_layout_hint`).
+    A leaf's side is :func:`matrix_side`'s, from its shape and path."""
     goes_to_fallback = fallback_predicate(fallback_mask)
     has_roots = rule.inverse_root is not None
     keeps_root = has_roots and c.keeps_root
+    side_hint = side_layout_hint(c.side, c.block_size if has_roots else None, has_roots)
+
+    def layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
+        return side_hint(found, layout) or (block_layout_hint(found, layout) if has_roots else "")
 
     def init_group(leaves, paths, xp):
         (w,), (path,) = leaves, paths
@@ -394,9 +450,12 @@ def one_sided_transform(
     def update_groups(grads, states, params, ctxs: list[StepContext]):
         xp, ctx = ctxs[0].xp, ctxs[0]
         results, matrices = fallback_leaves(xp, grads, states, params, ctx, rule.fallback, fallback)
+        def left(i: int) -> bool:  # leaf i's side, from its own shape and path (a group is one leaf)
+            return matrix_side(c.side, tuple(grads[i][0].shape), ctxs[i].paths[0])[2]
+
         # a rule without roots stacks element-wise passes and reductions only (matrix_joins' ``passes``)
         for join in matrix_joins(xp, grads, states, params, matrices, _STACKED if has_roots else (), (*_JOINED, "failures") if has_roots else _JOINED,
-                                 partial(is_left, c.side), not is_zero(c.weight_decay), passes=not has_roots):
+                                 left, not is_zero(c.weight_decay), passes=not has_roots):
             for i, result in _joined_step(xp, ctx, rule, c, join, states, schedule, keeps_root):
                 results[i] = result
         return results
@@ -404,7 +463,7 @@ def one_sided_transform(
     return build_transform(
         name=name, init_group=init_group, update_groups=update_groups, on_nonfinite=on_nonfinite,
         needs_params=not is_zero(c.weight_decay) or not is_zero(fallback.weight_decay), intervals=schedule,
-        layout_hint=block_layout_hint if has_roots else None, legacy_names=renamed_failures if has_roots else None,
+        layout_hint=layout_hint, legacy_names=renamed_failures if has_roots else None,
         independent_leaves=not has_roots,
     )
 

@@ -28,7 +28,7 @@ from .factors import constant
 
 __all__ = [
     "MatrixStack", "MatrixJoin", "matrix_joins", "JOIN_MAX_ELEMENTS", "stack_views", "end_to_end", "symmetrized_pieces", "hand_back", "leaves_of",
-    "as_matrix", "matrix_shape", "joined_form", "joined_rms_renormalised", "joined_scaled_rms_renormalised", "numbers_over",
+    "as_matrix", "matrix_shape", "transposed_view", "joined_form", "joined_rms_renormalised", "joined_scaled_rms_renormalised", "numbers_over",
 ]
 
 Array = Any
@@ -82,7 +82,7 @@ JOIN_MAX_ELEMENTS = 2**22
 
 def matrix_joins(
     xp: Any, grads: list, states: list, params: Any, leaves: list[int], stacked: Sequence[str], joined: Sequence[str],
-    left: Callable[[int, int], bool], with_param: bool, passes: bool = False,
+    left: Callable[[int], bool], with_param: bool, passes: bool = False,
 ) -> list[MatrixJoin]:
     """The matrix leaves ``leaves`` (each group one leaf whose state's ``momentum`` is its m×n
     matrix view), joined end to end by gradient dtype, device and the dtypes of their ``joined``
@@ -90,7 +90,9 @@ def matrix_joins(
     matrix shape (a leading axis, the DASH layout): per leaf its gradient as an m×n matrix in the
     compute dtype, its state entries ``stacked`` (those it has) stacked along a new leading axis
     (:func:`~precond_ref._backend.joined`), its ``joined`` entries and, with ``with_param``, its
-    parameter as an m×n matrix, the last three views of the join's arrays.
+    parameter as an m×n matrix, the last three views of the join's arrays. ``left(i)``: whether
+    the method preconditions the left side of leaf ``i``'s matrix; leaves of one matrix shape whose
+    sides differ (an out-first weight and a Flax ``kernel`` of the same view) are two stacks.
 
     An element-wise line of a method's step then runs once per join, not once per stack or leaf;
     a matrix product or a reduction within each matrix once per stack. The gradients and
@@ -117,7 +119,7 @@ def matrix_joins(
         (g,), state = grads[i], states[i]
         join_key = (g.dtype, device_key(g), tuple(state[n].dtype for n in joined), with_param and params[i][0].dtype)
         alone = not persist and blocking.large_on_cpu((g,), bound)  # the entries of its matrix view
-        stack_key = (i,) if alone else (join_key, *((n, tuple(state[n].shape)) for n in ("momentum", *stacked) if n in state))
+        stack_key = (i,) if alone else (join_key, left(i), *((n, tuple(state[n].shape)) for n in ("momentum", *stacked) if n in state))
         joins.setdefault(join_key if persist else stack_key, {}).setdefault(stack_key, []).append(i)
     if len(leaves) == 1:
         joins[None] = {None: list(leaves)}
@@ -140,7 +142,7 @@ def matrix_joins(
         for k, members in enumerate(members_of):
             first = states[members[0]]
             entries = {n: _stacked_entry(xp, [states[i][n] for i in members]) for n in stacked if n in first}
-            stacks.append(MatrixStack(tuple(members), tuple(tuple(grads[i][0].shape) for i in members), left(*first["momentum"].shape),
+            stacks.append(MatrixStack(tuple(members), tuple(tuple(grads[i][0].shape) for i in members), left(members[0]),
                                       gs[k] if len(groups) == 1 else _own_copy(xp, gs[k]), {**entries, **{n: views[n][k] for n in joined}},
                                       ps[k]))
         out.append(MatrixJoin(tuple(order), g, state, param, stacks))
@@ -228,16 +230,25 @@ def stack_views(xp: Any, flat: Array, states: list, stacks: Sequence[Sequence[in
 def matrix_shape(shape: tuple[int, ...], path: Any) -> tuple[int, int]:
     """(m, n) of a leaf's matrix view: a 0-D leaf is 1×1, a 1-D leaf a 1×n row; a ≥3-D leaf is
     (first axis, rest) in the out-first layout, or (all but the last axis, last axis) for an
-    out-last Flax ``kernel`` (the last entry of its ``path``)."""
+    out-last Flax ``kernel`` (the last entry of its ``path``; :func:`transposed_view`)."""
     if len(shape) == 0:
         return 1, 1
     if len(shape) == 1:
         return 1, shape[0]
     if len(shape) == 2:
         return shape[0], shape[1]
-    if path and path[-1] == "kernel":
+    if transposed_view(shape, path):
         return math.prod(shape[:-1]), shape[-1]
     return shape[0], math.prod(shape[1:])
+
+
+def transposed_view(shape: tuple[int, ...], path: Any) -> bool:
+    """Whether the matrix view of a leaf (:func:`matrix_shape`) is the transpose of the out-first
+    view of the same layer: an out-last Flax ``kernel`` (the last entry of its ``path``) of 2
+    dimensions or more, (in, out) or (kh, kw, in, out), viewed as (in·..., out) where the out-first
+    weight is viewed as (out, in·...). A method that names a side of the out-first view takes the
+    other side of this one (:func:`~precond_ref.engine.blockdiag.matrix_side`)."""
+    return len(shape) >= 2 and bool(path) and path[-1] == "kernel"
 
 
 def as_matrix(xp: Any, x: Array, shape: tuple[int, ...]) -> Array:

@@ -35,10 +35,10 @@ from ..linalg import (
     inverse_sqrt_polar_express, rms_renormalised, scaled_rms_renormalised, trace,
 )
 from ..engine.blockdiag import (
-    FallbackMask, FallbackRule, OneSidedRule, block_diagonal_product, block_state, is_left, one_sided_transform, side_blocks,
+    FallbackMask, FallbackRule, OneSidedRule, block_diagonal_product, block_state, matrix_side, one_sided_transform, side_blocks,
 )
 from ..engine.factors import number, per_block
-from ..engine.matrices import MatrixStack, matrix_shape
+from ..engine.matrices import MatrixStack
 from ..transform import (
     ScalarOrSchedule, Transform, check_choice, check_learning_rate, check_mode, check_nonnegative, check_optional,
     check_positive, check_positive_int, check_principled_only, check_unit_interval,
@@ -424,7 +424,9 @@ def asgo(
     accumulator:
         ``"ema"`` (:math:`\beta_2` EMA, the authors' code) or ``"sum"`` (Algorithm 1's AdaGrad sum).
     side:
-        ``"auto"`` (left if :math:`m < n`, else right), ``"left"`` or ``"right"``.
+        ``"auto"`` (left if :math:`m < n`, else right), ``"left"`` or ``"right"``: sides of the
+        (out, in) weight, its output rows and input columns; a Flax ``kernel`` (in, out) takes the
+        same side of its layer.
     block_size:
         Principled only: split a preconditioned side longer than this into contiguous chunks of
         this size (the last may be shorter), each with its own statistic, damping and root; the RMS
@@ -593,7 +595,8 @@ def dasgo(
         :math:`r > 0` (0.2) or ``None``.
     side:
         ``"right"`` (columns, the authors), ``"left"`` (rows) or ``"auto"`` (the smaller side, as
-        ASGO); faithful mode allows only ``"right"``.
+        ASGO); faithful mode allows only ``"right"``. Sides of the (out, in) weight: a Flax
+        ``kernel`` (in, out) takes the same side of its layer (``"right"``: its input side).
     fallback_mask, fallback_b1, fallback_b2, fallback_eps, fallback_weight_decay:
         As :func:`asgo`.
     mode:
@@ -658,6 +661,6 @@ def _matrix_leaf(xp: Any, name: str, param: Array, path: Path, side: str, faithf
             f"the authors' {name.upper()} accepts only matrices. Mask it to the fallback Adam "
             "(fallback_mask) or use mode='principled', which reshapes tensors to matrices"
         )
-    m, n = matrix_shape(tuple(param.shape), path)
+    m, n, left = matrix_side(side, tuple(param.shape), path)
     dtype = compute_dtype(xp, param.dtype)
-    return m, n, (m if is_left(side, m, n) else n), (param.dtype if faithful else dtype), (xp.float32 if faithful else dtype)
+    return m, n, (m if left else n), (param.dtype if faithful else dtype), (xp.float32 if faithful else dtype)

@@ -713,6 +713,30 @@ def test_dasgo_steps_leaf_by_leaf_one_graph_per_rank(monkeypatch):
             torch.testing.assert_close(got[i][name], want[i][name], rtol=1e-10, atol=1e-12)
 
 
+def test_dasgo_leaf_by_leaf_steps_a_kernel_as_its_tree_does(monkeypatch):
+    """A parameter the core reads as an out-last ``kernel`` (by its name; DASGO takes the other side
+    of its matrix view, the layer's input side) steps alone (``LeafCalls``) under that name, as in its
+    tree: a non-square and a square kernel beside a weight compile and take the eager optimizer's
+    steps (no fallback to eager, which would warn), with the statistic of their input side."""
+    monkeypatch.setattr(_torch_compile, "PER_LEAF_MIN_TENSORS", 1)
+    shapes = {"l.kernel": (7, 5), "sq.kernel": (6, 6), "w.weight": (5, 7)}
+    torch.manual_seed(0)
+    compiled = [(k, torch.nn.Parameter(torch.randn(s, dtype=torch.float64))) for k, s in shapes.items()]
+    eager = [(k, torch.nn.Parameter(p.detach().clone())) for k, p in compiled]
+    opts = [pt.DASGO(compiled, lr=1e-2, compile={"backend": "eager"}), pt.DASGO(eager, lr=1e-2, compile=False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        for _ in range(3):
+            for (_, p), (_, q) in zip(compiled, eager):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+            for o in opts:
+                o.step()
+    for (_, p), (_, q) in zip(compiled, eager):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+    assert opts[0].state[compiled[0][1]]["statistic"].shape == (7,)
+
+
 def test_dasgo_leaf_compilation_failing_mid_step_finishes_it_eagerly(monkeypatch):
     """A leaf-by-leaf step (``LeafCalls``) whose compilation fails after earlier leaves were written
     (the second layout, a vector after a matrix) finishes that step eagerly, leaf by leaf, and

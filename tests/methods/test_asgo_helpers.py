@@ -459,6 +459,11 @@ def _join_leaves(rng, shapes, dtype=np.float64):
     return grads, params, states
 
 
+def _smaller_side(states):
+    """``matrix_joins``' ``left``: whether leaf ``i``'s left side is its smaller one (``side="auto"``)."""
+    return lambda i: states[i]["momentum"].shape[0] < states[i]["momentum"].shape[1]
+
+
 def test_matrix_joins_are_the_leaves_end_to_end_and_their_stacks():
     """The plain formula of a join (``engine.matrices.matrix_joins``, docs/engine.md "Persistent
     stacks"): its gradients, parameters and joined entries are the concatenation of its leaves'
@@ -475,7 +480,7 @@ def test_matrix_joins_are_the_leaves_end_to_end_and_their_stacks():
     g32, p32, s32 = _join_leaves(rng, [(2, 3)], np.float32)
     grads, params, states = grads + g32, params + p32, states + s32
     leaves = list(range(len(grads)))
-    joins = matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), lambda m, n: m < n, True)
+    joins = matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), _smaller_side(states), True)
     assert [j.leaves for j in joins] == [(0, 2, 4, 1, 3), (5,)]
     wide, narrow = joins
     order = wide.leaves
@@ -499,7 +504,7 @@ def test_matrix_joins_are_the_leaves_end_to_end_and_their_stacks():
     for s, view in zip(wide.stacks, stack_views(xp, new, states, [s.leaves for s in wide.stacks], "momentum")):
         for i, piece in zip(s.leaves, view):
             states[i] = {**states[i], "momentum": piece}
-    again = matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), lambda m, n: m < n, True)[0]
+    again = matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), _smaller_side(states), True)[0]
     assert np.shares_memory(again.state["momentum"], new)
     np.testing.assert_array_equal(again.state["momentum"], new)
 
@@ -515,7 +520,7 @@ def test_leaves_over_the_join_bound_step_stack_by_stack(monkeypatch):
     shapes = [(3, 5), (4, 2), (3, 5), (4, 2)]
     grads, params, states = _join_leaves(rng, shapes)
     leaves = list(range(len(grads)))
-    assert len(matrices.matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), lambda m, n: m < n, True)) == 1
+    assert len(matrices.matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), _smaller_side(states), True)) == 1
     params0 = {f"w{i}": rng.standard_normal(shape) for i, shape in enumerate(shapes)}
     batches = [{k: rng.standard_normal(v.shape) for k, v in params0.items()} for _ in range(4)]
 
@@ -531,7 +536,7 @@ def test_leaves_over_the_join_bound_step_stack_by_stack(monkeypatch):
 
     joined = {m: run(m) for m in ("asgo", "dasgo")}
     monkeypatch.setattr(matrices, "JOIN_MAX_ELEMENTS", 0)
-    assert len(matrices.matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), lambda m, n: m < n, True)) == 2
+    assert len(matrices.matrix_joins(xp, grads, states, params, leaves, (), ("momentum",), _smaller_side(states), True)) == 2
     for method, want in joined.items():
         for a, b in zip(run(method), want):
             for k in a:
