@@ -272,11 +272,11 @@ def block_layout_hint(found: dict[str, tuple], layout: dict[str, tuple]) -> str:
 def side_layout_hint(side: str, block_size: Optional[int], roots: bool) -> Callable[[dict, dict], str]:
     """``build_transform``'s ``layout_hint`` of a one-sided rule (``roots``: one with a statistic
     and root per block of ``block_size``, else a vector along the side) built with ``side``: for a
-    state whose ``momentum`` fits but whose statistic is that of the other side of the same matrix,
-    the ``side`` that continues it. Such a state was saved with the other side, or by an earlier
-    version for an out-last ``kernel`` leaf, whose side those versions named as a side of the
-    kernel's own view, not of the out-first one (:func:`is_left`). ``""`` for any other state,
-    and with ``side="auto"``, whose side of a matrix has one length in both readings."""
+    state whose ``momentum`` fits but whose statistic is that of the other side of the same matrix
+    (saved with the other ``side``, or for an out-last ``kernel`` leaf whose side was read on the
+    kernel as stored rather than on its layer, :func:`is_left`), the ``side`` that continues it.
+    ``""`` for any other state, and with ``side="auto"``, whose side of a matrix has one length in
+    both readings."""
     other = {"left": "right", "right": "left"}.get(side)
 
     def statistics(entries: dict) -> dict:  # the shapes of the statistic's entries
@@ -295,9 +295,9 @@ def side_layout_hint(side: str, block_size: Optional[int], roots: bool) -> Calla
         have = statistics(found)
         if have == statistics(layout) or have not in (of_side(m), of_side(n)):
             return ""
-        return (f" Or a state whose statistic is of the other side of this {m}x{n} matrix: one saved with side={other!r}, "
-                f"or by an earlier version for a Flax `kernel` leaf (which took the side of the kernel as stored, "
-                f"the other side of the layer); build the optimizer with side={other!r} to continue from it")
+        return (f" Or a state whose statistic is of the other side of this {m}x{n} matrix (saved with side={other!r}, "
+                f"or for a Flax `kernel` leaf with its side read on the kernel as stored): build the optimizer with "
+                f"side={other!r} to continue from it")
 
     return hint
 
