@@ -362,8 +362,11 @@ class CoreOptimizer(torch.optim.Optimizer):
         last, now, names = self._changed_at.get(id(group), (None, None, ()))
         if (last, now) != (self._step_calls - 1, self._step_calls):
             return False
+        options = self._compile_options
+        if isinstance(options, _torch_compile.Auto):
+            options = options.options_for(sum(p.numel() for p in group["params"]))
         captures = self._capture is not False and any(p.is_cuda for p in group["params"])
-        if not self._told_scheduled and (self._compile_options is not None or captures):
+        if not self._told_scheduled and (options is not None or captures):
             self._told_scheduled = True
             changed = self._torch_names_of(group, names)
             warnings.warn(
@@ -396,7 +399,9 @@ class CoreOptimizer(torch.optim.Optimizer):
             eager = self._scheduled(group)
             updates.extend((group, transform, members, calls, group_extra, eager) for calls, members in by_calls.items())
         raises = any(group.get("on_nonfinite", "skip") == "raise" for group, *_ in updates)
-        skipped = self._one_decision(updates, raises) if raises or len(updates) > 1 else None
+        # torch_distributed's classes agree on the decision across ranks themselves (one all-reduce).
+        decides = (raises or len(updates) > 1) and not getattr(self, "_accepts_dtensor", False)
+        skipped = self._one_decision(updates, raises) if decides else None
         for group, transform, members, calls, group_extra, eager in updates:
             try:
                 self._step_members(transform, members, calls=calls, extra=group_extra, skipped=skipped, eager=eager)

@@ -140,7 +140,8 @@ def test_the_torch_adapter_modules_import_downwards_only():
     """The layering the torch adapter is written in: the state, compile and memory helpers import
     no other module of the adapter's, the capture helper only the compile one (the patterns a
     compiled step runs eagerly are those it does not capture); ``_torch_core``
-    (``CoreOptimizer``) imports them and nothing above; ``_torch_methods`` (the classes' behaviour beyond their table rows) imports only those
+    (``CoreOptimizer``) imports them and ``_keywords`` (the unknown-keyword message the torch and optax
+    adapters share, itself importing nothing of the adapter's) and nothing above; ``_torch_methods`` (the classes' behaviour beyond their table rows) imports only those
     below it; ``torch`` (the method table) does not import the distributed classes."""
     adapters = {m: {t for t in GRAPH[m] if t.startswith("precond_ref.adapters.")} for m in GRAPH
                 if m.startswith("precond_ref.adapters.")}
@@ -149,7 +150,9 @@ def test_the_torch_adapter_modules_import_downwards_only():
         assert adapters[helper] == set(), helper
     capture = "precond_ref.adapters._torch_capture"
     assert adapters[capture] == {"precond_ref.adapters._torch_compile"}
-    assert adapters["precond_ref.adapters._torch_core"] == helpers | {capture}
+    keywords = "precond_ref.adapters._keywords"
+    assert adapters[keywords] == set()
+    assert adapters["precond_ref.adapters._torch_core"] == helpers | {capture, keywords}
     assert adapters["precond_ref.adapters._torch_methods"] <= helpers | {"precond_ref.adapters._torch_core"}
     assert "precond_ref.adapters.torch_distributed" not in adapters["precond_ref.adapters.torch"]
 
