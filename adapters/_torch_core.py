@@ -410,9 +410,9 @@ class CoreOptimizer(torch.optim.Optimizer):
                 if calls == 0 or now != self._step_calls or "does not fit the optimizer state" not in str(error):
                     raise
                 raise ValueError(
-                    f"{type(self).__name__}: {self._torch_names_of(group, names)} changed after the optimizer state was made, and the new value "
-                    f"needs a state of another layout; set it before the first step, or build a new optimizer "
-                    f"({error})") from error
+                    f"{type(self).__name__}: {self._torch_names_of(group, names)} changed after the optimizer state "
+                    f"was made, and the new value needs a state of another layout; set it before the first step, or "
+                    f"build a new optimizer ({error})") from error
         self._restack = False
 
     def _group_extra(self, group: dict, extra: dict) -> dict:
@@ -451,7 +451,6 @@ class CoreOptimizer(torch.optim.Optimizer):
             grads[i] = torch.where(skipped, grads[i], math.nan)
         params_tree = tree_unflatten(plan.treedef, [p.detach() for p in tensors])
         grads_tree = tree_unflatten(plan.treedef, grads)
-
         if self._capturable:
             named = [(path_str(self._path(p, i)), p) for i, p in members]
             _torch_compile.check_capturable(type(self).__name__, transform, named)
@@ -476,10 +475,9 @@ class CoreOptimizer(torch.optim.Optimizer):
         new_state = None
         if self._capture is not False and not eager:
             new_state = self._captured_update(plan, transform, core_state, params_tree, calls, extra, grads)
-        if new_state is None and eager:
-            new_state = self._eager_update(transform, grads_tree, core_state, params_tree, calls, extra)
-        elif new_state is None:
-            new_state = self._run_update(transform, grads_tree, core_state, params_tree, calls, extra, plan.numel)
+        if new_state is None:
+            new_state = (self._eager_update(transform, grads_tree, core_state, params_tree, calls, extra) if eager else
+                         self._run_update(transform, grads_tree, core_state, params_tree, calls, extra, plan.numel))
             if self._capturable and calls > 0 and not self._restack:
                 new_state = _written_in_place(core_state, new_state)
         if self._behind:
