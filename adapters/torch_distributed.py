@@ -161,10 +161,12 @@ class _SplitTransform:
         paths = treedef.paths
         grad_views = self._views(leaves)
         param_views = None if params is None else self._views(tree_flatten(params)[0])
-        finite = self.opt._all_finite(grad_views)
+        # The step's decision (DistributedOptimizer._step_groups, equal on every rank), then this
+        # group's own (a gathered leaf's full norm); both all-reduced, so every rank decides alike.
+        finite = self.opt._step_finite is not False and self.opt._all_finite(grad_views)
         if not finite and self.on_nonfinite == "raise":
             bad = next((path_str(p) for p, v in zip(paths, grad_views) if not bool(torch.isfinite(v).all())), None)
-            where = f"in leaf {bad!r}" if bad else "on another rank of the process group"
+            where = f"in leaf {bad!r}" if bad else "on another rank of the process group or in another param group"
             raise FloatingPointError(f"{type(self.opt).__name__}: non-finite gradient {where}")
         owned = self._owned(paths, leaves)
         updates: list = [None] * len(leaves)
@@ -421,6 +423,20 @@ class DistributedOptimizer:
         if not isinstance(leaf, DTensor):
             return _PLAIN
         return _LOCAL if self.elementwise else _FULL
+
+    #: The non-finite decision of the step being taken, for all its param groups (``None`` outside a step).
+    _step_finite: Optional[bool] = None
+
+    def _step_groups(self, extra: dict) -> None:
+        """The base class's step, with one non-finite decision for every param group, agreed by all
+        ranks (:meth:`_all_finite` of every local gradient shard): a NaN in one group skips (or
+        raises before) every group's update, as in one process."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self._step_finite = self._all_finite([g.to_local() if isinstance(g, DTensor) else g for g in grads])
+        try:
+            super()._step_groups(extra)
+        finally:
+            self._step_finite = None
 
     def _all_finite(self, views: list[torch.Tensor]) -> bool:
         """Whether the gradients of every rank pass the core's skip rule (finite, and a squared

@@ -183,6 +183,19 @@ def test_nonfinite_gradient_on_one_rank_is_seen_by_all(job):
         assert bad[rank]["nan-raise-unchanged"]
 
 
+def test_nonfinite_gradient_in_one_param_group_stops_every_group_on_every_rank(job):
+    """One decision for the step, as in one process (the torch classes' rule): a NaN in the
+    second param group of rank 1's shard leaves every parameter of every group on every rank
+    where it was (``"skip"``), or raises on every rank before any moves (``"raise"``); each group
+    used to decide alone, so the first group stepped on the bad batch."""
+    _, bad = job
+    for rank in range(WORLD):
+        assert bad[rank]["groups-nan-skip"] is None
+        assert bad[rank]["groups-nan-skip-unchanged"]
+        assert bad[rank]["groups-nan-raise"].startswith("FloatingPointError")
+        assert bad[rank]["groups-nan-raise-unchanged"]
+
+
 DOCS_PAGE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "docs", "distributed.md")
 
 

@@ -209,6 +209,20 @@ def bad_inputs(rank: int, world: int) -> dict:
         seen[f"nan-{policy}-unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
         counts = {int(s["nonfinite_count"]) for s in opt.state.values() if "nonfinite_count" in s}
         seen[f"nan-{policy}-nonfinite"] = sorted(counts)
+    # A NaN in the second of two param groups, in rank 1's shard only: every group of every rank
+    # skips (ASGO, its blocks split across the ranks) or raises before any parameter moves.
+    for policy in ("skip", "raise"):
+        net = model()
+        fully_shard(net, mesh=mesh)
+        named = list(net.named_parameters())
+        opt = ptd.ASGO([{"params": named[:2]}, {"params": named[2:], "weight_decay": 0.0}], lr=0.1, on_nonfinite=policy)
+        before = plain(net)
+        loss_fn(net, *[shard(t[0], rank, world) for t in data()]).backward()
+        if rank == 1:
+            named[-1][1].grad.to_local().view(-1)[0] = float("nan")
+        attempt(f"groups-nan-{policy}", opt.step)
+        after = plain(net)
+        seen[f"groups-nan-{policy}-unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
     return seen
 
 
