@@ -261,7 +261,8 @@ class _RootFreeOptimizer(CoreOptimizer):
         counter = self._batch_counter
         # The count serves the groups without a batch_size of their own, and only when step's
         # batch_size does not override it.
-        wanted = counter is not None and extra.get("batch_size") is None and self._groups_without_batch_size()
+        needed = extra.get("batch_size") is None and self._groups_without_batch_size()
+        wanted = counter is not None and needed
         if wanted and counter.sequences is not None:
             shape, counter.sequences, counter.count = counter.sequences, None, 0
             raise ValueError(
@@ -271,7 +272,7 @@ class _RootFreeOptimizer(CoreOptimizer):
                 "batch_size= to the constructor or opt.step(batch_size=...)"
             )
         counted = counter.count if wanted and counter.count > 0 else None
-        if extra.get("batch_size") is None and counted is None and self._groups_without_batch_size():
+        if needed and counted is None:
             if counter is not None:
                 counter.count, counter.sequences = 0, None
             raise ValueError(

@@ -122,7 +122,7 @@ def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
             return PrecondState(zero, zero, {})
         core_params, _ = _as_core_tree(params)
         state = jitted_init(core_params)
-        if leaves and all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed for x in leaves):
+        if all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed for x in leaves):
             state = jax.device_put(state, _shardings_like(state, core_params))
         return state
 
