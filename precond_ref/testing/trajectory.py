@@ -178,6 +178,12 @@ class Trajectory:
     problem_options: dict = dataclasses.field(default_factory=dict)
     version: str = ""
 
+    def __post_init__(self) -> None:
+        # The dtype is kept as its name ("float64"): the comparison picks its tolerances from it
+        # and the trace file stores it as text, neither of which can read a backend's dtype object.
+        if not isinstance(self.dtype, str):
+            self.dtype = _dtype_name(self.dtype)
+
     @property
     def steps(self) -> int:
         """Number of updates recorded."""
@@ -322,7 +328,7 @@ def torch_trajectory(
     problem: "str | Problem",
     steps: int,
     *,
-    dtype: str = "float64",
+    dtype: Any = "float64",
     device: Any = "cpu",
     named: bool = False,
     step_kwargs: Optional[dict] = None,
@@ -333,7 +339,8 @@ def torch_trajectory(
     ``make_optimizer(params)`` builds the optimizer from a list of leaf tensors (in the problem's
     tree order, ``requires_grad=True``), or of ``(name, tensor)`` pairs with dotted names
     (``"fc1.weight"``) when ``named`` is true. Each step sets every ``.grad`` to the problem's
-    gradient and calls ``optimizer.step(**step_kwargs)``.
+    gradient and calls ``optimizer.step(**step_kwargs)``. ``dtype`` is a name (``"float64"``) or a
+    torch dtype; the trajectory records its name.
     """
     problem = get_problem(problem)
     xp = resolve_namespace("torch")
@@ -363,7 +370,7 @@ def torch_trajectory(
         params=history,
         losses=losses,
         grads=grads_seen,
-        dtype=dtype,
+        dtype=_dtype_name(torch_dtype),
         backend="torch",
         problem_options=problem.options(),
         version=_version(),

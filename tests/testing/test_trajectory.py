@@ -85,6 +85,24 @@ def test_torch_optimizer_runner_matches_the_adapter_and_reference():
     np.testing.assert_allclose(traj.losses, ref.losses, rtol=1e-12)
 
 
+def test_torch_runner_records_the_dtype_name_for_a_torch_dtype(tmp_path):
+    """A trajectory records its dtype's name whatever form the dtype was given in, so that a torch
+    dtype gets float64 tolerances (a candidate 1e-6 off fails) and the trajectory saves and loads."""
+    torch = pytest.importorskip("torch")
+    pt = pytest.importorskip("precond_ref.adapters.torch")
+    ref = prt.reference_trajectory("agd", "mlp", 3, {"learning_rate": 1e-2})
+    off = prt.torch_trajectory(lambda p: pt.AGD(p, lr=1e-2 * (1 + 1e-6)), "mlp", 3, dtype=torch.float64)
+    assert off.dtype == "float64"
+    comparison = prt.compare_trajectories(ref, off)
+    assert comparison.rtol == 1e-10 and not comparison.ok
+    prt.save_trajectory(off, str(tmp_path / "t.npz"))
+    loaded = prt.load_trajectory(str(tmp_path / "t.npz"))
+    assert loaded.dtype == "float64"
+    prt.assert_trajectories_close(off, loaded, rtol=0, atol=0)
+    # Made by hand with a dtype object, a trajectory keeps the name as well.
+    assert prt.Trajectory("m", "mlp", {}, ref.params, ref.losses, ref.grads, np.dtype("float32"), "numpy").dtype == "float32"
+
+
 def test_optax_runner_matches_the_reference():
     pj = pytest.importorskip("precond_ref.adapters.jax")
     ref = prt.reference_trajectory("agd", "cnn", 4, {"learning_rate": 1e-2})
