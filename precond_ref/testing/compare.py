@@ -11,6 +11,7 @@ implementation produces. These helpers need NumPy; arrays of any backend are acc
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional, Sequence
 
 from ..tree import path_str, tree_flatten
@@ -46,7 +47,7 @@ class Divergence:
     reference, candidate:
         The two values.
     abs_error:
-        ``|candidate - reference|``.
+        ``|candidate - reference|`` (``inf`` when it is not finite).
     rel_error:
         ``abs_error / max(|reference|, |candidate|)`` (0 when both are 0).
     tolerance:
@@ -88,9 +89,10 @@ class Comparison:
     steps_compared:
         Number of parameter sets compared (``min`` of the two lengths).
     max_abs_error, max_rel_error:
-        Per step, the largest absolute and relative difference over all elements.
+        Per step, the largest absolute and relative difference over all elements. An element that
+        is the same NaN or infinity in both counts as 0, one that is not finite in one only as ``inf``.
     loss_abs_error:
-        Per step, ``|candidate loss - reference loss|`` (empty when a side has no losses).
+        Per step, ``|candidate loss - reference loss|`` by the same rule (empty when a side has no losses).
     rtol, atol:
         The tolerances used.
     lengths:
@@ -151,6 +153,14 @@ def _precision(trajectory: Any, first_leaf: Any) -> str:
     if isinstance(trajectory, Trajectory):
         return trajectory.dtype
     return "float64" if "64" in str(getattr(first_leaf, "dtype", "")) else "float32"
+
+
+def _loss_difference(a: float, b: float) -> float:
+    """``|a - b|``, by the parameters' rule: 0 for the same NaN or infinity, else infinite if not finite."""
+    if a == b or (math.isnan(a) and math.isnan(b)):
+        return 0.0
+    difference = abs(a - b)
+    return difference if math.isfinite(difference) else math.inf
 
 
 def compare_trajectories(
@@ -221,10 +231,14 @@ def compare_trajectories(
                 finite_mismatch = np.isfinite(r) != np.isfinite(c)
                 same_nonfinite = ~np.isfinite(r) & ~np.isfinite(c) & ((r == c) | (np.isnan(r) & np.isnan(c)))
                 bad = finite_mismatch | (~same_nonfinite & ~(diff <= tol))
-            finite = np.isfinite(diff)
+                # An element that is the same NaN or infinity in both runs agrees: difference 0.
+                # Any other non-finite difference (a NaN or infinity against a number, +inf
+                # against -inf, or an overflow) is infinite, so the report never prints NaN.
+                diff = np.where(same_nonfinite, 0.0, np.where(np.isfinite(diff), diff, np.inf))
+                rel = np.where(same_nonfinite, 0.0, np.where(np.isfinite(rel), rel, np.inf))
             if diff.size:
-                step_abs = max(step_abs, float(np.max(np.where(finite, diff, np.inf))))
-                step_rel = max(step_rel, float(np.max(np.where(finite, rel, np.inf))))
+                step_abs = max(step_abs, float(np.max(diff)))
+                step_rel = max(step_rel, float(np.max(rel)))
             count += int(np.count_nonzero(bad))
             if step_first is None and bad.any():
                 flat = int(np.flatnonzero(bad.reshape(-1))[0])
@@ -237,7 +251,7 @@ def compare_trajectories(
             first = Divergence(t, path, index, rv, cv, d, rl, tl, count)
     loss_errors = []
     if ref_losses and cand_losses:
-        loss_errors = [abs(float(a) - float(b)) for a, b in zip(ref_losses[:n], cand_losses[:n])]
+        loss_errors = [_loss_difference(float(a), float(b)) for a, b in zip(ref_losses[:n], cand_losses[:n])]
     lengths = (len(ref_steps), len(cand_steps))
     return Comparison(
         ok=first is None and lengths[0] == lengths[1],

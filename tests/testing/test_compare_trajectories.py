@@ -69,6 +69,23 @@ def test_nonfinite_candidate_diverges(reference):
     assert prt.compare_trajectories(same, same).ok
 
 
+def test_matching_nonfinite_elements_count_as_no_difference():
+    """An element that is the same NaN or infinity in both trajectories (parameter or loss) agrees and
+    counts as difference 0 in the report; one that is not finite in one run only counts as infinite."""
+    traj = [{"w": np.array([1.0, 2.0])}, {"w": np.array([1.1, np.inf])}, {"w": np.array([1.2, np.nan])}]
+    same = prt.compare_trajectories(traj, traj, rtol=0, atol=0)
+    assert same.ok and same.max_abs_error == [0.0, 0.0, 0.0] and same.max_rel_error == [0.0, 0.0, 0.0]
+    assert "max relative difference 0.000e+00" in str(same) and "inf" not in str(same)
+    finite = [{"w": np.array([1.0, 2.0])}, {"w": np.array([1.1, 3.0])}, {"w": np.array([1.2, 4.0])}]
+    mismatch = prt.compare_trajectories(traj, finite)
+    assert not mismatch.ok and mismatch.first_divergence.step == 1
+    assert mismatch.max_abs_error[1:] == [np.inf, np.inf] and mismatch.max_rel_error[1:] == [np.inf, np.inf]
+    reference = prt.reference_trajectory("agd", "quadratic", 2, {"learning_rate": 1e-2})
+    with_nan = prt.Trajectory(**{**vars(reference), "losses": [reference.losses[0], np.nan, np.inf]})
+    assert prt.compare_trajectories(with_nan, with_nan).loss_abs_error == [0.0, 0.0, 0.0]
+    assert prt.compare_trajectories(reference, with_nan).loss_abs_error[1:] == [np.inf, np.inf]
+
+
 def test_length_and_structure_mismatches(reference):
     short = _numpy_copy(reference)[:3]
     comparison = prt.compare_trajectories(reference, short)
