@@ -317,3 +317,46 @@ def test_asgo_faithful(options):
     params = tiny_tree()
     params["conv"]["weight"] = params["conv"]["weight"].reshape(3, 8)
     run_both(pr.asgo, loops.LoopASGO, config, rtol=1e-4, params=params)
+
+
+# ------------------------------------------------------------------------------------------------
+# Defaults: an oracle built with no hyperparameters states the same method as its factory called
+# with none (the learning rate included, resolved by the mode where the factory's default depends
+# on it). Only what the method cannot run without is given, to both: the batch size of the
+# root-free methods. Faithful RF-RMSProp and RF-AdamW keep float32 state by default, which the
+# float64 oracles do not emulate: the library is given ``state_dtype=float64`` (as above).
+# Tolerances by the rounding model above, with the condition bound of each method's default
+# damping where an inverse or inverse root enters: ASGO's relative δ = 1e-4 on blocks of k ≤ 5
+# (k/δ + 1); Sketchy's relative ε = 1e-7 ((1 + 1/ε)^{1/2}); S-AdaGrad's absolute ε = 1e-7 with
+# e_max ≤ 1e3 ((1 + e_max/ε)^{1/2}; faithful's undamped operator acts on the span of six random
+# gradients, conditioned far better); MBF's λ = 1e-3 with ‖F‖ ≲ 20 ((‖F‖ + λ)/λ). Faithful ASGO:
+# float32's bound of ``test_asgo_faithful``.
+
+DEFAULT_CASES = [
+    ("agd", "LoopAGD", {}, RTOL, RTOL),
+    ("asgo", "LoopASGO", {}, RTOL * (5 / 1e-4 + 1), 1e-4),
+    ("dasgo", "LoopDASGO", {}, RTOL, RTOL),
+    ("sketchy", "LoopSketchy", {}, RTOL * (1 + 1e7) ** 0.5, RTOL * (1 + 1e7) ** 0.5),
+    ("s_adagrad", "LoopSAdaGrad", {}, RTOL * (1 + 1e3 / 1e-7) ** 0.5, RTOL * (1 + 1e3 / 1e-7) ** 0.5),
+    ("rf_rmsprop", "LoopRFRMSProp", {"batch_size": 4}, RTOL, RTOL),
+    ("rf_adamw", "LoopRFAdamW", {"batch_size": 4}, RTOL, RTOL),
+    ("if_shampoo", "LoopIFShampoo", {"batch_size": 4}, RTOL, RTOL),
+    ("mbf", "LoopMBF", {}, RTOL * (1 + 20 / 1e-3), RTOL * (1 + 20 / 1e-3)),
+]
+
+
+@pytest.mark.parametrize("mode", ["principled", "faithful"])
+@pytest.mark.parametrize("method, oracle, required, rtol_principled, rtol_faithful", DEFAULT_CASES,
+                         ids=[c[0] for c in DEFAULT_CASES])
+def test_oracle_defaults_are_the_factory_defaults(method, oracle, required, rtol_principled, rtol_faithful, mode):
+    """Every oracle at its defaults equals its factory at its defaults, in both modes, step by step:
+    the oracle's default hyperparameters (the learning rate among them) are the factory's."""
+    config = dict(required, mode=mode)
+    lib = dict(config)
+    if method in ("rf_rmsprop", "rf_adamw") and mode == "faithful":
+        lib["state_dtype"] = np.float64
+    params = tiny_tree()
+    if method in ("asgo", "dasgo") and mode == "faithful":  # the authors' ASGO and DASGO take matrices only
+        params["conv"]["weight"] = params["conv"]["weight"].reshape(3, 8)
+    run_both(lambda **_: getattr(pr, method)(**lib), getattr(loops, oracle), config, steps=6, params=params,
+             rtol=rtol_principled if mode == "principled" else rtol_faithful)

@@ -21,7 +21,8 @@ oracle                    library                    module (paper)
 :class:`LoopAGD`          ``agd``                    :mod:`.agd`
 ========================  =========================  ==============================================
 
-Usage, with the library's hyperparameter names::
+Usage, with the library's hyperparameter names and defaults (a default that depends on ``mode``
+resolved as the factory resolves it)::
 
     oracle = LoopAGD(params, learning_rate=1e-2)
     updates = oracle.step(grads, params)          # as the library's update: params + updates

@@ -170,12 +170,14 @@ class LoopASGO:
     fallback Adam in ``torch.optim.Adam`` form.
     """
 
-    def __init__(self, params: dict, *, learning_rate: Any = 1e-2, b1: float = 0.9, b2: float = 0.8,
+    def __init__(self, params: dict, *, learning_rate: Any = None, b1: float = 0.9, b2: float = 0.8,
                  weight_decay: float = 0.1, damping: Optional[float] = None, eps: Optional[float] = None,
                  precondition_every: Optional[int] = None, rms_target: Any = 0.2, accumulator: str = "ema",
                  side: str = "auto", block_size: Optional[int] = None, spread_refresh: Optional[bool] = None,
                  mode: str = "principled", root_method: Optional[str] = None, root_steps: int = 10, **fallback):
         faithful = mode == "faithful"
+        if learning_rate is None:  # the mode's default step size: the authors' 1e-2, principled 0.0316
+            learning_rate = 1e-2 if faithful else 0.0316
         if faithful:
             T, spread_refresh, block_size = precondition_every or 1, False, None
             damping, eps = 0.0, 1e-10 if eps is None else eps
@@ -251,7 +253,7 @@ class LoopDASGO:
     NumPy float32 scalars. Non-matrix leaves: :func:`fallback_adam`.
     """
 
-    def __init__(self, params: dict, *, learning_rate: Any = 1e-3, b1: float = 0.9, b2: float = 0.95,
+    def __init__(self, params: dict, *, learning_rate: Any = 1e-2, b1: float = 0.9, b2: float = 0.95,
                  eps: float = 1e-8, weight_decay: float = 0.1, rms_target: Any = 0.2, side: str = "right",
                  mode: str = "principled", **fallback):
         self.h = dict(lr=learning_rate, b1=b1, b2=b2, eps=eps, wd=weight_decay, r=rms_target, side=side,

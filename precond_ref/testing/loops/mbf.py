@@ -67,13 +67,15 @@ class LoopMBF:
     ``"official_chunks"``, plain ``inv(F + λI)``, P = 1, no KL clip.
     """
 
-    def __init__(self, params: dict, *, learning_rate: Any = 1e-5, damping: float = 1e-3, momentum: float = 0.9,
+    def __init__(self, params: dict, *, learning_rate: Any = None, damping: float = 1e-3, momentum: float = 0.9,
                  b2: float = 0.9, weight_decay: float = 0.0, statistics_every: int = 10,
                  precondition_every: int = 100, fc_blocks: Optional[str] = None, diagonal_b2: float = 0.999,
                  diagonal_eps: float = 1e-8, diagonal_second_moment: str = "momentum",
                  max_block_dim: Optional[int] = None, kl_clip: Optional[float] = None, mode: str = "principled",
                  block_size: Optional[int] = None, refresh_phases: Optional[int] = None):
         faithful = mode == "faithful"
+        if learning_rate is None:  # the mode's default step size: the authors' 1e-5, principled 1e-3
+            learning_rate = 1e-5 if faithful else 1e-3
         fc_blocks = fc_blocks or ("official_chunks" if faithful else "columns_avg")
         if block_size is None and not faithful and fc_blocks == "columns_avg":
             block_size = 128

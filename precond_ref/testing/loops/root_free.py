@@ -43,7 +43,7 @@ class LoopRFRMSProp:
     with ``state_dtype=float64``.
     """
 
-    def __init__(self, params: dict, *, learning_rate: Any = 1e-2, b2: float = 0.999, damping: float = 1e-4,
+    def __init__(self, params: dict, *, learning_rate: Any = 0.316, b2: float = 0.999, damping: float = 1e-4,
                  momentum: float = 0.0, weight_decay: float = 0.0, batch_size: Optional[int] = None,
                  initial_scale: float = 1.0, scale_by_batch_size: bool = True, mode: str = "principled"):
         self.h = dict(lr=learning_rate, b2=b2, lam=damping, alpha1=momentum, kappa=weight_decay,
@@ -87,7 +87,7 @@ class LoopRFAdamW:
     Faithful mode: R1-R2 as :class:`LoopRFRMSProp` (compare with ``state_dtype=float64``).
     """
 
-    def __init__(self, params: dict, *, learning_rate: Any = 1e-3, b1: float = 0.9, b2: float = 0.999,
+    def __init__(self, params: dict, *, learning_rate: Any = 1.0, b1: float = 0.9, b2: float = 0.999,
                  damping: float = 1e-4, weight_decay: float = 0.0, bias_correction: bool = False,
                  batch_size: Optional[int] = None, initial_scale: float = 1.0, scale_by_batch_size: bool = True,
                  mode: str = "principled"):
@@ -164,7 +164,7 @@ class LoopIFShampoo:
     ``kernel`` leaves are not covered.
     """
 
-    def __init__(self, params: dict, *, learning_rate: Any = 1e-3, momentum: float = 0.9,
+    def __init__(self, params: dict, *, learning_rate: Any = None, momentum: float = 0.9,
                  preconditioner_lr: Any = 0.01, preconditioner_momentum: float = 0.5, damping: float = 1e-3,
                  weight_decay: float = 0.0, batch_size: Optional[int] = None, precondition_every: Any = None,
                  structures: Optional[str] = None, max_dense_dim: Optional[int] = None, grouping: str = "per_parameter",
@@ -172,6 +172,8 @@ class LoopIFShampoo:
                  kl_clip: Optional[float] = None, mode: str = "principled", block_size: Optional[int] = None,
                  spread_refresh: Optional[bool] = None):
         faithful = mode == "faithful"
+        if learning_rate is None:  # the mode's default step size: the authors' 1e-3, principled 0.1
+            learning_rate = 1e-3 if faithful else 0.1
         if structures is None and faithful:
             structures = "dense"
         T = (1 if faithful else 2) if precondition_every is None else precondition_every

@@ -262,7 +262,7 @@ class LoopSAdaGrad:
     integer T > 1 the block pieces take phases as :class:`LoopSketchy`'s.
     """
 
-    def __init__(self, params: dict, *, learning_rate: Any = 1e-2, rank: int = 128, delta: float = 0.0,
+    def __init__(self, params: dict, *, learning_rate: Any = 0.316, rank: int = 128, delta: float = 0.0,
                  eps: Optional[float] = None, b2: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0,
                  block_size: Optional[int] = None, mode: str = "principled", precondition_every: Any = None,
                  spread_refresh: Optional[bool] = None):
