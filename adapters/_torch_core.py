@@ -194,13 +194,23 @@ class CoreOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if isinstance(param_group, dict):
             _torch_state.check_tensor_lr(param_group.get("lr"))
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # torch's checks, then appends the group
+        group, names = self.param_groups[-1], self._param_names
+        try:
+            self._param_names = _torch_state.names_from_groups([group], names)
+            members = {id(p) for p in group["params"]}
+            self._param_names.update((p, n) for p, n in self._model_names.items() if id(p) in members)
+            self._transform(group)  # builds the core transform: refuses invalid hyperparameters
+        except Exception as error:
+            # A refused group leaves the optimizer as it was: a group left in param_groups would
+            # make every later step raise, and its parameters could not be added again.
+            self.param_groups.pop()
+            self._param_names = names
+            self._transforms.pop(id(group), None)
+            if type(error) in (ValueError, TypeError):
+                raise type(error)(f"{type(self).__name__}: {error}") from error
+            raise
         self._drop_graphs()
-        group = self.param_groups[-1]
-        self._param_names = _torch_state.names_from_groups([group], self._param_names)
-        members = {id(p) for p in group["params"]}
-        self._param_names.update((p, n) for p, n in self._model_names.items() if id(p) in members)
-        self._transform(group)
 
     def __getstate__(self) -> dict:
         return _torch_state.getstate(self)

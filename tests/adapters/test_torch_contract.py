@@ -301,3 +301,29 @@ def test_invalid_hyperparameter_raises_at_construction(case):
     with pytest.raises(ValueError, match=r"^lr must be") as info:
         case.make(model.named_parameters(), lr=-1.0)
     assert "learning_rate" not in str(info.value)
+
+
+def test_refused_param_group_leaves_the_optimizer_as_it_was(case):
+    """``add_param_group`` with a hyperparameter the class refuses raises ``ValueError`` naming the
+    class and the torch argument, and leaves the optimizer as it was: the same param groups and
+    state, steps on the trajectory of an optimizer never given the group, and the same parameters
+    can then be added with valid values (stepping as in that optimizer given them)."""
+    x, y = _data()
+    model, twin = _model(), _model()
+    named, twin_named = list(model.named_parameters()), list(twin.named_parameters())
+    opt, reference = case.make(named[:2]), case.make(twin_named[:2])
+    _train(model, opt, case, 2, x, y)
+    _train(twin, reference, case, 2, x, y)
+    state_before = {p: dict(entries) for p, entries in opt.state.items()}
+    with pytest.raises(ValueError, match=rf"^{type(opt).__name__}: lr must be"):
+        opt.add_param_group({"params": named[2:], "lr": -1.0})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [p for _, p in named[:2]]
+    assert {p: dict(entries) for p, entries in opt.state.items()} == state_before
+    _train(model, opt, case, 2, x, y)
+    _train(twin, reference, case, 2, x, y)
+    assert torch.equal(_flat(model), _flat(twin))
+    opt.add_param_group({"params": named[2:]})
+    reference.add_param_group({"params": twin_named[2:]})
+    _train(model, opt, case, 2, x, y)
+    _train(twin, reference, case, 2, x, y)
+    assert torch.equal(_flat(model), _flat(twin))
