@@ -129,6 +129,10 @@ class _BatchCounter:
     ids, ``(sequences, length, ...)``) does not tell: a per-token loss averages over every token, a
     per-sequence one over the sequences. Such a forward is recorded in ``sequences`` (its input's
     shape) and counts nothing, and the step refuses to guess (:meth:`_RootFreeOptimizer.step`).
+    A forward whose arguments hold no tensor (a dict of tensors, say) or whose first tensor is 0-D
+    has no leading size and adds nothing; it is recorded in ``uncounted`` (what its arguments
+    were), so that a step with nothing counted says so and asks for ``batch_size=`` rather than
+    saying that no training forward ran.
 
     The model holds the hook (:class:`_CounterHook`), the hook holds the counter weakly, and the
     hook is removed from the model when the counter is collected (with its optimizer).
@@ -142,6 +146,7 @@ class _BatchCounter:
     def __init__(self, model: Optional[torch.nn.Module]) -> None:
         self.count = 0
         self.sequences: Optional[tuple] = None
+        self.uncounted: Optional[str] = None
         self._model = weakref.ref(model) if model is not None else None
         self.handle = None
         if model is not None:
@@ -171,11 +176,19 @@ class _BatchCounter:
             return
         if _starts_accumulation(module):
             # The gradients of the forwards counted so far were discarded (or never computed).
-            self.count, self.sequences = 0, None
-        first = next(
-            (x for x in itertools.chain(inputs, (kwargs or {}).values()) if isinstance(x, torch.Tensor)), None
-        )
+            self.count, self.sequences, self.uncounted = 0, None, None
+        arguments = tuple(itertools.chain(inputs, (kwargs or {}).values()))
+        first = next((x for x in arguments if isinstance(x, torch.Tensor)), None)
         if first is None or first.ndim == 0:
+            # No leading size to count (a dict or other container of tensors, a 0-D tensor): kept
+            # for the step's message, which would otherwise say that no training forward ran.
+            if first is not None:
+                what = "its first tensor argument is 0-D"
+            elif arguments:
+                what = f"its first argument is a {type(arguments[0]).__name__} and none is a tensor"
+            else:
+                what = "it was called without arguments"
+            self.uncounted = self.uncounted or what
             return
         if first.ndim >= 2 and not (first.is_floating_point() or first.is_complex() or first.dtype == torch.bool):
             self.sequences = tuple(first.shape)
@@ -264,7 +277,7 @@ class _RootFreeOptimizer(CoreOptimizer):
         needed = extra.get("batch_size") is None and self._groups_without_batch_size()
         wanted = counter is not None and needed
         if wanted and counter.sequences is not None:
-            shape, counter.sequences, counter.count = counter.sequences, None, 0
+            shape, counter.sequences, counter.count, counter.uncounted = counter.sequences, None, 0, None
             raise ValueError(
                 f"{type(self).__name__}: model='s input is a batch of integer sequences {shape}, which does not "
                 "tell B, the number of examples the loss averages over: a per-token loss averages over every "
@@ -274,7 +287,14 @@ class _RootFreeOptimizer(CoreOptimizer):
         counted = counter.count if wanted and counter.count > 0 else None
         if needed and counted is None:
             if counter is not None:
-                counter.count, counter.sequences = 0, None
+                uncounted, counter.count, counter.sequences, counter.uncounted = counter.uncounted, 0, None, None
+                if uncounted is not None:
+                    raise ValueError(
+                        f"{type(self).__name__}: model= counts B, the number of examples the loss averages over, "
+                        f"as the leading size of the first tensor argument of each training-mode forward, but "
+                        f"the model's forward got no tensor to count ({uncounted}). Give batch_size= to the "
+                        "constructor or opt.step(batch_size=...)"
+                    )
             raise ValueError(
                 _no_batch_size(type(self).__name__, "scale_by_batch_size" in self.defaults)
                 + ("; model= counted no training-mode forward pass since the last step" if counter is not None else "")
@@ -285,7 +305,7 @@ class _RootFreeOptimizer(CoreOptimizer):
         finally:
             self.__dict__.pop("_counted_batch_size", None)
             if counter is not None:
-                counter.count, counter.sequences = 0, None
+                counter.count, counter.sequences, counter.uncounted = 0, None, None
 
     def _group_extra(self, group: dict, extra: dict) -> dict:
         """``step``'s keyword arguments, with the counted batch size for a group that has no

@@ -389,3 +389,36 @@ def test_model_holds_no_hook_of_a_collected_optimizer():
     del kept
     gc.collect()
     assert not model._forward_pre_hooks and not model._forward_pre_hooks_with_kwargs
+
+
+class _DictInputModel(torch.nn.Module):
+    """``_model()`` whose forward takes a dict of tensors (or a tensor) as its one argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _model()
+
+    def forward(self, batch):
+        return self.body(batch["x"] if isinstance(batch, dict) else batch)
+
+
+@pytest.mark.parametrize("cls", [pt.RFRMSProp, pt.RFAdamW, pt.IFShampoo], ids=lambda c: c.__name__)
+def test_forward_without_a_tensor_argument_is_named_in_the_error(cls):
+    """model= counts the leading size of the first tensor argument of each training forward. A
+    forward whose arguments hold no tensor (a dict of tensors) has no size to count, so a step
+    with nothing counted says that the forward got no tensor to count and asks for batch_size=,
+    rather than saying that no training forward ran; the step then given batch_size= goes on, and
+    the next forward with a tensor counts as before."""
+    x, y = _data(8)
+    model = _DictInputModel()
+    opt = cls(None, model=model, lr=0.05)
+    opt.zero_grad()
+    ((model({"x": x}) - y) ** 2).mean().backward()
+    with pytest.raises(ValueError, match=r"got no tensor to count \(its first argument is a dict") as info:
+        opt.step()
+    assert "batch_size=" in str(info.value) and "no training-mode forward" not in str(info.value)
+    opt.step(batch_size=8)
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    assert opt._batch_counter.count == 8 and opt._batch_counter.uncounted is None
+    opt.step()
