@@ -9,7 +9,18 @@ from typing import Any, Callable, Optional
 from .._backend import as_operand, compute_dtype, is_number
 from ..transform import check_positive_int
 
-__all__ = ["BATCH_SIZE_HELP", "check_batch_size", "batch_size", "state_dtype", "filled"]
+__all__ = ["BATCH_SIZE_HELP", "FLOATING_DTYPE_NAMES", "check_batch_size", "batch_size", "check_dtype", "state_dtype", "filled"]
+
+#: The names a dtype option takes as a string: the real floating dtypes of the array API standard
+#: and bf16 (torch's and JAX's). A name is resolved in the parameters' namespace at ``init``.
+FLOATING_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+# Names of dtypes that are not real floating (the array API's, and NumPy's spelling of bool): an
+# object of one of these is refused at construction, whichever library it comes from.
+_OTHER_DTYPE_NAMES = frozenset(
+    ["bool", "bool_", "complex64", "complex128"]
+    + [f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64)]
+)
 
 BATCH_SIZE_HELP = (
     "the root-free methods multiply the squared gradient by the batch size B, the number of "
@@ -39,18 +50,69 @@ def batch_size(name: str, factory_value: Any, extra: dict) -> Any:
     return value
 
 
-def state_dtype(xp: Any, param_dtype: Any, requested: Any = None, default: Optional[Callable] = None) -> Any:
-    """The dtype of a state kept for parameters of ``param_dtype``: the one ``requested``, else
-    ``default(xp, param_dtype)`` where a method has one (``None`` from it: none), else the
-    parameters' compute dtype (:func:`precond_ref._backend.compute_dtype`: float32 for bf16 and
-    fp16). A dtype that is not real floating is an error."""
+def _dtype_name(value: Any) -> str:
+    """The name of a dtype object of any array library, read without importing one: a NumPy (or
+    CuPy, ml_dtypes) dtype's ``name``, a scalar type's class name (``np.float32``, ``jnp.float32``),
+    else the last dotted part of its text (``torch.float32``, ``array_api_strict.float32``)."""
+    name = getattr(value, "name", None)
+    if isinstance(name, str):
+        return name
+    if isinstance(value, type):
+        return value.__name__
+    return str(value).rsplit(".", 1)[-1]
+
+
+def check_dtype(name: str, value: Any) -> None:
+    """A dtype option's errors at construction, where the parameters' array library is not known yet:
+    ``None`` (the method's default), one of :data:`FLOATING_DTYPE_NAMES`, or a dtype object. An
+    object is refused here when it is an array (what ``optax.inject_hyperparams`` makes of a
+    dtype it takes for a schedule), a Python number or type, or a dtype whose name says it is
+    not real floating; whether it is a real floating dtype of the parameters' namespace is
+    checked at ``init`` (:func:`state_dtype`)."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if value not in FLOATING_DTYPE_NAMES:
+            raise ValueError(f"{name} must be a real floating dtype or one of the names {FLOATING_DTYPE_NAMES}, got {value!r}")
+        return
+    # NumPy's dtypes have a ``shape`` too (``np.float32`` the class, ``np.dtype("float32")`` no ``dtype``).
+    if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type):
+        raise ValueError(
+            f"{name} must be a dtype, got an array; under optax.inject_hyperparams pass "
+            f"static_args=('{name}',) (a dtype is callable, so it is taken for a schedule)"
+        )
+    # Identity, not equality: NumPy's float64 dtype compares equal to Python's float.
+    python_types = (bool, int, float, complex)
+    if isinstance(value, python_types) or any(value is t for t in python_types) or _dtype_name(value) in _OTHER_DTYPE_NAMES:
+        raise TypeError(f"{name} must be a real floating dtype or one of the names {FLOATING_DTYPE_NAMES}, got {value!r}")
+
+
+def state_dtype(xp: Any, param_dtype: Any, requested: Any = None, default: Optional[Callable] = None,
+                name: str = "state_dtype") -> Any:
+    """The dtype of a state kept for parameters of ``param_dtype``: the one ``requested`` (a dtype
+    of ``xp``, or its name: ``"float32"`` is ``xp.float32``), else ``default(xp, param_dtype)``
+    where a method has one (``None`` from it: none), else the parameters' compute dtype
+    (:func:`precond_ref._backend.compute_dtype`: float32 for bf16 and fp16). A name ``xp`` lacks,
+    an object that is not a dtype of ``xp``, or a dtype that is not real floating is an error
+    naming the option ``name``."""
     dtype = requested
+    if isinstance(dtype, str):
+        dtype = getattr(xp, requested, None)
+        if dtype is None:
+            raise ValueError(f"{name}={requested!r}: the parameters' array library {getattr(xp, '__name__', xp)} has no {requested} dtype")
     if dtype is None and default is not None:
         dtype = default(xp, param_dtype)
     if dtype is None:
         dtype = compute_dtype(xp, param_dtype)
-    if not xp.isdtype(dtype, "real floating"):
-        raise TypeError(f"state/factor dtype must be a real floating dtype, got {dtype}")
+    try:
+        floating = xp.isdtype(dtype, "real floating")
+    except (TypeError, ValueError) as error:  # not a dtype of xp (e.g. a torch dtype for NumPy arrays)
+        raise TypeError(
+            f"{name} must be a real floating dtype of the parameters' array library "
+            f"{getattr(xp, '__name__', xp)} or its name, got {requested!r} ({error})"
+        ) from None
+    if not floating:
+        raise TypeError(f"{name} must be a real floating dtype, got {dtype}")
     return dtype
 
 

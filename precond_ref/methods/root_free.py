@@ -264,7 +264,9 @@ def rf_rmsprop(
     scale_by_batch_size:
         ``False`` uses :math:`B = 1` (the authors' ``dummy_scaling`` ablation; no B needed).
     state_dtype:
-        dtype of :math:`s` and :math:`v` (a dtype of the parameters' namespace). Default: float32
+        dtype of :math:`s` and :math:`v`: a dtype of the parameters' namespace, or its name
+        (``"float32"``, ``"float64"``, ``"float16"``, ``"bfloat16"``; resolved in that namespace at
+        ``init``, an error there if it has none). Default: float32
         for bf16/fp16 parameters, else the parameter dtype (principled); float32 (faithful).
     mode:
         ``"principled"`` (default) or ``"faithful"``.
@@ -303,6 +305,7 @@ def rf_rmsprop(
     check_unit_interval("b2", b2)
     check_unit_interval("momentum", momentum)
     _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_batch_size, mode)
+    options.check_dtype("state_dtype", state_dtype)
     config = RFRMSPropConfig(
         learning_rate, b2, damping, momentum, weight_decay, batch_size, initial_scale, scale_by_batch_size,
         faithful=mode == "faithful", use_momentum=not is_zero(momentum), use_decay=not is_zero(weight_decay),
@@ -370,6 +373,7 @@ def rf_adamw(
     check_unit_interval("b2", b2)
     check_bool("bias_correction", bias_correction)
     _check_rf_common(damping, weight_decay, batch_size, initial_scale, scale_by_batch_size, mode)
+    options.check_dtype("state_dtype", state_dtype)
     config = RFAdamWConfig(
         learning_rate, b1, b2, damping, weight_decay, bias_correction, batch_size, initial_scale,
         scale_by_batch_size, faithful=mode == "faithful", use_decay=not is_zero(weight_decay),
@@ -595,12 +599,8 @@ def _check_tiling(layout: TileLayout, structures, max_dense_dim, factor_dtype) -
             if name not in _STRUCTURES:
                 raise ValueError(f"structures must name one of {_STRUCTURES} per axis, got {name!r}")
     for value in factor_dtype.values() if isinstance(factor_dtype, dict) else (factor_dtype,):
-        # NumPy's dtypes have a ``shape`` too (``np.float32`` the class, ``np.dtype("float32")`` no ``dtype``).
-        if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type):
-            raise ValueError(
-                "factor_dtype must be a dtype, got an array; under optax.inject_hyperparams pass "
-                "static_args=('factor_dtype',) (a dtype is callable, so it is taken for a schedule)"
-            )
+        for dtype in value if isinstance(value, (tuple, list)) else (value,):  # one per axis, or one for all
+            options.check_dtype("factor_dtype", dtype)
     if max_dense_dim is not None and not hasattr(max_dense_dim, "shape"):
         check_positive_int("max_dense_dim", max_dense_dim)
     check_choice("factor_rounding", layout.factor_rounding, _FACTOR_ROUNDINGS)
@@ -651,7 +651,7 @@ def _factor_dtypes(factor_dtype, faithful: bool, stochastic: bool, xp, leaf, ran
             dtype = leaf.dtype
         elif dtype is None and xp.finfo(leaf.dtype).bits <= 32:
             dtype = getattr(xp, "bfloat16", None) if stochastic else half_precision_dtype(leaf)
-        dtypes.append(options.state_dtype(xp, leaf.dtype, dtype))
+        dtypes.append(options.state_dtype(xp, leaf.dtype, dtype, name="factor_dtype"))
     return dtypes
 
 
@@ -747,8 +747,8 @@ def if_shampoo(
         long axes). Default ``None``: no axis is diagonal for its length (principled mode cuts long
         axes into blocks instead, ``block_size``).
     factor_dtype:
-        dtype of the factors and their momenta (a dtype of the parameters' namespace, or a dict
-        like ``structures``). Default, principled: bf16 (the paper's half-precision mode) for
+        dtype of the factors and their momenta (a dtype of the parameters' namespace or its name, as
+        ``state_dtype`` of :func:`rf_rmsprop`; or a dict like ``structures``). Default, principled: bf16 (the paper's half-precision mode) for
         parameters of at most 32 bits, on every device whose namespace has bf16 (torch, JAX; with
         ``factor_rounding="nearest"`` only where they live on an accelerator), else the compute
         dtype (NumPy: float32; float64 parameters keep float64); faithful: the parameter dtype. Under

@@ -515,6 +515,56 @@ def test_if_shampoo_batch_size_and_validation():
         pr.if_shampoo(batch_size=1, preconditioner_lr_scale=lambda path: 0.0).init(params)
 
 
+@pytest.mark.parametrize("method, name, per_axis", [
+    ("rf_rmsprop", "state_dtype", False),
+    ("rf_adamw", "state_dtype", False),
+    ("if_shampoo", "factor_dtype", False),
+    ("if_shampoo", "factor_dtype", True),
+], ids=["rf_rmsprop", "rf_adamw", "if_shampoo", "if_shampoo-per-axis"])
+def test_dtype_options_are_checked_at_construction_and_take_names(method, name, per_axis, tmp_path, capsys):
+    """``state_dtype`` and ``factor_dtype`` are checked when the optimizer is built: a name that is
+    not a real floating dtype's (ValueError), or an object that is not a real floating dtype by its
+    name (a NumPy or torch integer, complex or bool dtype), a Python number or type (TypeError),
+    each naming the option. A real floating dtype's name is taken and resolved in the parameters'
+    namespace at ``init``, where a name the namespace lacks is an error naming the option; the CLI,
+    which passes it as text, runs."""
+    torch = pytest.importorskip("torch")
+
+    def factory(dtype):  # per axis: a 2-D tensor's first factor float32, the second ``dtype``
+        return getattr(pr, method)(batch_size=4, **{name: {2: ("float32", dtype)} if per_axis else dtype})
+
+    for bad in ("int32", "float", "f8", ""):
+        with pytest.raises(ValueError, match=f"{name} must be a real floating dtype or one of the names"):
+            factory(bad)
+    for bad in (np.int32, np.dtype("int8"), np.bool_, np.complex128, torch.int64, torch.bool, 32, 1.0, True, float, int):
+        with pytest.raises(TypeError, match=f"{name} must be a real floating dtype or one of the names"):
+            factory(bad)
+    params = {"w": np.ones((3, 4), dtype=np.float32)}
+    grads = {"w": np.full((3, 4), 0.5, dtype=np.float32)}
+    for text, want in (("float64", np.float64), ("float16", np.float16), ("float32", np.float32)):
+        opt = factory(text)
+        _, state = opt.update(grads, opt.init(params), params)
+        dtypes = {k: v.dtype for k, v in state.groups["w"].items() if k in ("s", "m") or "/factor/" in k}
+        assert dtypes and set(dtypes.values()) <= {np.dtype(want), np.dtype(np.float32)}, dtypes
+        assert np.dtype(want) in dtypes.values()
+    with pytest.raises(ValueError, match=f"{name}='bfloat16': .* has no bfloat16 dtype"):
+        factory("bfloat16").init(params)  # NumPy has no bf16
+    with pytest.raises(TypeError, match=f"{name} must be a real floating dtype of the parameters' array library"):
+        factory(torch.float32).init(params)  # a torch dtype for NumPy arrays
+    tensors = {"w": torch.ones(3, 4)}
+    state = factory("bfloat16").init(tensors)
+    assert torch.bfloat16 in {v.dtype for v in state.groups["w"].values()}
+    if name == "state_dtype":
+        from precond_ref.cli import main
+
+        out = tmp_path / "trace.npz"
+        status = main(["trace", method, "--steps", "2", "--out", str(out), "--config", "state_dtype=float64",
+                       "--config", "mode=faithful"])
+        assert status == 0 and "wrote" in capsys.readouterr().out
+        with np.load(out) as archive:
+            assert json.loads(str(archive["meta"]))["config"]["state_dtype"] == "float64"
+
+
 @pytest.mark.parametrize("spelling", ["class", "dtype", "jnp-dtype"])
 def test_if_shampoo_takes_numpy_dtypes_as_factor_dtype(spelling):
     """``factor_dtype`` takes a dtype of the parameters' namespace in each of NumPy's spellings (the
