@@ -234,7 +234,10 @@ class _RootFreeOptimizer(CoreOptimizer):
     makes the step ask for ``batch_size=``), for the param groups without a ``batch_size`` of
     their own. A forward that finds every gradient of the model set to None starts the count
     again: the gradients of the forwards before it were discarded (a step ``GradScaler`` skipped);
-    :class:`_BatchCounter` says which loops this does not cover. The constructor raises
+    :class:`_BatchCounter` says which loops this does not cover. A step without a batch size
+    whose every gradient is exactly zero takes B = 1: B multiplies only gradient terms, so the
+    step is the same for every B (torch DCP's state-dict helpers take such a step, with no forward,
+    to make the state of an optimizer that has none). The constructor raises
     ``ValueError`` when neither ``batch_size=`` nor ``model=`` is given (and B scales the
     statistic), so that a missing B is found when the optimizer is built, not at its first step.
     """
@@ -285,6 +288,12 @@ class _RootFreeOptimizer(CoreOptimizer):
                 "batch_size= to the constructor or opt.step(batch_size=...)"
             )
         counted = counter.count if wanted and counter.count > 0 else None
+        if needed and counted is None and self._only_zero_gradients():
+            # B multiplies only gradient terms (s <- b2 s + (1 - b2) B g*g; IF-Shampoo's factor step
+            # from sqrt(B) G), so a step whose every gradient is exactly zero is the same for every
+            # B: it steps with B = 1. torch DCP's state-dict helpers take such a step (zero
+            # gradients, lr = 0, no forward) to make the state of an optimizer that has none.
+            counted = 1
         if needed and counted is None:
             if counter is not None:
                 uncounted, counter.count, counter.sequences, counter.uncounted = counter.uncounted, 0, None, None
@@ -306,6 +315,19 @@ class _RootFreeOptimizer(CoreOptimizer):
             self.__dict__.pop("_counted_batch_size", None)
             if counter is not None:
                 counter.count, counter.sequences, counter.uncounted = 0, None, None
+
+    def _only_zero_gradients(self) -> bool:
+        """Whether the param groups that need the counted batch size have gradients and every one
+        of them is exactly zero. Asked only where the step has no batch size, which otherwise
+        raises: it reads each gradient on the host (up to the first nonzero one), which a step with
+        a batch size never does."""
+        grads = [
+            p.grad for g in self.param_groups if g["batch_size"] is None and g.get("scale_by_batch_size", True)
+            for p in g["params"] if p.grad is not None
+        ]
+        if not grads or any(grad.is_sparse for grad in grads):
+            return False
+        return not any(bool(grad.any()) for grad in grads)
 
     def _group_extra(self, group: dict, extra: dict) -> dict:
         """``step``'s keyword arguments, with the counted batch size for a group that has no

@@ -422,3 +422,40 @@ def test_forward_without_a_tensor_argument_is_named_in_the_error(cls):
     ((model(x) - y) ** 2).mean().backward()
     assert opt._batch_counter.count == 8 and opt._batch_counter.uncounted is None
     opt.step()
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (pt.RFRMSProp, dict(momentum=0.9, weight_decay=1e-2)), (pt.RFRMSProp, dict(mode="faithful")),
+    (pt.RFAdamW, dict(weight_decay=1e-2)), (pt.RFAdamW, dict(mode="faithful")),
+    (pt.IFShampoo, dict(precondition_every=1, grouping="weight_bias", weight_decay=1e-2)),
+    (pt.IFShampoo, dict(precondition_every=1, mode="faithful")),
+], ids=lambda v: v.__name__ if isinstance(v, type) else ",".join(f"{k}={v[k]}" for k in v))
+def test_zero_gradient_step_without_a_count_is_the_step_of_every_batch_size(cls, kwargs):
+    """B multiplies only gradient terms (s <- b2 s + (1 - b2) B g*g; IF-Shampoo's factor step from
+    sqrt(B) G), so a step whose every gradient is exactly zero is the same for every B. With
+    model= and nothing counted (no forward since the last step: torch DCP's state-making step),
+    such a step takes B = 1 and equals, state and parameters bit for bit, the steps given
+    batch_size=1 and batch_size=64; a nonzero gradient without a count still raises."""
+    x, y = _data(8)
+    runs = []
+    for batch_size in (None, 1, 64):
+        model = _model()
+        opt = cls(None, model=model, lr=0.05, **kwargs)
+        for _ in range(2):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()  # counted: B = 8
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step(**({} if batch_size is None else {"batch_size": batch_size}))
+        runs.append((model, opt))
+    (counted, opt), *others = runs
+    for model, other in others:
+        assert torch.equal(_flat(counted), _flat(model))
+        for p, q in zip(counted.parameters(), model.parameters()):
+            assert opt.state[p].keys() == other.state[q].keys()
+            for key, value in opt.state[p].items():
+                assert torch.equal(value, other.state[q][key]) if isinstance(value, torch.Tensor) else value == other.state[q][key], key
+    next(counted.parameters()).grad[0, 0] = 1.0
+    with pytest.raises(ValueError, match="counted no training-mode forward"):
+        opt.step()

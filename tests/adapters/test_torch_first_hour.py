@@ -85,11 +85,12 @@ def test_each_source_of_the_batch_size_builds(cls):
 
 def test_model_without_forward_passes_fails_at_step_in_torch_words():
     """With model= the count comes from the forward passes since the last step; a step that saw
-    none has no B and says so in the class's words."""
+    none has no B and says so in the class's words (its gradients nonzero: a step of zero
+    gradients is the same for every B and takes B = 1)."""
     model = _model()
     opt = pt.RFRMSProp(model.parameters(), lr=1e-3, model=model)
     for p in model.parameters():
-        p.grad = torch.zeros_like(p)
+        p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match=r"^RFRMSProp: no batch size.*counted no training-mode forward pass"):
         opt.step()
     opt.step(batch_size=3)  # the per-step value is enough

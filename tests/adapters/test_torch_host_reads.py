@@ -193,3 +193,27 @@ def test_asgo_capture_refusal_follows_its_root(monkeypatch, kwargs, refusal):
     with pytest.raises(RuntimeError, match=f"^ASGO: a step cannot be captured in a CUDA graph: .*{refusal}"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("cls", [pt.RFRMSProp, pt.RFAdamW, pt.IFShampoo], ids=lambda c: c.__name__)
+def test_a_step_of_counted_batch_size_reads_no_device_value(monkeypatch, cls):
+    """The root-free classes with ``model=``: a step whose B was counted from the forwards reads
+    nothing on the host. Only a step without a batch size (which otherwise raises) asks whether
+    every gradient is zero, reading them (:meth:`_RootFreeOptimizer._only_zero_gradients`)."""
+    _host_bool_as_on_a_gpu(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    opt = cls(model.named_parameters(), model=model, compile=False)
+    x = torch.randn(STEPS, 5, 8, generator=torch.Generator().manual_seed(1))
+
+    def step(i):
+        opt.zero_grad()
+        model(x[i]).square().mean().backward()
+        opt.step()
+
+    for i in range(2):
+        step(i)
+    with Dispatched() as recorded:
+        for i in range(2, STEPS):
+            step(i)
+    assert recorded.names.count(_READ) == 0, f"{cls.__name__} reads a device value on the host"

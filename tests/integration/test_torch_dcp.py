@@ -81,3 +81,36 @@ def test_dcp_resume_continues_exactly(name, tmp_path):
 @pytest.mark.parametrize("name", ["agd", "mbf"])
 def test_dcp_resume_with_scheduler_continues_exactly(name, tmp_path):
     _check(name, scheduler=True, tmp_path=tmp_path)
+
+
+def _counting(name):
+    """A fresh model and root-free optimizer that counts B from the model's forwards (``model=``,
+    no ``batch_size``); the batches hold as many examples as ``TORCH_OPTIMIZERS``' batch_size."""
+    cls, kwargs = TORCH_OPTIMIZERS[name]
+    model = make_mlp()
+    return model, cls(model.named_parameters(), model=model, **{k: v for k, v in kwargs.items() if k != "batch_size"})
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize("split", [0, SPLIT], ids=["before-the-first-step", "after-4-steps"])
+@pytest.mark.parametrize("name", ["rf_rmsprop", "rf_adamw", "if_shampoo"])
+def test_dcp_resume_of_a_counting_root_free_optimizer_continues_exactly(name, split, tmp_path):
+    """The root-free classes built with ``model=`` (B counted from the forwards) save and load
+    through DCP, before their first step and after some, and the loaded run continues exactly as
+    the saved one. DCP's state-dict helpers step an optimizer without state once, with zero
+    gradients at lr=0 and no forward, so nothing is counted: B multiplies only gradient terms, so
+    that step is the same for every B, and the optimizer takes it with B = 1 rather than raising."""
+    data = batches(STEPS)
+    model1, opt1 = _counting(name)
+    _train(model1, opt1, None, data[:split])
+    model_sd, optim_sd = get_state_dict(model1, opt1)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path / "ckpt")
+
+    model2, opt2 = _counting(name)
+    model_sd2, optim_sd2 = get_state_dict(model2, opt2)
+    loaded = {"model": model_sd2, "optim": optim_sd2}
+    dcp.load(loaded, checkpoint_id=tmp_path / "ckpt")
+    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+
+    assert _train(model2, opt2, None, data[split:]) == _train(model1, opt1, None, data[split:])
+    assert_same_parameters(parameters(model1), parameters(model2))
