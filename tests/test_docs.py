@@ -347,6 +347,32 @@ def test_tables_have_whole_rows():
                 assert _cells(row) == width, f"{page}: {row!r} has {_cells(row)} cells, the header {width}"
 
 
+def test_method_pages_allow_the_learning_rates_the_factories_take():
+    """Where a method page's hyperparameter table has an "allowed" column, ``learning_rate`` is
+    "≥ 0 or schedule", as every factory takes: 0 (where a scheduler ends) builds, a negative rate
+    does not."""
+    import precond_ref as pr
+
+    rows = []
+    for page in sorted((DOCS / "methods").glob("*.md")):
+        lines = page.read_text().split("\n")
+        for k, line in enumerate(lines):
+            if line.startswith("| argument | default | allowed |"):
+                body = itertools.takewhile(lambda text: text.startswith("|"), lines[k + 2:])
+                rows += [(page.name, row) for row in body if row.startswith("| `learning_rate` |")]
+    assert {name for name, _ in rows} == {"agd.md", "asgo.md"}, rows
+    for name, row in rows:
+        assert row.split("|")[3].strip() == "≥ 0 or schedule", (name, row)
+    for factory in (pr.agd, pr.asgo, pr.dasgo, pr.sketchy, pr.s_adagrad, pr.mbf):
+        factory(learning_rate=0.0)
+        with pytest.raises(ValueError, match="learning_rate"):
+            factory(learning_rate=-1e-3)
+    for factory in (pr.rf_rmsprop, pr.rf_adamw, pr.if_shampoo):
+        factory(learning_rate=0.0, batch_size=4)
+        with pytest.raises(ValueError, match="learning_rate"):
+            factory(learning_rate=-1e-3, batch_size=4)
+
+
 def _cells(row: str) -> int:
     row = re.sub(r"`[^`]*`|\$[^$]*\$|\\\|", "", row.strip())
     return row.strip("|").count("|") + 1

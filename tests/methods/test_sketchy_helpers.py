@@ -103,3 +103,15 @@ def test_every_function_named_in_the_docs_table_exists():
             assert hasattr(importlib.import_module(f"{package}.{module}"), attr), name
         else:
             assert hasattr(sk, name), name
+
+
+def test_the_hyperparameters_paragraph_states_the_resolved_precondition_every():
+    """docs/methods/sketchy.md's ``sketchy`` hyperparameters name ``precondition_every`` once, with
+    the defaults the factory resolves None to: :data:`PRINCIPLED_PRECONDITION_EVERY` (3) in
+    principled mode and the authors' 1 in faithful mode."""
+    page = (pathlib.Path(__file__).parents[2] / "docs/methods/sketchy.md").read_text()
+    paragraph = page.split("## Hyperparameters", 1)[1].split("`sketchy`:", 1)[1].split("\n\n", 1)[0]
+    stated = re.findall(r"`precondition_every` ([^,]*)", paragraph)
+    assert stated == [f"None (principled {sk.PRINCIPLED_PRECONDITION_EVERY}"], stated
+    assert "faithful 1" in paragraph.split("`precondition_every` None", 1)[1].split(")", 1)[0]
+

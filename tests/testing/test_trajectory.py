@@ -179,6 +179,27 @@ def test_trace_command_needs_at_least_one_step(steps, capsys):
     assert info.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
 
 
+def test_trace_format_page_states_the_out_default(tmp_path, capsys, monkeypatch):
+    """docs/trace-format.md states ``--out`` as the command has it: optional, defaulting to
+    METHOD-PROBLEM.npz in the current directory, which a run without it writes."""
+    import argparse
+    import pathlib
+
+    from precond_ref.testing import trace
+
+    parser = argparse.ArgumentParser()
+    trace.add_arguments(parser)
+    out = next(action for action in parser._actions if "--out" in action.option_strings)
+    page = (pathlib.Path(__file__).parents[2] / "docs" / "trace-format.md").read_text()
+    options = page.split("Options: ", 1)[1].split("\n\n", 1)[0]
+    stated = options.split("`--out` (", 1)[1].split(")", 1)[0]
+    assert not out.required and "required" not in stated
+    assert "default `METHOD-PROBLEM.npz` in the current directory" in stated
+    monkeypatch.chdir(tmp_path)
+    assert main(["trace", "agd", "--problem", "online", "--steps", "1"]) == 0
+    assert (tmp_path / "agd-online.npz").is_file() and "agd-online.npz" in capsys.readouterr().out
+
+
 def test_trace_list(capsys):
     assert main(["trace", "--list"]) == 0
     out = capsys.readouterr().out
