@@ -220,8 +220,28 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """torch's ``state_dict`` (with ``param_names`` when the parameters were named), without
-        callable hyperparameters: they are configuration, kept by the optimizer that loads it."""
-        return _torch_state.strip_callables(super().state_dict())
+        callable hyperparameters: they are configuration, kept by the optimizer that loads it. The
+        state of a block whose first member does not require grad is held by a member that does
+        (:func:`._torch_state.heads_on_trainable_members`)."""
+        state_dict = _torch_state.strip_callables(super().state_dict())
+        return _torch_state.heads_on_trainable_members(state_dict, self._blocks_with_frozen_members())
+
+    def _blocks_with_frozen_members(self) -> list:
+        """The blocks (a weight paired with its bias) with a member that requires grad and one that
+        does not, each as ``(state_dict index, requires_grad)`` of its members, the block's first
+        member (which holds its state) first; none, without a look at the blocks, where every
+        parameter requires grad."""
+        if all(p.requires_grad for group in self.param_groups for p in group["params"]):
+            return []
+        blocks, index = [], 0
+        for group, paths in zip(self.param_groups, self._group_paths()):
+            tensors = group["params"]
+            for block in CoreOptimizer._transform(self, group).group_leaves(paths, tensors):
+                trains = [tensors[i].requires_grad for i in block.indices]
+                if any(trains) and not all(trains):
+                    blocks.append([(index + i, t) for i, t in zip(block.indices, trains)])
+            index += len(tensors)
+        return blocks
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Validate, then load (atomically: a rejected checkpoint changes nothing); see

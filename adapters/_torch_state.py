@@ -16,7 +16,10 @@ optimizer class, it is given — ``load_state_dict`` a *builder* (param group ->
 What a checkpoint holds (``state_dict()``): torch's layout, ``{"state": {index: entries},
 "param_groups": [...]}``. Every parameter's entries have ``"step"`` and ``"nonfinite_count"``
 (0-D int32 tensors), ``"calls"`` (the number of ``step`` calls it took part in, a Python int) and,
-on the first parameter of each core group, ``"core_group": True`` and that group's state tensors.
+on the first parameter of each core group, ``"core_group": True`` and that group's state tensors;
+where that parameter does not require grad and another member of its block does (a frozen weight
+with a trained bias), on that member (:func:`heads_on_trainable_members`: torch DCP leaves out
+the state of a parameter that does not require grad). ``load_state_dict`` takes either layout.
 """
 
 from __future__ import annotations
@@ -233,6 +236,31 @@ def strip_callables(state_dict: dict) -> dict:
     return {**state_dict, "param_groups": groups}
 
 
+def heads_on_trainable_members(state_dict: dict, blocks: list) -> dict:
+    """``state_dict`` with the state of each block in ``blocks`` (``(index, requires_grad)`` of its
+    members, the first member first) whose first member does not require grad moved onto its first
+    member that does, marked ``"core_group"``; the first member keeps its counters.
+
+    torch DCP's ``set_state_dict`` hands ``load_state_dict`` no state for a parameter that does not
+    require grad, so a block's state held by a frozen weight (a frozen weight with a trained bias, as
+    BitFit trains) would be lost; :func:`load_state_dict` moves it back onto the first member, where
+    the step keeps it. The optimizer's own state is not changed: the entries of the two members are
+    new dicts holding the same tensors."""
+    if not blocks:
+        return state_dict
+    state = dict(state_dict["state"])
+    for (head, head_trains), *others in blocks:
+        entries = state.get(head)
+        if head_trains or not entries or not entries.get(HEAD):
+            continue
+        holder = next((i for i, trains in others if trains and state.get(i)), None)
+        if holder is None:
+            continue
+        state[head] = {k: v for k, v in entries.items() if k in BOOKKEEPING and k != HEAD}
+        state[holder] = {**state[holder], HEAD: True, **{k: v for k, v in entries.items() if k not in BOOKKEEPING}}
+    return {**state_dict, "state": state}
+
+
 def _counter(value: Any, what: str) -> int:
     """A saved counter (0-D tensor, or a Python number in older checkpoints) as a Python int, read
     from the checkpoint's tensor (the parameters' device may hold no values: the meta device)."""
@@ -345,9 +373,12 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
     counts: dict = {}  # each loaded parameter's (step, nonfinite_count)
     for group, transform in zip(new_groups, transforms):
         by_calls: dict[int, list] = {}
+        first, absent = index, []
         for saved_id, p in zip(_saved_ids(saved_groups, new_groups, group), group["params"]):
             label = param_label(names, p, index)
             entries = saved_state.get(saved_id)
+            if not entries and not p.requires_grad:
+                absent.append((index, p))  # torch DCP leaves out the state of a frozen parameter
             if entries:
                 entries = dict(entries)
                 if STEP not in entries:
@@ -366,6 +397,10 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
                 by_calls.setdefault(calls, []).append((index, p, label, entries))
                 new_state[p] = entries
             index += 1
+        if absent:
+            for i, p, label, entries in _frozen_members(path_of, transform, group["params"], first, absent, by_calls, names):
+                counts[p] = (0, 0)
+                new_state[p] = entries
         for calls, members in by_calls.items():
             behind.update(_held_back([(m[1], counts[m[1]]) for m in members]))
             if calls == 0 and not any(m[3].get(HEAD) for m in members):
@@ -380,6 +415,38 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
     opt._transforms.clear()
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
+
+
+def _frozen_members(path_of: Any, transform: Any, params: list, first: int, absent: list, by_calls: dict,
+                    names: dict) -> list:
+    """The counters of the parameters ``absent`` (``(index, parameter)``: they do not require grad
+    and the checkpoint has no state for them, as torch DCP's ``set_state_dict`` leaves out) that
+    are members of a block (a weight paired with its bias) whose other members' state was loaded,
+    added to ``by_calls`` beside those members; returns their ``(index, parameter, label, entries)``.
+
+    Such a member took part in its block's steps with a zero gradient, its own counters held back
+    (``CoreOptimizer._fill_missing_members``): it has its partners' ``calls``, and the counters of
+    a parameter frozen from the start, 0, which the step never reads in place of its partners'
+    (a member held back, :func:`_held_back`). ``params``: the group's parameters, the first of
+    index ``first``."""
+    blocks = transform.group_leaves([path_of(p, first + k) for k, p in enumerate(params)], params)
+    calls_of = {m[1]: calls for calls, members in by_calls.items() for m in members}
+    absent_index = {p: i for i, p in absent}
+    added = []
+    for block in blocks:
+        members = [params[i] for i in block.indices]
+        calls = next((calls_of[p] for p in members if p in calls_of), None)
+        if calls is None:
+            continue
+        for p in members:
+            if p in absent_index:
+                i = absent_index[p]
+                entries = {STEP: torch.zeros((), dtype=torch.int32, device=p.device),
+                           NONFINITE: torch.zeros((), dtype=torch.int32, device=p.device), CALLS: calls}
+                added.append((i, p, param_label(names, p, i), entries))
+                by_calls[calls].append(added[-1])
+                by_calls[calls].sort(key=lambda member: member[0])
+    return added
 
 
 def _held_back(members: list) -> list:
@@ -410,7 +477,21 @@ def _check_core_state(path_of: Any, transform: Any, members: list, where: str, h
     """Check the saved state of parameters stepped together against ``transform.init``'s layout,
     and put each tensor into the dtype/device ``init`` gives it (in ``members``' entries)."""
     paths = [path_of(p, i) for i, p, _, _ in members]
-    expected = transform.init(nest(paths, [p.detach() for _, p, _, _ in members]))
+    leaves = [p.detach() for _, p, _, _ in members]
+    for block in transform.group_leaves(paths, leaves):
+        # A block's state that state_dict() put on a member other than the first (whose parameter
+        # did not require grad: heads_on_trainable_members) goes back onto the first member, where
+        # the step keeps it.
+        head = members[block.indices[0]][3]
+        if len(block.indices) < 2 or head.get(HEAD) or any(k not in BOOKKEEPING for k in head):
+            continue
+        holder = next((members[i][3] for i in block.indices[1:] if members[i][3].get(HEAD)), None)
+        if holder is not None:
+            del holder[HEAD]
+            head[HEAD] = True
+            for name in [k for k in holder if k not in BOOKKEEPING]:
+                head[name] = holder.pop(name)
+    expected = transform.init(nest(paths, leaves))
     by_key = {path_str(path): member for path, member in zip(paths, members)}
     heads = set()
     rename = getattr(transform.init, "legacy_names", None)

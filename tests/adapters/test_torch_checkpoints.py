@@ -6,6 +6,7 @@ Each test runs on every entry of ``cases.TORCH_CASES`` unless it is about one cl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import pickle
 
@@ -407,3 +408,51 @@ def test_resume_with_a_scheduler_is_bit_exact(case, schedule):
     run(resumed, opt2, sched2, 3)
     assert torch.equal(_flat(resumed), _flat(model))
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+@pytest.mark.parametrize("case", [c for c in TORCH_CASES if c.cls is pt.MBF or c.kwargs.get("grouping") == "weight_bias"]
+                         + [dataclasses.replace(c, id=f"{c.id}-weight_bias", kwargs={**c.kwargs, "grouping": "weight_bias"})
+                            for c in TORCH_CASES if c.id == "if_shampoo"], ids=lambda c: c.id)
+def test_block_with_a_frozen_member_resumes_from_either_checkpoint_layout(case, frozen):
+    """A block (a weight with its bias) with a member that does not require grad: its state is
+    held by its first member, the weight, which may be the frozen one. ``state_dict()`` puts it on
+    a member that requires grad (torch DCP leaves out the state of the others), and both that
+    checkpoint and one of the earlier layout, where the frozen weight holds it, load and continue
+    bit for bit as the uninterrupted run, with the same state; the state of an optimizer that saves
+    is not changed by saving."""
+    x, y = _data()
+
+    def fresh():
+        model = _model()
+        getattr(model[0], frozen).requires_grad_(False)
+        return model, case.make(model.named_parameters())
+
+    model, opt = fresh()
+    _train(model, opt, case, 3, x, y)
+    before = _snapshot(opt)
+    saved = opt.state_dict()
+    _same(before, _snapshot(opt))
+    weight, bias = saved["state"][0], saved["state"][1]
+    holder, other = (bias, weight) if frozen == "weight" else (weight, bias)
+    assert holder.get("core_group") and not other.get("core_group")
+    earlier = torch.optim.Optimizer.state_dict(opt)  # the layout of the optimizer's own state
+    assert earlier["state"][0].get("core_group")
+    resumed = []
+    for checkpoint in (saved, earlier):
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        buffer.seek(0)
+        twin, twin_opt = fresh()
+        twin.load_state_dict(model.state_dict())
+        twin_opt.load_state_dict(torch.load(buffer, weights_only=False))
+        resumed.append((twin, twin_opt))
+    _train(model, opt, case, 3, x, y)
+    for twin, twin_opt in resumed:
+        _train(twin, twin_opt, case, 3, x, y)
+        assert torch.equal(_flat(model), _flat(twin))
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert list(opt.state[p]) == list(twin_opt.state[q])
+            for name, value in opt.state[p].items():
+                other = twin_opt.state[q][name]
+                assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, name

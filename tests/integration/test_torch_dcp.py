@@ -114,3 +114,56 @@ def test_dcp_resume_of_a_counting_root_free_optimizer_continues_exactly(name, sp
 
     assert _train(model2, opt2, None, data[split:]) == _train(model1, opt1, None, data[split:])
     assert_same_parameters(parameters(model1), parameters(model2))
+
+
+def _state(opt, model):
+    """The optimizer's state by parameter name, each tensor copied."""
+    names = {p: n for n, p in model.named_parameters()}
+    return {names[p]: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entries.items()}
+            for p, entries in opt.state.items()}
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+@pytest.mark.parametrize("name", ["mbf", "if_shampoo"])
+def test_dcp_resume_with_a_frozen_block_member_continues_exactly(name, frozen, tmp_path):
+    """A block (a Linear's weight with its bias: MBF, IF-Shampoo's ``grouping="weight_bias"``) one
+    of whose members does not require grad (a frozen bias; a frozen weight with a trained bias, as
+    BitFit trains) resumes through DCP exactly as the uninterrupted run: same losses, same
+    parameters and the same optimizer state bit for bit. ``set_state_dict`` hands
+    ``load_state_dict`` no state for a parameter that does not require grad, while the frozen member
+    took part in its block's steps with a zero gradient and, as the block's first member, holds its
+    state: ``state_dict()`` puts that state on the trained member, and ``load_state_dict`` gives the
+    frozen one its partners' call count and puts the state back."""
+    cls, kwargs = TORCH_OPTIMIZERS[name]
+    kwargs = {**kwargs, "grouping": "weight_bias"} if name == "if_shampoo" else kwargs
+
+    def fresh():
+        model = make_mlp()
+        getattr(model[0], frozen).requires_grad_(False)
+        return model, cls(model.named_parameters(), **kwargs)
+
+    data = batches(STEPS)
+    model, opt = fresh()
+    full = _train(model, opt, None, data)
+
+    model1, opt1 = fresh()
+    _train(model1, opt1, None, data[:SPLIT])
+    model_sd, optim_sd = get_state_dict(model1, opt1)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path / "ckpt")
+
+    model2, opt2 = fresh()
+    model_sd2, optim_sd2 = get_state_dict(model2, opt2)
+    loaded = {"model": model_sd2, "optim": optim_sd2}
+    dcp.load(loaded, checkpoint_id=tmp_path / "ckpt")
+    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+
+    assert _train(model2, opt2, None, data[SPLIT:]) == full[SPLIT:]
+    assert_same_parameters(parameters(model), parameters(model2))
+    expected, resumed = _state(opt, model), _state(opt2, model2)
+    assert expected.keys() == resumed.keys()
+    for key, entries in expected.items():
+        assert list(entries) == list(resumed[key]), key
+        for entry, value in entries.items():
+            same = torch.equal(value, resumed[key][entry]) if isinstance(value, torch.Tensor) else value == resumed[key][entry]
+            assert same, (key, entry)
