@@ -269,7 +269,15 @@ def optax_factory(
         for arg, default in core_defaults.items():
             if arg in arguments and arguments[arg] is None and default is not None:
                 del arguments[arg]
-        return to_optax(core_factory(**arguments))
+        try:
+            core = core_factory(**arguments)
+        except (ValueError, TypeError) as error:
+            # Named by the factory, as the optimizer's other errors are: inside an optax.chain the
+            # check's own words ("learning_rate must be ...") would not say which optimizer it is.
+            if str(error).startswith(f"{name}:"):
+                raise
+            raise type(error)(f"{name}: {error}") from error
+        return to_optax(core)
 
     factory.__signature__ = presented  # type: ignore[attr-defined]
     return factory

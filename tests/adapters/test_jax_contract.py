@@ -246,3 +246,14 @@ def test_an_empty_selection_of_parameters_is_an_empty_state(case):
     empty = case.make()
     updates, state = empty.update({}, empty.init({}), {})
     assert updates == {} and state.groups == {} and int(state.count) == 1
+
+
+def test_an_invalid_hyperparameter_is_refused_naming_the_optimizer(case):
+    """A hyperparameter the core's checks refuse is refused when the factory is called, in words
+    that name the factory: inside an ``optax.chain`` the check's own words ("learning_rate must
+    be in [0.0, inf)") would not say which of the chain's optimizers was given it."""
+    name = case.factory.__name__
+    for bad, words in ((-1e-3, "must be in [0.0, inf)"), ("1e-3", "must be a real number")):
+        with pytest.raises(ValueError) as raised:
+            optax.chain(optax.clip_by_global_norm(1.0), case.factory(**{**case.kwargs, "learning_rate": bad}))
+        assert str(raised.value).startswith(f"{name}: learning_rate {words}"), str(raised.value)
