@@ -119,12 +119,18 @@ def array_device(x: Array) -> Any:
 
     A JAX array sharded over several devices answers ``None``: its ``device`` is then its
     sharding, which an array of another shape (a 0-D counter, a block's statistic) cannot take;
-    made with ``device=None`` the new array stays uncommitted and follows the arrays it meets."""
+    made with ``device=None`` the new array stays uncommitted and follows the arrays it meets.
+    An uncommitted JAX array (one made during an eager step, bound to no device) answers ``None``
+    too: its ``device`` is the default device, and an array made there with ``device=`` would be
+    committed to it and then meet a sharded array that spans several devices."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
         return x.device
-    device = _compat_device(x)
-    return None if hasattr(device, "device_set") else device  # a JAX Sharding has a device_set
+    device = _compat_device(x)  # None for a JAX tracer
+    if device is None or hasattr(device, "device_set"):  # a JAX Sharding has a device_set
+        return None
+    jax = sys.modules.get("jax")
+    return None if jax is not None and isinstance(x, jax.Array) and not x.committed else device
 
 
 def placement(xp: Any, x: Array) -> Any:

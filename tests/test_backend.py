@@ -406,6 +406,20 @@ def test_array_device_is_array_api_compats_device(backend):
     assert compiled(torch.ones(2)).device == torch.device("cpu")
 
 
+def test_array_device_of_an_uncommitted_jax_array_is_none():
+    """An uncommitted JAX array (bound to no device: what an eager step makes with ``device=None``)
+    answers ``None``, so an array made beside it stays uncommitted too; made with its
+    ``device``, the default device, it was committed there and could no longer meet an array
+    sharded over several devices. A committed array answers its device."""
+    import jax
+    import jax.numpy as jnp
+
+    loose, device = jnp.zeros(2), jax.devices()[0]
+    assert not loose.committed and array_device(loose) is None
+    assert not jnp.ones(3, device=array_device(loose)).committed
+    assert array_device(jax.device_put(loose, device)) == device
+
+
 def test_once_shares_a_value_keyed_by_an_unhashable_device():
     """``StepContext.once(key, compute)`` [definition: ``compute()`` once per update for equal
     keys]: equal keys holding an unhashable device (CuPy 14's, a new object per array) share one

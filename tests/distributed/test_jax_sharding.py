@@ -40,16 +40,22 @@ def test_sharded_training_matches_one_device(results, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_eager_step_on_sharded_parameters_matches_one_device(results, method):
-    """A step outside ``jax.jit`` also takes sharded parameters and gives the one-device numbers
-    (those of the same step jitted on one device; same bound as the jitted steps, derived above:
-    eager and jitted steps differ only in the order of float64 roundings). Arrays the core makes during a step (0-D
-    selection operands and hyperparameters, identities, flags, sketch probes) are left
-    uncommitted on JAX (``transform.placement``): made on the device of a sharded array, a
-    multi-device sharding, they raised ``IndexError`` or ``ValueError``."""
+def test_eager_steps_on_sharded_parameters_match_one_device(results, method):
+    """Steps outside ``jax.jit`` also take sharded parameters and give the one-device numbers
+    (those of the same steps jitted on one device; same bound as the jitted steps, derived above:
+    eager and jitted steps differ only in the order of float64 roundings). Arrays the core makes
+    during a step (0-D selection operands and hyperparameters, identities, flags, sketch probes)
+    are left uncommitted on JAX (``transform.placement``): made on the device of a sharded array, a
+    multi-device sharding, they raised ``IndexError`` or ``ValueError``. The second step takes the
+    first one's state; where its refresh is not due its flags are made from no sharded array, and
+    an array made like them (``_backend.array_device`` of an uncommitted array) was committed to
+    the default device, which Sketchy's and S-AdaGrad's failure count then joined with the
+    sharded step's flags (``ValueError``: incompatible devices). The state the steps return lies on
+    the mesh: every array committed to its 4 devices."""
     eager_rel = results[method]["eager_rel"]
     assert not isinstance(eager_rel, str), eager_rel
     assert eager_rel <= 1e-12, eager_rel
+    assert results[method]["eager_off_the_mesh"] == []
 
 
 @pytest.mark.parametrize("method", METHODS)
