@@ -33,8 +33,9 @@ differ from those of its group makes every rank raise ``ValueError``.
 Checkpoints: with ``split_preconditioner=True`` each rank's ``state_dict()`` holds the state of
 the blocks it owns (and the step counters of all); save one file per rank and load each into the
 rank of the same number, with the same world size and parameters (ownership is a deterministic
-function of those). With FSDP2 the element-wise methods' state holds local shards, as the
-parameters do. ``load_state_dict`` is collective.
+function of those). With FSDP2 the element-wise methods keep their state on local shards, as the
+parameters are, and ``state_dict()`` gives it as DTensors sharded like the parameters (as torch's
+optimizers do), so torch DCP saves and reshards it. ``load_state_dict`` is collective.
 """
 
 from __future__ import annotations
@@ -360,14 +361,72 @@ class DistributedOptimizer:
             if self._owner.get(path_str(path), self._rank) == self._rank
         ]
 
+    def state_dict(self) -> dict:
+        """The base class's ``state_dict``, with the state of each parameter that the core steps as
+        its local shard (element-wise methods under FSDP2) as a DTensor of the parameter's mesh,
+        placements and global shape, as ``torch.optim`` optimizers hold it under FSDP2.
+
+        torch DCP treats a plain tensor as replicated: every rank would save and load one copy, so
+        the shards of other ranks would be lost or mixed. As DTensors, DCP saves each rank's shard
+        and reshards on load. A rank whose shard is empty gets that parameter's entries as empty
+        shards (the core keeps no state for a zero-size leaf), so every rank's state dict has the
+        same keys, which DCP's collectives over them need. The optimizer's own state is unchanged.
+        """
+        state_dict = super().state_dict()
+        if not self.elementwise:
+            return state_dict
+        state = dict(state_dict["state"])
+        for index, (path, p) in enumerate(self._leaves()):
+            entries = state.get(index)
+            if not entries or self._kind(p) != _LOCAL:
+                continue
+            entries = {**entries, **self._empty_shard_state(path, p, entries)}
+            state[index] = {
+                name: self._as_dtensor(value, p, own_storage=True)
+                if name not in _COUNTERS and self._is_shard_state(value, p) else value
+                for name, value in entries.items()
+            }
+        return {**state_dict, "state": state}
+
+    @staticmethod
+    def _is_shard_state(value: Any, p: DTensor) -> bool:
+        """Whether ``value`` is a plain tensor of ``p``'s local shard's shape: its element-wise state."""
+        return (isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.ndim == p.ndim
+                and value.shape == p.to_local().shape)
+
+    @staticmethod
+    def _as_dtensor(value: torch.Tensor, p: DTensor, own_storage: bool = False) -> DTensor:
+        """``value`` as ``p``'s local shard of a DTensor like ``p``; ``own_storage``: a copy where
+        ``value`` starts inside a larger allocation (the state entries are views of one stack),
+        since ``torch.save`` cannot pickle a DTensor over a view at a storage offset."""
+        if own_storage and value.storage_offset():
+            value = value.clone()
+        return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+    def _empty_shard_state(self, path: tuple, p: DTensor, entries: dict) -> dict:
+        """Empty local shards of the state entries the core keeps for ``p`` on a rank whose shard
+        of ``p`` is empty, where it has stepped (``"core_group"``) and holds none (the core keeps no
+        state for a zero-size leaf); nothing otherwise. The entries' names and dtypes are those
+        ``init`` gives a one-element leaf of ``p``'s dtype (element-wise state does not depend on
+        the shape); no collective."""
+        local = p.to_local()
+        if local.numel() or not entries.get("core_group") or any(k not in _COUNTERS and k != "core_group" for k in entries):
+            return {}
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        probe = torch.zeros((1,) * p.ndim, dtype=local.dtype, device=local.device)
+        layout = super()._transform(group).init(self._tree([path], [probe])).groups
+        return {name: torch.zeros(local.shape, dtype=like.dtype, device=local.device)
+                for arrays in layout.values() for name, like in arrays.items()}
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load this rank's own checkpoint (see the module docstring).
 
         The base class checks a checkpoint against the layout ``init`` gives every block, with the
         parameters as they are (DTensors included). So, for that check only: the blocks other
         ranks own get their initial state, and local-shard state (element-wise methods under
-        FSDP2) is presented as DTensors of the parameters' global shape; both are undone after
-        loading. Collective: every rank loads at the same point.
+        FSDP2), saved as DTensors (:meth:`state_dict`, or DCP's reshard of them) or as local
+        shards (the earlier layout), is presented as DTensors of the parameters' global shape;
+        both are undone after loading. Collective: every rank loads at the same point.
         """
         filled = {key: dict(value) for key, value in state_dict["state"].items()}
         leaves = self._leaves()
@@ -382,11 +441,17 @@ class DistributedOptimizer:
                 if not entries:
                     continue
                 if self._kind(p) == _LOCAL:
+                    # A rank with an empty shard saved before state_dict() gave it empty entries.
+                    entries.update(self._empty_shard_state(path, p, entries))
                     for name, value in entries.items():
-                        if isinstance(value, torch.Tensor) and value.shape == p.to_local().shape and value.ndim == p.ndim:
-                            entries[name] = DTensor.from_local(
-                                value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-                            )
+                        if name in _COUNTERS:
+                            continue
+                        if isinstance(value, DTensor):  # state_dict()'s layout, or DCP's load of it
+                            if tuple(value.placements) != tuple(p.placements):
+                                value = value.redistribute(value.device_mesh, p.placements)
+                            value = value.to_local()
+                        if self._is_shard_state(value, p):  # re-wrapped on this rank's own mesh
+                            entries[name] = self._as_dtensor(value, p)
                 elif self._owner.get(path_str(path), self._rank) != self._rank:
                     others.append((path, full.get(path_str(path), p), saved_id))
             if others:
@@ -406,6 +471,10 @@ class DistributedOptimizer:
             for key, value in entries.items():
                 if isinstance(value, DTensor):
                     entries[key] = value.to_local()
+            if self._kind(p) == _LOCAL and not p.to_local().numel():
+                # An empty shard: no state arrays, as the step keeps it.
+                for key in [k for k in entries if k not in _COUNTERS and k != "core_group"]:
+                    del entries[key]
 
     # -- step ----------------------------------------------------------------------------------
 

@@ -150,6 +150,28 @@ def test_split_warm_start_and_checkpoint_resume(job):
         assert _equal(ranks[rank]["resume"]["split"], reference), rank
 
 
+@pytest.mark.parametrize("how", ["rank", "dcp", "dcp-full"])
+@pytest.mark.parametrize("method", ["agd", "rf_adamw"])
+def test_fsdp_elementwise_checkpoints_resume_exactly(job, method, how):
+    """Element-wise classes under FSDP2 (state on local shards), on a model whose first layer's
+    rows split 3 + 2 and whose head of one output leaves rank 1 an empty shard: restarted before
+    the last step into a fresh optimizer from each rank's own ``state_dict()`` (``torch.save``),
+    from a sharded DCP checkpoint, or from a full-state one, every rank ends with one process's
+    parameters bit for bit.
+
+    Invariant: ``state_dict()`` gives each shard's state as a DTensor of the parameter's mesh and
+    placements (as torch's optimizers do under FSDP2), so DCP saves every rank's shard and
+    reshards it on load (plain tensors, which DCP takes for replicated, gave rank 0 rank 1's
+    shard); a rank whose shard is empty, which the core keeps no state for, saves and loads empty
+    entries (its own checkpoint was refused as lacking them)."""
+    ranks, _ = job
+    reference = ranks[0]["elementwise_checkpoints"][f"{method}-one"]
+    for rank in range(WORLD):
+        got = ranks[rank]["elementwise_checkpoints"][f"{method}-{how}"]
+        assert isinstance(got, dict), (rank, got)
+        assert _equal(got, reference), f"rank {rank} differs from one process"
+
+
 @pytest.mark.parametrize("label, words", [
     ("groups", "ValueError: ASGO: inconsistent across ranks: mismatched process groups"),
     ("params", "ValueError: ASGO: inconsistent across ranks: parameter '0.weight' differs between rank 0 and rank 1 (values)"),

@@ -73,14 +73,22 @@ def full_batch_grads() -> dict:
     return {n: p.grad for n, p in net.named_parameters()}
 
 
-def references(name: str, world: int) -> dict:
+def head_model() -> torch.nn.Module:
+    """A head of one output: on 2 ranks, FSDP2 gives rank 1 an empty shard of its weight and bias,
+    and the first layer's 5 rows are split 3 + 2."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+
+
+def references(name: str, world: int, make_model=model, outputs: int = 3) -> dict:
     """One process: the global batch's loss (``full``), and the mean of the ranks' shard gradients
     computed one shard at a time (``mean``: the numbers DDP/FSDP reduce, in the same order)."""
     cls, kwargs = CONFIGS[name]
     xs, ys = data()
+    ys = ys[..., :outputs]
     out = {}
     for how in ("full", "mean"):
-        net = model()
+        net = make_model()
         opt = getattr(pt, cls)(net.named_parameters(), **kwargs)
         for x, y in zip(xs, ys):
             opt.zero_grad()
@@ -137,6 +145,60 @@ def train(name: str, rank: int, world: int, wrap: str, distributed: bool) -> tup
                       for p, s in opt.state.items()},
         }
     return plain(net.module if wrap == "ddp" else net), info
+
+
+def elementwise_checkpoints(rank: int, world: int, out: str) -> dict:
+    """AGD and RF-AdamW under FSDP2 on :func:`head_model` (uneven and empty shards), restarted
+    before the last step into a fresh optimizer from: this rank's own ``state_dict()`` through
+    ``torch.save`` (``rank``), a sharded DCP checkpoint (``dcp``), a full-state one (``dcp-full``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    xs, ys = data()
+    ys = ys[..., :1]
+    results = {}
+    for name in ("agd", "rf_adamw"):
+        cls, kwargs = CONFIGS[name]
+        for how in ("rank", "dcp", "dcp-full"):
+            net = head_model()
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in (net[0], net[2]):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(net, mesh=mesh)
+            make = lambda: getattr(ptd, cls)(net.named_parameters(), **kwargs)  # noqa: E731
+            opt = make()
+            try:
+                for step, (x, y) in enumerate(zip(xs, ys)):
+                    if step == 2 and how == "rank":
+                        buffer = io.BytesIO()
+                        torch.save(opt.state_dict(), buffer)
+                        buffer.seek(0)
+                        opt = make()
+                        opt.load_state_dict(torch.load(buffer, weights_only=False))
+                    elif step == 2:
+                        # No gradients left over: DCP makes a fresh optimizer's state only when
+                        # no parameter has a gradient (a step at lr=0), and loads nothing otherwise.
+                        opt.zero_grad()
+                        options = StateDictOptions(full_state_dict=how == "dcp-full")
+                        where = os.path.join(out, f"{name}-{how}")
+                        dcp.save({"optim": get_optimizer_state_dict(net, opt, options=options)}, checkpoint_id=where)
+                        opt = make()
+                        loaded = {"optim": get_optimizer_state_dict(net, opt, options=options)}
+                        dcp.load(loaded, checkpoint_id=where)
+                        set_optimizer_state_dict(net, opt, loaded["optim"], options=options)
+                    opt.zero_grad()
+                    loss_fn(net, shard(x, rank, world), shard(y, rank, world)).backward()
+                    opt.step()
+                results[f"{name}-{how}"] = plain(net)
+            except Exception as err:  # noqa: BLE001 - recorded for the test to judge
+                results[f"{name}-{how}"] = f"{type(err).__name__}: {err}"
+        if rank == 0:
+            results[f"{name}-one"] = references(name, world, head_model, outputs=1)["mean"]
+    return results
 
 
 def warm_start_and_resume(rank: int, world: int, out: str) -> dict:
@@ -244,6 +306,7 @@ def main() -> None:
                 results.setdefault("reference", {})[name] = references(name, world)
         results["full_batch_grads"] = full_batch_grads()
         results["resume"] = warm_start_and_resume(rank, world, out)
+        results["elementwise_checkpoints"] = elementwise_checkpoints(rank, world, out)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         with open(os.path.join(out, f"bad{rank}.json"), "w") as f:
             json.dump(bad_inputs(rank, world), f)
