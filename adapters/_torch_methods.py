@@ -234,9 +234,10 @@ class _RootFreeOptimizer(CoreOptimizer):
     makes the step ask for ``batch_size=``), for the param groups without a ``batch_size`` of
     their own. A forward that finds every gradient of the model set to None starts the count
     again: the gradients of the forwards before it were discarded (a step ``GradScaler`` skipped);
-    :class:`_BatchCounter` says which loops this does not cover. A step without a batch size
-    whose every gradient is exactly zero takes B = 1: B multiplies only gradient terms, so the
-    step is the same for every B (torch DCP's state-dict helpers take such a step, with no forward,
+    :class:`_BatchCounter` says which loops this does not cover. Under data parallelism the
+    ranks' counts are summed (:meth:`_count_group`), so that B is the global batch's on every
+    rank. A step without a batch size whose every gradient is exactly zero takes B = 1: B
+    multiplies only gradient terms, so the step is the same for every B (torch DCP's state-dict helpers take such a step, with no forward,
     to make the state of an optimizer that has none). The constructor raises
     ``ValueError`` when neither ``batch_size=`` nor ``model=`` is given (and B scales the
     statistic), so that a missing B is found when the optimizer is built, not at its first step.
@@ -279,15 +280,24 @@ class _RootFreeOptimizer(CoreOptimizer):
         # batch_size does not override it.
         needed = extra.get("batch_size") is None and self._groups_without_batch_size()
         wanted = counter is not None and needed
-        if wanted and counter.sequences is not None:
+        # Under data parallelism the count is summed over the ranks, which also tell each other
+        # what stops the step (integer sequences), so that every rank raises or none does.
+        total, sequences_anywhere = self._counted_over_ranks(counter) if wanted else (0, False)
+        if wanted and sequences_anywhere:
             shape, counter.sequences, counter.count, counter.uncounted = counter.sequences, None, 0, None
+            if shape is None:
+                raise ValueError(
+                    f"{type(self).__name__}: model='s input on another rank of the process group is a batch of "
+                    "integer sequences, which does not tell B, the number of examples the loss averages over. Give "
+                    "batch_size= to the constructor or opt.step(batch_size=...)"
+                )
             raise ValueError(
                 f"{type(self).__name__}: model='s input is a batch of integer sequences {shape}, which does not "
                 "tell B, the number of examples the loss averages over: a per-token loss averages over every "
                 f"token ({shape[0]} x {shape[1]} here), a per-sequence one over the {shape[0]} sequences. Give "
                 "batch_size= to the constructor or opt.step(batch_size=...)"
             )
-        counted = counter.count if wanted and counter.count > 0 else None
+        counted = total if wanted and total > 0 else None
         if needed and counted is None and self._only_zero_gradients():
             # B multiplies only gradient terms (s <- b2 s + (1 - b2) B g*g; IF-Shampoo's factor step
             # from sqrt(B) G), so a step whose every gradient is exactly zero is the same for every
@@ -315,6 +325,53 @@ class _RootFreeOptimizer(CoreOptimizer):
             self.__dict__.pop("_counted_batch_size", None)
             if counter is not None:
                 counter.count, counter.sequences, counter.uncounted = 0, None, None
+
+    def _count_group(self) -> Any:
+        """The process group whose ranks' counts add up to B, or None where this process's count is
+        B. The ranks of a data-parallel run average their gradients (DDP averages the ranks'
+        mean-loss gradients), so the gradient stands for the global batch, and B must be its size,
+        the same on every rank. torch_distributed's classes: their process group (``_pg``), whose
+        ranks train one model. The plain classes: the process group of a ``DistributedDataParallel``
+        given as ``model=``; any other model's count is this process's, with a warning (once) where
+        torch.distributed runs several processes, which may be the ranks of one model."""
+        group = getattr(self, "_pg", None)
+        if group is not None:
+            return group
+        model = self._batch_counter._model() if self._batch_counter._model is not None else None
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model.process_group
+        if (
+            not self._warned_local_count and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
+            self._warned_local_count = True
+            warnings.warn(
+                f"{type(self).__name__}: model= counts the examples of this process's forward passes only, "
+                f"while torch.distributed runs {torch.distributed.get_world_size()} processes; under data "
+                "parallelism the averaged gradient is the global batch's, and B must be the global batch size. "
+                "Pass the DistributedDataParallel module as model= (its ranks' counts are then summed), give "
+                "batch_size= the global batch size, or use precond_ref.adapters.torch_distributed's class",
+                RuntimeWarning, stacklevel=7,
+            )
+        return None
+
+    #: Whether the warning of :meth:`_count_group` on a count that may be one rank's was given.
+    _warned_local_count: bool = False
+
+    def _counted_over_ranks(self, counter: _BatchCounter) -> tuple[int, bool]:
+        """B counted for this step (the sum of the ranks' counts over :meth:`_count_group`) and
+        whether some rank's forward took integer sequences. One all-reduce of two integers on the
+        parameters' device, read on the host: the count decides the step's path (the error of a step
+        nothing was counted for, B = 1 for one of zero gradients) alike on every rank, and a number
+        B keeps a CUDA-graph capture and a compiled step's constant, as ``batch_size=`` does."""
+        group = self._count_group()
+        if group is None or torch.distributed.get_world_size(group) == 1:
+            return counter.count, counter.sequences is not None
+        device = next(p.device for g in self.param_groups for p in g["params"])
+        summed = torch.tensor([counter.count, counter.sequences is not None], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(summed, group=group)
+        total, sequences = summed.tolist()
+        return total, sequences > 0
 
     def _only_zero_gradients(self) -> bool:
         """Whether the param groups that need the counted batch size have gradients and every one

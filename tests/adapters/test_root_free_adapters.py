@@ -459,3 +459,25 @@ def test_zero_gradient_step_without_a_count_is_the_step_of_every_batch_size(cls,
     next(counted.parameters()).grad[0, 0] = 1.0
     with pytest.raises(ValueError, match="counted no training-mode forward"):
         opt.step()
+
+
+@pytest.mark.parametrize("cls", [pt.RFRMSProp, pt.RFAdamW, pt.IFShampoo])
+def test_count_of_a_model_that_may_be_one_rank_of_many_warns_once(monkeypatch, cls):
+    """With torch.distributed running several processes, a plain class given a model that is not a
+    DistributedDataParallel cannot tell whether the ranks train one model (whose B is the global
+    batch): its count is this process's, and one RuntimeWarning, pointing at the caller's step,
+    names the remedies. ``batch_size=`` asks nothing and warns nothing. (The sum over a DDP
+    module's ranks: tests/distributed/test_torch_batch_count.py.)"""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    x, y = _data(4)
+    net, given = _model(), _model()
+    counted, explicit = cls(None, model=net, lr=0.05), cls(None, model=given, lr=0.05, batch_size=4)
+    with pytest.warns(RuntimeWarning, match="DistributedDataParallel module as model=") as caught:
+        for _ in range(2):
+            for model, opt in ((net, counted), (given, explicit)):
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+    assert [w.filename for w in caught] == [__file__]
+    assert torch.equal(_flat(net), _flat(given))
