@@ -38,6 +38,10 @@ from precond_ref.tree import path_str
 STEP, NONFINITE = "step", "nonfinite_count"
 CALLS, HEAD = "calls", "core_group"
 BOOKKEEPING = (STEP, NONFINITE, CALLS, HEAD)
+#: Entries with which ``torch_distributed``'s split classes mark their checkpoints (the tokens of
+#: the optimizer that saved the counters and a block's state); any class loads such a checkpoint
+#: without them.
+MARKS = ("counters_saved_by", "state_saved_by")
 # torch.optim.Optimizer's own attributes: hooks are not copied (as for torch's optimizers).
 _TORCH_TRANSIENT = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
@@ -380,7 +384,7 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
             if not entries and not p.requires_grad:
                 absent.append((index, p))  # torch DCP leaves out the state of a frozen parameter
             if entries:
-                entries = dict(entries)
+                entries = {k: v for k, v in entries.items() if k not in MARKS}
                 if STEP not in entries:
                     raise ValueError(f"{where}: the state of {label} lacks 'step'")
                 # torch's rule for 'step' (not cast to the parameter's dtype); on the parameter's

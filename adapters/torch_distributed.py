@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from typing import Any, Optional
 
 import torch
@@ -49,6 +50,7 @@ import torch.distributed as dist
 from array_api_compat import array_namespace
 from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
+from precond_ref.adapters import _torch_state as _base_state
 from precond_ref.adapters import torch as _base
 from precond_ref.engine import gradient_ok, weight_bias_groups
 from precond_ref.transform import PrecondState, Transform
@@ -72,6 +74,10 @@ __all__ = [
 _PLAIN, _LOCAL, _FULL = "plain", "local", "full"
 # What a parameter whose block another rank owns keeps in ``self.state``.
 _COUNTERS = ("step", "nonfinite_count", "calls")
+# Checkpoint entries of the split classes (DistributedOptimizer.state_dict): the token of the
+# optimizer that saved the counters (every parameter), and of the one that saved a block's state
+# (its first parameter, on the rank that owns it).
+_COUNTERS_OF, _STATE_OF = _base_state.MARKS
 
 
 def estimated_cost(shapes: list[tuple[int, ...]]) -> int:
@@ -285,7 +291,9 @@ class DistributedOptimizer:
         rank left training alone)."""
         world = dist.get_world_size()
         described = [None] * world
-        dist.all_gather_object(described, self._describe())
+        dist.all_gather_object(described, {**self._describe(), "token": int.from_bytes(os.urandom(8), "little")})
+        # One token for this optimizer on every rank (rank 0's): what its checkpoints are marked with.
+        self._token = described[0]["token"]
         problems = []
         for r, info in enumerate(described):
             for s in info["group"]:
@@ -373,6 +381,8 @@ class DistributedOptimizer:
         same keys, which DCP's collectives over them need. The optimizer's own state is unchanged.
         """
         state_dict = super().state_dict()
+        if self._split:
+            return self._marked(state_dict)
         if not self.elementwise:
             return state_dict
         state = dict(state_dict["state"])
@@ -387,6 +397,43 @@ class DistributedOptimizer:
                 for name, value in entries.items()
             }
         return {**state_dict, "state": state}
+
+    def _marked(self, state_dict: dict) -> dict:
+        """``state_dict`` with this optimizer's token on every parameter's entries (the counters, the
+        same on every rank) and on the first parameter of each block whose state this rank holds.
+
+        A full-state checkpoint (torch DCP's ``full_state_dict=True``, e.g. with
+        ``broadcast_from_rank0``) takes the plain tensors of rank 0 only, so the state of the blocks
+        other ranks own is not in it, while DCP keeps the loading optimizer's own entries for keys
+        the checkpoint lacks: a rank's blocks would resume from whatever state it held before. The
+        two tokens then differ, and :meth:`load_state_dict` refuses the checkpoint on every rank.
+        Both are the same on every rank (one optimizer), as DCP needs of a key saved by several."""
+        state = {}
+        for index, entries in state_dict["state"].items():
+            entries = {**entries, _COUNTERS_OF: self._token}
+            if entries.get("core_group"):
+                entries[_STATE_OF] = self._token
+            state[index] = entries
+        return {**state_dict, "state": state}
+
+    def _missing_block_state(self, state_dict: dict) -> list[str]:
+        """The parameters whose block this rank steps, which took steps by the checkpoint's counters,
+        and whose state the checkpoint does not hold (:meth:`_marked`'s tokens differ)."""
+        missing, index = [], 0
+        try:
+            saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        except (KeyError, TypeError):
+            return []  # not a state_dict: the base class's check says so
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            for saved_id, p in zip(saved_group.get("params", ()), group["params"]):
+                path = self._path(p, index)
+                index += 1
+                entries = saved_state.get(saved_id) or {}
+                if (_COUNTERS_OF in entries and entries.get("core_group") and entries.get("calls", 0)
+                        and self._owner.get(path_str(path), self._rank) == self._rank
+                        and entries.get(_STATE_OF) != entries[_COUNTERS_OF]):
+                    missing.append(".".join(str(k) for k in path))
+        return missing
 
     @staticmethod
     def _is_shard_state(value: Any, p: DTensor) -> bool:
@@ -428,7 +475,20 @@ class DistributedOptimizer:
         shards (the earlier layout), is presented as DTensors of the parameters' global shape;
         both are undone after loading. Collective: every rank loads at the same point.
         """
-        filled = {key: dict(value) for key, value in state_dict["state"].items()}
+        # Agreed by every rank before any loads: a checkpoint without the state of a block some rank
+        # steps is refused on all of them (one rank raising alone would leave the others waiting).
+        missing = [None] * self._world
+        dist.all_gather_object(missing, self._missing_block_state(state_dict), group=self._pg)
+        if any(missing):
+            names = ", ".join(f"{name!r} (rank {r})" for r, names in enumerate(missing) for name in names or ())
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the checkpoint lacks the state of the blocks of {names}, "
+                "which took steps: it holds one rank's blocks only (a full state, full_state_dict=True or "
+                "broadcast_from_rank0, takes rank 0's). The split classes' checkpoints are each rank's own "
+                "state_dict(), loaded into the rank of the same number, or a sharded torch DCP checkpoint"
+            )
+        filled = {key: {k: v for k, v in value.items() if k not in (_COUNTERS_OF, _STATE_OF)}
+                  for key, value in state_dict["state"].items()}
         leaves = self._leaves()
         full = {path_str(path): p.full_tensor() for path, p in leaves if self._kind(p) == _FULL}  # in order
         index = 0

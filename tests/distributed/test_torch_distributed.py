@@ -172,6 +172,23 @@ def test_fsdp_elementwise_checkpoints_resume_exactly(job, method, how):
         assert _equal(got, reference), f"rank {rank} differs from one process"
 
 
+def test_split_full_state_checkpoint_is_refused_on_every_rank(job):
+    """A split class (ASGO under DDP) restored with torch's full-state pattern
+    (``full_state_dict=True``, saved by rank 0, ``broadcast_from_rank0=True``) raises ValueError on
+    every rank, naming a parameter whose block rank 1 computes.
+
+    Invariant: a checkpoint that lacks the state of a block some rank steps, while its counters say
+    the block took steps, never loads: a full state takes rank 0's plain tensors only, and the
+    blocks rank 1 owns silently resumed from the state its fresh optimizer held. Every rank
+    raises (the ranks agree before loading), so none trains on or waits in a collective."""
+    ranks, _ = job
+    owned_by_1 = ranks[1]["info"]["asgo"]["owned"]
+    for rank in range(WORLD):
+        error = ranks[rank]["split_full_state"]["error"]
+        assert error is not None and "lacks the state" in error and "sharded torch DCP" in error, (rank, error)
+        assert f"{owned_by_1[0]!r} (rank 1)" in error, (rank, error)
+
+
 @pytest.mark.parametrize("label, words", [
     ("groups", "ValueError: ASGO: inconsistent across ranks: mismatched process groups"),
     ("params", "ValueError: ASGO: inconsistent across ranks: parameter '0.weight' differs between rank 0 and rank 1 (values)"),

@@ -201,6 +201,42 @@ def elementwise_checkpoints(rank: int, world: int, out: str) -> dict:
     return results
 
 
+def split_full_state(rank: int, world: int, out: str) -> dict:
+    """ASGO with the split preconditioner under DDP, two steps, then torch's full-state pattern:
+    ``get_state_dict(full_state_dict=True, cpu_offload=True)`` saved by rank 0, loaded into a fresh
+    optimizer with ``set_optimizer_state_dict(full_state_dict=True, broadcast_from_rank0=True)``:
+    the error each rank saw, or None."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    cls, kwargs = CONFIGS["asgo"]
+    xs, ys = data()
+    net = DistributedDataParallel(model())
+    opt = ptd.ASGO(net.module.named_parameters(), **kwargs)
+    for x, y in zip(xs[:2], ys[:2]):
+        opt.zero_grad()
+        loss_fn(net, shard(x, rank, world), shard(y, rank, world)).backward()
+        opt.step()
+    where = os.path.join(out, "asgo-full.pt")
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    saved = get_optimizer_state_dict(net.module, opt, options=options)
+    if rank == 0:
+        torch.save(saved, where)
+    dist.barrier()
+    opt.zero_grad()
+    opt = ptd.ASGO(net.module.named_parameters(), **kwargs)
+    full = torch.load(where, weights_only=False) if rank == 0 else {}
+    try:
+        set_optimizer_state_dict(net.module, opt, full, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
+        return {"error": None}
+    except ValueError as err:
+        return {"error": str(err)}
+
+
 def warm_start_and_resume(rank: int, world: int, out: str) -> dict:
     """MBF with the split preconditioner: warm start, 2 steps, save one state_dict per rank, load
     it into a fresh optimizer and model, 1 more step; and one process doing the same."""
@@ -307,6 +343,7 @@ def main() -> None:
         results["full_batch_grads"] = full_batch_grads()
         results["resume"] = warm_start_and_resume(rank, world, out)
         results["elementwise_checkpoints"] = elementwise_checkpoints(rank, world, out)
+        results["split_full_state"] = split_full_state(rank, world, out)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         with open(os.path.join(out, f"bad{rank}.json"), "w") as f:
             json.dump(bad_inputs(rank, world), f)
