@@ -53,6 +53,7 @@ from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 from precond_ref.adapters import _torch_state as _base_state
 from precond_ref.adapters import torch as _base
 from precond_ref.engine import gradient_ok, weight_bias_groups
+from precond_ref.engine.skip import first_bad_gradient
 from precond_ref.transform import PrecondState, Transform
 from precond_ref.tree import path_str, tree_flatten, tree_unflatten
 
@@ -560,8 +561,22 @@ class DistributedOptimizer:
         """The base class's step, with one non-finite decision for every param group, agreed by all
         ranks (:meth:`_all_finite` of every local gradient shard): a NaN in one group skips (or
         raises before) every group's update, as in one process."""
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        self._step_finite = self._all_finite([g.to_local() if isinstance(g, DTensor) else g for g in grads])
+        named, index = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    named.append((self._param_names.get(p, str(index)), group, p.grad))
+                index += 1
+        views = [g.to_local() if isinstance(g, DTensor) else g for _, _, g in named]
+        self._step_finite = self._all_finite(views)
+        if not self._step_finite and any(group.get("on_nonfinite", "skip") == "raise" for _, group, _ in named):
+            # Raised for the step as a whole before any group steps, as the base class does: a
+            # group that skips would otherwise count a skipped step before a later one raised.
+            self._step_finite = None
+            where = "non-finite gradient on another rank of the process group"
+            if not bool(gradient_ok(torch, views)):
+                where = first_bad_gradient(torch, views, [(name,) for name, _, _ in named], "parameter")
+            raise FloatingPointError(f"{type(self).__name__}: {where}")
         try:
             super()._step_groups(extra)
         finally:

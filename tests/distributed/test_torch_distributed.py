@@ -235,6 +235,18 @@ def test_nonfinite_gradient_in_one_param_group_stops_every_group_on_every_rank(j
         assert bad[rank]["groups-nan-raise-unchanged"]
 
 
+def test_nonfinite_gradient_raise_in_one_group_changes_nothing_in_a_skipping_group(job):
+    """Param group 0 with ``on_nonfinite="skip"``, group 1 with ``"raise"``, a NaN in group 1 of
+    rank 1's shard: every rank raises FloatingPointError before any group steps, as the plain
+    class does (nothing moved, no counter made: group 0 used to count a skipped step first); rank
+    1 names the torch parameter as the plain class does, rank 0 says it was on another rank."""
+    _, bad = job
+    for rank in range(WORLD):
+        assert bad[rank]["groups-nan-mixed-unchanged"] and bad[rank]["groups-nan-mixed-stepped"] == 0, rank
+    assert bad[1]["groups-nan-mixed"] == "FloatingPointError: ASGO: non-finite gradient in parameter '4.bias'"
+    assert bad[0]["groups-nan-mixed"] == "FloatingPointError: ASGO: non-finite gradient on another rank of the process group"
+
+
 DOCS_PAGE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "docs", "distributed.md")
 
 

@@ -309,11 +309,18 @@ def bad_inputs(rank: int, world: int) -> dict:
         seen[f"nan-{policy}-nonfinite"] = sorted(counts)
     # A NaN in the second of two param groups, in rank 1's shard only: every group of every rank
     # skips (ASGO, its blocks split across the ranks) or raises before any parameter moves.
-    for policy in ("skip", "raise"):
+    # "mixed": the first group skips, the second raises; the step raises before the first counts
+    # a skipped step.
+    for policy in ("skip", "raise", "mixed"):
         net = model()
         fully_shard(net, mesh=mesh)
         named = list(net.named_parameters())
-        opt = ptd.ASGO([{"params": named[:2]}, {"params": named[2:], "weight_decay": 0.0}], lr=0.1, on_nonfinite=policy)
+        if policy == "mixed":
+            opt = ptd.ASGO([{"params": named[:2], "on_nonfinite": "skip"},
+                            {"params": named[2:], "weight_decay": 0.0, "on_nonfinite": "raise"}], lr=0.1)
+        else:
+            opt = ptd.ASGO([{"params": named[:2]}, {"params": named[2:], "weight_decay": 0.0}], lr=0.1,
+                           on_nonfinite=policy)
         before = plain(net)
         loss_fn(net, *[shard(t[0], rank, world) for t in data()]).backward()
         if rank == 1:
@@ -321,6 +328,7 @@ def bad_inputs(rank: int, world: int) -> dict:
         attempt(f"groups-nan-{policy}", opt.step)
         after = plain(net)
         seen[f"groups-nan-{policy}-unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+        seen[f"groups-nan-{policy}-stepped"] = sum(bool(entries) for entries in opt.state.values())
     return seen
 
 
