@@ -3,7 +3,9 @@
 Plain ``DistributedDataParallel`` needs nothing from this module: DDP averages the gradients
 before ``step``, every rank then runs the same deterministic update on the same numbers, and the
 classes of :mod:`precond_ref.adapters.torch` already give the parameters of one process trained on
-the global batch (root-free methods: pass the *global* batch size as ``batch_size``).
+the global batch (root-free methods: pass the *global* batch size as ``batch_size``; with
+``model=`` the counted batch sizes are summed over the DDP module's process group, and over
+``process_group`` in the classes here).
 
 The classes here (same names and arguments as in :mod:`precond_ref.adapters.torch`, plus
 ``process_group=`` and ``split_preconditioner=``) add two things:
