@@ -237,8 +237,9 @@ class _RootFreeOptimizer(CoreOptimizer):
     :class:`_BatchCounter` says which loops this does not cover. Under data parallelism the
     ranks' counts are summed (:meth:`_count_group`), so that B is the global batch's on every
     rank. A step without a batch size whose every gradient is exactly zero takes B = 1: B
-    multiplies only gradient terms, so the step is the same for every B (torch DCP's state-dict helpers take such a step, with no forward,
-    to make the state of an optimizer that has none). The constructor raises
+    multiplies only gradient terms, so the step is the same for every B (torch DCP's state-dict
+    helpers take such a step, with no forward, to make the state of an optimizer that has none).
+    The constructor raises
     ``ValueError`` when neither ``batch_size=`` nor ``model=`` is given (and B scales the
     statistic), so that a missing B is found when the optimizer is built, not at its first step.
     """

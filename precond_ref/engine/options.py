@@ -99,7 +99,8 @@ def state_dtype(xp: Any, param_dtype: Any, requested: Any = None, default: Optio
     if isinstance(dtype, str):
         dtype = getattr(xp, requested, None)
         if dtype is None:
-            raise ValueError(f"{name}={requested!r}: the parameters' array library {getattr(xp, '__name__', xp)} has no {requested} dtype")
+            library = getattr(xp, "__name__", xp)
+            raise ValueError(f"{name}={requested!r}: the parameters' array library {library} has no {requested} dtype")
     if dtype is None and default is not None:
         dtype = default(xp, param_dtype)
     if dtype is None:
