@@ -13,11 +13,11 @@ tests instead of stalling the suite.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from ranks import run_ranks
 
 WORLD, STEPS = 2, 3
 CLASSES = {
@@ -118,22 +118,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 
 def _run_job(out) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen([sys.executable, __file__, str(rank), str(WORLD), str(out / "init"), str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-        for rank in range(WORLD)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=180)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail("the batch-count job hung (killed after 180 s)")
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log[-6000:]}"
+    run_ranks(__file__, WORLD, out, timeout=180, what="the batch-count job")
 
 
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():  # pragma: no cover

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from ranks import run_ranks
 from session_jobs import run_once
 
 pytest.importorskip("torch.distributed.fsdp")
@@ -30,25 +31,7 @@ EPS32 = torch.finfo(torch.float32).eps
 
 
 def _run_job(out) -> None:
-    init = out / "init"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, str(rank), str(WORLD), str(init), str(out)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=240)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail("the distributed torch job hung (killed after 240 s)")
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log[-6000:]}"
+    run_ranks(WORKER, WORLD, out, timeout=240, what="the distributed torch job", env={"PYTHONWARNINGS": "ignore"})
 
 
 @pytest.fixture(scope="module")
