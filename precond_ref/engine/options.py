@@ -50,7 +50,7 @@ def batch_size(name: str, factory_value: Any, extra: dict) -> Any:
     return value
 
 
-def _dtype_name(value: Any) -> str:
+def dtype_name(value: Any) -> str:
     """The name of a dtype object of any array library, read without importing one: a NumPy (or
     CuPy, ml_dtypes) dtype's ``name``, a scalar type's class name (``np.float32``, ``jnp.float32``),
     else the last dotted part of its text (``torch.float32``, ``array_api_strict.float32``)."""
@@ -83,7 +83,7 @@ def check_dtype(name: str, value: Any) -> None:
         )
     # Identity, not equality: NumPy's float64 dtype compares equal to Python's float.
     python_types = (bool, int, float, complex)
-    if isinstance(value, python_types) or any(value is t for t in python_types) or _dtype_name(value) in _OTHER_DTYPE_NAMES:
+    if isinstance(value, python_types) or any(value is t for t in python_types) or dtype_name(value) in _OTHER_DTYPE_NAMES:
         raise TypeError(f"{name} must be a real floating dtype or one of the names {FLOATING_DTYPE_NAMES}, got {value!r}")
 
 

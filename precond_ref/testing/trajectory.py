@@ -18,6 +18,7 @@ import json
 import math
 from typing import Any, Callable, Optional, Sequence
 
+from ..engine.options import dtype_name
 from ..tree import path_str, tree_flatten, tree_unflatten
 from .backends import _NAMESPACES, resolve_dtype, resolve_namespace
 from .problems import Problem, get_problem
@@ -182,7 +183,7 @@ class Trajectory:
         # The dtype is kept as its name ("float64"): the comparison picks its tolerances from it
         # and the trace file stores it as text, neither of which can read a backend's dtype object.
         if not isinstance(self.dtype, str):
-            self.dtype = _dtype_name(self.dtype)
+            self.dtype = dtype_name(self.dtype)
 
     @property
     def steps(self) -> int:
@@ -214,14 +215,6 @@ def _backend_name(xp: Any) -> str:
         if name == module or name == short:
             return short
     return name
-
-
-def _dtype_name(dtype: Any) -> str:
-    text = str(dtype)
-    for name in ("bfloat16", "float16", "float32", "float64"):
-        if name in text:
-            return name
-    return text
 
 
 def transform_trajectory(
@@ -278,7 +271,7 @@ def transform_trajectory(
         params=history,
         losses=losses,
         grads=grads_seen,
-        dtype=_dtype_name(dtype),
+        dtype=dtype_name(dtype),
         backend=_backend_name(xp),
         problem_options=problem.options(),
         version=_version(),
@@ -370,7 +363,7 @@ def torch_trajectory(
         params=history,
         losses=losses,
         grads=grads_seen,
-        dtype=_dtype_name(torch_dtype),
+        dtype=dtype_name(torch_dtype),
         backend="torch",
         problem_options=problem.options(),
         version=_version(),
