@@ -136,7 +136,8 @@ class CoreOptimizer(torch.optim.Optimizer):
     _restack: bool = False
     # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
     _transient_attributes: tuple[str, ...] = (
-        "_transforms", "_compiled", "_kernels", "_learning_rates", "_member_plans", "_captures", "_changed_at"
+        "_transforms", "_compiled", "_kernels", "_learning_rates", "_member_plans", "_captures", "_changed_at",
+        "_fitted",
     )
     #: ``step`` calls taken (the clock of :meth:`_scheduled`).
     _step_calls: int = 0
@@ -174,6 +175,9 @@ class CoreOptimizer(torch.optim.Optimizer):
         # core names of those that changed last.
         self._changed_at: dict[int, tuple[Optional[int], int, tuple[str, ...]]] = {}
         self._member_plans: dict[tuple, _Members] = {}
+        # Each group's core transform whose state layout its parameters' state was found to fit
+        # (:meth:`_check_state_fits`), with the key of the hyperparameters it was built from.
+        self._fitted: dict[int, tuple[Transform, tuple]] = {}
         # Members of a block whose counters a step left behind their partners' (no gradient of
         # their own; see _fill_missing_members): never the source of a core group's counters.
         self._behind: set = set()
@@ -413,9 +417,14 @@ class CoreOptimizer(torch.optim.Optimizer):
     def _step_groups(self, extra: dict) -> None:
         index, updates = 0, []
         self._step_calls += 1
+        # Every refusal of the step is raised before any group updates (a later group's refusal
+        # would otherwise leave the earlier groups stepped): the hyperparameters and learning rate
+        # of each group, its sparse gradients, a state layout that its new hyperparameters no
+        # longer fit, then capturable=True's needs of every update, then the non-finite decision.
         for group in self.param_groups:
             transform = self._transform(group)
             self._learning_rate(group)
+            self._check_state_fits(group, index)
             # Parameters stepped together so far share a counter; the key is a host-side count of
             # the calls each took part in, so grouping them needs no device synchronisation.
             by_calls: dict[int, list[tuple[int, torch.Tensor]]] = {}
@@ -430,6 +439,10 @@ class CoreOptimizer(torch.optim.Optimizer):
             group_extra = self._group_extra(group, extra)
             eager = self._scheduled(group)
             updates.extend((group, transform, members, calls, group_extra, eager) for calls, members in by_calls.items())
+        if self._capturable:
+            for _, transform, members, *_ in updates:
+                named = [(path_str(self._path(p, i)), p) for i, p in members]
+                _torch_compile.check_capturable(type(self).__name__, transform, named)
         raises = any(group.get("on_nonfinite", "skip") == "raise" for group, *_ in updates)
         # torch_distributed's classes agree on the decision across ranks themselves (one all-reduce).
         decides = (raises or len(updates) > 1) and not getattr(self, "_accepts_dtensor", False)
@@ -446,6 +459,57 @@ class CoreOptimizer(torch.optim.Optimizer):
                     f"was made, and the new value needs a state of another layout; set it before the first step, or "
                     f"build a new optimizer ({error})") from error
         self._restack = False
+
+    def _check_state_fits(self, group: dict, index: int) -> None:
+        """``ValueError`` where ``group``'s hyperparameters changed after its state was made and
+        the state the new values need has another layout (a ``factor_dtype``, a ``rank``, a
+        ``block_size``): checked once per transform, before any group steps, so that a refusal
+        leaves every parameter and state tensor as it was. ``index``: the position of the group's
+        first parameter in the optimizer (the numbering of unnamed ones).
+
+        The layout wanted is that of the transform's ``init`` on meta tensors of the parameters'
+        shapes and dtypes (no memory, no computation); the core's own check at the update would
+        refuse the same state, after the groups before this one had stepped."""
+        transform = CoreOptimizer._transform(self, group)  # the core's (torch_distributed wraps it)
+        key = self._transforms[id(group)][0]
+        fitted = self._fitted.get(id(group))
+        if fitted is not None and fitted[0] is transform:
+            return
+        params = group["params"]
+        held = [(i, p) for i, p in enumerate(params) if (self.state.get(p) or {}).get(_HEAD)]
+        if held:
+            paths = [self._path(p, index + i) for i, p in enumerate(params)]
+            meta = [torch.empty(self._core_shape(p), dtype=p.dtype, device="meta") for p in params]
+            try:
+                wanted = transform.init(self._tree(paths, meta)).groups
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"{type(self).__name__}: {error}") from error
+            for i, p in held:
+                entries = self.state[p]
+                found = {k: (tuple(v.shape), v.dtype) for k, v in entries.items() if k not in _BOOKKEEPING}
+                new = {k: (tuple(v.shape), v.dtype) for k, v in wanted.get(path_str(paths[i]), {}).items()}
+                if found == new:
+                    continue
+                if fitted is not None:
+                    names = tuple(k for k, v in fitted[1] if (k, v) not in key)
+                else:  # no step since this optimizer was made, copied or loaded: the last change recorded
+                    names = self._changed_at.get(id(group), (None, None, ()))[2]
+                detail = "; ".join(
+                    f"{k!r}: state {found[k][0]}/{found[k][1]}, needs {new[k][0]}/{new[k][1]}" if k in found and k in new
+                    else f"{k!r} {'only in the state' if k in found else 'missing from the state'}"
+                    for k in sorted(set(found) | set(new)) if found.get(k) != new.get(k)
+                )
+                raise ValueError(
+                    f"{type(self).__name__}: {self._torch_names_of(group, names)} changed after the optimizer state "
+                    f"was made, and the new value needs a state of another layout; set it before the first step, or "
+                    f"build a new optimizer (the state of {_torch_state.param_label(self._param_names, p, index + i)}: "
+                    f"{detail})"
+                )
+        self._fitted[id(group)] = (transform, key)
+
+    def _core_shape(self, p: torch.Tensor) -> tuple:
+        """The shape of ``p`` as the core transform sees it."""
+        return tuple(p.shape)
 
     def _group_extra(self, group: dict, extra: dict) -> dict:
         """The keyword arguments of ``group``'s core update: ``step``'s own (the root-free classes
@@ -483,9 +547,6 @@ class CoreOptimizer(torch.optim.Optimizer):
             grads[i] = torch.where(skipped, grads[i], math.nan)
         params_tree = tree_unflatten(plan.treedef, [p.detach() for p in tensors])
         grads_tree = tree_unflatten(plan.treedef, grads)
-        if self._capturable:
-            named = [(path_str(self._path(p, i)), p) for i, p in members]
-            _torch_compile.check_capturable(type(self).__name__, transform, named)
         states = [self.state[p] for p in tensors]
         if calls == 0 and not any(entries.get(_HEAD) for entries in states):
             core_state = transform.init(params_tree)

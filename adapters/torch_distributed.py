@@ -551,6 +551,11 @@ class DistributedOptimizer:
             self._split_transforms[id(group)] = cached
         return cached[1]
 
+    def _core_shape(self, p: torch.Tensor) -> tuple:
+        """The shape the core steps (:meth:`_SplitTransform._views`): the local shard's (element-wise
+        methods under FSDP2) or the full parameter's."""
+        return tuple(p.to_local().shape) if self._kind(p) == _LOCAL else tuple(p.shape)
+
     def _kind(self, leaf: torch.Tensor) -> str:
         if not isinstance(leaf, DTensor):
             return _PLAIN

@@ -208,6 +208,49 @@ def test_a_hyperparameter_that_changes_the_state_layout_is_named(cls, key, befor
             opt.step()
 
 
+@pytest.mark.parametrize("cls, key, before, after", [
+    (pt.Sketchy, "rank", 2, 1), (pt.SAdaGrad, "rank", 2, 1), (pt.IFShampoo, "factor_dtype", None, torch.float32),
+    (pt.RFAdamW, "state_dtype", None, "float32"), (pt.AGD, "amsgrad", False, True),
+], ids=["Sketchy", "SAdaGrad", "IFShampoo", "RFAdamW", "AGD"])
+def test_a_step_refused_in_a_later_param_group_changes_nothing(cls, key, before, after):
+    """A step that refuses refuses before it changes anything: a hyperparameter of the *second*
+    param group whose new value needs a state of another layout raises before the first group
+    steps, so every parameter and every state tensor of every group is bit-identical to before
+    the call (not a half-taken step: the first group stepped, the second not). The error says
+    what changed and names the parameter as ``named_parameters()`` does, after the class name;
+    with the old value back the optimizer steps on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).to(torch.float64)
+    named = list(model.named_parameters())
+    opt = cls([{"params": named[:2]}, {"params": named[2:]}], **{key: before},
+              **({"batch_size": 4} if cls in ROOT_FREE else {}))
+
+    def backward():
+        opt.zero_grad()
+        model(torch.randn(5, 4, dtype=torch.float64)).square().mean().backward()
+
+    for _ in range(2):
+        backward()
+        opt.step()
+    opt.param_groups[1][key] = after
+    backward()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+             for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: {key} changed after the optimizer state was made") as err:
+        opt.step()
+    for p, was, entries in zip(model.parameters(), params, state):
+        assert torch.equal(p, was)
+        assert opt.state[p].keys() == entries.keys()
+        for k, v in entries.items():
+            now = opt.state[p][k]
+            assert now.dtype == v.dtype and torch.equal(now, v) if isinstance(v, torch.Tensor) else now == v, k
+    assert "parameter '2.weight'" in str(err.value)
+    opt.param_groups[1][key] = before
+    opt.step()
+    assert not torch.equal(next(model.parameters()), params[0])
+
+
 def test_an_unknown_keyword_of_an_optax_factory_names_the_optax_argument():
     """The optax factories in their own words: torch's ``lr`` and ``betas`` point to
     ``learning_rate`` and ``b1``."""
