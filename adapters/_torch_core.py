@@ -250,7 +250,8 @@ class CoreOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Validate, then load (atomically: a rejected checkpoint changes nothing); see
         :func:`precond_ref.adapters._torch_state.load_state_dict`."""
-        _torch_state.load_state_dict(self, state_dict, self._build)
+        with _torch_state.torch_names_in_errors(self._torch_names_by_path):
+            _torch_state.load_state_dict(self, state_dict, self._build)
         self._drop_graphs()
         self._restack = True
 
@@ -308,6 +309,20 @@ class CoreOptimizer(torch.optim.Optimizer):
             value = lr
         self._learning_rates[id(group)] = (value, tensor)
         return tensor
+
+    def _torch_names_by_path(self) -> dict[str, str]:
+        """core path string -> torch name (``"0/weight"`` -> ``"0.weight"``) of each named parameter
+        whose two differ: what turns the core's names in its errors into torch's."""
+        out, index = {}, 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                name = self._param_names.get(p)
+                if name:
+                    key = path_str(self._path(p, index))
+                    if key != name:
+                        out[key] = name
+                index += 1
+        return out
 
     def _path(self, p: torch.Tensor, index: int) -> tuple:
         """``p``'s core path under the optimizer's names (:func:`._torch_state.param_path`)."""
@@ -441,7 +456,7 @@ class CoreOptimizer(torch.optim.Optimizer):
             updates.extend((group, transform, members, calls, group_extra, eager) for calls, members in by_calls.items())
         if self._capturable:
             for _, transform, members, *_ in updates:
-                named = [(path_str(self._path(p, i)), p) for i, p in members]
+                named = [(self._param_names.get(p, str(i)), p) for i, p in members]
                 _torch_compile.check_capturable(type(self).__name__, transform, named)
         raises = any(group.get("on_nonfinite", "skip") == "raise" for group, *_ in updates)
         # torch_distributed's classes agree on the decision across ranks themselves (one all-reduce).
@@ -450,14 +465,20 @@ class CoreOptimizer(torch.optim.Optimizer):
         for group, transform, members, calls, group_extra, eager in updates:
             try:
                 self._step_members(transform, members, calls=calls, extra=group_extra, skipped=skipped, eager=eager)
-            except ValueError as error:
-                last, now, names = self._changed_at.get(id(group), (None, None, ()))
-                if calls == 0 or now != self._step_calls or "does not fit the optimizer state" not in str(error):
+            except (ValueError, TypeError) as error:
+                if type(error) not in (ValueError, TypeError):
                     raise
-                raise ValueError(
-                    f"{type(self).__name__}: {self._torch_names_of(group, names)} changed after the optimizer state "
-                    f"was made, and the new value needs a state of another layout; set it before the first step, or "
-                    f"build a new optimizer ({error})") from error
+                # The core names a parameter by its path ('0/weight'); the message names it as torch does.
+                message = _torch_state.paths_named_like_torch(str(error), self._torch_names_by_path())
+                last, now, names = self._changed_at.get(id(group), (None, None, ()))
+                if calls > 0 and now == self._step_calls and "does not fit the optimizer state" in message:
+                    raise ValueError(
+                        f"{type(self).__name__}: {self._torch_names_of(group, names)} changed after the optimizer "
+                        f"state was made, and the new value needs a state of another layout; set it before the first "
+                        f"step, or build a new optimizer ({message})") from error
+                if message == str(error):
+                    raise
+                raise type(error)(message) from error
         self._restack = False
 
     def _check_state_fits(self, group: dict, index: int) -> None:
@@ -483,7 +504,10 @@ class CoreOptimizer(torch.optim.Optimizer):
             try:
                 wanted = transform.init(self._tree(paths, meta)).groups
             except (ValueError, TypeError) as error:
-                raise type(error)(f"{type(self).__name__}: {error}") from error
+                if type(error) not in (ValueError, TypeError):
+                    raise
+                message = _torch_state.paths_named_like_torch(str(error), self._torch_names_by_path())
+                raise type(error)(f"{type(self).__name__}: {message}") from error
             for i, p in held:
                 entries = self.state[p]
                 found = {k: (tuple(v.shape), v.dtype) for k, v in entries.items() if k not in _BOOKKEEPING}

@@ -21,7 +21,7 @@ from ._torch_state import CALLS as _CALLS
 from ._torch_state import HEAD as _HEAD
 from ._torch_state import NONFINITE as _NONFINITE
 from ._torch_state import STEP as _STEP
-from ._torch_state import check_tensor_lr
+from ._torch_state import check_tensor_lr, torch_names_in_errors
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,12 +515,13 @@ class _MBFOptimizer(CoreOptimizer):
         for group, paths, batches in zip(self.param_groups, self._group_paths(), streams):
             tensors = group["params"]
             transform = self._transform(group)
-            state = transform.init(self._tree(paths, [p.detach() for p in tensors]))
             trees = (
                 self._tree(paths, [g.get(p, None) if g.get(p, None) is not None else torch.zeros_like(p) for p in tensors])
                 for g in batches
             )
-            state = transform.warm_start(state, trees)
+            with torch_names_in_errors(self._torch_names_by_path):
+                state = transform.init(self._tree(paths, [p.detach() for p in tensors]))
+                state = transform.warm_start(state, trees)
             by_key = {path_str(path): p for path, p in zip(paths, tensors)}
             for p in tensors:
                 # calls = 0: the first step is the core's call 0 (its interval decisions included);

@@ -24,12 +24,13 @@ the state of a parameter that does not require grad). ``load_state_dict`` takes 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -172,6 +173,28 @@ def translate_error(message: str, names: dict[str, str]) -> str:
     for core in sorted(names, key=len, reverse=True):
         message = re.sub(rf"(?<![\w.\[]){re.escape(core)}(?![\w\[])", names[core], message)
     return message
+
+
+def paths_named_like_torch(message: str, names: dict[str, str]) -> str:
+    """``message`` with each quoted core path string of ``names`` (``'fc1/weight'``, as the core's
+    errors name a leaf) replaced by the quoted torch name (``'fc1.weight'``, as ``named_parameters()``
+    gives it)."""
+    for path in sorted(names, key=len, reverse=True):
+        message = message.replace(repr(path), repr(names[path]))
+    return message
+
+
+@contextlib.contextmanager
+def torch_names_in_errors(names: Callable[[], dict[str, str]]) -> Iterator[None]:
+    """A ``ValueError`` or ``TypeError`` of the core raised within names its parameters as torch
+    does (:func:`paths_named_like_torch` with ``names()``, made only for an error)."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        message = paths_named_like_torch(str(error), names()) if type(error) in (ValueError, TypeError) else str(error)
+        if message == str(error):
+            raise
+        raise type(error)(message) from error
 
 
 def build_transform(core_factory: Callable[..., Any], core_kwargs: Callable[[dict], dict], group: dict,

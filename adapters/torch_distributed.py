@@ -176,7 +176,9 @@ class _SplitTransform:
         finite = self.opt._step_finite is not False and self.opt._all_finite(grad_views)
         if not finite and self.on_nonfinite == "raise":
             bad = next((path_str(p) for p, v in zip(paths, grad_views) if not bool(torch.isfinite(v).all())), None)
-            where = f"in leaf {bad!r}" if bad else "on another rank of the process group or in another param group"
+            if bad is not None:
+                bad = self.opt._torch_names_by_path().get(bad, bad)  # named as torch names it
+            where = f"in parameter {bad!r}" if bad else "on another rank of the process group or in another param group"
             raise FloatingPointError(f"{type(self.opt).__name__}: non-finite gradient {where}")
         owned = self._owned(paths, leaves)
         updates: list = [None] * len(leaves)

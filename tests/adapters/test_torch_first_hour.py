@@ -251,6 +251,30 @@ def test_a_step_refused_in_a_later_param_group_changes_nothing(cls, key, before,
     assert not torch.equal(next(model.parameters()), params[0])
 
 
+def test_errors_name_a_parameter_as_named_parameters_does():
+    """The torch classes' errors name a parameter as ``named_parameters()`` does (``'0.weight'``),
+    never by the core's tree path (``'0/weight'``): capturable=True's refusal of a CPU parameter,
+    and the core's refusal of a gradient that does not fit the optimizer state (the model cast to
+    float64 after the first step)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+
+    def backward():
+        model.zero_grad()
+        model(torch.randn(5, 4, dtype=next(model.parameters()).dtype)).square().mean().backward()
+
+    backward()
+    with pytest.raises(ValueError, match="capturable=True needs CUDA parameters") as err:
+        pt.AGD(model.named_parameters(), capturable=True).step()
+    assert "parameter '0.weight' is on cpu" in str(err.value) and "/" not in str(err.value)
+    opt = pt.AGD(model.named_parameters(), compile=False)
+    opt.step()
+    model.to(torch.float64)
+    backward()
+    with pytest.raises(ValueError, match="does not fit the optimizer state") as err:
+        opt.step()
+    assert "the gradient of '0.bias' (3,)/torch.float64" in str(err.value) and "0/" not in str(err.value)
+
+
 def test_an_unknown_keyword_of_an_optax_factory_names_the_optax_argument():
     """The optax factories in their own words: torch's ``lr`` and ``betas`` point to
     ``learning_rate`` and ``b1``."""
