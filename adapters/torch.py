@@ -228,7 +228,7 @@ _BATCH = (_Arg("batch_size", None, "Optional[int]"), _MODEL)
 _ROOT_FREE_TAIL = (
     _Arg("initial_scale", 1.0, "float"),
     _Arg("scale_by_batch_size", True, "bool"),
-    _Arg("state_dtype", None, "Optional[torch.dtype]"),
+    _Arg("state_dtype", None, "Optional[Union[torch.dtype, str]]"),  # a dtype or its name ("float32")
     *_MODE,
 )
 
@@ -403,7 +403,7 @@ IFShampoo = _torch_class(
         _Arg("precondition_every", None, "Any"),
         _Arg("structures", None, "Any"),
         _Arg("max_dense_dim", None, "Optional[int]"),
-        _Arg("factor_dtype", None, "Any"),
+        _Arg("factor_dtype", None, "Optional[Union[torch.dtype, str]]"),  # a dtype or its name, as state_dtype
         _Arg("grouping", "per_parameter", "str"),
         _Arg("preconditioner_lr_scale", None, "Optional[Callable]"),
         _Arg("kl_clip", None, "Optional[float]"),

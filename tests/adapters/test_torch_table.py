@@ -49,6 +49,8 @@ ADDED = {
 
 #: (name, kind, default, annotation) of every parameter, as main's hand-written classes had them
 #: (plus :data:`ADDED`), except ``lr``, the core's default learning rate (``docs/defaults.md``).
+#: The dtype arguments (``state_dtype``, ``factor_dtype``) are annotated as what they accept, a
+#: dtype or its name (``"float32"``), where main's said ``Optional[torch.dtype]`` and ``Any``.
 SIGNATURES = {
     "AGD": (
         ("params", P, REQ, "Iterable[Any]"), ("lr", P, 0.001, "float"),
@@ -77,20 +79,21 @@ SIGNATURES = {
         ("params", P, REQ, "Any"), ("lr", P, 0.316, "float"), ("alpha", P, 0.999, "float"),
         ("damping", P, 0.0001, "float"), ("momentum", P, 0.0, "float"), ("weight_decay", P, 0.0, "float"),
         *_ROOT_FREE, ("initial_scale", P, 1.0, "float"), ("scale_by_batch_size", P, True, "bool"),
-        ("state_dtype", P, None, "Optional[torch.dtype]"), *_MODE, *_TAIL,
+        ("state_dtype", P, None, "Optional[Union[torch.dtype, str]]"), *_MODE, *_TAIL,
     ),
     "RFAdamW": (
         ("params", P, REQ, "Any"), ("lr", P, 1.0, "float"), ("betas", P, (0.9, 0.999), "tuple[float, float]"),
         ("damping", P, 0.0001, "float"), ("weight_decay", P, 0.0, "float"), *_ROOT_FREE,
         ("bias_correction", P, False, "bool"), ("initial_scale", P, 1.0, "float"),
-        ("scale_by_batch_size", P, True, "bool"), ("state_dtype", P, None, "Optional[torch.dtype]"), *_MODE, *_TAIL,
+        ("scale_by_batch_size", P, True, "bool"), ("state_dtype", P, None, "Optional[Union[torch.dtype, str]]"),
+        *_MODE, *_TAIL,
     ),
     "IFShampoo": (
         ("params", P, None, "Any"), ("lr", P, None, "Optional[float]"), ("momentum", P, 0.9, "float"),
         ("preconditioner_lr", P, 0.01, "float"), ("preconditioner_momentum", P, 0.5, "float"),
         ("damping", P, 0.001, "float"), ("weight_decay", P, 0.0, "float"), *_ROOT_FREE,
         ("precondition_every", P, None, "Any"), ("structures", P, None, "Any"),
-        ("max_dense_dim", P, None, "Optional[int]"), ("factor_dtype", P, None, "Any"),
+        ("max_dense_dim", P, None, "Optional[int]"), ("factor_dtype", P, None, "Optional[Union[torch.dtype, str]]"),
         ("grouping", P, "per_parameter", "str"), ("preconditioner_lr_scale", P, None, "Optional[Callable]"),
         ("kl_clip", P, None, "Optional[float]"), *_MODE, *ADDED["IFShampoo"], *_TAIL,
     ),
