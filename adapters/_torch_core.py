@@ -518,11 +518,12 @@ class CoreOptimizer(torch.optim.Optimizer):
                     names = tuple(k for k, v in fitted[1] if (k, v) not in key)
                 else:  # no step since this optimizer was made, copied or loaded: the last change recorded
                     names = self._changed_at.get(id(group), (None, None, ()))[2]
-                detail = "; ".join(
-                    f"{k!r}: state {found[k][0]}/{found[k][1]}, needs {new[k][0]}/{new[k][1]}" if k in found and k in new
-                    else f"{k!r} {'only in the state' if k in found else 'missing from the state'}"
-                    for k in sorted(set(found) | set(new)) if found.get(k) != new.get(k)
-                )
+                def entry(k: str) -> str:
+                    if k in found and k in new:
+                        return f"{k!r}: state {found[k][0]}/{found[k][1]}, needs {new[k][0]}/{new[k][1]}"
+                    return f"{k!r} {'only in the state' if k in found else 'missing from the state'}"
+
+                detail = "; ".join(entry(k) for k in sorted(set(found) | set(new)) if found.get(k) != new.get(k))
                 raise ValueError(
                     f"{type(self).__name__}: {self._torch_names_of(group, names)} changed after the optimizer state "
                     f"was made, and the new value needs a state of another layout; set it before the first step, or "
