@@ -5,7 +5,15 @@
 dataclasses registered as pytrees), ``jax.jit`` with a single compilation, ``optax.chain``,
 ``optax.inject_hyperparams`` and ``optax.MultiSteps``. Leaf paths come from
 ``jax.tree_util.tree_flatten_with_path`` so that weight/bias pairing sees the user's names
-(e.g. Flax ``kernel``/``bias``). Updates have the dtype of the gradients (= the parameters').
+(e.g. Flax ``kernel``/``bias``).
+
+Updates have the parameters' dtype, as ``optax.apply_updates`` expects. A gradient of another
+floating dtype than its parameter (bfloat16 gradients of float32 parameters: cast for
+communication, or computed by a bfloat16 copy of the model) is taken as the parameter's dtype:
+the core casts it where the update enters, so that the state and the updates are exactly those of
+the gradient cast by the caller inside the jitted step (``optax.adamw`` takes such gradients
+too). Without ``params`` the dtype of the parameter ``init`` saw at that leaf decides. Integer,
+boolean and complex gradients, and gradients of another shape, are refused, naming the leaf.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from .._backend import (
     float32_matmul_precision, is_number, namespace_of, remembered_slices, scalar_zero, torch_compiling,
 )
 from ..transform import Interval, LeafGroup, PrecondState, Transform, check_choice, is_due, singleton_groups
-from ..tree import Path, path_str, tree_flatten, tree_unflatten
+from ..tree import Path, path_str, tree_flatten, tree_leaves, tree_unflatten
 from . import skip
 from .checks import check_fits, check_group, check_groups, check_leaves, check_params, check_state_namespace, layout_of, unaliased
 from .context import StepContext
@@ -165,6 +165,9 @@ class _Runner:
         # show it (S-AdaGrad's sketch of the flattened leaf). A set: one transform may be
         # initialised on several trees.
         self.leaf_shapes: dict[str, set] = {}
+        # The dtypes init saw at each leaf path: without params, update takes a gradient as the
+        # dtype of the parameter its state was made for (parameter_dtyped), where init saw one.
+        self.leaf_dtypes: dict[Path, set] = {}
         # The arrays a step makes once and keeps (engine.factors.constant: identities, index
         # arrays), this transform's own: they go with it.
         self.constants: dict = {}
@@ -184,6 +187,7 @@ class _Runner:
         dev = array_device(leaves[0])
         for path, leaf in zip(treedef.paths, leaves):
             self.leaf_shapes.setdefault(path_str(path), set()).add(tuple(leaf.shape))
+            self.leaf_dtypes.setdefault(path, set()).add(leaf.dtype)
         groups, paths = {}, {}
         for group in self.group_leaves(treedef.paths, leaves):
             if group.key in paths:  # the state of both would be one entry, read and written by each
@@ -213,6 +217,8 @@ class _Runner:
             xp = namespace_of(*leaves)
         except TypeError:
             xp = None  # step names the problem
+        if xp is not None:
+            leaves = parameter_dtyped(xp, leaves, treedef.paths, params, self.leaf_dtypes)
 
         def packed_step() -> tuple[Any, PrecondState]:
             packed = None
@@ -292,6 +298,39 @@ class _Runner:
                 updates[i] = u if u.dtype == grad_leaves[i].dtype else xp.astype(u, grad_leaves[i].dtype)
             new_groups[group.key] = new
         return updates, olds, new_groups
+
+
+def parameter_dtyped(xp: Any, grads: list, paths: Sequence[Path], params: Any, init_dtypes: dict[Path, set]) -> list:
+    """The gradient leaves ``grads``, each real floating one of another real floating dtype than its
+    parameter cast to the parameter's dtype (a bfloat16 gradient of a float32 parameter: the
+    gradient as float32), so that the step (the pack, the checks, the skip decision, the state,
+    the updates) sees exactly what it sees for a gradient of the parameter's dtype. The parameter
+    is the leaf of ``params`` of the same shape at the same position; without params, the dtype
+    ``init`` saw at the leaf's path (``init_dtypes``), where it saw one. The very list where
+    nothing is cast. Everything else (another library, shape or tree, a non-floating or complex
+    leaf, a path init did not see) is left as given, for the checks to refuse or to take as
+    before."""
+    if params is None:
+        targets = [next(iter(seen)) if len(seen := init_dtypes.get(path, ())) == 1 else None for path in paths]
+    else:
+        param_leaves = tree_leaves(params)
+        if len(param_leaves) != len(grads):
+            return grads
+        targets = [p.dtype if getattr(p, "shape", None) is not None and tuple(p.shape) == tuple(g.shape) else None
+                   for g, p in zip(grads, param_leaves)]
+    cast = [i for i, (g, dtype) in enumerate(zip(grads, targets)) if dtype is not None and g.dtype != dtype]
+    if not cast:
+        return grads
+    grads = list(grads)
+    for i in cast:
+        g, dtype = grads[i], targets[i]
+        try:
+            both_real = xp.isdtype(g.dtype, "real floating") and xp.isdtype(dtype, "real floating")
+        except (TypeError, ValueError):  # a dtype of another library: the checks name it
+            both_real = False
+        if both_real:
+            grads[i] = xp.astype(g, dtype)
+    return grads
 
 
 def steps_leaf_by_leaf(transform: Transform) -> bool:

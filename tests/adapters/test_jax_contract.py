@@ -196,6 +196,43 @@ def test_dtype_and_shape_stability(case):
     assert layout(state) == layout(new_state)
 
 
+def test_bfloat16_gradients_of_float32_parameters_step_as_float32(case):
+    """Gradients of another floating dtype than their parameters (bfloat16 for communication, or
+    from a bfloat16 copy of the model) are taken as the parameters' dtype, as optax.adamw takes
+    them: the jitted step of bfloat16 gradients of float32 parameters is the very program of a
+    step that casts the same gradients to float32 itself, so that every step of their
+    trajectories is the same computation, bit for bit; its updates are float32 and its state
+    keeps init's layout (a float32 state stays float32).
+
+    The programs are compared as ``jax.jit`` lowers them (dead code dropped), which costs no
+    compilation. The caller's cast is inside the step: a cast outside hands XLA float32 inputs,
+    whose fusions may round differently. The cast is the engine's, before any method's code: it
+    is checked on each method's plain configuration here (two traces each), and on every mode,
+    without params too, by ``tests/test_transform.py``'s NumPy trajectories."""
+    if "-" in case.id:
+        pytest.skip("the engine's cast of the gradients: checked on the method's plain configuration")
+    params = PROBLEMS["mixed_1d_2d"][1]()
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3, jnp.bfloat16), params)
+    opt = case.make()
+    state = opt.init(params)
+
+    def lowered(cast):
+        def step(g, params, state):
+            if cast:
+                g = jax.tree.map(lambda x, p: x.astype(p.dtype), g, params)
+            updates, state = opt.update(g, state, params, **case.update_kwargs)
+            return updates, optax.apply_updates(params, updates), state
+
+        return jax.jit(step).lower(grads, params, state)
+
+    taken = lowered(cast=False)
+    assert taken.as_text() == lowered(cast=True).as_text()
+    updates, new_params, new_state = taken.out_info
+    assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(F32)}
+    layout = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    assert layout(new_params) == layout(params) and layout(new_state) == layout(state)
+
+
 class _Layer(NamedTuple):
     kernel: jax.Array
     bias: jax.Array
