@@ -137,7 +137,7 @@ class CoreOptimizer(torch.optim.Optimizer):
     # Attributes rebuilt on first use instead of being copied or pickled (see ``_torch_state``).
     _transient_attributes: tuple[str, ...] = (
         "_transforms", "_compiled", "_kernels", "_learning_rates", "_member_plans", "_captures", "_changed_at",
-        "_fitted",
+        "_fitted", "_layouts",
     )
     #: ``step`` calls taken (the clock of :meth:`_scheduled`).
     _step_calls: int = 0
@@ -178,6 +178,10 @@ class CoreOptimizer(torch.optim.Optimizer):
         # Each group's core transform whose state layout its parameters' state was found to fit
         # (:meth:`_check_state_fits`), with the key of the hyperparameters it was built from.
         self._fitted: dict[int, tuple[Transform, tuple]] = {}
+        # Each group's parameters' (dtype, shape) when their state was last made, loaded or found
+        # to fit (:func:`_layout`): a parameter changed in place since (``module.double()``, a new
+        # ``.data``) is refused before any group steps.
+        self._layouts: dict[int, list] = {}
         # Members of a block whose counters a step left behind their partners' (no gradient of
         # their own; see _fill_missing_members): never the source of a core group's counters.
         self._behind: set = set()
@@ -221,6 +225,9 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         _torch_state.setstate(self, state)
+        # A copy's, or a loaded checkpoint's, state fits the parameters as they are now
+        # (load_state_dict validated it against them).
+        self._layouts = {id(group): _layout(group["params"]) for group in self.param_groups}
 
     def state_dict(self) -> dict:
         """torch's ``state_dict`` (with ``param_names`` when the parameters were named), without
@@ -434,8 +441,9 @@ class CoreOptimizer(torch.optim.Optimizer):
         self._step_calls += 1
         # Every refusal of the step is raised before any group updates (a later group's refusal
         # would otherwise leave the earlier groups stepped): the hyperparameters and learning rate
-        # of each group, its sparse gradients, a state layout that its new hyperparameters no
-        # longer fit, then capturable=True's needs of every update, then the non-finite decision.
+        # of each group, its sparse gradients, a state layout that its new hyperparameters or its
+        # parameters changed in place no longer fit, then capturable=True's needs of every update,
+        # then the non-finite decision.
         for group in self.param_groups:
             transform = self._transform(group)
             self._learning_rate(group)
@@ -482,23 +490,33 @@ class CoreOptimizer(torch.optim.Optimizer):
         self._restack = False
 
     def _check_state_fits(self, group: dict, index: int) -> None:
-        """``ValueError`` where ``group``'s hyperparameters changed after its state was made and
-        the state the new values need has another layout (a ``factor_dtype``, a ``rank``, a
-        ``block_size``): checked once per transform, before any group steps, so that a refusal
-        leaves every parameter and state tensor as it was. ``index``: the position of the group's
-        first parameter in the optimizer (the numbering of unnamed ones).
+        """``ValueError`` where the state of ``group``'s parameters no longer has the layout a step
+        needs: a hyperparameter changed after the state was made and its new value needs another
+        layout (a ``factor_dtype``, a ``rank``, a ``block_size``), or a parameter was changed in
+        place (``module.double()``, a ``.data`` of another shape). Checked before any group steps,
+        so that a refusal leaves every parameter and state tensor as it was. ``index``: the
+        position of the group's first parameter in the optimizer (the numbering of unnamed ones).
 
-        The layout wanted is that of the transform's ``init`` on meta tensors of the parameters'
-        shapes and dtypes (no memory, no computation); the core's own check at the update would
-        refuse the same state, after the groups before this one had stepped."""
+        At most steps this is a comparison of host-side attributes: the group's transform with the
+        one last found to fit, each parameter's dtype and shape with those recorded then. Where
+        either differs, the layout wanted is that of the transform's ``init`` on meta tensors of
+        the parameters' shapes and dtypes (no memory, no computation), compared with the state;
+        the core's own check at the update would refuse the same state, after the groups before
+        this one had stepped. A parameter changed in a way its state still fits (a float32
+        ``state_dtype`` of a parameter cast to float64) steps on."""
         transform = CoreOptimizer._transform(self, group)  # the core's (torch_distributed wraps it)
         key = self._transforms[id(group)][0]
-        fitted = self._fitted.get(id(group))
-        if fitted is not None and fitted[0] is transform:
-            return
         params = group["params"]
+        layout = _layout(params)
+        recorded = self._layouts.get(id(group))
+        fitted = self._fitted.get(id(group))
+        if fitted is not None and fitted[0] is transform and layout == recorded:
+            return
         held = [(i, p) for i, p in enumerate(params) if (self.state.get(p) or {}).get(_HEAD)]
         if held:
+            # The parameters whose dtype or shape differs from those their state was made for.
+            changed = ([(i, was, now) for i, (was, now) in enumerate(zip(recorded, layout)) if was != now]
+                       if recorded is not None and len(recorded) == len(layout) else [])
             paths = [self._path(p, index + i) for i, p in enumerate(params)]
             meta = [torch.empty(self._core_shape(p), dtype=p.dtype, device="meta") for p in params]
             try:
@@ -506,6 +524,8 @@ class CoreOptimizer(torch.optim.Optimizer):
             except (ValueError, TypeError) as error:
                 if type(error) not in (ValueError, TypeError):
                     raise
+                if changed:  # e.g. a weight cast to float64 whose bias was not
+                    raise self._changed_parameters(params, index, changed) from error
                 message = _torch_state.paths_named_like_torch(str(error), self._torch_names_by_path())
                 raise type(error)(f"{type(self).__name__}: {message}") from error
             for i, p in held:
@@ -514,6 +534,8 @@ class CoreOptimizer(torch.optim.Optimizer):
                 new = {k: (tuple(v.shape), v.dtype) for k, v in wanted.get(path_str(paths[i]), {}).items()}
                 if found == new:
                     continue
+                if changed:
+                    raise self._changed_parameters(params, index, changed)
                 if fitted is not None:
                     names = tuple(k for k, v in fitted[1] if (k, v) not in key)
                 else:  # no step since this optimizer was made, copied or loaded: the last change recorded
@@ -531,6 +553,23 @@ class CoreOptimizer(torch.optim.Optimizer):
                     f"{detail})"
                 )
         self._fitted[id(group)] = (transform, key)
+        self._layouts[id(group)] = layout
+
+    def _changed_parameters(self, params: list, index: int, changed: list) -> ValueError:
+        """The refusal of a step after parameters of a group were changed in place (``changed``:
+        ``(position in the group, (dtype, shape) recorded, (dtype, shape) now)``) in a way their
+        optimizer state does not fit."""
+        described = []
+        for i, (dtype, shape), (new_dtype, new_shape) in changed:
+            what = [f"dtype {dtype} -> {new_dtype}"] if dtype != new_dtype else []
+            what += [f"shape {tuple(shape)} -> {tuple(new_shape)}"] if shape != new_shape else []
+            described.append(f"{_torch_state.param_label(self._param_names, params[i], index + i)}: {', '.join(what)}")
+        return ValueError(
+            f"{type(self).__name__}: a parameter changed in place after the optimizer state was made, and its "
+            f"state does not fit it ({'; '.join(described)}); build a new optimizer for the parameters as they "
+            f"are now, load a state_dict that fits them (load_state_dict casts the state to their dtype), or "
+            f"change them back"
+        )
 
     def _core_shape(self, p: torch.Tensor) -> tuple:
         """The shape of ``p`` as the core transform sees it."""
@@ -694,6 +733,11 @@ class CoreOptimizer(torch.optim.Optimizer):
             updates, new_state = transform.update(grads, state, params, step=calls, **extra)
         torch._foreach_add_(tree_flatten(params)[0], tree_flatten(updates)[0])
         return new_state
+
+
+def _layout(params: list) -> list:
+    """Each parameter's ``(dtype, shape)``: host-side attributes, read without a device sync."""
+    return [(p.dtype, p.shape) for p in params]
 
 
 def _capturing_cuda_graph() -> bool:

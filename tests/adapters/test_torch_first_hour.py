@@ -251,10 +251,72 @@ def test_a_step_refused_in_a_later_param_group_changes_nothing(cls, key, before,
     assert not torch.equal(next(model.parameters()), params[0])
 
 
+@pytest.mark.parametrize("change", ["double", "shape"])
+@pytest.mark.parametrize("cls", [pt.AGD, pt.MBF, pt.Sketchy, pt.IFShampoo], ids=lambda c: c.__name__)
+def test_a_parameter_changed_in_place_in_a_later_param_group_changes_nothing(cls, change):
+    """A step refuses parameters of the *second* param group changed in place after their state
+    was made (``module.double()``; a ``.data`` of another shape) before the first group steps:
+    every parameter and every state tensor of every group is bit-identical to before the call (not
+    a half-taken step, refused by the core during the second group's update). The error says, in
+    torch's words, which parameter changed, how, and what to do; it refuses again until the
+    parameters are changed back, and then the optimizer steps on. A parameter whose state still
+    fits it after the change (a float32 ``state_dtype`` of a parameter cast to float64) steps on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    named = list(model.named_parameters())
+    opt = cls([{"params": named[:2]}, {"params": named[2:]}], **({"batch_size": 4} if cls in ROOT_FREE else {}))
+
+    def gradients():
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+
+    for _ in range(2):
+        gradients()
+        opt.step()
+    weight, old = model[2].weight, model[2].weight.data
+    if change == "double":
+        model[2].double()
+        what = "dtype torch.float32 -> torch.float64"
+    else:
+        weight.data = torch.randn(2, 5)
+        what = "shape (2, 3) -> (2, 5)"
+    gradients()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+             for p in model.parameters()]
+    for _ in range(2):
+        with pytest.raises(ValueError, match=rf"^{cls.__name__}: a parameter changed in place after the optimizer "
+                                             r"state was made, and its state does not fit it") as err:
+            opt.step()
+        for p, was, entries in zip(model.parameters(), params, state):
+            assert p.dtype == was.dtype and torch.equal(p, was)
+            assert opt.state[p].keys() == entries.keys()
+            for k, v in entries.items():
+                now = opt.state[p][k]
+                assert now.dtype == v.dtype and torch.equal(now, v) if isinstance(v, torch.Tensor) else now == v, k
+        assert f"parameter '2.weight' (index 2): {what}" in str(err.value)
+        assert "build a new optimizer" in str(err.value) and "load a state_dict" in str(err.value)
+    if change == "double":
+        model[2].float()
+    else:
+        weight.data = old
+    gradients()
+    opt.step()
+    assert not torch.equal(next(model.parameters()), params[0])
+
+    layer = torch.nn.Linear(3, 2)
+    opt = pt.RFAdamW(layer.named_parameters(), batch_size=4, state_dtype="float32")
+    for step in range(2):
+        layer.weight.grad, layer.bias.grad = torch.randn_like(layer.weight), torch.randn_like(layer.bias)
+        opt.step()
+        layer.double()
+    assert opt.state[layer.weight]["m"].dtype == torch.float32 and layer.weight.dtype == torch.float64
+
+
 def test_errors_name_a_parameter_as_named_parameters_does():
     """The torch classes' errors name a parameter as ``named_parameters()`` does (``'0.weight'``),
     never by the core's tree path (``'0/weight'``): capturable=True's refusal of a CPU parameter,
-    and the core's refusal of a gradient that does not fit the optimizer state (the model cast to
+    and the refusal of a step whose parameters no longer fit the optimizer state (the model cast to
     float64 after the first step)."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
 
@@ -270,9 +332,10 @@ def test_errors_name_a_parameter_as_named_parameters_does():
     opt.step()
     model.to(torch.float64)
     backward()
-    with pytest.raises(ValueError, match="does not fit the optimizer state") as err:
+    with pytest.raises(ValueError, match="its state does not fit it") as err:
         opt.step()
-    assert "the gradient of '0.bias' (3,)/torch.float64" in str(err.value) and "0/" not in str(err.value)
+    assert "parameter '0.bias' (index 1): dtype torch.float32 -> torch.float64" in str(err.value)
+    assert "0/" not in str(err.value)
 
 
 def test_an_unknown_keyword_of_an_optax_factory_names_the_optax_argument():
