@@ -16,7 +16,7 @@ import torch
 
 from precond_ref.tree import path_str
 
-from ._torch_core import CoreOptimizer, step_outside_the_graph
+from ._torch_core import CoreOptimizer, _layout, step_outside_the_graph
 from ._torch_state import CALLS as _CALLS
 from ._torch_state import HEAD as _HEAD
 from ._torch_state import NONFINITE as _NONFINITE
@@ -510,18 +510,29 @@ class _MBFOptimizer(CoreOptimizer):
             if num_batches is not None:
                 raise ValueError("num_batches is only used with a callable source")
             stream = (self._by_tensor(batch) for batch in source)
+        # Every group's state is made before any is written: a group refused (its hyperparameters,
+        # a gradient that does not fit its state) leaves the optimizer as it was, so a corrected
+        # call can follow. The transforms and initial states come first, before a callable source
+        # runs its forward and backward passes.
+        made = []
+        for group, paths in zip(self.param_groups, self._group_paths()):
+            transform = self._transform(group)
+            with torch_names_in_errors(self._torch_names_by_path):
+                state = transform.init(self._tree(paths, [p.detach() for p in group["params"]]))
+            made.append((group, paths, transform, state))
         # One pass over the source; several param groups share it (itertools.tee buffers).
         streams = itertools.tee(stream, len(self.param_groups))
-        for group, paths, batches in zip(self.param_groups, self._group_paths(), streams):
+        warmed = []
+        for (group, paths, transform, state), batches in zip(made, streams):
             tensors = group["params"]
-            transform = self._transform(group)
             trees = (
                 self._tree(paths, [g.get(p, None) if g.get(p, None) is not None else torch.zeros_like(p) for p in tensors])
                 for g in batches
             )
             with torch_names_in_errors(self._torch_names_by_path):
-                state = transform.init(self._tree(paths, [p.detach() for p in tensors]))
-                state = transform.warm_start(state, trees)
+                warmed.append((group, paths, transform.warm_start(state, trees)))
+        for group, paths, state in warmed:
+            tensors = group["params"]
             by_key = {path_str(path): p for path, p in zip(paths, tensors)}
             for p in tensors:
                 # calls = 0: the first step is the core's call 0 (its interval decisions included);
@@ -531,6 +542,7 @@ class _MBFOptimizer(CoreOptimizer):
                 head = self.state[by_key[key]]
                 head[_HEAD] = True
                 head.update(entries)
+            self._layouts[id(group)] = _layout(tensors)  # the parameters this state was made for
 
     def _run_batches(self, source: Callable[[], Any], num_batches: int):
         params = [p for group in self.param_groups for p in group["params"]]

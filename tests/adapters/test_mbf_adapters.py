@@ -189,6 +189,52 @@ def test_torch_warm_start_bad_input():
         opt.warm_start([{"nope": torch.zeros(1)}])
 
 
+@pytest.mark.parametrize("refusal", ["gradient", "hyperparameter"])
+def test_torch_warm_start_refused_in_a_later_param_group_changes_nothing(refusal):
+    """``MBF.warm_start`` makes every param group's state before it writes any: a refusal in the
+    *second* group (a transposed gradient of one of its weights; a hyperparameter it refuses, and
+    then a callable source is not even run) leaves no state at all and every parameter as it was,
+    so the corrected call is still the first one and gives the state of a warm start done right at
+    once, bit for bit (not "must be called before the first step", with the first group warm-started)."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+        named = list(model.named_parameters())
+        return model, pt.MBF([{"params": named[:2]}, {"params": named[2:]}], lr=1e-2)
+
+    model, opt = build()
+    gen = torch.Generator().manual_seed(1)
+    grad_dicts = [{n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in model.named_parameters()}
+                  for _ in range(3)]
+    params = [p.detach().clone() for p in model.parameters()]
+    if refusal == "gradient":
+        bad = [dict(d) for d in grad_dicts]
+        bad[1]["2.weight"] = bad[1]["2.weight"].T.clone()
+        with pytest.raises(ValueError, match=r"the gradient of '2.weight' \(3, 2\)"):
+            opt.warm_start(bad)
+    else:
+        calls = []
+        damping, opt.param_groups[1]["damping"] = opt.param_groups[1]["damping"], -1.0
+        with pytest.raises(ValueError, match="damping"):
+            opt.warm_start(lambda: calls.append(1), num_batches=2)
+        assert not calls
+        opt.param_groups[1]["damping"] = damping
+    assert not any(opt.state.get(p) for p in model.parameters())
+    assert all(torch.equal(p, was) for p, was in zip(model.parameters(), params))
+    opt.warm_start(grad_dicts)
+    reference_model, reference = build()
+    reference.warm_start(grad_dicts)
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        assert opt.state[p].keys() == reference.state[q].keys()
+        for k, v in reference.state[q].items():
+            assert torch.equal(opt.state[p][k], v) if isinstance(v, torch.Tensor) else opt.state[p][k] == v, k
+    for m, o in ((model, opt), (reference_model, reference)):
+        for p, g in zip(m.parameters(), grad_dicts[0].values()):
+            p.grad = g.clone()
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference_model.parameters()))
+
+
 def test_jax_pairs_flax_kernel_and_bias_like_torch_layout():
     rng = np.random.default_rng(0)
     w, b = rng.standard_normal((3, 4)), rng.standard_normal(3)
