@@ -52,6 +52,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from precond_ref._backend import namespace_of
 from precond_ref.engine.elementwise import EAGER_WRITES, in_place_step
 from precond_ref.engine.matrices import transposed_view
 from precond_ref.engine.run import steps_leaf_by_leaf
@@ -442,7 +443,7 @@ class LeafCalls:
         large = sum(g.numel() >= PER_SHAPE_MIN_ELEMENTS for _, _, g, _ in live)
         # one graph per large leaf's shape at most: dynamo's default limit of 8 would stop short
         shapes = torch._dynamo.config.patch(recompile_limit=max(large, torch._dynamo.config.recompile_limit))
-        ok = gradient_ok(torch, grad_leaves)
+        ok = gradient_ok(namespace_of(*grad_leaves), grad_leaves)  # the array API's torch: its astype widens bf16
         groups = dict(state.groups)
         scalars, eager = [], False
         timer, self._first = (_timer(self._tell) if self._first else None), False

@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from precond_ref._backend import consecutive_runs, consecutive_view, float32_matmul_precision, owned_state
+from precond_ref._backend import consecutive_runs, consecutive_view, float32_matmul_precision, namespace_of, owned_state
 from precond_ref.engine.skip import first_bad_gradient, gradient_ok
 from precond_ref.transform import PrecondState, Transform, missing_members
 from precond_ref.tree import TreeDef, path_str, tree_flatten, tree_unflatten
@@ -589,11 +589,12 @@ class CoreOptimizer(torch.optim.Optimizer):
         makes one of its gradients NaN on a skipped step), computed on the device without a host
         read; ``None`` where nothing is to be made."""
         grads = [p.grad for _, _, members, *_ in updates for _, p in members]
-        ok = gradient_ok(torch, grads)
+        xp = namespace_of(*grads)  # the array API's torch, whose astype widens a bf16 gradient
+        ok = gradient_ok(xp, grads)
         if raises:
             if not bool(ok):  # the raise rule reads the decision on the host, as the core's does
                 names = [(self._param_names.get(p, str(i)),) for _, _, members, *_ in updates for i, p in members]
-                raise FloatingPointError(f"{type(self).__name__}: {first_bad_gradient(torch, grads, names, 'parameter')}")
+                raise FloatingPointError(f"{type(self).__name__}: {first_bad_gradient(xp, grads, names, 'parameter')}")
             return None
         return ok
 

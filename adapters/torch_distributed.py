@@ -583,8 +583,8 @@ class DistributedOptimizer:
             # group that skips would otherwise count a skipped step before a later one raised.
             self._step_finite = None
             where = "non-finite gradient on another rank of the process group"
-            if not bool(gradient_ok(torch, views)):
-                where = first_bad_gradient(torch, views, [(name,) for name, _, _ in named], "parameter")
+            if not bool(gradient_ok(array_namespace(*views), views)):
+                where = first_bad_gradient(array_namespace(*views), views, [(name,) for name, _, _ in named], "parameter")
             raise FloatingPointError(f"{type(self).__name__}: {where}")
         try:
             super()._step_groups(extra)

@@ -713,6 +713,33 @@ def test_dasgo_steps_leaf_by_leaf_one_graph_per_rank(monkeypatch):
             torch.testing.assert_close(got[i][name], want[i][name], rtol=1e-10, atol=1e-12)
 
 
+def test_dasgo_leaf_by_leaf_steps_bf16_parameters_compiled(monkeypatch):
+    """bf16 parameters take DASGO's compiled leaf-by-leaf step (``LeafCalls``; the threshold
+    lowered) without falling back to eager: the step's one skip decision over every gradient tests
+    each in its compute dtype (float32 for bf16) through the array API's torch namespace, as the
+    core's own update does. Parameters after 3 steps equal the eager optimizer's to bf16 rounding:
+    the graphs run with eager kernels on float32 state, and an update a few float32 ulps apart
+    rounds a parameter to at most the neighbouring bf16 value, one bf16 ulp (2**-8 relative) a step."""
+    monkeypatch.setattr(_torch_compile, "PER_LEAF_MIN_TENSORS", 1)
+    torch.manual_seed(0)
+    compiled = list(torch.nn.Linear(4, 3).to(torch.bfloat16).named_parameters())
+    eager = [(k, torch.nn.Parameter(p.detach().clone())) for k, p in compiled]
+    opts = [pt.DASGO(compiled, lr=1e-2, compile={"backend": lambda gm, example_inputs: gm.forward}),
+            pt.DASGO(eager, lr=1e-2, compile=False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        for _ in range(3):
+            for (_, p), (_, q) in zip(compiled, eager):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+            for o in opts:
+                o.step()
+    assert opts[0]._compiled
+    for (_, p), (_, q) in zip(compiled, eager):
+        assert p.dtype == torch.bfloat16
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=3 * 2.0**-8, atol=0.0)
+
+
 def test_dasgo_leaf_by_leaf_steps_a_kernel_as_its_tree_does(monkeypatch):
     """A parameter the core reads as an out-last ``kernel`` (by its name; DASGO takes the other side
     of its matrix view, the layer's input side) steps alone (``LeafCalls``) under that name, as in its

@@ -262,6 +262,42 @@ def test_bf16_parameters_keep_dtype_and_make_progress(case):
                     assert value.dtype == (torch.bfloat16 if factor else torch.float32), key
 
 
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_a_bf16_param_group_beside_a_float32_one_steps_as_each_alone(case, mode):
+    """Param groups of different dtypes (a bf16 layer beside a float32 one, as in a model kept
+    partly in bf16) step together: the step's one non-finite decision over every group's
+    gradients (several groups) tests each gradient in its compute dtype, as one group's update
+    does, so finite gradients give every group the parameters it gets stepped alone, bit for bit;
+    a NaN in the bf16 group's gradient skips the whole step (``"skip"``) or raises naming the
+    parameter in torch's words (``"raise"``) before any parameter moves."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 3), torch.nn.Linear(3, 2).to(torch.bfloat16)]
+    alone = [copy.deepcopy(layer) for layer in layers]
+    opt = case.make([{"params": list(layer.named_parameters(prefix=str(i)))} for i, layer in enumerate(layers)],
+                    on_nonfinite=mode)
+    solo = [case.make(list(layer.named_parameters(prefix=str(i))), on_nonfinite=mode) for i, layer in enumerate(alone)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for layer, copied in zip(layers, alone):
+            for p, q in zip(layer.parameters(), copied.parameters()):
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+                q.grad = p.grad.clone()
+        opt.step(**case.step_kwargs)
+        for single in solo:
+            single.step(**case.step_kwargs)
+    for layer, copied in zip(layers, alone):
+        for p, q in zip(layer.parameters(), copied.parameters()):
+            assert p.dtype == q.dtype and torch.equal(p, q)
+    before = [p.detach().clone() for layer in layers for p in layer.parameters()]
+    layers[1].weight.grad[0, 0] = float("nan")
+    if mode == "raise":
+        with pytest.raises(FloatingPointError, match=rf"^{case.cls.__name__}: non-finite gradient in parameter '1.weight'$"):
+            opt.step(**case.step_kwargs)
+    else:
+        opt.step(**case.step_kwargs)
+    assert all(torch.equal(p, b) for p, b in zip([p for layer in layers for p in layer.parameters()], before))
+
+
 def test_adapter_matches_core(case):
     """The adapter is a thin front-end: its float64 steps equal the core's on the same tensors.
 
