@@ -713,6 +713,19 @@ def test_dasgo_steps_leaf_by_leaf_one_graph_per_rank(monkeypatch):
             torch.testing.assert_close(got[i][name], want[i][name], rtol=1e-10, atol=1e-12)
 
 
+def _step_alike(compiled: list, eager: list, opts: list, steps: int) -> None:
+    """``steps`` steps of every optimizer in ``opts`` with the same random gradients on the named
+    parameters ``compiled`` and their copies ``eager``; a fallback to eager (which warns) fails."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(steps):
+            for (_, p), (_, q) in zip(compiled, eager):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+            for o in opts:
+                o.step()
+
+
 def test_dasgo_leaf_by_leaf_steps_bf16_parameters_compiled(monkeypatch):
     """bf16 parameters take DASGO's compiled leaf-by-leaf step (``LeafCalls``; the threshold
     lowered) without falling back to eager: the step's one skip decision over every gradient tests
@@ -726,14 +739,7 @@ def test_dasgo_leaf_by_leaf_steps_bf16_parameters_compiled(monkeypatch):
     eager = [(k, torch.nn.Parameter(p.detach().clone())) for k, p in compiled]
     opts = [pt.DASGO(compiled, lr=1e-2, compile={"backend": lambda gm, example_inputs: gm.forward}),
             pt.DASGO(eager, lr=1e-2, compile=False)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
-        for _ in range(3):
-            for (_, p), (_, q) in zip(compiled, eager):
-                p.grad = torch.randn_like(p)
-                q.grad = p.grad.clone()
-            for o in opts:
-                o.step()
+    _step_alike(compiled, eager, opts, steps=3)
     assert opts[0]._compiled
     for (_, p), (_, q) in zip(compiled, eager):
         assert p.dtype == torch.bfloat16
@@ -751,14 +757,7 @@ def test_dasgo_leaf_by_leaf_steps_a_kernel_as_its_tree_does(monkeypatch):
     compiled = [(k, torch.nn.Parameter(torch.randn(s, dtype=torch.float64))) for k, s in shapes.items()]
     eager = [(k, torch.nn.Parameter(p.detach().clone())) for k, p in compiled]
     opts = [pt.DASGO(compiled, lr=1e-2, compile={"backend": "eager"}), pt.DASGO(eager, lr=1e-2, compile=False)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
-        for _ in range(3):
-            for (_, p), (_, q) in zip(compiled, eager):
-                p.grad = torch.randn_like(p)
-                q.grad = p.grad.clone()
-            for o in opts:
-                o.step()
+    _step_alike(compiled, eager, opts, steps=3)
     for (_, p), (_, q) in zip(compiled, eager):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
     assert opts[0].state[compiled[0][1]]["statistic"].shape == (7,)
