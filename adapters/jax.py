@@ -12,7 +12,7 @@ floating dtype than its parameter (bfloat16 gradients of float32 parameters: cas
 communication, or computed by a bfloat16 copy of the model) is taken as the parameter's dtype:
 the core casts it where the update enters, so that the state and the updates are exactly those of
 the gradient cast by the caller inside the jitted step (``optax.adamw`` takes such gradients
-too). Without ``params`` the dtype of the parameter ``init`` saw at that leaf decides. Integer,
+too). Without ``params`` a gradient is taken in its own dtype. Integer,
 boolean and complex gradients, and gradients of another shape, are refused, naming the leaf.
 """
 

@@ -165,9 +165,6 @@ class _Runner:
         # show it (S-AdaGrad's sketch of the flattened leaf). A set: one transform may be
         # initialised on several trees.
         self.leaf_shapes: dict[str, set] = {}
-        # The dtypes init saw at each leaf path: without params, update takes a gradient as the
-        # dtype of the parameter its state was made for (parameter_dtyped), where init saw one.
-        self.leaf_dtypes: dict[Path, set] = {}
         # The arrays a step makes once and keeps (engine.factors.constant: identities, index
         # arrays), this transform's own: they go with it.
         self.constants: dict = {}
@@ -187,7 +184,6 @@ class _Runner:
         dev = array_device(leaves[0])
         for path, leaf in zip(treedef.paths, leaves):
             self.leaf_shapes.setdefault(path_str(path), set()).add(tuple(leaf.shape))
-            self.leaf_dtypes.setdefault(path, set()).add(leaf.dtype)
         groups, paths = {}, {}
         for group in self.group_leaves(treedef.paths, leaves):
             if group.key in paths:  # the state of both would be one entry, read and written by each
@@ -217,8 +213,8 @@ class _Runner:
             xp = namespace_of(*leaves)
         except TypeError:
             xp = None  # step names the problem
-        if xp is not None:
-            leaves = parameter_dtyped(xp, leaves, treedef.paths, params, self.leaf_dtypes)
+        if xp is not None and params is not None:
+            leaves = parameter_dtyped(xp, leaves, params)
 
         def packed_step() -> tuple[Any, PrecondState]:
             packed = None
@@ -300,24 +296,19 @@ class _Runner:
         return updates, olds, new_groups
 
 
-def parameter_dtyped(xp: Any, grads: list, paths: Sequence[Path], params: Any, init_dtypes: dict[Path, set]) -> list:
+def parameter_dtyped(xp: Any, grads: list, params: Any) -> list:
     """The gradient leaves ``grads``, each real floating one of another real floating dtype than its
     parameter cast to the parameter's dtype (a bfloat16 gradient of a float32 parameter: the
     gradient as float32), so that the step (the pack, the checks, the skip decision, the state,
     the updates) sees exactly what it sees for a gradient of the parameter's dtype. The parameter
-    is the leaf of ``params`` of the same shape at the same position; without params, the dtype
-    ``init`` saw at the leaf's path (``init_dtypes``), where it saw one. The very list where
-    nothing is cast. Everything else (another library, shape or tree, a non-floating or complex
-    leaf, a path init did not see) is left as given, for the checks to refuse or to take as
-    before."""
-    if params is None:
-        targets = [next(iter(seen)) if len(seen := init_dtypes.get(path, ())) == 1 else None for path in paths]
-    else:
-        param_leaves = tree_leaves(params)
-        if len(param_leaves) != len(grads):
-            return grads
-        targets = [p.dtype if getattr(p, "shape", None) is not None and tuple(p.shape) == tuple(g.shape) else None
-                   for g, p in zip(grads, param_leaves)]
+    is the leaf of ``params`` of the same shape at the same position. The very list where nothing
+    is cast. Everything else (another library, shape or tree, a non-floating or complex leaf) is
+    left as given, for the checks to refuse."""
+    param_leaves = tree_leaves(params)
+    if len(param_leaves) != len(grads):
+        return grads
+    targets = [p.dtype if getattr(p, "shape", None) is not None and tuple(p.shape) == tuple(g.shape) else None
+               for g, p in zip(grads, param_leaves)]
     cast = [i for i, (g, dtype) in enumerate(zip(grads, targets)) if dtype is not None and g.dtype != dtype]
     if not cast:
         return grads

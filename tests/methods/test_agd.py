@@ -551,7 +551,7 @@ def test_structure_shape_and_dtype_mismatches_name_the_leaf(backend):
     with pytest.raises(ValueError, match="'a'.*shape"):
         opt.update(backend.tree({"a": np.ones((3, 2)), "b": np.ones(3)}), state, params)
     with pytest.raises(TypeError, match="'b'.*dtype"):
-        opt.update(backend.tree({"a": np.ones((2, 3)), "b": np.ones(3, dtype=np.float32)}), state, params)
+        opt.update(backend.tree({"a": np.ones((2, 3)), "b": np.ones(3, dtype=np.int32)}), state, params)
     with pytest.raises(ValueError, match="needs params"):
         opt.update(backend.tree({"a": np.ones((2, 3)), "b": np.ones(3)}), state)
 
