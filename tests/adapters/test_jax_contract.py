@@ -207,8 +207,8 @@ def test_bfloat16_gradients_of_float32_parameters_step_as_float32(case):
     The programs are compared as ``jax.jit`` lowers them (dead code dropped), which costs no
     compilation. The caller's cast is inside the step: a cast outside hands XLA float32 inputs,
     whose fusions may round differently. The cast is the engine's, before any method's code: it
-    is checked on each method's plain configuration here (two traces each), and on every mode,
-    without params too, by ``tests/test_transform.py``'s NumPy trajectories."""
+    is checked on each method's plain configuration here (two traces each), and on every mode by
+    ``tests/test_transform.py``'s NumPy trajectories."""
     if "-" in case.id:
         pytest.skip("the engine's cast of the gradients: checked on the method's plain configuration")
     params = PROBLEMS["mixed_1d_2d"][1]()
