@@ -470,23 +470,11 @@ class CoreOptimizer(torch.optim.Optimizer):
         # torch_distributed's classes agree on the decision across ranks themselves (one all-reduce).
         decides = (raises or len(updates) > 1) and not getattr(self, "_accepts_dtensor", False)
         skipped = self._one_decision(updates, raises) if decides else None
-        for group, transform, members, calls, group_extra, eager in updates:
-            try:
+        # The core names a parameter by its path ('0/weight'); its errors name it as torch does. A
+        # state the group's new hyperparameters no longer fit was refused above (_check_state_fits).
+        with _torch_state.torch_names_in_errors(self._torch_names_by_path):
+            for group, transform, members, calls, group_extra, eager in updates:
                 self._step_members(transform, members, calls=calls, extra=group_extra, skipped=skipped, eager=eager)
-            except (ValueError, TypeError) as error:
-                if type(error) not in (ValueError, TypeError):
-                    raise
-                # The core names a parameter by its path ('0/weight'); the message names it as torch does.
-                message = _torch_state.paths_named_like_torch(str(error), self._torch_names_by_path())
-                last, now, names = self._changed_at.get(id(group), (None, None, ()))
-                if calls > 0 and now == self._step_calls and "does not fit the optimizer state" in message:
-                    raise ValueError(
-                        f"{type(self).__name__}: {self._torch_names_of(group, names)} changed after the optimizer "
-                        f"state was made, and the new value needs a state of another layout; set it before the first "
-                        f"step, or build a new optimizer ({message})") from error
-                if message == str(error):
-                    raise
-                raise type(error)(message) from error
         self._restack = False
 
     def _check_state_fits(self, group: dict, index: int) -> None:
