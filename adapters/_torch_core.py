@@ -590,13 +590,14 @@ class CoreOptimizer(torch.optim.Optimizer):
                       skipped: Optional[torch.Tensor] = None, eager: bool = False) -> None:
         """One core update of parameters that took part in ``calls`` earlier steps together;
         ``skipped``: the step's decision (:meth:`_one_decision`), made this update's by a NaN in
-        its smallest gradient where it is false; ``eager``: neither captured nor compiled
-        (:meth:`_scheduled`)."""
+        its smallest non-empty gradient where it is false (an empty one holds no entry to carry
+        it; an update of empty parameters alone moves nothing); ``eager``: neither captured nor
+        compiled (:meth:`_scheduled`)."""
         plan = self._members(members)
         tensors = plan.tensors
         grads = [p.grad for p in tensors]
         if skipped is not None:
-            i = min(range(len(grads)), key=lambda k: grads[k].numel())
+            i = min(range(len(grads)), key=lambda k: grads[k].numel() or math.inf)
             grads[i] = torch.where(skipped, grads[i], math.nan)
         params_tree = tree_unflatten(plan.treedef, [p.detach() for p in tensors])
         grads_tree = tree_unflatten(plan.treedef, grads)
