@@ -131,9 +131,15 @@ def nest(paths: list[tuple], leaves: list[Any]) -> dict:
     return tree
 
 
-def param_label(names: dict, p: torch.Tensor, index: int) -> str:
-    """How errors name a parameter: its name when known, else its index in ``state_dict()``."""
+def param_label(names: dict, p: torch.Tensor, index: int, own: Optional[dict] = None) -> str:
+    """How errors name a parameter: its name when known, else its index in ``state_dict()``.
+    ``own``: the optimizer's names where ``names`` are a checkpoint's (``load_state_dict`` takes
+    the checkpoint's ``param_names``, as torch does): a parameter the two name differently is named
+    as ``named_parameters()`` names it, with the checkpoint's name beside it."""
     name = names.get(p)
+    mine = own.get(p) if own is not None else None
+    if mine and name and mine != name:
+        return f"parameter {mine!r} (index {index}; {name!r} in the checkpoint)"
     return f"parameter {name!r} (index {index})" if name else f"parameter {index}"
 
 
@@ -402,7 +408,7 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
         by_calls: dict[int, list] = {}
         first, absent = index, []
         for saved_id, p in zip(_saved_ids(saved_groups, new_groups, group), group["params"]):
-            label = param_label(names, p, index)
+            label = param_label(names, p, index, opt._param_names)
             entries = saved_state.get(saved_id)
             if not entries and not p.requires_grad:
                 absent.append((index, p))  # torch DCP leaves out the state of a frozen parameter

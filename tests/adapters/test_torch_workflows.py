@@ -37,3 +37,35 @@ def test_a_skipped_step_skips_a_group_holding_an_empty_parameter(case):
     opt.step(**case.step_kwargs)
     assert torch.equal(b.detach(), b_before)
     assert int(opt.state[b]["nonfinite_count"]) == 1 and int(opt.state[b]["step"]) == 0
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+
+
+def _train(model, opt, case, steps):
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(8, 2, generator=gen, dtype=torch.float64)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step(**case.step_kwargs)
+
+
+def test_a_checkpoint_of_another_parameter_order_names_the_parameter_as_named_parameters_does(case):
+    """A checkpoint whose parameters come in another order than the loading optimizer's is refused
+    where a state does not fit (torch's ``load_state_dict`` matches parameters by position and
+    takes the checkpoint's ``param_names``), and the refusal names the parameter as the loading
+    model's ``named_parameters()`` does, with the checkpoint's name beside it (the project's rule
+    for errors: torch parameters named as ``named_parameters()`` names them). It used to name it by
+    the checkpoint's name alone: "'0.bias' has shape (6,), expected (2, 6)" of the model's
+    ``2.weight``, whose ``0.bias`` is (6,)."""
+    model = _model()
+    opt = case.make(model.named_parameters())
+    _train(model, opt, case, 2)
+    reordered = _model()
+    fresh = case.make(list(reordered.named_parameters())[::-1])
+    with pytest.raises(ValueError, match=r"parameter '2\.weight' \(index 1; '0\.bias' in the checkpoint\)"):
+        fresh.load_state_dict(opt.state_dict())
+    assert not fresh.state  # refused whole: nothing was loaded
