@@ -125,9 +125,9 @@ def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
         leaves = jax.tree_util.tree_leaves(params)
         if not leaves:
             # No parameter to step (optax.masked or multi_transform selecting none, or an empty
-            # tree): an empty state, as every optax transformation's.
-            zero = jax.numpy.zeros((), jax.numpy.int32)
-            return PrecondState(zero, zero, {})
+            # tree): an empty state, as every optax transformation's. The two counters are two
+            # arrays: one buffer in two leaves cannot be donated (jax.jit's donate_argnums).
+            return PrecondState(*(jax.numpy.zeros((), jax.numpy.int32) for _ in range(2)), {})
         core_params, _ = _as_core_tree(params)
         state = jitted_init(core_params)
         if all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed for x in leaves):
