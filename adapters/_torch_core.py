@@ -215,7 +215,7 @@ class CoreOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             self._param_names = names
             self._transforms.pop(id(group), None)
-            if type(error) in (ValueError, TypeError):
+            if type(error) in (ValueError, TypeError) and not str(error).startswith(f"{type(self).__name__}: "):
                 raise type(error)(f"{type(self).__name__}: {error}") from error
             raise
         self._drop_graphs()
@@ -281,10 +281,12 @@ class CoreOptimizer(torch.optim.Optimizer):
         cached = self._transforms.get(id(group))
         if cached is not None and _unchanged(group, cached[2]):
             return cached[1]  # the step's common case, without the key's reprs
-        kwargs = self.core_kwargs(group)
-        key = tuple(sorted((k, "<lr tensor>" if k == "learning_rate" else repr(v)) for k, v in kwargs.items()))
+        with self._refusals_named(group):  # a value written into the group after construction
+            kwargs = self.core_kwargs(group)
+            key = tuple(sorted((k, "<lr tensor>" if k == "learning_rate" else repr(v)) for k, v in kwargs.items()))
+            if cached is None or cached[0] != key:
+                self._build(group)  # validates the group's own values, torch names in errors
         if cached is None or cached[0] != key:
-            self._build(group)  # validates the group's own values, torch names in errors
             if cached is not None:
                 names = tuple(k for (k, v), (_, w) in zip(cached[0], key) if v != w) if len(cached[0]) == len(key) else ()
                 last = self._changed_at.get(id(group), (None, None, ()))[1]
@@ -292,6 +294,22 @@ class CoreOptimizer(torch.optim.Optimizer):
             cached = (key, self._build(group, learning_rate=partial(_read, self._learning_rate(group))))
         self._transforms[id(group)] = (*cached[:2], _hyperparameters(group))
         return cached[1]
+
+    @contextlib.contextmanager
+    def _refusals_named(self, group: dict) -> Any:
+        """A ``ValueError`` or ``TypeError`` refusing ``group``'s hyperparameters names the class and
+        the param group: a step refuses a value written into a group after construction (by a
+        scheduler, such as ``OneCycleLR``'s momentum, or by hand), in a loop that may hold several
+        optimizers."""
+        try:
+            yield
+        except (ValueError, TypeError) as error:
+            if type(error) not in (ValueError, TypeError):
+                raise
+            index = next((i for i, g in enumerate(self.param_groups) if g is group), None)
+            cls = type(self).__name__
+            message = str(error).removeprefix(f"{cls}: ")
+            raise type(error)(f"{cls}: {message} (param group {index})") from error
 
     def _learning_rate(self, group: dict) -> torch.Tensor:
         """The group's learning rate as a 1-element tensor on its parameters' device, set from ``lr``;
@@ -446,7 +464,8 @@ class CoreOptimizer(torch.optim.Optimizer):
         # then the non-finite decision.
         for group in self.param_groups:
             transform = self._transform(group)
-            self._learning_rate(group)
+            with self._refusals_named(group):
+                self._learning_rate(group)
             self._check_state_fits(group, index)
             # Parameters stepped together so far share a counter; the key is a host-side count of
             # the calls each took part in, so grouping them needs no device synchronisation.

@@ -11,13 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import precond_ref.adapters.torch as pt
 from cases import TORCH_CASES
 
 CLASS_CASES = list({c.cls: c for c in reversed(TORCH_CASES)}.values())[::-1]
 
-pytestmark = pytest.mark.parametrize("case", CLASS_CASES, ids=lambda c: c.cls.__name__)
+every_class = pytest.mark.parametrize("case", CLASS_CASES, ids=lambda c: c.cls.__name__)
 
 
+@every_class
 def test_a_skipped_step_skips_a_group_holding_an_empty_parameter(case):
     """The non-finite rule decides for the whole step (docs/adapters/torch.md: "a non-finite
     gradient in any param group skips every group's update (counted in each parameter's
@@ -53,6 +55,7 @@ def _train(model, opt, case, steps):
         opt.step(**case.step_kwargs)
 
 
+@every_class
 def test_a_checkpoint_of_another_parameter_order_names_the_parameter_as_named_parameters_does(case):
     """A checkpoint whose parameters come in another order than the loading optimizer's is refused
     where a state does not fit (torch's ``load_state_dict`` matches parameters by position and
@@ -69,3 +72,33 @@ def test_a_checkpoint_of_another_parameter_order_names_the_parameter_as_named_pa
     with pytest.raises(ValueError, match=r"parameter '2\.weight' \(index 1; '0\.bias' in the checkpoint\)"):
         fresh.load_state_dict(opt.state_dict())
     assert not fresh.state  # refused whole: nothing was loaded
+
+
+@every_class
+def test_a_refused_value_written_into_a_group_names_the_class_and_the_group(case):
+    """A hyperparameter written into a param group after construction (by hand, or by a scheduler)
+    that the class refuses raises at the next step naming the class and the param group, as the
+    class's other step-time refusals name the class (a loop may hold several optimizers), and
+    before any parameter moves. It used to name no group, and a value other than ``lr`` (whose
+    check names the class) came with the core's bare message."""
+    model = _model()
+    named = list(model.named_parameters())
+    opt = case.make([{"params": named[:2]}, {"params": named[2:]}])
+    _train(model, opt, case, 1)
+    before = [p.detach().clone() for _, p in named]
+    opt.param_groups[1]["lr"] = -1.0
+    name = case.cls.__name__
+    with pytest.raises(ValueError, match=rf"^{name}: lr must be in \[0\.0, inf\), got -1\.0 \(param group 1\)$"):
+        _train(model, opt, case, 1)
+    assert all(torch.equal(p, b) for (_, p), b in zip(named, before))
+
+
+def test_one_cycle_momentum_refused_by_faithful_s_adagrad_names_the_class():
+    """``OneCycleLR`` (``cycle_momentum=True`` by default) writes ``momentum`` into every param
+    group; faithful S-AdaGrad has no momentum (its ``momentum`` must stay 0): the first step
+    refuses it naming the class, the group and the remedy, not with the core's bare message."""
+    model = _model()
+    opt = pt.SAdaGrad(model.parameters(), rank=2, mode="faithful")
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    with pytest.raises(ValueError, match=r"^SAdaGrad: momentum is not available in mode='faithful'.*\(param group 0\)$"):
+        _train(model, opt, CLASS_CASES[0], 1)
