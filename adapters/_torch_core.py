@@ -610,14 +610,18 @@ class CoreOptimizer(torch.optim.Optimizer):
         """One core update of parameters that took part in ``calls`` earlier steps together;
         ``skipped``: the step's decision (:meth:`_one_decision`), made this update's by a NaN in
         its smallest non-empty gradient where it is false (an empty one holds no entry to carry
-        it; an update of empty parameters alone moves nothing); ``eager``: neither captured nor
-        compiled (:meth:`_scheduled`)."""
+        it); an update of empty parameters alone, which moves nothing, is given the decision as
+        the core's ``gradients_ok``, eagerly; ``eager``: neither captured nor compiled
+        (:meth:`_scheduled`)."""
         plan = self._members(members)
         tensors = plan.tensors
         grads = [p.grad for p in tensors]
         if skipped is not None:
             i = min(range(len(grads)), key=lambda k: grads[k].numel() or math.inf)
-            grads[i] = torch.where(skipped, grads[i], math.nan)
+            if grads[i].numel():
+                grads[i] = torch.where(skipped, grads[i], math.nan)
+            else:
+                extra, eager = {**extra, "gradients_ok": skipped}, True
         params_tree = tree_unflatten(plan.treedef, [p.detach() for p in tensors])
         grads_tree = tree_unflatten(plan.treedef, grads)
         states = [self.state[p] for p in tensors]

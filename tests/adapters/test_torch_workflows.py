@@ -24,21 +24,25 @@ def test_a_skipped_step_skips_a_group_holding_an_empty_parameter(case):
     """The non-finite rule decides for the whole step (docs/adapters/torch.md: "a non-finite
     gradient in any param group skips every group's update (counted in each parameter's
     nonfinite_count)"). A param group that also holds an empty parameter (numel 0, e.g. a
-    zero-width layer of a configurable model) is skipped like any other: the decision reaches
-    each update through a NaN written into one of its gradients, which an empty gradient cannot
-    hold, so its weight used to take the step the other group skipped."""
+    zero-width layer of a configurable model) is skipped like any other, and a group of empty
+    parameters alone counts the skip as well. The decision reaches each update through a NaN
+    written into one of its gradients, which an empty gradient cannot hold: the weight beside
+    the empty parameter used to take the step the other group skipped, and the empty group to
+    count it as taken."""
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
     b = torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
     empty = torch.nn.Parameter(torch.zeros(0, 4, dtype=torch.float64))
-    opt = case.make([{"params": [("a", a)]}, {"params": [("b", b), ("empty", empty)]}])
+    alone = torch.nn.Parameter(torch.zeros(0, dtype=torch.float64))
+    opt = case.make([{"params": [("a", a)]}, {"params": [("b", b), ("empty", empty)]}, {"params": [("alone", alone)]}])
     b_before = b.detach().clone()
     a.grad = torch.full_like(a, float("inf"))
     b.grad = torch.randn_like(b)
-    empty.grad = torch.zeros_like(empty)
+    empty.grad, alone.grad = torch.zeros_like(empty), torch.zeros_like(alone)
     opt.step(**case.step_kwargs)
     assert torch.equal(b.detach(), b_before)
-    assert int(opt.state[b]["nonfinite_count"]) == 1 and int(opt.state[b]["step"]) == 0
+    counters = [(int(opt.state[p]["step"]), int(opt.state[p]["nonfinite_count"])) for p in (a, b, empty, alone)]
+    assert counters == [(0, 1)] * 4
 
 
 def _model(seed=0):
