@@ -106,3 +106,67 @@ def test_one_cycle_momentum_refused_by_faithful_s_adagrad_names_the_class():
     torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
     with pytest.raises(ValueError, match=r"^SAdaGrad: momentum is not available in mode='faithful'.*\(param group 0\)$"):
         _train(model, opt, CLASS_CASES[0], 1)
+
+
+@every_class
+def test_grad_scaler_steps_as_the_same_steps_without_it(case):
+    """``torch.amp.GradScaler`` (CPU, bfloat16 autocast) with ``unscale_`` and gradient clipping
+    after it: its scale is a power of two, so the unscaled gradients are those of the loop without
+    the scaler, and the trajectory is the same bit for bit. A batch with an Inf gradient is skipped
+    by the scaler (it does not call ``step``), as the plain loop skips it: no parameter moves and
+    no counter advances."""
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(8, 2, generator=torch.Generator().manual_seed(2))
+    models = [_model().float() for _ in range(2)]
+    opts = [case.make(m.named_parameters()) for m in models]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1)
+    for i in range(4):
+        for model, opt, scales in zip(models, opts, (True, False)):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = torch.nn.functional.mse_loss(model(x).float(), y)
+            (scaler.scale(loss) if scales else loss).backward()
+            if i == 1:
+                model[0].weight.grad[0, 0] = float("inf")
+            if scales:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            if scales:
+                scaler.step(opt, **case.step_kwargs)
+                scaler.update()
+            elif i != 1:
+                opt.step(**case.step_kwargs)
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+    assert int(opts[0].state[models[0][0].weight]["step"]) == 3
+
+
+@every_class
+def test_a_cycled_momentum_reaches_the_step(case):
+    """``OneCycleLR(cycle_momentum=True)`` writes ``betas`` (their first) or ``momentum`` into the
+    param groups, whichever the class has (torch's rule: ``betas`` where ``defaults`` has them):
+    the steps are those of writing the same ``lr`` and momentum by hand, and not those of the
+    ``lr`` alone."""
+    scheduled = _model()
+    opt = case.make(scheduled.named_parameters())
+    key = "betas" if "betas" in opt.defaults else "momentum"
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=case.lr, total_steps=10, cycle_momentum=True)
+    written = []
+    for _ in range(4):
+        written.append((opt.param_groups[0]["lr"], opt.param_groups[0][key]))
+        _train(scheduled, opt, case, 1)
+        sched.step()
+    assert len({m for _, m in written}) == 4  # the momentum did change at every step
+    trajectories = []
+    for with_momentum in (True, False):
+        model = _model()
+        by_hand = case.make(model.named_parameters())
+        for lr, momentum in written:
+            by_hand.param_groups[0]["lr"] = lr
+            if with_momentum:
+                by_hand.param_groups[0][key] = momentum
+            _train(model, by_hand, case, 1)
+        trajectories.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    scheduled_flat = torch.cat([p.detach().reshape(-1) for p in scheduled.parameters()])
+    assert torch.equal(scheduled_flat, trajectories[0])
+    assert not torch.equal(scheduled_flat, trajectories[1])
