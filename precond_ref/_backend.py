@@ -126,7 +126,12 @@ def array_device(x: Array) -> Any:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
         return x.device
-    device = _compat_device(x)  # None for a JAX tracer
+    if is_tracer(x):
+        # A JAX tracer has no device. Asked for it, a tracer builds its error message from a search
+        # of everything traced so far, which a step that groups hundreds of arrays by device repeats
+        # for each: tracing then grows with the square of the step's size.
+        return None
+    device = _compat_device(x)
     if device is None or hasattr(device, "device_set"):  # a JAX Sharding has a device_set
         return None
     jax = sys.modules.get("jax")
@@ -247,7 +252,7 @@ def device_key(x: Array) -> Any:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
         return x.device
-    return hashable(_compat_device(x))
+    return None if is_tracer(x) else hashable(_compat_device(x))  # a JAX tracer: as array_device
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:

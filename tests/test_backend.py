@@ -420,6 +420,29 @@ def test_array_device_of_an_uncommitted_jax_array_is_none():
     assert array_device(jax.device_put(loose, device)) == device
 
 
+def test_a_jax_tracer_answers_no_device_without_being_asked_for_one(monkeypatch):
+    """Under ``jax.jit`` ``array_device`` and ``device_key`` of a tracer are ``None`` [definition],
+    answered without reading the tracer's ``device``: a tracer asked for it builds its error message
+    from a search of everything traced so far, and a step that groups hundreds of arrays by device
+    would then trace in a time that grows with the square of its size."""
+    import jax
+    import jax.numpy as jnp
+    from jax._src import core
+
+    def refused(self):
+        raise AssertionError("a tracer's device was read")
+
+    monkeypatch.setattr(core.Tracer, "device", property(refused))
+    seen = []
+
+    def step(x):
+        seen.append((is_tracer(x), array_device(x), device_key(x)))
+        return x + 1.0
+
+    assert float(jax.jit(step)(jnp.zeros(()))) == 1.0
+    assert seen == [(True, None, None)]
+
+
 def test_once_shares_a_value_keyed_by_an_unhashable_device():
     """``StepContext.once(key, compute)`` [definition: ``compute()`` once per update for equal
     keys]: equal keys holding an unhashable device (CuPy 14's, a new object per array) share one
