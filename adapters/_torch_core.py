@@ -209,6 +209,7 @@ class CoreOptimizer(torch.optim.Optimizer):
             members = {id(p) for p in group["params"]}
             self._param_names.update((p, n) for p, n in self._model_names.items() if id(p) in members)
             self._transform(group)  # builds the core transform: refuses invalid hyperparameters
+            self._check_names(group)
         except Exception as error:
             # A refused group leaves the optimizer as it was: a group left in param_groups would
             # make every later step raise, and its parameters could not be added again.
@@ -219,6 +220,22 @@ class CoreOptimizer(torch.optim.Optimizer):
                 raise type(error)(f"{type(self).__name__}: {error}") from error
             raise
         self._drop_graphs()
+
+    def _check_names(self, group: dict) -> None:
+        """``ValueError`` where two parameters of ``group`` (the last param group) share a name, or
+        one's name is a prefix of another's: a group's parameters form one tree keyed by their
+        names, which the step could not make. Refused here rather than at the step, where the
+        groups before it would have stepped; torch itself takes any names (the ``named_parameters()``
+        of two models given together)."""
+        first = sum(len(g["params"]) for g in self.param_groups[:-1])
+        try:
+            self._tree([self._path(p, first + k) for k, p in enumerate(group["params"])], group["params"])
+        except ValueError as error:
+            raise ValueError(
+                f"{error} in param group {len(self.param_groups) - 1}: the parameters of a param group need names of "
+                "their own (the named_parameters() of two models? prefix their names, [(f'enc.{name}', p) for name, "
+                "p in enc.named_parameters()], or give each model a param group of its own)"
+            ) from None
 
     def __getstate__(self) -> dict:
         return _torch_state.getstate(self)

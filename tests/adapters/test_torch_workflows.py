@@ -170,3 +170,29 @@ def test_a_cycled_momentum_reaches_the_step(case):
     scheduled_flat = torch.cat([p.detach().reshape(-1) for p in scheduled.parameters()])
     assert torch.equal(scheduled_flat, trajectories[0])
     assert not torch.equal(scheduled_flat, trajectories[1])
+
+
+@every_class
+def test_two_parameters_of_a_group_named_alike_are_refused_when_the_group_is_added(case):
+    """A param group's parameters form one tree keyed by their names, so two that share a name (the
+    ``named_parameters()`` of two models given together, which torch itself accepts) cannot be
+    stepped. They are refused when the group is given, at construction or by ``add_param_group``,
+    naming the class, the name and the group, and a refused ``add_param_group`` leaves the
+    optimizer as it was (docs/adapters/torch.md). The step used to refuse them, after the param
+    groups before had stepped."""
+    encoder, decoder, head = _model(0), _model(1), _model(2)
+    clashing = list(encoder.named_parameters()) + list(decoder.named_parameters())
+    name = case.cls.__name__
+    refusal = rf"^{name}: two parameters share the name '0\.weight' in param group {{}}: "
+    with pytest.raises(ValueError, match=refusal.format(0)):
+        case.make(clashing)
+    opt = case.make(head.named_parameters())
+    with pytest.raises(ValueError, match=refusal.format(1)):
+        opt.add_param_group({"params": clashing})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [(f"enc.{n}", p) for n, p in encoder.named_parameters()]
+                                   + [(f"dec.{n}", p) for n, p in decoder.named_parameters()]})
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    head(decoder(encoder(x).repeat(1, 2)).repeat(1, 2)).sum().backward()
+    opt.step(**case.step_kwargs)
+    assert all(int(opt.state[p]["step"]) == 1 for m in (encoder, decoder, head) for p in m.parameters())
