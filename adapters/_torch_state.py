@@ -388,6 +388,14 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
             foreign = (f" (the group also has {unknown}, which {cls} does not take: a state_dict of another optimizer?)"
                        if unknown else "")
             raise type(error)(f"{where}: param group {gi}: {error}{foreign}") from error
+    # The checkpoint's names (torch's load takes them) key each group's tree: two alike could not step.
+    first = 0
+    for gi, group in enumerate(new_groups):
+        try:
+            nest([path_of(p, first + k) for k, p in enumerate(group["params"])], group["params"])
+        except ValueError as error:
+            raise ValueError(f"{where}: param group {gi}: {error} (the checkpoint's param_names)") from None
+        first += len(group["params"])
 
     id_map = {}
     for saved, group in zip(saved_groups, new_groups):

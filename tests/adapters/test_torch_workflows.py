@@ -196,3 +196,22 @@ def test_two_parameters_of_a_group_named_alike_are_refused_when_the_group_is_add
     head(decoder(encoder(x).repeat(1, 2)).repeat(1, 2)).sum().backward()
     opt.step(**case.step_kwargs)
     assert all(int(opt.state[p]["step"]) == 1 for m in (encoder, decoder, head) for p in m.parameters())
+
+
+@every_class
+def test_a_checkpoint_naming_two_parameters_alike_is_refused_by_load_state_dict(case):
+    """``load_state_dict`` takes the checkpoint's ``param_names`` (as torch does), which key each
+    param group's tree: a checkpoint that names two parameters of a group alike is refused whole
+    by ``load_state_dict``, naming the class, the group and the checkpoint's names. It used to be
+    refused with the bare "two parameters share the name '0.weight'" where the parameters had
+    state, and loaded, for the step to refuse, where they had none."""
+    model = _model()
+    opt = case.make(model.named_parameters())
+    _train(model, opt, case, 1)
+    state_dict = opt.state_dict()
+    state_dict["param_groups"][0]["param_names"] = ["0.weight"] * 4
+    fresh = case.make(_model().named_parameters())
+    with pytest.raises(ValueError, match=rf"^{case.cls.__name__}.load_state_dict: param group 0: two parameters share "
+                                         r"the name '0\.weight' \(the checkpoint's param_names\)$"):
+        fresh.load_state_dict(state_dict)
+    assert not fresh.state and fresh.param_groups[0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
