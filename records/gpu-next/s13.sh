@@ -27,7 +27,7 @@
 #     element-wise passes, which Inductor fuses), then JAX's S-AdaGrad and Sketchy variants (the secular core jitted
 #     against the per-matrix decompositions).
 # Other steps stay available by name (compiled, eigh, secular, variants, cupybench, diag, jaxautotune,
-# jaxroutes).
+# jaxroutes, jaxcompile: each method's jitted JAX update compiled alone).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 ROOT=$PWD; T0=$SECONDS; END=${END_S:-480}
 FINAL_OUT=$OUT; OUT=/tmp/res; rm -rf "$OUT"; mkdir -p "$OUT"
@@ -115,6 +115,13 @@ if want jaxbench; then
     --methods ${JAX_METHODS:-sketchy,if_shampoo,asgo,s_adagrad} --out /tmp/gptj --no-progress > "$OUT/bench_gpt_jax.txt" 2>&1
   echo "bench gpt jax rc $?"; cp /tmp/gptj/bench.json "$OUT/bench_gpt_jax.json" 2>/dev/null
   python3 -c "import json; d=json.load(open('/tmp/gptj/bench.json')); [print(r.get('label'), r.get('first_step_ms'), r.get('median_ms'), r.get('mean_ms')) for r in d['results'].get('gpt', [])]" 2>&1 | tail -12
+fi
+if want jaxcompile; then
+  echo "== jax compile per method at $((SECONDS-T0)) s"
+  # each method's jitted optax update alone on the reference GPT's shapes: trace and XLA compile seconds on the GPU
+  # (records/jax-compile-2026-11-30 measured the CPU's; target 60 s a method)
+  timeout $(left 300) python3 "$ROOT/records/jax-compile-2026-11-30/compile_step.py" reference > "$OUT/jax_compile.txt" 2>&1
+  echo "jax compile rc $?"; tail -14 "$OUT/jax_compile.txt" | cut -c1-160
 fi
 if want jaxvariants; then
   echo "== bench gpt jax variants at $((SECONDS-T0)) s"
