@@ -391,7 +391,8 @@ class CoreOptimizer(torch.optim.Optimizer):
                 loss = closure()
         filled = self._fill_missing_members()
         try:
-            self._step_groups(extra)
+            with self._autocast_off():
+                self._step_groups(extra)
         finally:
             for p, value, counters in filled:
                 p.grad = None
@@ -399,6 +400,21 @@ class CoreOptimizer(torch.optim.Optimizer):
                 self.state[p].update(counters)
                 self._behind.add(p)
         return loss
+
+    def _autocast_off(self) -> contextlib.AbstractContextManager:
+        """A context in which ``torch.autocast`` is off on the parameters' devices, where a loop
+        steps inside its autocast region: autocast would run the matrix methods' products and
+        decompositions in bfloat16 or float16 (other numbers than the step's outside it; Sketchy's
+        and S-AdaGrad's sketches refused as of another dtype). The closure, the user's forward and
+        backward, runs before it, under the loop's autocast. One host-side query where autocast is
+        off, as a step mostly runs."""
+        if not torch._C._is_any_autocast_enabled():
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for device_type in dict.fromkeys(p.device.type for group in self.param_groups for p in group["params"]):
+            if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        return stack
 
     def _check_step_keywords(self, extra: dict) -> None:
         """``TypeError`` for a keyword ``step`` does not take, as ``torch.optim.Adam.step(foo=1)``

@@ -215,3 +215,31 @@ def test_a_checkpoint_naming_two_parameters_alike_is_refused_by_load_state_dict(
                                          r"the name '0\.weight' \(the checkpoint's param_names\)$"):
         fresh.load_state_dict(state_dict)
     assert not fresh.state and fresh.param_groups[0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+@every_class
+def test_a_step_inside_an_autocast_region_is_the_step_outside_it(case):
+    """A loop that calls ``step`` inside its ``torch.autocast`` region (``scaler.step(opt)`` indented
+    one level too far) steps as outside it, bit for bit: the optimizer's arithmetic is its own
+    (float32 state of the parameters' dtype, docs/adapters/torch.md), as ``torch.optim``'s
+    element-wise steps are untouched by autocast. Autocast used to run ASGO's, IF-Shampoo's and
+    MBF's products in bfloat16 (other numbers), and Sketchy and S-AdaGrad refused their own
+    float32 sketches as of another dtype. A closure, the user's forward and backward, still
+    runs under the loop's autocast."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)
+    models = [_model().float() for _ in range(2)]
+    opts = [case.make(m.named_parameters()) for m in models]
+    autocast_in_closure = []
+    for _ in range(3):
+        for model, opt, inside in zip(models, opts, (True, False)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if inside:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    opt.step(lambda: autocast_in_closure.append(torch.is_autocast_enabled("cpu")), **case.step_kwargs)
+            else:
+                opt.step(**case.step_kwargs)
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+    assert autocast_in_closure == [True] * 3
