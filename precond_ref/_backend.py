@@ -1033,7 +1033,11 @@ def constant(xp, key, make, like):
 def number(xp, value: float, like):
     """``value`` as a 0-D array of ``like``'s dtype and device, made once (:func:`constant`): a
     number a selection broadcasts, not a new array of the operands' shape each step; filled on the
-    device (no host data copied)."""
+    device (no host data copied). A ``value`` that is an array (a hyperparameter as
+    ``optax.inject_hyperparams`` passes it, a NumPy 0-D array) has no value to key the kept
+    constant by: it is cast to ``like``'s dtype (:func:`as_operand`) on every call."""
+    if not is_number(value):
+        return as_operand(xp, value, like.dtype)
     make = lambda: xp.full((), value, dtype=like.dtype, device=placement(xp, like))  # noqa: E731
     return constant(xp, ("number", value, like.dtype), make, like)
 

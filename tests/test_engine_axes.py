@@ -180,7 +180,11 @@ def test_a_skipped_step_counts_no_failure():
         return block, np.zeros(rows.shape[:1], dtype=bool), rows  # every block "not finite"
 
     rule = SimpleNamespace(Block=Block, refresh=refresh, keep=lambda xp, c, block, rows: rows)
-    c = SimpleNamespace(dues=(1,), fd={})
+    class Config(NamedTuple):  # a rule's configuration is a NamedTuple (the engine makes its operands per dtype)
+        dues: tuple
+        fd: dict
+
+    c = Config(dues=(1,), fd={})
     for ok, expected in ((np.asarray(False), [0, 0]), (np.asarray(True), [2, 1])):
         ctx = StepContext(xp=xp, count=np.zeros((), np.int32), extra={}, ok=ok, settled=IdentityDict(), shared={})
         results = axes._stepped(xp, ctx, rule, c, leaves(), functools.partial(axes._chunks, xp, c))

@@ -18,7 +18,9 @@ runs of consecutive phases (:func:`leaf_plan`). The engine then
   blocked layout (:func:`unblocked_hint`);
 * runs an :class:`AxesRule` (:func:`axes_transform`): a leaf's state made and read (by its
   entries' names) in the rule's NamedTuples, the compute dtype, the refresh phases, the graft's
-  joined leaves, the step's :math:`-\\eta_t` and the finish of the leaves joined end to end.
+  joined leaves, the step's :math:`-\\eta_t` and the finish of the leaves joined end to end; each
+  of the rule's functions given the configuration as operands of the dtype of the arrays it
+  computes on (:func:`_at`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import re
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
-from .._backend import array_device, cast, compute_dtype, device_key, is_zero, joined, on_cpu, vector_norms
+from .._backend import array_device, as_operand, cast, compute_dtype, device_key, is_zero, joined, on_cpu, vector_norms
 from ..blocking import Stack, chunk_sizes, same_layout, stack, unfold, unstack
 from ..transform import Transform
 from ..tree import to_entries
@@ -40,6 +42,7 @@ from .context import StepContext
 from .factors import constant
 from .tiles import taken
 from .joined import leafwise
+from .options import operands
 from .phases import handed_back, phase_share, phase_stacks, refreshes, shape_phase
 from .run import build_transform
 
@@ -177,6 +180,14 @@ def _counted(xp: Any, ctx: StepContext, failures: Sequence[Optional[Array]], oks
     return failures
 
 
+def _at(xp: Any, c: Any, dtype: Any) -> Any:
+    """The configuration ``c`` as operands of ``dtype`` (:func:`~precond_ref.engine.options.operands`),
+    for a rule's function that computes in ``dtype``: an array hyperparameter of a wider dtype would
+    promote the blocks, the moments or the momentum out of it. The learning rate is the finish's
+    ``-η_t``, made of that dtype by :func:`_finished`."""
+    return operands(xp, c, dtype, ("learning_rate",))
+
+
 def _stepped(xp: Any, ctx: StepContext, rule: "AxesRule", c: Any, leaves: Sequence[tuple], batches: Callable) -> list:
     """Every leaf's blocks after this step, its failure count and its runs' outputs (``leaves``:
     ``(g, plan, state)``, the blocks ``state.sketches``, the count ``state.failures``; plan None
@@ -204,12 +215,13 @@ def _stepped(xp: Any, ctx: StepContext, rule: "AxesRule", c: Any, leaves: Sequen
     first = is_zero(ctx.calls)  # the first call, known on the host: the blocks are new unless loaded
 
     def refreshed(*operands: Array, label: int) -> tuple:
-        new, ok, *out = rule.refresh(xp, c, rule.Block(*operands[:-1]), operands[-1], label, ctx.ok, first)
+        rows = operands[-1]
+        new, ok, *out = rule.refresh(xp, _at(xp, c, rows.dtype), rule.Block(*operands[:-1]), rows, label, ctx.ok, first)
         return (*new, ok, *out)
 
     def kept(*operands: Array) -> tuple:  # every block of the stack as it was: all usable
         block, rows = rule.Block(*operands[:-1]), operands[-1]
-        out = (rule.keep(xp, c, block, rows),) if flat else ()
+        out = (rule.keep(xp, _at(xp, c, rows.dtype), block, rows),) if flat else ()
         return (*block, xp.ones(tuple(rows.shape[:1]), dtype=xp.bool, device=array_device(rows)), *out)
 
     def branches(batch: Stack) -> tuple[Callable, Callable]:
@@ -509,8 +521,15 @@ def _entries(rule: AxesRule, names: tuple, sketches: Sequence, *rest: Any) -> di
 def _finished(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, directions: list, leaves: list, params: Any) -> list:
     """``rule.finish(xp, c, -η_t, u, m, W)`` of every leaf (``m`` with momentum, ``W`` with weight
     decay, cast to the direction's dtype; -η_t once a step), the leaves of one layout joined end to
-    end (:func:`~precond_ref.engine.joined.leafwise`)."""
-    finish = functools.partial(rule.finish, xp, c, -ctx.value(c.learning_rate))
+    end (:func:`~precond_ref.engine.joined.leafwise`); ``c`` and ``-η_t`` as operands of the
+    direction's dtype (:func:`_at`; a learning rate that is a Python number stays one)."""
+    learning_rate, minus_lr = ctx.value(c.learning_rate), {}
+
+    def finish(u: Array, *rest: Array) -> tuple:
+        if u.dtype not in minus_lr:
+            minus_lr[u.dtype] = -as_operand(xp, learning_rate, u.dtype)
+        return rule.finish(xp, _at(xp, c, u.dtype), minus_lr[u.dtype], u, *rest)
+
     momenta = [[state.momentum for _, _, state in leaves]] if c.has_momentum else []
     if not c.has_weight_decay:
         return leafwise(xp, finish, directions, *momenta)
@@ -551,7 +570,8 @@ def axes_transform(rule: AxesRule, c: Any, *, name: str, on_nonfinite: str) -> T
         xp, ctx = ctxs[0].xp, ctxs[0]
         leaves = _leaves(rule, c, names_of, xp, grads, states)
         gs, moments = [g for g, _, _ in leaves], [state.graft_second_moment for _, _, state in leaves]
-        grafts = list(zip(moments, gs)) if rule.graft is None else leafwise(xp, functools.partial(rule.graft, xp, c), gs, moments)
+        grafts = list(zip(moments, gs)) if rule.graft is None else leafwise(
+            xp, lambda g, v: rule.graft(xp, _at(xp, c, g.dtype), g, v), gs, moments)
         if rule.precondition is None:  # a flat rule: its runs' outputs, joined back, are the directions
             stepped = _stepped(xp, ctx, rule, c, leaves, functools.partial(_chunks, xp, c))
             directions = [xp.reshape(join_runs(xp, plan.axes[0], outs), tuple(g.shape))
@@ -574,14 +594,20 @@ def _preconditioned(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, leaves: l
     """A Kronecker rule's direction of every leaf: the preconditioned gradient :math:`P(G)`
     (``rule.precondition`` on each leaf with blocks, in its plan's merged shape) times
     ``rule.grafted(|D|, |p|)`` (:func:`_scaled_by_norms`) as ``rule.started`` takes it; ``D`` itself
-    on a leaf without blocks."""
+    on a leaf without blocks. ``rule.precondition`` is called once per compute dtype, on that
+    dtype's leaves (whose blocks no stack of another dtype could join)."""
     blocked = [i for i, (_, plan, _) in enumerate(leaves) if plan is not None]
-    merged = [xp.reshape(leaves[i][0], leaves[i][1].merged_shape) for i in blocked]
-    products = rule.precondition(xp, c, merged, [blocks[i] for i in blocked])
-    products = [xp.reshape(p, tuple(leaves[i][0].shape)) for i, p in zip(blocked, products)]
+    by_dtype: dict = {}
+    for i in blocked:
+        by_dtype.setdefault(leaves[i][0].dtype, []).append(i)
+    found: dict = {}
+    for dtype, members in by_dtype.items():
+        merged = [xp.reshape(leaves[i][0], leaves[i][1].merged_shape) for i in members]
+        found.update(zip(members, rule.precondition(xp, _at(xp, c, dtype), merged, [blocks[i] for i in members])))
+    products = [xp.reshape(found[i], tuple(leaves[i][0].shape)) for i in blocked]
     if rule.grafted is not None:
         scaled = _scaled_by_norms(xp, functools.partial(rule.grafted, xp), products, [grafts[i][1] for i in blocked])
-        products = [rule.started(xp, c, ctx.count, u, grafts[i][1]) for i, u in zip(blocked, scaled)]
+        products = [rule.started(xp, _at(xp, c, u.dtype), ctx.count, u, grafts[i][1]) for i, u in zip(blocked, scaled)]
     products = dict(zip(blocked, products))
     return [products.get(i, d) for i, (_, d) in enumerate(grafts)]
 

@@ -41,6 +41,7 @@ from .layout import saved_blocks_hint
 from .matrices import (
     MatrixJoin, MatrixStack, end_to_end, hand_back, joined_form, matrix_joins, matrix_shape, stack_views, symmetrized_pieces, transposed_view,
 )
+from .options import operands
 from .phases import handed_back, hashed_phases, phase_stacks, refreshes
 from .run import build_transform
 
@@ -54,6 +55,9 @@ __all__ = [
 Array = Any
 FallbackMask = Union[None, Any, Callable[[Path, Array], bool]]
 
+#: the configuration fields the engine makes per dtype itself (-η_t, :meth:`StepContext.negated`),
+#: which :func:`~precond_ref.engine.options.operands` leaves as they are
+_SCHEDULED = ("learning_rate",)
 #: the block entries stacked across the matrix leaves of one shape, besides the joined statistic (:func:`~precond_ref.engine.matrices.matrix_joins`)
 _STACKED = ("statistic_tail", "root", "root_tail")
 #: the entries of a one-sided rule's matrix leaves computed element-wise over a whole join (:class:`~precond_ref.engine.matrices.MatrixJoin`);
@@ -347,11 +351,13 @@ def fallback_predicate(fallback_mask: FallbackMask) -> Callable[[Path, Array], b
 
 def fallback_step(rule: FallbackRule, c: Any, g: Array, state: dict, param: Any, ctx: StepContext) -> tuple:
     """The fallback rule's step of one leaf (or of leaves joined), as ``((update,), new state)``:
-    the gradient and parameter cast to the state's dtype, the step's scalars made once per update
+    the gradient and parameter cast to the state's dtype, the configuration ``c`` as operands of
+    that dtype (:func:`~precond_ref.engine.options.operands`), the step's scalars made once per update
     (``-η_t`` the one the matrix step shares, :meth:`StepContext.negated`), and the new state
     selected for the non-finite rule before the update is formed from it."""
     xp, old = ctx.xp, rule.State(**state)
     dtype, device = old[0].dtype, array_device(old[0])
+    c = operands(xp, c, dtype, _SCHEDULED)
     g, w = cast(xp, g, dtype), None if param is None else cast(xp, param, dtype)
     h = ctx.once(("fallback", dtype, device),
                  lambda: rule.scalars(xp, c, ctx.count, ctx.negated("learning_rate", c.learning_rate, dtype, device)))
@@ -478,8 +484,16 @@ def _joined_step(
     (:func:`refresh_roots`) and the counters of all the join's leaves added at once; the
     renormalised directions of all stacks joined, the update
     ``rule.finish(-η_t, U_t, W)`` once over the join, and each stack's step, entries, refreshed
-    roots and counters handed back to its leaves (:func:`~precond_ref.engine.matrices.hand_back`)."""
+    roots and counters handed back to its leaves (:func:`~precond_ref.engine.matrices.hand_back`).
+
+    Each of the rule's functions gets the configuration as operands of the dtype it computes in
+    (:func:`~precond_ref.engine.options.operands`): the terms, the directions and the finish the
+    gradients' compute dtype, the momentum its own, the statistics, their roots and the scale the
+    statistics'."""
     stacks, old, new = join.stacks, join.state, [{} for _ in join.stacks]
+
+    def at(dtype: Any) -> Any:  # the configuration as operands of ``dtype``
+        return operands(xp, c, dtype, _SCHEDULED)
 
     def views(flat: Array, name: str) -> list:  # a joined array's piece of each stack, in the shapes of entry ``name``
         return stack_views(xp, flat, states, [s.leaves for s in stacks], name)
@@ -491,17 +505,18 @@ def _joined_step(
                 entries[k] = piece
         return made
 
-    terms = [rule.terms(xp, c, s) for s in stacks]
+    terms = [rule.terms(xp, at(s.g.dtype), s) for s in stacks]
     zero = ctx.once(("zero", join.g.dtype, array_device(join.g)), lambda: scalar_zero(xp, join.g))  # the transform's own, once per update
-    p = rule.statistic(xp, c, old["statistic"], cast(xp, end_to_end(xp, [t["statistic"] for t in terms]), old["statistic"].dtype))
-    made = selected({"momentum": rule.momentum(xp, c, old["momentum"], cast(xp, join.g, old["momentum"].dtype), zero),
+    c_p = at(old["statistic"].dtype)
+    p = rule.statistic(xp, c_p, old["statistic"], cast(xp, end_to_end(xp, [t["statistic"] for t in terms]), old["statistic"].dtype))
+    made = selected({"momentum": rule.momentum(xp, at(old["momentum"].dtype), old["momentum"], cast(xp, join.g, old["momentum"].dtype), zero),
                      "statistic": symmetrized_pieces(xp, p, views(p, "statistic")) if rule.symmetric else p})
     for entries, s, t in zip(new, stacks, terms):  # a blocked side's tail
         for name in (name for name in t if name not in made):
-            tail = rule.statistic(xp, c, s.state[name], cast(xp, t[name], s.state[name].dtype))
+            tail = rule.statistic(xp, at(s.state[name].dtype), s.state[name], cast(xp, t[name], s.state[name].dtype))
             entries[name] = symmetrize(tail) if rule.symmetric else tail
     roots = ([{} for _ in stacks] if rule.inverse_root is None
-             else refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c), c.faithful))
+             else refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c_p), c.faithful))
     counts = [z.pop("failures", None) for z in roots]
     if any(n is not None for n in counts):  # the counters of all the join's leaves in one sum
         selected({"failures": old["failures"] + end_to_end(xp, [_no_counts(xp, len(s.leaves), join.g) if n is None else n
@@ -509,16 +524,16 @@ def _joined_step(
     # the directions U_t renormalised, joined end to end (joined_form: the element-wise work once over
     # the join): rule.direction of each stack, or M_t diag(s_t) with s_t = rule.scale of the joined
     # statistic, in the gradients' dtype
-    renormalised = joined_form(rule.renormalise)
+    renormalised, c_g = joined_form(rule.renormalise), at(join.g.dtype)
     if rule.scale is None:
-        us = [rule.direction(xp, c, s, entries, z) for s, entries, z in zip(stacks, new, roots)]
-        u = renormalised(xp, us, c.rms_target, c.faithful)
+        us = [rule.direction(xp, c_g, s, entries, z) for s, entries, z in zip(stacks, new, roots)]
+        u = renormalised(xp, us, c_g.rms_target, c.faithful)
     else:
-        scale, m = cast(xp, rule.scale(xp, c, made["statistic"]), join.g.dtype), cast(xp, made["momentum"], join.g.dtype)
+        scale, m = cast(xp, rule.scale(xp, c_p, made["statistic"]), join.g.dtype), cast(xp, made["momentum"], join.g.dtype)
         axes = [-1 if s.left else -2 for s in stacks]  # the scaled axis: the rows' on the left, the columns' on the right
-        u = renormalised(xp, m, scale, views(m, "momentum"), views(scale, "statistic"), axes, c.rms_target, c.faithful)
+        u = renormalised(xp, m, scale, views(m, "momentum"), views(scale, "statistic"), axes, c_g.rms_target, c.faithful)
     minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
-    step = rule.finish(xp, c, minus_lr, u, None if join.param is None else cast(xp, join.param, u.dtype))
+    step = rule.finish(xp, at(u.dtype), minus_lr, u, None if join.param is None else cast(xp, join.param, u.dtype))
     out = []
     for s, entries, z, piece, n in zip(stacks, new, roots, views(step, "momentum"), counts):
         # refreshed roots; a stack none of whose blocks was refreshed keeps its stored ones

@@ -13,13 +13,14 @@ of a flat vector of many: nothing in them reads a shape):
   this step;
 
 with ``c`` the rule's configuration (a NamedTuple: its hyperparameters, as operands of the state's
-dtype) and ``h`` this step's scalars, ``scalars(xp, config, t) -> NamedTuple`` (the learning rate at
-this step, bias corrections; from the configuration as given and the step's :class:`StepValues`),
-made once per step and dtype for all leaves.
+dtype) and ``h`` this step's scalars, ``scalars(xp, c, t) -> NamedTuple`` (the learning rate at
+this step, bias corrections; from the configuration, as operands of the state's dtype but for the
+``scheduled`` fields, which are as given, and the step's :class:`StepValues`), made once per step
+and dtype for all leaves.
 
 The engine does the rest: the state's dtype, the casts of gradient and parameter into it, the
-hyperparameters as operands (:func:`operands`), the scalars once per step (:func:`step_scalars`),
-the non-finite rule's selection of the new state before the update is formed from it, the packing
+hyperparameters as operands (:func:`~precond_ref.engine.options.operands`), the scalars once per
+step (:func:`step_scalars`), the non-finite rule's selection of the new state before the update is formed from it, the packing
 of small leaves into one flat leaf (``build_transform(elementwise=True)``), and the checks.
 
 An adapter that can write arrays in place (the torch optimizers) may run a step through
@@ -36,9 +37,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from array_api_compat import array_namespace
 
-from .._backend import (
-    as_operand, array_device, cast, computed_once, device_key, is_dense, is_number, scalar_zero,
-)
+from .._backend import array_device, cast, computed_once, device_key, is_dense, is_number, scalar_zero
 from ..blocking import stack, unstack
 from ..transform import PrecondState, Transform
 from ..tree import path_str, tree_flatten
@@ -46,6 +45,7 @@ from .context import StepContext
 from . import joined
 from .joined import _dtypes, _flat
 from . import skip
+from .options import operands
 from .run import build_transform
 
 __all__ = [
@@ -86,20 +86,6 @@ class StepValues(NamedTuple):
     device: Any
 
 
-def operands(xp: Any, config: NamedTuple, dtype: Any, scheduled: tuple = ()) -> NamedTuple:
-    """``config`` with every numeric field but those ``scheduled`` as an operand of arithmetic in
-    ``dtype`` (:func:`precond_ref._backend.as_operand`: a Python number as itself, an array
-    hyperparameter, as ``optax.inject_hyperparams`` passes, as an array of ``dtype``); the others
-    as they are; ``config`` itself where every such field is a Python number already (its operand)."""
-    changed = {}
-    for name, value in zip(config._fields, config):
-        if name not in scheduled and (is_number(value) or (hasattr(value, "shape") and hasattr(value, "dtype"))):
-            operand = as_operand(xp, value, dtype)
-            if operand is not value:
-                changed[name] = operand
-    return config._replace(**changed) if changed else config
-
-
 def step_scalars(xp: Any, scalars: NamedTuple, computed: tuple) -> NamedTuple:
     """A rule's step scalars, those named in ``computed`` in the form a compiler computes once per
     step (:func:`precond_ref._backend.computed_once`: the same numbers)."""
@@ -134,7 +120,7 @@ def elementwise_transform(
         g = cast(xp, grads[0], dtype)
         w = cast(xp, params[0], dtype) if reads_params else None
         values = StepValues(ctx.count, ctx.value, ctx.extra, dtype, device)
-        h = ctx.once((rule.name, "scalars", dtype, device), lambda: step_scalars(xp, rule.scalars(xp, config, values), rule.computed))
+        h = ctx.once((rule.name, "scalars", dtype, device), lambda: step_scalars(xp, rule.scalars(xp, c, values), rule.computed))
         new, u = rule_step(xp, rule, c, old, g, w, h, ctx.unless_skipped)
         return (u,), _entries(new)
 
@@ -247,7 +233,8 @@ class _InPlace:
             g, w = s.operands[:2]
             dtype, device = s.operands[2].dtype, array_device(w)
             if (dtype, device_key(w)) not in scalars:
-                h = step_scalars(xp, self.rule.scalars(xp, self.config, StepValues(state.count, value, extra, dtype, device)),
+                c = operands(xp, self.config, dtype, self.rule.scheduled)
+                h = step_scalars(xp, self.rule.scalars(xp, c, StepValues(state.count, value, extra, dtype, device)),
                                  self.rule.computed)
                 # the fields that are numbers or None, with their values (constants of the per-leaf
                 # function), and the names of those that are arrays (its operands)

@@ -1,15 +1,19 @@
 """Options the engine resolves for a rule, the same way for every method that has them: the batch
 size ``B`` of an update (the root-free methods scale their statistics by it), the dtype of a
-rule's state, and a state entry filled with a hyperparameter's value."""
+rule's state, a rule's hyperparameters as operands of the dtype a group computes in, and a state
+entry filled with a hyperparameter's value."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from .._backend import as_operand, compute_dtype, is_number
 from ..transform import check_positive_int
 
-__all__ = ["BATCH_SIZE_HELP", "FLOATING_DTYPE_NAMES", "check_batch_size", "batch_size", "check_dtype", "state_dtype", "filled"]
+__all__ = [
+    "BATCH_SIZE_HELP", "FLOATING_DTYPE_NAMES", "check_batch_size", "batch_size", "check_dtype", "state_dtype", "operands",
+    "filled",
+]
 
 #: The names a dtype option takes as a string: the real floating dtypes of the array API standard
 #: and bf16 (torch's and JAX's). A name is resolved in the parameters' namespace at ``init``.
@@ -129,3 +133,36 @@ def filled(xp: Any, shape: tuple, value: Any, dtype: Any, device: Any):
     if is_number(value):
         return xp.full(shape, value, dtype=dtype, device=device)
     return xp.ones(shape, dtype=dtype, device=device) * as_operand(xp, value, dtype)
+
+
+def operands(xp: Any, config: NamedTuple, dtype: Any, scheduled: tuple = ()) -> NamedTuple:
+    """``config`` with every numeric field but those ``scheduled`` as an operand of arithmetic in
+    ``dtype`` (:func:`precond_ref._backend.as_operand`: a Python number as itself, an array
+    hyperparameter, as ``optax.inject_hyperparams`` passes, as an array of ``dtype``), and so too
+    the numeric values of a field that is a dict (Sketchy's options of the FD step); the others as
+    they are; ``config`` itself where every such field is a Python number already (its operand).
+
+    Each layout hands a rule's function the configuration made for the dtype of the arrays that
+    function computes in: an array hyperparameter of a wider dtype (``optax.inject_hyperparams``
+    makes every hyperparameter an array of the widest dtype in the parameter tree) would otherwise
+    promote the arithmetic, and with it the state, out of that dtype."""
+    changed = {}
+    for name, value in zip(config._fields, config):
+        if name in scheduled:
+            continue
+        if isinstance(value, dict):
+            entries = {k: _operand(xp, v, dtype) for k, v in value.items()}
+            if any(entries[k] is not v for k, v in value.items()):
+                changed[name] = entries
+        else:
+            operand = _operand(xp, value, dtype)
+            if operand is not value:
+                changed[name] = operand
+    return config._replace(**changed) if changed else config
+
+
+def _operand(xp: Any, value: Any, dtype: Any) -> Any:
+    """A numeric value (a number, an array) as an operand of ``dtype``; anything else itself."""
+    if is_number(value) or (hasattr(value, "shape") and hasattr(value, "dtype")):
+        return as_operand(xp, value, dtype)
+    return value

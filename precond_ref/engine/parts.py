@@ -34,10 +34,10 @@ from ..transform import PrecondState
 from ..tree import Path, path_str, tree_flatten
 from .checks import check_fits, layout_of
 from .context import StepContext
-from .elementwise import operands
 from .joined import leafwise
 from .layout import saved_blocks_hint, weight_bias_groups
 from .matrices import as_matrix
+from .options import operands
 from .phases import phase_share, refresh_runs
 from .run import build_transform
 
