@@ -268,6 +268,27 @@ def test_a_step_that_changes_the_update_shape_or_the_state_layout_is_named(wrong
         tx.update(params, tx.init(params), params)
 
 
+def test_a_flat_leaf_whose_step_changes_the_state_is_named_by_its_parameters():
+    """An element-wise method runs its small leaves of one layout as one flat leaf: a step that
+    changes that flat leaf's state dtype is refused naming the parameters it holds, not the flat
+    leaf's internal name; a larger leaf, stepped alone, is named as it is."""
+    def init_group(leaves, paths, xp):
+        return {"s": xp.zeros(leaves[0].shape, dtype=leaves[0].dtype)}
+
+    def update_group(grads, state, params, ctx):
+        return (grads[0],), {"s": state["s"].astype(np.float64)}
+
+    tx = build_transform(name="toy", init_group=init_group, update_group=update_group, elementwise=True)
+    params = {"a": np.ones((3, 2), np.float32), "c": np.ones(4, np.float32)}
+    words = ("toy: the gradient of 'a', 'c' (run as one flat leaf of shape (10,), dtype float32) does not fit "
+             "the optimizer state: 's' would change from (10,)/float32 to (10,)/float64")
+    with pytest.raises(ValueError, match=re.escape(words)):
+        tx.update(params, tx.init(params), params)
+    alone = {"a": np.ones((3, 2), np.float32)}
+    with pytest.raises(ValueError, match=re.escape("toy: the gradient of 'a' (shape (3, 2), dtype float32) does not fit")):
+        tx.update(alone, tx.init(alone), alone)
+
+
 def test_missing_members_of_a_pair():
     """The partial-gradient rule: a member without a gradient is filled only when another member of
     its group has one; singletons and groups without any gradient are left out."""

@@ -254,19 +254,24 @@ def check_group(
     updates: tuple[Array, ...],
     old: dict[str, Array],
     new: dict[str, Array],
+    members: Optional[Sequence[Path]] = None,
 ) -> None:
-    """Refuse, by name, any update that would change the layout of the state (e.g. broadcasting)."""
+    """Refuse, by name, any update that would change the layout of the state (e.g. broadcasting).
+
+    ``members``: the paths of the parameters whose leaves the group runs as one flat leaf (an
+    element-wise method's small leaves, :func:`~precond_ref.engine.joined.pack`), named in the
+    error instead of the flat leaf's internal name."""
+    names = ", ".join(repr(path_str(path)) for path in members) if members else repr(path_str(group.paths[0]))
+    leaf = f"{names} (run as one flat leaf)" if members else names
     for g, u in zip(grads, updates):
         if u.shape != g.shape:  # tuples (torch.Size a subclass): compared as they are
-            raise ValueError(f"{name}: update of {path_str(group.paths[0])!r} has shape {tuple(u.shape)}, "
-                             f"gradient {tuple(g.shape)}")
+            raise ValueError(f"{name}: update of {leaf} has shape {tuple(u.shape)}, gradient {tuple(g.shape)}")
     if sorted(new) != sorted(old):  # names are strings: two sorted lists, cheaper to trace than two sets
-        raise ValueError(
-            f"{name}: state of {path_str(group.paths[0])!r} changed its entries {sorted(old)} -> {sorted(new)}")
+        raise ValueError(f"{name}: state of {leaf} changed its entries {sorted(old)} -> {sorted(new)}")
     for key, value in new.items():
         if value.shape != old[key].shape or value.dtype != old[key].dtype:
             raise ValueError(
-                f"{name}: the gradient of {path_str(group.paths[0])!r} (shape {tuple(grads[0].shape)}, dtype "
-                f"{grads[0].dtype}) does not fit the optimizer state: {key!r} would change from "
+                f"{name}: the gradient of {names} ({'run as one flat leaf of ' if members else ''}shape "
+                f"{tuple(grads[0].shape)}, dtype {grads[0].dtype}) does not fit the optimizer state: {key!r} would change from "
                 f"{tuple(old[key].shape)}/{old[key].dtype} to {tuple(value.shape)}/{value.dtype}"
             )

@@ -78,9 +78,10 @@ def pack(
     """An ``elementwise`` method's small leaves that agree in dtype and state layout as one flat leaf
     per layout: a :func:`blocking.stack` of the flattened gradients, parameters and state entries.
 
-    Returns the flat tree's gradients, state and parameters (a leaf left alone keeps its group key)
-    and ``unpack(updates, new_state)``, which hands each packed leaf its slices of the results
-    (:func:`blocking.unstack`) in its own shape; ``None`` when no two leaves pack. Leaves that do
+    Returns the flat tree's gradients, state and parameters (a leaf left alone keeps its group key),
+    ``unpack(updates, new_state)``, which hands each packed leaf its slices of the results
+    (:func:`blocking.unstack`) in its own shape, and the paths of each flat leaf's members by its
+    key (what an error about a flat leaf names); ``None`` when no two leaves pack. Leaves that do
     not fit their state, or a tree that does not match, are left to ``_update``, which names the
     problem. ``layout_for(group, leaves, xp)`` is the state layout ``init_group`` gives the leaves.
     Within :func:`~precond_ref._backend.plain_forms` nothing packs: every leaf steps alone.
@@ -152,7 +153,8 @@ def pack(
         new_groups = {key: new_groups[key] for key in state.groups}
         return tree_unflatten(treedef, out), new_state._replace(groups=new_groups)
 
-    return flat_grads, state._replace(groups=flat_groups), flat_params, unpack
+    members = {key: tuple(treedef.paths[i] for i in indices) for key, indices in zip(flat_keys, packs)}
+    return flat_grads, state._replace(groups=flat_groups), flat_params, unpack, members
 
 
 def _flat(xp: Any, a: Array) -> Array:

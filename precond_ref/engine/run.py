@@ -222,8 +222,9 @@ class _Runner:
                 packed = pack(self.name, self.layout_for, leaves, treedef, state, params, xp)
             if packed is None:
                 return self.step(leaves, treedef, xp, state, params, step, due, given_ok, extra)
-            flat_grads, flat_state, flat_params, unpack = packed
-            return unpack(*self.step(*tree_flatten(flat_grads), xp, flat_state, flat_params, step, due, given_ok, extra))
+            flat_grads, flat_state, flat_params, unpack, members = packed
+            return unpack(*self.step(*tree_flatten(flat_grads), xp, flat_state, flat_params, step, due, given_ok, extra,
+                                     members))
 
         if torch_compiling():  # nothing to set: the adapter sets the precision, and nothing is kept or remembered
             return packed_step()
@@ -232,10 +233,12 @@ class _Runner:
             return packed_step()
 
     def step(self, grad_leaves: list, treedef: Any, xp: Any, state: PrecondState, params: Any, step: Any, due: Any,
-             given_ok: Any, extra: dict) -> tuple[Any, PrecondState]:
+             given_ok: Any, extra: dict, members: Optional[dict] = None) -> tuple[Any, PrecondState]:
         """One step of the tree of ``grad_leaves`` (namespace ``xp``, ``None`` where they have
         none): checks, the skip decision, the groups' updates and new state, the non-finite rule's
-        selections (:mod:`~precond_ref.engine.skip`), the counters."""
+        selections (:mod:`~precond_ref.engine.skip`), the counters. ``members``: the parameters'
+        paths of each flat leaf of a packed tree by its key (:func:`~precond_ref.engine.joined.pack`),
+        which the checks of its step name."""
         if not isinstance(state, PrecondState):
             raise TypeError(f"{self.name}: state must be the PrecondState returned by init, got {type(state)}")
         xp = check_leaves(grad_leaves, treedef.paths, f"{self.name}: grads", xp)
@@ -255,18 +258,20 @@ class _Runner:
         # A 0-D zero per dtype and device serves every leaf's selections.
         zeros = [ctx.once(("zero", g.dtype, device_key(g)), lambda g=g: scalar_zero(xp, g)) for g in grad_leaves]
         grad_leaves = skip.skipped_gradients(xp, ok, finite_step, grad_leaves, zeros, self.elementwise)
-        updates, old_groups, new_groups = self.run_groups(xp, ctx, groups, grad_leaves, param_leaves, state.groups)
+        updates, old_groups, new_groups = self.run_groups(xp, ctx, groups, grad_leaves, param_leaves, state.groups,
+                                                          members or {})
         updates = skip.finite_updates(xp, ok, finite_step, updates, zeros)
         if self.on_nonfinite == "skip":
             new_groups = skip.selected_state(xp, ok, finite_step, ctx.settled, old_groups, new_groups)
         return tree_unflatten(treedef, updates), skip.counted(xp, ok, finite_step, state, new_groups)
 
     def run_groups(self, xp: Any, ctx: StepContext, groups: list, grad_leaves: list, param_leaves: Optional[list],
-                   olds: dict) -> tuple[list, dict, dict]:
+                   olds: dict, flat_members: dict) -> tuple[list, dict, dict]:
         """The method's updates and new state of every group (zero-size groups: zero updates, no
         state), checked against the old state ``olds``, and the updates cast to the gradients'
         dtypes; with the old state, a group's entries that do not fit its layout (saved by an
-        earlier version) migrated by ``legacy_names``: a current state runs no migration."""
+        earlier version) migrated by ``legacy_names``: a current state runs no migration.
+        ``flat_members``: the members' paths of a packed tree's flat leaves, by key (:meth:`step`)."""
         members = [(group, tuple(grad_leaves[i] for i in group.indices),
                     None if param_leaves is None else tuple(param_leaves[i] for i in group.indices)) for group in groups]
         live = [m for m in members if any(math.prod(leaf.shape) for leaf in m[1])]
@@ -289,7 +294,7 @@ class _Runner:
         new_groups = {}
         for group, g, _ in members:
             upd, new = results.get(group.key) or (tuple(xp.zeros_like(leaf) for leaf in g), {})
-            check_group(self.name, group, g, upd, olds[group.key], new)
+            check_group(self.name, group, g, upd, olds[group.key], new, flat_members.get(group.key))
             for i, u in zip(group.indices, upd):
                 updates[i] = u if u.dtype == grad_leaves[i].dtype else xp.astype(u, grad_leaves[i].dtype)
             new_groups[group.key] = new
