@@ -224,6 +224,9 @@ def run(args: argparse.Namespace) -> int:
         cases = layers.parse_cases(args.cases) if args.cases else dict(layers.QUICK_CASES if args.quick else layers.CASES)
     if args.readme and not os.path.exists("README.md"):
         raise UserError("--readme rewrites ./README.md: run it from the repository root")
+    if args.readme and args.quick:
+        raise UserError(f"--readme stores the run in {README_DATA} and the README, and a --quick run's timings are a "
+                        "smoke test's: run without --quick")
     out_dir = _prepare_out_dir(args.out)
     for path in args.authors_path:
         if not os.path.isdir(path):
@@ -273,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
     run_settings = dict(
         kind=args.model, frameworks=frameworks, dtype=args.dtype, warmup=warmup, repeats=repeats, budget_s=budget,
         rounds=args.rounds, threads=args.threads, torch_compile=args.torch_compile, variants=args.variants, malloc=args.malloc,
+        quick=args.quick,
         peers=None if peers is None else {"peers": [p.key for p in peers], "compile": args.peer_compile},
         hyperparameters={c.key: c.entry.bench_kwargs() for c in chosen},
     )
@@ -419,6 +423,9 @@ def _stored_report(path: str) -> dict:
         raise UserError(f"--readme-from {path!r}: not a report written by bench (settings, machine and results expected)")
     if not report.get("complete"):
         raise UserError(f"--readme-from {path!r}: the run that wrote it did not finish (complete is false)")
+    if report["settings"].get("quick") or "--quick" in report.get("argv", ()):
+        raise UserError(f"--readme-from {path!r}: a bench --quick run, whose timings are a smoke test's: store a run "
+                        "without --quick")
     return report
 
 

@@ -115,8 +115,11 @@ class Comparison:
     def __str__(self) -> str:
         lines = []
         if self.first_divergence is None:
+            # Agreeing values with different lengths is no agreement: the first line says both.
+            both = "" if self.lengths[0] == self.lengths[1] else "the "
             lines.append(
-                f"trajectories agree on {self.steps_compared} parameter sets (rtol {self.rtol:g}, atol {self.atol:g}); "
+                f"trajectories agree on {both}{self.steps_compared} parameter sets "
+                f"{'both have ' if both else ''}(rtol {self.rtol:g}, atol {self.atol:g}); "
                 f"max relative difference {max(self.max_rel_error, default=0.0):.3e}"
             )
         else:
@@ -210,6 +213,9 @@ def compare_trajectories(
     default = default_tolerances("float64" if precisions == {"float64"} else "float32")
     rtol = default[0] if rtol is None else float(rtol)
     atol = default[1] if atol is None else float(atol)
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not value >= 0.0:  # a negative or NaN tolerance flags every element, agreeing ones too
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
     n = min(len(ref_steps), len(cand_steps))
     first = None

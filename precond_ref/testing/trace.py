@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the methods and problems, then exit")
 
 
+def _name(text: str) -> str:
+    """A method or problem name as the registries spell it: lower case, ``_`` for ``-``."""
+    return text.strip().lower().replace("-", "_")
+
+
 def _positive_int(text: str) -> int:
     from ..cli import positive_int
 
@@ -98,11 +103,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.method:
         raise UserError("a METHOD is required; available methods: " + ", ".join(available_methods()))
-    if args.method not in available_methods():
+    # Names in any case, with - for _, as compare, bench and reproduce take them: AGD, RF-RMSProp, least-squares.
+    method, problem_name = _name(args.method), _name(args.problem)
+    if method not in available_methods():
         raise UserError(f"unknown method {args.method!r}; available methods: {', '.join(available_methods())}")
-    if args.problem not in available_problems():
+    if problem_name not in available_problems():
         raise UserError(f"unknown problem {args.problem!r}; available problems: {', '.join(available_problems())}")
-    out = args.out or f"{args.method}-{args.problem}.npz"
+    out = args.out or f"{method}-{problem_name}.npz"
     try:
         import numpy  # noqa: F401  (the .npz trace file)
     except ImportError:
@@ -111,14 +118,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"trace writes .npz files with NumPy: {install_hint('trace')}") from None
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
-        raise UserError(f"cannot write {out}: directory {out_dir} does not exist")
+        # The first existing path above the file says why: a file in its place, or nothing there.
+        above = out_dir
+        while not os.path.exists(above):
+            above = os.path.dirname(above)
+        if os.path.isdir(above):
+            raise UserError(f"cannot write {out}: directory {out_dir} does not exist")
+        raise UserError(f"cannot write {out}: {above} is a file, not a directory")
     config = parse_config(args.config)
     if args.backend == "jax" and args.dtype == "float64":
         _enable_jax_x64()
     try:
-        problem = get_problem(args.problem, seed=args.seed)
+        problem = get_problem(problem_name, seed=args.seed)
         trajectory = reference_trajectory(
-            args.method, problem, args.steps, config, xp=args.backend, dtype=args.dtype
+            method, problem, args.steps, config, xp=args.backend, dtype=args.dtype
         )
     except (ValueError, TypeError, ImportError) as err:
         raise UserError(str(err)) from None
@@ -127,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UserError(f"cannot write {out}: {err}") from None
     print(
-        f"wrote {out}: {args.method} on {problem.name}, {args.steps} steps, {args.dtype} ({args.backend}); "
+        f"wrote {out}: {method} on {problem.name}, {args.steps} steps, {args.dtype} ({args.backend}); "
         f"loss {trajectory.losses[0]:.6g} -> {trajectory.losses[-1]:.6g}"
     )
     return 0

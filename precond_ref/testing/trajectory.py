@@ -199,7 +199,10 @@ class Trajectory:
         """One parameter across the run, as a NumPy array of shape ``(steps + 1, *shape)``."""
         import numpy as np
 
-        index = self.paths.index(path)
+        paths = self.paths
+        if path not in paths:
+            raise ValueError(f"no parameter {path!r} in this trajectory; its parameters: {', '.join(paths)}")
+        index = paths.index(path)
         return np.stack([to_numpy(tree_flatten(p)[0][index]) for p in self.params])
 
     def __repr__(self) -> str:

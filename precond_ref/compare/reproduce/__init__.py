@@ -195,6 +195,11 @@ def merge_shards(parts: list) -> dict:
     return data
 
 
+#: Why ``--docs`` refuses a ``--quick`` run: the committed report would hold a smoke run's verdicts.
+QUICK_DOCS = ("--docs rewrites docs/reproduce.md and records/reproduce.json, and a --quick run's verdicts mean nothing: "
+              "run without --quick")
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "merge", None):
         return _run_merge(args)
@@ -206,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--claims names no claim of the papers --paper selects")
     if args.quick and args.size != "default":
         raise UserError("--quick and --size large are exclusive")
+    if args.quick and args.docs:
+        raise UserError(QUICK_DOCS)
     if args.quick:
         print(SMOKE_LINE, flush=True)
     size_name = "quick" if args.quick else args.size
@@ -292,6 +299,8 @@ def _run_merge(args: argparse.Namespace) -> int:
         with open(path) as handle:
             parts.append(json.load(handle))
     data = merge_shards(parts)
+    if args.docs and data["settings"]["size"] == "quick":
+        raise UserError(QUICK_DOCS)
     out = _prepare(args.out)
     _write(data, out, "", plot=not args.no_plot)
     if args.docs:
