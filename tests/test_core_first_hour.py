@@ -113,3 +113,17 @@ def test_reproduce_docs_refuses_a_quick_run(tmp_path, monkeypatch, capsys):
     assert "a --quick run's verdicts mean nothing" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and list((tmp_path / "docs").iterdir()) == []
     assert not (tmp_path / "records").exists()
+
+
+@pytest.mark.parametrize("oracle", ["LoopAGD", "LoopASGO", "LoopDASGO", "LoopSketchy", "LoopSAdaGrad", "LoopRFRMSProp",
+                                    "LoopRFAdamW", "LoopIFShampoo", "LoopMBF"])
+def test_loop_oracle_refuses_a_misspelt_mode(oracle):
+    """The oracles take the factories' ``mode`` (docs/validating.md, the loop oracles); a value
+    other than "principled" or "faithful" is the factory's ValueError: it ran the principled rule,
+    so a check of a faithful transcription against ``mode="Faithful"`` compared the wrong rule."""
+    from precond_ref.testing import loops
+
+    params = {"w": np.ones((3, 4))}
+    with pytest.raises(ValueError, match="mode must be one of 'principled', 'faithful', got 'Faithful'"):
+        getattr(loops, oracle)(params, mode="Faithful")
+    getattr(loops, oracle)(params, mode="faithful")

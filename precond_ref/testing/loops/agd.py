@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ...transform import check_mode
 from ._tree import build, leaves, value_at
 
 __all__ = ["LoopAGD"]
@@ -42,6 +43,7 @@ class LoopAGD:
     def __init__(self, params: dict, *, learning_rate: Any = 1e-3, b1: float = 0.9, b2: float = 0.999,
                  delta: Any = 1e-5, weight_decay: float = 0.0, weight_decay_mode: str = "decoupled",
                  amsgrad: bool = False, clip: Any = None, win: bool = False, mode: str = "principled"):
+        check_mode(mode)  # a misspelt mode would run the principled rule
         self.h = dict(lr=learning_rate, b1=b1, b2=b2, delta=delta, wd=weight_decay, decay=weight_decay_mode,
                       amsgrad=amsgrad, clip=clip, win=win, faithful=mode == "faithful")
         self.count = 0

@@ -20,6 +20,7 @@ import numpy as np
 
 from ...blocking import block_bounds, stable_hash
 from ...linalg import POLAR_EXPRESS_COEFFICIENTS
+from ...transform import check_mode
 from ._tree import build, leaves, value_at
 
 __all__ = ["LoopASGO", "LoopDASGO"]
@@ -175,6 +176,7 @@ class LoopASGO:
                  precondition_every: Optional[int] = None, rms_target: Any = 0.2, accumulator: str = "ema",
                  side: str = "auto", block_size: Optional[int] = None, spread_refresh: Optional[bool] = None,
                  mode: str = "principled", root_method: Optional[str] = None, root_steps: int = 10, **fallback):
+        check_mode(mode)  # a misspelt mode would run the principled rule
         faithful = mode == "faithful"
         if learning_rate is None:  # the mode's default step size: the authors' 1e-2, principled 0.0316
             learning_rate = 1e-2 if faithful else 0.0316
@@ -256,6 +258,7 @@ class LoopDASGO:
     def __init__(self, params: dict, *, learning_rate: Any = 1e-2, b1: float = 0.9, b2: float = 0.95,
                  eps: float = 1e-8, weight_decay: float = 0.1, rms_target: Any = 0.2, side: str = "right",
                  mode: str = "principled", **fallback):
+        check_mode(mode)  # a misspelt mode would run the principled rule
         self.h = dict(lr=learning_rate, b1=b1, b2=b2, eps=eps, wd=weight_decay, r=rms_target, side=side,
                       faithful=mode == "faithful", **{**_FALLBACK_DEFAULTS, **fallback})
         self.count = 0

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ...transform import check_mode
 from ._tree import build, leaves, path_str, value_at, weight_bias_pairs
 
 __all__ = ["LoopMBF"]
@@ -73,6 +74,7 @@ class LoopMBF:
                  diagonal_eps: float = 1e-8, diagonal_second_moment: str = "momentum",
                  max_block_dim: Optional[int] = None, kl_clip: Optional[float] = None, mode: str = "principled",
                  block_size: Optional[int] = None, refresh_phases: Optional[int] = None):
+        check_mode(mode)  # a misspelt mode would run the principled rule
         faithful = mode == "faithful"
         if learning_rate is None:  # the mode's default step size: the authors' 1e-5, principled 1e-3
             learning_rate = 1e-5 if faithful else 1e-3

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ...blocking import block_bounds
+from ...transform import check_mode
 from ._tree import build, leaves, value_at, weight_bias_pairs
 
 __all__ = ["LoopRFRMSProp", "LoopRFAdamW", "LoopIFShampoo"]
@@ -46,6 +47,7 @@ class LoopRFRMSProp:
     def __init__(self, params: dict, *, learning_rate: Any = 0.316, b2: float = 0.999, damping: float = 1e-4,
                  momentum: float = 0.0, weight_decay: float = 0.0, batch_size: Optional[int] = None,
                  initial_scale: float = 1.0, scale_by_batch_size: bool = True, mode: str = "principled"):
+        check_mode(mode)  # a misspelt mode would run the principled rule
         self.h = dict(lr=learning_rate, b2=b2, lam=damping, alpha1=momentum, kappa=weight_decay,
                       B=batch_size, scaled=scale_by_batch_size, faithful=mode == "faithful")
         self.count = 0
@@ -91,6 +93,7 @@ class LoopRFAdamW:
                  damping: float = 1e-4, weight_decay: float = 0.0, bias_correction: bool = False,
                  batch_size: Optional[int] = None, initial_scale: float = 1.0, scale_by_batch_size: bool = True,
                  mode: str = "principled"):
+        check_mode(mode)  # a misspelt mode would run the principled rule
         self.h = dict(lr=learning_rate, b1=b1, b2=b2, lam=damping, kappa=weight_decay, bc=bias_correction,
                       B=batch_size, scaled=scale_by_batch_size, faithful=mode == "faithful")
         self.count = 0
@@ -171,6 +174,7 @@ class LoopIFShampoo:
                  preconditioner_lr_scale: Optional[Callable] = None, clamp_factor_step: bool = True,
                  kl_clip: Optional[float] = None, mode: str = "principled", block_size: Optional[int] = None,
                  spread_refresh: Optional[bool] = None):
+        check_mode(mode)  # a misspelt mode would run the principled rule
         faithful = mode == "faithful"
         if learning_rate is None:  # the mode's default step size: the authors' 1e-3, principled 0.1
             learning_rate = 1e-3 if faithful else 0.1

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ...blocking import block_bounds, merge_small_dims, stable_hash
+from ...transform import check_mode
 from ._tree import build, leaves, value_at
 
 __all__ = ["LoopSketchy", "LoopSAdaGrad", "fd_step", "fd_apply"]
@@ -169,6 +170,7 @@ class LoopSketchy:
                  weight_decay: float = 0.0, merge_dims: int = 1024, max_precondition_dim: int = 4096,
                  precondition_1d: bool = False, block_size: Optional[int] = None, tail_decay: Optional[str] = None,
                  mode: str = "principled", spread_refresh: Optional[bool] = None):
+        check_mode(mode)  # a misspelt mode would run the principled rule
         faithful = mode == "faithful"
         if faithful:
             T, spread = (1 if precondition_every is None else precondition_every), False
@@ -266,6 +268,7 @@ class LoopSAdaGrad:
                  eps: Optional[float] = None, b2: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0,
                  block_size: Optional[int] = None, mode: str = "principled", precondition_every: Any = None,
                  spread_refresh: Optional[bool] = None):
+        check_mode(mode)  # a misspelt mode would run the principled rule
         faithful = mode == "faithful"
         T = 1 if precondition_every is None else precondition_every
         spread = spread_refresh is not False and isinstance(T, int) and T > 1
