@@ -913,3 +913,34 @@ def test_two_leaves_of_one_name_are_refused(name):
     for params, paths in (({"a/b": x, "a": {"b": x}}, r"\('a', 'b'\) and \('a/b',\)"), ({1: x, "1": x}, r"\(1,\) and \('1',\)")):
         with pytest.raises(ValueError, match=rf"^{name}: params leaves {paths} have the same name"):
             getattr(pr, name)(**({"batch_size": 4} if name in ("rf_adamw", "if_shampoo") else {})).init(params)
+
+
+@pytest.mark.parametrize("step, error, words", [
+    (1.5, TypeError, "got 1.5"), (True, TypeError, "got True"), ("0", TypeError, "got '0'"),
+    (-5, ValueError, "at least 0, got -5"), (np.zeros(2, np.int64), TypeError, "shape (2,)"),
+    (np.float64(3.0), TypeError, "dtype float64"),
+])
+def test_a_step_that_is_no_call_number_is_refused_naming_step(step, error, words):
+    """``update(..., step=i)`` and ``due(i)`` take ``i``, the number of earlier calls (Transform's
+    docstring): an integer of at least 0 or a 0-D integer array. Anything else is refused naming
+    ``step``: a float passed the interval's ``%`` (1.5 made the first call's refresh not due, with
+    no error), a string failed inside it with Python's formatting error, a negative one was taken."""
+    p = {"w": np.ones((3, 4))}
+    opt = pr.asgo(learning_rate=1e-2, precondition_every=5)
+    for call in (lambda: opt.update(p, opt.init(p), p, step=step), lambda: opt.due(step)):
+        with pytest.raises(error, match="asgo: step must be the number of earlier calls") as caught:
+            call()
+        assert words in str(caught.value)
+    opt.update(p, opt.init(p), p, step=np.int64(3))  # a NumPy integer is a call number
+    assert opt.due(np.asarray(5)) == opt.due(5)  # and so is a 0-D integer array
+
+
+@pytest.mark.parametrize("due, error, words", [(True, TypeError, "got bool True"), ((True, False), ValueError, "has 2")])
+def test_due_that_is_not_the_tuple_due_returns_is_refused_naming_due(due, error, words):
+    """``update(..., due=...)`` takes the tuple ``due(i)`` returns, one decision per declared
+    interval; a bare bool failed with ``object of type 'bool' has no len()``, naming nothing."""
+    p = {"w": np.ones((3, 4))}
+    opt = pr.asgo(learning_rate=1e-2, precondition_every=5)
+    with pytest.raises(error, match="asgo: due ") as caught:
+        opt.update(p, opt.init(p), p, due=due)
+    assert words in str(caught.value)

@@ -6,6 +6,7 @@ the state's layout; and a state saved under older names: its failure counter
 
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Any, Callable, Optional, Sequence
 
@@ -41,6 +42,31 @@ def check_leaves(leaves: Sequence[Array], paths: Sequence[Path], what: str, xp: 
                 "are supported (mask integer, boolean and complex leaves out)"
             )
     return xp
+
+
+def check_step(name: str, step: Any) -> None:
+    """``TypeError`` or ``ValueError`` naming ``step`` where it is not the number of earlier calls:
+    a Python (or NumPy) integer of at least 0, or a 0-D integer array (a counter traced under
+    ``jax.jit``). A float would be accepted by the interval's ``%`` and silently move every
+    refresh off its call."""
+    if hasattr(step, "shape") and hasattr(step, "dtype"):
+        if tuple(step.shape) != () or "int" not in str(step.dtype):
+            raise TypeError(f"{name}: step must be the number of earlier calls, an integer or a 0-D integer array, "
+                            f"got an array of shape {tuple(step.shape)} and dtype {step.dtype}")
+        return
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"{name}: step must be the number of earlier calls, an integer, got {step!r}")
+    if step < 0:
+        raise ValueError(f"{name}: step must be the number of earlier calls, at least 0, got {step}")
+
+
+def check_due(name: str, due: Any, intervals: int) -> None:
+    """``TypeError`` or ``ValueError`` naming ``due`` where it is not the tuple of decisions
+    ``Transform.due(step)`` returns: one per interval the method declares."""
+    if not isinstance(due, (tuple, list)):
+        raise TypeError(f"{name}: due must be the tuple of decisions due(step) returns, got {type(due).__name__} {due!r}")
+    if len(due) != intervals:
+        raise ValueError(f"{name}: due has {len(due)} decisions, the method declares {intervals} intervals")
 
 
 def check_params(name: str, xp: Any, grads: Sequence[Array], paths: Sequence[Path], params: Any, needs_params: bool,

@@ -14,7 +14,10 @@ from .._backend import (
 from ..transform import Interval, LeafGroup, PrecondState, Transform, check_choice, is_due, singleton_groups
 from ..tree import Path, path_str, tree_flatten, tree_leaves, tree_unflatten
 from . import skip
-from .checks import check_fits, check_group, check_groups, check_leaves, check_params, check_state_namespace, layout_of, unaliased
+from .checks import (
+    check_due, check_fits, check_group, check_groups, check_leaves, check_params, check_state_namespace, check_step, layout_of,
+    unaliased,
+)
 from .context import StepContext
 from .factors import keeping_constants
 from .joined import pack
@@ -201,6 +204,7 @@ class _Runner:
                             nonfinite_count=xp.zeros((), dtype=xp.int32, device=dev), groups=groups)
 
     def due(self, step: int) -> tuple[bool, ...]:
+        check_step(self.name, step)
         return tuple(bool(is_due(interval, step)) for interval in self.intervals)
 
     def update(self, grads: Any, state: PrecondState, params: Any, step: Any, due: Any, given_ok: Any,
@@ -248,10 +252,11 @@ class _Runner:
         # The step's periodic decisions: those a compiled caller took on the host (due), or the
         # call number they are taken from (step, else the state's counters).
         if due is None:
+            if step is not None:
+                check_step(self.name, step)
             calls = step if step is not None else state.count + state.nonfinite_count
-        elif len(due) != len(self.intervals):
-            raise ValueError(f"{self.name}: due has {len(due)} decisions, the method declares {len(self.intervals)} intervals")
         else:
+            check_due(self.name, due, len(self.intervals))
             calls, due = None, (*self.declared, due)
         ctx = StepContext(xp=xp, count=state.count, extra=extra, calls=calls, due=due, shared={}, settled=IdentityDict(),
                           ok=ok if self.on_nonfinite == "skip" else None, applied=finite_step)
