@@ -148,10 +148,10 @@ def operands(xp: Any, config: NamedTuple, dtype: Any, scheduled: tuple = ()) -> 
     promote the arithmetic, and with it the state, out of that dtype."""
     changed = {}
     for name, value in zip(config._fields, config):
-        if name in scheduled:
+        if type(value) in _AS_IS or name in scheduled:
             continue
         if isinstance(value, dict):
-            entries = {k: _operand(xp, v, dtype) for k, v in value.items()}
+            entries = {k: v if type(v) in _AS_IS else _operand(xp, v, dtype) for k, v in value.items()}
             if any(entries[k] is not v for k, v in value.items()):
                 changed[name] = entries
         else:
@@ -159,6 +159,12 @@ def operands(xp: Any, config: NamedTuple, dtype: Any, scheduled: tuple = ()) -> 
             if operand is not value:
                 changed[name] = operand
     return config._replace(**changed) if changed else config
+
+
+#: the types of configuration values that are their own operands (a Python number is a weak
+#: scalar; the others are not numeric): tested first, as every step makes the configuration of
+#: each dtype it computes in several times
+_AS_IS = frozenset({int, float, bool, str, type(None)})
 
 
 def _operand(xp: Any, value: Any, dtype: Any) -> Any:
