@@ -115,3 +115,13 @@ def test_install_hints_name_a_checkout_install():
              *root.joinpath("docs").rglob("*.md"), root / "README.md"]
     offending = [str(p.relative_to(root)) for p in pages if "precond-ref[" in p.read_text(errors="replace")]
     assert offending == []
+
+
+@pytest.mark.parametrize("command", [["trace", "agd"], ["compare"]])
+def test_a_negative_seed_is_refused_by_every_command(command, capsys):
+    """A seed is a non-negative integer (NumPy's generators refuse a negative one): ``trace`` and
+    ``compare`` both refuse ``--seed -1`` at the command line, in the same words, before any run."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--seed", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --seed: expected a non-negative integer, got '-1'" in capsys.readouterr().err

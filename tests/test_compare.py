@@ -432,6 +432,9 @@ def test_cli_no_tune_runs_the_paper_values(tmp_path, capsys, monkeypatch):
         (["--methods", "adam,nope"], "unknown method(s) 'nope'"),
         (["--methods", ","], "--methods is empty"),
         (["--models", "resnet"], "unknown model(s) 'resnet'"),
+        (["--models", ","], "--models is empty"),
+        (["--no-tune", "--grid", "3"], "--no-tune runs no learning-rate sweep, so --grid would have no effect"),
+        (["--tune-ep", "2", "--no-tune"], "so --tune-epochs would have no effect"),
     ],
 )
 def test_cli_user_errors(argv, message, tmp_path, capsys):

@@ -84,6 +84,16 @@ _REQUIRED = ("numpy", "sklearn", "tqdm", "threadpoolctl")
 # Command line
 
 
+class _SweepOption(argparse.Action):
+    """Stores an option of the learning-rate sweep and records that it was given, so that
+    ``--no-tune`` beside one is refused instead of silently ignoring it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        given = getattr(namespace, "sweep_options_given", ())
+        namespace.sweep_options_given = tuple(dict.fromkeys((*given, self.option_strings[0])))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     names = ", ".join(entry.name for entry in METHODS)
     parser.description = (
@@ -98,19 +108,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-tune", action="store_true", help="no learning-rate sweep: every method at its paper's hyperparameters")
     add("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help=f"epochs of the final runs (default {DEFAULT_EPOCHS})")
     add(
-        "--tune-epochs", type=positive_int, default=DEFAULT_TUNE_EPOCHS,
+        "--tune-epochs", type=positive_int, action=_SweepOption, default=DEFAULT_TUNE_EPOCHS,
         help=f"epochs of each run of the learning-rate sweep (default {DEFAULT_TUNE_EPOCHS})",
     )
     add(
-        "--grid", type=positive_int, default=DEFAULT_GRID,
+        "--grid", type=positive_int, action=_SweepOption, default=DEFAULT_GRID,
         help=f"learning rates in the sweep, spaced by sqrt(10) and centred on the paper's value (default {DEFAULT_GRID})",
     )
     add(
-        "--tune-seeds", type=positive_int, default=DEFAULT_TUNE_SEEDS,
+        "--tune-seeds", type=positive_int, action=_SweepOption, default=DEFAULT_TUNE_SEEDS,
         help=f"seeds of each sweep point; the rate with the lowest median validation loss wins (default {DEFAULT_TUNE_SEEDS})",
     )
     add(
-        "--max-extra-rates", type=nonnegative_int, default=DEFAULT_MAX_EXTRA_RATES,
+        "--max-extra-rates", type=nonnegative_int, action=_SweepOption, default=DEFAULT_MAX_EXTRA_RATES,
         help="when the best rate is at an end of the grid, try up to this many more rates past that end, one "
         f"sqrt(10) step at a time, until the best is inside the grid or the next rate diverges (default {DEFAULT_MAX_EXTRA_RATES})",
     )
@@ -187,9 +197,11 @@ def resolve_methods(spec: str, table: Optional[Sequence[MethodEntry]] = None) ->
 
 def _resolve_models(spec: str) -> list[str]:
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
+    if not wanted:
+        raise UserError(f"--models is empty; give a comma-separated list of: {', '.join(MODELS)}")
     unknown = [name for name in wanted if name not in MODELS]
-    if unknown or not wanted:
-        raise UserError(f"unknown model(s) {', '.join(map(repr, unknown)) or '(none given)'}; available: {', '.join(MODELS)}")
+    if unknown:
+        raise UserError(f"unknown model(s) {', '.join(map(repr, unknown))}; available: {', '.join(MODELS)}")
     return list(dict.fromkeys(wanted))
 
 
@@ -403,6 +415,11 @@ def _run_jobs(jobs: list[dict], pool: Any, progress: _Progress, steps_of: Callab
 def run(args: argparse.Namespace) -> int:
     entries, skipped = resolve_methods(args.methods)
     models = _resolve_models(args.models)
+    sweep_options = getattr(args, "sweep_options_given", ())
+    if args.no_tune and sweep_options:
+        raise UserError(
+            f"--no-tune runs no learning-rate sweep, so {', '.join(sweep_options)} would have no effect; give one or the other"
+        )
     if args.list:
         print(_describe(entries, models))
         return 0

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("numpy", "torch", "jax", "cupy", "array_api_strict"),
         help="array backend of the run (default: numpy)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the problem's data and initial parameters")
+    parser.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the problem's data and initial parameters")
     parser.add_argument("--list", action="store_true", help="list the methods and problems, then exit")
 
 
@@ -52,6 +52,12 @@ def _positive_int(text: str) -> int:
     from ..cli import positive_int
 
     return positive_int(text)
+
+
+def _nonnegative_int(text: str) -> int:
+    from ..cli import nonnegative_int
+
+    return nonnegative_int(text)
 
 
 def _enable_jax_x64() -> None:
