@@ -650,11 +650,8 @@ class CoreOptimizer(torch.optim.Optimizer):
         tensors = plan.tensors
         grads = [p.grad for p in tensors]
         if skipped is not None:
-            i = min(range(len(grads)), key=lambda k: grads[k].numel() or math.inf)
-            if grads[i].numel():
-                grads[i] = torch.where(skipped, grads[i], math.nan)
-            else:
-                extra, eager = {**extra, "gradients_ok": skipped}, True
+            grads, extra, given = decision_carried(grads, skipped, extra)
+            eager = eager or given
         params_tree = tree_unflatten(plan.treedef, [p.detach() for p in tensors])
         grads_tree = tree_unflatten(plan.treedef, grads)
         states = [self.state[p] for p in tensors]
@@ -779,6 +776,21 @@ class CoreOptimizer(torch.optim.Optimizer):
             updates, new_state = transform.update(grads, state, params, step=calls, **extra)
         torch._foreach_add_(tree_flatten(params)[0], tree_flatten(updates)[0])
         return new_state
+
+
+def decision_carried(grads: list, ok: torch.Tensor, extra: dict) -> tuple[list, dict, bool]:
+    """A skip decision ``ok`` (0-D bool tensor, made for more than these gradients) made the one
+    that a core update of ``grads`` takes: where it is false, the smallest non-empty gradient
+    becomes NaN (the core's own test then skips; no host read), and where every gradient is empty
+    (no entry to carry a NaN) it is passed as the core's ``gradients_ok`` in the returned keywords.
+    Returns the gradients, the update's keywords, and whether ``gradients_ok`` was given (that
+    update runs eagerly: a captured or compiled one is made without it)."""
+    i = min(range(len(grads)), key=lambda k: grads[k].numel() or math.inf)
+    if grads[i].numel():
+        grads = list(grads)
+        grads[i] = torch.where(ok, grads[i], math.nan)
+        return grads, extra, False
+    return grads, {**extra, "gradients_ok": ok}, True
 
 
 def _layout(params: list) -> list:

@@ -54,6 +54,7 @@ from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
 from precond_ref.adapters import _torch_state as _base_state
 from precond_ref.adapters import torch as _base
+from precond_ref.adapters._torch_core import decision_carried
 from precond_ref.engine import gradient_ok, weight_bias_groups
 from precond_ref.engine.skip import first_bad_gradient
 from precond_ref.transform import PrecondState, Transform
@@ -184,9 +185,13 @@ class _SplitTransform:
         updates: list = [None] * len(leaves)
         if owned:
             sub_paths = [paths[i] for i in owned]
-            # A non-finite gradient anywhere skips the step everywhere: the core's own skip rule,
-            # triggered on the owned blocks even when their gradients are finite.
-            sub_grads = [grad_views[i] if finite else grad_views[i] * math.nan for i in owned]
+            sub_grads = [grad_views[i] for i in owned]
+            if not finite:
+                # A non-finite gradient anywhere skips the step everywhere: the decision reaches
+                # the core on the owned blocks as the single-process step's does, even where their
+                # gradients are finite or all empty (a rank owning only empty parameters).
+                ok = torch.zeros((), dtype=torch.bool, device=sub_grads[0].device)
+                sub_grads, extra, _ = decision_carried(sub_grads, ok, extra)
             sub_params = None if params is None else _base.CoreOptimizer._tree(sub_paths, [param_views[i] for i in owned])
             sub_updates, new_state = self.core.update(
                 _base.CoreOptimizer._tree(sub_paths, sub_grads), state, sub_params, **extra

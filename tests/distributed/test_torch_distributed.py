@@ -205,6 +205,24 @@ def test_nonfinite_gradient_on_one_rank_is_seen_by_all(job):
         assert bad[rank]["nan-raise-unchanged"]
 
 
+def test_skipped_step_counted_by_a_rank_stepping_empty_parameters_only(job):
+    """A NaN in rank 0's gradient skips the step on every rank, also on a rank whose core update
+    of a param group holds empty parameters only: rank 1 owns nothing but an empty vector (ASGO
+    split), or holds empty shards of a whole param group (RF-AdamW under FSDP2). Every parameter
+    on every rank then counts ``step`` 0 and ``nonfinite_count`` 1.
+
+    Invariant: the ranks agree on skipped vs taken (module docstring), so their counters (and the
+    refresh schedules and checkpoints made from them) are equal. An empty gradient holds no entry
+    to make NaN, so the decision reaches such an update as the core's ``gradients_ok``, as in the
+    single-process step; the rank used to count the skipped step as taken."""
+    _, bad = job
+    assert bad[1]["empty-owned"] == ["e"] and bad[0]["empty-owned"] == ["w"]
+    assert bad[1]["empty-shards"] == [0, 0]
+    for rank in range(WORLD):
+        assert bad[rank]["empty-owned-counters"] == [[0, 1]] * 2, rank
+        assert bad[rank]["empty-shards-counters"] == [[0, 1]] * 4, rank
+
+
 def test_nonfinite_gradient_in_one_param_group_stops_every_group_on_every_rank(job):
     """One decision for the step, as in one process (the torch classes' rule): a NaN in the
     second param group of rank 1's shard leaves every parameter of every group on every rank

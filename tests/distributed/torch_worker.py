@@ -307,6 +307,31 @@ def bad_inputs(rank: int, world: int) -> dict:
         seen[f"nan-{policy}-unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
         counts = {int(s["nonfinite_count"]) for s in opt.state.values() if "nonfinite_count" in s}
         seen[f"nan-{policy}-nonfinite"] = sorted(counts)
+    # A NaN in rank 0's gradient, while rank 1 steps empty parameters only: ASGO split, whose
+    # greedy deal gives rank 1 the empty vector alone; RF-AdamW under FSDP2, whose second param
+    # group (the one-output head) has empty shards on rank 1. Every rank's counters after it.
+    g = torch.Generator().manual_seed(0)
+    w, e = torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.zeros(0))
+    opt = ptd.ASGO([("w", w), ("e", e)], lr=0.1)
+    seen["empty-owned"] = opt.owned_parameters()
+    w.grad, e.grad = torch.ones(4, 3), torch.zeros(0)
+    if rank == 0:
+        w.grad[0, 0] = float("nan")
+    opt.step()
+    seen["empty-owned-counters"] = [[int(opt.state[p][k]) for k in ("step", "nonfinite_count")] for p in (w, e)]
+    net = head_model()
+    for layer in (net[0], net[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    opt = ptd.RFAdamW([{"params": list(net[0].named_parameters())}, {"params": list(net[2].named_parameters())}],
+                      lr=0.1, batch_size=GLOBAL_BATCH)
+    seen["empty-shards"] = [p.to_local().numel() for p in net[2].parameters()]
+    loss_fn(net, shard(data()[0][0], rank, world), shard(data()[1][0][..., :1], rank, world)).backward()
+    if rank == 0:
+        net[0].weight.grad.to_local().view(-1)[0] = float("nan")
+    opt.step()
+    seen["empty-shards-counters"] = [[int(opt.state[p][k]) for k in ("step", "nonfinite_count")]
+                                     for p in net.parameters()]
     # A NaN in the second of two param groups, in rank 1's shard only: every group of every rank
     # skips (ASGO, its blocks split across the ranks) or raises before any parameter moves.
     # "mixed": the first group skips, the second raises; the step raises before the first counts
