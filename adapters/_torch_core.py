@@ -406,15 +406,12 @@ class CoreOptimizer(torch.optim.Optimizer):
         steps inside its autocast region: autocast would run the matrix methods' products and
         decompositions in bfloat16 or float16 (other numbers than the step's outside it; Sketchy's
         and S-AdaGrad's sketches refused as of another dtype). The closure, the user's forward and
-        backward, runs before it, under the loop's autocast. One host-side query where autocast is
-        off, as a step mostly runs."""
-        if not torch._C._is_any_autocast_enabled():
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        for device_type in dict.fromkeys(p.device.type for group in self.param_groups for p in group["params"]):
-            if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        return stack
+        backward, runs before it, under the loop's autocast."""
+        return autocast_off(self._autocast_regions())
+
+    def _autocast_regions(self) -> tuple:
+        """The caller's autocast on the parameters' device types (:func:`autocast_regions`)."""
+        return autocast_regions(p.device.type for group in self.param_groups for p in group["params"])
 
     def _check_step_keywords(self, extra: dict) -> None:
         """``TypeError`` for a keyword ``step`` does not take, as ``torch.optim.Adam.step(foo=1)``
@@ -776,6 +773,40 @@ class CoreOptimizer(torch.optim.Optimizer):
             updates, new_state = transform.update(grads, state, params, step=calls, **extra)
         torch._foreach_add_(tree_flatten(params)[0], tree_flatten(updates)[0])
         return new_state
+
+
+def autocast_regions(device_types: Any) -> tuple:
+    """``(device_type, dtype, cache_enabled)`` of each of ``device_types`` where ``torch.autocast``
+    is on, in first-seen order; ``()`` where it is off: one host-side query where autocast is off,
+    as a step mostly runs."""
+    if not torch._C._is_any_autocast_enabled():
+        return ()
+    return tuple(
+        (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_cache_enabled())
+        for device_type in dict.fromkeys(device_types)
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    )
+
+
+def autocast_off(regions: tuple) -> contextlib.AbstractContextManager:
+    """A context in which autocast is off on the device types of ``regions`` (:func:`autocast_regions`)."""
+    if not regions:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for device_type, _, _ in regions:
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+def autocast_restored(regions: tuple) -> contextlib.AbstractContextManager:
+    """A context in which the autocast of ``regions`` (:func:`autocast_regions`, read in the caller's
+    region) is on again: the caller's forward run from inside :func:`autocast_off`."""
+    if not regions:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for device_type, dtype, cache_enabled in regions:
+        stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=cache_enabled))
+    return stack
 
 
 def decision_carried(grads: list, ok: torch.Tensor, extra: dict) -> tuple[list, dict, bool]:

@@ -16,7 +16,7 @@ import torch
 
 from precond_ref.tree import path_str
 
-from ._torch_core import CoreOptimizer, _layout, step_outside_the_graph
+from ._torch_core import CoreOptimizer, _layout, autocast_off, autocast_restored, step_outside_the_graph
 from ._torch_state import CALLS as _CALLS
 from ._torch_state import HEAD as _HEAD
 from ._torch_state import NONFINITE as _NONFINITE
@@ -499,17 +499,29 @@ class _MBFOptimizer(CoreOptimizer):
             zeroed before each call and left as ``None`` afterwards.
         num_batches:
             Number of calls of a callable ``source`` (required then, not allowed otherwise).
+
+        Inside a ``torch.autocast`` region a callable ``source`` runs under it, and the statistics
+        are computed with autocast off on the parameters' devices, as :meth:`step` computes them.
         """
         if any(self.state[p] for group in self.param_groups for p in group["params"]):
             raise RuntimeError("MBF.warm_start must be called before the first step")
+        # Called inside a torch.autocast region, the statistics are computed with autocast off on
+        # the parameters' devices, as step computes them; a callable source, the user's forward
+        # and backward, runs under the caller's autocast.
+        regions = self._autocast_regions()
         if callable(source):
             if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
                 raise ValueError(f"num_batches must be an integer >= 1 with a callable source, got {num_batches!r}")
-            stream = self._run_batches(source, num_batches)
+            stream = self._run_batches(source, num_batches, regions)
         else:
             if num_batches is not None:
                 raise ValueError("num_batches is only used with a callable source")
             stream = (self._by_tensor(batch) for batch in source)
+        with autocast_off(regions):
+            self._warm_start_from(stream)
+
+    def _warm_start_from(self, stream: Iterator[dict]) -> None:
+        """:meth:`warm_start` from ``stream``, gradient dicts keyed by the parameter tensors."""
         # Every group's state is made before any is written: a group refused (its hyperparameters,
         # a gradient that does not fit its state) leaves the optimizer as it was, so a corrected
         # call can follow. The transforms and initial states come first, before a callable source
@@ -544,13 +556,15 @@ class _MBFOptimizer(CoreOptimizer):
                 head.update(entries)
             self._layouts[id(group)] = _layout(tensors)  # the parameters this state was made for
 
-    def _run_batches(self, source: Callable[[], Any], num_batches: int):
+    def _run_batches(self, source: Callable[[], Any], num_batches: int, regions: tuple):
+        """The gradients of ``num_batches`` calls of ``source``, each run under the caller's
+        autocast ``regions`` (:func:`._torch_core.autocast_regions`)."""
         params = [p for group in self.param_groups for p in group["params"]]
         try:
             for _ in range(num_batches):
                 for p in params:
                     p.grad = None
-                with torch.enable_grad():
+                with torch.enable_grad(), autocast_restored(regions):
                     source()
                 yield {p: p.grad.detach().clone() for p in params if p.grad is not None}
         finally:

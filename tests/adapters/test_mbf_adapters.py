@@ -178,6 +178,39 @@ def test_torch_warm_start_from_dicts_and_from_a_closure_agree_with_core():
         opt_dicts.warm_start(grad_dicts)
 
 
+def test_torch_warm_start_inside_an_autocast_region_is_the_warm_start_outside_it():
+    """``MBF.warm_start`` called inside a ``torch.autocast`` region computes its statistics as it
+    does outside it, bit for bit, from the same gradients (the same float32 operations on the same
+    inputs, as ``step`` does: docs/adapters/torch.md); a callable source, the user's forward and
+    backward, still runs under the caller's autocast (its logits are bfloat16). Autocast used to
+    run the statistics' products in bfloat16, relative differences of bfloat16's rounding."""
+    model = _cnn().float()
+    batches = [tuple(t.float() if t.is_floating_point() else t for t in _batch(s)) for s in range(2)]
+    seen, grads = [], []
+    it = iter(batches)
+
+    def source():
+        x, y = next(it)
+        logits = model(x)
+        seen.append(logits.dtype)
+        torch.nn.functional.cross_entropy(logits.float(), y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    closure, dicts, outside = (pt.MBF(model.named_parameters(), lr=1e-3) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        closure.warm_start(source, num_batches=2)
+        dicts.warm_start(grads)
+    outside.warm_start(grads)
+    assert seen == [torch.bfloat16] * 2 and torch.is_autocast_enabled("cpu") is False
+    for p in model.parameters():
+        want = outside.state[p]
+        for opt in (closure, dicts):
+            got = opt.state[p]
+            assert got.keys() == want.keys()
+            for k, v in want.items():
+                assert torch.equal(torch.as_tensor(got[k]), torch.as_tensor(v)), k
+
+
 def test_torch_warm_start_bad_input():
     model = _cnn()
     opt = pt.MBF(model.named_parameters(), lr=1e-3)
