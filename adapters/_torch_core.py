@@ -777,9 +777,11 @@ class CoreOptimizer(torch.optim.Optimizer):
 
 def autocast_regions(device_types: Any) -> tuple:
     """``(device_type, dtype, cache_enabled)`` of each of ``device_types`` where ``torch.autocast``
-    is on, in first-seen order; ``()`` where it is off: one host-side query where autocast is off,
-    as a step mostly runs."""
-    if not torch._C._is_any_autocast_enabled():
+    is on, in first-seen order; ``()`` where it is off. Where torch has its one host-side query of
+    any autocast (private, so possibly absent), a step outside autocast, as most run, asks nothing
+    else; without it, each device type is asked through the public API."""
+    any_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+    if any_enabled is not None and not any_enabled():
         return ()
     return tuple(
         (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_cache_enabled())

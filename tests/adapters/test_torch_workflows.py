@@ -243,3 +243,35 @@ def test_a_step_inside_an_autocast_region_is_the_step_outside_it(case):
     for a, b in zip(*(m.parameters() for m in models)):
         assert torch.equal(a, b)
     assert autocast_in_closure == [True] * 3
+
+
+def test_autocast_is_found_without_torchs_private_query(monkeypatch):
+    """Without torch's private one-call query of any autocast (``torch._C._is_any_autocast_enabled``,
+    which a later torch may drop), ``step`` and ``MBF.warm_start`` ask each parameter device type
+    through the public ``torch.is_autocast_enabled``: ASGO stepped and MBF warm-started inside a
+    bfloat16 autocast region give the numbers of the same calls outside it, bit for bit (the same
+    float32 operations on the same inputs: docs/adapters/torch.md), and neither raises. With the
+    query gone and no fallback, the step raised ``AttributeError``; with a fallback that found
+    nothing, autocast ran ASGO's products in bfloat16."""
+    import torch._dynamo  # noqa: F401 - torch's own module reads the query at import: loaded before it goes
+
+    monkeypatch.delattr(torch._C, "_is_any_autocast_enabled")
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)
+    models = [_model().float() for _ in range(2)]
+    opts = [pt.ASGO(m.named_parameters(), lr=0.1) for m in models]
+    grads = [{n: torch.randn(p.shape, generator=gen) for n, p in models[0].named_parameters()} for _ in range(2)]
+    warm = [pt.MBF(m.named_parameters(), lr=1e-3) for m in models]
+    for model, opt, mbf, inside in zip(models, opts, warm, (True, False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+            mbf.warm_start(grads)
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+                opt.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert all(torch.equal(torch.as_tensor(warm[0].state[a][k]), torch.as_tensor(v))
+                   for k, v in warm[1].state[b].items())
