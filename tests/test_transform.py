@@ -249,7 +249,9 @@ def test_legacy_names_rename_an_old_state_on_update():
 def test_a_step_that_changes_the_update_shape_or_the_state_layout_is_named(wrong):
     """``update_group`` returning an update of another shape than its gradient, or a new state of
     another layout than the old (a broadcast entry, another dtype, another entry) raises
-    ``ValueError`` naming the leaf."""
+    ``ValueError`` naming the leaf. A changed entry is named with its layouts before and after the
+    step, and the gradient, which fits the old state (checked before the step), is given beside
+    them, not blamed: the message said the gradient did not fit the optimizer state."""
     def init_group(leaves, paths, xp):
         return {"s": xp.zeros(leaves[0].shape, dtype=leaves[0].dtype)}
 
@@ -262,7 +264,9 @@ def test_a_step_that_changes_the_update_shape_or_the_state_layout_is_named(wrong
     tx = build_transform(name="toy", init_group=init_group, update_group=update_group)
     params = {"w": np.ones(3)}
     words = ("toy: update of 'w' has shape (1, 3), gradient (3,)" if wrong == "update shape" else
-             "toy: the gradient of 'w' (shape (3,), dtype float64) does not fit the optimizer state: 's' would change"
+             "toy: the step of 'w' would change the layout of its optimizer state: 's' from (3,)/float64 to "
+             + ("(3, 3)/float64" if wrong == "state shape" else "(3,)/float32")
+             + ", with its gradient of shape (3,), dtype float64; a step keeps each state entry's shape and dtype"
              if wrong in ("state shape", "state dtype") else "toy: state of 'w' changed its entries ['s'] -> ['t']")
     with pytest.raises(ValueError, match=re.escape(words)):
         tx.update(params, tx.init(params), params)
@@ -280,12 +284,13 @@ def test_a_flat_leaf_whose_step_changes_the_state_is_named_by_its_parameters():
 
     tx = build_transform(name="toy", init_group=init_group, update_group=update_group, elementwise=True)
     params = {"a": np.ones((3, 2), np.float32), "c": np.ones(4, np.float32)}
-    words = ("toy: the gradient of 'a', 'c' (run as one flat leaf of shape (10,), dtype float32) does not fit "
-             "the optimizer state: 's' would change from (10,)/float32 to (10,)/float64")
+    words = ("toy: the step of 'a', 'c' (run as one flat leaf) would change the layout of its optimizer state: "
+             "'s' from (10,)/float32 to (10,)/float64, with the flat leaf's gradient of shape (10,), dtype float32")
     with pytest.raises(ValueError, match=re.escape(words)):
         tx.update(params, tx.init(params), params)
     alone = {"a": np.ones((3, 2), np.float32)}
-    with pytest.raises(ValueError, match=re.escape("toy: the gradient of 'a' (shape (3, 2), dtype float32) does not fit")):
+    with pytest.raises(ValueError, match=re.escape("toy: the step of 'a' would change the layout of its optimizer state: "
+                                                   "'s' from (3, 2)/float32 to (3, 2)/float64, with its gradient of shape (3, 2)")):
         tx.update(alone, tx.init(alone), alone)
 
 

@@ -282,7 +282,8 @@ def check_group(
     new: dict[str, Array],
     members: Optional[Sequence[Path]] = None,
 ) -> None:
-    """Refuse, by name, any update that would change the layout of the state (e.g. broadcasting).
+    """Refuse, by name, any update that would change the layout of the state (e.g. broadcasting,
+    or a promotion to another dtype).
 
     ``members``: the paths of the parameters whose leaves the group runs as one flat leaf (an
     element-wise method's small leaves, :func:`~precond_ref.engine.joined.pack`), named in the
@@ -294,10 +295,16 @@ def check_group(
             raise ValueError(f"{name}: update of {leaf} has shape {tuple(u.shape)}, gradient {tuple(g.shape)}")
     if sorted(new) != sorted(old):  # names are strings: two sorted lists, cheaper to trace than two sets
         raise ValueError(f"{name}: state of {leaf} changed its entries {sorted(old)} -> {sorted(new)}")
+    # Eagerly the gradients were found to fit the old state (check_fits, before the step): the step
+    # itself changed an entry's layout, so the message names the leaf and the entry, and gives the
+    # gradient's shape and dtype beside them rather than as the culprit.
     for key, value in new.items():
         if value.shape != old[key].shape or value.dtype != old[key].dtype:
+            whose = "the flat leaf's" if members else "its"
+            gradient = f"{whose} gradient of shape {tuple(grads[0].shape)}, dtype {grads[0].dtype}"
             raise ValueError(
-                f"{name}: the gradient of {names} ({'run as one flat leaf of ' if members else ''}shape "
-                f"{tuple(grads[0].shape)}, dtype {grads[0].dtype}) does not fit the optimizer state: {key!r} would change from "
-                f"{tuple(old[key].shape)}/{old[key].dtype} to {tuple(value.shape)}/{value.dtype}"
+                f"{name}: the step of {leaf} would change the layout of its optimizer state: {key!r} from "
+                f"{tuple(old[key].shape)}/{old[key].dtype} to {tuple(value.shape)}/{value.dtype}, with {gradient}; "
+                "a step keeps each state entry's shape and dtype (was an operand of another shape or dtype "
+                "broadcast or promoted into it?)"
             )
