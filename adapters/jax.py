@@ -208,22 +208,52 @@ def _shardings_like(state: PrecondState, core_params: dict) -> PrecondState:
     return PrecondState(counters, counters, groups)
 
 
-def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> PrecondState:
-    """The shardings ``optimizer.init(params)`` places its state on, without computing the state.
+def state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any:
+    """The shardings of ``optimizer``'s state for parameters sharded as ``params``, without
+    computing the state.
 
     ``params`` are arrays (or ``jax.ShapeDtypeStruct`` with a ``sharding``) of the parameters as
     they are sharded. Each block's state follows the sharding of the block's first parameter
-    where its shape allows (see :func:`to_optax`); use the result as ``out_shardings`` of a
-    jitted ``init``, or as the state's ``in_shardings``/``out_shardings`` of a training step.
-    ``optimizer`` is one of this module's transformations (not wrapped in ``optax.chain``).
+    where its shape allows, as this module's ``init`` places it (see :func:`to_optax`). Use the
+    result as ``out_shardings`` of a jitted ``init``, or as the state's ``in_shardings``/
+    ``out_shardings`` of a training step, which then compiles once. ``optimizer`` is one of this
+    module's transformations, alone or inside optax's combinators (``optax.chain``,
+    ``optax.masked``, ``optax.inject_hyperparams``, ``optax.MultiSteps``, ...): the states of
+    optax's own transformations that are copies of the parameter tree (an ``optax.trace`` buffer,
+    ``MultiSteps``' accumulated gradients) follow the parameters' shardings, their other arrays
+    (counters, injected hyperparameters, which optax's ``init`` leaves on the default device) are
+    replicated.
     """
     state = jax.eval_shape(optimizer.init, params)
-    if not isinstance(state, PrecondState):
+    ours = [node for node in jax.tree.leaves(state, is_leaf=_is_precond_state) if _is_precond_state(node)]
+    if not ours:
         raise TypeError(
-            f"state_shardings needs an optimizer of precond_ref.adapters.jax whose state is a PrecondState, "
-            f"got state {type(state).__name__}"
+            "state_shardings needs a transformation of precond_ref.adapters.jax (alone or inside optax's "
+            f"combinators), got a state with none: {type(state).__name__}"
         )
-    return _shardings_like(state, _as_core_tree(params)[0])
+    core_params = _as_core_tree(params)[0]
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+    replicated = _replicated(jax.tree.leaves(params)[0].sharding)
+    # optax's own sub-states: a copy of the parameter tree follows the parameters (a masked-out
+    # leaf stays a MaskedNode), everything else is replicated; ours are placed by block below.
+    around = optax.tree.map_params(
+        optimizer,
+        lambda value, sharding: value if isinstance(value, optax.MaskedNode) else sharding,
+        state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda node: isinstance(node, optax.MaskedNode),
+    )
+    return jax.tree.map(
+        lambda node, other: _shardings_like(node, core_params) if _is_precond_state(node) else other,
+        state,
+        around,
+        is_leaf=_is_precond_state,
+    )
+
+
+def _is_precond_state(node: Any) -> bool:
+    return isinstance(node, PrecondState)
 
 
 def optax_factory(

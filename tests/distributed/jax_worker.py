@@ -118,6 +118,29 @@ def _relative_difference(a_tree, b_tree):
     )
 
 
+def combinators_training(params, xs, ys):
+    """ASGO inside ``optax.MultiSteps`` of ``optax.inject_hyperparams``, its state initialised by
+    a jitted ``init`` with ``state_shardings`` as out_shardings and kept there by a jitted step:
+    the number of compilations of three steps, the specs of MultiSteps' accumulated gradients (a
+    copy of the parameter tree) after them, and the parameters' specs."""
+    opt = optax.MultiSteps(optax.inject_hyperparams(pj.asgo)(learning_rate=5e-2), every_k_schedule=2)
+    predicted = pj.state_shardings(opt, params)
+    state = jax.jit(opt.init, out_shardings=predicted)(params)
+
+    @functools.partial(jax.jit, out_shardings=(jax.tree.map(lambda a: a.sharding, params), predicted))
+    def step(params, state, x, y):
+        updates, state = opt.update(jax.grad(loss)(params, x, y), state, params)
+        return optax.apply_updates(params, updates), state
+
+    for x, y in zip(xs, ys):
+        params, state = step(params, state, x, y)
+    return {
+        "method": "combinators", "compiles": step._cache_size(),
+        "accumulated_specs": [str(a.sharding.spec) for a in jax.tree.leaves(state.acc_grads)],
+        "param_specs": [str(a.sharding.spec) for a in jax.tree.leaves(params)],
+    }
+
+
 def main() -> None:
     devices = jax.devices()
     assert len(devices) == 4, devices
@@ -150,13 +173,19 @@ def main() -> None:
         kernel_entries = {
             key: {k: str(v.spec) for k, v in entries.items()} for key, entries in placed.groups.items()
         }
+        # Inside optax's combinators: a chain whose other states are empty or copies of the
+        # parameter tree, which init places like the parameters (so the prediction is exact).
+        chained = optax.chain(optax.clip_by_global_norm(1.0), opt, optax.trace(0.5))
+        chain_placed = jax.tree.map(lambda a: a.sharding, chained.init(sharded))
+        chain_prediction = jax.tree.all(jax.tree.map(lambda a, b: a == b, chain_placed, pj.state_shardings(chained, sharded)))
         mapped = optax.tree.map_params(opt, lambda p: p, state, transform_non_params=lambda _: None)
         params_after_sharded = [str(a.sharding.spec) for a in jax.tree.leaves(many)]
         print(json.dumps({
-            "method": name, "rel": rel, "eager_rel": eager_rel, "eager_off_the_mesh": eager_off_the_mesh, "core_rel": core_rel, "compiles": compiles, "same_prediction": bool(same_prediction),
+            "method": name, "rel": rel, "eager_rel": eager_rel, "eager_off_the_mesh": eager_off_the_mesh, "core_rel": core_rel, "compiles": compiles, "same_prediction": bool(same_prediction), "chain_prediction": bool(chain_prediction),
             "counter": str(placed.count.spec), "entries": kernel_entries,
             "map_params": repr(jax.tree.structure(mapped)), "param_specs": params_after_sharded,
         }), flush=True)
+    print(json.dumps(combinators_training(sharded, xs, ys)), flush=True)
 
 
 if __name__ == "__main__":

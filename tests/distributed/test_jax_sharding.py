@@ -40,6 +40,26 @@ def test_sharded_training_matches_one_device(results, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_state_shardings_of_a_chain_are_where_init_places_them(results, method):
+    """``state_shardings`` of ``optax.chain(clip_by_global_norm, <method>, trace)`` is exactly
+    where the chain's ``init`` places its state: the method's blocks as for the method alone,
+    optax's ``trace`` buffer (a copy of the parameter tree) like the parameters. It refused any
+    state that was not the method's own."""
+    assert results[method]["chain_prediction"]
+
+
+def test_a_step_inside_optax_combinators_compiles_once(results):
+    """ASGO inside ``MultiSteps(inject_hyperparams(...))``, initialised and stepped with
+    ``state_shardings``' shardings: the step compiles once over three steps (optax's counters and
+    injected hyperparameters replicated, not left on the default device, which would compile a
+    second program on the second step), and MultiSteps' accumulated gradients keep the
+    parameters' specs."""
+    line = results["combinators"]
+    assert line["compiles"] == 1
+    assert line["accumulated_specs"] == line["param_specs"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_eager_steps_on_sharded_parameters_match_one_device(results, method):
     """Steps outside ``jax.jit`` also take sharded parameters and give the one-device numbers
     (those of the same steps jitted on one device; same bound as the jitted steps, derived above:
