@@ -61,7 +61,7 @@ matrix sketching", SIAM J. Comput. 2016.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 from array_api_compat import is_array_api_strict_namespace, is_cupy_array
 
@@ -600,7 +600,10 @@ def fd_update(xp: Any, sketch: dict[str, Array], x: Array, **options: Any) -> tu
         :math:`\beta` in (0, 1]: the sketch factor is scaled by :math:`\sqrt\beta`.
     tail_decay:
         :math:`\gamma` multiplying the escaped mass before adding :math:`c^2`; ``None`` means
-        :math:`\beta` (the analysis). The authors' tearfree code uses :math:`\sqrt\beta`.
+        :math:`\beta` (the analysis). The authors' tearfree code uses :math:`\sqrt\beta`, which
+        ``"sqrt"`` names: the root is then taken of ``decay`` as the step receives it (a
+        hyperparameter array already cast to the computing dtype, so the root is not rounded to a
+        narrower dtype first).
     eps, relative_eps:
         :math:`\epsilon`; if ``relative_eps`` and ``eps > 0`` it is multiplied by the largest
         undeflated eigenvalue :math:`\max_i(s_i^2 + \gamma\rho)`.
@@ -671,7 +674,7 @@ def fd_update_apply(xp: Any, sketch: dict[str, Array], x: Array, **options: Any)
 
 def _fd_step(
     xp: Any, sketch: dict[str, Array], x: Array, *, exponent: float, decay: float = 1.0,
-    tail_decay: Optional[float] = None, eps: float = 0.0, relative_eps: bool = True, delta: float = 0.0,
+    tail_decay: Union[None, float, str] = None, eps: float = 0.0, relative_eps: bool = True, delta: float = 0.0,
     cutoff: bool = False, noise_is_mass: bool = False, decomposition: str = "svd", accept: Optional[Array] = None,
     maybe_empty: bool = False, apply: bool = False,
 ) -> tuple[dict[str, Array], Array, Optional[Array]]:
@@ -685,6 +688,8 @@ def _fd_step(
     """
     if decomposition not in _DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {_DECOMPOSITIONS}, got {decomposition!r}")
+    if isinstance(tail_decay, str) and tail_decay != "sqrt":
+        raise ValueError(f"tail_decay must be a number, None or 'sqrt', got {tail_decay!r}")
     basis, sigma, root = sketch["basis"], sketch["singular_values"], sketch["escaped_root"]
     dtype = basis.dtype
     d, k = basis.shape[-2:]
@@ -701,7 +706,7 @@ def _fd_step(
     if decomposition == "subspace" and subspace_width(d, k) >= d:
         decomposition = "gram"  # an iterate as wide as the axis: the exact d x d problem
     x = unscaled = xp.astype(x, dtype, copy=False)
-    gamma = decay if tail_decay is None else tail_decay
+    gamma = decay if tail_decay is None else decay**0.5 if isinstance(tail_decay, str) else tail_decay
     zero, one = number(xp, 0.0, x), number(xp, 1.0, x)
     root_beta, kept_root = decay**0.5, root * gamma**0.5  # √β, √(γρ)
     decayed = sigma * root_beta  # √β σ

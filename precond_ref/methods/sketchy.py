@@ -294,7 +294,8 @@ def _sketchy_transform(
     # the FD path: the authors' QR-then-SVD in faithful mode (for "svd" too), the fast "auto" in principled
     decomposition = "qr_svd" if faithful and decomposition in (None, "svd") else decomposition or "auto"
     fd_options = dict(
-        decay=b2, tail_decay=b2**0.5 if square_root else b2, eps=eps, relative_eps=relative_eps,
+        # the root taken in the step, of b2 cast to the dtype it computes in (not of an array as given)
+        decay=b2, tail_decay="sqrt" if square_root else b2, eps=eps, relative_eps=relative_eps,
         cutoff=not faithful, noise_is_mass=faithful, decomposition=decomposition,
     )
     c = SketchyConfig(
