@@ -210,7 +210,6 @@ class CoreOptimizer(torch.optim.Optimizer):
             self._param_names.update((p, n) for p, n in self._model_names.items() if id(p) in members)
             self._transform(group)  # builds the core transform: refuses invalid hyperparameters
             self._check_names(group)
-            self._check_real(group)
         except Exception as error:
             # A refused group leaves the optimizer as it was: a group left in param_groups would
             # make every later step raise, and its parameters could not be added again.
@@ -221,20 +220,6 @@ class CoreOptimizer(torch.optim.Optimizer):
                 raise type(error)(f"{type(self).__name__}: {error}") from error
             raise
         self._drop_graphs()
-
-    def _check_real(self, group: dict) -> None:
-        """``TypeError`` for a complex parameter of ``group`` (the last param group): the methods
-        are defined for real matrices, and the step would refuse its gradient after the groups
-        before it had stepped. Refused here, where it can first be known."""
-        first = sum(len(g["params"]) for g in self.param_groups[:-1])
-        for k, p in enumerate(group["params"]):
-            if p.is_complex():
-                label = _torch_state.param_label(self._param_names, p, first + k)
-                raise TypeError(
-                    f"{label} in param group {len(self.param_groups) - 1} is complex ({p.dtype}); the method is "
-                    "defined for real floating-point parameters (hold a complex tensor as a real parameter of "
-                    "shape (..., 2) and make it with torch.view_as_complex)"
-                )
 
     def _check_names(self, group: dict) -> None:
         """``ValueError`` where two parameters of ``group`` (the last param group) share a name, or

@@ -12,8 +12,8 @@ class, and ``test_errors`` on torch's own generic error inputs. Already in the s
 (``test_torch_contract.py``), deepcopy/pickle continuation, non-tensor ``step``, load hooks seeing
 the state, ``param_names`` (``test_torch_checkpoints.py``), param-group learning rates and LR
 schedulers (``test_torch_contract.py``). Torch's tests of sparse, complex, fused/foreach,
-differentiable and CUDA-specific paths have no counterpart here (the adapters refuse sparse
-gradients and complex parameters; there is one implementation per method).
+differentiable and CUDA-specific paths have no counterpart here (the adapters refuse sparse and
+complex gradients; there is one implementation per method).
 """
 
 from __future__ import annotations

@@ -199,26 +199,6 @@ def test_two_parameters_of_a_group_named_alike_are_refused_when_the_group_is_add
 
 
 @every_class
-def test_a_complex_parameter_is_refused_when_its_group_is_added(case):
-    """The methods are defined for real matrices; a complex parameter's gradient is refused by the
-    core at the step, after the param groups before it had stepped. It is refused when its group is
-    given, at construction or by ``add_param_group``, naming the class, the parameter (as
-    ``named_parameters()`` names it) and the group, and a refused ``add_param_group`` leaves the
-    optimizer as it was."""
-    head = _model(2)
-    z = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.complex128))
-    name = case.cls.__name__
-    refusal = rf"^{name}: parameter 'z' \(index {{}}\) in param group {{}} is complex \(torch.complex128\)"
-    with pytest.raises(TypeError, match=refusal.format(0, 0)):
-        case.make([("z", z)])
-    opt = case.make(head.named_parameters())
-    first = len(opt.param_groups[0]["params"])
-    with pytest.raises(TypeError, match=refusal.format(first, 1)):
-        opt.add_param_group({"params": [("z", z)]})
-    assert len(opt.param_groups) == 1 and z not in opt.state
-
-
-@every_class
 def test_a_checkpoint_naming_two_parameters_alike_is_refused_by_load_state_dict(case):
     """``load_state_dict`` takes the checkpoint's ``param_names`` (as torch does), which key each
     param group's tree: a checkpoint that names two parameters of a group alike is refused whole
