@@ -489,10 +489,10 @@ class CoreOptimizer(torch.optim.Optimizer):
         self._step_calls += 1
         # Every refusal of the step is raised before any group updates (a later group's refusal
         # would otherwise leave the earlier groups stepped): the hyperparameters and learning rate
-        # of each group, its sparse gradients, a state layout that its new hyperparameters or its
+        # of each group, its sparse and complex gradients, a state layout that its new hyperparameters or its
         # parameters changed in place no longer fit, then capturable=True's needs of every update,
         # then the non-finite decision.
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             transform = self._transform(group)
             with self._refusals_named(group):
                 self._learning_rate(group)
@@ -506,6 +506,14 @@ class CoreOptimizer(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if p.is_complex() or p.grad.is_complex():
+                    name = type(self).__name__
+                    raise TypeError(
+                        f"{name}: parameter {self._param_names.get(p) or f'param{index - 1}'!r} has dtype "
+                        f"{p.dtype}{'' if p.dtype == p.grad.dtype else f' (gradient {p.grad.dtype})'} in param group "
+                        f"{group_index}; {name} is defined for real floating-point parameters (hold "
+                        "a complex tensor as a real parameter of shape (..., 2) and make it with torch.view_as_complex)"
+                    )
                 calls = self.state[p].get(_CALLS, 0)
                 by_calls.setdefault(calls, []).append((index - 1, p))
             group_extra = self._group_extra(group, extra)

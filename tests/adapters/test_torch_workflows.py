@@ -199,6 +199,28 @@ def test_two_parameters_of_a_group_named_alike_are_refused_when_the_group_is_add
 
 
 @every_class
+def test_a_complex_parameter_is_refused_at_the_step_before_any_group_steps(case):
+    """The methods are defined for real matrices. A complex parameter is taken at construction (as
+    torch.optim and pytorch_optimizer's contract take it: their ``test_complex_not_supported``
+    refuses it at ``step``), and refused by ``step`` before any param group moves, naming the
+    class, the parameter as ``named_parameters()`` names it, its dtype and its group. It crashed
+    in the step's non-finite test (``"lt_cpu" not implemented for 'ComplexFloat'``), or, alone,
+    was named in the core's words (``params leaf``, ``mask ... out``)."""
+    head = _model(2)
+    z = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.complex128))
+    opt = case.make([{"params": list(head.named_parameters())}, {"params": [("z", z)]}])
+    for p in head.parameters():
+        p.grad = torch.ones_like(p)
+    z.grad = torch.ones_like(z)
+    before = [p.detach().clone() for p in head.parameters()]
+    name = case.cls.__name__
+    with pytest.raises(TypeError, match=rf"^{name}: parameter 'z' has dtype torch\.complex128 in param group 1; "):
+        opt.step(**case.step_kwargs)
+    assert all(torch.equal(b, p) for b, p in zip(before, head.parameters()))
+    assert not any(opt.state.values())  # no state made, no step counted
+
+
+@every_class
 def test_a_checkpoint_naming_two_parameters_alike_is_refused_by_load_state_dict(case):
     """``load_state_dict`` takes the checkpoint's ``param_names`` (as torch does), which key each
     param group's tree: a checkpoint that names two parameters of a group alike is refused whole
