@@ -17,6 +17,7 @@ Run ``python tests/adapters/path_matrix.py`` (from the repository root) to print
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -236,7 +237,7 @@ def _copy(params: dict) -> dict:
 def core_trajectory(
     method: str, mode: str, model: str, *, xp: Any = np, jit: bool = False, missing: Optional[dict] = None,
     warm: Optional[list] = None, steps: int = STEPS, guarded: bool = False, cupy_captured: bool = False,
-    plain: bool = False, **overrides: Any,
+    plain: bool = False, nonfinite: Optional[dict] = None, **overrides: Any,
 ) -> list:
     """The core's trajectory on ``xp`` (``numpy`` by default; ``torch`` or ``jax.numpy`` for a
     float32 path, compared on its own backend), eagerly.
@@ -248,7 +249,9 @@ def core_trajectory(
 
     ``missing`` (``{step: [names]}``): those leaves have no gradient on that step, which the core
     expresses as the adapter rule does (:func:`precond_ref.transform.missing_members`): a zero
-    gradient in the block's update, and that leaf's update dropped. ``warm``: gradient batches
+    gradient in the block's update, and that leaf's update dropped. ``nonfinite`` (``{step:
+    name}``): that leaf's gradient holds a NaN on that step (:func:`poisoned`), so the step is
+    skipped (zero updates, state kept, counted). ``warm``: gradient batches
     (flat dicts) given to ``warm_start`` before the first step (MBF). ``jit`` (JAX): each update
     under ``jax.jit``. ``plain``: each update within ``precond_ref.plain_forms()``.
     """
@@ -279,7 +282,7 @@ def core_trajectory(
         update = jax.jit(transform.update)
     history = [_copy({n: np.asarray(v) for n, v in params.items()})]
     for t in range(steps):
-        grads = {n: to(g) for n, g in spec.grads(history[-1], t).items()}
+        grads = {n: to(g) for n, g in poisoned(spec.grads(history[-1], t), nonfinite, t).items()}
         gone = (missing or {}).get(t, ())
         for n in gone:
             grads[n] = grads[n] * 0
@@ -289,6 +292,19 @@ def core_trajectory(
         params = {n: (v if n in gone else v + updates[n]) for n, v in params.items()}
         history.append(_copy({n: np.asarray(v) for n, v in params.items()}))
     return history
+
+
+def poisoned(grads: dict, nonfinite: Optional[dict], t: int) -> dict:
+    """``grads`` with a NaN in the first entry of leaf ``nonfinite[t]`` (if step ``t`` has one)."""
+    if t not in (nonfinite or {}):
+        return grads
+    bad = grads[nonfinite[t]].copy()
+    bad.flat[0] = np.nan
+    return {**grads, nonfinite[t]: bad}
+
+
+#: The empty parameter of the rows with one: its name and shape (a zero-width layer's weight, numel 0).
+EMPTY = ("gap.weight", (0, 3))
 
 
 def _fresh_torch(values: dict) -> list:
@@ -333,7 +349,8 @@ def torch_trajectory(
     method: str, mode: str, model: str, *, compile: Any = False, restore_at: Optional[int] = None,
     groups: Optional[list] = None, missing: Optional[dict] = None, warm: Optional[list] = None,
     steps: int = STEPS, keep: Optional[list] = None, old_names: bool = False,
-    lr_factor: Optional[Callable[[int], float]] = None, plain: bool = False, **overrides: Any,
+    lr_factor: Optional[Callable[[int], float]] = None, plain: bool = False, empty: Optional[str] = None,
+    nonfinite: Optional[dict] = None, autocast: bool = False, **overrides: Any,
 ) -> list:
     """A torch optimizer's trajectory (``keep``, a list, receives the optimizer and its parameters).
 
@@ -342,7 +359,10 @@ def torch_trajectory(
     values); ``old_names``: with its entries under the names an earlier version wrote
     (:func:`old_entry_names`). ``groups``: lists of names, one param group each (same hyperparameters).
     ``lr_factor``: a ``LambdaLR`` scheduler of that factor steps after every step (not with ``restore_at``).
-    ``plain``: each ``step`` within ``precond_ref.plain_forms()``.
+    ``plain``: each ``step`` within ``precond_ref.plain_forms()``. ``empty`` (a name): an empty
+    parameter (:data:`EMPTY`, an empty gradient every step; not in the trajectory) follows that
+    parameter in its param group. ``nonfinite``: as :func:`core_trajectory`'s. ``autocast``: each
+    ``step`` called inside ``torch.autocast("cpu", dtype=torch.bfloat16)``.
     """
     spec = ALL_MODELS[model]
     cls, kwargs = torch_class(method), {**torch_kwargs(method, mode), **overrides, "compile": compile}
@@ -353,12 +373,20 @@ def torch_trajectory(
         by_name = dict(named)
         return cls([{"params": [(n, by_name[n]) for n in names]} for names in groups], **kwargs)
 
+    if empty is not None:
+        assert restore_at is None, "the restored optimizer's parameters have no empty one"
+        if groups is not None:
+            groups = [names[: names.index(empty) + 1] + [EMPTY[0]] + names[names.index(empty) + 1:] if empty in names else names
+                      for names in groups]
     named = _fresh_torch(spec.init())
+    if empty is not None:
+        gap = torch.zeros(EMPTY[1], dtype=torch.float64, requires_grad=True)
+        named.insert([n for n, _ in named].index(empty) + 1, (EMPTY[0], gap))
     opt = make(named)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor) if lr_factor is not None else None
     if warm is not None:
         opt.warm_start([{n: torch.from_numpy(g) for n, g in b.items()} for b in warm])
-    history = [_copy({n: p.detach().numpy() for n, p in named})]
+    history = [_copy({n: p.detach().numpy() for n, p in named if n != EMPTY[0]})]
     for t in range(steps):
         if t == restore_at:
             buffer = io.BytesIO()
@@ -370,15 +398,16 @@ def torch_trajectory(
             named = _fresh_torch(history[-1])
             opt = make(named)
             opt.load_state_dict(saved)
-        grads = spec.grads(history[-1], t)
+        grads = poisoned(spec.grads(history[-1], t), nonfinite, t)
         gone = (missing or {}).get(t, ())
         for n, p in named:
-            p.grad = None if n in gone else torch.from_numpy(grads[n].copy())
-        with pr.plain_forms(plain):
+            p.grad = None if n in gone else torch.zeros_like(p) if n == EMPTY[0] else torch.from_numpy(grads[n].copy())
+        region = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with pr.plain_forms(plain), region:
             opt.step()
         if scheduler is not None:
             scheduler.step()
-        history.append(_copy({n: p.detach().numpy() for n, p in named}))
+        history.append(_copy({n: p.detach().numpy() for n, p in named if n != EMPTY[0]}))
     if keep is not None:
         keep.extend([opt, named])
     return history
@@ -407,16 +436,47 @@ def inductor_trajectory(method: str, mode: str, model: str, *, captured: bool = 
     return history
 
 
+#: The factories' arguments that ``optax.inject_hyperparams`` must leave as given: the sketch's
+#: rank and the batch size shape the state, the intervals schedule the refreshes on the host.
+STATIC_HYPERPARAMETERS = ("rank", "batch_size", "precondition_every", "statistics_every")
+
+
+def injected_values(method: str, mode: str, dtype: Any) -> dict:
+    """Each float hyperparameter of the cell's factory call as the value a 0-D array of ``dtype``
+    holds (rounded to it), as keyword arguments of the core: what the core given Python numbers
+    must be given to take the step of ``optax.inject_hyperparams(..., hyperparam_dtype=dtype)``.
+    Defaults too: the wrapper injects every numeric argument of the factory's signature."""
+    import inspect
+
+    import precond_ref.adapters.jax as pj
+
+    bound = inspect.signature(getattr(pj, method)).bind(**core_kwargs(method, mode))
+    bound.apply_defaults()
+    return {
+        name: float(np.asarray(value, dtype=dtype)) for name, value in bound.arguments.items()
+        if isinstance(value, float) and name not in STATIC_HYPERPARAMETERS
+    }
+
+
 @functools.lru_cache(maxsize=None)
-def _jitted(method: str, mode: str, model: str, plain: bool = False):
+def _jitted(method: str, mode: str, model: str, plain: bool = False, injected: Any = None):
     """One optax optimizer and one jitted step per cell (the plain and the pickled run share it), and
-    one more for a run within ``precond_ref.plain_forms()`` (``plain``: read while the step is traced)."""
+    one more for a run within ``precond_ref.plain_forms()`` (``plain``: read while the step is traced).
+    ``injected`` (a dtype name): the factory wrapped by ``optax.inject_hyperparams`` with its float
+    hyperparameters 0-D arrays of that dtype in the state, traced by the step."""
     import jax
     import optax
 
     import precond_ref.adapters.jax as pj
 
-    opt = getattr(pj, method)(**core_kwargs(method, mode))
+    if injected is None:
+        opt = getattr(pj, method)(**core_kwargs(method, mode))
+    else:
+        kwargs = core_kwargs(method, mode)
+        opt = optax.inject_hyperparams(
+            getattr(pj, method), static_args=[k for k in STATIC_HYPERPARAMETERS if k in kwargs],
+            hyperparam_dtype=np.dtype(injected),
+        )(**kwargs)
 
     @jax.jit
     def step(grads, state, params):
@@ -428,16 +488,18 @@ def _jitted(method: str, mode: str, model: str, plain: bool = False):
 
 def optax_trajectory(
     method: str, mode: str, model: str, *, pickle_at: Optional[int] = None, warm: Optional[list] = None,
-    steps: int = STEPS, plain: bool = False,
+    steps: int = STEPS, plain: bool = False, injected: Optional[str] = None,
 ) -> list:
     """optax under ``jax.jit``; ``pickle_at=k``: the state goes through ``pickle`` after ``k`` steps;
-    ``plain``: the step traced and run within ``precond_ref.plain_forms()``."""
+    ``plain``: the step traced and run within ``precond_ref.plain_forms()``; ``injected`` (a dtype
+    name): through ``optax.inject_hyperparams`` with hyperparameters of that dtype (:func:`_jitted`)."""
     import jax.numpy as jnp
 
     import precond_ref.adapters.jax as pj
 
     spec = MODELS[model]
-    opt, step = _jitted(method, mode, model, plain)
+    # the cache's key is the arguments as given: the plain rows' callers give four
+    opt, step = _jitted(method, mode, model, plain) if injected is None else _jitted(method, mode, model, plain, injected)
     params = {n: jnp.asarray(v, dtype=jnp.float64) for n, v in spec.init().items()}
     state = opt.init(nested(params))
     if warm is not None:
@@ -539,6 +601,8 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
         note("CuPy captured step (stream capture's CPU double)", "the eager core on the same arrays",
              captured, core_trajectory(*cell, guarded=True), cell)
         note("CuPy captured step (stream capture's CPU double)", "NumPy core", captured, core, cell)
+        if cell[2] == "mlp":
+            mlp_rows(cell, f32=cell in f32, eager=eager, note=note)
         if cell[1] == "principled" and cell[2] == "mlp" and compile_backend is not None:
             layer, unspread = (cell[0], "principled", ONE_LAYER_MODEL), UNSPREAD.get(cell[0], {})
             note(f"torch compiled ({compile_backend['backend']})", "NumPy core",
@@ -568,6 +632,31 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
         note("torch compiled (TorchInductor) and captured (CPU double), a truncating sketch", "NumPy core",
              inductor_trajectory(*cell, captured=True, **settings), core, cell)
     return [(path, against, d, where) for (path, against), (d, where) in rows.items()]
+
+
+def mlp_rows(cell: tuple, *, f32: bool, eager: list, note: Callable) -> None:
+    """The table's rows of the paths run on the MLP's cells alone (``MLP_TORCH_PATHS`` and
+    ``MLP_OPTAX_PATHS`` of the test module): ``note(path, compared with, got, want, cell)``."""
+    import jax.numpy as jnp
+
+    names = list(MODELS[cell[2]].shapes)
+    torch_core = (lambda **k: core_trajectory(*cell, xp=torch, **k)) if f32 else (lambda **k: core_trajectory(*cell, **k))
+    against = "the core on torch" if f32 else "NumPy core"
+    tag = " (float32 state)" if f32 else ""
+    note("torch, step inside torch.autocast (CPU, bfloat16)" + tag, "torch eager", torch_trajectory(*cell, autocast=True), eager, cell)
+    nonfinite = {INTERVAL: names[0]}
+    note("torch, an empty parameter in a param group, a skipped step" + tag, f"{against}, the same step skipped",
+         torch_trajectory(*cell, groups=[names[:2], names[2:]], empty=names[2], nonfinite=nonfinite),
+         torch_core(nonfinite=nonfinite), cell)
+    lr = torch.tensor(core_kwargs(*cell[:2])["learning_rate"])
+    note("torch, lr a float32 tensor" + tag, f"{against}, the value it holds", torch_trajectory(*cell, lr=lr),
+         torch_core(learning_rate=float(lr)), cell)
+    dtype = "float64" if f32 else "float32"
+    values = injected_values(*cell[:2], np.dtype(dtype))
+    want = core_trajectory(*cell, xp=jnp, jit=True, **values) if f32 else core_trajectory(*cell, **values)
+    note(f"optax.inject_hyperparams, {dtype} hyperparameters" + tag,
+         ("core under jax.jit" if f32 else "NumPy core") + ", the values they hold",
+         optax_trajectory(*cell, injected=dtype), want, cell)
 
 
 def row_block_rows() -> list[tuple[str, str, float]]:

@@ -18,9 +18,10 @@ A float32 faithful path (the authors' float32 state, documented for ASGO/DASGO's
 the root-free methods) rounds differently on each backend's float32 kernels, so it is compared
 with the core run on its own backend: torch eager with the core on torch, optax under ``jax.jit``
 with the core under ``jax.jit``. Every divergence known before it (MBF's torch warm start, a paired
-weight without a gradient first in its group, faithful AGD's float32 square root) and the one this
+weight without a gradient first in its group, faithful AGD's float32 square root) and the two this
 matrix found (faithful RF-AdamW's ``lr * weight_decay`` rounded three times when the torch adapter
-passed the learning rate as a float64 tensor) is fixed: no cell is marked.
+passed the learning rate as a float64 tensor; faithful Sketchy's tail decay ``sqrt(b2)`` taken of an
+injected float32 ``b2`` before the step cast it to float64) is fixed: no cell is marked.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _reference(cell, backend: str) -> list:
         return pm.core_trajectory(*cell, xp=torch)
     import jax.numpy as jnp
 
-    return pm.core_trajectory(*cell, xp=jnp, jit=True)
+    return _cached(("jitted core",) + cell, lambda: pm.core_trajectory(*cell, xp=jnp, jit=True))
 
 
 _CACHE: dict = {}
@@ -99,17 +100,43 @@ def _identical(got, want, what):
 
 TORCH_PATHS = ("eager", "restored-mid-interval", "restored-at-refresh", "two-groups")
 OPTAX_PATHS = ("jit", "pickled")
+#: Paths run on the MLP's cells alone (every method in both modes; its rank-2 sketches of 5 x 3 and
+#: 2 x 5 weights truncate): the conv cells run the same adapter code for these paths, and the
+#: injected optax row compiles a step per cell.
+MLP_TORCH_PATHS = ("autocast", "empty-parameter-skipped-step", "tensor-lr")
+MLP_OPTAX_PATHS = ("injected-other-dtype",)
+MLP_CELLS = [cell for cell in CELLS if cell[2] == "mlp"]
+#: The step the empty-parameter row skips (a NaN in the first param group's first gradient): a
+#: refresh call (interval 3).
+SKIPPED = pm.INTERVAL
 
 
-def _per_path(paths, marks: dict) -> list:
+def _per_path(paths, marks: dict, cells=CELLS) -> list:
     return [
         pytest.param(cell, path, marks=marks.get((cell, path), ()), id=f"{_cell_id(cell)}-{path}")
-        for cell in CELLS
+        for cell in cells
         for path in paths
     ]
 
 
-@pytest.mark.parametrize("cell, path", _per_path(TORCH_PATHS, {}))
+def _torch_core(cell, **overrides) -> list:
+    """The core's trajectory a torch path is held to, given ``overrides``: on NumPy, or for a
+    float32 cell on torch (eagerly)."""
+    if cell not in FLOAT32:
+        return pm.core_trajectory(*cell, **overrides)
+    import torch
+
+    return pm.core_trajectory(*cell, xp=torch, **overrides)
+
+
+def _meets_torch_core(cell, got, want, what):
+    if cell in FLOAT32:
+        _identical(got, want, f"{what} vs the core on torch")
+    else:
+        _close(got, want, RTOL, f"{what} vs the NumPy core")
+
+
+@pytest.mark.parametrize("cell, path", _per_path(TORCH_PATHS, {}) + _per_path(MLP_TORCH_PATHS, {}, MLP_CELLS))
 def test_torch_path(cell, path):
     """torch eager (``compile=False``) gives the core's trajectory: to RTOL against NumPy, or
     bit-identical to the core on torch for a float32 cell (same kernels, same order).
@@ -118,7 +145,17 @@ def test_torch_path(cell, path):
     ``torch.save``/``torch.load`` into a fresh optimizer on fresh tensors, continues bit-identically
     to the uninterrupted eager run; so does the run with the same hyperparameters split in two param
     groups (one layer each: every method's state and update are per block). Both therefore meet the
-    core as the eager run does."""
+    core as the eager run does.
+
+    On the MLP's cells: ``step`` called inside ``torch.autocast("cpu", dtype=torch.bfloat16)`` is
+    bit-identical to eager (the step turns autocast off: the optimizer's arithmetic is its own;
+    autocast never casts float64, so the float32-state cells are where it would act). Two param
+    groups (one layer each), the second holding an empty parameter (numel 0) after its weight, step
+    3 (a refresh call) given a NaN in the first group's weight gradient: the core given the same
+    NaN (the step skipped in every group: parameters and state kept, counted) to RTOL, or
+    bit-identical to the core on torch for a float32 cell; every parameter, the empty one included,
+    has taken 9 steps and counted 1 skip. ``lr=torch.tensor(lr)`` (float32, as ``torch.tensor``
+    makes it): the core given the value that tensor holds, the same way."""
     eager = _torch_eager(cell)
     if path == "eager":
         want = _reference(cell, "torch")
@@ -129,9 +166,31 @@ def test_torch_path(cell, path):
     elif path.startswith("restored"):
         at = 4 if path == "restored-mid-interval" else 2 * pm.INTERVAL
         _identical(pm.torch_trajectory(*cell, restore_at=at), eager, "restored vs uninterrupted")
-    else:
+    elif path == "two-groups":
         names = list(pm.MODELS[cell[2]].shapes)
         _identical(pm.torch_trajectory(*cell, groups=[names[:2], names[2:]]), eager, "two groups vs one")
+    elif path == "autocast":
+        _identical(pm.torch_trajectory(*cell, autocast=True), eager, "step inside autocast vs eager")
+    elif path == "empty-parameter-skipped-step":
+        import numpy as np
+
+        names, keep = list(pm.MODELS[cell[2]].shapes), []
+        nonfinite = {SKIPPED: names[0]}
+        got = pm.torch_trajectory(*cell, groups=[names[:2], names[2:]], empty=names[2], nonfinite=nonfinite, keep=keep)
+        want = _torch_core(cell, nonfinite=nonfinite)
+        assert all(np.array_equal(want[SKIPPED + 1][n], want[SKIPPED][n]) for n in names), "the core skips the step"
+        _meets_torch_core(cell, got, want, "torch with an empty parameter and a skipped step")
+        opt, named = keep
+        counts = {n: (int(opt.state[p]["step"]), int(opt.state[p]["nonfinite_count"])) for n, p in named}
+        assert set(counts.values()) == {(pm.STEPS - 1, 1)} and pm.EMPTY[0] in counts, counts
+    else:
+        import torch
+
+        lr = torch.tensor(pm.core_kwargs(*cell[:2])["learning_rate"])
+        want = _torch_core(cell, learning_rate=float(lr))
+        # the float32 value is another rate (a float32 state rounds either rate to that value)
+        assert cell in FLOAT32 or pm.difference(want, _numpy_core(cell))[0] > 0
+        _meets_torch_core(cell, pm.torch_trajectory(*cell, lr=lr), want, "torch with a tensor lr")
 
 
 CAPTURED_PATHS = ("captured-restored-mid-interval", "captured-scheduled")
@@ -344,12 +403,52 @@ def test_truncating_sketch_compiled_by_inductor_equals_core(cell, path):
 # optax under jax.jit against the core; a pickled state against the uninterrupted run
 
 
-@pytest.mark.parametrize("cell, path", _per_path(OPTAX_PATHS, {}))
+def _injected_rounding() -> float:
+    """The rounding model of a float32 cell's step with its hyperparameters traced arrays against
+    the step with Python numbers, both under ``jax.jit``: the two compute the same quantities in
+    the same dtypes, and differ where a Python number lets a rule pick a form on the host or lets
+    XLA fold a constant subexpression at another precision (``tests/test_hyperparameter_dtypes.py``):
+    per step at most ``16 u`` of the update (``u`` the float32 unit roundoff), the updates about
+    1e-2 of the parameters, so over ``STEPS`` steps ``STEPS * 16 u * 1e-2`` of the parameters."""
+    import numpy as np
+
+    return pm.STEPS * 16 * float(np.finfo(np.float32).eps) / 2 * 1e-2
+
+
+@pytest.mark.parametrize("cell, path", _per_path(OPTAX_PATHS, {}) + _per_path(MLP_OPTAX_PATHS, {}, MLP_CELLS))
 def test_optax_path(cell, path):
     """optax under ``jax.jit`` (x64, enabled for the whole suite in conftest) gives the core's
     trajectory: to RTOL against NumPy; bit-identical to the jitted core for a float32 cell. A state
     pickled and restored after 4 steps continues bit-identically under the same jitted step (no
-    recompilation: the restored state has the original's structure)."""
+    recompilation: the restored state has the original's structure).
+
+    On the MLP's cells: the factory under ``optax.inject_hyperparams`` (every float argument of its
+    signature, defaults included, a 0-D array in the state, traced by the jitted step), the arrays
+    of another dtype than the one the cell computes in (``hyperparam_dtype``): float32 for a float64
+    cell (cast up, exactly), float64 (the wrapper's default for float64 parameters) for a float32-state
+    cell (cast down). It gives the core given the values the arrays hold
+    (``path_matrix.injected_values``): to RTOL against NumPy; a float32 cell against the jitted
+    core given those values as Python numbers, to the rounding model of :func:`_injected_rounding`.
+    One compilation per cell, so one dtype per cell: the other, arrays of the dtype the cell
+    computes in, casts nothing."""
+    if path in MLP_OPTAX_PATHS:
+        import jax.numpy as jnp
+        import numpy as np
+
+        dtype = "float64" if cell in FLOAT32 else "float32"
+        opt, step = pm._jitted(*cell, False, dtype)
+        state = opt.init(pm.nested({n: jnp.asarray(v) for n, v in pm.MODELS[cell[2]].init().items()}))
+        floats = {v.dtype for v in state.hyperparams.values() if jnp.issubdtype(v.dtype, jnp.floating)}
+        assert floats == {np.dtype(dtype)}, floats
+        got = pm.optax_trajectory(*cell, injected=dtype)
+        values = pm.injected_values(*cell[:2], np.dtype(dtype))
+        if cell in FLOAT32:
+            assert all(values[k] == v for k, v in pm.core_kwargs(*cell[:2]).items() if k in values)  # float64 values
+            _close(got, _reference(cell, "jax"), _injected_rounding(), f"optax {path} vs the jitted core")
+        else:
+            _close(got, pm.core_trajectory(*cell, **values), RTOL, f"optax {path} vs the NumPy core given its values")
+        assert step._cache_size() == 1
+        return
     jitted = _optax_jit(cell)
     if path == "jit":
         want = _reference(cell, "jax")
