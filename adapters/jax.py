@@ -27,6 +27,7 @@ import jax
 import optax
 
 import precond_ref as pr
+from precond_ref.engine.options import UPDATE_KEYWORDS
 from precond_ref.transform import PrecondState, Transform
 from precond_ref.tree import path_str, tree_flatten
 
@@ -139,7 +140,10 @@ def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
             return updates, state._replace(count=state.count + 1)
         core_grads, _ = _as_core_tree(updates)
         core_params = None if params is None else _as_core_tree(params)[0]
-        core_updates, new_state = transform.update(core_grads, state, core_params, **extra_args)
+        # optax hands every transformation of a chain all the chain's extra arguments (a loss
+        # value for another one); the core takes only its own.
+        core_extra = {key: value for key, value in extra_args.items() if key in UPDATE_KEYWORDS}
+        core_updates, new_state = transform.update(core_grads, state, core_params, **core_extra)
         return _from_core_tree(core_updates, updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -63,7 +63,8 @@ class Transform(NamedTuple):
 
     ``updates`` are *added* to the parameters (learning rate and sign included), as in optax.
     Methods that need more than gradients take it as keyword arguments of ``update``
-    (e.g. ``batch_size=`` for the root-free methods).
+    (``batch_size=`` for the root-free methods and IF-Shampoo; every method takes it, and refuses a
+    keyword no method reads).
 
     Methods with periodic work (a root every ``precondition_every`` steps, ...) decide on which
     call it runs from the number of calls made before (skipped non-finite steps included). Given

@@ -949,3 +949,23 @@ def test_due_that_is_not_the_tuple_due_returns_is_refused_naming_due(due, error,
     with pytest.raises(error, match="asgo: due ") as caught:
         opt.update(p, opt.init(p), p, due=due)
     assert words in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["asgo", "rf_adamw"])
+def test_an_update_keyword_no_method_reads_is_refused_naming_the_closest(name):
+    """``update``'s keywords beyond ``step``, ``due`` and ``gradients_ok`` are the per-call inputs
+    some methods read (``engine.options.UPDATE_KEYWORDS``: ``batch_size``). Any other was ignored,
+    so a misspelt ``batch_sise=8`` left the factory's batch size (or none) in force with no error.
+    It is refused naming the method and the closest keyword; ``batch_size`` itself is taken by
+    every method (one loop can pass it to any), and changes nothing where the method reads no B."""
+    p = {"w": np.ones((3, 4))}
+    opt = getattr(pr, name)(**({"batch_size": 4} if name == "rf_adamw" else {}))
+    state = opt.init(p)
+    with pytest.raises(TypeError, match=rf"^{name}: update\(\) got an unexpected keyword argument 'batch_sise'; "
+                                        r"did you mean 'batch_size'\?"):
+        opt.update(p, state, p, batch_sise=8)
+    with pytest.raises(TypeError, match=r"argument 'lr'; it takes step, due, gradients_ok, batch_size"):
+        opt.update(p, state, p, lr=1e-2)
+    given, _ = opt.update(p, state, p, batch_size=4)
+    plain, _ = opt.update(p, state, p)
+    assert np.array_equal(given["w"], plain["w"])

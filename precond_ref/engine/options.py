@@ -11,7 +11,7 @@ from .._backend import as_operand, compute_dtype, is_number
 from ..transform import check_positive_int
 
 __all__ = [
-    "BATCH_SIZE_HELP", "FLOATING_DTYPE_NAMES", "check_batch_size", "batch_size", "check_dtype", "state_dtype", "operands",
+    "BATCH_SIZE_HELP", "UPDATE_KEYWORDS", "check_update_keywords", "FLOATING_DTYPE_NAMES", "check_batch_size", "batch_size", "check_dtype", "state_dtype", "operands",
     "filled",
 ]
 
@@ -31,6 +31,26 @@ BATCH_SIZE_HELP = (
     "examples the loss averages over (B*g*g estimates the per-example second moment; a summed, "
     "not averaged, loss makes it wrong by B**2). Pass batch_size= to the factory or to update"
 )
+
+
+#: The keyword arguments of a transform's ``update`` beyond ``step``, ``due`` and ``gradients_ok``:
+#: the per-call inputs some methods read (B of the root-free methods and IF-Shampoo); every method
+#: takes them, so that one training loop can pass them to any method.
+UPDATE_KEYWORDS = ("batch_size",)
+
+
+def check_update_keywords(name: str, extra: dict) -> None:
+    """``TypeError`` for a keyword of ``update`` that no method reads (a misspelt ``batch_size``
+    would otherwise be ignored, and the factory's value or none used), naming the method ``name``
+    and the closest valid keyword."""
+    for key in extra:
+        if key not in UPDATE_KEYWORDS:
+            import difflib
+
+            valid = ("step", "due", "gradients_ok", *UPDATE_KEYWORDS)
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(valid)}"
+            raise TypeError(f"{name}: update() got an unexpected keyword argument {key!r}; {hint}")
 
 
 def check_batch_size(value: Any, where: str = "batch_size") -> None:

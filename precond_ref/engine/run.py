@@ -21,6 +21,7 @@ from .checks import (
 from .context import StepContext
 from .factors import keeping_constants
 from .joined import pack
+from .options import check_update_keywords
 
 __all__ = ["build_transform", "steps_leaf_by_leaf"]
 
@@ -133,6 +134,8 @@ def build_transform(
 
     def update(grads: Any, state: PrecondState, params: Any = None, *, step: int | None = None,
                due: tuple[bool, ...] | None = None, gradients_ok: Any = None, **extra: Any) -> tuple[Any, PrecondState]:
+        if extra:
+            check_update_keywords(name, extra)
         return runner.update(grads, state, params, step, due, gradients_ok, extra)
 
     init.layout_hint = layout_hint  # type: ignore[attr-defined]

@@ -26,3 +26,16 @@ def test_an_empty_state_can_be_donated():
     inner = state.inner_state
     assert int(inner.count) == 2 and int(inner.nonfinite_count) == 0
     assert updates["embed"] is not None and bool(jnp.all(updates["embed"] == params["embed"]))
+
+
+def test_a_chain_hands_its_extra_arguments_to_every_transformation():
+    """optax gives every transformation of a chain all the chain's extra arguments
+    (``GradientTransformationExtraArgs``): here the loss ``value`` that
+    ``optax.contrib.reduce_on_plateau`` reads. Ours take those they read (``batch_size``) and
+    leave the others, where the core refuses an update keyword no method reads (a misspelling)."""
+    params = {"w": jnp.ones((3, 2), F32)}
+    tx = optax.chain(pj.rf_adamw(learning_rate=1e-2, batch_size=4), optax.contrib.reduce_on_plateau(patience=1))
+    state = tx.init(params)
+    updates, state = tx.update(params, state, params, value=jnp.asarray(1.0, F32), batch_size=4)
+    alone, _ = pj.rf_adamw(learning_rate=1e-2, batch_size=4).update(params, pj.rf_adamw(learning_rate=1e-2).init(params), params)
+    assert bool(jnp.all(updates["w"] == alone["w"]))
