@@ -310,12 +310,15 @@ def _counter(value: Any, what: str) -> int:
     return int(number)
 
 
-def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callable[[dict], Any]) -> None:
+def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callable[[dict], Any],
+                    before_commit: Optional[Callable[[], None]] = None) -> None:
     """Validate ``state_dict`` completely, then load it into ``opt``; on any error nothing changes.
 
     ``build(group)`` makes a param group's core transform (raising ``ValueError``/``TypeError``
     that names the torch argument for invalid hyperparameters): the optimizer's own, given here
-    so that this module needs nothing of the optimizer's class.
+    so that this module needs nothing of the optimizer's class. ``before_commit()``, when given,
+    runs after every check and before anything of ``opt`` changes; raising there refuses the load
+    (``torch_distributed``'s classes agree there with the other ranks that each could load).
 
     Checks, each error naming the parameter: the number and sizes of param groups; param-group
     keys this class does not take are kept (as torch keeps them: schedulers store ``initial_lr`` and
@@ -449,6 +452,8 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
             # stepped, or warm-started (MBF.warm_start: state made before the first call)
             _check_core_state(path_of, transform, members, where, hint)
 
+    if before_commit is not None:
+        before_commit()
     # Commit: nothing above touched the optimizer.
     opt.__setstate__({"state": new_state, "param_groups": new_groups})
     opt._param_names = names

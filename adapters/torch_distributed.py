@@ -37,7 +37,8 @@ the blocks it owns (and the step counters of all); save one file per rank and lo
 rank of the same number, with the same world size and parameters (ownership is a deterministic
 function of those). With FSDP2 the element-wise methods keep their state on local shards, as the
 parameters are, and ``state_dict()`` gives it as DTensors sharded like the parameters (as torch's
-optimizers do), so torch DCP saves and reshards it. ``load_state_dict`` is collective.
+optimizers do), so torch DCP saves and reshards it. ``load_state_dict`` is collective: a
+checkpoint that one rank refuses is refused on every rank, and no rank loads.
 """
 
 from __future__ import annotations
@@ -483,24 +484,86 @@ class DistributedOptimizer:
         ranks own get their initial state, and local-shard state (element-wise methods under
         FSDP2), saved as DTensors (:meth:`state_dict`, or DCP's reshard of them) or as local
         shards (the earlier layout), is presented as DTensors of the parameters' global shape;
-        both are undone after loading. Collective: every rank loads at the same point.
+        both are undone after loading.
+
+        Collective: every rank loads at the same point, and the ranks agree before any of them
+        changes: a checkpoint that one rank refuses (another optimizer's, another configuration's,
+        another rank's blocks, not a state_dict) is refused on every rank with that rank's reason
+        (:meth:`_agree_to_load`), and no rank loads. One rank raising alone would leave the others
+        training on, to wait in the next step's collectives.
         """
-        # Agreed by every rank before any loads: a checkpoint without the state of a block some rank
-        # steps is refused on all of them (one rank raising alone would leave the others waiting).
-        missing = [None] * self._world
-        dist.all_gather_object(missing, self._missing_block_state(state_dict), group=self._pg)
-        if any(missing):
-            names = ", ".join(f"{name!r} (rank {r})" for r, names in enumerate(missing) for name in names or ())
+        # The gathered parameters (FSDP2, matrix methods) do not depend on the checkpoint: gathered
+        # first, by every rank, before anything that could raise on one rank only.
+        full = {path_str(path): p.full_tensor() for path, p in self._leaves() if self._kind(p) == _FULL}  # in order
+        agreed = []  # set once this rank has taken part in the agreement (its one collective)
+
+        def agree(refusal: Optional[dict]) -> None:
+            agreed.append(True)
+            self._agree_to_load(refusal)
+
+        try:
+            missing = self._missing_block_state(state_dict)
+            if missing:
+                agree({"missing": missing})
+            self._load_agreed(state_dict, full, lambda: agree(None))
+        except Exception as error:
+            if agreed:  # refused in the agreement, or after it (nothing raises there)
+                raise
+            try:
+                agree({"error": (type(error).__name__, str(error))})
+            except Exception as refused:  # always: this rank refused
+                raise refused from error
+            raise
+
+    def _agree_to_load(self, refusal: Optional[dict]) -> None:
+        """One all-gather of every rank's verdict on its checkpoint (``None``: it can load), then the
+        same error on every rank where some rank refused: the blocks whose state a checkpoint lacks
+        (:meth:`_missing_block_state`), named with their ranks, or each refusing rank's reason."""
+        verdicts: list = [None] * self._world
+        dist.all_gather_object(verdicts, refusal, group=self._pg)
+        cls = type(self).__name__
+        missing = [(r, name) for r, v in enumerate(verdicts) if v for name in v.get("missing", ())]
+        if missing:
+            names = ", ".join(f"{name!r} (rank {r})" for r, name in missing)
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the checkpoint lacks the state of the blocks of {names}, "
+                f"{cls}.load_state_dict: the checkpoint lacks the state of the blocks of {names}, "
                 "which took steps: it holds one rank's blocks only (a full state, full_state_dict=True or "
                 "broadcast_from_rank0, takes rank 0's). The split classes' checkpoints are each rank's own "
                 "state_dict(), loaded into the rank of the same number, or a sharded torch DCP checkpoint"
             )
+        errors = [(r, v["error"]) for r, v in enumerate(verdicts) if v and "error" in v]
+        if not errors:
+            return
+        prefix = f"{cls}.load_state_dict: "
+        reasons = {}
+        for r, (kind, message) in errors:
+            reason = message[len(prefix):] if message.startswith(prefix) else f"{kind}: {message}"
+            reasons.setdefault(reason, []).append(r)
+        if len(errors) == self._world and len(reasons) == 1:
+            where = "every rank"
+        else:
+            where = ", ".join(f"rank {r}" for r, _ in errors)
+        said = "; ".join(
+            reason if len(reasons) == 1 else f"rank {', '.join(map(str, ranks))}: {reason}"
+            for reason, ranks in reasons.items()
+        )
+        # The refusing ranks' exception type where they agree on ValueError or TypeError (the base
+        # class's refusals), else ValueError; the same on every rank.
+        kinds = {kind for _, (kind, _) in errors}
+        kind = TypeError if kinds == {"TypeError"} else ValueError
+        raise kind(f"{prefix}the checkpoint was refused on {where}, so no rank of the process group loaded: {said}")
+
+    def _load_agreed(self, state_dict: dict, full: dict, before_commit) -> None:
+        """The base class's load of this rank's checkpoint, with ``before_commit`` (the agreement of
+        the ranks) run after every check and before the optimizer changes."""
+        if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+                and isinstance(state_dict.get("param_groups"), list)):
+            # Not a state_dict: the base class's check refuses it, in its words.
+            self._base_load(state_dict, before_commit)
+            return
         filled = {key: {k: v for k, v in value.items() if k not in (_COUNTERS_OF, _STATE_OF)}
                   for key, value in state_dict["state"].items()}
         leaves = self._leaves()
-        full = {path_str(path): p.full_tensor() for path, p in leaves if self._kind(p) == _FULL}  # in order
         index = 0
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             others = []
@@ -530,7 +593,7 @@ class DistributedOptimizer:
                 ids = {path_str(path): saved_id for path, _, saved_id in others}
                 for key, arrays in core.init(tree).groups.items():
                     filled[ids[key]].update(arrays)
-        super().load_state_dict({**state_dict, "state": filled})
+        self._base_load({**state_dict, "state": filled}, before_commit)
         for path, p in leaves:
             entries = self.state.get(p)
             if not entries:
@@ -545,6 +608,13 @@ class DistributedOptimizer:
                 # An empty shard: no state arrays, as the step keeps it.
                 for key in [k for k in entries if k not in _COUNTERS and k != "core_group"]:
                     del entries[key]
+
+    def _base_load(self, state_dict: Any, before_commit) -> None:
+        """The base class's ``load_state_dict``, with ``before_commit`` run before anything changes."""
+        with _base_state.torch_names_in_errors(self._torch_names_by_path):
+            _base_state.load_state_dict(self, state_dict, self._build, before_commit=before_commit)
+        self._drop_graphs()
+        self._restack = True
 
     # -- step ----------------------------------------------------------------------------------
 

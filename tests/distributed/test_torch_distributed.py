@@ -172,6 +172,31 @@ def test_split_full_state_checkpoint_is_refused_on_every_rank(job):
         assert f"{owned_by_1[0]!r} (rank 1)" in error, (rank, error)
 
 
+@pytest.mark.parametrize("case, words", [
+    ("foreign", "state 'statistic' of parameter '0.weight' (index 0) has shape (5, 5), expected (6, 6)"),
+    ("swapped", "the state of parameter '2.bias' (index 3) lacks ['mu', 'nu']"),
+    ("not-a-dict", "expected a dict with 'state' and 'param_groups'"),
+])
+def test_checkpoint_refused_on_one_rank_is_refused_on_every_rank(job, case, words):
+    """A split class (ASGO under DDP) whose rank 1 alone is given a checkpoint it refuses (DASGO's,
+    rank 0's own, not a state_dict) while rank 0 loads its own ``state_dict()``: every rank raises
+    the same ValueError, naming rank 1 and its reason, no rank's state changes, and the next step
+    runs on both ranks with equal parameters.
+
+    Invariant: ``load_state_dict`` is collective; the ranks agree on every rank's verdict before
+    any loads, so a refusal on one rank never leaves another rank loaded (half the ranks resumed)
+    or training on into a collective the refusing rank does not join."""
+    ranks, _ = job
+    errors = [ranks[r]["refused_checkpoints"][case]["error"] for r in range(WORLD)]
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith("ValueError: ASGO.load_state_dict: the checkpoint was refused on rank 1, "
+                                "so no rank of the process group loaded: "), errors[0]
+    assert words in errors[0], errors[0]
+    for rank in range(WORLD):
+        assert ranks[rank]["refused_checkpoints"][case]["unchanged"], rank
+        assert ranks[rank]["refused_checkpoints"][case]["agree"], rank
+
+
 @pytest.mark.parametrize("label, words", [
     ("groups", "ValueError: ASGO: inconsistent across ranks: mismatched process groups"),
     ("params", "ValueError: ASGO: inconsistent across ranks: parameter '0.weight' differs between rank 0 and rank 1 (values)"),
