@@ -418,33 +418,48 @@ class DistributedOptimizer:
         other ranks own is not in it, while DCP keeps the loading optimizer's own entries for keys
         the checkpoint lacks: a rank's blocks would resume from whatever state it held before. The
         two tokens then differ, and :meth:`load_state_dict` refuses the checkpoint on every rank.
-        Both are the same on every rank (one optimizer), as DCP needs of a key saved by several."""
+        Both are the same on every rank (one optimizer), as DCP needs of a key saved by several.
+
+        A mark also holds the parameter's ``calls``: DCP completes a checkpoint that carries no
+        marks (a split class's checkpoint saved without them) with the loading optimizer's own
+        marks, whose ``calls`` are then not the checkpoint's (:meth:`_missing_block_state`)."""
         state = {}
         for index, entries in state_dict["state"].items():
-            entries = {**entries, _COUNTERS_OF: self._token}
+            mark = f"{self._token:016x}/{entries.get('calls', 0)}"
+            entries = {**entries, _COUNTERS_OF: mark}
             if entries.get("core_group"):
-                entries[_STATE_OF] = self._token
+                entries[_STATE_OF] = mark
             state[index] = entries
         return {**state_dict, "state": state}
 
-    def _missing_block_state(self, state_dict: dict) -> list[str]:
-        """The parameters whose block this rank steps, which took steps by the checkpoint's counters,
-        and whose state the checkpoint does not hold (:meth:`_marked`'s tokens differ)."""
-        missing, index = [], 0
+    def _missing_block_state(self, state_dict: dict) -> dict:
+        """The parameters whose block this rank steps and which took steps by the checkpoint's
+        counters, where the checkpoint does not hold the block's state (``"missing"``:
+        :meth:`_marked`'s tokens differ) or carries no marks of its own (``"unmarked"``: the mark
+        beside the counters, which torch DCP took from the loading optimizer, is of other
+        ``calls``); empty where neither."""
+        found: dict = {}
+        index = 0
         try:
             saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         except (KeyError, TypeError):
-            return []  # not a state_dict: the base class's check says so
+            return found  # not a state_dict: the base class's check says so
         for saved_group, group in zip(saved_groups, self.param_groups):
             for saved_id, p in zip(saved_group.get("params", ()), group["params"]):
                 path = self._path(p, index)
                 index += 1
                 entries = saved_state.get(saved_id) or {}
-                if (_COUNTERS_OF in entries and entries.get("core_group") and entries.get("calls", 0)
-                        and self._owner.get(path_str(path), self._rank) == self._rank
-                        and entries.get(_STATE_OF) != entries[_COUNTERS_OF]):
-                    missing.append(".".join(str(k) for k in path))
-        return missing
+                calls = entries.get("calls", 0)
+                if (_COUNTERS_OF not in entries or not entries.get("core_group") or not calls
+                        or self._owner.get(path_str(path), self._rank) != self._rank):
+                    continue
+                name = ".".join(str(k) for k in path)
+                mark = entries[_COUNTERS_OF]
+                if isinstance(mark, str) and not mark.endswith(f"/{int(calls)}"):
+                    found.setdefault("unmarked", []).append(name)
+                elif entries.get(_STATE_OF) != mark:
+                    found.setdefault("missing", []).append(name)
+        return found
 
     @staticmethod
     def _is_shard_state(value: Any, p: DTensor) -> bool:
@@ -504,7 +519,7 @@ class DistributedOptimizer:
         try:
             missing = self._missing_block_state(state_dict)
             if missing:
-                agree({"missing": missing})
+                agree(missing)
             self._load_agreed(state_dict, full, lambda: agree(None))
         except Exception as error:
             if agreed:  # refused in the agreement, or after it (nothing raises there)
@@ -530,6 +545,17 @@ class DistributedOptimizer:
                 "which took steps: it holds one rank's blocks only (a full state, full_state_dict=True or "
                 "broadcast_from_rank0, takes rank 0's). The split classes' checkpoints are each rank's own "
                 "state_dict(), loaded into the rank of the same number, or a sharded torch DCP checkpoint"
+            )
+        unmarked = [(r, name) for r, v in enumerate(verdicts) if v for name in v.get("unmarked", ())]
+        if unmarked:
+            names = ", ".join(f"{name!r} (rank {r})" for r, name in unmarked)
+            raise ValueError(
+                f"{cls}.load_state_dict: the counters of {names}, which took steps, carry the marks of this "
+                "optimizer, not of the one that saved them: the checkpoint has no marks (a split class's "
+                "checkpoint saved without them) and torch DCP's set_optimizer_state_dict completed it with this "
+                "optimizer's own entries, so whether it holds the state of each rank's blocks cannot be told (a "
+                "full state, full_state_dict=True or broadcast_from_rank0, holds rank 0's only). Load each "
+                "rank's own state_dict() with load_state_dict, into the rank of the same number"
             )
         errors = [(r, v["error"]) for r, v in enumerate(verdicts) if v and "error" in v]
         if not errors:

@@ -172,6 +172,26 @@ def test_split_full_state_checkpoint_is_refused_on_every_rank(job):
         assert f"{owned_by_1[0]!r} (rank 1)" in error, (rank, error)
 
 
+def test_unmarked_split_checkpoint_is_refused_through_dcp_and_loads_directly(job):
+    """A split class's checkpoint without the marks of its counters and block state: the full-state
+    pattern (``broadcast_from_rank0``) raises ValueError on every rank saying the checkpoint has
+    no marks, naming the blocks of both ranks; each rank's own unmarked ``state_dict()`` given to
+    ``load_state_dict`` loads exactly that state; the optimizer's own ``state_dict()`` loaded back
+    after a further step (a rollback) loads.
+
+    Invariant: a checkpoint that lacks a block's state never loads as if it held it. torch DCP
+    completes a checkpoint with the loading optimizer's own entries for every key it lacks, marks
+    included, so an unmarked full state gave rank 1's blocks the fresh optimizer's state with the
+    checkpoint's counters; the marks hold the parameter's ``calls``, which the checkpoint's counters
+    then contradict."""
+    ranks, _ = job
+    for rank in range(WORLD):
+        got = ranks[rank]["split_full_state"]
+        assert got["unmarked"] is not None and "the checkpoint has no marks" in got["unmarked"], (rank, got)
+        assert "'0.weight' (rank 0)" in got["unmarked"] and "'4.weight' (rank 1)" in got["unmarked"], got
+        assert got["rank-file"] is True and got["rollback"] is True, (rank, got)
+
+
 @pytest.mark.parametrize("case, words", [
     ("foreign", "state 'statistic' of parameter '0.weight' (index 0) has shape (5, 5), expected (6, 6)"),
     ("swapped", "the state of parameter '2.bias' (index 3) lacks ['mu', 'nu']"),

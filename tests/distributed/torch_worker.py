@@ -205,12 +205,33 @@ def split_full_state(rank: int, world: int, out: str) -> dict:
     """ASGO with the split preconditioner under DDP, two steps, then torch's full-state pattern:
     ``get_state_dict(full_state_dict=True, cpu_offload=True)`` saved by rank 0, loaded into a fresh
     optimizer with ``set_optimizer_state_dict(full_state_dict=True, broadcast_from_rank0=True)``:
-    the error each rank saw, or None."""
+    the error each rank saw, or None (``error``); the same with the checkpoint's marks taken out
+    (``unmarked``: as a split class saved it without them). And each rank's own ``state_dict()``
+    without the marks, loaded with ``load_state_dict`` (``rank-file``), and this optimizer's own
+    ``state_dict()`` loaded back after a further step (``rollback``): the error, or whether the
+    state is the one saved."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_optimizer_state_dict,
         set_optimizer_state_dict,
     )
+
+    marks = ("counters_saved_by", "state_saved_by")
+
+    def unmarked(state_dict: dict) -> dict:
+        if "state" not in state_dict:  # a full state: empty on the ranks other than 0
+            return state_dict
+        return {**state_dict, "state": {k: {n: v for n, v in e.items() if n not in marks}
+                                        for k, e in state_dict["state"].items()}}
+
+    def tensors(opt) -> dict:
+        return {id(p): {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)} for p, s in opt.state.items()}
+
+    def same(opt, saved: dict) -> bool:
+        now = tensors(opt)
+        return now.keys() == saved.keys() and all(
+            now[p].keys() == saved[p].keys() and all(torch.equal(now[p][k], v) for k, v in saved[p].items())
+            for p in saved)
 
     cls, kwargs = CONFIGS["asgo"]
     xs, ys = data()
@@ -220,22 +241,40 @@ def split_full_state(rank: int, world: int, out: str) -> dict:
         opt.zero_grad()
         loss_fn(net, shard(x, rank, world), shard(y, rank, world)).backward()
         opt.step()
-    where = os.path.join(out, "asgo-full.pt")
+    results = {}
+    saved_state = tensors(opt)
+    fresh = ptd.ASGO(net.module.named_parameters(), **kwargs)
+    try:
+        fresh.load_state_dict(unmarked(opt.state_dict()))
+        results["rank-file"] = same(fresh, saved_state)
+    except ValueError as err:
+        results["rank-file"] = str(err)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     saved = get_optimizer_state_dict(net.module, opt, options=options)
-    if rank == 0:
-        torch.save(saved, where)
-    dist.barrier()
+    for label, checkpoint in (("error", saved), ("unmarked", unmarked(saved))):
+        where = os.path.join(out, f"asgo-full-{label}.pt")
+        if rank == 0:
+            torch.save(checkpoint, where)
+        dist.barrier()
+        opt.zero_grad()
+        fresh = ptd.ASGO(net.module.named_parameters(), **kwargs)
+        full = torch.load(where, weights_only=False) if rank == 0 else {}
+        try:
+            set_optimizer_state_dict(net.module, fresh, full, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True))
+            results[label] = None
+        except ValueError as err:
+            results[label] = str(err)
+    own = opt.state_dict()
     opt.zero_grad()
-    opt = ptd.ASGO(net.module.named_parameters(), **kwargs)
-    full = torch.load(where, weights_only=False) if rank == 0 else {}
+    loss_fn(net, shard(xs[2], rank, world), shard(ys[2], rank, world)).backward()
+    opt.step()
     try:
-        set_optimizer_state_dict(net.module, opt, full, options=StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=True))
-        return {"error": None}
+        opt.load_state_dict(own)
+        results["rollback"] = same(opt, saved_state)
     except ValueError as err:
-        return {"error": str(err)}
-
+        results["rollback"] = str(err)
+    return results
 
 def refused_checkpoints(rank: int, world: int, out: str) -> dict:
     """ASGO with the split preconditioner under DDP, two steps, then checkpoints that rank 1 alone
