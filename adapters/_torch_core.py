@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 
 from precond_ref._backend import consecutive_runs, consecutive_view, float32_matmul_precision, namespace_of, owned_state
+from precond_ref.engine.layout import unpaired_biases, weight_bias_groups
 from precond_ref.engine.skip import first_bad_gradient, gradient_ok
 from precond_ref.transform import PrecondState, Transform, missing_members
 from precond_ref.tree import TreeDef, path_str, tree_flatten, tree_unflatten
@@ -210,6 +211,7 @@ class CoreOptimizer(torch.optim.Optimizer):
             self._param_names.update((p, n) for p, n in self._model_names.items() if id(p) in members)
             self._transform(group)  # builds the core transform: refuses invalid hyperparameters
             self._check_names(group)
+            self._warn_unpaired_biases(group)
         except Exception as error:
             # A refused group leaves the optimizer as it was: a group left in param_groups would
             # make every later step raise, and its parameters could not be added again.
@@ -236,6 +238,29 @@ class CoreOptimizer(torch.optim.Optimizer):
                 "their own (the named_parameters() of two models? prefix their names, [(f'enc.{name}', p) for name, "
                 "p in enc.named_parameters()], or give each model a param group of its own)"
             ) from None
+
+    def _warn_unpaired_biases(self, group: dict) -> None:
+        """A warning for each layer of ``group`` (the last param group) whose bias a method that pairs a
+        weight with its bias (MBF, IF-Shampoo's ``grouping="weight_bias"``) leaves as a block of its
+        own because the layer's weight is kept as several tensors by a parametrization (``weight_norm``'s
+        ``original0``/``original1``, the hook-based ``weight_g``/``weight_v``;
+        :func:`precond_ref.engine.layout.unpaired_biases`): the same model without the parametrization
+        would have its layer block ``[W | b]``."""
+        if CoreOptimizer._transform(self, group).group_leaves is not weight_bias_groups:
+            return
+        first = sum(len(g["params"]) for g in self.param_groups[:-1])
+        paths = [self._path(p, first + k) for k, p in enumerate(group["params"])]
+        for layer, members in unpaired_biases(paths, group["params"]):
+            name = ".".join(map(str, layer))
+            warnings.warn(
+                f"{type(self).__name__}: the weight of layer {name!r} is kept as "
+                f"{', '.join(repr('.'.join(map(str, m))) for m in members)} by a parametrization (as weight_norm "
+                f"does), none of them the weight itself, so its bias {name + '.bias'!r} is not paired with it: the "
+                "bias and each of those tensors are blocks of their own, not the layer block [W | b] of the same "
+                "model without the parametrization (a single-tensor parametrization, as spectral_norm or "
+                "orthogonal, is paired)",
+                stacklevel=_torch_capture._caller_level(),
+            )
 
     def __getstate__(self) -> dict:
         return _torch_state.getstate(self)

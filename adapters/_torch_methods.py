@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from precond_ref.engine.layout import layer_member
 from precond_ref.tree import path_str
 
 from ._torch_core import CoreOptimizer, _layout, autocast_off, autocast_restored, step_outside_the_graph
@@ -400,6 +401,13 @@ class _RootFreeOptimizer(CoreOptimizer):
 # MBF
 
 
+def _unparametrized_class(module: torch.nn.Module) -> type:
+    """The module's class, or for a parametrized module (which ``torch.nn.utils.parametrize`` gives a
+    subclass of its own, ``Parametrized<class>``) the class it was built as."""
+    cls = type(module)
+    return cls.__bases__[0] if torch.nn.utils.parametrize.is_parametrized(module) else cls
+
+
 def _inputs_first_weights(names: dict, model: Optional[torch.nn.Module]) -> frozenset:
     """The 2-D weights with a sibling bias that store inputs x outputs (``x @ W + b``, as
     transformers' GPT-2 ``Conv1D``) rather than torch's outputs x inputs (``nn.Linear``).
@@ -413,20 +421,25 @@ def _inputs_first_weights(names: dict, model: Optional[torch.nn.Module]) -> froz
     modules = {}
     if model is not None:
         for module in model.modules():
+            # A parametrized weight's tensor (``original``) belongs to the layer it computes the weight of.
+            if torch.nn.utils.parametrize.is_parametrized(module):
+                for p in module.parametrizations.parameters():
+                    modules.setdefault(p, module)
             for p in module.parameters(recurse=False):
                 modules.setdefault(p, module)
-    by_name = {name: p for p, name in names.items()}
+    # A layer's weight and bias as the pairing reads them (a parametrization's ``original`` is its weight).
+    member = {layer_member(tuple(name.split("."))): p for p, name in names.items()}
     found, square = set(), []
     for p, name in names.items():
-        prefix, _, leaf = name.rpartition(".")
-        bias = by_name.get(f"{prefix}.bias" if prefix else "bias")
+        layer, leaf = layer_member(tuple(name.split(".")))
+        bias = member.get((layer, "bias"))
         if leaf != "weight" or p.ndim != 2 or bias is None or bias.ndim != 1:
             continue
         rows, cols, size = p.shape[0], p.shape[1], bias.shape[0]
         module = modules.get(p)
         if isinstance(module, torch.nn.Linear):
             continue
-        if module is not None and type(module).__name__ == "Conv1D" and cols == size:
+        if module is not None and _unparametrized_class(module).__name__ == "Conv1D" and cols == size:
             found.add(p)
         elif cols == size and rows != size:
             found.add(p)

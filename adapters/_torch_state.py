@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from precond_ref.engine.layout import layer_member
 from precond_ref.tree import path_str
 
 STEP, NONFINITE = "step", "nonfinite_count"
@@ -105,13 +106,18 @@ def param_path(names: dict, inputs_first: frozenset, p: torch.Tensor, index: int
     """The core path of parameter ``p``, the ``index``-th of the optimizer: its dotted name split
     (``"fc1.weight"`` -> ``("fc1", "weight")``, which is what weight/bias pairing reads), or
     ``("param<index>",)`` when it has none. A weight in ``inputs_first`` (inputs x outputs, as
-    transformers' ``Conv1D``) is named ``"kernel"``, the core's name for an out-last weight."""
+    transformers' ``Conv1D``) is named ``"kernel"``, the core's name for an out-last weight, which
+    the core reads by the last key: ``("fc1", "kernel")``, also for the tensor a parametrization
+    computes such a weight from (``"fc1.parametrizations.weight.original"``, see
+    :func:`precond_ref.engine.layout.layer_member`)."""
     name = names.get(p)
     if not name:
         return (f"param{index}",)
     path = tuple(name.split("."))
-    if p in inputs_first and path[-1] == "weight":
-        return path[:-1] + ("kernel",)
+    if p in inputs_first:
+        layer, member = layer_member(path)
+        if member == "weight":
+            return layer + ("kernel",)
     return path
 
 
