@@ -292,3 +292,46 @@ def test_vector_norms_are_each_arrays_norm():
         assert got.dtype == a.dtype and torch.equal(got, torch.linalg.vector_norm(a))
     numpy_arrays = [a.numpy() for a in arrays]
     assert [float(v) for v in vector_norms(xp, numpy_arrays)] == [float(xp.linalg.vector_norm(a)) for a in numpy_arrays]
+
+
+def test_finish_gets_minus_learning_rate_in_the_learning_rates_form():
+    """``_finished`` gives ``rule.finish`` :math:`-\\eta_t` (``StepContext.negated(..., weak=True)``):
+    a Python number for a learning rate that is a number at this step (a Python float, a NumPy
+    scalar, a schedule's NumPy scalar), so that S-AdaGrad's ``-η λ`` is a product of two numbers
+    rounded once; for an array learning rate the 0-D array of the direction's dtype that the
+    one-sided layout gets (``negated`` without ``weak``), made once per update for all leaves of
+    that dtype, a schedule evaluated once."""
+    from typing import Any, NamedTuple
+
+    from precond_ref._backend import IdentityDict
+    from precond_ref.engine.context import StepContext
+
+    class Config(NamedTuple):
+        learning_rate: Any
+        has_momentum: bool = False
+        has_weight_decay: bool = False
+
+    seen = []
+    rule = SimpleNamespace(finish=lambda xp_, c, minus_lr, u: (seen.append(minus_lr) or minus_lr * u,))
+    directions = [np.ones((2, 3), np.float32), np.ones((4,), np.float32), np.ones((3,), np.float64)]
+    calls = []
+
+    def schedule(count):
+        calls.append(count)
+        return np.float64(0.5) ** (count + 1)
+
+    for learning_rate, want in ((0.0137, -0.0137), (np.float32(0.25), -0.25), (schedule, -0.25)):
+        seen.clear()
+        ctx = StepContext(xp=xp, count=np.asarray(1, np.int32), extra={}, settled=IdentityDict(), shared={})
+        axes._finished(xp, ctx, rule, Config(learning_rate), directions, [None] * 3, None)
+        assert all(type(v) is float and v == want for v in seen), seen
+    assert len(calls) == 1
+    for learning_rate in (np.asarray(0.0137, np.float64), lambda count: np.asarray(0.0137, np.float64)):
+        seen.clear()
+        ctx = StepContext(xp=xp, count=np.asarray(1, np.int32), extra={}, settled=IdentityDict(), shared={})
+        axes._finished(xp, ctx, rule, Config(learning_rate), directions, [None] * 3, None)
+        made = {str(v.dtype): v for v in seen}  # one array per dtype, whether the leaves of a dtype were joined or not
+        assert set(made) == {"float32", "float64"} and all(any(v is w for w in made.values()) for v in seen)
+        assert all(v.shape == () for v in seen)
+        assert made["float32"] is ctx.negated("learning_rate", learning_rate, np.dtype(np.float32), "cpu")
+        assert made["float64"] == -np.float64(0.0137) and made["float32"] == -np.float32(0.0137)

@@ -33,7 +33,7 @@ import re
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from .. import sketch as _sketch
-from .._backend import array_device, as_operand, cast, compute_dtype, device_key, is_zero, joined, on_cpu, vector_norms
+from .._backend import array_device, cast, compute_dtype, device_key, is_zero, joined, on_cpu, vector_norms
 from ..blocking import Stack, chunk_sizes, same_layout, stack, unfold, unstack
 from ..transform import Transform
 from ..tree import to_entries
@@ -520,15 +520,15 @@ def _entries(rule: AxesRule, names: tuple, sketches: Sequence, *rest: Any) -> di
 
 def _finished(xp: Any, ctx: StepContext, rule: AxesRule, c: Any, directions: list, leaves: list, params: Any) -> list:
     """``rule.finish(xp, c, -η_t, u, m, W)`` of every leaf (``m`` with momentum, ``W`` with weight
-    decay, cast to the direction's dtype; -η_t once a step), the leaves of one layout joined end to
-    end (:func:`~precond_ref.engine.joined.leafwise`); ``c`` and ``-η_t`` as operands of the
-    direction's dtype (:func:`_at`; a learning rate that is a Python number stays one)."""
-    learning_rate, minus_lr = ctx.value(c.learning_rate), {}
+    decay, cast to the direction's dtype), the leaves of one layout joined end to end
+    (:func:`~precond_ref.engine.joined.leafwise`); ``c`` and ``-η_t`` as operands of the
+    direction's dtype (:func:`_at`; ``-η_t`` made once per update, a learning rate that is a Python
+    number kept one, which S-AdaGrad's finish multiplies by the weight decay before the array:
+    :meth:`StepContext.negated` with ``weak``)."""
 
     def finish(u: Array, *rest: Array) -> tuple:
-        if u.dtype not in minus_lr:
-            minus_lr[u.dtype] = -as_operand(xp, learning_rate, u.dtype)
-        return rule.finish(xp, _at(xp, c, u.dtype), minus_lr[u.dtype], u, *rest)
+        minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u), weak=True)
+        return rule.finish(xp, _at(xp, c, u.dtype), minus_lr, u, *rest)
 
     momenta = [[state.momentum for _, _, state in leaves]] if c.has_momentum else []
     if not c.has_weight_decay:

@@ -487,13 +487,12 @@ def _joined_step(
     roots and counters handed back to its leaves (:func:`~precond_ref.engine.matrices.hand_back`).
 
     Each of the rule's functions gets the configuration as operands of the dtype it computes in
-    (:func:`~precond_ref.engine.options.operands`): the terms, the directions and the finish the
-    gradients' compute dtype, the momentum its own, the statistics, their roots and the scale the
-    statistics'."""
+    (:func:`~precond_ref.engine.options.operands`, made once per dtype): the terms, the directions
+    and the finish the gradients' compute dtype (the stacks' gradients are pieces of the join's),
+    the momentum its own, the statistics (a blocked side's tail of the same dtype), their roots and
+    the scale the statistics'."""
     stacks, old, new = join.stacks, join.state, [{} for _ in join.stacks]
-
-    def at(dtype: Any) -> Any:  # the configuration as operands of ``dtype``
-        return operands(xp, c, dtype, _SCHEDULED)
+    c_g, c_p, c_m = (operands(xp, c, dtype, _SCHEDULED) for dtype in (join.g.dtype, old["statistic"].dtype, old["momentum"].dtype))
 
     def views(flat: Array, name: str) -> list:  # a joined array's piece of each stack, in the shapes of entry ``name``
         return stack_views(xp, flat, states, [s.leaves for s in stacks], name)
@@ -505,15 +504,14 @@ def _joined_step(
                 entries[k] = piece
         return made
 
-    terms = [rule.terms(xp, at(s.g.dtype), s) for s in stacks]
+    terms = [rule.terms(xp, c_g, s) for s in stacks]
     zero = ctx.once(("zero", join.g.dtype, array_device(join.g)), lambda: scalar_zero(xp, join.g))  # the transform's own, once per update
-    c_p = at(old["statistic"].dtype)
     p = rule.statistic(xp, c_p, old["statistic"], cast(xp, end_to_end(xp, [t["statistic"] for t in terms]), old["statistic"].dtype))
-    made = selected({"momentum": rule.momentum(xp, at(old["momentum"].dtype), old["momentum"], cast(xp, join.g, old["momentum"].dtype), zero),
+    made = selected({"momentum": rule.momentum(xp, c_m, old["momentum"], cast(xp, join.g, old["momentum"].dtype), zero),
                      "statistic": symmetrized_pieces(xp, p, views(p, "statistic")) if rule.symmetric else p})
     for entries, s, t in zip(new, stacks, terms):  # a blocked side's tail
         for name in (name for name in t if name not in made):
-            tail = rule.statistic(xp, at(s.state[name].dtype), s.state[name], cast(xp, t[name], s.state[name].dtype))
+            tail = rule.statistic(xp, c_p, s.state[name], cast(xp, t[name], s.state[name].dtype))
             entries[name] = symmetrize(tail) if rule.symmetric else tail
     roots = ([{} for _ in stacks] if rule.inverse_root is None
              else refresh_roots(xp, ctx, stacks, new, schedule, keeps_root, partial(rule.inverse_root, xp, c_p), c.faithful))
@@ -524,7 +522,7 @@ def _joined_step(
     # the directions U_t renormalised, joined end to end (joined_form: the element-wise work once over
     # the join): rule.direction of each stack, or M_t diag(s_t) with s_t = rule.scale of the joined
     # statistic, in the gradients' dtype
-    renormalised, c_g = joined_form(rule.renormalise), at(join.g.dtype)
+    renormalised = joined_form(rule.renormalise)
     if rule.scale is None:
         us = [rule.direction(xp, c_g, s, entries, z) for s, entries, z in zip(stacks, new, roots)]
         u = renormalised(xp, us, c_g.rms_target, c.faithful)
@@ -533,7 +531,7 @@ def _joined_step(
         axes = [-1 if s.left else -2 for s in stacks]  # the scaled axis: the rows' on the left, the columns' on the right
         u = renormalised(xp, m, scale, views(m, "momentum"), views(scale, "statistic"), axes, c_g.rms_target, c.faithful)
     minus_lr = ctx.negated("learning_rate", c.learning_rate, u.dtype, array_device(u))
-    step = rule.finish(xp, at(u.dtype), minus_lr, u, None if join.param is None else cast(xp, join.param, u.dtype))
+    step = rule.finish(xp, c_g, minus_lr, u, None if join.param is None else cast(xp, join.param, u.dtype))
     out = []
     for s, entries, z, piece, n in zip(stacks, new, roots, views(step, "momentum"), counts):
         # refreshed roots; a stack none of whose blocks was refreshed keeps its stored ones

@@ -86,8 +86,20 @@ class StepContext(NamedTuple):
         for entry in entries:
             self.settled[entry] = True
 
-    def negated(self, name: str, hyperparameter: ScalarOrSchedule, dtype: Any, device: Any) -> Array:
-        """``-`` :meth:`scalar` (e.g. ``-η``, the factor of a step), made once per update."""
+    def negated(self, name: str, hyperparameter: ScalarOrSchedule, dtype: Any, device: Any, *, weak: bool = False) -> Any:
+        """``-`` :meth:`scalar` (e.g. ``-η``, the factor of a step), made once per update.
+
+        With ``weak``, a hyperparameter whose value at this step is a number gives ``-value``, a
+        Python number (as :func:`~precond_ref._backend.as_operand` keeps it), not a 0-D array: a
+        weak scalar takes the dtype of the array it meets, and its product with another number of
+        the configuration (``-η λ``) is rounded once, from double precision, where a 0-D array's is
+        rounded in ``dtype``. A value that is an array is the same 0-D array either way.
+        """
+        if weak:
+            value = self.once((name,), lambda: self.value(hyperparameter))
+            if is_number(value):  # a Python number (schedule_value makes a NumPy scalar one)
+                return -value
+            hyperparameter = value  # this step's array: scalar() casts it, no schedule evaluated again
         value = self.scalar(name, hyperparameter, dtype, device)
         return self.once(("-" + name, dtype, device), lambda: -value)
 
