@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import re
 from collections import defaultdict
@@ -328,7 +329,8 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
 
     Checks, each error naming the parameter: the number and sizes of param groups; param-group
     keys this class does not take are kept (as torch keeps them: schedulers store ``initial_lr`` and
-    others there), unless the group also lacks one this class takes (another optimizer's); for every parameter that has
+    others there), unless the group also lacks one this class takes (another optimizer's); a group that
+    holds another class's hyperparameters is refused naming that class (:func:`saved_by`); for every parameter that has
     been stepped, the counters, and the core group state that a step would read — every entry
     present, no extra entries, shapes as the optimizer's own ``init`` makes them (a transposed
     statistic is rejected), finite values. Tensors are copied onto the parameter's device in the
@@ -372,11 +374,16 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
                 f"optimizer's group (group {gi}: {len(saved['params'])} parameters, expected {len(group['params'])})"
             )
         unknown, lacking = sorted(set(saved) - allowed), sorted(expected - set(saved))
-        if unknown and lacking:
+        saver = saved_by(opt, saved)
+        has = f"has {unknown}, which {cls} does not take" if unknown else ""
+        lacks = f"lacks {lacking}, which {cls} takes" if lacking else ""
+        if saver is not None:
             raise ValueError(
-                f"{where}: param group {gi} has {unknown}, which {cls} does not take, and lacks {lacking}; "
-                "the state_dict was saved by another optimizer"
+                f"{where}: the state_dict was saved by {saver}, not {cls} (param group {gi} holds {saver}'s "
+                f"hyperparameters: it {', and '.join(filter(None, (has, lacks)))})"
             )
+        if unknown and lacking:
+            raise ValueError(f"{where}: param group {gi} {has}, and {lacks}; the state_dict was saved by another optimizer")
         new = {k: v for k, v in group.items() if k != "params"}
         new.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
         new["params"] = group["params"]
@@ -467,6 +474,53 @@ def load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, build: Callabl
     opt._transforms.clear()
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
+
+
+#: ``__init__`` arguments of a table class that are not param-group entries.
+_NOT_HYPERPARAMETERS = ("self", "params", "model", "compile", "capture", "capturable")
+
+
+def _rows(opt: torch.optim.Optimizer) -> dict[str, tuple[frozenset, frozenset]]:
+    """The optimizer classes of ``opt``'s adapter (the table rows of ``adapters/torch.py``: the
+    classes below ``opt``'s base class that define ``added_since_first_release``), each as its
+    name -> (the param-group keys it takes, those a checkpoint of it may lack: keys added since the
+    first release and ones that may hold a callable, which ``state_dict`` leaves out)."""
+    root = [c for c in type(opt).__mro__ if issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer][-1]
+    rows, todo = {}, [root]
+    while todo:
+        c = todo.pop()
+        todo.extend(c.__subclasses__())
+        if "added_since_first_release" not in vars(c) or c.__name__ in rows:
+            continue
+        params = inspect.signature(c.__init__).parameters
+        keys = frozenset(params) - set(_NOT_HYPERPARAMETERS)
+        optional = set(c.added_since_first_release) | {"lr"} | {
+            k for k in keys if "Callable" in str(params[k].annotation) or str(params[k].annotation) == "Any"}
+        rows[c.__name__] = (keys, frozenset(optional))
+    return rows
+
+
+def saved_by(opt: torch.optim.Optimizer, group: dict) -> Optional[str]:
+    """The name of the other optimizer class of the adapter whose hyperparameters a checkpoint's param
+    ``group`` holds, where that is not ``opt``'s class, else ``None``.
+
+    A class's checkpoint has every key the class takes (less ones it may lack: :func:`_rows`), and
+    none of another class's that it does not take (a scheduler's ``initial_lr`` is no class's). Of
+    the classes that fit, the one that lacks the fewest keys (DASGO's keys are a part of ASGO's: a
+    DASGO checkpoint fits both, lacking none of DASGO's)."""
+    own = next((c.__name__ for c in type(opt).__mro__ if "added_since_first_release" in vars(c)), None)
+    if own is None:  # a class of its own, not of the table: its checkpoints are not told apart here
+        return None
+    rows = _rows(opt)
+    saved = set(group) - {"params", "param_names"}
+    known = set().union(*(keys for keys, _ in rows.values())) if rows else set()
+    fits = sorted(
+        (len(keys - saved), name) for name, (keys, optional) in rows.items()
+        if saved & known <= keys and keys - saved <= optional
+    )
+    if not fits or fits[0][1] == own or (len(fits) > 1 and fits[1][0] == fits[0][0]):
+        return None
+    return fits[0][1]
 
 
 def _frozen_members(path_of: Any, transform: Any, params: list, first: int, absent: list, by_calls: dict,

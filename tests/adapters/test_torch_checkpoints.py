@@ -222,6 +222,40 @@ def test_load_state_dict_rejects_another_class(case):
         _same(before, _snapshot(opt))
 
 
+def test_load_state_dict_names_the_class_that_saved_another_classs_checkpoint():
+    """Every class given the stepped checkpoint of each other class of the adapter (72 pairs,
+    DASGO's into ASGO among them, whose hyperparameters are a part of ASGO's) refuses it, says
+    which class saved it, and changes nothing.
+
+    Invariant: a checkpoint of another optimizer class is refused as that class's, before any
+    check of the state's layout, whose hints (a ``side=``, ``block_size=`` or ``rank=`` to build
+    with) are for a checkpoint of the loading class saved with other settings."""
+    x, y = _data()
+    first = {}
+    for case in TORCH_CASES:
+        first.setdefault(case.cls, case)
+    saved = {}
+    for cls, case in first.items():
+        model = _model()
+        opt = case.make(model.named_parameters())
+        _train(model, opt, case, 2, x, y)
+        saved[cls] = opt.state_dict()
+    wrong = []
+    for cls, case in first.items():
+        opt = case.make(_model().named_parameters())
+        before = _snapshot(opt)
+        for other, checkpoint in saved.items():
+            if other is cls:
+                continue
+            with pytest.raises(ValueError) as refused:
+                opt.load_state_dict(checkpoint)
+            said = f"{cls.__name__}.load_state_dict: the state_dict was saved by {other.__name__}, not {cls.__name__}"
+            if not str(refused.value).startswith(said):
+                wrong.append(f"{cls.__name__} <- {other.__name__}: {refused.value}")
+            _same(before, _snapshot(opt))
+    assert not wrong, "\n".join(wrong)
+
+
 # --------------------------------------------------------------------------------------------
 # item 9: param_names, hooks, older checkpoints
 
