@@ -461,6 +461,33 @@ class DistributedOptimizer:
                     found.setdefault("missing", []).append(name)
         return found
 
+    def _other_ranks_file(self, state_dict: dict) -> dict:
+        """``{"rank_file": r}`` where ``state_dict`` is rank ``r``'s own ``state_dict()``, not this
+        rank's: it holds the state of blocks (marked by :meth:`_marked` on their first parameter), all
+        of them blocks that rank ``r`` owns, and none of those this rank owns, some of which took steps
+        by its counters; empty otherwise (the ownership is that of this optimizer, the same as the
+        saving one's for a checkpoint of the same world size and parameters)."""
+        try:
+            saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        except (KeyError, TypeError):
+            return {}
+        holders, stepped, index = set(), False, 0
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            for saved_id, p in zip(saved_group.get("params", ()), group["params"]):
+                path = self._path(p, index)
+                index += 1
+                entries = saved_state.get(saved_id) or {}
+                owner = self._owner.get(path_str(path))
+                if owner is None or _COUNTERS_OF not in entries:
+                    continue
+                if entries.get(_STATE_OF) is not None:
+                    holders.add(owner)
+                elif owner == self._rank and entries.get("calls", 0):
+                    stepped = True
+        if stepped and len(holders) == 1 and self._rank not in holders:
+            return {"rank_file": holders.pop()}
+        return {}
+
     @staticmethod
     def _is_shard_state(value: Any, p: DTensor) -> bool:
         """Whether ``value`` is a plain tensor of ``p``'s local shard's shape: its element-wise state."""
@@ -517,7 +544,7 @@ class DistributedOptimizer:
             self._agree_to_load(refusal)
 
         try:
-            missing = self._missing_block_state(state_dict)
+            missing = self._missing_block_state(state_dict) or self._other_ranks_file(state_dict)
             if missing:
                 agree(missing)
             self._load_agreed(state_dict, full, lambda: agree(None))
@@ -545,6 +572,14 @@ class DistributedOptimizer:
                 "which took steps: it holds one rank's blocks only (a full state, full_state_dict=True or "
                 "broadcast_from_rank0, takes rank 0's). The split classes' checkpoints are each rank's own "
                 "state_dict(), loaded into the rank of the same number, or a sharded torch DCP checkpoint"
+            )
+        swapped = [(r, v["rank_file"]) for r, v in enumerate(verdicts) if v and "rank_file" in v]
+        if swapped:
+            given = "; ".join(f"rank {r} was given rank {saver}'s state_dict (it holds the state of the blocks "
+                              f"rank {saver} owns)" for r, saver in swapped)
+            raise ValueError(
+                f"{cls}.load_state_dict: {given}. Each rank of a split optimizer loads the file it saved, its own "
+                "state_dict(), into the rank of the same number; no rank of the process group loaded"
             )
         unmarked = [(r, name) for r, v in enumerate(verdicts) if v for name in v.get("unmarked", ())]
         if unmarked:

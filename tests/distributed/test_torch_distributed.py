@@ -193,8 +193,9 @@ def test_unmarked_split_checkpoint_is_refused_through_dcp_and_loads_directly(job
 
 
 @pytest.mark.parametrize("case, words", [
-    ("foreign", "state 'statistic' of parameter '0.weight' (index 0) has shape (5, 5), expected (6, 6)"),
-    ("swapped", "the state of parameter '2.bias' (index 3) lacks ['mu', 'nu']"),
+    ("foreign", "the state_dict was saved by DASGO, not ASGO (param group 0 holds DASGO's hyperparameters"),
+    ("swapped", "ASGO.load_state_dict: rank 1 was given rank 0's state_dict (it holds the state of the blocks "
+                "rank 0 owns). Each rank of a split optimizer loads the file it saved"),
     ("not-a-dict", "expected a dict with 'state' and 'param_groups'"),
 ])
 def test_checkpoint_refused_on_one_rank_is_refused_on_every_rank(job, case, words):
@@ -209,12 +210,54 @@ def test_checkpoint_refused_on_one_rank_is_refused_on_every_rank(job, case, word
     ranks, _ = job
     errors = [ranks[r]["refused_checkpoints"][case]["error"] for r in range(WORLD)]
     assert errors[0] == errors[1], errors
-    assert errors[0].startswith("ValueError: ASGO.load_state_dict: the checkpoint was refused on rank 1, "
-                                "so no rank of the process group loaded: "), errors[0]
+    if case != "swapped":
+        assert errors[0].startswith("ValueError: ASGO.load_state_dict: the checkpoint was refused on rank 1, "
+                                    "so no rank of the process group loaded: "), errors[0]
     assert words in errors[0], errors[0]
     for rank in range(WORLD):
         assert ranks[rank]["refused_checkpoints"][case]["unchanged"], rank
         assert ranks[rank]["refused_checkpoints"][case]["agree"], rank
+
+
+def test_checkpoints_loaded_into_each_others_ranks_are_refused_as_the_other_ranks(job):
+    """A split class (ASGO under DDP) whose ranks are each given the other rank's own
+    ``state_dict()`` file: every rank raises the same ValueError, saying which rank's file each
+    rank was given, no rank's state changes, and the next step runs on both ranks with equal
+    parameters.
+
+    Invariant: a split checkpoint loaded into a rank of another number is refused as that rank's
+    file, read from the marks each rank's ``state_dict()`` puts on the blocks whose state it holds,
+    not as a state lacking entries (another optimizer's or configuration's)."""
+    ranks, _ = job
+    errors = [ranks[r]["refused_checkpoints"]["crossed"]["error"] for r in range(WORLD)]
+    assert errors[0] == errors[1], errors
+    assert errors[0] == (
+        "ValueError: ASGO.load_state_dict: rank 0 was given rank 1's state_dict (it holds the state of the blocks "
+        "rank 1 owns); rank 1 was given rank 0's state_dict (it holds the state of the blocks rank 0 owns). Each "
+        "rank of a split optimizer loads the file it saved, its own state_dict(), into the rank of the same number; "
+        "no rank of the process group loaded"
+    ), errors[0]
+    for rank in range(WORLD):
+        assert ranks[rank]["refused_checkpoints"]["crossed"]["unchanged"], rank
+        assert ranks[rank]["refused_checkpoints"]["crossed"]["agree"], rank
+
+
+def test_split_classes_warn_of_a_bias_left_unpaired_by_weight_norm(job):
+    """MBF and IF-Shampoo (``grouping="weight_bias"``) of ``torch_distributed``, built over a model
+    whose layer ``0`` has its weight kept by ``weight_norm`` as ``original0``/``original1``: each
+    warns once on every rank, naming the layer and its bias, at the caller's line.
+
+    Invariant: the distributed classes warn as the single-process ones do where a parametrization
+    leaves a layer's bias unpaired (their param groups go through the one ``add_param_group``)."""
+    ranks, _ = job
+    for rank in range(WORLD):
+        seen = ranks[rank]["weight_norm_warning"]
+        assert [cls for cls, _, _ in seen] == ["MBF", "IFShampoo"], (rank, seen)
+        for cls, message, filename in seen:
+            assert message.startswith(f"{cls}: the weight of layer '0' is kept as "
+                                      "'0.parametrizations.weight.original0', '0.parametrizations.weight.original1'"), message
+            assert "its bias '0.bias' is not paired with it" in message, message
+            assert filename == "torch_worker.py", filename
 
 
 @pytest.mark.parametrize("label, words", [

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -279,7 +280,8 @@ def split_full_state(rank: int, world: int, out: str) -> dict:
 def refused_checkpoints(rank: int, world: int, out: str) -> dict:
     """ASGO with the split preconditioner under DDP, two steps, then checkpoints that rank 1 alone
     cannot load while rank 0 loads its own ``state_dict()``: DASGO's (``foreign``), rank 0's
-    (``swapped``), not a state_dict (``not-a-dict``). Per case: the error each rank saw, whether
+    (``swapped``), not a state_dict (``not-a-dict``); then each rank given the other's file
+    (``crossed``). Per case: the error each rank saw, whether
     its state is the one it held before, and then one more step on both ranks (no rank left
     waiting in a collective) and whether the ranks' parameters still agree."""
     cls, kwargs = CONFIGS["asgo"]
@@ -300,6 +302,8 @@ def refused_checkpoints(rank: int, world: int, out: str) -> dict:
         "swapped": lambda: torch.load(os.path.join(out, "asgo-rank0.pt"), weights_only=False),
         "not-a-dict": lambda: {"state": own["state"]},
     }
+    # Each rank given the other rank's file (rank 0 too).
+    crossed = torch.load(os.path.join(out, f"asgo-rank{1 - rank}.pt"), weights_only=False)
 
     def snapshot() -> list:
         return [(p, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()})
@@ -313,10 +317,10 @@ def refused_checkpoints(rank: int, world: int, out: str) -> dict:
             for p, s in before)
 
     results = {}
-    for label, checkpoint in bad.items():
+    for label, checkpoint in [*bad.items(), ("crossed", lambda: crossed)]:
         before = snapshot()
         try:
-            opt.load_state_dict(own if rank == 0 else checkpoint())
+            opt.load_state_dict(own if rank == 0 and label != "crossed" else checkpoint())
             error = None
         except Exception as err:  # noqa: BLE001 - recorded for the test to judge
             error = f"{type(err).__name__}: {err}"
@@ -451,6 +455,21 @@ def bad_inputs(rank: int, world: int) -> dict:
     return seen
 
 
+def weight_norm_warning(rank: int, world: int) -> list:
+    """MBF and IF-Shampoo (``grouping="weight_bias"``) built over a model whose first layer's weight
+    is kept by ``weight_norm`` as two tensors: the warnings each construction gave, as
+    ``(class, message, file)``."""
+    net = model()
+    torch.nn.utils.parametrizations.weight_norm(net[0])
+    seen = []
+    for cls, kwargs in ((ptd.MBF, {}), (ptd.IFShampoo, {"batch_size": 4, "grouping": "weight_bias"})):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cls(net.named_parameters(), **kwargs)
+        seen += [(cls.__name__, str(w.message), os.path.basename(w.filename)) for w in caught]
+    return seen
+
+
 def main() -> None:
     rank, world, init_file, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)
@@ -472,6 +491,7 @@ def main() -> None:
         results["elementwise_checkpoints"] = elementwise_checkpoints(rank, world, out)
         results["split_full_state"] = split_full_state(rank, world, out)
         results["refused_checkpoints"] = refused_checkpoints(rank, world, out)
+        results["weight_norm_warning"] = weight_norm_warning(rank, world)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         with open(os.path.join(out, f"bad{rank}.json"), "w") as f:
             json.dump(bad_inputs(rank, world), f)
