@@ -615,7 +615,7 @@ def _check_core_state(path_of: Any, transform: Any, members: list, where: str, h
         missing = sorted(set(arrays) - set(entries))
         if missing:
             raise ValueError(
-                f"{where}: the state of {label} lacks {missing} (state_dict of another optimizer or configuration?){hint}"
+                f"{where}: the state of {label} lacks {missing} (a state_dict saved with other settings?){hint}"
                 + _layout_hint(transform, entries, arrays)
             )
         for name, like in arrays.items():
@@ -638,7 +638,7 @@ def _check_core_state(path_of: Any, transform: Any, members: list, where: str, h
         extra = sorted(k for k in entries if k not in BOOKKEEPING and (key not in heads or k not in expected.groups[key]))
         if extra:
             raise ValueError(
-                f"{where}: the state of {label} has unexpected entries {extra} (state_dict of another optimizer?){hint}"
+                f"{where}: the state of {label} has unexpected entries {extra} (a state_dict saved with other settings?){hint}"
             )
         if key not in heads:
             entries.pop(HEAD, None)
