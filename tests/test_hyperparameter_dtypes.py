@@ -44,6 +44,7 @@ CASES = {
     "agd": ("agd", dict(learning_rate=2**-7, b1=0.875, b2=B2, delta=2**-17, weight_decay=2**-7, clip=4.0), {}),
     "agd_faithful": ("agd", dict(learning_rate=2**-7, b1=0.875, b2=B2, delta=2**-17, weight_decay=2**-7),
                      dict(mode="faithful")),
+    "agd_win": ("agd", dict(learning_rate=2**-7, b1=0.875, b2=B2, delta=2**-17, weight_decay=2**-7), dict(win=True)),
     "asgo": ("asgo", dict(learning_rate=2**-5, b1=0.875, b2=0.75, weight_decay=2**-4, damping=2**-10, eps=2**-30,
                           rms_target=0.25, fallback_b1=0.875, fallback_b2=0.9375, fallback_eps=2**-27,
                           fallback_weight_decay=2**-6), {}),
@@ -166,3 +167,39 @@ def test_numpy_float64_hyperparameter_with_float32_parameters(case):
                 assert got[leaf].dtype == np.float32, (key, leaf)
                 bound = 16 * np.finfo(np.float32).eps / 2 * np.max(np.abs(want[leaf]))
                 assert np.all(np.abs(got[leaf].astype(np.float64) - want[leaf]) <= bound), (key, leaf)
+
+
+#: The methods whose step forms a product of the learning rate with another hyperparameter
+#: (η_t λ; Win's 1 + η_t λ and 1/(3 + 2 η_t λ)) from the learning rate as given at the step.
+PRODUCT_CASES = ["agd", "agd_win", "agd_faithful", "rf_adamw"]
+
+
+@pytest.mark.parametrize("case", PRODUCT_CASES)
+def test_float32_learning_rate_times_python_weight_decay_over_float64_parameters(case):
+    """A float32 0-D learning rate with the other hyperparameters Python numbers, over float64
+    parameters: the products of η_t with a Python λ are formed in float64, as they are of Python
+    numbers, not rounded to float32 (a Python number takes the dtype of the array it meets). The
+    values are float32 numbers whose products are not, so every product is computed the same way
+    in both runs: each step's updates equal those of the Python-number run within 16 u max|want|,
+    u of float64 (module docstring); a product rounded to float32 is off by up to 2**-24 of
+    η_t λ w, about 1e5 times that."""
+    name, hyperparameters, other = CASES[case]
+    values = {k: float(np.float32(v * 0.9371)) for k, v in hyperparameters.items()}
+    factory = getattr(pr, name)
+
+    def run(learning_rate) -> list:
+        params = {k: np.asarray(v, np.float64) for k, v in VALUES[0].items()}
+        tx = factory(**{**values, "learning_rate": learning_rate}, **other)
+        state, updates = tx.init(params), []
+        for values_t in VALUES[1:] * 5:
+            u, state = tx.update({k: np.asarray(v, np.float64) for k, v in values_t.items()}, state, params)
+            params = {k: params[k] + u[k] for k in params}
+            updates.append(u)
+        return updates
+
+    want = run(values["learning_rate"])
+    for got, expected in zip(run(np.asarray(values["learning_rate"], np.float32)), want):
+        for leaf in expected:
+            assert got[leaf].dtype == np.float64, leaf
+            bound = 16 * np.finfo(np.float64).eps / 2 * np.max(np.abs(expected[leaf]))
+            assert np.all(np.abs(got[leaf] - expected[leaf]) <= bound), (leaf, np.max(np.abs(got[leaf] - expected[leaf])) / bound)

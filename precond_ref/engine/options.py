@@ -12,7 +12,7 @@ from ..transform import check_positive_int
 
 __all__ = [
     "BATCH_SIZE_HELP", "UPDATE_KEYWORDS", "check_update_keywords", "FLOATING_DTYPE_NAMES", "check_batch_size", "batch_size", "check_dtype", "state_dtype", "operands",
-    "filled",
+    "filled", "widened",
 ]
 
 #: The names a dtype option takes as a string: the real floating dtypes of the array API standard
@@ -179,6 +179,21 @@ def operands(xp: Any, config: NamedTuple, dtype: Any, scheduled: tuple = ()) -> 
             if operand is not value:
                 changed[name] = operand
     return config._replace(**changed) if changed else config
+
+
+def widened(xp: Any, value: Any, dtype: Any) -> Any:
+    """A hyperparameter's value at a step (a number, or an array: a scheduled one, as
+    ``optax.inject_hyperparams`` or a torch learning-rate tensor passes it) as a factor of a product
+    with other hyperparameters that is rounded to ``dtype`` afterwards: an array of fewer bits than
+    ``dtype`` cast to ``dtype`` (exactly), anything else as it is.
+
+    A Python number is a weak scalar: times a float32 array it is rounded to float32, so the
+    product of a float32 learning rate and a Python weight decay, formed before the cast to a
+    float64 step, would carry float32's rounding into it. An array of ``dtype`` or wider is kept:
+    its product is rounded once, from the wider dtype, as a product of Python numbers is."""
+    if is_number(value) or not hasattr(value, "dtype") or xp.finfo(value.dtype).bits >= xp.finfo(dtype).bits:
+        return value
+    return xp.astype(value, dtype)
 
 
 #: the types of configuration values that are their own operands (a Python number is a weak

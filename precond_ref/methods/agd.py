@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-from .._backend import array_device, clip, compute_dtype, float32_power, float32_sqrt, is_number, is_zero, scalar_array
+from .._backend import (array_device, as_operand, clip, compute_dtype, float32_power, float32_sqrt, is_number, is_zero,
+                        scalar_array)
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
+from ..engine.options import widened
 from ..transform import ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_mode
 from ..transform import check_nonnegative, check_optional, check_positive, check_unit_interval
 
@@ -203,12 +205,28 @@ def _agd_scalars(xp, c: AGDConfig, t) -> _Step:
     """The step's scalars at ``t = count + 1``, in the state dtype from an integer counter (D6):
     ``1 - b_i^t``, the floor ``delta`` as a 0-D array, the coefficients of s_t (D2) and Win's
     ``1 + wd eta`` and ``tau = 1/(3 + 2 eta wd)``."""
-    lr, wd = t.value(c.learning_rate), t.value(c.weight_decay)
+    lr, wd = _rate(xp, c, t), t.value(c.weight_decay)
     step = xp.astype(t.count + 1, t.dtype)
     bc1, bc2 = 1.0 - c.b1**step, 1.0 - c.b2**step
     h = _Step(eta=lr, lr_wd=lr * wd, floor=scalar_array(xp, t.value(c.delta), t.dtype, t.device), bc1=bc1, bc2=bc2)
     h = h._replace(**_difference_coefficients(xp, c.b1, bc1, 1.0 - c.b1 ** (step - 1.0)))
-    return h._replace(win_shrink=1.0 + wd * lr, win_tau=1.0 / (3.0 + 2.0 * lr * wd)) if c.win else h
+    if c.win:
+        h = h._replace(win_shrink=1.0 + wd * lr, win_tau=1.0 / (3.0 + 2.0 * lr * wd))
+    return _in_step_dtype(xp, h, t.dtype)
+
+
+def _rate(xp, c: AGDConfig, t):
+    """η_t as a factor of the step's products of hyperparameters (:func:`~precond_ref.engine.options.widened`:
+    an array narrower than the step's dtype widened first, so that η_t λ is not rounded to it)."""
+    return widened(xp, t.value(c.learning_rate), t.dtype)
+
+
+def _in_step_dtype(xp, h: _Step, dtype) -> _Step:
+    """The scalars formed from η_t (η_t, η_t λ, Win's) as operands of the step's ``dtype``: a wider
+    array (``optax.inject_hyperparams`` over a tree that mixes float32 and float64 leaves) would
+    otherwise promote the update and Win's iterate out of it."""
+    names = ("eta", "lr_wd", "win_shrink", "win_tau")
+    return h._replace(**{k: as_operand(xp, getattr(h, k), dtype) for k in names if getattr(h, k) is not None})
 
 
 def _agd_state(xp, c: AGDConfig, state: AGDState, g, w, h: _Step) -> AGDState:
@@ -291,7 +309,7 @@ def _faithful_scalars(xp, c: AGDConfig, t) -> _Step:
     b1^{t-1})`` (1 at t = 1, where ``m_0 = 0``), ``eta = lr sqrt(1 - b2^t)/(1 - b1^t)``,
     ``floor = delta sqrt(1 - b2^t)``; and Win's coefficients in the authors' order (and their
     ``z_0 = 0``, D4)."""
-    lr, wd = t.value(c.learning_rate), t.value(c.weight_decay)
+    lr, wd = _rate(xp, c, t), t.value(c.weight_decay)
     step = xp.astype(t.count + 1, xp.float32)
     bc1, bc2 = 1.0 - float32_power(xp, c.b1, step), 1.0 - float32_power(xp, c.b2, step)
     bc1_prev = xp.where(step == 1.0, xp.ones_like(step), 1.0 - float32_power(xp, c.b1, step - 1.0))
@@ -303,7 +321,7 @@ def _faithful_scalars(xp, c: AGDConfig, t) -> _Step:
         wd32 = _float32(xp, wd, step)
         tau = 1.0 / (3.0 + (2.0 * eta32) * wd32)
         h.update(win_shrink=1.0 / (1.0 + wd32 * eta32), win_tau=tau, win_r=-tau * (2.0 * eta32), win_z=2.0 * tau)
-    return _Step(lr_wd=lr * wd, **{k: xp.astype(v, t.dtype) for k, v in h.items()})
+    return _Step(lr_wd=as_operand(xp, lr * wd, t.dtype), **{k: xp.astype(v, t.dtype) for k, v in h.items()})
 
 
 def _float32(xp, value, like):

@@ -179,10 +179,11 @@ def _rf_adamw_init(xp, c: RFAdamWConfig, w, dtype) -> RFAdamWState:
 
 
 def _rf_adamw_step(xp, c: RFAdamWConfig, t) -> _RFStep:
-    """η_t, B; with bias correction c_i = 1 − b_i^t (t = count + 1); η κ (from the configuration as
-    given: its values at this step, then as operands of the state's dtype)."""
+    """η_t, B; with bias correction c_i = 1 − b_i^t (t = count + 1); η κ (of η_t as given at this
+    step, widened where it is an array narrower than the state's dtype (``options.widened``: a
+    Python κ would round the product to the narrower dtype), then as an operand of that dtype)."""
     h = _rf_step("rf_adamw", xp, c, t)
-    lr_wd = as_operand(xp, t.value(c.learning_rate) * c.weight_decay, t.dtype) if c.use_decay else None
+    lr_wd = as_operand(xp, options.widened(xp, t.value(c.learning_rate), t.dtype) * c.weight_decay, t.dtype) if c.use_decay else None
     if not c.bias_correction:
         return h._replace(lr_c1=h.lr / 1, lr_wd=lr_wd)
     step = xp.astype(t.count + 1, t.dtype)
