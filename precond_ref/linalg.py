@@ -1062,6 +1062,14 @@ def wide_dtype(xp: Any, x: Array) -> Any:
     return float64_where_available(xp, x)
 
 
+def wide_target(xp: Any, rms_target: Any, size: int, wide: Any) -> Any:
+    """``r·sqrt(mn)`` (``size`` = mn) for a renormalisation computed in ``wide``: an array ``r`` (a
+    hyperparameter as ``optax.inject_hyperparams`` passes it, cast to the direction's narrower
+    dtype) taken in ``wide`` first, so that the product is rounded once, from ``wide``, as a
+    Python number's is (not to the narrower dtype first)."""
+    return as_operand(xp, rms_target, wide) * math.sqrt(size)
+
+
 def _renormalising_factor(xp: Any, sum_of_squares: Array, target: float) -> Array:
     """``target / sqrt(sum_of_squares)``, and ``target`` for a zero sum (a zero direction stays zero)."""
     return target / nonzero_divisor(xp, xp.sqrt(sum_of_squares))
@@ -1097,7 +1105,7 @@ def rms_renormalised(xp: Any, u: Array, rms_target: Optional[float], exact_dtype
     if wide is not None:
         w = xp.astype(u, wide)  # a new array: scaled in place below, no second float64 copy
         norm = xp.linalg.matrix_norm(w, ord="fro", keepdims=True)
-        w *= target / nonzero_divisor(xp, norm)
+        w *= wide_target(xp, rms_target, rows * columns, wide) / nonzero_divisor(xp, norm)
         return xp.astype(w, u.dtype)
     peak = xp.max(xp.abs(u), axis=matrices, keepdims=True)
     v = u / select(xp, peak > 0, peak, xp.ones_like(peak))
@@ -1129,7 +1137,7 @@ def scaled_rms_renormalised(
     if wide is None:
         return column_factored_renormalise(xp, m, scale, axis, target)
     m_w, scale_w = xp.astype(m, wide), xp.astype(scale, wide)
-    factor = _renormalising_factor(xp, scaled_squared_norm(xp, m_w, scale_w, axis), target)
+    factor = _renormalising_factor(xp, scaled_squared_norm(xp, m_w, scale_w, axis), wide_target(xp, rms_target, rows * columns, wide))
     return xp.astype(m_w * xp.expand_dims(computed_once(xp, scale_w * per_matrix_column(xp, factor)), axis=axis), m.dtype)
 
 

@@ -203,3 +203,33 @@ def test_float32_learning_rate_times_python_weight_decay_over_float64_parameters
             assert got[leaf].dtype == np.float64, leaf
             bound = 16 * np.finfo(np.float64).eps / 2 * np.max(np.abs(expected[leaf]))
             assert np.all(np.abs(got[leaf] - expected[leaf]) <= bound), (leaf, np.max(np.abs(got[leaf] - expected[leaf])) / bound)
+
+
+@pytest.mark.parametrize("case", ["asgo", "dasgo"])
+def test_float32_rms_target_over_float32_matrices_joined(case):
+    """A float32 0-D ``rms_target`` over float32 parameters of two matrices of different shapes,
+    whose renormalisation runs joined and in float64: the targets r·sqrt(mn) are formed of r
+    taken in float64 (a product rounded once, as of a Python number) and made for the step (an
+    array keys no kept constant), and each step's updates equal those of a Python ``rms_target``
+    within 16 u max|want|, u of float32 (module docstring)."""
+    name, hyperparameters, other = CASES[case]
+    values = {**hyperparameters, "rms_target": float(np.float32(0.2 * 0.9371))}
+    shapes = {"w": (4, 3), "v": (5, 2)}
+    rng = np.random.default_rng(1)
+    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
+
+    def run(rms_target) -> list:
+        params = {k: np.ones(s, np.float32) for k, s in shapes.items()}
+        tx = getattr(pr, name)(**{**values, "rms_target": rms_target}, **other)
+        state, updates = tx.init(params), []
+        for g in grads:
+            u, state = tx.update(g, state, params)
+            updates.append(u)
+        return updates
+
+    want = run(values["rms_target"])
+    for got, expected in zip(run(np.asarray(values["rms_target"], np.float32)), want):
+        for leaf in expected:
+            assert got[leaf].dtype == np.float32, leaf
+            bound = 16 * np.finfo(np.float32).eps / 2 * np.max(np.abs(expected[leaf]))
+            assert np.all(np.abs(got[leaf].astype(np.float64) - expected[leaf]) <= bound), leaf

@@ -20,9 +20,10 @@ from array_api_compat import is_array_api_strict_namespace, is_jax_namespace
 
 from .. import blocking
 from .._backend import (
-    cast, compute_dtype, device_key, is_torch_namespace, joined, on_cpu, pieces, placement, plain, stacked as stacked_view, sum_across, torch_compiling,
+    as_operand, cast, compute_dtype, device_key, is_number, is_torch_namespace, joined, on_cpu, pieces, placement, plain, stacked as stacked_view, sum_across, torch_compiling,
 )
-from ..linalg import nonzero_divisor, per_matrix_column, rms_renormalised, scaled_rms_renormalised, symmetrize, wide_dtype
+from ..linalg import (nonzero_divisor, per_matrix_column, rms_renormalised, scaled_rms_renormalised, symmetrize,
+                      wide_dtype, wide_target)
 from .context import StepContext, settle_pieces
 from .factors import constant
 
@@ -322,7 +323,7 @@ def joined_scaled_rms_renormalised(
     # scaled_squared_norm, whose scale * scale is the joined square's piece
     totals = [xp.sum(q * sum_across(xp, a * a, axis), axis=-1) for q, a, axis in zip(squares, m_ws, axes)]
     safe = pieces(xp, nonzero_divisor(xp, xp.sqrt(end_to_end(xp, totals))), [a.shape for a in totals])
-    targets = [rms_target * math.sqrt(math.prod(a.shape[-2:])) for a in m_ws]  # r·sqrt(mn) of each piece's matrices
+    targets = [wide_target(xp, rms_target, math.prod(a.shape[-2:]), wide) for a in m_ws]  # r·sqrt(mn) of each piece's matrices
     out = [a * xp.expand_dims(s * per_matrix_column(xp, t / n), axis=axis)
            for a, s, t, n, axis in zip(m_ws, scale_ws, targets, safe, axes)]
     return xp.astype(end_to_end(xp, out), m.dtype)
@@ -337,6 +338,10 @@ def _targets(xp: Any, rms_target: float, shapes: list, like: Array) -> Array:
         return xp.concat([xp.full((math.prod(norms),), rms_target * math.sqrt(math.prod(matrix)), dtype=like.dtype,
                                   device=device) for matrix, norms in shapes])
 
+    if not is_number(rms_target):  # an array (optax.inject_hyperparams) keys no kept constant: made each step
+        device = placement(xp, like)
+        return xp.concat([xp.full((math.prod(norms),), math.sqrt(math.prod(matrix)), dtype=like.dtype, device=device)
+                          * as_operand(xp, rms_target, like.dtype) for matrix, norms in shapes])
     key = ("rms targets", rms_target, tuple((tuple(m), tuple(n)) for m, n in shapes), like.dtype)
     return constant(xp, key, make, like)
 
