@@ -514,9 +514,9 @@ class CoreOptimizer(torch.optim.Optimizer):
         self._step_calls += 1
         # Every refusal of the step is raised before any group updates (a later group's refusal
         # would otherwise leave the earlier groups stepped): the hyperparameters and learning rate
-        # of each group, its sparse and complex gradients, a state layout that its new hyperparameters or its
-        # parameters changed in place no longer fit, then capturable=True's needs of every update,
-        # then the non-finite decision.
+        # of each group, its sparse gradients and complex parameters, a state layout that its new
+        # hyperparameters or its parameters changed in place no longer fit, then capturable=True's
+        # needs of every update, then the non-finite decision.
         for group_index, group in enumerate(self.param_groups):
             transform = self._transform(group)
             with self._refusals_named(group):
