@@ -174,8 +174,11 @@ def main() -> None:
             key: {k: str(v.spec) for k, v in entries.items()} for key, entries in placed.groups.items()
         }
         # Inside optax's combinators: a chain whose other states are empty or copies of the
-        # parameter tree, which init places like the parameters (so the prediction is exact).
-        chained = optax.chain(optax.clip_by_global_norm(1.0), opt, optax.trace(0.5))
+        # parameter tree (a masked one holding MaskedNodes), which init places like the
+        # parameters, and the method masked to the weights (so the prediction is exact).
+        weights = {"l1": {"kernel": True, "bias": False}, "l2": {"kernel": True, "bias": False}}
+        chained = optax.chain(optax.clip_by_global_norm(1.0), opt, optax.trace(0.5), optax.masked(opt, weights),
+                              optax.masked(optax.trace(0.5), weights))
         chain_placed = jax.tree.map(lambda a: a.sharding, chained.init(sharded))
         chain_prediction = jax.tree.all(jax.tree.map(lambda a, b: a == b, chain_placed, pj.state_shardings(chained, sharded)))
         mapped = optax.tree.map_params(opt, lambda p: p, state, transform_non_params=lambda _: None)

@@ -41,10 +41,11 @@ def test_sharded_training_matches_one_device(results, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_state_shardings_of_a_chain_are_where_init_places_them(results, method):
-    """``state_shardings`` of ``optax.chain(clip_by_global_norm, <method>, trace)`` is exactly
-    where the chain's ``init`` places its state: the method's blocks as for the method alone,
-    optax's ``trace`` buffer (a copy of the parameter tree) like the parameters. It refused any
-    state that was not the method's own."""
+    """``state_shardings`` of ``optax.chain(clip_by_global_norm, <method>, trace,
+    masked(<method>, weights), masked(trace, weights))`` is exactly where the chain's ``init``
+    places its state: the method's blocks as for the method alone (masked: those of the weights),
+    optax's ``trace`` buffers (copies of the parameter tree, the masked one with MaskedNodes for
+    the biases) like the parameters. It refused any state that was not the method's own."""
     assert results[method]["chain_prediction"]
 
 
