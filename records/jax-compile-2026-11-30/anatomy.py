@@ -2,32 +2,15 @@
 optax update as compile_step.py does (AS_GPU=1 as there) and prints the size of each private function,
 the ops inside each lax.cond's branches, the custom calls, and the bytes of literal constants."""
 import collections
-import os
 import re
 import sys
 import time
 
-import jax
+from update_case import case
 
-if os.environ.get("AS_GPU"):
-    jax.default_backend = lambda: "gpu"
-import jax.numpy as jnp
-import torch
-
-from precond_ref.benchmarks.common import contenders, jax_optimizer, update_extra
-from precond_ref.benchmarks.models import SIZES, batch_size_of, build_torch, nest
-
-size = SIZES["gpt"][sys.argv[1]]
-model = build_torch("gpt", size, torch.float32, "cpu")
-params = nest({n: jnp.asarray(p.detach().numpy()) for n, p in model.named_parameters()})
-(c,), _ = contenders(sys.argv[2], False)
-opt, extra = jax_optimizer(c), update_extra(c, batch_size_of("gpt", size))
-if os.environ.get("DUE"):
-    extra["due"] = tuple(bool(int(x)) for x in os.environ["DUE"].split(","))
-state = opt.init(params)
-grads = jax.tree_util.tree_map(lambda p: p * 1e-2, params)
+update, arguments = case(sys.argv[1], sys.argv[2])
 t0 = time.process_time()
-text = jax.jit(lambda g, s, p: opt.update(g, s, p, **extra)).lower(grads, state, params).as_text()
+text = update.lower(*arguments).as_text()
 print(f"lower {time.process_time() - t0:.1f} cpu s, {len(text)} chars, {text.count(chr(10))} lines")
 if len(sys.argv) > 3:
     open(sys.argv[3], "w").write(text)

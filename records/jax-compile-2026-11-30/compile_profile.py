@@ -12,24 +12,10 @@ import time
 
 import jax
 
-if os.environ.get("AS_GPU"):
-    jax.default_backend = lambda: "gpu"
-import jax.numpy as jnp
-import torch
+from update_case import case
 
-from precond_ref.benchmarks.common import contenders, jax_optimizer, update_extra
-from precond_ref.benchmarks.models import SIZES, batch_size_of, build_torch, nest
-
-size = SIZES["gpt"][sys.argv[1]]
-model = build_torch("gpt", size, torch.float32, "cpu")
-params = nest({n: jnp.asarray(p.detach().numpy()) for n, p in model.named_parameters()})
-(c,), _ = contenders(sys.argv[2], False)
-opt, extra = jax_optimizer(c), update_extra(c, batch_size_of("gpt", size))
-if os.environ.get("DUE"):
-    extra["due"] = tuple(bool(int(x)) for x in os.environ["DUE"].split(","))
-state = opt.init(params)
-grads = jax.tree_util.tree_map(lambda p: p * 1e-2, params)
-lowered = jax.jit(lambda g, s, p: opt.update(g, s, p, **extra)).lower(grads, state, params)
+update, arguments = case(sys.argv[1], sys.argv[2])
+lowered = update.lower(*arguments)
 out = tempfile.mkdtemp()
 t0 = time.process_time()
 with jax.profiler.trace(out, create_perfetto_trace=True):
