@@ -98,6 +98,18 @@ def _run(tx: optax.GradientTransformation) -> tuple[list, list]:
     return updates, jax.tree_util.tree_leaves(inner)
 
 
+def _numpy_steps(tx, params: dict, grads: list, apply: bool = False) -> tuple[list, object]:
+    """The core transform ``tx`` on NumPy: the updates of one step per gradient of ``grads`` from
+    ``tx.init(params)`` (the parameters moved by each update where ``apply``), and the last state."""
+    state, updates = tx.init(params), []
+    for g in grads:
+        u, state = tx.update(g, state, params)
+        if apply:
+            params = {k: params[k] + u[k] for k in params}
+        updates.append(u)
+    return updates, state
+
+
 @functools.lru_cache(maxsize=None)
 def _python_numbers(case: str) -> tuple[list, list]:
     """The run with every hyperparameter a Python number (the reference of both array runs)."""
@@ -151,11 +163,8 @@ def test_numpy_float64_hyperparameter_with_float32_parameters(case):
 
     def run(**kwargs) -> tuple[list, list]:
         params = {k: np.asarray(v, np.float32) for k, v in VALUES[0].items()}
-        tx = factory(**kwargs, **other)
-        state, updates = tx.init(params), []
-        for values in VALUES[1:]:
-            u, state = tx.update({k: np.asarray(v, np.float32) for k, v in values.items()}, state, params)
-            updates.append(u)
+        grads = [{k: np.asarray(v, np.float32) for k, v in values.items()} for values in VALUES[1:]]
+        updates, state = _numpy_steps(factory(**kwargs, **other), params, grads)
         return updates, [a for entries in state.groups.values() for a in entries.values()]
 
     want_updates, want_state = run(**hyperparameters)
@@ -189,13 +198,9 @@ def test_float32_learning_rate_times_python_weight_decay_over_float64_parameters
 
     def run(learning_rate) -> list:
         params = {k: np.asarray(v, np.float64) for k, v in VALUES[0].items()}
+        grads = [{k: np.asarray(v, np.float64) for k, v in values_t.items()} for values_t in VALUES[1:] * 5]
         tx = factory(**{**values, "learning_rate": learning_rate}, **other)
-        state, updates = tx.init(params), []
-        for values_t in VALUES[1:] * 5:
-            u, state = tx.update({k: np.asarray(v, np.float64) for k, v in values_t.items()}, state, params)
-            params = {k: params[k] + u[k] for k in params}
-            updates.append(u)
-        return updates
+        return _numpy_steps(tx, params, grads, apply=True)[0]
 
     want = run(values["learning_rate"])
     for got, expected in zip(run(np.asarray(values["learning_rate"], np.float32)), want):
@@ -222,12 +227,7 @@ def test_float32_rms_target_over_float32_matrices_joined(case):
 
     def run(rms_target) -> list:
         params = {k: np.ones(s, np.float32) for k, s in shapes.items()}
-        tx = getattr(pr, name)(**{**values, "rms_target": rms_target}, **other)
-        state, updates = tx.init(params), []
-        for g in grads:
-            u, state = tx.update(g, state, params)
-            updates.append(u)
-        return updates
+        return _numpy_steps(getattr(pr, name)(**{**values, "rms_target": rms_target}, **other), params, grads)[0]
 
     want = run(values["rms_target"])
     for got, expected in zip(run(np.asarray(values["rms_target"], np.float32)), want):
