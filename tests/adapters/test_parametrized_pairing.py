@@ -35,6 +35,19 @@ def _mlp(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
 
 
+def _train_alike(models, opts, inputs: int) -> None:
+    """Three steps of each model with its optimizer on the same least-squares batches of ``inputs``
+    features and 2 targets."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(8, inputs, generator=gen, dtype=torch.float64)
+        y = torch.randn(8, 2, generator=gen, dtype=torch.float64)
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+
+
 def _blocks(opt):
     """Each param group's blocks as the optimizer's core transform makes them, by torch names."""
     out = []
@@ -92,13 +105,7 @@ def test_identity_parametrization_steps_as_the_plain_model(cls, kwargs):
     plain, wrapped = _mlp(), _mlp()
     parametrize.register_parametrization(wrapped[0], "weight", Same())
     opts = [cls(m.named_parameters(), **kwargs) for m in (plain, wrapped)]
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        x, y = torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randn(8, 2, generator=gen, dtype=torch.float64)
-        for model, opt in zip((plain, wrapped), opts):
-            opt.zero_grad()
-            ((model(x) - y) ** 2).mean().backward()
-            opt.step()
+    _train_alike((plain, wrapped), opts, 4)
     assert torch.equal(plain[0].weight, wrapped[0].parametrizations.weight.original)
     for a, b in ((plain[0].bias, wrapped[0].bias), (plain[2].weight, wrapped[2].weight), (plain[2].bias, wrapped[2].bias)):
         assert torch.equal(a, b)
@@ -162,13 +169,7 @@ def test_parametrized_inputs_first_weight_pairs_as_its_plain_twin():
     parametrize.register_parametrization(wrapped[0], "weight", Same())
     kwargs = dict(lr=1e-2, statistics_every=1, precondition_every=1)
     opts = [pt.MBF(m.parameters(), model=m, **kwargs) for m in (plain, wrapped)]
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        x, y = torch.randn(8, 3, generator=gen, dtype=torch.float64), torch.randn(8, 2, generator=gen, dtype=torch.float64)
-        for model, opt in zip((plain, wrapped), opts):
-            opt.zero_grad()
-            ((model(x) - y) ** 2).mean().backward()
-            opt.step()
+    _train_alike((plain, wrapped), opts, 3)
     assert opts[1]._path(wrapped[0].parametrizations.weight.original, 1) == ("0", "kernel")  # out-last, as the plain one
     assert torch.equal(plain[0].weight, wrapped[0].parametrizations.weight.original)
     assert torch.equal(plain[0].bias, wrapped[0].bias)
