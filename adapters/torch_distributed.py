@@ -564,9 +564,13 @@ class DistributedOptimizer:
         verdicts: list = [None] * self._world
         dist.all_gather_object(verdicts, refusal, group=self._pg)
         cls = type(self).__name__
-        missing = [(r, name) for r, v in enumerate(verdicts) if v for name in v.get("missing", ())]
-        if missing:
-            names = ", ".join(f"{name!r} (rank {r})" for r, name in missing)
+
+        def blocks(key: str) -> str:
+            """The blocks the ranks' verdicts list under ``key``, each named with its rank."""
+            return ", ".join(f"{name!r} (rank {r})" for r, v in enumerate(verdicts) if v for name in v.get(key, ()))
+
+        names = blocks("missing")
+        if names:
             raise ValueError(
                 f"{cls}.load_state_dict: the checkpoint lacks the state of the blocks of {names}, "
                 "which took steps: it holds one rank's blocks only (a full state, full_state_dict=True or "
@@ -581,9 +585,8 @@ class DistributedOptimizer:
                 f"{cls}.load_state_dict: {given}. Each rank of a split optimizer loads the file it saved, its own "
                 "state_dict(), into the rank of the same number; no rank of the process group loaded"
             )
-        unmarked = [(r, name) for r, v in enumerate(verdicts) if v for name in v.get("unmarked", ())]
-        if unmarked:
-            names = ", ".join(f"{name!r} (rank {r})" for r, name in unmarked)
+        names = blocks("unmarked")
+        if names:
             raise ValueError(
                 f"{cls}.load_state_dict: the counters of {names}, which took steps, carry the marks of this "
                 "optimizer, not of the one that saved them: the checkpoint has no marks (a split class's "
