@@ -62,8 +62,10 @@ class Model:
     outputs: int
     loss: Callable
 
-    def init(self) -> dict:
-        rng = np.random.default_rng(0)
+    def init(self, member: int = 0) -> dict:
+        """The initial parameters; ``member`` > 0: those of another member of an ensemble (other
+        draws of the same distribution)."""
+        rng = np.random.default_rng(0 if member == 0 else (0, member))
         return {n: rng.normal(0.0, 0.5, s) for n, s in self.shapes.items()}
 
     @functools.cached_property
@@ -77,9 +79,12 @@ class Model:
 
     def grads(self, params: dict, t: int) -> dict:
         """The loss gradient at ``params`` (dotted name -> float64 array) on step ``t``'s batch."""
+        return self.grads_on(params, *self.batches[t % 3])
+
+    def grads_on(self, params: dict, x: Any, y: Any) -> dict:
+        """The loss gradient at ``params`` on the batch ``(x, y)`` (arrays or tensors of float64)."""
         leaves = {n: torch.tensor(np.asarray(v), dtype=torch.float64, requires_grad=True) for n, v in params.items()}
-        x, y = self.batches[t % 3]
-        self.loss(leaves, x, y).backward()
+        self.loss(leaves, torch.tensor(np.asarray(x)), torch.tensor(np.asarray(y))).backward()
         return {n: leaf.grad.numpy() for n, leaf in leaves.items()}
 
 
@@ -237,7 +242,7 @@ def _copy(params: dict) -> dict:
 def core_trajectory(
     method: str, mode: str, model: str, *, xp: Any = np, jit: bool = False, missing: Optional[dict] = None,
     warm: Optional[list] = None, steps: int = STEPS, guarded: bool = False, cupy_captured: bool = False,
-    plain: bool = False, nonfinite: Optional[dict] = None, **overrides: Any,
+    plain: bool = False, nonfinite: Optional[dict] = None, member: int = 0, **overrides: Any,
 ) -> list:
     """The core's trajectory on ``xp`` (``numpy`` by default; ``torch`` or ``jax.numpy`` for a
     float32 path, compared on its own backend), eagerly.
@@ -253,7 +258,8 @@ def core_trajectory(
     name}``): that leaf's gradient holds a NaN on that step (:func:`poisoned`), so the step is
     skipped (zero updates, state kept, counted). ``warm``: gradient batches
     (flat dicts) given to ``warm_start`` before the first step (MBF). ``jit`` (JAX): each update
-    under ``jax.jit``. ``plain``: each update within ``precond_ref.plain_forms()``.
+    under ``jax.jit``. ``plain``: each update within ``precond_ref.plain_forms()``. ``member``: from
+    that ensemble member's initial parameters (:meth:`Model.init`).
     """
     spec = ALL_MODELS[model]
     transform = getattr(pr, method)(**{**core_kwargs(method, mode), **overrides})
@@ -271,7 +277,7 @@ def core_trajectory(
         to = np.asarray
     else:  # jax.numpy
         to = lambda a: xp.asarray(np.asarray(a), dtype=xp.float64)  # noqa: E731
-    params = {n: to(v) for n, v in spec.init().items()}
+    params = {n: to(v) for n, v in spec.init(member).items()}
     state = transform.init(nested(params))
     if warm is not None:
         state = transform.warm_start(state, [nested({n: to(g) for n, g in b.items()}) for b in warm])
@@ -488,11 +494,12 @@ def _jitted(method: str, mode: str, model: str, plain: bool = False, injected: A
 
 def optax_trajectory(
     method: str, mode: str, model: str, *, pickle_at: Optional[int] = None, warm: Optional[list] = None,
-    steps: int = STEPS, plain: bool = False, injected: Optional[str] = None,
+    steps: int = STEPS, plain: bool = False, injected: Optional[str] = None, member: int = 0,
 ) -> list:
     """optax under ``jax.jit``; ``pickle_at=k``: the state goes through ``pickle`` after ``k`` steps;
     ``plain``: the step traced and run within ``precond_ref.plain_forms()``; ``injected`` (a dtype
-    name): through ``optax.inject_hyperparams`` with hyperparameters of that dtype (:func:`_jitted`)."""
+    name): through ``optax.inject_hyperparams`` with hyperparameters of that dtype (:func:`_jitted`);
+    ``member``: from that ensemble member's initial parameters (the same jitted step)."""
     import jax.numpy as jnp
 
     import precond_ref.adapters.jax as pj
@@ -500,7 +507,7 @@ def optax_trajectory(
     spec = MODELS[model]
     # the cache's key is the arguments as given: the plain rows' callers give four
     opt, step = _jitted(method, mode, model, plain) if injected is None else _jitted(method, mode, model, plain, injected)
-    params = {n: jnp.asarray(v, dtype=jnp.float64) for n, v in spec.init().items()}
+    params = {n: jnp.asarray(v, dtype=jnp.float64) for n, v in spec.init(member).items()}
     state = opt.init(nested(params))
     if warm is not None:
         state = pj.mbf_warm_start(
@@ -516,6 +523,100 @@ def optax_trajectory(
             tree, state = step(nested(grads), state, tree)
         history.append(_copy({n: np.asarray(v) for n, v in flat(tree, spec.shapes).items()}))
     return history
+
+
+@functools.lru_cache(maxsize=None)
+def _scanned(method: str, mode: str, model: str):
+    """One optax optimizer and one jitted program per cell that runs every step under
+    ``jax.lax.scan``: the carry the parameters and the optimizer state, the scanned inputs the
+    batches, the parameters after each step stacked as the output. Each step's gradient is the
+    matrix's torch gradient at the carried parameters (:meth:`Model.grads_on`, called through
+    ``jax.pure_callback``), so the gradients are those of every other path given the same
+    parameters, bit for bit."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import precond_ref.adapters.jax as pj
+
+    spec = MODELS[model]
+    opt = getattr(pj, method)(**core_kwargs(method, mode))
+    shapes = nested({n: jax.ShapeDtypeStruct(s, jnp.float64) for n, s in spec.shapes.items()})
+
+    def host_grads(tree: dict, x: np.ndarray, y: np.ndarray) -> dict:
+        return nested(spec.grads_on(flat(tree, spec.shapes), x, y))
+
+    def body(carry: tuple, batch: tuple) -> tuple:
+        tree, state = carry
+        grads = jax.pure_callback(host_grads, shapes, tree, *batch)
+        updates, state = opt.update(grads, state, tree)
+        tree = optax.apply_updates(tree, updates)
+        return (tree, state), tree
+
+    @jax.jit
+    def run(tree: dict, state: Any, xs: tuple) -> dict:
+        return jax.lax.scan(body, (tree, state), xs)[1]
+
+    return opt, run
+
+
+def scan_trajectory(method: str, mode: str, model: str, *, steps: int = STEPS) -> list:
+    """optax under ``jax.lax.scan``: all ``steps`` steps one jitted program (:func:`_scanned`),
+    step ``t`` given step ``t``'s batch (as every path's gradient function takes it)."""
+    import jax.numpy as jnp
+
+    spec = MODELS[model]
+    opt, run = _scanned(method, mode, model)
+    params = {n: jnp.asarray(v, dtype=jnp.float64) for n, v in spec.init().items()}
+    xs = tuple(jnp.asarray(np.stack([spec.batches[t % 3][i].numpy() for t in range(steps)])) for i in (0, 1))
+    history = run(nested(params), opt.init(nested(params)), xs)
+    return [_copy(params)] + [
+        _copy({n: np.asarray(v[t]) for n, v in flat(history, spec.shapes).items()}) for t in range(steps)
+    ]
+
+
+#: The ensemble's size in the ``jax.vmap`` rows: members 0, 1 and 2 (:meth:`Model.init`).
+MEMBERS = 3
+
+
+@functools.lru_cache(maxsize=None)
+def _vmapped(method: str, mode: str, model: str):
+    """One optax optimizer and one jitted step per cell, mapped by ``jax.vmap`` over a leading
+    ensemble axis of the gradients, the state and the parameters."""
+    import jax
+    import optax
+
+    import precond_ref.adapters.jax as pj
+
+    opt = getattr(pj, method)(**core_kwargs(method, mode))
+
+    def step(grads: dict, state: Any, params: dict) -> tuple:
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return opt, jax.jit(jax.vmap(step))
+
+
+def vmap_trajectories(method: str, mode: str, model: str, *, members: int = MEMBERS, steps: int = STEPS) -> list:
+    """An ensemble of ``members`` models (:meth:`Model.init`'s members) trained at once: the
+    parameter trees stacked on a leading axis, the state made by ``jax.vmap(opt.init)``, each step
+    ``jax.jit(jax.vmap(update))`` (:func:`_vmapped`), each member's gradient the matrix's gradient
+    at that member's parameters. One trajectory per member."""
+    import jax
+    import jax.numpy as jnp
+
+    spec = MODELS[model]
+    opt, step = _vmapped(method, mode, model)
+    starts = [spec.init(k) for k in range(members)]
+    tree = nested({n: jnp.asarray(np.stack([p[n] for p in starts])) for n in spec.shapes})
+    state = jax.vmap(opt.init)(tree)
+    histories = [[_copy(p)] for p in starts]
+    for t in range(steps):
+        grads = [spec.grads(h[-1], t) for h in histories]
+        tree, state = step(nested({n: jnp.asarray(np.stack([g[n] for g in grads])) for n in spec.shapes}), state, tree)
+        for k, h in enumerate(histories):
+            h.append(_copy({n: np.asarray(v[k]) for n, v in flat(tree, spec.shapes).items()}))
+    return histories
 
 
 def warm_batches(model: str, n: int = 3) -> list:

@@ -462,6 +462,71 @@ def test_optax_path(cell, path):
 
 
 # --------------------------------------------------------------------------------------------
+# optax in JAX's training loops: every step under ``jax.lax.scan``, an ensemble under ``jax.vmap``
+
+LOOP_PATHS = ("scan", "vmap")
+
+
+def _float32_program_rounding(cell) -> float:
+    """The rounding model of a float32 cell run as another XLA program than the jitted step (the
+    steps under ``jax.lax.scan``, the step under ``jax.vmap``) against that step: the same float32
+    operations, whose reductions (batched under vmap) and fusions may sum in another order. It is
+    the model behind RTOL in float32: per step ``n·κ·eps`` of the update, ``n`` <= 36 terms per
+    reduction, ``eps`` of float32 and ``κ`` <= 1e2 for a damped root or solve; faithful ASGO's root
+    is the undamped Polar-Express iteration of a rank-deficient statistic, which multiplies the
+    statistic's rounding-level eigenvalues by its null-space gain ``Π a_j``
+    (``linalg.inverse_sqrt_polar_express``; 2.2e4 for the default 10 steps), so ``κ`` is that gain.
+    The updates are about 1e-2 of the parameters, over ``STEPS`` steps."""
+    import math
+
+    import numpy as np
+
+    from precond_ref import linalg
+
+    kappa = 1e2
+    if cell[:2] == ("asgo", "faithful"):
+        kappa = math.prod(a for a, _, _ in linalg.polar_express_coefficients(pm.core_kwargs(*cell[:2]).get("root_steps", 10)))
+    return pm.STEPS * 36 * kappa * float(np.finfo(np.float32).eps) * 1e-2
+
+
+@pytest.mark.parametrize("cell, path", _per_path(LOOP_PATHS, {}))
+def test_optax_training_loop_path(cell, path):
+    """optax in the two ways JAX users train, every method in both modes on both models.
+
+    ``scan``: the whole run one jitted program, ``jax.lax.scan`` over the steps (the carry the
+    parameters and the optimizer state, so the step counter is a traced value and no decision is
+    made on the host; the scanned inputs the batches; each step's gradient the matrix's torch
+    gradient at the carried parameters, through ``jax.pure_callback``, bit-identical to every other
+    path's given the same parameters). ``vmap``: an ensemble of ``path_matrix.MEMBERS`` models with
+    different initial parameters, stacked on a leading axis, the state made by
+    ``jax.vmap(opt.init)`` and each step ``jax.jit(jax.vmap(update))``; each member is compared
+    with that member trained alone.
+
+    Both compile another XLA program than the jitted step (XLA fuses a step with the next, or
+    batches the reductions), so neither is bit-identical to it by construction. They are held to
+    what the user relies on, the core's trajectory: to RTOL against NumPy, the model of the jit row;
+    a float32 cell against optax under ``jax.jit`` step by step (the jit row holds it bit-identical
+    to the jitted core), member by member through the same compiled step, to the rounding model of
+    :func:`_float32_program_rounding`. Each path compiles once (the scanned program, the mapped step)."""
+    if path == "scan":
+        got = pm.scan_trajectory(*cell)
+        if cell in FLOAT32:
+            _close(got, _optax_jit(cell), _float32_program_rounding(cell), "optax under jax.lax.scan vs optax under jax.jit")
+        else:
+            _close(got, _numpy_core(cell), RTOL, "optax under jax.lax.scan vs the NumPy core")
+        assert pm._scanned(*cell)[1]._cache_size() == 1
+        return
+    members = pm.vmap_trajectories(*cell)
+    for k, got in enumerate(members):
+        if cell in FLOAT32:
+            _close(got, pm.optax_trajectory(*cell, member=k), _float32_program_rounding(cell),
+                   f"member {k} under jax.vmap vs alone under jax.jit")
+        else:
+            _close(got, pm.core_trajectory(*cell, member=k), RTOL, f"member {k} under jax.vmap vs alone in the NumPy core")
+    assert pm._vmapped(*cell)[1]._cache_size() == 1
+
+
+# --------------------------------------------------------------------------------------------
 # The plain forms (``precond_ref.plain_forms``) against the fast forms, on every path's base runs
 
 PLAIN_PATHS = ("core", "core-device-decisions", "torch-eager", "optax-jit")
