@@ -37,8 +37,10 @@ the blocks it owns (and the step counters of all); save one file per rank and lo
 rank of the same number, with the same world size and parameters (ownership is a deterministic
 function of those). With FSDP2 the element-wise methods keep their state on local shards, as the
 parameters are, and ``state_dict()`` gives it as DTensors sharded like the parameters (as torch's
-optimizers do), so torch DCP saves and reshards it. ``load_state_dict`` is collective: a
-checkpoint that one rank refuses is refused on every rank, and no rank loads.
+optimizers do), so torch DCP saves and reshards it; ``load_state_dict`` reshards such state saved
+under another sharding of the parameters (``fully_shard``'s ``shard_placement_fn``) where every
+rank's checkpoint holds it so. ``load_state_dict`` is collective: a checkpoint that one rank
+refuses is refused on every rank, and no rank loads.
 """
 
 from __future__ import annotations
@@ -532,7 +534,11 @@ class DistributedOptimizer:
         changes: a checkpoint that one rank refuses (another optimizer's, another configuration's,
         another rank's blocks, not a state_dict) is refused on every rank with that rank's reason
         (:meth:`_agree_to_load`), and no rank loads. One rank raising alone would leave the others
-        training on, to wait in the next step's collectives.
+        training on, to wait in the next step's collectives. Between the first check that can
+        refuse and the agreement no rank runs a collective, so every rank reaches the agreement
+        whatever its checkpoint holds; local-shard state saved under another sharding of the
+        parameter (``fully_shard``'s ``shard_placement_fn``) is resharded (a collective) after the
+        ranks agree, in an order every rank agreed on.
         """
         # The gathered parameters (FSDP2, matrix methods) do not depend on the checkpoint: gathered
         # first, by every rank, before anything that could raise on one rank only.
@@ -547,7 +553,7 @@ class DistributedOptimizer:
             missing = self._missing_block_state(state_dict) or self._other_ranks_file(state_dict)
             if missing:
                 agree(missing)
-            self._load_agreed(state_dict, full, lambda: agree(None))
+            self._load_agreed(state_dict, full, lambda reshard: agree({"reshard": reshard} if reshard else None))
         except Exception as error:
             if agreed:  # refused in the agreement, or after it (nothing raises there)
                 raise
@@ -558,9 +564,11 @@ class DistributedOptimizer:
             raise
 
     def _agree_to_load(self, refusal: Optional[dict]) -> None:
-        """One all-gather of every rank's verdict on its checkpoint (``None``: it can load), then the
-        same error on every rank where some rank refused: the blocks whose state a checkpoint lacks
-        (:meth:`_missing_block_state`), named with their ranks, or each refusing rank's reason."""
+        """One all-gather of every rank's verdict on its checkpoint (``None``, or ``{"reshard": [...]}``:
+        it can load, resharding those entries), then the same error on every rank where some rank
+        refused: the blocks whose state a checkpoint lacks (:meth:`_missing_block_state`), named with
+        their ranks, or each refusing rank's reason; or where the ranks would reshard different
+        entries (:meth:`_load_agreed`), whose collectives would not pair up."""
         verdicts: list = [None] * self._world
         dist.all_gather_object(verdicts, refusal, group=self._pg)
         cls = type(self).__name__
@@ -597,6 +605,7 @@ class DistributedOptimizer:
             )
         errors = [(r, v["error"]) for r, v in enumerate(verdicts) if v and "error" in v]
         if not errors:
+            self._agree_to_reshard(verdicts)
             return
         prefix = f"{cls}.load_state_dict: "
         reasons = {}
@@ -617,17 +626,53 @@ class DistributedOptimizer:
         kind = TypeError if kinds == {"TypeError"} else ValueError
         raise kind(f"{prefix}the checkpoint was refused on {where}, so no rank of the process group loaded: {said}")
 
+    def _agree_to_reshard(self, verdicts: list) -> None:
+        """Raise the same ValueError on every rank where the ranks would reshard different entries
+        (:meth:`_load_agreed`): their checkpoints hold a parameter's local-shard state under
+        different shardings, and each entry is resharded by a collective of every rank, which one
+        rank's part of another sharding, or no part, would pair with the wrong data or with nothing.
+        Names the first such parameter and each rank's entries of it."""
+        plans = [v.get("reshard", []) if v else [] for v in verdicts]
+        if all(plan == plans[0] for plan in plans):
+            return
+
+        def held(plan: list, key: tuple) -> list:
+            return [move for move in plan if tuple(move[:2]) == key]
+
+        keys = sorted({tuple(move[:2]) for plan in plans for move in plan})
+        index, name = next(key for key in keys if any(held(plan, key) != held(plans[0], key) for plan in plans))
+        placements = self._leaves()[index][1].placements
+        said = "; ".join(
+            f"rank {r}: " + (", ".join(f"{entry!r} of shape {shape}, {dtype}, as {saved} over ranks {list(ranks)}"
+                                       for _, _, entry, saved, shape, dtype, ranks in held(plan, (index, name)))
+                             or f"as the parameter, {placements}")
+            for r, plan in enumerate(plans))
+        raise ValueError(
+            f"{type(self).__name__}.load_state_dict: the ranks' checkpoints hold the state of {name!r} under "
+            f"different shardings ({said}); resharding it to the parameter's placements takes the part of one "
+            "sharding from every rank, so each rank loads its own file of one checkpoint; no rank of the "
+            "process group loaded"
+        )
+
     def _load_agreed(self, state_dict: dict, full: dict, before_commit) -> None:
-        """The base class's load of this rank's checkpoint, with ``before_commit`` (the agreement of
-        the ranks) run after every check and before the optimizer changes."""
+        """The base class's load of this rank's checkpoint, with ``before_commit(reshard)`` (the
+        agreement of the ranks) run after every check and before the optimizer changes.
+
+        No collective runs before ``before_commit``: a rank refusing its checkpoint goes straight
+        to the agreement, which every other rank must reach next. Local-shard state saved as a
+        DTensor of other placements than the parameter's is checked as it is (its global shape,
+        its local values) and listed in ``reshard`` as ``(parameter index, parameter, entry,
+        placements, global shape, dtype, mesh ranks)``, sorted; the ranks agree on that list with
+        the rest, and every rank reshards those entries in that order once loaded."""
         if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
                 and isinstance(state_dict.get("param_groups"), list)):
             # Not a state_dict: the base class's check refuses it, in its words.
-            self._base_load(state_dict, before_commit)
+            self._base_load(state_dict, lambda: before_commit([]))
             return
         filled = {key: {k: v for k, v in value.items() if k not in (_COUNTERS_OF, _STATE_OF)}
                   for key, value in state_dict["state"].items()}
         leaves = self._leaves()
+        reshard = []
         index = 0
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             others = []
@@ -645,7 +690,11 @@ class DistributedOptimizer:
                             continue
                         if isinstance(value, DTensor):  # state_dict()'s layout, or DCP's load of it
                             if tuple(value.placements) != tuple(p.placements):
-                                value = value.redistribute(value.device_mesh, p.placements)
+                                # Another sharding: resharded once the ranks agree (a collective).
+                                reshard.append((index - 1, ".".join(str(k) for k in path), name,
+                                                repr(value.placements), tuple(value.shape), str(value.dtype),
+                                                tuple(value.device_mesh.mesh.flatten().tolist())))
+                                continue
                             value = value.to_local()
                         if self._is_shard_state(value, p):  # re-wrapped on this rank's own mesh
                             entries[name] = self._as_dtensor(value, p)
@@ -657,7 +706,13 @@ class DistributedOptimizer:
                 ids = {path_str(path): saved_id for path, _, saved_id in others}
                 for key, arrays in core.init(tree).groups.items():
                     filled[ids[key]].update(arrays)
-        self._base_load({**state_dict, "state": filled}, before_commit)
+        reshard.sort()
+        self._base_load({**state_dict, "state": filled}, lambda: before_commit(reshard))
+        # Every rank reshards the same entries in the same order (agreed): each collective pairs up.
+        for index, _, name, *_ in reshard:
+            p = leaves[index][1]
+            value = self.state[p][name]
+            self.state[p][name] = value.redistribute(value.device_mesh, p.placements)
         for path, p in leaves:
             entries = self.state.get(p)
             if not entries:

@@ -242,6 +242,58 @@ def test_checkpoints_loaded_into_each_others_ranks_are_refused_as_the_other_rank
         assert ranks[rank]["refused_checkpoints"]["crossed"]["agree"], rank
 
 
+def test_checkpoint_of_another_sharding_loads_resharded_on_every_rank_alike(job):
+    """AGD under FSDP2: a checkpoint saved (``torch.save`` of ``state_dict()``) over the model with
+    weights sharded along dim 1 (``fully_shard``'s ``shard_placement_fn``) loads into an optimizer
+    over the default dim-0 sharding with the state the dim-0 run holds after the same two steps,
+    bit for bit, also where rank 1's checkpoint lists each parameter's entries in another order;
+    both ranks ran the same collectives.
+
+    Invariant: resharding is data movement, exact, and one collective of every rank per entry; the
+    ranks reshard in an order they agreed on, not in each checkpoint's own (entries in another
+    order paired rank 0's ``m`` with rank 1's ``b``: a wrong state on both ranks, silently)."""
+    ranks, _ = job
+    got = [ranks[r]["resharded_checkpoints"]["loads"] for r in range(WORLD)]
+    for rank in range(WORLD):
+        assert got[rank]["error"] is None and got[rank]["same"], (rank, got[rank])
+    assert got[0]["comms"] == got[1]["comms"], got
+
+
+@pytest.mark.parametrize("case, words", [
+    ("not-a-dict", "the checkpoint was refused on rank 1, so no rank of the process group loaded: expected a dict "
+                   "with 'state' and 'param_groups'"),
+    ("lacking", "the checkpoint was refused on rank 1, so no rank of the process group loaded: the state of "
+                "parameter '0.bias' (index 1) lacks ['m']"),
+    ("mixed", "the ranks' checkpoints hold the state of '0.weight' under different shardings (rank 0: 'b' of shape "
+              "(5, 6), torch.float32, as (Shard(dim=1),) over ranks [0, 1], 'm' of shape (5, 6), torch.float32, as "
+              "(Shard(dim=1),) over ranks [0, 1]; rank 1: as the parameter, (Shard(dim=0),)); resharding it to the "
+              "parameter's placements takes the part of one sharding from every rank, so each rank loads its own "
+              "file of one checkpoint; no rank of the process group loaded"),
+])
+def test_checkpoint_refused_on_one_rank_is_refused_before_any_rank_reshards(job, case, words):
+    """AGD under FSDP2, rank 0 loading a checkpoint whose state (saved over weights sharded along dim
+    1) it must reshard to the parameters' dim-0 sharding, while rank 1 is given one it refuses
+    before any resharding (not a state_dict), one it refuses in the checks that follow (an entry
+    missing), or the dim-0 run's own file, which it could load alone but whose state is of another
+    sharding than rank 0's: every rank raises the same ValueError (the refusing rank's reason, or
+    the two shardings), ran the same collectives (the one all-gather of the verdicts), changed
+    nothing, and takes the next step with the other rank, the parameters equal on both.
+
+    Invariant: ``load_state_dict`` is collective, and every rank reaches the same collectives
+    whatever any rank's checkpoint holds: between the first check that can refuse and the ranks'
+    agreement no rank runs a collective, and the resharding (a collective) runs after it, of the
+    entries every rank agreed on. It ran before the agreement on the ranks that had such state, so a
+    rank that refused waited in the agreement's all-gather while another resharded (the ranks
+    aborted on mismatched collectives, or hung)."""
+    ranks, _ = job
+    got = [ranks[r]["resharded_checkpoints"][case] for r in range(WORLD)]
+    assert got[0]["error"] == got[1]["error"], got
+    assert got[0]["error"].startswith("ValueError: AGD.load_state_dict: ") and words in got[0]["error"], got[0]["error"]
+    assert got[0]["comms"] == got[1]["comms"], got
+    for rank in range(WORLD):
+        assert got[rank]["unchanged"] and got[rank]["agree"], (rank, got[rank])
+
+
 def test_split_classes_warn_of_a_bias_left_unpaired_by_weight_norm(job):
     """MBF and IF-Shampoo (``grouping="weight_bias"``) of ``torch_distributed``, built over a model
     whose layer ``0`` has its weight kept by ``weight_norm`` as ``original0``/``original1``: each

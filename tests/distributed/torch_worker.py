@@ -277,6 +277,21 @@ def split_full_state(rank: int, world: int, out: str) -> dict:
         results["rollback"] = str(err)
     return results
 
+def snapshot(opt) -> list:
+    """A copy of ``opt.state``: (parameter, entries) pairs."""
+    return [(p, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()})
+            for p, s in opt.state.items()]
+
+
+def same_state(opt, before: list) -> bool:
+    """Whether ``opt.state`` holds exactly the entries of the :func:`snapshot` ``before``."""
+    return len(before) == len(opt.state) and all(
+        s.keys() == opt.state[p].keys() and all(
+            torch.equal(v, opt.state[p][k]) if isinstance(v, torch.Tensor) else v == opt.state[p][k]
+            for k, v in s.items())
+        for p, s in before)
+
+
 def refused_checkpoints(rank: int, world: int, out: str) -> dict:
     """ASGO with the split preconditioner under DDP, two steps, then checkpoints that rank 1 alone
     cannot load while rank 0 loads its own ``state_dict()``: DASGO's (``foreign``), rank 0's
@@ -305,26 +320,15 @@ def refused_checkpoints(rank: int, world: int, out: str) -> dict:
     # Each rank given the other rank's file (rank 0 too).
     crossed = torch.load(os.path.join(out, f"asgo-rank{1 - rank}.pt"), weights_only=False)
 
-    def snapshot() -> list:
-        return [(p, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()})
-                for p, s in opt.state.items()]
-
-    def same(before: list) -> bool:
-        return len(before) == len(opt.state) and all(
-            s.keys() == opt.state[p].keys() and all(
-                torch.equal(v, opt.state[p][k]) if isinstance(v, torch.Tensor) else v == opt.state[p][k]
-                for k, v in s.items())
-            for p, s in before)
-
     results = {}
     for label, checkpoint in [*bad.items(), ("crossed", lambda: crossed)]:
-        before = snapshot()
+        before = snapshot(opt)
         try:
             opt.load_state_dict(own if rank == 0 and label != "crossed" else checkpoint())
             error = None
         except Exception as err:  # noqa: BLE001 - recorded for the test to judge
             error = f"{type(err).__name__}: {err}"
-        unchanged = same(before)
+        unchanged = same_state(opt, before)
         opt.zero_grad()
         loss_fn(net, shard(xs[2], rank, world), shard(ys[2], rank, world)).backward()
         opt.step()
@@ -332,6 +336,81 @@ def refused_checkpoints(rank: int, world: int, out: str) -> dict:
         dist.all_gather_object(params, plain(net.module))
         agree = all(torch.equal(params[0][k], params[1][k]) for k in params[0])
         results[label] = {"error": error, "unchanged": unchanged, "agree": agree}
+    return results
+
+
+def resharded_checkpoints(rank: int, world: int) -> dict:
+    """AGD under FSDP2 with a checkpoint (``torch.save`` of ``state_dict()``) saved by an optimizer
+    over the model whose weights of an even number of columns are sharded along dim 1
+    (``fully_shard``'s ``shard_placement_fn``), after two steps.
+
+    ``loads``: loaded into a fresh optimizer over the model sharded along dim 0 (the default),
+    rank 1's entries in reverse order: whether its state is the one the dim-0 run holds after the
+    same two steps. Then loaded by rank 0 into the dim-0 run's optimizer while rank 1 is given a
+    checkpoint it refuses before any resharding (``not-a-dict``), the checkpoint lacking the entry
+    ``m`` (``lacking``: refused by the checks after those of the other entries), or the dim-0
+    run's own file, which it could load alone (``mixed``). Per case: the error this rank saw,
+    whether the state is the one it held before, the collectives the load ran on this rank
+    (``CommDebugMode``'s counts), and whether, after one more step on both ranks, their
+    parameters agree."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    cls, kwargs = CONFIGS["agd"]
+    xs, ys = data()
+    mesh = init_device_mesh("cpu", (world,))
+
+    def trained(placement) -> tuple:
+        net = model()
+        for layer in net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh, shard_placement_fn=placement)
+        fully_shard(net, mesh=mesh)
+        opt = getattr(ptd, cls)(net.named_parameters(), **kwargs)
+        for x, y in zip(xs[:2], ys[:2]):
+            opt.zero_grad()
+            loss_fn(net, shard(x, rank, world), shard(y, rank, world)).backward()
+            opt.step()
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        buffer.seek(0)
+        return net, opt, torch.load(buffer, weights_only=False)
+
+    # Along dim 1 where it splits evenly (FSDP2 shards dim 1 only so): layers 0 and 4.
+    _, _, by_columns = trained(lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % world == 0 else None)
+    net, opt, by_rows = trained(None)
+
+    def load(target, checkpoint: dict) -> tuple:
+        try:
+            with CommDebugMode() as comms:
+                target.load_state_dict(checkpoint)
+            error = None
+        except Exception as err:  # noqa: BLE001 - recorded for the test to judge
+            error = f"{type(err).__name__}: {err}"
+        return error, {str(op): n for op, n in comms.get_comm_counts().items()}
+
+    results = {}
+    reordered = {**by_columns, "state": {k: dict(reversed(e.items())) for k, e in by_columns["state"].items()}}
+    fresh = getattr(ptd, cls)(net.named_parameters(), **kwargs)
+    error, comms = load(fresh, by_columns if rank == 0 else reordered)
+    results["loads"] = {"error": error, "comms": comms, "same": same_state(fresh, snapshot(opt))}
+    refused = {
+        "not-a-dict": {"state": by_columns["state"]},
+        "lacking": {**by_columns, "state": {k: {n: v for n, v in e.items() if n != "m"}
+                                            for k, e in by_columns["state"].items()}},
+        "mixed": by_rows,
+    }
+    for label, checkpoint in refused.items():
+        before = snapshot(opt)
+        error, comms = load(opt, by_columns if rank == 0 else checkpoint)
+        unchanged = same_state(opt, before)
+        opt.zero_grad()
+        loss_fn(net, shard(xs[2], rank, world), shard(ys[2], rank, world)).backward()
+        opt.step()
+        params = [None] * world
+        dist.all_gather_object(params, plain(net))
+        agree = all(torch.equal(params[0][k], params[1][k]) for k in params[0])
+        results[label] = {"error": error, "comms": comms, "unchanged": unchanged, "agree": agree}
     return results
 
 
@@ -491,6 +570,7 @@ def main() -> None:
         results["elementwise_checkpoints"] = elementwise_checkpoints(rank, world, out)
         results["split_full_state"] = split_full_state(rank, world, out)
         results["refused_checkpoints"] = refused_checkpoints(rank, world, out)
+        results["resharded_checkpoints"] = resharded_checkpoints(rank, world)
         results["weight_norm_warning"] = weight_norm_warning(rank, world)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         with open(os.path.join(out, f"bad{rank}.json"), "w") as f:
