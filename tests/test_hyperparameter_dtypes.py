@@ -234,3 +234,52 @@ def test_float32_rms_target_over_float32_matrices_joined(case):
         for leaf in expected:
             assert got[leaf].dtype == np.float32, leaf
             assert np.array_equal(got[leaf], expected[leaf]), leaf
+
+
+#: Calls that cast a value to a dtype (``_backend.as_operand``, ``cast``, ``scalar_array``,
+#: ``engine.options.widened``, an array library's ``astype``/``asarray``).
+CASTS = {"astype", "asarray", "as_operand", "cast", "scalar_array", "widened"}
+
+
+def _calls(function, seen=None) -> set:
+    """The names of the functions ``function`` calls, and those of the functions of its own module
+    that it calls, transitively (a cast in a helper of the rule's module is the rule's)."""
+    import ast
+    import inspect
+    import textwrap
+
+    function = getattr(function, "func", function)  # a functools.partial (RF-RMSProp's _rf_step)
+    seen = set() if seen is None else seen
+    if function in seen:
+        return set()
+    seen.add(function)
+    module, names = inspect.getmodule(function), set()
+    for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(function)))):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            names.add(name)
+            helper = getattr(module, str(name), None)
+            if inspect.isfunction(helper) and inspect.getmodule(helper) is module:
+                names |= _calls(helper, seen)
+    return names
+
+
+def test_elementwise_rules_step_scalars_cast_nothing():
+    """The step scalars of every element-wise rule (AGD, faithful AGD, RF-RMSProp, RF-AdamW) are
+    written as the paper's formulas of the configuration and the step's values, with no cast in
+    the rule's ``scalars`` nor in a helper of its module that it calls: the hyperparameters'
+    dtypes are the runner's (``engine.elementwise.StepValues`` widens a narrower array,
+    ``step_scalars`` casts every array scalar to the state's dtype), per the project's bar for a
+    rule (docs/engine.md: no casting words in a rule). The checker itself is checked on a helper
+    that casts."""
+    import importlib
+
+    agd, root_free = (importlib.import_module(f"precond_ref.methods.{name}") for name in ("agd", "root_free"))
+
+    def counter(xp, t):
+        return xp.astype(t.count + 1, t.dtype)
+
+    assert _calls(counter) == {"astype"}
+    rules = [agd.AGD, agd.AGD_FAITHFUL, root_free.RF_RMSPROP, root_free.RF_ADAMW]
+    found = {getattr(rule.scalars, "func", rule.scalars).__name__: sorted(_calls(rule.scalars) & CASTS) for rule in rules}
+    assert found == {name: [] for name in found}

@@ -13,14 +13,17 @@ of a flat vector of many: nothing in them reads a shape):
   this step;
 
 with ``c`` the rule's configuration (a NamedTuple: its hyperparameters, as operands of the state's
-dtype) and ``h`` this step's scalars, ``scalars(xp, c, t) -> NamedTuple`` (the learning rate at
-this step, bias corrections; from the configuration, as operands of the state's dtype but for the
-``scheduled`` fields, which are as given, and the step's :class:`StepValues`), made once per step
-and dtype for all leaves.
+dtype, but for the ``scheduled`` fields, which are as given) and ``h`` this step's scalars,
+``scalars(xp, c, t) -> NamedTuple`` (the learning rate at this step, bias corrections), written as
+the paper's formulas of the configuration and the step's :class:`StepValues` ``t``, and made once
+per step and dtype for all leaves (:func:`step_scalars`).
 
 The engine does the rest: the state's dtype, the casts of gradient and parameter into it, the
-hyperparameters as operands (:func:`~precond_ref.engine.options.operands`), the scalars once per
-step (:func:`step_scalars`), the non-finite rule's selection of the new state before the update is formed from it, the packing
+hyperparameters as operands (:func:`~precond_ref.engine.options.operands`), the step's values a
+rule's ``scalars`` reads (:class:`StepValues`: the step number, a hyperparameter at this step
+widened to the state's dtype where it is an array of fewer bits), its scalars once per step and
+every one of them that is an array cast to the state's dtype (:func:`step_scalars`), the
+non-finite rule's selection of the new state before the update is formed from it, the packing
 of small leaves into one flat leaf (``build_transform(elementwise=True)``), and the checks.
 
 An adapter that can write arrays in place (the torch optimizers) may run a step through
@@ -37,7 +40,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from array_api_compat import array_namespace
 
-from .._backend import array_device, cast, computed_once, device_key, is_dense, is_number, scalar_zero
+from .._backend import array_device, as_operand, cast, computed_once, device_key, is_dense, is_number, scalar_array, scalar_zero
 from ..blocking import stack, unstack
 from ..transform import PrecondState, Transform
 from ..tree import path_str, tree_flatten
@@ -45,7 +48,7 @@ from .context import StepContext
 from . import joined
 from .joined import _dtypes, _flat
 from . import skip
-from .options import operands
+from .options import operands, widened
 from .run import build_transform
 
 __all__ = [
@@ -72,24 +75,78 @@ class ElementwiseRule(NamedTuple):
     #: step scalars formed from others (bias corrections, their quotients), which a compiler must
     #: compute once per step rather than inline into every element's loop (:func:`step_scalars`)
     computed: tuple = ()
+    #: the name of the dtype of the step number ``t.step`` and of ``t.scalar`` (:class:`StepValues`)
+    #: where it is not the state's: faithful AGD's ``"float32"`` (the authors' step counter is a
+    #: float32 tensor, whatever the parameters' dtype)
+    counter: Optional[str] = None
 
 
 class StepValues(NamedTuple):
-    """What a rule's ``scalars`` may read of a step: ``count`` (updates applied before this one, a
-    0-D int32 array), ``value(hyperparameter)`` (a constant, or a schedule at ``count``), ``extra``
-    (``update``'s keyword arguments), the state's ``dtype`` and ``device``."""
+    """What a rule's ``scalars`` reads of a step, made by the runner (:func:`step_scalars`) for each
+    dtype a step's state is in:
 
+    * ``count``: the updates applied before this one, a 0-D int32 array, and ``step``, the step
+      number ``t = count + 1`` as a 0-D array of ``counter`` (the state's dtype, or the rule's
+      :attr:`ElementwiseRule.counter`);
+    * ``value(hyperparameter)``: its value at this step (a constant, or a schedule at ``count``),
+      widened to ``dtype`` where it is an array of fewer bits
+      (:func:`~precond_ref.engine.options.widened`, exact): an expression of hyperparameters is
+      then formed in the step's precision or wider, and rounded to ``dtype`` once, where the runner
+      casts the scalars (a float32 learning rate times a Python weight decay over float64
+      parameters is not rounded to float32 on the way);
+    * ``operand(hyperparameter)``: its value at this step as the configuration's fields are, an
+      operand of ``dtype`` (:func:`~precond_ref._backend.as_operand`): a number as itself (a weak
+      scalar), an array in ``dtype``. A factor that meets the step's arrays before the runner's
+      cast takes this form where a number would be rounded to ``dtype`` there and a wider array
+      would not (RF-AdamW's η_t/c₁, with c₁ in ``dtype``);
+    * ``scalar(hyperparameter)``: its value at this step as a 0-D array of ``counter`` on
+      ``device`` (a number too: an operand that the step's arithmetic rounds in ``counter``);
+    * ``extra`` (``update``'s keyword arguments), the state's ``dtype`` and ``device``."""
+
+    xp: Any
     count: Any
-    value: Callable[[Any], Any]
+    at_count: Callable[[Any], Any]
     extra: dict
     dtype: Any
     device: Any
+    counter: Any
+
+    @property
+    def step(self) -> Any:
+        return self.xp.astype(self.count + 1, self.counter)
+
+    def value(self, hyperparameter: Any) -> Any:
+        return widened(self.xp, self.at_count(hyperparameter), self.dtype)
+
+    def operand(self, hyperparameter: Any) -> Any:
+        return as_operand(self.xp, self.at_count(hyperparameter), self.dtype)
+
+    def scalar(self, hyperparameter: Any) -> Any:
+        return scalar_array(self.xp, self.at_count(hyperparameter), self.counter, self.device)
 
 
-def step_scalars(xp: Any, scalars: NamedTuple, computed: tuple) -> NamedTuple:
-    """A rule's step scalars, those named in ``computed`` in the form a compiler computes once per
-    step (:func:`precond_ref._backend.computed_once`: the same numbers)."""
-    return scalars._replace(**{k: computed_once(xp, getattr(scalars, k)) for k in computed})
+def step_scalars(xp: Any, rule: ElementwiseRule, c: NamedTuple, count: Any, at_count: Callable[[Any], Any],
+                 extra: dict, dtype: Any, device: Any) -> NamedTuple:
+    """``rule``'s scalars of a step whose state is of ``dtype`` on ``device``: ``rule.scalars`` of
+    the configuration ``c`` (its operands of ``dtype``) and the :class:`StepValues` of ``count``
+    (``at_count(hyperparameter)``: its value at this step, as given), with
+
+    * each field that is an array cast to ``dtype``: a scalar formed of a wider array (a float64
+      learning rate, as the torch optimizers and ``optax.inject_hyperparams`` over a tree with
+      float64 leaves pass it, over float32 parameters) would otherwise promote the update and the
+      state out of ``dtype``, and one formed in float32 (faithful AGD's) is the state's operand;
+      a number stays a Python number (:func:`~precond_ref._backend.as_operand`: a weak scalar,
+      rounded to the dtype of the array it meets);
+    * those named in ``rule.computed`` in the form a compiler computes once per step
+      (:func:`precond_ref._backend.computed_once`: the same numbers)."""
+    counter = dtype if rule.counter is None else getattr(xp, rule.counter)
+    h = rule.scalars(xp, c, StepValues(xp, count, at_count, extra, dtype, device, counter))
+    fields = {}
+    for name, v in h._asdict().items():
+        if v is not None:
+            v = as_operand(xp, v, dtype) if is_number(v) else cast(xp, v, dtype)
+        fields[name] = computed_once(xp, v) if name in rule.computed else v
+    return h._replace(**fields)
 
 
 def elementwise_transform(
@@ -119,8 +176,8 @@ def elementwise_transform(
         c = operands(xp, config, dtype, rule.scheduled)
         g = cast(xp, grads[0], dtype)
         w = cast(xp, params[0], dtype) if reads_params else None
-        values = StepValues(ctx.count, ctx.value, ctx.extra, dtype, device)
-        h = ctx.once((rule.name, "scalars", dtype, device), lambda: step_scalars(xp, rule.scalars(xp, c, values), rule.computed))
+        h = ctx.once((rule.name, "scalars", dtype, device),
+                     lambda: step_scalars(xp, rule, c, ctx.count, ctx.value, ctx.extra, dtype, device))
         new, u = rule_step(xp, rule, c, old, g, w, h, ctx.unless_skipped)
         return (u,), _entries(new)
 
@@ -234,8 +291,7 @@ class _InPlace:
             dtype, device = s.operands[2].dtype, array_device(w)
             if (dtype, device_key(w)) not in scalars:
                 c = operands(xp, self.config, dtype, self.rule.scheduled)
-                h = step_scalars(xp, self.rule.scalars(xp, c, StepValues(state.count, value, extra, dtype, device)),
-                                 self.rule.computed)
+                h = step_scalars(xp, self.rule, c, state.count, value, extra, dtype, device)
                 # the fields that are numbers or None, with their values (constants of the per-leaf
                 # function), and the names of those that are arrays (its operands)
                 numbers = tuple((k, v) for k, v in h._asdict().items() if v is None or is_number(v))

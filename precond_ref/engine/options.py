@@ -185,7 +185,9 @@ def widened(xp: Any, value: Any, dtype: Any) -> Any:
     """A hyperparameter's value at a step (a number, or an array: a scheduled one, as
     ``optax.inject_hyperparams`` or a torch learning-rate tensor passes it) as a factor of a product
     with other hyperparameters that is rounded to ``dtype`` afterwards: an array of fewer bits than
-    ``dtype`` cast to ``dtype`` (exactly), anything else as it is.
+    ``dtype`` cast to ``dtype`` (exactly), anything else as it is. The element-wise runner gives a
+    rule's step scalars each hyperparameter so (``engine.elementwise.StepValues.value``) and casts
+    the scalars to the state's dtype afterwards (``step_scalars``).
 
     A Python number is a weak scalar: times a float32 array it is rounded to float32, so the
     product of a float32 learning rate and a Python weight decay, formed before the cast to a

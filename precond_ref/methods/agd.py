@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-from .._backend import (array_device, as_operand, clip, compute_dtype, float32_power, float32_sqrt, is_number, is_zero,
-                        scalar_array)
+from .._backend import array_device, clip, compute_dtype, float32_power, float32_sqrt, is_number, is_zero
 from ..engine.elementwise import ElementwiseRule, elementwise_transform
-from ..engine.options import widened
 from ..transform import ScalarOrSchedule, Transform, check_bool, check_choice, check_learning_rate, check_mode
 from ..transform import check_nonnegative, check_optional, check_positive, check_unit_interval
 
@@ -205,28 +203,13 @@ def _agd_scalars(xp, c: AGDConfig, t) -> _Step:
     """The step's scalars at ``t = count + 1``, in the state dtype from an integer counter (D6):
     ``1 - b_i^t``, the floor ``delta`` as a 0-D array, the coefficients of s_t (D2) and Win's
     ``1 + wd eta`` and ``tau = 1/(3 + 2 eta wd)``."""
-    lr, wd = _rate(xp, c, t), t.value(c.weight_decay)
-    step = xp.astype(t.count + 1, t.dtype)
+    lr, wd, step = t.value(c.learning_rate), t.value(c.weight_decay), t.step
     bc1, bc2 = 1.0 - c.b1**step, 1.0 - c.b2**step
-    h = _Step(eta=lr, lr_wd=lr * wd, floor=scalar_array(xp, t.value(c.delta), t.dtype, t.device), bc1=bc1, bc2=bc2)
+    h = _Step(eta=lr, lr_wd=lr * wd, floor=t.scalar(c.delta), bc1=bc1, bc2=bc2)
     h = h._replace(**_difference_coefficients(xp, c.b1, bc1, 1.0 - c.b1 ** (step - 1.0)))
     if c.win:
         h = h._replace(win_shrink=1.0 + wd * lr, win_tau=1.0 / (3.0 + 2.0 * lr * wd))
-    return _in_step_dtype(xp, h, t.dtype)
-
-
-def _rate(xp, c: AGDConfig, t):
-    """η_t as a factor of the step's products of hyperparameters (:func:`~precond_ref.engine.options.widened`:
-    an array narrower than the step's dtype widened first, so that η_t λ is not rounded to it)."""
-    return widened(xp, t.value(c.learning_rate), t.dtype)
-
-
-def _in_step_dtype(xp, h: _Step, dtype) -> _Step:
-    """The scalars formed from η_t (η_t, η_t λ, Win's) as operands of the step's ``dtype``: a wider
-    array (``optax.inject_hyperparams`` over a tree that mixes float32 and float64 leaves) would
-    otherwise promote the update and Win's iterate out of it."""
-    names = ("eta", "lr_wd", "win_shrink", "win_tau")
-    return h._replace(**{k: as_operand(xp, getattr(h, k), dtype) for k in names if getattr(h, k) is not None})
+    return h
 
 
 def _agd_state(xp, c: AGDConfig, state: AGDState, g, w, h: _Step) -> AGDState:
@@ -304,30 +287,25 @@ def _win_step(c: AGDConfig, h: _Step, theta, z, r):
 
 def _faithful_scalars(xp, c: AGDConfig, t) -> _Step:
     """The authors' float32 bias-correction scalars at ``t = count + 1`` (spec §2.2 steps 2, 7, 9),
-    float32 whatever the parameter dtype (their step counter is a float32 tensor), cast to the
-    state dtype where they meet the state: ``inv_bc1 = 1/(1 - b1^t)``, ``inv_bc1_prev = 1/(1 -
-    b1^{t-1})`` (1 at t = 1, where ``m_0 = 0``), ``eta = lr sqrt(1 - b2^t)/(1 - b1^t)``,
-    ``floor = delta sqrt(1 - b2^t)``; and Win's coefficients in the authors' order (and their
-    ``z_0 = 0``, D4)."""
-    lr, wd = _rate(xp, c, t), t.value(c.weight_decay)
-    step = xp.astype(t.count + 1, xp.float32)
+    float32 whatever the parameter dtype (their step counter is a float32 tensor: the rule's
+    ``counter``, of which ``t.step`` and ``t.scalar`` are): ``inv_bc1 = 1/(1 - b1^t)``,
+    ``inv_bc1_prev = 1/(1 - b1^{t-1})`` (1 at t = 1, where ``m_0 = 0``), ``eta = lr sqrt(1 -
+    b2^t)/(1 - b1^t)``, ``floor = delta sqrt(1 - b2^t)``; and Win's coefficients in the authors'
+    order (and their ``z_0 = 0``, D4). The hyperparameters enter as float32 0-D arrays
+    (``t.scalar``): torch multiplies a float32 tensor by a Python scalar in float32, and explicit
+    float32 operands make every backend round as it does."""
+    step = t.step
     bc1, bc2 = 1.0 - float32_power(xp, c.b1, step), 1.0 - float32_power(xp, c.b2, step)
     bc1_prev = xp.where(step == 1.0, xp.ones_like(step), 1.0 - float32_power(xp, c.b1, step - 1.0))
     sqrt_bc2 = float32_sqrt(xp, bc2)
-    eta32 = _float32(xp, lr, step) * sqrt_bc2 / bc1
-    floor = _float32(xp, t.value(c.delta), step) * sqrt_bc2
-    h = dict(eta=eta32, floor=floor, inv_bc1=1.0 / bc1, inv_bc1_prev=1.0 / bc1_prev)
+    eta = t.scalar(c.learning_rate) * sqrt_bc2 / bc1
+    h = _Step(eta=eta, lr_wd=t.value(c.learning_rate) * t.value(c.weight_decay), floor=t.scalar(c.delta) * sqrt_bc2,
+              inv_bc1=1.0 / bc1, inv_bc1_prev=1.0 / bc1_prev)
     if c.win:
-        wd32 = _float32(xp, wd, step)
-        tau = 1.0 / (3.0 + (2.0 * eta32) * wd32)
-        h.update(win_shrink=1.0 / (1.0 + wd32 * eta32), win_tau=tau, win_r=-tau * (2.0 * eta32), win_z=2.0 * tau)
-    return _Step(lr_wd=as_operand(xp, lr * wd, t.dtype), **{k: xp.astype(v, t.dtype) for k, v in h.items()})
-
-
-def _float32(xp, value, like):
-    """``value`` as a float32 0-D array on ``like``'s device: torch multiplies a float32 tensor by a
-    Python scalar in float32, and explicit float32 operands make every backend round as it does."""
-    return scalar_array(xp, value, xp.float32, array_device(like))
+        wd = t.scalar(c.weight_decay)
+        tau = 1.0 / (3.0 + (2.0 * eta) * wd)
+        h = h._replace(win_shrink=1.0 / (1.0 + wd * eta), win_tau=tau, win_r=-tau * (2.0 * eta), win_z=2.0 * tau)
+    return h
 
 
 def _faithful_difference(h: _Step, m_prev, m):
@@ -346,4 +324,5 @@ AGD = ElementwiseRule(
     "agd", AGDState, _agd_init, _agd_scalars, _agd_state, _agd_update, scheduled=("learning_rate", "delta"),
     computed=("eta", "floor", "bc1", "bc2", "a", "d", "k", "bc1_prev"),
 )
-AGD_FAITHFUL = AGD._replace(scalars=_faithful_scalars, computed=("eta", "floor", "inv_bc1", "inv_bc1_prev"))
+AGD_FAITHFUL = AGD._replace(scalars=_faithful_scalars, computed=("eta", "floor", "inv_bc1", "inv_bc1_prev"),
+                            counter="float32")  # the authors' step counter

@@ -81,8 +81,8 @@ class _RFStep(NamedTuple):
 
 def _rf_step(name: str, xp, c, t) -> _RFStep:
     """η_t and B of this step (B from ``update(..., batch_size=)`` or the factory)."""
-    B = as_operand(xp, options.batch_size(name, c.batch_size, t.extra), t.dtype) if c.scale_by_batch_size else 1
-    return _RFStep(lr=as_operand(xp, t.value(c.learning_rate), t.dtype), B=B)
+    B = options.batch_size(name, c.batch_size, t.extra) if c.scale_by_batch_size else 1
+    return _RFStep(lr=t.value(c.learning_rate), B=B)
 
 
 # RF-RMSProp (Lin et al. 2024, Figure 1), per entry:
@@ -179,17 +179,15 @@ def _rf_adamw_init(xp, c: RFAdamWConfig, w, dtype) -> RFAdamWState:
 
 
 def _rf_adamw_step(xp, c: RFAdamWConfig, t) -> _RFStep:
-    """η_t, B; with bias correction c_i = 1 − b_i^t (t = count + 1); η κ (of η_t as given at this
-    step, widened where it is an array narrower than the state's dtype (``options.widened``: a
-    Python κ would round the product to the narrower dtype), then as an operand of that dtype)."""
+    """η_t, B, η_t κ; with bias correction c_i = 1 − b_i^t (t = count + 1) and η_t/c₁ (η_t as the
+    configuration's operands are, ``t.operand``: rounded to the step's dtype as a number would be)."""
     h = _rf_step("rf_adamw", xp, c, t)
-    lr_wd = as_operand(xp, options.widened(xp, t.value(c.learning_rate), t.dtype) * c.weight_decay, t.dtype) if c.use_decay else None
+    lr_wd = h.lr * c.weight_decay if c.use_decay else None
     if not c.bias_correction:
         return h._replace(lr_c1=h.lr / 1, lr_wd=lr_wd)
-    step = xp.astype(t.count + 1, t.dtype)
-    b1, b2 = as_operand(xp, c.b1, t.dtype), as_operand(xp, c.b2, t.dtype)
-    c1 = 1 - b1**step
-    return h._replace(c1=c1, c2=1 - b2**step, lr_c1=h.lr / c1, lr_wd=lr_wd)
+    step = t.step
+    c1 = 1 - c.b1**step
+    return h._replace(c1=c1, c2=1 - c.b2**step, lr_c1=t.operand(c.learning_rate) / c1, lr_wd=lr_wd)
 
 
 def _rf_adamw_state(xp, c: RFAdamWConfig, state: RFAdamWState, g, w, h: _RFStep) -> RFAdamWState:

@@ -23,17 +23,18 @@ def _config(b1, b2, lr=0.1, delta=1e-3, wd=0.0, faithful=False, win=False):
     return agd_module.AGDConfig(lr, b1, b2, delta, wd, amsgrad=False, clip=None, win=win, faithful=faithful, decay=None)
 
 
-def _step_values(backend, t):
-    from precond_ref.engine.elementwise import StepValues
+def _step_scalars(backend, rule, config, t):
+    """``rule``'s step scalars at step ``t`` as the runner makes them for a float64 state
+    (``engine.elementwise.step_scalars``: each array field cast to float64)."""
+    from precond_ref.engine.elementwise import step_scalars
 
     count = backend.asarray(np.asarray(t - 1, dtype=np.int32))
-    return StepValues(count, lambda v: v, {}, backend.xp.float64, None)
+    return step_scalars(backend.xp, rule, config, count, lambda v: v, {}, backend.xp.float64, None)
 
 
 def _scalars(backend, b1, b2, t, lr=0.1, delta=1e-3, wd=0.0, win=False):
     """The step's scalars of principled AGD (``agd._agd_scalars``) at step ``t``, float64."""
-    config = _config(b1, b2, lr, delta, wd, win=win)
-    return agd_module._agd_scalars(backend.xp, config, _step_values(backend, t))
+    return _step_scalars(backend, agd_module.AGD, _config(b1, b2, lr, delta, wd, win=win), t)
 
 
 @pytest.mark.parametrize("b1", [0.0, 0.3, 0.5, 0.9, 0.999])
@@ -133,17 +134,17 @@ def test_ratio_is_the_switched_adaptive_ratio(property_backend, t):
 
 
 def test_faithful_corrections_are_the_authors_float32_scalars(property_backend):
-    """``_faithful_scalars`` gives the authors' float32 scalars (spec §2.2 steps 2, 7, 9):
+    """``_faithful_scalars`` gives the authors' float32 scalars (spec §2.2 steps 2, 7, 9), which the
+    runner casts to the float64 state:
     1/(1 - b1^t), 1/(1 - b1^{t-1}) (1 at t = 1), lr sqrt(1 - b2^t)/(1 - b1^t) and delta sqrt(1 - b2^t),
     each operation rounded to float32 (+ - * / are correctly rounded; the powers are float32(b)^t
     rounded once, the square root is the correctly rounded one). Exact equality: every step is one
     IEEE float32 operation, written here in NumPy float32 scalars."""
     backend = property_backend
-    xp = backend.xp
     f = np.float32
     b1, b2, lr, delta = 0.9, 0.95, 0.05, 1e-5
     for t in (1, 2, 9, 40):
-        c = agd_module._faithful_scalars(xp, _config(b1, b2, lr, delta, faithful=True), _step_values(backend, t))
+        c = _step_scalars(backend, agd_module.AGD_FAITHFUL, _config(b1, b2, lr, delta, faithful=True), t)
         power = lambda b, n: f(np.float64(f(b)) ** n)  # noqa: E731
         bc1, bc2 = f(1) - power(b1, t), f(1) - power(b2, t)
         bc1_prev = f(1) if t == 1 else f(1) - power(b1, t - 1)
