@@ -457,11 +457,27 @@ class DistributedOptimizer:
                     continue
                 name = ".".join(str(k) for k in path)
                 mark = entries[_COUNTERS_OF]
-                if isinstance(mark, str) and not mark.endswith(f"/{int(calls)}"):
+                if isinstance(mark, str) and (not mark.endswith(f"/{int(calls)}") or self._own_other_state(p, mark, entries)):
                     found.setdefault("unmarked", []).append(name)
                 elif entries.get(_STATE_OF) != mark:
                     found.setdefault("missing", []).append(name)
         return found
+
+    def _own_other_state(self, p: torch.Tensor, mark: str, entries: dict) -> bool:
+        """Whether ``mark`` is this optimizer's own of the ``calls`` it holds now for ``p``, while
+        ``entries`` hold other state than it holds: the marks of a checkpoint without marks of its
+        own, completed by torch DCP with this optimizer's current entries, where the checkpoint's
+        ``calls`` equal this optimizer's (saved after one step, loaded after DCP's initialising
+        step). This optimizer's own ``state_dict()`` of the step it holds (a reload, no step since)
+        holds the same state; no collective."""
+        own = self.state.get(p, {})
+        if mark != f"{self._token:016x}/{own.get('calls', 0)}":
+            return False
+        held = {k: v for k, v in own.items() if k not in _base_state.BOOKKEEPING}
+        saved = {k: v for k, v in entries.items() if k not in _base_state.BOOKKEEPING + _base_state.MARKS}
+        return saved.keys() != held.keys() or not all(
+            isinstance(v, torch.Tensor) and v.shape == held[k].shape and v.dtype == held[k].dtype
+            and torch.equal(v.to(held[k].device), held[k]) for k, v in saved.items())
 
     def _other_ranks_file(self, state_dict: dict) -> dict:
         """``{"rank_file": r}`` where ``state_dict`` is rank ``r``'s own ``state_dict()``, not this

@@ -175,7 +175,8 @@ def test_split_full_state_checkpoint_is_refused_on_every_rank(job):
 def test_unmarked_split_checkpoint_is_refused_through_dcp_and_loads_directly(job):
     """A split class's checkpoint without the marks of its counters and block state: the full-state
     pattern (``broadcast_from_rank0``) raises ValueError on every rank saying the checkpoint has
-    no marks, naming the blocks of both ranks; each rank's own unmarked ``state_dict()`` given to
+    no marks, naming the blocks of both ranks (saved after one step: rank 0's, whose state the
+    checkpoint holds); each rank's own unmarked ``state_dict()`` given to
     ``load_state_dict`` loads exactly that state; the optimizer's own ``state_dict()`` loaded back
     after a further step (a rollback) loads.
 
@@ -183,12 +184,18 @@ def test_unmarked_split_checkpoint_is_refused_through_dcp_and_loads_directly(job
     completes a checkpoint with the loading optimizer's own entries for every key it lacks, marks
     included, so an unmarked full state gave rank 1's blocks the fresh optimizer's state with the
     checkpoint's counters; the marks hold the parameter's ``calls``, which the checkpoint's counters
-    then contradict."""
+    then contradict; saved after one step, its ``calls`` equal those of DCP's initialising step (a
+    step at lr 0 of a fresh optimizer), and rank 1's blocks loaded the state of that step: the marks
+    of the loading optimizer's current step then come with other state than it holds (rank 0's
+    blocks, from the checkpoint), which its own ``state_dict()`` never does."""
     ranks, _ = job
     for rank in range(WORLD):
         got = ranks[rank]["split_full_state"]
         assert got["unmarked"] is not None and "the checkpoint has no marks" in got["unmarked"], (rank, got)
         assert "'0.weight' (rank 0)" in got["unmarked"] and "'4.weight' (rank 1)" in got["unmarked"], got
+        one_step = got["unmarked-one-step"]
+        assert one_step is not None and "the checkpoint has no marks" in one_step, (rank, one_step)
+        assert "'0.weight' (rank 0)" in one_step, (rank, one_step)
         assert got["rank-file"] is True and got["rollback"] is True, (rank, got)
 
 

@@ -207,7 +207,8 @@ def split_full_state(rank: int, world: int, out: str) -> dict:
     ``get_state_dict(full_state_dict=True, cpu_offload=True)`` saved by rank 0, loaded into a fresh
     optimizer with ``set_optimizer_state_dict(full_state_dict=True, broadcast_from_rank0=True)``:
     the error each rank saw, or None (``error``); the same with the checkpoint's marks taken out
-    (``unmarked``: as a split class saved it without them). And each rank's own ``state_dict()``
+    (``unmarked``: as a split class saved it without them), and with those of the full state after
+    the first step (``unmarked-one-step``). And each rank's own ``state_dict()``
     without the marks, loaded with ``load_state_dict`` (``rank-file``), and this optimizer's own
     ``state_dict()`` loaded back after a further step (``rollback``): the error, or whether the
     state is the one saved."""
@@ -238,10 +239,13 @@ def split_full_state(rank: int, world: int, out: str) -> dict:
     xs, ys = data()
     net = DistributedDataParallel(model())
     opt = ptd.ASGO(net.module.named_parameters(), **kwargs)
-    for x, y in zip(xs[:2], ys[:2]):
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    for step, (x, y) in enumerate(zip(xs[:2], ys[:2])):
         opt.zero_grad()
         loss_fn(net, shard(x, rank, world), shard(y, rank, world)).backward()
         opt.step()
+        if step == 0:
+            one_step = get_optimizer_state_dict(net.module, opt, options=options)
     results = {}
     saved_state = tensors(opt)
     fresh = ptd.ASGO(net.module.named_parameters(), **kwargs)
@@ -250,9 +254,9 @@ def split_full_state(rank: int, world: int, out: str) -> dict:
         results["rank-file"] = same(fresh, saved_state)
     except ValueError as err:
         results["rank-file"] = str(err)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     saved = get_optimizer_state_dict(net.module, opt, options=options)
-    for label, checkpoint in (("error", saved), ("unmarked", unmarked(saved))):
+    for label, checkpoint in (("error", saved), ("unmarked", unmarked(saved)),
+                              ("unmarked-one-step", unmarked(one_step))):
         where = os.path.join(out, f"asgo-full-{label}.pt")
         if rank == 0:
             torch.save(checkpoint, where)
