@@ -1,15 +1,17 @@
 """The path-equivalence matrix: every public path of every method against the NumPy core.
 
 A *cell* is one method in one mode on one model; a *path* is one way a user runs it (torch eager,
-torch compiled, a torch ``state_dict`` restored mid-run, optax under ``jax.jit``, ...). Each path's
-trajectory (the parameters after every step) is compared with the trajectory of the core on NumPy
-float64 given the same gradients.
+torch compiled, a torch ``state_dict`` restored mid-run, optax under ``jax.jit``, every step under
+``jax.lax.scan``, an ensemble under ``jax.vmap``, ...). Each path's trajectory (the parameters
+after every step) is compared with the trajectory of the core on NumPy float64 given the same
+gradients.
 
 The gradients are a deterministic function of the parameters: a least-squares loss on a fixed
 batch (one of three, by step), written once in torch float64 and differentiated by autograd on
-NumPy copies of the parameters. Every path hands its current parameters to the same function, so
-two paths that agree on the parameters get bit-identical gradients, and any difference between
-trajectories comes from the optimizer paths alone.
+NumPy copies of the parameters. Every path hands its current parameters to the same function (the
+steps under ``jax.lax.scan`` through ``jax.pure_callback``), so two paths that agree on the
+parameters get bit-identical gradients, and any difference between trajectories comes from the
+optimizer paths alone.
 
 Run ``python tests/adapters/path_matrix.py`` (from the repository root) to print the table of
 ``docs/adapters/paths.md``: the largest relative difference per path over all cells.
@@ -691,6 +693,7 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
             label = "torch eager" + (f" [{known[cell[:2]]}]" if cell[:2] in known else "")
             note(label, "NumPy core", eager, core, cell)
             note("optax jax.jit", "NumPy core", jitted, core, cell)
+        loop_rows(cell, f32=cell in f32, core=core, jitted=jitted, note=note)
         for at, what in ((4, "mid-interval"), (6, "at a refresh")):
             note(f"torch state_dict restored {what}", "uninterrupted torch eager", torch_trajectory(*cell, restore_at=at), eager, cell)
         if cell[0] in LEGACY_NAMED:
@@ -733,6 +736,18 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
         note("torch compiled (TorchInductor) and captured (CPU double), a truncating sketch", "NumPy core",
              inductor_trajectory(*cell, captured=True, **settings), core, cell)
     return [(path, against, d, where) for (path, against), (d, where) in rows.items()]
+
+
+def loop_rows(cell: tuple, *, f32: bool, core: list, jitted: list, note: Callable) -> None:
+    """The table's rows of optax in JAX's training loops (``LOOP_PATHS`` of the test module):
+    every step under ``jax.lax.scan``, and an ensemble of ``MEMBERS`` under ``jax.vmap``, each
+    member against itself alone; a float32 cell against optax under ``jax.jit`` step by step."""
+    tag = " (float32 state)" if f32 else ""
+    against = "optax under jax.jit step by step" if f32 else "NumPy core"
+    note("optax under jax.lax.scan" + tag, against, scan_trajectory(*cell), jitted if f32 else core, cell)
+    for k, got in enumerate(vmap_trajectories(*cell)):
+        alone = (jitted if f32 else core) if k == 0 else optax_trajectory(*cell, member=k) if f32 else core_trajectory(*cell, member=k)
+        note(f"optax, jax.vmap over an ensemble of {MEMBERS}" + tag, f"each member alone, {against}", got, alone, cell)
 
 
 def mlp_rows(cell: tuple, *, f32: bool, eager: list, note: Callable) -> None:

@@ -22,6 +22,11 @@ weight without a gradient first in its group, faithful AGD's float32 square root
 matrix found (faithful RF-AdamW's ``lr * weight_decay`` rounded three times when the torch adapter
 passed the learning rate as a float64 tensor; faithful Sketchy's tail decay ``sqrt(b2)`` taken of an
 injected float32 ``b2`` before the step cast it to float64) is fixed: no cell is marked.
+
+optax in JAX's training loops (every step under ``jax.lax.scan``, an ensemble under ``jax.vmap``)
+compiles another XLA program than the jitted step: a float64 cell meets the NumPy core to RTOL as
+the jitted step does; a float32 cell is held to the same model in float32 against optax under
+``jax.jit`` (:func:`_float32_program_rounding`).
 """
 
 from __future__ import annotations
