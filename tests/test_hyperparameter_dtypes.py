@@ -283,3 +283,29 @@ def test_elementwise_rules_step_scalars_cast_nothing():
     rules = [agd.AGD, agd.AGD_FAITHFUL, root_free.RF_RMSPROP, root_free.RF_ADAMW]
     found = {getattr(rule.scalars, "func", rule.scalars).__name__: sorted(_calls(rule.scalars) & CASTS) for rule in rules}
     assert found == {name: [] for name in found}
+
+
+@pytest.mark.parametrize("case", PRODUCT_CASES + ["rf_rmsprop", "rf_adamw_corrected"])
+def test_float64_learning_rate_over_float32_parameters_steps_as_a_python_number(case):
+    """A float64 0-D learning rate over float32 parameters (the torch optimizers pass ``lr`` as a
+    float64 tensor) gives the steps of the same Python number bit for bit, on NumPy: a number is a
+    weak scalar, rounded to float32 where it meets a float32 array, and each scalar formed of the
+    array is so too. Its products with other hyperparameters (η_t λ, Win's) are formed in float64
+    and rounded once, as a product of Python numbers is, and where η_t meets a float32 array
+    before the runner's cast (RF-AdamW's η_t/c₁, ``StepValues.operand``) it is rounded to float32
+    first, as a number is; divided in float64 and rounded once, η_t/c₁ differs in the last bit
+    for some steps."""
+    name, hyperparameters, other = CASES[case.removesuffix("_corrected")]
+    if case == "rf_adamw_corrected":
+        other = {**other, "bias_correction": True}
+    values = {k: float(np.float32(v * 0.9371)) if k != "learning_rate" else 0.0123 for k, v in hyperparameters.items()}
+    factory = getattr(pr, name)
+
+    def run(learning_rate) -> list:
+        params = {k: np.asarray(v, np.float32) for k, v in VALUES[0].items()}
+        grads = [{k: np.asarray(v, np.float32) for k, v in values_t.items()} for values_t in VALUES[1:] * 6]
+        return _numpy_steps(factory(**{**values, "learning_rate": learning_rate}, **other), params, grads, apply=True)[0]
+
+    for got, want in zip(run(np.asarray(0.0123, np.float64)), run(0.0123)):
+        for leaf in want:
+            assert got[leaf].dtype == np.float32 and np.array_equal(got[leaf], want[leaf]), leaf

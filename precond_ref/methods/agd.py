@@ -288,7 +288,7 @@ def _win_step(c: AGDConfig, h: _Step, theta, z, r):
 def _faithful_scalars(xp, c: AGDConfig, t) -> _Step:
     """The authors' float32 bias-correction scalars at ``t = count + 1`` (spec §2.2 steps 2, 7, 9),
     float32 whatever the parameter dtype (their step counter is a float32 tensor: the rule's
-    ``counter``, of which ``t.step`` and ``t.scalar`` are): ``inv_bc1 = 1/(1 - b1^t)``,
+    ``counter``, the dtype of ``t.step`` and ``t.scalar``): ``inv_bc1 = 1/(1 - b1^t)``,
     ``inv_bc1_prev = 1/(1 - b1^{t-1})`` (1 at t = 1, where ``m_0 = 0``), ``eta = lr sqrt(1 -
     b2^t)/(1 - b1^t)``, ``floor = delta sqrt(1 - b2^t)``; and Win's coefficients in the authors'
     order (and their ``z_0 = 0``, D4). The hyperparameters enter as float32 0-D arrays
