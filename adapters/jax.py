@@ -27,7 +27,7 @@ import jax
 import optax
 
 import precond_ref as pr
-from precond_ref.engine.options import UPDATE_KEYWORDS
+from precond_ref.engine.options import CALL_KEYWORDS, UPDATE_KEYWORDS
 from precond_ref.transform import PrecondState, Transform
 from precond_ref.tree import path_str, tree_flatten
 
@@ -108,8 +108,10 @@ def _from_core_tree(nested: dict, like: Any) -> Any:
 def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
     """Wrap a core transform as an optax transformation.
 
-    Extra keyword arguments of ``update`` (e.g. ``batch_size=``) are passed to the core, so it
-    composes with ``optax.chain`` and other ``GradientTransformationExtraArgs``.
+    The keyword arguments of ``update`` the core takes (``batch_size=``; ``step=``, the call's
+    index, which decides the periodic work from a value the caller holds rather than from the
+    state's counters) are passed to it, the others dropped, so it composes with ``optax.chain``
+    and other ``GradientTransformationExtraArgs``.
     """
 
     # The state must be committed to a device exactly when the parameters are: otherwise the
@@ -141,8 +143,9 @@ def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
         core_grads, _ = _as_core_tree(updates)
         core_params = None if params is None else _as_core_tree(params)[0]
         # optax hands every transformation of a chain all the chain's extra arguments (a loss
-        # value for another one); the core takes only its own.
-        core_extra = {key: value for key, value in extra_args.items() if key in UPDATE_KEYWORDS}
+        # value for another one); the core takes only its own: the call's index and decisions
+        # (``step``, ``due``, ``gradients_ok``) and the per-call inputs of the methods.
+        core_extra = {key: value for key, value in extra_args.items() if key in CALL_KEYWORDS or key in UPDATE_KEYWORDS}
         core_updates, new_state = transform.update(core_grads, state, core_params, **core_extra)
         return _from_core_tree(core_updates, updates), new_state
 

@@ -11,7 +11,7 @@ from .._backend import as_operand, compute_dtype, is_number
 from ..transform import check_positive_int
 
 __all__ = [
-    "BATCH_SIZE_HELP", "UPDATE_KEYWORDS", "check_update_keywords", "FLOATING_DTYPE_NAMES", "check_batch_size", "batch_size", "check_dtype", "state_dtype", "operands",
+    "BATCH_SIZE_HELP", "UPDATE_KEYWORDS", "CALL_KEYWORDS", "check_update_keywords", "FLOATING_DTYPE_NAMES", "check_batch_size", "batch_size", "check_dtype", "state_dtype", "operands",
     "filled", "widened",
 ]
 
@@ -38,6 +38,11 @@ BATCH_SIZE_HELP = (
 #: takes them, so that one training loop can pass them to any method.
 UPDATE_KEYWORDS = ("batch_size",)
 
+#: The keyword arguments of every transform's ``update`` that say which call it is and what the
+#: caller decided (``step``: the call's index; ``due``: the host decisions of periodic work;
+#: ``gradients_ok``: the whole tree's skip decision).
+CALL_KEYWORDS = ("step", "due", "gradients_ok")
+
 
 def check_update_keywords(name: str, extra: dict) -> None:
     """``TypeError`` for a keyword of ``update`` that no method reads (a misspelt ``batch_size``
@@ -47,7 +52,7 @@ def check_update_keywords(name: str, extra: dict) -> None:
         if key not in UPDATE_KEYWORDS:
             import difflib
 
-            valid = ("step", "due", "gradients_ok", *UPDATE_KEYWORDS)
+            valid = (*CALL_KEYWORDS, *UPDATE_KEYWORDS)
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(valid)}"
             raise TypeError(f"{name}: update() got an unexpected keyword argument {key!r}; {hint}")
