@@ -495,10 +495,12 @@ def _jitted(method: str, mode: str, model: str, plain: bool = False, injected: A
 
 
 def optax_trajectory(
-    method: str, mode: str, model: str, *, pickle_at: Optional[int] = None, warm: Optional[list] = None,
-    steps: int = STEPS, plain: bool = False, injected: Optional[str] = None, member: int = 0,
+    method: str, mode: str, model: str, *, pickle_at: Optional[int] = None, orbax_at: Optional[int] = None,
+    warm: Optional[list] = None, steps: int = STEPS, plain: bool = False, injected: Optional[str] = None,
+    member: int = 0,
 ) -> list:
     """optax under ``jax.jit``; ``pickle_at=k``: the state goes through ``pickle`` after ``k`` steps;
+    ``orbax_at=k``: through an orbax checkpoint (:func:`orbax_restored`) after ``k`` steps;
     ``plain``: the step traced and run within ``precond_ref.plain_forms()``; ``injected`` (a dtype
     name): through ``optax.inject_hyperparams`` with hyperparameters of that dtype (:func:`_jitted`);
     ``member``: from that ensemble member's initial parameters (the same jitted step)."""
@@ -520,11 +522,35 @@ def optax_trajectory(
     for t in range(steps):
         if t == pickle_at:
             state = pickle.loads(pickle.dumps(state))
+        if t == orbax_at:
+            state = orbax_restored(state, opt.init(nested(params)))
         grads = {n: jnp.asarray(g) for n, g in spec.grads(history[-1], t).items()}
         with pr.plain_forms(plain):
             tree, state = step(nested(grads), state, tree)
         history.append(_copy({n: np.asarray(v) for n, v in flat(tree, spec.shapes).items()}))
     return history
+
+
+def orbax_restored(state: Any, like: Any) -> Any:
+    """``state`` saved by orbax's ``StandardCheckpointer`` (the checkpointer of Flax training
+    scripts) and restored into the structure, shapes and dtypes of ``like`` (a state ``init``
+    made, as a script restores into the optimizer state it built). The restored arrays are
+    committed to the device, where the run's arrays are not; they are handed back uncommitted
+    (through the host, bit for bit), so that the run's jitted step serves them without compiling
+    again for another placement (which changes no number)."""
+    import os
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    with tempfile.TemporaryDirectory() as directory, ocp.StandardCheckpointer() as checkpointer:
+        path = os.path.join(directory, "state")
+        checkpointer.save(path, state)
+        checkpointer.wait_until_finished()
+        restored = checkpointer.restore(path, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like))
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)), restored)
 
 
 @functools.lru_cache(maxsize=None)
@@ -701,6 +727,8 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
                  torch_trajectory(*cell, restore_at=4, old_names=True), eager, cell)
         note("torch, two param groups", "one group", torch_trajectory(*cell, groups=[names[:2], names[2:]]), eager, cell)
         note("optax state pickled mid-run", "uninterrupted optax jax.jit", optax_trajectory(*cell, pickle_at=4), jitted, cell)
+        note("optax state through an orbax checkpoint mid-run", "uninterrupted optax jax.jit",
+             optax_trajectory(*cell, orbax_at=4), jitted, cell)
         captured = core_trajectory(*cell, guarded=True, cupy_captured=True)
         note("CuPy captured step (stream capture's CPU double)", "the eager core on the same arrays",
              captured, core_trajectory(*cell, guarded=True), cell)

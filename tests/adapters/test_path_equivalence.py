@@ -130,7 +130,7 @@ def _identical(got, want, what):
 # (and the eager run they are compared with) together.
 
 TORCH_PATHS = ("eager", "restored-mid-interval", "restored-at-refresh", "two-groups")
-OPTAX_PATHS = ("jit", "pickled")
+OPTAX_PATHS = ("jit", "pickled", "orbax")
 #: Paths run on the MLP's cells alone (every method in both modes; its rank-2 sketches of 5 x 3 and
 #: 2 x 5 weights truncate): the conv cells run the same adapter code for these paths, and the
 #: injected optax row compiles a step per cell.
@@ -450,8 +450,10 @@ def _injected_rounding() -> float:
 def test_optax_path(cell, path):
     """optax under ``jax.jit`` (x64, enabled for the whole suite in conftest) gives the core's
     trajectory: to RTOL against NumPy; bit-identical to the jitted core for a float32 cell. A state
-    pickled and restored after 4 steps continues bit-identically under the same jitted step (no
-    recompilation: the restored state has the original's structure).
+    pickled and restored after 4 steps, or saved by orbax's ``StandardCheckpointer`` and restored
+    into the structure ``init`` gives (``path_matrix.orbax_restored``, as Flax training scripts do),
+    continues bit-identically under the same jitted step (no recompilation: the restored state has
+    the original's structure).
 
     On the MLP's cells: the factory under ``optax.inject_hyperparams`` (every float argument of its
     signature, defaults included, a 0-D array in the state, traced by the jitted step), the arrays
@@ -487,8 +489,10 @@ def test_optax_path(cell, path):
             _identical(jitted, want, "optax jit vs the jitted core on JAX")
         else:
             _close_to_core(jitted, want, "optax jit vs the NumPy core")
-    else:
+    elif path == "pickled":
         _identical(pm.optax_trajectory(*cell, pickle_at=4), jitted, "pickled vs uninterrupted")
+    else:
+        _identical(pm.optax_trajectory(*cell, orbax_at=4), jitted, "through an orbax checkpoint vs uninterrupted")
     assert pm._jitted(*cell, False)[1]._cache_size() == 1
 
 
