@@ -309,3 +309,43 @@ def test_float64_learning_rate_over_float32_parameters_steps_as_a_python_number(
     for got, want in zip(run(np.asarray(0.0123, np.float64)), run(0.0123)):
         for leaf in want:
             assert got[leaf].dtype == np.float32 and np.array_equal(got[leaf], want[leaf]), leaf
+
+
+def _casts_by_function(module) -> dict:
+    """``{function name: sorted cast calls}`` of every function defined in ``module`` (nested ones
+    and lambdas under their enclosing function's name) that calls one of :data:`CASTS`."""
+    import ast
+    import inspect
+
+    found: dict = {}
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.FunctionDef):
+            names = {getattr(c.func, "id", None) or getattr(c.func, "attr", None)
+                     for c in ast.walk(node) if isinstance(c, ast.Call)}
+            if names & CASTS:
+                found[node.name] = sorted(names & CASTS)
+    return found
+
+
+def test_matrix_rules_cast_only_in_mixed_precision_arithmetic():
+    """The matrix methods' rules are written as the paper's equations of operands the runner makes
+    (docs/engine.md, "What a rule is handed"; the project's bar: no casting words in a rule): the
+    fallback Adam of ASGO and DASGO and MBF's diagonal rule read the step number ``t.step`` in the
+    state's dtype (``engine.elementwise.step_values``); IF-Shampoo's refresh gets its configuration
+    as operands of the factors' dtype, B of the gradient's, and its step size β₂ (times the
+    group's ``preconditioner_lr_scale``) in the factors' dtype, and its KL clip η and κ in the
+    dtype of ⟨D, G⟩ (``engine.tiles``). What casts remain is IF-Shampoo's mixed-precision
+    arithmetic, which moves the grouped tensor between the factors' dtype (``factor_dtype``,
+    one per axis) and the gradient's work dtype, each cast rounding the tensor for the axes after
+    it (``_factor_step``, ``_precondition``, ``_descend``), and AGD's ``z_0 = θ_0``, a copy of
+    the parameter in the state's dtype. No function of asgo.py or mbf.py casts."""
+    import importlib
+
+    modules = {name: importlib.import_module(f"precond_ref.methods.{name}") for name in ("asgo", "mbf", "root_free", "agd")}
+    found = {name: _casts_by_function(module) for name, module in modules.items()}
+    assert found == {
+        "asgo": {},
+        "mbf": {},
+        "root_free": {"_factor_step": ["cast"], "_precondition": ["astype", "cast"], "_descend": ["cast"]},
+        "agd": {"_agd_init": ["astype"]},
+    }

@@ -34,7 +34,7 @@ from ..transform import Transform
 from ..tree import Path, path_str, tree_flatten
 from .checks import renamed_failures
 from .context import StepContext, settle_pieces
-from .elementwise import rule_step
+from .elementwise import rule_step, step_values
 from .factors import constant, identity, per_block
 from .joined import leafwise
 from .layout import saved_blocks_hint
@@ -312,9 +312,10 @@ class FallbackRule(NamedTuple):
     (which holds ``learning_rate``):
 
     ``init(xp, c, w) -> State`` (a NamedTuple of arrays in ``w``'s shape);
-    ``scalars(xp, c, count, minus_lr) -> Step``: the step's scalars from ``count`` (the updates
-    before this one, a 0-D int32 array) and ``-η_t`` (a 0-D array of the state's dtype), made once
-    per step, dtype and device;
+    ``scalars(xp, c, t, minus_lr) -> Step``: the step's scalars from the step's values ``t``
+    (:class:`~precond_ref.engine.elementwise.StepValues`: ``t.step``, the step number ``count + 1``
+    in the state's dtype) and ``-η_t`` (a 0-D array of the state's dtype), made once per step,
+    dtype and device;
     ``state(xp, c, s, g, w, h) -> State``: the state after this step (``g`` and ``w`` in the
     state's dtype; ``w`` is ``None`` when the transform does not read the parameters);
     ``update(xp, c, s, g, w, h)``: the step added to the parameter, from the state after it.
@@ -353,14 +354,16 @@ def fallback_step(rule: FallbackRule, c: Any, g: Array, state: dict, param: Any,
     """The fallback rule's step of one leaf (or of leaves joined), as ``((update,), new state)``:
     the gradient and parameter cast to the state's dtype, the configuration ``c`` as operands of
     that dtype (:func:`~precond_ref.engine.options.operands`), the step's scalars made once per update
-    (``-η_t`` the one the matrix step shares, :meth:`StepContext.negated`), and the new state
+    from the step's values in that dtype (:func:`~precond_ref.engine.elementwise.step_values`) and
+    ``-η_t`` (the one the matrix step shares, :meth:`StepContext.negated`), and the new state
     selected for the non-finite rule before the update is formed from it."""
     xp, old = ctx.xp, rule.State(**state)
     dtype, device = old[0].dtype, array_device(old[0])
     c = operands(xp, c, dtype, _SCHEDULED)
     g, w = cast(xp, g, dtype), None if param is None else cast(xp, param, dtype)
     h = ctx.once(("fallback", dtype, device),
-                 lambda: rule.scalars(xp, c, ctx.count, ctx.negated("learning_rate", c.learning_rate, dtype, device)))
+                 lambda: rule.scalars(xp, c, step_values(ctx, dtype, device),
+                                      ctx.negated("learning_rate", c.learning_rate, dtype, device)))
     new, u = rule_step(xp, rule, c, old, g, w, h, ctx.unless_skipped)
     return (u,), new._asdict()
 

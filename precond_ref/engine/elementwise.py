@@ -53,7 +53,7 @@ from .run import build_transform
 
 __all__ = [
     "ElementwiseRule", "StepValues", "Writes", "EAGER_WRITES", "elementwise_transform", "in_place_step", "operands",
-    "step_scalars", "rule_step",
+    "step_scalars", "step_values", "rule_step",
 ]
 
 Array = Any
@@ -123,6 +123,13 @@ class StepValues(NamedTuple):
 
     def scalar(self, hyperparameter: Any) -> Any:
         return scalar_array(self.xp, self.at_count(hyperparameter), self.counter, self.device)
+
+
+def step_values(ctx: StepContext, dtype: Any, device: Any) -> StepValues:
+    """The :class:`StepValues` of the step ``ctx`` runs, for a state of ``dtype`` on ``device``, the
+    step number in ``dtype``: what the matrix methods' runners hand a rule's step scalars (the
+    fallback Adam's bias corrections, MBF's diagonal rule's)."""
+    return StepValues(ctx.xp, ctx.count, ctx.value, ctx.extra, dtype, device, dtype)
 
 
 def step_scalars(xp: Any, rule: ElementwiseRule, c: NamedTuple, count: Any, at_count: Callable[[Any], Any],

@@ -34,6 +34,7 @@ from ..transform import PrecondState
 from ..tree import Path, path_str, tree_flatten
 from .checks import check_fits, layout_of
 from .context import StepContext
+from .elementwise import step_values
 from .joined import leafwise
 from .layout import saved_blocks_hint, weight_bias_groups
 from .matrices import as_matrix
@@ -207,9 +208,11 @@ class PartsRule(NamedTuple):
     per layer); ``step(xp, c, size, D)``: the step; ``decay(xp, c, lr)``: the factor of the parameter
     in the step, and ``decayed(xp, c, step, w, decay)`` the step with it (decoupled weight decay);
     ``diagonal(xp, c, state, g, correction)``: the diagonal kind's direction and state after the
-    step; ``correction(xp, c, count, dtype)``: its step's bias correction; ``warm_start(xp, c, F, S,
-    j)``: the warm start's mean after its ``j``-th statistic ``S``; ``schedule(c)``: the statistics
-    interval and the inverse refresh predicate ``calls -> bool`` of each share of a stack.
+    step; ``correction(xp, c, t)``: its step's bias correction from the step's values ``t``
+    (:func:`~precond_ref.engine.elementwise.step_values`: ``t.step``, ``count + 1`` in the state's
+    dtype); ``warm_start(xp, c, F, S, j)``: the warm start's mean after its ``j``-th statistic ``S``;
+    ``schedule(c)``: the statistics interval and the inverse refresh predicate ``calls -> bool`` of
+    each share of a stack.
     """
 
     name: str
@@ -282,7 +285,8 @@ def _diagonal_step(p: _Parts, ctx: StepContext, g: Array, *entries: Array) -> tu
     non-finite rule here, on the joined entries, so the transform does not select each leaf's piece)."""
     xp, dtype, device = ctx.xp, g.dtype, array_device(g)
     c = _step_ops(p, ctx, dtype, device)
-    correction = ctx.once(("diagonal_correction", dtype, device), lambda: p.rule.correction(xp, c, ctx.count, dtype))
+    correction = ctx.once(("diagonal_correction", dtype, device),
+                          lambda: p.rule.correction(xp, c, step_values(ctx, dtype, device)))
     direction, new = p.rule.diagonal(xp, c, p.rule.State(*entries), g, correction)
     minus_lr = ctx.negated("learning_rate", p.config.learning_rate, dtype, device)
     return (p.rule.step(xp, c, minus_lr, direction), *map(ctx.unless_skipped, new, entries))

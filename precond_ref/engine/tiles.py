@@ -26,8 +26,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 from array_api_compat import is_jax_namespace
 
 from .._backend import (
-    array_device, cast, compute_dtype, consecutive_view, device_key, index_dtype, is_numpy_namespace, is_torch_namespace,
-    leading_rows, pieces, placement, plain, scalar_zero, stacked, torch_compiling,
+    array_device, as_operand, cast, compute_dtype, consecutive_view, device_key, index_dtype, is_numpy_namespace,
+    is_torch_namespace, leading_rows, pieces, placement, plain, scalar_zero, stacked, torch_compiling,
 )
 from ..blocking import block_bounds, same_layout, spread_schedule, unstack as unstack_alike
 from ..linalg import all_finite
@@ -37,6 +37,7 @@ from .checks import tiled_legacy_names
 from .factors import constant, per_block
 from .joined import leafwise
 from .layout import group_tensor, grouped_shape, ungroup_tensor, weight_bias_groups
+from .options import operands as in_dtype
 from .phases import handed_back, phase_stacks, refreshes, tile_phase
 from .rounding import is_bfloat16, place_keys, place_noise, rounded_with_noise, rounding_key
 from .run import build_transform
@@ -316,11 +317,15 @@ class TiledRule(NamedTuple):
 
     * ``scalars(c, value, extra) -> h``: the step's scalars, ``h.beta2`` the refresh's step size;
     * ``init(xp, c, k, dims, diagonal, dtypes, device) -> Stack``;
-    * ``refresh(xp, c, h, scale, G, stack) -> Stack``: the periodic factor step, ``scale`` each tile's
-      group's multiplier of its step size, a (k,) vector or one 0-D value for all (``None`` without);
+    * ``refresh(xp, c, h, G, stack) -> Stack``: the periodic factor step, with ``c`` as operands of
+      the dtype it computes in (the first factor's, :func:`~precond_ref.engine.options.operands`)
+      and ``h`` as operands of ``G``'s dtype but for ``h.beta2``, the step size: ``h.beta2`` times
+      each tile's group's multiplier (a (k,) vector, or one value for all, without multipliers),
+      an operand of the factors' dtype;
     * ``precondition(xp, c, G, factors) -> D``;
     * ``inner(xp, D, G)`` (per tile, ``G`` in ``D``'s dtype; summed per group by the runner) and ``clip(xp, c, h, inner)``
-      (the per-group scales of ``D`` from the per-group sums; with ``c.use_kl_clip``);
+      (the per-group scales of ``D`` from the per-group sums, ``c`` and ``h`` as operands of their
+      dtype; with ``c.use_kl_clip``);
     * ``descend(xp, c, operand, D, W, v, zero) -> (update, v)``: element-wise, of a leaf (or of
       leaves joined end to end); ``W`` in ``D``'s dtype; ``W`` and ``v`` ``None`` where unused; ``operand(name, like)`` is
       the configuration's or the step's value ``name`` as a 0-D array of ``like``'s dtype;
@@ -498,7 +503,7 @@ def _update_groups(t: _Tiling, grads_list, states, params_list, ctxs: list):
         tile_inner = [rule.inner(xp, D, cast(xp, batch.operands[0], D.dtype)) for D, batch in zip(D_batched, batched)]
         members = [[chosen[m] for m in batch.indices] for batch in batched]
         sums = sums_in_tile_order(xp, tile_inner, members, [g.plan for g in groups])
-        nu = _by_dtype(xp, partial(rule.clip, xp, c, h), sums)
+        nu = _by_dtype(xp, partial(_clip, t, xp, h), sums)
         D_batched = [D * per_tile(xp, [nu[chosen[m][0]] for m in batch.indices], batch.lengths, D)
                      for D, batch in zip(D_batched, batched)]
     directions = leaves_of_batches(xp, D_batched, chosen, batched, groups)
@@ -609,12 +614,24 @@ def _batches(xp, groups, stack_states, refreshing: bool) -> tuple:
     return [(i, s) for _, i, s in phased], phase_stacks(xp, [phase for phase, _, _ in phased], operands)
 
 
+def _clip(t: _Tiling, xp, h, inner):
+    """The rule's KL clip of the per-group sums ``inner``, with the configuration and the step's
+    scalars as operands of their dtype."""
+    return t.rule.clip(xp, in_dtype(xp, t.c, inner.dtype), in_dtype(xp, h, inner.dtype), inner)
+
+
 def _refreshed(t: _Tiling, xp, h, scale, noise, G, *state):
     """The rule's refresh of a stack, and per tile whether it failed (:func:`kept_where_usable`).
     With stochastic rounding the rule computes in G's dtype (:func:`_read_factors`) and each
-    bf16 operand is stored back by :func:`_stored`."""
+    bf16 operand is stored back by :func:`_stored`. The rule gets its configuration as operands of
+    the dtype it computes in (the first factor's), the step's scalars as operands of G's dtype,
+    and its step size ``h.beta2`` times each tile's group's multiplier ``scale`` (``None``:
+    without), an operand of the factors' dtype."""
     read, rank = _read_factors(t.layout, xp, state, G), len(G.shape) - 1
-    new = t.rule.refresh(xp, t.c, h, scale, G, t.rule.Stack(factor=read[:rank], factor_momentum=read[rank:]))
+    dtype = read[0].dtype
+    step_size = h.beta2 if scale is None else h.beta2 * scale
+    h = in_dtype(xp, h, G.dtype)._replace(beta2=as_operand(xp, step_size, dtype))
+    new = t.rule.refresh(xp, in_dtype(xp, t.c, dtype), h, G, t.rule.Stack(factor=read[:rank], factor_momentum=read[rank:]))
     new = new.factor + new.factor_momentum
     new = _stored(xp, new, state, noise) if noise is not None else new
     return kept_where_usable(xp, G, state, new) if t.layout.counted else _unchanged(xp, G, *new)

@@ -304,11 +304,11 @@ def _adam_init(xp: Any, c: AdamConfig, w: Array) -> AdamState:
     return AdamState(zeros, zeros)
 
 
-def _adam_scalars(xp: Any, c: AdamConfig, count: Array, minus_lr: Array) -> AdamStep:
-    """The bias corrections at ``t = count + 1``, in ``-η_t``'s dtype."""
-    t = xp.astype(count + 1, minus_lr.dtype)
-    bc1 = 1.0 - c.b1**t
-    bc2 = 1.0 - c.b2**t
+def _adam_scalars(xp: Any, c: AdamConfig, t: Any, minus_lr: Array) -> AdamStep:
+    """The bias corrections at step ``t.step`` (``count + 1``)."""
+    step = t.step
+    bc1 = 1.0 - c.b1**step
+    bc2 = 1.0 - c.b2**step
     return AdamStep(minus_lr, minus_lr / bc1, xp.sqrt(bc2))
 
 

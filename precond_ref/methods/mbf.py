@@ -191,18 +191,18 @@ def _diagonal_rule(xp: Any, c: MBFConfig, s: DiagonalState, g: Array, correction
     return a / (c.diagonal_eps + xp.sqrt(v / correction)), DiagonalState(a, v)  # D = a / (eps + sqrt(v / (1 - b2'^(i+1))))
 
 
-def _bias_correction(xp: Any, beta: Any, count: Any, dtype: Any) -> Array:
-    r""":math:`1 - \beta^{i+1}` (``count`` = :math:`i`) as ``-expm1((i+1) log β)``: no cancellation
+def _bias_correction(xp: Any, beta: Any, step: Any) -> Array:
+    r""":math:`1 - \beta^{i+1}` (``step`` = :math:`i + 1`) as ``-expm1((i+1) log β)``: no cancellation
     for β near 1 in float32 (the authors form it in float64 on the host); log 0 = -inf gives 1 for β = 0."""
     if hasattr(beta, "shape"):
         log_beta = xp.log(beta)
     else:
         log_beta = math.log(beta) if beta > 0.0 else -math.inf
-    return -xp.expm1(xp.astype(count + 1, dtype) * log_beta)
+    return -xp.expm1(step * log_beta)
 
 
-def _diagonal_correction(xp: Any, c: MBFConfig, count: Any, dtype: Any) -> Array:
-    return _bias_correction(xp, c.diagonal_b2, count, dtype)  # 1 - b2'^(i+1)
+def _diagonal_correction(xp: Any, c: MBFConfig, t: Any) -> Array:
+    return _bias_correction(xp, c.diagonal_b2, t.step)  # 1 - b2'^(i+1), t.step = i + 1
 
 
 def _warm_start_mean(xp: Any, c: MBFConfig, mean: Array, statistic: Array, j: Array) -> Array:

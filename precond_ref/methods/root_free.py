@@ -17,7 +17,7 @@ import math
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Union
 
-from .._backend import array_device, as_operand, cast, is_number, is_zero, scalar_zero
+from .._backend import array_device, cast, is_number, is_zero, scalar_zero
 from ..linalg import (
     along, frobenius, gram, half_precision_dtype, is_diagonal, kl_clip_of_quadratic, mean_trace, mode_product,
     product_except, times, times_transposed, unfolding_gram,
@@ -496,15 +496,13 @@ def _factor_step(xp, grouped, factors, momenta, sqrt_batch, damping, factor_lr, 
     return tuple(new_factors), (tuple(new_momenta) if momenta is not None else None)
 
 
-def _refresh(xp, c: IFShampooConfig, h: _IFShampooStep, scale, G, s: _StackFactors) -> _StackFactors:
-    """Figure 3's factor step on one stack of tiles (:func:`_factor_step`), step size β₂ times each
-    tile's group's ``preconditioner_lr_scale`` ``scale`` (one per tile, or one for all; ``None``: β₂ alone)."""
-    beta2 = h.beta2 if scale is None else h.beta2 * scale  # β₂ s
-    dtype = s.factor[0].dtype
-    sqrt_B = math.sqrt(h.B) if is_number(h.B) else xp.sqrt(xp.astype(h.B, G.dtype))
+def _refresh(xp, c: IFShampooConfig, h: _IFShampooStep, G, s: _StackFactors) -> _StackFactors:
+    """Figure 3's factor step on one stack of tiles (:func:`_factor_step`), step size ``h.beta2``: β₂,
+    times each tile's group's ``preconditioner_lr_scale`` where there is one (one per tile)."""
+    sqrt_B = math.sqrt(h.B) if is_number(h.B) else xp.sqrt(h.B)
     K, m = _factor_step(
-        xp, G, s.factor, s.factor_momentum if c.use_factor_momentum else None, sqrt_B, as_operand(xp, c.damping, dtype),
-        as_operand(xp, beta2, dtype), as_operand(xp, c.preconditioner_momentum, dtype), c.clamp_factor_step,
+        xp, G, s.factor, s.factor_momentum if c.use_factor_momentum else None, sqrt_B, c.damping, h.beta2,
+        c.preconditioner_momentum, c.clamp_factor_step,
     )
     return _StackFactors(factor=K, factor_momentum=m or ())
 
@@ -541,7 +539,7 @@ def _tile_inner(xp, D, G):
 def _kl_clip(xp, c: IFShampooConfig, h: _IFShampooStep, inner):
     """S8's ``ν = min(1, √(κ/(η²⟨D, G⟩)))`` of every group from its ``⟨D, G⟩`` (a vector of groups;
     :func:`precond_ref.linalg.kl_clip_factor`'s formula)."""
-    return kl_clip_of_quadratic(xp, inner, as_operand(xp, h.eta, inner.dtype), as_operand(xp, c.kl_clip, inner.dtype))
+    return kl_clip_of_quadratic(xp, inner, h.eta, c.kl_clip)
 
 
 def _descend(xp, c: IFShampooConfig, operand, D, W, v, zero) -> tuple:

@@ -128,7 +128,7 @@ def test_faithful_inverse_is_the_plain_inverse():
 def test_bias_correction_is_one_minus_beta_power(beta, count):
     """-expm1((i+1) log beta) == 1 - beta^(i+1): the direct form loses ~(i+2) eps beta^(i+1)/(1-beta^(i+1))
     relative to cancellation; beta = 0 gives exactly 1."""
-    got = float(M._bias_correction(np, beta, np.asarray(count), np.float64))
+    got = float(M._bias_correction(np, beta, np.asarray(count + 1, np.float64)))  # step i + 1 = count + 1
     plain = 1.0 - beta ** (count + 1)
     rel = 8 * (count + 2) * EPS * max(beta ** (count + 1), EPS) / plain
     assert abs(got - plain) <= rel * plain
