@@ -332,18 +332,17 @@ def joined_scaled_rms_renormalised(
 def _targets(xp: Any, rms_target: float, shapes: list, like: Array) -> Array:
     """The targets ``r·sqrt(mn)`` of pieces given as ``(matrix shape (m, n), shape
     of their norms)``, each repeated for its norms, joined end to end: an array of ``like``'s dtype
-    and device, made once (:func:`~precond_ref.engine.factors.constant`)."""
-    def make() -> Array:  # filled on the device: no host data copied
+    and device, made once (:func:`~precond_ref.engine.factors.constant`). An array ``r``
+    (``optax.inject_hyperparams``) keys no kept constant: the kept ``sqrt(mn)`` times it."""
+    def make(r: float) -> Array:  # filled on the device: no host data copied
         device = placement(xp, like)
-        return xp.concat([xp.full((math.prod(norms),), rms_target * math.sqrt(math.prod(matrix)), dtype=like.dtype,
+        return xp.concat([xp.full((math.prod(norms),), r * math.sqrt(math.prod(matrix)), dtype=like.dtype,
                                   device=device) for matrix, norms in shapes])
 
-    if not is_number(rms_target):  # an array (optax.inject_hyperparams) keys no kept constant: made each step
-        device = placement(xp, like)
-        return xp.concat([xp.full((math.prod(norms),), math.sqrt(math.prod(matrix)), dtype=like.dtype, device=device)
-                          * as_operand(xp, rms_target, like.dtype) for matrix, norms in shapes])
-    key = ("rms targets", rms_target, tuple((tuple(m), tuple(n)) for m, n in shapes), like.dtype)
-    return constant(xp, key, make, like)
+    sizes = tuple((tuple(m), tuple(n)) for m, n in shapes)
+    if not is_number(rms_target):
+        return constant(xp, ("rms target sizes", sizes, like.dtype), lambda: make(1.0), like) * as_operand(xp, rms_target, like.dtype)
+    return constant(xp, ("rms targets", rms_target, sizes, like.dtype), lambda: make(rms_target), like)
 
 
 def numbers_over(xp: Any, numbers: Array, denominator: Array) -> Array:
