@@ -241,50 +241,6 @@ def test_float32_rms_target_over_float32_matrices_joined(case):
 CASTS = {"astype", "asarray", "as_operand", "cast", "scalar_array", "widened"}
 
 
-def _calls(function, seen=None) -> set:
-    """The names of the functions ``function`` calls, and those of the functions of its own module
-    that it calls, transitively (a cast in a helper of the rule's module is the rule's)."""
-    import ast
-    import inspect
-    import textwrap
-
-    function = getattr(function, "func", function)  # a functools.partial (RF-RMSProp's _rf_step)
-    seen = set() if seen is None else seen
-    if function in seen:
-        return set()
-    seen.add(function)
-    module, names = inspect.getmodule(function), set()
-    for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(function)))):
-        if isinstance(node, ast.Call):
-            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
-            names.add(name)
-            helper = getattr(module, str(name), None)
-            if inspect.isfunction(helper) and inspect.getmodule(helper) is module:
-                names |= _calls(helper, seen)
-    return names
-
-
-def test_elementwise_rules_step_scalars_cast_nothing():
-    """The step scalars of every element-wise rule (AGD, faithful AGD, RF-RMSProp, RF-AdamW) are
-    written as the paper's formulas of the configuration and the step's values, with no cast in
-    the rule's ``scalars`` nor in a helper of its module that it calls: the hyperparameters'
-    dtypes are the runner's (``engine.elementwise.StepValues`` widens a narrower array,
-    ``step_scalars`` casts every array scalar to the state's dtype), per the project's bar for a
-    rule (docs/engine.md: no casting words in a rule). The checker itself is checked on a helper
-    that casts."""
-    import importlib
-
-    agd, root_free = (importlib.import_module(f"precond_ref.methods.{name}") for name in ("agd", "root_free"))
-
-    def counter(xp, t):
-        return xp.astype(t.count + 1, t.dtype)
-
-    assert _calls(counter) == {"astype"}
-    rules = [agd.AGD, agd.AGD_FAITHFUL, root_free.RF_RMSPROP, root_free.RF_ADAMW]
-    found = {getattr(rule.scalars, "func", rule.scalars).__name__: sorted(_calls(rule.scalars) & CASTS) for rule in rules}
-    assert found == {name: [] for name in found}
-
-
 @pytest.mark.parametrize("case", PRODUCT_CASES + ["rf_rmsprop", "rf_adamw_corrected"])
 def test_float64_learning_rate_over_float32_parameters_steps_as_a_python_number(case):
     """A float64 0-D learning rate over float32 parameters (the torch optimizers pass ``lr`` as a
@@ -327,9 +283,13 @@ def _casts_by_function(module) -> dict:
     return found
 
 
-def test_matrix_rules_cast_only_in_mixed_precision_arithmetic():
-    """The matrix methods' rules are written as the paper's equations of operands the runner makes
-    (docs/engine.md, "What a rule is handed"; the project's bar: no casting words in a rule): the
+def test_rules_cast_only_in_mixed_precision_arithmetic():
+    """The rules are written as the paper's equations of operands the runner makes (docs/engine.md,
+    "What a rule is handed"; the project's bar: no casting words in a rule). The step scalars of
+    the element-wise rules (AGD, faithful AGD, RF-RMSProp, RF-AdamW) are formulas of the
+    configuration and the step's values: ``engine.elementwise.StepValues`` widens a narrower
+    array hyperparameter, gives the step number in the state's (or the rule's counter) dtype, and
+    ``step_scalars`` casts every array scalar to the state's dtype. The
     fallback Adam of ASGO and DASGO and MBF's diagonal rule read the step number ``t.step`` in the
     state's dtype (``engine.elementwise.step_values``); IF-Shampoo's refresh gets its configuration
     as operands of the factors' dtype, B of the gradient's, and its step size β₂ (times the
@@ -338,14 +298,16 @@ def test_matrix_rules_cast_only_in_mixed_precision_arithmetic():
     arithmetic, which moves the grouped tensor between the factors' dtype (``factor_dtype``,
     one per axis) and the gradient's work dtype, each cast rounding the tensor for the axes after
     it (``_factor_step``, ``_precondition``, ``_descend``), and AGD's ``z_0 = θ_0``, a copy of
-    the parameter in the state's dtype. No function of asgo.py or mbf.py casts."""
+    the parameter in the state's dtype. No function of asgo.py, mbf.py or sketchy.py casts."""
     import importlib
 
-    modules = {name: importlib.import_module(f"precond_ref.methods.{name}") for name in ("asgo", "mbf", "root_free", "agd")}
+    names = ("asgo", "mbf", "sketchy", "root_free", "agd")
+    modules = {name: importlib.import_module(f"precond_ref.methods.{name}") for name in names}
     found = {name: _casts_by_function(module) for name, module in modules.items()}
     assert found == {
         "asgo": {},
         "mbf": {},
+        "sketchy": {},
         "root_free": {"_factor_step": ["cast"], "_precondition": ["astype", "cast"], "_descend": ["cast"]},
         "agd": {"_agd_init": ["astype"]},
     }
