@@ -529,12 +529,16 @@ class CoreOptimizer(torch.optim.Optimizer):
                 index += 1
                 if p.grad is None:
                     continue
+                name, leaf = type(self).__name__, self._param_names.get(p) or f"param{index - 1}"
                 if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    raise RuntimeError(
+                        f"{name}: parameter {leaf!r} in param group {group_index} has a sparse gradient "
+                        f"({p.grad.layout}); {name} does not support sparse gradients (make the layer with "
+                        "sparse=False, e.g. torch.nn.Embedding(..., sparse=False))"
+                    )
                 if p.is_complex() or p.grad.is_complex():
-                    name = type(self).__name__
                     raise TypeError(
-                        f"{name}: parameter {self._param_names.get(p) or f'param{index - 1}'!r} has dtype "
+                        f"{name}: parameter {leaf!r} has dtype "
                         f"{p.dtype}{'' if p.dtype == p.grad.dtype else f' (gradient {p.grad.dtype})'} in param group "
                         f"{group_index}; {name} is defined for real floating-point parameters (hold "
                         "a complex tensor as a real parameter of shape (..., 2) and make it with torch.view_as_complex)"

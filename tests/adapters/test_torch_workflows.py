@@ -221,6 +221,26 @@ def test_a_complex_parameter_is_refused_at_the_step_before_any_group_steps(case)
 
 
 @every_class
+def test_a_sparse_gradient_is_refused_naming_its_parameter_before_any_group_steps(case):
+    """A sparse gradient (``nn.Embedding(sparse=True)``) is refused by ``step`` before any param
+    group moves, as torch.optim's dense optimizers refuse it, naming the class, the parameter as
+    ``named_parameters()`` names it, its group and the remedy. The refusal named the class alone."""
+    head = _model(2)
+    table = torch.nn.Embedding(5, 3, sparse=True)
+    opt = case.make([{"params": list(head.named_parameters())}, {"params": list(table.named_parameters())}])
+    for p in head.parameters():
+        p.grad = torch.ones_like(p)
+    table(torch.tensor([0, 2])).sum().backward()
+    before = [p.detach().clone() for p in head.parameters()]
+    name = case.cls.__name__
+    with pytest.raises(RuntimeError, match=rf"^{name}: parameter 'weight' in param group 1 has a sparse gradient "
+                                           rf"\(torch\.sparse_coo\); {name} does not support sparse gradients \(make "):
+        opt.step(**case.step_kwargs)
+    assert all(torch.equal(b, p) for b, p in zip(before, head.parameters()))
+    assert not any(opt.state.values())  # no state made, no step counted
+
+
+@every_class
 def test_a_checkpoint_naming_two_parameters_alike_is_refused_by_load_state_dict(case):
     """``load_state_dict`` takes the checkpoint's ``param_names`` (as torch does), which key each
     param group's tree: a checkpoint that names two parameters of a group alike is refused whole
