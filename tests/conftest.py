@@ -58,6 +58,20 @@ def property_backend(request):
     return request.param
 
 
+@pytest.fixture
+def own_objects_collected():
+    """The objects that exist before the test are frozen out of the cyclic collector's view until
+    it ends, so that its ``gc.collect()`` calls walk only what the test made, which holds whatever
+    they are to free (a suite worker's heap reaches millions of objects, compiled programs' caches:
+    each full collection walked them, seconds each). Garbage made before the test is collected
+    after it."""
+    import gc
+
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 #: Files holding the suite's longest single tests (a spawned worker, a torch.compile of a whole
 #: step, a long run), collected first. pytest-xdist's worksteal scheduler hands each worker a
 #: contiguous share of the collection and an idle worker steals from the end of another's: with

@@ -350,7 +350,7 @@ def test_a_groups_own_batch_size_comes_before_the_count(cls):
     opt.step()
 
 
-def test_model_holds_no_hook_of_a_collected_optimizer():
+def test_model_holds_no_hook_of_a_collected_optimizer(own_objects_collected):
     """An optimizer built with model= must not outlive its use through the model: the forward
     pre-hook holds its counter weakly and is removed when the counter is collected, so building
     optimizers on one model does not pile up hooks that every forward runs. The copy semantics of

@@ -593,7 +593,7 @@ def test_elementwise_step_compiles_one_kernel_for_every_length(monkeypatch):
         assert len(opt._compiled) == 2 and counters["stats"]["unique_graphs"] - before == seed + 1
 
 
-def test_dropped_optimizer_takes_its_kernels_along(monkeypatch):
+def test_dropped_optimizer_takes_its_kernels_along(monkeypatch, own_objects_collected):
     """The compiled per-leaf kernels belong to the optimizer that compiled them: once it is dropped
     and the garbage collected, nothing holds any function ``torch.compile`` made for it (no
     process-wide cache)."""
