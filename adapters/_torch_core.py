@@ -509,6 +509,25 @@ class CoreOptimizer(torch.optim.Optimizer):
             )
         return True
 
+    def _refuse_gradient(self, p: torch.Tensor, index: int, group_index: int) -> None:
+        """Refuses a parameter no method steps, naming it (``index``: its place among all the
+        optimizer's parameters, for an unnamed one) and its param group: a sparse gradient, a
+        complex parameter or gradient."""
+        name, leaf = type(self).__name__, self._param_names.get(p) or f"param{index}"
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"{name}: parameter {leaf!r} in param group {group_index} has a sparse gradient "
+                f"({p.grad.layout}); {name} does not support sparse gradients (make the layer with "
+                "sparse=False, e.g. torch.nn.Embedding(..., sparse=False))"
+            )
+        if p.is_complex() or p.grad.is_complex():
+            raise TypeError(
+                f"{name}: parameter {leaf!r} has dtype "
+                f"{p.dtype}{'' if p.dtype == p.grad.dtype else f' (gradient {p.grad.dtype})'} in param group "
+                f"{group_index}; {name} is defined for real floating-point parameters (hold "
+                "a complex tensor as a real parameter of shape (..., 2) and make it with torch.view_as_complex)"
+            )
+
     def _step_groups(self, extra: dict) -> None:
         index, updates = 0, []
         self._step_calls += 1
@@ -529,20 +548,7 @@ class CoreOptimizer(torch.optim.Optimizer):
                 index += 1
                 if p.grad is None:
                     continue
-                name, leaf = type(self).__name__, self._param_names.get(p) or f"param{index - 1}"
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{name}: parameter {leaf!r} in param group {group_index} has a sparse gradient "
-                        f"({p.grad.layout}); {name} does not support sparse gradients (make the layer with "
-                        "sparse=False, e.g. torch.nn.Embedding(..., sparse=False))"
-                    )
-                if p.is_complex() or p.grad.is_complex():
-                    raise TypeError(
-                        f"{name}: parameter {leaf!r} has dtype "
-                        f"{p.dtype}{'' if p.dtype == p.grad.dtype else f' (gradient {p.grad.dtype})'} in param group "
-                        f"{group_index}; {name} is defined for real floating-point parameters (hold "
-                        "a complex tensor as a real parameter of shape (..., 2) and make it with torch.view_as_complex)"
-                    )
+                self._refuse_gradient(p, index - 1, group_index)
                 calls = self.state[p].get(_CALLS, 0)
                 by_calls.setdefault(calls, []).append((index - 1, p))
             group_extra = self._group_extra(group, extra)

@@ -779,11 +779,14 @@ class DistributedOptimizer:
     def _step_groups(self, extra: dict) -> None:
         """The base class's step, with one non-finite decision for every param group, agreed by all
         ranks (:meth:`_all_finite` of every local gradient shard): a NaN in one group skips (or
-        raises before) every group's update, as in one process."""
+        raises before) every group's update, as in one process. A gradient no method steps is
+        refused first, as the base class refuses it (the same on every rank: the ranks hold the
+        same parameters)."""
         named, index = [], 0
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None:
+                    self._refuse_gradient(p, index, group_index)
                     named.append((self._param_names.get(p, str(index)), group, p.grad))
                 index += 1
         views = [g.to_local() if isinstance(g, DTensor) else g for _, _, g in named]

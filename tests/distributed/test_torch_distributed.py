@@ -326,17 +326,22 @@ def test_split_classes_warn_of_a_bias_left_unpaired_by_weight_norm(job):
     ("partial", "ValueError: AGD: parameter 'w' has a Partial placement"),
     ("plain-class", "TypeError: IFShampoo: parameter '0.weight' is a DTensor"),
     ("outside", "ValueError: ASGO: parameter '0.weight' is sharded over ranks [0, 1], outside the optimizer's process group"),
+    ("complex", "TypeError: ASGO: parameter 'z' has dtype torch.complex64 in param group 1; ASGO is defined for real"),
 ])
 def test_bad_input_raises_on_every_rank(job, label, words):
     """Mismatched process groups, parameters or hyperparameters that differ across ranks, an
     unsupported sharding (Partial, or over ranks outside the optimizer's process group), and
     DTensor parameters given to a class of the
     single-process adapter raise an error naming the problem on *every* rank, so no rank trains
-    alone, waits forever in a collective, or runs the core on sharded tensors."""
+    alone, waits forever in a collective, or runs the core on sharded tensors. A complex parameter
+    is refused by the step before any param group moves or any state is made (it crashed in the
+    ranks' non-finite test: ``"lt_cpu" not implemented for 'ComplexFloat'``)."""
     _, bad = job
     for rank in range(WORLD):
         message = bad[rank][label]
         assert message is not None and words in message, (rank, message)
+        if label == "complex":
+            assert bad[rank]["complex-unchanged"], rank
 
 
 def test_nonfinite_gradient_on_one_rank_is_seen_by_all(job):

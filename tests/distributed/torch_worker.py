@@ -474,6 +474,15 @@ def bad_inputs(rank: int, world: int) -> dict:
     attempt("plain-class", lambda: pt.IFShampoo(sharded.named_parameters(), lr=0.1, batch_size=GLOBAL_BATCH))
     singles = [dist.new_group([r]) for r in range(world)]
     attempt("outside", lambda: ptd.ASGO(sharded.named_parameters(), process_group=singles[rank]))
+    # A complex parameter in the second param group: refused by the step on every rank before any
+    # group moves (ASGO, its blocks split across the ranks).
+    net, z = model(), torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.complex64))
+    opt = ptd.ASGO([{"params": list(net.named_parameters())}, {"params": [("z", z)]}], lr=0.1)
+    before = plain(net)
+    loss_fn(net, *[shard(t[0], rank, world) for t in data()]).backward()
+    z.grad = torch.ones_like(z)
+    attempt("complex", opt.step)
+    seen["complex-unchanged"] = all(torch.equal(before[k], v) for k, v in plain(net).items()) and not any(opt.state.values())
     # A NaN in rank 1's shard only: every rank skips the step (skip) or raises (raise).
     for policy in ("skip", "raise"):
         net = model()
