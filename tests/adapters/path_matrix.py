@@ -497,13 +497,14 @@ def _jitted(method: str, mode: str, model: str, plain: bool = False, injected: A
 def optax_trajectory(
     method: str, mode: str, model: str, *, pickle_at: Optional[int] = None, orbax_at: Optional[int] = None,
     warm: Optional[list] = None, steps: int = STEPS, plain: bool = False, injected: Optional[str] = None,
-    member: int = 0,
+    member: int = 0, final_state: Optional[list] = None,
 ) -> list:
     """optax under ``jax.jit``; ``pickle_at=k``: the state goes through ``pickle`` after ``k`` steps;
     ``orbax_at=k``: through an orbax checkpoint (:func:`orbax_restored`) after ``k`` steps;
     ``plain``: the step traced and run within ``precond_ref.plain_forms()``; ``injected`` (a dtype
     name): through ``optax.inject_hyperparams`` with hyperparameters of that dtype (:func:`_jitted`);
-    ``member``: from that ensemble member's initial parameters (the same jitted step)."""
+    ``member``: from that ensemble member's initial parameters (the same jitted step);
+    ``final_state``: a list the state after the last step is appended to."""
     import jax.numpy as jnp
 
     import precond_ref.adapters.jax as pj
@@ -528,6 +529,8 @@ def optax_trajectory(
         with pr.plain_forms(plain):
             tree, state = step(nested(grads), state, tree)
         history.append(_copy({n: np.asarray(v) for n, v in flat(tree, spec.shapes).items()}))
+    if final_state is not None:
+        final_state.append(state)
     return history
 
 
@@ -560,7 +563,7 @@ def _scanned(method: str, mode: str, model: str):
     batches, the parameters after each step stacked as the output. Each step's gradient is the
     matrix's torch gradient at the carried parameters (:meth:`Model.grads_on`, called through
     ``jax.pure_callback``), so the gradients are those of every other path given the same
-    parameters, bit for bit."""
+    parameters, bit for bit. The program returns the state after the last step too."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -582,22 +585,26 @@ def _scanned(method: str, mode: str, model: str):
         return (tree, state), tree
 
     @jax.jit
-    def run(tree: dict, state: Any, xs: tuple) -> dict:
-        return jax.lax.scan(body, (tree, state), xs)[1]
+    def run(tree: dict, state: Any, xs: tuple) -> tuple:
+        (_, state), history = jax.lax.scan(body, (tree, state), xs)
+        return state, history
 
     return opt, run
 
 
-def scan_trajectory(method: str, mode: str, model: str, *, steps: int = STEPS) -> list:
+def scan_trajectory(method: str, mode: str, model: str, *, steps: int = STEPS, final_state: Optional[list] = None) -> list:
     """optax under ``jax.lax.scan``: all ``steps`` steps one jitted program (:func:`_scanned`),
-    step ``t`` given step ``t``'s batch (as every path's gradient function takes it)."""
+    step ``t`` given step ``t``'s batch (as every path's gradient function takes it);
+    ``final_state``: a list the state after the last step is appended to."""
     import jax.numpy as jnp
 
     spec = MODELS[model]
     opt, run = _scanned(method, mode, model)
     params = {n: jnp.asarray(v, dtype=jnp.float64) for n, v in spec.init().items()}
     xs = tuple(jnp.asarray(np.stack([spec.batches[t % 3][i].numpy() for t in range(steps)])) for i in (0, 1))
-    history = run(nested(params), opt.init(nested(params)), xs)
+    state, history = run(nested(params), opt.init(nested(params)), xs)
+    if final_state is not None:
+        final_state.append(state)
     return [_copy(params)] + [
         _copy({n: np.asarray(v[t]) for n, v in flat(history, spec.shapes).items()}) for t in range(steps)
     ]

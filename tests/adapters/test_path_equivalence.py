@@ -543,9 +543,26 @@ def test_optax_training_loop_path(cell, path):
     what the user relies on, the core's trajectory: to RTOL against NumPy, the model of the jit row;
     a float32 cell against optax under ``jax.jit`` step by step (the jit row holds it bit-identical
     to the jitted core), member by member through the same compiled step, to the rounding model of
-    :func:`_float32_program_rounding`. Each path compiles once (the scanned program, the mapped step)."""
+    :func:`_float32_program_rounding`. Each path compiles once (the scanned program, the mapped step).
+
+    The scanned run's state after the last step holds the integer entries (step and refresh
+    counters, failure counts) of the state stepped under ``jax.jit``, exactly: a cell whose
+    trajectory the counters do not move in these settings (a refresh every step or never) would
+    not show a counter the scan carried wrongly, which a resumed run would then read."""
     if path == "scan":
-        got = pm.scan_trajectory(*cell)
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        scanned, stepped = [], []
+        got = pm.scan_trajectory(*cell, final_state=scanned)
+        pm.optax_trajectory(*cell, final_state=stepped)
+        counters = [(jax.tree_util.keystr(k), np.asarray(a), np.asarray(b)) for (k, a), b in
+                    zip(jax.tree_util.tree_leaves_with_path(scanned[0]), jax.tree_util.tree_leaves(stepped[0]))
+                    if jnp.issubdtype(a.dtype, jnp.integer)]
+        assert counters, "no integer entry in the state"
+        bad = [(k, a.tolist(), b.tolist()) for k, a, b in counters if not np.array_equal(a, b)]
+        assert not bad, f"integer state entries after the scan differ from those stepped under jax.jit: {bad}"
         if cell in FLOAT32:
             want = _optax_jit(cell)
             _close(got, want, _float32_program_rounding(cell, want), "optax under jax.lax.scan vs optax under jax.jit")
