@@ -186,7 +186,10 @@ class CoreOptimizer(torch.optim.Optimizer):
         # Members of a block whose counters a step left behind their partners' (no gradient of
         # their own; see _fill_missing_members): never the source of a core group's counters.
         self._behind: set = set()
+        self._building = True  # add_param_group leaves the check across groups to the end of __init__
         super().__init__(groups, defaults)
+        self._building = False
+        self._warn_layers_split_over_groups(last_only=False)
         # Sharded (DTensor) parameters need the classes of precond_ref.adapters.torch_distributed.
         if not getattr(self, "_accepts_dtensor", False):
             for p in (p for group in self.param_groups for p in group["params"]):
@@ -212,6 +215,8 @@ class CoreOptimizer(torch.optim.Optimizer):
             self._transform(group)  # builds the core transform: refuses invalid hyperparameters
             self._check_names(group)
             self._warn_unpaired_biases(group)
+            if not self._building:
+                self._warn_layers_split_over_groups(last_only=True)
         except Exception as error:
             # A refused group leaves the optimizer as it was: a group left in param_groups would
             # make every later step raise, and its parameters could not be added again.
@@ -259,6 +264,34 @@ class CoreOptimizer(torch.optim.Optimizer):
                 "bias and each of those tensors are blocks of their own, not the layer block [W | b] of the same "
                 "model without the parametrization (a single-tensor parametrization, as spectral_norm or "
                 "orthogonal, is paired)",
+                stacklevel=_torch_capture._caller_level(),
+            )
+
+    def _warn_layers_split_over_groups(self, last_only: bool) -> None:
+        """A warning for each layer whose weight and bias lie in different param groups (one of them
+        the last, with ``last_only``), where the weight's group pairs a weight with its bias (MBF,
+        IF-Shampoo's ``grouping="weight_bias"``): a param group is stepped as one tree, so the two
+        are then blocks of their own, not the layer block ``[W | b]`` that the same parameters in one
+        group make (the weight-decay recipe that gives every bias a group of its own does this)."""
+        pairs = [CoreOptimizer._transform(self, g).group_leaves is weight_bias_groups for g in self.param_groups]
+        if len(pairs) < 2 or not any(pairs):
+            return
+        group_paths = self._group_paths()
+        owner = [n for n, paths in enumerate(group_paths) for _ in paths]
+        leaves = [p for g in self.param_groups for p in g["params"]]
+        last = len(self.param_groups) - 1
+        for block in weight_bias_groups([path for paths in group_paths for path in paths], leaves):
+            if len(block.indices) != 2:
+                continue
+            weight, bias = block.indices
+            if owner[weight] == owner[bias] or not pairs[owner[weight]] or (last_only and last not in (owner[weight], owner[bias])):
+                continue
+            warnings.warn(
+                f"{type(self).__name__}: the weight {self._param_names[leaves[weight]]!r} (param group {owner[weight]}) "
+                f"and the bias {self._param_names[leaves[bias]]!r} (param group {owner[bias]}) of one layer are in "
+                "different param groups, so they are stepped as blocks of their own, not as the layer block [W | b] "
+                "that they make in one param group; put them in one param group (a hyperparameter such as "
+                "weight_decay applies to the whole group)",
                 stacklevel=_torch_capture._caller_level(),
             )
 

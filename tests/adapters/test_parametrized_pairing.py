@@ -146,6 +146,46 @@ def test_weight_norm_warns_only_where_the_bias_would_be_paired():
         pt.IFShampoo(linear.named_parameters(), lr=1e-2, batch_size=8)
 
 
+@pytest.mark.parametrize("by_model", [False, True], ids=["named", "model"])
+@pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
+def test_a_weight_and_its_bias_in_different_param_groups_warn(cls, kwargs, by_model):
+    """A param group is stepped as one tree, so a layer's weight and bias given in different param
+    groups (the weight-decay recipe that gives every bias a group of its own) are blocks of their
+    own, not the layer block ``[W | b]`` they make in one group: a warning names each such layer's
+    weight and bias with their groups, once, at the user's line, when the second of them is given
+    (constructor or ``add_param_group``); names come from ``named_parameters()`` or ``model=``.
+    Layers whose weight and bias share a group, groups added later, and a method that pairs
+    nothing (IF-Shampoo's default grouping) warn of nothing."""
+    model = _mlp()
+    named = dict(model.named_parameters())
+    given = (lambda *names: [named[n] for n in names]) if by_model else (lambda *names: [(n, named[n]) for n in names])
+    extra = {"model": model} if by_model else {}
+    def split(layer: int, bias_group: int) -> str:
+        return (f"{cls.__name__}: the weight '{layer}.weight' (param group 0) and the bias '{layer}.bias' (param "
+                f"group {bias_group}) of one layer are in different param groups, so they are stepped as blocks")
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        opt = cls([{"params": given("0.weight", "2.weight")}, {"params": given("0.bias", "2.bias"), "lr": 1e-3}],
+                  **kwargs, **extra)
+    assert [str(w.message)[:len(split(0, 1))] for w in record] == [split(0, 1), split(2, 1)]
+    assert all(w.filename == __file__ for w in record)
+    assert _blocks(opt) == sorted([["0.weight"], ["2.weight"], ["0.bias"], ["2.bias"]])
+    other = _mlp(1)
+    unrelated = list(other.parameters()) if by_model else [(f"other.{n}", p) for n, p in other.named_parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        together = cls([{"params": given("0.weight", "0.bias")}, {"params": given("2.weight", "2.bias")}], **kwargs, **extra)
+        assert _blocks(together) == sorted([["0.bias", "0.weight"], ["2.bias", "2.weight"]])
+        one = cls(given("0.weight", "0.bias", "2.weight"), **kwargs, **extra)
+        one.add_param_group({"params": unrelated})
+        pt.IFShampoo([{"params": given("0.weight")}, {"params": given("0.bias")}], lr=1e-2, batch_size=8, **extra)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        one.add_param_group({"params": given("2.bias")})
+    assert [str(w.message)[:len(split(2, 2))] for w in record] == [split(2, 2)] and record[0].filename == __file__
+
+
 class Conv1D(torch.nn.Module):
     """Stand-in for transformers' ``Conv1D``: its weight stored inputs x outputs, ``x @ W + b``."""
 

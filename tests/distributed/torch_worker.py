@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor, Partial
 from torch.nn.parallel import DistributedDataParallel
 
@@ -146,6 +147,41 @@ def train(name: str, rank: int, world: int, wrap: str, distributed: bool) -> tup
                       for p, s in opt.state.items()},
         }
     return plain(net.module if wrap == "ddp" else net), info
+
+
+def zero_redundancy(rank: int, world: int) -> dict:
+    """Per method, the parameters after ``STEPS`` steps under DDP: of torch's
+    ``ZeroRedundancyOptimizer`` wrapping the plain class (``"zero"``: each rank steps the parameters
+    of its partition and broadcasts them; restarted before the last step from the state that
+    ``consolidate_state_dict`` gathers on rank 0, sent to every rank), and of the plain class
+    stepping every parameter on each rank (``"plain"``). Both take the parameters without names,
+    as ``ZeroRedundancyOptimizer`` does (a block is then one tensor: MBF pairs no bias)."""
+    out = {}
+    for name, (cls, kwargs) in CONFIGS.items():
+        make = getattr(pt, cls)
+        runs = {}
+        for how in ("plain", "zero"):
+            net = DistributedDataParallel(model())
+            params = list(net.module.parameters())
+            if how == "zero":
+                build = lambda: ZeroRedundancyOptimizer(params, optimizer_class=make, **kwargs)  # noqa: E731
+            else:
+                build = lambda: make(params, **kwargs)  # noqa: E731
+            opt = build()
+            xs, ys = data()
+            for step, (x, y) in enumerate(zip(xs, ys)):
+                if how == "zero" and step == 2:
+                    opt.consolidate_state_dict(to=0)
+                    saved = [opt.state_dict() if rank == 0 else None]
+                    dist.broadcast_object_list(saved, src=0)
+                    opt = build()
+                    opt.load_state_dict(saved[0])
+                opt.zero_grad()
+                loss_fn(net, shard(x, rank, world), shard(y, rank, world)).backward()
+                opt.step()
+            runs[how] = plain(net.module)
+        out[name] = runs
+    return out
 
 
 def elementwise_checkpoints(rank: int, world: int, out: str) -> dict:
@@ -585,6 +621,7 @@ def main() -> None:
         results["refused_checkpoints"] = refused_checkpoints(rank, world, out)
         results["resharded_checkpoints"] = resharded_checkpoints(rank, world)
         results["weight_norm_warning"] = weight_norm_warning(rank, world)
+        results["zero_redundancy"] = zero_redundancy(rank, world)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         with open(os.path.join(out, f"bad{rank}.json"), "w") as f:
             json.dump(bad_inputs(rank, world), f)
