@@ -144,6 +144,8 @@ class CoreOptimizer(torch.optim.Optimizer):
     _step_calls: int = 0
     #: Whether the notice of :meth:`_scheduled` was given.
     _told_scheduled: bool = False
+    #: True while ``__init__`` adds the param groups: the check across groups then runs once, after them.
+    _building: bool = False
 
     def __init__(
         self,
@@ -186,9 +188,9 @@ class CoreOptimizer(torch.optim.Optimizer):
         # Members of a block whose counters a step left behind their partners' (no gradient of
         # their own; see _fill_missing_members): never the source of a core group's counters.
         self._behind: set = set()
-        self._building = True  # add_param_group leaves the check across groups to the end of __init__
+        self._building = True
         super().__init__(groups, defaults)
-        self._building = False
+        del self._building
         self._warn_layers_split_over_groups(last_only=False)
         # Sharded (DTensor) parameters need the classes of precond_ref.adapters.torch_distributed.
         if not getattr(self, "_accepts_dtensor", False):
