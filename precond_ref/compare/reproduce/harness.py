@@ -537,13 +537,21 @@ def fingerprint(recipe: dict) -> list:
     raise ValueError(f"fingerprint: unknown task {task!r}")
 
 
+def fingerprint_in_float64(recipe: dict) -> bool:
+    """Whether the fingerprint of ``recipe`` is taken in float64 (:func:`fingerprint_dtype`; the
+    runs that are float64 already); bfloat16 runs keep their own dtype."""
+    return recipe.get("dtype") != "torch.bfloat16"
+
+
 def fingerprint_tolerance(recipe: dict) -> float:
     """Relative tolerance of a recomputed fingerprint, from the rounding model: for bfloat16 runs
     ``4 eps`` (a few rounding units of the parameters themselves); for the float64 fingerprints
     ``sqrt(eps)`` (1.5e-8): a rounding unit amplified over five steps as much as the worst float32
     run's (about 3e5, the 1e-2 of :func:`fingerprint_dtype` from 1.2e-7) stays below 1e-10, while a
-    change of the arithmetic moves a loss by far more."""
-    if recipe.get("dtype") == "torch.bfloat16":
+    change of the arithmetic moves a loss by far more. A loss that rounding moves further (float64
+    amplifies more where float32's rounding hid the ill-conditioning) is not compared
+    (:func:`precond_ref.compare.reproduce.papers.conditioned_steps`)."""
+    if not fingerprint_in_float64(recipe):
         return 4 * float(torch.finfo(torch.bfloat16).eps)
     return math.sqrt(float(torch.finfo(torch.float64).eps))
 

@@ -328,7 +328,11 @@ def render(data: dict, image_dir: str = "images/", json_path: str = "records/rep
             f"The JSON keeps a fingerprint of each of the {len(fingerprints)} evaluated configurations (its first "
             "seed's first losses, rerun in float64 where the run is float32, to 12 significant digits); "
             "`tests/test_reproduce.py` recomputes them and names the "
-            "claims to regenerate when the code's numbers have moved beyond the rounding model's tolerance."]
+            "claims to regenerate when the code's numbers have moved beyond the rounding model's tolerance. A loss "
+            "that rounding alone can move that far is not compared: one that the same run with its learning rate one "
+            "rounding unit larger moves by more than the tolerance over 1e4 (ASGO's Algorithm 1 on the rank-1 problem "
+            "amplifies rounding by about 1e8 by its fifth loss, which another CPU's BLAS kernels move by 5e-8 "
+            "relative)."]
     out += ["", "## Protocol changelog", "", "What changed after which run, and why (newest first):", ""]
     out += [f"- **re-run of {r['paper']}** (`{r['command_line']}`, {r['cpu_s'] / 60:.1f} CPU minutes): {r['reason']} "
             f"Its section above is from this re-run, merged into the JSON; every other section is from the command "
