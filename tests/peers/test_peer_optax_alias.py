@@ -30,11 +30,16 @@ from absl.testing import parameterized  # noqa: E402
 
 import precond_ref.adapters.jax as pj  # noqa: E402
 
-# The contrib suite's settings (tests/adapters/test_optax_contrib_suite.py), where the same two
-# targets get 30 000 steps; upstream's 10 000 here need larger rates: AGD, IF-Shampoo and Sketchy
-# 1e-2, the other root-free methods 3e-2 (their steps scale like 1/|g| far from the optimum), MBF
-# 3e-3 (at 1e-2 its Rosenbrock end point moves by up to 0.09 with a one-ulp change of the start;
-# at 3e-3 it stays within 0.011 of the optimum from four such starts).
+# Upstream's 10 000 steps must end within 3e-2 + 3e-2 |x*| = 0.06 of Rosenbrock's optimum (1, 1)
+# whatever rounds the arithmetic. Each setting was run under XLA's default options, the suite's
+# (tests/xla_flags.py), and the suite's with the instruction set capped at AVX and at SSE4.2 (no
+# fused multiply-add); the largest distance over the four: RF-RMSProp 0.021, AGD 0.017, Sketchy
+# 0.006, RF-AdamW 0.005, MBF 0.002, the others 0.000. Sketchy at 1e-2 hovers in the
+# valley (0.033 under the suite's options, 0.10 to 0.11 under the others), hence 3e-3; IF-Shampoo at
+# 1e-2 ended 0.028 to 0.039 from it, and near the optimum its step is about the rate over the
+# damping, hence damping 1 at 3e-3. The other root-free methods need 3e-2 (their steps scale like
+# 1/|g| far from the optimum); MBF 3e-3 (at 1e-2 its end point moves by up to 0.09 with a one-ulp
+# change of the start).
 OPTIMIZERS = tuple(
     {"opt_name": name, "opt_kwargs": kwargs}
     for name, kwargs in [
@@ -44,8 +49,8 @@ OPTIMIZERS = tuple(
         ("mbf", {"learning_rate": 3e-3}),
         ("rf_rmsprop", {"learning_rate": 3e-2, "batch_size": 1}),
         ("rf_adamw", {"learning_rate": 3e-2, "batch_size": 1}),
-        ("if_shampoo", {"learning_rate": 1e-2, "batch_size": 1}),
-        ("sketchy", {"learning_rate": 1e-2}),
+        ("if_shampoo", {"learning_rate": 3e-3, "batch_size": 1, "damping": 1.0}),
+        ("sketchy", {"learning_rate": 3e-3}),
         ("s_adagrad", {"learning_rate": 0.3}),
     ]
 )
