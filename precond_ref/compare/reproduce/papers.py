@@ -664,10 +664,10 @@ def fingerprint(recipe: dict) -> list:
 
 #: How far below a float64 fingerprint's tolerance a loss must stay when the learning rate moves
 #: by one rounding unit, for the loss to be compared (:func:`conditioned_steps`). Other rounding
-#: paths move an ill-conditioned loss more than that nudge does: MKL's AVX2, SSE4.2 and AVX-512
-#: kernels, its conditional bitwise-reproducible mode, and the AMD CPU that made the JSON moved the
-#: fifth loss of ASGO's Algorithm 1 on the rank-1 problem by 3.8e-8 to 5.3e-8 relative, 220 times
-#: the nudge's 2.2e-10; the bound leaves a factor 45 over that.
+#: paths move an ill-conditioned loss more than that nudge does: against the JSON's, MKL's AVX2,
+#: SSE4.2 and AVX-512 kernels and its conditional bitwise-reproducible mode moved the fifth loss of
+#: ASGO's Algorithm 1 on the rank-1 problem by 3.8e-8 to 5.3e-8 relative, 220 times the nudge's
+#: 2.2e-10; the bound leaves a factor 45 over that.
 NUDGE_MARGIN = 1e4
 
 
