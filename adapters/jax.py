@@ -105,6 +105,14 @@ def _from_core_tree(nested: dict, like: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _standard_broadcasting() -> Any:
+    """A context in which the core's operations broadcast as the array API standard does (an
+    identity against a stack of blocks), whatever ``jax_numpy_rank_promotion`` the user set (its
+    ``"raise"`` guards their own code). A new one per call: one object entered twice at once
+    restores the wrong setting."""
+    return jax.numpy_rank_promotion("allow")
+
+
 def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
     """Wrap a core transform as an optax transformation.
 
@@ -132,7 +140,8 @@ def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
             # arrays: one buffer in two leaves cannot be donated (jax.jit's donate_argnums).
             return PrecondState(*(jax.numpy.zeros((), jax.numpy.int32) for _ in range(2)), {})
         core_params, _ = _as_core_tree(params)
-        state = jitted_init(core_params)
+        with _standard_broadcasting():
+            state = jitted_init(core_params)
         if all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed for x in leaves):
             state = jax.device_put(state, _shardings_like(state, core_params))
         return state
@@ -146,7 +155,8 @@ def to_optax(transform: Transform) -> optax.GradientTransformationExtraArgs:
         # value for another one); the core takes only its own: the call's index and decisions
         # (``step``, ``due``, ``gradients_ok``) and the per-call inputs of the methods.
         core_extra = {key: value for key, value in extra_args.items() if key in CALL_KEYWORDS or key in UPDATE_KEYWORDS}
-        core_updates, new_state = transform.update(core_grads, state, core_params, **core_extra)
+        with _standard_broadcasting():
+            core_updates, new_state = transform.update(core_grads, state, core_params, **core_extra)
         return _from_core_tree(core_updates, updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -343,7 +353,8 @@ def mbf_warm_start(state: Any, grads_batches: Any, **mbf_kwargs: Any) -> Any:
     an ``optax.inject_hyperparams`` state, pass its ``inner_state``.
     """
     core = pr.mbf(**mbf_kwargs)
-    return core.warm_start(state, (_as_core_tree(g)[0] for g in grads_batches))
+    with _standard_broadcasting():
+        return core.warm_start(state, (_as_core_tree(g)[0] for g in grads_batches))
 
 
 asgo = optax_factory(pr.asgo, static=("root_steps", "precondition_every", "block_size", "spread_refresh", "root_tolerance"))

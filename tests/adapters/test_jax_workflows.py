@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import jax.extend
 import optax
+import pytest
 
 import precond_ref.adapters.jax as pj
 
@@ -100,3 +101,45 @@ def test_a_step_that_is_not_a_call_index_is_refused_in_optax_words():
             assert "step must be the number of earlier calls" in str(error)
         else:
             raise AssertionError(f"step={bad!r} was accepted")
+
+
+RANK_PROMOTING = [
+    ("if_shampoo", {"batch_size": 8}),
+    ("mbf", {}),
+    ("mbf", {"mode": "faithful"}),
+    ("asgo", {"block_size": 2}),
+    ("asgo", {"root_method": "polar_express"}),
+    ("s_adagrad", {"rank": 2, "block_size": 4}),
+    ("s_adagrad", {"decomposition": "incremental_secular"}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", RANK_PROMOTING, ids=lambda v: v if isinstance(v, str) else str(v))
+def test_a_step_under_rank_promotion_raise_is_the_step_without_it(name, kwargs):
+    """``jax_numpy_rank_promotion="raise"`` (a setting some JAX codebases run under, to catch their
+    own broadcasting mistakes) does not reach the core, which broadcasts as the array API standard
+    does (an identity against a stack of blocks): ``init`` and two jitted updates take exactly the
+    steps they take without the setting (the same program), and the user's setting holds again
+    around them. These configurations each broadcast a lower-rank operand (the identity of IF-Shampoo's
+    factors, MBF's damping, ASGO's blocks and iterative root, S-AdaGrad's blocks and secular
+    solver): under the setting they raised ``ValueError``."""
+    params = {"d": {"kernel": jnp.linspace(-1.0, 1.0, 30, dtype=F32).reshape(6, 5), "bias": jnp.zeros(5, F32)},
+              "v": jnp.ones(7, F32)}
+    tx = getattr(pj, name)(**kwargs)
+
+    def run() -> tuple:
+        state = tx.init(params)
+        step = jax.jit(lambda p, s: tx.update(jax.tree.map(jnp.sin, p), s, p))
+        p = params
+        for _ in range(2):
+            updates, state = step(p, state)
+            assert jax.config.jax_numpy_rank_promotion == setting
+            p = optax.apply_updates(p, updates)
+        return p, state
+
+    setting = jax.config.jax_numpy_rank_promotion
+    plain = run()
+    with jax.numpy_rank_promotion("raise"):
+        setting = "raise"
+        guarded = run()
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), plain, guarded))
