@@ -317,3 +317,37 @@ def test_autocast_is_found_without_torchs_private_query(monkeypatch):
     for a, b in zip(*(m.parameters() for m in models)):
         assert all(torch.equal(torch.as_tensor(warm[0].state[a][k]), torch.as_tensor(v))
                    for k, v in warm[1].state[b].items())
+
+
+@every_class
+def test_channels_last_parameters_step_as_contiguous_ones_and_stay_channels_last(case):
+    """A convolutional model in ``channels_last`` memory format (the layout GPU convolutions
+    prefer: its 4-D weights are not contiguous) steps as the same model in the default format, bit
+    for bit: both get the same gradient values (each in its parameter's layout, as autograd makes
+    them) and the optimizer's arithmetic does not depend on the strides. Its weights stay
+    ``channels_last`` after the steps: the update is written into the parameters, not into new
+    tensors of another layout."""
+
+    def conv_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 2), torch.nn.Flatten(),
+            torch.nn.Linear(2 * 3 * 3, 2),
+        ).double()
+
+    plain, last = conv_model(), conv_model().to(memory_format=torch.channels_last)
+    weights = [m.weight for m in last if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights)
+    opts = [case.make(m.named_parameters()) for m in (plain, last)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(4, 3, 6, 6, generator=gen, dtype=torch.float64), torch.randn(4, 2, generator=gen, dtype=torch.float64)
+        plain.zero_grad()
+        torch.nn.functional.mse_loss(plain(x), y).backward()
+        for p, q in zip(plain.parameters(), last.parameters()):
+            q.grad = torch.empty_like(q).copy_(p.grad)  # empty_like keeps q's layout
+        for opt in opts:
+            opt.step(**case.step_kwargs)
+    for p, q, start in zip(plain.parameters(), last.parameters(), conv_model().parameters()):
+        assert torch.equal(p, q) and not torch.equal(q, start)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights)
