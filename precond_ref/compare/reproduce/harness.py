@@ -303,19 +303,30 @@ def train_digits(
 # Character-level language model
 
 
-class CharTransformer(torch.nn.Module):
-    """Token and position embeddings, pre-norm causal transformer blocks, a linear read-out."""
+def _cpu_independent(drawn: Any) -> Any:
+    """``drawn`` (a float64 tensor of random draws, or a module of float64 parameters) rounded to
+    float32: the same on every CPU. torch's float32 normal and uniform draws are computed by
+    another kernel on a CPU with AVX2 than on one without (a rounding unit apart in most elements),
+    its float64 ones by the same sequence of operations up to contraction into fused multiply-adds
+    (at most a float64 rounding unit apart), which rounding to float32 removes but in a vanishing
+    fraction of elements (those within a float64 unit of a float32 rounding boundary)."""
+    return drawn.to(torch.float32)
 
-    def __init__(self, vocabulary: int, context: int, width: int, layers: int, heads: int):
+
+class CharTransformer(torch.nn.Module):
+    """Token and position embeddings, pre-norm causal transformer blocks, a linear read-out;
+    its parameters made in ``dtype`` by torch's default initialisations."""
+
+    def __init__(self, vocabulary: int, context: int, width: int, layers: int, heads: int, dtype: Any = None):
         super().__init__()
-        self.token = torch.nn.Embedding(vocabulary, width)
-        self.position = torch.nn.Embedding(context, width)
+        self.token = torch.nn.Embedding(vocabulary, width, dtype=dtype)
+        self.position = torch.nn.Embedding(context, width, dtype=dtype)
         block = torch.nn.TransformerEncoderLayer(
-            width, heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True, norm_first=True
+            width, heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True, norm_first=True, dtype=dtype
         )
         self.blocks = torch.nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.norm = torch.nn.LayerNorm(width)
-        self.head = torch.nn.Linear(width, vocabulary)
+        self.norm = torch.nn.LayerNorm(width, dtype=dtype)
+        self.head = torch.nn.Linear(width, vocabulary, dtype=dtype)
         self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -363,7 +374,11 @@ def train_lm(
         cut = int(len(train_ids) * 0.9)
         train_ids, validation_ids = train_ids[:cut], train_ids[cut:]
     torch.manual_seed(seed)
-    model = CharTransformer(vocabulary, lm["context"], lm["width"], lm["layers"], lm["heads"]).to(DEVICE, dtype)
+    # Drawn in float64 and rounded to float32 whatever ``dtype`` is: torch's float32 draws differ
+    # between its CPU kernels (AVX2 against none) by a rounding unit, its float64 draws much less
+    # (:func:`_cpu_independent`).
+    model = _cpu_independent(CharTransformer(vocabulary, lm["context"], lm["width"], lm["layers"], lm["heads"], torch.float64))
+    model = model.to(DEVICE, dtype)
     named = list(model.named_parameters())
     optimizer = opt.build(named, lr, "lm", **(overrides or {}))
     extra = {"batch_size": lm["batch"] * lm["context"]} if opt.needs_batch else {}
@@ -413,7 +428,7 @@ def train_synthetic(opt: Opt, rank: int, seed: int, steps: int, lr: float, *, tu
     fixed per seed; ``tuning`` draws the problem of seed ``1000 + seed`` (a validation problem).
     Returns the expected loss ``0.5 ||(W - W*) C^{1/2}||_F^2`` (C the input covariance) after
     every step, the final one, and ``log_area``: the mean of its log10 over the run. ``dtype``: of the
-    parameters and the arithmetic (the inputs drawn in float32 whatever it is, so that runs in two
+    parameters and the arithmetic (the inputs rounded to float32 whatever it is, so that runs in two
     dtypes meet the same inputs)."""
     out_dim, in_dim = shape
     rng = np.random.default_rng([seed + (1000 if tuning else 0), 31])
@@ -434,7 +449,7 @@ def train_synthetic(opt: Opt, rank: int, seed: int, steps: int, lr: float, *, tu
 
     losses, diverged = [expected()], False
     for step in range(steps):
-        x = torch.randn(batch, rank, generator=gen, dtype=torch.float32).to(DEVICE, dtype) @ mix.T
+        x = _cpu_independent(torch.randn(batch, rank, generator=gen, dtype=torch.float64)).to(DEVICE, dtype) @ mix.T
         value, _ = _timed_step(optimizer, lambda: 0.5 * ((x @ (weight - w_star).T) ** 2).sum(1).mean(), extra, None, step, [])
         if not math.isfinite(value):
             diverged = True
@@ -510,8 +525,8 @@ def fingerprint_dtype(recipe: dict) -> Any:
     (digits, synthetic, char LM), else the run's own (bfloat16 runs; Beale's and the online
     problems' runs are float64 already). A float32 run's first losses differ between CPUs by far
     more than their rounding: another BLAS kernel rounds each product differently, and an
-    ill-conditioned preconditioner amplifies it within five steps (1e-2 relative for ASGO's
-    Algorithm 1 on a rank-1 problem between an Intel and an AMD CPU); in float64 the same
+    ill-conditioned preconditioner amplifies it within five steps (to 1e-2 relative for ASGO's
+    Algorithm 1 on a sample of the rank-1 problem between an Intel and an AMD CPU); in float64 the same
     amplification leaves the losses within :func:`fingerprint_tolerance`."""
     if recipe["task"] in ("digits", "synthetic", "lm") and recipe.get("dtype", str(DTYPE)) == str(torch.float32):
         return torch.float64

@@ -664,10 +664,10 @@ def fingerprint(recipe: dict) -> list:
 
 #: How far below a float64 fingerprint's tolerance a loss must stay when the learning rate moves
 #: by one rounding unit, for the loss to be compared (:func:`conditioned_steps`). Other rounding
-#: paths move an ill-conditioned loss more than that nudge does: against the JSON's, MKL's AVX2,
-#: SSE4.2 and AVX-512 kernels and its conditional bitwise-reproducible mode moved the fifth loss of
-#: ASGO's Algorithm 1 on the rank-1 problem by 3.8e-8 to 5.3e-8 relative, 220 times the nudge's
-#: 2.2e-10; the bound leaves a factor 45 over that.
+#: paths move an ill-conditioned loss more than that nudge does: on a sample of the rank-1 problem
+#: that ASGO's Algorithm 1 conditioned badly, MKL's AVX2, SSE4.2 and AVX-512 kernels and its
+#: conditional bitwise-reproducible mode moved its fifth loss by 3.8e-8 to 5.3e-8 relative, 220
+#: times the nudge's 2.2e-10; the bound leaves a factor 45 over that.
 NUDGE_MARGIN = 1e4
 
 
@@ -682,7 +682,8 @@ def conditioned_steps(record: dict, got: list) -> int:
     move beyond :func:`harness.fingerprint_tolerance`: those that the same run with its learning
     rate one rounding unit larger moves by at most the tolerance over :data:`NUDGE_MARGIN`,
     relative. Past them the configuration amplifies rounding so much that another CPU's kernels
-    decide the digits, not the code (ASGO's Algorithm 1 on the rank-1 problem: its fifth loss)."""
+    decide the digits, not the code (ASGO's Algorithm 1 on a sample of the rank-1 problem: its
+    fifth loss)."""
     nudged = fingerprint({**record, "lr": record["lr"] * (1 + 2.0**-52)})
     bound = harness.fingerprint_tolerance(record) / NUDGE_MARGIN
     for k, (a, b) in enumerate(zip(got, nudged)):
