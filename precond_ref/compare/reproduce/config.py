@@ -83,7 +83,7 @@ SIZES = {
     "default": {
         "seeds": 20,
         "lm_seeds": 8,
-        "tune_seeds": 1,
+        "tune_seeds": 3,
         "lm_tune_seeds": 1,
         "digits_epochs": 8,
         "bf16_epochs": 8,
