@@ -621,7 +621,7 @@ def test_freshness_compares_the_losses_that_rounding_cannot_decide(monkeypatch):
     tolerance 1.5e-8). With a recomputation whose fifth loss the nudge moves by 1e-9, a 1e-7 move
     of that loss is not named, while a 1e-6 move of its first loss, and a 1e-7 move of the fifth
     loss of a run that the nudge leaves alone, are: a change of the code is named either way. On
-    the committed JSON, the synthetic problems' first losses are compared."""
+    the committed JSON, the first loss of each of Algorithm 1's runs is compared."""
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
     from precond_ref.compare.reproduce import papers
