@@ -572,8 +572,9 @@ def test_committed_json_is_fresh():
     """Freshness: each evaluated configuration's fingerprint in records/reproduce.json (its first
     seed's first losses, rerun in float64 where the run is float32, 12 significant digits) is what the
     code computes now, within the rounding model's tolerance (``harness.fingerprint_tolerance``; the
-    losses rounding cannot decide, test below); otherwise the claims to regenerate are named. float64, so that it holds on every CPU: a float32
-    run's first losses move by up to 1e-2 between two CPUs' BLAS kernels (``harness.fingerprint_dtype``)."""
+    losses rounding cannot decide, test below); otherwise the claims to regenerate are named.
+    float64, so that it holds on every CPU: a float32 run's first losses move by up to 1e-2 between
+    two CPUs' BLAS kernels (``harness.fingerprint_dtype``)."""
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
     from precond_ref.compare.reproduce import papers
@@ -593,7 +594,7 @@ def test_committed_json_is_fresh_with_torch_kernels_for_a_cpu_without_avx2():
     float32 normal and uniform draws are computed by other kernels there than on an AVX2 CPU, a
     rounding unit apart, and the runs' initial parameters and synthetic inputs drawn so moved the
     float64 fingerprints of twelve configurations (the char LM's and the synthetic problems') by up
-    to 2e-7, beyond the tolerance: the runs draw in float64 and round to float32
+    to 3.6e-6, beyond the tolerance: the runs draw in float64 and round to float32
     (``harness._cpu_independent``)."""
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
