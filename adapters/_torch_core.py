@@ -65,6 +65,17 @@ def _hyperparameters(group: dict) -> tuple:
     return keys, values, len(group)
 
 
+def _maximizes(group: dict) -> bool:
+    """A param group's ``maximize`` (torch.optim's; ``False`` in a group pickled before the classes
+    took it): the step hands the core the negated gradients, as new tensors (``.grad`` is left as
+    it is), so the core minimises the negated objective; weight decay still pulls the parameters
+    towards zero, as in ``torch.optim.AdamW(maximize=True)``."""
+    maximize = group.get("maximize", False)
+    if not isinstance(maximize, bool):
+        raise ValueError(f"maximize must be True or False, got {maximize!r}")
+    return maximize
+
+
 def _unchanged(group: dict, hyperparameters: tuple) -> bool:
     """Whether ``group`` holds the very objects :func:`_hyperparameters` found in it, and as many
     entries (a key added or removed rebuilds the transform)."""
@@ -347,6 +358,7 @@ class CoreOptimizer(torch.optim.Optimizer):
 
     def _build(self, group: dict, **overrides: Any) -> Transform:
         """The core transform of ``group``'s hyperparameters; errors name the torch arguments."""
+        _maximizes(group)
         return _torch_state.build_transform(type(self).core_factory, self.core_kwargs, group, **overrides)
 
     def _transform(self, group: dict) -> Transform:
@@ -575,6 +587,7 @@ class CoreOptimizer(torch.optim.Optimizer):
             transform = self._transform(group)
             with self._refusals_named(group):
                 self._learning_rate(group)
+                maximize = _maximizes(group)
             self._check_state_fits(group, index)
             # Parameters stepped together so far share a counter; the key is a host-side count of
             # the calls each took part in, so grouping them needs no device synchronisation.
@@ -588,7 +601,8 @@ class CoreOptimizer(torch.optim.Optimizer):
                 by_calls.setdefault(calls, []).append((index - 1, p))
             group_extra = self._group_extra(group, extra)
             eager = self._scheduled(group)
-            updates.extend((group, transform, members, calls, group_extra, eager) for calls, members in by_calls.items())
+            updates.extend((group, transform, members, calls, group_extra, eager, maximize)
+                           for calls, members in by_calls.items())
         if self._capturable:
             for _, transform, members, *_ in updates:
                 named = [(self._param_names.get(p, str(i)), p) for i, p in members]
@@ -600,8 +614,9 @@ class CoreOptimizer(torch.optim.Optimizer):
         # The core names a parameter by its path ('0/weight'); its errors name it as torch does. A
         # state the group's new hyperparameters no longer fit was refused above (_check_state_fits).
         with _torch_state.torch_names_in_errors(self._torch_names_by_path):
-            for group, transform, members, calls, group_extra, eager in updates:
-                self._step_members(transform, members, calls=calls, extra=group_extra, skipped=skipped, eager=eager)
+            for group, transform, members, calls, group_extra, eager, maximize in updates:
+                self._step_members(transform, members, calls=calls, extra=group_extra, skipped=skipped, eager=eager,
+                                   maximize=maximize)
         self._restack = False
 
     def _check_state_fits(self, group: dict, index: int) -> None:
@@ -714,16 +729,18 @@ class CoreOptimizer(torch.optim.Optimizer):
         return ok
 
     def _step_members(self, transform: Transform, members: list, *, calls: int, extra: dict,
-                      skipped: Optional[torch.Tensor] = None, eager: bool = False) -> None:
+                      skipped: Optional[torch.Tensor] = None, eager: bool = False, maximize: bool = False) -> None:
         """One core update of parameters that took part in ``calls`` earlier steps together;
         ``skipped``: the step's decision (:meth:`_one_decision`), made this update's by a NaN in
         its smallest non-empty gradient where it is false (an empty one holds no entry to carry
         it); an update of empty parameters alone, which moves nothing, is given the decision as
         the core's ``gradients_ok``, eagerly; ``eager``: neither captured nor compiled
-        (:meth:`_scheduled`)."""
+        (:meth:`_scheduled`); ``maximize``: the group's (:func:`_maximizes`)."""
         plan = self._members(members)
         tensors = plan.tensors
         grads = [p.grad for p in tensors]
+        if maximize:
+            grads = list(torch._foreach_neg(grads))
         if skipped is not None:
             grads, extra, given = decision_carried(grads, skipped, extra)
             eager = eager or given

@@ -13,9 +13,10 @@ at the end of this module), as ``adapters/jax.py`` makes its optax factories: on
 its annotation, and the core argument it becomes (the same name when not given; a tuple of names
 to unpack a pair such as ``betas`` into ``b1, b2``; ``()`` when only the row's ``derive`` reads it),
 with an optional ``convert`` applied to the value first. ``"*"`` starts the keyword-only
-arguments; ``compile``, ``capture`` and ``capturable`` end every signature. ``params`` and ``model`` go to the
-base class's constructor; every other argument is a param-group entry (``defaults``, in signature
-order: the ``state_dict`` layout).
+arguments; ``maximize`` (torch.optim's: :class:`CoreOptimizer` hands the core the negated
+gradients), ``compile``, ``capture`` and ``capturable`` end every signature. ``params`` and
+``model`` go to the base class's constructor; every other argument is a param-group entry
+(``defaults``, in signature order: the ``state_dict`` layout).
 
 *Adding a torch argument is one line:* ``_Arg("new_name", default, "annotation", "core_name")``
 in the class's row, where it should stand in the signature (at the end of the positional ones, so
@@ -69,6 +70,8 @@ class _Arg(NamedTuple):
     since: Optional[str] = None  # the release that added it (None: 0.1.0); older checkpoints lack it
 
 
+#: torch.optim's ``maximize``: a param-group entry of every class, after the row's own arguments.
+_MAXIMIZE = _Arg("maximize", False, "bool", (), since="0.3.0")
 #: Every class ends with these (keyword-only), handled by :class:`CoreOptimizer`.
 _OPTIONS = (
     _Arg("compile", None, "CompileSetting"), _Arg("capture", None, "Optional[bool]"), _Arg("capturable", False, "bool")
@@ -130,6 +133,7 @@ def _torch_class(
     ``params``/``model``/``compile``/``capture``/``capturable`` to ``base``'s constructor and every other
     argument into ``defaults``, in signature order) and ``core_kwargs`` from the row's mapping.
     ``lr_by_mode``: the core's default learning rate per ``mode``, for an ``lr`` default of ``None``."""
+    arguments = (*arguments, _KEYWORD_ONLY, _MAXIMIZE)
     signature = _signature(arguments)
 
     def __init__(self: CoreOptimizer, *args: Any, **kwargs: Any) -> None:

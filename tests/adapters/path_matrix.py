@@ -358,7 +358,7 @@ def torch_trajectory(
     groups: Optional[list] = None, missing: Optional[dict] = None, warm: Optional[list] = None,
     steps: int = STEPS, keep: Optional[list] = None, old_names: bool = False,
     lr_factor: Optional[Callable[[int], float]] = None, plain: bool = False, empty: Optional[str] = None,
-    nonfinite: Optional[dict] = None, autocast: bool = False, **overrides: Any,
+    nonfinite: Optional[dict] = None, autocast: bool = False, maximize: bool = False, **overrides: Any,
 ) -> list:
     """A torch optimizer's trajectory (``keep``, a list, receives the optimizer and its parameters).
 
@@ -370,10 +370,13 @@ def torch_trajectory(
     ``plain``: each ``step`` within ``precond_ref.plain_forms()``. ``empty`` (a name): an empty
     parameter (:data:`EMPTY`, an empty gradient every step; not in the trajectory) follows that
     parameter in its param group. ``nonfinite``: as :func:`core_trajectory`'s. ``autocast``: each
-    ``step`` called inside ``torch.autocast("cpu", dtype=torch.bfloat16)``.
+    ``step`` called inside ``torch.autocast("cpu", dtype=torch.bfloat16)``. ``maximize``: the
+    optimizer made with ``maximize=True`` and given the negated gradients.
     """
     spec = ALL_MODELS[model]
     cls, kwargs = torch_class(method), {**torch_kwargs(method, mode), **overrides, "compile": compile}
+    if maximize:
+        kwargs["maximize"] = True
 
     def make(named: list) -> Any:
         if groups is None:
@@ -409,7 +412,8 @@ def torch_trajectory(
         grads = poisoned(spec.grads(history[-1], t), nonfinite, t)
         gone = (missing or {}).get(t, ())
         for n, p in named:
-            p.grad = None if n in gone else torch.zeros_like(p) if n == EMPTY[0] else torch.from_numpy(grads[n].copy())
+            p.grad = (None if n in gone else torch.zeros_like(p) if n == EMPTY[0]
+                      else torch.from_numpy(-grads[n] if maximize else grads[n].copy()))
         region = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with pr.plain_forms(plain), region:
             opt.step()
@@ -733,6 +737,8 @@ def _table(compile_backend: Any = None) -> list[tuple[str, str, float, str]]:
             note("torch state_dict under an earlier version's entry names, restored mid-interval", "uninterrupted torch eager",
                  torch_trajectory(*cell, restore_at=4, old_names=True), eager, cell)
         note("torch, two param groups", "one group", torch_trajectory(*cell, groups=[names[:2], names[2:]]), eager, cell)
+        note("torch, maximize=True given the negated gradients", "uninterrupted torch eager",
+             torch_trajectory(*cell, maximize=True), eager, cell)
         note("optax state pickled mid-run", "uninterrupted optax jax.jit", optax_trajectory(*cell, pickle_at=4), jitted, cell)
         note("optax state through an orbax checkpoint mid-run", "uninterrupted optax jax.jit",
              optax_trajectory(*cell, orbax_at=4), jitted, cell)

@@ -129,7 +129,7 @@ def _identical(got, want, what):
 # One test per (cell, path), a cell's paths adjacent so that one pytest-xdist worker runs them
 # (and the eager run they are compared with) together.
 
-TORCH_PATHS = ("eager", "restored-mid-interval", "restored-at-refresh", "two-groups")
+TORCH_PATHS = ("eager", "restored-mid-interval", "restored-at-refresh", "two-groups", "maximize")
 OPTAX_PATHS = ("jit", "pickled", "orbax")
 #: Paths run on the MLP's cells alone (every method in both modes; its rank-2 sketches of 5 x 3 and
 #: 2 x 5 weights truncate): the conv cells run the same adapter code for these paths, and the
@@ -175,8 +175,9 @@ def test_torch_path(cell, path):
     A ``state_dict`` saved after 4 steps (between refreshes) or 6 (the next call refreshes), through
     ``torch.save``/``torch.load`` into a fresh optimizer on fresh tensors, continues bit-identically
     to the uninterrupted eager run; so does the run with the same hyperparameters split in two param
-    groups (one layer each: every method's state and update are per block). Both therefore meet the
-    core as the eager run does.
+    groups (one layer each: every method's state and update are per block), and so does the run
+    made with ``maximize=True`` and given the negated gradients (the step negates them back
+    exactly). These therefore meet the core as the eager run does.
 
     On the MLP's cells: ``step`` called inside ``torch.autocast("cpu", dtype=torch.bfloat16)`` is
     bit-identical to eager (the step turns autocast off: the optimizer's arithmetic is its own;
@@ -200,6 +201,8 @@ def test_torch_path(cell, path):
     elif path == "two-groups":
         names = list(pm.MODELS[cell[2]].shapes)
         _identical(pm.torch_trajectory(*cell, groups=[names[:2], names[2:]]), eager, "two groups vs one")
+    elif path == "maximize":
+        _identical(pm.torch_trajectory(*cell, maximize=True), eager, "maximize=True on the negated gradients vs eager")
     elif path == "autocast":
         _identical(pm.torch_trajectory(*cell, autocast=True), eager, "step inside autocast vs eager")
     elif path == "empty-parameter-skipped-step":
@@ -224,12 +227,12 @@ def test_torch_path(cell, path):
         _meets_torch_core(cell, pm.torch_trajectory(*cell, lr=lr), want, "torch with a tensor lr")
 
 
-CAPTURED_PATHS = ("captured-restored-mid-interval", "captured-scheduled")
+CAPTURED_PATHS = ("captured-restored-mid-interval", "captured-scheduled", "captured-maximize")
 
 
 @pytest.mark.parametrize(
     "cell, path",
-    [p for p in _per_path(CAPTURED_PATHS, {}) if p.values[1] != "captured-scheduled" or p.values[0][2] == "mlp"],
+    [p for p in _per_path(CAPTURED_PATHS, {}) if p.values[1] == "captured-restored-mid-interval" or p.values[0][2] == "mlp"],
 )
 def test_torch_captured_path(cell, path, monkeypatch):
     """The captured step (``capture=True``) with CUDA graphs replaced by the CPU double of
@@ -240,9 +243,10 @@ def test_torch_captured_path(cell, path, monkeypatch):
     ``state_dict`` restored after 4 steps (mid-interval) into a fresh optimizer, bit-identical to
     the uninterrupted eager run, which meets the core (``test_torch_path``); under a ``LambdaLR``
     scheduler (``lr`` x 0.8 a step, written into the tensor the graphs read), bit-identical to the
-    eager run under the same scheduler (every method and mode, on the MLP). Same arithmetic on the
-    same values: bit-identity. Each run
-    replays graphs (one that never did would test nothing)."""
+    eager run under the same scheduler (every method and mode, on the MLP); made with
+    ``maximize=True`` and given the negated gradients (negated back before the captured update),
+    bit-identical to the eager run (on the MLP). Same arithmetic on the same values: bit-identity.
+    Each run replays graphs (one that never did would test nothing)."""
     from fake_graphs import fake_graphs
 
     monkeypatch.setattr(pm.torch_class(cell[0]), "not_capturable_because", None)
@@ -250,6 +254,8 @@ def test_torch_captured_path(cell, path, monkeypatch):
         warnings.simplefilter("error", RuntimeWarning)  # a fallback from capture warns
         if path == "captured-restored-mid-interval":
             got, want = pm.torch_trajectory(*cell, capture=True, restore_at=4), _torch_eager(cell)
+        elif path == "captured-maximize":
+            got, want = pm.torch_trajectory(*cell, capture=True, maximize=True), _torch_eager(cell)
         else:
             got = pm.torch_trajectory(*cell, capture=True, lr_factor=_lr_factor)
             want = pm.torch_trajectory(*cell, capture=False, lr_factor=_lr_factor)
@@ -349,6 +355,21 @@ def test_torch_compiled_equals_core(method):
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager warns
         got = pm.torch_trajectory(*cell, compile=TORCH_COMPILE, **unspread)
     _close_to_core(got, pm.core_trajectory(*cell, **unspread), "torch compiled vs the NumPy core")
+
+
+@pytest.mark.parametrize("method", ["rf_adamw", "mbf"])
+def test_torch_compiled_maximize_equals_core(method):
+    """``torch.compile`` of the step (``aot_eager``, as ``test_torch_compiled_equals_core``) made
+    with ``maximize=True`` and given the negated gradients: the step negates them back before the
+    compiled update, so it gives the NumPy core's trajectory to RTOL; an element-wise method and a
+    matrix method, on the one-layer model."""
+    cell, unspread = (method, "principled", pm.ONE_LAYER_MODEL), pm.UNSPREAD.get(method, {})
+    keep: list = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager warns
+        got = pm.torch_trajectory(*cell, compile=TORCH_COMPILE, maximize=True, keep=keep, **unspread)
+    assert keep[0]._compiled, "the step was not compiled"
+    _close_to_core(got, pm.core_trajectory(*cell, **unspread), "torch compiled with maximize vs the NumPy core")
 
 
 @pytest.mark.parametrize("method", ["agd", "rf_rmsprop", "rf_adamw", "dasgo"])

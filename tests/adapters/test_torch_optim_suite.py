@@ -2,7 +2,7 @@
 optimizers.
 
 Transcribed here: ``test_forloop_goes_right_direction`` (contiguous or not, with and without LR
-schedulers), ``test_tensor_lr``, ``test_step_is_noop_for_zero_grads``,
+schedulers; and with ``maximize=True``), ``test_tensor_lr``, ``test_step_is_noop_for_zero_grads``,
 ``test_optimizer_can_be_printed``, ``test_can_load_older_state_dict``,
 ``test_can_load_from_to_named_state_dict``, ``test_save_load_equality_with_weights_only``,
 ``test_deepcopy_copies_all_public_attrs``, the step / state_dict / load_state_dict hook tests and
@@ -79,6 +79,42 @@ def test_forloop_goes_right_direction(name, contiguous, with_lrsched):
         x = torch.randn(5)
         opt = cls([weight, bias], **kwargs)
         _descends(opt, weight, bias, x, _schedulers(opt, with_lrsched))
+
+
+@pytest.mark.filterwarnings("ignore:MBF. .* parameter")  # torch's test passes unnamed [weight, bias]
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_forloop_goes_right_direction_when_maximizing(name):
+    """torch's test with ``maximize=True`` (its optimizers' inputs include it): 20 steps on
+    ||W x + b||^2 raise the loss, for default settings, on 3 seeds."""
+    cls, kwargs = DEFAULTS[name]
+    for seed in range(3):
+        torch.manual_seed(seed)
+        weight, bias, x = torch.nn.Parameter(torch.randn(10, 5)), torch.nn.Parameter(torch.randn(10)), torch.randn(5)
+        opt = cls([weight, bias], **kwargs, maximize=True)
+        _descends(opt, weight, bias, x, up=True)
+
+
+@pytest.mark.filterwarnings("ignore:MBF. .* parameter")
+@pytest.mark.parametrize("cls", sorted({c for c, _ in DEFAULTS.values()}, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_maximize_must_be_a_bool(cls):
+    """``maximize`` is ``True`` or ``False``: another value (``"yes"``, ``1``) is refused with a
+    ``ValueError`` naming it, at construction, in ``add_param_group`` (the optimizer keeps its
+    groups) and, written into a group after construction, at the step before any parameter moves
+    (naming the group)."""
+    weight, bias = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))
+    for value in ("yes", 1):
+        with pytest.raises(ValueError, match=f"maximize must be True or False, got {value!r}"):
+            cls([weight], **_required(cls), maximize=value)
+    opt = cls([weight], **_required(cls))
+    with pytest.raises(ValueError, match="maximize must be True or False"):
+        opt.add_param_group({"params": [bias], "maximize": "yes"})
+    assert len(opt.param_groups) == 1
+    opt.param_groups[0]["maximize"] = 1
+    weight.grad = torch.ones_like(weight)
+    before = weight.detach().clone()
+    with pytest.raises(ValueError, match=r"maximize must be True or False, got 1 \(param group 0\)"):
+        opt.step()
+    assert torch.equal(weight.detach(), before)
 
 
 @each_case
@@ -275,7 +311,7 @@ def _weight_bias(seed):
     return torch.nn.Parameter(torch.randn(10, 5)), torch.nn.Parameter(torch.randn(10)), torch.randn(5)
 
 
-def _descends(opt, weight, bias, x, schedulers=()):
+def _descends(opt, weight, bias, x, schedulers=(), up=False):
     def closure():
         opt.zero_grad()
         loss = (weight.mv(x) + bias).pow(2).sum()
@@ -288,7 +324,7 @@ def _descends(opt, weight, bias, x, schedulers=()):
         for scheduler in schedulers:
             scheduler.step(loss) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
     final = closure().item()
-    assert final < initial, (initial, final)
+    assert (final > initial) if up else (final < initial), (initial, final)
 
 
 def _batch(kwargs):

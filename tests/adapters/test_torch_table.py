@@ -22,7 +22,10 @@ from precond_ref.adapters import torch as pt
 
 P, K = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
 REQ = inspect.Parameter.empty
-_TAIL = (("compile", K, None, "CompileSetting"), ("capture", K, None, "Optional[bool]"), ("capturable", K, False, "bool"))
+#: torch.optim's ``maximize``, added to every class since 0.1.0 (a param-group entry, keyword-only).
+MAXIMIZE = ("maximize", K, False, "bool")
+_TAIL = (MAXIMIZE, ("compile", K, None, "CompileSetting"), ("capture", K, None, "Optional[bool]"),
+         ("capturable", K, False, "bool"))
 _ROOT_FREE = ("batch_size", P, None, "Optional[int]"), ("model", P, None, "Optional[torch.nn.Module]")
 _FALLBACK = (
     ("fallback_betas", P, (0.9, 0.95), "tuple[float, float]"),
@@ -36,7 +39,8 @@ _FALLBACK = (
 _MODE = (("mode", P, "principled", "str"), ("on_nonfinite", P, "skip", "str"))
 
 #: Arguments added since the release that pinned the signatures below (0.1.0), at the end of the
-#: positional ones: ``added_since_first_release`` of the class, absent from a 0.1.0 checkpoint.
+#: positional ones: with :data:`MAXIMIZE` (every class's), ``added_since_first_release`` of the
+#: class, absent from a 0.1.0 checkpoint.
 ADDED = {
     "Sketchy": (("spread_refresh", P, None, "Optional[bool]"),),
     "SAdaGrad": (("precondition_every", P, None, "Optional[int]"), ("spread_refresh", P, None, "Optional[bool]"),
@@ -289,19 +293,21 @@ def test_defaults_torch_adds_on_restore_are_neither_kept_nor_asked_of_a_checkpoi
     assert torch.equal(restored.state[restored.param_groups[0]["params"][0]]["step"], opt.state[p]["step"])
 
 
-@pytest.mark.parametrize("name", sorted(ADDED))
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
 def test_a_checkpoint_of_the_first_release_loads_without_the_added_arguments(name):
-    """A param group saved by 0.1.0 lacks the arguments added since (:data:`ADDED`); with a
-    scheduler's ``initial_lr`` beside them it is still this class's checkpoint, not another
-    optimizer's, and the added arguments keep the loading optimizer's values."""
+    """A param group saved by 0.1.0 lacks the arguments added since (:data:`ADDED`, and
+    :data:`MAXIMIZE` in every class); with a scheduler's ``initial_lr`` beside them it is still this
+    class's checkpoint, not another optimizer's, and the added arguments keep the loading
+    optimizer's values."""
+    added = (*ADDED.get(name, ()), MAXIMIZE)
     opt = _build(name)
-    assert opt.added_since_first_release == {a[0] for a in ADDED[name]}
+    assert opt.added_since_first_release == {a[0] for a in added}
     saved = opt.state_dict()
-    for arg in ADDED[name]:
+    for arg in added:
         del saved["param_groups"][0][arg[0]]
     saved["param_groups"][0]["initial_lr"] = 1e-3
     restored = _build(name)
     restored.load_state_dict(saved)
     group = restored.param_groups[0]
     assert group["initial_lr"] == 1e-3
-    assert all(group[arg[0]] == arg[2] for arg in ADDED[name])
+    assert all(group[arg[0]] == arg[2] for arg in added)

@@ -46,7 +46,7 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("how", ["ddp", "split", "fsdp"])
+@pytest.mark.parametrize("how", ["ddp", "split", "fsdp", "fsdp-maximize"])
 @pytest.mark.parametrize("method", METHODS)
 def test_same_parameters_as_one_process(job, method, how):
     """After 3 steps every rank holds the parameters one process gets from the same global batch.
@@ -59,6 +59,9 @@ def test_same_parameters_as_one_process(job, method, how):
     FSDP2 with local shards (element-wise methods) or gathered blocks (matrix methods). The two
     distributed runs restart from each rank's own ``state_dict`` before the last step, so the
     checkpoints (each rank's blocks; local shards under FSDP2) must also hold exactly the state.
+    ``fsdp-maximize``: the FSDP2 run made with ``maximize=True`` on the negated loss, whose
+    reduced gradients are the negated ones exactly (negation commutes with the 2-term sum and the
+    halving), negated back by the step: the same parameters.
     """
     ranks, _ = job
     reference = ranks[0]["reference"][method]["mean"]

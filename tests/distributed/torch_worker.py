@@ -109,8 +109,11 @@ def references(name: str, world: int, make_model=model, outputs: int = 3) -> dic
     return out
 
 
-def train(name: str, rank: int, world: int, wrap: str, distributed: bool) -> tuple[dict, dict]:
+def train(name: str, rank: int, world: int, wrap: str, distributed: bool, maximize: bool = False) -> tuple[dict, dict]:
+    """``maximize``: the optimizer made with ``maximize=True`` and stepped on the negated loss."""
     cls, kwargs = CONFIGS[name]
+    if maximize:
+        kwargs = {**kwargs, "maximize": True}
     net = model()
     if wrap == "ddp":
         net = DistributedDataParallel(net)
@@ -134,7 +137,8 @@ def train(name: str, rank: int, world: int, wrap: str, distributed: bool) -> tup
             opt = make(named, **kwargs)
             opt.load_state_dict(torch.load(buffer, weights_only=False))
         opt.zero_grad()
-        loss_fn(net, shard(x, rank, world), shard(y, rank, world)).backward()
+        (-loss_fn(net, shard(x, rank, world), shard(y, rank, world)) if maximize else
+         loss_fn(net, shard(x, rank, world), shard(y, rank, world))).backward()
         if first_grads is None:
             first_grads = {n: p.grad.clone() for n, p in named if not isinstance(p.grad, DTensor)}
         opt.step()
@@ -606,12 +610,13 @@ def main() -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        results: dict = {"ddp": {}, "split": {}, "fsdp": {}, "info": {}}
+        results: dict = {"ddp": {}, "split": {}, "fsdp": {}, "fsdp-maximize": {}, "info": {}}
         for name in CONFIGS:
             results["ddp"][name], ddp_info = train(name, rank, world, "ddp", distributed=False)
             results["ddp_grads"] = ddp_info["first_grads"]
             results["split"][name], results["info"][name] = train(name, rank, world, "ddp", distributed=True)
             results["fsdp"][name] = train(name, rank, world, "fsdp", distributed=True)[0]
+            results["fsdp-maximize"][name] = train(name, rank, world, "fsdp", distributed=True, maximize=True)[0]
             if rank == 0:
                 results.setdefault("reference", {})[name] = references(name, world)
         results["full_batch_grads"] = full_batch_grads()
