@@ -137,8 +137,8 @@ def train(name: str, rank: int, world: int, wrap: str, distributed: bool, maximi
             opt = make(named, **kwargs)
             opt.load_state_dict(torch.load(buffer, weights_only=False))
         opt.zero_grad()
-        (-loss_fn(net, shard(x, rank, world), shard(y, rank, world)) if maximize else
-         loss_fn(net, shard(x, rank, world), shard(y, rank, world))).backward()
+        loss = loss_fn(net, shard(x, rank, world), shard(y, rank, world))
+        (-loss if maximize else loss).backward()
         if first_grads is None:
             first_grads = {n: p.grad.clone() for n, p in named if not isinstance(p.grad, DTensor)}
         opt.step()
