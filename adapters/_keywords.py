@@ -26,10 +26,23 @@ _SYNONYMS = {
 }
 
 
+#: What to do instead, for options of torch.optim's classes that a signature does not take: the
+#: optax factories minimise (torch's ``maximize`` has no optax counterpart), and each method has one
+#: implementation (no ``foreach``/``fused`` variants).
+_INSTEAD = {
+    "maximize": "optax transformations minimise: negate the loss, or put optax.scale(-1.0) before the method in "
+                "optax.chain",
+    "foreach": "each method has one implementation, which batches its blocks (compile=True fuses its element-wise "
+               "passes)",
+    "fused": "each method has one implementation (compile=True fuses its element-wise passes)",
+}
+
+
 def check_keywords(owner: str, signature: inspect.Signature, given: Mapping) -> None:
     """Raise ``TypeError`` for the first of ``given``'s keywords that ``signature`` does not take:
-    ``"<owner> got an unexpected keyword 'learning_rate'; did you mean 'lr'?"`` (or the valid
-    names, where none is close)."""
+    ``"<owner> got an unexpected keyword 'learning_rate'; did you mean 'lr'?"`` (or what to do
+    instead, for an option of torch.optim's it has no counterpart of; or the valid names, where none
+    is close)."""
     if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
         return
     valid = [name for name, p in signature.parameters.items()
@@ -39,5 +52,5 @@ def check_keywords(owner: str, signature: inspect.Signature, given: Mapping) -> 
             continue
         close = [v for v in valid if name in _SYNONYMS.get(v, ())][:1]
         close = close or difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(valid)}"
+        hint = f"did you mean {close[0]!r}?" if close else _INSTEAD.get(name, f"it takes {', '.join(valid)}")
         raise TypeError(f"{owner} got an unexpected keyword {name!r}; {hint}")

@@ -143,3 +143,29 @@ def test_a_step_under_rank_promotion_raise_is_the_step_without_it(name, kwargs):
         setting = "raise"
         guarded = run()
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), plain, guarded))
+
+
+@pytest.mark.parametrize("name", ["agd", "if_shampoo", "sketchy"])
+def test_maximize_is_refused_naming_the_optax_way_which_maximises(name):
+    """torch.optim's ``maximize`` given to an optax factory is refused naming what optax does
+    instead, and that way maximises: ``optax.chain(optax.scale(-1.0), <method>)`` on a loss steps
+    exactly as the method on the negated loss (the negation is exact), under ``jax.jit``."""
+    kwargs = {"batch_size": 4} if name == "if_shampoo" else {}
+    with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword 'maximize'; optax transformations "
+                                        r"minimise: negate the loss, or put optax\.scale\(-1\.0\) before the method"):
+        getattr(pj, name)(maximize=True, **kwargs)
+    params = {"w": jnp.arange(6.0).reshape(3, 2) / 7, "b": jnp.ones(2)}
+
+    def loss(p):
+        return jnp.sum(jnp.tanh(p["w"]) ** 2) + jnp.sum(p["b"] * p["w"][0])
+
+    runs = []
+    for opt, sign in ((optax.chain(optax.scale(-1.0), getattr(pj, name)(**kwargs)), 1.0), (getattr(pj, name)(**kwargs), -1.0)):
+        p, state = params, opt.init(params)
+        step = jax.jit(lambda p, state, opt=opt, sign=sign: opt.update(jax.grad(lambda q: sign * loss(q))(p), state, p))
+        for _ in range(3):
+            updates, state = step(p, state)
+            p = optax.apply_updates(p, updates)
+        runs.append(p)
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])))
+    assert float(loss(runs[0])) > float(loss(params))

@@ -156,7 +156,8 @@ def test_a_slow_compilation_says_so_once(monkeypatch, caplog, notice_s, told):
 def test_an_unknown_keyword_names_the_class_and_the_closest_argument(name):
     """optax's ``learning_rate`` (or a misspelling) given to a torch class is refused before
     anything is built, naming the class, the bad keyword and the torch name it should be; a
-    name near none of them lists what the class takes."""
+    name near none of them lists what the class takes; torch.optim's ``fused`` and ``foreach``
+    say that the method has one implementation and what fuses it."""
     cls = getattr(pt, name)
     params = _model().parameters()
     with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword 'learning_rate'; did you mean 'lr'\?$"):
@@ -165,6 +166,10 @@ def test_an_unknown_keyword_names_the_class_and_the_closest_argument(name):
         cls(params, weight_decy=0.1)
     with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword 'zzz'; it takes params, lr, "):
         cls(params, zzz=1)
+    for option in ("fused", "foreach"):
+        with pytest.raises(TypeError, match=rf"^{name} got an unexpected keyword '{option}'; each method has one "
+                                            r"implementation.*\(compile=True fuses its element-wise passes\)$"):
+            cls(params, **{option: True})
 
 
 @pytest.mark.parametrize("name", [n for n in pt.__all__ if n != "CoreOptimizer"])
