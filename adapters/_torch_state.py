@@ -249,11 +249,21 @@ def getstate(opt: torch.optim.Optimizer) -> dict:
 
 def setstate(opt: torch.optim.Optimizer, state: dict) -> None:
     """torch's ``__setstate__``, less the :data:`TORCH_ADDED_DEFAULTS` it adds (a copy keeps the
-    original's defaults); the transient attributes start empty."""
+    original's defaults); the transient attributes start empty. An optimizer pickled by a release
+    before an argument was added (``added_since_first_release``) takes that argument's default in
+    ``defaults`` and every param group, as torch's own ``__setstate__`` gives its optimizers
+    ``maximize=False``."""
     added = [k for k in TORCH_ADDED_DEFAULTS if k not in state.get("defaults", {})] if "defaults" in state else []
     torch.optim.Optimizer.__setstate__(opt, state)
     for key in added:
         opt.defaults.pop(key, None)
+    table = next((c for c in type(opt).__mro__ if "added_since_first_release" in vars(c)), None)
+    if table is not None:
+        for name, parameter in inspect.signature(table.__init__).parameters.items():
+            if name in table.added_since_first_release:
+                opt.defaults.setdefault(name, parameter.default)
+                for group in opt.param_groups:
+                    group.setdefault(name, parameter.default)
     opt.__dict__.setdefault("_param_names", names_from_groups(opt.param_groups))
     opt.__dict__.setdefault("_behind", set())
     for name in opt._transient_attributes:

@@ -311,3 +311,32 @@ def test_a_checkpoint_of_the_first_release_loads_without_the_added_arguments(nam
     group = restored.param_groups[0]
     assert group["initial_lr"] == 1e-3
     assert all(group[arg[0]] == arg[2] for arg in added)
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_an_optimizer_pickled_by_the_first_release_steps_with_the_added_arguments_defaults(name):
+    """An optimizer pickled by 0.1.0 lacks the arguments added since (:data:`ADDED`, and
+    :data:`MAXIMIZE`) in ``defaults`` and its param groups; unpickled, it takes their defaults in
+    both (in signature order), as torch's ``__setstate__`` gives its optimizers ``maximize=False``,
+    and steps as the optimizer it was pickled from (it raised ``KeyError`` at the step)."""
+    import copy
+
+    added = [a[0] for a in (*ADDED.get(name, ()), MAXIMIZE)]
+    opt = _build(name)
+    p = opt.param_groups[0]["params"][0]
+    p.grad = torch.ones_like(p)
+    opt.step()
+    state = copy.deepcopy(opt.__getstate__())
+    for entries in (state["defaults"], *state["param_groups"]):
+        for key in added:
+            del entries[key]
+    old = object.__new__(type(opt))
+    old.__setstate__(state)
+    assert list(old.defaults) == list(opt.defaults)
+    assert list(old.param_groups[0]) == list(opt.param_groups[0])
+    q = old.param_groups[0]["params"][0]
+    q.grad = torch.full_like(q, 0.5)
+    p.grad = torch.full_like(p, 0.5)
+    old.step()
+    opt.step()
+    assert torch.equal(q, p)
