@@ -1,12 +1,8 @@
-import torch, warnings, time, gc, sys, precond_ref.adapters.torch as pt
-warnings.simplefilter("ignore")
-name = sys.argv[1]
-m = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(400)])
-kw = {"batch_size": 4} if name == "IFShampoo" else {}
-opt = getattr(pt, name)(m.named_parameters(), compile=False, **kw)
-for p in m.parameters():
-    p.grad = torch.randn_like(p) * 1e-2
-opt.step(); opt.step()
+import gc, time
+
+from stepped import stepped_optimizer
+
+name, opt = stepped_optimizer()
 stats = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}; t0 = [0]
 def cb(phase, info):
     if phase == "start": t0[0] = time.perf_counter()

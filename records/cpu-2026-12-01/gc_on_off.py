@@ -1,12 +1,8 @@
-import torch, warnings, time, gc, sys, precond_ref.adapters.torch as pt
-warnings.simplefilter("ignore")
-name = sys.argv[1]
-m = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(400)])
-kw = {"batch_size": 4} if name == "IFShampoo" else {}
-opt = getattr(pt, name)(m.named_parameters(), compile=False, **kw)
-for p in m.parameters():
-    p.grad = torch.randn_like(p) * 1e-2
-opt.step(); opt.step()
+import gc, time
+
+from stepped import stepped_optimizer
+
+name, opt = stepped_optimizer()
 for dis in (False, True, False, True):
     gc.collect()
     if dis: gc.disable()
