@@ -88,8 +88,7 @@ def test_forloop_goes_right_direction_when_maximizing(name):
     ||W x + b||^2 raise the loss, for default settings, on 3 seeds."""
     cls, kwargs = DEFAULTS[name]
     for seed in range(3):
-        torch.manual_seed(seed)
-        weight, bias, x = torch.nn.Parameter(torch.randn(10, 5)), torch.nn.Parameter(torch.randn(10)), torch.randn(5)
+        weight, bias, x = _weight_bias(seed)
         opt = cls([weight, bias], **kwargs, maximize=True)
         _descends(opt, weight, bias, x, up=True)
 
