@@ -46,6 +46,7 @@ refuses is refused on every rank, and no rank loads.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import os
 from typing import Any, Optional
@@ -847,8 +848,15 @@ def _distributed(base: type, elementwise: bool = False) -> type:
         f"{base.__name__} (see :class:`precond_ref.adapters.torch.{base.__name__}`) for multi-process "
         "training: ``process_group=`` and ``split_preconditioner=`` as in :class:`DistributedOptimizer`."
     )
-    return type(base.__name__, (DistributedOptimizer, base), {"__doc__": doc, "__module__": __name__,
-                                                               "elementwise": elementwise})
+    cls = type(base.__name__, (DistributedOptimizer, base), {"__doc__": doc, "__module__": __name__,
+                                                              "elementwise": elementwise})
+    # The signature ``inspect.signature`` and ``help`` show: the base class's, then the mixin's own
+    # keyword-only arguments (the mixin's ``__init__`` takes the base's as ``*args, **kwargs``).
+    own = inspect.signature(DistributedOptimizer.__init__).parameters
+    signature = inspect.signature(base.__init__)
+    cls.__signature__ = signature.replace(
+        parameters=[*list(signature.parameters.values())[1:], own["process_group"], own["split_preconditioner"]])
+    return cls
 
 
 AGD = _distributed(_base.AGD, elementwise=True)

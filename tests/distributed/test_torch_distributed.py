@@ -479,3 +479,23 @@ def test_documented_torchrun_examples_run(tmp_path):
             assert first != second  # each rank computes different blocks
         else:
             assert first[0][2:] == second[0][2:], (first, second)  # same parameters on both ranks
+
+
+def test_each_class_shows_its_base_classs_signature_and_its_own_arguments():
+    """``inspect.signature`` (and ``help``) of each class of ``torch_distributed`` is the plain
+    class's, followed by its own keyword-only ``process_group=None`` and
+    ``split_preconditioner=True``; it showed ``(*args, process_group, split_preconditioner,
+    **kwargs)``, none of the hyperparameters."""
+    import inspect
+
+    import precond_ref.adapters.torch as pt
+    import precond_ref.adapters.torch_distributed as ptd
+
+    for name in (n for n in pt.__all__ if n != "CoreOptimizer"):
+        got = list(inspect.signature(getattr(ptd, name)).parameters.values())
+        plain = list(inspect.signature(getattr(pt, name)).parameters.values())
+        assert got[:-2] == plain, name
+        assert [(p.name, p.kind, p.default) for p in got[-2:]] == [
+            ("process_group", inspect.Parameter.KEYWORD_ONLY, None),
+            ("split_preconditioner", inspect.Parameter.KEYWORD_ONLY, True),
+        ], name
