@@ -40,8 +40,7 @@ PROTOCOL_CHANGES = (
      "from an outlier (ASGO's gain over AdaGrad at rank 1 was -2.3 decades in that run, -9.74 in this one). Two "
      "verdicts changed: Sketchy-7's gain of rank 16 over rank 4 from holds ([0.00155, 0.0142]) to inconclusive "
      "([-0.00056, 0.0172]), and RootFree-4's bf16 IF-Shampoo against float32 IF-Shampoo from holds (0.184 ahead, "
-     "the float32 rate 0.316 chosen on one seed) to does not hold (0.0485 behind, both at 0.0999). The run took "
-     "8.6 minutes (was 7.2)."),
+     "the float32 rate 0.316 chosen on one seed) to does not hold (0.0485 behind, both at 0.0999)."),
     ("before the run with float64 draws", "Changed for a reason other than a run's numbers: the char LM's initial "
      "parameters and the synthetic problems' inputs are drawn in float64 and rounded to float32 (were drawn in "
      "float32, which torch computes with other kernels on a CPU without AVX2, a rounding unit apart: the JSON's "
