@@ -374,9 +374,8 @@ def torch_trajectory(
     optimizer made with ``maximize=True`` and given the negated gradients.
     """
     spec = ALL_MODELS[model]
-    cls, kwargs = torch_class(method), {**torch_kwargs(method, mode), **overrides, "compile": compile}
-    if maximize:
-        kwargs["maximize"] = True
+    cls = torch_class(method)
+    kwargs = {**torch_kwargs(method, mode), **overrides, "compile": compile, "maximize": maximize}
 
     def make(named: list) -> Any:
         if groups is None:
