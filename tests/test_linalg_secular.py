@@ -119,3 +119,27 @@ def test_no_host_read() -> None:
     with sync_guard.armed():
         values, vectors = rank_one_update_eigh(gd, gz)
     _check(d, z, sync_guard.unwrap(values), sync_guard.unwrap(vectors), np.finfo(np.float64).eps / 2)
+
+
+def test_a_bisection_step_is_eight_operations(monkeypatch) -> None:
+    """Each of the solve's bisection steps issues eight array operations (the docstring's cost: a
+    geometric midpoint, the signed sum, one comparison, the bracket's two ends), whatever the
+    stack: on a GPU each is a kernel of the captured step, 65 steps a call in float64. Counted as
+    torch dispatches them (``benchmarks.counting.count_step``), on one step of the loop."""
+    import torch
+
+    from precond_ref import linalg
+    from precond_ref.benchmarks.counting import count_step
+
+    counted = []
+    loop = linalg.iterate
+
+    def iterate(xp, count, body, carry):
+        counted.append((count, count_step(lambda: body(carry))["operations"]))
+        return loop(xp, count, body, carry)
+
+    monkeypatch.setattr(linalg, "iterate", iterate)
+    for batch in (1, 5):
+        d, z = _cases(9, np.random.default_rng(batch))["random"]
+        rank_one_update_eigh(torch.from_numpy(np.tile(d, (batch, 1))), torch.from_numpy(np.tile(z, (batch, 1))))
+    assert counted == [(65, 8), (65, 8)]
