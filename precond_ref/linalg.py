@@ -43,7 +43,8 @@ from array_api_compat import is_jax_namespace
 
 from .blocking import roll_first_axis_last, stack, unstack
 from ._backend import (
-    array_device, as_operand, cast, computed_once, cond_under_cpu_jit, float64_where_available, is_number, is_torch_namespace,
+    array_device, as_operand, cast, computed_once, cond_under_cpu_jit, constant, float64_where_available, is_number,
+    is_torch_namespace,
     is_tracer, is_zero, iterate, namespace_of, number, on_cpu, placement, select, sum_across, torch_compiling, widened_dtype, widening,
 )
 
@@ -903,8 +904,13 @@ def kl_clip_of_quadratic(xp: Any, inner: Array, learning_rate: Any, kl_clip: Any
 
 
 def _along(xp: Any, a: Array, indices: Array, axis: int) -> Array:
-    """``take_along_axis(a, indices, axis)`` with ``indices`` broadcast to ``a``'s shape."""
-    return xp.take_along_axis(a, xp.broadcast_to(indices, a.shape), axis=axis)
+    """``take_along_axis(a, indices, axis)`` with non-negative ``indices`` (an ``argsort``'s) broadcast
+    to ``a``'s shape: on torch one ``gather`` (``array_api_compat``'s ``take_along_axis`` first maps
+    negative indices, three more operations, and torch's ``take_along_dim`` adds a fourth)."""
+    indices = xp.broadcast_to(indices, a.shape)
+    if is_torch_namespace(xp):
+        return sys.modules["torch"].gather(a, axis, indices)
+    return xp.take_along_axis(a, indices, axis=axis)
 
 
 def rank_one_update_eigh(d: Array, z: Array) -> tuple[Array, Array]:
@@ -959,9 +965,11 @@ def _rank_one_update_eigh(xp: Any, d: Array, z: Array, wide: Any) -> tuple[Array
     n, device = d.shape[-1], array_device(d)
     finfo = xp.finfo(d.dtype)
     eps, smallest = float(finfo.eps), float(finfo.smallest_normal)
+    # the numbers the selections take, 0-D arrays made once (:func:`~precond_ref._backend.number`)
+    zero, one, minus_one, infinity = (number(xp, value, d) for value in (0.0, 1.0, -1.0, math.inf))
     # 1. A = u^2 (diag(d') + z' z'^T), u a power of two.
     size = xp.maximum(xp.max(xp.abs(z), axis=-1), xp.sqrt(xp.max(xp.abs(d), axis=-1)))
-    unit = 2.0 ** xp.ceil(xp.log2(xp.where(size > 0.0, size, xp.ones_like(size))))
+    unit = 2.0 ** xp.ceil(xp.log2(xp.where(size > 0.0, size, one)))
     d, z = d / (unit * unit)[..., None], z / unit[..., None]
     # 2. Ascending poles; a reflection per group of equal poles: H z = y.
     order = xp.argsort(d, axis=-1, stable=True)
@@ -969,24 +977,23 @@ def _rank_one_update_eigh(xp: Any, d: Array, z: Array, wide: Any) -> tuple[Array
     same = d[..., :, None] == d[..., None, :]
     first = xp.ones(d.shape[:-1] + (1,), dtype=xp.bool, device=device)
     leader = xp.concat([first, d[..., 1:] != d[..., :-1]], axis=-1)
-    group_norm = xp.sqrt(xp.sum(xp.where(same, (z * z)[..., None, :], 0.0), axis=-1))
-    one = xp.ones_like(z)
-    sign = xp.where(z >= 0.0, one, -one)
-    v = z + xp.where(leader, sign * group_norm, 0.0)
-    vv = xp.sum(xp.where(same, (v * v)[..., None, :], 0.0), axis=-1)
-    beta = xp.where(vv > 0.0, 2.0 / xp.where(vv > 0.0, vv, 1.0), 0.0)
-    eye = xp.eye(n, dtype=d.dtype, device=device)
-    reflection = eye - xp.where(same, (beta * v)[..., :, None] * v[..., None, :], 0.0)  # H
-    y = xp.where(leader, -sign * group_norm, 0.0)
+    group_norm = xp.sqrt(xp.sum(xp.where(same, (z * z)[..., None, :], zero), axis=-1))
+    signed_norm = xp.where(z >= 0.0, one, minus_one) * group_norm
+    v = z + xp.where(leader, signed_norm, zero)
+    vv = xp.sum(xp.where(same, (v * v)[..., None, :], zero), axis=-1)
+    beta = xp.where(vv > 0.0, 2.0 / xp.where(vv > 0.0, vv, one), zero)
+    eye = constant(xp, ("eye", n, d.dtype), lambda: xp.eye(n, dtype=d.dtype, device=device), d)
+    reflection = eye - xp.where(same, (beta * v)[..., :, None] * v[..., None, :], zero)  # H
+    y = xp.where(leader, -signed_norm, zero)
     # 3. Deflation at the rounding level of A.
     y2 = xp.sum(y * y, axis=-1)
     level = (8.0 * eps) * xp.maximum(xp.max(xp.abs(d), axis=-1), y2)
     active = xp.logical_and(leader, xp.abs(y) * xp.sqrt(y2)[..., None] > level[..., None])
-    w = xp.where(active, y * y, 0.0)
+    w = xp.where(active, y * y, zero)
     # 4. The secular equation on each active pole's interval (d_i, upper_i).
     above = xp.logical_and(active[..., None, :], d[..., None, :] > d[..., :, None])
     top = xp.logical_not(xp.any(above, axis=-1))
-    upper = xp.where(top, d + y2[..., None], xp.min(xp.where(above, d[..., None, :], float("inf")), axis=-1))
+    upper = xp.where(top, d + y2[..., None], xp.min(xp.where(above, d[..., None, :], infinity), axis=-1))
     half = (upper - d) / 2.0
     weights, columns_active = w[..., None, :], active[..., None, :]  # rows of (..., 1, n), made once
 
@@ -997,7 +1004,7 @@ def _rank_one_update_eigh(xp: Any, d: Array, z: Array, wide: Any) -> tuple[Array
     # inactive columns are poles at infinity (:func:`poles_of`): their terms, 0 / inf, are the 0
     # that their weight gives, with no 0 / 0 where such a pole meets lambda_i.
     def poles_of(delta: Array) -> Array:
-        return xp.where(columns_active, delta, float("inf"))
+        return xp.where(columns_active, delta, infinity)
 
     def f_minus_one(poles: Array, tau: Array) -> Array:
         return xp.sum(weights / (poles - tau[..., None]), axis=-1)
@@ -1006,16 +1013,18 @@ def _rank_one_update_eigh(xp: Any, d: Array, z: Array, wide: Any) -> tuple[Array
     from_pole = xp.logical_or(top, below_half)
     origin = xp.where(from_pole, d, upper)
     delta = d[..., None, :] - origin[..., :, None]  # d_j - o_i
-    direction = xp.where(from_pole, one, -one)
+    direction = xp.where(from_pole, one, minus_one)
     # |tau| >= y_o^2 / (1 + 2 sum_{d_j > o} y_j^2 / (d_j - o)) from the pole below, and
     # >= y_o^2 / (2 sum_{d_j < o} y_j^2 / (o - d_j)) from the one above (|tau| <= half the interval).
-    at_origin = xp.sum(xp.where(delta == 0.0, w[..., None, :], 0.0), axis=-1)
-    reach = xp.where(delta != 0.0, w[..., None, :] / xp.where(delta != 0.0, xp.abs(delta), 1.0), 0.0)
-    beyond = xp.sum(xp.where((delta > 0.0) == from_pole[..., None], reach, 0.0), axis=-1)
-    hi = xp.where(top, y2[..., None] + 0.0 * d, half)
-    bound = xp.where(from_pole, 1.0 + 2.0 * beyond, 2.0 * beyond)
-    lo = xp.where(active, at_origin / xp.where(active, bound, 1.0), hi)
-    lo = xp.minimum(xp.maximum(lo, xp.full_like(lo, smallest)), hi)
+    apart = delta != 0.0
+    at_origin = xp.sum(xp.where(apart, zero, w[..., None, :]), axis=-1)
+    reach = xp.where(apart, w[..., None, :] / xp.where(apart, xp.abs(delta), one), zero)
+    beyond = xp.sum(xp.where((delta > 0.0) == from_pole[..., None], reach, zero), axis=-1)
+    hi = xp.where(top, y2[..., None], half)
+    twice = 2.0 * beyond
+    bound = xp.where(from_pole, 1.0 + twice, twice)
+    lo = xp.where(active, at_origin / xp.where(active, bound, one), hi)
+    lo = xp.minimum(xp.maximum(lo, number(xp, smallest, lo)), hi)
     steps = round(-math.log2(eps)) + math.ceil(math.log2(-math.log2(smallest) - math.log2(eps))) + 2
 
     # The bisection's test, one comparison a step: with the poles signed by the direction, row i's
@@ -1024,7 +1033,7 @@ def _rank_one_update_eigh(xp: Any, d: Array, z: Array, wide: Any) -> tuple[Array
     # origin, where f(o_i + tau_i) < 0 from the pole below (the signed sum < -1) and where
     # f(o_i + tau_i) >= 0 from the pole above (the signed sum <= 1: below the float after 1).
     signed_poles = direction[..., None] * poles_of(delta)
-    threshold = xp.where(from_pole, -one, one + eps)
+    threshold = xp.where(from_pole, minus_one, number(xp, 1.0 + eps, d))
 
     def bisect(bracket: tuple[Array, Array]) -> tuple[Array, Array]:
         lo, hi = bracket
@@ -1038,12 +1047,12 @@ def _rank_one_update_eigh(xp: Any, d: Array, z: Array, wide: Any) -> tuple[Array
     pairs = xp.logical_and(active[..., :, None], active[..., None, :])
     below = d[..., :, None] < d[..., None, :]
     paired = xp.where(below, d[..., :, None], upper[..., :, None]) - d[..., None, :]
-    paired = xp.where(xp.logical_or(below, xp.logical_not(top[..., :, None])), xp.abs(paired), 1.0)
-    ratio = xp.where(pairs, xp.abs(tau[..., :, None] - delta) / xp.where(pairs, paired, 1.0), 1.0)
-    y_hat = xp.where(active, xp.where(y >= 0.0, one, -one) * xp.sqrt(xp.prod(ratio, axis=-2)), 0.0)
-    columns = xp.where(pairs.mT, y_hat[..., :, None] / xp.where(pairs.mT, delta.mT - tau[..., None, :], 1.0), 0.0)
+    paired = xp.where(xp.logical_or(below, xp.logical_not(top[..., :, None])), xp.abs(paired), one)
+    ratio = xp.where(pairs, xp.abs(tau[..., :, None] - delta) / xp.where(pairs, paired, one), one)
+    y_hat = xp.where(active, xp.where(y >= 0.0, one, minus_one) * xp.sqrt(xp.prod(ratio, axis=-2)), zero)
+    columns = xp.where(pairs.mT, y_hat[..., :, None] / xp.where(pairs.mT, delta.mT - tau[..., None, :], one), zero)
     norms = xp.sqrt(xp.sum(columns * columns, axis=-2))
-    columns = xp.where(active[..., None, :], columns / xp.where(active, norms, 1.0)[..., None, :], eye)
+    columns = xp.where(active[..., None, :], columns / xp.where(active, norms, one)[..., None, :], eye)
     values = xp.where(active, origin + tau, d) * (unit * unit)[..., None]
     vectors = _along(xp, xp.matmul(reflection, columns), xp.argsort(order, axis=-1)[..., :, None], -2)
     ascending = xp.argsort(values, axis=-1, stable=True)
