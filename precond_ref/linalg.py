@@ -44,8 +44,8 @@ from array_api_compat import is_jax_namespace
 from .blocking import roll_first_axis_last, stack, unstack
 from ._backend import (
     array_device, as_operand, cast, computed_once, cond_under_cpu_jit, constant, float64_where_available, is_number,
-    is_torch_namespace,
-    is_tracer, is_zero, iterate, namespace_of, number, on_cpu, placement, select, sum_across, torch_compiling, widened_dtype, widening,
+    is_torch_namespace, is_tracer, is_zero, iterate, namespace_of, number, on_cpu, placement, select, sum_across,
+    torch_compiling, widened_dtype, widening,
 )
 
 Array = Any
