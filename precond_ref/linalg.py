@@ -1038,7 +1038,7 @@ def _rank_one_update_eigh(xp: Any, d: Array, z: Array, wide: Any) -> tuple[Array
     def bisect(bracket: tuple[Array, Array]) -> tuple[Array, Array]:
         lo, hi = bracket
         mid = xp.sqrt(lo * hi)
-        up = xp.sum(weights / (signed_poles - mid[..., None]), axis=-1) < threshold
+        up = f_minus_one(signed_poles, mid) < threshold
         return xp.where(up, mid, lo), xp.where(up, hi, mid)
 
     lo, hi = iterate(xp, steps, bisect, (lo, hi))
