@@ -12,6 +12,13 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's CPU client gives its thread pool max(cores, devices) threads, and runs on it both each
+# device's share of a multi-device program and the dispatch of each share, which blocks while
+# that device has too many computations in flight. With 4 pool threads, three shares of one
+# program can wait in a collective while the fourth thread dispatches the next program and
+# blocks: the collective never completes (XLA aborts after 40 s). Eight threads hold one
+# program's four shares and the next program's four dispatches.
+os.environ.setdefault("PJRT_NPROC", str(max(8, os.cpu_count() or 1)))
 
 import functools  # noqa: E402
 import json  # noqa: E402

@@ -22,6 +22,7 @@ import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("PJRT_NPROC", str(max(8, os.cpu_count() or 1)))  # why: jax_worker.py
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
