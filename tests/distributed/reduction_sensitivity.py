@@ -20,17 +20,17 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("PJRT_NPROC", str(max(8, os.cpu_count() or 1)))  # why: jax_worker.py
 sys.path.insert(0, os.path.dirname(__file__))
+
+# First: jax_worker sets the environment jax needs before it is imported (4 host devices, the
+# thread pool's size) and enables x64; float32 runs cast explicitly.
+import jax_worker  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
-import jax_worker  # noqa: E402  (enables x64; float32 runs cast explicitly)
 import precond_ref.adapters.torch as pt  # noqa: E402
 import torch_worker  # noqa: E402
 
