@@ -616,7 +616,7 @@ def test_committed_json_is_fresh_with_torch_kernels_for_a_cpu_without_avx2():
 def test_freshness_compares_the_losses_that_rounding_cannot_decide(monkeypatch):
     """A float64 fingerprint whose recomputation differs is compared again on its leading losses
     that a one-unit nudge of the learning rate moves by at most the tolerance over
-    ``papers.NUDGE_MARGIN`` (``papers.conditioned_steps``): past them a configuration amplifies
+    ``config.NUDGE_MARGIN`` (``papers.conditioned_steps``): past them a configuration amplifies
     rounding so much that another CPU's kernels decide the digits (ASGO's Algorithm 1 did so on a
     sample of the rank-1 problem: its fifth loss moved by 5e-8 between BLAS kernels, beyond the
     tolerance 1.5e-8). With a recomputation whose fifth loss the nudge moves by 1e-9, a 1e-7 move

@@ -23,7 +23,7 @@ import torch
 
 from . import baselines, harness
 from ..methods import entry_by_name
-from .config import TUNE_SEED_OFFSET
+from .config import NUDGE_MARGIN, TUNE_SEED_OFFSET
 from .harness import OPTS, Runner, digits_data, stable_rank, subspace_distance, top_fraction, top_subspace
 from .verdicts import FAILS, HOLDS, INCONCLUSIVE, MatchesOrBeats, OnHardware, Ordering, Threshold, combine
 
@@ -662,15 +662,6 @@ def fingerprint(recipe: dict) -> list:
     return list(baselines.oco_adagrad(xs, ys, recipe["lr"], full=recipe["opt"] == "full"))
 
 
-#: How far below a float64 fingerprint's tolerance a loss must stay when the learning rate moves
-#: by one rounding unit, for the loss to be compared (:func:`conditioned_steps`). Other rounding
-#: paths move an ill-conditioned loss more than that nudge does: on a sample of the rank-1 problem
-#: that ASGO's Algorithm 1 conditioned badly, MKL's AVX2, SSE4.2 and AVX-512 kernels and its
-#: conditional bitwise-reproducible mode moved its fifth loss by 3.8e-8 to 5.3e-8 relative, 220
-#: times the nudge's 2.2e-10; the bound leaves a factor 45 over that.
-NUDGE_MARGIN = 1e4
-
-
 def _same(saved: list, got: list, tol: float) -> bool:
     """Whether each recomputed loss is its saved one to ``tol`` relative (a saved ``None``: not finite)."""
     return all((a is None and not math.isfinite(b)) or (a is not None and math.isfinite(b) and abs(a - b) <= tol * abs(a) + 1e-30)
@@ -680,7 +671,7 @@ def _same(saved: list, got: list, tol: float) -> bool:
 def conditioned_steps(record: dict, got: list) -> int:
     """How many leading losses of ``got`` (the fingerprint of ``record``, recomputed) rounding cannot
     move beyond :func:`harness.fingerprint_tolerance`: those that the same run with its learning
-    rate one rounding unit larger moves by at most the tolerance over :data:`NUDGE_MARGIN`,
+    rate one rounding unit larger moves by at most the tolerance over :data:`~precond_ref.compare.reproduce.config.NUDGE_MARGIN`,
     relative. Past them the configuration amplifies rounding so much that another CPU's kernels
     decide the digits, not the code (ASGO's Algorithm 1 on a sample of the rank-1 problem: its
     fifth loss)."""
@@ -700,10 +691,13 @@ def stale(data: dict) -> list:
     for record in data.get("fingerprints", []):
         got = [math.nan if v is None else float(v) for v in fingerprint(record)]
         tol = harness.fingerprint_tolerance(record)
-        same = len(got) == len(record["losses"]) and _same(record["losses"], got, tol)
-        if not same and len(got) == len(record["losses"]) and harness.fingerprint_in_float64(record):
-            compared = conditioned_steps(record, got)
-            same = _same(record["losses"][:compared], got[:compared], tol)
+        if len(got) == len(record["losses"]):
+            same = _same(record["losses"], got, tol)
+            if not same and harness.fingerprint_in_float64(record):
+                compared = conditioned_steps(record, got)
+                same = _same(record["losses"][:compared], got[:compared], tol)
+        else:
+            same = False
         if not same:
             out.append((record, got))
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import PAPERS, SIZES
+from .config import NUDGE_MARGIN, PAPERS, SIZES
 from .verdicts import FAILS, HOLDS, INCONCLUSIVE, NOT_TESTABLE, UNDERPOWERED, VERDICTS
 
 __all__ = ["render", "plot", "summary_lines"]
@@ -344,7 +344,7 @@ def render(data: dict, image_dir: str = "images/", json_path: str = "records/rep
             "`tests/test_reproduce.py` recomputes them and names the "
             "claims to regenerate when the code's numbers have moved beyond the rounding model's tolerance. A loss "
             "that rounding alone can move that far is not compared: one that the same run with its learning rate one "
-            "rounding unit larger moves by more than the tolerance over 1e4 (on a sample of the rank-1 problem, ASGO's "
+            f"rounding unit larger moves by more than the tolerance over 1e{math.log10(NUDGE_MARGIN):.0f} (on a sample of the rank-1 problem, ASGO's "
             "Algorithm 1 amplified rounding by about 1e8 by its fifth loss, which another CPU's BLAS kernels moved "
             "by 5e-8 relative)."]
     out += ["", "## Protocol changelog", "", "What changed after which run, and why (newest first):", ""]
