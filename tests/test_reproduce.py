@@ -621,7 +621,8 @@ def test_freshness_compares_the_losses_that_rounding_cannot_decide(monkeypatch):
     sample of the rank-1 problem: its fifth loss moved by 5e-8 between BLAS kernels, beyond the
     tolerance 1.5e-8). With a recomputation whose fifth loss the nudge moves by 1e-9, a 1e-7 move
     of that loss is not named, while a 1e-6 move of its first loss, and a 1e-7 move of the fifth
-    loss of a run that the nudge leaves alone, are: a change of the code is named either way. On
+    loss of a run that the nudge leaves alone, are: a change of the code is named either way; so is
+    a recomputation with fewer losses than were saved. On
     the committed JSON, the first loss of each of Algorithm 1's runs is compared."""
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
@@ -657,6 +658,8 @@ def test_freshness_compares_the_losses_that_rounding_cannot_decide(monkeypatch):
     assert named(moved(ill, 4, 1e-7)) == []  # rounding's reach at that loss
     for record in (moved(ill, 0, 1e-6), moved(well, 4, 1e-7), moved(well, 0, 1e-6)):
         assert named(record) == [record["losses"]]
+    short = {**well, "computed": computed[:-1]}  # the code computes fewer losses than were saved
+    assert named(short) == [short["losses"]]
 
 
 def test_claims_option_runs_only_the_named_claims_and_quick_says_smoke_first(tmp_path, capsys):
